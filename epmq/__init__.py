@@ -1,0 +1,16 @@
+"""epmq: merge fine-tuned experts into one model and quantize it without losing what they knew.
+
+    import epmq
+    spec = epmq.QuantSpec(bits=4, group_size=128)
+    result = epmq.quant.epmq(W_merged, expert_weights, expert_hessians, spec)
+"""
+
+from epmq_kernels import _runtime  # noqa: F401  (Triton's interpreter switch, before any kernel)
+
+from . import merge, quant, stats
+from .quant import QuantResult
+from .spec import QuantSpec
+from .stats import EPMQStats, HessianStats
+
+__all__ = ["QuantSpec", "QuantResult", "EPMQStats", "HessianStats", "merge", "quant", "stats"]
+__version__ = "0.1.0"

@@ -1,0 +1,28 @@
+"""Input checks shared by the solvers, the statistics and the merges."""
+
+import torch
+
+
+def check_weight(W: torch.Tensor, name: str = "W") -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"{name} must be a 2-D tensor [out, in], got {shape}")
+    if not W.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {W.dtype}")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+
+
+def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
+    if not isinstance(H, torch.Tensor) or H.shape != (d_in, d_in):
+        shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise ValueError(f"{name} must be [{d_in}, {d_in}] to match the weight's input width, got {shape}")
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    if (torch.diagonal(H) < 0).any():
+        raise ValueError(f"{name} has negative diagonal entries: not a Gram matrix X X^T")
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{what} has non-finite values (NaN or inf)")

@@ -1,0 +1,371 @@
+"""Layer solvers: round-to-nearest, GPTQ, and E-PMQ (GPTQ on the expert-guided target).
+
+The formulation is ``../shared/docs/EPMQ_MATH.md``. In short, E-PMQ minimises
+
+    L(Q) = sum_k a_k ||(Q - W_k) X_k||^2 + lam' ||(Q - W_m) X_m||^2 + mu' ||Q - W_m||^2
+         = tr((Q - W*) H (Q - W*)^T) + const,
+
+    H  = sum_k a_k H_k + lam' H_m + mu' I,     W* = W_m + R,     R = G H^{-1},
+    G  = sum_k a_k (W_k - W_m) H_k,
+
+so it is GPTQ run on the target ``W*`` with the Hessian ``H``. Both GPTQ and E-PMQ share one
+path (``_round_target``): dead columns, damping with retries, act-order, the grid, the column
+solver (torch reference or fused Triton kernel), and the loss.
+
+Damping ``delta = percdamp * mean(diag H)`` is added to ``H`` for the factorisation. For E-PMQ
+the same damped ``H~ = H + delta I`` gives ``R = G H~^{-1}``: damping acts as a small extra pull
+of the target toward ``W_m`` (like ``mu``), which keeps ``R`` finite when the task Hessians are
+rank deficient. With ``percdamp = 0`` and a non-singular ``H``, ``W*`` is exactly ``C H^{-1}``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from epmq_kernels.gptq_solve import gptq_solve
+from epmq_kernels.grid import dequantize, find_params, quantize_codes
+
+from .checks import check_hessian, check_weight
+from .spec import QuantSpec
+from .stats import EPMQStats
+
+MAX_DAMP_RETRIES = 8
+
+
+@dataclass
+class QuantResult:
+    """A quantized layer ``W[out, in]``.
+
+    ``weight = (codes - zeros[:, g_idx]) * scales[:, g_idx]`` (float32); ``target`` is what was
+    rounded (``W``, or ``W*`` for E-PMQ); ``loss = tr((weight - target) H (weight - target)^T)``
+    with the undamped ``H`` (``||weight - target||^2`` for RTN without ``H``).
+    For E-PMQ, ``expert_loss + anchor_loss + weight_anchor_loss`` is ``L(Q)`` above.
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    target: torch.Tensor
+    loss: float
+    spec: QuantSpec
+    expert_loss: Optional[float] = None
+    anchor_loss: Optional[float] = None
+    weight_anchor_loss: Optional[float] = None
+    perm: Optional[torch.Tensor] = None
+    damp: float = 0.0
+    damp_retries: int = 0
+    dead_columns: int = 0
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """The scalar facts of this layer, for the per-layer JSON report."""
+        out = {
+            "loss": self.loss,
+            "expert_loss": self.expert_loss,
+            "anchor_loss": self.anchor_loss,
+            "weight_anchor_loss": self.weight_anchor_loss,
+            "damp": self.damp,
+            "damp_retries": self.damp_retries,
+            "dead_columns": self.dead_columns,
+            "seconds": self.seconds,
+        }
+        out.update(self.info)
+        return out
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
+def _check_spec(spec: QuantSpec, d_in: int) -> int:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be an epmq.QuantSpec, got {type(spec).__name__}")
+    return spec.n_groups(d_in)
+
+
+def _objective(E: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(E H E^T)`` in float64."""
+    E = E.double()
+    return float(((E @ H.double()) * E).sum())
+
+
+# --------------------------------------------------------------------------- RTN
+
+
+def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -> QuantResult:
+    """Round to nearest on the grid of ``spec`` (groups in the stored column order)."""
+    t0 = time.perf_counter()
+    check_weight(W)
+    d_out, d_in = W.shape
+    n_groups = _check_spec(spec, d_in)
+    if H is not None:
+        check_hessian(H, d_in)
+    target = W.float()
+    group_size = d_in if spec.group_size == -1 else spec.group_size
+    rows = target.reshape(d_out * n_groups, group_size)
+    scale, zero = find_params(rows, spec.bits, spec.sym)
+    q = quantize_codes(rows, scale[:, None], zero[:, None], spec.maxq)
+    weight = dequantize(q, scale[:, None], zero[:, None]).reshape(d_out, d_in)
+    E = weight - target
+    loss = _objective(E, H) if H is not None else float(E.double().pow(2).sum())
+    return QuantResult(
+        weight=weight,
+        codes=q.reshape(d_out, d_in).to(torch.int32),
+        scales=scale.reshape(d_out, n_groups),
+        zeros=zero.reshape(d_out, n_groups),
+        g_idx=(torch.arange(d_in, device=W.device) // group_size).to(torch.int32),
+        target=target,
+        loss=loss,
+        spec=spec,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- shared GPTQ path
+
+
+def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor]):
+    """Damp ``H`` (float64, dead columns fixed) until both factorisations succeed.
+
+    Returns ``(Hinv, H_damped_inv, damp, retries)``: ``Hinv`` is the upper Cholesky factor of
+    ``H~^{-1}`` in processing order, ``H_damped_inv`` is ``H~^{-1}`` in stored order.
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    damp = percdamp * mean_diag
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for retry in range(MAX_DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            H_inv = torch.cholesky_inverse(L)
+            P = H_inv if perm is None else H_inv[perm][:, perm]
+            U, info = torch.linalg.cholesky_ex(P, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, H_inv, damp, retry
+        # the next try damps ten times more; from zero damping, start at 1e-6 of the mean
+        damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
+    raise ValueError(
+        f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
+        f"({MAX_DAMP_RETRIES} retries): check the calibration statistics"
+    )
+
+
+def _round_target(
+    W_base: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    G: Optional[torch.Tensor],
+    blocksize: int,
+    percdamp: float,
+    backend: Optional[str],
+):
+    """GPTQ of the target ``W* = W_base + G H~^{-1}`` (``G=None``: ``W* = W_base``) under ``H``.
+
+    Returns ``(QuantResult, target)``; the caller fills in the method's loss terms.
+    """
+    t0 = time.perf_counter()
+    d_out, d_in = W_base.shape
+    n_groups = _check_spec(spec, d_in)
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if percdamp < 0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+    backend = resolve_backend(backend, W_base.device)
+    device = W_base.device
+
+    H64 = H.double().clone()
+    diag = torch.diagonal(H64)
+    dead = diag == 0
+    # A dead column saw only zero inputs: it carries no error and takes none; with diag 1 its
+    # weights are simply rounded from the target.
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
+    Hinv, H_damped_inv, damp, retries = _factor(H64, percdamp, perm)
+
+    W_base = W_base.float()
+    R = None if G is None else (G.double() @ H_damped_inv).float()
+    target = W_base if R is None else W_base + R
+
+    group_size = spec.group_size
+    if group_size == -1 or spec.static_groups:
+        # static grid: parameters from the original target, groups in stored column order
+        gs = d_in if group_size == -1 else group_size
+        scale, zero = find_params(target.reshape(d_out * n_groups, gs), spec.bits, spec.sym)
+        scales, zeros = scale.reshape(d_out, n_groups), zero.reshape(d_out, n_groups)
+        g_idx = torch.arange(d_in, device=device) // gs
+        col_group = g_idx if perm is None else g_idx[perm]
+        grid = dict(group_size=-1, scales=scales, zeros=zeros, col_group=col_group)
+    else:
+        # dynamic groups: found in processing order as the solver reaches them
+        grid = dict(group_size=group_size)
+        order = torch.arange(d_in, device=device) // group_size
+        g_idx = order.clone()
+        if perm is not None:
+            g_idx[perm] = order
+
+    W_p = W_base if perm is None else W_base[:, perm]
+    R_p = R if R is None or perm is None else R[:, perm]
+    out = gptq_solve(
+        W_p.contiguous(),
+        Hinv.float().contiguous(),
+        R=None if R_p is None else R_p.contiguous(),
+        bits=spec.bits,
+        sym=spec.sym,
+        blocksize=blocksize,
+        backend=backend,
+        **grid,
+    )
+    if perm is None:
+        weight, codes = out.Q, out.codes
+    else:
+        weight, codes = torch.empty_like(out.Q), torch.empty_like(out.codes)
+        weight[:, perm], codes[:, perm] = out.Q, out.codes
+
+    result = QuantResult(
+        weight=weight,
+        codes=codes,
+        scales=out.scales,
+        zeros=out.zeros,
+        g_idx=g_idx.to(torch.int32),
+        target=target,
+        loss=_objective(weight - target, H),
+        spec=spec,
+        perm=perm,
+        damp=damp,
+        damp_retries=retries,
+        dead_columns=int(dead.sum()),
+        info={"backend": backend},
+    )
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    backend: Optional[str] = None,
+) -> QuantResult:
+    """GPTQ (Frantar et al., 2022) of ``W[out, in]`` with the Hessian ``H = X X^T [in, in]``."""
+    check_weight(W)
+    check_hessian(H, W.shape[1])
+    return _round_target(W, H, spec, G=None, blocksize=blocksize, percdamp=percdamp, backend=backend)
+
+
+# --------------------------------------------------------------------------- E-PMQ
+
+
+def epmq(
+    W_merged: torch.Tensor,
+    expert_weights: Sequence[torch.Tensor],
+    expert_hessians: Sequence[torch.Tensor],
+    spec: QuantSpec,
+    *,
+    merged_hessian: Optional[torch.Tensor] = None,
+    anchor: float = 1.0,
+    weight_anchor: float = 0.0,
+    task_weights: Optional[Sequence[float]] = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    backend: Optional[str] = None,
+) -> QuantResult:
+    """E-PMQ of the merged weight ``W_merged`` toward the experts ``W_k`` with Hessians ``H_k``.
+
+    ``anchor`` (lam) and ``weight_anchor`` (mu) are relative to the expert term (EPMQ_MATH.md);
+    ``task_weights=None`` means ``a_k = 1 / tr(H_k)``; ``merged_hessian=None`` means ``sum_k H_k``.
+    """
+    check_weight(W_merged, "W_merged")
+    expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
+    if not expert_weights:
+        raise ValueError("expert_weights is empty: E-PMQ needs at least one expert")
+    if len(expert_weights) != len(expert_hessians):
+        raise ValueError(
+            f"{len(expert_weights)} expert weights but {len(expert_hessians)} expert Hessians"
+        )
+    if task_weights is not None and len(task_weights) != len(expert_weights):
+        raise ValueError(f"{len(task_weights)} task_weights for {len(expert_weights)} experts")
+    backend = resolve_backend(backend, W_merged.device)
+    stats = EPMQStats(
+        W_merged,
+        merged_hessian=merged_hessian,
+        dtype=torch.float64 if W_merged.device.type == "cpu" else torch.float32,
+        backend=backend,
+    )
+    for k, (W_k, H_k) in enumerate(zip(expert_weights, expert_hessians)):
+        a_k = None if task_weights is None else task_weights[k]
+        stats.add_task(W_k, H_k, weight=a_k, name=f"expert {k}")
+    return epmq_from_stats(
+        stats,
+        spec,
+        anchor=anchor,
+        weight_anchor=weight_anchor,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        backend=backend,
+    )
+
+
+def epmq_from_stats(
+    stats: EPMQStats,
+    spec: QuantSpec,
+    *,
+    anchor: float = 1.0,
+    weight_anchor: float = 0.0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    backend: Optional[str] = None,
+) -> QuantResult:
+    """E-PMQ from accumulated statistics (the streaming path the model walker uses)."""
+    if anchor < 0 or weight_anchor < 0:
+        raise ValueError(f"anchor and weight_anchor must be >= 0, got {anchor} and {weight_anchor}")
+    H_e, H_m, G_e, G_m = stats.finalize()
+    W_m = stats.W_merged
+    d_in = W_m.shape[1]
+    s = float(torch.diagonal(H_e).sum())
+    trace_m = float(torch.diagonal(H_m).sum())
+    lam = anchor * s / trace_m if anchor > 0 and trace_m > 0 else 0.0
+    mu = weight_anchor * s / d_in
+    H = H_e.double() + lam * H_m.double()
+    if mu:
+        H.diagonal().add_(mu)
+    G = G_e.double() if G_m is None or lam == 0 else G_e.double() + lam * G_m.double()
+
+    result = _round_target(
+        W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend
+    )
+    t0 = time.perf_counter()
+    E = (result.weight - W_m.float()).double()
+    result.expert_loss = _objective(E, H_e) - 2 * float((E * G_e.double()).sum()) + stats.c_e
+    anchor_term = _objective(E, H_m)
+    if G_m is not None:
+        anchor_term += -2 * float((E * G_m.double()).sum()) + stats.c_m
+    result.anchor_loss = lam * anchor_term
+    result.weight_anchor_loss = mu * float(E.pow(2).sum())
+    result.info.update(
+        lam_effective=lam,
+        mu_effective=mu,
+        task_weights=list(stats.task_weights),
+        n_tasks=len(stats.task_weights),
+    )
+    result.seconds += time.perf_counter() - t0
+    return result

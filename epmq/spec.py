@@ -1,0 +1,61 @@
+"""The quantization grid a layer is rounded onto."""
+
+from dataclasses import dataclass
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a weight matrix ``W[out, in]``.
+
+    bits          2, 3, 4 or 8.
+    group_size    -1: one scale and zero point per output row ("per channel"); otherwise a
+                  positive number of input columns sharing one scale and zero point per row.
+    sym           symmetric grid (zero point fixed at 2**(bits-1)) instead of min-max.
+    act_order     GPTQ processes columns by decreasing diag(H) (ignored by RTN: no H there).
+    static_groups grid parameters of every group taken from the original target up front,
+                  so that with act_order the group index stays monotone in the stored order.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or (self.group_size != -1 and self.group_size <= 0)
+        ):
+            raise ValueError(
+                f"group_size must be -1 (per output channel) or a positive integer, "
+                f"got {self.group_size!r}"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def n_groups(self, d_in: int) -> int:
+        """Number of groups of a layer with ``d_in`` input columns; checks that they tile it."""
+        if self.group_size == -1:
+            return 1
+        if d_in % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} does not divide the layer's input width {d_in}"
+            )
+        return d_in // self.group_size
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+        }

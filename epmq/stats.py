@@ -1,0 +1,216 @@
+"""Calibration statistics, accumulated batch by batch.
+
+``HessianStats``: GPTQ's ``H = sum X^T X`` (rows of ``X`` are tokens).
+
+``EPMQStats``: everything E-PMQ needs of one layer, task by task, whatever the number of
+experts K. Persistent buffers:
+
+    H_e = sum_k a_k H_k            [in, in]
+    H_m = sum_k H_k                [in, in]   (or the merged Hessian the caller gives)
+    G_e = sum_k a_k T_k X_k^T      [out, in]  (T_k = W_k X~_k - W_m X_k: the target residual)
+
+plus one scratch ``H_k`` for the task being streamed, because the default ``a_k = 1 / tr(H_k)``
+is known only once the task's last batch is in. When targets use the same inputs as the model
+being quantized (the merged path), ``T_k X_k^T = (W_k - W_m) H_k`` is formed once at the end of
+the task from the scratch, streaming the expert's weight once. Asymmetric targets (``x_expert``:
+the expert path, or the full-precision merged path) add a scratch ``G_k [out, in]``; an
+asymmetric anchor (``x_anchor``) adds ``G_m [out, in]``. The scalars ``c_e`` and ``c_m`` are the
+constants of the expert and anchor terms, kept so that their values can be reported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from epmq_kernels.expert_residual import accumulate_residual, accumulate_xxt
+
+from .checks import check_hessian, check_weight
+
+
+def _tokens(x: torch.Tensor, d_in: int, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.shape[-1] != d_in:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what} must have last dimension {d_in}, got {shape}")
+    X = x.reshape(-1, d_in)
+    if not torch.isfinite(X).all():
+        raise ValueError(f"{what} has non-finite values (NaN or inf)")
+    return X
+
+
+class HessianStats:
+    """Running ``H = sum X^T X`` of a layer's inputs."""
+
+    def __init__(self, d_in: int, *, device=None, dtype=torch.float32, backend: str = "torch"):
+        self.H = torch.zeros(d_in, d_in, device=device, dtype=dtype)
+        self.n_tokens = 0
+        self.backend = backend
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        X = _tokens(x, self.H.shape[0], "calibration input")
+        accumulate_xxt(self.H, X.to(self.H.device), backend=self.backend)
+        self.n_tokens += X.shape[0]
+
+
+class _Task:
+    def __init__(self, W_expert, weight, name, d_in, device, dtype):
+        self.W = W_expert
+        self.weight = weight
+        self.name = name
+        self.H = torch.zeros(d_in, d_in, device=device, dtype=dtype)
+        self.G = None  # scratch for asymmetric targets
+        self.c = 0.0
+        self.n_tokens = 0
+
+
+class EPMQStats:
+    """E-PMQ statistics of one layer with merged weight ``W_merged[out, in]``."""
+
+    def __init__(
+        self,
+        W_merged: torch.Tensor,
+        *,
+        merged_hessian: Optional[torch.Tensor] = None,
+        dtype=torch.float32,
+        backend: str = "torch",
+    ):
+        check_weight(W_merged, "W_merged")
+        self.W_merged = W_merged
+        d_out, d_in = W_merged.shape
+        kw = dict(device=W_merged.device, dtype=dtype)
+        self.dtype = dtype
+        self.backend = backend
+        self.H_e = torch.zeros(d_in, d_in, **kw)
+        self.own_H_m = merged_hessian is None
+        if merged_hessian is None:
+            self.H_m = torch.zeros(d_in, d_in, **kw)
+        else:
+            check_hessian(merged_hessian, d_in, "merged_hessian")
+            self.H_m = merged_hessian.to(**kw)
+        self.G_e = torch.zeros(d_out, d_in, **kw)
+        self.G_m = None
+        self.c_e = 0.0
+        self.c_m = 0.0
+        self.task_weights: list[float] = []
+        self.task_names: list[str] = []
+        self._task: Optional[_Task] = None
+
+    # ----------------------------------------------------------------- checks
+
+    def _check_expert(self, W_expert, name):
+        check_weight(W_expert, f"expert weight of {name}")
+        if W_expert.shape != self.W_merged.shape:
+            raise ValueError(
+                f"expert weight of {name} has shape {tuple(W_expert.shape)}, "
+                f"the merged weight {tuple(self.W_merged.shape)}"
+            )
+
+    def _task_weight(self, weight, trace, name):
+        if trace <= 0:
+            raise ValueError(f"{name} has no calibration data (tr(H_k) = 0)")
+        if weight is None:
+            return 1.0 / trace
+        weight = float(weight)
+        if not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"task weight of {name} must be finite and >= 0, got {weight}")
+        return weight
+
+    # ----------------------------------------------------------------- whole statistics
+
+    def add_task(self, W_expert, H_expert, weight: Optional[float] = None, name: Optional[str] = None):
+        """Fold in task k from its complete ``H_k`` (merged-path targets)."""
+        if self._task is not None:
+            raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
+        name = name or f"task {len(self.task_weights)}"
+        self._check_expert(W_expert, name)
+        check_hessian(H_expert, self.W_merged.shape[1], f"Hessian of {name}")
+        H_k = H_expert.to(device=self.H_e.device, dtype=self.dtype)
+        self._fold(W_expert, H_k, None, 0.0, weight, name)
+
+    def _fold(self, W_expert, H_k, G_k, c_k, weight, name):
+        a = self._task_weight(weight, float(torch.diagonal(H_k).sum()), name)
+        self.H_e.add_(H_k, alpha=a)
+        if self.own_H_m:
+            self.H_m.add_(H_k)
+        if G_k is None:
+            W_k = W_expert.to(device=self.G_e.device)
+            c_k = accumulate_residual(self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend)
+        else:
+            self.G_e.add_(G_k, alpha=a)
+        self.c_e += a * c_k
+        self.task_weights.append(a)
+        self.task_names.append(name)
+
+    # ----------------------------------------------------------------- streaming
+
+    def begin_task(self, W_expert, weight: Optional[float] = None, name: Optional[str] = None):
+        if self._task is not None:
+            raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
+        name = name or f"task {len(self.task_weights)}"
+        self._check_expert(W_expert, name)
+        d_in = self.W_merged.shape[1]
+        self._task = _Task(W_expert.to(self.G_e.device), weight, name, d_in, self.G_e.device, self.dtype)
+
+    def add_batch(self, x, x_expert=None, x_anchor=None):
+        """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
+
+        ``x_expert``: the inputs the target sees instead (the expert's own input on the expert
+        path, the full-precision merged model's on the fp path): targets ``W_k x_expert``.
+        ``x_anchor``: the inputs for the anchor's target ``W_m x_anchor`` (default ``x``).
+        """
+        task = self._task
+        if task is None:
+            raise RuntimeError("add_batch() outside a task: call begin_task() first")
+        d_in = self.W_merged.shape[1]
+        X = _tokens(x, d_in, f"calibration input of {task.name}").to(self.H_e.device, self.dtype)
+        if task.n_tokens and (x_expert is None) != (task.G is None):
+            raise ValueError(f"{task.name}: give x_expert for every batch of a task or for none")
+        accumulate_xxt(task.H, X, backend=self.backend)
+        task.n_tokens += X.shape[0]
+        W_m = self.W_merged.to(self.dtype)
+        if x_expert is not None:
+            X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
+            T = X_t @ task.W.to(self.dtype).T - X @ W_m.T
+            if task.G is None:
+                task.G = torch.zeros_like(self.G_e)
+            task.G.addmm_(T.T, X)
+            task.c += float(T.pow(2).sum())
+        if x_anchor is not None:
+            if not self.own_H_m:
+                raise ValueError("x_anchor needs the merged Hessian accumulated here, not given")
+            if self.G_m is None:
+                if self.task_weights or task.n_tokens > X.shape[0]:
+                    raise ValueError("give x_anchor for every batch of every task or for none")
+                self.G_m = torch.zeros_like(self.G_e)
+            X_a = self._target_tokens(x_anchor, X, "x_anchor")
+            T_m = (X_a - X) @ W_m.T
+            self.G_m.addmm_(T_m.T, X)
+            self.c_m += float(T_m.pow(2).sum())
+        elif self.G_m is not None:
+            raise ValueError("give x_anchor for every batch of every task or for none")
+
+    def _target_tokens(self, x_t, X, what):
+        X_t = _tokens(x_t, X.shape[1], what).to(self.H_e.device)
+        if X_t.shape != X.shape:
+            raise ValueError(f"{what} has {X_t.shape[0]} tokens, the inputs {X.shape[0]}")
+        return X_t.to(self.dtype)
+
+    def end_task(self):
+        task = self._task
+        if task is None:
+            raise RuntimeError("end_task() without begin_task()")
+        self._task = None
+        if task.n_tokens == 0:
+            raise ValueError(f"{task.name} has no calibration data (no batch was added)")
+        self._fold(task.W, task.H, task.G, task.c, task.weight, task.name)
+
+    # ----------------------------------------------------------------- result
+
+    def finalize(self):
+        """``(H_e, H_m, G_e, G_m)`` once every task is in."""
+        if self._task is not None:
+            raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
+        if not self.task_weights:
+            raise ValueError("no task was added: E-PMQ needs at least one expert with calibration data")
+        return self.H_e, self.H_m, self.G_e, self.G_m

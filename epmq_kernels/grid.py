@@ -1,0 +1,43 @@
+"""The min-max integer grid of GPTQ, in torch: the reference every kernel rounds against.
+
+A row ``w`` of a group is stored as codes ``q = clamp(round(w / scale) + zero, 0, maxq)`` and
+read back as ``(q - zero) * scale``. Asymmetric grids span ``[min(w, 0), max(w, 0)]``: the range
+always contains 0, so ``zero`` is an integer in ``[0, maxq]`` and packs into ``bits`` bits like
+the codes. Symmetric grids span ``[-a, a]`` with ``a = max|w|`` and ``zero = 2**(bits-1)``.
+A row that is all zeros gets the range ``[-1, 1]`` so that its scale is finite.
+Rounding is half-to-even (``torch.round``), which the kernels reproduce.
+"""
+
+import torch
+
+
+def find_params(W: torch.Tensor, bits: int, sym: bool):
+    """Per-row ``(scale, zero)`` of the grid covering the rows of ``W[rows, cols]``.
+
+    Both are float32 ``[rows]``; ``zero`` holds integers.
+    """
+    maxq = 2**bits - 1
+    W = W.float()
+    xmin = W.amin(dim=1).clamp(max=0)
+    xmax = W.amax(dim=1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+    """Integer codes (as float32) of ``w`` on the grid; broadcasting as the caller arranges."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    return (q - zero) * scale

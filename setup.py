@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="epmq",
+    version="0.1.0",
+    description="Merge fine-tuned experts and quantize the merged model to low bit (E-PMQ), "
+    "with Triton kernels for the GPTQ solver and packed int4 inference.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["epmq", "epmq.*", "epmq_kernels", "epmq_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "numpy",
+        "transformers>=4.40",
+        "open_clip_torch>=2.24",
+        "safetensors",
+        "tqdm",
+        "pyyaml",
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["epmq=epmq.cli:main"]},
+)
