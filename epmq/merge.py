@@ -61,23 +61,22 @@ def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
     return base, experts
 
 
+def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    if t.shape != reference.shape:
+        raise ValueError(f"tensor {name!r}: {who} has shape {tuple(t.shape)}, expected {tuple(reference.shape)}")
+    check_finite(t, f"tensor {name!r} of {who}")
+    return t
+
+
 def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict]):
-    """The base's and every expert's tensor ``name``, checked, as float32 (and the base's dtype)."""
+    """The base's and every expert's tensor ``name``, checked, as float32 (``None`` when the
+    tensor is not floating point), and the tensor whose dtype the result takes."""
     reference = base[name] if base is not None else experts[0][name]
-    tensors = [] if base is None else [("base", base[name])]
-    tensors += [(f"expert {k}", e[name]) for k, e in enumerate(experts)]
-    for who, t in tensors:
-        if t.shape != reference.shape:
-            raise ValueError(
-                f"tensor {name!r}: {who} has shape {tuple(t.shape)}, expected {tuple(reference.shape)}"
-            )
+    W_0 = None if base is None else _checked(name, "base", base[name], reference)
+    W_k = [_checked(name, f"expert {k}", e[name], reference) for k, e in enumerate(experts)]
     if not reference.is_floating_point():
         return reference, None, None
-    for who, t in tensors:
-        check_finite(t, f"tensor {name!r} of {who}")
-    W_0 = None if base is None else base[name].float()
-    W_k = [e[name].float() for e in experts]
-    return reference, W_0, W_k
+    return reference, None if W_0 is None else W_0.float(), [W.float() for W in W_k]
 
 
 def _merge_each(base, experts, merge_tensor) -> dict:
@@ -241,9 +240,9 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: f
     names = [n for n in base.keys() if base[n].is_floating_point()]
     n = sum(base[name].numel() for name in names)
 
-    def task_vector(expert):
+    def task_vector(k):
         for name in names:
-            check_finite(expert[name], f"tensor {name!r} of an expert")
-            yield (expert[name].float() - base[name].float()).abs()
+            W_k = _checked(name, f"expert {k}", experts[k][name], base[name])
+            yield (W_k.float() - base[name].float()).abs()
 
-    return [_kth_largest(lambda e=e: task_vector(e), n, density) for e in experts]
+    return [_kth_largest(lambda k=k: task_vector(k), n, density) for k in range(len(experts))]

@@ -98,9 +98,28 @@ def _check_spec(spec: QuantSpec, d_in: int) -> int:
 
 
 def _objective(E: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(E H E^T)`` in float64."""
-    E = E.double()
-    return float(((E @ H.double()) * E).sum())
+    """``tr(E H E^T)``: the product in float32 (it is the cost of a GPTQ trailing update, and
+    the loss is a report, not an input to the solver), the sum in float64."""
+    E = E.float()
+    with _ieee_fp32():
+        return float(((E @ H.float()) * E).double().sum())
+
+
+def _unpermute(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(A)
+    out[:, perm] = A
+    return out
+
+
+class _ieee_fp32:
+    """Full fp32 matrix products on CUDA (no TF32), whatever the user's global setting."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 # --------------------------------------------------------------------------- RTN
@@ -138,23 +157,22 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
 # --------------------------------------------------------------------------- shared GPTQ path
 
 
-def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor]):
-    """Damp ``H`` (float64, dead columns fixed) until both factorisations succeed.
+def _factor(H: torch.Tensor, percdamp: float):
+    """Damp ``H`` (float64, processing order, dead columns fixed) until it factors.
 
-    Returns ``(Hinv, H_damped_inv, damp, retries)``: ``Hinv`` is the upper Cholesky factor of
-    ``H~^{-1}`` in processing order, ``H_damped_inv`` is ``H~^{-1}`` in stored order.
+    Returns ``(Hinv, damp, retries)`` with ``Hinv`` the upper Cholesky factor of ``H~^{-1}``,
+    ``H~ = H + damp I``. With ``J`` the order reversal and ``J H~ J = L L^T``, that factor is
+    ``J L^{-1} J``: one Cholesky and one triangular inverse, never ``H~^{-1}`` itself.
     """
     mean_diag = float(torch.diagonal(H).mean())
     damp = percdamp * mean_diag
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for retry in range(MAX_DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        L, info = torch.linalg.cholesky_ex((H + damp * eye).flip(0, 1))
         if int(info) == 0:
-            H_inv = torch.cholesky_inverse(L)
-            P = H_inv if perm is None else H_inv[perm][:, perm]
-            U, info = torch.linalg.cholesky_ex(P, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, H_inv, damp, retry
+            Hinv = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(Hinv).all():
+                return Hinv, damp, retry
         # the next try damps ten times more; from zero damping, start at 1e-6 of the mean
         damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
     raise ValueError(
@@ -175,7 +193,7 @@ def _round_target(
 ):
     """GPTQ of the target ``W* = W_base + G H~^{-1}`` (``G=None``: ``W* = W_base``) under ``H``.
 
-    Returns ``(QuantResult, target)``; the caller fills in the method's loss terms.
+    The caller adds the method's own loss terms to the result.
     """
     t0 = time.perf_counter()
     d_out, d_in = W_base.shape
@@ -194,11 +212,17 @@ def _round_target(
     # weights are simply rounded from the target.
     diag[dead] = 1.0
     perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
-    Hinv, H_damped_inv, damp, retries = _factor(H64, percdamp, perm)
+    Hinv, damp, retries = _factor(H64 if perm is None else H64[perm][:, perm], percdamp)
 
     W_base = W_base.float()
-    R = None if G is None else (G.double() @ H_damped_inv).float()
-    target = W_base if R is None else W_base + R
+    W_p = W_base if perm is None else W_base[:, perm]
+    R_p = None
+    if G is not None:
+        # R = G H~^{-1} = (G Hinv^T) Hinv, in processing order
+        G_p = G.double() if perm is None else G.double()[:, perm]
+        R_p = ((G_p @ Hinv.T) @ Hinv).float()
+    target_p = W_p if R_p is None else W_p + R_p
+    target = target_p if perm is None else _unpermute(target_p, perm)
 
     group_size = spec.group_size
     if group_size == -1 or spec.static_groups:
@@ -217,8 +241,6 @@ def _round_target(
         if perm is not None:
             g_idx[perm] = order
 
-    W_p = W_base if perm is None else W_base[:, perm]
-    R_p = R if R is None or perm is None else R[:, perm]
     out = gptq_solve(
         W_p.contiguous(),
         Hinv.float().contiguous(),
@@ -229,11 +251,8 @@ def _round_target(
         backend=backend,
         **grid,
     )
-    if perm is None:
-        weight, codes = out.Q, out.codes
-    else:
-        weight, codes = torch.empty_like(out.Q), torch.empty_like(out.codes)
-        weight[:, perm], codes[:, perm] = out.Q, out.codes
+    weight = out.Q if perm is None else _unpermute(out.Q, perm)
+    codes = out.codes if perm is None else _unpermute(out.codes, perm)
 
     result = QuantResult(
         weight=weight,

@@ -1,0 +1,164 @@
+"""The identities of EPMQ_MATH.md, each checked against quantities computed here in float64."""
+
+import pytest
+import torch
+
+import epmq_kernels.gptq_solve as solver_module
+from epmq import QuantSpec, quant
+
+SPEC = QuantSpec(bits=3, group_size=16)
+
+
+def draw(gen, K=3, d_out=32, d_in=48, n=200, spread=0.05):
+    """A merged layer, K experts around it, and each task's Hessian from its own activations."""
+    W_0 = torch.randn(d_out, d_in, generator=gen)
+    tau = [spread * torch.randn(d_out, d_in, generator=gen) for _ in range(K)]
+    W_k = [W_0 + t for t in tau]
+    W_m = W_0 + 0.4 * sum(tau)
+    Hs = []
+    for _ in range(K):
+        X = torch.randn(n, d_in, generator=gen) * torch.exp(0.7 * torch.randn(d_in, generator=gen))
+        X = X + torch.randn(d_in, generator=gen)  # tasks differ in mean as well as in scale
+        Hs.append(X.T @ X)
+    return W_m, W_k, Hs
+
+
+def effective(W_m, H_k, anchor, weight_anchor, task_weights=None):
+    """``a_k``, ``H_m``, ``lam'``, ``mu'`` and the E-PMQ Hessian, by their definitions."""
+    H_k = [H.double() for H in H_k]
+    a = [1 / float(torch.trace(H)) for H in H_k] if task_weights is None else list(task_weights)
+    H_m = sum(H_k)
+    s = float(torch.trace(sum(a_k * H for a_k, H in zip(a, H_k))))
+    lam = anchor * s / float(torch.trace(H_m))
+    mu = weight_anchor * s / W_m.shape[1]
+    H = sum(a_k * H for a_k, H in zip(a, H_k)) + lam * H_m + mu * torch.eye(W_m.shape[1], dtype=torch.float64)
+    return a, H_m, lam, mu, H
+
+
+def L_terms(Q, W_m, W_k, H_k, a, H_m, lam, mu):
+    """The three terms of L(Q), straight from the objective's definition."""
+    Q, W_m = Q.double(), W_m.double()
+
+    def out_sq(E, H):
+        return float(((E @ H.double()) * E).sum())
+
+    expert = sum(a_k * out_sq(Q - W.double(), H) for a_k, W, H in zip(a, W_k, H_k))
+    return expert, lam * out_sq(Q - W_m, H_m), mu * float((Q - W_m).pow(2).sum())
+
+
+def test_target_is_C_Hinv(gen):
+    """W* = C H^{-1} with C = sum a_k W_k H_k + lam W_m H_m + mu W_m (no damping)."""
+    W_m, W_k, H_k = draw(gen)
+    a, H_m, lam, mu, H = effective(W_m, H_k, anchor=0.5, weight_anchor=0.1)
+    C = sum(a_k * W.double() @ Hk.double() for a_k, W, Hk in zip(a, W_k, H_k))
+    C = C + lam * W_m.double() @ H_m + mu * W_m.double()
+    W_star = C @ torch.linalg.inv(H)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, weight_anchor=0.1, percdamp=0.0)
+    torch.testing.assert_close(res.target.double(), W_star, rtol=0, atol=1e-5 * float(W_star.abs().max()))
+
+
+def test_identity_1_no_rounding_returns_target(gen, monkeypatch):
+    """With an identity quantizer every error is zero and E-PMQ returns W* itself."""
+    monkeypatch.setattr(solver_module, "quantize_codes", lambda w, scale, zero, maxq: w / scale + zero)
+    W_m, W_k, H_k = draw(gen)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.3, weight_anchor=0.05, backend="torch")
+    torch.testing.assert_close(res.weight, res.target, rtol=0, atol=1e-5)
+    assert res.loss == pytest.approx(0.0, abs=1e-6)
+
+
+def test_identity_2_large_anchor_is_gptq_of_merged(gen):
+    W_m, W_k, H_k = draw(gen)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=1e9, weight_anchor=0.0)
+    ref = quant.gptq(W_m, sum(H_k), SPEC)
+    assert (res.codes == ref.codes).float().mean() > 0.995
+    assert res.loss == pytest.approx(res.info["lam_effective"] * ref.loss, rel=1e-3)
+
+
+def test_identity_2_experts_equal_merged(gen):
+    W_m, _, H_k = draw(gen)
+    res = quant.epmq(W_m, [W_m.clone() for _ in H_k], H_k, SPEC, anchor=0.7, weight_anchor=0.2)
+    assert torch.equal(res.target, W_m)
+    _, _, _, _, H = effective(W_m, H_k, anchor=0.7, weight_anchor=0.2)
+    ref = quant.gptq(W_m, H, SPEC)
+    assert (res.codes == ref.codes).float().mean() > 0.999
+    assert res.loss == pytest.approx(ref.loss, rel=1e-5)
+
+
+def test_identity_2_large_weight_anchor_is_rtn(gen):
+    W_m, W_k, H_k = draw(gen)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.0, weight_anchor=1e9)
+    ref = quant.rtn(W_m, SPEC)
+    assert (res.codes == ref.codes).float().mean() > 0.995
+
+
+def test_identity_3_single_expert_is_gptq_of_expert(gen):
+    W_m, W_k, H_k = draw(gen, K=1, n=400)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.0, weight_anchor=0.0, percdamp=0.0)
+    ref = quant.gptq(W_k[0], H_k[0], SPEC, percdamp=0.0)
+    torch.testing.assert_close(res.target, W_k[0], rtol=0, atol=2e-4)
+    assert (res.codes == ref.codes).float().mean() > 0.995
+    a = 1 / float(torch.trace(H_k[0].double()))
+    assert res.loss == pytest.approx(a * ref.loss, rel=1e-3)
+
+
+def test_identity_4_epmq_beats_gptq_on_most_draws(gen):
+    """E-PMQ's objective below GPTQ-on-W_m's in the large majority of random problems."""
+    wins, draws = 0, 30
+    for _ in range(draws):
+        W_m, W_k, H_k = draw(gen, d_out=24, d_in=32, n=120, spread=0.2)
+        res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, weight_anchor=0.0)
+        gptq = quant.gptq(W_m, sum(H_k), SPEC)
+        a, H_m, lam, mu, _ = effective(W_m, H_k, 0.5, 0.0)
+        L_epmq = sum(L_terms(res.weight, W_m, W_k, H_k, a, H_m, lam, mu))
+        L_gptq = sum(L_terms(gptq.weight, W_m, W_k, H_k, a, H_m, lam, mu))
+        wins += L_epmq < L_gptq
+    assert wins >= 0.8 * draws, f"E-PMQ won only {wins} of {draws}"
+
+
+@pytest.mark.parametrize("anchor, weight_anchor", [(1.0, 0.0), (0.3, 0.2), (0.0, 0.5)])
+def test_identity_5_reported_terms(gen, anchor, weight_anchor):
+    W_m, W_k, H_k = draw(gen, n=300)
+    weights = [0.5, 2.0, 1.0]
+    res = quant.epmq(
+        W_m, W_k, H_k, SPEC, anchor=anchor, weight_anchor=weight_anchor, task_weights=weights, percdamp=0.0
+    )
+    a, H_m, lam, mu, H = effective(W_m, H_k, anchor, weight_anchor, task_weights=weights)
+    assert res.info["task_weights"] == weights
+    assert res.info["lam_effective"] == pytest.approx(lam)
+    assert res.info["mu_effective"] == pytest.approx(mu)
+    expert, anc, wanc = L_terms(res.weight, W_m, W_k, H_k, a, H_m, lam, mu)
+    assert res.expert_loss == pytest.approx(expert, rel=1e-6)
+    assert res.anchor_loss == pytest.approx(anc, rel=1e-6, abs=1e-9)
+    assert res.weight_anchor_loss == pytest.approx(wanc, rel=1e-6, abs=1e-9)
+    E = (res.weight - res.target).double()
+    assert res.loss == pytest.approx(float(((E @ H) * E).sum()), rel=1e-6)
+    # L(Q) = tr((Q - W*) H (Q - W*)^T) + L(W*)
+    L_star = sum(L_terms(res.target, W_m, W_k, H_k, a, H_m, lam, mu))
+    assert expert + anc + wanc == pytest.approx(res.loss + L_star, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda W_m, W_k, H_k: (W_m, [], []), "empty"),
+        (lambda W_m, W_k, H_k: (W_m, W_k, H_k[:2]), "3 expert weights but 2"),
+        (lambda W_m, W_k, H_k: (W_m, [W_k[0][:, :-1]] + W_k[1:], H_k), "expert weight of expert 0 has shape"),
+        (lambda W_m, W_k, H_k: (W_m, W_k[:2] + [W_k[2] * float("nan")], H_k), "expert weight of expert 2 has non-finite"),
+        (lambda W_m, W_k, H_k: (W_m, W_k, H_k[:1] + [H_k[1][:-1, :-1]] + H_k[2:]), "Hessian of expert 1 must be"),
+        (lambda W_m, W_k, H_k: (W_m, W_k, H_k[:2] + [torch.zeros_like(H_k[2])]), "expert 2 has no calibration data"),
+        (lambda W_m, W_k, H_k: (W_m.clone().fill_(float("inf")), W_k, H_k), "W_merged has non-finite"),
+    ],
+)
+def test_bad_inputs(gen, change, match):
+    W_m, W_k, H_k = draw(gen)
+    W_m, W_k, H_k = change(W_m, W_k, H_k)
+    with pytest.raises(ValueError, match=match):
+        quant.epmq(W_m, W_k, H_k, SPEC)
+
+
+def test_bad_anchor(gen):
+    W_m, W_k, H_k = draw(gen)
+    with pytest.raises(ValueError, match="anchor"):
+        quant.epmq(W_m, W_k, H_k, SPEC, anchor=-1.0)
+    with pytest.raises(ValueError, match="task_weights"):
+        quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[1.0])

@@ -1,0 +1,28 @@
+import pytest
+
+from epmq import QuantSpec
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_supported_bits(bits):
+    assert QuantSpec(bits=bits).maxq == 2**bits - 1
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 16, 4.0, True, "4"])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=bits)
+
+
+@pytest.mark.parametrize("group_size", [0, -2, 1.5, None])
+def test_bad_group_size(group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(group_size=group_size)
+
+
+def test_group_size_must_divide_input_width():
+    spec = QuantSpec(group_size=128)
+    assert spec.n_groups(768) == 6
+    assert QuantSpec(group_size=-1).n_groups(100) == 1
+    with pytest.raises(ValueError, match="does not divide the layer's input width 100"):
+        spec.n_groups(100)

@@ -1,0 +1,131 @@
+"""Streaming statistics: batch by batch they must equal the statistics of the whole data."""
+
+import pytest
+import torch
+
+from epmq import EPMQStats, HessianStats, QuantSpec, quant
+
+D_OUT, D_IN = 24, 32
+
+
+def batches(gen, n_batches=3, tokens=(5, 7), scale=1.0):
+    """Token batches shaped like a layer's inputs: [batch, seq, d_in]."""
+    return [scale * torch.randn(tokens[0], tokens[1], D_IN, generator=gen) for _ in range(n_batches)]
+
+
+def gram(xs):
+    X = torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
+    return X.T @ X
+
+
+def test_hessian_stats(gen):
+    xs = batches(gen)
+    stats = HessianStats(D_IN, dtype=torch.float64)
+    for x in xs:
+        stats.add_batch(x)
+    torch.testing.assert_close(stats.H, gram(xs))
+    assert stats.n_tokens == 3 * 35
+
+
+def test_streaming_equals_whole_statistics(gen):
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(3)]
+    data = [batches(gen, scale=s) for s in (0.5, 1.0, 3.0)]
+
+    streamed = EPMQStats(W_m, dtype=torch.float64)
+    for W, xs in zip(W_k, data):
+        streamed.begin_task(W)
+        for x in xs:
+            streamed.add_batch(x)
+        streamed.end_task()
+    whole = EPMQStats(W_m, dtype=torch.float64)
+    for W, xs in zip(W_k, data):
+        whole.add_task(W, gram(xs))
+
+    a = [1 / float(torch.trace(gram(xs))) for xs in data]
+    assert streamed.task_weights == pytest.approx(a)
+    G = sum(a_k * (W - W_m) @ gram(xs) for a_k, W, xs in zip(a, W_k, data))
+    for s in (streamed, whole):
+        torch.testing.assert_close(s.H_e, sum(a_k * gram(xs) for a_k, xs in zip(a, data)))
+        torch.testing.assert_close(s.H_m, sum(gram(xs) for xs in data))
+        torch.testing.assert_close(s.G_e, G)
+        c = sum(a_k * float((((W - W_m) @ gram(xs)) * (W - W_m)).sum()) for a_k, W, xs in zip(a, W_k, data))
+        assert s.c_e == pytest.approx(c)
+        assert s.G_m is None
+
+
+def test_asymmetric_targets(gen):
+    """Expert-path targets: C uses the target inputs X~ against the quantized-path inputs X."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(2)]
+    X = [batches(gen) for _ in range(2)]
+    X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    X_a = [[x + 0.3 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    for k in range(2):
+        stats.begin_task(W_k[k], weight=1.5 + k)
+        for x, xt, xa in zip(X[k], X_t[k], X_a[k]):
+            stats.add_batch(x, x_expert=xt, x_anchor=xa)
+        stats.end_task()
+
+    def flat(xs):
+        return torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
+
+    G = sum((1.5 + k) * (flat(X_t[k]) @ W_k[k].T - flat(X[k]) @ W_m.T).T @ flat(X[k]) for k in range(2))
+    G_m = sum(((flat(X_a[k]) - flat(X[k])) @ W_m.T).T @ flat(X[k]) for k in range(2))
+    torch.testing.assert_close(stats.G_e, G)
+    torch.testing.assert_close(stats.G_m, G_m)
+    c = sum((1.5 + k) * float((flat(X_t[k]) @ W_k[k].T - flat(X[k]) @ W_m.T).pow(2).sum()) for k in range(2))
+    assert stats.c_e == pytest.approx(c)
+
+
+def test_fp_path_control_is_asymmetric_gptq(gen):
+    """GPTQ with full-precision-path targets: W* = W_m X~ X^T (X X^T)^{-1}."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    X = batches(gen, n_batches=4)
+    X_fp = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in X]
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    stats.begin_task(W_m, weight=1.0)
+    for x, xf in zip(X, X_fp):
+        stats.add_batch(x, x_expert=xf)
+    stats.end_task()
+    res = quant.epmq_from_stats(stats, QuantSpec(bits=4, group_size=16), anchor=0.0, percdamp=0.0)
+    Xq = torch.cat([x.reshape(-1, D_IN) for x in X]).double()
+    Xf = torch.cat([x.reshape(-1, D_IN) for x in X_fp]).double()
+    W_star = W_m.double() @ Xf.T @ Xq @ torch.linalg.inv(Xq.T @ Xq)
+    torch.testing.assert_close(res.target.double(), W_star, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_merged_hessian(gen):
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    H_m = gram(batches(gen))
+    stats = EPMQStats(W_m, merged_hessian=H_m, dtype=torch.float64)
+    stats.add_task(W_m + 0.1, gram(batches(gen)))
+    torch.testing.assert_close(stats.H_m, H_m)
+    with pytest.raises(ValueError, match="x_anchor needs the merged Hessian"):
+        stats.begin_task(W_m)
+        stats.add_batch(batches(gen)[0], x_anchor=batches(gen)[0])
+
+
+def test_misuse_is_reported(gen):
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    stats = EPMQStats(W_m)
+    with pytest.raises(RuntimeError, match="begin_task"):
+        stats.add_batch(batches(gen)[0])
+    with pytest.raises(ValueError, match="no task was added"):
+        stats.finalize()
+    stats.begin_task(W_m, name="mnist")
+    with pytest.raises(ValueError, match="mnist has no calibration data"):
+        stats.end_task()
+    stats.begin_task(W_m, name="svhn")
+    with pytest.raises(ValueError, match="last dimension 32"):
+        stats.add_batch(torch.randn(4, 31))
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.add_batch(torch.full((4, D_IN), float("nan")))
+    stats.add_batch(torch.randn(4, D_IN))
+    with pytest.raises(ValueError, match="x_expert for every batch"):
+        stats.add_batch(torch.randn(4, D_IN), x_expert=torch.randn(4, D_IN))
+    with pytest.raises(RuntimeError, match="svhn is still open"):
+        stats.finalize()
+    with pytest.raises(ValueError, match="has shape"):
+        EPMQStats(W_m).begin_task(W_m[:, :-1])
