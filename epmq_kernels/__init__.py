@@ -4,3 +4,5 @@ reference. This package never imports ``epmq``."""
 
 from . import _runtime  # noqa: F401  (must run before any kernel is decorated)
 from .grid import find_params, quantize_codes, dequantize
+from .packing import pack_int4, unpack_int4, pack_int4_cols, unpack_int4_cols
+from .w4a16 import w4a16_matmul, w4a16_matmul_reference, dequantize_int4_weight

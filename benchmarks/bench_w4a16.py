@@ -1,0 +1,321 @@
+"""W4A16 against fp16 cuBLAS, and int4 packing against torch, on one GPU.
+
+Script mode (the GPU suite runs this)::
+
+    python benchmarks/bench_w4a16.py --out benchmarks/results/h100.json [--plot h100.png]
+
+times ``w4a16_matmul`` (group 128 and per channel) and ``torch.matmul`` on the dequantized fp16
+weight (cuBLAS) in the same run, for every M in 1 .. 4096 and every (K, N) of ``SHAPES``. Each
+case is checked against the fp16 reference before it is timed. Times are medians of
+``triton.testing.do_bench`` (events, warm-up, L2 flushed before every run); on top of that the
+weights rotate over several copies whenever one copy would fit in L2, so no run finds its weight
+in the cache. Bandwidth counts the bytes the product must move,
+
+    bytes = K N / 2 + (K / g) N 4 + M K 2 + M N 2       (codes, fp16 scales + 16-bit zeros, x, y)
+
+and is compared with the device-to-device copy bandwidth measured on the same card (bytes read
+plus written, median of many copies). The JSON holds the card, versions, the copy bandwidth,
+pack/unpack timings and one row per case; the plot shows the speedup over cuBLAS against M.
+
+Pytest mode (``pytest benchmarks/bench_w4a16.py``, needs pytest-benchmark and CUDA; skipped
+otherwise) times a few representative cases with the ``benchmark`` fixture.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from epmq_kernels.packing import (  # noqa: E402
+    pack_int4,
+    pack_int4_cols,
+    unpack_int4,
+    unpack_int4_cols,
+)
+from epmq_kernels.w4a16 import dequantize_int4_weight, w4a16_matmul, w4a16_plan  # noqa: E402
+
+SHAPES = [(768, 3072), (3072, 768), (4096, 4096), (4096, 14336), (8192, 8192)]
+BATCHES = [1, 4, 16, 64, 256, 1024, 4096]
+GROUPS = [128, -1]
+IDEAL_SPEEDUP = 3.87  # 4x fewer weight bytes, less scales and zeros (Marlin's figure)
+
+
+def int4_bytes(M, K, N, group_size):
+    groups = 1 if group_size == -1 else K // group_size
+    return K * N // 2 + groups * N * 4 + M * K * 2 + M * N * 2
+
+
+def fp16_bytes(M, K, N):
+    return K * N * 2 + M * K * 2 + M * N * 2
+
+
+def make_weights(K, N, group_size, device, gen):
+    """Random int4 weights (codes, scales, zero points) and the fp16 weight they stand for."""
+    G = 1 if group_size == -1 else K // group_size
+    codes = torch.randint(0, 16, (K, N), device=device, dtype=torch.uint8, generator=gen)
+    qweight = pack_int4(codes)
+    scales = (torch.rand(G, N, device=device, generator=gen) * 0.02 + 0.002).half()
+    zeros = torch.randint(0, 16, (G, N), device=device, dtype=torch.uint8, generator=gen)
+    return qweight, scales, zeros
+
+
+def copies_to_defeat_l2(nbytes, l2_bytes, limit=16):
+    """How many copies of a buffer make a rotation larger than twice the L2 cache."""
+    return 1 if nbytes >= 2 * l2_bytes else min(limit, math.ceil(2 * l2_bytes / nbytes))
+
+
+def rotating(calls):
+    """One callable that runs ``calls`` in turn, a different one each time."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(calls)
+        calls[state["i"]]()
+
+    return call
+
+
+def median_ms(fn, warmup=25, rep=100):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_bandwidth(device, nbytes=1 << 30):
+    """Device-to-device copy, bytes read plus written over the median time, in GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), warmup=50, rep=400)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def bench_packing(device, gen):
+    rows = []
+    for K, N in ((4096, 4096), (8192, 8192)):
+        codes = torch.randint(0, 16, (K, N), device=device, dtype=torch.uint8, generator=gen)
+        words = pack_int4(codes)
+        assert torch.equal(words, pack_int4(codes, backend="torch"))
+        assert torch.equal(unpack_int4(words), codes.int())
+        zeros = codes[: K // 128]
+        assert torch.equal(unpack_int4_cols(pack_int4_cols(zeros)), zeros.int())
+        row = dict(K=K, N=N)
+        for name, fn in {
+            "pack_triton": lambda: pack_int4(codes, check_range=False),
+            "pack_torch": lambda: pack_int4(codes, backend="torch", check_range=False),
+            "unpack_triton": lambda: unpack_int4(words),
+            "unpack_torch": lambda: unpack_int4(words, backend="torch"),
+        }.items():
+            row[f"{name}_ms"] = median_ms(fn)
+        # Bytes the triton kernels must move: uint8 codes in, int32 words out (and back: int32).
+        row["pack_triton_gbps"] = (K * N + K * N // 2) / row["pack_triton_ms"] / 1e6
+        row["unpack_triton_gbps"] = (K * N // 2 + K * N * 4) / row["unpack_triton_ms"] / 1e6
+        row["pack_speedup"] = row["pack_torch_ms"] / row["pack_triton_ms"]
+        row["unpack_speedup"] = row["unpack_torch_ms"] / row["unpack_triton_ms"]
+        rows.append(row)
+        print(f"pack {K}x{N}: triton {row['pack_triton_ms'] * 1e3:.1f} us "
+              f"({row['pack_speedup']:.1f}x torch), unpack {row['unpack_triton_ms'] * 1e3:.1f} us "
+              f"({row['unpack_speedup']:.1f}x torch)", flush=True)
+    return rows
+
+
+def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes):
+    rows, failures = [], 0
+    for K, N in shapes:
+        for group_size in groups:
+            qweight, scales, zeros = make_weights(K, N, group_size, device, gen)
+            weight = dequantize_int4_weight(qweight, scales, zeros, group_size,
+                                            dtype=torch.float16)
+            int4_set = qweight.nbytes + scales.nbytes + zeros.nbytes
+            n_int4 = copies_to_defeat_l2(int4_set, l2_bytes)
+            n_fp16 = copies_to_defeat_l2(weight.nbytes, l2_bytes)
+            int4_sets = [(qweight, scales, zeros)] + [
+                (qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_int4 - 1)]
+            fp16_sets = [weight] + [weight.clone() for _ in range(n_fp16 - 1)]
+            for M in batches:
+                x = torch.randn(M, K, device=device, generator=gen).half()
+                reference = torch.matmul(x, weight)
+
+                started = time.perf_counter()
+                y = w4a16_matmul(x, qweight, scales, zeros, group_size)  # autotunes if needed
+                torch.cuda.synchronize()
+                first_call_s = time.perf_counter() - started
+                error = ((y.float() - reference.float()).abs().max()
+                         / reference.float().abs().max().clamp_min(1e-6)).item()
+                ok = bool(torch.isfinite(y).all()) and error < 1e-2
+
+                ms_int4 = median_ms(rotating([
+                    (lambda q=q, s=s, z=z: w4a16_matmul(x, q, s, z, group_size))
+                    for q, s, z in int4_sets]))
+                ms_fp16 = median_ms(rotating([(lambda w=w: torch.matmul(x, w)) for w in fp16_sets]))
+
+                plan = w4a16_plan(x, qweight, scales, zeros, group_size)
+                nbytes = int4_bytes(M, K, N, group_size)
+                actual = int4_set + x.nbytes + y.nbytes
+                row = dict(
+                    K=K, N=N, M=M, group_size=group_size, path=plan["path"], config=plan["config"],
+                    ms_w4a16=ms_int4, ms_cublas_fp16=ms_fp16, speedup=ms_fp16 / ms_int4,
+                    bytes=nbytes, gbps=nbytes / (ms_int4 * 1e-3) / 1e9,
+                    frac_copy_bw=nbytes / (ms_int4 * 1e-3) / 1e9 / copy_gbps,
+                    bytes_actual=actual,
+                    frac_copy_bw_actual=actual / (ms_int4 * 1e-3) / 1e9 / copy_gbps,
+                    cublas_gbps=fp16_bytes(M, K, N) / (ms_fp16 * 1e-3) / 1e9,
+                    tflops=2 * M * K * N / (ms_int4 * 1e-3) / 1e12,
+                    cublas_tflops=2 * M * K * N / (ms_fp16 * 1e-3) / 1e12,
+                    max_rel_err=error, ok=ok, first_call_s=first_call_s,
+                    rotating_int4=n_int4, rotating_fp16=n_fp16,
+                )
+                rows.append(row)
+                failures += not ok
+                print(f"K={K:5d} N={N:5d} g={group_size:4d} M={M:5d} {plan['path']:6s} "
+                      f"w4a16 {ms_int4 * 1e3:9.1f} us  cublas {ms_fp16 * 1e3:9.1f} us  "
+                      f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s "
+                      f"({100 * row['frac_copy_bw']:3.0f}% copy)  err {error:.1e}"
+                      f"{'' if ok else '  WRONG'}  first call {first_call_s:.1f}s", flush=True)
+            del int4_sets, fp16_sets, weight
+            torch.cuda.empty_cache()
+    return rows, failures
+
+
+def plot(rows, path, device_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({r["group_size"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, group_size in zip(axes[0], groups):
+        for K, N in sorted({(r["K"], r["N"]) for r in rows}):
+            sel = sorted((r for r in rows if r["group_size"] == group_size
+                          and (r["K"], r["N"]) == (K, N)), key=lambda r: r["M"])
+            ax.plot([r["M"] for r in sel], [r["speedup"] for r in sel], marker="o",
+                    label=f"K={K}, N={N}")
+        ax.axhline(1.0, color="gray", lw=1)
+        ax.axhline(IDEAL_SPEEDUP, color="gray", lw=1, ls="--", label="ideal (3.87x)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (batch rows)")
+        ax.set_ylabel("speedup over fp16 cuBLAS")
+        ax.set_title("per channel" if group_size == -1 else f"group {group_size}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"W4A16 vs fp16 cuBLAS on {device_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--plot", help="PNG to write (default: beside --out)")
+    parser.add_argument("--shapes", help="K:N pairs, comma separated (default: all)")
+    parser.add_argument("--batches", help="M values, comma separated (default: all)")
+    parser.add_argument("--groups", help="group sizes, comma separated, -1 per channel")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_w4a16: no CUDA device, nothing to time", file=sys.stderr)
+        return 0
+    import triton
+
+    shapes = ([tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
+              if args.shapes else SHAPES)
+    batches = [int(v) for v in args.batches.split(",")] if args.batches else BATCHES
+    groups = [int(v) for v in args.groups.split(",")] if args.groups else GROUPS
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    props = torch.cuda.get_device_properties(device)
+    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
+    started = time.perf_counter()
+
+    copy_gbps = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s, "
+          f"L2 {l2_bytes / 2**20:.0f} MiB", flush=True)
+    packing = bench_packing(device, gen)
+    rows, failures = bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes)
+
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        capability=list(torch.cuda.get_device_capability()),
+        sm_count=props.multi_processor_count, l2_bytes=l2_bytes,
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+        python=platform.python_version(), cublas_dtype="float16", activation_dtype="float16",
+        zeros_dtype="uint8", scales_dtype="float16",
+        bytes_formula="K*N/2 + (K/g)*N*4 + M*K*2 + M*N*2",
+        copy_bandwidth_gbps=copy_gbps, packing=packing, rows=rows, failures=failures,
+        autotune_cache_dir=os.environ.get("EPMQ_CACHE_DIR", "~/.cache/epmq"),
+        wall_s=time.perf_counter() - started,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot_path = args.plot or re.sub(r"\.json$", "", args.out) + ".png"
+    plot(rows, plot_path, result["device"])
+    print(f"wrote {args.out} and {plot_path} in {result['wall_s']:.0f} s; "
+          f"{failures} wrong results", flush=True)
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest-benchmark mode
+# ----------------------------------------------------------------------------------------------
+if __name__ != "__main__":
+    import pytest
+
+    pytest.importorskip("pytest_benchmark")
+    pytestmark = [
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ]
+
+    @pytest.fixture(scope="module")
+    def _weights():
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        return {g: make_weights(4096, 4096, g, torch.device("cuda"), gen) for g in (128, -1)}
+
+    @pytest.mark.parametrize("group_size", [128, -1])
+    @pytest.mark.parametrize("M", [1, 16, 1024])
+    def test_w4a16(benchmark, _weights, M, group_size):
+        qweight, scales, zeros = _weights[group_size]
+        x = torch.randn(M, 4096, device="cuda").half()
+        w4a16_matmul(x, qweight, scales, zeros, group_size)  # autotune outside the timing
+
+        def run():
+            w4a16_matmul(x, qweight, scales, zeros, group_size)
+            torch.cuda.synchronize()
+
+        benchmark(run)
+
+    @pytest.mark.parametrize("M", [1, 16, 1024])
+    def test_cublas_fp16(benchmark, _weights, M):
+        qweight, scales, zeros = _weights[128]
+        weight = dequantize_int4_weight(qweight, scales, zeros, 128, dtype=torch.float16)
+        x = torch.randn(M, 4096, device="cuda").half()
+
+        def run():
+            torch.matmul(x, weight)
+            torch.cuda.synchronize()
+
+        benchmark(run)
+
+    def test_pack_int4(benchmark):
+        codes = torch.randint(0, 16, (4096, 4096), device="cuda", dtype=torch.uint8)
+
+        def run():
+            pack_int4(codes, check_range=False)
+            torch.cuda.synchronize()
+
+        benchmark(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

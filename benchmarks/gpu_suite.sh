@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU suite: CUDA tests, then the benchmarks, each step under a time limit; under 8 minutes on
+# one H100. Results go to ${OUT:-benchmarks/results}, named after the card.
+#
+#     bash benchmarks/gpu_suite.sh
+#
+# To add a benchmark, append one `step NAME SECONDS COMMAND...` line in the steps section.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RESULTS="${OUT:-benchmarks/results}"
+mkdir -p "$RESULTS"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+nvidia-smi -L || true
+CARD="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda")')"
+SLUG="$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
+"$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+
+# The package: importable from the checkout already (PYTHONPATH); install it if pip can.
+if ! "$PYTHON" -c 'import epmq_kernels' 2>/dev/null; then
+    "$PYTHON" -m pip install -e . --no-deps -q || echo "warning: pip install failed, using PYTHONPATH"
+fi
+
+FAILED=()
+step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, keep going
+    local name="$1" seconds="$2"
+    shift 2
+    echo "== $name (limit ${seconds}s)"
+    local started=$SECONDS rc=0
+    timeout --kill-after=10 "$seconds" "$@" || rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - started))s"
+    if [ "$rc" -ne 0 ]; then FAILED+=("$name (rc=$rc)"); fi
+}
+
+# ---- steps (append new lines here) -----------------------------------------------------------
+step cuda-tests 180 "$PYTHON" -m pytest -q tests -m cuda
+step bench-w4a16 270 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
+# -----------------------------------------------------------------------------------------------
+
+if [ "${#FAILED[@]}" -ne 0 ]; then
+    echo "== FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "== all steps passed on $CARD"

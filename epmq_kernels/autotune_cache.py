@@ -1,0 +1,154 @@
+"""Autotuned launch configurations, remembered on disk per GPU.
+
+Autotuning at load time is the complaint users make most often about Triton inference kernels:
+every new process pays for compiling and timing every candidate again. Here the winner for
+each (kernel family, GPU, shape bucket) is written to a small JSON file, so a second process on
+the same card reads it back and never times again.
+
+Where: ``$EPMQ_CACHE_DIR/autotune/`` if ``EPMQ_CACHE_DIR`` is set, else
+``~/.cache/epmq/autotune/``. One file per family, GPU name, Triton version and autotune
+space, e.g. ``w4a16__nvidia-h100-80gb-hbm3__triton-3.8.0__space-1a2b3c4d.json``; changing the
+space in the kernel file (or upgrading Triton) therefore starts a fresh file instead of reusing
+configs timed for other code. Inside, ``entries`` maps a shape-bucket key to a config dict.
+
+Writes are atomic (temporary file, then ``os.replace``) and merge with what is on disk, so
+processes tuning at the same time lose at most one another's newest entries, never the file.
+``EPMQ_AUTOTUNE=0`` turns timing off: cached configs are still used, misses take the family's
+first valid config.
+"""
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+
+import torch
+import triton
+import triton.testing
+
+
+def cache_dir():
+    root = os.environ.get("EPMQ_CACHE_DIR")
+    if root:
+        return os.path.join(os.path.expanduser(root), "autotune")
+    return os.path.join(os.path.expanduser("~"), ".cache", "epmq", "autotune")
+
+
+def autotune_enabled():
+    return os.environ.get("EPMQ_AUTOTUNE", "1") not in ("0", "false", "False", "no")
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def space_id(space):
+    """A short, stable hash of an autotune space (a list of config dicts)."""
+    text = json.dumps(space, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+class DiskCache:
+    """Config per shape-bucket key for one kernel family on one GPU, backed by a JSON file."""
+
+    def __init__(self, family, gpu_name, space):
+        self.family = family
+        self.gpu_name = gpu_name
+        self.space = space_id(space)
+        self.path = os.path.join(
+            cache_dir(),
+            f"{family}__{_slug(gpu_name)}__triton-{triton.__version__}__space-{self.space}.json",
+        )
+        self._entries = None
+        self._lock = threading.Lock()
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if data.get("space") != self.space or data.get("gpu") != self.gpu_name:
+                return {}
+            return dict(data.get("entries", {}))
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key):
+        with self._lock:
+            if self._entries is None:
+                self._entries = self._read()
+            return self._entries.get(key)
+
+    def put(self, key, config):
+        with self._lock:
+            if self._entries is None:
+                self._entries = self._read()
+            self._entries[key] = config
+            merged = self._read()
+            merged.update(self._entries)
+            self._entries = merged
+            data = {
+                "family": self.family,
+                "gpu": self.gpu_name,
+                "triton": triton.__version__,
+                "torch": torch.__version__,
+                "space": self.space,
+                "entries": merged,
+            }
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # a read-only home is no reason to fail a matmul; the memory copy stays
+
+
+_caches = {}
+
+
+def cache_for(family, device, space):
+    """The (process-wide) DiskCache of a family on a device."""
+    name = device_name(device)
+    key = (family, name, space_id(space))
+    if key not in _caches:
+        _caches[key] = DiskCache(family, name, space)
+    return _caches[key]
+
+
+def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12):
+    """The config for ``key``: from the cache, else the fastest of ``candidates``.
+
+    ``run(config)`` must launch the whole operation for one config (allocation, zeroing and
+    epilogue included, so split-K pays for its extra launches). Candidates that fail to
+    compile or launch (e.g. too much shared memory) are skipped. Nothing is timed while a CUDA
+    graph is being captured or when ``EPMQ_AUTOTUNE=0``; then a miss takes the first candidate.
+    """
+    hit = cache.get(key)
+    if hit is not None and hit in candidates:
+        return hit
+    if (not autotune_enabled() or len(candidates) == 1
+            or torch.cuda.is_current_stream_capturing()):
+        return candidates[0]
+    timings, errors = [], []
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: run(config), warmup=warmup_ms, rep=rep_ms,
+                                         return_mode="median")
+        except Exception as error:  # noqa: BLE001 (out of resources: not a candidate)
+            errors.append(error)
+            continue
+        timings.append((ms, config))
+    if not timings:
+        raise RuntimeError(f"no candidate config could run for {cache.family} {key}") from errors[0]
+    best = min(timings, key=lambda t: t[0])[1]
+    cache.put(key, best)
+    return best

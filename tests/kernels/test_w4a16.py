@@ -1,0 +1,427 @@
+"""W4A16 matmul: every path against a float64 dequantized reference on fresh random inputs.
+
+On CPU the kernels run under TRITON_INTERPRET with the small interpreter configs; the CUDA class
+runs model-sized shapes through the autotuned launcher. Errors are measured against the bound
+``|x| @ |W|`` (the magnitude a rounding error scales with), so one tolerance per dtype works for
+every shape.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from epmq_kernels import autotune_cache
+from epmq_kernels.packing import pack_int4
+from epmq_kernels.w4a16 import (
+    AUTOTUNE_SPACE,
+    _g_idx_is_static,
+    dequantize_int4_weight,
+    w4a16_matmul,
+    w4a16_matmul_reference,
+)
+
+# Relative to |x| @ |W|: the output rounding (2^-11 fp16, 2^-8 bf16) plus the weight rounding.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (group_size, g_idx kind): per channel; tiles inside one group (32); tiles straddling groups
+# (16, smaller than the interpreter's BLOCK_K, so per-row groups); a g_idx equal to k // 32
+# (static: must take the no-gather path); a permuted g_idx (act-order: gathered).
+GROUPINGS = [(-1, None), (32, None), (16, None), (32, "static"), (32, "permuted")]
+
+
+def make_problem(gen, K, N, group_size, g_idx_kind=None, scales_dtype=torch.float16,
+                 zeros_dtype=torch.uint8):
+    G = 1 if group_size == -1 else K // group_size
+    codes = torch.randint(0, 16, (K, N), generator=gen)
+    qweight = pack_int4(codes)
+    scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).to(scales_dtype)
+    zeros = torch.randint(0, 16, (G, N), generator=gen).to(zeros_dtype)
+    g_idx = None
+    if g_idx_kind == "static":
+        g_idx = (torch.arange(K) // group_size).to(torch.int32)
+    elif g_idx_kind == "permuted":
+        g_idx = (torch.arange(K) // group_size)[torch.randperm(K, generator=gen)].to(torch.int32)
+    return qweight, scales, zeros, g_idx
+
+
+def assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx):
+    reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size, g_idx)
+    W = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx)
+    bound = (x.double().abs().reshape(-1, x.shape[-1]) @ W.abs()).reshape(reference.shape)
+    assert y.dtype == x.dtype and y.shape == reference.shape
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    error = ((y.double() - reference).abs() / bound.clamp_min(1e-30)).max().item()
+    assert error <= TOLERANCE[x.dtype], f"max error {error:.3g} relative to |x| @ |W|"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every path, dtype and grouping (interpreted on CPU)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size,g_idx_kind", GROUPINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("path,M,K,N", [("gemv", 1, 128, 40), ("splitk", 3, 64, 72),
+                                        ("gemm", 17, 128, 40)])
+def test_path_matches_reference(gen, path, M, K, N, dtype, group_size, g_idx_kind):
+    qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)  # poison: every element must be written
+    y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path=path,
+                     backend="triton")
+    assert y is out
+    assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
+
+
+@pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
+def test_paths_at_other_batch_sizes(gen, path):
+    """Each kernel at M it is not chosen for: GEMV over several rows, dot paths at M = 1."""
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 37, 32, "permuted")  # N odd
+    for M in ((1, 3) if path == "gemv" else (1, 3, 17)):  # interpreted GEMV is slow per row
+        x = torch.randn(M, 64, generator=gen).to(torch.float16)
+        out = torch.full((M, 37), float("nan"), dtype=torch.float16)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, out=out, path=path,
+                         backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+
+
+@pytest.mark.parametrize("path,M", [("gemv", 1), ("splitk", 3), ("gemm", 20)])
+def test_every_gpu_config_under_interpreter(gen, path, M):
+    """The GPU autotune space itself (big tiles, masked K and N tails, many K slices),
+    interpreted on a small problem: a config the tuner may pick must be correct."""
+    qweight, scales, zeros, _ = make_problem(gen, 256, 72, 128)
+    x = torch.randn(M, 256, generator=gen).to(torch.float16)
+    for config in AUTOTUNE_SPACE[path]:
+        out = torch.full((M, 72), float("nan"), dtype=torch.float16)
+        w4a16_matmul(x, qweight, scales, zeros, 128, out=out, path=path, config=config,
+                     backend="triton")
+        assert_close_to_reference(out, x, qweight, scales, zeros, 128, None)
+
+
+def test_exact_float_bit_patterns():
+    """The constants of the no-conversion dequantization: a code c ORed into the mantissa of
+    2^e is the float 2^e + c, in every compute dtype (bf16 included, which the interpreter
+    cannot run)."""
+    codes = torch.arange(16, dtype=torch.int32)
+    fp16 = (codes | 0x6400).to(torch.int16).view(torch.float16)
+    bf16 = (codes | 0x4300).to(torch.int16).view(torch.bfloat16)
+    fp32 = (codes | 0x4B000000).view(torch.float32)
+    assert torch.equal(fp16.double(), 1024.0 + codes.double())
+    assert torch.equal(bf16.double(), 128.0 + codes.double())
+    assert torch.equal(fp32.double(), 2.0**23 + codes.double())
+    for j in range(5):  # codes left in place at bits 4j (the GEMV's _code_f32)
+        word = (codes << (4 * j)) | ((150 - 4 * j) << 23)
+        assert torch.equal(word.view(torch.float32).double() - 2.0 ** (23 - 4 * j), codes.double())
+    word = (codes << 16) | (134 << 23)  # codes 5..7, shifted down to bits 16..19
+    assert torch.equal(word.view(torch.float32).double() - 128.0, codes.double())
+
+
+@pytest.mark.parametrize("shape", [(64,), (1, 1, 64), (3, 64), (2, 3, 64), (17, 64)])
+def test_dispatch_and_leading_dims(gen, shape):
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 16)
+    x = torch.randn(*shape, generator=gen).to(torch.float16)
+    y = w4a16_matmul(x, qweight, scales, zeros, 16, backend="triton")
+    assert y.shape == (*shape[:-1], 40)
+    assert_close_to_reference(y, x, qweight, scales, zeros, 16, None)
+
+
+@pytest.mark.parametrize("scales_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zeros_dtype", [torch.int32, torch.int64, torch.int8])
+def test_scale_and_zero_dtypes(gen, scales_dtype, zeros_dtype):
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32, None, scales_dtype, zeros_dtype)
+    for M, dtype in ((1, torch.float32), (3, torch.float16)):
+        x = torch.randn(M, 64, generator=gen).to(dtype)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
+def test_strided_operands(gen):
+    qweight, scales, zeros, _ = make_problem(gen, 64, 80, 32)
+    x = torch.randn(64, 5, generator=gen).t()  # [5, 64], K stride 5
+    qweight, scales, zeros = qweight[:, ::2], scales[:, ::2], zeros[:, ::2]  # N = 40, stride 2
+    out = torch.full((40, 5), float("nan")).t()  # non-contiguous out
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, out=out, backend="triton")
+    assert y is out
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
+def test_split_k_workspace_is_left_clean(gen):
+    """The last K slice of each tile resets the shared partial sums and arrival counters, so
+    back-to-back split-K launches (different shapes, paths, dtypes) never see stale sums."""
+    from epmq_kernels.w4a16 import _WORKSPACES, _workspace_key
+
+    for K, N, M, path in ((128, 40, 1, "gemv"), (64, 72, 3, "splitk"), (128, 40, 3, "gemv"),
+                          (64, 72, 5, "splitk")):
+        qweight, scales, zeros, _ = make_problem(gen, K, N, 32)
+        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+        for _ in range(2):
+            y = w4a16_matmul(x, qweight, scales, zeros, 32, path=path, backend="triton")
+            assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+        sums, counters = _WORKSPACES[_workspace_key(x.device)]
+        assert not sums.any() and not counters.any()
+
+
+def test_static_g_idx_takes_the_no_gather_path(gen):
+    """A g_idx equal to k // group_size is detected: bit-identical to passing none."""
+    qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "static")
+    assert _g_idx_is_static(g_idx, 128, 4, 32)
+    permuted = g_idx[torch.randperm(128, generator=gen)]
+    assert not _g_idx_is_static(permuted, 128, 4, 32)
+    for path, M in (("gemv", 1), ("splitk", 3), ("gemm", 17)):
+        x = torch.randn(M, 128, generator=gen).to(torch.float16)
+        with_g_idx = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, path=path,
+                                  backend="triton")
+        without = w4a16_matmul(x, qweight, scales, zeros, 32, path=path, backend="triton")
+        assert torch.equal(with_g_idx, without)
+
+
+def test_g_idx_changed_in_place_is_seen(gen):
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 16, "static")
+    x = torch.randn(3, 64, generator=gen).to(torch.float16)
+    w4a16_matmul(x, qweight, scales, zeros, 16, g_idx, backend="triton")
+    g_idx.copy_(g_idx[torch.randperm(64, generator=gen)])  # now act-order
+    y = w4a16_matmul(x, qweight, scales, zeros, 16, g_idx, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 16, g_idx)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_torch_backend(gen, M):
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 16, "permuted")
+    x = torch.randn(M, 64, generator=gen).to(torch.bfloat16)
+    for backend in ("torch", "auto"):  # CPU tensors: auto is the torch reference
+        y = w4a16_matmul(x, qweight, scales, zeros, 16, g_idx, backend=backend)
+        assert_close_to_reference(y, x, qweight, scales, zeros, 16, g_idx)
+
+
+def test_empty_batch(gen):
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, -1)
+    y = w4a16_matmul(torch.zeros(0, 64), qweight, scales, zeros, -1, backend="triton")
+    assert y.shape == (0, 40)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad arguments
+# ----------------------------------------------------------------------------------------------
+def test_bad_arguments_raise(gen):
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32, "static")
+    x = torch.randn(2, 64, generator=gen)
+
+    def call(**changes):
+        args = dict(x=x, qweight=qweight, scales=scales, zeros=zeros, group_size=32, g_idx=g_idx)
+        args.update(changes)
+        return w4a16_matmul(**args, backend="triton")
+
+    cases = [
+        (dict(x=torch.randn(2, 60)), "multiple of 8"),
+        (dict(x=torch.randn(2, 72)), r"\[K // 8, N\]"),
+        (dict(x=x.to(torch.int32)), "x must be"),
+        (dict(x=x.double()), "x must be"),
+        (dict(qweight=qweight.long()), "qweight must be int32"),
+        (dict(qweight=qweight[:4]), r"\[K // 8, N\]"),
+        (dict(group_size=48), "not a multiple of group_size"),
+        (dict(group_size=0), "group_size"),
+        (dict(group_size=32.0), "group_size must be an int"),
+        (dict(group_size=-1), r"scales must be \[G, N\]"),
+        (dict(scales=scales[:, :8]), r"scales must be \[G, N\]"),
+        (dict(scales=scales.to(torch.int32)), "scales must be"),
+        (dict(zeros=zeros.float()), "integer"),
+        (dict(zeros=zeros[:1]), r"zeros must be \[G, N\]"),
+        (dict(g_idx=g_idx[:32]), r"g_idx must be \[K\]"),
+        (dict(g_idx=g_idx.float()), "g_idx must be int32"),
+        (dict(g_idx=g_idx + 1), r"g_idx values must lie in \[0, 2\)"),
+        (dict(g_idx=g_idx - 1), r"g_idx values must lie in \[0, 2\)"),
+        (dict(scales=scales.to("meta")), "different devices"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(**changes)
+    with pytest.raises(ValueError, match="path"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, path="gemm2")
+    with pytest.raises(ValueError, match="backend"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, backend="cuda")
+    with pytest.raises(ValueError, match="out must be"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, out=torch.empty(2, 41), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune cache (no GPU needed: hits and EPMQ_AUTOTUNE=0 never time anything)
+# ----------------------------------------------------------------------------------------------
+def test_autotune_cache_persists(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    space = AUTOTUNE_SPACE["gemm"]
+    cache = autotune_cache.DiskCache("w4a16", "NVIDIA H100 80GB HBM3", space)
+    assert cache.path.startswith(str(tmp_path / "autotune"))
+    assert "nvidia-h100-80gb-hbm3" in os.path.basename(cache.path)
+    assert cache.get("gemm|M1024") is None
+    cache.put("gemm|M1024", space[3])
+
+    second_process = autotune_cache.DiskCache("w4a16", "NVIDIA H100 80GB HBM3", space)
+    assert second_process.get("gemm|M1024") == space[3]
+    with open(second_process.path) as f:
+        assert json.load(f)["entries"]["gemm|M1024"] == space[3]
+
+    def must_not_time(config):
+        raise AssertionError("a cached key must not be timed again")
+
+    assert autotune_cache.tune(second_process, "gemm|M1024", space, must_not_time) == space[3]
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
+    assert autotune_cache.tune(second_process, "gemm|M64", space, must_not_time) == space[0]
+
+    other_space = autotune_cache.DiskCache("w4a16", "NVIDIA H100 80GB HBM3", space[:2])
+    assert other_space.path != cache.path and other_space.get("gemm|M1024") is None
+    other_gpu = autotune_cache.DiskCache("w4a16", "NVIDIA A10", space)
+    assert other_gpu.get("gemm|M1024") is None
+
+
+def test_corrupt_cache_file_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    cache = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
+    os.makedirs(os.path.dirname(cache.path))
+    with open(cache.path, "w") as f:
+        f.write("{not json")
+    assert cache.get("k") is None
+    cache.put("k", AUTOTUNE_SPACE["gemv"][0])
+    assert autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"]).get("k") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled (GPU) path builds: compile for sm_90 on the CPU, no GPU needed
+# ----------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "0"
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton._C.libtriton import native_specialize_impl
+    from epmq_kernels import w4a16 as W
+
+    def compile_sm90(fn, args, constexprs, num_warps, num_stages):
+        signature, constants, attrs = {}, {}, {}
+        values = iter(args)
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs:
+                signature[name], constants[name] = "constexpr", constexprs[name]
+                continue
+            kind, spec = native_specialize_impl(CUDABackend, next(values), False, True, True)
+            if kind == "constexpr":
+                signature[name], constants[name] = "constexpr", spec
+                continue
+            signature[name] = kind
+            if spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return triton.compile(ASTSource(fn, signature, constants, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+
+    M, K, N, G = 16, 4096, 4096, 32
+    for path, dtype, gather in [("gemv", torch.float16, False), ("gemv", torch.bfloat16, True),
+                                ("splitk", torch.bfloat16, False), ("gemm", torch.float16, False),
+                                ("gemm", torch.bfloat16, True)]:
+        config = dict(W.AUTOTUNE_SPACE[path][0])
+        if path == "splitk":
+            config["BLOCK_M"] = 16
+        num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+        config["SPLIT_K"] = 4  # the split-K epilogue (atomics, arrival counter) must build
+        args = [torch.empty(M, K, dtype=dtype), torch.empty(K // 8, N, dtype=torch.int32),
+                torch.empty(G, N, dtype=torch.float16), torch.empty(G, N, dtype=torch.uint8),
+                torch.empty(K, dtype=torch.int32), torch.empty(M, N, dtype=dtype),
+                torch.empty(M * N, dtype=torch.float32), torch.empty(1024, dtype=torch.int32),
+                M, N, K, K // G, K, K, 1, N, 1, N, 1, N, 1, N, 1]
+        constexprs = dict(config, GATHER=gather, HAS_G_IDX=gather)
+        if path == "gemv":
+            kernel = W._w4a16_gemv_kernel
+        else:
+            kernel = W._w4a16_dot_kernel
+            constexprs.update(CDT=W._compute_dtype(dtype), DOT_PRECISION=W._dot_precision(dtype))
+        compiled = compile_sm90(kernel, args, constexprs, num_warps, num_stages)
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024
+        print(path, str(dtype), gather, "ok", compiled.metadata.shared)
+
+    from epmq_kernels import packing as P
+    codes = torch.empty(1024, 4096, dtype=torch.int32)
+    words = torch.empty(128, 4096, dtype=torch.int32)
+    for kernel, args in [(P._pack_int4_kernel, [codes, words, 128, 4096, 4096, 1, 4096, 1]),
+                         (P._unpack_int4_kernel, [words, codes, 128, 4096, 4096, 1, 4096, 1])]:
+        blocks = dict(BLOCK_R=P._BLOCK_R, BLOCK_C=P._BLOCK_C)
+        assert compile_sm90(kernel, args, blocks, 4, 1).asm["cubin"]
+        print(kernel.__name__, "ok")
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile for the real GPU")
+def test_kernels_compile_for_sm90():
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"no NVIDIA Triton backend: {error}")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip("ptxas not available")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count(" ok ") == 5 and result.stdout.count("_kernel ok") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: model-sized shapes through the autotuned launcher
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+class TestCUDA:
+    @pytest.fixture(autouse=True)
+    def _private_cache(self, tmp_path, monkeypatch):
+        # Correctness does not need timing: each new key takes its first valid config (one
+        # compile instead of a dozen), except in the test of the autotuner itself.
+        monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    @pytest.mark.parametrize("group_size,g_idx_kind", [(128, None), (-1, None),
+                                                       (128, "permuted"), (128, "static")])
+    @pytest.mark.parametrize("M", [1, 5, 16, 64, 300])
+    def test_large_shapes(self, gen, dtype, group_size, g_idx_kind, M):
+        K, N = 4096, 2048 + 64
+        qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        g_idx = g_idx.cuda() if g_idx is not None else None
+        x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+        y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx)
+        assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
+
+    @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
+    def test_every_config_of_every_path(self, gen, path):
+        K, N, M = 1024, 1536, {"gemv": 1, "splitk": 8, "gemm": 200}[path]
+        qweight, scales, zeros, _ = make_problem(gen, K, N, 128)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        x = torch.randn(M, K, generator=gen).half().cuda()
+        for config in AUTOTUNE_SPACE[path]:
+            out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+            w4a16_matmul(x, qweight, scales, zeros, 128, out=out, path=path, config=config)
+            assert_close_to_reference(out, x, qweight, scales, zeros, 128, None)
+
+    def test_fp32_activations_and_batch_dims(self, gen):
+        qweight, scales, zeros, _ = make_problem(gen, 2048, 1024, 128)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        for shape in [(1, 2048), (2, 3, 2048), (4, 64, 2048)]:
+            x = torch.randn(*shape, generator=gen).cuda()
+            y = w4a16_matmul(x, qweight, scales, zeros, 128)
+            assert y.shape == (*shape[:-1], 1024)
+            assert_close_to_reference(y, x, qweight, scales, zeros, 128, None)
+
+    def test_autotune_writes_cache_once(self, gen, tmp_path, monkeypatch):
+        monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
+        qweight, scales, zeros, _ = make_problem(gen, 1024, 1024, 128)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        x = torch.randn(1, 1024, generator=gen).half().cuda()
+        w4a16_matmul(x, qweight, scales, zeros, 128)
+        files = list((tmp_path / "autotune").glob("w4a16__*.json"))
+        assert len(files) == 1
+        entries = json.loads(files[0].read_text())["entries"]
+        assert any(key.startswith("gemv|M1|K1024|N1024") for key in entries)
