@@ -40,6 +40,9 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # ---- steps (append new lines here) -----------------------------------------------------------
 step cuda-tests 180 "$PYTHON" -m pytest -q tests -m cuda
 step bench-w4a16 270 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
+# GPTQ / E-PMQ solver: fused vs eager on 768x3072, 4096x4096, 4096x14336 ([d_out, d_in]) and
+# E-PMQ (8 experts) vs GPTQ; eager baselines stop after 150 s; writes solver-<card>.json/.png
+step bench-solver 240 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 150
 # -----------------------------------------------------------------------------------------------
 
 if [ "${#FAILED[@]}" -ne 0 ]; then

@@ -6,3 +6,13 @@ from . import _runtime  # noqa: F401  (must run before any kernel is decorated)
 from .grid import find_params, quantize_codes, dequantize
 from .packing import pack_int4, unpack_int4, pack_int4_cols, unpack_int4_cols
 from .w4a16 import w4a16_matmul, w4a16_matmul_reference, dequantize_int4_weight
+# (the dispatcher gptq_solve stays in its module: exported here it would shadow the module name)
+from .gptq_solve import SolveOut, gptq_solve_reference, gptq_solve_triton
+from .expert_residual import (
+    accumulate_residual,
+    accumulate_residual_reference,
+    accumulate_residual_triton,
+    accumulate_xxt,
+    accumulate_xxt_reference,
+    accumulate_xxt_triton,
+)

@@ -17,13 +17,25 @@ With dynamic groups the block size is aligned to the group size (``effective_blo
 that a group always starts with every earlier column's error already applied to it; the
 blocked loop then computes exactly what the unblocked column loop of the paper computes.
 
-This file holds the torch reference; the fused Triton kernel lives beside it.
+This file holds the torch reference (``gptq_solve_reference``) and the fused Triton solver
+(``gptq_solve_triton``); ``gptq_solve(..., backend=)`` picks one.
+
+The configuration space, stated once (both backends accept all of it):
+  bits 2, 3, 4, 8; symmetric or asymmetric; static grid (per channel, static groups, act-order
+  through ``col_group``) or dynamic groups of any size dividing ``d_in`` (smaller than, equal to
+  or larger than the block); ``R`` given or not; any ``d_out``, ``d_in`` (no multiple of the
+  block needed).
 """
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
+import triton
+import triton.language as tl
 
+from . import _runtime
+from ._runtime import check_device
 from .grid import dequantize, find_params, quantize_codes
 
 
@@ -128,10 +140,370 @@ def gptq_solve_reference(
     return SolveOut(Q, codes, scales, zeros)
 
 
+
+
+# =========================================================================== fused Triton solver
+#
+# One launch per block of B columns, then one matrix product per block:
+#
+#   programs   one per BLOCK_ROWS output rows: given Hinv, GPTQ's rows are independent.
+#   registers  the program's tile W[rows, block] (BLOCK_ROWS x BLOCK_COLS fp32, BLOCK_COLS the
+#              block width rounded up to a power of two), the grid of the current group (one
+#              scale and zero per row), and the current column's Hinv row and Hinv[j, j] (and
+#              its static grid), each loaded one column ahead so that the latency hides behind
+#              the previous column's arithmetic. Hinv's block rows are read by every program
+#              and stay in L2.
+#   the loop   per column i of the block: take the column out of the tile (a masked row sum,
+#              exact since every other term is 0), find the group's grid when a dynamic group
+#              starts (its min/max from the tile, or from memory when the group runs past the
+#              block), round, store the column's code, Q and err, and update the tile
+#              W[:, i:] -= err * Hinv[j, i:].
+#   trailing   W[:, end:] -= Err @ Hinv[block, end:] in torch, the reference's own expression
+#              (fp32, TF32 off), so that the values carried to later blocks agree bit for bit
+#              with the reference on the same device.
+#   residual   T = W + R is formed on load: the first block's kernel reads W and R, and the
+#              first trailing update writes (W + R) - Err @ Hinv into the workspace in the pass
+#              that writes it anyway. No separate pass forms T.
+#
+# Exactness, so that codes match the reference rather than merely come close:
+#   rounding   ``_rint`` (the 1.5 * 2**23 trick) is round-half-to-even like torch.round, with
+#              the same code compiled and interpreted (libdevice's rint has no interpreter
+#              implementation).
+#   division   tl.math.div_rn everywhere: Triton's ``/`` on fp32 is an approximate division.
+#              The one exception mirrors torch: on CUDA, ``tensor / python_scalar`` multiplies
+#              by the fp32 reciprocal (ATen's div_true_kernel_cuda), on the CPU it divides;
+#              ``scale = (max - min) / maxq`` does what torch does on the tensors' device.
+#   fusion     the kernel is compiled with enable_fp_fusion=False: torch rounds the product
+#              ``err * Hinv[j, i:]`` before subtracting it, and so must the kernel (an FMA would
+#              round once). The interpreter (numpy) never fuses.
+
+# Dynamic groups larger than the block read the group's columns past the block in chunks.
+_GROUP_CHUNK = 128
+
+
+@triton.jit
+def _rint(x):
+    # For |x| < 2**22, x + 1.5 * 2**23 lies in [2**23, 2**24), where fp32's last mantissa bit
+    # is worth 1: the addition itself rounds x to an integer, half to even, and subtracting
+    # the constant again is exact. Larger |x| are returned as they are: every caller clamps
+    # to [0, maxq] afterwards, where they land on the same end whichever way they round.
+    r = (x + 12582912.0) - 12582912.0
+    return tl.where(tl.abs(x) < 4194304.0, r, x)
+
+
+@triton.jit
+def _gptq_block_kernel(
+    W,  # fp32 [d_out, d_in]: the target so far (W, or the workspace after the first block)
+    R,  # fp32 [d_out, d_in]: the residual correction, read only when HAS_R
+    Hinv,  # fp32 [d_in, d_in], upper triangular
+    Q,  # fp32 [d_out, d_in] out: dequantized weights
+    codes,  # int32 [d_out, d_in] out
+    Err,  # fp32 [d_out, err_stride] out: the block's scaled errors
+    scales,  # fp32 [d_out, n_groups]: in for a static grid, out for dynamic groups
+    zeros,  # fp32 [d_out, n_groups]: likewise
+    col_group,  # int32 [d_in]: group of each processing column (static grid)
+    d_out,
+    d_in,
+    i1,  # first column of the block
+    nb,  # columns in the block
+    n_groups,
+    group_size,
+    err_stride,
+    HAS_R: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+    GROUP_SPANS: tl.constexpr,  # dynamic groups larger than the block
+    SYM: tl.constexpr,
+    MAXQ: tl.constexpr,  # 2**bits - 1, as a float
+    SCALE_BY_RCP: tl.constexpr,  # scale = (max - min) * MAXQ_RCP instead of / MAXQ (see above)
+    MAXQ_RCP: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    GROUP_CHUNK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < d_out
+    rows64 = rows.to(tl.int64)
+    row_off = rows64 * d_in
+    cols = tl.arange(0, BLOCK_COLS)
+    col_ok = cols < nb
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    tile_off = row_off[:, None] + (i1 + cols)[None, :]
+
+    Wt = tl.load(W + tile_off, mask=tile_ok, other=0.0)
+    if HAS_R:
+        Wt = Wt + tl.load(R + tile_off, mask=tile_ok, other=0.0)
+
+    scale = tl.full([BLOCK_ROWS], 1.0, tl.float32)
+    zero = tl.zeros([BLOCK_ROWS], tl.float32)
+    if GROUP_SPANS:
+        # a group that began in an earlier block (launch) continues here: its grid is in
+        # memory. When the group starts at this block instead, the loop overwrites these.
+        scale = tl.load(scales + rows64 * n_groups + i1 // group_size, mask=row_ok, other=1.0)
+        zero = tl.load(zeros + rows64 * n_groups + i1 // group_size, mask=row_ok, other=0.0)
+    # The column's Hinv row, Hinv[j, j] and (static grid) its grid are each loaded one column
+    # ahead, so that their latency hides behind the previous column's arithmetic. The row is
+    # read from column j on, like the reference's Hinv[j, j:i2]: nothing left of the diagonal.
+    h = tl.load(Hinv + i1 * d_in + i1 + cols, mask=col_ok, other=0.0)
+    d = tl.load(Hinv + i1 * d_in + i1)
+    if not DYNAMIC:
+        gcol = tl.load(col_group + i1 + cols, mask=col_ok, other=0)
+        g = tl.sum(tl.where(cols == 0, gcol, 0), axis=0)
+        scale = tl.load(scales + rows64 * n_groups + g, mask=row_ok, other=1.0)
+        zero = tl.load(zeros + rows64 * n_groups + g, mask=row_ok, other=0.0)
+    for i in range(0, nb):
+        j = i1 + i
+        more = i + 1 < nb
+        h_next = tl.load(Hinv + (j + 1) * d_in + i1 + cols, mask=col_ok & (cols > i) & more, other=0.0)
+        d_next = tl.load(Hinv + (j + 1) * d_in + j + 1, mask=more, other=1.0)
+        if not DYNAMIC:
+            g_next = tl.sum(tl.where(cols == i + 1, gcol, 0), axis=0)
+            scale_next = tl.load(scales + rows64 * n_groups + g_next, mask=row_ok & more, other=1.0)
+            zero_next = tl.load(zeros + rows64 * n_groups + g_next, mask=row_ok & more, other=0.0)
+
+        if DYNAMIC:
+            if j % group_size == 0:
+                if GROUP_SPANS:
+                    # the group starts the block (i == 0) and runs past it: its columns as the
+                    # earlier blocks left them, from memory. Filling masked lanes with 0 is
+                    # harmless: the grid's range always contains 0.
+                    lo = tl.zeros([BLOCK_ROWS], tl.float32)
+                    hi = tl.zeros([BLOCK_ROWS], tl.float32)
+                    for c0 in range(0, group_size, GROUP_CHUNK):
+                        cc = c0 + tl.arange(0, GROUP_CHUNK)
+                        m = row_ok[:, None] & (cc < group_size)[None, :]
+                        off = row_off[:, None] + (j + cc)[None, :]
+                        x = tl.load(W + off, mask=m, other=0.0)
+                        if HAS_R:
+                            x = x + tl.load(R + off, mask=m, other=0.0)
+                        lo = tl.minimum(lo, tl.min(x, axis=1))
+                        hi = tl.maximum(hi, tl.max(x, axis=1))
+                else:
+                    # the group lies inside the block: its error-corrected columns are in the tile
+                    in_group = ((cols >= i) & (cols < i + group_size))[None, :]
+                    lo = tl.minimum(tl.min(tl.where(in_group, Wt, 0.0), axis=1), 0.0)
+                    hi = tl.maximum(tl.max(tl.where(in_group, Wt, 0.0), axis=1), 0.0)
+                if SYM:
+                    hi = tl.maximum(tl.abs(lo), hi)
+                    lo = -hi
+                empty = (lo == 0.0) & (hi == 0.0)
+                lo = tl.where(empty, -1.0, lo)
+                hi = tl.where(empty, 1.0, hi)
+                if SCALE_BY_RCP:
+                    scale = (hi - lo) * MAXQ_RCP
+                else:
+                    scale = tl.math.div_rn(hi - lo, tl.full([BLOCK_ROWS], MAXQ, tl.float32))
+                if SYM:
+                    zero = tl.full([BLOCK_ROWS], (MAXQ + 1) / 2, tl.float32)
+                else:
+                    zero = _rint(tl.math.div_rn(-lo, scale))
+                g = j // group_size
+                tl.store(scales + rows64 * n_groups + g, scale, mask=row_ok)
+                tl.store(zeros + rows64 * n_groups + g, zero, mask=row_ok)
+
+        w = tl.sum(tl.where((cols == i)[None, :], Wt, 0.0), axis=1)
+        q = _rint(tl.math.div_rn(w, scale)) + zero
+        q = tl.minimum(tl.maximum(q, 0.0), MAXQ)
+        Qj = (q - zero) * scale
+        err = tl.math.div_rn(w - Qj, tl.zeros([BLOCK_ROWS], tl.float32) + d)
+        tl.store(codes + row_off + j, q.to(tl.int32), mask=row_ok)
+        tl.store(Q + row_off + j, Qj, mask=row_ok)
+        tl.store(Err + rows64 * err_stride + i, err, mask=row_ok)
+        Wt = Wt - err[:, None] * h[None, :]
+        h = h_next
+        d = d_next
+        if not DYNAMIC:
+            scale = scale_next
+            zero = zero_next
+
+
+@triton.jit
+def _target_minus_update_kernel(W, R, P, out, d_out, n_cols, col0, d_in, BLOCK: tl.constexpr):
+    # out[:, col0:] = (W[:, col0:] + R[:, col0:]) - P, P contiguous [d_out, n_cols]: the first
+    # trailing update, which also forms the target W + R (rounded as the reference rounds it).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < d_out * n_cols
+    r = offs // n_cols
+    c = offs % n_cols
+    src = r * d_in + col0 + c
+    t = tl.load(W + src, mask=ok, other=0.0) + tl.load(R + src, mask=ok, other=0.0)
+    tl.store(out + src, t - tl.load(P + offs, mask=ok, other=0.0), mask=ok)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    """TF32 off for the trailing products, whatever the caller set: the solver is IEEE fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def solver_launch_config(d_out: int, block_cols: int, device: torch.device, block_rows=None):
+    """``(block_rows, num_warps)`` of the block kernel (``block_rows`` given: only the warps).
+
+    The column loop is latency bound: each column waits on row reductions over the tile. With
+    one warp per program they are warp shuffles; with more, Triton spreads the columns over the
+    warps (its layout follows the contiguous dimension) and every reduction and every per-row
+    store goes through shared memory behind a barrier. So: one warp, a few rows, and enough
+    programs that each SM interleaves several of them. Interpreted, fewer and larger programs
+    run faster. ``benchmarks/bench_solver.py`` sweeps the rows per program.
+    """
+    if _runtime.INTERPRETED or device.type != "cuda":
+        return block_rows or min(64, triton.next_power_of_2(d_out)), 4
+    if block_rows is None:
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        block_rows = 2
+        for candidate in (8, 4):
+            if triton.cdiv(d_out, candidate) >= 4 * n_sm:
+                block_rows = candidate
+                break
+    return block_rows, 1
+
+
+def _workspace(shape, dtype, device):
+    # Interpreted (the CPU tests), workspaces start as NaN so that reading an element nobody
+    # wrote shows in the results; compiled, they are left uninitialised.
+    if _runtime.INTERPRETED:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def gptq_solve_triton(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    *,
+    bits: int,
+    sym: bool,
+    R: Optional[torch.Tensor] = None,
+    group_size: int = -1,
+    scales: Optional[torch.Tensor] = None,
+    zeros: Optional[torch.Tensor] = None,
+    col_group: Optional[torch.Tensor] = None,
+    blocksize: int = 128,
+    block_rows: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    out: Optional[SolveOut] = None,
+) -> SolveOut:
+    """The fused GPTQ solver; arguments and results as ``gptq_solve_reference``.
+
+    ``block_rows``/``num_warps`` override the launch configuration (benchmarks sweep them).
+    ``out``: preallocated ``SolveOut`` to write into (``Q`` and ``codes``; ``scales`` and
+    ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests.
+    """
+    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group)
+    tensors, names = [W, Hinv], ["W", "Hinv"]
+    for name, t in (("R", R), ("scales", scales), ("zeros", zeros), ("col_group", col_group)):
+        if t is not None:
+            tensors.append(t)
+            names.append(name)
+    device = check_device(*tensors, names=names)
+    d_out, d_in = W.shape
+    if d_in * d_in >= 2**31:
+        raise ValueError(f"d_in={d_in} is too large: Hinv offsets are 32-bit in the kernel")
+    maxq = 2**bits - 1
+
+    W = W.float().contiguous()
+    Hinv = Hinv.float().contiguous()
+    R = None if R is None else R.float().contiguous()
+    dynamic = group_size > 0
+    B = effective_blocksize(blocksize, group_size)
+    block_cols = triton.next_power_of_2(B)
+
+    if out is not None:
+        Q, codes = out.Q, out.codes
+        if Q.shape != W.shape or Q.dtype != torch.float32 or not Q.is_contiguous():
+            raise ValueError("out.Q must be a contiguous float32 tensor of W's shape")
+        if codes.shape != W.shape or codes.dtype != torch.int32 or not codes.is_contiguous():
+            raise ValueError("out.codes must be a contiguous int32 tensor of W's shape")
+    else:
+        Q = torch.empty_like(W)
+        codes = torch.empty(d_out, d_in, dtype=torch.int32, device=device)
+    if dynamic:
+        n_groups = d_in // group_size
+        if out is not None and out.scales is not None:
+            scales, zeros = out.scales, out.zeros
+            for t in (scales, zeros):
+                if t.shape != (d_out, n_groups) or t.dtype != torch.float32 or not t.is_contiguous():
+                    raise ValueError(f"out.scales/out.zeros must be contiguous float32 [{d_out}, {n_groups}]")
+        else:
+            scales = torch.empty(d_out, n_groups, dtype=torch.float32, device=device)
+            zeros = torch.empty_like(scales)
+        col_group_i32 = codes  # unused by the dynamic kernel; any valid pointer
+    else:
+        n_groups = scales.shape[1]
+        scales = scales.float().contiguous()
+        zeros = zeros.float().contiguous()
+        col_group_i32 = col_group.to(torch.int32).contiguous()
+
+    if block_rows is not None and (block_rows < 1 or block_rows & (block_rows - 1)):
+        raise ValueError(f"block_rows must be a power of two, got {block_rows}")
+    block_rows, warps_default = solver_launch_config(d_out, block_cols, device, block_rows)
+    num_warps = num_warps or warps_default
+    grid = (triton.cdiv(d_out, block_rows),)
+    Err = _workspace((d_out, B), torch.float32, device)
+    work = _workspace((d_out, d_in), torch.float32, device) if d_in > B else None
+    # torch divides by a Python scalar on the CPU but multiplies by its fp32 reciprocal on CUDA
+    maxq_rcp = float(torch.tensor(1.0 / maxq, dtype=torch.float32))
+
+    with _ieee_fp32_matmul(device):
+        for i1 in range(0, d_in, B):
+            i2 = min(i1 + B, d_in)
+            first = i1 == 0
+            src = W if first else work
+            _gptq_block_kernel[grid](
+                src,
+                R if (first and R is not None) else src,
+                Hinv,
+                Q,
+                codes,
+                Err,
+                scales,
+                zeros,
+                col_group_i32,
+                d_out,
+                d_in,
+                i1,
+                i2 - i1,
+                n_groups,
+                group_size if dynamic else 1,
+                B,
+                HAS_R=first and R is not None,
+                DYNAMIC=dynamic,
+                GROUP_SPANS=dynamic and group_size > B,
+                SYM=sym,
+                MAXQ=float(maxq),
+                SCALE_BY_RCP=device.type == "cuda",
+                MAXQ_RCP=maxq_rcp,
+                BLOCK_ROWS=block_rows,
+                BLOCK_COLS=block_cols,
+                GROUP_CHUNK=min(_GROUP_CHUNK, triton.next_power_of_2(max(group_size, 1))),
+                num_warps=num_warps,
+                enable_fp_fusion=False,
+            )
+            if i2 == d_in:
+                break
+            P = Err @ Hinv[i1:i2, i2:]  # every block but the last is full: Err is [d_out, i2 - i1]
+            if not first:
+                work[:, i2:] -= P
+            elif R is None:
+                torch.sub(W[:, i2:], P, out=work[:, i2:])
+            else:
+                BLOCK = 1024
+                _target_minus_update_kernel[(triton.cdiv(d_out * (d_in - i2), BLOCK),)](
+                    W, R, P, work, d_out, d_in - i2, i2, d_in, BLOCK=BLOCK
+                )
+    return SolveOut(Q, codes, scales, zeros)
+
+
 def gptq_solve(W, Hinv, *, backend: str = "torch", **kwargs) -> SolveOut:
     """Dispatch to the torch reference or the fused Triton kernel."""
     if backend == "torch":
         return gptq_solve_reference(W, Hinv, **kwargs)
     if backend == "triton":
-        raise NotImplementedError("the fused Triton GPTQ solver is not built yet")
+        return gptq_solve_triton(W, Hinv, **kwargs)
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")

@@ -1,0 +1,271 @@
+"""The statistics kernels against their torch references.
+
+``accumulate_residual``: ``G += a (W_k - W_m) H_k`` and ``tr(D H_k D^T)``; ``accumulate_xxt``:
+``H += X^T X``. Both update in place, so every test starts the output from random values (an
+element the kernel forgets to update, or updates twice, shows) and compares with the reference
+run from the same start. Tolerances are fp32 (or fp64) rounding of a sum over ``d_in`` or ``n``
+terms in another order.
+"""
+
+import os
+
+import pytest
+import torch
+
+from epmq_kernels import _runtime
+from epmq_kernels.expert_residual import (
+    accumulate_residual,
+    accumulate_residual_reference,
+    accumulate_residual_triton,
+    accumulate_xxt,
+    accumulate_xxt_reference,
+    accumulate_xxt_triton,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EPS = {torch.float32: 2e-6, torch.float64: 1e-13}
+
+
+def rand(gen, *shape, dtype=torch.float32, scale=1.0):
+    return (scale * torch.randn(*shape, generator=gen)).to(DEVICE, dtype)
+
+
+def gram(gen, n, d, dtype):
+    X = torch.randn(n, d, generator=gen) * (0.1 + 3 * torch.rand(d, generator=gen))
+    X = X.to(DEVICE, torch.float64)
+    return (X.T @ X).to(dtype)
+
+
+def assert_update_close(out, ref, start, rel):
+    """``out - start`` matches ``ref - start`` relative to the size of the update."""
+    upd = (ref - start).abs().max().item()
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err <= rel * max(upd, 1e-30) + rel * start.abs().max().item(), (err, upd)
+
+
+# --------------------------------------------------------------------------- residual
+
+
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_out,d_in", [(37, 96), (70, 33)])
+def test_residual_matches_reference(gen, g_dtype, w_dtype, d_out, d_in):
+    G0 = rand(gen, d_out, d_in, dtype=g_dtype, scale=10.0)
+    W_m = rand(gen, d_out, d_in, dtype=w_dtype)
+    W_k = (W_m.float() + rand(gen, d_out, d_in, scale=0.1)).to(w_dtype)
+    H_k = gram(gen, 50, d_in, g_dtype)
+    a = 1.0 / float(torch.diagonal(H_k).sum())
+    G_ref, G_out = G0.clone(), G0.clone()
+    c_ref = accumulate_residual_reference(G_ref, W_k, W_m, H_k, a)
+    c_out = accumulate_residual_triton(G_out, W_k, W_m, H_k, a)
+    rel = 50 * EPS[g_dtype] * d_in**0.5
+    assert_update_close(G_out, G_ref, G0, rel)
+    assert abs(c_out - c_ref) <= rel * abs(c_ref)
+
+
+def test_residual_of_identical_weights_is_zero(gen):
+    G0 = rand(gen, 20, 40)
+    W = rand(gen, 20, 40)
+    G = G0.clone()
+    c = accumulate_residual_triton(G, W, W.clone(), gram(gen, 30, 40, torch.float32), 0.5)
+    assert c == 0.0 and torch.equal(G, G0)
+
+
+def test_residual_accumulates_over_experts(gen):
+    d_out, d_in = 24, 48
+    W_m = rand(gen, d_out, d_in)
+    G_ref = torch.zeros(d_out, d_in, device=DEVICE)
+    G_out = torch.zeros_like(G_ref)
+    for _ in range(3):
+        W_k, H_k = W_m + rand(gen, d_out, d_in, scale=0.1), gram(gen, 40, d_in, torch.float32)
+        accumulate_residual(G_ref, W_k, W_m, H_k, 0.7, backend="torch")
+        accumulate_residual(G_out, W_k, W_m, H_k, 0.7, backend="triton")
+    assert_update_close(G_out, G_ref, torch.zeros_like(G_ref), 1e-4)
+
+
+def test_residual_tf32x3_option(gen):
+    d_out, d_in = 40, 64
+    G0 = torch.zeros(d_out, d_in, device=DEVICE)
+    W_m = rand(gen, d_out, d_in)
+    W_k = W_m + rand(gen, d_out, d_in, scale=0.1)
+    H_k = gram(gen, 50, d_in, torch.float32)
+    G_ref, G_out = G0.clone(), G0.clone()
+    c_ref = accumulate_residual_reference(G_ref, W_k, W_m, H_k, 1.0)
+    c_out = accumulate_residual_triton(G_out, W_k, W_m, H_k, 1.0, input_precision="tf32x3")
+    assert_update_close(G_out, G_ref, G0, 1e-4)
+    assert abs(c_out - c_ref) <= 1e-4 * abs(c_ref)
+
+
+def test_residual_argument_errors(gen):
+    G = torch.zeros(8, 16, device=DEVICE)
+    W = rand(gen, 8, 16)
+    with pytest.raises(ValueError, match="H_k"):
+        accumulate_residual_triton(G, W, W, torch.eye(8, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="must match"):
+        accumulate_residual_triton(G, W[:, :8], W, torch.eye(16, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        accumulate_residual_triton(G.half(), W, W, torch.eye(16, device=DEVICE), 1.0)
+    with pytest.raises(ValueError, match="input_precision"):
+        accumulate_residual_triton(G, W, W, torch.eye(16, device=DEVICE), 1.0, input_precision="tf32")
+    with pytest.raises(ValueError, match="backend"):
+        accumulate_residual(G, W, W, torch.eye(16, device=DEVICE), 1.0, backend="numpy")
+
+
+# --------------------------------------------------------------------------- X^T X
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.float64])
+def test_xxt_matches_reference(gen, x_dtype, h_dtype):
+    n, d = 70, 100  # neither a multiple of any tile
+    X = rand(gen, n, d, dtype=x_dtype)
+    H0 = rand(gen, d, d, dtype=h_dtype)  # not symmetric: both halves must be updated exactly once
+    H_ref, H_out = H0.clone(), H0.clone()
+    accumulate_xxt_reference(H_ref, X)
+    accumulate_xxt_triton(H_out, X)
+    assert_update_close(H_out, H_ref, H0, 50 * EPS[h_dtype] * n**0.5)
+    upd = H_out - H0
+    torch.testing.assert_close(upd, upd.T, rtol=0, atol=10 * EPS[h_dtype] * float(upd.abs().max()))
+
+
+def test_xxt_streams_batches(gen):
+    d = 48
+    H_ref = torch.zeros(d, d, device=DEVICE)
+    H_out = torch.zeros_like(H_ref)
+    for n in (5, 1, 33):
+        X = rand(gen, n, d, dtype=torch.bfloat16)
+        accumulate_xxt(H_ref, X, backend="torch")
+        accumulate_xxt(H_out, X, backend="triton")
+    assert_update_close(H_out, H_ref, torch.zeros_like(H_ref), 1e-5)
+
+
+def test_xxt_no_tokens_and_errors(gen):
+    H = rand(gen, 16, 16)
+    H0 = H.clone()
+    accumulate_xxt_triton(H, torch.zeros(0, 16, device=DEVICE))
+    assert torch.equal(H, H0)
+    with pytest.raises(ValueError, match="X must be"):
+        accumulate_xxt_triton(H, rand(gen, 4, 8))
+    with pytest.raises(ValueError, match="X must be"):
+        accumulate_xxt_triton(H, torch.zeros(4, 16, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="backend"):
+        accumulate_xxt(H, rand(gen, 4, 16), backend="numpy")
+
+
+def test_hessian_stats_with_triton_backend(gen):
+    from epmq.stats import HessianStats
+
+    d = 40
+    a = HessianStats(d, device=DEVICE, backend="torch")
+    b = HessianStats(d, device=DEVICE, backend="triton")
+    for _ in range(2):
+        x = rand(gen, 3, 7, d)
+        a.add_batch(x)
+        b.add_batch(x)
+    assert a.n_tokens == b.n_tokens == 42
+    assert_update_close(b.H, a.H, torch.zeros_like(a.H), 1e-5)
+
+
+def test_interpreter_matches_device():
+    assert _runtime.INTERPRETED == (DEVICE.type == "cpu")
+
+
+# --------------------------------------------------------------------------- GPU, layer sized
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_cuda_residual_against_fp64(gen, precision):
+    d_out, d_in = 1024, 2048
+    W_m = rand(gen, d_out, d_in)
+    W_k = W_m + rand(gen, d_out, d_in, scale=0.05)
+    H_k = gram(gen, 4096, d_in, torch.float32)
+    G_out = torch.zeros(d_out, d_in, device=DEVICE)
+    c_out = accumulate_residual_triton(G_out, W_k, W_m, H_k, 1.0, input_precision=precision)
+    G_64 = torch.zeros(d_out, d_in, device=DEVICE, dtype=torch.float64)
+    c_64 = accumulate_residual_reference(G_64, W_k, W_m, H_k.double(), 1.0)
+    G_32 = torch.zeros(d_out, d_in, device=DEVICE)
+    accumulate_residual_reference(G_32, W_k, W_m, H_k, 1.0)
+    err_out = (G_out.double() - G_64).abs().max().item()
+    err_32 = (G_32.double() - G_64).abs().max().item()
+    # no worse than torch's own fp32 product (TF32 off) by more than a small factor; tf32x3
+    # drops the lo*lo products, about 2**-21 of each term
+    factor = 8 if precision == "ieee" else 32
+    assert err_out <= factor * err_32 + 1e-7 * G_64.abs().max().item(), (err_out, err_32)
+    assert abs(c_out - c_64) <= 1e-4 * abs(c_64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_cuda_xxt_layer_sized(gen, x_dtype):
+    n, d = 8192, 4096
+    X = rand(gen, n, d, dtype=x_dtype)
+    H_out = torch.zeros(d, d, device=DEVICE)
+    accumulate_xxt_triton(H_out, X)
+    H_64 = X.double().T @ X.double()
+    err = (H_out.double() - H_64).abs().max().item()
+    assert err <= 1e-4 * H_64.abs().max().item()
+    # off-diagonal tiles are written with their transposes, so H is symmetric to the last bit
+    # there; inside diagonal tiles the MMA's internal order might differ between (i, j) and (j, i)
+    torch.testing.assert_close(H_out, H_out.T, rtol=0, atol=1e-6 * H_64.abs().max().item())
+
+
+# --------------------------------------------------------------------------- the compiled path
+
+# Compiles the statistics kernels in every configuration the launchers use, for sm_90 and
+# sm_80, in a subprocess without the interpreter: on a machine without CUDA this shows that the
+# compiled path builds. The IEEE fp32 residual must not touch the tensor cores (TF32).
+_COMPILE_STATS = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import epmq_kernels.expert_residual as er
+
+TY = {torch.float32: "fp32", torch.float64: "fp64"}
+for cap in (90, 80):
+    for (dtype, precision), (bm, bn, bk, warps, stages) in er._RESIDUAL_CONFIG.items():
+        const = dict(INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        t = TY[dtype]
+        sig = {n: "constexpr" if n in const else (f"*{t}" if n in ("G", "a_ptr", "partial", "H_k")
+               else "*fp32" if n in ("W_k", "W_m") else "i32") for n in er._residual_kernel.arg_names}
+        k = triton.compile(ASTSource(er._residual_kernel, sig, constexprs=const),
+                           target=GPUTarget("cuda", cap, 32),
+                           options=dict(num_warps=warps, num_stages=stages))
+        ptx = k.asm["ptx"]
+        if dtype == torch.float32 and precision == "ieee":
+            assert "mma" not in ptx and "fma.rn.f32" in ptx, "IEEE fp32 residual uses the tensor cores"
+    for x, h, key, dot in (("bf16", "fp32", "16bit", tl.bfloat16),
+                           ("fp16", "fp32", "16bit", tl.float16),
+                           ("fp32", "fp32", torch.float32, tl.float32),
+                           ("fp64", "fp64", torch.float64, tl.float64)):
+        block, bk, warps, stages = er._XXT_CONFIG[key]
+        const = dict(DOT_DTYPE=dot, INPUT_PRECISION="ieee", BLOCK=block, BLOCK_K=bk)
+        sig = {n: "constexpr" if n in const else dict(H=f"*{h}", X=f"*{x}").get(n, "i32")
+               for n in er._xxt_kernel.arg_names}
+        triton.compile(ASTSource(er._xxt_kernel, sig, constexprs=const),
+                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
+print("compiled")
+"""
+
+
+def _ptxas_available():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return os.path.exists(get_ptxas(90).path)
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_statistics_kernels_compile_for_gpus():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_STATS], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

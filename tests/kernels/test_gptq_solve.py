@@ -1,0 +1,431 @@
+"""The fused Triton GPTQ solver against the torch reference, over the whole configuration space.
+
+On a machine without CUDA the kernels run under TRITON_INTERPRET=1 on small shapes chosen not to
+be block multiples; with CUDA the same tests run compiled on the GPU, and the ``cuda``-marked
+tests add layer-sized problems. Every comparison is against ``gptq_solve_reference`` on the same
+device and the same inputs:
+
+  codes   equal, except a tiny fraction that may differ by one grid step where the order of a
+          summation differs (none is expected: the kernel mirrors the reference's arithmetic);
+  grid    scales within fp32 rounding, zeros equal but for that same tiny fraction;
+  loss    tr((Q - T) H (Q - T)^T) within 1e-4 relative.
+"""
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from epmq_kernels import _runtime
+from epmq_kernels.gptq_solve import (
+    SolveOut,
+    _rint,
+    effective_blocksize,
+    gptq_solve,
+    gptq_solve_reference,
+    gptq_solve_triton,
+)
+from epmq_kernels.grid import find_params
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+D_OUT, D_IN = 37, 96  # neither a multiple of any row tile nor of the blocks below
+MAX_CODE_MISMATCH = 2e-3  # fraction of codes allowed one grid step away from the reference
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def make_hessian(gen, d_in, n_tokens, *, dead=(), spread=3.0):
+    """``X^T X`` of random tokens whose features have scales spread over ``[0.1, 0.1 + spread]``;
+    ``dead`` features never fire (zero rows and columns in H)."""
+    X = torch.randn(n_tokens, d_in, generator=gen)
+    X = (X * (0.1 + spread * torch.rand(d_in, generator=gen))).to(DEVICE, torch.float64)
+    X[:, list(dead)] = 0
+    return (X.T @ X).cpu()
+
+
+def make_hinv(H, percdamp=0.01, perm=None):
+    """Upper Cholesky factor of ``H~^{-1}`` in processing order, as GPTQ builds it: dead columns
+    get diagonal 1, then ``percdamp * mean(diag)`` damping."""
+    H = H.double().clone()
+    diag = H.diagonal()
+    diag[diag == 0] = 1.0
+    diag.add_(percdamp * float(diag.mean()))
+    if perm is not None:
+        H = H[perm][:, perm]
+    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(H_inv, upper=True).float()
+
+
+def make_problem(gen, d_out=D_OUT, d_in=D_IN, *, n_tokens=256, dead=(), with_R=False, perm=None):
+    """``(W, R, Hinv, H)`` on DEVICE, all in processing order (``perm``: act-order)."""
+    W = torch.randn(d_out, d_in, generator=gen)
+    R = 0.2 * torch.randn(d_out, d_in, generator=gen) if with_R else None
+    H = make_hessian(gen, d_in, n_tokens, dead=dead)
+    if perm is not None:
+        perm = perm.cpu()
+        W = W[:, perm].contiguous()
+        R = None if R is None else R[:, perm].contiguous()
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    H = to(H)
+    perm = to(perm)
+    Hinv = make_hinv(H, perm=perm)
+    Hp = H if perm is None else H[perm][:, perm]
+    return to(W), to(R), Hinv, Hp
+
+
+def static_grid(T, bits, sym, group_size, perm=None):
+    """Scales/zeros from the original target, groups in stored order, as quant.py builds them."""
+    d_out, d_in = T.shape
+    gs = d_in if group_size == -1 else group_size
+    n_groups = d_in // gs
+    if perm is not None:  # back to stored order for the groups
+        T_stored = torch.empty_like(T)
+        T_stored[:, perm] = T
+        T = T_stored
+    scale, zero = find_params(T.reshape(d_out * n_groups, gs), bits, sym)
+    g_idx = torch.arange(d_in, device=T.device) // gs
+    col_group = g_idx if perm is None else g_idx[perm.to(T.device)]
+    return dict(
+        scales=scale.reshape(d_out, n_groups), zeros=zero.reshape(d_out, n_groups), col_group=col_group
+    )
+
+
+def poisoned_out(d_out, d_in, n_groups):
+    """Outputs where every element the kernel should write starts as something it never writes."""
+    nan = dict(dtype=torch.float32, device=DEVICE)
+    return SolveOut(
+        Q=torch.full((d_out, d_in), float("nan"), **nan),
+        codes=torch.full((d_out, d_in), -1, dtype=torch.int32, device=DEVICE),
+        scales=torch.full((d_out, n_groups), float("nan"), **nan),
+        zeros=torch.full((d_out, n_groups), float("nan"), **nan),
+    )
+
+
+def layer_loss(Q, T, H):
+    E = (Q - T).double()
+    return float(((E @ H.double()) * E).sum())
+
+
+def assert_solves_match(ref, out, T, H, max_mismatch=MAX_CODE_MISMATCH):
+    assert out.codes.dtype == torch.int32 and out.Q.dtype == torch.float32
+    assert not torch.isnan(out.Q).any(), "Q has unwritten (NaN) elements"
+    assert (out.codes >= 0).all(), "codes has unwritten (-1) elements"
+    assert torch.isfinite(out.scales).all() and torch.isfinite(out.zeros).all()
+    step = (ref.codes.long() - out.codes.long()).abs()
+    frac = float((step > 0).double().mean())
+    assert int(step.max()) <= 1, f"codes differ by {int(step.max())} grid steps"
+    assert frac <= max_mismatch, f"{frac:.2%} of codes differ from the reference"
+    torch.testing.assert_close(out.scales, ref.scales, rtol=2e-6, atol=0)
+    zero_step = (out.zeros - ref.zeros).abs()
+    assert float(zero_step.max()) <= 1 and float((zero_step > 0).double().mean()) <= max_mismatch
+    loss_ref, loss = layer_loss(ref.Q, T, H), layer_loss(out.Q, T, H)
+    assert abs(loss - loss_ref) <= 1e-4 * abs(loss_ref) + 1e-12, (loss, loss_ref)
+
+
+def run_both(W, Hinv, H, **kw):
+    """Reference and kernel on the same inputs (the kernel into poisoned buffers); compares
+    them and checks that the inputs were left alone."""
+    W0 = W.clone()
+    R = kw.get("R")
+    R0 = None if R is None else R.clone()
+    ref = gptq_solve_reference(W, Hinv, **kw)
+    gs = kw.get("group_size", -1)
+    n_groups = W.shape[1] // gs if gs > 0 else kw["scales"].shape[1]
+    out = gptq_solve_triton(W, Hinv, out=poisoned_out(*W.shape, n_groups), **kw)
+    assert torch.equal(W, W0) and (R is None or torch.equal(R, R0)), "the solver changed its inputs"
+    T = W if R is None else W + R
+    assert_solves_match(ref, out, T, H)
+    return ref, out
+
+
+# --------------------------------------------------------------------------- rounding helper
+
+
+@triton.jit
+def _rint_test_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(y_ptr + offs, _rint(tl.load(x_ptr + offs, mask=ok)), mask=ok)
+
+
+def test_rint_is_round_half_even(gen):
+    ties = torch.arange(-600, 600, dtype=torch.float32) + 0.5
+    near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    special = torch.tensor([0.0, -0.0, 2**21 + 0.5, -(2**21) - 0.5])
+    x = torch.cat([ties, near, torch.randn(4000, generator=gen) * 300, special])
+    x = x.to(DEVICE)
+    y = torch.full_like(x, float("nan"))
+    _rint_test_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y, torch.round(x))
+
+
+# --------------------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize(
+    "bits,sym,with_R",
+    [(2, False, False), (3, True, True), (4, False, True), (8, True, False)],
+)
+def test_per_channel(gen, bits, sym, with_R):
+    W, R, Hinv, H = make_problem(gen, with_R=with_R)
+    T = W if R is None else W + R
+    run_both(W, Hinv, H, bits=bits, sym=sym, R=R, blocksize=32, **static_grid(T, bits, sym, -1))
+
+
+@pytest.mark.parametrize(
+    "group_size,blocksize,bits,sym",
+    [
+        (16, 32, 4, False),  # groups smaller than the block: several start inside it
+        (32, 32, 3, True),  # one group per block
+        (48, 32, 2, False),  # larger than the block: the block shrinks to 24, groups span two
+        (96, 64, 8, True),  # larger, d_in not a multiple of the requested block
+        (96, 32, 4, True),  # one group over three blocks
+    ],
+)
+@pytest.mark.parametrize("with_R", [False, True])
+def test_dynamic_groups(gen, group_size, blocksize, bits, sym, with_R):
+    W, R, Hinv, H = make_problem(gen, with_R=with_R)
+    ref, _ = run_both(W, Hinv, H, bits=bits, sym=sym, R=R, group_size=group_size, blocksize=blocksize)
+    assert ref.scales.shape == (D_OUT, D_IN // group_size)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_static_groups(gen, act_order):
+    H0 = make_hessian(gen, D_IN, 256)
+    perm = torch.argsort(H0.diagonal(), descending=True) if act_order else None
+    W, R, Hinv, H = make_problem(gen, with_R=True, perm=perm)
+    T = W + R
+    grid = static_grid(T, 4, False, 32, perm=None if perm is None else perm.to(DEVICE))
+    if act_order:
+        assert not bool((grid["col_group"].diff() >= 0).all()), "act-order should scramble groups"
+    run_both(W, Hinv, H, bits=4, sym=False, R=R, blocksize=32, **grid)
+
+
+def test_act_order_per_channel_and_dynamic(gen):
+    H0 = make_hessian(gen, D_IN, 256)
+    perm = torch.argsort(H0.diagonal(), descending=True)
+    W, R, Hinv, H = make_problem(gen, perm=perm)
+    run_both(W, Hinv, H, bits=3, sym=False, blocksize=32, **static_grid(W, 3, False, -1))
+    run_both(W, Hinv, H, bits=3, sym=False, group_size=32, blocksize=64)
+
+
+@pytest.mark.parametrize("d_out,d_in,blocksize", [(1, 70, 32), (5, 33, 16), (70, 40, 128)])
+def test_odd_shapes(gen, d_out, d_in, blocksize):
+    W, R, Hinv, H = make_problem(gen, d_out, d_in, with_R=True)
+    T = W + R
+    run_both(W, Hinv, H, bits=4, sym=False, R=R, blocksize=blocksize, **static_grid(T, 4, False, -1))
+
+
+def test_ill_conditioned_with_dead_columns(gen):
+    # 8 tokens for 96 features: H has rank 8, only the damping makes it invertible
+    W, R, Hinv, H = make_problem(gen, n_tokens=8, dead=(0, 41, 42, 95), with_R=True)
+    run_both(W, Hinv, H, bits=4, sym=False, R=R, group_size=32, blocksize=32)
+    run_both(W, Hinv, H, bits=2, sym=True, R=R, group_size=48, blocksize=32)
+
+
+def test_zero_rows_get_the_unit_range(gen):
+    W, R, Hinv, H = make_problem(gen)
+    W[3] = 0
+    ref, out = run_both(W, Hinv, H, bits=4, sym=False, group_size=32, blocksize=32)
+    assert torch.equal(out.Q[3], torch.zeros_like(out.Q[3]))
+
+
+# --------------------------------------------------------------------------- dispatch and checks
+
+
+def test_dispatcher(gen):
+    W, R, Hinv, H = make_problem(gen, 8, 32)
+    a = gptq_solve(W, Hinv, bits=4, sym=False, group_size=16, blocksize=16, backend="triton")
+    b = gptq_solve(W, Hinv, bits=4, sym=False, group_size=16, blocksize=16, backend="torch")
+    assert_solves_match(b, a, W, H)
+    with pytest.raises(ValueError, match="backend"):
+        gptq_solve(W, Hinv, bits=4, sym=False, group_size=16, backend="cuda")
+
+
+def test_argument_errors(gen):
+    W, R, Hinv, H = make_problem(gen, 8, 32)
+    with pytest.raises(ValueError, match="Hinv"):
+        gptq_solve_triton(W, Hinv[:16, :16], bits=4, sym=False, group_size=16)
+    with pytest.raises(ValueError, match="bits"):
+        gptq_solve_triton(W, Hinv, bits=5, sym=False, group_size=16)
+    with pytest.raises(ValueError, match="static grid"):
+        gptq_solve_triton(W, Hinv, bits=4, sym=False)
+    with pytest.raises(ValueError, match="out.codes"):
+        bad = SolveOut(torch.empty_like(W), torch.empty(8, 32, dtype=torch.int64, device=DEVICE), None, None)
+        gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=bad)
+    if DEVICE.type == "cpu":
+        with pytest.raises((ValueError, RuntimeError)):
+            gptq_solve_triton(W.to("meta"), Hinv, bits=4, sym=False, group_size=16)
+
+
+def test_effective_blocksize_is_what_the_kernel_sees():
+    # the cases the tests above rely on
+    assert effective_blocksize(32, 48) == 24
+    assert effective_blocksize(64, 96) == 48
+    assert effective_blocksize(32, 16) == 32
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+SPECS = [
+    dict(bits=4, group_size=32, sym=False, act_order=True, static_groups=False),
+    dict(bits=3, group_size=32, sym=True, act_order=True, static_groups=True),
+    dict(bits=2, group_size=-1, sym=False, act_order=False, static_groups=False),
+    dict(bits=8, group_size=48, sym=False, act_order=False, static_groups=False),
+]
+
+
+def _spec_id(s):
+    return "b{bits}g{group_size}s{sym:d}a{act_order:d}st{static_groups:d}".format(**s)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
+def test_gptq_end_to_end(gen, spec):
+    from epmq.quant import gptq
+    from epmq.spec import QuantSpec
+
+    W = torch.randn(D_OUT, D_IN, generator=gen).to(DEVICE)
+    H = make_hessian(gen, D_IN, 64, dead=(7,)).float().to(DEVICE)
+    a = gptq(W, H, QuantSpec(**spec), blocksize=32, backend="torch")
+    b = gptq(W, H, QuantSpec(**spec), blocksize=32, backend="triton")
+    frac = float((a.codes != b.codes).double().mean())
+    assert frac <= MAX_CODE_MISMATCH and int((a.codes - b.codes).abs().max()) <= 1
+    assert torch.equal(a.g_idx, b.g_idx)
+    assert abs(a.loss - b.loss) <= 1e-4 * abs(a.loss)
+
+
+def test_epmq_end_to_end(gen):
+    from epmq.quant import epmq
+    from epmq.spec import QuantSpec
+
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    experts = [(W_m + 0.05 * torch.randn(D_OUT, D_IN, generator=gen)).to(DEVICE) for _ in range(3)]
+    hessians = [make_hessian(gen, D_IN, 48).float().to(DEVICE) for _ in range(3)]
+    spec = QuantSpec(bits=4, group_size=32, act_order=True)
+    W_m = W_m.to(DEVICE)
+    a = epmq(W_m, experts, hessians, spec, blocksize=32, backend="torch")
+    b = epmq(W_m, experts, hessians, spec, blocksize=32, backend="triton")
+    torch.testing.assert_close(b.target, a.target, rtol=1e-4, atol=1e-5)
+    frac = float((a.codes != b.codes).double().mean())
+    assert frac <= MAX_CODE_MISMATCH and int((a.codes - b.codes).abs().max()) <= 1
+    assert torch.equal(a.g_idx, b.g_idx)
+    assert abs(a.loss - b.loss) <= 1e-4 * abs(a.loss)
+    assert abs(a.expert_loss - b.expert_loss) <= 1e-4 * abs(a.expert_loss) + 1e-9
+
+
+# --------------------------------------------------------------------------- GPU, layer sized
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "grid",
+    [
+        dict(group_size=128),
+        dict(group_size=256),  # spans two blocks
+        dict(group_size=32, sym=True, bits=3),
+        dict(group_size=-1),
+        dict(group_size=128, static=True, act_order=True),
+    ],
+    ids=["g128", "g256", "g32sym3", "channel", "static-actorder"],
+)
+@pytest.mark.parametrize("with_R", [False, True])
+def test_cuda_layer_sized(gen, grid, with_R):
+    d_out, d_in = 1024, 2048
+    grid = dict(grid)
+    bits, sym = grid.pop("bits", 4), grid.pop("sym", False)
+    static, act_order = grid.pop("static", False), grid.pop("act_order", False)
+    group_size = grid.pop("group_size")
+    H0 = make_hessian(gen, d_in, 4096)
+    perm = torch.argsort(H0.diagonal(), descending=True) if act_order else None
+    W, R, Hinv, H = make_problem(gen, d_out, d_in, n_tokens=4096, with_R=with_R, perm=perm)
+    T = W if R is None else W + R
+    if group_size == -1 or static:
+        kw = static_grid(T, bits, sym, group_size, perm=None if perm is None else perm.to(DEVICE))
+    else:
+        kw = dict(group_size=group_size)
+    run_both(W, Hinv, H, bits=bits, sym=sym, R=R, blocksize=128, **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_tf32_setting_does_not_leak(gen):
+    W, R, Hinv, H = make_problem(gen, 256, 512)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=128)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_interpreter_matches_device():
+    # the CPU tests only mean something if the kernels really ran interpreted there
+    assert _runtime.INTERPRETED == (DEVICE.type == "cpu")
+
+
+# --------------------------------------------------------------------------- the compiled path
+
+# Compiles the kernels for real GPUs (sm_90 and sm_80) in a subprocess without the interpreter:
+# on a machine without CUDA, this is what shows that the compiled path builds, and that the
+# exactness the CPU tests rely on survives compilation: IEEE division only, no fused
+# multiply-add in the solver, the rounding constant still there.
+_COMPILE_SOLVER = r"""
+import os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import epmq_kernels.gptq_solve as gs
+
+ptr = dict(W="*fp32", R="*fp32", Hinv="*fp32", Q="*fp32", codes="*i32", Err="*fp32",
+           scales="*fp32", zeros="*fp32", col_group="*i32")
+rcp = float(torch.tensor(1 / 15, dtype=torch.float32))
+variants = [  # (DYNAMIC, GROUP_SPANS, SYM, HAS_R, BLOCK_ROWS, BLOCK_COLS, num_warps, capability)
+    (True, False, False, True, 4, 128, 1, 90),
+    (True, True, True, False, 8, 64, 1, 90),
+    (False, False, False, True, 2, 128, 1, 90),
+    (True, False, False, False, 8, 128, 4, 80),
+]
+for dynamic, spans, sym, has_r, rows, cols, warps, cap in variants:
+    const = dict(HAS_R=has_r, DYNAMIC=dynamic, GROUP_SPANS=spans, SYM=sym, MAXQ=15.0,
+                 SCALE_BY_RCP=True, MAXQ_RCP=rcp, BLOCK_ROWS=rows, BLOCK_COLS=cols, GROUP_CHUNK=128)
+    sig = {n: "constexpr" if n in const else ptr.get(n, "i32") for n in gs._gptq_block_kernel.arg_names}
+    k = triton.compile(ASTSource(gs._gptq_block_kernel, sig, constexprs=const),
+                       target=GPUTarget("cuda", cap, 32),
+                       options=dict(num_warps=warps, enable_fp_fusion=False))
+    ptx = k.asm["ptx"]
+    assert "div.rn.f32" in ptx, "no IEEE division"
+    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the solver"
+    assert not re.search(r"\bfma\.", ptx), "fused multiply-add in the solver"
+    assert "0f4B400000" in ptx and "0fCB400000" in ptx, "the rounding trick was folded away"
+sig = dict(W="*fp32", R="*fp32", P="*fp32", out="*fp32", d_out="i32", n_cols="i32", col0="i32",
+           d_in="i32", BLOCK="constexpr")
+triton.compile(ASTSource(gs._target_minus_update_kernel, sig, constexprs=dict(BLOCK=1024)),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+print("compiled")
+"""
+
+
+def _ptxas_available():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return os.path.exists(get_ptxas(90).path)
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_solver_compiles_for_gpus():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SOLVER], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
