@@ -115,28 +115,34 @@ def gptq_solve_reference(
     codes = torch.empty(d_out, d_in, dtype=torch.int32, device=W.device)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
+        # the block is held transposed, a column of W a contiguous row of W1t: the per-column
+        # work then runs on contiguous memory (the arithmetic is the same, element for element)
+        W1t = W[:, i1:i2].T.contiguous()
+        Q1t = torch.empty_like(W1t)
+        codes1t = torch.empty(W1t.shape, dtype=torch.int32, device=W.device)
+        Err1t = torch.empty_like(W1t)
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic:
                 g = j // group_size
                 if j % group_size == 0:
                     # aligned blocks: a group starting at i == 0 may run past the block, and
-                    # then W[:, j:] (every earlier block applied) is current; otherwise it lies inside W1
-                    group = W[:, j : j + group_size] if i == 0 else W1[:, i : i + group_size]
+                    # then W[:, j:] (every earlier block applied) is current; otherwise it lies inside the block
+                    group = W[:, j : j + group_size] if i == 0 else W1t[i : i + group_size].T
                     scales[:, g], zeros[:, g] = find_params(group, bits, sym)
             else:
                 g = int(col_group[j])
             scale, zero = scales[:, g], zeros[:, g]
-            w = W1[:, i]
+            w = W1t[i]
             q = quantize_codes(w, scale, zero, maxq)
-            codes[:, j] = q.to(torch.int32)
-            Q[:, j] = dequantize(q, scale, zero)
-            err = (w - Q[:, j]) / Hinv[j, j]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv[j, j:i2].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            codes1t[i] = q.to(torch.int32)
+            Q1t[i] = dequantize(q, scale, zero)
+            err = (w - Q1t[i]) / Hinv[j, j]
+            W1t[i:] -= Hinv[j, j:i2].unsqueeze(1) * err.unsqueeze(0)
+            Err1t[i] = err
+        Q[:, i1:i2] = Q1t.T
+        codes[:, i1:i2] = codes1t.T
+        W[:, i2:] -= Err1t.T.contiguous() @ Hinv[i1:i2, i2:]
     return SolveOut(Q, codes, scales, zeros)
 
 

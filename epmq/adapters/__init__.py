@@ -1,0 +1,117 @@
+"""Adapters: how the model walker finds the repeated blocks of a model family and drives them.
+
+The walker quantizes a model one block at a time (GPTQ's sequential scheme). All it needs to
+know about an architecture is:
+
+* ``stacks(model)``: the runs of repeated blocks, as ``(qualified name, nn.ModuleList)`` in the
+  order the forward pass reaches them (T5: encoder then decoder; CLIP: the towers). Found by
+  structure: every ``ModuleList`` whose children are all of one of ``block_types`` (class
+  names), wherever it sits in the model.
+* ``linears(block)``: the layers to quantize in a block. The rule: every ``nn.Linear`` inside a
+  block. Embeddings, heads, norms, poolers, patch/conv stems and projections outside the blocks
+  stay in full precision. ``quantize_model(layers=...)`` narrows this per call.
+* ``prepare(model, swap)``: rewrite modules whose projections are not ``nn.Linear`` (open_clip's
+  ``nn.MultiheadAttention`` keeps q, k, v in one ``in_proj_weight``) into equivalent modules
+  that use ``nn.Linear``; returns ``{new tensor name: original tensor name}`` so expert
+  checkpoints (in the original naming) can still be read.
+* how a block is called: ``hidden_of(output)`` (the hidden states among a block's outputs),
+  ``passthrough(hidden)`` (what a skipped block returns: the walker replaces blocks by
+  stand-ins to capture inputs), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
+  block, e.g. T5's position bias, computed by the first block and handed down).
+
+To support a new family, subclass ``Adapter`` (or instantiate it, for plain blocks that take
+and return hidden states) and register it::
+
+    epmq.register_adapter(epmq.Adapter("my-net", block_types=("MyBlock",)))
+
+Registered adapters are tried before the built-in ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import nn
+
+
+class Adapter:
+    """A model family. The defaults fit blocks called as ``block(hidden, **kwargs)`` that return
+    the hidden states (or a tuple starting with them) and take the same kwargs at every depth."""
+
+    def __init__(self, name: str, block_types: tuple = ()):
+        self.name = name
+        self.block_types = tuple(block_types)
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(self.stacks(model))
+
+    def stacks(self, model: nn.Module) -> list:
+        return [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(type(block).__name__ in self.block_types for block in module)
+        ]
+
+    def prepare(self, model: nn.Module, swap: Callable[[str, nn.Module], None]) -> dict:
+        return {}
+
+    def linears(self, block: nn.Module) -> dict:
+        return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+    def hidden_of(self, output):
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def passthrough(self, hidden):
+        return hidden
+
+    def next_kwargs(self, kwargs: dict, output) -> dict:
+        return kwargs
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, block_types={self.block_types})"
+
+
+_REGISTRY: list = []
+
+
+def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
+    """Make ``adapter`` known to ``quantize_model`` / ``load_quantized`` (tried before the
+    built-in adapters unless ``first=False``)."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"expected an epmq.Adapter, got {type(adapter).__name__}")
+    _REGISTRY.insert(0, adapter) if first else _REGISTRY.append(adapter)
+    return adapter
+
+
+def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter:
+    if adapter is not None:
+        if not adapter.matches(model):
+            raise ValueError(f"{adapter!r} finds no blocks in {type(model).__name__}")
+        return adapter
+    for candidate in _REGISTRY:
+        if candidate.matches(model):
+            return candidate
+    known = sorted({t for a in _REGISTRY for t in a.block_types})
+    lists = sorted(
+        {
+            f"{name or '<root>'} ({', '.join(sorted({type(b).__name__ for b in m}))})"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m)
+        }
+    )
+    raise ValueError(
+        f"no epmq adapter knows {type(model).__name__}: it has no ModuleList of a known block type "
+        f"({', '.join(known)}); its ModuleLists are: {', '.join(lists) or 'none'}. "
+        f"Register one: epmq.register_adapter(epmq.Adapter('name', block_types=('YourBlock',))) "
+        f"(see epmq/adapters/__init__.py)"
+    )
+
+
+from .builtin import CLIP_HF, LLAMA_FAMILY, OPEN_CLIP, T5  # noqa: E402
+
+for _adapter in (OPEN_CLIP, CLIP_HF, T5, LLAMA_FAMILY):
+    register_adapter(_adapter, first=False)
+
+__all__ = ["Adapter", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "LLAMA_FAMILY"]

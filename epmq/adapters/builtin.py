@@ -1,0 +1,52 @@
+"""The built-in model families: open_clip, HF CLIP, HF T5, HF Llama/Qwen2/Mistral."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import Adapter
+from .attention import LinearMultiheadAttention
+
+
+class OpenClipAdapter(Adapter):
+    """open_clip ``VisionTransformer``, ``TextTransformer`` and full ``CLIP`` (both towers):
+    ``ResidualAttentionBlock``s, whose ``nn.MultiheadAttention`` is rebuilt on ``nn.Linear``."""
+
+    def prepare(self, model, swap):
+        renames = {}
+        for stack_name, blocks in self.stacks(model):
+            for i, block in enumerate(blocks):
+                if isinstance(block.attn, nn.MultiheadAttention):
+                    name = f"{stack_name}.{i}.attn"
+                    swap(name, LinearMultiheadAttention(block.attn))
+                    renames[f"{name}.in_proj.weight"] = f"{name}.in_proj_weight"
+                    renames[f"{name}.in_proj.bias"] = f"{name}.in_proj_bias"
+        return renames
+
+
+class T5Adapter(Adapter):
+    """HF T5 (``T5Model``, ``T5ForConditionalGeneration``, ``T5EncoderModel``; FLAN-T5 too).
+
+    The stack computes the self-attention position bias in its first block (which owns the
+    relative-position embedding) and hands that block's output bias to every later block, the
+    decoder likewise for the cross-attention bias; blocks return ``(hidden, bias, cross bias)``.
+    """
+
+    def passthrough(self, hidden):
+        return hidden, None, None
+
+    def next_kwargs(self, kwargs, output):
+        kwargs = dict(kwargs, position_bias=output[1])
+        if kwargs.get("encoder_hidden_states") is not None:
+            kwargs["encoder_decoder_position_bias"] = output[2]
+        return kwargs
+
+
+OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock",))
+CLIP_HF = Adapter("hf-clip", block_types=("CLIPEncoderLayer",))
+T5 = T5Adapter("hf-t5", block_types=("T5Block",))
+# Their blocks take the attention mask and the rotary (cos, sin) as keyword arguments that the
+# walker records per block (Qwen2 may alternate full and sliding-window masks by depth).
+LLAMA_FAMILY = Adapter(
+    "hf-llama", block_types=("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
+)

@@ -1,0 +1,290 @@
+"""Save and load quantized models in the packed ``gptq`` checkpoint format.
+
+A checkpoint directory holds
+
+* ``model.safetensors``: the whole state dict; every ``QuantLinear`` as ``qweight``,
+  ``qzeros``, ``scales``, ``g_idx`` (and ``bias``) in the GPTQ layout (``epmq.qlinear``).
+  Tied tensors (shared embeddings) are stored once.
+* ``quantize_config.json``: the GPTQ quantize config (``quant_method: gptq``, bits,
+  group_size, desc_act, sym, static_groups, ``checkpoint_format``) plus an ``epmq`` section:
+  every quantized module with its shape, the tied-tensor aliases, how it was quantized.
+* ``config.json``: the model's HF config with that ``quantization_config`` (HF models only).
+
+Zero points. ``checkpoint_format="gptq"`` is the original "v1" convention that serving engines
+load by default: ``qzeros`` holds ``z - 1``, and loaders add 1. It cannot hold a zero point of
+0 (it would wrap to ``2**bits - 1``), which an asymmetric min-max grid produces for a group
+whose weights are all >= 0 (rare, but possible at 2-3 bits); asked for explicitly, v1 then
+raises before anything is written. ``"gptq_v2"`` stores ``z`` itself. The default, ``"auto"``,
+writes v1 and falls back to v2 (with a warning) only for a model v1 cannot hold; the format
+written is recorded as ``checkpoint_format`` in both config files.
+
+Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and is then
+swapped with the target directory (one ``renameat2(RENAME_EXCHANGE)`` on Linux, two renames
+elsewhere), so a crash leaves the previous checkpoint in place, complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import find_adapter
+from .packing import pack_cols, unpack_cols
+from .qlinear import QuantLinear
+
+FORMATS = ("gptq", "gptq_v2")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "quantize_config.json"
+HF_CONFIG_FILE = "config.json"
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "auto") -> Path:
+    """Write ``model`` (quantized by ``epmq.quantize_model``) to ``directory``, atomically.
+
+    ``checkpoint_format``: "gptq" (v1, qzeros = z - 1), "gptq_v2" (qzeros = z), or "auto" (v1
+    unless some zero point is 0, then v2); see the module docstring.
+    """
+    if checkpoint_format not in FORMATS + ("auto",):
+        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no QuantLinear layer: quantize it first")
+    if checkpoint_format == "auto":
+        unfit = [name for name, m in layers.items() if bool((m.zeros() == 0).any())]
+        checkpoint_format = "gptq_v2" if unfit else "gptq"
+        if unfit:
+            warnings.warn(
+                f"{len(unfit)} layers (first: {unfit[0]}) have zero points equal to 0, which the v1 "
+                f"'gptq' format cannot store: writing checkpoint_format='gptq_v2'"
+            )
+    tensors, tied = _tensors(model, layers, checkpoint_format)
+    qconfig = _quantize_config(model, layers, checkpoint_format, tied)
+    files = {CONFIG_FILE: qconfig}
+    hf = getattr(model, "config", None)
+    if hf is not None and hasattr(hf, "to_json_string"):
+        config = json.loads(hf.to_json_string(use_diff=False))
+        config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
+        files[HF_CONFIG_FILE] = config
+    directory = Path(directory)
+    _write_atomically(directory, tensors, files)
+    return directory
+
+
+def _tensors(model, layers, checkpoint_format):
+    """The state dict to write (v1 zero points converted, tied tensors once) and the aliases."""
+    state = model.state_dict()
+    for name, layer in layers.items():
+        state[f"{name}.scales"] = layer.scales.to(torch.float16)  # the format's dtype, whatever .to() did
+        if checkpoint_format == "gptq":
+            z = layer.zeros()
+            if bool((z == 0).any()):
+                raise ValueError(
+                    f"layer {name} has zero points equal to 0, which the v1 'gptq' format cannot "
+                    f"store (it holds z - 1): save with checkpoint_format='gptq_v2'"
+                )
+            state[f"{name}.qzeros"] = pack_cols(z - 1, layer.bits)
+    tensors, tied, first = {}, {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in first:
+            tied[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, tied
+
+
+def _quantize_config(model, layers, checkpoint_format, tied) -> dict:
+    info = dict(getattr(model, "epmq_quant_config", None) or {})
+    first = next(iter(layers.values()))
+    static = all(
+        torch.equal(
+            m.g_idx.long().cpu(),
+            torch.arange(m.in_features) // (m.in_features if m.group_size == -1 else m.group_size),
+        )
+        for m in layers.values()
+    )
+    return {
+        "quant_method": "gptq",
+        "bits": info.get("bits", first.bits),
+        "group_size": info.get("group_size", first.group_size),
+        # desc_act tells loaders to honour g_idx: only needed when it is not k // group_size
+        "desc_act": not static,
+        "sym": info.get("sym", False),
+        "static_groups": info.get("static_groups", False),
+        "true_sequential": True,
+        "checkpoint_format": checkpoint_format,
+        "model_file_base_name": "model",
+        "epmq": {
+            "method": info.get("method"),
+            "targets": info.get("targets"),
+            "adapter": info.get("adapter"),
+            "act_order": info.get("act_order", False),
+            "zero_points": "qzeros hold z - 1 (v1)" if checkpoint_format == "gptq" else "qzeros hold z (v2)",
+            "modules": {
+                name: dict(in_features=m.in_features, out_features=m.out_features, bits=m.bits,
+                           group_size=m.group_size, bias=m.bias is not None)
+                for name, m in layers.items()
+            },
+            "tied": tied,
+        },
+    }
+
+
+def _write_tensors(tensors, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_atomically(directory: Path, tensors, files) -> None:
+    if directory.exists() and not _replaceable(directory):
+        raise ValueError(
+            f"{directory} exists and is not an epmq checkpoint (no {CONFIG_FILE}): refusing to "
+            f"replace it; choose a new or empty directory"
+        )
+    parent = directory.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
+        _write_tensors(tensors, tmp / WEIGHTS_FILE)
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+        _replace_dir(tmp, directory)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replaceable(directory: Path) -> bool:
+    return directory.is_dir() and (not any(directory.iterdir()) or (directory / CONFIG_FILE).is_file())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target``; the old ``target`` (if any) is deleted afterwards."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    if _exchange(new, target):  # atomic: ``new`` now names the old checkpoint
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, backup)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
+    """Load a checkpoint written by ``save_quantized`` into ``model``, a fresh instance of the
+    same architecture: the layers it lists become ``QuantLinear`` and every tensor is loaded."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an epmq checkpoint: {CONFIG_FILE} is missing")
+    qconfig = json.loads(config_path.read_text())
+    checkpoint_format = qconfig.get("checkpoint_format")
+    if qconfig.get("quant_method") != "gptq" or checkpoint_format not in FORMATS:
+        raise ValueError(
+            f"{config_path}: unsupported quant_method {qconfig.get('quant_method')!r} / "
+            f"checkpoint_format {checkpoint_format!r}"
+        )
+    modules = qconfig["epmq"]["modules"]
+
+    def swap(name, new):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, new.train(getattr(parent, attr).training))
+
+    find_adapter(model, adapter).prepare(model, swap)
+    replacements = {}
+    for name, info in modules.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not have") from None
+        shape = (info["in_features"], info["out_features"])
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != shape:
+            raise ValueError(
+                f"{name!r} is {old} in the model, the checkpoint has a "
+                f"{info['in_features']}->{info['out_features']} linear"
+            )
+        replacements[name] = QuantLinear(
+            info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
+            bias=info["bias"], dtype=old.weight.dtype, device=old.weight.device,
+        )
+    for name, new in replacements.items():
+        swap(name, new)
+
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    if checkpoint_format == "gptq":
+        for name, info in modules.items():
+            bits, key = info["bits"], f"{name}.qzeros"
+            z = unpack_cols(tensors[key], bits, info["out_features"]) + 1
+            tensors[key] = pack_cols(z, bits)
+    for alias, source in qconfig["epmq"].get("tied", {}).items():
+        tensors[alias] = tensors[source]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory} does not fit {type(model).__name__}: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]}"
+        )
+    model.epmq_quant_config = {
+        "bits": qconfig["bits"], "group_size": qconfig["group_size"], "sym": qconfig["sym"],
+        "static_groups": qconfig.get("static_groups", False),
+        "act_order": qconfig["epmq"].get("act_order", False),
+        "method": qconfig["epmq"].get("method"), "targets": qconfig["epmq"].get("targets"),
+        "adapter": qconfig["epmq"].get("adapter"),
+    }
+    return model

@@ -1,0 +1,156 @@
+"""``QuantLinear``: a linear layer stored as packed GPTQ codes.
+
+Buffers (the ``gptq`` checkpoint layout, ``K`` = in_features, ``N`` = out_features, ``G`` groups):
+
+    qweight  int32 [ceil(K*bits/32), N]   codes packed along K (``epmq.packing.pack_rows``)
+    qzeros   int32 [G, ceil(N*bits/32)]   zero points packed along N (``pack_cols``)
+    scales   fp16  [G, N]
+    g_idx    int32 [K]                    group of each input feature
+    bias     [N] in the layer's dtype, or absent
+
+so that ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]`` and ``y = x @ W + bias``.
+
+In memory ``qzeros`` holds the zero points ``z`` themselves (GPTQ "v2"); the original "v1"
+convention (``z - 1``) exists only in files and is converted by ``epmq.checkpoint``.
+
+Forward: on CUDA with 4 bits, the fused ``epmq_kernels.w4a16_matmul`` (the weight is
+dequantized in registers, never in memory); otherwise the weight is dequantized to the
+activations' dtype for the one product and dropped (no full-precision copy is kept).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+from .spec import SUPPORTED_BITS
+
+try:  # the fused int4 kernel is optional: the torch path below is always correct
+    from epmq_kernels.w4a16 import w4a16_matmul
+except ImportError:  # pragma: no cover
+    w4a16_matmul = None
+
+
+class QuantLinear(nn.Module):
+    """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        if group_size != -1 and (group_size <= 0 or in_features % group_size):
+            raise ValueError(
+                f"group_size must be -1 or a positive divisor of in_features={in_features}, got {group_size}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        K, N = in_features, out_features
+        G = 1 if group_size == -1 else K // group_size
+        gs = K if group_size == -1 else group_size
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(packed_length(K, bits), N, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(G, packed_length(N, bits), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(G, N, dtype=torch.float16, **kw))
+        self.register_buffer("g_idx", (torch.arange(K, **kw) // gs).to(torch.int32))
+        self.register_buffer("bias", torch.zeros(N, dtype=dtype, **kw) if bias else None)
+        # Follows .to(dtype) like any float buffer; see ``weight``.
+        self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, **kw), persistent=False)
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_result(cls, result, bias: Optional[torch.Tensor] = None, *, dtype=None) -> "QuantLinear":
+        """Pack a ``epmq.quant.QuantResult`` (codes ``[out, in]``, scales/zeros ``[out, G]``).
+
+        ``dtype``: the activations' dtype the layer stands in for (default: the bias's, else
+        float32); it is what ``.weight.dtype`` reports.
+        """
+        spec = result.spec
+        N, K = result.codes.shape
+        if dtype is None:
+            dtype = bias.dtype if bias is not None else torch.float32
+        layer = cls(
+            K, N, bits=spec.bits, group_size=spec.group_size, bias=bias is not None,
+            dtype=dtype, device=result.codes.device,
+        )
+        zeros = torch.round(result.zeros).to(torch.int32)
+        if int(zeros.min()) < 0 or int(zeros.max()) > spec.maxq:
+            raise ValueError(f"zero points outside the {spec.bits}-bit grid: {zeros.min()}..{zeros.max()}")
+        if result.scales.shape[1] != layer.scales.shape[0]:
+            raise ValueError(
+                f"the result has {result.scales.shape[1]} groups, a {spec.group_size}-column grid "
+                f"of {K} inputs has {layer.scales.shape[0]}"
+            )
+        layer.qweight.copy_(pack_rows(result.codes.t(), spec.bits))
+        layer.qzeros.copy_(pack_cols(zeros.t(), spec.bits))
+        layer.scales.copy_(result.scales.t().to(torch.float16))
+        layer.g_idx.copy_(result.g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    # ----------------------------------------------------------------- views of the codes
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes ``[K, N]``."""
+        return unpack_rows(self.qweight, self.bits, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        """The integer zero points ``[G, N]`` (v2: the zero points themselves)."""
+        return unpack_cols(self.qzeros, self.bits, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[out, in]`` (``nn.Linear`` orientation) in ``dtype``."""
+        return self._weight_kn(dtype).t()
+
+    def _weight_kn(self, dtype) -> torch.Tensor:
+        g = self.g_idx.long()
+        z = self.zeros()[g]
+        s = self.scales[g].to(dtype)
+        return (self.codes() - z).to(dtype) * s
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A data-less (``meta``) stand-in with the original weight's shape and dtype.
+
+        Model code inspects ``.weight`` of its linears: T5 casts activations to
+        ``wo.weight.dtype``, open_clip reads ``mlp.c_fc.weight.dtype``. Use ``dequantize()``
+        for the values.
+        """
+        return torch.empty(
+            (self.out_features, self.in_features), dtype=self._dtype_probe.dtype, device="meta"
+        )
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.is_cuda and self.bits == 4 and w4a16_matmul is not None and self.in_features % 8 == 0:
+            y = w4a16_matmul(
+                x, self.qweight, self.scales, self.zeros().to(torch.uint8), self.group_size, self.g_idx
+            )
+        else:
+            y = x @ self._weight_kn(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,779 @@
+"""Quantize a whole (merged) model block by block: ``quantize_model``.
+
+    import epmq
+    merged = CLIPVisionModel(config)
+    merged.load_state_dict(epmq.merge.task_arithmetic(base, experts, scale=0.3))
+    epmq.quantize_model(
+        merged, epmq.QuantSpec(bits=4, group_size=128), method="epmq",
+        calibration={"cars": cars_batches, "dtd": dtd_batches},      # task -> model inputs
+        experts={"cars": "ckpt/clip-cars", "dtd": "ckpt/clip-dtd"},  # task -> expert
+    )
+    merged.epmq_report.to_json("report.json")   # per layer: loss, expert/anchor terms, ...
+    epmq.save_quantized(merged, "clip-epmq-w4")   # packed gptq format, atomically
+    model = epmq.load_quantized("clip-epmq-w4", CLIPVisionModel(config))
+
+The sequential scheme of GPTQ, for RTN, GPTQ and E-PMQ (EPMQ_MATH.md):
+
+1. **Stack entry.** For each stack of blocks (``epmq.adapters``), run the model on every
+   calibration sample with the stack's blocks replaced by stand-ins that record what each block
+   is called with (the hidden states of the first; the keyword arguments of every one: masks,
+   rotary embeddings, T5's encoder states) and stop the forward at the last block. Earlier
+   stacks (T5's encoder, for its decoder) are replayed from their recorded outputs.
+2. **Per block**, solve its linears in groups (below): forward hooks collect each linear's inputs
+   on every task's samples into the layer statistics (``HessianStats`` for GPTQ, ``EPMQStats``
+   task by task for E-PMQ), the layer is solved and replaced by a packed ``QuantLinear``.
+3. Run the now-quantized block on every sample: its outputs are the next block's inputs.
+
+Streams. The *q stream* is what the model being quantized sees (earlier blocks quantized).
+``targets`` adds a *target stream* whose inputs define the targets (EPMQ_MATH.md "Variants"):
+
+=============  ===========================================================================
+merged_path    none: targets ``W_k x`` on the q stream's own inputs (E-PMQ's default).
+fp_path        the full-precision merged model (a copy of each block taken before it is
+               quantized): ``x_expert = x_anchor = x_fp``. GPTQ with fp_path is the
+               expert-free control: ``EPMQStats`` with ``W_expert = W_m``, weight 1, anchor 0.
+expert_path    each expert's own model on its own task's data: ``x_expert`` = expert k's
+               input at this layer (its block built from its checkpoint, its embeddings and
+               other non-block tensors swapped in at each stack entry). The anchor stays on
+               the q stream (``W_m x``).
+=============  ===========================================================================
+
+**True sequential (default).** A block's linears are solved in groups, in the order the block
+calls them; linears that receive the very same input tensor form one group (q/k/v; gate/up;
+T5's cross-attention k/v, which read the encoder states). Each group's statistics are taken
+with the earlier groups already quantized, as GPTQ's ``true_sequential`` does, at the cost of
+one partial block forward per group (stopped as soon as the group's inputs are seen).
+``true_sequential=False`` takes every linear's statistics from one pass of the unquantized block.
+
+**Experts** are read lazily (``epmq.experts``): the walk holds the tensors of one group of one
+expert at a time (expert_path: one block of one expert, plus that expert's non-block tensors
+while its stream enters a stack), never K models. On the merged and fp paths each expert
+weight is read exactly once; the expert path re-reads an expert's block once per group
+(groups must be the outer loop, and holding K expert blocks would cost K times the memory).
+
+**Failure leaves the model as it was.** Replaced modules are logged and put back if anything
+raises (bad expert, non-finite weights, Ctrl-C); the price is that the full-precision linears
+stay alive until the walk ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import re
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import quant
+from .adapters import Adapter, find_adapter
+from .experts import ExpertWeights
+from .qlinear import QuantLinear
+from .spec import QuantSpec
+from .stats import EPMQStats, HessianStats
+
+METHODS = ("epmq", "gptq", "rtn")
+TARGETS = ("merged_path", "expert_path", "fp_path")
+# Keyword arguments of blocks that carry a generation cache: never during calibration.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_model`` did, one dict per quantized linear in ``layers``:
+
+    name, block, method, targets, shape ``[out, in]``, bits, group_size, loss (the solver's
+    ``tr((Q - W*) H (Q - W*)^T)``), expert_loss / anchor_loss / weight_anchor_loss (E-PMQ's
+    three terms; None for GPTQ and RTN), damp, damp_retries, dead_columns, seconds (solver),
+    n_tokens (calibration tokens seen). ``skipped``: linears the calibration never reached.
+    """
+
+    method: str
+    targets: Optional[str]
+    spec: dict
+    adapter: str
+    tasks: list
+    anchor: Optional[float] = None
+    weight_anchor: Optional[float] = None
+    true_sequential: Optional[bool] = None
+    layers: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    def __repr__(self):
+        total = sum(layer["loss"] for layer in self.layers)
+        return (
+            f"QuantReport({self.method}, {self.targets}, {len(self.layers)} layers, "
+            f"total loss {total:.4g}, {self.seconds:.1f} s)"
+        )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    *,
+    method: str = "epmq",
+    calibration: Optional[Mapping[str, Iterable]] = None,
+    experts: Optional[Mapping[str, object]] = None,
+    anchor: float = 1.0,
+    weight_anchor: float = 0.0,
+    targets: str = "merged_path",
+    layers: Union[None, str, Callable[[str], bool]] = None,
+    true_sequential: bool = True,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    backend: Optional[str] = None,
+    adapter: Optional[Adapter] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace the linears of ``model``'s blocks by packed ``QuantLinear``s, in place.
+
+    calibration  task name -> iterable of model inputs; each item is passed positionally (a
+                 tensor, or a tuple of them) or as keyword arguments (a dict). Not needed by RTN.
+    experts      task name -> the task's expert: ``nn.Module``, state dict, or checkpoint path
+                 (HF ``save_pretrained`` directory, ``.safetensors`` file, open_clip checkpoint).
+                 Required by ``method="epmq"`` (same task names as ``calibration``); GPTQ and
+                 RTN take none.
+    anchor, weight_anchor   E-PMQ's lam and mu, relative to the expert term (EPMQ_MATH.md).
+    targets      "merged_path" | "fp_path" | "expert_path"; see the module docstring.
+    layers       which linears (qualified names, e.g. ``"encoder.layers.0.mlp.fc1"``) to
+                 quantize, among the adapter's rule (every ``nn.Linear`` inside a block): a
+                 regular expression (``re.search``) or a predicate. Default: all of them.
+    true_sequential   solve a block's linears in dependency groups (default) or in one pass.
+    backend      solver kernels: None (Triton on CUDA, torch on CPU), "torch" or "triton".
+
+    Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be an epmq.QuantSpec, got {type(spec).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if method in ("gptq", "rtn") and experts is not None:
+        raise ValueError(f"method={method!r} uses no experts: pass experts=None (or use method='epmq')")
+    if method == "gptq" and targets == "expert_path":
+        raise ValueError("targets='expert_path' needs experts: use method='epmq'")
+    if method == "epmq" and not experts:
+        raise ValueError("method='epmq' needs experts: a mapping task name -> expert")
+    if method != "rtn" and not calibration:
+        raise ValueError(f"method={method!r} needs calibration data: a mapping task name -> inputs")
+    if not (anchor >= 0 and weight_anchor >= 0 and percdamp >= 0 and blocksize > 0):
+        raise ValueError(
+            f"need anchor, weight_anchor, percdamp >= 0 and blocksize > 0, got {anchor}, "
+            f"{weight_anchor}, {percdamp}, {blocksize}"
+        )
+    calibration = _calibration(calibration) if method != "rtn" else {}
+    if method == "epmq":
+        _check_tasks(calibration, experts)
+
+    adapter = find_adapter(model, adapter)
+    edits = _Edits(model)
+    sources = {}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            renames = adapter.prepare(model, edits.swap)
+            stacks = _plan(model, adapter, layers)
+            _check_finite(model, stacks)
+            report = QuantReport(
+                method=method,
+                targets=None if method == "rtn" else targets,
+                spec=spec.to_dict(),
+                adapter=adapter.name,
+                tasks=list(calibration),
+                anchor=anchor if method == "epmq" else None,
+                weight_anchor=weight_anchor if method == "epmq" else None,
+                true_sequential=None if method == "rtn" else true_sequential,
+            )
+            if method == "rtn":
+                _rtn(stacks, spec, edits, report, progress)
+            else:
+                if method == "epmq":
+                    sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
+                walk = _Walk(
+                    model, adapter, stacks, renames, spec, method, targets, calibration, sources,
+                    edits, report, anchor=anchor, weight_anchor=weight_anchor,
+                    true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
+                    backend=backend,
+                )
+                walk.run(progress)
+    except BaseException:
+        edits.rollback()
+        raise
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        edits.match_modes()
+        for source in sources.values():
+            source.close()
+    report.seconds = time.perf_counter() - t0
+    model.epmq_report = report
+    model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter.name)
+    return model
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _calibration(calibration) -> dict:
+    if not isinstance(calibration, Mapping):
+        raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
+    out = {}
+    for task, items in calibration.items():
+        if isinstance(items, (torch.Tensor, Mapping)):
+            raise TypeError(
+                f"calibration[{task!r}] must be an iterable of model inputs (e.g. a list of batches), "
+                f"got a single {type(items).__name__}"
+            )
+        out[task] = list(items)
+        if not out[task]:
+            raise ValueError(f"calibration[{task!r}] is empty")
+    return out
+
+
+def _check_tasks(calibration, experts):
+    if not isinstance(experts, Mapping):
+        raise TypeError("experts must be a mapping task name -> expert (module, state dict or path)")
+    no_expert = [t for t in calibration if t not in experts]
+    no_data = [t for t in experts if t not in calibration]
+    if no_expert:
+        raise ValueError(f"tasks {no_expert} have calibration data but no expert")
+    if no_data:
+        raise ValueError(f"tasks {no_data} have an expert but no calibration data")
+
+
+def _selector(layers) -> Callable[[str], bool]:
+    if layers is None:
+        return lambda name: True
+    if isinstance(layers, str):
+        pattern = re.compile(layers)
+        return lambda name: pattern.search(name) is not None
+    if callable(layers):
+        return layers
+    raise TypeError(f"layers must be None, a regular expression or a predicate, got {type(layers).__name__}")
+
+
+@dataclass
+class _Stack:
+    prefix: str
+    blocks: nn.ModuleList
+    chosen: list  # per block: names (inside the block) of the linears to quantize
+
+
+def _plan(model, adapter, layers) -> list:
+    select = _selector(layers)
+    stacks = []
+    for prefix, blocks in adapter.stacks(model):
+        chosen = [
+            [rel for rel in adapter.linears(block) if select(f"{prefix}.{i}.{rel}")]
+            for i, block in enumerate(blocks)
+        ]
+        if any(chosen):
+            stacks.append(_Stack(prefix, blocks, chosen))
+    if not stacks:
+        raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})")
+    return stacks
+
+
+def _check_finite(model, stacks):
+    for stack in stacks:
+        for i, block in enumerate(stack.blocks):
+            for rel in stack.chosen[i]:
+                linear = block.get_submodule(rel)
+                for what, t in (("weight", linear.weight), ("bias", linear.bias)):
+                    if t is not None and not torch.isfinite(t).all():
+                        raise ValueError(
+                            f"layer {stack.prefix}.{i}.{rel} of the merged model has a non-finite "
+                            f"{what} (NaN or inf)"
+                        )
+
+
+class _Edits:
+    """Module replacements made on the user's model, undone if quantization fails."""
+
+    def __init__(self, model):
+        self.model = model
+        self.log = []
+
+    def swap(self, name: str, new: nn.Module) -> None:
+        parent_name, _, attr = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        self.log.append((parent, attr, old))
+        setattr(parent, attr, new.train(old.training))
+
+    def match_modes(self) -> None:
+        """Each replacement takes the train/eval mode of the module it replaced."""
+        for parent, attr, old in self.log:
+            getattr(parent, attr).train(old.training)
+
+    def rollback(self) -> None:
+        for parent, attr, old in reversed(self.log):
+            setattr(parent, attr, old)
+        self.log.clear()
+
+
+def _quant_linear(result, linear: nn.Linear) -> QuantLinear:
+    return QuantLinear.from_result(result, linear.bias, dtype=linear.weight.dtype).to(linear.weight.device)
+
+
+def _layer_report(name, block, method, targets, result, n_tokens=None) -> dict:
+    out_f, in_f = result.codes.shape
+    entry = dict(name=name, block=block, method=method, targets=targets, shape=[out_f, in_f],
+                 bits=result.spec.bits, group_size=result.spec.group_size, n_tokens=n_tokens)
+    entry.update({k: v for k, v in result.report().items() if k != "task_weights"})
+    return entry
+
+
+# --------------------------------------------------------------------------- RTN
+
+
+def _rtn(stacks, spec, edits, report, progress):
+    from tqdm.auto import tqdm
+
+    total = sum(len(s.blocks) for s in stacks)
+    with tqdm(total=total, desc="rtn", unit="block", disable=not progress) as bar:
+        for stack in stacks:
+            for i, block in enumerate(stack.blocks):
+                for rel in stack.chosen[i]:
+                    linear = block.get_submodule(rel)
+                    result = quant.rtn(linear.weight.detach(), spec)
+                    name = f"{stack.prefix}.{i}.{rel}"
+                    edits.swap(name, _quant_linear(result, linear))
+                    report.layers.append(_layer_report(name, f"{stack.prefix}.{i}", "rtn", None, result))
+                bar.update()
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+class _Stop(Exception):
+    """Raised by a stand-in or hook to end a forward pass once what it needs is recorded."""
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place in its ModuleList while the model runs up to a stack; attribute
+    reads fall through to the block (models read e.g. ``layer.attention_type``)."""
+
+    def __init__(self, block, fn):
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.__dict__["_fn"] = fn
+
+    def forward(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+
+_SIGNATURES: dict = {}
+
+
+def _bind(block, args, kwargs):
+    """``(hidden, kwargs)`` of a block call, every argument but the first by name."""
+    forward = getattr(block.forward, "__func__", block.forward)
+    signature = _SIGNATURES.get(forward)
+    if signature is None:
+        signature = _SIGNATURES[forward] = inspect.signature(block.forward)
+    bound = signature.bind(*args, **kwargs)
+    named = {}
+    for p in signature.parameters.values():
+        if p.name not in bound.arguments:
+            continue
+        value = bound.arguments[p.name]
+        if p.kind == p.VAR_KEYWORD:
+            named.update(value)
+        elif p.kind == p.VAR_POSITIONAL:
+            if value:
+                raise ValueError(f"{type(block).__name__} takes *args: the walker cannot name them")
+        else:
+            named[p.name] = value
+    hidden = named.pop(next(iter(signature.parameters)))
+    for key in _CACHE_KWARGS:
+        if key in named:
+            named[key] = None
+    if "use_cache" in named:
+        named["use_cache"] = False
+    return hidden, named
+
+
+def _to_device(item, device):
+    if isinstance(item, torch.Tensor):
+        return item.to(device)
+    if isinstance(item, Mapping):
+        return {k: _to_device(v, device) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        return type(item)(_to_device(v, device) for v in item)
+    return item
+
+
+def _call(model, item, device):
+    item = _to_device(item, device)
+    if isinstance(item, Mapping):
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    return model(item)
+
+
+class _Stream:
+    """Every calibration sample's input to the current block, as one model variant sees it."""
+
+    def __init__(self, name, experts=False):
+        self.name = name
+        self.experts = experts  # task k's samples run through expert k's own weights
+        self.hidden = {}  # task -> [hidden states]
+        self.kwargs = {}  # task -> [kwargs of the current block]
+        self.recorded = {}  # task -> [[kwargs of each block of the stack, as recorded]]
+        self.finals = {}  # stack index -> task -> [output hidden states of the stack]
+
+
+class _Walk:
+    def __init__(self, model, adapter, stacks, renames, spec, method, targets, calibration,
+                 experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
+                 blocksize, backend):
+        self.model, self.adapter, self.stacks, self.renames = model, adapter, stacks, renames
+        self.spec, self.method, self.targets = spec, method, targets
+        self.calibration, self.experts = calibration, experts
+        self.edits, self.report = edits, report
+        self.anchor, self.weight_anchor = anchor, weight_anchor
+        self.true_sequential = true_sequential
+        self.solver = dict(percdamp=percdamp, blocksize=blocksize, backend=backend)
+        self.device = next(model.parameters()).device
+        # statistics in float64 on the CPU (cheap there), float32 on a GPU, as quant.epmq does
+        self.stats_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        self.stats_backend = quant.resolve_backend(backend, self.device)
+        self.q = _Stream("q")
+        self.t = None if targets == "merged_path" else _Stream(targets, experts=targets == "expert_path")
+        self._tensors_by_name()
+        if experts:
+            self._bind_experts()
+
+    def ckpt(self, name: str) -> str:
+        """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it)."""
+        return self.renames.get(name, name)
+
+    # ----------------------------------------------------------------- experts
+
+    def _tensors_by_name(self):
+        """Unique float tensors of the model with all their names; those outside walked blocks."""
+        by_id = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point():
+                by_id.setdefault(id(tensor), (tensor, []))[1].append(self.ckpt(name))
+        self.aliases = {n: [m for m in names if m != n] for _, names in by_id.values() for n in names}
+        prefixes = tuple(f"{s.prefix}." for s in self.stacks)
+        self.outside = [(t, names) for t, names in by_id.values() if not names[0].startswith(prefixes)]
+        self.shapes = {names[0]: tuple(t.shape) for t, names in by_id.values()}
+
+    def _bind_experts(self):
+        needed = {}
+        for stack in self.stacks:
+            for i, block in enumerate(stack.blocks):
+                prefix = f"{stack.prefix}.{i}"
+                if self.targets == "expert_path":
+                    for rel, t in block.state_dict(keep_vars=True).items():
+                        if t.is_floating_point():
+                            needed[self.ckpt(f"{prefix}.{rel}")] = tuple(t.shape)
+                else:
+                    for rel in stack.chosen[i]:
+                        needed[self.ckpt(f"{prefix}.{rel}.weight")] = tuple(block.get_submodule(rel).weight.shape)
+        if self.targets == "expert_path":
+            needed.update({names[0]: tuple(t.shape) for t, names in self.outside})
+        for source in self.experts.values():
+            source.bind(self.shapes, self.aliases)
+            source.check(needed)
+
+    @contextmanager
+    def _expert_outside(self, task):
+        """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's."""
+        saved = []
+        try:
+            for tensor, names in self.outside:
+                new = self.experts[task].read(names[0], like=tensor)
+                saved.append((tensor, tensor.data))
+                tensor.data = new
+            yield
+        finally:
+            for tensor, data in reversed(saved):
+                tensor.data = data
+
+    def _expert_block(self, template, prefix, task):
+        """``template`` (a copy of the block) with every tensor read from expert ``task``."""
+        for rel, tensor in template.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point():
+                tensor.data = self.experts[task].read(self.ckpt(f"{prefix}.{rel}"), like=tensor)
+        return template
+
+    # ----------------------------------------------------------------- stack entry
+
+    def _enter(self, s, stream):
+        """Record stack ``s``'s input and per-block kwargs for every sample into ``stream``."""
+        stack = self.stacks[s]
+        last = len(stack.blocks) - 1
+        now = {}
+
+        def recorder(j, block):
+            def fn(*args, **kwargs):
+                hidden, named = _bind(block, args, kwargs)
+                now["kwargs"][j] = named
+                if j == 0:
+                    now["hidden"] = hidden
+                if j == last:
+                    raise _Stop
+                return self.adapter.passthrough(hidden)
+
+            return fn
+
+        def replayer(t, j, block):
+            final = j == len(self.stacks[t].blocks) - 1
+
+            def fn(*args, **kwargs):
+                if final:
+                    hidden = stream.finals[t][now["task"]][now["n"]]
+                else:
+                    hidden = _bind(block, args, kwargs)[0]
+                return self.adapter.passthrough(hidden)
+
+            return fn
+
+        originals = []
+        try:
+            for t in range(s + 1):
+                blocks = self.stacks[t].blocks
+                for j, block in enumerate(blocks):
+                    originals.append((blocks, j, block))
+                    blocks[j] = _StandIn(block, recorder(j, block) if t == s else replayer(t, j, block))
+            for task, items in self.calibration.items():
+                with self._expert_outside(task) if stream.experts else nullcontext():
+                    hidden, recorded = [], []
+                    for n, item in enumerate(items):
+                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None)
+                        try:
+                            _call(self.model, item, self.device)
+                        except _Stop:
+                            pass
+                        else:
+                            raise ValueError(
+                                f"calibration sample {n} of task {task!r} never reaches the blocks "
+                                f"at {stack.prefix!r}: give inputs that run through them, or leave "
+                                f"them out with layers="
+                            )
+                        hidden.append(now["hidden"])
+                        recorded.append(now["kwargs"])
+                stream.hidden[task] = hidden
+                stream.recorded[task] = recorded
+                stream.kwargs[task] = [r[0] for r in recorded]
+        finally:
+            for blocks, j, block in reversed(originals):
+                blocks[j] = block
+
+    def _advance(self, stream, task, n, i, output):
+        """The block's output becomes the next block's input."""
+        stream.hidden[task][n] = self.adapter.hidden_of(output)
+        recorded = stream.recorded[task][n]
+        if i + 1 < len(recorded):
+            stream.kwargs[task][n] = self.adapter.next_kwargs(recorded[i + 1], output)
+
+    # ----------------------------------------------------------------- the walk
+
+    def run(self, progress):
+        from tqdm.auto import tqdm
+
+        total = sum(len(s.blocks) for s in self.stacks)
+        label = self.method if self.t is None else f"{self.method} ({self.targets})"
+        with tqdm(total=total, desc=label, unit="block", disable=not progress) as bar:
+            for s, stack in enumerate(self.stacks):
+                for stream in filter(None, (self.q, self.t)):
+                    self._enter(s, stream)
+                for i, block in enumerate(stack.blocks):
+                    bar.set_postfix_str(f"{stack.prefix}.{i}")
+                    self._block(s, i, block)
+                    bar.update()
+                for stream in filter(None, (self.q, self.t)):
+                    stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
+
+    def _block(self, s, i, block):
+        stack = self.stacks[s]
+        prefix = f"{stack.prefix}.{i}"
+        # the full-precision merged block: the fp path's block, the expert path's template
+        template = copy.deepcopy(block) if self.t is not None else None
+        groups = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else []
+        t_out = None
+        for g, group in enumerate(groups):
+            last = g == len(groups) - 1
+            t_out = self._solve_group(block, template, prefix, group, full_target=last)
+        if self.t is not None:
+            if t_out is None:  # no group ran the target blocks to the end
+                t_out = self._run_targets(template, prefix)
+            for (task, n), out in t_out.items():
+                self._advance(self.t, task, n, i, out)
+        for task, hidden in self.q.hidden.items():
+            for n in range(len(hidden)):
+                self._advance(self.q, task, n, i, block(hidden[n], **self.q.kwargs[task][n]))
+
+    def _groups(self, block, prefix, rels):
+        """The linears in the order the block calls them, grouped by shared input tensor."""
+        seen, order = {}, []
+        keep = []  # holding the inputs keeps their ids unique during the probe
+
+        def hook(rel):
+            def fn(module, args, kwargs):
+                x = args[0] if args else kwargs["input"]
+                keep.append(x)
+                if rel not in seen:
+                    seen[rel] = id(x)
+                    order.append(rel)
+
+            return fn
+
+        handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel), with_kwargs=True) for rel in rels]
+        task = next(iter(self.q.hidden))
+        try:
+            block(self.q.hidden[task][0], **self.q.kwargs[task][0])
+        finally:
+            for h in handles:
+                h.remove()
+        for rel in rels:
+            if rel not in seen:
+                self.report.skipped.append(f"{prefix}.{rel}")
+        if not self.true_sequential:
+            return [order] if order else []
+        groups, by_input = [], {}
+        for rel in order:
+            if seen[rel] not in by_input:
+                by_input[seen[rel]] = []
+                groups.append(by_input[seen[rel]])
+            by_input[seen[rel]].append(rel)
+        return groups
+
+    def _capture(self, block, hidden, kwargs, rels, full):
+        """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
+        when ``full`` (otherwise the pass stops once every one of them has been called)."""
+        inputs = {rel: [] for rel in rels}
+        waiting = set(rels)
+
+        def hook(rel):
+            def fn(module, args, kw):
+                x = args[0] if args else kw["input"]
+                inputs[rel].append(x.detach().reshape(-1, x.shape[-1]))
+                waiting.discard(rel)
+                if not waiting and not full:
+                    raise _Stop
+
+            return fn
+
+        handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel), with_kwargs=True) for rel in rels]
+        output = None
+        try:
+            output = block(hidden, **kwargs)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {rel: torch.cat(xs) for rel, xs in inputs.items() if xs}, output
+
+    def _target_block(self, template, prefix, task):
+        if self.targets == "expert_path":
+            return self._expert_block(template, prefix, task)
+        return template
+
+    def _run_targets(self, template, prefix):
+        outputs = {}
+        for task, items in self.t.hidden.items():
+            target = self._target_block(template, prefix, task)
+            for n in range(len(items)):
+                outputs[task, n] = target(self.t.hidden[task][n], **self.t.kwargs[task][n])
+        return outputs
+
+    def _new_stats(self, linear):
+        W_m = linear.weight.detach()
+        if self.method == "gptq" and self.t is None:
+            return HessianStats(W_m.shape[1], device=W_m.device, dtype=self.stats_dtype, backend=self.stats_backend)
+        return EPMQStats(W_m, dtype=self.stats_dtype, backend=self.stats_backend)
+
+    def _solve_group(self, block, template, prefix, group, *, full_target):
+        """Statistics of the linears ``group`` over every task, then solve and swap them in.
+        Returns the target blocks' outputs when ``full_target`` (else None)."""
+        linears = {rel: block.get_submodule(rel) for rel in group}
+        stats = {rel: self._new_stats(linears[rel]) for rel in group}
+        n_tokens = dict.fromkeys(group, 0)
+        t_out = {} if (self.t is not None and full_target) else None
+        for task, items in self.calibration.items():
+            target = self._target_block(template, prefix, task) if self.t is not None else None
+            if isinstance(stats[group[0]], EPMQStats):
+                for rel in group:
+                    if self.method == "gptq":  # fp_path control: the targets are W_m x_fp
+                        W_k, weight = linears[rel].weight.detach(), 1.0
+                    elif target is not None and self.targets == "expert_path":
+                        W_k, weight = target.get_submodule(rel).weight.detach(), None
+                    else:
+                        W_k, weight = self.experts[task].read(self.ckpt(f"{prefix}.{rel}.weight")), None
+                    stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}")
+                    del W_k
+            for n in range(len(items)):
+                xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group, full=False)
+                x_t = None
+                if target is not None:
+                    x_t, out = self._capture(
+                        target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full=full_target
+                    )
+                    if t_out is not None:
+                        t_out[task, n] = out
+                for rel, x in xs.items():
+                    n_tokens[rel] += x.shape[0]
+                    if isinstance(stats[rel], HessianStats):
+                        stats[rel].add_batch(x)
+                    else:
+                        x_target = None if x_t is None else x_t[rel]
+                        x_anchor = x_target if (self.targets == "fp_path" and self.method == "epmq") else None
+                        stats[rel].add_batch(x, x_expert=x_target, x_anchor=x_anchor)
+            if isinstance(stats[group[0]], EPMQStats):
+                for rel in group:
+                    stats[rel].end_task()
+            del target
+        for rel in group:
+            result = self._solve(linears[rel], stats[rel])
+            stats[rel] = None  # free the Hessians before the next solve
+            name = f"{prefix}.{rel}"
+            self.edits.swap(name, _quant_linear(result, linears[rel]))
+            self.report.layers.append(
+                _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])
+            )
+        return t_out
+
+    def _solve(self, linear, stats):
+        W_m = linear.weight.detach()
+        if isinstance(stats, HessianStats):
+            return quant.gptq(W_m, stats.H, self.spec, **self.solver)
+        if self.method == "gptq":
+            return quant.epmq_from_stats(stats, self.spec, anchor=0.0, weight_anchor=0.0, **self.solver)
+        return quant.epmq_from_stats(
+            stats, self.spec, anchor=self.anchor, weight_anchor=self.weight_anchor, **self.solver
+        )

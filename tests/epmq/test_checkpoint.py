@@ -1,0 +1,222 @@
+"""Packed checkpoints: the serving-engine (``gptq``) convention, configs, atomic writes."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import epmq
+import epmq.checkpoint as ckpt
+from test_walker_models import Family, build, output, one_thread  # noqa: F401 (fixture)
+
+
+def quantized(gen, bits=4, sym=False, method="rtn", arch="llama"):
+    fam = Family(arch, gen, n_samples=1)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=16, sym=sym), method=method,
+                        calibration=None if method == "rtn" else fam.calibration, backend="torch", progress=False)
+    return fam, model
+
+
+# --------------------------------------------------------------------------- the format
+
+
+def decode_stream(words, bits, length):
+    """Codes of one column of int32 words read as a little-endian bit stream (GPTQ's packing)."""
+    stream = sum((int(w) & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(words))
+    return [(stream >> (bits * k)) & (2**bits - 1) for k in range(length)]
+
+
+def independent_dequantize(tensors, module, name, checkpoint_format):
+    """The weight ``[out, in]`` as a serving engine reads it, with this test's own bit arithmetic."""
+    bits, K, N = module["bits"], module["in_features"], module["out_features"]
+    qweight, qzeros = tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"]
+    scales, g_idx = tensors[f"{name}.scales"].float(), tensors[f"{name}.g_idx"].tolist()
+    codes = [decode_stream(qweight[:, n].tolist(), bits, K) for n in range(N)]  # [N][K]
+    offset = 1 if checkpoint_format == "gptq" else 0  # v1 stores z - 1
+    zeros = [[z + offset for z in decode_stream(qzeros[g].tolist(), bits, N)] for g in range(qzeros.shape[0])]
+    W = torch.empty(N, K)
+    for n in range(N):
+        for k in range(K):
+            g = g_idx[k]
+            W[n, k] = (codes[n][k] - zeros[g][n]) * scales[g, n]
+    return W
+
+
+@pytest.mark.parametrize(
+    "bits,sym,checkpoint_format",
+    [(4, False, "gptq"), (8, False, "gptq"), (3, True, "gptq"), (2, True, "gptq_v2"), (4, False, "gptq_v2")],
+)
+def test_serving_convention_recovers_the_weights(bits, sym, checkpoint_format, gen, tmp_path):
+    fam, model = quantized(gen, bits=bits, sym=sym)
+    merged = fam.merged()
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format=checkpoint_format)
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert config["checkpoint_format"] == checkpoint_format and config["bits"] == bits
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        assert tensors[f"{name}.qweight"].dtype == torch.int32 and tensors[f"{name}.scales"].dtype == torch.float16
+        W = independent_dequantize(tensors, config["epmq"]["modules"][name], name, checkpoint_format)
+        assert torch.equal(W, model.get_submodule(name).dequantize())
+        W_m = merged.get_submodule(name).weight.detach()
+        assert float((W - W_m).norm() / W_m.norm()) < {2: 0.7, 3: 0.3, 4: 0.15, 8: 0.01}[bits]
+
+
+def test_configs_in_the_hf_gptq_format(gen, tmp_path):
+    fam, model = quantized(gen, bits=4, method="gptq")
+    epmq.save_quantized(model, tmp_path / "q")
+    files = sorted(os.listdir(tmp_path / "q"))
+    assert files == ["config.json", "model.safetensors", "quantize_config.json"]
+    hf = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert hf["model_type"] == "llama"
+    assert hf["quantization_config"] == {
+        "quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": False, "sym": False,
+        "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq",
+        "model_file_base_name": "model",
+    }
+    config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert config["epmq"]["method"] == "gptq" and len(config["epmq"]["modules"]) == 14
+
+
+def test_act_order_sets_desc_act(gen, tmp_path):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, act_order=True), method="gptq",
+                        calibration=fam.calibration, backend="torch", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["desc_act"] is True
+    fresh = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=1e-6)
+
+
+def test_v1_cannot_store_a_zero_point_of_zero(gen, tmp_path):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    with torch.no_grad():  # a row whose weights are all >= 0: min-max puts its zero point at 0
+        model.model.layers[0].mlp.up_proj.weight[0].abs_()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj has zero points equal to 0.*gptq_v2"):
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    assert not (tmp_path / "q").exists() and os.listdir(tmp_path) == []
+    with pytest.warns(UserWarning, match="writing checkpoint_format='gptq_v2'"):
+        epmq.save_quantized(model, tmp_path / "q")  # "auto"
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    fresh = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.zeros(), model.model.layers[0].mlp.up_proj.zeros())
+
+
+def test_load_rejects_another_architecture(gen, tmp_path):
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        epmq.load_quantized(tmp_path / "q", _wider_llama())
+    with pytest.raises(FileNotFoundError, match="quantize_config.json"):
+        epmq.load_quantized(tmp_path, fam.fresh())
+
+
+def _wider_llama():
+    import transformers
+
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def contents(directory):
+    return {p: (directory / p).read_bytes() for p in sorted(os.listdir(directory))}
+
+
+@pytest.fixture
+def two_models(gen, tmp_path):
+    """A checkpoint on disk (4 bits) and another model (8 bits) to write over it."""
+    fam, old = quantized(gen, bits=4)
+    epmq.save_quantized(old, tmp_path / "q")
+    _, new = quantized(gen, bits=8)
+    return fam, old, new, tmp_path / "q"
+
+
+def assert_previous_checkpoint_intact(fam, old, directory, before):
+    assert contents(directory) == before
+    assert os.listdir(directory.parent) == ["q"]  # no temporary directory left behind
+    loaded = epmq.load_quantized(directory, fam.fresh())
+    torch.testing.assert_close(output(loaded, fam.test_item), output(old, fam.test_item), rtol=0, atol=1e-6)
+
+
+def test_crash_while_writing_tensors_keeps_the_previous_checkpoint(two_models, monkeypatch):
+    fam, old, new, directory = two_models
+    before = contents(directory)
+
+    def crash(tensors, path):
+        path.write_bytes(b"\0" * 1000)  # half a file, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_tensors", crash)
+    with pytest.raises(OSError, match="No space left"):
+        epmq.save_quantized(new, directory)
+    assert_previous_checkpoint_intact(fam, old, directory, before)
+
+
+def test_crash_before_the_swap_keeps_the_previous_checkpoint(two_models, monkeypatch):
+    fam, old, new, directory = two_models
+    before = contents(directory)
+    real = ckpt._fsync
+
+    def fsync(path):
+        if path.is_dir():
+            raise KeyboardInterrupt  # killed after writing, before the swap
+        real(path)
+
+    monkeypatch.setattr(ckpt, "_fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        epmq.save_quantized(new, directory)
+    assert_previous_checkpoint_intact(fam, old, directory, before)
+
+
+def test_swap_replaces_the_checkpoint(two_models):
+    fam, old, new, directory = two_models
+    epmq.save_quantized(new, directory)
+    assert os.listdir(directory.parent) == ["q"]
+    assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
+    loaded = epmq.load_quantized(directory, fam.fresh())
+    torch.testing.assert_close(output(loaded, fam.test_item), output(new, fam.test_item), rtol=0, atol=1e-6)
+
+
+def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch):
+    """Without renameat2 the swap is two renames; if the second fails the old one goes back."""
+    fam, old, new, directory = two_models
+    before = contents(directory)
+    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        epmq.save_quantized(new, directory)
+    monkeypatch.setattr(ckpt.os, "rename", real)
+    assert_previous_checkpoint_intact(fam, old, directory, before)
+    epmq.save_quantized(new, directory)  # and the fallback itself works
+    assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
+    assert os.listdir(directory.parent) == ["q"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(gen, tmp_path):
+    _, model = quantized(gen)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an epmq checkpoint"):
+        epmq.save_quantized(model, tmp_path)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_save_needs_a_quantized_model(gen, tmp_path):
+    with pytest.raises(ValueError, match="quantize it first"):
+        epmq.save_quantized(build("llama"), tmp_path / "q")

@@ -1,0 +1,78 @@
+"""GPTQ bit packing for 2, 3, 4 and 8 bits, checked against a bit stream built with Python
+integers (an independent model of the layout), and against the int4 Triton/torch packer."""
+
+import pytest
+import torch
+
+from epmq.packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+
+BITS = (2, 3, 4, 8)
+
+
+def column_stream(codes_column, bits):
+    """The column as one little-endian integer: code k at bits [bits*k, bits*(k+1))."""
+    return sum(int(c) << (bits * k) for k, c in enumerate(codes_column))
+
+
+def words_stream(words_column):
+    return sum((int(w) & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(words_column))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("K", [64, 96, 10])
+def test_rows_are_one_little_endian_bit_stream(bits, K, gen):
+    codes = torch.randint(0, 2**bits, (K, 5), generator=gen)
+    packed = pack_rows(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (packed_length(K, bits), 5)
+    for n in range(5):
+        assert words_stream(packed[:, n]) == column_stream(codes[:, n], bits)
+    assert torch.equal(unpack_rows(packed, bits, K), codes.int())
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_power_of_two_widths_are_the_qweight_layout(bits, gen):
+    per_word = 32 // bits
+    codes = torch.randint(0, 2**bits, (4 * per_word, 3), generator=gen)
+    packed = pack_rows(codes, bits).to(torch.int64) & 0xFFFFFFFF
+    for k in range(codes.shape[0]):
+        got = (packed[k // per_word] >> (bits * (k % per_word))) & (2**bits - 1)
+        assert torch.equal(got, codes[k])
+
+
+def test_three_bits_pack_32_rows_into_3_words_across_boundaries():
+    codes = torch.zeros(32, 1, dtype=torch.int64)
+    codes[10], codes[21] = 0b101, 0b110  # the two rows that straddle words
+    words = [int(w) & 0xFFFFFFFF for w in pack_rows(codes, 3)[:, 0]]
+    assert len(words) == 3
+    # row 10: bits 30..32 -> low two bits at 30, 31 of word 0, high bit at bit 0 of word 1
+    assert words[0] == 0b01 << 30 and words[1] & 1 == 1
+    # row 21: bits 63..65 -> low bit at 31 of word 1, high two bits at 0, 1 of word 2
+    assert words[1] >> 31 == 0 and words[2] == 0b11
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_columns_are_rows_of_the_transpose(bits, gen):
+    zeros = torch.randint(0, 2**bits, (3, 64), generator=gen)
+    packed = pack_cols(zeros, bits)
+    assert packed.shape == (3, packed_length(64, bits))
+    assert torch.equal(packed, pack_rows(zeros.t(), bits).t())
+    assert torch.equal(unpack_cols(packed, bits, 64), zeros.int())
+
+
+def test_int4_agrees_bit_for_bit_with_the_kernel_packer(gen):
+    kernels = pytest.importorskip("epmq_kernels.packing")
+    codes = torch.randint(0, 16, (128, 48), generator=gen)
+    assert torch.equal(pack_rows(codes, 4), kernels.pack_int4(codes, backend="torch"))
+    assert torch.equal(pack_cols(codes, 4), kernels.pack_int4_cols(codes, backend="torch"))
+    assert torch.equal(unpack_rows(kernels.pack_int4(codes), 4, 128), kernels.unpack_int4(pack_rows(codes, 4)))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="must lie in 0..15"):
+        pack_rows(torch.tensor([[16]]), 4)
+    with pytest.raises(ValueError, match="integer tensor"):
+        pack_rows(torch.zeros(8, 2), 4)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_rows(torch.zeros(8, 2, dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match="take 3 words"):
+        unpack_rows(torch.zeros(2, 1, dtype=torch.int32), 3, 32)

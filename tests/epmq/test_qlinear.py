@@ -1,0 +1,94 @@
+"""QuantLinear holds a QuantResult in the packed GPTQ layout and computes with it."""
+
+import pytest
+import torch
+
+import epmq
+from epmq import quant
+from epmq.packing import packed_length
+from test_walker_models import one_thread  # noqa: F401 (fixture)
+
+
+def solve(spec, gen, d_out=24, d_in=64, method="gptq"):
+    W = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    if method == "rtn":
+        return quant.rtn(W, spec)
+    X = torch.randn(256, d_in, generator=gen) * torch.rand(d_in, generator=gen)
+    return quant.gptq(W, X.T @ X, spec, backend="torch")
+
+
+def weight_with_fp16_scales(result):
+    """What the packed layer stores: the result with its scales rounded to fp16."""
+    g = result.g_idx.long()
+    scales = result.scales.half().float()
+    return (result.codes - result.zeros[:, g]) * scales[:, g]
+
+
+SPECS = [
+    epmq.QuantSpec(bits=4, group_size=16),
+    epmq.QuantSpec(bits=4, group_size=-1, sym=True),
+    epmq.QuantSpec(bits=3, group_size=32),
+    epmq.QuantSpec(bits=2, group_size=16),
+    epmq.QuantSpec(bits=8, group_size=16),
+    epmq.QuantSpec(bits=4, group_size=16, act_order=True),  # dynamic groups: g_idx permuted
+    epmq.QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_from_result_stores_the_result(spec, gen):
+    result = solve(spec, gen)
+    bias = torch.randn(24, generator=gen)
+    layer = epmq.QuantLinear.from_result(result, bias)
+    assert torch.equal(layer.codes(), result.codes.t())
+    assert torch.equal(layer.zeros(), result.zeros.t().int())
+    assert torch.equal(layer.g_idx, result.g_idx)
+    assert torch.equal(layer.dequantize(), weight_with_fp16_scales(result))
+    torch.testing.assert_close(layer.dequantize(), result.weight, rtol=2e-3, atol=1e-6)
+    G = result.scales.shape[1]
+    assert layer.qweight.shape == (packed_length(64, spec.bits), 24)
+    assert layer.qzeros.shape == (G, packed_length(24, spec.bits))
+    assert layer.scales.shape == (G, 24) and layer.scales.dtype == torch.float16
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_is_the_dequantized_product(dtype, gen):
+    result = solve(epmq.QuantSpec(bits=4, group_size=16, act_order=True), gen)
+    bias = torch.randn(24, generator=gen)
+    layer = epmq.QuantLinear.from_result(result, bias).to(dtype)
+    x = torch.randn(3, 5, 64, generator=gen).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, 5, 24)
+    ref = x.float() @ weight_with_fp16_scales(result).t() + bias
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+
+
+def test_no_bias_and_weight_stand_in(gen):
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=8, group_size=-1), gen, method="rtn"))
+    assert layer.bias is None and "bias" not in layer.state_dict()
+    # model code reads .weight's dtype (T5, open_clip): a data-less stand-in that follows .to()
+    assert layer.weight.shape == (24, 64) and layer.weight.device.type == "meta"
+    assert layer.weight.dtype == torch.float32
+    assert layer.half().weight.dtype == torch.float16
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="bits"):
+        epmq.QuantLinear(64, 8, bits=5, group_size=16)
+    with pytest.raises(ValueError, match="divisor"):
+        epmq.QuantLinear(60, 8, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="expected inputs"):
+        epmq.QuantLinear(64, 8, bits=4, group_size=16)(torch.zeros(2, 32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_w4a16_path_matches_the_torch_path(act_order, gen):
+    result = solve(epmq.QuantSpec(bits=4, group_size=16, act_order=act_order), gen, d_out=64, d_in=128)
+    layer = epmq.QuantLinear.from_result(result, torch.randn(64, generator=gen)).to(torch.float16)
+    x = torch.randn(7, 128, generator=gen).half()
+    ref = layer(x)  # CPU: dequantize and matmul
+    y = layer.cuda()(x.cuda())
+    torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -1,0 +1,111 @@
+"""End to end on every family: merge three experts, quantize (RTN, GPTQ, E-PMQ) at 8 and 4
+bits, save, load into a fresh model, and compare outputs."""
+
+import json
+
+import pytest
+import torch
+
+import epmq
+from test_walker_models import ARCHS, Family, output, rel_err, one_thread  # noqa: F401 (fixture)
+
+# Linears in the blocks: 2 blocks per stack; open_clip: in_proj, out_proj, c_fc, c_proj; HF CLIP:
+# q, k, v, out, fc1, fc2; T5 (gated): 4 self-attn + 4 cross-attn (decoder) + wi_0, wi_1, wo;
+# Llama family: q, k, v, o, gate, up, down.
+N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "hf_clip_vision": 12, "hf_clip": 24,
+             "t5": 2 * 7 + 2 * 11, "llama": 14, "qwen2": 14, "mistral": 14}
+
+
+def expert_sources(fam, tmp_path):
+    """The three experts in three forms: a module, a state dict, a checkpoint on disk."""
+    t0, t1, t2 = fam.tasks
+    on_disk = fam.experts[t2]
+    if fam.arch == "open_clip_vit":  # a bare safetensors file
+        from safetensors.torch import save_file
+
+        path = tmp_path / "expert.safetensors"
+        save_file({k: v.contiguous() for k, v in on_disk.state_dict().items()}, str(path))
+    elif fam.arch == "open_clip_clip":  # an open_clip training checkpoint (DDP prefix, wrapper)
+        path = tmp_path / "epoch_1.pt"
+        torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in on_disk.state_dict().items()}}, path)
+    else:  # a HF save_pretrained directory
+        path = tmp_path / "expert"
+        on_disk.save_pretrained(path)
+    return {t0: fam.experts[t0], t1: fam.experts[t1].state_dict(), t2: str(path)}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "epmq"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_save_load(arch, method, gen, tmp_path):
+    fam = Family(arch, gen)
+    experts = expert_sources(fam, tmp_path) if method == "epmq" else None
+    calibration = None if method == "rtn" else fam.calibration
+    reference = output(fam.merged(), fam.test_item)
+    n_linears = N_LINEARS[arch]
+
+    errors = {}
+    for bits in (8, 4):
+        model = fam.merged()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=16), method=method,
+                            calibration=calibration, experts=experts, backend="torch", progress=False)
+        errors[bits] = rel_err(output(model, fam.test_item), reference)
+
+    # every block linear (open_clip: in_proj and out_proj for each attention) is packed
+    packed = [m for m in model.modules() if isinstance(m, epmq.QuantLinear)]
+    assert len(packed) == len(model.epmq_report.layers) == n_linears
+    assert not any(type(m) is torch.nn.Linear for name, m in model.named_modules() if name in
+                   {layer["name"] for layer in model.epmq_report.layers})
+
+    # 8 bits: close to the merged model (E-PMQ's target is pulled toward the experts, so a
+    # little further); 4 bits: bounded, and worse than 8
+    assert errors[8] < (0.05 if method == "epmq" else 0.03), errors
+    assert errors[8] < errors[4] < 0.5, errors
+
+    # save, load into a freshly initialised model, same outputs
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=1e-6)
+
+    report = tmp_path / "report.json"
+    model.epmq_report.to_json(report)
+    layers = json.loads(report.read_text())["layers"]
+    assert {"name", "block", "loss", "expert_loss", "anchor_loss", "weight_anchor_loss",
+            "damp_retries", "seconds", "shape"} <= set(layers[0])
+    if method == "epmq":
+        assert all(layer["expert_loss"] is not None for layer in layers)
+
+
+@pytest.mark.parametrize(
+    "arch,targets", [("t5", "expert_path"), ("qwen2", "fp_path"), ("open_clip_clip", "expert_path")]
+)
+def test_target_variants_end_to_end(arch, targets, gen, tmp_path):
+    fam = Family(arch, gen)
+    reference = output(fam.merged(), fam.test_item)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
+                        calibration=fam.calibration, experts=expert_sources(fam, tmp_path),
+                        backend="torch", progress=False)
+    assert rel_err(output(model, fam.test_item), reference) < 0.5
+    assert model.epmq_report.targets == targets
+    epmq.save_quantized(model, tmp_path / "ckpt", checkpoint_format="gptq_v2")
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=1e-6)
+
+
+def test_layers_filter_and_one_pass(gen):
+    fam = Family("llama", gen)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                        calibration=fam.calibration, layers=r"\.mlp\.", true_sequential=False,
+                        backend="torch", progress=False)
+    names = [layer["name"] for layer in model.epmq_report.layers]
+    assert len(names) == 6 and all(".mlp." in n for n in names)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_progress_bar_over_blocks(gen, capsys):
+    fam = Family("llama", gen, n_samples=1)
+    epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=True)
+    assert "2/2" in capsys.readouterr().err
+    epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,170 @@
+"""Bad input gets a clear error, and a failed quantization leaves the model as it was."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import epmq
+from epmq import quant
+from test_walker_models import Family, build, inputs, output, one_thread  # noqa: F401 (fixture)
+
+SPEC = epmq.QuantSpec(bits=4, group_size=16)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+def quantize(fam, model, **kw):
+    args = dict(method="epmq", calibration=fam.calibration, experts=fam.experts, backend="torch", progress=False)
+    args.update(kw)
+    return epmq.quantize_model(model, SPEC, **args)
+
+
+def test_expert_of_another_shape_names_the_tensor(gen, tmp_path):
+    fam = Family("llama", gen)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    model = fam.merged()
+    before = snapshot(model)
+    experts = dict(fam.experts, dtd=str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match=r"'dtd'.*model\.layers\.0\.mlp\.gate_proj\.weight.*shape \(48, 32\)"):
+        quantize(fam, model, experts=experts)
+    assert_untouched(model, before)
+
+
+def test_expert_of_another_architecture_names_the_missing_tensor(gen):
+    fam = Family("llama", gen)
+    model = fam.merged()
+    experts = dict(fam.experts, svhn=build("t5").state_dict())
+    with pytest.raises(ValueError, match=r"'svhn'.*has no tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'"):
+        quantize(fam, model, experts=experts)
+
+
+def test_tasks_must_match_between_calibration_and_experts(gen):
+    fam = Family("llama", gen)
+    experts = {t: e for t, e in fam.experts.items() if t != "dtd"}
+    with pytest.raises(ValueError, match=r"\['dtd'\] have calibration data but no expert"):
+        quantize(fam, fam.merged(), experts=experts)
+    calibration = {t: c for t, c in fam.calibration.items() if t != "svhn"}
+    with pytest.raises(ValueError, match=r"\['svhn'\] have an expert but no calibration data"):
+        quantize(fam, fam.merged(), calibration=calibration)
+
+
+def test_method_arguments(gen):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    with pytest.raises(ValueError, match="uses no experts"):
+        quantize(fam, model, method="gptq")
+    with pytest.raises(ValueError, match="uses no experts"):
+        quantize(fam, model, method="rtn")
+    with pytest.raises(ValueError, match="needs experts"):
+        quantize(fam, model, experts=None)
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize(fam, model, method="gptq", experts=None, calibration=None)
+    with pytest.raises(ValueError, match="'expert_path' needs experts"):
+        quantize(fam, model, method="gptq", experts=None, targets="expert_path")
+    with pytest.raises(ValueError, match="targets must be"):
+        quantize(fam, model, targets="fp")
+    with pytest.raises(ValueError, match="is empty"):
+        quantize(fam, model, calibration={t: [] for t in fam.tasks})
+    with pytest.raises(ValueError, match="no layer .* is selected"):
+        quantize(fam, model, layers="nothing-matches")
+
+
+def test_non_finite_merged_weight_names_the_layer(gen):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj .*non-finite"):
+        quantize(fam, model)
+    assert_untouched(model, before)
+
+
+def test_non_finite_expert_mid_walk_rolls_everything_back(gen):
+    """open_clip: the attention rewrite is undone too, and the model computes as before."""
+    fam = Family("open_clip_vit", gen, n_samples=1)
+    bad = fam.experts["svhn"].state_dict()
+    bad["transformer.resblocks.1.mlp.c_proj.weight"] = bad["transformer.resblocks.1.mlp.c_proj.weight"].clone()
+    bad["transformer.resblocks.1.mlp.c_proj.weight"][0, 0] = float("inf")
+    model = fam.merged()
+    before, y = snapshot(model), output(model, fam.test_item)
+    with pytest.raises(ValueError, match=r"'svhn'.*transformer\.resblocks\.1\.mlp\.c_proj\.weight.*non-finite"):
+        quantize(fam, model, experts=dict(fam.experts, svhn=bad))
+    assert all(isinstance(b.attn, nn.MultiheadAttention) for b in model.transformer.resblocks)
+    assert_untouched(model, before)
+    assert torch.equal(output(model, fam.test_item), y)
+
+
+def test_interrupt_mid_walk_rolls_back(gen, monkeypatch):
+    fam = Family("t5", gen, n_samples=1)
+    model = fam.merged()
+    before = snapshot(model)
+    calls = []
+    real = quant.epmq_from_stats
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "epmq_from_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(fam, model)
+    assert_untouched(model, before)
+
+
+def test_calibration_that_misses_a_tower(gen):
+    """open_clip CLIP run on images only never reaches its text tower."""
+    fam = Family("open_clip_clip", gen, n_samples=1)
+    images_only = {t: [{"image": item["image"]} for item in items] for t, items in fam.calibration.items()}
+    model = fam.merged()
+    with pytest.raises(ValueError, match=r"never reaches the blocks at 'transformer\.resblocks'.*layers="):
+        quantize(fam, model, method="gptq", experts=None, calibration=images_only)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    quantize(fam, model, method="gptq", experts=None, calibration=images_only, layers=r"^visual\.")
+    assert len(model.epmq_report.layers) == 8
+    assert all(layer["name"].startswith("visual.") for layer in model.epmq_report.layers)
+
+
+def test_unknown_model_says_how_to_add_an_adapter():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    with pytest.raises(ValueError, match=r"no epmq adapter knows Net.*layers \(Block\).*register_adapter"):
+        epmq.quantize_model(Net(), SPEC, method="rtn", progress=False)
+
+
+def test_calibration_must_be_per_task_iterables(gen):
+    fam = Family("llama", gen, n_samples=1)
+    with pytest.raises(TypeError, match="iterable of model inputs"):
+        quantize(fam, fam.merged(), method="gptq", experts=None,
+                 calibration={"cars": inputs("llama", 1, gen)[0]})

@@ -1,0 +1,61 @@
+"""Expert checkpoints in the forms they come in, matched to the merged model's tensor names."""
+
+import torch
+from safetensors.torch import save_file
+
+import epmq
+from epmq.experts import ExpertWeights
+from test_walker_models import Family, build, one_thread  # noqa: F401 (fixture)
+
+
+def _names(model):
+    return list(model.state_dict())
+
+
+def test_sharded_hf_directory(tmp_path):
+    model = build("llama")
+    model.save_pretrained(tmp_path / "e", max_shard_size="20KB")
+    assert (tmp_path / "e" / "model.safetensors.index.json").is_file()
+    expert = ExpertWeights(str(tmp_path / "e"), task="t")
+    expert.bind(_names(model))
+    for name, t in model.state_dict().items():
+        if expert.key_for(name) is not None:
+            assert torch.equal(expert.read(name), t)
+    assert expert.shape("model.layers.1.mlp.down_proj.weight") == (32, 64)
+
+
+def test_transformers4_clip_checkpoint_with_the_vision_model_prefix(tmp_path):
+    """transformers 5 flattened CLIPVisionModel; checkpoints saved by 4.x keep ``vision_model.``."""
+    model = build("hf_clip_vision")
+    prefixed = {f"vision_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(prefixed, str(tmp_path / "e.safetensors"))
+    expert = ExpertWeights(str(tmp_path / "e.safetensors"), task="t")
+    expert.bind(_names(model))
+    name = "encoder.layers.0.self_attn.q_proj.weight"
+    assert expert.key_for(name) == f"vision_model.{name}"
+    assert torch.equal(expert.read(name), model.state_dict()[name])
+
+
+def test_full_open_clip_checkpoint_for_the_visual_tower(tmp_path):
+    """A VisionTransformer merged model, experts saved as whole CLIP models: the text tower's
+    unprefixed ``transformer.resblocks.*`` must not be taken for the visual one."""
+    clip = build("open_clip_clip")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}}, tmp_path / "e.pt")
+    expert = ExpertWeights(str(tmp_path / "e.pt"), task="t")
+    expert.bind(_names(clip.visual))
+    name = "transformer.resblocks.0.attn.in_proj_weight"
+    assert expert.key_for(name) == f"module.visual.{name}"
+    assert torch.equal(expert.read(name), clip.visual.state_dict()[name])
+
+
+def test_quantize_a_visual_tower_with_full_clip_experts(gen, tmp_path):
+    fam = Family("open_clip_clip", gen)
+    merged = fam.merged().visual
+    experts = {}
+    for task, expert in fam.experts.items():
+        save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, str(tmp_path / f"{task}.safetensors"))
+        experts[task] = str(tmp_path / f"{task}.safetensors")
+    calibration = {t: [item["image"] for item in items] for t, items in fam.calibration.items()}
+    epmq.quantize_model(merged, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                        calibration=calibration, experts=experts, backend="torch", progress=False)
+    assert len(merged.epmq_report.layers) == 8

@@ -1,0 +1,176 @@
+"""Tiny random-init models of every supported family, shared by the walker tests, and what a
+test needs around them: experts, the merge, calibration inputs, a comparable output.
+
+(Named ``test_*`` so it lives beside the other walker tests; the few tests at the bottom check
+that every builder runs and that its family's adapter finds the blocks.)
+"""
+
+import copy
+
+import pytest
+import torch
+
+import epmq
+from epmq.adapters import find_adapter
+from epmq.merge import task_arithmetic
+
+ARCHS = [
+    "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "llama", "qwen2", "mistral",
+]
+TASKS = ["cars", "dtd", "svhn"]
+VOCAB = 64
+
+
+def build(arch: str, seed: int = 0):
+    """A tiny model of family ``arch`` (hidden 32, 2 blocks per stack), in eval mode."""
+    torch.manual_seed(seed)
+    if arch == "open_clip_vit":
+        from open_clip.transformer import VisionTransformer
+
+        model = VisionTransformer(
+            image_size=16, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16
+        )
+    elif arch == "open_clip_clip":
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        model = CLIP(
+            embed_dim=16,
+            vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=8, image_size=16, patch_size=8, mlp_ratio=2.0),
+            text_cfg=CLIPTextCfg(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0),
+        )
+    elif arch in ("hf_clip_vision", "hf_clip"):
+        from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
+
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=16, patch_size=8)
+        if arch == "hf_clip_vision":
+            model = CLIPVisionModel(CLIPVisionConfig(**vision))
+        else:
+            text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=16)
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    elif arch == "t5":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        model = T5ForConditionalGeneration(T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            dropout_rate=0.0, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+        ))
+    elif arch in ("llama", "qwen2", "mistral"):
+        import transformers
+
+        common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+        if arch == "llama":
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+        elif arch == "qwen2":  # one full and one sliding-window layer: the masks differ by depth
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+                **common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+        else:
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=4))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def inputs(arch: str, n: int, gen: torch.Generator) -> list:
+    """``n`` calibration items (batches of 2) for ``arch``."""
+
+    def image():
+        return torch.randn(2, 3, 16, 16, generator=gen)
+
+    def ids(length=8):
+        return torch.randint(0, VOCAB, (2, length), generator=gen)
+
+    make = {
+        "open_clip_vit": lambda: image(),
+        "open_clip_clip": lambda: {"image": image(), "text": ids()},
+        "hf_clip_vision": lambda: {"pixel_values": image()},
+        "hf_clip": lambda: {"pixel_values": image(), "input_ids": ids()},
+        "t5": lambda: {"input_ids": ids(), "decoder_input_ids": ids(5)},
+        "llama": lambda: ids(),
+        "qwen2": lambda: ids(),
+        "mistral": lambda: ids(),
+    }[arch]
+    return [make() for _ in range(n)]
+
+
+def output(model, item) -> torch.Tensor:
+    """One tensor that depends on every quantized layer of the model."""
+    with torch.no_grad():
+        out = model(**item) if isinstance(item, dict) else model(item)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):  # open_clip CLIP: (image features, text features, logit scale)
+        return torch.cat([out[0], out[1]], dim=-1)
+    if getattr(out, "image_embeds", None) is not None:  # HF CLIPModel: both towers' embeddings
+        return torch.cat([out.image_embeds, out.text_embeds], dim=-1)
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise TypeError(type(out))
+
+
+def perturb(model, gen: torch.Generator, scale: float = 0.02):
+    """An "expert": the base plus independent noise of ``scale`` times each tensor's spread."""
+    expert = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in expert.parameters():
+            spread = p.std() if p.numel() > 1 else p.abs() + 1e-3
+            p.add_(torch.randn(p.shape, generator=gen) * scale * spread)
+    return expert
+
+
+class Family:
+    """Base, experts, merged state and calibration of one architecture."""
+
+    def __init__(self, arch, gen, n_samples=2, tasks=TASKS):
+        self.arch, self.gen, self.tasks = arch, gen, list(tasks)
+        self.base = build(arch)
+        self.experts = {t: perturb(self.base, gen) for t in self.tasks}
+        self.merged_state = task_arithmetic(self.base, list(self.experts.values()), scale=0.3)
+        self.calibration = {t: inputs(arch, n_samples, gen) for t in self.tasks}
+        self.test_item = inputs(arch, 1, gen)[0]
+
+    def merged(self, seed=1):
+        """A fresh model holding the merged weights."""
+        model = build(self.arch, seed=seed)
+        model.load_state_dict(self.merged_state)
+        return model
+
+    def fresh(self, seed=2):
+        return build(self.arch, seed=seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    threads waiting on each other cost more than the work (10x measured). Modules that import
+    this fixture run single-threaded; the setting is restored after each module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(y, ref):
+    return float((y - ref).norm() / ref.norm())
+
+
+# --------------------------------------------------------------------------- builder checks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_builder_runs_and_adapter_finds_blocks(arch, gen):
+    model = build(arch)
+    y = output(model, inputs(arch, 1, gen)[0])
+    assert torch.isfinite(y).all()
+    stacks = find_adapter(model).stacks(model)
+    expected = {"open_clip_clip": 2, "hf_clip": 2, "t5": 2}.get(arch, 1)
+    assert len(stacks) == expected and all(len(blocks) == 2 for _, blocks in stacks)
+
+
+def test_epmq_namespace_exports():
+    for name in ("quantize_model", "QuantLinear", "save_quantized", "load_quantized", "register_adapter", "Adapter"):
+        assert hasattr(epmq, name) and name in epmq.__all__
