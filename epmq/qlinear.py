@@ -122,6 +122,15 @@ class QuantLinear(nn.Module):
         s = self.scales[g].to(dtype)
         return (self.codes() - z).to(dtype) * s
 
+    def _zeros_u8(self) -> torch.Tensor:
+        """Unpacked zero points for the kernel, kept until ``qzeros`` changes: unpacking on
+        every call would add launches comparable to a batch-1 product itself."""
+        key = (self.qzeros.data_ptr(), self.qzeros._version)
+        if getattr(self, "_zeros_key", None) != key:
+            self._zeros_cache = self.zeros().to(torch.uint8)
+            self._zeros_key = key
+        return self._zeros_cache
+
     @property
     def weight(self) -> torch.Tensor:
         """A data-less (``meta``) stand-in with the original weight's shape and dtype.
@@ -140,9 +149,7 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
         if x.is_cuda and self.bits == 4 and w4a16_matmul is not None and self.in_features % 8 == 0:
-            y = w4a16_matmul(
-                x, self.qweight, self.scales, self.zeros().to(torch.uint8), self.group_size, self.g_idx
-            )
+            y = w4a16_matmul(x, self.qweight, self.scales, self._zeros_u8(), self.group_size, self.g_idx)
         else:
             y = x @ self._weight_kn(x.dtype)
         if self.bias is not None:

@@ -1,0 +1,80 @@
+"""Benches built from an experiment's YAML: real checkpoints and data for ``epmq.pipeline.run``.
+
+    import yaml
+    from epmq.benches import build_bench
+    config = yaml.safe_load(open("configs/clip-vit-b32-8tasks.yaml"))
+    bench = build_bench(config, base_dir="configs")
+    bench.evaluate(bench.base_state, split="val")      # {task: acc, ..., "avg": acc}
+
+Families (``model.family``):
+
+==========  =========================================================  =========================
+family      merged and quantized model                                 bench class
+==========  =========================================================  =========================
+hf_clip     ``CLIPVisionModel`` of an HF ``CLIPModel``; frozen           ``clip.HFClipBench``
+            zero-shot text heads
+open_clip   the visual tower of an open_clip CLIP; frozen text heads    ``open_clip_bench.OpenClipBench``
+hf_t5       the whole ``T5ForConditionalGeneration`` (GLUE, text to     ``t5_glue.T5GlueBench``
+            text)
+==========  =========================================================  =========================
+
+The schema of the ``model``, ``tasks``, ``data`` and ``eval`` sections is in ``config.py``;
+``build_bench`` ignores the other top-level sections (``merge``, ``quantize``, ``output``).
+Every bench follows the protocol of ``epmq.pipeline`` (task_names, base_state, lazy experts,
+model(state), calibration, evaluate, expert_accuracies). Bad configurations, missing files,
+hub ids that cannot be fetched and missing data splits raise ``BenchConfigError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Union
+
+from .config import FAMILIES, BenchConfig, BenchConfigError, parse_config
+
+__all__ = ["build_bench", "load_config", "parse_config", "BenchConfig", "BenchConfigError", "FAMILIES"]
+
+
+def _bench_class(family: str):
+    if family == "hf_clip":
+        from .clip import HFClipBench
+
+        return HFClipBench
+    if family == "open_clip":
+        from .open_clip_bench import OpenClipBench
+
+        return OpenClipBench
+    if family == "hf_t5":
+        from .t5_glue import T5GlueBench
+
+        return T5GlueBench
+    raise BenchConfigError(f"unknown model family {family!r}: one of {', '.join(FAMILIES)}")
+
+
+def build_bench(config: Union[Mapping, BenchConfig], *, base_dir=".", progress: Union[bool, Callable] = True):
+    """The bench of ``config`` (the YAML as a dict, or a parsed ``BenchConfig``).
+
+    ``base_dir``: what relative paths in the config are relative to (the YAML's directory).
+    ``progress``: True logs what is loaded to stderr, False is silent, a callable gets the lines.
+    """
+    from .common import make_log
+
+    if not isinstance(config, BenchConfig):
+        config = parse_config(config, base_dir=base_dir)
+    return _bench_class(config.model.family)(config, make_log(progress))
+
+
+def load_config(path) -> dict:
+    """The YAML file at ``path`` as a dict (``BenchConfigError`` if missing or not a mapping)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BenchConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BenchConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise BenchConfigError(f"{path} must hold a mapping with model, tasks, ... sections")
+    return data

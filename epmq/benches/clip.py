@@ -1,0 +1,111 @@
+"""HF CLIP (``family: hf_clip``): merge and quantize the vision tower of a ``CLIPModel``.
+
+* base: a ``CLIPModel`` (hub id such as ``openai/clip-vit-base-patch32``, or a local
+  ``save_pretrained`` directory with ``config.json``, weights, tokenizer files and, optionally,
+  ``preprocessor_config.json``).
+* experts: ``CLIPVisionModel`` checkpoints (FusionBench's ``tanganke/clip-vit-base-patch32_<task>``
+  or local directories / files; transformers 4 checkpoints name tensors ``vision_model.*``,
+  transformers 5 ones without the prefix: both are read).
+* the model that is merged and quantized: a ``CLIPVisionModel`` built from the base's vision
+  config; the visual projection, logit scale and the text tower stay frozen in full precision.
+* calibration items: ``{"pixel_values": [B, 3, H, W]}``.
+* preprocessing: the base's ``preprocessor_config.json`` (resize shortest side, center crop,
+  CLIP mean/std) or, without one, the vision config's image size with CLIP's mean/std.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointReader, bind, load_into, tie_order
+from .config import BenchConfig, BenchConfigError
+from .vision import ImagePrep, ZeroShotImageBench, prep_from_processor_config
+
+
+class HFClipBench(ZeroShotImageBench):
+    family = "hf_clip"
+
+    def __init__(self, config: BenchConfig, log):
+        super().__init__(config, log)
+        from transformers import CLIPConfig, CLIPVisionModel
+
+        self.base_dir = self._resolve(config.model.base, "model.base", "model", config.model.revision)
+        if not (self.base_dir / "config.json").is_file():
+            raise BenchConfigError(f"model.base: no config.json in {self.base_dir}: not a HF model directory")
+        model_type = json.loads((self.base_dir / "config.json").read_text()).get("model_type")
+        if model_type != "clip":
+            raise BenchConfigError(f"model.base ({self.base_dir}) is a {model_type!r} model, not a CLIPModel "
+                                   f"(expert checkpoints go in the tasks' expert)")
+        try:
+            clip_config = CLIPConfig.from_pretrained(self.base_dir)
+        except Exception as e:
+            raise BenchConfigError(f"model.base ({self.base_dir}): not a CLIPModel config: {e}") from e
+        self.clip_config = clip_config
+
+        self._template = CLIPVisionModel(clip_config.vision_config).to(self.dtype).eval()
+        reader = CheckpointReader(self.base_dir, "model.base")
+        shapes = {k: tuple(v.shape) for k, v in self._template.state_dict().items()}
+        self.base_state = bind(reader, tie_order(self._template), what="model.base (vision tower)",
+                               shapes=shapes, dtype=self.dtype, prefixes=("vision_model.",))
+        load_into(self._template, self.base_state, "model.base (vision tower)")
+        for key in ("visual_projection.weight", "logit_scale"):
+            if key not in reader:
+                raise BenchConfigError(f"model.base ({self.base_dir}) has no {key!r}: a full CLIPModel is needed")
+        self.projection = reader.get("visual_projection.weight").float()  # [D, hidden]
+        self.logit_scale = float(reader.get("logit_scale").float().exp())
+        self._projection_on = {}
+
+        processor = self.base_dir / "preprocessor_config.json"
+        image_size = clip_config.vision_config.image_size
+        if processor.is_file():
+            self.prep = prep_from_processor_config(json.loads(processor.read_text()), image_size)
+        else:
+            self.prep = ImagePrep(resize=image_size, crop=(image_size, image_size))
+        self._open_experts(prefixes=("vision_model.",))
+        self._open_data()
+        self._text = None
+
+    # ----------------------------------------------------------------- text tower
+
+    def _encode_texts(self, texts: List[str]) -> torch.Tensor:
+        if self._text is None:
+            from transformers import AutoTokenizer, CLIPModel
+
+            tok_source = self.config.model.tokenizer
+            tok_dir = self.base_dir if tok_source is None else self._resolve(tok_source, "model.tokenizer", "tokenizer")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            except Exception as e:
+                raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
+            clip = CLIPModel.from_pretrained(self.base_dir, dtype=torch.float32).eval()
+            self._text = (tokenizer, clip.text_model.to(self.device), clip.text_projection.to(self.device))
+            del clip
+        tokenizer, text_model, text_projection = self._text
+        max_len = self.clip_config.text_config.max_position_embeddings
+        out = []
+        for i in range(0, len(texts), 256):
+            tokens = tokenizer(texts[i:i + 256], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            pooled = text_model(input_ids=tokens["input_ids"].to(self.device),
+                                attention_mask=tokens["attention_mask"].to(self.device)).pooler_output
+            out.append(text_projection(pooled).cpu())
+        return torch.cat(out)
+
+    def _release_text_tower(self) -> None:
+        self._text = None
+
+    # ----------------------------------------------------------------- vision
+
+    def _image_features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = model(pixel_values=pixel_values)
+        pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
+        proj = self._projection_on.get(pooled.device)
+        if proj is None:
+            proj = self._projection_on[pooled.device] = self.projection.to(pooled.device)
+        return pooled.float() @ proj.t()
+
+    def _calibration_item(self, pixel_values: torch.Tensor):
+        return {"pixel_values": pixel_values}

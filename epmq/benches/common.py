@@ -1,0 +1,172 @@
+"""What every bench family shares: the model template, lazy experts, evaluation bookkeeping."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .checkpoints import LazyStateDict, load_into, open_state, resolve
+from .config import BenchConfig, BenchConfigError
+
+StateDict = Mapping[str, torch.Tensor]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EVAL_SPLITS = ("val", "test")
+
+
+def make_log(progress) -> Callable[[str], None]:
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda msg: print(msg, file=sys.stderr, flush=True)
+    return lambda msg: None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchConfigError(f"model.device is {name!r} but CUDA is not available")
+    return device
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("EPMQ_CACHE_DIR")
+    if env:
+        return Path(env) / "benches"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "epmq" / "benches"
+
+
+def device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+class BenchBase:
+    """The bench protocol of ``epmq.pipeline`` (see its docstring); a family fills in
+    ``_template`` (the base model, CPU, eval mode), ``base_state``, ``experts``, ``data`` and
+    ``_evaluate_task`` / ``_build_calibration``.
+
+    ``model(state)`` is a fresh copy of the template with ``state`` loaded, on the bench's
+    device; ``base_state`` and ``experts`` are ``LazyStateDict``s over the checkpoints on disk.
+    """
+
+    family = "?"
+
+    def __init__(self, config: BenchConfig, log: Callable[[str], None]):
+        self.config = config
+        self.log = log
+        self.device = pick_device(config.model.device)
+        self.dtype = DTYPES[config.model.dtype]
+        self.seed = config.seed
+        self.task_names: List[str] = list(config.task_names)
+        self.specs = {t.name: t for t in config.tasks}
+        self._template: Optional[nn.Module] = None
+        self.base_state: StateDict = {}
+        self.experts: Dict[str, LazyStateDict] = {}
+        self.data: Dict[str, object] = {}
+        self._calibration = None
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _resolve(self, source: str, what: str, kind: str, revision=None) -> Path:
+        m = self.config.model
+        return resolve(source, base_dir=self.config.base_dir, what=what, kind=kind, revision=revision,
+                       cache_dir=m.hub_cache_dir, offline=m.offline)
+
+    def _open_experts(self, prefixes: Iterable[str] = ()) -> None:
+        """Bind every task's expert checkpoint to the template's names (lazily, shapes checked)."""
+        for t in self.config.tasks:
+            what = f"expert of task {t.name!r}"
+            path = self._resolve(t.expert, what, "weights", t.expert_revision)
+            self.experts[t.name] = open_state(path, self._template, what=what, dtype=self.dtype, prefixes=prefixes)
+            self.log(f"[bench] {what}: {path}")
+
+    @property
+    def identity(self) -> dict:
+        """What the bench's numbers depend on (for ``epmq.pipeline.run(identity=...)``): family,
+        base, dtype, seed, tasks with their experts and data, calibration and evaluation caps."""
+        c = self.config
+        return {
+            "family": self.family, "base": c.model.base, "pretrained": c.model.pretrained, "dtype": c.model.dtype,
+            "seed": c.seed, "calibration": [c.calibration.samples, c.calibration.batch_size],
+            "max_samples": dict(c.eval.max_samples), "decoding": c.eval.decoding if self.family == "hf_t5" else None,
+            "tasks": [{"name": t.name, "expert": t.expert, "data": t.data.describe(), "splits": t.data.splits,
+                       "val_size": t.data.val_size, "templates": t.templates or t.template, "classnames": t.classnames,
+                       "answers": t.answers} for t in c.tasks],
+        }
+
+    # ----------------------------------------------------------------- protocol
+
+    def model(self, state: Optional[StateDict] = None) -> nn.Module:
+        """A fresh model of the architecture with ``state`` (default: the base's) loaded, on the
+        bench's device, in eval mode."""
+        model = copy.deepcopy(self._template)
+        if state is not None and state is not self.base_state:
+            load_into(model, state, "the state")
+        return model.to(self.device).eval()
+
+    @property
+    def calibration(self) -> Dict[str, list]:
+        """task -> list of model inputs (batches) drawn from the task's training examples."""
+        if self._calibration is None:
+            self._calibration = {t: self._build_calibration(t) for t in self.task_names}
+        return self._calibration
+
+    @torch.no_grad()
+    def evaluate(self, model_or_state: Union[nn.Module, StateDict], split: str = "test",
+                 tasks: Optional[Sequence[str]] = None) -> Dict[str, float]:
+        """``{task: accuracy, ..., "avg": mean}`` of a model (any module called like the
+        template, quantized ones included) or a state dict, on ``split`` ("val" or "test")."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
+        tasks = list(tasks or self.task_names)
+        unknown = [t for t in tasks if t not in self.data]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: the bench has {self.task_names}")
+        model = model_or_state if isinstance(model_or_state, nn.Module) else self.model(model_or_state)
+        was_training = model.training
+        model.eval()
+        try:
+            out = {t: float(self._evaluate_task(model, t, split)) for t in tasks}
+        finally:
+            model.train(was_training)
+        out["avg"] = sum(out.values()) / len(out)
+        return out
+
+    def expert_accuracies(self, split: str = "test") -> Dict[str, float]:
+        """Each expert on its own task, and their mean (``"avg"``)."""
+        out = {}
+        for t in self.task_names:
+            model = self.model(self.experts[t])
+            out[t] = self.evaluate(model, split, tasks=[t])[t]
+            del model
+        out["avg"] = sum(out.values()) / len(out)
+        return out
+
+    # ----------------------------------------------------------------- family parts
+
+    def _evaluate_task(self, model: nn.Module, task: str, split: str) -> float:
+        raise NotImplementedError
+
+    def _build_calibration(self, task: str) -> list:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.family}, tasks={self.task_names}, device={self.device})"

@@ -1,0 +1,269 @@
+"""FLAN-T5 on GLUE (``family: hf_t5``): merge and quantize a whole ``T5ForConditionalGeneration``.
+
+* base: ``google/flan-t5-base`` or a local ``save_pretrained`` directory (with its tokenizer).
+* experts: full ``T5ForConditionalGeneration`` checkpoints (FusionBench's
+  ``tanganke/flan-t5-base_glue-<task>``). Tied tensors (the shared embedding and its aliases)
+  are read as ``from_pretrained`` reads them.
+* text to text: an example is written into the task's input template (``prompts.GLUE`` or the
+  task's ``template``); the answer is one of the task's answer strings (``answers``, one per
+  GLUE label) or, for a regression task (STS-B), the score written with one decimal.
+* data: HF ``datasets`` (``nyu-mll/glue``, configuration = the GLUE task) or local JSONL files
+  ``<root>/<split>.jsonl`` with GLUE's field names. GLUE's test labels are hidden, so the test
+  split is GLUE's validation split (``validation_matched`` for MNLI) and val is held out of train.
+
+Evaluation (deterministic, no sampling), ``eval.decoding``:
+
+``score`` (default)
+    the prediction is the candidate answer with the highest log-likelihood under the model
+    (sum over its tokens, end-of-sequence included). STS-B's candidates are the 51 scores
+    0.0, 0.1, ..., 5.0.
+``generate``
+    greedy decoding of at most ``eval.max_new_tokens`` tokens; a classification is right when
+    the decoded text equals the gold answer (exact match, stripped); an STS-B output that is not
+    a number counts as 2.5 (the middle of the scale).
+
+Metrics: accuracy for the classification tasks; for STS-B, Spearman's rank correlation between
+predicted and gold scores (GLUE's metric, as FusionBench reports it), which lies in [-1, 1]
+and is 0 when the predictions are constant. ``"avg"`` averages the tasks' metrics.
+
+Calibration items: ``{"input_ids", "attention_mask", "decoder_input_ids",
+"decoder_attention_mask"}`` of training examples with their gold answer as the decoder input
+(teacher forcing, shifted right), so both the encoder and the decoder see task data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import open_state, weights_in
+from .common import BenchBase, device_of
+from .config import BenchConfig, BenchConfigError
+from .data import make_task_data, open_text_sources
+from .prompts import STSB_GRID, glue_prompt, score_text, template_fields
+
+MAX_LOGIT_ELEMENTS = 1 << 27  # scoring works in chunks of at most this many logits
+
+
+@dataclass
+class TextTask:
+    name: str
+    template: str
+    answers: Optional[List[str]]  # by label index; None for regression
+    regression: bool
+    fields: List[str]
+
+    def prompt(self, example: dict) -> str:
+        return self.template.format(**{f: example[f] for f in self.fields})
+
+    def target(self, label) -> str:
+        return score_text(label) if self.regression else self.answers[int(label)]
+
+    @property
+    def candidates(self) -> List[str]:
+        return [score_text(v) for v in STSB_GRID] if self.regression else list(self.answers)
+
+
+def _text_task(spec) -> TextTask:
+    where = f"task {spec.name!r}"
+    default = glue_prompt(spec.glue_task) or {}
+    template = spec.template or default.get("template")
+    regression = spec.regression if spec.regression is not None else bool(default.get("regression", False))
+    answers = spec.answers or default.get("answers")
+    if template is None:
+        raise BenchConfigError(
+            f"{where}: {spec.glue_task!r} is not a GLUE task this bench knows (cola, mnli, mrpc, qnli, qqp, rte, "
+            f"sst2, stsb): give glue_task, or template and answers (or regression: true)"
+        )
+    if not regression and not answers:
+        raise BenchConfigError(f"{where}: a classification task needs answers (one string per label)")
+    fields = template_fields(template)
+    if not fields:
+        raise BenchConfigError(f"{where}: the template has no {{field}} to fill in: {template!r}")
+    return TextTask(spec.name, template, None if regression else list(answers), regression, fields)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); 0 when either side is constant."""
+
+    def ranks(x):
+        x = torch.as_tensor(x, dtype=torch.float64)
+        order = torch.argsort(x, stable=True)
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in torch.unique(x):  # average ranks of ties
+            m = x == v
+            if m.sum() > 1:
+                r[m] = r[m].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum()) / denom if denom > 0 else 0.0
+
+
+class T5GlueBench(BenchBase):
+    family = "hf_t5"
+
+    def __init__(self, config: BenchConfig, log):
+        super().__init__(config, log)
+        from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
+
+        self.base_dir = self._resolve(config.model.base, "model.base", "model", config.model.revision)
+        if not (self.base_dir / "config.json").is_file():
+            raise BenchConfigError(f"model.base: no config.json in {self.base_dir}: not a HF model directory")
+        model_type = AutoConfig.from_pretrained(self.base_dir).model_type
+        if model_type != "t5":
+            raise BenchConfigError(f"model.base ({self.base_dir}) is a {model_type!r} model, not T5")
+        if weights_in(self.base_dir) is None:
+            raise BenchConfigError(f"model.base: no weights in {self.base_dir}")
+        tok_source = config.model.tokenizer
+        tok_dir = self.base_dir if tok_source is None else self._resolve(tok_source, "model.tokenizer", "tokenizer")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        except Exception as e:
+            raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
+        # from_pretrained decides the tying of the embeddings and the head as transformers does
+        self._template = T5ForConditionalGeneration.from_pretrained(self.base_dir, dtype=self.dtype).eval()
+        self.base_state = open_state(self.base_dir, self._template, what="model.base", dtype=self.dtype)
+        self._open_experts()
+
+        self.tasks: Dict[str, TextTask] = {}
+        for t in config.tasks:
+            task = self.tasks[t.name] = _text_task(t)
+            sources = open_text_sources(t.name, t.data, task.fields)
+            self.data[t.name] = make_task_data(t.name, sources, t.data, seed=config.seed,
+                                               calib_samples=config.calibration.samples,
+                                               caps=config.eval.max_samples, log=log)
+            d = self.data[t.name]
+            self.log(f"[bench] task {t.name}: {'regression' if task.regression else f'{len(task.answers)} answers'}, "
+                     f"{t.data.describe()}; " + ", ".join(f"{s} {len(d.splits[s])}" for s in ("train", "val", "test")))
+        self._encoded: Dict[tuple, tuple] = {}
+
+    # ----------------------------------------------------------------- tokens
+
+    def _encode(self, task: str, split: str):
+        """``(input id lists, labels)`` of a task's split (``split`` may be "calibration")."""
+        key = (task, split)
+        if key not in self._encoded:
+            t = self.tasks[task]
+            part = self.data[task].calibration if split == "calibration" else self.data[task].splits[split]
+            examples = [part[k] for k in range(len(part))]
+            labels = [ex["label"] for ex in examples]
+            for lab in labels:
+                bad = lab is None or (float(lab) < 0 if t.regression else not 0 <= int(lab) < len(t.answers))
+                if bad:
+                    expected = "a score >= 0" if t.regression else f"a label in 0..{len(t.answers) - 1}"
+                    raise BenchConfigError(
+                        f"task {task!r}: the {split} split has label {lab!r}, expected {expected} (GLUE's test "
+                        f"split hides its labels as -1: use the validation split as test)"
+                    )
+            ids = self.tokenizer([t.prompt(ex) for ex in examples], truncation=True,
+                                 max_length=self.config.max_input_tokens)["input_ids"]
+            self._encoded[key] = (ids, labels)
+        return self._encoded[key]
+
+    def _pad(self, seqs: List[List[int]], device) -> tuple:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return ids.to(device), mask.to(device)
+
+    def _decoder_inputs(self, model_config, targets: List[List[int]], device):
+        """Teacher-forcing decoder inputs (targets shifted right) and the padded targets."""
+        start = model_config.decoder_start_token_id
+        start = self.tokenizer.pad_token_id if start is None else start
+        labels, mask = self._pad(targets, device)
+        dec = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+        dec_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+        return dec, dec_mask, labels, mask
+
+    def _batches(self, n_items: int, lengths: List[int]):
+        order = sorted(range(n_items), key=lambda i: lengths[i])
+        bs = self.config.eval.batch_size
+        for i in range(0, n_items, bs):
+            yield order[i:i + bs]
+
+    # ----------------------------------------------------------------- evaluation
+
+    def _evaluate_task(self, model: nn.Module, task: str, split: str) -> float:
+        t = self.tasks[task]
+        ids, labels = self._encode(task, split)
+        device = device_of(model)
+        preds: List = [None] * len(ids)
+        if self.config.eval.decoding == "score":
+            cands = t.candidates
+            cand_ids = self.tokenizer(cands)["input_ids"]
+            for batch in self._batches(len(ids), [len(s) for s in ids]):
+                scores = self._score(model, [ids[i] for i in batch], cand_ids, device)
+                best = scores.argmax(-1).tolist()
+                for i, b in zip(batch, best):
+                    preds[i] = STSB_GRID[b] if t.regression else b
+        else:
+            for batch in self._batches(len(ids), [len(s) for s in ids]):
+                inp, mask = self._pad([ids[i] for i in batch], device)
+                out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=self.config.eval.max_new_tokens,
+                                     do_sample=False, num_beams=1)
+                texts = [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+                for i, text in zip(batch, texts):
+                    if t.regression:
+                        try:
+                            preds[i] = float(text)
+                        except ValueError:
+                            preds[i] = 2.5
+                    else:
+                        preds[i] = t.answers.index(text) if text in t.answers else -1
+        if t.regression:
+            return spearman(preds, [float(v) for v in labels])
+        return sum(int(p == int(y)) for p, y in zip(preds, labels)) / len(labels)
+
+    @torch.no_grad()
+    def _score(self, model: nn.Module, inputs: List[List[int]], cand_ids: List[List[int]], device) -> torch.Tensor:
+        """``[B, C]`` log-likelihoods of every candidate answer given every input."""
+        inp, mask = self._pad(inputs, device)
+        enc = model.get_encoder()(input_ids=inp, attention_mask=mask).last_hidden_state  # [B, L, d]
+        dec, _, labels, lmask = self._decoder_inputs(model.config, cand_ids, device)  # [C, T]
+        B, C, T = enc.shape[0], len(cand_ids), labels.shape[1]
+        vocab = model.config.vocab_size
+        per_chunk = max(1, MAX_LOGIT_ELEMENTS // max(1, T * vocab))  # (input, candidate) rows per forward
+        rows = [(b, c) for b in range(B) for c in range(C)]
+        scores = torch.empty(B, C, dtype=torch.float64)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        for i in range(0, len(rows), per_chunk):
+            chunk = rows[i:i + per_chunk]
+            bi = torch.tensor([b for b, _ in chunk], device=device)
+            ci = torch.tensor([c for _, c in chunk], device=device)
+            out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc[bi]), attention_mask=mask[bi],
+                        decoder_input_ids=dec[ci])
+            logp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, labels[ci].unsqueeze(-1)).squeeze(-1)
+            total = (logp * lmask[ci]).sum(-1).double().cpu()
+            for (b, c), v in zip(chunk, total.tolist()):
+                scores[b, c] = v
+        return scores
+
+    # ----------------------------------------------------------------- calibration
+
+    def _build_calibration(self, task: str) -> list:
+        t = self.tasks[task]
+        ids, labels = self._encode(task, "calibration")
+        targets = self.tokenizer([t.target(y) for y in labels])["input_ids"]
+        cpu = torch.device("cpu")
+        items = []
+        bs = self.config.calibration.batch_size
+        for i in range(0, len(ids), bs):
+            inp, mask = self._pad(ids[i:i + bs], cpu)
+            dec, dec_mask, _, _ = self._decoder_inputs(self._template.config, targets[i:i + bs], cpu)
+            items.append({"input_ids": inp, "attention_mask": mask, "decoder_input_ids": dec,
+                          "decoder_attention_mask": dec_mask})
+        return items

@@ -1,0 +1,374 @@
+"""The whole post-merge-quantization experiment: merge, quantize, evaluate, report.
+
+A *bench* supplies the models, data and evaluation; the pipeline does the rest the same way for
+the embedded demo and for real checkpoints. A bench has:
+
+    task_names                  list of task names
+    base_state                  the pretrained model's state dict (a Mapping; may be lazy)
+    experts                     task -> expert state dict (a Mapping; may be lazy)
+    model(state) -> nn.Module   a fresh model of the architecture with ``state`` loaded
+    calibration                 task -> iterable of model inputs at the quantized model
+    evaluate(model_or_state, split) -> {task: accuracy, ..., "avg": mean}
+    expert_accuracies(split)    each expert on its own task, and "avg"
+
+Every step's result goes into ``<out>/results.json`` as soon as it is done (written
+atomically), keyed by what it depends on, so an interrupted run resumes where it stopped.
+Merge scales and E-PMQ anchors are chosen on the validation split, never on test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import merge as merge_lib
+from .spec import QuantSpec
+
+MERGE_METHODS = ("task_arithmetic", "ties", "dare", "average")
+QUANT_METHODS = ("rtn", "gptq", "epmq")
+TARGETS = ("merged_path", "expert_path", "fp_path")
+LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
+
+
+@dataclass
+class MergePlan:
+    """One merge: ``method`` of ``epmq.merge`` with ``params``; the scale is chosen on
+    validation among ``scales`` (a single value means no choice)."""
+
+    method: str
+    scales: list = field(default_factory=lambda: [0.3])
+    params: dict = field(default_factory=dict)
+    label: Optional[str] = None
+
+    def __post_init__(self):
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {self.method!r}: one of {', '.join(MERGE_METHODS)}")
+        if not isinstance(self.scales, (list, tuple)):
+            self.scales = [self.scales]
+        if not self.scales:
+            raise ValueError(f"merge {self.method}: no scale to choose from")
+        self.label = self.label or {"task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "average": "Avg"}[self.method]
+
+
+@dataclass
+class Control:
+    """An extra quantizer row: ``method`` with ``targets`` (e.g. GPTQ with fp-path targets)."""
+
+    method: str
+    targets: str
+    label: str
+
+
+@dataclass
+class Plan:
+    merges: list = field(default_factory=lambda: [MergePlan("task_arithmetic")])
+    methods: list = field(default_factory=lambda: list(QUANT_METHODS))
+    bits: list = field(default_factory=lambda: [4, 3, 2])
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    anchors: list = field(default_factory=lambda: [1.0])
+    weight_anchor: float = 0.0
+    targets: str = "merged_path"
+    controls: list = field(default_factory=lambda: [Control("gptq", "fp_path", "GPTQ fp-path")])
+    save_checkpoints: bool = True
+    backend: Optional[str] = None
+
+    def __post_init__(self):
+        self.merges = [m if isinstance(m, MergePlan) else MergePlan(**m) for m in self.merges]
+        self.controls = [c if isinstance(c, Control) else Control(**c) for c in self.controls]
+        for m in self.methods:
+            if m not in QUANT_METHODS:
+                raise ValueError(f"unknown quantization method {m!r}: one of {', '.join(QUANT_METHODS)}")
+        for c in self.controls:
+            if c.method not in QUANT_METHODS or c.targets not in TARGETS:
+                raise ValueError(f"control {c.label!r}: method must be one of {QUANT_METHODS}, targets one of {TARGETS}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
+        if not self.anchors or any(a < 0 for a in self.anchors):
+            raise ValueError(f"anchors must be a non-empty list of values >= 0, got {self.anchors}")
+        for b in self.bits:
+            self.spec(b)  # validates bits and group size early, with QuantSpec's message
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym,
+                         act_order=self.act_order, static_groups=self.static_groups)
+
+    @classmethod
+    def from_config(cls, merge: Optional[list], quantize: Optional[dict]) -> "Plan":
+        """A plan from a config's ``merge`` list and ``quantize`` section; unknown keys raise."""
+        fields = {f for f in cls.__dataclass_fields__ if f != "merges"}
+        quantize = dict(quantize or {})
+        unknown = sorted(set(quantize) - fields)
+        if unknown:
+            raise ValueError(f"quantize: unknown keys {unknown}; allowed: {sorted(fields)}")
+        merges = []
+        for i, m in enumerate(merge or [{"method": "task_arithmetic"}]):
+            if not isinstance(m, dict):
+                raise ValueError(f"merge[{i}] must be a mapping with a method, got {m!r}")
+            allowed = {"method", "scales", "scale", "params", "label"}
+            bad = sorted(set(m) - allowed)
+            if bad:
+                raise ValueError(f"merge[{i}]: unknown keys {bad}; allowed: {sorted(allowed)}")
+            m = dict(m)
+            if "scale" in m:
+                m["scales"] = m.pop("scale")
+            if "method" not in m:
+                raise ValueError(f"merge[{i}] needs a method ({', '.join(MERGE_METHODS)})")
+            merges.append(MergePlan(**m))
+        return cls(merges=merges, **quantize)
+
+
+# --------------------------------------------------------------------------- results store
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """``results.json``: one entry a step, each remembering the parameters it was run with."""
+
+    def __init__(self, out_dir: Path, identity: dict, resume: bool):
+        self.path = Path(out_dir) / "results.json"
+        self.identity = identity
+        self.data = {"identity": identity, "steps": {}}
+        if resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            if old.get("identity") == identity:
+                self.data = old
+
+    def get(self, key: str, params: dict):
+        step = self.data["steps"].get(key)
+        if step is not None and step.get("params_digest") == _digest(params):
+            return step
+        return None
+
+    def put(self, key: str, params: dict, result: dict) -> dict:
+        result = dict(result, params=params, params_digest=_digest(params))
+        self.data["steps"][key] = result
+        write_json_atomic(self.path, self.data)
+        return result
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _merged_state(bench, plan: MergePlan, scale):
+    experts = [bench.experts[t] for t in bench.task_names]
+    if plan.method == "average":
+        return merge_lib.average(experts)
+    fn = getattr(merge_lib, plan.method)
+    return fn(bench.base_state, experts, scale=scale, **plan.params)
+
+
+class Runner:
+    def __init__(self, bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
+                 identity: Optional[dict] = None):
+        self.bench, self.plan, self.out = bench, plan, Path(out_dir)
+        self.progress, self.log = progress, log
+        self.store = Store(self.out, identity or {"tasks": list(bench.task_names)}, resume)
+
+    def step(self, key: str, params: dict, fn: Callable[[], dict]) -> dict:
+        done = self.store.get(key, params)
+        if done is not None:
+            self.log(f"[resume] {key}: done before")
+            return done
+        t0 = time.perf_counter()
+        result = fn()
+        result["seconds"] = time.perf_counter() - t0
+        self.log(f"{key}: avg val {result.get('val', {}).get('avg', float('nan')):.4f} "
+                 f"test {result.get('test', {}).get('avg', float('nan')):.4f} ({result['seconds']:.1f} s)")
+        return self.store.put(key, params, result)
+
+    def evaluate(self, model_or_state) -> dict:
+        return {"val": self.bench.evaluate(model_or_state, split="val"),
+                "test": self.bench.evaluate(model_or_state, split="test")}
+
+    def run(self) -> dict:
+        bench, plan = self.bench, self.plan
+        self.step("base", {}, lambda: self.evaluate(bench.base_state))
+        self.step("experts", {}, lambda: {"val": bench.expert_accuracies("val"),
+                                          "test": bench.expert_accuracies("test")})
+        for mp in plan.merges:
+            merge_params = {"method": mp.method, "scales": list(mp.scales), "params": mp.params}
+            merged = self.step(f"merge/{mp.label}", merge_params, lambda mp=mp: self._choose_scale(mp))
+            state = _merged_state(bench, mp, merged["scale"])
+            for bits in plan.bits:
+                for method in plan.methods:
+                    targets = plan.targets if method == "epmq" else "merged_path"
+                    self._quantize_rows(mp, merged["scale"], state, bits, method, targets, LABELS[method])
+                for c in plan.controls:
+                    self._quantize_rows(mp, merged["scale"], state, bits, c.method, c.targets, c.label)
+        return self.store.data
+
+    def _choose_scale(self, mp: MergePlan) -> dict:
+        scores = {}
+        best = None
+        for s in mp.scales:
+            acc = self.bench.evaluate(_merged_state(self.bench, mp, s), split="val")
+            scores[str(s)] = acc["avg"]
+            if best is None or acc["avg"] > best[0]:
+                best = (acc["avg"], s)
+        scale = best[1]
+        return dict(self.evaluate(_merged_state(self.bench, mp, scale)), scale=scale, val_by_scale=scores)
+
+    def _quantize_rows(self, mp, scale, state, bits, method, targets, label):
+        anchors = self.plan.anchors if method == "epmq" else [None]
+        runs = []
+        for anchor in anchors:
+            params = {"merge": mp.label, "scale": scale, "spec": self.plan.spec(bits).to_dict(),
+                      "method": method, "targets": targets, "anchor": anchor,
+                      "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
+            key = f"quant/{mp.label}/w{bits}/{label}" + (f"/anchor={anchor:g}" if anchor is not None else "")
+            runs.append(self.step(key, params, lambda a=anchor, p=params: self._quantize(state, bits, method, targets, a, p)))
+        if len(runs) > 1:
+            best = max(runs, key=lambda r: r["val"]["avg"])  # chosen on validation
+            self.store.put(f"quant/{mp.label}/w{bits}/{label}", {"chosen_from": [r["params"]["anchor"] for r in runs]},
+                           dict(best, chosen_anchor=best["params"]["anchor"]))
+
+    def _quantize(self, state, bits, method, targets, anchor, params) -> dict:
+        from . import quantize_model, save_quantized
+
+        bench, plan = self.bench, self.plan
+        model = bench.model(state)
+        kwargs = dict(method=method, calibration=bench.calibration, targets=targets,
+                      backend=plan.backend, progress=self.progress)
+        if method == "epmq":
+            kwargs["experts"] = {t: bench.experts[t] for t in bench.task_names}
+            kwargs.update(anchor=anchor, weight_anchor=plan.weight_anchor)
+        model = quantize_model(model, plan.spec(bits), **kwargs)
+        result = self.evaluate(model)
+        report = getattr(model, "epmq_report", None)
+        if report is not None:
+            result["layers"] = len(report.layers)
+            result["loss"] = sum(r.get("loss") or 0.0 for r in report.layers)
+        if plan.save_checkpoints:
+            name = "-".join(str(v) for v in (params["merge"], f"w{bits}", method, targets, anchor) if v is not None)
+            path = self.out / "checkpoints" / name
+            save_quantized(model, path)
+            result["checkpoint"] = str(path)
+        return result
+
+
+def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
+        identity: Optional[dict] = None) -> dict:
+    """Run ``plan`` on ``bench``, writing ``<out_dir>/results.json``; returns its content."""
+    return Runner(bench, plan, out_dir, resume=resume, progress=progress, log=log, identity=identity).run()
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def table_rows(results: dict, plan: Plan) -> list:
+    """``(label, {task: acc, "avg": acc})`` rows in the paper's shape (test split)."""
+    steps = results["steps"]
+    rows = [("Base (zero-shot)", steps["base"]["test"]), ("Experts (individual)", steps["experts"]["test"])]
+    labels = [LABELS[m] for m in plan.methods] + [c.label for c in plan.controls]
+    for mp in plan.merges:
+        merged = steps.get(f"merge/{mp.label}")
+        if merged is None:
+            continue
+        rows.append((f"{mp.label} fp32 (scale {merged['scale']:g})", merged["test"]))
+        for bits in plan.bits:
+            for label in labels:
+                step = steps.get(f"quant/{mp.label}/w{bits}/{label}")
+                if step is not None:
+                    extra = f" (anchor {step['chosen_anchor']:g})" if "chosen_anchor" in step else ""
+                    rows.append((f"{mp.label} w{bits} {label}{extra}", step["test"]))
+    return rows
+
+
+def format_table(rows: list, tasks: list) -> str:
+    width = max(len(r[0]) for r in rows)
+    head = f"| {'':<{width}} | " + " | ".join(f"{t[:8]:>8}" for t in tasks) + " |      avg |"
+    line = "|" + "-" * (width + 2) + "|" + "|".join("-" * 10 for _ in tasks) + "|----------|"
+    body = [f"| {label:<{width}} | " + " | ".join(f"{100 * accs.get(t, float('nan')):8.1f}" for t in tasks)
+            + f" | {100 * accs['avg']:8.1f} |" for label, accs in rows]
+    return "\n".join([head, line] + body)
+
+
+def ablation_rows(results: dict, plan: Plan) -> list:
+    """E-PMQ's validation and test average for every anchor tried, per merge and bit width."""
+    steps = results["steps"]
+    out = []
+    for mp in plan.merges:
+        for bits in plan.bits:
+            for anchor in plan.anchors:
+                step = steps.get(f"quant/{mp.label}/w{bits}/E-PMQ/anchor={anchor:g}")
+                if step is not None:
+                    out.append((mp.label, bits, anchor, step["val"]["avg"], step["test"]["avg"]))
+    return out
+
+
+def format_ablation(rows: list) -> str:
+    lines = ["| merge | bits | anchor | val avg | test avg |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {b} | {a:g} | {100 * v:.1f} | {100 * t:.1f} |" for m, b, a, v, t in rows]
+    return "\n".join(lines)
+
+
+def plot(results: dict, plan: Plan, path) -> None:
+    """Average test accuracy per bit width and quantizer, one panel a merge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = results["steps"]
+    labels = [LABELS[m] for m in plan.methods] + [c.label for c in plan.controls]
+    fig, axes = plt.subplots(1, len(plan.merges), figsize=(5.5 * len(plan.merges), 4), squeeze=False)
+    for ax, mp in zip(axes[0], plan.merges):
+        merged = steps.get(f"merge/{mp.label}")
+        if merged is None:
+            continue
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            ys = [100 * steps.get(f"quant/{mp.label}/w{b}/{label}", {}).get("test", {}).get("avg", float("nan"))
+                  for b in plan.bits]
+            ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(plan.bits))], ys, width, label=label)
+        ax.axhline(100 * merged["test"]["avg"], color="k", ls="--", lw=1, label=f"{mp.label} fp32")
+        ax.axhline(100 * steps["experts"]["test"]["avg"], color="g", ls=":", lw=1, label="experts")
+        ax.axhline(100 * steps["base"]["test"]["avg"], color="grey", ls="-.", lw=1, label="base")
+        ax.set_xticks(range(len(plan.bits)), [f"{b}-bit" for b in plan.bits])
+        ax.set_ylabel("average test accuracy (%)")
+        ax.set_title(f"{mp.label} (scale {merged['scale']:g})")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
+    """Print-ready tables; also writes ``table.md`` and ``accuracy.png`` into ``out_dir``."""
+    text = format_table(table_rows(results, plan), tasks)
+    ablation = ablation_rows(results, plan)
+    if len(plan.anchors) > 1 and ablation:
+        text += "\n\nE-PMQ anchor ablation (chosen on validation):\n" + format_ablation(ablation)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    plot(results, plan, out / "accuracy.png")
+    return text
+
+
+def plan_dict(plan: Plan) -> dict:
+    return asdict(plan)

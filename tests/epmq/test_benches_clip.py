@@ -1,0 +1,321 @@
+"""The HF CLIP bench on a tiny random CLIPModel written in the real layouts (no hub, no network)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epmq.benches import BenchConfigError, build_bench
+from epmq.benches.checkpoints import LazyStateDict
+from epmq.benches.clip import HFClipBench
+from epmq.benches.tiny import write_tiny_clip
+from epmq.merge import task_arithmetic
+
+TASKS = ("alpha", "beta")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_clip")
+    config = write_tiny_clip(root, TASKS)
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def bench(tiny):
+    root, config = tiny
+    return build_bench(config, base_dir=root, progress=False)
+
+
+def _in_unit_interval(acc, tasks):
+    assert set(acc) == set(tasks) | {"avg"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert acc["avg"] == pytest.approx(sum(acc[t] for t in tasks) / len(tasks))
+
+
+def test_structure(bench):
+    assert isinstance(bench, HFClipBench)
+    assert bench.task_names == list(TASKS)
+    model = bench.model()
+    assert type(model).__name__ == "CLIPVisionModel"
+    assert set(bench.base_state.keys()) == set(model.state_dict().keys())
+    assert bench.data["alpha"].classnames == ["class a", "class b", "class c"]
+    # the held-out val and the calibration examples come out of train, disjoint
+    d = bench.data["alpha"]
+    assert not set(d.splits["val"].indices) & set(d.splits["train"].indices)
+    assert set(d.calibration.indices) <= set(d.splits["train"].indices)
+    assert len(d.splits["train"]) + len(d.splits["val"]) == 18 and len(d.splits["test"]) == 9
+
+
+def test_experts_are_lazy_and_read_the_checkpoints(bench, tiny, monkeypatch):
+    from safetensors.torch import load_file
+
+    root, _ = tiny
+    names = set(bench.model().state_dict().keys())
+    for task in TASKS:
+        expert = bench.experts[task]
+        assert isinstance(expert, LazyStateDict) and set(expert.keys()) == names
+        reads = []
+        real_get = expert.reader.get
+        monkeypatch.setattr(expert.reader, "get", lambda key, real_get=real_get: reads.append(key) or real_get(key))
+        w = expert["encoder.layers.1.mlp.fc1.weight"]
+        assert len(reads) == 1  # one tensor read, nothing else
+        files = {}
+        for f in sorted((root / "experts" / task).glob("*.safetensors")):
+            files.update(load_file(f))
+        key = expert.checkpoint_key("encoder.layers.1.mlp.fc1.weight")
+        assert key == ("encoder." if task == "alpha" else "vision_model.encoder.") + "layers.1.mlp.fc1.weight"
+        assert torch.equal(w, files[key])
+        assert not torch.equal(w, bench.base_state["encoder.layers.1.mlp.fc1.weight"])
+
+
+def test_merge_reads_each_expert_tensor_once(bench, monkeypatch):
+    counts = {t: 0 for t in TASKS}
+    for t in TASKS:
+        real_get = bench.experts[t].reader.get
+
+        def counting(key, t=t, real_get=real_get):
+            counts[t] += 1
+            return real_get(key)
+
+        monkeypatch.setattr(bench.experts[t].reader, "get", counting)
+    merged = task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3)
+    assert counts == {t: len(bench.base_state) for t in TASKS}
+    assert set(merged) == set(bench.base_state)
+    bench.model(merged)  # loads
+
+
+def test_calibration_batches(bench):
+    calib = bench.calibration
+    assert set(calib) == set(TASKS)
+    for items in calib.values():
+        assert len(items) == 2  # 4 samples in batches of 2
+        for item in items:
+            assert set(item) == {"pixel_values"}
+            assert item["pixel_values"].shape == (2, 3, 16, 16) and item["pixel_values"].dtype == torch.float32
+
+
+def test_evaluate_base_expert_merged_and_module(bench):
+    merged = task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3)
+    for split in ("val", "test"):
+        for state in (bench.base_state, bench.experts["alpha"], merged):
+            _in_unit_interval(bench.evaluate(state, split), TASKS)
+    model = bench.model(merged)
+    assert bench.evaluate(model, "test") == bench.evaluate(merged, "test")
+    experts = bench.expert_accuracies("test")
+    _in_unit_interval(experts, TASKS)
+    assert experts["beta"] == bench.evaluate(bench.experts["beta"], "test", tasks=["beta"])["beta"]
+    with pytest.raises(ValueError, match="split must be"):
+        bench.evaluate(bench.base_state, "train")
+
+
+def test_heads_come_from_the_text_tower(bench, tiny):
+    from transformers import AutoTokenizer, CLIPModel
+
+    root, _ = tiny
+    heads = bench.heads
+    assert {t: tuple(h.shape) for t, h in heads.items()} == {t: (3, 16) for t in TASKS}
+    assert torch.allclose(heads["alpha"].norm(dim=-1), torch.ones(3))
+    # by hand: CLIPModel's text tower and projection over the templates, averaged per class
+    clip = CLIPModel.from_pretrained(root / "base").eval()
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    templates = bench.templates("alpha")
+    rows = []
+    with torch.no_grad():
+        for c in ["class a", "class b", "class c"]:
+            t = tok([tpl.format(c) for tpl in templates], padding=True, return_tensors="pt")
+            emb = clip.text_projection(clip.text_model(**t).pooler_output)
+            rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+    assert torch.allclose(heads["alpha"], torch.stack(rows), atol=1e-5)
+    # and the image side is CLIP's: vision tower pooled output through the visual projection
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = clip.visual_projection(clip.vision_model(pixel_values=x).pooler_output)
+        got = bench._image_features(bench.model(), x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert bench.logit_scale == pytest.approx(float(clip.logit_scale.detach().exp()))
+
+
+def test_preprocessing_matches_the_image_processor(tiny):
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    root, config = tiny
+    bench = build_bench(config, base_dir=root, progress=False)
+    img = Image.open(next((root / "data" / "alpha" / "test" / "class_b").glob("*.png")))
+    want = CLIPImageProcessor.from_pretrained(root / "base")(images=img, return_tensors="pt")["pixel_values"]
+    got = bench.prep.normalize(bench.prep.uint8(img)[None])
+    assert got.shape == want.shape == (1, 3, 16, 16)
+    assert (got - want).abs().max() < 0.05  # resampling implementations differ by a grey level or so
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_image_cache(tiny, tmp_path, monkeypatch, cache):
+    root, config = tiny
+    config = dict(config, eval=dict(config["eval"], cache=cache, cache_dir=str(tmp_path / "cache")))
+    bench = build_bench(config, base_dir=root, progress=False)
+    first = bench.evaluate(bench.base_state, "test")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(bench, "_loader", no_decoding)
+    assert bench.evaluate(bench.base_state, "test") == first
+    if cache == "disk":  # a new bench finds the crops on disk
+        again = build_bench(config, base_dir=root, progress=False)
+        monkeypatch.setattr(again, "_loader", no_decoding)
+        assert again.evaluate(again.base_state, "test") == first
+        assert len(list((tmp_path / "cache").glob("*.done"))) == 2
+
+
+def _broken(tiny, tmp_path, edit):
+    root, config = tiny
+    config = json.loads(json.dumps(config))
+    edit(config)
+    return lambda: build_bench(config, base_dir=root, progress=False)
+
+
+def test_build_errors(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root, config = tiny
+
+    def expert(path, task=0):
+        return lambda c: c["tasks"][task].update(expert=path)
+
+    cases = [
+        (expert("experts/nowhere/at/all"), "no such file or directory"),
+        (expert("no-such-org/no-such-expert"), "could not be fetched from the HF hub"),
+        (lambda c: c["model"].update(base="experts/alpha"), "not a CLIPModel"),
+        (lambda c: c["tasks"][0].update(data={"splits": {"test": "holdout"}}), "missing data split 'holdout'"),
+        (lambda c: c["tasks"][1].update(classnames=["x", "y"]), "2 classnames given, the data has 3"),
+        (lambda c: c["data"].update(val_size=18), "nothing left for calibration"),
+    ]
+    for edit, message in cases:
+        if "HF hub" in message:
+            edit = (lambda e: (lambda c: (e(c), c["model"].update(offline=True))))(edit)
+        with pytest.raises(BenchConfigError, match=message):
+            _broken(tiny, tmp_path, edit)()
+
+    # an expert of another architecture: a tensor of the wrong shape, or tensors missing
+    state = load_file(root / "experts" / "alpha" / "model.safetensors")
+    state["post_layernorm.weight"] = torch.ones(33)
+    save_file(state, str(tmp_path / "wrong_shape.safetensors"))
+    del state["post_layernorm.weight"], state["post_layernorm.bias"]
+    save_file(state, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(BenchConfigError, match="'post_layernorm.weight' has shape"):
+        _broken(tiny, tmp_path, expert(str(tmp_path / "wrong_shape.safetensors")))()
+    with pytest.raises(BenchConfigError, match="lacks 2 of the model's"):
+        _broken(tiny, tmp_path, expert(str(tmp_path / "missing.safetensors")))()
+    # a shard listed in the index but gone
+    shutil.copytree(root / "experts" / "beta", tmp_path / "beta")
+    (tmp_path / "beta" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(BenchConfigError, match="shard"):
+        _broken(tiny, tmp_path, expert(str(tmp_path / "beta"), task=1))()
+
+
+def test_pipeline_end_to_end(bench, tmp_path):
+    """One merge, RTN + GPTQ + E-PMQ at 8 bits with one anchor, through epmq.pipeline.run."""
+    import epmq
+    from epmq.pipeline import MergePlan, Plan, run
+
+    assert hasattr(epmq, "quantize_model")
+    plan = Plan(merges=[MergePlan("task_arithmetic", scales=[0.2, 0.4])], methods=["rtn", "gptq", "epmq"],
+                bits=[8], group_size=16, anchors=[1.0], controls=[])
+    results = run(bench, plan, tmp_path / "run", progress=False, log=lambda m: None, identity=bench.identity)
+    steps = results["steps"]
+    assert {"base", "experts", "merge/TA", "quant/TA/w8/RTN", "quant/TA/w8/GPTQ",
+            "quant/TA/w8/E-PMQ/anchor=1"} <= set(steps)
+    merged = steps["merge/TA"]
+    assert merged["scale"] in (0.2, 0.4) and set(merged["val_by_scale"]) == {"0.2", "0.4"}
+    for key in ("base", "experts", "merge/TA", "quant/TA/w8/RTN", "quant/TA/w8/GPTQ", "quant/TA/w8/E-PMQ/anchor=1"):
+        for split in ("val", "test"):
+            _in_unit_interval(steps[key][split], TASKS)
+    assert steps["quant/TA/w8/GPTQ"]["layers"] == 12  # 2 blocks x (q, k, v, out, fc1, fc2)
+    # 8-bit quantization barely moves the predictions of a tiny model
+    assert abs(steps["quant/TA/w8/RTN"]["test"]["avg"] - merged["test"]["avg"]) <= 0.2
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+# --------------------------------------------------------------------------- HF datasets (faked)
+
+
+class _ClassLabel:
+    def __init__(self, names):
+        self.names = names
+
+
+class _Dataset:
+    """What the bench uses of a ``datasets.Dataset``: len, rows as dicts, column_names, features."""
+
+    def __init__(self, rows, features):
+        self.rows, self.features, self.column_names = rows, features, list(rows[0])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return dict(self.rows[i])
+
+
+def fake_datasets(monkeypatch, splits, features, calls):
+    import sys
+    import types
+
+    module = types.ModuleType("datasets")
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split))
+        if split not in splits:
+            raise ValueError(f'Unknown split "{split}". Should be one of {list(splits)}.')
+        return _Dataset(splits[split], features)
+
+    module.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", module)
+
+
+def test_hf_image_dataset(tiny, monkeypatch):
+    from PIL import Image
+
+    root, config = tiny
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(n):
+        return [{"img": Image.fromarray((torch.rand(20, 20, 3, generator=gen) * 255).to(torch.uint8).numpy()),
+                 "label": i % 2} for i in range(n)]
+
+    calls = []
+    fake_datasets(monkeypatch, {"train": rows(10), "test": rows(4)},
+                  {"img": None, "label": _ClassLabel(["/a/apartment_building/outdoor", "Annual_Crop"])}, calls)
+    config = dict(config, tasks=[{"name": "alpha", "expert": "experts/alpha",
+                                  "data": {"path": "org/alpha", "name": "cfg", "image_column": "img"}}])
+    bench = build_bench(config, base_dir=root, progress=False)
+    assert ("org/alpha", "cfg", "train") in calls and ("org/alpha", "cfg", "test") in calls
+    assert bench.data["alpha"].classnames == ["apartment building outdoor", "Annual Crop"]
+    assert bench.heads["alpha"].shape == (2, 16)
+    acc = bench.evaluate(bench.base_state, "test")
+    assert 0 <= acc["alpha"] <= 1
+    assert bench.calibration["alpha"][0]["pixel_values"].shape == (2, 3, 16, 16)
+
+    cases = [({"splits": {"test": "validation"}}, "has no split 'validation'"),
+             ({"image_column": "image"}, "has no column 'image'")]
+    for extra, message in cases:
+        bad = dict(config, tasks=[dict(config["tasks"][0], data=dict(config["tasks"][0]["data"], **extra))])
+        with pytest.raises(BenchConfigError, match=message):
+            build_bench(bad, base_dir=root, progress=False)
+    fake_datasets(monkeypatch, {"train": rows(10), "test": rows(4)}, {"img": None, "label": None}, calls)
+    with pytest.raises(BenchConfigError, match="list them in the task's classnames"):
+        build_bench(config, base_dir=root, progress=False)
+    named = dict(config, tasks=[dict(config["tasks"][0], classnames=["zero", "one"])])
+    assert build_bench(named, base_dir=root, progress=False).data["alpha"].classnames == ["zero", "one"]

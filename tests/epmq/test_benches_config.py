@@ -1,0 +1,147 @@
+"""The bench config schema: defaults, per-task overrides, and a clear error for every bad config."""
+
+import copy
+import importlib.util
+
+import pytest
+
+from epmq.benches import BenchConfigError, build_bench, load_config, parse_config
+from epmq.benches.data import readable
+from epmq.benches.prompts import image_templates
+
+CLIP = {
+    "model": {"family": "hf_clip", "base": "base"},
+    "tasks": [{"name": "a", "expert": "experts/a", "data": {"root": "data/a"}}],
+}
+
+
+def with_(config, path, value):
+    """A copy of ``config`` with the dotted ``path`` set to ``value`` (None deletes it)."""
+    config = copy.deepcopy(config)
+    *parents, last = path.split(".")
+    node = config
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return config
+
+
+def test_defaults_and_paths(tmp_path):
+    cfg = parse_config(CLIP, base_dir=tmp_path)
+    (task,) = cfg.tasks
+    assert cfg.model.family == "hf_clip" and cfg.model.device == "auto" and cfg.seed == 0
+    assert task.data.source == "folder" and task.data.root == tmp_path / "data/a"
+    assert task.data.splits == {"train": "train", "val": None, "test": "test"}
+    assert cfg.calibration.samples == 128 and cfg.eval.max_samples == {"val": None, "test": None}
+
+
+def test_shared_data_section_and_task_overrides(tmp_path):
+    raw = {
+        "model": {"family": "hf_clip", "base": "b"},
+        "tasks": {"x": {"expert": "e/x"},
+                  "y": {"expert": "e/y", "data": {"path": "org/y", "splits": {"test": "valid"}}}},
+        "data": {"root": "shared", "splits": {"val": "validation"}, "val_size": 50,
+                 "calibration": {"samples": 7, "batch_size": 3}},
+        "eval": {"max_samples": 100},
+    }
+    cfg = parse_config(raw, base_dir=tmp_path)
+    x, y = cfg.tasks
+    assert (x.name, x.data.source, x.data.root) == ("x", "folder", tmp_path / "shared" / "x")
+    assert (y.data.source, y.data.path) == ("hf", "org/y")
+    assert y.data.splits == {"train": "train", "val": "validation", "test": "valid"}
+    assert (cfg.calibration.samples, cfg.calibration.batch_size) == (7, 3)
+    assert cfg.eval.max_samples == {"val": 100, "test": 100}
+
+
+def test_a_task_own_data_beats_the_shared_section(tmp_path):
+    raw = {"model": {"family": "hf_t5", "base": "b"}, "data": {"path": "org/glue-copy"},
+           "tasks": [{"name": "rte", "expert": "e", "data": {"root": "local/rte"}}, {"name": "cola", "expert": "e"}]}
+    rte, cola = parse_config(raw, base_dir=tmp_path).tasks
+    assert (rte.data.source, rte.data.root) == ("jsonl", tmp_path / "local/rte")
+    assert (cola.data.source, cola.data.path, cola.data.name) == ("hf", "org/glue-copy", "cola")
+
+
+def test_t5_defaults_to_glue():
+    cfg = parse_config({"model": {"family": "hf_t5", "base": "b"},
+                        "tasks": [{"name": "mnli", "expert": "e"}, {"name": "cola", "expert": "e"}]})
+    mnli, cola = cfg.tasks
+    assert (mnli.data.source, mnli.data.path, mnli.data.name) == ("hf", "nyu-mll/glue", "mnli")
+    assert mnli.data.splits["test"] == "validation_matched" and cola.data.splits["test"] == "validation"
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("model.family", "resnet", "unknown model family 'resnet'"),
+    ("model.base", None, "model.base is missing"),
+    ("model.dtype", "int8", "model.dtype must be one of"),
+    ("model.device", "tpu", "model.device must be"),
+    ("model.pretrained", "openai", "open_clip family only"),
+    ("model.colour", "red", "unknown key(s) 'colour' in model"),
+    ("tasks.0.expert", None, "task 'a' has no expert"),
+    ("tasks.0.data", None, "task 'a' has no data"),
+    ("tasks.0.data.splits", {"test": None}, "splits.test is missing"),
+    ("tasks.0.data.source", "jsonl", "jsonl holds text"),
+    ("tasks.0.data.val_size", 0, "val_size must be"),
+    ("tasks.0.templates", ["no placeholder"], "exactly one '{}'"),
+    ("tasks.0.answers", ["yes", "no"], "answers do not apply to the hf_clip family"),
+    ("tasks.0.expertt", "x", "unknown key(s) 'expertt' in task 'a'"),
+    ("eval.batch_size", 0, "eval.batch_size must be an integer >= 1"),
+    ("eval.cache", "ram", "eval.cache must be one of"),
+    ("eval.batchsize", 4, "unknown key(s) 'batchsize' in eval"),
+    ("data.calibration.samples", -1, "data.calibration.samples must be"),
+    ("seed", "zero", "seed must be an integer"),
+])
+def test_bad_configs_raise_clear_errors(path, value, message):
+    with pytest.raises(BenchConfigError) as e:
+        parse_config(with_(CLIP, path, value))
+    assert message in str(e.value)
+
+
+def test_bad_task_lists():
+    with pytest.raises(BenchConfigError, match="no 'tasks' section"):
+        parse_config({"model": CLIP["model"]})
+    with pytest.raises(BenchConfigError, match="no 'model' section"):
+        parse_config({"tasks": CLIP["tasks"]})
+    with pytest.raises(BenchConfigError, match="listed twice"):
+        parse_config(dict(CLIP, tasks=CLIP["tasks"] * 2))
+    with pytest.raises(BenchConfigError, match="has no expert"):
+        parse_config(dict(CLIP, tasks=["a"]))
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(BenchConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(BenchConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_repo_configs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    expected = {"clip-vit-b32-8tasks.yaml": ("hf_clip", 8), "clip-vit-l14-20tasks.yaml": ("hf_clip", 20),
+                "flan-t5-base-glue.yaml": ("hf_t5", 8)}
+    for name, (family, n) in expected.items():
+        cfg = parse_config(load_config(root / name), base_dir=root)
+        assert cfg.model.family == family and len(cfg.tasks) == n
+        assert all(t.expert.startswith("tanganke/") for t in cfg.tasks)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+def test_hf_data_without_datasets_library(tmp_path):
+    from epmq.benches.tiny import write_tiny_t5
+
+    cfg = write_tiny_t5(tmp_path, tasks=("sst2",), per_split={"train": 4, "validation": 2})
+    cfg["data"] = {"source": "hf"}  # nyu-mll/glue
+    with pytest.raises(BenchConfigError, match="`datasets` library is not installed"):
+        build_bench(cfg, base_dir=tmp_path, progress=False)
+
+
+def test_prompt_helpers():
+    assert readable("/a/apartment_building/outdoor") == "apartment building outdoor"
+    assert readable("Annual_Crop") == "Annual Crop"
+    assert image_templates("Stanford-Cars") == image_templates("cars")
+    assert all(t.count("{}") == 1 for t in image_templates("unknown task"))

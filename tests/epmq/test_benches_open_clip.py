@@ -1,0 +1,103 @@
+"""The open_clip bench on a tiny random CLIP (local-dir layout, HF tokenizer, two expert layouts)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epmq.benches import BenchConfigError, build_bench
+from epmq.benches.checkpoints import LazyStateDict
+from epmq.benches.open_clip_bench import OpenClipBench
+from epmq.benches.tiny import write_tiny_open_clip
+from epmq.merge import task_arithmetic
+
+TASKS = ("alpha", "beta")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_open_clip")
+    return root, write_tiny_open_clip(root, TASKS)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny):
+    root, config = tiny
+    return build_bench(config, base_dir=root, progress=False)
+
+
+def test_structure_and_lazy_experts(bench, tiny):
+    from open_clip.transformer import VisionTransformer
+
+    root, _ = tiny
+    assert isinstance(bench, OpenClipBench) and bench.task_names == list(TASKS)
+    model = bench.model()
+    assert isinstance(model, VisionTransformer)
+    names = set(model.state_dict().keys())
+    assert set(bench.base_state.keys()) == names
+    # alpha: a bare visual-tower safetensors file; beta: a whole-CLIP training pickle (module.visual.*)
+    alpha, beta = bench.experts["alpha"], bench.experts["beta"]
+    assert isinstance(alpha, LazyStateDict) and set(alpha.keys()) == names == set(beta.keys())
+    name = "transformer.resblocks.0.attn.in_proj_weight"
+    assert alpha.checkpoint_key(name) == name
+    assert beta.checkpoint_key(name) == "module.visual." + name
+    saved = torch.load(root / "experts" / "beta.pt", weights_only=True)["state_dict"]
+    assert torch.equal(beta["proj"], saved["module.visual.proj"])
+    assert not torch.equal(beta["proj"], bench.base_state["proj"])
+
+
+def test_heads_calibration_and_evaluation(bench, tiny):
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    root, _ = tiny
+    heads = bench.heads
+    assert {t: tuple(h.shape) for t, h in heads.items()} == {t: (3, 16) for t in TASKS}
+    # by hand with open_clip: encode_text of the templates, averaged per class
+    clip = open_clip.create_model(f"local-dir:{root / 'base'}").eval()
+    tok = HFTokenizer(str(root / "tokenizer"), context_length=clip.context_length)
+    with torch.no_grad():
+        emb = F.normalize(clip.encode_text(tok([t.format("class c") for t in bench.templates("beta")])), dim=-1)
+    assert torch.allclose(heads["beta"][2], F.normalize(emb.mean(0), dim=-1), atol=1e-5)
+
+    for items in bench.calibration.values():
+        assert len(items) == 2 and all(x.shape == (2, 3, 16, 16) for x in items)
+    merged = task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3)
+    for state in (bench.base_state, bench.experts["beta"], merged):
+        for split in ("val", "test"):
+            acc = bench.evaluate(state, split)
+            assert set(acc) == {*TASKS, "avg"} and all(0 <= v <= 1 for v in acc.values())
+    experts = bench.expert_accuracies("val")
+    assert set(experts) == {*TASKS, "avg"} and all(0 <= v <= 1 for v in experts.values())
+
+
+def test_quantizes_through_the_walker(bench):
+    import epmq
+    from epmq.spec import QuantSpec
+
+    model = bench.model(task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3))
+    experts = {t: bench.experts[t] for t in TASKS}
+    epmq.quantize_model(model, QuantSpec(bits=8, group_size=16), method="epmq", calibration=bench.calibration,
+                        experts=experts, progress=False)
+    acc = bench.evaluate(model, "test")
+    assert all(0 <= v <= 1 for v in acc.values())
+
+
+def test_errors(tiny):
+    root, config = tiny
+    bad = dict(config, model=dict(config["model"], base="no/such/dir/here"))
+    with pytest.raises(BenchConfigError, match="no such directory"):
+        build_bench(bad, base_dir=root, progress=False)
+    bad = dict(config, model=dict(config["model"], base="NoSuchModel-B-99"))
+    with pytest.raises(BenchConfigError, match="open_clip cannot create"):
+        build_bench(bad, base_dir=root, progress=False)
+    bad = dict(config, tasks=[dict(config["tasks"][0], expert="experts/missing.safetensors")])
+    with pytest.raises(BenchConfigError, match="no such file or directory"):
+        build_bench(bad, base_dir=root, progress=False)

@@ -1,0 +1,185 @@
+"""The FLAN-T5 GLUE bench on a tiny random T5 (Unigram tokenizer, JSONL data, no hub)."""
+
+import json
+
+import pytest
+import torch
+
+from epmq.benches import BenchConfigError, build_bench
+from epmq.benches.checkpoints import LazyStateDict
+from epmq.benches.prompts import GLUE, STSB_GRID
+from epmq.benches.t5_glue import T5GlueBench, spearman
+from epmq.benches.tiny import write_tiny_t5
+from epmq.merge import task_arithmetic
+
+TASKS = ("sst2", "rte", "stsb")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_t5")
+    return root, write_tiny_t5(root, TASKS)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny):
+    root, config = tiny
+    return build_bench(config, base_dir=root, progress=False)
+
+
+def _check(acc):
+    assert set(acc) == {*TASKS, "avg"}
+    assert all(0 <= acc[t] <= 1 for t in ("sst2", "rte")) and -1 <= acc["stsb"] <= 1
+
+
+def test_structure_and_tied_tensors(bench):
+    assert isinstance(bench, T5GlueBench) and bench.task_names == list(TASKS)
+    model = bench.model()
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    names = set(model.state_dict().keys())
+    for state in (bench.base_state, *bench.experts.values()):
+        assert isinstance(state, LazyStateDict) and set(state.keys()) == names
+    # the checkpoint stores the shared embedding once; its aliases read the same tensor
+    expert = bench.experts["rte"]
+    assert expert.checkpoint_key("encoder.embed_tokens.weight") == "shared.weight"
+    assert torch.equal(expert["decoder.embed_tokens.weight"], expert["shared.weight"])
+    merged = task_arithmetic(bench.base_state, list(bench.experts.values()), scale=0.3)
+    m = bench.model(merged)
+    assert torch.equal(m.shared.weight, merged["shared.weight"])
+    assert bench.tasks["stsb"].regression and bench.tasks["rte"].answers == GLUE["rte"]["answers"]
+
+
+def test_calibration_items(bench):
+    for task, items in bench.calibration.items():
+        assert len(items) == 2
+        for item in items:
+            assert set(item) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}
+            assert item["input_ids"].shape == item["attention_mask"].shape and item["input_ids"].shape[0] == 2
+            assert item["decoder_input_ids"].shape == item["decoder_attention_mask"].shape
+            assert (item["decoder_input_ids"][:, 0] == 0).all()  # decoder start token
+            assert item["input_ids"].shape[1] <= 64  # max_input_tokens
+        with torch.no_grad():
+            bench.model()(**items[0])  # a valid forward
+
+
+def test_scoring_picks_the_most_likely_answer(bench):
+    model = bench.model()
+    ids, labels = bench._encode("sst2", "test")
+    cands = bench.tokenizer(bench.tasks["sst2"].candidates)["input_ids"]
+    scores = bench._score(model, ids[:2], cands, torch.device("cpu"))
+    assert scores.shape == (2, 2)
+    # by hand: the log-likelihood of each answer through the full model with labels
+    for b in range(2):
+        for c, cand in enumerate(cands):
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids[b]]), labels=torch.tensor([cand]))
+            assert scores[b, c].item() == pytest.approx(-out.loss.item() * len(cand), abs=1e-4)
+    grid = bench.tokenizer(bench.tasks["stsb"].candidates)["input_ids"]
+    stsb = bench._score(model, ids[:1], grid, torch.device("cpu"))
+    assert stsb.shape == (1, len(STSB_GRID))
+
+
+def test_evaluate_score_and_generate(bench, tiny):
+    merged = task_arithmetic(bench.base_state, list(bench.experts.values()), scale=0.3)
+    for state in (bench.base_state, bench.experts["sst2"], merged):
+        _check(bench.evaluate(state, "val"))
+    first = bench.evaluate(merged, "test")
+    _check(first)
+    assert bench.evaluate(bench.model(merged), "test") == first  # deterministic
+    experts = bench.expert_accuracies("test")
+    _check(experts)
+    root, config = tiny
+    gen = build_bench(dict(config, eval=dict(config["eval"], decoding="generate", max_new_tokens=4)),
+                      base_dir=root, progress=False)
+    _check(gen.evaluate(gen.base_state, "test"))
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy's value with ties
+    assert spearman([2, 2, 2], [1, 2, 3]) == 0.0
+
+
+def test_errors(tiny, tmp_path):
+    root, config = tiny
+    bad = dict(config, tasks=[{"name": "wnli", "expert": "experts/rte"}])
+    with pytest.raises(BenchConfigError, match="not a GLUE task this bench knows"):
+        build_bench(bad, base_dir=root, progress=False)
+    bad = dict(config, tasks=[{"name": "rte", "expert": "experts/rte", "data": {"splits": {"test": "test"}}}])
+    with pytest.raises(BenchConfigError, match="missing data split 'test'"):
+        build_bench(bad, base_dir=root, progress=False)
+    bad = dict(config, tasks=[{"name": "rte", "expert": "experts/rte", "template": "Is {text} true?"}])
+    with pytest.raises(BenchConfigError, match=r"lack field\(s\) \['text'\]"):
+        build_bench(bad, base_dir=root, progress=False)
+    # a custom task: own template and answers over GLUE-style JSONL
+    d = tmp_path / "data" / "mine"
+    d.mkdir(parents=True)
+    for split, n in (("train", 8), ("validation", 4)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"sentence": "the cat sat", "label": i % 2}) + "\n"
+                                                  for i in range(n)))
+    custom = dict(config, tasks=[{"name": "mine", "expert": str(root / "experts" / "sst2"),
+                                  "template": "Say: {sentence}", "answers": ["no", "yes"], "data": {"root": str(d)}}])
+    b = build_bench(custom, base_dir=root, progress=False)
+    assert 0 <= b.evaluate(b.base_state, "test")["mine"] <= 1
+    # hidden labels (GLUE's test split) are refused with an explanation
+    (d / "validation.jsonl").write_text(json.dumps({"sentence": "x", "label": -1}) + "\n")
+    b = build_bench(custom, base_dir=root, progress=False)
+    with pytest.raises(BenchConfigError, match="hides its labels"):
+        b.evaluate(b.base_state, "test")
+
+
+def test_glue_from_hf_datasets(tiny, monkeypatch):
+    """GLUE through the ``datasets`` API (faked here: rows as dicts with GLUE's field names)."""
+    import sys
+    import types
+
+    root, config = tiny
+    calls = []
+
+    class _Dataset:
+        def __init__(self, rows):
+            self.rows, self.column_names = rows, list(rows[0])
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return dict(self.rows[i])
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split))
+        n = {"train": 10, "validation_matched": 4}.get(split)
+        if n is None:
+            raise ValueError(f'Unknown split "{split}".')
+        return _Dataset([{"premise": "the cat sat", "hypothesis": "a cat", "label": i % 3, "idx": i} for i in range(n)])
+
+    module = types.ModuleType("datasets")
+    module.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    glue = dict(config, data={"val_size": 0.2, "calibration": {"samples": 2, "batch_size": 2}},
+                tasks=[{"name": "mnli", "expert": "experts/rte"}])
+    bench = build_bench(glue, base_dir=root, progress=False)
+    assert calls == [("nyu-mll/glue", "mnli", "train"), ("nyu-mll/glue", "mnli", "validation_matched")]
+    acc = bench.evaluate(bench.base_state, "test")
+    assert 0 <= acc["mnli"] <= 1 and len(bench.data["mnli"].splits["test"]) == 4
+    assert bench.calibration["mnli"][0]["input_ids"].shape[0] == 2
+
+
+def test_quantizes_through_the_walker(bench):
+    import epmq
+    from epmq.spec import QuantSpec
+
+    model = bench.model(task_arithmetic(bench.base_state, list(bench.experts.values()), scale=0.3))
+    epmq.quantize_model(model, QuantSpec(bits=8, group_size=16), method="epmq", calibration=bench.calibration,
+                        experts=dict(bench.experts), progress=False)
+    assert len(model.epmq_report.layers) == 2 * 7 + 2 * 11  # encoder: 4 attn + 3 ffn; decoder: + 4 cross-attn
+    _check(bench.evaluate(model, "test"))
