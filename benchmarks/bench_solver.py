@@ -41,7 +41,6 @@ otherwise) times the fused solve, the eager solve and the residual on 4096x4096.
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -51,6 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import device_info, no_cuda, parse_pairs, pyplot, pytest_marks, save_figure, write_json  # noqa: E402
 from epmq import quant  # noqa: E402
 from epmq.spec import QuantSpec  # noqa: E402
 from epmq_kernels.expert_residual import (  # noqa: E402
@@ -225,12 +225,7 @@ def bench_sweep(device, log, d_out=4096, d_in=4096):
 
 
 def plot(rows, path, device_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     shapes = [r["shape"] for r in rows if r["kind"] == "solve"]
     x = range(len(shapes))
     for offset, kind, label in ((-0.2, "solve", "solve only"), (0.2, "gptq", "whole GPTQ layer")):
@@ -248,10 +243,7 @@ def plot(rows, path, device_name):
     ax2.set_ylabel(f"E-PMQ ({N_EXPERTS} experts) time / GPTQ time")
     ax2.legend()
     ax2.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"GPTQ / E-PMQ solver on {device_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"GPTQ / E-PMQ solver on {device_name}")
 
 
 def main(argv=None):
@@ -262,15 +254,12 @@ def main(argv=None):
                         help="after this many seconds, skip the remaining eager baselines")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_solver: no CUDA device, nothing to time", file=sys.stderr)
+    if no_cuda("bench_solver"):
         return 0
-    import triton
 
     started = time.perf_counter()
     deadline = started + args.budget_s
-    shapes = ([tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
-              if args.shapes else SHAPES)
+    shapes = parse_pairs(args.shapes, SHAPES)
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -281,10 +270,14 @@ def main(argv=None):
                  if not k.startswith("t_")}
         print(json.dumps(brief), flush=True)
 
+    json_path = os.path.join(args.out, f"solver-{slug}.json")
     rows = []
     for i, (d_out, d_in) in enumerate(shapes):
         rows += bench_shape(d_out, d_in, device, deadline, log, first=i == 0)
         torch.cuda.empty_cache()
+        # kept after every shape, so that a run cut short by a time limit keeps what it measured
+        write_json(json_path, dict(**device_info(device), rows=rows, partial=True,
+                                   wall_s=time.perf_counter() - started))
     if not args.no_sweep and time.perf_counter() < deadline:
         rows += bench_sweep(device, log)
 
@@ -293,21 +286,15 @@ def main(argv=None):
            or abs(r.get("loss_ratio", 1.0) - 1) > 1e-3
            or abs(r.get("loss_ratio_vs_torch", 1.0) - 1) > 1e-3
            or r.get("max_rel_err", 0.0) > 1e-4]
-    props = torch.cuda.get_device_properties(device)
     result = dict(
-        device=name, capability=list(torch.cuda.get_device_capability()),
-        sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(),
+        **device_info(device),
         spec=SPEC.to_dict(), blocksize=BLOCKSIZE, experts=N_EXPERTS,
         shapes_note="[d_out, d_in]; d_in is the input width (Hessian d_in x d_in)",
         timing_note="wall clock between torch.cuda.synchronize(); median of the repeats; eager "
                     "warm-up on the first shape only, repeats 3/2/1 by shape",
-        rows=rows, failures=len(bad), wall_s=time.perf_counter() - started,
+        rows=rows, failures=len(bad), wall_s=time.perf_counter() - started, partial=False,
     )
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"solver-{slug}.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(json_path, result)
     png_path = os.path.join(args.out, f"solver-{slug}.png")
     try:
         plot(rows, png_path, name)
@@ -324,11 +311,7 @@ def main(argv=None):
 if __name__ != "__main__":
     import pytest
 
-    pytest.importorskip("pytest_benchmark")
-    pytestmark = [
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    ]
+    pytestmark = pytest_marks()
 
     @pytest.fixture(scope="module")
     def _layer():

@@ -22,10 +22,8 @@ otherwise) times a few representative cases with the ``benchmark`` fixture.
 """
 
 import argparse
-import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import device_info, no_cuda, parse_pairs, pyplot, pytest_marks, save_figure, write_json  # noqa: E402
 from epmq_kernels.packing import (  # noqa: E402
     pack_int4,
     pack_int4_cols,
@@ -127,7 +126,7 @@ def bench_packing(device, gen):
     return rows
 
 
-def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes):
+def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_row=None):
     rows, failures = [], 0
     for K, N in shapes:
         for group_size in groups:
@@ -180,19 +179,16 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes):
                       f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s "
                       f"({100 * row['frac_copy_bw']:3.0f}% copy)  err {error:.1e}"
                       f"{'' if ok else '  WRONG'}  first call {first_call_s:.1f}s", flush=True)
+                if on_row is not None:
+                    on_row(rows, failures)
             del int4_sets, fp16_sets, weight
             torch.cuda.empty_cache()
     return rows, failures
 
 
 def plot(rows, path, device_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = sorted({r["group_size"] for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, group_size in zip(axes[0], groups):
         for K, N in sorted({(r["K"], r["N"]) for r in rows}):
             sel = sorted((r for r in rows if r["group_size"] == group_size
@@ -207,10 +203,7 @@ def plot(rows, path, device_name):
         ax.set_title("per channel" if group_size == -1 else f"group {group_size}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"W4A16 vs fp16 cuBLAS on {device_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"W4A16 vs fp16 cuBLAS on {device_name}")
 
 
 def main(argv=None):
@@ -222,13 +215,10 @@ def main(argv=None):
     parser.add_argument("--groups", help="group sizes, comma separated, -1 per channel")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_w4a16: no CUDA device, nothing to time", file=sys.stderr)
+    if no_cuda("bench_w4a16"):
         return 0
-    import triton
 
-    shapes = ([tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
-              if args.shapes else SHAPES)
+    shapes = parse_pairs(args.shapes, SHAPES)
     batches = [int(v) for v in args.batches.split(",")] if args.batches else BATCHES
     groups = [int(v) for v in args.groups.split(",")] if args.groups else GROUPS
     device = torch.device("cuda")
@@ -241,23 +231,22 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s, "
           f"L2 {l2_bytes / 2**20:.0f} MiB", flush=True)
     packing = bench_packing(device, gen)
-    rows, failures = bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes)
 
-    result = dict(
-        device=torch.cuda.get_device_name(),
-        capability=list(torch.cuda.get_device_capability()),
-        sm_count=props.multi_processor_count, l2_bytes=l2_bytes,
-        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        python=platform.python_version(), cublas_dtype="float16", activation_dtype="float16",
-        zeros_dtype="uint8", scales_dtype="float16",
-        bytes_formula="K*N/2 + (K/g)*N*4 + M*K*2 + M*N*2",
-        copy_bandwidth_gbps=copy_gbps, packing=packing, rows=rows, failures=failures,
-        autotune_cache_dir=os.environ.get("EPMQ_CACHE_DIR", "~/.cache/epmq"),
-        wall_s=time.perf_counter() - started,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    def result_of(rows, failures, partial):
+        return dict(
+            **device_info(device), l2_bytes=l2_bytes, cublas_dtype="float16", activation_dtype="float16",
+            zeros_dtype="uint8", scales_dtype="float16",
+            bytes_formula="K*N/2 + (K/g)*N*4 + M*K*2 + M*N*2",
+            copy_bandwidth_gbps=copy_gbps, packing=packing, rows=rows, failures=failures,
+            autotune_cache_dir=os.environ.get("EPMQ_CACHE_DIR", "~/.cache/epmq"),
+            wall_s=time.perf_counter() - started, partial=partial,
+        )
+
+    # written after every row too, so that a run cut short by a time limit keeps what it measured
+    rows, failures = bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes,
+                                  on_row=lambda r, f: write_json(args.out, result_of(r, f, True)))
+    result = result_of(rows, failures, False)
+    write_json(args.out, result)
     plot_path = args.plot or re.sub(r"\.json$", "", args.out) + ".png"
     plot(rows, plot_path, result["device"])
     print(f"wrote {args.out} and {plot_path} in {result['wall_s']:.0f} s; "
@@ -271,11 +260,7 @@ def main(argv=None):
 if __name__ != "__main__":
     import pytest
 
-    pytest.importorskip("pytest_benchmark")
-    pytestmark = [
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    ]
+    pytestmark = pytest_marks()
 
     @pytest.fixture(scope="module")
     def _weights():

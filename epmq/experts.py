@@ -2,27 +2,19 @@
 
 E-PMQ reads the weights of every expert at every layer, but never needs a whole expert at once:
 the model walker asks for one block's tensors of one expert at a time. ``ExpertWeights`` wraps
-an expert given as
+an expert given as an ``nn.Module``, a state dict (already in memory: tensors are handed out as
+they are) or a checkpoint on disk (a HF ``save_pretrained`` directory, sharded or not, a
+``.safetensors`` file, an open_clip checkpoint or a torch pickle), read through
+``epmq.checkpoint_io.CheckpointReader`` tensor by tensor.
 
-* an ``nn.Module`` or a state dict (already in memory: tensors are handed out as they are),
-* a checkpoint on disk: a HF ``save_pretrained`` directory (``model.safetensors``, or shards
-  with ``model.safetensors.index.json``), a single ``.safetensors`` file, or an open_clip
-  checkpoint (``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` in a
-  directory, or a ``.pt``/``.bin``/``.pth`` file, with or without a ``state_dict`` wrapper).
-
-Safetensors files are opened with ``safe_open`` and read tensor by tensor; torch pickles are
-memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used.
-
-Checkpoint names rarely match the model's exactly: a transformers 4 CLIP checkpoint has a
-``vision_model.`` prefix that transformers 5 flattened away, an open_clip training checkpoint
-has ``module.``, a full CLIP checkpoint holds the visual tower under ``visual.``. ``bind``
-finds the one prefix rewrite (strip and/or add a prefix) under which most of the model's names
-exist in the checkpoint, and tied tensors may be found under any of their aliases.
+Checkpoint names rarely match the model's exactly (``vision_model.``, ``visual.``, ``module.``
+prefixes; tied tensors saved under one of their names): ``bind`` finds the prefix rewrite
+(``epmq.checkpoint_io.Binding``) under which most of the model's names exist in the checkpoint,
+and tied tensors may be found under any of their aliases.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -30,19 +22,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-_SHARD_INDEX = "model.safetensors.index.json"
-_DIR_FILES = (
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "open_clip_pytorch_model.bin",
-    "pytorch_model.bin",
-)
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def _read_tensor(store, key: str) -> torch.Tensor:
-    """The one place tensors leave a store (tests count what is alive through it)."""
-    return store.get_tensor(key) if hasattr(store, "get_tensor") else store[key]
+from .checkpoint_io import Binding, CheckpointReader
 
 
 class ExpertWeights:
@@ -50,79 +30,25 @@ class ExpertWeights:
 
     def __init__(self, source, *, task: str = "expert"):
         self.task = task
-        self._stores: dict[str, object] = {}  # store id -> safe_open handle or Mapping
-        self._where: dict[str, str] = {}  # checkpoint key -> store id
-        self.description = self._open(source)
-        self._strip, self._add = "", ""
-        self._aliases: dict[str, list[str]] = {}
-
-    # ----------------------------------------------------------------- opening
-
-    def _open(self, source) -> str:
-        if isinstance(source, nn.Module):
-            self._add_mapping("module", source.state_dict())
-            return f"module {type(source).__name__}"
-        if isinstance(source, Mapping):
-            self._add_mapping("state dict", source)
-            return "state dict"
         if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if path.is_dir():
-                return self._open_dir(path)
-            if path.is_file():
-                self._open_file(path)
-                return str(path)
-            raise FileNotFoundError(f"expert checkpoint of task {self.task!r} not found: {path}")
-        raise TypeError(
-            f"the expert of task {self.task!r} must be an nn.Module, a state dict or a checkpoint "
-            f"path, got {type(source).__name__}"
-        )
-
-    def _open_dir(self, path: Path) -> str:
-        index = path / _SHARD_INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            for shard in sorted(set(weight_map.values())):
-                self._open_file(path / shard)
-            return str(path)
-        for name in _DIR_FILES:
-            if (path / name).is_file():
-                self._open_file(path / name)
-                return str(path / name)
-        raise FileNotFoundError(
-            f"no checkpoint for task {self.task!r} in {path}: expected {_SHARD_INDEX} or one of {_DIR_FILES}"
-        )
-
-    def _open_file(self, path: Path) -> None:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            self._stores[str(path)] = handle
-            for key in handle.keys():
-                self._where[key] = str(path)
-        elif path.suffix in _PICKLE_SUFFIXES:
-            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-            for wrapper in ("state_dict", "model", "module"):
-                if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-                    state = state[wrapper]
-            self._add_mapping(str(path), {k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
-        else:
-            raise ValueError(f"unknown checkpoint file type for task {self.task!r}: {path}")
-
-    def _add_mapping(self, store_id: str, mapping: Mapping) -> None:
-        self._stores[store_id] = mapping
-        for key in mapping.keys():
-            self._where[key] = store_id
+            if not Path(source).exists():
+                raise FileNotFoundError(f"expert checkpoint of task {task!r} not found: {Path(source)}")
+        elif not isinstance(source, (nn.Module, Mapping)):
+            raise TypeError(
+                f"the expert of task {task!r} must be an nn.Module, a state dict or a checkpoint "
+                f"path, got {type(source).__name__}"
+            )
+        self.reader = CheckpointReader(source, f"the expert of task {task!r}")
+        self.description = self.reader.description
+        self._binding = Binding(self.reader.keys())  # the identity until ``bind``
 
     def close(self) -> None:
-        self._stores.clear()
-        self._where.clear()
+        self.reader.close()
 
     # ----------------------------------------------------------------- names
 
     def keys(self):
-        return self._where.keys()
+        return self.reader.keys()
 
     def bind(self, model_names: Iterable[str], aliases: Optional[Mapping[str, list]] = None) -> None:
         """Choose the prefix rewrite from the model's names to this checkpoint's keys.
@@ -131,33 +57,13 @@ class ExpertWeights:
         for tied tensors, the other names the same tensor goes by.
         """
         names = list(model_names)
-        self._aliases = dict(aliases or {})
-        keys = set(self._where)
-        probe = names[:16]
-        candidates = {("", "")}
-        for name in probe:  # strip a leading part of the model's names ...
-            parts = name.split(".")
-            candidates.update((".".join(parts[:j]) + ".", "") for j in range(1, len(parts)))
-        for key in keys:  # ... or add the checkpoint's extra leading part
-            candidates.update(("", key[: -len(n)]) for n in probe if key.endswith("." + n))
-
-        def coverage(rewrite):
-            strip, add = rewrite
-            return sum(n.startswith(strip) and add + n[len(strip):] in keys for n in names)
-
-        # max() keeps the first of equals: the identity goes first, so it wins ties (a full
-        # CLIP checkpoint also holds names of the text tower unprefixed)
-        ordered = [("", "")] + sorted(candidates - {("", "")})
-        self._strip, self._add = max(ordered, key=coverage)
+        aliases = aliases or {}
+        order = {n: [n, *aliases.get(n, ())] for n in [*names, *aliases]}
+        self._binding = Binding(self.reader.keys(), order, names=names)
 
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key holding the model tensor ``name`` (or one of its aliases)."""
-        for candidate in [name, *self._aliases.get(name, ())]:
-            if candidate.startswith(self._strip):
-                key = self._add + candidate[len(self._strip):]
-                if key in self._where:
-                    return key
-        return None
+        return self._binding.key_for(name)
 
     def _require(self, name: str) -> str:
         key = self.key_for(name)
@@ -171,11 +77,7 @@ class ExpertWeights:
     # ----------------------------------------------------------------- access
 
     def shape(self, name: str) -> tuple:
-        key = self._require(name)
-        store = self._stores[self._where[key]]
-        if hasattr(store, "get_slice"):
-            return tuple(store.get_slice(key).get_shape())
-        return tuple(store[key].shape)
+        return self.reader.shape(self._require(name))
 
     def check(self, expected: Mapping[str, tuple]) -> None:
         """Every tensor ``name -> shape`` of ``expected`` exists here with that shape."""
@@ -190,8 +92,7 @@ class ExpertWeights:
 
     def read(self, name: str, *, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device."""
-        key = self._require(name)
-        tensor = _read_tensor(self._stores[self._where[key]], key)
+        tensor = self.reader.get(self._require(name))
         if like is not None:
             tensor = tensor.to(device=like.device, dtype=like.dtype)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

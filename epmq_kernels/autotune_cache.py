@@ -116,9 +116,9 @@ _caches = {}
 
 
 def cache_for(family, device, space):
-    """The (process-wide) DiskCache of a family on a device."""
+    """The (process-wide) DiskCache of a family on a device, in the current cache directory."""
     name = device_name(device)
-    key = (family, name, space_id(space))
+    key = (family, name, space_id(space), cache_dir())
     if key not in _caches:
         _caches[key] = DiskCache(family, name, space)
     return _caches[key]

@@ -125,7 +125,7 @@ def _residual_kernel(
         D = tl.load(wk_ptrs, mask=a_ok, other=0.0).to(acc_ty)
         D = D - tl.load(wm_ptrs, mask=a_ok, other=0.0).to(acc_ty)
         Hb = tl.load(h_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(acc_ty)
-        acc = tl.dot(D, Hb, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(D, Hb, acc, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         wk_ptrs += BLOCK_K
         wm_ptrs += BLOCK_K
         h_ptrs += BLOCK_K * d_in

@@ -183,9 +183,6 @@ def gptq_solve_reference(
 #              ``err * Hinv[j, i:]`` before subtracting it, and so must the kernel (an FMA would
 #              round once). The interpreter (numpy) never fuses.
 
-# Dynamic groups larger than the block read the group's columns past the block in chunks.
-_GROUP_CHUNK = 128
-
 
 @triton.jit
 def _rint(x):
@@ -224,7 +221,6 @@ def _gptq_block_kernel(
     MAXQ_RCP: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
-    GROUP_CHUNK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < d_out
@@ -242,8 +238,8 @@ def _gptq_block_kernel(
     scale = tl.full([BLOCK_ROWS], 1.0, tl.float32)
     zero = tl.zeros([BLOCK_ROWS], tl.float32)
     if GROUP_SPANS:
-        # a group that began in an earlier block (launch) continues here: its grid is in
-        # memory. When the group starts at this block instead, the loop overwrites these.
+        # a group larger than the block: its grid is in memory, found by the launcher when
+        # the group started (at this block or an earlier one)
         scale = tl.load(scales + rows64 * n_groups + i1 // group_size, mask=row_ok, other=1.0)
         zero = tl.load(zeros + rows64 * n_groups + i1 // group_size, mask=row_ok, other=0.0)
     # The column's Hinv row, Hinv[j, j] and (static grid) its grid are each loaded one column
@@ -266,28 +262,14 @@ def _gptq_block_kernel(
             scale_next = tl.load(scales + rows64 * n_groups + g_next, mask=row_ok & more, other=1.0)
             zero_next = tl.load(zeros + rows64 * n_groups + g_next, mask=row_ok & more, other=0.0)
 
-        if DYNAMIC:
+        if DYNAMIC and not GROUP_SPANS:
             if j % group_size == 0:
-                if GROUP_SPANS:
-                    # the group starts the block (i == 0) and runs past it: its columns as the
-                    # earlier blocks left them, from memory. Filling masked lanes with 0 is
-                    # harmless: the grid's range always contains 0.
-                    lo = tl.zeros([BLOCK_ROWS], tl.float32)
-                    hi = tl.zeros([BLOCK_ROWS], tl.float32)
-                    for c0 in range(0, group_size, GROUP_CHUNK):
-                        cc = c0 + tl.arange(0, GROUP_CHUNK)
-                        m = row_ok[:, None] & (cc < group_size)[None, :]
-                        off = row_off[:, None] + (j + cc)[None, :]
-                        x = tl.load(W + off, mask=m, other=0.0)
-                        if HAS_R:
-                            x = x + tl.load(R + off, mask=m, other=0.0)
-                        lo = tl.minimum(lo, tl.min(x, axis=1))
-                        hi = tl.maximum(hi, tl.max(x, axis=1))
-                else:
-                    # the group lies inside the block: its error-corrected columns are in the tile
-                    in_group = ((cols >= i) & (cols < i + group_size))[None, :]
-                    lo = tl.minimum(tl.min(tl.where(in_group, Wt, 0.0), axis=1), 0.0)
-                    hi = tl.maximum(tl.max(tl.where(in_group, Wt, 0.0), axis=1), 0.0)
+                # the group lies inside the block: its error-corrected columns are in the tile.
+                # (A group that runs past the block starts it; the launcher found its grid from
+                # the columns in memory and it was loaded above.)
+                in_group = ((cols >= i) & (cols < i + group_size))[None, :]
+                lo = tl.minimum(tl.min(tl.where(in_group, Wt, 0.0), axis=1), 0.0)
+                hi = tl.maximum(tl.max(tl.where(in_group, Wt, 0.0), axis=1), 0.0)
                 if SYM:
                     hi = tl.maximum(tl.abs(lo), hi)
                     lo = -hi
@@ -461,6 +443,17 @@ def gptq_solve_triton(
             i2 = min(i1 + B, d_in)
             first = i1 == 0
             src = W if first else work
+            spans = dynamic and group_size > B
+            if spans and i1 % group_size == 0:
+                # A group that runs past the block starts here; every earlier block's error is
+                # already in its columns in memory, so its grid is found there, with the
+                # reference's own torch code (no in-kernel reduction over a loop of chunks,
+                # which Triton 3.6's thread-locality pass cannot compile).
+                cols = src[:, i1 : i1 + group_size]
+                if first and R is not None:
+                    cols = cols + R[:, i1 : i1 + group_size]
+                g = i1 // group_size
+                scales[:, g], zeros[:, g] = find_params(cols, bits, sym)
             _gptq_block_kernel[grid](
                 src,
                 R if (first and R is not None) else src,
@@ -480,14 +473,13 @@ def gptq_solve_triton(
                 B,
                 HAS_R=first and R is not None,
                 DYNAMIC=dynamic,
-                GROUP_SPANS=dynamic and group_size > B,
+                GROUP_SPANS=spans,
                 SYM=sym,
                 MAXQ=float(maxq),
                 SCALE_BY_RCP=device.type == "cuda",
                 MAXQ_RCP=maxq_rcp,
                 BLOCK_ROWS=block_rows,
                 BLOCK_COLS=block_cols,
-                GROUP_CHUNK=min(_GROUP_CHUNK, triton.next_power_of_2(max(group_size, 1))),
                 num_warps=num_warps,
                 enable_fp_fusion=False,
             )

@@ -152,51 +152,48 @@ def _check_words(words):
         raise ValueError(f"packed words must be 2-D, got shape {tuple(words.shape)}")
 
 
-def _pack(codes, axis, backend, check_range):
-    _check_codes(codes, axis, check_range)
-    if not _use_triton(codes, backend):
-        if axis == 0:
-            return _pack_rows_torch(codes)
-        return _pack_rows_torch(codes.t()).t().contiguous()
-    check_device(codes, names=["codes"])
-    shape = list(codes.shape)
-    shape[axis] //= CODES_PER_WORD
-    words = torch.empty(shape, dtype=torch.int32, device=codes.device)
+def _along(rows_fn, tensor, axis):
+    """A torch ``_*_rows_torch`` function (it works along dim 0) applied along ``axis``."""
+    return rows_fn(tensor) if axis == 0 else rows_fn(tensor.t()).t().contiguous()
+
+
+def _launch(kernel, src, dst, words, axis):
+    """``kernel`` (either packing kernel) from ``src`` into ``dst``, packing along ``axis``;
+    ``words`` (one of the two) sets the grid, a tile of words per program."""
     other = 1 - axis
     R, C = words.shape[axis], words.shape[other]
     if words.numel():
         block_r, block_c = ((_BLOCK_R_INTERPRETED, _BLOCK_C_INTERPRETED) if INTERPRETED
                             else (_BLOCK_R, _BLOCK_C))
         grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-        _pack_int4_kernel[grid](
-            codes, words, R, C,
-            codes.stride(axis), codes.stride(other), words.stride(axis), words.stride(other),
+        kernel[grid](
+            src, dst, R, C,
+            src.stride(axis), src.stride(other), dst.stride(axis), dst.stride(other),
             BLOCK_R=block_r, BLOCK_C=block_c,
         )
-    return words
+    return dst
+
+
+def _pack(codes, axis, backend, check_range):
+    _check_codes(codes, axis, check_range)
+    if not _use_triton(codes, backend):
+        return _along(_pack_rows_torch, codes, axis)
+    check_device(codes, names=["codes"])
+    shape = list(codes.shape)
+    shape[axis] //= CODES_PER_WORD
+    words = torch.empty(shape, dtype=torch.int32, device=codes.device)
+    return _launch(_pack_int4_kernel, codes, words, words, axis)
 
 
 def _unpack(words, axis, backend):
     _check_words(words)
     if not _use_triton(words, backend):
-        return (_unpack_rows_torch(words) if axis == 0
-                else _unpack_rows_torch(words.t()).t().contiguous())
+        return _along(_unpack_rows_torch, words, axis)
     check_device(words, names=["packed"])
     shape = list(words.shape)
     shape[axis] *= CODES_PER_WORD
     codes = torch.empty(shape, dtype=torch.int32, device=words.device)
-    other = 1 - axis
-    R, C = words.shape[axis], words.shape[other]
-    if words.numel():
-        block_r, block_c = ((_BLOCK_R_INTERPRETED, _BLOCK_C_INTERPRETED) if INTERPRETED
-                            else (_BLOCK_R, _BLOCK_C))
-        grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
-        _unpack_int4_kernel[grid](
-            words, codes, R, C,
-            words.stride(axis), words.stride(other), codes.stride(axis), codes.stride(other),
-            BLOCK_R=block_r, BLOCK_C=block_c,
-        )
-    return codes
+    return _launch(_unpack_int4_kernel, words, codes, words, axis)
 
 
 def pack_int4(codes, *, backend="auto", check_range=True):

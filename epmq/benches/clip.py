@@ -21,7 +21,8 @@ from typing import List
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointReader, bind, load_into, tie_order
+from ..checkpoint_io import CheckpointReader, bind, tie_order
+from .checkpoints import load_into
 from .config import BenchConfig, BenchConfigError
 from .vision import ImagePrep, ZeroShotImageBench, prep_from_processor_config
 
@@ -47,7 +48,7 @@ class HFClipBench(ZeroShotImageBench):
         self.clip_config = clip_config
 
         self._template = CLIPVisionModel(clip_config.vision_config).to(self.dtype).eval()
-        reader = CheckpointReader(self.base_dir, "model.base")
+        reader = CheckpointReader(self.base_dir, "model.base", error=BenchConfigError)
         shapes = {k: tuple(v.shape) for k, v in self._template.state_dict().items()}
         self.base_state = bind(reader, tie_order(self._template), what="model.base (vision tower)",
                                shapes=shapes, dtype=self.dtype, prefixes=("vision_model.",))

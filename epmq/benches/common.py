@@ -11,7 +11,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .checkpoints import LazyStateDict, load_into, open_state, resolve
+from ..checkpoint_io import LazyStateDict, open_state
+from .checkpoints import load_into, resolve
 from .config import BenchConfig, BenchConfigError
 
 StateDict = Mapping[str, torch.Tensor]
@@ -41,21 +42,6 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env) / "benches"
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "epmq" / "benches"
-
-
-def device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def dtype_of(model: nn.Module) -> torch.dtype:
-    for t in model.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
 
 
 class BenchBase:
@@ -95,7 +81,8 @@ class BenchBase:
         for t in self.config.tasks:
             what = f"expert of task {t.name!r}"
             path = self._resolve(t.expert, what, "weights", t.expert_revision)
-            self.experts[t.name] = open_state(path, self._template, what=what, dtype=self.dtype, prefixes=prefixes)
+            self.experts[t.name] = open_state(path, self._template, what=what, dtype=self.dtype, prefixes=prefixes,
+                                              error=BenchConfigError)
             self.log(f"[bench] {what}: {path}")
 
     @property

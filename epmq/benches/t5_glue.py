@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import open_state, weights_in
-from .common import BenchBase, device_of
+from .._util import device_of
+from ..checkpoint_io import open_state, weights_in
+from .common import BenchBase
 from .config import BenchConfig, BenchConfigError
 from .data import make_task_data, open_text_sources
 from .prompts import STSB_GRID, glue_prompt, score_text, template_fields
@@ -131,7 +132,8 @@ class T5GlueBench(BenchBase):
             raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
         # from_pretrained decides the tying of the embeddings and the head as transformers does
         self._template = T5ForConditionalGeneration.from_pretrained(self.base_dir, dtype=self.dtype).eval()
-        self.base_state = open_state(self.base_dir, self._template, what="model.base", dtype=self.dtype)
+        self.base_state = open_state(self.base_dir, self._template, what="model.base", dtype=self.dtype,
+                                     error=BenchConfigError)
         self._open_experts()
 
         self.tasks: Dict[str, TextTask] = {}

@@ -27,7 +27,8 @@ CHARS = string.ascii_lowercase + string.digits + ".,:'-?!"
 EXPERT_NOISE = 0.05
 
 
-def _perturb(model, gen: torch.Generator, scale: float = EXPERT_NOISE):
+def perturb(model, gen: torch.Generator, scale: float = EXPERT_NOISE):
+    """An "expert": a copy of ``model`` plus independent noise of ``scale`` times each tensor's spread."""
     expert = copy.deepcopy(model)
     with torch.no_grad():
         for p in expert.parameters():
@@ -36,10 +37,26 @@ def _perturb(model, gen: torch.Generator, scale: float = EXPERT_NOISE):
     return expert
 
 
-def _write_yaml(root: Path, config: dict) -> None:
+def _start(root, per_split, default_per_split, seed):
+    """``(root, per_split, gen)`` of a ``write_tiny_*``; seeds torch's global generator too (model init)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return Path(root), per_split or default_per_split, gen
+
+
+def _write_config(root: Path, model: dict, experts: Dict[str, str], data: dict, evaluation: dict) -> dict:
+    """The bench's config (tasks in the order of ``experts``), written to ``root/config.yaml``."""
     import yaml
 
+    config = {
+        "seed": 0,
+        "model": model,
+        "tasks": [{"name": t, "expert": path} for t, path in experts.items()],
+        "data": data,
+        "eval": evaluation,
+    }
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
 
 
 def clip_tokenizer(directory: Path):
@@ -82,10 +99,7 @@ def write_tiny_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: 
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
-    root = Path(root)
-    per_split = per_split or {"train": 6, "test": 3}
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    root, per_split, gen = _start(root, per_split, {"train": 6, "test": 3}, seed)
     tok = clip_tokenizer(root / "base")
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -101,7 +115,7 @@ def write_tiny_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: 
                                   if k.startswith("vision_model.")})
     experts = {}
     for i, task in enumerate(tasks):
-        expert = _perturb(vision_model, gen)
+        expert = perturb(vision_model, gen)
         d = root / "experts" / task
         if i % 2 == 0:  # transformers 5 save_pretrained: flat names
             expert.save_pretrained(d)
@@ -118,15 +132,9 @@ def write_tiny_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: 
             (d / "config.json").write_text(json.dumps(expert.config.to_dict()))
         experts[task] = f"experts/{task}"
     _images(root / "data", tasks, classes, per_split, (20, 24), gen)
-    config = {
-        "seed": 0,
-        "model": {"family": "hf_clip", "base": "base", "device": "cpu"},
-        "tasks": [{"name": t, "expert": experts[t]} for t in tasks],
-        "data": {"root": "data", "val_size": 0.25, "calibration": {"samples": 4, "batch_size": 2}},
-        "eval": {"batch_size": 8, "num_workers": 0},
-    }
-    _write_yaml(root, config)
-    return config
+    return _write_config(root, {"family": "hf_clip", "base": "base", "device": "cpu"}, experts,
+                         {"root": "data", "val_size": 0.25, "calibration": {"samples": 4, "batch_size": 2}},
+                         {"batch_size": 8, "num_workers": 0})
 
 
 # --------------------------------------------------------------------------- open_clip
@@ -138,10 +146,7 @@ def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, clas
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
-    root = Path(root)
-    per_split = per_split or {"train": 6, "test": 3}
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    root, per_split, gen = _start(root, per_split, {"train": 6, "test": 3}, seed)
     tok = clip_tokenizer(root / "tokenizer")
     model_cfg = {
         "embed_dim": 16,
@@ -157,7 +162,7 @@ def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, clas
     experts = {}
     (root / "experts").mkdir(parents=True, exist_ok=True)
     for i, task in enumerate(tasks):
-        expert = _perturb(clip, gen)
+        expert = perturb(clip, gen)
         if i % 2 == 0:  # the visual tower alone, a bare safetensors file
             path = root / "experts" / f"{task}.safetensors"
             save_file({k: v.contiguous() for k, v in expert.visual.state_dict().items()}, str(path))
@@ -166,15 +171,10 @@ def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, clas
             torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in expert.state_dict().items()}}, path)
         experts[task] = str(path.relative_to(root))
     _images(root / "data", tasks, classes, per_split, (20, 24), gen)
-    config = {
-        "seed": 0,
-        "model": {"family": "open_clip", "base": "base", "tokenizer": "tokenizer", "device": "cpu"},
-        "tasks": [{"name": t, "expert": experts[t]} for t in tasks],
-        "data": {"root": "data", "val_size": 0.25, "calibration": {"samples": 4, "batch_size": 2}},
-        "eval": {"batch_size": 8, "num_workers": 0},
-    }
-    _write_yaml(root, config)
-    return config
+    return _write_config(root, {"family": "open_clip", "base": "base", "tokenizer": "tokenizer", "device": "cpu"},
+                         experts,
+                         {"root": "data", "val_size": 0.25, "calibration": {"samples": 4, "batch_size": 2}},
+                         {"batch_size": 8, "num_workers": 0})
 
 
 # --------------------------------------------------------------------------- T5
@@ -210,10 +210,7 @@ def write_tiny_t5(root, tasks: Sequence[str] = ("sst2", "rte", "stsb"), *,
     """A tiny ``hf_t5`` GLUE bench under ``root`` (GLUE task names; JSONL data)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    root = Path(root)
-    per_split = per_split or {"train": 12, "validation": 6}
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    root, per_split, gen = _start(root, per_split, {"train": 12, "validation": 6}, seed)
     tok = t5_tokenizer(root / "base")
     model = T5ForConditionalGeneration(T5Config(
         vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
@@ -223,7 +220,7 @@ def write_tiny_t5(root, tasks: Sequence[str] = ("sst2", "rte", "stsb"), *,
     model.save_pretrained(root / "base")
     experts = {}
     for task in tasks:
-        _perturb(model, gen).save_pretrained(root / "experts" / task)
+        perturb(model, gen).save_pretrained(root / "experts" / task)
         experts[task] = f"experts/{task}"
 
     def sentence():
@@ -244,13 +241,7 @@ def write_tiny_t5(root, tasks: Sequence[str] = ("sst2", "rte", "stsb"), *,
                         ex["label"] = int(torch.randint(0, _GLUE_CLASSES.get(task, 2), (1,), generator=gen))
                     ex["idx"] = i
                     f.write(json.dumps(ex) + "\n")
-    config = {
-        "seed": 0,
-        "model": {"family": "hf_t5", "base": "base", "device": "cpu"},
-        "tasks": [{"name": t, "expert": experts[t]} for t in tasks],
-        "data": {"source": "jsonl", "root": "data", "val_size": 0.25, "max_input_tokens": 64,
-                 "calibration": {"samples": 4, "batch_size": 2}},
-        "eval": {"batch_size": 4},
-    }
-    _write_yaml(root, config)
-    return config
+    return _write_config(root, {"family": "hf_t5", "base": "base", "device": "cpu"}, experts,
+                         {"source": "jsonl", "root": "data", "val_size": 0.25, "max_input_tokens": 64,
+                          "calibration": {"samples": 4, "batch_size": 2}},
+                         {"batch_size": 4})

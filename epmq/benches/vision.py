@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .common import BenchBase, default_cache_dir, device_of, dtype_of
+from .._util import device_of, dtype_of
+from .common import BenchBase, default_cache_dir
 from .data import Split, make_task_data, open_image_sources
 from .prompts import image_templates
 

@@ -7,7 +7,6 @@ from torch import nn
 import epmq
 import epmq.adapters
 from epmq.adapters.attention import LinearMultiheadAttention
-from test_walker_models import one_thread  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -8,34 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from epmq.benches import BenchConfigError, build_bench
-from epmq.benches.checkpoints import LazyStateDict
 from epmq.benches.clip import HFClipBench
 from epmq.benches.tiny import write_tiny_clip
+from epmq.checkpoint_io import LazyStateDict
 from epmq.merge import task_arithmetic
 
 TASKS = ("alpha", "beta")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_clip")
-    config = write_tiny_clip(root, TASKS)
-    return root, config
-
-
-@pytest.fixture(scope="module")
-def bench(tiny):
-    root, config = tiny
-    return build_bench(config, base_dir=root, progress=False)
+WRITE_TINY = write_tiny_clip  # the ``tiny`` and ``bench`` fixtures (conftest.py)
 
 
 def _in_unit_interval(acc, tasks):

@@ -5,32 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from epmq.benches import BenchConfigError, build_bench
-from epmq.benches.checkpoints import LazyStateDict
 from epmq.benches.open_clip_bench import OpenClipBench
 from epmq.benches.tiny import write_tiny_open_clip
+from epmq.checkpoint_io import LazyStateDict
 from epmq.merge import task_arithmetic
 
 TASKS = ("alpha", "beta")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_open_clip")
-    return root, write_tiny_open_clip(root, TASKS)
-
-
-@pytest.fixture(scope="module")
-def bench(tiny):
-    root, config = tiny
-    return build_bench(config, base_dir=root, progress=False)
+WRITE_TINY = write_tiny_open_clip  # the ``tiny`` and ``bench`` fixtures (conftest.py)
 
 
 def test_structure_and_lazy_experts(bench, tiny):

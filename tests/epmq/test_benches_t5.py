@@ -6,33 +6,14 @@ import pytest
 import torch
 
 from epmq.benches import BenchConfigError, build_bench
-from epmq.benches.checkpoints import LazyStateDict
 from epmq.benches.prompts import GLUE, STSB_GRID
 from epmq.benches.t5_glue import T5GlueBench, spearman
 from epmq.benches.tiny import write_tiny_t5
+from epmq.checkpoint_io import LazyStateDict
 from epmq.merge import task_arithmetic
 
 TASKS = ("sst2", "rte", "stsb")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_t5")
-    return root, write_tiny_t5(root, TASKS)
-
-
-@pytest.fixture(scope="module")
-def bench(tiny):
-    root, config = tiny
-    return build_bench(config, base_dir=root, progress=False)
+WRITE_TINY = write_tiny_t5  # the ``tiny`` and ``bench`` fixtures (conftest.py)
 
 
 def _check(acc):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import epmq
 import epmq.checkpoint as ckpt
-from test_walker_models import Family, build, output, one_thread  # noqa: F401 (fixture)
+from test_walker_models import Family, build, output
 
 
 def quantized(gen, bits=4, sym=False, method="rtn", arch="llama"):

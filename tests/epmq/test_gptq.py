@@ -31,8 +31,18 @@ def round64(w, scale, zero, bits):
     return (q - zero) * scale
 
 
+def tie_gap(w, scale):
+    """How far ``w / scale`` is from a rounding tie (a half-integer)."""
+    x = w / scale
+    return ((x - torch.floor(x)) - 0.5).abs()
+
+
 def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
-    """Returns the dequantized Q of GPTQ, computed column by column in float64."""
+    """GPTQ computed column by column in float64.
+
+    Returns the dequantized ``Q`` (stored order), each weight's distance from a rounding tie
+    when it was rounded, and the processing order (both in processing order).
+    """
     W = W.double().clone()
     H = H.double().clone()
     d_out, d_in = W.shape
@@ -47,17 +57,19 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
     W, H = W[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
+    gap = torch.zeros_like(W)
     for j in range(d_in):
         if static:
             scale, zero = params[int(perm[j]) // gs]
         elif j % gs == 0:
             scale, zero = grid64(W[:, j : j + gs], spec.bits, spec.sym)
         Q[:, j] = round64(W[:, j], scale, zero, spec.bits)
+        gap[:, j] = tie_gap(W[:, j], scale)
         err = (W[:, j] - Q[:, j]) / U[j, j]
         W[:, j:] -= err[:, None] * U[j, j:][None, :]
     out = torch.empty_like(Q)
     out[:, perm] = Q
-    return out
+    return out, gap, perm
 
 
 def objective(Q, W, H):
@@ -65,10 +77,10 @@ def objective(Q, W, H):
     return float(((E @ H.double()) * E).sum())
 
 
-def random_problem(gen, d_out=48, d_in=64, n=256, dead=0):
+def random_problem(gen, d_out=48, d_in=64, n=256, dead=0, spread=1.0):
     W = torch.randn(d_out, d_in, generator=gen)
     # activations with a spread of per-feature scales, as real layers have
-    X = torch.randn(n, d_in, generator=gen) * torch.exp(torch.randn(d_in, generator=gen))
+    X = torch.randn(n, d_in, generator=gen) * torch.exp(spread * torch.randn(d_in, generator=gen))
     if dead:
         X[:, torch.randperm(d_in, generator=gen)[:dead]] = 0
     return W, X.T @ X
@@ -92,15 +104,22 @@ SPECS = [
 @pytest.mark.parametrize("blocksize", [128, 24])
 def test_gptq_matches_paper_float64(gen, spec, blocksize):
     W, H = random_problem(gen, dead=3)
-    ref = gptq_paper(W, H, spec)
+    ref, gap, perm = gptq_paper(W, H, spec)
     res = quant.gptq(W, H, spec, blocksize=blocksize, backend="torch")
-    loss_ref = objective(ref, W, H)
-    assert res.loss == pytest.approx(objective(res.weight, W, H), rel=1e-6)
-    # float32 against float64: an occasional rounding decision may flip and change the path
-    assert res.loss == pytest.approx(loss_ref, rel=2e-3)
-    same = (res.weight.double() - ref).abs() <= 1e-4 * ref.abs().max()
-    assert same.float().mean() > 0.97
     assert torch.isfinite(res.weight).all()
+    assert res.loss == pytest.approx(objective(res.weight, W, H), rel=1e-6)
+    # Rows are independent in GPTQ. Where float32 and float64 take the same rounding decisions
+    # the two agree to float precision; a row may part only where a weight sat on a rounding
+    # tie (within float32's noise: the symmetric grid even puts each group's most negative
+    # weight exactly on one), and from there its path changes.
+    parted = (res.weight.double() - ref).abs()[:, perm] > 1e-5 * ref.abs().max()
+    rows = parted.any(1)
+    first = parted.float().argmax(1)
+    assert (gap[rows, first[rows]] < 1e-3).all(), "a row parted from float64 at no rounding tie"
+    assert parted.float().mean() < 0.03
+    loss_ref = objective(ref, W, H)
+    # same decisions: equal to float32's rounding of the error feedback (cond(H) ~ 1e5 here)
+    assert res.loss == pytest.approx(loss_ref, rel=1e-5 if not rows.any() else 2e-2)
 
 
 def test_gptq_beats_rtn_and_reconstructs_codes(gen):

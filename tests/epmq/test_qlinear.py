@@ -6,7 +6,6 @@ import torch
 import epmq
 from epmq import quant
 from epmq.packing import packed_length
-from test_walker_models import one_thread  # noqa: F401 (fixture)
 
 
 def solve(spec, gen, d_out=24, d_in=64, method="gptq"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import epmq
-from test_walker_models import ARCHS, Family, output, rel_err, one_thread  # noqa: F401 (fixture)
+from test_walker_models import ARCHS, Family, output, rel_err
 
 # Linears in the blocks: 2 blocks per stack; open_clip: in_proj, out_proj, c_fc, c_proj; HF CLIP:
 # q, k, v, out, fc1, fc2; T5 (gated): 4 self-attn + 4 cross-attn (decoder) + wi_0, wi_1, wo;

@@ -7,7 +7,7 @@ from torch import nn
 
 import epmq
 from epmq import quant
-from test_walker_models import Family, build, inputs, output, one_thread  # noqa: F401 (fixture)
+from test_walker_models import Family, build, inputs, output
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 

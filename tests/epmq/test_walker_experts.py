@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 import epmq
 from epmq.experts import ExpertWeights
-from test_walker_models import Family, build, one_thread  # noqa: F401 (fixture)
+from test_walker_models import Family, build
 
 
 def _names(model):

@@ -21,7 +21,7 @@ import epmq
 from epmq import quant
 from epmq.adapters import find_adapter
 from epmq.stats import EPMQStats, HessianStats
-from test_walker_models import ARCHS, Family, one_thread  # noqa: F401 (fixture)
+from test_walker_models import ARCHS, Family
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 

@@ -1,11 +1,11 @@
 """Experts read from checkpoints are never all in memory: the walk holds one block of one
 expert at a time, not K models.
 
-Every tensor that leaves an expert checkpoint goes through ``epmq.experts._read_tensor``; the
-test wraps it to track, with ``weakref.finalize`` on each tensor's storage (which outlives the
-tensor object when the walker moves it into a module with ``param.data = tensor``), how many
-bytes of expert tensors are alive at any moment, and compares the peak to the size of one
-block and of the whole model.
+Every tensor that leaves an expert checkpoint goes through ``epmq.checkpoint_io._read_tensor``
+(``CheckpointReader.get``); the test wraps it to track, with ``weakref.finalize`` on each
+tensor's storage (which outlives the tensor object when the walker moves it into a module with
+``param.data = tensor``), how many bytes of expert tensors are alive at any moment, and compares
+the peak to the size of one block and of the whole model.
 """
 
 import weakref
@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import epmq
-import epmq.experts
-from test_walker_models import inputs, perturb, one_thread  # noqa: F401 (fixture)
+import epmq.checkpoint_io
+from test_walker_models import inputs, perturb
 
 K = 3
 
@@ -28,7 +28,7 @@ def _nbytes(tensors):
 @pytest.fixture
 def tracked(monkeypatch):
     state = {"alive": 0, "peak": 0, "read": 0}
-    original = epmq.experts._read_tensor
+    original = epmq.checkpoint_io._read_tensor
 
     def read(store, key):
         tensor = original(store, key)
@@ -40,7 +40,7 @@ def tracked(monkeypatch):
         weakref.finalize(storage, lambda: state.__setitem__("alive", state["alive"] - size))
         return tensor
 
-    monkeypatch.setattr(epmq.experts, "_read_tensor", read)
+    monkeypatch.setattr(epmq.checkpoint_io, "_read_tensor", read)
     return state
 
 

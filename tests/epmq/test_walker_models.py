@@ -5,13 +5,14 @@ test needs around them: experts, the merge, calibration inputs, a comparable out
 that every builder runs and that its family's adapter finds the blocks.)
 """
 
-import copy
+import functools
 
 import pytest
 import torch
 
 import epmq
 from epmq.adapters import find_adapter
+from epmq.benches import tiny as tiny_benches
 from epmq.merge import task_arithmetic
 
 ARCHS = [
@@ -112,14 +113,8 @@ def output(model, item) -> torch.Tensor:
     raise TypeError(type(out))
 
 
-def perturb(model, gen: torch.Generator, scale: float = 0.02):
-    """An "expert": the base plus independent noise of ``scale`` times each tensor's spread."""
-    expert = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in expert.parameters():
-            spread = p.std() if p.numel() > 1 else p.abs() + 1e-3
-            p.add_(torch.randn(p.shape, generator=gen) * scale * spread)
-    return expert
+# An "expert": the base plus independent noise of 2% of each tensor's spread (the benches' is 5%).
+perturb = functools.partial(tiny_benches.perturb, scale=0.02)
 
 
 class Family:
@@ -141,17 +136,6 @@ class Family:
 
     def fresh(self, seed=2):
         return build(self.arch, seed=seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads waiting on each other cost more than the work (10x measured). Modules that import
-    this fixture run single-threaded; the setting is restored after each module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(y, ref):

@@ -7,8 +7,6 @@ run from the same start. Tolerances are fp32 (or fp64) rounding of a sum over ``
 terms in another order.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -21,6 +19,7 @@ from epmq_kernels.expert_residual import (
     accumulate_xxt_reference,
     accumulate_xxt_triton,
 )
+from gpu_compile import ptxas_available, run_compile_script
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = {torch.float32: 2e-6, torch.float64: 1e-13}
@@ -250,22 +249,7 @@ print("compiled")
 """
 
 
-def _ptxas_available():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return os.path.exists(get_ptxas(90).path)
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_statistics_kernels_compile_for_gpus():
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_STATS], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_compile_script(_COMPILE_STATS, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

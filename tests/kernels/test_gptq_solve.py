@@ -11,8 +11,6 @@ device and the same inputs:
   loss    tr((Q - T) H (Q - T)^T) within 1e-4 relative.
 """
 
-import os
-
 import pytest
 import torch
 import triton
@@ -28,6 +26,7 @@ from epmq_kernels.gptq_solve import (
     gptq_solve_triton,
 )
 from epmq_kernels.grid import find_params
+from gpu_compile import ptxas_available, run_compile_script
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 D_OUT, D_IN = 37, 96  # neither a multiple of any row tile nor of the blocks below
@@ -387,12 +386,13 @@ rcp = float(torch.tensor(1 / 15, dtype=torch.float32))
 variants = [  # (DYNAMIC, GROUP_SPANS, SYM, HAS_R, BLOCK_ROWS, BLOCK_COLS, num_warps, capability)
     (True, False, False, True, 4, 128, 1, 90),
     (True, True, True, False, 8, 64, 1, 90),
+    (True, True, False, True, 4, 128, 1, 90),
     (False, False, False, True, 2, 128, 1, 90),
     (True, False, False, False, 8, 128, 4, 80),
 ]
 for dynamic, spans, sym, has_r, rows, cols, warps, cap in variants:
     const = dict(HAS_R=has_r, DYNAMIC=dynamic, GROUP_SPANS=spans, SYM=sym, MAXQ=15.0,
-                 SCALE_BY_RCP=True, MAXQ_RCP=rcp, BLOCK_ROWS=rows, BLOCK_COLS=cols, GROUP_CHUNK=128)
+                 SCALE_BY_RCP=True, MAXQ_RCP=rcp, BLOCK_ROWS=rows, BLOCK_COLS=cols)
     sig = {n: "constexpr" if n in const else ptr.get(n, "i32") for n in gs._gptq_block_kernel.arg_names}
     k = triton.compile(ASTSource(gs._gptq_block_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32),
@@ -410,22 +410,7 @@ print("compiled")
 """
 
 
-def _ptxas_available():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return os.path.exists(get_ptxas(90).path)
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_solver_compiles_for_gpus():
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SOLVER], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_compile_script(_COMPILE_SOLVER, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -8,8 +8,6 @@ every shape.
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -24,6 +22,7 @@ from epmq_kernels.w4a16 import (
     w4a16_matmul,
     w4a16_matmul_reference,
 )
+from gpu_compile import run_compile_script
 
 # Relative to |x| @ |W|: the output rounding (2^-11 fp16, 2^-8 bf16) plus the weight rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -360,10 +359,7 @@ def test_kernels_compile_for_sm90():
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except Exception as error:  # noqa: BLE001
         pytest.skip(f"no NVIDIA Triton backend: {error}")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_compile_script(_COMPILE_SCRIPT, timeout=300)
     if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("ptxas not available")
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,0 +1,74 @@
+"""What the benchmark scripts share: their command line, the card and versions a result was
+measured on, writing the result and its plot, and their pytest-benchmark mode.
+
+Imported as ``_common`` (``benchmarks/`` is on ``sys.path`` both when a script runs as
+``python benchmarks/bench_x.py`` and under pytest).
+"""
+
+import json
+import os
+import platform
+import sys
+
+import torch
+
+
+def parse_pairs(text, default):
+    """``"a:b,c:d"`` -> ``[(a, b), (c, d)]`` (ints); ``default`` when ``text`` is empty."""
+    if not text:
+        return default
+    return [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
+
+
+def no_cuda(script: str) -> bool:
+    """True (and says so) when there is no CUDA device to time on."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script}: no CUDA device, nothing to time", file=sys.stderr)
+    return True
+
+
+def device_info(device) -> dict:
+    """The card ``device`` is and the versions of the software stack, for a result's JSON."""
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    return dict(
+        device=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
+        sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(),
+    )
+
+
+def write_json(path, result: dict) -> None:
+    """``result`` to ``path`` (its directory created as needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def pyplot():
+    """matplotlib's ``pyplot`` on the Agg backend (no display needed); ImportError without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, title: str) -> None:
+    """``fig`` under ``title`` to the PNG ``path``, and closed."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def pytest_marks() -> list:
+    """The ``pytestmark`` of a benchmark module in pytest mode: skipped without
+    pytest-benchmark (the whole module) or without CUDA (every test)."""
+    import pytest
+
+    pytest.importorskip("pytest_benchmark")
+    return [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -1,0 +1,300 @@
+"""Full-precision checkpoints read lazily, tensor by tensor, and bound to a model's names.
+
+The model walker reads every expert one block at a time, and the benches merge experts tensor
+by tensor; neither ever needs a whole checkpoint in memory. ``CheckpointReader`` holds every
+tensor of a checkpoint by its own key and reads one when asked:
+
+* a HF ``save_pretrained`` directory or an open_clip ``local-dir`` (the weights file is found
+  by ``weights_in``), a shard index (``*.index.json``), a ``.safetensors`` file, or a torch
+  pickle (``.pt``/``.pth``/``.bin``/``.ckpt``, with or without a ``state_dict`` / ``model`` /
+  ``module`` wrapper);
+* tensors already in memory: a state dict (any ``Mapping``, lazy ones included) or an
+  ``nn.Module``.
+
+Safetensors files are opened with ``safe_open`` and read tensor by tensor; torch pickles are
+memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used; the
+shards of an index are opened when one of their tensors is first asked for. Every tensor leaves
+a store through ``_read_tensor`` (tests count what is alive through it).
+
+Checkpoint names rarely match the model's exactly: a transformers 4 CLIP checkpoint has a
+``vision_model.`` prefix that transformers 5 flattened away, an open_clip training checkpoint
+has ``module.``, a full CLIP checkpoint holds the visual tower under ``visual.``. ``Binding``
+finds the one prefix rewrite (strip a leading part of the model's names, or add the
+checkpoint's) under which most of the model's names exist in the checkpoint, and looks a tied
+tensor up under each of its aliases in turn (``tie_order``: the way ``from_pretrained`` ties
+them, every alias of a tied parameter reads the same checkpoint tensor). ``bind`` turns a
+reader into a ``LazyStateDict``: a state dict in the model's naming whose tensors are read
+when indexed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_FILES = (  # in order of preference, inside a directory
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
+_WRAPPERS = ("state_dict", "model", "module")  # what training scripts wrap a state dict in
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model it is bound to."""
+
+
+def weights_in(directory: Path) -> Optional[Path]:
+    """The weights file (or shard index) of a checkpoint directory, or None."""
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(directory.glob("*.safetensors"))
+    return found[0] if len(found) == 1 else None
+
+
+def _read_tensor(store, key: str) -> torch.Tensor:
+    """The one place tensors leave a store (tests count what is alive through it)."""
+    return store.get_tensor(key) if hasattr(store, "get_tensor") else store[key]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class CheckpointReader:
+    """Every tensor of a checkpoint (see the module docstring) by its own key, read on demand.
+
+    ``what`` names the checkpoint in errors, which are raised as ``error`` (the benches pass
+    their configuration error)."""
+
+    def __init__(self, source, what: str = "checkpoint", *, error: type = CheckpointError):
+        self.what = what
+        self.error = error
+        self._where: Dict[str, object] = {}  # key -> store: a file, or None for tensors in memory
+        self._stores: dict = {}  # store -> safe_open handle or Mapping of tensors (files: once opened)
+        if isinstance(source, (nn.Module, Mapping)):
+            self.path = None
+            self.description = f"module {type(source).__name__}" if isinstance(source, nn.Module) else "state dict"
+            self._stores[None] = source.state_dict() if isinstance(source, nn.Module) else source
+            self._where = dict.fromkeys(self._stores[None].keys())
+            return
+        path = self.path = Path(source)
+        if path.is_dir():
+            found = weights_in(path)
+            if found is None:
+                raise error(
+                    f"{what}: no weights in {path}: expected one of {', '.join(WEIGHT_FILES)} "
+                    f"or a single *.safetensors"
+                )
+            path = found
+        if not path.is_file():
+            raise error(f"{what}: no such file: {path}")
+        if path.name.endswith(".index.json"):
+            weight_map = json.loads(path.read_text())["weight_map"]
+            for key, shard in weight_map.items():
+                self._where[key] = path.parent / shard
+            missing = sorted({str(f) for f in self._where.values() if not f.is_file()})
+            if missing:
+                raise error(f"{what}: shard(s) listed in {path.name} are missing: {missing[:3]}")
+            self.description = str(self.path)
+        elif path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
+            self._where = dict.fromkeys(self._open(path).keys(), path)
+            self.description = str(path)
+        else:
+            raise error(f"{what}: unknown checkpoint file type {path.suffix!r}: {path}")
+
+    def _open(self, file: Path):
+        handle = self._stores.get(file)
+        if handle is None:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            else:
+                try:
+                    state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+                except Exception as e:
+                    raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
+                for wrapper in _WRAPPERS:
+                    if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+                        state = state[wrapper]
+                if not isinstance(state, Mapping):
+                    raise self.error(f"{self.what}: {file} does not hold a state dict")
+                handle = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            self._stores[file] = handle
+        return handle
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple:
+        handle = self._open(self._where[key])
+        if hasattr(handle, "get_slice"):
+            return tuple(handle.get_slice(key).get_shape())
+        return tuple(handle[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, a fresh read from files."""
+        return _read_tensor(self._open(self._where[key]), key)
+
+    def close(self) -> None:
+        """Let go of every handle and in-memory tensor (the reader is empty afterwards)."""
+        self._stores.clear()
+        self._where.clear()
+
+
+# --------------------------------------------------------------------------- names
+
+
+Rewrite = Tuple[str, str]  # (leading part stripped from a model name, leading part added)
+
+
+class Binding:
+    """Model tensor names -> checkpoint keys, under one prefix rewrite.
+
+    ``order``: for a model name, the names to look for it under, in turn (see ``tie_order``;
+    a name it does not list is looked for under itself only). The rewrite is the one under
+    which most of ``names`` (default: those of ``order``) are found among ``keys``; ``prefixes``
+    are leading parts the checkpoint may add, tried besides those found from its keys. With no
+    names the rewrite is the identity."""
+
+    def __init__(self, keys: Iterable[str], order: Optional[Mapping[str, Sequence[str]]] = None,
+                 names: Optional[Iterable[str]] = None, prefixes: Iterable[str] = ()):
+        self.keys = set(keys)
+        self.order = dict(order or {})
+        names = list(self.order if names is None else names)
+        # long names are unlikely to end other keys by chance; the first ones are the model's own
+        probe = list(dict.fromkeys(names[:16] + sorted(names, key=len, reverse=True)[:8]))
+        candidates = {("", "")} | {("", p) for p in prefixes}
+        for name in probe:  # strip a leading part of the model's names ...
+            parts = name.split(".")
+            candidates.update((".".join(parts[:j]) + ".", "") for j in range(1, len(parts)))
+        for key in self.keys:  # ... or add the checkpoint's extra leading part
+            candidates.update(("", key[: -len(n)]) for n in probe if key.endswith("." + n))
+
+        def coverage(rewrite):
+            return sum(self._lookup(n, rewrite) is not None for n in names)
+
+        # max() keeps the first of equals: the identity goes first, so it wins ties (a full
+        # CLIP checkpoint also holds names of the text tower unprefixed)
+        ordered = [("", "")] + sorted(candidates - {("", "")})
+        self.rewrite: Rewrite = max(ordered, key=coverage)
+
+    def _lookup(self, name: str, rewrite: Rewrite) -> Optional[str]:
+        strip, add = rewrite
+        for alias in self.order.get(name, (name,)):
+            if alias.startswith(strip):
+                key = add + alias[len(strip):]
+                if key in self.keys:
+                    return key
+        return None
+
+    def key_for(self, name: str) -> Optional[str]:
+        """The checkpoint key holding the model tensor ``name`` (or one of its aliases), or None."""
+        return self._lookup(name, self.rewrite)
+
+
+def tie_order(model: nn.Module) -> Dict[str, List[str]]:
+    """For every state-dict name of ``model``, the names to look for in a checkpoint, in order.
+
+    Aliases of one tied parameter all get the same list (the first name first, as
+    ``named_parameters`` lists them), so they read the same tensor; an untied parameter that
+    transformers would tie by default (``_tied_weights_keys``) falls back to its source."""
+    groups = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    order = {name: [name] for name in model.state_dict().keys()}
+    for names in groups.values():
+        for name in names:
+            order[name] = list(names)
+    hints = getattr(model, "_tied_weights_keys", None)
+    if isinstance(hints, Mapping):
+        for target, source in hints.items():
+            if isinstance(source, str) and order.get(target) == [target] and source in order:
+                order[target] = [target, source]
+    return order
+
+
+class LazyStateDict(Mapping):
+    """A state dict in the model's naming whose tensors are read from a checkpoint when indexed."""
+
+    def __init__(self, reader: CheckpointReader, keys: Dict[str, str], *, dtype: Optional[torch.dtype] = None,
+                 description: str = ""):
+        self.reader = reader
+        self._keys = dict(keys)  # model name -> checkpoint key
+        self.dtype = dtype
+        self.description = description or reader.description
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.reader.get(self._keys[name])
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, name) -> bool:
+        return name in self._keys
+
+    def checkpoint_key(self, name: str) -> str:
+        return self._keys[name]
+
+    def __repr__(self):
+        return f"LazyStateDict({len(self)} tensors from {self.description})"
+
+
+def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: str,
+         shapes: Optional[Mapping[str, tuple]] = None, dtype: Optional[torch.dtype] = None,
+         prefixes: Iterable[str] = ()) -> LazyStateDict:
+    """A ``LazyStateDict`` with the model's names (the keys of ``order``, see ``tie_order``).
+
+    The names are found under one prefix rewrite (``Binding``; ``prefixes`` are tried too).
+    Raises ``reader.error`` for tensors the checkpoint lacks or whose shape differs from
+    ``shapes`` (the model's)."""
+    names = list(order)
+    binding = Binding(reader.keys(), order, prefixes=prefixes)
+    mapping, missing = {}, []
+    for n in names:
+        key = binding.key_for(n)
+        if key is None:
+            missing.append(n)
+        else:
+            mapping[n] = key
+    if missing:
+        raise reader.error(
+            f"{what} ({reader.path}) lacks {len(missing)} of the model's {len(names)} tensors, e.g. "
+            f"{missing[:4]}: is it a checkpoint of this architecture?"
+        )
+    if shapes is not None:
+        for n, key in mapping.items():
+            got, want = reader.shape(key), tuple(shapes[n])
+            if tuple(got) != want:
+                raise reader.error(
+                    f"{what} ({reader.path}): tensor {n!r} has shape {tuple(got)}, the model's is {want}: "
+                    f"is it a checkpoint of this architecture?"
+                )
+    return LazyStateDict(reader, mapping, dtype=dtype, description=f"{what} at {reader.path}")
+
+
+def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype] = None,
+               prefixes: Iterable[str] = (), error: type = CheckpointError) -> LazyStateDict:
+    """``bind`` a checkpoint at ``path`` to ``model``'s state-dict names and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return bind(CheckpointReader(path, what, error=error), tie_order(model), what=what, shapes=shapes,
+                dtype=dtype, prefixes=prefixes)

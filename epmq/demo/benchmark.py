@@ -1,0 +1,225 @@
+"""The embedded eight-task post-merge-quantization benchmark.
+
+    from epmq.demo.benchmark import prepare, merges
+    bench = prepare()                       # trains once (minutes), then loads from the cache
+    bench.evaluate(bench.base_state)        # zero-shot base: {task: acc, ..., "avg": acc}
+    scale, merged = merges(bench, "task_arithmetic")   # scale chosen on validation
+    bench.evaluate(merged, split="test")
+    bench.calibration["digit"]              # list of pixel_values batches [B, 3, 8, 8]
+
+Accuracies are fractions in [0, 1]; ``"avg"`` is the unweighted mean over the tasks.
+See ``data.py`` for the tasks, ``model.py`` for the model and heads, ``train.py`` for the
+training schedule and the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import merge as merge_lib
+from .data import Task, TaskData, build_task_data, get_tasks, load_digits_tensors, make_splits, pretraining_images
+from .model import build_encoder, logits
+from .train import DemoConfig, default_cache_root, load_or_train, load_tensors, save_tensors
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Bench:
+    """The prepared benchmark. ``experts`` and ``heads`` are ordered like ``tasks``."""
+
+    config: DemoConfig
+    seed: int
+    cache_dir: Path
+    tasks: Tuple[Task, ...]
+    splits: Dict[str, torch.Tensor]  # image indices into the 1797 digits
+    data: Dict[str, TaskData]
+    base_state: Dict[str, torch.Tensor]
+    experts: Dict[str, Dict[str, torch.Tensor]]
+    heads: Dict[str, torch.Tensor]
+    meta: dict
+    trained: bool  # whether prepare() trained anything (False: all loaded from the cache)
+    _base: Optional[nn.Module] = field(default=None, repr=False)
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def base(self) -> nn.Module:
+        """The pretrained base encoder (a ``CLIPVisionModel``, eval mode)."""
+        if self._base is None:
+            self._base = build_encoder(self.config.model, self.base_state)
+        return self._base
+
+    def model(self, state: Optional[StateDict] = None) -> nn.Module:
+        """A fresh encoder with ``state`` (default: the base's) loaded."""
+        return build_encoder(self.config.model, self.base_state if state is None else state)
+
+    def expert_model(self, task: str) -> nn.Module:
+        return self.model(self.experts[task])
+
+    @property
+    def calibration(self) -> Dict[str, List[torch.Tensor]]:
+        """Each task's calibration inputs (training images) as ``pixel_values`` batches."""
+        b = self.config.calib_batch
+        return {n: list(td.calib.split(b)) for n, td in self.data.items()}
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model_or_state: Union[nn.Module, StateDict],
+        split: str = "test",
+        tasks: Optional[Sequence[str]] = None,
+        batch_size: int = 512,
+    ) -> Dict[str, float]:
+        """Accuracy of an encoder (a module called as ``model(pixel_values=x)``, or a state dict
+        of this benchmark's encoder) on each task's ``split`` through the frozen heads:
+        ``{task: acc, ..., "avg": mean}``."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        model = model_or_state if isinstance(model_or_state, nn.Module) else self.model(model_or_state)
+        was_training = model.training
+        model.eval()
+        device = _device_of(model)
+        out = {}
+        try:
+            for name in tasks or self.task_names:
+                td = self.data[name]
+                head = self.heads[name].to(device)
+                correct = 0
+                for x, y in zip(td.x[split].split(batch_size), td.y[split].split(batch_size)):
+                    pred = logits(model, head, x.to(device), self.config.logit_scale).argmax(-1)
+                    correct += int((pred.cpu() == y).sum())
+                out[name] = correct / len(td.y[split])
+        finally:
+            model.train(was_training)
+        out["avg"] = sum(out.values()) / len(out)
+        return out
+
+    def expert_accuracies(self, split: str = "test") -> Dict[str, float]:
+        """Each expert on its own task, and their mean (``"avg"``)."""
+        out = {n: self.evaluate(self.experts[n], split, tasks=[n])[n] for n in self.task_names}
+        out["avg"] = sum(out.values()) / len(out)
+        return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    cache_dir: Union[str, Path, None] = None,
+    seed: int = 0,
+    progress: bool = True,
+    config: Optional[DemoConfig] = None,
+) -> Bench:
+    """Build the data, and train (first run) or load (later runs) the base, heads and experts.
+
+    ``cache_dir``: the cache root (default ``$EPMQ_CACHE_DIR/demo`` or ``~/.cache/epmq/demo``);
+    the artifacts of one configuration and seed live in ``<cache_dir>/<config hash>/``.
+    """
+    config = config or DemoConfig()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    cache = root / config.key(seed)
+    tasks = get_tasks(config.tasks)
+
+    split_path = cache / "splits.safetensors"
+    if split_path.exists():
+        splits = load_tensors(split_path)
+    else:
+        _, digits = load_digits_tensors()
+        splits = make_splits(digits, seed, config.splits)
+        save_tensors(split_path, splits, {"what": "indices into sklearn's load_digits()"})
+
+    data = build_task_data(tasks, splits, seed, config.splits.calib, limit=config.data_limit)
+    pretrain = pretraining_images(splits, limit=config.data_limit)
+    art = load_or_train(config, seed, cache, pretrain, data, progress=progress)
+    return Bench(
+        config=config,
+        seed=seed,
+        cache_dir=cache,
+        tasks=tasks,
+        splits=splits,
+        data=data,
+        base_state=art.base,
+        experts={t.name: art.experts[t.name] for t in tasks},
+        heads={t.name: art.heads[t.name] for t in tasks},
+        meta=art.meta,
+        trained=art.trained,
+    )
+
+
+# --------------------------------------------------------------------------- merges
+
+DEFAULT_SCALES = {
+    "task_arithmetic": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0),
+    "dare": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0),
+    "ties": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.3, 1.6),  # disjoint mean: 1 = one task vector
+    "ties_sum": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0),
+    "average": (None,),
+}
+_ALIASES = {"ta": "task_arithmetic", "mean": "average", "avg": "average"}
+
+
+def merge_state(bench: Bench, method: str, scale: Optional[float], **kwargs) -> Dict[str, torch.Tensor]:
+    """One merge of the bench's experts with ``epmq.merge`` (``kwargs`` go to the merge)."""
+    method = _ALIASES.get(method, method)
+    experts = list(bench.experts.values())
+    if method == "task_arithmetic":
+        return merge_lib.task_arithmetic(bench.base_state, experts, scale=scale)
+    if method == "ties":
+        return merge_lib.ties(bench.base_state, experts, scale=scale, **kwargs)
+    if method == "dare":
+        return merge_lib.dare(bench.base_state, experts, scale=scale, **kwargs)
+    if method == "average":
+        return merge_lib.average(experts)
+    raise ValueError(f"unknown merge method {method!r}: task_arithmetic, ties, dare or average")
+
+
+def merges(
+    bench: Bench,
+    method: str = "task_arithmetic",
+    scales: Optional[Iterable[Optional[float]]] = None,
+    *,
+    split: str = "val",
+    return_scores: bool = False,
+    **kwargs,
+):
+    """Merge with every scale of ``scales`` and keep the one with the best average accuracy
+    on ``split`` (validation; never choose on test). Ties go to the first scale listed.
+
+    Returns ``(scale, merged_state_dict)``, or ``(scale, merged_state_dict, {scale: avg})``
+    with ``return_scores``. Default scales: ``DEFAULT_SCALES[method]`` (for TIES with
+    ``merge="sum"`` the Task Arithmetic grid).
+    """
+    method = _ALIASES.get(method, method)
+    if scales is None:
+        key = "ties_sum" if method == "ties" and kwargs.get("merge") == "sum" else method
+        if key not in DEFAULT_SCALES:
+            raise ValueError(f"unknown merge method {method!r}")
+        scales = DEFAULT_SCALES[key]
+    scales = list(scales)
+    if not scales:
+        raise ValueError("no scale to choose from")
+    best, scores = None, {}
+    for s in scales:
+        state = merge_state(bench, method, s, **kwargs)
+        acc = bench.evaluate(state, split=split)["avg"]
+        scores[s] = acc
+        if best is None or acc > best[0]:
+            best = (acc, s, state)
+    _, scale, state = best
+    return (scale, state, scores) if return_scores else (scale, state)
