@@ -1,41 +1,203 @@
-"""The ``epmq`` command line."""
+"""The ``epmq`` command line.
+
+    epmq demo                 the embedded 8-task benchmark (trains once, cached; then quantizes)
+    epmq run CONFIG.yaml      a whole experiment from a config (merge, quantize, evaluate)
+    epmq bench                the kernel benchmarks on a CUDA GPU
+
+Every command writes ``results.json``, ``table.md`` and ``accuracy.png`` (or the benchmark
+JSON) into its output directory and can be interrupted: run it again and it resumes.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """examples:
+  epmq demo                                  # ~10 min the first time on 2 CPU cores, then minutes
+  epmq demo --out runs/demo --seed 1         # another seed, its own cache entry
+  epmq run configs/clip-vit-b32-8tasks.yaml  # CLIP-ViT-B/32 on 8 tasks (needs the HF hub)
+  epmq run my.yaml --fresh                   # ignore earlier results in the output directory
+  epmq bench --out benchmarks/results        # W4A16 and solver kernels vs torch (CUDA only)
+"""
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------- demo
 
 
 def _demo(args) -> int:
-    import torch
+    from . import pipeline
+    from .demo import default_plan, prepare
 
-    from . import quant
-    from .spec import QuantSpec
-
-    g = torch.Generator().manual_seed(args.seed)
-    d_out, d_in, n, K = 256, 512, 2048, 4
-    W_0 = torch.randn(d_out, d_in, generator=g) / d_in**0.5
-    experts = [W_0 + 0.02 * torch.randn(d_out, d_in, generator=g) for _ in range(K)]
-    W_m = W_0 + 0.3 * sum(W - W_0 for W in experts)
-    H = [(lambda X: X.T @ X)(torch.randn(n, d_in, generator=g) * torch.rand(d_in, generator=g)) for _ in range(K)]
-    print(f"one {d_out}x{d_in} layer, {K} experts, task arithmetic (scale 0.3)")
-    print(f"{'bits':>4} {'GPTQ expert loss':>18} {'E-PMQ expert loss':>18}")
-    for bits in (4, 3, 2):
-        spec = QuantSpec(bits=bits, group_size=128)
-        r_g = quant.gptq(W_m, sum(H), spec)
-        r_e = quant.epmq(W_m, experts, H, spec)
-        a = r_e.info["task_weights"]
-        loss_g = sum(a_k * float((((r_g.weight - W_k) @ H_k) * (r_g.weight - W_k)).sum()) for a_k, W_k, H_k in zip(a, experts, H))
-        print(f"{bits:>4} {loss_g:>18.5f} {r_e.expert_loss:>18.5f}")
+    torch_threads(args.threads)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
+    plan = default_plan(quick=args.quick)
+    identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name}
+    results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
+                           log=_log(args), identity=identity)
+    _finish(results, plan, bench.task_names, out, t0)
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="epmq", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the built-in example")
-    demo.add_argument("--seed", type=int, default=0)
+# --------------------------------------------------------------------------- run
+
+
+def _run(args) -> int:
+    from . import pipeline
+    from .benches import build_bench, load_config
+
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise CLIError(f"config file not found: {config_path}")
+    config = load_config(config_path)
+    torch_threads(args.threads)
+    known = {"seed", "model", "tasks", "data", "eval", "merge", "quantize", "output"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise CLIError(f"{config_path}: unknown top-level keys {unknown}; allowed: {sorted(known)}")
+    try:
+        plan = pipeline.Plan.from_config(config.get("merge"), config.get("quantize"))
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{config_path}: {e}") from None
+    out = Path(args.out or (config.get("output") or {}).get("dir") or f"runs/{config_path.stem}")
+    if not out.is_absolute() and args.out is None and (config.get("output") or {}).get("dir"):
+        out = config_path.parent / out
+    t0 = time.perf_counter()
+    try:
+        bench = build_bench(config, base_dir=config_path.parent, progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"{config_path}: {e}") from None
+    identity = getattr(bench, "identity", None) or {"config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
+    results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
+                           log=_log(args), identity=identity)
+    _finish(results, plan, bench.task_names, out, t0)
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError("epmq bench times the GPU kernels and needs a CUDA GPU (none is visible)")
+    root = Path(__file__).resolve().parents[1]
+    scripts = root / "benchmarks"
+    if not (scripts / "bench_w4a16.py").is_file():
+        raise CLIError(
+            f"the benchmark scripts are not next to this installation ({scripts}): "
+            "run epmq bench from a source checkout installed with `pip install -e .`"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name().lower()).strip("-")
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    commands = []
+    if args.only in (None, "w4a16"):
+        commands.append([sys.executable, str(scripts / "bench_w4a16.py"), "--out", str(out / f"w4a16-{slug}.json"),
+                         "--plot", str(out / f"w4a16-{slug}.png")])
+    if args.only in (None, "solver"):
+        commands.append([sys.executable, str(scripts / "bench_solver.py"), "--out", str(out)])
+    failed = 0
+    for cmd in commands:
+        print("$", " ".join(cmd), flush=True)
+        failed += subprocess.call(cmd, env=env) != 0
+    print(f"results in {out}")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def torch_threads(n):
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _log(args):
+    if args.quiet:
+        return lambda msg: None
+    return lambda msg: print(msg, flush=True)
+
+
+def _finish(results, plan, tasks, out: Path, t0: float) -> None:
+    from . import pipeline
+
+    text = pipeline.report(results, plan, tasks, out)
+    print()
+    print("Average test accuracy (%), per task and overall; merge scales and anchors chosen on validation:")
+    print(text)
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy.png'}, "
+          f"{out / 'accuracy_per_task.png'} ({time.perf_counter() - t0:.0f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epmq",
+        description="Merge fine-tuned experts and quantize the merged model without losing what they knew "
+        "(RTN, GPTQ and E-PMQ: expert-guided post-merge quantization).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p, out_default):
+        p.add_argument("--out", default=out_default, help=f"output directory (default: {out_default or 'from the config'})")
+        p.add_argument("--fresh", action="store_true", help="ignore earlier results in the output directory")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    demo = sub.add_parser("demo", help="the embedded 8-task benchmark (runs anywhere, CPU is enough)",
+                          description="Eight conflicting tasks built from scikit-learn's digits, a small CLIP-style "
+                          "ViT pretrained as a shared base, eight experts with frozen heads, merged with Task "
+                          "Arithmetic and TIES, then quantized with RTN, GPTQ and E-PMQ at 4, 3 and 2 bits. "
+                          "Trained models are cached, so a second run only quantizes.")
+    common(demo, "runs/demo")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data splits and training (default 0)")
+    demo.add_argument("--cache-dir", default=None, help="trained-model cache (default $EPMQ_CACHE_DIR or ~/.cache/epmq)")
+    demo.add_argument("--quick", action="store_true", help="one merge, one anchor: a smoke test")
     demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="a whole experiment from a YAML config",
+                         description="Merge, quantize and evaluate as CONFIG.yaml says (see configs/ for examples).")
+    run.add_argument("config", help="the experiment's YAML file")
+    common(run, None)
+    run.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
+    bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
+    bench.add_argument("--only", choices=["w4a16", "solver"], default=None, help="run one of the two benchmarks")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"epmq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nepmq {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,8 +241,12 @@ class Runner:
                       "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
             key = f"quant/{mp.label}/w{bits}/{label}" + (f"/anchor={anchor:g}" if anchor is not None else "")
             runs.append(self.step(key, params, lambda a=anchor, p=params: self._quantize(state, bits, method, targets, a, p)))
-        if len(runs) > 1:
+        if anchors != [None]:
             best = max(runs, key=lambda r: r["val"]["avg"])  # chosen on validation
+            # keep the chosen anchor's checkpoint only: the others were candidates
+            for r in runs:
+                if r is not best and r.get("checkpoint") and Path(r["checkpoint"]).is_dir():
+                    shutil.rmtree(r["checkpoint"])
             self.store.put(f"quant/{mp.label}/w{bits}/{label}", {"chosen_from": [r["params"]["anchor"] for r in runs]},
                            dict(best, chosen_anchor=best["params"]["anchor"]))
 
@@ -325,40 +330,87 @@ def format_ablation(rows: list) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, plan: Plan, path) -> None:
-    """Average test accuracy per bit width and quantizer, one panel a merge."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def _quantizer_labels(plan: Plan) -> list:
+    return [LABELS[m] for m in plan.methods] + [c.label for c in plan.controls]
+
+
+def _test_acc(steps: dict, key: str, task: str = "avg") -> float:
+    return 100 * steps.get(key, {}).get("test", {}).get(task, float("nan"))
+
+
+def plot(results: dict, plan: Plan, path) -> None:
+    """Average test accuracy per bit width and quantizer, one panel a merge."""
+    plt = _pyplot()
     steps = results["steps"]
-    labels = [LABELS[m] for m in plan.methods] + [c.label for c in plan.controls]
-    fig, axes = plt.subplots(1, len(plan.merges), figsize=(5.5 * len(plan.merges), 4), squeeze=False)
+    labels = _quantizer_labels(plan)
+    fig, axes = plt.subplots(1, len(plan.merges), figsize=(5.5 * len(plan.merges), 4.4), squeeze=False)
     for ax, mp in zip(axes[0], plan.merges):
         merged = steps.get(f"merge/{mp.label}")
         if merged is None:
             continue
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
-            ys = [100 * steps.get(f"quant/{mp.label}/w{b}/{label}", {}).get("test", {}).get("avg", float("nan"))
-                  for b in plan.bits]
+            ys = [_test_acc(steps, f"quant/{mp.label}/w{b}/{label}") for b in plan.bits]
             ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(plan.bits))], ys, width, label=label)
-        ax.axhline(100 * merged["test"]["avg"], color="k", ls="--", lw=1, label=f"{mp.label} fp32")
+        ax.axhline(100 * merged["test"]["avg"], color="k", ls="--", lw=1, label="merged fp32")
         ax.axhline(100 * steps["experts"]["test"]["avg"], color="g", ls=":", lw=1, label="experts")
         ax.axhline(100 * steps["base"]["test"]["avg"], color="grey", ls="-.", lw=1, label="base")
         ax.set_xticks(range(len(plan.bits)), [f"{b}-bit" for b in plan.bits])
+        ax.set_ylim(0, 100)
         ax.set_ylabel("average test accuracy (%)")
         ax.set_title(f"{mp.label} (scale {merged['scale']:g})")
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    _save(fig, path)
+
+
+def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
+    """Test accuracy per task: experts, each merge in fp32 and its quantizers, one panel per
+    merge and bit width."""
+    plt = _pyplot()
+    steps = results["steps"]
+    labels = _quantizer_labels(plan)
+    rows, cols = len(plan.merges), len(plan.bits)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for r, mp in enumerate(plan.merges):
+        for c, bits in enumerate(plan.bits):
+            ax = axes[r][c]
+            series = [("experts", "experts"), ("merged fp32", f"merge/{mp.label}")]
+            series += [(label, f"quant/{mp.label}/w{bits}/{label}") for label in labels]
+            width = 0.85 / len(series)
+            for i, (name, key) in enumerate(series):
+                ys = [_test_acc(steps, key, t) for t in tasks]
+                ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))], ys, width, label=name)
+            ax.set_xticks(range(len(tasks)), [t[:10] for t in tasks], rotation=45, ha="right", fontsize=7)
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{mp.label}, {bits}-bit", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("test accuracy (%)")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _save(fig, path)
 
 
 def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
-    """Print-ready tables; also writes ``table.md`` and ``accuracy.png`` into ``out_dir``."""
+    """Print-ready tables; also writes ``table.md``, ``accuracy.png`` and
+    ``accuracy_per_task.png`` into ``out_dir``."""
     text = format_table(table_rows(results, plan), tasks)
     ablation = ablation_rows(results, plan)
     if len(plan.anchors) > 1 and ablation:
@@ -367,6 +419,7 @@ def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     plot(results, plan, out / "accuracy.png")
+    plot_per_task(results, plan, tasks, out / "accuracy_per_task.png")
     return text
 
 

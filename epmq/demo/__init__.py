@@ -8,6 +8,7 @@ on-disk cache (``train``), and ``prepare`` / ``merges`` / ``Bench.evaluate`` (``
 from .benchmark import Bench, merge_state, merges, prepare
 from .data import TASKS, Task
 from .model import ModelConfig
+from .plan import default_plan
 from .train import DemoConfig
 
-__all__ = ["Bench", "DemoConfig", "ModelConfig", "TASKS", "Task", "merge_state", "merges", "prepare"]
+__all__ = ["Bench", "DemoConfig", "ModelConfig", "TASKS", "Task", "default_plan", "merge_state", "merges", "prepare"]

@@ -1,0 +1,165 @@
+"""The ``epmq`` command line: arguments, errors that say what to fix, resume after interruption."""
+
+import json
+
+import pytest
+import yaml
+
+import epmq
+import epmq.demo
+from epmq.benches.tiny import write_tiny_clip
+from epmq.cli import main
+from epmq.demo import DemoConfig
+from epmq.demo.data import SplitSizes
+from epmq.demo.model import ModelConfig
+
+TASKS = ("alpha", "beta")
+PLAN = {
+    "merge": [{"method": "task_arithmetic", "scales": [0.3, 1.0]}],
+    "quantize": {"methods": ["rtn", "gptq", "epmq"], "bits": [8, 4], "group_size": -1, "anchors": [0.1, 1.0]},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    """A tiny HF CLIP experiment on disk: checkpoints, images and a config with a plan."""
+    root = tmp_path_factory.mktemp("cli")
+    config = write_tiny_clip(root, TASKS)
+    config.update(PLAN)
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def write(tmp_path, config, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("demo", "run", "bench", "examples"):
+        assert word in out
+    assert main([]) == 2  # no command: the help, and a non-zero exit
+
+
+def test_run_missing_config(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(quantize={**c["quantize"], "bits": [5]}), "bits must be one of"),
+        (lambda c: c.update(merge=[{"method": "magic"}]), "unknown merge method 'magic'"),
+        (lambda c: c.update(quantize={**c["quantize"], "methods": ["awq"]}), "unknown quantization method 'awq'"),
+        (lambda c: c.update(quantize={**c["quantize"], "groupsize": 32}), "unknown keys \\['groupsize'\\]"),
+        (lambda c: c.update(extra=1), "unknown top-level keys \\['extra'\\]"),
+        (lambda c: c["tasks"][0].pop("expert"), "expert"),
+        (lambda c: c["tasks"][1].update(expert="does/not/exist/here.safetensors"), "does/not/exist"),
+    ],
+)
+def test_run_config_errors(tiny_config, tmp_path, capsys, change, message):
+    config = yaml.safe_load(tiny_config.read_text())
+    change(config)
+    bad = write(tiny_config.parent, config, f"bad-{abs(hash(message))}.yaml")
+    assert main(["run", str(bad), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert __import__("re").search(message, err), err
+
+
+def test_run_writes_results_and_resumes(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_config), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    steps = results["steps"]
+    assert {"base", "experts", "merge/TA", "quant/TA/w4/RTN", "quant/TA/w4/GPTQ", "quant/TA/w4/E-PMQ"} <= set(steps)
+    assert steps["quant/TA/w4/E-PMQ"]["chosen_anchor"] in (0.1, 1.0)
+    assert steps["merge/TA"]["scale"] in (0.3, 1.0)
+    for name in ("table.md", "accuracy.png", "accuracy_per_task.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Experts (individual)" in first and "TA w4 E-PMQ" in first
+    # a checkpoint per row, the chosen anchor's only, loadable into a fresh model
+    chosen = steps["quant/TA/w4/E-PMQ"]["checkpoint"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if "epmq" in p.name and "w4" in p.name) == [
+        chosen.rsplit("/", 1)[-1]
+    ]
+
+    assert main(["run", str(tiny_config), "--out", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert "[resume] quant/TA/w4/GPTQ: done before" in second
+    assert json.loads((out / "results.json").read_text())["steps"].keys() == steps.keys()
+
+
+def test_run_resumes_after_interruption(tiny_config, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    real = epmq.quantize_model
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epmq, "quantize_model", flaky)
+    assert main(["run", str(tiny_config), "--out", str(out), "--quiet"]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    done = set(json.loads((out / "results.json").read_text())["steps"])
+    assert "quant/TA/w8/RTN" in done and "quant/TA/w4/RTN" not in done
+
+    monkeypatch.setattr(epmq, "quantize_model", real)
+    calls["n"] = 0
+    assert main(["run", str(tiny_config), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    for step in sorted(done):
+        assert f"[resume] {step}: done before" in log
+    assert "quant/TA/w4/RTN" in json.loads((out / "results.json").read_text())["steps"]
+
+
+def test_fresh_ignores_earlier_results(tiny_config, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert main(["run", str(tiny_config), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(tiny_config), "--out", str(out), "--fresh"]) == 0
+    assert "[resume]" not in capsys.readouterr().out
+
+
+def test_demo_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
+    """``epmq demo`` end to end on a few images and one epoch (the real one trains for ~1 min)."""
+    tiny = DemoConfig(
+        model=ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2),
+        tasks=("digit", "inv_pairs", "perm_digit"),
+        splits=SplitSizes(val=0.25, test=0.25, calib=8),
+        data_limit=60,
+        base_epochs=1,
+        expert_epochs=1,
+        calib_batch=4,
+    )
+    real_prepare = epmq.demo.prepare
+    monkeypatch.setattr(epmq.demo, "prepare", lambda **kw: real_prepare(config=tiny, **kw))
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quick", "--quiet"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["identity"]["bench"] == "epmq-demo"
+    assert "quant/TA/w2/E-PMQ" in results["steps"] and "quant/TA/w2/GPTQ fp-path" in results["steps"]
+    printed = capsys.readouterr().out
+    assert "digit" in printed and "TA w2 GPTQ fp-path" in printed
+    assert main(args[:-1]) == 0  # second run: everything from the cache and the results
+    assert "[resume] quant/TA/w2/E-PMQ/anchor=1: done before" in capsys.readouterr().out
+
+
+def test_bench_needs_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
