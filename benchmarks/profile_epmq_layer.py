@@ -5,7 +5,7 @@
 4096x4096, 8 experts, 4-bit group 128. benchmarks/results/epmq-layer-profile-<card>.txt holds
 a run's table.
 """
-import torch, time
+import torch
 from epmq import QuantSpec, quant
 from torch.profiler import profile, ProfilerActivity
 torch.backends.cuda.matmul.allow_tf32 = False

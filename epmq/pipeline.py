@@ -173,12 +173,25 @@ class Store:
 # --------------------------------------------------------------------------- running
 
 
-def _merged_state(bench, plan: MergePlan, scale):
+def merged_state(bench, plan: MergePlan, scale):
+    """The bench's experts merged as ``plan`` says, with ``scale``."""
     experts = [bench.experts[t] for t in bench.task_names]
     if plan.method == "average":
         return merge_lib.average(experts)
     fn = getattr(merge_lib, plan.method)
     return fn(bench.base_state, experts, scale=scale, **plan.params)
+
+
+def choose_scale(bench, plan: MergePlan):
+    """``(scale, merged state, {scale: val avg})``: the scale of ``plan.scales`` whose merge has
+    the best average accuracy on the validation split (never test); ties go to the first."""
+    best, scores = None, {}
+    for s in plan.scales:
+        state = merged_state(bench, plan, s)
+        scores[str(s)] = bench.evaluate(state, split="val")["avg"]
+        if best is None or scores[str(s)] > best[0]:
+            best = (scores[str(s)], s, state)
+    return best[1], best[2], scores
 
 
 class Runner:
@@ -212,7 +225,7 @@ class Runner:
         for mp in plan.merges:
             merge_params = {"method": mp.method, "scales": list(mp.scales), "params": mp.params}
             merged = self.step(f"merge/{mp.label}", merge_params, lambda mp=mp: self._choose_scale(mp))
-            state = _merged_state(bench, mp, merged["scale"])
+            state = merged_state(bench, mp, merged["scale"])
             for bits in plan.bits:
                 for method in plan.methods:
                     targets = plan.targets if method == "epmq" else "merged_path"
@@ -222,15 +235,8 @@ class Runner:
         return self.store.data
 
     def _choose_scale(self, mp: MergePlan) -> dict:
-        scores = {}
-        best = None
-        for s in mp.scales:
-            acc = self.bench.evaluate(_merged_state(self.bench, mp, s), split="val")
-            scores[str(s)] = acc["avg"]
-            if best is None or acc["avg"] > best[0]:
-                best = (acc["avg"], s)
-        scale = best[1]
-        return dict(self.evaluate(_merged_state(self.bench, mp, scale)), scale=scale, val_by_scale=scores)
+        scale, state, scores = choose_scale(self.bench, mp)
+        return dict(self.evaluate(state), scale=scale, val_by_scale=scores)
 
     def _quantize_rows(self, mp, scale, state, bits, method, targets, label):
         anchors = self.plan.anchors if method == "epmq" else [None]

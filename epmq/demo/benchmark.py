@@ -1,10 +1,11 @@
 """The embedded eight-task post-merge-quantization benchmark.
 
-    from epmq.demo.benchmark import prepare, merges
+    from epmq.demo import prepare
+    from epmq.pipeline import MergePlan, choose_scale
     bench = prepare()                       # trains once (minutes), then loads from the cache
     bench.evaluate(bench.base_state)        # zero-shot base: {task: acc, ..., "avg": acc}
-    scale, merged = merges(bench, "task_arithmetic")   # scale chosen on validation
-    bench.evaluate(merged, split="test")
+    scale, merged, _ = choose_scale(bench, MergePlan("task_arithmetic", DEFAULT_SCALES["task_arithmetic"]))
+    bench.evaluate(merged, split="test")    # the scale was chosen on validation
     bench.calibration["digit"]              # list of pixel_values batches [B, 3, 8, 8]
 
 Accuracies are fractions in [0, 1]; ``"avg"`` is the unweighted mean over the tasks.
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .. import merge as merge_lib
+from .._util import device_of
 from .data import Task, TaskData, build_task_data, get_tasks, load_digits_tensors, make_splits, pretraining_images
 from .model import build_encoder, logits
 from .train import DemoConfig, default_cache_root, load_or_train, load_tensors, save_tensors
@@ -86,7 +87,7 @@ class Bench:
         model = model_or_state if isinstance(model_or_state, nn.Module) else self.model(model_or_state)
         was_training = model.training
         model.eval()
-        device = _device_of(model)
+        device = device_of(model)
         out = {}
         try:
             for name in tasks or self.task_names:
@@ -107,14 +108,6 @@ class Bench:
         out = {n: self.evaluate(self.experts[n], split, tasks=[n])[n] for n in self.task_names}
         out["avg"] = sum(out.values()) / len(out)
         return out
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -162,64 +155,10 @@ def prepare(
     )
 
 
-# --------------------------------------------------------------------------- merges
+# --------------------------------------------------------------------------- merge scales
 
+# The scales the demo chooses among on validation (epmq.pipeline.choose_scale).
 DEFAULT_SCALES = {
     "task_arithmetic": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0),
-    "dare": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0),
     "ties": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.3, 1.6),  # disjoint mean: 1 = one task vector
-    "ties_sum": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0),
-    "average": (None,),
 }
-_ALIASES = {"ta": "task_arithmetic", "mean": "average", "avg": "average"}
-
-
-def merge_state(bench: Bench, method: str, scale: Optional[float], **kwargs) -> Dict[str, torch.Tensor]:
-    """One merge of the bench's experts with ``epmq.merge`` (``kwargs`` go to the merge)."""
-    method = _ALIASES.get(method, method)
-    experts = list(bench.experts.values())
-    if method == "task_arithmetic":
-        return merge_lib.task_arithmetic(bench.base_state, experts, scale=scale)
-    if method == "ties":
-        return merge_lib.ties(bench.base_state, experts, scale=scale, **kwargs)
-    if method == "dare":
-        return merge_lib.dare(bench.base_state, experts, scale=scale, **kwargs)
-    if method == "average":
-        return merge_lib.average(experts)
-    raise ValueError(f"unknown merge method {method!r}: task_arithmetic, ties, dare or average")
-
-
-def merges(
-    bench: Bench,
-    method: str = "task_arithmetic",
-    scales: Optional[Iterable[Optional[float]]] = None,
-    *,
-    split: str = "val",
-    return_scores: bool = False,
-    **kwargs,
-):
-    """Merge with every scale of ``scales`` and keep the one with the best average accuracy
-    on ``split`` (validation; never choose on test). Ties go to the first scale listed.
-
-    Returns ``(scale, merged_state_dict)``, or ``(scale, merged_state_dict, {scale: avg})``
-    with ``return_scores``. Default scales: ``DEFAULT_SCALES[method]`` (for TIES with
-    ``merge="sum"`` the Task Arithmetic grid).
-    """
-    method = _ALIASES.get(method, method)
-    if scales is None:
-        key = "ties_sum" if method == "ties" and kwargs.get("merge") == "sum" else method
-        if key not in DEFAULT_SCALES:
-            raise ValueError(f"unknown merge method {method!r}")
-        scales = DEFAULT_SCALES[key]
-    scales = list(scales)
-    if not scales:
-        raise ValueError("no scale to choose from")
-    best, scores = None, {}
-    for s in scales:
-        state = merge_state(bench, method, s, **kwargs)
-        acc = bench.evaluate(state, split=split)["avg"]
-        scores[s] = acc
-        if best is None or acc > best[0]:
-            best = (acc, s, state)
-    _, scale, state = best
-    return (scale, state, scores) if return_scores else (scale, state)

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from epmq.demo import benchmark, data, model, train
-from epmq.demo.benchmark import merges, prepare
+from epmq.demo import data, model, train
+from epmq.demo.benchmark import prepare
 from epmq.demo.data import TASKS, SplitSizes, build_task_data, load_digits_tensors, make_splits
 from epmq.demo.model import ModelConfig
 from epmq.demo.train import DemoConfig
+from epmq.pipeline import MergePlan, choose_scale, merged_state
 
 TINY = DemoConfig(
     model=ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2),
@@ -176,13 +177,15 @@ def test_evaluate_and_calibration(tiny_bench):
 
 def test_merges_choose_on_validation(tiny_bench):
     bench = tiny_bench
-    scale, state, scores = merges(bench, "ta", scales=[0.0, 0.3], return_scores=True)
-    assert scale in (0.0, 0.3) and set(scores) == {0.0, 0.3}
-    assert scores[scale] == max(scores.values())
+    plan = MergePlan("task_arithmetic", scales=[0.0, 0.3])
+    scale, state, scores = choose_scale(bench, plan)
+    assert scale in (0.0, 0.3) and set(scores) == {"0.0", "0.3"}
+    assert scores[str(scale)] == max(scores.values())
+    assert scores[str(scale)] == bench.evaluate(state, split="val")["avg"]
     assert state.keys() == bench.base_state.keys()
-    s0 = benchmark.merge_state(bench, "task_arithmetic", 0.0)
+    s0 = merged_state(bench, plan, 0.0)
     assert all(torch.equal(s0[k], bench.base_state[k]) for k in s0)
-    scale, state = merges(bench, "ties", scales=[0.5])
+    scale, state, _ = choose_scale(bench, MergePlan("ties", scales=[0.5], params={"density": 0.2}))
     assert scale == 0.5 and state.keys() == bench.base_state.keys()
-    with pytest.raises(ValueError):
-        merges(bench, "nope")
+    with pytest.raises(ValueError, match="unknown merge method"):
+        MergePlan("nope")
