@@ -9,7 +9,19 @@ weight (cuBLAS) in the same run, for every M in 1 .. 4096 and every (K, N) of ``
 case is checked against the fp16 reference before it is timed. Times are medians of
 ``triton.testing.do_bench`` (events, warm-up, L2 flushed before every run); on top of that the
 weights rotate over several copies whenever one copy would fit in L2, so no run finds its weight
-in the cache. Bandwidth counts the bytes the product must move,
+in the cache.
+
+Each case is timed twice per side: eagerly (``ms_w4a16``, ``ms_cublas_fp16``: the time between
+the events includes any gap the host leaves when it launches slower than the GPU runs) and as
+CUDA-graph replays (``ms_w4a16_graph``, ``ms_cublas_graph``: one graph per side runs the whole
+rotation over the weight copies, repeated to at least ``GRAPH_CALLS`` calls for small M; the
+time per call is the replay's median over the number of calls). Graph times are the GPU's own:
+eager minus graph is what the host costs. The W4A16 graphs are captured with
+``GRAPH_WORKSPACE = "shared"`` (the eager split-K workspace, no memset nodes; each graph is
+replayed alone). Where this process autotuned a bucket, ``tuned_best_ms_by_path`` holds the
+fastest tuning time of each competing path (M = 1: the CUDA-core GEMV against the swapped
+tensor-core dot; M >= 256: the Triton GEMM against dequantize + cuBLAS), so one run shows how
+the alternatives compare. Bandwidth counts the bytes the product must move,
 
     bytes = K N / 2 + (K / g) N 4 + M K 2 + M N 2       (codes, fp16 scales + 16-bit zeros, x, y)
 
@@ -39,12 +51,14 @@ from epmq_kernels.packing import (  # noqa: E402
     unpack_int4,
     unpack_int4_cols,
 )
+from epmq_kernels import w4a16 as W4A16  # noqa: E402
 from epmq_kernels.w4a16 import dequantize_int4_weight, w4a16_matmul, w4a16_plan  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768), (4096, 4096), (4096, 14336), (8192, 8192)]
 BATCHES = [1, 4, 16, 64, 256, 1024, 4096]
 GROUPS = [128, -1]
 IDEAL_SPEEDUP = 3.87  # 4x fewer weight bytes, less scales and zeros (Marlin's figure)
+GRAPH_CALLS = 16  # calls per captured graph at M <= 64 (at least one rotation otherwise)
 
 
 def int4_bytes(M, K, N, group_size):
@@ -86,6 +100,40 @@ def median_ms(fn, warmup=25, rep=100):
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+_CAPTURE_STREAM = []
+
+
+def graph_ms(calls, M, warmup=10, rep=60):
+    """Median milliseconds per call of ``calls`` (a rotation over buffer sets) replayed as one
+    CUDA graph, repeated to GRAPH_CALLS calls at small M (at least one rotation otherwise).
+    Warmed up on the capture stream first (cuBLAS handles, Triton plans and the split-K
+    workspace of that stream)."""
+    repeats = max(1, math.ceil((GRAPH_CALLS if M <= 64 else 1) / len(calls)))
+    sequence = calls * repeats
+    if not _CAPTURE_STREAM:
+        _CAPTURE_STREAM.append(torch.cuda.Stream())  # one for the run: one set of workspaces
+    stream = _CAPTURE_STREAM[0]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:
+            fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    saved = W4A16.GRAPH_WORKSPACE
+    W4A16.GRAPH_WORKSPACE = "shared"
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            for fn in sequence:
+                fn()
+    finally:
+        W4A16.GRAPH_WORKSPACE = saved
+    graph.replay()
+    torch.cuda.synchronize()
+    ms = median_ms(graph.replay, warmup=warmup, rep=rep) / len(sequence)
+    del graph
+    return ms
 
 
 def copy_bandwidth(device, nbytes=1 << 30):
@@ -151,55 +199,91 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                          / reference.float().abs().max().clamp_min(1e-6)).item()
                 ok = bool(torch.isfinite(y).all()) and error < 1e-2
 
-                ms_int4 = median_ms(rotating([
-                    (lambda q=q, s=s, z=z: w4a16_matmul(x, q, s, z, group_size))
-                    for q, s, z in int4_sets]))
-                ms_fp16 = median_ms(rotating([(lambda w=w: torch.matmul(x, w)) for w in fp16_sets]))
+                int4_calls = [(lambda q=q, s=s, z=z: w4a16_matmul(x, q, s, z, group_size))
+                              for q, s, z in int4_sets]
+                fp16_calls = [(lambda w=w: torch.matmul(x, w)) for w in fp16_sets]
+                ms_int4 = median_ms(rotating(int4_calls))
+                ms_fp16 = median_ms(rotating(fp16_calls))
+                ms_int4_graph = graph_ms(int4_calls, M)
+                ms_fp16_graph = graph_ms(fp16_calls, M)
 
                 plan = w4a16_plan(x, qweight, scales, zeros, group_size)
                 nbytes = int4_bytes(M, K, N, group_size)
                 actual = int4_set + x.nbytes + y.nbytes
                 row = dict(
                     K=K, N=N, M=M, group_size=group_size, path=plan["path"], config=plan["config"],
+                    tuned_best_ms_by_path=plan["best_ms_by_path"],
                     ms_w4a16=ms_int4, ms_cublas_fp16=ms_fp16, speedup=ms_fp16 / ms_int4,
+                    ms_w4a16_graph=ms_int4_graph, ms_cublas_graph=ms_fp16_graph,
+                    speedup_graph=ms_fp16_graph / ms_int4_graph,
+                    host_gap_us_w4a16=(ms_int4 - ms_int4_graph) * 1e3,
                     bytes=nbytes, gbps=nbytes / (ms_int4 * 1e-3) / 1e9,
                     frac_copy_bw=nbytes / (ms_int4 * 1e-3) / 1e9 / copy_gbps,
+                    gbps_graph=nbytes / (ms_int4_graph * 1e-3) / 1e9,
+                    frac_copy_bw_graph=nbytes / (ms_int4_graph * 1e-3) / 1e9 / copy_gbps,
                     bytes_actual=actual,
                     frac_copy_bw_actual=actual / (ms_int4 * 1e-3) / 1e9 / copy_gbps,
                     cublas_gbps=fp16_bytes(M, K, N) / (ms_fp16 * 1e-3) / 1e9,
                     tflops=2 * M * K * N / (ms_int4 * 1e-3) / 1e12,
                     cublas_tflops=2 * M * K * N / (ms_fp16 * 1e-3) / 1e12,
+                    tflops_graph=2 * M * K * N / (ms_int4_graph * 1e-3) / 1e12,
+                    cublas_tflops_graph=2 * M * K * N / (ms_fp16_graph * 1e-3) / 1e12,
                     max_rel_err=error, ok=ok, first_call_s=first_call_s,
                     rotating_int4=n_int4, rotating_fp16=n_fp16,
                 )
                 rows.append(row)
                 failures += not ok
+                tuned = " ".join(f"{p}={ms * 1e3:.1f}us"
+                                 for p, ms in sorted(plan["best_ms_by_path"].items()))
                 print(f"K={K:5d} N={N:5d} g={group_size:4d} M={M:5d} {plan['path']:6s} "
-                      f"w4a16 {ms_int4 * 1e3:9.1f} us  cublas {ms_fp16 * 1e3:9.1f} us  "
-                      f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s "
-                      f"({100 * row['frac_copy_bw']:3.0f}% copy)  err {error:.1e}"
-                      f"{'' if ok else '  WRONG'}  first call {first_call_s:.1f}s", flush=True)
+                      f"w4a16 {ms_int4 * 1e3:8.1f} us  cublas {ms_fp16 * 1e3:8.1f} us  "
+                      f"x{row['speedup']:5.2f} | graph {ms_int4_graph * 1e3:8.1f} us  "
+                      f"cublas {ms_fp16_graph * 1e3:8.1f} us  x{row['speedup_graph']:5.2f}  "
+                      f"{row['gbps_graph']:5.0f} GB/s ({100 * row['frac_copy_bw_graph']:3.0f}% "
+                      f"copy)  err {error:.1e}{'' if ok else '  WRONG'}  first call "
+                      f"{first_call_s:.1f}s  tuned {tuned}", flush=True)
                 if on_row is not None:
                     on_row(rows, failures)
-            del int4_sets, fp16_sets, weight
+            del int4_sets, fp16_sets, weight, int4_calls, fp16_calls
             torch.cuda.empty_cache()
     return rows, failures
 
 
+def summary(rows):
+    """The issue's targets, last (the caller may only see the tail): M = 1 and 16 on 4096^2 and
+    8192^2 (>= 3.5x cuBLAS, >= 85% of copy bandwidth at M = 1) and M >= 1024 (>= 0.9x)."""
+    print("== summary (eager | graph): speedup over cuBLAS, fraction of copy bandwidth, path")
+    for r in rows:
+        small = (r["K"], r["N"]) in ((4096, 4096), (8192, 8192)) and r["M"] in (1, 16)
+        if small or r["M"] >= 1024:
+            print(f"  {r['K']}x{r['N']} g{r['group_size']:<4d} M={r['M']:<5d} "
+                  f"x{r['speedup']:5.2f} | x{r['speedup_graph']:5.2f}   "
+                  f"{100 * r['frac_copy_bw']:3.0f}% | {100 * r['frac_copy_bw_graph']:3.0f}%   "
+                  f"host gap {r['host_gap_us_w4a16']:6.1f} us   {r['path']}  tuned: "
+                  + " ".join(f"{p}={ms * 1e3:.1f}us" for p, ms in
+                             sorted(r.get("tuned_best_ms_by_path", {}).items())), flush=True)
+
+
 def plot(rows, path, device_name):
+    """Speedup over cuBLAS against M: eager (solid) and CUDA-graph replays (dashed, the GPU
+    time alone), one panel per group size."""
     groups = sorted({r["group_size"] for r in rows}, reverse=True)
     fig, axes = pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, group_size in zip(axes[0], groups):
-        for K, N in sorted({(r["K"], r["N"]) for r in rows}):
+        for i, (K, N) in enumerate(sorted({(r["K"], r["N"]) for r in rows})):
             sel = sorted((r for r in rows if r["group_size"] == group_size
                           and (r["K"], r["N"]) == (K, N)), key=lambda r: r["M"])
+            color = f"C{i}"
             ax.plot([r["M"] for r in sel], [r["speedup"] for r in sel], marker="o",
-                    label=f"K={K}, N={N}")
+                    color=color, label=f"K={K}, N={N}")
+            graph = [r for r in sel if "speedup_graph" in r]
+            ax.plot([r["M"] for r in graph], [r["speedup_graph"] for r in graph], marker="x",
+                    ls="--", color=color)
         ax.axhline(1.0, color="gray", lw=1)
         ax.axhline(IDEAL_SPEEDUP, color="gray", lw=1, ls="--", label="ideal (3.87x)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (batch rows)")
-        ax.set_ylabel("speedup over fp16 cuBLAS")
+        ax.set_ylabel("speedup over fp16 cuBLAS (solid eager, dashed graphs)")
         ax.set_title("per channel" if group_size == -1 else f"group {group_size}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -235,7 +319,8 @@ def main(argv=None):
     def result_of(rows, failures, partial):
         return dict(
             **device_info(device), l2_bytes=l2_bytes, cublas_dtype="float16", activation_dtype="float16",
-            zeros_dtype="uint8", scales_dtype="float16",
+            zeros_dtype="uint8", scales_dtype="float16", graph_calls=GRAPH_CALLS,
+            graph_workspace="shared",
             bytes_formula="K*N/2 + (K/g)*N*4 + M*K*2 + M*N*2",
             copy_bandwidth_gbps=copy_gbps, packing=packing, rows=rows, failures=failures,
             autotune_cache_dir=os.environ.get("EPMQ_CACHE_DIR", "~/.cache/epmq"),
@@ -249,6 +334,7 @@ def main(argv=None):
     write_json(args.out, result)
     plot_path = args.plot or re.sub(r"\.json$", "", args.out) + ".png"
     plot(rows, plot_path, result["device"])
+    summary(rows)
     print(f"wrote {args.out} and {plot_path} in {result['wall_s']:.0f} s; "
           f"{failures} wrong results", flush=True)
     return 1 if failures else 0

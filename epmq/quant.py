@@ -307,11 +307,13 @@ def epmq(
     blocksize: int = 128,
     percdamp: float = 0.01,
     backend: Optional[str] = None,
+    residual_precision: str = "ieee",
 ) -> QuantResult:
     """E-PMQ of the merged weight ``W_merged`` toward the experts ``W_k`` with Hessians ``H_k``.
 
     ``anchor`` (lam) and ``weight_anchor`` (mu) are relative to the expert term (EPMQ_MATH.md);
     ``task_weights=None`` means ``a_k = 1 / tr(H_k)``; ``merged_hessian=None`` means ``sum_k H_k``.
+    ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("ieee" or "tf32x3").
     """
     check_weight(W_merged, "W_merged")
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
@@ -329,6 +331,7 @@ def epmq(
         merged_hessian=merged_hessian,
         dtype=torch.float64 if W_merged.device.type == "cpu" else torch.float32,
         backend=backend,
+        residual_precision=residual_precision,
     )
     for k, (W_k, H_k) in enumerate(zip(expert_weights, expert_hessians)):
         a_k = None if task_weights is None else task_weights[k]

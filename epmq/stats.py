@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from epmq_kernels.expert_residual import accumulate_residual, accumulate_xxt
+from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS, accumulate_residual, accumulate_xxt
 
 from .checks import check_hessian, check_weight
 
@@ -65,7 +65,13 @@ class _Task:
 
 
 class EPMQStats:
-    """E-PMQ statistics of one layer with merged weight ``W_merged[out, in]``."""
+    """E-PMQ statistics of one layer with merged weight ``W_merged[out, in]``.
+
+    ``residual_precision``: the fp32 product of the Triton residual kernel (``backend="triton"``,
+    fp32 statistics): ``"ieee"`` (CUDA-core FMA, the default) or ``"tf32x3"`` (three TF32
+    tensor-core products, about fp32 accuracy; ``benchmarks/bench_solver.py`` times E-PMQ with
+    both). The torch backend and fp64 statistics always multiply in their own precision.
+    """
 
     def __init__(
         self,
@@ -74,13 +80,19 @@ class EPMQStats:
         merged_hessian: Optional[torch.Tensor] = None,
         dtype=torch.float32,
         backend: str = "torch",
+        residual_precision: str = "ieee",
     ):
+        if residual_precision not in RESIDUAL_PRECISIONS:
+            raise ValueError(
+                f"residual_precision must be one of {RESIDUAL_PRECISIONS}, got {residual_precision!r}"
+            )
         check_weight(W_merged, "W_merged")
         self.W_merged = W_merged
         d_out, d_in = W_merged.shape
         kw = dict(device=W_merged.device, dtype=dtype)
         self.dtype = dtype
         self.backend = backend
+        self.residual_precision = residual_precision
         self.H_e = torch.zeros(d_in, d_in, **kw)
         self.own_H_m = merged_hessian is None
         if merged_hessian is None:
@@ -135,7 +147,8 @@ class EPMQStats:
             self.H_m.add_(H_k)
         if G_k is None:
             W_k = W_expert.to(device=self.G_e.device)
-            c_k = accumulate_residual(self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend)
+            c_k = accumulate_residual(self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend,
+                                      input_precision=self.residual_precision)
         else:
             self.G_e.add_(G_k, alpha=a)
         self.c_e += a * c_k

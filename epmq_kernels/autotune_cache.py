@@ -113,6 +113,9 @@ class DiskCache:
 
 
 _caches = {}
+# The timings of the latest tuning per (family, key) in this process: [(ms, config), ...], for
+# benchmarks that report how the alternatives compared (empty when the key came from disk).
+TIMINGS = {}
 
 
 def cache_for(family, device, space):
@@ -124,13 +127,15 @@ def cache_for(family, device, space):
     return _caches[key]
 
 
-def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12):
+def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None):
     """The config for ``key``: from the cache, else the fastest of ``candidates``.
 
     ``run(config)`` must launch the whole operation for one config (allocation, zeroing and
     epilogue included, so split-K pays for its extra launches). Candidates that fail to
     compile or launch (e.g. too much shared memory) are skipped. Nothing is timed while a CUDA
     graph is being captured or when ``EPMQ_AUTOTUNE=0``; then a miss takes the first candidate.
+    ``prepare(candidates)``, if given, runs once before the timing (e.g. to compile every
+    candidate in parallel); its failures are ignored (timing reports them per candidate).
     """
     hit = cache.get(key)
     if hit is not None and hit in candidates:
@@ -138,6 +143,11 @@ def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12):
     if (not autotune_enabled() or len(candidates) == 1
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
+    if prepare is not None:
+        try:
+            prepare(candidates)
+        except Exception:  # noqa: BLE001 (each candidate is tried again, and reported, below)
+            pass
     timings, errors = [], []
     for config in candidates:
         try:
@@ -149,6 +159,7 @@ def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12):
         timings.append((ms, config))
     if not timings:
         raise RuntimeError(f"no candidate config could run for {cache.family} {key}") from errors[0]
+    TIMINGS[(cache.family, key)] = timings
     best = min(timings, key=lambda t: t[0])[1]
     cache.put(key, best)
     return best

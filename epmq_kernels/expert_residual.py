@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
+from . import autotune_cache
 from ._runtime import check_device
 
 
@@ -66,16 +67,27 @@ def accumulate_xxt_reference(H, X):
 # activations go to the tensor cores as they are (their products are exact in fp32, the
 # accumulator is fp32); fp32 activations use IEEE fp32 products.
 
-# Launch configurations, fixed rather than autotuned (the first call costs no tuning and G is
-# never accumulated twice), chosen so that sm_90 compiles them without register spills: the
-# A operand of the residual is a difference of two tiles, and the X^T X epilogue holds a tile
-# and its transpose, both heavier than a plain GEMM's.
-#   residual: (dtype, input_precision) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_RESIDUAL_CONFIG = {
-    (torch.float32, "ieee"): (64, 64, 16, 4, 2),
-    (torch.float32, "tf32x3"): (64, 64, 16, 4, 3),
-    (torch.float64, "ieee"): (32, 32, 16, 4, 2),
+# Launch configurations (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), stated once here.
+# The fp32 residual is autotuned over RESIDUAL_SPACE[input_precision] (timed on a scratch G, so
+# the caller's G is accumulated once; winners cached on disk per GPU by autotune_cache):
+#   "ieee": FMA on CUDA cores (no TF32), square-ish tiles of 64-128.
+#   "tf32x3": three TF32 tensor-core products (hi*hi + hi*lo + lo*hi; about fp32 accuracy), so
+#       about a third of TF32's rate: tiles the tensor cores like (128 x 128, BLOCK_K = 32, 8
+#       warps = two warpgroups, 3 stages), where the old 64 x 64 x 16 tile ran slower than IEEE
+#       (38 ms vs 33 ms for 8 products at 4096^2 on an H200; the ideal is ~8 ms).
+# The A operand of the residual is the difference of two tiles formed in registers (wgmma takes
+# A from registers); compiled for sm_90 by Triton 3.6 and 3.8 none of these spill
+# (benchmarks/compile_report.py; 128 x 128 x 32 with 4 warps, 128 x 256 and 256 x 128 spilled
+# over 1 KB and were dropped, as were IEEE 128 x 128 tiles, which spill with 3.6).
+RESIDUAL_SPACE = {
+    "ieee": [(64, 64, 16, 4, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 3)],
+    "tf32x3": [(128, 128, 32, 8, 3), (128, 128, 16, 8, 4), (128, 64, 32, 8, 3),
+               (64, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)],
 }
+_RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
+_RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
+# Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
+# them without register spills: the X^T X epilogue holds a tile and its transpose.
 #   X^T X: kind of product -> (BLOCK, BLOCK_K, num_warps, num_stages)
 _XXT_CONFIG = {"16bit": (64, 64, 4, 3), torch.float32: (64, 16, 4, 2), torch.float64: (32, 16, 4, 2)}
 
@@ -187,11 +199,62 @@ def _check_float_out(t, name):
         raise ValueError(f"{name} must have unit stride along its last dimension")
 
 
+_RESIDUAL_CHOSEN = {}
+
+
+def _residual_config(G, W_k, W_m, H_k, precision):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this problem: fixed for fp64 and
+    under the interpreter, else autotuned once per (GPU, precision, shape, weight dtype)."""
+    if G.dtype == torch.float64:
+        return _RESIDUAL_FP64
+    if _runtime.INTERPRETED:
+        return _RESIDUAL_INTERPRETED
+    d_out, d_in = G.shape
+    memo = (G.device, precision, d_out, d_in, W_k.dtype, W_m.dtype)
+    chosen = _RESIDUAL_CHOSEN.get(memo)
+    if chosen is not None:
+        return chosen
+    candidates = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+                  for bm, bn, bk, w, s in RESIDUAL_SPACE[precision]]
+    cache = autotune_cache.cache_for("residual", G.device, RESIDUAL_SPACE)
+    key = f"{precision}|{d_out}x{d_in}|W={str(W_k.dtype)[6:]},{str(W_m.dtype)[6:]}"
+    scratch = torch.zeros_like(G)  # timed runs accumulate here, never into the caller's G
+
+    def run(config):
+        _launch_residual(scratch, W_k, W_m, H_k, 1.0, precision, config)
+
+    best = autotune_cache.tune(cache, key, candidates, run)
+    chosen = (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_K"], best["num_warps"],
+              best["num_stages"])
+    if not torch.cuda.is_current_stream_capturing():
+        _RESIDUAL_CHOSEN[memo] = chosen
+    return chosen
+
+
+def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
+    d_out, d_in = G.shape
+    if isinstance(config, dict):
+        config = (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_warps"],
+                  config["num_stages"])
+    BM, BN, BK, warps, stages = config
+    n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
+    partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)
+    a_t = torch.tensor([float(a)], dtype=G.dtype, device=G.device)
+    _residual_kernel[(n_programs,)](
+        G, W_k, W_m, H_k, a_t, partial, d_out, d_in,
+        INPUT_PRECISION=precision,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
+        num_warps=warps, num_stages=stages,
+    )
+    return partial
+
+
 def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
     """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference.
 
-    ``input_precision`` ("ieee", or "tf32x3" for a faster near-fp32 product on tensor cores)
-    applies to fp32 ``G`` only; fp64 ``G`` always multiplies in fp64.
+    ``input_precision`` ("ieee", or "tf32x3" for a near-fp32 product on tensor cores, see
+    RESIDUAL_SPACE) applies to fp32 ``G`` only; fp64 ``G`` always multiplies in fp64. The
+    launch configuration is autotuned on the first call for a shape (on a scratch G).
     """
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
@@ -203,16 +266,8 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
         raise ValueError("G must be contiguous (it is updated in place)")
     W_k, W_m, H_k = W_k.contiguous(), W_m.contiguous(), H_k.contiguous()
     precision = "ieee" if G.dtype == torch.float64 else input_precision
-    BM, BN, BK, warps, stages = _RESIDUAL_CONFIG[(G.dtype, precision)]
-    n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
-    partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)
-    a_t = torch.tensor([float(a)], dtype=G.dtype, device=G.device)
-    _residual_kernel[(n_programs,)](
-        G, W_k, W_m, H_k, a_t, partial, d_out, d_in,
-        INPUT_PRECISION=precision,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
-        num_warps=warps, num_stages=stages,
-    )
+    config = _residual_config(G, W_k, W_m, H_k, precision)
+    partial = _launch_residual(G, W_k, W_m, H_k, a, precision, config)
     return float(partial.double().sum())
 
 
@@ -256,11 +311,19 @@ _TL_DTYPE = {
 }
 
 
-def accumulate_residual(G, W_k, W_m, H_k, a: float, *, backend: str = "torch"):
+RESIDUAL_PRECISIONS = ("ieee", "tf32x3")
+
+
+def accumulate_residual(G, W_k, W_m, H_k, a: float, *, backend: str = "torch",
+                        input_precision: str = "ieee"):
+    """``G += a (W_k - W_m) H_k``; ``input_precision`` selects the Triton kernel's fp32 product
+    ("ieee" or "tf32x3"); the torch backend always multiplies in G's precision (TF32 off)."""
+    if input_precision not in RESIDUAL_PRECISIONS:
+        raise ValueError(f"input_precision must be 'ieee' or 'tf32x3', got {input_precision!r}")
     if backend == "torch":
         return accumulate_residual_reference(G, W_k, W_m, H_k, a)
     if backend == "triton":
-        return accumulate_residual_triton(G, W_k, W_m, H_k, a)
+        return accumulate_residual_triton(G, W_k, W_m, H_k, a, input_precision=input_precision)
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
 

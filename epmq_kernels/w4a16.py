@@ -16,9 +16,9 @@ is ``(qweight[k // 8, n] >> 4 (k % 8)) & 0xF``.
 At batch 1 this product is a pure memory problem: the kernel must stream ``K N / 2`` bytes of
 codes, a quarter of what an fp16 weight takes, so the ideal speedup over fp16 is close to 4x
 (less the scales and zeros: ``G N (s + z)`` bytes). The dequantized weight therefore never
-exists in memory: each program loads a tile of words, unpacks it and applies ``(q - z) * s`` in
-registers, and hands the tile to a reduction (batch 1) or to ``tl.dot`` (batch > 1). Products
-accumulate in fp32 whatever the input dtype.
+exists in memory on the paths for small batches: each program loads a tile of words, unpacks it
+and applies ``(q - z) * s`` in registers, and hands the tile to a reduction (batch 1) or to
+``tl.dot``. Products accumulate in fp32 whatever the input dtype.
 
 Conventions
 -----------
@@ -37,17 +37,56 @@ Conventions
 Paths
 -----
 * ``gemv`` (M = 1): CUDA-core split-K GEMV (``_w4a16_gemv_kernel``). Each program streams
-  ``BLOCK_K x BLOCK_N`` tiles of words with 16-byte, evict-first loads, prefetching the next
-  tile before unpacking the current one, and keeps fp32 partial sums per packed row in
-  registers so the cross-thread reduction happens once, after the K loop. Inside a group the
-  zero point and the scale are factored out of the sum over a word's eight codes:
-  ``sum_j (q_j - z) s x_j = s (sum_j q_j x_j - z sum_j x_j)``, so a code costs about four
-  instructions (two logic ops, an add, an FMA; see ``_code_f32``).
-* ``splitk`` (2 <= M <= 64) and ``gemm`` (M > 64) share ``_w4a16_dot_kernel``: the tiled
-  ``tl.dot`` GEMM of the Triton matmul tutorial (grouped program order for L2 reuse), the
-  weight tile dequantized in registers in fp16/bf16 (``(q - z) * s``, one rounding, like an
-  fp16 weight) and pipelined over ``num_stages``. The split-K configs use a BLOCK_M of 16-64
-  and split the K range over SPLIT_K programs so skinny problems still fill the GPU.
+  ``BLOCK_K x BLOCK_N`` tiles of words with 16-byte, evict-first loads, keeping PREFETCH tiles
+  of weight traffic in flight ahead of the one being unpacked, and keeps fp32 partial sums per
+  packed row in registers so the cross-thread reduction happens once, after the K loop. At this
+  batch the kernel is bound by integer and FP32 issue as much as by memory (an H100 SM loads
+  about 4 words per clock and issues 128 lane-operations, half of them integer), so a code costs
+  as few instructions as possible (``_code_exact``, ``_code_b128``):
+
+  - a code becomes a float with no int->float conversion: masked in place, it is ORed under the
+    exponent of a power of two; the exponent patterns live in registers (``opaque_zero`` is a
+    run-time 0, so the compiler cannot fold them into immediates), which makes mask-and-OR a
+    single LOP3 instead of two;
+  - codes 4..7 keep a bias of 128 (``128 + q``, exact; no FADD): the bias is subtracted once per
+    packed row, together with the zero point, since ``sum_j (q_j - z) x_j`` =
+    ``sum_j f_j x_j - z sum_j x_j - 128 sum_{j>=4} x_j`` with ``f_j`` the biased floats;
+  - inside a group the scale multiplies the sum over a tile, not each code; when a program's
+    whole K slice lies in one group (per channel, or SPLIT_K slices no wider than a group,
+    ``ONE_GROUP``), the scale and the zero-point and bias terms are applied once, after the loop.
+
+* ``splitk`` (2 <= M <= 64; also a candidate at M = 1) and ``gemm`` (M > 64) share
+  ``_w4a16_dot_kernel``: the tiled ``tl.dot`` GEMM of the Triton matmul tutorial (grouped
+  program order for L2 reuse), the weight tile dequantized in registers in fp16/bf16 (``(q - z) *
+  s``, one rounding, like an fp16 weight) and pipelined over ``num_stages``. Options (autotuned):
+
+  - ``PAIRS``: two codes per 32-bit operation. ``(w >> 4i) & 0x000F000F | 0x64006400`` is two fp16
+    values ``1024 + q`` (codes i and i + 4 of the word) in one register, so unpacking costs one
+    shift and one LOP3 per pair instead of per code. The dot is indifferent to the order of K
+    within a tile, so the kernel uses the order (4, 0, 5, 1, 6, 2, 7, 3) within each word and
+    permutes the activation tile the same way (in registers; see ``_unpack_pairs_t``).
+  - ``SWAP_AB``: computes ``y^T = W^T x^T`` so that the dequantized weight is the A operand (from
+    registers on Hopper's wgmma) and the small batch the N dimension of the instruction
+    (wgmma needs 64 rows of A per warpgroup, which a batch of 16 cannot fill).
+  - ``ONE_GROUP`` (from the problem, as for the GEMV): the tile is ``q - z`` (exact small
+    integers) and the scale multiplies the fp32 accumulator once at the end.
+
+  The split-K configs use a BLOCK_M of 16-64 and split the K range over SPLIT_K programs so
+  skinny problems still fill the GPU.
+
+* ``dqmm`` (M >= 256, a candidate beside ``gemm``): dequantize a bounded chunk of CHUNK_K rows of
+  the weight (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the
+  activation dtype and accumulate ``y += x[:, chunk] @ W_chunk`` with cuBLAS (``torch.mm`` for
+  the first chunk, ``addmm_`` with beta = 1 after). This does not contradict "dequantize in
+  registers, never a full fp16 copy": the workspace is bounded (CHUNK_K x N, at most
+  ``DQMM_MAX_CHUNK_BYTES``, reused across calls and chunks), and the path is only offered where
+  the product is compute bound (M >= 256: ``2 M`` flops per weight element against the
+  2 + 2.25 bytes the chunk costs to write and read back), so the extra bytes cost a few percent
+  while cuBLAS's tensor-core GEMM replaces a Triton GEMM that must dequantize every weight tile
+  once per BLOCK_M rows of x. The autotuner times it against the ``gemm`` configs and keeps
+  whichever is faster per shape bucket. Partial products are rounded to the activation dtype
+  once per chunk (cuBLAS accumulates in fp32 within a chunk and adds the previous partial sum in
+  fp32 before rounding), so the result is rounded ``ceil(K / CHUNK_K)`` times instead of once.
 
 With SPLIT_K > 1 the K slices of an output tile add their fp32 partial sums into a workspace
 with ``atomic_add`` and count their arrival on a per-tile counter; the last slice to arrive
@@ -56,21 +95,38 @@ zero. Split-K thus stays one launch, with no zero-fill and no cast kernel (at M 
 cost as much as the product). The workspace is kept per device and stream; the autotuner times
 the whole operation, so it only picks a split where it pays.
 
-Converting codes to floats uses no int->float instruction (a low-throughput unit): a code
-``c < 16`` ORed into the mantissa of a power of two ``2^e`` gives the float ``2^e + c`` exactly
-(``2^10`` in fp16, ``2^7`` in bf16, ``2^23`` in fp32), and subtracting ``2^e + z`` leaves the
-exact integer ``c - z``.
-
 fp32 activations use 3xTF32 dots (about fp32 accuracy on tensor cores), or plain TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set. Under TRITON_INTERPRET, which has no bf16
 arithmetic, bf16 inputs are dequantized and multiplied in fp32 instead (same kernel code, a
 different compute-dtype constexpr); compiled, bf16 stays bf16.
 
-Autotuning: the space is ``AUTOTUNE_SPACE`` below; winners are cached on disk per GPU name and
-shape bucket by :mod:`epmq_kernels.autotune_cache`. Under TRITON_INTERPRET nothing is timed and
+Host overhead
+-------------
+At batch 1 the GPU work of a 4096 x 4096 product is a few microseconds, so the launcher must cost
+less than that. Arguments are validated once per set of weight tensors (their identity, data
+pointer and version counter, which every in-place change and metadata change bumps), and each
+(weights, activation shape/strides/dtype/alignment, output, device, stream) gets a launch plan:
+the path, config, grid, the workspace and the compiled kernel, launched directly with integer
+pointers (no re-binding or re-specialisation of the arguments, no driver pointer checks). The
+plan key holds everything Triton specialises a launch on (alignment of the activation and output
+pointers, exact M and strides), so a plan is reused only where the compiled kernel is valid. A
+steady-state call is a few dictionary lookups, an output allocation and one launch (M = 1:
+always exactly one launch): about 4 us of host time against 25-29 us for the previous
+launcher, measured on a CPU with the launch stubbed (``benchmarks/host_overhead_w4a16.py``).
+
+CUDA graphs: split-K and dqmm plans are not used while a graph is being captured; the call
+takes the checked path and its workspace becomes an intermediate of the graph, zeroed by memset
+nodes at every replay (``GRAPH_WORKSPACE = "private"``, always correct: between replays the graph
+may give freed memory to other work). ``GRAPH_WORKSPACE = "shared"`` captures the stream's
+persistent workspace instead (no memsets; for graphs that are never replayed concurrently).
+
+Autotuning: the space is ``AUTOTUNE_SPACE`` below; winners (path and config) are cached on disk
+per GPU name and shape bucket by :mod:`epmq_kernels.autotune_cache`. All candidates are compiled
+in parallel before any is timed (``_precompile``). Under TRITON_INTERPRET nothing is timed and
 ``INTERPRETER_CONFIG`` is used.
 """
 
+import os
 import weakref
 
 import torch
@@ -83,8 +139,15 @@ from . import autotune_cache
 # ----------------------------------------------------------------------------------------------
 # Autotune space (the only place launch configurations are stated)
 # ----------------------------------------------------------------------------------------------
-# Batch sizes that pick each path: M == 1 -> gemv, M <= SPLITK_MAX_M -> splitk, else gemm.
+# Batch sizes and the paths that compete for them (the autotuner times every candidate of each):
+#   M == 1                  gemv + the splitk configs with SWAP_AB (tensor cores at batch 1)
+#   2 <= M <= SPLITK_MAX_M  splitk
+#   SPLITK_MAX_M < M < DQMM_MIN_M   gemm
+#   M >= DQMM_MIN_M         gemm + dqmm
 SPLITK_MAX_M = 64
+DQMM_MIN_M = 256
+# The dqmm workspace never holds more than this many bytes of dequantized weight (per stream).
+DQMM_MAX_CHUNK_BYTES = 64 << 20
 
 
 def _product(**axes):
@@ -95,38 +158,79 @@ def _product(**axes):
 
 
 AUTOTUNE_SPACE = {
-    # GEMV: 12 configs. BLOCK_K = 128 is one group of the common group size; a program with
-    # SPLIT_K > 1 covers K / SPLIT_K rows, so large SPLIT_K gives many short programs (latency
-    # hidden by occupancy), SPLIT_K = 1 one long loop per column block and a single launch.
-    "gemv": _product(BLOCK_N=[32, 64, 128], BLOCK_K=[128], SPLIT_K=[1, 4, 8, 16],
-                     num_warps=[4], num_stages=[1]),
-    # Split-K GEMM for small M: 12 configs; BLOCK_M follows M (16, 32 or 64, not tuned).
-    "splitk": (_product(BLOCK_N=[64, 128], BLOCK_K=[128], SPLIT_K=[1, 2, 4, 8, 16],
-                        GROUP_M=[1], num_warps=[4], num_stages=[3])
-               + _product(BLOCK_N=[64], BLOCK_K=[64], SPLIT_K=[4, 8],
-                          GROUP_M=[1], num_warps=[4], num_stages=[4])),
-    # GEMM for large M: 10 configs, the shapes that do well for fp16 matmul on Hopper.
+    # GEMV (20 configs). Bytes in flight per program: (1 + PREFETCH) tiles of BLOCK_K / 8 x BLOCK_N
+    # words (BLOCK_N = 64: 4 KB a tile, 128: 8 KB). Programs: N / BLOCK_N x SPLIT_K; at 4096 x
+    # 4096 with BLOCK_N = 64 and SPLIT_K = 8 that is 512 (about 4 per SM on 132 SMs), 12 KB in
+    # flight each: the tens of KB per SM that 4 TB/s needs (latency ~ 0.7 us x 32 GB/s per SM).
+    # Compiled for sm_90 (benchmarks/compile_report.py): 4 warps, BLOCK_N = 64: ~95 registers,
+    # 5 programs per SM; BLOCK_N = 128: ~170 (3 per SM), with 8 warps ~100 (2 per SM); no spills.
+    # SPLIT_K = 32 at K = 4096 makes each slice one group of 128 (scale applied once). BLOCK_K
+    # = 256 spans two groups of 128 and is only kept for wider groups and per channel.
+    "gemv": (
+        _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[4, 8, 16, 32], PREFETCH=[2],
+                 num_warps=[4], num_stages=[1])
+        + _product(BLOCK_N=[128], BLOCK_K=[128], SPLIT_K=[2, 4, 8, 16, 32], PREFETCH=[2],
+                   num_warps=[4], num_stages=[1])
+        + _product(BLOCK_N=[128], BLOCK_K=[128], SPLIT_K=[4, 8, 16], PREFETCH=[2],
+                   num_warps=[8], num_stages=[1])
+        + _product(BLOCK_N=[32], BLOCK_K=[128], SPLIT_K=[8, 16], PREFETCH=[2],
+                   num_warps=[2], num_stages=[1])
+        + _product(BLOCK_N=[64, 128], BLOCK_K=[128], SPLIT_K=[8, 16], PREFETCH=[1],
+                   num_warps=[4], num_stages=[1])
+        + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[4, 8], PREFETCH=[1],
+                   num_warps=[4], num_stages=[1])
+    ),
+    # Split-K GEMM for small M (18 configs); BLOCK_M follows M (16, 32 or 64, not tuned). The
+    # SWAP_AB configs (weight as the wgmma A operand, batch as its N) also compete at M = 1.
+    # SCALE_AFTER: the tile's dot runs on q - z and the fp32 result is scaled (BLOCK_M x BLOCK_N
+    # FFMAs instead of BLOCK_K x BLOCK_N multiplies), at the price of waiting for each tile's
+    # dot; with tiles of one group only.
+    "splitk": (
+        _product(BLOCK_N=[64, 128], BLOCK_K=[128], SPLIT_K=[2, 4, 8, 16], GROUP_M=[1],
+                 PAIRS=[True], SWAP_AB=[True], SCALE_AFTER=[False], num_warps=[4],
+                 num_stages=[3])
+        + _product(BLOCK_N=[64, 128], BLOCK_K=[128], SPLIT_K=[4, 8], GROUP_M=[1],
+                   PAIRS=[True], SWAP_AB=[True], SCALE_AFTER=[True], num_warps=[4],
+                   num_stages=[3])
+        + _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[1, 4, 8], GROUP_M=[1],
+                   PAIRS=[True], SWAP_AB=[False], SCALE_AFTER=[False], num_warps=[4],
+                   num_stages=[3])
+        + _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[4, 8], GROUP_M=[1],
+                   PAIRS=[False], SWAP_AB=[False], SCALE_AFTER=[False], num_warps=[4],
+                   num_stages=[3])
+        + _product(BLOCK_N=[64], BLOCK_K=[64], SPLIT_K=[8], GROUP_M=[1],
+                   PAIRS=[False], SWAP_AB=[False], SCALE_AFTER=[False], num_warps=[4],
+                   num_stages=[4])
+    ),
+    # GEMM for large M (11 configs): the shapes that do well for fp16 matmul on Hopper. Each
+    # weight tile is dequantized once per BLOCK_M rows of x, so large BLOCK_M (and two
+    # warpgroups sharing one dequantized tile) matter more here than for a plain GEMM.
     "gemm": [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, PAIRS=False,
+             SWAP_AB=swap, SCALE_AFTER=False, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st, swap in [
+            (128, 128, 64, 8, 3, False), (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 3, False),
+            (256, 128, 64, 8, 3, False), (128, 128, 128, 8, 3, False), (64, 128, 64, 4, 4, False),
+            (128, 64, 64, 4, 4, False), (64, 64, 64, 4, 4, False), (256, 128, 128, 8, 2, False),
+            (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
         ]
     ],
+    # Dequantize CHUNK_K rows (tiles of 8 BLOCK_R rows x BLOCK_N columns) + cuBLAS (2 configs).
+    "dqmm": _product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4]),
 }
 
 # Under TRITON_INTERPRET (CPU) nothing is timed: one small config per path, with SPLIT_K = 2 so
 # the split-K reduction is exercised too.
 INTERPRETER_CONFIG = {
-    "gemv": dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    "splitk": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4,
-                   num_stages=1),
-    "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, num_warps=4,
-                 num_stages=1),
+    "gemv": dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1),
+    "splitk": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, PAIRS=True,
+                   SWAP_AB=False, SCALE_AFTER=True, num_warps=4, num_stages=1),
+    "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, PAIRS=False,
+                 SWAP_AB=True, SCALE_AFTER=False, num_warps=4, num_stages=1),
+    "dqmm": dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4),
 }
 
-PATHS = ("gemv", "splitk", "gemm")
+PATHS = ("gemv", "splitk", "gemm", "dqmm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,21 +262,40 @@ def _biased_zero(zeros, CDT: tl.constexpr):
 
 
 @triton.jit
-def _code_f32(words, J: tl.constexpr):
-    """Code J of each word (bits 4J..4J+3) as an exact fp32, without an int->float conversion.
+def _exponents(opaque_zero):
+    """The fp32 exponent patterns of ``_code_exact`` / ``_code_b128`` as run-time values.
 
-    The word is masked and given the exponent that makes bit 4J worth 1: the float is then
-    2^(23-4J) + code, two logic ops and one add (no shift). That needs the code below the
-    exponent field (bit 23), so J < 5 stay in place and codes 5..7 are first shifted down to
-    bits 16..19.
+    ``opaque_zero`` is a kernel argument that is always 0: the compiler cannot fold the
+    patterns into immediates, so ``(w & mask) | pattern`` is one LOP3 (mask immediate, pattern
+    register) instead of an AND and an OR with two immediates.
     """
-    if J < 5:
-        biased = (words & (0xF << (4 * J))) | ((150 - 4 * J) << 23)
-        out = biased.to(tl.float32, bitcast=True) - (1 << (23 - 4 * J))
+    e0 = opaque_zero + 0x4B000000  # 2^23: code at bits 0..3
+    e1 = opaque_zero + 0x49000000  # 2^19: bits 4..7
+    e2 = opaque_zero + 0x47000000  # 2^15: bits 8..11
+    e3 = opaque_zero + 0x45000000  # 2^11: bits 12..15
+    e4 = opaque_zero + 0x43000000  # 2^7:  bits 16..19
+    return e0, e1, e2, e3, e4
+
+
+@triton.jit
+def _code_exact(words, J: tl.constexpr, e):
+    """Code J of each word (bits 4J..4J+3) as an exact fp32, with no int->float conversion.
+
+    The word is masked and given the exponent ``e`` that makes bit 4J worth 1: the float is then
+    2^(23-4J) + code (one LOP3 and one FADD). That needs the code below the exponent field (bit
+    23), so codes 4..7 are first shifted to bits 16..19 (``e`` is then the 2^7 pattern).
+    """
+    if J < 4:
+        out = ((words & (0xF << (4 * J))) | e).to(tl.float32, bitcast=True) - (1 << (23 - 4 * J))
     else:
-        biased = ((words >> (4 * (J - 4))) & 0xF0000) | (134 << 23)
-        out = biased.to(tl.float32, bitcast=True) - 128.0
+        out = (((words >> (4 * (J - 4))) & 0xF0000) | e).to(tl.float32, bitcast=True) - 128.0
     return out
+
+
+@triton.jit
+def _code_b128(words, J: tl.constexpr, e4):
+    """``128 + code`` for J >= 4 (shift, LOP3, no FADD): exact, the bias is removed per row."""
+    return (((words >> (4 * (J - 4))) & 0xF0000) | e4).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -207,6 +330,45 @@ def _unpack_codes_t(words):
 
 
 @triton.jit
+def _unpack_pairs_t(words, opaque_zero, CDT: tl.constexpr):
+    """Packed words ``[BLOCK_R, BLOCK_N]`` -> biased 16-bit floats ``2^e + q`` (1024 + q in fp16,
+    128 + q in bf16) ``[BLOCK_N, 8 BLOCK_R]``, two codes per 32-bit operation.
+
+    ``((w >> 4i) & 0x000F000F) | magic`` holds codes i (low half) and i + 4 (high half) of a
+    word as two 16-bit floats; one shift and one LOP3 (``magic`` is a register, see
+    :func:`_exponents`) make two of them. Column ``8 r + 2 i + b`` holds code ``i + 4 (1 - b)`` of
+    word r: the order (4, 0, 5, 1, 6, 2, 7, 3) within a word, which the caller applies to x too.
+    (High half first: compiled for sm_90 that pairing needs fewer half-swapping PRMTs than
+    low half first on the group-128 paths.)
+    """
+    w = tl.trans(words)
+    BLOCK_N: tl.constexpr = w.shape[0]
+    BLOCK_R: tl.constexpr = w.shape[1]
+    if CDT == tl.float16:
+        magic = opaque_zero + 0x64006400
+    else:
+        magic = opaque_zero + 0x43004300
+    v0 = (w & 0x000F000F) | magic
+    v1 = ((w >> 4) & 0x000F000F) | magic
+    v2 = ((w >> 8) & 0x000F000F) | magic
+    v3 = ((w >> 12) & 0x000F000F) | magic
+    # column 4 r + i holds v_i (join: the last join picks the lowest index bit)
+    v = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (BLOCK_N, 4 * BLOCK_R))
+    lo = v.to(tl.int16).to(CDT, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(CDT, bitcast=True)
+    return tl.reshape(tl.join(hi, lo), (BLOCK_N, 8 * BLOCK_R))
+
+
+@triton.jit
+def _pair_order(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns of ``x [BLOCK_M, BLOCK_K]`` in the order of :func:`_unpack_pairs_t`: column
+    ``8 r + 2 i + b`` takes ``x[:, 8 r + i + 4 (1 - b)]`` (a permutation within 16 bytes)."""
+    x4 = tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 8, 2, 4)), (0, 1, 3, 2))
+    lo, hi = tl.split(x4)  # [BLOCK_M, BLOCK_K / 8, 4]: x[8 r + i], x[8 r + i + 4]
+    return tl.reshape(tl.join(hi, lo), (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
 def _write_output(acc, y_ptrs, sums_ptrs, mask, counter_ptr, SPLIT_K: tl.constexpr):
     """Store the fp32 tile ``acc`` to y, or, with SPLIT_K > 1, add it to the fp32 workspace and
     let the last K slice of this tile to arrive write y: one launch, no zero-fill, no cast.
@@ -235,11 +397,12 @@ def _write_output(acc, y_ptrs, sums_ptrs, mask, counter_ptr, SPLIT_K: tl.constex
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, y_ptr, sums_ptr, counters_ptr,
-    M, N, K, group_size, k_per_split,
+    M, N, K, group_size, k_per_split, opaque_zero,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    PREFETCH: tl.constexpr, GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
 ):
     """One row of x against a BLOCK_N column slice of W over one K slice, on CUDA cores."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
@@ -251,55 +414,117 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + pid_m * stride_xm
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
+    e0, e1, e2, e3, e4 = _exponents(opaque_zero)
     # Partial sums per packed row, reduced across threads once after the loop.
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    # Software prefetch: the words of tile i + 1 are requested before tile i is unpacked, so
-    # every warp keeps two tiles of weight traffic in flight (loads only block at first use).
+    if ONE_GROUP:
+        # The whole K slice lies in one group: its scale and zero point are applied after the
+        # loop, with the sums of x (xs) and of the bias 128 of codes 4..7 (xb) kept per row.
+        g = k_start // group_size
+        one_mask = n_mask & (k_start < k_end)  # a forced SPLIT_K may leave a slice empty
+        s_one = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=one_mask,
+                        other=0.0).to(tl.float32)
+        z_one = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=one_mask,
+                        other=0).to(tl.float32)
+        xs_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        xb_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    # Software prefetch: the words of the next PREFETCH tiles are requested before the current
+    # tile is unpacked, so every warp keeps (1 + PREFETCH) tiles of weight traffic in flight
+    # (loads only block at first use; masked tiles past the slice move no bytes).
     rows = k_start // 8 + tl.arange(0, BLOCK_R)
     word_ptrs = qweight_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    tile_step = BLOCK_R * stride_qk
     next_words = tl.load(word_ptrs, mask=(rows * 8 < k_end)[:, None] & n_mask[None, :], other=0,
                          eviction_policy="evict_first")
+    if PREFETCH >= 2:
+        next_words2 = tl.load(word_ptrs + tile_step,
+                              mask=((rows + BLOCK_R) * 8 < k_end)[:, None] & n_mask[None, :],
+                              other=0, eviction_policy="evict_first")
     for k0 in range(k_start, k_end, BLOCK_K):
         rows = k0 // 8 + tl.arange(0, BLOCK_R)
         r_mask = rows * 8 < k_end
         words = next_words
-        word_ptrs += BLOCK_R * stride_qk
-        next_words = tl.load(word_ptrs, mask=((rows + BLOCK_R) * 8 < k_end)[:, None]
-                             & n_mask[None, :], other=0, eviction_policy="evict_first")
+        if PREFETCH >= 2:
+            next_words = next_words2
+            next_words2 = tl.load(word_ptrs + 2 * tile_step,
+                                  mask=((rows + 2 * BLOCK_R) * 8 < k_end)[:, None]
+                                  & n_mask[None, :], other=0, eviction_policy="evict_first")
+        else:
+            next_words = tl.load(word_ptrs + tile_step,
+                                 mask=((rows + BLOCK_R) * 8 < k_end)[:, None] & n_mask[None, :],
+                                 other=0, eviction_policy="evict_first")
+        word_ptrs += tile_step
         if GATHER:
+            # Per-row groups (act-order g_idx, or tiles that straddle groups): the scale and
+            # zero point of every row are gathered, and each code is exact before the product.
+            gn_mask = r_mask[:, None] & n_mask[None, :]
             for j in tl.static_range(8):
                 k = rows * 8 + j
                 if HAS_G_IDX:
                     g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
                 else:
                     g = k // group_size
-                gn_mask = r_mask[:, None] & n_mask[None, :]
                 s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
                             mask=gn_mask, other=0.0).to(tl.float32)
                 z = tl.load(zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn,
                             mask=gn_mask, other=0)
                 x_j = tl.load(x_row + k * stride_xk, mask=r_mask, other=0.0,
                               eviction_policy="evict_last").to(tl.float32)
-                acc += (_code_f32(words, j) - z.to(tl.float32)) * s * x_j[:, None]
+                if j < 4:
+                    e = e0 if j == 0 else (e1 if j == 1 else (e2 if j == 2 else e3))
+                else:
+                    e = e4
+                acc += (_code_exact(words, j, e) - z.to(tl.float32)) * s * x_j[:, None]
         else:
-            # The whole tile lies in group k0 // group_size: one scale and zero point per column,
-            # and the scale multiplies the sum over the eight codes of a word, not each code.
-            g = k0 // group_size
-            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
-                        other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0)
-            # sum_j (q_j - z) x_j = sum_j q_j x_j - z sum_j x_j: the zero point costs one FMA
-            # per word, and the codes need no bias beyond the exact-float trick.
-            part = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for j in tl.static_range(8):
-                x_j = tl.load(x_row + (rows * 8 + j) * stride_xk, mask=r_mask, other=0.0,
-                              eviction_policy="evict_last").to(tl.float32)
-                part += _code_f32(words, j) * x_j[:, None]
-                x_sum += x_j
-            part -= x_sum[:, None] * z.to(tl.float32)[None, :]
-            acc += part * s[None, :]
+            xk = x_row + rows * 8 * stride_xk
+            x0 = tl.load(xk, mask=r_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x1 = tl.load(xk + stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            x2 = tl.load(xk + 2 * stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            x3 = tl.load(xk + 3 * stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            x4 = tl.load(xk + 4 * stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            x5 = tl.load(xk + 5 * stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            x6 = tl.load(xk + 6 * stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            x7 = tl.load(xk + 7 * stride_xk, mask=r_mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            # sum_j (q_j - z) x_j = sum_j f_j x_j - z xs - xb, with f_j exact codes (j < 4) or
+            # 128 + q_j (j >= 4), xs = sum_j x_j and xb = 128 sum_{j >= 4} x_j: per code one
+            # LOP3 (+ FADD for j < 4, + shift for j > 4) and one FFMA.
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            xb = ((x4 + x5) + (x6 + x7)) * 128.0
+            if ONE_GROUP:
+                xs_acc += xs
+                xb_acc += xb
+                part = acc
+            else:
+                g = k0 // group_size
+                s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
+                            other=0.0).to(tl.float32)
+                z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
+                            other=0).to(tl.float32)
+                # the correction seeds the partial sum, so it costs one FFMA per word
+                part = -(xs[:, None] * z[None, :] + xb[:, None])
+            part += _code_exact(words, 0, e0) * x0[:, None]
+            part += _code_exact(words, 1, e1) * x1[:, None]
+            part += _code_exact(words, 2, e2) * x2[:, None]
+            part += _code_exact(words, 3, e3) * x3[:, None]
+            part += _code_b128(words, 4, e4) * x4[:, None]
+            part += _code_b128(words, 5, e4) * x5[:, None]
+            part += _code_b128(words, 6, e4) * x6[:, None]
+            part += _code_b128(words, 7, e4) * x7[:, None]
+            if ONE_GROUP:
+                acc = part
+            else:
+                acc += part * s[None, :]
     y = tl.sum(acc, axis=0)
+    if ONE_GROUP:
+        if not GATHER:
+            y = (y - z_one * tl.sum(xs_acc, axis=0) - tl.sum(xb_acc, axis=0)) * s_one
     _write_output(y, y_ptr + pid_m * stride_ym + offs_n * stride_yn, sums_ptr + pid_m * N + offs_n,
                   n_mask, counters_ptr + pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
 
@@ -307,12 +532,13 @@ def _w4a16_gemv_kernel(
 @triton.jit
 def _w4a16_dot_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, y_ptr, sums_ptr, counters_ptr,
-    M, N, K, group_size, k_per_split,
+    M, N, K, group_size, k_per_split, opaque_zero,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+    PAIRS: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr,
     CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """A BLOCK_M x BLOCK_N tile of y over one K slice, the weight dequantized into ``tl.dot``."""
@@ -334,7 +560,15 @@ def _w4a16_dot_kernel(
     n_mask = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ONE_GROUP:
+        g = k_start // group_size
+        one_mask = n_mask & (k_start < k_end)  # a forced SPLIT_K may leave a slice empty
+        z_one = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=one_mask, other=0)
+        zb_one = _biased_zero(z_one, CDT)[:, None]
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
@@ -345,28 +579,117 @@ def _w4a16_dot_kernel(
         words = tl.load(qweight_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                         mask=(rows * 8 < k_end)[:, None] & n_mask[None, :], other=0,
                         eviction_policy="evict_first")
-        codes_t = _unpack_codes_t(words)                       # [BLOCK_N, BLOCK_K]
+        if PAIRS:
+            x = _pair_order(x, BLOCK_M, BLOCK_K)
+            b_t = _unpack_pairs_t(words, opaque_zero, CDT)         # [BLOCK_N, BLOCK_K]
+            p = tl.arange(0, BLOCK_K)
+            offs_kw = k0 + (p // 8) * 8 + (p % 8) // 2 + 4 - 4 * (p % 2)  # K of each column
+        else:
+            b_t = _biased_float(_unpack_codes_t(words), CDT)        # [BLOCK_N, BLOCK_K]
+            offs_kw = offs_k
         if GATHER:
+            kw_mask = offs_kw < k_end
             if HAS_G_IDX:
-                g = tl.load(g_idx_ptr + offs_k, mask=k_mask, other=0)
+                g = tl.load(g_idx_ptr + offs_kw, mask=kw_mask, other=0)
             else:
-                g = offs_k // group_size
-            nk_mask = n_mask[:, None] & k_mask[None, :]
+                g = offs_kw // group_size
+            nk_mask = n_mask[:, None] & kw_mask[None, :]
             s_t = tl.load(scales_ptr + g[None, :] * stride_sg + offs_n[:, None] * stride_sn,
                           mask=nk_mask, other=0.0)
             z_t = tl.load(zeros_ptr + g[None, :] * stride_zg + offs_n[:, None] * stride_zn,
                           mask=nk_mask, other=0)
+            w_t = (b_t - _biased_zero(z_t, CDT)) * s_t.to(CDT)
+        elif ONE_GROUP:
+            w_t = b_t - zb_one  # q - z: exact small integers; the scale comes after the loop
+        elif SCALE_AFTER:
+            g = k0 // group_size
+            z_t = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
+                          other=0)[:, None]
+            w_t = b_t - _biased_zero(z_t, CDT)
         else:
             g = k0 // group_size
             s_t = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
                           other=0.0)[:, None]
             z_t = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
                           other=0)[:, None]
-        w_t = (_biased_float(codes_t, CDT) - _biased_zero(z_t, CDT)) * s_t.to(CDT)
-        acc = tl.dot(x, tl.trans(w_t), acc, input_precision=DOT_PRECISION)
-    _write_output(acc, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                  sums_ptr + offs_m[:, None] * N + offs_n[None, :],
-                  m_mask[:, None] & n_mask[None, :], counters_ptr + pid, SPLIT_K)
+            w_t = (b_t - _biased_zero(z_t, CDT)) * s_t.to(CDT)
+        if SCALE_AFTER and not (GATHER or ONE_GROUP):
+            # this tile is one group: scale its fp32 product (BLOCK_M x BLOCK_N multiplies)
+            s_g = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
+                          other=0.0).to(tl.float32)
+            if SWAP_AB:
+                acc += tl.dot(w_t, tl.trans(x), input_precision=DOT_PRECISION) * s_g[:, None]
+            else:
+                acc += tl.dot(x, tl.trans(w_t), input_precision=DOT_PRECISION) * s_g[None, :]
+        elif SWAP_AB:
+            acc = tl.dot(w_t, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w_t), acc, input_precision=DOT_PRECISION)
+    if ONE_GROUP:
+        if not GATHER:
+            s_one = tl.load(scales_ptr + (k_start // group_size) * stride_sg + offs_n * stride_sn,
+                            mask=one_mask, other=0.0).to(tl.float32)
+            if SWAP_AB:
+                acc = acc * s_one[:, None]
+            else:
+                acc = acc * s_one[None, :]
+    if SWAP_AB:
+        _write_output(acc, y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+                      sums_ptr + offs_m[None, :] * N + offs_n[:, None],
+                      m_mask[None, :] & n_mask[:, None], counters_ptr + pid, SPLIT_K)
+    else:
+        _write_output(acc, y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                      sums_ptr + offs_m[:, None] * N + offs_n[None, :],
+                      m_mask[:, None] & n_mask[None, :], counters_ptr + pid, SPLIT_K)
+
+
+@triton.jit
+def _w4a16_dequant_kernel(
+    qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, w_ptr,
+    N, k_first, k_rows, group_size, opaque_zero,
+    stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_wk, stride_wn,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+):
+    """``w[k - k_first, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]`` for ``k_first <= k <
+    k_first + k_rows``, in w's dtype: the chunk of the dqmm path (memory bound: reads K N / 2
+    bytes of codes once, writes the chunk once; one rounding, from the exact fp32 product)."""
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    local = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # packed rows of the chunk
+    r_mask = local * 8 < k_rows
+    rows = k_first // 8 + local
+    mask = r_mask[:, None] & n_mask[None, :]
+    words = tl.load(qweight_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                    mask=mask, other=0, eviction_policy="evict_first")
+    e0, e1, e2, e3, e4 = _exponents(opaque_zero)
+    if not GATHER:
+        # the tile's 8 BLOCK_R rows lie in one group
+        g = (k_first + pid_r * BLOCK_R * 8) // group_size
+        s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
+                    other=0.0).to(tl.float32)[None, :]
+        z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
+                    other=0).to(tl.float32)[None, :]
+    w_rows = w_ptr + (local * 8)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for j in tl.static_range(8):
+        if GATHER:
+            k = rows * 8 + j
+            if HAS_G_IDX:
+                g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
+            else:
+                g = k // group_size
+            s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                        mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn,
+                        mask=mask, other=0).to(tl.float32)
+        if j < 4:
+            e = e0 if j == 0 else (e1 if j == 1 else (e2 if j == 2 else e3))
+        else:
+            e = e4
+        w = (_code_exact(words, j, e) - z) * s
+        tl.store(w_rows + j * stride_wk, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,34 +808,61 @@ def _g_idx_is_static(g_idx, K, G, group_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Choosing a path and config
 # ----------------------------------------------------------------------------------------------
-def _path_for(M):
+def _paths_for(M):
+    """The paths whose configs compete (in order: the first one's first config is the default)."""
     if M == 1:
-        return "gemv"
-    return "splitk" if M <= SPLITK_MAX_M else "gemm"
+        return ("gemv", "splitk")
+    if M <= SPLITK_MAX_M:
+        return ("splitk",)
+    if M < DQMM_MIN_M:
+        return ("gemm",)
+    return ("gemm", "dqmm")
+
+
+def _path_for(M):
+    return _paths_for(M)[0]
 
 
 def _block_m_for_splitk(M):
     return 16 if M <= 16 else (32 if M <= 32 else 64)
 
 
-def _m_bucket(path, M):
-    if path == "gemv":
+def _m_bucket(paths, M):
+    if paths[0] == "gemv":
         return 1
     return min(triton.next_power_of_2(M), 8192)
 
 
-def _needs_gather(config, G, group_size, permuted):
-    """Per-row scales unless every BLOCK_K tile of rows lies in one group."""
-    return permuted or (G > 1 and group_size % config["BLOCK_K"] != 0)
+def _needs_gather(path, config, G, group_size, permuted):
+    """Per-row scales unless every tile of rows lies in one group."""
+    if permuted:
+        return True
+    if path == "dqmm":
+        return G > 1 and group_size % (8 * config["BLOCK_R"]) != 0
+    return G > 1 and group_size % config["BLOCK_K"] != 0
+
+
+def _dqmm_chunk(config, K, N, elem_size):
+    """Rows of weight dequantized at a time: CHUNK_K, at most K and DQMM_MAX_CHUNK_BYTES, a
+    multiple of one dequant tile (8 BLOCK_R rows) unless it is all of K."""
+    tile = 8 * config["BLOCK_R"]
+    rows = min(config["CHUNK_K"], max(tile, DQMM_MAX_CHUNK_BYTES // max(1, N * elem_size)))
+    rows = max(tile, rows // tile * tile)
+    return K if rows >= K else rows
 
 
 def _candidates(path, M, K, G, group_size, permuted):
     """The autotune space of a path, pruned to configs that make sense for this problem."""
     configs = []
     for config in AUTOTUNE_SPACE[path]:
+        if path == "dqmm":
+            configs.append(dict(config))
+            continue
         if path == "splitk":
+            if M == 1 and not config["SWAP_AB"]:
+                continue  # at M = 1 only the swapped dot competes with the GEMV
             config = dict(config, BLOCK_M=_block_m_for_splitk(M))
         k_tiles = triton.cdiv(K, config["BLOCK_K"])
         if config["SPLIT_K"] > 1 and config["SPLIT_K"] > k_tiles:
@@ -521,12 +871,12 @@ def _candidates(path, M, K, G, group_size, permuted):
             continue
         configs.append(config)
     # A config whose tiles straddle groups needs the gather path: only keep those if nothing else.
-    aligned = [c for c in configs if not _needs_gather(c, G, group_size, permuted)]
+    aligned = [c for c in configs if not _needs_gather(path, c, G, group_size, permuted)]
     configs = aligned or configs
     if not configs:  # tiny K: fall back to the smallest tiles of the space
-        configs = [min(AUTOTUNE_SPACE[path], key=lambda c: (c["BLOCK_K"], c["SPLIT_K"]))]
+        configs = [dict(min(AUTOTUNE_SPACE[path], key=lambda c: (c["BLOCK_K"], c["SPLIT_K"])))]
         if path == "splitk":
-            configs[0] = dict(configs[0], BLOCK_M=_block_m_for_splitk(M))
+            configs[0]["BLOCK_M"] = _block_m_for_splitk(M)
     return configs
 
 
@@ -547,126 +897,499 @@ def _compute_dtype(x_dtype):
     return tl.float32
 
 
-# Split-K workspace: fp32 partial sums and int32 arrival counters per (device, stream). The
-# kernels leave both at zero, so a launch needs no zero-fill; one per stream because two
-# launches must not share them concurrently. Grown (freshly zeroed) when a problem needs more.
+# Chosen (path, config) per problem bucket in this process: a tuple key, one dict lookup.
+_CHOSEN = {}
+
+
+def _precompile(plans, x2, out2, workers=None):
+    """Compile the kernels of every plan in parallel, before any is timed: Triton releases the
+    GIL in its compiler passes and ptxas runs as a process of its own, so a 16-core host
+    compiles a space of ~30 configs in about the time of a few (2 cores here: 1.6x)."""
+    workers = workers or min(16, os.cpu_count() or 1)
+    if workers < 2 or INTERPRETED or not hasattr(triton, "AsyncCompileMode"):
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        with triton.AsyncCompileMode(pool, ignore_errors=True):
+            for plan in plans:
+                plan.warmup(x2, out2)
+
+
+def _tuning_key(paths, x2, entry):
+    """The disk-cache key of a problem bucket."""
+    return (f"{'+'.join(paths)}|M{_m_bucket(paths, x2.shape[0])}|K{entry.K}|N{entry.N}|"
+            f"G{entry.G}|{'perm' if entry.permuted else 'static'}|x={str(x2.dtype)[6:]}|"
+            f"s={str(entry.scales_dtype)[6:]}|z={str(entry.zeros_dtype)[6:]}")
+
+
+def _choose(paths, x2, entry):
+    """``(path, config)``: from this process, the disk cache, or by timing every candidate of
+    every competing path (the whole operation, launches and workspace included)."""
+    if INTERPRETED:
+        return paths[0], dict(INTERPRETER_CONFIG[paths[0]])
+    M = x2.shape[0]
+    bucket = _m_bucket(paths, M)
+    memo = (x2.device, paths, bucket, entry.K, entry.N, entry.G, entry.permuted, x2.dtype,
+            entry.scales_dtype, entry.zeros_dtype)
+    chosen = _CHOSEN.get(memo)
+    if chosen is not None:
+        return chosen
+    candidates = []
+    for path in paths:
+        for config in _candidates(path, M, entry.K, entry.G, entry.group, entry.permuted):
+            candidates.append(dict(config, PATH=path))
+    key = _tuning_key(paths, x2, entry)
+    cache = autotune_cache.cache_for("w4a16", x2.device, AUTOTUNE_SPACE)
+    scratch = torch.empty((M, entry.N), dtype=x2.dtype, device=x2.device)
+
+    plans = {}
+
+    def plan_of(candidate):
+        plan = plans.get(id(candidate))
+        if plan is None or not plan.usable():
+            config = {k: v for k, v in candidate.items() if k != "PATH"}
+            plan = plans[id(candidate)] = _build_plan(entry, candidate["PATH"], config, x2,
+                                                      scratch)
+        return plan
+
+    def run(candidate):
+        plan_of(candidate)(x2, scratch)
+
+    def precompile(candidates):
+        _precompile([plan_of(c) for c in candidates], x2, scratch)
+
+    best = autotune_cache.tune(cache, key, candidates, run, prepare=precompile)
+    chosen = best["PATH"], {k: v for k, v in best.items() if k != "PATH"}
+    if not torch.cuda.is_current_stream_capturing():
+        _CHOSEN[memo] = chosen
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspaces (split-K sums and counters, dqmm chunks): per device and stream, reused
+# ----------------------------------------------------------------------------------------------
+# Split-K: fp32 partial sums and int32 arrival counters. The kernels leave both at zero, so a
+# launch needs no zero-fill; one per stream because two launches must not share them
+# concurrently. Grown (freshly zeroed) when a problem needs more. dqmm: the dequantized chunk.
+# Plans hold the workspace they were built with and the epoch; any replacement bumps the epoch,
+# which retires every plan (memory is freed, the next call rebuilds its plan).
 _WORKSPACES = {}
+_DQ_WORKSPACES = {}
+_EPOCH = [0]
+# Split-K workspaces while a CUDA graph is captured:
+#   "private" (default): an ordinary intermediate of the graph, zeroed by memset nodes at every
+#       replay (the graph may reuse its memory between replays). Always correct; two memsets
+#       per split-K call in the graph.
+#   "shared": the capture stream's persistent workspace, as for eager calls (no memsets; the
+#       kernels leave it at zero). Correct only if graphs captured this way are never replayed
+#       concurrently with each other (or with eager calls on the capture stream); workspaces a
+#       graph has used are never freed. For benchmarks and single-stream decode loops.
+GRAPH_WORKSPACE = "private"
+_GRAPH_HELD = []
+
+
+def _stream_of(device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _workspace_key(device):
-    return device, (torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    return device, _stream_of(device)
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _split_k_workspace(device, n_sums, n_tiles):
-    _, stream = _workspace_key(device)
-    sums, counters = _WORKSPACES.get((device, stream), (None, None))
+    if _capturing(device) and GRAPH_WORKSPACE != "shared":
+        # Inside a CUDA graph the workspace is an ordinary intermediate: zeroed by memset nodes
+        # of the graph at every replay, used by the kernel, freed (stream-ordered) afterwards.
+        # It cannot rely on the previous launch having left it at zero: once freed, later
+        # work of the same graph may reuse the memory between replays.
+        return (torch.zeros(n_sums, dtype=torch.float32, device=device),
+                torch.zeros(n_tiles, dtype=torch.int32, device=device))
+    key = _workspace_key(device)
+    sums, counters = _WORKSPACES.get(key, (None, None))
     if sums is None or sums.numel() < n_sums or counters.numel() < n_tiles:
+        if _capturing(device):
+            raise RuntimeError("w4a16: GRAPH_WORKSPACE = 'shared' needs the workspace of the "
+                               "capture stream sized before the capture: run the same calls "
+                               "on that stream once before capturing")
         sums = torch.zeros(max(n_sums, 1 << 16), dtype=torch.float32, device=device)
         counters = torch.zeros(max(n_tiles, 1 << 12), dtype=torch.int32, device=device)
-        # Memory allocated while a CUDA graph is captured belongs to that graph: not shared.
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _WORKSPACES[(device, stream)] = (sums, counters)
+        _WORKSPACES[key] = (sums, counters)
+        _EPOCH[0] += 1
+    elif _capturing(device) and not any(s is sums for s, _ in _GRAPH_HELD):
+        _GRAPH_HELD.append((sums, counters))  # a graph uses it: never freed
     return sums, counters
 
 
-def _launch(path, config, x2, qweight, scales, zeros, g_idx, group_size, G, permuted, out):
-    """Run one path with one config: y = x2 @ W into ``out`` [M, N] (x2's dtype)."""
+def _dequant_workspace(device, dtype, numel):
+    if _capturing(device):
+        return torch.empty(numel, dtype=dtype, device=device)  # an intermediate of the graph
+    key = _workspace_key(device) + (dtype,)
+    buf = _DQ_WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        if not _capturing(device):
+            _DQ_WORKSPACES[key] = buf
+            _EPOCH[0] += 1
+    return buf
+
+
+def _drop_workspace(device):
+    """After a failed launch: never reuse partial sums it may have left behind."""
+    if _WORKSPACES.pop(_workspace_key(device), None) is not None:
+        _EPOCH[0] += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Validated weights and launch plans
+# ----------------------------------------------------------------------------------------------
+# The current device and its current stream as integers, as cheaply as torch allows (Triton's
+# own launcher asks torch the same way).
+if hasattr(torch._C, "_cuda_getCurrentRawStream") and hasattr(torch._C, "_cuda_getDevice"):
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+    _current_device = torch._C._cuda_getDevice
+else:  # pragma: no cover (older torch)
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+    _current_device = torch.cuda.current_device
+
+_ENTRIES = {}
+_MAX_ENTRIES = 4096
+_MAX_PLANS = 256
+
+
+class _Weights:
+    """One set of weight tensors (qweight, scales, zeros, g_idx, group_size), validated once.
+
+    Valid while every tensor is the same live object with the same data pointer and version
+    counter (in-place writes, ``resize_``, ``set_``, ``t_`` and the like all bump it); then the
+    argument checks of the first call hold and its launch plans can be reused.
+    """
+
+    def __init__(self, key, qweight, scales, zeros, g_idx, group_size, K, N, G, permuted):
+        tensors = (qweight, scales, zeros, g_idx)
+        self.key = key
+        self.refs = tuple(None if t is None else weakref.ref(t, self._forget) for t in tensors)
+        self.sig = self.signature(qweight, scales, zeros, g_idx)
+        self.group_size = group_size
+        self.group = K if group_size == -1 else group_size
+        self.K, self.N, self.G, self.permuted = K, N, G, permuted
+        self.device = qweight.device
+        self.dev_index = qweight.get_device()
+        self.is_cuda = qweight.is_cuda
+        self.scales_dtype, self.zeros_dtype = scales.dtype, zeros.dtype
+        self.plans = {}
+
+    def _forget(self, _ref):
+        if _ENTRIES.get(self.key) is self:
+            del _ENTRIES[self.key]
+
+    @staticmethod
+    def signature(qweight, scales, zeros, g_idx):
+        return (qweight.data_ptr(), qweight._version, scales.data_ptr(), scales._version,
+                zeros.data_ptr(), zeros._version,
+                None if g_idx is None else (g_idx.data_ptr(), g_idx._version))
+
+    def current(self, qweight, scales, zeros, g_idx):
+        refs = self.refs
+        return (refs[0]() is qweight and refs[1]() is scales and refs[2]() is zeros
+                and (g_idx is None or refs[3]() is g_idx)
+                and self.signature(qweight, scales, zeros, g_idx) == self.sig)
+
+    def tensors(self):
+        return tuple(None if r is None else r() for r in self.refs)
+
+    def plan_key(self, x, out, stream):
+        """Everything a launch plan depends on beyond the weights: what Triton specialises on
+        (exact shapes and strides, 16-byte alignment of the pointers), dtypes, devices, and the
+        current device and stream (workspaces are per stream)."""
+        okey = None if out is None else (out.shape, out.stride(), out.dtype, out.device,
+                                         out.data_ptr() % 16 == 0)
+        return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, okey, stream)
+
+    def stream(self):
+        """``(current device, its current raw stream)`` for CUDA weights, else None."""
+        if self.is_cuda:
+            index = _current_device()
+            return index, _raw_stream(index)
+        return None
+
+
+def _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G):
+    """The validated-weights entry (arguments already checked by the caller)."""
+    key = (id(qweight), id(scales), id(zeros), id(g_idx), group_size)
+    entry = _ENTRIES.get(key)
+    if entry is not None and entry.current(qweight, scales, zeros, g_idx):
+        return entry
+    group = K if group_size == -1 else group_size
+    permuted = g_idx is not None and not _g_idx_is_static(g_idx, K, G, group)
+    entry = _Weights(key, qweight, scales, zeros, g_idx, group_size, K, N, G, permuted)
+    if g_idx is not None and g_idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        return entry  # the g_idx kind was assumed, not inspected: not to be remembered
+    if len(_ENTRIES) >= _MAX_ENTRIES:
+        _ENTRIES.clear()
+    _ENTRIES[key] = entry
+    return entry
+
+
+_KNOBS = getattr(triton, "knobs", None)
+
+
+class _Launch:
+    """One kernel launch with fixed arguments except the activation and output pointers.
+
+    The first launch goes through Triton's JIT (binding, specialisation, compilation); it
+    returns the compiled kernel, which later launches call directly with integer pointers.
+    Under TRITON_INTERPRET every launch goes through the interpreter with tensors.
+    """
+
+    def __init__(self, fn, grid, args, options, x_slot, y_slot, weak_slots):
+        self.fn, self.grid, self.options = fn, grid, options
+        # the weights are held weakly (a plan must not keep them alive), workspaces strongly
+        self.args = [weakref.ref(a) if i in weak_slots and a is not None else a
+                     for i, a in enumerate(args)]
+        self.weak_slots = weak_slots
+        self.x_slot, self.y_slot = x_slot, y_slot
+        self.compiled = None
+        self.int_args = None
+
+    def _tensor_args(self, x, y):
+        args = [a() if i in self.weak_slots and a is not None else a
+                for i, a in enumerate(self.args)]
+        args[self.x_slot], args[self.y_slot] = x, y
+        return args
+
+    def warmup(self, x, y):
+        """Compile (or fetch from Triton's caches) without launching."""
+        if self.compiled is None:
+            self.fn.warmup(*self._tensor_args(x, y), grid=self.grid, **self.options)
+
+    def __call__(self, x, y, stream):
+        if self.compiled is None:
+            args = self._tensor_args(x, y)
+            compiled = self.fn[self.grid](*args, **self.options)
+            if not INTERPRETED and compiled is not None and hasattr(compiled, "packed_metadata"):
+                self.int_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a
+                                 for a in args]
+                self.compiled = compiled
+                self.args = None  # no references to the weights: integer pointers from now on
+            return
+        args = list(self.int_args)  # a copy: plans may be shared between threads
+        args[self.x_slot], args[self.y_slot] = x.data_ptr(), y.data_ptr()
+        kernel, grid = self.compiled, self.grid
+        enter = _KNOBS.runtime.launch_enter_hook if _KNOBS is not None else None
+        if enter is not None and getattr(enter, "calls", True):
+            meta = kernel.launch_metadata(grid, stream, *args)
+            kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                       meta, enter, _KNOBS.runtime.launch_exit_hook, *args)
+        else:
+            kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                       None, None, None, *args)
+
+
+class _Plan:
+    """Everything a call needs once the arguments are known to be valid: output shape, the
+    launches, the workspaces they use. ``plan(x, out)`` runs the product."""
+
+    def __init__(self, entry, path, config, M, lead, x_dtype, device, launches, dq=None,
+                 shared_workspace=False):
+        self.entry_ref = weakref.ref(entry)
+        self.path, self.config = path, config
+        self.M, self.N, self.K = M, entry.N, entry.K
+        self.lead = lead
+        self.x_dtype, self.device = x_dtype, device
+        self.launches = launches
+        self.dq = dq  # dqmm: (chunk rows, workspace view, per-chunk dequant launches)
+        self.shared_workspace = shared_workspace
+        self.epoch = _EPOCH[0]
+        self.out_shape = (*lead, entry.N)
+
+    def usable(self):
+        if not self.shared_workspace:
+            return True
+        return self.epoch == _EPOCH[0] and not _capturing(self.device)
+
+    def warmup(self, x2, out2):
+        """Compile every kernel of the plan without launching (for parallel autotuning)."""
+        for launch in self.launches:
+            launch.warmup(x2, out2)
+        if self.dq is not None:
+            for launch in self.dq[2]:
+                launch.warmup(self.dq[1], self.dq[1])
+
+    def __call__(self, x, out, where=None):
+        x2 = x if x.dim() == 2 else x.reshape(self.M, self.K)
+        if out is None:
+            y = torch.empty(self.out_shape, dtype=self.x_dtype, device=self.device)
+            y2 = y
+        else:
+            y = out
+            y2 = out
+        if where is not None:
+            stream = where[1]
+        elif self.device.type == "cuda":
+            stream = _raw_stream(_current_device())
+        else:
+            stream = 0
+        if self.dq is None:
+            self.launches[0](x2, y2, stream)
+            return y
+        chunk, work, dequants = self.dq
+        y2 = y2.view(self.M, self.N)
+        for i, launch in enumerate(dequants):
+            k0 = i * chunk
+            rows = min(chunk, self.K - k0)
+            w = work[:rows]
+            launch(w, w, stream)
+            if i == 0:
+                torch.mm(x2[:, k0:k0 + rows], w, out=y2)
+            else:
+                y2.addmm_(x2[:, k0:k0 + rows], w)
+        return y
+
+
+def _build_plan(entry, path, config, x2, out2, lead=None):
+    """The plan of one (path, config) for activations like ``x2 [M, K]`` into ``out2 [M, N]``
+    (``lead``: the leading dimensions of the output the plan allocates; default ``(M,)``)."""
+    qweight, scales, zeros, g_idx = entry.tensors()
     M, K = x2.shape
-    N = qweight.shape[1]
-    gather = _needs_gather(config, G, group_size, permuted)
-    has_g_idx = gather and permuted
+    N, G, group = entry.N, entry.G, entry.group
+    device = x2.device
+    gather = _needs_gather(path, config, G, group, entry.permuted)
+    has_g_idx = gather and entry.permuted
+    g_idx_arg = g_idx if has_g_idx else qweight  # never read when HAS_G_IDX is False
+    lead = (M,) if lead is None else tuple(lead)
+    if path == "dqmm":
+        chunk = _dqmm_chunk(config, K, N, x2.element_size())
+        work = _dequant_workspace(device, x2.dtype, chunk * N).view(-1)[:chunk * N].view(chunk, N)
+        block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
+        dequants = []
+        for k0 in range(0, K, chunk):
+            rows = min(chunk, K - k0)
+            grid = (triton.cdiv(rows // 8, block_r), triton.cdiv(N, block_n), 1)
+            args = (qweight, scales, zeros, g_idx_arg, work,
+                    N, k0, rows, group, 0,
+                    qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+                    zeros.stride(0), zeros.stride(1), work.stride(0), work.stride(1),
+                    block_r, block_n, gather, has_g_idx)
+            dequants.append(_Launch(_w4a16_dequant_kernel, grid, args,
+                                    dict(num_warps=config["num_warps"]), 4, 4, (0, 1, 2, 3)))
+        return _Plan(entry, path, config, M, lead, x2.dtype, device, [], dq=(chunk, work, dequants),
+                     shared_workspace=True)
     split_k = config["SPLIT_K"]
     block_k = config["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
+    one_group = not gather and (G == 1 or group % k_per_split == 0)
     if path == "gemv":
         grid = (triton.cdiv(N, config["BLOCK_N"]), split_k, M)
         tiles = grid[0] * M
     else:
         tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
-        grid = (tiles, split_k)
+        grid = (tiles, split_k, 1)
     if split_k > 1:
-        sums, counters = _split_k_workspace(x2.device, M * N, tiles)
+        sums, counters = _split_k_workspace(device, M * N, tiles)
+        weak = (1, 2, 3, 4)
     else:
-        sums, counters = out, qweight  # never touched when SPLIT_K == 1
-    g_idx_arg = g_idx if has_g_idx else qweight  # never read when HAS_G_IDX is False
-    try:
-        _run_kernel(path, config, grid, gather, has_g_idx, x2, qweight, scales, zeros, g_idx_arg,
-                    out, sums, counters, group_size, k_per_split)
-    except BaseException:
-        # A launch that did not complete may leave partial sums behind: never reuse them.
-        if split_k > 1:
-            _WORKSPACES.pop(_workspace_key(x2.device), None)
-        raise
-    return out
-
-
-def _run_kernel(path, config, grid, gather, has_g_idx, x2, qweight, scales, zeros, g_idx_arg,
-                out, sums, counters, group_size, k_per_split):
-    M, K = x2.shape
-    N = qweight.shape[1]
-    block_k, split_k = config["BLOCK_K"], config["SPLIT_K"]
-    common = (
-        x2, qweight, scales, zeros, g_idx_arg, out, sums, counters,
-        M, N, K, group_size, k_per_split,
+        sums, counters = qweight, qweight  # never touched when SPLIT_K == 1
+        weak = (1, 2, 3, 4, 6, 7)
+    common = [
+        x2, qweight, scales, zeros, g_idx_arg, out2, sums, counters,
+        M, N, K, group, k_per_split, 0,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-        out.stride(0), out.stride(1),
-    )
+        out2.stride(0), out2.stride(1),
+    ]
+    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     if path == "gemv":
-        _w4a16_gemv_kernel[grid](
-            *common,
-            BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
-            GATHER=gather, HAS_G_IDX=has_g_idx,
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
-        )
+        args = common + [config["BLOCK_N"], block_k, split_k, config["PREFETCH"], gather,
+                         has_g_idx, one_group]
+        fn = _w4a16_gemv_kernel
     else:
-        _w4a16_dot_kernel[grid](
-            *common,
-            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
-            SPLIT_K=split_k, GROUP_M=config["GROUP_M"],
-            GATHER=gather, HAS_G_IDX=has_g_idx,
-            CDT=_compute_dtype(x2.dtype), DOT_PRECISION=_dot_precision(x2.dtype),
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
-        )
+        cdt = _compute_dtype(x2.dtype)
+        pairs = bool(config.get("PAIRS", False)) and cdt in (tl.float16, tl.bfloat16)
+        args = common + [config["BLOCK_M"], config["BLOCK_N"], block_k, split_k,
+                         config["GROUP_M"], gather, has_g_idx, one_group, pairs,
+                         bool(config.get("SWAP_AB", False)), bool(config.get("SCALE_AFTER", False)),
+                         cdt, _dot_precision(x2.dtype)]
+        fn = _w4a16_dot_kernel
+    launch = _Launch(fn, grid, args, options, 0, 5, weak)
+    return _Plan(entry, path, config, M, lead, x2.dtype, device, [launch],
+                 shared_workspace=split_k > 1)
 
 
-# Configs chosen in this process, so a steady-state call costs one dict lookup.
-_CHOSEN = {}
-
-
-def _choose_config(path, x2, qweight, scales, zeros, g_idx, group_size, G, permuted):
-    if INTERPRETED:
-        return INTERPRETER_CONFIG[path]
-    M, K = x2.shape
-    N = qweight.shape[1]
-    key = (f"{path}|M{_m_bucket(path, M)}|K{K}|N{N}|G{G}|{'perm' if permuted else 'static'}"
-           f"|x={str(x2.dtype)[6:]}|s={str(scales.dtype)[6:]}|z={str(zeros.dtype)[6:]}")
-    chosen = _CHOSEN.get((x2.device, key))
-    if chosen is not None:
-        return chosen
-    candidates = _candidates(path, M, K, G, group_size, permuted)
-    cache = autotune_cache.cache_for("w4a16", x2.device, AUTOTUNE_SPACE)
-    scratch = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-
-    def run(config):
-        _launch(path, config, x2, qweight, scales, zeros, g_idx, group_size, G, permuted, scratch)
-
-    chosen = autotune_cache.tune(cache, key, candidates, run)
-    if not torch.cuda.is_current_stream_capturing():
-        _CHOSEN[(x2.device, key)] = chosen
-    return chosen
-
-
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
 def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     """What :func:`w4a16_matmul` will run for these arguments on the GPU (autotuning first if
-    nothing is cached): ``dict(path=..., config=..., gather=...)``. For benchmarks and logs."""
+    nothing is cached): ``dict(path=..., config=..., gather=..., best_ms_by_path=...)``, the
+    last being the fastest time of each competing path when this process tuned the bucket
+    (``{}`` when the choice came from the disk cache). For benchmarks and logs."""
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
-    group = K if group_size == -1 else group_size
-    permuted = g_idx is not None and not _g_idx_is_static(g_idx, K, G, group)
+    entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
-    path = _path_for(x2.shape[0])
-    config = _choose_config(path, x2, qweight, scales, zeros, g_idx, group, G, permuted)
-    return dict(path=path, config=config, gather=_needs_gather(config, G, group, permuted))
+    paths = _paths_for(x2.shape[0])
+    path, config = _choose(paths, x2, entry)
+    best = {}
+    for ms, candidate in autotune_cache.TIMINGS.get(("w4a16", _tuning_key(paths, x2, entry)),
+                                                    []):
+        if ms < best.get(candidate["PATH"], float("inf")):
+            best[candidate["PATH"]] = ms
+    return dict(path=path, config=config, best_ms_by_path=best,
+                gather=_needs_gather(path, config, G, entry.group, entry.permuted))
+
+
+def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=0, k_rows=None,
+                     dtype=torch.float16, out=None, backend="auto"):
+    """Rows ``k_first .. k_first + k_rows`` of the dense weight ``(q - z) * s`` in ``dtype``
+    (each element rounded once), by the dqmm path's chunk kernel (CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET with ``backend="triton"``) or by the torch reference."""
+    K = qweight.shape[0] * 8 if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else 8
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    device = qweight.device if isinstance(qweight, torch.Tensor) else "cpu"
+    K, N, G = _check_arguments(torch.empty((0, K), dtype=dtype, device=device), qweight, scales,
+                               zeros, group_size, g_idx)
+    k_rows = K - k_first if k_rows is None else k_rows
+    if k_first % 8 or k_rows % 8 or k_first < 0 or k_rows < 0 or k_first + k_rows > K:
+        raise ValueError(f"rows [{k_first}, {k_first + k_rows}) must be multiples of 8 within "
+                         f"[0, {K}]")
+    if out is None:
+        out = torch.empty((k_rows, N), dtype=dtype, device=device)
+    elif (not isinstance(out, torch.Tensor) or out.dtype != dtype
+          or tuple(out.shape) != (k_rows, N) or out.device != qweight.device):
+        raise ValueError(f"out must be a {dtype} tensor of shape {(k_rows, N)} on {device}")
+    use_triton = backend == "triton" or (backend == "auto" and qweight.is_cuda and not INTERPRETED)
+    group = K if group_size == -1 else group_size
+    if not use_triton:
+        rows = slice(k_first, k_first + k_rows)
+        if g_idx is not None:
+            _g_idx_is_static(g_idx, K, G, group)
+        W = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx)[rows]
+        return out.copy_(W.to(dtype))
+    check_device(qweight, scales, zeros, *([g_idx] if g_idx is not None else []))
+    if k_rows == 0 or N == 0:
+        return out
+    entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
+    config = INTERPRETER_CONFIG["dqmm"] if INTERPRETED else AUTOTUNE_SPACE["dqmm"][0]
+    gather = _needs_gather("dqmm", config, G, group, entry.permuted)
+    gather = gather or k_first % (8 * config["BLOCK_R"]) != 0  # tiles must start at a group edge
+    block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
+    grid = (triton.cdiv(k_rows // 8, block_r), triton.cdiv(N, block_n), 1)
+    g_idx_arg = g_idx if gather and entry.permuted else qweight
+    args = (qweight, scales, zeros, g_idx_arg, out, N, k_first, k_rows, group, 0,
+            qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
+            block_r, block_n, gather, gather and entry.permuted)
+    launch = _Launch(_w4a16_dequant_kernel, grid, args, dict(num_warps=config["num_warps"]),
+                     4, 4, (0, 1, 2, 3))
+    launch(out, out, None)
+    return out
 
 
 def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None, path=None,
@@ -683,18 +1406,37 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
         g_idx: optional int32 ``[K]`` group of each input row.
     Keyword-only (tests and benchmarks)
         out: ``[..., N]`` tensor of x's dtype to write into.
-        path: force ``"gemv"``, ``"splitk"`` or ``"gemm"`` instead of choosing by M.
+        path: force ``"gemv"``, ``"splitk"``, ``"gemm"`` or ``"dqmm"`` instead of choosing by M.
         config: force a launch config (a dict like those of ``AUTOTUNE_SPACE``).
         backend: ``"auto"`` (Triton for CUDA tensors, the torch reference for CPU tensors),
             ``"triton"`` (also CPU tensors under TRITON_INTERPRET) or ``"torch"``.
-    Returns ``[..., N]`` in x's dtype, accumulated in fp32.
+    Returns ``[..., N]`` in x's dtype, accumulated in fp32 (``dqmm``: see the module docstring).
+
+    The first call with a set of weight tensors checks every argument; later calls with the
+    same tensors (unchanged: same objects, data pointers and versions) and activations of the
+    same shape, strides and dtype reuse the launch plan of the first (see "Host overhead").
     """
+    if (path is None and config is None and type(group_size) is int
+            and isinstance(x, torch.Tensor)):
+        entry = _ENTRIES.get((id(qweight), id(scales), id(zeros), id(g_idx), group_size))
+        if (entry is not None and (backend == "triton" or (backend == "auto" and entry.is_cuda
+                                                           and not INTERPRETED))
+                and entry.current(qweight, scales, zeros, g_idx)):
+            where = entry.stream()
+            plan = entry.plans.get(entry.plan_key(x, out, where))
+            if plan is not None and plan.usable():
+                return plan(x, out, where)
+    return _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend)
+
+
+def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend):
+    """The first call for a set of weights and activation layout (or one with forced options):
+    every check, then a plan, which is kept for later calls where it can be."""
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    group = K if group_size == -1 else group_size
     lead = x.shape[:-1]
     if out is not None:
         if (not isinstance(out, torch.Tensor) or out.dtype != x.dtype
@@ -702,6 +1444,7 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
             raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on "
                              f"{x.device}")
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and not INTERPRETED)
+    group = K if group_size == -1 else group_size
     if not use_triton:
         if g_idx is not None:
             _g_idx_is_static(g_idx, K, G, group)  # the same range check as the kernels
@@ -713,23 +1456,37 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
         return y
     names = ["x", "qweight", "scales", "zeros"] + (["g_idx"] if g_idx is not None else [])
     check_device(x, qweight, scales, zeros, *([g_idx] if g_idx is not None else []), names=names)
-    permuted = g_idx is not None and not _g_idx_is_static(g_idx, K, G, group)
+    entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
 
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
+    direct = out is None or out.is_contiguous()
     if out is None:
-        out2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        result = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+        out2 = result.view(M, N)
     else:
-        out2 = out.view(M, N) if out.is_contiguous() else torch.empty_like(out).view(M, N)
+        result = out
+        out2 = out.view(M, N) if direct else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M > 0 and N > 0:
-        path = path or _path_for(M)
-        if config is None:
-            config = _choose_config(path, x2, qweight, scales, zeros, g_idx, group, G, permuted)
-        elif path == "splitk" and "BLOCK_M" not in config:
-            config = dict(config, BLOCK_M=_block_m_for_splitk(M))
-        _launch(path, config, x2, qweight, scales, zeros, g_idx, group, G, permuted, out2)
-    if out is None:
-        return out2.view(*lead, N)
-    if not out.is_contiguous():
+        forced = path is not None or config is not None
+        if config is not None:
+            path = path or _path_for(M)
+            config = dict(config)
+            if path == "splitk" and "BLOCK_M" not in config:
+                config["BLOCK_M"] = _block_m_for_splitk(M)
+        else:
+            path, config = _choose((path,) if path is not None else _paths_for(M), x2, entry)
+        plan = _build_plan(entry, path, config, x2, out2, lead)
+        try:
+            plan(x2, out2)
+        except BaseException:
+            # A launch that did not complete may leave partial sums behind: never reuse them.
+            _drop_workspace(x2.device)
+            raise
+        if not forced and direct and not _capturing(x2.device):
+            if len(entry.plans) >= _MAX_PLANS:
+                entry.plans.clear()
+            entry.plans[entry.plan_key(x, out, entry.stream())] = plan
+    if out is not None and not direct:
         out.copy_(out2.view(*lead, N))
-    return out
+    return result

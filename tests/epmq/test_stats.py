@@ -129,3 +129,34 @@ def test_misuse_is_reported(gen):
         stats.finalize()
     with pytest.raises(ValueError, match="has shape"):
         EPMQStats(W_m).begin_task(W_m[:, :-1])
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_residual_precision_of_the_triton_statistics(gen, precision):
+    """EPMQStats(residual_precision=...) reaches the Triton residual kernel (fp32 statistics):
+    both products agree with the torch backend to about fp32 rounding, and quant.epmq passes
+    the option through."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    H_k = [gram(batches(gen, scale=s)).float() for s in (0.5, 2.0)]
+    ref = EPMQStats(W_m, backend="torch")
+    got = EPMQStats(W_m, backend="triton", residual_precision=precision)
+    assert got.residual_precision == precision
+    for W, H in zip(W_k, H_k):
+        ref.add_task(W, H)
+        got.add_task(W, H)
+    scale = ref.G_e.abs().max()
+    assert (got.G_e - ref.G_e).abs().max() <= 1e-5 * scale
+    assert abs(got.c_e - ref.c_e) <= 1e-5 * abs(ref.c_e)
+    spec = QuantSpec(bits=4, group_size=16, sym=False)
+    result = quant.epmq(W_m, W_k, H_k, spec, backend="triton", residual_precision=precision)
+    assert torch.isfinite(result.weight).all()
+
+
+def test_residual_precision_is_checked(gen):
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    with pytest.raises(ValueError, match="residual_precision"):
+        EPMQStats(W_m, residual_precision="tf32")
+    with pytest.raises(ValueError, match="residual_precision"):
+        quant.epmq(W_m, [W_m], [torch.eye(D_IN)], QuantSpec(bits=4, group_size=16, sym=False),
+                   residual_precision="fp16")

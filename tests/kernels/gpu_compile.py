@@ -27,3 +27,84 @@ def run_compile_script(script: str, timeout: float) -> subprocess.CompletedProce
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the scripts above (imported inside them: ``from gpu_compile import ...`` with this
+# directory on sys.path, Triton's interpreter off). No GPU needed.
+# ----------------------------------------------------------------------------------------------
+def compile_sm90(fn, args, constexprs, num_warps, num_stages):
+    """``fn`` compiled by Triton's NVIDIA backend for sm_90, specialised like a real launch with
+    ``args`` (the non-constexpr arguments in order: tensors stand for pointers) and
+    ``constexprs`` (by name)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton._C.libtriton import native_specialize_impl
+
+    signature, constants, attrs = {}, {}, {}
+    values = iter(args)
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name], constants[name] = "constexpr", constexprs[name]
+            continue
+        kind, spec = native_specialize_impl(CUDABackend, next(values), False, True, True)
+        if kind == "constexpr":
+            signature[name], constants[name] = "constexpr", spec
+            continue
+        signature[name] = kind
+        if spec == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constants, attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, spills, stack and shared memory of a kernel compiled for sm_90, read off the
+    compiler (``ptxas -v`` on its PTX; shared memory from Triton's metadata, which is what the
+    launch requests), plus counts of the SASS instructions that tell the paths apart."""
+    import re
+    import tempfile
+    from collections import Counter
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90)
+    ptxas = getattr(ptxas, "path", ptxas)
+    bindir = os.path.dirname(ptxas)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True)
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin],
+                              capture_output=True, text=True).stdout
+    text = log.stdout + log.stderr
+
+    def number(pattern):
+        found = re.search(pattern, text)
+        return int(found.group(1)) if found else -1
+
+    ops = Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?", line)
+        if m:
+            ops[m.group(1)] += 1
+            if m.group(1) in ("LDG", "STG", "LDGSTS"):
+                ops[m.group(1) + (m.group(2) or "")] += 1
+    return dict(
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack=number(r"(\d+) bytes stack frame"),
+        shared=int(compiled.metadata.shared),
+        hgmma=ops["HGMMA"], hmma=ops["HMMA"], lop3=ops["LOP3"], shf=ops["SHF"], prmt=ops["PRMT"],
+        ffma=ops["FFMA"], fadd=ops["FADD"], hfma2=ops["HFMA2"], lds=ops["LDS"] + ops["LDSM"],
+        sts=ops["STS"], ldg128=sum(v for k, v in ops.items() if k.startswith("LDG") and "128" in k),
+        ldg=ops["LDG"], ldgsts=ops["LDGSTS"], dfma=ops["DFMA"],
+    )

@@ -195,6 +195,30 @@ def test_cuda_residual_against_fp64(gen, precision):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_cuda_residual_autotunes_on_a_scratch_g(gen, precision, tmp_path, monkeypatch):
+    """The first call for a shape times every config of RESIDUAL_SPACE on a scratch G: the
+    caller's G is accumulated exactly once, and the winner is cached on disk."""
+    import epmq_kernels.expert_residual as er
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
+    monkeypatch.setattr(er, "_RESIDUAL_CHOSEN", {})
+    d_out, d_in = 512, 768
+    W_m = rand(gen, d_out, d_in)
+    W_k = W_m + rand(gen, d_out, d_in, scale=0.05)
+    H_k = gram(gen, 2048, d_in, torch.float32)
+    G0 = rand(gen, d_out, d_in)
+    G_out, G_ref = G0.clone(), G0.clone()
+    c_out = accumulate_residual_triton(G_out, W_k, W_m, H_k, 0.5, input_precision=precision)
+    c_ref = accumulate_residual_reference(G_ref, W_k, W_m, H_k, 0.5)
+    assert_update_close(G_out, G_ref, G0, 1e-4)
+    assert abs(c_out - c_ref) <= 1e-4 * abs(c_ref)
+    files = list((tmp_path / "autotune").glob("residual__*.json"))
+    assert len(files) == 1 and f"{precision}|{d_out}x{d_in}" in files[0].read_text()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_cuda_xxt_layer_sized(gen, x_dtype):
     n, d = 8192, 4096
@@ -224,7 +248,10 @@ import epmq_kernels.expert_residual as er
 
 TY = {torch.float32: "fp32", torch.float64: "fp64"}
 for cap in (90, 80):
-    for (dtype, precision), (bm, bn, bk, warps, stages) in er._RESIDUAL_CONFIG.items():
+    configs = [((torch.float32, p), c) for p in ("ieee", "tf32x3") for c in er.RESIDUAL_SPACE[p]]
+    configs += [((torch.float64, "ieee"), er._RESIDUAL_FP64),
+                ((torch.float32, "ieee"), er._RESIDUAL_INTERPRETED)]
+    for (dtype, precision), (bm, bn, bk, warps, stages) in configs:
         const = dict(INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
         t = TY[dtype]
         sig = {n: "constexpr" if n in const else (f"*{t}" if n in ("G", "a_ptr", "partial", "H_k")
