@@ -137,13 +137,13 @@ def w4a16_cases(full=False):
 
 
 def residual_cases(full=False):
-    """The E-PMQ residual kernel: every config of RESIDUAL_SPACE (IEEE and tf32x3) and the fp64
+    """The E-PMQ residual kernel: every config of RESIDUAL_SPACE (each precision) and the fp64
     one; fp32 G and fp32 weights, d_out = d_in = 4096 (``full`` is the same set: it is small)."""
     from epmq_kernels import expert_residual as R
 
     d = 4096
     cases = []
-    configs = [(torch.float32, p, c) for p in ("tf32x3", "ieee") for c in R.RESIDUAL_SPACE[p]]
+    configs = [(torch.float32, p, c) for p in R.RESIDUAL_SPACE for c in R.RESIDUAL_SPACE[p]]
     configs.append((torch.float64, "ieee", R._RESIDUAL_FP64))
     for dtype, precision, (bm, bn, bk, warps, stages) in configs:
         args = [torch.empty(d, d, dtype=dtype), torch.empty(d, d, dtype=torch.float32),

@@ -68,9 +68,11 @@ class EPMQStats:
     """E-PMQ statistics of one layer with merged weight ``W_merged[out, in]``.
 
     ``residual_precision``: the fp32 product of the Triton residual kernel (``backend="triton"``,
-    fp32 statistics): ``"ieee"`` (CUDA-core FMA, the default) or ``"tf32x3"`` (three TF32
-    tensor-core products, about fp32 accuracy; ``benchmarks/bench_solver.py`` times E-PMQ with
-    both). The torch backend and fp64 statistics always multiply in their own precision.
+    fp32 statistics): ``"ieee"`` (CUDA-core FMA, the default), ``"tf32x3"`` (three TF32
+    tensor-core products, about fp32 accuracy) or ``"tf32"`` (one TF32 product: operands keep 10
+    mantissa bits; ``benchmarks/residual_precision_study.py`` measures its effect on E-PMQ, and
+    ``benchmarks/bench_solver.py`` times all three). The torch backend and fp64 statistics
+    always multiply in their own precision.
     """
 
     def __init__(

@@ -31,15 +31,31 @@ def _check_residual_args(G, W_k, W_m, H_k):
         raise ValueError(f"H_k must be [{d_in}, {d_in}], got {tuple(H_k.shape)}")
 
 
-def accumulate_residual_reference(G, W_k, W_m, H_k, a: float) -> float:
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero
+    (``cvt.rna.tf32.f32``), returned as fp32."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
     """In place ``G += a * D @ H_k`` with ``D = W_k - W_m``, in G's precision.
+
+    ``input_precision="tf32"`` emulates a TF32 tensor-core product: ``D`` (formed in fp32) and
+    ``H_k`` rounded to TF32, their product accumulated in G's precision. "ieee" and "tf32x3"
+    (about fp32 accuracy) multiply the operands as they are.
 
     Returns ``tr(D H_k D^T)`` (unweighted): the constant of task k's expert term, which the
     solver needs to report that term's value.
     """
     _check_residual_args(G, W_k, W_m, H_k)
+    _check_precision(input_precision)
     D = W_k.to(G.dtype) - W_m.to(G.dtype)
-    P = D @ H_k.to(G.dtype)
+    if input_precision == "tf32":
+        D_in = tf32_round(W_k.float() - W_m.float()).to(G.dtype)
+        P = D_in @ tf32_round(H_k).to(G.dtype)
+    else:
+        P = D @ H_k.to(G.dtype)
     G.add_(P, alpha=float(a))
     return float((P * D).sum())
 
@@ -79,11 +95,25 @@ def accumulate_xxt_reference(H, X):
 # A from registers); compiled for sm_90 by Triton 3.6 and 3.8 none of these spill
 # (benchmarks/compile_report.py; 128 x 128 x 32 with 4 warps, 128 x 256 and 256 x 128 spilled
 # over 1 KB and were dropped, as were IEEE 128 x 128 tiles, which spill with 3.6).
+#   "tf32": one TF32 product (operands keep 10 mantissa bits; products exact, fp32 sums), three
+#       times tf32x3's rate. The residual is the experts' small deviation from the merge, so its
+#       relative error of ~1e-3 moves the target W* = W_m + R by ~1e-3 |R|, far below a grid step
+#       (benchmarks/residual_precision_study.py measures what it does to codes and loss). The same
+#       tiles as tf32x3 plus a 64-deep K step: one product leaves registers for a deeper pipeline
+#       (128 x 256 spills ~900 bytes with Triton 3.6 and 3.8 and was dropped).
 RESIDUAL_SPACE = {
     "ieee": [(64, 64, 16, 4, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 3)],
     "tf32x3": [(128, 128, 32, 8, 3), (128, 128, 16, 8, 4), (128, 64, 32, 8, 3),
                (64, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)],
+    "tf32": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 2), (128, 64, 32, 4, 4),
+             (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
+RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
+
+
+def _check_precision(input_precision):
+    if input_precision not in RESIDUAL_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {RESIDUAL_PRECISIONS}, got {input_precision!r}")
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -252,15 +282,14 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
 def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
     """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference.
 
-    ``input_precision`` ("ieee", or "tf32x3" for a near-fp32 product on tensor cores, see
-    RESIDUAL_SPACE) applies to fp32 ``G`` only; fp64 ``G`` always multiplies in fp64. The
+    ``input_precision`` ("ieee"; "tf32x3", a near-fp32 product on tensor cores; "tf32", one
+    TF32 product; see RESIDUAL_SPACE) applies to fp32 ``G`` only; fp64 ``G`` always multiplies in fp64. The
     launch configuration is autotuned on the first call for a shape (on a scratch G).
     """
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     _check_float_out(G, "G")
-    if input_precision not in ("ieee", "tf32x3"):
-        raise ValueError(f"input_precision must be 'ieee' or 'tf32x3', got {input_precision!r}")
+    _check_precision(input_precision)
     d_out, d_in = G.shape
     if not G.is_contiguous():
         raise ValueError("G must be contiguous (it is updated in place)")
@@ -311,15 +340,12 @@ _TL_DTYPE = {
 }
 
 
-RESIDUAL_PRECISIONS = ("ieee", "tf32x3")
-
-
 def accumulate_residual(G, W_k, W_m, H_k, a: float, *, backend: str = "torch",
                         input_precision: str = "ieee"):
     """``G += a (W_k - W_m) H_k``; ``input_precision`` selects the Triton kernel's fp32 product
-    ("ieee" or "tf32x3"); the torch backend always multiplies in G's precision (TF32 off)."""
-    if input_precision not in RESIDUAL_PRECISIONS:
-        raise ValueError(f"input_precision must be 'ieee' or 'tf32x3', got {input_precision!r}")
+    (one of RESIDUAL_PRECISIONS); the torch backend always multiplies in G's precision (TF32
+    off): the precisions are options for the GPU's speed, not for the CPU reference."""
+    _check_precision(input_precision)
     if backend == "torch":
         return accumulate_residual_reference(G, W_k, W_m, H_k, a)
     if backend == "triton":

@@ -1,0 +1,166 @@
+"""What the precision of the expert residual does to E-PMQ (CPU, no GPU needed).
+
+    python benchmarks/residual_precision_study.py [--shapes 768:3072,3072:768] [--bits 4,2]
+        [--anchors 0,0.1] [--out benchmarks/results/residual-precision-cpu.json]
+
+E-PMQ's statistics ``G = sum_k a_k (W_k - W_m) H_k`` cost 8 GEMMs of the layer's size for 8
+experts, most of E-PMQ's time on a GPU (benchmarks/results). Tensor cores would cut that
+several-fold, at the price of rounding the operands. This study computes ``G`` as each GPU
+product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64, torch) on each:
+
+    fp64        the reference (the CPU statistics)
+    fp32        IEEE fp32 operands and sums (the GPU default, residual_precision="ieee")
+    tf32        operands rounded to TF32 (10 mantissa bits, to nearest), fp32 sums: "tf32"
+    tf32-trunc  the same with truncated operands (if the hardware drops the low bits)
+    bf16        operands rounded to bf16 (7 bits): a coarser product, for contrast
+
+For each it reports how far ``G`` and the target ``W*`` move, the fraction of grid codes that
+change, and the true E-PMQ objective (expert term evaluated with the fp64 statistics, plus the
+anchor term) relative to the fp64 run, next to what E-PMQ gains over GPTQ on the same layer.
+Layers: a merged weight with 8 experts around it and ill-conditioned task Hessians (the layer
+of benchmarks/bench_layer_solvers.py), the experts ``--spread`` (default 10%) of the weights'
+scale away from the merge, so that E-PMQ gains clearly over GPTQ.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import parse_pairs  # noqa: E402
+from bench_layer_solvers import layer  # noqa: E402
+
+from epmq import QuantSpec, quant  # noqa: E402
+from epmq.stats import EPMQStats  # noqa: E402
+from epmq_kernels.expert_residual import tf32_round  # noqa: E402
+
+
+def _truncate_tf32(x):
+    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def _bf16(x):
+    return x.float().bfloat16().float()
+
+
+ROUNDINGS = {"fp32": lambda x: x.float(), "tf32": tf32_round, "tf32-trunc": _truncate_tf32,
+             "bf16": _bf16}
+
+
+def residual(W_m, experts, hessians, weights, rounding):
+    """``sum_k a_k r(W_k - W_m) r(H_k)`` with operands rounded by ``r``, summed in fp32."""
+    G = torch.zeros(W_m.shape, dtype=torch.float32)
+    for W_k, H_k, a in zip(experts, hessians, weights):
+        G.add_(rounding(W_k.float() - W_m.float()) @ rounding(H_k.float()), alpha=a)
+    return G.double()
+
+
+def expert_objective(Q, stats, G_exact):
+    """``sum_k a_k ||(Q - W_k) X_k||^2`` from the fp64 statistics."""
+    E = (Q.double() - stats.W_merged.double())
+    return float((E @ stats.H_e * E).sum()) - 2 * float((E * G_exact).sum()) + stats.c_e
+
+
+def study(d_out, d_in, bits_list, anchors, group_size, spread, bar):
+    W_m, experts, _, hessians = layer(d_out, d_in)
+    # the bench layer's experts lie 1% from the merge; real task vectors are larger
+    experts = [W_m + (spread / 0.01) * (W_k - W_m) for W_k in experts]
+    stats = EPMQStats(W_m, dtype=torch.float64, backend="torch")
+    for W_k, H_k in zip(experts, hessians):
+        stats.add_task(W_k, H_k)
+    G_exact = stats.G_e.clone()
+    variants = {"fp64": G_exact}
+    for name, rounding in ROUNDINGS.items():
+        variants[name] = residual(W_m, experts, hessians, stats.task_weights, rounding)
+    rows = []
+    for bits in bits_list:
+        spec = QuantSpec(bits=bits, group_size=group_size)
+        gptq_Q = quant.gptq(W_m, stats.H_m, spec, backend="torch").weight
+        E_gptq = gptq_Q.double() - W_m.double()
+        for anchor in anchors:
+            base = None
+            for name, G in variants.items():
+                patched = copy.copy(stats)
+                patched.G_e = G
+                result = quant.epmq_from_stats(patched, spec, anchor=anchor, backend="torch")
+                loss = expert_objective(result.weight, stats, G_exact) + result.anchor_loss
+                if base is None:
+                    # GPTQ's Q under the same objective (expert term + the same anchor term)
+                    lam = result.info["lam_effective"]
+                    gptq_loss = (expert_objective(gptq_Q, stats, G_exact)
+                                 + lam * float((E_gptq @ stats.H_m.double() * E_gptq).sum()))
+                    base = result, loss
+                ref, ref_loss = base
+                correction = (ref.target.double() - W_m.double()).norm()
+                rows.append(dict(
+                    shape=f"{d_out}x{d_in}", bits=bits, group_size=group_size, anchor=anchor,
+                    product=name,
+                    G_rel_err=float((G - G_exact).norm() / G_exact.norm()),
+                    target_move_rel_correction=float(
+                        (result.target.double() - ref.target.double()).norm() / correction),
+                    codes_changed=float((result.codes != ref.codes).double().mean()),
+                    objective=loss,
+                    objective_rel_change=(loss - ref_loss) / ref_loss,
+                    gptq_expert_objective=gptq_loss,
+                    change_per_epmq_gain=(loss - ref_loss) / (gptq_loss - ref_loss),
+                ))
+                bar.update(1)
+    return rows
+
+
+def table(rows):
+    lines = ["| layer | bits | anchor | product | G rel. err | W* move / ‖R‖ | codes changed "
+             "| objective change | share of E-PMQ's gain over GPTQ |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['bits']} | {r['anchor']} | {r['product']} | "
+                     f"{r['G_rel_err']:.1e} | {r['target_move_rel_correction']:.1e} | "
+                     f"{100 * r['codes_changed']:.2f}% | {r['objective_rel_change']:+.1e} | "
+                     f"{r['change_per_epmq_gain']:+.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="", help="d_out:d_in,... (default 768:3072,3072:768)")
+    parser.add_argument("--bits", default="4,2")
+    parser.add_argument("--anchors", default="0,0.1")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--spread", type=float, default=0.1,
+                        help="experts' distance from the merge, relative to the weights' scale")
+    parser.add_argument("--out", default="benchmarks/results/residual-precision-cpu.json")
+    args = parser.parse_args(argv)
+    shapes = parse_pairs(args.shapes, [(768, 3072), (3072, 768)])
+    bits = [int(b) for b in args.bits.split(",")]
+    anchors = [float(a) for a in args.anchors.split(",")]
+    started = time.perf_counter()
+    rows = []
+    total = len(shapes) * len(bits) * len(anchors) * (1 + len(ROUNDINGS))
+    with tqdm(total=total, desc="E-PMQ solves") as bar:
+        for d_out, d_in in shapes:
+            rows += study(d_out, d_in, bits, anchors, args.group_size, args.spread, bar)
+    text = table(rows)
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    result = dict(command=" ".join(["python", "benchmarks/residual_precision_study.py"]
+                                   + (argv if argv is not None else sys.argv[1:])),
+                  torch=torch.__version__, seconds=round(time.perf_counter() - started, 1),
+                  rows=rows)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.out)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(f"`{result['command']}` (CPU, torch {torch.__version__}, "
+                f"{result['seconds']} s)\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
