@@ -1,0 +1,179 @@
+"""Our merges side by side with mergekit's on the same checkpoints (CPU; mergekit is a peer,
+installed separately: ``pip install mergekit``; nothing of it is imported by the package).
+
+    python benchmarks/side_by_side_mergekit.py [--out benchmarks/results/mergekit-side-by-side.json]
+
+A random-init Llama (HF transformers) is the base; three experts are the base plus task vectors
+of different sizes and sparsity, all saved as safetensors checkpoints. mergekit merges them from
+those directories (``mergekit-yaml`` configs, run in-process through its Python entry point);
+``epmq.merge`` merges the same checkpoints read lazily (``epmq.checkpoint_io``). Every tensor of
+the two results is compared. The settings that mean the same thing in both:
+
+    task_arithmetic   mergekit ``task_arithmetic``, weight 1 each, ``lambda`` = our ``scale``
+    ties              mergekit ``ties``, weight 1, density d, normalize true (the disjoint
+                      mean), ``lambda`` = scale; ours ``scope="tensor", merge="mean"``
+
+Known differences, stated rather than hidden (both in TIES's trim):
+
+- mergekit keeps ``max(1, floor(d n))`` entries of a tensor of n entries, we keep
+  ``round(d n)``. The model's shapes make ``d n`` an integer at the default density; other
+  ``--density`` values show the difference in ``entries_differing``.
+- where magnitudes tie exactly at the k-th largest, we keep every tied entry (an order-free
+  rule); mergekit keeps the first of them in ``argsort`` order. Ties are not rare: an expert's
+  task vector ``W_k - W_0`` of fp32 weights lies on the grid of ``W_0``'s rounding steps.
+  ``kth_ties`` counts the (tensor, expert) pairs where one occurs.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from epmq import merge  # noqa: E402
+from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
+
+
+def open_checkpoint(path):
+    """A checkpoint directory as a lazy state dict under its own names."""
+    reader = CheckpointReader(path, path)
+    return LazyStateDict(reader, {key: key for key in reader.keys()})
+
+
+def tiny_llama(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=100, hidden_size=80, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def write_models(root):
+    """Base and three experts (dense small, dense large, sparse), saved as HF checkpoints."""
+    base = tiny_llama(0)
+    base.save_pretrained(os.path.join(root, "base"))
+    state = base.state_dict()
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for k, (size, keep) in enumerate([(0.01, 1.0), (0.05, 1.0), (0.03, 0.3)]):
+        expert = tiny_llama(0)
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                tau = size * torch.randn(p.shape, generator=g) * state[name].abs().mean()
+                tau *= (torch.rand(p.shape, generator=g) < keep).to(tau.dtype)
+                p.add_(tau)
+        path = os.path.join(root, f"expert{k}")
+        expert.save_pretrained(path)
+        paths.append(path)
+    return os.path.join(root, "base"), paths
+
+
+def run_mergekit(config, out):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    started = time.perf_counter()
+    run_merge(MergeConfiguration.model_validate(config), out_path=out,
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=True))
+    return time.perf_counter() - started
+
+
+def compare(ours, theirs_dir):
+    theirs = open_checkpoint(theirs_dir)
+    rows = []
+    for name, W in ours.items():
+        T = theirs[name].float()
+        diff = (W.float() - T).abs()
+        rows.append(dict(tensor=name, numel=W.numel(), max_abs_diff=float(diff.max()),
+                         max_abs_value=float(T.abs().max()),
+                         entries_differing=int((diff > 1e-6 * T.abs().max()).sum())))
+    return rows
+
+
+def kth_ties(base, experts, density):
+    """(tensor, expert) pairs whose k-th and (k+1)-th largest |tau| are equal and nonzero (a
+    tie among zeros changes nothing), k = round(d n)."""
+    count = 0
+    for name in base:
+        if not base[name].is_floating_point():
+            continue
+        for expert in experts:
+            m = (expert[name] - base[name]).abs().flatten().sort(descending=True).values
+            k = int(round(density * m.numel()))
+            count += int(0 < k < m.numel() and bool(m[k - 1] == m[k]) and bool(m[k] > 0))
+    return count
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/mergekit-side-by-side.json")
+    parser.add_argument("--scale", type=float, default=0.5)
+    parser.add_argument("--density", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        print("side_by_side_mergekit: mergekit is not installed (pip install mergekit)",
+              file=sys.stderr)
+        return 2
+    from importlib.metadata import version
+
+    results = dict(mergekit=version("mergekit"), torch=torch.__version__, scale=args.scale,
+                   density=args.density, methods={})
+    with tempfile.TemporaryDirectory() as root:
+        base_dir, expert_dirs = write_models(root)
+        base = open_checkpoint(base_dir)
+        experts = [open_checkpoint(p) for p in expert_dirs]
+        runs = {
+            "task_arithmetic": (
+                dict(merge_method="task_arithmetic", base_model=base_dir, dtype="float32",
+                     parameters=dict(**{"lambda": args.scale}),
+                     models=[dict(model=p, parameters=dict(weight=1.0)) for p in expert_dirs]),
+                lambda: merge.task_arithmetic(base, experts, scale=args.scale)),
+            "ties": (
+                dict(merge_method="ties", base_model=base_dir, dtype="float32",
+                     parameters=dict(normalize=True, **{"lambda": args.scale}),
+                     models=[dict(model=p, parameters=dict(weight=1.0, density=args.density))
+                             for p in expert_dirs]),
+                lambda: merge.ties(base, experts, scale=args.scale, density=args.density,
+                                   scope="tensor", merge="mean")),
+        }
+        for method, (config, ours_fn) in runs.items():
+            out = os.path.join(root, f"mergekit-{method}")
+            seconds_theirs = run_mergekit(config, out)
+            started = time.perf_counter()
+            ours = ours_fn()
+            seconds_ours = time.perf_counter() - started
+            rows = compare(ours, out)
+            worst = max(rows, key=lambda r: r["max_abs_diff"] / max(r["max_abs_value"], 1e-30))
+            results["methods"][method] = dict(
+                mergekit_config=yaml.safe_dump(config).replace(root, "<tmp>"),
+                tensors=len(rows), entries=sum(r["numel"] for r in rows),
+                entries_differing=sum(r["entries_differing"] for r in rows),
+                worst_tensor=worst["tensor"],
+                worst_rel_diff=worst["max_abs_diff"] / max(worst["max_abs_value"], 1e-30),
+                seconds_mergekit=round(seconds_theirs, 3), seconds_epmq=round(seconds_ours, 3),
+                rows=rows)
+            if method == "ties":
+                results["methods"][method]["kth_ties"] = kth_ties(base, experts, args.density)
+            summary = {k: v for k, v in results["methods"][method].items()
+                       if k not in ("rows", "mergekit_config")}
+            print(method, json.dumps(summary))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
