@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 from . import merge as merge_lib
 from .spec import QuantSpec
+from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS
 
 MERGE_METHODS = ("task_arithmetic", "ties", "dare", "average")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
@@ -80,6 +81,7 @@ class Plan:
     controls: list = field(default_factory=lambda: [Control("gptq", "fp_path", "GPTQ fp-path")])
     save_checkpoints: bool = True
     backend: Optional[str] = None
+    residual_precision: str = "ieee"  # E-PMQ's residual product on the GPU (quantize_model)
 
     def __post_init__(self):
         self.merges = [m if isinstance(m, MergePlan) else MergePlan(**m) for m in self.merges]
@@ -90,6 +92,9 @@ class Plan:
         for c in self.controls:
             if c.method not in QUANT_METHODS or c.targets not in TARGETS:
                 raise ValueError(f"control {c.label!r}: method must be one of {QUANT_METHODS}, targets one of {TARGETS}")
+        if self.residual_precision not in RESIDUAL_PRECISIONS:
+            raise ValueError(f"residual_precision must be one of {', '.join(RESIDUAL_PRECISIONS)}, "
+                             f"got {self.residual_precision!r}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         if not self.anchors or any(a < 0 for a in self.anchors):
@@ -245,6 +250,9 @@ class Runner:
             params = {"merge": mp.label, "scale": scale, "spec": self.plan.spec(bits).to_dict(),
                       "method": method, "targets": targets, "anchor": anchor,
                       "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
+            if method == "epmq" and self.plan.residual_precision != "ieee":
+                # only when set, so that results stored before the option existed still match
+                params["residual_precision"] = self.plan.residual_precision
             key = f"quant/{mp.label}/w{bits}/{label}" + (f"/anchor={anchor:g}" if anchor is not None else "")
             runs.append(self.step(key, params, lambda a=anchor, p=params: self._quantize(state, bits, method, targets, a, p)))
         if anchors != [None]:
@@ -265,7 +273,8 @@ class Runner:
                       backend=plan.backend, progress=self.progress)
         if method == "epmq":
             kwargs["experts"] = {t: bench.experts[t] for t in bench.task_names}
-            kwargs.update(anchor=anchor, weight_anchor=plan.weight_anchor)
+            kwargs.update(anchor=anchor, weight_anchor=plan.weight_anchor,
+                          residual_precision=plan.residual_precision)
         model = quantize_model(model, plan.spec(bits), **kwargs)
         result = self.evaluate(model)
         report = getattr(model, "epmq_report", None)

@@ -76,6 +76,7 @@ from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
+from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS
 
 METHODS = ("epmq", "gptq", "rtn")
 TARGETS = ("merged_path", "expert_path", "fp_path")
@@ -141,6 +142,7 @@ def quantize_model(
     percdamp: float = 0.01,
     blocksize: int = 128,
     backend: Optional[str] = None,
+    residual_precision: str = "ieee",
     adapter: Optional[Adapter] = None,
     progress: bool = True,
 ) -> nn.Module:
@@ -159,6 +161,8 @@ def quantize_model(
                  regular expression (``re.search``) or a predicate. Default: all of them.
     true_sequential   solve a block's linears in dependency groups (default) or in one pass.
     backend      solver kernels: None (Triton on CUDA, torch on CPU), "torch" or "triton".
+    residual_precision   E-PMQ's expert-residual product on the Triton backend: "ieee" (fp32
+                 FMA), "tf32x3" or "tf32" (tensor cores); see ``epmq.EPMQStats``.
 
     Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
     """
@@ -182,6 +186,8 @@ def quantize_model(
             f"need anchor, weight_anchor, percdamp >= 0 and blocksize > 0, got {anchor}, "
             f"{weight_anchor}, {percdamp}, {blocksize}"
         )
+    if residual_precision not in RESIDUAL_PRECISIONS:
+        raise ValueError(f"residual_precision must be one of {RESIDUAL_PRECISIONS}, got {residual_precision!r}")
     calibration = _calibration(calibration) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
@@ -215,7 +221,7 @@ def quantize_model(
                     model, adapter, stacks, renames, spec, method, targets, calibration, sources,
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
-                    backend=backend,
+                    backend=backend, residual_precision=residual_precision,
                 )
                 walk.run(progress)
     except BaseException:
@@ -456,7 +462,7 @@ class _Stream:
 class _Walk:
     def __init__(self, model, adapter, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
-                 blocksize, backend):
+                 blocksize, backend, residual_precision):
         self.model, self.adapter, self.stacks, self.renames = model, adapter, stacks, renames
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
@@ -468,6 +474,7 @@ class _Walk:
         # statistics in float64 on the CPU (cheap there), float32 on a GPU, as quant.epmq does
         self.stats_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.stats_backend = quant.resolve_backend(backend, self.device)
+        self.residual_precision = residual_precision
         self.q = _Stream("q")
         self.t = None if targets == "merged_path" else _Stream(targets, experts=targets == "expert_path")
         self._tensors_by_name()
@@ -716,7 +723,8 @@ class _Walk:
         W_m = linear.weight.detach()
         if self.method == "gptq" and self.t is None:
             return HessianStats(W_m.shape[1], device=W_m.device, dtype=self.stats_dtype, backend=self.stats_backend)
-        return EPMQStats(W_m, dtype=self.stats_dtype, backend=self.stats_backend)
+        return EPMQStats(W_m, dtype=self.stats_dtype, backend=self.stats_backend,
+                         residual_precision=self.residual_precision)
 
     def _solve_group(self, block, template, prefix, group, *, full_target):
         """Statistics of the linears ``group`` over every task, then solve and swap them in.

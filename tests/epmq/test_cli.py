@@ -59,6 +59,8 @@ def test_run_missing_config(tmp_path, capsys):
         (lambda c: c.update(merge=[{"method": "magic"}]), "unknown merge method 'magic'"),
         (lambda c: c.update(quantize={**c["quantize"], "methods": ["awq"]}), "unknown quantization method 'awq'"),
         (lambda c: c.update(quantize={**c["quantize"], "groupsize": 32}), "unknown keys \\['groupsize'\\]"),
+        (lambda c: c.update(quantize={**c["quantize"], "residual_precision": "fp16"}),
+         "residual_precision must be one of"),
         (lambda c: c.update(extra=1), "unknown top-level keys \\['extra'\\]"),
         (lambda c: c["tasks"][0].pop("expert"), "expert"),
         (lambda c: c["tasks"][1].update(expert="does/not/exist/here.safetensors"), "does/not/exist"),

@@ -80,6 +80,24 @@ def test_method_arguments(gen):
         quantize(fam, model, calibration={t: [] for t in fam.tasks})
     with pytest.raises(ValueError, match="no layer .* is selected"):
         quantize(fam, model, layers="nothing-matches")
+    with pytest.raises(ValueError, match="residual_precision must be one of"):
+        quantize(fam, model, residual_precision="fp16")
+
+
+def test_residual_precision_reaches_the_statistics(gen, monkeypatch):
+    import epmq.walker as walker
+
+    seen = []
+
+    class Recording(walker.EPMQStats):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("residual_precision"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(walker, "EPMQStats", Recording)
+    fam = Family("llama", gen, n_samples=1)
+    quantize(fam, fam.merged(), residual_precision="tf32", layers=r"layers\.0\.mlp\.down_proj")
+    assert seen and set(seen) == {"tf32"}
 
 
 def test_non_finite_merged_weight_names_the_layer(gen):
