@@ -360,6 +360,29 @@ def _unpack_pairs_t(words, opaque_zero, CDT: tl.constexpr):
 
 
 @triton.jit
+def _x_at(x_ptr, k, stride_xk, mask):
+    """Activations ``x[k]`` in fp32, kept in L2 (every program of the row reads them)."""
+    return tl.load(x_ptr + k * stride_xk, mask=mask, other=0.0,
+                   eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _row_scale_zero(k, r_mask, mask, offs_n, g_idx_ptr, group_size, scales_ptr, stride_sg,
+                    stride_sn, zeros_ptr, stride_zg, stride_zn, HAS_G_IDX: tl.constexpr):
+    """fp32 scale and zero point ``[rows, BLOCK_N]`` of the input rows ``k``, gathered row by row
+    (their group is ``g_idx[k]``, or ``k // group_size`` for tiles that straddle groups)."""
+    if HAS_G_IDX:
+        g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
+    else:
+        g = k // group_size
+    s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask,
+                other=0.0).to(tl.float32)
+    z = tl.load(zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=mask,
+                other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _pair_order(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns of ``x [BLOCK_M, BLOCK_K]`` in the order of :func:`_unpack_pairs_t`: column
     ``8 r + 2 i + b`` takes ``x[:, 8 r + i + 4 (1 - b)]`` (a permutation within 16 bytes)."""
@@ -460,38 +483,25 @@ def _w4a16_gemv_kernel(
             gn_mask = r_mask[:, None] & n_mask[None, :]
             for j in tl.static_range(8):
                 k = rows * 8 + j
-                if HAS_G_IDX:
-                    g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
-                else:
-                    g = k // group_size
-                s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
-                            mask=gn_mask, other=0.0).to(tl.float32)
-                z = tl.load(zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn,
-                            mask=gn_mask, other=0)
-                x_j = tl.load(x_row + k * stride_xk, mask=r_mask, other=0.0,
-                              eviction_policy="evict_last").to(tl.float32)
+                s, z = _row_scale_zero(k, r_mask, gn_mask, offs_n, g_idx_ptr, group_size,
+                                       scales_ptr, stride_sg, stride_sn, zeros_ptr, stride_zg,
+                                       stride_zn, HAS_G_IDX)
+                x_j = _x_at(x_row, k, stride_xk, r_mask)
                 if j < 4:
                     e = e0 if j == 0 else (e1 if j == 1 else (e2 if j == 2 else e3))
                 else:
                     e = e4
-                acc += (_code_exact(words, j, e) - z.to(tl.float32)) * s * x_j[:, None]
+                acc += (_code_exact(words, j, e) - z) * s * x_j[:, None]
         else:
             xk = x_row + rows * 8 * stride_xk
-            x0 = tl.load(xk, mask=r_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x1 = tl.load(xk + stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            x2 = tl.load(xk + 2 * stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            x3 = tl.load(xk + 3 * stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            x4 = tl.load(xk + 4 * stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            x5 = tl.load(xk + 5 * stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            x6 = tl.load(xk + 6 * stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            x7 = tl.load(xk + 7 * stride_xk, mask=r_mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
+            x0 = _x_at(xk, 0, stride_xk, r_mask)
+            x1 = _x_at(xk, 1, stride_xk, r_mask)
+            x2 = _x_at(xk, 2, stride_xk, r_mask)
+            x3 = _x_at(xk, 3, stride_xk, r_mask)
+            x4 = _x_at(xk, 4, stride_xk, r_mask)
+            x5 = _x_at(xk, 5, stride_xk, r_mask)
+            x6 = _x_at(xk, 6, stride_xk, r_mask)
+            x7 = _x_at(xk, 7, stride_xk, r_mask)
             # sum_j (q_j - z) x_j = sum_j f_j x_j - z xs - xb, with f_j exact codes (j < 4) or
             # 128 + q_j (j >= 4), xs = sum_j x_j and xb = 128 sum_{j >= 4} x_j: per code one
             # LOP3 (+ FADD for j < 4, + shift for j > 4) and one FFMA.
@@ -675,15 +685,9 @@ def _w4a16_dequant_kernel(
     w_rows = w_ptr + (local * 8)[:, None] * stride_wk + offs_n[None, :] * stride_wn
     for j in tl.static_range(8):
         if GATHER:
-            k = rows * 8 + j
-            if HAS_G_IDX:
-                g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
-            else:
-                g = k // group_size
-            s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
-                        mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn,
-                        mask=mask, other=0).to(tl.float32)
+            s, z = _row_scale_zero(rows * 8 + j, r_mask, mask, offs_n, g_idx_ptr, group_size,
+                                   scales_ptr, stride_sg, stride_sn, zeros_ptr, stride_zg,
+                                   stride_zn, HAS_G_IDX)
         if j < 4:
             e = e0 if j == 0 else (e1 if j == 1 else (e2 if j == 2 else e3))
         else:
