@@ -181,6 +181,20 @@ def _factor(H: torch.Tensor, percdamp: float):
     )
 
 
+def _round_dead(out, target_p, dead_p, col_group, group_size, bits):
+    """The solver's output with its dead columns (processing order) replaced by their target
+    rounded on the grid of their group: no error reaches them or leaves them, so rounding them
+    afterwards is what solving them would have done on that grid."""
+    cols = dead_p.nonzero().flatten()
+    groups = col_group[cols] if col_group is not None else cols // group_size
+    scale, zero = out.scales[:, groups.long()], out.zeros[:, groups.long()]
+    q = quantize_codes(target_p[:, cols], scale, zero, 2**bits - 1)
+    Q, codes = out.Q.clone(), out.codes.clone()
+    Q[:, cols] = dequantize(q, scale, zero)
+    codes[:, cols] = q.to(codes.dtype)
+    return out._replace(Q=Q, codes=codes)
+
+
 def _round_target(
     W_base: torch.Tensor,
     H: torch.Tensor,
@@ -208,8 +222,10 @@ def _round_target(
     H64 = H.double().clone()
     diag = torch.diagonal(H64)
     dead = diag == 0
-    # A dead column saw only zero inputs: it carries no error and takes none; with diag 1 its
-    # weights are simply rounded from the target.
+    # A dead column saw only zero inputs: with diag 1 (its row and column of H are zero) it
+    # carries no error and takes none. Its weights must not widen the grid the calibration data
+    # is rounded on, so the solver sees it as 0 (on every grid, exactly); afterwards its target
+    # is rounded on the grid found for the live columns (see _round_dead).
     diag[dead] = 1.0
     perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
     Hinv, damp, retries = _factor(H64 if perm is None else H64[perm][:, perm], percdamp)
@@ -223,12 +239,18 @@ def _round_target(
         R_p = ((G_p @ Hinv.T) @ Hinv).float()
     target_p = W_p if R_p is None else W_p + R_p
     target = target_p if perm is None else _unpermute(target_p, perm)
+    dead_p = dead if perm is None else dead[perm]
+    if bool(dead.any()):
+        W_p = W_p.masked_fill(dead_p, 0.0)
+        R_p = None if R_p is None else R_p.masked_fill(dead_p, 0.0)
 
     group_size = spec.group_size
     if group_size == -1 or spec.static_groups:
-        # static grid: parameters from the original target, groups in stored column order
+        # static grid: parameters from the original target's live columns, groups in stored
+        # column order
         gs = d_in if group_size == -1 else group_size
-        scale, zero = find_params(target.reshape(d_out * n_groups, gs), spec.bits, spec.sym)
+        live_target = target.masked_fill(dead, 0.0)
+        scale, zero = find_params(live_target.reshape(d_out * n_groups, gs), spec.bits, spec.sym)
         scales, zeros = scale.reshape(d_out, n_groups), zero.reshape(d_out, n_groups)
         g_idx = torch.arange(d_in, device=device) // gs
         col_group = g_idx if perm is None else g_idx[perm]
@@ -251,6 +273,8 @@ def _round_target(
         backend=backend,
         **grid,
     )
+    if bool(dead.any()):
+        out = _round_dead(out, target_p, dead_p, grid.get("col_group"), group_size, spec.bits)
     weight = out.Q if perm is None else _unpermute(out.Q, perm)
     codes = out.codes if perm is None else _unpermute(out.codes, perm)
 

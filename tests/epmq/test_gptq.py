@@ -52,9 +52,11 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
     H = H + percdamp * torch.diagonal(H).mean() * torch.eye(d_in, dtype=H.dtype)
     gs = d_in if spec.group_size == -1 else spec.group_size
     static = spec.group_size == -1 or spec.static_groups
+    # grids are fitted to the live columns: a dead column's weights count as 0 there
     if static:  # parameters of each stored-order group from the original weights
-        params = [grid64(W[:, g : g + gs], spec.bits, spec.sym) for g in range(0, d_in, gs)]
-    W, H = W[:, perm], H[perm][:, perm]
+        live = W.masked_fill(dead, 0.0)
+        params = [grid64(live[:, g : g + gs], spec.bits, spec.sym) for g in range(0, d_in, gs)]
+    W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
     gap = torch.zeros_like(W)
@@ -62,7 +64,7 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
         if static:
             scale, zero = params[int(perm[j]) // gs]
         elif j % gs == 0:
-            scale, zero = grid64(W[:, j : j + gs], spec.bits, spec.sym)
+            scale, zero = grid64(W[:, j : j + gs].masked_fill(dead[j : j + gs], 0.0), spec.bits, spec.sym)
         Q[:, j] = round64(W[:, j], scale, zero, spec.bits)
         gap[:, j] = tie_gap(W[:, j], scale)
         err = (W[:, j] - Q[:, j]) / U[j, j]
@@ -146,14 +148,25 @@ def test_act_order_group_indices(gen):
     assert torch.equal(dynamic.perm, order)
 
 
-def test_dead_columns_keep_target(gen):
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1), QuantSpec(bits=3, group_size=16),
+                                  QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True)], ids=str)
+def test_dead_columns_are_rounded_on_the_live_grid(gen, spec):
+    """A dead column (never fired in calibration) takes no error from the live ones and does not
+    widen their grid: the grid is the one found with it at 0, and its weights are W itself
+    rounded (and clamped) on that grid."""
     W, H = random_problem(gen, dead=5)
     dead = torch.diagonal(H) == 0
-    res = quant.gptq(W, H, QuantSpec(bits=8, group_size=-1))
+    W[:, dead] *= 50  # far outside the live columns' range
+    res = quant.gptq(W, H, spec)
     assert res.dead_columns == 5
-    # a dead column takes no error from the live ones: it is the 8-bit rounding of W itself
-    rtn = quant.rtn(W, QuantSpec(bits=8, group_size=-1))
-    torch.testing.assert_close(res.weight[:, dead], rtn.weight[:, dead])
+    alive = quant.gptq(W.masked_fill(dead, 0.0), H, spec)
+    torch.testing.assert_close(res.weight[:, ~dead], alive.weight[:, ~dead], rtol=0, atol=0)
+    torch.testing.assert_close(res.scales, alive.scales, rtol=0, atol=0)
+    g = res.g_idx.long()[dead]
+    scale, zero = res.scales[:, g], res.zeros[:, g]
+    expected = (torch.clamp(torch.round(W[:, dead] / scale) + zero, 0, spec.maxq) - zero) * scale
+    torch.testing.assert_close(res.weight[:, dead], expected, rtol=0, atol=0)
+    assert (res.weight[:, dead].abs() < W[:, dead].abs()).any()  # clamped: the grid stayed narrow
 
 
 def test_cholesky_failure_raises_damping(gen):
