@@ -1,0 +1,152 @@
+"""Can a serving stack load what we save? Our checkpoint loaded by transformers + GPTQModel.
+
+    pip install gptqmodel          # the peer loader, beside the package (not a dependency)
+    python benchmarks/serve_with_gptqmodel.py [--cases 4,4:gptq_v2,4a,3,2,8] [--out ...json]
+
+For each case (bits; ``a``: act-order, whose ``g_idx`` is not monotone; ``:format`` forces the
+checkpoint format): a random-init Llama (HF transformers) is merged from a base and three
+experts (Task Arithmetic), quantized by ``epmq.quantize_model`` (E-PMQ, groups of 32) and saved
+by ``epmq.save_quantized`` in the ``gptq`` format. The directory is then loaded the way a user
+of the HF stack would load any GPTQ checkpoint, ``AutoModelForCausalLM.from_pretrained(dir)``
+(transformers' GPTQ integration with GPTQModel's kernels; on a CPU its torch kernel), in a
+fresh process that never imports epmq. Its logits on held-out tokens are compared with those of
+our in-memory quantized model and with the full-precision merged model.
+
+What a pass means: the packed tensors, the zero-point convention (v1 ``z - 1``, or v2 where v1
+cannot hold a zero point) and the config are read by a loader we did not write as we meant
+them. ``max_abs_diff_vs_epmq`` is then the loaders' arithmetic difference (fp16 scales, its
+kernel's order of summation), against ``max_abs_diff_vs_fp`` for the quantization itself.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import epmq  # noqa: E402
+from epmq import merge  # noqa: E402
+
+VOCAB = 128
+
+
+def tiny_llama(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def merged_family(tasks=("a", "b", "c")):
+    """Base, experts (base + task vectors), their Task Arithmetic merge, per-task token data."""
+    base = tiny_llama(0)
+    g = torch.Generator().manual_seed(1)
+    experts, calibration = {}, {}
+    for k, task in enumerate(tasks):
+        expert = tiny_llama(0)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g) * p.abs().mean())
+        experts[task] = expert
+        # each task draws its tokens from its own part of the vocabulary
+        lo = k * VOCAB // len(tasks)
+        calibration[task] = [torch.randint(lo, lo + VOCAB // len(tasks), (4, 32), generator=g)
+                             for _ in range(4)]
+    model = tiny_llama(0)
+    model.load_state_dict(merge.task_arithmetic(base, list(experts.values()), scale=0.4))
+    return model, experts, calibration
+
+
+LOADER = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    directory, tokens, out = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if type(m).__module__.startswith("gptqmodel")})
+    with torch.no_grad():
+        logits = model(torch.load(tokens)).logits.float()
+    torch.save(dict(logits=logits, kinds=kinds), out)
+""")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="4,4:gptq_v2,4a,3,2,8",
+                        help="bits[a][:checkpoint_format], comma separated (a: act-order; "
+                             "format default: auto)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that has gptqmodel installed")
+    parser.add_argument("--out", default="benchmarks/results/serve-with-gptqmodel-cpu.json")
+    args = parser.parse_args(argv)
+    check = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
+                           capture_output=True, text=True)
+    if check.returncode:
+        print("serve_with_gptqmodel: gptqmodel is not importable by " + args.python +
+              " (pip install gptqmodel)", file=sys.stderr)
+        return 2
+    rows = []
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+    with tempfile.TemporaryDirectory() as root:
+        torch.save(tokens, os.path.join(root, "tokens.pt"))
+        for case in args.cases.split(","):
+            bits, _, fmt = case.partition(":")
+            act_order = bits.endswith("a")
+            bits, fmt = int(bits.rstrip("a")), fmt or "auto"
+            model, experts, calibration = merged_family()
+            with torch.no_grad():
+                fp_logits = model(tokens).logits.float()
+            spec = epmq.QuantSpec(bits=bits, group_size=32, act_order=act_order)
+            epmq.quantize_model(model, spec, method="epmq",
+                                calibration=calibration, experts=experts, anchor=0.1,
+                                backend="torch", progress=False)
+            with torch.no_grad():
+                our_logits = model(tokens).logits.float()
+            directory = os.path.join(root, f"w{case.replace(':', '-')}")
+            epmq.save_quantized(model, directory, checkpoint_format=fmt)
+            with open(os.path.join(directory, "config.json")) as f:
+                qconfig = json.load(f)["quantization_config"]
+            out = os.path.join(root, f"peer-w{case.replace(':', '-')}.pt")
+            peer = subprocess.run([args.python, "-c", LOADER, directory,
+                                   os.path.join(root, "tokens.pt"), out],
+                                  capture_output=True, text=True)
+            row = dict(bits=bits, group_size=32, act_order=act_order, desc_act=qconfig.get("desc_act"),
+                       checkpoint_format=qconfig.get("checkpoint_format"),
+                       loaded=peer.returncode == 0)
+            if peer.returncode == 0:
+                result = torch.load(out)
+                peer_logits = result["logits"]
+                row.update(peer_modules=result["kinds"],
+                           max_abs_diff_vs_epmq=float((peer_logits - our_logits).abs().max()),
+                           max_abs_diff_vs_fp=float((our_logits - fp_logits).abs().max()),
+                           logit_scale=float(fp_logits.abs().max()),
+                           same_argmax=float((peer_logits.argmax(-1) == our_logits.argmax(-1))
+                                             .double().mean()))
+            else:
+                row["error"] = peer.stderr[-2000:]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+            if not row["loaded"]:
+                print(row["error"], file=sys.stderr)
+    version = check.stdout.strip().splitlines()[-1]
+    result = dict(command="python benchmarks/serve_with_gptqmodel.py", gptqmodel=version,
+                  torch=torch.__version__, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.out)
+    return 0 if all(r["loaded"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
