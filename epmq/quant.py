@@ -402,9 +402,11 @@ def epmq_from_stats(
     t0 = time.perf_counter()
     E = (result.weight - W_m.float()).double()
     result.expert_loss = _objective(E, H_e) - 2 * float((E * G_e.double()).sum()) + stats.c_e
-    anchor_term = _objective(E, H_m)
-    if G_m is not None:
-        anchor_term += -2 * float((E * G_m.double()).sum()) + stats.c_m
+    anchor_term = 0.0
+    if lam:  # (a d_out x d_in x d_in product: skipped when it would be multiplied by 0)
+        anchor_term = _objective(E, H_m)
+        if G_m is not None:
+            anchor_term += -2 * float((E * G_m.double()).sum()) + stats.c_m
     result.anchor_loss = lam * anchor_term
     result.weight_anchor_loss = mu * float(E.pow(2).sum())
     result.info.update(
