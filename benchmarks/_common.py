@@ -41,10 +41,13 @@ def device_info(device) -> dict:
 
 
 def write_json(path, result: dict) -> None:
-    """``result`` to ``path`` (its directory created as needed)."""
+    """``result`` to ``path`` (its directory created as needed), atomically: a run killed while
+    writing leaves the previous file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(tmp, path)
 
 
 def pyplot():

@@ -24,7 +24,6 @@ scale away from the merge, so that E-PMQ gains clearly over GPTQ.
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parse_pairs  # noqa: E402
+from _common import parse_pairs, write_json  # noqa: E402
 from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
@@ -147,15 +146,11 @@ def main(argv=None):
             rows += study(d_out, d_in, bits, anchors, args.group_size, args.spread, bar)
     text = table(rows)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result = dict(command=" ".join(["python", "benchmarks/residual_precision_study.py"]
                                    + (argv if argv is not None else sys.argv[1:])),
                   torch=torch.__version__, seconds=round(time.perf_counter() - started, 1),
                   rows=rows)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(f"`{result['command']}` (CPU, torch {torch.__version__}, "
                 f"{result['seconds']} s)\n\n{text}\n")

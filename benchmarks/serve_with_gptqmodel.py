@@ -29,6 +29,7 @@ import textwrap
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
@@ -140,11 +141,7 @@ def main(argv=None):
     version = check.stdout.strip().splitlines()[-1]
     result = dict(command="python benchmarks/serve_with_gptqmodel.py", gptqmodel=version,
                   torch=torch.__version__, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     return 0 if all(r["loaded"] for r in rows) else 1
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parse_pairs  # noqa: E402
+from _common import parse_pairs, write_json  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 
@@ -138,11 +138,7 @@ def main(argv=None):
                                    + (argv if argv is not None else sys.argv[1:])),
                   reference="IST-DASLab/gptq", torch=torch.__version__,
                   threads=torch.get_num_threads(), rows=rows, static_vs_dynamic_groups=grid_rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     return 0
 
 

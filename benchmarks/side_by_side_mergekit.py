@@ -35,6 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
@@ -167,11 +168,7 @@ def main(argv=None):
             summary = {k: v for k, v in results["methods"][method].items()
                        if k not in ("rows", "mergekit_config")}
             print(method, json.dumps(summary))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, results)
     return 0
 
 
