@@ -63,6 +63,7 @@ import inspect
 import json
 import re
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Union
@@ -94,7 +95,8 @@ class QuantReport:
     name, block, method, targets, shape ``[out, in]``, bits, group_size, loss (the solver's
     ``tr((Q - W*) H (Q - W*)^T)``), expert_loss / anchor_loss / weight_anchor_loss (E-PMQ's
     three terms; None for GPTQ and RTN), damp, damp_retries, dead_columns, seconds (solver),
-    n_tokens (calibration tokens seen). ``skipped``: linears the calibration never reached.
+    n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
+    ("cpu (out of GPU memory)"). ``skipped``: linears the calibration never reached.
     """
 
     method: str
@@ -338,6 +340,15 @@ class _Edits:
         for parent, attr, old in reversed(self.log):
             setattr(parent, attr, old)
         self.log.clear()
+
+
+def _on_cpu(stats):
+    """A shallow copy of a layer's statistics with every tensor moved to the CPU."""
+    moved = copy.copy(stats)
+    for key, value in vars(stats).items():
+        if isinstance(value, torch.Tensor):
+            setattr(moved, key, value.cpu())
+    return moved
 
 
 def _quant_linear(result, linear: nn.Linear) -> QuantLinear:
@@ -767,21 +778,34 @@ class _Walk:
                     stats[rel].end_task()
             del target
         for rel in group:
-            result = self._solve(linears[rel], stats[rel])
-            stats[rel] = None  # free the Hessians before the next solve
             name = f"{prefix}.{rel}"
+            result = self._solve(linears[rel], stats[rel], name)
+            stats[rel] = None  # free the Hessians before the next solve
             self.edits.swap(name, _quant_linear(result, linears[rel]))
             self.report.layers.append(
                 _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])
             )
         return t_out
 
-    def _solve(self, linear, stats):
-        W_m = linear.weight.detach()
+    def _solve(self, linear, stats, name):
+        try:
+            return self._solve_with(linear.weight.detach(), stats, self.solver)
+        except torch.cuda.OutOfMemoryError:
+            pass  # (outside the handler, so that the failed attempt's tensors can be freed)
+        # A layer the GPU cannot hold next to the model is solved on the CPU: the same math in
+        # the torch reference, slower, instead of losing the whole run (GPTQModel does the same).
+        torch.cuda.empty_cache()
+        warnings.warn(f"out of GPU memory solving {name}: solving this layer on the CPU")
+        result = self._solve_with(linear.weight.detach().cpu(), _on_cpu(stats),
+                                  dict(self.solver, backend="torch"))
+        result.info["solved_on"] = "cpu (out of GPU memory)"
+        return result
+
+    def _solve_with(self, W_m, stats, solver):
         if isinstance(stats, HessianStats):
-            return quant.gptq(W_m, stats.H, self.spec, **self.solver)
+            return quant.gptq(W_m, stats.H, self.spec, **solver)
         if self.method == "gptq":
-            return quant.epmq_from_stats(stats, self.spec, anchor=0.0, weight_anchor=0.0, **self.solver)
+            return quant.epmq_from_stats(stats, self.spec, anchor=0.0, weight_anchor=0.0, **solver)
         return quant.epmq_from_stats(
-            stats, self.spec, anchor=self.anchor, weight_anchor=self.weight_anchor, **self.solver
+            stats, self.spec, anchor=self.anchor, weight_anchor=self.weight_anchor, **solver
         )

@@ -186,3 +186,35 @@ def test_calibration_must_be_per_task_iterables(gen):
     with pytest.raises(TypeError, match="iterable of model inputs"):
         quantize(fam, fam.merged(), method="gptq", experts=None,
                  calibration={"cars": inputs("llama", 1, gen)[0]})
+
+
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_layer_out_of_gpu_memory_is_solved_on_the_cpu(gen, monkeypatch, method):
+    """An out-of-memory error in a layer's solve does not end the run: that layer is solved
+    again by the torch reference on CPU copies of its statistics, with a warning and a note in
+    the report, and gives what a normal solve gives."""
+    import epmq.walker as walker
+
+    fam = Family("llama", gen, n_samples=1)
+    kw = dict(method=method, layers=r"layers\.0\.mlp\.down_proj")
+    if method == "gptq":
+        kw["experts"] = None
+    reference = quantize(fam, fam.merged(), **kw)
+    name = "gptq" if method == "gptq" else "epmq_from_stats"
+    real = getattr(walker.quant, name)
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(walker.quant, name, flaky)
+    with pytest.warns(UserWarning, match="out of GPU memory solving model.layers.0.mlp.down_proj"):
+        model = quantize(fam, fam.merged(), **kw)
+    assert calls == ["torch", "torch"]
+    (layer,) = model.epmq_report.layers
+    assert layer["solved_on"] == "cpu (out of GPU memory)"
+    x = inputs("llama", 1, gen)[0]
+    torch.testing.assert_close(output(model, x), output(reference, x))
