@@ -50,6 +50,18 @@ def write_json(path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def tiny_llama(seed, *, vocab_size, hidden_size, intermediate_size):
+    """A random-init two-layer Llama (HF transformers) in eval mode, for the CPU side-by-sides."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
 def pyplot():
     """matplotlib's ``pyplot`` on the Agg backend (no display needed); ImportError without it."""
     import matplotlib

@@ -29,7 +29,7 @@ import textwrap
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write_json  # noqa: E402
+from _common import tiny_llama as common_tiny_llama, write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
@@ -38,13 +38,7 @@ VOCAB = 128
 
 
 def tiny_llama(seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return common_tiny_llama(seed, vocab_size=VOCAB, hidden_size=128, intermediate_size=256)
 
 
 def merged_family(tasks=("a", "b", "c")):

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from . import merge as merge_lib
 from .spec import QuantSpec
-from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS
+from epmq_kernels.expert_residual import check_residual_precision
 
 MERGE_METHODS = ("task_arithmetic", "ties", "dare", "average")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
@@ -92,9 +92,7 @@ class Plan:
         for c in self.controls:
             if c.method not in QUANT_METHODS or c.targets not in TARGETS:
                 raise ValueError(f"control {c.label!r}: method must be one of {QUANT_METHODS}, targets one of {TARGETS}")
-        if self.residual_precision not in RESIDUAL_PRECISIONS:
-            raise ValueError(f"residual_precision must be one of {', '.join(RESIDUAL_PRECISIONS)}, "
-                             f"got {self.residual_precision!r}")
+        check_residual_precision(self.residual_precision, "residual_precision")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         if not self.anchors or any(a < 0 for a in self.anchors):

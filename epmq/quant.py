@@ -240,7 +240,8 @@ def _round_target(
     target_p = W_p if R_p is None else W_p + R_p
     target = target_p if perm is None else _unpermute(target_p, perm)
     dead_p = dead if perm is None else dead[perm]
-    if bool(dead.any()):
+    any_dead = bool(dead.any())
+    if any_dead:
         W_p = W_p.masked_fill(dead_p, 0.0)
         R_p = None if R_p is None else R_p.masked_fill(dead_p, 0.0)
 
@@ -273,7 +274,7 @@ def _round_target(
         backend=backend,
         **grid,
     )
-    if bool(dead.any()):
+    if any_dead:
         out = _round_dead(out, target_p, dead_p, grid.get("col_group"), group_size, spec.bits)
     weight = out.Q if perm is None else _unpermute(out.Q, perm)
     codes = out.codes if perm is None else _unpermute(out.codes, perm)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS, accumulate_residual, accumulate_xxt
+from epmq_kernels.expert_residual import accumulate_residual, accumulate_xxt, check_residual_precision
 
 from .checks import check_hessian, check_weight
 
@@ -84,10 +84,7 @@ class EPMQStats:
         backend: str = "torch",
         residual_precision: str = "ieee",
     ):
-        if residual_precision not in RESIDUAL_PRECISIONS:
-            raise ValueError(
-                f"residual_precision must be one of {RESIDUAL_PRECISIONS}, got {residual_precision!r}"
-            )
+        check_residual_precision(residual_precision, "residual_precision")
         check_weight(W_merged, "W_merged")
         self.W_merged = W_merged
         d_out, d_in = W_merged.shape

@@ -77,7 +77,7 @@ from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
-from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS
+from epmq_kernels.expert_residual import check_residual_precision
 
 METHODS = ("epmq", "gptq", "rtn")
 TARGETS = ("merged_path", "expert_path", "fp_path")
@@ -188,8 +188,7 @@ def quantize_model(
             f"need anchor, weight_anchor, percdamp >= 0 and blocksize > 0, got {anchor}, "
             f"{weight_anchor}, {percdamp}, {blocksize}"
         )
-    if residual_precision not in RESIDUAL_PRECISIONS:
-        raise ValueError(f"residual_precision must be one of {RESIDUAL_PRECISIONS}, got {residual_precision!r}")
+    check_residual_precision(residual_precision, "residual_precision")
     calibration = _calibration(calibration) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)

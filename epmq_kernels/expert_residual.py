@@ -31,6 +31,12 @@ def _check_residual_args(G, W_k, W_m, H_k):
         raise ValueError(f"H_k must be [{d_in}, {d_in}], got {tuple(H_k.shape)}")
 
 
+def check_residual_precision(value, name: str = "input_precision") -> None:
+    """A clear error unless ``value`` is one of RESIDUAL_PRECISIONS (``name``: the argument)."""
+    if value not in RESIDUAL_PRECISIONS:
+        raise ValueError(f"{name} must be one of {RESIDUAL_PRECISIONS}, got {value!r}")
+
+
 def tf32_round(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero
     (``cvt.rna.tf32.f32``), returned as fp32."""
@@ -49,7 +55,7 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     solver needs to report that term's value.
     """
     _check_residual_args(G, W_k, W_m, H_k)
-    _check_precision(input_precision)
+    check_residual_precision(input_precision)
     D = W_k.to(G.dtype) - W_m.to(G.dtype)
     if input_precision == "tf32":
         D_in = tf32_round(W_k.float() - W_m.float()).to(G.dtype)
@@ -109,11 +115,6 @@ RESIDUAL_SPACE = {
              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
 RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
-
-
-def _check_precision(input_precision):
-    if input_precision not in RESIDUAL_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {RESIDUAL_PRECISIONS}, got {input_precision!r}")
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -289,7 +290,7 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     _check_float_out(G, "G")
-    _check_precision(input_precision)
+    check_residual_precision(input_precision)
     d_out, d_in = G.shape
     if not G.is_contiguous():
         raise ValueError("G must be contiguous (it is updated in place)")
@@ -345,7 +346,7 @@ def accumulate_residual(G, W_k, W_m, H_k, a: float, *, backend: str = "torch",
     """``G += a (W_k - W_m) H_k``; ``input_precision`` selects the Triton kernel's fp32 product
     (one of RESIDUAL_PRECISIONS); the torch backend always multiplies in G's precision (TF32
     off): the precisions are options for the GPU's speed, not for the CPU reference."""
-    _check_precision(input_precision)
+    check_residual_precision(input_precision)
     if backend == "torch":
         return accumulate_residual_reference(G, W_k, W_m, H_k, a)
     if backend == "triton":

@@ -1035,10 +1035,8 @@ def _dequant_workspace(device, dtype, numel):
     key = _workspace_key(device) + (dtype,)
     buf = _DQ_WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        if not _capturing(device):
-            _DQ_WORKSPACES[key] = buf
-            _EPOCH[0] += 1
+        buf = _DQ_WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+        _EPOCH[0] += 1
     return buf
 
 
@@ -1257,6 +1255,20 @@ class _Plan:
         return y
 
 
+def _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k0, rows, group, config, gather,
+                    has_g_idx):
+    """The launch that writes rows ``k0 .. k0 + rows`` of the dense weight into ``out``."""
+    N = qweight.shape[1]
+    block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
+    grid = (triton.cdiv(rows // 8, block_r), triton.cdiv(N, block_n), 1)
+    args = (qweight, scales, zeros, g_idx_arg, out, N, k0, rows, group, 0,
+            qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+            zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
+            block_r, block_n, gather, has_g_idx)
+    return _Launch(_w4a16_dequant_kernel, grid, args, dict(num_warps=config["num_warps"]),
+                   4, 4, (0, 1, 2, 3))
+
+
 def _build_plan(entry, path, config, x2, out2, lead=None):
     """The plan of one (path, config) for activations like ``x2 [M, K]`` into ``out2 [M, N]``
     (``lead``: the leading dimensions of the output the plan allocates; default ``(M,)``)."""
@@ -1271,18 +1283,9 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     if path == "dqmm":
         chunk = _dqmm_chunk(config, K, N, x2.element_size())
         work = _dequant_workspace(device, x2.dtype, chunk * N).view(-1)[:chunk * N].view(chunk, N)
-        block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
-        dequants = []
-        for k0 in range(0, K, chunk):
-            rows = min(chunk, K - k0)
-            grid = (triton.cdiv(rows // 8, block_r), triton.cdiv(N, block_n), 1)
-            args = (qweight, scales, zeros, g_idx_arg, work,
-                    N, k0, rows, group, 0,
-                    qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-                    zeros.stride(0), zeros.stride(1), work.stride(0), work.stride(1),
-                    block_r, block_n, gather, has_g_idx)
-            dequants.append(_Launch(_w4a16_dequant_kernel, grid, args,
-                                    dict(num_warps=config["num_warps"]), 4, 4, (0, 1, 2, 3)))
+        dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work, k0,
+                                    min(chunk, K - k0), group, config, gather, has_g_idx)
+                    for k0 in range(0, K, chunk)]
         return _Plan(entry, path, config, M, lead, x2.dtype, device, [], dq=(chunk, work, dequants),
                      shared_workspace=True)
     split_k = config["SPLIT_K"]
@@ -1383,16 +1386,9 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
     config = INTERPRETER_CONFIG["dqmm"] if INTERPRETED else AUTOTUNE_SPACE["dqmm"][0]
     gather = _needs_gather("dqmm", config, G, group, entry.permuted)
     gather = gather or k_first % (8 * config["BLOCK_R"]) != 0  # tiles must start at a group edge
-    block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
-    grid = (triton.cdiv(k_rows // 8, block_r), triton.cdiv(N, block_n), 1)
     g_idx_arg = g_idx if gather and entry.permuted else qweight
-    args = (qweight, scales, zeros, g_idx_arg, out, N, k_first, k_rows, group, 0,
-            qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-            zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
-            block_r, block_n, gather, gather and entry.permuted)
-    launch = _Launch(_w4a16_dequant_kernel, grid, args, dict(num_warps=config["num_warps"]),
-                     4, 4, (0, 1, 2, 3))
-    launch(out, out, None)
+    _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k_first, k_rows, group, config,
+                    gather, gather and entry.permuted)(out, out, None)
     return out
 
 
