@@ -220,8 +220,8 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
     row = dict(shape, kind="residual", experts=N_EXPERTS, t_torch_s=t_rr, t_torch_tf32_s=t_r32,
                torch_s=med(t_rr), torch_tf32_s=med(t_r32),
                tflops_torch_tf32=flop / med(t_r32) / 1e12, configs={})
-    for precision in RESIDUAL_PRECISIONS:  # keys: triton_s (ieee), triton_tf32x3_s, ...
-        sfx = "" if precision == "ieee" else f"_{precision}"
+    for precision in RESIDUAL_PRECISIONS:
+        sfx = _suffix(precision)
         t_p, G_p, c_p = residual(accumulate_residual_triton, input_precision=precision)
         row.update({f"t_triton{sfx}_s": t_p, f"triton{sfx}_s": med(t_p),
                     f"speedup{sfx}": med(t_rr) / med(t_p), f"tflops{sfx}": flop / med(t_p) / 1e12,
@@ -233,6 +233,11 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
     rows.append(row)
     log(rows[-1])
     return rows
+
+
+def _suffix(precision):
+    """The residual row's key suffix of a precision: triton_s (ieee), triton_tf32x3_s, ..."""
+    return "" if precision == "ieee" else f"_{precision}"
 
 
 def bench_sweep(device, log, d_out=4096, d_in=4096):
@@ -338,8 +343,8 @@ def main(argv=None):
     for r in rows:
         if r["kind"] == "residual":
             triton = ", ".join(
-                f"{p} {1e3 * r['triton' + ('' if p == 'ieee' else '_' + p) + '_s']:6.1f} ms (err "
-                f"{r['max_rel_err' + ('' if p == 'ieee' else '_' + p)]:.1e})"
+                f"{p} {1e3 * r[f'triton{_suffix(p)}_s']:6.1f} ms (err "
+                f"{r[f'max_rel_err{_suffix(p)}']:.1e})"
                 for p in RESIDUAL_PRECISIONS)
             print(f"  {r['shape']:10s} residual x8: torch fp32 {1e3 * r['torch_s']:6.1f} ms, "
                   f"torch tf32 {1e3 * r['torch_tf32_s']:6.1f} ms; triton {triton}")
