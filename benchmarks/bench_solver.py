@@ -65,6 +65,7 @@ from epmq_kernels.expert_residual import (  # noqa: E402
     accumulate_residual_triton,
 )
 from epmq_kernels.gptq_solve import gptq_solve, solver_launch_config  # noqa: E402
+from epmq_kernels import autotune_cache  # noqa: E402
 
 SHAPES = [(768, 3072), (4096, 4096), (4096, 14336)]  # [d_out, d_in]
 EAGER_REPEATS = {3072: 3, 4096: 2, 14336: 1}  # by d_in; 1 for anything larger
@@ -230,6 +231,11 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         row["configs"][precision] = list(_residual_config(G_r, experts[0], W_m, hessians[0],
                                                           precision))
         del G_p
+    # every candidate's time from this process's tuning (the fused kernel's configs and, for
+    # ieee, cuBLAS), so that the winner's margin is on record
+    row["autotune_ms"] = {key: [[ms, config] for ms, config in timings]
+                          for (family, key), timings in autotune_cache.TIMINGS.items()
+                          if family == "residual" and f"|{d_out}x{d_in}|" in key}
     rows.append(row)
     log(rows[-1])
     return rows

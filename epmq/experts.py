@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint_io import Binding, CheckpointReader
+from .checks import all_finite
 
 
 class ExpertWeights:
@@ -95,7 +96,7 @@ class ExpertWeights:
         tensor = self.reader.get(self._require(name))
         if like is not None:
             tensor = tensor.to(device=like.device, dtype=like.dtype)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(
                 f"the expert of task {self.task!r} ({self.description}): tensor {name!r} has "
                 f"non-finite values (NaN or inf)"

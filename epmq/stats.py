@@ -26,7 +26,7 @@ import torch
 
 from epmq_kernels.expert_residual import accumulate_residual, accumulate_xxt, check_residual_precision
 
-from .checks import check_hessian, check_weight
+from .checks import all_finite, check_hessian, check_weight
 
 
 def _tokens(x: torch.Tensor, d_in: int, what: str) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _tokens(x: torch.Tensor, d_in: int, what: str) -> torch.Tensor:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what} must have last dimension {d_in}, got {shape}")
     X = x.reshape(-1, d_in)
-    if not torch.isfinite(X).all():
+    if not all_finite(X):
         raise ValueError(f"{what} has non-finite values (NaN or inf)")
     return X
 

@@ -73,6 +73,7 @@ from torch import nn
 
 from . import quant
 from .adapters import Adapter, find_adapter
+from .checks import all_finite
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .spec import QuantSpec
@@ -309,7 +310,7 @@ def _check_finite(model, stacks):
             for rel in stack.chosen[i]:
                 linear = block.get_submodule(rel)
                 for what, t in (("weight", linear.weight), ("bias", linear.bias)):
-                    if t is not None and not torch.isfinite(t).all():
+                    if t is not None and not all_finite(t):
                         raise ValueError(
                             f"layer {stack.prefix}.{i}.{rel} of the merged model has a non-finite "
                             f"{what} (NaN or inf)"

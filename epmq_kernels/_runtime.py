@@ -6,6 +6,7 @@ kernels can therefore only ever run interpreted, so we set the variable before a
 module is imported. On a CUDA machine we leave it as the user set it.
 """
 
+import contextlib
 import os
 
 import torch
@@ -33,3 +34,15 @@ def check_device(*tensors, names=None):
             "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import)"
         )
     return device
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """TF32 off for torch's fp32 matrix products inside, whatever the caller set globally: the
+    solver and the IEEE residual promise full fp32 products."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

@@ -1,8 +1,9 @@
 """E-PMQ's calibration statistics: the expert residual ``G += a_k (W_k - W_m) H_k`` and the
 Hessian ``H += X^T X`` (rows of ``X`` are tokens).
 
-``G`` streams each expert once; ``W_k - W_m`` is never needed as a whole (the kernel forms its
-tiles in registers). This file holds the torch references and the Triton kernels beside them;
+``G`` streams each expert once; the fused kernel never needs ``W_k - W_m`` as a whole (it forms
+its tiles in registers). For the IEEE product the autotuner also times cuBLAS, which does form
+it (see CUBLAS below), and keeps the faster. This file holds the torch references and the Triton kernels beside them;
 ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=`` pick one.
 
 Configuration space: ``G``/``H`` in fp32 (the GPU statistics) or fp64 (the CPU statistics);
@@ -16,7 +17,7 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import check_device
+from ._runtime import check_device, ieee_fp32_matmul
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -115,6 +116,14 @@ RESIDUAL_SPACE = {
              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
 RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
+# cuBLAS is one more candidate for the IEEE product: it forms D = W_k - W_m and P = D @ H_k in
+# memory (two weight-sized temporaries) and multiplies on CUDA cores with its own tuned tiles.
+# On the H200 (2026-11-28, 8 experts) it beat the fused kernel at every layer shape, 23 ms
+# against 33 ms at 4096^2, so the autotuner times both and keeps the faster. It is not a
+# candidate for tf32 or tf32x3: cuBLAS's TF32 rounding of the operands is not the cvt.rna the
+# kernel and its reference use, and the chosen precision must not depend on which one wins.
+CUBLAS = ("cublas",)
+CUBLAS_PRECISIONS = ("ieee",)
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -247,26 +256,46 @@ def _residual_config(G, W_k, W_m, H_k, precision):
         return chosen
     candidates = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
                   for bm, bn, bk, w, s in RESIDUAL_SPACE[precision]]
-    cache = autotune_cache.cache_for("residual", G.device, RESIDUAL_SPACE)
+    if precision in CUBLAS_PRECISIONS:
+        candidates.append(dict(impl=CUBLAS[0]))
+    cache = autotune_cache.cache_for("residual", G.device, [RESIDUAL_SPACE, CUBLAS_PRECISIONS])
     key = f"{precision}|{d_out}x{d_in}|W={str(W_k.dtype)[6:]},{str(W_m.dtype)[6:]}"
     scratch = torch.zeros_like(G)  # timed runs accumulate here, never into the caller's G
 
     def run(config):
         _launch_residual(scratch, W_k, W_m, H_k, 1.0, precision, config)
 
-    best = autotune_cache.tune(cache, key, candidates, run)
-    chosen = (best["BLOCK_M"], best["BLOCK_N"], best["BLOCK_K"], best["num_warps"],
-              best["num_stages"])
+    chosen = _config_tuple(autotune_cache.tune(cache, key, candidates, run))
     if not torch.cuda.is_current_stream_capturing():
         _RESIDUAL_CHOSEN[memo] = chosen
     return chosen
 
 
+def _config_tuple(config: dict) -> tuple:
+    if config.get("impl") == CUBLAS[0]:
+        return CUBLAS
+    return (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_warps"],
+            config["num_stages"])
+
+
+def _residual_cublas(G, W_k, W_m, H_k, a):
+    """The IEEE product by the library; returns the per-row shares of ``tr(D H_k D^T)``."""
+    D = W_k.to(G.dtype) - W_m.to(G.dtype)
+    with ieee_fp32_matmul():
+        P = D @ H_k.to(G.dtype)
+    G.add_(P, alpha=float(a))
+    return (P * D).sum(dim=1)
+
+
 def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
+    """Returns the launch's shares of ``tr(D H_k D^T)`` (the caller sums them in float64)."""
     d_out, d_in = G.shape
     if isinstance(config, dict):
-        config = (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_warps"],
-                  config["num_stages"])
+        config = _config_tuple(config)
+    if config == CUBLAS:
+        if precision not in CUBLAS_PRECISIONS:
+            raise ValueError(f"cuBLAS is no candidate for the {precision!r} residual")
+        return _residual_cublas(G, W_k, W_m, H_k, a)
     BM, BN, BK, warps, stages = config
     n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
     partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)

@@ -27,7 +27,6 @@ The configuration space, stated once (both backends accept all of it):
   block needed).
 """
 
-import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._runtime import check_device
+from ._runtime import check_device, ieee_fp32_matmul
 from .grid import dequantize, find_params, quantize_codes
 
 
@@ -317,20 +316,6 @@ def _target_minus_update_kernel(W, R, P, out, d_out, n_cols, col0, d_in, BLOCK: 
     tl.store(out + src, t - tl.load(P + offs, mask=ok, other=0.0), mask=ok)
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul(device: torch.device):
-    """TF32 off for the trailing products, whatever the caller set: the solver is IEEE fp32."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def solver_launch_config(d_out: int, block_cols: int, device: torch.device, block_rows=None):
     """``(block_rows, num_warps)`` of the block kernel (``block_rows`` given: only the warps).
 
@@ -438,7 +423,7 @@ def gptq_solve_triton(
     # torch divides by a Python scalar on the CPU but multiplies by its fp32 reciprocal on CUDA
     maxq_rcp = float(torch.tensor(1.0 / maxq, dtype=torch.float32))
 
-    with _ieee_fp32_matmul(device):
+    with ieee_fp32_matmul():
         for i1 in range(0, d_in, B):
             i2 = min(i1 + B, d_in)
             first = i1 == 0

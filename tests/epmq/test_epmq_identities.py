@@ -162,3 +162,39 @@ def test_bad_anchor(gen):
         quant.epmq(W_m, W_k, H_k, SPEC, anchor=-1.0)
     with pytest.raises(ValueError, match="task_weights"):
         quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[1.0])
+
+
+@pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (16, 2304)])
+def test_times_upper_equals_the_dense_product(d_out, d):
+    from epmq.quant import _times_upper
+
+    g = torch.Generator().manual_seed(d_out * 1000 + d)
+    A = torch.randn(d_out, d, dtype=torch.float64, generator=g)
+    U = torch.randn(d, d, dtype=torch.float64, generator=g).triu()
+    for transposed in (False, True):
+        dense = A @ (U.T if transposed else U)
+        got = _times_upper(A, U, transposed=transposed)
+        assert torch.allclose(got, dense, rtol=1e-12, atol=1e-12 * float(dense.abs().max()))
+
+
+@pytest.mark.parametrize("anchor, weight_anchor", [(0.0, 0.0), (1.0, 0.0), (0.3, 0.2), (0.0, 0.5)])
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=16),
+                                  QuantSpec(bits=8, group_size=-1, act_order=True),
+                                  QuantSpec(bits=2, group_size=16, act_order=True, static_groups=True)])
+@pytest.mark.parametrize("percdamp", [0.0, 0.01, 0.3])
+def test_reported_terms_with_damping_and_dead_columns(gen, anchor, weight_anchor, spec, percdamp):
+    """The terms are derived from the layer loss through R H~ = G (one product fewer), which
+    must hold with damping, act-order and dead columns (every task's input zero there)."""
+    W_m, W_k, H_k = draw(gen, n=300)
+    dead = torch.randperm(W_m.shape[1], generator=gen)[:5]
+    for H in H_k:
+        H[dead, :] = 0
+        H[:, dead] = 0
+    res = quant.epmq(W_m, W_k, H_k, spec, anchor=anchor, weight_anchor=weight_anchor, percdamp=percdamp)
+    a, H_m, lam, mu, _ = effective(W_m, H_k, anchor, weight_anchor)
+    assert res.dead_columns == (5 if mu == 0 else 0)
+    expert, anc, wanc = L_terms(res.weight, W_m, W_k, H_k, a, H_m, lam, mu)
+    total = expert + anc + wanc
+    assert res.expert_loss == pytest.approx(expert, rel=1e-6, abs=1e-9 * total)
+    assert res.anchor_loss == pytest.approx(anc, rel=1e-6, abs=1e-9 * total)
+    assert res.weight_anchor_loss == pytest.approx(wanc, rel=1e-6, abs=1e-9 * total)

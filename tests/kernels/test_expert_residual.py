@@ -249,6 +249,50 @@ def test_cuda_residual_against_fp64(gen, precision):
     assert abs(c_out - c_64) <= 1e-4 * abs(c_64)
 
 
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_out,d_in", [(37, 96), (70, 33)])
+def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
+    """The library candidate of the IEEE residual (a torch product, so it runs here too)."""
+    import epmq_kernels.expert_residual as er
+
+    G0 = rand(gen, d_out, d_in, dtype=g_dtype, scale=10.0)
+    W_m = rand(gen, d_out, d_in)
+    W_k = W_m + rand(gen, d_out, d_in, scale=0.1)
+    H_k = gram(gen, 50, d_in, g_dtype)
+    G_ref, G_out = G0.clone(), G0.clone()
+    c_ref = accumulate_residual_reference(G_ref, W_k, W_m, H_k, 0.3)
+    c_out = float(er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "ieee", er.CUBLAS).double().sum())
+    assert_update_close(G_out, G_ref, G0, 10 * EPS[g_dtype])
+    assert abs(c_out - c_ref) <= 10 * EPS[g_dtype] * abs(c_ref)
+    with pytest.raises(ValueError, match="no candidate for the 'tf32' residual"):
+        er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "tf32", er.CUBLAS)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_residual_autotune_space_offers_cublas_for_ieee_only(gen, precision, monkeypatch):
+    """What the autotuner is offered, and that a cuBLAS winner is launched as cuBLAS (the
+    timing itself needs a GPU: the tuner is replaced by one that picks the last candidate)."""
+    import epmq_kernels.autotune_cache as ac
+    import epmq_kernels.expert_residual as er
+
+    offered = []
+
+    def last(cache, key, candidates, run):
+        offered.extend(candidates)
+        return candidates[-1]
+
+    monkeypatch.setattr(er._runtime, "INTERPRETED", False)
+    monkeypatch.setattr(er, "_RESIDUAL_CHOSEN", {})
+    monkeypatch.setattr(ac, "tune", last)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    G = torch.zeros(8, 16, device=DEVICE)
+    W = rand(gen, 8, 16)
+    chosen = er._residual_config(G, W, W, torch.eye(16, device=DEVICE), precision)
+    assert len(offered) == len(er.RESIDUAL_SPACE[precision]) + (precision == "ieee")
+    assert (chosen == er.CUBLAS) == (precision == "ieee")
+    assert ({"impl": "cublas"} in offered) == (precision == "ieee")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
 def test_cuda_residual_autotunes_on_a_scratch_g(gen, precision, tmp_path, monkeypatch):
