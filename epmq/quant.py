@@ -413,19 +413,21 @@ def epmq_from_stats(
     #   L(Q) = tr(E H E^T) - 2 <E, G> + c = tr(F H F^T) - <R, G> - damp (2 <F, R> + |R|^2) + c,
     # and tr(F H F^T) is the layer loss already computed. Only the split between the expert and
     # anchor terms needs a product, and only when the anchor term is there (lam > 0).
-    target = result.target.double()
-    F = result.weight.double() - target
-    R = target - W_m.double()
-    E = F + R
+    W_m32 = W_m.float()
+    F = (result.weight - result.target).double().reshape(-1)  # (fp32 differences: exact to
+    R = (result.target - W_m32).double().reshape(-1)  # 6e-8 of themselves, whatever W's size)
+    F_R, R_R = float(torch.dot(F, R)), float(torch.dot(R, R))
     c = stats.c_e + (lam * stats.c_m if lam and G_m is not None else 0.0)
-    total = (result.loss - float((R * G).sum()) - result.damp * float((2 * F + R).mul_(R).sum())
-             + c)
-    weight_anchor_term = float(E.pow(2).sum())
-    anchor_term = 0.0
-    if lam:
-        anchor_term = _objective(E, H_m)
-        if G_m is not None:
-            anchor_term += -2 * float((E * G_m.double()).sum()) + stats.c_m
+    total = result.loss - float(torch.dot(R, G.reshape(-1))) - result.damp * (2 * F_R + R_R) + c
+    del F, R
+    anchor_term = weight_anchor_term = 0.0
+    if lam or mu:
+        E = result.weight - W_m32
+        weight_anchor_term = float(E.double().pow(2).sum())
+        if lam:
+            anchor_term = _objective(E, H_m)
+            if G_m is not None:
+                anchor_term += -2 * float((E.double() * G_m.double()).sum()) + stats.c_m
     result.anchor_loss = lam * anchor_term
     result.weight_anchor_loss = mu * weight_anchor_term
     result.expert_loss = total - result.anchor_loss - result.weight_anchor_loss

@@ -79,6 +79,38 @@ def test_asymmetric_targets(gen):
     assert stats.c_e == pytest.approx(c)
 
 
+@pytest.mark.parametrize("percdamp", [0.0, 0.01])
+def test_asymmetric_reported_terms(gen, percdamp):
+    """The reported expert and anchor terms are the objective's, straight from the tokens,
+    when targets (x_expert) and the anchor (x_anchor) see other inputs than the quantized path."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    X = [batches(gen) for _ in range(2)]
+    X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    X_a = [[x + 0.3 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    for k in range(2):
+        stats.begin_task(W_k[k], weight=1.5 + k)
+        for x, xt, xa in zip(X[k], X_t[k], X_a[k]):
+            stats.add_batch(x, x_expert=xt, x_anchor=xa)
+        stats.end_task()
+    res = quant.epmq_from_stats(stats, QuantSpec(bits=3, group_size=16), anchor=0.7,
+                                weight_anchor=0.2, percdamp=percdamp)
+
+    def flat(xs):
+        return torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
+
+    Q, Wm = res.weight.double(), W_m.double()
+    expert = sum((1.5 + k) * float((flat(X[k]) @ Q.T - flat(X_t[k]) @ W_k[k].double().T).pow(2).sum())
+                 for k in range(2))
+    anchor = sum(float((flat(X[k]) @ Q.T - flat(X_a[k]) @ Wm.T).pow(2).sum()) for k in range(2))
+    total = expert + res.info["lam_effective"] * anchor
+    assert res.expert_loss == pytest.approx(expert, rel=1e-6, abs=1e-9 * total)
+    assert res.anchor_loss == pytest.approx(res.info["lam_effective"] * anchor, rel=1e-6, abs=1e-9 * total)
+    assert res.weight_anchor_loss == pytest.approx(
+        res.info["mu_effective"] * float((Q - Wm).pow(2).sum()), rel=1e-6)
+
+
 def test_fp_path_control_is_asymmetric_gptq(gen):
     """GPTQ with full-precision-path targets: W* = W_m X~ X^T (X X^T)^{-1}."""
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
