@@ -296,6 +296,9 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="after this many seconds, skip the remaining eager baselines")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
+    parser.add_argument("--profile-if-under", type=float, default=80.0, metavar="S",
+                        help="when the run took less than S seconds, also write a torch-profiler "
+                             "table of one E-PMQ layer (ieee and tf32) and one GPTQ layer")
     args = parser.parse_args(argv)
     if no_cuda("bench_solver"):
         return 0
@@ -361,6 +364,13 @@ def main(argv=None):
                   f"{r['ratio']:.2f}x GPTQ{extra}")
     print(f"wrote {json_path} and {png_path} in {result['wall_s']:.0f} s; {len(bad)} failed checks",
           flush=True)
+    if time.perf_counter() - started < args.profile_if_under:
+        from profile_epmq_layer import profile_tables
+
+        profile_path = os.path.join(args.out, f"epmq-layer-profile-{slug}.txt")
+        with open(profile_path, "w") as f:
+            f.write(profile_tables(precisions=("ieee", "tf32")))
+        print(f"wrote {profile_path} in {time.perf_counter() - started:.0f} s", flush=True)
     return 1 if bad else 0
 
 

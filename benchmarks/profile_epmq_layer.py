@@ -1,28 +1,69 @@
 """Where one E-PMQ layer's time goes on a CUDA GPU (torch profiler), beside plain GPTQ.
 
-    PYTHONPATH=. python benchmarks/profile_epmq_layer.py
+    PYTHONPATH=. python benchmarks/profile_epmq_layer.py [--precision ieee|tf32x3|tf32] [--out F]
 
-4096x4096, 8 experts, 4-bit group 128. benchmarks/results/epmq-layer-profile-<card>.txt holds
-a run's table.
+4096x4096, 8 experts, 4-bit group 128, the default anchor. ``bench_solver.py`` also runs it
+(ieee and tf32) when its time limit leaves room, into
+benchmarks/results/epmq-layer-profile-<card>.txt.
 """
+import argparse
+import os
+import sys
+
 import torch
-from epmq import QuantSpec, quant
-from torch.profiler import profile, ProfilerActivity
-torch.backends.cuda.matmul.allow_tf32 = False
-d = 4096; dev = "cuda"
-g = torch.Generator(device=dev).manual_seed(0)
-W_m = torch.randn(d, d, device=dev, generator=g) / 64
-W_k = [W_m + 0.01 * torch.randn(d, d, device=dev, generator=g) / 64 for _ in range(8)]
-X = torch.randn(2 * d, d, device=dev, generator=g)
-H = X.T @ X
-H_k = [H * (1 + 0.1 * k) for k in range(8)]
-spec = QuantSpec(4, 128)
-for _ in range(2):
-    quant.epmq(W_m, W_k, H_k, spec); quant.gptq(W_m, H, spec)
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    quant.epmq(W_m, W_k, H_k, spec); torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    quant.gptq(W_m, H, spec); torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from epmq import QuantSpec, quant  # noqa: E402
+
+
+def profile_tables(d=4096, n_experts=8, precisions=("ieee",), rows=18):
+    """The profiler tables (text) of one E-PMQ layer per residual precision and one GPTQ layer."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        dev = "cuda"
+        g = torch.Generator(device=dev).manual_seed(0)
+        W_m = torch.randn(d, d, device=dev, generator=g) / 64
+        W_k = [W_m + 0.01 * torch.randn(d, d, device=dev, generator=g) / 64 for _ in range(n_experts)]
+        X = torch.randn(2 * d, d, device=dev, generator=g)
+        H = X.T @ X
+        H_k = [H * (1 + 0.1 * k) for k in range(n_experts)]
+        spec = QuantSpec(4, 128)
+        runs = [(f"E-PMQ, {n_experts} experts, residual {p}",
+                 lambda p=p: quant.epmq(W_m, W_k, H_k, spec, residual_precision=p)) for p in precisions]
+        runs.append(("GPTQ", lambda: quant.gptq(W_m, H, spec)))
+        out = []
+        for title, run in runs:
+            for _ in range(2):  # compile, autotune, warm the allocator
+                run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                              max_name_column_width=60)
+            out.append(f"== {title}, {d}x{d}, {torch.cuda.get_device_name()}\n{table}")
+        return "\n".join(out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--precision", action="append", help="residual precision (repeatable)")
+    parser.add_argument("--out", help="write the tables here as well as to stdout")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_epmq_layer: no CUDA device, nothing to profile")
+        return 0
+    text = profile_tables(precisions=tuple(args.precision or ["ieee"]))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
