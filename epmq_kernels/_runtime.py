@@ -37,12 +37,17 @@ def check_device(*tensors, names=None):
 
 
 @contextlib.contextmanager
-def ieee_fp32_matmul():
-    """TF32 off for torch's fp32 matrix products inside, whatever the caller set globally: the
-    solver and the IEEE residual promise full fp32 products."""
+def fp32_matmul(tf32: bool):
+    """torch's fp32 matrix products inside run on the TF32 tensor cores if and only if ``tf32``,
+    whatever the caller set globally."""
     saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def ieee_fp32_matmul():
+    """Full fp32 products (TF32 off): the solver and the IEEE residual promise them."""
+    return fp32_matmul(False)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import check_device, ieee_fp32_matmul
+from ._runtime import check_device, fp32_matmul
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -116,14 +116,14 @@ RESIDUAL_SPACE = {
              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
 RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
-# cuBLAS is one more candidate for the IEEE product: it forms D = W_k - W_m and P = D @ H_k in
-# memory (two weight-sized temporaries) and multiplies on CUDA cores with its own tuned tiles.
-# On the H200 (2026-11-28, 8 experts) it beat the fused kernel at every layer shape, 23 ms
-# against 33 ms at 4096^2, so the autotuner times both and keeps the faster. It is not a
-# candidate for tf32 or tf32x3: cuBLAS's TF32 rounding of the operands is not the cvt.rna the
-# kernel and its reference use, and the chosen precision must not depend on which one wins.
+# cuBLAS is one more candidate for the IEEE and the TF32 product: it forms D = W_k - W_m and
+# P = D @ H_k in memory (two weight-sized temporaries) with its own tuned tiles. For IEEE it
+# beat the fused kernel at every layer shape on the H200 (2026-11-28, 8 experts: 23 ms against
+# 33 ms at 4096^2), so the autotuner times both and keeps the faster. Its TF32 product may round
+# the operands to TF32 otherwise than the kernel's cvt.rna (truncation errs up to 2^-10 instead
+# of 2^-11), the same precision class. tf32x3 has no cuBLAS counterpart in torch.
 CUBLAS = ("cublas",)
-CUBLAS_PRECISIONS = ("ieee",)
+CUBLAS_PRECISIONS = ("ieee", "tf32")
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -278,10 +278,10 @@ def _config_tuple(config: dict) -> tuple:
             config["num_stages"])
 
 
-def _residual_cublas(G, W_k, W_m, H_k, a):
-    """The IEEE product by the library; returns the per-row shares of ``tr(D H_k D^T)``."""
+def _residual_cublas(G, W_k, W_m, H_k, a, precision):
+    """The product by the library; returns the per-row shares of ``tr(D H_k D^T)``."""
     D = W_k.to(G.dtype) - W_m.to(G.dtype)
-    with ieee_fp32_matmul():
+    with fp32_matmul(tf32=precision == "tf32"):
         P = D @ H_k.to(G.dtype)
     G.add_(P, alpha=float(a))
     return (P * D).sum(dim=1)
@@ -295,7 +295,7 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     if config == CUBLAS:
         if precision not in CUBLAS_PRECISIONS:
             raise ValueError(f"cuBLAS is no candidate for the {precision!r} residual")
-        return _residual_cublas(G, W_k, W_m, H_k, a)
+        return _residual_cublas(G, W_k, W_m, H_k, a, precision)
     BM, BN, BK, warps, stages = config
     n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
     partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)

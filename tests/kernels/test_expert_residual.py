@@ -252,7 +252,8 @@ def test_cuda_residual_against_fp64(gen, precision):
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d_out,d_in", [(37, 96), (70, 33)])
 def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
-    """The library candidate of the IEEE residual (a torch product, so it runs here too)."""
+    """The library candidate of the residual (a torch product, so it runs here too; on the CPU
+    its "tf32" is IEEE, so only "ieee" is compared)."""
     import epmq_kernels.expert_residual as er
 
     G0 = rand(gen, d_out, d_in, dtype=g_dtype, scale=10.0)
@@ -264,12 +265,12 @@ def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
     c_out = float(er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "ieee", er.CUBLAS).double().sum())
     assert_update_close(G_out, G_ref, G0, 10 * EPS[g_dtype])
     assert abs(c_out - c_ref) <= 10 * EPS[g_dtype] * abs(c_ref)
-    with pytest.raises(ValueError, match="no candidate for the 'tf32' residual"):
-        er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "tf32", er.CUBLAS)
+    with pytest.raises(ValueError, match="no candidate for the 'tf32x3' residual"):
+        er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "tf32x3", er.CUBLAS)
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
-def test_residual_autotune_space_offers_cublas_for_ieee_only(gen, precision, monkeypatch):
+def test_residual_autotune_space_offers_cublas_but_for_tf32x3(gen, precision, monkeypatch):
     """What the autotuner is offered, and that a cuBLAS winner is launched as cuBLAS (the
     timing itself needs a GPU: the tuner is replaced by one that picks the last candidate)."""
     import epmq_kernels.autotune_cache as ac
@@ -288,9 +289,10 @@ def test_residual_autotune_space_offers_cublas_for_ieee_only(gen, precision, mon
     G = torch.zeros(8, 16, device=DEVICE)
     W = rand(gen, 8, 16)
     chosen = er._residual_config(G, W, W, torch.eye(16, device=DEVICE), precision)
-    assert len(offered) == len(er.RESIDUAL_SPACE[precision]) + (precision == "ieee")
-    assert (chosen == er.CUBLAS) == (precision == "ieee")
-    assert ({"impl": "cublas"} in offered) == (precision == "ieee")
+    library = precision != "tf32x3"
+    assert len(offered) == len(er.RESIDUAL_SPACE[precision]) + library
+    assert (chosen == er.CUBLAS) == library
+    assert ({"impl": "cublas"} in offered) == library
 
 
 @pytest.mark.cuda
