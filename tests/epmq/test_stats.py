@@ -54,10 +54,11 @@ def test_streaming_equals_whole_statistics(gen):
         assert s.G_m is None
 
 
-def test_asymmetric_targets(gen):
-    """Expert-path targets: C uses the target inputs X~ against the quantized-path inputs X."""
-    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
-    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(2)]
+def _asymmetric(gen, dtype):
+    """Two tasks streamed with target inputs X~ (x_expert) and anchor inputs X_a (x_anchor)
+    beside the quantized path's X; task weights 1.5 and 2.5."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=dtype)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=dtype) for _ in range(2)]
     X = [batches(gen) for _ in range(2)]
     X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
     X_a = [[x + 0.3 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
@@ -71,11 +72,17 @@ def test_asymmetric_targets(gen):
     def flat(xs):
         return torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
 
-    G = sum((1.5 + k) * (flat(X_t[k]) @ W_k[k].T - flat(X[k]) @ W_m.T).T @ flat(X[k]) for k in range(2))
-    G_m = sum(((flat(X_a[k]) - flat(X[k])) @ W_m.T).T @ flat(X[k]) for k in range(2))
+    return stats, W_m.double(), [W.double() for W in W_k], *[[flat(xs) for xs in Z] for Z in (X, X_t, X_a)]
+
+
+def test_asymmetric_targets(gen):
+    """Expert-path targets: C uses the target inputs X~ against the quantized-path inputs X."""
+    stats, W_m, W_k, X, X_t, X_a = _asymmetric(gen, torch.float64)
+    G = sum((1.5 + k) * (X_t[k] @ W_k[k].T - X[k] @ W_m.T).T @ X[k] for k in range(2))
+    G_m = sum(((X_a[k] - X[k]) @ W_m.T).T @ X[k] for k in range(2))
     torch.testing.assert_close(stats.G_e, G)
     torch.testing.assert_close(stats.G_m, G_m)
-    c = sum((1.5 + k) * float((flat(X_t[k]) @ W_k[k].T - flat(X[k]) @ W_m.T).pow(2).sum()) for k in range(2))
+    c = sum((1.5 + k) * float((X_t[k] @ W_k[k].T - X[k] @ W_m.T).pow(2).sum()) for k in range(2))
     assert stats.c_e == pytest.approx(c)
 
 
@@ -83,32 +90,17 @@ def test_asymmetric_targets(gen):
 def test_asymmetric_reported_terms(gen, percdamp):
     """The reported expert and anchor terms are the objective's, straight from the tokens,
     when targets (x_expert) and the anchor (x_anchor) see other inputs than the quantized path."""
-    W_m = torch.randn(D_OUT, D_IN, generator=gen)
-    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
-    X = [batches(gen) for _ in range(2)]
-    X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
-    X_a = [[x + 0.3 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
-    stats = EPMQStats(W_m, dtype=torch.float64)
-    for k in range(2):
-        stats.begin_task(W_k[k], weight=1.5 + k)
-        for x, xt, xa in zip(X[k], X_t[k], X_a[k]):
-            stats.add_batch(x, x_expert=xt, x_anchor=xa)
-        stats.end_task()
+    stats, W_m, W_k, X, X_t, X_a = _asymmetric(gen, torch.float32)
     res = quant.epmq_from_stats(stats, QuantSpec(bits=3, group_size=16), anchor=0.7,
                                 weight_anchor=0.2, percdamp=percdamp)
-
-    def flat(xs):
-        return torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
-
-    Q, Wm = res.weight.double(), W_m.double()
-    expert = sum((1.5 + k) * float((flat(X[k]) @ Q.T - flat(X_t[k]) @ W_k[k].double().T).pow(2).sum())
-                 for k in range(2))
-    anchor = sum(float((flat(X[k]) @ Q.T - flat(X_a[k]) @ Wm.T).pow(2).sum()) for k in range(2))
+    Q = res.weight.double()
+    expert = sum((1.5 + k) * float((X[k] @ Q.T - X_t[k] @ W_k[k].T).pow(2).sum()) for k in range(2))
+    anchor = sum(float((X[k] @ Q.T - X_a[k] @ W_m.T).pow(2).sum()) for k in range(2))
     total = expert + res.info["lam_effective"] * anchor
     assert res.expert_loss == pytest.approx(expert, rel=1e-6, abs=1e-9 * total)
     assert res.anchor_loss == pytest.approx(res.info["lam_effective"] * anchor, rel=1e-6, abs=1e-9 * total)
     assert res.weight_anchor_loss == pytest.approx(
-        res.info["mu_effective"] * float((Q - Wm).pow(2).sum()), rel=1e-6)
+        res.info["mu_effective"] * float((Q - W_m).pow(2).sum()), rel=1e-6)
 
 
 def test_fp_path_control_is_asymmetric_gptq(gen):
