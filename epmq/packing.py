@@ -78,6 +78,13 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
             f"{length} codes of {bits} bits take {packed_length(length, bits)} words, "
             f"got {packed.shape[0]}"
         )
+    if 32 % bits == 0:
+        # whole codes per word: one shift per code position, one mask (int32 throughout; the
+        # arithmetic shift's sign bits fall outside the mask)
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+        codes = (packed[:, None, :] >> shifts[None, :, None]).bitwise_and_(2**bits - 1)
+        return codes.reshape(packed.shape[0] * per, packed.shape[1])[:length]
     words = packed.to(torch.int64) & 0xFFFFFFFF  # undo the sign extension of the int32 view
     word, shift = _positions(length, bits, packed.device)
     codes = words[word] >> shift[:, None]

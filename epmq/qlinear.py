@@ -15,7 +15,8 @@ convention (``z - 1``) exists only in files and is converted by ``epmq.checkpoin
 
 Forward: on CUDA with 4 bits, the fused ``epmq_kernels.w4a16_matmul`` (the weight is
 dequantized in registers, never in memory); otherwise the weight is dequantized to the
-activations' dtype for the one product and dropped (no full-precision copy is kept).
+activations' dtype for the one product and dropped (no full-precision copy is kept; only the
+small ``[G, N]`` grid is kept unpacked, until its buffers change).
 """
 
 from __future__ import annotations
@@ -117,19 +118,44 @@ class QuantLinear(nn.Module):
         return self._weight_kn(dtype).t()
 
     def _weight_kn(self, dtype) -> torch.Tensor:
+        q = self.codes()
+        z, s, runs = self._grid(dtype)
+        if runs:  # groups are runs of rows: broadcast the [G, N] grid, no [K, N] gathers
+            K, N = q.shape
+            G = s.shape[0]
+            # (q - z) is a small integer, exact in any float dtype, so this is bit for bit the
+            # integer subtraction followed by one rounding of the product
+            return q.view(G, K // G, N).to(dtype).sub_(z[:, None]).mul_(s[:, None]).view(K, N)
         g = self.g_idx.long()
-        z = self.zeros()[g]
-        s = self.scales[g].to(dtype)
-        return (self.codes() - z).to(dtype) * s
+        return q.to(dtype).sub_(z[g]).mul_(s[g])
+
+    def _cached(self, name, build, *buffers):
+        """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``)."""
+        key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
+        hit = getattr(self, name, None)
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            setattr(self, name, hit)
+        return hit[1]
+
+    def _grid(self, dtype):
+        """``(z, s, runs)``: zero points and scales ``[G, N]`` in ``dtype``, and whether
+        ``g_idx`` is ``k // (K / G)`` (static groups, per channel): unpacked once, not per call."""
+
+        def build():
+            z, s = self.zeros().to(dtype), self.scales.to(dtype)
+            K, G = self.in_features, s.shape[0]
+            runs = K % G == 0 and torch.equal(
+                self.g_idx.long(), torch.arange(K, device=self.g_idx.device) // (K // G)
+            )
+            return z, s, runs
+
+        return self._cached(f"_grid_{str(dtype)[6:]}", build, self.qzeros, self.scales, self.g_idx)
 
     def _zeros_u8(self) -> torch.Tensor:
-        """Unpacked zero points for the kernel, kept until ``qzeros`` changes: unpacking on
-        every call would add launches comparable to a batch-1 product itself."""
-        key = (self.qzeros.data_ptr(), self.qzeros._version)
-        if getattr(self, "_zeros_key", None) != key:
-            self._zeros_cache = self.zeros().to(torch.uint8)
-            self._zeros_key = key
-        return self._zeros_cache
+        """Unpacked zero points for the kernel: unpacking on every call would add launches
+        comparable to a batch-1 product itself."""
+        return self._cached("_zeros_u8_cache", lambda: self.zeros().to(torch.uint8), self.qzeros)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -64,6 +64,31 @@ def test_forward_is_the_dequantized_product(dtype, gen):
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_is_bitwise_the_integer_formula(spec, dtype, gen):
+    """The grid is broadcast per group (static groups) or gathered per row (act-order), in
+    the target dtype: bit for bit ``(q - z[g]).to(dtype) * s[g].to(dtype)``."""
+    layer = epmq.QuantLinear.from_result(solve(spec, gen))
+    g = layer.g_idx.long()
+    ref = (layer.codes() - layer.zeros()[g]).to(dtype) * layer.scales[g].to(dtype)
+    assert torch.equal(layer.dequantize(dtype), ref.t())
+
+
+def test_dequantize_follows_in_place_changes_of_the_grid(gen):
+    """The unpacked grid is kept between calls, and dropped when a buffer changes."""
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen))
+    x = torch.randn(2, 64, generator=gen)
+    before = layer(x)
+    layer.scales.mul_(2)
+    torch.testing.assert_close(layer(x), 2 * before)
+    layer.qzeros.zero_()
+    g = layer.g_idx.long()
+    assert torch.equal(layer.dequantize(), (layer.codes().float() * layer.scales[g].float()).t())
+    layer.g_idx.copy_(torch.arange(64).flip(0) // 16)  # no longer runs of rows from 0
+    assert torch.equal(layer.dequantize(), (layer.codes().float() * layer.scales[layer.g_idx.long()].float()).t())
+
+
 def test_no_bias_and_weight_stand_in(gen):
     layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=8, group_size=-1), gen, method="rtn"))
     assert layer.bias is None and "bias" not in layer.state_dict()
