@@ -147,6 +147,27 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
 # --------------------------------------------------------------------------- shared GPTQ path
 
 
+def _lower_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """``L^{-1}`` of a lower-triangular ``L`` by halving: with ``L = [[A, 0], [B, C]]``,
+    ``L^{-1} = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``. Most of the work is then two matrix products
+    per level instead of one triangular solve against the identity, which runs far below GEMM
+    speed (0.70 -> 0.50 s on the CPU at 4096; on the H200 the solve took 4 of GPTQ's 16.6 ms)."""
+    out = torch.zeros_like(L)
+
+    def fill(lo, hi):
+        if hi - lo <= leaf:
+            eye = torch.eye(hi - lo, dtype=L.dtype, device=L.device)
+            out[lo:hi, lo:hi] = torch.linalg.solve_triangular(L[lo:hi, lo:hi], eye, upper=False)
+            return
+        mid = (lo + hi) // 2
+        fill(lo, mid)
+        fill(mid, hi)
+        out[mid:hi, lo:mid] = -(out[mid:hi, mid:hi] @ (L[mid:hi, lo:mid] @ out[lo:mid, lo:mid]))
+
+    fill(0, L.shape[0])
+    return out
+
+
 def _factor(H: torch.Tensor, percdamp: float):
     """Damp ``H`` (float64, processing order, dead columns fixed) until it factors.
 
@@ -160,7 +181,7 @@ def _factor(H: torch.Tensor, percdamp: float):
     for retry in range(MAX_DAMP_RETRIES + 1):
         L, info = torch.linalg.cholesky_ex((H + damp * eye).flip(0, 1))
         if int(info) == 0:
-            Hinv = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            Hinv = _lower_inverse(L).flip(0, 1)
             if all_finite(Hinv):
                 return Hinv, damp, retry
         # the next try damps ten times more; from zero damping, start at 1e-6 of the mean

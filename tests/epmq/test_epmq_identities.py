@@ -198,3 +198,18 @@ def test_reported_terms_with_damping_and_dead_columns(gen, anchor, weight_anchor
     assert res.expert_loss == pytest.approx(expert, rel=1e-6, abs=1e-9 * total)
     assert res.anchor_loss == pytest.approx(anc, rel=1e-6, abs=1e-9 * total)
     assert res.weight_anchor_loss == pytest.approx(wanc, rel=1e-6, abs=1e-9 * total)
+
+
+@pytest.mark.parametrize("d", [1, 7, 256, 257, 700, 1500])
+def test_lower_inverse_matches_the_triangular_solve(d):
+    from epmq.quant import _lower_inverse
+
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(2 * d + 3, d, dtype=torch.float64, generator=g) * torch.rand(d, dtype=torch.float64, generator=g)
+    L = torch.linalg.cholesky(X.T @ X + 1e-3 * torch.eye(d, dtype=torch.float64))
+    got = _lower_inverse(L)
+    ref = torch.linalg.solve_triangular(L, torch.eye(d, dtype=torch.float64), upper=False)
+    assert torch.equal(got.triu(1), torch.zeros_like(got))  # exactly lower triangular
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= 1e-10 * scale
+    assert float((got @ L - torch.eye(d, dtype=torch.float64)).abs().max()) <= 1e-10 * float(L.abs().max()) * scale
