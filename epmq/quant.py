@@ -247,7 +247,7 @@ def _round_target(
     backend = resolve_backend(backend, W_base.device)
     device = W_base.device
 
-    H64 = H.double().clone()
+    H64 = H.to(torch.float64, copy=True)  # (one copy whatever H's dtype: it is changed below)
     diag = torch.diagonal(H64)
     dead = diag == 0
     # A dead column saw only zero inputs: with diag 1 (its row and column of H are zero) it
