@@ -66,6 +66,7 @@ from epmq_kernels.expert_residual import (  # noqa: E402
 )
 from epmq_kernels.gptq_solve import gptq_solve, solver_launch_config  # noqa: E402
 from epmq_kernels import autotune_cache  # noqa: E402
+from epmq_kernels._runtime import fp32_matmul  # noqa: E402
 
 SHAPES = [(768, 3072), (4096, 4096), (4096, 14336)]  # [d_out, d_in]
 EAGER_REPEATS = {3072: 3, 4096: 2, 14336: 1}  # by d_in; 1 for anything larger
@@ -218,11 +219,8 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         return times, G.clone(), trace
 
     t_rr, G_r, c_r = residual(accumulate_residual_reference)
-    torch.backends.cuda.matmul.allow_tf32 = True  # the tensor-core reference: plain TF32
-    try:
+    with fp32_matmul(tf32=True):  # the tensor-core reference: plain TF32
         t_r32, _, _ = residual(accumulate_residual_reference)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
     flop = 2 * N_EXPERTS * d_out * d_in * d_in
     scale = float(G_r.abs().max())
     row = dict(shape, kind="residual", experts=N_EXPERTS, t_torch_s=t_rr, t_torch_tf32_s=t_r32,

@@ -15,13 +15,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from epmq import QuantSpec, quant  # noqa: E402
+from epmq_kernels._runtime import ieee_fp32_matmul  # noqa: E402
 
 
 def profile_tables(d=4096, n_experts=8, precisions=("ieee",), rows=18):
     """The profiler tables (text) of one E-PMQ layer per residual precision and one GPTQ layer."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with ieee_fp32_matmul():
         dev = "cuda"
         g = torch.Generator(device=dev).manual_seed(0)
         W_m = torch.randn(d, d, device=dev, generator=g) / 64
@@ -45,8 +44,6 @@ def profile_tables(d=4096, n_experts=8, precisions=("ieee",), rows=18):
                                               max_name_column_width=60)
             out.append(f"== {title}, {d}x{d}, {torch.cuda.get_device_name()}\n{table}")
         return "\n".join(out)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def main(argv=None):

@@ -280,7 +280,7 @@ def _round_target(
         # static grid: parameters from the original target's live columns, groups in stored
         # column order
         gs = d_in if group_size == -1 else group_size
-        live_target = target.masked_fill(dead, 0.0)
+        live_target = target.masked_fill(dead, 0.0) if any_dead else target
         scale, zero = find_params(live_target.reshape(d_out * n_groups, gs), spec.bits, spec.sym)
         scales, zeros = scale.reshape(d_out, n_groups), zero.reshape(d_out, n_groups)
         g_idx = torch.arange(d_in, device=device) // gs
@@ -446,7 +446,8 @@ def epmq_from_stats(
     anchor_term = weight_anchor_term = 0.0
     if lam or mu:
         E = result.weight - W_m32
-        weight_anchor_term = float(E.double().pow(2).sum())
+        if mu:
+            weight_anchor_term = float(E.double().pow(2).sum())
         if lam:
             anchor_term = _objective(E, H_m)
             if G_m is not None:

@@ -2,9 +2,10 @@
 Hessian ``H += X^T X`` (rows of ``X`` are tokens).
 
 ``G`` streams each expert once; the fused kernel never needs ``W_k - W_m`` as a whole (it forms
-its tiles in registers). For the IEEE product the autotuner also times cuBLAS, which does form
-it (see CUBLAS below), and keeps the faster. This file holds the torch references and the Triton kernels beside them;
-``accumulate_residual`` / ``accumulate_xxt`` with ``backend=`` pick one.
+its tiles in registers). For the IEEE and TF32 products the autotuner also times cuBLAS, which
+does form it (see CUBLAS below), and keeps the faster. This file holds the torch references and
+the Triton kernels beside them; ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=``
+pick one.
 
 Configuration space: ``G``/``H`` in fp32 (the GPU statistics) or fp64 (the CPU statistics);
 weights in any float dtype (converted to ``G``'s in registers); activations in bf16, fp16, fp32
@@ -279,12 +280,11 @@ def _config_tuple(config: dict) -> tuple:
 
 
 def _residual_cublas(G, W_k, W_m, H_k, a, precision):
-    """The product by the library; returns the per-row shares of ``tr(D H_k D^T)``."""
-    D = W_k.to(G.dtype) - W_m.to(G.dtype)
+    """The torch reference's product, by cuBLAS with TF32 on or off as ``precision`` says;
+    returns ``tr(D H_k D^T)`` as a one-element tensor, like the kernel's shares."""
     with fp32_matmul(tf32=precision == "tf32"):
-        P = D @ H_k.to(G.dtype)
-    G.add_(P, alpha=float(a))
-    return (P * D).sum(dim=1)
+        trace = accumulate_residual_reference(G, W_k, W_m, H_k, a)
+    return torch.tensor([trace], dtype=torch.float64)
 
 
 def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
@@ -313,8 +313,8 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference.
 
     ``input_precision`` ("ieee"; "tf32x3", a near-fp32 product on tensor cores; "tf32", one
-    TF32 product; see RESIDUAL_SPACE) applies to fp32 ``G`` only; fp64 ``G`` always multiplies in fp64. The
-    launch configuration is autotuned on the first call for a shape (on a scratch G).
+    TF32 product; see RESIDUAL_SPACE) applies to fp32 ``G`` only; fp64 ``G`` always multiplies
+    in fp64. The launch configuration is autotuned on the first call for a shape (on a scratch G).
     """
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
