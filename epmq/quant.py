@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from epmq_kernels._runtime import ieee_fp32_matmul
-from epmq_kernels.gptq_solve import gptq_solve
+from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_params, quantize_codes
 
 from .checks import all_finite, check_hessian, check_weight
@@ -43,7 +43,8 @@ class QuantResult:
 
     ``weight = (codes - zeros[:, g_idx]) * scales[:, g_idx]`` (float32); ``target`` is what was
     rounded (``W``, or ``W*`` for E-PMQ); ``loss = tr((weight - target) H (weight - target)^T)``
-    with the undamped ``H`` (``||weight - target||^2`` for RTN without ``H``).
+    with the undamped ``H`` (``||weight - target||^2`` for RTN without ``H``); GPTQ and E-PMQ
+    take it from the solver's scaled errors (``solved_loss``), to a few 1e-7 of its value.
     For E-PMQ, ``expert_loss + anchor_loss + weight_anchor_loss`` is ``L(Q)`` above.
     """
 
@@ -304,6 +305,13 @@ def _round_target(
         backend=backend,
         **grid,
     )
+    # The loss from the solver's errors (no product with H): tr(F H~ F^T) = sum(err^2) for the
+    # damped H~ the solver ran on, where F = Q - T is zero on dead columns (their target is 0
+    # on every grid); tr(F H F^T) = tr(F H~ F^T) - damp |F|^2 (dead columns add nothing to
+    # either: their rows and columns of H are zero, and rounding them afterwards keeps that).
+    F_p = out.Q - (W_p if R_p is None else W_p + R_p)
+    loss = solved_loss(out) - damp * float(torch.linalg.vector_norm(F_p, dtype=torch.float64)) ** 2
+    del F_p
     if any_dead:
         out = _round_dead(out, target_p, dead_p, grid.get("col_group"), group_size, spec.bits)
     weight = out.Q if perm is None else _unpermute(out.Q, perm)
@@ -316,7 +324,7 @@ def _round_target(
         zeros=out.zeros,
         g_idx=g_idx.to(torch.int32),
         target=target,
-        loss=_objective(weight - target, H),
+        loss=loss,
         spec=spec,
         perm=perm,
         damp=damp,

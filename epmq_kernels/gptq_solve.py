@@ -43,6 +43,20 @@ class SolveOut(NamedTuple):
     codes: torch.Tensor  # int32 [out, in], processing order
     scales: torch.Tensor  # float32 [out, G]
     zeros: torch.Tensor  # float32 [out, G], integer-valued
+    err_sq: Optional[torch.Tensor] = None  # float32 [out, blocks]: sum of err^2 (see below)
+
+
+def solved_loss(out: SolveOut) -> float:
+    """``tr((Q - T) H~ (Q - T)^T)`` of a solve, ``H~`` the (damped) Hessian whose inverse's
+    Cholesky factor is ``Hinv``, without a ``d_out x d_in x d_in`` product.
+
+    Column ``j`` leaves ``err_j = (w_j - q_j) / Hinv[j, j]`` and takes ``w_j - q_j``, its own
+    share of ``err_j Hinv[j, :]``, so after the last column ``Q = T - Err Hinv`` and
+    ``(Q - T) H~ (Q - T)^T = Err Hinv H~ Hinv^T Err^T = Err Err^T`` (``H~^{-1} = Hinv^T Hinv``):
+    the loss is ``sum(err^2)`` (GPTQ's own ``Losses``), to the rounding of the fp32 updates (a
+    few 1e-7 of the loss; ``tests/kernels/test_gptq_solve.py`` bounds it by 1e-5).
+    """
+    return float(out.err_sq.double().sum())
 
 
 def effective_blocksize(blocksize: int, group_size: int) -> int:
@@ -112,6 +126,7 @@ def gptq_solve_reference(
 
     Q = torch.empty_like(W)
     codes = torch.empty(d_out, d_in, dtype=torch.int32, device=W.device)
+    err_sq = torch.empty(d_out, triton.cdiv(d_in, B), dtype=torch.float32, device=W.device)
     for i1 in range(0, d_in, B):
         i2 = min(i1 + B, d_in)
         # the block is held transposed, a column of W a contiguous row of W1t: the per-column
@@ -141,8 +156,9 @@ def gptq_solve_reference(
             Err1t[i] = err
         Q[:, i1:i2] = Q1t.T
         codes[:, i1:i2] = codes1t.T
+        err_sq[:, i1 // B] = (Err1t * Err1t).sum(0)
         W[:, i2:] -= Err1t.T.contiguous() @ Hinv[i1:i2, i2:]
-    return SolveOut(Q, codes, scales, zeros)
+    return SolveOut(Q, codes, scales, zeros, err_sq)
 
 
 
@@ -201,6 +217,7 @@ def _gptq_block_kernel(
     Q,  # fp32 [d_out, d_in] out: dequantized weights
     codes,  # int32 [d_out, d_in] out
     Err,  # fp32 [d_out, err_stride] out: the block's scaled errors
+    ErrSq,  # fp32 [d_out, n_blocks] out: per row, the block's sum of squared scaled errors
     scales,  # fp32 [d_out, n_groups]: in for a static grid, out for dynamic groups
     zeros,  # fp32 [d_out, n_groups]: likewise
     col_group,  # int32 [d_in]: group of each processing column (static grid)
@@ -210,7 +227,8 @@ def _gptq_block_kernel(
     nb,  # columns in the block
     n_groups,
     group_size,
-    err_stride,
+    err_stride,  # (the block size B)
+    n_blocks,
     HAS_R: tl.constexpr,
     DYNAMIC: tl.constexpr,
     GROUP_SPANS: tl.constexpr,  # dynamic groups larger than the block
@@ -251,6 +269,7 @@ def _gptq_block_kernel(
         g = tl.sum(tl.where(cols == 0, gcol, 0), axis=0)
         scale = tl.load(scales + rows64 * n_groups + g, mask=row_ok, other=1.0)
         zero = tl.load(zeros + rows64 * n_groups + g, mask=row_ok, other=0.0)
+    err_sq = tl.zeros([BLOCK_ROWS], tl.float32)
     for i in range(0, nb):
         j = i1 + i
         more = i + 1 < nb
@@ -295,12 +314,14 @@ def _gptq_block_kernel(
         tl.store(codes + row_off + j, q.to(tl.int32), mask=row_ok)
         tl.store(Q + row_off + j, Qj, mask=row_ok)
         tl.store(Err + rows64 * err_stride + i, err, mask=row_ok)
+        err_sq = err_sq + err * err
         Wt = Wt - err[:, None] * h[None, :]
         h = h_next
         d = d_next
         if not DYNAMIC:
             scale = scale_next
             zero = zero_next
+    tl.store(ErrSq + rows64 * n_blocks + i1 // err_stride, err_sq, mask=row_ok)
 
 
 @triton.jit
@@ -419,6 +440,8 @@ def gptq_solve_triton(
     num_warps = num_warps or warps_default
     grid = (triton.cdiv(d_out, block_rows),)
     Err = _workspace((d_out, B), torch.float32, device)
+    n_blocks = triton.cdiv(d_in, B)
+    err_sq = _workspace((d_out, n_blocks), torch.float32, device)
     work = _workspace((d_out, d_in), torch.float32, device) if d_in > B else None
     # torch divides by a Python scalar on the CPU but multiplies by its fp32 reciprocal on CUDA
     maxq_rcp = float(torch.tensor(1.0 / maxq, dtype=torch.float32))
@@ -446,6 +469,7 @@ def gptq_solve_triton(
                 Q,
                 codes,
                 Err,
+                err_sq,
                 scales,
                 zeros,
                 col_group_i32,
@@ -456,6 +480,7 @@ def gptq_solve_triton(
                 n_groups,
                 group_size if dynamic else 1,
                 B,
+                n_blocks,
                 HAS_R=first and R is not None,
                 DYNAMIC=dynamic,
                 GROUP_SPANS=spans,
@@ -480,7 +505,7 @@ def gptq_solve_triton(
                 _target_minus_update_kernel[(triton.cdiv(d_out * (d_in - i2), BLOCK),)](
                     W, R, P, work, d_out, d_in - i2, i2, d_in, BLOCK=BLOCK
                 )
-    return SolveOut(Q, codes, scales, zeros)
+    return SolveOut(Q, codes, scales, zeros, err_sq)
 
 
 def gptq_solve(W, Hinv, *, backend: str = "torch", **kwargs) -> SolveOut:

@@ -109,7 +109,10 @@ def test_gptq_matches_paper_float64(gen, spec, blocksize):
     ref, gap, perm = gptq_paper(W, H, spec)
     res = quant.gptq(W, H, spec, blocksize=blocksize, backend="torch")
     assert torch.isfinite(res.weight).all()
-    assert res.loss == pytest.approx(objective(res.weight, W, H), rel=1e-6)
+    # the loss comes from the solver's errors (solved_loss), which the fp32 rounding of the
+    # updates moves by up to ~1e-5 of it at 8 bits (the quantization error is 16x smaller than
+    # at 4 bits, the rounding noise the same) and below 1e-6 at 2 to 4 bits (40 seeds)
+    assert res.loss == pytest.approx(objective(res.weight, W, H), rel=5e-5 if spec.bits == 8 else 5e-6)
     # Rows are independent in GPTQ. Where float32 and float64 take the same rounding decisions
     # the two agree to float precision; a row may part only where a weight sat on a rounding
     # tie (within float32's noise: the symmetric grid even puts each group's most negative

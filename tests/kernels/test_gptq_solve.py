@@ -24,6 +24,7 @@ from epmq_kernels.gptq_solve import (
     gptq_solve,
     gptq_solve_reference,
     gptq_solve_triton,
+    solved_loss,
 )
 from epmq_kernels.grid import find_params
 from gpu_compile import ptxas_available, run_compile_script
@@ -45,13 +46,19 @@ def make_hessian(gen, d_in, n_tokens, *, dead=(), spread=3.0):
     return (X.T @ X).cpu()
 
 
-def make_hinv(H, percdamp=0.01, perm=None):
-    """Upper Cholesky factor of ``H~^{-1}`` in processing order, as GPTQ builds it: dead columns
-    get diagonal 1, then ``percdamp * mean(diag)`` damping."""
+def damped(H, percdamp=0.01):
+    """``H~``, as GPTQ builds it: dead columns get diagonal 1, then ``percdamp * mean(diag)``
+    damping (float64)."""
     H = H.double().clone()
     diag = H.diagonal()
     diag[diag == 0] = 1.0
     diag.add_(percdamp * float(diag.mean()))
+    return H
+
+
+def make_hinv(H, percdamp=0.01, perm=None):
+    """Upper Cholesky factor of ``H~^{-1}`` in processing order (``damped``)."""
+    H = damped(H, percdamp)
     if perm is not None:
         H = H[perm][:, perm]
     H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
@@ -122,6 +129,13 @@ def assert_solves_match(ref, out, T, H, max_mismatch=MAX_CODE_MISMATCH):
     assert float(zero_step.max()) <= 1 and float((zero_step > 0).double().mean()) <= max_mismatch
     loss_ref, loss = layer_loss(ref.Q, T, H), layer_loss(out.Q, T, H)
     assert abs(loss - loss_ref) <= 1e-4 * abs(loss_ref) + 1e-12, (loss, loss_ref)
+    # Q = T - Err Hinv, so each solve's loss under the damped H~ is its sum of err^2
+    H_damped = damped(H)
+    for name, s in (("reference", ref), ("kernel", out)):
+        assert s.err_sq.shape == ref.err_sq.shape and s.err_sq.shape[0] == T.shape[0]
+        assert torch.isfinite(s.err_sq).all(), f"{name}: err_sq has unwritten (NaN) elements"
+        exact = layer_loss(s.Q, T, H_damped)
+        assert abs(solved_loss(s) - exact) <= 2e-5 * exact + 1e-9, (name, solved_loss(s), exact)
 
 
 def run_both(W, Hinv, H, **kw):
@@ -381,7 +395,7 @@ from triton.compiler import ASTSource
 import epmq_kernels.gptq_solve as gs
 
 ptr = dict(W="*fp32", R="*fp32", Hinv="*fp32", Q="*fp32", codes="*i32", Err="*fp32",
-           scales="*fp32", zeros="*fp32", col_group="*i32")
+           ErrSq="*fp32", scales="*fp32", zeros="*fp32", col_group="*i32")
 rcp = float(torch.tensor(1 / 15, dtype=torch.float32))
 variants = [  # (DYNAMIC, GROUP_SPANS, SYM, HAS_R, BLOCK_ROWS, BLOCK_COLS, num_warps, capability)
     (True, False, False, True, 4, 128, 1, 90),
