@@ -122,6 +122,12 @@ def main(argv=None):
                 print(f"round {r + 1}: {name}: {json.dumps(runs[name][-1])}", flush=True)
     result = {name: _median_of(rs) for name, rs in runs.items()}
     result["machine"] = dict(cpus=os.cpu_count(), python=sys.version.split()[0])
+    # what "current" was: the checked-out commit, and whether the tree differed from it
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    result["current_revision"] = head + (" (uncommitted changes)" if dirty else "")
     print(f"\n{'':46s}" + "".join(f"{name:>20s}" for name in versions))
     rows = [(f"GPTQ {args.d}^2 (s)", lambda r: r["gptq_s"])]
     rows += [(f"E-PMQ from statistics, anchor {a} (s)", lambda r, a=a: r["epmq_s"][a])
