@@ -1140,6 +1140,12 @@ def _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G):
 
 
 _KNOBS = getattr(triton, "knobs", None)
+# Direct launches follow the launcher convention of Triton >= 3.4 (the first to have
+# ``triton.knobs``): every kernel argument, constexprs included, and the launch hooks from
+# ``triton.knobs.runtime``. Triton 3.0-3.2 pass only the non-constexpr values and 3.0-3.3 keep
+# the hooks on ``CompiledKernel``; there every call goes through the JIT (slower on the host,
+# the same kernels).
+DIRECT_LAUNCH = _KNOBS is not None
 
 
 class _Launch:
@@ -1175,7 +1181,8 @@ class _Launch:
         if self.compiled is None:
             args = self._tensor_args(x, y)
             compiled = self.fn[self.grid](*args, **self.options)
-            if not INTERPRETED and compiled is not None and hasattr(compiled, "packed_metadata"):
+            if (DIRECT_LAUNCH and not INTERPRETED and compiled is not None
+                    and hasattr(compiled, "packed_metadata")):
                 self.int_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a
                                  for a in args]
                 self.compiled = compiled

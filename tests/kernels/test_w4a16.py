@@ -480,6 +480,49 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
+class _StandInCompiled:
+    """What Triton's JIT returns from a launch: a compiled kernel with a C launcher (``run``)."""
+
+    packed_metadata, function = "meta", "fn"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, gx, gy, gz, stream, function, packed, meta, enter, exit_, *args):
+        self.runs.append(args)
+
+
+class _StandInJIT:
+    """A ``@triton.jit`` function's launch interface: ``fn[grid](*args, **options)``."""
+
+    def __init__(self):
+        self.compiled, self.calls = _StandInCompiled(), []
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.calls.append(args) or self.compiled
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_launch_only_with_a_known_launcher_convention(monkeypatch, direct):
+    """From the second call a launch goes straight to the compiled kernel with integer pointers
+    where Triton's launcher convention is the one it was written for (>= 3.4); with an older
+    Triton every call goes through the JIT, with the tensors, and still reaches the kernel."""
+    monkeypatch.setattr(W, "INTERPRETED", False)
+    monkeypatch.setattr(W, "DIRECT_LAUNCH", direct)
+    fn = _StandInJIT()
+    x, y, w = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    launch = W._Launch(fn, (2, 1, 1), [x, w, 7, y], dict(num_warps=4), 0, 3, weak_slots=(1,))
+    x2, y2 = torch.zeros(4), torch.zeros(4)
+    for xs, ys in ((x, y), (x2, y2), (x2, y2)):
+        launch(xs, ys, stream=0)
+    if direct:
+        assert len(fn.calls) == 1 and len(fn.compiled.runs) == 2
+        assert fn.compiled.runs[-1] == (x2.data_ptr(), w.data_ptr(), 7, y2.data_ptr())
+    else:
+        assert len(fn.calls) == 3 and not fn.compiled.runs and launch.compiled is None
+        assert fn.calls[-1][0] is x2 and fn.calls[-1][1] is w and fn.calls[-1][3] is y2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile for the real GPU")
 def test_direct_launches_without_gpu():
     """The compiled-mode launcher on this machine: kernels compiled for sm_90, a stand-in
