@@ -100,12 +100,28 @@ def _check_spec(spec: QuantSpec, d_in: int) -> int:
     return spec.n_groups(d_in)
 
 
+def _block_edges(d: int) -> list:
+    """Edges of the (at most 8, at least 256 wide) column blocks that the triangular and
+    symmetric products below skip half of: with 8 blocks they do 56% of a dense product's work."""
+    n_blocks = max(1, min(8, d // 256))
+    return [round(b * d / n_blocks) for b in range(n_blocks + 1)]
+
+
 def _objective(E: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(E H E^T)``: the product in float32 (it is the cost of a GPTQ trailing update, and
-    the loss is a report, not an input to the solver), the sum in float64."""
-    E = E.float()
+    """``tr(E H E^T) = <H, E^T E>`` for a symmetric ``H``: the blocks of the symmetric ``E^T E``
+    on and right of the diagonal, each off-diagonal one counted twice (56% of the work of
+    ``E @ H``). Products in float32 (the value is a report, not an input to the solver), sums in
+    float64."""
+    E, H = E.float(), H.float()
+    edges = _block_edges(H.shape[0])
+    total = 0.0
     with ieee_fp32_matmul():
-        return float(((E @ H.float()) * E).double().sum())
+        for a, b in zip(edges[:-1], edges[1:]):
+            P = E[:, a:b].T @ E[:, a:]  # row a:b of E^T E, from its diagonal block on
+            w = b - a
+            total += float(torch.sum(P[:, :w] * H[a:b, a:b], dtype=torch.float64))
+            total += 2 * float(torch.sum(P[:, w:] * H[a:b, b:], dtype=torch.float64))
+    return total
 
 
 def _unpermute(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -202,8 +218,7 @@ def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False) 
     ``R = (G Hinv^T) Hinv`` is two of these float64 products of the layer's full size (30% less
     time than dense on the CPU at 4096 x 4096)."""
     d = U.shape[0]
-    n_blocks = max(1, min(8, d // 256))
-    edges = [round(b * d / n_blocks) for b in range(n_blocks + 1)]
+    edges = _block_edges(d)
     out = torch.empty(A.shape[0], d, dtype=torch.promote_types(A.dtype, U.dtype), device=A.device)
     for a, b in zip(edges[:-1], edges[1:]):
         if transposed:  # (U^T)[i, j] = U[j, i] is zero for i < j

@@ -177,6 +177,19 @@ def test_times_upper_equals_the_dense_product(d_out, d):
         assert torch.allclose(got, dense, rtol=1e-12, atol=1e-12 * float(dense.abs().max()))
 
 
+@pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (2000, 300), (16, 2304)])
+def test_objective_equals_the_dense_trace(d_out, d):
+    """The block-symmetric ``tr(E H E^T)`` (float32 products, float64 sums) against float64."""
+    from epmq.quant import _objective
+
+    g = torch.Generator().manual_seed(d_out * 1000 + d)
+    E = torch.randn(d_out, d, generator=g)
+    X = torch.randn(d, 2 * d, generator=g) * torch.exp(torch.randn(d, 1, generator=g))
+    H = (X @ X.T).float()
+    exact = float(((E.double() @ H.double()) * E.double()).sum())
+    assert _objective(E, H) == pytest.approx(exact, rel=1e-5)
+
+
 @pytest.mark.parametrize("anchor, weight_anchor", [(0.0, 0.0), (1.0, 0.0), (0.3, 0.2), (0.0, 0.5)])
 @pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=16),
                                   QuantSpec(bits=8, group_size=-1, act_order=True),
