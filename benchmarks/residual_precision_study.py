@@ -6,7 +6,7 @@
 E-PMQ's statistics ``G = sum_k a_k (W_k - W_m) H_k`` cost 8 GEMMs of the layer's size for 8
 experts, most of E-PMQ's time on a GPU (benchmarks/results). Tensor cores would cut that
 several-fold, at the price of rounding the operands. This study computes ``G`` as each GPU
-product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64, torch) on each:
+product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64 statistics, torch) on each:
 
     fp64        the reference (the CPU statistics)
     fp32        IEEE fp32 operands and sums (the GPU default, residual_precision="ieee")
