@@ -285,8 +285,8 @@ def _round_target(
         # R = G H~^{-1} = (G Hinv^T) Hinv, in processing order, in IEEE fp32 like the solver's
         # own updates: ~1e-6 of R from float64 products (at most 1.4e-5 on the demo's layers;
         # 0.01% of codes move, at rounding ties, on residual_precision_study.py's layers), at
-        # half their cost on the CPU and far less on
-        # GPUs without fast float64 (L4, A10, RTX: 1/32 to 1/64 of the fp32 rate)
+        # half their cost on the CPU and far less on GPUs without fast float64 (L4, A10, RTX:
+        # 1/32 to 1/64 of the fp32 rate)
         G_p = G.float() if perm is None else G.float()[:, perm]
         with ieee_fp32_matmul():
             R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True), Hinv32)
