@@ -35,3 +35,20 @@ def test_checks_name_the_problem():
     H[0, 5] = float("inf")
     with pytest.raises(ValueError, match="H has non-finite"):
         check_hessian(H, 6)
+
+
+@pytest.mark.parametrize("d", [6, 300, 1024])
+def test_hessian_must_be_symmetric(d):
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(3 * d, d, generator=g) * torch.exp(torch.randn(d, generator=g))
+    H = X.T @ X  # not bitwise symmetric from BLAS: rounding must pass
+    check_hessian(H, d)
+    check_hessian(H.bfloat16().float(), d)
+    check_hessian(H.double(), d)
+    bad = H.clone()
+    bad[: d // 2, d // 2 :] *= 1.05  # one off-diagonal block 5% off its mirror image
+    with pytest.raises(ValueError, match="H is not symmetric"):
+        check_hessian(bad, d)
+    with pytest.raises(ValueError, match="H is not symmetric"):
+        # noise of 1% of H's size (Frobenius), off the diagonal, not mirrored
+        check_hessian(H + torch.randn(d, d, generator=g).fill_diagonal_(0) * 0.01 * float(H.norm()) / d, d)
