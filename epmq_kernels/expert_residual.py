@@ -117,14 +117,16 @@ RESIDUAL_SPACE = {
              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
 RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
-# cuBLAS is one more candidate for the IEEE and the TF32 product: it forms D = W_k - W_m and
-# P = D @ H_k in memory (two weight-sized temporaries) with its own tuned tiles. For IEEE it
-# beat the fused kernel at every layer shape on the H200 (2026-11-28, 8 experts: 23 ms against
-# 33 ms at 4096^2), so the autotuner times both and keeps the faster. Its TF32 product may round
-# the operands to TF32 otherwise than the kernel's cvt.rna (truncation errs up to 2^-10 instead
-# of 2^-11), the same precision class. tf32x3 has no cuBLAS counterpart in torch.
+# cuBLAS is one more candidate for every precision: it forms D = W_k - W_m and P = D @ H_k in
+# memory (weight-sized temporaries) with its own tuned tiles. For IEEE it beat the fused kernel
+# at every layer shape on the H200 (2026-11-28, 8 experts: 23 ms against 33 ms at 4096^2), so
+# the autotuner times both and keeps the faster. Its TF32 product may round the operands to
+# TF32 otherwise than the kernel's cvt.rna (truncation errs up to 2^-10 instead of 2^-11), the
+# same precision class. Its tf32x3 is three TF32 cuBLAS products of the operands split as the
+# kernel splits them (``_tf32x3_product``): the dropped lo*lo term and the TF32 conversion of
+# the lo parts err by about 2^-21 of each term, whichever way cuBLAS converts.
 CUBLAS = ("cublas",)
-CUBLAS_PRECISIONS = ("ieee", "tf32")
+CUBLAS_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -279,12 +281,38 @@ def _config_tuple(config: dict) -> tuple:
             config["num_stages"])
 
 
+def _split_tf32(x: torch.Tensor):
+    """``x = hi + lo`` with ``hi`` a TF32 value (``tf32_round``) and ``lo`` the fp32 remainder,
+    exact: it has at most 14 significant bits."""
+    hi = tf32_round(x)
+    return hi, x - hi
+
+
+def _tf32x3_product(D: torch.Tensor, H: torch.Tensor, mm=torch.mm) -> torch.Tensor:
+    """``D @ H`` (fp32) as ``D_hi H_hi + D_hi H_lo + D_lo H_hi``, each by ``mm`` (a TF32 cuBLAS
+    product under ``fp32_matmul(tf32=True)``; the tests pass an emulation of one). The hi parts
+    are TF32 values, converted exactly; the lo parts are 2^-11 of the operands, so whatever
+    their conversion drops, and the lo*lo term, is about 2^-21 of each term."""
+    D_hi, D_lo = _split_tf32(D)
+    H_hi, H_lo = _split_tf32(H)
+    P = mm(D_lo, H_hi)  # the small terms first: the large one is added to their fp32 sum
+    P += mm(D_hi, H_lo)
+    P += mm(D_hi, H_hi)
+    return P
+
+
 def _residual_cublas(G, W_k, W_m, H_k, a, precision):
-    """The torch reference's product, by cuBLAS with TF32 on or off as ``precision`` says;
+    """The torch reference's product by cuBLAS: IEEE, one TF32 product, or three (tf32x3);
     returns ``tr(D H_k D^T)`` as a one-element tensor, like the kernel's shares."""
-    with fp32_matmul(tf32=precision == "tf32"):
-        trace = accumulate_residual_reference(G, W_k, W_m, H_k, a)
-    return torch.tensor([trace], dtype=torch.float64)
+    if precision != "tf32x3":
+        with fp32_matmul(tf32=precision == "tf32"):
+            trace = accumulate_residual_reference(G, W_k, W_m, H_k, a)
+        return torch.tensor([trace], dtype=torch.float64)
+    D = W_k.float() - W_m.float()
+    with fp32_matmul(tf32=True):
+        P = _tf32x3_product(D, H_k.float())
+    G.add_(P, alpha=float(a))
+    return torch.sum(P * D, dtype=torch.float64).reshape(1)
 
 
 def _launch_residual(G, W_k, W_m, H_k, a, precision, config):

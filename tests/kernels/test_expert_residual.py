@@ -252,8 +252,9 @@ def test_cuda_residual_against_fp64(gen, precision):
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d_out,d_in", [(37, 96), (70, 33)])
 def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
-    """The library candidate of the residual (a torch product, so it runs here too; on the CPU
-    its "tf32" is IEEE, so only "ieee" is compared)."""
+    """The library candidate of the residual (torch products, so it runs here too; on the CPU
+    TF32 is off, so "ieee" and "tf32x3", whose split is exact, are compared; the TF32 rounding
+    itself is emulated in test_tf32x3_product_with_emulated_tf32)."""
     import epmq_kernels.expert_residual as er
 
     G0 = rand(gen, d_out, d_in, dtype=g_dtype, scale=10.0)
@@ -265,12 +266,40 @@ def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
     c_out = float(er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "ieee", er.CUBLAS).double().sum())
     assert_update_close(G_out, G_ref, G0, 10 * EPS[g_dtype])
     assert abs(c_out - c_ref) <= 10 * EPS[g_dtype] * abs(c_ref)
-    with pytest.raises(ValueError, match="no candidate for the 'tf32x3' residual"):
-        er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "tf32x3", er.CUBLAS)
+    G_x3 = G0.clone()
+    c_x3 = float(er._launch_residual(G_x3, W_k, W_m, H_k, 0.3, "tf32x3", er.CUBLAS).double().sum())
+    assert_update_close(G_x3, G_ref, G0, 10 * EPS[torch.float32])
+    assert abs(c_x3 - c_ref) <= 10 * EPS[torch.float32] * abs(c_ref)
+
+
+def _tf32_truncate(x):
+    """What a tensor core may read of an fp32 operand: the top 10 mantissa bits (truncated)."""
+    return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(37, 96), (64, 513)])
+def test_tf32x3_product_with_emulated_tf32(gen, d_out, d_in):
+    """Three TF32 products of the split operands are as accurate as an IEEE fp32 product (to a
+    small factor), where one TF32 product errs by ~2^-11 of its terms; TF32 emulated by
+    truncating both operands (the worse of the conversions) and multiplying exactly in fp64."""
+    from epmq_kernels.expert_residual import _tf32x3_product, tf32_round
+
+    def mm_tf32(A, B):
+        return (_tf32_truncate(A).double() @ _tf32_truncate(B).double()).float()
+
+    D = rand(gen, d_out, d_in, scale=0.1)
+    H = gram(gen, 50, d_in, torch.float32)
+    exact = D.double() @ H.double()
+    scale = (D.double().abs() @ H.double().abs())  # the size of each sum's terms
+    err = lambda P: float(((P.double() - exact).abs() / scale).max())  # noqa: E731
+    e_x3, e_ieee = err(_tf32x3_product(D, H, mm=mm_tf32)), err(D @ H)
+    e_one = err(mm_tf32(tf32_round(D), tf32_round(H)))
+    assert e_x3 <= 4 * e_ieee + 2**-20, (e_x3, e_ieee)
+    assert e_one > 50 * e_x3, (e_one, e_x3)
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
-def test_residual_autotune_space_offers_cublas_but_for_tf32x3(gen, precision, monkeypatch):
+def test_residual_autotune_space_offers_cublas(gen, precision, monkeypatch):
     """What the autotuner is offered, and that a cuBLAS winner is launched as cuBLAS (the
     timing itself needs a GPU: the tuner is replaced by one that picks the last candidate)."""
     import epmq_kernels.autotune_cache as ac
@@ -289,10 +318,8 @@ def test_residual_autotune_space_offers_cublas_but_for_tf32x3(gen, precision, mo
     G = torch.zeros(8, 16, device=DEVICE)
     W = rand(gen, 8, 16)
     chosen = er._residual_config(G, W, W, torch.eye(16, device=DEVICE), precision)
-    library = precision != "tf32x3"
-    assert len(offered) == len(er.RESIDUAL_SPACE[precision]) + library
-    assert (chosen == er.CUBLAS) == library
-    assert ({"impl": "cublas"} in offered) == library
+    assert len(offered) == len(er.RESIDUAL_SPACE[precision]) + 1
+    assert chosen == er.CUBLAS and {"impl": "cublas"} in offered
 
 
 @pytest.mark.cuda
