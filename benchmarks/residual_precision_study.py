@@ -13,6 +13,8 @@ product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64 st
     tf32        operands rounded to TF32 (10 mantissa bits, to nearest), fp32 sums: "tf32"
     tf32-trunc  the same with truncated operands (if the hardware drops the low bits)
     bf16        operands rounded to bf16 (7 bits): a coarser product, for contrast
+    tf32x3      three TF32 products of operands split into a TF32 part and its remainder
+                ("tf32x3" on cuBLAS), the conversion emulated by truncation, fp32 sums
 
 For each it reports how far ``G`` and the target ``W*`` move, the fraction of grid codes that
 change, and the true E-PMQ objective (expert term evaluated with the fp64 statistics, plus the
@@ -37,7 +39,7 @@ from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq.stats import EPMQStats  # noqa: E402
-from epmq_kernels.expert_residual import tf32_round  # noqa: E402
+from epmq_kernels.expert_residual import _tf32x3_product, tf32_round  # noqa: E402
 
 
 def _truncate_tf32(x):
@@ -48,15 +50,25 @@ def _bf16(x):
     return x.float().bfloat16().float()
 
 
-ROUNDINGS = {"fp32": lambda x: x.float(), "tf32": tf32_round, "tf32-trunc": _truncate_tf32,
-             "bf16": _bf16}
+def _rounded(rounding):
+    return lambda D, H: rounding(D) @ rounding(H)
 
 
-def residual(W_m, experts, hessians, weights, rounding):
-    """``sum_k a_k r(W_k - W_m) r(H_k)`` with operands rounded by ``r``, summed in fp32."""
+def _tf32_mm(A, B):
+    return _truncate_tf32(A) @ _truncate_tf32(B)
+
+
+# each emulates one way of forming the fp32 product D @ H_k
+PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
+            "tf32-trunc": _rounded(_truncate_tf32), "bf16": _rounded(_bf16),
+            "tf32x3": lambda D, H: _tf32x3_product(D, H, mm=_tf32_mm)}
+
+
+def residual(W_m, experts, hessians, weights, product):
+    """``sum_k a_k (W_k - W_m) H_k`` with each product formed by ``product``, summed in fp32."""
     G = torch.zeros(W_m.shape, dtype=torch.float32)
     for W_k, H_k, a in zip(experts, hessians, weights):
-        G.add_(rounding(W_k.float() - W_m.float()) @ rounding(H_k.float()), alpha=a)
+        G.add_(product(W_k.float() - W_m.float(), H_k.float()), alpha=a)
     return G.double()
 
 
@@ -75,8 +87,8 @@ def study(d_out, d_in, bits_list, anchors, group_size, spread, bar):
         stats.add_task(W_k, H_k)
     G_exact = stats.G_e.clone()
     variants = {"fp64": G_exact}
-    for name, rounding in ROUNDINGS.items():
-        variants[name] = residual(W_m, experts, hessians, stats.task_weights, rounding)
+    for name, product in PRODUCTS.items():
+        variants[name] = residual(W_m, experts, hessians, stats.task_weights, product)
     rows = []
     for bits in bits_list:
         spec = QuantSpec(bits=bits, group_size=group_size)
@@ -140,7 +152,7 @@ def main(argv=None):
     anchors = [float(a) for a in args.anchors.split(",")]
     started = time.perf_counter()
     rows = []
-    total = len(shapes) * len(bits) * len(anchors) * (1 + len(ROUNDINGS))
+    total = len(shapes) * len(bits) * len(anchors) * (1 + len(PRODUCTS))
     with tqdm(total=total, desc="E-PMQ solves") as bar:
         for d_out, d_in in shapes:
             rows += study(d_out, d_in, bits, anchors, args.group_size, args.spread, bar)
