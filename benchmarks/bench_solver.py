@@ -375,7 +375,7 @@ def main(argv=None):
 
         profile_path = os.path.join(args.out, f"epmq-layer-profile-{slug}.txt")
         with open(profile_path, "w") as f:
-            f.write(profile_tables(precisions=("ieee", "tf32")))
+            f.write(profile_tables(precisions=("ieee", "tf32x3", "tf32")))
         print(f"wrote {profile_path} in {time.perf_counter() - started:.0f} s", flush=True)
     return 1 if bad else 0
 
