@@ -39,7 +39,7 @@ from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq.stats import EPMQStats  # noqa: E402
-from epmq_kernels.expert_residual import _tf32x3_product, tf32_round  # noqa: E402
+from epmq_kernels._runtime import tf32_round, tf32x3_mm  # noqa: E402
 
 
 def _truncate_tf32(x):
@@ -61,7 +61,7 @@ def _tf32_mm(A, B):
 # each emulates one way of forming the fp32 product D @ H_k
 PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
             "tf32-trunc": _rounded(_truncate_tf32), "bf16": _rounded(_bf16),
-            "tf32x3": lambda D, H: _tf32x3_product(D, H, mm=_tf32_mm)}
+            "tf32x3": lambda D, H: tf32x3_mm(D, H, mm=_tf32_mm)}
 
 
 def residual(W_m, experts, hessians, weights, product):

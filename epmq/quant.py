@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from epmq_kernels._runtime import ieee_fp32_matmul
+from epmq_kernels._runtime import fp32_mm, ieee_mm
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_params, quantize_codes
 
@@ -107,20 +107,19 @@ def _block_edges(d: int) -> list:
     return [round(b * d / n_blocks) for b in range(n_blocks + 1)]
 
 
-def _objective(E: torch.Tensor, H: torch.Tensor) -> float:
+def _objective(E: torch.Tensor, H: torch.Tensor, mm=ieee_mm) -> float:
     """``tr(E H E^T) = <H, E^T E>`` for a symmetric ``H``: the blocks of the symmetric ``E^T E``
     on and right of the diagonal, each off-diagonal one counted twice (56% of the work of
-    ``E @ H``). Products in float32 (the value is a report, not an input to the solver), sums in
-    float64."""
+    ``E @ H``). Products in float32 by ``mm`` (the value is a report, not an input to the
+    solver), sums in float64."""
     E, H = E.float(), H.float()
     edges = _block_edges(H.shape[0])
     total = 0.0
-    with ieee_fp32_matmul():
-        for a, b in zip(edges[:-1], edges[1:]):
-            P = E[:, a:b].T @ E[:, a:]  # row a:b of E^T E, from its diagonal block on
-            w = b - a
-            total += float(torch.sum(P[:, :w] * H[a:b, a:b], dtype=torch.float64))
-            total += 2 * float(torch.sum(P[:, w:] * H[a:b, b:], dtype=torch.float64))
+    for a, b in zip(edges[:-1], edges[1:]):
+        P = mm(E[:, a:b].T, E[:, a:])  # row a:b of E^T E, from its diagonal block on
+        w = b - a
+        total += float(torch.sum(P[:, :w] * H[a:b, a:b], dtype=torch.float64))
+        total += 2 * float(torch.sum(P[:, w:] * H[a:b, b:], dtype=torch.float64))
     return total
 
 
@@ -212,7 +211,8 @@ def _factor(H: torch.Tensor, percdamp: float):
     )
 
 
-def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False,
+                 mm=torch.mm) -> torch.Tensor:
     """``A @ U`` (``A @ U^T`` with ``transposed``) for an upper-triangular ``U``, in column
     blocks that skip its zero half: with 8 blocks, 56% of a dense product's work. E-PMQ's
     ``R = (G Hinv^T) Hinv`` is two of these products of the layer's full size (30% less time
@@ -222,9 +222,9 @@ def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False) 
     out = torch.empty(A.shape[0], d, dtype=torch.promote_types(A.dtype, U.dtype), device=A.device)
     for a, b in zip(edges[:-1], edges[1:]):
         if transposed:  # (U^T)[i, j] = U[j, i] is zero for i < j
-            out[:, a:b] = A[:, a:] @ U[a:b, a:].T
+            out[:, a:b] = mm(A[:, a:], U[a:b, a:].T)
         else:  # U[i, j] is zero for i > j
-            out[:, a:b] = A[:, :b] @ U[:b, a:b]
+            out[:, a:b] = mm(A[:, :b], U[:b, a:b])
     return out
 
 
@@ -251,10 +251,12 @@ def _round_target(
     blocksize: int,
     percdamp: float,
     backend: Optional[str],
+    mm=ieee_mm,
 ):
     """GPTQ of the target ``W* = W_base + G H~^{-1}`` (``G=None``: ``W* = W_base``) under ``H``.
 
-    The caller adds the method's own loss terms to the result.
+    ``mm``: the fp32 product for ``R = G H~^{-1}`` (``epmq_from_stats`` picks it). The caller
+    adds the method's own loss terms to the result.
     """
     t0 = time.perf_counter()
     d_out, d_in = W_base.shape
@@ -288,8 +290,7 @@ def _round_target(
         # half their cost on the CPU and far less on GPUs without fast float64 (L4, A10, RTX:
         # 1/32 to 1/64 of the fp32 rate)
         G_p = G.float() if perm is None else G.float()[:, perm]
-        with ieee_fp32_matmul():
-            R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True), Hinv32)
+        R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True, mm=mm), Hinv32, mm=mm)
     target_p = W_p if R_p is None else W_p + R_p
     target = target_p if perm is None else _unpermute(target_p, perm)
     dead_p = dead if perm is None else dead[perm]
@@ -456,9 +457,15 @@ def epmq_from_stats(
     if mu:
         H.diagonal().add_(mu)
     G = G_e.double() if G_m is None or lam == 0 else G_e.double() + lam * G_m.double()
+    # A TF32 residual (the user's choice, on the Triton backend) makes E-PMQ's other large fp32
+    # products, R and the anchor term, three TF32 products: IEEE fp32's accuracy class at about
+    # 3/8 of its time, on GPUs with TF32 tensor cores (elsewhere IEEE)
+    backend = resolve_backend(backend, W_m.device)
+    fast = backend == "triton" and stats.residual_precision != "ieee"
+    mm = fp32_mm(W_m.device, fast)
 
     result = _round_target(
-        W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend
+        W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm
     )
     t0 = time.perf_counter()
     # The objective's value without another d_out x d_in x d_in product: with F = Q - W*,
@@ -479,7 +486,7 @@ def epmq_from_stats(
         if mu:
             weight_anchor_term = float(E.double().pow(2).sum())
         if lam:
-            anchor_term = _objective(E, H_m)
+            anchor_term = _objective(E, H_m, mm)
             if G_m is not None:
                 anchor_term += -2 * float((E.double() * G_m.double()).sum()) + stats.c_m
     result.anchor_loss = lam * anchor_term

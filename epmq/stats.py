@@ -72,7 +72,9 @@ class EPMQStats:
     tensor-core products, about fp32 accuracy) or ``"tf32"`` (one TF32 product: operands keep 10
     mantissa bits; ``benchmarks/residual_precision_study.py`` measures its effect on E-PMQ, and
     ``benchmarks/bench_solver.py`` times all three). The torch backend and fp64 statistics
-    always multiply in their own precision.
+    always multiply in their own precision. With "tf32x3" or "tf32", E-PMQ's other large fp32
+    products (``R = G H~^{-1}``, the anchor term) run as three TF32 products on GPUs with TF32
+    tensor cores (``epmq_kernels._runtime.tf32x3_mm``: IEEE fp32's accuracy class).
     """
 
     def __init__(

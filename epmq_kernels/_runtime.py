@@ -51,3 +51,44 @@ def fp32_matmul(tf32: bool):
 def ieee_fp32_matmul():
     """Full fp32 products (TF32 off): the solver and the IEEE residual promise them."""
     return fp32_matmul(False)
+
+
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero
+    (``cvt.rna.tf32.f32``), returned as fp32."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    with fp32_matmul(True):
+        return torch.mm(A, B)
+
+
+def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
+    """``A @ B`` (fp32) as ``A_hi B_hi + A_hi B_lo + A_lo B_hi``, each by ``mm`` (a TF32 tensor-core
+    product by default; the tests pass an emulation of one), where ``x = x_hi + x_lo`` with
+    ``x_hi = tf32_round(x)`` and the remainder ``x_lo`` exact (at most 14 significant bits).
+    The hi parts are TF32 values, converted exactly; the lo parts are 2^-11 of the operands, so
+    whatever their conversion drops, and the lo*lo term, is about 2^-21 of each term: IEEE fp32's
+    accuracy class at about 3/8 of its time on Ampere and Hopper tensor cores."""
+    A_hi = tf32_round(A)
+    B_hi = tf32_round(B)
+    P = mm(A - A_hi, B_hi)  # the small terms first: the large one is added to their fp32 sum
+    P += mm(A_hi, B - B_hi)
+    P += mm(A_hi, B_hi)
+    return P
+
+
+def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` with TF32 off."""
+    with fp32_matmul(False):
+        return torch.mm(A, B)
+
+
+def fp32_mm(device: torch.device, fast: bool):
+    """The product for large fp32 matrices on ``device``: ``tf32x3_mm`` where ``fast`` and the
+    GPU has TF32 tensor cores (compute capability 8.0 or later), else ``ieee_mm``."""
+    if fast and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return tf32x3_mm
+    return ieee_mm

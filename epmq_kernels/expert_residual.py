@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import check_device, fp32_matmul
+from ._runtime import check_device, fp32_matmul, tf32_round, tf32x3_mm
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -37,13 +37,6 @@ def check_residual_precision(value, name: str = "input_precision") -> None:
     """A clear error unless ``value`` is one of RESIDUAL_PRECISIONS (``name``: the argument)."""
     if value not in RESIDUAL_PRECISIONS:
         raise ValueError(f"{name} must be one of {RESIDUAL_PRECISIONS}, got {value!r}")
-
-
-def tf32_round(x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x`` rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero
-    (``cvt.rna.tf32.f32``), returned as fp32."""
-    bits = x.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
@@ -123,7 +116,7 @@ RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
 # the autotuner times both and keeps the faster. Its TF32 product may round the operands to
 # TF32 otherwise than the kernel's cvt.rna (truncation errs up to 2^-10 instead of 2^-11), the
 # same precision class. Its tf32x3 is three TF32 cuBLAS products of the operands split as the
-# kernel splits them (``_tf32x3_product``): the dropped lo*lo term and the TF32 conversion of
+# kernel splits them (``_runtime.tf32x3_mm``): the dropped lo*lo term and the TF32 conversion of
 # the lo parts err by about 2^-21 of each term, whichever way cuBLAS converts.
 CUBLAS = ("cublas",)
 CUBLAS_PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -281,26 +274,6 @@ def _config_tuple(config: dict) -> tuple:
             config["num_stages"])
 
 
-def _split_tf32(x: torch.Tensor):
-    """``x = hi + lo`` with ``hi`` a TF32 value (``tf32_round``) and ``lo`` the fp32 remainder,
-    exact: it has at most 14 significant bits."""
-    hi = tf32_round(x)
-    return hi, x - hi
-
-
-def _tf32x3_product(D: torch.Tensor, H: torch.Tensor, mm=torch.mm) -> torch.Tensor:
-    """``D @ H`` (fp32) as ``D_hi H_hi + D_hi H_lo + D_lo H_hi``, each by ``mm`` (a TF32 cuBLAS
-    product under ``fp32_matmul(tf32=True)``; the tests pass an emulation of one). The hi parts
-    are TF32 values, converted exactly; the lo parts are 2^-11 of the operands, so whatever
-    their conversion drops, and the lo*lo term, is about 2^-21 of each term."""
-    D_hi, D_lo = _split_tf32(D)
-    H_hi, H_lo = _split_tf32(H)
-    P = mm(D_lo, H_hi)  # the small terms first: the large one is added to their fp32 sum
-    P += mm(D_hi, H_lo)
-    P += mm(D_hi, H_hi)
-    return P
-
-
 def _residual_cublas(G, W_k, W_m, H_k, a, precision):
     """The torch reference's product by cuBLAS: IEEE, one TF32 product, or three (tf32x3);
     returns ``tr(D H_k D^T)`` as a one-element tensor, like the kernel's shares."""
@@ -309,8 +282,7 @@ def _residual_cublas(G, W_k, W_m, H_k, a, precision):
             trace = accumulate_residual_reference(G, W_k, W_m, H_k, a)
         return torch.tensor([trace], dtype=torch.float64)
     D = W_k.float() - W_m.float()
-    with fp32_matmul(tf32=True):
-        P = _tf32x3_product(D, H_k.float())
+    P = tf32x3_mm(D, H_k.float())
     G.add_(P, alpha=float(a))
     return torch.sum(P * D, dtype=torch.float64).reshape(1)
 

@@ -177,6 +177,66 @@ def test_times_upper_equals_the_dense_product(d_out, d):
         assert torch.allclose(got, dense, rtol=1e-12, atol=1e-12 * float(dense.abs().max()))
 
 
+def _emulated_tf32x3(calls):
+    """``tf32x3_mm`` with a TF32 product emulated on the CPU (operands truncated to TF32, the
+    worse of the conversions; products in float64), counting its calls."""
+    from epmq_kernels._runtime import tf32x3_mm
+
+    def tf32(A, B):
+        t = lambda x: (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731
+        return (t(A).double() @ t(B).double()).float()
+
+    def mm(A, B):
+        calls.append(A.shape)
+        return tf32x3_mm(A, B, mm=tf32)
+
+    return mm
+
+
+@pytest.mark.parametrize("d_out,d", [(40, 1000), (16, 2304)])
+def test_triangular_and_symmetric_products_with_tf32x3(d_out, d):
+    """R's triangular products and the symmetric objective through three (emulated) TF32
+    products stay within IEEE fp32's accuracy class of float64."""
+    from epmq.quant import _objective, _times_upper
+
+    g = torch.Generator().manual_seed(d_out + d)
+    A = torch.randn(d_out, d, generator=g)
+    U = torch.randn(d, d, generator=g).triu() / d ** 0.5
+    mm = _emulated_tf32x3([])
+    for transposed in (False, True):
+        exact = A.double() @ (U.double().T if transposed else U.double())
+        err = (_times_upper(A, U, transposed=transposed, mm=mm).double() - exact).abs().max()
+        assert err <= 1e-6 * float(exact.abs().max())
+    X = torch.randn(d, 2 * d, generator=g)
+    H = X @ X.T
+    exact = float(((A.double() @ H.double()) * A.double()).sum())
+    assert _objective(A, H, mm) == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend, fast", [("triton", True), ("torch", False)])
+def test_tf32_residual_makes_r_and_the_anchor_term_tf32x3(gen, monkeypatch, backend, fast):
+    """With a TF32 residual on the Triton backend E-PMQ asks for the fast fp32 product (tf32x3
+    on a GPU with TF32, emulated here) for R and the anchor term; the torch backend stays IEEE.
+    The result stays within fp32 noise of the IEEE run."""
+    asked, calls = [], []
+
+    def fp32_mm(device, want_fast):
+        asked.append(want_fast)
+        return _emulated_tf32x3(calls) if want_fast else quant.ieee_mm
+
+    W_m, W_k, H_k = draw(gen, d_out=16, d_in=32)
+    ref = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend="torch")
+    monkeypatch.setattr(quant, "fp32_mm", fp32_mm)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend=backend, residual_precision="tf32x3")
+    assert asked == [fast] and bool(calls) == fast
+    if fast:  # R's two products ([out, in] operands) and the anchor term's ([in, out] @ ...)
+        assert calls.count(torch.Size([16, 32])) == 2 and torch.Size([32, 16]) in calls
+    scale = float((ref.target - W_m).abs().max())
+    assert float((res.target - ref.target).abs().max()) <= 1e-5 * scale
+    assert res.expert_loss == pytest.approx(ref.expert_loss, rel=1e-3)
+    assert res.anchor_loss == pytest.approx(ref.anchor_loss, rel=1e-3)
+
+
 @pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (2000, 300), (16, 2304)])
 def test_objective_equals_the_dense_trace(d_out, d):
     """The block-symmetric ``tr(E H E^T)`` (float32 products, float64 sums) against float64."""

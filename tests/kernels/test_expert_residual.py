@@ -290,7 +290,7 @@ def test_tf32x3_product_with_emulated_tf32(gen, d_out, d_in):
     """Three TF32 products of the split operands are as accurate as an IEEE fp32 product (to a
     small factor), where one TF32 product errs by ~2^-11 of its terms; TF32 emulated by
     truncating both operands (the worse of the conversions) and multiplying exactly in fp64."""
-    from epmq_kernels.expert_residual import _tf32x3_product, tf32_round
+    from epmq_kernels._runtime import tf32_round, tf32x3_mm
 
     def mm_tf32(A, B):
         return (_tf32_truncate(A).double() @ _tf32_truncate(B).double()).float()
@@ -300,7 +300,7 @@ def test_tf32x3_product_with_emulated_tf32(gen, d_out, d_in):
     exact = D.double() @ H.double()
     scale = (D.double().abs() @ H.double().abs())  # the size of each sum's terms
     err = lambda P: float(((P.double() - exact).abs() / scale).max())  # noqa: E731
-    e_x3, e_ieee = err(_tf32x3_product(D, H, mm=mm_tf32)), err(D @ H)
+    e_x3, e_ieee = err(tf32x3_mm(D, H, mm=mm_tf32)), err(D @ H)
     e_one = err(mm_tf32(tf32_round(D), tf32_round(H)))
     assert e_x3 <= 4 * e_ieee + 2**-20, (e_x3, e_ieee)
     assert e_one > 50 * e_x3, (e_one, e_x3)
