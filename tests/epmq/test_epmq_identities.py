@@ -286,3 +286,19 @@ def test_lower_inverse_matches_the_triangular_solve(d):
     scale = float(ref.abs().max())
     assert float((got - ref).abs().max()) <= 1e-10 * scale
     assert float((got @ L - torch.eye(d, dtype=torch.float64)).abs().max()) <= 1e-10 * float(L.abs().max()) * scale
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_cuda_tf32_precisions_against_ieee(gen, precision):
+    """On a GPU: E-PMQ with a TF32 residual (and then tf32x3 R and anchor term) against IEEE.
+    tf32x3 is IEEE's equal; one TF32 product moves the target by ~1e-3 of the correction."""
+    W_m, W_k, H_k = draw(gen, K=4, d_out=512, d_in=1024, n=2048)
+    W_m, W_k, H_k = W_m.cuda(), [W.cuda() for W in W_k], [H.cuda() for H in H_k]
+    spec = QuantSpec(bits=4, group_size=128)
+    ref = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton")
+    res = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton", residual_precision=precision)
+    R = (ref.target - W_m).double()
+    move = float((res.target.double() - ref.target.double()).norm() / R.norm())
+    assert move <= (1e-5 if precision == "tf32x3" else 3e-3), move
+    assert float((res.codes != ref.codes).double().mean()) <= (1e-3 if precision == "tf32x3" else 3e-2)
