@@ -458,8 +458,8 @@ def epmq_from_stats(
         H.diagonal().add_(mu)
     G = G_e.double() if G_m is None or lam == 0 else G_e.double() + lam * G_m.double()
     # A TF32 residual (the user's choice, on the Triton backend) makes E-PMQ's other large fp32
-    # products, R and the anchor term, three TF32 products: IEEE fp32's accuracy class at about
-    # 3/8 of its time, on GPUs with TF32 tensor cores (elsewhere IEEE)
+    # products, R and the anchor term, three TF32 products: IEEE fp32's accuracy class on the
+    # tensor cores of GPUs with TF32 (elsewhere IEEE)
     backend = resolve_backend(backend, W_m.device)
     fast = backend == "triton" and stats.residual_precision != "ieee"
     mm = fp32_mm(W_m.device, fast)

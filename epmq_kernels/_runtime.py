@@ -71,7 +71,8 @@ def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
     ``x_hi = tf32_round(x)`` and the remainder ``x_lo`` exact (at most 14 significant bits).
     The hi parts are TF32 values, converted exactly; the lo parts are 2^-11 of the operands, so
     whatever their conversion drops, and the lo*lo term, is about 2^-21 of each term: IEEE fp32's
-    accuracy class at about 3/8 of its time on Ampere and Hopper tensor cores."""
+    accuracy class for three TF32 products (TF32's peak rate is 7-8x IEEE fp32's on the A100
+    and H100; the speed on a given card is for the benchmarks to show)."""
     A_hi = tf32_round(A)
     B_hi = tf32_round(B)
     P = mm(A - A_hi, B_hi)  # the small terms first: the large one is added to their fp32 sum
