@@ -212,7 +212,7 @@ def _factor(H: torch.Tensor, percdamp: float):
 
 
 def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False,
-                 mm=torch.mm) -> torch.Tensor:
+                 mm=ieee_mm) -> torch.Tensor:
     """``A @ U`` (``A @ U^T`` with ``transposed``) for an upper-triangular ``U``, in column
     blocks that skip its zero half: with 8 blocks, 56% of a dense product's work. E-PMQ's
     ``R = (G Hinv^T) Hinv`` is two of these products of the layer's full size (30% less time
@@ -332,7 +332,9 @@ def _round_target(
     # damped H~ the solver ran on, where F = Q - T is zero on dead columns (their target is 0
     # on every grid); tr(F H F^T) = tr(F H~ F^T) - damp |F|^2 (dead columns add nothing to
     # either: their rows and columns of H are zero, and rounding them afterwards keeps that).
-    F_p = out.Q - (W_p if R_p is None else W_p + R_p)
+    F_p = out.Q - target_p
+    if any_dead:  # the solver's target there was 0, and so was its Q
+        F_p.masked_fill_(dead_p, 0.0)
     loss = solved_loss(out) - damp * float(torch.linalg.vector_norm(F_p, dtype=torch.float64)) ** 2
     del F_p
     if any_dead:
