@@ -2,8 +2,8 @@
 Hessian ``H += X^T X`` (rows of ``X`` are tokens).
 
 ``G`` streams each expert once; the fused kernel never needs ``W_k - W_m`` as a whole (it forms
-its tiles in registers). For the IEEE and TF32 products the autotuner also times cuBLAS, which
-does form it (see CUBLAS below), and keeps the faster. This file holds the torch references and
+its tiles in registers). For every precision the autotuner also times cuBLAS, which does form
+it (see CUBLAS below), and keeps the faster. This file holds the torch references and
 the Triton kernels beside them; ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=``
 pick one.
 
@@ -119,7 +119,6 @@ RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
 # kernel splits them (``_runtime.tf32x3_mm``): the dropped lo*lo term and the TF32 conversion of
 # the lo parts err by about 2^-21 of each term, whichever way cuBLAS converts.
 CUBLAS = ("cublas",)
-CUBLAS_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -252,9 +251,8 @@ def _residual_config(G, W_k, W_m, H_k, precision):
         return chosen
     candidates = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
                   for bm, bn, bk, w, s in RESIDUAL_SPACE[precision]]
-    if precision in CUBLAS_PRECISIONS:
-        candidates.append(dict(impl=CUBLAS[0]))
-    cache = autotune_cache.cache_for("residual", G.device, [RESIDUAL_SPACE, CUBLAS_PRECISIONS])
+    candidates.append(dict(impl=CUBLAS[0]))
+    cache = autotune_cache.cache_for("residual", G.device, [RESIDUAL_SPACE, CUBLAS])
     key = f"{precision}|{d_out}x{d_in}|W={str(W_k.dtype)[6:]},{str(W_m.dtype)[6:]}"
     scratch = torch.zeros_like(G)  # timed runs accumulate here, never into the caller's G
 
@@ -293,8 +291,6 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     if isinstance(config, dict):
         config = _config_tuple(config)
     if config == CUBLAS:
-        if precision not in CUBLAS_PRECISIONS:
-            raise ValueError(f"cuBLAS is no candidate for the {precision!r} residual")
         return _residual_cublas(G, W_k, W_m, H_k, a, precision)
     BM, BN, BK, warps, stages = config
     n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
