@@ -39,11 +39,7 @@ from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq.stats import EPMQStats  # noqa: E402
-from epmq_kernels._runtime import tf32_round, tf32x3_mm  # noqa: E402
-
-
-def _truncate_tf32(x):
-    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+from epmq_kernels._runtime import tf32_round, tf32_truncate, tf32x3_mm  # noqa: E402
 
 
 def _bf16(x):
@@ -55,12 +51,12 @@ def _rounded(rounding):
 
 
 def _tf32_mm(A, B):
-    return _truncate_tf32(A) @ _truncate_tf32(B)
+    return tf32_truncate(A) @ tf32_truncate(B)
 
 
 # each emulates one way of forming the fp32 product D @ H_k
 PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
-            "tf32-trunc": _rounded(_truncate_tf32), "bf16": _rounded(_bf16),
+            "tf32-trunc": _rounded(tf32_truncate), "bf16": _rounded(_bf16),
             "tf32x3": lambda D, H: tf32x3_mm(D, H, mm=_tf32_mm)}
 
 

@@ -60,6 +60,12 @@ def tf32_round(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
+def tf32_truncate(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` cut to TF32 (the low 13 mantissa bits dropped): what a tensor core may read of
+    an fp32 operand, the worse of the two conversions; the emulations of a TF32 product use it."""
+    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
 def _tf32_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     with fp32_matmul(True):
         return torch.mm(A, B)

@@ -180,11 +180,10 @@ def test_times_upper_equals_the_dense_product(d_out, d):
 def _emulated_tf32x3(calls):
     """``tf32x3_mm`` with a TF32 product emulated on the CPU (operands truncated to TF32, the
     worse of the conversions; products in float64), counting its calls."""
-    from epmq_kernels._runtime import tf32x3_mm
+    from epmq_kernels._runtime import tf32_truncate, tf32x3_mm
 
     def tf32(A, B):
-        t = lambda x: (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731
-        return (t(A).double() @ t(B).double()).float()
+        return (tf32_truncate(A).double() @ tf32_truncate(B).double()).float()
 
     def mm(A, B):
         calls.append(A.shape)

@@ -280,20 +280,15 @@ def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
     assert abs(c_x3 - c_ref) <= 10 * EPS[torch.float32] * abs(c_ref)
 
 
-def _tf32_truncate(x):
-    """What a tensor core may read of an fp32 operand: the top 10 mantissa bits (truncated)."""
-    return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
-
-
 @pytest.mark.parametrize("d_out,d_in", [(37, 96), (64, 513)])
 def test_tf32x3_product_with_emulated_tf32(gen, d_out, d_in):
     """Three TF32 products of the split operands are as accurate as an IEEE fp32 product (to a
     small factor), where one TF32 product errs by ~2^-11 of its terms; TF32 emulated by
     truncating both operands (the worse of the conversions) and multiplying exactly in fp64."""
-    from epmq_kernels._runtime import tf32_round, tf32x3_mm
+    from epmq_kernels._runtime import tf32_round, tf32_truncate, tf32x3_mm
 
     def mm_tf32(A, B):
-        return (_tf32_truncate(A).double() @ _tf32_truncate(B).double()).float()
+        return (tf32_truncate(A).double() @ tf32_truncate(B).double()).float()
 
     D = rand(gen, d_out, d_in, scale=0.1)
     H = gram(gen, 50, d_in, torch.float32)
