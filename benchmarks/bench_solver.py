@@ -15,9 +15,10 @@ input width: the Hessian is ``d_in x d_in``, 14336^2 fp32 = 822 MB for the large
   epmq       ``epmq.quant.epmq`` with 8 experts (the residual statistics from the Triton
              kernel, ``R = G H~^{-1}``, the solve) against plain GPTQ (fused) on the same layer
              with the pooled Hessian; the goal is a ratio of at most 1.5. Timed once per
-             residual precision (``residual_precision="ieee"``, the default, "tf32x3" and
-             "tf32"), each result checked against the IEEE one (codes, loss), so that the
-             default can be switched on evidence;
+             residual precision ("ieee", "tf32x3", the default, and "tf32": the least
+             accurate product allowed, the autotuner keeping the fastest of it and the more
+             accurate ones), each result checked against the IEEE one (codes, loss); the row
+             records which fp32 product ``fp32_mm`` chose for R and the anchor term;
   residual   the 8 experts' ``G += a_k (W_k - W_m) H_k`` alone: Triton (each precision,
              autotuned, the tuning outside the timing) against torch (cuBLAS fp32, TF32
              off), with torch's plain TF32 (TF32 on) as the tensor-core reference: tf32 should
@@ -66,7 +67,7 @@ from epmq_kernels.expert_residual import (  # noqa: E402
 )
 from epmq_kernels.gptq_solve import gptq_solve, solver_launch_config  # noqa: E402
 from epmq_kernels import autotune_cache  # noqa: E402
-from epmq_kernels._runtime import fp32_matmul  # noqa: E402
+from epmq_kernels._runtime import fp32_matmul, fp32_mm  # noqa: E402
 
 SHAPES = [(768, 3072), (4096, 4096), (4096, 14336)]  # [d_out, d_in]
 EAGER_REPEATS = {3072: 3, 4096: 2, 14336: 1}  # by d_in; 1 for anything larger
@@ -184,7 +185,8 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         results[precision] = res_ep
         row = dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=1.0, experts=N_EXPERTS,
                    t_epmq_s=t_ep, t_gptq_s=t_gq, epmq_s=med(t_ep), gptq_s=med(t_gq),
-                   ratio=med(t_ep) / med(t_gq))
+                   ratio=med(t_ep) / med(t_gq),
+                   fp32_mm=fp32_mm(W_m.device, precision != "ieee").__name__)
         if precision == "ieee" and d_in <= 4096 and time.perf_counter() < deadline:
             # E-PMQ checked end to end against its torch path (eager solver) on the smaller shapes
             res_er = quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE, backend="torch")
@@ -202,7 +204,8 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
                                        backend="triton", residual_precision="tf32"), epmq_reps)
     rows.append(dict(shape, kind="epmq_vs_gptq", residual_precision="tf32", anchor=0.0,
                      experts=N_EXPERTS, t_epmq_s=t_ep, t_gptq_s=t_gq, epmq_s=med(t_ep),
-                     gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq)))
+                     gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
+                     fp32_mm=fp32_mm(W_m.device, True).__name__))
     log(rows[-1])
     del results, res_ep, res_gq
 
@@ -236,11 +239,13 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         row["configs"][precision] = list(_residual_config(G_r, experts[0], W_m, hessians[0],
                                                           precision))
         del G_p
-    # every candidate's time from this process's tuning (the fused kernel's configs and, for
-    # ieee, cuBLAS), so that the winner's margin is on record
+    # every candidate's time from this process's tuning (the fused kernel's configs and cuBLAS,
+    # for each precision a floor allows, and the fp32 product probe of fp32_mm), so that the
+    # winner's margin is on record
     row["autotune_ms"] = {key: [[ms, config] for ms, config in timings]
                           for (family, key), timings in autotune_cache.TIMINGS.items()
-                          if family == "residual" and f"|{d_out}x{d_in}|" in key}
+                          if family == "residual" and f"|{d_out}x{d_in}|" in key
+                          or family == "fp32_mm"}
     rows.append(row)
     log(rows[-1])
     return rows
@@ -353,7 +358,7 @@ def main(argv=None):
         plot(rows, png_path, name)
     except ImportError as e:  # the numbers matter more than the picture
         print(f"bench_solver: no plot ({e})", file=sys.stderr)
-    print("== E-PMQ residual precision (the default is 'ieee'; switch on this evidence)")
+    print("== E-PMQ residual precision (the default is 'tf32x3': the fastest of it and IEEE)")
     for r in rows:
         if r["kind"] == "residual":
             triton = ", ".join(
@@ -365,8 +370,8 @@ def main(argv=None):
         if r["kind"] == "epmq_vs_gptq":
             extra = (f", codes equal to ieee {r['codes_equal_vs_ieee']:.5f}, loss ratio "
                      f"{r['loss_ratio_vs_ieee']:.6f}" if "codes_equal_vs_ieee" in r else "")
-            print(f"  {r['shape']:10s} E-PMQ ({r['residual_precision']}, anchor {r['anchor']:g}): "
-                  f"{r['epmq_s']:.3f} s, "
+            print(f"  {r['shape']:10s} E-PMQ ({r['residual_precision']}, anchor {r['anchor']:g}, "
+                  f"{r['fp32_mm']}): {r['epmq_s']:.3f} s, "
                   f"{r['ratio']:.2f}x GPTQ{extra}")
     print(f"wrote {json_path} and {png_path} in {result['wall_s']:.0f} s; {len(bad)} failed checks",
           flush=True)

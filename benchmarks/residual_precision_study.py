@@ -9,12 +9,13 @@ several-fold, at the price of rounding the operands. This study computes ``G`` a
 product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64 statistics, torch) on each:
 
     fp64        the reference (the CPU statistics)
-    fp32        IEEE fp32 operands and sums (the GPU default, residual_precision="ieee")
+    fp32        IEEE fp32 operands and sums (residual_precision="ieee")
     tf32        operands rounded to TF32 (10 mantissa bits, to nearest), fp32 sums: "tf32"
     tf32-trunc  the same with truncated operands (if the hardware drops the low bits)
     bf16        operands rounded to bf16 (7 bits): a coarser product, for contrast
     tf32x3      three TF32 products of operands split into a TF32 part and its remainder
-                ("tf32x3" on cuBLAS), the conversion emulated by truncation, fp32 sums
+                ("tf32x3", the default, on cuBLAS), the conversion emulated by truncation, fp32
+                sums
 
 For each it reports how far ``G`` and the target ``W*`` move, the fraction of grid codes that
 change, and the true E-PMQ objective (expert term evaluated with the fp64 statistics, plus the

@@ -81,7 +81,8 @@ class Plan:
     controls: list = field(default_factory=lambda: [Control("gptq", "fp_path", "GPTQ fp-path")])
     save_checkpoints: bool = True
     backend: Optional[str] = None
-    residual_precision: str = "ieee"  # E-PMQ's residual product on the GPU (quantize_model)
+    # E-PMQ's residual product on the GPU (quantize_model); None: the library's default
+    residual_precision: Optional[str] = None
 
     def __post_init__(self):
         self.merges = [m if isinstance(m, MergePlan) else MergePlan(**m) for m in self.merges]
@@ -92,7 +93,8 @@ class Plan:
         for c in self.controls:
             if c.method not in QUANT_METHODS or c.targets not in TARGETS:
                 raise ValueError(f"control {c.label!r}: method must be one of {QUANT_METHODS}, targets one of {TARGETS}")
-        check_residual_precision(self.residual_precision, "residual_precision")
+        if self.residual_precision is not None:
+            check_residual_precision(self.residual_precision, "residual_precision")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
         if not self.anchors or any(a < 0 for a in self.anchors):
@@ -248,7 +250,7 @@ class Runner:
             params = {"merge": mp.label, "scale": scale, "spec": self.plan.spec(bits).to_dict(),
                       "method": method, "targets": targets, "anchor": anchor,
                       "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
-            if method == "epmq" and self.plan.residual_precision != "ieee":
+            if method == "epmq" and self.plan.residual_precision is not None:
                 # only when set, so that results stored before the option existed still match
                 params["residual_precision"] = self.plan.residual_precision
             key = f"quant/{mp.label}/w{bits}/{label}" + (f"/anchor={anchor:g}" if anchor is not None else "")
@@ -271,8 +273,9 @@ class Runner:
                       backend=plan.backend, progress=self.progress)
         if method == "epmq":
             kwargs["experts"] = {t: bench.experts[t] for t in bench.task_names}
-            kwargs.update(anchor=anchor, weight_anchor=plan.weight_anchor,
-                          residual_precision=plan.residual_precision)
+            kwargs.update(anchor=anchor, weight_anchor=plan.weight_anchor)
+            if plan.residual_precision is not None:
+                kwargs["residual_precision"] = plan.residual_precision
         model = quantize_model(model, plan.spec(bits), **kwargs)
         result = self.evaluate(model)
         report = getattr(model, "epmq_report", None)

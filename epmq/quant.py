@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from epmq_kernels._runtime import fp32_mm, ieee_mm
+from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_params, quantize_codes
 
@@ -395,13 +396,14 @@ def epmq(
     blocksize: int = 128,
     percdamp: float = 0.01,
     backend: Optional[str] = None,
-    residual_precision: str = "ieee",
+    residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
 ) -> QuantResult:
     """E-PMQ of the merged weight ``W_merged`` toward the experts ``W_k`` with Hessians ``H_k``.
 
     ``anchor`` (lam) and ``weight_anchor`` (mu) are relative to the expert term (EPMQ_MATH.md);
     ``task_weights=None`` means ``a_k = 1 / tr(H_k)``; ``merged_hessian=None`` means ``sum_k H_k``.
-    ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("ieee", "tf32x3" or "tf32").
+    ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("tf32x3", the default; "ieee" or
+    "tf32").
     """
     check_weight(W_merged, "W_merged")
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
@@ -459,9 +461,9 @@ def epmq_from_stats(
     if mu:
         H.diagonal().add_(mu)
     G = G_e.double() if G_m is None or lam == 0 else G_e.double() + lam * G_m.double()
-    # A TF32 residual (the user's choice, on the Triton backend) makes E-PMQ's other large fp32
-    # products, R and the anchor term, three TF32 products: IEEE fp32's accuracy class on the
-    # tensor cores of GPUs with TF32 (elsewhere IEEE)
+    # Unless the residual is "ieee", E-PMQ's other large fp32 products on the Triton backend, R
+    # and the anchor term, may run as three TF32 products (IEEE fp32's accuracy class) on GPUs
+    # where that is faster than IEEE
     backend = resolve_backend(backend, W_m.device)
     fast = backend == "triton" and stats.residual_precision != "ieee"
     mm = fp32_mm(W_m.device, fast)

@@ -24,7 +24,12 @@ from typing import Optional
 
 import torch
 
-from epmq_kernels.expert_residual import accumulate_residual, accumulate_xxt, check_residual_precision
+from epmq_kernels.expert_residual import (
+    DEFAULT_RESIDUAL_PRECISION,
+    accumulate_residual,
+    accumulate_xxt,
+    check_residual_precision,
+)
 
 from .checks import all_finite, check_hessian, check_weight
 
@@ -67,14 +72,17 @@ class _Task:
 class EPMQStats:
     """E-PMQ statistics of one layer with merged weight ``W_merged[out, in]``.
 
-    ``residual_precision``: the fp32 product of the Triton residual kernel (``backend="triton"``,
-    fp32 statistics): ``"ieee"`` (CUDA-core FMA, the default), ``"tf32x3"`` (three TF32
-    tensor-core products, about fp32 accuracy) or ``"tf32"`` (one TF32 product: operands keep 10
-    mantissa bits; ``benchmarks/residual_precision_study.py`` measures its effect on E-PMQ, and
-    ``benchmarks/bench_solver.py`` times all three). The torch backend and fp64 statistics
-    always multiply in their own precision. With "tf32x3" or "tf32", E-PMQ's other large fp32
-    products (``R = G H~^{-1}``, the anchor term) run as three TF32 products on GPUs with TF32
-    tensor cores (``epmq_kernels._runtime.tf32x3_mm``: IEEE fp32's accuracy class).
+    ``residual_precision``: the least accurate fp32 product allowed for the Triton residual
+    kernel (``backend="triton"``, fp32 statistics): ``"tf32x3"`` (the default: three TF32
+    tensor-core products, IEEE fp32's accuracy class), ``"ieee"`` (CUDA-core FMA only) or
+    ``"tf32"`` (one TF32 product: operands keep 10 mantissa bits;
+    ``benchmarks/residual_precision_study.py`` measures its effect on E-PMQ). The autotuner
+    times every implementation of that precision or a more accurate one and keeps the fastest
+    (``epmq_kernels.expert_residual.AT_LEAST``), so the default is never slower than "ieee";
+    ``benchmarks/bench_solver.py`` times all three. Unless "ieee", E-PMQ's other large fp32
+    products (``R = G H~^{-1}``, the anchor term) run as three TF32 products on GPUs where
+    that is faster (``epmq_kernels._runtime.fp32_mm``, timed once per GPU). The torch backend
+    and fp64 statistics always multiply in their own precision.
     """
 
     def __init__(
@@ -84,7 +92,7 @@ class EPMQStats:
         merged_hessian: Optional[torch.Tensor] = None,
         dtype=torch.float32,
         backend: str = "torch",
-        residual_precision: str = "ieee",
+        residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
     ):
         check_residual_precision(residual_precision, "residual_precision")
         check_weight(W_merged, "W_merged")

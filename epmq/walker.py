@@ -78,7 +78,7 @@ from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
-from epmq_kernels.expert_residual import check_residual_precision
+from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
 
 METHODS = ("epmq", "gptq", "rtn")
 TARGETS = ("merged_path", "expert_path", "fp_path")
@@ -145,7 +145,7 @@ def quantize_model(
     percdamp: float = 0.01,
     blocksize: int = 128,
     backend: Optional[str] = None,
-    residual_precision: str = "ieee",
+    residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
     adapter: Optional[Adapter] = None,
     progress: bool = True,
 ) -> nn.Module:
@@ -164,8 +164,9 @@ def quantize_model(
                  regular expression (``re.search``) or a predicate. Default: all of them.
     true_sequential   solve a block's linears in dependency groups (default) or in one pass.
     backend      solver kernels: None (Triton on CUDA, torch on CPU), "torch" or "triton".
-    residual_precision   E-PMQ's expert-residual product on the Triton backend: "ieee" (fp32
-                 FMA), "tf32x3" or "tf32" (tensor cores); see ``epmq.EPMQStats``.
+    residual_precision   the least accurate product allowed for E-PMQ's expert residual on the
+                 Triton backend: "tf32x3" (default; IEEE fp32's accuracy class, the fastest of
+                 it and IEEE), "ieee" (fp32 FMA only) or "tf32"; see ``epmq.EPMQStats``.
 
     Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
     """

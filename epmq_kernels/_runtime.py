@@ -93,9 +93,40 @@ def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.mm(A, B)
 
 
+# The fp32 product chosen per GPU by fp32_mm (device -> ieee_mm or tf32x3_mm).
+_FP32_MM = {}
+FP32_MM_PROBE = 2048  # the square product both candidates are timed on
+
+
 def fp32_mm(device: torch.device, fast: bool):
-    """The product for large fp32 matrices on ``device``: ``tf32x3_mm`` where ``fast`` and the
-    GPU has TF32 tensor cores (compute capability 8.0 or later), else ``ieee_mm``."""
-    if fast and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return tf32x3_mm
-    return ieee_mm
+    """The product for large fp32 matrices on ``device``: ``tf32x3_mm`` where ``fast`` and it
+    beats ``ieee_mm`` on this GPU, else ``ieee_mm``.
+
+    Three TF32 products pay where the TF32 tensor-core rate is several times the fp32 rate (7-8x
+    on the A100 and H100) and lose where it is not (1-2x on consumer and L4/A10-class cards), so
+    the two are timed once per GPU on a FP32_MM_PROBE-sized product and the winner is kept on
+    disk like the kernels' configs (``EPMQ_AUTOTUNE=0``: IEEE unless already timed).
+    """
+    if not fast or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return ieee_mm  # (no TF32 tensor cores before compute capability 8.0)
+    device = torch.device("cuda", device.index if device.index is not None
+                          else torch.cuda.current_device())
+    chosen = _FP32_MM.get(device)
+    if chosen is None:
+        from . import autotune_cache
+
+        products = {"ieee": ieee_mm, "tf32x3": tf32x3_mm}
+        n = FP32_MM_PROBE
+        operands = []
+
+        def run(config):
+            if not operands:
+                gen = torch.Generator(device=device).manual_seed(0)
+                operands.extend(torch.randn(n, n, device=device, generator=gen) for _ in range(2))
+            products[config["mm"]](*operands)
+
+        cache = autotune_cache.cache_for("fp32_mm", device, [sorted(products), n])
+        config = autotune_cache.tune(cache, f"{n}x{n}x{n}", [{"mm": "ieee"}, {"mm": "tf32x3"}],
+                                     run)
+        chosen = _FP32_MM.setdefault(device, products[config["mm"]])
+    return chosen

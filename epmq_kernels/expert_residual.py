@@ -3,7 +3,8 @@ Hessian ``H += X^T X`` (rows of ``X`` are tokens).
 
 ``G`` streams each expert once; the fused kernel never needs ``W_k - W_m`` as a whole (it forms
 its tiles in registers). For every precision the autotuner also times cuBLAS, which does form
-it (see CUBLAS below), and keeps the faster. This file holds the torch references and
+it (see CUBLAS below), and every candidate of the more accurate precisions (AT_LEAST), and keeps
+the fastest. This file holds the torch references and
 the Triton kernels beside them; ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=``
 pick one.
 
@@ -85,8 +86,9 @@ def accumulate_xxt_reference(H, X):
 # accumulator is fp32); fp32 activations use IEEE fp32 products.
 
 # Launch configurations (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), stated once here.
-# The fp32 residual is autotuned over RESIDUAL_SPACE[input_precision] (timed on a scratch G, so
-# the caller's G is accumulated once; winners cached on disk per GPU by autotune_cache):
+# The fp32 residual is autotuned over RESIDUAL_SPACE[p] and cuBLAS for each p in
+# AT_LEAST[input_precision] (timed on a scratch G, so the caller's G is accumulated once; winners
+# cached on disk per GPU by autotune_cache):
 #   "ieee": FMA on CUDA cores (no TF32), square-ish tiles of 64-128.
 #   "tf32x3": three TF32 tensor-core products (hi*hi + hi*lo + lo*hi; about fp32 accuracy), so
 #       about a third of TF32's rate: tiles the tensor cores like (128 x 128, BLOCK_K = 32, 8
@@ -110,6 +112,14 @@ RESIDUAL_SPACE = {
              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
 RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
+# A precision is a floor, not a recipe: the autotuner may also pick any candidate at least as
+# accurate (IEEE is, for "tf32x3"; both are, for "tf32"). The fast options are thus never
+# slower than IEEE on a card where the tensor cores do not pay (consumer GPUs, whose TF32 rate is
+# 1-2x their fp32 rate, so three TF32 products lose), up to the timing's noise.
+AT_LEAST = {"ieee": ("ieee",), "tf32x3": ("tf32x3", "ieee"), "tf32": ("tf32", "tf32x3", "ieee")}
+# E-PMQ's default: IEEE fp32's accuracy class (residual_precision_study.py: G within 4.8e-7 of
+# float64 against IEEE's 4.6e-7), on the tensor cores where they are faster.
+DEFAULT_RESIDUAL_PRECISION = "tf32x3"
 # cuBLAS is one more candidate for every precision: it forms D = W_k - W_m and P = D @ H_k in
 # memory (weight-sized temporaries) with its own tuned tiles. For IEEE it beat the fused kernel
 # at every layer shape on the H200 (2026-11-28, 8 experts: 23 ms against 33 ms at 4096^2), so
@@ -238,38 +248,42 @@ _RESIDUAL_CHOSEN = {}
 
 
 def _residual_config(G, W_k, W_m, H_k, precision):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this problem: fixed for fp64 and
-    under the interpreter, else autotuned once per (GPU, precision, shape, weight dtype)."""
+    """``(precision, config)`` for this problem: the precision the product runs in (``precision``
+    or one more accurate, see AT_LEAST) and its (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    or CUBLAS. Fixed for fp64 and under the interpreter, else autotuned once per (GPU, precision,
+    shape, weight dtype)."""
     if G.dtype == torch.float64:
-        return _RESIDUAL_FP64
+        return "ieee", _RESIDUAL_FP64
     if _runtime.INTERPRETED:
-        return _RESIDUAL_INTERPRETED
+        return precision, _RESIDUAL_INTERPRETED
     d_out, d_in = G.shape
     memo = (G.device, precision, d_out, d_in, W_k.dtype, W_m.dtype)
     chosen = _RESIDUAL_CHOSEN.get(memo)
     if chosen is not None:
         return chosen
-    candidates = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-                  for bm, bn, bk, w, s in RESIDUAL_SPACE[precision]]
-    candidates.append(dict(impl=CUBLAS[0]))
-    cache = autotune_cache.cache_for("residual", G.device, [RESIDUAL_SPACE, CUBLAS])
+    # the requested precision's own candidates first: the first is taken when timing is off
+    candidates = [dict(precision=p, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+                  for p in AT_LEAST[precision] for bm, bn, bk, w, s in RESIDUAL_SPACE[p]]
+    candidates += [dict(precision=p, impl=CUBLAS[0]) for p in AT_LEAST[precision]]
+    cache = autotune_cache.cache_for("residual", G.device, [RESIDUAL_SPACE, CUBLAS, AT_LEAST])
     key = f"{precision}|{d_out}x{d_in}|W={str(W_k.dtype)[6:]},{str(W_m.dtype)[6:]}"
     scratch = torch.zeros_like(G)  # timed runs accumulate here, never into the caller's G
 
     def run(config):
-        _launch_residual(scratch, W_k, W_m, H_k, 1.0, precision, config)
+        _launch_residual(scratch, W_k, W_m, H_k, 1.0, *_config_pair(config))
 
-    chosen = _config_tuple(autotune_cache.tune(cache, key, candidates, run))
+    chosen = _config_pair(autotune_cache.tune(cache, key, candidates, run))
     if not torch.cuda.is_current_stream_capturing():
         _RESIDUAL_CHOSEN[memo] = chosen
     return chosen
 
 
-def _config_tuple(config: dict) -> tuple:
+def _config_pair(config: dict) -> tuple:
+    """An autotune candidate as ``(precision, CUBLAS or the kernel's launch tuple)``."""
     if config.get("impl") == CUBLAS[0]:
-        return CUBLAS
-    return (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_warps"],
-            config["num_stages"])
+        return config["precision"], CUBLAS
+    return config["precision"], (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"],
+                                 config["num_warps"], config["num_stages"])
 
 
 def _residual_cublas(G, W_k, W_m, H_k, a, precision):
@@ -286,10 +300,9 @@ def _residual_cublas(G, W_k, W_m, H_k, a, precision):
 
 
 def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
-    """Returns the launch's shares of ``tr(D H_k D^T)`` (the caller sums them in float64)."""
+    """``config``: CUBLAS or the kernel's launch tuple. Returns the launch's shares of
+    ``tr(D H_k D^T)`` (the caller sums them in float64)."""
     d_out, d_in = G.shape
-    if isinstance(config, dict):
-        config = _config_tuple(config)
     if config == CUBLAS:
         return _residual_cublas(G, W_k, W_m, H_k, a, precision)
     BM, BN, BK, warps, stages = config
@@ -309,8 +322,10 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference.
 
     ``input_precision`` ("ieee"; "tf32x3", a near-fp32 product on tensor cores; "tf32", one
-    TF32 product; see RESIDUAL_SPACE) applies to fp32 ``G`` only; fp64 ``G`` always multiplies
-    in fp64. The launch configuration is autotuned on the first call for a shape (on a scratch G).
+    TF32 product; see RESIDUAL_SPACE) is the least accurate product allowed: the autotuner picks
+    the fastest candidate of it or of a more accurate one (AT_LEAST). It applies to fp32 ``G``
+    only; fp64 ``G`` always multiplies in fp64. The choice is made on the first call for a shape
+    (timed on a scratch G).
     """
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
@@ -321,8 +336,7 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
         raise ValueError("G must be contiguous (it is updated in place)")
     W_k, W_m, H_k = W_k.contiguous(), W_m.contiguous(), H_k.contiguous()
     precision = "ieee" if G.dtype == torch.float64 else input_precision
-    config = _residual_config(G, W_k, W_m, H_k, precision)
-    partial = _launch_residual(G, W_k, W_m, H_k, a, precision, config)
+    partial = _launch_residual(G, W_k, W_m, H_k, a, *_residual_config(G, W_k, W_m, H_k, precision))
     return float(partial.double().sum())
 
 

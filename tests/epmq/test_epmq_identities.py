@@ -212,11 +212,14 @@ def test_triangular_and_symmetric_products_with_tf32x3(d_out, d):
     assert _objective(A, H, mm) == pytest.approx(exact, rel=1e-5)
 
 
-@pytest.mark.parametrize("backend, fast", [("triton", True), ("torch", False)])
-def test_tf32_residual_makes_r_and_the_anchor_term_tf32x3(gen, monkeypatch, backend, fast):
-    """With a TF32 residual on the Triton backend E-PMQ asks for the fast fp32 product (tf32x3
-    on a GPU with TF32, emulated here) for R and the anchor term; the torch backend stays IEEE.
-    The result stays within fp32 noise of the IEEE run."""
+@pytest.mark.parametrize("backend, precision, fast", [
+    ("triton", "tf32x3", True), ("triton", "default", True), ("triton", "tf32", True),
+    ("triton", "ieee", False), ("torch", "tf32x3", False)])
+def test_tf32_residual_makes_r_and_the_anchor_term_tf32x3(gen, monkeypatch, backend, precision,
+                                                          fast):
+    """Unless the residual is "ieee" (the default is "tf32x3"), E-PMQ on the Triton backend asks
+    for the fast fp32 product (tf32x3 where it is faster, emulated here) for R and the anchor
+    term; the torch backend stays IEEE. The result stays within fp32 noise of the IEEE run."""
     asked, calls = [], []
 
     def fp32_mm(device, want_fast):
@@ -226,7 +229,8 @@ def test_tf32_residual_makes_r_and_the_anchor_term_tf32x3(gen, monkeypatch, back
     W_m, W_k, H_k = draw(gen, d_out=16, d_in=32)
     ref = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend="torch")
     monkeypatch.setattr(quant, "fp32_mm", fp32_mm)
-    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend=backend, residual_precision="tf32x3")
+    kw = {} if precision == "default" else dict(residual_precision=precision)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend=backend, **kw)
     assert asked == [fast] and bool(calls) == fast
     if fast:  # R's two products ([out, in] operands) and the anchor term's ([in, out] @ ...)
         assert calls.count(torch.Size([16, 32])) == 2 and torch.Size([32, 16]) in calls
@@ -290,14 +294,19 @@ def test_lower_inverse_matches_the_triangular_solve(d):
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
 def test_cuda_tf32_precisions_against_ieee(gen, precision, monkeypatch):
-    """On a GPU: E-PMQ with a TF32 residual (and then tf32x3 R and anchor term) against IEEE.
+    """On a GPU: E-PMQ with a TF32 residual (and tf32x3 R and anchor term) against IEEE.
     tf32x3 is IEEE's equal; one TF32 product moves the target by ~1e-3 of the correction.
-    (The residual's first config, untimed: the GPU suite's time goes to the benchmarks.)"""
+    (The residual's first config of the precision and tf32x3 R, untimed: the GPU suite's time
+    goes to the benchmarks.)"""
+    import epmq_kernels._runtime as rt
+
     monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
+    monkeypatch.setattr(rt, "_FP32_MM", {torch.device("cuda", torch.cuda.current_device()):
+                                         rt.tf32x3_mm})
     W_m, W_k, H_k = draw(gen, K=4, d_out=512, d_in=1024, n=2048)
     W_m, W_k, H_k = W_m.cuda(), [W.cuda() for W in W_k], [H.cuda() for H in H_k]
     spec = QuantSpec(bits=4, group_size=128)
-    ref = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton")
+    ref = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton", residual_precision="ieee")
     res = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton", residual_precision=precision)
     R = (ref.target - W_m).double()
     move = float((res.target.double() - ref.target.double()).norm() / R.norm())

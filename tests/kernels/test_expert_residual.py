@@ -302,27 +302,49 @@ def test_tf32x3_product_with_emulated_tf32(gen, d_out, d_in):
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
-def test_residual_autotune_space_offers_cublas(gen, precision, monkeypatch):
-    """What the autotuner is offered, and that a cuBLAS winner is launched as cuBLAS (the
-    timing itself needs a GPU: the tuner is replaced by one that picks the last candidate)."""
+@pytest.mark.parametrize("pick", ["first", "last", "most accurate fused"])
+def test_residual_autotune_offers_every_candidate_at_least_as_accurate(gen, precision, pick,
+                                                                        monkeypatch):
+    """What the autotuner is offered for a precision: the fused configs and cuBLAS of it and of
+    every more accurate precision (its own first: the pick when timing is off), and that the
+    winner is launched as it was timed, at its own precision (the timing itself needs a GPU:
+    the tuner is replaced by one that picks by rule, and the launch is recorded)."""
     import epmq_kernels.autotune_cache as ac
     import epmq_kernels.expert_residual as er
 
-    offered = []
+    offered, launched = [], []
 
-    def last(cache, key, candidates, run):
+    def tuner(cache, key, candidates, run):
         offered.extend(candidates)
-        return candidates[-1]
+        if pick == "first":
+            return candidates[0]
+        if pick == "last":
+            return candidates[-1]
+        return next(c for c in candidates if c["precision"] == "ieee" and "impl" not in c)
 
     monkeypatch.setattr(er._runtime, "INTERPRETED", False)
+    monkeypatch.setattr(er, "check_device", lambda *tensors, names=None: DEVICE)
     monkeypatch.setattr(er, "_RESIDUAL_CHOSEN", {})
-    monkeypatch.setattr(ac, "tune", last)
+    monkeypatch.setattr(ac, "tune", tuner)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(er, "_launch_residual",
+                        lambda G, W_k, W_m, H_k, a, p, config: launched.append((p, config))
+                        or torch.zeros(1, dtype=torch.float64))
     G = torch.zeros(8, 16, device=DEVICE)
     W = rand(gen, 8, 16)
-    chosen = er._residual_config(G, W, W, torch.eye(16, device=DEVICE), precision)
-    assert len(offered) == len(er.RESIDUAL_SPACE[precision]) + 1
-    assert chosen == er.CUBLAS and {"impl": "cublas"} in offered
+    accumulate_residual_triton(G, W, W, torch.eye(16, device=DEVICE), 1.0, input_precision=precision)
+
+    allowed = {"ieee": ["ieee"], "tf32x3": ["tf32x3", "ieee"], "tf32": ["tf32", "tf32x3", "ieee"]}
+    expected = [("fused", p, tuple(c)) for p in allowed[precision] for c in er.RESIDUAL_SPACE[p]]
+    expected += [("cublas", p, None) for p in allowed[precision]]
+    got = [("cublas", c["precision"], None) if c.get("impl") == "cublas" else
+           ("fused", c["precision"], (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"],
+                                      c["num_stages"])) for c in offered]
+    assert got == expected
+    want = {"first": (precision, er.RESIDUAL_SPACE[precision][0]),
+            "last": ("ieee", er.CUBLAS),
+            "most accurate fused": ("ieee", er.RESIDUAL_SPACE["ieee"][0])}[pick]
+    assert launched == [want]
 
 
 @pytest.mark.cuda

@@ -1,0 +1,62 @@
+"""epmq_kernels._runtime: the choice of the fp32 product for E-PMQ's large products."""
+
+import pytest
+import torch
+
+import epmq_kernels._runtime as rt
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of a given capability whose timing is replaced by a rule; records what the
+    tuner was offered (nothing runs on a GPU: the tuner never calls ``run``)."""
+    import epmq_kernels.autotune_cache as ac
+
+    state = {"capability": (9, 0), "winner": "tf32x3", "offered": []}
+
+    def tune(cache, key, candidates, run):
+        state["offered"].append((cache.family, key, candidates))
+        return {"mm": state["winner"]}
+
+    monkeypatch.setattr(rt, "_FP32_MM", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake gpu")
+    monkeypatch.setattr(ac, "tune", tune)
+    return state
+
+
+@pytest.mark.parametrize("winner", ["ieee", "tf32x3"])
+def test_fp32_mm_takes_the_faster_product_once_per_gpu(fake_gpu, winner):
+    fake_gpu["winner"] = winner
+    gpu = torch.device("cuda", 0)
+    expected = {"ieee": rt.ieee_mm, "tf32x3": rt.tf32x3_mm}[winner]
+    assert rt.fp32_mm(gpu, True) is expected
+    assert rt.fp32_mm(gpu, True) is expected
+    assert len(fake_gpu["offered"]) == 1  # timed once, then remembered
+    family, key, candidates = fake_gpu["offered"][0]
+    assert family == "fp32_mm" and candidates == [{"mm": "ieee"}, {"mm": "tf32x3"}]
+    assert rt.fp32_mm(torch.device("cuda", 1), True) is expected
+    assert len(fake_gpu["offered"]) == 2  # another GPU is timed on its own
+
+
+def test_fp32_mm_is_ieee_without_tf32_or_unasked(fake_gpu):
+    fake_gpu["capability"] = (7, 5)  # no TF32 tensor cores: nothing to time
+    assert rt.fp32_mm(torch.device("cuda", 0), True) is rt.ieee_mm
+    fake_gpu["capability"] = (9, 0)
+    assert rt.fp32_mm(torch.device("cuda", 0), False) is rt.ieee_mm
+    assert rt.fp32_mm(torch.device("cpu"), True) is rt.ieee_mm
+    assert fake_gpu["offered"] == []
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_mm_candidates_are_accurate():
+    """Both products the choice is between, with this GPU's own TF32 conversion, are IEEE fp32's
+    accuracy class, and the choice is one of them."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    A = torch.randn(512, 700, device="cuda", generator=gen)
+    B = torch.randn(700, 300, device="cuda", generator=gen)
+    exact = A.double() @ B.double()
+    scale = A.double().abs() @ B.double().abs()
+    err = lambda P: float(((P.double() - exact).abs() / scale).max())  # noqa: E731
+    assert err(rt.tf32x3_mm(A, B)) <= 4 * err(rt.ieee_mm(A, B)) + 2**-20
+    assert rt.fp32_mm(A.device, True) in (rt.ieee_mm, rt.tf32x3_mm)
