@@ -126,7 +126,8 @@ def fp32_mm(device: torch.device, fast: bool):
             products[config["mm"]](*operands)
 
         cache = autotune_cache.cache_for("fp32_mm", device, [sorted(products), n])
-        config = autotune_cache.tune(cache, f"{n}x{n}x{n}", [{"mm": "ieee"}, {"mm": "tf32x3"}],
-                                     run)
+        with torch.cuda.device(device):  # (the timing's events are on the current device)
+            config = autotune_cache.tune(cache, f"{n}x{n}x{n}",
+                                         [{"mm": "ieee"}, {"mm": "tf32x3"}], run)
         chosen = _FP32_MM.setdefault(device, products[config["mm"]])
     return chosen

@@ -1,5 +1,7 @@
 """epmq_kernels._runtime: the choice of the fp32 product for E-PMQ's large products."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(rt, "_FP32_MM", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake gpu")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(ac, "tune", tune)
     return state
 
