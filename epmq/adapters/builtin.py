@@ -1,4 +1,4 @@
-"""The built-in model families: open_clip, HF CLIP, HF T5, HF Llama/Qwen2/Mistral."""
+"""The built-in model families: open_clip, HF CLIP, HF T5, HF decoder-only LMs."""
 
 from __future__ import annotations
 
@@ -45,8 +45,15 @@ class T5Adapter(Adapter):
 OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock",))
 CLIP_HF = Adapter("hf-clip", block_types=("CLIPEncoderLayer",))
 T5 = T5Adapter("hf-t5", block_types=("T5Block",))
-# Their blocks take the attention mask and the rotary (cos, sin) as keyword arguments that the
-# walker records per block (Qwen2 may alternate full and sliding-window masks by depth).
-LLAMA_FAMILY = Adapter(
-    "hf-llama", block_types=("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
-)
+# Decoder-only LMs whose blocks take the hidden states and, as keyword arguments that the walker
+# records per block, the attention mask and the rotary (cos, sin): the mask may differ by depth
+# (Qwen2, Mistral, Gemma 2/3 alternate full and sliding-window layers; Gemma 3 also the rotary
+# table). Each is tested on a tiny random-init model (tests/epmq/test_walker_models.py). Not
+# here: mixture-of-experts blocks (Mixtral, Qwen3-MoE), whose experts are 3-D parameters in
+# transformers 5, not nn.Linear; GPT-2's Conv1D projections.
+HF_DECODERS = Adapter("hf-decoder", block_types=(
+    "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+    "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "PhiDecoderLayer",
+    "Phi3DecoderLayer", "Olmo2DecoderLayer", "GraniteDecoderLayer", "CohereDecoderLayer",
+    "StableLmDecoderLayer", "GPTNeoXLayer", "FalconDecoderLayer",
+))

@@ -15,8 +15,28 @@ from epmq.adapters import find_adapter
 from epmq.benches import tiny as tiny_benches
 from epmq.merge import task_arithmetic
 
+# Decoder-only LMs beyond the Llama family: tiny configs of each (the model class, the config
+# class, their own options); they share the Llama family's calling convention.
+DECODERS = {
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=8)),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=8)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=8, sliding_window=4)),
+    # alternating sliding-window and full layers with two rotary tables
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0)),  # fused qkv and gate_up
+    "phi": ("PhiForCausalLM", "PhiConfig", dict()),  # parallel attention and MLP
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict()),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", dict()),
+    "cohere": ("CohereForCausalLM", "CohereConfig", dict()),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict()),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(num_key_value_heads=None)),
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(num_key_value_heads=None,
+                                                         intermediate_size=None)),
+}
 ARCHS = [
     "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "llama", "qwen2", "mistral",
+    *DECODERS,
 ]
 TASKS = ["cars", "dtd", "svhn"]
 VOCAB = 64
@@ -69,6 +89,15 @@ def build(arch: str, seed: int = 0):
                 **common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
         else:
             model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=4))
+    elif arch in DECODERS:
+        import transformers
+
+        model_class, config_class, options = DECODERS[arch]
+        config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+        config.update(options)
+        config = {k: v for k, v in config.items() if v is not None}  # (options a family lacks)
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
     else:
         raise ValueError(arch)
     return model.eval()
@@ -92,6 +121,7 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
         "llama": lambda: ids(),
         "qwen2": lambda: ids(),
         "mistral": lambda: ids(),
+        **{name: lambda: ids() for name in DECODERS},
     }[arch]
     return [make() for _ in range(n)]
 
