@@ -50,16 +50,30 @@ def write_json(path, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def tiny_llama(seed, *, vocab_size, hidden_size, intermediate_size):
-    """A random-init two-layer Llama (HF transformers) in eval mode, for the CPU side-by-sides."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The decoder-only families the CPU side-by-sides build: (model class, config class, options).
+TINY_DECODERS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32)),
+    # alternating sliding-window and full layers
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               dict(head_dim=32, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0)),  # fused qkv and gate_up
+}
 
+
+def tiny_llama(seed, *, vocab_size, hidden_size, intermediate_size, arch="llama"):
+    """A random-init two-layer decoder-only LM (HF transformers; a Llama unless ``arch`` names
+    another of TINY_DECODERS) in eval mode, for the CPU side-by-sides."""
+    import transformers
+
+    model_class, config_class, options = TINY_DECODERS[arch]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                         intermediate_size=intermediate_size, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=False, **options)
+    return getattr(transformers, model_class)(config).eval()
 
 
 def pyplot():

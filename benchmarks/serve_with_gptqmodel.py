@@ -1,10 +1,13 @@
 """Can a serving stack load what we save? Our checkpoint loaded by transformers + GPTQModel.
 
     pip install gptqmodel          # the peer loader, beside the package (not a dependency)
-    python benchmarks/serve_with_gptqmodel.py [--cases 4,4:gptq_v2,4a,3,2,8] [--out ...json]
+    python benchmarks/serve_with_gptqmodel.py [--archs llama,qwen3,gemma3,phi3]
+                                              [--cases 4,4:gptq_v2,4a,3,2,8] [--out ...json]
 
-For each case (bits; ``a``: act-order, whose ``g_idx`` is not monotone; ``:format`` forces the
-checkpoint format): a random-init Llama (HF transformers) is merged from a base and three
+For each architecture and case (bits; ``a``: act-order, whose ``g_idx`` is not monotone;
+``:format`` forces the checkpoint format): a random-init decoder-only LM (HF transformers: a
+Llama, a Qwen3, a Gemma 3 with sliding-window layers, a Phi-3 with fused projections) is merged
+from a base and three
 experts (Task Arithmetic), quantized by ``epmq.quantize_model`` (E-PMQ, groups of 32) and saved
 by ``epmq.save_quantized`` in the ``gptq`` format. The directory is then loaded the way a user
 of the HF stack would load any GPTQ checkpoint, ``AutoModelForCausalLM.from_pretrained(dir)``
@@ -29,7 +32,7 @@ import textwrap
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import tiny_llama as common_tiny_llama, write_json  # noqa: E402
+from _common import TINY_DECODERS, tiny_llama as common_tiny_llama, write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
@@ -37,17 +40,18 @@ from epmq import merge  # noqa: E402
 VOCAB = 128
 
 
-def tiny_llama(seed):
-    return common_tiny_llama(seed, vocab_size=VOCAB, hidden_size=128, intermediate_size=256)
+def tiny_model(seed, arch):
+    return common_tiny_llama(seed, vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                             arch=arch)
 
 
-def merged_family(tasks=("a", "b", "c")):
+def merged_family(arch, tasks=("a", "b", "c")):
     """Base, experts (base + task vectors), their Task Arithmetic merge, per-task token data."""
-    base = tiny_llama(0)
+    base = tiny_model(0, arch)
     g = torch.Generator().manual_seed(1)
     experts, calibration = {}, {}
     for k, task in enumerate(tasks):
-        expert = tiny_llama(0)
+        expert = tiny_model(0, arch)
         with torch.no_grad():
             for p in expert.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=g) * p.abs().mean())
@@ -56,7 +60,7 @@ def merged_family(tasks=("a", "b", "c")):
         lo = k * VOCAB // len(tasks)
         calibration[task] = [torch.randint(lo, lo + VOCAB // len(tasks), (4, 32), generator=g)
                              for _ in range(4)]
-    model = tiny_llama(0)
+    model = tiny_model(0, arch)
     model.load_state_dict(merge.task_arithmetic(base, list(experts.values()), scale=0.4))
     return model, experts, calibration
 
@@ -76,6 +80,8 @@ LOADER = textwrap.dedent("""
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", default="llama",
+                        help=f"comma separated, of {', '.join(TINY_DECODERS)}")
     parser.add_argument("--cases", default="4,4:gptq_v2,4a,3,2,8",
                         help="bits[a][:checkpoint_format], comma separated (a: act-order; "
                              "format default: auto)")
@@ -93,11 +99,11 @@ def main(argv=None):
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     with tempfile.TemporaryDirectory() as root:
         torch.save(tokens, os.path.join(root, "tokens.pt"))
-        for case in args.cases.split(","):
+        for arch, case in [(a, c) for a in args.archs.split(",") for c in args.cases.split(",")]:
             bits, _, fmt = case.partition(":")
             act_order = bits.endswith("a")
             bits, fmt = int(bits.rstrip("a")), fmt or "auto"
-            model, experts, calibration = merged_family()
+            model, experts, calibration = merged_family(arch)
             with torch.no_grad():
                 fp_logits = model(tokens).logits.float()
             spec = epmq.QuantSpec(bits=bits, group_size=32, act_order=act_order)
@@ -106,15 +112,15 @@ def main(argv=None):
                                 backend="torch", progress=False)
             with torch.no_grad():
                 our_logits = model(tokens).logits.float()
-            directory = os.path.join(root, f"w{case.replace(':', '-')}")
+            directory = os.path.join(root, f"{arch}-w{case.replace(':', '-')}")
             epmq.save_quantized(model, directory, checkpoint_format=fmt)
             with open(os.path.join(directory, "config.json")) as f:
                 qconfig = json.load(f)["quantization_config"]
-            out = os.path.join(root, f"peer-w{case.replace(':', '-')}.pt")
+            out = os.path.join(root, f"peer-{arch}-w{case.replace(':', '-')}.pt")
             peer = subprocess.run([args.python, "-c", LOADER, directory,
                                    os.path.join(root, "tokens.pt"), out],
                                   capture_output=True, text=True)
-            row = dict(bits=bits, group_size=32, act_order=act_order, desc_act=qconfig.get("desc_act"),
+            row = dict(arch=arch, bits=bits, group_size=32, act_order=act_order, desc_act=qconfig.get("desc_act"),
                        checkpoint_format=qconfig.get("checkpoint_format"),
                        loaded=peer.returncode == 0)
             if peer.returncode == 0:
@@ -133,7 +139,8 @@ def main(argv=None):
             if not row["loaded"]:
                 print(row["error"], file=sys.stderr)
     version = check.stdout.strip().splitlines()[-1]
-    result = dict(command="python benchmarks/serve_with_gptqmodel.py", gptqmodel=version,
+    result = dict(command="python benchmarks/serve_with_gptqmodel.py " + " ".join(argv or sys.argv[1:]),
+                  gptqmodel=version,
                   torch=torch.__version__, rows=rows)
     write_json(args.out, result)
     return 0 if all(r["loaded"] for r in rows) else 1

@@ -4,9 +4,8 @@ Hessian ``H += X^T X`` (rows of ``X`` are tokens).
 ``G`` streams each expert once; the fused kernel never needs ``W_k - W_m`` as a whole (it forms
 its tiles in registers). For every precision the autotuner also times cuBLAS, which does form
 it (see CUBLAS below), and every candidate of the more accurate precisions (AT_LEAST), and keeps
-the fastest. This file holds the torch references and
-the Triton kernels beside them; ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=``
-pick one.
+the fastest. This file holds the torch references and the Triton kernels beside them;
+``accumulate_residual`` / ``accumulate_xxt`` with ``backend=`` pick one.
 
 Configuration space: ``G``/``H`` in fp32 (the GPU statistics) or fp64 (the CPU statistics);
 weights in any float dtype (converted to ``G``'s in registers); activations in bf16, fp16, fp32
