@@ -22,9 +22,12 @@ has ``module.``, a full CLIP checkpoint holds the visual tower under ``visual.``
 finds the one prefix rewrite (strip a leading part of the model's names, or add the
 checkpoint's) under which most of the model's names exist in the checkpoint, and looks a tied
 tensor up under each of its aliases in turn (``tie_order``: the way ``from_pretrained`` ties
-them, every alias of a tied parameter reads the same checkpoint tensor). ``bind`` turns a
-reader into a ``LazyStateDict``: a state dict in the model's naming whose tensors are read
-when indexed.
+them, every alias of a tied parameter reads the same checkpoint tensor). transformers 5 also
+renamed some models' modules (ViT, DINOv2: ``encoder.layer.N.attention.attention.query`` became
+``layers.N.attention.q_proj``) and still saves and hub-hosts their checkpoints in the old
+naming, converting as it loads: ``key_renaming`` gives that model's renaming rules, and a
+``Binding`` made with them finds a key under its renamed name too. ``bind`` turns a reader into
+a ``LazyStateDict``: a state dict in the model's naming whose tensors are read when indexed.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -168,11 +171,18 @@ class Binding:
     a name it does not list is looked for under itself only). The rewrite is the one under
     which most of ``names`` (default: those of ``order``) are found among ``keys``; ``prefixes``
     are leading parts the checkpoint may add, tried besides those found from its keys. With no
-    names the rewrite is the identity."""
+    names the rewrite is the identity. ``rename`` (``key_renaming``): every key is also found
+    under its renamed name; ``key_for`` returns the key itself."""
 
     def __init__(self, keys: Iterable[str], order: Optional[Mapping[str, Sequence[str]]] = None,
-                 names: Optional[Iterable[str]] = None, prefixes: Iterable[str] = ()):
-        self.keys = set(keys)
+                 names: Optional[Iterable[str]] = None, prefixes: Iterable[str] = (),
+                 rename: Optional[Callable[[str], str]] = None):
+        keys = list(keys)
+        self.original = {k: k for k in keys}  # a name looked up -> the checkpoint's key
+        if rename is not None:
+            for k in keys:
+                self.original.setdefault(rename(k), k)
+        self.keys = set(self.original)
         self.order = dict(order or {})
         names = list(self.order if names is None else names)
         # long names are unlikely to end other keys by chance; the first ones are the model's own
@@ -203,7 +213,31 @@ class Binding:
 
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key holding the model tensor ``name`` (or one of its aliases), or None."""
-        return self._lookup(name, self.rewrite)
+        key = self._lookup(name, self.rewrite)
+        return None if key is None else self.original[key]
+
+
+def key_renaming(model: nn.Module) -> Optional[Callable[[str], str]]:
+    """The renaming transformers applies to a checkpoint key as it loads ``model`` (its
+    ``WeightRenaming`` rules, in order; not its converters, which fuse or split tensors), or
+    None for a model that is not a transformers model or a transformers without the rules."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    rules = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not rules:
+        return None
+
+    def rename(key: str) -> str:
+        for rule in rules:
+            key, _ = rule.rename_source_key(key)
+        return key
+
+    return rename
 
 
 def tie_order(model: nn.Module) -> Dict[str, List[str]]:
@@ -261,14 +295,14 @@ class LazyStateDict(Mapping):
 
 def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: str,
          shapes: Optional[Mapping[str, tuple]] = None, dtype: Optional[torch.dtype] = None,
-         prefixes: Iterable[str] = ()) -> LazyStateDict:
+         prefixes: Iterable[str] = (), rename: Optional[Callable[[str], str]] = None) -> LazyStateDict:
     """A ``LazyStateDict`` with the model's names (the keys of ``order``, see ``tie_order``).
 
-    The names are found under one prefix rewrite (``Binding``; ``prefixes`` are tried too).
-    Raises ``reader.error`` for tensors the checkpoint lacks or whose shape differs from
-    ``shapes`` (the model's)."""
+    The names are found under one prefix rewrite (``Binding``; ``prefixes`` are tried too, and
+    keys also under ``rename``, see ``key_renaming``). Raises ``reader.error`` for tensors the
+    checkpoint lacks or whose shape differs from ``shapes`` (the model's)."""
     names = list(order)
-    binding = Binding(reader.keys(), order, prefixes=prefixes)
+    binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
     mapping, missing = {}, []
     for n in names:
         key = binding.key_for(n)
@@ -297,4 +331,4 @@ def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype
     """``bind`` a checkpoint at ``path`` to ``model``'s state-dict names and shapes."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return bind(CheckpointReader(path, what, error=error), tie_order(model), what=what, shapes=shapes,
-                dtype=dtype, prefixes=prefixes)
+                dtype=dtype, prefixes=prefixes, rename=key_renaming(model))

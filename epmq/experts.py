@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -51,16 +51,18 @@ class ExpertWeights:
     def keys(self):
         return self.reader.keys()
 
-    def bind(self, model_names: Iterable[str], aliases: Optional[Mapping[str, list]] = None) -> None:
+    def bind(self, model_names: Iterable[str], aliases: Optional[Mapping[str, list]] = None,
+             rename: Optional[Callable[[str], str]] = None) -> None:
         """Choose the prefix rewrite from the model's names to this checkpoint's keys.
 
         ``model_names``: every tensor name of the model (in checkpoint naming); ``aliases``:
-        for tied tensors, the other names the same tensor goes by.
+        for tied tensors, the other names the same tensor goes by; ``rename``: how the model's
+        loader renames checkpoint keys (``epmq.checkpoint_io.key_renaming``).
         """
         names = list(model_names)
         aliases = aliases or {}
         order = {n: [n, *aliases.get(n, ())] for n in [*names, *aliases]}
-        self._binding = Binding(self.reader.keys(), order, names=names)
+        self._binding = Binding(self.reader.keys(), order, names=names, rename=rename)
 
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key holding the model tensor ``name`` (or one of its aliases)."""

@@ -73,6 +73,7 @@ from torch import nn
 
 from . import quant
 from .adapters import Adapter, find_adapter
+from .checkpoint_io import key_renaming
 from .checks import all_finite
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
@@ -524,8 +525,9 @@ class _Walk:
                         needed[self.ckpt(f"{prefix}.{rel}.weight")] = tuple(block.get_submodule(rel).weight.shape)
         if self.targets == "expert_path":
             needed.update({names[0]: tuple(t.shape) for t, names in self.outside})
+        rename = key_renaming(self.model)
         for source in self.experts.values():
-            source.bind(self.shapes, self.aliases)
+            source.bind(self.shapes, self.aliases, rename=rename)
             source.check(needed)
 
     @contextmanager

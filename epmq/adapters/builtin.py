@@ -1,4 +1,4 @@
-"""The built-in model families: open_clip, HF CLIP, HF T5, HF decoder-only LMs."""
+"""The built-in model families: open_clip, HF CLIP, HF T5, HF decoder-only LMs, HF encoders."""
 
 from __future__ import annotations
 
@@ -56,4 +56,9 @@ HF_DECODERS = Adapter("hf-decoder", block_types=(
     "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "PhiDecoderLayer",
     "Phi3DecoderLayer", "Olmo2DecoderLayer", "GraniteDecoderLayer", "CohereDecoderLayer",
     "StableLmDecoderLayer", "GPTNeoXLayer", "FalconDecoderLayer",
+))
+# Encoders whose layers take the hidden states and the attention mask (text) or nothing else
+# (images): BERT-style text encoders (GLUE experts) and ViT-style image encoders.
+HF_ENCODERS = Adapter("hf-encoder", block_types=(
+    "BertLayer", "RobertaLayer", "DebertaV2Layer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
 ))

@@ -21,7 +21,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..checkpoint_io import CheckpointReader, bind, tie_order
+from ..checkpoint_io import CheckpointReader, bind, key_renaming, tie_order
 from .checkpoints import load_into
 from .config import BenchConfig, BenchConfigError
 from .vision import ImagePrep, ZeroShotImageBench, prep_from_processor_config
@@ -51,7 +51,8 @@ class HFClipBench(ZeroShotImageBench):
         reader = CheckpointReader(self.base_dir, "model.base", error=BenchConfigError)
         shapes = {k: tuple(v.shape) for k, v in self._template.state_dict().items()}
         self.base_state = bind(reader, tie_order(self._template), what="model.base (vision tower)",
-                               shapes=shapes, dtype=self.dtype, prefixes=("vision_model.",))
+                               shapes=shapes, dtype=self.dtype, prefixes=("vision_model.",),
+                               rename=key_renaming(self._template))
         load_into(self._template, self.base_state, "model.base (vision tower)")
         for key in ("visual_projection.weight", "logit_scale"):
             if key not in reader:

@@ -18,7 +18,9 @@ N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "hf_clip_vision": 12, "hf
              # h_to_4h, 4h_to_h; phi q, k, v, dense, fc1, fc2
              **{name: 14 for name in ("qwen3", "gemma", "gemma2", "gemma3", "olmo2", "granite",
                                       "cohere", "stablelm")},
-             "phi3": 8, "gpt_neox": 8, "falcon": 8, "phi": 12}
+             "phi3": 8, "gpt_neox": 8, "falcon": 8, "phi": 12,
+             # q, k, v, attention output, intermediate, output
+             **{name: 12 for name in ("bert", "roberta", "deberta_v2", "vit", "dinov2", "siglip")}}
 
 
 def expert_sources(fam, tmp_path):

@@ -36,6 +36,32 @@ def test_transformers4_clip_checkpoint_with_the_vision_model_prefix(tmp_path):
     assert torch.equal(expert.read(name), model.state_dict()[name])
 
 
+def test_vit_checkpoint_in_the_hub_naming(tmp_path):
+    """transformers 5 renamed ViT's modules (``encoder.layer.N.attention.attention.query`` ->
+    ``layers.N.attention.q_proj``) and still saves in the old naming, as hub checkpoints of
+    ``ViTForImageClassification`` are (with ``vit.``): found through the model's renaming."""
+    from epmq.checkpoint_io import key_renaming
+
+    model = build("vit")
+    model.save_pretrained(tmp_path / "saved")
+    name = "layers.1.attention.q_proj.weight"
+    expert = ExpertWeights(str(tmp_path / "saved"), task="t")
+    assert name not in expert.keys()
+    expert.bind(_names(model), rename=key_renaming(model))
+    assert expert.key_for(name) == "encoder.layer.1.attention.attention.query.weight"
+    for n, t in model.state_dict().items():
+        assert torch.equal(expert.read(n), t), n
+    hub = {f"vit.{k}": expert.reader.get(k) for k in expert.keys()}
+    save_file(hub, str(tmp_path / "hub.safetensors"))
+    expert = ExpertWeights(str(tmp_path / "hub.safetensors"), task="t")
+    expert.bind(_names(model), rename=key_renaming(model))
+    assert expert.key_for(name) == "vit.encoder.layer.1.attention.attention.query.weight"
+    assert torch.equal(expert.read(name), model.state_dict()[name])
+    unrenamed = ExpertWeights(str(tmp_path / "hub.safetensors"), task="t")
+    unrenamed.bind(_names(model))
+    assert unrenamed.key_for(name) is None
+
+
 def test_full_open_clip_checkpoint_for_the_visual_tower(tmp_path):
     """A VisionTransformer merged model, experts saved as whole CLIP models: the text tower's
     unprefixed ``transformer.resblocks.*`` must not be taken for the visual one."""

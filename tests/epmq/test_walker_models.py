@@ -15,6 +15,8 @@ from epmq.adapters import find_adapter
 from epmq.benches import tiny as tiny_benches
 from epmq.merge import task_arithmetic
 
+TASKS = ["cars", "dtd", "svhn"]
+VOCAB = 64
 # Decoder-only LMs beyond the Llama family: tiny configs of each (the model class, the config
 # class, their own options); they share the Llama family's calling convention.
 DECODERS = {
@@ -34,12 +36,19 @@ DECODERS = {
     "falcon": ("FalconForCausalLM", "FalconConfig", dict(num_key_value_heads=None,
                                                          intermediate_size=None)),
 }
+# Encoders (text with padded attention masks, or images): (model class, config class, options).
+ENCODERS = {
+    "bert": ("BertModel", "BertConfig", dict(vocab_size=VOCAB)),
+    "roberta": ("RobertaModel", "RobertaConfig", dict(vocab_size=VOCAB)),
+    "deberta_v2": ("DebertaV2Model", "DebertaV2Config", dict(vocab_size=VOCAB)),
+    "vit": ("ViTModel", "ViTConfig", dict(image_size=16, patch_size=8)),
+    "dinov2": ("Dinov2Model", "Dinov2Config", dict(image_size=16, patch_size=8)),
+    "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(image_size=16, patch_size=8)),
+}
 ARCHS = [
     "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "llama", "qwen2", "mistral",
-    *DECODERS,
+    *DECODERS, *ENCODERS,
 ]
-TASKS = ["cars", "dtd", "svhn"]
-VOCAB = 64
 
 
 def build(arch: str, seed: int = 0):
@@ -89,12 +98,13 @@ def build(arch: str, seed: int = 0):
                 **common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
         else:
             model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=4))
-    elif arch in DECODERS:
+    elif arch in DECODERS or arch in ENCODERS:
         import transformers
 
-        model_class, config_class, options = DECODERS[arch]
-        config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+        model_class, config_class, options = {**DECODERS, **ENCODERS}[arch]
+        config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        if arch in DECODERS:
+            config.update(vocab_size=VOCAB, num_key_value_heads=2)
         config.update(options)
         config = {k: v for k, v in config.items() if v is not None}  # (options a family lacks)
         model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
@@ -122,6 +132,10 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
         "qwen2": lambda: ids(),
         "mistral": lambda: ids(),
         **{name: lambda: ids() for name in DECODERS},
+        **{name: lambda: {"pixel_values": image()} for name in ("vit", "dinov2", "siglip")},
+        # the second sequence padded: the mask reaches every block
+        **{name: lambda: {"input_ids": ids(), "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}
+           for name in ("bert", "roberta", "deberta_v2")},
     }[arch]
     return [make() for _ in range(n)]
 
