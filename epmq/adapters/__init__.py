@@ -109,10 +109,10 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     )
 
 
-from .builtin import CLIP_HF, HF_DECODERS, HF_ENCODERS, OPEN_CLIP, T5  # noqa: E402
+from .builtin import BART, CLIP_HF, HF_DECODERS, HF_ENCODERS, OPEN_CLIP, T5  # noqa: E402
 
-for _adapter in (OPEN_CLIP, CLIP_HF, T5, HF_DECODERS, HF_ENCODERS):
+for _adapter in (OPEN_CLIP, CLIP_HF, T5, BART, HF_DECODERS, HF_ENCODERS):
     register_adapter(_adapter, first=False)
 
-__all__ = ["Adapter", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "HF_DECODERS",
-           "HF_ENCODERS"]
+__all__ = ["Adapter", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "BART",
+           "HF_DECODERS", "HF_ENCODERS"]

@@ -1,4 +1,5 @@
-"""The built-in model families: open_clip, HF CLIP, HF T5, HF decoder-only LMs, HF encoders."""
+"""The built-in model families: open_clip, HF CLIP, HF T5/mT5, HF BART, HF decoder-only LMs, HF
+encoders."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class T5Adapter(Adapter):
 
 OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock",))
 CLIP_HF = Adapter("hf-clip", block_types=("CLIPEncoderLayer",))
-T5 = T5Adapter("hf-t5", block_types=("T5Block",))
+T5 = T5Adapter("hf-t5", block_types=("T5Block", "MT5Block"))
 # Decoder-only LMs whose blocks take the hidden states and, as keyword arguments that the walker
 # records per block, the attention mask and the rotary (cos, sin): the mask may differ by depth
 # (Qwen2, Mistral, Gemma 2/3 alternate full and sliding-window layers; Gemma 3 also the rotary
@@ -62,3 +63,6 @@ HF_DECODERS = Adapter("hf-decoder", block_types=(
 HF_ENCODERS = Adapter("hf-encoder", block_types=(
     "BertLayer", "RobertaLayer", "DebertaV2Layer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
 ))
+# BART: an encoder stack, then a decoder stack whose layers take the encoder's output and mask
+# (recorded per block like any keyword argument, after the encoder is quantized).
+BART = Adapter("hf-bart", block_types=("BartEncoderLayer", "BartDecoderLayer"))

@@ -108,7 +108,7 @@ def test_walk_statistics_match_hand_made(arch, method, targets, gen):
     _assert_same_layer(q, expected)
 
 
-@pytest.mark.parametrize("arch", ["t5", "llama", "open_clip_clip"])
+@pytest.mark.parametrize("arch", ["t5", "bart", "llama", "open_clip_clip"])
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
 def test_fp_path_statistics_match_hand_made(arch, method, gen):
     fam = Family(arch, gen)

@@ -46,8 +46,8 @@ ENCODERS = {
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(image_size=16, patch_size=8)),
 }
 ARCHS = [
-    "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "llama", "qwen2", "mistral",
-    *DECODERS, *ENCODERS,
+    "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "llama",
+    "qwen2", "mistral", *DECODERS, *ENCODERS,
 ]
 
 
@@ -79,12 +79,21 @@ def build(arch: str, seed: int = 0):
             text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=16)
             model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    elif arch == "t5":
-        from transformers import T5Config, T5ForConditionalGeneration
+    elif arch in ("t5", "mt5"):
+        import transformers
 
-        model = T5ForConditionalGeneration(T5Config(
+        prefix = "T5" if arch == "t5" else "MT5"
+        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(getattr(transformers, f"{prefix}Config")(
             vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
             dropout_rate=0.0, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+        ))
+    elif arch == "bart":
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        model = BartForConditionalGeneration(BartConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+            dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
         ))
     elif arch in ("llama", "qwen2", "mistral"):
         import transformers
@@ -128,6 +137,10 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
         "hf_clip_vision": lambda: {"pixel_values": image()},
         "hf_clip": lambda: {"pixel_values": image(), "input_ids": ids()},
         "t5": lambda: {"input_ids": ids(), "decoder_input_ids": ids(5)},
+        "mt5": lambda: {"input_ids": ids(), "decoder_input_ids": ids(5)},
+        # padded encoder input: the mask reaches the encoder's blocks and the decoder's cross attention
+        "bart": lambda: {"input_ids": ids(), "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2]),
+                         "decoder_input_ids": ids(5)},
         "llama": lambda: ids(),
         "qwen2": lambda: ids(),
         "mistral": lambda: ids(),
@@ -195,7 +208,7 @@ def test_builder_runs_and_adapter_finds_blocks(arch, gen):
     y = output(model, inputs(arch, 1, gen)[0])
     assert torch.isfinite(y).all()
     stacks = find_adapter(model).stacks(model)
-    expected = {"open_clip_clip": 2, "hf_clip": 2, "t5": 2}.get(arch, 1)
+    expected = {"open_clip_clip": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
     assert len(stacks) == expected and all(len(blocks) == 2 for _, blocks in stacks)
 
 
