@@ -229,14 +229,31 @@ def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False,
     return out
 
 
-def _round_dead(out, target_p, dead_p, col_group, group_size, bits):
+def _round_dead(out, target_p, dead_p, col_group, group_size, bits, sym):
     """The solver's output with its dead columns (processing order) replaced by their target
     rounded on the grid of their group: no error reaches them or leaves them, so rounding them
-    afterwards is what solving them would have done on that grid."""
+    afterwards is what solving them would have done on that grid.
+
+    A group with no live column (a layer, or an MoE expert, that calibration never reached) got
+    a grid fitted to the zeros the solver saw there; nothing constrains it, so it is fitted to
+    the group's own target instead, as RTN would (else its weights would be clamped to +-1)."""
+    d_in = dead_p.shape[0]
+    group_of = (col_group if col_group is not None
+                else torch.arange(d_in, device=dead_p.device) // group_size).long()
+    n_groups = out.scales.shape[1]
+    live = torch.bincount(group_of[~dead_p], minlength=n_groups)
+    scales, zeros = out.scales, out.zeros
+    for g in (live == 0).nonzero().flatten().tolist():
+        members = (group_of == g).nonzero().flatten()
+        if len(members):
+            if scales is out.scales:
+                scales, zeros = scales.clone(), zeros.clone()
+            scales[:, g], zeros[:, g] = find_params(target_p[:, members], bits, sym)
     cols = dead_p.nonzero().flatten()
-    groups = col_group[cols] if col_group is not None else cols // group_size
-    scale, zero = out.scales[:, groups.long()], out.zeros[:, groups.long()]
+    groups = group_of[cols]
+    scale, zero = scales[:, groups], zeros[:, groups]
     q = quantize_codes(target_p[:, cols], scale, zero, 2**bits - 1)
+    out = out._replace(scales=scales, zeros=zeros)
     Q, codes = out.Q.clone(), out.codes.clone()
     Q[:, cols] = dequantize(q, scale, zero)
     codes[:, cols] = q.to(codes.dtype)
@@ -339,7 +356,8 @@ def _round_target(
     loss = solved_loss(out) - damp * float(torch.linalg.vector_norm(F_p, dtype=torch.float64)) ** 2
     del F_p
     if any_dead:
-        out = _round_dead(out, target_p, dead_p, grid.get("col_group"), group_size, spec.bits)
+        out = _round_dead(out, target_p, dead_p, grid.get("col_group"), group_size, spec.bits,
+                          spec.sym)
     weight = out.Q if perm is None else _unpermute(out.Q, perm)
     codes = out.codes if perm is None else _unpermute(out.codes, perm)
 

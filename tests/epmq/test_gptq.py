@@ -52,10 +52,13 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
     H = H + percdamp * torch.diagonal(H).mean() * torch.eye(d_in, dtype=H.dtype)
     gs = d_in if spec.group_size == -1 else spec.group_size
     static = spec.group_size == -1 or spec.static_groups
-    # grids are fitted to the live columns: a dead column's weights count as 0 there
+    # grids are fitted to the live columns: a dead column's weights count as 0 there, unless the
+    # whole group is dead (then to its own weights, as RTN would)
+    def fitted(block, dead_block):
+        return grid64(block if dead_block.all() else block.masked_fill(dead_block, 0.0), spec.bits, spec.sym)
+
     if static:  # parameters of each stored-order group from the original weights
-        live = W.masked_fill(dead, 0.0)
-        params = [grid64(live[:, g : g + gs], spec.bits, spec.sym) for g in range(0, d_in, gs)]
+        params = [fitted(W[:, g : g + gs], dead[g : g + gs]) for g in range(0, d_in, gs)]
     W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
@@ -64,7 +67,7 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
         if static:
             scale, zero = params[int(perm[j]) // gs]
         elif j % gs == 0:
-            scale, zero = grid64(W[:, j : j + gs].masked_fill(dead[j : j + gs], 0.0), spec.bits, spec.sym)
+            scale, zero = fitted(W[:, j : j + gs], dead[j : j + gs])
         Q[:, j] = round64(W[:, j], scale, zero, spec.bits)
         gap[:, j] = tie_gap(W[:, j], scale)
         err = (W[:, j] - Q[:, j]) / U[j, j]
@@ -179,6 +182,44 @@ def test_dead_columns_are_rounded_on_the_live_grid(gen, spec):
     expected = (torch.clamp(torch.round(W[:, dead] / scale) + zero, 0, spec.maxq) - zero) * scale
     torch.testing.assert_close(res.weight[:, dead], expected, rtol=0, atol=0)
     assert (res.weight[:, dead].abs() < W[:, dead].abs()).any()  # clamped: the grid stayed narrow
+
+
+SPECS_DEAD = [QuantSpec(bits=4, group_size=16), QuantSpec(bits=4, group_size=-1),
+              QuantSpec(bits=4, group_size=16, act_order=True),
+              QuantSpec(bits=3, group_size=8, sym=True, static_groups=True)]
+
+
+@pytest.mark.parametrize("spec", SPECS_DEAD, ids=str)
+def test_a_layer_calibration_never_reached_is_rounded_to_nearest(gen, spec):
+    """All-zero statistics (a layer, or an MoE expert, that no calibration token reached): no
+    grid is constrained, so each is fitted to the weights, as RTN fits them, and the weights are
+    RTN's, not clamped to a grid fitted to zeros."""
+    W = torch.randn(12, 64, generator=gen)
+    res = quant.gptq(W, torch.zeros(64, 64), spec)
+    ref = quant.rtn(W, spec)
+    assert res.dead_columns == 64 and res.loss == 0.0
+    assert torch.equal(res.codes, ref.codes) and torch.equal(res.weight, ref.weight)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS_DEAD if s.group_size != -1], ids=str)
+def test_a_dead_group_takes_its_own_grid(gen, spec):
+    """A whole group of dead columns among live ones: its grid fits its own weights (RTN's), and
+    the live groups are solved as if its weights were 0."""
+    W, H = random_problem(gen)
+    gs = spec.group_size
+    H[gs : 2 * gs] = 0
+    H[:, gs : 2 * gs] = 0
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    group = torch.arange(gs, 2 * gs) if not (spec.act_order and not spec.static_groups) else order[-gs:]
+    res = quant.gptq(W, H, spec)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[group] = True
+    assert res.dead_columns == gs and bool((torch.diagonal(H)[group] == 0).all())
+    assert len(set(res.g_idx[group].tolist())) == 1  # the dead columns make up one group
+    alive = quant.gptq(W.masked_fill(dead, 0.0), H, spec)
+    torch.testing.assert_close(res.weight[:, ~dead], alive.weight[:, ~dead], rtol=0, atol=0)
+    rtn = quant.rtn(W[:, group], QuantSpec(bits=spec.bits, group_size=-1, sym=spec.sym))
+    torch.testing.assert_close(res.weight[:, group], rtn.weight, rtol=0, atol=1e-6)
 
 
 def test_cholesky_failure_raises_damping(gen):
