@@ -784,6 +784,9 @@ class _Walk:
             name = f"{prefix}.{rel}"
             result = self._solve(linears[rel], stats[rel], name)
             stats[rel] = None  # free the Hessians before the next solve
+            if result.dead_columns == linears[rel].weight.shape[1]:
+                warnings.warn(f"{name}: every input feature was 0 on the calibration data, so "
+                              f"nothing guided its quantization: rounded to nearest (RTN's grid)")
             self.edits.swap(name, _quant_linear(result, linears[rel]))
             self.report.layers.append(
                 _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])

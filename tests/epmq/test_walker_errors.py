@@ -218,3 +218,23 @@ def test_layer_out_of_gpu_memory_is_solved_on_the_cpu(gen, monkeypatch, method):
     assert layer["solved_on"] == "cpu (out of GPU memory)"
     x = inputs("llama", 1, gen)[0]
     torch.testing.assert_close(output(model, x), output(reference, x))
+
+
+def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(gen):
+    """Block 0's attention sees only zeros (its input norm's weight is 0): q, k, v, and o (the
+    attention of zero values is zero) have no live input feature; they get RTN's weights and the
+    user is told, the rest is solved."""
+    fam = Family("llama", gen)
+    model = fam.merged()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.zero_()
+    W = {p: model.get_submodule(f"model.layers.0.self_attn.{p}").weight.detach().clone()
+         for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    with pytest.warns(UserWarning, match="every input feature was 0") as record:
+        quantize(fam, model, method="gptq", experts=None)
+    warned = {str(w.message).split(":")[0] for w in record if "every input feature" in str(w.message)}
+    assert warned == {f"model.layers.0.self_attn.{p}" for p in W}
+    for p, weight in W.items():
+        q = model.get_submodule(f"model.layers.0.self_attn.{p}")
+        rtn = epmq.QuantLinear.from_result(quant.rtn(weight, SPEC), q.bias)
+        torch.testing.assert_close(q.dequantize(), rtn.dequantize(), rtol=0, atol=0)
