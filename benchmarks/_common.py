@@ -59,6 +59,8 @@ TINY_DECODERS = {
                dict(head_dim=32, sliding_window=8,
                     layer_types=["sliding_attention", "full_attention"])),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0)),  # fused qkv and gate_up
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_inner=None, bos_token_id=0,  # Conv1D
+                                                   eos_token_id=0)),
 }
 
 

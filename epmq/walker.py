@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .adapters import Adapter, find_adapter
+from .adapters import Adapter, Transposed, find_adapter
 from .checkpoint_io import key_renaming
 from .checks import all_finite
 from .experts import ExpertWeights
@@ -495,8 +495,21 @@ class _Walk:
             self._bind_experts()
 
     def ckpt(self, name: str) -> str:
-        """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it)."""
+        """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it; a
+        ``Transposed`` name where the checkpoint holds the transpose)."""
         return self.renames.get(name, name)
+
+    def _ckpt_shape(self, name: str, shape) -> tuple:
+        """The shape a model tensor has in the experts' checkpoints."""
+        return tuple(reversed(shape)) if isinstance(self.ckpt(name), Transposed) else tuple(shape)
+
+    def _read_expert(self, task, name: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout."""
+        key = self.ckpt(name)
+        tensor = self.experts[task].read(key)
+        if isinstance(key, Transposed):
+            tensor = tensor.t()
+        return tensor if like is None else tensor.to(device=like.device, dtype=like.dtype).contiguous()
 
     # ----------------------------------------------------------------- experts
 
@@ -519,10 +532,12 @@ class _Walk:
                 if self.targets == "expert_path":
                     for rel, t in block.state_dict(keep_vars=True).items():
                         if t.is_floating_point():
-                            needed[self.ckpt(f"{prefix}.{rel}")] = tuple(t.shape)
+                            name = f"{prefix}.{rel}"
+                            needed[self.ckpt(name)] = self._ckpt_shape(name, t.shape)
                 else:
                     for rel in stack.chosen[i]:
-                        needed[self.ckpt(f"{prefix}.{rel}.weight")] = tuple(block.get_submodule(rel).weight.shape)
+                        name = f"{prefix}.{rel}.weight"
+                        needed[self.ckpt(name)] = self._ckpt_shape(name, block.get_submodule(rel).weight.shape)
         if self.targets == "expert_path":
             needed.update({names[0]: tuple(t.shape) for t, names in self.outside})
         rename = key_renaming(self.model)
@@ -548,7 +563,7 @@ class _Walk:
         """``template`` (a copy of the block) with every tensor read from expert ``task``."""
         for rel, tensor in template.state_dict(keep_vars=True).items():
             if tensor.is_floating_point():
-                tensor.data = self.experts[task].read(self.ckpt(f"{prefix}.{rel}"), like=tensor)
+                tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
         return template
 
     # ----------------------------------------------------------------- stack entry
@@ -756,7 +771,7 @@ class _Walk:
                     elif target is not None and self.targets == "expert_path":
                         W_k, weight = target.get_submodule(rel).weight.detach(), None
                     else:
-                        W_k, weight = self.experts[task].read(self.ckpt(f"{prefix}.{rel}.weight")), None
+                        W_k, weight = self._read_expert(task, f"{prefix}.{rel}.weight"), None
                     stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}")
                     del W_k
             for n in range(len(items)):

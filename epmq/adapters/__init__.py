@@ -11,9 +11,11 @@ know about an architecture is:
   block. Embeddings, heads, norms, poolers, patch/conv stems and projections outside the blocks
   stay in full precision. ``quantize_model(layers=...)`` narrows this per call.
 * ``prepare(model, swap)``: rewrite modules whose projections are not ``nn.Linear`` (open_clip's
-  ``nn.MultiheadAttention`` keeps q, k, v in one ``in_proj_weight``) into equivalent modules
-  that use ``nn.Linear``; returns ``{new tensor name: original tensor name}`` so expert
-  checkpoints (in the original naming) can still be read.
+  ``nn.MultiheadAttention`` keeps q, k, v in one ``in_proj_weight``; GPT-2's ``Conv1D`` stores
+  its weight as ``[in, out]``) into equivalent modules that use ``nn.Linear``; returns
+  ``{new tensor name: original tensor name}`` so expert checkpoints (in the original naming) can
+  still be read, the original name wrapped in ``Transposed`` where the checkpoint holds the
+  transpose of the new tensor.
 * how a block is called: ``hidden_of(output)`` (the hidden states among a block's outputs),
   ``passthrough(hidden)`` (what a skipped block returns: the walker replaces blocks by
   stand-ins to capture inputs), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
@@ -32,6 +34,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from torch import nn
+
+
+class Transposed(str):
+    """A checkpoint tensor name whose tensor is the transpose of the model's (see ``prepare``)."""
 
 
 class Adapter:
@@ -109,10 +115,10 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     )
 
 
-from .builtin import BART, CLIP_HF, HF_DECODERS, HF_ENCODERS, OPEN_CLIP, T5  # noqa: E402
+from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, OPEN_CLIP, T5  # noqa: E402
 
-for _adapter in (OPEN_CLIP, CLIP_HF, T5, BART, HF_DECODERS, HF_ENCODERS):
+for _adapter in (OPEN_CLIP, CLIP_HF, T5, BART, GPT2, HF_DECODERS, HF_ENCODERS):
     register_adapter(_adapter, first=False)
 
-__all__ = ["Adapter", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "BART",
-           "HF_DECODERS", "HF_ENCODERS"]
+__all__ = ["Adapter", "Transposed", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "BART",
+           "GPT2", "HF_DECODERS", "HF_ENCODERS"]

@@ -3,9 +3,10 @@ encoders."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from . import Adapter
+from . import Adapter, Transposed
 from .attention import LinearMultiheadAttention
 
 
@@ -66,3 +67,33 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
 # BART: an encoder stack, then a decoder stack whose layers take the encoder's output and mask
 # (recorded per block like any keyword argument, after the encoder is quantized).
 BART = Adapter("hf-bart", block_types=("BartEncoderLayer", "BartDecoderLayer"))
+
+
+class GPT2Adapter(Adapter):
+    """HF GPT-2: its blocks' projections are ``Conv1D`` (``y = x W + b`` with ``W [in, out]``),
+    rebuilt as ``nn.Linear`` with the transposed weight; checkpoints keep the ``Conv1D`` layout."""
+
+    def prepare(self, model, swap):
+        renames = {}
+        for stack_name, blocks in self.stacks(model):
+            for i, block in enumerate(blocks):
+                for rel, module in list(block.named_modules()):
+                    if type(module).__name__ == "Conv1D":
+                        name = f"{stack_name}.{i}.{rel}"
+                        swap(name, _linear_of_conv1d(module))
+                        renames[f"{name}.weight"] = Transposed(f"{name}.weight")
+        return renames
+
+
+def _linear_of_conv1d(conv) -> nn.Linear:
+    d_in, d_out = conv.weight.shape
+    linear = nn.Linear(d_in, d_out, bias=conv.bias is not None, device=conv.weight.device,
+                       dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear.train(conv.training)
+
+
+GPT2 = GPT2Adapter("hf-gpt2", block_types=("GPT2Block",))

@@ -46,8 +46,8 @@ ENCODERS = {
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(image_size=16, patch_size=8)),
 }
 ARCHS = [
-    "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "llama",
-    "qwen2", "mistral", *DECODERS, *ENCODERS,
+    "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "gpt2",
+    "llama", "qwen2", "mistral", *DECODERS, *ENCODERS,
 ]
 
 
@@ -95,6 +95,11 @@ def build(arch: str, seed: int = 0):
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
             dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
         ))
+    elif arch == "gpt2":  # Conv1D projections
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                           bos_token_id=0, eos_token_id=0))
     elif arch in ("llama", "qwen2", "mistral"):
         import transformers
 
@@ -141,6 +146,7 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
         # padded encoder input: the mask reaches the encoder's blocks and the decoder's cross attention
         "bart": lambda: {"input_ids": ids(), "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2]),
                          "decoder_input_ids": ids(5)},
+        "gpt2": lambda: ids(),
         "llama": lambda: ids(),
         "qwen2": lambda: ids(),
         "mistral": lambda: ids(),
