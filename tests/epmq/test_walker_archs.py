@@ -15,7 +15,8 @@ from test_walker_models import ARCHS, DECODERS, ENCODERS, Family, output, rel_er
 N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "hf_clip_vision": 12, "hf_clip": 24,
              "t5": 2 * 7 + 2 * 11, "mt5": 2 * 7 + 2 * 11, "llama": 14,
              # encoder q, k, v, out, fc1, fc2; decoder also the cross attention's q, k, v, out
-             "bart": 2 * 6 + 2 * 10, "gpt2": 8,  # c_attn, attn.c_proj, c_fc, mlp.c_proj "qwen2": 14, "mistral": 14,
+             "bart": 2 * 6 + 2 * 10, "qwen2": 14, "mistral": 14,
+             "gpt2": 8,  # c_attn, attn.c_proj, c_fc, mlp.c_proj
              # fused projections: phi3 qkv, o, gate_up, down; gpt_neox and falcon qkv, dense,
              # h_to_4h, 4h_to_h; phi q, k, v, dense, fc1, fc2
              **{name: 14 for name in ("qwen3", "gemma", "gemma2", "gemma3", "olmo2", "granite",
