@@ -124,3 +124,22 @@ def test_progress_bar_over_blocks(gen, capsys):
     assert "2/2" in capsys.readouterr().err
     epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("arch", ["llama", "t5", "gpt2"])
+def test_half_precision_model(arch, dtype, gen, tmp_path):
+    """Real checkpoints are loaded in bf16 or fp16: the model, its experts and its calibration
+    inputs in that dtype (statistics still accumulate in float64 here), outputs in that dtype."""
+    fam = Family(arch, gen)
+    model = fam.merged().to(dtype)
+    experts = {t: e.to(dtype) for t, e in fam.experts.items()}
+    reference = output(model, fam.test_item).float()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="epmq",
+                        calibration=fam.calibration, experts=experts, backend="torch", progress=False)
+    y = output(model, fam.test_item)
+    assert y.dtype == dtype and rel_err(y.float(), reference) < 0.05
+    assert all(m.scales.dtype == torch.float16 for m in model.modules() if isinstance(m, epmq.QuantLinear))
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh().to(dtype))
+    torch.testing.assert_close(output(fresh, fam.test_item), y, rtol=0, atol=0)
