@@ -1,5 +1,5 @@
-"""The built-in model families: open_clip, HF CLIP, HF T5/mT5, HF BART, HF decoder-only LMs, HF
-encoders."""
+"""The built-in model families: open_clip, HF CLIP, HF T5/mT5, HF BART, HF GPT-2, HF decoder-only
+LMs, HF encoders."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ T5 = T5Adapter("hf-t5", block_types=("T5Block", "MT5Block"))
 # (Qwen2, Mistral, Gemma 2/3 alternate full and sliding-window layers; Gemma 3 also the rotary
 # table). Each is tested on a tiny random-init model (tests/epmq/test_walker_models.py). Not
 # here: mixture-of-experts blocks (Mixtral, Qwen3-MoE), whose experts are 3-D parameters in
-# transformers 5, not nn.Linear; GPT-2's Conv1D projections.
+# transformers 5, not nn.Linear; GPT-2, whose Conv1D projections GPT2Adapter rebuilds.
 HF_DECODERS = Adapter("hf-decoder", block_types=(
     "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
     "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "PhiDecoderLayer",
