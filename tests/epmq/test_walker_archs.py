@@ -143,3 +143,36 @@ def test_half_precision_model(arch, dtype, gen, tmp_path):
     epmq.save_quantized(model, tmp_path / "ckpt")
     fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh().to(dtype))
     torch.testing.assert_close(output(fresh, fam.test_item), y, rtol=0, atol=0)
+
+
+def _on_cuda(item):
+    if isinstance(item, dict):
+        return {k: v.cuda() for k, v in item.items()}
+    return item.cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "hf_clip_vision"])
+def test_cuda_end_to_end(arch, gen, tmp_path, monkeypatch):
+    """The whole GPU path on a tiny model: statistics by the Triton kernels (the expert residual
+    at the default precision), the fused solver, W4A16 layers, save and load; as good as the
+    same walk on the CPU (torch reference, float64 statistics)."""
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "0")  # first configs: the suite's minutes go to benchmarks
+    fam = Family(arch, gen)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    item = _on_cuda(fam.test_item)
+    reference = output(fam.merged(), fam.test_item)
+    cpu = fam.merged()
+    epmq.quantize_model(cpu, spec, method="epmq", calibration=fam.calibration, experts=fam.experts,
+                        backend="torch", progress=False)
+    gpu = fam.merged().cuda()
+    epmq.quantize_model(gpu, spec, method="epmq", calibration=fam.calibration, experts=fam.experts,
+                        progress=False)
+    assert {layer["name"] for layer in gpu.epmq_report.layers} == {
+        layer["name"] for layer in cpu.epmq_report.layers}
+    err_gpu = rel_err(output(gpu, item).float().cpu(), reference)
+    err_cpu = rel_err(output(cpu, fam.test_item), reference)
+    assert err_gpu < 1.5 * err_cpu + 0.01, (err_gpu, err_cpu)
+    epmq.save_quantized(gpu, tmp_path / "ckpt")
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh().cuda())
+    torch.testing.assert_close(output(fresh, item), output(gpu, item), rtol=1e-3, atol=1e-3)
