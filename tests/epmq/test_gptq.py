@@ -223,6 +223,66 @@ def test_a_dead_group_takes_its_own_grid(gen, spec):
     torch.testing.assert_close(res.weight[:, group], rtn.weight, rtol=0, atol=1e-6)
 
 
+def correlated_problem(gen, d_out=64, d_in=256, n=512):
+    """Features with log-normal scales and a shared component: an ill-conditioned Hessian."""
+    X = torch.randn(n, d_in, generator=gen, dtype=torch.float64) + 3 * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    X = X * torch.exp(torch.randn(1, d_in, generator=gen, dtype=torch.float64))
+    return torch.randn(d_out, d_in, generator=gen), (X.T @ X).float()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=-1, act_order=True)],
+                         ids=str)
+def test_fp32_factor_where_float64_is_slow(gen, spec, monkeypatch):
+    """On GPUs with slow float64 the factor is taken in fp32 after Jacobi scaling when it passes
+    its check: the same GPTQ up to fp32 rounding (loss within 1e-3, codes nearly all equal)."""
+    W, H = correlated_problem(gen)
+    ref = quant.gptq(W, H, spec)
+    taken = []
+    factor_fp32 = quant._factor_fp32
+    monkeypatch.setattr(quant, "_fp64_is_fast", lambda device: False)
+    monkeypatch.setattr(quant, "_factor_fp32", lambda H, damp: taken.append(factor_fp32(H, damp)) or taken[-1])
+    res = quant.gptq(W, H, spec)
+    assert len(taken) == 1 and taken[0] is not None and taken[0].dtype == torch.float32
+    assert res.damp == ref.damp and res.damp_retries == 0
+    assert res.loss == pytest.approx(ref.loss, rel=1e-3)
+    assert float((res.codes == ref.codes).double().mean()) > 0.99
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_factor(gen, monkeypatch):
+    """The fp32 factor on a GPU (the H100/H200 factor in float64: forced here), fused solver."""
+    W, H = correlated_problem(gen, d_out=512, d_in=1024, n=2048)
+    W, H = W.cuda(), H.cuda()
+    spec = QuantSpec(bits=4, group_size=128)
+    ref = quant.gptq(W, H, spec, backend="triton")
+    taken = []
+    factor_fp32 = quant._factor_fp32
+    monkeypatch.setattr(quant, "_fp64_is_fast", lambda device: False)
+    monkeypatch.setattr(quant, "_factor_fp32", lambda H, damp: taken.append(factor_fp32(H, damp)) or taken[-1])
+    res = quant.gptq(W, H, spec, backend="triton")
+    assert len(taken) == 1 and taken[0] is not None
+    assert res.loss == pytest.approx(ref.loss, rel=1e-3)
+    assert float((res.codes == ref.codes).double().mean()) > 0.99
+
+
+def test_fp32_factor_that_fails_its_check_gives_way_to_float64(gen, monkeypatch):
+    W, H = correlated_problem(gen)
+    spec = QuantSpec(bits=4, group_size=32)
+    ref = quant.gptq(W, H, spec)
+    monkeypatch.setattr(quant, "_fp64_is_fast", lambda device: False)
+    monkeypatch.setattr(quant, "FP32_FACTOR_TOLERANCE", 0.0)
+    res = quant.gptq(W, H, spec)
+    assert torch.equal(res.codes, ref.codes) and res.loss == ref.loss
+
+
+def test_float64_is_fast_on_the_cpu_and_datacenter_gpus(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for capability, fast in [((9, 0), True), ((8, 0), True), ((8, 9), False), ((8, 6), False), ((12, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert quant._fp64_is_fast(cuda) == fast, capability
+    assert quant._fp64_is_fast(torch.device("cpu"))
+
+
 def test_cholesky_failure_raises_damping(gen):
     # 3 tokens for 32 features: H is singular, and with no damping asked for the first
     # factorisation fails; the solver must damp, say so, and return a finite result
