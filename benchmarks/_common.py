@@ -61,6 +61,8 @@ TINY_DECODERS = {
     "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0)),  # fused qkv and gate_up
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_inner=None, bos_token_id=0,  # Conv1D
                                                    eos_token_id=0)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",  # 4 experts, 2 per token
+                  dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)),
 }
 
 

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .adapters import Adapter, Transposed, find_adapter
+from .adapters import Adapter, Part, Transposed, find_adapter
 from .checkpoint_io import key_renaming
 from .checks import all_finite
 from .experts import ExpertWeights
@@ -197,6 +197,12 @@ def quantize_model(
         _check_tasks(calibration, experts)
 
     adapter = find_adapter(model, adapter)
+    if adapter.routes_tokens and method != "rtn" and targets != "merged_path":
+        raise ValueError(
+            f"targets={targets!r} needs the target model to send each token through the same "
+            f"layers as the model being quantized; {adapter.name} routes tokens to experts, and "
+            f"the target's router may choose others: use targets='merged_path'"
+        )
     edits = _Edits(model)
     sources = {}
     modes = {m: m.training for m in model.modules()}
@@ -506,7 +512,11 @@ class _Walk:
     def _read_expert(self, task, name: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout."""
         key = self.ckpt(name)
-        tensor = self.experts[task].read(key)
+        source = self.experts[task]
+        if isinstance(key, Part) and source.key_for(key) is None:
+            tensor = key.take(source.read(key.fused))
+        else:
+            tensor = source.read(key)
         if isinstance(key, Transposed):
             tensor = tensor.t()
         return tensor if like is None else tensor.to(device=like.device, dtype=like.dtype).contiguous()
@@ -543,7 +553,12 @@ class _Walk:
         rename = key_renaming(self.model)
         for source in self.experts.values():
             source.bind(self.shapes, self.aliases, rename=rename)
-            source.check(needed)
+            present = {}
+            for key, shape in needed.items():
+                if isinstance(key, Part) and source.key_for(key) is None:
+                    key, shape = key.fused, key.fused_shape  # (an expert in memory: fused experts)
+                present[key] = shape
+            source.check(present)
 
     @contextmanager
     def _expert_outside(self, task):
@@ -695,17 +710,25 @@ class _Walk:
         finally:
             for h in handles:
                 h.remove()
+        # Linears of one stage (the adapter's; MoE experts) form one group where the first of them
+        # was called, those the probe did not call (an expert no token was routed to) included;
+        # the others are grouped by the tensor they read.
+        stage = {rel: self.adapter.stage(block, rel) for rel in rels}
+        key = {rel: ("stage", stage[rel]) if stage[rel] is not None else ("input", seen.get(rel))
+               for rel in rels}
+        seen_keys = {key[rel] for rel in order}
+        order += [rel for rel in rels if rel not in seen and stage[rel] is not None and key[rel] in seen_keys]
         for rel in rels:
-            if rel not in seen:
+            if rel not in order:
                 self.report.skipped.append(f"{prefix}.{rel}")
         if not self.true_sequential:
             return [order] if order else []
-        groups, by_input = [], {}
+        groups, by_key = [], {}
         for rel in order:
-            if seen[rel] not in by_input:
-                by_input[seen[rel]] = []
-                groups.append(by_input[seen[rel]])
-            by_input[seen[rel]].append(rel)
+            if key[rel] not in by_key:
+                by_key[key[rel]] = []
+                groups.append(by_key[key[rel]])
+            by_key[key[rel]].append(rel)
         return groups
 
     def _capture(self, block, hidden, kwargs, rels, full):
@@ -764,16 +787,19 @@ class _Walk:
         t_out = {} if (self.t is not None and full_target) else None
         for task, items in self.calibration.items():
             target = self._target_block(template, prefix, task) if self.t is not None else None
-            if isinstance(stats[group[0]], EPMQStats):
-                for rel in group:
-                    if self.method == "gptq":  # fp_path control: the targets are W_m x_fp
-                        W_k, weight = linears[rel].weight.detach(), 1.0
-                    elif target is not None and self.targets == "expert_path":
-                        W_k, weight = target.get_submodule(rel).weight.detach(), None
-                    else:
-                        W_k, weight = self._read_expert(task, f"{prefix}.{rel}.weight"), None
-                    stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}")
-                    del W_k
+            begun = set()  # a task begins at a linear with its first tokens there (MoE experts
+            # may get none from a task)
+
+            def begin(rel):
+                if self.method == "gptq":  # fp_path control: the targets are W_m x_fp
+                    W_k, weight = linears[rel].weight.detach(), 1.0
+                elif target is not None and self.targets == "expert_path":
+                    W_k, weight = target.get_submodule(rel).weight.detach(), None
+                else:
+                    W_k, weight = self._read_expert(task, f"{prefix}.{rel}.weight"), None
+                stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}")
+                begun.add(rel)
+
             for n in range(len(items)):
                 xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group, full=False)
                 x_t = None
@@ -788,20 +814,25 @@ class _Walk:
                     if isinstance(stats[rel], HessianStats):
                         stats[rel].add_batch(x)
                     else:
+                        if rel not in begun:
+                            begin(rel)
                         x_target = None if x_t is None else x_t[rel]
                         x_anchor = x_target if (self.targets == "fp_path" and self.method == "epmq") else None
                         stats[rel].add_batch(x, x_expert=x_target, x_anchor=x_anchor)
-            if isinstance(stats[group[0]], EPMQStats):
-                for rel in group:
-                    stats[rel].end_task()
+            for rel in begun:
+                stats[rel].end_task()
             del target
         for rel in group:
             name = f"{prefix}.{rel}"
-            result = self._solve(linears[rel], stats[rel], name)
+            if n_tokens[rel] == 0:  # an MoE expert no calibration token was routed to
+                result = quant.rtn(linears[rel].weight.detach(), self.spec)
+                warnings.warn(f"{name}: no calibration token reached it: rounded to nearest")
+            else:
+                result = self._solve(linears[rel], stats[rel], name)
+                if result.dead_columns == linears[rel].weight.shape[1]:
+                    warnings.warn(f"{name}: every input feature was 0 on the calibration data, so "
+                                  f"nothing guided its quantization: rounded to nearest (RTN's grid)")
             stats[rel] = None  # free the Hessians before the next solve
-            if result.dead_columns == linears[rel].weight.shape[1]:
-                warnings.warn(f"{name}: every input feature was 0 on the calibration data, so "
-                              f"nothing guided its quantization: rounded to nearest (RTN's grid)")
             self.edits.swap(name, _quant_linear(result, linears[rel]))
             self.report.layers.append(
                 _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])

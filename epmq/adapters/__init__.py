@@ -15,7 +15,11 @@ know about an architecture is:
   its weight as ``[in, out]``) into equivalent modules that use ``nn.Linear``; returns
   ``{new tensor name: original tensor name}`` so expert checkpoints (in the original naming) can
   still be read, the original name wrapped in ``Transposed`` where the checkpoint holds the
-  transpose of the new tensor.
+  transpose of the new tensor, or in ``Part`` where it may hold the tensor as a slice of a fused
+  one (transformers 5's MoE experts).
+* ``stage(block, rel)``: linears of one stage are solved together (MoE experts: every expert's
+  gate and up projections, then every down projection), a stage member the probe pass did not
+  call included (an expert no token was routed to); None (the default): grouped by input.
 * how a block is called: ``hidden_of(output)`` (the hidden states among a block's outputs),
   ``passthrough(hidden)`` (what a skipped block returns: the walker replaces blocks by
   stand-ins to capture inputs), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
@@ -40,9 +44,27 @@ class Transposed(str):
     """A checkpoint tensor name whose tensor is the transpose of the model's (see ``prepare``)."""
 
 
+class Part(str):
+    """A checkpoint tensor name whose tensor a checkpoint may instead hold as a slice of a fused
+    tensor: ``fused[index][rows[0]:rows[1]]`` (``rows`` None: all of it), ``fused`` of shape
+    ``fused_shape`` (see ``prepare``)."""
+
+    def __new__(cls, name, fused, index, rows, fused_shape):
+        self = super().__new__(cls, name)
+        self.fused, self.index, self.rows, self.fused_shape = fused, index, rows, tuple(fused_shape)
+        return self
+
+    def take(self, fused):
+        part = fused[self.index]
+        return part if self.rows is None else part[self.rows[0] : self.rows[1]]
+
+
 class Adapter:
     """A model family. The defaults fit blocks called as ``block(hidden, **kwargs)`` that return
-    the hidden states (or a tuple starting with them) and take the same kwargs at every depth."""
+    the hidden states (or a tuple starting with them) and take the same kwargs at every depth.
+    ``routes_tokens``: a block sends each token through some of its linears only (MoE)."""
+
+    routes_tokens = False
 
     def __init__(self, name: str, block_types: tuple = ()):
         self.name = name
@@ -65,6 +87,9 @@ class Adapter:
 
     def linears(self, block: nn.Module) -> dict:
         return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+    def stage(self, block: nn.Module, rel: str):
+        return None
 
     def hidden_of(self, output):
         return output[0] if isinstance(output, (tuple, list)) else output
@@ -116,9 +141,10 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
 
 
 from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, OPEN_CLIP, T5  # noqa: E402
+from .moe import MOE_DECODERS  # noqa: E402
 
-for _adapter in (OPEN_CLIP, CLIP_HF, T5, BART, GPT2, HF_DECODERS, HF_ENCODERS):
+for _adapter in (OPEN_CLIP, CLIP_HF, T5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS):
     register_adapter(_adapter, first=False)
 
-__all__ = ["Adapter", "Transposed", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "BART",
-           "GPT2", "HF_DECODERS", "HF_ENCODERS"]
+__all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "BART",
+           "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS"]

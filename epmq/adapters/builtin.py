@@ -51,8 +51,8 @@ T5 = T5Adapter("hf-t5", block_types=("T5Block", "MT5Block"))
 # records per block, the attention mask and the rotary (cos, sin): the mask may differ by depth
 # (Qwen2, Mistral, Gemma 2/3 alternate full and sliding-window layers; Gemma 3 also the rotary
 # table). Each is tested on a tiny random-init model (tests/epmq/test_walker_models.py). Not
-# here: mixture-of-experts blocks (Mixtral, Qwen3-MoE), whose experts are 3-D parameters in
-# transformers 5, not nn.Linear; GPT-2, whose Conv1D projections GPT2Adapter rebuilds.
+# here: mixture-of-experts decoders (moe.py) and GPT-2, whose Conv1D projections GPT2Adapter
+# rebuilds.
 HF_DECODERS = Adapter("hf-decoder", block_types=(
     "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
     "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "PhiDecoderLayer",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import epmq
-from test_walker_models import ARCHS, DECODERS, ENCODERS, Family, output, rel_err
+from test_walker_models import ARCHS, DECODERS, ENCODERS, MOE, Family, output, rel_err
 
 # Linears in the blocks: 2 blocks per stack; open_clip: in_proj, out_proj, c_fc, c_proj; HF CLIP:
 # q, k, v, out, fc1, fc2; T5 (gated): 4 self-attn + 4 cross-attn (decoder) + wi_0, wi_1, wo;
@@ -22,6 +22,8 @@ N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "hf_clip_vision": 12, "hf
              **{name: 14 for name in ("qwen3", "gemma", "gemma2", "gemma3", "olmo2", "granite",
                                       "cohere", "stablelm")},
              "phi3": 8, "gpt_neox": 8, "falcon": 8, "phi": 12,
+             # q, k, v, o and 4 experts' gate, up and down (the router is no nn.Linear)
+             "qwen3_moe": 2 * (4 + 4 * 3), "mixtral": 2 * (4 + 4 * 3),
              # q, k, v, attention output, intermediate, output
              **{name: 12 for name in ("bert", "roberta", "deberta_v2", "vit", "dinov2", "siglip")}}
 

@@ -238,3 +238,13 @@ def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(
         q = model.get_submodule(f"model.layers.0.self_attn.{p}")
         rtn = epmq.QuantLinear.from_result(quant.rtn(weight, SPEC), q.bias)
         torch.testing.assert_close(q.dequantize(), rtn.dequantize(), rtol=0, atol=0)
+
+
+def test_moe_needs_merged_path_targets(gen):
+    """A target model's router may send a token to other experts than the quantized model's."""
+    fam = Family("mixtral", gen)
+    model = fam.merged()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="routes tokens to experts"):
+        quantize(fam, model, targets="expert_path")
+    assert_untouched(model, before)

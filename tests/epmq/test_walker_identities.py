@@ -21,13 +21,14 @@ import epmq
 from epmq import quant
 from epmq.adapters import find_adapter
 from epmq.stats import EPMQStats, HessianStats
-from test_walker_models import ARCHS, Family
+from test_walker_models import ARCHS, MOE, Family
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
 
-def layer_inputs(model, name, items):
-    """Per calibration item, the inputs (tokens x features) of module ``name``."""
+def layer_inputs(model, name, items, routed=False):
+    """Per calibration item, the inputs (tokens x features) of module ``name``; ``routed`` (an
+    MoE expert): only for the items that route tokens to it."""
     module = model.get_submodule(name)
     seen = []
     handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -37,7 +38,8 @@ def layer_inputs(model, name, items):
             seen.clear()
             with torch.no_grad():
                 model(**item) if isinstance(item, dict) else model(item)
-            out.append(torch.cat(seen))
+            if seen or not routed:
+                out.append(torch.cat(seen))
         return out
     finally:
         handle.remove()
@@ -77,6 +79,8 @@ def _assert_same_layer(q, expected):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method,targets", [("gptq", "merged_path"), ("epmq", "expert_path")])
 def test_walk_statistics_match_hand_made(arch, method, targets, gen):
+    if arch in MOE:
+        targets = "merged_path"  # the target's router may choose other experts (an error there)
     fam = Family(arch, gen)
     model = fam.merged()
     target, select = chosen_layers(_prepared(fam.merged()))
@@ -89,23 +93,30 @@ def test_walk_statistics_match_hand_made(arch, method, targets, gen):
     assert isinstance(q, epmq.QuantLinear)
 
     xs = {t: layer_inputs(model, target, items) for t, items in fam.calibration.items()}
+    _assert_same_layer(q, hand_made(fam, target, W_m, xs, method, targets))
+
+
+def hand_made(fam, target, W_m, xs, method, targets="merged_path"):
+    """Layer ``target`` solved from statistics collected by hand, ``xs`` its inputs per task (a
+    task with none adds nothing, as a task that routes no token to an MoE expert)."""
     if method == "gptq":
         stats = HessianStats(W_m.shape[1], dtype=torch.float64)
         for t in fam.tasks:
             for x in xs[t]:
                 stats.add_batch(x)
-        expected = quant.gptq(W_m, stats.H, SPEC, backend="torch")
-    else:
-        stats = EPMQStats(W_m, dtype=torch.float64)
-        for t in fam.tasks:
-            expert = _prepared(fam.experts[t])
-            x_k = layer_inputs(expert, target, fam.calibration[t])
-            stats.begin_task(expert.get_submodule(target).weight.detach(), name=t)
-            for x, xe in zip(xs[t], x_k):
-                stats.add_batch(x, x_expert=xe)
-            stats.end_task()
-        expected = quant.epmq_from_stats(stats, SPEC, anchor=1.0, backend="torch")
-    _assert_same_layer(q, expected)
+        return quant.gptq(W_m, stats.H, SPEC, backend="torch")
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    for t in fam.tasks:
+        if not xs[t]:
+            continue
+        expert = _prepared(fam.experts[t])
+        stats.begin_task(expert.get_submodule(target).weight.detach(), name=t)
+        x_k = (layer_inputs(expert, target, fam.calibration[t]) if targets == "expert_path"
+               else [None] * len(xs[t]))
+        for x, xe in zip(xs[t], x_k):
+            stats.add_batch(x, x_expert=xe)
+        stats.end_task()
+    return quant.epmq_from_stats(stats, SPEC, anchor=1.0, backend="torch")
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart", "llama", "open_clip_clip"])
@@ -153,3 +164,82 @@ def test_fp_path_gptq_on_the_first_layer_is_plain_gptq(gen):
     epmq.quantize_model(model, SPEC, method="gptq", targets="fp_path", calibration=fam.calibration,
                         layers=name, backend="torch", progress=False)
     _assert_same_layer(model.get_submodule(name), quant.gptq(W, H.H, SPEC, backend="torch"))
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_moe_expert_statistics_are_its_routed_tokens(arch, method, gen):
+    """An expert's projections in the last block take the statistics of the tokens the quantized
+    model routes to them, task by task (a task that routes none there adds nothing), and are
+    solved like any layer; an expert no token reaches is rounded to nearest, with a warning."""
+    fam = Family(arch, gen)
+    reference = _prepared(fam.merged())
+    stack = "model.layers.1.mlp.experts"
+    experts = reference.get_submodule(stack)
+    counts = [sum(len(x) for t in fam.tasks for x in layer_inputs(reference, f"{stack}.{e}.{experts[e].names[2]}",
+                                                                  fam.calibration[t], routed=True))
+              for e in range(experts.num_experts)]
+    e = max(range(len(counts)), key=counts.__getitem__)
+    target = f"{stack}.{e}.{experts[e].names[2]}"
+    W_m = reference.get_submodule(target).weight.detach().clone()
+    model = fam.merged()
+    epmq.quantize_model(model, SPEC, method=method, calibration=fam.calibration,
+                        experts=fam.experts if method == "epmq" else None,
+                        layers=lambda name: name.startswith(("model.layers.0.", f"{stack}.")),
+                        backend="torch", progress=False)
+    q = model.get_submodule(target)
+    assert isinstance(q, epmq.QuantLinear)
+    assert all(isinstance(m, epmq.QuantLinear) for m in model.get_submodule(stack).modules()
+               if isinstance(m, torch.nn.Linear) or isinstance(m, epmq.QuantLinear))
+
+    xs = {t: layer_inputs(model, target, fam.calibration[t], routed=True) for t in fam.tasks}
+    _assert_same_layer(q, hand_made(fam, target, W_m, xs, method))
+
+
+
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_moe_expert_no_token_reaches_is_rounded_to_nearest(method, gen):
+    fam = Family("qwen3_moe", gen)
+    model = fam.merged()
+    router = model.model.layers[1].mlp.gate
+    route = router.forward
+
+    def never_expert_3(hidden_states):
+        logits, weights, index = route(hidden_states)
+        return logits, weights, index.masked_fill(index == 3, 0)
+
+    router.forward = never_expert_3
+    W = {n: model.model.layers[1].mlp.experts.gate_up_proj.detach()[3].clone() for n in ("gate_up",)}
+    with pytest.warns(UserWarning, match="no calibration token reached it") as record:
+        epmq.quantize_model(model, SPEC, method=method, calibration=fam.calibration,
+                            experts=fam.experts if method == "epmq" else None, backend="torch", progress=False)
+    warned = {str(w.message).split(":")[0] for w in record if "no calibration token" in str(w.message)}
+    assert warned == {f"model.layers.1.mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    inner = W["gate_up"].shape[0] // 2
+    gate = model.get_submodule("model.layers.1.mlp.experts.3.gate_proj")
+    rtn = epmq.QuantLinear.from_result(quant.rtn(W["gate_up"][:inner], SPEC), None)
+    torch.testing.assert_close(gate.dequantize(), rtn.dequantize(), rtol=0, atol=0)
+
+
+def test_moe_experts_are_solved_in_two_stages(gen, monkeypatch):
+    """Not a group (a calibration pass) per expert: every expert's gate and up projections, which
+    read the block's routed hidden states, then every expert's down projection."""
+    from epmq import walker
+
+    groups = []
+    solve_group = walker._Walk._solve_group
+
+    def spy(self, block, template, prefix, group, **kw):
+        groups.append((prefix, list(group)))
+        return solve_group(self, block, template, prefix, group, **kw)
+
+    monkeypatch.setattr(walker._Walk, "_solve_group", spy)
+    fam = Family("qwen3_moe", gen)
+    epmq.quantize_model(fam.merged(), SPEC, method="gptq", calibration=fam.calibration, backend="torch",
+                        progress=False)
+    block_1 = [g for prefix, g in groups if prefix == "model.layers.1"]
+    experts = "mlp.experts"
+    assert block_1[:2] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    assert sorted(block_1[2]) == sorted(f"{experts}.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj"))
+    assert sorted(block_1[3]) == sorted(f"{experts}.{e}.down_proj" for e in range(4))
+    assert len(block_1) == 4

@@ -36,6 +36,12 @@ DECODERS = {
     "falcon": ("FalconForCausalLM", "FalconConfig", dict(num_key_value_heads=None,
                                                          intermediate_size=None)),
 }
+# Mixture-of-experts decoders: 4 experts, 2 per token (fused 3-D experts in transformers 5).
+MOE = {
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                  dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
 # Encoders (text with padded attention masks, or images): (model class, config class, options).
 ENCODERS = {
     "bert": ("BertModel", "BertConfig", dict(vocab_size=VOCAB)),
@@ -47,7 +53,7 @@ ENCODERS = {
 }
 ARCHS = [
     "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "gpt2",
-    "llama", "qwen2", "mistral", *DECODERS, *ENCODERS,
+    "llama", "qwen2", "mistral", *DECODERS, *MOE, *ENCODERS,
 ]
 
 
@@ -112,12 +118,12 @@ def build(arch: str, seed: int = 0):
                 **common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
         else:
             model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=4))
-    elif arch in DECODERS or arch in ENCODERS:
+    elif arch in DECODERS or arch in MOE or arch in ENCODERS:
         import transformers
 
-        model_class, config_class, options = {**DECODERS, **ENCODERS}[arch]
+        model_class, config_class, options = {**DECODERS, **MOE, **ENCODERS}[arch]
         config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-        if arch in DECODERS:
+        if arch not in ENCODERS:
             config.update(vocab_size=VOCAB, num_key_value_heads=2)
         config.update(options)
         config = {k: v for k, v in config.items() if v is not None}  # (options a family lacks)
@@ -150,7 +156,7 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
         "llama": lambda: ids(),
         "qwen2": lambda: ids(),
         "mistral": lambda: ids(),
-        **{name: lambda: ids() for name in DECODERS},
+        **{name: lambda: ids() for name in (*DECODERS, *MOE)},
         **{name: lambda: {"pixel_values": image()} for name in ("vit", "dinov2", "siglip")},
         # the second sequence padded: the mask reaches every block
         **{name: lambda: {"input_ids": ids(), "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])}
