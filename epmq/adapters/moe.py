@@ -37,10 +37,12 @@ class _Expert(nn.Module):
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` whose weight is ``weight`` itself, a view of the fused parameter: the
+    walker keeps the fused module (to restore it if quantization fails), so a copy would hold
+    every expert twice."""
     d_out, d_in = weight.shape
-    linear = nn.Linear(d_in, d_out, bias=False, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
+    linear = nn.Linear(d_in, d_out, bias=False, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
     return linear
 
 
@@ -51,7 +53,7 @@ class LinearExperts(nn.Module):
     def __init__(self, fused: nn.Module):
         super().__init__()
         names = PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
-        gate_up, down = fused.gate_up_proj.detach(), fused.down_proj.detach()
+        gate_up, down = fused.gate_up_proj, fused.down_proj
         inner = gate_up.shape[1] // 2
         self.num_experts = gate_up.shape[0]
         for e in range(self.num_experts):

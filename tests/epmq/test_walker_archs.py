@@ -178,3 +178,18 @@ def test_cuda_end_to_end(arch, gen, tmp_path, monkeypatch):
     epmq.save_quantized(gpu, tmp_path / "ckpt")
     fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh().cuda())
     torch.testing.assert_close(output(fresh, item), output(gpu, item), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_moe_experts_left_unquantized_save_and_load(arch, gen, tmp_path):
+    """Experts outside ``layers`` stay nn.Linear views of transformers' fused parameters (disjoint
+    parts of one storage, which safetensors writes); the checkpoint loads back."""
+    fam = Family(arch, gen)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                        calibration=fam.calibration, layers=lambda name: ".experts." not in name,
+                        backend="torch", progress=False)
+    assert not any(".experts." in layer["name"] for layer in model.epmq_report.layers)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
