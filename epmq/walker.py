@@ -98,7 +98,9 @@ class QuantReport:
     ``tr((Q - W*) H (Q - W*)^T)``), expert_loss / anchor_loss / weight_anchor_loss (E-PMQ's
     three terms; None for GPTQ and RTN), damp, damp_retries, dead_columns, seconds (solver),
     n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
-    ("cpu (out of GPU memory)"). ``skipped``: linears the calibration never reached.
+    ("cpu (out of GPU memory)"). ``skipped``: linears the calibration never reached (not
+    called at all: left in full precision). ``unreached``: quantized linears whose calibration
+    inputs were all zero or that no token was routed to (an MoE expert): rounded to nearest.
     """
 
     method: str
@@ -111,6 +113,7 @@ class QuantReport:
     true_sequential: Optional[bool] = None
     layers: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    unreached: list = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -244,6 +247,12 @@ def quantize_model(
         for source in sources.values():
             source.close()
     report.seconds = time.perf_counter() - t0
+    if report.unreached:  # one warning for the whole walk: an MoE model may have hundreds
+        warnings.warn(
+            f"{len(report.unreached)} linear(s) got no calibration signal (no token routed to them, "
+            f"or only zero inputs), so nothing guided their quantization: rounded to nearest "
+            f"(RTN's grid). First: {', '.join(report.unreached[:3])}; all in epmq_report.unreached"
+        )
     model.epmq_report = report
     model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter.name)
     return model
@@ -826,12 +835,12 @@ class _Walk:
             name = f"{prefix}.{rel}"
             if n_tokens[rel] == 0:  # an MoE expert no calibration token was routed to
                 result = quant.rtn(linears[rel].weight.detach(), self.spec)
-                warnings.warn(f"{name}: no calibration token reached it: rounded to nearest")
+                result.loss = 0.0  # its calibration objective: no token, no loss
+                self.report.unreached.append(name)
             else:
                 result = self._solve(linears[rel], stats[rel], name)
                 if result.dead_columns == linears[rel].weight.shape[1]:
-                    warnings.warn(f"{name}: every input feature was 0 on the calibration data, so "
-                                  f"nothing guided its quantization: rounded to nearest (RTN's grid)")
+                    self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
             self.edits.swap(name, _quant_linear(result, linears[rel]))
             self.report.layers.append(
