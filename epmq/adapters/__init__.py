@@ -20,6 +20,8 @@ know about an architecture is:
 * ``stage(block, rel)``: linears of one stage are solved together (MoE experts: every expert's
   gate and up projections, then every down projection), a stage member the probe pass did not
   call included (an expert no token was routed to); None (the default): grouped by input.
+  ``routes_tokens``: a block sends each token through some of its linears only (MoE), so only
+  ``targets="merged_path"`` is defined.
 * how a block is called: ``hidden_of(output)`` (the hidden states among a block's outputs),
   ``passthrough(hidden)`` (what a skipped block returns: the walker replaces blocks by
   stand-ins to capture inputs), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
