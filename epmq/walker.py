@@ -518,11 +518,17 @@ class _Walk:
         """The shape a model tensor has in the experts' checkpoints."""
         return tuple(reversed(shape)) if isinstance(self.ckpt(name), Transposed) else tuple(shape)
 
+    @staticmethod
+    def _fused_in(source, key) -> bool:
+        """Whether ``source`` holds the ``Part`` ``key`` only as a slice of its fused tensor (an
+        expert in memory, in transformers 5's fused layout)."""
+        return isinstance(key, Part) and source.key_for(key) is None
+
     def _read_expert(self, task, name: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout."""
         key = self.ckpt(name)
         source = self.experts[task]
-        if isinstance(key, Part) and source.key_for(key) is None:
+        if self._fused_in(source, key):
             tensor = key.take(source.read(key.fused))
         else:
             tensor = source.read(key)
@@ -564,8 +570,8 @@ class _Walk:
             source.bind(self.shapes, self.aliases, rename=rename)
             present = {}
             for key, shape in needed.items():
-                if isinstance(key, Part) and source.key_for(key) is None:
-                    key, shape = key.fused, key.fused_shape  # (an expert in memory: fused experts)
+                if self._fused_in(source, key):
+                    key, shape = key.fused, key.fused_shape
                 present[key] = shape
             source.check(present)
 

@@ -93,6 +93,13 @@ class Adapter:
     def stage(self, block: nn.Module, rel: str):
         return None
 
+    def block_modules(self, model: nn.Module):
+        """``(qualified name, module)`` for every module inside the blocks (for ``prepare``)."""
+        for stack_name, blocks in self.stacks(model):
+            for i, block in enumerate(blocks):
+                for rel, module in list(block.named_modules()):
+                    yield f"{stack_name}.{i}.{rel}", module
+
     def hidden_of(self, output):
         return output[0] if isinstance(output, (tuple, list)) else output
 

@@ -75,13 +75,10 @@ class GPT2Adapter(Adapter):
 
     def prepare(self, model, swap):
         renames = {}
-        for stack_name, blocks in self.stacks(model):
-            for i, block in enumerate(blocks):
-                for rel, module in list(block.named_modules()):
-                    if type(module).__name__ == "Conv1D":
-                        name = f"{stack_name}.{i}.{rel}"
-                        swap(name, _linear_of_conv1d(module))
-                        renames[f"{name}.weight"] = Transposed(f"{name}.weight")
+        for name, module in list(self.block_modules(model)):
+            if type(module).__name__ == "Conv1D":
+                swap(name, _linear_of_conv1d(module))
+                renames[f"{name}.weight"] = Transposed(f"{name}.weight")
         return renames
 
 

@@ -95,22 +95,18 @@ class MoEAdapter(Adapter):
 
     def prepare(self, model, swap):
         renames = {}
-        for stack_name, blocks in self.stacks(model):
-            for i, block in enumerate(blocks):
-                for rel, module in list(block.named_modules()):
-                    if not _is_fused_experts(module):
-                        continue
-                    name = f"{stack_name}.{i}.{rel}"
-                    experts = LinearExperts(module)
-                    swap(name, experts)
-                    inner = experts[0].projections()[0].out_features
-                    shape_gate_up, shape_down = tuple(module.gate_up_proj.shape), tuple(module.down_proj.shape)
-                    for e in range(experts.num_experts):
-                        expert = experts[e]
-                        gate, up, down = (f"{name}.{e}.{n}.weight" for n in expert.names)
-                        renames[gate] = Part(gate, f"{name}.gate_up_proj", e, (0, inner), shape_gate_up)
-                        renames[up] = Part(up, f"{name}.gate_up_proj", e, (inner, 2 * inner), shape_gate_up)
-                        renames[down] = Part(down, f"{name}.down_proj", e, None, shape_down)
+        for name, module in list(self.block_modules(model)):
+            if not _is_fused_experts(module):
+                continue
+            experts = LinearExperts(module)
+            swap(name, experts)
+            shape_gate_up, shape_down = tuple(module.gate_up_proj.shape), tuple(module.down_proj.shape)
+            inner = shape_gate_up[1] // 2
+            for e in range(experts.num_experts):
+                gate, up, down = (f"{name}.{e}.{n}.weight" for n in experts[e].names)
+                renames[gate] = Part(gate, f"{name}.gate_up_proj", e, (0, inner), shape_gate_up)
+                renames[up] = Part(up, f"{name}.gate_up_proj", e, (inner, 2 * inner), shape_gate_up)
+                renames[down] = Part(down, f"{name}.down_proj", e, None, shape_down)
         return renames
 
     def stage(self, block: nn.Module, rel: str):
