@@ -66,7 +66,7 @@ TINY_DECODERS = {
 }
 
 
-def tiny_llama(seed, *, vocab_size, hidden_size, intermediate_size, arch="llama"):
+def tiny_decoder(seed, *, vocab_size, hidden_size, intermediate_size, arch="llama"):
     """A random-init two-layer decoder-only LM (HF transformers; a Llama unless ``arch`` names
     another of TINY_DECODERS) in eval mode, for the CPU side-by-sides."""
     import transformers

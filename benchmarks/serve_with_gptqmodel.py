@@ -32,7 +32,7 @@ import textwrap
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TINY_DECODERS, tiny_llama as common_tiny_llama, write_json  # noqa: E402
+from _common import TINY_DECODERS, tiny_decoder, write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
@@ -41,7 +41,7 @@ VOCAB = 128
 
 
 def tiny_model(seed, arch):
-    return common_tiny_llama(seed, vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+    return tiny_decoder(seed, vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
                              arch=arch)
 
 

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import tiny_llama as common_tiny_llama, write_json  # noqa: E402
+from _common import tiny_decoder, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
@@ -49,7 +49,7 @@ def open_checkpoint(path):
 
 def tiny_llama(seed):
     # every tensor's size times the default density 0.2 is an integer (see the docstring)
-    return common_tiny_llama(seed, vocab_size=100, hidden_size=80, intermediate_size=160)
+    return tiny_decoder(seed, vocab_size=100, hidden_size=80, intermediate_size=160)
 
 
 def write_models(root):
