@@ -63,6 +63,8 @@ TINY_DECODERS = {
                                                    eos_token_id=0)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",  # 4 experts, 2 per token
                   dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig",  # saved as block_sparse_moe.experts.N.w1
+                dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

@@ -2,18 +2,28 @@
 
     pip install gptqmodel          # the peer loader, beside the package (not a dependency)
     python benchmarks/serve_with_gptqmodel.py [--archs llama,qwen3,gemma3,phi3]
-                                              [--cases 4,4:gptq_v2,4a,3,2,8] [--out ...json]
+                                              [--cases 4,4:gptq_v2,4a,4s,3,2,8]
+                                              [--loader transformers|gptqmodel] [--out ...json]
 
-For each architecture and case (bits; ``a``: act-order, whose ``g_idx`` is not monotone;
-``:format`` forces the checkpoint format): a random-init decoder-only LM (HF transformers: a
-Llama, a Qwen3, a Gemma 3 with sliding-window layers, a Phi-3 with fused projections) is merged
-from a base and three
+For each architecture and case (bits; ``a``: act-order, whose ``g_idx`` is not monotone; ``s``:
+a symmetric grid; ``:format`` forces the checkpoint format): a random-init decoder-only LM (HF
+transformers: a Llama, a Qwen3, a Gemma 3 with sliding-window layers, a Phi-3 with fused
+projections, the mixture-of-experts Qwen3-MoE and Mixtral) is merged from a base and three
 experts (Task Arithmetic), quantized by ``epmq.quantize_model`` (E-PMQ, groups of 32) and saved
-by ``epmq.save_quantized`` in the ``gptq`` format. The directory is then loaded the way a user
-of the HF stack would load any GPTQ checkpoint, ``AutoModelForCausalLM.from_pretrained(dir)``
-(transformers' GPTQ integration with GPTQModel's kernels; on a CPU its torch kernel), in a
-fresh process that never imports epmq. Its logits on held-out tokens are compared with those of
-our in-memory quantized model and with the full-precision merged model.
+by ``epmq.save_quantized`` in the ``gptq`` format. The directory is then loaded, in a fresh
+process that never imports epmq, the way a user of the HF stack would load any GPTQ checkpoint:
+
+* ``--loader transformers``: ``AutoModelForCausalLM.from_pretrained(dir)`` (transformers' GPTQ
+  integration with GPTQModel's kernels; on a CPU its torch kernel), in float32. It quantizes
+  ``nn.Linear`` modules only, so it cannot load the experts of a transformers 5 MoE (fused 3-D
+  parameters), whoever wrote the checkpoint.
+* ``--loader gptqmodel``: ``GPTQModel.load(dir)``, GPTQModel's own loader, which splits fused
+  experts into one linear each, in float16 (its float32 CPU kernel is not exact here); our model
+  runs in float16 too for the comparison. It needs a tokenizer in the directory (a word-level one
+  is saved there) and refuses asymmetric v1 (``gptq``) checkpoints that it did not write itself.
+
+Its logits on held-out tokens are compared with those of our in-memory quantized model and with
+the full-precision merged model.
 
 What a pass means: the packed tensors, the zero-point convention (v1 ``z - 1``, or v2 where v1
 cannot hold a zero point) and the config are read by a loader we did not write as we meant
@@ -65,17 +75,42 @@ def merged_family(arch, tasks=("a", "b", "c")):
     return model, experts, calibration
 
 
-LOADER = textwrap.dedent("""
-    import sys, torch
-    from transformers import AutoModelForCausalLM
-    directory, tokens, out = sys.argv[1:4]
-    model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
-    kinds = sorted({type(m).__name__ for m in model.modules()
-                    if type(m).__module__.startswith("gptqmodel")})
-    with torch.no_grad():
-        logits = model(torch.load(tokens)).logits.float()
-    torch.save(dict(logits=logits, kinds=kinds), out)
-""")
+LOADERS = {  # a script each: load the directory, save its logits and GPTQModel's module kinds
+    "transformers": textwrap.dedent("""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        directory, tokens, out = sys.argv[1:4]
+        model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if type(m).__module__.startswith("gptqmodel")})
+        with torch.no_grad():
+            logits = model(torch.load(tokens)).logits.float()
+        torch.save(dict(logits=logits, kinds=kinds), out)
+    """),
+    "gptqmodel": textwrap.dedent("""
+        import sys, torch
+        from gptqmodel import GPTQModel
+        directory, tokens, out = sys.argv[1:4]
+        model = GPTQModel.load(directory, device="cpu", dtype=torch.float16)
+        kinds = sorted({type(m).__name__ for m in model.model.modules()
+                        if type(m).__module__.startswith("gptqmodel")})
+        with torch.no_grad():
+            logits = model(torch.load(tokens)).logits.float()
+        torch.save(dict(logits=logits, kinds=kinds), out)
+    """),
+}
+DTYPES = {"transformers": torch.float32, "gptqmodel": torch.float16}
+
+
+def save_tokenizer(directory):
+    """A word-level tokenizer over the tiny vocabulary (GPTQModel.load loads one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(directory)
 
 
 def main(argv=None):
@@ -83,12 +118,16 @@ def main(argv=None):
     parser.add_argument("--archs", default="llama",
                         help=f"comma separated, of {', '.join(TINY_DECODERS)}")
     parser.add_argument("--cases", default="4,4:gptq_v2,4a,3,2,8",
-                        help="bits[a][:checkpoint_format], comma separated (a: act-order; "
-                             "format default: auto)")
+                        help="bits[a][s][:checkpoint_format], comma separated (a: act-order, "
+                             "s: symmetric; format default: auto)")
+    parser.add_argument("--loader", choices=sorted(LOADERS), default="transformers")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter that has gptqmodel installed")
-    parser.add_argument("--out", default="benchmarks/results/serve-with-gptqmodel-cpu.json")
+    parser.add_argument("--out", help="default: benchmarks/results/serve-with-gptqmodel-cpu.json "
+                                      "(--loader gptqmodel: serve-with-gptqmodel-native-cpu.json)")
     args = parser.parse_args(argv)
+    args.out = args.out or ("benchmarks/results/serve-with-gptqmodel-cpu.json" if args.loader == "transformers"
+                            else "benchmarks/results/serve-with-gptqmodel-native-cpu.json")
     check = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
                            capture_output=True, text=True)
     if check.returncode:
@@ -101,26 +140,28 @@ def main(argv=None):
         torch.save(tokens, os.path.join(root, "tokens.pt"))
         for arch, case in [(a, c) for a in args.archs.split(",") for c in args.cases.split(",")]:
             bits, _, fmt = case.partition(":")
-            act_order = bits.endswith("a")
-            bits, fmt = int(bits.rstrip("a")), fmt or "auto"
+            act_order, sym = "a" in bits, "s" in bits
+            bits, fmt = int(bits.rstrip("as")), fmt or "auto"
             model, experts, calibration = merged_family(arch)
             with torch.no_grad():
                 fp_logits = model(tokens).logits.float()
-            spec = epmq.QuantSpec(bits=bits, group_size=32, act_order=act_order)
+            spec = epmq.QuantSpec(bits=bits, group_size=32, act_order=act_order, sym=sym)
             epmq.quantize_model(model, spec, method="epmq",
                                 calibration=calibration, experts=experts, anchor=0.1,
                                 backend="torch", progress=False)
             with torch.no_grad():
-                our_logits = model(tokens).logits.float()
+                our_logits = model.to(DTYPES[args.loader])(tokens).logits.float()
             directory = os.path.join(root, f"{arch}-w{case.replace(':', '-')}")
             epmq.save_quantized(model, directory, checkpoint_format=fmt)
+            save_tokenizer(directory)
             with open(os.path.join(directory, "config.json")) as f:
                 qconfig = json.load(f)["quantization_config"]
             out = os.path.join(root, f"peer-{arch}-w{case.replace(':', '-')}.pt")
-            peer = subprocess.run([args.python, "-c", LOADER, directory,
+            peer = subprocess.run([args.python, "-c", LOADERS[args.loader], directory,
                                    os.path.join(root, "tokens.pt"), out],
                                   capture_output=True, text=True)
-            row = dict(arch=arch, bits=bits, group_size=32, act_order=act_order, desc_act=qconfig.get("desc_act"),
+            row = dict(arch=arch, loader=args.loader, dtype=str(DTYPES[args.loader])[6:], bits=bits,
+                       group_size=32, act_order=act_order, sym=sym, desc_act=qconfig.get("desc_act"),
                        checkpoint_format=qconfig.get("checkpoint_format"),
                        loaded=peer.returncode == 0)
             if peer.returncode == 0:

@@ -20,7 +20,9 @@ written is recorded as ``checkpoint_format`` in both config files.
 
 Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and is then
 swapped with the target directory (one ``renameat2(RENAME_EXCHANGE)`` on Linux, two renames
-elsewhere), so a crash leaves the previous checkpoint in place, complete.
+elsewhere), so a crash leaves the previous checkpoint in place, complete. Files a user added
+beside a checkpoint (``tokenizer.save_pretrained(directory)``, a README) are carried into the
+new one; weights files are not.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from .adapters import find_adapter
+from .checkpoint_io import key_renaming, renamed, saved_key_renaming
 from .packing import pack_cols, unpack_cols
 from .qlinear import QuantLinear
 
@@ -46,6 +49,7 @@ FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quantize_config.json"
 HF_CONFIG_FILE = "config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
 # --------------------------------------------------------------------------- save
@@ -71,7 +75,13 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
                 f"'gptq' format cannot store: writing checkpoint_format='gptq_v2'"
             )
     tensors, tied = _tensors(model, layers, checkpoint_format)
-    qconfig = _quantize_config(model, layers, checkpoint_format, tied)
+    # the names transformers itself would write (Mixtral's block_sparse_moe, ViT's hub naming),
+    # which serving engines and older loaders look for
+    to_disk = renamed([*tensors, *tied], saved_key_renaming(model))
+    tensors = {to_disk[k]: t for k, t in tensors.items()}
+    tied = {to_disk[alias]: to_disk[source] for alias, source in tied.items()}
+    names = {name: _module_of(to_disk[f"{name}.qweight"]) for name in layers}
+    qconfig = _quantize_config(model, layers, names, checkpoint_format, tied)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
@@ -108,7 +118,13 @@ def _tensors(model, layers, checkpoint_format):
     return tensors, tied
 
 
-def _quantize_config(model, layers, checkpoint_format, tied) -> dict:
+def _module_of(qweight_key: str) -> str:
+    if not qweight_key.endswith(".qweight"):
+        raise ValueError(f"a renaming rule changed the suffix of a packed weight: {qweight_key!r}")
+    return qweight_key[: -len(".qweight")]
+
+
+def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     info = dict(getattr(model, "epmq_quant_config", None) or {})
     first = next(iter(layers.values()))
     static = all(
@@ -135,9 +151,9 @@ def _quantize_config(model, layers, checkpoint_format, tied) -> dict:
             "adapter": info.get("adapter"),
             "act_order": info.get("act_order", False),
             "zero_points": "qzeros hold z - 1 (v1)" if checkpoint_format == "gptq" else "qzeros hold z (v2)",
-            "modules": {
-                name: dict(in_features=m.in_features, out_features=m.out_features, bits=m.bits,
-                           group_size=m.group_size, bias=m.bias is not None)
+            "modules": {  # under their names in the checkpoint
+                names[name]: dict(in_features=m.in_features, out_features=m.out_features,
+                                  bits=m.bits, group_size=m.group_size, bias=m.bias is not None)
                 for name, m in layers.items()
             },
             "tied": tied,
@@ -167,14 +183,31 @@ def _write_atomically(directory: Path, tensors, files) -> None:
         _write_tensors(tensors, tmp / WEIGHTS_FILE)
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        _carry_over(directory, tmp)
         for path in tmp.iterdir():
-            _fsync(path)
+            if not path.is_symlink():
+                _fsync(path)
         _fsync(tmp)
         _replace_dir(tmp, directory)
         _fsync(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy into ``new`` what a user put beside the checkpoint in ``old`` (a tokenizer, a
+    generation config, a README); not weights, which are the checkpoint's own."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        target = new / entry.name
+        if target.exists() or target.is_symlink() or entry.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True)
+        else:
+            shutil.copy2(entry, target, follow_symlinks=False)
 
 
 def _replaceable(directory: Path) -> bool:
@@ -239,7 +272,16 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
             f"{config_path}: unsupported quant_method {qconfig.get('quant_method')!r} / "
             f"checkpoint_format {checkpoint_format!r}"
         )
-    modules = qconfig["epmq"]["modules"]
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    tied = qconfig["epmq"].get("tied", {})
+    to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
+    tensors = {to_model[k]: t for k, t in tensors.items()}
+    tied = {to_model[alias]: to_model[source] for alias, source in tied.items()}
+    modules = {}
+    for name, info in qconfig["epmq"]["modules"].items():
+        if f"{name}.qweight" not in to_model:
+            raise ValueError(f"{directory / WEIGHTS_FILE} has no {name}.qweight, which {config_path} lists")
+        modules[_module_of(to_model[f"{name}.qweight"])] = info
 
     def swap(name, new):
         parent_name, _, attr = name.rpartition(".")
@@ -266,13 +308,12 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
     for name, new in replacements.items():
         swap(name, new)
 
-    tensors = load_file(str(directory / WEIGHTS_FILE))
     if checkpoint_format == "gptq":
         for name, info in modules.items():
             bits, key = info["bits"], f"{name}.qzeros"
             z = unpack_cols(tensors[key], bits, info["out_features"]) + 1
             tensors[key] = pack_cols(z, bits)
-    for alias, source in qconfig["epmq"].get("tied", {}).items():
+    for alias, source in tied.items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:

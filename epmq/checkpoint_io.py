@@ -26,8 +26,10 @@ them, every alias of a tied parameter reads the same checkpoint tensor). transfo
 renamed some models' modules (ViT, DINOv2: ``encoder.layer.N.attention.attention.query`` became
 ``layers.N.attention.q_proj``) and still saves and hub-hosts their checkpoints in the old
 naming, converting as it loads: ``key_renaming`` gives that model's renaming rules, and a
-``Binding`` made with them finds a key under its renamed name too. ``bind`` turns a reader into
-a ``LazyStateDict``: a state dict in the model's naming whose tensors are read when indexed.
+``Binding`` made with them finds a key under its renamed name too (and ``saved_key_renaming``,
+their reverse, lets ``save_quantized`` write the layout ``save_pretrained`` writes). ``bind``
+turns a reader into a ``LazyStateDict``: a state dict in the model's naming whose tensors are
+read when indexed.
 """
 
 from __future__ import annotations
@@ -221,6 +223,20 @@ def key_renaming(model: nn.Module) -> Optional[Callable[[str], str]]:
     """The renaming transformers applies to a checkpoint key as it loads ``model`` (its
     ``WeightRenaming`` rules, in order; not its converters, which fuse or split tensors), or
     None for a model that is not a transformers model or a transformers without the rules."""
+    return _renaming(model, saving=False)
+
+
+def saved_key_renaming(model: nn.Module) -> Optional[Callable[[str], str]]:
+    """The renaming ``save_pretrained`` applies to ``model``'s state-dict names: its load-time
+    ``WeightRenaming`` rules reversed, so a checkpoint keeps the layout it was loaded from (or,
+    for a model built from a config, the layout transformers writes: Mixtral's experts under
+    ``block_sparse_moe``, ViT's as ``encoder.layer.N.attention.attention.query``). None where
+    ``key_renaming`` is None. Some rules keep state between keys, as in transformers: rename a
+    checkpoint's keys with one call each, in ``natural_order``."""
+    return _renaming(model, saving=True)
+
+
+def _renaming(model, saving):
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
@@ -228,7 +244,19 @@ def key_renaming(model: nn.Module) -> Optional[Callable[[str], str]]:
         return None
     if not isinstance(model, PreTrainedModel):
         return None
-    rules = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not saving:
+        rules = get_model_conversion_mapping(model)
+    else:  # as transformers' revert_weight_conversion
+        rules = getattr(model, "_weight_conversions", None)
+        if rules is None:
+            try:  # a model built from a config: its own rules, not the legacy ones of old checkpoints
+                rules = get_model_conversion_mapping(model, add_legacy=False)
+            except TypeError:  # a transformers without the option
+                return None
+            # a prefix change only restores what from_pretrained stripped, and nothing was
+            rules = [t for t in rules if type(t).__name__ != "PrefixChange"]
+        rules = [t.reverse_transform() for t in rules[::-1]]
+    rules = [t for t in rules if isinstance(t, WeightRenaming)]
     if not rules:
         return None
 
@@ -238,6 +266,24 @@ def key_renaming(model: nn.Module) -> Optional[Callable[[str], str]]:
         return key
 
     return rename
+
+
+def natural_order(names: Iterable[str]) -> List[str]:
+    """``names`` sorted as transformers walks a state dict (dotted parts, numbers as numbers)."""
+    return sorted(names, key=lambda name: [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                                           for p in name.split(".")])
+
+
+def renamed(names: Iterable[str], rename: Optional[Callable[[str], str]]) -> Dict[str, str]:
+    """``{name: rename(name)}`` in ``natural_order``; a clear error if two names would collide."""
+    out: Dict[str, str] = {}
+    seen: Dict[str, str] = {}
+    for name in natural_order(names):
+        new = name if rename is None else rename(name)
+        if new in seen:
+            raise CheckpointError(f"renaming maps both {seen[new]!r} and {name!r} to {new!r}")
+        out[name] = seen[new] = new
+    return out
 
 
 def tie_order(model: nn.Module) -> Dict[str, List[str]]:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import epmq
 import epmq.checkpoint as ckpt
-from test_walker_models import Family, build, output
+from test_walker_models import ARCHS, Family, build, inputs, output
 
 
 def quantized(gen, bits=4, sym=False, method="rtn", arch="llama"):
@@ -124,6 +124,72 @@ def _wider_llama():
         num_key_value_heads=2))
 
 
+# --------------------------------------------------------------------------- names on disk
+
+HF_ARCHS = [a for a in ARCHS if not a.startswith("open_clip")]
+PACKED = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def saved_keys(directory):
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def as_unquantized(keys):
+    """A packed checkpoint's keys with each packed layer's four tensors as its ``.weight``."""
+    return {k[: -len(".qweight")] + ".weight" if k.endswith(".qweight") else k
+            for k in keys if k.endswith(".qweight") or not k.endswith(PACKED)}
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_names_on_disk_are_those_save_pretrained_writes(arch, tmp_path):
+    """Serving engines look tensors up by the names transformers writes, which transformers 5
+    renames as it loads (Mixtral's ``block_sparse_moe``, ViT's ``attention.attention.query``,
+    GPT-NeoX's ``embed_out``): a packed checkpoint keeps them, and loads back."""
+    model = build(arch)
+    model.save_pretrained(tmp_path / "fp")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    keys = saved_keys(tmp_path / "q")
+    assert as_unquantized(keys) == saved_keys(tmp_path / "fp")
+    modules = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["epmq"]["modules"]
+    assert {f"{name}.qweight" for name in modules} == {k for k in keys if k.endswith(".qweight")}
+    fresh = epmq.load_quantized(tmp_path / "q", build(arch, seed=1))
+    item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
+
+
+def test_a_model_from_pretrained_keeps_its_checkpoints_layout(tmp_path):
+    """A ViT loaded from a hub-layout checkpoint is saved in that layout, as save_pretrained does."""
+    import transformers
+
+    build("vit").save_pretrained(tmp_path / "fp")
+    model = transformers.ViTModel.from_pretrained(tmp_path / "fp")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    keys = saved_keys(tmp_path / "q")
+    assert "encoder.layer.0.attention.attention.query.qweight" in keys
+    assert as_unquantized(keys) == saved_keys(tmp_path / "fp")
+
+
+@pytest.mark.parametrize("arch,own_name", [("mixtral", "model.layers.0.mlp.experts.0.w1"),
+                                           ("vit", "layers.0.attention.q_proj")])
+def test_checkpoints_in_the_models_own_naming_still_load(arch, own_name, tmp_path, monkeypatch):
+    """Checkpoints written before names on disk followed save_pretrained (module names as they
+    are in transformers 5) load as before."""
+    model = build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    monkeypatch.setattr(ckpt, "saved_key_renaming", lambda model: None)
+    epmq.save_quantized(model, tmp_path / "q")
+    monkeypatch.undo()
+    assert f"{own_name}.qweight" in saved_keys(tmp_path / "q")
+    fresh = epmq.load_quantized(tmp_path / "q", build(arch, seed=1))
+    item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 
@@ -207,6 +273,21 @@ def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch):
     epmq.save_quantized(new, directory)  # and the fallback itself works
     assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
     assert os.listdir(directory.parent) == ["q"]
+
+
+def test_replacing_keeps_what_the_user_put_beside_the_checkpoint(two_models):
+    """A tokenizer saved into the checkpoint directory survives the next save; stray weights
+    files do not (the new checkpoint's weights are the only ones)."""
+    fam, old, new, directory = two_models
+    (directory / "tokenizer.json").write_text("{}")
+    (directory / "extra").mkdir()
+    (directory / "extra" / "README.md").write_text("notes")
+    (directory / "model.safetensors.index.json").write_text("{}")
+    epmq.save_quantized(new, directory)
+    assert sorted(os.listdir(directory)) == ["config.json", "extra", "model.safetensors",
+                                             "quantize_config.json", "tokenizer.json"]
+    assert (directory / "extra" / "README.md").read_text() == "notes"
+    assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(gen, tmp_path):
