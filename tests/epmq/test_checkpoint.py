@@ -161,17 +161,33 @@ def test_names_on_disk_are_those_save_pretrained_writes(arch, tmp_path):
     torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
 
 
-def test_a_model_from_pretrained_keeps_its_checkpoints_layout(tmp_path):
-    """A ViT loaded from a hub-layout checkpoint is saved in that layout, as save_pretrained does."""
+@pytest.mark.parametrize("arch,first_key", [
+    ("vit", "encoder.layer.0.attention.attention.query.qweight"),  # as save_pretrained writes it
+    ("hf_clip_vision", "vision_model.encoder.layers.0.self_attn.q_proj.qweight"),  # transformers 4's
+])
+def test_a_model_from_pretrained_keeps_its_checkpoints_layout(arch, first_key, tmp_path):
+    """A model loaded from a hub-layout checkpoint (ViT's old module names; a transformers 4
+    CLIPVisionModel's ``vision_model.`` prefix) is saved in that layout, as save_pretrained
+    does, and loads back into a model built from its config."""
     import transformers
+    from safetensors.torch import save_file
 
-    build("vit").save_pretrained(tmp_path / "fp")
-    model = transformers.ViTModel.from_pretrained(tmp_path / "fp")
+    model = build(arch)
+    if arch == "vit":
+        model.save_pretrained(tmp_path / "fp")
+    else:
+        model.config.save_pretrained(tmp_path / "fp")
+        save_file({f"vision_model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+                  str(tmp_path / "fp" / "model.safetensors"))
+    model = getattr(transformers, type(model).__name__).from_pretrained(tmp_path / "fp")
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
     epmq.save_quantized(model, tmp_path / "q")
     keys = saved_keys(tmp_path / "q")
-    assert "encoder.layer.0.attention.attention.query.qweight" in keys
+    assert first_key in keys
     assert as_unquantized(keys) == saved_keys(tmp_path / "fp")
+    fresh = epmq.load_quantized(tmp_path / "q", build(arch, seed=1))
+    item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch,own_name", [("mixtral", "model.layers.0.mlp.experts.0.w1"),
