@@ -15,14 +15,15 @@ input width: the Hessian is ``d_in x d_in``, 14336^2 fp32 = 822 MB for the large
   epmq       ``epmq.quant.epmq`` with 8 experts (the residual statistics from the Triton
              kernel, ``R = G H~^{-1}``, the solve) against plain GPTQ (fused) on the same layer
              with the pooled Hessian; the goal is a ratio of at most 1.5. Timed once per
-             residual precision ("ieee", "tf32x3", the default, and "tf32": the least
+             residual precision ("ieee", "tf32x3", "bf16x3", the default, and "tf32": the least
              accurate product allowed, the autotuner keeping the fastest of it and the more
              accurate ones), each result checked against the IEEE one (codes, loss); the row
              records which fp32 product ``fp32_mm`` chose for R and the anchor term;
   residual   the 8 experts' ``G += a_k (W_k - W_m) H_k`` alone: Triton (each precision,
              autotuned, the tuning outside the timing) against torch (cuBLAS fp32, TF32
              off), with torch's plain TF32 (TF32 on) as the tensor-core reference: tf32 should
-             approach it, and tf32x3 does three TF32 products, so ~3x its time is its ceiling;
+             approach it, and tf32x3 does three TF32 products, so ~3x its time is its ceiling
+             (bf16x3: three bf16 products, ~1.5x);
   sweep      the block kernel's rows and warps per program on 4096x4096 (for the launch
              heuristic).
 
@@ -343,6 +344,7 @@ def main(argv=None):
            or abs(r.get("loss_ratio_vs_torch", 1.0) - 1) > 1e-3
            or abs(r.get("loss_ratio_vs_ieee", 1.0) - 1) > 1e-3
            or r.get("max_rel_err", 0.0) > 1e-4 or r.get("max_rel_err_tf32x3", 0.0) > 1e-4
+           or r.get("max_rel_err_bf16x3", 0.0) > 1e-3  # ~2^-16 of each term
            or r.get("max_rel_err_tf32", 0.0) > 1e-2]  # tf32: operands keep 10 mantissa bits
     result = dict(
         **device_info(device),
@@ -358,7 +360,7 @@ def main(argv=None):
         plot(rows, png_path, name)
     except ImportError as e:  # the numbers matter more than the picture
         print(f"bench_solver: no plot ({e})", file=sys.stderr)
-    print("== E-PMQ residual precision (the default is 'tf32x3': the fastest of it and IEEE)")
+    print("== E-PMQ residual precision (the default is 'bf16x3': the fastest of it, tf32x3 and IEEE)")
     for r in rows:
         if r["kind"] == "residual":
             triton = ", ".join(
@@ -380,7 +382,7 @@ def main(argv=None):
 
         profile_path = os.path.join(args.out, f"epmq-layer-profile-{slug}.txt")
         with open(profile_path, "w") as f:
-            f.write(profile_tables(precisions=("ieee", "tf32x3", "tf32")))
+            f.write(profile_tables(precisions=("ieee", "tf32x3", "bf16x3", "tf32")))
         print(f"wrote {profile_path} in {time.perf_counter() - started:.0f} s", flush=True)
     return 1 if bad else 0
 

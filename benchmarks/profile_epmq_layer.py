@@ -1,6 +1,6 @@
 """Where one E-PMQ layer's time goes on a CUDA GPU (torch profiler), beside plain GPTQ.
 
-    PYTHONPATH=. python benchmarks/profile_epmq_layer.py [--precision ieee|tf32x3|tf32] [--out F]
+    PYTHONPATH=. python benchmarks/profile_epmq_layer.py [--precision ieee|tf32x3|bf16x3|tf32] [--out F]
 
 4096x4096, 8 experts, 4-bit group 128, the default anchor. ``bench_solver.py`` also runs it
 (ieee and tf32) when its time limit leaves room, into

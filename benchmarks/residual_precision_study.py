@@ -14,8 +14,9 @@ product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64 st
     tf32-trunc  the same with truncated operands (if the hardware drops the low bits)
     bf16        operands rounded to bf16 (7 bits): a coarser product, for contrast
     tf32x3      three TF32 products of operands split into a TF32 part and its remainder
-                ("tf32x3", the default, on cuBLAS), the conversion emulated by truncation, fp32
-                sums
+                ("tf32x3" on cuBLAS), the conversion emulated by truncation, fp32 sums
+    bf16x3      three bf16 products of operands split into two bf16 parts ("bf16x3", Triton's
+                decomposition and cuBLAS's), products exact, fp32 sums
 
 For each it reports how far ``G`` and the target ``W*`` move, the fraction of grid codes that
 change, and the true E-PMQ objective (expert term evaluated with the fp64 statistics, plus the
@@ -40,7 +41,7 @@ from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq.stats import EPMQStats  # noqa: E402
-from epmq_kernels._runtime import tf32_round, tf32_truncate, tf32x3_mm  # noqa: E402
+from epmq_kernels._runtime import bf16x3_mm, tf32_round, tf32_truncate, tf32x3_mm  # noqa: E402
 
 
 def _bf16(x):
@@ -58,7 +59,8 @@ def _tf32_mm(A, B):
 # each emulates one way of forming the fp32 product D @ H_k
 PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
             "tf32-trunc": _rounded(tf32_truncate), "bf16": _rounded(_bf16),
-            "tf32x3": lambda D, H: tf32x3_mm(D, H, mm=_tf32_mm)}
+            "tf32x3": lambda D, H: tf32x3_mm(D, H, mm=_tf32_mm),
+            "bf16x3": lambda D, H: bf16x3_mm(D, H, mm=lambda A, B: A.float() @ B.float())}
 
 
 def residual(W_m, experts, hessians, weights, product):

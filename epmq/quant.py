@@ -465,8 +465,8 @@ def epmq(
 
     ``anchor`` (lam) and ``weight_anchor`` (mu) are relative to the expert term (EPMQ_MATH.md);
     ``task_weights=None`` means ``a_k = 1 / tr(H_k)``; ``merged_hessian=None`` means ``sum_k H_k``.
-    ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("tf32x3", the default; "ieee" or
-    "tf32").
+    ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("bf16x3", the default;
+    "tf32x3", "ieee" or "tf32").
     """
     check_weight(W_merged, "W_merged")
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)

@@ -73,13 +73,15 @@ class EPMQStats:
     """E-PMQ statistics of one layer with merged weight ``W_merged[out, in]``.
 
     ``residual_precision``: the least accurate fp32 product allowed for the Triton residual
-    kernel (``backend="triton"``, fp32 statistics): ``"tf32x3"`` (the default: three TF32
-    tensor-core products, IEEE fp32's accuracy class), ``"ieee"`` (CUDA-core FMA only) or
-    ``"tf32"`` (one TF32 product: operands keep 10 mantissa bits;
-    ``benchmarks/residual_precision_study.py`` measures its effect on E-PMQ). The autotuner
+    kernel (``backend="triton"``, fp32 statistics): ``"bf16x3"`` (the default: three bf16
+    tensor-core products of split operands, ~2^-16 of each term, whose effect on E-PMQ's codes
+    and objective is within IEEE fp32's own), ``"tf32x3"`` (three TF32 products, IEEE fp32's
+    accuracy class), ``"ieee"`` (CUDA-core FMA only) or ``"tf32"`` (one TF32 product: operands
+    keep 10 mantissa bits; ``benchmarks/residual_precision_study.py`` measures each one's effect
+    on E-PMQ). The autotuner
     times every implementation of that precision or a more accurate one and keeps the fastest
     (``epmq_kernels.expert_residual.AT_LEAST``), so the default is never slower than "ieee";
-    ``benchmarks/bench_solver.py`` times all three. Unless "ieee", E-PMQ's other large fp32
+    ``benchmarks/bench_solver.py`` times all four. Unless "ieee", E-PMQ's other large fp32
     products (``R = G H~^{-1}``, the anchor term) run as three TF32 products on GPUs where
     that is faster (``epmq_kernels._runtime.fp32_mm``, timed once per GPU). The torch backend
     and fp64 statistics always multiply in their own precision.

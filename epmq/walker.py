@@ -169,8 +169,9 @@ def quantize_model(
     true_sequential   solve a block's linears in dependency groups (default) or in one pass.
     backend      solver kernels: None (Triton on CUDA, torch on CPU), "torch" or "triton".
     residual_precision   the least accurate product allowed for E-PMQ's expert residual on the
-                 Triton backend: "tf32x3" (default; IEEE fp32's accuracy class, the fastest of
-                 it and IEEE), "ieee" (fp32 FMA only) or "tf32"; see ``epmq.EPMQStats``.
+                 Triton backend: "bf16x3" (default: three bf16 products, the fastest of it,
+                 tf32x3 and IEEE), "tf32x3" (IEEE fp32's accuracy class), "ieee" (fp32 FMA
+                 only) or "tf32"; see ``epmq.EPMQStats``.
 
     Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
     """

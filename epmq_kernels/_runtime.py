@@ -87,6 +87,38 @@ def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
     return P
 
 
+def _bf16_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """bf16 ``A @ B`` accumulated and returned in fp32 (cuBLAS; the products of bf16 values are
+    exact in fp32). Elsewhere, the same values multiplied in fp32: an exact emulation, up to the
+    order of the sums."""
+    if A.is_cuda:
+        return torch.mm(A, B, out_dtype=torch.float32)
+    return A.float() @ B.float()
+
+
+def bf16_split(x: torch.Tensor):
+    """fp32 ``x`` as ``(hi, mid)``, two bf16 tensors with ``x ~ hi + mid``: ``hi`` is ``x``
+    rounded to bf16 and ``mid`` the remainder rounded again, so ``hi + mid`` holds 16 of fp32's
+    24 significant bits (error at most 2^-16 of ``x``)."""
+    hi = x.bfloat16()
+    return hi, (x - hi.float()).bfloat16()
+
+
+def bf16x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_bf16_mm) -> torch.Tensor:
+    """``A @ B`` (fp32) as ``A_mid B_hi + A_hi B_mid + A_hi B_hi`` (``bf16_split``), each a bf16
+    tensor-core product by ``mm``, the way Triton's ``input_precision="bf16x3"`` splits: the
+    dropped ``mid*mid`` term and the splits' remainders are about 2^-16 of each term, between one
+    TF32 product (2^-11) and IEEE fp32 (2^-24). bf16's tensor-core rate is twice TF32's on the
+    A100, H100 and B200, so this runs at two thirds of one TF32 product's rate and twice
+    tf32x3's."""
+    A_hi, A_mid = bf16_split(A.float())
+    B_hi, B_mid = bf16_split(B.float())
+    P = mm(A_mid, B_hi)  # the small terms first: the large one is added to their fp32 sum
+    P += mm(A_hi, B_mid)
+    P += mm(A_hi, B_hi)
+    return P
+
+
 def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` with TF32 off."""
     with fp32_matmul(False):

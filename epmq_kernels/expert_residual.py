@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import check_device, fp32_matmul, tf32_round, tf32x3_mm
+from ._runtime import bf16x3_mm, check_device, fp32_matmul, tf32_round, tf32x3_mm
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -43,8 +43,9 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     """In place ``G += a * D @ H_k`` with ``D = W_k - W_m``, in G's precision.
 
     ``input_precision="tf32"`` emulates a TF32 tensor-core product: ``D`` (formed in fp32) and
-    ``H_k`` rounded to TF32, their product accumulated in G's precision. "ieee" and "tf32x3"
-    (about fp32 accuracy) multiply the operands as they are.
+    ``H_k`` rounded to TF32, their product accumulated in G's precision; "bf16x3" emulates three
+    bf16 products of split operands (``_runtime.bf16x3_mm``). "ieee" and "tf32x3" (about fp32
+    accuracy) multiply the operands as they are.
 
     Returns ``tr(D H_k D^T)`` (unweighted): the constant of task k's expert term, which the
     solver needs to report that term's value.
@@ -55,10 +56,17 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     if input_precision == "tf32":
         D_in = tf32_round(W_k.float() - W_m.float()).to(G.dtype)
         P = D_in @ tf32_round(H_k).to(G.dtype)
+    elif input_precision == "bf16x3":
+        P = bf16x3_mm(W_k.float() - W_m.float(), H_k.float(), mm=_bf16_emulated).to(G.dtype)
     else:
         P = D @ H_k.to(G.dtype)
     G.add_(P, alpha=float(a))
     return float((P * D).sum())
+
+
+def _bf16_emulated(A, B):
+    """A bf16 tensor-core product emulated: bf16 values multiplied exactly, summed in fp32."""
+    return A.float() @ B.float()
 
 
 def accumulate_xxt_reference(H, X):
@@ -97,6 +105,11 @@ def accumulate_xxt_reference(H, X):
 # A from registers); compiled for sm_90 by Triton 3.6 and 3.8 none of these spill
 # (benchmarks/compile_report.py; 128 x 128 x 32 with 4 warps, 128 x 256 and 256 x 128 spilled
 # over 1 KB and were dropped, as were IEEE 128 x 128 tiles, which spill with 3.6).
+#   "bf16x3": three bf16 products of operands split into two bf16 parts (hi*hi + hi*mid +
+#       mid*hi; errs by ~2^-16 of each term, between tf32 and tf32x3), Triton's own
+#       decomposition; bf16's tensor-core rate is twice TF32's, so twice tf32x3's speed. Operands
+#       are split in registers from fp32 tiles: tf32x3's tiles, plus a 64-deep K step at 128 x 64
+#       (bf16 wgmma is 16 deep; 128 x 128 x 64 and 4-warp 64-deep tiles spill with Triton 3.6).
 #   "tf32": one TF32 product (operands keep 10 mantissa bits; products exact, fp32 sums), three
 #       times tf32x3's rate. The residual is the experts' small deviation from the merge, so its
 #       relative error of ~1e-3 moves the target W* = W_m + R by ~1e-3 |R|, far below a grid step
@@ -107,18 +120,25 @@ RESIDUAL_SPACE = {
     "ieee": [(64, 64, 16, 4, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 3)],
     "tf32x3": [(128, 128, 32, 8, 3), (128, 128, 16, 8, 4), (128, 64, 32, 8, 3),
                (64, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)],
+    "bf16x3": [(128, 128, 32, 8, 3), (128, 128, 16, 8, 4), (128, 64, 32, 8, 3),
+               (64, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3)],
     "tf32": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 2), (128, 64, 32, 4, 4),
              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)],
 }
 RESIDUAL_PRECISIONS = tuple(RESIDUAL_SPACE)
 # A precision is a floor, not a recipe: the autotuner may also pick any candidate at least as
-# accurate (IEEE is, for "tf32x3"; both are, for "tf32"). The fast options are thus never
-# slower than IEEE on a card where the tensor cores do not pay (consumer GPUs, whose TF32 rate is
-# 1-2x their fp32 rate, so three TF32 products lose), up to the timing's noise.
-AT_LEAST = {"ieee": ("ieee",), "tf32x3": ("tf32x3", "ieee"), "tf32": ("tf32", "tf32x3", "ieee")}
-# E-PMQ's default: IEEE fp32's accuracy class (residual_precision_study.py: G within 4.8e-7 of
-# float64 against IEEE's 4.6e-7), on the tensor cores where they are faster.
-DEFAULT_RESIDUAL_PRECISION = "tf32x3"
+# accurate (IEEE is, for "tf32x3"; it and tf32x3, for "bf16x3"; all three, for "tf32"). The fast
+# options are thus never slower than IEEE on a card where the tensor cores do not pay (consumer
+# GPUs, whose TF32 rate is 1-2x their fp32 rate, so three TF32 products lose), up to the timing's
+# noise.
+AT_LEAST = {"ieee": ("ieee",), "tf32x3": ("tf32x3", "ieee"), "bf16x3": ("bf16x3", "tf32x3", "ieee"),
+            "tf32": ("tf32", "bf16x3", "tf32x3", "ieee")}
+# E-PMQ's default: three bf16 products, the fastest tensor-core product whose effect on E-PMQ is
+# within IEEE fp32's own (residual_precision_study.py: G within 4.5e-6 of float64, against 4.6e-7
+# for IEEE and 3e-4 for one TF32 product; at most 0.03% of codes and 2.6e-5 of the objective
+# change, where IEEE's rounding ties change 0.01% and 3.2e-5). The autotuner keeps tf32x3 or IEEE
+# where those are faster on the card.
+DEFAULT_RESIDUAL_PRECISION = "bf16x3"
 # cuBLAS is one more candidate for every precision: it forms D = W_k - W_m and P = D @ H_k in
 # memory (weight-sized temporaries) with its own tuned tiles. For IEEE it beat the fused kernel
 # at every layer shape on the H200 (2026-11-28, 8 experts: 23 ms against 33 ms at 4096^2), so
@@ -286,14 +306,15 @@ def _config_pair(config: dict) -> tuple:
 
 
 def _residual_cublas(G, W_k, W_m, H_k, a, precision):
-    """The torch reference's product by cuBLAS: IEEE, one TF32 product, or three (tf32x3);
-    returns ``tr(D H_k D^T)`` as a one-element tensor, like the kernel's shares."""
-    if precision != "tf32x3":
+    """The torch reference's product by cuBLAS: IEEE, one TF32 product, three (tf32x3), or three
+    bf16 ones (bf16x3); returns ``tr(D H_k D^T)`` as a one-element tensor, like the kernel's
+    shares."""
+    if precision in ("ieee", "tf32"):
         with fp32_matmul(tf32=precision == "tf32"):
             trace = accumulate_residual_reference(G, W_k, W_m, H_k, a)
         return torch.tensor([trace], dtype=torch.float64)
     D = W_k.float() - W_m.float()
-    P = tf32x3_mm(D, H_k.float())
+    P = (tf32x3_mm if precision == "tf32x3" else bf16x3_mm)(D, H_k.float())
     G.add_(P, alpha=float(a))
     return torch.sum(P * D, dtype=torch.float64).reshape(1)
 
@@ -308,6 +329,8 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
     partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)
     a_t = torch.tensor([float(a)], dtype=G.dtype, device=G.device)
+    if _runtime.INTERPRETED and precision == "bf16x3":
+        precision = "ieee"  # the interpreter knows no bf16x3 (its products are IEEE for all)
     _residual_kernel[(n_programs,)](
         G, W_k, W_m, H_k, a_t, partial, d_out, d_in,
         INPUT_PRECISION=precision,
@@ -320,8 +343,9 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
 def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
     """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference.
 
-    ``input_precision`` ("ieee"; "tf32x3", a near-fp32 product on tensor cores; "tf32", one
-    TF32 product; see RESIDUAL_SPACE) is the least accurate product allowed: the autotuner picks
+    ``input_precision`` ("ieee"; "tf32x3", a near-fp32 product on tensor cores; "bf16x3", three
+    bf16 products, ~2^-16; "tf32", one TF32 product; see RESIDUAL_SPACE) is the least accurate
+    product allowed: the autotuner picks
     the fastest candidate of it or of a more accurate one (AT_LEAST). It applies to fp32 ``G``
     only; fp64 ``G`` always multiplies in fp64. The choice is made on the first call for a shape
     (timed on a scratch G).

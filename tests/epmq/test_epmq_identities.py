@@ -213,11 +213,12 @@ def test_triangular_and_symmetric_products_with_tf32x3(d_out, d):
 
 
 @pytest.mark.parametrize("backend, precision, fast", [
-    ("triton", "tf32x3", True), ("triton", "default", True), ("triton", "tf32", True),
+    ("triton", "tf32x3", True), ("triton", "default", True), ("triton", "bf16x3", True),
+    ("triton", "tf32", True),
     ("triton", "ieee", False), ("torch", "tf32x3", False)])
 def test_tf32_residual_makes_r_and_the_anchor_term_tf32x3(gen, monkeypatch, backend, precision,
                                                           fast):
-    """Unless the residual is "ieee" (the default is "tf32x3"), E-PMQ on the Triton backend asks
+    """Unless the residual is "ieee" (the default is "bf16x3"), E-PMQ on the Triton backend asks
     for the fast fp32 product (tf32x3 where it is faster, emulated here) for R and the anchor
     term; the torch backend stays IEEE. The result stays within fp32 noise of the IEEE run."""
     asked, calls = [], []

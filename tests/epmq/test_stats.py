@@ -155,7 +155,7 @@ def test_misuse_is_reported(gen):
         EPMQStats(W_m).begin_task(W_m[:, :-1])
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "bf16x3", "tf32"])
 def test_residual_precision_of_the_triton_statistics(gen, precision):
     """EPMQStats(residual_precision=...) reaches the Triton residual kernel (fp32 statistics):
     both products agree with the torch backend to about fp32 rounding, and quant.epmq passes

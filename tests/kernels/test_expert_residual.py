@@ -229,10 +229,11 @@ def test_cuda_residual_tf32_within_its_bound(gen):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", ["autotuned", "cublas"])
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "bf16x3"])
 def test_cuda_residual_against_fp64(gen, precision, impl):
-    """Whichever candidate wins, and the cuBLAS one (three TF32 products for tf32x3) whatever
-    wins: the GPU's own TF32 conversion, which the CPU tests can only emulate."""
+    """Whichever candidate wins, and the cuBLAS one (three TF32 products for tf32x3, three bf16
+    ones for bf16x3) whatever wins: the GPU's own conversions, which the CPU tests can only
+    emulate."""
     import epmq_kernels.expert_residual as er
 
     d_out, d_in = 1024, 2048
@@ -250,10 +251,14 @@ def test_cuda_residual_against_fp64(gen, precision, impl):
     accumulate_residual_reference(G_32, W_k, W_m, H_k, 1.0)
     err_out = (G_out.double() - G_64).abs().max().item()
     err_32 = (G_32.double() - G_64).abs().max().item()
-    # no worse than torch's own fp32 product (TF32 off) by more than a small factor; tf32x3
-    # drops the lo*lo products, about 2**-21 of each term
-    factor = 8 if precision == "ieee" else 32
-    assert err_out <= factor * err_32 + 1e-7 * G_64.abs().max().item(), (err_out, err_32)
+    if precision == "bf16x3":  # about 2**-16 of each term: bounded by the terms' sizes
+        terms = (W_k.double() - W_m.double()).abs() @ H_k.double().abs()
+        assert err_out <= 2**-14 * terms.max().item() + 8 * err_32, (err_out, err_32)
+    else:
+        # no worse than torch's own fp32 product (TF32 off) by more than a small factor; tf32x3
+        # drops the lo*lo products, about 2**-21 of each term
+        factor = 8 if precision == "ieee" else 32
+        assert err_out <= factor * err_32 + 1e-7 * G_64.abs().max().item(), (err_out, err_32)
     assert abs(c_out - c_64) <= 1e-4 * abs(c_64)
 
 
@@ -278,6 +283,13 @@ def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
     c_x3 = float(er._launch_residual(G_x3, W_k, W_m, H_k, 0.3, "tf32x3", er.CUBLAS).double().sum())
     assert_update_close(G_x3, G_ref, G0, 10 * EPS[torch.float32])
     assert abs(c_x3 - c_ref) <= 10 * EPS[torch.float32] * abs(c_ref)
+    # bf16x3: on the CPU its bf16 products are emulated exactly, as the reference emulates them
+    G_b3, G_b3_ref = G0.clone(), G0.clone()
+    c_b3 = float(er._launch_residual(G_b3, W_k, W_m, H_k, 0.3, "bf16x3", er.CUBLAS).double().sum())
+    c_b3_ref = accumulate_residual_reference(G_b3_ref, W_k, W_m, H_k, 0.3, input_precision="bf16x3")
+    assert_update_close(G_b3, G_b3_ref, G0, 10 * EPS[torch.float32])
+    assert abs(c_b3 - c_b3_ref) <= 10 * EPS[torch.float32] * abs(c_b3_ref)
+    assert_update_close(G_b3, G_ref, G0, 2**-13)  # and ~2^-16 of the terms from the exact one
 
 
 @pytest.mark.parametrize("d_out,d_in", [(37, 96), (64, 513)])
@@ -301,7 +313,44 @@ def test_tf32x3_product_with_emulated_tf32(gen, d_out, d_in):
     assert e_one > 50 * e_x3, (e_one, e_x3)
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_bf16_split():
+    """``hi + mid`` holds x to 2^-16 of itself (two bf16 roundings to nearest), any sign or scale."""
+    from epmq_kernels._runtime import bf16_split
+
+    x = torch.randn(10_000) * torch.exp(10 * torch.randn(10_000))
+    hi, mid = bf16_split(x)
+    assert hi.dtype == mid.dtype == torch.bfloat16
+    assert ((hi.float() - x).abs() <= 2.0**-8 * x.abs()).all()
+    assert ((hi.float() + mid.float() - x).abs() <= 2.0**-16 * x.abs()).all()
+    assert torch.equal(bf16_split(hi.float())[1].float(), torch.zeros_like(x))  # bf16 values: exact
+
+
+@pytest.mark.parametrize("d_out,d_in", [(37, 96), (64, 513)])
+def test_bf16x3_product_between_tf32_and_ieee(gen, d_out, d_in):
+    """Three bf16 products of split operands err by about 2^-16 of their terms: well under one
+    TF32 product (2^-11), above IEEE fp32; bf16 products emulated exactly (in fp64)."""
+    from epmq_kernels._runtime import bf16x3_mm, tf32_round
+
+    def mm_bf16(A, B):
+        return (A.double() @ B.double()).float()
+
+    D = rand(gen, d_out, d_in, scale=0.1)
+    H = gram(gen, 50, d_in, torch.float32)
+    exact = D.double() @ H.double()
+    scale = (D.double().abs() @ H.double().abs())
+    err = lambda P: float(((P.double() - exact).abs() / scale).max())  # noqa: E731
+    e_b3, e_ieee = err(bf16x3_mm(D, H, mm=mm_bf16)), err(D @ H)
+    e_tf32 = err(tf32_round(D).double() @ tf32_round(H).double())
+    assert e_b3 <= 2**-14, e_b3
+    assert e_tf32 > 10 * e_b3, (e_tf32, e_b3)
+    assert e_b3 > e_ieee, (e_b3, e_ieee)  # (the emulation is not by chance IEEE)
+    # the reference's emulation is this product
+    G = torch.zeros(d_out, d_in, device=DEVICE)
+    accumulate_residual_reference(G, D, torch.zeros_like(D), H, 1.0, input_precision="bf16x3")
+    assert float(((G.double() - exact).abs() / scale).max()) <= 2**-14
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "bf16x3", "tf32"])
 @pytest.mark.parametrize("pick", ["first", "last", "most accurate fused"])
 def test_residual_autotune_offers_every_candidate_at_least_as_accurate(gen, precision, pick,
                                                                         monkeypatch):
@@ -334,7 +383,8 @@ def test_residual_autotune_offers_every_candidate_at_least_as_accurate(gen, prec
     W = rand(gen, 8, 16)
     accumulate_residual_triton(G, W, W, torch.eye(16, device=DEVICE), 1.0, input_precision=precision)
 
-    allowed = {"ieee": ["ieee"], "tf32x3": ["tf32x3", "ieee"], "tf32": ["tf32", "tf32x3", "ieee"]}
+    allowed = {"ieee": ["ieee"], "tf32x3": ["tf32x3", "ieee"], "bf16x3": ["bf16x3", "tf32x3", "ieee"],
+               "tf32": ["tf32", "bf16x3", "tf32x3", "ieee"]}
     expected = [("fused", p, tuple(c)) for p in allowed[precision] for c in er.RESIDUAL_SPACE[p]]
     expected += [("cublas", p, None) for p in allowed[precision]]
     got = [("cublas", c["precision"], None) if c.get("impl") == "cublas" else
@@ -348,7 +398,7 @@ def test_residual_autotune_offers_every_candidate_at_least_as_accurate(gen, prec
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "bf16x3", "tf32"])
 def test_cuda_residual_autotunes_on_a_scratch_g(gen, precision, tmp_path, monkeypatch):
     """The first call for a shape times every config of RESIDUAL_SPACE on a scratch G: the
     caller's G is accumulated exactly once, and the winner is cached on disk."""
