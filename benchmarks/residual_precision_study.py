@@ -41,7 +41,8 @@ from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq.stats import EPMQStats  # noqa: E402
-from epmq_kernels._runtime import bf16x3_mm, tf32_round, tf32_truncate, tf32x3_mm  # noqa: E402
+from epmq_kernels._runtime import (bf16_mm_emulated, bf16x3_mm, tf32_round, tf32_truncate,  # noqa: E402
+                                   tf32x3_mm)
 
 
 def _bf16(x):
@@ -60,7 +61,7 @@ def _tf32_mm(A, B):
 PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
             "tf32-trunc": _rounded(tf32_truncate), "bf16": _rounded(_bf16),
             "tf32x3": lambda D, H: tf32x3_mm(D, H, mm=_tf32_mm),
-            "bf16x3": lambda D, H: bf16x3_mm(D, H, mm=lambda A, B: A.float() @ B.float())}
+            "bf16x3": lambda D, H: bf16x3_mm(D, H, mm=bf16_mm_emulated)}
 
 
 def residual(W_m, experts, hessians, weights, product):

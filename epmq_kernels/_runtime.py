@@ -87,13 +87,17 @@ def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
     return P
 
 
+def bf16_mm_emulated(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A bf16 tensor-core product emulated: the bf16 values multiplied in fp32 (their products
+    are exact there), summed in fp32; a tensor core's result up to the order of the sums."""
+    return A.float() @ B.float()
+
+
 def _bf16_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """bf16 ``A @ B`` accumulated and returned in fp32 (cuBLAS; the products of bf16 values are
-    exact in fp32). Elsewhere, the same values multiplied in fp32: an exact emulation, up to the
-    order of the sums."""
+    """bf16 ``A @ B`` accumulated and returned in fp32: cuBLAS on CUDA, else emulated."""
     if A.is_cuda:
         return torch.mm(A, B, out_dtype=torch.float32)
-    return A.float() @ B.float()
+    return bf16_mm_emulated(A, B)
 
 
 def bf16_split(x: torch.Tensor):

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import bf16x3_mm, check_device, fp32_matmul, tf32_round, tf32x3_mm
+from ._runtime import bf16_mm_emulated, bf16x3_mm, check_device, fp32_matmul, tf32_round, tf32x3_mm
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -57,16 +57,11 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
         D_in = tf32_round(W_k.float() - W_m.float()).to(G.dtype)
         P = D_in @ tf32_round(H_k).to(G.dtype)
     elif input_precision == "bf16x3":
-        P = bf16x3_mm(W_k.float() - W_m.float(), H_k.float(), mm=_bf16_emulated).to(G.dtype)
+        P = bf16x3_mm(W_k.float() - W_m.float(), H_k.float(), mm=bf16_mm_emulated).to(G.dtype)
     else:
         P = D @ H_k.to(G.dtype)
     G.add_(P, alpha=float(a))
     return float((P * D).sum())
-
-
-def _bf16_emulated(A, B):
-    """A bf16 tensor-core product emulated: bf16 values multiplied exactly, summed in fp32."""
-    return A.float() @ B.float()
 
 
 def accumulate_xxt_reference(H, X):
