@@ -4,7 +4,9 @@ A checkpoint directory holds
 
 * ``model.safetensors``: the whole state dict; every ``QuantLinear`` as ``qweight``,
   ``qzeros``, ``scales``, ``g_idx`` (and ``bias``) in the GPTQ layout (``epmq.qlinear``).
-  Tied tensors (shared embeddings) are stored once.
+  Tied tensors (shared embeddings) are stored once. A state dict larger than
+  ``max_shard_size`` is written as transformers shards it: ``model-00001-of-0000N.safetensors``
+  and ``model.safetensors.index.json`` (each shard copied to host memory as it is written).
 * ``quantize_config.json``: the GPTQ quantize config (``quant_method: gptq``, bits,
   group_size, desc_act, sym, static_groups, ``checkpoint_format``) plus an ``epmq`` section:
   every quantized module with its shape, the tied-tensor aliases, how it was quantized.
@@ -47,6 +49,7 @@ from .qlinear import QuantLinear
 
 FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "quantize_config.json"
 HF_CONFIG_FILE = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
@@ -55,14 +58,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 # --------------------------------------------------------------------------- save
 
 
-def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "auto") -> Path:
+def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "auto",
+                   max_shard_size="50GB") -> Path:
     """Write ``model`` (quantized by ``epmq.quantize_model``) to ``directory``, atomically.
 
     ``checkpoint_format``: "gptq" (v1, qzeros = z - 1), "gptq_v2" (qzeros = z), or "auto" (v1
-    unless some zero point is 0, then v2); see the module docstring.
+    unless some zero point is 0, then v2); see the module docstring. ``max_shard_size``: bytes,
+    or a string like "5GB" or "500MiB" (transformers' default, "50GB", is also the hub's limit
+    per file); a tensor larger than it gets a shard of its own.
     """
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
+    max_shard_bytes = _bytes(max_shard_size)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no QuantLinear layer: quantize it first")
@@ -88,9 +95,57 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         config = json.loads(hf.to_json_string(use_diff=False))
         config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
         files[HF_CONFIG_FILE] = config
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) > 1:
+        files[INDEX_FILE] = {
+            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+            "weight_map": {k: name for name, shard in shards.items() for k in shard},
+        }
     directory = Path(directory)
-    _write_atomically(directory, tensors, files)
+    _write_atomically(directory, shards, files)
     return directory
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _bytes(size) -> int:
+    """``size`` (an int, or a string like "5GB" or "500MiB", as transformers writes them) in
+    bytes."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_shard_size must be a number of bytes or a string like '5GB', got {size!r}")
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        unit = text[len(digits):]
+        try:
+            size = int(float(digits) * _UNITS[unit])
+        except (KeyError, ValueError):
+            raise ValueError(f"max_shard_size must be a number of bytes or a string like '5GB', "
+                             f"got {size!r}") from None
+    if size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return size
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _shards(tensors: dict, max_bytes: int) -> dict:
+    """File name -> the tensors it holds: one ``model.safetensors`` if everything fits in
+    ``max_bytes``, else consecutive runs of the state dict's order, each as large as fits."""
+    runs, size = [{}], 0
+    for name, t in tensors.items():
+        if runs[-1] and size + _nbytes(t) > max_bytes:
+            runs.append({})
+            size = 0
+        runs[-1][name] = t
+        size += _nbytes(t)
+    if len(runs) == 1:
+        return {WEIGHTS_FILE: runs[0]}
+    return {f"model-{i + 1:05d}-of-{len(runs):05d}.safetensors": run for i, run in enumerate(runs)}
 
 
 def _tensors(model, layers, checkpoint_format):
@@ -114,7 +169,7 @@ def _tensors(model, layers, checkpoint_format):
             continue
         if key is not None:
             first[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
+        tensors[name] = t.detach()  # moved to the host shard by shard, as each is written
     return tensors, tied
 
 
@@ -167,7 +222,7 @@ def _write_tensors(tensors, path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_atomically(directory: Path, tensors, files) -> None:
+def _write_atomically(directory: Path, shards: dict, files: dict) -> None:
     if directory.exists() and not _replaceable(directory):
         raise ValueError(
             f"{directory} exists and is not an epmq checkpoint (no {CONFIG_FILE}): refusing to "
@@ -180,7 +235,8 @@ def _write_atomically(directory: Path, tensors, files) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
-        _write_tensors(tensors, tmp / WEIGHTS_FILE)
+        for name, shard in shards.items():
+            _write_tensors({k: t.to("cpu").contiguous() for k, t in shard.items()}, tmp / name)
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         _carry_over(directory, tmp)
@@ -256,11 +312,26 @@ def _exchange(a: Path, b: Path) -> bool:
 # --------------------------------------------------------------------------- load
 
 
+def _load_tensors(directory: Path) -> dict:
+    """Every tensor of the checkpoint: from its shards if it has an index, else its one file."""
+    from safetensors.torch import load_file
+
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        return load_file(str(directory / WEIGHTS_FILE))
+    weight_map = json.loads(index.read_text())["weight_map"]
+    tensors = {}
+    for name in sorted(set(weight_map.values())):
+        tensors.update(load_file(str(directory / name)))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"{index} lists tensors its shards do not hold: {missing[:5]}")
+    return tensors
+
+
 def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
     """Load a checkpoint written by ``save_quantized`` into ``model``, a fresh instance of the
     same architecture: the layers it lists become ``QuantLinear`` and every tensor is loaded."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -272,7 +343,7 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
             f"{config_path}: unsupported quant_method {qconfig.get('quant_method')!r} / "
             f"checkpoint_format {checkpoint_format!r}"
         )
-    tensors = load_file(str(directory / WEIGHTS_FILE))
+    tensors = _load_tensors(directory)
     tied = qconfig["epmq"].get("tied", {})
     to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
     tensors = {to_model[k]: t for k, t in tensors.items()}
@@ -280,7 +351,7 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
     modules = {}
     for name, info in qconfig["epmq"]["modules"].items():
         if f"{name}.qweight" not in to_model:
-            raise ValueError(f"{directory / WEIGHTS_FILE} has no {name}.qweight, which {config_path} lists")
+            raise ValueError(f"the tensors in {directory} have no {name}.qweight, which {config_path} lists")
         modules[_module_of(to_model[f"{name}.qweight"])] = info
 
     def swap(name, new):

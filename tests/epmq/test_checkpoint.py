@@ -206,6 +206,54 @@ def test_checkpoints_in_the_models_own_naming_still_load(arch, own_name, tmp_pat
     torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
 
 
+# --------------------------------------------------------------------------- shards
+
+
+def test_large_state_dicts_are_sharded_as_transformers_shards_them(gen, tmp_path):
+    from epmq.checkpoint_io import CheckpointReader
+
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "one")
+    whole = load_file(str(tmp_path / "one" / "model.safetensors"))
+    limit = 4_000
+    epmq.save_quantized(model, tmp_path / "q", max_shard_size=limit)
+    files = sorted(os.listdir(tmp_path / "q"))
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors" not in files
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(whole)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in whole.values())
+    for shard in shards:
+        held = load_file(str(tmp_path / "q" / shard))
+        assert {k for k, f in index["weight_map"].items() if f == shard} == set(held)
+        size = sum(t.numel() * t.element_size() for t in held.values())
+        assert size <= limit or len(held) == 1
+        for k, t in held.items():
+            assert torch.equal(t, whole[k])
+    reader = CheckpointReader(tmp_path / "q", "the sharded checkpoint")  # as any index is read
+    assert sorted(reader.keys()) == sorted(whole)
+    fresh = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+    # written again in one file: the old shards and index go with the old checkpoint
+    epmq.save_quantized(model, tmp_path / "q")
+    assert sorted(os.listdir(tmp_path / "q")) == ["config.json", "model.safetensors", "quantize_config.json"]
+
+
+@pytest.mark.parametrize("size,want", [(1000, 1000), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),
+                                       ("1.5 kb", 1500), ("50GB", 50 * 10**9)])
+def test_shard_sizes(size, want):
+    assert ckpt._bytes(size) == want
+
+
+@pytest.mark.parametrize("size", ["5 parsecs", "GB", 0, -1, True, 1.5, None])
+def test_bad_shard_sizes(size, gen, tmp_path):
+    _, model = quantized(gen)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        epmq.save_quantized(model, tmp_path / "q", max_shard_size=size)
+    assert not (tmp_path / "q").exists()
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 
