@@ -29,6 +29,7 @@ new one; weights files are not.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -38,6 +39,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -93,6 +95,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
         config = json.loads(hf.to_json_string(use_diff=False))
+        config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
         config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
         files[HF_CONFIG_FILE] = config
     shards = _shards(tensors, max_shard_bytes)
@@ -312,26 +315,71 @@ def _exchange(a: Path, b: Path) -> bool:
 # --------------------------------------------------------------------------- load
 
 
-def _load_tensors(directory: Path) -> dict:
+def _load_tensors(directory: Path, device="cpu") -> dict:
     """Every tensor of the checkpoint: from its shards if it has an index, else its one file."""
     from safetensors.torch import load_file
 
     index = directory / INDEX_FILE
     if not index.is_file():
-        return load_file(str(directory / WEIGHTS_FILE))
+        return load_file(str(directory / WEIGHTS_FILE), device=str(device))
     weight_map = json.loads(index.read_text())["weight_map"]
     tensors = {}
     for name in sorted(set(weight_map.values())):
-        tensors.update(load_file(str(directory / name)))
+        tensors.update(load_file(str(directory / name), device=str(device)))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise ValueError(f"{index} lists tensors its shards do not hold: {missing[:5]}")
     return tensors
 
 
-def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
-    """Load a checkpoint written by ``save_quantized`` into ``model``, a fresh instance of the
-    same architecture: the layers it lists become ``QuantLinear`` and every tensor is loaded."""
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device, so no full-precision weight
+    is ever initialised; buffers are built as usual (rotary tables and other non-persistent
+    buffers are computed, not read from checkpoints)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _empty_hf_model(directory: Path) -> nn.Module:
+    """The transformers model that ``directory/config.json`` names, its parameters on meta."""
+    if not (directory / HF_CONFIG_FILE).is_file():
+        raise ValueError(f"{directory} has no {HF_CONFIG_FILE} (not a transformers model): pass "
+                         f"load_quantized a fresh instance of the model's architecture")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise ValueError(f"{directory / HF_CONFIG_FILE} names no transformers model class "
+                         f"(architectures: {names}): pass load_quantized the model")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours: the model is built plain, then packed below
+    with _parameters_on_meta():
+        return model_class(config).eval()
+
+
+def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None,
+                   device=None) -> nn.Module:
+    """Load a checkpoint written by ``save_quantized``: the layers it lists become
+    ``QuantLinear`` and every tensor is loaded.
+
+    ``model``: a fresh instance of the checkpoint's architecture, whose tensors are overwritten.
+    ``None`` (transformers models): the class ``config.json`` names is built with its parameters
+    on the meta device, so no full-precision weight is initialised or kept, and every parameter
+    comes from the checkpoint, onto ``device`` (default: the CPU).
+    """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -343,7 +391,14 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
             f"{config_path}: unsupported quant_method {qconfig.get('quant_method')!r} / "
             f"checkpoint_format {checkpoint_format!r}"
         )
-    tensors = _load_tensors(directory)
+    if model is None:
+        model = _empty_hf_model(directory)
+    elif device is not None:
+        raise ValueError("device= is for a model built from the checkpoint (model=None); move a "
+                         "model of your own with .to()")
+    empty = any(p.is_meta for p in model.parameters())
+    device = torch.device("cpu" if device is None else device)
+    tensors = _load_tensors(directory, device if empty else "cpu")
     tied = qconfig["epmq"].get("tied", {})
     to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
     tensors = {to_model[k]: t for k, t in tensors.items()}
@@ -374,7 +429,7 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
             )
         replacements[name] = QuantLinear(
             info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
-            bias=info["bias"], dtype=old.weight.dtype, device=old.weight.device,
+            bias=info["bias"], dtype=old.weight.dtype, device=device if empty else old.weight.device,
         )
     for name, new in replacements.items():
         swap(name, new)
@@ -386,12 +441,17 @@ def load_quantized(directory, model: nn.Module, *, adapter=None) -> nn.Module:
             tensors[key] = pack_cols(z, bits)
     for alias, source in tied.items():
         tensors[alias] = tensors[source]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
     if missing or unexpected:
         raise ValueError(
             f"{directory} does not fit {type(model).__name__}: missing tensors {missing[:5]}, "
             f"unexpected tensors {unexpected[:5]}"
         )
+    if empty:
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"{directory} holds no values for {left[:5]} of {type(model).__name__}")
+        model.to(device)  # the buffers built on the CPU
     model.epmq_quant_config = {
         "bits": qconfig["bits"], "group_size": qconfig["group_size"], "sym": qconfig["sym"],
         "static_groups": qconfig.get("static_groups", False),

@@ -206,6 +206,51 @@ def test_checkpoints_in_the_models_own_naming_still_load(arch, own_name, tmp_pat
     torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, monkeypatch):
+    """``load_quantized(directory)``: the class config.json names, built with every parameter on
+    the meta device (no full-precision weight allocated), all of them from the checkpoint."""
+    model = build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    built = []
+    real = ckpt._empty_hf_model
+
+    def spy(directory):
+        m = real(directory)
+        built.append(all(p.is_meta for p in m.parameters()) and any(True for _ in m.parameters()))
+        return m
+
+    monkeypatch.setattr(ckpt, "_empty_hf_model", spy)
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert built == [True] and type(loaded) is type(model)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
+def test_load_without_a_model_needs_a_transformers_config(gen, tmp_path):
+    fam, model = quantized(gen, arch="open_clip_vit")
+    epmq.save_quantized(model, tmp_path / "q")
+    with pytest.raises(ValueError, match="no config.json.*fresh instance"):
+        epmq.load_quantized(tmp_path / "q")
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "llama")
+    with pytest.raises(ValueError, match="device= is for a model built from the checkpoint"):
+        epmq.load_quantized(tmp_path / "llama", fam.fresh(), device="cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_load_without_a_model_onto_the_gpu(gen, tmp_path):
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", device="cuda")
+    assert all(t.is_cuda for t in [*loaded.parameters(), *loaded.buffers()])
+    item = fam.test_item.cuda()
+    torch.testing.assert_close(output(loaded, item).cpu(), output(model, fam.test_item),
+                               rtol=1e-3, atol=1e-3)
+
+
 # --------------------------------------------------------------------------- shards
 
 
