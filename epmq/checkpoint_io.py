@@ -35,6 +35,7 @@ read when indexed.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -56,6 +57,43 @@ _WRAPPERS = ("state_dict", "model", "module")  # what training scripts wrap a st
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is bound to."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_FILES = {  # what is fetched of a hub repository, by what it is needed for
+    "model": ["*.json", "*.txt", "*.model", "*.safetensors"],
+    "weights": ["*.json", "*.safetensors"],
+    "tokenizer": ["*.json", "*.txt", "*.model"],
+}
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``org/name``, and not a relative path or a weights file name."""
+    return bool(_HUB_ID.match(source)) and not source.startswith(".") and not source.endswith(
+        (".safetensors",) + PICKLE_SUFFIXES
+    )
+
+
+def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str] = None,
+                 cache_dir: Optional[str] = None, offline: bool = False) -> Path:
+    """The local directory of HF hub repository ``repo_id``: a ``snapshot_download`` of the files
+    ``kind`` needs (HUB_FILES; torch ``.bin`` weights only when the repository has no
+    safetensors). ``offline``: the local cache only. Raises CheckpointError, saying why."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - transformers depends on it
+        raise CheckpointError(f"{repo_id!r} is not a local path and huggingface_hub is not installed") from e
+    kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+    try:
+        local = Path(snapshot_download(allow_patterns=HUB_FILES[kind], **kwargs))
+        if kind != "tokenizer" and weights_in(local) is None:  # an older repository: torch weights
+            local = Path(snapshot_download(allow_patterns=["*.json", "*.bin"], **kwargs))
+    except Exception as e:  # offline, unknown repository, gated, ...
+        raise CheckpointError(
+            f"{repo_id!r} could not be fetched from the HF hub{' (offline: cache only)' if offline else ''}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return local
 
 
 def weights_in(directory: Path) -> Optional[Path]:

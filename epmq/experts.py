@@ -4,8 +4,10 @@ E-PMQ reads the weights of every expert at every layer, but never needs a whole 
 the model walker asks for one block's tensors of one expert at a time. ``ExpertWeights`` wraps
 an expert given as an ``nn.Module``, a state dict (already in memory: tensors are handed out as
 they are) or a checkpoint on disk (a HF ``save_pretrained`` directory, sharded or not, a
-``.safetensors`` file, an open_clip checkpoint or a torch pickle), read through
-``epmq.checkpoint_io.CheckpointReader`` tensor by tensor.
+``.safetensors`` file, an open_clip checkpoint or a torch pickle) or on the HF hub (an
+``org/name`` that is not a local path: its config and weights files are downloaded, or taken
+from the cache when ``HF_HUB_OFFLINE=1``), read through ``epmq.checkpoint_io.CheckpointReader``
+tensor by tensor.
 
 Checkpoint names rarely match the model's exactly (``vision_model.``, ``visual.``, ``module.``
 prefixes; tied tensors saved under one of their names): ``bind`` finds the prefix rewrite
@@ -22,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from .checkpoint_io import Binding, CheckpointReader
+from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_snapshot, looks_like_hub_id
 from .checks import all_finite
 
 
@@ -33,7 +35,13 @@ class ExpertWeights:
         self.task = task
         if isinstance(source, (str, os.PathLike)):
             if not Path(source).exists():
-                raise FileNotFoundError(f"expert checkpoint of task {task!r} not found: {Path(source)}")
+                if not (isinstance(source, str) and looks_like_hub_id(source)):
+                    raise FileNotFoundError(f"expert checkpoint of task {task!r} not found: {Path(source)}")
+                try:
+                    source = hub_snapshot(source, kind="weights")
+                except CheckpointError as e:
+                    raise FileNotFoundError(f"the expert of task {task!r}: no local path "
+                                            f"{Path(source)}, and {e}") from e
         elif not isinstance(source, (nn.Module, Mapping)):
             raise TypeError(
                 f"the expert of task {task!r} must be an nn.Module, a state dict or a checkpoint "

@@ -157,8 +157,9 @@ def quantize_model(
 
     calibration  task name -> iterable of model inputs; each item is passed positionally (a
                  tensor, or a tuple of them) or as keyword arguments (a dict). Not needed by RTN.
-    experts      task name -> the task's expert: ``nn.Module``, state dict, or checkpoint path
-                 (HF ``save_pretrained`` directory, ``.safetensors`` file, open_clip checkpoint).
+    experts      task name -> the task's expert: ``nn.Module``, state dict, checkpoint path
+                 (HF ``save_pretrained`` directory, ``.safetensors`` file, open_clip checkpoint)
+                 or HF hub id (``org/name``, downloaded once, read tensor by tensor).
                  Required by ``method="epmq"`` (same task names as ``calibration``); GPTQ and
                  RTN take none.
     anchor, weight_anchor   E-PMQ's lam and mu, relative to the expert term (EPMQ_MATH.md).

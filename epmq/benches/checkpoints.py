@@ -13,28 +13,16 @@ dict into a model tensor by tensor.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-from ..checkpoint_io import PICKLE_SUFFIXES, weights_in
+from ..checkpoint_io import CheckpointError, hub_snapshot, looks_like_hub_id
 from .config import BenchConfigError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_DOWNLOAD = {  # what a bench needs of a hub repository
-    "model": ["*.json", "*.txt", "*.model", "*.safetensors"],
-    "weights": ["*.json", "*.safetensors"],
-    "tokenizer": ["*.json", "*.txt", "*.model"],
-}
-
-
-def looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not source.startswith(".") and not source.endswith(
-        (".safetensors",) + PICKLE_SUFFIXES
-    )
+__all__ = ["resolve", "load_into", "looks_like_hub_id"]
 
 
 def resolve(source: str, *, base_dir, what: str, kind: str = "model", revision: Optional[str] = None,
@@ -48,20 +36,9 @@ def resolve(source: str, *, base_dir, what: str, kind: str = "model", revision: 
     if not looks_like_hub_id(source):
         raise BenchConfigError(f"{what}: no such file or directory: {path}")
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover - transformers depends on it
-        raise BenchConfigError(f"{what}: {path} does not exist and huggingface_hub is not installed") from e
-    kwargs = dict(repo_id=source, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-    try:
-        local = Path(snapshot_download(allow_patterns=_DOWNLOAD[kind], **kwargs))
-        if kind != "tokenizer" and weights_in(local) is None:  # an older repository: torch weights
-            local = Path(snapshot_download(allow_patterns=["*.json", "*.bin"], **kwargs))
-    except Exception as e:  # offline, unknown repository, gated, ...
-        raise BenchConfigError(
-            f"{what}: {source!r} is not a local path (looked for {path}) and could not be fetched from the "
-            f"HF hub{' (offline: cache only)' if offline else ''}: {type(e).__name__}: {e}"
-        ) from e
-    return local
+        return hub_snapshot(source, kind=kind, revision=revision, cache_dir=cache_dir, offline=offline)
+    except CheckpointError as e:
+        raise BenchConfigError(f"{what}: not a local path (looked for {path}); {e}") from e
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Expert checkpoints in the forms they come in, matched to the merged model's tensor names."""
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -22,6 +23,30 @@ def test_sharded_hf_directory(tmp_path):
         if expert.key_for(name) is not None:
             assert torch.equal(expert.read(name), t)
     assert expert.shape("model.layers.1.mlp.down_proj.weight") == (32, 64)
+
+
+def test_expert_by_hub_id(tmp_path, monkeypatch):
+    """An ``org/name`` that is no local path is a HF hub repository: here one in the hub's cache
+    layout, read offline (what ``HF_HUB_OFFLINE=1`` does after a first download)."""
+    import huggingface_hub.constants as hub
+
+    model = build("llama")
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--org--expert"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # (so that "org/expert" is not a path by chance)
+    expert = ExpertWeights("org/expert", task="t")
+    expert.bind(_names(model))
+    for name, t in model.state_dict().items():
+        assert torch.equal(expert.read(name), t)
+    with pytest.raises(FileNotFoundError, match=r"task 't'.*'org/missing' could not be fetched from the HF hub"):
+        ExpertWeights("org/missing", task="t")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ExpertWeights("./org/missing", task="t")  # a relative path, not a hub id
 
 
 def test_transformers4_clip_checkpoint_with_the_vision_model_prefix(tmp_path):
