@@ -10,6 +10,7 @@ the embedded demo and for real checkpoints. A bench has:
     calibration                 task -> iterable of model inputs at the quantized model
     evaluate(model_or_state, split) -> {task: accuracy, ..., "avg": mean}
     expert_accuracies(split)    each expert on its own task, and "avg"
+    save_extras(directory)      optional: what a saved checkpoint is served with (a tokenizer)
 
 Every step's result goes into ``<out>/results.json`` as soon as it is done (written
 atomically), keyed by what it depends on, so an interrupted run resumes where it stopped.
@@ -286,6 +287,9 @@ class Runner:
             name = "-".join(str(v) for v in (params["merge"], f"w{bits}", method, targets, anchor) if v is not None)
             path = self.out / "checkpoints" / name
             save_quantized(model, path)
+            save_extras = getattr(bench, "save_extras", None)  # (optional in the protocol)
+            if save_extras is not None:
+                save_extras(path)
             result["checkpoint"] = str(path)
         return result
 

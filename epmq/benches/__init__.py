@@ -16,6 +16,8 @@ hf_clip     ``CLIPVisionModel`` of an HF ``CLIPModel``; frozen           ``clip.
 open_clip   the visual tower of an open_clip CLIP; frozen text heads    ``open_clip_bench.OpenClipBench``
 hf_t5       the whole ``T5ForConditionalGeneration`` (GLUE, text to     ``t5_glue.T5GlueBench``
             text)
+hf_causal_  the whole ``AutoModelForCausalLM`` (the same text tasks,    ``causal_lm.CausalLMBench``
+lm          answers scored as continuations of the prompt)
 ==========  =========================================================  =========================
 
 The schema of the ``model``, ``tasks``, ``data`` and ``eval`` sections is in ``config.py``;
@@ -48,6 +50,10 @@ def _bench_class(family: str):
         from .t5_glue import T5GlueBench
 
         return T5GlueBench
+    if family == "hf_causal_lm":
+        from .causal_lm import CausalLMBench
+
+        return CausalLMBench
     raise BenchConfigError(f"unknown model family {family!r}: one of {', '.join(FAMILIES)}")
 
 

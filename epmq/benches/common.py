@@ -13,7 +13,7 @@ from torch import nn
 
 from ..checkpoint_io import LazyStateDict, open_state
 from .checkpoints import load_into, resolve
-from .config import BenchConfig, BenchConfigError
+from .config import TEXT_FAMILIES, BenchConfig, BenchConfigError
 
 StateDict = Mapping[str, torch.Tensor]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,7 +93,7 @@ class BenchBase:
         return {
             "family": self.family, "base": c.model.base, "pretrained": c.model.pretrained, "dtype": c.model.dtype,
             "seed": c.seed, "calibration": [c.calibration.samples, c.calibration.batch_size],
-            "max_samples": dict(c.eval.max_samples), "decoding": c.eval.decoding if self.family == "hf_t5" else None,
+            "max_samples": dict(c.eval.max_samples), "decoding": c.eval.decoding if self.family in TEXT_FAMILIES else None,
             "tasks": [{"name": t.name, "expert": t.expert, "data": t.data.describe(), "splits": t.data.splits,
                        "val_size": t.data.val_size, "templates": t.templates or t.template, "classnames": t.classnames,
                        "answers": t.answers} for t in c.tasks],
@@ -146,6 +146,9 @@ class BenchBase:
             del model
         out["avg"] = sum(out.values()) / len(out)
         return out
+
+    def save_extras(self, directory) -> None:
+        """Write beside a quantized checkpoint what serving it needs besides the weights."""
 
     # ----------------------------------------------------------------- family parts
 

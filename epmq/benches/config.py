@@ -8,7 +8,7 @@ data splits exist is checked when the bench is built (``epmq.benches.build_bench
 
     seed: 0                          # seeds the validation hold-out, calibration and eval caps
     model:
-      family: hf_clip                # hf_clip | open_clip | hf_t5
+      family: hf_clip                # hf_clip | open_clip | hf_t5 | hf_causal_lm
       base: openai/clip-vit-base-patch32   # hub id or local directory
                                      #   (open_clip: a model name, "hf-hub:org/repo",
                                      #    "local-dir:/path" or a local directory)
@@ -25,7 +25,7 @@ data splits exist is checked when the bench is built (``epmq.benches.build_bench
         data: {path: tanganke/sun397}                    # overrides of the data section below
         classnames: null             # image families: class names for the prompts
         templates: null              # image families: prompt templates with one "{}"
-        # hf_t5 only: glue_task (default: the name), template ("{sentence}" fields),
+        # text families only: glue_task (default: the name), template ("{sentence}" fields),
         # answers (one string per label), regression (true for a score target)
     data:                            # defaults for every task (a task's data: overrides them)
       source: null                   # hf | folder | jsonl (default: hf with path, else local)
@@ -37,7 +37,7 @@ data splits exist is checked when the bench is built (``epmq.benches.build_bench
       val_size: 0.1                  # held-out part of train (fraction, or a count if >= 1)
       image_column: image            # HF image datasets
       label_column: label
-      max_input_tokens: 256          # hf_t5: inputs truncated to this many tokens
+      max_input_tokens: 256          # text families: inputs truncated to this many tokens
       calibration: {samples: 128, batch_size: 32}     # per task, from train (never val or test)
     eval:
       batch_size: 128
@@ -45,8 +45,8 @@ data splits exist is checked when the bench is built (``epmq.benches.build_bench
       max_samples: {val: null, test: null}  # cap per task and split (seeded subsample)
       cache: none                    # decoded images: none | memory | disk
       cache_dir: null                # disk cache location (default ~/.cache/epmq/benches)
-      decoding: score                # hf_t5: score (label likelihoods) | generate (exact match)
-      max_new_tokens: 8              # hf_t5 with decoding: generate
+      decoding: score                # text families: score (answer likelihoods) | generate (exact match)
+      max_new_tokens: 8              # text families with decoding: generate
 
 Relative paths are relative to ``base_dir`` (the YAML file's directory).
 """
@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-FAMILIES = ("hf_clip", "open_clip", "hf_t5")
+FAMILIES = ("hf_clip", "open_clip", "hf_t5", "hf_causal_lm")
+TEXT_FAMILIES = ("hf_t5", "hf_causal_lm")
 IMAGE_FAMILIES = ("hf_clip", "open_clip")
 SOURCES = ("hf", "folder", "jsonl")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -278,7 +279,7 @@ def _path(value, base_dir: Path) -> Path:
 
 
 def _default_splits(family: str, glue_task: Optional[str]) -> Dict[str, Optional[str]]:
-    if family == "hf_t5":  # GLUE's test labels are hidden: its validation split is the test set
+    if family in TEXT_FAMILIES:  # GLUE's test labels are hidden: its validation split is the test set
         return {"train": "train", "val": None, "test": "validation_matched" if glue_task == "mnli" else "validation"}
     return {"train": "train", "val": None, "test": "test"}
 
@@ -302,7 +303,7 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
         if v is not None and not isinstance(v, str):
             raise BenchConfigError(f"{where}.splits.{s} must be a split name, got {v!r}")
 
-    local = "jsonl" if family == "hf_t5" else "folder"
+    local = "jsonl" if family in TEXT_FAMILIES else "folder"
     source = own.get("source")  # the task's own choice first, then the shared section's
     if source is None:
         if own.get("path"):
@@ -311,7 +312,7 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
             source = local
         elif shared.get("source"):
             source = shared["source"]
-        elif shared.get("path") or family == "hf_t5":
+        elif shared.get("path") or family in TEXT_FAMILIES:
             source = "hf"
         elif shared.get("root"):
             source = local
@@ -319,19 +320,19 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
             raise BenchConfigError(
                 f"task {task_name!r} has no data: give data.path (an HF dataset id) or data.root (a local directory)"
             )
-    if family == "hf_t5" and source == "hf" and not merged.get("path"):
+    if family in TEXT_FAMILIES and source == "hf" and not merged.get("path"):
         merged["path"] = GLUE_DATASET  # the GLUE benchmark on the HF hub
     _choice(source, SOURCES, f"{where}.source")
     if family in IMAGE_FAMILIES and source == "jsonl":
         raise BenchConfigError(f"{where}.source: jsonl holds text; image tasks use hf or folder")
-    if family == "hf_t5" and source == "folder":
+    if family in TEXT_FAMILIES and source == "folder":
         raise BenchConfigError(f"{where}.source: folder holds images; text tasks use hf or jsonl")
 
     root = None
     if source == "hf":
         if not merged.get("path"):
             raise BenchConfigError(f"{where}.path is missing: the HF dataset id for source hf")
-        if family == "hf_t5":
+        if family in TEXT_FAMILIES:
             merged.setdefault("name", glue_task)
     else:
         if "root" in own:  # the task's own root is its directory
@@ -416,7 +417,7 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
         misplaced = [k for k in wrong if raw.get(k) is not None]
         if misplaced:
             raise BenchConfigError(f"{where}: {', '.join(misplaced)} do not apply to the {family} family")
-        glue_task = raw.get("glue_task", name) if family == "hf_t5" else None
+        glue_task = raw.get("glue_task", name) if family in TEXT_FAMILIES else None
         regression = raw.get("regression")
         if regression is not None:
             _bool(regression, f"{where}.regression")

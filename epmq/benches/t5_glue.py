@@ -110,18 +110,29 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 class T5GlueBench(BenchBase):
+    """The text-task bench; the parts a model family changes are ``_check_model_type``,
+    ``_load_template``, ``_candidate_ids``, ``_score``, ``_generate_texts`` and
+    ``_build_calibration`` (``causal_lm.CausalLMBench`` is the decoder-only one)."""
+
     family = "hf_t5"
+
+    def _check_model_type(self, model_type: str) -> None:
+        if model_type != "t5":
+            raise BenchConfigError(f"model.base ({self.base_dir}) is a {model_type!r} model, not T5")
+
+    def _load_template(self) -> nn.Module:
+        from transformers import T5ForConditionalGeneration
+
+        return T5ForConditionalGeneration.from_pretrained(self.base_dir, dtype=self.dtype)
 
     def __init__(self, config: BenchConfig, log):
         super().__init__(config, log)
-        from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
+        from transformers import AutoConfig, AutoTokenizer
 
         self.base_dir = self._resolve(config.model.base, "model.base", "model", config.model.revision)
         if not (self.base_dir / "config.json").is_file():
             raise BenchConfigError(f"model.base: no config.json in {self.base_dir}: not a HF model directory")
-        model_type = AutoConfig.from_pretrained(self.base_dir).model_type
-        if model_type != "t5":
-            raise BenchConfigError(f"model.base ({self.base_dir}) is a {model_type!r} model, not T5")
+        self._check_model_type(AutoConfig.from_pretrained(self.base_dir).model_type)
         if weights_in(self.base_dir) is None:
             raise BenchConfigError(f"model.base: no weights in {self.base_dir}")
         tok_source = config.model.tokenizer
@@ -131,7 +142,7 @@ class T5GlueBench(BenchBase):
         except Exception as e:
             raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
         # from_pretrained decides the tying of the embeddings and the head as transformers does
-        self._template = T5ForConditionalGeneration.from_pretrained(self.base_dir, dtype=self.dtype).eval()
+        self._template = self._load_template().eval()
         self.base_state = open_state(self.base_dir, self._template, what="model.base", dtype=self.dtype,
                                      error=BenchConfigError)
         self._open_experts()
@@ -147,6 +158,9 @@ class T5GlueBench(BenchBase):
             self.log(f"[bench] task {t.name}: {'regression' if task.regression else f'{len(task.answers)} answers'}, "
                      f"{t.data.describe()}; " + ", ".join(f"{s} {len(d.splits[s])}" for s in ("train", "val", "test")))
         self._encoded: Dict[tuple, tuple] = {}
+
+    def save_extras(self, directory) -> None:
+        self.tokenizer.save_pretrained(directory)  # a text model is served with its tokenizer
 
     # ----------------------------------------------------------------- tokens
 
@@ -171,14 +185,22 @@ class T5GlueBench(BenchBase):
             self._encoded[key] = (ids, labels)
         return self._encoded[key]
 
-    def _pad(self, seqs: List[List[int]], device) -> tuple:
-        pad = self.tokenizer.pad_token_id
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding token (decoder-only tokenizers often have none: then EOS)."""
+        for tid in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if tid is not None:
+                return tid
+        return 0
+
+    def _pad(self, seqs: List[List[int]], device, left: bool = False) -> tuple:
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+            at = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, at] = torch.tensor(s, dtype=torch.long)
+            mask[i, at] = 1
         return ids.to(device), mask.to(device)
 
     def _decoder_inputs(self, model_config, targets: List[List[int]], device):
@@ -204,8 +226,7 @@ class T5GlueBench(BenchBase):
         device = device_of(model)
         preds: List = [None] * len(ids)
         if self.config.eval.decoding == "score":
-            cands = t.candidates
-            cand_ids = self.tokenizer(cands)["input_ids"]
+            cand_ids = self._candidate_ids(t.candidates)
             for batch in self._batches(len(ids), [len(s) for s in ids]):
                 scores = self._score(model, [ids[i] for i in batch], cand_ids, device)
                 best = scores.argmax(-1).tolist()
@@ -213,10 +234,7 @@ class T5GlueBench(BenchBase):
                     preds[i] = STSB_GRID[b] if t.regression else b
         else:
             for batch in self._batches(len(ids), [len(s) for s in ids]):
-                inp, mask = self._pad([ids[i] for i in batch], device)
-                out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=self.config.eval.max_new_tokens,
-                                     do_sample=False, num_beams=1)
-                texts = [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+                texts = self._generate_texts(model, [ids[i] for i in batch], device)
                 for i, text in zip(batch, texts):
                     if t.regression:
                         try:
@@ -228,6 +246,17 @@ class T5GlueBench(BenchBase):
         if t.regression:
             return spearman(preds, [float(v) for v in labels])
         return sum(int(p == int(y)) for p, y in zip(preds, labels)) / len(labels)
+
+    def _candidate_ids(self, candidates: List[str]) -> List[List[int]]:
+        """Each candidate answer's target tokens (end-of-sequence included)."""
+        return self.tokenizer(candidates)["input_ids"]
+
+    def _generate_texts(self, model: nn.Module, inputs: List[List[int]], device) -> List[str]:
+        """Greedy decoding of at most ``eval.max_new_tokens`` tokens per input, stripped."""
+        inp, mask = self._pad(inputs, device)
+        out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=self.config.eval.max_new_tokens,
+                             do_sample=False, num_beams=1)
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     @torch.no_grad()
     def _score(self, model: nn.Module, inputs: List[List[int]], cand_ids: List[List[int]], device) -> torch.Tensor:

@@ -3,7 +3,8 @@
 For tests and smoke runs without the hub: each ``write_tiny_*`` writes, under ``root``,
 
 * ``base/``: the pretrained model as ``save_pretrained`` (or open_clip's ``local-dir``) writes
-  it, with a tokenizer built here (a character-level CLIP BPE, or a T5 Unigram model);
+  it, with a tokenizer built here (a character-level CLIP BPE, a T5 Unigram model, or a
+  word-level one for the decoder-only LM);
 * ``experts/``: perturbed copies of the base in the experts' layouts (several on purpose:
   transformers-5 ``save_pretrained`` directories, transformers-4 names with ``vision_model.``
   in two safetensors shards with an index, a bare visual-tower file, a DDP training pickle);
@@ -217,11 +218,26 @@ def write_tiny_t5(root, tasks: Sequence[str] = ("sst2", "rte", "stsb"), *,
         feed_forward_proj="gated-gelu", decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )).eval()
+    return _text_bench(root, "hf_t5", model, tasks, per_split, gen)
+
+
+def _text_bench(root: Path, family: str, model, tasks, per_split, gen) -> dict:
+    """The rest of a tiny text bench: the base (its tokenizer already in ``base/``), one
+    perturbed expert per task, GLUE-style JSONL data and the config."""
     model.save_pretrained(root / "base")
     experts = {}
     for task in tasks:
         perturb(model, gen).save_pretrained(root / "experts" / task)
         experts[task] = f"experts/{task}"
+    _glue_jsonl(root, tasks, per_split, gen)
+    return _write_config(root, {"family": family, "base": "base", "device": "cpu"}, experts,
+                         {"source": "jsonl", "root": "data", "val_size": 0.25, "max_input_tokens": 64,
+                          "calibration": {"samples": 4, "batch_size": 2}},
+                         {"batch_size": 4})
+
+
+def _glue_jsonl(root: Path, tasks: Sequence[str], per_split: Dict[str, int], gen: torch.Generator) -> None:
+    """``data/<task>/<split>.jsonl`` with GLUE's fields and labels, sentences of random WORDS."""
 
     def sentence():
         n = int(torch.randint(3, 8, (1,), generator=gen))
@@ -241,7 +257,35 @@ def write_tiny_t5(root, tasks: Sequence[str] = ("sst2", "rte", "stsb"), *,
                         ex["label"] = int(torch.randint(0, _GLUE_CLASSES.get(task, 2), (1,), generator=gen))
                     ex["idx"] = i
                     f.write(json.dumps(ex) + "\n")
-    return _write_config(root, {"family": "hf_t5", "base": "base", "device": "cpu"}, experts,
-                         {"source": "jsonl", "root": "data", "val_size": 0.25, "max_input_tokens": 64,
-                          "calibration": {"samples": 4, "batch_size": 2}},
-                         {"batch_size": 4})
+
+
+def word_tokenizer(directory: Path):
+    """A word-level tokenizer (the bench's words, answers and characters; anything else
+    ``<unk>``) with BOS, EOS and padding, saved in ``directory`` as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + list(dict.fromkeys(WORDS + ANSWER_WORDS + list(CHARS)))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def write_tiny_causal_lm(root, tasks: Sequence[str] = ("sst2", "rte", "stsb"), *,
+                         per_split: Dict[str, int] = None, seed: int = 0) -> dict:
+    """A tiny ``hf_causal_lm`` GLUE bench under ``root``: a Llama, a word-level tokenizer,
+    JSONL data (the ``hf_t5`` bench's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root, per_split, gen = _start(root, per_split, {"train": 12, "validation": 6}, seed)
+    tok = word_tokenizer(root / "base")
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )).eval()
+    return _text_bench(root, "hf_causal_lm", model, tasks, per_split, gen)

@@ -1,0 +1,125 @@
+"""The decoder-only text bench (``hf_causal_lm``) on a tiny random Llama (word-level tokenizer,
+GLUE-style JSONL data, no hub)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epmq.benches import BenchConfigError, build_bench
+from epmq.benches.causal_lm import CausalLMBench
+from epmq.benches.prompts import GLUE, STSB_GRID
+from epmq.benches.tiny import write_tiny_causal_lm
+from epmq.checkpoint_io import LazyStateDict
+from epmq.merge import task_arithmetic
+
+TASKS = ("sst2", "rte", "stsb")
+WRITE_TINY = write_tiny_causal_lm  # the ``tiny`` and ``bench`` fixtures (conftest.py)
+
+
+def _check(acc):
+    assert set(acc) == {*TASKS, "avg"}
+    assert all(0 <= acc[t] <= 1 for t in ("sst2", "rte")) and -1 <= acc["stsb"] <= 1
+
+
+def test_structure(bench):
+    assert isinstance(bench, CausalLMBench) and bench.task_names == list(TASKS)
+    model = bench.model()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    names = set(model.state_dict().keys())
+    for state in (bench.base_state, *bench.experts.values()):
+        assert isinstance(state, LazyStateDict) and set(state.keys()) == names
+    assert bench.tasks["stsb"].regression and bench.tasks["rte"].answers == GLUE["rte"]["answers"]
+
+
+def test_calibration_items_are_prompts_followed_by_their_answer(bench):
+    tok = bench.tokenizer
+    for task, items in bench.calibration.items():
+        assert len(items) == 2
+        ids, labels = bench._encode(task, "calibration")
+        for k, item in enumerate(items):
+            assert set(item) == {"input_ids", "attention_mask"}
+            assert item["input_ids"].shape == item["attention_mask"].shape and item["input_ids"].shape[0] == 2
+            for row in range(2):
+                n = int(item["attention_mask"][row].sum())
+                seq = item["input_ids"][row, :n].tolist()
+                prompt = ids[2 * k + row]
+                answer = tok(" " + bench.tasks[task].target(labels[2 * k + row]), add_special_tokens=False)["input_ids"]
+                assert seq == prompt + answer + [tok.eos_token_id]
+        with torch.no_grad():
+            bench.model()(**items[0])  # a valid forward
+
+
+def test_scoring_is_the_answers_log_likelihood_after_the_prompt(bench):
+    model = bench.model()
+    ids, _ = bench._encode("sst2", "test")
+    cands = bench._candidate_ids(bench.tasks["sst2"].candidates)
+    assert all(c[-1] == bench.tokenizer.eos_token_id for c in cands)
+    scores = bench._score(model, ids[:3], cands, torch.device("cpu"))
+    assert scores.shape == (3, 2)
+    # by hand, one unpadded sequence at a time
+    for b in range(3):
+        for c, cand in enumerate(cands):
+            seq = torch.tensor([ids[b] + cand])
+            with torch.no_grad():
+                logp = F.log_softmax(model(seq).logits.float(), -1)[0]
+            want = sum(float(logp[len(ids[b]) - 1 + j, t]) for j, t in enumerate(cand))
+            assert scores[b, c].item() == pytest.approx(want, abs=1e-4)
+    grid = bench._candidate_ids(bench.tasks["stsb"].candidates)
+    assert bench._score(model, ids[:1], grid, torch.device("cpu")).shape == (1, len(STSB_GRID))
+
+
+def test_evaluate_score_and_generate(bench, tiny):
+    merged = task_arithmetic(bench.base_state, list(bench.experts.values()), scale=0.3)
+    first = bench.evaluate(merged, "test")
+    _check(first)
+    assert bench.evaluate(bench.model(merged), "test") == first  # deterministic
+    _check(bench.expert_accuracies("test"))
+    root, config = tiny
+    gen = build_bench(dict(config, eval=dict(config["eval"], decoding="generate", max_new_tokens=3)),
+                      base_dir=root, progress=False)
+    _check(gen.evaluate(gen.base_state, "test"))
+    # left padding: a batch's generations are those of each input alone
+    model = gen.model()
+    ids, _ = gen._encode("rte", "test")
+    batch = gen._generate_texts(model, ids[:3], torch.device("cpu"))
+    assert batch == [gen._generate_texts(model, [s], torch.device("cpu"))[0] for s in ids[:3]]
+
+
+def test_errors(tiny):
+    root, config = tiny
+    t5 = dict(config, model=dict(config["model"], family="hf_t5"))
+    with pytest.raises(BenchConfigError, match="'llama' model, not T5"):
+        build_bench(t5, base_dir=root, progress=False)
+
+
+def test_quantizes_through_the_walker(bench):
+    import epmq
+    from epmq.spec import QuantSpec
+
+    model = bench.model(task_arithmetic(bench.base_state, list(bench.experts.values()), scale=0.3))
+    epmq.quantize_model(model, QuantSpec(bits=8, group_size=16), method="epmq", calibration=bench.calibration,
+                        experts=dict(bench.experts), progress=False)
+    assert len(model.epmq_report.layers) == 2 * 7  # q, k, v, o, gate, up, down per block
+    _check(bench.evaluate(model, "test"))
+
+
+def test_a_run_writes_servable_checkpoints(tiny, tmp_path):
+    """``epmq run`` on the bench: every quantized checkpoint loads without a model (config.json)
+    and comes with the tokenizer, so that it is served as it is."""
+    import epmq
+    from epmq.pipeline import Plan, run
+    from transformers import AutoTokenizer
+
+    root, config = tiny
+    bench = build_bench(config, base_dir=root, progress=False)
+    plan = Plan(merges=[{"method": "task_arithmetic", "scales": [0.3]}], methods=["epmq"], bits=[4],
+                group_size=16, anchors=[0.1], save_checkpoints=True)
+    run(bench, plan, tmp_path / "run", progress=False, log=lambda *a: None)
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints
+    for checkpoint in checkpoints:
+        model = epmq.load_quantized(checkpoint)
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+        ids = tok("the cat sat", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape == (1, ids["input_ids"].shape[1] + 2)
