@@ -80,7 +80,7 @@ LOADERS = {  # a script each: load the directory, save its logits and GPTQModel'
         import sys, torch
         from transformers import AutoModelForCausalLM
         directory, tokens, out = sys.argv[1:4]
-        model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu", dtype=torch.float32)
         kinds = sorted({type(m).__name__ for m in model.modules()
                         if type(m).__module__.startswith("gptqmodel")})
         with torch.no_grad():

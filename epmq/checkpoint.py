@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .adapters import find_adapter
-from .checkpoint_io import key_renaming, renamed, saved_key_renaming
+from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .packing import pack_cols, unpack_cols
 from .qlinear import QuantLinear
 
@@ -315,13 +315,64 @@ def _exchange(a: Path, b: Path) -> bool:
 # --------------------------------------------------------------------------- load
 
 
-def _load_tensors(directory: Path, device="cpu") -> dict:
+def _read_qconfig(directory: Path) -> dict:
+    """The GPTQ quantize config: ``quantize_config.json``, else ``config.json``'s
+    ``quantization_config`` (checkpoints written by transformers' GPTQ integration)."""
+    path = directory / CONFIG_FILE
+    if path.is_file():
+        qconfig = json.loads(path.read_text())
+    else:
+        hf = directory / HF_CONFIG_FILE
+        qconfig = json.loads(hf.read_text()).get("quantization_config") if hf.is_file() else None
+        if not isinstance(qconfig, dict):
+            raise FileNotFoundError(f"{directory} is not a GPTQ checkpoint: no {CONFIG_FILE}, and no "
+                                    f"quantization_config in a {HF_CONFIG_FILE}")
+    # writers before the field existed (AutoGPTQ) meant GPTQ in the v1 convention
+    method, fmt = qconfig.get("quant_method", "gptq"), qconfig.get("checkpoint_format", "gptq")
+    if method != "gptq" or fmt not in FORMATS:
+        raise ValueError(f"{directory}: unsupported quant_method {method!r} / checkpoint_format {fmt!r} "
+                         f"(GPTQ in {FORMATS} only)")
+    return dict(qconfig, quant_method=method, checkpoint_format=fmt)
+
+
+def _weights_file(directory: Path, qconfig: dict) -> Path:
+    """The one weights file of an unsharded checkpoint (AutoGPTQ named it after
+    ``model_file_base_name``)."""
+    for name in (WEIGHTS_FILE, f"{qconfig.get('model_file_base_name') or 'model'}.safetensors"):
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(directory.glob("*.safetensors"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}, and "
+                                f"{len(found)} other .safetensors files")
+    return found[0]
+
+
+def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
+    """A checkpoint written by another tool lists no modules: every ``X.qweight`` is one, its
+    shape read off ``qweight [K * bits / 32, N]`` and ``scales [G, N]``."""
+    bits, group_size = qconfig.get("bits"), qconfig.get("group_size", -1)
+    modules = {}
+    for key, qweight in tensors.items():
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        G = tensors[f"{name}.scales"].shape[0]
+        if (group_size == -1 and G != 1) or (group_size != -1 and G != -(-K // group_size)):
+            raise ValueError(f"{name}: scales for {G} groups, but {K} inputs in groups of {group_size}")
+        modules[name] = dict(in_features=K, out_features=N, bits=bits, group_size=group_size,
+                             bias=f"{name}.bias" in tensors)
+    return modules
+
+
+def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
     """Every tensor of the checkpoint: from its shards if it has an index, else its one file."""
     from safetensors.torch import load_file
 
     index = directory / INDEX_FILE
     if not index.is_file():
-        return load_file(str(directory / WEIGHTS_FILE), device=str(device))
+        return load_file(str(_weights_file(directory, qconfig)), device=str(device))
     weight_map = json.loads(index.read_text())["weight_map"]
     tensors = {}
     for name in sorted(set(weight_map.values())):
@@ -373,7 +424,9 @@ def _empty_hf_model(directory: Path) -> nn.Module:
 def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None,
                    device=None) -> nn.Module:
     """Load a checkpoint written by ``save_quantized``: the layers it lists become
-    ``QuantLinear`` and every tensor is loaded.
+    ``QuantLinear`` and every tensor is loaded. GPTQ checkpoints of other tools (GPTQModel,
+    AutoGPTQ, transformers' GPTQ integration: v1 or v2, any bit width ``QuantLinear`` holds)
+    load too: every ``qweight`` in them is a layer.
 
     ``model``: a fresh instance of the checkpoint's architecture, whose tensors are overwritten.
     ``None`` (transformers models): the class ``config.json`` names is built with its parameters
@@ -381,16 +434,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     comes from the checkpoint, onto ``device`` (default: the CPU).
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not an epmq checkpoint: {CONFIG_FILE} is missing")
-    qconfig = json.loads(config_path.read_text())
-    checkpoint_format = qconfig.get("checkpoint_format")
-    if qconfig.get("quant_method") != "gptq" or checkpoint_format not in FORMATS:
-        raise ValueError(
-            f"{config_path}: unsupported quant_method {qconfig.get('quant_method')!r} / "
-            f"checkpoint_format {checkpoint_format!r}"
-        )
+    qconfig = _read_qconfig(directory)
+    checkpoint_format = qconfig["checkpoint_format"]
     if model is None:
         model = _empty_hf_model(directory)
     elif device is not None:
@@ -398,15 +443,23 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                          "model of your own with .to()")
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
-    tensors = _load_tensors(directory, device if empty else "cpu")
-    tied = qconfig["epmq"].get("tied", {})
+    tensors = _load_tensors(directory, qconfig, device if empty else "cpu")
+    ours = qconfig.get("epmq")
+    listed = ours["modules"] if ours else _modules_from_tensors(tensors, qconfig)
+    tied = ours.get("tied", {}) if ours else {}
     to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
     tensors = {to_model[k]: t for k, t in tensors.items()}
     tied = {to_model[alias]: to_model[source] for alias, source in tied.items()}
+    if not ours:  # tied tensors stored once, under any of their names
+        for name, aliases in tie_order(model).items():
+            if name not in tensors:
+                source = next((a for a in aliases if a in tensors), None)
+                if source is not None:
+                    tied[name] = source
     modules = {}
-    for name, info in qconfig["epmq"]["modules"].items():
+    for name, info in listed.items():
         if f"{name}.qweight" not in to_model:
-            raise ValueError(f"the tensors in {directory} have no {name}.qweight, which {config_path} lists")
+            raise ValueError(f"the tensors in {directory} have no {name}.qweight, which {CONFIG_FILE} lists")
         modules[_module_of(to_model[f"{name}.qweight"])] = info
 
     def swap(name, new):
@@ -452,11 +505,11 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         if left:
             raise ValueError(f"{directory} holds no values for {left[:5]} of {type(model).__name__}")
         model.to(device)  # the buffers built on the CPU
+    ours = ours or {}
     model.epmq_quant_config = {
-        "bits": qconfig["bits"], "group_size": qconfig["group_size"], "sym": qconfig["sym"],
-        "static_groups": qconfig.get("static_groups", False),
-        "act_order": qconfig["epmq"].get("act_order", False),
-        "method": qconfig["epmq"].get("method"), "targets": qconfig["epmq"].get("targets"),
-        "adapter": qconfig["epmq"].get("adapter"),
+        "bits": qconfig["bits"], "group_size": qconfig.get("group_size", -1),
+        "sym": qconfig.get("sym", False), "static_groups": qconfig.get("static_groups", False),
+        "act_order": ours.get("act_order", qconfig.get("desc_act", False)),
+        "method": ours.get("method", "gptq"), "targets": ours.get("targets"), "adapter": ours.get("adapter"),
     }
     return model

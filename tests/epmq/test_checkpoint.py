@@ -251,6 +251,43 @@ def test_cuda_load_without_a_model_onto_the_gpu(gen, tmp_path):
                                rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("arch,layout", [("llama", "autogptq"), ("gemma", "hf_config_only")])
+def test_gptq_checkpoints_of_other_tools_load(arch, layout, tmp_path):
+    """No ``epmq`` section: every ``qweight`` is a layer, shapes from the tensors. AutoGPTQ's
+    layout (a ``model_file_base_name`` file, no quant_method or checkpoint_format: v1);
+    transformers' (the GPTQ config only in config.json). Gemma ties its head to the embedding,
+    stored once: found through the model's own tying."""
+    model = build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    q = tmp_path / "q"
+    qconfig = json.loads((q / "quantize_config.json").read_text())
+    del qconfig["epmq"]
+    if layout == "autogptq":
+        for key in ("quant_method", "checkpoint_format"):
+            del qconfig[key]
+        qconfig["model_file_base_name"] = "gptq_model-4bit-16g"
+        (q / "model.safetensors").rename(q / "gptq_model-4bit-16g.safetensors")
+        (q / "quantize_config.json").write_text(json.dumps(qconfig))
+    else:
+        (q / "quantize_config.json").unlink()
+    item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
+    for fresh in (None, build(arch, seed=1)):
+        loaded = epmq.load_quantized(q, fresh)
+        assert sum(isinstance(m, epmq.QuantLinear) for m in loaded.modules()) == 14
+        torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+    assert loaded.epmq_quant_config["method"] == "gptq"
+
+
+def test_other_quantization_methods_are_refused(gen, tmp_path):
+    _, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    qconfig = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    (tmp_path / "q" / "quantize_config.json").write_text(json.dumps(dict(qconfig, quant_method="awq")))
+    with pytest.raises(ValueError, match="unsupported quant_method 'awq'"):
+        epmq.load_quantized(tmp_path / "q")
+
+
 # --------------------------------------------------------------------------- shards
 
 
