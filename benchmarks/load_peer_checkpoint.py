@@ -2,15 +2,16 @@
 
     pip install gptqmodel          # the peer, beside the package (not a dependency)
     python benchmarks/load_peer_checkpoint.py --python <interpreter with gptqmodel>
-                                              [--archs llama,qwen3] [--cases 4,4s,4a,8]
+                                              [--archs llama,qwen3,qwen3_moe] [--cases 4,4s,4a,8]
 
 For each architecture and case (bits; ``s``: symmetric; ``a``: act-order), a random-init
 decoder-only LM (``_common.tiny_decoder``) is quantized by GPTQModel itself (its ``quantize``
 on 16 random token sequences, groups of 32) in a process that never imports epmq, and saved with
-its ``save``. The directory is then loaded twice, both in float32: by ``epmq.load_quantized(dir)``
-(no model given: built from config.json, every ``qweight`` a ``QuantLinear``) and by transformers
-with GPTQModel's kernels (``AutoModelForCausalLM.from_pretrained``). Their logits on held-out
-tokens are compared.
+its ``save``. The directory is then loaded twice: by ``epmq.load_quantized(dir)`` (no model
+given: built from config.json, every ``qweight`` a ``QuantLinear``) and by the peer stack, in
+float32 by transformers with GPTQModel's kernels (``AutoModelForCausalLM.from_pretrained``),
+or, for a mixture of experts (which transformers' GPTQ integration cannot load), in float16 by
+``GPTQModel.load`` (ours in float16 too). Their logits on held-out tokens are compared.
 """
 
 import argparse
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import TINY_DECODERS, write_json  # noqa: E402
-from serve_with_gptqmodel import LOADERS, VOCAB, save_tokenizer, tiny_model  # noqa: E402
+from serve_with_gptqmodel import DTYPES, LOADERS, VOCAB, save_tokenizer, tiny_model  # noqa: E402
 
 import epmq  # noqa: E402
 
@@ -46,7 +47,8 @@ QUANTIZE = textwrap.dedent("""
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", required=True, help="the interpreter that has gptqmodel installed")
-    parser.add_argument("--archs", default="llama,qwen3", help=f"comma separated, of {', '.join(TINY_DECODERS)}")
+    parser.add_argument("--archs", default="llama,qwen3,qwen3_moe",
+                        help=f"comma separated, of {', '.join(TINY_DECODERS)}")
     parser.add_argument("--cases", default="4,4s,4a,8", help="bits[s][a], comma separated")
     parser.add_argument("--out", default="benchmarks/results/load-gptqmodel-checkpoints-cpu.json")
     args = parser.parse_args(argv)
@@ -62,7 +64,9 @@ def main(argv=None):
             for case in args.cases.split(","):
                 bits, sym, desc_act = int(case.rstrip("sa")), "s" in case, "a" in case
                 directory = os.path.join(root, f"{arch}-{case}")
-                row = dict(arch=arch, bits=bits, sym=sym, desc_act=desc_act, group_size=32)
+                loader = "gptqmodel" if "moe" in arch else "transformers"
+                row = dict(arch=arch, bits=bits, sym=sym, desc_act=desc_act, group_size=32, peer_loader=loader,
+                           dtype=str(DTYPES[loader])[6:])
                 made = subprocess.run([args.python, "-c", QUANTIZE, source, directory, str(bits),
                                        str(int(sym)), str(int(desc_act))], capture_output=True, text=True,
                                       env=env)
@@ -72,11 +76,11 @@ def main(argv=None):
                     continue
                 with open(os.path.join(directory, "quantize_config.json")) as f:
                     row["checkpoint_format"] = json.load(f).get("checkpoint_format")
-                ours = epmq.load_quantized(directory).float()
+                ours = epmq.load_quantized(directory).to(DTYPES[loader])
                 with torch.no_grad():
                     our_logits = ours(tokens).logits.float()
                 out = os.path.join(root, f"peer-{arch}-{case}.pt")
-                peer = subprocess.run([args.python, "-c", LOADERS["transformers"], directory,
+                peer = subprocess.run([args.python, "-c", LOADERS[loader], directory,
                                        os.path.join(root, "tokens.pt"), out], capture_output=True, text=True,
                                       env=env)
                 row.update(quantized=True, our_layers=sum(isinstance(m, epmq.QuantLinear) for m in ours.modules()),

@@ -490,7 +490,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     if checkpoint_format == "gptq":
         for name, info in modules.items():
             bits, key = info["bits"], f"{name}.qzeros"
-            z = unpack_cols(tensors[key], bits, info["out_features"]) + 1
+            # z - 1 in ``bits`` bits: other v1 writers stored a zero point of 0 as 2^bits - 1
+            z = (unpack_cols(tensors[key], bits, info["out_features"]) + 1) % (1 << bits)
             tensors[key] = pack_cols(z, bits)
     for alias, source in tied.items():
         tensors[alias] = tensors[source]

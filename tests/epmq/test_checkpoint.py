@@ -279,6 +279,36 @@ def test_gptq_checkpoints_of_other_tools_load(arch, layout, tmp_path):
     assert loaded.epmq_quant_config["method"] == "gptq"
 
 
+def test_a_v1_zero_point_of_zero_written_by_another_tool(tmp_path):
+    """v1 cannot hold z = 0; writers that stored z - 1 anyway left 2^bits - 1 in its place,
+    which reads back as 0 (modulo 2^bits), not as an error or as 2^bits."""
+    from safetensors.torch import load_file, save_file
+
+    from epmq.packing import pack_cols, unpack_cols
+
+    model = build("llama")
+    with torch.no_grad():  # a row of weights >= 0: its min-max zero point is 0
+        model.model.layers[0].mlp.up_proj.weight[0].abs_()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    q = tmp_path / "q"
+    name = "model.layers.0.mlp.up_proj"
+    z = model.get_submodule(name).zeros()
+    assert bool((z == 0).any())
+    tensors = load_file(str(q / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith(".qzeros")]:  # rewritten as a v1 writer would
+        n = unpack_cols(tensors[key], 4, tensors[key[: -len("qzeros")] + "scales"].shape[1])
+        tensors[key] = pack_cols((n - 1) % 16, 4)
+    save_file(tensors, str(q / "model.safetensors"))
+    qconfig = json.loads((q / "quantize_config.json").read_text())
+    del qconfig["epmq"]
+    (q / "quantize_config.json").write_text(json.dumps(dict(qconfig, checkpoint_format="gptq")))
+    loaded = epmq.load_quantized(q)
+    assert torch.equal(loaded.get_submodule(name).zeros(), z)
+    item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
 def test_other_quantization_methods_are_refused(gen, tmp_path):
     _, model = quantized(gen)
     epmq.save_quantized(model, tmp_path / "q")
