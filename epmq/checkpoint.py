@@ -95,7 +95,10 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
         config = json.loads(hf.to_json_string(use_diff=False))
-        config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
+        config["architectures"] = [type(model).__name__]  # as save_pretrained writes them
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
         files[HF_CONFIG_FILE] = config
     shards = _shards(tensors, max_shard_bytes)
@@ -468,6 +471,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         setattr(parent, attr, new.train(getattr(parent, attr).training))
 
     find_adapter(model, adapter).prepare(model, swap)
+    # a model built on meta takes the checkpoint's dtype (config.json's), which a QuantLinear
+    # reports as its weight's (model code casts activations to it)
+    dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
     replacements = {}
     for name, info in modules.items():
         try:
@@ -482,7 +489,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             )
         replacements[name] = QuantLinear(
             info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
-            bias=info["bias"], dtype=old.weight.dtype, device=device if empty else old.weight.device,
+            bias=info["bias"], dtype=dtype or old.weight.dtype, device=device if empty else old.weight.device,
         )
     for name, new in replacements.items():
         swap(name, new)

@@ -229,6 +229,21 @@ def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, 
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def test_load_without_a_model_keeps_the_checkpoints_dtype(tmp_path):
+    """A bf16 model comes back bf16, its QuantLinears reporting bf16 weights (model code casts
+    activations to a linear's weight dtype)."""
+    model = build("t5")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.to(torch.bfloat16)
+    epmq.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {m.weight.dtype for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {torch.bfloat16}
+    item = inputs("t5", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
 def test_load_without_a_model_needs_a_transformers_config(gen, tmp_path):
     fam, model = quantized(gen, arch="open_clip_vit")
     epmq.save_quantized(model, tmp_path / "q")
