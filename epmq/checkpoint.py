@@ -352,18 +352,29 @@ def _weights_file(directory: Path, qconfig: dict) -> Path:
 
 
 def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
-    """A checkpoint written by another tool lists no modules: every ``X.qweight`` is one, its
-    shape read off ``qweight [K * bits / 32, N]`` and ``scales [G, N]``."""
-    bits, group_size = qconfig.get("bits"), qconfig.get("group_size", -1)
+    """A checkpoint written by another tool lists no modules: every ``X.qweight`` is one, read
+    off its tensors (``g_idx [K]``, ``qweight [K * bits / 32, N]``, ``scales [G, N]``), so that
+    layers whose bits or groups differ from the config's (GPTQModel's ``dynamic`` rules) load
+    as they were written."""
     modules = {}
     for key, qweight in tensors.items():
         if not key.endswith(".qweight"):
             continue
         name = key[: -len(".qweight")]
-        K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
-        G = tensors[f"{name}.scales"].shape[0]
-        if (group_size == -1 and G != 1) or (group_size != -1 and G != -(-K // group_size)):
-            raise ValueError(f"{name}: scales for {G} groups, but {K} inputs in groups of {group_size}")
+        g_idx = tensors.get(f"{name}.g_idx")
+        K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // qconfig["bits"]
+        bits, N = qweight.shape[0] * 32 // K, qweight.shape[1]
+        G, config_group = tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1)
+        if qweight.shape[0] * 32 != K * bits:
+            raise ValueError(f"{name}: qweight {tuple(qweight.shape)} packs no whole bit width for {K} inputs")
+        if G == 1:
+            group_size = -1
+        elif config_group != -1 and G == -(-K // config_group):
+            group_size = config_group
+        elif K % G == 0:
+            group_size = K // G
+        else:
+            raise ValueError(f"{name}: scales for {G} groups of {K} inputs: no group size gives that")
         modules[name] = dict(in_features=K, out_features=N, bits=bits, group_size=group_size,
                              bias=f"{name}.bias" in tensors)
     return modules

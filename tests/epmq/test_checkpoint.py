@@ -294,6 +294,36 @@ def test_gptq_checkpoints_of_other_tools_load(arch, layout, tmp_path):
     assert loaded.epmq_quant_config["method"] == "gptq"
 
 
+def test_layers_of_other_bits_and_groups_than_the_config_says(tmp_path):
+    """GPTQModel's ``dynamic`` rules give some layers other bits or groups than the config's:
+    each layer is read off its own tensors."""
+    from safetensors.torch import load_file, save_file
+
+    models = {}
+    for bits, group in ((4, 16), (8, 32)):
+        models[bits] = build("llama")
+        epmq.quantize_model(models[bits], epmq.QuantSpec(bits=bits, group_size=group), method="rtn",
+                            progress=False)
+        epmq.save_quantized(models[bits], tmp_path / f"w{bits}")
+    tensors = load_file(str(tmp_path / "w4" / "model.safetensors"))
+    eight = load_file(str(tmp_path / "w8" / "model.safetensors"))
+    spliced = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
+    for name in spliced:
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors[f"{name}.{part}"] = eight[f"{name}.{part}"]
+    save_file(tensors, str(tmp_path / "w4" / "model.safetensors"))
+    qconfig = json.loads((tmp_path / "w4" / "quantize_config.json").read_text())
+    del qconfig["epmq"]  # as another tool writes it: bits 4, groups of 16 for the whole model
+    (tmp_path / "w4" / "quantize_config.json").write_text(json.dumps(qconfig))
+    loaded = epmq.load_quantized(tmp_path / "w4")
+    for name, m in loaded.named_modules():
+        if isinstance(m, epmq.QuantLinear):
+            source = models[8 if name in spliced else 4].get_submodule(name)
+            assert m.bits == (8 if name in spliced else 4) and m.scales.shape == source.scales.shape
+            assert torch.equal(m.dequantize(), source.dequantize())
+    assert loaded.get_submodule(spliced[0]).group_size == 32  # 64 inputs, 2 groups
+
+
 def test_a_v1_zero_point_of_zero_written_by_another_tool(tmp_path):
     """v1 cannot hold z = 0; writers that stored z - 1 anyway left 2^bits - 1 in its place,
     which reads back as 0 (modulo 2^bits), not as an error or as 2^bits."""
