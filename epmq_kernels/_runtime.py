@@ -96,7 +96,10 @@ def bf16_mm_emulated(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def _bf16_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """bf16 ``A @ B`` accumulated and returned in fp32: cuBLAS on CUDA, else emulated."""
     if A.is_cuda:
-        return torch.mm(A, B, out_dtype=torch.float32)
+        try:
+            return torch.mm(A, B, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm's out_dtype: the emulation is as accurate
+            pass
     return bf16_mm_emulated(A, B)
 
 
