@@ -2,7 +2,7 @@
 
     pip install gptqmodel          # the peer, beside the package (not a dependency)
     python benchmarks/load_peer_checkpoint.py --python <interpreter with gptqmodel>
-                                              [--archs llama,qwen3,qwen3_moe] [--cases 4,4s,4a,8]
+                                              [--archs llama,qwen3,qwen3_moe,mixtral] [--cases 4,4s,4a,8]
 
 For each architecture and case (bits; ``s``: symmetric; ``a``: act-order), a random-init
 decoder-only LM (``_common.tiny_decoder``) is quantized by GPTQModel itself (its ``quantize``
@@ -10,8 +10,10 @@ on 16 random token sequences, groups of 32) in a process that never imports epmq
 its ``save``. The directory is then loaded twice: by ``epmq.load_quantized(dir)`` (no model
 given: built from config.json, every ``qweight`` a ``QuantLinear``) and by the peer stack, in
 float32 by transformers with GPTQModel's kernels (``AutoModelForCausalLM.from_pretrained``),
-or, for a mixture of experts (which transformers' GPTQ integration cannot load), in float16 by
-``GPTQModel.load`` (ours in float16 too). Their logits on held-out tokens are compared.
+or, for a mixture of experts (Qwen3-MoE, Mixtral: transformers' GPTQ integration cannot load
+them), in float16 by ``GPTQModel.load`` (ours in float16 too). Their logits on held-out tokens
+are compared. GPTQModel names Mixtral's expert projections gate_proj, up_proj, down_proj; the
+MoE adapter maps them to the model's w1, w3, w2.
 """
 
 import argparse
@@ -47,7 +49,7 @@ QUANTIZE = textwrap.dedent("""
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", required=True, help="the interpreter that has gptqmodel installed")
-    parser.add_argument("--archs", default="llama,qwen3,qwen3_moe",
+    parser.add_argument("--archs", default="llama,qwen3,qwen3_moe,mixtral",
                         help=f"comma separated, of {', '.join(TINY_DECODERS)}")
     parser.add_argument("--cases", default="4,4s,4a,8", help="bits[s][a], comma separated")
     parser.add_argument("--out", default="benchmarks/results/load-gptqmodel-checkpoints-cpu.json")
@@ -64,7 +66,7 @@ def main(argv=None):
             for case in args.cases.split(","):
                 bits, sym, desc_act = int(case.rstrip("sa")), "s" in case, "a" in case
                 directory = os.path.join(root, f"{arch}-{case}")
-                loader = "gptqmodel" if "moe" in arch else "transformers"
+                loader = "gptqmodel" if arch in ("qwen3_moe", "mixtral") else "transformers"
                 row = dict(arch=arch, bits=bits, sym=sym, desc_act=desc_act, group_size=32, peer_loader=loader,
                            dtype=str(DTYPES[loader])[6:])
                 made = subprocess.run([args.python, "-c", QUANTIZE, source, directory, str(bits),

@@ -179,6 +179,14 @@ def _tensors(model, layers, checkpoint_format):
     return tensors, tied
 
 
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def _module_of(qweight_key: str) -> str:
     if not qweight_key.endswith(".qweight"):
         raise ValueError(f"a renaming rule changed the suffix of a packed weight: {qweight_key!r}")
@@ -481,7 +489,15 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, new.train(getattr(parent, attr).training))
 
-    find_adapter(model, adapter).prepare(model, swap)
+    found = find_adapter(model, adapter)
+    found.prepare(model, swap)
+    for name in [n for n in modules if not _has_module(model, n)]:
+        alias = found.module_alias(model, name)
+        if alias is not None:  # the tensors of a module the checkpoint names otherwise
+            modules[alias] = modules.pop(name)
+            for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+                if f"{name}.{part}" in tensors:
+                    tensors[f"{alias}.{part}"] = tensors.pop(f"{name}.{part}")
     # a model built on meta takes the checkpoint's dtype (config.json's), which a QuantLinear
     # reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None

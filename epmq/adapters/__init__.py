@@ -93,6 +93,10 @@ class Adapter:
     def stage(self, block: nn.Module, rel: str):
         return None
 
+    def module_alias(self, model: nn.Module, name: str):
+        """The prepared model's name for a module a checkpoint names otherwise, or None."""
+        return None
+
     def block_modules(self, model: nn.Module):
         """``(qualified name, module)`` for every module inside the blocks (for ``prepare``)."""
         for stack_name, blocks in self.stacks(model):

@@ -118,6 +118,21 @@ class MoEAdapter(Adapter):
         experts = parent.rpartition(".")[0]
         return f"{experts}.{'out' if projection == expert.names[2] else 'in'}"
 
+    def module_alias(self, model, name):
+        """An expert's projection under the other naming: GPTQModel writes Mixtral's w1, w3, w2
+        as gate_proj, up_proj, down_proj."""
+        parent, _, projection = name.rpartition(".")
+        try:
+            expert = model.get_submodule(parent)
+        except AttributeError:
+            return None
+        if not isinstance(expert, _Expert):
+            return None
+        for default, own in zip(DEFAULT_NAMES, expert.names):
+            if projection in (default, own):
+                return f"{parent}.{own}"
+        return None
+
 
 MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     "Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "OlmoeDecoderLayer",

@@ -354,6 +354,33 @@ def test_a_v1_zero_point_of_zero_written_by_another_tool(tmp_path):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def test_mixtral_experts_named_as_gptqmodel_names_them(tmp_path):
+    """GPTQModel writes Mixtral's expert projections w1, w3, w2 as gate_proj, up_proj,
+    down_proj under ``mlp``: the MoE adapter maps them to the model's own."""
+    from safetensors.torch import load_file, save_file
+
+    model = build("mixtral")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    q = tmp_path / "q"
+    rename = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+    tensors = {}
+    for key, t in load_file(str(q / "model.safetensors")).items():
+        for old, new in rename.items():
+            key = key.replace(old, new)
+        tensors[key] = t
+    assert "model.layers.0.mlp.experts.1.up_proj.qweight" in tensors
+    save_file(tensors, str(q / "model.safetensors"))
+    qconfig = json.loads((q / "quantize_config.json").read_text())
+    del qconfig["epmq"]
+    (q / "quantize_config.json").write_text(json.dumps(qconfig))
+    loaded = epmq.load_quantized(q)
+    assert torch.equal(loaded.model.layers[0].mlp.experts[1].w3.qweight,
+                       model.model.layers[0].mlp.experts[1].w3.qweight)
+    item = inputs("mixtral", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
 def test_other_quantization_methods_are_refused(gen, tmp_path):
     _, model = quantized(gen)
     epmq.save_quantized(model, tmp_path / "q")
