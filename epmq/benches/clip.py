@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import List
 
 import torch
@@ -70,6 +72,12 @@ class HFClipBench(ZeroShotImageBench):
         self._open_experts(prefixes=("vision_model.",))
         self._open_data()
         self._text = None
+
+    def save_extras(self, directory) -> None:
+        """The base's image preprocessing config, so that the vision tower is served as trained."""
+        processor = self.base_dir / "preprocessor_config.json"
+        if processor.is_file():
+            shutil.copy2(processor, Path(directory) / processor.name)
 
     # ----------------------------------------------------------------- text tower
 

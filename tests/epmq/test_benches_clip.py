@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +226,11 @@ def test_pipeline_end_to_end(bench, tmp_path):
     # 8-bit quantization barely moves the predictions of a tiny model
     assert abs(steps["quant/TA/w8/RTN"]["test"]["avg"] - merged["test"]["avg"]) <= 0.2
     assert (tmp_path / "run" / "results.json").is_file()
+    # each checkpoint is served as it is: the vision tower and its image preprocessing
+    checkpoint = Path(steps["quant/TA/w8/E-PMQ/anchor=1"]["checkpoint"])
+    assert (checkpoint / "preprocessor_config.json").is_file()
+    loaded = epmq.load_quantized(checkpoint)
+    assert type(loaded).__name__ == "CLIPVisionModel"
 
 
 # --------------------------------------------------------------------------- HF datasets (faked)
