@@ -71,6 +71,22 @@ def _tf32_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.mm(A, B)
 
 
+def _three_products(A, B, split, mm) -> torch.Tensor:
+    """``A @ B`` as ``A_lo B_hi + A_hi B_lo + A_hi B_hi`` with ``(x_hi, x_lo) = split(x)``: the
+    small terms first, so that the large one is added to their fp32 sum."""
+    A_hi, A_lo = split(A)
+    B_hi, B_lo = split(B)
+    P = mm(A_lo, B_hi)
+    P += mm(A_hi, B_lo)
+    P += mm(A_hi, B_hi)
+    return P
+
+
+def _tf32_split(x: torch.Tensor):
+    hi = tf32_round(x)
+    return hi, x - hi
+
+
 def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
     """``A @ B`` (fp32) as ``A_hi B_hi + A_hi B_lo + A_lo B_hi``, each by ``mm`` (a TF32 tensor-core
     product by default; the tests pass an emulation of one), where ``x = x_hi + x_lo`` with
@@ -79,12 +95,7 @@ def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
     whatever their conversion drops, and the lo*lo term, is about 2^-21 of each term: IEEE fp32's
     accuracy class for three TF32 products (TF32's peak rate is 7-8x IEEE fp32's on the A100
     and H100; the speed on a given card is for the benchmarks to show)."""
-    A_hi = tf32_round(A)
-    B_hi = tf32_round(B)
-    P = mm(A - A_hi, B_hi)  # the small terms first: the large one is added to their fp32 sum
-    P += mm(A_hi, B - B_hi)
-    P += mm(A_hi, B_hi)
-    return P
+    return _three_products(A, B, _tf32_split, mm)
 
 
 def bf16_mm_emulated(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -118,12 +129,7 @@ def bf16x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_bf16_mm) -> torch.Tensor:
     TF32 product (2^-11) and IEEE fp32 (2^-24). bf16's tensor-core rate is twice TF32's on the
     A100, H100 and B200, so this runs at two thirds of one TF32 product's rate and twice
     tf32x3's."""
-    A_hi, A_mid = bf16_split(A.float())
-    B_hi, B_mid = bf16_split(B.float())
-    P = mm(A_mid, B_hi)  # the small terms first: the large one is added to their fp32 sum
-    P += mm(A_hi, B_mid)
-    P += mm(A_hi, B_hi)
-    return P
+    return _three_products(A.float(), B.float(), bf16_split, mm)
 
 
 def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
