@@ -179,14 +179,6 @@ def _tensors(model, layers, checkpoint_format):
     return tensors, tied
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
 def _module_of(qweight_key: str) -> str:
     if not qweight_key.endswith(".qweight"):
         raise ValueError(f"a renaming rule changed the suffix of a packed weight: {qweight_key!r}")
@@ -368,7 +360,7 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
     for key, qweight in tensors.items():
         if not key.endswith(".qweight"):
             continue
-        name = key[: -len(".qweight")]
+        name = _module_of(key)
         g_idx = tensors.get(f"{name}.g_idx")
         K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // qconfig["bits"]
         bits, N = qweight.shape[0] * 32 // K, qweight.shape[1]
@@ -491,23 +483,25 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
 
     found = find_adapter(model, adapter)
     found.prepare(model, swap)
-    for name in [n for n in modules if not _has_module(model, n)]:
-        alias = found.module_alias(model, name)
-        if alias is not None:  # the tensors of a module the checkpoint names otherwise
-            modules[alias] = modules.pop(name)
-            for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-                if f"{name}.{part}" in tensors:
-                    tensors[f"{alias}.{part}"] = tensors.pop(f"{name}.{part}")
     # a model built on meta takes the checkpoint's dtype (config.json's), which a QuantLinear
     # reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
     replacements = {}
-    for name, info in modules.items():
+    for name, info in list(modules.items()):
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not have") from None
+            alias = found.module_alias(model, name)
+            if alias is None:
+                raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not "
+                                 f"have") from None
+            # a module the checkpoint names otherwise: it and its tensors take the model's name
+            modules[alias] = modules.pop(name)
+            for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+                if f"{name}.{part}" in tensors:
+                    tensors[f"{alias}.{part}"] = tensors.pop(f"{name}.{part}")
+            name, old = alias, model.get_submodule(alias)
         shape = (info["in_features"], info["out_features"])
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != shape:
             raise ValueError(
