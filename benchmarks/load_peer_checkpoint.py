@@ -23,14 +23,16 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import TINY_DECODERS, write_json  # noqa: E402
-from serve_with_gptqmodel import DTYPES, LOADERS, VOCAB, save_tokenizer, tiny_model  # noqa: E402
+from serve_with_gptqmodel import DTYPES, LOADERS, VOCAB, tiny_model  # noqa: E402
 
 import epmq  # noqa: E402
+from epmq.benches.tiny import word_tokenizer  # noqa: E402
 
 QUANTIZE = textwrap.dedent("""
     import sys, torch
@@ -62,7 +64,7 @@ def main(argv=None):
         for arch in args.archs.split(","):
             source = os.path.join(root, f"{arch}-fp")
             tiny_model(0, arch).save_pretrained(source)
-            save_tokenizer(source)
+            word_tokenizer(Path(source))
             for case in args.cases.split(","):
                 bits, sym, desc_act = int(case.rstrip("sa")), "s" in case, "a" in case
                 directory = os.path.join(root, f"{arch}-{case}")

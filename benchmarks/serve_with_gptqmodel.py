@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -46,6 +47,7 @@ from _common import TINY_DECODERS, tiny_decoder, write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
+from epmq.benches.tiny import word_tokenizer  # noqa: E402
 
 VOCAB = 128
 
@@ -102,17 +104,6 @@ LOADERS = {  # a script each: load the directory, save its logits and GPTQModel'
 DTYPES = {"transformers": torch.float32, "gptqmodel": torch.float16}
 
 
-def save_tokenizer(directory):
-    """A word-level tokenizer over the tiny vocabulary (GPTQModel.load loads one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
-                            eos_token="t2").save_pretrained(directory)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="llama",
@@ -153,7 +144,7 @@ def main(argv=None):
                 our_logits = model.to(DTYPES[args.loader])(tokens).logits.float()
             directory = os.path.join(root, f"{arch}-w{case.replace(':', '-')}")
             epmq.save_quantized(model, directory, checkpoint_format=fmt)
-            save_tokenizer(directory)
+            word_tokenizer(Path(directory))  # GPTQModel.load loads one; the tokens are given as ids
             with open(os.path.join(directory, "config.json")) as f:
                 qconfig = json.load(f)["quantization_config"]
             out = os.path.join(root, f"peer-{arch}-w{case.replace(':', '-')}.pt")
