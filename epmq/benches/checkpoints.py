@@ -22,8 +22,6 @@ from torch import nn
 from ..checkpoint_io import CheckpointError, hub_snapshot, looks_like_hub_id
 from .config import BenchConfigError
 
-__all__ = ["resolve", "load_into", "looks_like_hub_id"]
-
 
 def resolve(source: str, *, base_dir, what: str, kind: str = "model", revision: Optional[str] = None,
             cache_dir: Optional[str] = None, offline: bool = False) -> Path:

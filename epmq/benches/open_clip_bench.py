@@ -22,7 +22,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .checkpoints import looks_like_hub_id
+from ..checkpoint_io import looks_like_hub_id
 from .config import BenchConfig, BenchConfigError
 from .vision import OPENAI_MEAN, OPENAI_STD, ImagePrep, ZeroShotImageBench
 
