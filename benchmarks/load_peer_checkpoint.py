@@ -73,7 +73,7 @@ def main(argv=None):
                            dtype=str(DTYPES[loader])[6:])
                 made = subprocess.run([args.python, "-c", QUANTIZE, source, directory, str(bits),
                                        str(int(sym)), str(int(desc_act))], capture_output=True, text=True,
-                                      env=env)
+                                      env=env, cwd=root)  # (GPTQModel writes its logs/ there)
                 if made.returncode:
                     rows.append(dict(row, quantized=False, error=made.stderr[-2000:]))
                     print(json.dumps(rows[-1])[:300], flush=True)
