@@ -1,4 +1,5 @@
-"""Model merging: Task Arithmetic, TIES-Merging, DARE and simple averaging.
+"""Model merging: Task Arithmetic, TIES-Merging, DARE, Model Breadcrumbs, DELLA, TSV-Merge,
+Iso-C, Model Stock, SLERP and (weighted) averaging.
 
 Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as state dicts (any
 ``Mapping`` of name -> tensor, including lazy ones that read a tensor from disk when indexed) or
@@ -9,11 +10,21 @@ With task vectors ``tau_k = W_k - W_0``:
 
     task_arithmetic   W = W_0 + scale * sum_k tau_k
     ties              W = W_0 + scale * merge_k(trim(tau_k) agreeing with the elected sign)
-    dare              W = W_0 + scale * sum_k drop(tau_k) / density
-    average           W = mean_k W_k
+    dare              W = W_0 + scale * sum_k drop(tau_k) / density   (consensus="sign": DARE-TIES)
+    breadcrumbs       W = W_0 + scale * sum_k tau_k without its largest (gamma) and smallest
+                      (1 - density - gamma) entries                    (consensus="sign")
+    della             W = W_0 + scale * merge_k(magprune(tau_k) agreeing with the elected sign)
+    tsv               W = W_0 + scale * U_o diag(S) V_o^T, the top singular triplets of every
+                      tau_k with their singular vectors orthogonalised across tasks (matrices)
+    iso_c             W = W_0 + scale * mean(S) U V^T, from the SVD U S V^T of sum_k tau_k
+    model_stock       W = t mean_k W_k + (1 - t) W_0, t from the angle between task vectors
+    slerp             spherical interpolation of two models (no base)
+    average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
 
 Tensors that are not floating point (position ids, counters) are copied from the base (from
-the first expert for ``average``) unchanged.
+the first expert for ``average`` and ``slerp``) unchanged. Random merges (``dare``, ``della``)
+draw the mask of tensor ``name`` of expert k from ``(seed, name, k)`` alone, so a merge is
+reproducible whatever order or subset of tensors is merged.
 """
 
 from __future__ import annotations
@@ -98,45 +109,94 @@ def _check_unit(value, what):
         raise ValueError(f"{what} must be in [0, 1], got {value}")
 
 
+def _check_choice(value, allowed, what):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _needs_base(base, method):
+    if base is None:
+        raise ValueError(f"{method} needs the base model")
+
+
+def _generator(seed: int, name: str, k: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{k}".encode()))
+
+
+def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str) -> torch.Tensor:
+    """One task vector from several (already sparsified) ones.
+
+    ``consensus=None``: their sum (``merge="sum"``) or mean (``"mean"``). ``"sign"`` (TIES):
+    the elected sign is that of their sum, and only the nonzero entries that agree with it are
+    summed or averaged (the disjoint mean); where the sum is exactly 0 there is no elected sign
+    and the result is 0.
+    """
+    T = torch.stack(list(taus))
+    if consensus is None:
+        return T.sum(0) if merge == "sum" else T.mean(0)
+    sign = torch.sign(T.sum(0))
+    agree = (torch.sign(T) == sign) & (T != 0)
+    total = torch.where(agree, T, 0.0).sum(0)
+    if merge == "mean":
+        total = total / agree.sum(0).clamp(min=1)
+    return total
+
+
+def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method) -> dict:
+    """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
+    differ only in how each task vector is thinned and how the results are combined."""
+    _needs_base(base, method)
+    _check_choice(consensus, (None, "sign"), "consensus")
+    _check_choice(merge, ("sum", "mean"), "merge")
+    return _merge_each(base, experts, lambda name, W_0, W_k: W_0 + scale * _combine(
+        [sparsify(name, k, W - W_0) for k, W in enumerate(W_k)], consensus, merge))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, entries]``: a matrix's output rows; a vector is one row."""
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
 # --------------------------------------------------------------------------- merges
 
 
-def average(experts) -> dict:
-    """Simple weight averaging (model soup) of the experts."""
-    return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0))
+def average(experts, weights: Optional[Sequence[float]] = None) -> dict:
+    """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
+    if weights is None:
+        return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0))
+    weights = [float(w) for w in weights]
+    if len(weights) != len(experts) or sum(weights) == 0:
+        raise ValueError(f"weights must give one number per expert ({len(experts)}) with a "
+                         f"nonzero sum, got {weights}")
+    total = sum(weights)
+    return _merge_each(None, experts,
+                       lambda name, W_0, W_k: sum(w * W for w, W in zip(weights, W_k)) / total)
 
 
 def task_arithmetic(base, experts, scale: float = 0.3) -> dict:
     """Task Arithmetic (Ilharco et al., 2023): ``W_0 + scale * sum_k (W_k - W_0)``."""
-    if base is None:
-        raise ValueError("task_arithmetic needs the base model")
+    _needs_base(base, "task_arithmetic")
     return _merge_each(
         base, experts, lambda name, W_0, W_k: W_0 + scale * sum(W - W_0 for W in W_k)
     )
 
 
-def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0) -> dict:
+def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
+         consensus: Optional[str] = None, merge: str = "sum") -> dict:
     """DARE (Yu et al., 2024): drop each task-vector entry with probability ``1 - density``,
-    rescale the kept ones by ``1 / density``, then Task Arithmetic with ``scale``.
-
-    The drop mask of tensor ``name`` of expert k depends only on ``(seed, name, k)``, so a merge
-    is reproducible whatever order or subset of tensors is merged.
+    rescale the kept ones by ``1 / density`` (the paper's rescaling: the task vector is kept in
+    expectation), then Task Arithmetic with ``scale``. ``consensus="sign"`` elects a sign per
+    entry as TIES does (DARE-TIES); ``merge="mean"`` then takes the disjoint mean.
     """
-    if base is None:
-        raise ValueError("dare needs the base model")
     _check_unit(density, "density")
     if density == 0:
         raise ValueError("density must be > 0 for DARE (everything would be dropped)")
 
-    def merge_tensor(name, W_0, W_k):
-        total = torch.zeros_like(W_0)
-        for k, W in enumerate(W_k):
-            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{k}".encode()))
-            keep = torch.rand(W_0.shape, generator=g) < density
-            total += torch.where(keep.to(W.device), W - W_0, 0.0) / density
-        return W_0 + scale * total
+    def sparsify(name, k, tau):
+        keep = torch.rand(tau.shape, generator=_generator(seed, name, k)) < density
+        return torch.where(keep.to(tau.device), tau, 0.0) / density
 
-    return _merge_each(base, experts, merge_tensor)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare")
 
 
 def ties(
@@ -162,13 +222,10 @@ def ties(
     already the size of one task vector, whatever the number of tasks) and 0.3 for ``"sum"``
     (FusionBench's CLIP setting, where the sum grows with the number of tasks).
     """
-    if base is None:
-        raise ValueError("ties needs the base model")
+    _needs_base(base, "ties")
     _check_unit(density, "density")
-    if scope not in ("global", "tensor"):
-        raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
-    if merge not in ("mean", "sum"):
-        raise ValueError(f"merge must be 'mean' or 'sum', got {merge!r}")
+    _check_choice(scope, ("global", "tensor"), "scope")
+    _check_choice(merge, ("mean", "sum"), "merge")
     if scale is None:
         scale = 1.0 if merge == "mean" else 0.3
     base_sd, expert_sds = _inputs(base, experts)
@@ -176,25 +233,178 @@ def ties(
         _global_thresholds(base_sd, expert_sds, density) if scope == "global" else None
     )
 
-    def merge_tensor(name, W_0, W_k):
-        trimmed = []
-        for k, W in enumerate(W_k):
-            tau = W - W_0
-            if thresholds is not None:
-                thr = thresholds[k]
-            else:
-                thr = _kth_largest(lambda: [tau.abs()], tau.numel(), density)
-            keep = tau.abs() >= thr if thr is not None else torch.zeros_like(tau, dtype=torch.bool)
-            trimmed.append(torch.where(keep, tau, 0.0))
-        T = torch.stack(trimmed)
-        sign = torch.sign(T.sum(0))
-        agree = (torch.sign(T) == sign) & (T != 0)
-        total = torch.where(agree, T, 0.0).sum(0)
-        if merge == "mean":
-            total = total / agree.sum(0).clamp(min=1)
-        return W_0 + scale * total
+    def sparsify(name, k, tau):
+        if thresholds is not None:
+            thr = thresholds[k]
+        else:
+            thr = _kth_largest(lambda: [tau.abs()], tau.numel(), density)
+        return torch.where(tau.abs() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
-    return _merge_each(base_sd, expert_sds, merge_tensor)
+    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties")
+
+
+def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
+                consensus: Optional[str] = None, merge: str = "sum") -> dict:
+    """Model Breadcrumbs (Davari and Belilovsky, 2024): in each tensor of each task vector, drop
+    the ``gamma`` fraction of largest-magnitude entries (outliers) and the smallest ones, keeping
+    ``density`` of the entries (ranks ``round(gamma n) + 1 .. + round(density n)`` by magnitude;
+    fewer outliers are dropped where ``gamma + density > 1``), then Task Arithmetic with
+    ``scale``. Entries tied in magnitude with a kept boundary entry are kept. ``consensus="sign"``
+    elects a sign per entry as TIES does (mergekit's ``breadcrumbs_ties``).
+    """
+    _check_unit(density, "density")
+    _check_unit(gamma, "gamma")
+
+    def sparsify(name, k, tau):
+        m = tau.abs()
+        n = m.numel()
+        n_keep = int(round(density * n))
+        if n_keep == 0:
+            return torch.zeros_like(tau)
+        n_top = min(int(round(gamma * n)), n - n_keep)
+        upper = _kth_largest_rank(lambda: [m], n_top + 1)
+        lower = _kth_largest_rank(lambda: [m], n_top + n_keep)
+        return torch.where((m >= lower) & (m <= upper), tau, 0.0)
+
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs")
+
+
+def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: float = 0.15,
+          seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean") -> dict:
+    """DELLA-Merging (Deep et al., 2024): MagPrune, elect sign, disjoint merge.
+
+    MagPrune keeps each entry of a task vector with a probability that grows with its magnitude
+    rank within its row (a matrix's output row; a vector is one row): from ``density -
+    epsilon`` for the smallest to ``density + epsilon`` for the largest, linear in the rank, and
+    divides a kept entry by its own keep probability (the paper's rescaling: each entry is kept
+    in expectation; mergekit instead matches the L1 norm of the whole tensor). Equal
+    magnitudes take ranks in index order. ``consensus=None, merge="sum"`` is mergekit's
+    ``della_linear``.
+    """
+    _check_unit(density, "density")
+    if not (0 <= epsilon and 0 < density - epsilon and density + epsilon <= 1):
+        raise ValueError(f"DELLA needs 0 <= epsilon, 0 < density - epsilon and density + "
+                         f"epsilon <= 1, got density={density}, epsilon={epsilon}")
+
+    def sparsify(name, k, tau):
+        rows = _rows(tau)
+        n = rows.shape[1]
+        rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
+        spread = 2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank)
+        p = density + epsilon * spread
+        draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
+        return torch.where(draw < p, rows / p, 0.0).reshape(tau.shape)
+
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della")
+
+
+def _polar(A: torch.Tensor) -> torch.Tensor:
+    """The orthonormal factor ``P Q^T`` of ``A = P S Q^T``: the matrix with orthonormal columns
+    nearest to ``A`` (orthogonal Procrustes)."""
+    P, _, Qh = torch.linalg.svd(A, full_matrices=False)
+    return P @ Qh
+
+
+def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None) -> dict:
+    """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors").
+
+    For every matrix (2-D tensor): keep the top ``r = floor(rank_fraction * min(d_out, d_in))``
+    singular triplets of each task vector (``rank_fraction`` defaults to 1 / number of
+    experts, so that together they fill the rank), stack them, ``U = [U_1 .. U_K]``, ``S``,
+    ``V = [V_1 .. V_K]``, replace ``U`` and ``V`` by their nearest matrices with orthonormal
+    columns (removing the interference between tasks' singular subspaces) and add
+    ``scale * U_o diag(S) V_o^T`` to the base. Other tensors (biases, norms, convolutions) take
+    the mean task vector, scaled.
+    """
+    _needs_base(base, "tsv")
+    if rank_fraction is not None and not 0 < rank_fraction <= 1:
+        raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+
+    def merge_tensor(name, W_0, W_k):
+        taus = [W - W_0 for W in W_k]
+        if W_0.dim() != 2:
+            return W_0 + scale * torch.stack(taus).mean(0)
+        fraction = rank_fraction if rank_fraction is not None else 1.0 / len(taus)
+        r = max(1, int(fraction * min(W_0.shape)))
+        Us, Ss, Vhs = [], [], []
+        for tau in taus:
+            U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+            Us.append(U[:, :r]), Ss.append(S[:r]), Vhs.append(Vh[:r])
+        U_o = _polar(torch.cat(Us, dim=1))
+        Vh_o = _polar(torch.cat(Vhs, dim=0).T).T
+        return W_0 + scale * (U_o * torch.cat(Ss)) @ Vh_o
+
+    return _merge_each(base, experts, merge_tensor)
+
+
+def iso_c(base, experts, scale: float = 1.0) -> dict:
+    """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging").
+
+    For every matrix: the SVD ``U S V^T`` of the summed task vectors, with every singular value
+    replaced by their mean, ``W_0 + scale * mean(S) U V^T`` (a flat spectrum, so that no task's
+    directions are dwarfed by the dominant ones). Other tensors take the mean task vector,
+    scaled.
+    """
+    _needs_base(base, "iso_c")
+
+    def merge_tensor(name, W_0, W_k):
+        taus = torch.stack([W - W_0 for W in W_k])
+        if W_0.dim() != 2:
+            return W_0 + scale * taus.mean(0)
+        U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+        return W_0 + scale * S.mean() * (U @ Vh)
+
+    return _merge_each(base, experts, merge_tensor)
+
+
+def model_stock(base, experts, per_row: bool = False) -> dict:
+    """Model Stock (Jang et al., ECCV 2024): ``W = t mean_k W_k + (1 - t) W_0`` with
+    ``t = K cos / (1 + (K - 1) cos)``, ``cos`` the mean cosine between the K task vectors'
+    pairs (over the whole tensor, or each output row with ``per_row=True``). Needs at least two
+    experts. Where ``1 + (K - 1) cos`` is 0 (task vectors pointing apart) the base is kept.
+    """
+    _needs_base(base, "model_stock")
+
+    def merge_tensor(name, W_0, W_k):
+        K = len(W_k)
+        if K < 2:
+            raise ValueError(f"model_stock needs at least two experts, got {K}")
+        taus = [(_rows(W - W_0) if per_row else (W - W_0).reshape(1, -1)) for W in W_k]
+        norms = [tau.norm(dim=1) for tau in taus]
+        cosines = [((taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]).clamp(min=1e-12))
+                   .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
+        cos = torch.stack(cosines).mean(0)
+        denominator = 1 + (K - 1) * cos
+        t = torch.where(denominator.abs() > 1e-6, K * cos / denominator, torch.zeros_like(cos))
+        t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
+        return t * torch.stack(W_k).mean(0) + (1 - t) * W_0
+
+    return _merge_each(base, experts, merge_tensor)
+
+
+def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
+          dot_threshold: float = 0.9995) -> dict:
+    """Spherical linear interpolation from model ``a`` (t = 0) to model ``b`` (t = 1).
+
+    Each tensor (or each output row, ``per_row=True``, as mergekit 0.1.5 does) moves along the
+    great circle between the two directions: ``sin((1 - t) theta) / sin theta a + sin(t theta) /
+    sin theta b``, ``theta`` the angle between them; where they are nearly parallel or opposite
+    (``|cos theta| > dot_threshold``) it interpolates linearly. ``t`` may be a function of the
+    tensor's name (a schedule over layers).
+    """
+    def merge_tensor(name, W_0, W_k):
+        frac = float(t(name) if callable(t) else t)
+        A, B = (_rows(W) if per_row else W.reshape(1, -1) for W in W_k)
+        unit_a, unit_b = (X / X.norm(dim=1, keepdim=True).clamp(min=1e-8) for X in (A, B))
+        cos = (unit_a * unit_b).sum(1, keepdim=True).clamp(-1, 1)
+        linear = cos.abs() > dot_threshold
+        theta = torch.acos(torch.where(linear, 0.0, cos))
+        sin_theta = torch.where(linear, 1.0, torch.sin(theta))
+        ca = torch.where(linear, 1 - frac, torch.sin((1 - frac) * theta) / sin_theta)
+        cb = torch.where(linear, frac, torch.sin(frac * theta) / sin_theta)
+        return (ca * A + cb * B).reshape(W_k[0].shape)
+
+    return _merge_each(None, [a, b], merge_tensor)
 
 
 # --------------------------------------------------------------------------- top-k threshold
@@ -202,15 +412,18 @@ def ties(
 
 def _kth_largest(magnitudes: Callable[[], Iterable[torch.Tensor]], n: int, density: float):
     """The k-th largest of ``n`` non-negative values spread over several tensors,
-    ``k = round(density * n)``, without concatenating them; ``None`` when k = 0.
+    ``k = round(density * n)``, without concatenating them; ``None`` when k = 0."""
+    k = min(int(round(density * n)), n)
+    return None if k == 0 else _kth_largest_rank(magnitudes, k)
+
+
+def _kth_largest_rank(magnitudes: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
+    """The k-th largest (k >= 1) of the non-negative values ``magnitudes()`` yields.
 
     Radix select on the float32 bit patterns, which order non-negative floats like their
     values: one pass counts the high 16 bits, a second the low 16 bits inside the high bucket
     that holds the k-th value. ``magnitudes()`` yields the tensors anew for each pass.
     """
-    k = min(int(round(density * n)), n)
-    if k == 0:
-        return None
 
     def bits(m):
         return m.float().contiguous().view(torch.int32).reshape(-1)

@@ -1,5 +1,7 @@
 """Merges against results computed by hand."""
 
+import zlib
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +150,241 @@ def test_bad_parameters():
         merge.task_arithmetic({**base, "w": torch.full((6,), float("inf"))}, experts)
     with pytest.raises(TypeError, match="list of state dicts"):
         merge.average(experts[0])
+
+
+
+# --------------------------------------------------------------------------- DARE-TIES, Breadcrumbs, DELLA
+
+
+def _dare_survivors(base, experts, name, density, seed):
+    """DARE's rescaled survivors of each expert's task vector, masks drawn as documented."""
+    out = []
+    for k, e in enumerate(experts):
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{k}".encode()))
+        keep = torch.rand(base[name].shape, generator=g) < density
+        out.append(torch.where(keep, e[name] - base[name], 0.0) / density)
+    return torch.stack(out)
+
+
+def test_dare_with_sign_consensus(gen):
+    base = {"w": torch.randn(3, 50, generator=gen)}
+    experts = [{"w": base["w"] + torch.randn(3, 50, generator=gen)} for _ in range(3)]
+    # density 1 drops nothing: DARE-TIES is TIES keeping every entry
+    for how in ("sum", "mean"):
+        got = merge.dare(base, experts, scale=0.5, density=1.0, consensus="sign", merge=how)
+        want = merge.ties(base, experts, scale=0.5, density=1.0, scope="tensor", merge=how)
+        torch.testing.assert_close(got["w"], want["w"])
+    # a real drop: the sign vote runs on the rescaled survivors of DARE's own masks
+    T_ = _dare_survivors(base, experts, "w", 0.4, seed=4)
+    sign = torch.sign(T_.sum(0))
+    agree = (torch.sign(T_) == sign) & (T_ != 0)
+    voted = torch.where(agree, T_, 0.0).sum(0)
+    got = merge.dare(base, experts, scale=0.7, density=0.4, seed=4, consensus="sign")
+    torch.testing.assert_close(got["w"], base["w"] + 0.7 * voted)
+    got = merge.dare(base, experts, scale=0.7, density=0.4, seed=4, consensus="sign", merge="mean")
+    torch.testing.assert_close(got["w"], base["w"] + 0.7 * voted / agree.sum(0).clamp(min=1))
+    plain = merge.dare(base, experts, scale=0.7, density=0.4, seed=4)
+    torch.testing.assert_close(plain["w"], base["w"] + 0.7 * T_.sum(0))
+    assert (agree.sum(0) < 3).any()  # the vote did drop disagreeing survivors
+
+
+def test_breadcrumbs_by_hand():
+    base = {"w": torch.zeros(10)}
+    tau = T([10.0, -9.0, 1.0, -2.0, 3.0, 0.5, -4.0, 5.0, 0.1, 6.0])
+    # gamma 0.1 drops the largest (10), density 0.5 keeps the next five: 9, 6, 5, 4, 3
+    out = merge.breadcrumbs(base, [{"w": tau}], scale=1.0, density=0.5, gamma=0.1)["w"]
+    torch.testing.assert_close(out, T([0.0, -9.0, 0, 0, 3.0, 0, -4.0, 5.0, 0, 6.0]))
+    # gamma 0: TIES's magnitude trim, without the vote (one expert: no vote to lose)
+    out = merge.breadcrumbs(base, [{"w": tau}], scale=1.0, density=0.3, gamma=0.0)["w"]
+    torch.testing.assert_close(out, merge.ties(base, [{"w": tau}], density=0.3, scope="tensor")["w"])
+    # gamma + density > 1: fewer outliers go (density 0.95 keeps 10 of 10 rounded: none go)
+    out = merge.breadcrumbs(base, [{"w": tau}], scale=1.0, density=0.95, gamma=0.2)["w"]
+    torch.testing.assert_close(out, tau)
+    # a tie with a kept boundary entry is kept: 5 = 5 at the lower boundary
+    tied = tau.clone()
+    tied[2] = 3.0
+    out = merge.breadcrumbs(base, [{"w": tied}], scale=1.0, density=0.5, gamma=0.1)["w"]
+    assert out[2] == 3.0 and out[4] == 3.0 and out[0] == 0.0
+
+
+def test_breadcrumbs_sign_consensus_and_scale():
+    base, experts = hand_models()
+    out = merge.breadcrumbs(base, experts, scale=0.5, density=1.0, gamma=0.0, consensus="sign")
+    want = merge.ties(base, experts, scale=0.5, density=1.0, scope="tensor", merge="sum")
+    torch.testing.assert_close(out["w"], want["w"])
+    out = merge.breadcrumbs(base, experts, scale=0.3, density=1.0, gamma=0.0)
+    torch.testing.assert_close(out["w"], merge.task_arithmetic(base, experts, 0.3)["w"])
+
+
+def test_della_keep_probabilities_follow_magnitude_rank(gen):
+    n = 2001
+    # two rows with magnitudes increasing (row 0) and decreasing (row 1) along the row
+    mags = torch.linspace(1.0, 2.0, n)
+    tau = torch.stack([mags, -mags.flip(0)])
+    base = {"w": torch.zeros(2, n)}
+    density, epsilon = 0.5, 0.3
+    out = merge.della(base, [{"w": tau}], scale=1.0, density=density, epsilon=epsilon, seed=2)["w"]
+    rank = torch.arange(n, dtype=torch.float32)
+    p = density + epsilon * (2 * rank / (n - 1) - 1)
+    p = torch.stack([p, p.flip(0)])
+    kept = out != 0
+    # a kept entry is divided by its own keep probability
+    torch.testing.assert_close(out[kept], (tau / p)[kept])
+    # the smallest fifth of each row survives at ~0.26, the largest at ~0.74
+    low = torch.cat([kept[0, : n // 5], kept[1, -(n // 5):]]).float().mean()
+    high = torch.cat([kept[0, -(n // 5):], kept[1, : n // 5]]).float().mean()
+    assert 0.2 < low < 0.32 and 0.68 < high < 0.8
+    # reproducible, and a mask depends only on (seed, name, expert)
+    again = merge.della(base, [{"w": tau}], scale=1.0, density=density, epsilon=epsilon, seed=2)
+    assert torch.equal(again["w"], out)
+
+
+def test_della_is_unbiased_and_votes(gen):
+    base = {"w": torch.zeros(1, 20000)}
+    tau = torch.randn(1, 20000, generator=gen)
+    out = merge.della(base, [{"w": tau}], scale=1.0, density=0.4, epsilon=0.2, seed=9)["w"]
+    # E[out] = tau entrywise, so the sum of out * sign(tau) estimates |tau|_1 (to ~2%)
+    assert abs(float((out * tau.sign()).sum() / tau.abs().sum()) - 1) < 0.03
+    # epsilon 0, consensus None, merge sum: DARE with density's drop rate
+    lin = merge.della(base, [{"w": tau}], scale=1.0, density=0.4, epsilon=0.0, consensus=None,
+                      merge="sum", seed=9)["w"]
+    kept = lin != 0
+    torch.testing.assert_close(lin[kept], tau[kept] / 0.4)
+    # consensus over experts: entries of the minority sign are not merged
+    experts = [{"w": tau}, {"w": tau}, {"w": -tau}]
+    voted = merge.della(base, experts, scale=1.0, density=0.99, epsilon=0.0, seed=1)["w"]
+    agree_fraction = float(((voted * tau) >= 0).float().mean())
+    assert agree_fraction > 0.99
+
+
+# --------------------------------------------------------------------------- TSV, Iso-C
+
+
+def _orthogonal_task_vectors(gen, d_out=12, d_in=10):
+    """Rank-3 task vectors on disjoint row and column blocks (orthogonal singular subspaces).
+    Their rank is TSV's share, 10 // 3: a smaller rank would hand TSV singular vectors of
+    singular value 0, arbitrary directions that its orthogonalisation would mix in."""
+    taus = []
+    for k in range(3):
+        tau = torch.zeros(d_out, d_in)
+        tau[4 * k: 4 * k + 4, 3 * k: 3 * k + 3] = torch.randn(4, 3, generator=gen)
+        taus.append(tau)
+    return taus
+
+
+def test_tsv_identities(gen):
+    W_0 = torch.randn(12, 10, generator=gen)
+    b_0 = torch.randn(12, generator=gen)
+    taus = _orthogonal_task_vectors(gen)
+    biases = [torch.randn(12, generator=gen) for _ in taus]
+    base = {"w": W_0, "b": b_0}
+    experts = [{"w": W_0 + t, "b": b_0 + b} for t, b in zip(taus, biases)]
+    # orthogonal subspaces, each task's rank its share (3 of 10): nothing interferes and
+    # TSV-Merge is Task Arithmetic on the matrices; vectors take the mean task vector
+    out = merge.tsv(base, experts, scale=0.8)
+    torch.testing.assert_close(out["w"], W_0 + 0.8 * sum(taus), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["b"], b_0 + 0.8 * sum(biases) / 3)
+    # one expert and the whole rank: its own task vector
+    tau = torch.randn(12, 10, generator=gen)
+    out = merge.tsv({"w": W_0}, [{"w": W_0 + tau}], scale=1.0)
+    torch.testing.assert_close(out["w"], W_0 + tau, atol=1e-5, rtol=1e-5)
+    # overlapping subspaces: the merged update has orthonormal singular vectors built from the
+    # stacked ones, so its singular values are exactly the kept ones
+    taus = [torch.randn(12, 10, generator=gen) for _ in range(2)]
+    out = merge.tsv({"w": W_0}, [{"w": W_0 + t} for t in taus], scale=1.0)["w"]
+    kept = torch.cat([torch.linalg.svdvals(t)[:5] for t in taus]).sort(descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(out - W_0), kept, atol=1e-4, rtol=1e-4)
+
+
+def test_iso_c_flattens_the_spectrum(gen):
+    W_0 = torch.randn(16, 12, generator=gen)
+    taus = [torch.randn(16, 12, generator=gen) * s for s in (1.0, 0.1, 3.0)]
+    out = merge.iso_c({"w": W_0, "b": torch.zeros(3)},
+                      [{"w": W_0 + t, "b": torch.full((3,), float(k))} for k, t in enumerate(taus)],
+                      scale=0.5)
+    S = torch.linalg.svdvals(sum(taus))
+    delta = out["w"] - W_0
+    torch.testing.assert_close(torch.linalg.svdvals(delta), torch.full((12,), 0.5 * float(S.mean())),
+                               atol=1e-4, rtol=1e-4)
+    # same singular subspaces as the sum: delta = c U V^T, so delta^T sum = c V S V^T is symmetric
+    G = delta.T @ sum(taus)
+    torch.testing.assert_close(G, G.T, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out["b"], torch.full((3,), 0.5))
+
+
+# --------------------------------------------------------------------------- Model Stock, SLERP, weights
+
+
+def test_model_stock_by_hand(gen):
+    W_0 = torch.randn(4, 6, generator=gen)
+    tau = torch.randn(4, 6, generator=gen)
+    # identical task vectors: cos 1, t = 1, the experts' mean
+    out = merge.model_stock({"w": W_0}, [{"w": W_0 + tau}, {"w": W_0 + tau}])["w"]
+    torch.testing.assert_close(out, W_0 + tau)
+    # orthogonal task vectors: cos 0, t = 0, the base
+    a, b = torch.zeros(4, 6), torch.zeros(4, 6)
+    a[0], b[1] = 1.0, 2.0
+    out = merge.model_stock({"w": W_0}, [{"w": W_0 + a}, {"w": W_0 + b}])["w"]
+    torch.testing.assert_close(out, W_0)
+    # three experts, general case: t = 3 c / (1 + 2 c), c the mean pairwise cosine
+    taus = [tau + 0.5 * torch.randn(4, 6, generator=gen) for _ in range(3)]
+    cos = [torch.nn.functional.cosine_similarity(taus[i].flatten(), taus[j].flatten(), dim=0)
+           for i, j in ((0, 1), (0, 2), (1, 2))]
+    c = sum(cos) / 3
+    t = 3 * c / (1 + 2 * c)
+    out = merge.model_stock({"w": W_0}, [{"w": W_0 + x} for x in taus])["w"]
+    torch.testing.assert_close(out, W_0 + t * sum(taus) / 3)
+    # per row: each output row gets its own t
+    rows = merge.model_stock({"w": W_0}, [{"w": W_0 + x} for x in taus], per_row=True)["w"]
+    for r in range(4):
+        one = merge.model_stock({"w": W_0[r]}, [{"w": W_0[r] + x[r]} for x in taus])["w"]
+        torch.testing.assert_close(rows[r], one)
+
+
+def test_slerp(gen):
+    a = {"w": T([[1.0, 0.0], [0.0, 2.0]]), "ids": T([1, 2])}
+    b = {"w": T([[0.0, 1.0], [0.0, -2.0]]), "ids": T([3, 4])}
+    torch.testing.assert_close(merge.slerp(a, b, t=0.0)["w"], a["w"])
+    torch.testing.assert_close(merge.slerp(a, b, t=1.0)["w"], b["w"])
+    assert torch.equal(merge.slerp(a, b)["ids"], a["ids"])
+    # per row: row 0 is a quarter circle (unit vectors at 90 degrees), row 1 is antiparallel
+    # (|cos| = 1 > dot_threshold: linear)
+    out = merge.slerp(a, b, t=0.5, per_row=True)["w"]
+    torch.testing.assert_close(out[0], T([2 ** -0.5, 2 ** -0.5]))
+    torch.testing.assert_close(out[1], T([0.0, 0.0]))
+    # whole tensor: the norm stays on the circle for equal norms
+    x, y = torch.randn(5, 7, generator=gen), torch.randn(5, 7, generator=gen)
+    y = y * x.norm() / y.norm()
+    for t in (0.2, 0.5, 0.9):
+        torch.testing.assert_close(merge.slerp({"w": x}, {"w": y}, t=t)["w"].norm(), x.norm())
+    # a schedule over names
+    out = merge.slerp({"p": x, "q": x}, {"p": y, "q": y}, t=lambda name: 0.0 if name == "p" else 1.0)
+    torch.testing.assert_close(out["p"], x)
+    torch.testing.assert_close(out["q"], y)
+
+
+def test_weighted_average():
+    base, experts = hand_models()
+    out = merge.average(experts, weights=[1.0, 0.0, 3.0])
+    torch.testing.assert_close(out["w"], (experts[0]["w"] + 3 * experts[2]["w"]) / 4)
+    with pytest.raises(ValueError, match="one number per expert"):
+        merge.average(experts, weights=[1.0, 2.0])
+
+
+def test_bad_parameters_of_the_newer_merges():
+    base, experts = hand_models()
+    with pytest.raises(ValueError, match="consensus"):
+        merge.dare(base, experts, consensus="majority")
+    with pytest.raises(ValueError, match="gamma"):
+        merge.breadcrumbs(base, experts, gamma=-0.1)
+    with pytest.raises(ValueError, match="epsilon"):
+        merge.della(base, experts, density=0.1, epsilon=0.2)
+    with pytest.raises(ValueError, match="rank_fraction"):
+        merge.tsv(base, experts, rank_fraction=0.0)
+    with pytest.raises(ValueError, match="at least two experts"):
+        merge.model_stock(base, experts[:1])
+    for fn in (merge.breadcrumbs, merge.della, merge.tsv, merge.iso_c, merge.model_stock):
+        with pytest.raises(ValueError, match="needs the base"):
+            fn(None, experts)
+    with pytest.raises(ValueError, match="shape"):
+        merge.slerp({"w": torch.zeros(3)}, {"w": torch.zeros(4)})
