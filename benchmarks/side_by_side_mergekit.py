@@ -12,16 +12,32 @@ the two results is compared. The settings that mean the same thing in both:
     task_arithmetic   mergekit ``task_arithmetic``, weight 1 each, ``lambda`` = our ``scale``
     ties              mergekit ``ties``, weight 1, density d, normalize true (the disjoint
                       mean), ``lambda`` = scale; ours ``scope="tensor", merge="mean"``
+    breadcrumbs       mergekit ``breadcrumbs``, weight 1, density d, gamma g, ``lambda`` =
+                      scale; ours ``breadcrumbs(density=d, gamma=g)``
+    breadcrumbs_ties  mergekit ``breadcrumbs_ties`` (normalize false: the agreeing entries'
+                      sum); ours ``breadcrumbs(..., consensus="sign", merge="sum")``
+    model_stock       mergekit ``model_stock``, ``filter_wise`` false and true; ours
+                      ``model_stock(per_row=False / True)``
+    slerp             mergekit ``slerp`` (0.1.5 interpolates each output row) from the base
+                      to expert 0, ``t`` = 0.3; ours ``slerp(base, expert 0, t, per_row=True)``
+    linear            mergekit ``linear``, weights 1, 2, 3 (normalized); ours
+                      ``average(experts, weights=[1, 2, 3])``
 
-Known differences, stated rather than hidden (both in TIES's trim):
+DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
+name, expert)``), so their tensors cannot be compared entry by entry; they are not run here.
 
-- mergekit keeps ``max(1, floor(d n))`` entries of a tensor of n entries, we keep
-  ``round(d n)``. The model's shapes make ``d n`` an integer at the default density; other
-  ``--density`` values show the difference in ``entries_differing``.
-- where magnitudes tie exactly at the k-th largest, we keep every tied entry (an order-free
-  rule); mergekit keeps the first of them in ``argsort`` order. Ties are not rare: an expert's
-  task vector ``W_k - W_0`` of fp32 weights lies on the grid of ``W_0``'s rounding steps.
-  ``kth_ties`` counts the (tensor, expert) pairs where one occurs.
+Known differences, stated rather than hidden (in TIES's and Breadcrumbs' trims):
+
+- mergekit keeps ``max(1, floor(d n))`` entries of a tensor of n entries (Breadcrumbs: drops
+  ``floor(g n)`` outliers), we keep ``round(d n)`` (drop ``round(g n)``). The model's shapes
+  make ``d n`` and ``g n`` integers at the defaults; other ``--density`` / ``--gamma`` values
+  show the difference in ``entries_differing``.
+- where magnitudes tie exactly at a trim boundary, we keep every tied entry (an order-free
+  rule); mergekit keeps the first of them in ``argsort`` / ``sort`` order. Ties are not rare:
+  an expert's task vector ``W_k - W_0`` of fp32 weights lies on the grid of ``W_0``'s rounding
+  steps. ``kth_ties`` counts the (tensor, expert) pairs where one occurs at TIES's boundary.
+- TIES's vote: where the trimmed entries sum to exactly 0, mergekit elects +, we elect no sign
+  (the entry stays at the base).
 """
 
 import argparse
@@ -113,6 +129,10 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/mergekit-side-by-side.json")
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--breadcrumbs-density", type=float, default=0.9)
+    # 0.0125: g n is an integer for every tensor of the tiny Llama (80-entry norms included)
+    parser.add_argument("--gamma", type=float, default=0.0125)
+    parser.add_argument("--t", type=float, default=0.3)
     args = parser.parse_args(argv)
     try:
         import mergekit  # noqa: F401
@@ -123,7 +143,8 @@ def main(argv=None):
     from importlib.metadata import version
 
     results = dict(mergekit=version("mergekit"), torch=torch.__version__, scale=args.scale,
-                   density=args.density, methods={})
+                   density=args.density, breadcrumbs_density=args.breadcrumbs_density,
+                   gamma=args.gamma, t=args.t, methods={})
     with tempfile.TemporaryDirectory() as root:
         base_dir, expert_dirs = write_models(root)
         base = open_checkpoint(base_dir)
@@ -142,6 +163,31 @@ def main(argv=None):
                 lambda: merge.ties(base, experts, scale=args.scale, density=args.density,
                                    scope="tensor", merge="mean")),
         }
+        crumbs = [dict(model=p, parameters=dict(weight=1.0, density=args.breadcrumbs_density,
+                                                gamma=args.gamma)) for p in expert_dirs]
+        for method, consensus in (("breadcrumbs", None), ("breadcrumbs_ties", "sign")):
+            runs[method] = (
+                dict(merge_method=method, base_model=base_dir, dtype="float32",
+                     parameters=dict(**{"lambda": args.scale}), models=crumbs),
+                lambda consensus=consensus: merge.breadcrumbs(
+                    base, experts, scale=args.scale, density=args.breadcrumbs_density,
+                    gamma=args.gamma, consensus=consensus, merge="sum"))
+        for per_row in (False, True):
+            runs[f"model_stock{'_filter_wise' if per_row else ''}"] = (
+                dict(merge_method="model_stock", base_model=base_dir, dtype="float32",
+                     parameters=dict(filter_wise=per_row),
+                     models=[dict(model=p) for p in expert_dirs]),
+                lambda per_row=per_row: merge.model_stock(base, experts, per_row=per_row))
+        runs["slerp"] = (
+            dict(merge_method="slerp", base_model=base_dir, dtype="float32",
+                 parameters=dict(t=args.t),
+                 models=[dict(model=base_dir), dict(model=expert_dirs[0])]),
+            lambda: merge.slerp(base, experts[0], t=args.t, per_row=True))
+        runs["linear"] = (
+            dict(merge_method="linear", dtype="float32",
+                 models=[dict(model=p, parameters=dict(weight=float(k + 1)))
+                         for k, p in enumerate(expert_dirs)]),
+            lambda: merge.average(experts, weights=[1.0, 2.0, 3.0]))
         for method, (config, ours_fn) in runs.items():
             out = os.path.join(root, f"mergekit-{method}")
             seconds_theirs = run_mergekit(config, out)

@@ -32,7 +32,15 @@ from . import merge as merge_lib
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
 
-MERGE_METHODS = ("task_arithmetic", "ties", "dare", "average")
+# method of epmq.merge -> its label in tables; the merges of one base and N experts
+MERGE_LABELS = {
+    "task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "breadcrumbs": "Breadcrumbs",
+    "della": "DELLA", "tsv": "TSV-M", "iso_c": "Iso-C", "model_stock": "Model Stock",
+    "average": "Avg",
+}
+MERGE_METHODS = tuple(MERGE_LABELS)
+# merges without a scale to choose (the pipeline's scale is ignored)
+UNSCALED_MERGES = ("average", "model_stock")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
 TARGETS = ("merged_path", "expert_path", "fp_path")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
@@ -55,7 +63,9 @@ class MergePlan:
             self.scales = [self.scales]
         if not self.scales:
             raise ValueError(f"merge {self.method}: no scale to choose from")
-        self.label = self.label or {"task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "average": "Avg"}[self.method]
+        if self.method in UNSCALED_MERGES and len(self.scales) > 1:
+            raise ValueError(f"merge {self.method} has no scale: give no scales, not {self.scales}")
+        self.label = self.label or MERGE_LABELS[self.method]
 
 
 @dataclass
@@ -183,8 +193,10 @@ def merged_state(bench, plan: MergePlan, scale):
     """The bench's experts merged as ``plan`` says, with ``scale``."""
     experts = [bench.experts[t] for t in bench.task_names]
     if plan.method == "average":
-        return merge_lib.average(experts)
+        return merge_lib.average(experts, **plan.params)
     fn = getattr(merge_lib, plan.method)
+    if plan.method in UNSCALED_MERGES:
+        return fn(bench.base_state, experts, **plan.params)
     return fn(bench.base_state, experts, scale=scale, **plan.params)
 
 

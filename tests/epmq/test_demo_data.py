@@ -11,6 +11,7 @@ from epmq.demo.benchmark import prepare
 from epmq.demo.data import TASKS, SplitSizes, build_task_data, load_digits_tensors, make_splits
 from epmq.demo.model import ModelConfig
 from epmq.demo.train import DemoConfig
+from epmq import merge
 from epmq.pipeline import MergePlan, choose_scale, merged_state
 
 TINY = DemoConfig(
@@ -189,3 +190,26 @@ def test_merges_choose_on_validation(tiny_bench):
     assert scale == 0.5 and state.keys() == bench.base_state.keys()
     with pytest.raises(ValueError, match="unknown merge method"):
         MergePlan("nope")
+
+
+@pytest.mark.parametrize("method, params", [
+    ("dare", {"density": 0.5, "consensus": "sign"}), ("breadcrumbs", {"density": 0.8}),
+    ("della", {}), ("tsv", {}), ("iso_c", {}), ("model_stock", {}), ("average", {}),
+])
+def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
+    bench = tiny_bench
+    experts = [bench.experts[t] for t in bench.task_names]
+    plan = MergePlan(method, params=params)
+    state = merged_state(bench, plan, 0.3)
+    fn = getattr(merge, method)
+    if method == "average":
+        want = fn(experts)
+    elif method == "model_stock":
+        want = fn(bench.base_state, experts)
+    else:
+        want = fn(bench.base_state, experts, scale=0.3, **params)
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in state)
+    assert 0 <= bench.evaluate(state, split="val")["avg"] <= 1
+    if method in ("model_stock", "average"):
+        with pytest.raises(ValueError, match="has no scale"):
+            MergePlan(method, scales=[0.2, 0.4])
