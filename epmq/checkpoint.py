@@ -229,9 +229,24 @@ def _write_tensors(tensors, path) -> None:
 
 
 def _write_atomically(directory: Path, shards: dict, files: dict) -> None:
-    if directory.exists() and not _replaceable(directory):
+    with atomic_directory(directory) as tmp:
+        for name, shard in shards.items():
+            _write_tensors({k: t.to("cpu").contiguous() for k, t in shard.items()}, tmp / name)
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
+    """A fresh temporary sibling of ``directory`` to write a checkpoint into. When the block
+    ends without an error, the user's files in the old ``directory`` are carried over, all is
+    fsynced and the new directory replaces the old one; on an error it is deleted and
+    ``directory`` is untouched. An existing ``directory`` is only replaced if it is empty or
+    holds ``marker`` (a checkpoint epmq wrote)."""
+    directory = Path(directory)
+    if directory.exists() and not _replaceable(directory, marker):
         raise ValueError(
-            f"{directory} exists and is not an epmq checkpoint (no {CONFIG_FILE}): refusing to "
+            f"{directory} exists and is not an epmq checkpoint (no {marker}): refusing to "
             f"replace it; choose a new or empty directory"
         )
     parent = directory.absolute().parent
@@ -241,10 +256,7 @@ def _write_atomically(directory: Path, shards: dict, files: dict) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
-        for name, shard in shards.items():
-            _write_tensors({k: t.to("cpu").contiguous() for k, t in shard.items()}, tmp / name)
-        for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        yield tmp
         _carry_over(directory, tmp)
         for path in tmp.iterdir():
             if not path.is_symlink():
@@ -272,8 +284,8 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copy2(entry, target, follow_symlinks=False)
 
 
-def _replaceable(directory: Path) -> bool:
-    return directory.is_dir() and (not any(directory.iterdir()) or (directory / CONFIG_FILE).is_file())
+def _replaceable(directory: Path, marker: str = CONFIG_FILE) -> bool:
+    return directory.is_dir() and (not any(directory.iterdir()) or (directory / marker).is_file())
 
 
 def _fsync(path: Path) -> None:

@@ -2,6 +2,7 @@
 
     epmq demo                 the embedded 8-task benchmark (trains once, cached; then quantizes)
     epmq run CONFIG.yaml      a whole experiment from a config (merge, quantize, evaluate)
+    epmq merge CONFIG.yaml OUT   merge checkpoints into a checkpoint (no evaluation)
     epmq bench                the kernel benchmarks on a CUDA GPU
 
 Every command writes ``results.json``, ``table.md`` and ``accuracy.png`` (or the benchmark
@@ -23,6 +24,18 @@ EXAMPLES = """examples:
   epmq run configs/clip-vit-b32-8tasks.yaml  # CLIP-ViT-B/32 on 8 tasks (needs the HF hub)
   epmq run my.yaml --fresh                   # ignore earlier results in the output directory
   epmq bench --out benchmarks/results        # W4A16 and solver kernels vs torch (CUDA only)
+  epmq merge ties.yaml merged/ties           # merge checkpoints (local or HF hub) into one
+"""
+
+MERGE_CONFIG = """A merge config (YAML):
+
+  method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, tsv,
+                                    # iso_c, model_stock, average, slerp
+  base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (not for average, slerp)
+  models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0)
+  params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t
+  dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
+  max_shard_size: 5GB               # optional
 """
 
 
@@ -46,6 +59,45 @@ def _demo(args) -> int:
     results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
                            log=_log(args), identity=identity)
     _finish(results, plan, bench.task_names, out, t0)
+    return 0
+
+
+# --------------------------------------------------------------------------- merge
+
+MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size"}
+
+
+def _merge(args) -> int:
+    import yaml
+
+    from .merge_checkpoint import merge_checkpoints
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise CLIError(f"no such config file: {path}")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise CLIError(f"{path}: expected a mapping with method, base, models, params")
+    unknown = sorted(set(config) - MERGE_KEYS)
+    if unknown:
+        raise CLIError(f"{path}: unknown keys {unknown}; allowed: {sorted(MERGE_KEYS)}")
+    for key in ("method", "models"):
+        if key not in config:
+            raise CLIError(f"{path}: missing {key!r}\n\n{MERGE_CONFIG}")
+    models = config["models"]
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise CLIError(f"{path}: models must be a list of paths or HF hub ids, got {models!r}")
+    torch_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
+                                params=config.get("params"), dtype=config.get("dtype"),
+                                max_shard_size=config.get("max_shard_size", "5GB"),
+                                device=args.device, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    print(f"merged {len(models)} models with {config['method']} into {out} "
+          f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -176,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="the experiment's YAML file")
     common(run, None)
     run.set_defaults(func=_run)
+
+    merge = sub.add_parser("merge", help="merge checkpoints (local or HF hub) into a checkpoint",
+                           description="Merge the checkpoints a YAML config names and write the merged "
+                           "model as save_pretrained would (safetensors, config and tokenizer of the base).",
+                           epilog=MERGE_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("config", help="the merge's YAML file")
+    merge.add_argument("out", help="output directory (replaced atomically if it holds an earlier merge)")
+    merge.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda (default: CPU)")
+    merge.add_argument("--quiet", action="store_true", help="no progress output")
+    merge.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    merge.set_defaults(func=_merge)
 
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")

@@ -22,7 +22,10 @@ With task vectors ``tau_k = W_k - W_0``:
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
 
 Tensors that are not floating point (position ids, counters) are copied from the base (from
-the first expert for ``average`` and ``slerp``) unchanged. Random merges (``dare``, ``della``)
+the first expert for ``average`` and ``slerp``) unchanged. Each merged tensor is stored in
+``out`` as soon as it is made (a new dict by default, returned; anything with ``__setitem__``:
+``epmq.merge_checkpoints`` passes a writer that puts them into shards on disk, so a merge of
+large checkpoints holds one shard of the result at a time). Random merges (``dare``, ``della``)
 draw the mask of tensor ``name`` of expert k from ``(seed, name, k)`` alone, so a merge is
 reproducible whatever order or subset of tensors is merged.
 """
@@ -90,11 +93,12 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict])
     return reference, None if W_0 is None else W_0.float(), [W.float() for W in W_k]
 
 
-def _merge_each(base, experts, merge_tensor) -> dict:
-    """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time."""
+def _merge_each(base, experts, merge_tensor, out=None):
+    """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
+    store each result in ``out`` as it is made (a new dict by default); returns ``out``."""
     base, experts = _inputs(base, experts)
     reference = base if base is not None else experts[0]
-    out = {}
+    out = {} if out is None else out
     for name in reference.keys():
         ref, W_0, W_k = _tensors(name, base, experts)
         if W_0 is None and W_k is None:
@@ -142,14 +146,14 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str)
     return total
 
 
-def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method) -> dict:
+def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out):
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     _needs_base(base, method)
     _check_choice(consensus, (None, "sign"), "consensus")
     _check_choice(merge, ("sum", "mean"), "merge")
     return _merge_each(base, experts, lambda name, W_0, W_k: W_0 + scale * _combine(
-        [sparsify(name, k, W - W_0) for k, W in enumerate(W_k)], consensus, merge))
+        [sparsify(name, k, W - W_0) for k, W in enumerate(W_k)], consensus, merge), out)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -160,29 +164,29 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- merges
 
 
-def average(experts, weights: Optional[Sequence[float]] = None) -> dict:
+def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
     if weights is None:
-        return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0))
+        return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0), out)
     weights = [float(w) for w in weights]
     if len(weights) != len(experts) or sum(weights) == 0:
         raise ValueError(f"weights must give one number per expert ({len(experts)}) with a "
                          f"nonzero sum, got {weights}")
     total = sum(weights)
     return _merge_each(None, experts,
-                       lambda name, W_0, W_k: sum(w * W for w, W in zip(weights, W_k)) / total)
+                       lambda name, W_0, W_k: sum(w * W for w, W in zip(weights, W_k)) / total, out)
 
 
-def task_arithmetic(base, experts, scale: float = 0.3) -> dict:
+def task_arithmetic(base, experts, scale: float = 0.3, *, out=None):
     """Task Arithmetic (Ilharco et al., 2023): ``W_0 + scale * sum_k (W_k - W_0)``."""
     _needs_base(base, "task_arithmetic")
     return _merge_each(
-        base, experts, lambda name, W_0, W_k: W_0 + scale * sum(W - W_0 for W in W_k)
+        base, experts, lambda name, W_0, W_k: W_0 + scale * sum(W - W_0 for W in W_k), out
     )
 
 
 def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
-         consensus: Optional[str] = None, merge: str = "sum") -> dict:
+         consensus: Optional[str] = None, merge: str = "sum", *, out=None):
     """DARE (Yu et al., 2024): drop each task-vector entry with probability ``1 - density``,
     rescale the kept ones by ``1 / density`` (the paper's rescaling: the task vector is kept in
     expectation), then Task Arithmetic with ``scale``. ``consensus="sign"`` elects a sign per
@@ -196,7 +200,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
         keep = torch.rand(tau.shape, generator=_generator(seed, name, k)) < density
         return torch.where(keep.to(tau.device), tau, 0.0) / density
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare")
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out)
 
 
 def ties(
@@ -206,7 +210,9 @@ def ties(
     density: float = 0.2,
     scope: str = "global",
     merge: str = "mean",
-) -> dict:
+    *,
+    out=None,
+):
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
 
     trim     keep each task vector's entries whose magnitude is at least its k-th largest,
@@ -240,11 +246,11 @@ def ties(
             thr = _kth_largest(lambda: [tau.abs()], tau.numel(), density)
         return torch.where(tau.abs() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
-    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties")
+    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out)
 
 
 def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
-                consensus: Optional[str] = None, merge: str = "sum") -> dict:
+                consensus: Optional[str] = None, merge: str = "sum", *, out=None):
     """Model Breadcrumbs (Davari and Belilovsky, 2024): in each tensor of each task vector, drop
     the ``gamma`` fraction of largest-magnitude entries (outliers) and the smallest ones, keeping
     ``density`` of the entries (ranks ``round(gamma n) + 1 .. + round(density n)`` by magnitude;
@@ -266,11 +272,11 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
         lower = _kth_largest_rank(lambda: [m], n_top + n_keep)
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs")
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out)
 
 
 def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: float = 0.15,
-          seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean") -> dict:
+          seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean", *, out=None):
     """DELLA-Merging (Deep et al., 2024): MagPrune, elect sign, disjoint merge.
 
     MagPrune keeps each entry of a task vector with a probability that grows with its magnitude
@@ -295,7 +301,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
         return torch.where(draw < p, rows / p, 0.0).reshape(tau.shape)
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della")
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out)
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:
@@ -305,7 +311,7 @@ def _polar(A: torch.Tensor) -> torch.Tensor:
     return P @ Qh
 
 
-def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None) -> dict:
+def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None, *, out=None):
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors").
 
     For every matrix (2-D tensor): keep the top ``r = floor(rank_fraction * min(d_out, d_in))``
@@ -334,10 +340,10 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
         Vh_o = _polar(torch.cat(Vhs, dim=0).T).T
         return W_0 + scale * (U_o * torch.cat(Ss)) @ Vh_o
 
-    return _merge_each(base, experts, merge_tensor)
+    return _merge_each(base, experts, merge_tensor, out)
 
 
-def iso_c(base, experts, scale: float = 1.0) -> dict:
+def iso_c(base, experts, scale: float = 1.0, *, out=None):
     """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging").
 
     For every matrix: the SVD ``U S V^T`` of the summed task vectors, with every singular value
@@ -354,10 +360,10 @@ def iso_c(base, experts, scale: float = 1.0) -> dict:
         U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
         return W_0 + scale * S.mean() * (U @ Vh)
 
-    return _merge_each(base, experts, merge_tensor)
+    return _merge_each(base, experts, merge_tensor, out)
 
 
-def model_stock(base, experts, per_row: bool = False) -> dict:
+def model_stock(base, experts, per_row: bool = False, *, out=None):
     """Model Stock (Jang et al., ECCV 2024): ``W = t mean_k W_k + (1 - t) W_0`` with
     ``t = K cos / (1 + (K - 1) cos)``, ``cos`` the mean cosine between the K task vectors'
     pairs (over the whole tensor, or each output row with ``per_row=True``). Needs at least two
@@ -379,11 +385,11 @@ def model_stock(base, experts, per_row: bool = False) -> dict:
         t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
         return t * torch.stack(W_k).mean(0) + (1 - t) * W_0
 
-    return _merge_each(base, experts, merge_tensor)
+    return _merge_each(base, experts, merge_tensor, out)
 
 
 def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
-          dot_threshold: float = 0.9995) -> dict:
+          dot_threshold: float = 0.9995, *, out=None):
     """Spherical linear interpolation from model ``a`` (t = 0) to model ``b`` (t = 1).
 
     Each tensor (or each output row, ``per_row=True``, as mergekit 0.1.5 does) moves along the
@@ -404,7 +410,7 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
         cb = torch.where(linear, frac, torch.sin(frac * theta) / sin_theta)
         return (ca * A + cb * B).reshape(W_k[0].shape)
 
-    return _merge_each(None, [a, b], merge_tensor)
+    return _merge_each(None, [a, b], merge_tensor, out)
 
 
 # --------------------------------------------------------------------------- top-k threshold

@@ -1,0 +1,192 @@
+"""Merge checkpoints on disk (or on the HF hub) into a checkpoint on disk.
+
+    epmq.merge_checkpoints("ties", base="meta-llama/Llama-3.1-8B",
+                           models=["ckpt/math", "ckpt/code"], out="merged/ties",
+                           params={"density": 0.2}, dtype="bfloat16")
+
+or ``epmq merge CONFIG.yaml OUT``. Every source is read lazily, tensor by tensor
+(``checkpoint_io.CheckpointReader``: safetensors, shards with an index, torch files), and the
+merged tensors go into safetensors shards as they are made, so memory holds one tensor of each
+source and at most one shard of the result. The output is what ``save_pretrained`` writes: the
+same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
+``model.safetensors.index.json``, and the non-weight files of the base (or first model)
+directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
+with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. ``epmq_merge.json``
+records the recipe (method, parameters, sources). The directory is written atomically
+(``checkpoint.atomic_directory``): an interrupted merge leaves the previous output intact.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import merge as merge_lib
+from .checkpoint import (INDEX_FILE, WEIGHT_SUFFIXES, WEIGHTS_FILE, _bytes, _nbytes, _write_tensors,
+                         atomic_directory)
+from .checkpoint_io import CheckpointReader, LazyStateDict, hub_snapshot, looks_like_hub_id
+
+RECIPE_FILE = "epmq_merge.json"
+# merge -> whether it takes a base model (slerp: two models, the first at t = 0)
+METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
+           "della": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
+           "slerp": False}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+Source = Union[str, Path]
+
+
+def _local(source: Source) -> Path:
+    """A checkpoint file or directory on disk, fetched from the HF hub for an ``org/name``."""
+    path = Path(source)
+    if not path.exists() and looks_like_hub_id(str(source)):
+        return hub_snapshot(str(source), kind="model")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {source} (not a file, directory or HF hub id)")
+    return path
+
+
+class _OnDevice(Mapping):
+    """A lazy state dict whose tensors are moved to ``device`` as they are read."""
+
+    def __init__(self, state: Mapping, device):
+        self.state, self.device = state, torch.device(device)
+
+    def __getitem__(self, name):
+        return self.state[name].to(self.device)
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+
+def _open(path: Path, what: str, device) -> Mapping:
+    reader = CheckpointReader(path, what)
+    state = LazyStateDict(reader, {key: key for key in reader.keys()})
+    return state if device is None else _OnDevice(state, device)
+
+
+class _ShardWriter:
+    """Receives the merged tensors one by one (``writer[name] = tensor``) and writes them into
+    safetensors shards of at most ``max_bytes`` in ``directory``, as transformers names them."""
+
+    def __init__(self, directory: Path, max_bytes: int, dtype: Optional[torch.dtype], progress):
+        self.directory, self.max_bytes, self.dtype, self.progress = directory, max_bytes, dtype, progress
+        self.pending, self.size, self.parts, self.total = {}, 0, [], 0
+
+    def __setitem__(self, name: str, t: torch.Tensor):
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.to("cpu").contiguous()
+        if self.pending and self.size + _nbytes(t) > self.max_bytes:
+            self._flush()
+        self.pending[name] = t
+        self.size += _nbytes(t)
+        self.total += _nbytes(t)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def _flush(self):
+        part = self.directory / f".part-{len(self.parts):05d}.safetensors"
+        _write_tensors(self.pending, part)
+        self.parts.append((part, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.parts:
+            self._flush()
+        if len(self.parts) == 1:
+            self.parts[0][0].rename(self.directory / WEIGHTS_FILE)
+            return
+        weight_map = {}
+        for i, (part, names) in enumerate(self.parts):
+            name = f"model-{i + 1:05d}-of-{len(self.parts):05d}.safetensors"
+            part.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
+    """The non-weight files of a checkpoint directory (config, tokenizer, generation config)."""
+    if not source.is_dir():
+        return
+    for entry in source.iterdir():
+        if (entry.name.startswith(".") or not entry.is_file() or entry.name.endswith(WEIGHT_SUFFIXES)
+                or entry.name == RECIPE_FILE):
+            continue
+        shutil.copy2(entry, target / entry.name)
+    config = target / "config.json"
+    if dtype is not None and config.is_file():
+        content = json.loads(config.read_text())
+        content["dtype"] = dtype
+        if "torch_dtype" in content:
+            content["torch_dtype"] = dtype
+        config.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
+                      base: Optional[Source] = None, params: Optional[dict] = None,
+                      dtype: Optional[str] = None, max_shard_size="5GB", device=None,
+                      progress: bool = True) -> Path:
+    """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
+    :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
+
+    ``dtype``: "float32", "float16" or "bfloat16" for the merged floating-point tensors (default:
+    each tensor keeps the base's dtype; the arithmetic is float32 either way). ``device``: where
+    the arithmetic runs (e.g. "cuda" for TSV-Merge's SVDs on large matrices). ``max_shard_size``:
+    as ``save_quantized``'s (default "5GB", the size of transformers' shards).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    models = [models] if isinstance(models, (str, Path)) else list(models)
+    if METHODS[method] and base is None:
+        raise ValueError(f"merge {method} needs the base model (base=...)")
+    if not METHODS[method] and base is not None:
+        raise ValueError(f"merge {method} takes no base model: give the models to merge only")
+    if method == "slerp" and len(models) != 2:
+        raise ValueError(f"slerp interpolates two models, got {len(models)}")
+    if not models:
+        raise ValueError("no models to merge")
+    params = dict(params or {})
+    fn = getattr(merge_lib, method)
+    accepted = set(inspect.signature(fn).parameters) - {"base", "experts", "a", "b", "out"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
+
+    base_path = None if base is None else _local(base)
+    model_paths = [_local(m) for m in models]
+    sources = [_open(p, f"model {k} ({m})", device) for k, (p, m) in enumerate(zip(model_paths, models))]
+    base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
+    reference = base_state if base_state is not None else sources[0]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(reference), desc=f"merge {method}", unit="tensor", disable=not progress)
+    out = Path(out)
+    try:
+        with atomic_directory(out, marker=RECIPE_FILE) as tmp:
+            writer = _ShardWriter(tmp, _bytes(max_shard_size), _DTYPES.get(dtype), bar)
+            if method == "slerp":
+                fn(sources[0], sources[1], out=writer, **params)
+            elif method == "average":
+                fn(sources, out=writer, **params)
+            else:
+                fn(base_state, sources, out=writer, **params)
+            writer.finish()
+            _copy_companions(base_path if base_path is not None else model_paths[0], tmp, dtype)
+            recipe = dict(method=method, params=params, dtype=dtype,
+                          base=None if base is None else str(base), models=[str(m) for m in models])
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+    finally:
+        bar.close()
+    return out

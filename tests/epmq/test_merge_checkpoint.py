@@ -1,0 +1,146 @@
+"""Merging checkpoints on disk: epmq.merge_checkpoints and ``epmq merge``."""
+
+import json
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from epmq import merge, merge_checkpoints
+from epmq.benches.tiny import word_tokenizer
+from epmq.cli import main
+from epmq.merge_checkpoint import RECIPE_FILE
+
+
+def tiny_llama(seed):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny Llama base (sharded, with a tokenizer) and three experts (one .bin file)."""
+    root = tmp_path_factory.mktemp("merge_ckpts")
+    base = tiny_llama(0)
+    base.save_pretrained(root / "base", max_shard_size="20KB")
+    word_tokenizer(root / "base")
+    experts = []
+    for k in range(3):
+        expert = tiny_llama(0)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        if k == 2:
+            (root / "e2").mkdir()
+            torch.save(expert.state_dict(), root / "e2" / "pytorch_model.bin")
+        else:
+            expert.save_pretrained(root / f"e{k}")
+        experts.append({n: t.detach().clone() for n, t in expert.state_dict().items()})
+    return root, base.state_dict(), experts
+
+
+def _load(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.3, "scope": "global"}), ("dare", {"density": 0.5, "consensus": "sign"}),
+    ("tsv", {"scale": 0.5}), ("model_stock", {}),
+])
+def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, method, params):
+    root, base, experts = checkpoints
+    out = merge_checkpoints(method, [root / "e0", root / "e1", root / "e2"], tmp_path / "out",
+                            base=root / "base", params=params, max_shard_size="30KB",
+                            progress=False)
+    want = getattr(merge, method)(base, experts, **params)
+    got = _load(out)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    # shards as transformers writes them, the base's tokenizer and config, the recipe
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["method"] == method and recipe["params"] == params and len(recipe["models"]) == 3
+    assert transformers.AutoTokenizer.from_pretrained(out)("a b").input_ids
+
+
+def test_slerp_average_dtype_and_replacement(checkpoints, tmp_path):
+    root, base, experts = checkpoints
+    out = tmp_path / "out"
+    merge_checkpoints("slerp", [root / "e0", root / "e1"], out, params={"t": 0.25}, dtype="bfloat16",
+                      progress=False)
+    want = merge.slerp(experts[0], experts[1], t=0.25)
+    got = _load(out)
+    assert all(torch.equal(got[n].float(), want[n].to(torch.bfloat16).float()) for n in want)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "model.safetensors").is_file()  # one file below the shard size
+    # a second merge into the same directory replaces it; a file the user added stays
+    (out / "README.md").write_text("mine")
+    merge_checkpoints("average", [root / "e0", root / "e1"], out, params={"weights": [1, 3]},
+                      progress=False)
+    got = _load(out)
+    want = merge.average(experts[:2], weights=[1, 3])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert (out / "README.md").read_text() == "mine"
+
+
+def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    models = [root / "e0", root / "e1"]
+    cases = [
+        (dict(method="magic", models=models, base=root / "base"), "unknown merge method"),
+        (dict(method="ties", models=models), "needs the base"),
+        (dict(method="average", models=models, base=root / "base"), "takes no base"),
+        (dict(method="slerp", models=models + [root / "e2"]), "two models"),
+        (dict(method="ties", models=models, base=root / "base", params={"densty": 0.2}),
+         "unknown parameters \\['densty'\\]"),
+        (dict(method="ties", models=models, base=root / "base", dtype="int8"), "dtype"),
+        (dict(method="ties", models=[root / "nope"], base=root / "base"), "no checkpoint"),
+    ]
+    for kwargs, match in cases:
+        method = kwargs.pop("method")
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            merge_checkpoints(method, out=tmp_path / "x", progress=False, **kwargs)
+        assert not (tmp_path / "x").exists()
+    # a checkpoint of another architecture: the merge's shape check, nothing written
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="shape"):
+        merge_checkpoints("task_arithmetic", [root / "e0", tmp_path / "other"], tmp_path / "x",
+                          base=root / "base", progress=False)
+    assert not (tmp_path / "x").exists()
+    # a directory epmq did not write is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        merge_checkpoints("task_arithmetic", models, tmp_path / "mine", base=root / "base",
+                          progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_cli(checkpoints, tmp_path, capsys):
+    root, base, experts = checkpoints
+    config = tmp_path / "ties.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        method="ties", base=str(root / "base"), models=[str(root / "e0"), str(root / "e1")],
+        params=dict(density=0.2, scale=0.7))))
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    assert "merged 2 models with ties" in capsys.readouterr().out
+    got = _load(tmp_path / "out")
+    want = merge.ties(base, experts[:2], density=0.2, scale=0.7)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    config.write_text(yaml.safe_dump(dict(method="ties", models=[str(root / "e0")], bases="x")))
+    assert main(["merge", str(config), str(tmp_path / "out2")]) == 2
+    assert "unknown keys ['bases']" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump(dict(method="ties", models=[str(root / "e0")])))
+    assert main(["merge", str(config), str(tmp_path / "out2")]) == 2
+    assert "needs the base" in capsys.readouterr().err
