@@ -135,15 +135,21 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str)
     summed or averaged (the disjoint mean); where the sum is exactly 0 there is no elected sign
     and the result is 0.
     """
-    T = torch.stack(list(taus))
+    # one task vector at a time: K-sized temporaries (stacks, masks) of a large tensor would
+    # cost several times the experts' own memory
+    total = torch.zeros_like(taus[0])
+    for tau in taus:
+        total += tau
     if consensus is None:
-        return T.sum(0) if merge == "sum" else T.mean(0)
-    sign = torch.sign(T.sum(0))
-    agree = (torch.sign(T) == sign) & (T != 0)
-    total = torch.where(agree, T, 0.0).sum(0)
-    if merge == "mean":
-        total = total / agree.sum(0).clamp(min=1)
-    return total
+        return total if merge == "sum" else total / len(taus)
+    sign = torch.sign(total)
+    total.zero_()
+    count = torch.zeros_like(total)
+    for tau in taus:
+        agree = (torch.sign(tau) == sign) & (tau != 0)
+        total += torch.where(agree, tau, 0.0)
+        count += agree
+    return total / count.clamp(min=1) if merge == "mean" else total
 
 
 def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out):
