@@ -3,6 +3,7 @@
     epmq demo                 the embedded 8-task benchmark (trains once, cached; then quantizes)
     epmq run CONFIG.yaml      a whole experiment from a config (merge, quantize, evaluate)
     epmq merge CONFIG.yaml OUT   merge checkpoints into a checkpoint (no evaluation)
+    epmq quantize CONFIG.yaml OUT   quantize a causal LM checkpoint with calibration texts
     epmq bench                the kernel benchmarks on a CUDA GPU
 
 Every command writes ``results.json``, ``table.md`` and ``accuracy.png`` (or the benchmark
@@ -25,6 +26,7 @@ EXAMPLES = """examples:
   epmq run my.yaml --fresh                   # ignore earlier results in the output directory
   epmq bench --out benchmarks/results        # W4A16 and solver kernels vs torch (CUDA only)
   epmq merge ties.yaml merged/ties           # merge checkpoints (local or HF hub) into one
+  epmq quantize w4.yaml merged/ties-w4       # then quantize the merge with E-PMQ
 """
 
 MERGE_CONFIG = """A merge config (YAML):
@@ -64,29 +66,34 @@ def _demo(args) -> int:
 
 # --------------------------------------------------------------------------- merge
 
-MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size"}
-
-
-def _merge(args) -> int:
+def _yaml_mapping(path: Path, keys, required, help_text) -> dict:
     import yaml
 
-    from .merge_checkpoint import merge_checkpoints
-
-    path = Path(args.config)
     if not path.is_file():
         raise CLIError(f"no such config file: {path}")
     config = yaml.safe_load(path.read_text()) or {}
     if not isinstance(config, dict):
-        raise CLIError(f"{path}: expected a mapping with method, base, models, params")
-    unknown = sorted(set(config) - MERGE_KEYS)
+        raise CLIError(f"{path}: expected a mapping\n\n{help_text}")
+    unknown = sorted(set(config) - set(keys))
     if unknown:
-        raise CLIError(f"{path}: unknown keys {unknown}; allowed: {sorted(MERGE_KEYS)}")
-    for key in ("method", "models"):
-        if key not in config:
-            raise CLIError(f"{path}: missing {key!r}\n\n{MERGE_CONFIG}")
+        raise CLIError(f"{path}: unknown keys {unknown}; allowed: {sorted(keys)}")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise CLIError(f"{path}: missing {missing}\n\n{help_text}")
+    return config
+
+
+
+MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size"}
+
+
+def _merge(args) -> int:
+    from .merge_checkpoint import merge_checkpoints
+
+    config = _yaml_mapping(Path(args.config), MERGE_KEYS, ("method", "models"), MERGE_CONFIG)
     models = config["models"]
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        raise CLIError(f"{path}: models must be a list of paths or HF hub ids, got {models!r}")
+        raise CLIError(f"{args.config}: models must be a list of paths or HF hub ids, got {models!r}")
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:
@@ -97,6 +104,54 @@ def _merge(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     print(f"merged {len(models)} models with {config['method']} into {out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- quantize
+
+QUANTIZE_CONFIG = """A quantize config (YAML):
+
+  model: merged/ties                # the (merged) causal LM: directory or HF hub id
+  method: epmq                      # rtn, gptq or epmq
+  calibration:                      # task -> .txt / .jsonl / .json file(s) or a directory
+    math: data/math.jsonl
+    code: data/code.txt
+  experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task
+  bits: 4                           # 2, 3, 4 or 8
+  group_size: 128                   # -1: per output channel
+  sym: true                         # symmetric grids (what vLLM's Marlin kernels need)
+  act_order: false
+  static_groups: false
+  anchor: 0.1                       # E-PMQ's lam; weight_anchor: its mu; targets: merged_path
+  samples: 128                      # calibration windows per task, of seq_len tokens
+  seq_len: 512
+  batch_size: 8
+  dtype: float16                    # optional: the model's dtype (default: the checkpoint's)
+  checkpoint_format: auto           # gptq (v1), gptq_v2, or auto
+  max_shard_size: 5GB
+"""
+SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "static_groups")
+QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_anchor", "targets",
+                 "samples", "seq_len", "batch_size", "seed", "dtype", "checkpoint_format",
+                 "max_shard_size", *SPEC_KEYS}
+
+
+def _quantize(args) -> int:
+    from .quantize_lm import quantize_checkpoint
+    from .spec import QuantSpec
+
+    config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
+    torch_threads(args.threads)
+    t0 = time.perf_counter()
+    options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
+    try:
+        spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
+        out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
+                                  progress=not args.quiet, **options)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    print(f"quantized {config['model']} with {config['method']} ({spec.bits}-bit) into {out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -239,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true", help="no progress output")
     merge.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     merge.set_defaults(func=_merge)
+
+    quantize = sub.add_parser("quantize", help="quantize a causal LM checkpoint with calibration texts",
+                              description="Quantize the causal LM a YAML config names (RTN, GPTQ or E-PMQ "
+                              "with its experts) on the config's calibration texts and write a GPTQ "
+                              "checkpoint with its tokenizer.",
+                              epilog=QUANTIZE_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quantize.add_argument("config", help="the quantization's YAML file")
+    quantize.add_argument("out", help="output directory (replaced atomically if it holds an earlier checkpoint)")
+    quantize.add_argument("--device", default=None, help="where the model runs, e.g. cuda (default: CPU)")
+    quantize.add_argument("--quiet", action="store_true", help="no progress output")
+    quantize.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    quantize.set_defaults(func=_quantize)
 
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")

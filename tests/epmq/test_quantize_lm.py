@@ -1,0 +1,144 @@
+"""Quantizing a causal LM checkpoint from calibration texts: epmq.calibration,
+epmq.quantize_checkpoint and ``epmq quantize`` (after ``epmq merge``)."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+import transformers
+import yaml
+
+import epmq
+from epmq.benches.tiny import WORDS, word_tokenizer
+from epmq.calibration import read_texts, text_windows
+from epmq.cli import main
+from epmq.quantize_lm import REPORT_FILE
+
+
+def tiny_llama(seed):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def sentences(seed, n):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + " ." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A base, two experts, their Task Arithmetic merge (by ``epmq merge``) and texts per task."""
+    root = tmp_path_factory.mktemp("quantize_ckpt")
+    tiny_llama(0).save_pretrained(root / "base")
+    word_tokenizer(root / "base")
+    for k in range(2):
+        expert = tiny_llama(0)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        expert.save_pretrained(root / f"expert{k}")
+    config = root / "merge.yaml"
+    config.write_text(yaml.safe_dump(dict(method="task_arithmetic", base=str(root / "base"),
+                                          models=[str(root / "expert0"), str(root / "expert1")],
+                                          params=dict(scale=0.5))))
+    assert main(["merge", str(config), str(root / "merged"), "--quiet"]) == 0
+    (root / "a.txt").write_text("\n".join(sentences(1, 40)))
+    (root / "b.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in sentences(2, 40)))
+    return root
+
+
+def test_read_texts(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "1.txt").write_text("one doc")
+    (tmp_path / "d" / "2.jsonl").write_text('"two"\n\n{"text": "three"}\n')
+    (tmp_path / "d" / "3.json").write_text('["four", {"text": "five"}]')
+    (tmp_path / "d" / "skip.csv").write_text("x")
+    assert read_texts(tmp_path / "d") == ["one doc", "two", "three", "four", "five"]
+    assert read_texts([tmp_path / "d" / "1.txt", tmp_path / "d" / "3.json"]) == ["one doc", "four", "five"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a string or an object with a 'text'"):
+        read_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="no calibration text"):
+        read_texts(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="unknown text file type"):
+        read_texts(tmp_path / "d" / "skip.csv")
+
+
+def test_text_windows(files):
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    texts = sentences(3, 30)
+    batches = text_windows(texts, tok, samples=5, seq_len=12, batch_size=2, seed=7)
+    assert [b["input_ids"].shape for b in batches] == [(2, 12), (2, 12), (1, 12)]
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    text = " ".join(map(str, stream))
+    for b in batches:  # every window is a run of the joined token stream
+        assert torch.equal(b["attention_mask"], torch.ones_like(b["input_ids"]))
+        for row in b["input_ids"].tolist():
+            assert " ".join(map(str, row)) in text
+    again = text_windows(texts, tok, samples=5, seq_len=12, batch_size=2, seed=7)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    with pytest.warns(UserWarning, match="fewer than seq_len"):
+        short = text_windows(["the cat"], tok, samples=4, seq_len=50)
+    assert len(short) == 1 and short[0]["input_ids"].shape == (1, 3)
+    with pytest.raises(ValueError, match="no tokens"):
+        text_windows([""], tok)
+
+
+def test_quantize_checkpoint_equals_quantize_model(files, tmp_path):
+    root = files
+    spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
+    calibration = {"a": root / "a.txt", "b": root / "b.jsonl"}
+    experts = {"a": root / "expert0", "b": root / "expert1"}
+    out = epmq.quantize_checkpoint(root / "merged", tmp_path / "w4", spec=spec, method="epmq",
+                                   calibration=calibration, experts=experts, anchor=0.1,
+                                   samples=6, seq_len=16, batch_size=4, progress=False)
+    # the same by hand: the merged model, the same windows, quantize_model
+    tok = transformers.AutoTokenizer.from_pretrained(root / "merged")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
+    batches = {t: text_windows(epmq.calibration.read_texts(p), tok, samples=6, seq_len=16, batch_size=4)
+               for t, p in calibration.items()}
+    epmq.quantize_model(model, spec, method="epmq", calibration=batches, experts=experts,
+                        anchor=0.1, progress=False)
+    loaded = epmq.load_quantized(out)
+    ids = batches["a"][0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sym"] is True
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["method"] == "epmq" and len(report["layers"]) == 14
+    assert transformers.AutoTokenizer.from_pretrained(out)("the cat").input_ids
+
+
+def test_cli_gptq_and_errors(files, tmp_path, capsys):
+    root = files
+    config = tmp_path / "q.yaml"
+    base = dict(model=str(root / "merged"), method="gptq", calibration={"a": str(root / "a.txt")},
+                bits=3, group_size=-1, samples=4, seq_len=16, batch_size=2)
+    config.write_text(yaml.safe_dump(base))
+    assert main(["quantize", str(config), str(tmp_path / "w3"), "--quiet"]) == 0
+    assert "quantized" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "w3" / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 3 and qc["group_size"] == -1
+    with torch.no_grad():
+        logits = epmq.load_quantized(tmp_path / "w3")(input_ids=torch.tensor([[1, 5, 6]])).logits
+    assert torch.isfinite(logits).all()
+    cases = [
+        (dict(method="epmq"), "tasks without an expert \\['a'\\]"),
+        (dict(experts={"a": str(root / "expert0")}), "takes no experts"),
+        (dict(calibration={"a": str(root / "missing.txt")}), "no calibration text"),
+        (dict(bits=5), "bits"),
+        (dict(calibraton={}), "unknown keys \\['calibraton'\\]"),
+        (dict(model=str(root / "nowhere")), "no model directory"),
+    ]
+    for change, match in cases:
+        config.write_text(yaml.safe_dump({**base, **change}))
+        assert main(["quantize", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err), err
+        assert not (tmp_path / "x").exists()
