@@ -96,6 +96,22 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
     return local
 
 
+# dtypes by the names configs and config.json give them
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def local_checkpoint(source, *, directory: bool = False) -> Path:
+    """``source`` on disk, or the HF hub snapshot (weights, config, tokenizer) of an ``org/name``
+    that is not a local path; ``directory``: it must be a directory."""
+    path = Path(source)
+    if not path.exists() and looks_like_hub_id(str(source)):
+        return hub_snapshot(str(source), kind="model")
+    if not (path.is_dir() if directory else path.exists()):
+        raise FileNotFoundError(f"no checkpoint {'directory ' if directory else ''}at {source} "
+                                f"(nor an HF hub id)")
+    return path
+
+
 def weights_in(directory: Path) -> Optional[Path]:
     """The weights file (or shard index) of a checkpoint directory, or None."""
     for name in WEIGHT_FILES:

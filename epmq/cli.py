@@ -284,28 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(run, None)
     run.set_defaults(func=_run)
 
-    merge = sub.add_parser("merge", help="merge checkpoints (local or HF hub) into a checkpoint",
-                           description="Merge the checkpoints a YAML config names and write the merged "
-                           "model as save_pretrained would (safetensors, config and tokenizer of the base).",
-                           epilog=MERGE_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    merge.add_argument("config", help="the merge's YAML file")
-    merge.add_argument("out", help="output directory (replaced atomically if it holds an earlier merge)")
-    merge.add_argument("--device", default=None, help="where the arithmetic runs, e.g. cuda (default: CPU)")
-    merge.add_argument("--quiet", action="store_true", help="no progress output")
-    merge.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    merge.set_defaults(func=_merge)
+    def file_command(name, func, help, description, epilog, device_help):
+        p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", help=f"the {name} YAML file")
+        p.add_argument("out", help="output directory (replaced atomically if epmq wrote it before)")
+        p.add_argument("--device", default=None, help=f"{device_help}, e.g. cuda (default: CPU)")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.set_defaults(func=func)
 
-    quantize = sub.add_parser("quantize", help="quantize a causal LM checkpoint with calibration texts",
-                              description="Quantize the causal LM a YAML config names (RTN, GPTQ or E-PMQ "
-                              "with its experts) on the config's calibration texts and write a GPTQ "
-                              "checkpoint with its tokenizer.",
-                              epilog=QUANTIZE_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    quantize.add_argument("config", help="the quantization's YAML file")
-    quantize.add_argument("out", help="output directory (replaced atomically if it holds an earlier checkpoint)")
-    quantize.add_argument("--device", default=None, help="where the model runs, e.g. cuda (default: CPU)")
-    quantize.add_argument("--quiet", action="store_true", help="no progress output")
-    quantize.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    quantize.set_defaults(func=_quantize)
+    file_command("merge", _merge, "merge checkpoints (local or HF hub) into a checkpoint",
+                 "Merge the checkpoints a YAML config names and write the merged model as "
+                 "save_pretrained would (safetensors, config and tokenizer of the base).",
+                 MERGE_CONFIG, "where the arithmetic runs")
+    file_command("quantize", _quantize, "quantize a causal LM checkpoint with calibration texts",
+                 "Quantize the causal LM a YAML config names (RTN, GPTQ or E-PMQ with its experts) on "
+                 "the config's calibration texts and write a GPTQ checkpoint with its tokenizer.",
+                 QUANTIZE_CONFIG, "where the model runs")
 
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")

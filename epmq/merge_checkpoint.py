@@ -29,26 +29,15 @@ import torch
 from . import merge as merge_lib
 from .checkpoint import (INDEX_FILE, WEIGHT_SUFFIXES, WEIGHTS_FILE, _bytes, _nbytes, _write_tensors,
                          atomic_directory)
-from .checkpoint_io import CheckpointReader, LazyStateDict, hub_snapshot, looks_like_hub_id
+from .checkpoint_io import DTYPES, CheckpointReader, LazyStateDict, local_checkpoint
 
 RECIPE_FILE = "epmq_merge.json"
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
            "slerp": False}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 Source = Union[str, Path]
-
-
-def _local(source: Source) -> Path:
-    """A checkpoint file or directory on disk, fetched from the HF hub for an ``org/name``."""
-    path = Path(source)
-    if not path.exists() and looks_like_hub_id(str(source)):
-        return hub_snapshot(str(source), kind="model")
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {source} (not a file, directory or HF hub id)")
-    return path
 
 
 class _OnDevice(Mapping):
@@ -146,8 +135,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     models = [models] if isinstance(models, (str, Path)) else list(models)
     if METHODS[method] and base is None:
         raise ValueError(f"merge {method} needs the base model (base=...)")
@@ -164,8 +153,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
 
-    base_path = None if base is None else _local(base)
-    model_paths = [_local(m) for m in models]
+    base_path = None if base is None else local_checkpoint(base)
+    model_paths = [local_checkpoint(m) for m in models]
     sources = [_open(p, f"model {k} ({m})", device) for k, (p, m) in enumerate(zip(model_paths, models))]
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
     reference = base_state if base_state is not None else sources[0]
@@ -175,7 +164,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     out = Path(out)
     try:
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
-            writer = _ShardWriter(tmp, _bytes(max_shard_size), _DTYPES.get(dtype), bar)
+            writer = _ShardWriter(tmp, _bytes(max_shard_size), DTYPES.get(dtype), bar)
             if method == "slerp":
                 fn(sources[0], sources[1], out=writer, **params)
             elif method == "average":

@@ -18,27 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-import torch
 
 from .calibration import read_texts, text_windows
 from .checkpoint import save_quantized
-from .checkpoint_io import hub_snapshot, looks_like_hub_id
+from .checkpoint_io import DTYPES, local_checkpoint
 from .spec import QuantSpec
 from .walker import quantize_model
 
 REPORT_FILE = "epmq_report.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _model_dir(source) -> Path:
-    path = Path(source)
-    if not path.exists() and looks_like_hub_id(str(source)):
-        return hub_snapshot(str(source), kind="model")
-    if not path.is_dir():
-        raise FileNotFoundError(f"no model directory at {source} (nor an HF hub id)")
-    return path
-
-
 def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,
                         calibration: Mapping[str, object], method: str = "epmq",
                         experts: Optional[Mapping[str, object]] = None, anchor: float = 1.0,
@@ -54,8 +41,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     model's dtype while quantizing and in the checkpoint's unquantized tensors (default: the
     checkpoint's). ``device``: where the model runs (e.g. "cuda"; default the CPU).
     """
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not calibration and method != "rtn":
         raise ValueError(f"method {method!r} needs calibration texts: task -> text file(s)")
     if method == "epmq":
@@ -67,12 +54,12 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = _model_dir(model)
+    directory = local_checkpoint(model, directory=True)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     batches = {task: text_windows(read_texts(source), tokenizer, samples=samples, seq_len=seq_len,
                                   batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
                for task, source in (calibration or {}).items()}
-    lm = AutoModelForCausalLM.from_pretrained(directory, dtype=_DTYPES[dtype] if dtype else "auto")
+    lm = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     lm.eval()
     if device is not None:
         lm.to(device)

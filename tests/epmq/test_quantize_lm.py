@@ -134,7 +134,7 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
         (dict(calibration={"a": str(root / "missing.txt")}), "no calibration text"),
         (dict(bits=5), "bits"),
         (dict(calibraton={}), "unknown keys \\['calibraton'\\]"),
-        (dict(model=str(root / "nowhere")), "no model directory"),
+        (dict(model=str(root / "nowhere")), "no checkpoint directory"),
     ]
     for change, match in cases:
         config.write_text(yaml.safe_dump({**base, **change}))

@@ -75,7 +75,7 @@ def build(arch: str, seed: int = 0):
             text_cfg=CLIPTextCfg(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0),
         )
     elif arch in ("hf_clip_vision", "hf_clip"):
-        from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       image_size=16, patch_size=8)
