@@ -144,3 +144,30 @@ def test_cli(checkpoints, tmp_path, capsys):
     config.write_text(yaml.safe_dump(dict(method="ties", models=[str(root / "e0")])))
     assert main(["merge", str(config), str(tmp_path / "out2")]) == 2
     assert "needs the base" in capsys.readouterr().err
+
+
+def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
+    """``org/name`` sources that are no local path come from the HF hub: here its cache layout,
+    read offline; the base's tokenizer and config come along."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    root, base, experts = checkpoints
+    commit = "0" * 40
+    for name in ("base", "e0"):
+        repo = tmp_path / "hub" / f"models--org--{name}"
+        shutil.copytree(root / name, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    out = merge_checkpoints("task_arithmetic", ["org/e0", root / "e1"], "out", base="org/base",
+                            params={"scale": 0.4}, progress=False)
+    want = merge.task_arithmetic(base, experts[:2], scale=0.4)
+    got = _load(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert (out / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="'org/missing' could not be fetched"):
+        merge_checkpoints("task_arithmetic", ["org/missing"], "out2", base="org/base", progress=False)
