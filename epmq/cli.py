@@ -6,8 +6,9 @@
     epmq quantize CONFIG.yaml OUT   quantize a causal LM checkpoint with calibration texts
     epmq bench                the kernel benchmarks on a CUDA GPU
 
-Every command writes ``results.json``, ``table.md`` and ``accuracy.png`` (or the benchmark
-JSON) into its output directory and can be interrupted: run it again and it resumes.
+``demo`` and ``run`` write ``results.json``, ``table.md`` and ``accuracy.png`` into their output
+directory and can be interrupted: run them again and they resume. ``merge`` and ``quantize``
+write a checkpoint directory atomically; ``bench`` writes the benchmark JSON.
 """
 
 from __future__ import annotations
