@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from .adapters import Adapter, register_adapter  # noqa: E402
 from .checkpoint import load_quantized, save_quantized  # noqa: E402
 from .merge_checkpoint import merge_checkpoints  # noqa: E402
-from .quantize_lm import quantize_checkpoint  # noqa: E402
+from .quantize_files import quantize_checkpoint  # noqa: E402
 from .qlinear import QuantLinear  # noqa: E402
 from .walker import QuantReport, quantize_model  # noqa: E402
 

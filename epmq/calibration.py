@@ -1,6 +1,7 @@
-"""Calibration batches for text models from the user's own files.
+"""Calibration batches from the user's own files: texts for language models, images for
+vision towers.
 
-GPTQ's recipe (the reference quantizes with 128 random windows of 2048 tokens of C4): each
+Texts follow GPTQ's recipe (the reference quantizes with 128 random windows of 2048 tokens of C4): each
 task's documents are tokenized, joined with the tokenizer's EOS between them, and ``samples``
 windows of ``seq_len`` tokens are drawn at random start positions (seeded), then batched as
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``.
@@ -8,6 +9,10 @@ windows of ``seq_len`` tokens are drawn at random start positions (seeded), then
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line: a string,
 or an object with a ``"text"`` field), ``.json`` (a list of such values), or a directory of
 them (sorted by name).
+
+Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
+with class subfolders works as it is) or a list of files, converted to RGB and preprocessed by
+the model's own image processor into ``{"pixel_values"}`` batches.
 """
 
 from __future__ import annotations
@@ -82,3 +87,49 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     return [{"input_ids": windows[i:i + batch_size],
              "attention_mask": torch.ones_like(windows[i:i + batch_size])}
             for i in range(0, samples, batch_size)]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
+    """The image files of a directory tree (sorted), a file, or a list of either."""
+    if isinstance(source, (list, tuple)):
+        return [f for s in source for f in image_files(s)]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) under the directory")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration images at {path}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    return [path]
+
+
+def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch_size: int = 8,
+                  seed: int = 0, what: str = "calibration") -> List[dict]:
+    """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer),
+    preprocessed by ``processor`` (e.g. ``AutoImageProcessor``) into ``pixel_values`` batches."""
+    from PIL import Image
+
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
+    files = list(files)
+    if len(files) < samples:
+        warnings.warn(f"{what}: {len(files)} images, fewer than samples={samples}: using all of them")
+    g = torch.Generator().manual_seed(seed)
+    chosen = [files[i] for i in torch.randperm(len(files), generator=g)[:samples].tolist()]
+    batches = []
+    for i in range(0, len(chosen), batch_size):
+        images = []
+        for f in chosen[i:i + batch_size]:
+            try:
+                with Image.open(f) as image:
+                    images.append(image.convert("RGB"))
+            except OSError as e:
+                raise ValueError(f"{what}: cannot read image {f}: {e}") from e
+        batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
+    return batches

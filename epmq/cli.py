@@ -3,7 +3,7 @@
     epmq demo                 the embedded 8-task benchmark (trains once, cached; then quantizes)
     epmq run CONFIG.yaml      a whole experiment from a config (merge, quantize, evaluate)
     epmq merge CONFIG.yaml OUT   merge checkpoints into a checkpoint (no evaluation)
-    epmq quantize CONFIG.yaml OUT   quantize a causal LM checkpoint with calibration texts
+    epmq quantize CONFIG.yaml OUT   quantize a checkpoint with calibration texts or images
     epmq bench                the kernel benchmarks on a CUDA GPU
 
 ``demo`` and ``run`` write ``results.json``, ``table.md`` and ``accuracy.png`` into their output
@@ -113,9 +113,11 @@ def _merge(args) -> int:
 
 QUANTIZE_CONFIG = """A quantize config (YAML):
 
-  model: merged/ties                # the (merged) causal LM: directory or HF hub id
+  model: merged/ties                # the (merged) model: a causal LM or a vision tower
+                                    # (CLIPVisionModel, ViT, ...): directory or HF hub id
   method: epmq                      # rtn, gptq or epmq
-  calibration:                      # task -> .txt / .jsonl / .json file(s) or a directory
+  calibration:                      # task -> texts (.txt / .jsonl / .json) for a language
+                                    # model, images (a folder tree) for a vision tower
     math: data/math.jsonl
     code: data/code.txt
   experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task
@@ -125,7 +127,7 @@ QUANTIZE_CONFIG = """A quantize config (YAML):
   act_order: false
   static_groups: false
   anchor: 0.1                       # E-PMQ's lam; weight_anchor: its mu; targets: merged_path
-  samples: 128                      # calibration windows per task, of seq_len tokens
+  samples: 128                      # calibration windows (of seq_len tokens) or images per task
   seq_len: 512
   batch_size: 8
   dtype: float16                    # optional: the model's dtype (default: the checkpoint's)
@@ -139,7 +141,7 @@ QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_
 
 
 def _quantize(args) -> int:
-    from .quantize_lm import quantize_checkpoint
+    from .quantize_files import quantize_checkpoint
     from .spec import QuantSpec
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
@@ -299,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "Merge the checkpoints a YAML config names and write the merged model as "
                  "save_pretrained would (safetensors, config and tokenizer of the base).",
                  MERGE_CONFIG, "where the arithmetic runs")
-    file_command("quantize", _quantize, "quantize a causal LM checkpoint with calibration texts",
-                 "Quantize the causal LM a YAML config names (RTN, GPTQ or E-PMQ with its experts) on "
-                 "the config's calibration texts and write a GPTQ checkpoint with its tokenizer.",
+    file_command("quantize", _quantize, "quantize a checkpoint with calibration texts or images",
+                 "Quantize the causal LM or vision tower a YAML config names (RTN, GPTQ or E-PMQ with "
+                 "its experts) on the config's calibration texts or images and write a GPTQ checkpoint "
+                 "with its tokenizer or image processor.",
                  QUANTIZE_CONFIG, "where the model runs")
 
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")

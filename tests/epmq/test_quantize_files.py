@@ -12,9 +12,9 @@ import yaml
 
 import epmq
 from epmq.benches.tiny import WORDS, word_tokenizer
-from epmq.calibration import read_texts, text_windows
+from epmq.calibration import image_batches, image_files, read_texts, text_windows
 from epmq.cli import main
-from epmq.quantize_lm import REPORT_FILE
+from epmq.quantize_files import REPORT_FILE
 
 
 def tiny_llama(seed):
@@ -142,3 +142,78 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert re.search(match, err), err
         assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- vision towers
+
+
+def _clip_vision(seed):
+    torch.manual_seed(seed)
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=16, patch_size=8))
+
+
+def _write_images(directory, n, seed, size=20):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        sub = directory / f"class{i % 2}"  # an ImageFolder layout
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = (torch.rand(size, size + 4, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(sub / f"{i}.png")
+
+
+def test_clip_vision_tower_from_image_folders(tmp_path):
+    _clip_vision(0).save_pretrained(tmp_path / "merged")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "merged")
+    experts = {}
+    for k, task in enumerate(("cars", "dtd")):
+        expert = _clip_vision(0)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        expert.save_pretrained(tmp_path / task)
+        experts[task] = tmp_path / task
+        _write_images(tmp_path / "images" / task, 7, seed=k)
+    calibration = {t: tmp_path / "images" / t for t in experts}
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4", spec=spec, method="epmq",
+                                   calibration=calibration, experts=experts, anchor=0.1,
+                                   samples=5, batch_size=2, progress=False)
+    # by hand: the same five images of each task, the model's own processor, quantize_model
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "merged")
+    batches = {t: image_batches(image_files(p), processor, samples=5, batch_size=2)
+               for t, p in calibration.items()}
+    assert [b["pixel_values"].shape for b in batches["cars"]] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16)]
+    model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "merged")
+    epmq.quantize_model(model, spec, method="epmq", calibration=batches, experts=experts,
+                        anchor=0.1, progress=False)
+    loaded = epmq.load_quantized(out)
+    pixels = batches["dtd"][0]["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
+    assert (out / "preprocessor_config.json").is_file()
+    with pytest.warns(UserWarning, match="fewer than samples"):
+        image_batches(image_files(calibration["cars"]), processor, samples=50)
+    with pytest.raises(ValueError, match="no image files"):
+        image_files(tmp_path / "merged")
+
+
+def test_models_the_files_cannot_calibrate(tmp_path):
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    t5.save_pretrained(tmp_path / "t5")
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    for name, match in (("clip", "takes both texts and images"), ("t5", "encoder-decoder")):
+        with pytest.raises(ValueError, match=match):
+            epmq.quantize_checkpoint(tmp_path / name, tmp_path / "out", spec=spec, method="gptq",
+                                     calibration={"a": tmp_path}, progress=False)

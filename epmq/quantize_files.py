@@ -1,0 +1,121 @@
+"""Quantize a checkpoint on disk (a merge of experts, or any model) with calibration files.
+
+    epmq.quantize_checkpoint("merged/ties", "merged/ties-w4", method="epmq",
+                             spec=epmq.QuantSpec(bits=4, group_size=128, sym=True),
+                             calibration={"math": "data/math.jsonl", "code": "data/code.txt"},
+                             experts={"math": "ckpt/math", "code": "ckpt/code"}, anchor=0.1)
+
+or ``epmq quantize CONFIG.yaml OUT``. The model is built from a directory or the HF hub as its
+``config.json`` names it (``architectures``; a causal LM's class when there is none), and each
+task's files become calibration batches (``epmq.calibration``):
+
+* language models (their forward takes ``input_ids``): texts, as GPTQ-style windows of tokens;
+* vision towers (``pixel_values``, e.g. ``CLIPVisionModel``, ViT, DINOv2, SigLIP's): images,
+  preprocessed by the checkpoint's own image processor (``preprocessor_config.json``).
+
+``epmq.quantize_model`` quantizes it block by block and ``epmq.save_quantized`` writes the
+result with the tokenizer or image processor beside it: a GPTQ checkpoint that
+``epmq.load_quantized``, transformers + GPTQModel and (4/8-bit symmetric) vLLM load. The
+per-layer report goes to ``epmq_report.json`` in the same directory. Encoder-decoders (T5,
+BART) and two-tower models (``CLIPModel``) need inputs these files do not give: quantize them
+with ``epmq run`` (its benches) or ``epmq.quantize_model``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+from .calibration import image_batches, image_files, read_texts, text_windows
+from .checkpoint import save_quantized
+from .checkpoint_io import DTYPES, local_checkpoint
+from .spec import QuantSpec
+from .walker import quantize_model
+
+REPORT_FILE = "epmq_report.json"
+
+
+def _model_class(directory: Path):
+    import transformers
+
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    names = config.get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else transformers.AutoModelForCausalLM
+    if cls is None:
+        raise ValueError(f"{directory}: config.json names architecture {names[0]!r}, which transformers "
+                         f"{transformers.__version__} does not have")
+    if config.get("is_encoder_decoder"):
+        raise ValueError(f"{directory}: an encoder-decoder model ({names[0] if names else config.get('model_type')}) "
+                         f"needs decoder inputs too: quantize it with `epmq run` or epmq.quantize_model")
+    return cls
+
+
+def _modality(cls) -> str:
+    forward = cls.forward if hasattr(cls, "forward") else None
+    takes = set(inspect.signature(forward).parameters) if forward is not None else set()
+    if "input_ids" in takes and "pixel_values" in takes:
+        raise ValueError(f"{cls.__name__} takes both texts and images: quantize one tower (e.g. "
+                         f"CLIPVisionModel) or use `epmq run` / epmq.quantize_model")
+    if "pixel_values" in takes:
+        return "images"
+    if "input_ids" in takes:
+        return "texts"
+    raise ValueError(f"{cls.__name__}: its forward takes neither input_ids nor pixel_values")
+
+
+def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,
+                        calibration: Mapping[str, object], method: str = "epmq",
+                        experts: Optional[Mapping[str, object]] = None, anchor: float = 1.0,
+                        weight_anchor: float = 0.0, targets: str = "merged_path",
+                        samples: int = 128, seq_len: int = 512, batch_size: int = 8,
+                        seed: int = 0, dtype: Optional[str] = None, device=None,
+                        checkpoint_format: str = "auto", max_shard_size="5GB",
+                        progress: bool = True) -> Path:
+    """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
+
+    ``calibration``: task -> text or image file(s) or directory (see ``epmq.calibration``);
+    ``samples`` windows of ``seq_len`` tokens, or ``samples`` images, per task. E-PMQ needs an
+    expert for every task (``experts``: task -> directory, file or HF hub id). ``dtype``: the
+    model's dtype while quantizing and in the checkpoint's unquantized tensors (default: the
+    checkpoint's). ``device``: where the model runs (e.g. "cuda"; default the CPU).
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not calibration and method != "rtn":
+        raise ValueError(f"method {method!r} needs calibration files: task -> text or image file(s)")
+    if method == "epmq":
+        tasks, with_expert = set(calibration), set(experts or {})
+        if tasks != with_expert:
+            raise ValueError(f"E-PMQ needs one expert per calibration task: tasks without an expert "
+                             f"{sorted(tasks - with_expert)}, experts without files {sorted(with_expert - tasks)}")
+    elif experts:
+        raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
+    directory = local_checkpoint(model, directory=True)
+    cls = _model_class(directory)
+    if _modality(cls) == "texts":
+        from transformers import AutoTokenizer
+
+        preprocessor = AutoTokenizer.from_pretrained(directory)
+        batches = {task: text_windows(read_texts(source), preprocessor, samples=samples, seq_len=seq_len,
+                                      batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
+                   for task, source in (calibration or {}).items()}
+    else:
+        from transformers import AutoImageProcessor
+
+        preprocessor = AutoImageProcessor.from_pretrained(directory)
+        batches = {task: image_batches(image_files(source), preprocessor, samples=samples,
+                                       batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
+                   for task, source in (calibration or {}).items()}
+    net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
+    net.eval()
+    if device is not None:
+        net.to(device)
+    quantize_model(net, spec, method=method, calibration=batches or None,
+                   experts=dict(experts) if experts else None, anchor=anchor,
+                   weight_anchor=weight_anchor, targets=targets, progress=progress)
+    out = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
+    preprocessor.save_pretrained(out)
+    net.epmq_report.to_json(out / REPORT_FILE)
+    return out
