@@ -11,7 +11,10 @@ source and at most one shard of the result. The output is what ``save_pretrained
 same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
 ``model.safetensors.index.json``, and the non-weight files of the base (or first model)
 directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
-with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. ``epmq_merge.json``
+with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. Tensors of the base
+that the models lack are copied from the base, with a warning: FusionBench's CLIP experts are
+``CLIPVisionModel`` checkpoints, fine-tuned from the vision tower of a ``CLIPModel`` base, and
+the merge of their towers keeps the base's text tower (the zero-shot heads). ``epmq_merge.json``
 records the recipe (method, parameters, sources). The directory is written atomically
 (``checkpoint.atomic_directory``): an interrupted merge leaves the previous output intact.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -40,26 +44,33 @@ METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": T
 Source = Union[str, Path]
 
 
-class _OnDevice(Mapping):
-    """A lazy state dict whose tensors are moved to ``device`` as they are read."""
+class _View(Mapping):
+    """Some of a lazy state dict's tensors (``names``; default all), moved to ``device`` (if
+    given) as they are read."""
 
-    def __init__(self, state: Mapping, device):
-        self.state, self.device = state, torch.device(device)
+    def __init__(self, state: Mapping, device=None, names=None):
+        self.state, self.device = state, None if device is None else torch.device(device)
+        self.names = list(state) if names is None else list(names)
 
     def __getitem__(self, name):
-        return self.state[name].to(self.device)
+        if name not in self.names:
+            raise KeyError(name)
+        t = self.state[name]
+        return t if self.device is None else t.to(self.device)
 
     def __iter__(self):
-        return iter(self.state)
+        return iter(self.names)
 
     def __len__(self):
-        return len(self.state)
+        return len(self.names)
+
+    def __contains__(self, name):
+        return name in self.names
 
 
 def _open(path: Path, what: str, device) -> Mapping:
     reader = CheckpointReader(path, what)
-    state = LazyStateDict(reader, {key: key for key in reader.keys()})
-    return state if device is None else _OnDevice(state, device)
+    return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device)
 
 
 class _ShardWriter:
@@ -157,10 +168,20 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     model_paths = [local_checkpoint(m) for m in models]
     sources = [_open(p, f"model {k} ({m})", device) for k, (p, m) in enumerate(zip(model_paths, models))]
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
+    base_only = []
+    if base_state is not None:
+        # a base with more than the experts (CLIPModel's text tower beside fine-tuned
+        # CLIPVisionModel experts): the rest is copied, so that the output is the base's model
+        base_only = [n for n in base_state if not all(n in s for s in sources)]
+        if base_only:
+            warnings.warn(f"{len(base_only)} tensors of the base are in no or not every model (e.g. "
+                          f"{base_only[:3]}): copied from the base unchanged")
+            base_state = _View(base_state.state, device, [n for n in base_state if n not in base_only])
     reference = base_state if base_state is not None else sources[0]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(reference), desc=f"merge {method}", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(reference) + len(base_only), desc=f"merge {method}", unit="tensor",
+               disable=not progress)
     out = Path(out)
     try:
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
@@ -171,6 +192,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 fn(sources, out=writer, **params)
             else:
                 fn(base_state, sources, out=writer, **params)
+            for name in base_only:
+                writer[name] = base_state.state[name]
             writer.finish()
             _copy_companions(base_path if base_path is not None else model_paths[0], tmp, dtype)
             recipe = dict(method=method, params=params, dtype=dtype,

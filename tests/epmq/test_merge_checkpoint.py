@@ -171,3 +171,31 @@ def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
     assert (out / "tokenizer.json").is_file()
     with pytest.raises(ValueError, match="'org/missing' could not be fetched"):
         merge_checkpoints("task_arithmetic", ["org/missing"], "out2", base="org/base", progress=False)
+
+
+def test_base_tensors_the_experts_lack_are_copied(checkpoints, tmp_path):
+    """As with CLIPVisionModel experts of a CLIPModel base: the base's other tensors (its text
+    tower there, the LM head here) are copied, so that the output is the base's model."""
+    from safetensors.torch import save_file
+
+    root, base, experts = checkpoints
+    partial = []
+    for k in range(2):
+        state = {n: t.contiguous() for n, t in experts[k].items() if n != "lm_head.weight"}
+        (tmp_path / f"p{k}").mkdir()
+        save_file(state, str(tmp_path / f"p{k}" / "model.safetensors"))
+        partial.append(state)
+    with pytest.warns(UserWarning, match="1 tensors of the base .*lm_head.weight.*copied from the base"):
+        out = merge_checkpoints("ties", [tmp_path / "p0", tmp_path / "p1"], tmp_path / "out",
+                                base=root / "base", params={"density": 0.3}, progress=False)
+    got = _load(out)
+    shared = {n: t for n, t in base.items() if n != "lm_head.weight"}
+    want = merge.ties(shared, partial, density=0.3)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert torch.equal(got["lm_head.weight"], base["lm_head.weight"])
+    # an expert with a tensor the base lacks is an error, as in epmq.merge
+    extra = dict(partial[0], **{"extra.weight": torch.zeros(2)})
+    save_file(extra, str(tmp_path / "p0" / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensors \\['extra.weight'\\]"), pytest.warns(UserWarning):
+        merge_checkpoints("ties", [tmp_path / "p0", tmp_path / "p1"], tmp_path / "out2",
+                          base=root / "base", progress=False)
