@@ -133,11 +133,12 @@ QUANTIZE_CONFIG = """A quantize config (YAML):
   dtype: float16                    # optional: the model's dtype (default: the checkpoint's)
   checkpoint_format: auto           # gptq (v1), gptq_v2, or auto
   max_shard_size: 5GB
+  tower: vision                     # optional, for a CLIPModel / SiglipModel: its vision tower alone
 """
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "static_groups")
 QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_anchor", "targets",
                  "samples", "seq_len", "batch_size", "seed", "dtype", "checkpoint_format",
-                 "max_shard_size", *SPEC_KEYS}
+                 "max_shard_size", "tower", *SPEC_KEYS}
 
 
 def _quantize(args) -> int:

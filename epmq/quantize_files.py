@@ -17,8 +17,9 @@ task's files become calibration batches (``epmq.calibration``):
 result with the tokenizer or image processor beside it: a GPTQ checkpoint that
 ``epmq.load_quantized``, transformers + GPTQModel and (4/8-bit symmetric) vLLM load. The
 per-layer report goes to ``epmq_report.json`` in the same directory. Encoder-decoders (T5,
-BART) and two-tower models (``CLIPModel``) need inputs these files do not give: quantize them
-with ``epmq run`` (its benches) or ``epmq.quantize_model``.
+BART) need decoder inputs these files do not give: quantize them with ``epmq run`` (its
+benches) or ``epmq.quantize_model``; of a two-tower model (``CLIPModel``) ``tower="vision"``
+quantizes the vision tower.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .walker import quantize_model
 REPORT_FILE = "epmq_report.json"
 
 
-def _model_class(directory: Path):
+def _model_class(directory: Path, tower: Optional[str]):
     import transformers
 
     config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
@@ -46,6 +47,14 @@ def _model_class(directory: Path):
     if cls is None:
         raise ValueError(f"{directory}: config.json names architecture {names[0]!r}, which transformers "
                          f"{transformers.__version__} does not have")
+    if tower is not None:
+        # CLIPModel -> CLIPVisionModel, SiglipModel -> SiglipVisionModel: transformers loads the
+        # tower from the two-tower checkpoint
+        name = cls.__name__.removesuffix("Model") + "VisionModel"
+        if tower != "vision" or not hasattr(transformers, name):
+            raise ValueError(f"tower={tower!r}: only 'vision', for a two-tower model with a "
+                             f"{name} class ({cls.__name__} is not one)")
+        cls = getattr(transformers, name)
     if config.get("is_encoder_decoder"):
         raise ValueError(f"{directory}: an encoder-decoder model ({names[0] if names else config.get('model_type')}) "
                          f"needs decoder inputs too: quantize it with `epmq run` or epmq.quantize_model")
@@ -56,8 +65,8 @@ def _modality(cls) -> str:
     forward = cls.forward if hasattr(cls, "forward") else None
     takes = set(inspect.signature(forward).parameters) if forward is not None else set()
     if "input_ids" in takes and "pixel_values" in takes:
-        raise ValueError(f"{cls.__name__} takes both texts and images: quantize one tower (e.g. "
-                         f"CLIPVisionModel) or use `epmq run` / epmq.quantize_model")
+        raise ValueError(f"{cls.__name__} takes both texts and images: quantize its vision tower "
+                         f"(tower='vision', calibrated on images) or use `epmq run` / epmq.quantize_model")
     if "pixel_values" in takes:
         return "images"
     if "input_ids" in takes:
@@ -72,7 +81,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                         samples: int = 128, seq_len: int = 512, batch_size: int = 8,
                         seed: int = 0, dtype: Optional[str] = None, device=None,
                         checkpoint_format: str = "auto", max_shard_size="5GB",
-                        progress: bool = True) -> Path:
+                        tower: Optional[str] = None, progress: bool = True) -> Path:
     """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
 
     ``calibration``: task -> text or image file(s) or directory (see ``epmq.calibration``);
@@ -80,6 +89,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     expert for every task (``experts``: task -> directory, file or HF hub id). ``dtype``: the
     model's dtype while quantizing and in the checkpoint's unquantized tensors (default: the
     checkpoint's). ``device``: where the model runs (e.g. "cuda"; default the CPU).
+    ``tower="vision"``: of a two-tower model (``CLIPModel``, ``SiglipModel``), quantize and save
+    the vision tower alone (``CLIPVisionModel``), calibrated on images.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -93,7 +104,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     elif experts:
         raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
     directory = local_checkpoint(model, directory=True)
-    cls = _model_class(directory)
+    cls = _model_class(directory, tower)
     if _modality(cls) == "texts":
         from transformers import AutoTokenizer
 

@@ -213,7 +213,27 @@ def test_models_the_files_cannot_calibrate(tmp_path):
         vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
     t5.save_pretrained(tmp_path / "t5")
     spec = epmq.QuantSpec(bits=4, group_size=-1)
-    for name, match in (("clip", "takes both texts and images"), ("t5", "encoder-decoder")):
+    for name, match in (("clip", "takes both texts and images: quantize its vision tower"),
+                        ("t5", "encoder-decoder")):
         with pytest.raises(ValueError, match=match):
             epmq.quantize_checkpoint(tmp_path / name, tmp_path / "out", spec=spec, method="gptq",
                                      calibration={"a": tmp_path}, progress=False)
+    with pytest.raises(ValueError, match="only 'vision'"):
+        epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=spec, method="gptq",
+                                 calibration={"a": tmp_path}, tower="text", progress=False)
+    # the vision tower of the two-tower checkpoint, calibrated on images
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "clip")
+    _write_images(tmp_path / "images", 4, seed=3)
+    out = epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=spec, method="gptq",
+                                   calibration={"a": tmp_path / "images"}, tower="vision",
+                                   samples=4, batch_size=2, progress=False)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "clip")
+    batches = {"a": image_batches(image_files(tmp_path / "images"), processor, samples=4, batch_size=2)}
+    model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "clip")
+    epmq.quantize_model(model, spec, method="gptq", calibration=batches, progress=False)
+    loaded = epmq.load_quantized(out)
+    assert type(loaded).__name__ == "CLIPVisionModel"
+    pixels = batches["a"][0]["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
