@@ -11,10 +11,13 @@ source and at most one shard of the result. The output is what ``save_pretrained
 same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
 ``model.safetensors.index.json``, and the non-weight files of the base (or first model)
 directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
-with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. Tensors of the base
-that the models lack are copied from the base, with a warning: FusionBench's CLIP experts are
-``CLIPVisionModel`` checkpoints, fine-tuned from the vision tower of a ``CLIPModel`` base, and
-the merge of their towers keeps the base's text tower (the zero-shot heads). ``epmq_merge.json``
+with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. The models' tensors
+are found under the base's names (one prefix rewrite per model: ``CLIPVisionModel`` checkpoints
+of transformers 4 and 5 differ by ``vision_model.``); tensors of the base that the models lack
+are copied from the base and tensors of a model the base lacks are ignored, each with a
+warning: FusionBench's CLIP experts are ``CLIPVisionModel`` checkpoints fine-tuned from the
+vision tower of a ``CLIPModel`` base, and the merge of their towers keeps the base's text tower
+(the zero-shot heads). ``epmq_merge.json``
 records the recipe (method, parameters, sources). The directory is written atomically
 (``checkpoint.atomic_directory``): an interrupted merge leaves the previous output intact.
 """
@@ -33,7 +36,7 @@ import torch
 from . import merge as merge_lib
 from .checkpoint import (INDEX_FILE, WEIGHT_SUFFIXES, WEIGHTS_FILE, _bytes, _nbytes, _write_tensors,
                          atomic_directory)
-from .checkpoint_io import DTYPES, CheckpointReader, LazyStateDict, local_checkpoint
+from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
 
 RECIPE_FILE = "epmq_merge.json"
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0)
@@ -68,9 +71,22 @@ class _View(Mapping):
         return name in self.names
 
 
-def _open(path: Path, what: str, device) -> Mapping:
+def _open(path: Path, what: str, device, names=None) -> Mapping:
+    """A checkpoint as a lazy state dict; with ``names`` (the reference's), under those names:
+    its keys are found under one prefix rewrite (``checkpoint_io.Binding``: transformers 5
+    saves ``CLIPVisionModel`` without the ``vision_model.`` that 4.x and ``CLIPModel`` write),
+    and the tensors of its own that no name reaches are ignored, with a warning."""
     reader = CheckpointReader(path, what)
-    return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device)
+    if names is None:
+        return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device)
+    binding = Binding(reader.keys(), names=names)
+    found = {n: binding.key_for(n) for n in names}
+    found = {n: k for n, k in found.items() if k is not None}
+    ignored = sorted(set(reader.keys()) - set(found.values()))
+    if ignored:
+        warnings.warn(f"{what}: {len(ignored)} tensors with no counterpart in the reference "
+                      f"checkpoint are ignored (e.g. {ignored[:3]})")
+    return _View(LazyStateDict(reader, found), device)
 
 
 class _ShardWriter:
@@ -166,8 +182,11 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
 
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
-    sources = [_open(p, f"model {k} ({m})", device) for k, (p, m) in enumerate(zip(model_paths, models))]
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
+    first = _open(model_paths[0], f"model 0 ({models[0]})", device, names=None if base_state is None else list(base_state))
+    names = list(base_state if base_state is not None else first)
+    sources = [first] + [_open(p, f"model {k} ({m})", device, names)
+                         for k, (p, m) in enumerate(zip(model_paths, models)) if k > 0]
     base_only = []
     if base_state is not None:
         # a base with more than the experts (CLIPModel's text tower beside fine-tuned

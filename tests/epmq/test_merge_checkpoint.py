@@ -173,6 +173,7 @@ def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
         merge_checkpoints("task_arithmetic", ["org/missing"], "out2", base="org/base", progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:1 tensors of the base")
 def test_base_tensors_the_experts_lack_are_copied(checkpoints, tmp_path):
     """As with CLIPVisionModel experts of a CLIPModel base: the base's other tensors (its text
     tower there, the LM head here) are copied, so that the output is the base's model."""
@@ -193,9 +194,62 @@ def test_base_tensors_the_experts_lack_are_copied(checkpoints, tmp_path):
     want = merge.ties(shared, partial, density=0.3)
     assert all(torch.equal(got[n], want[n]) for n in want)
     assert torch.equal(got["lm_head.weight"], base["lm_head.weight"])
-    # an expert with a tensor the base lacks is an error, as in epmq.merge
-    extra = dict(partial[0], **{"extra.weight": torch.zeros(2)})
+    # a tensor of an expert that the base lacks (a task head) is ignored, with a warning
+    extra = dict(partial[0], **{"classifier.weight": torch.zeros(2)})
     save_file(extra, str(tmp_path / "p0" / "model.safetensors"))
-    with pytest.raises(ValueError, match="unexpected tensors \\['extra.weight'\\]"), pytest.warns(UserWarning):
-        merge_checkpoints("ties", [tmp_path / "p0", tmp_path / "p1"], tmp_path / "out2",
-                          base=root / "base", progress=False)
+    with pytest.warns(UserWarning, match="1 tensors with no counterpart .*classifier.weight"):
+        out = merge_checkpoints("ties", [tmp_path / "p0", tmp_path / "p1"], tmp_path / "out2",
+                                base=root / "base", params={"density": 0.3}, progress=False)
+    got = _load(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
+    """The paper's CLIP setting: a ``CLIPModel`` base, ``CLIPVisionModel`` experts (saved by
+    transformers 5 without the ``vision_model.`` prefix the base's names have), merged; then
+    E-PMQ on the merged vision tower from per-task image folders."""
+    from PIL import Image
+
+    import epmq
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    base = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=vision, projection_dim=16))
+    base.save_pretrained(tmp_path / "base")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "base")
+    tower = transformers.CLIPVisionModel.from_pretrained(tmp_path / "base").state_dict()
+    experts, g = {}, torch.Generator().manual_seed(1)
+    for task in ("cars", "dtd"):
+        expert = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision))
+        expert.load_state_dict({n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in tower.items()})
+        expert.save_pretrained(tmp_path / task)
+        experts[task] = tmp_path / task
+        for i in range(4):
+            (tmp_path / "images" / task).mkdir(parents=True, exist_ok=True)
+            pixels = (torch.rand(18, 18, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / task / f"{i}.png")
+    with pytest.warns(UserWarning, match="tensors of the base are in no or not every model"):
+        merged = merge_checkpoints("task_arithmetic", list(experts.values()), tmp_path / "merged",
+                                   base=tmp_path / "base", params={"scale": 0.5}, progress=False)
+    got = transformers.CLIPModel.from_pretrained(merged).state_dict()
+    base_sd = base.state_dict()
+    expert_sds = [transformers.CLIPVisionModel.from_pretrained(p).state_dict() for p in experts.values()]
+    name = "encoder.layers.1.mlp.fc1.weight"
+    want = base_sd[f"vision_model.{name}"] + 0.5 * sum(e[name] - tower[name] for e in expert_sds)
+    assert torch.equal(got[f"vision_model.{name}"], want)
+    assert torch.equal(got["text_model.encoder.layers.0.mlp.fc1.weight"],
+                       base_sd["text_model.encoder.layers.0.mlp.fc1.weight"])
+    out = epmq.quantize_checkpoint(merged, tmp_path / "w4", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                   method="epmq", tower="vision", experts=experts, anchor=0.1,
+                                   calibration={t: tmp_path / "images" / t for t in experts},
+                                   samples=4, batch_size=2, progress=False)
+    loaded = epmq.load_quantized(out)
+    report = json.loads((out / "epmq_report.json").read_text())
+    assert type(loaded).__name__ == "CLIPVisionModel" and len(report["layers"]) == 12
+    with torch.no_grad():
+        assert torch.isfinite(loaded(pixel_values=torch.rand(1, 3, 16, 16)).pooler_output).all()
