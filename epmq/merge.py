@@ -175,12 +175,15 @@ def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     if weights is None:
         return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0), out)
     weights = [float(w) for w in weights]
-    if len(weights) != len(experts) or sum(weights) == 0:
-        raise ValueError(f"weights must give one number per expert ({len(experts)}) with a "
-                         f"nonzero sum, got {weights}")
     total = sum(weights)
-    return _merge_each(None, experts,
-                       lambda name, W_0, W_k: sum(w * W for w, W in zip(weights, W_k)) / total, out)
+
+    def merge_tensor(name, W_0, W_k):
+        if len(weights) != len(W_k) or total == 0:
+            raise ValueError(f"weights must give one number per expert ({len(W_k)}) with a "
+                             f"nonzero sum, got {weights}")
+        return sum(w * W for w, W in zip(weights, W_k)) / total
+
+    return _merge_each(None, experts, merge_tensor, out)
 
 
 def task_arithmetic(base, experts, scale: float = 0.3, *, out=None):

@@ -53,7 +53,7 @@ class _View(Mapping):
 
     def __init__(self, state: Mapping, device=None, names=None):
         self.state, self.device = state, None if device is None else torch.device(device)
-        self.names = list(state) if names is None else list(names)
+        self.names = dict.fromkeys(state if names is None else names)  # ordered, O(1) lookups
 
     def __getitem__(self, name):
         if name not in self.names:
@@ -183,10 +183,11 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
-    first = _open(model_paths[0], f"model 0 ({models[0]})", device, names=None if base_state is None else list(base_state))
-    names = list(base_state if base_state is not None else first)
-    sources = [first] + [_open(p, f"model {k} ({m})", device, names)
-                         for k, (p, m) in enumerate(zip(model_paths, models)) if k > 0]
+    names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
+    sources = []
+    for k, (path, source) in enumerate(zip(model_paths, models)):
+        sources.append(_open(path, f"model {k} ({source})", device, names))
+        names = names or list(sources[0])
     base_only = []
     if base_state is not None:
         # a base with more than the experts (CLIPModel's text tower beside fine-tuned
