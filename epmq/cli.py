@@ -30,7 +30,8 @@ EXAMPLES = """examples:
   epmq quantize w4.yaml merged/ties-w4       # then quantize the merge with E-PMQ
 """
 
-MERGE_CONFIG = """A merge config (YAML):
+MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the current directory;
+examples in configs/files/):
 
   method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, tsv,
                                     # iso_c, model_stock, average, slerp
@@ -111,7 +112,8 @@ def _merge(args) -> int:
 
 # --------------------------------------------------------------------------- quantize
 
-QUANTIZE_CONFIG = """A quantize config (YAML):
+QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the current directory;
+examples in configs/files/):
 
   model: merged/ties                # the (merged) model: a causal LM or a vision tower
                                     # (CLIPVisionModel, ViT, ...): directory or HF hub id
@@ -141,16 +143,27 @@ QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_
                  "max_shard_size", "tower", *SPEC_KEYS}
 
 
+def quantize_options(config: dict):
+    """A quantize config's ``QuantSpec`` and the keyword arguments of ``quantize_checkpoint``
+    (checked: ValueError for what it could not run)."""
+    from .quantize_files import check_quantize
+    from .spec import QuantSpec
+
+    spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
+    options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
+    check_quantize(options["method"], options.get("calibration"), options.get("experts"),
+                   dtype=options.get("dtype"), tower=options.get("tower"))
+    return spec, options
+
+
 def _quantize(args) -> int:
     from .quantize_files import quantize_checkpoint
-    from .spec import QuantSpec
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
     torch_threads(args.threads)
     t0 = time.perf_counter()
-    options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
     try:
-        spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
+        spec, options = quantize_options(config)
         out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
                                   progress=not args.quiet, **options)
     except (ValueError, FileNotFoundError) as e:

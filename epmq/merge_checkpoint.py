@@ -148,6 +148,27 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
         config.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source] = None,
+                params: Optional[dict] = None, dtype: Optional[str] = None) -> None:
+    """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if METHODS[method] and base is None:
+        raise ValueError(f"merge {method} needs the base model (base=...)")
+    if not METHODS[method] and base is not None:
+        raise ValueError(f"merge {method} takes no base model: give the models to merge only")
+    if method == "slerp" and len(models) != 2:
+        raise ValueError(f"slerp interpolates two models, got {len(models)}")
+    if not models:
+        raise ValueError("no models to merge")
+    accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {"base", "experts", "a", "b", "out"}
+    unknown = sorted(set(params or {}) - accepted)
+    if unknown:
+        raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
@@ -160,26 +181,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     the arithmetic runs (e.g. "cuda" for TSV-Merge's SVDs on large matrices). ``max_shard_size``:
     as ``save_quantized``'s (default "5GB", the size of transformers' shards).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     models = [models] if isinstance(models, (str, Path)) else list(models)
-    if METHODS[method] and base is None:
-        raise ValueError(f"merge {method} needs the base model (base=...)")
-    if not METHODS[method] and base is not None:
-        raise ValueError(f"merge {method} takes no base model: give the models to merge only")
-    if method == "slerp" and len(models) != 2:
-        raise ValueError(f"slerp interpolates two models, got {len(models)}")
-    if not models:
-        raise ValueError("no models to merge")
     params = dict(params or {})
+    check_merge(method, models, base=base, params=params, dtype=dtype)
     fn = getattr(merge_lib, method)
-    accepted = set(inspect.signature(fn).parameters) - {"base", "experts", "a", "b", "out"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
-
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)

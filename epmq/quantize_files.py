@@ -33,7 +33,7 @@ from .calibration import image_batches, image_files, read_texts, text_windows
 from .checkpoint import save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .spec import QuantSpec
-from .walker import quantize_model
+from .walker import METHODS, quantize_model
 
 REPORT_FILE = "epmq_report.json"
 
@@ -51,9 +51,9 @@ def _model_class(directory: Path, tower: Optional[str]):
         # CLIPModel -> CLIPVisionModel, SiglipModel -> SiglipVisionModel: transformers loads the
         # tower from the two-tower checkpoint
         name = cls.__name__.removesuffix("Model") + "VisionModel"
-        if tower != "vision" or not hasattr(transformers, name):
-            raise ValueError(f"tower={tower!r}: only 'vision', for a two-tower model with a "
-                             f"{name} class ({cls.__name__} is not one)")
+        if not hasattr(transformers, name):
+            raise ValueError(f"tower='vision' is for a two-tower model with a vision-tower class "
+                             f"(CLIPModel, SiglipModel); {cls.__name__} has no {name}")
         cls = getattr(transformers, name)
     if config.get("is_encoder_decoder"):
         raise ValueError(f"{directory}: an encoder-decoder model ({names[0] if names else config.get('model_type')}) "
@@ -74,6 +74,28 @@ def _modality(cls) -> str:
     raise ValueError(f"{cls.__name__}: its forward takes neither input_ids nor pixel_values")
 
 
+def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
+                   experts: Optional[Mapping[str, object]], *, dtype: Optional[str] = None,
+                   tower: Optional[str] = None) -> None:
+    """Raise ValueError for a quantization ``quantize_checkpoint`` cannot run, before anything
+    is read."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if tower not in (None, "vision"):
+        raise ValueError(f"tower must be 'vision' (the vision tower of a two-tower model), got {tower!r}")
+    if not calibration and method != "rtn":
+        raise ValueError(f"method {method!r} needs calibration files: task -> text or image file(s)")
+    if method == "epmq":
+        tasks, with_expert = set(calibration), set(experts or {})
+        if tasks != with_expert:
+            raise ValueError(f"E-PMQ needs one expert per calibration task: tasks without an expert "
+                             f"{sorted(tasks - with_expert)}, experts without files {sorted(with_expert - tasks)}")
+    elif experts:
+        raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
+
+
 def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,
                         calibration: Mapping[str, object], method: str = "epmq",
                         experts: Optional[Mapping[str, object]] = None, anchor: float = 1.0,
@@ -92,17 +114,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     ``tower="vision"``: of a two-tower model (``CLIPModel``, ``SiglipModel``), quantize and save
     the vision tower alone (``CLIPVisionModel``), calibrated on images.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not calibration and method != "rtn":
-        raise ValueError(f"method {method!r} needs calibration files: task -> text or image file(s)")
-    if method == "epmq":
-        tasks, with_expert = set(calibration), set(experts or {})
-        if tasks != with_expert:
-            raise ValueError(f"E-PMQ needs one expert per calibration task: tasks without an expert "
-                             f"{sorted(tasks - with_expert)}, experts without files {sorted(with_expert - tasks)}")
-    elif experts:
-        raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
+    check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
     directory = local_checkpoint(model, directory=True)
     cls = _model_class(directory, tower)
     if _modality(cls) == "texts":

@@ -165,3 +165,21 @@ def test_bench_needs_cuda(capsys):
         pytest.skip("a GPU is present")
     assert main(["bench"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_example_merge_and_quantize_configs_are_valid():
+    """configs/files/: every key known, every merge and quantization runnable as written."""
+    from pathlib import Path
+
+    from epmq.cli import MERGE_KEYS, QUANTIZE_KEYS, _yaml_mapping, quantize_options
+    from epmq.merge_checkpoint import check_merge
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "files"
+    merges, quantizations = sorted(root.glob("merge-*.yaml")), sorted(root.glob("quantize-*.yaml"))
+    assert merges and quantizations
+    for path in merges:
+        c = _yaml_mapping(path, MERGE_KEYS, ("method", "models"), "")
+        check_merge(c["method"], c["models"], base=c.get("base"), params=c.get("params"), dtype=c.get("dtype"))
+    for path in quantizations:
+        spec, options = quantize_options(_yaml_mapping(path, QUANTIZE_KEYS, ("model", "method"), ""))
+        assert spec.bits == 4 and options["method"] == "epmq"
