@@ -40,6 +40,7 @@ MERGES = [
     MergePlan("model_stock", [1.0]),
     MergePlan("tsv", list(SPECTRAL_SCALES)),
     MergePlan("iso_c", list(SPECTRAL_SCALES)),
+    MergePlan("regmean", [1.0], params={"alpha": 0.9}),  # data: each expert on its calibration set
 ]
 
 

@@ -20,6 +20,8 @@ With task vectors ``tau_k = W_k - W_0``:
     model_stock       W = t mean_k W_k + (1 - t) W_0, t from the angle between task vectors
     slerp             spherical interpolation of two models (no base)
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
+    regmean           W = (sum_k W_k G_k) (sum_k G_k)^-1 for linear layers, G_k the Gram
+                      matrix of their inputs on task k (data needed: ``stats.gram_matrices``)
 
 Tensors that are not floating point (position ids, counters) are copied from the base (from
 the first expert for ``average`` and ``slerp``) unchanged. Each merged tensor is stored in
@@ -474,3 +476,47 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: f
             yield (W_k.float() - base[name].float()).abs()
 
     return [_kth_largest(lambda k=k: task_vector(k), n, density) for k in range(len(experts))]
+
+
+def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float = 0.9,
+            *, out=None):
+    """RegMean (Jin et al., ICLR 2023): the weight of each linear layer that fits every expert's
+    outputs on its own task's inputs best, ``min_W sum_k |X_k (W - W_k)^T|^2``, in closed form
+
+        W = (sum_k W_k G_k) (sum_k G_k)^-1,   G_k = X_k^T X_k,
+
+    with ``G_k``'s off-diagonal entries scaled by ``alpha`` (the paper's regularisation toward
+    the plain average: ``alpha = 0`` gives a per-input-feature weighted average). ``grams``: for
+    the name of each linear layer's weight (``[out, in]``), one ``[in, in]`` Gram matrix per
+    expert, in the experts' order (``epmq.stats.gram_matrices`` of each expert on its task's
+    data). Other tensors (biases, norms, embeddings, weights without grams) are averaged. A
+    ridge of 1e-8 of the mean diagonal toward the average keeps input features no task
+    activates (all-zero rows of every ``G_k``) at the average. Computed in float64.
+    """
+    _check_unit(alpha, "alpha")
+
+    def merge_tensor(name, W_0, W_k):
+        if name not in grams:
+            return torch.stack(W_k).mean(0)
+        G_k = list(grams[name])
+        if len(G_k) != len(W_k) or W_k[0].dim() != 2:
+            raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert) "
+                             f"of a 2-D weight, got {len(G_k)} for shape {tuple(W_k[0].shape)}")
+        d_in = W_k[0].shape[1]
+        G_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=W_k[0].device)
+        B = torch.zeros(d_in, W_k[0].shape[0], dtype=torch.float64, device=W_k[0].device)
+        for k, (W, G) in enumerate(zip(W_k, G_k)):
+            if tuple(G.shape) != (d_in, d_in):
+                raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}, expected ({d_in}, {d_in})")
+            check_finite(G, f"grams[{name!r}][{k}]")
+            G = G.to(W.device, torch.float64)
+            G = alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
+            G_sum += G
+            B += G @ W.to(torch.float64).T
+        ridge = 1e-8 * float(torch.diagonal(G_sum).mean()) or 1.0
+        W_avg = torch.stack(W_k).mean(0).to(torch.float64)
+        G_sum += ridge * torch.eye(d_in, dtype=torch.float64, device=G_sum.device)
+        B += ridge * W_avg.T
+        return torch.linalg.solve(G_sum, B).T
+
+    return _merge_each(None, experts, merge_tensor, out)

@@ -151,6 +151,9 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
 def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source] = None,
                 params: Optional[dict] = None, dtype: Optional[str] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
+    if method == "regmean":
+        raise ValueError("regmean needs each expert's activations on its task's data: use `epmq run` "
+                         "(method: regmean) or epmq.merge.regmean with epmq.stats.gram_matrices")
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
     if dtype is not None and dtype not in DTYPES:

@@ -36,11 +36,11 @@ from epmq_kernels.expert_residual import check_residual_precision
 MERGE_LABELS = {
     "task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "breadcrumbs": "Breadcrumbs",
     "della": "DELLA", "tsv": "TSV-M", "iso_c": "Iso-C", "model_stock": "Model Stock",
-    "average": "Avg",
+    "average": "Avg", "regmean": "RegMean",
 }
 MERGE_METHODS = tuple(MERGE_LABELS)
 # merges without a scale to choose (the pipeline's scale is ignored)
-UNSCALED_MERGES = ("average", "model_stock")
+UNSCALED_MERGES = ("average", "model_stock", "regmean")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
 TARGETS = ("merged_path", "expert_path", "fp_path")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
@@ -194,10 +194,27 @@ def merged_state(bench, plan: MergePlan, scale):
     experts = [bench.experts[t] for t in bench.task_names]
     if plan.method == "average":
         return merge_lib.average(experts, **plan.params)
+    if plan.method == "regmean":
+        grams = expert_grams(bench)  # task -> name -> Gram
+        per_name = {n: [grams[t][n] for t in bench.task_names] for n in grams[bench.task_names[0]]}
+        return merge_lib.regmean(experts, per_name, **plan.params)
     fn = getattr(merge_lib, plan.method)
     if plan.method in UNSCALED_MERGES:
         return fn(bench.base_state, experts, **plan.params)
     return fn(bench.base_state, experts, scale=scale, **plan.params)
+
+
+def expert_grams(bench) -> dict:
+    """task -> ``{linear weight name: X^T X}`` of the task's expert on the task's calibration
+    inputs (RegMean's statistics), computed once per bench."""
+    from .stats import gram_matrices
+
+    cached = getattr(bench, "_epmq_expert_grams", None)
+    if cached is None:
+        cached = {t: gram_matrices(bench.model(bench.experts[t]), bench.calibration[t])
+                  for t in bench.task_names}
+        bench._epmq_expert_grams = cached
+    return cached
 
 
 def choose_scale(bench, plan: MergePlan):

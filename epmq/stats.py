@@ -238,3 +238,38 @@ class EPMQStats:
         if not self.task_weights:
             raise ValueError("no task was added: E-PMQ needs at least one expert with calibration data")
         return self.H_e, self.H_m, self.G_e, self.G_m
+
+
+@torch.no_grad()
+def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
+    """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers (those whose
+    weight name is in ``names``; default all) over ``batches`` (model inputs, passed as
+    ``quantize_model``'s calibration items are), in ``dtype`` on the CPU: RegMean's statistics
+    when ``model`` is an expert and ``batches`` its own task's data."""
+    from torch import nn
+
+    from .walker import _call
+
+    device = next(model.parameters()).device
+    stats, hooks = {}, []
+    for module_name, module in model.named_modules():
+        weight = f"{module_name}.weight" if module_name else "weight"
+        if isinstance(module, nn.Linear) and (names is None or weight in names):
+            stats[weight] = HessianStats(module.in_features, device="cpu", dtype=dtype)
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, s=stats[weight]: s.add_batch(args[0].detach().to("cpu", dtype))))
+    if not stats:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer{' among the names given' if names else ''}")
+    was_training = model.training
+    model.eval()
+    try:
+        for item in batches:
+            _call(model, item, device)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    empty = [n for n, s in stats.items() if s.n_tokens == 0]
+    if len(empty) == len(stats):
+        raise ValueError("no calibration batch reached the model's linear layers")
+    return {n: s.H for n, s in stats.items()}

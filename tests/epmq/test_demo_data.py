@@ -195,6 +195,7 @@ def test_merges_choose_on_validation(tiny_bench):
 @pytest.mark.parametrize("method, params", [
     ("dare", {"density": 0.5, "consensus": "sign"}), ("breadcrumbs", {"density": 0.8}),
     ("della", {}), ("tsv", {}), ("iso_c", {}), ("model_stock", {}), ("average", {}),
+    ("regmean", {"alpha": 0.9}),
 ])
 def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
     bench = tiny_bench
@@ -204,12 +205,17 @@ def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
     fn = getattr(merge, method)
     if method == "average":
         want = fn(experts)
+    elif method == "regmean":
+        from epmq.stats import gram_matrices
+
+        grams = [gram_matrices(bench.model(e), bench.calibration[t]) for t, e in zip(bench.task_names, experts)]
+        want = fn(experts, {n: [g[n] for g in grams] for n in grams[0]}, **params)
     elif method == "model_stock":
         want = fn(bench.base_state, experts)
     else:
         want = fn(bench.base_state, experts, scale=0.3, **params)
     assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in state)
     assert 0 <= bench.evaluate(state, split="val")["avg"] <= 1
-    if method in ("model_stock", "average"):
+    if method in ("model_stock", "average", "regmean"):
         with pytest.raises(ValueError, match="has no scale"):
             MergePlan(method, scales=[0.2, 0.4])

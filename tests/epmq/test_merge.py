@@ -388,3 +388,72 @@ def test_bad_parameters_of_the_newer_merges():
             fn(None, experts)
     with pytest.raises(ValueError, match="shape"):
         merge.slerp({"w": torch.zeros(3)}, {"w": torch.zeros(4)})
+
+
+# --------------------------------------------------------------------------- RegMean
+
+
+def test_regmean_is_the_least_squares_fit_of_every_experts_outputs(gen):
+    d_out, d_in = 5, 7
+    X = [torch.randn(n, d_in, generator=gen, dtype=torch.float64) for n in (30, 12, 20)]
+    X[1][:, 2] *= 10  # tasks weigh input features differently
+    W_k = [torch.randn(d_out, d_in, generator=gen) for _ in X]
+    b_k = [torch.randn(d_out, generator=gen) for _ in X]
+    experts = [{"fc.weight": W, "fc.bias": b} for W, b in zip(W_k, b_k)]
+    grams = {"fc.weight": [x.T @ x for x in X]}
+    out = merge.regmean(experts, grams, alpha=1.0)
+    # min_W sum_k |X_k W^T - X_k W_k^T|^2, solved as one stacked least-squares problem
+    A = torch.cat(X)
+    Y = torch.cat([x @ W.double().T for x, W in zip(X, W_k)])
+    want = torch.linalg.lstsq(A, Y).solution.T
+    torch.testing.assert_close(out["fc.weight"].double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["fc.bias"], torch.stack(b_k).mean(0))  # not a linear weight
+    # alpha = 0: each input feature's column is the experts' average weighted by its energy
+    out = merge.regmean(experts, grams, alpha=0.0)["fc.weight"].double()
+    g = torch.stack([torch.diagonal(G) for G in grams["fc.weight"]])  # [K, in]
+    want = sum(W.double() * g[k] for k, W in enumerate(W_k)) / g.sum(0)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    # one expert: itself
+    one = merge.regmean(experts[:1], {"fc.weight": grams["fc.weight"][:1]}, alpha=0.9)
+    torch.testing.assert_close(one["fc.weight"], W_k[0], atol=1e-5, rtol=1e-5)
+
+
+def test_regmean_keeps_a_feature_no_task_reaches_at_the_average(gen):
+    X = [torch.randn(20, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    for x in X:
+        x[:, 3] = 0.0
+    W_k = [torch.randn(3, 4, generator=gen) for _ in X]
+    out = merge.regmean([{"w": W} for W in W_k], {"w": [x.T @ x for x in X]}, alpha=1.0)["w"]
+    torch.testing.assert_close(out[:, 3], (W_k[0][:, 3] + W_k[1][:, 3]) / 2)
+    assert torch.isfinite(out).all()
+
+
+def test_regmean_bad_grams(gen):
+    experts = [{"w": torch.randn(3, 4, generator=gen)} for _ in range(2)]
+    G = torch.eye(4)
+    with pytest.raises(ValueError, match="expected 2 Gram matrices"):
+        merge.regmean(experts, {"w": [G]})
+    with pytest.raises(ValueError, match="shape \\(3, 3\\), expected \\(4, 4\\)"):
+        merge.regmean(experts, {"w": [G, torch.eye(3)]})
+    with pytest.raises(ValueError, match="non-finite"):
+        merge.regmean(experts, {"w": [G, torch.full((4, 4), float("nan"))]})
+    with pytest.raises(ValueError, match="alpha"):
+        merge.regmean(experts, {"w": [G, G]}, alpha=2.0)
+
+
+def test_gram_matrices_by_hand(gen):
+    from epmq.stats import gram_matrices
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    batches = [torch.randn(5, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)]
+    grams = gram_matrices(model, batches)
+    X0 = torch.cat([b.reshape(-1, 4) for b in batches]).double()
+    X2 = torch.relu(model[0](X0.float())).double()
+    torch.testing.assert_close(grams["0.weight"], X0.T @ X0)
+    torch.testing.assert_close(grams["2.weight"], X2.T @ X2, atol=1e-5, rtol=1e-5)
+    assert set(gram_matrices(model, batches, names={"2.weight"})) == {"2.weight"}
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        gram_matrices(model, batches, names={"nope"})
+    with pytest.raises(ValueError, match="no calibration batch"):
+        gram_matrices(model, [])

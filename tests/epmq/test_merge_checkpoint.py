@@ -96,6 +96,7 @@ def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
     models = [root / "e0", root / "e1"]
     cases = [
         (dict(method="magic", models=models, base=root / "base"), "unknown merge method"),
+        (dict(method="regmean", models=models), "regmean needs each expert's activations"),
         (dict(method="ties", models=models), "needs the base"),
         (dict(method="average", models=models, base=root / "base"), "takes no base"),
         (dict(method="slerp", models=models + [root / "e2"]), "two models"),
