@@ -39,6 +39,7 @@ from .checkpoint import (INDEX_FILE, WEIGHT_SUFFIXES, WEIGHTS_FILE, _bytes, _nby
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
 
 RECIPE_FILE = "epmq_merge.json"
+CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
@@ -130,13 +131,27 @@ class _ShardWriter:
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _model_card(recipe: dict) -> str:
+    """A README whose metadata the HF hub reads (``base_model``, ``tags``), with the recipe."""
+    import yaml
+
+    sources = ([recipe["base"]] if recipe["base"] else []) + recipe["models"]
+    meta = yaml.safe_dump({"base_model": sources, "tags": ["merge", "epmq"]}, sort_keys=False)
+    return (f"---\n{meta}---\n{CARD_MARK}\n\n# Merged with epmq ({recipe['method']})\n\n"
+            f"This model merges {len(recipe['models'])} models"
+            f"{' into the base ' + recipe['base'] if recipe['base'] else ''} with "
+            f"`epmq.merge.{recipe['method']}`. The recipe (`{RECIPE_FILE}`):\n\n"
+            f"```json\n{json.dumps(recipe, indent=2, default=str)}\n```\n")
+
+
 def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
-    """The non-weight files of a checkpoint directory (config, tokenizer, generation config)."""
+    """The non-weight files of a checkpoint directory (config, tokenizer, generation config);
+    not its model card, which describes another model."""
     if not source.is_dir():
         return
     for entry in source.iterdir():
         if (entry.name.startswith(".") or not entry.is_file() or entry.name.endswith(WEIGHT_SUFFIXES)
-                or entry.name == RECIPE_FILE):
+                or entry.name in (RECIPE_FILE, "README.md")):
             continue
         shutil.copy2(entry, target / entry.name)
     config = target / "config.json"
@@ -227,6 +242,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             recipe = dict(method=method, params=params, dtype=dtype,
                           base=None if base is None else str(base), models=[str(m) for m in models])
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+            card = out / "README.md"
+            if not card.is_file() or CARD_MARK in card.read_text(errors="replace"):
+                (tmp / "README.md").write_text(_model_card(recipe))  # else the user's is carried over
     finally:
         bar.close()
     return out

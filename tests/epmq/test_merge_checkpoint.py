@@ -68,6 +68,8 @@ def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, met
     recipe = json.loads((out / RECIPE_FILE).read_text())
     assert recipe["method"] == method and recipe["params"] == params and len(recipe["models"]) == 3
     assert transformers.AutoTokenizer.from_pretrained(out)("a b").input_ids
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and method in card and "tags:" in card
 
 
 def test_slerp_average_dtype_and_replacement(checkpoints, tmp_path):
