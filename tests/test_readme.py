@@ -1,4 +1,4 @@
-"""The README's "Using it" example runs as written, on a tiny HF CLIP vision model whose experts
+"""The README's "Using it" examples run as written, on a tiny HF CLIP vision model whose experts
 are written to the checkpoint paths the example names."""
 
 import re
@@ -11,9 +11,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def usage_example() -> str:
+    """The python blocks of the "Using it" section (merging, then quantizing), in order."""
     text = README.read_text()
     section = text[text.index("## Using it"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = section[:section.index("\n## ", 1)]
+    return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
 
 
 def tiny_clip(seed):
