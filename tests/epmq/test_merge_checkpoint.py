@@ -256,3 +256,16 @@ def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
     assert type(loaded).__name__ == "CLIPVisionModel" and len(report["layers"]) == 12
     with torch.no_grad():
         assert torch.isfinite(loaded(pixel_values=torch.rand(1, 3, 16, 16)).pooler_output).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("tsv", {}), ("dare", {"density": 0.5})])
+def test_merge_on_the_gpu_equals_the_cpu(checkpoints, tmp_path, method, params):
+    root, _, _ = checkpoints
+    models = [root / "e0", root / "e1", root / "e2"]
+    cpu = _load(merge_checkpoints(method, models, tmp_path / "cpu", base=root / "base", params=params,
+                                  progress=False))
+    gpu = _load(merge_checkpoints(method, models, tmp_path / "gpu", base=root / "base", params=params,
+                                  device="cuda", progress=False))
+    for name in cpu:  # the same masks and votes; SVDs and sums differ in rounding only
+        torch.testing.assert_close(gpu[name], cpu[name], atol=1e-5, rtol=1e-4)

@@ -237,3 +237,22 @@ def test_models_the_files_cannot_calibrate(tmp_path):
     pixels = batches["a"][0]["pixel_values"]
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
+
+
+@pytest.mark.cuda
+def test_quantize_checkpoint_on_the_gpu(files, tmp_path):
+    """The same command with the model on the GPU (Triton statistics and solver): a checkpoint
+    as good as the CPU's, by the per-layer loss it reports."""
+    root = files
+    kwargs = dict(spec=epmq.QuantSpec(bits=4, group_size=16, sym=True), method="epmq",
+                  calibration={"a": root / "a.txt", "b": root / "b.jsonl"},
+                  experts={"a": root / "expert0", "b": root / "expert1"}, anchor=0.1,
+                  samples=6, seq_len=16, batch_size=4, progress=False)
+    cpu = epmq.quantize_checkpoint(root / "merged", tmp_path / "cpu", **kwargs)
+    gpu = epmq.quantize_checkpoint(root / "merged", tmp_path / "gpu", device="cuda", **kwargs)
+    loss = {d: sum(layer["loss"] for layer in json.loads((d / REPORT_FILE).read_text())["layers"])
+            for d in (cpu, gpu)}
+    assert loss[gpu] <= 1.05 * loss[cpu]
+    model = epmq.load_quantized(gpu, device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6]], device="cuda")).logits).all()
