@@ -82,6 +82,36 @@ def tiny_decoder(seed, *, vocab_size, hidden_size, intermediate_size, arch="llam
     return getattr(transformers, model_class)(config).eval()
 
 
+def write_experts(root, make_model, experts, *, shared=0.0, fallback_scale=0.02):
+    """A base ``make_model(0)`` and experts saved as HF checkpoints under ``root``; returns the
+    base's path and the experts'. Expert k is the base plus a task vector of relative size
+    ``experts[k][0]`` (of each tensor's mean |value|; ``fallback_scale`` for all-zero tensors,
+    such as biases at init) on a random ``experts[k][1]`` fraction of its entries; ``shared``
+    mixes in one random direction per tensor common to every expert (so that task vectors are
+    not orthogonal)."""
+    base = make_model(0)
+    base.save_pretrained(os.path.join(root, "base"))
+    state = base.state_dict()
+    g = torch.Generator().manual_seed(1)
+    common = {n: torch.randn(t.shape, generator=g) for n, t in state.items()} if shared else None
+    paths = []
+    for k, (size, keep) in enumerate(experts):
+        expert = make_model(0)
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                ref = float(state[name].abs().mean()) or fallback_scale
+                direction = torch.randn(p.shape, generator=g)
+                if common is not None:
+                    direction = shared * common[name] + direction
+                tau = size * ref * direction
+                tau *= (torch.rand(p.shape, generator=g) < keep).to(tau.dtype)
+                p.add_(tau)
+        path = os.path.join(root, f"expert{k}")
+        expert.save_pretrained(path)
+        paths.append(path)
+    return os.path.join(root, "base"), paths
+
+
 def pyplot():
     """matplotlib's ``pyplot`` on the Agg backend (no display needed); ImportError without it."""
     import matplotlib

@@ -88,7 +88,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write_json  # noqa: E402
+from _common import write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 
@@ -146,26 +146,10 @@ def clip_vision(seed):
 
 
 def write_models(root):
-    """Base and the experts, saved as HF checkpoints; their paths."""
-    base = clip_vision(0)
-    base.save_pretrained(os.path.join(root, "base"))
-    state = base.state_dict()
-    g = torch.Generator().manual_seed(1)
-    shared = {name: torch.randn(t.shape, generator=g) for name, t in state.items()}
-    paths = []
-    for k, (size, keep) in enumerate(EXPERTS):
-        expert = clip_vision(0)
-        with torch.no_grad():
-            for name, p in expert.named_parameters():
-                # biases start at 0: their task vectors take the init scale instead
-                ref = float(state[name].abs().mean()) or expert.config.initializer_range
-                tau = size * ref * (SHARED * shared[name] + torch.randn(p.shape, generator=g))
-                tau *= (torch.rand(p.shape, generator=g) < keep).to(tau.dtype)
-                p.add_(tau)
-        path = os.path.join(root, f"expert{k}")
-        expert.save_pretrained(path)
-        paths.append(path)
-    return os.path.join(root, "base"), paths
+    """Base and the experts, saved as HF checkpoints; their paths. Biases start at 0: their
+    task vectors take the init scale instead."""
+    return write_experts(root, clip_vision, EXPERTS, shared=SHARED,
+                         fallback_scale=CLIP.get("initializer_range", 0.02))
 
 
 def kind(name, t):

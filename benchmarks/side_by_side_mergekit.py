@@ -51,7 +51,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import tiny_decoder, write_json  # noqa: E402
+from _common import tiny_decoder, write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
@@ -70,22 +70,7 @@ def tiny_llama(seed):
 
 def write_models(root):
     """Base and three experts (dense small, dense large, sparse), saved as HF checkpoints."""
-    base = tiny_llama(0)
-    base.save_pretrained(os.path.join(root, "base"))
-    state = base.state_dict()
-    g = torch.Generator().manual_seed(1)
-    paths = []
-    for k, (size, keep) in enumerate([(0.01, 1.0), (0.05, 1.0), (0.03, 0.3)]):
-        expert = tiny_llama(0)
-        with torch.no_grad():
-            for name, p in expert.named_parameters():
-                tau = size * torch.randn(p.shape, generator=g) * state[name].abs().mean()
-                tau *= (torch.rand(p.shape, generator=g) < keep).to(tau.dtype)
-                p.add_(tau)
-        path = os.path.join(root, f"expert{k}")
-        expert.save_pretrained(path)
-        paths.append(path)
-    return os.path.join(root, "base"), paths
+    return write_experts(root, tiny_llama, [(0.01, 1.0), (0.05, 1.0), (0.03, 0.3)])
 
 
 def run_mergekit(config, out):

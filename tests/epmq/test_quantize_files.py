@@ -24,6 +24,17 @@ def tiny_llama(seed):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def assert_quantize_model_equals(out, model, spec, batches, output, **kwargs):
+    """The checkpoint ``out`` that quantize_checkpoint wrote, loaded, gives exactly the outputs
+    of ``model`` quantized in memory by ``quantize_model`` on ``batches``; returns it loaded."""
+    epmq.quantize_model(model, spec, calibration=batches, progress=False, **kwargs)
+    loaded = epmq.load_quantized(out)
+    for items in batches.values():
+        with torch.no_grad():
+            assert torch.equal(output(loaded(**items[0])), output(model(**items[0])))
+    return loaded
+
+
 def sentences(seed, n):
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + " ." for _ in range(n)]
@@ -103,12 +114,8 @@ def test_quantize_checkpoint_equals_quantize_model(files, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
     batches = {t: text_windows(epmq.calibration.read_texts(p), tok, samples=6, seq_len=16, batch_size=4)
                for t, p in calibration.items()}
-    epmq.quantize_model(model, spec, method="epmq", calibration=batches, experts=experts,
-                        anchor=0.1, progress=False)
-    loaded = epmq.load_quantized(out)
-    ids = batches["a"][0]["input_ids"]
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="epmq",
+                                 experts=experts, anchor=0.1)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["sym"] is True
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["method"] == "epmq" and len(report["layers"]) == 14
@@ -189,12 +196,8 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
                for t, p in calibration.items()}
     assert [b["pixel_values"].shape for b in batches["cars"]] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16)]
     model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "merged")
-    epmq.quantize_model(model, spec, method="epmq", calibration=batches, experts=experts,
-                        anchor=0.1, progress=False)
-    loaded = epmq.load_quantized(out)
-    pixels = batches["dtd"][0]["pixel_values"]
-    with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.pooler_output, method="epmq",
+                                 experts=experts, anchor=0.1)
     assert (out / "preprocessor_config.json").is_file()
     with pytest.warns(UserWarning, match="fewer than samples"):
         image_batches(image_files(calibration["cars"]), processor, samples=50)
@@ -231,12 +234,9 @@ def test_models_the_files_cannot_calibrate(tmp_path):
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "clip")
     batches = {"a": image_batches(image_files(tmp_path / "images"), processor, samples=4, batch_size=2)}
     model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "clip")
-    epmq.quantize_model(model, spec, method="gptq", calibration=batches, progress=False)
-    loaded = epmq.load_quantized(out)
+    loaded = assert_quantize_model_equals(out, model, spec, batches, lambda o: o.pooler_output,
+                                          method="gptq")
     assert type(loaded).__name__ == "CLIPVisionModel"
-    pixels = batches["a"][0]["pixel_values"]
-    with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
 
 
 @pytest.mark.cuda
