@@ -75,6 +75,54 @@ def test_dequantize_is_bitwise_the_integer_formula(spec, dtype, gen):
     assert torch.equal(layer.dequantize(dtype), ref.t())
 
 
+CPU_INT4_SPECS = [
+    epmq.QuantSpec(bits=4, group_size=128),  # the kernel's own group
+    epmq.QuantSpec(bits=4, group_size=32, sym=True),
+    epmq.QuantSpec(bits=4, group_size=-1),  # per channel: groups of 256 repeating one grid
+    epmq.QuantSpec(bits=4, group_size=64, act_order=True),  # dynamic groups: K permuted
+    epmq.QuantSpec(bits=4, group_size=512),  # a grid coarser than 256 rows, repeated
+]
+
+
+@pytest.mark.parametrize("spec", CPU_INT4_SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_int4_kernel_path(spec, dtype, gen):
+    """bf16/fp16 on the CPU at small batches: torch's int4 kernel, as exact as the product of
+    the dequantized weight in the same dtype (both against float64)."""
+    from epmq import qlinear
+
+    if qlinear._cpu_int4_mm is None:
+        pytest.skip("this torch has no CPU int4 kernel")
+    result = solve(spec, gen, d_out=48, d_in=1024)
+    bias = torch.randn(48, generator=gen)
+    layer = epmq.QuantLinear.from_result(result, bias).to(dtype)
+    exact = (weight_with_fp16_scales(result).double(), bias.double())
+    for shape in [(1, 1024), (3, 7, 1024)]:
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        y = layer(x)
+        assert getattr(layer, f"_cpu_int4_{str(dtype)[6:]}")[1] is not None  # the kernel ran
+        assert y.dtype == dtype and y.shape == (*shape[:-1], 48)
+        ref = x.double() @ exact[0].t() + exact[1]
+        dense = (x @ layer._weight_kn(dtype) + bias.to(dtype)).double()
+        err, err_dense = (float((v - ref).abs().max() / ref.abs().max()) for v in (y.double(), dense))
+        assert err <= 2 * err_dense + 1e-3, (err, err_dense)
+    # more rows than the kernel pays for, and fp32: the dequantized product, unchanged
+    x = torch.randn(qlinear.CPU_INT4_MAX_ROWS + 1, 1024, generator=gen).to(dtype)
+    assert torch.equal(layer(x), x @ layer._weight_kn(dtype) + bias.to(dtype))
+    layer32 = epmq.QuantLinear.from_result(result, bias)
+    x = torch.randn(2, 1024, generator=gen)
+    assert torch.equal(layer32(x), x @ layer32._weight_kn(torch.float32) + bias)
+
+
+def test_cpu_int4_kernel_declines_layouts_it_cannot_take(gen):
+    # out_features not a multiple of 16; groups of 16: the dequantized product
+    for d_out, spec in ((24, epmq.QuantSpec(bits=4, group_size=128)), (32, epmq.QuantSpec(bits=4, group_size=16))):
+        layer = epmq.QuantLinear.from_result(solve(spec, gen, d_out=d_out, d_in=256), None).bfloat16()
+        assert layer._cpu_int4(torch.bfloat16) is None
+        x = torch.randn(2, 256, generator=gen).bfloat16()
+        assert torch.equal(layer(x), x @ layer._weight_kn(torch.bfloat16))
+
+
 def test_dequantize_follows_in_place_changes_of_the_grid(gen):
     """The unpacked grid is kept between calls, and dropped when a buffer changes."""
     layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen))
