@@ -10,6 +10,11 @@ Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a l
 or an object with a ``"text"`` field), ``.json`` (a list of such values), or a directory of
 them (sorted by name).
 
+Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects with ``"input"`` and
+``"target"`` texts; ``samples`` pairs drawn at random (seeded), the inputs given to the encoder
+and the targets as labels (teacher forcing: the decoder sees the target shifted right), each
+cut to ``seq_len`` tokens and padded per batch.
+
 Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
 with class subfolders works as it is) or a list of files, converted to RGB and preprocessed by
 the model's own image processor into ``{"pixel_values"}`` batches.
@@ -132,4 +137,61 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
             except OSError as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
         batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
+    return batches
+
+
+def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tuple]:
+    """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields),
+    a directory of them, or a list of either."""
+    if isinstance(source, (list, tuple)):
+        return [pair for s in source for pair in read_pairs(s)]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
+        if not files:
+            raise ValueError(f"{path}: no .jsonl or .json files of input/target pairs in the directory")
+        return [pair for f in files for pair in read_pairs(f)]
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration pairs at {path}")
+    if path.suffix == ".jsonl":
+        values = [(f"{path}:{i}", json.loads(line))
+                  for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    elif path.suffix == ".json":
+        loaded = json.loads(path.read_text())
+        values = [(f"{path}[{i}]", v) for i, v in enumerate(loaded if isinstance(loaded, list) else [loaded])]
+    else:
+        raise ValueError(f"{path}: an encoder-decoder calibrates on input/target pairs: a .jsonl or "
+                         f".json file of objects with 'input' and 'target' texts, not {path.suffix!r}")
+    pairs = []
+    for where, v in values:
+        if not (isinstance(v, dict) and isinstance(v.get("input"), str) and isinstance(v.get("target"), str)):
+            raise ValueError(f"{where}: expected an object with 'input' and 'target' strings, got {str(v)[:80]!r}")
+        pairs.append((v["input"], v["target"]))
+    return pairs
+
+
+def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_len: int = 512,
+                 batch_size: int = 8, seed: int = 0, what: str = "calibration") -> List[dict]:
+    """``samples`` of ``pairs`` drawn at random (all of them, with a warning, if fewer) as
+    ``{"input_ids", "attention_mask", "labels"}`` batches (labels padded with -100)."""
+    if samples < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be >= 1 and seq_len >= 2, got {samples}, "
+                         f"{batch_size}, {seq_len}")
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError(f"{what}: no input/target pairs")
+    if len(pairs) < samples:
+        warnings.warn(f"{what}: {len(pairs)} pairs, fewer than samples={samples}: using all of them")
+    g = torch.Generator().manual_seed(seed)
+    chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:samples].tolist()]
+    batches = []
+    for i in range(0, len(chosen), batch_size):
+        inputs = [p[0] for p in chosen[i:i + batch_size]]
+        targets = [p[1] for p in chosen[i:i + batch_size]]
+        enc = tokenizer(inputs, max_length=seq_len, truncation=True, padding=True, return_tensors="pt")
+        dec = tokenizer(text_target=targets, max_length=seq_len, truncation=True, padding=True,
+                        return_tensors="pt")
+        labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                        "labels": labels})
     return batches

@@ -115,11 +115,13 @@ def _merge(args) -> int:
 QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the current directory;
 examples in configs/files/):
 
-  model: merged/ties                # the (merged) model: a causal LM or a vision tower
-                                    # (CLIPVisionModel, ViT, ...): directory or HF hub id
+  model: merged/ties                # the (merged) model: a causal LM, an encoder-decoder
+                                    # (T5, BART) or a vision tower (CLIPVisionModel, ViT, ...):
+                                    # directory or HF hub id
   method: epmq                      # rtn, gptq or epmq
   calibration:                      # task -> texts (.txt / .jsonl / .json) for a language
-                                    # model, images (a folder tree) for a vision tower
+                                    # model, {"input", "target"} pairs (.jsonl / .json) for an
+                                    # encoder-decoder, images (a folder tree) for a vision tower
     math: data/math.jsonl
     code: data/code.txt
   experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task

@@ -10,16 +10,15 @@ or ``epmq quantize CONFIG.yaml OUT``. The model is built from a directory or the
 task's files become calibration batches (``epmq.calibration``):
 
 * language models (their forward takes ``input_ids``): texts, as GPTQ-style windows of tokens;
+* encoder-decoders (T5, FLAN-T5, mT5, BART): input/target text pairs, the targets as labels;
 * vision towers (``pixel_values``, e.g. ``CLIPVisionModel``, ViT, DINOv2, SigLIP's): images,
   preprocessed by the checkpoint's own image processor (``preprocessor_config.json``).
 
 ``epmq.quantize_model`` quantizes it block by block and ``epmq.save_quantized`` writes the
 result with the tokenizer or image processor beside it: a GPTQ checkpoint that
 ``epmq.load_quantized``, transformers + GPTQModel and (4/8-bit symmetric) vLLM load. The
-per-layer report goes to ``epmq_report.json`` in the same directory. Encoder-decoders (T5,
-BART) need decoder inputs these files do not give: quantize them with ``epmq run`` (its
-benches) or ``epmq.quantize_model``; of a two-tower model (``CLIPModel``) ``tower="vision"``
-quantizes the vision tower.
+per-layer report goes to ``epmq_report.json`` in the same directory. Of a two-tower model
+(``CLIPModel``) ``tower="vision"`` quantizes the vision tower.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from .calibration import image_batches, image_files, read_texts, text_windows
+from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from .checkpoint import save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .spec import QuantSpec
@@ -55,13 +54,10 @@ def _model_class(directory: Path, tower: Optional[str]):
             raise ValueError(f"tower='vision' is for a two-tower model with a vision-tower class "
                              f"(CLIPModel, SiglipModel); {cls.__name__} has no {name}")
         cls = getattr(transformers, name)
-    if config.get("is_encoder_decoder"):
-        raise ValueError(f"{directory}: an encoder-decoder model ({names[0] if names else config.get('model_type')}) "
-                         f"needs decoder inputs too: quantize it with `epmq run` or epmq.quantize_model")
-    return cls
+    return cls, bool(config.get("is_encoder_decoder"))
 
 
-def _modality(cls) -> str:
+def _modality(cls, encoder_decoder: bool) -> str:
     forward = cls.forward if hasattr(cls, "forward") else None
     takes = set(inspect.signature(forward).parameters) if forward is not None else set()
     if "input_ids" in takes and "pixel_values" in takes:
@@ -70,7 +66,7 @@ def _modality(cls) -> str:
     if "pixel_values" in takes:
         return "images"
     if "input_ids" in takes:
-        return "texts"
+        return "pairs" if encoder_decoder else "texts"
     raise ValueError(f"{cls.__name__}: its forward takes neither input_ids nor pixel_values")
 
 
@@ -116,13 +112,15 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
     directory = local_checkpoint(model, directory=True)
-    cls = _model_class(directory, tower)
-    if _modality(cls) == "texts":
+    cls, encoder_decoder = _model_class(directory, tower)
+    modality = _modality(cls, encoder_decoder)
+    if modality in ("texts", "pairs"):
         from transformers import AutoTokenizer
 
         preprocessor = AutoTokenizer.from_pretrained(directory)
-        batches = {task: text_windows(read_texts(source), preprocessor, samples=samples, seq_len=seq_len,
-                                      batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
+        read, make = (read_texts, text_windows) if modality == "texts" else (read_pairs, pair_batches)
+        batches = {task: make(read(source), preprocessor, samples=samples, seq_len=seq_len,
+                              batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
                    for task, source in (calibration or {}).items()}
     else:
         from transformers import AutoImageProcessor

@@ -205,22 +205,17 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
         image_files(tmp_path / "merged")
 
 
-def test_models_the_files_cannot_calibrate(tmp_path):
+def test_two_tower_models_and_their_vision_tower(tmp_path):
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, max_position_embeddings=16),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
     clip.save_pretrained(tmp_path / "clip")
-    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
-    t5.save_pretrained(tmp_path / "t5")
     spec = epmq.QuantSpec(bits=4, group_size=-1)
-    for name, match in (("clip", "takes both texts and images: quantize its vision tower"),
-                        ("t5", "encoder-decoder")):
-        with pytest.raises(ValueError, match=match):
-            epmq.quantize_checkpoint(tmp_path / name, tmp_path / "out", spec=spec, method="gptq",
-                                     calibration={"a": tmp_path}, progress=False)
+    with pytest.raises(ValueError, match="takes both texts and images: quantize its vision tower"):
+        epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=spec, method="gptq",
+                                 calibration={"a": tmp_path}, progress=False)
     with pytest.raises(ValueError, match="tower must be 'vision'"):
         epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=spec, method="gptq",
                                  calibration={"a": tmp_path}, tower="text", progress=False)
@@ -256,3 +251,50 @@ def test_quantize_checkpoint_on_the_gpu(files, tmp_path):
     model = epmq.load_quantized(gpu, device="cuda")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6]], device="cuda")).logits).all()
+
+
+# --------------------------------------------------------------------------- encoder-decoders
+
+
+def test_t5_from_input_target_pairs(tmp_path):
+    from epmq.benches.tiny import t5_tokenizer
+    from epmq.calibration import pair_batches, read_pairs
+
+    tok = t5_tokenizer(tmp_path / "merged")
+    config = transformers.T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "merged")
+    experts, calibration = {}, {}
+    for k, task in enumerate(("sst2", "rte")):
+        expert = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        expert.save_pretrained(tmp_path / task)
+        experts[task] = tmp_path / task
+        pairs = [{"input": s, "target": "positive" if i % 2 else "negative"}
+                 for i, s in enumerate(sentences(k, 9))]
+        calibration[task] = tmp_path / f"{task}.jsonl"
+        calibration[task].write_text("\n".join(json.dumps(p) for p in pairs))
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4", spec=spec, method="epmq",
+                                   calibration=calibration, experts=experts, anchor=0.1,
+                                   samples=6, seq_len=24, batch_size=4, progress=False)
+    batches = {t: pair_batches(read_pairs(p), tok, samples=6, seq_len=24, batch_size=4)
+               for t, p in calibration.items()}
+    first = batches["sst2"][0]
+    assert set(first) == {"input_ids", "attention_mask", "labels"} and first["labels"].shape[0] == 4
+    model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="epmq",
+                                 experts=experts, anchor=0.1)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert any(".decoder." in layer["name"] or layer["name"].startswith("decoder.") for layer in report["layers"])
+    (tmp_path / "bad.jsonl").write_text('{"input": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected an object with 'input' and 'target'"):
+        read_pairs(tmp_path / "bad.jsonl")
+    (tmp_path / "plain.txt").write_text("x")
+    with pytest.raises(ValueError, match="input/target pairs"):
+        read_pairs(tmp_path / "plain.txt")
