@@ -40,29 +40,37 @@ def _text_of(value, where: str) -> str:
     raise ValueError(f"{where}: expected a string or an object with a 'text' string, got {str(value)[:80]!r}")
 
 
-def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[str]:
-    """The documents of a text file, a directory of them, or a list of either."""
+def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]:
+    """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
+    list of either): a ``.txt`` file is one string, a ``.jsonl`` line or an item of a ``.json``
+    list one JSON value."""
     if isinstance(source, (list, tuple)):
-        return [text for s in source for text in read_texts(s)]
+        return [r for s in source for r in _records(s, suffixes, what, kind_error)]
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file())
         if not files:
-            raise ValueError(f"{path}: no {', '.join(TEXT_SUFFIXES)} files in the directory")
-        return [text for f in files for text in read_texts(f)]
+            raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")
+        return [r for f in files for r in _records(f, suffixes, what, kind_error)]
     if not path.is_file():
-        raise FileNotFoundError(f"no calibration text at {path}")
+        raise FileNotFoundError(f"no calibration {what} at {path}")
+    if path.suffix not in suffixes:
+        raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}), not {path.suffix!r}")
     if path.suffix == ".txt":
-        return [path.read_text()]
+        return [(str(path), path.read_text())]
     if path.suffix == ".jsonl":
-        lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-        return [_text_of(json.loads(line), f"{path}:{i}") for i, line in lines]
-    if path.suffix == ".json":
-        values = json.loads(path.read_text())
-        if not isinstance(values, list):
-            raise ValueError(f"{path}: expected a JSON list of texts")
-        return [_text_of(v, f"{path}[{i}]") for i, v in enumerate(values)]
-    raise ValueError(f"{path}: unknown text file type {path.suffix!r} (one of {', '.join(TEXT_SUFFIXES)})")
+        return [(f"{path}:{i}", json.loads(line))
+                for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    values = json.loads(path.read_text())
+    if not isinstance(values, list):
+        raise ValueError(f"{path}: expected a JSON list of {what}")
+    return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
+
+
+def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[str]:
+    """The documents of a text file, a directory of them, or a list of either."""
+    return [_text_of(v, where) for where, v in
+            _records(source, TEXT_SUFFIXES, "text", "unknown text file type")]
 
 
 def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len: int = 512,
@@ -94,6 +102,19 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
             for i in range(0, samples, batch_size)]
 
 
+def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[list]:
+    """``samples`` of ``items`` drawn at random without replacement (all of them, with a
+    warning, if fewer), in batches of ``batch_size``."""
+    items = list(items)
+    if not items:
+        raise ValueError(f"{what}: none given")
+    if len(items) < samples:
+        warnings.warn(f"{what}: {len(items)}, fewer than samples={samples}: using all of them")
+    g = torch.Generator().manual_seed(seed)
+    chosen = [items[i] for i in torch.randperm(len(items), generator=g)[:samples].tolist()]
+    return [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -122,15 +143,10 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
-    files = list(files)
-    if len(files) < samples:
-        warnings.warn(f"{what}: {len(files)} images, fewer than samples={samples}: using all of them")
-    g = torch.Generator().manual_seed(seed)
-    chosen = [files[i] for i in torch.randperm(len(files), generator=g)[:samples].tolist()]
     batches = []
-    for i in range(0, len(chosen), batch_size):
+    for chunk in _drawn(files, samples, batch_size, seed, f"{what}: images"):
         images = []
-        for f in chosen[i:i + batch_size]:
+        for f in chunk:
             try:
                 with Image.open(f) as image:
                     images.append(image.convert("RGB"))
@@ -143,27 +159,10 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tuple]:
     """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields),
     a directory of them, or a list of either."""
-    if isinstance(source, (list, tuple)):
-        return [pair for s in source for pair in read_pairs(s)]
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
-        if not files:
-            raise ValueError(f"{path}: no .jsonl or .json files of input/target pairs in the directory")
-        return [pair for f in files for pair in read_pairs(f)]
-    if not path.is_file():
-        raise FileNotFoundError(f"no calibration pairs at {path}")
-    if path.suffix == ".jsonl":
-        values = [(f"{path}:{i}", json.loads(line))
-                  for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    elif path.suffix == ".json":
-        loaded = json.loads(path.read_text())
-        values = [(f"{path}[{i}]", v) for i, v in enumerate(loaded if isinstance(loaded, list) else [loaded])]
-    else:
-        raise ValueError(f"{path}: an encoder-decoder calibrates on input/target pairs: a .jsonl or "
-                         f".json file of objects with 'input' and 'target' texts, not {path.suffix!r}")
     pairs = []
-    for where, v in values:
+    for where, v in _records(source, (".jsonl", ".json"), "input/target pairs",
+                             "an encoder-decoder calibrates on input/target pairs: a file of "
+                             "objects with 'input' and 'target' texts"):
         if not (isinstance(v, dict) and isinstance(v.get("input"), str) and isinstance(v.get("target"), str)):
             raise ValueError(f"{where}: expected an object with 'input' and 'target' strings, got {str(v)[:80]!r}")
         pairs.append((v["input"], v["target"]))
@@ -177,17 +176,10 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1 and seq_len >= 2, got {samples}, "
                          f"{batch_size}, {seq_len}")
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError(f"{what}: no input/target pairs")
-    if len(pairs) < samples:
-        warnings.warn(f"{what}: {len(pairs)} pairs, fewer than samples={samples}: using all of them")
-    g = torch.Generator().manual_seed(seed)
-    chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:samples].tolist()]
     batches = []
-    for i in range(0, len(chosen), batch_size):
-        inputs = [p[0] for p in chosen[i:i + batch_size]]
-        targets = [p[1] for p in chosen[i:i + batch_size]]
+    for chunk in _drawn(pairs, samples, batch_size, seed, f"{what}: input/target pairs"):
+        inputs = [p[0] for p in chunk]
+        targets = [p[1] for p in chunk]
         enc = tokenizer(inputs, max_length=seq_len, truncation=True, padding=True, return_tensors="pt")
         dec = tokenizer(text_target=targets, max_length=seq_len, truncation=True, padding=True,
                         return_tensors="pt")
