@@ -114,6 +114,14 @@ def test_cpu_int4_kernel_path(spec, dtype, gen):
     assert torch.equal(layer32(x), x @ layer32._weight_kn(torch.float32) + bias)
 
 
+def test_cpu_int4_inputs_that_need_a_gradient_get_one(gen):
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=128), gen, d_out=32, d_in=256),
+                                         None).bfloat16()
+    x = torch.randn(2, 256, generator=gen).bfloat16().requires_grad_()
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer._weight_kn(torch.bfloat16).sum(1).expand(2, -1))
+
+
 def test_cpu_int4_kernel_declines_layouts_it_cannot_take(gen):
     # out_features not a multiple of 16; groups of 16: the dequantized product
     for d_out, spec in ((24, epmq.QuantSpec(bits=4, group_size=128)), (32, epmq.QuantSpec(bits=4, group_size=16))):
