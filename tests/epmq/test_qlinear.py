@@ -172,3 +172,13 @@ def test_cuda_w4a16_path_matches_the_torch_path(act_order, gen):
     ref = layer(x)  # CPU: dequantize and matmul
     y = layer.cuda()(x.cuda())
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_inputs_that_need_a_gradient_get_one(gen):
+    """The W4A16 kernel has no backward: such inputs take the dequantized product."""
+    result = solve(epmq.QuantSpec(bits=4, group_size=16), gen, d_out=64, d_in=128)
+    layer = epmq.QuantLinear.from_result(result, None).to(torch.float16).cuda()
+    x = torch.randn(7, 128, generator=gen).half().cuda().requires_grad_()
+    layer(x).float().sum().backward()
+    torch.testing.assert_close(x.grad, layer._weight_kn(torch.float16).sum(1).expand(7, -1))
