@@ -34,12 +34,14 @@ MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the curre
 examples in configs/files/):
 
   method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, tsv,
-                                    # iso_c, model_stock, average, slerp
+                                    # iso_c, model_stock, average, slerp, regmean
   base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (not for average, slerp)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0)
   params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
   max_shard_size: 5GB               # optional
+  calibration: [data/math.jsonl, data/code.jsonl]   # regmean only: each model's own task files
+                                    # (as epmq quantize reads them; samples, seq_len, batch_size)
 """
 
 
@@ -86,7 +88,8 @@ def _yaml_mapping(path: Path, keys, required, help_text) -> dict:
 
 
 
-MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size"}
+MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
+              "samples", "seq_len", "batch_size", "seed"}
 
 
 def _merge(args) -> int:
@@ -99,10 +102,11 @@ def _merge(args) -> int:
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:
+        data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed") if k in config}
         out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
                                 params=config.get("params"), dtype=config.get("dtype"),
                                 max_shard_size=config.get("max_shard_size", "5GB"),
-                                device=args.device, progress=not args.quiet)
+                                device=args.device, progress=not args.quiet, **data)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     print(f"merged {len(models)} models with {config['method']} into {out} "

@@ -43,7 +43,7 @@ CARD_MARK = "<!-- model card written by epmq merge; a README without this line i
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
-           "slerp": False}
+           "slerp": False, "regmean": False}
 
 Source = Union[str, Path]
 
@@ -164,11 +164,14 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
 
 
 def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source] = None,
-                params: Optional[dict] = None, dtype: Optional[str] = None) -> None:
+                params: Optional[dict] = None, dtype: Optional[str] = None,
+                calibration: Optional[Sequence] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
-    if method == "regmean":
-        raise ValueError("regmean needs each expert's activations on its task's data: use `epmq run` "
-                         "(method: regmean) or epmq.merge.regmean with epmq.stats.gram_matrices")
+    if method == "regmean" and (calibration is None or len(calibration) != len(models)):
+        raise ValueError("regmean needs each model's activations on its task's data: give "
+                         "calibration=[files of model 0, files of model 1, ...], one per model")
+    if method != "regmean" and calibration is not None:
+        raise ValueError(f"merge {method} takes no calibration data (only regmean does)")
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
     if dtype is not None and dtype not in DTYPES:
@@ -181,15 +184,49 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"slerp interpolates two models, got {len(models)}")
     if not models:
         raise ValueError("no models to merge")
-    accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {"base", "experts", "a", "b", "out"}
+    accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {"base", "experts", "a", "b", "out",
+                                                                                  "grams"}
     unknown = sorted(set(params or {}) - accepted)
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
 
 
+def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
+    """RegMean's statistics: for each reference tensor name, each model's ``X^T X`` at that
+    linear on its own calibration data (the model loaded whole, one at a time)."""
+    from .checkpoint_io import renamed, saved_key_renaming
+    from .quantize_files import PREPROCESSOR_FILES, calibrated
+    from .stats import gram_matrices
+
+    if not all(p.is_dir() for p in model_paths):
+        raise ValueError("regmean: every model must be a checkpoint directory (its config builds the "
+                         "model whose activations are collected)")
+    # experts saved without their tokenizer use another model's (they share the base's)
+    with_preprocessor = [p for p in model_paths if any((p / f).is_file() for f in PREPROCESSOR_FILES)]
+    if not with_preprocessor:
+        raise ValueError("regmean: no model directory holds a tokenizer or image processor to "
+                         "prepare the calibration data with")
+    per_model = []
+    for k, (view, path, files) in enumerate(zip(sources, model_paths, calibration)):
+        own = path if path in with_preprocessor else with_preprocessor[0]
+        cls, _, batches = calibrated(path, {f"model {k}": files}, preprocessor_dir=own, **options)
+        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        if device is not None:
+            model.to(device)
+        grams = gram_matrices(model, batches[f"model {k}"])
+        on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
+        to_reference = {view.state.checkpoint_key(n): n for n in view}
+        per_model.append({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference})
+        del model
+    shared = [n for n in per_model[0] if all(n in g for g in per_model)]
+    return {n: [g[n] for g in per_model] for n in shared}
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
+                      calibration: Optional[Sequence] = None, samples: int = 128,
+                      seq_len: int = 512, batch_size: int = 8, seed: int = 0,
                       progress: bool = True) -> Path:
     """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
@@ -198,10 +235,16 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     each tensor keeps the base's dtype; the arithmetic is float32 either way). ``device``: where
     the arithmetic runs (e.g. "cuda" for TSV-Merge's SVDs on large matrices). ``max_shard_size``:
     as ``save_quantized``'s (default "5GB", the size of transformers' shards).
+
+    RegMean (``method="regmean"``) needs data: ``calibration`` gives each model's own task files,
+    in the models' order (texts, input/target pairs or images, as ``epmq quantize`` reads them,
+    with ``samples``, ``seq_len``, ``batch_size`` and ``seed``); each model is loaded whole in
+    turn to collect ``X^T X`` at its linears, all kept until the merge (float64: 8 d_in^2 bytes
+    per linear and model, 9 MB for a ViT-B layer's MLP input).
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     params = dict(params or {})
-    check_merge(method, models, base=base, params=params, dtype=dtype)
+    check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration)
     fn = getattr(merge_lib, method)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
@@ -233,6 +276,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 fn(sources[0], sources[1], out=writer, **params)
             elif method == "average":
                 fn(sources, out=writer, **params)
+            elif method == "regmean":
+                grams = _expert_grams(sources, model_paths, calibration, device,
+                                      dict(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed))
+                fn(sources, grams, out=writer, **params)
             else:
                 fn(base_state, sources, out=writer, **params)
             for name in base_only:
@@ -241,6 +288,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             _copy_companions(base_path if base_path is not None else model_paths[0], tmp, dtype)
             recipe = dict(method=method, params=params, dtype=dtype,
                           base=None if base is None else str(base), models=[str(m) for m in models])
+            if calibration is not None:
+                recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
             card = out / "README.md"
             if not card.is_file() or CARD_MARK in card.read_text(errors="replace"):

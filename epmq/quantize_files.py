@@ -70,6 +70,35 @@ def _modality(cls, encoder_decoder: bool) -> str:
     raise ValueError(f"{cls.__name__}: its forward takes neither input_ids nor pixel_values")
 
 
+PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: int = 128,
+               seq_len: int = 512, batch_size: int = 8, seed: int = 0, tower: Optional[str] = None,
+               preprocessor_dir: Optional[Path] = None):
+    """``(model class, tokenizer or image processor, {task: batches})`` for the checkpoint in
+    ``directory`` and each task's calibration files, by what the model's forward takes; the
+    tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``)."""
+    cls, encoder_decoder = _model_class(directory, tower)
+    directory = directory if preprocessor_dir is None else preprocessor_dir
+    modality = _modality(cls, encoder_decoder)
+    options = dict(samples=samples, batch_size=batch_size, seed=seed)
+    if modality in ("texts", "pairs"):
+        from transformers import AutoTokenizer
+
+        preprocessor = AutoTokenizer.from_pretrained(directory)
+        read, make = (read_texts, text_windows) if modality == "texts" else (read_pairs, pair_batches)
+        batches = {task: make(read(source), preprocessor, seq_len=seq_len, what=f"calibration[{task!r}]", **options)
+                   for task, source in calibration.items()}
+    else:
+        from transformers import AutoImageProcessor
+
+        preprocessor = AutoImageProcessor.from_pretrained(directory)
+        batches = {task: image_batches(image_files(source), preprocessor, what=f"calibration[{task!r}]", **options)
+                   for task, source in calibration.items()}
+    return cls, preprocessor, batches
+
+
 def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                    experts: Optional[Mapping[str, object]], *, dtype: Optional[str] = None,
                    tower: Optional[str] = None) -> None:
@@ -112,23 +141,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
     directory = local_checkpoint(model, directory=True)
-    cls, encoder_decoder = _model_class(directory, tower)
-    modality = _modality(cls, encoder_decoder)
-    if modality in ("texts", "pairs"):
-        from transformers import AutoTokenizer
-
-        preprocessor = AutoTokenizer.from_pretrained(directory)
-        read, make = (read_texts, text_windows) if modality == "texts" else (read_pairs, pair_batches)
-        batches = {task: make(read(source), preprocessor, samples=samples, seq_len=seq_len,
-                              batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
-                   for task, source in (calibration or {}).items()}
-    else:
-        from transformers import AutoImageProcessor
-
-        preprocessor = AutoImageProcessor.from_pretrained(directory)
-        batches = {task: image_batches(image_files(source), preprocessor, samples=samples,
-                                       batch_size=batch_size, seed=seed, what=f"calibration[{task!r}]")
-                   for task, source in (calibration or {}).items()}
+    cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
+                                            batch_size=batch_size, seed=seed, tower=tower)
     net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
     if device is not None:

@@ -31,15 +31,18 @@ def checkpoints(tmp_path_factory):
     experts = []
     for k in range(3):
         expert = tiny_llama(0)
+        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
         with torch.no_grad():
             for p in expert.parameters():
-                p.add_(0.02 * torch.randn_like(p))
+                p.add_(0.02 * torch.randn(p.shape, generator=noise))
         if k == 2:
             (root / "e2").mkdir()
             torch.save(expert.state_dict(), root / "e2" / "pytorch_model.bin")
         else:
             expert.save_pretrained(root / f"e{k}")
         experts.append({n: t.detach().clone() for n, t in expert.state_dict().items()})
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(experts[0][name], experts[1][name])  # three different experts
     return root, base.state_dict(), experts
 
 
@@ -98,7 +101,9 @@ def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
     models = [root / "e0", root / "e1"]
     cases = [
         (dict(method="magic", models=models, base=root / "base"), "unknown merge method"),
-        (dict(method="regmean", models=models), "regmean needs each expert's activations"),
+        (dict(method="regmean", models=models), "regmean needs each model's activations"),
+        (dict(method="ties", models=models, base=root / "base", calibration=["a", "b"]),
+         "takes no calibration data"),
         (dict(method="ties", models=models), "needs the base"),
         (dict(method="average", models=models, base=root / "base"), "takes no base"),
         (dict(method="slerp", models=models + [root / "e2"]), "two models"),
@@ -269,3 +274,41 @@ def test_merge_on_the_gpu_equals_the_cpu(checkpoints, tmp_path, method, params):
                                   device="cuda", progress=False))
     for name in cpu:  # the same masks and votes; SVDs and sums differ in rounding only
         torch.testing.assert_close(gpu[name], cpu[name], atol=1e-5, rtol=1e-4)
+
+
+def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
+    """RegMean from the shell: each model's Gram matrices on its own task's texts (the
+    tokenizer of whichever model directory has one), then the closed-form merge."""
+    from epmq.benches.tiny import WORDS
+    from epmq.calibration import read_texts, text_windows
+    from epmq.stats import gram_matrices
+
+    root, base, experts = checkpoints
+    import shutil
+    models = []
+    for k in range(2):  # directories with their config, the first with the base's tokenizer
+        shutil.copytree(root / f"e{k}", tmp_path / f"m{k}")
+        models.append(tmp_path / f"m{k}")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(root / "base" / f, models[0] / f)
+    g = torch.Generator().manual_seed(0)
+    texts = []
+    for k in range(2):
+        words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)]
+        texts.append(tmp_path / f"t{k}.txt")
+        texts[-1].write_text(" ".join(words))
+    options = dict(samples=4, seq_len=16, batch_size=2)
+    out = merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                            params={"alpha": 0.9}, progress=False, **options)
+    tok = transformers.AutoTokenizer.from_pretrained(root / "base")
+    grams = []
+    for k, path in enumerate(models):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        grams.append(gram_matrices(model, text_windows(read_texts(texts[k]), tok, **options)))
+    want = merge.regmean(experts[:2], {n: [G[n] for G in grams] for n in grams[0]}, alpha=0.9)
+    got = _load(out)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
+                           merge.average(experts[:2])["model.layers.0.mlp.up_proj.weight"])
+    assert json.loads((out / RECIPE_FILE).read_text())["calibration"] == [str(t) for t in texts]

@@ -48,9 +48,10 @@ def files(tmp_path_factory):
     word_tokenizer(root / "base")
     for k in range(2):
         expert = tiny_llama(0)
+        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
         with torch.no_grad():
             for p in expert.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(0.05 * torch.randn(p.shape, generator=noise))
         expert.save_pretrained(root / f"expert{k}")
     config = root / "merge.yaml"
     config.write_text(yaml.safe_dump(dict(method="task_arithmetic", base=str(root / "base"),
@@ -179,9 +180,10 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
     experts = {}
     for k, task in enumerate(("cars", "dtd")):
         expert = _clip_vision(0)
+        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
         with torch.no_grad():
             for p in expert.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(0.05 * torch.randn(p.shape, generator=noise))
         expert.save_pretrained(tmp_path / task)
         experts[task] = tmp_path / task
         _write_images(tmp_path / "images" / task, 7, seed=k)
@@ -270,9 +272,10 @@ def test_t5_from_input_target_pairs(tmp_path):
     experts, calibration = {}, {}
     for k, task in enumerate(("sst2", "rte")):
         expert = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
         with torch.no_grad():
             for p in expert.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(0.05 * torch.randn(p.shape, generator=noise))
         expert.save_pretrained(tmp_path / task)
         experts[task] = tmp_path / task
         pairs = [{"input": s, "target": "positive" if i % 2 else "negative"}
