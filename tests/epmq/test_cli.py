@@ -179,7 +179,8 @@ def test_example_merge_and_quantize_configs_are_valid():
     assert merges and quantizations
     for path in merges:
         c = _yaml_mapping(path, MERGE_KEYS, ("method", "models"), "")
-        check_merge(c["method"], c["models"], base=c.get("base"), params=c.get("params"), dtype=c.get("dtype"))
+        check_merge(c["method"], c["models"], base=c.get("base"), params=c.get("params"), dtype=c.get("dtype"),
+                    calibration=c.get("calibration"))
     for path in quantizations:
         spec, options = quantize_options(_yaml_mapping(path, QUANTIZE_KEYS, ("model", "method"), ""))
         assert spec.bits == 4 and options["method"] == "epmq"
