@@ -8,7 +8,7 @@ import transformers
 import yaml
 
 from epmq import merge, merge_checkpoints
-from epmq.benches.tiny import word_tokenizer
+from epmq.benches.tiny import perturb, word_tokenizer
 from epmq.cli import main
 from epmq.merge_checkpoint import RECIPE_FILE
 
@@ -28,13 +28,9 @@ def checkpoints(tmp_path_factory):
     base = tiny_llama(0)
     base.save_pretrained(root / "base", max_shard_size="20KB")
     word_tokenizer(root / "base")
-    experts = []
+    experts, noise = [], torch.Generator().manual_seed(1)
     for k in range(3):
-        expert = tiny_llama(0)
-        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=noise))
+        expert = perturb(base, noise, scale=0.05)
         if k == 2:
             (root / "e2").mkdir()
             torch.save(expert.state_dict(), root / "e2" / "pytorch_model.bin")

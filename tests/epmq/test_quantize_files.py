@@ -11,7 +11,7 @@ import transformers
 import yaml
 
 import epmq
-from epmq.benches.tiny import WORDS, word_tokenizer
+from epmq.benches.tiny import WORDS, perturb, word_tokenizer
 from epmq.calibration import image_batches, image_files, read_texts, text_windows
 from epmq.cli import main
 from epmq.quantize_files import REPORT_FILE
@@ -44,15 +44,12 @@ def sentences(seed, n):
 def files(tmp_path_factory):
     """A base, two experts, their Task Arithmetic merge (by ``epmq merge``) and texts per task."""
     root = tmp_path_factory.mktemp("quantize_ckpt")
-    tiny_llama(0).save_pretrained(root / "base")
+    base = tiny_llama(0)
+    base.save_pretrained(root / "base")
     word_tokenizer(root / "base")
+    noise = torch.Generator().manual_seed(1)
     for k in range(2):
-        expert = tiny_llama(0)
-        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=noise))
-        expert.save_pretrained(root / f"expert{k}")
+        perturb(base, noise, scale=0.1).save_pretrained(root / f"expert{k}")
     config = root / "merge.yaml"
     config.write_text(yaml.safe_dump(dict(method="task_arithmetic", base=str(root / "base"),
                                           models=[str(root / "expert0"), str(root / "expert1")],
@@ -177,14 +174,9 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
     _clip_vision(0).save_pretrained(tmp_path / "merged")
     transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
                                     ).save_pretrained(tmp_path / "merged")
-    experts = {}
+    experts, noise = {}, torch.Generator().manual_seed(1)
     for k, task in enumerate(("cars", "dtd")):
-        expert = _clip_vision(0)
-        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=noise))
-        expert.save_pretrained(tmp_path / task)
+        perturb(_clip_vision(0), noise, scale=0.1).save_pretrained(tmp_path / task)
         experts[task] = tmp_path / task
         _write_images(tmp_path / "images" / task, 7, seed=k)
     calibration = {t: tmp_path / "images" / t for t in experts}
@@ -268,15 +260,11 @@ def test_t5_from_input_target_pairs(tmp_path):
                                    decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
                                    eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "merged")
-    experts, calibration = {}, {}
+    merged = transformers.T5ForConditionalGeneration(config)
+    merged.save_pretrained(tmp_path / "merged")
+    experts, calibration, noise = {}, {}, torch.Generator().manual_seed(1)
     for k, task in enumerate(("sst2", "rte")):
-        expert = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged")
-        noise = torch.Generator().manual_seed(100 + k)  # the constructor reseeds torch's own
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=noise))
-        expert.save_pretrained(tmp_path / task)
+        perturb(merged, noise, scale=0.1).save_pretrained(tmp_path / task)
         experts[task] = tmp_path / task
         pairs = [{"input": s, "target": "positive" if i % 2 else "negative"}
                  for i, s in enumerate(sentences(k, 9))]
