@@ -144,13 +144,18 @@ def _model_card(recipe: dict) -> str:
             f"```json\n{json.dumps(recipe, indent=2, default=str)}\n```\n")
 
 
+# weights in other frameworks' formats (hub repositories often hold TF / Flax / ONNX copies)
+OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".ot", ".onnx", ".gguf", ".ckpt", ".pkl", ".npz")
+
+
 def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
     """The non-weight files of a checkpoint directory (config, tokenizer, generation config);
-    not its model card, which describes another model."""
+    not its weights in any format, nor its model card, which describe another model."""
     if not source.is_dir():
         return
     for entry in source.iterdir():
-        if (entry.name.startswith(".") or not entry.is_file() or entry.name.endswith(WEIGHT_SUFFIXES)
+        if (entry.name.startswith(".") or not entry.is_file()
+                or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
                 or entry.name in (RECIPE_FILE, "README.md")):
             continue
         shutil.copy2(entry, target / entry.name)

@@ -28,6 +28,8 @@ def checkpoints(tmp_path_factory):
     base = tiny_llama(0)
     base.save_pretrained(root / "base", max_shard_size="20KB")
     word_tokenizer(root / "base")
+    (root / "base" / "tf_model.h5").write_bytes(b"the base's weights in another framework")
+    (root / "base" / "README.md").write_text("the base's model card")
     experts, noise = [], torch.Generator().manual_seed(1)
     for k in range(3):
         expert = perturb(base, noise, scale=0.05)
@@ -67,6 +69,7 @@ def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, met
     recipe = json.loads((out / RECIPE_FILE).read_text())
     assert recipe["method"] == method and recipe["params"] == params and len(recipe["models"]) == 3
     assert transformers.AutoTokenizer.from_pretrained(out)("a b").input_ids
+    assert not (out / "tf_model.h5").exists()  # the base's weights in another format
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and method in card and "tags:" in card
 
