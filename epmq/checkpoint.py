@@ -54,6 +54,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "quantize_config.json"
 HF_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
@@ -101,6 +102,10 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
         files[HF_CONFIG_FILE] = config
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "to_json_string"):
+        # what generate() and serving engines default to (EOS ids, sampling), as save_pretrained writes it
+        files[GENERATION_CONFIG_FILE] = json.loads(generation.to_json_string(use_diff=True))
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) > 1:
         files[INDEX_FILE] = {
@@ -444,7 +449,10 @@ def _empty_hf_model(directory: Path) -> nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours: the model is built plain, then packed below
     with _parameters_on_meta():
-        return model_class(config).eval()
+        model = model_class(config).eval()
+    if (directory / GENERATION_CONFIG_FILE).is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    return model
 
 
 def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None,

@@ -68,7 +68,7 @@ def test_configs_in_the_hf_gptq_format(gen, tmp_path):
     fam, model = quantized(gen, bits=4, method="gptq")
     epmq.save_quantized(model, tmp_path / "q")
     files = sorted(os.listdir(tmp_path / "q"))
-    assert files == ["config.json", "model.safetensors", "quantize_config.json"]
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "quantize_config.json"]
     hf = json.loads((tmp_path / "q" / "config.json").read_text())
     assert hf["model_type"] == "llama"
     assert hf["quantization_config"] == {
@@ -242,6 +242,22 @@ def test_load_without_a_model_keeps_the_checkpoints_dtype(tmp_path):
     assert {m.weight.dtype for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {torch.bfloat16}
     item = inputs("t5", 1, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
+def test_generation_config_is_saved_and_loaded(gen, tmp_path):
+    """What generate() and serving engines default to travels with the checkpoint, as
+    save_pretrained writes it."""
+    fam, model = quantized(gen)
+    model.generation_config.eos_token_id = [5, 7]
+    model.generation_config.max_new_tokens = 9
+    epmq.save_quantized(model, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [5, 7] and saved["max_new_tokens"] == 9
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert loaded.generation_config.eos_token_id == [5, 7] and loaded.generation_config.max_new_tokens == 9
+    import transformers
+
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "q").max_new_tokens == 9
 
 
 def test_load_without_a_model_needs_a_transformers_config(gen, tmp_path):
@@ -421,7 +437,8 @@ def test_large_state_dicts_are_sharded_as_transformers_shards_them(gen, tmp_path
     torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
     # written again in one file: the old shards and index go with the old checkpoint
     epmq.save_quantized(model, tmp_path / "q")
-    assert sorted(os.listdir(tmp_path / "q")) == ["config.json", "model.safetensors", "quantize_config.json"]
+    assert sorted(os.listdir(tmp_path / "q")) == ["config.json", "generation_config.json",
+                                                   "model.safetensors", "quantize_config.json"]
 
 
 @pytest.mark.parametrize("size,want", [(1000, 1000), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),
@@ -532,8 +549,8 @@ def test_replacing_keeps_what_the_user_put_beside_the_checkpoint(two_models):
     (directory / "extra" / "README.md").write_text("notes")
     (directory / "model.safetensors.index.json").write_text("{}")
     epmq.save_quantized(new, directory)
-    assert sorted(os.listdir(directory)) == ["config.json", "extra", "model.safetensors",
-                                             "quantize_config.json", "tokenizer.json"]
+    assert sorted(os.listdir(directory)) == ["config.json", "extra", "generation_config.json",
+                                             "model.safetensors", "quantize_config.json", "tokenizer.json"]
     assert (directory / "extra" / "README.md").read_text() == "notes"
     assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
 
