@@ -22,6 +22,8 @@ the two results is compared. The settings that mean the same thing in both:
                       to expert 0, ``t`` = 0.3; ours ``slerp(base, expert 0, t, per_row=True)``
     linear            mergekit ``linear``, weights 1, 2, 3 (normalized); ours
                       ``average(experts, weights=[1, 2, 3])``
+    *_weighted        task_arithmetic and ties with per-model weights 1, 0.5, 2 (mergekit's
+                      ``weight``; ours ``weights=[1, 0.5, 2]``), the TIES mean weighted
 
 DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
 name, expert)``), so their tensors cannot be compared entry by entry; they are not run here.
@@ -148,6 +150,20 @@ def main(argv=None):
                 lambda: merge.ties(base, experts, scale=args.scale, density=args.density,
                                    scope="tensor", merge="mean")),
         }
+        # per-model weights: mergekit's `weight` multiplies each task vector before the vote
+        weights = [1.0, 0.5, 2.0]
+        runs["task_arithmetic_weighted"] = (
+            dict(merge_method="task_arithmetic", base_model=base_dir, dtype="float32",
+                 parameters=dict(**{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=w)) for p, w in zip(expert_dirs, weights)]),
+            lambda: merge.task_arithmetic(base, experts, scale=args.scale, weights=weights))
+        runs["ties_weighted"] = (
+            dict(merge_method="ties", base_model=base_dir, dtype="float32",
+                 parameters=dict(normalize=True, **{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=w, density=args.density))
+                         for p, w in zip(expert_dirs, weights)]),
+            lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor",
+                               merge="mean", weights=weights))
         crumbs = [dict(model=p, parameters=dict(weight=1.0, density=args.breadcrumbs_density,
                                                 gamma=args.gamma)) for p in expert_dirs]
         for method, consensus in (("breadcrumbs", None), ("breadcrumbs_ties", "sign")):
@@ -189,7 +205,7 @@ def main(argv=None):
                 worst_rel_diff=worst["max_abs_diff"] / max(worst["max_abs_value"], 1e-30),
                 seconds_mergekit=round(seconds_theirs, 3), seconds_epmq=round(seconds_ours, 3),
                 rows=rows)
-            if method == "ties":
+            if method.startswith("ties"):
                 results["methods"][method]["kth_ties"] = kth_ties(base, experts, args.density)
             summary = {k: v for k, v in results["methods"][method].items()
                        if k not in ("rows", "mergekit_config")}

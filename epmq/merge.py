@@ -6,7 +6,8 @@ Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as stat
 ``nn.Module``s, and returns a new state dict. Work goes tensor by tensor: at any time one tensor
 of the base and of every expert is in memory, plus the result.
 
-With task vectors ``tau_k = W_k - W_0``:
+With task vectors ``tau_k = W_k - W_0`` (the task-vector merges also take ``weights``, one per
+expert, multiplying each ``tau_k`` before it is combined, as mergekit's per-model ``weight``):
 
     task_arithmetic   W = W_0 + scale * sum_k tau_k
     ties              W = W_0 + scale * merge_k(trim(tau_k) agreeing with the elected sign)
@@ -129,39 +130,51 @@ def _generator(seed: int, name: str, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{k}".encode()))
 
 
-def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str) -> torch.Tensor:
-    """One task vector from several (already sparsified) ones.
+def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
+             weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """One task vector from several (already sparsified) ones, each times its weight (1 by
+    default; the weights enter the sign vote too, as mergekit's do).
 
-    ``consensus=None``: their sum (``merge="sum"``) or mean (``"mean"``). ``"sign"`` (TIES):
-    the elected sign is that of their sum, and only the nonzero entries that agree with it are
-    summed or averaged (the disjoint mean); where the sum is exactly 0 there is no elected sign
-    and the result is 0.
+    ``consensus=None``: their sum (``merge="sum"``) or weighted mean (``"mean"``). ``"sign"``
+    (TIES): the elected sign is that of their sum, and only the nonzero entries that agree with
+    it are summed or averaged (the disjoint mean, weighted by the agreeing entries' weights);
+    where the sum is exactly 0 there is no elected sign and the result is 0.
     """
+    if weights is not None:
+        if len(weights) != len(taus):
+            raise ValueError(f"weights must give one number per expert ({len(taus)}), got {list(weights)}")
+        taus = [w * tau for w, tau in zip(weights, taus)]
     # one task vector at a time: K-sized temporaries (stacks, masks) of a large tensor would
     # cost several times the experts' own memory
     total = torch.zeros_like(taus[0])
     for tau in taus:
         total += tau
     if consensus is None:
-        return total if merge == "sum" else total / len(taus)
+        if merge == "sum":
+            return total
+        return total / (len(taus) if weights is None else sum(weights))
     sign = torch.sign(total)
     total.zero_()
     count = torch.zeros_like(total)
-    for tau in taus:
+    for k, tau in enumerate(taus):
         agree = (torch.sign(tau) == sign) & (tau != 0)
         total += torch.where(agree, tau, 0.0)
-        count += agree
-    return total / count.clamp(min=1) if merge == "mean" else total
+        count += agree if weights is None else agree * weights[k]
+    if merge == "sum":
+        return total
+    if weights is None:
+        return total / count.clamp(min=1)
+    return torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
 
 
-def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out):
+def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None):
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     _needs_base(base, method)
     _check_choice(consensus, (None, "sign"), "consensus")
     _check_choice(merge, ("sum", "mean"), "merge")
     return _merge_each(base, experts, lambda name, W_0, W_k: W_0 + scale * _combine(
-        [sparsify(name, k, W - W_0) for k, W in enumerate(W_k)], consensus, merge), out)
+        [sparsify(name, k, W - W_0) for k, W in enumerate(W_k)], consensus, merge, weights), out)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -188,16 +201,17 @@ def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     return _merge_each(None, experts, merge_tensor, out)
 
 
-def task_arithmetic(base, experts, scale: float = 0.3, *, out=None):
-    """Task Arithmetic (Ilharco et al., 2023): ``W_0 + scale * sum_k (W_k - W_0)``."""
-    _needs_base(base, "task_arithmetic")
-    return _merge_each(
-        base, experts, lambda name, W_0, W_k: W_0 + scale * sum(W - W_0 for W in W_k), out
-    )
+def task_arithmetic(base, experts, scale: float = 0.3, weights: Optional[Sequence[float]] = None,
+                    *, out=None):
+    """Task Arithmetic (Ilharco et al., 2023): ``W_0 + scale * sum_k w_k (W_k - W_0)``
+    (``weights`` w_k: 1 each by default)."""
+    return _sparse_merge(base, experts, scale, lambda name, k, tau: tau, None, "sum",
+                         "task_arithmetic", out, weights)
 
 
 def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
-         consensus: Optional[str] = None, merge: str = "sum", *, out=None):
+         consensus: Optional[str] = None, merge: str = "sum",
+         weights: Optional[Sequence[float]] = None, *, out=None):
     """DARE (Yu et al., 2024): drop each task-vector entry with probability ``1 - density``,
     rescale the kept ones by ``1 / density`` (the paper's rescaling: the task vector is kept in
     expectation), then Task Arithmetic with ``scale``. ``consensus="sign"`` elects a sign per
@@ -211,7 +225,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
         keep = torch.rand(tau.shape, generator=_generator(seed, name, k)) < density
         return torch.where(keep.to(tau.device), tau, 0.0) / density
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights)
 
 
 def ties(
@@ -221,6 +235,7 @@ def ties(
     density: float = 0.2,
     scope: str = "global",
     merge: str = "mean",
+    weights: Optional[Sequence[float]] = None,
     *,
     out=None,
 ):
@@ -257,11 +272,12 @@ def ties(
             thr = _kth_largest(lambda: [tau.abs()], tau.numel(), density)
         return torch.where(tau.abs() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
-    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out)
+    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out, weights)
 
 
 def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
-                consensus: Optional[str] = None, merge: str = "sum", *, out=None):
+                consensus: Optional[str] = None, merge: str = "sum",
+                weights: Optional[Sequence[float]] = None, *, out=None):
     """Model Breadcrumbs (Davari and Belilovsky, 2024): in each tensor of each task vector, drop
     the ``gamma`` fraction of largest-magnitude entries (outliers) and the smallest ones, keeping
     ``density`` of the entries (ranks ``round(gamma n) + 1 .. + round(density n)`` by magnitude;
@@ -283,11 +299,12 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
         lower = _kth_largest_rank(lambda: [m], n_top + n_keep)
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out, weights)
 
 
 def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: float = 0.15,
-          seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean", *, out=None):
+          seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean",
+          weights: Optional[Sequence[float]] = None, *, out=None):
     """DELLA-Merging (Deep et al., 2024): MagPrune, elect sign, disjoint merge.
 
     MagPrune keeps each entry of a task vector with a probability that grows with its magnitude
@@ -312,7 +329,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
         return torch.where(draw < p, rows / p, 0.0).reshape(tau.shape)
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights)
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:

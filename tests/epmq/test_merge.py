@@ -457,3 +457,27 @@ def test_gram_matrices_by_hand(gen):
         gram_matrices(model, batches, names={"nope"})
     with pytest.raises(ValueError, match="no calibration batch"):
         gram_matrices(model, [])
+
+
+def test_weights_scale_each_task_vector_and_its_vote(gen):
+    base = {"w": torch.randn(4, 30, generator=gen)}
+    taus = [torch.randn(4, 30, generator=gen) for _ in range(3)]
+    experts = [{"w": base["w"] + t} for t in taus]
+    w = [1.0, 0.5, 2.0]
+    out = merge.task_arithmetic(base, experts, scale=0.4, weights=w)["w"]
+    torch.testing.assert_close(out, base["w"] + 0.4 * sum(a * t for a, t in zip(w, taus)))
+    # TIES at density 1: the vote on the weighted sum, the weighted disjoint mean
+    T_ = torch.stack([a * t for a, t in zip(w, taus)])
+    sign = torch.sign(T_.sum(0))
+    agree = (torch.sign(T_) == sign) & (T_ != 0)
+    kept = torch.where(agree, T_, 0.0).sum(0)
+    weight_in = (agree * torch.tensor(w)[:, None, None]).sum(0)
+    got = merge.ties(base, experts, scale=1.0, density=1.0, scope="tensor", merge="mean", weights=w)["w"]
+    torch.testing.assert_close(got, base["w"] + torch.where(weight_in > 0, kept / weight_in, 0.0))
+    got = merge.ties(base, experts, scale=1.0, density=1.0, scope="tensor", merge="sum", weights=w)["w"]
+    torch.testing.assert_close(got, base["w"] + kept)
+    # weights of 1 are no weights
+    assert torch.equal(merge.ties(base, experts, density=0.5, weights=[1, 1, 1])["w"],
+                       merge.ties(base, experts, density=0.5)["w"])
+    with pytest.raises(ValueError, match="one number per expert"):
+        merge.dare(base, experts, weights=[1.0, 2.0])
