@@ -44,20 +44,21 @@ MERGES = [
 ]
 
 
-def quantized(bench, merged, bits, method, experts):
-    """Test accuracy of ``method`` at ``bits``; E-PMQ's anchor chosen on validation."""
-    anchors = ANCHORS if method == "epmq" else [None]
-    best = None
-    for anchor in anchors:
+def quantized(bench, merged, bits, method, experts, anchors):
+    """Test accuracy of ``method`` at ``bits``; E-PMQ's anchor chosen on validation (every
+    anchor's validation and test accuracy kept in ``runs``)."""
+    runs, best = [], None
+    for anchor in (anchors if method == "epmq" else [None]):
         model = bench.model(merged)
         extra = dict(experts=experts, anchor=anchor) if method == "epmq" else {}
         quantize_model(model, QuantSpec(bits=bits, group_size=-1), method=method,
                        calibration=bench.calibration, progress=False, **extra)
         val = bench.evaluate(model, split="val")["avg"]
+        test = bench.evaluate(model, split="test")["avg"]
+        runs.append(dict(anchor=anchor, val=round(100 * val, 1), test=round(100 * test, 1)))
         if best is None or val > best[0]:
-            best = (val, anchor, model)
-    return dict(test=round(100 * bench.evaluate(best[2], split="test")["avg"], 1),
-                anchor=best[1])
+            best = (val, anchor, test)
+    return dict(test=round(100 * best[2], 1), anchor=best[1], runs=runs)
 
 
 def plot(rows, bits, path):
@@ -90,13 +91,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--out", default="benchmarks/results/merge-methods-demo-cpu.json")
+    parser.add_argument("--merges", default="", help="labels to run, e.g. TSV-M,Iso-C (default all)")
+    parser.add_argument("--anchors", default=",".join(str(a) for a in ANCHORS),
+                        help="E-PMQ's anchors to choose among on validation")
     args = parser.parse_args(argv)
     bits = [int(b) for b in args.bits.split(",") if b]
+    anchors = [float(a) for a in args.anchors.split(",")]
+    chosen = [m for m in MERGES if not args.merges or m.label in args.merges.split(",")]
     bench = prepare()
     experts = {t: bench.experts[t] for t in bench.task_names}
     experts_test = round(100 * bench.expert_accuracies("test")["avg"], 1)
     rows = []
-    for mp in MERGES:
+    for mp in chosen:
         started = time.perf_counter()
         scale, merged, scores = choose_scale(bench, mp)
         seconds = (time.perf_counter() - started) / len(mp.scales)
@@ -107,15 +113,15 @@ def main(argv=None):
                    fp32_per_task={t: round(100 * test[t], 1) for t in bench.task_names},
                    seconds_per_merge=round(seconds, 2), experts_test=experts_test, quantized={})
         for b in bits:
-            row["quantized"][f"w{b}"] = {q: quantized(bench, merged, b, q, experts)
+            row["quantized"][f"w{b}"] = {q: quantized(bench, merged, b, q, experts, anchors)
                                          for q in ("gptq", "epmq")}
         rows.append(row)
         q = "  ".join(f"w{b}: GPTQ {row['quantized'][f'w{b}']['gptq']['test']:.1f} "
                       f"E-PMQ {row['quantized'][f'w{b}']['epmq']['test']:.1f}" for b in bits)
         print(f"{mp.label:12s} scale {scale:<5g} fp32 {row['fp32_test']:.1f}  {q}  "
               f"({seconds:.2f} s a merge)", flush=True)
-    write_json(args.out, dict(command="python benchmarks/merge_methods_demo.py --bits " + args.bits,
-                              experts_test=experts_test, bits=bits, rows=rows))
+    write_json(args.out, dict(command="python benchmarks/merge_methods_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                              experts_test=experts_test, bits=bits, anchors=anchors, rows=rows))
     plot(rows, bits, os.path.splitext(args.out)[0] + ".png")
     return 0
 
