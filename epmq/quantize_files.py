@@ -131,8 +131,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                         tower: Optional[str] = None, progress: bool = True) -> Path:
     """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
 
-    ``calibration``: task -> text or image file(s) or directory (see ``epmq.calibration``);
-    ``samples`` windows of ``seq_len`` tokens, or ``samples`` images, per task. E-PMQ needs an
+    ``calibration``: task -> text, pair or image file(s) or directory (see
+    ``epmq.calibration``); ``samples`` windows of ``seq_len`` tokens, pairs or images per task. E-PMQ needs an
     expert for every task (``experts``: task -> directory, file or HF hub id). ``dtype``: the
     model's dtype while quantizing and in the checkpoint's unquantized tensors (default: the
     checkpoint's). ``device``: where the model runs (e.g. "cuda"; default the CPU).
