@@ -35,9 +35,11 @@ examples in configs/files/):
 
   method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, tsv,
                                     # iso_c, model_stock, average, slerp, regmean
-  base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (not for average, slerp)
+  base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (none for average,
+                                    # slerp, regmean)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0)
-  params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t
+  params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t,
+                                    # weights (one per model)
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
   max_shard_size: 5GB               # optional
   calibration: [data/math.jsonl, data/code.jsonl]   # regmean only: each model's own task files
