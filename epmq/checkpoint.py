@@ -39,7 +39,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -62,13 +62,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 
 
 def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "auto",
-                   max_shard_size="50GB") -> Path:
+                   max_shard_size="50GB", extras: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``model`` (quantized by ``epmq.quantize_model``) to ``directory``, atomically.
 
     ``checkpoint_format``: "gptq" (v1, qzeros = z - 1), "gptq_v2" (qzeros = z), or "auto" (v1
     unless some zero point is 0, then v2); see the module docstring. ``max_shard_size``: bytes,
     or a string like "5GB" or "500MiB" (transformers' default, "50GB", is also the hub's limit
-    per file); a tensor larger than it gets a shard of its own.
+    per file); a tensor larger than it gets a shard of its own. ``extras(path)``: writes what
+    the checkpoint is served with (``tokenizer.save_pretrained``) into the new directory before
+    it replaces the old one, so that an interruption leaves the old checkpoint whole.
     """
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
@@ -113,7 +115,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             "weight_map": {k: name for name, shard in shards.items() for k in shard},
         }
     directory = Path(directory)
-    _write_atomically(directory, shards, files)
+    _write_atomically(directory, shards, files, extras)
     return directory
 
 
@@ -233,12 +235,14 @@ def _write_tensors(tensors, path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_atomically(directory: Path, shards: dict, files: dict) -> None:
+def _write_atomically(directory: Path, shards: dict, files: dict, extras=None) -> None:
     with atomic_directory(directory) as tmp:
         for name, shard in shards.items():
             _write_tensors({k: t.to("cpu").contiguous() for k, t in shard.items()}, tmp / name)
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        if extras is not None:
+            extras(tmp)
 
 
 @contextlib.contextmanager

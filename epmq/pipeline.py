@@ -315,10 +315,8 @@ class Runner:
         if plan.save_checkpoints:
             name = "-".join(str(v) for v in (params["merge"], f"w{bits}", method, targets, anchor) if v is not None)
             path = self.out / "checkpoints" / name
-            save_quantized(model, path)
-            save_extras = getattr(bench, "save_extras", None)  # (optional in the protocol)
-            if save_extras is not None:
-                save_extras(path)
+            # (save_extras is optional in the protocol; written into the checkpoint atomically)
+            save_quantized(model, path, extras=getattr(bench, "save_extras", None))
             result["checkpoint"] = str(path)
         return result
 

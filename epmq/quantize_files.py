@@ -150,7 +150,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     quantize_model(net, spec, method=method, calibration=batches or None,
                    experts=dict(experts) if experts else None, anchor=anchor,
                    weight_anchor=weight_anchor, targets=targets, progress=progress)
-    out = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
-    preprocessor.save_pretrained(out)
-    net.epmq_report.to_json(out / REPORT_FILE)
-    return out
+    def extras(directory):
+        preprocessor.save_pretrained(directory)
+        net.epmq_report.to_json(directory / REPORT_FILE)
+
+    return save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
+                          extras=extras)

@@ -244,6 +244,24 @@ def test_load_without_a_model_keeps_the_checkpoints_dtype(tmp_path):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def test_extras_are_written_with_the_checkpoint_or_not_at_all(gen, tmp_path):
+    """``extras`` (a tokenizer, a report) go into the new directory before it replaces the old
+    one: if they fail, the old checkpoint is still there, whole."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q", extras=lambda d: (d / "tokenizer.json").write_text("{}"))
+    assert (tmp_path / "q" / "tokenizer.json").read_text() == "{}"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()}
+
+    def failing(directory):
+        (directory / "tokenizer.json").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        epmq.save_quantized(model, tmp_path / "q", extras=failing)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "q").iterdir()} == before
+    assert os.listdir(tmp_path) == ["q"]  # no temporary directory left behind
+
+
 def test_generation_config_is_saved_and_loaded(gen, tmp_path):
     """What generate() and serving engines default to travels with the checkpoint, as
     save_pretrained writes it."""
