@@ -108,14 +108,16 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     if generation is not None and hasattr(generation, "to_json_string"):
         # what generate() and serving engines default to (EOS ids, sampling), as save_pretrained writes it
         files[GENERATION_CONFIG_FILE] = json.loads(generation.to_json_string(use_diff=True))
-    shards = _shards(tensors, max_shard_bytes)
-    if len(shards) > 1:
-        files[INDEX_FILE] = {
-            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-            "weight_map": {k: name for name, shard in shards.items() for k in shard},
-        }
     directory = Path(directory)
-    _write_atomically(directory, shards, files, extras)
+    with atomic_directory(directory) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, t in tensors.items():
+            writer[name] = t
+        writer.finish()
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        if extras is not None:
+            extras(tmp)
     return directory
 
 
@@ -144,21 +146,6 @@ def _bytes(size) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _shards(tensors: dict, max_bytes: int) -> dict:
-    """File name -> the tensors it holds: one ``model.safetensors`` if everything fits in
-    ``max_bytes``, else consecutive runs of the state dict's order, each as large as fits."""
-    runs, size = [{}], 0
-    for name, t in tensors.items():
-        if runs[-1] and size + _nbytes(t) > max_bytes:
-            runs.append({})
-            size = 0
-        runs[-1][name] = t
-        size += _nbytes(t)
-    if len(runs) == 1:
-        return {WEIGHTS_FILE: runs[0]}
-    return {f"model-{i + 1:05d}-of-{len(runs):05d}.safetensors": run for i, run in enumerate(runs)}
 
 
 def _tensors(model, layers, checkpoint_format):
@@ -235,14 +222,50 @@ def _write_tensors(tensors, path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_atomically(directory: Path, shards: dict, files: dict, extras=None) -> None:
-    with atomic_directory(directory) as tmp:
-        for name, shard in shards.items():
-            _write_tensors({k: t.to("cpu").contiguous() for k, t in shard.items()}, tmp / name)
-        for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        if extras is not None:
-            extras(tmp)
+class ShardWriter:
+    """Receives a state dict's tensors one by one (``writer[name] = tensor``) and writes them
+    into ``directory`` as transformers shards them: ``model.safetensors`` if they fit in
+    ``max_bytes``, else consecutive runs of them, each as large as fits (a larger tensor alone),
+    as ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``. Each tensor
+    is copied to host memory (in ``dtype`` if given, for floating point) as it arrives, so at
+    most one shard is held there; ``finish()`` writes the last one."""
+
+    def __init__(self, directory: Path, max_bytes: int, *, dtype: Optional[torch.dtype] = None,
+                 progress=None):
+        self.directory, self.max_bytes, self.dtype, self.progress = directory, max_bytes, dtype, progress
+        self.pending, self.size, self.parts, self.total = {}, 0, [], 0
+
+    def __setitem__(self, name: str, t: torch.Tensor):
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.to("cpu").contiguous()
+        if self.pending and self.size + _nbytes(t) > self.max_bytes:
+            self._flush()
+        self.pending[name] = t
+        self.size += _nbytes(t)
+        self.total += _nbytes(t)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def _flush(self):
+        part = self.directory / f".part-{len(self.parts):05d}.safetensors"
+        _write_tensors(self.pending, part)
+        self.parts.append((part, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.parts:
+            self._flush()
+        if len(self.parts) == 1:
+            self.parts[0][0].rename(self.directory / WEIGHTS_FILE)
+            return
+        weight_map = {}
+        for i, (part, names) in enumerate(self.parts):
+            name = f"model-{i + 1:05d}-of-{len(self.parts):05d}.safetensors"
+            part.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -73,13 +73,14 @@ def _demo(args) -> int:
 # --------------------------------------------------------------------------- merge
 
 def _yaml_mapping(path: Path, keys, required, help_text) -> dict:
-    import yaml
+    """A merge or quantize config: the YAML mapping at ``path`` with only ``keys``, all of
+    ``required`` among them."""
+    from .benches import BenchConfigError, load_config
 
-    if not path.is_file():
-        raise CLIError(f"no such config file: {path}")
-    config = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise CLIError(f"{path}: expected a mapping\n\n{help_text}")
+    try:
+        config = load_config(path, expected=f"a mapping\n\n{help_text}")
+    except BenchConfigError as e:
+        raise CLIError(str(e)) from e
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise CLIError(f"{path}: unknown keys {unknown}; allowed: {sorted(keys)}")

@@ -6,8 +6,8 @@
 
 or ``epmq merge CONFIG.yaml OUT``. Every source is read lazily, tensor by tensor
 (``checkpoint_io.CheckpointReader``: safetensors, shards with an index, torch files), and the
-merged tensors go into safetensors shards as they are made, so memory holds one tensor of each
-source and at most one shard of the result. The output is what ``save_pretrained`` writes: the
+merged tensors go into safetensors shards as they are made (``checkpoint.ShardWriter``), so
+memory holds a few tensors of each source and at most one shard of the result. The output is what ``save_pretrained`` writes: the
 same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
 ``model.safetensors.index.json``, and the non-weight files of the base (or first model)
 directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
@@ -34,8 +34,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from . import merge as merge_lib
-from .checkpoint import (INDEX_FILE, WEIGHT_SUFFIXES, WEIGHTS_FILE, _bytes, _nbytes, _write_tensors,
-                         atomic_directory)
+from .checkpoint import WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
 
 RECIPE_FILE = "epmq_merge.json"
@@ -88,47 +87,6 @@ def _open(path: Path, what: str, device, names=None) -> Mapping:
         warnings.warn(f"{what}: {len(ignored)} tensors with no counterpart in the reference "
                       f"checkpoint are ignored (e.g. {ignored[:3]})")
     return _View(LazyStateDict(reader, found), device)
-
-
-class _ShardWriter:
-    """Receives the merged tensors one by one (``writer[name] = tensor``) and writes them into
-    safetensors shards of at most ``max_bytes`` in ``directory``, as transformers names them."""
-
-    def __init__(self, directory: Path, max_bytes: int, dtype: Optional[torch.dtype], progress):
-        self.directory, self.max_bytes, self.dtype, self.progress = directory, max_bytes, dtype, progress
-        self.pending, self.size, self.parts, self.total = {}, 0, [], 0
-
-    def __setitem__(self, name: str, t: torch.Tensor):
-        if self.dtype is not None and t.is_floating_point():
-            t = t.to(self.dtype)
-        t = t.to("cpu").contiguous()
-        if self.pending and self.size + _nbytes(t) > self.max_bytes:
-            self._flush()
-        self.pending[name] = t
-        self.size += _nbytes(t)
-        self.total += _nbytes(t)
-        if self.progress is not None:
-            self.progress.update(1)
-
-    def _flush(self):
-        part = self.directory / f".part-{len(self.parts):05d}.safetensors"
-        _write_tensors(self.pending, part)
-        self.parts.append((part, list(self.pending)))
-        self.pending, self.size = {}, 0
-
-    def finish(self) -> None:
-        if self.pending or not self.parts:
-            self._flush()
-        if len(self.parts) == 1:
-            self.parts[0][0].rename(self.directory / WEIGHTS_FILE)
-            return
-        weight_map = {}
-        for i, (part, names) in enumerate(self.parts):
-            name = f"model-{i + 1:05d}-of-{len(self.parts):05d}.safetensors"
-            part.rename(self.directory / name)
-            weight_map.update(dict.fromkeys(names, name))
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _model_card(recipe: dict) -> str:
@@ -276,7 +234,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     out = Path(out)
     try:
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
-            writer = _ShardWriter(tmp, _bytes(max_shard_size), DTYPES.get(dtype), bar)
+            writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)
             if method == "slerp":
                 fn(sources[0], sources[1], out=writer, **params)
             elif method == "average":

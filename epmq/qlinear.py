@@ -218,14 +218,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        plan = None
         # the kernels have no backward: inputs that need a gradient (adapters trained on top of
         # the quantized model) take the dequantized product, which autograd follows
-        kernels = not (x.requires_grad and torch.is_grad_enabled())
-        if (kernels and x.device.type == "cpu" and self.bits == 4 and x.dtype in (torch.bfloat16, torch.float16)
+        kernels = self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())
+        plan = None
+        if (kernels and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and _cpu_int4_mm is not None and x.numel() <= CPU_INT4_MAX_ROWS * self.in_features):
             plan = self._cpu_int4(x.dtype)
-        if kernels and x.is_cuda and self.bits == 4 and w4a16_matmul is not None and self.in_features % 8 == 0:
+        if kernels and x.is_cuda and w4a16_matmul is not None and self.in_features % 8 == 0:
             y = w4a16_matmul(x, self.qweight, self.scales, self._zeros_u8(), self.group_size, self.g_idx)
         elif plan is not None:
             packed, scales_and_zeros, group, perm = plan

@@ -269,7 +269,6 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    empty = [n for n, s in stats.items() if s.n_tokens == 0]
-    if len(empty) == len(stats):
+    if not any(s.n_tokens for s in stats.values()):
         raise ValueError("no calibration batch reached the model's linear layers")
     return {n: s.H for n, s in stats.items()}

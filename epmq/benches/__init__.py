@@ -70,8 +70,9 @@ def build_bench(config: Union[Mapping, BenchConfig], *, base_dir=".", progress: 
     return _bench_class(config.model.family)(config, make_log(progress))
 
 
-def load_config(path) -> dict:
-    """The YAML file at ``path`` as a dict (``BenchConfigError`` if missing or not a mapping)."""
+def load_config(path, expected: str = "a mapping with model, tasks, ... sections") -> dict:
+    """The YAML file at ``path`` as a dict (``BenchConfigError`` if missing, not YAML, or not
+    ``expected``: a mapping)."""
     import yaml
 
     path = Path(path)
@@ -82,5 +83,5 @@ def load_config(path) -> dict:
     except yaml.YAMLError as e:
         raise BenchConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise BenchConfigError(f"{path} must hold a mapping with model, tasks, ... sections")
+        raise BenchConfigError(f"{path} must hold {expected}")
     return data

@@ -11,12 +11,11 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from ..checkpoint_io import LazyStateDict, open_state
+from ..checkpoint_io import DTYPES, LazyStateDict, open_state
 from .checkpoints import load_into, resolve
 from .config import TEXT_FAMILIES, BenchConfig, BenchConfigError
 
 StateDict = Mapping[str, torch.Tensor]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EVAL_SPLITS = ("val", "test")
 
 
