@@ -112,6 +112,71 @@ def write_experts(root, make_model, experts, *, shared=0.0, fallback_scale=0.02)
     return os.path.join(root, "base"), paths
 
 
+# A child process that imports the package from SRC (a revision's sources, or this checkout)
+# ahead of any editable install of another one; the code that follows prints "RESULT {json}".
+CHILD_PRELUDE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, SRC)
+import epmq
+assert epmq.__file__.startswith(SRC), epmq.__file__
+"""
+
+
+def revision_sources(rev, directory) -> tuple:
+    """``(label, path)``: the package of git revision ``rev`` of this checkout, extracted under
+    ``directory`` (``git archive``), for timing it beside the current tree in one run."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    short = subprocess.run(["git", "-C", root, "rev-parse", "--short", rev], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    src = os.path.join(directory, short)
+    os.makedirs(src)
+    archive = subprocess.run(["git", "-C", root, "archive", short, "epmq", "epmq_kernels"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    return f"baseline {short}", src
+
+
+def run_child(body: str, src: str, **constants) -> dict:
+    """Run ``body`` (after CHILD_PRELUDE, with ``SRC`` and ``constants`` defined) in a fresh
+    interpreter; its ``RESULT`` line, parsed."""
+    import subprocess
+
+    head = "".join(f"{name} = {value!r}\n" for name, value in dict(SRC=src, **constants).items())
+    proc = subprocess.run([sys.executable, "-c", head + CHILD_PRELUDE + body], capture_output=True,
+                          text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"the child for {src} failed:\n{proc.stderr[-3000:]}")
+
+
+def median_of(results):
+    """Elementwise median of nested dicts of numbers (other values: the first one's)."""
+    import statistics
+
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in results]) for k in first}
+    if isinstance(first, (int, float)):
+        return statistics.median(results)
+    return first
+
+
+def checkout_revision() -> str:
+    """The checked-out commit, marked when the tracked files differ from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + (" (uncommitted changes)" if dirty else "")
+
+
 def pyplot():
     """matplotlib's ``pyplot`` on the Agg backend (no display needed); ImportError without it."""
     import matplotlib

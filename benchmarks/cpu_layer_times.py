@@ -21,22 +21,18 @@ load varies; the GPTQ and E-PMQ calls are interleaved), then the median over rou
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import checkout_revision, median_of, revision_sources, run_child, write_json  # noqa: E402
 
 _CHILD = textwrap.dedent(r'''
-    import json, sys, time
-    # this revision's package, ahead of an editable install of another one
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    sys.path.insert(0, SRC)
+    import json, time
     import torch
-    import epmq
-    assert epmq.__file__.startswith(SRC), epmq.__file__
     from epmq import QuantLinear, QuantSpec, quant
     from epmq.stats import EPMQStats
 
@@ -79,23 +75,6 @@ _CHILD = textwrap.dedent(r'''
 ''')
 
 
-def run_child(src, d):
-    code = f"SRC = {src!r}\nD = {d}\n" + _CHILD
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"the child for {src} failed:\n{proc.stderr[-3000:]}")
-
-
-def _median_of(results):
-    """Elementwise median of nested dicts of numbers."""
-    first = results[0]
-    if isinstance(first, dict):
-        return {k: _median_of([r[k] for r in results]) for k in first}
-    return statistics.median(results)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", help="git revision to measure as well, in the same run")
@@ -107,27 +86,16 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"current": ROOT}
         if args.baseline:
-            rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.baseline],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-            src = os.path.join(tmp, rev)
-            os.makedirs(src)
-            archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "epmq", "epmq_kernels"],
-                                     capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
-            versions = {f"baseline {rev}": src, "current": ROOT}
+            label, src = revision_sources(args.baseline, tmp)
+            versions = {label: src, "current": ROOT}
         runs = {name: [] for name in versions}
         for r in range(args.rounds):
             for name, src in versions.items():
-                runs[name].append(run_child(src, args.d))
+                runs[name].append(run_child(_CHILD, src, D=args.d))
                 print(f"round {r + 1}: {name}: {json.dumps(runs[name][-1])}", flush=True)
-    result = {name: _median_of(rs) for name, rs in runs.items()}
+    result = {name: median_of(rs) for name, rs in runs.items()}
     result["machine"] = dict(cpus=os.cpu_count(), python=sys.version.split()[0])
-    # what "current" was: the checked-out commit, and whether the tree differed from it
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    result["current_revision"] = head + (" (uncommitted changes)" if dirty else "")
+    result["current_revision"] = checkout_revision()
     print(f"\n{'':46s}" + "".join(f"{name:>20s}" for name in versions))
     rows = [(f"GPTQ {args.d}^2 (s)", lambda r: r["gptq_s"])]
     rows += [(f"E-PMQ from statistics, anchor {a} (s)", lambda r, a=a: r["epmq_s"][a])
@@ -139,9 +107,6 @@ def main(argv=None):
     for label, get in rows:
         print(f"{label:46s}" + "".join(f"{get(result[name]):20.3f}" for name in versions))
     if args.out:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _common import write_json
-
         write_json(args.out, dict(d=args.d, rounds=args.rounds, **result))
     return 0
 

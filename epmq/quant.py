@@ -257,6 +257,36 @@ def _factor(H: torch.Tensor, percdamp: float):
     )
 
 
+class FactorCache:
+    """The factorization of the last Hessian solved, for layers whose Hessians are equal.
+
+    Linears that read the same input (q/k/v, gate/up; the model walker groups them) have one
+    Hessian, so GPTQ and E-PMQ can share its damped Cholesky factor ``Hinv`` (and act-order's
+    permutation) instead of forming it once per layer: pass one cache to their solves. A solve
+    takes the cached factor only when its Hessian, as prepared for factoring (float64, dead
+    columns fixed), is equal to the cached one entry for entry, on the same device, with the
+    same act-order and damping (a ``d_in^2`` comparison against the factor's ``d_in^3``);
+    otherwise it factors and replaces the entry. One entry: the cache holds a float64 copy of
+    the Hessian and its factor until it is dropped.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+        self.hits = 0
+
+    def get(self, H64: torch.Tensor, act_order: bool, percdamp: float):
+        key = self._key
+        if (key is not None and key[1:] == (act_order, percdamp) and key[0].device == H64.device
+                and torch.equal(key[0], H64)):
+            self.hits += 1
+            return self._value
+        return None
+
+    def put(self, H64, act_order, percdamp, value) -> None:
+        self._key, self._value = (H64, act_order, percdamp), value
+
+
 def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False,
                  mm=ieee_mm) -> torch.Tensor:
     """``A @ U`` (``A @ U^T`` with ``transposed``) for an upper-triangular ``U``, in column
@@ -315,11 +345,13 @@ def _round_target(
     percdamp: float,
     backend: Optional[str],
     mm=ieee_mm,
+    factors: Optional[FactorCache] = None,
 ):
     """GPTQ of the target ``W* = W_base + G H~^{-1}`` (``G=None``: ``W* = W_base``) under ``H``.
 
-    ``mm``: the fp32 product for ``R = G H~^{-1}`` (``epmq_from_stats`` picks it). The caller
-    adds the method's own loss terms to the result.
+    ``mm``: the fp32 product for ``R = G H~^{-1}`` (``epmq_from_stats`` picks it). ``factors``:
+    a ``FactorCache`` shared with layers of the same Hessian. The caller adds the method's own
+    loss terms to the result.
     """
     t0 = time.perf_counter()
     d_out, d_in = W_base.shape
@@ -339,12 +371,19 @@ def _round_target(
     # is rounded on, so the solver sees it as 0 (on every grid, exactly); afterwards its target
     # is rounded on the grid found for the live columns (see _round_dead).
     diag[dead] = 1.0
-    perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
-    Hinv, damp, retries = _factor(H64 if perm is None else H64[perm][:, perm], percdamp)
+    cached = None if factors is None else factors.get(H64, spec.act_order, percdamp)
+    if cached is None:
+        perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
+        Hinv, damp, retries = _factor(H64 if perm is None else H64[perm][:, perm], percdamp)
+        Hinv32 = Hinv.float().contiguous()  # what the solver runs on
+        del Hinv
+        if factors is not None:
+            factors.put(H64, spec.act_order, percdamp, (perm, Hinv32, damp, retries))
+    else:
+        perm, Hinv32, damp, retries = cached
 
     W_base = W_base.float()
     W_p = W_base if perm is None else W_base[:, perm]
-    Hinv32 = Hinv.float().contiguous()  # what the solver runs on
     R_p = None
     if G is not None:
         # R = G H~^{-1} = (G Hinv^T) Hinv, in processing order, in IEEE fp32 like the solver's
@@ -436,11 +475,15 @@ def gptq(
     blocksize: int = 128,
     percdamp: float = 0.01,
     backend: Optional[str] = None,
+    factors: Optional[FactorCache] = None,
 ) -> QuantResult:
-    """GPTQ (Frantar et al., 2022) of ``W[out, in]`` with the Hessian ``H = X X^T [in, in]``."""
+    """GPTQ (Frantar et al., 2022) of ``W[out, in]`` with the Hessian ``H = X X^T [in, in]``.
+
+    ``factors``: a ``FactorCache`` shared by the solves of layers that read the same inputs."""
     check_weight(W)
     check_hessian(H, W.shape[1])
-    return _round_target(W, H, spec, G=None, blocksize=blocksize, percdamp=percdamp, backend=backend)
+    return _round_target(W, H, spec, G=None, blocksize=blocksize, percdamp=percdamp,
+                         backend=backend, factors=factors)
 
 
 # --------------------------------------------------------------------------- E-PMQ
@@ -509,8 +552,12 @@ def epmq_from_stats(
     blocksize: int = 128,
     percdamp: float = 0.01,
     backend: Optional[str] = None,
+    factors: Optional[FactorCache] = None,
 ) -> QuantResult:
-    """E-PMQ from accumulated statistics (the streaming path the model walker uses)."""
+    """E-PMQ from accumulated statistics (the streaming path the model walker uses).
+
+    ``factors``: a ``FactorCache`` shared by the solves of layers that read the same inputs (the
+    statistics of such layers share their Hessians: ``EPMQStats(inputs_of=...)``)."""
     if anchor < 0 or weight_anchor < 0:
         raise ValueError(f"anchor and weight_anchor must be >= 0, got {anchor} and {weight_anchor}")
     H_e, H_m, G_e, G_m = stats.finalize()
@@ -532,7 +579,8 @@ def epmq_from_stats(
     mm = fp32_mm(W_m.device, fast)
 
     result = _round_target(
-        W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm
+        W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm,
+        factors=factors,
     )
     t0 = time.perf_counter()
     # The objective's value without another d_out x d_in x d_in product: with F = Q - W*,

@@ -10,7 +10,9 @@ experts K. Persistent buffers:
     G_e = sum_k a_k T_k X_k^T      [out, in]  (T_k = W_k X~_k - W_m X_k: the target residual)
 
 plus one scratch ``H_k`` for the task being streamed, because the default ``a_k = 1 / tr(H_k)``
-is known only once the task's last batch is in. When targets use the same inputs as the model
+is known only once the task's last batch is in. Layers that read the same inputs (q/k/v,
+gate/up) have the same Hessians: ``EPMQStats(W, inputs_of=other)`` shares ``other``'s ``H_k``,
+``H_e`` and ``H_m`` instead of accumulating them again, and keeps only its own ``G_e``. When targets use the same inputs as the model
 being quantized (the merged path), ``T_k X_k^T = (W_k - W_m) H_k`` is formed once at the end of
 the task from the scratch, streaming the expert's weight once. Asymmetric targets (``x_expert``:
 the expert path, or the full-precision merged path) add a scratch ``G_k [out, in]``; an
@@ -59,11 +61,11 @@ class HessianStats:
 
 
 class _Task:
-    def __init__(self, W_expert, weight, name, d_in, device, dtype):
+    def __init__(self, W_expert, weight, name, H):
         self.W = W_expert
         self.weight = weight
         self.name = name
-        self.H = torch.zeros(d_in, d_in, device=device, dtype=dtype)
+        self.H = H
         self.G = None  # scratch for asymmetric targets
         self.c = 0.0
         self.n_tokens = 0
@@ -95,6 +97,7 @@ class EPMQStats:
         dtype=torch.float32,
         backend: str = "torch",
         residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
+        inputs_of: Optional["EPMQStats"] = None,
     ):
         check_residual_precision(residual_precision, "residual_precision")
         check_weight(W_merged, "W_merged")
@@ -104,13 +107,29 @@ class EPMQStats:
         self.dtype = dtype
         self.backend = backend
         self.residual_precision = residual_precision
-        self.H_e = torch.zeros(d_in, d_in, **kw)
-        self.own_H_m = merged_hessian is None
-        if merged_hessian is None:
-            self.H_m = torch.zeros(d_in, d_in, **kw)
+        self.inputs_of = inputs_of
+        if inputs_of is not None:
+            # the Hessians are the other layer's: it accumulates them, this layer only reads them
+            if inputs_of.inputs_of is not None:
+                inputs_of = self.inputs_of = inputs_of.inputs_of
+            if merged_hessian is not None:
+                raise ValueError("a layer that shares another's inputs shares its merged Hessian: "
+                                 "give merged_hessian to that layer")
+            theirs = (inputs_of.W_merged.shape[1], inputs_of.H_e.device, inputs_of.dtype)
+            if theirs != (d_in, W_merged.device, dtype):
+                raise ValueError(
+                    f"inputs_of: that layer's statistics are (d_in, device, dtype) = {theirs}, "
+                    f"this one's {(d_in, W_merged.device, dtype)}"
+                )
+            self.H_e, self.H_m, self.own_H_m = inputs_of.H_e, inputs_of.H_m, inputs_of.own_H_m
         else:
-            check_hessian(merged_hessian, d_in, "merged_hessian")
-            self.H_m = merged_hessian.to(**kw)
+            self.H_e = torch.zeros(d_in, d_in, **kw)
+            self.own_H_m = merged_hessian is None
+            if merged_hessian is None:
+                self.H_m = torch.zeros(d_in, d_in, **kw)
+            else:
+                check_hessian(merged_hessian, d_in, "merged_hessian")
+                self.H_m = merged_hessian.to(**kw)
         self.G_e = torch.zeros(d_out, d_in, **kw)
         self.G_m = None
         self.c_e = 0.0
@@ -143,6 +162,9 @@ class EPMQStats:
 
     def add_task(self, W_expert, H_expert, weight: Optional[float] = None, name: Optional[str] = None):
         """Fold in task k from its complete ``H_k`` (merged-path targets)."""
+        if self.inputs_of is not None:
+            raise RuntimeError("add_task() gives a task's whole Hessian; statistics that share "
+                               "another layer's inputs stream them (begin_task / add_batch)")
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {len(self.task_weights)}"
@@ -153,9 +175,10 @@ class EPMQStats:
 
     def _fold(self, W_expert, H_k, G_k, c_k, weight, name):
         a = self._task_weight(weight, float(torch.diagonal(H_k).sum()), name)
-        self.H_e.add_(H_k, alpha=a)
-        if self.own_H_m:
-            self.H_m.add_(H_k)
+        if self.inputs_of is None:  # (else the layer whose inputs these are adds H_k)
+            self.H_e.add_(H_k, alpha=a)
+            if self.own_H_m:
+                self.H_m.add_(H_k)
         if G_k is None:
             W_k = W_expert.to(device=self.G_e.device)
             c_k = accumulate_residual(self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend,
@@ -173,8 +196,16 @@ class EPMQStats:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {len(self.task_weights)}"
         self._check_expert(W_expert, name)
-        d_in = self.W_merged.shape[1]
-        self._task = _Task(W_expert.to(self.G_e.device), weight, name, d_in, self.G_e.device, self.dtype)
+        if self.inputs_of is None:
+            d_in = self.W_merged.shape[1]
+            H_k = torch.zeros(d_in, d_in, device=self.G_e.device, dtype=self.dtype)
+        else:
+            leader = self.inputs_of
+            if leader._task is None or len(leader.task_weights) != len(self.task_weights):
+                raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "
+                                   f"first (its Hessian H_k is this layer's)")
+            H_k = leader._task.H
+        self._task = _Task(W_expert.to(self.G_e.device), weight, name, H_k)
 
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
@@ -190,7 +221,8 @@ class EPMQStats:
         X = _tokens(x, d_in, f"calibration input of {task.name}").to(self.H_e.device, self.dtype)
         if task.n_tokens and (x_expert is None) != (task.G is None):
             raise ValueError(f"{task.name}: give x_expert for every batch of a task or for none")
-        accumulate_xxt(task.H, X, backend=self.backend)
+        if self.inputs_of is None:
+            accumulate_xxt(task.H, X, backend=self.backend)
         task.n_tokens += X.shape[0]
         W_m = self.W_merged.to(self.dtype)
         if x_expert is not None:
@@ -237,6 +269,11 @@ class EPMQStats:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         if not self.task_weights:
             raise ValueError("no task was added: E-PMQ needs at least one expert with calibration data")
+        leader = self.inputs_of
+        if leader is not None and (leader._task is not None
+                                   or len(leader.task_weights) != len(self.task_weights)):
+            raise RuntimeError("the layer whose inputs these are has not folded in every task: "
+                               "call its end_task() first")
         return self.H_e, self.H_m, self.G_e, self.G_m
 
 

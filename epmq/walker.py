@@ -44,6 +44,9 @@ T5's cross-attention k/v, which read the encoder states). Each group's statistic
 with the earlier groups already quantized, as GPTQ's ``true_sequential`` does, at the cost of
 one partial block forward per group (stopped as soon as the group's inputs are seen).
 ``true_sequential=False`` takes every linear's statistics from one pass of the unquantized block.
+Linears that read the very same tensor have one Hessian: it is accumulated once (E-PMQ keeps
+each linear's own expert residual ``G``) and factored once (``quant.FactorCache``), which is
+what makes a Llama block's q/k/v and gate/up cost one Hessian each; results are unchanged.
 
 **Experts** are read lazily (``epmq.experts``): the walk holds the tensors of one group of one
 expert at a time (expert_path: one block of one expert, plus that expert's non-block tensors
@@ -83,6 +86,9 @@ from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_resid
 
 METHODS = ("epmq", "gptq", "rtn")
 TARGETS = ("merged_path", "expert_path", "fp_path")
+# Linears that read the very same tensor share one Hessian (accumulated and factored once). Off
+# only to compare against (the results are the same) or for a block whose calls vary by input.
+SHARE_INPUT_STATISTICS = True
 # Keyword arguments of blocks that carry a generation cache: never during calibration.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -691,11 +697,11 @@ class _Walk:
         prefix = f"{stack.prefix}.{i}"
         # the full-precision merged block: the fp path's block, the expert path's template
         template = copy.deepcopy(block) if self.t is not None else None
-        groups = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else []
+        groups, leader = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else ([], {})
         t_out = None
         for g, group in enumerate(groups):
             last = g == len(groups) - 1
-            t_out = self._solve_group(block, template, prefix, group, full_target=last)
+            t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
         if self.t is not None:
             if t_out is None:  # no group ran the target blocks to the end
                 t_out = self._run_targets(template, prefix)
@@ -706,7 +712,9 @@ class _Walk:
                 self._advance(self.q, task, n, i, block(hidden[n], **self.q.kwargs[task][n]))
 
     def _groups(self, block, prefix, rels):
-        """The linears in the order the block calls them, grouped by shared input tensor."""
+        """The linears in the order the block calls them, grouped by shared input tensor; and
+        ``leader``: each linear -> the first of its group that read the same tensor (itself if
+        none did), whose Hessian it shares."""
         seen, order = {}, []
         keep = []  # holding the inputs keeps their ids unique during the probe
 
@@ -739,25 +747,31 @@ class _Walk:
             if rel not in order:
                 self.report.skipped.append(f"{prefix}.{rel}")
         if not self.true_sequential:
-            return [order] if order else []
-        groups, by_key = [], {}
-        for rel in order:
-            if key[rel] not in by_key:
-                by_key[key[rel]] = []
-                groups.append(by_key[key[rel]])
-            by_key[key[rel]].append(rel)
-        return groups
+            groups = [order] if order else []
+        else:
+            groups, by_key = [], {}
+            for rel in order:
+                if key[rel] not in by_key:
+                    by_key[key[rel]] = []
+                    groups.append(by_key[key[rel]])
+                by_key[key[rel]].append(rel)
+        leader = {}
+        for group in groups:
+            first = {}
+            for rel in group:
+                leader[rel] = rel if rel not in seen or not SHARE_INPUT_STATISTICS else first.setdefault(seen[rel], rel)
+        return groups, leader
 
-    def _capture(self, block, hidden, kwargs, rels, full):
+    def _capture(self, block, hidden, kwargs, rels, full, leader):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
-        when ``full`` (otherwise the pass stops once every one of them has been called)."""
+        when ``full`` (otherwise the pass stops once every one of them has been called). A linear
+        that shares its leader's input gets the leader's tensor (checked to be the same)."""
         inputs = {rel: [] for rel in rels}
         waiting = set(rels)
 
         def hook(rel):
             def fn(module, args, kw):
-                x = args[0] if args else kw["input"]
-                inputs[rel].append(x.detach().reshape(-1, x.shape[-1]))
+                inputs[rel].append(args[0] if args else kw["input"])
                 waiting.discard(rel)
                 if not waiting and not full:
                     raise _Stop
@@ -773,7 +787,21 @@ class _Walk:
         finally:
             for h in handles:
                 h.remove()
-        return {rel: torch.cat(xs) for rel, xs in inputs.items() if xs}, output
+        out = {}
+        for rel, xs in inputs.items():
+            first = leader[rel]
+            if first != rel:
+                if len(xs) != len(inputs[first]) or any(a is not b for a, b in zip(xs, inputs[first])):
+                    raise RuntimeError(
+                        f"{rel} read the same tensor as {first} when the block was probed, but not "
+                        f"in this pass: the block's calls depend on its input; quantize it with "
+                        f"epmq.walker.SHARE_INPUT_STATISTICS = False"
+                    )
+                if first in out:
+                    out[rel] = out[first]
+            elif xs:
+                out[rel] = torch.cat([x.detach().reshape(-1, x.shape[-1]) for x in xs])
+        return out, output
 
     def _target_block(self, template, prefix, task):
         if self.targets == "expert_path":
@@ -788,18 +816,23 @@ class _Walk:
                 outputs[task, n] = target(self.t.hidden[task][n], **self.t.kwargs[task][n])
         return outputs
 
-    def _new_stats(self, linear):
+    def _new_stats(self, linear, inputs_of=None):
+        """Statistics for ``linear``; ``inputs_of``: those of a linear that reads the same input
+        (GPTQ: the same object, E-PMQ: statistics that share its Hessians)."""
         W_m = linear.weight.detach()
         if self.method == "gptq" and self.t is None:
-            return HessianStats(W_m.shape[1], device=W_m.device, dtype=self.stats_dtype, backend=self.stats_backend)
+            return inputs_of or HessianStats(W_m.shape[1], device=W_m.device, dtype=self.stats_dtype,
+                                             backend=self.stats_backend)
         return EPMQStats(W_m, dtype=self.stats_dtype, backend=self.stats_backend,
-                         residual_precision=self.residual_precision)
+                         residual_precision=self.residual_precision, inputs_of=inputs_of)
 
-    def _solve_group(self, block, template, prefix, group, *, full_target):
+    def _solve_group(self, block, template, prefix, group, leader, *, full_target):
         """Statistics of the linears ``group`` over every task, then solve and swap them in.
         Returns the target blocks' outputs when ``full_target`` (else None)."""
         linears = {rel: block.get_submodule(rel) for rel in group}
-        stats = {rel: self._new_stats(linears[rel]) for rel in group}
+        stats = {}
+        for rel in group:  # (a leader comes before the linears that share its input)
+            stats[rel] = self._new_stats(linears[rel], None if leader[rel] == rel else stats[leader[rel]])
         n_tokens = dict.fromkeys(group, 0)
         t_out = {} if (self.t is not None and full_target) else None
         for task, items in self.calibration.items():
@@ -818,18 +851,20 @@ class _Walk:
                 begun.add(rel)
 
             for n in range(len(items)):
-                xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group, full=False)
+                xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group,
+                                      False, leader)
                 x_t = None
                 if target is not None:
                     x_t, out = self._capture(
-                        target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full=full_target
+                        target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full_target, leader
                     )
                     if t_out is not None:
                         t_out[task, n] = out
                 for rel, x in xs.items():
                     n_tokens[rel] += x.shape[0]
                     if isinstance(stats[rel], HessianStats):
-                        stats[rel].add_batch(x)
+                        if leader[rel] == rel:
+                            stats[rel].add_batch(x)
                     else:
                         if rel not in begun:
                             begin(rel)
@@ -839,14 +874,21 @@ class _Walk:
             for rel in begun:
                 stats[rel].end_task()
             del target
+        # one factorization per shared Hessian, kept until the last linear that reads it
+        readers = {}
+        for rel in group:
+            readers[leader[rel]] = readers.get(leader[rel], 0) + 1
+        factors = {first: quant.FactorCache() for first, n in readers.items() if n > 1}
         for rel in group:
             name = f"{prefix}.{rel}"
+            readers[leader[rel]] -= 1
+            cache = factors.get(leader[rel]) if readers[leader[rel]] else factors.pop(leader[rel], None)
             if n_tokens[rel] == 0:  # an MoE expert no calibration token was routed to
                 result = quant.rtn(linears[rel].weight.detach(), self.spec)
                 result.loss = 0.0  # its calibration objective: no token, no loss
                 self.report.unreached.append(name)
             else:
-                result = self._solve(linears[rel], stats[rel], name)
+                result = self._solve(linears[rel], stats[rel], name, cache)
                 if result.dead_columns == linears[rel].weight.shape[1]:
                     self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
@@ -856,9 +898,9 @@ class _Walk:
             )
         return t_out
 
-    def _solve(self, linear, stats, name):
+    def _solve(self, linear, stats, name, factors=None):
         try:
-            return self._solve_with(linear.weight.detach(), stats, self.solver)
+            return self._solve_with(linear.weight.detach(), stats, dict(self.solver, factors=factors))
         except torch.cuda.OutOfMemoryError:
             pass  # (outside the handler, so that the failed attempt's tensors can be freed)
         # A layer the GPU cannot hold next to the model is solved on the CPU: the same math in

@@ -6,7 +6,7 @@ know about an architecture is:
 * ``stacks(model)``: the runs of repeated blocks, as ``(qualified name, nn.ModuleList)`` in the
   order the forward pass reaches them (T5: encoder then decoder; CLIP: the towers). Found by
   structure: every ``ModuleList`` whose children are all of one of ``block_types`` (class
-  names), wherever it sits in the model.
+  names, or the classes themselves), wherever it sits in the model.
 * ``linears(block)``: the layers to quantize in a block. The rule: every ``nn.Linear`` inside a
   block. Embeddings, heads, norms, poolers, patch/conv stems and projections outside the blocks
   stay in full precision. ``quantize_model(layers=...)`` narrows this per call.
@@ -70,7 +70,16 @@ class Adapter:
 
     def __init__(self, name: str, block_types: tuple = ()):
         self.name = name
+        if isinstance(block_types, (str, type)):
+            block_types = (block_types,)
         self.block_types = tuple(block_types)
+        for t in self.block_types:
+            if not isinstance(t, (str, type)):
+                raise TypeError(f"block_types holds class names or classes, got {t!r}")
+
+    def is_block(self, module: nn.Module) -> bool:
+        return any(type(module).__name__ == t if isinstance(t, str) else isinstance(module, t)
+                   for t in self.block_types)
 
     def matches(self, model: nn.Module) -> bool:
         return bool(self.stacks(model))
@@ -81,7 +90,7 @@ class Adapter:
             for name, module in model.named_modules()
             if isinstance(module, nn.ModuleList)
             and len(module)
-            and all(type(block).__name__ in self.block_types for block in module)
+            and all(self.is_block(block) for block in module)
         ]
 
     def prepare(self, model: nn.Module, swap: Callable[[str, nn.Module], None]) -> dict:
@@ -137,7 +146,7 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     for candidate in _REGISTRY:
         if candidate.matches(model):
             return candidate
-    known = sorted({t for a in _REGISTRY for t in a.block_types})
+    known = sorted({getattr(t, "__name__", t) for a in _REGISTRY for t in a.block_types})
     lists = sorted(
         {
             f"{name or '<root>'} ({', '.join(sorted({type(b).__name__ for b in m}))})"

@@ -114,3 +114,14 @@ def test_register_an_adapter_for_a_new_family(gen, tmp_path, monkeypatch):
     fresh = epmq.load_quantized(tmp_path / "toy", ToyNet())
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-6)
     assert "config.json" not in {p.name for p in (tmp_path / "toy").iterdir()}  # not a HF model
+
+
+def test_block_types_are_class_names_or_classes():
+    """``block_types=(MyBlock,)`` (the class, as the README writes it) finds the same blocks as
+    its name; subclasses too. Anything else is refused."""
+    net = ToyNet()
+    for types in (("ScaledBlock",), (ScaledBlock,), ScaledBlock, (nn.Module,)):
+        assert [name for name, _ in epmq.Adapter("toy", block_types=types).stacks(net)] == ["body"]
+    assert not epmq.Adapter("toy", block_types=(nn.Linear,)).stacks(net)
+    with pytest.raises(TypeError, match="class names or classes"):
+        epmq.Adapter("toy", block_types=(3,))

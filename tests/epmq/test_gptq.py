@@ -334,3 +334,55 @@ def test_unknown_backend(gen):
     W, H = random_problem(gen)
     with pytest.raises(ValueError, match="backend"):
         quant.gptq(W, H, QuantSpec(group_size=16), backend="cuda")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_factor_cache_shares_one_factorization(gen, act_order, monkeypatch):
+    """Layers with equal Hessians (q/k/v) factor it once through one FactorCache, with results
+    bit-identical to solving each alone; a different Hessian, act-order or damping factors anew."""
+    calls = []
+    factor = quant._factor
+    monkeypatch.setattr(quant, "_factor", lambda *a: calls.append(1) or factor(*a))
+    X = torch.randn(200, 64, generator=gen)
+    X[:, 5] = 0  # a dead column
+    H = X.T @ X
+    spec = QuantSpec(bits=3, group_size=16, act_order=act_order)
+    Ws = [torch.randn(d_out, 64, generator=gen) for d_out in (24, 8, 8)]
+    alone = [quant.gptq(W, H, spec) for W in Ws]
+    cache = quant.FactorCache()
+    shared = [quant.gptq(W, H.clone(), spec, factors=cache) for W in Ws]
+    assert len(calls) == 3 + 1 and cache.hits == 2
+    for a, b in zip(alone, shared):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+        assert a.loss == b.loss and a.damp == b.damp
+    H2 = H.clone()
+    H2[3, 4] += 1e-3
+    H2[4, 3] += 1e-3
+    quant.gptq(Ws[0], H2, spec, factors=cache)
+    quant.gptq(Ws[0], H2, spec, factors=cache, percdamp=0.02)
+    quant.gptq(Ws[0], H2, QuantSpec(bits=3, group_size=16, act_order=not act_order), factors=cache)
+    assert len(calls) == 4 + 3 and cache.hits == 2
+
+
+def test_factor_cache_in_epmq_from_stats(gen):
+    """E-PMQ of two layers on the same inputs (statistics sharing Hessians) factors H once."""
+    from epmq import EPMQStats
+
+    W_q, W_k = torch.randn(24, 64, generator=gen), torch.randn(16, 64, generator=gen)
+    q = EPMQStats(W_q, dtype=torch.float64)
+    k = EPMQStats(W_k, dtype=torch.float64, inputs_of=q)
+    for t in range(2):
+        for stats, W in ((q, W_q), (k, W_k)):
+            stats.begin_task(W + 0.05 * torch.randn(W.shape, generator=gen))
+        x = torch.randn(100, 64, generator=gen)
+        q.add_batch(x)
+        k.add_batch(x)
+        q.end_task()
+        k.end_task()
+    spec = QuantSpec(bits=4, group_size=16)
+    cache = quant.FactorCache()
+    for stats in (q, k):
+        alone = quant.epmq_from_stats(stats, spec, anchor=0.5)
+        shared = quant.epmq_from_stats(stats, spec, anchor=0.5, factors=cache)
+        assert torch.equal(alone.codes, shared.codes) and alone.expert_loss == shared.expert_loss
+    assert cache.hits == 1  # k's solve took q's factor

@@ -54,6 +54,61 @@ def test_streaming_equals_whole_statistics(gen):
         assert s.G_m is None
 
 
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_layers_sharing_inputs_share_hessians(gen, asymmetric):
+    """``inputs_of``: a second layer on the same inputs (k beside q) reads the first's H_k, H_e
+    and H_m instead of accumulating them, and its own statistics equal those it would have
+    accumulated alone, bit for bit."""
+    W_q, W_v = (torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(2))
+    experts = [(W_q + 0.1 * torch.randn(W_q.shape, generator=gen, dtype=torch.float64),
+                W_v + 0.1 * torch.randn(W_v.shape, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    data = [batches(gen, scale=s) for s in (0.5, 2.0)]
+    shifted = [[x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs] for xs in data]
+
+    def stream(layers, which):
+        for k, xs in enumerate(data):
+            for stats, i in zip(layers, which):
+                stats.begin_task(experts[k][i])
+            for n, x in enumerate(xs):
+                for stats in layers:
+                    stats.add_batch(x, x_expert=shifted[k][n] if asymmetric else None)
+            for stats in layers:
+                stats.end_task()
+
+    q = EPMQStats(W_q, dtype=torch.float64)
+    v = EPMQStats(W_v, dtype=torch.float64, inputs_of=q)
+    stream([q, v], [0, 1])
+    alone = EPMQStats(W_v, dtype=torch.float64)
+    stream([alone], [1])
+    assert v.H_e is q.H_e and v.H_m is q.H_m
+    for a, b in zip(v.finalize(), alone.finalize()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert (v.c_e, v.task_weights) == (alone.c_e, alone.task_weights)
+
+
+def test_sharing_inputs_misuse_is_reported(gen):
+    W = torch.randn(D_OUT, D_IN, generator=gen)
+    q = EPMQStats(W)
+    k = EPMQStats(W, inputs_of=q)
+    with pytest.raises(RuntimeError, match="begin the task on the layer whose inputs"):
+        k.begin_task(W)
+    with pytest.raises(RuntimeError, match="stream them"):
+        k.add_task(W, torch.eye(D_IN))
+    q.begin_task(W)
+    k.begin_task(W)
+    q.add_batch(batches(gen)[0])
+    k.add_batch(batches(gen)[0])
+    k.end_task()
+    with pytest.raises(RuntimeError, match="has not folded in every task"):
+        k.finalize()
+    q.end_task()
+    assert k.finalize()[0] is q.H_e
+    with pytest.raises(ValueError, match="inputs_of"):
+        EPMQStats(W[:, :-1], inputs_of=q)
+    with pytest.raises(ValueError, match="merged Hessian"):
+        EPMQStats(W, inputs_of=q, merged_hessian=torch.eye(D_IN))
+
+
 def _asymmetric(gen, dtype):
     """Two tasks streamed with target inputs X~ (x_expert) and anchor inputs X_a (x_anchor)
     beside the quantized path's X; task weights 1.5 and 2.5."""

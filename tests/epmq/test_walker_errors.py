@@ -248,3 +248,34 @@ def test_moe_needs_merged_path_targets(gen):
     with pytest.raises(ValueError, match="routes tokens to experts"):
         quantize(fam, model, targets="expert_path")
     assert_untouched(model, before)
+
+
+def test_a_block_whose_linears_stop_sharing_their_input_is_reported():
+    """Two linears read one tensor when the block is probed, then not: their Hessians differ,
+    so sharing one would be wrong; the walk stops with a clear error and leaves the model whole."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x + self.a(x) + self.b(x if self.calls == 1 else 2 * x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    net = Net()
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
+    with pytest.raises(RuntimeError, match=r"b read the same tensor as a .*SHARE_INPUT_STATISTICS"):
+        epmq.quantize_model(net, SPEC, method="gptq", calibration=calibration, progress=False,
+                            adapter=epmq.Adapter("toggle", block_types=(Block,)))
+    assert not any(isinstance(m, epmq.QuantLinear) for m in net.modules())

@@ -230,9 +230,9 @@ def test_moe_experts_are_solved_in_two_stages(gen, monkeypatch):
     groups = []
     solve_group = walker._Walk._solve_group
 
-    def spy(self, block, template, prefix, group, **kw):
+    def spy(self, block, template, prefix, group, *args, **kw):
         groups.append((prefix, list(group)))
-        return solve_group(self, block, template, prefix, group, **kw)
+        return solve_group(self, block, template, prefix, group, *args, **kw)
 
     monkeypatch.setattr(walker._Walk, "_solve_group", spy)
     fam = Family("qwen3_moe", gen)
@@ -244,3 +244,47 @@ def test_moe_experts_are_solved_in_two_stages(gen, monkeypatch):
     assert sorted(block_1[2]) == sorted(f"{experts}.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj"))
     assert sorted(block_1[3]) == sorted(f"{experts}.{e}.down_proj" for e in range(4))
     assert len(block_1) == 4
+
+
+# Linears on one input: Llama's q/k/v and gate/up, T5's self-attention q/k/v and cross-attention
+# k/v, an MoE expert's gate/up. Factorizations per walk without sharing and with it.
+SHARING_CASES = {
+    ("llama", "gptq", "merged_path"): (14, 8),
+    ("llama", "epmq", "merged_path"): (14, 8),
+    ("llama", "epmq", "expert_path"): (14, 8),
+    ("llama", "epmq", "fp_path"): (14, 8),
+    ("llama", "gptq", "fp_path"): (14, 8),
+    ("t5", "epmq", "merged_path"): (36, 22),
+    ("open_clip_vit", "gptq", "merged_path"): (8, 8),  # (q/k/v are one in_proj: nothing to share)
+    ("qwen3_moe", "epmq", "merged_path"): (32, 20),
+}
+
+
+@pytest.mark.parametrize("arch,method,targets", list(SHARING_CASES))
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_shared_input_statistics_change_nothing(arch, method, targets, true_sequential, gen, monkeypatch):
+    """One Hessian (accumulated and factored once) for the linears that read the same tensor: the
+    quantized model and every layer's loss are bit-identical to a walk that gives each linear
+    its own, with fewer factorizations."""
+    from epmq import walker
+
+    fam = Family(arch, gen)
+    factored = []
+    factor = quant._factor
+    monkeypatch.setattr(quant, "_factor", lambda *a: factored.append(1) or factor(*a))
+    runs = {}
+    for share in (False, True):
+        monkeypatch.setattr(walker, "SHARE_INPUT_STATISTICS", share)
+        factored.clear()
+        model = epmq.quantize_model(
+            fam.merged(), SPEC, method=method, targets=targets, calibration=fam.calibration,
+            experts=fam.experts if method == "epmq" else None, true_sequential=true_sequential,
+            backend="torch", progress=False,
+        )
+        runs[share] = (model.state_dict(), [layer["loss"] for layer in model.epmq_report.layers],
+                       len(factored))
+    (state_off, loss_off, n_off), (state_on, loss_on, n_on) = runs[False], runs[True]
+    assert state_on.keys() == state_off.keys()
+    assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
+    assert loss_on == loss_off
+    assert (n_off, n_on) == SHARING_CASES[arch, method, targets]
