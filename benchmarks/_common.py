@@ -153,6 +153,25 @@ def run_child(body: str, src: str, **constants) -> dict:
     raise RuntimeError(f"the child for {src} failed:\n{proc.stderr[-3000:]}")
 
 
+def versions_side_by_side(baseline, rounds, measure) -> dict:
+    """``{label: [result per round]}`` of ``measure(src)`` for this checkout ("current") and, with
+    ``baseline``, that git revision, alternating: each round runs both, the order swapped every
+    round so that a slow spell of the machine or a first-run effect does not favour either."""
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = [("current", root)]
+        if baseline:
+            versions.insert(0, revision_sources(baseline, tmp))
+        runs = {label: [] for label, _ in versions}
+        for r in range(rounds):
+            for label, src in (versions if r % 2 == 0 else versions[::-1]):
+                runs[label].append(measure(src))
+                print(f"round {r + 1}: {label}: {json.dumps(runs[label][-1])}", flush=True)
+    return runs
+
+
 def median_of(results):
     """Elementwise median of nested dicts of numbers (other values: the first one's)."""
     import statistics

@@ -19,16 +19,15 @@ load varies; the GPTQ and E-PMQ calls are interleaved), then the median over rou
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import checkout_revision, median_of, revision_sources, run_child, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    checkout_revision, median_of, run_child, versions_side_by_side, write_json,
+)
 
 _CHILD = textwrap.dedent(r'''
     import json, time
@@ -83,16 +82,9 @@ def main(argv=None):
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        versions = {"current": ROOT}
-        if args.baseline:
-            label, src = revision_sources(args.baseline, tmp)
-            versions = {label: src, "current": ROOT}
-        runs = {name: [] for name in versions}
-        for r in range(args.rounds):
-            for name, src in versions.items():
-                runs[name].append(run_child(_CHILD, src, D=args.d))
-                print(f"round {r + 1}: {name}: {json.dumps(runs[name][-1])}", flush=True)
+    runs = versions_side_by_side(args.baseline, args.rounds,
+                                 lambda src: run_child(_CHILD, src, D=args.d))
+    versions = list(runs)
     result = {name: median_of(rs) for name, rs in runs.items()}
     result["machine"] = dict(cpus=os.cpu_count(), python=sys.version.split()[0])
     result["current_revision"] = checkout_revision()

@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import checkout_revision, median_of, revision_sources, run_child, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    checkout_revision, median_of, run_child, versions_side_by_side, write_json,
+)
 
 _CHILD = textwrap.dedent(r'''
     import copy, hashlib, json, time
@@ -82,16 +82,9 @@ def main(argv=None):
     shape = dict(HIDDEN=args.hidden, INTERMEDIATE=args.intermediate, LAYERS=args.layers,
                  TOKENS=args.tokens, SAMPLES=args.samples, REPEATS=args.repeats)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        versions = {"current": ROOT}
-        if args.baseline:
-            label, src = revision_sources(args.baseline, tmp)
-            versions = {label: src, "current": ROOT}
-        runs = {name: [] for name in versions}
-        for r in range(args.rounds):
-            for name, src in versions.items():
-                runs[name].append(run_child(_CHILD, src, **shape))
-                print(f"round {r + 1}: {name}: {json.dumps(runs[name][-1])}", flush=True)
+    runs = versions_side_by_side(args.baseline, args.rounds,
+                                 lambda src: run_child(_CHILD, src, **shape))
+    versions = list(runs)
     result = {name: median_of(rs) for name, rs in runs.items()}
     prints = {json.dumps(r["fingerprint"], sort_keys=True) for rs in runs.values() for r in rs}
     result["same_model"] = len(prints) == 1

@@ -135,7 +135,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     ``epmq.calibration``); ``samples`` windows of ``seq_len`` tokens, pairs or images per task. E-PMQ needs an
     expert for every task (``experts``: task -> directory, file or HF hub id). ``dtype``: the
     model's dtype while quantizing and in the checkpoint's unquantized tensors (default: the
-    checkpoint's). ``device``: where the model runs (e.g. "cuda"; default the CPU).
+    checkpoint's). ``device``: where the blocks are quantized (e.g. "cuda"; default the CPU): the
+    model is loaded into CPU memory and each block visits the device for its turn, so a model
+    larger than the GPU can be quantized on it.
     ``tower="vision"``: of a two-tower model (``CLIPModel``, ``SiglipModel``), quantize and save
     the vision tower alone (``CLIPVisionModel``), calibrated on images.
     """
@@ -145,11 +147,10 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                                             batch_size=batch_size, seed=seed, tower=tower)
     net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
-    if device is not None:
-        net.to(device)
+    # the model stays in CPU memory; its blocks visit ``device`` one at a time
     quantize_model(net, spec, method=method, calibration=batches or None,
                    experts=dict(experts) if experts else None, anchor=anchor,
-                   weight_anchor=weight_anchor, targets=targets, progress=progress)
+                   weight_anchor=weight_anchor, targets=targets, device=device, progress=progress)
     def extras(directory):
         preprocessor.save_pretrained(directory)
         net.epmq_report.to_json(directory / REPORT_FILE)

@@ -157,6 +157,7 @@ def quantize_model(
     backend: Optional[str] = None,
     residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
     adapter: Optional[Adapter] = None,
+    device: Union[None, str, torch.device] = None,
     progress: bool = True,
 ) -> nn.Module:
     """Replace the linears of ``model``'s blocks by packed ``QuantLinear``s, in place.
@@ -179,6 +180,10 @@ def quantize_model(
                  Triton backend: "bf16x3" (default: three bf16 products, the fastest of it,
                  tf32x3 and IEEE), "tf32x3" (IEEE fp32's accuracy class), "ieee" (fp32 FMA
                  only) or "tf32"; see ``epmq.EPMQStats``.
+    device       where the blocks are quantized (e.g. "cuda"), when the model is elsewhere (in CPU
+                 memory, because it does not fit on the GPU): each block moves there for its turn
+                 and back when it is done, quantized; the calibration's hidden states live
+                 there, the model's other modules stay where they are. Default: the model's device.
 
     Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
     """
@@ -234,7 +239,7 @@ def quantize_model(
                 true_sequential=None if method == "rtn" else true_sequential,
             )
             if method == "rtn":
-                _rtn(stacks, spec, edits, report, progress)
+                _rtn(stacks, spec, edits, report, progress, device)
             else:
                 if method == "epmq":
                     sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
@@ -242,7 +247,7 @@ def quantize_model(
                     model, adapter, stacks, renames, spec, method, targets, calibration, sources,
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
-                    backend=backend, residual_precision=residual_precision,
+                    backend=backend, residual_precision=residual_precision, device=device,
                 )
                 walk.run(progress)
     except BaseException:
@@ -355,6 +360,7 @@ class _Edits:
         old = getattr(parent, attr)
         self.log.append((parent, attr, old))
         setattr(parent, attr, new.train(old.training))
+        return old
 
     def match_modes(self) -> None:
         """Each replacement takes the train/eval mode of the module it replaced."""
@@ -391,7 +397,7 @@ def _layer_report(name, block, method, targets, result, n_tokens=None) -> dict:
 # --------------------------------------------------------------------------- RTN
 
 
-def _rtn(stacks, spec, edits, report, progress):
+def _rtn(stacks, spec, edits, report, progress, device=None):
     from tqdm.auto import tqdm
 
     total = sum(len(s.blocks) for s in stacks)
@@ -400,7 +406,8 @@ def _rtn(stacks, spec, edits, report, progress):
             for i, block in enumerate(stack.blocks):
                 for rel in stack.chosen[i]:
                     linear = block.get_submodule(rel)
-                    result = quant.rtn(linear.weight.detach(), spec)
+                    W = linear.weight.detach()
+                    result = quant.rtn(W if device is None else W.to(device), spec)
                     name = f"{stack.prefix}.{i}.{rel}"
                     edits.swap(name, _quant_linear(result, linear))
                     report.layers.append(_layer_report(name, f"{stack.prefix}.{i}", "rtn", None, result))
@@ -498,7 +505,7 @@ class _Stream:
 class _Walk:
     def __init__(self, model, adapter, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
-                 blocksize, backend, residual_precision):
+                 blocksize, backend, residual_precision, device=None):
         self.model, self.adapter, self.stacks, self.renames = model, adapter, stacks, renames
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
@@ -506,7 +513,10 @@ class _Walk:
         self.anchor, self.weight_anchor = anchor, weight_anchor
         self.true_sequential = true_sequential
         self.solver = dict(percdamp=percdamp, blocksize=blocksize, backend=backend)
-        self.device = next(model.parameters()).device
+        # the model stays on its device; with ``device`` given, each block visits that one
+        self.model_device = next(model.parameters()).device
+        self.offload = device is not None
+        self.device = torch.device(device) if self.offload else self.model_device
         # statistics in float64 on the CPU (cheap there), float32 on a GPU, as quant.epmq does
         self.stats_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.stats_backend = quant.resolve_backend(backend, self.device)
@@ -629,7 +639,7 @@ class _Walk:
 
             def fn(*args, **kwargs):
                 if final:
-                    hidden = stream.finals[t][now["task"]][now["n"]]
+                    hidden = _to_device(stream.finals[t][now["task"]][now["n"]], self.model_device)
                 else:
                     hidden = _bind(block, args, kwargs)[0]
                 return self.adapter.passthrough(hidden)
@@ -649,7 +659,7 @@ class _Walk:
                     for n, item in enumerate(items):
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None)
                         try:
-                            _call(self.model, item, self.device)
+                            _call(self.model, item, self.model_device)
                         except _Stop:
                             pass
                         else:
@@ -658,14 +668,18 @@ class _Walk:
                                 f"at {stack.prefix!r}: give inputs that run through them, or leave "
                                 f"them out with layers="
                             )
-                        hidden.append(now["hidden"])
-                        recorded.append(now["kwargs"])
+                        hidden.append(self._here(now["hidden"]))
+                        recorded.append(self._here(now["kwargs"]))
                 stream.hidden[task] = hidden
                 stream.recorded[task] = recorded
                 stream.kwargs[task] = [r[0] for r in recorded]
         finally:
             for blocks, j, block in reversed(originals):
                 blocks[j] = block
+
+    def _here(self, item):
+        """``item`` (tensors, nested in dicts, lists, tuples) on the device blocks run on."""
+        return _to_device(item, self.device) if self.offload else item
 
     def _advance(self, stream, task, n, i, output):
         """The block's output becomes the next block's input."""
@@ -693,6 +707,15 @@ class _Walk:
                     stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
 
     def _block(self, s, i, block):
+        if not self.offload:
+            return self._quantize_block(s, i, block)
+        block.to(self.device)
+        try:
+            self._quantize_block(s, i, block)
+        finally:
+            block.to(self.model_device)
+
+    def _quantize_block(self, s, i, block):
         stack = self.stacks[s]
         prefix = f"{stack.prefix}.{i}"
         # the full-precision merged block: the fp path's block, the expert path's template
@@ -892,7 +915,9 @@ class _Walk:
                 if result.dead_columns == linears[rel].weight.shape[1]:
                     self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
-            self.edits.swap(name, _quant_linear(result, linears[rel]))
+            replaced = self.edits.swap(name, _quant_linear(result, linears[rel]))
+            if self.offload:  # (kept until the walk ends, for a rollback: not on the device)
+                replaced.to(self.model_device)
             self.report.layers.append(
                 _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])
             )

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import epmq
+from epmq.adapters import find_adapter
 from test_walker_models import ARCHS, DECODERS, ENCODERS, MOE, Family, output, rel_err
+
+SPEC_4 = epmq.QuantSpec(bits=4, group_size=16)
 
 # Linears in the blocks: 2 blocks per stack; open_clip: in_proj, out_proj, c_fc, c_proj; HF CLIP:
 # q, k, v, out, fc1, fc2; T5 (gated): 4 self-attn + 4 cross-attn (decoder) + wi_0, wi_1, wo;
@@ -193,3 +196,64 @@ def test_moe_experts_left_unquantized_save_and_load(arch, gen, tmp_path):
     epmq.save_quantized(model, tmp_path / "ckpt")
     fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
     torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch,method,targets", [
+    ("llama", "epmq", "merged_path"), ("t5", "epmq", "expert_path"),
+    ("open_clip_clip", "gptq", "fp_path"), ("hf_clip_vision", "rtn", "merged_path"),
+])
+def test_blocks_visiting_a_device_give_the_same_model(arch, method, targets, gen, monkeypatch):
+    """``device=``: the model stays where it is and each block visits the device for its turn.
+    On the CPU the moves are no-ops, but every step of that path runs (each block sent over and
+    back, the replaced linears sent back, hidden states and kwargs placed on the device, a
+    finished stack's outputs brought back for the next one): the model is the in-place walk's."""
+    from torch import nn
+
+    fam = Family(arch, gen)
+    kw = dict(method=method, targets=targets, calibration=None if method == "rtn" else fam.calibration,
+              experts=fam.experts if method == "epmq" else None, backend="torch", progress=False)
+    in_place = epmq.quantize_model(fam.merged(), SPEC_4, **kw)
+    moves = []
+    to = nn.Module.to
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: moves.append(self) or to(self, *a, **k))
+    visited = epmq.quantize_model(fam.merged(), SPEC_4, device="cpu", **kw)
+    monkeypatch.undo()
+    a, b = in_place.state_dict(), visited.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if method != "rtn":
+        blocks = [block for _, stack in find_adapter(visited).stacks(visited) for block in stack]
+        assert [sum(m is block for m in moves) for block in blocks] == [2] * len(blocks)  # there, back
+        replaced = [m for m in moves if isinstance(m, nn.Linear)]
+        assert len(replaced) == len(visited.epmq_report.layers)  # each sent back once
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "t5", "open_clip_clip"])
+def test_blocks_visit_the_gpu_from_cpu_memory(arch, gen, monkeypatch):
+    """A model in CPU memory quantized on the GPU block by block (``device="cuda"``): it ends in
+    CPU memory, nothing of it is left on the GPU, and it is the model quantized wholly on the GPU
+    (the stack entry runs on the CPU there, so the hidden states may differ in the last bits)."""
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
+    fam = Family(arch, gen)
+    kw = dict(method="epmq", calibration=fam.calibration, experts=fam.experts, progress=False)
+    on_gpu = epmq.quantize_model(fam.merged().cuda(), SPEC_4, **kw)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    visited = epmq.quantize_model(fam.merged(), SPEC_4, device="cuda", **kw)
+    assert all(t.device.type == "cpu" for t in visited.state_dict().values())
+    del kw
+    import gc
+
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= before + (1 << 20)
+    item = _on_cuda(fam.test_item)
+    reference = output(fam.merged(), fam.test_item)
+    err_gpu = rel_err(output(on_gpu, item).float().cpu(), reference)
+    err_visited = rel_err(output(visited.cuda(), item).float().cpu(), reference)
+    assert err_visited < 1.5 * err_gpu + 0.01, (err_visited, err_gpu)
+    a, b = on_gpu.state_dict(), visited.state_dict()
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = [((t.cpu().unsqueeze(-1) >> shifts) & 15) for k in a if k.endswith("qweight")
+               for t in (a[k], b[k])]
+    same = sum(int((x == y).sum()) for x, y in zip(nibbles[::2], nibbles[1::2]))
+    assert same >= 0.8 * sum(x.numel() for x in nibbles[::2])
