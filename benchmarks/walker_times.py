@@ -86,6 +86,7 @@ def main(argv=None):
                                  lambda src: run_child(_CHILD, src, **shape))
     versions = list(runs)
     result = {name: median_of(rs) for name, rs in runs.items()}
+    result["rounds"] = runs  # every child's result, in order
     prints = {json.dumps(r["fingerprint"], sort_keys=True) for rs in runs.values() for r in rs}
     result["same_model"] = len(prints) == 1
     result["machine"] = dict(cpus=os.cpu_count(), python=sys.version.split()[0])

@@ -158,6 +158,19 @@ def test_calibration_that_misses_a_tower(gen):
     assert all(layer["name"].startswith("visual.") for layer in model.epmq_report.layers)
 
 
+class Net(nn.Module):
+    """Two blocks of ``block_type`` in a ModuleList, called in turn."""
+
+    def __init__(self, block_type):
+        super().__init__()
+        self.layers = nn.ModuleList([block_type(), block_type()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 def test_unknown_model_says_how_to_add_an_adapter():
     class Block(nn.Module):
         def __init__(self):
@@ -167,18 +180,8 @@ def test_unknown_model_says_how_to_add_an_adapter():
         def forward(self, x):
             return x + self.fc(x)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Block(), Block()])
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
     with pytest.raises(ValueError, match=r"no epmq adapter knows Net.*layers \(Block\).*register_adapter"):
-        epmq.quantize_model(Net(), SPEC, method="rtn", progress=False)
+        epmq.quantize_model(Net(Block), SPEC, method="rtn", progress=False)
 
 
 def test_calibration_must_be_per_task_iterables(gen):
@@ -263,17 +266,7 @@ def test_a_block_whose_linears_stop_sharing_their_input_is_reported():
             self.calls += 1
             return x + self.a(x) + self.b(x if self.calls == 1 else 2 * x)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Block(), Block()])
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    net = Net()
+    net = Net(Block)
     calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
     with pytest.raises(RuntimeError, match=r"b read the same tensor as a .*SHARE_INPUT_STATISTICS"):
         epmq.quantize_model(net, SPEC, method="gptq", calibration=calibration, progress=False,
