@@ -104,7 +104,8 @@ class QuantReport:
     ``tr((Q - W*) H (Q - W*)^T)``), expert_loss / anchor_loss / weight_anchor_loss (E-PMQ's
     three terms; None for GPTQ and RTN), damp, damp_retries, dead_columns, seconds (solver),
     n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
-    ("cpu (out of GPU memory)"). ``skipped``: linears the calibration never reached (not
+    ("cpu (out of GPU memory)"); hessian_of, only for a linear that read the same tensor as an
+    earlier one: that linear's name (their Hessian was accumulated and factored once, for it). ``skipped``: linears the calibration never reached (not
     called at all: left in full precision). ``unreached``: quantized linears whose calibration
     inputs were all zero or that no token was routed to (an MoE expert): rounded to nearest.
     """
@@ -471,13 +472,18 @@ def _bind(block, args, kwargs):
     return hidden, named
 
 
-def _to_device(item, device):
+def _to_device(item, device, moved=None):
+    """``item`` (tensors, nested in dicts, lists, tuples) on ``device``; a tensor that appears
+    more than once (T5's encoder states, in every decoder block's kwargs) is moved once."""
+    moved = {} if moved is None else moved
     if isinstance(item, torch.Tensor):
-        return item.to(device)
+        if id(item) not in moved:
+            moved[id(item)] = (item, item.to(device))  # (item kept: its id stays unique)
+        return moved[id(item)][1]
     if isinstance(item, Mapping):
-        return {k: _to_device(v, device) for k, v in item.items()}
+        return {k: _to_device(v, device, moved) for k, v in item.items()}
     if isinstance(item, (tuple, list)):
-        return type(item)(_to_device(v, device) for v in item)
+        return type(item)(_to_device(v, device, moved) for v in item)
     return item
 
 
@@ -918,9 +924,10 @@ class _Walk:
             replaced = self.edits.swap(name, _quant_linear(result, linears[rel]))
             if self.offload:  # (kept until the walk ends, for a rollback: not on the device)
                 replaced.to(self.model_device)
-            self.report.layers.append(
-                _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])
-            )
+            entry = _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])
+            if leader[rel] != rel:
+                entry["hessian_of"] = f"{prefix}.{leader[rel]}"
+            self.report.layers.append(entry)
         return t_out
 
     def _solve(self, linear, stats, name, factors=None):

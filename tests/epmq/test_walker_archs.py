@@ -257,3 +257,16 @@ def test_blocks_visit_the_gpu_from_cpu_memory(arch, gen, monkeypatch):
                for t in (a[k], b[k])]
     same = sum(int((x == y).sum()) for x, y in zip(nibbles[::2], nibbles[1::2]))
     assert same >= 0.8 * sum(x.numel() for x in nibbles[::2])
+
+
+def test_a_tensor_shared_by_block_kwargs_moves_once():
+    """T5's encoder states are in every decoder block's recorded kwargs: moving a sample's
+    kwargs to the device makes one copy of them, not one per block."""
+    from epmq.walker import _to_device
+
+    states, mask = torch.randn(2, 5, 8), torch.ones(2, 5)
+    kwargs = [dict(encoder_hidden_states=states, mask=mask, pos=(mask, 3)) for _ in range(4)]
+    moved = _to_device(kwargs, "meta")
+    assert all(k["encoder_hidden_states"].device.type == "meta" for k in moved)
+    assert len({id(k["encoder_hidden_states"]) for k in moved}) == 1
+    assert all(k["mask"] is k["pos"][0] and k["pos"][1] == 3 for k in moved)

@@ -288,3 +288,11 @@ def test_shared_input_statistics_change_nothing(arch, method, targets, true_sequ
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
     assert loss_on == loss_off
     assert (n_off, n_on) == SHARING_CASES[arch, method, targets]
+    shared = [layer for layer in model.epmq_report.layers if "hessian_of" in layer]
+    assert len(shared) == n_off - n_on
+    if arch == "llama":
+        def short(name):
+            return name.rpartition(".")[2]
+
+        assert {short(layer["name"]): short(layer["hessian_of"]) for layer in shared} == {
+            "k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
