@@ -267,7 +267,7 @@ class FactorCache:
     columns fixed), is equal to the cached one entry for entry, on the same device, with the
     same act-order and damping (a ``d_in^2`` comparison against the factor's ``d_in^3``);
     otherwise it factors and replaces the entry. One entry: the cache holds a float64 copy of
-    the Hessian and its factor until it is dropped.
+    the Hessian and the fp32 factor the solver runs on until it is dropped.
     """
 
     def __init__(self):

@@ -10,14 +10,16 @@ experts K. Persistent buffers:
     G_e = sum_k a_k T_k X_k^T      [out, in]  (T_k = W_k X~_k - W_m X_k: the target residual)
 
 plus one scratch ``H_k`` for the task being streamed, because the default ``a_k = 1 / tr(H_k)``
-is known only once the task's last batch is in. Layers that read the same inputs (q/k/v,
-gate/up) have the same Hessians: ``EPMQStats(W, inputs_of=other)`` shares ``other``'s ``H_k``,
-``H_e`` and ``H_m`` instead of accumulating them again, and keeps only its own ``G_e``. When targets use the same inputs as the model
+is known only once the task's last batch is in. When targets use the same inputs as the model
 being quantized (the merged path), ``T_k X_k^T = (W_k - W_m) H_k`` is formed once at the end of
 the task from the scratch, streaming the expert's weight once. Asymmetric targets (``x_expert``:
 the expert path, or the full-precision merged path) add a scratch ``G_k [out, in]``; an
 asymmetric anchor (``x_anchor``) adds ``G_m [out, in]``. The scalars ``c_e`` and ``c_m`` are the
 constants of the expert and anchor terms, kept so that their values can be reported.
+
+Layers that read the same inputs (q/k/v, gate/up) have the same Hessians:
+``EPMQStats(W, inputs_of=other)`` reads ``other``'s ``H_k``, ``H_e`` and ``H_m`` instead of
+accumulating them again, and keeps only its own ``G_e`` (and scratch ``G_k``, ``G_m``).
 """
 
 from __future__ import annotations
