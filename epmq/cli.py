@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "Quantize the causal LM or vision tower a YAML config names (RTN, GPTQ or E-PMQ with "
                  "its experts) on the config's calibration texts or images and write a GPTQ checkpoint "
                  "with its tokenizer or image processor.",
-                 QUANTIZE_CONFIG, "where the model runs")
+                 QUANTIZE_CONFIG, "where the blocks are quantized, one at a time (the model stays in "
+                 "CPU memory)")
 
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
