@@ -99,14 +99,16 @@ def test_text_windows(files):
         text_windows([""], tok)
 
 
-def test_quantize_checkpoint_equals_quantize_model(files, tmp_path):
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_quantize_checkpoint_equals_quantize_model(files, tmp_path, device):
+    """(device="cpu": the blocks visit the CPU from CPU memory, the path --device cuda takes.)"""
     root = files
     spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
     calibration = {"a": root / "a.txt", "b": root / "b.jsonl"}
     experts = {"a": root / "expert0", "b": root / "expert1"}
     out = epmq.quantize_checkpoint(root / "merged", tmp_path / "w4", spec=spec, method="epmq",
                                    calibration=calibration, experts=experts, anchor=0.1,
-                                   samples=6, seq_len=16, batch_size=4, progress=False)
+                                   samples=6, seq_len=16, batch_size=4, device=device, progress=False)
     # the same by hand: the merged model, the same windows, quantize_model
     tok = transformers.AutoTokenizer.from_pretrained(root / "merged")
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
