@@ -742,15 +742,17 @@ class _Walk:
 
     def _groups(self, block, prefix, rels):
         """The linears in the order the block calls them, grouped by shared input tensor; and
-        ``leader``: each linear -> the first of its group that read the same tensor (itself if
+        ``leader``: each linear -> the first of its group that read the same tensors (itself if
         none did), whose Hessian it shares."""
         seen, order = {}, []
+        reads = {}  # every tensor each linear read, in order (a linear may be called twice)
         keep = []  # holding the inputs keeps their ids unique during the probe
 
         def hook(rel):
             def fn(module, args, kwargs):
                 x = args[0] if args else kwargs["input"]
                 keep.append(x)
+                reads.setdefault(rel, []).append(id(x))
                 if rel not in seen:
                     seen[rel] = id(x)
                     order.append(rel)
@@ -788,7 +790,8 @@ class _Walk:
         for group in groups:
             first = {}
             for rel in group:
-                leader[rel] = rel if rel not in seen or not SHARE_INPUT_STATISTICS else first.setdefault(seen[rel], rel)
+                shared = rel in reads and SHARE_INPUT_STATISTICS
+                leader[rel] = first.setdefault(tuple(reads[rel]), rel) if shared else rel
         return groups, leader
 
     def _capture(self, block, hidden, kwargs, rels, full, leader):

@@ -272,3 +272,29 @@ def test_a_block_whose_linears_stop_sharing_their_input_is_reported():
         epmq.quantize_model(net, SPEC, method="gptq", calibration=calibration, progress=False,
                             adapter=epmq.Adapter("toggle", block_types=(Block,)))
     assert not any(isinstance(m, epmq.QuantLinear) for m in net.modules())
+
+
+def test_a_linear_called_twice_shares_no_hessian(monkeypatch):
+    """``a`` reads x and then 2x, ``b`` reads x only: their Hessians differ, so neither takes the
+    other's (the probe compares every tensor each linear read); the walk is the one without any
+    sharing."""
+    from epmq import walker
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.a(x) + self.a(2 * x) + self.b(x)
+
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
+    models = {}
+    for share in (True, False):
+        monkeypatch.setattr(walker, "SHARE_INPUT_STATISTICS", share)
+        torch.manual_seed(0)
+        models[share] = epmq.quantize_model(Net(Block), SPEC, method="gptq", calibration=calibration,
+                                            progress=False, adapter=epmq.Adapter("twice", block_types=(Block,)))
+    a, b = models[True].state_dict(), models[False].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("hessian_of" in layer for layer in models[True].epmq_report.layers)
