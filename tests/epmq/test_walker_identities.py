@@ -260,12 +260,16 @@ SHARING_CASES = {
 }
 
 
-@pytest.mark.parametrize("arch,method,targets", list(SHARING_CASES))
-@pytest.mark.parametrize("true_sequential", [True, False])
-def test_shared_input_statistics_change_nothing(arch, method, targets, true_sequential, gen, monkeypatch):
+CASES_SHARING = [(*case, ts, "torch") for case in SHARING_CASES for ts in (True, False)]
+CASES_SHARING += [("llama", "epmq", "merged_path", True, "triton"), ("llama", "gptq", "merged_path", True, "triton")]
+
+
+@pytest.mark.parametrize("arch,method,targets,true_sequential,backend", CASES_SHARING)
+def test_shared_input_statistics_change_nothing(arch, method, targets, true_sequential, backend, gen,
+                                                monkeypatch):
     """One Hessian (accumulated and factored once) for the linears that read the same tensor: the
     quantized model and every layer's loss are bit-identical to a walk that gives each linear
-    its own, with fewer factorizations."""
+    its own, with fewer factorizations (the Triton kernels too, under the interpreter)."""
     from epmq import walker
 
     fam = Family(arch, gen)
@@ -279,7 +283,7 @@ def test_shared_input_statistics_change_nothing(arch, method, targets, true_sequ
         model = epmq.quantize_model(
             fam.merged(), SPEC, method=method, targets=targets, calibration=fam.calibration,
             experts=fam.experts if method == "epmq" else None, true_sequential=true_sequential,
-            backend="torch", progress=False,
+            backend=backend, progress=False,
         )
         runs[share] = (model.state_dict(), [layer["loss"] for layer in model.epmq_report.layers],
                        len(factored))
