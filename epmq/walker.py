@@ -209,6 +209,7 @@ def quantize_model(
             f"{weight_anchor}, {percdamp}, {blocksize}"
         )
     check_residual_precision(residual_precision, "residual_precision")
+    device = _check_device(device)
     calibration = _calibration(calibration) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
@@ -273,6 +274,18 @@ def quantize_model(
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def _check_device(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device here")
+    return device
 
 
 def _calibration(calibration) -> dict:

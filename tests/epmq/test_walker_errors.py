@@ -298,3 +298,14 @@ def test_a_linear_called_twice_shares_no_hessian(monkeypatch):
     a, b = models[True].state_dict(), models[False].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("hessian_of" in layer for layer in models[True].epmq_report.layers)
+
+
+def test_a_device_that_is_not_there_is_refused_up_front(gen, monkeypatch):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        quantize(fam, model, method="gptq", experts=None, device="gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        quantize(fam, model, method="gptq", experts=None, device="cuda")
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
