@@ -111,8 +111,10 @@ def test_non_finite_merged_weight_names_the_layer(gen):
     assert_untouched(model, before)
 
 
-def test_non_finite_expert_mid_walk_rolls_everything_back(gen):
-    """open_clip: the attention rewrite is undone too, and the model computes as before."""
+@pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_non_finite_expert_mid_walk_rolls_everything_back(gen, device):
+    """open_clip: the attention rewrite is undone too, and the model computes as before (also
+    when the blocks were visiting a device: the block in flight is brought back)."""
     fam = Family("open_clip_vit", gen, n_samples=1)
     bad = fam.experts["svhn"].state_dict()
     bad["transformer.resblocks.1.mlp.c_proj.weight"] = bad["transformer.resblocks.1.mlp.c_proj.weight"].clone()
@@ -120,8 +122,9 @@ def test_non_finite_expert_mid_walk_rolls_everything_back(gen):
     model = fam.merged()
     before, y = snapshot(model), output(model, fam.test_item)
     with pytest.raises(ValueError, match=r"'svhn'.*transformer\.resblocks\.1\.mlp\.c_proj\.weight.*non-finite"):
-        quantize(fam, model, experts=dict(fam.experts, svhn=bad))
+        quantize(fam, model, experts=dict(fam.experts, svhn=bad), device=device)
     assert all(isinstance(b.attn, nn.MultiheadAttention) for b in model.transformer.resblocks)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
     assert_untouched(model, before)
     assert torch.equal(output(model, fam.test_item), y)
 
