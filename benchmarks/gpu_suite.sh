@@ -41,12 +41,15 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 }
 
 # ---- steps (append new lines here) -----------------------------------------------------------
-step cuda-tests 220 "$PYTHON" -m pytest -q tests -m cuda
+step cuda-tests 160 "$PYTHON" -m pytest -q tests -m cuda
 step bench-w4a16 130 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
 # GPTQ / E-PMQ solver: fused vs eager on 768x3072, 4096x4096, 4096x14336 ([d_out, d_in]) and
 # E-PMQ (8 experts) vs GPTQ; eager baselines stop after 60 s; the layer profile only if the
 # rest took under 60 s; writes solver-<card>.json/.png
 step bench-solver 100 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 60
+# A whole walk: a 1-block Llama-8B-shaped model in CPU memory, blocks quantized on the GPU, GPTQ
+# and E-PMQ (8 experts), GPTQ with the model on the GPU; writes walker-<card>.json after each walk
+step bench-walker 60 "$PYTHON" benchmarks/bench_walker.py --layers 1 --out "$RESULTS"
 # -----------------------------------------------------------------------------------------------
 
 if [ "${#FAILED[@]}" -ne 0 ]; then

@@ -1,0 +1,124 @@
+"""Whole-model quantization on one GPU: a Llama-shaped model held in CPU memory, its blocks
+quantized on the GPU one at a time (``quantize_model(device="cuda")``), by GPTQ and by E-PMQ
+with 8 experts; GPTQ with the model wholly on the GPU beside them.
+
+    python benchmarks/bench_walker.py --out benchmarks/results [--hidden 4096]
+        [--intermediate 14336] [--layers 2] [--tasks 8] [--samples 2] [--tokens 2048]
+        [--device cuda]
+
+What issue 3's per-layer ratio (``bench_solver.py``) becomes for a whole walk: the statistics
+(``X^T X`` per shared input and task, E-PMQ's expert residuals), the factorizations, the fused
+solves, the partial block forwards of true-sequential grouping and, with the model in CPU
+memory, the blocks' trips to the GPU. Random weights (bf16), experts = weights + 1% noise (state
+dicts in CPU memory), ``--tasks`` tasks of ``--samples`` sequences of ``--tokens`` random tokens;
+4 bits, groups of 128.
+
+Each walk runs twice on a fresh copy of the model and the second is timed: the first tunes the
+kernels for these shapes (the choices are cached on disk). Per walk: wall-clock seconds, the
+solvers' share (the report's per-layer seconds), peak GPU memory, the total layer loss. The
+JSON (``walker-<card>.json``) is rewritten after every walk, so a run cut short keeps what it
+measured. ``--device cpu`` runs the same on the CPU (small shapes: a check of the script).
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import device_info, no_cuda, write_json  # noqa: E402
+
+
+def build(args, device):
+    """The merged model (bf16, CPU memory), the experts' state dicts and the calibration."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, args.hidden // 128)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 4), vocab_size=8192,
+                         max_position_embeddings=args.tokens)
+    torch.manual_seed(0)
+    with torch.device(device):  # random init where it is fast
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    g = torch.Generator(device=device).manual_seed(1)
+    experts = {}
+    for t in range(args.tasks):
+        experts[f"task{t}"] = {
+            k: (v + 0.01 * v.float().std() * torch.randn(v.shape, generator=g, device=device,
+                                                         dtype=v.dtype)).cpu()
+            for k, v in model.state_dict().items()
+        }
+    gc = torch.Generator().manual_seed(2)
+    calibration = {t: [torch.randint(0, 8192, (1, args.tokens), generator=gc) for _ in range(args.samples)]
+                   for t in experts}
+    return model.cpu(), experts, calibration
+
+
+def walk(model, method, experts, calibration, device, offload):
+    import epmq
+
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    model = model.to(device) if not offload else model
+    t0 = time.perf_counter()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=128), method=method,
+                        calibration=calibration, experts=experts if method == "epmq" else None,
+                        device=device if offload else None, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    layers = model.epmq_report.layers
+    return dict(
+        walk_s=seconds,
+        solver_s=sum(layer["seconds"] for layer in layers),
+        layers=len(layers),
+        shared_hessians=sum("hessian_of" in layer for layer in layers),
+        loss=sum(layer["loss"] for layer in layers),
+        peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=8, help="tasks, one expert each")
+    parser.add_argument("--samples", type=int, default=2, help="sequences per task")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and no_cuda("bench_walker.py"):
+        return 0
+    info = device_info(device) if device.type == "cuda" else dict(device="cpu")
+    slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
+    path = os.path.join(args.out, f"walker-{slug}.json")
+    t0 = time.perf_counter()
+    merged, experts, calibration = build(args, device)
+    result = dict(info, args=vars(args), build_s=time.perf_counter() - t0, rows=[])
+    print(f"built the model and {args.tasks} experts in {result['build_s']:.1f} s", flush=True)
+    for method, offload in (("gptq", True), ("epmq", True), ("gptq", False)):
+        for attempt in ("warm-up", "timed"):
+            row = walk(copy.deepcopy(merged), method, experts, calibration, device, offload)
+            print(f"{method} ({'blocks visit the device' if offload else 'model on the device'}), "
+                  f"{attempt}: {row}", flush=True)
+        result["rows"].append(dict(method=method, offload=offload, **row))
+        by = {(r["method"], r["offload"]): r for r in result["rows"]}
+        if ("gptq", True) in by and ("epmq", True) in by:
+            result["epmq_over_gptq"] = by["epmq", True]["walk_s"] / by["gptq", True]["walk_s"]
+        write_json(path, result)
+    print(f"E-PMQ / GPTQ walk time: {result['epmq_over_gptq']:.2f}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
