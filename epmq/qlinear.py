@@ -84,6 +84,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, **kw) if bias else None)
         # Follows .to(dtype) like any float buffer; see ``weight``.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, **kw), persistent=False)
+        # What the forward derives from the buffers once (unpacked zeros, grids, the CPU int4
+        # kernel's layout): name -> (buffers' identity, value). Not buffers, so .to() would not
+        # move them; it drops them instead (_apply), and they are rebuilt where they are used.
+        self._derived = {}
 
     # ----------------------------------------------------------------- construction
 
@@ -147,11 +151,16 @@ class QuantLinear(nn.Module):
     def _cached(self, name, build, *buffers):
         """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``)."""
         key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
-        hit = getattr(self, name, None)
+        derived = vars(self).setdefault("_derived", {})  # (layers pickled before it existed)
+        hit = derived.get(name)
         if hit is None or hit[0] != key:
-            hit = (key, build())
-            setattr(self, name, hit)
+            hit = derived[name] = (key, build())
         return hit[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        # a layer moved off the GPU must not keep GPU copies of its zeros and grids alive
+        self._derived = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def _grid(self, dtype):
         """``(z, s, runs)``: zero points and scales ``[G, N]`` in ``dtype``, and whether

@@ -100,7 +100,7 @@ def test_cpu_int4_kernel_path(spec, dtype, gen):
     for shape in [(1, 1024), (3, 7, 1024)]:
         x = torch.randn(*shape, generator=gen).to(dtype)
         y = layer(x)
-        assert getattr(layer, f"_cpu_int4_{str(dtype)[6:]}")[1] is not None  # the kernel ran
+        assert layer._derived[f"_cpu_int4_{str(dtype)[6:]}"][1] is not None  # the kernel ran
         assert y.dtype == dtype and y.shape == (*shape[:-1], 48)
         ref = x.double() @ exact[0].t() + exact[1]
         dense = (x @ layer._weight_kn(dtype) + bias.to(dtype)).double()
@@ -112,6 +112,24 @@ def test_cpu_int4_kernel_path(spec, dtype, gen):
     layer32 = epmq.QuantLinear.from_result(result, bias)
     x = torch.randn(2, 1024, generator=gen)
     assert torch.equal(layer32(x), x @ layer32._weight_kn(torch.float32) + bias)
+
+
+def test_moving_a_layer_drops_what_it_derived(gen):
+    """Unpacked zeros, grids and the CPU kernel's layout are plain attributes that ``.to()``
+    would leave behind (a layer moved off the GPU would keep GPU copies alive): moving drops
+    them, and the next call rebuilds them where the layer is, with the same result."""
+    from epmq import qlinear
+
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=128), gen, d_out=32,
+                                               d_in=256), None).bfloat16()
+    x = torch.randn(2, 256, generator=gen).bfloat16()
+    y = layer(x)
+    layer._zeros_u8()
+    assert layer._derived
+    layer.to("cpu")
+    assert not layer._derived
+    assert torch.equal(layer(x), y)
+    assert ("_cpu_int4_bfloat16" in layer._derived) == (qlinear._cpu_int4_mm is not None)
 
 
 def test_cpu_int4_inputs_that_need_a_gradient_get_one(gen):

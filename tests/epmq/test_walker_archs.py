@@ -241,6 +241,17 @@ def test_blocks_visit_the_gpu_from_cpu_memory(arch, gen, monkeypatch):
     before = torch.cuda.memory_allocated()
     visited = epmq.quantize_model(fam.merged(), SPEC_4, device="cuda", **kw)
     assert all(t.device.type == "cpu" for t in visited.state_dict().values())
+
+    def on_gpu_in(value):
+        if isinstance(value, torch.Tensor):
+            return value.is_cuda
+        if isinstance(value, (tuple, list)):
+            return any(on_gpu_in(v) for v in value)
+        return isinstance(value, dict) and any(on_gpu_in(v) for v in value.values())
+
+    # nor in any attribute (a layer's derived zeros and grids included)
+    assert not [f"{name}.{k}" for name, m in visited.named_modules() for k, v in vars(m).items()
+                if on_gpu_in(v)]
     del kw
     import gc
 
