@@ -105,9 +105,10 @@ class QuantReport:
     three terms; None for GPTQ and RTN), damp, damp_retries, dead_columns, seconds (solver),
     n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
     ("cpu (out of GPU memory)"); hessian_of, only for a linear that read the same tensor as an
-    earlier one: that linear's name (their Hessian was accumulated and factored once, for it). ``skipped``: linears the calibration never reached (not
-    called at all: left in full precision). ``unreached``: quantized linears whose calibration
-    inputs were all zero or that no token was routed to (an MoE expert): rounded to nearest.
+    earlier one: that linear's name (their Hessian was accumulated and factored once, for it).
+    ``skipped``: linears the calibration never reached (not called at all: left in full
+    precision). ``unreached``: quantized linears whose calibration inputs were all zero or that
+    no token was routed to (an MoE expert): rounded to nearest.
     """
 
     method: str
