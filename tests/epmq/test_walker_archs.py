@@ -201,6 +201,7 @@ def test_moe_experts_left_unquantized_save_and_load(arch, gen, tmp_path):
 @pytest.mark.parametrize("arch,method,targets", [
     ("llama", "epmq", "merged_path"), ("t5", "epmq", "expert_path"),
     ("open_clip_clip", "gptq", "fp_path"), ("hf_clip_vision", "rtn", "merged_path"),
+    ("qwen3_moe", "epmq", "merged_path"),
 ])
 def test_blocks_visiting_a_device_give_the_same_model(arch, method, targets, gen, monkeypatch):
     """``device=``: the model stays where it is and each block visits the device for its turn.
@@ -228,7 +229,7 @@ def test_blocks_visiting_a_device_give_the_same_model(arch, method, targets, gen
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["llama", "t5", "open_clip_clip"])
+@pytest.mark.parametrize("arch", ["llama", "t5", "open_clip_clip", "qwen3_moe"])
 def test_blocks_visit_the_gpu_from_cpu_memory(arch, gen, monkeypatch):
     """A model in CPU memory quantized on the GPU block by block (``device="cuda"``): it ends in
     CPU memory, nothing of it is left on the GPU, and it is the model quantized wholly on the GPU
