@@ -759,14 +759,15 @@ class _Walk:
         ``leader``: each linear -> the first of its group that read the same tensors (itself if
         none did), whose Hessian it shares."""
         seen, order = {}, []
-        reads = {}  # every tensor each linear read, in order (a linear may be called twice)
+        reads = {}  # every tensor each linear read, in order (a linear may be called twice),
+        # with its version: the same tensor changed in place in between is not the same input
         keep = []  # holding the inputs keeps their ids unique during the probe
 
         def hook(rel):
             def fn(module, args, kwargs):
                 x = args[0] if args else kwargs["input"]
                 keep.append(x)
-                reads.setdefault(rel, []).append(id(x))
+                reads.setdefault(rel, []).append((id(x), x._version))  # (in-place writes bump it)
                 if rel not in seen:
                     seen[rel] = id(x)
                     order.append(rel)
@@ -812,12 +813,19 @@ class _Walk:
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
         when ``full`` (otherwise the pass stops once every one of them has been called). A linear
         that shares its leader's input gets the leader's tensor (checked to be the same)."""
-        inputs = {rel: [] for rel in rels}
+        calls = {rel: [] for rel in rels}  # (input, its version) of every call
+        inputs = {rel: [] for rel in rels}  # copies taken at the call (the block may write the
+        # tensor in place afterwards)
         waiting = set(rels)
 
         def hook(rel):
             def fn(module, args, kw):
-                inputs[rel].append(args[0] if args else kw["input"])
+                x = args[0] if args else kw["input"]
+                calls[rel].append((x, x._version))
+                if leader[rel] == rel:
+                    rows = x.detach().reshape(-1, x.shape[-1])
+                    same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                    inputs[rel].append(rows.clone() if same else rows)  # (one copy either way)
                 waiting.discard(rel)
                 if not waiting and not full:
                     raise _Stop
@@ -834,10 +842,12 @@ class _Walk:
             for h in handles:
                 h.remove()
         out = {}
-        for rel, xs in inputs.items():
-            first = leader[rel]
+        for rel in rels:
+            first, xs = leader[rel], inputs[rel]
             if first != rel:
-                if len(xs) != len(inputs[first]) or any(a is not b for a, b in zip(xs, inputs[first])):
+                mine, theirs = calls[rel], calls[first]
+                if len(mine) != len(theirs) or any(
+                        a is not b or va != vb for (a, va), (b, vb) in zip(mine, theirs)):
                     raise RuntimeError(
                         f"{rel} read the same tensor as {first} when the block was probed, but not "
                         f"in this pass: the block's calls depend on its input; quantize it with "
@@ -846,7 +856,7 @@ class _Walk:
                 if first in out:
                     out[rel] = out[first]
             elif xs:
-                out[rel] = torch.cat([x.detach().reshape(-1, x.shape[-1]) for x in xs])
+                out[rel] = xs[0] if len(xs) == 1 else torch.cat(xs)
         return out, output
 
     def _target_block(self, template, prefix, task):

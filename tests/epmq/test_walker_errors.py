@@ -312,3 +312,36 @@ def test_a_device_that_is_not_there_is_refused_up_front(gen, monkeypatch):
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
         quantize(fam, model, method="gptq", experts=None, device="cuda")
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
+def test_an_input_written_in_place_after_the_call_is_read_as_it_was(monkeypatch):
+    """``a`` reads y, then the block doubles y in place and ``b`` reads it: ``a``'s Hessian is
+    that of y as ``a`` saw it (the walk copies inputs at the call), and the two share nothing
+    (same tensor, another version). The model equals the one quantized from the same block
+    written without the in-place update."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = x + 0
+            h = self.a(y)
+            y.mul_(2)
+            return x + h + self.b(y)
+
+    class OutOfPlace(InPlace):
+        def forward(self, x):
+            y = x + 0
+            return x + self.a(y) + self.b(2 * y)
+
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
+    models = {}
+    for block_type in (InPlace, OutOfPlace):
+        torch.manual_seed(0)
+        models[block_type] = epmq.quantize_model(
+            Net(block_type), SPEC, method="gptq", calibration=calibration, progress=False,
+            adapter=epmq.Adapter("in-place", block_types=(block_type,)))
+    a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
