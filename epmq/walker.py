@@ -646,8 +646,8 @@ class _Walk:
             def fn(*args, **kwargs):
                 hidden, named = _bind(block, args, kwargs)
                 now["kwargs"][j] = named
-                if j == 0:
-                    now["hidden"] = hidden
+                if j == 0:  # (a copy: the model may write it in place before the pass stops)
+                    now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                 if j == last:
                     raise _Stop
                 return self.adapter.passthrough(hidden)

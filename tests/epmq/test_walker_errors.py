@@ -345,3 +345,39 @@ def test_an_input_written_in_place_after_the_call_is_read_as_it_was(monkeypatch)
     a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
+
+
+def test_a_stack_input_the_model_writes_in_place_is_read_as_the_block_saw_it():
+    """The model adds 1 to the hidden states in place after every block: the first block's
+    recorded input is what it received (the stand-ins hand the same tensor on), so the walk
+    equals the one of the same model written out of place."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    class InPlaceNet(Net):
+        def forward(self, x):
+            x = x.clone()
+            for layer in self.layers:
+                x = layer(x)
+                x.add_(1.0)
+            return x
+
+    class OutOfPlaceNet(Net):
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x) + 1.0
+            return x
+
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
+    states = []
+    for net_type in (InPlaceNet, OutOfPlaceNet):
+        torch.manual_seed(0)
+        model = epmq.quantize_model(net_type(Block), SPEC, method="gptq", calibration=calibration,
+                                    progress=False, adapter=epmq.Adapter("blocks", block_types=(Block,)))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
