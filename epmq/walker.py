@@ -541,6 +541,7 @@ class _Walk:
         self.stats_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.stats_backend = quant.resolve_backend(backend, self.device)
         self.residual_precision = residual_precision
+        self.writes_input = False  # whether the current block writes its input in place
         self.q = _Stream("q")
         self.t = None if targets == "merged_path" else _Stream(targets, experts=targets == "expert_path")
         self._tensors_by_name()
@@ -769,18 +770,24 @@ class _Walk:
                 keep.append(x)
                 reads.setdefault(rel, []).append((id(x), x._version))  # (in-place writes bump it)
                 if rel not in seen:
-                    seen[rel] = id(x)
+                    seen[rel] = (id(x), x._version)
                     order.append(rel)
 
             return fn
 
         handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel), with_kwargs=True) for rel in rels]
         task = next(iter(self.q.hidden))
+        # on a copy: a block that writes its input in place must not change the stream's, and
+        # if it does, every later pass over this block gets a copy too (_capture)
+        probe = self.q.hidden[task][0]
+        probe = probe.clone() if isinstance(probe, torch.Tensor) else probe
+        version = getattr(probe, "_version", None)
         try:
-            block(self.q.hidden[task][0], **self.q.kwargs[task][0])
+            block(probe, **self.q.kwargs[task][0])
         finally:
             for h in handles:
                 h.remove()
+        self.writes_input = version is not None and probe._version != version
         # Linears of one stage (the adapter's; MoE experts) form one group where the first of them
         # was called, those the probe did not call (an expert no token was routed to) included;
         # the others are grouped by the tensor they read.
@@ -835,7 +842,7 @@ class _Walk:
         handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel), with_kwargs=True) for rel in rels]
         output = None
         try:
-            output = block(hidden, **kwargs)
+            output = block(hidden.clone() if self.writes_input else hidden, **kwargs)
         except _Stop:
             pass
         finally:

@@ -381,3 +381,37 @@ def test_a_stack_input_the_model_writes_in_place_is_read_as_the_block_saw_it():
                                     progress=False, adapter=epmq.Adapter("blocks", block_types=(Block,)))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_a_block_that_writes_its_input_in_place(method):
+    """``x += fc(x)``: the walk runs each block several times on the same stored input (the
+    probe, one pass per group, the advance); it must give every pass the input as stored, so the
+    model equals the one quantized from ``x + fc(x)``."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            x += self.fc(x)
+            return self.out(x)
+
+    class OutOfPlace(Block):
+        def forward(self, x):
+            return self.out(x + self.fc(x))
+
+    g = torch.Generator().manual_seed(0)
+    calibration = {"a": [torch.randn(4, 16, generator=g) for _ in range(2)],
+                   "b": [torch.randn(4, 16, generator=g) for _ in range(2)]}
+    states = []
+    for block_type in (Block, OutOfPlace):
+        torch.manual_seed(0)
+        model = Net(block_type)
+        experts = None
+        if method == "epmq":
+            experts = {t: {k: v + 0.01 for k, v in model.state_dict().items()} for t in calibration}
+        model = epmq.quantize_model(model, SPEC, method=method, calibration=calibration, experts=experts,
+                                    progress=False, adapter=epmq.Adapter("blocks", block_types=(block_type,)))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
