@@ -770,7 +770,7 @@ class _Walk:
                 keep.append(x)
                 reads.setdefault(rel, []).append((id(x), x._version))  # (in-place writes bump it)
                 if rel not in seen:
-                    seen[rel] = (id(x), x._version)
+                    seen[rel] = reads[rel][0]
                     order.append(rel)
 
             return fn
@@ -790,7 +790,7 @@ class _Walk:
         self.writes_input = version is not None and probe._version != version
         # Linears of one stage (the adapter's; MoE experts) form one group where the first of them
         # was called, those the probe did not call (an expert no token was routed to) included;
-        # the others are grouped by the tensor they read.
+        # the others are grouped by the tensor (and its version) they first read.
         stage = {rel: self.adapter.stage(block, rel) for rel in rels}
         key = {rel: ("stage", stage[rel]) if stage[rel] is not None else ("input", seen.get(rel))
                for rel in rels}
