@@ -174,17 +174,20 @@ class Net(nn.Module):
         return x
 
 
+class Residual(nn.Module):
+    """``x + fc(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
 def test_unknown_model_says_how_to_add_an_adapter():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(16, 16)
-
-        def forward(self, x):
-            return x + self.fc(x)
-
-    with pytest.raises(ValueError, match=r"no epmq adapter knows Net.*layers \(Block\).*register_adapter"):
-        epmq.quantize_model(Net(Block), SPEC, method="rtn", progress=False)
+    with pytest.raises(ValueError, match=r"no epmq adapter knows Net.*layers \(Residual\).*register_adapter"):
+        epmq.quantize_model(Net(Residual), SPEC, method="rtn", progress=False)
 
 
 def test_calibration_must_be_per_task_iterables(gen):
@@ -351,14 +354,6 @@ def test_a_stack_input_the_model_writes_in_place_is_read_as_the_block_saw_it():
     """The model adds 1 to the hidden states in place after every block: the first block's
     recorded input is what it received (the stand-ins hand the same tensor on), so the walk
     equals the one of the same model written out of place."""
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(16, 16)
-
-        def forward(self, x):
-            return x + self.fc(x)
-
     class InPlaceNet(Net):
         def forward(self, x):
             x = x.clone()
@@ -377,8 +372,8 @@ def test_a_stack_input_the_model_writes_in_place_is_read_as_the_block_saw_it():
     states = []
     for net_type in (InPlaceNet, OutOfPlaceNet):
         torch.manual_seed(0)
-        model = epmq.quantize_model(net_type(Block), SPEC, method="gptq", calibration=calibration,
-                                    progress=False, adapter=epmq.Adapter("blocks", block_types=(Block,)))
+        model = epmq.quantize_model(net_type(Residual), SPEC, method="gptq", calibration=calibration,
+                                    progress=False, adapter=epmq.Adapter("blocks", block_types=(Residual,)))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
