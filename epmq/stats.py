@@ -284,30 +284,61 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers (those whose
     weight name is in ``names``; default all) over ``batches`` (model inputs, passed as
     ``quantize_model``'s calibration items are), in ``dtype`` on the CPU: RegMean's statistics
-    when ``model`` is an expert and ``batches`` its own task's data."""
+    when ``model`` is an expert and ``batches`` its own task's data.
+
+    Linears that read the very same tensors in the first batch (q/k/v, gate/up) have one Gram
+    matrix, accumulated once from the second batch on (the same object in the result), as the
+    model walker shares their Hessians; a batch in which they stop doing so raises."""
     from torch import nn
 
     from .walker import _call
 
     device = next(model.parameters()).device
     stats, hooks = {}, []
+    reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive
+    owner = {}  # name -> the name whose statistics it shares (decided after the first batch)
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            keep.append(x)
+            reads.setdefault(name, []).append((id(x), x._version))
+            if owner.get(name, name) == name:
+                stats[name].add_batch(x.detach().to("cpu", dtype))
+
+        return fn
+
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         if isinstance(module, nn.Linear) and (names is None or weight in names):
             stats[weight] = HessianStats(module.in_features, device="cpu", dtype=dtype)
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, s=stats[weight]: s.add_batch(args[0].detach().to("cpu", dtype))))
+            hooks.append(module.register_forward_pre_hook(hook(weight)))
     if not stats:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer{' among the names given' if names else ''}")
     was_training = model.training
     model.eval()
     try:
-        for item in batches:
+        for n, item in enumerate(batches):
+            reads.clear()
+            keep.clear()
             _call(model, item, device)
+            if n == 0:
+                first = {}
+                for name in stats:
+                    if name in reads:
+                        leader = first.setdefault(tuple(reads[name]), name)
+                        if leader != name:
+                            owner[name] = leader
+            for name, leader in owner.items():
+                if reads.get(name) != reads.get(leader):
+                    raise RuntimeError(f"{name} read the same tensors as {leader} in the first "
+                                       f"calibration batch but not in batch {n}: its Gram matrix "
+                                       f"was shared with {leader}'s")
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+        keep.clear()
     if not any(s.n_tokens for s in stats.values()):
         raise ValueError("no calibration batch reached the model's linear layers")
-    return {n: s.H for n, s in stats.items()}
+    return {n: stats[owner.get(n, n)].H for n in stats}

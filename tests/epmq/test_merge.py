@@ -459,6 +459,53 @@ def test_gram_matrices_by_hand(gen):
         gram_matrices(model, [])
 
 
+def test_gram_matrices_of_linears_on_one_input_are_taken_once(gen, monkeypatch):
+    """q, k and v read one tensor: one Gram matrix for the three (the same values as each alone,
+    the same object), accumulated once per batch after the first; o reads another."""
+    from epmq import stats as stats_mod
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x) + self.v(x))
+
+    torch.manual_seed(0)
+    model = Attention()
+    batches = [torch.randn(5, 4, generator=gen) for _ in range(3)]
+    calls = []
+    add_batch = stats_mod.HessianStats.add_batch
+    monkeypatch.setattr(stats_mod.HessianStats, "add_batch", lambda self, x: calls.append(1) or add_batch(self, x))
+    grams = stats_mod.gram_matrices(model, batches)
+    assert len(calls) == 4 + 2 * 2  # the first batch: each linear; then q (for k, v) and o
+    X = torch.cat(batches).double()
+    Y = (model.q(torch.cat(batches)) * model.k(torch.cat(batches)) + model.v(torch.cat(batches))).double()
+    for name in ("q.weight", "k.weight", "v.weight"):
+        torch.testing.assert_close(grams[name], X.T @ X)
+    assert grams["k.weight"] is grams["q.weight"] is grams["v.weight"]
+    torch.testing.assert_close(grams["o.weight"], Y.T @ Y, atol=1e-5, rtol=1e-5)
+
+
+def test_gram_matrices_when_linears_stop_sharing_their_input(gen):
+    from epmq.stats import gram_matrices
+
+    class Toggle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else 2 * x)
+
+    batches = [torch.randn(5, 4, generator=gen) for _ in range(2)]
+    with pytest.raises(RuntimeError, match="b.weight read the same tensors as a.weight .* not in batch 1"):
+        gram_matrices(Toggle(), batches)
+
+
 def test_weights_scale_each_task_vector_and_its_vote(gen):
     base = {"w": torch.randn(4, 30, generator=gen)}
     taus = [torch.randn(4, 30, generator=gen) for _ in range(3)]
