@@ -25,11 +25,18 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> None:
+    if samples < 1 or batch_size < 1 or (seq_len is not None and seq_len < 2):
+        rule, got = ("", "") if seq_len is None else (" and seq_len >= 2", f", seq_len={seq_len}")
+        raise ValueError(f"samples and batch_size must be >= 1{rule}, got samples={samples}, "
+                         f"batch_size={batch_size}{got}")
 
 
 def _text_of(value, where: str) -> str:
@@ -80,9 +87,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     When the texts hold fewer than ``seq_len`` tokens, the one window is all of them (with a
     warning); windows may overlap when they hold fewer than ``samples * seq_len``.
     """
-    if samples < 1 or seq_len < 2 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1 and seq_len >= 2, got {samples}, "
-                         f"{batch_size}, {seq_len}")
+    _check_sizes(samples, batch_size, seq_len)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids: List[int] = []
     for text in texts:
@@ -141,8 +146,7 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
     preprocessed by ``processor`` (e.g. ``AutoImageProcessor``) into ``pixel_values`` batches."""
     from PIL import Image
 
-    if samples < 1 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
+    _check_sizes(samples, batch_size)
     batches = []
     for chunk in _drawn(files, samples, batch_size, seed, f"{what}: images"):
         images = []
@@ -173,9 +177,7 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
                  batch_size: int = 8, seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` of ``pairs`` drawn at random (all of them, with a warning, if fewer) as
     ``{"input_ids", "attention_mask", "labels"}`` batches (labels padded with -100)."""
-    if samples < 1 or seq_len < 2 or batch_size < 1:
-        raise ValueError(f"samples and batch_size must be >= 1 and seq_len >= 2, got {samples}, "
-                         f"{batch_size}, {seq_len}")
+    _check_sizes(samples, batch_size, seq_len)
     batches = []
     for chunk in _drawn(pairs, samples, batch_size, seed, f"{what}: input/target pairs"):
         inputs = [p[0] for p in chunk]

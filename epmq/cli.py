@@ -90,7 +90,6 @@ def _yaml_mapping(path: Path, keys, required, help_text) -> dict:
     return config
 
 
-
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
               "samples", "seq_len", "batch_size", "seed"}
 

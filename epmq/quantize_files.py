@@ -151,6 +151,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     quantize_model(net, spec, method=method, calibration=batches or None,
                    experts=dict(experts) if experts else None, anchor=anchor,
                    weight_anchor=weight_anchor, targets=targets, device=device, progress=progress)
+
     def extras(directory):
         preprocessor.save_pretrained(directory)
         net.epmq_report.to_json(directory / REPORT_FILE)
