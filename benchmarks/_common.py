@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
 
 def parse_pairs(text, default):
     """``"a:b,c:d"`` -> ``[(a, b), (c, d)]`` (ints); ``default`` when ``text`` is empty."""
@@ -128,12 +130,11 @@ def revision_sources(rev, directory) -> tuple:
     ``directory`` (``git archive``), for timing it beside the current tree in one run."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    short = subprocess.run(["git", "-C", root, "rev-parse", "--short", rev], capture_output=True,
+    short = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], capture_output=True,
                            text=True, check=True).stdout.strip()
     src = os.path.join(directory, short)
     os.makedirs(src)
-    archive = subprocess.run(["git", "-C", root, "archive", short, "epmq", "epmq_kernels"],
+    archive = subprocess.run(["git", "-C", ROOT, "archive", short, "epmq", "epmq_kernels"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
     return f"baseline {short}", src
@@ -159,9 +160,8 @@ def versions_side_by_side(baseline, rounds, measure) -> dict:
     round so that a slow spell of the machine or a first-run effect does not favour either."""
     import tempfile
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
-        versions = [("current", root)]
+        versions = [("current", ROOT)]
         if baseline:
             versions.insert(0, revision_sources(baseline, tmp))
         runs = {label: [] for label, _ in versions}
@@ -188,10 +188,9 @@ def checkout_revision() -> str:
     """The checked-out commit, marked when the tracked files differ from it."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return head + (" (uncommitted changes)" if dirty else "")
 
