@@ -114,6 +114,19 @@ def write_experts(root, make_model, experts, *, shared=0.0, fallback_scale=0.02)
     return os.path.join(root, "base"), paths
 
 
+def summarize(rows) -> dict:
+    """Totals of a side-by-side's per-tensor rows (``tensor``, ``numel``, ``entries_differing``,
+    ``max_abs_diff``, ``max_abs_value``) and its worst tensor, by difference relative to the
+    tensor's largest |value|."""
+    def rel(r):
+        return r["max_abs_diff"] / max(r["max_abs_value"], 1e-30)
+
+    worst = max(rows, key=rel)
+    return dict(tensors=len(rows), entries=sum(r["numel"] for r in rows),
+                entries_differing=sum(r["entries_differing"] for r in rows),
+                worst_tensor=worst["tensor"], worst_rel_diff=rel(worst))
+
+
 # A child process that imports the package from SRC (a revision's sources, or this checkout)
 # ahead of any editable install of another one; the code that follows prints "RESULT {json}".
 CHILD_PRELUDE = """

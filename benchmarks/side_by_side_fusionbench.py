@@ -88,7 +88,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write_experts, write_json  # noqa: E402
+from _common import summarize, write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 
@@ -174,13 +174,6 @@ def compare(ours, theirs):
                          rel_diff=float(diff.max()) / max(scale, 1e-30),
                          entries_differing=int((diff > 1e-5 * scale).sum())))
     return rows
-
-
-def summarize(rows):
-    worst = max(rows, key=lambda r: r["rel_diff"])
-    return dict(tensors=len(rows), entries=sum(r["numel"] for r in rows),
-                entries_differing=sum(r["entries_differing"] for r in rows),
-                worst_tensor=worst["tensor"], worst_rel_diff=worst["rel_diff"])
 
 
 def fusionbench_convention_model_stock(base, experts, eps=1e-8):

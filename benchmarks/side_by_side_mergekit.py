@@ -53,7 +53,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import tiny_decoder, write_experts, write_json  # noqa: E402
+from _common import summarize, tiny_decoder, write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
@@ -196,13 +196,8 @@ def main(argv=None):
             ours = ours_fn()
             seconds_ours = time.perf_counter() - started
             rows = compare(ours, out)
-            worst = max(rows, key=lambda r: r["max_abs_diff"] / max(r["max_abs_value"], 1e-30))
             results["methods"][method] = dict(
-                mergekit_config=yaml.safe_dump(config).replace(root, "<tmp>"),
-                tensors=len(rows), entries=sum(r["numel"] for r in rows),
-                entries_differing=sum(r["entries_differing"] for r in rows),
-                worst_tensor=worst["tensor"],
-                worst_rel_diff=worst["max_abs_diff"] / max(worst["max_abs_value"], 1e-30),
+                mergekit_config=yaml.safe_dump(config).replace(root, "<tmp>"), **summarize(rows),
                 seconds_mergekit=round(seconds_theirs, 3), seconds_epmq=round(seconds_ours, 3),
                 rows=rows)
             if method.startswith("ties"):
