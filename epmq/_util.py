@@ -1,6 +1,10 @@
-"""Small helpers about modules, shared by the benches (and the demo)."""
+"""Small helpers about modules and files, shared across the package."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,3 +25,15 @@ def dtype_of(model: nn.Module) -> torch.dtype:
         if t.is_floating_point():
             return t.dtype
     return torch.float32
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -8,12 +8,14 @@
 
 ``demo`` and ``run`` write ``results.json``, ``table.md`` and ``accuracy.png`` into their output
 directory and can be interrupted: run them again and they resume. ``merge`` and ``quantize``
-write a checkpoint directory atomically; ``bench`` writes the benchmark JSON.
+write a checkpoint directory atomically; ``quantize`` keeps each block done in ``OUT.resume``
+until then, so it resumes too. ``bench`` writes the benchmark JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -165,7 +167,7 @@ def quantize_options(config: dict):
 
 
 def _quantize(args) -> int:
-    from .quantize_files import quantize_checkpoint
+    from .quantize_files import REPORT_FILE, quantize_checkpoint
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
     torch_threads(args.threads)
@@ -173,11 +175,13 @@ def _quantize(args) -> int:
     try:
         spec, options = quantize_options(config)
         out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
-                                  progress=not args.quiet, **options)
+                                  resume=not args.fresh, progress=not args.quiet, **options)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
+    resumed = json.loads((Path(out) / REPORT_FILE).read_text()).get("resumed")
     print(f"quantized {config['model']} with {config['method']} ({spec.bits}-bit) into {out} "
-          f"in {time.perf_counter() - t0:.1f} s")
+          f"in {time.perf_counter() - t0:.1f} s"
+          + (f" ({len(resumed)} blocks loaded from the interrupted run)" if resumed else ""))
     return 0
 
 
@@ -329,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "with its tokenizer or image processor.",
                  QUANTIZE_CONFIG, "where the blocks are quantized, one at a time (the model stays in "
                  "CPU memory)")
+    sub.choices["quantize"].add_argument(
+        "--fresh", action="store_true",
+        help="start over: discard the blocks an interrupted run left in OUT.resume (by default "
+             "the same command goes on from the next block)")
 
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
@@ -349,7 +357,9 @@ def main(argv=None) -> int:
         print(f"epmq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nepmq {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        then = ("run the same command again to resume" if args.command in ("demo", "run", "quantize")
+                else "nothing was written")
+        print(f"\nepmq {args.command}: interrupted; {then}", file=sys.stderr)
         return 130
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import merge as merge_lib
+from ._util import write_json_atomic
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
 
@@ -147,18 +148,6 @@ class Plan:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Store:

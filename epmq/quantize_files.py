@@ -19,12 +19,17 @@ result with the tokenizer or image processor beside it: a GPTQ checkpoint that
 ``epmq.load_quantized``, transformers + GPTQModel and (4/8-bit symmetric) vLLM load. The
 per-layer report goes to ``epmq_report.json`` in the same directory. Of a two-tower model
 (``CLIPModel``) ``tower="vision"`` quantizes the vision tower.
+
+GPTQ and E-PMQ write each block into ``OUT.resume`` as it is done (``epmq.resume``): after an
+interruption the same call goes on from the next block (``resume=False``, ``--fresh``: start
+over). The directory is removed once the checkpoint is written.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -128,7 +133,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                         samples: int = 128, seq_len: int = 512, batch_size: int = 8,
                         seed: int = 0, dtype: Optional[str] = None, device=None,
                         checkpoint_format: str = "auto", max_shard_size="5GB",
-                        tower: Optional[str] = None, progress: bool = True) -> Path:
+                        tower: Optional[str] = None, resume: bool = True,
+                        progress: bool = True) -> Path:
     """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
 
     ``calibration``: task -> text, pair or image file(s) or directory (see
@@ -140,6 +146,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     larger than the GPU can be quantized on it.
     ``tower="vision"``: of a two-tower model (``CLIPModel``, ``SiglipModel``), quantize and save
     the vision tower alone (``CLIPVisionModel``), calibrated on images.
+    ``resume``: go on from the blocks an interrupted call left in ``OUT.resume`` (see the module
+    docstring); False discards them.
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
     directory = local_checkpoint(model, directory=True)
@@ -147,14 +155,32 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                                             batch_size=batch_size, seed=seed, tower=tower)
     net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
+    out = Path(out)
+    resume_dir = None if method == "rtn" else resume_dir_for(out)
+    if resume_dir is not None and not resume and resume_dir.exists():
+        shutil.rmtree(resume_dir)
     # the model stays in CPU memory; its blocks visit ``device`` one at a time
-    quantize_model(net, spec, method=method, calibration=batches or None,
-                   experts=dict(experts) if experts else None, anchor=anchor,
-                   weight_anchor=weight_anchor, targets=targets, device=device, progress=progress)
+    try:
+        quantize_model(net, spec, method=method, calibration=batches or None,
+                       experts=dict(experts) if experts else None, anchor=anchor,
+                       weight_anchor=weight_anchor, targets=targets, device=device,
+                       resume_dir=resume_dir, progress=progress)
+    except ValueError as e:
+        if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir}"):
+            raise ValueError(f"{e} (here: run with --fresh, or resume=False)") from e
+        raise
 
     def extras(directory):
         preprocessor.save_pretrained(directory)
         net.epmq_report.to_json(directory / REPORT_FILE)
 
-    return save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
-                          extras=extras)
+    saved = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
+                           extras=extras)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return saved
+
+
+def resume_dir_for(out: Path) -> Path:
+    """Where ``quantize_checkpoint`` keeps the blocks done while it writes ``out``."""
+    return out.with_name(f"{out.name}.resume")

@@ -56,7 +56,9 @@ weight is read exactly once; the expert path re-reads an expert's block once per
 
 **Failure leaves the model as it was.** Replaced modules are logged and put back if anything
 raises (bad expert, non-finite weights, Ctrl-C); the price is that the full-precision linears
-stay alive until the walk ends.
+stay alive until the walk ends. With ``resume_dir``, what was done is not lost either: each
+finished block is written there, and the same call made again loads those blocks and goes on
+from the next (``epmq.resume``; bit-identical to an uninterrupted walk).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ from .checkpoint_io import key_renaming
 from .checks import all_finite
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
+from .resume import BlockLog, data_digest, tensor_digest
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
@@ -108,7 +111,8 @@ class QuantReport:
     earlier one: that linear's name (their Hessian was accumulated and factored once, for it).
     ``skipped``: linears the calibration never reached (not called at all: left in full
     precision). ``unreached``: quantized linears whose calibration inputs were all zero or that
-    no token was routed to (an MoE expert): rounded to nearest.
+    no token was routed to (an MoE expert): rounded to nearest. ``resumed``: blocks loaded
+    from ``resume_dir`` (done by an earlier, interrupted call) instead of solved.
     """
 
     method: str
@@ -122,6 +126,7 @@ class QuantReport:
     layers: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     unreached: list = field(default_factory=list)
+    resumed: list = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -160,6 +165,7 @@ def quantize_model(
     residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
     adapter: Optional[Adapter] = None,
     device: Union[None, str, torch.device] = None,
+    resume_dir=None,
     progress: bool = True,
 ) -> nn.Module:
     """Replace the linears of ``model``'s blocks by packed ``QuantLinear``s, in place.
@@ -186,6 +192,11 @@ def quantize_model(
                  memory, because it does not fit on the GPU): each block moves there for its turn
                  and back when it is done, quantized; the calibration's hidden states live
                  there, the model's other modules stay where they are. Default: the model's device.
+    resume_dir   a directory where each block is written when it is done (GPTQ and E-PMQ). If
+                 the walk is interrupted, the same call with the same ``resume_dir`` loads the
+                 blocks done and goes on from the next; the result is bit-identical to an
+                 uninterrupted walk. Other arguments, data or weights than those the directory
+                 was written with raise ValueError. The directory is left in place at the end.
 
     Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
     """
@@ -200,6 +211,8 @@ def quantize_model(
         raise ValueError(f"method={method!r} uses no experts: pass experts=None (or use method='epmq')")
     if method == "gptq" and targets == "expert_path":
         raise ValueError("targets='expert_path' needs experts: use method='epmq'")
+    if method == "rtn" and resume_dir is not None:
+        raise ValueError("resume_dir is for the GPTQ and E-PMQ walks (RTN takes seconds and no calibration)")
     if method == "epmq" and not experts:
         raise ValueError("method='epmq' needs experts: a mapping task name -> expert")
     if method != "rtn" and not calibration:
@@ -251,6 +264,7 @@ def quantize_model(
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
                     backend=backend, residual_precision=residual_precision, device=device,
+                    resume_dir=resume_dir,
                 )
                 walk.run(progress)
     except BaseException:
@@ -525,7 +539,7 @@ class _Stream:
 class _Walk:
     def __init__(self, model, adapter, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
-                 blocksize, backend, residual_precision, device=None):
+                 blocksize, backend, residual_precision, device=None, resume_dir=None):
         self.model, self.adapter, self.stacks, self.renames = model, adapter, stacks, renames
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
@@ -547,6 +561,7 @@ class _Walk:
         self._tensors_by_name()
         if experts:
             self._bind_experts()
+        self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
 
     def ckpt(self, name: str) -> str:
         """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it; a
@@ -574,6 +589,54 @@ class _Walk:
         if isinstance(key, Transposed):
             tensor = tensor.t()
         return tensor if like is None else tensor.to(device=like.device, dtype=like.dtype).contiguous()
+
+    # ----------------------------------------------------------------- resuming
+
+    def _identity(self) -> dict:
+        """What the walk's result depends on besides each block's weights (``BlockLog``)."""
+        identity = dict(
+            method=self.method, targets=self.targets, spec=self.spec.to_dict(),
+            anchor=self.anchor if self.method == "epmq" else None,
+            weight_anchor=self.weight_anchor if self.method == "epmq" else None,
+            true_sequential=self.true_sequential, percdamp=self.solver["percdamp"],
+            blocksize=self.solver["blocksize"],
+            backend=quant.resolve_backend(self.solver["backend"], self.device),
+            residual_precision=self.residual_precision, device=self.device.type,
+            adapter=self.adapter.name, share_input_statistics=SHARE_INPUT_STATISTICS,
+            blocks=[[s.prefix, s.chosen] for s in self.stacks], tasks=list(self.calibration),
+            calibration=data_digest(self.calibration),
+            # the embeddings and other tensors outside the blocks shape every block's inputs
+            outside=tensor_digest((names[0], t) for t, names in self.outside),
+        )
+        if self.targets == "expert_path":
+            identity["experts_outside"] = {
+                task: tensor_digest((names[0], self.experts[task].read(names[0])) for _, names in self.outside)
+                for task in self.experts}
+        return identity
+
+    def _block_digest(self, block, prefix, rels) -> str:
+        """The weights block ``prefix`` is solved from: the merged block's, and the experts'
+        tensors the method reads there."""
+        named = [(rel, t) for rel, t in block.state_dict().items() if t.is_floating_point()]
+        if self.experts:
+            if self.targets == "expert_path":
+                rels = [rel for rel, _ in named]
+            else:
+                rels = [f"{rel}.weight" for rel in rels]
+            named += [(f"{task}:{rel}", self._read_expert(task, f"{prefix}.{rel}"))
+                      for task in self.experts for rel in rels]
+        return tensor_digest(named)
+
+    def _restore(self, record, prefix):
+        """Swap in the layers of a block done before, and its report entries."""
+        for rel, layer in record["layers"].items():
+            replaced = self.edits.swap(f"{prefix}.{rel}", layer)
+            if self.offload:
+                replaced.to(self.model_device)
+        self.report.layers += record["entries"]
+        self.report.skipped += record["skipped"]
+        self.report.unreached += record["unreached"]
+        self.report.resumed.append(prefix)
 
     # ----------------------------------------------------------------- experts
 
@@ -741,11 +804,21 @@ class _Walk:
         prefix = f"{stack.prefix}.{i}"
         # the full-precision merged block: the fp path's block, the expert path's template
         template = copy.deepcopy(block) if self.t is not None else None
-        groups, leader = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else ([], {})
         t_out = None
-        for g, group in enumerate(groups):
-            last = g == len(groups) - 1
-            t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
+        digest = None if self.log is None else self._block_digest(block, prefix, stack.chosen[i])
+        record = None if self.log is None else self.log.load(prefix, digest, self.device)
+        if record is not None:
+            self._restore(record, prefix)
+        else:
+            seen = len(self.report.layers), len(self.report.skipped), len(self.report.unreached)
+            groups, leader = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else ([], {})
+            for g, group in enumerate(groups):
+                last = g == len(groups) - 1
+                t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
+            if self.log is not None:
+                self.log.save(prefix, digest, {rel: block.get_submodule(rel) for group in groups for rel in group},
+                              entries=self.report.layers[seen[0]:], skipped=self.report.skipped[seen[1]:],
+                              unreached=self.report.unreached[seen[2]:])
         if self.t is not None:
             if t_out is None:  # no group ran the target blocks to the end
                 t_out = self._run_targets(template, prefix)

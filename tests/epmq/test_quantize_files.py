@@ -151,6 +151,50 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
 
+def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second block: the first is kept in OUT.resume, the same command loads it
+    and writes the checkpoint an uninterrupted run writes (OUT.resume then removed); --fresh
+    and other settings start over or are refused."""
+    from epmq import walker
+
+    root = files
+    config = tmp_path / "q.yaml"
+    base = dict(model=str(root / "merged"), method="epmq", calibration={"a": str(root / "a.txt")},
+                experts={"a": str(root / "expert0")}, bits=4, group_size=16, samples=4, seq_len=16,
+                batch_size=2)
+    config.write_text(yaml.safe_dump(base))
+    assert main(["quantize", str(config), str(tmp_path / "ref"), "--quiet"]) == 0
+    out, partial = tmp_path / "w4", tmp_path / "w4.resume"
+    quantize_block = walker._Walk._quantize_block
+    with monkeypatch.context() as m:
+        def interrupted(self, s, i, block):
+            if i == 1:
+                raise KeyboardInterrupt
+            return quantize_block(self, s, i, block)
+
+        m.setattr(walker._Walk, "_quantize_block", interrupted)
+        assert main(["quantize", str(config), str(out), "--quiet"]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not out.exists() and (partial / "model.layers.0.json").is_file()
+
+    config.write_text(yaml.safe_dump({**base, "anchor": 0.5}))
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 2
+    assert re.search(r"another walk \(anchor: 1.0 then, 0.5 now\).*--fresh", capsys.readouterr().err)
+    config.write_text(yaml.safe_dump(base))
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 0
+    assert "(1 blocks loaded from the interrupted run)" in capsys.readouterr().out
+    assert not partial.exists()
+    ref, got = (epmq.checkpoint_io.CheckpointReader(d) for d in (tmp_path / "ref", out))
+    assert sorted(ref.keys()) == sorted(got.keys())
+    assert all(torch.equal(ref.get(k), got.get(k)) for k in ref.keys())
+    assert json.loads((out / REPORT_FILE).read_text())["resumed"] == ["model.layers.0"]
+
+    partial.mkdir()
+    (partial / "walk.json").write_text("{}")  # a stale directory: --fresh discards it
+    assert main(["quantize", str(config), str(tmp_path / "w4"), "--quiet", "--fresh"]) == 0
+    assert json.loads((out / REPORT_FILE).read_text())["resumed"] == [] and not partial.exists()
+
+
 # --------------------------------------------------------------------------- vision towers
 
 

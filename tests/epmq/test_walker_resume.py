@@ -1,0 +1,149 @@
+"""An interrupted walk resumes from its ``resume_dir`` (``epmq.resume``): the blocks done are
+loaded, not solved, and the result is bit-identical to a walk that was never interrupted; a
+directory written by another walk (arguments, data or weights) is refused, by name."""
+
+import json
+
+import pytest
+import torch
+
+import epmq
+from epmq import walker
+from test_walker_models import Family
+
+SPEC = epmq.QuantSpec(bits=4, group_size=16)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, n):
+    """The walk raises as it starts its ``n``-th block (0-based)."""
+    quantize_block = walker._Walk._quantize_block
+    seen = []
+
+    def fn(self, s, i, block):
+        seen.append((s, i))
+        if len(seen) == n + 1:
+            raise Interrupt
+        return quantize_block(self, s, i, block)
+
+    monkeypatch.setattr(walker._Walk, "_quantize_block", fn)
+
+
+def run(fam, model, method, targets, **kw):
+    return epmq.quantize_model(
+        model, SPEC, method=method, targets=targets, calibration=fam.calibration,
+        experts=fam.experts if method == "epmq" else None, progress=False, **kw)
+
+
+def _without_time(layers):
+    return [{k: v for k, v in layer.items() if k != "seconds"} for layer in layers]
+
+
+CASES = [
+    ("llama", "gptq", "merged_path", 1, None),
+    ("llama", "epmq", "merged_path", 1, "cpu"),   # (device: the offloaded walk)
+    ("llama", "epmq", "expert_path", 1, None),
+    ("t5", "epmq", "fp_path", 3, None),            # stopped in the decoder: the encoder is loaded
+    ("qwen3_moe", "epmq", "merged_path", 1, None),
+    ("gpt2", "gptq", "fp_path", 1, None),
+]
+
+
+@pytest.mark.parametrize("arch,method,targets,stop,device", CASES)
+def test_resumed_walk_equals_uninterrupted(arch, method, targets, stop, device, gen, tmp_path,
+                                           monkeypatch):
+    fam = Family(arch, gen)
+    reference = run(fam, fam.merged(), method, targets)
+    model = fam.merged()
+    with monkeypatch.context() as m:
+        interrupt_at(m, stop)
+        with pytest.raises(Interrupt):
+            run(fam, model, method, targets, device=device, resume_dir=tmp_path)
+    done = sorted(p.stem for p in tmp_path.glob("*.json") if p.name != "walk.json")
+    assert len(done) == stop
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())  # rolled back
+
+    solved = []
+    solve = walker._Walk._solve_group
+    monkeypatch.setattr(walker._Walk, "_solve_group",
+                        lambda self, block, t, prefix, *a, **k: solved.append(prefix) or solve(self, block, t, prefix, *a, **k))
+    out = run(fam, model, method, targets, device=device, resume_dir=tmp_path)
+    assert sorted(out.epmq_report.resumed) == done
+    assert not set(solved) & set(done)
+    ref_state, state = reference.state_dict(), out.state_dict()
+    assert ref_state.keys() == state.keys()
+    assert [k for k in state if not torch.equal(state[k], ref_state[k])] == []
+    assert _without_time(out.epmq_report.layers) == _without_time(reference.epmq_report.layers)
+    assert out.epmq_report.unreached == reference.epmq_report.unreached
+    with torch.no_grad():  # the loaded layers run like the solved ones
+        item = fam.test_item
+        y, y_ref = (m(**item) if isinstance(item, dict) else m(item) for m in (out, reference))
+    y, y_ref = (v if isinstance(v, torch.Tensor) else v[0] for v in (y, y_ref))
+    assert torch.equal(y, y_ref)
+
+
+def _interrupted(fam, tmp_path, monkeypatch, **kw):
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(anchor=0.5), "anchor"),
+    (dict(spec=epmq.QuantSpec(bits=3, group_size=16)), "spec"),
+    (dict(layers=r"mlp"), "blocks"),
+    (dict(calibration="other"), "calibration"),
+])
+def test_other_arguments_are_refused(change, message, gen, tmp_path, monkeypatch):
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    calibration = fam.calibration
+    if change.pop("calibration", None):
+        calibration = {t: [x.flip(-1) for x in items] for t, items in calibration.items()}
+    spec = change.pop("spec", SPEC)
+    with pytest.raises(ValueError, match=f"another walk.*{message}"):
+        epmq.quantize_model(fam.merged(), spec, method="epmq", calibration=calibration,
+                            experts=fam.experts, resume_dir=tmp_path, progress=False, **change)
+
+
+@pytest.mark.parametrize("which", ["merged", "expert"])
+def test_other_weights_are_refused(which, gen, tmp_path, monkeypatch):
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    model, experts = fam.merged(), dict(fam.experts)
+    name = "model.layers.0.mlp.down_proj.weight"
+    if which == "merged":
+        with torch.no_grad():
+            model.get_parameter(name).mul_(1.01)
+    else:
+        task = next(iter(experts))
+        experts[task] = {k: v * 1.01 if k == name else v for k, v in experts[task].state_dict().items()}
+    with pytest.raises(ValueError, match="model.layers.0 was quantized from other weights"):
+        epmq.quantize_model(model, SPEC, method="epmq", calibration=fam.calibration,
+                            experts=experts, resume_dir=tmp_path, progress=False)
+
+
+def test_a_block_half_written_is_solved_again(gen, tmp_path, monkeypatch):
+    """Only a block whose record (written last) is whole counts as done."""
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    record = tmp_path / "model.layers.0.json"
+    json.loads(record.read_text())
+    record.unlink()  # as if the walk stopped between the tensors and the record
+    out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    assert out.epmq_report.resumed == []
+    reference = run(fam, fam.merged(), "epmq", "merged_path")
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), reference.state_dict().values()))
+
+
+def test_resume_dir_checks(gen, tmp_path):
+    fam = Family("llama", gen)
+    with pytest.raises(ValueError, match="resume_dir is for the GPTQ and E-PMQ walks"):
+        epmq.quantize_model(fam.merged(), SPEC, method="rtn", resume_dir=tmp_path, progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):
+        run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path / "file")
