@@ -69,7 +69,9 @@ def effective_blocksize(blocksize: int, group_size: int) -> int:
     return max(d for d in range(1, blocksize + 1) if group_size % d == 0)
 
 
-def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group):
+def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
     d_out, d_in = W.shape
@@ -93,8 +95,13 @@ def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group):
             )
         if col_group.shape != (d_in,):
             raise ValueError(f"col_group must be [{d_in}], got {tuple(col_group.shape)}")
-        if int(col_group.min()) < 0 or int(col_group.max()) >= scales.shape[1]:
+        if d_in and (int(col_group.min()) < 0 or int(col_group.max()) >= scales.shape[1]):
             raise ValueError(f"col_group out of range [0, {scales.shape[1]})")
+        maxq = 2**bits - 1
+        if not bool(torch.isfinite(scales).all() and (scales > 0).all()):
+            raise ValueError("a static grid's scales must be finite and positive")
+        if not bool(((zeros >= 0) & (zeros <= maxq) & (zeros == torch.round(zeros))).all()):
+            raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
 
 
 def gptq_solve_reference(
@@ -111,7 +118,7 @@ def gptq_solve_reference(
     blocksize: int = 128,
 ) -> SolveOut:
     """The blocked GPTQ loop in float32 torch: the reference the Triton kernel must match."""
-    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group)
+    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize)
     maxq = 2**bits - 1
     W = W.float().clone() if R is None else W.float() + R.float()
     Hinv = Hinv.float()
@@ -326,11 +333,13 @@ def _gptq_block_kernel(
 
 
 @triton.jit
-def _target_minus_update_kernel(W, R, P, out, d_out, n_cols, col0, d_in, BLOCK: tl.constexpr):
+def _target_minus_update_kernel(W, R, P, out, n_total, n_cols, col0, d_in, BLOCK: tl.constexpr):
     # out[:, col0:] = (W[:, col0:] + R[:, col0:]) - P, P contiguous [d_out, n_cols]: the first
     # trailing update, which also forms the target W + R (rounded as the reference rounds it).
+    # n_total = d_out * n_cols comes from the host: Triton makes it int64 from 2^31 on, where a
+    # product of the two i32 arguments here would wrap and mask every lane off.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < d_out * n_cols
+    ok = offs < n_total
     r = offs // n_cols
     c = offs % n_cols
     src = r * d_in + col0 + c
@@ -390,7 +399,7 @@ def gptq_solve_triton(
     ``out``: preallocated ``SolveOut`` to write into (``Q`` and ``codes``; ``scales`` and
     ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests.
     """
-    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group)
+    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize)
     tensors, names = [W, Hinv], ["W", "Hinv"]
     for name, t in (("R", R), ("scales", scales), ("zeros", zeros), ("col_group", col_group)):
         if t is not None:
@@ -398,6 +407,10 @@ def gptq_solve_triton(
             names.append(name)
     device = check_device(*tensors, names=names)
     d_out, d_in = W.shape
+    if d_out == 0 or d_in == 0:  # nothing to launch: the reference's empty results
+        return gptq_solve_reference(W, Hinv, bits=bits, sym=sym, R=R, group_size=group_size,
+                                    scales=scales, zeros=zeros, col_group=col_group,
+                                    blocksize=blocksize)
     if d_in * d_in >= 2**31:
         raise ValueError(f"d_in={d_in} is too large: Hinv offsets are 32-bit in the kernel")
     maxq = 2**bits - 1
@@ -504,7 +517,7 @@ def gptq_solve_triton(
             else:
                 BLOCK = 1024
                 _target_minus_update_kernel[(triton.cdiv(d_out * (d_in - i2), BLOCK),)](
-                    W, R, P, work, d_out, d_in - i2, i2, d_in, BLOCK=BLOCK
+                    W, R, P, work, d_out * (d_in - i2), d_in - i2, i2, d_in, BLOCK=BLOCK
                 )
     return SolveOut(Q, codes, scales, zeros, err_sq)
 

@@ -55,7 +55,7 @@ def _pack_int4_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (codes may pass 2^31)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     code_ptrs = (codes_ptr + (offs_r[:, None] * 8) * stride_code_pack
@@ -80,7 +80,7 @@ def _unpack_int4_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (codes may pass 2^31)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     word_ptrs = words_ptr + offs_r[:, None] * stride_word_pack + offs_c[None, :] * stride_word_other
@@ -102,7 +102,8 @@ def _shifts(device):
 def _pack_rows_torch(codes):
     """[8 R, C] codes -> [R, C] int32 words, packed along dim 0."""
     rows, cols = codes.shape
-    nibbles = codes.to(torch.int64).reshape(rows // CODES_PER_WORD, CODES_PER_WORD, cols)
+    # (& 0xF as the kernel does: unchecked codes out of range keep their low bits only)
+    nibbles = (codes.to(torch.int64) & 0xF).reshape(rows // CODES_PER_WORD, CODES_PER_WORD, cols)
     word = (nibbles << _shifts(codes.device)[None, :, None]).sum(dim=1)  # < 2**32, exact
     word = torch.where(word >= 2**31, word - 2**32, word)                # two's complement
     return word.to(torch.int32)

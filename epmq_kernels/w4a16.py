@@ -564,7 +564,8 @@ def _w4a16_dot_kernel(
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
     pid_n = (pid % num_pid_in_group) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # (int64: M x K or M x N may pass 2^31 in a long prefill, N = 28672 from 75k tokens)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -742,6 +743,8 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
     K = x.shape[-1]
+    if K == 0:
+        raise ValueError("K (the last dim of x) must be positive")
     if K % 8:
         raise ValueError(f"K = {K} (last dim of x) is not a multiple of 8, the int4 packing")
     if qweight.dtype != torch.int32:
@@ -778,6 +781,9 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
             raise ValueError(f"g_idx must be int32 (or int64), got {g_idx.dtype}")
         if tuple(g_idx.shape) != (K,):
             raise ValueError(f"g_idx must be [K] = [{K}], got {tuple(g_idx.shape)}")
+        if not g_idx.is_contiguous():
+            raise ValueError("g_idx must be contiguous (the kernels read it with stride 1): pass "
+                             "g_idx.contiguous()")
         tensors.append(g_idx)
         names.append("g_idx")
     devices = {t.device for t in tensors}
@@ -788,7 +794,8 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
 
 
 # A g_idx is inspected once (range check and static-or-permuted, one host sync) and the answer
-# remembered for that tensor object until it is changed in place (its version counter moves).
+# remembered for that tensor object until it is changed in place (its version counter moves;
+# writes through ``.data`` or a NumPy view do not move it and are not seen: pass a new tensor).
 _G_IDX_KINDS = {}
 
 
@@ -839,9 +846,13 @@ def _m_bucket(paths, M):
     return min(triton.next_power_of_2(M), 8192)
 
 
-def _needs_gather(path, config, G, group_size, permuted):
-    """Per-row scales unless every tile of rows lies in one group."""
-    if permuted:
+def _needs_gather(path, config, G, group_size, permuted, x_dtype=None):
+    """Per-row scales unless every tile of rows lies in one group. The GEMV takes the per-row
+    path for fp32 activations too: it forms ``q - z`` before the product, where the fast path
+    (codes biased by 128; bias and zero point taken off the sums) loses up to 7 bits to
+    cancellation next to a large activation, below a 16-bit output's rounding but not an
+    fp32 one's."""
+    if permuted or (path == "gemv" and x_dtype == torch.float32):
         return True
     if path == "dqmm":
         return G > 1 and group_size % (8 * config["BLOCK_R"]) != 0
@@ -1283,7 +1294,7 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     M, K = x2.shape
     N, G, group = entry.N, entry.G, entry.group
     device = x2.device
-    gather = _needs_gather(path, config, G, group, entry.permuted)
+    gather = _needs_gather(path, config, G, group, entry.permuted, x2.dtype)
     has_g_idx = gather and entry.permuted
     g_idx_arg = g_idx if has_g_idx else qweight  # never read when HAS_G_IDX is False
     lead = (M,) if lead is None else tuple(lead)
@@ -1355,7 +1366,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
         if ms < best.get(candidate["PATH"], float("inf")):
             best[candidate["PATH"]] = ms
     return dict(path=path, config=config, best_ms_by_path=best,
-                gather=_needs_gather(path, config, G, entry.group, entry.permuted))
+                gather=_needs_gather(path, config, G, entry.group, entry.permuted, x2.dtype))
 
 
 def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=0, k_rows=None,
@@ -1418,6 +1429,12 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
         backend: ``"auto"`` (Triton for CUDA tensors, the torch reference for CPU tensors),
             ``"triton"`` (also CPU tensors under TRITON_INTERPRET) or ``"torch"``.
     Returns ``[..., N]`` in x's dtype, accumulated in fp32 (``dqmm``: see the module docstring).
+    Accuracy: within the output's own rounding, with two limits. The 16-bit GEMV (M = 1) sums
+    codes biased by 128 and takes the bias off afterwards, so an activation of |x| beyond ~1e3
+    next to a code near its zero point costs more than the output's rounding (fp16 x = 6e4:
+    0.06 absolute against 6e-4); fp32 activations take an exact path instead. The tensor-core
+    paths use the scales in the activations' dtype: keep scales in float16's normal range
+    (the checkpoint format's dtype) for fp16 activations.
 
     The first call with a set of weight tensors checks every argument; later calls with the
     same tensors (unchanged: same objects, data pointers and versions) and activations of the

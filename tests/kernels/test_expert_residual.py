@@ -150,6 +150,9 @@ def test_residual_argument_errors(gen):
         accumulate_residual_triton(G, W, W, torch.eye(16, device=DEVICE), 1.0, input_precision="bf16")
     with pytest.raises(ValueError, match="backend"):
         accumulate_residual(G, W, W, torch.eye(16, device=DEVICE), 1.0, backend="numpy")
+    for fn in (accumulate_residual_triton, accumulate_residual_reference):
+        with pytest.raises(ValueError, match="G must not share memory with W_k"):
+            fn(G, G, W, torch.eye(16, device=DEVICE), 1.0)
 
 
 # --------------------------------------------------------------------------- X^T X

@@ -20,6 +20,7 @@ from epmq_kernels import _runtime
 from epmq_kernels.gptq_solve import (
     SolveOut,
     _rint,
+    _target_minus_update_kernel,
     effective_blocksize,
     gptq_solve,
     gptq_solve_reference,
@@ -272,6 +273,39 @@ def test_argument_errors(gen):
     if DEVICE.type == "cpu":
         with pytest.raises((ValueError, RuntimeError)):
             gptq_solve_triton(W.to("meta"), Hinv, bits=4, sym=False, group_size=16)
+    for solve in (gptq_solve_triton, gptq_solve_reference):
+        for blocksize in (0, -4, 2.5):
+            with pytest.raises(ValueError, match="blocksize must be a positive int"):
+                solve(W, Hinv, bits=4, sym=False, group_size=16, blocksize=blocksize)
+        grid = static_grid(W, 4, False, 16)
+        scales, zeros = grid["scales"], grid["zeros"]
+        for bad, message in ((dict(scales=scales * 0), "finite and positive"),
+                             (dict(scales=scales * float("nan")), "finite and positive"),
+                             (dict(zeros=zeros * float("nan")), r"integers in \[0, 15\]"),
+                             (dict(zeros=zeros + 0.5), "integers"), (dict(zeros=zeros + 16), "integers")):
+            with pytest.raises(ValueError, match=message):
+                solve(W, Hinv, bits=4, sym=False, **{**grid, **bad})
+
+
+def test_empty_layer(gen):
+    W = torch.randn(0, 32, generator=gen).to(DEVICE)
+    Hinv = torch.eye(32, device=DEVICE)
+    grid = dict(scales=torch.ones(0, 1, device=DEVICE), zeros=torch.zeros(0, 1, device=DEVICE),
+                col_group=torch.zeros(32, dtype=torch.long, device=DEVICE))
+    ref = gptq_solve_reference(W, Hinv, bits=4, sym=False, **grid)
+    out = gptq_solve_triton(W, Hinv, bits=4, sym=False, **grid)
+    assert [tuple(t.shape) for t in out[:4]] == [tuple(t.shape) for t in ref[:4]]
+
+
+def test_first_update_masks_with_64_bit_sizes():
+    """The first trailing update of a layer with d_out x (d_in - B) >= 2^31 elements (the
+    lm_head of a 256k vocabulary) still writes: its mask bound comes from the host, as int64."""
+    d_in, n_cols = 1024 + 32, 1024
+    W, R = torch.ones(1, d_in, device=DEVICE), torch.ones(1, d_in, device=DEVICE)
+    P = torch.full((1, n_cols), 0.5, device=DEVICE)
+    out = torch.zeros(1, d_in, device=DEVICE)
+    _target_minus_update_kernel[(1,)](W, R, P, out, 65536 * n_cols * 32, n_cols, 32, d_in, BLOCK=1024)
+    assert torch.equal(out[0, 32:], torch.full((n_cols,), 1.5, device=DEVICE))
 
 
 def test_effective_blocksize_is_what_the_kernel_sees():
@@ -416,10 +450,11 @@ for dynamic, spans, sym, has_r, rows, cols, warps, cap in variants:
     assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the solver"
     assert not re.search(r"\bfma\.", ptx), "fused multiply-add in the solver"
     assert "0f4B400000" in ptx and "0fCB400000" in ptx, "the rounding trick was folded away"
-sig = dict(W="*fp32", R="*fp32", P="*fp32", out="*fp32", d_out="i32", n_cols="i32", col0="i32",
-           d_in="i32", BLOCK="constexpr")
-triton.compile(ASTSource(gs._target_minus_update_kernel, sig, constexprs=dict(BLOCK=1024)),
-               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+for total in ("i32", "i64"):  # (Triton passes n_total as int64 from 2^31 on)
+    sig = dict(W="*fp32", R="*fp32", P="*fp32", out="*fp32", n_total=total, n_cols="i32",
+               col0="i32", d_in="i32", BLOCK="constexpr")
+    triton.compile(ASTSource(gs._target_minus_update_kernel, sig, constexprs=dict(BLOCK=1024)),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 print("compiled")
 """
 

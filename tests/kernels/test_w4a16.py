@@ -15,7 +15,7 @@ import torch
 
 from epmq_kernels import autotune_cache
 from epmq_kernels import w4a16 as W
-from epmq_kernels.packing import pack_int4
+from epmq_kernels.packing import pack_int4, unpack_int4
 from epmq_kernels.w4a16 import (
     AUTOTUNE_SPACE,
     _g_idx_is_static,
@@ -369,6 +369,25 @@ def test_plans_do_not_keep_weights_alive(gen):
 # ----------------------------------------------------------------------------------------------
 # Bad arguments
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("path", ["gemv", "splitk", "gemm"])
+def test_fp32_outlier_next_to_its_zero_point(gen, path, group_size):
+    """An fp32 activation of 1e3 against codes equal to their zero point: the product is exact
+    there, so no path may leave its rounding behind (the GEMV's biased-code sums did: 7e-5 of
+    |x| @ |W|, above fp32's tolerance; it now forms q - z for fp32 activations)."""
+    K, N = 128, 40
+    qweight, scales, zeros, _ = make_problem(gen, K, N, group_size, scales_dtype=torch.float32)
+    codes = unpack_int4(qweight)
+    codes[7] = zeros[0].to(codes.dtype)
+    qweight = pack_int4(codes)
+    x = torch.randn(1 if path == "gemv" else 3, K, generator=gen)
+    x[:, 7] = 1000.0
+    y = w4a16_matmul(x, qweight, scales, zeros, group_size, path=path, backend="triton")
+    reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size)
+    bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, group_size).abs()
+    assert ((y.double() - reference).abs() / bound).max() < 1e-6
+
+
 def test_bad_arguments_raise(gen):
     qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32, "static")
     x = torch.randn(2, 64, generator=gen)
@@ -397,6 +416,8 @@ def test_bad_arguments_raise(gen):
         (dict(g_idx=g_idx.float()), "g_idx must be int32"),
         (dict(g_idx=g_idx + 1), r"g_idx values must lie in \[0, 2\)"),
         (dict(g_idx=g_idx - 1), r"g_idx values must lie in \[0, 2\)"),
+        (dict(g_idx=torch.stack([g_idx, g_idx], 1)[:, 0]), "g_idx must be contiguous"),
+        (dict(x=torch.randn(2, 0), qweight=qweight[:0]), "must be positive"),
         (dict(scales=scales.to("meta")), "different devices"),
     ]
     for changes, message in cases:
