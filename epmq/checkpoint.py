@@ -24,7 +24,9 @@ Writes are atomic: everything goes into a temporary sibling directory, is fsynce
 swapped with the target directory (one ``renameat2(RENAME_EXCHANGE)`` on Linux, two renames
 elsewhere), so a crash leaves the previous checkpoint in place, complete. Files a user added
 beside a checkpoint (``tokenizer.save_pretrained(directory)``, a README) are carried into the
-new one; weights files are not.
+new one; weights files are not, nor the files epmq wrote there itself (``.epmq_files.json``
+lists them) unless they were changed since. A symlinked target is written where it points; the
+temporary directories of a killed write are removed by the next write to the same target.
 """
 
 from __future__ import annotations
@@ -182,6 +184,19 @@ def _module_of(qweight_key: str) -> str:
 def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     info = dict(getattr(model, "epmq_quant_config", None) or {})
     first = next(iter(layers.values()))
+    kinds = {(m.bits, m.group_size) for m in layers.values()}
+    if len(kinds) > 1:  # (quantize_model called on parts of the model with other specs)
+        warnings.warn(
+            f"the quantized layers mix bit widths / group sizes {sorted(kinds)}; the gptq config "
+            f"holds one, so engines other than epmq.load_quantized (which reads each layer's "
+            f"own, saved under 'epmq') will refuse the checkpoint"
+        )
+    # sym tells engines to ignore qzeros (Marlin), so it must hold for every layer, whatever
+    # the last quantize_model call said
+    sym = info.get("sym", False) and all(
+        bool((m.zeros() == 2 ** (m.bits - 1)).all()) for m in layers.values())
+    if info.get("sym", False) and not sym:
+        warnings.warn("some layers have asymmetric grids: the config says sym: false")
     static = all(
         torch.equal(
             m.g_idx.long().cpu(),
@@ -195,7 +210,7 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
         "group_size": info.get("group_size", first.group_size),
         # desc_act tells loaders to honour g_idx: only needed when it is not k // group_size
         "desc_act": not static,
-        "sym": info.get("sym", False),
+        "sym": sym,
         "static_groups": info.get("static_groups", False),
         "true_sequential": True,
         "checkpoint_format": checkpoint_format,
@@ -275,20 +290,24 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
     fsynced and the new directory replaces the old one; on an error it is deleted and
     ``directory`` is untouched. An existing ``directory`` is only replaced if it is empty or
     holds ``marker`` (a checkpoint epmq wrote)."""
-    directory = Path(directory)
+    directory = Path(os.path.abspath(directory))  # ("." has no name to make a sibling of)
+    if directory.is_symlink():  # the checkpoint goes where the link points; the link stays
+        directory = directory.resolve()
     if directory.exists() and not _replaceable(directory, marker):
         raise ValueError(
             f"{directory} exists and is not an epmq checkpoint (no {marker}): refusing to "
             f"replace it; choose a new or empty directory"
         )
-    parent = directory.absolute().parent
+    parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
+    _remove_stale_temporaries(parent, directory.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
         yield tmp
+        _write_manifest(tmp)
         _carry_over(directory, tmp)
         for path in tmp.iterdir():
             if not path.is_symlink():
@@ -301,14 +320,58 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
         raise
 
 
+# The files epmq wrote into a checkpoint directory, with their size and time: the next write
+# replaces them (a re-merge onto another base must not keep the first base's tokenizer, nor a
+# re-save the first run's report), and carries over only what the user added or changed.
+MANIFEST_FILE = ".epmq_files.json"
+
+
+def _signature(path: Path) -> list:
+    stat = path.stat(follow_symlinks=False)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {p.name: _signature(p) for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+    (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1) + "\n")
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        files = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Delete the temporary siblings a killed write to ``parent/name`` left behind (their
+    names carry the writer's process id; those of live processes are kept)."""
+    for path in parent.glob(f".{name}.tmp-*"):
+        pid = path.name[len(f".{name}.tmp-"):].partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def _carry_over(old: Path, new: Path) -> None:
     """Copy into ``new`` what a user put beside the checkpoint in ``old`` (a tokenizer, a
-    generation config, a README); not weights, which are the checkpoint's own."""
+    generation config, a README); not weights, which are the checkpoint's own, nor the files
+    epmq wrote there itself unless the user changed them since (``MANIFEST_FILE``)."""
     if not old.is_dir():
         return
+    ours = _read_manifest(old)
     for entry in old.iterdir():
         target = new / entry.name
         if target.exists() or target.is_symlink() or entry.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if entry.name == MANIFEST_FILE or (
+                entry.name in ours and entry.is_file() and _signature(entry) == ours[entry.name]):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, target, symlinks=True)

@@ -177,7 +177,10 @@ class CheckpointReader:
             if file.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                handle = safe_open(str(file), framework="pt", device="cpu")
+                try:
+                    handle = safe_open(str(file), framework="pt", device="cpu")
+                except Exception as e:  # (SafetensorError: truncated or not safetensors)
+                    raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
             else:
                 try:
                     state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)

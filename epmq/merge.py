@@ -35,13 +35,14 @@ reproducible whatever order or subset of tensors is merged.
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .checks import check_finite
+from .checks import check_finite, check_hessian
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -81,6 +82,9 @@ def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
 def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     if t.shape != reference.shape:
         raise ValueError(f"tensor {name!r}: {who} has shape {tuple(t.shape)}, expected {tuple(reference.shape)}")
+    if t.is_floating_point() != reference.is_floating_point():
+        raise ValueError(f"tensor {name!r}: {who} is {t.dtype}, the reference {reference.dtype} (an "
+                         f"integer-quantized checkpoint? merge full-precision weights)")
     check_finite(t, f"tensor {name!r} of {who}")
     return t
 
@@ -111,7 +115,33 @@ def _merge_each(base, experts, merge_tensor, out=None):
     return out
 
 
+def _check_number(value, what) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_weights(weights, n: int, *, divide: bool) -> Optional[list]:
+    """Per-expert weights: ``n`` finite numbers, with a nonzero sum where the merge divides by it."""
+    if weights is None:
+        return None
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise ValueError(f"weights must be a list of {n} numbers, got {weights!r}")
+    weights = [_check_number(w, "each weight") for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"weights must give one number per expert ({n}), got {weights}")
+    if divide and sum(weights) == 0:
+        raise ValueError(f"weights {weights} sum to 0: their weighted mean is undefined")
+    return weights
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
 def _check_unit(value, what):
+    _check_number(value, what)
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{what} must be in [0, 1], got {value}")
 
@@ -140,9 +170,8 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
     it are summed or averaged (the disjoint mean, weighted by the agreeing entries' weights);
     where the sum is exactly 0 there is no elected sign and the result is 0.
     """
+    weights = _check_weights(weights, len(taus), divide=consensus is None and merge == "mean")
     if weights is not None:
-        if len(weights) != len(taus):
-            raise ValueError(f"weights must give one number per expert ({len(taus)}), got {list(weights)}")
         taus = [w * tau for w, tau in zip(weights, taus)]
     # one task vector at a time: K-sized temporaries (stacks, masks) of a large tensor would
     # cost several times the experts' own memory
@@ -171,6 +200,7 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     _needs_base(base, method)
+    _check_number(scale, "scale")
     _check_choice(consensus, (None, "sign"), "consensus")
     _check_choice(merge, ("sum", "mean"), "merge")
     return _merge_each(base, experts, lambda name, W_0, W_k: W_0 + scale * _combine(
@@ -189,14 +219,10 @@ def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
     if weights is None:
         return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0), out)
-    weights = [float(w) for w in weights]
-    total = sum(weights)
 
     def merge_tensor(name, W_0, W_k):
-        if len(weights) != len(W_k) or total == 0:
-            raise ValueError(f"weights must give one number per expert ({len(W_k)}) with a "
-                             f"nonzero sum, got {weights}")
-        return sum(w * W for w, W in zip(weights, W_k)) / total
+        w = _check_weights(weights, len(W_k), divide=True)
+        return sum(w_k * W for w_k, W in zip(w, W_k)) / sum(w)
 
     return _merge_each(None, experts, merge_tensor, out)
 
@@ -218,6 +244,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
     entry as TIES does (DARE-TIES); ``merge="mean"`` then takes the disjoint mean.
     """
     _check_unit(density, "density")
+    _check_seed(seed)
     if density == 0:
         raise ValueError("density must be > 0 for DARE (everything would be dropped)")
 
@@ -316,6 +343,8 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     ``della_linear``.
     """
     _check_unit(density, "density")
+    _check_number(epsilon, "epsilon")
+    _check_seed(seed)
     if not (0 <= epsilon and 0 < density - epsilon and density + epsilon <= 1):
         raise ValueError(f"DELLA needs 0 <= epsilon, 0 < density - epsilon and density + "
                          f"epsilon <= 1, got density={density}, epsilon={epsilon}")
@@ -351,7 +380,8 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
     the mean task vector, scaled.
     """
     _needs_base(base, "tsv")
-    if rank_fraction is not None and not 0 < rank_fraction <= 1:
+    _check_number(scale, "scale")
+    if rank_fraction is not None and not 0 < _check_number(rank_fraction, "rank_fraction") <= 1:
         raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
 
     def merge_tensor(name, W_0, W_k):
@@ -380,6 +410,7 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
     scaled.
     """
     _needs_base(base, "iso_c")
+    _check_number(scale, "scale")
 
     def merge_tensor(name, W_0, W_k):
         taus = torch.stack([W - W_0 for W in W_k])
@@ -426,8 +457,10 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     (``|cos theta| > dot_threshold``) it interpolates linearly. ``t`` may be a function of the
     tensor's name (a schedule over layers).
     """
+    _check_number(dot_threshold, "dot_threshold")
+
     def merge_tensor(name, W_0, W_k):
-        frac = float(t(name) if callable(t) else t)
+        frac = _check_number(t(name) if callable(t) else t, f"t (at {name})")
         A, B = (_rows(W) if per_row else W.reshape(1, -1) for W in W_k)
         unit_a, unit_b = (X / X.norm(dim=1, keepdim=True).clamp(min=1e-8) for X in (A, B))
         cos = (unit_a * unit_b).sum(1, keepdim=True).clamp(-1, 1)
@@ -511,6 +544,12 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     activates (all-zero rows of every ``G_k``) at the average. Computed in float64.
     """
     _check_unit(alpha, "alpha")
+    _, experts = _inputs(None, experts)
+    if not isinstance(grams, Mapping):
+        raise ValueError("grams must map each linear weight's name to its experts' Gram matrices")
+    unknown = sorted(n for n in grams if n not in experts[0])
+    if unknown:  # (else those layers would silently be averaged)
+        raise ValueError(f"grams name tensors the experts do not have: {unknown[:5]}")
 
     def merge_tensor(name, W_0, W_k):
         if name not in grams:
@@ -525,7 +564,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         for k, (W, G) in enumerate(zip(W_k, G_k)):
             if tuple(G.shape) != (d_in, d_in):
                 raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}, expected ({d_in}, {d_in})")
-            check_finite(G, f"grams[{name!r}][{k}]")
+            check_hessian(G, d_in, f"grams[{name!r}][{k}]")
             G = G.to(W.device, torch.float64)
             G = alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
             G_sum += G

@@ -36,6 +36,7 @@ import torch
 from . import merge as merge_lib
 from .checkpoint import WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
+from .checks import device_argument
 
 RECIPE_FILE = "epmq_merge.json"
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -108,9 +109,14 @@ OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".ot", ".onnx", ".gguf", ".ckpt", ".
 
 def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
     """The non-weight files of a checkpoint directory (config, tokenizer, generation config);
-    not its weights in any format, nor its model card, which describe another model."""
+    not its weights in any format, nor its model card, which describe another model. A weights
+    file's directory counts if it holds a ``config.json``."""
     if not source.is_dir():
-        return
+        if not (source.parent / "config.json").is_file():
+            warnings.warn(f"{source} is a weights file with no config.json beside it: the merge "
+                          f"has no config, so from_pretrained cannot load it (add one)")
+            return
+        source = source.parent
     for entry in source.iterdir():
         if (entry.name.startswith(".") or not entry.is_file()
                 or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
@@ -130,6 +136,18 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
                 params: Optional[dict] = None, dtype: Optional[str] = None,
                 calibration: Optional[Sequence] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
+    if params is not None and not isinstance(params, Mapping):
+        raise ValueError(f"params must be a mapping name -> value, got {params!r}")
+    for name, value in (params or {}).items():
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                continue
+            raise ValueError(f"params.{name} is the string {value!r}, not a number (YAML reads "
+                             f"1e-1 as a string: write 1.0e-1 or 0.1)")
     if method == "regmean" and (calibration is None or len(calibration) != len(models)):
         raise ValueError("regmean needs each model's activations on its task's data: give "
                          "calibration=[files of model 0, files of model 1, ...], one per model")
@@ -206,8 +224,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     per linear and model, 9 MB for a ViT-B layer's MLP input).
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
-    params = dict(params or {})
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration)
+    params = dict(params or {})
+    device = device_argument(device)
     fn = getattr(merge_lib, method)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
@@ -216,6 +235,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     sources = []
     for k, (path, source) in enumerate(zip(model_paths, models)):
         sources.append(_open(path, f"model {k} ({source})", device, names))
+        if names is not None and not len(sources[-1]):
+            raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
+                             f"tensors: not the same architecture")
         names = names or list(sources[0])
     base_only = []
     if base_state is not None:
@@ -225,7 +247,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         if base_only:
             warnings.warn(f"{len(base_only)} tensors of the base are in no or not every model (e.g. "
                           f"{base_only[:3]}): copied from the base unchanged")
-            base_state = _View(base_state.state, device, [n for n in base_state if n not in base_only])
+            merged = [n for n in base_state if n not in set(base_only)]
+            base_state = _View(base_state.state, device, merged)
+            sources = [_View(s.state, device, merged) for s in sources]
     reference = base_state if base_state is not None else sources[0]
     from tqdm.auto import tqdm
 

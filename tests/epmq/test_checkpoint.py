@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,7 +70,8 @@ def test_configs_in_the_hf_gptq_format(gen, tmp_path):
     fam, model = quantized(gen, bits=4, method="gptq")
     epmq.save_quantized(model, tmp_path / "q")
     files = sorted(os.listdir(tmp_path / "q"))
-    assert files == ["config.json", "generation_config.json", "model.safetensors", "quantize_config.json"]
+    assert files == [".epmq_files.json", "config.json", "generation_config.json", "model.safetensors",
+                     "quantize_config.json"]
     hf = json.loads((tmp_path / "q" / "config.json").read_text())
     assert hf["model_type"] == "llama"
     assert hf["quantization_config"] == {
@@ -455,8 +458,74 @@ def test_large_state_dicts_are_sharded_as_transformers_shards_them(gen, tmp_path
     torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
     # written again in one file: the old shards and index go with the old checkpoint
     epmq.save_quantized(model, tmp_path / "q")
-    assert sorted(os.listdir(tmp_path / "q")) == ["config.json", "generation_config.json",
+    assert sorted(os.listdir(tmp_path / "q")) == [".epmq_files.json", "config.json", "generation_config.json",
                                                    "model.safetensors", "quantize_config.json"]
+
+
+def test_the_config_describes_every_layer(gen, tmp_path):
+    """sym tells engines to ignore qzeros: it is written only if every layer's grid is
+    symmetric; layers of other bit widths are warned about (the config holds one)."""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", layers="self_attn",
+                        progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers="mlp",
+                        progress=False)
+    with pytest.warns(UserWarning, match="asymmetric grids: the config says sym: false"):
+        epmq.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["sym"] is False
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", layers="self_attn",
+                        progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=-1), method="rtn", layers="mlp",
+                        progress=False)
+    with pytest.warns(UserWarning, match="mix bit widths / group sizes"):
+        epmq.save_quantized(model, tmp_path / "mixed")
+    loaded = epmq.load_quantized(tmp_path / "mixed")
+    torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
+def test_what_epmq_wrote_is_replaced_and_what_the_user_changed_is_kept(two_models):
+    """Files epmq itself wrote (here by ``extras``) belong to that checkpoint: the next save
+    does not carry them over, unless the user changed them since."""
+    fam, old, new, directory = two_models
+    epmq.save_quantized(old, directory, extras=lambda d: [(d / n).write_text("old run") for n in
+                                                         ("epmq_report.json", "tokenizer.json")])
+    (directory / "tokenizer.json").write_text("the user's")
+    epmq.save_quantized(new, directory)
+    assert not (directory / "epmq_report.json").exists()
+    assert (directory / "tokenizer.json").read_text() == "the user's"
+
+
+def test_symlinked_checkpoints_stay_links(two_models, tmp_path):
+    fam, old, new, directory = two_models
+    link = tmp_path / "link"
+    link.symlink_to(directory)
+    epmq.save_quantized(new, link)
+    assert link.is_symlink() and link.resolve() == directory.resolve()
+    assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_killed_writes_temporary_is_removed_by_the_next(two_models, monkeypatch):
+    fam, old, new, directory = two_models
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = directory.parent / f".{directory.name}.tmp-{dead.pid}-abc"
+    live = directory.parent / f".{directory.name}.tmp-{os.getppid()}-abc"
+    for path in (stale, live):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    epmq.save_quantized(new, directory)
+    assert not stale.exists() and live.exists()
+
+
+def test_saving_into_the_working_directory(gen, tmp_path, monkeypatch):
+    _, model = quantized(gen)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    epmq.save_quantized(model, ".")
+    assert (tmp_path / "here" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("size,want", [(1000, 1000), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),
@@ -567,7 +636,7 @@ def test_replacing_keeps_what_the_user_put_beside_the_checkpoint(two_models):
     (directory / "extra" / "README.md").write_text("notes")
     (directory / "model.safetensors.index.json").write_text("{}")
     epmq.save_quantized(new, directory)
-    assert sorted(os.listdir(directory)) == ["config.json", "extra", "generation_config.json",
+    assert sorted(os.listdir(directory)) == [".epmq_files.json", "config.json", "extra", "generation_config.json",
                                              "model.safetensors", "quantize_config.json", "tokenizer.json"]
     assert (directory / "extra" / "README.md").read_text() == "notes"
     assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8

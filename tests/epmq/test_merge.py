@@ -150,6 +150,34 @@ def test_bad_parameters():
         merge.task_arithmetic({**base, "w": torch.full((6,), float("inf"))}, experts)
     with pytest.raises(TypeError, match="list of state dicts"):
         merge.average(experts[0])
+    nan = float("nan")
+    for call, match in [
+        (lambda: merge.dare(base, experts, merge="mean", weights=[1.0, -1.0, 0.0]), "sum to 0"),
+        (lambda: merge.task_arithmetic(base, experts, weights=[nan, 1.0, 1.0]), "each weight must be a finite"),
+        (lambda: merge.average(experts, weights=[nan, 1.0, 1.0]), "each weight must be a finite"),
+        (lambda: merge.average(experts, weights=[1.0, -1.0, 0.0]), "sum to 0"),
+        (lambda: merge.task_arithmetic(base, experts, weights=[1.0, 1.0]), "one number per expert"),
+        (lambda: merge.task_arithmetic(base, experts, scale=float("inf")), "scale must be a finite"),
+        (lambda: merge.task_arithmetic(base, experts, scale="0.3"), "scale must be a finite"),
+        (lambda: merge.ties(base, experts, density="0.2"), "density must be a finite"),
+        (lambda: merge.dare(base, experts, seed="1"), "seed must be an int"),
+        (lambda: merge.slerp(experts[0], experts[1], t=[0.0, 1.0]), "t .* must be a finite"),
+        (lambda: merge.task_arithmetic(base, [experts[0], {**experts[1], "w": experts[1]["w"].to(torch.int8)},
+                                              experts[2]]), "expert 1 is torch.int8"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_regmean_checks_its_gram_matrices():
+    experts = [{"lin.weight": torch.randn(2, 3), "lin.bias": torch.zeros(2)} for _ in range(2)]
+    eye = torch.eye(3)
+    with pytest.raises(ValueError, match="grams name tensors the experts do not have: \\['lin'\\]"):
+        merge.regmean(experts, {"lin": [eye, eye]})
+    with pytest.raises(ValueError, match="not symmetric|negative diagonal"):
+        merge.regmean(experts, {"lin.weight": [torch.randn(3, 3) + 5 * torch.triu(torch.ones(3, 3)), eye]})
+    with pytest.raises(ValueError, match="negative diagonal"):
+        merge.regmean(experts, {"lin.weight": [-eye, eye]})
 
 
 

@@ -1,6 +1,7 @@
 """Merging checkpoints on disk: epmq.merge_checkpoints and ``epmq merge``."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -209,6 +210,96 @@ def test_base_tensors_the_experts_lack_are_copied(checkpoints, tmp_path):
                                 base=root / "base", params={"density": 0.3}, progress=False)
     got = _load(out)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_tensor_only_some_models_have_is_copied_from_the_base(checkpoints, tmp_path):
+    """(It used to reach the merge and fail, blaming the model that has it.)"""
+    from safetensors.torch import save_file
+
+    root, base, experts = checkpoints
+    state = {n: t.contiguous() for n, t in experts[1].items() if n != "model.norm.weight"}
+    (tmp_path / "partial").mkdir()
+    save_file(state, str(tmp_path / "partial" / "model.safetensors"))
+    with pytest.warns(UserWarning, match="1 tensors of the base .*model.norm.weight"):
+        out = merge_checkpoints("task_arithmetic", [root / "e0", tmp_path / "partial"],
+                                tmp_path / "out", base=root / "base", params={"scale": 0.5},
+                                progress=False)
+    got = _load(out)
+    want = merge.task_arithmetic({n: t for n, t in base.items() if n != "model.norm.weight"},
+                                 [{n: t for n, t in experts[0].items() if n != "model.norm.weight"}, state],
+                                 scale=0.5)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert torch.equal(got["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_a_model_of_another_architecture_is_refused(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        image_size=16, patch_size=8))
+    vision.save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="model 1 .* has none of the base's tensors"):
+        merge_checkpoints("ties", [root / "e0", tmp_path / "clip"], tmp_path / "out",
+                          base=root / "base", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_remerging_onto_another_base_drops_the_first_bases_files(checkpoints, tmp_path):
+    import shutil
+
+    root, _, _ = checkpoints
+    for name in ("a", "b"):
+        shutil.copytree(root / "base", tmp_path / name)
+    (tmp_path / "a" / "generation_config.json").write_text('{"from": "a"}')
+    (tmp_path / "b" / "generation_config.json").unlink(missing_ok=True)
+    models = [root / "e0", root / "e1"]
+    merge_checkpoints("task_arithmetic", models, tmp_path / "out", base=tmp_path / "a", progress=False)
+    assert (tmp_path / "out" / "generation_config.json").is_file()
+    (tmp_path / "out" / "notes.txt").write_text("the user's")
+    merge_checkpoints("task_arithmetic", models, tmp_path / "out", base=tmp_path / "b", progress=False)
+    assert not (tmp_path / "out" / "generation_config.json").exists()
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
+
+
+def test_a_base_given_as_its_weights_file_still_gives_a_loadable_model(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    (tmp_path / "b").mkdir()
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    base.save_pretrained(tmp_path / "b")
+    out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "out",
+                            base=tmp_path / "b" / "model.safetensors", progress=False)
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+    (tmp_path / "b" / "config.json").unlink()
+    with pytest.warns(UserWarning, match="no config.json beside it"):
+        merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "out2",
+                          base=tmp_path / "b" / "model.safetensors", progress=False)
+
+
+def test_cli_bad_values_are_errors_not_tracebacks(checkpoints, tmp_path, capsys):
+    root, _, _ = checkpoints
+    base = dict(method="task_arithmetic", base=str(root / "base"), models=[str(root / "e0"), str(root / "e1")])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 4)
+    cases = [
+        (dict(params={"scale": "1e-1"}), "params.scale is the string '1e-1'"),
+        (dict(params={"scale": [0.1]}), "scale must be a finite number"),
+        (dict(method="ties", params={"density": "high"}), "density must be a finite number"),
+        (dict(method="dare", params={"merge": "mean", "weights": [1.0, -1.0]}), "sum to 0"),
+        (dict(params={"weights": [float("nan"), 1.0]}), "each weight must be a finite number"),
+        (dict(method=["ties"]), "method must be a name"),
+        (dict(params=[0.2]), "params must be a mapping"),
+        (dict(models=[str(root / "e0"), str(tmp_path / "broken")]), "model 1 .*cannot read"),
+    ]
+    config = tmp_path / "m.yaml"
+    for change, match in cases:
+        config.write_text(yaml.safe_dump({**base, **change}))
+        assert main(["merge", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err), (change, err)
+        assert not (tmp_path / "x").exists()
+    config.write_text(yaml.safe_dump(base))
+    assert main(["merge", str(config), str(tmp_path / "x"), "--quiet", "--device", "meta"]) == 2
+    assert "device='meta'" in capsys.readouterr().err
 
 
 def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
