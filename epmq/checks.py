@@ -1,5 +1,7 @@
 """Input checks shared by the solvers, the statistics and the merges."""
 
+from typing import Optional
+
 import torch
 
 
@@ -49,3 +51,19 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not all_finite(t):
         raise ValueError(f"{what} has non-finite values (NaN or inf)")
+
+
+def device_argument(device) -> Optional[torch.device]:
+    """A ``device=`` argument as a ``torch.device`` (None stays None), or a clear error: not a
+    device, CUDA where torch sees none, or meta (which holds no values to compute with)."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device here")
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no values to compute with: name a real device")
+    return device

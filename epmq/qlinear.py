@@ -116,7 +116,12 @@ class QuantLinear(nn.Module):
             )
         layer.qweight.copy_(pack_rows(result.codes.t(), spec.bits))
         layer.qzeros.copy_(pack_cols(zeros.t(), spec.bits))
-        layer.scales.copy_(result.scales.t().to(torch.float16))
+        scales = result.scales.t().to(torch.float16)  # (the gptq format's dtype)
+        if not bool(torch.isfinite(scales).all()):
+            big = float(result.scales.abs().max())
+            raise ValueError(f"scales up to {big:.3g} overflow float16, the gptq format's scale dtype "
+                             f"(weights of magnitude ~{big * spec.maxq:.3g}): rescale the layer")
+        layer.scales.copy_(scales)
         layer.g_idx.copy_(result.g_idx.to(torch.int32))
         if bias is not None:
             layer.bias.copy_(bias.detach())
@@ -149,7 +154,9 @@ class QuantLinear(nn.Module):
         return q.to(dtype).sub_(z[g]).mul_(s[g])
 
     def _cached(self, name, build, *buffers):
-        """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``)."""
+        """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``). Writes
+        that bypass the version counter (``buf.data.copy_(...)``, a NumPy view) are not seen:
+        assign new buffers, or write under ``torch.no_grad()`` without ``.data``."""
         key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
         derived = vars(self).setdefault("_derived", {})  # (layers pickled before it existed)
         hit = derived.get(name)

@@ -20,6 +20,7 @@ rank deficient. With ``percdamp = 0`` and a non-singular ``H``, ``W*`` is exactl
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -358,8 +359,8 @@ def _round_target(
     n_groups = _check_spec(spec, d_in)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    if percdamp < 0:
-        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+    if not 0 <= percdamp < math.inf:  # (NaN fails too)
+        raise ValueError(f"percdamp must be finite and >= 0, got {percdamp}")
     backend = resolve_backend(backend, W_base.device)
     device = W_base.device
 
@@ -558,8 +559,9 @@ def epmq_from_stats(
 
     ``factors``: a ``FactorCache`` shared by the solves of layers that read the same inputs (the
     statistics of such layers share their Hessians: ``EPMQStats(inputs_of=...)``)."""
-    if anchor < 0 or weight_anchor < 0:
-        raise ValueError(f"anchor and weight_anchor must be >= 0, got {anchor} and {weight_anchor}")
+    if not (0 <= anchor < math.inf and 0 <= weight_anchor < math.inf):  # (NaN fails too)
+        raise ValueError(f"anchor and weight_anchor must be finite and >= 0, got {anchor} and "
+                         f"{weight_anchor}")
     H_e, H_m, G_e, G_m = stats.finalize()
     W_m = stats.W_merged
     d_in = W_m.shape[1]

@@ -127,7 +127,7 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
 
 
 def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,
-                        calibration: Mapping[str, object], method: str = "epmq",
+                        calibration: Optional[Mapping[str, object]] = None, method: str = "epmq",
                         experts: Optional[Mapping[str, object]] = None, anchor: float = 1.0,
                         weight_anchor: float = 0.0, targets: str = "merged_path",
                         samples: int = 128, seq_len: int = 512, batch_size: int = 8,

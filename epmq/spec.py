@@ -36,6 +36,9 @@ class QuantSpec:
                 f"group_size must be -1 (per output channel) or a positive integer, "
                 f"got {self.group_size!r}"
             )
+        for name in ("sym", "act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):  # (YAML's 'no' would be a truthy string)
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def maxq(self) -> int:

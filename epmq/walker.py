@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import re
 import time
 import warnings
@@ -79,7 +80,7 @@ from torch import nn
 from . import quant
 from .adapters import Adapter, Part, Transposed, find_adapter
 from .checkpoint_io import key_renaming
-from .checks import all_finite
+from .checks import all_finite, device_argument
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .resume import BlockLog, data_digest, tensor_digest
@@ -217,13 +218,14 @@ def quantize_model(
         raise ValueError("method='epmq' needs experts: a mapping task name -> expert")
     if method != "rtn" and not calibration:
         raise ValueError(f"method={method!r} needs calibration data: a mapping task name -> inputs")
-    if not (anchor >= 0 and weight_anchor >= 0 and percdamp >= 0 and blocksize > 0):
+    if not (0 <= anchor < math.inf and 0 <= weight_anchor < math.inf and 0 <= percdamp < math.inf
+            and blocksize > 0):
         raise ValueError(
-            f"need anchor, weight_anchor, percdamp >= 0 and blocksize > 0, got {anchor}, "
+            f"need finite anchor, weight_anchor, percdamp >= 0 and blocksize > 0, got {anchor}, "
             f"{weight_anchor}, {percdamp}, {blocksize}"
         )
     check_residual_precision(residual_precision, "residual_precision")
-    device = _check_device(device)
+    device = device_argument(device)
     calibration = _calibration(calibration) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
@@ -291,18 +293,6 @@ def quantize_model(
 # --------------------------------------------------------------------------- inputs
 
 
-def _check_device(device) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must name a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device here")
-    return device
-
-
 def _calibration(calibration) -> dict:
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
@@ -359,7 +349,9 @@ def _plan(model, adapter, layers) -> list:
         if any(chosen):
             stacks.append(_Stack(prefix, blocks, chosen))
     if not stacks:
-        raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})")
+        done = any(isinstance(m, QuantLinear) for m in model.modules())
+        raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
+                         + ("; its blocks' linears are already quantized (QuantLinear)" if done else ""))
     return stacks
 
 
@@ -368,6 +360,9 @@ def _check_finite(model, stacks):
         for i, block in enumerate(stack.blocks):
             for rel in stack.chosen[i]:
                 linear = block.get_submodule(rel)
+                if linear.weight.is_meta:
+                    raise ValueError(f"layer {stack.prefix}.{i}.{rel} is on the meta device (the "
+                                     f"model's weights were never loaded): load them first")
                 for what, t in (("weight", linear.weight), ("bias", linear.bias)):
                     if t is not None and not all_finite(t):
                         raise ValueError(

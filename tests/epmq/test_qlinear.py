@@ -200,3 +200,21 @@ def test_cuda_inputs_that_need_a_gradient_get_one(gen):
     x = torch.randn(7, 128, generator=gen).half().cuda().requires_grad_()
     layer(x).float().sum().backward()
     torch.testing.assert_close(x.grad, layer._weight_kn(torch.float16).sum(1).expand(7, -1))
+
+
+def test_scales_that_overflow_float16_are_refused(gen):
+    result = quant.rtn(torch.randn(8, 32, generator=gen) * 1e7, epmq.QuantSpec(bits=4, group_size=16))
+    with pytest.raises(ValueError, match="overflow float16"):
+        epmq.QuantLinear.from_result(result)
+
+
+def test_non_finite_solver_settings_are_refused(gen):
+    W, H = torch.randn(8, 32, generator=gen), torch.eye(32)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    for percdamp in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="percdamp must be finite"):
+            quant.gptq(W, H, spec, percdamp=percdamp)
+    for bad in (dict(anchor=float("nan")), dict(weight_anchor=float("inf"))):
+        with pytest.raises(ValueError, match="must be finite"):
+            quant.epmq(W, [W + 0.1], [H], spec, **bad)
+

@@ -135,6 +135,11 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
     with torch.no_grad():
         logits = epmq.load_quantized(tmp_path / "w3")(input_ids=torch.tensor([[1, 5, 6]])).logits
     assert torch.isfinite(logits).all()
+    rtn = {k: v for k, v in base.items() if k != "calibration"}
+    config.write_text(yaml.safe_dump(dict(rtn, method="rtn", bits=4, group_size=16)))
+    assert main(["quantize", str(config), str(tmp_path / "rtn"), "--quiet"]) == 0  # no calibration
+    assert not (tmp_path / "rtn.resume").exists()
+    capsys.readouterr()
     cases = [
         (dict(method="epmq"), "tasks without an expert \\['a'\\]"),
         (dict(experts={"a": str(root / "expert0")}), "takes no experts"),

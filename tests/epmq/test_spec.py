@@ -26,3 +26,12 @@ def test_group_size_must_divide_input_width():
     assert QuantSpec(group_size=-1).n_groups(100) == 1
     with pytest.raises(ValueError, match="does not divide the layer's input width 100"):
         spec.n_groups(100)
+
+
+@pytest.mark.parametrize("flag", ["sym", "act_order", "static_groups"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_flags_must_be_booleans(flag, value):
+    """(YAML's sym: 'no', quoted, would otherwise be a truthy string: a symmetric grid.)"""
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        QuantSpec(**{flag: value})
+

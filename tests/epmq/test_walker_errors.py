@@ -82,6 +82,24 @@ def test_method_arguments(gen):
         quantize(fam, model, layers="nothing-matches")
     with pytest.raises(ValueError, match="residual_precision must be one of"):
         quantize(fam, model, residual_precision="fp16")
+    for bad in (dict(anchor=float("inf")), dict(weight_anchor=float("nan")), dict(percdamp=float("inf"))):
+        with pytest.raises(ValueError, match="need finite anchor"):
+            quantize(fam, model, **bad)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    quantize(fam, model, method="rtn", experts=None, calibration=None)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(fam, model, method="rtn", experts=None, calibration=None)
+
+
+def test_meta_devices_and_weights_are_refused(gen):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="device='meta' holds no values"):
+        quantize(fam, model, method="gptq", experts=None, device="meta")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="on the meta device .* never loaded"):
+        quantize(fam, fam.merged().to("meta"), method="gptq", experts=None)
 
 
 def test_residual_precision_reaches_the_statistics(gen, monkeypatch):
