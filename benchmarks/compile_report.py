@@ -54,7 +54,7 @@ def w4a16_cases(full=False):
 
     cases = []
 
-    def dot_case(path, config, M, dtype, per_channel=False, gather=False, split=None):
+    def dot_case(path, config, M, dtype, per_channel=False, gather=False, split=None, wide=False):
         config = dict(config)
         if path == "splitk":
             config.setdefault("BLOCK_M", 16 if M <= 16 else 64)
@@ -67,10 +67,12 @@ def w4a16_cases(full=False):
         after = config.pop("SCALE_AFTER")
         constexprs = dict(config, SPLIT_K=split_k, GATHER=gather, HAS_G_IDX=gather,
                           ONE_GROUP=per_channel and not gather, PAIRS=pairs, SWAP_AB=swap,
-                          SCALE_AFTER=after, CDT=cdt, DOT_PRECISION=W._dot_precision(dtype))
+                          SCALE_AFTER=after, CDT=cdt, DOT_PRECISION=W._dot_precision(dtype),
+                          WIDE_M=wide)
         tag = "pairs" if pairs else "plain"
         tag += "+swap" if swap else ""
         tag += "+after" if after else ""
+        tag += "+wide" if wide else ""
         name = (f"{path} {str(dtype)[6:]} {'perchan' if per_channel else 'g128'}"
                 f"{' gather' if gather else ''} BM{config['BLOCK_M']} BN{config['BLOCK_N']} "
                 f"BK{config['BLOCK_K']} SK{split_k} {tag} w{warps} s{stages}")
@@ -126,6 +128,8 @@ def w4a16_cases(full=False):
         dot_case("gemm", pick("gemm", BLOCK_M=256, SWAP_AB=True), 4096, torch.bfloat16)
         dot_case("gemm", pick("gemm", BLOCK_M=256, BLOCK_K=128), 4096, torch.bfloat16,
                  gather=True)
+        dot_case("gemm", pick("gemm", BLOCK_M=128, BLOCK_K=64, SWAP_AB=False), 4096,
+                 torch.float16, wide=True)                              # int64 row offsets
     for dtype, gather in ((torch.float16, False), (torch.bfloat16, True), (torch.float32, False)):
         config = W.AUTOTUNE_SPACE["dqmm"][0]
         cases.append((f"dequant {str(dtype)[6:]}{' gather' if gather else ''} "

@@ -549,7 +549,7 @@ def _w4a16_dot_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr,
     PAIRS: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr,
-    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_M: tl.constexpr,
 ):
     """A BLOCK_M x BLOCK_N tile of y over one K slice, the weight dequantized into ``tl.dot``."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
@@ -564,8 +564,10 @@ def _w4a16_dot_kernel(
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
     pid_n = (pid % num_pid_in_group) // group_rows
 
-    # (int64: M x K or M x N may pass 2^31 in a long prefill, N = 28672 from 75k tokens)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE_M:  # row offsets past 2^31 (a long prefill: N = 28672 from 75k tokens); only then,
+        # as 64-bit offsets cost the small-M configs registers and a program per SM on sm_90
+        offs_m = offs_m.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -1287,6 +1289,12 @@ def _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k0, rows, group, con
                    4, 4, (0, 1, 2, 3))
 
 
+def _wide_rows(x2, out2, N) -> bool:
+    """Whether a row offset of x, y or the split-K sums (M x N) can pass int32."""
+    M = x2.shape[0]
+    return M * max(abs(x2.stride(0)), abs(out2.stride(0)), N) >= 2**31
+
+
 def _build_plan(entry, path, config, x2, out2, lead=None):
     """The plan of one (path, config) for activations like ``x2 [M, K]`` into ``out2 [M, N]``
     (``lead``: the leading dimensions of the output the plan allocates; default ``(M,)``)."""
@@ -1340,7 +1348,7 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
         args = common + [config["BLOCK_M"], config["BLOCK_N"], block_k, split_k,
                          config["GROUP_M"], gather, has_g_idx, one_group, pairs,
                          bool(config.get("SWAP_AB", False)), bool(config.get("SCALE_AFTER", False)),
-                         cdt, _dot_precision(x2.dtype)]
+                         cdt, _dot_precision(x2.dtype), _wide_rows(x2, out2, N)]
         fn = _w4a16_dot_kernel
     launch = _Launch(fn, grid, args, options, 0, 5, weak)
     return _Plan(entry, path, config, M, lead, x2.dtype, device, [launch],

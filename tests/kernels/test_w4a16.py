@@ -388,6 +388,19 @@ def test_fp32_outlier_next_to_its_zero_point(gen, path, group_size):
     assert ((y.double() - reference).abs() / bound).max() < 1e-6
 
 
+@pytest.mark.parametrize("path", ["splitk", "gemm"])
+def test_wide_row_offsets(gen, path, monkeypatch):
+    """The 64-bit row offsets a prefill of M x N >= 2^31 needs (WIDE_M), on a small problem."""
+    rows = torch.empty(75000, 8)
+    assert W._wide_rows(rows, torch.empty(1, 1).expand(75000, 28672), 28672)
+    assert not W._wide_rows(rows[:64], torch.empty(1, 1).expand(64, 28672), 28672)
+    monkeypatch.setattr(W, "_wide_rows", lambda x2, out2, N: True)
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32)
+    x = torch.randn(17, 64, generator=gen).half()
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, path=path, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
 def test_bad_arguments_raise(gen):
     qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32, "static")
     x = torch.randn(2, 64, generator=gen)
