@@ -157,8 +157,11 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     net.eval()
     out = Path(out)
     resume_dir = None if method == "rtn" else resume_dir_for(out)
-    if resume_dir is not None and not resume and resume_dir.exists():
-        shutil.rmtree(resume_dir)
+    if resume_dir is not None and not resume:
+        if resume_dir.is_dir() and not resume_dir.is_symlink():
+            shutil.rmtree(resume_dir)
+        elif resume_dir.exists() or resume_dir.is_symlink():
+            resume_dir.unlink()
     # the model stays in CPU memory; its blocks visit ``device`` one at a time
     try:
         quantize_model(net, spec, method=method, calibration=batches or None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,17 +44,30 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def tensor_digest(named: Iterable) -> str:
+def tensor_digest(named: Iterable, text: str = "") -> str:
     """Digest of ``(name, tensor)`` pairs: names, dtypes, shapes and a CRC-32 of each tensor's
     bytes (computed in threads: 2 GB/s each on the dev machine, where blake2b did 0.6; this
-    guards against stale weights, not against an adversary)."""
+    guards against stale weights, not against an adversary), and of ``text``."""
     named = list(named)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         crcs = list(pool.map(_crc, (t for _, t in named)))
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b(text.encode(), digest_size=16)
     for (name, t), crc in zip(named, crcs):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{crc}|".encode())
     return h.hexdigest()
+
+
+# config entries that name where a model came from, not what it computes
+_CONFIG_PROVENANCE = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"}
+
+
+def config_of(model: nn.Module) -> Optional[dict]:
+    """A transformers model's configuration as a dict (what it computes with: eps, rope, attention
+    implementation), without provenance; None for other models."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_dict"):
+        return None
+    return {k: v for k, v in config.to_dict().items() if k not in _CONFIG_PROVENANCE}
 
 
 def data_digest(item) -> str:
@@ -89,39 +103,59 @@ class BlockLog:
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"resume_dir {self.directory} exists and is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         identity = json.loads(json.dumps(dict(identity, format=FORMAT), default=str))
         path = self.directory / IDENTITY_FILE
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-            if changed:
-                details = "; ".join(f"{k}: {saved.get(k)!r} then, {identity.get(k)!r} now" for k in changed)
-                raise ValueError(
-                    f"resume_dir {self.directory} holds blocks of another walk ({details}): "
-                    f"resume with the same arguments, or use an empty directory"
-                )
-        else:
+        saved = _read_json(path)
+        changed = [] if saved is None else sorted(
+            k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        if changed and self._records():
+            details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
+                                for k in changed)
+            raise ValueError(
+                f"resume_dir {self.directory} holds blocks of another walk ({details}): "
+                f"resume with the same arguments, or use an empty directory"
+            )
+        if saved is None or changed:  # (no block done yet: nothing to protect)
             write_json_atomic(path, identity)
+
+    def _records(self) -> list:
+        return [p for p in self.directory.glob("*.json") if p.name != IDENTITY_FILE]
+
+    def _remove_stale_temporaries(self) -> None:
+        """The half-written files of a walk that was killed (their names carry its process id)."""
+        for path in self.directory.glob(".*.tmp-*"):
+            pid = path.name.rpartition(".tmp-")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
 
     def _paths(self, prefix: str):
         return self.directory / f"{prefix}.safetensors", self.directory / f"{prefix}.json"
 
     def load(self, prefix: str, digest: str, device) -> Optional[dict]:
         """The record of block ``prefix`` (its layers as ``QuantLinear`` on ``device`` under
-        ``"layers"``), or None if it is not done; ValueError if it was solved from other weights."""
+        ``"layers"``), or None if it is not done or its files are damaged (then with a warning:
+        it is solved again); ValueError if it was solved from other weights."""
         tensors_path, record_path = self._paths(prefix)
         if not record_path.is_file():
             return None
-        record = json.loads(record_path.read_text())
+        record = _read_json(record_path)
+        if not isinstance(record, dict) or "digest" not in record:
+            return self._damaged(prefix, f"{record_path.name} is not a whole record")
         if record["digest"] != digest:
             raise ValueError(
                 f"resume_dir {self.directory}: block {prefix} was quantized from other weights "
-                f"(the model's or an expert's block differs): resume with the same model and "
-                f"experts, or use an empty directory"
+                f"(the model's or an expert's block, or its configuration, differs): resume with "
+                f"the same model and experts, or use an empty directory"
             )
         from safetensors.torch import load_file
 
-        tensors = load_file(str(tensors_path))
+        try:
+            tensors = load_file(str(tensors_path))
+        except Exception as e:  # (missing, truncated: SafetensorError)
+            return self._damaged(prefix, f"{tensors_path.name} cannot be read ({type(e).__name__}: {e})")
+        if tensor_digest(sorted(tensors.items())) != record.get("tensors"):
+            return self._damaged(prefix, f"{tensors_path.name} does not hold what was written")
         layers = {}
         for rel, meta in record["layers"].items():
             layer = QuantLinear(meta["in_features"], meta["out_features"], bits=meta["bits"],
@@ -132,9 +166,16 @@ class BlockLog:
             layers[rel] = layer.to(device)
         return dict(record, layers=layers)
 
+    def _damaged(self, prefix: str, why: str) -> None:
+        warnings.warn(f"resume_dir {self.directory}: block {prefix} is damaged ({why}): solving it again")
+        for path in self._paths(prefix):
+            path.unlink(missing_ok=True)
+        return None
+
     def save(self, prefix: str, digest: str, layers: Mapping[str, nn.Module], **report) -> None:
         """Write block ``prefix``: its packed ``layers`` (relative name -> ``QuantLinear``) and
-        ``report`` (lists of the walk report's entries for this block)."""
+        ``report`` (lists of the walk report's entries for this block). The tensors are on disk
+        (fsynced) before the record that makes the block count as done is written."""
         from safetensors.torch import save_file
 
         tensors_path, record_path = self._paths(prefix)
@@ -142,9 +183,34 @@ class BlockLog:
                    for rel, layer in layers.items() for k, v in layer.state_dict().items()}
         tmp = tensors_path.with_name(f".{tensors_path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, tensors_path)
         meta = {rel: dict(in_features=layer.in_features, out_features=layer.out_features,
                           bits=layer.bits, group_size=layer.group_size, bias=layer.bias is not None,
                           dtype=str(layer.weight.dtype).removeprefix("torch."))
                 for rel, layer in layers.items()}
-        write_json_atomic(record_path, dict(report, digest=digest, layers=meta))
+        write_json_atomic(record_path, dict(report, digest=digest, layers=meta,
+                                            tensors=tensor_digest(sorted(tensors.items()))))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -83,7 +83,7 @@ from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
-from .resume import BlockLog, data_digest, tensor_digest
+from .resume import BlockLog, config_of, data_digest, tensor_digest
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
@@ -598,6 +598,9 @@ class _Walk:
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
             adapter=self.adapter.name, share_input_statistics=SHARE_INPUT_STATISTICS,
+            model=type(self.model).__qualname__, config=config_of(self.model),
+            # every buffer, the non-persistent ones too (rotary inv_freq: rope_theta)
+            buffers=tensor_digest(self.model.named_buffers()),
             blocks=[[s.prefix, s.chosen] for s in self.stacks], tasks=list(self.calibration),
             calibration=data_digest(self.calibration),
             # the embeddings and other tensors outside the blocks shape every block's inputs
@@ -611,7 +614,8 @@ class _Walk:
 
     def _block_digest(self, block, prefix, rels) -> str:
         """The weights block ``prefix`` is solved from: the merged block's, and the experts'
-        tensors the method reads there."""
+        tensors the method reads there; and the block's own description (``repr``: its modules'
+        eps and shapes, for models without a transformers config)."""
         named = [(rel, t) for rel, t in block.state_dict().items() if t.is_floating_point()]
         if self.experts:
             if self.targets == "expert_path":
@@ -620,7 +624,7 @@ class _Walk:
                 rels = [f"{rel}.weight" for rel in rels]
             named += [(f"{task}:{rel}", self._read_expert(task, f"{prefix}.{rel}"))
                       for task in self.experts for rel in rels]
-        return tensor_digest(named)
+        return tensor_digest(named, text=repr(block))
 
     def _restore(self, record, prefix):
         """Swap in the layers of a block done before, and its report entries."""

@@ -127,6 +127,60 @@ def test_other_weights_are_refused(which, gen, tmp_path, monkeypatch):
                             experts=experts, resume_dir=tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("change", ["config", "module", "buffer"])
+def test_another_configuration_of_the_same_weights_is_refused(change, gen, tmp_path, monkeypatch):
+    """Same tensors, other computation: the config (rope_theta), a module's attribute outside
+    any config (an RMSNorm's eps), a non-persistent buffer (the rotary inv_freq)."""
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    model = fam.merged()
+    if change == "config":
+        model.config.rope_theta = 500.0
+    elif change == "module":
+        model.model.layers[0].input_layernorm.variance_epsilon = 0.1
+    else:
+        model.model.rotary_emb.inv_freq.mul_(0.5)
+    match = "model.layers.0 was quantized from other weights" if change == "module" else "another walk"
+    with pytest.raises(ValueError, match=match):
+        epmq.quantize_model(model, SPEC, method="epmq", calibration=fam.calibration,
+                            experts=fam.experts, resume_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "record"])
+def test_a_damaged_block_is_solved_again(damage, gen, tmp_path, monkeypatch):
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    tensors, record = tmp_path / "model.layers.0.safetensors", tmp_path / "model.layers.0.json"
+    if damage == "flip":
+        data = bytearray(tensors.read_bytes())
+        data[-10] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    elif damage == "truncate":
+        tensors.write_bytes(b"")
+    elif damage == "missing":
+        tensors.unlink()
+    else:
+        record.write_text('{"dig')
+    with pytest.warns(UserWarning, match="block model.layers.0 is damaged"):
+        out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    assert out.epmq_report.resumed == []
+    reference = run(fam, fam.merged(), "epmq", "merged_path")
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_directory_with_no_block_done_takes_the_new_arguments(gen, tmp_path, monkeypatch):
+    """(A walk that failed before its first block, e.g. on a group size that does not divide a
+    layer, must not lock the directory to its arguments.)"""
+    fam = Family("llama", gen)
+    with pytest.raises(ValueError, match="does not divide"):
+        epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=64), method="gptq",
+                            calibration=fam.calibration, resume_dir=tmp_path, progress=False)
+    stale = tmp_path / ".model.layers.0.safetensors.tmp-999999999"  # a killed walk's
+    stale.write_bytes(b"partial")
+    run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path)
+    assert not stale.exists()
+
+
 def test_a_block_half_written_is_solved_again(gen, tmp_path, monkeypatch):
     """Only a block whose record (written last) is whole counts as done."""
     fam = Family("llama", gen)
