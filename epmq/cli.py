@@ -192,10 +192,15 @@ def _run(args) -> int:
     from . import pipeline
     from .benches import build_bench, load_config
 
+    from .benches import BenchConfigError
+
     config_path = Path(args.config)
     if not config_path.is_file():
         raise CLIError(f"config file not found: {config_path}")
-    config = load_config(config_path)
+    try:
+        config = load_config(config_path)
+    except BenchConfigError as e:
+        raise CLIError(str(e)) from None
     torch_threads(args.threads)
     known = {"seed", "model", "tasks", "data", "eval", "merge", "quantize", "output"}
     unknown = sorted(set(config) - known)
@@ -205,8 +210,11 @@ def _run(args) -> int:
         plan = pipeline.Plan.from_config(config.get("merge"), config.get("quantize"))
     except (TypeError, ValueError) as e:
         raise CLIError(f"{config_path}: {e}") from None
-    out = Path(args.out or (config.get("output") or {}).get("dir") or f"runs/{config_path.stem}")
-    if not out.is_absolute() and args.out is None and (config.get("output") or {}).get("dir"):
+    output = config.get("output") or {}
+    if not isinstance(output, dict) or set(output) - {"dir"} or not isinstance(output.get("dir", ""), str):
+        raise CLIError(f"{config_path}: output must be a mapping with one key, dir (a path), got {output!r}")
+    out = Path(args.out or output.get("dir") or f"runs/{config_path.stem}")
+    if not out.is_absolute() and args.out is None and output.get("dir"):
         out = config_path.parent / out
     t0 = time.perf_counter()
     try:
@@ -214,8 +222,11 @@ def _run(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(f"{config_path}: {e}") from None
     identity = getattr(bench, "identity", None) or {"config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
-    results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
-                           log=_log(args), identity=identity)
+    try:
+        results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
+                               log=_log(args), identity=identity)
+    except BenchConfigError as e:  # data problems found when a split is first read
+        raise CLIError(f"{config_path}: {e}") from None
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 
@@ -257,6 +268,8 @@ def _bench(args) -> int:
 
 
 def torch_threads(n):
+    if n is not None and n < 1:
+        raise CLIError(f"--threads must be a positive number of threads, got {n}")
     if n:
         import torch
 

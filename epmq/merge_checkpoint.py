@@ -140,14 +140,6 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
     if params is not None and not isinstance(params, Mapping):
         raise ValueError(f"params must be a mapping name -> value, got {params!r}")
-    for name, value in (params or {}).items():
-        if isinstance(value, str):
-            try:
-                float(value)
-            except ValueError:
-                continue
-            raise ValueError(f"params.{name} is the string {value!r}, not a number (YAML reads "
-                             f"1e-1 as a string: write 1.0e-1 or 0.1)")
     if method == "regmean" and (calibration is None or len(calibration) != len(models)):
         raise ValueError("regmean needs each model's activations on its task's data: give "
                          "calibration=[files of model 0, files of model 1, ...], one per model")
@@ -165,11 +157,25 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"slerp interpolates two models, got {len(models)}")
     if not models:
         raise ValueError("no models to merge")
-    accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {"base", "experts", "a", "b", "out",
-                                                                                  "grams"}
-    unknown = sorted(set(params or {}) - accepted)
+    check_merge_params(method, params or {})
+
+
+def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
+    """ValueError for parameters ``epmq.merge``'s ``method`` does not take (or ``reserved``:
+    set by the caller itself), and for numbers written as strings."""
+    accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {
+        "base", "experts", "a", "b", "out", "grams", *reserved}
+    unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
+    for name, value in params.items():
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                continue
+            raise ValueError(f"params.{name} is the string {value!r}, not a number (YAML reads "
+                             f"1e-1 as a string: write 1.0e-1 or 0.1)")
 
 
 def _expert_grams(sources, model_paths, calibration, device, options) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +47,20 @@ TARGETS = ("merged_path", "expert_path", "fp_path")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
 
 
+def _number(value, what: str, minimum: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        hint = " (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if isinstance(value, str) else ""
+        raise ValueError(f"{what} must be a finite number, got {value!r}{hint}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _anchor_key(anchor: float) -> str:
+    """An anchor in result keys: every digit (``:g`` made 0.1 and 0.1000001 one key)."""
+    return repr(float(anchor))
+
+
 @dataclass
 class MergePlan:
     """One merge: ``method`` of ``epmq.merge`` with ``params``; the scale is chosen on
@@ -58,15 +72,24 @@ class MergePlan:
     label: Optional[str] = None
 
     def __post_init__(self):
-        if self.method not in MERGE_METHODS:
+        if not isinstance(self.method, str) or self.method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {self.method!r}: one of {', '.join(MERGE_METHODS)}")
         if not isinstance(self.scales, (list, tuple)):
             self.scales = [self.scales]
         if not self.scales:
             raise ValueError(f"merge {self.method}: no scale to choose from")
+        for s in self.scales:
+            _number(s, f"merge {self.method}: each scale")
         if self.method in UNSCALED_MERGES and len(self.scales) > 1:
             raise ValueError(f"merge {self.method} has no scale: give no scales, not {self.scales}")
+        if not isinstance(self.params, dict):
+            raise ValueError(f"merge {self.method}: params must be a mapping name -> value, got {self.params!r}")
+        from .merge_checkpoint import check_merge_params
+
+        check_merge_params(self.method, self.params, reserved={"scale"})
         self.label = self.label or MERGE_LABELS[self.method]
+        if not isinstance(self.label, str):
+            raise ValueError(f"merge {self.method}: label must be a string, got {self.label!r}")
 
 
 @dataclass
@@ -97,8 +120,32 @@ class Plan:
     residual_precision: Optional[str] = None
 
     def __post_init__(self):
+        for name in ("merges", "methods", "bits", "anchors", "controls"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"quantize.{name} must be a list, got {getattr(self, name)!r}")
         self.merges = [m if isinstance(m, MergePlan) else MergePlan(**m) for m in self.merges]
         self.controls = [c if isinstance(c, Control) else Control(**c) for c in self.controls]
+        if not self.bits:
+            raise ValueError("quantize.bits is empty: give the bit widths to quantize to")
+        if not self.methods and not self.controls:
+            raise ValueError("quantize.methods and quantize.controls are both empty: nothing to quantize with")
+        for name in ("save_checkpoints", "sym", "act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantize.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.backend not in (None, "torch", "triton"):
+            raise ValueError(f"quantize.backend must be torch or triton (or absent), got {self.backend!r}")
+        _number(self.weight_anchor, "quantize.weight_anchor", minimum=0.0)
+        for a in self.anchors:
+            _number(a, "quantize.anchors: each anchor", minimum=0.0)
+        keys = [_anchor_key(a) for a in self.anchors]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"quantize.anchors repeats a value: {self.anchors}")
+        for what, labels in (("merge", [m.label for m in self.merges]),
+                             ("quantizer", [LABELS.get(m, m) for m in self.methods] + [c.label for c in self.controls])):
+            repeated = sorted({x for x in labels if labels.count(x) > 1})
+            if repeated:
+                raise ValueError(f"two {what}s are labelled {repeated}: give each its own label "
+                                 f"(their results would overwrite each other)")
         for m in self.methods:
             if m not in QUANT_METHODS:
                 raise ValueError(f"unknown quantization method {m!r}: one of {', '.join(QUANT_METHODS)}")
@@ -109,7 +156,7 @@ class Plan:
             check_residual_precision(self.residual_precision, "residual_precision")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {self.targets!r}")
-        if not self.anchors or any(a < 0 for a in self.anchors):
+        if not self.anchors:
             raise ValueError(f"anchors must be a non-empty list of values >= 0, got {self.anchors}")
         for b in self.bits:
             self.spec(b)  # validates bits and group size early, with QuantSpec's message
@@ -122,11 +169,15 @@ class Plan:
     def from_config(cls, merge: Optional[list], quantize: Optional[dict]) -> "Plan":
         """A plan from a config's ``merge`` list and ``quantize`` section; unknown keys raise."""
         fields = {f for f in cls.__dataclass_fields__ if f != "merges"}
+        if quantize is not None and not isinstance(quantize, dict):
+            raise ValueError(f"quantize must be a mapping of options, got {quantize!r}")
         quantize = dict(quantize or {})
         unknown = sorted(set(quantize) - fields)
         if unknown:
             raise ValueError(f"quantize: unknown keys {unknown}; allowed: {sorted(fields)}")
         merges = []
+        if merge is not None and not isinstance(merge, list):
+            raise ValueError(f"merge must be a list of merges (each a mapping with a method), got {merge!r}")
         for i, m in enumerate(merge or [{"method": "task_arithmetic"}]):
             if not isinstance(m, dict):
                 raise ValueError(f"merge[{i}] must be a mapping with a method, got {m!r}")
@@ -153,14 +204,25 @@ def _digest(obj) -> str:
 class Store:
     """``results.json``: one entry a step, each remembering the parameters it was run with."""
 
-    def __init__(self, out_dir: Path, identity: dict, resume: bool):
+    def __init__(self, out_dir: Path, identity: dict, resume: bool, log: Callable = print):
         self.path = Path(out_dir) / "results.json"
+        identity = json.loads(json.dumps(identity, default=str))  # (as it reads back)
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
         if resume and self.path.exists():
-            old = json.loads(self.path.read_text())
+            try:
+                old = json.loads(self.path.read_text())
+            except ValueError:
+                old = {}
             if old.get("identity") == identity:
                 self.data = old
+            elif old.get("steps"):
+                before = old.get("identity") or {}
+                changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+                backup = self.path.with_name("results.previous.json")
+                shutil.copy2(self.path, backup)
+                log(f"[resume] {self.path} was written for another bench (differs in {changed}): "
+                    f"starting over; the earlier results are in {backup}")
 
     def get(self, key: str, params: dict):
         step = self.data["steps"].get(key)
@@ -221,12 +283,13 @@ def choose_scale(bench, plan: MergePlan):
 class Runner:
     def __init__(self, bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
                  identity: Optional[dict] = None):
-        self.bench, self.plan, self.out = bench, plan, Path(out_dir)
+        # (absolute: results.json names the checkpoints, whatever directory it is read from)
+        self.bench, self.plan, self.out = bench, plan, Path(out_dir).absolute()
         self.progress, self.log = progress, log
-        self.store = Store(self.out, identity or {"tasks": list(bench.task_names)}, resume)
+        self.store = Store(self.out, identity or {"tasks": list(bench.task_names)}, resume, log)
 
-    def step(self, key: str, params: dict, fn: Callable[[], dict]) -> dict:
-        done = self.store.get(key, params)
+    def step(self, key: str, params: dict, fn: Callable[[], dict], *, redo: bool = False) -> dict:
+        done = None if redo else self.store.get(key, params)
         if done is not None:
             self.log(f"[resume] {key}: done before")
             return done
@@ -264,23 +327,35 @@ class Runner:
 
     def _quantize_rows(self, mp, scale, state, bits, method, targets, label):
         anchors = self.plan.anchors if method == "epmq" else [None]
-        runs = []
+        runs, cells = [], []
         for anchor in anchors:
-            params = {"merge": mp.label, "scale": scale, "spec": self.plan.spec(bits).to_dict(),
+            # the merge this quantizes (its method and parameters: its label alone may stay the
+            # same while they change), then the quantizer
+            params = {"merge": mp.label, "merge_method": mp.method, "merge_params": mp.params,
+                      "scale": scale, "spec": self.plan.spec(bits).to_dict(),
                       "method": method, "targets": targets, "anchor": anchor,
                       "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
             if method == "epmq" and self.plan.residual_precision is not None:
                 # only when set, so that results stored before the option existed still match
                 params["residual_precision"] = self.plan.residual_precision
-            key = f"quant/{mp.label}/w{bits}/{label}" + (f"/anchor={anchor:g}" if anchor is not None else "")
-            runs.append(self.step(key, params, lambda a=anchor, p=params: self._quantize(state, bits, method, targets, a, p)))
+            key = _quant_key(mp.label, bits, label, anchor)
+            run = (lambda a=anchor, p=params: self._quantize(state, bits, method, targets, a, p))
+            runs.append(self.step(key, params, run))
+            cells.append((key, params, run))
+        i = max(range(len(runs)), key=lambda j: runs[j]["val"]["avg"])  # chosen on validation
+        if self.plan.save_checkpoints and not _has_checkpoint(runs[i]):
+            # (a cell done before whose checkpoint is gone: an unchosen anchor's, or one run
+            # without saving): the chosen cell's checkpoint is what the run delivers
+            self.log(f"[resume] {cells[i][0]}: its checkpoint is missing, quantizing again")
+            runs[i] = self.step(*cells[i], redo=True)
+        # keep the chosen anchor's checkpoint only: the others were candidates
+        for j, r in enumerate(runs):
+            if j != i and _has_checkpoint(r):
+                shutil.rmtree(r["checkpoint"])
+                runs[j] = self.store.put(cells[j][0], cells[j][1], dict(r, checkpoint=None))
         if anchors != [None]:
-            best = max(runs, key=lambda r: r["val"]["avg"])  # chosen on validation
-            # keep the chosen anchor's checkpoint only: the others were candidates
-            for r in runs:
-                if r is not best and r.get("checkpoint") and Path(r["checkpoint"]).is_dir():
-                    shutil.rmtree(r["checkpoint"])
-            self.store.put(f"quant/{mp.label}/w{bits}/{label}", {"chosen_from": [r["params"]["anchor"] for r in runs]},
+            best = runs[i]
+            self.store.put(_quant_key(mp.label, bits, label), {"chosen_from": [r["params"]["anchor"] for r in runs]},
                            dict(best, chosen_anchor=best["params"]["anchor"]))
 
     def _quantize(self, state, bits, method, targets, anchor, params) -> dict:
@@ -308,6 +383,14 @@ class Runner:
             save_quantized(model, path, extras=getattr(bench, "save_extras", None))
             result["checkpoint"] = str(path)
         return result
+
+
+def _quant_key(merge_label: str, bits: int, label: str, anchor: Optional[float] = None) -> str:
+    return f"quant/{merge_label}/w{bits}/{label}" + (f"/anchor={_anchor_key(anchor)}" if anchor is not None else "")
+
+
+def _has_checkpoint(result: dict) -> bool:
+    return bool(result.get("checkpoint")) and Path(result["checkpoint"]).is_dir()
 
 
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
@@ -354,7 +437,7 @@ def ablation_rows(results: dict, plan: Plan) -> list:
     for mp in plan.merges:
         for bits in plan.bits:
             for anchor in plan.anchors:
-                step = steps.get(f"quant/{mp.label}/w{bits}/E-PMQ/anchor={anchor:g}")
+                step = steps.get(_quant_key(mp.label, bits, "E-PMQ", anchor))
                 if step is not None:
                     out.append((mp.label, bits, anchor, step["val"]["avg"], step["test"]["avg"]))
     return out
@@ -379,6 +462,12 @@ def _save(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
+
+
+def _score_axis(ax) -> None:
+    """0 to 100, extended below 0 for scores that go there (a negative correlation, STS-B)."""
+    lows = [bar.get_height() for bar in ax.patches if math.isfinite(bar.get_height())]
+    ax.set_ylim(min([0.0] + [v - 5 for v in lows if v < 0]), 100)
 
 
 def _quantizer_labels(plan: Plan) -> list:
@@ -407,7 +496,7 @@ def plot(results: dict, plan: Plan, path) -> None:
         ax.axhline(100 * steps["experts"]["test"]["avg"], color="g", ls=":", lw=1, label="experts")
         ax.axhline(100 * steps["base"]["test"]["avg"], color="grey", ls="-.", lw=1, label="base")
         ax.set_xticks(range(len(plan.bits)), [f"{b}-bit" for b in plan.bits])
-        ax.set_ylim(0, 100)
+        _score_axis(ax)
         ax.set_ylabel("average test accuracy (%)")
         ax.set_title(f"{mp.label} (scale {merged['scale']:g})")
     handles, names = axes[0][0].get_legend_handles_labels()
@@ -434,7 +523,7 @@ def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
                 ys = [_test_acc(steps, key, t) for t in tasks]
                 ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))], ys, width, label=name)
             ax.set_xticks(range(len(tasks)), [t[:10] for t in tasks], rotation=45, ha="right", fontsize=7)
-            ax.set_ylim(0, 100)
+            _score_axis(ax)
             ax.set_title(f"{mp.label}, {bits}-bit", fontsize=9)
             if c == 0:
                 ax.set_ylabel("test accuracy (%)")

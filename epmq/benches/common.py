@@ -86,16 +86,41 @@ class BenchBase:
 
     @property
     def identity(self) -> dict:
-        """What the bench's numbers depend on (for ``epmq.pipeline.run(identity=...)``): family,
-        base, dtype, seed, tasks with their experts and data, calibration and evaluation caps."""
+        """What the bench's numbers depend on (for ``epmq.pipeline.run(identity=...)``): the
+        model, seed, calibration, evaluation settings and every task's settings, with paths made
+        absolute (the same config run from another directory is the same bench) and the files
+        of local data and experts fingerprinted by name, size and time (new data or a new
+        expert at the same path is another bench)."""
         c = self.config
+        base_dir = Path(c.base_dir).absolute()
+
+        def local(source):
+            path = Path(str(source)).expanduser()
+            path = path if path.is_absolute() else base_dir / path
+            return path if path.exists() else None
+
+        def task(t):
+            # (data roots are already joined to the config's directory; experts are not)
+            root = None if t.data.root is None else Path(t.data.root).absolute()
+            data = dict(vars(t.data), root=None if root is None else str(root))
+            expert = local(t.expert)
+            return dict(
+                {k: v for k, v in vars(t).items() if k != "data"},
+                expert=str(expert or t.expert), data=data,
+                data_files=files_fingerprint(root if root is not None and root.exists() else None),
+                expert_files=files_fingerprint(expert))
+
+        model = {k: v for k, v in vars(c.model).items() if k not in ("device", "hub_cache_dir", "offline")}
+        for key in ("base", "tokenizer"):
+            if model.get(key) is not None and local(model[key]) is not None:
+                model[key] = str(local(model[key]))
         return {
-            "family": self.family, "base": c.model.base, "pretrained": c.model.pretrained, "dtype": c.model.dtype,
-            "seed": c.seed, "calibration": [c.calibration.samples, c.calibration.batch_size],
-            "max_samples": dict(c.eval.max_samples), "decoding": c.eval.decoding if self.family in TEXT_FAMILIES else None,
-            "tasks": [{"name": t.name, "expert": t.expert, "data": t.data.describe(), "splits": t.data.splits,
-                       "val_size": t.data.val_size, "templates": t.templates or t.template, "classnames": t.classnames,
-                       "answers": t.answers} for t in c.tasks],
+            "family": self.family, "model": model, "seed": c.seed, "max_input_tokens": c.max_input_tokens,
+            "calibration": [c.calibration.samples, c.calibration.batch_size],
+            "eval": {"max_samples": dict(c.eval.max_samples),
+                     **({"decoding": c.eval.decoding, "max_new_tokens": c.eval.max_new_tokens}
+                        if self.family in TEXT_FAMILIES else {})},
+            "tasks": [task(t) for t in c.tasks],
         }
 
     # ----------------------------------------------------------------- protocol
@@ -159,3 +184,19 @@ class BenchBase:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.family}, tasks={self.task_names}, device={self.device})"
+
+
+def files_fingerprint(path: Optional[Path]) -> Optional[str]:
+    """Digest of the names, sizes and modification times of the files at ``path`` (a file or
+    a directory tree); None for None."""
+    import hashlib
+
+    if path is None:
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.blake2b(digest_size=12)
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+

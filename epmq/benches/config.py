@@ -327,6 +327,10 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
         raise BenchConfigError(f"{where}.source: jsonl holds text; image tasks use hf or folder")
     if family in TEXT_FAMILIES and source == "folder":
         raise BenchConfigError(f"{where}.source: folder holds images; text tasks use hf or jsonl")
+    for column in ("image_column", "label_column"):
+        if family in TEXT_FAMILIES and merged.get(column, column.split("_")[0]) != column.split("_")[0]:
+            raise BenchConfigError(f"{where}.{column} is for image datasets; text tasks read the fields "
+                                   f"their template names and 'label'")
 
     root = None
     if source == "hf":

@@ -285,6 +285,7 @@ def open_text_sources(name: str, spec: DataSpec, fields: Sequence[str]):
                             raise BenchConfigError(f"{what}: {path} line {line_no} is not JSON: {e}") from e
             source = Records(records)
             columns = set(records[0]) if records else set()
+
         else:
             ds = load_hf_split(spec, split, what)
             source = HFRows(ds, dict)
@@ -292,5 +293,10 @@ def open_text_sources(name: str, spec: DataSpec, fields: Sequence[str]):
         missing = [c for c in list(fields) + ["label"] if c not in columns]
         if missing and len(source):
             raise BenchConfigError(f"{what}: the {split!r} examples lack field(s) {missing} (have {sorted(columns)})")
+        if spec.source == "jsonl":  # every record, not only the first
+            for i, record in enumerate(records):
+                lacking = [c for c in list(fields) + ["label"] if not isinstance(record, dict) or c not in record]
+                if lacking:
+                    raise BenchConfigError(f"{what}: record {i + 1} of {path} lacks field(s) {lacking}")
         sources[s] = source
     return sources

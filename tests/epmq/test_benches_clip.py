@@ -216,10 +216,10 @@ def test_pipeline_end_to_end(bench, tmp_path):
     results = run(bench, plan, tmp_path / "run", progress=False, log=lambda m: None, identity=bench.identity)
     steps = results["steps"]
     assert {"base", "experts", "merge/TA", "quant/TA/w8/RTN", "quant/TA/w8/GPTQ",
-            "quant/TA/w8/E-PMQ/anchor=1"} <= set(steps)
+            "quant/TA/w8/E-PMQ/anchor=1.0"} <= set(steps)
     merged = steps["merge/TA"]
     assert merged["scale"] in (0.2, 0.4) and set(merged["val_by_scale"]) == {"0.2", "0.4"}
-    for key in ("base", "experts", "merge/TA", "quant/TA/w8/RTN", "quant/TA/w8/GPTQ", "quant/TA/w8/E-PMQ/anchor=1"):
+    for key in ("base", "experts", "merge/TA", "quant/TA/w8/RTN", "quant/TA/w8/GPTQ", "quant/TA/w8/E-PMQ/anchor=1.0"):
         for split in ("val", "test"):
             _in_unit_interval(steps[key][split], TASKS)
     assert steps["quant/TA/w8/GPTQ"]["layers"] == 12  # 2 blocks x (q, k, v, out, fc1, fc2)
@@ -227,7 +227,7 @@ def test_pipeline_end_to_end(bench, tmp_path):
     assert abs(steps["quant/TA/w8/RTN"]["test"]["avg"] - merged["test"]["avg"]) <= 0.2
     assert (tmp_path / "run" / "results.json").is_file()
     # each checkpoint is served as it is: the vision tower and its image preprocessing
-    checkpoint = Path(steps["quant/TA/w8/E-PMQ/anchor=1"]["checkpoint"])
+    checkpoint = Path(steps["quant/TA/w8/E-PMQ/anchor=1.0"]["checkpoint"])
     assert (checkpoint / "preprocessor_config.json").is_file()
     loaded = epmq.load_quantized(checkpoint)
     assert type(loaded).__name__ == "CLIPVisionModel"

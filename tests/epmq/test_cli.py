@@ -64,6 +64,23 @@ def test_run_missing_config(tmp_path, capsys):
         (lambda c: c.update(extra=1), "unknown top-level keys \\['extra'\\]"),
         (lambda c: c["tasks"][0].pop("expert"), "expert"),
         (lambda c: c["tasks"][1].update(expert="does/not/exist/here.safetensors"), "does/not/exist"),
+        (lambda c: c.update(quantize={**c["quantize"], "anchors": [float("nan")]}), "each anchor must be a finite"),
+        (lambda c: c.update(quantize={**c["quantize"], "anchors": ["1e-1"]}), "YAML reads 1e-1 as a string"),
+        (lambda c: c.update(quantize={**c["quantize"], "anchors": 0.1}), "quantize.anchors must be a list"),
+        (lambda c: c.update(quantize={**c["quantize"], "anchors": [0.1, 0.1]}), "repeats a value"),
+        (lambda c: c.update(quantize={**c["quantize"], "weight_anchor": -1}), "weight_anchor must be >= 0"),
+        (lambda c: c.update(quantize={**c["quantize"], "backend": "cuda_magic"}), "backend must be torch or triton"),
+        (lambda c: c.update(quantize={**c["quantize"], "bits": []}), "bits is empty"),
+        (lambda c: c.update(quantize={**c["quantize"], "methods": [], "controls": []}), "nothing to quantize"),
+        (lambda c: c.update(quantize={**c["quantize"], "save_checkpoints": "no"}), "save_checkpoints must be true"),
+        (lambda c: c.update(merge=[{"method": "ties", "params": {"densty": 0.2}}]), "unknown parameters \\['densty'\\]"),
+        (lambda c: c.update(merge=[{"method": "ties", "scales": ["3e-1"]}]), "each scale must be a finite"),
+        (lambda c: c.update(merge=[{"method": "ties"}, {"method": "ties", "params": {"density": 0.9}}]),
+         "two merges are labelled \\['TIES'\\]"),
+        (lambda c: c.update(quantize={**c["quantize"], "controls": [{"method": "gptq", "targets": "fp_path",
+                                                                     "label": "RTN"}]}),
+         "two quantizers are labelled \\['RTN'\\]"),
+        (lambda c: c.update(output="runs/x"), "output must be a mapping"),
     ],
 )
 def test_run_config_errors(tiny_config, tmp_path, capsys, change, message):
@@ -126,6 +143,49 @@ def test_run_resumes_after_interruption(tiny_config, tmp_path, capsys, monkeypat
     assert "quant/TA/w4/RTN" in json.loads((out / "results.json").read_text())["steps"]
 
 
+def test_resumed_cells_follow_what_they_depend_on(tiny_config, tmp_path, capsys, monkeypatch):
+    """A merge's parameters, the checkpoint a chosen cell must deliver, and the files of a
+    task's data are part of what a cell was computed from; the config's own path is not."""
+    config = yaml.safe_load(tiny_config.read_text())
+    config["quantize"] = {**config["quantize"], "bits": [8], "methods": ["rtn", "epmq"], "controls": []}
+    config["merge"] = [{"method": "ties", "scales": [1.0], "params": {"density": 0.2}}]
+    path = write(tiny_config.parent, config, "depends.yaml")
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    steps = json.loads((out / "results.json").read_text())["steps"]
+    chosen = steps["quant/TIES/w8/E-PMQ"]["chosen_anchor"]
+    other = 1.0 if chosen == 0.1 else 0.1
+
+    config["merge"][0]["params"] = {"density": 0.9}
+    write(tiny_config.parent, config, "depends.yaml")
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[resume] quant/TIES/w8/RTN: done before" not in log  # the merge changed under it
+
+    # only the anchor that was not chosen (its checkpoint deleted) is left: it is redone
+    config["quantize"]["anchors"] = [other]
+    write(tiny_config.parent, config, "depends.yaml")
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert f"[resume] quant/TIES/w8/E-PMQ/anchor={other!r}: its checkpoint is missing" in log
+    step = json.loads((out / "results.json").read_text())["steps"]["quant/TIES/w8/E-PMQ"]
+    assert (out / "checkpoints").is_dir() and __import__("os").path.isdir(step["checkpoint"])
+
+    # from another working directory: the same bench, nothing redone
+    monkeypatch.chdir(tiny_config.parent.parent)
+    assert main(["run", str(path.relative_to(tiny_config.parent.parent)), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[resume] quant/TIES/w8/RTN: done before" in log
+    assert "quantizing again" not in log and "starting over" not in log
+    # a task's data changed on disk: another bench; the old results are kept aside
+    data = next((tiny_config.parent / "data").rglob("*.png"))
+    data.write_bytes(data.read_bytes())  # (same content, new time: conservatively another bench)
+    __import__("os").utime(data, ns=(1, 1))
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    assert "starting over; the earlier results are in" in capsys.readouterr().out
+    assert (out / "results.previous.json").is_file()
+
+
 def test_fresh_ignores_earlier_results(tiny_config, tmp_path, capsys):
     out = tmp_path / "fresh"
     assert main(["run", str(tiny_config), "--out", str(out), "--quiet"]) == 0
@@ -155,7 +215,7 @@ def test_demo_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "digit" in printed and "TA w2 GPTQ fp-path" in printed
     assert main(args[:-1]) == 0  # second run: everything from the cache and the results
-    assert "[resume] quant/TA/w2/E-PMQ/anchor=1: done before" in capsys.readouterr().out
+    assert "[resume] quant/TA/w2/E-PMQ/anchor=1.0: done before" in capsys.readouterr().out
 
 
 def test_bench_needs_cuda(capsys):
