@@ -97,7 +97,9 @@ class Adapter:
         return {}
 
     def linears(self, block: nn.Module) -> dict:
-        return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        """The block's linear layers: ``nn.Linear`` and its subclasses (Falcon's ``FalconLinear``)
+        but MoE routers (PhiMoE's, Llama 4's), which return their top-k experts."""
+        return {name: m for name, m in block.named_modules() if _is_linear(m)}
 
     def stage(self, block: nn.Module, rel: str):
         return None
@@ -170,3 +172,12 @@ for _adapter in (OPEN_CLIP, CLIP_HF, T5, BART, GPT2, HF_DECODERS, MOE_DECODERS, 
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "BART",
            "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS"]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a subclass, unless it is a router: routers subclass ``nn.Linear`` to
+    return their top-k experts, and a ``QuantLinear`` in their place would return a tensor."""
+    if not isinstance(module, nn.Linear):
+        return False
+    overridden = type(module).forward is not nn.Linear.forward
+    return not (overridden and "router" in type(module).__name__.lower())

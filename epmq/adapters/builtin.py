@@ -58,15 +58,23 @@ HF_DECODERS = Adapter("hf-decoder", block_types=(
     "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "PhiDecoderLayer",
     "Phi3DecoderLayer", "Olmo2DecoderLayer", "GraniteDecoderLayer", "CohereDecoderLayer",
     "StableLmDecoderLayer", "GPTNeoXLayer", "FalconDecoderLayer",
+    # and those with the same calling convention (tests/epmq/test_walker_archs.py, WIDER)
+    "OlmoDecoderLayer", "Starcoder2DecoderLayer", "Cohere2DecoderLayer", "GPTJBlock",
+    "GPTBigCodeBlock", "OPTDecoderLayer", "BloomBlock", "MptBlock",
 ))
 # Encoders whose layers take the hidden states and the attention mask (text) or nothing else
 # (images): BERT-style text encoders (GLUE experts) and ViT-style image encoders.
 HF_ENCODERS = Adapter("hf-encoder", block_types=(
     "BertLayer", "RobertaLayer", "DebertaV2Layer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
+    "XLMRobertaLayer", "ElectraLayer", "ModernBertEncoderLayer", "DeiTLayer", "BeitLayer",
+    "Siglip2EncoderLayer",
 ))
 # BART: an encoder stack, then a decoder stack whose layers take the encoder's output and mask
 # (recorded per block like any keyword argument, after the encoder is quantized).
-BART = Adapter("hf-bart", block_types=("BartEncoderLayer", "BartDecoderLayer"))
+BART = Adapter("hf-bart", block_types=(
+    "BartEncoderLayer", "BartDecoderLayer", "MBartEncoderLayer", "MBartDecoderLayer",
+    "PegasusEncoderLayer", "PegasusDecoderLayer", "WhisperEncoderLayer", "WhisperDecoderLayer",
+))
 
 
 class GPT2Adapter(Adapter):

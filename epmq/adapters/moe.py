@@ -136,4 +136,6 @@ class MoEAdapter(Adapter):
 
 MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     "Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "OlmoeDecoderLayer",
+    "PhimoeDecoderLayer", "GraniteMoeDecoderLayer", "DeepseekV2DecoderLayer", "DeepseekV3DecoderLayer",
+    "JambaAttentionDecoderLayer", "JambaMambaDecoderLayer",
 ))

@@ -1,6 +1,7 @@
 """End to end on every family: merge three experts, quantize (RTN, GPTQ, E-PMQ) at 8 and 4
 bits, save, load into a fresh model, and compare outputs."""
 
+import copy
 import json
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 import epmq
 from epmq.adapters import find_adapter
-from test_walker_models import ARCHS, DECODERS, ENCODERS, MOE, Family, output, rel_err
+from test_walker_models import (ARCHS, DECODERS, ENCODERS, MOE, WIDER, Family, output, perturb, rel_err,
+                                wider_input)
 
 SPEC_4 = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -282,3 +284,42 @@ def test_a_tensor_shared_by_block_kwargs_moves_once():
     assert all(k["encoder_hidden_states"].device.type == "meta" for k in moved)
     assert len({id(k["encoder_hidden_states"]) for k in moved}) == 1
     assert all(k["mask"] is k["pos"][0] and k["pos"][1] == 3 for k in moved)
+
+
+@pytest.mark.parametrize("arch", list(WIDER))
+def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
+    """Families that share a built-in adapter's convention (and MoE models whose experts it
+    rebuilds): E-PMQ reaches every linear of every block the block calls (no plain nn.Linear is
+    left unreported, no weight matrix outside one), and the checkpoint loads to the same outputs."""
+    build_model, kind = WIDER[arch]
+    torch.manual_seed(0)
+    base = build_model().eval()
+    experts = {t: perturb(base, gen).state_dict() for t in ("a", "b")}
+    calibration = {t: [wider_input(kind, gen) for _ in range(2)] for t in experts}
+    model = copy.deepcopy(base)
+    epmq.quantize_model(model, SPEC_4, method="epmq", calibration=calibration, experts=experts,
+                        backend="torch", progress=False)
+    adapter = find_adapter(model)
+    # (but those the block never calls, using their weight directly: Mamba's dt_proj, reported)
+    left = {f"{prefix}.{i}.{rel}" for prefix, blocks in adapter.stacks(model) for i, block in enumerate(blocks)
+            for rel, m in block.named_modules() if type(m) is torch.nn.Linear}
+    assert left <= set(model.epmq_report.skipped)
+    assert not [w for w in recwarn if "outside any linear" in str(w.message)]
+    assert len(model.epmq_report.layers) == sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) > 0
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    loaded = epmq.load_quantized(tmp_path / "ckpt")
+    item = wider_input(kind, gen)
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
+def test_fused_experts_an_adapter_leaves_alone_are_warned_about(gen):
+    """A plain Adapter on an MoE decoder: the routers (nn.Linear subclasses returning top-k) are
+    left alone, and the fused 3-D experts it cannot quantize are named in a warning."""
+    build_model, kind = WIDER["phimoe"]
+    torch.manual_seed(0)
+    model = build_model().eval()
+    calibration = {"a": [wider_input(kind, gen)]}
+    with pytest.warns(UserWarning, match="outside any linear layer .*experts.gate_up_proj"):
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, backend="torch",
+                            adapter=epmq.Adapter("plain", block_types=("PhimoeDecoderLayer",)), progress=False)
+    assert not any("router" in layer["name"] for layer in model.epmq_report.layers)

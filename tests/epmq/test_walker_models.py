@@ -227,3 +227,93 @@ def test_builder_runs_and_adapter_finds_blocks(arch, gen):
 def test_epmq_namespace_exports():
     for name in ("quantize_model", "QuantLinear", "save_quantized", "load_quantized", "register_adapter", "Adapter"):
         assert hasattr(epmq, name) and name in epmq.__all__
+
+
+# --------------------------------------------------------------------------- more families
+
+def _decoder(model_class, config_class, **options):
+    import transformers
+
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config.update(options)
+    return lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(
+        **{k: v for k, v in config.items() if v is not None}))
+
+
+def _hf(model_class, config_class, **config):
+    import transformers
+
+    return lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+
+_ENCDEC = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+_MOE = dict(num_experts_per_tok=2)
+_DEEPSEEK = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                 v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
+                 first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE)
+
+# Families that share a built-in adapter's calling convention, each checked end to end once
+# (tests/epmq/test_walker_archs.py): name -> (builder, kind of calibration input).
+WIDER = {
+    "olmo": (_decoder("OlmoForCausalLM", "OlmoConfig"), "ids"),
+    "starcoder2": (_decoder("Starcoder2ForCausalLM", "Starcoder2Config"), "ids"),
+    "cohere2": (_decoder("Cohere2ForCausalLM", "Cohere2Config", sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]), "ids"),
+    "gptj": (_hf("GPTJForCausalLM", "GPTJConfig", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                 n_positions=64), "ids"),
+    "gpt_bigcode": (_hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", vocab_size=VOCAB, n_embd=32, n_layer=2,
+                        n_head=4, n_positions=64, multi_query=True), "ids"),
+    "opt": (_hf("OPTForCausalLM", "OPTConfig", vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1), "ids"),
+    "bloom": (_hf("BloomForCausalLM", "BloomConfig", vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4), "ids"),
+    "mpt": (_hf("MptForCausalLM", "MptConfig", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
+                max_seq_len=64), "ids"),
+    "phimoe": (_decoder("PhimoeForCausalLM", "PhimoeConfig", num_local_experts=4, **_MOE), "ids"),
+    "granitemoe": (_decoder("GraniteMoeForCausalLM", "GraniteMoeConfig", num_local_experts=4, **_MOE), "ids"),
+    "deepseek_v2": (_decoder("DeepseekV2ForCausalLM", "DeepseekV2Config", **_DEEPSEEK), "ids"),
+    "deepseek_v3": (_decoder("DeepseekV3ForCausalLM", "DeepseekV3Config", **_DEEPSEEK), "ids"),
+    "jamba": (_decoder("JambaForCausalLM", "JambaConfig", num_experts=4, attn_layer_period=2, attn_layer_offset=1,
+                       expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2,
+                       mamba_dt_rank=4, use_mamba_kernels=False, **_MOE), "ids"),
+    "xlm_roberta": (_hf("XLMRobertaModel", "XLMRobertaConfig", vocab_size=VOCAB, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4), "masked_ids"),
+    "electra": (_hf("ElectraModel", "ElectraConfig", vocab_size=VOCAB, hidden_size=32, embedding_size=16,
+                    intermediate_size=64, num_hidden_layers=2, num_attention_heads=4), "masked_ids"),
+    "modernbert": (_hf("ModernBertModel", "ModernBertConfig", vocab_size=VOCAB, hidden_size=32,
+                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+                       global_attn_every_n_layers=2, local_attention=4), "masked_ids"),
+    "deit": (_hf("DeiTModel", "DeiTConfig", image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4), "image"),
+    "beit": (_hf("BeitModel", "BeitConfig", image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, use_relative_position_bias=True), "image"),
+    "siglip2": (_hf("Siglip2VisionModel", "Siglip2VisionConfig", hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, patch_size=8, num_patches=16), "patches"),
+    "mbart": (_hf("MBartForConditionalGeneration", "MBartConfig", **_ENCDEC, pad_token_id=1, bos_token_id=0,
+                  eos_token_id=2, decoder_start_token_id=2), "pairs"),
+    "pegasus": (_hf("PegasusForConditionalGeneration", "PegasusConfig", **_ENCDEC, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0), "pairs"),
+    "whisper": (_hf("WhisperForConditionalGeneration", "WhisperConfig", **{k: v for k, v in _ENCDEC.items()
+                                                                           if k != "max_position_embeddings"},
+                    num_mel_bins=8, max_source_positions=16, max_target_positions=32, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None,
+                    begin_suppress_tokens=None), "audio"),
+}
+
+
+def wider_input(kind: str, gen: torch.Generator):
+    ids = torch.randint(3, VOCAB, (2, 8), generator=gen)
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    return {"ids": lambda: {"input_ids": ids, "attention_mask": mask},
+            "masked_ids": lambda: {"input_ids": ids, "attention_mask": mask},
+            "image": lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)},
+            "pairs": lambda: {"input_ids": ids, "attention_mask": mask,
+                              "decoder_input_ids": torch.randint(3, VOCAB, (2, 5), generator=gen)},
+            # 16 patches of 8 x 8 x 3 per image; the second image's last 4 are padding
+            "patches": lambda: {"pixel_values": torch.randn(2, 16, 192, generator=gen),
+                                "pixel_attention_mask": torch.tensor([[1] * 16, [1] * 12 + [0] * 4]),
+                                "spatial_shapes": torch.tensor([[4, 4], [4, 4]])},
+            "audio": lambda: {"input_features": torch.randn(2, 8, 32, generator=gen),
+                              "decoder_input_ids": torch.randint(3, VOCAB, (2, 5), generator=gen)},
+            }[kind]()
