@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .adapters import Adapter, Part, Transposed, find_adapter
+from .adapters import Adapter, Part, Transposed, find_adapter, warn_other_towers
 from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
@@ -230,7 +230,11 @@ def quantize_model(
     if method == "epmq":
         _check_tasks(calibration, experts)
 
-    adapter = find_adapter(model, adapter)
+    if adapter is None:
+        adapter = find_adapter(model)
+        warn_other_towers(model, adapter)
+    else:
+        adapter = find_adapter(model, adapter)
     if adapter.routes_tokens and method != "rtn" and targets != "merged_path":
         raise ValueError(
             f"targets={targets!r} needs the target model to send each token through the same "

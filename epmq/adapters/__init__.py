@@ -37,6 +37,8 @@ Registered adapters are tried before the built-in ones.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Optional
 
 from torch import nn
@@ -162,6 +164,19 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
         f"Register one: epmq.register_adapter(epmq.Adapter('name', block_types=('YourBlock',))) "
         f"(see epmq/adapters/__init__.py)"
     )
+
+
+def warn_other_towers(model: nn.Module, chosen: Adapter) -> None:
+    """A model with blocks of two families (a VLM: a vision tower beside its language model) is
+    walked by one adapter; say which other blocks stay in full precision."""
+    taken = {name for name, _ in chosen.stacks(model)}
+    others = sorted({f"{name} ({a.name})" for a in _REGISTRY if a is not chosen
+                     for name, _ in a.stacks(model)
+                     if not any(name == t or name.startswith(f"{t}.") or t.startswith(f"{name}.") for t in taken)})
+    if others:
+        warnings.warn(f"{type(model).__name__}: the {chosen.name} adapter quantizes {sorted(taken)}; the "
+                      f"blocks at {', '.join(others)} stay in full precision (quantize them with "
+                      f"adapter=, e.g. a vision tower, in a second quantize_model call)")
 
 
 from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, OPEN_CLIP, T5  # noqa: E402

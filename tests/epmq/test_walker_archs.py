@@ -323,3 +323,21 @@ def test_fused_experts_an_adapter_leaves_alone_are_warned_about(gen):
         epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, backend="torch",
                             adapter=epmq.Adapter("plain", block_types=("PhimoeDecoderLayer",)), progress=False)
     assert not any("router" in layer["name"] for layer in model.epmq_report.layers)
+
+
+def test_a_second_tower_left_in_full_precision_is_named(gen):
+    """A vision-language model: the language model's blocks are walked, and the warning names
+    the vision tower's, which stay in full precision."""
+    import transformers
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).eval()
+    calibration = {"a": [torch.randint(0, 290, (2, 8), generator=gen)]}
+    with pytest.warns(UserWarning, match="the hf-decoder adapter quantizes .*vision_tower.* stay in full precision"):
+        epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
