@@ -341,3 +341,6 @@ def test_a_second_tower_left_in_full_precision_is_named(gen):
     calibration = {"a": [torch.randint(0, 290, (2, 8), generator=gen)]}
     with pytest.warns(UserWarning, match="the hf-decoder adapter quantizes .*vision_tower.* stay in full precision"):
         epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
+    epmq.quantize_model(model, SPEC_4, method="rtn", adapter=epmq.adapters.HF_ENCODERS, progress=False)
+    tower = model.model.vision_tower.encoder.layers
+    assert all(type(m) is not torch.nn.Linear for m in tower.modules())
