@@ -37,7 +37,7 @@ data splits exist is checked when the bench is built (``epmq.benches.build_bench
       val_size: 0.1                  # held-out part of train (fraction, or a count if >= 1)
       image_column: image            # HF image datasets
       label_column: label
-      max_input_tokens: 256          # text families: inputs truncated to this many tokens
+      max_input_tokens: 256          # text families: longer inputs lose the end of their fields (not the instruction)
       calibration: {samples: 128, batch_size: 32}     # per task, from train (never val or test)
     eval:
       batch_size: 128

@@ -62,6 +62,25 @@ class TextTask:
     def prompt(self, example: dict) -> str:
         return self.template.format(**{f: example[f] for f in self.fields})
 
+    def fitted_prompt(self, example: dict, tokenizer, max_tokens: int) -> str:
+        """The prompt in at most ``max_tokens`` tokens: the example's own fields are shortened,
+        the longest first, so that the instruction around them (often at the end: "Reply yes
+        or no") survives, where cutting the prompt's end would drop it."""
+        text = self.prompt(example)
+        if len(tokenizer(text)["input_ids"]) <= max_tokens:
+            return text
+        fields = {f: tokenizer(str(example[f]), add_special_tokens=False)["input_ids"] for f in self.fields}
+        for _ in range(8):  # (a field decoded after a cut may tokenize a little differently)
+            over = len(tokenizer(text)["input_ids"]) - max_tokens
+            if over <= 0 or not any(fields.values()):
+                break
+            for _ in range(over):  # one token at a time from the longest field
+                longest = max(fields, key=lambda f: len(fields[f]))
+                fields[longest] = fields[longest][:-1]
+            shortened = {f: tokenizer.decode(ids, skip_special_tokens=True) for f, ids in fields.items()}
+            text = self.template.format(**shortened)
+        return text
+
     def target(self, label) -> str:
         return score_text(label) if self.regression else self.answers[int(label)]
 
@@ -180,8 +199,10 @@ class T5GlueBench(BenchBase):
                         f"task {task!r}: the {split} split has label {lab!r}, expected {expected} (GLUE's test "
                         f"split hides its labels as -1: use the validation split as test)"
                     )
-            ids = self.tokenizer([t.prompt(ex) for ex in examples], truncation=True,
-                                 max_length=self.config.max_input_tokens)["input_ids"]
+            limit = self.config.max_input_tokens
+            prompts = [t.fitted_prompt(ex, self.tokenizer, limit) for ex in examples]
+            # (truncation stays as a bound, for a template longer than the limit by itself)
+            ids = self.tokenizer(prompts, truncation=True, max_length=limit)["input_ids"]
             self._encoded[key] = (ids, labels)
         return self._encoded[key]
 

@@ -164,3 +164,18 @@ def test_quantizes_through_the_walker(bench):
                         experts=dict(bench.experts), progress=False)
     assert len(model.epmq_report.layers) == 2 * 7 + 2 * 11  # encoder: 4 attn + 3 ffn; decoder: + 4 cross-attn
     _check(bench.evaluate(model, "test"))
+
+
+def test_long_inputs_lose_their_fields_not_the_instruction(bench):
+    """Truncated to max_input_tokens, a prompt keeps its instruction (the end of the template)
+    and shortens the example's own fields, the longest first."""
+    task = bench.tasks["rte"]
+    long, short = " ".join(["the cat sat on the mat"] * 20), "it rains"
+    example = {"sentence1": long, "sentence2": short, "label": 0}
+    bare = len(bench.tokenizer(task.prompt({"sentence1": "", "sentence2": ""}))["input_ids"])
+    limit = bare + 10
+    text = task.fitted_prompt(example, bench.tokenizer, limit)
+    assert len(bench.tokenizer(text)["input_ids"]) <= limit
+    assert text.endswith(task.template.rsplit("}", 1)[1]) and short in text
+    assert task.fitted_prompt({**example, "sentence1": "a cat"}, bench.tokenizer, limit) == task.prompt(
+        {**example, "sentence1": "a cat"})
