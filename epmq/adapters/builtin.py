@@ -44,9 +44,24 @@ class T5Adapter(Adapter):
         return kwargs
 
 
+class LongT5Adapter(T5Adapter):
+    """HF LongT5 (local and transient-global attention): T5's biases, but its blocks also return
+    the attention weights, ``(hidden, bias, weights[, cross bias, cross weights])``."""
+
+    def passthrough(self, hidden):
+        return hidden, None, None, None, None
+
+    def next_kwargs(self, kwargs, output):
+        kwargs = dict(kwargs, position_bias=output[1])
+        if kwargs.get("encoder_hidden_states") is not None:
+            kwargs["encoder_decoder_position_bias"] = output[3]
+        return kwargs
+
+
 OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock",))
 CLIP_HF = Adapter("hf-clip", block_types=("CLIPEncoderLayer",))
 T5 = T5Adapter("hf-t5", block_types=("T5Block", "MT5Block"))
+LONGT5 = LongT5Adapter("hf-longt5", block_types=("LongT5Block",))
 # Decoder-only LMs whose blocks take the hidden states and, as keyword arguments that the walker
 # records per block, the attention mask and the rotary (cos, sin): the mask may differ by depth
 # (Qwen2, Mistral, Gemma 2/3 alternate full and sliding-window layers; Gemma 3 also the rotary

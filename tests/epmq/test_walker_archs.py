@@ -344,3 +344,34 @@ def test_a_second_tower_left_in_full_precision_is_named(gen):
     epmq.quantize_model(model, SPEC_4, method="rtn", adapter=epmq.adapters.HF_ENCODERS, progress=False)
     tower = model.model.vision_tower.encoder.layers
     assert all(type(m) is not torch.nn.Linear for m in tower.modules())
+
+
+@pytest.mark.parametrize("arch", list(WIDER))
+def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
+    """The walk feeds the last block of the last stack exactly the inputs the model's own
+    forward gives it (masks, rotary or ALiBi, T5-style biases, encoder states replayed): its first
+    linear's statistics equal those hooked from a plain forward (nothing upstream quantized)."""
+    from epmq.stats import HessianStats
+
+    build_model, kind = WIDER[arch]
+    torch.manual_seed(0)
+    model = build_model().eval()
+    calibration = {"a": [wider_input(kind, gen) for _ in range(2)]}
+    adapter = find_adapter(model)
+    prefix, blocks = adapter.stacks(model)[-1]
+    target = f"{prefix}.{len(blocks) - 1}.{next(iter(adapter.linears(blocks[-1])))}"
+    hand = []
+    handle = model.get_submodule(target).register_forward_pre_hook(
+        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for item in calibration["a"]:
+            model(**item)
+    handle.remove()
+    seen = []
+    add_batch = HessianStats.add_batch
+    monkeypatch.setattr(HessianStats, "add_batch", lambda self, x: seen.append(x.double()) or add_batch(self, x))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
+                        backend="torch", progress=False)
+    H_hand = sum(x.T @ x for x in hand)
+    H_walk = sum(x.T @ x for x in seen)
+    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
