@@ -402,6 +402,13 @@ def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable
 # --------------------------------------------------------------------------- reporting
 
 
+def _precision(results: dict) -> str:
+    """The unquantized models' dtype, as the table names it (the bench's ``model.dtype``)."""
+    model = results.get("identity", {}).get("model")
+    dtype = model.get("dtype") if isinstance(model, dict) else None
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
+
+
 def table_rows(results: dict, plan: Plan) -> list:
     """``(label, {task: acc, "avg": acc})`` rows in the paper's shape (test split)."""
     steps = results["steps"]
@@ -411,7 +418,7 @@ def table_rows(results: dict, plan: Plan) -> list:
         merged = steps.get(f"merge/{mp.label}")
         if merged is None:
             continue
-        rows.append((f"{mp.label} fp32 (scale {merged['scale']:g})", merged["test"]))
+        rows.append((f"{mp.label} {_precision(results)} (scale {merged['scale']:g})", merged["test"]))
         for bits in plan.bits:
             for label in labels:
                 step = steps.get(f"quant/{mp.label}/w{bits}/{label}")
@@ -492,7 +499,7 @@ def plot(results: dict, plan: Plan, path) -> None:
         for i, label in enumerate(labels):
             ys = [_test_acc(steps, f"quant/{mp.label}/w{b}/{label}") for b in plan.bits]
             ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(plan.bits))], ys, width, label=label)
-        ax.axhline(100 * merged["test"]["avg"], color="k", ls="--", lw=1, label="merged fp32")
+        ax.axhline(100 * merged["test"]["avg"], color="k", ls="--", lw=1, label=f"merged {_precision(results)}")
         ax.axhline(100 * steps["experts"]["test"]["avg"], color="g", ls=":", lw=1, label="experts")
         ax.axhline(100 * steps["base"]["test"]["avg"], color="grey", ls="-.", lw=1, label="base")
         ax.set_xticks(range(len(plan.bits)), [f"{b}-bit" for b in plan.bits])
@@ -506,7 +513,7 @@ def plot(results: dict, plan: Plan, path) -> None:
 
 
 def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
-    """Test accuracy per task: experts, each merge in fp32 and its quantizers, one panel per
+    """Test accuracy per task: experts, each merge unquantized and its quantizers, one panel per
     merge and bit width."""
     plt = _pyplot()
     steps = results["steps"]
@@ -516,7 +523,7 @@ def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
     for r, mp in enumerate(plan.merges):
         for c, bits in enumerate(plan.bits):
             ax = axes[r][c]
-            series = [("experts", "experts"), ("merged fp32", f"merge/{mp.label}")]
+            series = [("experts", "experts"), (f"merged {_precision(results)}", f"merge/{mp.label}")]
             series += [(label, f"quant/{mp.label}/w{bits}/{label}") for label in labels]
             width = 0.85 / len(series)
             for i, (name, key) in enumerate(series):

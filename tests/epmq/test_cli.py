@@ -244,3 +244,15 @@ def test_example_merge_and_quantize_configs_are_valid():
     for path in quantizations:
         spec, options = quantize_options(_yaml_mapping(path, QUANTIZE_KEYS, ("model", "method"), ""))
         assert spec.bits == 4 and options["method"] == "epmq"
+
+
+def test_the_table_names_the_models_precision():
+    from epmq import pipeline
+
+    plan = pipeline.Plan(bits=[4], methods=["rtn"], controls=[])
+    acc = {"val": {"avg": 0.5}, "test": {"avg": 0.5}}
+    results = {"identity": {"model": {"dtype": "bfloat16"}},
+               "steps": {"base": acc, "experts": acc, "merge/TA": dict(acc, scale=0.3), "quant/TA/w4/RTN": acc}}
+    assert [label for label, _ in pipeline.table_rows(results, plan)][2] == "TA bf16 (scale 0.3)"
+    results["identity"] = {"bench": "epmq-demo"}
+    assert [label for label, _ in pipeline.table_rows(results, plan)][2] == "TA fp32 (scale 0.3)"
