@@ -339,7 +339,9 @@ class Runner:
                 # only when set, so that results stored before the option existed still match
                 params["residual_precision"] = self.plan.residual_precision
             key = _quant_key(mp.label, bits, label, anchor)
-            run = (lambda a=anchor, p=params: self._quantize(state, bits, method, targets, a, p))
+            def run(a=anchor, p=params):
+                return self._quantize(state, bits, method, targets, a, p)
+
             runs.append(self.step(key, params, run))
             cells.append((key, params, run))
         i = max(range(len(runs)), key=lambda j: runs[j]["val"]["avg"])  # chosen on validation

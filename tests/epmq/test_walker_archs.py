@@ -338,7 +338,6 @@ def test_a_second_tower_left_in_full_precision_is_named(gen):
     model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
         text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
         boi_token_index=297, eoi_token_index=298)).eval()
-    calibration = {"a": [torch.randint(0, 290, (2, 8), generator=gen)]}
     with pytest.warns(UserWarning, match="the hf-decoder adapter quantizes .*vision_tower.* stay in full precision"):
         epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
     epmq.quantize_model(model, SPEC_4, method="rtn", adapter=epmq.adapters.HF_ENCODERS, progress=False)

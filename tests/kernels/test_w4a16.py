@@ -668,6 +668,34 @@ class TestCUDA:
             assert y.shape == (*shape[:-1], 1024)
             assert_close_to_reference(y, x, qweight, scales, zeros, 128, None)
 
+    def test_fp32_outlier_next_to_its_zero_point(self, gen):
+        """The fp32 GEMV's exact path, compiled (see the interpreted test of the same name)."""
+        K, N = 4096, 1024
+        qweight, scales, zeros, _ = make_problem(gen, K, N, 128, scales_dtype=torch.float32)
+        codes = unpack_int4(qweight)
+        codes[7] = zeros[0].to(codes.dtype)
+        qweight, scales, zeros = pack_int4(codes).cuda(), scales.cuda(), zeros.cuda()
+        x = torch.randn(1, K, generator=gen)
+        x[0, 7] = 1000.0
+        y = w4a16_matmul(x.cuda(), qweight, scales, zeros, 128, path="gemv")
+        reference = w4a16_matmul_reference(x.cuda(), qweight, scales, zeros, 128)
+        bound = x.cuda().double().abs() @ dequantize_int4_weight(qweight, scales, zeros, 128).abs()
+        assert ((y.double() - reference).abs() / bound).max() < 1e-6
+
+    def test_rows_past_int32_offsets(self, gen):
+        """M x N >= 2^31 (a 75k-token prefill into N = 28672): the tiled kernel's 64-bit row
+        offsets (WIDE_M) write the last rows where they belong."""
+        M, K, N = 75000, 128, 28672
+        qweight, scales, zeros, _ = make_problem(gen, K, N, 128)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        x = torch.randn(M, K, generator=gen).half().cuda()
+        assert W._wide_rows(x, torch.empty(1, 1, device="cuda").expand(M, N), N)
+        config = dict(AUTOTUNE_SPACE["gemm"][0])
+        y = w4a16_matmul(x, qweight, scales, zeros, 128, path="gemm", config=config)
+        for rows in (slice(0, 64), slice(M - 64, M), slice(M // 2, M // 2 + 64)):
+            assert_close_to_reference(y[rows], x[rows], qweight, scales, zeros, 128, None)
+        del y
+
     def test_plans_launch_directly_and_agree(self, gen):
         """Steady-state calls (cached plans, direct launches with integer pointers) give the
         first call's result (up to the order of split-K's atomic additions); new activations of
