@@ -250,7 +250,7 @@ def quantize_model(
             renames = adapter.prepare(model, edits.swap)
             stacks = _plan(model, adapter, layers)
             _check_finite(model, stacks)
-            _warn_unquantized_matrices(stacks, adapter)
+            _warn_unquantized_matrices(stacks)
             report = QuantReport(
                 method=method,
                 targets=None if method == "rtn" else targets,
@@ -376,19 +376,19 @@ def _check_finite(model, stacks):
                         )
 
 
-def _warn_unquantized_matrices(stacks, adapter, share: float = 0.05) -> None:
+def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
     """Warn when the blocks hold weight matrices outside any linear layer (fused 3-D MoE
     experts of a model the adapter does not rebuild, raw parameters) worth more than ``share``
     of their parameters: those stay in full precision, and nothing else would say so."""
     left, total, outside = [], 0, 0
     for stack in stacks:
         for i, block in enumerate(stack.blocks):
-            linears = set(adapter.linears(block))
             for rel, module in block.named_modules():
                 for name, p in module.named_parameters(recurse=False):
                     total += p.numel()
-                    if (rel in linears or p.dim() < 2 or not p.is_floating_point()
-                            or isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd))):
+                    # (linears the adapter leaves out on purpose, routers, are linears still)
+                    if (p.dim() < 2 or not p.is_floating_point()
+                            or isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))):
                         continue
                     outside += p.numel()
                     left.append(f"{stack.prefix}.{i}.{rel + '.' if rel else ''}{name} {tuple(p.shape)}")

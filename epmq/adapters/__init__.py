@@ -179,14 +179,14 @@ def warn_other_towers(model: nn.Module, chosen: Adapter) -> None:
                       f"adapter=, e.g. a vision tower, in a second quantize_model call)")
 
 
-from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP, T5  # noqa: E402
+from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP, SWIN, T5  # noqa: E402
 from .moe import MOE_DECODERS  # noqa: E402
 
-for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS):
+for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS, SWIN):
     register_adapter(_adapter, first=False)
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "LONGT5",
-           "BART",
+           "BART", "SWIN",
            "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS"]
 
 

@@ -58,10 +58,25 @@ class LongT5Adapter(T5Adapter):
         return kwargs
 
 
+class SwinAdapter(Adapter):
+    """HF Swin / Swin V2: a stack per stage (windowed attention, the stages merged between
+    them); a stage unpacks its blocks' ``(hidden, attention weights)``. V2's bias MLP stays in
+    full precision."""
+
+    def passthrough(self, hidden):
+        return hidden, None
+
+    def linears(self, block):
+        # (V2's continuous_position_bias_mlp maps a fixed table of 2-D offsets to the attention bias: a parameter
+        # of the attention, 2 inputs wide, not a projection of the hidden states)
+        return {name: m for name, m in super().linears(block).items() if "continuous_position_bias_mlp" not in name}
+
+
 OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock",))
 CLIP_HF = Adapter("hf-clip", block_types=("CLIPEncoderLayer",))
 T5 = T5Adapter("hf-t5", block_types=("T5Block", "MT5Block"))
 LONGT5 = LongT5Adapter("hf-longt5", block_types=("LongT5Block",))
+SWIN = SwinAdapter("hf-swin", block_types=("SwinLayer", "Swinv2Layer"))
 # Decoder-only LMs whose blocks take the hidden states and, as keyword arguments that the walker
 # records per block, the attention mask and the rotary (cos, sin): the mask may differ by depth
 # (Qwen2, Mistral, Gemma 2/3 alternate full and sliding-window layers; Gemma 3 also the rotary

@@ -296,6 +296,10 @@ WIDER = {
     "longt5_tglobal": (_hf("LongT5ForConditionalGeneration", "LongT5Config", vocab_size=VOCAB, d_model=32, d_kv=8,
                            d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, local_radius=4,
                            global_block_size=4, encoder_attention_type="transient-global"), "pairs"),
+    "swin": (_hf("SwinModel", "SwinConfig", image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                 num_heads=[2, 4], window_size=4), "image32"),
+    "swinv2": (_hf("Swinv2Model", "Swinv2Config", image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                   num_heads=[2, 4], window_size=4), "image32"),
     "mbart": (_hf("MBartForConditionalGeneration", "MBartConfig", **_ENCDEC, pad_token_id=1, bos_token_id=0,
                   eos_token_id=2, decoder_start_token_id=2), "pairs"),
     "pegasus": (_hf("PegasusForConditionalGeneration", "PegasusConfig", **_ENCDEC, pad_token_id=0, eos_token_id=1,
@@ -314,6 +318,7 @@ def wider_input(kind: str, gen: torch.Generator):
     return {"ids": lambda: {"input_ids": ids, "attention_mask": mask},
             "masked_ids": lambda: {"input_ids": ids, "attention_mask": mask},
             "image": lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)},
+            "image32": lambda: {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)},
             "pairs": lambda: {"input_ids": ids, "attention_mask": mask,
                               "decoder_input_ids": torch.randint(3, VOCAB, (2, 5), generator=gen)},
             # 16 patches of 8 x 8 x 3 per image; the second image's last 4 are padding
