@@ -7,17 +7,21 @@ windows of ``seq_len`` tokens are drawn at random start positions (seeded), then
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``.
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line: a string,
-or an object with a ``"text"`` field), ``.json`` (a list of such values), or a directory of
-them (sorted by name).
+or an object with a ``"text"`` field), ``.json`` (a list of such values), or a directory tree of
+them (sorted by path; suffixes in any case; hidden files and folders skipped). UTF-8, with or
+without a byte-order mark.
 
 Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects with ``"input"`` and
 ``"target"`` texts; ``samples`` pairs drawn at random (seeded), the inputs given to the encoder
 and the targets as labels (teacher forcing: the decoder sees the target shifted right), each
-cut to ``seq_len`` tokens and padded per batch.
+cut to ``seq_len`` tokens. A batch holds only pairs of the same token lengths, so nothing is
+padded: the statistics would count padded positions as tokens (the walker sees the linears'
+inputs, not the masks), making the result depend on the batch size.
 
 Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
-with class subfolders works as it is) or a list of files, converted to RGB and preprocessed by
-the model's own image processor into ``{"pixel_values"}`` batches.
+with class subfolders works as it is) or a list of files, converted to RGB as transformers
+does (transparency onto white; 16-bit images scaled to 8 bits) and preprocessed by the model's
+own image processor into ``{"pixel_values"}`` batches.
 """
 
 from __future__ import annotations
@@ -55,23 +59,42 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
         return [r for s in source for r in _records(s, suffixes, what, kind_error)]
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file())
+        files = _tree(path, suffixes)
         if not files:
             raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")
         return [r for f in files for r in _records(f, suffixes, what, kind_error)]
     if not path.is_file():
         raise FileNotFoundError(f"no calibration {what} at {path}")
-    if path.suffix not in suffixes:
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
         raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}), not {path.suffix!r}")
-    if path.suffix == ".txt":
-        return [(str(path), path.read_text())]
-    if path.suffix == ".jsonl":
-        return [(f"{path}:{i}", json.loads(line))
-                for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    values = json.loads(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if suffix == ".txt":
+        return [(str(path), text)]
+    if suffix == ".jsonl":  # (lines end at "\n" only: JSON strings may hold U+2028 and the like)
+        return [(f"{path}:{i}", _json(line, f"{path}:{i}"))
+                for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    values = _json(text, str(path))
     if not isinstance(values, list):
         raise ValueError(f"{path}: expected a JSON list of {what}")
     return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+
+
+def _tree(directory: Path, suffixes: tuple) -> List[Path]:
+    """The files under ``directory`` with one of ``suffixes`` (any case), sorted, skipping hidden
+    files and folders (``.ipynb_checkpoints``, ``.git``)."""
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
 def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[str]:
@@ -89,10 +112,15 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     """
     _check_sizes(samples, batch_size, seq_len)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if not eos:
+        warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
     ids: List[int] = []
+    content = 0
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-    if not ids or ids == eos:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        content += len(tokens)
+        ids += tokens + eos
+    if not content:
         raise ValueError(f"{what}: the texts have no tokens")
     stream = torch.tensor(ids, dtype=torch.long)
     if len(stream) < seq_len:
@@ -129,7 +157,7 @@ def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
         return [f for s in source for f in image_files(s)]
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = _tree(path, IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) under the directory")
         return files
@@ -153,11 +181,29 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
         for f in chunk:
             try:
                 with Image.open(f) as image:
-                    images.append(image.convert("RGB"))
-            except OSError as e:
+                    images.append(_rgb(image))
+            except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
         batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
     return batches
+
+
+def _rgb(image):
+    """``image`` in RGB as transformers' ``convert_rgb`` makes it (transparency composited onto
+    white, not dropped), 16- and 32-bit greyscale scaled to 8 bits (``convert`` would clip it
+    at 255: a 16-bit image all but white)."""
+    from PIL import Image
+    import numpy as np
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tuple]:
@@ -176,16 +222,19 @@ def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tup
 def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_len: int = 512,
                  batch_size: int = 8, seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` of ``pairs`` drawn at random (all of them, with a warning, if fewer) as
-    ``{"input_ids", "attention_mask", "labels"}`` batches (labels padded with -100)."""
+    ``{"input_ids", "attention_mask", "labels"}`` batches of at most ``batch_size`` pairs of the
+    same token lengths (nothing padded: see the module docstring)."""
     _check_sizes(samples, batch_size, seq_len)
+    (chosen,) = _drawn(pairs, samples, samples, seed, f"{what}: input/target pairs")
+    inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
+    targets = tokenizer(text_target=[p[1] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
+    by_lengths = {}  # (input length, target length) -> pairs, in the order drawn
+    for x, y in zip(inputs, targets):
+        by_lengths.setdefault((len(x), len(y)), []).append((x, y))
     batches = []
-    for chunk in _drawn(pairs, samples, batch_size, seed, f"{what}: input/target pairs"):
-        inputs = [p[0] for p in chunk]
-        targets = [p[1] for p in chunk]
-        enc = tokenizer(inputs, max_length=seq_len, truncation=True, padding=True, return_tensors="pt")
-        dec = tokenizer(text_target=targets, max_length=seq_len, truncation=True, padding=True,
-                        return_tensors="pt")
-        labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                        "labels": labels})
+    for group in by_lengths.values():
+        for i in range(0, len(group), batch_size):
+            x = torch.tensor([p[0] for p in group[i:i + batch_size]], dtype=torch.long)
+            y = torch.tensor([p[1] for p in group[i:i + batch_size]], dtype=torch.long)
+            batches.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y})
     return batches

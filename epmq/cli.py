@@ -161,6 +161,10 @@ def quantize_options(config: dict):
 
     spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
     options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
+    for key in ("samples", "seq_len", "batch_size", "seed"):
+        value = options.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
                    dtype=options.get("dtype"), tower=options.get("tower"))
     return spec, options

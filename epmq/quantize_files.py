@@ -85,8 +85,10 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     ``directory`` and each task's calibration files, by what the model's forward takes; the
     tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``)."""
     cls, encoder_decoder = _model_class(directory, tower)
-    directory = directory if preprocessor_dir is None else preprocessor_dir
     modality = _modality(cls, encoder_decoder)
+    if modality in ("texts", "pairs"):
+        _check_positions(directory, seq_len)
+    directory = directory if preprocessor_dir is None else preprocessor_dir
     options = dict(samples=samples, batch_size=batch_size, seed=seed)
     if modality in ("texts", "pairs"):
         from transformers import AutoTokenizer
@@ -104,13 +106,38 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     return cls, preprocessor, batches
 
 
+# config.json keys that bound a text model's positions (absolute position embeddings)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+
+
+def _check_positions(directory: Path, seq_len: int) -> None:
+    """A ValueError if ``seq_len`` exceeds the model's positions: GPT-2 would fail in its
+    embedding, a rotary model would calibrate on windows longer than it was trained on."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    configs = [config] + [v for v in config.values() if isinstance(v, dict)]  # (text_config)
+    limits = [c[k] for c in configs for k in POSITION_LIMITS if isinstance(c.get(k), int) and c[k] > 0]
+    if limits and seq_len > min(limits):
+        raise ValueError(f"seq_len={seq_len} is longer than the model's {min(limits)} positions "
+                         f"(config.json): give seq_len <= {min(limits)}")
+
+
 def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                    experts: Optional[Mapping[str, object]], *, dtype: Optional[str] = None,
                    tower: Optional[str] = None) -> None:
     """Raise ValueError for a quantization ``quantize_checkpoint`` cannot run, before anything
     is read."""
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    for name, files in (("calibration", calibration), ("experts", experts)):
+        if files is None:
+            continue
+        if not isinstance(files, Mapping) or not all(
+                isinstance(v, (str, Path)) or (isinstance(v, (list, tuple)) and v and
+                                               all(isinstance(f, (str, Path)) for f in v))
+                for v in files.values()):
+            what = "file(s) or a directory" if name == "calibration" else "a checkpoint path or hub id"
+            raise ValueError(f"{name} must map each task to {what}, got {files!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tower not in (None, "vision"):

@@ -77,6 +77,29 @@ def test_read_texts(tmp_path):
         read_texts(tmp_path / "d" / "skip.csv")
 
 
+def test_read_texts_as_users_write_them(tmp_path, files):
+    """A byte-order mark, U+2028 inside a JSON string, suffixes in capitals, sub-folders and
+    hidden folders; errors that name the file and line."""
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / ".ipynb_checkpoints").mkdir()
+    (d / "a.txt").write_bytes("\ufeffthe cat".encode("utf-8"))
+    (d / "B.TXT").write_text("a dog", encoding="utf-8")
+    (d / "sub" / "c.jsonl").write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
+    (d / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("stale copy")
+    assert read_texts(d) == ["a dog", "the cat", "one\u2028two"]  # (sorted by path: B before a)
+    (tmp_path / "bad.jsonl").write_text('{"text": "the cat"}\n{"text": "a dog",}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
+        read_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt: not UTF-8"):
+        read_texts(tmp_path / "latin.txt")
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    with pytest.raises(ValueError, match="no tokens"):
+        text_windows(["", "", ""], tok, samples=2, seq_len=4)
+
+
 def test_text_windows(files):
     tok = transformers.AutoTokenizer.from_pretrained(files / "base")
     texts = sentences(3, 30)
@@ -147,6 +170,11 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
         (dict(bits=5), "bits"),
         (dict(calibraton={}), "unknown keys \\['calibraton'\\]"),
         (dict(model=str(root / "nowhere")), "no checkpoint directory"),
+        (dict(samples="1e2"), "samples must be an integer, got '1e2'"),
+        (dict(seed="abc"), "seed must be an integer"),
+        (dict(calibration=str(root / "a.txt")), "calibration must map each task to file"),
+        (dict(calibration={"a": None}), "calibration must map each task to file"),
+        (dict(seq_len=100), "seq_len=100 is longer than the model's 64 positions"),
     ]
     for change, match in cases:
         config.write_text(yaml.safe_dump({**base, **change}))
@@ -223,6 +251,34 @@ def _write_images(directory, n, seed, size=20):
         sub.mkdir(parents=True, exist_ok=True)
         pixels = (torch.rand(size, size + 4, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(sub / f"{i}.png")
+
+
+def test_images_converted_as_the_image_processor_converts_them(tmp_path):
+    """Transparency onto white, as the checkpoint's own processor does (dropping the alpha made
+    it black); 16-bit images scaled to 8 bits (PIL's convert clips them: nearly all white)."""
+    import numpy as np
+    from PIL import Image
+
+    _clip_vision(0).save_pretrained(tmp_path / "m")
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[5:15, 5:15] = (255, 0, 0, 255)  # a red square on a transparent background
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    ours = image_batches([tmp_path / "rgba.png"], processor, samples=1)[0]["pixel_values"]
+    with Image.open(tmp_path / "rgba.png") as image:
+        theirs = processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs)
+    ramp = np.linspace(0, 65535, 20 * 20).reshape(20, 20).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray((ramp / 257).round().astype(np.uint8)).save(tmp_path / "g8.png")
+    g16, g8 = (image_batches([tmp_path / f], processor, samples=1)[0]["pixel_values"] for f in ("g16.png", "g8.png"))
+    torch.testing.assert_close(g16, g8, atol=0.02, rtol=0)
+    Image.MAX_IMAGE_PIXELS, limit = 100, Image.MAX_IMAGE_PIXELS
+    try:
+        with pytest.raises(ValueError, match="cannot read image .*g8.png"):
+            image_batches([tmp_path / "g8.png"], processor, samples=1)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def test_clip_vision_tower_from_image_folders(tmp_path):
@@ -332,7 +388,15 @@ def test_t5_from_input_target_pairs(tmp_path):
     batches = {t: pair_batches(read_pairs(p), tok, samples=6, seq_len=24, batch_size=4)
                for t, p in calibration.items()}
     first = batches["sst2"][0]
-    assert set(first) == {"input_ids", "attention_mask", "labels"} and first["labels"].shape[0] == 4
+    assert set(first) == {"input_ids", "attention_mask", "labels"}
+    # nothing padded: a batch holds pairs of the same token lengths, and the statistics are
+    # those of batch size 1 (padding used to be counted as tokens)
+    assert sum(b["labels"].shape[0] for b in batches["sst2"]) == 6
+    assert all(bool((b["labels"] >= 0).all()) and bool(b["attention_mask"].all()) for b in batches["sst2"])
+    single = pair_batches(read_pairs(calibration["sst2"]), tok, samples=6, seq_len=24, batch_size=1)
+    positions = {bs: [sum(b[k].numel() for b in got) for k in ("input_ids", "labels")]
+                 for bs, got in ((4, batches["sst2"]), (1, single))}
+    assert positions[4] == positions[1]  # (padded, batches of 4 held more positions)
     model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="epmq",
                                  experts=experts, anchor=0.1)
