@@ -87,10 +87,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         return codes.reshape(packed.shape[0] * per, packed.shape[1])[:length]
     words = packed.to(torch.int64) & 0xFFFFFFFF  # undo the sign extension of the int32 view
     word, shift = _positions(length, bits, packed.device)
-    codes = words[word] >> shift[:, None]
-    spill = shift + bits > 32
-    if spill.any():
-        codes[spill] |= words[word[spill] + 1] << (32 - shift[spill])[:, None]
+    # A code that crosses into the next word takes its high bits from there; for the others the
+    # next word's bits land at 32 - shift >= bits, above the mask (no branch on the values, so
+    # torch.compile traces it)
+    following = words[torch.clamp(word + 1, max=words.shape[0] - 1)]
+    codes = (words[word] >> shift[:, None]) | (following << (32 - shift)[:, None])
     return (codes & (2**bits - 1)).to(torch.int32)
 
 

@@ -14,7 +14,9 @@ In memory ``qzeros`` holds the zero points ``z`` themselves (GPTQ "v2"); the ori
 convention (``z - 1``) exists only in files and is converted by ``epmq.checkpoint``.
 
 Forward: on CUDA with 4 bits, the fused ``epmq_kernels.w4a16_matmul`` (the weight is
-dequantized in registers, never in memory). On the CPU with 4 bits, bf16 or fp16 activations
+dequantized in registers, never in memory). Under ``torch.compile`` a traceable forward
+(``_traced_forward``: the kernel as the custom op ``torch.ops.epmq.w4a16_matmul``), so a
+compiled model has no graph break at its quantized layers. On the CPU with 4 bits, bf16 or fp16 activations
 and at most ``CPU_INT4_MAX_ROWS`` rows, torch's own int4 CPU kernel
 (``aten._weight_int4pack_mm_for_cpu``, the one torchao uses), with the codes repacked once into
 its layout (a second copy of the 4-bit codes, kept until the buffers change): 0.5 ms instead
@@ -38,9 +40,9 @@ from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_ro
 from .spec import SUPPORTED_BITS
 
 try:  # the fused int4 kernel is optional: the torch path below is always correct
-    from epmq_kernels.w4a16 import w4a16_matmul
+    from epmq_kernels.w4a16 import w4a16_matmul, w4a16_matmul_op
 except ImportError:  # pragma: no cover
-    w4a16_matmul = None
+    w4a16_matmul = w4a16_matmul_op = None
 
 # torch's CPU int4 matmul: rows (tokens) up to which it beats dequantize + matmul. It costs
 # ~0.2 ms a row for 4096 x 4096 on 2 cores (26 ms at 128 rows, 105 ms at 512), the dequantized
@@ -237,6 +239,8 @@ class QuantLinear(nn.Module):
         # the kernels have no backward: inputs that need a gradient (adapters trained on top of
         # the quantized model) take the dequantized product, which autograd follows
         kernels = self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, kernels)
         plan = None
         if (kernels and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and _cpu_int4_mm is not None and x.numel() <= CPU_INT4_MAX_ROWS * self.in_features):
@@ -252,6 +256,22 @@ class QuantLinear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             y = x @ self._weight_kn(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _traced_forward(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+        """The forward ``torch.compile`` traces: no host-side caches (data pointers, versions)
+        and no branch on the buffers' values, so no graph break. On CUDA the W4A16 kernel as a
+        custom op; elsewhere the weight dequantized by a gather on ``g_idx`` (the compiler fuses
+        it with the product)."""
+        if kernels and x.is_cuda and w4a16_matmul_op is not None and self.in_features % 8 == 0:
+            zeros = self.zeros().to(torch.uint8)
+            y = w4a16_matmul_op(x, self.qweight, self.scales, zeros, self.group_size, self.g_idx)
+        else:
+            g = self.g_idx.long()
+            z, s = self.zeros().to(x.dtype), self.scales.to(x.dtype)
+            y = x @ self.codes().to(x.dtype).sub(z[g]).mul(s[g])
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

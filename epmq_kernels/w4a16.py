@@ -128,6 +128,7 @@ in parallel before any is timed (``_precompile``). Under TRITON_INTERPRET nothin
 
 import os
 import weakref
+from typing import Optional
 
 import torch
 import triton
@@ -1459,6 +1460,22 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
             if plan is not None and plan.usable():
                 return plan(x, out, where)
     return _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend)
+
+
+# The same product as a torch custom op (``torch.ops.epmq.w4a16_matmul``), so that
+# ``torch.compile`` traces through a model that calls it, without a graph break: the launcher's
+# host-side plan cache (ids, data pointers) is opaque to it. Its fake implementation gives the
+# output's shape and dtype.
+@torch.library.custom_op("epmq::w4a16_matmul", mutates_args=())
+def w4a16_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor, group_size: int,
+                    g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx)
+
+
+@w4a16_matmul_op.register_fake
+def _w4a16_matmul_fake(x, qweight, scales, zeros, group_size, g_idx=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
 def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend):

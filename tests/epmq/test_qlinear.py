@@ -218,3 +218,53 @@ def test_non_finite_solver_settings_are_refused(gen):
         with pytest.raises(ValueError, match="must be finite"):
             quant.epmq(W, [W + 0.1], [H], spec, **bad)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_model_has_no_graph_break(gen, dtype):
+    """torch.compile(fullgraph=True) traces through quantized layers (4-bit with groups and with
+    act-order, 3-bit per channel): no host-side cache or branch on the buffers' values."""
+    specs = [epmq.QuantSpec(bits=4, group_size=16), epmq.QuantSpec(bits=4, group_size=16, act_order=True),
+             epmq.QuantSpec(bits=3, group_size=-1)]
+    layers = [epmq.QuantLinear.from_result(solve(spec, gen, d_out=64), torch.randn(64, generator=gen))
+              for spec in specs]
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.GELU(), layers[2]).eval().to(dtype)
+    x = torch.randn(3, 5, 64, generator=gen).to(dtype)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        y, y_eager = compiled(x), model(x)
+    if dtype == torch.float32:  # the same dequantized product
+        assert torch.equal(y, y_eager)
+    else:  # eager takes torch's int4 CPU kernel at bf16: its own rounding
+        torch.testing.assert_close(y, y_eager, rtol=2e-2, atol=2e-2)
+
+
+def test_w4a16_custom_op(gen):
+    """The kernel as ``torch.ops.epmq.w4a16_matmul`` (what a compiled CUDA model calls): its
+    fake (shape) implementation and schema agree with the real one (torch.library.opcheck)."""
+    from epmq_kernels.packing import pack_int4
+
+    qweight = pack_int4(torch.randint(0, 16, (64, 24), generator=gen))
+    scales = torch.rand(2, 24, generator=gen).half()
+    zeros = torch.randint(0, 16, (2, 24), generator=gen).to(torch.uint8)
+    for g_idx in (None, (torch.arange(64) // 32).to(torch.int32)):
+        torch.library.opcheck(torch.ops.epmq.w4a16_matmul,
+                              (torch.randn(3, 64, generator=gen), qweight, scales, zeros, 32, g_idx))
+
+
+@pytest.mark.cuda
+def test_compiled_model_on_cuda_calls_the_kernel_op(gen):
+    """On CUDA the compiled graph holds the W4A16 kernel as its custom op, in one piece."""
+    targets = []
+
+    def backend(gm, example_inputs):  # records the captured graph, runs it as it is
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen, d_out=64),
+                                         torch.randn(64, generator=gen)).cuda().half()
+    x = torch.randn(4, 64, generator=gen).cuda().half()
+    with torch.no_grad():
+        y = torch.compile(layer, fullgraph=True, backend=backend)(x)
+        torch.testing.assert_close(y, layer(x), rtol=2e-3, atol=2e-3)
+    assert torch.ops.epmq.w4a16_matmul.default in targets
