@@ -34,13 +34,16 @@ class T5Adapter(Adapter):
     decoder likewise for the cross-attention bias; blocks return ``(hidden, bias, cross bias)``.
     """
 
+    OUTPUTS = 3  # (hidden, bias, cross bias)
+    CROSS_BIAS = 2
+
     def passthrough(self, hidden):
-        return hidden, None, None
+        return (hidden,) + (None,) * (self.OUTPUTS - 1)
 
     def next_kwargs(self, kwargs, output):
         kwargs = dict(kwargs, position_bias=output[1])
         if kwargs.get("encoder_hidden_states") is not None:
-            kwargs["encoder_decoder_position_bias"] = output[2]
+            kwargs["encoder_decoder_position_bias"] = output[self.CROSS_BIAS]
         return kwargs
 
 
@@ -48,14 +51,8 @@ class LongT5Adapter(T5Adapter):
     """HF LongT5 (local and transient-global attention): T5's biases, but its blocks also return
     the attention weights, ``(hidden, bias, weights[, cross bias, cross weights])``."""
 
-    def passthrough(self, hidden):
-        return hidden, None, None, None, None
-
-    def next_kwargs(self, kwargs, output):
-        kwargs = dict(kwargs, position_bias=output[1])
-        if kwargs.get("encoder_hidden_states") is not None:
-            kwargs["encoder_decoder_position_bias"] = output[3]
-        return kwargs
+    OUTPUTS = 5
+    CROSS_BIAS = 3
 
 
 class SwinAdapter(Adapter):
