@@ -146,11 +146,16 @@ examples in configs/files/):
   checkpoint_format: auto           # gptq (v1), gptq_v2, or auto
   max_shard_size: 5GB
   tower: vision                     # optional, for a CLIPModel / SiglipModel: its vision tower alone
+  layers: "self_attn|mlp"           # optional: a regular expression over the linears to quantize
+  percdamp: 0.01                    # GPTQ's damping (fraction of the mean Hessian diagonal)
+  true_sequential: true             # a block's linears in dependency groups (false: one pass)
+  residual_precision: bf16x3        # E-PMQ's expert residual on the GPU: bf16x3, tf32x3, ieee, tf32
 """
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "static_groups")
 QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_anchor", "targets",
                  "samples", "seq_len", "batch_size", "seed", "dtype", "checkpoint_format",
-                 "max_shard_size", "tower", *SPEC_KEYS}
+                 "max_shard_size", "tower", "layers", "percdamp", "true_sequential",
+                 "residual_precision", *SPEC_KEYS}
 
 
 def quantize_options(config: dict):
@@ -165,6 +170,14 @@ def quantize_options(config: dict):
         value = options.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key} must be an integer, got {value!r}")
+    if not isinstance(options.get("layers", ""), str):
+        raise ValueError(f"layers must be a regular expression (a string), got {options['layers']!r}")
+    if not isinstance(options.get("true_sequential", True), bool):
+        raise ValueError(f"true_sequential must be true or false, got {options['true_sequential']!r}")
+    for key in ("percdamp", "anchor", "weight_anchor"):
+        value = options.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
                    dtype=options.get("dtype"), tower=options.get("tower"))
     return spec, options

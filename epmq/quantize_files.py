@@ -161,6 +161,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                         seed: int = 0, dtype: Optional[str] = None, device=None,
                         checkpoint_format: str = "auto", max_shard_size="5GB",
                         tower: Optional[str] = None, resume: bool = True,
+                        layers: Optional[str] = None, percdamp: float = 0.01,
+                        true_sequential: bool = True, residual_precision: Optional[str] = None,
                         progress: bool = True) -> Path:
     """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
 
@@ -174,7 +176,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     ``tower="vision"``: of a two-tower model (``CLIPModel``, ``SiglipModel``), quantize and save
     the vision tower alone (``CLIPVisionModel``), calibrated on images.
     ``resume``: go on from the blocks an interrupted call left in ``OUT.resume`` (see the module
-    docstring); False discards them.
+    docstring); False discards them. ``layers`` (a regular expression over the linears' names),
+    ``percdamp``, ``true_sequential`` and ``residual_precision``: as ``epmq.quantize_model``'s.
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
     directory = local_checkpoint(model, directory=True)
@@ -194,6 +197,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         quantize_model(net, spec, method=method, calibration=batches or None,
                        experts=dict(experts) if experts else None, anchor=anchor,
                        weight_anchor=weight_anchor, targets=targets, device=device,
+                       layers=layers, percdamp=percdamp, true_sequential=true_sequential,
+                       **({} if residual_precision is None else {"residual_precision": residual_precision}),
                        resume_dir=resume_dir, progress=progress)
     except ValueError as e:
         if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir}"):

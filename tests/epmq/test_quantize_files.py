@@ -150,6 +150,11 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
     config = tmp_path / "q.yaml"
     base = dict(model=str(root / "merged"), method="gptq", calibration={"a": str(root / "a.txt")},
                 bits=3, group_size=-1, samples=4, seq_len=16, batch_size=2)
+    config.write_text(yaml.safe_dump(dict(base, layers="mlp", percdamp=0.1, true_sequential=False)))
+    assert main(["quantize", str(config), str(tmp_path / "mlp"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "mlp" / REPORT_FILE).read_text())
+    assert report["layers"] and all(".mlp." in layer["name"] for layer in report["layers"])
+    assert report["true_sequential"] is False
     config.write_text(yaml.safe_dump(base))
     assert main(["quantize", str(config), str(tmp_path / "w3"), "--quiet"]) == 0
     assert "quantized" in capsys.readouterr().out
@@ -175,6 +180,10 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
         (dict(calibration=str(root / "a.txt")), "calibration must map each task to file"),
         (dict(calibration={"a": None}), "calibration must map each task to file"),
         (dict(seq_len=100), "seq_len=100 is longer than the model's 64 positions"),
+        (dict(percdamp="0.1"), "percdamp must be a number"),
+        (dict(true_sequential="no"), "true_sequential must be true or false"),
+        (dict(layers=["mlp"]), "layers must be a regular expression"),
+        (dict(residual_precision="fp8"), "residual_precision must be one of"),
     ]
     for change, match in cases:
         config.write_text(yaml.safe_dump({**base, **change}))
