@@ -69,14 +69,14 @@ class QuantLinear(nn.Module):
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-        if group_size != -1 and (group_size <= 0 or in_features % group_size):
-            raise ValueError(
-                f"group_size must be -1 or a positive divisor of in_features={in_features}, got {group_size}"
-            )
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+            raise ValueError(f"group_size must be -1 or a positive integer, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         K, N = in_features, out_features
-        G = 1 if group_size == -1 else K // group_size
+        # a group size that does not divide K leaves a shorter last group (ceil(K / g) groups),
+        # as GPTQModel and AutoGPTQ write such layers
+        G = 1 if group_size == -1 else -(-K // group_size)
         gs = K if group_size == -1 else group_size
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(packed_length(K, bits), N, dtype=torch.int32, **kw))
@@ -203,7 +203,7 @@ class QuantLinear(nn.Module):
                     return None
                 q = q[perm]
             kernel_group = next((c for c in CPU_INT4_GROUPS if group % c == 0), None)
-            if kernel_group is None:
+            if kernel_group is None or K % group:  # (the kernel takes whole groups only)
                 return None
             reps = group // kernel_group  # a coarser grid repeated over the kernel's groups
             z, s = z.repeat_interleave(reps, 0), s.repeat_interleave(reps, 0)
@@ -245,7 +245,7 @@ class QuantLinear(nn.Module):
         if (kernels and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and _cpu_int4_mm is not None and x.numel() <= CPU_INT4_MAX_ROWS * self.in_features):
             plan = self._cpu_int4(x.dtype)
-        if kernels and x.is_cuda and w4a16_matmul is not None and self.in_features % 8 == 0:
+        if kernels and x.is_cuda and w4a16_matmul is not None and self._whole_groups():
             y = w4a16_matmul(x, self.qweight, self.scales, self._zeros_u8(), self.group_size, self.g_idx)
         elif plan is not None:
             packed, scales_and_zeros, group, perm = plan
@@ -260,12 +260,18 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def _whole_groups(self) -> bool:
+        """Whether the W4A16 kernel takes this layout (K a multiple of 8 and of the group size;
+        a shorter last group, from other tools' checkpoints, takes the dequantized product)."""
+        K = self.in_features
+        return K % 8 == 0 and (self.group_size == -1 or K % self.group_size == 0)
+
     def _traced_forward(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
         """The forward ``torch.compile`` traces: no host-side caches (data pointers, versions)
         and no branch on the buffers' values, so no graph break. On CUDA the W4A16 kernel as a
         custom op; elsewhere the weight dequantized by a gather on ``g_idx`` (the compiler fuses
         it with the product)."""
-        if kernels and x.is_cuda and w4a16_matmul_op is not None and self.in_features % 8 == 0:
+        if kernels and x.is_cuda and w4a16_matmul_op is not None and self._whole_groups():
             zeros = self.zeros().to(torch.uint8)
             y = w4a16_matmul_op(x, self.qweight, self.scales, zeros, self.group_size, self.g_idx)
         else:

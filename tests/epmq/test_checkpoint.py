@@ -1,5 +1,6 @@
 """Packed checkpoints: the serving-engine (``gptq``) convention, configs, atomic writes."""
 
+import copy
 import json
 import os
 import subprocess
@@ -653,3 +654,47 @@ def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(gen, tmp_path):
 def test_save_needs_a_quantized_model(gen, tmp_path):
     with pytest.raises(ValueError, match="quantize it first"):
         epmq.save_quantized(build("llama"), tmp_path / "q")
+
+
+def test_peer_checkpoint_whose_group_size_does_not_divide_a_layer(tmp_path):
+    """GPTQModel and AutoGPTQ write ceil(K / g) groups when g does not divide K (the last group
+    shorter): such layers load, and compute (q - z[k // g]) * s[k // g] exactly."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from epmq.packing import unpack_cols, unpack_rows
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128)).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "c")
+    tensors = load_file(str(tmp_path / "c" / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith(".g_idx")]:  # rewritten with groups of 64
+        prefix, K = key[:-len(".g_idx")], tensors[key].numel()
+        G = -(-K // 64)
+        tensors[key] = (torch.arange(K) // 64).to(torch.int32)
+        for name in ("scales", "qzeros"):
+            tensors[f"{prefix}.{name}"] = tensors[f"{prefix}.{name}"][:G].contiguous()
+    save_file(tensors, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("quantize_config.json", "config.json"):
+        config = json.loads((tmp_path / "c" / name).read_text())
+        qc = config.get("quantization_config", config)
+        qc.pop("epmq", None)
+        qc["group_size"] = 64
+        (tmp_path / "c" / name).write_text(json.dumps(config))
+    loaded = epmq.load_quantized(tmp_path / "c")
+    layer = loaded.model.layers[0].self_attn.q_proj  # K = 96: groups of 64 and 32
+    assert layer.scales.shape[0] == 2
+    t = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.startswith("model.layers.0.self_attn.q_proj.")}
+    g = torch.arange(96) // 64
+    z = unpack_cols(t["qzeros"], 4, layer.out_features).long() + 1  # (v1 stores z - 1)
+    W = (unpack_rows(t["qweight"], 4, 96).long() - z[g]).float() * t["scales"].float()[g]
+    assert torch.equal(layer.dequantize().t(), W)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert torch.isfinite(logits).all()
+        bf16 = copy.deepcopy(loaded).to(torch.bfloat16)(ids).logits.float()  # (no int4 CPU kernel here)
+    torch.testing.assert_close(bf16, logits, rtol=0.1, atol=0.1)

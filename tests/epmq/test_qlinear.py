@@ -175,8 +175,11 @@ def test_no_bias_and_weight_stand_in(gen):
 def test_constructor_checks():
     with pytest.raises(ValueError, match="bits"):
         epmq.QuantLinear(64, 8, bits=5, group_size=16)
-    with pytest.raises(ValueError, match="divisor"):
-        epmq.QuantLinear(60, 8, bits=4, group_size=16)
+    for group_size in (0, -2, 16.0, True):
+        with pytest.raises(ValueError, match="group_size must be -1 or a positive integer"):
+            epmq.QuantLinear(64, 8, bits=4, group_size=group_size)
+    # a group size that does not divide K: ceil(K / g) groups, the last one shorter
+    assert epmq.QuantLinear(60, 8, bits=4, group_size=16).scales.shape == (4, 8)
     with pytest.raises(ValueError, match="expected inputs"):
         epmq.QuantLinear(64, 8, bits=4, group_size=16)(torch.zeros(2, 32))
 
