@@ -206,8 +206,9 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     )
     return {
         "quant_method": "gptq",
-        "bits": info.get("bits", first.bits),
-        "group_size": info.get("group_size", first.group_size),
+        # the layers' own (the last quantize_model call's spec may cover only some of them)
+        "bits": first.bits if len(kinds) == 1 else info.get("bits", first.bits),
+        "group_size": first.group_size if len(kinds) == 1 else info.get("group_size", first.group_size),
         # desc_act tells loaders to honour g_idx: only needed when it is not k // group_size
         "desc_act": not static,
         "sym": sym,
@@ -625,6 +626,15 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     for name, new in replacements.items():
         swap(name, new)
 
+    for name, info in modules.items():  # (before any unpacking: a clear error, naming the layer)
+        new = replacements.get(name) or model.get_submodule(name)
+        for part in ("qweight", "qzeros", "scales"):
+            got, want = tensors.get(f"{name}.{part}"), getattr(new, part)
+            if got is not None and tuple(got.shape) != tuple(want.shape):
+                raise ValueError(
+                    f"{directory}: {name}.{part} is {tuple(got.shape)}, but {CONFIG_FILE} describes a "
+                    f"{info['bits']}-bit layer of {info['in_features']}->{info['out_features']} with "
+                    f"group_size {info['group_size']}, which holds {tuple(want.shape)}")
     if checkpoint_format == "gptq":
         for name, info in modules.items():
             bits, key = info["bits"], f"{name}.qzeros"
@@ -639,12 +649,24 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             f"{directory} does not fit {type(model).__name__}: missing tensors {missing[:5]}, "
             f"unexpected tensors {unexpected[:5]}"
         )
+    for alias, source in tied.items():  # one parameter again, as from_pretrained leaves them
+        parent, _, attr = alias.rpartition(".")
+        shared = model.get_parameter(source)
+        if model.get_parameter(alias) is not shared:
+            model.get_submodule(parent).register_parameter(attr, shared)
     if empty:
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise ValueError(f"{directory} holds no values for {left[:5]} of {type(model).__name__}")
         model.to(device)  # the buffers built on the CPU
     ours = ours or {}
+    kinds = {(m["bits"], m["group_size"]) for m in modules.values()}
+    if len(kinds) == 1 and next(iter(kinds)) != (qconfig["bits"], qconfig.get("group_size", -1)):
+        bits, group_size = next(iter(kinds))
+        warnings.warn(f"{directory}: {CONFIG_FILE} says {qconfig['bits']} bits, group_size "
+                      f"{qconfig.get('group_size', -1)}; every layer holds {bits} bits, group_size "
+                      f"{group_size}: the layers' are used (and written by save_quantized)")
+        qconfig = dict(qconfig, bits=bits, group_size=group_size)
     model.epmq_quant_config = {
         "bits": qconfig["bits"], "group_size": qconfig.get("group_size", -1),
         "sym": qconfig.get("sym", False), "static_groups": qconfig.get("static_groups", False),

@@ -31,6 +31,7 @@ and the dequantization's does not, so larger batches and fp32 (exact) take this 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -48,6 +49,13 @@ except ImportError:  # pragma: no cover
 # ~0.2 ms a row for 4096 x 4096 on 2 cores (26 ms at 128 rows, 105 ms at 512), the dequantized
 # bf16 path ~50 ms whatever the rows up to a few hundred.
 CPU_INT4_MAX_ROWS = 128
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    """A FakeTensor (shape propagation, export): no values to cache or branch on."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes the kernel takes
 _cpu_int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
@@ -159,17 +167,29 @@ class QuantLinear(nn.Module):
         """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``). Writes
         that bypass the version counter (``buf.data.copy_(...)``, a NumPy view) are not seen:
         assign new buffers, or write under ``torch.no_grad()`` without ``.data``."""
+        # (the tensors themselves too, by weak reference: a new buffer may reuse a freed one's
+        # memory, and a fresh tensor's version is 0 again)
         key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
         derived = vars(self).setdefault("_derived", {})  # (layers pickled before it existed)
         hit = derived.get(name)
-        if hit is None or hit[0] != key:
-            hit = derived[name] = (key, build())
-        return hit[1]
+        if hit is None or hit[0] != key or any(ref() is not b for ref, b in zip(hit[1], buffers)):
+            hit = derived[name] = (key, tuple(weakref.ref(b) for b in buffers), build())
+        return hit[2]
 
     def _apply(self, fn, *args, **kwargs):
         # a layer moved off the GPU must not keep GPU copies of its zeros and grids alive
         self._derived = {}
-        return super()._apply(fn, *args, **kwargs)
+        scales = self.scales
+        out = super()._apply(fn, *args, **kwargs)
+        # the scales are part of the packed format (fp16): .to(bfloat16) must not round them
+        # for good, as it would a float buffer
+        if self.scales.dtype != torch.float16 and scales.dtype == torch.float16:
+            self.scales = scales.to(device=self.scales.device)
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return dict(state, _derived={})  # (what the forward derived is rebuilt, not pickled)
 
     def _grid(self, dtype):
         """``(z, s, runs)``: zero points and scales ``[G, N]`` in ``dtype``, and whether
@@ -239,7 +259,7 @@ class QuantLinear(nn.Module):
         # the kernels have no backward: inputs that need a gradient (adapters trained on top of
         # the quantized model) take the dequantized product, which autograd follows
         kernels = self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.is_meta or _is_fake(x):
             return self._traced_forward(x, kernels)
         plan = None
         if (kernels and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)

@@ -698,3 +698,38 @@ def test_peer_checkpoint_whose_group_size_does_not_divide_a_layer(tmp_path):
         assert torch.isfinite(logits).all()
         bf16 = copy.deepcopy(loaded).to(torch.bfloat16)(ids).logits.float()  # (no int4 CPU kernel here)
     torch.testing.assert_close(bf16, logits, rtol=0.1, atol=0.1)
+
+
+def test_tied_embeddings_stay_one_parameter(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "c")
+    loaded = epmq.load_quantized(tmp_path / "c")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    loaded.to(torch.bfloat16)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    epmq.save_quantized(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "quantize_config.json").read_text())["epmq"]["tied"]
+
+
+def test_hand_edited_configs_are_named_or_corrected(gen, tmp_path):
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    path = tmp_path / "q" / "quantize_config.json"
+    original = json.loads(path.read_text())
+    edited = json.loads(path.read_text())
+    layer = next(iter(edited["epmq"]["modules"]))
+    edited["epmq"]["modules"][layer]["bits"] = 8
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=f"{layer}.qweight is .* describes a 8-bit layer"):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+    path.write_text(json.dumps(dict(original, bits=3)))  # the top level only: the layers win
+    with pytest.warns(UserWarning, match="says 3 bits, .* every layer holds 4 bits"):
+        loaded = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    epmq.save_quantized(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["bits"] == 4

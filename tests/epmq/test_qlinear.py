@@ -1,5 +1,7 @@
 """QuantLinear holds a QuantResult in the packed GPTQ layout and computes with it."""
 
+import copy
+
 import pytest
 import torch
 
@@ -271,3 +273,58 @@ def test_compiled_model_on_cuda_calls_the_kernel_op(gen):
         y = torch.compile(layer, fullgraph=True, backend=backend)(x)
         torch.testing.assert_close(y, layer(x), rtol=2e-3, atol=2e-3)
     assert torch.ops.epmq.w4a16_matmul.default in targets
+
+
+def _filled_layer(gen, dtype=torch.float32, K=256, N=256):
+    layer = epmq.QuantLinear(K, N, bits=4, group_size=32, bias=False, dtype=dtype)
+    with torch.no_grad():
+        layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, generator=gen, dtype=torch.int32))
+        layer.qzeros.fill_(0x88888888 - 2**32)
+        layer.scales.copy_((torch.rand(layer.scales.shape, generator=gen) * 0.02 + 0.001).half())
+    return layer
+
+
+def test_new_buffers_are_seen_even_at_a_reused_address(gen):
+    """What the forward derives is keyed on the buffers themselves, not only their address and
+    version (a new tensor may take a freed one's memory, its version 0 again)."""
+    layer = _filled_layer(gen, torch.bfloat16)
+    x = torch.randn(1, 256, generator=gen).bfloat16()
+    layer(x)
+    for _ in range(3):  # assigned anew each time, old ones freed: addresses get reused
+        layer.qweight = torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, generator=gen, dtype=torch.int32)
+        reference = x.float() @ layer.dequantize().t()
+        torch.testing.assert_close(layer(x).float(), reference, rtol=0.02, atol=0.05)
+
+
+def test_casts_keep_the_packed_scales_and_pickles_drop_the_caches(gen):
+    import io
+
+    layer = _filled_layer(gen)
+    scales, weight = layer.scales.clone(), layer.dequantize()
+    layer.to(torch.bfloat16).to(torch.float32)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    assert torch.equal(layer.dequantize(), weight)
+
+    def pickled_size(module):
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        return len(buffer.getvalue())
+
+    before = pickled_size(layer)
+    with torch.no_grad():
+        layer.to(torch.bfloat16)(torch.randn(1, 256, generator=gen).bfloat16())
+    assert pickled_size(layer) <= before + 1024  # (the int4 repack and grids are not saved)
+    assert copy.deepcopy(layer)._derived == {}
+
+
+def test_meta_fake_and_traced_inputs(gen):
+    layer = _filled_layer(gen, K=128, N=64)
+    assert layer.to("meta")(torch.empty(2, 128, device="meta")).shape == (2, 64)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = _filled_layer(gen, K=128, N=64)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # (the layer's buffers are real)
+        fake = mode.from_tensor(torch.randn(2, 128))
+        assert layer(fake).shape == (2, 64)
+    traced = torch.jit.trace(_filled_layer(gen, K=128, N=64), torch.randn(2, 128))  # a fresh layer
+    assert traced(torch.randn(3, 128)).shape == (3, 64)
