@@ -104,18 +104,23 @@ def main(argv=None):
     path = os.path.join(args.out, f"walker-{slug}.json")
     t0 = time.perf_counter()
     merged, experts, calibration = build(args, device)
-    result = dict(info, args=vars(args), build_s=time.perf_counter() - t0, rows=[])
+    # partial until the last walk: the JSON is rewritten after every walk (warm-ups included),
+    # so a step cut short by the suite's time limit still leaves what it measured
+    result = dict(info, args=vars(args), build_s=time.perf_counter() - t0, rows=[], partial=True)
     print(f"built the model and {args.tasks} experts in {result['build_s']:.1f} s", flush=True)
+    write_json(path, result)
     for method, offload in (("gptq", True), ("epmq", True), ("gptq", False)):
         for attempt in ("warm-up", "timed"):
             row = walk(copy.deepcopy(merged), method, experts, calibration, device, offload)
             print(f"{method} ({'blocks visit the device' if offload else 'model on the device'}), "
                   f"{attempt}: {row}", flush=True)
-        result["rows"].append(dict(method=method, offload=offload, **row))
-        by = {(r["method"], r["offload"]): r for r in result["rows"]}
-        if ("gptq", True) in by and ("epmq", True) in by:
-            result["epmq_over_gptq"] = by["epmq", True]["walk_s"] / by["gptq", True]["walk_s"]
-        write_json(path, result)
+            result["rows"].append(dict(method=method, offload=offload, attempt=attempt, **row))
+            timed = {(r["method"], r["offload"]): r for r in result["rows"] if r["attempt"] == "timed"}
+            if ("gptq", True) in timed and ("epmq", True) in timed:
+                result["epmq_over_gptq"] = timed["epmq", True]["walk_s"] / timed["gptq", True]["walk_s"]
+            write_json(path, result)
+    result["partial"] = False
+    write_json(path, result)
     print(f"E-PMQ / GPTQ walk time: {result['epmq_over_gptq']:.2f}; wrote {path}")
     return 0
 

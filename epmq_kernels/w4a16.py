@@ -1102,8 +1102,9 @@ class _Weights:
         self.plans = {}
 
     def _forget(self, _ref):
-        if _ENTRIES.get(self.key) is self:
-            del _ENTRIES[self.key]
+        entries = _ENTRIES  # (None while the interpreter shuts down: nothing left to forget)
+        if entries is not None and entries.get(self.key) is self:
+            del entries[self.key]
 
     @staticmethod
     def signature(qweight, scales, zeros, g_idx):
