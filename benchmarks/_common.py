@@ -52,6 +52,20 @@ def write_json(path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+class Terminated(Exception):
+    """SIGTERM (a step of the GPU suite reaching its time limit) raised where the benchmark was,
+    so that it still writes its plot and summary of what it measured in the grace time."""
+
+
+def raise_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 # The decoder-only families the CPU side-by-sides build: (model class, config class, options).
 TINY_DECODERS = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", {}),

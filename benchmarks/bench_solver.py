@@ -57,7 +57,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import device_info, no_cuda, parse_pairs, pyplot, pytest_marks, save_figure, write_json  # noqa: E402
+from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pytest_marks,  # noqa: E402
+                     raise_on_sigterm, save_figure, write_json)
 from epmq import quant  # noqa: E402
 from epmq.spec import QuantSpec  # noqa: E402
 from epmq_kernels.expert_residual import (  # noqa: E402
@@ -329,14 +330,20 @@ def main(argv=None):
 
     json_path = os.path.join(args.out, f"solver-{slug}.json")
     rows = []
-    for i, (d_out, d_in) in enumerate(shapes):
-        rows += bench_shape(d_out, d_in, device, deadline, log, first=i == 0)
-        torch.cuda.empty_cache()
-        # kept after every shape, so that a run cut short by a time limit keeps what it measured
-        write_json(json_path, dict(**device_info(device), rows=rows, partial=True,
-                                   wall_s=time.perf_counter() - started))
-    if not args.no_sweep and time.perf_counter() < deadline:
-        rows += bench_sweep(device, log)
+    raise_on_sigterm()  # (stopped at the time limit, it still writes, plots and prints the rest)
+    partial = False
+    try:
+        for i, (d_out, d_in) in enumerate(shapes):
+            rows += bench_shape(d_out, d_in, device, deadline, log, first=i == 0)
+            torch.cuda.empty_cache()
+            # kept after every shape, so that a run cut short by a time limit keeps what it measured
+            write_json(json_path, dict(**device_info(device), rows=rows, partial=True,
+                                       wall_s=time.perf_counter() - started))
+        if not args.no_sweep and time.perf_counter() < deadline:
+            rows += bench_sweep(device, log)
+    except Terminated:
+        partial = True
+        print("bench_solver: stopped at its time limit; writing what it measured", flush=True)
 
     # correctness: codes within one step and losses within 1e-3 (summation order may differ)
     bad = [r for r in rows if r.get("max_code_step", 0) > 1
@@ -352,7 +359,7 @@ def main(argv=None):
         shapes_note="[d_out, d_in]; d_in is the input width (Hessian d_in x d_in)",
         timing_note="wall clock between torch.cuda.synchronize(); median of the repeats; eager "
                     "warm-up on the first shape only, repeats 3/2/1 by shape",
-        rows=rows, failures=len(bad), wall_s=time.perf_counter() - started, partial=False,
+        rows=rows, failures=len(bad), wall_s=time.perf_counter() - started, partial=partial,
     )
     write_json(json_path, result)
     png_path = os.path.join(args.out, f"solver-{slug}.png")
@@ -377,14 +384,19 @@ def main(argv=None):
                   f"{r['ratio']:.2f}x GPTQ{extra}")
     print(f"wrote {json_path} and {png_path} in {result['wall_s']:.0f} s; {len(bad)} failed checks",
           flush=True)
-    if time.perf_counter() - started < args.profile_if_under:
+    if not partial and time.perf_counter() - started < args.profile_if_under:
         from profile_epmq_layer import profile_tables
 
         profile_path = os.path.join(args.out, f"epmq-layer-profile-{slug}.txt")
+        try:
+            tables = profile_tables(precisions=("ieee", "tf32x3", "bf16x3", "tf32"))
+        except Terminated:
+            print("bench_solver: the time limit stopped the layer profile (results written)", flush=True)
+            return 124
         with open(profile_path, "w") as f:
-            f.write(profile_tables(precisions=("ieee", "tf32x3", "bf16x3", "tf32")))
+            f.write(tables)
         print(f"wrote {profile_path} in {time.perf_counter() - started:.0f} s", flush=True)
-    return 1 if bad else 0
+    return 124 if partial else (1 if bad else 0)
 
 
 # ----------------------------------------------------------------------------------------------

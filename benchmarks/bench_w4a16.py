@@ -44,7 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import device_info, no_cuda, parse_pairs, pyplot, pytest_marks, save_figure, write_json  # noqa: E402
+from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pytest_marks,  # noqa: E402
+                     raise_on_sigterm, save_figure, write_json)
 from epmq_kernels.packing import (  # noqa: E402
     pack_int4,
     pack_int4_cols,
@@ -327,17 +328,30 @@ def main(argv=None):
             wall_s=time.perf_counter() - started, partial=partial,
         )
 
-    # written after every row too, so that a run cut short by a time limit keeps what it measured
-    rows, failures = bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes,
-                                  on_row=lambda r, f: write_json(args.out, result_of(r, f, True)))
-    result = result_of(rows, failures, False)
+    # written after every row too, so that a run cut short by a time limit keeps what it
+    # measured; stopped by SIGTERM, it still plots and summarizes that
+    latest = dict(rows=[], failures=0)
+
+    def on_row(rows, failures):
+        latest.update(rows=rows, failures=failures)
+        write_json(args.out, result_of(rows, failures, True))
+
+    raise_on_sigterm()
+    try:
+        rows, failures = bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes,
+                                      on_row=on_row)
+        partial = False
+    except Terminated:
+        rows, failures, partial = list(latest["rows"]), latest["failures"], True
+        print("bench_w4a16: stopped at its time limit; writing what it measured", flush=True)
+    result = result_of(rows, failures, partial)
     write_json(args.out, result)
     plot_path = args.plot or re.sub(r"\.json$", "", args.out) + ".png"
     plot(rows, plot_path, result["device"])
     summary(rows)
     print(f"wrote {args.out} and {plot_path} in {result['wall_s']:.0f} s; "
           f"{failures} wrong results", flush=True)
-    return 1 if failures else 0
+    return 124 if partial else (1 if failures else 0)
 
 
 # ----------------------------------------------------------------------------------------------
