@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 EXAMPLES = """examples:
-  epmq demo                                  # ~10 min the first time on 2 CPU cores, then minutes
+  epmq demo                                  # ~4 min on 2 CPU cores (trains once, cached); a rerun reuses the results
   epmq demo --out runs/demo --seed 1         # another seed, its own cache entry
   epmq run configs/clip-vit-b32-8tasks.yaml  # CLIP-ViT-B/32 on 8 tasks (needs the HF hub)
   epmq run my.yaml --fresh                   # ignore earlier results in the output directory

@@ -1,6 +1,6 @@
 """Layer solvers: round-to-nearest, GPTQ, and E-PMQ (GPTQ on the expert-guided target).
 
-The formulation is ``../shared/docs/EPMQ_MATH.md``. In short, E-PMQ minimises
+The formulation is ``docs/EPMQ_MATH.md``. In short, E-PMQ minimises
 
     L(Q) = sum_k a_k ||(Q - W_k) X_k||^2 + lam' ||(Q - W_m) X_m||^2 + mu' ||Q - W_m||^2
          = tr((Q - W*) H (Q - W*)^T) + const,
