@@ -27,6 +27,31 @@ def dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def read_json(path: Path):
+    """The JSON value in ``path``, or None when it is missing or not JSON (a file written by an
+    interrupted run)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def changed_keys(before: dict, after: dict) -> list:
+    """The keys whose values differ between two mappings (present in only one included)."""
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
     path = Path(path)

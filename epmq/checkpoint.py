@@ -46,6 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ._util import process_alive, read_json
 from .adapters import find_adapter
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .packing import pack_cols, unpack_cols
@@ -338,10 +339,7 @@ def _write_manifest(directory: Path) -> None:
 
 
 def _read_manifest(directory: Path) -> dict:
-    try:
-        files = json.loads((directory / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    files = read_json(directory / MANIFEST_FILE)
     return files if isinstance(files, dict) else {}
 
 
@@ -350,14 +348,8 @@ def _remove_stale_temporaries(parent: Path, name: str) -> None:
     names carry the writer's process id; those of live processes are kept)."""
     for path in parent.glob(f".{name}.tmp-*"):
         pid = path.name[len(f".{name}.tmp-"):].partition("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
 
 
 def _carry_over(old: Path, new: Path) -> None:

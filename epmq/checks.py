@@ -1,5 +1,6 @@
 """Input checks shared by the solvers, the statistics and the merges."""
 
+import math
 from typing import Optional
 
 import torch
@@ -51,6 +52,17 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not all_finite(t):
         raise ValueError(f"{what} has non-finite values (NaN or inf)")
+
+
+def check_number(value, what: str, minimum: Optional[float] = None) -> float:
+    """``value`` as a float, or a ValueError: not a finite number (a bool, a string: YAML reads
+    1e-1 as one), or below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        hint = " (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if isinstance(value, str) else ""
+        raise ValueError(f"{what} must be a finite number, got {value!r}{hint}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")
+    return float(value)
 
 
 def device_argument(device) -> Optional[torch.device]:

@@ -35,14 +35,13 @@ reproducible whatever order or subset of tensors is merged.
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .checks import check_finite, check_hessian
+from .checks import check_finite, check_hessian, check_number
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -115,19 +114,13 @@ def _merge_each(base, experts, merge_tensor, out=None):
     return out
 
 
-def _check_number(value, what) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _check_weights(weights, n: int, *, divide: bool) -> Optional[list]:
     """Per-expert weights: ``n`` finite numbers, with a nonzero sum where the merge divides by it."""
     if weights is None:
         return None
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
         raise ValueError(f"weights must be a list of {n} numbers, got {weights!r}")
-    weights = [_check_number(w, "each weight") for w in weights]
+    weights = [check_number(w, "each weight") for w in weights]
     if len(weights) != n:
         raise ValueError(f"weights must give one number per expert ({n}), got {weights}")
     if divide and sum(weights) == 0:
@@ -141,7 +134,7 @@ def _check_seed(seed) -> None:
 
 
 def _check_unit(value, what):
-    _check_number(value, what)
+    check_number(value, what)
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{what} must be in [0, 1], got {value}")
 
@@ -200,7 +193,7 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     _needs_base(base, method)
-    _check_number(scale, "scale")
+    check_number(scale, "scale")
     _check_choice(consensus, (None, "sign"), "consensus")
     _check_choice(merge, ("sum", "mean"), "merge")
     return _merge_each(base, experts, lambda name, W_0, W_k: W_0 + scale * _combine(
@@ -343,7 +336,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     ``della_linear``.
     """
     _check_unit(density, "density")
-    _check_number(epsilon, "epsilon")
+    check_number(epsilon, "epsilon")
     _check_seed(seed)
     if not (0 <= epsilon and 0 < density - epsilon and density + epsilon <= 1):
         raise ValueError(f"DELLA needs 0 <= epsilon, 0 < density - epsilon and density + "
@@ -380,8 +373,8 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
     the mean task vector, scaled.
     """
     _needs_base(base, "tsv")
-    _check_number(scale, "scale")
-    if rank_fraction is not None and not 0 < _check_number(rank_fraction, "rank_fraction") <= 1:
+    check_number(scale, "scale")
+    if rank_fraction is not None and not 0 < check_number(rank_fraction, "rank_fraction") <= 1:
         raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
 
     def merge_tensor(name, W_0, W_k):
@@ -410,7 +403,7 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
     scaled.
     """
     _needs_base(base, "iso_c")
-    _check_number(scale, "scale")
+    check_number(scale, "scale")
 
     def merge_tensor(name, W_0, W_k):
         taus = torch.stack([W - W_0 for W in W_k])
@@ -457,10 +450,10 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     (``|cos theta| > dot_threshold``) it interpolates linearly. ``t`` may be a function of the
     tensor's name (a schedule over layers).
     """
-    _check_number(dot_threshold, "dot_threshold")
+    check_number(dot_threshold, "dot_threshold")
 
     def merge_tensor(name, W_0, W_k):
-        frac = _check_number(t(name) if callable(t) else t, f"t (at {name})")
+        frac = check_number(t(name) if callable(t) else t, f"t (at {name})")
         A, B = (_rows(W) if per_row else W.reshape(1, -1) for W in W_k)
         unit_a, unit_b = (X / X.norm(dim=1, keepdim=True).clamp(min=1e-8) for X in (A, B))
         cos = (unit_a * unit_b).sum(1, keepdim=True).clamp(-1, 1)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import merge as merge_lib
-from ._util import write_json_atomic
+from ._util import changed_keys, read_json, write_json_atomic
+from .checks import check_number
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
 
@@ -45,15 +46,6 @@ UNSCALED_MERGES = ("average", "model_stock", "regmean")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
 TARGETS = ("merged_path", "expert_path", "fp_path")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
-
-
-def _number(value, what: str, minimum: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        hint = " (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if isinstance(value, str) else ""
-        raise ValueError(f"{what} must be a finite number, got {value!r}{hint}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")
-    return float(value)
 
 
 def _anchor_key(anchor: float) -> str:
@@ -79,7 +71,7 @@ class MergePlan:
         if not self.scales:
             raise ValueError(f"merge {self.method}: no scale to choose from")
         for s in self.scales:
-            _number(s, f"merge {self.method}: each scale")
+            check_number(s, f"merge {self.method}: each scale")
         if self.method in UNSCALED_MERGES and len(self.scales) > 1:
             raise ValueError(f"merge {self.method} has no scale: give no scales, not {self.scales}")
         if not isinstance(self.params, dict):
@@ -134,9 +126,9 @@ class Plan:
                 raise ValueError(f"quantize.{name} must be true or false, got {getattr(self, name)!r}")
         if self.backend not in (None, "torch", "triton"):
             raise ValueError(f"quantize.backend must be torch or triton (or absent), got {self.backend!r}")
-        _number(self.weight_anchor, "quantize.weight_anchor", minimum=0.0)
+        check_number(self.weight_anchor, "quantize.weight_anchor", minimum=0.0)
         for a in self.anchors:
-            _number(a, "quantize.anchors: each anchor", minimum=0.0)
+            check_number(a, "quantize.anchors: each anchor", minimum=0.0)
         keys = [_anchor_key(a) for a in self.anchors]
         if len(set(keys)) != len(keys):
             raise ValueError(f"quantize.anchors repeats a value: {self.anchors}")
@@ -210,15 +202,12 @@ class Store:
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
         if resume and self.path.exists():
-            try:
-                old = json.loads(self.path.read_text())
-            except ValueError:
-                old = {}
+            old = read_json(self.path) or {}
             if old.get("identity") == identity:
                 self.data = old
             elif old.get("steps"):
                 before = old.get("identity") or {}
-                changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+                changed = changed_keys(before, identity)
                 backup = self.path.with_name("results.previous.json")
                 shutil.copy2(self.path, backup)
                 log(f"[resume] {self.path} was written for another bench (differs in {changed}): "

@@ -15,7 +15,7 @@ convention (``z - 1``) exists only in files and is converted by ``epmq.checkpoin
 
 Forward: on CUDA with 4 bits, the fused ``epmq_kernels.w4a16_matmul`` (the weight is
 dequantized in registers, never in memory). Under ``torch.compile`` a traceable forward
-(``_traced_forward``: the kernel as the custom op ``torch.ops.epmq.w4a16_matmul``), so a
+(``_traced_product``: the kernel as the custom op ``torch.ops.epmq.w4a16_matmul``), so a
 compiled model has no graph break at its quantized layers. On the CPU with 4 bits, bf16 or fp16 activations
 and at most ``CPU_INT4_MAX_ROWS`` rows, torch's own int4 CPU kernel
 (``aten._weight_int4pack_mm_for_cpu``, the one torchao uses), with the codes repacked once into
@@ -260,7 +260,15 @@ class QuantLinear(nn.Module):
         # the quantized model) take the dequantized product, which autograd follows
         kernels = self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.is_meta or _is_fake(x):
-            return self._traced_forward(x, kernels)
+            y = self._traced_product(x, kernels)
+        else:
+            y = self._product(x, kernels)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _product(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+        """``x @ W`` by the fastest path for these inputs (see the module docstring)."""
         plan = None
         if (kernels and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and _cpu_int4_mm is not None and x.numel() <= CPU_INT4_MAX_ROWS * self.in_features):
@@ -276,8 +284,6 @@ class QuantLinear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             y = x @ self._weight_kn(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
         return y
 
     def _whole_groups(self) -> bool:
@@ -286,8 +292,8 @@ class QuantLinear(nn.Module):
         K = self.in_features
         return K % 8 == 0 and (self.group_size == -1 or K % self.group_size == 0)
 
-    def _traced_forward(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
-        """The forward ``torch.compile`` traces: no host-side caches (data pointers, versions)
+    def _traced_product(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+        """The product ``torch.compile`` traces: no host-side caches (data pointers, versions)
         and no branch on the buffers' values, so no graph break. On CUDA the W4A16 kernel as a
         custom op; elsewhere the weight dequantized by a gather on ``g_idx`` (the compiler fuses
         it with the product)."""
@@ -298,8 +304,6 @@ class QuantLinear(nn.Module):
             g = self.g_idx.long()
             z, s = self.zeros().to(x.dtype), self.scales.to(x.dtype)
             y = x @ self.codes().to(x.dtype).sub(z[g]).mul(s[g])
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

@@ -30,7 +30,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import write_json_atomic
+from ._util import changed_keys, process_alive, read_json, write_json_atomic
 from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
@@ -106,9 +106,8 @@ class BlockLog:
         self._remove_stale_temporaries()
         identity = json.loads(json.dumps(dict(identity, format=FORMAT), default=str))
         path = self.directory / IDENTITY_FILE
-        saved = _read_json(path)
-        changed = [] if saved is None else sorted(
-            k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        saved = read_json(path)
+        changed = [] if saved is None else changed_keys(saved, identity)
         if changed and self._records():
             details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
                                 for k in changed)
@@ -126,7 +125,7 @@ class BlockLog:
         """The half-written files of a walk that was killed (their names carry its process id)."""
         for path in self.directory.glob(".*.tmp-*"):
             pid = path.name.rpartition(".tmp-")[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 path.unlink(missing_ok=True)
 
     def _paths(self, prefix: str):
@@ -139,7 +138,7 @@ class BlockLog:
         tensors_path, record_path = self._paths(prefix)
         if not record_path.is_file():
             return None
-        record = _read_json(record_path)
+        record = read_json(record_path)
         if not isinstance(record, dict) or "digest" not in record:
             return self._damaged(prefix, f"{record_path.name} is not a whole record")
         if record["digest"] != digest:
@@ -194,23 +193,6 @@ class BlockLog:
                                             tensors=tensor_digest(sorted(tensors.items()))))
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _short(value, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
