@@ -21,6 +21,6 @@ setup(
         "scikit-learn",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft"]},
     entry_points={"console_scripts": ["epmq=epmq.cli:main"]},
 )

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # Whole models: walk, packed layers, checkpoints (issue 5)
 from .adapters import Adapter, register_adapter  # noqa: E402
 from .checkpoint import load_quantized, save_quantized  # noqa: E402
+from .lora import LoraExpert  # noqa: E402
 from .merge_checkpoint import merge_checkpoints  # noqa: E402
 from .quantize_files import quantize_checkpoint  # noqa: E402
 from .qlinear import QuantLinear  # noqa: E402
@@ -26,5 +27,5 @@ from .walker import QuantReport, quantize_model  # noqa: E402
 __all__ += [
     "quantize_model", "QuantReport", "QuantLinear", "save_quantized", "load_quantized",
     "Adapter", "register_adapter", "merge_checkpoints",
-    "quantize_checkpoint",
+    "quantize_checkpoint", "LoraExpert",
 ]

@@ -9,7 +9,8 @@ tensor of a checkpoint by its own key and reads one when asked:
   pickle (``.pt``/``.pth``/``.bin``/``.ckpt``, with or without a ``state_dict`` / ``model`` /
   ``module`` wrapper);
 * tensors already in memory: a state dict (any ``Mapping``, lazy ones included) or an
-  ``nn.Module``.
+  ``nn.Module``;
+* a PEFT LoRA adapter directory: the whole expert, base plus updates (``epmq.lora``).
 
 Safetensors files are opened with ``safe_open`` and read tensor by tensor; torch pickles are
 memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used; the
@@ -35,6 +36,7 @@ read when indexed.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +44,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 from torch import nn
+
+from .lora import LoraExpert, is_lora_adapter
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_FILES = (  # in order of preference, inside a directory
@@ -140,9 +144,15 @@ class CheckpointReader:
         self.error = error
         self._where: Dict[str, object] = {}  # key -> store: a file, or None for tensors in memory
         self._stores: dict = {}  # store -> safe_open handle or Mapping of tensors (files: once opened)
+        self._opened = None  # a LoraExpert this reader opened (and closes)
+        if isinstance(source, (str, os.PathLike)) and is_lora_adapter(source):
+            # an expert as a LoRA adapter: its whole state dict, on the base its config names
+            source = self._opened = LoraExpert(source)
+        self.lora = source if isinstance(source, LoraExpert) else None
         if isinstance(source, (nn.Module, Mapping)):
             self.path = None
-            self.description = f"module {type(source).__name__}" if isinstance(source, nn.Module) else "state dict"
+            self.description = (f"module {type(source).__name__}" if isinstance(source, nn.Module)
+                                else getattr(source, "description", "state dict"))
             self._stores[None] = source.state_dict() if isinstance(source, nn.Module) else source
             self._where = dict.fromkeys(self._stores[None].keys())
             return
@@ -205,6 +215,8 @@ class CheckpointReader:
         handle = self._open(self._where[key])
         if hasattr(handle, "get_slice"):
             return tuple(handle.get_slice(key).get_shape())
+        if hasattr(handle, "shape_of"):  # a LoraExpert: no update formed for a shape
+            return tuple(handle.shape_of(key))
         return tuple(handle[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
@@ -215,6 +227,8 @@ class CheckpointReader:
         """Let go of every handle and in-memory tensor (the reader is empty afterwards)."""
         self._stores.clear()
         self._where.clear()
+        if self._opened is not None:
+            self._opened.close()
 
 
 # --------------------------------------------------------------------------- names

@@ -39,7 +39,8 @@ examples in configs/files/):
                                     # iso_c, model_stock, average, slerp, regmean
   base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (none for average,
                                     # slerp, regmean)
-  models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0)
+  models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0):
+                                    # checkpoints, or PEFT LoRA adapter directories (on the base)
   params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t,
                                     # weights (one per model)
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
@@ -132,7 +133,10 @@ examples in configs/files/):
                                     # encoder-decoder, images (a folder tree) for a vision tower
     math: data/math.jsonl
     code: data/code.txt
-  experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task
+  experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task (a checkpoint,
+                                    # or a PEFT LoRA adapter directory)
+  lora_base: ckpt/base              # optional: the base model of LoRA adapter experts (default:
+                                    # the base_model_name_or_path of their adapter_config.json)
   bits: 4                           # 2, 3, 4 or 8
   group_size: 128                   # -1: per output channel
   sym: true                         # symmetric grids (what vLLM's Marlin kernels need)
@@ -155,7 +159,7 @@ SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "static_groups")
 QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_anchor", "targets",
                  "samples", "seq_len", "batch_size", "seed", "dtype", "checkpoint_format",
                  "max_shard_size", "tower", "layers", "percdamp", "true_sequential",
-                 "residual_precision", *SPEC_KEYS}
+                 "residual_precision", "lora_base", *SPEC_KEYS}
 
 
 def quantize_options(config: dict):
@@ -170,6 +174,8 @@ def quantize_options(config: dict):
         value = options.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key} must be an integer, got {value!r}")
+    if not isinstance(options.get("lora_base", ""), str):
+        raise ValueError(f"lora_base must be a path or HF hub id, got {options['lora_base']!r}")
     if not isinstance(options.get("layers", ""), str):
         raise ValueError(f"layers must be a regular expression (a string), got {options['layers']!r}")
     if not isinstance(options.get("true_sequential", True), bool):

@@ -37,6 +37,7 @@ from . import merge as merge_lib
 from .checkpoint import WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
 from .checks import device_argument
+from .lora import is_lora_adapter, open_expert
 
 RECIPE_FILE = "epmq_merge.json"
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -72,12 +73,13 @@ class _View(Mapping):
         return name in self.names
 
 
-def _open(path: Path, what: str, device, names=None) -> Mapping:
+def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
     """A checkpoint as a lazy state dict; with ``names`` (the reference's), under those names:
     its keys are found under one prefix rewrite (``checkpoint_io.Binding``: transformers 5
     saves ``CLIPVisionModel`` without the ``vision_model.`` that 4.x and ``CLIPModel`` write),
-    and the tensors of its own that no name reaches are ignored, with a warning."""
-    reader = CheckpointReader(path, what)
+    and the tensors of its own that no name reaches are ignored, with a warning. A LoRA adapter
+    is the whole expert on ``lora_base`` (default: the base its config names)."""
+    reader = CheckpointReader(open_expert(path, lora_base), what)
     if names is None:
         return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device)
     binding = Binding(reader.keys(), names=names)
@@ -185,6 +187,11 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     from .quantize_files import PREPROCESSOR_FILES, calibrated
     from .stats import gram_matrices
 
+    adapters = [str(p) for p in model_paths if is_lora_adapter(p)]
+    if adapters:
+        raise ValueError(f"regmean: {adapters[0]} is a LoRA adapter; RegMean builds each model to "
+                         f"collect its activations: merge the adapter into its base first "
+                         f"(PEFT's merge_and_unload)")
     if not all(p.is_dir() for p in model_paths):
         raise ValueError("regmean: every model must be a checkpoint directory (its config builds the "
                          "model whose activations are collected)")
@@ -240,7 +247,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
     sources = []
     for k, (path, source) in enumerate(zip(model_paths, models)):
-        sources.append(_open(path, f"model {k} ({source})", device, names))
+        sources.append(_open(path, f"model {k} ({source})", device, names, lora_base=base_path))
         if names is not None and not len(sources[-1]):
             raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
                              f"tensors: not the same architecture")
@@ -278,7 +285,11 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             for name in base_only:
                 writer[name] = base_state.state[name]
             writer.finish()
-            _copy_companions(base_path if base_path is not None else model_paths[0], tmp, dtype)
+            companions = base_path if base_path is not None else model_paths[0]
+            lora = sources[0].state.reader.lora
+            if base_path is None and lora is not None and lora.base.path is not None:
+                companions = lora.base.path  # adapters merged without a base: their base's files
+            _copy_companions(companions, tmp, dtype)
             recipe = dict(method=method, params=params, dtype=dtype,
                           base=None if base is None else str(base), models=[str(m) for m in models])
             if calibration is not None:

@@ -36,6 +36,7 @@ from typing import Mapping, Optional, Union
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from .checkpoint import save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
+from .lora import is_lora_adapter, open_expert
 from .spec import QuantSpec
 from .walker import METHODS, quantize_model
 
@@ -163,12 +164,14 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                         tower: Optional[str] = None, resume: bool = True,
                         layers: Optional[str] = None, percdamp: float = 0.01,
                         true_sequential: bool = True, residual_precision: Optional[str] = None,
-                        progress: bool = True) -> Path:
+                        lora_base: Optional[Union[str, Path]] = None, progress: bool = True) -> Path:
     """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
 
     ``calibration``: task -> text, pair or image file(s) or directory (see
     ``epmq.calibration``); ``samples`` windows of ``seq_len`` tokens, pairs or images per task. E-PMQ needs an
-    expert for every task (``experts``: task -> directory, file or HF hub id). ``dtype``: the
+    expert for every task (``experts``: task -> directory, file or HF hub id; a LoRA adapter
+    directory is the expert it makes of ``lora_base``, by default the base its config names:
+    ``epmq.lora``). ``dtype``: the
     model's dtype while quantizing and in the checkpoint's unquantized tensors (default: the
     checkpoint's). ``device``: where the blocks are quantized (e.g. "cuda"; default the CPU): the
     model is loaded into CPU memory and each block visits the device for its turn, so a model
@@ -180,6 +183,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     ``percdamp``, ``true_sequential`` and ``residual_precision``: as ``epmq.quantize_model``'s.
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
+    if lora_base is not None and not any(is_lora_adapter(p) for p in (experts or {}).values()):
+        raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
     directory = local_checkpoint(model, directory=True)
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
                                             batch_size=batch_size, seed=seed, tower=tower)
@@ -195,7 +200,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     # the model stays in CPU memory; its blocks visit ``device`` one at a time
     try:
         quantize_model(net, spec, method=method, calibration=batches or None,
-                       experts=dict(experts) if experts else None, anchor=anchor,
+                       experts={t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None,
+                       anchor=anchor,
                        weight_anchor=weight_anchor, targets=targets, device=device,
                        layers=layers, percdamp=percdamp, true_sequential=true_sequential,
                        **({} if residual_precision is None else {"residual_precision": residual_precision}),

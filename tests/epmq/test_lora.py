@@ -1,0 +1,190 @@
+"""Experts given as PEFT LoRA adapters (epmq/lora.py), against PEFT's own merge_and_unload."""
+
+import json
+
+import pytest
+import torch
+import transformers
+import yaml
+
+import epmq
+from epmq.benches.tiny import word_tokenizer
+from epmq.checkpoint_io import CheckpointReader
+from epmq.cli import main
+from epmq.experts import ExpertWeights
+
+peft = pytest.importorskip("peft")
+
+
+def tiny_llama(seed, layers=2):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def make_adapter(base_dir, out, seed, **lora):
+    """A LoRA of the model at ``base_dir`` with random (nonzero) B, saved by PEFT; returns the
+    expert PEFT itself makes of it (merge_and_unload), as a state dict."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    config = dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **lora}))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    model.save_pretrained(out)
+    return {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    tiny_llama(0).save_pretrained(root / "base")
+    word_tokenizer(root / "base")
+    return root / "base"
+
+
+def assert_same_expert(expert, reference, tied=()):
+    """(``tied``: names of the model that its checkpoints do not hold.)"""
+    assert set(expert) == set(reference) - set(tied)
+    reference = {n: W for n, W in reference.items() if n not in tied}
+    for name, W in reference.items():
+        got = expert[name]
+        assert got.dtype == W.dtype and got.shape == W.shape, name
+        torch.testing.assert_close(got, W, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lora", [
+    # per-module ranks and alphas (3 and 10 over 4: scales that are not powers of two), an
+    # adapted embedding, a trained head kept whole (modules_to_save)
+    dict(rank_pattern={"v_proj": 3}, alpha_pattern={"down_proj": 10},
+         target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"]),
+    dict(use_rslora=True, r=5, lora_alpha=7),
+    dict(target_modules=["gate_proj", "o_proj"], layers_to_transform=[1]),
+])
+def test_expert_equals_peft_merge(base_dir, tmp_path, lora):
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=len(str(lora)), **lora)
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+    assert_same_expert(expert, reference)
+    # the base is changed where the adapter says, not elsewhere
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    changed = {n for n in base if not torch.equal(base[n], expert[n])}
+    assert changed and all(any(m in n for m in lora.get("target_modules", ["q_proj", "v_proj", "down_proj"])
+                               + lora.get("modules_to_save", [])) for n in changed)
+    assert expert.shape_of("model.layers.1.mlp.down_proj.weight") == (24, 40)
+
+
+def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
+    torch.manual_seed(1)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=24, n_layer=2,
+                                                                n_head=4, n_positions=32))
+    base.save_pretrained(tmp_path / "base")
+    reference = make_adapter(tmp_path / "base", tmp_path / "adapter", seed=2, target_modules=["c_attn", "c_fc"],
+                             fan_in_fan_out=True)
+    assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base"), reference,
+                       tied=["lm_head.weight"])
+
+
+def test_a_path_to_an_adapter_is_the_expert_on_the_base_its_config_names(base_dir, tmp_path):
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=3)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(base_dir)
+    reader = CheckpointReader(tmp_path / "adapter")
+    assert "LoRA adapter" in reader.description and reader.shape("model.layers.0.self_attn.q_proj.weight") == (24, 24)
+    expert = ExpertWeights(str(tmp_path / "adapter"), task="t")
+    expert.bind(reference)
+    name = "model.layers.1.self_attn.v_proj.weight"
+    torch.testing.assert_close(expert.read(name), reference[name], rtol=1e-6, atol=1e-6)
+
+
+def test_what_a_weight_update_cannot_express_is_refused(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "dora", seed=4, use_dora=True)
+    with pytest.raises(ValueError, match="use_dora"):
+        epmq.LoraExpert(tmp_path / "dora", base=base_dir)
+    # the adapter of another model: a module the base lacks
+    tiny_llama(5, layers=3).save_pretrained(tmp_path / "deeper")
+    make_adapter(tmp_path / "deeper", tmp_path / "deep_adapter", seed=5)
+    with pytest.raises(ValueError, match=r"no weight for the adapted module.*layers\.2"):
+        epmq.LoraExpert(tmp_path / "deep_adapter", base=base_dir)
+    # no base recorded, none given
+    make_adapter(base_dir, tmp_path / "nameless", seed=6)
+    config = tmp_path / "nameless" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": None}))
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        epmq.LoraExpert(tmp_path / "nameless")
+    # half a pair
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "nameless" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop(next(k for k in tensors if k.endswith("lora_B.weight")))
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="has lora_A but not lora_B"):
+        epmq.LoraExpert(tmp_path / "nameless", base=base_dir)
+
+
+def test_merge_of_adapters_equals_merge_of_merged_experts(base_dir, tmp_path):
+    """epmq merge with LoRA adapters as the models: the same tensors as with the experts PEFT
+    merges, saved as full checkpoints."""
+    full = []
+    for k in range(2):
+        state = make_adapter(base_dir, tmp_path / f"adapter{k}", seed=10 + k)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+        model.load_state_dict(state)
+        model.save_pretrained(tmp_path / f"full{k}")
+        full.append(tmp_path / f"full{k}")
+    params = dict(density=0.5)
+    epmq.merge_checkpoints("ties", [tmp_path / "adapter0", tmp_path / "adapter1"], tmp_path / "from_lora",
+                           base=base_dir, params=params, progress=False)
+    epmq.merge_checkpoints("ties", full, tmp_path / "from_full", base=base_dir, params=params, progress=False)
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from_lora").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from_full").state_dict()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=name)
+    # without a base (average): the adapters' own base, whose config and tokenizer go along
+    epmq.merge_checkpoints("average", [tmp_path / "adapter0", tmp_path / "adapter1"], tmp_path / "avg",
+                           progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "avg")("the cat").input_ids
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "avg")
+
+
+def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys):
+    """E-PMQ's targets from adapters: the same checkpoint as from the experts' full tensors."""
+    for k in range(2):
+        make_adapter(base_dir, tmp_path / f"adapter{k}", seed=20 + k)
+    merge = _yaml(tmp_path / "m.yaml", method="task_arithmetic", base=str(base_dir),
+                  models=[str(tmp_path / "adapter0"), str(tmp_path / "adapter1")])
+    assert main(["merge", str(merge), str(tmp_path / "merged"), "--quiet"]) == 0
+    (tmp_path / "a.txt").write_text("\n".join(["the cat sat on the mat ."] * 8))
+    (tmp_path / "b.txt").write_text("\n".join(["a dog ran in the park today ."] * 8))
+    options = dict(method="epmq", bits=4, group_size=8, anchor=0.1, samples=4, seq_len=12, batch_size=2,
+                   calibration={"a": str(tmp_path / "a.txt"), "b": str(tmp_path / "b.txt")})
+    # the adapters' config names another path for the base: lora_base overrides it
+    for k in range(2):
+        config = tmp_path / f"adapter{k}" / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "gone/base"}))
+    adapters = {"a": str(tmp_path / "adapter0"), "b": str(tmp_path / "adapter1")}
+    assert main(["quantize", str(_yaml(tmp_path / "q1.yaml", model=str(tmp_path / "merged"), experts=adapters,
+                                       lora_base=str(base_dir), **options)), str(tmp_path / "w4_lora"),
+                 "--quiet"]) == 0
+    for k, task in enumerate("ab"):
+        state = epmq.LoraExpert(adapters[task], base=base_dir)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+        model.load_state_dict(dict(state))
+        model.save_pretrained(tmp_path / f"full{k}")
+    full = {"a": str(tmp_path / "full0"), "b": str(tmp_path / "full1")}
+    assert main(["quantize", str(_yaml(tmp_path / "q2.yaml", model=str(tmp_path / "merged"), experts=full,
+                                       **options)), str(tmp_path / "w4_full"), "--quiet"]) == 0
+    a, b = epmq.load_quantized(tmp_path / "w4_lora"), epmq.load_quantized(tmp_path / "w4_full")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # the adapter's recorded base, gone and not an HF hub snapshot: named in the error
+    capsys.readouterr()
+    assert main(["quantize", str(_yaml(tmp_path / "q3.yaml", model=str(tmp_path / "merged"), experts=adapters,
+                                       **options)), str(tmp_path / "w4_gone"), "--quiet"]) != 0
+    assert "gone/base" in capsys.readouterr().err
+
+
+def _yaml(path, **config):
+    path.write_text(yaml.safe_dump(config))
+    return path
