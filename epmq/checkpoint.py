@@ -89,6 +89,17 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
                 f"{len(unfit)} layers (first: {unfit[0]}) have zero points equal to 0, which the v1 "
                 f"'gptq' format cannot store: writing checkpoint_format='gptq_v2'"
             )
+    ragged = [name for name, m in layers.items() if m.group_size != -1 and m.in_features % m.group_size]
+    if ragged:
+        m = layers[ragged[0]]
+        warnings.warn(
+            f"{len(ragged)} layers (first: {ragged[0]}, {m.in_features} inputs) have an input width "
+            f"that group_size={m.group_size} does not divide: ceil(K / g) groups, the last shorter, "
+            f"as GPTQ and GPTQModel write them. epmq loads them (on CUDA it dequantizes such layers "
+            f"instead of using its W4A16 kernel), and so does GPTQModel with its torch kernel "
+            f"(backend=BACKEND.TORCH); its other kernels, the ones transformers picks on a CPU, and "
+            f"vLLM's GPTQ layers require the group size to divide the width"
+        )
     tensors, tied = _tensors(model, layers, checkpoint_format)
     # the names transformers itself would write (Mixtral's block_sparse_moe, ViT's hub naming),
     # which serving engines and older loaders look for

@@ -30,7 +30,7 @@ import torch
 from epmq_kernels._runtime import fp32_mm, ieee_mm
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
-from epmq_kernels.grid import dequantize, find_params, quantize_codes
+from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
 
 from .checks import all_finite, check_hessian, check_weight
 from .spec import QuantSpec
@@ -139,23 +139,24 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
     t0 = time.perf_counter()
     check_weight(W)
     d_out, d_in = W.shape
-    n_groups = _check_spec(spec, d_in)
+    _check_spec(spec, d_in)
     if H is not None:
         check_hessian(H, d_in)
     target = W.float()
     group_size = d_in if spec.group_size == -1 else spec.group_size
-    rows = target.reshape(d_out * n_groups, group_size)
-    scale, zero = find_params(rows, spec.bits, spec.sym)
-    q = quantize_codes(rows, scale[:, None], zero[:, None], spec.maxq)
-    weight = dequantize(q, scale[:, None], zero[:, None]).reshape(d_out, d_in)
+    scales, zeros = find_group_params(target, group_size, spec.bits, spec.sym)
+    g_idx = torch.arange(d_in, device=W.device) // group_size
+    scale, zero = scales[:, g_idx], zeros[:, g_idx]
+    q = quantize_codes(target, scale, zero, spec.maxq)
+    weight = dequantize(q, scale, zero)
     E = weight - target
     loss = _objective(E, H) if H is not None else float(E.double().pow(2).sum())
     return QuantResult(
         weight=weight,
-        codes=q.reshape(d_out, d_in).to(torch.int32),
-        scales=scale.reshape(d_out, n_groups),
-        zeros=zero.reshape(d_out, n_groups),
-        g_idx=(torch.arange(d_in, device=W.device) // group_size).to(torch.int32),
+        codes=q.to(torch.int32),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx.to(torch.int32),
         target=target,
         loss=loss,
         spec=spec,
@@ -356,7 +357,7 @@ def _round_target(
     """
     t0 = time.perf_counter()
     d_out, d_in = W_base.shape
-    n_groups = _check_spec(spec, d_in)
+    _check_spec(spec, d_in)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     if not 0 <= percdamp < math.inf:  # (NaN fails too)
@@ -408,8 +409,7 @@ def _round_target(
         # column order
         gs = d_in if group_size == -1 else group_size
         live_target = target.masked_fill(dead, 0.0) if any_dead else target
-        scale, zero = find_params(live_target.reshape(d_out * n_groups, gs), spec.bits, spec.sym)
-        scales, zeros = scale.reshape(d_out, n_groups), zero.reshape(d_out, n_groups)
+        scales, zeros = find_group_params(live_target, gs, spec.bits, spec.sym)
         g_idx = torch.arange(d_in, device=device) // gs
         col_group = g_idx if perm is None else g_idx[perm]
         grid = dict(group_size=-1, scales=scales, zeros=zeros, col_group=col_group)

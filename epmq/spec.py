@@ -45,14 +45,12 @@ class QuantSpec:
         return 2**self.bits - 1
 
     def n_groups(self, d_in: int) -> int:
-        """Number of groups of a layer with ``d_in`` input columns; checks that they tile it."""
+        """Number of groups of a layer with ``d_in`` input columns: ``ceil(d_in / group_size)``
+        (a size that does not divide ``d_in`` leaves a shorter last group, as in the GPTQ
+        reference and the checkpoints GPTQModel writes)."""
         if self.group_size == -1:
             return 1
-        if d_in % self.group_size:
-            raise ValueError(
-                f"group_size={self.group_size} does not divide the layer's input width {d_in}"
-            )
-        return d_in // self.group_size
+        return -(-d_in // self.group_size)
 
     def to_dict(self) -> dict:
         return {

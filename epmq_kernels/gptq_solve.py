@@ -22,9 +22,9 @@ This file holds the torch reference (``gptq_solve_reference``) and the fused Tri
 
 The configuration space, stated once (both backends accept all of it):
   bits 2, 3, 4, 8; symmetric or asymmetric; static grid (per channel, static groups, act-order
-  through ``col_group``) or dynamic groups of any size dividing ``d_in`` (smaller than, equal to
-  or larger than the block); ``R`` given or not; any ``d_out``, ``d_in`` (no multiple of the
-  block needed).
+  through ``col_group``) or dynamic groups of any size (smaller than, equal to or larger than
+  the block; one that does not divide ``d_in`` leaves a shorter last group: ``ceil(d_in / gs)``
+  groups); ``R`` given or not; any ``d_out``, ``d_in`` (no multiple of the block needed).
 """
 
 from typing import NamedTuple, Optional
@@ -82,8 +82,6 @@ def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blo
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
     if group_size > 0:
-        if d_in % group_size:
-            raise ValueError(f"group_size={group_size} does not divide d_in={d_in}")
         if scales is not None or zeros is not None or col_group is not None:
             raise ValueError("dynamic groups (group_size > 0) take no static scales/zeros/col_group")
     else:
@@ -125,7 +123,7 @@ def gptq_solve_reference(
     d_out, d_in = W.shape
     dynamic = group_size > 0
     if dynamic:
-        n_groups = d_in // group_size
+        n_groups = triton.cdiv(d_in, group_size)
         scales = torch.empty(d_out, n_groups, dtype=torch.float32, device=W.device)
         zeros = torch.empty_like(scales)
     else:
@@ -432,7 +430,7 @@ def gptq_solve_triton(
         Q = torch.empty_like(W)
         codes = torch.empty(d_out, d_in, dtype=torch.int32, device=device)
     if dynamic:
-        n_groups = d_in // group_size
+        n_groups = triton.cdiv(d_in, group_size)
         if out is not None and out.scales is not None:
             scales, zeros = out.scales, out.zeros
             for t in (scales, zeros):

@@ -34,6 +34,18 @@ def find_params(W: torch.Tensor, bits: int, sym: bool):
     return scale, zero
 
 
+def find_group_params(W: torch.Tensor, group_size: int, bits: int, sym: bool):
+    """``find_params`` of every group of ``group_size`` columns of ``W [rows, d_in]``: float32
+    ``[rows, G]``, ``G = ceil(d_in / group_size)``; where the size does not divide ``d_in`` the
+    last group is shorter (as in the GPTQ reference). It is padded with zeros, which move no
+    grid: every grid spans 0."""
+    rows, d_in = W.shape
+    G = -(-d_in // group_size)
+    padded = torch.nn.functional.pad(W.float(), (0, G * group_size - d_in))
+    scale, zero = find_params(padded.reshape(rows * G, group_size), bits, sym)
+    return scale.reshape(rows, G), zero.reshape(rows, G)
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
     """Integer codes (as float32) of ``w`` on the grid; broadcasting as the caller arranges."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)

@@ -733,3 +733,29 @@ def test_hand_edited_configs_are_named_or_corrected(gen, tmp_path):
         loaded = epmq.load_quantized(tmp_path / "q", fam.fresh())
     epmq.save_quantized(loaded, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["bits"] == 4
+
+
+@pytest.mark.parametrize("method,spec", [
+    ("gptq", epmq.QuantSpec(bits=4, group_size=32, act_order=True)),
+    ("epmq", epmq.QuantSpec(bits=3, group_size=64, sym=True, static_groups=True, act_order=True)),
+])
+def test_a_group_size_not_dividing_a_layer_quantizes_saves_and_loads(gen, tmp_path, method, spec):
+    """Groups of 32 or 64 over the MLP input of 80 (and attention's 96 for 64): ceil(K / g) groups,
+    the last shorter; the checkpoint loads to the same logits, and save warns about servers."""
+    import transformers
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    config = transformers.LlamaConfig(hidden_size=96, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=gen)
+    experts = {"a": {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}}
+    epmq.quantize_model(model, spec, method=method, calibration={"a": [dict(input_ids=ids)]},
+                        experts=experts if method == "epmq" else None, progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.scales.shape[0] == -(-80 // spec.group_size)
+    with pytest.warns(UserWarning, match="does not divide"):
+        epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

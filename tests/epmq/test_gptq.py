@@ -102,6 +102,10 @@ SPECS = [
     QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True),
     QuantSpec(bits=3, group_size=-1, act_order=True),
     QuantSpec(bits=2, group_size=32, static_groups=True),
+    # sizes that do not divide d_in = 64: a shorter last group (ceil(64 / g) groups)
+    QuantSpec(bits=4, group_size=24),
+    QuantSpec(bits=3, group_size=40, act_order=True),
+    QuantSpec(bits=4, group_size=24, act_order=True, static_groups=True),
 ]
 
 
@@ -322,12 +326,23 @@ def test_bad_inputs(gen, make, match):
         quant.gptq(W, H, QuantSpec(bits=4, group_size=16))
 
 
-def test_group_size_checked_at_use(gen):
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_group_size_not_dividing_the_width_leaves_a_shorter_last_group(gen, method):
+    """64 columns in groups of 48: groups [0, 48) and [48, 64), the second's grid from its own 16
+    columns (RTN: exactly the RTN of each part alone)."""
     W, H = random_problem(gen, d_in=64)
-    with pytest.raises(ValueError, match="does not divide the layer's input width 64"):
-        quant.gptq(W, H, QuantSpec(bits=4, group_size=48))
-    with pytest.raises(ValueError, match="does not divide"):
-        quant.rtn(W, QuantSpec(bits=4, group_size=48))
+    spec = QuantSpec(bits=3, group_size=48)
+    res = quant.rtn(W, spec) if method == "rtn" else quant.gptq(W, H, spec)
+    assert res.scales.shape == (48, 2) and torch.equal(res.g_idx.long(), torch.arange(64) // 48)
+    g = res.g_idx.long()
+    torch.testing.assert_close((res.codes.float() - res.zeros[:, g]) * res.scales[:, g], res.weight,
+                               rtol=0, atol=1e-6)
+    if method == "rtn":
+        parts = [quant.rtn(W[:, a:b], QuantSpec(bits=3, group_size=-1)) for a, b in ((0, 48), (48, 64))]
+        assert torch.equal(res.weight, torch.cat([p.weight for p in parts], 1))
+        assert torch.equal(res.scales, torch.cat([p.scales for p in parts], 1))
+    else:
+        assert res.loss < quant.rtn(W, spec, H=H).loss
 
 
 def test_unknown_backend(gen):

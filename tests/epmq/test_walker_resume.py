@@ -169,12 +169,18 @@ def test_a_damaged_block_is_solved_again(damage, gen, tmp_path, monkeypatch):
 
 
 def test_a_directory_with_no_block_done_takes_the_new_arguments(gen, tmp_path, monkeypatch):
-    """(A walk that failed before its first block, e.g. on a group size that does not divide a
-    layer, must not lock the directory to its arguments.)"""
+    """(A walk that failed before its first block was done, e.g. on a layer the solver refused,
+    must not lock the directory to its arguments.)"""
     fam = Family("llama", gen)
-    with pytest.raises(ValueError, match="does not divide"):
-        epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=64), method="gptq",
-                            calibration=fam.calibration, resume_dir=tmp_path, progress=False)
+
+    def refused(*args, **kwargs):
+        raise ValueError("refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(epmq.quant, "gptq", refused)
+        with pytest.raises(ValueError, match="refused"):
+            epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=64), method="gptq",
+                                calibration=fam.calibration, resume_dir=tmp_path, progress=False)
     stale = tmp_path / ".model.layers.0.safetensors.tmp-999999999"  # a killed walk's
     stale.write_bytes(b"partial")
     run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path)

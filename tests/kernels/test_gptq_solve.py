@@ -87,17 +87,15 @@ def static_grid(T, bits, sym, group_size, perm=None):
     """Scales/zeros from the original target, groups in stored order, as quant.py builds them."""
     d_out, d_in = T.shape
     gs = d_in if group_size == -1 else group_size
-    n_groups = d_in // gs
     if perm is not None:  # back to stored order for the groups
         T_stored = torch.empty_like(T)
         T_stored[:, perm] = T
         T = T_stored
-    scale, zero = find_params(T.reshape(d_out * n_groups, gs), bits, sym)
+    # group by group (a shorter last one where gs does not divide d_in)
+    scale, zero = zip(*(find_params(T[:, a : a + gs], bits, sym) for a in range(0, d_in, gs)))
     g_idx = torch.arange(d_in, device=T.device) // gs
     col_group = g_idx if perm is None else g_idx[perm.to(T.device)]
-    return dict(
-        scales=scale.reshape(d_out, n_groups), zeros=zero.reshape(d_out, n_groups), col_group=col_group
-    )
+    return dict(scales=torch.stack(scale, 1), zeros=torch.stack(zero, 1), col_group=col_group)
 
 
 def poisoned_out(d_out, d_in, n_groups):
@@ -147,7 +145,7 @@ def run_both(W, Hinv, H, **kw):
     R0 = None if R is None else R.clone()
     ref = gptq_solve_reference(W, Hinv, **kw)
     gs = kw.get("group_size", -1)
-    n_groups = W.shape[1] // gs if gs > 0 else kw["scales"].shape[1]
+    n_groups = -(-W.shape[1] // gs) if gs > 0 else kw["scales"].shape[1]
     out = gptq_solve_triton(W, Hinv, out=poisoned_out(*W.shape, n_groups), **kw)
     assert torch.equal(W, W0) and (R is None or torch.equal(R, R0)), "the solver changed its inputs"
     T = W if R is None else W + R
@@ -197,13 +195,15 @@ def test_per_channel(gen, bits, sym, with_R):
         (48, 32, 2, False),  # larger than the block: the block shrinks to 24, groups span two
         (96, 64, 8, True),  # larger, d_in not a multiple of the requested block
         (96, 32, 4, True),  # one group over three blocks
+        (40, 32, 4, False),  # not dividing d_in: a shorter last group, inside the last block
+        (80, 32, 3, True),  # not dividing, spanning blocks: the last group spans a partial block
     ],
 )
 @pytest.mark.parametrize("with_R", [False, True])
 def test_dynamic_groups(gen, group_size, blocksize, bits, sym, with_R):
     W, R, Hinv, H = make_problem(gen, with_R=with_R)
     ref, _ = run_both(W, Hinv, H, bits=bits, sym=sym, R=R, group_size=group_size, blocksize=blocksize)
-    assert ref.scales.shape == (D_OUT, D_IN // group_size)
+    assert ref.scales.shape == (D_OUT, -(-D_IN // group_size))
 
 
 @pytest.mark.parametrize("act_order", [False, True])
