@@ -165,6 +165,7 @@ QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_
 def quantize_options(config: dict):
     """A quantize config's ``QuantSpec`` and the keyword arguments of ``quantize_checkpoint``
     (checked: ValueError for what it could not run)."""
+    from .checks import check_number
     from .quantize_files import check_quantize
     from .spec import QuantSpec
 
@@ -181,9 +182,7 @@ def quantize_options(config: dict):
     if not isinstance(options.get("true_sequential", True), bool):
         raise ValueError(f"true_sequential must be true or false, got {options['true_sequential']!r}")
     for key in ("percdamp", "anchor", "weight_anchor"):
-        value = options.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
+        check_number(options.get(key, 0.0), key)
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
                    dtype=options.get("dtype"), tower=options.get("tower"))
     return spec, options
