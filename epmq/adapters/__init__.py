@@ -51,15 +51,22 @@ class Transposed(str):
 class Part(str):
     """A checkpoint tensor name whose tensor a checkpoint may instead hold as a slice of a fused
     tensor: ``fused[index][rows[0]:rows[1]]`` (``rows`` None: all of it), ``fused`` of shape
-    ``fused_shape`` (see ``prepare``)."""
+    ``fused_shape`` (see ``prepare``). ``transposed``: ``fused[index]`` holds the tensor's
+    transpose (Llama 4's experts, ``[in, out]``), so the rows are taken from ``fused[index].T``:
+    the transpose of a column slice. A checkpoint holding the tensor under ``name`` itself holds
+    it as the model does (not transposed)."""
 
-    def __new__(cls, name, fused, index, rows, fused_shape):
+    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False):
         self = super().__new__(cls, name)
         self.fused, self.index, self.rows, self.fused_shape = fused, index, rows, tuple(fused_shape)
+        self.transposed = transposed
         return self
 
     def take(self, fused):
+        """This part of ``fused`` (a view)."""
         part = fused[self.index]
+        if self.transposed:
+            part = part.t()
         return part if self.rows is None else part[self.rows[0] : self.rows[1]]
 
 

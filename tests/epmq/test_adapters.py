@@ -125,3 +125,25 @@ def test_block_types_are_class_names_or_classes():
     assert not epmq.Adapter("toy", block_types=(nn.Linear,)).stacks(net)
     with pytest.raises(TypeError, match="class names or classes"):
         epmq.Adapter("toy", block_types=(3,))
+
+
+# --------------------------------------------------------------------------- fused experts
+
+
+def test_a_part_is_a_slice_of_a_fused_tensor_or_the_transpose_of_a_column_slice(gen):
+    """``Part.take``: rows of ``fused[e]`` (transformers' usual experts, ``[E, 2I, H]``) or, with
+    ``transposed``, rows of ``fused[e].T``, the transpose of a column slice (Llama 4's,
+    ``[E, H, 2I]``); a view either way, so the rebuilt linears' weights stay the fused tensor."""
+    from epmq.adapters import Part
+
+    E, H, inner = 3, 7, 5
+    fused = torch.randn(E, 2 * inner, H, generator=gen)
+    part = Part("experts.1.up_proj.weight", "experts.gate_up_proj", 1, (inner, 2 * inner), fused.shape)
+    assert part == "experts.1.up_proj.weight" and not part.transposed
+    assert torch.equal(part.take(fused), fused[1, inner:])
+    fused_t = torch.randn(E, H, 2 * inner, generator=gen)
+    for e, rows, want in [(2, (0, inner), fused_t[2, :, :inner].T), (0, (inner, 2 * inner), fused_t[0, :, inner:].T),
+                          (1, None, fused_t[1].T)]:
+        got = Part("w", "fused", e, rows, fused_t.shape, transposed=True).take(fused_t)
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert got.untyped_storage().data_ptr() == fused_t.untyped_storage().data_ptr()
