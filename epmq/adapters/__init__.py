@@ -16,7 +16,7 @@ know about an architecture is:
   ``{new tensor name: original tensor name}`` so expert checkpoints (in the original naming) can
   still be read, the original name wrapped in ``Transposed`` where the checkpoint holds the
   transpose of the new tensor, or in ``Part`` where it may hold the tensor as a slice of a fused
-  one (transformers 5's MoE experts).
+  one (transformers 5's MoE experts) or the transpose of a slice of one (Llama 4's).
 * ``stage(block, rel)``: linears of one stage are solved together (MoE experts: every expert's
   gate and up projections, then every down projection), a stage member the probe pass did not
   call included (an expert no token was routed to); None (the default): grouped by input.
