@@ -135,7 +135,8 @@ def test_llama4_experts_read_from_either_checkpoint_layout(layout, gen, tmp_path
         assert f"{prefix}.gate_up_proj" in keys and not any(f"{prefix}.0." in k for k in keys)
     else:
         state = {k: v for k, v in expert.state_dict().items() if not k.startswith(f"{prefix}.")}
-        state.update({f"{prefix}.{e}.{p}.weight": w(e) for e in range(len(fused.gate_up_proj)) for p, w in want.items()})
+        state.update({f"{prefix}.{e}.{p}.weight": w(e) for e in range(len(fused.gate_up_proj))
+                      for p, w in want.items()})
         path = tmp_path / "e.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     read = {}
