@@ -599,7 +599,8 @@ class _Walk:
     @staticmethod
     def _fused_in(source, key) -> bool:
         """Whether ``source`` holds the ``Part`` ``key`` only as a slice of its fused tensor (an
-        expert in memory, in transformers 5's fused layout)."""
+        expert in memory, in transformers 5's fused layout; Llama 4's checkpoints, whose fused
+        experts are transposed: ``Part.take`` reads them in the model's layout)."""
         return isinstance(key, Part) and source.key_for(key) is None
 
     def _read_expert(self, task, name: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ know about an architecture is:
   ``{new tensor name: original tensor name}`` so expert checkpoints (in the original naming) can
   still be read, the original name wrapped in ``Transposed`` where the checkpoint holds the
   transpose of the new tensor, or in ``Part`` where it may hold the tensor as a slice of a fused
-  one (transformers 5's MoE experts).
+  one (transformers 5's MoE experts) or the transpose of a slice of one (Llama 4's).
 * ``stage(block, rel)``: linears of one stage are solved together (MoE experts: every expert's
   gate and up projections, then every down projection), a stage member the probe pass did not
   call included (an expert no token was routed to); None (the default): grouped by input.
@@ -51,15 +51,22 @@ class Transposed(str):
 class Part(str):
     """A checkpoint tensor name whose tensor a checkpoint may instead hold as a slice of a fused
     tensor: ``fused[index][rows[0]:rows[1]]`` (``rows`` None: all of it), ``fused`` of shape
-    ``fused_shape`` (see ``prepare``)."""
+    ``fused_shape`` (see ``prepare``). ``transposed``: ``fused[index]`` holds the tensor's
+    transpose (Llama 4's experts, ``[in, out]``), so the rows are taken from ``fused[index].T``:
+    the transpose of a column slice. A checkpoint holding the tensor under ``name`` itself holds
+    it as the model does (not transposed)."""
 
-    def __new__(cls, name, fused, index, rows, fused_shape):
+    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False):
         self = super().__new__(cls, name)
         self.fused, self.index, self.rows, self.fused_shape = fused, index, rows, tuple(fused_shape)
+        self.transposed = transposed
         return self
 
     def take(self, fused):
+        """This part of ``fused`` (a view)."""
         part = fused[self.index]
+        if self.transposed:
+            part = part.t()
         return part if self.rows is None else part[self.rows[0] : self.rows[1]]
 
 

@@ -1,4 +1,4 @@
-"""Mixture-of-experts decoders (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE).
+"""Mixture-of-experts decoders (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, Llama 4, ...).
 
 transformers 5 keeps a block's experts in two 3-D parameters, ``gate_up_proj [E, 2I, H]`` and
 ``down_proj [E, H, I]``, and runs them in a routing loop. ``LinearExperts`` is the same module
@@ -7,6 +7,13 @@ with one small MLP of ``nn.Linear`` per expert, named as the checkpoints on the 
 expert's projections are quantized, saved and served like any linear. Each takes only the
 tokens routed to it: its statistics are those of its own tokens, and an expert no calibration
 token reached is rounded to nearest (the walker warns).
+
+Llama 4 (``Llama4TextExperts``) stores the transpose, ``gate_up_proj [E, H, 2I]`` and
+``down_proj [E, I, H]`` (its checkpoints too), and routes densely: its MoE block hands the
+experts every token once per expert, pre-scaled by the router score, which is zero where the
+token is not routed. ``Llama4LinearExperts`` holds transposed views and gives each expert only
+its nonzero rows, its tokens; the per-expert names are those of Llama 4's quantized checkpoints
+on the hub (``feed_forward.experts.{e}.gate_proj``, ``up_proj``, ``down_proj``).
 
 The walker solves the experts of a block in two stages (``MoEAdapter.stage``): every expert's
 gate and up projections, which read the block's routed hidden states, then every down
@@ -50,17 +57,34 @@ class LinearExperts(nn.Module):
     """Fused experts as ``nn.Linear`` per expert (children ``"0"``, ``"1"``, ...); the fused
     module's routing loop, unchanged."""
 
+    # how the fused parameters hold an expert's weight: [out, in] as nn.Linear does, or its
+    # transpose (Llama 4)
+    transposed = False
+
     def __init__(self, fused: nn.Module):
         super().__init__()
         names = PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
-        gate_up, down = fused.gate_up_proj, fused.down_proj
-        inner = gate_up.shape[1] // 2
-        self.num_experts = gate_up.shape[0]
+        self.num_experts = fused.gate_up_proj.shape[0]
         for e in range(self.num_experts):
-            self.add_module(str(e), _Expert(_linear(gate_up[e, :inner]), _linear(gate_up[e, inner:]),
-                                            _linear(down[e]), names))
+            gate, up, down = (_linear(part.take(getattr(fused, part.fused))) for part in self.parts(fused, e))
+            self.add_module(str(e), _Expert(gate, up, down, names))
         self.act_fn = fused.act_fn
         self.train(fused.training)
+
+    @classmethod
+    def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
+        """Expert ``e``'s gate, up and down weights as ``Part``s of the fused parameters
+        ``{prefix}gate_up_proj`` and ``{prefix}down_proj``, named as per-expert checkpoints name
+        them (``{prefix}{e}.gate_proj.weight``, ...). The rebuilt linears' weights are these
+        parts of the fused module's parameters, so what a checkpoint holds fused is read as the
+        linears hold it."""
+        names = PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
+        gate_up, down = fused.gate_up_proj.shape, fused.down_proj.shape
+        inner = gate_up[2 if cls.transposed else 1] // 2
+        where = (("gate_up_proj", gate_up, (0, inner)), ("gate_up_proj", gate_up, (inner, 2 * inner)),
+                 ("down_proj", down, None))
+        return tuple(Part(f"{prefix}{e}.{name}.weight", prefix + param, e, rows, shape, cls.transposed)
+                     for name, (param, shape, rows) in zip(names, where))
 
     def __getitem__(self, e: int) -> _Expert:
         return getattr(self, str(e))
@@ -82,6 +106,33 @@ class LinearExperts(nn.Module):
         return out
 
 
+class Llama4LinearExperts(LinearExperts):
+    """Llama 4's experts (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``: each expert's
+    weights transposed) as ``nn.Linear`` per expert, with the fused module's call: the block's
+    routed input ``[E * T, H]``, each token once per expert, scaled by its router score (zero
+    where the token is not routed). Each expert takes its nonzero rows only (its tokens); the
+    zero rows' output is zero, as in the fused module (no biases, ``act(0) * 0 = 0``)."""
+
+    transposed = True
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
+        with torch.no_grad():
+            routed = x.ne(0).any(dim=-1)  # [E, T]
+            hit = routed.any(dim=-1).nonzero()[:, 0].tolist()
+        for e in hit:
+            rows = routed[e].nonzero()[:, 0]
+            gate, up, down = self[e].projections()
+            x_e = x[e, rows]
+            out[e].index_copy_(0, rows, down(self.act_fn(gate(x_e)) * up(x_e)).to(out.dtype))
+        return out.view(-1, out.shape[-1])
+
+
+# fused experts of another layout or call than transformers' usual ones
+REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts}
+
+
 def _is_fused_experts(module: nn.Module) -> bool:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
@@ -89,7 +140,8 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 class MoEAdapter(Adapter):
-    """Decoder layers whose MLP routes tokens to fused experts (rebuilt as ``LinearExperts``)."""
+    """Decoder layers whose MLP routes tokens to fused experts (rebuilt as ``LinearExperts``, Llama
+    4's as ``Llama4LinearExperts``)."""
 
     routes_tokens = True
 
@@ -98,15 +150,10 @@ class MoEAdapter(Adapter):
         for name, module in list(self.block_modules(model)):
             if not _is_fused_experts(module):
                 continue
-            experts = LinearExperts(module)
+            experts = REBUILT_AS.get(type(module).__name__, LinearExperts)(module)
             swap(name, experts)
-            shape_gate_up, shape_down = tuple(module.gate_up_proj.shape), tuple(module.down_proj.shape)
-            inner = shape_gate_up[1] // 2
             for e in range(experts.num_experts):
-                gate, up, down = (f"{name}.{e}.{n}.weight" for n in experts[e].names)
-                renames[gate] = Part(gate, f"{name}.gate_up_proj", e, (0, inner), shape_gate_up)
-                renames[up] = Part(up, f"{name}.gate_up_proj", e, (inner, 2 * inner), shape_gate_up)
-                renames[down] = Part(down, f"{name}.down_proj", e, None, shape_down)
+                renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})
         return renames
 
     def stage(self, block: nn.Module, rel: str):
@@ -137,5 +184,5 @@ class MoEAdapter(Adapter):
 MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     "Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "OlmoeDecoderLayer",
     "PhimoeDecoderLayer", "GraniteMoeDecoderLayer", "DeepseekV2DecoderLayer", "DeepseekV3DecoderLayer",
-    "JambaAttentionDecoderLayer", "JambaMambaDecoderLayer",
+    "JambaAttentionDecoderLayer", "JambaMambaDecoderLayer", "Llama4TextDecoderLayer",
 ))

@@ -125,3 +125,87 @@ def test_block_types_are_class_names_or_classes():
     assert not epmq.Adapter("toy", block_types=(nn.Linear,)).stacks(net)
     with pytest.raises(TypeError, match="class names or classes"):
         epmq.Adapter("toy", block_types=(3,))
+
+
+# --------------------------------------------------------------------------- fused experts
+
+
+def test_a_part_is_a_slice_of_a_fused_tensor_or_the_transpose_of_a_column_slice(gen):
+    """``Part.take``: rows of ``fused[e]`` (transformers' usual experts, ``[E, 2I, H]``) or, with
+    ``transposed``, rows of ``fused[e].T``, the transpose of a column slice (Llama 4's,
+    ``[E, H, 2I]``); a view either way, so the rebuilt linears' weights stay the fused tensor."""
+    from epmq.adapters import Part
+
+    E, H, inner = 3, 7, 5
+    fused = torch.randn(E, 2 * inner, H, generator=gen)
+    part = Part("experts.1.up_proj.weight", "experts.gate_up_proj", 1, (inner, 2 * inner), fused.shape)
+    assert part == "experts.1.up_proj.weight" and not part.transposed
+    assert torch.equal(part.take(fused), fused[1, inner:])
+    fused_t = torch.randn(E, H, 2 * inner, generator=gen)
+    for e, rows, want in [(2, (0, inner), fused_t[2, :, :inner].T), (0, (inner, 2 * inner), fused_t[0, :, inner:].T),
+                          (1, None, fused_t[1].T)]:
+        got = Part("w", "fused", e, rows, fused_t.shape, transposed=True).take(fused_t)
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert got.untyped_storage().data_ptr() == fused_t.untyped_storage().data_ptr()
+
+
+def _llama4_moe(gen, hidden, inner, n_experts, top_k):
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    config = Llama4TextConfig(hidden_size=hidden, intermediate_size=inner, num_local_experts=n_experts,
+                              num_experts_per_tok=top_k, num_attention_heads=1, num_key_value_heads=1,
+                              num_hidden_layers=1, head_dim=2)  # (attention: unused)
+    moe = Llama4TextMoe(config).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-2 if p.dim() == 3 else -1] ** 0.5)
+    return moe
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_experts_as_linears_compute_what_the_fused_experts_compute(top_k, gen):
+    """``Llama4LinearExperts``: one nn.Linear per expert and projection, weights viewing the fused
+    parameters (transposed), in Llama 4's hub naming; in the MoE block it gives the fused
+    module's output, and each expert's projections see exactly its routed tokens (the hidden
+    states scaled by its router score), nothing of the tokens routed elsewhere."""
+    from epmq.adapters.moe import Llama4LinearExperts
+
+    hidden, inner, n_experts, tokens = 13, 7, 5, 11  # odd sizes: no slice or view lines up by chance
+    moe = _llama4_moe(gen, hidden, inner, n_experts, top_k)
+    fused = moe.experts
+    x = torch.randn(2, tokens, hidden, generator=gen)
+    with torch.no_grad():
+        want = moe(x)[0]
+        moe.experts = Llama4LinearExperts(fused)
+        seen = {}
+        hooks = [moe.experts[e].gate_proj.register_forward_pre_hook(
+            lambda m, args, e=e: seen.__setitem__(e, args[0])) for e in range(n_experts)]
+        got = moe(x)[0]
+        for hook in hooks:
+            hook.remove()
+        # the experts alone, on routed input that one expert gets nothing of
+        routed_in = torch.randn(n_experts, tokens, hidden, generator=gen)
+        routed_in *= torch.rand(n_experts, tokens, 1, generator=gen) < 0.5
+        routed_in[3] = 0
+        experts_out = moe.experts(routed_in.view(-1, hidden))
+        torch.testing.assert_close(experts_out, fused(routed_in.view(-1, hidden)))
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, moe.shared_expert(x.reshape(-1, hidden)))  # (the experts add something)
+    assert not experts_out.view(n_experts, tokens, hidden)[3].any()
+
+    scores = moe.router(x.reshape(-1, hidden))[0]  # [tokens, E], zero where not routed
+    storage = fused.gate_up_proj.untyped_storage().data_ptr()
+    for e in range(n_experts):
+        expert = moe.experts[e]
+        assert [n for n, _ in expert.named_children()] == ["gate_proj", "up_proj", "down_proj"]
+        assert torch.equal(expert.gate_proj.weight, fused.gate_up_proj[e, :, :inner].T)
+        assert torch.equal(expert.up_proj.weight, fused.gate_up_proj[e, :, inner:].T)
+        assert torch.equal(expert.down_proj.weight, fused.down_proj[e].T)
+        assert expert.up_proj.weight.untyped_storage().data_ptr() == storage  # a view, not a copy
+        routed = scores[:, e].nonzero()[:, 0]
+        if len(routed):
+            torch.testing.assert_close(seen[e], x.reshape(-1, hidden)[routed] * scores[routed, e, None],
+                                       rtol=0, atol=0)
+        else:
+            assert e not in seen

@@ -147,17 +147,36 @@ def as_unquantized(keys):
             for k in keys if k.endswith(".qweight") or not k.endswith(PACKED)}
 
 
+def per_expert(keys, n_experts):
+    """Llama 4's fused experts, as save_pretrained writes them (``experts.gate_up_proj``,
+    ``experts.down_proj``), under the names of each expert's projections, as the quantized
+    Llama 4 checkpoints on the hub hold them (``experts.{e}.gate_proj.weight``, ...)."""
+    out = set()
+    for key in keys:
+        head, _, fused = key.rpartition(".")
+        if head.endswith(".experts") and fused in ("gate_up_proj", "down_proj"):
+            projections = ("gate_proj", "up_proj") if fused == "gate_up_proj" else ("down_proj",)
+            out |= {f"{head}.{e}.{p}.weight" for e in range(n_experts) for p in projections}
+        else:
+            out.add(key)
+    return out
+
+
 @pytest.mark.parametrize("arch", HF_ARCHS)
 def test_names_on_disk_are_those_save_pretrained_writes(arch, tmp_path):
     """Serving engines look tensors up by the names transformers writes, which transformers 5
     renames as it loads (Mixtral's ``block_sparse_moe``, ViT's ``attention.attention.query``,
-    GPT-NeoX's ``embed_out``): a packed checkpoint keeps them, and loads back."""
+    GPT-NeoX's ``embed_out``): a packed checkpoint keeps them, and loads back. (Llama 4's fused
+    experts are packed per expert, under the names its quantized checkpoints use.)"""
     model = build(arch)
     model.save_pretrained(tmp_path / "fp")
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
     epmq.save_quantized(model, tmp_path / "q")
     keys = saved_keys(tmp_path / "q")
-    assert as_unquantized(keys) == saved_keys(tmp_path / "fp")
+    expected = saved_keys(tmp_path / "fp")
+    if arch == "llama4":
+        expected = per_expert(expected, model.config.num_local_experts)
+    assert as_unquantized(keys) == expected
     modules = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["epmq"]["modules"]
     assert {f"{name}.qweight" for name in modules} == {k for k in keys if k.endswith(".qweight")}
     fresh = epmq.load_quantized(tmp_path / "q", build(arch, seed=1))

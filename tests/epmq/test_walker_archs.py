@@ -29,6 +29,8 @@ N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "hf_clip_vision": 12, "hf
              "phi3": 8, "gpt_neox": 8, "falcon": 8, "phi": 12,
              # q, k, v, o and 4 experts' gate, up and down (the router is no nn.Linear)
              "qwen3_moe": 2 * (4 + 4 * 3), "mixtral": 2 * (4 + 4 * 3),
+             # q, k, v, o twice; layer 0's MLP; layer 1's shared expert and 4 experts (not the router)
+             "llama4": 2 * 4 + 3 + 3 + 4 * 3,
              # q, k, v, attention output, intermediate, output
              **{name: 12 for name in ("bert", "roberta", "deberta_v2", "vit", "dinov2", "siglip")}}
 

@@ -110,3 +110,47 @@ def test_quantize_a_visual_tower_with_full_clip_experts(gen, tmp_path):
     epmq.quantize_model(merged, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
                         calibration=calibration, experts=experts, backend="torch", progress=False)
     assert len(merged.epmq_report.layers) == 8
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_llama4_experts_read_from_either_checkpoint_layout(layout, gen, tmp_path, monkeypatch):
+    """Llama 4 checkpoints hold the experts fused and transposed, ``experts.gate_up_proj
+    [E, H, 2I]`` and ``experts.down_proj [E, I, H]`` (the hub's, and what save_pretrained
+    writes), or per expert as nn.Linear holds them, ``experts.{e}.gate_proj.weight [I, H]``:
+    E-PMQ reads each expert projection's weight from either, as the expert computes with it."""
+    from epmq.stats import EPMQStats
+
+    fam = Family("llama4", gen, tasks=["a"])
+    expert = fam.experts["a"]
+    fused = expert.model.layers[1].feed_forward.experts
+    inner = fused.gate_up_proj.shape[2] // 2
+    want = {"gate_proj": lambda e: fused.gate_up_proj[e, :, :inner].T,
+            "up_proj": lambda e: fused.gate_up_proj[e, :, inner:].T,
+            "down_proj": lambda e: fused.down_proj[e].T}
+    prefix = "model.layers.1.feed_forward.experts"
+    if layout == "fused":
+        expert.save_pretrained(tmp_path / "e")
+        path = tmp_path / "e"
+        keys = ExpertWeights(str(path)).keys()
+        assert f"{prefix}.gate_up_proj" in keys and not any(f"{prefix}.0." in k for k in keys)
+    else:
+        state = {k: v for k, v in expert.state_dict().items() if not k.startswith(f"{prefix}.")}
+        state.update({f"{prefix}.{e}.{p}.weight": w(e) for e in range(len(fused.gate_up_proj))
+                      for p, w in want.items()})
+        path = tmp_path / "e.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    read = {}
+    begin_task = EPMQStats.begin_task
+
+    def spy(self, W, weight=None, name=None):
+        read[name.rpartition(" at ")[2]] = W.clone()
+        return begin_task(self, W, weight, name)
+
+    monkeypatch.setattr(EPMQStats, "begin_task", spy)
+    epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                        calibration=fam.calibration, experts={"a": str(path)}, layers=r"\.experts\.",
+                        backend="torch", progress=False)
+    assert {name.rpartition(".")[2] for name in read} == set(want)
+    for name, W in read.items():
+        e, projection = name.split(".")[-2:]
+        assert name.startswith(f"{prefix}.") and torch.equal(W, want[projection](int(e))), name

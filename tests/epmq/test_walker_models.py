@@ -41,6 +41,13 @@ MOE = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
                   dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # experts stored transposed, dense routing (every token to every expert, scaled by a router
+    # score that is zero where not routed); a dense MLP in layer 0, experts and a shared expert
+    # in layer 1; layer 0 with rotary and chunked attention, layer 1 without either
+    "llama4": ("Llama4ForCausalLM", "Llama4TextConfig",
+               dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                    intermediate_size_mlp=64, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
+                    attention_chunk_size=4)),
 }
 # Encoders (text with padded attention masks, or images): (model class, config class, options).
 ENCODERS = {
@@ -277,6 +284,11 @@ WIDER = {
     "granitemoe": (_decoder("GraniteMoeForCausalLM", "GraniteMoeConfig", num_local_experts=4, **_MOE), "ids"),
     "deepseek_v2": (_decoder("DeepseekV2ForCausalLM", "DeepseekV2Config", **_DEEPSEEK), "ids"),
     "deepseek_v3": (_decoder("DeepseekV3ForCausalLM", "DeepseekV3Config", **_DEEPSEEK), "ids"),
+    # Llama 4 as Scout and Maverick route: one expert per token (MoE in layer 1 only), every
+    # layer with chunked attention, padded
+    "llama4": (_decoder("Llama4ForCausalLM", "Llama4TextConfig", head_dim=8, intermediate_size=16,
+                        intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1, moe_layers=[1],
+                        attention_chunk_size=4), "ids"),
     "jamba": (_decoder("JambaForCausalLM", "JambaConfig", num_experts=4, attn_layer_period=2, attn_layer_offset=1,
                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2,
                        mamba_dt_rank=4, use_mamba_kernels=False, **_MOE), "ids"),
