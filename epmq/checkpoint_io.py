@@ -125,9 +125,12 @@ def weights_in(directory: Path) -> Optional[Path]:
     return found[0] if len(found) == 1 else None
 
 
-def _read_tensor(store, key: str) -> torch.Tensor:
-    """The one place tensors leave a store (tests count what is alive through it)."""
-    return store.get_tensor(key) if hasattr(store, "get_tensor") else store[key]
+def _read_tensor(store, key: str, index: Optional[int] = None) -> torch.Tensor:
+    """The one place tensors leave a store (tests count what is alive through it); ``index``:
+    ``tensor[index]`` only (from a safetensors file, only its bytes are read)."""
+    if index is None:
+        return store.get_tensor(key) if hasattr(store, "get_tensor") else store[key]
+    return store.get_slice(key)[index] if hasattr(store, "get_slice") else store[key][index]
 
 
 # --------------------------------------------------------------------------- reading
@@ -219,9 +222,10 @@ class CheckpointReader:
             return tuple(handle.shape_of(key))
         return tuple(handle[key].shape)
 
-    def get(self, key: str) -> torch.Tensor:
-        """Tensor ``key``, a fresh read from files."""
-        return _read_tensor(self._open(self._where[key]), key)
+    def get(self, key: str, index: Optional[int] = None) -> torch.Tensor:
+        """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert of a fused MoE tensor),
+        a fresh read from files."""
+        return _read_tensor(self._open(self._where[key]), key, index)
 
     def close(self) -> None:
         """Let go of every handle and in-memory tensor (the reader is empty afterwards)."""

@@ -101,9 +101,10 @@ class ExpertWeights:
                     f"share the merged model's architecture"
                 )
 
-    def read(self, name: str, *, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device."""
-        tensor = self.reader.get(self._require(name))
+    def read(self, name: str, *, like: Optional[torch.Tensor] = None, index: Optional[int] = None) -> torch.Tensor:
+        """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device;
+        ``index``: ``name[index]`` only."""
+        tensor = self.reader.get(self._require(name), index)
         if like is not None:
             tensor = tensor.to(device=like.device, dtype=like.dtype)
         if not all_finite(tensor):

@@ -62,9 +62,9 @@ class Part(str):
         self.transposed = transposed
         return self
 
-    def take(self, fused):
-        """This part of ``fused`` (a view)."""
-        part = fused[self.index]
+    def take(self, fused, indexed: bool = False):
+        """This part of ``fused`` (a view); ``indexed``: ``fused`` is ``fused[index]`` already."""
+        part = fused if indexed else fused[self.index]
         if self.transposed:
             part = part.t()
         return part if self.rows is None else part[self.rows[0] : self.rows[1]]

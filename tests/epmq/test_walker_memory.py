@@ -30,8 +30,8 @@ def tracked(monkeypatch):
     state = {"alive": 0, "peak": 0, "read": 0}
     original = epmq.checkpoint_io._read_tensor
 
-    def read(store, key):
-        tensor = original(store, key)
+    def read(store, key, index=None):
+        tensor = original(store, key, index)
         storage = tensor.untyped_storage()
         size = storage.nbytes()
         state["alive"] += size
@@ -77,3 +77,21 @@ def test_peak_expert_memory_is_one_block_not_k_models(targets, tracked, gen, tmp
         # one expert's own block, plus its non-block tensors while its stream enters the stack
         assert tracked["peak"] <= outside_bytes + block_bytes
     assert tracked["peak"] < model_bytes < K * model_bytes
+
+
+def test_one_expert_of_a_fused_moe_tensor_is_read_alone(tmp_path):
+    """Llama 4's checkpoints (and transformers 5's save_pretrained of MoE models) hold a layer's
+    experts in one tensor; the walker reads, and checks, one expert's slice of it (safetensors
+    tensors are memory-mapped: a slice touches its own pages only, the NaN check of the whole
+    tensor touched all of them)."""
+    from safetensors.torch import save_file
+
+    from epmq.experts import ExpertWeights
+
+    fused = torch.randn(8, 6, 10)
+    fused[2, 3, 4] = float("nan")
+    save_file({"experts.gate_up_proj": fused}, str(tmp_path / "model.safetensors"))
+    expert = ExpertWeights(str(tmp_path), task="t")
+    assert torch.equal(expert.read("experts.gate_up_proj", index=5), fused[5])
+    with pytest.raises(ValueError, match="non-finite"):
+        expert.read("experts.gate_up_proj", index=2)
