@@ -43,6 +43,19 @@ def changed_keys(before: dict, after: dict) -> list:
 
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (another user's counts as alive)."""
+    if os.name == "nt":  # (there os.kill(pid, 0) would send CTRL_C_EVENT)
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
+        code = ctypes.c_ulong()
+        try:
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        finally:
+            kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

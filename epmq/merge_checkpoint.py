@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -268,7 +269,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
 
     bar = tqdm(total=len(reference) + len(base_only), desc=f"merge {method}", unit="tensor",
                disable=not progress)
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     try:
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
             writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)

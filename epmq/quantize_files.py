@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -190,7 +191,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                                             batch_size=batch_size, seed=seed, tower=tower)
     net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     resume_dir = None if method == "rtn" else resume_dir_for(out)
     if resume_dir is not None and not resume:
         if resume_dir.is_dir() and not resume_dir.is_symlink():

@@ -11,14 +11,20 @@ bit-identical to an uninterrupted walk (tested).
 
 Nothing stale is reused silently: ``walk.json`` holds what the result depends on (method,
 grid, anchors, solver settings, device type, the calibration data's digest, the blocks'
-layout), and each block's record the digest of the weights it was solved from (the merged
-block and, for E-PMQ, the experts' tensors it read). A resumed walk whose arguments, data or
-weights differ raises ``ValueError`` naming the difference.
+layout, the model's config, attention implementation, buffers and module settings, the
+versions of the code), and each block's record the digest of that identity (so a lost
+``walk.json`` does not let another walk's blocks in) and of the weights it was solved from (the
+merged block and, for E-PMQ, the experts' tensors it read: their fingerprints taken from the
+reads the solve made, so no expert is read twice). A resumed walk whose arguments, data or
+weights differ raises ``ValueError`` naming the difference. A record carries a checksum: a
+damaged one is solved again, with a warning; a read that fails for another reason (too many
+open files) raises and keeps the block. One walk at a time holds a directory (``walk.lock``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -30,11 +36,12 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import changed_keys, process_alive, read_json, write_json_atomic
+from ._util import changed_keys, process_alive, write_json_atomic
 from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
-FORMAT = 1
+LOCK_FILE = "walk.lock"
+FORMAT = 2  # 2: records carry the walk's identity and a checksum
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -44,16 +51,28 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
+def fingerprint(t: torch.Tensor) -> tuple:
+    """What ``tensor_digest`` takes of a tensor: dtype, shape and a CRC-32 of its bytes."""
+    return str(t.dtype), tuple(t.shape), _crc(t)
+
+
+_AT_ONCE = 8  # tensors fingerprinted together (in threads), and so held at once
+
+
 def tensor_digest(named: Iterable, text: str = "") -> str:
-    """Digest of ``(name, tensor)`` pairs: names, dtypes, shapes and a CRC-32 of each tensor's
-    bytes (computed in threads: 2 GB/s each on the dev machine, where blake2b did 0.6; this
-    guards against stale weights, not against an adversary), and of ``text``."""
-    named = list(named)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        crcs = list(pool.map(_crc, (t for _, t in named)))
+    """Digest of ``(name, tensor)`` pairs (or ``(name, fingerprint(tensor))``, computed before):
+    names, dtypes, shapes and a CRC-32 of each tensor's bytes, and of ``text``. The pairs are
+    consumed a few at a time, so a generator that reads tensors holds a few of them at once; the
+    CRCs run in threads (2 GB/s each on the dev machine, where blake2b did 0.6; this guards
+    against stale weights, not against an adversary)."""
     h = hashlib.blake2b(text.encode(), digest_size=16)
-    for (name, t), crc in zip(named, crcs):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{crc}|".encode())
+    named = iter(named)
+    with ThreadPoolExecutor(max_workers=min(_AT_ONCE, os.cpu_count() or 1)) as pool:
+        while chunk := list(itertools.islice(named, _AT_ONCE)):
+            prints = pool.map(lambda t: t if isinstance(t, tuple) else fingerprint(t), (t for _, t in chunk))
+            for (name, _), (dtype, shape, crc) in zip(chunk, prints):
+                h.update(f"{name}|{dtype}|{shape}|{crc}|".encode())
+            del chunk
     return h.hexdigest()
 
 
@@ -67,7 +86,10 @@ def config_of(model: nn.Module) -> Optional[dict]:
     config = getattr(model, "config", None)
     if not hasattr(config, "to_dict"):
         return None
-    return {k: v for k, v in config.to_dict().items() if k not in _CONFIG_PROVENANCE}
+    entries = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_PROVENANCE}
+    for key in ("_attn_implementation", "_experts_implementation"):  # (to_dict leaves them out)
+        entries[key] = getattr(config, key, None)
+    return entries
 
 
 def data_digest(item) -> str:
@@ -96,17 +118,29 @@ def data_digest(item) -> str:
 
 
 class BlockLog:
-    """The resume directory of one walk (see the module docstring)."""
+    """The resume directory of one walk (see the module docstring). Held by one walk at a time
+    (a lock on ``walk.lock``, let go by ``close`` or when the process ends)."""
 
     def __init__(self, directory, identity: dict):
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"resume_dir {self.directory} exists and is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.directory / LOCK_FILE)
+        try:
+            self._open(identity)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, identity: dict) -> None:
         self._remove_stale_temporaries()
         identity = json.loads(json.dumps(dict(identity, format=FORMAT), default=str))
+        # every record carries this: blocks of another walk are refused even where walk.json,
+        # which names what differs, is lost
+        self.identity = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=16).hexdigest()
         path = self.directory / IDENTITY_FILE
-        saved = read_json(path)
+        saved = _read_record(path)
         changed = [] if saved is None else changed_keys(saved, identity)
         if changed and self._records():
             details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
@@ -117,6 +151,12 @@ class BlockLog:
             )
         if saved is None or changed:  # (no block done yet: nothing to protect)
             write_json_atomic(path, identity)
+
+    def close(self) -> None:
+        """Let go of the directory (another walk may take it)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _records(self) -> list:
         return [p for p in self.directory.glob("*.json") if p.name != IDENTITY_FILE]
@@ -131,27 +171,40 @@ class BlockLog:
     def _paths(self, prefix: str):
         return self.directory / f"{prefix}.safetensors", self.directory / f"{prefix}.json"
 
+    def has(self, prefix: str) -> bool:
+        """Whether block ``prefix`` has a record (whole or not): ``load`` then needs its digest."""
+        return self._paths(prefix)[1].is_file()
+
     def load(self, prefix: str, digest: str, device) -> Optional[dict]:
         """The record of block ``prefix`` (its layers as ``QuantLinear`` on ``device`` under
         ``"layers"``), or None if it is not done or its files are damaged (then with a warning:
-        it is solved again); ValueError if it was solved from other weights."""
+        it is solved again); ValueError if it was solved from other weights or by another walk.
+        A file that cannot be read for another reason than damage (too many open files, no
+        memory) raises: the block is kept."""
         tensors_path, record_path = self._paths(prefix)
-        if not record_path.is_file():
-            return None
-        record = read_json(record_path)
-        if not isinstance(record, dict) or "digest" not in record:
+        record = _read_record(record_path)
+        if record is None:
+            return None if not record_path.exists() else self._damaged(prefix, f"{record_path.name} is not JSON")
+        body = {k: v for k, v in record.items() if k != "check"} if isinstance(record, dict) else None
+        if body is None or record.get("check") != _check(body):
             return self._damaged(prefix, f"{record_path.name} is not a whole record")
+        if record.get("identity") != self.identity:
+            raise ValueError(
+                f"resume_dir {self.directory}: block {prefix} was written by a walk with other "
+                f"arguments: resume with the same arguments, or use an empty directory"
+            )
         if record["digest"] != digest:
             raise ValueError(
                 f"resume_dir {self.directory}: block {prefix} was quantized from other weights "
                 f"(the model's or an expert's block, or its configuration, differs): resume with "
                 f"the same model and experts, or use an empty directory"
             )
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(tensors_path))
-        except Exception as e:  # (missing, truncated: SafetensorError)
+        except (FileNotFoundError, SafetensorError) as e:  # (missing, truncated)
             return self._damaged(prefix, f"{tensors_path.name} cannot be read ({type(e).__name__}: {e})")
         if tensor_digest(sorted(tensors.items())) != record.get("tensors"):
             return self._damaged(prefix, f"{tensors_path.name} does not hold what was written")
@@ -182,15 +235,50 @@ class BlockLog:
                    for rel, layer in layers.items() for k, v in layer.state_dict().items()}
         tmp = tensors_path.with_name(f".{tensors_path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp))
-        with open(tmp, "rb") as f:
+        with open(tmp, "r+b") as f:  # (Windows flushes only a file open for writing)
             os.fsync(f.fileno())
         os.replace(tmp, tensors_path)
         meta = {rel: dict(in_features=layer.in_features, out_features=layer.out_features,
                           bits=layer.bits, group_size=layer.group_size, bias=layer.bias is not None,
                           dtype=str(layer.weight.dtype).removeprefix("torch."))
                 for rel, layer in layers.items()}
-        write_json_atomic(record_path, dict(report, digest=digest, layers=meta,
-                                            tensors=tensor_digest(sorted(tensors.items()))))
+        body = json.loads(json.dumps(dict(report, digest=digest, identity=self.identity, layers=meta,
+                                          tensors=tensor_digest(sorted(tensors.items()))), default=str))
+        write_json_atomic(record_path, dict(body, check=_check(body)))
+
+
+def _check(body: dict) -> str:
+    """A checksum of a record's content (a damaged digit is caught, not trusted)."""
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _read_record(path: Path):
+    """The JSON in ``path``; None if it is missing or damaged (not JSON, not text). Other read
+    errors (too many open files, an unreachable disk) raise: they say nothing of the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):  # (UnicodeDecodeError and JSONDecodeError included)
+        return None
+
+
+def _lock(path: Path):
+    """An exclusive lock on ``path`` (an open file; closing it lets go), or ValueError if another
+    walk holds it."""
+    handle = open(path, "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"resume_dir {path.parent} is in use by another walk (it holds {path.name}): "
+                         f"wait for it to end, or use another directory") from None
+    return handle
 
 
 def _short(value, limit: int = 120) -> str:

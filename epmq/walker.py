@@ -64,7 +64,9 @@ from the next (``epmq.resume``; bit-identical to an uninterrupted walk).
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import itertools
 import json
 import math
 import re
@@ -83,7 +85,7 @@ from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
-from .resume import BlockLog, config_of, data_digest, tensor_digest
+from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
@@ -242,7 +244,7 @@ def quantize_model(
             f"the target's router may choose others: use targets='merged_path'"
         )
     edits = _Edits(model)
-    sources = {}
+    sources, walk = {}, None
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -278,6 +280,8 @@ def quantize_model(
         edits.rollback()
         raise
     finally:
+        if walk is not None and walk.log is not None:
+            walk.log.close()
         for module, training in modes.items():
             module.training = training
         edits.match_modes()
@@ -400,12 +404,27 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
         )
 
 
+def _versions() -> dict:
+    """The versions of the code a walk's numbers come from."""
+    import sys
+
+    from . import __version__
+
+    names = ("torch", "triton", "transformers", "open_clip")
+    return dict({n: getattr(sys.modules[n], "__version__", None) for n in names if n in sys.modules},
+                epmq=__version__)
+
+
 class _Edits:
     """Module replacements made on the user's model, undone if quantization fails."""
 
     def __init__(self, model):
         self.model = model
         self.log = []
+        # buffers as they were: a forward may change them (dynamic RoPE rescales inv_freq past
+        # the trained length), and a failed walk leaves the model as it found it
+        self.buffers = [(m, name, b, b.clone()) for m in model.modules()
+                        for name, b in m._buffers.items() if b is not None]
 
     def swap(self, name: str, new: nn.Module) -> None:
         parent_name, _, attr = name.rpartition(".")
@@ -424,6 +443,9 @@ class _Edits:
         for parent, attr, old in reversed(self.log):
             setattr(parent, attr, old)
         self.log.clear()
+        for module, name, buffer, saved in self.buffers:
+            buffer.copy_(saved)
+            module._buffers[name] = buffer
 
 
 def _on_cpu(stats):
@@ -585,6 +607,7 @@ class _Walk:
         self._tensors_by_name()
         if experts:
             self._bind_experts()
+        self._reads = None  # (task, name) -> fingerprint of each expert read, while a block is solved
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
 
     def ckpt(self, name: str) -> str:
@@ -613,6 +636,8 @@ class _Walk:
             tensor = source.read(key)
         if isinstance(key, Transposed):
             tensor = tensor.t()
+        if self._reads is not None:  # a block being solved for the resume log: its digest's part
+            self._reads[(task, name)] = fingerprint(tensor)
         return tensor if like is None else tensor.to(device=like.device, dtype=like.dtype).contiguous()
 
     # ----------------------------------------------------------------- resuming
@@ -629,6 +654,10 @@ class _Walk:
             residual_precision=self.residual_precision, device=self.device.type,
             adapter=self.adapter.name, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
+            # what the config does not say: the modules' own settings (eps of norms outside the
+            # blocks of models without a config), and the code that computes
+            modules=hashlib.blake2b(repr(self.model).encode(), digest_size=16).hexdigest(),
+            versions=_versions(),
             # every buffer, the non-persistent ones too (rotary inv_freq: rope_theta)
             buffers=tensor_digest(self.model.named_buffers()),
             blocks=[[s.prefix, s.chosen] for s in self.stacks], tasks=list(self.calibration),
@@ -642,19 +671,28 @@ class _Walk:
                 for task in self.experts}
         return identity
 
-    def _block_digest(self, block, prefix, rels) -> str:
-        """The weights block ``prefix`` is solved from: the merged block's, and the experts'
-        tensors the method reads there; and the block's own description (``repr``: its modules'
-        eps and shapes, for models without a transformers config)."""
-        named = [(rel, t) for rel, t in block.state_dict().items() if t.is_floating_point()]
-        if self.experts:
-            if self.targets == "expert_path":
-                rels = [rel for rel, _ in named]
-            else:
-                rels = [f"{rel}.weight" for rel in rels]
-            named += [(f"{task}:{rel}", self._read_expert(task, f"{prefix}.{rel}"))
-                      for task in self.experts for rel in rels]
-        return tensor_digest(named, text=repr(block))
+    def _block_digest(self, own, prefix, rels, seen=None) -> str:
+        """The weights block ``prefix`` is solved from: the merged block's (``own``: its float
+        tensors' fingerprints and its ``repr``, from ``_own_prints``), and the experts' tensors the
+        method reads there, read one at a time, or taken from ``seen`` (the fingerprints of the
+        reads its solve made: a block solved now is not read twice)."""
+        prints, text = own
+        seen = seen or {}
+        if self.experts and self.targets == "expert_path":
+            rels = [rel for rel, _ in prints]
+        else:
+            rels = [f"{rel}.weight" for rel in rels]
+        experts = ((f"{task}:{rel}", seen.get((task, f"{prefix}.{rel}"))
+                    or self._read_expert(task, f"{prefix}.{rel}"))
+                   for task in self.experts for rel in rels)
+        return tensor_digest(itertools.chain(prints, experts), text=text)
+
+    @staticmethod
+    def _own_prints(block) -> tuple:
+        """The merged block's part of its digest, taken before it is quantized: its float tensors'
+        fingerprints, and its description (``repr``: its modules' eps and shapes)."""
+        return ([(rel, fingerprint(t)) for rel, t in block.state_dict().items() if t.is_floating_point()],
+                repr(block))
 
     def _restore(self, record, prefix):
         """Swap in the layers of a block done before, and its report entries."""
@@ -834,17 +872,22 @@ class _Walk:
         # the full-precision merged block: the fp path's block, the expert path's template
         template = copy.deepcopy(block) if self.t is not None else None
         t_out = None
-        digest = None if self.log is None else self._block_digest(block, prefix, stack.chosen[i])
-        record = None if self.log is None else self.log.load(prefix, digest, self.device)
+        own = None if self.log is None else self._own_prints(block)
+        record = None
+        if self.log is not None and self.log.has(prefix):
+            record = self.log.load(prefix, self._block_digest(own, prefix, stack.chosen[i]), self.device)
         if record is not None:
             self._restore(record, prefix)
         else:
             seen = len(self.report.layers), len(self.report.skipped), len(self.report.unreached)
+            self._reads = None if self.log is None else {}
             groups, leader = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else ([], {})
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
                 t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
             if self.log is not None:
+                digest = self._block_digest(own, prefix, stack.chosen[i], self._reads)
+                self._reads = None
                 self.log.save(prefix, digest, {rel: block.get_submodule(rel) for group in groups for rel in group},
                               entries=self.report.layers[seen[0]:], skipped=self.report.skipped[seen[1]:],
                               unreached=self.report.unreached[seen[2]:])

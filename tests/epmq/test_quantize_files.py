@@ -145,7 +145,7 @@ def test_quantize_checkpoint_equals_quantize_model(files, tmp_path, device):
     assert transformers.AutoTokenizer.from_pretrained(out)("the cat").input_ids
 
 
-def test_cli_gptq_and_errors(files, tmp_path, capsys):
+def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
     root = files
     config = tmp_path / "q.yaml"
     base = dict(model=str(root / "merged"), method="gptq", calibration={"a": str(root / "a.txt")},
@@ -167,6 +167,14 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys):
     config.write_text(yaml.safe_dump(dict(rtn, method="rtn", bits=4, group_size=16)))
     assert main(["quantize", str(config), str(tmp_path / "rtn"), "--quiet"]) == 0  # no calibration
     assert not (tmp_path / "rtn.resume").exists()
+    for method in ("rtn", "gptq"):  # into the current directory, "." (its resume directory beside it)
+        here = tmp_path / f"here_{method}"
+        here.mkdir()
+        monkeypatch.chdir(here)
+        config.write_text(yaml.safe_dump(dict(base, method=method) if method == "gptq" else dict(rtn, method="rtn")))
+        assert main(["quantize", str(config), ".", "--quiet"]) == 0
+        assert (here / "config.json").is_file() and not (tmp_path / f"here_{method}.resume").exists()
+    monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     cases = [
         (dict(method="epmq"), "tasks without an expert \\['a'\\]"),

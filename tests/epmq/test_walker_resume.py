@@ -127,10 +127,11 @@ def test_other_weights_are_refused(which, gen, tmp_path, monkeypatch):
                             experts=experts, resume_dir=tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("change", ["config", "module", "buffer"])
+@pytest.mark.parametrize("change", ["config", "module", "outside", "buffer", "attention"])
 def test_another_configuration_of_the_same_weights_is_refused(change, gen, tmp_path, monkeypatch):
     """Same tensors, other computation: the config (rope_theta), a module's attribute outside
-    any config (an RMSNorm's eps), a non-persistent buffer (the rotary inv_freq)."""
+    any config (an RMSNorm's eps, in a block or outside the blocks), a non-persistent buffer (the
+    rotary inv_freq), the attention implementation (which the config's to_dict leaves out)."""
     fam = Family("llama", gen)
     _interrupted(fam, tmp_path, monkeypatch)
     model = fam.merged()
@@ -138,15 +139,20 @@ def test_another_configuration_of_the_same_weights_is_refused(change, gen, tmp_p
         model.config.rope_theta = 500.0
     elif change == "module":
         model.model.layers[0].input_layernorm.variance_epsilon = 0.1
-    else:
+    elif change == "outside":
+        model.model.norm.variance_epsilon = 0.1
+    elif change == "buffer":
         model.model.rotary_emb.inv_freq.mul_(0.5)
-    match = "model.layers.0 was quantized from other weights" if change == "module" else "another walk"
-    with pytest.raises(ValueError, match=match):
+    else:
+        model.set_attn_implementation("eager" if model.config._attn_implementation != "eager" else "sdpa")
+    match = {"config": "config:", "module": "modules:", "outside": "modules:", "buffer": "buffers:",
+             "attention": "_attn_implementation"}[change]
+    with pytest.raises(ValueError, match=f"another walk.*{match}"):
         epmq.quantize_model(model, SPEC, method="epmq", calibration=fam.calibration,
                             experts=fam.experts, resume_dir=tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "record"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "record", "digit", "layout"])
 def test_a_damaged_block_is_solved_again(damage, gen, tmp_path, monkeypatch):
     fam = Family("llama", gen)
     _interrupted(fam, tmp_path, monkeypatch)
@@ -159,8 +165,15 @@ def test_a_damaged_block_is_solved_again(damage, gen, tmp_path, monkeypatch):
         tensors.write_bytes(b"")
     elif damage == "missing":
         tensors.unlink()
-    else:
+    elif damage == "record":
         record.write_text('{"dig')
+    else:  # whole JSON, but not what was written: a loss's digit, a layer's group size
+        content = json.loads(record.read_text())
+        if damage == "digit":
+            content["entries"][0]["loss"] *= 1.5
+        else:
+            next(iter(content["layers"].values()))["group_size"] = 8
+        record.write_text(json.dumps(content))
     with pytest.warns(UserWarning, match="block model.layers.0 is damaged"):
         out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
     assert out.epmq_report.resumed == []
@@ -207,3 +220,92 @@ def test_resume_dir_checks(gen, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a directory"):
         run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path / "file")
+
+
+def test_blocks_of_another_walk_are_refused_without_walk_json(gen, tmp_path, monkeypatch):
+    """walk.json lost (deleted, or damaged by a full disk): each block's record still says which
+    walk wrote it; the same walk resumes, another is refused."""
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    (tmp_path / "walk.json").unlink()
+    with pytest.raises(ValueError, match="written by a walk with other arguments"):
+        epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=3, group_size=16), method="epmq",
+                            calibration=fam.calibration, experts=fam.experts, resume_dir=tmp_path,
+                            progress=False)
+    (tmp_path / "walk.json").unlink()
+    out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    assert out.epmq_report.resumed == ["model.layers.0"]
+
+
+def test_one_walk_at_a_time_in_a_directory(gen, tmp_path):
+    from epmq.resume import BlockLog
+
+    first = BlockLog(tmp_path, {"a": 1})
+    with pytest.raises(ValueError, match="in use by another walk"):
+        BlockLog(tmp_path, {"a": 2})
+    first.close()
+    BlockLog(tmp_path, {"a": 2}).close()
+
+
+def test_a_read_error_that_is_not_damage_keeps_the_block(gen, tmp_path, monkeypatch):
+    """Too many open files, no memory: the walk stops with the error, and the block it could not
+    read stays on disk for the next try."""
+    import errno
+
+    import safetensors.torch
+
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+
+    def busy(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "load_file", busy)
+        with pytest.raises(OSError, match="Too many open files"):
+            run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    assert (tmp_path / "model.layers.0.safetensors").is_file()
+    out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    assert out.epmq_report.resumed == ["model.layers.0"]
+
+
+def test_buffers_a_forward_changed_are_restored_when_a_walk_fails(gen, tmp_path, monkeypatch):
+    """Dynamic RoPE rescales inv_freq in the forward when a sequence passes the trained length;
+    a failed walk puts the buffer back, so the same call resumes (its identity unchanged)."""
+    fam = Family("llama", gen)
+    model = fam.merged()
+    rotary = model.model.rotary_emb
+    before = rotary.inv_freq.clone()
+
+    def rescale(module, args):
+        module.inv_freq = module.inv_freq * 0.5  # a new tensor, as a reassignment makes
+
+    handle = rotary.register_forward_pre_hook(rescale)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            run(fam, model, "epmq", "merged_path", resume_dir=tmp_path)
+    handle.remove()
+    assert torch.equal(rotary.inv_freq, before)
+    out = run(fam, model, "epmq", "merged_path", resume_dir=tmp_path)
+    assert out.epmq_report.resumed == ["model.layers.0"]
+
+
+def test_an_expert_block_is_read_once_by_a_walk_that_logs_it(gen, tmp_path, monkeypatch):
+    """The resume log's digest takes the fingerprints of the experts' reads the solve made: with
+    resume_dir, each expert tensor is read as often as without."""
+    from epmq.experts import ExpertWeights
+
+    counts = {}
+    read = ExpertWeights.read
+
+    def counted(self, name, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return read(self, name, **kwargs)
+
+    monkeypatch.setattr(ExpertWeights, "read", counted)
+    fam = Family("llama", gen)
+    run(fam, fam.merged(), "epmq", "merged_path")
+    without, counts = counts, {}
+    run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    assert counts == without
