@@ -249,11 +249,13 @@ class Binding:
     which most of ``names`` (default: those of ``order``) are found among ``keys``; ``prefixes``
     are leading parts the checkpoint may add, tried besides those found from its keys. With no
     names the rewrite is the identity. ``rename`` (``key_renaming``): every key is also found
-    under its renamed name; ``key_for`` returns the key itself."""
+    under its renamed name; ``key_for`` returns the key itself. ``fits(name, key)``: whether a
+    key found for a name may hold it (e.g. its shape); only those count."""
 
     def __init__(self, keys: Iterable[str], order: Optional[Mapping[str, Sequence[str]]] = None,
                  names: Optional[Iterable[str]] = None, prefixes: Iterable[str] = (),
-                 rename: Optional[Callable[[str], str]] = None):
+                 rename: Optional[Callable[[str], str]] = None,
+                 fits: Optional[Callable[[str, str], bool]] = None):
         keys = list(keys)
         self.original = {k: k for k in keys}  # a name looked up -> the checkpoint's key
         if rename is not None:
@@ -272,12 +274,16 @@ class Binding:
             candidates.update(("", key[: -len(n)]) for n in probe if key.endswith("." + n))
 
         def coverage(rewrite):
-            return sum(self._lookup(n, rewrite) is not None for n in names)
+            found = ((n, self._lookup(n, rewrite)) for n in names)
+            return sum(k is not None and (fits is None or fits(n, self.original[k])) for n, k in found)
 
         # max() keeps the first of equals: the identity goes first, so it wins ties (a full
         # CLIP checkpoint also holds names of the text tower unprefixed)
         ordered = [("", "")] + sorted(candidates - {("", "")})
-        self.rewrite: Rewrite = max(ordered, key=coverage)
+        scores = {rewrite: coverage(rewrite) for rewrite in ordered}
+        self.rewrite: Rewrite = max(ordered, key=scores.get)
+        # every rewrite that finds as many (a caller may refuse to choose among them)
+        self.equals = [r for r in ordered if scores[r] == scores[self.rewrite]] if scores[self.rewrite] else []
 
     def _lookup(self, name: str, rewrite: Rewrite) -> Optional[str]:
         strip, add = rewrite

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -51,34 +52,70 @@ def is_lora_adapter(path) -> bool:
     return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+# adapter config entries read here, or that do not change the merged weight (training settings,
+# bookkeeping, which modules were adapted: the adapter's tensors say that); any other entry that is
+# set (DoRA, layer replication, aLoRA, bias terms, initialisations that change the base weights
+# such as PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...) is refused, new PEFT options included
+_READ = {"peft_type", "r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "fan_in_fan_out",
+         "modules_to_save", "base_model_name_or_path", "bias", "init_lora_weights"}
+_HARMLESS = {"auto_mapping", "inference_mode", "lora_dropout", "target_modules", "exclude_modules",
+             "layers_to_transform", "layers_pattern", "task_type", "revision", "peft_version",
+             "megatron_config", "megatron_core", "eva_config", "ensure_weight_tying", "qalora_group_size"}
+# initialisations that leave the base weights as they are (the others move part of W_0 into A, B)
+_PLAIN_INIT = (True, False, "gaussian", "eva", "orthogonal")
+
+
 def _config(directory: Path) -> dict:
     where = directory / ADAPTER_CONFIG
     try:
         config = json.loads(where.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{where}: not a readable adapter config ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: not an adapter config (a JSON object)")
     kind = config.get("peft_type", "LORA")
-    problems = [
-        f"peft_type {kind!r} (only LORA is read)" if kind != "LORA" else None,
-        "use_dora" if config.get("use_dora") else None,
-        "lora_bias" if config.get("lora_bias") else None,
-        "target_parameters" if config.get("target_parameters") else None,
-        "trainable_token_indices" if config.get("trainable_token_indices") else None,
-    ]
-    problems = [p for p in problems if p]
+    problems = [f"{k}={v!r}" for k, v in config.items() if k not in _READ | _HARMLESS and v]
+    if kind != "LORA":
+        problems.insert(0, f"peft_type={kind!r} (only LORA is read)")
+    if config.get("init_lora_weights", True) not in _PLAIN_INIT:
+        problems.append(f"init_lora_weights={config['init_lora_weights']!r} (it changes the base weights)")
     if problems:
-        raise ValueError(f"{where}: the adapter uses {', '.join(problems)}, which epmq cannot express "
-                         f"as a plain weight update; merge it into its base with PEFT's "
+        raise ValueError(f"{where}: the adapter uses {', '.join(problems)}, which epmq does not read as "
+                         f"a plain weight update; merge it into its base with PEFT's "
                          f"merge_and_unload() and pass the merged checkpoint")
     return config
+
+
+def _skeleton(base) -> Optional[nn.Module]:
+    """The base model's modules without weights (built on the meta device from its config.json),
+    for the types of its layers (GPT-2's ``Conv1D`` holds its weight transposed) and its tied
+    weights; None where it cannot be built (no config, not a transformers model)."""
+    if isinstance(base, nn.Module):
+        return base
+    if not isinstance(base, (str, Path)):
+        return None
+    directory = Path(base) if Path(base).is_dir() else Path(base).parent
+    if not (directory / "config.json").is_file():
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(directory)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except Exception:  # (best effort: without it, shapes and the adapter config decide)
+        return None
 
 
 class LoraExpert(Mapping):
     """The whole expert of a LoRA ``adapter`` (a directory or HF hub id) on ``base`` (a
     checkpoint path, hub id, state dict or module; default: the base the adapter config names)."""
 
-    def __init__(self, adapter, base=None):
-        from .checkpoint_io import Binding, CheckpointReader, local_checkpoint
+    def __init__(self, adapter, base=None, prefix: Optional[str] = None):
+        from .checkpoint_io import Binding, CheckpointReader, local_checkpoint, tie_order
 
         self.directory = local_checkpoint(adapter, directory=True)
         config = _config(self.directory)
@@ -96,11 +133,10 @@ class LoraExpert(Mapping):
             base = local_checkpoint(base)
         self.base = CheckpointReader(base, f"the base model of {what}")
         self.description = f"{what} on {self.base.description}"
-        self.fan_in_fan_out = bool(config.get("fan_in_fan_out"))
         alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora"))
 
-        pairs, full = {}, {}  # module -> {"A": key, "B": key, "embedding": bool}; name -> key
+        pairs, full, base_layers = {}, {}, {}  # module -> {"A": key, "B": key, "embedding": bool}; name -> key
         for key in self.adapter.keys():
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
             refused = next((why for pattern, why in _REFUSED.items() if re.fullmatch(pattern, name)), None)
@@ -113,35 +149,105 @@ class LoraExpert(Mapping):
                 pair[update["side"]] = key
             elif ".lora_" in name:
                 raise ValueError(f"{what}: tensor {key!r} is no LoRA tensor epmq knows")
+            elif ".base_layer." in name:  # W_0 of an adapted module, saved (a resized embedding)
+                base_layers[name.replace(".base_layer.", ".")] = key
             else:
-                full[name.replace(".base_layer.", ".")] = key
+                full[name] = key
         for module, pair in pairs.items():
             if "A" not in pair or "B" not in pair:
                 has, lacks = ("A", "B") if "A" in pair else ("B", "A")
                 raise ValueError(f"{what}: module {module!r} has lora_{has} but not lora_{lacks}")
-            if len(self.adapter.shape(pair["A"])) != 2 or len(self.adapter.shape(pair["B"])) != 2:
+            A, B = self.adapter.shape(pair["A"]), self.adapter.shape(pair["B"])
+            if len(A) != 2 or len(B) != 2:
                 raise ValueError(f"{what}: module {module!r} has a LoRA on a convolution, which epmq "
                                  f"does not read; merge it with PEFT's merge_and_unload()")
+            pair["shapes"] = {(B[0], A[1]), (A[1], B[0])}  # W_0's, as B A or its transpose
+
         # adapter names -> base checkpoint keys, under one prefix rewrite (a base saved with other
-        # leading names than the model PEFT wrapped, e.g. transformers 4's ``vision_model.``)
-        binding = Binding(self.base.keys(), names=[f"{m}.weight" for m in pairs] + list(full))
-        self._updates = {}  # base key -> (module, A key, B key, scale, embedding)
-        missing = []
+        # leading names than the model PEFT wrapped: transformers 4's ``vision_model.``, a tower
+        # of a two-tower base), counting only keys whose shape fits the update; an update of a
+        # tied weight (an lm_head tied to the embeddings) goes to the tensor the base stores
+        skeleton = _skeleton(base)
+        order = tie_order(skeleton) if skeleton is not None else None
+
+        def fits(name, key):
+            pair = pairs.get(name.removesuffix(".weight"))
+            return pair is None or tuple(self.base.shape(key)) in pair["shapes"]
+
+        names = [f"{m}.weight" for m in pairs]
+        binding = Binding(self.base.keys(), order, names=names, fits=fits,
+                          prefixes=() if prefix is None else (prefix,))
+        if prefix is not None:
+            binding.rewrite = ("", prefix)
+        elif len(binding.equals) > 1:
+            places = sorted(add or strip or "(as named)" for strip, add in binding.equals)
+            raise ValueError(f"{what}: its modules fit the base ({self.base.description}) in several "
+                             f"places ({', '.join(places)}): give the base it was trained on (the tower "
+                             f"alone), or LoraExpert(adapter, base, prefix=...) the one to update")
+        self._updates = {}  # base key -> [(module, A key, B key, scale, transposed, embedding)]
+        missing, found = [], {}
         for module, pair in pairs.items():
             key = binding.key_for(f"{module}.weight")
-            if key is None:
+            if key is None or not fits(f"{module}.weight", key):
                 missing.append(module)
-                continue
+            else:
+                found[module] = key
+        transposed = self._orientations(found, pairs, skeleton, config)
+        for module, key in found.items():
+            pair = pairs[module]
             r = self.adapter.shape(pair["A"])[0]
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)
-            self._updates[key] = (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r),
-                                  pair["embedding"])
+            self._updates.setdefault(key, []).append(
+                (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
+                 pair["embedding"]))
         if missing:
-            raise ValueError(f"{what}: the base ({self.base.description}) has no weight for the "
-                             f"adapted module(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+            more = " ..." if len(missing) > 3 else ""
+            raise ValueError(f"{what}: the base ({self.base.description}) has no weight, or none of the "
+                             f"update's shape, for the adapted module(s) {missing[:3]}{more}: "
                              f"not the adapter's base model")
-        self._full = {binding.key_for(name) or name: key for name, key in full.items()}
+        # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
+        # an adapted module's saved W_0 is where its update goes
+        whole = Binding(self.base.keys(), names=list(full) + list(base_layers))
+        self._full = {whole.key_for(name) or name: key for name, key in full.items()}
+        self._full.update({binding.key_for(name) or whole.key_for(name) or name: key
+                           for name, key in base_layers.items()})
         self._keys = list(dict.fromkeys([*self.base.keys(), *self._full]))
+
+    def _orientations(self, found, pairs, skeleton, config) -> dict:
+        """Per adapted module, whether W_0 holds ``(B A)^T``: an embedding's update, or a layer
+        that stores its weight as ``[in, out]`` (GPT-2's ``Conv1D``). The base's module types say
+        which where it can be built (``_skeleton``); else the shapes, and for a square weight what
+        the adapter's other layers show, or its config's ``fan_in_fan_out`` (which PEFT sets per
+        layer type but saves once: refused where the layers show both)."""
+        out, square, shown = {}, [], set()
+        for module, key in found.items():
+            pair = pairs[module]
+            layer = None
+            if skeleton is not None:
+                try:
+                    layer = skeleton.get_submodule(key.removesuffix(".weight"))
+                except AttributeError:
+                    pass
+            shape = tuple(self.base.shape(key))
+            A, B = self.adapter.shape(pair["A"]), self.adapter.shape(pair["B"])
+            if pair["embedding"]:
+                out[module] = True
+            elif layer is not None:
+                out[module] = type(layer).__name__ == "Conv1D"
+            elif shape[0] != shape[1]:
+                out[module] = shape == (A[1], B[0])
+                shown.add(out[module])
+            else:
+                square.append(module)
+        if square and len(shown) > 1:
+            raise ValueError(f"LoRA adapter {self.directory}: it adapts layers stored both as [out, in] and "
+                             f"as [in, out] (nn.Linear and Conv1D), and for its square ones "
+                             f"({square[0]}, ...) neither the shapes nor its fan_in_fan_out say which; "
+                             f"give the base as a checkpoint directory with its config.json")
+        for module in square:
+            out[module] = shown.pop() if shown else bool(config.get("fan_in_fan_out"))
+            shown.add(out[module])
+        return out
 
     # ----------------------------------------------------------------- the state dict
 
@@ -164,15 +270,15 @@ class LoraExpert(Mapping):
         W_0 = self.adapter.get(self._full[key]) if key in self._full else self.base.get(key)
         if key not in self._updates:
             return W_0
-        module, key_A, key_B, s, embedding = self._updates[key]
-        A, B = self.adapter.get(key_A).float(), self.adapter.get(key_B).float()
-        delta = s * (B @ A)
-        if embedding or self.fan_in_fan_out:
-            delta = delta.T
-        if delta.shape != W_0.shape:
-            raise ValueError(f"{self.description}: the update of {module!r} has shape "
-                             f"{tuple(delta.shape)}, its base weight {tuple(W_0.shape)}")
-        return (W_0.float() + delta).to(W_0.dtype)
+        W = W_0.float()
+        for module, key_A, key_B, s, transposed, embedding in self._updates[key]:
+            delta = s * (self.adapter.get(key_B).float() @ self.adapter.get(key_A).float())
+            if transposed:
+                delta = delta.T
+            if embedding:  # (PEFT rounds an embedding's update to its dtype before adding it)
+                delta = delta.to(W_0.dtype).float()
+            W = W + delta
+        return W.to(W_0.dtype)
 
     def close(self) -> None:
         self.adapter.close()

@@ -26,13 +26,19 @@ def tiny_llama(seed, layers=2):
 def make_adapter(base_dir, out, seed, **lora):
     """A LoRA of the model at ``base_dir`` with random (nonzero) B, saved by PEFT; returns the
     expert PEFT itself makes of it (merge_and_unload), as a state dict."""
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    return make_adapter_of(transformers.AutoModelForCausalLM, base_dir, out, **lora)
+
+
+def make_adapter_of(cls, base_dir, out, **lora):
+    base = cls.from_pretrained(base_dir)
+    seed = int(torch.randint(0, 2**31, (1,)))
     config = dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"])
     model = peft.get_peft_model(base, peft.LoraConfig(**{**config, **lora}))
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.3
+            p.data = (torch.randn(p.shape, generator=g) * 0.3).to(p.dtype)
     model.save_pretrained(out)
     return {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
 
@@ -105,7 +111,7 @@ def test_what_a_weight_update_cannot_express_is_refused(base_dir, tmp_path):
     # the adapter of another model: a module the base lacks
     tiny_llama(5, layers=3).save_pretrained(tmp_path / "deeper")
     make_adapter(tmp_path / "deeper", tmp_path / "deep_adapter", seed=5)
-    with pytest.raises(ValueError, match=r"no weight for the adapted module.*layers\.2"):
+    with pytest.raises(ValueError, match=r"no weight.*for the adapted module.*layers\.2"):
         epmq.LoraExpert(tmp_path / "deep_adapter", base=base_dir)
     # no base recorded, none given
     make_adapter(base_dir, tmp_path / "nameless", seed=6)
@@ -188,3 +194,89 @@ def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys):
 def _yaml(path, **config):
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _peft_expert(model, adapter):
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.clone() for k, v in merged.state_dict().items()}
+
+
+@pytest.mark.parametrize("text_width", [32, 48])
+def test_a_vision_adapter_on_a_two_tower_base(tmp_path, text_width):
+    """An adapter trained on CLIPVisionModel (transformers 5 names, no vision_model.) whose base is
+    the whole CLIPModel: its modules fit the vision tower by shape, not the text tower that sorts
+    first. Where both towers have the width, it cannot tell: refused, or told by prefix=."""
+    torch.manual_seed(2)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=text_width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=64),
+        vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8))
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    tower = transformers.CLIPVisionModel.from_pretrained(tmp_path / "clip")
+    model = peft.get_peft_model(tower, peft.LoraConfig(r=4, target_modules=["q_proj", "fc1"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    model.save_pretrained(tmp_path / "adapter")
+    reference = _peft_expert(transformers.CLIPVisionModel.from_pretrained(tmp_path / "clip"), tmp_path / "adapter")
+    if text_width == 48:
+        with pytest.raises(ValueError, match="several places.*text_model.*vision_model"):
+            epmq.LoraExpert(tmp_path / "adapter")
+    expert = epmq.LoraExpert(tmp_path / "adapter", prefix="vision_model." if text_width == 48 else None)
+    for name in ("encoder.layers.1.self_attn.q_proj.weight", "encoder.layers.0.mlp.fc1.weight"):
+        torch.testing.assert_close(expert[f"vision_model.{name}"], reference[name], rtol=1e-6, atol=1e-6)
+    text = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(expert[text], expert.base.get(text))
+
+
+def test_gpt2_conv1d_and_linear_layers_in_one_adapter(tmp_path):
+    """PEFT transposes the update of a Conv1D ([in, out]) and not of an nn.Linear, but saves one
+    fan_in_fan_out for the adapter (here False, from the Linear head): the base's module types
+    decide, a square Conv1D included."""
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=24, n_layer=2, n_head=4, n_positions=32, num_labels=3,
+                                     pad_token_id=0)
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.GPT2ForSequenceClassification, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=["attn.c_proj", "c_fc", "score"])
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base"), reference)
+
+
+def test_a_lora_on_a_tied_head_updates_the_tensor_the_base_stores(tmp_path):
+    """Qwen3 with tied embeddings: the base stores embed_tokens only; PEFT's merge changes the one
+    tensor both names hold (by the head's update and the embedding's)."""
+    torch.manual_seed(4)
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=["q_proj", "lm_head", "embed_tokens"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    assert_same_expert(expert, reference, tied=["lm_head.weight"])
+    torch.testing.assert_close(expert["model.embed_tokens.weight"], reference["lm_head.weight"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_bases_equal_peft_bit_for_bit(tmp_path, dtype):
+    tiny_llama(5).to(dtype).save_pretrained(tmp_path / "base")
+    reference = make_adapter(tmp_path / "base", tmp_path / "adapter", seed=5,
+                             target_modules=["q_proj", "embed_tokens"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    assert all(torch.equal(expert[n], W) for n, W in reference.items())
+
+
+@pytest.mark.parametrize("option", [
+    dict(layer_replication=[[0, 1], [0, 1]]),   # the model's layers repeated: another architecture
+    dict(alora_invocation_tokens=[5, 6]),       # activated by tokens: PEFT itself cannot merge it
+    dict(init_lora_weights="pissa"),            # W_0 changed at init: the base is not the saved one
+    dict(some_future_option={"x": 1}),          # what epmq does not know, it does not guess
+])
+def test_adapter_options_that_are_not_a_plain_update_are_refused(base_dir, tmp_path, option):
+    make_adapter(base_dir, tmp_path / "adapter", seed=6)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **option}))
+    with pytest.raises(ValueError, match=f"uses {next(iter(option))}="):
+        epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
