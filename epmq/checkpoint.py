@@ -78,7 +78,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
     max_shard_bytes = _bytes(max_shard_size)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    model = getattr(model, "_orig_mod", model)  # (torch.compile's wrapper: the model's own names)
+    # every name of a layer shared by several (ALBERT's shared blocks): each is converted
+    layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no QuantLinear layer: quantize it first")
     if checkpoint_format == "auto":
@@ -478,10 +480,10 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
         G, config_group = tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1)
         if qweight.shape[0] * 32 != K * bits:
             raise ValueError(f"{name}: qweight {tuple(qweight.shape)} packs no whole bit width for {K} inputs")
-        if G == 1:
-            group_size = -1
-        elif config_group != -1 and G == -(-K // config_group):
+        if config_group != -1 and G == -(-K // config_group):  # (a layer of one group included)
             group_size = config_group
+        elif G == 1:
+            group_size = -1
         elif K % G == 0:
             group_size = K // G
         else:
@@ -569,6 +571,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     elif device is not None:
         raise ValueError("device= is for a model built from the checkpoint (model=None); move a "
                          "model of your own with .to()")
+    given, model = model, getattr(model, "_orig_mod", model)  # (into a torch.compile'd model's own)
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
     tensors = _load_tensors(directory, qconfig, device if empty else "cpu")
@@ -578,17 +581,18 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
     tensors = {to_model[k]: t for k, t in tensors.items()}
     tied = {to_model[alias]: to_model[source] for alias, source in tied.items()}
-    if not ours:  # tied tensors stored once, under any of their names
-        for name, aliases in tie_order(model).items():
-            if name not in tensors:
-                source = next((a for a in aliases if a in tensors), None)
-                if source is not None:
-                    tied[name] = source
     modules = {}
     for name, info in listed.items():
         if f"{name}.qweight" not in to_model:
             raise ValueError(f"the tensors in {directory} have no {name}.qweight, which {CONFIG_FILE} lists")
         modules[_module_of(to_model[f"{name}.qweight"])] = info
+    if not ours:  # tied tensors stored once, under any of their names
+        for name, aliases in tie_order(model).items():
+            # (not a quantized layer's weight: an lm_head tied by default, quantized by its writer)
+            if name not in tensors and name.rpartition(".")[0] not in modules:
+                source = next((a for a in aliases if a in tensors), None)
+                if source is not None:
+                    tied[name] = source
 
     def swap(name, new):
         parent_name, _, attr = name.rpartition(".")
@@ -601,7 +605,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-    replacements = {}
+    replacements, made = {}, {}  # made: a module shared under several names stays one module
     for name, info in list(modules.items()):
         try:
             old = model.get_submodule(name)
@@ -622,10 +626,12 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                 f"{name!r} is {old} in the model, the checkpoint has a "
                 f"{info['in_features']}->{info['out_features']} linear"
             )
-        replacements[name] = QuantLinear(
-            info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
-            bias=info["bias"], dtype=dtype or old.weight.dtype, device=device if empty else old.weight.device,
-        )
+        if id(old) not in made:
+            made[id(old)] = QuantLinear(
+                info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
+                bias=info["bias"], dtype=dtype or old.weight.dtype, device=device if empty else old.weight.device,
+            )
+        replacements[name] = made[id(old)]
     for name, new in replacements.items():
         swap(name, new)
 
@@ -652,11 +658,15 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             f"{directory} does not fit {type(model).__name__}: missing tensors {missing[:5]}, "
             f"unexpected tensors {unexpected[:5]}"
         )
-    for alias, source in tied.items():  # one parameter again, as from_pretrained leaves them
+    for alias, source in tied.items():  # one tensor again, as from_pretrained leaves them
         parent, _, attr = alias.rpartition(".")
-        shared = model.get_parameter(source)
-        if model.get_parameter(alias) is not shared:
-            model.get_submodule(parent).register_parameter(attr, shared)
+        owner = model.get_submodule(parent)
+        if attr in owner._parameters:
+            shared = model.get_parameter(source)
+            if owner._parameters[attr] is not shared:
+                owner.register_parameter(attr, shared)
+        elif attr in owner._buffers:  # (a packed layer's, shared with its module)
+            owner._buffers[attr] = model.get_buffer(source)
     if empty:
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
@@ -676,4 +686,4 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         "act_order": ours.get("act_order", qconfig.get("desc_act", False)),
         "method": ours.get("method", "gptq"), "targets": ours.get("targets"), "adapter": ours.get("adapter"),
     }
-    return model
+    return given

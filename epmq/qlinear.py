@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from epmq_kernels._runtime import version
+
 from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 from .spec import SUPPORTED_BITS
 
@@ -169,7 +171,7 @@ class QuantLinear(nn.Module):
         assign new buffers, or write under ``torch.no_grad()`` without ``.data``."""
         # (the tensors themselves too, by weak reference: a new buffer may reuse a freed one's
         # memory, and a fresh tensor's version is 0 again)
-        key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
+        key = tuple((b.data_ptr(), version(b), b.device) for b in buffers)
         derived = vars(self).setdefault("_derived", {})  # (layers pickled before it existed)
         hit = derived.get(name)
         if hit is None or hit[0] != key or any(ref() is not b for ref, b in zip(hit[1], buffers)):

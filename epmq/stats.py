@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import (
     DEFAULT_RESIDUAL_PRECISION,
     accumulate_residual,
@@ -302,7 +303,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
         def fn(module, args):
             x = args[0]
             keep.append(x)
-            reads.setdefault(name, []).append((id(x), x._version))
+            reads.setdefault(name, []).append((id(x), version(x)))
             if owner.get(name, name) == name:
                 stats[name].add_batch(x.detach().to("cpu", dtype))
 

@@ -88,6 +88,7 @@ from .qlinear import QuantLinear
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
+from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
 
 METHODS = ("epmq", "gptq", "rtn")
@@ -248,7 +249,9 @@ def quantize_model(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        # (under a caller's inference_mode too: the walk tracks in-place writes by version
+        # counters, which inference tensors lack)
+        with torch.inference_mode(False), torch.no_grad():
             renames = adapter.prepare(model, edits.swap)
             stacks = _plan(model, adapter, layers)
             _check_finite(model, stacks)
@@ -357,6 +360,17 @@ def _plan(model, adapter, layers) -> list:
         ]
         if any(chosen):
             stacks.append(_Stack(prefix, blocks, chosen))
+    owner = {}  # a linear's first name
+    for stack in stacks:
+        for i, (block, rels) in enumerate(zip(stack.blocks, stack.chosen)):
+            for rel in rels:
+                name = f"{stack.prefix}.{i}.{rel}"
+                first = owner.setdefault(id(block.get_submodule(rel)), name)
+                if first != name:
+                    raise ValueError(
+                        f"{name} is the same module as {first} (weight sharing across blocks, as in "
+                        f"ALBERT): the walk quantizes each block's linears from that block's inputs; "
+                        f"untie the blocks (copy.deepcopy each) or exclude one with layers=")
     if not stacks:
         done = any(isinstance(m, QuantLinear) for m in model.modules())
         raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
@@ -913,7 +927,7 @@ class _Walk:
             def fn(module, args, kwargs):
                 x = args[0] if args else kwargs["input"]
                 keep.append(x)
-                reads.setdefault(rel, []).append((id(x), x._version))  # (in-place writes bump it)
+                reads.setdefault(rel, []).append((id(x), version(x)))  # (in-place writes bump it)
                 if rel not in seen:
                     seen[rel] = reads[rel][0]
                     order.append(rel)
@@ -926,13 +940,13 @@ class _Walk:
         # if it does, every later pass over this block gets a copy too (_capture)
         probe = self.q.hidden[task][0]
         probe = probe.clone() if isinstance(probe, torch.Tensor) else probe
-        version = getattr(probe, "_version", None)
+        before = version(probe) if isinstance(probe, torch.Tensor) else None
         try:
             block(probe, **self.q.kwargs[task][0])
         finally:
             for h in handles:
                 h.remove()
-        self.writes_input = version is not None and probe._version != version
+        self.writes_input = before is not None and version(probe) != before
         # Linears of one stage (the adapter's; MoE experts) form one group where the first of them
         # was called, those the probe did not call (an expert no token was routed to) included;
         # the others are grouped by the tensor (and its version) they first read.
@@ -973,7 +987,7 @@ class _Walk:
         def hook(rel):
             def fn(module, args, kw):
                 x = args[0] if args else kw["input"]
-                calls[rel].append((x, x._version))
+                calls[rel].append((x, version(x)))
                 if leader[rel] == rel:
                     rows = x.detach().reshape(-1, x.shape[-1])
                     same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()

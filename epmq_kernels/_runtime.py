@@ -18,6 +18,13 @@ if not HAS_CUDA:
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def version(t: torch.Tensor):
+    """``t``'s version counter, which every in-place change bumps; None for an inference tensor
+    (made under ``torch.inference_mode``), which has none and cannot be changed in place outside
+    that mode."""
+    return None if t.is_inference() else t._version
+
+
 def check_device(*tensors, names=None):
     """All tensors on one device, and that device one the kernels can run on."""
     devices = {t.device for t in tensors}

@@ -134,7 +134,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_device
+from ._runtime import INTERPRETED, check_device, version
 from . import autotune_cache
 
 # ----------------------------------------------------------------------------------------------
@@ -804,7 +804,7 @@ _G_IDX_KINDS = {}
 
 def _g_idx_is_static(g_idx, K, G, group_size):
     """True if g_idx[k] == k // group_size for all k (no gather needed); raises if out of range."""
-    signature = (g_idx.data_ptr(), g_idx._version, K, G, group_size)
+    signature = (g_idx.data_ptr(), version(g_idx), K, G, group_size)
     hit = _G_IDX_KINDS.get(id(g_idx))
     if hit is not None and hit[0]() is g_idx and hit[1] == signature:
         return hit[2]
@@ -1108,9 +1108,9 @@ class _Weights:
 
     @staticmethod
     def signature(qweight, scales, zeros, g_idx):
-        return (qweight.data_ptr(), qweight._version, scales.data_ptr(), scales._version,
-                zeros.data_ptr(), zeros._version,
-                None if g_idx is None else (g_idx.data_ptr(), g_idx._version))
+        return (qweight.data_ptr(), version(qweight), scales.data_ptr(), version(scales),
+                zeros.data_ptr(), version(zeros),
+                None if g_idx is None else (g_idx.data_ptr(), version(g_idx)))
 
     def current(self, qweight, scales, zeros, g_idx):
         refs = self.refs

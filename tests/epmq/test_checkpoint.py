@@ -778,3 +778,117 @@ def test_a_group_size_not_dividing_a_layer_quantizes_saves_and_loads(gen, tmp_pa
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# --------------------------------------------------------------------------- serving, from a review
+
+
+def _as_foreign(directory):
+    """The checkpoint as another writer leaves it: no epmq section in its configs."""
+    for name in ("quantize_config.json", "config.json"):
+        config = json.loads((directory / name).read_text())
+        config.get("quantization_config", config).pop("epmq", None)
+        (directory / name).write_text(json.dumps(config))
+
+
+def _llama(seed, **kw):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, **kw)).eval()
+
+
+def test_a_model_loaded_and_run_under_inference_mode(gen, tmp_path):
+    """The usual serving setup: buffers made under inference_mode have no version counter, which
+    the caches of the layers and of the kernel launcher must not ask for."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    x = next(iter(fam.calibration.values()))[0]
+    want = output(epmq.load_quantized(tmp_path / "q"), x)
+    with torch.inference_mode():
+        loaded = epmq.load_quantized(tmp_path / "q")
+        assert torch.equal(output(loaded, x), want)
+        assert torch.isfinite(output(copy.deepcopy(loaded).to(torch.bfloat16), x).float()).all()
+        # quantizing under inference_mode, too
+        again = fam.merged()
+        epmq.quantize_model(again, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                            calibration=fam.calibration, progress=False)
+        assert torch.isfinite(output(again, x)).all()
+
+
+def test_a_peer_checkpoint_with_a_quantized_lm_head(tmp_path):
+    """GPTQModel's QuantizeConfig(lm_head=True) stores lm_head packed and no lm_head.weight: the
+    head transformers ties by default (_tied_weights_keys) is not tied to the embeddings then."""
+    from epmq.walker import _quant_linear
+
+    model = _llama(0, tie_word_embeddings=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), epmq.QuantSpec(bits=4, group_size=16)),
+                                  model.lm_head)
+    epmq.save_quantized(model, tmp_path / "q")
+    _as_foreign(tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert isinstance(loaded.lm_head, epmq.QuantLinear)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_compiled_model_saves_and_loads_under_its_own_names(tmp_path):
+    model = _llama(1)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    compiled = torch.compile(model)
+    epmq.save_quantized(compiled, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not any(k.startswith("_orig_mod") for k in load_file(str(tmp_path / "q" / "model.safetensors")))
+    into = torch.compile(_llama(2))
+    assert epmq.load_quantized(tmp_path / "q", into) is into
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(into._orig_mod(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_a_layer_shared_by_two_blocks(tmp_path, checkpoint_format):
+    """Weight-shared blocks (ALBERT shares one layer across depths): every name of the shared
+    layer is written in the format (v1: z - 1 for each), and it loads back shared."""
+    from epmq.packing import unpack_cols
+
+    model = _llama(3)
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    with pytest.raises(ValueError, match="model.layers.1.mlp.gate_proj is the same module as model.layers.0"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    # (shared after quantizing, as a model that ties them at load would)
+    model.model.layers[1].mlp = copy.deepcopy(model.model.layers[0].mlp)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format=checkpoint_format)
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    z = model.model.layers[0].mlp.down_proj.zeros()
+    for i in (0, 1):
+        key = f"model.layers.{i}.mlp.down_proj.qzeros"
+        if key in tensors:  # (else stored once, tied)
+            stored = unpack_cols(tensors[key], 4, z.shape[1])
+            assert torch.equal(stored, z - 1 if checkpoint_format == "gptq" else z)
+    fresh = _llama(4)
+    fresh.model.layers[1].mlp = fresh.model.layers[0].mlp
+    loaded = epmq.load_quantized(tmp_path / "q", fresh)
+    assert loaded.model.layers[1].mlp.down_proj is loaded.model.layers[0].mlp.down_proj
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_layer_of_one_group_keeps_the_checkpoints_group_size(tmp_path, recwarn):
+    """A peer's group_size=32 checkpoint where q_proj has 32 inputs (one group): read back as
+    group_size 32, not per channel, so saving it again warns of no mix of group sizes."""
+    model = _llama(5)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    _as_foreign(tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert {m.group_size for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {32}
+    epmq.save_quantized(loaded, tmp_path / "again")
+    assert not [w for w in recwarn if "mix" in str(w.message)]
