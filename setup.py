@@ -20,7 +20,8 @@ setup(
         "pyyaml",
         "scikit-learn",
         "matplotlib",
+        "pillow",  # calibration images
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21"]},
     entry_points={"console_scripts": ["epmq=epmq.cli:main"]},
 )

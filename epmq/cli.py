@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded 8-task benchmark (runs anywhere, CPU is enough)",
                           description="Eight conflicting tasks built from scikit-learn's digits, a small CLIP-style "
                           "ViT pretrained as a shared base, eight experts with frozen heads, merged with Task "
-                          "Arithmetic and TIES, then quantized with RTN, GPTQ and E-PMQ at 4, 3 and 2 bits. "
+                          "Arithmetic and TIES, then quantized with RTN, GPTQ and E-PMQ at 8, 4, 3 and 2 bits. "
                           "Trained models are cached, so a second run only quantizes.")
     common(demo, "runs/demo")
     demo.add_argument("--seed", type=int, default=0, help="seed of data splits and training (default 0)")
@@ -363,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "save_pretrained would (safetensors, config and tokenizer of the base).",
                  MERGE_CONFIG, "where the arithmetic runs")
     file_command("quantize", _quantize, "quantize a checkpoint with calibration texts or images",
-                 "Quantize the causal LM or vision tower a YAML config names (RTN, GPTQ or E-PMQ with "
-                 "its experts) on the config's calibration texts or images and write a GPTQ checkpoint "
+                 "Quantize the causal LM, encoder-decoder or vision tower a YAML config names (RTN, GPTQ "
+                 "or E-PMQ with its experts) on the config's calibration texts, input/target pairs or "
+                 "images and write a GPTQ checkpoint "
                  "with its tokenizer or image processor.",
                  QUANTIZE_CONFIG, "where the blocks are quantized, one at a time (the model stays in "
                  "CPU memory)")
@@ -373,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over: discard the blocks an interrupted run left in OUT.resume (by default "
              "the same command goes on from the next block)")
 
-    bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)")
+    bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)",
+                           description="Time the W4A16 matmul against cuBLAS fp16 and the fused GPTQ/E-PMQ "
+                                       "solver against the torch reference on this GPU; JSON and plots "
+                                       "into --out (benchmarks/gpu_suite.sh runs these with the CUDA tests).")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     bench.add_argument("--only", choices=["w4a16", "solver"], default=None, help="run one of the two benchmarks")
     bench.set_defaults(func=_bench)

@@ -10,7 +10,7 @@ ANCHORS = [0.0, 0.1, 1.0, 10.0]
 
 def default_plan(quick: bool = False) -> Plan:
     """Task Arithmetic and TIES (scales chosen on validation), each quantized with RTN, GPTQ,
-    E-PMQ and two controls at 4, 3 and 2 bits, one scale and zero point per output channel
+    E-PMQ and two controls at 4, 3 and 2 bits (and 8, below), one scale and zero point per output channel
     (the encoder's layers are 64 and 256 wide). 8 bits is there as the reference where
     rounding costs almost nothing: what each method's continuous target is worth.
 
