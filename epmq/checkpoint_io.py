@@ -125,12 +125,17 @@ def weights_in(directory: Path) -> Optional[Path]:
     return found[0] if len(found) == 1 else None
 
 
-def _read_tensor(store, key: str, index: Optional[int] = None) -> torch.Tensor:
-    """The one place tensors leave a store (tests count what is alive through it); ``index``:
-    ``tensor[index]`` only (from a safetensors file, only its bytes are read)."""
+def _read_tensor(store, key: str, index=None) -> torch.Tensor:
+    """The one place tensors leave a store (tests count what is alive through it); ``index`` (an
+    int, slice or tuple of them): ``tensor[index]`` only (from a safetensors file, or a LoRA
+    expert's base, only its bytes are read)."""
     if index is None:
         return store.get_tensor(key) if hasattr(store, "get_tensor") else store[key]
-    return store.get_slice(key)[index] if hasattr(store, "get_slice") else store[key][index]
+    if hasattr(store, "get_slice"):
+        return store.get_slice(key)[index]
+    if hasattr(store, "part"):  # (a LoraExpert)
+        return store.part(key, index)
+    return store[key][index]
 
 
 # --------------------------------------------------------------------------- reading
@@ -222,9 +227,9 @@ class CheckpointReader:
             return tuple(handle.shape_of(key))
         return tuple(handle[key].shape)
 
-    def get(self, key: str, index: Optional[int] = None) -> torch.Tensor:
-        """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert of a fused MoE tensor),
-        a fresh read from files."""
+    def get(self, key: str, index=None) -> torch.Tensor:
+        """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert's rows of a fused MoE
+        tensor), a fresh read from files."""
         return _read_tensor(self._open(self._where[key]), key, index)
 
     def close(self) -> None:

@@ -101,7 +101,7 @@ class ExpertWeights:
                     f"share the merged model's architecture"
                 )
 
-    def read(self, name: str, *, like: Optional[torch.Tensor] = None, index: Optional[int] = None) -> torch.Tensor:
+    def read(self, name: str, *, like: Optional[torch.Tensor] = None, index=None) -> torch.Tensor:
         """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device;
         ``index``: ``name[index]`` only."""
         tensor = self.reader.get(self._require(name), index)

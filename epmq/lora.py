@@ -280,6 +280,15 @@ class LoraExpert(Mapping):
             W = W + delta
         return W.to(W_0.dtype)
 
+    def part(self, key: str, index) -> torch.Tensor:
+        """``self[key][index]``, reading only that part where no update applies (one expert of a
+        base's fused MoE tensor: the updates are of whole 2-D weights)."""
+        if key in self._updates:
+            return self[key][index]
+        if key in self._full:
+            return self.adapter.get(self._full[key], index)
+        return self.base.get(key, index)
+
     def close(self) -> None:
         self.adapter.close()
         self.base.close()

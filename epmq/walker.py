@@ -644,8 +644,8 @@ class _Walk:
         """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout."""
         key = self.ckpt(name)
         source = self.experts[task]
-        if self._fused_in(source, key):  # (only this expert's slice of the fused tensor is read)
-            tensor = key.take(source.read(key.fused, index=key.index), indexed=True)
+        if self._fused_in(source, key):  # (only this expert's rows of the fused tensor are read)
+            tensor = key.take(source.read(key.fused, index=key.where), read=True)
         else:
             tensor = source.read(key)
         if isinstance(key, Transposed):

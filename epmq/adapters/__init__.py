@@ -62,12 +62,16 @@ class Part(str):
         self.transposed = transposed
         return self
 
-    def take(self, fused, indexed: bool = False):
-        """This part of ``fused`` (a view); ``indexed``: ``fused`` is ``fused[index]`` already."""
-        part = fused if indexed else fused[self.index]
-        if self.transposed:
-            part = part.t()
-        return part if self.rows is None else part[self.rows[0] : self.rows[1]]
+    @property
+    def where(self) -> tuple:
+        """The index of this part in the fused tensor (a reader may read only it)."""
+        rows = slice(None) if self.rows is None else slice(*self.rows)
+        return (self.index, slice(None), rows) if self.transposed else (self.index, rows)
+
+    def take(self, fused, read: bool = False):
+        """This part of ``fused`` (a view); ``read``: ``fused`` is ``fused[self.where]`` already."""
+        part = fused if read else fused[self.where]
+        return part.t() if self.transposed else part
 
 
 class Adapter:
@@ -177,9 +181,20 @@ def warn_other_towers(model: nn.Module, chosen: Adapter) -> None:
     """A model with blocks of two families (a VLM: a vision tower beside its language model) is
     walked by one adapter; say which other blocks stay in full precision."""
     taken = {name for name, _ in chosen.stacks(model)}
-    others = sorted({f"{name} ({a.name})" for a in _REGISTRY if a is not chosen
-                     for name, _ in a.stacks(model)
-                     if not any(name == t or name.startswith(f"{t}.") or t.startswith(f"{name}.") for t in taken)})
+
+    def apart(name):
+        return not any(name == t or name.startswith(f"{t}.") or t.startswith(f"{name}.") for t in taken)
+
+    others = {name: f"{name} ({a.name})" for a in _REGISTRY if a is not chosen
+              for name, _ in a.stacks(model) if apart(name)}
+    # stacks of blocks no adapter knows (Llama 4's vision encoder layers): lists of two or more
+    # modules of one type that hold linears
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module) > 1 and name not in others and apart(name)
+                and len({type(m) for m in module}) == 1
+                and any(isinstance(m, nn.Linear) for m in module[0].modules())):
+            others[name] = f"{name} ({type(module[0]).__name__}, no adapter: epmq.Adapter(name, block_types=...))"
+    others = sorted(others.values())
     if others:
         warnings.warn(f"{type(model).__name__}: the {chosen.name} adapter quantizes {sorted(taken)}; the "
                       f"blocks at {', '.join(others)} stay in full precision (quantize them with "

@@ -28,7 +28,7 @@ from torch import nn
 from . import Adapter, Part
 
 # Per experts class: the names of an expert's (gate, up, down) projections in checkpoints.
-PROJECTION_NAMES = {"MixtralExperts": ("w1", "w3", "w2")}
+PROJECTION_NAMES = {"MixtralExperts": ("w1", "w3", "w2"), "PhimoeExperts": ("w1", "w3", "w2")}
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -155,6 +155,11 @@ class MoEAdapter(Adapter):
             for e in range(experts.num_experts):
                 renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})
         return renames
+
+    def linears(self, block: nn.Module) -> dict:
+        """As for any block, but gates of one output (Qwen2-MoE's ``shared_expert_gate``, a
+        sigmoid of ``[1, H]``): nothing to save there, and serving engines load them unquantized."""
+        return {name: m for name, m in super().linears(block).items() if m.out_features != 1}
 
     def stage(self, block: nn.Module, rel: str):
         """Experts' projections: ``"<experts>.in"`` for gate and up, ``"<experts>.out"`` for down."""

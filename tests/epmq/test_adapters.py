@@ -209,3 +209,84 @@ def test_llama4_experts_as_linears_compute_what_the_fused_experts_compute(top_k,
                                        rtol=0, atol=0)
         else:
             assert e not in seen
+
+
+# --------------------------------------------------------------------------- MoE, from a review
+
+
+def test_one_output_gates_stay_in_full_precision(gen):
+    """Qwen2-MoE's shared_expert_gate ([1, H], a sigmoid on the shared expert) is no layer to
+    quantize: serving engines load it as a plain weight."""
+    from test_walker_models import WIDER
+
+    model = WIDER["qwen2_moe"][0]()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    layer = model.model.layers[0].mlp
+    assert type(layer.shared_expert_gate) is torch.nn.Linear
+    assert isinstance(layer.shared_expert.down_proj, epmq.QuantLinear)
+
+
+def test_phimoe_experts_in_their_checkpoint_naming(gen, tmp_path):
+    """PhiMoE's checkpoints (and save_pretrained) name an expert's projections w1, w3, w2, as
+    Mixtral's: an expert directory is read, and the quantized checkpoint keeps those names."""
+    from test_walker_models import WIDER
+
+    torch.manual_seed(0)
+    build = WIDER["phimoe"][0]
+    expert = build()
+    expert.save_pretrained(tmp_path / "expert")
+    model = build()
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                        calibration={"t": [dict(input_ids=ids)]}, experts={"t": tmp_path / "expert"}, progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.qweight" in keys
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
+    """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
+    reads every element of the experts' fused tensors once per task, not twice."""
+    import epmq.checkpoint_io as io
+    from test_walker_models import Family
+
+    fam = Family("qwen3_moe", gen, tasks=["a"])
+    read = {}
+    original = io._read_tensor
+
+    def counted(store, key, index=None):
+        t = original(store, key, index)
+        read[key.rpartition(".")[2]] = read.get(key.rpartition(".")[2], 0) + t.numel()
+        return t
+
+    monkeypatch.setattr(io, "_read_tensor", counted)
+    epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                        calibration=fam.calibration, experts=fam.experts, progress=False)
+    fused = {n.rpartition(".")[2]: t.numel() for n, t in fam.base.state_dict().items() if "experts." in n}
+    per_layer = sum(1 for n in fam.base.state_dict() if n.endswith("experts.gate_up_proj"))
+    assert read["gate_up_proj"] == fused["gate_up_proj"] * per_layer
+    assert read["down_proj"] >= fused["down_proj"] * per_layer
+
+
+def test_a_vlm_tower_no_adapter_knows_is_named(gen):
+    """Llama 4's VLM: the text decoder is walked; its vision encoder's layers, which no adapter
+    knows, are named in a warning rather than left in full precision silently."""
+    import transformers
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                num_local_experts=4, num_experts_per_tok=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=63)).eval()
+    with pytest.warns(UserWarning, match=r"vision_model\.model\.layers \(Llama4VisionEncoderLayer, no adapter"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)

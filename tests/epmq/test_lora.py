@@ -280,3 +280,21 @@ def test_adapter_options_that_are_not_a_plain_update_are_refused(base_dir, tmp_p
     config.write_text(json.dumps({**json.loads(config.read_text()), **option}))
     with pytest.raises(ValueError, match=f"uses {next(iter(option))}="):
         epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+
+
+def test_part_of_a_base_tensor_no_update_touches_is_read_alone(base_dir, tmp_path, monkeypatch):
+    """One expert's rows of a base's fused MoE tensor (Llama 4's hub layout), read through a LoRA
+    expert: only those rows leave the base checkpoint."""
+    import epmq.checkpoint_io as io
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=7)
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+    read = []
+    original = io._read_tensor
+    monkeypatch.setattr(io, "_read_tensor", lambda store, key, index=None: read.append(
+        original(store, key, index).numel()) or original(store, key, index))
+    name = "model.layers.0.mlp.up_proj.weight"  # (not adapted)
+    assert torch.equal(expert.part(name, (slice(3, 7),)), expert.base.get(name)[3:7])
+    assert read[0] == 4 * 24
+    adapted = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(expert.part(adapted, (slice(0, 2),)), expert[adapted][:2])
