@@ -298,3 +298,28 @@ def test_part_of_a_base_tensor_no_update_touches_is_read_alone(base_dir, tmp_pat
     assert read[0] == 4 * 24
     adapted = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(expert.part(adapted, (slice(0, 2),)), expert[adapted][:2])
+
+
+def test_an_adapter_and_its_base_from_the_hub(base_dir, tmp_path, monkeypatch):
+    """An adapter by HF hub id whose config names its base by hub id (as PEFT records it after
+    from_pretrained("org/base")): both from the hub's cache, offline."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=8)
+    commit = "0" * 40
+    for name, source in (("base", base_dir), ("adapter", tmp_path / "adapter")):
+        repo = tmp_path / "hub" / f"models--org--{name}"
+        shutil.copytree(source, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    config = tmp_path / "hub" / "models--org--adapter" / "snapshots" / commit / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/base"}))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
+    expert = ExpertWeights("org/adapter", task="t")
+    expert.bind(reference)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(expert.read(name), reference[name], rtol=1e-6, atol=1e-6)
