@@ -27,6 +27,7 @@ over). The directory is removed once the checkpoint is written.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -38,6 +39,7 @@ from .calibration import image_batches, image_files, pair_batches, read_pairs, r
 from .checkpoint import save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .lora import is_lora_adapter, open_expert
+from .resume import hold
 from .spec import QuantSpec
 from .walker import METHODS, quantize_model
 
@@ -193,32 +195,30 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     net.eval()
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     resume_dir = None if method == "rtn" else resume_dir_for(out)
-    if resume_dir is not None and not resume:
-        if resume_dir.is_dir() and not resume_dir.is_symlink():
-            shutil.rmtree(resume_dir)
-        elif resume_dir.exists() or resume_dir.is_symlink():
-            resume_dir.unlink()
-    # the model stays in CPU memory; its blocks visit ``device`` one at a time
-    try:
-        quantize_model(net, spec, method=method, calibration=batches or None,
-                       experts={t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None,
-                       anchor=anchor,
-                       weight_anchor=weight_anchor, targets=targets, device=device,
-                       layers=layers, percdamp=percdamp, true_sequential=true_sequential,
-                       **({} if residual_precision is None else {"residual_precision": residual_precision}),
-                       resume_dir=resume_dir, progress=progress)
-    except ValueError as e:
-        if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir}"):
-            raise ValueError(f"{e} (here: run with --fresh, or resume=False)") from e
-        raise
+    # the resume directory is held from here to its removal: no other run takes it meanwhile
+    with hold(resume_dir, fresh=not resume) if resume_dir is not None else contextlib.nullcontext():
+        # the model stays in CPU memory; its blocks visit ``device`` one at a time
+        try:
+            quantize_model(net, spec, method=method, calibration=batches or None,
+                           experts={t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None,
+                           anchor=anchor, weight_anchor=weight_anchor, targets=targets, device=device,
+                           layers=layers, percdamp=percdamp, true_sequential=true_sequential,
+                           **({} if residual_precision is None else {"residual_precision": residual_precision}),
+                           resume_dir=resume_dir, progress=progress)
+        except ValueError as e:
+            if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir} holds blocks"):
+                raise ValueError(f"{e} (here: run with --fresh, or resume=False)") from e
+            raise
 
-    def extras(directory):
-        preprocessor.save_pretrained(directory)
-        net.epmq_report.to_json(directory / REPORT_FILE)
+        def extras(directory):
+            preprocessor.save_pretrained(directory)
+            net.epmq_report.to_json(directory / REPORT_FILE)
 
-    saved = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
-                           extras=extras)
-    if resume_dir is not None:
+        saved = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
+                               extras=extras)
+        if resume_dir is not None and os.name != "nt":  # (Windows: once the lock file is closed)
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    if resume_dir is not None and os.name == "nt":
         shutil.rmtree(resume_dir, ignore_errors=True)
     return saved
 

@@ -23,10 +23,12 @@ open files) raises and keeps the block. One walk at a time holds a directory (``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import shutil
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -52,8 +54,9 @@ def _crc(t: torch.Tensor) -> int:
 
 
 def fingerprint(t: torch.Tensor) -> tuple:
-    """What ``tensor_digest`` takes of a tensor: dtype, shape and a CRC-32 of its bytes."""
-    return str(t.dtype), tuple(t.shape), _crc(t)
+    """What ``tensor_digest`` takes of a tensor: dtype, shape and a CRC-32 of its bytes (a meta
+    tensor has none: its dtype and shape)."""
+    return str(t.dtype), tuple(t.shape), "meta" if t.is_meta else _crc(t)
 
 
 _AT_ONCE = 8  # tensors fingerprinted together (in threads), and so held at once
@@ -87,9 +90,19 @@ def config_of(model: nn.Module) -> Optional[dict]:
     if not hasattr(config, "to_dict"):
         return None
     entries = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_PROVENANCE}
-    for key in ("_attn_implementation", "_experts_implementation"):  # (to_dict leaves them out)
-        entries[key] = getattr(config, key, None)
+    entries.update(_implementations(config))
     return entries
+
+
+def _implementations(config, prefix: str = "") -> dict:
+    """The attention and experts implementations of a config and its sub-configs (a CLIP's text
+    and vision towers may differ), which ``to_dict`` leaves out."""
+    found = {f"{prefix}{k}": getattr(config, k, None) for k in ("_attn_implementation", "_experts_implementation")}
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if hasattr(sub, "to_dict"):
+            found.update(_implementations(sub, f"{prefix}{name}."))
+    return found
 
 
 def data_digest(item) -> str:
@@ -123,10 +136,7 @@ class BlockLog:
 
     def __init__(self, directory, identity: dict):
         self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"resume_dir {self.directory} exists and is not a directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.directory / LOCK_FILE)
+        self._lock = _lock(self.directory)
         try:
             self._open(identity)
         except BaseException:
@@ -141,6 +151,7 @@ class BlockLog:
         self.identity = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=16).hexdigest()
         path = self.directory / IDENTITY_FILE
         saved = _read_record(path)
+        saved = saved if isinstance(saved, dict) else None  # (damaged: JSON, but not a record)
         changed = [] if saved is None else changed_keys(saved, identity)
         if changed and self._records():
             details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
@@ -153,9 +164,10 @@ class BlockLog:
             write_json_atomic(path, identity)
 
     def close(self) -> None:
-        """Let go of the directory (another walk may take it)."""
+        """Let go of the directory (another walk may take it, unless this process holds it
+        otherwise: ``hold``)."""
         if self._lock is not None:
-            self._lock.close()
+            _unlock(self._lock)
             self._lock = None
 
     def _records(self) -> list:
@@ -202,9 +214,12 @@ class BlockLog:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        try:
+        if not tensors_path.is_file():
+            return self._damaged(prefix, f"{tensors_path.name} is missing")
+        try:  # (safetensors reports any failure to open a file, too many open files included, as
+            # FileNotFoundError: that one is raised, the file being there)
             tensors = load_file(str(tensors_path))
-        except (FileNotFoundError, SafetensorError) as e:  # (missing, truncated)
+        except SafetensorError as e:  # (truncated, not safetensors)
             return self._damaged(prefix, f"{tensors_path.name} cannot be read ({type(e).__name__}: {e})")
         if tensor_digest(sorted(tensors.items())) != record.get("tensors"):
             return self._damaged(prefix, f"{tensors_path.name} does not hold what was written")
@@ -261,24 +276,70 @@ def _read_record(path: Path):
         return None
 
 
-def _lock(path: Path):
-    """An exclusive lock on ``path`` (an open file; closing it lets go), or ValueError if another
-    walk holds it."""
-    handle = open(path, "a+")
+_HELD = {}  # resume directory -> {"file": its lock file, "holders": in this process, "walk": one walks it}
+
+
+def _in_use(directory) -> ValueError:
+    return ValueError(f"resume_dir {directory} is in use by another walk (it holds {LOCK_FILE}): "
+                      f"wait for it to end, or use another directory")
+
+
+def _lock(directory: Path, walk: bool = True) -> str:
+    """An exclusive lock on ``directory`` (created if need be) for this process, and in it for
+    one walk at a time (``walk``; ``hold`` takes it around a walk without walking it);
+    ValueError if it is in use. Returns the key ``_unlock`` takes."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"resume_dir {directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    held = _HELD.get(key)
+    if held is None:
+        handle = open(directory / LOCK_FILE, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise _in_use(directory) from None
+        held = _HELD[key] = {"file": handle, "holders": 0, "walk": False}
+    elif walk and held["walk"]:
+        raise _in_use(directory)
+    held["holders"] += 1
+    held["walk"] = held["walk"] or walk
+    return key
+
+
+def _unlock(key: str, walk: bool = True) -> None:
+    held = _HELD[key]
+    held["holders"] -= 1
+    held["walk"] = held["walk"] and not walk
+    if not held["holders"]:
+        held["file"].close()
+        del _HELD[key]
+
+
+@contextlib.contextmanager
+def hold(directory, *, fresh: bool = False):
+    """Hold the resume directory ``directory`` for a whole job (walk, save, clean-up), so that no
+    other process takes it in between; ``fresh``: empty it first (under the lock)."""
+    directory = Path(directory)
+    if fresh and (directory.is_symlink() or (directory.exists() and not directory.is_dir())):
+        directory.unlink()  # (a link: not ours to empty)
+    key = _lock(directory, walk=False)
     try:
-        if os.name == "nt":
-            import msvcrt
-
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ValueError(f"resume_dir {path.parent} is in use by another walk (it holds {path.name}): "
-                         f"wait for it to end, or use another directory") from None
-    return handle
+        if fresh:
+            for entry in directory.iterdir():
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        yield directory
+    finally:
+        _unlock(key, walk=False)
 
 
 def _short(value, limit: int = 120) -> str:

@@ -419,13 +419,19 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
 
 
 def _versions() -> dict:
-    """The versions of the code a walk's numbers come from."""
-    import sys
+    """The installed versions of the code a walk's numbers come from (not what happens to be
+    imported: that depends on the caller)."""
+    from importlib import metadata
 
     from . import __version__
 
-    names = ("torch", "triton", "transformers", "open_clip")
-    return dict({n: getattr(sys.modules[n], "__version__", None) for n in names if n in sys.modules},
+    def installed(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return dict({n: installed(n) for n in ("torch", "triton", "transformers", "open_clip_torch")},
                 epmq=__version__)
 
 
@@ -435,10 +441,13 @@ class _Edits:
     def __init__(self, model):
         self.model = model
         self.log = []
-        # buffers as they were: a forward may change them (dynamic RoPE rescales inv_freq past
-        # the trained length), and a failed walk leaves the model as it found it
-        self.buffers = [(m, name, b, b.clone()) for m in model.modules()
-                        for name, b in m._buffers.items() if b is not None]
+        # buffers and plain attributes as they were: a forward may change them (dynamic RoPE
+        # rescales inv_freq past the trained length, and sets max_seq_len_cached), and a failed
+        # walk leaves the model as it found it
+        self.states = [(m, dict(m._buffers), {n: b.clone() for n, b in m._buffers.items() if b is not None},
+                        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(m).items()
+                         if not k.startswith("_") and k != "training"})
+                       for m in model.modules()]
 
     def swap(self, name: str, new: nn.Module) -> None:
         parent_name, _, attr = name.rpartition(".")
@@ -457,9 +466,17 @@ class _Edits:
         for parent, attr, old in reversed(self.log):
             setattr(parent, attr, old)
         self.log.clear()
-        for module, name, buffer, saved in self.buffers:
-            buffer.copy_(saved)
-            module._buffers[name] = buffer
+        for module, buffers, values, attributes in self.states:
+            for name, buffer in buffers.items():  # the same tensors, with the same values
+                if buffer is not None and not buffer.is_meta and not torch.equal(buffer, values[name]):
+                    with torch.inference_mode(buffer.is_inference()):
+                        buffer.copy_(values[name])
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            for name in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
+                if name not in attributes:
+                    delattr(module, name)
+            module.__dict__.update(attributes)
 
 
 def _on_cpu(stats):

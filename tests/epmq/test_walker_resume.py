@@ -3,6 +3,7 @@ loaded, not solved, and the result is bit-identical to a walk that was never int
 directory written by another walk (arguments, data or weights) is refused, by name."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -247,9 +248,11 @@ def test_one_walk_at_a_time_in_a_directory(gen, tmp_path):
     BlockLog(tmp_path, {"a": 2}).close()
 
 
-def test_a_read_error_that_is_not_damage_keeps_the_block(gen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["OSError", "FileNotFoundError"])
+def test_a_read_error_that_is_not_damage_keeps_the_block(gen, tmp_path, monkeypatch, error):
     """Too many open files, no memory: the walk stops with the error, and the block it could not
-    read stays on disk for the next try."""
+    read stays on disk for the next try (safetensors reports a file it cannot open, whatever the
+    reason, as FileNotFoundError: the file is there, so that is no damage)."""
     import errno
 
     import safetensors.torch
@@ -258,7 +261,9 @@ def test_a_read_error_that_is_not_damage_keeps_the_block(gen, tmp_path, monkeypa
     _interrupted(fam, tmp_path, monkeypatch)
 
     def busy(*args, **kwargs):
-        raise OSError(errno.EMFILE, "Too many open files")
+        if error == "OSError":
+            raise OSError(errno.EMFILE, "Too many open files")
+        raise FileNotFoundError("No such file or directory: Too many open files")
 
     with monkeypatch.context() as patch:
         patch.setattr(safetensors.torch, "load_file", busy)
@@ -279,6 +284,8 @@ def test_buffers_a_forward_changed_are_restored_when_a_walk_fails(gen, tmp_path,
 
     def rescale(module, args):
         module.inv_freq = module.inv_freq * 0.5  # a new tensor, as a reassignment makes
+        module.max_seq_len_cached = 999  # (transformers' dynamic_frequency_update sets these too)
+        module.seen_longer = True
 
     handle = rotary.register_forward_pre_hook(rescale)
     with monkeypatch.context() as m:
@@ -287,6 +294,7 @@ def test_buffers_a_forward_changed_are_restored_when_a_walk_fails(gen, tmp_path,
             run(fam, model, "epmq", "merged_path", resume_dir=tmp_path)
     handle.remove()
     assert torch.equal(rotary.inv_freq, before)
+    assert rotary.max_seq_len_cached != 999 and not hasattr(rotary, "seen_longer")
     out = run(fam, model, "epmq", "merged_path", resume_dir=tmp_path)
     assert out.epmq_report.resumed == ["model.layers.0"]
 
@@ -309,3 +317,77 @@ def test_an_expert_block_is_read_once_by_a_walk_that_logs_it(gen, tmp_path, monk
     without, counts = counts, {}
     run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
     assert counts == without
+
+
+def test_a_model_made_under_inference_mode_is_rolled_back(gen, tmp_path, monkeypatch):
+    """Its buffers are inference tensors, which cannot be written outside that mode: a failed
+    walk still puts them back and raises its own error."""
+    fam = Family("llama", gen)
+    with torch.inference_mode():
+        model = fam.merged()
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            run(fam, model, "epmq", "merged_path", resume_dir=tmp_path)
+
+
+def test_the_attention_of_a_sub_config_is_in_the_identity(gen):
+    """A CLIP's towers may run different attention implementations (set per sub-config)."""
+    from epmq.resume import config_of
+
+    model = Family("hf_clip", gen).merged()
+    before = config_of(model)
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager", "": "sdpa"})
+    after = config_of(model)
+    assert before != after and after["vision_config._attn_implementation"] == "eager"
+
+
+def test_damaged_identity_files_and_meta_buffers(gen, tmp_path):
+    """walk.json that is JSON but not a record is as good as missing; a meta buffer (never used
+    by the forward) has a fingerprint without values."""
+    from epmq.resume import fingerprint
+
+    fam = Family("llama", gen)
+    tmp_path.joinpath("walk.json").write_text("[1]")
+    run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path / "x")
+    (tmp_path / "x" / "walk.json").write_text('"x"')
+    out = run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path / "x")
+    assert len(out.epmq_report.resumed) == 2
+    assert fingerprint(torch.empty(3, 4, device="meta")) == ("torch.float32", (3, 4), "meta")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_epmq_quantize_refuses_a_resume_directory_another_process_holds(gen, tmp_path, capsys):
+    """Another run holds OUT.resume: this one stops with that said (not with a --fresh hint), and
+    --fresh does not empty the directory under the other run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from epmq.cli import main
+    from epmq.benches.tiny import word_tokenizer
+
+    fam = Family("llama", gen)
+    fam.merged().save_pretrained(tmp_path / "model")
+    word_tokenizer(tmp_path / "model")
+    (tmp_path / "a.txt").write_text("the cat sat on the mat .\n" * 20)
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(tmp_path / "model"), method="gptq", bits=4, group_size=16,
+                                          calibration={"a": str(tmp_path / "a.txt")}, samples=2, seq_len=8)))
+    held = tmp_path / "out.resume"
+    held.mkdir()
+    (held / "model.layers.0.json").write_text("{}")  # the other run's
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(60)"), str(held / "walk.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        for fresh in ([], ["--fresh"]):
+            assert main(["quantize", str(config), str(tmp_path / "out"), "--quiet", *fresh]) == 2
+            err = capsys.readouterr().err
+            assert "in use by another walk" in err and "--fresh" not in err
+            assert (held / "model.layers.0.json").is_file() and not (tmp_path / "out").exists()
+    finally:
+        other.kill()
+        other.wait()
