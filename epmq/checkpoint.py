@@ -298,13 +298,10 @@ class ShardWriter:
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
-    """A fresh temporary sibling of ``directory`` to write a checkpoint into. When the block
-    ends without an error, the user's files in the old ``directory`` are carried over, all is
-    fsynced and the new directory replaces the old one; on an error it is deleted and
-    ``directory`` is untouched. An existing ``directory`` is only replaced if it is empty or
-    holds ``marker`` (a checkpoint epmq wrote)."""
+def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
+    """Where a checkpoint written to ``directory`` goes (absolute; a link's target), or a
+    ValueError if that is a directory epmq may not replace (the user's): checked before hours of
+    work as well as when writing."""
     directory = Path(os.path.abspath(directory))  # ("." has no name to make a sibling of)
     if directory.is_symlink():  # the checkpoint goes where the link points; the link stays
         directory = directory.resolve()
@@ -313,6 +310,17 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
             f"{directory} exists and is not an epmq checkpoint (no {marker}): refusing to "
             f"replace it; choose a new or empty directory"
         )
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
+    """A fresh temporary sibling of ``directory`` to write a checkpoint into. When the block
+    ends without an error, the user's files in the old ``directory`` are carried over, all is
+    fsynced and the new directory replaces the old one; on an error it is deleted and
+    ``directory`` is untouched. An existing ``directory`` is only replaced if it is empty or
+    holds ``marker`` (a checkpoint epmq wrote)."""
+    directory = check_output(directory, marker=marker)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(parent, directory.name)

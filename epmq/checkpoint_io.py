@@ -109,7 +109,10 @@ def local_checkpoint(source, *, directory: bool = False) -> Path:
     that is not a local path; ``directory``: it must be a directory."""
     path = Path(source)
     if not path.exists() and looks_like_hub_id(str(source)):
-        return hub_snapshot(str(source), kind="model")
+        try:
+            return hub_snapshot(str(source), kind="model")
+        except CheckpointError as e:
+            raise FileNotFoundError(f"no local path {path.absolute()}, and {e}") from e
     if not (path.is_dir() if directory else path.exists()):
         raise FileNotFoundError(f"no checkpoint {'directory ' if directory else ''}at {source} "
                                 f"(nor an HF hub id)")

@@ -184,7 +184,9 @@ def quantize_options(config: dict):
     for key in ("percdamp", "anchor", "weight_anchor"):
         check_number(options.get(key, 0.0), key)
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
-                   dtype=options.get("dtype"), tower=options.get("tower"))
+                   dtype=options.get("dtype"), tower=options.get("tower"),
+                   checkpoint_format=options.get("checkpoint_format", "auto"),
+                   max_shard_size=options.get("max_shard_size", "5GB"))
     return spec, options
 
 

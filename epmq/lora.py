@@ -39,6 +39,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."  # PEFT's wrapper around the base model's own names
 
+_GIVE_BASE = "lora_base: in epmq quantize, base: in epmq merge, LoraExpert(adapter, base=...) in Python"
 _UPDATE = re.compile(r"(?P<module>.+)\.lora_(?:embedding_)?(?P<side>A|B)(?:\.weight)?")
 _REFUSED = {  # key pattern -> what it is
     r".+\.lora_magnitude_vector(\..+)?": "DoRA (use_dora) magnitudes",
@@ -124,13 +125,19 @@ class LoraExpert(Mapping):
             raise ValueError(f"LoRA adapter {self.directory}: no {' or '.join(ADAPTER_WEIGHTS)}")
         what = f"LoRA adapter {self.directory}"
         self.adapter = CheckpointReader(weights, what)
-        if base is None:
+        named = base is None
+        if named:
             base = config.get("base_model_name_or_path")
             if not base:
                 raise ValueError(f"{what}: its {ADAPTER_CONFIG} names no base model "
-                                 f"(base_model_name_or_path); give the base: LoraExpert(adapter, base=...)")
+                                 f"(base_model_name_or_path); give the base: {_GIVE_BASE}")
         if isinstance(base, (str, Path)):
-            base = local_checkpoint(base)
+            try:
+                base = local_checkpoint(base)
+            except FileNotFoundError as e:
+                where = f"named in its {ADAPTER_CONFIG}" if named else "given"
+                raise FileNotFoundError(f"{what}: its base model {str(base)!r} ({where}) is not found ({e}); "
+                                        f"give the base: {_GIVE_BASE}") from e
         self.base = CheckpointReader(base, f"the base model of {what}")
         self.description = f"{what} on {self.base.description}"
         alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}

@@ -217,6 +217,32 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     return {n: [g[n] for g in per_model] for n in shared}
 
 
+def _model_type(path: Path) -> tuple:
+    """A checkpoint's ``model_type`` and those of its towers (``config.json``), or None."""
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    try:
+        content = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None, set()
+    if not isinstance(content, dict):
+        return None, set()
+    towers = {v.get("model_type") for v in content.values() if isinstance(v, dict)}
+    return content.get("model_type"), towers
+
+
+def _check_architectures(base_path, model_paths, models) -> None:
+    """Models of another architecture than the reference's are refused (tensors of one name and
+    shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
+    Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base)."""
+    reference = base_path if base_path is not None else model_paths[0]
+    kind, towers = _model_type(reference)
+    for path, source in zip(model_paths, models):
+        other, other_towers = _model_type(path)
+        if kind and other and other != kind and other not in towers and kind not in other_towers:
+            raise ValueError(f"model {source} is a {other!r} checkpoint, the {'base' if base_path else 'first model'} "
+                             f"a {kind!r} one (config.json's model_type): merge models of one architecture")
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
@@ -244,6 +270,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     fn = getattr(merge_lib, method)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
+    _check_architectures(base_path, model_paths, models)
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
     names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
     sources = []

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
-from .checkpoint import save_quantized
+from .checkpoint import FORMATS, _bytes, check_output, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .lora import is_lora_adapter, open_expert
-from .resume import hold
+from .resume import IDENTITY_FILE, hold
 from .spec import QuantSpec
 from .walker import METHODS, quantize_model
 
@@ -128,9 +128,13 @@ def _check_positions(directory: Path, seq_len: int) -> None:
 
 def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                    experts: Optional[Mapping[str, object]], *, dtype: Optional[str] = None,
-                   tower: Optional[str] = None) -> None:
+                   tower: Optional[str] = None, checkpoint_format: str = "auto",
+                   max_shard_size="5GB") -> None:
     """Raise ValueError for a quantization ``quantize_checkpoint`` cannot run, before anything
-    is read."""
+    is read (the format and shard size too: a typo there must not wait for the walk)."""
+    if checkpoint_format not in FORMATS + ("auto",):
+        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
+    _bytes(max_shard_size)
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     for name, files in (("calibration", calibration), ("experts", experts)):
@@ -185,7 +189,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     docstring); False discards them. ``layers`` (a regular expression over the linears' names),
     ``percdamp``, ``true_sequential`` and ``residual_precision``: as ``epmq.quantize_model``'s.
     """
-    check_quantize(method, calibration, experts, dtype=dtype, tower=tower)
+    check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
+                   max_shard_size=max_shard_size)
+    check_output(out)
     if lora_base is not None and not any(is_lora_adapter(p) for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
     directory = local_checkpoint(model, directory=True)
@@ -208,6 +214,10 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         except ValueError as e:
             if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir} holds blocks"):
                 raise ValueError(f"{e} (here: run with --fresh, or resume=False)") from e
+            _drop_if_no_block(resume_dir)
+            raise
+        except BaseException:
+            _drop_if_no_block(resume_dir)
             raise
 
         def extras(directory):
@@ -221,6 +231,13 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         shutil.rmtree(resume_dir, ignore_errors=True)
     return saved
+
+
+def _drop_if_no_block(resume_dir) -> None:
+    """A walk that stopped before its first block leaves nothing worth keeping."""
+    if resume_dir is not None and resume_dir.is_dir() and not resume_dir.is_symlink() and not any(
+            p.suffix == ".json" and p.name != IDENTITY_FILE for p in resume_dir.iterdir()):
+        shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def resume_dir_for(out: Path) -> Path:

@@ -336,7 +336,10 @@ def _selector(layers) -> Callable[[str], bool]:
     if layers is None:
         return lambda name: True
     if isinstance(layers, str):
-        pattern = re.compile(layers)
+        try:
+            pattern = re.compile(layers)
+        except re.error as e:
+            raise ValueError(f"layers={layers!r} is not a regular expression: {e}") from None
         return lambda name: pattern.search(name) is not None
     if callable(layers):
         return layers

@@ -191,6 +191,10 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         (dict(percdamp="0.1"), "percdamp must be a finite number.*YAML"),
         (dict(anchor=float("nan")), "anchor must be a finite number"),
         (dict(lora_base=3), "lora_base must be a path"),
+        (dict(checkpoint_format="gptq3"), "checkpoint_format must be"),  # (before the walk, not after)
+        (dict(max_shard_size="5XB"), "max_shard_size"),
+        (dict(layers="(["), "is not a regular expression"),
+        (dict(anchor=-1.0), "anchor"),
         (dict(lora_base="ckpt/base"), "no expert is an adapter"),
         (dict(true_sequential="no"), "true_sequential must be true or false"),
         (dict(layers=["mlp"]), "layers must be a regular expression"),
@@ -201,14 +205,14 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         assert main(["quantize", str(config), str(tmp_path / "x"), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert re.search(match, err), err
-        assert not (tmp_path / "x").exists()
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.resume").exists()
 
 
 def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkeypatch):
     """Ctrl-C in the second block: the first is kept in OUT.resume, the same command loads it
     and writes the checkpoint an uninterrupted run writes (OUT.resume then removed); --fresh
     and other settings start over or are refused."""
-    from epmq import walker
+    import epmq.quantize_files
 
     root = files
     config = tmp_path / "q.yaml"
@@ -428,3 +432,19 @@ def test_t5_from_input_target_pairs(tmp_path):
     (tmp_path / "plain.txt").write_text("x")
     with pytest.raises(ValueError, match="input/target pairs"):
         read_pairs(tmp_path / "plain.txt")
+
+
+def test_an_output_directory_of_the_user_is_refused_before_the_walk(files, tmp_path, capsys, monkeypatch):
+    """Not after hours of quantizing: at once, and with nothing left behind."""
+    import epmq.quantize_files
+
+    root = files
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(root / "merged"), method="gptq", bits=4, group_size=16,
+                                          calibration={"a": str(root / "a.txt")}, samples=2, seq_len=8)))
+    monkeypatch.setattr(epmq.quantize_files, "quantize_model", lambda *a, **k: pytest.fail("the walk ran"))
+    assert main(["quantize", str(config), str(tmp_path / "mine"), "--quiet"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "mine.resume").exists()
