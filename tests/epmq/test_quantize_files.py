@@ -212,7 +212,7 @@ def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkey
     """Ctrl-C in the second block: the first is kept in OUT.resume, the same command loads it
     and writes the checkpoint an uninterrupted run writes (OUT.resume then removed); --fresh
     and other settings start over or are refused."""
-    import epmq.quantize_files
+    from epmq import walker
 
     root = files
     config = tmp_path / "q.yaml"
