@@ -41,6 +41,8 @@ examples in configs/files/):
                                     # slerp, regmean)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0):
                                     # checkpoints, or PEFT LoRA adapter directories (on the base)
+  lora_base: ckpt/base              # optional, for LoRA adapters merged without a base
+                                    # (average, slerp, regmean): their base, if not their config's
   params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t,
                                     # weights (one per model)
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
@@ -94,7 +96,7 @@ def _yaml_mapping(path: Path, keys, required, help_text) -> dict:
 
 
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
-              "samples", "seq_len", "batch_size", "seed"}
+              "samples", "seq_len", "batch_size", "seed", "lora_base"}
 
 
 def _merge(args) -> int:
@@ -107,7 +109,8 @@ def _merge(args) -> int:
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed") if k in config}
+        data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed", "lora_base")
+                if k in config}
         out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
                                 params=config.get("params"), dtype=config.get("dtype"),
                                 max_shard_size=config.get("max_shard_size", "5GB"),

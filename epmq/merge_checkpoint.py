@@ -248,7 +248,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
                       calibration: Optional[Sequence] = None, samples: int = 128,
                       seq_len: int = 512, batch_size: int = 8, seed: int = 0,
-                      progress: bool = True) -> Path:
+                      lora_base: Optional[Source] = None, progress: bool = True) -> Path:
     """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
 
@@ -262,12 +262,20 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     with ``samples``, ``seq_len``, ``batch_size`` and ``seed``); each model is loaded whole in
     turn to collect ``X^T X`` at its linears, all kept until the merge (float64: 8 d_in^2 bytes
     per linear and model, 9 MB for a ViT-B layer's MLP input).
+
+    Models that are LoRA adapters (``epmq.lora``) are the experts they make of ``base``; merged
+    without one (average, slerp), of ``lora_base``, by default the base their configs name.
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration)
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
+    if lora_base is not None and (base is not None or not any(is_lora_adapter(m) for m in models)):
+        raise ValueError("lora_base is the base of LoRA adapters merged without a base model "
+                         "(average, slerp, regmean); " + ("base is given: it is the adapters' base"
+                                                          if base is not None else "no model is an adapter"))
+    lora_base = None if lora_base is None else local_checkpoint(lora_base)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
     _check_architectures(base_path, model_paths, models)
@@ -275,7 +283,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
     sources = []
     for k, (path, source) in enumerate(zip(model_paths, models)):
-        sources.append(_open(path, f"model {k} ({source})", device, names, lora_base=base_path))
+        sources.append(_open(path, f"model {k} ({source})", device, names, lora_base=base_path or lora_base))
         if names is not None and not len(sources[-1]):
             raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
                              f"tensors: not the same architecture")

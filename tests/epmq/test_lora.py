@@ -324,3 +324,24 @@ def test_an_adapter_and_its_base_from_the_hub(base_dir, tmp_path, monkeypatch):
     expert.bind(reference)
     name = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(expert.read(name), reference[name], rtol=1e-6, atol=1e-6)
+
+
+def test_adapters_merged_without_a_base_on_lora_base(base_dir, tmp_path):
+    """average and slerp take no base model; adapters whose config names a base that is gone
+    are given theirs by lora_base (epmq merge's lora_base:)."""
+    for k in range(2):
+        make_adapter(base_dir, tmp_path / f"adapter{k}", seed=30 + k)
+        config = tmp_path / f"adapter{k}" / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "gone/base"}))
+    adapters = [tmp_path / "adapter0", tmp_path / "adapter1"]
+    with pytest.raises(FileNotFoundError, match="'gone/base' \\(named in its adapter_config.json\\)"):
+        epmq.merge_checkpoints("average", adapters, tmp_path / "avg", progress=False)
+    merge = _yaml(tmp_path / "m.yaml", method="average", models=[str(a) for a in adapters], lora_base=str(base_dir))
+    assert main(["merge", str(merge), str(tmp_path / "avg"), "--quiet"]) == 0
+    experts = [epmq.LoraExpert(a, base=base_dir) for a in adapters]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "avg").state_dict()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[name], (experts[0][name] + experts[1][name]) / 2, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="base is given"):
+        epmq.merge_checkpoints("task_arithmetic", adapters, tmp_path / "ta", base=base_dir, lora_base=base_dir,
+                               progress=False)
