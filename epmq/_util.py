@@ -27,12 +27,17 @@ def dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def read_json(path: Path):
+def read_json(path: Path, *, strict: bool = False):
     """The JSON value in ``path``, or None when it is missing or not JSON (a file written by an
-    interrupted run)."""
+    interrupted run). ``strict``: only a missing file counts as missing; other read errors (too
+    many open files, an unreachable disk), which say nothing of the file, raise."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # (UnicodeDecodeError and JSONDecodeError included)
+        return None
+    except OSError:
+        if strict:
+            raise
         return None
 
 

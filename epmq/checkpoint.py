@@ -91,7 +91,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
                 f"{len(unfit)} layers (first: {unfit[0]}) have zero points equal to 0, which the v1 "
                 f"'gptq' format cannot store: writing checkpoint_format='gptq_v2'"
             )
-    ragged = [name for name, m in layers.items() if m.group_size != -1 and m.in_features % m.group_size]
+    ragged = [name for name, m in layers.items() if m.ragged]
     if ragged:
         m = layers[ragged[0]]
         warnings.warn(

@@ -168,7 +168,8 @@ class LoraExpert(Mapping):
             if len(A) != 2 or len(B) != 2:
                 raise ValueError(f"{what}: module {module!r} has a LoRA on a convolution, which epmq "
                                  f"does not read; merge it with PEFT's merge_and_unload()")
-            pair["shapes"] = {(B[0], A[1]), (A[1], B[0])}  # W_0's, as B A or its transpose
+            pair["rank"], pair["out_in"] = A[0], (B[0], A[1])  # B A is [out, in]
+            pair["shapes"] = {pair["out_in"], pair["out_in"][::-1]}  # W_0's, as B A or its transpose
 
         # adapter names -> base checkpoint keys, under one prefix rewrite (a base saved with other
         # leading names than the model PEFT wrapped: transformers 4's ``vision_model.``, a tower
@@ -202,7 +203,7 @@ class LoraExpert(Mapping):
         transposed = self._orientations(found, pairs, skeleton, config)
         for module, key in found.items():
             pair = pairs[module]
-            r = self.adapter.shape(pair["A"])[0]
+            r = pair["rank"]
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)
             self._updates.setdefault(key, []).append(
                 (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
@@ -236,13 +237,12 @@ class LoraExpert(Mapping):
                 except AttributeError:
                     pass
             shape = tuple(self.base.shape(key))
-            A, B = self.adapter.shape(pair["A"]), self.adapter.shape(pair["B"])
             if pair["embedding"]:
                 out[module] = True
             elif layer is not None:
                 out[module] = type(layer).__name__ == "Conv1D"
             elif shape[0] != shape[1]:
-                out[module] = shape == (A[1], B[0])
+                out[module] = shape == pair["out_in"][::-1]
                 shown.add(out[module])
             else:
                 square.append(module)
@@ -251,9 +251,8 @@ class LoraExpert(Mapping):
                              f"as [in, out] (nn.Linear and Conv1D), and for its square ones "
                              f"({square[0]}, ...) neither the shapes nor its fan_in_fan_out say which; "
                              f"give the base as a checkpoint directory with its config.json")
-        for module in square:
-            out[module] = shown.pop() if shown else bool(config.get("fan_in_fan_out"))
-            shown.add(out[module])
+        square_transposed = next(iter(shown)) if shown else bool(config.get("fan_in_fan_out"))
+        out.update(dict.fromkeys(square, square_transposed))
         return out
 
     # ----------------------------------------------------------------- the state dict
@@ -272,9 +271,13 @@ class LoraExpert(Mapping):
             return self.adapter.shape(self._full[key])
         return self.base.shape(key)
 
+    def _own(self, key: str, index=None) -> torch.Tensor:
+        """The tensor before any update: the adapter's where it saved one (``modules_to_save``, a
+        resized embedding's ``base_layer``), else the base's."""
+        return self.adapter.get(self._full[key], index) if key in self._full else self.base.get(key, index)
+
     def __getitem__(self, key: str) -> torch.Tensor:
-        # a ``base_layer`` tensor saved with the adapter (a resized embedding) is the W_0 updated
-        W_0 = self.adapter.get(self._full[key]) if key in self._full else self.base.get(key)
+        W_0 = self._own(key)
         if key not in self._updates:
             return W_0
         W = W_0.float()
@@ -290,11 +293,7 @@ class LoraExpert(Mapping):
     def part(self, key: str, index) -> torch.Tensor:
         """``self[key][index]``, reading only that part where no update applies (one expert of a
         base's fused MoE tensor: the updates are of whole 2-D weights)."""
-        if key in self._updates:
-            return self[key][index]
-        if key in self._full:
-            return self.adapter.get(self._full[key], index)
-        return self.base.get(key, index)
+        return self[key][index] if key in self._updates else self._own(key, index)
 
     def close(self) -> None:
         self.adapter.close()

@@ -288,11 +288,15 @@ class QuantLinear(nn.Module):
             y = x @ self._weight_kn(x.dtype)
         return y
 
+    @property
+    def ragged(self) -> bool:
+        """Whether the last group is shorter (a group size that does not divide the inputs)."""
+        return self.group_size != -1 and self.in_features % self.group_size != 0
+
     def _whole_groups(self) -> bool:
         """Whether the W4A16 kernel takes this layout (K a multiple of 8 and of the group size;
-        a shorter last group, from other tools' checkpoints, takes the dequantized product)."""
-        K = self.in_features
-        return K % 8 == 0 and (self.group_size == -1 or K % self.group_size == 0)
+        a shorter last group takes the dequantized product)."""
+        return self.in_features % 8 == 0 and not self.ragged
 
     def _traced_product(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
         """The product ``torch.compile`` traces: no host-side caches (data pointers, versions)

@@ -96,10 +96,9 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return backend
 
 
-def _check_spec(spec: QuantSpec, d_in: int) -> int:
+def _check_spec(spec: QuantSpec) -> None:
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be an epmq.QuantSpec, got {type(spec).__name__}")
-    return spec.n_groups(d_in)
 
 
 def _block_edges(d: int) -> list:
@@ -139,7 +138,7 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
     t0 = time.perf_counter()
     check_weight(W)
     d_out, d_in = W.shape
-    _check_spec(spec, d_in)
+    _check_spec(spec)
     if H is not None:
         check_hessian(H, d_in)
     target = W.float()
@@ -357,7 +356,7 @@ def _round_target(
     """
     t0 = time.perf_counter()
     d_out, d_in = W_base.shape
-    _check_spec(spec, d_in)
+    _check_spec(spec)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     if not 0 <= percdamp < math.inf:  # (NaN fails too)

@@ -39,17 +39,23 @@ from .calibration import image_batches, image_files, pair_batches, read_pairs, r
 from .checkpoint import FORMATS, _bytes, check_output, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .lora import is_lora_adapter, open_expert
-from .resume import IDENTITY_FILE, hold
+from .resume import hold, records
 from .spec import QuantSpec
 from .walker import METHODS, quantize_model
 
 REPORT_FILE = "epmq_report.json"
 
 
+def _config_json(directory: Path) -> dict:
+    """The checkpoint's ``config.json`` ({} if it has none)."""
+    path = directory / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _model_class(directory: Path, tower: Optional[str]):
     import transformers
 
-    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    config = _config_json(directory)
     names = config.get("architectures") or []
     cls = getattr(transformers, names[0], None) if names else transformers.AutoModelForCausalLM
     if cls is None:
@@ -117,8 +123,7 @@ POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_l
 def _check_positions(directory: Path, seq_len: int) -> None:
     """A ValueError if ``seq_len`` exceeds the model's positions: GPT-2 would fail in its
     embedding, a rotary model would calibrate on windows longer than it was trained on."""
-    path = directory / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = _config_json(directory)
     configs = [config] + [v for v in config.values() if isinstance(v, dict)]  # (text_config)
     limits = [c[k] for c in configs for k in POSITION_LIMITS if isinstance(c.get(k), int) and c[k] > 0]
     if limits and seq_len > min(limits):
@@ -235,8 +240,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
 
 def _drop_if_no_block(resume_dir) -> None:
     """A walk that stopped before its first block leaves nothing worth keeping."""
-    if resume_dir is not None and resume_dir.is_dir() and not resume_dir.is_symlink() and not any(
-            p.suffix == ".json" and p.name != IDENTITY_FILE for p in resume_dir.iterdir()):
+    if resume_dir is not None and resume_dir.is_dir() and not resume_dir.is_symlink() and not records(resume_dir):
         shutil.rmtree(resume_dir, ignore_errors=True)
 
 

@@ -38,7 +38,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import changed_keys, process_alive, write_json_atomic
+from ._util import changed_keys, process_alive, read_json, write_json_atomic
 from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
@@ -150,10 +150,10 @@ class BlockLog:
         # which names what differs, is lost
         self.identity = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=16).hexdigest()
         path = self.directory / IDENTITY_FILE
-        saved = _read_record(path)
+        saved = read_json(path, strict=True)
         saved = saved if isinstance(saved, dict) else None  # (damaged: JSON, but not a record)
         changed = [] if saved is None else changed_keys(saved, identity)
-        if changed and self._records():
+        if changed and records(self.directory):
             details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
                                 for k in changed)
             raise ValueError(
@@ -170,8 +170,6 @@ class BlockLog:
             _unlock(self._lock)
             self._lock = None
 
-    def _records(self) -> list:
-        return [p for p in self.directory.glob("*.json") if p.name != IDENTITY_FILE]
 
     def _remove_stale_temporaries(self) -> None:
         """The half-written files of a walk that was killed (their names carry its process id)."""
@@ -194,7 +192,7 @@ class BlockLog:
         A file that cannot be read for another reason than damage (too many open files, no
         memory) raises: the block is kept."""
         tensors_path, record_path = self._paths(prefix)
-        record = _read_record(record_path)
+        record = read_json(record_path, strict=True)
         if record is None:
             return None if not record_path.exists() else self._damaged(prefix, f"{record_path.name} is not JSON")
         body = {k: v for k, v in record.items() if k != "check"} if isinstance(record, dict) else None
@@ -262,18 +260,14 @@ class BlockLog:
         write_json_atomic(record_path, dict(body, check=_check(body)))
 
 
+def records(directory: Path) -> list:
+    """The block records in a resume directory (whole or not)."""
+    return [p for p in Path(directory).glob("*.json") if p.name != IDENTITY_FILE]
+
+
 def _check(body: dict) -> str:
     """A checksum of a record's content (a damaged digit is caught, not trusted)."""
     return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=8).hexdigest()
-
-
-def _read_record(path: Path):
-    """The JSON in ``path``; None if it is missing or damaged (not JSON, not text). Other read
-    errors (too many open files, an unreachable disk) raise: they say nothing of the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):  # (UnicodeDecodeError and JSONDecodeError included)
-        return None
 
 
 _HELD = {}  # resume directory -> {"file": its lock file, "holders": in this process, "walk": one walks it}

@@ -438,6 +438,11 @@ def _versions() -> dict:
                 epmq=__version__)
 
 
+def _attributes(module: nn.Module) -> list:
+    """A module's plain attributes (not its parameters, buffers, children, hooks or mode)."""
+    return [(k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"]
+
+
 class _Edits:
     """Module replacements made on the user's model, undone if quantization fails."""
 
@@ -448,8 +453,7 @@ class _Edits:
         # rescales inv_freq past the trained length, and sets max_seq_len_cached), and a failed
         # walk leaves the model as it found it
         self.states = [(m, dict(m._buffers), {n: b.clone() for n, b in m._buffers.items() if b is not None},
-                        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(m).items()
-                         if not k.startswith("_") and k != "training"})
+                        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _attributes(m)})
                        for m in model.modules()]
 
     def swap(self, name: str, new: nn.Module) -> None:
@@ -476,9 +480,8 @@ class _Edits:
                         buffer.copy_(values[name])
             module._buffers.clear()
             module._buffers.update(buffers)
-            for name in [k for k in vars(module) if not k.startswith("_") and k != "training"]:
-                if name not in attributes:
-                    delattr(module, name)
+            for name in [k for k, _ in _attributes(module) if k not in attributes]:
+                delattr(module, name)
             module.__dict__.update(attributes)
 
 
