@@ -188,29 +188,34 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     from .quantize_files import PREPROCESSOR_FILES, calibrated
     from .stats import gram_matrices
 
-    adapters = [str(p) for p in model_paths if is_lora_adapter(p)]
-    if adapters:
-        raise ValueError(f"regmean: {adapters[0]} is a LoRA adapter; RegMean builds each model to "
-                         f"collect its activations: merge the adapter into its base first "
-                         f"(PEFT's merge_and_unload)")
-    if not all(p.is_dir() for p in model_paths):
-        raise ValueError("regmean: every model must be a checkpoint directory (its config builds the "
-                         "model whose activations are collected)")
+    # an adapter's model is its base's, with the expert's tensors (W_0 + s B A) put in
+    homes = [source.state.reader.lora.base.path if is_lora_adapter(path) else path
+             for source, path in zip(sources, model_paths)]
+    if not all(h is not None and h.is_dir() for h in homes):
+        raise ValueError("regmean: every model must be a checkpoint directory, or a LoRA adapter whose "
+                         "base is one (its config builds the model whose activations are collected)")
     # experts saved without their tokenizer use another model's (they share the base's)
-    with_preprocessor = [p for p in model_paths if any((p / f).is_file() for f in PREPROCESSOR_FILES)]
+    with_preprocessor = [p for p in [*model_paths, *homes] if any((p / f).is_file() for f in PREPROCESSOR_FILES)]
     if not with_preprocessor:
         raise ValueError("regmean: no model directory holds a tokenizer or image processor to "
                          "prepare the calibration data with")
     per_model = []
-    for k, (view, path, files) in enumerate(zip(sources, model_paths, calibration)):
-        own = path if path in with_preprocessor else with_preprocessor[0]
-        cls, _, batches = calibrated(path, {f"model {k}": files}, preprocessor_dir=own, **options)
-        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+    for k, (view, path, home, files) in enumerate(zip(sources, model_paths, homes, calibration)):
+        own = next((p for p in (path, home) if p in with_preprocessor), with_preprocessor[0])
+        cls, _, batches = calibrated(home, {f"model {k}": files}, preprocessor_dir=own, **options)
+        model = cls.from_pretrained(home, dtype=torch.float32).eval()
         if device is not None:
             model.to(device)
+        to_reference = {view.state.checkpoint_key(n): n for n in view}
+        if home != path:
+            params = dict(model.named_parameters(remove_duplicate=False))  # (a tied head's too)
+            on_disk = renamed(list(params), saved_key_renaming(model))
+            with torch.no_grad():
+                for n, p in params.items():
+                    if on_disk[n] in to_reference:
+                        p.copy_(view[to_reference[on_disk[n]]])
         grams = gram_matrices(model, batches[f"model {k}"])
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
-        to_reference = {view.state.checkpoint_key(n): n for n in view}
         per_model.append({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference})
         del model
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]

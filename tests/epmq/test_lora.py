@@ -345,3 +345,38 @@ def test_adapters_merged_without_a_base_on_lora_base(base_dir, tmp_path):
     with pytest.raises(ValueError, match="base is given"):
         epmq.merge_checkpoints("task_arithmetic", adapters, tmp_path / "ta", base=base_dir, lora_base=base_dir,
                                progress=False)
+
+
+def test_regmean_of_adapters_equals_regmean_of_merged_experts(base_dir, tmp_path):
+    """RegMean builds each model to collect its Gram matrices: an adapter's is its base with the
+    adapter's update, so the merge equals the one of the experts saved whole."""
+    from epmq.benches.tiny import WORDS
+
+    g = torch.Generator().manual_seed(0)
+    adapters, full, texts = [], [], []
+    for k in range(2):
+        state = make_adapter(base_dir, tmp_path / f"adapter{k}", seed=40 + k)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+        model.load_state_dict(state)
+        model.save_pretrained(tmp_path / f"full{k}")
+        adapters.append(tmp_path / f"adapter{k}")
+        full.append(tmp_path / f"full{k}")
+        texts.append(tmp_path / f"t{k}.txt")
+        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    word_tokenizer(full[0])
+    options = dict(calibration=[str(t) for t in texts], params={"alpha": 0.9}, samples=4, seq_len=16,
+                   batch_size=2, progress=False)
+    epmq.merge_checkpoints("regmean", adapters, tmp_path / "from_lora", **options)
+    epmq.merge_checkpoints("regmean", full, tmp_path / "from_full", **options)
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from_lora").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from_full").state_dict()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the adapted layers' Gram matrices differ from the base's: not an average
+    name = "model.layers.1.mlp.down_proj.weight"
+    average = (full_state(full[0])[name] + full_state(full[1])[name]) / 2
+    assert not torch.allclose(a[name], average, atol=1e-4)
+
+
+def full_state(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
