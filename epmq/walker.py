@@ -288,6 +288,7 @@ def quantize_model(
         for module, training in modes.items():
             module.training = training
         edits.match_modes()
+        edits.forget_output_capture()
         for source in sources.values():
             source.close()
     report.seconds = time.perf_counter() - t0
@@ -438,6 +439,11 @@ def _versions() -> dict:
                 epmq=__version__)
 
 
+# what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
+# are installed
+CAPTURE_MARK = "_output_capturing_hooks_installed"
+
+
 def _attributes(module: nn.Module) -> list:
     """A module's plain attributes (not its parameters, buffers, children, hooks or mode)."""
     return [(k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"]
@@ -455,6 +461,7 @@ class _Edits:
         self.states = [(m, dict(m._buffers), {n: b.clone() for n, b in m._buffers.items() if b is not None},
                         {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _attributes(m)})
                        for m in model.modules()]
+        self.capture = {m: (set(m._forward_hooks), CAPTURE_MARK in vars(m)) for m in model.modules()}
 
     def swap(self, name: str, new: nn.Module) -> None:
         parent_name, _, attr = name.rpartition(".")
@@ -468,6 +475,21 @@ class _Edits:
         """Each replacement takes the train/eval mode of the module it replaced."""
         for parent, attr, old in self.log:
             getattr(parent, attr).train(old.training)
+
+    def forget_output_capture(self) -> None:
+        """Undo transformers' output capture set up during the walk. transformers 5 hooks the
+        modules whose outputs ``output_hidden_states`` / ``output_attentions`` collect on a model's
+        first forward, and marks the model so that it never does again; when that forward is the
+        walk's, the blocks are stand-ins, so the hooks miss them for good (hidden_states came back
+        empty, and LLaVA's vision features, read from them, failed). The next forward sets it up
+        again, on the real blocks."""
+        for module in self.model.modules():
+            hooks, marked = self.capture.get(module, (set(), False))
+            if not marked:
+                vars(module).pop(CAPTURE_MARK, None)
+            for key, hook in list(module._forward_hooks.items()):
+                if key not in hooks and getattr(hook, "__module__", "").startswith("transformers."):
+                    del module._forward_hooks[key]
 
     def rollback(self) -> None:
         for parent, attr, old in reversed(self.log):
