@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ._util import process_alive, read_json
-from .adapters import find_adapter
+from .adapters import find_towers
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .packing import pack_cols, unpack_cols
 from .qlinear import QuantLinear
@@ -567,6 +567,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     load too: every ``qweight`` in them is a layer.
 
     ``model``: a fresh instance of the checkpoint's architecture, whose tensors are overwritten.
+    ``adapter``: the ``epmq.Adapter`` (or list of them) the model was quantized with, if it is not
+    registered (default: the registered ones whose blocks hold the checkpoint's layers).
     ``None`` (transformers models): the class ``config.json`` names is built with its parameters
     on the meta device, so no full-precision weight is initialised or kept, and every parameter
     comes from the checkpoint, onto ``device`` (default: the CPU).
@@ -607,8 +609,14 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, new.train(getattr(parent, attr).training))
 
-    found = find_adapter(model, adapter)
-    found.prepare(model, swap)
+    # the towers holding quantized layers are rebuilt as the walk rebuilt them (open_clip's
+    # attention, GPT-2's Conv1D, fused MoE experts); the others keep their own layout
+    towers = find_towers(model, adapter)
+    if adapter is None:
+        towers = [(a, stacks) for a, stacks in towers
+                  if any(name.startswith(f"{stack}.") for stack in stacks for name in modules)]
+    for found, _ in towers:
+        found.prepare(model, swap)
     # a model built on meta takes the checkpoint's dtype (config.json's), which a QuantLinear
     # reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None
@@ -618,7 +626,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            alias = found.module_alias(model, name)
+            alias = next(filter(None, (found.module_alias(model, name) for found, _ in towers)), None)
             if alias is None:
                 raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not "
                                  f"have") from None

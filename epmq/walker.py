@@ -18,7 +18,9 @@ The sequential scheme of GPTQ, for RTN, GPTQ and E-PMQ (EPMQ_MATH.md):
    calibration sample with the stack's blocks replaced by stand-ins that record what each block
    is called with (the hidden states of the first; the keyword arguments of every one: masks,
    rotary embeddings, T5's encoder states) and stop the forward at the last block. Earlier
-   stacks (T5's encoder, for its decoder) are replayed from their recorded outputs.
+   stacks of the same family (T5's encoder, for its decoder) are replayed from their recorded
+   outputs; a tower of another family (a VLM's vision tower, for its language model) runs its
+   quantized blocks, since the next may read any of their outputs (its hidden states).
 2. **Per block**, solve its linears in groups (below): forward hooks collect each linear's inputs
    on every task's samples into the layer statistics (``HessianStats`` for GPTQ, ``EPMQStats``
    task by task for E-PMQ), the layer is solved and replaced by a packed ``QuantLinear``.
@@ -80,7 +82,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .adapters import Adapter, Part, Transposed, find_adapter, warn_other_towers
+from .adapters import Adapter, Part, Transposed, find_towers, warn_other_towers
 from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
@@ -192,6 +194,11 @@ def quantize_model(
                  Triton backend: "bf16x3" (default: three bf16 products, the fastest of it,
                  tf32x3 and IEEE), "tf32x3" (IEEE fp32's accuracy class), "ieee" (fp32 FMA
                  only) or "tf32"; see ``epmq.EPMQStats``.
+    adapter      which blocks to walk (``epmq.adapters``): None (default) walks every tower the
+                 registered adapters know, in one pass (a VLM's vision tower and language model,
+                 each calibrated on what the quantized towers before it give); an ``Adapter``, or a
+                 list of them, walks only their blocks (e.g. ``epmq.adapters.HF_DECODERS``: a
+                 VLM's language model alone, from text-only calibration).
     device       where the blocks are quantized (e.g. "cuda"), when the model is elsewhere (in CPU
                  memory, because it does not fit on the GPU): each block moves there for its turn
                  and back when it is done, quantized; the calibration's hidden states live
@@ -233,15 +240,22 @@ def quantize_model(
     if method == "epmq":
         _check_tasks(calibration, experts)
 
+    towers = find_towers(model, adapter)
     if adapter is None:
-        adapter = find_adapter(model)
-        warn_other_towers(model, adapter)
-    else:
-        adapter = find_adapter(model, adapter)
-    if adapter.routes_tokens and method != "rtn" and targets != "merged_path":
+        warn_other_towers(model, towers)
+    adapter_names = "+".join(a.name for a, _ in towers)
+    if len(towers) > 1 and method != "rtn" and targets != "merged_path":
+        raise ValueError(
+            f"targets={targets!r} across towers of different families ({adapter_names}) is not "
+            f"supported: a tower may read the inner outputs of the one before (a VLM's image "
+            f"features), which the target stream does not replay; use targets='merged_path', or walk "
+            f"one tower a call (adapter=)"
+        )
+    routing = [a.name for a, _ in towers if a.routes_tokens]
+    if routing and method != "rtn" and targets != "merged_path":
         raise ValueError(
             f"targets={targets!r} needs the target model to send each token through the same "
-            f"layers as the model being quantized; {adapter.name} routes tokens to experts, and "
+            f"layers as the model being quantized; {routing[0]} routes tokens to experts, and "
             f"the target's router may choose others: use targets='merged_path'"
         )
     edits = _Edits(model)
@@ -252,15 +266,19 @@ def quantize_model(
         # (under a caller's inference_mode too: the walk tracks in-place writes by version
         # counters, which inference tensors lack)
         with torch.inference_mode(False), torch.no_grad():
-            renames = adapter.prepare(model, edits.swap)
-            stacks = _plan(model, adapter, layers)
+            renames = {}
+            for a, _ in towers:
+                renames.update(a.prepare(model, edits.swap))
+            stacks = _plan(model, towers, layers)
+            if method != "rtn" and targets != "merged_path":
+                _warn_quantized_elsewhere(model, targets)
             _check_finite(model, stacks)
             _warn_unquantized_matrices(stacks)
             report = QuantReport(
                 method=method,
                 targets=None if method == "rtn" else targets,
                 spec=spec.to_dict(),
-                adapter=adapter.name,
+                adapter=adapter_names,
                 tasks=list(calibration),
                 anchor=anchor if method == "epmq" else None,
                 weight_anchor=weight_anchor if method == "epmq" else None,
@@ -272,7 +290,7 @@ def quantize_model(
                 if method == "epmq":
                     sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
                 walk = _Walk(
-                    model, adapter, stacks, renames, spec, method, targets, calibration, sources,
+                    model, stacks, renames, spec, method, targets, calibration, sources,
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
                     backend=backend, residual_precision=residual_precision, device=device,
@@ -299,7 +317,7 @@ def quantize_model(
             f"(RTN's grid). First: {', '.join(report.unreached[:3])}; all in epmq_report.unreached"
         )
     model.epmq_report = report
-    model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter.name)
+    model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter_names)
     return model
 
 
@@ -352,18 +370,27 @@ class _Stack:
     prefix: str
     blocks: nn.ModuleList
     chosen: list  # per block: names (inside the block) of the linears to quantize
+    adapter: Adapter  # how its blocks are called
 
 
-def _plan(model, adapter, layers) -> list:
+def _plan(model, towers, layers) -> list:
+    """The stacks to walk, in the order their modules are registered (the order of the forward
+    pass in every family we know: a VLM's vision tower before its language model, T5's encoder
+    before its decoder)."""
     select = _selector(layers)
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     stacks = []
-    for prefix, blocks in adapter.stacks(model):
-        chosen = [
-            [rel for rel in adapter.linears(block) if select(f"{prefix}.{i}.{rel}")]
-            for i, block in enumerate(blocks)
-        ]
-        if any(chosen):
-            stacks.append(_Stack(prefix, blocks, chosen))
+    for adapter, names in towers:
+        for prefix, blocks in adapter.stacks(model):
+            if prefix not in names:
+                continue
+            chosen = [
+                [rel for rel in adapter.linears(block) if select(f"{prefix}.{i}.{rel}")]
+                for i, block in enumerate(blocks)
+            ]
+            if any(chosen):
+                stacks.append(_Stack(prefix, blocks, chosen, adapter))
+    stacks.sort(key=lambda stack: position[stack.prefix])
     owner = {}  # a linear's first name
     for stack in stacks:
         for i, (block, rels) in enumerate(zip(stack.blocks, stack.chosen)):
@@ -380,6 +407,16 @@ def _plan(model, adapter, layers) -> list:
         raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
                          + ("; its blocks' linears are already quantized (QuantLinear)" if done else ""))
     return stacks
+
+
+def _warn_quantized_elsewhere(model, targets) -> None:
+    """The target stream runs the model's layers outside the walked blocks as they are: where an
+    earlier call quantized them (another tower), its targets are not the full-precision model's."""
+    done = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if done:
+        warnings.warn(f"targets={targets!r}: {len(done)} layers were quantized by an earlier call (e.g. "
+                      f"{done[0]}), and the target stream runs them quantized; to have it run the "
+                      f"full-precision model, quantize every tower in one call (adapter=None)")
 
 
 def _check_finite(model, stacks):
@@ -642,10 +679,10 @@ class _Stream:
 
 
 class _Walk:
-    def __init__(self, model, adapter, stacks, renames, spec, method, targets, calibration,
+    def __init__(self, model, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
                  blocksize, backend, residual_precision, device=None, resume_dir=None):
-        self.model, self.adapter, self.stacks, self.renames = model, adapter, stacks, renames
+        self.model, self.stacks, self.renames = model, stacks, renames
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
         self.edits, self.report = edits, report
@@ -711,7 +748,7 @@ class _Walk:
             blocksize=self.solver["blocksize"],
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
-            adapter=self.adapter.name, share_input_statistics=SHARE_INPUT_STATISTICS,
+            adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the
             # blocks of models without a config), and the code that computes
@@ -774,7 +811,11 @@ class _Walk:
                 by_id.setdefault(id(tensor), (tensor, []))[1].append(self.ckpt(name))
         self.aliases = {n: [m for m in names if m != n] for _, names in by_id.values() for n in names}
         prefixes = tuple(f"{s.prefix}." for s in self.stacks)
-        self.outside = [(t, names) for t, names in by_id.values() if not names[0].startswith(prefixes)]
+        # (a layer an earlier call quantized is no expert's: the expert stream runs it as it is)
+        packed = {id(t) for m in self.model.modules() if isinstance(m, QuantLinear)
+                  for t in m.state_dict(keep_vars=True).values()}
+        self.outside = [(t, names) for t, names in by_id.values()
+                        if not names[0].startswith(prefixes) and id(t) not in packed]
         self.shapes = {names[0]: tuple(t.shape) for t, names in by_id.values()}
 
     def _bind_experts(self):
@@ -840,7 +881,7 @@ class _Walk:
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                 if j == last:
                     raise _Stop
-                return self.adapter.passthrough(hidden)
+                return stack.adapter.passthrough(hidden)
 
             return fn
 
@@ -852,17 +893,23 @@ class _Walk:
                     hidden = _to_device(stream.finals[t][now["task"]][now["n"]], self.model_device)
                 else:
                     hidden = _bind(block, args, kwargs)[0]
-                return self.adapter.passthrough(hidden)
+                return self.stacks[t].adapter.passthrough(hidden)
 
             return fn
 
         originals = []
         try:
             for t in range(s + 1):
+                # a tower of another family runs its own (quantized) blocks: the next may read any
+                # of their outputs (LLaVA's image features are the vision tower's hidden states)
+                if t < s and self.stacks[t].adapter is not stack.adapter:
+                    continue
                 blocks = self.stacks[t].blocks
                 for j, block in enumerate(blocks):
                     originals.append((blocks, j, block))
                     blocks[j] = _StandIn(block, recorder(j, block) if t == s else replayer(t, j, block))
+            # (the model's output capture is set up again by each entry, on the blocks it runs)
+            self.edits.forget_output_capture()
             for task, items in self.calibration.items():
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     hidden, recorded = [], []
@@ -875,8 +922,9 @@ class _Walk:
                         else:
                             raise ValueError(
                                 f"calibration sample {n} of task {task!r} never reaches the blocks "
-                                f"at {stack.prefix!r}: give inputs that run through them, or leave "
-                                f"them out with layers="
+                                f"at {stack.prefix!r} ({stack.adapter.name}): give inputs that run "
+                                f"through them, or leave them out (adapter= the towers to quantize, "
+                                f"or layers=)"
                             )
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))
@@ -886,17 +934,19 @@ class _Walk:
         finally:
             for blocks, j, block in reversed(originals):
                 blocks[j] = block
+            self.edits.forget_output_capture()
 
     def _here(self, item):
         """``item`` (tensors, nested in dicts, lists, tuples) on the device blocks run on."""
         return _to_device(item, self.device) if self.offload else item
 
-    def _advance(self, stream, task, n, i, output):
+    @staticmethod
+    def _advance(stream, adapter, task, n, i, output):
         """The block's output becomes the next block's input."""
-        stream.hidden[task][n] = self.adapter.hidden_of(output)
+        stream.hidden[task][n] = adapter.hidden_of(output)
         recorded = stream.recorded[task][n]
         if i + 1 < len(recorded):
-            stream.kwargs[task][n] = self.adapter.next_kwargs(recorded[i + 1], output)
+            stream.kwargs[task][n] = adapter.next_kwargs(recorded[i + 1], output)
 
     # ----------------------------------------------------------------- the walk
 
@@ -940,7 +990,8 @@ class _Walk:
         else:
             seen = len(self.report.layers), len(self.report.skipped), len(self.report.unreached)
             self._reads = None if self.log is None else {}
-            groups, leader = self._groups(block, prefix, stack.chosen[i]) if stack.chosen[i] else ([], {})
+            groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter) if stack.chosen[i]
+                              else ([], {}))
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
                 t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
@@ -954,12 +1005,12 @@ class _Walk:
             if t_out is None:  # no group ran the target blocks to the end
                 t_out = self._run_targets(template, prefix)
             for (task, n), out in t_out.items():
-                self._advance(self.t, task, n, i, out)
+                self._advance(self.t, stack.adapter, task, n, i, out)
         for task, hidden in self.q.hidden.items():
             for n in range(len(hidden)):
-                self._advance(self.q, task, n, i, block(hidden[n], **self.q.kwargs[task][n]))
+                self._advance(self.q, stack.adapter, task, n, i, block(hidden[n], **self.q.kwargs[task][n]))
 
-    def _groups(self, block, prefix, rels):
+    def _groups(self, block, prefix, rels, adapter):
         """The linears in the order the block calls them, grouped by shared input tensor; and
         ``leader``: each linear -> the first of its group that read the same tensors (itself if
         none did), whose Hessian it shares."""
@@ -995,7 +1046,7 @@ class _Walk:
         # Linears of one stage (the adapter's; MoE experts) form one group where the first of them
         # was called, those the probe did not call (an expert no token was routed to) included;
         # the others are grouped by the tensor (and its version) they first read.
-        stage = {rel: self.adapter.stage(block, rel) for rel in rels}
+        stage = {rel: adapter.stage(block, rel) for rel in rels}
         key = {rel: ("stage", stage[rel]) if stage[rel] is not None else ("input", seen.get(rel))
                for rel in rels}
         seen_keys = {key[rel] for rel in order}

@@ -177,28 +177,61 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     )
 
 
-def warn_other_towers(model: nn.Module, chosen: Adapter) -> None:
-    """A model with blocks of two families (a VLM: a vision tower beside its language model) is
-    walked by one adapter; say which other blocks stay in full precision."""
-    taken = {name for name, _ in chosen.stacks(model)}
+def _nested(a: str, b: str) -> bool:
+    """Whether module names ``a`` and ``b`` are one module or one holds the other."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
-    def apart(name):
-        return not any(name == t or name.startswith(f"{t}.") or t.startswith(f"{name}.") for t in taken)
 
-    others = {name: f"{name} ({a.name})" for a in _REGISTRY if a is not chosen
-              for name, _ in a.stacks(model) if apart(name)}
-    # stacks of blocks no adapter knows (Llama 4's vision encoder layers): lists of two or more
-    # modules of one type that hold linears
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.ModuleList) and len(module) > 1 and name not in others and apart(name)
-                and len({type(m) for m in module}) == 1
-                and any(isinstance(m, nn.Linear) for m in module[0].modules())):
-            others[name] = f"{name} ({type(module[0]).__name__}, no adapter: epmq.Adapter(name, block_types=...))"
-    others = sorted(others.values())
+def find_towers(model: nn.Module, adapter=None) -> list:
+    """The adapters that walk ``model`` and the stacks each takes: ``[(adapter, [stack name])]``.
+
+    ``adapter`` None: every tower of the model (a VLM's vision tower and language model, an
+    encoder-decoder of two families): each registered adapter in turn takes those of its stacks
+    that no earlier one holds, or lies in or around. An ``Adapter``, or a list of them: those,
+    which must find blocks and must not share a stack.
+    """
+    if adapter is None:
+        towers, taken = [], []
+        for candidate in _REGISTRY:
+            mine = [name for name, _ in candidate.stacks(model) if not any(_nested(name, t) for t in taken)]
+            if mine:
+                towers.append((candidate, mine))
+                taken += mine
+        if not towers:
+            find_adapter(model)  # (its error: what the model holds, and how to register an adapter)
+        return towers
+    chosen = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    if not chosen:
+        raise ValueError("adapter= is an empty list: give an epmq.Adapter, a list of them, or None")
+    towers, owner = [], {}
+    for a in chosen:
+        if not isinstance(a, Adapter):
+            raise TypeError(f"adapter must be an epmq.Adapter (or a list of them), got {type(a).__name__}")
+        names = [name for name, _ in find_adapter(model, a).stacks(model)]
+        for name in names:
+            other = next((o for t, o in owner.items() if _nested(name, t)), None)
+            if other is not None:
+                raise ValueError(f"adapters {other.name!r} and {a.name!r} both walk the blocks at {name!r}: "
+                                 f"give each tower's adapter once")
+            owner[name] = a
+        towers.append((a, names))
+    return towers
+
+
+def warn_other_towers(model: nn.Module, towers: list) -> None:
+    """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
+    encoder layers): they stay in full precision."""
+    taken = [name for _, names in towers for name in names]
+    others = sorted(
+        f"{name} ({type(module[0]).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and not any(_nested(name, t) for t in taken)
+        and len({type(m) for m in module}) == 1 and any(isinstance(m, nn.Linear) for m in module[0].modules()))
     if others:
-        warnings.warn(f"{type(model).__name__}: the {chosen.name} adapter quantizes {sorted(taken)}; the "
-                      f"blocks at {', '.join(others)} stay in full precision (quantize them with "
-                      f"adapter=, e.g. a vision tower, in a second quantize_model call)")
+        walked = ", ".join(f"{a.name}: {names}" for a, names in towers)
+        warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
+                      f"in full precision (walked: {walked}); to quantize them, register one: "
+                      f"epmq.register_adapter(epmq.Adapter(name, block_types=...))")
 
 
 from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP, SWIN, T5  # noqa: E402
@@ -207,9 +240,8 @@ from .moe import MOE_DECODERS  # noqa: E402
 for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS, SWIN):
     register_adapter(_adapter, first=False)
 
-__all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "OPEN_CLIP", "CLIP_HF", "T5", "LONGT5",
-           "BART", "SWIN",
-           "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS"]
+__all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "find_towers", "OPEN_CLIP",
+           "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS"]
 
 
 def _is_linear(module: nn.Module) -> bool:

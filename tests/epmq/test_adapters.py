@@ -288,5 +288,5 @@ def test_a_vlm_tower_no_adapter_knows_is_named(gen):
     torch.manual_seed(0)
     model = transformers.Llama4ForConditionalGeneration(
         transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=63)).eval()
-    with pytest.warns(UserWarning, match=r"vision_model\.model\.layers \(Llama4VisionEncoderLayer, no adapter"):
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at vision_model\.model\.layers \(Llama4VisionEncoderLayer\)"):
         epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)

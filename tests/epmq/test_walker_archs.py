@@ -328,26 +328,6 @@ def test_fused_experts_an_adapter_leaves_alone_are_warned_about(gen):
     assert not any("router" in layer["name"] for layer in model.epmq_report.layers)
 
 
-def test_a_second_tower_left_in_full_precision_is_named(gen):
-    """A vision-language model: the language model's blocks are walked, and the warning names
-    the vision tower's, which stay in full precision."""
-    import transformers
-
-    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=16, patch_size=8)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
-        boi_token_index=297, eoi_token_index=298)).eval()
-    with pytest.warns(UserWarning, match="the hf-decoder adapter quantizes .*vision_tower.* stay in full precision"):
-        epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
-    epmq.quantize_model(model, SPEC_4, method="rtn", adapter=epmq.adapters.HF_ENCODERS, progress=False)
-    tower = model.model.vision_tower.encoder.layers
-    assert all(type(m) is not torch.nn.Linear for m in tower.modules())
-
-
 @pytest.mark.parametrize("arch", list(WIDER))
 def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     """The walk feeds the last block of the last stack exactly the inputs the model's own

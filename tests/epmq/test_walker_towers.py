@@ -62,3 +62,105 @@ def test_hidden_states_after_a_walk_that_was_the_models_first_forward(method, ge
                         adapter=epmq.adapters.CLIP_HF)
     with torch.no_grad():
         assert torch.isfinite(model(**llava_inputs(1, gen)[0]).logits).all()
+
+
+def tiny_gemma3(seed=0):
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=16, patch_size=8)
+    torch.manual_seed(seed)
+    return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).eval()
+
+
+def linears(model, prefix, kind):
+    return [n for n, m in model.named_modules() if n.startswith(prefix) and type(m) is kind]
+
+
+def test_every_tower_in_one_call_by_default(gen, tmp_path):
+    """A VLM's vision tower and language model are walked in one call, in the order the forward
+    reaches them, and its checkpoint loads both back."""
+    model = tiny_llava()
+    calibration = {"a": llava_inputs(2, gen), "b": llava_inputs(2, gen)}
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, progress=False)
+    assert model.epmq_report.adapter == "hf-clip+hf-decoder"
+    blocks = list(dict.fromkeys(layer["block"] for layer in model.epmq_report.layers))
+    assert blocks == ["model.vision_tower.encoder.layers.0", "model.vision_tower.encoder.layers.1",
+                      "model.language_model.layers.0", "model.language_model.layers.1"]
+    for tower in ("model.vision_tower", "model.language_model"):
+        assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    item = llava_inputs(1, gen)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**item).logits, model(**item).logits, rtol=1e-5, atol=1e-5)
+
+    gemma = tiny_gemma3()
+    epmq.quantize_model(gemma, SPEC_4, method="rtn", progress=False)
+    assert gemma.epmq_report.adapter == "hf-decoder+hf-encoder"
+    assert not linears(gemma, "model.vision_tower.vision_model.encoder", torch.nn.Linear)
+    assert not linears(gemma, "model.language_model.layers", torch.nn.Linear)
+
+
+@pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
+def test_target_streams_stay_within_a_family(targets, gen):
+    """The target stream replays an earlier stack's final output only, which a VLM's language
+    model does not read (its image features are inner hidden states): refused across families;
+    a second call's target stream runs the first call's quantized tower, and says so."""
+    model = tiny_llava()
+    state = model.state_dict()
+    experts = {"a": {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                     for k, v in state.items()}}
+    calibration = {"a": llava_inputs(2, gen)}
+    options = dict(method="epmq", calibration=calibration, experts=experts, targets=targets, progress=False)
+    with pytest.raises(ValueError, match="across towers of different families"):
+        epmq.quantize_model(model, SPEC_4, **options)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, progress=False,
+                        adapter=epmq.adapters.CLIP_HF)
+    with pytest.warns(UserWarning, match="quantized by an earlier call"):
+        epmq.quantize_model(model, SPEC_4, adapter=epmq.adapters.HF_DECODERS, **options)
+    with torch.no_grad():
+        assert torch.isfinite(model(**llava_inputs(1, gen)[0]).logits).all()
+
+
+def test_one_tower_by_adapter(gen, tmp_path):
+    """adapter= walks one tower (the language model from text alone); the default with inputs
+    that never reach the other tower says how to choose."""
+    texts = [dict(input_ids=torch.randint(0, 290, (1, 10), generator=gen)) for _ in range(2)]
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="never reaches the blocks at .*vision.*adapter="):
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": texts}, progress=False)
+    assert not linears(model, "", epmq.QuantLinear)  # (left as it was)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": texts}, progress=False,
+                        adapter=epmq.adapters.HF_DECODERS)
+    assert linears(model, "model.vision_tower.encoder", torch.nn.Linear)
+    assert not linears(model, "model.language_model", torch.nn.Linear)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**texts[0]).logits, model(**texts[0]).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="both walk the blocks"):
+        epmq.quantize_model(tiny_llava(), SPEC_4, method="rtn", progress=False,
+                            adapter=[epmq.adapters.HF_DECODERS, epmq.adapters.HF_DECODERS])
+
+
+def test_a_checkpoint_of_one_tower_loads_without_rebuilding_the_other(gen, tmp_path):
+    """A ViT encoder + GPT-2 decoder with only the encoder quantized: loading rebuilds no GPT-2
+    Conv1D (the adapters prepared are those whose blocks hold quantized layers)."""
+    torch.manual_seed(0)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               image_size=16, patch_size=8),
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32))
+    model = transformers.VisionEncoderDecoderModel(config).eval()
+    item = dict(pixel_values=torch.randn(1, 3, 16, 16, generator=gen),
+                decoder_input_ids=torch.randint(0, 100, (1, 6), generator=gen))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": [item]}, progress=False,
+                        adapter=epmq.adapters.HF_ENCODERS)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert not linears(loaded, "decoder", epmq.QuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**item).logits, model(**item).logits, rtol=1e-5, atol=1e-5)
