@@ -66,8 +66,9 @@ def _model_class(directory: Path, tower: Optional[str]):
         # tower from the two-tower checkpoint
         name = cls.__name__.removesuffix("Model") + "VisionModel"
         if not hasattr(transformers, name):
-            raise ValueError(f"tower='vision' is for a two-tower model with a vision-tower class "
-                             f"(CLIPModel, SiglipModel); {cls.__name__} has no {name}")
+            raise ValueError(f"tower: vision is for a two-tower model with a vision-tower class "
+                             f"(CLIPModel, SiglipModel); {cls.__name__} has no {name} (a vision-language "
+                             f"model: epmq.quantize_model walks its towers in one call)")
         cls = getattr(transformers, name)
     return cls, bool(config.get("is_encoder_decoder"))
 
@@ -76,8 +77,16 @@ def _modality(cls, encoder_decoder: bool) -> str:
     forward = cls.forward if hasattr(cls, "forward") else None
     takes = set(inspect.signature(forward).parameters) if forward is not None else set()
     if "input_ids" in takes and "pixel_values" in takes:
-        raise ValueError(f"{cls.__name__} takes both texts and images: quantize its vision tower "
-                         f"(tower='vision', calibrated on images) or use `epmq run` / epmq.quantize_model")
+        import transformers
+
+        if hasattr(transformers, cls.__name__.removesuffix("Model") + "VisionModel"):  # CLIPModel, SiglipModel
+            raise ValueError(f"{cls.__name__} takes both texts and images: quantize its vision tower "
+                             f"(tower: vision, calibrated on images), or both towers with "
+                             f"epmq.quantize_model on (text, image) pairs")
+        raise ValueError(f"{cls.__name__} takes both texts and images, and epmq quantize calibrates on "
+                         f"one of them: call epmq.quantize_model with (input_ids, pixel_values) samples "
+                         f"(it walks every tower in one call), or with text alone and "
+                         f"adapter=epmq.adapters.HF_DECODERS for its language model")
     if "pixel_values" in takes:
         return "images"
     if "input_ids" in takes:

@@ -448,3 +448,18 @@ def test_an_output_directory_of_the_user_is_refused_before_the_walk(files, tmp_p
     assert main(["quantize", str(config), str(tmp_path / "mine"), "--quiet"]) == 2
     assert "refusing to replace" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "mine.resume").exists()
+
+
+def test_a_vision_language_model_is_sent_to_quantize_model(tmp_path):
+    """epmq quantize calibrates on texts or on images; a VLM takes both, and has no vision-tower
+    class for tower: vision: both errors say what does quantize it."""
+    from test_walker_towers import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    with pytest.raises(ValueError, match="call epmq.quantize_model with \\(input_ids, pixel_values\\)"):
+        epmq.quantize_checkpoint(tmp_path / "llava", tmp_path / "out", spec=spec, method="gptq",
+                                 calibration={"a": tmp_path}, progress=False)
+    with pytest.raises(ValueError, match="has no LlavaForConditionalGenerationVisionModel .*quantize_model"):
+        epmq.quantize_checkpoint(tmp_path / "llava", tmp_path / "out", spec=spec, method="gptq",
+                                 calibration={"a": tmp_path}, tower="vision", progress=False)
