@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -110,6 +111,12 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     tied = {to_disk[alias]: to_disk[source] for alias, source in tied.items()}
     names = {name: _module_of(to_disk[f"{name}.qweight"]) for name in layers}
     qconfig = _quantize_config(model, layers, names, checkpoint_format, tied)
+    ours = qconfig.pop("epmq")  # (the engines' fields first, as other writers order them)
+    qconfig.update(_partial_fields(model, layers, to_disk))
+    if _quantized_head(model, layers):
+        qconfig["lm_head"] = True
+    qconfig["epmq"] = ours
+    _serving_warnings(model, layers, qconfig)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
@@ -195,6 +202,152 @@ def _module_of(qweight_key: str) -> str:
     return qweight_key[: -len(".qweight")]
 
 
+# the linears vLLM and SGLang load as one (qkv_proj, gate_up_proj; Mixtral's experts' w13):
+# each shard must be quantized alike
+FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
+
+
+def _fused_set(rel: str):
+    return next((group for group in FUSED if rel.rpartition(".")[2] in group), None)
+
+
+def _disk_rel(disk: str, stack: str, i: int, rel: str) -> tuple:
+    """``(block prefix, name in the block)`` of a linear's name on disk (renaming rules may
+    change either part: Mixtral's ``block_sparse_moe``)."""
+    parts, last = disk.split("."), stack.rpartition(".")[2]
+    for j in range(1, len(parts) - 1):
+        if parts[j] == str(i) and parts[j - 1] == last:
+            return ".".join(parts[:j]), ".".join(parts[j + 1:])
+    return stack, rel
+
+
+def _partial_fields(model, layers, to_disk) -> dict:
+    """``modules_in_block_to_quantize`` and ``dynamic`` negative rules when some linear inside
+    the quantized blocks was left in full precision (``quantize_model(layers=...)``): without
+    them vLLM, SGLang, GPTQModel and transformers build every linear of every block as a GPTQ
+    layer, and then refuse the checkpoint, crash, or serve garbage."""
+    try:
+        towers = find_towers(model)
+    except (ValueError, TypeError):  # (no registered adapter walks it: nothing is known of its blocks)
+        return {}
+    quantized = {id(m) for m in layers.values()}
+    stacks = []  # (prefix, blocks, adapter) of the stacks holding quantized layers
+    for adapter, prefixes in towers:
+        for prefix, blocks in adapter.stacks(model):
+            if prefix in prefixes and any(id(m) in quantized for block in blocks for m in block.modules()):
+                stacks.append((prefix, blocks, adapter))
+    # (disk prefix, disk rel, block index, quantized)
+    found = []
+    for prefix, blocks, adapter in stacks:
+        for i, block in enumerate(blocks):
+            for rel, m in adapter.linears(block).items():
+                name = f"{prefix}.{i}.{rel}"
+                if isinstance(m, QuantLinear):
+                    disk = to_disk.get(f"{name}.qweight", f"{name}.qweight").rpartition(".")[0]
+                else:
+                    disk = to_disk.get(f"{name}.weight", f"{name}.weight").rpartition(".")[0]
+                found.append((*_disk_rel(disk, prefix, i, rel), i, id(m) in quantized))
+            for rel, m in block.named_modules():
+                if isinstance(m, QuantLinear) and id(m) in quantized and rel not in adapter.linears(block):
+                    disk = to_disk.get(f"{prefix}.{i}.{rel}.qweight", f"{prefix}.{i}.{rel}.qweight")
+                    found.append((*_disk_rel(disk.rpartition(".")[0], prefix, i, rel), i, True))
+    if all(q for *_, q in found):
+        return {}
+    rels = list(dict.fromkeys(rel for _, rel, _, q in found if q))
+    # groups of the linears that read one input (as GPTQModel lists them); transformers and
+    # vLLM only flatten the list and match names ending in them
+    groups = []
+    for rel in rels:
+        prev = groups[-1][-1] if groups else None
+        same = prev is not None and prev.rpartition(".")[0] == rel.rpartition(".")[0] and _fused_set(prev) is not None \
+            and _fused_set(prev) is _fused_set(rel)
+        if same:
+            groups[-1].append(rel)
+        else:
+            groups.append([rel])
+    rules = []
+    by_block, by_rel = {}, {}
+    for stack, rel, i, q in found:
+        by_block.setdefault((stack, i), []).append(q)
+        by_rel.setdefault((stack, rel), []).append((i, q))
+    # a block left whole: one rule for all of it, which also matches the fused names vLLM
+    # gives its layers (qkv_proj)
+    whole = {key for key, qs in by_block.items() if not any(qs)}
+    for stack, i in sorted(whole, key=lambda k: (k[0], k[1])):
+        rules.append(rf"{re.escape(stack)}\.{i}\.")
+    for (stack, rel), entries in by_rel.items():
+        left = [i for i, q in entries if not q and (stack, i) not in whole]
+        if not left:
+            continue
+        if len(left) == len(entries):
+            rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(rel)}$")
+        else:
+            rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(rel)}$" for i in left]
+    return {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules},
+            "epmq_fused_split": _fused_splits(found)}
+
+
+def _fused_splits(found) -> list:
+    """The blocks' linears that vLLM loads fused with others of another precision."""
+    shards = {}
+    for stack, rel, i, q in found:
+        group = _fused_set(rel)
+        if group is not None:
+            shards.setdefault((stack, i, rel.rpartition(".")[0], id(group)), []).append((rel, q))
+    return [f"{stack}.{i}.{rel}" for (stack, i, _, _), members in shards.items()
+            if len({q for _, q in members}) > 1 for rel, q in members if not q]
+
+
+def _quantized_head(model, layers) -> bool:
+    """Whether the output projection is a ``QuantLinear``: engines build a quantized head only
+    when the config says ``lm_head: true``, and otherwise look for its ``weight``."""
+    head = None
+    if hasattr(model, "get_output_embeddings"):
+        with contextlib.suppress(Exception):
+            head = model.get_output_embeddings()
+    return any(m is head or name.rpartition(".")[2] == "lm_head" for name, m in layers.items())
+
+
+def _serving_warnings(model, layers, qconfig) -> None:
+    """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
+    fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel)."""
+    split = qconfig.pop("epmq_fused_split", [])
+    if split:
+        warnings.warn(
+            f"{len(split)} linears (first: {split[0]}) are left unquantized while others that vLLM and "
+            f"SGLang load fused with them (q/k/v_proj as qkv_proj, gate/up_proj as gate_up_proj) are "
+            f"quantized: "
+            f"vLLM refuses the checkpoint ('Detected some but not all shards ... are quantized'). "
+            f"Quantize all of q/k/v (and gate/up) or none of them (quantize_model(layers=...))")
+    if qconfig["desc_act"]:
+        warnings.warn(
+            "act-order without static groups (permuted g_idx, desc_act: true): vLLM >= 0.34 refuses "
+            "desc_act=True GPTQ checkpoints, and SGLang's CPU path cannot run them; quantize with "
+            "QuantSpec(act_order=True, static_groups=True) (g_idx stays k // group_size)")
+    reasons = []
+    low = sorted({m.bits for m in layers.values() if m.bits not in (4, 8)})
+    if low:
+        reasons.append(f"{'/'.join(map(str, low))}-bit layers: vLLM and SGLang (GPTQ Marlin) serve only "
+                       f"4- or 8-bit symmetric checkpoints (QuantSpec(bits=4 or 8, sym=True) for them)")
+    if not qconfig["sym"]:
+        asym = "asymmetric grids: the config says sym: false"
+        if qconfig["checkpoint_format"] == "gptq":
+            asym += "; GPTQModel refuses asymmetric checkpoints in the v1 'gptq' format (save with " \
+                    "checkpoint_format='gptq_v2' for it)"
+        reasons.append(asym + "; vLLM and SGLang (GPTQ Marlin) serve only symmetric 4- or 8-bit "
+                       "checkpoints (QuantSpec(sym=True) for them)")
+    if reasons:
+        warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons))
+    odd = [name for name, m in layers.items() if m.bits == 3 and (m.in_features % 32 or m.out_features % 32)]
+    if odd:
+        m = layers[odd[0]]
+        warnings.warn(
+            f"{len(odd)} 3-bit layers (first: {odd[0]}, {m.in_features}->{m.out_features}) have a width "
+            f"that is not a multiple of 32: GPTQModel and transformers cannot unpack them (their 3-bit "
+            f"packing spans words of 32 values); epmq.load_quantized loads them. Quantize them at 4 bits "
+            f"or exclude them (layers=) to serve them elsewhere")
+
+
 def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     info = dict(getattr(model, "epmq_quant_config", None) or {})
     first = next(iter(layers.values()))
@@ -209,8 +362,6 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     # the last quantize_model call said
     sym = info.get("sym", False) and all(
         bool((m.zeros() == 2 ** (m.bits - 1)).all()) for m in layers.values())
-    if info.get("sym", False) and not sym:
-        warnings.warn("some layers have asymmetric grids: the config says sym: false")
     static = all(
         torch.equal(
             m.g_idx.long().cpu(),

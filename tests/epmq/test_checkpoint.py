@@ -892,3 +892,141 @@ def test_a_layer_of_one_group_keeps_the_checkpoints_group_size(tmp_path, recwarn
     assert {m.group_size for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {32}
     epmq.save_quantized(loaded, tmp_path / "again")
     assert not [w for w in recwarn if "mix" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- serving engines
+
+
+def _tiny_llama(hidden=64, inter=128):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def _qconfigs(directory):
+    return [json.loads((directory / "config.json").read_text())["quantization_config"],
+            json.loads((directory / "quantize_config.json").read_text())]
+
+
+def test_partially_quantized_blocks_list_what_engines_must_build(tmp_path):
+    """Linears left unquantized inside the blocks are named for engines (GPTQModel's ``dynamic``
+    negative rules, transformers' and vLLM's ``modules_in_block_to_quantize``); a fused group
+    left split is warned about (vLLM refuses it); epmq loads the checkpoint as before."""
+    model = _tiny_llama()
+    keep = lambda n: not n.endswith("k_proj") and n != "model.layers.1.mlp.down_proj"  # noqa: E731
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", layers=keep,
+                        progress=False)
+    with pytest.warns(UserWarning, match="Detected some but not all shards") as record:
+        epmq.save_quantized(model, tmp_path / "q")
+    assert len([w for w in record if "vLLM refuses" in str(w.message)]) == 1
+    for q in _qconfigs(tmp_path / "q"):
+        assert q["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                                                     ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+        assert q["dynamic"] == {r"-:model\.layers\.\d+\.self_attn\.k_proj$": {},
+                                r"-:model\.layers\.1\.mlp\.down_proj$": {}}
+        assert "lm_head" not in q
+    import re
+
+    rules = [r.removeprefix("-:") for r in _qconfigs(tmp_path / "q")[0]["dynamic"]]
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) or isinstance(m, epmq.QuantLinear):
+            assert any(re.match(r, name) for r in rules) == (name.startswith("model.layers") and not keep(name))
+    x = torch.randint(0, 64, (1, 8))
+    loaded = epmq.load_quantized(tmp_path / "q")
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_a_block_left_whole_gets_one_rule(tmp_path, recwarn):
+    """A whole block in full precision: one rule for all of it (it also matches vLLM's fused
+    names), and no split-group warning; a fully quantized model writes neither field."""
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn",
+                        layers=r"model\.layers\.1\.", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        assert q["dynamic"] == {r"-:model\.layers\.0\.": {}}
+        assert sum(q["modules_in_block_to_quantize"], []) == [
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert not [w for w in recwarn if "shards" in str(w.message) or "engines" in str(w.message)]
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "full")
+    for q in _qconfigs(tmp_path / "full"):
+        assert "dynamic" not in q and "modules_in_block_to_quantize" not in q
+    assert not recwarn.list
+
+
+def test_act_order_without_static_groups_warns_of_vllm(tmp_path):
+    fam = Family("llama", torch.Generator().manual_seed(0), n_samples=1)
+    for static in (False, True):
+        model = fam.merged()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True, act_order=True,
+                                                  static_groups=static),
+                            method="gptq", calibration=fam.calibration, backend="torch", progress=False)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            epmq.save_quantized(model, tmp_path / str(static))
+        said = [str(w.message) for w in record if "desc_act=True" in str(w.message)]
+        assert len(said) == (0 if static else 1)
+        if said:
+            assert "vLLM >= 0.34" in said[0] and "static_groups=True" in said[0]
+
+
+@pytest.mark.parametrize("bits, sym, engines", [(4, False, ["asymmetric", "GPTQModel", "vLLM"]),
+                                                (3, True, ["3-bit", "vLLM", "SGLang"]),
+                                                (2, False, ["2-bit", "asymmetric", "vLLM"]),
+                                                (8, True, None)])
+def test_one_warning_names_the_engines_that_cannot_serve(bits, sym, engines, tmp_path):
+    import warnings
+
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=32, sym=sym), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2" if bits == 2 else "auto")
+    said = [str(w.message) for w in record if "engines that cannot serve" in str(w.message)]
+    if engines is None:
+        assert not said
+        return
+    assert len(said) == 1 and all(e in said[0] for e in engines)
+    if bits == 2:  # (GPTQModel reads asymmetric v2 files)
+        assert "refuses asymmetric" not in said[0]
+
+
+def test_3bit_layers_of_widths_not_multiple_of_32_are_warned_about(tmp_path):
+    import warnings
+
+    for hidden, inter, want in ((64, 128, 0), (64, 80, 1)):
+        model = _tiny_llama(hidden, inter)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=16, sym=True), method="rtn", progress=False)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            epmq.save_quantized(model, tmp_path / str(inter))
+        said = [str(w.message) for w in record if "not a multiple of 32" in str(w.message)]
+        assert len(said) == want
+        if said:
+            assert "GPTQModel and transformers" in said[0] and "6 3-bit layers" in said[0]
+
+
+def test_a_quantized_lm_head_is_declared(tmp_path):
+    """``lm_head: true`` tells engines to build the head quantized; epmq loads it as saved."""
+    from epmq.quant import rtn
+
+    model = _tiny_llama()
+    spec = epmq.QuantSpec(bits=4, group_size=32, sym=True)
+    epmq.quantize_model(model, spec, method="rtn", progress=False)
+    for q in _qconfigs(epmq.save_quantized(model, tmp_path / "plain")):
+        assert "lm_head" not in q
+    model.lm_head = epmq.QuantLinear.from_result(rtn(model.lm_head.weight.detach(), spec))
+    for q in _qconfigs(epmq.save_quantized(model, tmp_path / "head")):
+        assert q["lm_head"] is True and "dynamic" not in q
+    loaded = epmq.load_quantized(tmp_path / "head")
+    assert isinstance(loaded.lm_head, epmq.QuantLinear)
+    x = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
