@@ -12,10 +12,13 @@ so it is GPTQ run on the target ``W*`` with the Hessian ``H``. Both GPTQ and E-P
 path (``_round_target``): dead columns, damping with retries, act-order, the grid, the column
 solver (torch reference or fused Triton kernel), and the loss.
 
-Damping ``delta = percdamp * mean(diag H)`` is added to ``H`` for the factorisation. For E-PMQ
-the same damped ``H~ = H + delta I`` gives ``R = G H~^{-1}``: damping acts as a small extra pull
-of the target toward ``W_m`` (like ``mu``), which keeps ``R`` finite when the task Hessians are
-rank deficient. With ``percdamp = 0`` and a non-singular ``H``, ``W*`` is exactly ``C H^{-1}``.
+Damping ``delta = percdamp * mean(diag H)`` (the mean over live columns, ``diag H > 0``) is
+added to ``H`` for the factorisation. For E-PMQ the same damped ``H~ = H + delta I`` gives
+``R = G H~^{-1}``. Since ``C = W_m H + G``, ``W_m + G H~^{-1} = (C + delta W_m) H~^{-1}``: the
+exact minimiser of ``L(Q) + delta ||Q - W_m||^2``. Damping is an extra weight-space anchor of
+strength ``delta``, of ``mu``'s form; it keeps ``R`` finite when the task Hessians are rank
+deficient. The identities of EPMQ_MATH.md hold exactly for ``percdamp = 0`` (and a non-singular
+``H``: then ``W*`` is ``C H^{-1}``); with damping they hold for the damped objective.
 """
 
 from __future__ import annotations
@@ -230,10 +233,12 @@ def _factor(H: torch.Tensor, percdamp: float):
     """Damp ``H`` (float64, processing order, dead columns fixed) until it factors.
 
     Returns ``(Hinv, damp, retries)`` with ``Hinv`` the upper Cholesky factor of ``H~^{-1}``,
-    ``H~ = H + damp I``. With ``J`` the order reversal and ``J H~ J = L L^T``, that factor is
-    ``J L^{-1} J``: one Cholesky and one triangular inverse, never ``H~^{-1}`` itself. In
-    float64, except on GPUs with slow float64, where an fp32 factor that passes its check is
-    taken (``_factor_fp32``; float64 otherwise, with the same damping).
+    ``H~ = H + damp I``, ``damp = percdamp * mean(diag H)`` (the live columns' mean: dead
+    diagonals are set to it) unless retries raised it. With ``J`` the order reversal and
+    ``J H~ J = L L^T``, that factor is ``J L^{-1} J``: one Cholesky and one triangular inverse,
+    never ``H~^{-1}`` itself. In float64, except on GPUs with slow float64, where an fp32
+    factor that passes its check is taken (``_factor_fp32``; float64 otherwise, with the same
+    damping).
     """
     mean_diag = float(torch.diagonal(H).mean())
     damp = percdamp * mean_diag
@@ -265,8 +270,10 @@ class FactorCache:
     Hessian, so GPTQ and E-PMQ can share its damped Cholesky factor ``Hinv`` (and act-order's
     permutation) instead of forming it once per layer: pass one cache to their solves. A solve
     takes the cached factor only when its Hessian, as prepared for factoring (float64, dead
-    columns fixed), is equal to the cached one entry for entry, on the same device, with the
-    same act-order and damping (a ``d_in^2`` comparison against the factor's ``d_in^3``);
+    columns fixed), is equal to the cached one entry for entry, with the same dead columns
+    (a dead column's diagonal is the live mean, which a live column could equal; act-order
+    puts only the dead ones last), on the same device, with the same act-order and damping (a
+    ``d_in^2`` comparison against the factor's ``d_in^3``);
     otherwise it factors and replaces the entry. One entry: the cache holds a float64 copy of
     the Hessian and the fp32 factor the solver runs on until it is dropped.
     """
@@ -276,16 +283,16 @@ class FactorCache:
         self._value = None
         self.hits = 0
 
-    def get(self, H64: torch.Tensor, act_order: bool, percdamp: float):
+    def get(self, H64: torch.Tensor, dead: torch.Tensor, act_order: bool, percdamp: float):
         key = self._key
-        if (key is not None and key[1:] == (act_order, percdamp) and key[0].device == H64.device
-                and torch.equal(key[0], H64)):
+        if (key is not None and key[2:] == (act_order, percdamp) and key[0].device == H64.device
+                and torch.equal(key[0], H64) and torch.equal(key[1], dead)):
             self.hits += 1
             return self._value
         return None
 
-    def put(self, H64, act_order, percdamp, value) -> None:
-        self._key, self._value = (H64, act_order, percdamp), value
+    def put(self, H64, dead, act_order, percdamp, value) -> None:
+        self._key, self._value = (H64, dead, act_order, percdamp), value
 
 
 def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False,
@@ -367,19 +374,29 @@ def _round_target(
     H64 = H.to(torch.float64, copy=True)  # (one copy whatever H's dtype: it is changed below)
     diag = torch.diagonal(H64)
     dead = diag == 0
-    # A dead column saw only zero inputs: with diag 1 (its row and column of H are zero) it
-    # carries no error and takes none. Its weights must not widen the grid the calibration data
-    # is rounded on, so the solver sees it as 0 (on every grid, exactly); afterwards its target
-    # is rounded on the grid found for the live columns (see _round_dead).
-    diag[dead] = 1.0
-    cached = None if factors is None else factors.get(H64, spec.act_order, percdamp)
+    # A dead column saw only zero inputs: with any positive diagonal (its row and column of H
+    # are zero) it carries no error and takes none. Its weights must not widen the grid the
+    # calibration data is rounded on, so the solver sees it as 0 (on every grid, exactly);
+    # afterwards its target is rounded on the grid found for the live columns (see _round_dead).
+    # Its diagonal is the live columns' mean, not GPTQ's 1: the damping, percdamp * mean(diag),
+    # is then the live columns' and scales with H. A 1 made the damping depend on H's scale:
+    # E-PMQ's H has trace about K, so each dead column added 1/d_in to a mean near K/d_in (8 of
+    # 64 dead, K = 1: 7.9 times the live columns' damping), and GPTQ's codes changed when H was
+    # rescaled. With no live column the value is immaterial: 1, as before.
+    live = ~dead
+    diag[dead] = float(diag[live].mean()) if bool(live.any()) else 1.0
+    cached = None if factors is None else factors.get(H64, dead, spec.act_order, percdamp)
     if cached is None:
-        perm = torch.argsort(diag, descending=True, stable=True) if spec.act_order else None
+        # Act-order on the diagonal as measured (dead columns at 0, last): their position then
+        # does not depend on H's scale, and with dynamic groups they fill the last groups (a
+        # group with no live column gets RTN's grid) instead of sharing the live columns'.
+        perm = (torch.argsort(diag.masked_fill(dead, 0.0), descending=True, stable=True)
+                if spec.act_order else None)
         Hinv, damp, retries = _factor(H64 if perm is None else H64[perm][:, perm], percdamp)
         Hinv32 = Hinv.float().contiguous()  # what the solver runs on
         del Hinv
         if factors is not None:
-            factors.put(H64, spec.act_order, percdamp, (perm, Hinv32, damp, retries))
+            factors.put(H64, dead, spec.act_order, percdamp, (perm, Hinv32, damp, retries))
     else:
         perm, Hinv32, damp, retries = cached
 
@@ -510,6 +527,22 @@ def epmq(
     ``task_weights=None`` means ``a_k = 1 / tr(H_k)``; ``merged_hessian=None`` means ``sum_k H_k``.
     ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("bf16x3", the default;
     "tf32x3", "ieee" or "tf32").
+
+    ``percdamp`` changes the target, not only the factorisation. With ``H`` and ``G`` as in
+    EPMQ_MATH.md and ``delta = percdamp * mean(diag H)`` (over the live columns, ``diag H > 0``;
+    ``result.damp``, raised where the factorisation needed retries), the rounded target
+    (``result.target``) is
+
+        W* = W_m + G (H + delta I)^{-1} = (C + delta W_m) (H + delta I)^{-1},
+
+    the exact minimiser of ``L(Q) + delta ||Q - W_m||_F^2``: GPTQ's damping acts as an extra
+    weight-space anchor toward ``W_m`` of strength ``delta``, the same form as ``mu`` (the
+    target is that of ``mu + delta``; ``info["mu_effective"]`` and ``weight_anchor_loss`` count
+    ``mu`` alone). So the identities of EPMQ_MATH.md hold exactly with ``percdamp=0`` (where
+    ``H`` is non-singular); with damping they hold for the damped objective. The default 0.01
+    pulls ``W*`` toward ``W_m``, most along ``H``'s weak directions, and keeps ``R`` finite when
+    the task Hessians are rank deficient. ``result.loss`` and the reported terms are those of
+    the undamped ``H`` and ``L(Q)``, measured around the damped target.
     """
     check_weight(W_merged, "W_merged")
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)

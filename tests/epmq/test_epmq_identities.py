@@ -57,6 +57,57 @@ def test_target_is_C_Hinv(gen):
     torch.testing.assert_close(res.target.double(), W_star, rtol=0, atol=1e-5 * float(W_star.abs().max()))
 
 
+def draw_inputs(gen, K, d_out, d_in, n, spread=0.05):
+    """As ``draw``, with each task's activations ``X_k [n_k, d_in]`` instead of its Hessian."""
+    W_0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    tau = [spread * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) for _ in range(K)]
+    W_m = W_0 + 0.4 * sum(tau)
+    Xs = [(torch.randn(n_k, d_in, generator=gen, dtype=torch.float64)
+           * torch.exp(0.7 * torch.randn(d_in, generator=gen, dtype=torch.float64))
+           + torch.randn(d_in, generator=gen, dtype=torch.float64)) for n_k in n]
+    return W_m, [W_0 + t for t in tau], Xs
+
+
+@pytest.mark.parametrize("d_out, d_in, n", [(7, 45, (30, 60, 20)), (33, 61, (200, 90, 150)),
+                                            (5, 130, (90, 40, 300))])
+def test_damped_target_is_the_argmin_with_an_anchor_of_strength_damp(gen, monkeypatch, d_out,
+                                                                     d_in, n):
+    """At the default percdamp the target is W_m + G (H + delta I)^{-1}, delta = percdamp *
+    mean(diag H): since C = W_m H + G, that is (C + delta W_m)(H + delta I)^{-1}, the exact
+    argmin of L(Q) + delta ||Q - W_m||^2. Checked against that argmin solved independently, as
+    the least-squares problem of the stacked activations (float64, from the raw X_k), on tasks
+    with fewer tokens than inputs (where only the anchors make H invertible)."""
+    monkeypatch.setattr(solver_module, "quantize_codes", lambda w, scale, zero, maxq: w / scale + zero)
+    anchor, weight_anchor, percdamp = 0.4, 0.05, 0.01
+    for _ in range(3):
+        W_m, W_k, X_k = draw_inputs(gen, 3, d_out, d_in, n)
+        H_k = [X.T @ X for X in X_k]
+        res = quant.epmq(W_m.float(), [W.float() for W in W_k], H_k, SPEC, anchor=anchor,
+                         weight_anchor=weight_anchor, backend="torch")
+        a, H_m, lam, mu, H = effective(W_m, H_k, anchor, weight_anchor)
+        delta = percdamp * float(torch.diagonal(H).mean())
+        assert res.damp == pytest.approx(delta, rel=1e-12) and res.damp_retries == 0
+        eye = torch.eye(d_in, dtype=torch.float64)
+        G = sum(a_k * (W - W_m) @ Hk for a_k, W, Hk in zip(a, W_k, H_k))
+        closed = W_m + G @ torch.linalg.inv(H + delta * eye)
+        # argmin of sum_k a_k |X_k (Q - W_k)^T|^2 + lam |X_m (Q - W_m)^T|^2 + (mu + delta) |Q - W_m|^2
+        A = torch.cat([a_k**0.5 * X for a_k, X in zip(a, X_k)] + [lam**0.5 * X for X in X_k]
+                      + [mu**0.5 * eye, delta**0.5 * eye])
+        B = torch.cat([a_k**0.5 * X @ W.T for a_k, X, W in zip(a, X_k, W_k)]
+                      + [lam**0.5 * X @ W_m.T for X in X_k] + [mu**0.5 * W_m.T, delta**0.5 * W_m.T])
+        argmin = torch.linalg.lstsq(A, B).solution.T
+        R = closed - W_m
+        assert float((argmin - closed).abs().max()) <= 1e-9 * float(R.abs().max())
+        # the solver's R is fp32 (~1e-6 of itself) and W* = W_m + R is rounded to fp32
+        tol = 1e-5 * float(R.abs().max()) + 2e-7 * float(W_m.abs().max())
+        assert float((res.target.double() - closed).abs().max()) <= tol
+        # and the damping does move the target: the undamped C H^{-1} is far outside that
+        undamped = W_m + G @ torch.linalg.inv(H)
+        assert float((undamped - closed).abs().max()) > 100 * tol
+        # no rounding: the solver returns the damped target itself (identity 1)
+        torch.testing.assert_close(res.weight, res.target, rtol=0, atol=1e-5)
+
+
 def test_identity_1_no_rounding_returns_target(gen, monkeypatch):
     """With an identity quantizer every error is zero and E-PMQ returns W* itself."""
     monkeypatch.setattr(solver_module, "quantize_codes", lambda w, scale, zero, maxq: w / scale + zero)
@@ -275,6 +326,39 @@ def test_reported_terms_with_damping_and_dead_columns(gen, anchor, weight_anchor
     assert res.expert_loss == pytest.approx(expert, rel=1e-6, abs=1e-9 * total)
     assert res.anchor_loss == pytest.approx(anc, rel=1e-6, abs=1e-9 * total)
     assert res.weight_anchor_loss == pytest.approx(wanc, rel=1e-6, abs=1e-9 * total)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=16),
+                                  QuantSpec(bits=4, group_size=16, act_order=True),
+                                  QuantSpec(bits=2, group_size=16, act_order=True, static_groups=True)])
+@pytest.mark.parametrize("task_weights", [None, [0.5, 2.0, 1.0]])
+def test_dead_columns_keep_the_damping_to_the_live_columns(gen, spec, task_weights):
+    """With dead columns the damping is percdamp times the live columns' mean diagonal of H.
+    GPTQ's reference sets dead diagonals to 1 first: against E-PMQ's H (trace K with the
+    default a_k) each adds 1/d_in to the mean, damping several times the live columns'. With
+    given a_k, H scales with the statistics, and the codes must not change (4^-+7: exact
+    scaling, as in test_gptq.py; at 1e-+4, only a rare flip at a rounding tie)."""
+    W_m, W_k, H_k = draw(gen, d_out=20, d_in=56, n=150)
+    dead = torch.randperm(56, generator=gen)[:8]
+    for H in H_k:
+        H[dead, :] = 0
+        H[:, dead] = 0
+    kw = dict(anchor=0.5, weight_anchor=0.0, task_weights=task_weights)
+    res = quant.epmq(W_m, W_k, H_k, spec, **kw)
+    _, _, _, _, H = effective(W_m, H_k, 0.5, 0.0, task_weights=task_weights)
+    live = torch.diagonal(H) != 0
+    assert res.dead_columns == 8
+    assert res.damp == pytest.approx(0.01 * float(torch.diagonal(H)[live].mean()), rel=1e-12)
+    if task_weights is None:
+        return
+    for c in (4.0**-7, 4.0**7, 1e-4, 1e4):
+        scaled = quant.epmq(W_m, W_k, [c * H for H in H_k], spec, **kw)
+        assert scaled.damp == pytest.approx(c * res.damp, rel=1e-6)
+        torch.testing.assert_close(scaled.target, res.target, rtol=0, atol=1e-5 * float(res.target.abs().max()))
+        if c in (4.0**-7, 4.0**7):
+            assert torch.equal(scaled.target, res.target) and torch.equal(scaled.codes, res.codes)
+        else:
+            assert float((scaled.codes == res.codes).double().mean()) > 0.98
 
 
 @pytest.mark.parametrize("d", [1, 7, 256, 257, 700, 1500])

@@ -47,9 +47,14 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
     H = H.double().clone()
     d_out, d_in = W.shape
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    # The reference sets dead diagonals to 1 before it sorts and damps; epmq deliberately does
+    # not (scale invariance: a 1 weighs differently against every scale of H), so here act-order
+    # sorts the measured diagonal (dead columns, at 0, last) and the damping is percdamp times
+    # the live columns' mean diagonal. The 1 then only makes H invertible.
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if spec.act_order else torch.arange(d_in)
-    H = H + percdamp * torch.diagonal(H).mean() * torch.eye(d_in, dtype=H.dtype)
+    damp = percdamp * torch.diagonal(H)[~dead].mean()
+    H[dead, dead] = 1.0
+    H = H + damp * torch.eye(d_in, dtype=H.dtype)
     gs = d_in if spec.group_size == -1 else spec.group_size
     static = spec.group_size == -1 or spec.static_groups
     # grids are fitted to the live columns: a dead column's weights count as 0 there, unless the
@@ -210,10 +215,10 @@ def test_a_dead_group_takes_its_own_grid(gen, spec):
     """A whole group of dead columns among live ones: its grid fits its own weights (RTN's), and
     the live groups are solved as if its weights were 0."""
     W, H = random_problem(gen)
-    H *= 2 / float(torch.diagonal(H).min())  # act-order puts the dead (diagonal 1) columns last
     gs = spec.group_size
     H[gs : 2 * gs] = 0
     H[:, gs : 2 * gs] = 0
+    # act-order puts the dead columns (diagonal 0) last, whatever H's scale
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     group = torch.arange(gs, 2 * gs) if not (spec.act_order and not spec.static_groups) else order[-gs:]
     res = quant.gptq(W, H, spec)
@@ -225,6 +230,37 @@ def test_a_dead_group_takes_its_own_grid(gen, spec):
     torch.testing.assert_close(res.weight[:, ~dead], alive.weight[:, ~dead], rtol=0, atol=0)
     rtn = quant.rtn(W[:, group], QuantSpec(bits=spec.bits, group_size=-1, sym=spec.sym))
     torch.testing.assert_close(res.weight[:, group], rtn.weight, rtol=0, atol=1e-6)
+
+
+# 4^-7 and 4^7 (6e-5 and 1.6e4): scaling H by an even power of two is exact in floating point
+# down to the factor (Hinv scales by 2^-+7), so GPTQ must give the very same codes; at 1e-4
+# itself fp32 rounding of H and Hinv flips a code at a rounding tie in ~0.2% of draws.
+SCALES = (4.0**-7, 4.0**7)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=16), QuantSpec(bits=3, group_size=-1, act_order=True),
+                                  QuantSpec(bits=4, group_size=16, act_order=True),
+                                  QuantSpec(bits=2, group_size=16, act_order=True, static_groups=True)], ids=str)
+def test_dead_columns_keep_gptq_scale_invariant(gen, spec):
+    """GPTQ's codes do not depend on H's scale, dead columns or not: the damping is percdamp
+    times the live columns' mean diagonal (the reference's dead diagonals of 1 would add a
+    scale-dependent 1/d_in each), and act-order puts the dead columns last at every scale."""
+    W, H = random_problem(gen, dead=8)
+    live = torch.diagonal(H) != 0
+    ref = quant.gptq(W, H, spec)
+    assert ref.dead_columns == 8
+    assert ref.damp == pytest.approx(0.01 * float(torch.diagonal(H.double())[live].mean()), rel=1e-12)
+    if spec.act_order:
+        assert not bool(live[ref.perm[-8:]].any())
+    for c in SCALES + (1e-4, 1e4):
+        res = quant.gptq(W, H * c, spec)
+        assert res.damp == pytest.approx(c * ref.damp, rel=1e-6) and res.damp_retries == 0
+        assert res.loss == pytest.approx(c * ref.loss, rel=1e-5)
+        if c in SCALES:
+            assert torch.equal(res.codes, ref.codes)
+            assert not spec.act_order or torch.equal(res.perm, ref.perm)
+        else:  # (identical but for a rare flip at a rounding tie)
+            assert float((res.codes == ref.codes).double().mean()) > 0.98
 
 
 def correlated_problem(gen, d_out=64, d_in=256, n=512):
@@ -377,6 +413,17 @@ def test_factor_cache_shares_one_factorization(gen, act_order, monkeypatch):
     quant.gptq(Ws[0], H2, spec, factors=cache, percdamp=0.02)
     quant.gptq(Ws[0], H2, QuantSpec(bits=3, group_size=16, act_order=not act_order), factors=cache)
     assert len(calls) == 4 + 3 and cache.hits == 2
+    # A dead column's diagonal is fixed to the live mean: a live column of that diagonal (and no
+    # correlation) gives the same fixed Hessian, but is not dead (act-order does not put it last)
+    H64 = H.double()
+    H3 = H64.clone()
+    H3[5, 5] = torch.diagonal(H64)[torch.diagonal(H64) != 0].mean()
+    a = quant.gptq(Ws[0], H64, spec, factors=cache)
+    b = quant.gptq(Ws[0], H3, spec, factors=cache)
+    assert len(calls) == 7 + 2 and cache.hits == 2
+    assert a.dead_columns == 1 and b.dead_columns == 0 and a.damp == pytest.approx(b.damp, rel=1e-14)
+    if act_order:
+        assert int(a.perm[-1]) == 5 and int(b.perm[-1]) != 5
 
 
 def test_factor_cache_in_epmq_from_stats(gen):

@@ -48,11 +48,13 @@ def make_hessian(gen, d_in, n_tokens, *, dead=(), spread=3.0):
 
 
 def damped(H, percdamp=0.01):
-    """``H~``, as GPTQ builds it: dead columns get diagonal 1, then ``percdamp * mean(diag)``
-    damping (float64)."""
+    """``H~``, as epmq.quant builds it: dead columns get the live columns' mean diagonal (not
+    the reference GPTQ's 1, which makes the damping depend on H's scale), then
+    ``percdamp * mean(diag)`` damping (float64)."""
     H = H.double().clone()
     diag = H.diagonal()
-    diag[diag == 0] = 1.0
+    dead = diag == 0
+    diag[dead] = float(diag[~dead].mean())
     diag.add_(percdamp * float(diag.mean()))
     return H
 
