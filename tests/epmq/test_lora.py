@@ -43,6 +43,20 @@ def make_adapter_of(cls, base_dir, out, **lora):
     return {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
+def adapters_and_experts(base_dir, tmp_path, seeds):
+    """Adapters ``tmp_path/adapterK`` and the experts PEFT merges of them, saved whole as
+    ``tmp_path/fullK``."""
+    adapters, full = [], []
+    for k, seed in enumerate(seeds):
+        state = make_adapter(base_dir, tmp_path / f"adapter{k}", seed=seed)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+        model.load_state_dict(state)
+        model.save_pretrained(tmp_path / f"full{k}")
+        adapters.append(tmp_path / f"adapter{k}")
+        full.append(tmp_path / f"full{k}")
+    return adapters, full
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
@@ -133,13 +147,7 @@ def test_what_a_weight_update_cannot_express_is_refused(base_dir, tmp_path):
 def test_merge_of_adapters_equals_merge_of_merged_experts(base_dir, tmp_path):
     """epmq merge with LoRA adapters as the models: the same tensors as with the experts PEFT
     merges, saved as full checkpoints."""
-    full = []
-    for k in range(2):
-        state = make_adapter(base_dir, tmp_path / f"adapter{k}", seed=10 + k)
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
-        model.load_state_dict(state)
-        model.save_pretrained(tmp_path / f"full{k}")
-        full.append(tmp_path / f"full{k}")
+    _, full = adapters_and_experts(base_dir, tmp_path, seeds=(10, 11))
     params = dict(density=0.5)
     epmq.merge_checkpoints("ties", [tmp_path / "adapter0", tmp_path / "adapter1"], tmp_path / "from_lora",
                            base=base_dir, params=params, progress=False)
@@ -353,14 +361,9 @@ def test_regmean_of_adapters_equals_regmean_of_merged_experts(base_dir, tmp_path
     from epmq.benches.tiny import WORDS
 
     g = torch.Generator().manual_seed(0)
-    adapters, full, texts = [], [], []
+    adapters, full = adapters_and_experts(base_dir, tmp_path, seeds=(40, 41))
+    texts = []
     for k in range(2):
-        state = make_adapter(base_dir, tmp_path / f"adapter{k}", seed=40 + k)
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
-        model.load_state_dict(state)
-        model.save_pretrained(tmp_path / f"full{k}")
-        adapters.append(tmp_path / f"adapter{k}")
-        full.append(tmp_path / f"full{k}")
         texts.append(tmp_path / f"t{k}.txt")
         texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
     word_tokenizer(full[0])
