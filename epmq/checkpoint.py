@@ -112,11 +112,12 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     names = {name: _module_of(to_disk[f"{name}.qweight"]) for name in layers}
     qconfig = _quantize_config(model, layers, names, checkpoint_format, tied)
     ours = qconfig.pop("epmq")  # (the engines' fields first, as other writers order them)
-    qconfig.update(_partial_fields(model, layers, to_disk))
+    partial, split = _partial_fields(model, layers, to_disk)
+    qconfig.update(partial)
     if _quantized_head(model, layers):
         qconfig["lm_head"] = True
     qconfig["epmq"] = ours
-    _serving_warnings(model, layers, qconfig)
+    _serving_warnings(layers, qconfig, split)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
@@ -221,47 +222,41 @@ def _disk_rel(disk: str, stack: str, i: int, rel: str) -> tuple:
     return stack, rel
 
 
-def _partial_fields(model, layers, to_disk) -> dict:
+def _partial_fields(model, layers, to_disk) -> tuple:
     """``modules_in_block_to_quantize`` and ``dynamic`` negative rules when some linear inside
     the quantized blocks was left in full precision (``quantize_model(layers=...)``): without
     them vLLM, SGLang, GPTQModel and transformers build every linear of every block as a GPTQ
-    layer, and then refuse the checkpoint, crash, or serve garbage."""
+    layer, and then refuse the checkpoint, crash, or serve garbage. Returns ``(fields, split)``,
+    ``split`` the linears left in full precision beside quantized ones vLLM loads fused with them."""
     try:
         towers = find_towers(model)
     except (ValueError, TypeError):  # (no registered adapter walks it: nothing is known of its blocks)
-        return {}
+        return {}, []
     quantized = {id(m) for m in layers.values()}
-    stacks = []  # (prefix, blocks, adapter) of the stacks holding quantized layers
-    for adapter, prefixes in towers:
-        for prefix, blocks in adapter.stacks(model):
-            if prefix in prefixes and any(id(m) in quantized for block in blocks for m in block.modules()):
-                stacks.append((prefix, blocks, adapter))
-    # (disk prefix, disk rel, block index, quantized)
-    found = []
-    for prefix, blocks, adapter in stacks:
-        for i, block in enumerate(blocks):
-            for rel, m in adapter.linears(block).items():
-                name = f"{prefix}.{i}.{rel}"
-                if isinstance(m, QuantLinear):
-                    disk = to_disk.get(f"{name}.qweight", f"{name}.qweight").rpartition(".")[0]
-                else:
-                    disk = to_disk.get(f"{name}.weight", f"{name}.weight").rpartition(".")[0]
-                found.append((*_disk_rel(disk, prefix, i, rel), i, id(m) in quantized))
-            for rel, m in block.named_modules():
-                if isinstance(m, QuantLinear) and id(m) in quantized and rel not in adapter.linears(block):
-                    disk = to_disk.get(f"{prefix}.{i}.{rel}.qweight", f"{prefix}.{i}.{rel}.qweight")
-                    found.append((*_disk_rel(disk.rpartition(".")[0], prefix, i, rel), i, True))
+    found = []  # (disk prefix, disk rel, block index, quantized) of the linears in the stacks holding quantized ones
+    for adapter, stacks in towers:
+        for prefix, blocks in stacks:
+            if not any(id(m) in quantized for block in blocks for m in block.modules()):
+                continue
+            for i, block in enumerate(blocks):
+                # the adapter's linears left in full precision and the packed layers in their place
+                candidates = {**adapter.linears(block), **{rel: m for rel, m in block.named_modules()
+                                                           if id(m) in quantized}}
+                for rel, m in candidates.items():
+                    key = f"{prefix}.{i}.{rel}.{'qweight' if isinstance(m, QuantLinear) else 'weight'}"
+                    disk = to_disk.get(key, key).rpartition(".")[0]
+                    found.append((*_disk_rel(disk, prefix, i, rel), i, id(m) in quantized))
     if all(q for *_, q in found):
-        return {}
+        return {}, []
     rels = list(dict.fromkeys(rel for _, rel, _, q in found if q))
     # groups of the linears that read one input (as GPTQModel lists them); transformers and
     # vLLM only flatten the list and match names ending in them
     groups = []
     for rel in rels:
         prev = groups[-1][-1] if groups else None
-        same = prev is not None and prev.rpartition(".")[0] == rel.rpartition(".")[0] and _fused_set(prev) is not None \
-            and _fused_set(prev) is _fused_set(rel)
-        if same:
+        group = _fused_set(rel)
+        if prev is not None and group is not None and _fused_set(prev) is group \
+                and prev.rpartition(".")[0] == rel.rpartition(".")[0]:
             groups[-1].append(rel)
         else:
             groups.append([rel])
@@ -273,7 +268,7 @@ def _partial_fields(model, layers, to_disk) -> dict:
     # a block left whole: one rule for all of it, which also matches the fused names vLLM
     # gives its layers (qkv_proj)
     whole = {key for key, qs in by_block.items() if not any(qs)}
-    for stack, i in sorted(whole, key=lambda k: (k[0], k[1])):
+    for stack, i in sorted(whole):
         rules.append(rf"{re.escape(stack)}\.{i}\.")
     for (stack, rel), entries in by_rel.items():
         left = [i for i, q in entries if not q and (stack, i) not in whole]
@@ -283,8 +278,7 @@ def _partial_fields(model, layers, to_disk) -> dict:
             rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(rel)}$")
         else:
             rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(rel)}$" for i in left]
-    return {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules},
-            "epmq_fused_split": _fused_splits(found)}
+    return {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}, _fused_splits(found)
 
 
 def _fused_splits(found) -> list:
@@ -308,10 +302,10 @@ def _quantized_head(model, layers) -> bool:
     return any(m is head or name.rpartition(".")[2] == "lm_head" for name, m in layers.items())
 
 
-def _serving_warnings(model, layers, qconfig) -> None:
+def _serving_warnings(layers, qconfig, split) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
-    fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel)."""
-    split = qconfig.pop("epmq_fused_split", [])
+    fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
+    ``_partial_fields`` returns it."""
     if split:
         warnings.warn(
             f"{len(split)} linears (first: {split[0]}) are left unquantized while others that vLLM and "
@@ -765,7 +759,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     towers = find_towers(model, adapter)
     if adapter is None:
         towers = [(a, stacks) for a, stacks in towers
-                  if any(name.startswith(f"{stack}.") for stack in stacks for name in modules)]
+                  if any(name.startswith(f"{stack}.") for stack, _ in stacks for name in modules)]
     for found, _ in towers:
         found.prepare(model, swap)
     # a model built on meta takes the checkpoint's dtype (config.json's), which a QuantLinear

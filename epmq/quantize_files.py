@@ -62,24 +62,34 @@ def _model_class(directory: Path, tower: Optional[str]):
         raise ValueError(f"{directory}: config.json names architecture {names[0]!r}, which transformers "
                          f"{transformers.__version__} does not have")
     if tower is not None:
-        # CLIPModel -> CLIPVisionModel, SiglipModel -> SiglipVisionModel: transformers loads the
-        # tower from the two-tower checkpoint
-        name = cls.__name__.removesuffix("Model") + "VisionModel"
-        if not hasattr(transformers, name):
+        vision = _vision_tower_class(cls)
+        if vision is None:
             raise ValueError(f"tower: vision is for a two-tower model with a vision-tower class "
-                             f"(CLIPModel, SiglipModel); {cls.__name__} has no {name} (a vision-language "
-                             f"model: epmq.quantize_model walks its towers in one call)")
-        cls = getattr(transformers, name)
+                             f"(CLIPModel, SiglipModel); {cls.__name__} has no "
+                             f"{_vision_tower_name(cls)} (a vision-language model: epmq.quantize_model "
+                             f"walks its towers in one call)")
+        cls = vision
     return cls, bool(config.get("is_encoder_decoder"))
+
+
+def _vision_tower_name(cls) -> str:
+    # CLIPModel -> CLIPVisionModel, SiglipModel -> SiglipVisionModel: transformers loads the
+    # tower from the two-tower checkpoint
+    return cls.__name__.removesuffix("Model") + "VisionModel"
+
+
+def _vision_tower_class(cls):
+    """The vision-tower class of a two-tower model class, or None."""
+    import transformers
+
+    return getattr(transformers, _vision_tower_name(cls), None)
 
 
 def _modality(cls, encoder_decoder: bool) -> str:
     forward = cls.forward if hasattr(cls, "forward") else None
     takes = set(inspect.signature(forward).parameters) if forward is not None else set()
     if "input_ids" in takes and "pixel_values" in takes:
-        import transformers
-
-        if hasattr(transformers, cls.__name__.removesuffix("Model") + "VisionModel"):  # CLIPModel, SiglipModel
+        if _vision_tower_class(cls) is not None:  # CLIPModel, SiglipModel
             raise ValueError(f"{cls.__name__} takes both texts and images: quantize its vision tower "
                              f"(tower: vision, calibrated on images), or both towers with "
                              f"epmq.quantize_model on (text, image) pairs")

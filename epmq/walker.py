@@ -380,10 +380,8 @@ def _plan(model, towers, layers) -> list:
     select = _selector(layers)
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     stacks = []
-    for adapter, names in towers:
-        for prefix, blocks in adapter.stacks(model):
-            if prefix not in names:
-                continue
+    for adapter, tower in towers:
+        for prefix, blocks in tower:
             chosen = [
                 [rel for rel in adapter.linears(block) if select(f"{prefix}.{i}.{rel}")]
                 for i, block in enumerate(blocks)

@@ -183,7 +183,8 @@ def _nested(a: str, b: str) -> bool:
 
 
 def find_towers(model: nn.Module, adapter=None) -> list:
-    """The adapters that walk ``model`` and the stacks each takes: ``[(adapter, [stack name])]``.
+    """The adapters that walk ``model`` and the stacks each takes:
+    ``[(adapter, [(stack name, nn.ModuleList)])]``.
 
     ``adapter`` None: every tower of the model (a VLM's vision tower and language model, an
     encoder-decoder of two families): each registered adapter in turn takes those of its stacks
@@ -193,10 +194,11 @@ def find_towers(model: nn.Module, adapter=None) -> list:
     if adapter is None:
         towers, taken = [], []
         for candidate in _REGISTRY:
-            mine = [name for name, _ in candidate.stacks(model) if not any(_nested(name, t) for t in taken)]
+            mine = [(name, blocks) for name, blocks in candidate.stacks(model)
+                    if not any(_nested(name, t) for t in taken)]
             if mine:
                 towers.append((candidate, mine))
-                taken += mine
+                taken += [name for name, _ in mine]
         if not towers:
             find_adapter(model)  # (its error: what the model holds, and how to register an adapter)
         return towers
@@ -207,28 +209,28 @@ def find_towers(model: nn.Module, adapter=None) -> list:
     for a in chosen:
         if not isinstance(a, Adapter):
             raise TypeError(f"adapter must be an epmq.Adapter (or a list of them), got {type(a).__name__}")
-        names = [name for name, _ in find_adapter(model, a).stacks(model)]
-        for name in names:
+        stacks = find_adapter(model, a).stacks(model)
+        for name, _ in stacks:
             other = next((o for t, o in owner.items() if _nested(name, t)), None)
             if other is not None:
                 raise ValueError(f"adapters {other.name!r} and {a.name!r} both walk the blocks at {name!r}: "
                                  f"give each tower's adapter once")
             owner[name] = a
-        towers.append((a, names))
+        towers.append((a, stacks))
     return towers
 
 
 def warn_other_towers(model: nn.Module, towers: list) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision."""
-    taken = [name for _, names in towers for name in names]
+    taken = [name for _, stacks in towers for name, _ in stacks]
     others = sorted(
         f"{name} ({type(module[0]).__name__})"
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 1 and not any(_nested(name, t) for t in taken)
         and len({type(m) for m in module}) == 1 and any(isinstance(m, nn.Linear) for m in module[0].modules()))
     if others:
-        walked = ", ".join(f"{a.name}: {names}" for a, names in towers)
+        walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
                       f"in full precision (walked: {walked}); to quantize them, register one: "
                       f"epmq.register_adapter(epmq.Adapter(name, block_types=...))")
