@@ -15,8 +15,12 @@ Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects with ``"i
 ``"target"`` texts; ``samples`` pairs drawn at random (seeded), the inputs given to the encoder
 and the targets as labels (teacher forcing: the decoder sees the target shifted right), each
 cut to ``seq_len`` tokens. A batch holds only pairs of the same token lengths, so nothing is
-padded: the statistics would count padded positions as tokens (the walker sees the linears'
-inputs, not the masks), making the result depend on the batch size.
+padded.
+
+Padding: the walker sees the linears' inputs, not the masks, so a padded position would count
+as a token and the statistics would depend on the batch size and the padding side. Batches of
+the user's own that are padded are split by :func:`unpad` (``quantize_model`` and
+``gram_matrices`` call it on every calibration item) into batches of rows of equal real length.
 
 Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
 with class subfolders works as it is) or a list of files, converted to RGB as transformers
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -133,6 +137,94 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     return [{"input_ids": windows[i:i + batch_size],
              "attention_mask": torch.ones_like(windows[i:i + batch_size])}
             for i in range(0, samples, batch_size)]
+
+
+# Tensors along the token axis of the encoder (of the model, for a decoder-only one) and of the
+# decoder of an encoder-decoder; a decoder-only model's labels are on its token axis.
+_ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
+                 "decoder_inputs_embeds", "labels")
+
+
+def _masks(item: Mapping, encoder_decoder: bool) -> list:
+    """``[(keys on the axis, what the mask is, bool mask [B, L])]`` of a model-input dict."""
+    sides = []
+    mask = item.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        sides.append((_ENCODER_AXIS + (() if encoder_decoder else ("labels",)), "attention_mask", mask != 0))
+    if not encoder_decoder:
+        return sides
+    mask, labels = item.get("decoder_attention_mask"), item.get("labels")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        sides.append((_DECODER_AXIS, "decoder_attention_mask", mask != 0))
+    elif isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        # labels padded with -100 (the loss's ignore index) at the end: the decoder positions
+        # past the last real label are padding (their inputs are pad tokens)
+        real = labels != -100
+        L = labels.shape[1]
+        last = torch.where(real.any(1), L - 1 - real.flip(1).int().argmax(1), -1)
+        sides.append((_DECODER_AXIS, "labels", torch.arange(L, device=labels.device) <= last[:, None]))
+    return sides
+
+
+def _span(row: torch.Tensor, what: str, b: int) -> Optional[tuple]:
+    (real,) = torch.nonzero(row, as_tuple=True)
+    if real.numel() == 0:
+        return None
+    start, stop = int(real[0]), int(real[-1]) + 1
+    if stop - start != real.numel():
+        raise ValueError(f"calibration batch: {what} of row {b} has zeros between its ones; padding "
+                         f"may only lead or trail a row (the walker counts every position it sees)")
+    return start, stop
+
+
+def unpad(item, *, encoder_decoder: bool = False) -> list:
+    """A padded calibration batch as batches without padding: each row cut to its real tokens
+    (``attention_mask``; on an encoder-decoder's decoder side ``decoder_attention_mask``, else
+    trailing ``-100`` labels), rows of equal lengths batched together, rows with no token
+    dropped. An item that is no dict, or has no padding, comes back as it is (``[item]``).
+
+    Left padding is removed too, so the real tokens get positions from 0, as an unpadded
+    sequence (and ``generate``) gives them. A padded batch must hold nothing but per-row tensors
+    (first dimension the batch) and plain values.
+    """
+    if not isinstance(item, Mapping):
+        return [item]
+    sides = _masks(item, encoder_decoder)
+    if all(bool(mask.all()) for _, _, mask in sides):
+        return [item]
+    B = sides[0][2].shape[0]
+    for key, value in item.items():
+        if isinstance(value, (list, tuple, dict)) or (
+                isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != B)):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"calibration batch with padding: {key!r} ({shape}) is not a tensor with one "
+                             f"row per sequence ({B}), so the batch cannot be cut into rows without "
+                             f"padding; give batches without padding")
+    for keys, what, mask in sides:
+        for key in keys:
+            value = item.get(key)
+            if isinstance(value, torch.Tensor) and (value.dim() < 2 or value.shape[:2] != mask.shape):
+                raise ValueError(f"calibration batch: {key!r} has shape {tuple(value.shape)}, {what} "
+                                 f"{tuple(mask.shape)}")
+    batches = {}  # real lengths -> rows, in the order met
+    for b in range(B):
+        spans = [_span(mask[b], what, b) for _, what, mask in sides]
+        if None in spans:
+            continue
+        cut = {key: span for (keys, _, _), span in zip(sides, spans) for key in keys}
+        row = {}
+        for key, value in item.items():
+            if isinstance(value, torch.Tensor):
+                value = value[b:b + 1]
+                if key in cut:
+                    value = value[:, cut[key][0]:cut[key][1]]
+            row[key] = value
+        batches.setdefault(tuple(stop - start for start, stop in spans), []).append(row)
+    if not batches:
+        raise ValueError("calibration batch: every row is padding")
+    return [{key: torch.cat([r[key] for r in rows]) if isinstance(rows[0][key], torch.Tensor) else rows[0][key]
+             for key in rows[0]} for rows in batches.values()]
 
 
 def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[list]:

@@ -189,6 +189,16 @@ class QuantLinear(nn.Module):
             self.scales = scales.to(device=self.scales.device)
         return out
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._derived = {}
+        # Inference tensors (buffers made under torch.inference_mode) have no version counter,
+        # so the caches keyed on them (here and the kernel's launch plans) cannot see the copy
+        # just made into them: new tensor objects over the same memory retire those entries.
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_inference():
+                self._buffers[name] = buf.detach()
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return dict(state, _derived={})  # (what the forward derived is rebuilt, not pickled)

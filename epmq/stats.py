@@ -57,8 +57,9 @@ class HessianStats:
         self.n_tokens = 0
         self.backend = backend
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        X = _tokens(x, self.H.shape[0], "calibration input")
+    def add_batch(self, x: torch.Tensor, what: str = "calibration input") -> None:
+        """``what``: the input's name in errors (the walker names the task and the layer)."""
+        X = _tokens(x, self.H.shape[0], what)
         accumulate_xxt(self.H, X.to(self.H.device), backend=self.backend)
         self.n_tokens += X.shape[0]
 
@@ -139,7 +140,12 @@ class EPMQStats:
         self.c_m = 0.0
         self.task_weights: list[float] = []
         self.task_names: list[str] = []
+        self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
         self._task: Optional[_Task] = None
+
+    @property
+    def _tasks_done(self) -> int:
+        return len(self.task_weights) + len(self.empty_tasks)
 
     # ----------------------------------------------------------------- checks
 
@@ -197,14 +203,14 @@ class EPMQStats:
     def begin_task(self, W_expert, weight: Optional[float] = None, name: Optional[str] = None):
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
-        name = name or f"task {len(self.task_weights)}"
+        name = name or f"task {self._tasks_done}"
         self._check_expert(W_expert, name)
         if self.inputs_of is None:
             d_in = self.W_merged.shape[1]
             H_k = torch.zeros(d_in, d_in, device=self.G_e.device, dtype=self.dtype)
         else:
             leader = self.inputs_of
-            if leader._task is None or len(leader.task_weights) != len(self.task_weights):
+            if leader._task is None or leader._tasks_done != self._tasks_done:
                 raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "
                                    f"first (its Hessian H_k is this layer's)")
             H_k = leader._task.H
@@ -262,6 +268,13 @@ class EPMQStats:
         self._task = None
         if task.n_tokens == 0:
             raise ValueError(f"{task.name} has no calibration data (no batch was added)")
+        if not bool(torch.diagonal(task.H).any()):
+            # Tokens that were all zero at this layer (a norm's zero weight, a gated branch): the
+            # task's H_k and its G_k = T_k X_k^T are zero, so whatever its weight it adds nothing
+            # to the objective, and a_k = 1 / tr(H_k) is undefined. Dropped, as a task that sent
+            # no token is; a layer left with no task is the caller's to round (the walker: RTN).
+            self.empty_tasks.append(task.name)
+            return
         self._fold(task.W, task.H, task.G, task.c, task.weight, task.name)
 
     # ----------------------------------------------------------------- result
@@ -271,10 +284,12 @@ class EPMQStats:
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         if not self.task_weights:
-            raise ValueError("no task was added: E-PMQ needs at least one expert with calibration data")
+            empty = f" (inputs all zero: {', '.join(self.empty_tasks)})" if self.empty_tasks else ""
+            raise ValueError("no task was added: E-PMQ needs at least one expert with calibration data"
+                             + empty)
         leader = self.inputs_of
         if leader is not None and (leader._task is not None
-                                   or len(leader.task_weights) != len(self.task_weights)):
+                                   or leader._tasks_done != self._tasks_done):
             raise RuntimeError("the layer whose inputs these are has not folded in every task: "
                                "call its end_task() first")
         return self.H_e, self.H_m, self.G_e, self.G_m
@@ -284,15 +299,17 @@ class EPMQStats:
 def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers (those whose
     weight name is in ``names``; default all) over ``batches`` (model inputs, passed as
-    ``quantize_model``'s calibration items are), in ``dtype`` on the CPU: RegMean's statistics
-    when ``model`` is an expert and ``batches`` its own task's data.
+    ``quantize_model``'s calibration items are; padded ones split by ``calibration.unpad``), in
+    ``dtype`` on the CPU: RegMean's statistics when ``model`` is an expert and ``batches`` its
+    own task's data.
 
     Linears that read the very same tensors in the first batch (q/k/v, gate/up) have one Gram
     matrix, accumulated once from the second batch on (the same object in the result), as the
     model walker shares their Hessians; a batch in which they stop doing so raises."""
     from torch import nn
 
-    from .walker import _call
+    from .calibration import unpad
+    from .walker import _call, _encoder_decoder
 
     device = next(model.parameters()).device
     stats, hooks = {}, []
@@ -305,7 +322,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
             keep.append(x)
             reads.setdefault(name, []).append((id(x), version(x)))
             if owner.get(name, name) == name:
-                stats[name].add_batch(x.detach().to("cpu", dtype))
+                stats[name].add_batch(x.detach().to("cpu", dtype), what=f"calibration input of {name}")
 
         return fn
 
@@ -319,7 +336,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     was_training = model.training
     model.eval()
     try:
-        for n, item in enumerate(batches):
+        parts = (part for item in batches for part in unpad(item, encoder_decoder=_encoder_decoder(model)))
+        for n, item in enumerate(parts):
             reads.clear()
             keep.clear()
             _call(model, item, device)

@@ -89,6 +89,7 @@ from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
+from .calibration import unpad
 from .stats import EPMQStats, HessianStats
 from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
@@ -236,7 +237,7 @@ def quantize_model(
         )
     check_residual_precision(residual_precision, "residual_precision")
     device = device_argument(device)
-    calibration = _calibration(calibration) if method != "rtn" else {}
+    calibration = _calibration(calibration, _encoder_decoder(model)) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
 
@@ -324,7 +325,12 @@ def quantize_model(
 # --------------------------------------------------------------------------- inputs
 
 
-def _calibration(calibration) -> dict:
+def _encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _calibration(calibration, encoder_decoder: bool = False) -> dict:
+    """Every task's items, padded batches split into batches without padding (``unpad``)."""
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
     out = {}
@@ -334,7 +340,10 @@ def _calibration(calibration) -> dict:
                 f"calibration[{task!r}] must be an iterable of model inputs (e.g. a list of batches), "
                 f"got a single {type(items).__name__}"
             )
-        out[task] = list(items)
+        try:
+            out[task] = [part for item in items for part in unpad(item, encoder_decoder=encoder_decoder)]
+        except ValueError as e:
+            raise ValueError(f"calibration[{task!r}]: {e}") from None
         if not out[task]:
             raise ValueError(f"calibration[{task!r}] is empty")
     return out
@@ -696,6 +705,7 @@ class _Walk:
         self.stats_backend = quant.resolve_backend(backend, self.device)
         self.residual_precision = residual_precision
         self.writes_input = False  # whether the current block writes its input in place
+        self.calls = {}  # per linear of the current block: its calls in one pass (the probes' most)
         self.q = _Stream("q")
         self.t = None if targets == "merged_path" else _Stream(targets, experts=targets == "expert_path")
         self._tensors_by_name()
@@ -1014,7 +1024,8 @@ class _Walk:
         none did), whose Hessian it shares."""
         seen, order = {}, []
         reads = {}  # every tensor each linear read, in order (a linear may be called twice),
-        # with its version: the same tensor changed in place in between is not the same input
+        # with its version: the same tensor changed in place in between is not the same input.
+        # Over all probes: linears share statistics only if they read the same tensors in each.
         keep = []  # holding the inputs keeps their ids unique during the probe
 
         def hook(rel):
@@ -1029,18 +1040,26 @@ class _Walk:
             return fn
 
         handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel), with_kwargs=True) for rel in rels]
-        task = next(iter(self.q.hidden))
-        # on a copy: a block that writes its input in place must not change the stream's, and
-        # if it does, every later pass over this block gets a copy too (_capture)
-        probe = self.q.hidden[task][0]
-        probe = probe.clone() if isinstance(probe, torch.Tensor) else probe
-        before = version(probe) if isinstance(probe, torch.Tensor) else None
+        # Probed on each task's first sample: a branch one task's data takes and another's does
+        # not is still found (and grouped, and solved), whatever the order of the tasks. On a
+        # copy: a block that writes its input in place must not change the stream's, and if it
+        # does, every later pass over this block gets a copy too (_capture).
+        self.writes_input = False
+        calls = {}  # linear -> the most calls it got in one probe (a pass stops after them)
         try:
-            block(probe, **self.q.kwargs[task][0])
+            for task in self.q.hidden:
+                probe = self.q.hidden[task][0]
+                probe = probe.clone() if isinstance(probe, torch.Tensor) else probe
+                before = version(probe) if isinstance(probe, torch.Tensor) else None
+                counted = {rel: len(reads.get(rel, ())) for rel in rels}
+                block(probe, **self.q.kwargs[task][0])
+                self.writes_input |= before is not None and version(probe) != before
+                for rel in rels:
+                    calls[rel] = max(calls.get(rel, 0), len(reads.get(rel, ())) - counted[rel])
         finally:
             for h in handles:
                 h.remove()
-        self.writes_input = before is not None and version(probe) != before
+        self.calls = calls
         # Linears of one stage (the adapter's; MoE experts) form one group where the first of them
         # was called, those the probe did not call (an expert no token was routed to) included;
         # the others are grouped by the tensor (and its version) they first read.
@@ -1086,7 +1105,8 @@ class _Walk:
                     rows = x.detach().reshape(-1, x.shape[-1])
                     same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
                     inputs[rel].append(rows.clone() if same else rows)  # (one copy either way)
-                waiting.discard(rel)
+                if len(calls[rel]) >= self.calls.get(rel, 1):  # (a linear called twice: both)
+                    waiting.discard(rel)
                 if not waiting and not full:
                     raise _Stop
 
@@ -1180,7 +1200,7 @@ class _Walk:
                     n_tokens[rel] += x.shape[0]
                     if isinstance(stats[rel], HessianStats):
                         if leader[rel] == rel:
-                            stats[rel].add_batch(x)
+                            stats[rel].add_batch(x, what=f"calibration input of task {task!r} at {prefix}.{rel}")
                     else:
                         if rel not in begun:
                             begin(rel)
@@ -1199,7 +1219,10 @@ class _Walk:
             name = f"{prefix}.{rel}"
             readers[leader[rel]] -= 1
             cache = factors.get(leader[rel]) if readers[leader[rel]] else factors.pop(leader[rel], None)
-            if n_tokens[rel] == 0:  # an MoE expert no calibration token was routed to
+            empty = stats[rel].empty_tasks if isinstance(stats[rel], EPMQStats) else []
+            no_task = isinstance(stats[rel], EPMQStats) and not stats[rel].task_weights
+            if n_tokens[rel] == 0 or no_task:  # an MoE expert no calibration token was routed to;
+                # inputs that were all zero for every task
                 result = quant.rtn(linears[rel].weight.detach(), self.spec)
                 result.loss = 0.0  # its calibration objective: no token, no loss
                 self.report.unreached.append(name)
@@ -1214,6 +1237,8 @@ class _Walk:
             entry = _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])
             if leader[rel] != rel:
                 entry["hessian_of"] = f"{prefix}.{leader[rel]}"
+            if empty:  # (left out of the layer's objective: they add nothing to it)
+                entry["tasks_with_zero_inputs"] = empty
             self.report.layers.append(entry)
         return t_out
 

@@ -20,8 +20,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def version(t: torch.Tensor):
     """``t``'s version counter, which every in-place change bumps; None for an inference tensor
-    (made under ``torch.inference_mode``), which has none and cannot be changed in place outside
-    that mode."""
+    (made under ``torch.inference_mode``), which has none: its in-place changes (possible only
+    inside that mode) are not seen by caches keyed on this."""
     return None if t.is_inference() else t._version
 
 

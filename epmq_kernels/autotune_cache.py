@@ -37,7 +37,7 @@ def cache_dir():
 
 
 def autotune_enabled():
-    return os.environ.get("EPMQ_AUTOTUNE", "1") not in ("0", "false", "False", "no")
+    return os.environ.get("EPMQ_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _slug(text):
@@ -71,14 +71,17 @@ class DiskCache:
         self._lock = threading.Lock()
 
     def _read(self):
+        """The file's entries; none from a file that is missing, damaged, of another space or
+        GPU, or not of this layout (valid JSON of another shape included)."""
         try:
             with open(self.path) as f:
                 data = json.load(f)
-            if data.get("space") != self.space or data.get("gpu") != self.gpu_name:
-                return {}
-            return dict(data.get("entries", {}))
         except (OSError, ValueError):
             return {}
+        if (not isinstance(data, dict) or data.get("space") != self.space
+                or data.get("gpu") != self.gpu_name or not isinstance(data.get("entries"), dict)):
+            return {}
+        return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
 
     def get(self, key):
         with self._lock:
@@ -102,14 +105,22 @@ class DiskCache:
                 "space": self.space,
                 "entries": merged,
             }
+            tmp = None
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
                 with os.fdopen(fd, "w") as f:
                     json.dump(data, f, indent=1, sort_keys=True)
                 os.replace(tmp, self.path)
+                tmp = None
             except OSError:
                 pass  # a read-only home is no reason to fail a matmul; the memory copy stays
+            finally:
+                if tmp is not None:  # (a failed write, whatever failed, leaves no temporary)
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
 
 
 _caches = {}

@@ -104,12 +104,16 @@ Host overhead
 -------------
 At batch 1 the GPU work of a 4096 x 4096 product is a few microseconds, so the launcher must cost
 less than that. Arguments are validated once per set of weight tensors (their identity, data
-pointer and version counter, which every in-place change and metadata change bumps), and each
-(weights, activation shape/strides/dtype/alignment, output, device, stream) gets a launch plan:
+pointer, shape and version counter, which in-place changes and most metadata changes bump),
+and each (weights, activation shape/strides/dtype/alignment, output, device, stream, thread)
+gets a launch plan:
 the path, config, grid, the workspace and the compiled kernel, launched directly with integer
 pointers (no re-binding or re-specialisation of the arguments, no driver pointer checks). The
 plan key holds everything Triton specialises a launch on (alignment of the activation and output
-pointers, exact M and strides), so a plan is reused only where the compiled kernel is valid. A
+pointers, exact M and strides), so a plan is reused only where the compiled kernel is valid.
+Not seen: writes that bypass the version counter (through ``.data``, a NumPy view) and in-place
+writes to inference tensors (made under ``torch.inference_mode``, which have no counter): give
+new tensors then (``QuantLinear.load_state_dict`` does it for its buffers). A
 steady-state call is a few dictionary lookups, an output allocation and one launch (M = 1:
 always exactly one launch): about 4 us of host time against 25-29 us for the previous
 launcher, measured on a CPU with the launch stubbed (``benchmarks/host_overhead_w4a16.py``).
@@ -127,6 +131,7 @@ in parallel before any is timed (``_precompile``). Under TRITON_INTERPRET nothin
 """
 
 import os
+import threading
 import weakref
 from typing import Optional
 
@@ -798,7 +803,8 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
 
 # A g_idx is inspected once (range check and static-or-permuted, one host sync) and the answer
 # remembered for that tensor object until it is changed in place (its version counter moves;
-# writes through ``.data`` or a NumPy view do not move it and are not seen: pass a new tensor).
+# writes through ``.data`` or a NumPy view, and to inference tensors, do not move it and are not
+# seen: pass a new tensor).
 _G_IDX_KINDS = {}
 
 
@@ -898,11 +904,20 @@ def _candidates(path, M, K, G, group_size, permuted):
     return configs
 
 
+# torch.backends.cuda.matmul.allow_tf32, read as cheaply as torch allows (every fp32 call reads it)
+_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
+
+
+def _tf32(x_dtype) -> bool:
+    """Whether fp32 activations may take plain TF32 (part of every plan and tuning key)."""
+    return x_dtype is torch.float32 and bool(_allow_tf32())
+
+
 def _dot_precision(x_dtype):
     if x_dtype != torch.float32:
         return "ieee"  # unused for 16-bit inputs
     # 3xTF32 keeps fp32 accuracy on the tensor cores; plain TF32 only if torch allows it too.
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "tf32" if _tf32(x_dtype) else "tf32x3"
 
 
 def _compute_dtype(x_dtype):
@@ -938,7 +953,8 @@ def _tuning_key(paths, x2, entry):
     """The disk-cache key of a problem bucket."""
     return (f"{'+'.join(paths)}|M{_m_bucket(paths, x2.shape[0])}|K{entry.K}|N{entry.N}|"
             f"G{entry.G}|{'perm' if entry.permuted else 'static'}|x={str(x2.dtype)[6:]}|"
-            f"s={str(entry.scales_dtype)[6:]}|z={str(entry.zeros_dtype)[6:]}")
+            f"s={str(entry.scales_dtype)[6:]}|z={str(entry.zeros_dtype)[6:]}"
+            + ("|tf32" if _tf32(x2.dtype) else ""))
 
 
 def _choose(paths, x2, entry):
@@ -949,7 +965,7 @@ def _choose(paths, x2, entry):
     M = x2.shape[0]
     bucket = _m_bucket(paths, M)
     memo = (x2.device, paths, bucket, entry.K, entry.N, entry.G, entry.permuted, x2.dtype,
-            entry.scales_dtype, entry.zeros_dtype)
+            entry.scales_dtype, entry.zeros_dtype, _tf32(x2.dtype))
     chosen = _CHOSEN.get(memo)
     if chosen is not None:
         return chosen
@@ -1046,7 +1062,9 @@ def _split_k_workspace(device, n_sums, n_tiles):
 def _dequant_workspace(device, dtype, numel):
     if _capturing(device):
         return torch.empty(numel, dtype=dtype, device=device)  # an intermediate of the graph
-    key = _workspace_key(device) + (dtype,)
+    # per thread too: a dqmm call is several launches (dequantize a chunk, multiply by it), and
+    # another thread's chunk enqueued in between on the same stream would take its place
+    key = _workspace_key(device) + (dtype, threading.get_ident())
     buf = _DQ_WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
         buf = _DQ_WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -1108,9 +1126,10 @@ class _Weights:
 
     @staticmethod
     def signature(qweight, scales, zeros, g_idx):
-        return (qweight.data_ptr(), version(qweight), scales.data_ptr(), version(scales),
-                zeros.data_ptr(), version(zeros),
-                None if g_idx is None else (g_idx.data_ptr(), version(g_idx)))
+        # (shapes too: ``.data = t[:, :n]`` keeps the pointer and the version)
+        return (qweight.data_ptr(), version(qweight), qweight.shape, scales.data_ptr(), version(scales),
+                scales.shape, zeros.data_ptr(), version(zeros), zeros.shape,
+                None if g_idx is None else (g_idx.data_ptr(), version(g_idx), g_idx.shape))
 
     def current(self, qweight, scales, zeros, g_idx):
         refs = self.refs
@@ -1123,11 +1142,13 @@ class _Weights:
 
     def plan_key(self, x, out, stream):
         """Everything a launch plan depends on beyond the weights: what Triton specialises on
-        (exact shapes and strides, 16-byte alignment of the pointers), dtypes, devices, and the
-        current device and stream (workspaces are per stream)."""
+        (exact shapes and strides, 16-byte alignment of the pointers), dtypes, devices, fp32's
+        TF32 switch, and the current device, stream and thread (workspaces are per stream, the
+        dqmm one per thread too)."""
         okey = None if out is None else (out.shape, out.stride(), out.dtype, out.device,
                                          out.data_ptr() % 16 == 0)
-        return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, okey, stream)
+        return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, okey, stream,
+                x.dtype is torch.float32 and _allow_tf32(), threading.get_ident())
 
     def stream(self):
         """``(current device, its current raw stream)`` for CUDA weights, else None."""
@@ -1450,6 +1471,13 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     same tensors (unchanged: same objects, data pointers and versions) and activations of the
     same shape, strides and dtype reuse the launch plan of the first (see "Host overhead").
     """
+    if out is not None and _overlaps(out, x):
+        # the kernels would write y while other programs still read x: into a new tensor
+        # first, as torch.mm(a, b, out=a) does
+        y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path=path, config=config,
+                         backend=backend)
+        _check_out(out, x, y.shape[-1])
+        return out.copy_(y)
     if (path is None and config is None and type(group_size) is int
             and isinstance(x, torch.Tensor)):
         entry = _ENTRIES.get((id(qweight), id(scales), id(zeros), id(g_idx), group_size))
@@ -1479,6 +1507,19 @@ def _w4a16_matmul_fake(x, qweight, scales, zeros, group_size, g_idx=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
+def _overlaps(out, x) -> bool:
+    """Whether ``out`` may share memory with ``x`` (the same storage: cheap, and conservative)."""
+    return (isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor)
+            and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+
+
+def _check_out(out, x, N):
+    lead = x.shape[:-1]
+    if (not isinstance(out, torch.Tensor) or out.dtype != x.dtype
+            or tuple(out.shape) != (*lead, N) or out.device != x.device):
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on {x.device}")
+
+
 def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend):
     """The first call for a set of weights and activation layout (or one with forced options):
     every check, then a plan, which is kept for later calls where it can be."""
@@ -1489,10 +1530,7 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     lead = x.shape[:-1]
     if out is not None:
-        if (not isinstance(out, torch.Tensor) or out.dtype != x.dtype
-                or tuple(out.shape) != (*lead, N) or out.device != x.device):
-            raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on "
-                             f"{x.device}")
+        _check_out(out, x, N)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and not INTERPRETED)
     group = K if group_size == -1 else group_size
     if not use_triton:

@@ -236,14 +236,17 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
                       f"epmq.register_adapter(epmq.Adapter(name, block_types=...))")
 
 
-from .builtin import BART, CLIP_HF, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP, SWIN, T5  # noqa: E402
+from .builtin import (BART, CLIP_HF, DEBERTA_V2, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP,  # noqa: E402
+                      SWIN, T5)
 from .moe import MOE_DECODERS  # noqa: E402
 
-for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS, SWIN):
+for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS, DEBERTA_V2,
+                 SWIN):
     register_adapter(_adapter, first=False)
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "find_towers", "OPEN_CLIP",
-           "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS"]
+           "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS",
+           "DEBERTA_V2"]
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -92,10 +92,20 @@ HF_DECODERS = Adapter("hf-decoder", block_types=(
 # Encoders whose layers take the hidden states and the attention mask (text) or nothing else
 # (images): BERT-style text encoders (GLUE experts) and ViT-style image encoders.
 HF_ENCODERS = Adapter("hf-encoder", block_types=(
-    "BertLayer", "RobertaLayer", "DebertaV2Layer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
+    "BertLayer", "RobertaLayer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
     "XLMRobertaLayer", "ElectraLayer", "ModernBertEncoderLayer", "DeiTLayer", "BeitLayer",
     "Siglip2EncoderLayer",
 ))
+
+
+class DebertaV2Adapter(Adapter):
+    """DeBERTa-v2: its encoder unpacks each layer's output into (hidden states, attention)."""
+
+    def passthrough(self, hidden):
+        return hidden, None
+
+
+DEBERTA_V2 = DebertaV2Adapter("hf-deberta-v2", block_types=("DebertaV2Layer",))
 # BART: an encoder stack, then a decoder stack whose layers take the encoder's output and mask
 # (recorded per block like any keyword argument, after the encoder is quantized).
 BART = Adapter("hf-bart", block_types=(

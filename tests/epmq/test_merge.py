@@ -505,7 +505,8 @@ def test_gram_matrices_of_linears_on_one_input_are_taken_once(gen, monkeypatch):
     batches = [torch.randn(5, 4, generator=gen) for _ in range(3)]
     calls = []
     add_batch = stats_mod.HessianStats.add_batch
-    monkeypatch.setattr(stats_mod.HessianStats, "add_batch", lambda self, x: calls.append(1) or add_batch(self, x))
+    monkeypatch.setattr(stats_mod.HessianStats, "add_batch",
+                        lambda self, x, **kw: calls.append(1) or add_batch(self, x, **kw))
     grams = stats_mod.gram_matrices(model, batches)
     assert len(calls) == 4 + 2 * 2  # the first batch: each linear; then q (for k, v) and o
     X = torch.cat(batches).double()

@@ -296,6 +296,21 @@ def test_new_buffers_are_seen_even_at_a_reused_address(gen):
         torch.testing.assert_close(layer(x).float(), reference, rtol=0.02, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_load_state_dict_into_inference_tensors_is_seen(gen, dtype):
+    """Buffers made under torch.inference_mode have no version counter: a load_state_dict into
+    them (in that mode) must still retire what the forward derived from the old ones."""
+    with torch.inference_mode():
+        layer = _filled_layer(gen, dtype)
+        x = torch.randn(2, 256, generator=gen).to(dtype)
+        layer(x)
+        new = _filled_layer(gen, dtype)
+        new.scales.mul_(3)
+        layer.load_state_dict(new.state_dict())
+        assert torch.equal(layer.dequantize(), new.dequantize())
+        torch.testing.assert_close(layer(x).float(), new(x).float(), rtol=0, atol=0)
+
+
 def test_casts_keep_the_packed_scales_and_pickles_drop_the_caches(gen):
     import io
 

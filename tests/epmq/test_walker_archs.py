@@ -333,7 +333,9 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     """The walk feeds the last block of the last stack exactly the inputs the model's own
     forward gives it (masks, rotary or ALiBi, T5-style biases, encoder states replayed): its first
     linear's statistics equal those hooked from a plain forward (nothing upstream quantized)."""
+    from epmq.calibration import unpad
     from epmq.stats import HessianStats
+    from epmq.walker import _encoder_decoder
 
     build_model, kind = WIDER[arch]
     torch.manual_seed(0)
@@ -345,13 +347,15 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     hand = []
     handle = model.get_submodule(target).register_forward_pre_hook(
         lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-    with torch.no_grad():
+    with torch.no_grad():  # (the walk's items: padded batches cut into batches of real tokens)
         for item in calibration["a"]:
-            model(**item)
+            for part in unpad(item, encoder_decoder=_encoder_decoder(model)):
+                model(**part)
     handle.remove()
     seen = []
     add_batch = HessianStats.add_batch
-    monkeypatch.setattr(HessianStats, "add_batch", lambda self, x: seen.append(x.double()) or add_batch(self, x))
+    monkeypatch.setattr(HessianStats, "add_batch",
+                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
                         backend="torch", progress=False)
     H_hand = sum(x.T @ x for x in hand)

@@ -20,7 +20,9 @@ import torch
 import epmq
 from epmq import quant
 from epmq.adapters import find_adapter
+from epmq.calibration import unpad
 from epmq.stats import EPMQStats, HessianStats
+from epmq.walker import _encoder_decoder
 from test_walker_models import ARCHS, MOE, Family
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
@@ -30,6 +32,8 @@ def layer_inputs(model, name, items, routed=False):
     """Per calibration item, the inputs (tokens x features) of module ``name``; ``routed`` (an
     MoE expert): only for the items that route tokens to it."""
     module = model.get_submodule(name)
+    # the walk's items: padded batches cut into batches of real tokens (padding is no token)
+    items = [part for item in items for part in unpad(item, encoder_decoder=_encoder_decoder(model))]
     seen = []
     handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     try:

@@ -194,7 +194,8 @@ def test_g_idx_changed_in_place_is_seen(gen):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_inference_tensors(gen, backend):
     """Weights and activations made under torch.inference_mode have no version counter: the
-    launcher's caches key them without one (they cannot change in place outside that mode)."""
+    launcher's caches key them without one (their in-place changes inside that mode are not
+    seen, as documented; QuantLinear's load_state_dict gives its buffers new tensor objects)."""
     with torch.inference_mode():
         qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 16, "static")
         x = torch.randn(3, 64, generator=gen).to(torch.float16)
@@ -362,6 +363,83 @@ def test_weights_changed_in_place_are_seen(gen):
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
 
 
+def test_weights_narrowed_through_data_are_seen(gen):
+    """``.data = t[:, :n]`` keeps the data pointer and the version counter; the shapes change."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 64, 32)
+    x = torch.randn(3, 64, generator=gen).half()
+    for _ in range(2):
+        assert w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton").shape == (3, 64)
+    for tensor in (qweight, scales, zeros):
+        tensor.data = tensor.data[:, :32]
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
+@pytest.mark.parametrize("path,M", [("gemv", 1), ("splitk", 3), ("gemm", 17), ("dqmm", 5)])
+def test_out_may_be_the_input(gen, path, M):
+    """``out`` sharing memory with ``x`` (K == N): computed into a new tensor first, as
+    ``torch.mm(a, b, out=a)`` does (the kernels wrote y while other programs read x)."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 64, 32)
+    x = torch.randn(M, 64, generator=gen).half()
+    expected = w4a16_matmul_reference(x, qweight, scales, zeros, 32).half()
+    for _ in range(2):  # (the second call would find the plan of a first, non-aliasing one)
+        w4a16_matmul(x.clone(), qweight, scales, zeros, 32, out=torch.empty_like(x), backend="triton")
+        x_in = x.clone()
+        y = w4a16_matmul(x_in, qweight, scales, zeros, 32, out=x_in, path=path, backend="triton")
+        assert y is x_in
+        torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="out must be"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, out=x.view(-1)[:M * 32].view(M, 32), backend="triton")
+
+
+def test_fp32_plans_follow_the_tf32_switch(gen, monkeypatch):
+    """allow_tf32 changed between calls: the next fp32 call launches the precision it now asks
+    for (a plan kept the first call's)."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(3, 64, generator=gen)
+    seen = []
+    build = W._build_plan
+    monkeypatch.setattr(W, "_build_plan", lambda *a, **k: seen.append(W._dot_precision(torch.float32))
+                        or build(*a, **k))
+    for allow in (True, False, True):
+        monkeypatch.setattr(W, "_allow_tf32", lambda allow=allow: allow)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")
+    assert seen == ["tf32", "tf32x3"]  # (the third call finds the first call's plan)
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
+def test_dqmm_workspaces_are_per_thread(gen):
+    """A dqmm call is several launches on one buffer: two threads on one stream must not share
+    it (one's chunk could land between the other's dequantize and multiply)."""
+    import threading
+
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(5, 64, generator=gen).half()
+    buffers, errors = {}, []
+    both = threading.Barrier(2)  # (alive together: a finished thread's id may be given again)
+    one_at_a_time = threading.Lock()  # (the Triton interpreter is not thread safe)
+
+    def work(name):
+        try:
+            with one_at_a_time:
+                y = w4a16_matmul(x, qweight, scales, zeros, 32, path="dqmm", backend="triton")
+                assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+                buffers[name] = W._dequant_workspace(x.device, torch.float16, 1)
+            both.wait(timeout=60)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert buffers[0].data_ptr() != buffers[1].data_ptr()
+    key = W._ENTRIES[(id(qweight), id(scales), id(zeros), id(None), 32)].plan_key(x, None, None)
+    assert threading.get_ident() in key
+
+
 def test_plans_do_not_keep_weights_alive(gen):
     import gc
     import weakref
@@ -495,6 +573,32 @@ def test_corrupt_cache_file_is_ignored(tmp_path, monkeypatch):
     assert cache.get("k") is None
     cache.put("k", AUTOTUNE_SPACE["gemv"][0])
     assert autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"]).get("k") is not None
+    # valid JSON of another shape: ignored too (a matmul must not fail on its cache)
+    space = autotune_cache.space_id(AUTOTUNE_SPACE["gemv"])
+    for text in ("null", "[]", '"x"', "3", json.dumps(dict(space=space, gpu="gpu", entries=[1, 2])),
+                 json.dumps(dict(space=space, gpu="gpu", entries={"k": 3}))):
+        with open(cache.path, "w") as f:
+            f.write(text)
+        fresh = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
+        assert fresh.get("k") is None, text
+        fresh.put("j", AUTOTUNE_SPACE["gemv"][0])
+        assert autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"]).get("j") is not None
+    assert os.listdir(os.path.dirname(cache.path)) == [os.path.basename(cache.path)]  # (no temporaries)
+
+
+def test_a_failed_cache_write_leaves_no_temporary(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    cache = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
+    with pytest.raises(TypeError):
+        cache.put("k", {"BLOCK_N": object()})  # (not JSON)
+    assert os.listdir(os.path.dirname(cache.path)) == []
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), ("OFF", False), ("FALSE", False),
+                                            (" no ", False), ("1", True), ("on", True)])
+def test_autotune_switch(value, enabled, monkeypatch):
+    monkeypatch.setenv("EPMQ_AUTOTUNE", value)
+    assert autotune_cache.autotune_enabled() is enabled
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""calibration.unpad: a padded batch becomes batches of real tokens only, rows of equal lengths
+together."""
+
+import pytest
+import torch
+
+from epmq.calibration import unpad
+
+
+def padded(lengths, L, side="right", pad=0, gen=None):
+    ids = torch.full((len(lengths), L), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows = [torch.randint(1, 100, (n,), generator=gen) for n in lengths]
+    for b, row in enumerate(rows):
+        where = slice(0, len(row)) if side == "right" else slice(L - len(row), L)
+        ids[b, where], mask[b, where] = row, 1
+    return ids, mask, rows
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rows_cut_to_their_tokens_and_batched_by_length(side, gen):
+    ids, mask, rows = padded([3, 5, 3, 0, 5, 1], 6, side, gen=gen)
+    extra = torch.randn(6, 2, generator=gen)  # a per-row tensor off the token axis goes with its row
+    parts = unpad({"input_ids": ids, "attention_mask": mask, "labels": ids.clone(), "extra": extra,
+                   "return_dict": True})
+    assert [p["input_ids"].shape for p in parts] == [(2, 3), (2, 5), (1, 1)]
+    by_row = {0: (0, 0), 2: (0, 1), 1: (1, 0), 4: (1, 1), 5: (2, 0)}  # row 3 is padding only
+    for b, (p, r) in by_row.items():
+        part = parts[p]
+        assert torch.equal(part["input_ids"][r], rows[b])
+        assert torch.equal(part["labels"][r], rows[b])
+        assert part["attention_mask"][r].eq(1).all()
+        assert torch.equal(part["extra"][r], extra[b])
+        assert part["return_dict"] is True
+
+
+def test_encoder_decoder_sides_are_cut_apart(gen):
+    ids, mask, rows = padded([2, 4], 4, gen=gen)
+    labels, _, targets = padded([3, 1], 5, pad=-100, gen=gen)
+    (part_a, part_b) = unpad({"input_ids": ids, "attention_mask": mask, "labels": labels}, encoder_decoder=True)
+    assert torch.equal(part_a["input_ids"][0], rows[0]) and torch.equal(part_a["labels"][0], targets[0])
+    assert torch.equal(part_b["input_ids"][0], rows[1]) and torch.equal(part_b["labels"][0], targets[1])
+    # a decoder mask, when given, decides the decoder side (its inputs shifted already)
+    dec, dec_mask, _ = padded([2, 2], 3, gen=gen)
+    (part,) = unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": dec,
+                     "decoder_attention_mask": dec_mask}, encoder_decoder=True)
+    assert part["input_ids"].shape == (2, 4) and torch.equal(part["decoder_input_ids"], dec[:, :2])
+    # a decoder-only model's -100 labels are tokens it reads (a prompt left out of the loss)
+    labels = ids.masked_fill(torch.arange(4) < 1, -100)
+    (part,) = unpad({"input_ids": ids[:, :2], "attention_mask": mask[:, :2], "labels": labels[:, :2]})
+    assert part["labels"].shape == (2, 2)
+
+
+def test_batches_without_padding_come_back_as_they_are(gen):
+    item = {"input_ids": torch.randint(0, 9, (2, 3), generator=gen), "attention_mask": torch.ones(2, 3)}
+    assert unpad(item)[0] is item
+    tensor = torch.randn(2, 3)
+    assert unpad(tensor)[0] is tensor and unpad((tensor,))[0][0] is tensor
+
+
+def test_what_cannot_be_cut_is_refused(gen):
+    ids, mask, _ = padded([2, 4], 4, gen=gen)
+    with pytest.raises(ValueError, match=r"attention_mask of row 0 has zeros between its ones"):
+        unpad({"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]])})
+    with pytest.raises(ValueError, match=r"'pixel_values' \(\(3, 3, 8, 8\)\) is not a tensor with one row"):
+        unpad({"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(3, 3, 8, 8)})
+    with pytest.raises(ValueError, match=r"'position_ids' has shape \(2, 3\), attention_mask \(2, 4\)"):
+        unpad({"input_ids": ids, "attention_mask": mask, "position_ids": ids[:, :3]})
+    with pytest.raises(ValueError, match="every row is padding"):
+        unpad({"input_ids": ids, "attention_mask": torch.zeros_like(mask)})

@@ -1,0 +1,205 @@
+"""The statistics count what the calibration data holds: real tokens (padded batches are cut by
+``calibration.unpad``), every call of a linear, a branch any task takes, and nothing from a task
+whose inputs at a layer are all zero."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import epmq
+from epmq import walker
+from epmq.stats import gram_matrices
+
+SPEC = epmq.QuantSpec(bits=4, group_size=16)
+
+
+def solved_statistics(monkeypatch):
+    """``{layer: H}`` (GPTQ) or ``{layer: (H_e, H_m, G_e, task names)}`` (E-PMQ), as solved."""
+    seen = {}
+    solve = walker._Walk._solve
+
+    def spy(self, linear, stats, name, factors=None):
+        if isinstance(stats, epmq.HessianStats):
+            seen[name] = stats.H.clone()
+        else:
+            seen[name] = tuple(t.clone() for t in stats.finalize()[:3]) + (list(stats.task_names),)
+        return solve(self, linear, stats, name, factors)
+
+    monkeypatch.setattr(walker._Walk, "_solve", spy)
+    return seen
+
+
+def padded(rows, side, pad):
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        where = slice(0, len(r)) if side == "right" else slice(L - len(r), L)
+        ids[b, where], mask[b, where] = r, 1
+    return ids, mask
+
+
+def test_padding_is_no_token_in_a_decoder(gen, monkeypatch):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()  # (pad id 0's embedding is not zero)
+    rows = [torch.randint(1, 64, (n,), generator=gen) for n in (5, 8, 3, 8)]
+    singles = [{"input_ids": r[None], "attention_mask": torch.ones(1, len(r), dtype=torch.long)} for r in rows]
+    runs = {}
+    for label, items in [("single", singles), *[(side, [dict(zip(("input_ids", "attention_mask"),
+                                                                 padded(rows, side, 0)))])
+                                                for side in ("right", "left")]]:
+        seen = solved_statistics(monkeypatch)
+        model = epmq.quantize_model(copy.deepcopy(base), SPEC, method="gptq", calibration={"t": items},
+                                    backend="torch", progress=False)
+        runs[label] = seen, {e["name"]: e["n_tokens"] for e in model.epmq_report.layers}
+    (H_1, n_1) = runs["single"]
+    for side in ("right", "left"):
+        H, n = runs[side]
+        assert n == n_1 and set(n.values()) == {24}
+        for name in H_1:
+            torch.testing.assert_close(H[name], H_1[name], rtol=1e-12, atol=1e-12, msg=name)
+    # RegMean's statistics too
+    name = "model.layers.0.self_attn.q_proj.weight"
+    grams = [gram_matrices(base, items, names=[name])[name]
+             for items in (singles, [dict(zip(("input_ids", "attention_mask"), padded(rows, "right", 0)))])]
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grams[0], H_1["model.layers.0.self_attn.q_proj"], rtol=1e-12, atol=1e-12)
+
+
+def test_padding_is_no_token_in_an_encoder_decoder(gen, monkeypatch):
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration(config).eval()
+    inputs = [torch.randint(1, 64, (n,), generator=gen) for n in (6, 3, 6)]
+    targets = [torch.randint(1, 64, (n,), generator=gen) for n in (2, 4, 4)]
+    singles = [{"input_ids": x[None], "attention_mask": torch.ones(1, len(x), dtype=torch.long), "labels": y[None]}
+               for x, y in zip(inputs, targets)]
+    ids, mask = padded(inputs, "right", 0)
+    labels, _ = padded(targets, "right", -100)
+    runs = []
+    for items in (singles, [{"input_ids": ids, "attention_mask": mask, "labels": labels}]):
+        seen = solved_statistics(monkeypatch)
+        epmq.quantize_model(copy.deepcopy(base), SPEC, method="gptq", calibration={"t": items}, backend="torch",
+                            progress=False)
+        runs.append(seen)
+    assert "decoder.block.1.layer.1.EncDecAttention.k" in runs[0]  # (reads the encoder's output)
+    for name in runs[0]:
+        torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+class Net(nn.Module):
+    def __init__(self, block_type):
+        super().__init__()
+        self.layers = nn.ModuleList([block_type(), block_type()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def block_inputs(model, name, items):
+    xs = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: xs.append(args[0].double()))
+    with torch.no_grad():
+        for x in items:
+            model(x)
+    handle.remove()
+    return torch.cat(xs)
+
+
+class Twice(nn.Module):
+    """``a`` called twice, the second time on what its first call made."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        return y + self.a(torch.tanh(y))
+
+
+@pytest.mark.parametrize("method, targets", [("gptq", "merged_path"), ("epmq", "merged_path"),
+                                             ("gptq", "fp_path")])
+def test_a_linear_called_twice_counts_both_calls(method, targets, gen, monkeypatch):
+    torch.manual_seed(0)
+    net = Net(Twice)
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    X = block_inputs(net, "layers.0.a", items)  # (block 0's inputs are the model's: the walk's too)
+    assert X.shape == (16, 16)
+    expert = copy.deepcopy(net.state_dict())
+    seen = solved_statistics(monkeypatch)
+    epmq.quantize_model(net, SPEC, method=method, targets=targets, calibration={"t": items},
+                        experts={"t": expert} if method == "epmq" else None, backend="torch", progress=False,
+                        adapter=epmq.Adapter("twice", block_types=(Twice,)))
+    H = seen["layers.0.a"]
+    H = H if torch.is_tensor(H) else H[1]  # (E-PMQ: the merged Hessian)
+    torch.testing.assert_close(H, X.T @ X, rtol=1e-12, atol=1e-12)
+
+
+class Branch(nn.Module):
+    """``b`` runs only on inputs of positive mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        return y + self.b(y) if bool(x.mean() > 0) else y
+
+
+@pytest.mark.parametrize("order", [("neg", "pos"), ("pos", "neg")])
+def test_a_branch_one_task_takes_is_quantized_whatever_the_task_order(order, gen):
+    torch.manual_seed(0)
+    data = {"neg": [torch.randn(4, 16, generator=gen) - 3], "pos": [torch.randn(4, 16, generator=gen) + 3]}
+    model = epmq.quantize_model(Net(Branch), SPEC, method="gptq", calibration={t: data[t] for t in order},
+                                backend="torch", progress=False, adapter=epmq.Adapter("branch", block_types=(Branch,)))
+    assert isinstance(model.layers[0].b, epmq.QuantLinear)
+    assert not model.epmq_report.skipped
+    tokens = {e["name"]: e["n_tokens"] for e in model.epmq_report.layers}
+    assert tokens["layers.0.a"] == 8 and tokens["layers.0.b"] == 4
+
+
+class Gated(nn.Module):
+    """``b`` reads ``relu(x)``: all zero for inputs that are all negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.a(x) + self.b(torch.relu(x))
+
+
+def test_a_task_whose_inputs_are_zero_at_a_layer_is_left_out_of_it(gen, monkeypatch):
+    torch.manual_seed(0)
+    net = Net(Gated)
+    experts = {t: {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
+               for t in ("neg", "pos")}
+    data = {"neg": [-torch.rand(4, 16, generator=gen) - 0.1], "pos": [torch.randn(4, 16, generator=gen)]}
+    adapter = epmq.Adapter("gated", block_types=(Gated,))
+    seen = solved_statistics(monkeypatch)
+    model = epmq.quantize_model(copy.deepcopy(net), SPEC, method="epmq", calibration=data, experts=experts,
+                                backend="torch", progress=False, adapter=adapter)
+    entry = next(e for e in model.epmq_report.layers if e["name"] == "layers.0.b")
+    assert entry["tasks_with_zero_inputs"] == ["task 'neg' at layers.0.b"]
+    assert seen["layers.0.b"][3] == ["task 'pos' at layers.0.b"]
+    # the layer is E-PMQ of the other task alone
+    X = block_inputs(net, "layers.0.b", data["pos"])
+    H_e, H_m = seen["layers.0.b"][:2]
+    torch.testing.assert_close(H_m, X.T @ X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H_e, X.T @ X / torch.trace(X.T @ X), rtol=1e-12, atol=1e-12)
+    # every task's inputs zero there: rounded to nearest, as a layer no token reaches
+    model = epmq.quantize_model(copy.deepcopy(net), SPEC, method="epmq", calibration={"neg": data["neg"]},
+                                experts={"neg": experts["neg"]}, backend="torch", progress=False, adapter=adapter)
+    assert "layers.0.b" in model.epmq_report.unreached
+    rtn = epmq.quant.rtn(net.layers[0].b.weight.detach(), SPEC)
+    assert torch.equal(model.layers[0].b.codes().t().to(rtn.codes.dtype), rtn.codes)
