@@ -12,6 +12,7 @@ from torch import nn
 import epmq
 from epmq import walker
 from epmq.stats import gram_matrices
+from test_walker_errors import Net
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -91,17 +92,6 @@ def test_padding_is_no_token_in_an_encoder_decoder(gen, monkeypatch):
     assert "decoder.block.1.layer.1.EncDecAttention.k" in runs[0]  # (reads the encoder's output)
     for name in runs[0]:
         torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-12, atol=1e-12, msg=name)
-
-
-class Net(nn.Module):
-    def __init__(self, block_type):
-        super().__init__()
-        self.layers = nn.ModuleList([block_type(), block_type()])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 def block_inputs(model, name, items):
