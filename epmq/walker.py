@@ -83,13 +83,13 @@ from torch import nn
 
 from . import quant
 from .adapters import Adapter, Part, Transposed, find_towers, warn_other_towers
+from .calibration import unpad
 from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
 from .qlinear import QuantLinear
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
-from .calibration import unpad
 from .stats import EPMQStats, HessianStats
 from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
