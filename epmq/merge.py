@@ -4,7 +4,10 @@ Iso-C, Model Stock, SLERP and (weighted) averaging.
 Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as state dicts (any
 ``Mapping`` of name -> tensor, including lazy ones that read a tensor from disk when indexed) or
 ``nn.Module``s, and returns a new state dict. Work goes tensor by tensor: at any time one tensor
-of the base and of every expert is in memory, plus the result.
+of the base and of every expert is in memory, plus the result. The task-vector merges and
+``average`` read the experts' tensors one at a time instead; a tensor whose K task vectors would
+pass ``HOLD_BYTES`` is merged holding a few tensors whatever K (an 8B model's embedding is 2.1
+GB in fp32), the sign election making each task vector twice (its expert read twice).
 
 With task vectors ``tau_k = W_k - W_0`` (the task-vector merges also take ``weights``, one per
 expert, multiplying each ``tau_k`` before it is combined, as mergekit's per-model ``weight``):
@@ -88,25 +91,58 @@ def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> t
     return t
 
 
-def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict]):
+# The task vectors of one tensor held at once up to this many bytes (fp32); a larger tensor's
+# are made one at a time, when needed.
+HOLD_BYTES = 1 << 28
+
+
+class _Read(Sequence):
+    """Every expert's tensor ``name`` as float32, read (and checked, the first time) when
+    indexed: a merge that takes them one at a time holds one, not K."""
+
+    def __init__(self, name, experts, reference, first=None):
+        self.name, self.experts, self.reference = name, experts, reference
+        self.first = first  # expert 0's tensor, when it is the reference (already read)
+        self.checked = set()
+
+    def __len__(self):
+        return len(self.experts)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        W = self.first if k == 0 and self.first is not None else self.experts[k][self.name]
+        if k not in self.checked:
+            _checked(self.name, f"expert {k}", W, self.reference)
+            self.checked.add(k)
+        return W.float()
+
+
+def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict], lazy: bool = False):
     """The base's and every expert's tensor ``name``, checked, as float32 (``None`` when the
-    tensor is not floating point), and the tensor whose dtype the result takes."""
+    tensor is not floating point), and the tensor whose dtype the result takes. ``lazy``: the
+    experts' as a ``_Read``, each read when indexed."""
     reference = base[name] if base is not None else experts[0][name]
     W_0 = None if base is None else _checked(name, "base", base[name], reference)
-    W_k = [_checked(name, f"expert {k}", e[name], reference) for k, e in enumerate(experts)]
     if not reference.is_floating_point():
+        for k, e in enumerate(experts):
+            _checked(name, f"expert {k}", e[name], reference)
         return reference, None, None
-    return reference, None if W_0 is None else W_0.float(), [W.float() for W in W_k]
+    W_k = _Read(name, experts, reference, first=reference if base is None else None)
+    if not lazy:
+        W_k = list(W_k)
+    return reference, None if W_0 is None else W_0.float(), W_k
 
 
-def _merge_each(base, experts, merge_tensor, out=None):
+def _merge_each(base, experts, merge_tensor, out=None, lazy=False):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
-    store each result in ``out`` as it is made (a new dict by default); returns ``out``."""
+    store each result in ``out`` as it is made (a new dict by default); returns ``out``.
+    ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again)."""
     base, experts = _inputs(base, experts)
     reference = base if base is not None else experts[0]
     out = {} if out is None else out
     for name in reference.keys():
-        ref, W_0, W_k = _tensors(name, base, experts)
+        ref, W_0, W_k = _tensors(name, base, experts, lazy)
         if W_0 is None and W_k is None:
             out[name] = ref.clone()
             continue
@@ -162,15 +198,20 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
     (TIES): the elected sign is that of their sum, and only the nonzero entries that agree with
     it are summed or averaged (the disjoint mean, weighted by the agreeing entries' weights);
     where the sum is exactly 0 there is no elected sign and the result is 0.
+
+    ``taus`` is indexed once per task vector, twice for ``"sign"`` (it may make them on demand).
     """
-    weights = _check_weights(weights, len(taus), divide=consensus is None and merge == "mean")
-    if weights is not None:
-        taus = [w * tau for w, tau in zip(weights, taus)]
+    K = len(taus)
+    weights = _check_weights(weights, K, divide=consensus is None and merge == "mean")
+
+    def weighted(k):
+        return taus[k] if weights is None else weights[k] * taus[k]
+
     # one task vector at a time: K-sized temporaries (stacks, masks) of a large tensor would
     # cost several times the experts' own memory
-    total = torch.zeros_like(taus[0])
-    for tau in taus:
-        total += tau
+    total = weighted(0).clone()
+    for k in range(1, K):
+        total += weighted(k)
     if consensus is None:
         if merge == "sum":
             return total
@@ -178,7 +219,8 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
     sign = torch.sign(total)
     total.zero_()
     count = torch.zeros_like(total)
-    for k, tau in enumerate(taus):
+    for k in range(K):
+        tau = weighted(k)
         agree = (torch.sign(tau) == sign) & (tau != 0)
         total += torch.where(agree, tau, 0.0)
         count += agree if weights is None else agree * weights[k]
@@ -196,8 +238,31 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     check_number(scale, "scale")
     _check_choice(consensus, (None, "sign"), "consensus")
     _check_choice(merge, ("sum", "mean"), "merge")
-    return _merge_each(base, experts, lambda name, W_0, W_k: W_0 + scale * _combine(
-        [sparsify(name, k, W - W_0) for k, W in enumerate(W_k)], consensus, merge, weights), out)
+
+    def merge_tensor(name, W_0, W_k):
+        taus = _TaskVectors(lambda k: sparsify(name, k, W_k[k] - W_0), len(W_k))
+        if 4 * W_0.numel() * len(W_k) <= HOLD_BYTES:
+            taus = list(taus)  # (each made once)
+        return W_0 + scale * _combine(taus, consensus, merge, weights)
+
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+
+
+class _TaskVectors(Sequence):
+    """Task vector k made when indexed (``make(k)``), each time."""
+
+    def __init__(self, make, n):
+        self.make, self.n = make, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.n))]
+        if not -self.n <= k < self.n:
+            raise IndexError(k)
+        return self.make(k % self.n)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -210,14 +275,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
-    if weights is None:
-        return _merge_each(None, experts, lambda name, W_0, W_k: torch.stack(W_k).mean(0), out)
 
-    def merge_tensor(name, W_0, W_k):
-        w = _check_weights(weights, len(W_k), divide=True)
-        return sum(w_k * W for w_k, W in zip(w, W_k)) / sum(w)
+    def merge_tensor(name, W_0, W_k):  # (the experts read one at a time)
+        w = [1.0] * len(W_k) if weights is None else _check_weights(weights, len(W_k), divide=True)
+        total = W_k[0].mul(w[0])
+        for k in range(1, len(W_k)):
+            total.add_(W_k[k], alpha=w[k])
+        return total.div_(sum(w))
 
-    return _merge_each(None, experts, merge_tensor, out)
+    return _merge_each(None, experts, merge_tensor, out, lazy=True)
 
 
 def task_arithmetic(base, experts, scale: float = 0.3, weights: Optional[Sequence[float]] = None,

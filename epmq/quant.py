@@ -169,12 +169,15 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
 # --------------------------------------------------------------------------- shared GPTQ path
 
 
-def _lower_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+def _lower_inverse(L: torch.Tensor, leaf: int = 256, in_place: bool = False) -> torch.Tensor:
     """``L^{-1}`` of a lower-triangular ``L`` by halving: with ``L = [[A, 0], [B, C]]``,
     ``L^{-1} = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``. Most of the work is then two matrix products
     per level instead of one triangular solve against the identity, which runs far below GEMM
-    speed (0.70 -> 0.50 s on the CPU at 4096; on the H200 the solve took 4 of GPTQ's 16.6 ms)."""
-    out = torch.zeros_like(L)
+    speed (0.70 -> 0.50 s on the CPU at 4096; on the H200 the solve took 4 of GPTQ's 16.6 ms).
+
+    ``in_place``: into ``L``'s own memory (its upper triangle zero), no second ``d^2`` matrix:
+    ``B`` is read only after ``A`` and ``C`` are inverted, and then overwritten."""
+    out = L if in_place else torch.zeros_like(L)
 
     def fill(lo, hi):
         if hi - lo <= leaf:
@@ -215,11 +218,12 @@ def _factor_fp32(H: torch.Tensor, damp: float):
     H_damped.diagonal().add_(damp)
     s = torch.diagonal(H_damped).rsqrt()
     H_damped.mul_(s[:, None]).mul_(s[None, :])
-    L, info = torch.linalg.cholesky_ex(H_damped)
+    L, info = torch.linalg.cholesky_ex(H_damped, out=(H_damped, _info(H)))  # (in place)
     del H_damped
     if int(info) != 0:
         return None
-    Hinv = (_lower_inverse(L) * s[None, :]).flip(0, 1)
+    Hinv = _lower_inverse(L, in_place=True).mul_(s[None, :]).flip(0, 1)
+    del L
     if not all_finite(Hinv):
         return None
     g = torch.Generator(device=H.device).manual_seed(0)
@@ -229,32 +233,43 @@ def _factor_fp32(H: torch.Tensor, damp: float):
     return Hinv if float(gap) <= FP32_FACTOR_TOLERANCE * float(torch.linalg.vector_norm(V)) else None
 
 
-def _factor(H: torch.Tensor, percdamp: float):
-    """Damp ``H`` (float64, processing order, dead columns fixed) until it factors.
+def _info(H):
+    return torch.empty((), dtype=torch.int32, device=H.device)
 
-    Returns ``(Hinv, damp, retries)`` with ``Hinv`` the upper Cholesky factor of ``H~^{-1}``,
+
+def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None):
+    """Damp ``H`` (float64, dead columns fixed; taken in the processing order ``perm``, or as it
+    is) until it factors.
+
+    Returns ``(Hinv, damp, retries)`` with ``Hinv`` (fp32, what the solver runs on) the upper
+    Cholesky factor of ``H~^{-1}``,
     ``H~ = H + damp I``, ``damp = percdamp * mean(diag H)`` (the live columns' mean: dead
     diagonals are set to it) unless retries raised it. With ``J`` the order reversal and
     ``J H~ J = L L^T``, that factor is ``J L^{-1} J``: one Cholesky and one triangular inverse,
     never ``H~^{-1}`` itself. In float64, except on GPUs with slow float64, where an fp32
     factor that passes its check is taken (``_factor_fp32``; float64 otherwise, with the same
-    damping).
+    damping). Memory beyond ``H``: one float64 ``d^2`` matrix (the reversed copy, factored and
+    inverted in place) and the fp32 result (at 14336 inputs a float64 one is 1.6 GB).
     """
     mean_diag = float(torch.diagonal(H).mean())
     damp = percdamp * mean_diag
     if not _fp64_is_fast(H.device):
-        Hinv = _factor_fp32(H, damp)
+        Hinv = _factor_fp32(H if perm is None else H[perm[:, None], perm[None, :]], damp)
         if Hinv is not None:
             return Hinv, damp, 0
+    reverse = None if perm is None else perm.flip(0)
     for retry in range(MAX_DAMP_RETRIES + 1):
-        H_damped = H.flip(0, 1)  # (a copy; no identity matrix: at 14336 inputs it is 1.6 GB)
-        H_damped.diagonal().add_(damp)
-        L, info = torch.linalg.cholesky_ex(H_damped)
-        del H_damped
+        # J H J (J the order reversal), in the processing order: one gather, one copy
+        L = H.flip(0, 1) if reverse is None else H[reverse[:, None], reverse[None, :]]
+        L.diagonal().add_(damp)  # (no identity matrix)
+        L, info = torch.linalg.cholesky_ex(L, out=(L, _info(H)))
         if int(info) == 0:
-            Hinv = _lower_inverse(L).flip(0, 1)
+            Hinv = _lower_inverse(L, in_place=True).float()  # (before the flip: half the memory)
+            del L
+            Hinv = Hinv.flip(0, 1)
             if all_finite(Hinv):
                 return Hinv, damp, retry
+        del L
         # the next try damps ten times more; from zero damping, start at 1e-6 of the mean
         damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
     raise ValueError(
@@ -371,9 +386,11 @@ def _round_target(
     backend = resolve_backend(backend, W_base.device)
     device = W_base.device
 
-    H64 = H.to(torch.float64, copy=True)  # (one copy whatever H's dtype: it is changed below)
+    dead = torch.diagonal(H) == 0
+    any_dead = bool(dead.any())
+    # float64, copied only where it is changed below (the caller's H is left as it is)
+    H64 = H.to(torch.float64, copy=True) if any_dead or H.dtype != torch.float64 else H
     diag = torch.diagonal(H64)
-    dead = diag == 0
     # A dead column saw only zero inputs: with any positive diagonal (its row and column of H
     # are zero) it carries no error and takes none. Its weights must not widen the grid the
     # calibration data is rounded on, so the solver sees it as 0 (on every grid, exactly);
@@ -384,7 +401,8 @@ def _round_target(
     # 64 dead, K = 1: 7.9 times the live columns' damping), and GPTQ's codes changed when H was
     # rescaled. With no live column the value is immaterial: 1, as before.
     live = ~dead
-    diag[dead] = float(diag[live].mean()) if bool(live.any()) else 1.0
+    if any_dead:
+        diag[dead] = float(diag[live].mean()) if bool(live.any()) else 1.0
     cached = None if factors is None else factors.get(H64, dead, spec.act_order, percdamp)
     if cached is None:
         # Act-order on the diagonal as measured (dead columns at 0, last): their position then
@@ -392,9 +410,7 @@ def _round_target(
         # group with no live column gets RTN's grid) instead of sharing the live columns'.
         perm = (torch.argsort(diag.masked_fill(dead, 0.0), descending=True, stable=True)
                 if spec.act_order else None)
-        Hinv, damp, retries = _factor(H64 if perm is None else H64[perm][:, perm], percdamp)
-        Hinv32 = Hinv.float().contiguous()  # what the solver runs on
-        del Hinv
+        Hinv32, damp, retries = _factor(H64, percdamp, perm)  # (fp32: what the solver runs on)
         if factors is not None:
             factors.put(H64, dead, spec.act_order, percdamp, (perm, Hinv32, damp, retries))
     else:
@@ -414,7 +430,6 @@ def _round_target(
     target_p = W_p if R_p is None else W_p + R_p
     target = target_p if perm is None else _unpermute(target_p, perm)
     dead_p = dead if perm is None else dead[perm]
-    any_dead = bool(dead.any())
     if any_dead:
         W_p = W_p.masked_fill(dead_p, 0.0)
         R_p = None if R_p is None else R_p.masked_fill(dead_p, 0.0)

@@ -142,6 +142,7 @@ class EPMQStats:
         self.task_names: list[str] = []
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
         self._task: Optional[_Task] = None
+        self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
 
     @property
     def _tasks_done(self) -> int:
@@ -233,7 +234,8 @@ class EPMQStats:
         if self.inputs_of is None:
             accumulate_xxt(task.H, X, backend=self.backend)
         task.n_tokens += X.shape[0]
-        W_m = self.W_merged.to(self.dtype)
+        if x_expert is not None or x_anchor is not None:  # (the merged path needs no W_m here)
+            W_m = self._W_m()
         if x_expert is not None:
             X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
             T = X_t @ task.W.to(self.dtype).T - X @ W_m.T
@@ -254,6 +256,12 @@ class EPMQStats:
             self.c_m += float(T_m.pow(2).sum())
         elif self.G_m is not None:
             raise ValueError("give x_anchor for every batch of every task or for none")
+
+    def _W_m(self):
+        """``W_merged`` in the statistics' dtype, converted once."""
+        if self._W_m_cast is None:
+            self._W_m_cast = self.W_merged.to(self.dtype)
+        return self._W_m_cast
 
     def _target_tokens(self, x_t, X, what):
         X_t = _tokens(x_t, X.shape[1], what).to(self.H_e.device)

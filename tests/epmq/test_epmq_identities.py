@@ -374,6 +374,9 @@ def test_lower_inverse_matches_the_triangular_solve(d):
     scale = float(ref.abs().max())
     assert float((got - ref).abs().max()) <= 1e-10 * scale
     assert float((got @ L - torch.eye(d, dtype=torch.float64)).abs().max()) <= 1e-10 * float(L.abs().max()) * scale
+    # in place (the solver's way: no second d x d matrix): the same numbers, in L's memory
+    L_copy = L.clone()
+    assert _lower_inverse(L_copy, in_place=True) is L_copy and torch.equal(L_copy, got)
 
 
 @pytest.mark.cuda

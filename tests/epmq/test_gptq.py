@@ -288,6 +288,32 @@ def test_fp32_factor_where_float64_is_slow(gen, spec, monkeypatch):
     assert float((res.codes == ref.codes).double().mean()) > 0.99
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dead", [False, True])
+def test_the_callers_hessian_is_left_as_it_is(gen, act_order, dead):
+    """A float64 Hessian is used without a copy where nothing changes it (at 14336 inputs a
+    copy is 1.6 GB); the solve leaves it as it was, and gives what a copy of it gives."""
+    W, H = correlated_problem(gen)
+    H = H.double()
+    if dead:
+        H[:, 3] = H[3, :] = 0
+    before = H.clone()
+    spec = QuantSpec(bits=4, group_size=32, act_order=act_order)
+    res = quant.gptq(W, H, spec, backend="torch")
+    assert torch.equal(H, before)
+    ref = quant.gptq(W, before.clone(), spec, backend="torch")
+    assert torch.equal(res.codes, ref.codes) and res.loss == ref.loss
+    # and through the in-place factorization: GPTQ's damped inverse factor, U^T U = (H + damp I)^-1
+    perm = torch.randperm(H.shape[0], generator=gen) if act_order else None
+    H_live = H + torch.diag((H.diagonal() == 0).double())
+    Hinv, damp, _ = quant._factor(H_live, 0.01, perm)
+    H_p = H_live if perm is None else H_live[perm][:, perm]
+    damped = H_p + damp * torch.eye(H.shape[0], dtype=torch.float64)
+    assert Hinv.dtype == torch.float32 and torch.equal(Hinv.triu(), Hinv)
+    torch.testing.assert_close((Hinv.double().T @ Hinv.double()) @ damped, torch.eye(H.shape[0], dtype=torch.float64),
+                               rtol=0, atol=2e-3)
+
+
 @pytest.mark.cuda
 def test_cuda_fp32_factor(gen, monkeypatch):
     """The fp32 factor on a GPU (the H100/H200 factor in float64: forced here), fused solver."""

@@ -39,6 +39,39 @@ def test_average():
     assert torch.equal(out["ids"], experts[0]["ids"])
 
 
+class Counted(dict):
+    """A state dict that counts the reads of each tensor (as a lazy checkpoint would make them)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reads = {}
+
+    def __getitem__(self, name):
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return super().__getitem__(name)
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("task_arithmetic", dict(weights=[1.0, 0.5, 2.0])), ("ties", dict(scope="tensor")),
+    ("dare", dict(consensus="sign", merge="mean")), ("della", {}), ("breadcrumbs", dict(consensus="sign")),
+    ("average", dict(weights=[1.0, 0.5, 2.0])), ("average", {})])
+def test_task_vectors_past_the_memory_limit_are_made_one_at_a_time(method, kw, gen, monkeypatch):
+    """A tensor whose K task vectors would pass HOLD_BYTES is merged with them made on demand
+    (the sign vote's second pass reads each expert again): the same merge, the experts read one
+    tensor at a time instead of all K at once."""
+    base = {"w": torch.randn(40, 24, generator=gen), "b": torch.randn(24, generator=gen)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    args = (experts,) if method == "average" else (base, experts)
+    held = getattr(merge, method)(*args, **kw)
+    monkeypatch.setattr(merge, "HOLD_BYTES", 4 * 24 * 3)  # ("b" still held, "w" not)
+    counted = [Counted(e) for e in experts]
+    streamed = getattr(merge, method)(*((counted,) if method == "average" else (base, counted)), **kw)
+    for name in base:
+        torch.testing.assert_close(streamed[name], held[name], rtol=1e-6, atol=1e-6)
+    sign = method in ("ties", "della") or kw.get("consensus") == "sign"
+    assert [c.reads for c in counted] == [{"w": 2 if sign else 1, "b": 1}] * 3
+
+
 def test_ties_tensor_scope_by_hand():
     base, experts = hand_models()
     # k = 3 of 6 per expert in "w": thresholds 2, 2 and 1; entry 1 has trimmed values +2 and -2,
