@@ -201,18 +201,25 @@ def unpad(item, *, encoder_decoder: bool = False) -> list:
             raise ValueError(f"calibration batch with padding: {key!r} ({shape}) is not a tensor with one "
                              f"row per sequence ({B}), so the batch cannot be cut into rows without "
                              f"padding; give batches without padding")
+    on_axis = []  # per side: the keys to cut
     for keys, what, mask in sides:
+        on_axis.append([])
         for key in keys:
             value = item.get(key)
-            if isinstance(value, torch.Tensor) and (value.dim() < 2 or value.shape[:2] != mask.shape):
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() >= 2 and value.shape[:2] == mask.shape:
+                on_axis[-1].append(key)
+            elif key != "labels" or (encoder_decoder and what == "labels"):
                 raise ValueError(f"calibration batch: {key!r} has shape {tuple(value.shape)}, {what} "
                                  f"{tuple(mask.shape)}")
+            # (else a decoder-only model's labels of a row, a class or a vector: cut by row only)
     batches = {}  # real lengths -> rows, in the order met
     for b in range(B):
         spans = [_span(mask[b], what, b) for _, what, mask in sides]
         if None in spans:
             continue
-        cut = {key: span for (keys, _, _), span in zip(sides, spans) for key in keys}
+        cut = {key: span for keys, span in zip(on_axis, spans) for key in keys}
         row = {}
         for key, value in item.items():
             if isinstance(value, torch.Tensor):

@@ -412,7 +412,9 @@ def _round_target(
                 if spec.act_order else None)
         Hinv32, damp, retries = _factor(H64, percdamp, perm)  # (fp32: what the solver runs on)
         if factors is not None:
-            factors.put(H64, dead, spec.act_order, percdamp, (perm, Hinv32, damp, retries))
+            # (the key a copy when H64 is the caller's H, which the caller may change in place)
+            factors.put(H64.clone() if H64 is H else H64, dead, spec.act_order, percdamp,
+                        (perm, Hinv32, damp, retries))
     else:
         perm, Hinv32, damp, retries = cached
 

@@ -51,6 +51,16 @@ def test_encoder_decoder_sides_are_cut_apart(gen):
     assert part["labels"].shape == (2, 2)
 
 
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_labels_of_a_row_go_with_their_row(gen, encoder_decoder):
+    """Sequence classification: a class per row ([B]) or a multi-label vector ([B, C])."""
+    ids, mask, rows = padded([3, 5], 6, gen=gen)
+    for labels in (torch.tensor([1, 0]), torch.rand(2, 4, generator=gen)):
+        parts = unpad({"input_ids": ids, "attention_mask": mask, "labels": labels}, encoder_decoder=encoder_decoder)
+        assert [torch.equal(p["input_ids"][0], r) for p, r in zip(parts, rows)] == [True, True]
+        assert torch.equal(torch.cat([p["labels"] for p in parts]), labels)
+
+
 def test_batches_without_padding_come_back_as_they_are(gen):
     item = {"input_ids": torch.randint(0, 9, (2, 3), generator=gen), "attention_mask": torch.ones(2, 3)}
     assert unpad(item)[0] is item

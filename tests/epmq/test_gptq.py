@@ -450,6 +450,16 @@ def test_factor_cache_shares_one_factorization(gen, act_order, monkeypatch):
     assert a.dead_columns == 1 and b.dead_columns == 0 and a.damp == pytest.approx(b.damp, rel=1e-14)
     if act_order:
         assert int(a.perm[-1]) == 5 and int(b.perm[-1]) != 5
+    # one float64 buffer (no dead column: solved without a copy) refilled in place for the next
+    # layer: the cache must not find the new Hessian equal to its key
+    X = torch.randn(200, 64, generator=gen, dtype=torch.float64)
+    buffer = X.T @ X
+    first = quant.gptq(Ws[0], buffer, spec, factors=cache)
+    buffer.copy_(buffer.diag().diag())
+    refilled = quant.gptq(Ws[0], buffer, spec, factors=cache)
+    fresh = quant.gptq(Ws[0], buffer.clone(), spec)
+    assert cache.hits == 2 and not torch.equal(first.codes, refilled.codes)
+    assert torch.equal(refilled.codes, fresh.codes) and refilled.loss == fresh.loss
 
 
 def test_factor_cache_in_epmq_from_stats(gen):
