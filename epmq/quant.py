@@ -264,12 +264,13 @@ def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = Non
         L.diagonal().add_(damp)  # (no identity matrix)
         L, info = torch.linalg.cholesky_ex(L, out=(L, _info(H)))
         if int(info) == 0:
-            Hinv = _lower_inverse(L, in_place=True).float()  # (before the flip: half the memory)
-            del L
-            Hinv = Hinv.flip(0, 1)
+            Linv = _lower_inverse(L, in_place=True).float()  # (before the flip: half the memory)
+            L = None
+            Hinv = Linv.flip(0, 1)
+            del Linv
             if all_finite(Hinv):
                 return Hinv, damp, retry
-        del L
+        L = Hinv = None
         # the next try damps ten times more; from zero damping, start at 1e-6 of the mean
         damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
     raise ValueError(

@@ -360,6 +360,19 @@ def test_cholesky_failure_raises_damping(gen):
     assert torch.isfinite(res.weight).all() and res.loss >= 0
 
 
+def test_a_factor_that_is_not_finite_is_damped_again(gen, monkeypatch):
+    """Cholesky succeeded but its inverse overflowed (a near-singular H): the next try damps ten
+    times more, from a fresh copy of H (the failed one was factored and inverted in place)."""
+    W, H = random_problem(gen, d_in=32, n=64)
+    verdicts = [False]  # (quant's own all_finite checks only the factor)
+    monkeypatch.setattr(quant, "all_finite", lambda t: verdicts.pop() if verdicts else True)
+    ref = quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), percdamp=0.01)
+    assert ref.damp_retries == 1
+    monkeypatch.undo()
+    again = quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), percdamp=0.1)
+    assert ref.damp == pytest.approx(again.damp, rel=1e-12) and torch.equal(ref.codes, again.codes)
+
+
 def test_indefinite_hessian_retries_then_succeeds(gen):
     # a rank-deficient Gram matrix pushed slightly indefinite, as float32 accumulation can do
     W, H = random_problem(gen, d_in=32, n=8)
