@@ -92,8 +92,8 @@ def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> t
 
 
 # The task vectors of one tensor held at once up to this many bytes (fp32); a larger tensor's
-# are made one at a time, when needed.
-HOLD_BYTES = 1 << 28
+# are made one at a time, when needed (the sign vote makes each twice: slower, memory flat in K).
+HOLD_BYTES = 1 << 30
 
 
 class _Read(Sequence):
