@@ -682,6 +682,7 @@ class _Stream:
         self.hidden = {}  # task -> [hidden states]
         self.kwargs = {}  # task -> [kwargs of the current block]
         self.recorded = {}  # task -> [[kwargs of each block of the stack, as recorded]]
+        self.masks = {}  # task -> [which positions are tokens (bool [B, L]), or None: all]
         self.finals = {}  # stack index -> task -> [output hidden states of the stack]
 
 
@@ -920,7 +921,7 @@ class _Walk:
             self.edits.forget_output_capture()
             for task, items in self.calibration.items():
                 with self._expert_outside(task) if stream.experts else nullcontext():
-                    hidden, recorded = [], []
+                    hidden, recorded, masks = [], [], []
                     for n, item in enumerate(items):
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None)
                         try:
@@ -936,8 +937,10 @@ class _Walk:
                             )
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))
+                        masks.append(stack.adapter.token_mask(self.model, stack.prefix, item))
                 stream.hidden[task] = hidden
                 stream.recorded[task] = recorded
+                stream.masks[task] = masks
                 stream.kwargs[task] = [r[0] for r in recorded]
         finally:
             for blocks, j, block in reversed(originals):
@@ -1088,10 +1091,12 @@ class _Walk:
                 leader[rel] = first.setdefault(tuple(reads[rel]), rel) if shared else rel
         return groups, leader
 
-    def _capture(self, block, hidden, kwargs, rels, full, leader):
+    def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
         when ``full`` (otherwise the pass stops once every one of them has been called). A linear
-        that shares its leader's input gets the leader's tensor (checked to be the same)."""
+        that shares its leader's input gets the leader's tensor (checked to be the same).
+        ``mask``: the positions that are tokens (``Adapter.token_mask``), for inputs of that
+        ``[B, L]`` shape."""
         calls = {rel: [] for rel in rels}  # (input, its version) of every call
         inputs = {rel: [] for rel in rels}  # copies taken at the call (the block may write the
         # tensor in place afterwards)
@@ -1103,6 +1108,8 @@ class _Walk:
                 calls[rel].append((x, version(x)))
                 if leader[rel] == rel:
                     rows = x.detach().reshape(-1, x.shape[-1])
+                    if mask is not None and x.shape[:-1] == mask.shape:
+                        rows = rows[mask.reshape(-1).to(rows.device)]
                     same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
                     inputs[rel].append(rows.clone() if same else rows)  # (one copy either way)
                 if len(calls[rel]) >= self.calls.get(rel, 1):  # (a linear called twice: both)
@@ -1187,13 +1194,14 @@ class _Walk:
                 begun.add(rel)
 
             for n in range(len(items)):
+                mask = self.q.masks[task][n]  # (the same items enter every stream)
                 xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group,
-                                      False, leader)
+                                      False, leader, mask)
                 x_t = None
                 if target is not None:
                     x_t, out = self._capture(
-                        target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full_target, leader
-                    )
+                        target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full_target, leader,
+                        mask)
                     if t_out is not None:
                         t_out[task, n] = out
                 for rel, x in xs.items():

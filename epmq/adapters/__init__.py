@@ -26,6 +26,9 @@ know about an architecture is:
   ``passthrough(hidden)`` (what a skipped block returns: the walker replaces blocks by
   stand-ins to capture inputs), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
   block, e.g. T5's position bias, computed by the first block and handed down).
+* ``token_mask(model, prefix, item)``: which positions of a stack's hidden states are tokens of
+  a calibration item, for models that pad without a mask (open_clip's text tower: the zeros
+  after the end token); None (the default): all. Masked HF batches are cut before the walk.
 
 To support a new family, subclass ``Adapter`` (or instantiate it, for plain blocks that take
 and return hidden states) and register it::
@@ -127,6 +130,12 @@ class Adapter:
             for i, block in enumerate(blocks):
                 for rel, module in list(block.named_modules()):
                     yield f"{stack_name}.{i}.{rel}", module
+
+    def token_mask(self, model: nn.Module, prefix: str, item):
+        """Which positions of the hidden states of the stack ``prefix`` are tokens of the
+        calibration ``item`` (bool ``[B, L]``), or None: all of them. Padded HF batches are cut
+        before the walk (``calibration.unpad``); this is for models that pad without a mask."""
+        return None
 
     def hidden_of(self, output):
         return output[0] if isinstance(output, (tuple, list)) else output

@@ -25,6 +25,28 @@ class OpenClipAdapter(Adapter):
                     renames[f"{name}.in_proj.bias"] = f"{name}.in_proj_bias"
         return renames
 
+    def token_mask(self, model, prefix, item):
+        # A text tower pools the end token's features (the largest id, or its EOS id) under a
+        # causal mask: the positions after it, the tokenizer's zero padding up to the context
+        # length, change nothing the model returns, and are no calibration tokens.
+        owner_name = prefix[:-len("transformer.resblocks")].rstrip(".")
+        if not prefix.endswith("transformer.resblocks"):
+            return None
+        owner = model.get_submodule(owner_name) if owner_name else model
+        pool = getattr(owner, "text_pool_type", getattr(owner, "pool_type", None))
+        if (owner_name.endswith("visual") or pool not in ("argmax", "eos") or getattr(owner, "attn_mask", None) is None
+                or getattr(owner, "cls_emb", None) is not None):
+            return None
+        text = (item.get("text") if isinstance(item, dict) else item[1] if isinstance(item, (tuple, list))
+                and len(item) > 1 else item[0] if isinstance(item, (tuple, list)) else item)
+        if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point():
+            return None
+        if pool == "argmax":
+            end = text.argmax(dim=-1)
+        else:
+            end = (text == getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))).int().argmax(dim=-1)
+        return torch.arange(text.shape[1], device=text.device)[None, :] <= end[:, None]
+
 
 class T5Adapter(Adapter):
     """HF T5 (``T5Model``, ``T5ForConditionalGeneration``, ``T5EncoderModel``; FLAN-T5 too).

@@ -193,3 +193,44 @@ def test_a_task_whose_inputs_are_zero_at_a_layer_is_left_out_of_it(gen, monkeypa
     assert "layers.0.b" in model.epmq_report.unreached
     rtn = epmq.quant.rtn(net.layers[0].b.weight.detach(), SPEC)
     assert torch.equal(model.layers[0].b.codes().t().to(rtn.codes.dtype), rtn.codes)
+
+
+@pytest.mark.parametrize("targets", ["merged_path", "fp_path"])
+def test_open_clip_text_padding_is_no_token(gen, monkeypatch, targets):
+    """open_clip pads texts with zeros after the end token, with no mask: under its causal mask
+    and end-token pooling those positions change nothing, and the text tower's statistics leave
+    them out (the vision tower keeps every position)."""
+    from test_walker_models import build
+
+    model = build("open_clip_clip")
+    text = torch.zeros(3, 8, dtype=torch.long)
+    for b, n in enumerate((3, 8, 5)):
+        text[b, :n - 1] = torch.randint(1, 60, (n - 1,), generator=gen)
+        text[b, n - 1] = 63  # the end token: the largest id
+    items = [{"image": torch.randn(3, 3, 16, 16, generator=gen), "text": text}]
+    real = torch.arange(8)[None, :] < torch.tensor([3, 8, 5])[:, None]
+    # (block 0's attention reads what no quantized layer changed: its query, q/k/v's input)
+    X_text = block_inputs_of(model, "transformer.resblocks.0.attn", items).reshape(3, 8, -1)[real]
+    X_image = block_inputs_of(model, "visual.transformer.resblocks.0.attn", items)
+    seen = solved_statistics(monkeypatch)
+    quantized = epmq.quantize_model(model, SPEC, method="gptq", targets=targets, calibration={"t": items},
+                                    backend="torch", progress=False)
+    H = {name: (v if torch.is_tensor(v) else v[1]) for name, v in seen.items()}
+    torch.testing.assert_close(H["transformer.resblocks.0.attn.in_proj"], X_text.T @ X_text, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(H["visual.transformer.resblocks.0.attn.in_proj"], X_image.T @ X_image, rtol=1e-12,
+                               atol=1e-10)
+    tokens = {e["name"]: e["n_tokens"] for e in quantized.epmq_report.layers}
+    assert tokens["transformer.resblocks.1.attn.in_proj"] == 3 + 8 + 5
+    assert tokens["visual.transformer.resblocks.1.mlp.c_fc"] == 3 * 5  # (4 patches and the class token)
+
+
+def block_inputs_of(model, name, items):
+    """The inputs of module ``name`` (float64, tokens x features) in the unquantized model."""
+    xs = []
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args: xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for item in items:
+            model(**item)
+    handle.remove()
+    return torch.cat(xs)

@@ -149,9 +149,15 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
     def ids(length=8):
         return torch.randint(0, VOCAB, (2, length), generator=gen)
 
+    def open_clip_text():  # its text tower pools the largest id (the end token): last, so every
+        # position is a token (positions after it are padding, which the walk leaves out)
+        text = ids().clamp(max=VOCAB - 2)
+        text[:, -1] = VOCAB - 1
+        return text
+
     make = {
         "open_clip_vit": lambda: image(),
-        "open_clip_clip": lambda: {"image": image(), "text": ids()},
+        "open_clip_clip": lambda: {"image": image(), "text": open_clip_text()},
         "hf_clip_vision": lambda: {"pixel_values": image()},
         "hf_clip": lambda: {"pixel_values": image(), "input_ids": ids()},
         "t5": lambda: {"input_ids": ids(), "decoder_input_ids": ids(5)},
