@@ -466,6 +466,12 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
         )
 
 
+# What the walk's statistics count, named in every resume directory's identity (the package
+# version does not move with each commit): change it when a change of the code changes them.
+STATISTICS_RULES = ("padding cut (unpad); open_clip text tokens up to the end token; every call the "
+                    "probes of each task saw; tasks with zero inputs left out")
+
+
 def _versions() -> dict:
     """The installed versions of the code a walk's numbers come from (not what happens to be
     imported: that depends on the caller)."""
@@ -762,7 +768,7 @@ class _Walk:
             # what the config does not say: the modules' own settings (eps of norms outside the
             # blocks of models without a config), and the code that computes
             modules=hashlib.blake2b(repr(self.model).encode(), digest_size=16).hexdigest(),
-            versions=_versions(),
+            versions=_versions(), statistics=STATISTICS_RULES,
             # every buffer, the non-persistent ones too (rotary inv_freq: rope_theta)
             buffers=tensor_digest(self.model.named_buffers()),
             blocks=[[s.prefix, s.chosen] for s in self.stacks], tasks=list(self.calibration),

@@ -29,13 +29,14 @@ class OpenClipAdapter(Adapter):
         # A text tower pools the end token's features (the largest id, or its EOS id) under a
         # causal mask: the positions after it, the tokenizer's zero padding up to the context
         # length, change nothing the model returns, and are no calibration tokens.
-        owner_name = prefix[:-len("transformer.resblocks")].rstrip(".")
-        if not prefix.endswith("transformer.resblocks"):
+        if prefix != "transformer.resblocks" and not prefix.endswith(".transformer.resblocks"):
             return None
+        owner_name = prefix[:-len("transformer.resblocks")].rstrip(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         pool = getattr(owner, "text_pool_type", getattr(owner, "pool_type", None))
         if (owner_name.endswith("visual") or pool not in ("argmax", "eos") or getattr(owner, "attn_mask", None) is None
-                or getattr(owner, "cls_emb", None) is not None):
+                or getattr(owner, "cls_emb", None) is not None
+                or getattr(owner, "output_tokens", False)):  # (it returns every position's features)
             return None
         text = (item.get("text") if isinstance(item, dict) else item[1] if isinstance(item, (tuple, list))
                 and len(item) > 1 else item[0] if isinstance(item, (tuple, list)) else item)

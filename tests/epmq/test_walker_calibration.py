@@ -234,3 +234,23 @@ def block_inputs_of(model, name, items):
             model(**item)
     handle.remove()
     return torch.cat(xs)
+
+
+def test_open_clip_token_mask_only_where_padding_changes_nothing():
+    from open_clip.transformer import TextTransformer, Transformer
+
+    from epmq.adapters import OPEN_CLIP
+
+    text = torch.tensor([[5, 63, 0, 0], [7, 8, 9, 63]])
+    tower = TextTransformer(context_length=4, vocab_size=64, width=32, heads=4, layers=1, output_dim=8)
+    assert OPEN_CLIP.token_mask(tower, "transformer.resblocks", text).tolist() == [[True, True, False, False],
+                                                                                    [True] * 4]
+    tower.output_tokens = True  # (it returns every position's features)
+    assert OPEN_CLIP.token_mask(tower, "transformer.resblocks", text) is None
+
+    class Holder(nn.Module):  # (a stack whose name only ends in "transformer.resblocks")
+        def __init__(self):
+            super().__init__()
+            self.img_transformer = Transformer(width=32, layers=1, heads=4)
+
+    assert OPEN_CLIP.token_mask(Holder(), "img_transformer.resblocks", text) is None

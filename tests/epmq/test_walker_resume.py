@@ -111,6 +111,17 @@ def test_other_arguments_are_refused(change, message, gen, tmp_path, monkeypatch
                             experts=fam.experts, resume_dir=tmp_path, progress=False, **change)
 
 
+def test_a_directory_of_other_statistics_rules_is_refused(gen, tmp_path, monkeypatch):
+    """The package version does not move with each commit: what the statistics count is named."""
+    fam = Family("llama", gen)
+    with monkeypatch.context() as m:
+        m.setattr(walker, "STATISTICS_RULES", "padding counted")
+        _interrupted(fam, tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="another walk.*statistics"):
+        epmq.quantize_model(fam.merged(), SPEC, method="epmq", calibration=fam.calibration,
+                            experts=fam.experts, resume_dir=tmp_path, progress=False)
+
+
 @pytest.mark.parametrize("which", ["merged", "expert"])
 def test_other_weights_are_refused(which, gen, tmp_path, monkeypatch):
     fam = Family("llama", gen)
