@@ -38,8 +38,7 @@ class OpenClipAdapter(Adapter):
                 or getattr(owner, "cls_emb", None) is not None
                 or getattr(owner, "output_tokens", False)):  # (it returns every position's features)
             return None
-        text = (item.get("text") if isinstance(item, dict) else item[1] if isinstance(item, (tuple, list))
-                and len(item) > 1 else item[0] if isinstance(item, (tuple, list)) else item)
+        text = _open_clip_text(item)
         if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point():
             return None
         if pool == "argmax":
@@ -47,6 +46,16 @@ class OpenClipAdapter(Adapter):
         else:
             end = (text == getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))).int().argmax(dim=-1)
         return torch.arange(text.shape[1], device=text.device)[None, :] <= end[:, None]
+
+
+def _open_clip_text(item):
+    """The token ids of an open_clip calibration item: CLIP's ``(image, text)`` or
+    ``{"text": ...}``, or a text tower's own ids (alone, or the one element of a tuple)."""
+    if isinstance(item, dict):
+        return item.get("text")
+    if isinstance(item, (tuple, list)):
+        return item[1] if len(item) > 1 else item[0] if item else None
+    return item
 
 
 class T5Adapter(Adapter):
