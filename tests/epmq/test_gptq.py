@@ -404,8 +404,10 @@ def test_bad_inputs(gen, make, match):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_a_group_size_not_dividing_the_width_leaves_a_shorter_last_group(gen, method):
     """64 columns in groups of 48: groups [0, 48) and [48, 64), the second's grid from its own 16
-    columns (RTN: exactly the RTN of each part alone)."""
-    W, H = random_problem(gen, d_in=64)
+    columns (RTN: exactly the RTN of each part alone). GPTQ's loss is below RTN's on correlated
+    features (on independent ones GPTQ lost to RTN on 3 of 300 seeds, 1.1x at worst: greedy, and
+    its second grid comes from the compensated columns; on correlated ones it is 0.06-0.31x)."""
+    W, H = correlated_problem(gen, d_out=48, d_in=64, n=256) if method == "gptq" else random_problem(gen, d_in=64)
     spec = QuantSpec(bits=3, group_size=48)
     res = quant.rtn(W, spec) if method == "rtn" else quant.gptq(W, H, spec)
     assert res.scales.shape == (48, 2) and torch.equal(res.g_idx.long(), torch.arange(64) // 48)
