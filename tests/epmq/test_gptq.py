@@ -149,7 +149,9 @@ def test_gptq_matches_paper_float64(gen, spec, blocksize):
 
 
 def test_gptq_beats_rtn_and_reconstructs_codes(gen):
-    W, H = random_problem(gen, d_out=64, d_in=128, n=512)
+    # (on correlated features, where its compensation pays: 0.29x RTN's loss at worst over 300
+    # seeds; on independent ones greedy GPTQ lost on 2 of 300, by up to 1.5%)
+    W, H = correlated_problem(gen, d_out=64, d_in=128, n=512)
     spec = QuantSpec(bits=3, group_size=32)
     res = quant.gptq(W, H, spec)
     assert res.loss < quant.rtn(W, spec, H=H).loss
