@@ -316,6 +316,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     model walker shares their Hessians; a batch in which they stop doing so raises."""
     from torch import nn
 
+    from .adapters import find_towers
     from .calibration import unpad
     from .walker import _call, _encoder_decoder
 
@@ -323,6 +324,13 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     stats, hooks = {}, []
     reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive
     owner = {}  # name -> the name whose statistics it shares (decided after the first batch)
+    # the positions of a stack's hidden states that are tokens, as the walk counts them (open_clip
+    # text towers: up to the end token), for the current batch
+    try:
+        stacks = [(adapter, prefix) for adapter, tower in find_towers(model) for prefix, _ in tower]
+    except ValueError:  # (blocks no adapter knows: every position counts)
+        stacks = []
+    masks = {}
 
     def hook(name):
         def fn(module, args):
@@ -330,7 +338,11 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
             keep.append(x)
             reads.setdefault(name, []).append((id(x), version(x)))
             if owner.get(name, name) == name:
-                stats[name].add_batch(x.detach().to("cpu", dtype), what=f"calibration input of {name}")
+                X = x.detach()
+                mask = next((m for prefix, m in masks.items() if name.startswith(prefix + ".")), None)
+                if mask is not None and X.shape[:-1] == mask.shape:
+                    X = X[mask.to(X.device)]
+                stats[name].add_batch(X.to("cpu", dtype), what=f"calibration input of {name}")
 
         return fn
 
@@ -348,6 +360,11 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
         for n, item in enumerate(parts):
             reads.clear()
             keep.clear()
+            masks.clear()
+            for adapter, prefix in stacks:
+                mask = adapter.token_mask(model, prefix, item)
+                if mask is not None:
+                    masks[prefix] = mask
             _call(model, item, device)
             if n == 0:
                 first = {}

@@ -219,6 +219,13 @@ def test_open_clip_text_padding_is_no_token(gen, monkeypatch, targets):
     torch.testing.assert_close(H["transformer.resblocks.0.attn.in_proj"], X_text.T @ X_text, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(H["visual.transformer.resblocks.0.attn.in_proj"], X_image.T @ X_image, rtol=1e-12,
                                atol=1e-10)
+    # RegMean's statistics count the same tokens (of every linear of the unquantized model)
+    names = ["transformer.resblocks.1.mlp.c_fc.weight", "visual.transformer.resblocks.1.mlp.c_fc.weight"]
+    grams = gram_matrices(build("open_clip_clip"), items, names=names)
+    X = block_inputs_of(build("open_clip_clip"), "transformer.resblocks.1.mlp.c_fc", items).reshape(3, 8, -1)[real]
+    torch.testing.assert_close(grams[names[0]], X.T @ X, rtol=1e-12, atol=1e-10)
+    X = block_inputs_of(build("open_clip_clip"), "visual.transformer.resblocks.1.mlp.c_fc", items)
+    torch.testing.assert_close(grams[names[1]], X.T @ X, rtol=1e-12, atol=1e-10)
     tokens = {e["name"]: e["n_tokens"] for e in quantized.epmq_report.layers}
     assert tokens["transformer.resblocks.1.attn.in_proj"] == 3 + 8 + 5
     assert tokens["visual.transformer.resblocks.1.mlp.c_fc"] == 3 * 5  # (4 patches and the class token)
