@@ -210,10 +210,10 @@ def unpad(item, *, encoder_decoder: bool = False) -> list:
                 continue
             if value.dim() >= 2 and value.shape[:2] == mask.shape:
                 on_axis[-1].append(key)
-            elif key != "labels" or (encoder_decoder and what == "labels"):
+            elif key != "labels":
                 raise ValueError(f"calibration batch: {key!r} has shape {tuple(value.shape)}, {what} "
                                  f"{tuple(mask.shape)}")
-            # (else a decoder-only model's labels of a row, a class or a vector: cut by row only)
+            # (else labels of a row, a class or a vector: cut by row only)
     batches = {}  # real lengths -> rows, in the order met
     for b in range(B):
         spans = [_span(mask[b], what, b) for _, what, mask in sides]
@@ -232,6 +232,14 @@ def unpad(item, *, encoder_decoder: bool = False) -> list:
         raise ValueError("calibration batch: every row is padding")
     return [{key: torch.cat([r[key] for r in rows]) if isinstance(rows[0][key], torch.Tensor) else rows[0][key]
              for key in rows[0]} for rows in batches.values()]
+
+
+def token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` as rows (tokens x features), only the positions ``mask`` (bool ``[B, L]``, from
+    ``Adapter.token_mask``) marks where it fits ``x``'s leading shape: all of them otherwise."""
+    if mask is not None and x.shape[:-1] == mask.shape:
+        return x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
 
 
 def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[list]:

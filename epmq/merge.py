@@ -96,39 +96,42 @@ def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> t
 HOLD_BYTES = 1 << 30
 
 
-class _Read(Sequence):
-    """Every expert's tensor ``name`` as float32, read (and checked, the first time) when
-    indexed: a merge that takes them one at a time holds one, not K."""
+class _OnDemand(Sequence):
+    """Element k made by ``make(k)`` each time it is indexed: a merge that takes the experts'
+    tensors (or task vectors) one at a time holds one, not K."""
 
-    def __init__(self, name, experts, reference, first=None):
-        self.name, self.experts, self.reference = name, experts, reference
-        self.first = first  # expert 0's tensor, when it is the reference (already read)
-        self.checked = set()
+    def __init__(self, make, n):
+        self.make, self.n = make, n
 
     def __len__(self):
-        return len(self.experts)
+        return self.n
 
     def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        W = self.first if k == 0 and self.first is not None else self.experts[k][self.name]
-        if k not in self.checked:
-            _checked(self.name, f"expert {k}", W, self.reference)
-            self.checked.add(k)
-        return W.float()
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        return self.make(k)
 
 
 def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict], lazy: bool = False):
     """The base's and every expert's tensor ``name``, checked, as float32 (``None`` when the
     tensor is not floating point), and the tensor whose dtype the result takes. ``lazy``: the
-    experts' as a ``_Read``, each read when indexed."""
+    experts' read when indexed (and checked the first time)."""
     reference = base[name] if base is not None else experts[0][name]
     W_0 = None if base is None else _checked(name, "base", base[name], reference)
     if not reference.is_floating_point():
         for k, e in enumerate(experts):
             _checked(name, f"expert {k}", e[name], reference)
         return reference, None, None
-    W_k = _Read(name, experts, reference, first=reference if base is None else None)
+    checked = set()
+
+    def read(k):
+        W = reference if k == 0 and base is None else experts[k][name]  # (expert 0's: already read)
+        if k not in checked:
+            _checked(name, f"expert {k}", W, reference)
+            checked.add(k)
+        return W.float()
+
+    W_k = _OnDemand(read, len(experts))
     if not lazy:
         W_k = list(W_k)
     return reference, None if W_0 is None else W_0.float(), W_k
@@ -240,29 +243,13 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     _check_choice(merge, ("sum", "mean"), "merge")
 
     def merge_tensor(name, W_0, W_k):
-        taus = _TaskVectors(lambda k: sparsify(name, k, W_k[k] - W_0), len(W_k))
+        taus = _OnDemand(lambda k: sparsify(name, k, W_k[k] - W_0), len(W_k))
         if 4 * W_0.numel() * len(W_k) <= HOLD_BYTES:
             taus = list(taus)  # (each made once)
         return W_0 + scale * _combine(taus, consensus, merge, weights)
 
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
-
-class _TaskVectors(Sequence):
-    """Task vector k made when indexed (``make(k)``), each time."""
-
-    def __init__(self, make, n):
-        self.make, self.n = make, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(self.n))]
-        if not -self.n <= k < self.n:
-            raise IndexError(k)
-        return self.make(k % self.n)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

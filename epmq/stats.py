@@ -317,7 +317,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     from torch import nn
 
     from .adapters import find_towers
-    from .calibration import unpad
+    from .calibration import token_rows, unpad
     from .walker import _call, _encoder_decoder
 
     device = next(model.parameters()).device
@@ -338,11 +338,9 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
             keep.append(x)
             reads.setdefault(name, []).append((id(x), version(x)))
             if owner.get(name, name) == name:
-                X = x.detach()
                 mask = next((m for prefix, m in masks.items() if name.startswith(prefix + ".")), None)
-                if mask is not None and X.shape[:-1] == mask.shape:
-                    X = X[mask.to(X.device)]
-                stats[name].add_batch(X.to("cpu", dtype), what=f"calibration input of {name}")
+                stats[name].add_batch(token_rows(x.detach(), mask).to("cpu", dtype),
+                                      what=f"calibration input of {name}")
 
         return fn
 

@@ -83,7 +83,7 @@ from torch import nn
 
 from . import quant
 from .adapters import Adapter, Part, Transposed, find_towers, warn_other_towers
-from .calibration import unpad
+from .calibration import token_rows, unpad
 from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
@@ -1113,9 +1113,7 @@ class _Walk:
                 x = args[0] if args else kw["input"]
                 calls[rel].append((x, version(x)))
                 if leader[rel] == rel:
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                    if mask is not None and x.shape[:-1] == mask.shape:
-                        rows = rows[mask.reshape(-1).to(rows.device)]
+                    rows = token_rows(x.detach(), mask)
                     same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
                     inputs[rel].append(rows.clone() if same else rows)  # (one copy either way)
                 if len(calls[rel]) >= self.calls.get(rel, 1):  # (a linear called twice: both)
@@ -1200,14 +1198,13 @@ class _Walk:
                 begun.add(rel)
 
             for n in range(len(items)):
-                mask = self.q.masks[task][n]  # (the same items enter every stream)
                 xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group,
-                                      False, leader, mask)
+                                      False, leader, self.q.masks[task][n])
                 x_t = None
                 if target is not None:
                     x_t, out = self._capture(
                         target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full_target, leader,
-                        mask)
+                        self.t.masks[task][n])
                     if t_out is not None:
                         t_out[task, n] = out
                 for rel, x in xs.items():
@@ -1234,9 +1231,8 @@ class _Walk:
             readers[leader[rel]] -= 1
             cache = factors.get(leader[rel]) if readers[leader[rel]] else factors.pop(leader[rel], None)
             empty = stats[rel].empty_tasks if isinstance(stats[rel], EPMQStats) else []
-            no_task = isinstance(stats[rel], EPMQStats) and not stats[rel].task_weights
-            if n_tokens[rel] == 0 or no_task:  # an MoE expert no calibration token was routed to;
-                # inputs that were all zero for every task
+            if n_tokens[rel] == 0 or (empty and not stats[rel].task_weights):  # an MoE expert no
+                # calibration token was routed to; inputs that were all zero for every task
                 result = quant.rtn(linears[rel].weight.detach(), self.spec)
                 result.loss = 0.0  # its calibration objective: no token, no loss
                 self.report.unreached.append(name)

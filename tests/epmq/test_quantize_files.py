@@ -334,6 +334,14 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
         image_files(tmp_path / "merged")
 
 
+def assert_refused(source, tmp_path, match, **kwargs):
+    """``quantize_checkpoint`` of the checkpoint ``source`` stops with ``match`` before it reads
+    any calibration (the calibration given is a directory of nothing)."""
+    with pytest.raises(ValueError, match=match):
+        epmq.quantize_checkpoint(source, tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                 method="gptq", calibration={"a": tmp_path}, progress=False, **kwargs)
+
+
 def test_two_tower_models_and_their_vision_tower(tmp_path):
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -341,13 +349,9 @@ def test_two_tower_models_and_their_vision_tower(tmp_path):
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
     clip.save_pretrained(tmp_path / "clip")
+    assert_refused(tmp_path / "clip", tmp_path, "takes both texts and images: quantize its vision tower")
+    assert_refused(tmp_path / "clip", tmp_path, "tower must be 'vision'", tower="text")
     spec = epmq.QuantSpec(bits=4, group_size=-1)
-    with pytest.raises(ValueError, match="takes both texts and images: quantize its vision tower"):
-        epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=spec, method="gptq",
-                                 calibration={"a": tmp_path}, progress=False)
-    with pytest.raises(ValueError, match="tower must be 'vision'"):
-        epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=spec, method="gptq",
-                                 calibration={"a": tmp_path}, tower="text", progress=False)
     # the vision tower of the two-tower checkpoint, calibrated on images
     transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
                                     ).save_pretrained(tmp_path / "clip")
@@ -456,10 +460,6 @@ def test_a_vision_language_model_is_sent_to_quantize_model(tmp_path):
     from test_walker_towers import tiny_llava
 
     tiny_llava().save_pretrained(tmp_path / "llava")
-    spec = epmq.QuantSpec(bits=4, group_size=-1)
-    with pytest.raises(ValueError, match="call epmq.quantize_model with \\(input_ids, pixel_values\\)"):
-        epmq.quantize_checkpoint(tmp_path / "llava", tmp_path / "out", spec=spec, method="gptq",
-                                 calibration={"a": tmp_path}, progress=False)
-    with pytest.raises(ValueError, match="has no LlavaForConditionalGenerationVisionModel .*quantize_model"):
-        epmq.quantize_checkpoint(tmp_path / "llava", tmp_path / "out", spec=spec, method="gptq",
-                                 calibration={"a": tmp_path}, tower="vision", progress=False)
+    assert_refused(tmp_path / "llava", tmp_path, "call epmq.quantize_model with \\(input_ids, pixel_values\\)")
+    assert_refused(tmp_path / "llava", tmp_path, "has no LlavaForConditionalGenerationVisionModel .*quantize_model",
+                   tower="vision")
