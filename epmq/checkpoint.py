@@ -57,6 +57,7 @@ FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "quantize_config.json"
+MERGE_RECIPE_FILE = "epmq_merge.json"  # what epmq merge writes beside its checkpoint
 HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
@@ -372,7 +373,7 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
         "desc_act": not static,
         "sym": sym,
         "static_groups": info.get("static_groups", False),
-        "true_sequential": True,
+        "true_sequential": info.get("true_sequential", True),
         "checkpoint_format": checkpoint_format,
         "model_file_base_name": "model",
         "epmq": {
@@ -383,7 +384,9 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
             "zero_points": "qzeros hold z - 1 (v1)" if checkpoint_format == "gptq" else "qzeros hold z (v2)",
             "modules": {  # under their names in the checkpoint
                 names[name]: dict(in_features=m.in_features, out_features=m.out_features,
-                                  bits=m.bits, group_size=m.group_size, bias=m.bias is not None)
+                                  bits=m.bits, group_size=m.group_size, bias=m.bias is not None,
+                                  # (a model may keep some layers in float32, as T5's wo in fp16)
+                                  dtype=str(m.weight.dtype).removeprefix("torch."))
                 for name, m in layers.items()
             },
             "tied": tied,
@@ -451,10 +454,14 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
     if directory.is_symlink():  # the checkpoint goes where the link points; the link stays
         directory = directory.resolve()
     if directory.exists() and not _replaceable(directory, marker):
+        # (the other command's output: epmq's, but not of the kind this one replaces)
+        other = {CONFIG_FILE: "a quantized checkpoint (epmq quantize)",
+                 MERGE_RECIPE_FILE: "a merged checkpoint (epmq merge)"}
+        holds = next((what for name, what in other.items() if name != marker and (directory / name).is_file()),
+                     None)
         raise ValueError(
-            f"{directory} exists and is not an epmq checkpoint (no {marker}): refusing to "
-            f"replace it; choose a new or empty directory"
-        )
+            f"{directory} exists and " + (f"holds {holds}" if holds else "is not an epmq checkpoint")
+            + f" (no {marker}): refusing to replace it; choose a new or empty directory")
     return directory
 
 
@@ -704,6 +711,12 @@ def _empty_hf_model(directory: Path) -> nn.Module:
     return model
 
 
+def _layer_dtype(info) -> Optional[torch.dtype]:
+    """The dtype ``save_quantized`` recorded for a layer (None for other writers' checkpoints)."""
+    dtype = getattr(torch, str(info.get("dtype")), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None,
                    device=None) -> nn.Module:
     """Load a checkpoint written by ``save_quantized``: the layers it lists become
@@ -762,8 +775,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                   if any(name.startswith(f"{stack}.") for stack, _ in stacks for name in modules)]
     for found, _ in towers:
         found.prepare(model, swap)
-    # a model built on meta takes the checkpoint's dtype (config.json's), which a QuantLinear
-    # reports as its weight's (model code casts activations to it)
+    # a model built on meta takes the dtype each layer was saved in (else config.json's), which
+    # a QuantLinear reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
     replacements, made = {}, {}  # made: a module shared under several names stays one module
@@ -790,7 +803,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         if id(old) not in made:
             made[id(old)] = QuantLinear(
                 info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
-                bias=info["bias"], dtype=dtype or old.weight.dtype, device=device if empty else old.weight.device,
+                bias=info["bias"], dtype=(empty and (_layer_dtype(info) or dtype)) or old.weight.dtype,
+                device=device if empty else old.weight.device,
             )
         replacements[name] = made[id(old)]
     for name, new in replacements.items():
@@ -846,5 +860,6 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         "sym": qconfig.get("sym", False), "static_groups": qconfig.get("static_groups", False),
         "act_order": ours.get("act_order", qconfig.get("desc_act", False)),
         "method": ours.get("method", "gptq"), "targets": ours.get("targets"), "adapter": ours.get("adapter"),
+        "true_sequential": qconfig.get("true_sequential", True),
     }
     return given

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._util import loading_bars
+
 EXAMPLES = """examples:
   epmq demo                                  # ~4 min on 2 CPU cores (trains once, cached); a rerun reuses the results
   epmq demo --out runs/demo --seed 1         # another seed, its own cache entry
@@ -106,6 +108,11 @@ def _merge(args) -> int:
     models = config["models"]
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise CLIError(f"{args.config}: models must be a list of paths or HF hub ids, got {models!r}")
+    reading = sorted({"samples", "seq_len", "batch_size", "seed"} & set(config))
+    if reading and config["method"] != "regmean":
+        raise CLIError(f"{args.config}: {', '.join(reading)} set how RegMean reads its calibration data; "
+                       f"merge {config['method']} reads none"
+                       + (" (DARE's and DELLA's own seed is params: {seed: ...})" if "seed" in reading else ""))
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:
@@ -396,7 +403,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with loading_bars(not getattr(args, "quiet", False)):  # (transformers' bars too)
+            return args.func(args)
     except CLIError as e:
         print(f"epmq {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,9 @@ of the base and of every expert is in memory, plus the result. The task-vector m
 pass ``HOLD_BYTES`` is merged holding a few tensors whatever K (an 8B model's embedding is 2.1
 GB in fp32), the sign election making each task vector twice (its expert read twice).
 
-With task vectors ``tau_k = W_k - W_0`` (the task-vector merges also take ``weights``, one per
-expert, multiplying each ``tau_k`` before it is combined, as mergekit's per-model ``weight``):
+With task vectors ``tau_k = W_k - W_0`` (task_arithmetic, ties, dare, breadcrumbs and della also
+take ``weights``, one per expert, multiplying each ``tau_k`` before it is combined, as
+mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
 
     task_arithmetic   W = W_0 + scale * sum_k tau_k
     ties              W = W_0 + scale * merge_k(trim(tau_k) agreeing with the elected sign)

@@ -35,12 +35,13 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from . import merge as merge_lib
-from .checkpoint import WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
+from ._util import loading_bars
+from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
 from .checks import device_argument
 from .lora import is_lora_adapter, open_expert
 
-RECIPE_FILE = "epmq_merge.json"
+RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
@@ -318,8 +319,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             elif method == "average":
                 fn(sources, out=writer, **params)
             elif method == "regmean":
-                grams = _expert_grams(sources, model_paths, calibration, device,
-                                      dict(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed))
+                with loading_bars(progress):
+                    grams = _expert_grams(sources, model_paths, calibration, device,
+                                          dict(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed))
                 fn(sources, grams, out=writer, **params)
             else:
                 fn(base_state, sources, out=writer, **params)

@@ -35,6 +35,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+from ._util import loading_bars
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from .checkpoint import FORMATS, _bytes, check_output, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
@@ -64,10 +65,11 @@ def _model_class(directory: Path, tower: Optional[str]):
     if tower is not None:
         vision = _vision_tower_class(cls)
         if vision is None:
+            takes = set(inspect.signature(cls.forward).parameters)
+            what = ("a vision-language model, whose towers epmq.quantize_model walks in one call"
+                    if {"input_ids", "pixel_values"} <= takes else "not a two-tower model: leave tower: out")
             raise ValueError(f"tower: vision is for a two-tower model with a vision-tower class "
-                             f"(CLIPModel, SiglipModel); {cls.__name__} has no "
-                             f"{_vision_tower_name(cls)} (a vision-language model: epmq.quantize_model "
-                             f"walks its towers in one call)")
+                             f"(CLIPModel, SiglipModel); {cls.__name__} is {what}")
         cls = vision
     return cls, bool(config.get("is_encoder_decoder"))
 
@@ -115,7 +117,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``)."""
     cls, encoder_decoder = _model_class(directory, tower)
     modality = _modality(cls, encoder_decoder)
-    if modality in ("texts", "pairs"):
+    if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
     directory = directory if preprocessor_dir is None else preprocessor_dir
     options = dict(samples=samples, batch_size=batch_size, seed=seed)
@@ -221,7 +223,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     directory = local_checkpoint(model, directory=True)
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
                                             batch_size=batch_size, seed=seed, tower=tower)
-    net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
+    with loading_bars(progress):
+        net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     resume_dir = None if method == "rtn" else resume_dir_for(out)

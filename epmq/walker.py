@@ -112,7 +112,9 @@ class QuantReport:
 
     name, block, method, targets, shape ``[out, in]``, bits, group_size, loss (the solver's
     ``tr((Q - W*) H (Q - W*)^T)``), expert_loss / anchor_loss / weight_anchor_loss (E-PMQ's
-    three terms; None for GPTQ and RTN), damp, damp_retries, dead_columns, seconds (solver),
+    three terms; None for RTN and for GPTQ on the merged path; GPTQ with fp-path targets
+    reports its objective, ``sum_k ||Q X_k - W_m X~_k||^2``, as expert_loss, its anchor
+    terms 0), damp, damp_retries, dead_columns, seconds (solver),
     n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
     ("cpu (out of GPU memory)"); hessian_of, only for a linear that read the same tensor as an
     earlier one: that linear's name (their Hessian was accumulated and factored once, for it).
@@ -237,6 +239,7 @@ def quantize_model(
         )
     check_residual_precision(residual_precision, "residual_precision")
     device = device_argument(device)
+    _refuse_adapter_layers(model)
     calibration = _calibration(calibration, _encoder_decoder(model)) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
@@ -262,7 +265,6 @@ def quantize_model(
     edits = _Edits(model)
     sources, walk = {}, None
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
         # (under a caller's inference_mode too: the walk tracks in-place writes by version
         # counters, which inference tensors lack)
@@ -270,6 +272,10 @@ def quantize_model(
             renames = {}
             for a, _ in towers:
                 renames.update(a.prepare(model, edits.swap))
+            # (after prepare, whose new modules, open_clip's attention projections, take the
+            # modes of those they replace: restored with the rest at the end)
+            modes = {m: m.training for m in model.modules()}
+            model.eval()
             stacks = _plan(model, towers, layers)
             if method != "rtn" and targets != "merged_path":
                 _warn_quantized_elsewhere(model, targets)
@@ -318,7 +324,10 @@ def quantize_model(
             f"(RTN's grid). First: {', '.join(report.unreached[:3])}; all in epmq_report.unreached"
         )
     model.epmq_report = report
-    model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter_names)
+    model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter_names,
+                                   true_sequential=bool(report.true_sequential))
+    if method == "rtn":  # (what RTN did: no column order to keep)
+        model.epmq_quant_config["act_order"] = False
     return model
 
 
@@ -358,6 +367,19 @@ def _check_tasks(calibration, experts):
         raise ValueError(f"tasks {no_expert} have calibration data but no expert")
     if no_data:
         raise ValueError(f"tasks {no_data} have an expert but no calibration data")
+
+
+def _refuse_adapter_layers(model) -> None:
+    """PEFT's LoRA layers hold the base linear and the adapter's A and B as three linears: the
+    walk would quantize all three, and PEFT's merge afterwards would drop the update. Their
+    one weight is the merged one (``merge_and_unload()``); ask for it."""
+    for name, module in model.named_modules():
+        if any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__):
+            raise ValueError(
+                f"{name} is a PEFT adapter layer ({type(module).__name__}): the model holds unmerged "
+                f"adapters, whose base and adapter matrices would be quantized apart; merge them "
+                f"first (model = model.merge_and_unload()), or pass the adapter as an expert "
+                f"(epmq.LoraExpert)")
 
 
 def _selector(layers) -> Callable[[str], bool]:
@@ -432,6 +454,13 @@ def _check_finite(model, stacks):
             for rel in stack.chosen[i]:
                 linear = block.get_submodule(rel)
                 if linear.weight.is_meta:
+                    if any(hasattr(m, "_hf_hook") for m in block.modules()):  # (accelerate's)
+                        raise ValueError(
+                            f"layer {stack.prefix}.{i}.{rel} is offloaded by accelerate (its weight is on "
+                            f"the meta device and loaded at each call: device_map with offload, or "
+                            f"cpu_offload): load the model without offloading (device_map=None or "
+                            f"'cpu') and pass quantize_model(..., device='cuda'), which moves each block "
+                            f"to the GPU for its turn")
                     raise ValueError(f"layer {stack.prefix}.{i}.{rel} is on the meta device (the "
                                      f"model's weights were never loaded): load them first")
                 for what, t in (("weight", linear.weight), ("bias", linear.bias)):
@@ -446,15 +475,20 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
     """Warn when the blocks hold weight matrices outside any linear layer (fused 3-D MoE
     experts of a model the adapter does not rebuild, raw parameters) worth more than ``share``
     of their parameters: those stay in full precision, and nothing else would say so."""
+    layers = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
     left, total, outside = [], 0, 0
     for stack in stacks:
         for i, block in enumerate(stack.blocks):
+            # a parametrized layer's (weight_norm's) weight lives in a child's parameters
+            parametrized = tuple(f"{rel}.parametrizations." if rel else "parametrizations."
+                                 for rel, m in block.named_modules()
+                                 if isinstance(m, layers) and torch.nn.utils.parametrize.is_parametrized(m))
             for rel, module in block.named_modules():
                 for name, p in module.named_parameters(recurse=False):
                     total += p.numel()
                     # (linears the adapter leaves out on purpose, routers, are linears still)
-                    if (p.dim() < 2 or not p.is_floating_point()
-                            or isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))):
+                    if (p.dim() < 2 or not p.is_floating_point() or isinstance(module, layers)
+                            or f"{rel}.".startswith(parametrized)):
                         continue
                     outside += p.numel()
                     left.append(f"{stack.prefix}.{i}.{rel + '.' if rel else ''}{name} {tuple(p.shape)}")
@@ -555,6 +589,16 @@ class _Edits:
             for name in [k for k, _ in _attributes(module) if k not in attributes]:
                 delattr(module, name)
             module.__dict__.update(attributes)
+
+
+def _expert_tensors(block) -> list:
+    """``(name, tensor)`` of the block's float tensors that an expert has: not those of layers
+    an earlier call quantized (an expert holds no scales; the target stream runs those layers
+    as they are, as it does outside the blocks)."""
+    packed = {id(t) for m in block.modules() if isinstance(m, QuantLinear)
+              for t in m.state_dict(keep_vars=True).values()}
+    return [(rel, t) for rel, t in block.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and id(t) not in packed]
 
 
 def _on_cpu(stats):
@@ -839,10 +883,9 @@ class _Walk:
             for i, block in enumerate(stack.blocks):
                 prefix = f"{stack.prefix}.{i}"
                 if self.targets == "expert_path":
-                    for rel, t in block.state_dict(keep_vars=True).items():
-                        if t.is_floating_point():
-                            name = f"{prefix}.{rel}"
-                            needed[self.ckpt(name)] = self._ckpt_shape(name, t.shape)
+                    for rel, t in _expert_tensors(block):
+                        name = f"{prefix}.{rel}"
+                        needed[self.ckpt(name)] = self._ckpt_shape(name, t.shape)
                 else:
                     for rel in stack.chosen[i]:
                         name = f"{prefix}.{rel}.weight"
@@ -875,9 +918,8 @@ class _Walk:
 
     def _expert_block(self, template, prefix, task):
         """``template`` (a copy of the block) with every tensor read from expert ``task``."""
-        for rel, tensor in template.state_dict(keep_vars=True).items():
-            if tensor.is_floating_point():
-                tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
+        for rel, tensor in _expert_tensors(template):
+            tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
         return template
 
     # ----------------------------------------------------------------- stack entry
@@ -1235,6 +1277,7 @@ class _Walk:
                 # calibration token was routed to; inputs that were all zero for every task
                 result = quant.rtn(linears[rel].weight.detach(), self.spec)
                 result.loss = 0.0  # its calibration objective: no token, no loss
+                result.dead_columns = linears[rel].weight.shape[1]  # (no column had an input)
                 self.report.unreached.append(name)
             else:
                 result = self._solve(linears[rel], stats[rel], name, cache)

@@ -55,7 +55,8 @@ def solved_loss(out: SolveOut) -> float:
     ``(Q - T) H~ (Q - T)^T = Err Hinv H~ Hinv^T Err^T = Err Err^T`` (``H~^{-1} = Hinv^T Hinv``):
     the loss is ``sum(err^2)`` (GPTQ's own ``Losses``), to the rounding of the fp32 updates:
     within 1e-6 of the explicit product at 2 to 4 bits, 1e-5 at 8 (a smaller error, the same
-    rounding noise; ``tests/epmq/test_gptq.py`` over random problems).
+    rounding noise) for ``H~`` of full rank (``tests/epmq/test_gptq.py``, over random problems;
+    ``epmq.quant`` states the low-rank case).
     """
     return float(out.err_sq.double().sum())
 

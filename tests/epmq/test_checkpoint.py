@@ -267,6 +267,41 @@ def test_load_without_a_model_keeps_the_checkpoints_dtype(tmp_path):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def test_layers_kept_in_another_dtype_come_back_in_it(tmp_path):
+    """T5 in fp16 keeps its feed-forward output (wo) in fp32 against overflow (transformers'
+    _keep_in_fp32_modules): a model built from the checkpoint has them fp32 again."""
+    model = build("t5").to(torch.float16)
+    for block in [*model.encoder.block, *model.decoder.block]:
+        block.layer[-1].DenseReluDense.wo.float()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    dtypes = {n: m.weight.dtype for n, m in loaded.named_modules() if isinstance(m, epmq.QuantLinear)}
+    assert dtypes == {n: m.weight.dtype for n, m in model.named_modules() if isinstance(m, epmq.QuantLinear)}
+    assert {d for n, d in dtypes.items() if n.endswith(".wo")} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not n.endswith(".wo")} == {torch.float16}
+    item = inputs("t5", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, true_sequential", [("gptq", False), ("gptq", True), ("rtn", None)])
+def test_the_config_says_what_the_walk_did(gen, tmp_path, method, true_sequential):
+    """true_sequential as the walk ran (RTN: no sequence of layers); act_order as done (RTN
+    orders no columns)."""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    options = {} if method == "rtn" else dict(calibration=fam.calibration, true_sequential=true_sequential)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True),
+                        method=method, backend="torch", progress=False, **options)
+    epmq.save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert config["true_sequential"] is bool(true_sequential)
+    assert config["epmq"]["act_order"] is (method != "rtn")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert loaded.epmq_quant_config["true_sequential"] is bool(true_sequential)
+    assert loaded.epmq_quant_config["act_order"] is (method != "rtn")
+
+
 def test_extras_are_written_with_the_checkpoint_or_not_at_all(gen, tmp_path):
     """``extras`` (a tokenizer, a report) go into the new directory before it replaces the old
     one: if they fail, the old checkpoint is still there, whole."""
@@ -668,6 +703,13 @@ def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(gen, tmp_path):
     with pytest.raises(ValueError, match="not an epmq checkpoint"):
         epmq.save_quantized(model, tmp_path)
     assert os.listdir(tmp_path) == ["notes.txt"]
+    # epmq merge's output is epmq's, but not a checkpoint save_quantized replaces: said so
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / ckpt.MERGE_RECIPE_FILE).write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a merged checkpoint \(epmq merge\)"):
+        epmq.save_quantized(model, merged)
+    assert os.listdir(merged) == [ckpt.MERGE_RECIPE_FILE]
 
 
 def test_save_needs_a_quantized_model(gen, tmp_path):

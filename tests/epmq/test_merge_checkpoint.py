@@ -159,6 +159,13 @@ def test_cli(checkpoints, tmp_path, capsys):
     config.write_text(yaml.safe_dump(dict(method="ties", models=[str(root / "e0")])))
     assert main(["merge", str(config), str(tmp_path / "out2")]) == 2
     assert "needs the base" in capsys.readouterr().err
+    # what only RegMean reads is refused elsewhere, not ignored (DARE's seed is a param)
+    config.write_text(yaml.safe_dump(dict(method="dare", base=str(root / "base"), models=[str(root / "e0")],
+                                          seed=1, samples=4)))
+    assert main(["merge", str(config), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "samples, seed set how RegMean reads its calibration data; merge dare reads none" in err
+    assert "params: {seed: ...}" in err and not (tmp_path / "out2").exists()
 
 
 def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):

@@ -247,10 +247,12 @@ def test_layer_out_of_gpu_memory_is_solved_on_the_cpu(gen, monkeypatch, method):
     torch.testing.assert_close(output(model, x), output(reference, x))
 
 
-def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(gen):
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(gen, method):
     """Block 0's attention sees only zeros (its input norm's weight is 0): q, k, v, and o (the
     attention of zero values is zero) have no live input feature; they get RTN's weights and the
-    user is told, the rest is solved."""
+    user is told, the rest is solved. Both methods report them alike: every column dead, no
+    damping."""
     fam = Family("llama", gen)
     model = fam.merged()
     with torch.no_grad():
@@ -258,9 +260,12 @@ def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(
     W = {p: model.get_submodule(f"model.layers.0.self_attn.{p}").weight.detach().clone()
          for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     with pytest.warns(UserWarning, match="4 linear.s. got no calibration signal") as record:
-        quantize(fam, model, method="gptq", experts=None)
+        quantize(fam, model, **(dict(method="gptq", experts=None) if method == "gptq" else {}))
     assert sum("no calibration signal" in str(w.message) for w in record) == 1  # one warning
     assert set(model.epmq_report.unreached) == {f"model.layers.0.self_attn.{p}" for p in W}
+    for entry in model.epmq_report.layers:
+        if entry["name"] in model.epmq_report.unreached:
+            assert entry["dead_columns"] == entry["shape"][1] and entry["damp"] == 0.0, entry
     for p, weight in W.items():
         q = model.get_submodule(f"model.layers.0.self_attn.{p}")
         rtn = epmq.QuantLinear.from_result(quant.rtn(weight, SPEC), q.bias)
@@ -428,3 +433,71 @@ def test_a_block_that_writes_its_input_in_place(method):
                                     progress=False, adapter=epmq.Adapter("blocks", block_types=(block_type,)))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# --------------------------------------------------------------------------- models as users hold them
+
+
+def test_unmerged_peft_adapters_are_refused_with_the_remedy(gen):
+    peft = pytest.importorskip("peft")
+    fam = Family("llama", gen, n_samples=1)
+    model = peft.get_peft_model(fam.merged(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"q_proj is a PEFT adapter layer .*merge_and_unload"):
+        quantize(fam, model, method="gptq", experts=None)
+    assert_untouched(model, before)
+    quantize(fam, model.merge_and_unload(), method="gptq", experts=None)  # the remedy works
+
+
+def test_weights_offloaded_by_accelerate_get_the_offloading_named(gen):
+    accelerate = pytest.importorskip("accelerate")
+    fam = Family("llama", gen, n_samples=1)
+    model = accelerate.cpu_offload(fam.merged(), execution_device="cpu")
+    reference = output(model, fam.test_item)  # (it runs: accelerate loads the weights per call)
+    with pytest.raises(ValueError, match=r"offloaded by accelerate .*device='cuda'"):
+        quantize(fam, model, method="gptq", experts=None)
+    torch.testing.assert_close(output(model, fam.test_item), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("targets", ["expert_path", "fp_path"])
+def test_a_second_call_on_partly_quantized_blocks(gen, targets):
+    """The layers the first call quantized are run as they are by the target stream (an expert
+    has no scales to read for them)."""
+    fam = Family("llama", gen, n_samples=1)
+    model, reference = fam.merged(), fam.merged()
+    quantize(fam, model, layers=r"mlp")
+    with pytest.warns(UserWarning, match="quantized by an earlier call"):
+        quantize(fam, model, targets=targets)
+    assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
+    y, ref = output(model, fam.test_item), output(reference, fam.test_item)
+    assert float((y - ref).norm() / ref.norm()) < 0.1
+
+
+def test_weight_norm_linears_are_quantized_without_a_warning_about_them(gen, recwarn):
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    for layer in model.model.layers:
+        nn.utils.parametrizations.weight_norm(layer.mlp.up_proj)
+    quantize(fam, model, method="gptq", experts=None)
+    assert not [w for w in recwarn if "outside any linear" in str(w.message)]
+    assert all(isinstance(layer.mlp.up_proj, epmq.QuantLinear) for layer in model.model.layers)
+    # a real matrix outside every linear still warns
+    model = fam.merged()
+    model.model.layers[0].mlp.register_parameter("loose", nn.Parameter(torch.zeros(64, 64)))
+    with pytest.warns(UserWarning, match="outside any linear"):
+        quantize(fam, model, method="gptq", experts=None)
+
+
+@pytest.mark.parametrize("arch", ["open_clip_clip", "llama"])
+def test_train_mode_is_restored_on_every_module(arch, gen):
+    """Calibration runs in eval mode (no dropout); afterwards each module has its mode again,
+    those the walk made included (open_clip's attention projections)."""
+    fam = Family(arch, gen, n_samples=1)
+    model = fam.merged().train()
+    model.get_submodule(next(n for n, m in model.named_modules() if n and list(m.children()))).eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    quantize(fam, model, method="gptq", experts=None)
+    after = {n: m.training for n, m in model.named_modules()}
+    for name, training in after.items():  # (a new module has its nearest old ancestor's mode)
+        owner = max((n for n in before if name == n or name.startswith(f"{n}.") or not n), key=len)
+        assert training == before[owner], name
