@@ -90,12 +90,15 @@ def loading_bars(enabled: bool):
     if enabled:
         yield
         return
+    import huggingface_hub.utils as hub
     from transformers.utils import logging
 
-    was = logging.is_progress_bar_enabled()
+    # (each switch on its own: transformers' enable turns the hub's bars on too)
+    was, hub_was = logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
     logging.disable_progress_bar()
     try:
         yield
     finally:
         if was:
             logging.enable_progress_bar()
+        (hub.enable_progress_bars if hub_was else hub.disable_progress_bars)()

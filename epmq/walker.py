@@ -239,7 +239,6 @@ def quantize_model(
         )
     check_residual_precision(residual_precision, "residual_precision")
     device = device_argument(device)
-    _refuse_adapter_layers(model)
     calibration = _calibration(calibration, _encoder_decoder(model)) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
@@ -277,6 +276,7 @@ def quantize_model(
             modes = {m: m.training for m in model.modules()}
             model.eval()
             stacks = _plan(model, towers, layers)
+            _refuse_adapter_layers(stacks)
             if method != "rtn" and targets != "merged_path":
                 _warn_quantized_elsewhere(model, targets)
             _check_finite(model, stacks)
@@ -369,17 +369,24 @@ def _check_tasks(calibration, experts):
         raise ValueError(f"tasks {no_data} have an expert but no calibration data")
 
 
-def _refuse_adapter_layers(model) -> None:
-    """PEFT's LoRA layers hold the base linear and the adapter's A and B as three linears: the
-    walk would quantize all three, and PEFT's merge afterwards would drop the update. Their
-    one weight is the merged one (``merge_and_unload()``); ask for it."""
-    for name, module in model.named_modules():
-        if any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__):
-            raise ValueError(
-                f"{name} is a PEFT adapter layer ({type(module).__name__}): the model holds unmerged "
-                f"adapters, whose base and adapter matrices would be quantized apart; merge them "
-                f"first (model = model.merge_and_unload()), or pass the adapter as an expert "
-                f"(epmq.LoraExpert)")
+def _refuse_adapter_layers(stacks) -> None:
+    """PEFT's LoRA (and IA3) layers hold the base linear and the adapter's matrices as
+    separate linears: the walk would quantize them apart, and PEFT's merge afterwards would drop
+    the update. Their one weight is the merged one (``merge_and_unload()``); ask for it where
+    the walk would quantize such a layer (adapters on layers left out are left alone)."""
+    for stack in stacks:
+        for i, block in enumerate(stack.blocks):
+            for rel in stack.chosen[i]:
+                parts = rel.split(".")
+                for k in range(len(parts)):
+                    name = ".".join(parts[:k])
+                    module = block.get_submodule(name)
+                    if any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__):
+                        raise ValueError(
+                            f"{stack.prefix}.{i}.{name} is a PEFT adapter layer ({type(module).__name__}): "
+                            f"the model holds unmerged adapters, whose base and adapter matrices would be "
+                            f"quantized apart; merge them first (model = model.merge_and_unload()), pass "
+                            f"the adapter as an expert (epmq.LoraExpert), or leave the layer out (layers=)")
 
 
 def _selector(layers) -> Callable[[str], bool]:
@@ -831,10 +838,10 @@ class _Walk:
         tensors' fingerprints and its ``repr``, from ``_own_prints``), and the experts' tensors the
         method reads there, read one at a time, or taken from ``seen`` (the fingerprints of the
         reads its solve made: a block solved now is not read twice)."""
-        prints, text = own
+        prints, text, expert_rels = own
         seen = seen or {}
         if self.experts and self.targets == "expert_path":
-            rels = [rel for rel, _ in prints]
+            rels = expert_rels
         else:
             rels = [f"{rel}.weight" for rel in rels]
         experts = ((f"{task}:{rel}", seen.get((task, f"{prefix}.{rel}"))
@@ -845,9 +852,10 @@ class _Walk:
     @staticmethod
     def _own_prints(block) -> tuple:
         """The merged block's part of its digest, taken before it is quantized: its float tensors'
-        fingerprints, and its description (``repr``: its modules' eps and shapes)."""
+        fingerprints, its description (``repr``: its modules' eps and shapes), and the names of
+        the tensors an expert has there (``_expert_tensors``)."""
         return ([(rel, fingerprint(t)) for rel, t in block.state_dict().items() if t.is_floating_point()],
-                repr(block))
+                repr(block), [rel for rel, _ in _expert_tensors(block)])
 
     def _restore(self, record, prefix):
         """Swap in the layers of a block done before, and its report entries."""

@@ -174,23 +174,23 @@ def test_act_order_group_indices(gen):
     assert torch.equal(dynamic.perm, order)
 
 
+@pytest.mark.parametrize("percdamp", [0.01, 1e-3, 0.0])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_loss_on_a_hessian_of_low_rank(gen, bits):
+def test_loss_on_a_hessian_of_low_rank(gen, bits, percdamp):
     """Fewer tokens than inputs (an MoE expert few tokens reach): the fp32 solve's rounding is
     no longer small against a loss GPTQ drives toward 0 (2.9e-4 of it at 8 bits); where the
-    damping passes a quarter of the loss, the loss is the float64 product."""
-    spec = QuantSpec(bits=bits, group_size=-1)
+    loss is small against mean(diag H) |F|^2, it is the float64 product, at any damping."""
+    spec = QuantSpec(bits=bits, group_size=-1, act_order=percdamp == 0)
     for n_tokens, d_in in [(1, 512), (1, 128), (2, 128), (4, 128), (16, 128), (64, 128)]:
         for _ in range(3):
             W = torch.randn(16, d_in, generator=gen)
-            X = torch.randn(n_tokens, d_in, generator=gen)
-            H = X.T @ X
-            res = quant.gptq(W, H, spec)
+            X = torch.randn(n_tokens, d_in, generator=gen, dtype=torch.float64)
+            H = X.T @ X  # (float64: an fp32 one of rank 1 is not PSD to the loss's size)
+            res = quant.gptq(W, H, spec, percdamp=percdamp)
             exact = objective(res.weight, W, H)
             assert abs(res.loss - exact) <= (1e-4 if bits == 8 else 1e-5) * exact, (n_tokens, d_in)
-            if d_in == 512:  # one token in 512 inputs: mostly damping, so measured in float64
-                assert res.damp * float((res.weight - W).double().pow(2).sum()) > exact
-                assert abs(res.loss - exact) <= 1e-9 * exact
+            if d_in == 512:  # one token in 512 inputs: F in H's null space, measured in float64
+                assert abs(res.loss - exact) <= 1e-6 * exact
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1), QuantSpec(bits=3, group_size=16),

@@ -153,8 +153,15 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
     config.write_text(yaml.safe_dump(dict(base, layers="mlp", percdamp=0.1, true_sequential=False)))
     assert main(["quantize", str(config), str(tmp_path / "mlp"), "--quiet"]) == 0
     assert "Loading weights" not in capsys.readouterr().err  # (--quiet: transformers' bars too)
+    import huggingface_hub.utils as hub
     from transformers.utils import logging
-    assert logging.is_progress_bar_enabled()  # (and back on afterwards)
+    assert logging.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()  # (restored)
+    hub.disable_progress_bars()  # a user's own choice for the hub stays as it was
+    try:
+        assert main(["quantize", str(config), str(tmp_path / "mlp"), "--quiet"]) == 0
+        assert logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+    finally:
+        hub.enable_progress_bars()
     report = json.loads((tmp_path / "mlp" / REPORT_FILE).read_text())
     assert report["layers"] and all(".mlp." in layer["name"] for layer in report["layers"])
     assert report["true_sequential"] is False

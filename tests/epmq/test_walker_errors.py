@@ -446,7 +446,12 @@ def test_unmerged_peft_adapters_are_refused_with_the_remedy(gen):
     with pytest.raises(ValueError, match=r"q_proj is a PEFT adapter layer .*merge_and_unload"):
         quantize(fam, model, method="gptq", experts=None)
     assert_untouched(model, before)
-    quantize(fam, model.merge_and_unload(), method="gptq", experts=None)  # the remedy works
+    # adapters on layers the walk leaves out are left alone, and keep working
+    quantize(fam, model, method="gptq", experts=None, layers="mlp")
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"], nn.Linear)
+    fam2 = Family("llama", gen, n_samples=1)
+    model = peft.get_peft_model(fam2.merged(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    quantize(fam2, model.merge_and_unload(), method="gptq", experts=None)  # the remedy works
 
 
 def test_weights_offloaded_by_accelerate_get_the_offloading_named(gen):
@@ -460,14 +465,15 @@ def test_weights_offloaded_by_accelerate_get_the_offloading_named(gen):
 
 
 @pytest.mark.parametrize("targets", ["expert_path", "fp_path"])
-def test_a_second_call_on_partly_quantized_blocks(gen, targets):
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_second_call_on_partly_quantized_blocks(gen, targets, resume, tmp_path):
     """The layers the first call quantized are run as they are by the target stream (an expert
-    has no scales to read for them)."""
+    has no scales to read for them, nor does the resume record's digest read any)."""
     fam = Family("llama", gen, n_samples=1)
     model, reference = fam.merged(), fam.merged()
     quantize(fam, model, layers=r"mlp")
     with pytest.warns(UserWarning, match="quantized by an earlier call"):
-        quantize(fam, model, targets=targets)
+        quantize(fam, model, targets=targets, resume_dir=tmp_path / "r" if resume else None)
     assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
     y, ref = output(model, fam.test_item), output(reference, fam.test_item)
     assert float((y - ref).norm() / ref.norm()) < 0.1
