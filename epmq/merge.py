@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .checks import check_finite, check_hessian, check_number
+from .checks import all_finite, check_finite, check_hessian, check_number
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -82,7 +82,16 @@ def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
     return base, experts
 
 
+def _a_tensor(name: str, who: str, t) -> None:
+    if not isinstance(t, torch.Tensor):  # (a module's get_extra_state)
+        raise ValueError(f"entry {name!r} of {who} is a {type(t).__name__}, not a tensor: merge state "
+                         f"dicts of tensors")
+    if t.is_meta:
+        raise ValueError(f"tensor {name!r} of {who} is on the meta device (no values): load its weights")
+
+
 def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    _a_tensor(name, who, t)
     if t.shape != reference.shape:
         raise ValueError(f"tensor {name!r}: {who} has shape {tuple(t.shape)}, expected {tuple(reference.shape)}")
     if t.is_floating_point() != reference.is_floating_point():
@@ -118,6 +127,7 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     tensor is not floating point), and the tensor whose dtype the result takes. ``lazy``: the
     experts' read when indexed (and checked the first time)."""
     reference = base[name] if base is not None else experts[0][name]
+    _a_tensor(name, "base" if base is not None else "expert 0", reference)
     W_0 = None if base is None else _checked(name, "base", base[name], reference)
     if not reference.is_floating_point():
         for k, e in enumerate(experts):
@@ -138,6 +148,7 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     return reference, None if W_0 is None else W_0.float(), W_k
 
 
+@torch.no_grad()  # (parameters as inputs: no graph kept alive by the result)
 def _merge_each(base, experts, merge_tensor, out=None, lazy=False):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
@@ -150,8 +161,18 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False):
         if W_0 is None and W_k is None:
             out[name] = ref.clone()
             continue
-        out[name] = merge_tensor(name, W_0, W_k).to(ref.dtype)
+        merged = merge_tensor(name, W_0, W_k).to(ref.dtype).detach()
+        if not all_finite(merged):
+            raise ValueError(f"merged tensor {name!r} is not finite in {ref.dtype} (the base's dtype): "
+                             f"its values pass the dtype's range; merge into float32 or bfloat16 "
+                             f"(merge_checkpoints(dtype=...))")
+        out[name] = merged
     return out
+
+
+def _listed(weights):
+    """``weights`` as a list once (a generator would be used up by the first tensor)."""
+    return list(weights) if isinstance(weights, Iterable) and not isinstance(weights, (str, bytes)) else weights
 
 
 def _check_weights(weights, n: int, *, divide: bool) -> Optional[list]:
@@ -236,6 +257,7 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
 
 
 def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None):
+    weights = _listed(weights)
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     _needs_base(base, method)
@@ -263,6 +285,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
+    weights = _listed(weights)
 
     def merge_tensor(name, W_0, W_k):  # (the experts read one at a time)
         w = [1.0] * len(W_k) if weights is None else _check_weights(weights, len(W_k), divide=True)
@@ -422,7 +445,9 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
     singular triplets of each task vector (``rank_fraction`` defaults to 1 / number of
     experts, so that together they fill the rank), stack them, ``U = [U_1 .. U_K]``, ``S``,
     ``V = [V_1 .. V_K]``, replace ``U`` and ``V`` by their nearest matrices with orthonormal
-    columns (removing the interference between tasks' singular subspaces) and add
+    columns (removing the interference between tasks' singular subspaces; where ``K r`` passes
+    ``min(d_out, d_in)``, as with ``rank_fraction`` above ``1 / K``, they cannot all be
+    orthonormal and the polar factor is the nearest partial isometry) and add
     ``scale * U_o diag(S) V_o^T`` to the base. Other tensors (biases, norms, convolutions) take
     the mean task vector, scaled.
     """
@@ -483,7 +508,9 @@ def model_stock(base, experts, per_row: bool = False, *, out=None):
             raise ValueError(f"model_stock needs at least two experts, got {K}")
         taus = [(_rows(W - W_0) if per_row else (W - W_0).reshape(1, -1)) for W in W_k]
         norms = [tau.norm(dim=1) for tau in taus]
-        cosines = [((taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]).clamp(min=1e-12))
+        # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
+        # depend on the task vectors' size)
+        cosines = [torch.where(norms[i] * norms[j] > 0, (taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]), 0.0)
                    .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
         cos = torch.stack(cosines).mean(0)
         denominator = 1 + (K - 1) * cos
@@ -511,7 +538,7 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
         A, B = (_rows(W) if per_row else W.reshape(1, -1) for W in W_k)
         unit_a, unit_b = (X / X.norm(dim=1, keepdim=True).clamp(min=1e-8) for X in (A, B))
         cos = (unit_a * unit_b).sum(1, keepdim=True).clamp(-1, 1)
-        linear = cos.abs() > dot_threshold
+        linear = (cos.abs() > dot_threshold) | (cos.abs() >= 1)  # (sin theta = 0: no circle)
         theta = torch.acos(torch.where(linear, 0.0, cos))
         sin_theta = torch.where(linear, 1.0, torch.sin(theta))
         ca = torch.where(linear, 1 - frac, torch.sin((1 - frac) * theta) / sin_theta)
@@ -562,6 +589,7 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, k - in_higher
 
 
+@torch.no_grad()
 def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: float) -> list:
     """Each expert's magnitude threshold over all float tensors of the model, streamed twice."""
     names = [n for n in base.keys() if base[n].is_floating_point()]

@@ -590,3 +590,52 @@ def test_weights_scale_each_task_vector_and_its_vote(gen):
                        merge.ties(base, experts, density=0.5)["w"])
     with pytest.raises(ValueError, match="one number per expert"):
         merge.dare(base, experts, weights=[1.0, 2.0])
+
+
+# --------------------------------------------------------------------------- edges
+
+
+def test_parameters_as_inputs_keep_no_graph(gen):
+    """dict(model.named_parameters()) is a mapping of tensors too: the result holds no autograd
+    graph (it kept ~20x the result alive)."""
+    models = [nn.Linear(8, 4) for _ in range(3)]
+    base, experts = dict(models[0].named_parameters()), [dict(m.named_parameters()) for m in models[1:]]
+    for merged in (merge.ties(base, experts, density=0.5), merge.average(experts),
+                   merge.model_stock(base, experts), merge.tsv(base, experts)):
+        assert not any(t.requires_grad or t.grad_fn is not None for t in merged.values())
+
+
+def test_slerp_of_parallel_tensors_at_any_threshold(gen):
+    a = {"w": torch.randn(4, 6, generator=gen)}
+    for threshold in (0.9995, 1.0, 1.5):
+        torch.testing.assert_close(merge.slerp(a, a, 0.5, dot_threshold=threshold)["w"], a["w"])
+
+
+def test_model_stock_does_not_depend_on_the_task_vectors_size(gen):
+    base = {"w": torch.zeros(4, 6)}  # (so that tiny task vectors are exact)
+    taus = [torch.randn(4, 6, generator=gen) for _ in range(2)]
+    ts = []
+    for size in (1.0, 1e-7):
+        merged = merge.model_stock(base, [{"w": base["w"] + size * tau} for tau in taus])
+        mean = torch.stack([size * tau for tau in taus]).mean(0)
+        ts.append(float(((merged["w"] - base["w"]) * mean).sum() / (mean * mean).sum()))  # t
+    assert ts[0] == pytest.approx(ts[1], rel=1e-3)
+
+
+def test_what_the_result_dtype_cannot_hold_is_refused(gen):
+    base = {"w": torch.tensor([60000.0, 1.0], dtype=torch.float16)}
+    experts = [{"w": torch.tensor([64000.0, 1.5], dtype=torch.float16)} for _ in range(2)]
+    with pytest.raises(ValueError, match="'w' is not finite in torch.float16"):
+        merge.task_arithmetic(base, experts, scale=1.0)
+
+
+def test_weights_given_by_a_generator_and_entries_that_are_not_tensors(gen):
+    base = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    experts = [{"a": torch.ones(3), "b": torch.ones(2)}, {"a": 2 * torch.ones(3), "b": 2 * torch.ones(2)}]
+    merged = merge.task_arithmetic(base, experts, scale=1.0, weights=(w for w in (1.0, 0.5)))
+    assert torch.equal(merged["b"], torch.full((2,), 2.0))  # (the second tensor had its weights too)
+    assert torch.equal(merge.average(experts, weights=iter([1.0, 3.0]))["b"], torch.full((2,), 1.75))
+    with pytest.raises(ValueError, match="entry 'x' of base is a dict, not a tensor"):
+        merge.task_arithmetic(dict(base, x={}), [dict(e, x={}) for e in experts])
+    with pytest.raises(ValueError, match="'a' of base is on the meta device"):
+        merge.task_arithmetic({k: v.to("meta") for k, v in base.items()}, experts)
