@@ -257,6 +257,13 @@ def expert_grams(bench) -> dict:
     return cached
 
 
+def _val(avg: float) -> float:
+    """A validation average as compared: equal averages of equal counts are equal (sums of
+    per-task fractions differ in the last bits by order, 0.39999999999999997 against 0.4), so
+    that ties go to the first candidate as documented."""
+    return round(avg, 12)
+
+
 def choose_scale(bench, plan: MergePlan):
     """``(scale, merged state, {scale: val avg})``: the scale of ``plan.scales`` whose merge has
     the best average accuracy on the validation split (never test); ties go to the first."""
@@ -264,7 +271,7 @@ def choose_scale(bench, plan: MergePlan):
     for s in plan.scales:
         state = merged_state(bench, plan, s)
         scores[str(s)] = bench.evaluate(state, split="val")["avg"]
-        if best is None or scores[str(s)] > best[0]:
+        if best is None or _val(scores[str(s)]) > _val(best[0]):
             best = (scores[str(s)], s, state)
     return best[1], best[2], scores
 
@@ -333,7 +340,7 @@ class Runner:
 
             runs.append(self.step(key, params, run))
             cells.append((key, params, run))
-        i = max(range(len(runs)), key=lambda j: runs[j]["val"]["avg"])  # chosen on validation
+        i = max(range(len(runs)), key=lambda j: _val(runs[j]["val"]["avg"]))  # chosen on validation
         if self.plan.save_checkpoints and not _has_checkpoint(runs[i]):
             # (a cell done before whose checkpoint is gone: an unchosen anchor's, or one run
             # without saving): the chosen cell's checkpoint is what the run delivers
@@ -400,6 +407,11 @@ def _precision(results: dict) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
+def _scale_note(mp, merged) -> str:
+    """' (scale s)' for the merges a scale changes; nothing for those that take none."""
+    return "" if mp.method in UNSCALED_MERGES else f" (scale {merged['scale']:g})"
+
+
 def table_rows(results: dict, plan: Plan) -> list:
     """``(label, {task: acc, "avg": acc})`` rows in the paper's shape (test split)."""
     steps = results["steps"]
@@ -409,7 +421,7 @@ def table_rows(results: dict, plan: Plan) -> list:
         merged = steps.get(f"merge/{mp.label}")
         if merged is None:
             continue
-        rows.append((f"{mp.label} {_precision(results)} (scale {merged['scale']:g})", merged["test"]))
+        rows.append((f"{mp.label} {_precision(results)}{_scale_note(mp, merged)}", merged["test"]))
         for bits in plan.bits:
             for label in labels:
                 step = steps.get(f"quant/{mp.label}/w{bits}/{label}")
@@ -496,7 +508,7 @@ def plot(results: dict, plan: Plan, path) -> None:
         ax.set_xticks(range(len(plan.bits)), [f"{b}-bit" for b in plan.bits])
         _score_axis(ax)
         ax.set_ylabel("average test accuracy (%)")
-        ax.set_title(f"{mp.label} (scale {merged['scale']:g})")
+        ax.set_title(f"{mp.label}{_scale_note(mp, merged)}")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=8)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

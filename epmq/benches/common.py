@@ -115,6 +115,7 @@ class BenchBase:
             if model.get(key) is not None and local(model[key]) is not None:
                 model[key] = str(local(model[key]))
         return {
+            "rules": EVALUATION_RULES,
             "family": self.family, "model": model, "seed": c.seed, "max_input_tokens": c.max_input_tokens,
             "calibration": [c.calibration.samples, c.calibration.batch_size],
             "eval": {"max_samples": dict(c.eval.max_samples),
@@ -184,6 +185,11 @@ class BenchBase:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.family}, tasks={self.task_names}, device={self.device})"
+
+
+# How the benches evaluate, in every bench identity: change it with any change of the code that
+# changes their numbers, so that results stored before are not reused.
+EVALUATION_RULES = "2026-12-02: class names keep their '/', open_clip's zero-shot heads in fp32"
 
 
 def files_fingerprint(path: Optional[Path]) -> Optional[str]:

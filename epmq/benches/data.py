@@ -140,7 +140,10 @@ def load_hf_split(spec: DataSpec, split: str, what: str):
 
 def readable(name: str) -> str:
     """A class name fit for a prompt: ``/a/apartment_building/outdoor`` -> ``apartment building outdoor``."""
-    parts = [p for p in str(name).strip("/").split("/") if p]
+    name = str(name)
+    if not name.startswith("/"):  # (a "/" inside a name is its own: "Ram C/V Cargo Van", "20km/h")
+        return " ".join(name.replace("_", " ").split())
+    parts = [p for p in name.strip("/").split("/") if p]  # SUN397's paths
     if len(parts) > 1 and len(parts[0]) == 1:  # SUN397's leading letter directory
         parts = parts[1:]
     return " ".join(" ".join(parts).replace("_", " ").split())

@@ -49,10 +49,10 @@ class OpenClipBench(ZeroShotImageBench):
         except Exception as e:
             raise BenchConfigError(f"model.base: open_clip cannot create {name!r} (pretrained {pretrained!r}): "
                                    f"{type(e).__name__}: {e}") from e
-        clip = clip.to(self.dtype).eval()
+        clip = clip.float().eval()  # (the frozen zero-shot heads in fp32 whatever the model dtype, as HF CLIP's)
         if not hasattr(clip, "visual") or not hasattr(clip, "encode_text"):
             raise BenchConfigError(f"model.base: {name!r} is not a CLIP model with a visual and a text tower")
-        self._template = copy.deepcopy(clip.visual).eval()
+        self._template = copy.deepcopy(clip.visual).to(self.dtype).eval()
         self.base_state = {k: v.detach().clone() for k, v in self._template.state_dict().items()}
         self.logit_scale = float(clip.logit_scale.detach().float().exp())
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._util import device_of, dtype_of
-from .common import BenchBase, default_cache_dir
+from .common import BenchBase, default_cache_dir, files_fingerprint
 from .data import Split, make_task_data, open_image_sources
 from .prompts import image_templates
 
@@ -188,7 +188,12 @@ class ZeroShotImageBench(BenchBase):
         if self.config.eval.cache != "disk":
             return None
         spec = self.specs[task].data
-        ident = {"task": task, "data": spec.describe(), "split": spec.splits.get(split), "seed": self.seed,
+        # the whole spec (revision, columns) and the local files' names, sizes and times: images
+        # changed on disk, or another revision, are read again, not served from the old crops
+        root = None if spec.root is None else Path(spec.root).absolute()
+        ident = {"task": task, "data": asdict(spec),
+                 "files": files_fingerprint(root if root is not None and root.exists() else None),
+                 "split": spec.splits.get(split), "seed": self.seed,
                  "indices": hashlib.sha256(str(self.data[task].splits[split].indices).encode()).hexdigest(),
                  "prep": asdict(self.prep)}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -159,6 +159,25 @@ def test_image_cache(tiny, tmp_path, monkeypatch, cache):
         assert len(list((tmp_path / "cache").glob("*.done"))) == 2
 
 
+def test_the_disk_cache_reads_images_that_changed_again(tiny, tmp_path):
+    """Same files, new pixels: the crops are decoded again, not served from the old ones."""
+    from PIL import Image
+
+    root, config = tiny
+    root = shutil.copytree(root, tmp_path / "copy")
+    config = dict(config, eval=dict(config["eval"], cache="disk", cache_dir=str(tmp_path / "cache")))
+    first = build_bench(config, base_dir=root, progress=False)
+    before = torch.cat([x for x, _ in first.image_batches(first.task_names[0], "test")])
+    g = torch.Generator().manual_seed(5)
+    for path in sorted(Path(root).rglob("test/*/*.png")):
+        Image.fromarray(torch.randint(0, 256, (24, 20, 3), generator=g, dtype=torch.uint8).numpy()).save(path)
+    again = build_bench(config, base_dir=root, progress=False)
+    after = torch.cat([x for x, _ in again.image_batches(again.task_names[0], "test")])
+    fresh = build_bench(dict(config, eval=dict(config["eval"], cache="none")), base_dir=root, progress=False)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, torch.cat([x for x, _ in fresh.image_batches(fresh.task_names[0], "test")]))
+
+
 def _broken(tiny, tmp_path, edit):
     root, config = tiny
     config = json.loads(json.dumps(config))

@@ -143,5 +143,7 @@ def test_hf_data_without_datasets_library(tmp_path):
 def test_prompt_helpers():
     assert readable("/a/apartment_building/outdoor") == "apartment building outdoor"
     assert readable("Annual_Crop") == "Annual Crop"
+    assert readable("Ram C/V Cargo Van Minivan 2012") == "Ram C/V Cargo Van Minivan 2012"  # (Stanford Cars)
+    assert readable("speed limit (20km/h)") == "speed limit (20km/h)"  # (GTSRB)
     assert image_templates("Stanford-Cars") == image_templates("cars")
     assert all(t.count("{}") == 1 for t in image_templates("unknown task"))

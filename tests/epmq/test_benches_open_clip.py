@@ -82,3 +82,12 @@ def test_errors(tiny):
     bad = dict(config, tasks=[dict(config["tasks"][0], expert="experts/missing.safetensors")])
     with pytest.raises(BenchConfigError, match="no such file or directory"):
         build_bench(bad, base_dir=root, progress=False)
+
+
+def test_heads_do_not_depend_on_the_model_dtype(bench, tiny):
+    """The frozen zero-shot heads are computed in fp32, as the HF CLIP bench computes them;
+    only the vision tower takes the model dtype."""
+    root, config = tiny
+    half = build_bench(dict(config, model=dict(config["model"], dtype="bfloat16")), base_dir=root, progress=False)
+    assert all(torch.equal(half.heads[t], bench.heads[t]) for t in TASKS)
+    assert {p.dtype for p in half.model(half.base_state).parameters()} == {torch.bfloat16}

@@ -256,3 +256,8 @@ def test_the_table_names_the_models_precision():
     assert [label for label, _ in pipeline.table_rows(results, plan)][2] == "TA bf16 (scale 0.3)"
     results["identity"] = {"bench": "epmq-demo"}
     assert [label for label, _ in pipeline.table_rows(results, plan)][2] == "TA fp32 (scale 0.3)"
+    # a merge that takes no scale is not labelled with the plan's default one
+    plan = pipeline.Plan(merges=[pipeline.MergePlan("average", label="Avg")], bits=[4], methods=["rtn"],
+                         controls=[])
+    results["steps"] = {"base": acc, "experts": acc, "merge/Avg": dict(acc, scale=0.3), "quant/Avg/w4/RTN": acc}
+    assert [label for label, _ in pipeline.table_rows(results, plan)][2] == "Avg fp32"

@@ -219,3 +219,21 @@ def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
     if method in ("model_stock", "average", "regmean"):
         with pytest.raises(ValueError, match="has no scale"):
             MergePlan(method, scales=[0.2, 0.4])
+
+
+def test_equal_validation_averages_go_to_the_first_scale(monkeypatch):
+    """(1/10 + 7/10) / 2 is 0.39999999999999997, (4/10 + 4/10) / 2 is 0.4: both are 8 of 20."""
+    from epmq import pipeline
+
+    class Bench:
+        task_names = ["a", "b"]
+        val = {0.3: (1 / 10, 7 / 10), 0.5: (4 / 10, 4 / 10)}
+
+        def evaluate(self, state, split="test"):
+            a, b = self.val[state["scale"]]
+            return {"a": a, "b": b, "avg": (a + b) / 2}
+
+    monkeypatch.setattr(pipeline, "merged_state", lambda bench, plan, scale: {"scale": scale})
+    scale, _, _ = choose_scale(Bench(), MergePlan("task_arithmetic", scales=[0.3, 0.5]))
+    assert scale == 0.3
+
