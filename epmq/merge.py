@@ -648,6 +648,15 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         W_avg = torch.stack(W_k).mean(0).to(torch.float64)
         G_sum += ridge * torch.eye(d_in, dtype=torch.float64, device=G_sum.device)
         B += ridge * W_avg.T
+        L, info = torch.linalg.cholesky_ex(G_sum)
+        if int(info) == 0:
+            return torch.cholesky_solve(B, L).T
+        # (rounding in grams of low rank may leave the sum a hair indefinite; clearly negative
+        # directions mean they are no Gram matrices, and the solve would leave the experts' span)
+        eigenvalues = torch.linalg.eigvalsh(G_sum)
+        if float(eigenvalues[0]) < -1e-6 * float(eigenvalues[-1]):
+            raise ValueError(f"grams[{name!r}]: their sum is not positive semidefinite (eigenvalue "
+                             f"{float(eigenvalues[0]):.3g}): they are not Gram matrices X^T X")
         return torch.linalg.solve(G_sum, B).T
 
     return _merge_each(None, experts, merge_tensor, out)

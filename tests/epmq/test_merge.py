@@ -500,6 +500,14 @@ def test_regmean_bad_grams(gen):
         merge.regmean(experts, {"w": [G, torch.full((4, 4), float("nan"))]})
     with pytest.raises(ValueError, match="alpha"):
         merge.regmean(experts, {"w": [G, G]}, alpha=2.0)
+    # symmetric, non-negative diagonal, yet no X^T X: the solve would leave the experts' span
+    bad = torch.tensor([[1.0, 3.0, 0, 0], [3.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        merge.regmean(experts, {"w": [bad, bad]})
+    # a sum of rank-deficient grams (fewer samples than inputs) is fine
+    X = [torch.randn(2, 4, generator=gen) for _ in range(2)]
+    merged = merge.regmean(experts, {"w": [x.T @ x for x in X]})
+    assert torch.isfinite(merged["w"]).all()
 
 
 def test_gram_matrices_by_hand(gen):
