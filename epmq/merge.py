@@ -257,9 +257,9 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
 
 
 def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None):
-    weights = _listed(weights)
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
+    weights = _listed(weights)
     _needs_base(base, method)
     check_number(scale, "scale")
     _check_choice(consensus, (None, "sign"), "consensus")
