@@ -65,9 +65,9 @@ def _model_class(directory: Path, tower: Optional[str]):
     if tower is not None:
         vision = _vision_tower_class(cls)
         if vision is None:
-            takes = set(inspect.signature(cls.forward).parameters)
             what = ("a vision-language model, whose towers epmq.quantize_model walks in one call"
-                    if {"input_ids", "pixel_values"} <= takes else "not a two-tower model: leave tower: out")
+                    if {"input_ids", "pixel_values"} <= _forward_takes(cls)
+                    else "not a two-tower model: leave tower: out")
             raise ValueError(f"tower: vision is for a two-tower model with a vision-tower class "
                              f"(CLIPModel, SiglipModel); {cls.__name__} is {what}")
         cls = vision
@@ -87,9 +87,14 @@ def _vision_tower_class(cls):
     return getattr(transformers, _vision_tower_name(cls), None)
 
 
-def _modality(cls, encoder_decoder: bool) -> str:
+def _forward_takes(cls) -> set:
+    """The names of the arguments the model class's forward takes."""
     forward = cls.forward if hasattr(cls, "forward") else None
-    takes = set(inspect.signature(forward).parameters) if forward is not None else set()
+    return set(inspect.signature(forward).parameters) if forward is not None else set()
+
+
+def _modality(cls, encoder_decoder: bool) -> str:
+    takes = _forward_takes(cls)
     if "input_ids" in takes and "pixel_values" in takes:
         if _vision_tower_class(cls) is not None:  # CLIPModel, SiglipModel
             raise ValueError(f"{cls.__name__} takes both texts and images: quantize its vision tower "

@@ -140,12 +140,11 @@ def load_hf_split(spec: DataSpec, split: str, what: str):
 
 def readable(name: str) -> str:
     """A class name fit for a prompt: ``/a/apartment_building/outdoor`` -> ``apartment building outdoor``."""
-    name = str(name)
-    if not name.startswith("/"):  # (a "/" inside a name is its own: "Ram C/V Cargo Van", "20km/h")
-        return " ".join(name.replace("_", " ").split())
-    parts = [p for p in name.strip("/").split("/") if p]  # SUN397's paths
-    if len(parts) > 1 and len(parts[0]) == 1:  # SUN397's leading letter directory
-        parts = parts[1:]
+    parts = [str(name)]  # (a "/" inside a name is its own: "Ram C/V Cargo Van", "20km/h")
+    if parts[0].startswith("/"):  # SUN397's paths
+        parts = [p for p in parts[0].split("/") if p]
+        if len(parts) > 1 and len(parts[0]) == 1:  # SUN397's leading letter directory
+            parts = parts[1:]
     return " ".join(" ".join(parts).replace("_", " ").split())
 
 
