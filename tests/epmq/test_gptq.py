@@ -360,7 +360,9 @@ def test_fp32_factor_that_fails_its_check_gives_way_to_float64(gen, monkeypatch)
     monkeypatch.setattr(quant, "_fp64_is_fast", lambda device: False)
     monkeypatch.setattr(quant, "FP32_FACTOR_TOLERANCE", 0.0)
     res = quant.gptq(W, H, spec)
-    assert torch.equal(res.codes, ref.codes) and res.loss == ref.loss
+    assert torch.equal(res.codes, ref.codes)
+    # (where the loss is measured, a device with slow float64 measures it in float32)
+    assert res.loss == pytest.approx(ref.loss, rel=1e-5)
 
 
 def test_float64_is_fast_on_the_cpu_and_datacenter_gpus(monkeypatch):
