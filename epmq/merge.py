@@ -152,8 +152,10 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
 def _merge_each(base, experts, merge_tensor, out=None, lazy=False):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
-    ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again)."""
+    ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again). An
+    ``out`` with a ``dtype`` (``ShardWriter``'s) takes the results in it, else in the base's."""
     base, experts = _inputs(base, experts)
+    stored = getattr(out, "dtype", None)
     reference = base if base is not None else experts[0]
     out = {} if out is None else out
     for name in reference.keys():
@@ -161,10 +163,14 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False):
         if W_0 is None and W_k is None:
             out[name] = ref.clone()
             continue
-        merged = merge_tensor(name, W_0, W_k).to(ref.dtype).detach()
+        # straight from the float32 arithmetic to the stored dtype (a rounding to the base's
+        # first would wipe out task vectors below its precision, and its overflow would stand)
+        dtype = stored or ref.dtype
+        merged = merge_tensor(name, W_0, W_k).to(dtype).detach()
         if not all_finite(merged):
-            raise ValueError(f"merged tensor {name!r} is not finite in {ref.dtype} (the base's dtype): "
-                             f"its values pass the dtype's range; merge into float32 or bfloat16 "
+            whose = "the requested dtype" if stored else "the base's dtype"
+            raise ValueError(f"merged tensor {name!r} is not finite in {dtype} ({whose}): its values "
+                             f"pass the dtype's range; merge into float32 or bfloat16 "
                              f"(merge_checkpoints(dtype=...))")
         out[name] = merged
     return out

@@ -404,3 +404,40 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
                            merge.average(experts[:2])["model.layers.0.mlp.up_proj.weight"])
     assert json.loads((out / RECIPE_FILE).read_text())["calibration"] == [str(t) for t in texts]
+
+
+@pytest.mark.filterwarnings("ignore:.*is a weights file with no config.json")
+def test_a_requested_dtype_takes_the_float32_arithmetic_not_the_bases_rounding(tmp_path):
+    """bf16 checkpoints whose task vectors lie below bf16's precision, merged into float32: the
+    result is the float32 arithmetic, not the base's dtype's rounding of it, and a value past
+    fp16's range merges once float32 is asked for."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    W_0 = (1 + torch.rand(8, 16, generator=g)).to(torch.bfloat16)  # step 2^-7 near 1
+    taus = [torch.randn(8, 16, generator=g) * 2e-3 for _ in range(2)]
+    experts = [(W_0.float() + t).to(torch.bfloat16) for t in taus]
+    for name, W in [("base", W_0), ("e0", experts[0]), ("e1", experts[1])]:
+        save_file({"w": W}, tmp_path / f"{name}.safetensors")
+    models = [tmp_path / "e0.safetensors", tmp_path / "e1.safetensors"]
+    want = merge.task_arithmetic({"w": W_0.float()}, [{"w": e.float()} for e in experts], scale=0.3)["w"]
+    out = merge_checkpoints("task_arithmetic", models, tmp_path / "f32", base=tmp_path / "base.safetensors",
+                            dtype="float32", progress=False)
+    from safetensors.torch import load_file
+    got = load_file(out / "model.safetensors")["w"]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert not torch.equal(want.to(torch.bfloat16).float(), want)  # (bf16 would have lost it)
+    out = merge_checkpoints("task_arithmetic", models, tmp_path / "fp16", base=tmp_path / "base.safetensors",
+                            dtype="float16", progress=False)
+    assert torch.equal(load_file(out / "model.safetensors")["w"], want.half())  # one rounding
+    # fp16 overflow: an error in the base's dtype, a result in float32
+    big = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}
+    save_file(big, tmp_path / "big.safetensors")
+    save_file({"w": big["w"] + 5000}, tmp_path / "big_e.safetensors")
+    args = ("task_arithmetic", [tmp_path / "big_e.safetensors"])
+    with pytest.raises(ValueError, match=r"not finite in torch.float16 \(the base's dtype\)"):
+        merge_checkpoints(*args, tmp_path / "big16", base=tmp_path / "big.safetensors",
+                          params={"scale": 2.0}, progress=False)
+    out = merge_checkpoints(*args, tmp_path / "big32", base=tmp_path / "big.safetensors",
+                            params={"scale": 2.0}, dtype="float32", progress=False)
+    tau = (big["w"] + 5000).float() - 60000  # (65000 is 64992 in fp16)
+    assert load_file(out / "model.safetensors")["w"].tolist() == (60000 + 2 * tau).tolist()
