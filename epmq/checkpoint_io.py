@@ -35,6 +35,7 @@ read when indexed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,7 +57,8 @@ WEIGHT_FILES = (  # in order of preference, inside a directory
     "pytorch_model.bin",
     "open_clip_pytorch_model.bin",
 )
-_WRAPPERS = ("state_dict", "model", "module")  # what training scripts wrap a state dict in
+# what training scripts wrap a state dict in (Lightning and timm; the PyTorch tutorials' form)
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
 
 
 class CheckpointError(ValueError):
@@ -213,6 +215,9 @@ class CheckpointReader:
                 if not isinstance(state, Mapping):
                     raise self.error(f"{self.what}: {file} does not hold a state dict")
                 handle = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+                if not handle:
+                    raise self.error(f"{self.what}: {file} holds no tensors at its top level (its keys: "
+                                     f"{sorted(map(str, state))[:8]}): save the model's state dict itself")
             self._stores[file] = handle
         return handle
 
@@ -224,16 +229,33 @@ class CheckpointReader:
 
     def shape(self, key: str) -> tuple:
         handle = self._open(self._where[key])
-        if hasattr(handle, "get_slice"):
-            return tuple(handle.get_slice(key).get_shape())
-        if hasattr(handle, "shape_of"):  # a LoraExpert: no update formed for a shape
-            return tuple(handle.shape_of(key))
-        return tuple(handle[key].shape)
+        with self._listed(handle, key):
+            if hasattr(handle, "get_slice"):
+                return tuple(handle.get_slice(key).get_shape())
+            if hasattr(handle, "shape_of"):  # a LoraExpert: no update formed for a shape
+                return tuple(handle.shape_of(key))
+            return tuple(handle[key].shape)
 
     def get(self, key: str, index=None) -> torch.Tensor:
         """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert's rows of a fused MoE
         tensor), a fresh read from files."""
-        return _read_tensor(self._open(self._where[key]), key, index)
+        handle = self._open(self._where[key])
+        with self._listed(handle, key):
+            return _read_tensor(handle, key, index)
+
+    @contextlib.contextmanager
+    def _listed(self, handle, key: str):
+        """A shard index that lists ``key`` in a file without it (stale, or hand-edited): the
+        error names the checkpoint, the file and the index, not the file reader's."""
+        try:
+            yield
+        except Exception as e:
+            file = self._where.get(key)
+            if file is None or key in handle.keys():
+                raise
+            raise self.error(f"{self.what}: {self.path} lists tensor {key!r} in {Path(file).name}, which "
+                             f"does not hold it ({type(e).__name__}): the index is stale or the shard "
+                             f"is not its own") from e
 
     def close(self) -> None:
         """Let go of every handle and in-memory tensor (the reader is empty afterwards)."""
@@ -258,7 +280,9 @@ class Binding:
     are leading parts the checkpoint may add, tried besides those found from its keys. With no
     names the rewrite is the identity. ``rename`` (``key_renaming``): every key is also found
     under its renamed name; ``key_for`` returns the key itself. ``fits(name, key)``: whether a
-    key found for a name may hold it (e.g. its shape); only those count."""
+    key found for a name may hold it (e.g. its shape); only those count. Two rewrites that find
+    as many names in different keys are two copies of the model (``ambiguous``): callers refuse
+    them (``refuse_ambiguity``) rather than take one by the order of their names."""
 
     def __init__(self, keys: Iterable[str], order: Optional[Mapping[str, Sequence[str]]] = None,
                  names: Optional[Iterable[str]] = None, prefixes: Iterable[str] = (),
@@ -275,11 +299,22 @@ class Binding:
         # long names are unlikely to end other keys by chance; the first ones are the model's own
         probe = list(dict.fromkeys(names[:16] + sorted(names, key=len, reverse=True)[:8]))
         candidates = {("", "")} | {("", p) for p in prefixes}
-        for name in probe:  # strip a leading part of the model's names ...
+        # strip a leading part of the model's names, add the checkpoint's extra leading part, or
+        # both (a DDP-wrapped tower saved alone: "module.conv1.weight" for "visual.conv1.weight"):
+        # every rest of a probed name (the name, or it less its first one or two parts where two
+        # are left: "weight" alone ends every key) that ends a key gives the key's part before it
+        # to add
+        rests = {}  # rest of a probed name -> the parts stripped to reach it
+        for name in probe:
             parts = name.split(".")
             candidates.update((".".join(parts[:j]) + ".", "") for j in range(1, len(parts)))
-        for key in self.keys:  # ... or add the checkpoint's extra leading part
-            candidates.update(("", key[: -len(n)]) for n in probe if key.endswith("." + n))
+            for j in range(max(1, min(3, len(parts) - 1))):
+                rests.setdefault(".".join(parts[j:]), set()).add(".".join(parts[:j]) + "." if j else "")
+        for key in self.keys:
+            parts = key.split(".")
+            for j in range(1, len(parts)):
+                for strip in rests.get(".".join(parts[j:]), ()):
+                    candidates.add((strip, ".".join(parts[:j]) + "."))
 
         def coverage(rewrite):
             found = ((n, self._lookup(n, rewrite)) for n in names)
@@ -292,6 +327,33 @@ class Binding:
         self.rewrite: Rewrite = max(ordered, key=scores.get)
         # every rewrite that finds as many (a caller may refuse to choose among them)
         self.equals = [r for r in ordered if scores[r] == scores[self.rewrite]] if scores[self.rewrite] else []
+        self._names = names
+
+    def ambiguous(self) -> list:
+        """The rewrites that find as many names as the one chosen but in other keys (two full
+        copies of the model under different leading parts, e.g. a Lightning checkpoint's
+        ``model.`` and ``ema_model.module.``), the chosen one first; [] when the choice is clear."""
+        mapping = [self._key(n, self.rewrite) for n in self._names]
+        # (rewrites that find other names only, as a renamed checkpoint's untouched embeddings
+        # and its layers under a partial rewrite, are no second copy)
+        others = [r for r in self.equals if r != self.rewrite and any(
+            k is not None and self._key(n, r) not in (None, k) for n, k in zip(self._names, mapping))]
+        return [self.rewrite, *others] if others else []
+
+    def _key(self, name: str, rewrite: Rewrite) -> Optional[str]:
+        key = self._lookup(name, rewrite)
+        return None if key is None else self.original[key]
+
+    def refuse_ambiguity(self, error: Callable[[str], Exception]) -> None:
+        """Raise ``error(message)`` when ``ambiguous``: the names are found under several leading
+        parts and nothing says which copy is meant."""
+        places = self.ambiguous()
+        if places:
+            name = next(n for n in self._names if len({self._key(n, r) for r in places} - {None}) > 1)
+            keys = [k for k in dict.fromkeys(self._key(name, r) for r in places) if k]
+            raise error(f"holds the model's tensors in several copies ({name!r} is both "
+                        f"{' and '.join(map(repr, keys))}), e.g. a Lightning checkpoint's weights and "
+                        f"their EMA: save the copy you mean alone")
 
     def _lookup(self, name: str, rewrite: Rewrite) -> Optional[str]:
         strip, add = rewrite
@@ -304,8 +366,7 @@ class Binding:
 
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key holding the model tensor ``name`` (or one of its aliases), or None."""
-        key = self._lookup(name, self.rewrite)
-        return None if key is None else self.original[key]
+        return self._key(name, self.rewrite)
 
 
 def key_renaming(model: nn.Module) -> Optional[Callable[[str], str]]:
@@ -438,6 +499,7 @@ def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: 
     checkpoint lacks or whose shape differs from ``shapes`` (the model's)."""
     names = list(order)
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
+    binding.refuse_ambiguity(lambda message: reader.error(f"{what} ({reader.path}) {message}"))
     mapping, missing = {}, []
     for n in names:
         key = binding.key_for(n)

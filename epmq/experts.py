@@ -71,6 +71,8 @@ class ExpertWeights:
         aliases = aliases or {}
         order = {n: [n, *aliases.get(n, ())] for n in [*names, *aliases]}
         self._binding = Binding(self.reader.keys(), order, names=names, rename=rename)
+        self._binding.refuse_ambiguity(
+            lambda message: ValueError(f"the expert of task {self.task!r} ({self.description}) {message}"))
 
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key holding the model tensor ``name`` (or one of its aliases)."""

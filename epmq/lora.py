@@ -187,8 +187,8 @@ class LoraExpert(Mapping):
                           prefixes=() if prefix is None else (prefix,))
         if prefix is not None:
             binding.rewrite = ("", prefix)
-        elif len(binding.equals) > 1:
-            places = sorted(add or strip or "(as named)" for strip, add in binding.equals)
+        elif binding.ambiguous():
+            places = sorted(add or strip or "(as named)" for strip, add in binding.ambiguous())
             raise ValueError(f"{what}: its modules fit the base ({self.base.description}) in several "
                              f"places ({', '.join(places)}): give the base it was trained on (the tower "
                              f"alone), or LoraExpert(adapter, base, prefix=...) the one to update")

@@ -85,6 +85,7 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
     if names is None:
         return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device)
     binding = Binding(reader.keys(), names=names)
+    binding.refuse_ambiguity(lambda message: ValueError(f"{what} {message}"))
     found = {n: binding.key_for(n) for n in names}
     found = {n: k for n, k in found.items() if k is not None}
     ignored = sorted(set(reader.keys()) - set(found.values()))

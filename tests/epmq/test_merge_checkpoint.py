@@ -441,3 +441,41 @@ def test_a_requested_dtype_takes_the_float32_arithmetic_not_the_bases_rounding(t
                             params={"scale": 2.0}, dtype="float32", progress=False)
     tau = (big["w"] + 5000).float() - 60000  # (65000 is 64992 in fp16)
     assert load_file(out / "model.safetensors")["w"].tolist() == (60000 + 2 * tau).tolist()
+
+
+def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
+    """The PyTorch tutorials' {"model_state_dict": ...} is read; a file with no tensors at its
+    top level, a shard index listing a tensor its shard lacks and two copies of the model are
+    errors naming the problem, from the API and the CLI alike."""
+    import shutil
+
+    root, base, experts = checkpoints
+    torch.save({"epoch": 2, "model_state_dict": experts[0], "optimizer_state_dict": {}}, tmp_path / "tut.pt")
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "tut.pt", root / "e1"], tmp_path / "m",
+                            base=root / "base", progress=False)
+    want = merge.task_arithmetic(base, experts[:2])
+    assert all(torch.equal(t, want[n]) for n, t in _load(out).items())
+    torch.save({"epoch": 2, "weights": experts[0]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"odd.pt holds no tensors at its top level \(its keys: \['epoch', 'weights'\]\)"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "odd.pt"], tmp_path / "m2", base=root / "base",
+                          progress=False)
+    # a stale index: a tensor listed in a shard that does not hold it
+    shutil.copytree(root / "base", tmp_path / "stale")
+    index_file = tmp_path / "stale" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    index["weight_map"][name] = next(s for s in index["weight_map"].values() if s != shard)
+    index_file.write_text(json.dumps(index))
+    recipe = tmp_path / "stale.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(root / "base"),
+                                      "models": [str(tmp_path / "stale"), str(root / "e1")]}))
+    assert main(["merge", "--quiet", str(recipe), str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err
+    assert f"lists tensor {name!r} in {index['weight_map'][name]}, which does not hold it" in err
+    assert "Traceback" not in err and not (tmp_path / "m3").exists()
+    # two copies: the weights and an EMA
+    two = {**{f"model.{k}": v for k, v in experts[0].items()}, **{f"ema.{k}": v for k, v in base.items()}}
+    torch.save({"state_dict": two}, tmp_path / "two.ckpt")
+    with pytest.raises(ValueError, match=r"model 0 .* several copies \('.*' is both 'ema\..*' and 'model\."):
+        merge_checkpoints("task_arithmetic", [tmp_path / "two.ckpt"], tmp_path / "m4", base=root / "base",
+                          progress=False)

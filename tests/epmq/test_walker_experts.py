@@ -99,6 +99,38 @@ def test_full_open_clip_checkpoint_for_the_visual_tower(tmp_path):
     assert torch.equal(expert.read(name), clip.visual.state_dict()[name])
 
 
+def test_a_ddp_wrapped_visual_tower_saved_alone_is_the_visual_tower(tmp_path):
+    """``torch.save(DDP(clip.visual).state_dict())``: "module.conv1.weight" is the full CLIP's
+    "visual.conv1.weight" (a leading part stripped and another added), not a text-tower tensor
+    that the same rest of a name ends ("module.transformer.resblocks.*")."""
+    clip = build("open_clip_clip")
+    torch.save({f"module.{k}": v for k, v in clip.visual.state_dict().items()}, tmp_path / "v.pt")
+    expert = ExpertWeights(str(tmp_path / "v.pt"), task="t")
+    expert.bind(_names(clip))
+    name = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert expert.key_for(name) == "module.transformer.resblocks.0.attn.in_proj_weight"
+    assert expert.key_for("transformer.resblocks.0.attn.in_proj_weight") is None  # the text tower's
+    assert torch.equal(expert.read(name), clip.state_dict()[name])
+
+
+def test_two_copies_of_the_model_in_one_checkpoint_are_refused(tmp_path):
+    """A Lightning checkpoint with the trained weights ("model.") and an EMA copy
+    ("ema_model.module."): nothing says which is the expert, so neither is taken."""
+    model = build("llama")
+    state = model.state_dict()
+    ema = {f"ema_model.module.{k}": v * 0.5 for k, v in state.items()}
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in state.items()}, **ema}, "epoch": 1},
+               tmp_path / "last.ckpt")
+    expert = ExpertWeights(str(tmp_path / "last.ckpt"), task="t")
+    with pytest.raises(ValueError, match=r"task 't' .* several copies \('.*' is both 'ema_model.module.*' and 'model."):
+        expert.bind(_names(model))
+    # one copy alone binds
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "one.ckpt")
+    expert = ExpertWeights(str(tmp_path / "one.ckpt"), task="t")
+    expert.bind(_names(model))
+    assert expert.key_for("lm_head.weight") == "model.lm_head.weight"
+
+
 def test_quantize_a_visual_tower_with_full_clip_experts(gen, tmp_path):
     fam = Family("open_clip_clip", gen)
     merged = fam.merged().visual
