@@ -87,7 +87,7 @@ def _config(directory: Path) -> dict:
     return config
 
 
-def _skeleton(base) -> Optional[nn.Module]:
+def model_skeleton(base) -> Optional[nn.Module]:
     """The base model's modules without weights (built on the meta device from its config.json),
     for the types of its layers (GPT-2's ``Conv1D`` holds its weight transposed) and its tied
     weights; None where it cannot be built (no config, not a transformers model)."""
@@ -175,7 +175,7 @@ class LoraExpert(Mapping):
         # leading names than the model PEFT wrapped: transformers 4's ``vision_model.``, a tower
         # of a two-tower base), counting only keys whose shape fits the update; an update of a
         # tied weight (an lm_head tied to the embeddings) goes to the tensor the base stores
-        skeleton = _skeleton(base)
+        skeleton = model_skeleton(base)
         order = tie_order(skeleton) if skeleton is not None else None
 
         def fits(name, key):
@@ -224,7 +224,7 @@ class LoraExpert(Mapping):
     def _orientations(self, found, pairs, skeleton, config) -> dict:
         """Per adapted module, whether W_0 holds ``(B A)^T``: an embedding's update, or a layer
         that stores its weight as ``[in, out]`` (GPT-2's ``Conv1D``). The base's module types say
-        which where it can be built (``_skeleton``); else the shapes, and for a square weight what
+        which where it can be built (``model_skeleton``); else the shapes, and for a square weight what
         the adapter's other layers show, or its config's ``fan_in_fan_out`` (which PEFT sets per
         layer type but saves once: refused where the layers show both)."""
         out, square, shown = {}, [], set()

@@ -37,9 +37,9 @@ import torch
 from . import merge as merge_lib
 from ._util import loading_bars
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
-from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint
+from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
-from .lora import is_lora_adapter, open_expert
+from .lora import is_lora_adapter, model_skeleton, open_expert
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -73,6 +73,40 @@ class _View(Mapping):
 
     def __contains__(self, name):
         return name in self.names
+
+
+class _TiedWriter:
+    """``writer``, which also stores each tensor under the names tied to it (``ties``: name ->
+    names): the merged value goes to both."""
+
+    def __init__(self, writer: ShardWriter, ties: Mapping[str, list]):
+        self.writer, self.ties, self.dtype = writer, ties, writer.dtype
+
+    def __setitem__(self, name: str, t: torch.Tensor):
+        self.writer[name] = t
+        for tied in self.ties.get(name, ()):
+            self.writer[tied] = t.clone()  # (safetensors stores no shared memory)
+
+    def finish(self) -> None:
+        self.writer.finish()
+
+
+def _tied_in_base(base_path: Path, base_state: Mapping, base_only: list, merged: set) -> dict:
+    """Tensors of the base the models lack that are tied to one they have (a tied lm_head the
+    base's raw state dict stores beside the embeddings, which save_pretrained experts omit):
+    merged name -> [tied names]. Tied by the base's config (``tie_order`` of its skeleton) and
+    equal in the base; with no config, none."""
+    skeleton = model_skeleton(base_path)
+    if skeleton is None:
+        return {}
+    order = tie_order(skeleton)
+    ties = {}
+    for name in base_only:
+        for alias in order.get(name, ()):
+            if alias != name and alias in merged and torch.equal(base_state[name], base_state[alias]):
+                ties.setdefault(alias, []).append(name)
+                break
+    return ties
 
 
 def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
@@ -295,26 +329,32 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
                              f"tensors: not the same architecture")
         names = names or list(sources[0])
-    base_only = []
+    base_only, ties = [], {}
     if base_state is not None:
         # a base with more than the experts (CLIPModel's text tower beside fine-tuned
-        # CLIPVisionModel experts): the rest is copied, so that the output is the base's model
+        # CLIPVisionModel experts): the rest is copied, so that the output is the base's model;
+        # a tensor tied to a merged one takes its merged value
         base_only = [n for n in base_state if not all(n in s for s in sources)]
+        merged = set(base_state) - set(base_only)
+        ties = _tied_in_base(base_path, base_state, base_only, merged) if base_only else {}
+        base_only = [n for n in base_only if not any(n in t for t in ties.values())]
         if base_only:
             warnings.warn(f"{len(base_only)} tensors of the base are in no or not every model (e.g. "
                           f"{base_only[:3]}): copied from the base unchanged")
-            merged = [n for n in base_state if n not in set(base_only)]
+        if base_only or ties:
+            merged = [n for n in base_state if n in merged]
             base_state = _View(base_state.state, device, merged)
             sources = [_View(s.state, device, merged) for s in sources]
     reference = base_state if base_state is not None else sources[0]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(reference) + len(base_only), desc=f"merge {method}", unit="tensor",
+    bar = tqdm(total=len(reference) + len(base_only) + sum(map(len, ties.values())), desc=f"merge {method}", unit="tensor",
                disable=not progress)
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     try:
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
             writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)
+            writer = _TiedWriter(writer, ties) if ties else writer
             if method == "slerp":
                 fn(sources[0], sources[1], out=writer, **params)
             elif method == "average":

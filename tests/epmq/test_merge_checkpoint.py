@@ -479,3 +479,31 @@ def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"model 0 .* several copies \('.*' is both 'ema\..*' and 'model\."):
         merge_checkpoints("task_arithmetic", [tmp_path / "two.ckpt"], tmp_path / "m4", base=root / "base",
                           progress=False)
+
+
+def test_a_tied_head_the_bases_raw_state_dict_stores_takes_the_merged_embeddings(tmp_path):
+    """A tied base saved by torch.save(model.state_dict()) (lm_head beside the embeddings),
+    experts by save_pretrained (the embeddings alone): the head is the merged embeddings, not the
+    base's, so transformers ties the loaded model's as it was."""
+    import shutil
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path / "hf_base")
+    (tmp_path / "base").mkdir()
+    torch.save(base.state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    shutil.copy(tmp_path / "hf_base" / "config.json", tmp_path / "base")
+    noise = torch.Generator().manual_seed(1)
+    experts = []
+    for k in range(2):
+        expert = perturb(base, noise, scale=0.05)
+        expert.save_pretrained(tmp_path / f"e{k}")
+        experts.append(expert.state_dict())
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                            base=tmp_path / "base", progress=False)
+    name = "model.embed_tokens.weight"
+    want = merge.task_arithmetic(base.state_dict(), experts)[name]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.model.embed_tokens.weight, want) and torch.equal(model.lm_head.weight, want)
