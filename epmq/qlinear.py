@@ -268,6 +268,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        if not x.is_floating_point():  # (the weights built in its dtype would round to 0)
+            raise TypeError(f"expected floating-point inputs (as nn.Linear), got {x.dtype}")
         # the kernels have no backward: inputs that need a gradient (adapters trained on top of
         # the quantized model) take the dequantized product, which autograd follows
         kernels = self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())

@@ -66,6 +66,15 @@ def test_forward_is_the_dequantized_product(dtype, gen):
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
 
 
+def test_integer_inputs_are_refused(gen):
+    """(They made the weights in their own dtype: fp16 scales below 1 rounded to 0, a silent
+    result of zeros where nn.Linear raises.)"""
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen))
+    for dtype in (torch.int64, torch.int32, torch.bool):
+        with pytest.raises(TypeError, match=f"floating-point inputs .*got {dtype}"):
+            layer(torch.ones(2, 64, dtype=dtype))
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dequantize_is_bitwise_the_integer_formula(spec, dtype, gen):
