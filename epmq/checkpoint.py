@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
@@ -50,7 +51,7 @@ from torch import nn
 from ._util import process_alive, read_json
 from .adapters import find_towers
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
-from .packing import pack_cols, unpack_cols
+from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols
 from .qlinear import QuantLinear
 
 FORMATS = ("gptq", "gptq_v2")
@@ -333,14 +334,16 @@ def _serving_warnings(layers, qconfig, split) -> None:
                        "checkpoints (QuantSpec(sym=True) for them)")
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons))
-    odd = [name for name, m in layers.items() if m.bits == 3 and (m.in_features % 32 or m.out_features % 32)]
+    odd = [name for name, m in layers.items() if (m.in_features * m.bits) % 32 or (m.out_features * m.bits) % 32]
     if odd:
         m = layers[odd[0]]
+        whole = 32 // math.gcd(m.bits, 32)
         warnings.warn(
-            f"{len(odd)} 3-bit layers (first: {odd[0]}, {m.in_features}->{m.out_features}) have a width "
-            f"that is not a multiple of 32: GPTQModel and transformers cannot unpack them (their 3-bit "
-            f"packing spans words of 32 values); epmq.load_quantized loads them. Quantize them at 4 bits "
-            f"or exclude them (layers=) to serve them elsewhere")
+            f"{len(odd)} layers (first: {odd[0]}, {m.bits}-bit, {m.in_features}->{m.out_features}) have a "
+            f"width whose codes fill no whole 32-bit words (at {m.bits} bits, a multiple of {whole} values): "
+            f"epmq pads them and epmq.load_quantized loads them, but GPTQModel and transformers (buffers of "
+            f"width * bits / 32 words) and vLLM (widths a multiple of its pack factor) cannot. Exclude "
+            f"them (layers=) to serve the checkpoint elsewhere")
 
 
 def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
@@ -636,10 +639,18 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
         name = _module_of(key)
         g_idx = tensors.get(f"{name}.g_idx")
         K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // qconfig["bits"]
-        bits, N = qweight.shape[0] * 32 // K, qweight.shape[1]
-        G, config_group = tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1)
-        if qweight.shape[0] * 32 != K * bits:
+        N = qweight.shape[1]
+        # the bit width whose packing of K inputs (and N zero points) the words fit; a width
+        # that fills no whole words is padded (epmq writes ceil(K * bits / 32) words), so two
+        # widths may fit: the config's first
+        qzeros = tensors.get(f"{name}.qzeros")
+        fit = [b for b in dict.fromkeys([qconfig.get("bits"), *SUPPORTED_BITS]) if b in SUPPORTED_BITS
+               and packed_length(K, b) == qweight.shape[0]
+               and (qzeros is None or packed_length(N, b) == qzeros.shape[1])]
+        if not fit:
             raise ValueError(f"{name}: qweight {tuple(qweight.shape)} packs no whole bit width for {K} inputs")
+        bits = fit[0]
+        G, config_group = tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1)
         if config_group != -1 and G == -(-K // config_group):  # (a layer of one group included)
             group_size = config_group
         elif G == 1:

@@ -1041,19 +1041,27 @@ def test_one_warning_names_the_engines_that_cannot_serve(bits, sym, engines, tmp
         assert "refuses asymmetric" not in said[0]
 
 
-def test_3bit_layers_of_widths_not_multiple_of_32_are_warned_about(tmp_path):
+@pytest.mark.parametrize("bits, inter, want", [(3, 128, 0), (3, 80, 6), (4, 128, 0), (4, 100, 6), (2, 104, 6),
+                                             (8, 98, 6)])
+def test_layers_whose_codes_fill_no_whole_words_are_warned_about_and_load_back(bits, inter, want, tmp_path):
+    """Widths whose codes fill no whole 32-bit words (a multiple of 32 / gcd(bits, 32) values) are
+    padded: other engines cannot load them (warned); epmq loads them, from config.json alone too
+    (the bit width read off padded words: the config's where two fit)."""
     import warnings
 
-    for hidden, inter, want in ((64, 128, 0), (64, 80, 1)):
-        model = _tiny_llama(hidden, inter)
-        epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=16, sym=True), method="rtn", progress=False)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            epmq.save_quantized(model, tmp_path / str(inter))
-        said = [str(w.message) for w in record if "not a multiple of 32" in str(w.message)]
-        assert len(said) == want
-        if said:
-            assert "GPTQModel and transformers" in said[0] and "6 3-bit layers" in said[0]
+    model = _tiny_llama(64, inter)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=-1, sym=True), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "fill no whole 32-bit words" in str(w.message)]
+    assert len(said) == bool(want)
+    if said:
+        assert f"{want} layers" in said[0] and f"{bits}-bit" in said[0] and "GPTQModel and transformers" in said[0]
+    (tmp_path / "q" / "quantize_config.json").unlink()  # the config.json's quantization_config alone
+    loaded = epmq.load_quantized(tmp_path / "q")
+    x = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
 
 
 def test_a_quantized_lm_head_is_declared(tmp_path):
