@@ -333,6 +333,8 @@ class Binding:
         """The rewrites that find as many names as the one chosen but in other keys (two full
         copies of the model under different leading parts, e.g. a Lightning checkpoint's
         ``model.`` and ``ema_model.module.``), the chosen one first; [] when the choice is clear."""
+        if len(self.equals) < 2:
+            return []
         mapping = [self._key(n, self.rewrite) for n in self._names]
         # (rewrites that find other names only, as a renamed checkpoint's untouched embeddings
         # and its layers under a partial rewrite, are no second copy)

@@ -185,10 +185,11 @@ class LoraExpert(Mapping):
         names = [f"{m}.weight" for m in pairs]
         binding = Binding(self.base.keys(), order, names=names, fits=fits,
                           prefixes=() if prefix is None else (prefix,))
+        ambiguous = [] if prefix is not None else binding.ambiguous()
         if prefix is not None:
             binding.rewrite = ("", prefix)
-        elif binding.ambiguous():
-            places = sorted(add or strip or "(as named)" for strip, add in binding.ambiguous())
+        elif ambiguous:
+            places = sorted(add or strip or "(as named)" for strip, add in ambiguous)
             raise ValueError(f"{what}: its modules fit the base ({self.base.description}) in several "
                              f"places ({', '.join(places)}): give the base it was trained on (the tower "
                              f"alone), or LoraExpert(adapter, base, prefix=...) the one to update")

@@ -329,26 +329,27 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
                              f"tensors: not the same architecture")
         names = names or list(sources[0])
-    base_only, ties = [], {}
+    base_only, ties, tied = [], {}, set()
     if base_state is not None:
         # a base with more than the experts (CLIPModel's text tower beside fine-tuned
         # CLIPVisionModel experts): the rest is copied, so that the output is the base's model;
         # a tensor tied to a merged one takes its merged value
         base_only = [n for n in base_state if not all(n in s for s in sources)]
-        merged = set(base_state) - set(base_only)
-        ties = _tied_in_base(base_path, base_state, base_only, merged) if base_only else {}
-        base_only = [n for n in base_only if not any(n in t for t in ties.values())]
+        unmerged = set(base_only)
+        merged = [n for n in base_state if n not in unmerged]
+        ties = _tied_in_base(base_path, base_state, base_only, set(merged)) if base_only else {}
+        tied = {n for names in ties.values() for n in names}
+        base_only = [n for n in base_only if n not in tied]
         if base_only:
             warnings.warn(f"{len(base_only)} tensors of the base are in no or not every model (e.g. "
                           f"{base_only[:3]}): copied from the base unchanged")
-        if base_only or ties:
-            merged = [n for n in base_state if n in merged]
+        if base_only or tied:
             base_state = _View(base_state.state, device, merged)
             sources = [_View(s.state, device, merged) for s in sources]
     reference = base_state if base_state is not None else sources[0]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(reference) + len(base_only) + sum(map(len, ties.values())), desc=f"merge {method}", unit="tensor",
+    bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",
                disable=not progress)
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     try:

@@ -456,7 +456,8 @@ def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
     want = merge.task_arithmetic(base, experts[:2])
     assert all(torch.equal(t, want[n]) for n, t in _load(out).items())
     torch.save({"epoch": 2, "weights": experts[0]}, tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match=r"odd.pt holds no tensors at its top level \(its keys: \['epoch', 'weights'\]\)"):
+    no_tensors = r"odd.pt holds no tensors at its top level \(its keys: \['epoch', 'weights'\]\)"
+    with pytest.raises(ValueError, match=no_tensors):
         merge_checkpoints("task_arithmetic", [tmp_path / "odd.pt"], tmp_path / "m2", base=root / "base",
                           progress=False)
     # a stale index: a tensor listed in a shard that does not hold it
