@@ -335,15 +335,18 @@ class Binding:
         ``model.`` and ``ema_model.module.``), the chosen one first; [] when the choice is clear."""
         if len(self.equals) < 2:
             return []
-        mapping = [self._key(n, self.rewrite) for n in self._names]
-        # (rewrites that find other names only, as a renamed checkpoint's untouched embeddings
-        # and its layers under a partial rewrite, are no second copy)
+        # a name under itself, not its aliases (a tied lm_head found as itself by one rewrite
+        # and as the embeddings by another is one copy); rewrites that find other names only,
+        # as a renamed checkpoint's untouched embeddings and its layers under a partial
+        # rewrite, are no second copy either
+        mapping = [self._key(n, self.rewrite, aliases=False) for n in self._names]
         others = [r for r in self.equals if r != self.rewrite and any(
-            k is not None and self._key(n, r) not in (None, k) for n, k in zip(self._names, mapping))]
+            k is not None and self._key(n, r, aliases=False) not in (None, k)
+            for n, k in zip(self._names, mapping))]
         return [self.rewrite, *others] if others else []
 
-    def _key(self, name: str, rewrite: Rewrite) -> Optional[str]:
-        key = self._lookup(name, rewrite)
+    def _key(self, name: str, rewrite: Rewrite, aliases: bool = True) -> Optional[str]:
+        key = self._lookup(name, rewrite, aliases)
         return None if key is None else self.original[key]
 
     def refuse_ambiguity(self, error: Callable[[str], Exception]) -> None:
@@ -351,15 +354,16 @@ class Binding:
         parts and nothing says which copy is meant."""
         places = self.ambiguous()
         if places:
-            name = next(n for n in self._names if len({self._key(n, r) for r in places} - {None}) > 1)
-            keys = [k for k in dict.fromkeys(self._key(name, r) for r in places) if k]
+            name = next(n for n in self._names
+                        if len({self._key(n, r, aliases=False) for r in places} - {None}) > 1)
+            keys = [k for k in dict.fromkeys(self._key(name, r, aliases=False) for r in places) if k]
             raise error(f"holds the model's tensors in several copies ({name!r} is both "
                         f"{' and '.join(map(repr, keys))}), e.g. a Lightning checkpoint's weights and "
                         f"their EMA: save the copy you mean alone")
 
-    def _lookup(self, name: str, rewrite: Rewrite) -> Optional[str]:
+    def _lookup(self, name: str, rewrite: Rewrite, aliases: bool = True) -> Optional[str]:
         strip, add = rewrite
-        for alias in self.order.get(name, (name,)):
+        for alias in self.order.get(name, (name,)) if aliases else (name,):
             if alias.startswith(strip):
                 key = add + alias[len(strip):]
                 if key in self.keys:
