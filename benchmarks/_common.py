@@ -52,9 +52,11 @@ def write_json(path, result: dict) -> None:
     os.replace(tmp, path)
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (a step of the GPU suite reaching its time limit) raised where the benchmark was,
-    so that it still writes its plot and summary of what it measured in the grace time."""
+    so that it still writes its plot and summary of what it measured in the grace time. Not an
+    ``Exception``: the autotuner skips a candidate that raises one, and would so swallow the stop
+    when it lands there (as ``KeyboardInterrupt``, it passes such handlers)."""
 
 
 def raise_on_sigterm() -> None:

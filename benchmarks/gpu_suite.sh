@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 }
 
 # ---- steps (append new lines here) -----------------------------------------------------------
-step cuda-tests 160 "$PYTHON" -m pytest -q tests -m cuda
+step cuda-tests 160 "$PYTHON" -m pytest -q tests -m cuda --durations=15  # (the slowest: to size this limit)
 step bench-w4a16 120 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
 # GPTQ / E-PMQ solver: fused vs eager on 768x3072, 4096x4096, 4096x14336 ([d_out, d_in]) and
 # E-PMQ (8 experts) vs GPTQ; eager baselines stop after 60 s; the layer profile only if the

@@ -49,10 +49,10 @@ import torch
 from torch import nn
 
 from ._util import process_alive, read_json
-from .adapters import find_towers
+from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols
-from .qlinear import QuantLinear
+from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config
 
 FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
@@ -187,6 +187,8 @@ def _tensors(model, layers, checkpoint_format):
                     f"store (it holds z - 1): save with checkpoint_format='gptq_v2'"
                 )
             state[f"{name}.qzeros"] = pack_cols(z - 1, layer.bits)
+    for name, key in _transposed_linears(model).items():
+        state[key] = state.pop(name).t()
     tensors, tied, first = {}, {}, {}
     for name, t in state.items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
@@ -197,6 +199,23 @@ def _tensors(model, layers, checkpoint_format):
             first[key] = name
         tensors[name] = t.detach()  # moved to the host shard by shard, as each is written
     return tensors, tied
+
+
+def _transposed_linears(model) -> dict:
+    """``{weight name: checkpoint name}`` of the linears the walk rewrote from a transposed
+    layout (GPT-2's ``Conv1D``) and left in full precision: the checkpoint holds them in the
+    family's own layout, which engines build (and ``load_quantized`` transposes back)."""
+    found = {}
+    for name, key in checkpoint_names(model).items():
+        owner = name.rpartition(".")[0]
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if (isinstance(key, Transposed) and isinstance(module, nn.Linear) and not isinstance(module, QuantLinear)
+                and name == f"{owner}.weight"):
+            found[name] = str(key)
+    return found
 
 
 def _module_of(qweight_key: str) -> str:
@@ -346,8 +365,20 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"them (layers=) to serve the checkpoint elsewhere")
 
 
+# the fields of a quantize_model call a checkpoint records (bits, group_size and sym it takes
+# from the layers themselves)
+_CALL_RECORD = ("act_order", "static_groups", "true_sequential", "method", "targets", "adapter")
+
+
 def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
-    info = dict(getattr(model, "epmq_quant_config", None) or {})
+    # what each layer was quantized with (a layer built by hand: what the model says, if anything)
+    fallback = dict(getattr(model, "epmq_quant_config", None) or {})
+    records = {name: m.quantized_with or fallback for name, m in layers.items()}
+    info = common_quant_config(records.values())
+    # fields the layers differ in (quantize_model called on parts of the model with other
+    # options) are None in info and written per layer
+    mixed = [field for field in _CALL_RECORD if info[field] is None
+             and any(r.get(field) is not None for r in records.values())]
     first = next(iter(layers.values()))
     kinds = {(m.bits, m.group_size) for m in layers.values()}
     if len(kinds) > 1:  # (quantize_model called on parts of the model with other specs)
@@ -356,9 +387,9 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
             f"holds one, so engines other than epmq.load_quantized (which reads each layer's "
             f"own, saved under 'epmq') will refuse the checkpoint"
         )
-    # sym tells engines to ignore qzeros (Marlin), so it must hold for every layer, whatever
-    # the last quantize_model call said
-    sym = info.get("sym", False) and all(
+    # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
+    # midpoint, unless a call said its grids are asymmetric (then it is not claimed)
+    sym = info["sym"] is not False and all(
         bool((m.zeros() == 2 ** (m.bits - 1)).all()) for m in layers.values())
     static = all(
         torch.equal(
@@ -367,29 +398,34 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
         )
         for m in layers.values()
     )
+    for field, default in (("act_order", False), ("static_groups", False), ("true_sequential", True)):
+        if field not in mixed and info[field] is None:  # (no layer says: GPTQ's defaults)
+            info[field] = default
+    # (the engines' fields of the calls: where the layers differ, only per layer under "epmq")
+    calls = {field: info[field] for field in ("static_groups", "true_sequential") if field not in mixed}
     return {
         "quant_method": "gptq",
         # the layers' own (the last quantize_model call's spec may cover only some of them)
-        "bits": first.bits if len(kinds) == 1 else info.get("bits", first.bits),
-        "group_size": first.group_size if len(kinds) == 1 else info.get("group_size", first.group_size),
+        "bits": first.bits,
+        "group_size": first.group_size,
         # desc_act tells loaders to honour g_idx: only needed when it is not k // group_size
         "desc_act": not static,
         "sym": sym,
-        "static_groups": info.get("static_groups", False),
-        "true_sequential": info.get("true_sequential", True),
+        **calls,
         "checkpoint_format": checkpoint_format,
         "model_file_base_name": "model",
         "epmq": {
-            "method": info.get("method"),
-            "targets": info.get("targets"),
-            "adapter": info.get("adapter"),
-            "act_order": info.get("act_order", False),
+            "method": info["method"],
+            "targets": info["targets"],
+            "adapter": info["adapter"],
+            "act_order": info["act_order"],
             "zero_points": "qzeros hold z - 1 (v1)" if checkpoint_format == "gptq" else "qzeros hold z (v2)",
             "modules": {  # under their names in the checkpoint
                 names[name]: dict(in_features=m.in_features, out_features=m.out_features,
                                   bits=m.bits, group_size=m.group_size, bias=m.bias is not None,
                                   # (a model may keep some layers in float32, as T5's wo in fp16)
-                                  dtype=str(m.weight.dtype).removeprefix("torch."))
+                                  dtype=str(m.weight.dtype).removeprefix("torch."),
+                                  **{field: records[name].get(field) for field in mixed})
                 for name, m in layers.items()
             },
             "tied": tied,
@@ -784,8 +820,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     if adapter is None:
         towers = [(a, stacks) for a, stacks in towers
                   if any(name.startswith(f"{stack}.") for stack, _ in stacks for name in modules)]
-    for found, _ in towers:
-        found.prepare(model, swap)
+    remember(model, prepare_towers(model, towers, swap))
     # a model built on meta takes the dtype each layer was saved in (else config.json's), which
     # a QuantLinear reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None
@@ -836,6 +871,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             # z - 1 in ``bits`` bits: other v1 writers stored a zero point of 0 as 2^bits - 1
             z = (unpack_cols(tensors[key], bits, info["out_features"]) + 1) % (1 << bits)
             tensors[key] = pack_cols(z, bits)
+    for name, key in _transposed_linears(model).items():
+        if key in tensors:
+            tensors[name] = tensors.pop(key).t()
     for alias, source in tied.items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
@@ -866,11 +904,17 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                       f"{qconfig.get('group_size', -1)}; every layer holds {bits} bits, group_size "
                       f"{group_size}: the layers' are used (and written by save_quantized)")
         qconfig = dict(qconfig, bits=bits, group_size=group_size)
-    model.epmq_quant_config = {
-        "bits": qconfig["bits"], "group_size": qconfig.get("group_size", -1),
-        "sym": qconfig.get("sym", False), "static_groups": qconfig.get("static_groups", False),
-        "act_order": ours.get("act_order", qconfig.get("desc_act", False)),
-        "method": ours.get("method", "gptq"), "targets": ours.get("targets"), "adapter": ours.get("adapter"),
-        "true_sequential": qconfig.get("true_sequential", True),
-    }
+    # what each layer was quantized with: the config's, but where the layers differ (the fields
+    # save_quantized writes per layer)
+    said = {"sym": qconfig.get("sym", False), "static_groups": qconfig.get("static_groups", False),
+            "act_order": ours.get("act_order", qconfig.get("desc_act", False)),
+            "method": ours.get("method", "gptq"), "targets": ours.get("targets"), "adapter": ours.get("adapter"),
+            "true_sequential": qconfig.get("true_sequential", True)}
+    records = []
+    for name, info in modules.items():
+        record = dict(said, bits=info["bits"], group_size=info["group_size"],
+                      **{field: info[field] for field in CALL_FIELDS if field in info and field not in ("bits", "group_size")})
+        (replacements.get(name) or model.get_submodule(name)).quantized_with = record
+        records.append(record)
+    model.epmq_quant_config = common_quant_config(records)
     return given

@@ -62,8 +62,28 @@ CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes the kernel takes
 _cpu_int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
+# What a quantize_model call says of the layers it makes (``QuantLinear.quantized_with``), and
+# what ``model.epmq_quant_config`` and a checkpoint's config say of a model's layers.
+CALL_FIELDS = ("bits", "group_size", "sym", "act_order", "static_groups", "method", "targets", "adapter",
+               "true_sequential")
+
+
+def common_quant_config(records) -> dict:
+    """Each field of ``CALL_FIELDS`` that all ``records`` (dicts) agree on; None where they
+    differ (a model quantized in parts by calls of other specs or methods) or none has it."""
+    records = list(records)
+    common = {}
+    for field in CALL_FIELDS:
+        values = {r.get(field) for r in records}
+        common[field] = values.pop() if len(values) == 1 else None
+    return common
+
+
 class QuantLinear(nn.Module):
-    """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring."""
+    """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring.
+
+    ``quantized_with``: what the ``quantize_model`` call that made it used (a dict of
+    ``CALL_FIELDS``), or what its checkpoint says; None for a layer built otherwise."""
 
     def __init__(
         self,
@@ -83,6 +103,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"group_size must be -1 or a positive integer, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.quantized_with: Optional[dict] = None
         K, N = in_features, out_features
         # a group size that does not divide K leaves a shorter last group (ceil(K / g) groups),
         # as GPTQModel and AutoGPTQ write such layers

@@ -82,12 +82,12 @@ import torch
 from torch import nn
 
 from . import quant
-from .adapters import Adapter, Part, Transposed, find_towers, warn_other_towers
+from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import token_rows, unpad
 from .checkpoint_io import key_renaming
 from .checks import all_finite, device_argument
 from .experts import ExpertWeights
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, common_quant_config
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
@@ -263,14 +263,13 @@ def quantize_model(
         )
     edits = _Edits(model)
     sources, walk = {}, None
+    packed_before = {id(m) for m in model.modules() if isinstance(m, QuantLinear)}
     modes = {m: m.training for m in model.modules()}
     try:
         # (under a caller's inference_mode too: the walk tracks in-place writes by version
         # counters, which inference tensors lack)
         with torch.inference_mode(False), torch.no_grad():
-            renames = {}
-            for a, _ in towers:
-                renames.update(a.prepare(model, edits.swap))
+            renames = prepare_towers(model, towers, edits.swap)
             # (after prepare, whose new modules, open_clip's attention projections, take the
             # modes of those they replace: restored with the rest at the end)
             modes = {m: m.training for m in model.modules()}
@@ -323,11 +322,25 @@ def quantize_model(
             f"or only zero inputs), so nothing guided their quantization: rounded to nearest "
             f"(RTN's grid). First: {', '.join(report.unreached[:3])}; all in epmq_report.unreached"
         )
+    if report.skipped:
+        warnings.warn(
+            f"{len(report.skipped)} linear(s) in the blocks were never called on the calibration data "
+            f"(a path it does not take, as cross-attention without encoder inputs, or a weight read "
+            f"without a call, as Jamba's dt_proj), so they stay in full precision. First: "
+            f"{', '.join(report.skipped[:3])}; all in epmq_report.skipped"
+        )
+    remember(model, renames)
     model.epmq_report = report
-    model.epmq_quant_config = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter_names,
-                                   true_sequential=bool(report.true_sequential))
+    call = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter_names,
+                true_sequential=bool(report.true_sequential))
     if method == "rtn":  # (what RTN did: no column order to keep)
-        model.epmq_quant_config["act_order"] = False
+        call["act_order"] = False
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in packed:
+        if id(m) not in packed_before:
+            m.quantized_with = dict(call)
+    # (of every packed layer: an earlier call's too, whose fields are None where the calls differ)
+    model.epmq_quant_config = common_quant_config(m.quantized_with or {} for m in packed)
     return model
 
 

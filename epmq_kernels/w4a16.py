@@ -1312,10 +1312,13 @@ def _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k0, rows, group, con
                    4, 4, (0, 1, 2, 3))
 
 
+INT32_OFFSETS = 2**31
+
+
 def _wide_rows(x2, out2, N) -> bool:
     """Whether a row offset of x, y or the split-K sums (M x N) can pass int32."""
     M = x2.shape[0]
-    return M * max(abs(x2.stride(0)), abs(out2.stride(0)), N) >= 2**31
+    return M * max(abs(x2.stride(0)), abs(out2.stride(0)), N) >= INT32_OFFSETS
 
 
 def _build_plan(entry, path, config, x2, out2, lead=None):
@@ -1542,6 +1545,10 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
             out.copy_(y)
             return out
         return y
+    if abs(x.stride(-1)) * K >= INT32_OFFSETS:
+        # the kernels' offsets along K (k * stride) are int32, which an activation read
+        # transposed overflows (X.T of 2^31 / K tokens): copied, as the plan for it is keyed
+        x = x.contiguous()
     names = ["x", "qweight", "scales", "zeros"] + (["g_idx"] if g_idx is not None else [])
     check_device(x, qweight, scales, zeros, *([g_idx] if g_idx is not None else []), names=names)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)

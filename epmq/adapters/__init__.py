@@ -229,6 +229,30 @@ def find_towers(model: nn.Module, adapter=None) -> list:
     return towers
 
 
+# The attribute holding, on a prepared model, the names ``prepare`` returned. A module it rewrote
+# is not rewritten again, so a second walk (or one over a loaded checkpoint) would otherwise read
+# the experts, and save the model, as if nothing had been renamed or transposed.
+CHECKPOINT_NAMES = "_epmq_checkpoint_names"
+
+
+def prepare_towers(model: nn.Module, towers: list, swap: Callable[[str, nn.Module], None]) -> dict:
+    """Each tower's ``prepare``: ``{tensor name: checkpoint name}`` of every module rewritten, in
+    this call or an earlier one (``checkpoint_names``). ``remember(model, names)`` keeps them."""
+    names = checkpoint_names(model)
+    for adapter, _ in towers:
+        names.update(adapter.prepare(model, swap))
+    return names
+
+
+def checkpoint_names(model: nn.Module) -> dict:
+    """What ``prepare`` renamed in ``model`` so far (a copy)."""
+    return dict(model.__dict__.get(CHECKPOINT_NAMES, {}))
+
+
+def remember(model: nn.Module, names: dict) -> None:
+    model.__dict__[CHECKPOINT_NAMES] = dict(names)
+
+
 def warn_other_towers(model: nn.Module, towers: list) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision."""

@@ -302,6 +302,36 @@ def test_the_config_says_what_the_walk_did(gen, tmp_path, method, true_sequentia
     assert loaded.epmq_quant_config["act_order"] is (method != "rtn")
 
 
+def test_a_model_quantized_in_two_calls_is_described_layer_by_layer(gen, tmp_path):
+    """Calls of other options on parts of a model: the config's fields for the whole model are
+    those the calls share; the others are written per layer (they used to be the last call's,
+    for every layer), and come back per layer and on a second save."""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True),
+                        method="gptq", calibration=fam.calibration, layers="mlp", true_sequential=False,
+                        backend="torch", progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq", calibration=fam.calibration,
+                        layers="self_attn", backend="torch", progress=False)
+    mixed = {"act_order": None, "static_groups": None, "true_sequential": None}
+    assert model.epmq_quant_config == dict(bits=4, group_size=16, sym=False, method="gptq", targets="merged_path",
+                                           adapter="hf-decoder", **mixed)
+    epmq.save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert "static_groups" not in config and "true_sequential" not in config
+    assert config["epmq"]["act_order"] is None and config["epmq"]["method"] == "gptq"
+    for name, entry in config["epmq"]["modules"].items():
+        mlp = ".mlp." in name
+        assert (entry["act_order"], entry["static_groups"], entry["true_sequential"]) == (mlp, mlp, not mlp), name
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert loaded.epmq_quant_config == model.epmq_quant_config
+    for name, m in loaded.named_modules():
+        if isinstance(m, epmq.QuantLinear):
+            assert m.quantized_with == model.get_submodule(name).quantized_with, name
+    epmq.save_quantized(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "quantize_config.json").read_text()) == config
+
+
 def test_extras_are_written_with_the_checkpoint_or_not_at_all(gen, tmp_path):
     """``extras`` (a tokenizer, a report) go into the new directory before it replaces the old
     one: if they fail, the old checkpoint is still there, whole."""

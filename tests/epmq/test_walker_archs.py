@@ -307,6 +307,8 @@ def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
     left = {f"{prefix}.{i}.{rel}" for prefix, blocks in adapter.stacks(model) for i, block in enumerate(blocks)
             for rel, m in adapter.linears(block).items() if type(m) is torch.nn.Linear}
     assert left <= set(model.epmq_report.skipped)
+    said = [str(w.message) for w in recwarn if "never called on the calibration data" in str(w.message)]
+    assert len(said) == bool(model.epmq_report.skipped) and all(model.epmq_report.skipped[0] in s for s in said)
     assert not [w for w in recwarn if "outside any linear" in str(w.message)]
     assert len(model.epmq_report.layers) == sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) > 0
     epmq.save_quantized(model, tmp_path / "ckpt")
@@ -361,3 +363,50 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     H_hand = sum(x.T @ x for x in hand)
     H_walk = sum(x.T @ x for x in seen)
     torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
+
+
+# (first call's layers, second call's): the second walks modules the first rewrote (GPT-2's
+# Conv1D as nn.Linear, fused MoE experts as linears, open_clip's attention as linears)
+SECOND_CALL = {"gpt2": (r"\.mlp\.", r"\.attn\."), "qwen3_moe": ("self_attn", r"\.mlp\."),
+               "open_clip_vit": (r"\.mlp\.", r"\.attn\.")}
+
+
+@pytest.mark.parametrize("arch", list(SECOND_CALL))
+def test_a_second_call_reads_the_experts_as_the_first(arch, gen, tmp_path):
+    """Experts equal to the merged model, in the family's own layout: the target is the merged
+    weight itself, so E-PMQ's expert term is its whole loss (anchors 0). A second call read them
+    without the first call's renames: transposed (GPT-2, silently), or not at all (refused)."""
+    fam = Family(arch, gen)
+    first, second = SECOND_CALL[arch]
+    model = fam.merged()
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=fam.calibration, layers=first,
+                        backend="torch", progress=False)
+    experts = {t: fam.merged_state for t in fam.tasks}
+    epmq.quantize_model(model, SPEC_4, method="epmq", calibration=fam.calibration, experts=experts, layers=second,
+                        anchor=0.0, weight_anchor=0.0, percdamp=0.0, backend="torch", progress=False)
+    layers = model.epmq_report.layers
+    assert layers and all(first not in layer["name"] for layer in layers)
+    for layer in layers:
+        assert layer["expert_loss"] == pytest.approx(layer["loss"], rel=1e-3, abs=1e-9), layer["name"]
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
+def test_gpt2_linears_left_in_full_precision_are_saved_in_conv1d_layout(gen, tmp_path):
+    """The walk rewrites every Conv1D of the blocks as nn.Linear; those it leaves in full precision
+    are written as GPT-2 stores them ([in, out]), the layout engines build them in (the config's
+    ``dynamic`` rules say so); ``load_quantized`` transposes them back."""
+    from safetensors.torch import load_file
+
+    fam = Family("gpt2", gen)
+    model = fam.merged()
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=fam.calibration, layers=r"\.mlp\.",
+                        backend="torch", progress=False)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"):
+        assert torch.equal(saved[name], fam.merged_state[name]), name
+    assert "transformer.h.0.mlp.c_fc.qweight" in saved
+    fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)

@@ -491,6 +491,21 @@ def test_wide_row_offsets(gen, path, monkeypatch):
     assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
 
 
+def test_activations_read_transposed_past_int32_offsets_are_copied(gen, monkeypatch):
+    """Offsets along K are int32 in the kernels: an ``X.T`` of 2^31 / K tokens would wrap them;
+    such activations are made contiguous first (the bound lowered here to a small problem)."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(64, 17, generator=gen).half().T  # [17, 64], stride 17 along K
+    seen = []
+    plan = W._build_plan
+    monkeypatch.setattr(W, "_build_plan", lambda entry, path, config, x2, *a, **k: (
+        seen.append(x2.stride()), plan(entry, path, config, x2, *a, **k))[1])
+    monkeypatch.setattr(W, "INT32_OFFSETS", 17 * 64)
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, path="splitk", backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+    assert seen and all(stride[1] == 1 for stride in seen)
+
+
 def test_bad_arguments_raise(gen):
     qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32, "static")
     x = torch.randn(2, 64, generator=gen)
