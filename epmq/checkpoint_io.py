@@ -146,6 +146,12 @@ def _read_tensor(store, key: str, index=None) -> torch.Tensor:
 # --------------------------------------------------------------------------- reading
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
 class CheckpointReader:
     """Every tensor of a checkpoint (see the module docstring) by its own key, read on demand.
 
@@ -235,6 +241,14 @@ class CheckpointReader:
             if hasattr(handle, "shape_of"):  # a LoraExpert: no update formed for a shape
                 return tuple(handle.shape_of(key))
             return tuple(handle[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Tensor ``key``'s dtype, without reading it from a file."""
+        handle = self._open(self._where[key])
+        with self._listed(handle, key):
+            if hasattr(handle, "get_slice"):
+                return _SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()]
+            return handle[key].dtype
 
     def get(self, key: str, index=None) -> torch.Tensor:
         """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert's rows of a fused MoE

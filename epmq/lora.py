@@ -143,7 +143,7 @@ class LoraExpert(Mapping):
         alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora"))
 
-        pairs, full, base_layers = {}, {}, {}  # module -> {"A": key, "B": key, "embedding": bool}; name -> key
+        pairs, full, base_layers, wrapped = {}, {}, {}, {}  # module -> {"A": key, "B": key, "embedding": bool}; name -> key
         for key in self.adapter.keys():
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
             refused = next((why for pattern, why in _REFUSED.items() if re.fullmatch(pattern, name)), None)
@@ -158,8 +158,14 @@ class LoraExpert(Mapping):
                 raise ValueError(f"{what}: tensor {key!r} is no LoRA tensor epmq knows")
             elif ".base_layer." in name:  # W_0 of an adapted module, saved (a resized embedding)
                 base_layers[name.replace(".base_layer.", ".")] = key
+            elif ".original_module." in name:  # (PEFT's wrapper of a saved module: the base's own)
+                continue
+            elif ".modules_to_save." in name:  # (the saved module's copy, under its wrapper's name)
+                wrapped.setdefault(name.replace(".modules_to_save.", "."), key)
             else:
                 full[name] = key
+        for name, key in wrapped.items():
+            full.setdefault(name, key)
         for module, pair in pairs.items():
             if "A" not in pair or "B" not in pair:
                 has, lacks = ("A", "B") if "A" in pair else ("B", "A")
@@ -178,9 +184,12 @@ class LoraExpert(Mapping):
         skeleton = model_skeleton(base)
         order = tie_order(skeleton) if skeleton is not None else None
 
+        def W_0_shape(name, key) -> tuple:  # (the adapter's saved W_0 where it has one)
+            return tuple(self.adapter.shape(base_layers[name]) if name in base_layers else self.base.shape(key))
+
         def fits(name, key):
             pair = pairs.get(name.removesuffix(".weight"))
-            return pair is None or tuple(self.base.shape(key)) in pair["shapes"]
+            return pair is None or W_0_shape(name, key) in pair["shapes"]
 
         names = [f"{m}.weight" for m in pairs]
         binding = Binding(self.base.keys(), order, names=names, fits=fits,
@@ -201,19 +210,26 @@ class LoraExpert(Mapping):
                 missing.append(module)
             else:
                 found[module] = key
-        transposed = self._orientations(found, pairs, skeleton, config)
+        shapes = {module: W_0_shape(f"{module}.weight", key) for module, key in found.items()}
+        transposed = self._orientations(found, shapes, pairs, skeleton, config)
         for module, key in found.items():
             pair = pairs[module]
             r = pair["rank"]
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)
-            self._updates.setdefault(key, []).append(
-                (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
-                 pair["embedding"]))
+            # (every name the base has for the tensor: a tied head and its embeddings are one
+            # parameter, which PEFT updates once)
+            for name in self._names_of(key, order):
+                self._updates.setdefault(name, []).append(
+                    (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
+                     pair["embedding"]))
         if missing:
             more = " ..." if len(missing) > 3 else ""
+            tied = "" if skeleton is not None else (
+                " (or a module tied to another, as an lm_head to the embeddings, which only the base's "
+                "config.json says: give the base as its checkpoint directory or as the model)")
             raise ValueError(f"{what}: the base ({self.base.description}) has no weight, or none of the "
                              f"update's shape, for the adapted module(s) {missing[:3]}{more}: "
-                             f"not the adapter's base model")
+                             f"not the adapter's base model{tied}")
         # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
         # an adapted module's saved W_0 is where its update goes
         whole = Binding(self.base.keys(), names=list(full) + list(base_layers))
@@ -222,7 +238,17 @@ class LoraExpert(Mapping):
                            for name, key in base_layers.items()})
         self._keys = list(dict.fromkeys([*self.base.keys(), *self._full]))
 
-    def _orientations(self, found, pairs, skeleton, config) -> dict:
+    def _names_of(self, key: str, order) -> list:
+        """``key`` and the base's other names for the same tensor: tied aliases (``tie_order``
+        of the base's modules), or names of one tensor in memory (a tied model's state dict)."""
+        names = [key] + [name for name in (order or {}).get(key, ()) if name in self.base]
+        if self.base.path is None:
+            t = self.base.get(key)
+            names += [name for name in self.base.keys() if tuple(self.base.shape(name)) == tuple(t.shape)
+                      and self.base.get(name).data_ptr() == t.data_ptr() and self.base.get(name).stride() == t.stride()]
+        return list(dict.fromkeys(names))
+
+    def _orientations(self, found, shapes, pairs, skeleton, config) -> dict:
         """Per adapted module, whether W_0 holds ``(B A)^T``: an embedding's update, or a layer
         that stores its weight as ``[in, out]`` (GPT-2's ``Conv1D``). The base's module types say
         which where it can be built (``model_skeleton``); else the shapes, and for a square weight what
@@ -230,14 +256,13 @@ class LoraExpert(Mapping):
         layer type but saves once: refused where the layers show both)."""
         out, square, shown = {}, [], set()
         for module, key in found.items():
-            pair = pairs[module]
+            pair, shape = pairs[module], shapes[module]
             layer = None
             if skeleton is not None:
                 try:
                     layer = skeleton.get_submodule(key.removesuffix(".weight"))
                 except AttributeError:
                     pass
-            shape = tuple(self.base.shape(key))
             if pair["embedding"]:
                 out[module] = True
             elif layer is not None:
@@ -274,8 +299,14 @@ class LoraExpert(Mapping):
 
     def _own(self, key: str, index=None) -> torch.Tensor:
         """The tensor before any update: the adapter's where it saved one (``modules_to_save``, a
-        resized embedding's ``base_layer``), else the base's."""
-        return self.adapter.get(self._full[key], index) if key in self._full else self.base.get(key, index)
+        resized embedding's ``base_layer``), in the base tensor's dtype as PEFT loads it into the
+        base model (an adapter trained in fp32 on a bf16 base), else the base's."""
+        if key not in self._full:
+            return self.base.get(key, index)
+        t = self.adapter.get(self._full[key], index)
+        if key in self.base and t.is_floating_point():
+            t = t.to(self.base.dtype(key))
+        return t
 
     def __getitem__(self, key: str) -> torch.Tensor:
         W_0 = self._own(key)

@@ -39,7 +39,7 @@ from ._util import loading_bars
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
-from .lora import is_lora_adapter, model_skeleton, open_expert
+from .lora import ADAPTER_CONFIG, is_lora_adapter, model_skeleton, open_expert
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -259,7 +259,14 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
 
 
 def _model_type(path: Path) -> tuple:
-    """A checkpoint's ``model_type`` and those of its towers (``config.json``), or None."""
+    """A checkpoint's ``model_type`` and those of its towers (``config.json``), or None; of a
+    LoRA adapter, its base's (the one its config names, where that is a local checkpoint)."""
+    if is_lora_adapter(path):
+        try:
+            named = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None, set()
+        return _model_type(Path(named)) if isinstance(named, str) and Path(named).is_dir() else (None, set())
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     try:
         content = json.loads(config.read_text())

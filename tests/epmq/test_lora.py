@@ -383,3 +383,70 @@ def test_regmean_of_adapters_equals_regmean_of_merged_experts(base_dir, tmp_path
 
 def full_state(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("target", ["lm_head", "wte"])
+@pytest.mark.parametrize("kind", ["module", "state dict"])
+def test_a_tied_base_in_memory_takes_the_update_under_both_names(tmp_path, target, kind):
+    """GPT-2's head and embeddings are one parameter: a module's (or its state dict's) two names
+    both take the update, as PEFT's merge changes the one tensor (only one of them did)."""
+    torch.manual_seed(7)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                         n_positions=32)).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.AutoModelForCausalLM, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=[target])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base if kind == "module" else base.state_dict())
+    for name in ("lm_head.weight", "transformer.wte.weight"):
+        torch.testing.assert_close(expert[name], reference["transformer.wte.weight"], rtol=1e-6, atol=1e-6,
+                                   msg=name)
+
+
+def test_tensors_the_adapter_saves_whole_take_the_bases_dtype(tmp_path):
+    """An adapter trained in fp32 on a bf16 base: its saved head and embedding are loaded into the
+    bf16 base by PEFT (rounded) before any update; PEFT's wrapper internals
+    (``original_module``, ``modules_to_save``) are no tensors of the expert."""
+    tiny_llama(8).save_pretrained(tmp_path / "fp32")
+    make_adapter(tmp_path / "fp32", tmp_path / "adapter", seed=8, target_modules=["q_proj", "embed_tokens"],
+                 modules_to_save=["lm_head"])
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32"),
+                                                tmp_path / "adapter")
+    peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)  # (the wrapper's tensors too)
+    tiny_llama(8).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    reference = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16"), tmp_path / "adapter").merge_and_unload()
+    reference = reference.state_dict()
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "bf16")
+    assert set(expert) == set(reference)
+    for name, W in reference.items():
+        assert expert[name].dtype == W.dtype == torch.bfloat16 and torch.equal(expert[name], W), name
+
+
+def test_a_lora_on_a_resized_embedding(tmp_path):
+    """The adapter saves the resized embedding (its ``base_layer``): the update fits that, not
+    the base checkpoint's smaller one."""
+    tiny_llama(9).save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(100)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    for name, p in lora.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape) * 0.3
+    lora.save_pretrained(tmp_path / "adapter")
+    reference = lora.merge_and_unload().state_dict()
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    assert expert["model.embed_tokens.weight"].shape == (100, 24)
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(expert[name], reference[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_an_adapter_of_another_architecture_is_refused_in_a_merge(base_dir, tmp_path):
+    """As a full expert of another model_type is: the adapter's is its base's."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=10)
+    torch.manual_seed(10)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match="is a 'llama' checkpoint, the base a 'qwen2' one"):
+        epmq.merge_checkpoints("task_arithmetic", [tmp_path / "adapter"], tmp_path / "out", base=tmp_path / "qwen2",
+                               progress=False)
