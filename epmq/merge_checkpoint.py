@@ -17,7 +17,8 @@ of transformers 4 and 5 differ by ``vision_model.``); tensors of the base that t
 are copied from the base and tensors of a model the base lacks are ignored, each with a
 warning: FusionBench's CLIP experts are ``CLIPVisionModel`` checkpoints fine-tuned from the
 vision tower of a ``CLIPModel`` base, and the merge of their towers keeps the base's text tower
-(the zero-shot heads). ``epmq_merge.json``
+(the zero-shot heads). A model of the base's own ``model_type`` without a matrix the others
+have, of another layer count, or quantized, is refused instead. ``epmq_merge.json``
 records the recipe (method, parameters, sources). The directory is written atomically
 (``checkpoint.atomic_directory``): an interrupted merge leaves the previous output intact.
 """
@@ -278,17 +279,53 @@ def _model_type(path: Path) -> tuple:
     return content.get("model_type"), towers
 
 
-def _check_architectures(base_path, model_paths, models) -> None:
+def _check_architectures(base_path, model_paths, models) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
-    Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base)."""
+    Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
+    checkpoints refused. Returns, per model, whether it is known to be of the reference's own
+    architecture (then it must hold every tensor the others share with the reference)."""
     reference = base_path if base_path is not None else model_paths[0]
     kind, towers = _model_type(reference)
+    same = []
+    for path, source in [*([(base_path, "the base")] if base_path is not None else []), *zip(model_paths, models)]:
+        where = path if path.is_dir() else path.parent
+        config = where / "config.json"
+        quantized = (where / "quantize_config.json").is_file() or (
+            config.is_file() and '"quantization_config"' in config.read_text(errors="replace"))
+        if quantized and not is_lora_adapter(path):
+            raise ValueError(f"{'model ' + str(source) if source != 'the base' else 'the base'} is a quantized "
+                             f"checkpoint (quantization_config in its config.json, or a quantize_config.json): "
+                             f"merge the full-precision models")
     for path, source in zip(model_paths, models):
         other, other_towers = _model_type(path)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
             raise ValueError(f"model {source} is a {other!r} checkpoint, the {'base' if base_path else 'first model'} "
                              f"a {kind!r} one (config.json's model_type): merge models of one architecture")
+        same.append(bool(kind) and other == kind)
+        if same[-1] and _layer_counts(path) != _layer_counts(reference):
+            raise ValueError(f"model {source} counts its layers as {_layer_counts(path)}, the "
+                             f"{'base' if base_path else 'first model'} as {_layer_counts(reference)} "
+                             f"(config.json): merge models of one configuration")
+    return same
+
+
+# config.json's fields (at its top or in a tower's config) that count a model's layers
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layers", "encoder_layers",
+                "decoder_layers")
+
+
+def _layer_counts(path: Path) -> dict:
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        content = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(content, dict):
+        return {}
+    scopes = {"": content, **{k: v for k, v in content.items() if isinstance(v, dict)}}
+    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in LAYER_COUNTS
+            if isinstance(c.get(field), int)}
 
 
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
@@ -326,7 +363,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     lora_base = None if lora_base is None else local_checkpoint(lora_base)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
-    _check_architectures(base_path, model_paths, models)
+    whole = _check_architectures(base_path, model_paths, models)
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
     names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
     sources = []
@@ -342,6 +379,15 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         # CLIPVisionModel experts): the rest is copied, so that the output is the base's model;
         # a tensor tied to a merged one takes its merged value
         base_only = [n for n in base_state if not all(n in s for s in sources)]
+        # a model of the base's own architecture without tensors that others have (a model of
+        # fewer layers, a partial save) would lose every model's update of them
+        for k, (source, is_whole) in enumerate(zip(sources, whole)):
+            lacks = [n for n in base_only if n not in source and any(n in s for s in sources)
+                     and len(base_state.state.reader.shape(base_state.state.checkpoint_key(n))) >= 2]
+            if is_whole and lacks:
+                raise ValueError(f"model {k} ({models[k]}) lacks {len(lacks)} tensors that the base and other "
+                                 f"models have (e.g. {lacks[:3]}), though it is of the base's architecture: "
+                                 f"a partial checkpoint or another configuration (fewer layers)?")
         unmerged = set(base_only)
         merged = [n for n in base_state if n not in unmerged]
         ties = _tied_in_base(base_path, base_state, base_only, set(merged)) if base_only else {}

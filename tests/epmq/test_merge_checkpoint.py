@@ -508,3 +508,35 @@ def test_a_tied_head_the_bases_raw_state_dict_stores_takes_the_merged_embeddings
     want = merge.task_arithmetic(base.state_dict(), experts)[name]
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.model.embed_tokens.weight, want) and torch.equal(model.lm_head.weight, want)
+
+
+def test_models_that_would_lose_the_others_updates_are_refused(checkpoints, tmp_path):
+    """A model of the base's own architecture (its config.json says so) without a matrix the
+    others have, one of fewer layers, or a quantized one: their tensors used to be copied from
+    the base, dropping every model's update of them, with only a warning."""
+    from safetensors.torch import save_file
+
+    root, base, experts = checkpoints
+    config = (root / "e0" / "config.json").read_text()
+    (tmp_path / "partial").mkdir()
+    save_file({n: t.contiguous() for n, t in experts[1].items() if n != "model.layers.1.mlp.up_proj.weight"},
+              str(tmp_path / "partial" / "model.safetensors"))
+    (tmp_path / "partial" / "config.json").write_text(config)
+    shallow = tiny_llama(3)
+    shallow.model.layers = shallow.model.layers[:1]
+    shallow.config.num_hidden_layers = 1
+    shallow.save_pretrained(tmp_path / "shallow")
+    (tmp_path / "quantized").mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / "quantized" / name).write_bytes((root / "e0" / name).read_bytes())
+    (tmp_path / "quantized" / "quantize_config.json").write_text(json.dumps({"bits": 4, "quant_method": "gptq"}))
+    for model, match in [("partial", r"lacks 1 tensors .*up_proj.*partial checkpoint"),
+                         ("shallow", r"counts its layers as \{'num_hidden_layers': 1\}, the base as "
+                                     r"\{'num_hidden_layers': 2\}"),
+                         ("quantized", "is a quantized checkpoint")]:
+        with pytest.raises(ValueError, match=match):
+            merge_checkpoints("task_arithmetic", [root / "e0", tmp_path / model], tmp_path / "out",
+                              base=root / "base", progress=False)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"counts its layers as \{'num_hidden_layers': 2\}, the first model as"):
+        merge_checkpoints("average", [tmp_path / "shallow", root / "e0"], tmp_path / "out", progress=False)
