@@ -485,6 +485,18 @@ class ShardWriter:
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def is_quantized(directory: Path) -> bool:
+    """Whether the checkpoint directory holds a quantized model (GPTQ's ``quantize_config.json``,
+    or a ``quantization_config`` in its ``config.json``, as transformers writes any method's)."""
+    if (directory / CONFIG_FILE).is_file():
+        return True
+    try:
+        config = json.loads((directory / HF_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("quantization_config"))
+
+
 def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
     """Where a checkpoint written to ``directory`` goes (absolute; a link's target), or a
     ValueError if that is a directory epmq may not replace (the user's): checked before hours of
@@ -492,6 +504,12 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
     directory = Path(os.path.abspath(directory))  # ("." has no name to make a sibling of)
     if directory.is_symlink():  # the checkpoint goes where the link points; the link stays
         directory = directory.resolve()
+    above = directory.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{directory} cannot be made: {above} is " + ("a file, not a directory" if not above.is_dir()
+                                                                       else "not writable"))
     if directory.exists() and not _replaceable(directory, marker):
         # (the other command's output: epmq's, but not of the kind this one replaces)
         other = {CONFIG_FILE: "a quantized checkpoint (epmq quantize)",

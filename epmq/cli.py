@@ -116,14 +116,15 @@ def _merge(args) -> int:
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:
+        check_reading(config)
         data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed", "lora_base")
                 if k in config}
         out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
                                 params=config.get("params"), dtype=config.get("dtype"),
                                 max_shard_size=config.get("max_shard_size", "5GB"),
                                 device=args.device, progress=not args.quiet, **data)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
+    except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
+        raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
     print(f"merged {len(models)} models with {config['method']} into {out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -172,6 +173,24 @@ QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_
                  "residual_precision", "lora_base", *SPEC_KEYS}
 
 
+def check_reading(options: dict) -> None:
+    """How calibration data is read (``epmq quantize``, ``epmq merge`` with RegMean): integers."""
+    for key in ("samples", "seq_len", "batch_size", "seed"):
+        value = options.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+
+
+# what each method does not read (a config switched from epmq to gptq must not keep an anchor
+# that no longer acts)
+UNREAD_BY = {
+    "rtn": {"calibration", "samples", "seq_len", "batch_size", "seed", "percdamp", "anchor", "weight_anchor",
+            "targets", "true_sequential", "residual_precision", "experts", "lora_base"},
+    "gptq": {"anchor", "weight_anchor", "residual_precision", "experts", "lora_base"},
+    "epmq": set(),
+}
+
+
 def quantize_options(config: dict):
     """A quantize config's ``QuantSpec`` and the keyword arguments of ``quantize_checkpoint``
     (checked: ValueError for what it could not run)."""
@@ -181,10 +200,13 @@ def quantize_options(config: dict):
 
     spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
     options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
-    for key in ("samples", "seq_len", "batch_size", "seed"):
-        value = options.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
+    check_reading(options)
+    unread = sorted(UNREAD_BY.get(options.get("method"), set()) & set(options))
+    if unread:
+        raise ValueError(f"method {options['method']} does not read {', '.join(unread)}: remove "
+                         f"{'it' if len(unread) == 1 else 'them'}"
+                         + (" (RTN rounds each weight alone, from no data)" if options["method"] == "rtn"
+                            else " (or use method: epmq)"))
     if not isinstance(options.get("lora_base", ""), str):
         raise ValueError(f"lora_base must be a path or HF hub id, got {options['lora_base']!r}")
     if not isinstance(options.get("layers", ""), str):
@@ -210,8 +232,8 @@ def _quantize(args) -> int:
         spec, options = quantize_options(config)
         out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
                                   resume=not args.fresh, progress=not args.quiet, **options)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
+    except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
+        raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
     resumed = json.loads((Path(out) / REPORT_FILE).read_text()).get("resumed")
     print(f"quantized {config['model']} with {config['method']} ({spec.bits}-bit) into {out} "
           f"in {time.perf_counter() - t0:.1f} s"

@@ -37,7 +37,7 @@ import torch
 
 from . import merge as merge_lib
 from ._util import loading_bars
-from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory
+from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
 from .lora import ADAPTER_CONFIG, is_lora_adapter, model_skeleton, open_expert
@@ -180,9 +180,10 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
     if params is not None and not isinstance(params, Mapping):
         raise ValueError(f"params must be a mapping name -> value, got {params!r}")
-    if method == "regmean" and (calibration is None or len(calibration) != len(models)):
+    if method == "regmean" and (not isinstance(calibration, (list, tuple)) or len(calibration) != len(models)):
         raise ValueError("regmean needs each model's activations on its task's data: give "
-                         "calibration=[files of model 0, files of model 1, ...], one per model")
+                         "calibration=[files of model 0, files of model 1, ...], a list, one per model"
+                         + (f"; got {type(calibration).__name__} {calibration!r}" if calibration is not None else ""))
     if method != "regmean" and calibration is not None:
         raise ValueError(f"merge {method} takes no calibration data (only regmean does)")
     if method not in METHODS:
@@ -259,22 +260,26 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     return {n: [g[n] for g in per_model] for n in shared}
 
 
-def _model_type(path: Path) -> tuple:
-    """A checkpoint's ``model_type`` and those of its towers (``config.json``), or None; of a
-    LoRA adapter, its base's (the one its config names, where that is a local checkpoint)."""
+def _config(path: Path) -> dict:
+    """A checkpoint's ``config.json`` ({} if none); of a LoRA adapter, its base's (the one its
+    config names, where that is a local checkpoint)."""
     if is_lora_adapter(path):
         try:
             named = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         except (OSError, ValueError, AttributeError):
-            return None, set()
-        return _model_type(Path(named)) if isinstance(named, str) and Path(named).is_dir() else (None, set())
+            return {}
+        return _config(Path(named)) if isinstance(named, str) and Path(named).is_dir() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     try:
         content = json.loads(config.read_text())
     except (OSError, ValueError):
-        return None, set()
-    if not isinstance(content, dict):
-        return None, set()
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _model_type(path: Path) -> tuple:
+    """A checkpoint's ``model_type`` and those of its towers (``config.json``), or None."""
+    content = _config(path)
     towers = {v.get("model_type") for v in content.values() if isinstance(v, dict)}
     return content.get("model_type"), towers
 
@@ -289,11 +294,7 @@ def _check_architectures(base_path, model_paths, models) -> list:
     kind, towers = _model_type(reference)
     same = []
     for path, source in [*([(base_path, "the base")] if base_path is not None else []), *zip(model_paths, models)]:
-        where = path if path.is_dir() else path.parent
-        config = where / "config.json"
-        quantized = (where / "quantize_config.json").is_file() or (
-            config.is_file() and '"quantization_config"' in config.read_text(errors="replace"))
-        if quantized and not is_lora_adapter(path):
+        if not is_lora_adapter(path) and is_quantized(path if path.is_dir() else path.parent):
             raise ValueError(f"{'model ' + str(source) if source != 'the base' else 'the base'} is a quantized "
                              f"checkpoint (quantization_config in its config.json, or a quantize_config.json): "
                              f"merge the full-precision models")
@@ -316,13 +317,7 @@ LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layer
 
 
 def _layer_counts(path: Path) -> dict:
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        content = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(content, dict):
-        return {}
+    content = _config(path)
     scopes = {"": content, **{k: v for k, v in content.items() if isinstance(v, dict)}}
     return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in LAYER_COUNTS
             if isinstance(c.get(field), int)}

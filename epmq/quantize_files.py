@@ -32,12 +32,13 @@ import inspect
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 from ._util import loading_bars
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
-from .checkpoint import FORMATS, _bytes, check_output, save_quantized
+from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .lora import is_lora_adapter, open_expert
 from .resume import hold, records
@@ -129,17 +130,33 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     if modality in ("texts", "pairs"):
         from transformers import AutoTokenizer
 
-        preprocessor = AutoTokenizer.from_pretrained(directory)
+        preprocessor = _preprocessor(AutoTokenizer, directory, "tokenizer", bool(calibration))
         read, make = (read_texts, text_windows) if modality == "texts" else (read_pairs, pair_batches)
         batches = {task: make(read(source), preprocessor, seq_len=seq_len, what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     else:
         from transformers import AutoImageProcessor
 
-        preprocessor = AutoImageProcessor.from_pretrained(directory)
+        preprocessor = _preprocessor(AutoImageProcessor, directory, "image processor", bool(calibration))
         batches = {task: image_batches(image_files(source), preprocessor, what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     return cls, preprocessor, batches
+
+
+def _preprocessor(auto, directory: Path, what: str, needed: bool):
+    """The checkpoint's tokenizer or image processor; where it has none that loads, a ValueError
+    naming the directory if calibration data must be read with it, else (RTN) None, with a
+    warning: the checkpoint is written without it."""
+    try:
+        return auto.from_pretrained(directory)
+    except Exception as e:  # (transformers raises OSError, ValueError, TypeError, ... by the files)
+        message = (f"{directory} has no {what} that loads ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                   f"it reads the calibration data: copy the base model's {what} files "
+                   f"({', '.join(PREPROCESSOR_FILES)}, ...) into it")
+        if needed:
+            raise ValueError(message) from e
+        warnings.warn(message.replace("it reads the calibration data", "the checkpoint is written without one"))
+        return None
 
 
 # config.json keys that bound a text model's positions (absolute position embeddings)
@@ -226,6 +243,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if lora_base is not None and not any(is_lora_adapter(p) for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
     directory = local_checkpoint(model, directory=True)
+    if is_quantized(directory):
+        raise ValueError(f"{model} is a quantized checkpoint ({CONFIG_FILE}, or quantization_config in its "
+                         f"config.json): give the full-precision model")
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
                                             batch_size=batch_size, seed=seed, tower=tower)
     with loading_bars(progress):
@@ -253,7 +273,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
             raise
 
         def extras(directory):
-            preprocessor.save_pretrained(directory)
+            if preprocessor is not None:
+                preprocessor.save_pretrained(directory)
             net.epmq_report.to_json(directory / REPORT_FILE)
 
         saved = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,

@@ -291,6 +291,9 @@ def test_cli_bad_values_are_errors_not_tracebacks(checkpoints, tmp_path, capsys)
         (dict(method=["ties"]), "method must be a name"),
         (dict(params=[0.2]), "params must be a mapping"),
         (dict(models=[str(root / "e0"), str(tmp_path / "broken")]), "model 1 .*cannot read"),
+        # RegMean's reading options checked as epmq quantize checks them
+        (dict(method="regmean", calibration=["a.txt", "b.txt"], samples="4"), "samples must be an integer, got '4'"),
+        (dict(method="regmean", calibration={"a": "a.txt", "b": "b.txt"}), "a list, one per model; got dict"),
     ]
     config = tmp_path / "m.yaml"
     for change, match in cases:
@@ -302,6 +305,13 @@ def test_cli_bad_values_are_errors_not_tracebacks(checkpoints, tmp_path, capsys)
     config.write_text(yaml.safe_dump(base))
     assert main(["merge", str(config), str(tmp_path / "x"), "--quiet", "--device", "meta"]) == 2
     assert "device='meta'" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("a file")
+    assert main(["merge", str(config), str(tmp_path / "a.txt" / "x"), "--quiet"]) == 2
+    assert "a.txt is a file, not a directory" in capsys.readouterr().err
+    # a key given twice: YAML keeps the last one without a word
+    config.write_text(yaml.safe_dump(base) + "params: {scale: 0.3}\nparams: {scale: 0.5}\n")
+    assert main(["merge", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+    assert "'params' is given twice in one mapping" in capsys.readouterr().err
 
 
 def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):

@@ -187,9 +187,10 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         assert (here / "config.json").is_file() and not (tmp_path / f"here_{method}.resume").exists()
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
+    by_epmq = dict(method="epmq", experts={"a": str(root / "expert0")})
     cases = [
         (dict(method="epmq"), "tasks without an expert \\['a'\\]"),
-        (dict(experts={"a": str(root / "expert0")}), "takes no experts"),
+        (dict(experts={"a": str(root / "expert0")}), "method gptq does not read experts"),
         (dict(calibration={"a": str(root / "missing.txt")}), "no calibration text"),
         (dict(bits=5), "bits"),
         (dict(calibraton={}), "unknown keys \\['calibraton'\\]"),
@@ -200,16 +201,19 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         (dict(calibration={"a": None}), "calibration must map each task to file"),
         (dict(seq_len=100), "seq_len=100 is longer than the model's 64 positions"),
         (dict(percdamp="0.1"), "percdamp must be a finite number.*YAML"),
-        (dict(anchor=float("nan")), "anchor must be a finite number"),
-        (dict(lora_base=3), "lora_base must be a path"),
+        (dict(by_epmq, anchor=float("nan")), "anchor must be a finite number"),
+        (dict(by_epmq, lora_base=3), "lora_base must be a path"),
         (dict(checkpoint_format="gptq3"), "checkpoint_format must be"),  # (before the walk, not after)
         (dict(max_shard_size="5XB"), "max_shard_size"),
         (dict(layers="(["), "is not a regular expression"),
-        (dict(anchor=-1.0), "anchor"),
-        (dict(lora_base="ckpt/base"), "no expert is an adapter"),
+        (dict(by_epmq, anchor=-1.0), "anchor"),
+        (dict(by_epmq, lora_base="ckpt/base"), "no expert is an adapter"),
         (dict(true_sequential="no"), "true_sequential must be true or false"),
         (dict(layers=["mlp"]), "layers must be a regular expression"),
-        (dict(residual_precision="fp8"), "residual_precision must be one of"),
+        (dict(by_epmq, residual_precision="fp8"), "residual_precision must be one of"),
+        # what the method does not read (a config switched from epmq keeping its anchor)
+        (dict(anchor=1.0, weight_anchor=0.1), "method gptq does not read anchor, weight_anchor: remove them"),
+        (dict(method="rtn"), "method rtn does not read batch_size, calibration, samples, seq_len: remove them"),
     ]
     for change, match in cases:
         config.write_text(yaml.safe_dump({**base, **change}))
@@ -477,3 +481,29 @@ def test_a_vision_language_model_is_sent_to_quantize_model(tmp_path):
     assert_refused(tmp_path / "llava", tmp_path, "call epmq.quantize_model with \\(input_ids, pixel_values\\)")
     assert_refused(tmp_path / "llava", tmp_path, "LlavaForConditionalGeneration is a vision-language model, "
                    "whose towers epmq.quantize_model walks", tower="vision")
+
+
+def test_inputs_that_cannot_be_quantized_are_named(files, tmp_path, capsys):
+    """A quantized model, a model without a tokenizer (RTN, which reads no text, goes on without
+    it), an output under a file: clear errors before any work, not transformers' tracebacks."""
+    base = dict(model=str(files / "merged"), method="rtn", bits=4, group_size=16)
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(base))
+    assert main(["quantize", str(config), str(tmp_path / "w4"), "--quiet"]) == 0
+    config.write_text(yaml.safe_dump(dict(base, model=str(tmp_path / "w4"))))
+    assert main(["quantize", str(config), str(tmp_path / "again"), "--quiet"]) == 2
+    assert "w4 is a quantized checkpoint" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("a file")
+    config.write_text(yaml.safe_dump(base))
+    assert main(["quantize", str(config), str(tmp_path / "a.txt" / "w4"), "--quiet"]) == 2
+    assert "a.txt is a file, not a directory" in capsys.readouterr().err
+    gptq = dict(base, model=str(files / "expert0"), method="gptq", calibration={"a": str(files / "a.txt")},
+                samples=2, seq_len=16)
+    config.write_text(yaml.safe_dump(gptq))  # (expert0: saved without a tokenizer)
+    assert main(["quantize", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+    assert "expert0 has no tokenizer that loads" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    config.write_text(yaml.safe_dump(dict(base, model=str(files / "expert0"))))
+    with pytest.warns(UserWarning, match="the checkpoint is written without one"):
+        assert main(["quantize", str(config), str(tmp_path / "rtn"), "--quiet"]) == 0
+    assert (tmp_path / "rtn" / "quantize_config.json").is_file()
