@@ -264,7 +264,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                            **({} if residual_precision is None else {"residual_precision": residual_precision}),
                            resume_dir=resume_dir, progress=progress)
         except ValueError as e:
-            if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir} holds blocks"):
+            if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir}"):
                 raise ValueError(f"{e} (here: run with --fresh, or resume=False)") from e
             _drop_if_no_block(resume_dir)
             raise

@@ -11,11 +11,13 @@ bit-identical to an uninterrupted walk (tested).
 
 Nothing stale is reused silently: ``walk.json`` holds what the result depends on (method,
 grid, anchors, solver settings, device type, the calibration data's digest, the blocks'
-layout, the model's config, attention implementation, buffers and module settings, the
-versions of the code), and each block's record the digest of that identity (so a lost
-``walk.json`` does not let another walk's blocks in) and of the weights it was solved from (the
-merged block and, for E-PMQ, the experts' tensors it read: their fingerprints taken from the
-reads the solve made, so no expert is read twice). A resumed walk whose arguments, data or
+layout, the model's config, attention implementation, buffers and module settings, plain
+attributes included, the versions of the code), and each block's record the digest of that
+identity (so a lost ``walk.json`` does not let another walk's blocks in: nor does another walk
+then claim the directory) and of the weights it was solved from (the merged block and, for
+E-PMQ, the experts' tensors it read: their fingerprints taken from the reads the solve made, so
+no expert is read twice), chained with the digest of the block before it (a block solved again
+from other weights makes every later block's record another's). A resumed walk whose arguments, data or
 weights differ raises ``ValueError`` naming the difference. A record carries a checksum: a
 damaged one is solved again, with a warning; a read that fails for another reason (too many
 open files) raises and keeps the block. One walk at a time holds a directory (``walk.lock``).
@@ -160,7 +162,10 @@ class BlockLog:
                 f"resume_dir {self.directory} holds blocks of another walk ({details}): "
                 f"resume with the same arguments, or use an empty directory"
             )
-        if saved is None or changed:  # (no block done yet: nothing to protect)
+        done = records(self.directory)
+        if changed or (saved is None and (not done or self.identity in _identities(done))):
+            # (no block done yet, nothing to protect; or walk.json lost, and a block says it is
+            # this walk's: another walk, refused block by block, must not claim the directory)
             write_json_atomic(path, identity)
 
     def close(self) -> None:
@@ -263,6 +268,16 @@ class BlockLog:
 def records(directory: Path) -> list:
     """The block records in a resume directory (whole or not)."""
     return [p for p in Path(directory).glob("*.json") if p.name != IDENTITY_FILE]
+
+
+def _identities(paths) -> set:
+    """The walk identities the block records at ``paths`` carry (damaged ones: none)."""
+    found = set()
+    for path in paths:
+        record = read_json(path)
+        if isinstance(record, dict) and isinstance(record.get("identity"), str):
+            found.add(record["identity"])
+    return found
 
 
 def _check(body: dict) -> str:

@@ -553,6 +553,17 @@ def _attributes(module: nn.Module) -> list:
     return [(k, v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"]
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(module: nn.Module) -> str:
+    """The plain settings of ``module`` and its submodules that ``repr`` does not show (numbers,
+    strings, flags, and tuples of them: an attention's ``scaling``, a rotary embedding's
+    ``attention_scaling``): a resumed walk must see them unchanged."""
+    return "\n".join(f"{name}.{k}={v!r}" for name, m in module.named_modules() for k, v in _attributes(m)
+                     if isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v)))
+
+
 class _Edits:
     """Module replacements made on the user's model, undone if quantization fails."""
 
@@ -783,6 +794,7 @@ class _Walk:
         if experts:
             self._bind_experts()
         self._reads = None  # (task, name) -> fingerprint of each expert read, while a block is solved
+        self._previous = ""  # the digest of the block walked last (``_block_digest``)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
 
     def ckpt(self, name: str) -> str:
@@ -821,17 +833,18 @@ class _Walk:
         """What the walk's result depends on besides each block's weights (``BlockLog``)."""
         identity = dict(
             method=self.method, targets=self.targets, spec=self.spec.to_dict(),
-            anchor=self.anchor if self.method == "epmq" else None,
-            weight_anchor=self.weight_anchor if self.method == "epmq" else None,
-            true_sequential=self.true_sequential, percdamp=self.solver["percdamp"],
-            blocksize=self.solver["blocksize"],
+            # (as numbers: anchor=1 and anchor=1.0 are one walk)
+            anchor=float(self.anchor) if self.method == "epmq" else None,
+            weight_anchor=float(self.weight_anchor) if self.method == "epmq" else None,
+            true_sequential=bool(self.true_sequential), percdamp=float(self.solver["percdamp"]),
+            blocksize=int(self.solver["blocksize"]),
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the
-            # blocks of models without a config), and the code that computes
-            modules=hashlib.blake2b(repr(self.model).encode(), digest_size=16).hexdigest(),
+            # blocks of models without a config, an attention's scaling), and the code that computes
+            modules=hashlib.blake2b((repr(self.model) + _settings(self.model)).encode(), digest_size=16).hexdigest(),
             versions=_versions(), statistics=STATISTICS_RULES,
             # every buffer, the non-persistent ones too (rotary inv_freq: rope_theta)
             buffers=tensor_digest(self.model.named_buffers()),
@@ -848,9 +861,11 @@ class _Walk:
 
     def _block_digest(self, own, prefix, rels, seen=None) -> str:
         """The weights block ``prefix`` is solved from: the merged block's (``own``: its float
-        tensors' fingerprints and its ``repr``, from ``_own_prints``), and the experts' tensors the
-        method reads there, read one at a time, or taken from ``seen`` (the fingerprints of the
-        reads its solve made: a block solved now is not read twice)."""
+        tensors' fingerprints and its description, from ``_own_prints``), and the experts' tensors
+        the method reads there, read one at a time, or taken from ``seen`` (the fingerprints of
+        the reads its solve made: a block solved now is not read twice); and the digest of the
+        block before it (``self._previous``), whose output is its input: a block solved again from
+        other weights makes every later record another walk's."""
         prints, text, expert_rels = own
         seen = seen or {}
         if self.experts and self.targets == "expert_path":
@@ -860,15 +875,16 @@ class _Walk:
         experts = ((f"{task}:{rel}", seen.get((task, f"{prefix}.{rel}"))
                     or self._read_expert(task, f"{prefix}.{rel}"))
                    for task in self.experts for rel in rels)
-        return tensor_digest(itertools.chain(prints, experts), text=text)
+        return tensor_digest(itertools.chain(prints, experts), text=f"{text}\nafter {self._previous}")
 
     @staticmethod
     def _own_prints(block) -> tuple:
         """The merged block's part of its digest, taken before it is quantized: its float tensors'
-        fingerprints, its description (``repr``: its modules' eps and shapes), and the names of
-        the tensors an expert has there (``_expert_tensors``)."""
+        fingerprints, its description (``repr``: its modules' eps and shapes; ``_settings``: what
+        ``repr`` does not show), and the names of the tensors an expert has there
+        (``_expert_tensors``)."""
         return ([(rel, fingerprint(t)) for rel, t in block.state_dict().items() if t.is_floating_point()],
-                repr(block), [rel for rel, _ in _expert_tensors(block)])
+                repr(block) + _settings(block), [rel for rel, _ in _expert_tensors(block)])
 
     def _restore(self, record, prefix):
         """Swap in the layers of a block done before, and its report entries."""
@@ -1064,9 +1080,11 @@ class _Walk:
         own = None if self.log is None else self._own_prints(block)
         record = None
         if self.log is not None and self.log.has(prefix):
-            record = self.log.load(prefix, self._block_digest(own, prefix, stack.chosen[i]), self.device)
+            digest = self._block_digest(own, prefix, stack.chosen[i])
+            record = self.log.load(prefix, digest, self.device)
         if record is not None:
             self._restore(record, prefix)
+            self._previous = digest
         else:
             seen = len(self.report.layers), len(self.report.skipped), len(self.report.unreached)
             self._reads = None if self.log is None else {}
@@ -1077,6 +1095,7 @@ class _Walk:
                 t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
             if self.log is not None:
                 digest = self._block_digest(own, prefix, stack.chosen[i], self._reads)
+                self._previous = digest
                 self._reads = None
                 self.log.save(prefix, digest, {rel: block.get_submodule(rel) for group in groups for rel in group},
                               entries=self.report.layers[seen[0]:], skipped=self.report.skipped[seen[1]:],

@@ -139,7 +139,7 @@ def test_other_weights_are_refused(which, gen, tmp_path, monkeypatch):
                             experts=experts, resume_dir=tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("change", ["config", "module", "outside", "buffer", "attention"])
+@pytest.mark.parametrize("change", ["config", "module", "outside", "buffer", "attention", "scaling", "rotary"])
 def test_another_configuration_of_the_same_weights_is_refused(change, gen, tmp_path, monkeypatch):
     """Same tensors, other computation: the config (rope_theta), a module's attribute outside
     any config (an RMSNorm's eps, in a block or outside the blocks), a non-persistent buffer (the
@@ -155,13 +155,39 @@ def test_another_configuration_of_the_same_weights_is_refused(change, gen, tmp_p
         model.model.norm.variance_epsilon = 0.1
     elif change == "buffer":
         model.model.rotary_emb.inv_freq.mul_(0.5)
+    elif change == "scaling":  # (plain attributes, which neither repr nor the config show)
+        model.model.layers[0].self_attn.scaling *= 2
+    elif change == "rotary":
+        model.model.rotary_emb.attention_scaling = 0.5
     else:
         model.set_attn_implementation("eager" if model.config._attn_implementation != "eager" else "sdpa")
     match = {"config": "config:", "module": "modules:", "outside": "modules:", "buffer": "buffers:",
-             "attention": "_attn_implementation"}[change]
+             "attention": "_attn_implementation", "scaling": "modules:", "rotary": "modules:"}[change]
     with pytest.raises(ValueError, match=f"another walk.*{match}"):
         epmq.quantize_model(model, SPEC, method="epmq", calibration=fam.calibration,
                             experts=fam.experts, resume_dir=tmp_path, progress=False)
+
+
+def test_a_block_after_one_solved_again_from_other_weights_is_not_reused(gen, tmp_path):
+    """Its inputs changed: every block's digest takes the one before it (block 1 was loaded,
+    stale, when block 0's record was removed to solve it again from changed weights)."""
+    fam = Family("llama", gen)
+    run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path)
+    model = fam.merged()
+    with torch.no_grad():
+        model.get_parameter("model.layers.0.mlp.down_proj.weight").mul_(1.5)
+    for path in tmp_path.glob("model.layers.0.*"):
+        path.unlink()
+    with pytest.raises(ValueError, match="model.layers.1 was quantized from other weights"):
+        run(fam, model, "gptq", "merged_path", resume_dir=tmp_path)
+
+
+def test_arguments_equal_in_value_are_one_walk(gen, tmp_path, monkeypatch):
+    """anchor=1 (YAML's ``anchor: 1``) resumes a walk of the default anchor=1.0."""
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path, anchor=1, percdamp=0.01)
+    assert out.epmq_report.resumed == ["model.layers.0"]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "record", "digit", "layout"])
@@ -236,7 +262,8 @@ def test_resume_dir_checks(gen, tmp_path):
 
 def test_blocks_of_another_walk_are_refused_without_walk_json(gen, tmp_path, monkeypatch):
     """walk.json lost (deleted, or damaged by a full disk): each block's record still says which
-    walk wrote it; the same walk resumes, another is refused."""
+    walk wrote it; the same walk resumes, another is refused, and does not claim the directory
+    (it wrote its own walk.json, and the walk the blocks are of was then refused)."""
     fam = Family("llama", gen)
     _interrupted(fam, tmp_path, monkeypatch)
     (tmp_path / "walk.json").unlink()
@@ -244,7 +271,7 @@ def test_blocks_of_another_walk_are_refused_without_walk_json(gen, tmp_path, mon
         epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=3, group_size=16), method="epmq",
                             calibration=fam.calibration, experts=fam.experts, resume_dir=tmp_path,
                             progress=False)
-    (tmp_path / "walk.json").unlink()
+    assert not (tmp_path / "walk.json").exists()
     out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
     assert out.epmq_report.resumed == ["model.layers.0"]
 
