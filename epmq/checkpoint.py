@@ -118,6 +118,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     qconfig.update(partial)
     if _quantized_head(model, layers):
         qconfig["lm_head"] = True
+    transposed = [to_disk[key] for key in _transposed_linears(model).values()]
+    if transposed:  # (so that load_quantized transposes these back, and only these)
+        ours["transposed"] = transposed
     qconfig["epmq"] = ours
     _serving_warnings(layers, qconfig, split)
     files = {CONFIG_FILE: qconfig}
@@ -365,9 +368,9 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"them (layers=) to serve the checkpoint elsewhere")
 
 
-# the fields of a quantize_model call a checkpoint records (bits, group_size and sym it takes
-# from the layers themselves)
-_CALL_RECORD = ("act_order", "static_groups", "true_sequential", "method", "targets", "adapter")
+# the fields of a quantize_model call a checkpoint records per layer where the calls differ
+# (bits and group_size it takes from the layers themselves; the config's sym, from their zeros)
+_CALL_RECORD = ("act_order", "static_groups", "true_sequential", "method", "targets", "adapter", "sym")
 
 
 def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
@@ -889,8 +892,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             # z - 1 in ``bits`` bits: other v1 writers stored a zero point of 0 as 2^bits - 1
             z = (unpack_cols(tensors[key], bits, info["out_features"]) + 1) % (1 << bits)
             tensors[key] = pack_cols(z, bits)
+    written = {to_model.get(key, key) for key in (ours or {}).get("transposed", [])}
     for name, key in _transposed_linears(model).items():
-        if key in tensors:
+        if key in tensors and key in written:  # (epmq before 2026-12-03 wrote them untransposed, unlisted)
             tensors[name] = tensors.pop(key).t()
     for alias, source in tied.items():
         tensors[alias] = tensors[source]

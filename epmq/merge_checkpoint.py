@@ -304,9 +304,11 @@ def _check_architectures(base_path, model_paths, models) -> list:
             raise ValueError(f"model {source} is a {other!r} checkpoint, the {'base' if base_path else 'first model'} "
                              f"a {kind!r} one (config.json's model_type): merge models of one architecture")
         same.append(bool(kind) and other == kind)
-        if same[-1] and _layer_counts(path) != _layer_counts(reference):
-            raise ValueError(f"model {source} counts its layers as {_layer_counts(path)}, the "
-                             f"{'base' if base_path else 'first model'} as {_layer_counts(reference)} "
+        mine, theirs = _layer_counts(path), _layer_counts(reference)
+        differ = {field for field in mine.keys() & theirs.keys() if mine[field] != theirs[field]}
+        if same[-1] and differ:  # (the fields both configs spell out: writers differ in which they write)
+            raise ValueError(f"model {source} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
+                             f"{'base' if base_path else 'first model'} as {({f: theirs[f] for f in sorted(differ)})} "
                              f"(config.json): merge models of one configuration")
     return same
 
@@ -374,20 +376,22 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         # CLIPVisionModel experts): the rest is copied, so that the output is the base's model;
         # a tensor tied to a merged one takes its merged value
         base_only = [n for n in base_state if not all(n in s for s in sources)]
-        # a model of the base's own architecture without tensors that others have (a model of
-        # fewer layers, a partial save) would lose every model's update of them
-        for k, (source, is_whole) in enumerate(zip(sources, whole)):
-            lacks = [n for n in base_only if n not in source and any(n in s for s in sources)
-                     and len(base_state.state.reader.shape(base_state.state.checkpoint_key(n))) >= 2]
-            if is_whole and lacks:
-                raise ValueError(f"model {k} ({models[k]}) lacks {len(lacks)} tensors that the base and other "
-                                 f"models have (e.g. {lacks[:3]}), though it is of the base's architecture: "
-                                 f"a partial checkpoint or another configuration (fewer layers)?")
         unmerged = set(base_only)
         merged = [n for n in base_state if n not in unmerged]
         ties = _tied_in_base(base_path, base_state, base_only, set(merged)) if base_only else {}
         tied = {n for names in ties.values() for n in names}
         base_only = [n for n in base_only if n not in tied]
+        # a model of the base's own architecture without a weight matrix that others have (a
+        # partial save) would lose every model's update of it (not a buffer older writers saved:
+        # position_ids)
+        reader, key = base_state.state.reader, base_state.state.checkpoint_key
+        for k, (source, is_whole) in enumerate(zip(sources, whole)):
+            lacks = [n for n in base_only if n not in source and any(n in s for s in sources)
+                     and len(reader.shape(key(n))) >= 2 and reader.dtype(key(n)).is_floating_point]
+            if is_whole and lacks:
+                raise ValueError(f"model {k} ({models[k]}) lacks {len(lacks)} tensors that the base and other "
+                                 f"models have (e.g. {lacks[:3]}), though it is of the base's architecture: "
+                                 f"a partial checkpoint?")
         if base_only:
             warnings.warn(f"{len(base_only)} tensors of the base are in no or not every model (e.g. "
                           f"{base_only[:3]}): copied from the base unchanged")

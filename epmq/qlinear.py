@@ -85,6 +85,8 @@ class QuantLinear(nn.Module):
     ``quantized_with``: what the ``quantize_model`` call that made it used (a dict of
     ``CALL_FIELDS``), or what its checkpoint says; None for a layer built otherwise."""
 
+    quantized_with: Optional[dict] = None  # (a layer pickled before it existed has none of its own)
+
     def __init__(
         self,
         in_features: int,
@@ -103,7 +105,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"group_size must be -1 or a positive integer, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        self.quantized_with: Optional[dict] = None
         K, N = in_features, out_features
         # a group size that does not divide K leaves a shorter last group (ceil(K / g) groups),
         # as GPTQModel and AutoGPTQ write such layers

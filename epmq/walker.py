@@ -554,6 +554,8 @@ def _attributes(module: nn.Module) -> list:
 
 
 _PLAIN = (bool, int, float, str, type(None))
+# where a model was loaded from, not how it computes (config_of drops it too)
+_PROVENANCE = {"name_or_path", "_name_or_path", "kernel_config"}
 
 
 def _settings(module: nn.Module) -> str:
@@ -561,7 +563,8 @@ def _settings(module: nn.Module) -> str:
     strings, flags, and tuples of them: an attention's ``scaling``, a rotary embedding's
     ``attention_scaling``): a resumed walk must see them unchanged."""
     return "\n".join(f"{name}.{k}={v!r}" for name, m in module.named_modules() for k, v in _attributes(m)
-                     if isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v)))
+                     if k not in _PROVENANCE and (isinstance(v, _PLAIN) or (
+                         isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v))))
 
 
 class _Edits:

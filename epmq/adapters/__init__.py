@@ -65,6 +65,9 @@ class Part(str):
         self.transposed = transposed
         return self
 
+    def __getnewargs__(self):  # (copied and pickled whole: a model keeps its walk's names)
+        return str(self), self.fused, self.index, self.rows, self.fused_shape, self.transposed
+
     @property
     def where(self) -> tuple:
         """The index of this part in the fused tensor (a reader may read only it)."""

@@ -80,18 +80,20 @@ def load_config(path, expected: str = "a mapping with model, tasks, ... sections
         raise BenchConfigError(f"config file not found: {path}")
     class Loader(yaml.SafeLoader):
         """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the
-        last silently: ``bits: 3`` then ``bits: 4`` quantized at 4 bits)."""
+        last silently: ``bits: 3`` then ``bits: 4`` quantized at 4 bits). Checked as each mapping
+        is read, before "<<" merges splice other keys in (which a mapping may override)."""
 
-        def construct_mapping(self, node, deep=False):
+        def compose_mapping_node(self, anchor):
+            node = super().compose_mapping_node(anchor)
             seen = set()
-            for key_node, _ in node.value:  # (a key a "<<" merge brings in may be overridden)
+            for key_node, _ in node.value:
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     key = (key_node.tag, key_node.value)
                     if key in seen:
                         raise BenchConfigError(f"{path}: {key_node.value!r} is given twice in one mapping "
                                                f"(line {key_node.start_mark.line + 1})")
                     seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+            return node
 
     try:
         data = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (a SafeLoader)

@@ -118,6 +118,18 @@ def test_load_config_errors(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
+def test_a_key_given_twice_is_an_error_but_a_merge_may_override(tmp_path):
+    """YAML keeps the last of two equal keys without a word; a key of a "<<" merge, overridden
+    by the mapping's own (an anchored one merged again, deeper), is no repetition."""
+    (tmp_path / "twice.yaml").write_text("model: m\nsub:\n  bits: 3\n  bits: 4\n")
+    with pytest.raises(BenchConfigError, match="'bits' is given twice in one mapping \\(line 4\\)"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "merges.yaml").write_text(
+        "defaults:\n  common: &common {bits: 4, group_size: 128}\n  gptq: &gptq\n    <<: *common\n    bits: 3\n"
+        "run:\n  <<: *gptq\n  seed: 1\n")
+    assert load_config(tmp_path / "merges.yaml")["run"] == {"bits": 3, "group_size": 128, "seed": 1}
+
+
 def test_repo_configs_parse():
     from pathlib import Path
 

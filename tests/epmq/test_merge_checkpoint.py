@@ -550,3 +550,25 @@ def test_models_that_would_lose_the_others_updates_are_refused(checkpoints, tmp_
         assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"counts its layers as \{'num_hidden_layers': 2\}, the first model as"):
         merge_checkpoints("average", [tmp_path / "shallow", root / "e0"], tmp_path / "out", progress=False)
+
+
+def test_buffers_older_writers_saved_and_layer_counts_one_config_leaves_out(checkpoints, tmp_path):
+    """A model without a buffer older transformers saved (an int64 position_ids), a config that
+    spells out a layer count another leaves to its default: merged, not refused."""
+    from safetensors.torch import save_file
+
+    root, base, experts = checkpoints
+    config = json.loads((root / "e0" / "config.json").read_text())
+    for name, state in (("base_old", base), ("e_old", experts[0])):
+        (tmp_path / name).mkdir()
+        save_file({**{n: t.contiguous() for n, t in state.items()},
+                   "model.position_ids": torch.arange(8)[None]}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "e_new").mkdir()
+    save_file({n: t.contiguous() for n, t in experts[1].items()}, str(tmp_path / "e_new" / "model.safetensors"))
+    (tmp_path / "e_new" / "config.json").write_text(json.dumps(dict(config, num_layers=2)))
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e_old", tmp_path / "e_new"], tmp_path / "out",
+                            base=tmp_path / "base_old", params={"scale": 0.5}, progress=False)
+    want = merge.task_arithmetic(base, experts[:2], scale=0.5)
+    got = _load(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)

@@ -410,3 +410,27 @@ def test_gpt2_linears_left_in_full_precision_are_saved_in_conv1d_layout(gen, tmp
     assert "transformer.h.0.mlp.c_fc.qweight" in saved
     fresh = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
     torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+    # what epmq wrote before (the nn.Linear layout, not listed as transposed) still loads as it is
+    config = json.loads((tmp_path / "ckpt" / "quantize_config.json").read_text())
+    listed = config["epmq"].pop("transposed")
+    assert sorted(listed) == sorted(n for n in saved if ".attn." in n and n.endswith(".weight"))
+    from safetensors.torch import save_file
+
+    save_file({n: t.t().contiguous() if n in listed else t for n, t in saved.items()},
+              str(tmp_path / "ckpt" / "model.safetensors"))
+    (tmp_path / "ckpt" / "quantize_config.json").write_text(json.dumps(config))
+    old = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(old, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
+def test_a_quantized_moe_model_copies_and_pickles(gen, tmp_path):
+    """It keeps its walk's names (``Part``s of fused experts), which copy and pickle whole."""
+    fam = Family("qwen3_moe", gen)
+    model = fam.merged()
+    epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
+    torch.save(copy.deepcopy(model), tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(output(again, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+    for m in again.modules():  # (pickled before layers recorded what quantized them)
+        vars(m).pop("quantized_with", None)
+    epmq.save_quantized(again, tmp_path / "ckpt")

@@ -183,10 +183,13 @@ def test_a_block_after_one_solved_again_from_other_weights_is_not_reused(gen, tm
 
 
 def test_arguments_equal_in_value_are_one_walk(gen, tmp_path, monkeypatch):
-    """anchor=1 (YAML's ``anchor: 1``) resumes a walk of the default anchor=1.0."""
+    """anchor=1 (YAML's ``anchor: 1``) resumes a walk of the default anchor=1.0; a model loaded
+    from another path (a hub id, then its local copy) is the same model."""
     fam = Family("llama", gen)
     _interrupted(fam, tmp_path, monkeypatch)
-    out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path, anchor=1, percdamp=0.01)
+    model = fam.merged()
+    model.name_or_path = "/elsewhere/llama"
+    out = run(fam, model, "epmq", "merged_path", resume_dir=tmp_path, anchor=1, percdamp=0.01)
     assert out.epmq_report.resumed == ["model.layers.0"]
 
 
