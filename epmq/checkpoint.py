@@ -934,8 +934,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             "true_sequential": qconfig.get("true_sequential", True)}
     records = []
     for name, info in modules.items():
-        record = dict(said, bits=info["bits"], group_size=info["group_size"],
-                      **{field: info[field] for field in CALL_FIELDS if field in info and field not in ("bits", "group_size")})
+        record = dict(said, **{field: info[field] for field in CALL_FIELDS if field in info})
         (replacements.get(name) or model.get_submodule(name)).quantized_with = record
         records.append(record)
     model.epmq_quant_config = common_quant_config(records)

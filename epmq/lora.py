@@ -143,7 +143,8 @@ class LoraExpert(Mapping):
         alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora"))
 
-        pairs, full, base_layers, wrapped = {}, {}, {}, {}  # module -> {"A": key, "B": key, "embedding": bool}; name -> key
+        # module -> {"A": key, "B": key, "embedding": bool}; the others: name -> key
+        pairs, full, base_layers, wrapped = {}, {}, {}, {}
         for key in self.adapter.keys():
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
             refused = next((why for pattern, why in _REFUSED.items() if re.fullmatch(pattern, name)), None)
