@@ -654,12 +654,21 @@ def _exchange(a: Path, b: Path) -> bool:
 def _read_qconfig(directory: Path) -> dict:
     """The GPTQ quantize config: ``quantize_config.json``, else ``config.json``'s
     ``quantization_config`` (checkpoints written by transformers' GPTQ integration)."""
+    def read(file: Path):
+        try:
+            content = json.loads(file.read_text())
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+            raise ValueError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(content, dict):
+            raise ValueError(f"{file} does not hold a JSON object")
+        return content
+
     path = directory / CONFIG_FILE
     if path.is_file():
-        qconfig = json.loads(path.read_text())
+        qconfig = read(path)
     else:
         hf = directory / HF_CONFIG_FILE
-        qconfig = json.loads(hf.read_text()).get("quantization_config") if hf.is_file() else None
+        qconfig = read(hf).get("quantization_config") if hf.is_file() else None
         if not isinstance(qconfig, dict):
             raise FileNotFoundError(f"{directory} is not a GPTQ checkpoint: no {CONFIG_FILE}, and no "
                                     f"quantization_config in a {HF_CONFIG_FILE}")

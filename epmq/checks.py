@@ -31,6 +31,8 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
     if not isinstance(H, torch.Tensor) or H.shape != (d_in, d_in):
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(f"{name} must be [{d_in}, {d_in}] to match the weight's input width, got {shape}")
+    if not H.is_floating_point():
+        raise ValueError(f"{name} must be floating point (a Gram matrix X X^T), got {H.dtype}")
     if not all_finite(H):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
     if (torch.diagonal(H) < 0).any():

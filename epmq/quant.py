@@ -23,7 +23,6 @@ deficient. The identities of EPMQ_MATH.md hold exactly for ``percdamp = 0`` (and
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -35,7 +34,7 @@ from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
 
-from .checks import all_finite, check_hessian, check_weight
+from .checks import all_finite, check_hessian, check_number, check_weight
 from .spec import QuantSpec
 from .stats import EPMQStats
 
@@ -397,8 +396,7 @@ def _round_target(
     _check_spec(spec)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    if not 0 <= percdamp < math.inf:  # (NaN fails too)
-        raise ValueError(f"percdamp must be finite and >= 0, got {percdamp}")
+    percdamp = check_number(percdamp, "percdamp", 0)
     backend = resolve_backend(backend, W_base.device)
     device = W_base.device
 
@@ -640,13 +638,15 @@ def epmq_from_stats(
 
     ``factors``: a ``FactorCache`` shared by the solves of layers that read the same inputs (the
     statistics of such layers share their Hessians: ``EPMQStats(inputs_of=...)``)."""
-    if not (0 <= anchor < math.inf and 0 <= weight_anchor < math.inf):  # (NaN fails too)
-        raise ValueError(f"anchor and weight_anchor must be finite and >= 0, got {anchor} and "
-                         f"{weight_anchor}")
+    anchor, weight_anchor = check_number(anchor, "anchor", 0), check_number(weight_anchor, "weight_anchor", 0)
+    percdamp = check_number(percdamp, "percdamp", 0)
     H_e, H_m, G_e, G_m = stats.finalize()
     W_m = stats.W_merged
     d_in = W_m.shape[1]
     s = float(torch.diagonal(H_e).sum())
+    if s == 0:  # (task weights of 0: no expert term, and the anchors, relative to it, vanish too)
+        raise ValueError("the expert term is zero (task_weights all 0): E-PMQ would be round-to-nearest "
+                         "with a loss of 0; give positive task weights")
     trace_m = float(torch.diagonal(H_m).sum())
     lam = anchor * s / trace_m if anchor > 0 and trace_m > 0 else 0.0
     mu = weight_anchor * s / d_in

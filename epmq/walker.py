@@ -70,7 +70,6 @@ import hashlib
 import inspect
 import itertools
 import json
-import math
 import re
 import time
 import warnings
@@ -85,7 +84,7 @@ from . import quant
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import token_rows, unpad
 from .checkpoint_io import key_renaming
-from .checks import all_finite, device_argument
+from .checks import all_finite, check_number, device_argument
 from .experts import ExpertWeights
 from .qlinear import QuantLinear, common_quant_config
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
@@ -231,12 +230,12 @@ def quantize_model(
         raise ValueError("method='epmq' needs experts: a mapping task name -> expert")
     if method != "rtn" and not calibration:
         raise ValueError(f"method={method!r} needs calibration data: a mapping task name -> inputs")
-    if not (0 <= anchor < math.inf and 0 <= weight_anchor < math.inf and 0 <= percdamp < math.inf
-            and blocksize > 0):
-        raise ValueError(
-            f"need finite anchor, weight_anchor, percdamp >= 0 and blocksize > 0, got {anchor}, "
-            f"{weight_anchor}, {percdamp}, {blocksize}"
-        )
+    for value, what in ((anchor, "anchor"), (weight_anchor, "weight_anchor"), (percdamp, "percdamp")):
+        check_number(value, what, 0)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
+    if method == "rtn":  # (the walks resolve it; RTN would ignore a misspelt one)
+        quant.resolve_backend(backend, torch.device("cpu"))
     check_residual_precision(residual_precision, "residual_precision")
     device = device_argument(device)
     calibration = _calibration(calibration, _encoder_decoder(model)) if method != "rtn" else {}
@@ -941,6 +940,16 @@ class _Walk:
                     key, shape = key.fused, key.fused_shape
                 present[key] = shape
             source.check(present)
+            # an expert of more blocks than the model (another configuration) has every tensor
+            # the walk reads: what it has past the model's last block says so
+            for stack in self.stacks:
+                n = len(stack.blocks)
+                rel = next((rel for rel in stack.blocks[0].state_dict()
+                            if f"{stack.prefix}.0.{rel}" not in self.renames), None)
+                if rel is not None and source.key_for(f"{stack.prefix}.{n}.{rel}") is not None:
+                    raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
+                                     f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
+                                     f"the merged model's architecture")
 
     @contextmanager
     def _expert_outside(self, task):
@@ -1016,6 +1025,13 @@ class _Walk:
                             _call(self.model, item, self.model_device)
                         except _Stop:
                             pass
+                        except torch.OutOfMemoryError:
+                            raise
+                        except (RuntimeError, IndexError, TypeError, NotImplementedError) as e:
+                            # (token ids past the vocabulary, float ids, other widths or dtypes:
+                            # the model's own error, named as the calibration's)
+                            raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
+                                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
                         else:
                             raise ValueError(
                                 f"calibration sample {n} of task {task!r} never reaches the blocks "

@@ -824,6 +824,9 @@ def test_hand_edited_configs_are_named_or_corrected(gen, tmp_path):
         loaded = epmq.load_quantized(tmp_path / "q", fam.fresh())
     epmq.save_quantized(loaded, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["bits"] == 4
+    path.write_text("{bits: 4")  # (hand-edited into invalid JSON)
+    with pytest.raises(ValueError, match="quantize_config.json is not valid JSON"):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
 
 
 @pytest.mark.parametrize("method,spec", [

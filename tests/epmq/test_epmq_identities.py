@@ -213,6 +213,10 @@ def test_bad_anchor(gen):
         quant.epmq(W_m, W_k, H_k, SPEC, anchor=-1.0)
     with pytest.raises(ValueError, match="task_weights"):
         quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[1.0])
+    with pytest.raises(ValueError, match="the expert term is zero"):  # (it was RTN, with a loss of 0)
+        quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[0.0] * len(W_k))
+    with pytest.raises(ValueError, match="weight_anchor must be a finite number, got '0'"):
+        quant.epmq(W_m, W_k, H_k, SPEC, weight_anchor="0")
 
 
 @pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (16, 2304)])

@@ -416,6 +416,7 @@ def test_indefinite_hessian_retries_then_succeeds(gen):
         (lambda W, H: (W, H * float("inf")), "non-finite"),
         (lambda W, H: (W[0], H), "2-D"),
         (lambda W, H: (W, -H), "negative diagonal"),
+        (lambda W, H: (W, H.long()), "must be floating point"),
     ],
 )
 def test_bad_inputs(gen, make, match):

@@ -184,8 +184,13 @@ def test_no_bias_and_weight_stand_in(gen):
 
 
 def test_constructor_checks():
-    with pytest.raises(ValueError, match="bits"):
-        epmq.QuantLinear(64, 8, bits=5, group_size=16)
+    for bits in (5, 4.0, True):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            epmq.QuantLinear(64, 8, bits=bits, group_size=16)
+    with pytest.raises(ValueError, match="in_features must be an integer >= 0, got -1"):
+        epmq.QuantLinear(-1, 8, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="out_features must be an integer >= 0, got 8.0"):
+        epmq.QuantLinear(64, 8.0, bits=4, group_size=16)
     for group_size in (0, -2, 16.0, True):
         with pytest.raises(ValueError, match="group_size must be -1 or a positive integer"):
             epmq.QuantLinear(64, 8, bits=4, group_size=group_size)
@@ -226,10 +231,10 @@ def test_non_finite_solver_settings_are_refused(gen):
     W, H = torch.randn(8, 32, generator=gen), torch.eye(32)
     spec = epmq.QuantSpec(bits=4, group_size=16)
     for percdamp in (float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="percdamp must be finite"):
+        with pytest.raises(ValueError, match="percdamp must be a finite number"):
             quant.gptq(W, H, spec, percdamp=percdamp)
     for bad in (dict(anchor=float("nan")), dict(weight_anchor=float("inf"))):
-        with pytest.raises(ValueError, match="must be finite"):
+        with pytest.raises(ValueError, match="must be a finite number"):
             quant.epmq(W, [W + 0.1], [H], spec, **bad)
 
 

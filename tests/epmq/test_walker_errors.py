@@ -82,9 +82,22 @@ def test_method_arguments(gen):
         quantize(fam, model, layers="nothing-matches")
     with pytest.raises(ValueError, match="residual_precision must be one of"):
         quantize(fam, model, residual_precision="fp16")
-    for bad in (dict(anchor=float("inf")), dict(weight_anchor=float("nan")), dict(percdamp=float("inf"))):
-        with pytest.raises(ValueError, match="need finite anchor"):
+    for bad in (dict(anchor=float("inf")), dict(weight_anchor=float("nan")), dict(percdamp=float("inf")),
+                dict(percdamp="0.01"), dict(anchor=-1.0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             quantize(fam, model, **bad)
+    with pytest.raises(ValueError, match="blocksize must be a positive integer"):
+        quantize(fam, model, blocksize=0)
+    with pytest.raises(ValueError, match="backend must be"):  # (RTN does not use it, but it is misspelt)
+        quantize(fam, model, method="rtn", experts=None, calibration=None, backend="trition")
+    # calibration the model cannot run: named as the calibration's
+    with pytest.raises(ValueError, match=r"calibration\['.*'\] item 0: the model cannot run it \(IndexError"):
+        quantize(fam, model, calibration={t: [torch.full((1, 4), 10**4)] for t in fam.tasks})
+    # an expert of more blocks than the model (the other way round, a missing tensor, is named too)
+    deeper = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**dict(model.config.to_dict(), num_hidden_layers=3)))
+    with pytest.raises(ValueError, match="has more blocks at 'model.layers' than the merged model's 2"):
+        quantize(fam, model, experts=dict(fam.experts, **{fam.tasks[0]: deeper}))
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     quantize(fam, model, method="rtn", experts=None, calibration=None)
     with pytest.raises(ValueError, match="already quantized"):
