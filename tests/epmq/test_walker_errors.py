@@ -78,6 +78,8 @@ def test_method_arguments(gen):
         quantize(fam, model, targets="fp")
     with pytest.raises(ValueError, match="is empty"):
         quantize(fam, model, calibration={t: [] for t in fam.tasks})
+    with pytest.raises(ValueError, match=r"item 0: input_ids \(1, 0\) is empty: nothing to calibrate on"):
+        quantize(fam, model, calibration={t: [dict(input_ids=torch.zeros(1, 0, dtype=torch.long))] for t in fam.tasks})
     with pytest.raises(ValueError, match="no layer .* is selected"):
         quantize(fam, model, layers="nothing-matches")
     with pytest.raises(ValueError, match="residual_precision must be one of"):
