@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """What names of one tensor share (a tied head and its embeddings in a state dict): its
+    memory and layout."""
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (else buffer); the CPU for a module with neither."""
     for t in model.parameters():

@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._util import process_alive, read_json
+from ._util import process_alive, read_json, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols
@@ -105,7 +105,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             f"(backend=BACKEND.TORCH); its other kernels, the ones transformers picks on a CPU, and "
             f"vLLM's GPTQ layers require the group size to divide the width"
         )
-    tensors, tied = _tensors(model, layers, checkpoint_format)
+    transposed = _transposed_linears(model)
+    tensors, tied = _tensors(model, layers, checkpoint_format, transposed)
     # the names transformers itself would write (Mixtral's block_sparse_moe, ViT's hub naming),
     # which serving engines and older loaders look for
     to_disk = renamed([*tensors, *tied], saved_key_renaming(model))
@@ -118,9 +119,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     qconfig.update(partial)
     if _quantized_head(model, layers):
         qconfig["lm_head"] = True
-    transposed = [to_disk[key] for key in _transposed_linears(model).values()]
     if transposed:  # (so that load_quantized transposes these back, and only these)
-        ours["transposed"] = transposed
+        ours["transposed"] = [to_disk[key] for key in transposed.values()]
     qconfig["epmq"] = ours
     _serving_warnings(layers, qconfig, split)
     files = {CONFIG_FILE: qconfig}
@@ -177,8 +177,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _tensors(model, layers, checkpoint_format):
-    """The state dict to write (v1 zero points converted, tied tensors once) and the aliases."""
+def _tensors(model, layers, checkpoint_format, transposed):
+    """The state dict to write (v1 zero points converted, ``transposed`` linears in their
+    family's layout, tied tensors once) and the aliases."""
     state = model.state_dict()
     for name, layer in layers.items():
         state[f"{name}.scales"] = layer.scales.to(torch.float16)  # the format's dtype, whatever .to() did
@@ -190,11 +191,11 @@ def _tensors(model, layers, checkpoint_format):
                     f"store (it holds z - 1): save with checkpoint_format='gptq_v2'"
                 )
             state[f"{name}.qzeros"] = pack_cols(z - 1, layer.bits)
-    for name, key in _transposed_linears(model).items():
+    for name, key in transposed.items():
         state[key] = state.pop(name).t()
     tensors, tied, first = {}, {}, {}
     for name, t in state.items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        key = storage_key(t) if t.numel() else None
         if key is not None and key in first:
             tied[name] = first[key]
             continue
@@ -370,7 +371,7 @@ def _serving_warnings(layers, qconfig, split) -> None:
 
 # the fields of a quantize_model call a checkpoint records per layer where the calls differ
 # (bits and group_size it takes from the layers themselves; the config's sym, from their zeros)
-_CALL_RECORD = ("act_order", "static_groups", "true_sequential", "method", "targets", "adapter", "sym")
+_CALL_RECORD = tuple(field for field in CALL_FIELDS if field not in ("bits", "group_size"))
 
 
 def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:

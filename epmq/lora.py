@@ -35,6 +35,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ._util import storage_key
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."  # PEFT's wrapper around the base model's own names
@@ -212,6 +214,7 @@ class LoraExpert(Mapping):
             else:
                 found[module] = key
         shapes = {module: W_0_shape(f"{module}.weight", key) for module, key in found.items()}
+        shared = self._storage_names()
         transposed = self._orientations(found, shapes, pairs, skeleton, config)
         for module, key in found.items():
             pair = pairs[module]
@@ -219,7 +222,7 @@ class LoraExpert(Mapping):
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)
             # (every name the base has for the tensor: a tied head and its embeddings are one
             # parameter, which PEFT updates once)
-            for name in self._names_of(key, order):
+            for name in self._names_of(key, order, shared):
                 self._updates.setdefault(name, []).append(
                     (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
                      pair["embedding"]))
@@ -239,15 +242,23 @@ class LoraExpert(Mapping):
                            for name, key in base_layers.items()})
         self._keys = list(dict.fromkeys([*self.base.keys(), *self._full]))
 
-    def _names_of(self, key: str, order) -> list:
+    def _names_of(self, key: str, order, shared) -> list:
         """``key`` and the base's other names for the same tensor: tied aliases (``tie_order``
-        of the base's modules), or names of one tensor in memory (a tied model's state dict)."""
+        of the base's modules), or names of one tensor in memory (``shared``: a tied model's
+        state dict, ``_storage_names``)."""
         names = [key] + [name for name in (order or {}).get(key, ()) if name in self.base]
-        if self.base.path is None:
-            t = self.base.get(key)
-            names += [name for name in self.base.keys() if tuple(self.base.shape(name)) == tuple(t.shape)
-                      and self.base.get(name).data_ptr() == t.data_ptr() and self.base.get(name).stride() == t.stride()]
+        if shared:
+            names += shared[storage_key(self.base.get(key))]
         return list(dict.fromkeys(names))
+
+    def _storage_names(self) -> dict:
+        """For a base in memory, the names of each tensor (by its storage and layout); {} for
+        one read from files, whose tied tensors are stored once."""
+        shared = {}
+        if self.base.path is None:
+            for name in self.base.keys():
+                shared.setdefault(storage_key(self.base.get(name)), []).append(name)
+        return shared
 
     def _orientations(self, found, shapes, pairs, skeleton, config) -> dict:
         """Per adapted module, whether W_0 holds ``(B A)^T``: an embedding's update, or a layer

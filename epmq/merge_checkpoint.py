@@ -277,11 +277,10 @@ def _config(path: Path) -> dict:
     return content if isinstance(content, dict) else {}
 
 
-def _model_type(path: Path) -> tuple:
-    """A checkpoint's ``model_type`` and those of its towers (``config.json``), or None."""
-    content = _config(path)
-    towers = {v.get("model_type") for v in content.values() if isinstance(v, dict)}
-    return content.get("model_type"), towers
+def _model_type(config: dict) -> tuple:
+    """A checkpoint's ``model_type`` and those of its towers, from its ``config.json`` (``_config``)."""
+    towers = {v.get("model_type") for v in config.values() if isinstance(v, dict)}
+    return config.get("model_type"), towers
 
 
 def _check_architectures(base_path, model_paths, models) -> list:
@@ -290,21 +289,24 @@ def _check_architectures(base_path, model_paths, models) -> list:
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
     checkpoints refused. Returns, per model, whether it is known to be of the reference's own
     architecture (then it must hold every tensor the others share with the reference)."""
-    reference = base_path if base_path is not None else model_paths[0]
-    kind, towers = _model_type(reference)
-    same = []
-    for path, source in [*([(base_path, "the base")] if base_path is not None else []), *zip(model_paths, models)]:
+    named = [*([(base_path, "the base")] if base_path is not None else []),
+             *((path, f"model {source}") for path, source in zip(model_paths, models))]
+    for path, what in named:
         if not is_lora_adapter(path) and is_quantized(path if path.is_dir() else path.parent):
-            raise ValueError(f"{'model ' + str(source) if source != 'the base' else 'the base'} is a quantized "
-                             f"checkpoint (quantization_config in its config.json, or a quantize_config.json): "
-                             f"merge the full-precision models")
+            raise ValueError(f"{what} is a quantized checkpoint (quantization_config in its config.json, or a "
+                             f"quantize_config.json): merge the full-precision models")
+    reference = _config(base_path if base_path is not None else model_paths[0])
+    kind, towers = _model_type(reference)
+    theirs = _layer_counts(reference)
+    same = []
     for path, source in zip(model_paths, models):
-        other, other_towers = _model_type(path)
+        config = _config(path)
+        other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
             raise ValueError(f"model {source} is a {other!r} checkpoint, the {'base' if base_path else 'first model'} "
                              f"a {kind!r} one (config.json's model_type): merge models of one architecture")
         same.append(bool(kind) and other == kind)
-        mine, theirs = _layer_counts(path), _layer_counts(reference)
+        mine = _layer_counts(config)
         differ = {field for field in mine.keys() & theirs.keys() if mine[field] != theirs[field]}
         if same[-1] and differ:  # (the fields both configs spell out: writers differ in which they write)
             raise ValueError(f"model {source} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
@@ -318,9 +320,8 @@ LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layer
                 "decoder_layers")
 
 
-def _layer_counts(path: Path) -> dict:
-    content = _config(path)
-    scopes = {"": content, **{k: v for k, v in content.items() if isinstance(v, dict)}}
+def _layer_counts(config: dict) -> dict:
+    scopes = {"": config, **{k: v for k, v in config.items() if isinstance(v, dict)}}
     return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in LAYER_COUNTS
             if isinstance(c.get(field), int)}
 

@@ -639,7 +639,6 @@ def epmq_from_stats(
     ``factors``: a ``FactorCache`` shared by the solves of layers that read the same inputs (the
     statistics of such layers share their Hessians: ``EPMQStats(inputs_of=...)``)."""
     anchor, weight_anchor = check_number(anchor, "anchor", 0), check_number(weight_anchor, "weight_anchor", 0)
-    percdamp = check_number(percdamp, "percdamp", 0)
     H_e, H_m, G_e, G_m = stats.finalize()
     W_m = stats.W_merged
     d_in = W_m.shape[1]

@@ -155,14 +155,14 @@ class BlockLog:
         saved = read_json(path, strict=True)
         saved = saved if isinstance(saved, dict) else None  # (damaged: JSON, but not a record)
         changed = [] if saved is None else changed_keys(saved, identity)
-        if changed and records(self.directory):
+        done = records(self.directory)
+        if changed and done:
             details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
                                 for k in changed)
             raise ValueError(
                 f"resume_dir {self.directory} holds blocks of another walk ({details}): "
                 f"resume with the same arguments, or use an empty directory"
             )
-        done = records(self.directory)
         if changed or (saved is None and (not done or self.identity in _identities(done))):
             # (no block done yet, nothing to protect; or walk.json lost, and a block says it is
             # this walk's: another walk, refused block by block, must not claim the directory)

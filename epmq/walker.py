@@ -561,7 +561,7 @@ def _attributes(module: nn.Module) -> list:
 
 _PLAIN = (bool, int, float, str, type(None))
 # where a model was loaded from, not how it computes (config_of drops it too)
-_PROVENANCE = {"name_or_path", "_name_or_path", "kernel_config"}
+_PROVENANCE = {"name_or_path", "kernel_config"}
 
 
 def _settings(module: nn.Module) -> str:
