@@ -211,7 +211,8 @@ def quantize_model(
                  uninterrupted walk. Other arguments, data or weights than those the directory
                  was written with raise ValueError. The directory is left in place at the end.
 
-    Returns ``model`` with ``model.epmq_report`` (a ``QuantReport``).
+    Returns ``model`` with ``model.epmq_report`` (this call's ``QuantReport``) and
+    ``model.epmq_reports`` (every call's on this model, in order).
     """
     t0 = time.perf_counter()
     if not isinstance(spec, QuantSpec):
@@ -329,6 +330,8 @@ def quantize_model(
             f"{', '.join(report.skipped[:3])}; all in epmq_report.skipped"
         )
     remember(model, renames)
+    # (a model quantized in several calls, a VLM's towers one by one, keeps every call's report)
+    model.epmq_reports = [*getattr(model, "epmq_reports", ()), report]
     model.epmq_report = report
     call = dict(spec.to_dict(), method=method, targets=report.targets, adapter=adapter_names,
                 true_sequential=bool(report.true_sequential))
@@ -739,6 +742,25 @@ def _bind(block, args, kwargs):
     return hidden, named
 
 
+def _check_hidden(stack, hidden):
+    """Every calibration item's input to ``stack``'s first block: floating, of one dtype and
+    width (``inputs_embeds`` given by hand bypass the model's embedding, and its checks)."""
+    first = None
+    for task, items in hidden.items():
+        for n, h in enumerate(items):
+            if not isinstance(h, torch.Tensor) or h.dim() == 0:
+                continue
+            if not h.is_floating_point():
+                raise ValueError(f"calibration[{task!r}] item {n}: the blocks at {stack.prefix!r} get {h.dtype} "
+                                 f"hidden states; give floating ones (inputs_embeds in the model's dtype)")
+            if first is None:
+                first = task, n, h.dtype, h.shape[-1]
+            elif (h.dtype, h.shape[-1]) != first[2:]:
+                raise ValueError(f"calibration[{task!r}] item {n}: the blocks at {stack.prefix!r} get {h.dtype} "
+                                 f"hidden states {h.shape[-1]} wide, calibration[{first[0]!r}] item {first[1]} "
+                                 f"gives them {first[2]} and {first[3]} wide")
+
+
 def _to_device(item, device, moved=None):
     """``item`` (tensors, nested in dicts, lists, tuples) on ``device``; a tensor that appears
     more than once (T5's encoder states, in every decoder block's kwargs) is moved once."""
@@ -1053,6 +1075,7 @@ class _Walk:
                 stream.recorded[task] = recorded
                 stream.masks[task] = masks
                 stream.kwargs[task] = [r[0] for r in recorded]
+            _check_hidden(stack, stream.hidden)
         finally:
             for blocks, j, block in reversed(originals):
                 blocks[j] = block
@@ -1114,8 +1137,8 @@ class _Walk:
         else:
             seen = len(self.report.layers), len(self.report.skipped), len(self.report.unreached)
             self._reads = None if self.log is None else {}
-            groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter) if stack.chosen[i]
-                              else ([], {}))
+            groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter, first=i == 0)
+                              if stack.chosen[i] else ([], {}))
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
                 t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
@@ -1135,10 +1158,11 @@ class _Walk:
             for n in range(len(hidden)):
                 self._advance(self.q, stack.adapter, task, n, i, block(hidden[n], **self.q.kwargs[task][n]))
 
-    def _groups(self, block, prefix, rels, adapter):
+    def _groups(self, block, prefix, rels, adapter, first=False):
         """The linears in the order the block calls them, grouped by shared input tensor; and
         ``leader``: each linear -> the first of its group that read the same tensors (itself if
-        none did), whose Hessian it shares."""
+        none did), whose Hessian it shares. ``first``: the stack's first block, whose input is
+        the calibration's own (``inputs_embeds``): an error running it is the calibration's."""
         seen, order = {}, []
         reads = {}  # every tensor each linear read, in order (a linear may be called twice),
         # with its version: the same tensor changed in place in between is not the same input.
@@ -1169,7 +1193,13 @@ class _Walk:
                 probe = probe.clone() if isinstance(probe, torch.Tensor) else probe
                 before = version(probe) if isinstance(probe, torch.Tensor) else None
                 counted = {rel: len(reads.get(rel, ())) for rel in rels}
-                block(probe, **self.q.kwargs[task][0])
+                try:
+                    block(probe, **self.q.kwargs[task][0])
+                except (RuntimeError, IndexError, TypeError) as e:
+                    if not first:
+                        raise
+                    raise ValueError(f"calibration[{task!r}] item 0: the block {prefix!r} cannot run on its "
+                                     f"input ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
                 self.writes_input |= before is not None and version(probe) != before
                 for rel in rels:
                     calls[rel] = max(calls.get(rel, 0), len(reads.get(rel, ())) - counted[rel])

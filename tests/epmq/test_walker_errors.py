@@ -95,6 +95,19 @@ def test_method_arguments(gen):
     # calibration the model cannot run: named as the calibration's
     with pytest.raises(ValueError, match=r"calibration\['.*'\] item 0: the model cannot run it \(IndexError"):
         quantize(fam, model, calibration={t: [torch.full((1, 4), 10**4)] for t in fam.tasks})
+    # inputs_embeds bypass the embedding: the first block's failure, and items that disagree, too
+    width = model.config.hidden_size
+    for embeds, match in ((torch.randn(1, 4, width, dtype=torch.float64), r"item 0: the block 'model.layers.0' "
+                           r"cannot run on its input \(RuntimeError"),
+                          (torch.randn(1, 4, width - 1), r"item 0: the block 'model.layers.0' cannot run"),
+                          (torch.ones(1, 4, width, dtype=torch.long), r"item 0: .* get torch.int64 hidden states")):
+        with pytest.raises(ValueError, match=r"calibration\['.*'\] " + match):
+            quantize(fam, model, method="gptq", experts=None, calibration={"a": [dict(inputs_embeds=embeds)]})
+    good = dict(inputs_embeds=torch.randn(1, 4, width))
+    with pytest.raises(ValueError, match=r"calibration\['b'\] item 1: .* torch.float64 hidden states 32 wide, "
+                                         r"calibration\['a'\] item 0 gives them torch.float32 and 32 wide"):
+        quantize(fam, model, method="gptq", experts=None,
+                 calibration={"a": [good], "b": [good, dict(inputs_embeds=torch.randn(1, 4, width).double())]})
     # an expert of more blocks than the model (the other way round, a missing tensor, is named too)
     deeper = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**dict(model.config.to_dict(), num_hidden_layers=3)))
@@ -490,6 +503,10 @@ def test_a_second_call_on_partly_quantized_blocks(gen, targets, resume, tmp_path
     with pytest.warns(UserWarning, match="quantized by an earlier call"):
         quantize(fam, model, targets=targets, resume_dir=tmp_path / "r" if resume else None)
     assert not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
+    first, second = model.epmq_reports  # every call's report; epmq_report is the last one's
+    assert second is model.epmq_report and second.targets == targets and first.targets == "merged_path"
+    assert {layer["name"].rsplit(".", 2)[-2] for layer in first.layers} == {"mlp"}
+    assert "mlp" not in {layer["name"].rsplit(".", 2)[-2] for layer in second.layers}
     y, ref = output(model, fam.test_item), output(reference, fam.test_item)
     assert float((y - ref).norm() / ref.norm()) < 0.1
 
