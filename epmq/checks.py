@@ -33,21 +33,36 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
         raise ValueError(f"{name} must be [{d_in}, {d_in}] to match the weight's input width, got {shape}")
     if not H.is_floating_point():
         raise ValueError(f"{name} must be floating point (a Gram matrix X X^T), got {H.dtype}")
+    if d_in == 0:
+        return
     if not all_finite(H):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
-    if (torch.diagonal(H) < 0).any():
+    diag = torch.diagonal(H)
+    if (diag < 0).any():
         raise ValueError(f"{name} has negative diagonal entries: not a Gram matrix X X^T")
+    # A Gram matrix's zero diagonal entry (an input that is always 0) has a zero row: the
+    # solvers take such a column as dead and drop its row and column, which is only exact then.
+    dead = diag == 0
+    if dead.any() and bool(H[dead].any()):
+        j = int(dead.nonzero()[0])
+        raise ValueError(f"{name}[{j}, {j}] is 0 but row {j} is not: not a Gram matrix X X^T")
     # The solvers read one triangle of H (the Cholesky factor, the symmetric objective), so an
     # H that is not symmetric would silently be read as another matrix. Checked through two
     # products with fixed random vectors, u^T H v against v^T H u (no d_in x d_in temporary):
     # for H = S + A, S symmetric, their gap is 2 u^T A v, about 2 |A|_F, and |H v| |u| is about
-    # |H|_F sqrt(d_in). Flagged from |A|_F ~ 5e-4 |H|_F on; fp32 rounding stays near 1e-7.
+    # |H|_F sqrt(d_in). Flagged from |A|_F ~ 5e-4 |H|_F on; fp32 rounding stays near 1e-7, but
+    # bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32 slabs.
     g = torch.Generator(device=H.device).manual_seed(0)
-    u, v = torch.randn(2, H.shape[0], generator=g, device=H.device).to(H.dtype)
-    Hv = H @ v
-    gap = abs(float(torch.dot(u, Hv) - torch.dot(v, H @ u)))
+    dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
+    u, v = torch.randn(2, d_in, generator=g, device=H.device).to(dtype)
+    Hv, Hu = torch.empty(2, d_in, dtype=dtype, device=H.device)
+    rows = max(1, (1 << 24) // d_in)
+    for r in range(0, d_in, rows):
+        slab = H[r:r + rows].to(dtype)
+        Hv[r:r + rows], Hu[r:r + rows] = slab @ v, slab @ u
+    gap = abs(float(torch.dot(u, Hv) - torch.dot(v, Hu)))
     scale = float(torch.linalg.vector_norm(Hv)) * float(torch.linalg.vector_norm(u))
-    if gap > 1e-3 * scale / H.shape[0] ** 0.5:
+    if gap > 1e-3 * scale / d_in ** 0.5:
         raise ValueError(f"{name} is not symmetric: not a Gram matrix X X^T")
 
 

@@ -120,7 +120,7 @@ def gptq_solve_reference(
     check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize)
     maxq = 2**bits - 1
     W = W.float().clone() if R is None else W.float() + R.float()
-    Hinv = Hinv.float()
+    Hinv = Hinv.float().contiguous()  # (as the kernel reads it: CPU products' sums follow the layout)
     d_out, d_in = W.shape
     dynamic = group_size > 0
     if dynamic:

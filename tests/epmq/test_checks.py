@@ -52,3 +52,40 @@ def test_hessian_must_be_symmetric(d):
     with pytest.raises(ValueError, match="H is not symmetric"):
         # noise of 1% of H's size (Frobenius), off the diagonal, not mirrored
         check_hessian(H + torch.randn(d, d, generator=g).fill_diagonal_(0) * 0.01 * float(H.norm()) / d, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_hessians_that_are_symmetric_pass(dtype):
+    """(Checked in fp32: bf16 products' rounding, 4e-3, rejected a third of these.)"""
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        d = 16 * (1 + seed % 8)
+        X = torch.randn(4 * d, d, generator=g) * torch.exp(torch.randn(d, generator=g)) / d ** 0.5
+        H = (X.T @ X).to(dtype)
+        H = torch.triu(H) + torch.triu(H, 1).T  # bitwise symmetric
+        check_hessian(H, d)
+        noise = torch.randn(d, d, generator=g).fill_diagonal_(0) * 0.01 * float(H.float().norm()) / d
+        bad = (H.float() + noise).to(dtype)  # (1% of H's size off the diagonal, not mirrored)
+        with pytest.raises(ValueError, match="not symmetric"):
+            check_hessian(bad, d)
+
+
+def test_a_zero_diagonal_entry_needs_a_zero_row():
+    """An input that is always 0 has a zero row and column in X X^T: the solvers drop it as a
+    dead column, which is exact only then (before, an indefinite H was solved with a wrong loss)."""
+    X = torch.randn(40, 8, dtype=torch.float64)
+    X[:, 3] = 0
+    H = X.T @ X
+    check_hessian(H, 8)
+    H[3, 5] = H[5, 3] = 1.0
+    with pytest.raises(ValueError, match=r"H\[3, 3\] is 0 but row 3 is not"):
+        check_hessian(H, 8)
+
+
+def test_a_layer_of_no_inputs_is_empty():
+    from epmq import QuantSpec, quant
+
+    spec = QuantSpec(bits=4, group_size=8)
+    for result in (quant.gptq(torch.randn(6, 0), torch.zeros(0, 0), spec),
+                   quant.rtn(torch.randn(6, 0), spec, H=torch.zeros(0, 0))):
+        assert result.weight.shape == (6, 0) and result.loss == 0

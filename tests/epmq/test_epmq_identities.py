@@ -166,7 +166,9 @@ def test_identity_4_epmq_beats_gptq_on_most_draws(gen):
     assert wins >= 0.8 * draws, f"E-PMQ won only {wins} of {draws}"
 
 
-@pytest.mark.parametrize("anchor, weight_anchor", [(1.0, 0.0), (0.3, 0.2), (0.0, 0.5)])
+# (anchors that dominate: the expert term is no longer a small difference of large ones)
+@pytest.mark.parametrize("anchor, weight_anchor", [(1.0, 0.0), (0.3, 0.2), (0.0, 0.5), (1e4, 0.0), (1e6, 0.0),
+                                                   (0.0, 1e5)])
 def test_identity_5_reported_terms(gen, anchor, weight_anchor):
     W_m, W_k, H_k = draw(gen, n=300)
     weights = [0.5, 2.0, 1.0]
@@ -217,6 +219,9 @@ def test_bad_anchor(gen):
         quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[0.0] * len(W_k))
     with pytest.raises(ValueError, match="weight_anchor must be a finite number, got '0'"):
         quant.epmq(W_m, W_k, H_k, SPEC, weight_anchor="0")
+    with pytest.warns(UserWarning, match="merged path's Hessian is zero .* without the anchor term"):
+        res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=1.0, merged_hessian=torch.zeros_like(H_k[0]))
+    assert res.info["lam_effective"] == 0 and res.anchor_loss == 0
 
 
 @pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (16, 2304)])

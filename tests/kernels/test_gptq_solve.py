@@ -235,6 +235,17 @@ def test_odd_shapes(gen, d_out, d_in, blocksize):
     run_both(W, Hinv, H, bits=4, sym=False, R=R, blocksize=blocksize, **static_grid(T, 4, False, -1))
 
 
+def test_reference_does_not_depend_on_the_layout_of_hinv(gen):
+    """(As the kernel reads it: a column-major Hinv, torch's upper Cholesky factor, changed CPU
+    products' summation order, and codes by a grid step, in some draws.)"""
+    for _ in range(40):
+        W, _, Hinv, H = make_problem(gen, 4, 40)
+        row_major, column_major = Hinv.contiguous(), Hinv.T.contiguous().T
+        kw = dict(bits=3, sym=True, group_size=4, blocksize=8)  # (symmetric: ties on the grid)
+        a, b = gptq_solve_reference(W, row_major, **kw), gptq_solve_reference(W, column_major, **kw)
+        assert torch.equal(a.Q, b.Q) and torch.equal(a.codes, b.codes)
+
+
 def test_ill_conditioned_with_dead_columns(gen):
     # 8 tokens for 96 features: H has rank 8, only the damping makes it invertible
     W, R, Hinv, H = make_problem(gen, n_tokens=8, dead=(0, 41, 42, 95), with_R=True)
