@@ -78,8 +78,18 @@ def test_a_zero_diagonal_entry_needs_a_zero_row():
     H = X.T @ X
     check_hessian(H, 8)
     H[3, 5] = H[5, 3] = 1.0
-    with pytest.raises(ValueError, match=r"H\[3, 3\] is 0 but row 3 is not"):
-        check_hessian(H, 8)
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"H\[3, 3\] is 0 but row 3 is not"):
+            check_hessian(H.to(dtype), 8)
+    # an input so small its square underflows (GELU far left of 0) leaves a row that is not 0:
+    # as semidefinite as fp32 can tell, and solved as dead
+    X[:, 3] = -1e-25 * (1 + torch.rand(40, dtype=torch.float64))
+    H = (X.T @ X).float()
+    assert H[3, 3] == 0 and H[3].abs().max() > 0
+    check_hessian(H, 8)
+    check_hessian(H.bfloat16(), 8)
+    X[:, 3] = 1e-5 * torch.rand(40, dtype=torch.float64)  # (in fp16: squares under 6e-8)
+    check_hessian((X.T @ X).half(), 8)
 
 
 def test_a_layer_of_no_inputs_is_empty():
