@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ._util import storage_key
 from .checks import all_finite, check_finite, check_hessian, check_number
 
 StateDict = Mapping[str, torch.Tensor]
@@ -123,9 +124,10 @@ class _OnDemand(Sequence):
 
 
 def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict], lazy: bool = False):
-    """The base's and every expert's tensor ``name``, checked, as float32 (``None`` when the
-    tensor is not floating point), and the tensor whose dtype the result takes. ``lazy``: the
-    experts' read when indexed (and checked the first time)."""
+    """The base's and every expert's tensor ``name``, checked, as float32 (float64 where the
+    reference is: its updates below float32's precision are kept; ``None`` when the tensor is
+    not floating point), and the tensor whose dtype the result takes. ``lazy``: the experts'
+    read when indexed (and checked the first time)."""
     reference = base[name] if base is not None else experts[0][name]
     _a_tensor(name, "base" if base is not None else "expert 0", reference)
     W_0 = None if base is None else _checked(name, "base", base[name], reference)
@@ -133,6 +135,7 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
         for k, e in enumerate(experts):
             _checked(name, f"expert {k}", e[name], reference)
         return reference, None, None
+    work = _work_dtype(reference)
     checked = set()
 
     def read(k):
@@ -140,12 +143,17 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
         if k not in checked:
             _checked(name, f"expert {k}", W, reference)
             checked.add(k)
-        return W.float()
+        return W.to(work)
 
     W_k = _OnDemand(read, len(experts))
     if not lazy:
         W_k = list(W_k)
-    return reference, None if W_0 is None else W_0.float(), W_k
+    return reference, None if W_0 is None else W_0.to(work), W_k
+
+
+def _work_dtype(reference: torch.Tensor) -> torch.dtype:
+    """What the merges compute in: float32, or float64 for float64 tensors."""
+    return torch.float64 if reference.dtype == torch.float64 else torch.float32
 
 
 @torch.no_grad()  # (parameters as inputs: no graph kept alive by the result)
@@ -283,7 +291,15 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, entries]``: a matrix's output rows; a vector is one row."""
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+    return t.reshape(1, -1) if t.dim() < 2 else t.flatten(1)  # (flatten: a tensor of 0 rows too)
+
+
+def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Their mean, summed one at a time (a stack of K large tensors would cost K copies)."""
+    total = tensors[0].clone()
+    for k in range(1, len(tensors)):
+        total += tensors[k]
+    return total.div_(len(tensors))
 
 
 # --------------------------------------------------------------------------- merges
@@ -373,7 +389,8 @@ def ties(
             thr = thresholds[k]
         else:
             thr = _kth_largest(lambda: [tau.abs()], tau.numel(), density)
-        return torch.where(tau.abs() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
+        # (ranked in float32, as the threshold was: float64 magnitudes by their float32 values)
+        return torch.where(tau.abs().float() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
     return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out, weights)
 
@@ -392,7 +409,7 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
     _check_unit(gamma, "gamma")
 
     def sparsify(name, k, tau):
-        m = tau.abs()
+        m = tau.abs().float()  # (ranked in float32: the thresholds are float32 values)
         n = m.numel()
         n_keep = int(round(density * n))
         if n_keep == 0:
@@ -447,8 +464,8 @@ def _polar(A: torch.Tensor) -> torch.Tensor:
 def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None, *, out=None):
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors").
 
-    For every matrix (2-D tensor): keep the top ``r = floor(rank_fraction * min(d_out, d_in))``
-    singular triplets of each task vector (``rank_fraction`` defaults to 1 / number of
+    For every matrix (2-D tensor): keep the top ``r = max(1, floor(rank_fraction * min(d_out,
+    d_in)))`` singular triplets of each task vector (``rank_fraction`` defaults to 1 / number of
     experts, so that together they fill the rank), stack them, ``U = [U_1 .. U_K]``, ``S``,
     ``V = [V_1 .. V_K]``, replace ``U`` and ``V`` by their nearest matrices with orthonormal
     columns (removing the interference between tasks' singular subspaces; where ``K r`` passes
@@ -463,20 +480,20 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
         raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
 
     def merge_tensor(name, W_0, W_k):
-        taus = [W - W_0 for W in W_k]
-        if W_0.dim() != 2:
-            return W_0 + scale * torch.stack(taus).mean(0)
-        fraction = rank_fraction if rank_fraction is not None else 1.0 / len(taus)
+        if W_0.dim() != 2:  # (the mean task vector, made one at a time)
+            return W_0 + scale * _mean(_OnDemand(lambda k: W_k[k] - W_0, len(W_k)))
+        fraction = rank_fraction if rank_fraction is not None else 1.0 / len(W_k)
         r = max(1, int(fraction * min(W_0.shape)))
         Us, Ss, Vhs = [], [], []
-        for tau in taus:
-            U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
-            Us.append(U[:, :r]), Ss.append(S[:r]), Vhs.append(Vh[:r])
+        for k in range(len(W_k)):  # (copies of the kept triplets: a slice would keep all of U, Vh)
+            U, S, Vh = torch.linalg.svd(W_k[k] - W_0, full_matrices=False)
+            Us.append(U[:, :r].clone()), Ss.append(S[:r].clone()), Vhs.append(Vh[:r].clone())
+            del U, S, Vh
         U_o = _polar(torch.cat(Us, dim=1))
         Vh_o = _polar(torch.cat(Vhs, dim=0).T).T
         return W_0 + scale * (U_o * torch.cat(Ss)) @ Vh_o
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
 def iso_c(base, experts, scale: float = 1.0, *, out=None):
@@ -491,20 +508,25 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
     check_number(scale, "scale")
 
     def merge_tensor(name, W_0, W_k):
-        taus = torch.stack([W - W_0 for W in W_k])
+        tau_sum = W_k[0] - W_0  # (one task vector at a time: a stack would hold K)
+        for k in range(1, len(W_k)):
+            tau_sum += W_k[k] - W_0
         if W_0.dim() != 2:
-            return W_0 + scale * taus.mean(0)
-        U, S, Vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+            return W_0 + scale / len(W_k) * tau_sum
+        U, S, Vh = torch.linalg.svd(tau_sum, full_matrices=False)
         return W_0 + scale * S.mean() * (U @ Vh)
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
 def model_stock(base, experts, per_row: bool = False, *, out=None):
     """Model Stock (Jang et al., ECCV 2024): ``W = t mean_k W_k + (1 - t) W_0`` with
     ``t = K cos / (1 + (K - 1) cos)``, ``cos`` the mean cosine between the K task vectors'
     pairs (over the whole tensor, or each output row with ``per_row=True``). Needs at least two
-    experts. Where ``1 + (K - 1) cos`` is 0 (task vectors pointing apart) the base is kept.
+    experts. ``t`` is clamped to [-1, 1]: the formula (the paper's geometry, for ``cos`` in
+    [0, 1]) diverges as the task vectors point apart (``cos -> -1 / (K - 1)``: t = -4e4 at cos =
+    -0.99995 with two experts, the result 200 task vectors away), and passes -1 below ``cos =
+    -1 / (2K - 1)``; peers (mergekit, FusionBench) apply it unclamped, and agree above that.
     """
     _needs_base(base, "model_stock")
 
@@ -512,39 +534,44 @@ def model_stock(base, experts, per_row: bool = False, *, out=None):
         K = len(W_k)
         if K < 2:
             raise ValueError(f"model_stock needs at least two experts, got {K}")
-        taus = [(_rows(W - W_0) if per_row else (W - W_0).reshape(1, -1)) for W in W_k]
+        taus = [(_rows(W_k[k] - W_0) if per_row else (W_k[k] - W_0).reshape(1, -1)) for k in range(K)]
         norms = [tau.norm(dim=1) for tau in taus]
         # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
         # depend on the task vectors' size)
         cosines = [torch.where(norms[i] * norms[j] > 0, (taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]), 0.0)
                    .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
         cos = torch.stack(cosines).mean(0)
-        denominator = 1 + (K - 1) * cos
-        t = torch.where(denominator.abs() > 1e-6, K * cos / denominator, torch.zeros_like(cos))
+        denominator = 1 + (K - 1) * cos  # (>= 0: K unit vectors' sum has a norm)
+        t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), -1.0).clamp(-1, 1)
         t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
-        return t * torch.stack(W_k).mean(0) + (1 - t) * W_0
+        del taus
+        return t * _mean(W_k) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
 def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
           dot_threshold: float = 0.9995, *, out=None):
     """Spherical linear interpolation from model ``a`` (t = 0) to model ``b`` (t = 1).
 
-    Each tensor (or each output row, ``per_row=True``, as mergekit 0.1.5 does) moves along the
-    great circle between the two directions: ``sin((1 - t) theta) / sin theta a + sin(t theta) /
-    sin theta b``, ``theta`` the angle between them; where they are nearly parallel or opposite
-    (``|cos theta| > dot_threshold``) it interpolates linearly. ``t`` may be a function of the
+    Each tensor (or each output row, ``per_row=True``, as mergekit 0.1.5 does: a vector's entries
+    are rows of one, interpolated linearly) moves along the great circle between the two
+    directions: ``sin((1 - t) theta) / sin theta a + sin(t theta) / sin theta b``, ``theta`` the
+    angle between them; where they are nearly parallel or opposite (``|cos theta| >
+    dot_threshold``), or one is 0, it interpolates linearly. ``t`` may be a function of the
     tensor's name (a schedule over layers).
     """
     check_number(dot_threshold, "dot_threshold")
 
     def merge_tensor(name, W_0, W_k):
         frac = check_number(t(name) if callable(t) else t, f"t (at {name})")
-        A, B = (_rows(W) if per_row else W.reshape(1, -1) for W in W_k)
-        unit_a, unit_b = (X / X.norm(dim=1, keepdim=True).clamp(min=1e-8) for X in (A, B))
-        cos = (unit_a * unit_b).sum(1, keepdim=True).clamp(-1, 1)
-        linear = (cos.abs() > dot_threshold) | (cos.abs() >= 1)  # (sin theta = 0: no circle)
+        A, B = ((W.reshape(-1, 1) if W.dim() < 2 else W.flatten(1)) if per_row else W.reshape(1, -1)
+                for W in W_k)
+        norm_a, norm_b = (X.norm(dim=1, keepdim=True) for X in (A, B))
+        tiny = torch.finfo(A.dtype).tiny  # (only against 0/0: a floor would bend tiny rows' cosines)
+        cos = ((A / norm_a.clamp(min=tiny)) * (B / norm_b.clamp(min=tiny))).sum(1, keepdim=True).clamp(-1, 1)
+        # (sin theta = 0, or a zero row with no direction: no circle)
+        linear = (cos.abs() > dot_threshold) | (cos.abs() >= 1) | (norm_a == 0) | (norm_b == 0)
         theta = torch.acos(torch.where(linear, 0.0, cos))
         sin_theta = torch.where(linear, 1.0, torch.sin(theta))
         ca = torch.where(linear, 1 - frac, torch.sin((1 - frac) * theta) / sin_theta)
@@ -604,13 +631,14 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: f
     def task_vector(k):
         for name in names:
             W_k = _checked(name, f"expert {k}", experts[k][name], base[name])
-            yield (W_k.float() - base[name].float()).abs()
+            work = _work_dtype(base[name])
+            yield (W_k.to(work) - base[name].to(work)).abs()
 
     return [_kth_largest(lambda k=k: task_vector(k), n, density) for k in range(len(experts))]
 
 
 def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float = 0.9,
-            *, out=None):
+            *, transposed: Optional[Iterable[str]] = None, out=None):
     """RegMean (Jin et al., ICLR 2023): the weight of each linear layer that fits every expert's
     outputs on its own task's inputs best, ``min_W sum_k |X_k (W - W_k)^T|^2``, in closed form
 
@@ -623,46 +651,70 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     data). Other tensors (biases, norms, embeddings, weights without grams) are averaged. A
     ridge of 1e-8 of the mean diagonal toward the average keeps input features no task
     activates (all-zero rows of every ``G_k``) at the average. Computed in float64.
+
+    ``transposed``: the names of weights stored ``[in, out]`` (GPT-2's ``Conv1D``); by default
+    those of the experts' ``Conv1D`` layers where the experts are modules, else none. (A square
+    one cannot be told from its shape: name it when the experts are state dicts.)
     """
     _check_unit(alpha, "alpha")
+    if transposed is None:
+        transposed = {f"{name}.weight" if name else "weight" for e in experts if isinstance(e, nn.Module)
+                      for name, module in e.named_modules() if type(module).__name__ == "Conv1D"}
+    elif isinstance(transposed, str):
+        raise TypeError("transposed must be a collection of weight names, not one string")
+    transposed = set(transposed)
     _, experts = _inputs(None, experts)
     if not isinstance(grams, Mapping):
         raise ValueError("grams must map each linear weight's name to its experts' Gram matrices")
-    unknown = sorted(n for n in grams if n not in experts[0])
+    unknown = sorted(n for n in [*grams, *transposed] if n not in experts[0])
     if unknown:  # (else those layers would silently be averaged)
-        raise ValueError(f"grams name tensors the experts do not have: {unknown[:5]}")
+        raise ValueError(f"grams or transposed name tensors the experts do not have: {unknown[:5]}")
+    # a weight tied to another name (a head that is also the embedding) would get two values
+    names_of = {}
+    for n, t in experts[0].items():
+        names_of.setdefault(storage_key(t), []).append(n)
+    for n in grams:
+        tied = [m for m in names_of[storage_key(experts[0][n])] if m != n]
+        if tied:
+            raise ValueError(f"grams[{n!r}]: the tensor is tied to {tied[0]!r} (one storage), which RegMean "
+                             f"would leave at the average: leave it out of grams (it is averaged)")
 
     def merge_tensor(name, W_0, W_k):
         if name not in grams:
-            return torch.stack(W_k).mean(0)
+            return _mean(W_k)
         G_k = list(grams[name])
         if len(G_k) != len(W_k) or W_k[0].dim() != 2:
             raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert) "
                              f"of a 2-D weight, got {len(G_k)} for shape {tuple(W_k[0].shape)}")
-        d_in = W_k[0].shape[1]
+        flip = name in transposed  # (W_k as [in, out] below)
+        W_k = [W if flip else W.T for W in W_k]  # (read once each: W_k reads on demand)
+        d_in = W_k[0].shape[0]
         G_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=W_k[0].device)
-        B = torch.zeros(d_in, W_k[0].shape[0], dtype=torch.float64, device=W_k[0].device)
+        B = torch.zeros(d_in, W_k[0].shape[1], dtype=torch.float64, device=W_k[0].device)
         for k, (W, G) in enumerate(zip(W_k, G_k)):
             if tuple(G.shape) != (d_in, d_in):
-                raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}, expected ({d_in}, {d_in})")
+                hint = ("; a weight stored [in, out], as GPT-2's Conv1D? name it in transposed="
+                        if not flip and tuple(G.shape) == (W.shape[1],) * 2 else "")
+                raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}, expected ({d_in}, {d_in}){hint}")
             check_hessian(G, d_in, f"grams[{name!r}][{k}]")
             G = G.to(W.device, torch.float64)
             G = alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
             G_sum += G
-            B += G @ W.to(torch.float64).T
+            B += G @ W.to(torch.float64)
         ridge = 1e-8 * float(torch.diagonal(G_sum).mean()) or 1.0
-        W_avg = torch.stack(W_k).mean(0).to(torch.float64)
         G_sum += ridge * torch.eye(d_in, dtype=torch.float64, device=G_sum.device)
-        B += ridge * W_avg.T
+        B += ridge * _mean(W_k).to(torch.float64)
         L, info = torch.linalg.cholesky_ex(G_sum)
         if int(info) == 0:
-            return torch.cholesky_solve(B, L).T
+            W = torch.cholesky_solve(B, L)
+            return W if flip else W.T
         # (rounding in grams of low rank may leave the sum a hair indefinite; clearly negative
         # directions mean they are no Gram matrices, and the solve would leave the experts' span)
         eigenvalues = torch.linalg.eigvalsh(G_sum)
         if float(eigenvalues[0]) < -1e-6 * float(eigenvalues[-1]):
             raise ValueError(f"grams[{name!r}]: their sum is not positive semidefinite (eigenvalue "
                              f"{float(eigenvalues[0]):.3g}): they are not Gram matrices X^T X")
-        return torch.linalg.solve(G_sum, B).T
+        W = torch.linalg.solve(G_sum, B)
+        return W if flip else W.T
 
-    return _merge_each(None, experts, merge_tensor, out)
+    return _merge_each(None, experts, merge_tensor, out, lazy=True)

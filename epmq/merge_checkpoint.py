@@ -205,7 +205,7 @@ def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
     """ValueError for parameters ``epmq.merge``'s ``method`` does not take (or ``reserved``:
     set by the caller itself), and for numbers written as strings."""
     accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {
-        "base", "experts", "a", "b", "out", "grams", *reserved}
+        "base", "experts", "a", "b", "out", "grams", "transposed", *reserved}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
@@ -221,7 +221,8 @@ def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
 
 def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     """RegMean's statistics: for each reference tensor name, each model's ``X^T X`` at that
-    linear on its own calibration data (the model loaded whole, one at a time)."""
+    linear on its own calibration data (the model loaded whole, one at a time); and the names
+    of the weights stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
     from .checkpoint_io import renamed, saved_key_renaming
     from .quantize_files import PREPROCESSOR_FILES, calibrated
     from .stats import gram_matrices
@@ -255,9 +256,12 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
         grams = gram_matrices(model, batches[f"model {k}"])
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
         per_model.append({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference})
+        transposed = {to_reference[on_disk[n]] for n, module in
+                      ((f"{name}.weight", module) for name, module in model.named_modules())
+                      if type(module).__name__ == "Conv1D" and n in grams and on_disk[n] in to_reference}
         del model
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]
-    return {n: [g[n] for g in per_model] for n in shared}
+    return {n: [g[n] for g in per_model] for n in shared}, transposed & set(shared)
 
 
 def _config(path: Path) -> dict:
@@ -415,9 +419,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 fn(sources, out=writer, **params)
             elif method == "regmean":
                 with loading_bars(progress):
-                    grams = _expert_grams(sources, model_paths, calibration, device,
-                                          dict(samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed))
-                fn(sources, grams, out=writer, **params)
+                    grams, transposed = _expert_grams(sources, model_paths, calibration, device,
+                                                      dict(samples=samples, seq_len=seq_len, batch_size=batch_size,
+                                                           seed=seed))
+                fn(sources, grams, transposed=transposed, out=writer, **params)
             else:
                 fn(base_state, sources, out=writer, **params)
             for name in base_only:

@@ -305,11 +305,14 @@ class EPMQStats:
 
 @torch.no_grad()
 def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
-    """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers (those whose
-    weight name is in ``names``; default all) over ``batches`` (model inputs, passed as
+    """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers and GPT-2's
+    ``Conv1D`` ones (whose weight is stored ``[in, out]``: ``epmq.merge.regmean`` finds them
+    when given the experts as modules, else takes their names as ``transposed=``), those whose
+    weight name is in ``names`` (default all), over ``batches`` (model inputs, passed as
     ``quantize_model``'s calibration items are; padded ones split by ``calibration.unpad``), in
     ``dtype`` on the CPU: RegMean's statistics when ``model`` is an expert and ``batches`` its
-    own task's data.
+    own task's data. A layer whose weight is tied to another tensor (an output head that is
+    also the input embedding) is left out: merged as an embedding, it is averaged.
 
     Linears that read the very same tensors in the first batch (q/k/v, gate/up) have one Gram
     matrix, accumulated once from the second batch on (the same object in the result), as the
@@ -344,13 +347,21 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
 
         return fn
 
+    named = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        named.setdefault(id(p), []).append(name)
+    tied = {name for group in named.values() if len(group) > 1 for name in group}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
-        if isinstance(module, nn.Linear) and (names is None or weight in names):
-            stats[weight] = HessianStats(module.in_features, device="cpu", dtype=dtype)
+        conv1d = type(module).__name__ == "Conv1D"
+        if ((isinstance(module, nn.Linear) or conv1d) and weight not in tied
+                and (names is None or weight in names)):
+            d_in = module.weight.shape[0] if conv1d else module.in_features
+            stats[weight] = HessianStats(d_in, device="cpu", dtype=dtype)
             hooks.append(module.register_forward_pre_hook(hook(weight)))
     if not stats:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer{' among the names given' if names else ''}")
+        raise ValueError(f"{type(model).__name__} has no linear layer (untied nn.Linear or Conv1D)"
+                         f"{' among the names given' if names else ''}")
     was_training = model.training
     model.eval()
     try:

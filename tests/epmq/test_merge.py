@@ -205,7 +205,7 @@ def test_bad_parameters():
 def test_regmean_checks_its_gram_matrices():
     experts = [{"lin.weight": torch.randn(2, 3), "lin.bias": torch.zeros(2)} for _ in range(2)]
     eye = torch.eye(3)
-    with pytest.raises(ValueError, match="grams name tensors the experts do not have: \\['lin'\\]"):
+    with pytest.raises(ValueError, match="grams or transposed name tensors the experts do not have: \\['lin'\\]"):
         merge.regmean(experts, {"lin": [eye, eye]})
     with pytest.raises(ValueError, match="not symmetric|negative diagonal"):
         merge.regmean(experts, {"lin.weight": [torch.randn(3, 3) + 5 * torch.triu(torch.ones(3, 3)), eye]})
@@ -522,7 +522,7 @@ def test_gram_matrices_by_hand(gen):
     torch.testing.assert_close(grams["0.weight"], X0.T @ X0)
     torch.testing.assert_close(grams["2.weight"], X2.T @ X2, atol=1e-5, rtol=1e-5)
     assert set(gram_matrices(model, batches, names={"2.weight"})) == {"2.weight"}
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="no linear layer"):
         gram_matrices(model, batches, names={"nope"})
     with pytest.raises(ValueError, match="no calibration batch"):
         gram_matrices(model, [])
@@ -647,3 +647,85 @@ def test_weights_given_by_a_generator_and_entries_that_are_not_tensors(gen):
         merge.task_arithmetic(dict(base, x={}), [dict(e, x={}) for e in experts])
     with pytest.raises(ValueError, match="'a' of base is on the meta device"):
         merge.task_arithmetic({k: v.to("meta") for k, v in base.items()}, experts)
+
+
+def test_regmean_of_gpt2_conv1d_layers(gen):
+    """GPT-2's Conv1D linears (weight [in, out]) get RegMean's closed form, as nn.Linear ones
+    do (they were averaged, silently); the head tied to the embedding is averaged with it."""
+    import transformers
+
+    from epmq.stats import gram_matrices
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    experts, grams = [], []
+    for k in range(2):
+        torch.manual_seed(k)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        experts.append(model)
+        grams.append(gram_matrices(model, [{"input_ids": torch.randint(0, 50, (2, 8), generator=gen)}]))
+    conv1d = {f"{n}.weight" for n, m in experts[0].named_modules() if type(m).__name__ == "Conv1D"}
+    assert set(grams[0]) == conv1d  # (lm_head: tied to wte, left out)
+    by_name = {n: [g[n] for g in grams] for n in grams[0]}
+    merged = merge.regmean(experts, by_name, alpha=0.7)
+    for name in conv1d:  # the closed form in float64 on the [in, out] layout
+        G = [0.7 * g + 0.3 * torch.diag(torch.diagonal(g)) for g in by_name[name]]
+        W = [e.state_dict()[name].double() for e in experts]
+        G_sum = sum(G) + 1e-8 * float(torch.diagonal(sum(G)).mean()) * torch.eye(G[0].shape[0], dtype=torch.float64)
+        B = sum(g @ w for g, w in zip(G, W)) + 1e-8 * float(torch.diagonal(sum(G)).mean()) * sum(W) / 2
+        torch.testing.assert_close(merged[name].double(), torch.linalg.solve(G_sum, B), rtol=1e-5, atol=1e-6)
+    assert torch.equal(merged["lm_head.weight"], merged["transformer.wte.weight"])
+    # state dicts name their [in, out] weights; a non-square one left out is named in the error
+    states = [e.state_dict() for e in experts]
+    again = merge.regmean(states, by_name, alpha=0.7, transposed=conv1d)
+    assert all(torch.equal(again[n], merged[n]) for n in merged)
+    with pytest.raises(ValueError, match=r"c_attn.weight'\]\[0\] has shape \(16, 16\), expected \(48, 48\); "
+                                         r"a weight stored \[in, out\]"):
+        merge.regmean(states, by_name, alpha=0.7)
+    with pytest.raises(ValueError, match=r"grams\['lm_head.weight'\]: the tensor is tied to 'transformer.wte.weight'"):
+        merge.regmean(states, {"lm_head.weight": [torch.eye(16)] * 2})
+
+
+def test_float64_tensors_are_merged_in_float64(gen):
+    base = {"w": torch.randn(8, 8, generator=gen, dtype=torch.float64), "b": torch.ones(4, dtype=torch.float64)}
+    same = [{k: v.clone() for k, v in base.items()} for _ in range(2)]
+    for merged in (merge.task_arithmetic(base, same), merge.ties(base, same), merge.tsv(base, same),
+                   merge.model_stock(base, same), merge.average(same), merge.iso_c(base, same)):
+        assert all(torch.equal(merged[k], base[k]) for k in base)  # (7e-8 off in float32)
+    tiny = merge.task_arithmetic(base, [{k: v + 1e-9 for k, v in base.items()}], scale=1.0)
+    torch.testing.assert_close(tiny["b"] - 1, torch.full((4,), 1e-9, dtype=torch.float64), rtol=1e-6, atol=0)
+    # TIES ranks float64 magnitudes by their float32 values, as its thresholds are: density kept
+    experts = [{k: v + torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()}
+               for _ in range(2)]
+    kept = merge.ties(base, experts[:1], density=0.25, scope="tensor")
+    assert int((kept["w"] != base["w"]).sum()) == 16
+
+
+def test_slerp_of_tiny_zero_and_one_dimensional_rows(gen):
+    a = {"w": 5e-9 * torch.randn(3, 4, generator=gen), "b": torch.randn(6, generator=gen)}
+    b = {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(6, generator=gen)}
+    for per_row in (False, True):  # (a floor on the norms gave 1.26 a)
+        torch.testing.assert_close(merge.slerp(a, a, 0.3, per_row=per_row)["w"], a["w"])
+        zero = {"w": torch.zeros(3, 4), "b": torch.zeros(6)}
+        torch.testing.assert_close(merge.slerp(zero, b, 0.5, per_row=per_row)["w"], 0.5 * b["w"])  # (not 0.71 b)
+    # per row, a vector's entries are rows of one (mergekit): interpolated linearly
+    torch.testing.assert_close(merge.slerp(a, b, 0.3, per_row=True)["b"], 0.7 * a["b"] + 0.3 * b["b"])
+
+
+def test_model_stock_stays_near_the_base_for_task_vectors_pointing_apart(gen):
+    base = {"w": torch.randn(4, 6, generator=gen)}
+    tau = torch.randn(4, 6, generator=gen)
+    for noise in (0.0, 0.01, 0.1):  # mean cosine about -1: t was -4e4 at cos = -0.99995
+        experts = [{"w": base["w"] + tau}, {"w": base["w"] - tau + noise * torch.randn(4, 6, generator=gen)}]
+        mean_tau = (experts[0]["w"] + experts[1]["w"]) / 2 - base["w"]
+        moved = (merge.model_stock(base, experts)["w"] - base["w"]).norm()
+        assert moved <= mean_tau.norm() * (1 + 1e-5) + 1e-6  # (t clamped to [-1, 1])
+    experts = [{"w": base["w"] + tau}, {"w": base["w"] + tau}]  # cos = 1: t = 1
+    torch.testing.assert_close(merge.model_stock(base, experts)["w"], base["w"] + tau)
+
+
+def test_tensors_of_no_elements(gen):
+    base = {"w": torch.randn(0, 4), "v": torch.randn(3, 4, generator=gen)}
+    experts = [{k: v + 0.1 for k, v in base.items()} for _ in range(2)]
+    for merged in (merge.della(base, experts), merge.model_stock(base, experts, per_row=True),
+                   merge.slerp(*experts, per_row=True), merge.ties(base, experts), merge.tsv(base, experts)):
+        assert merged["w"].shape == (0, 4)
