@@ -201,17 +201,33 @@ class Store:
         identity = json.loads(json.dumps(identity, default=str))  # (as it reads back)
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
-        if resume and self.path.exists():
+        if self.path.exists():
             old = read_json(self.path) or {}
-            if old.get("identity") == identity:
+            if resume and old.get("identity") == identity:
                 self.data = old
             elif old.get("steps"):
-                before = old.get("identity") or {}
-                changed = changed_keys(before, identity)
-                backup = self.path.with_name("results.previous.json")
-                shutil.copy2(self.path, backup)
-                log(f"[resume] {self.path} was written for another bench (differs in {changed}): "
-                    f"starting over; the earlier results are in {backup}")
+                why = ("[fresh] " if not resume else
+                       f"[resume] {self.path} was written for another bench (differs in "
+                       f"{changed_keys(old.get('identity') or {}, identity)}): ")
+                kept = self._set_aside(Path(out_dir))
+                log(f"{why}starting over; the earlier results are kept in {', '.join(str(k) for k in kept)}")
+
+    def _set_aside(self, out_dir: Path) -> list:
+        """The earlier run's results (a copy) and checkpoints (moved), under names of their time,
+        so that no run overwrites another's (a second change of the config, ``--fresh``)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
+        n = 1
+        while any((out_dir / f"{stem}.before-{stamp}{'' if n == 1 else f'-{n}'}{ext}").exists()
+                  for stem, ext in (("results", ".json"), ("checkpoints", ""))):
+            n += 1
+        tag = f"before-{stamp}{'' if n == 1 else f'-{n}'}"
+        kept = [out_dir / f"results.{tag}.json"]
+        shutil.copy2(self.path, kept[0])
+        checkpoints = out_dir / "checkpoints"
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            kept.append(out_dir / f"checkpoints.{tag}")
+            checkpoints.rename(kept[-1])
+        return kept
 
     def get(self, key: str, params: dict):
         step = self.data["steps"].get(key)

@@ -89,8 +89,8 @@ class BenchBase:
         """What the bench's numbers depend on (for ``epmq.pipeline.run(identity=...)``): the
         model, seed, calibration, evaluation settings and every task's settings, with paths made
         absolute (the same config run from another directory is the same bench) and the files
-        of local data and experts fingerprinted by name, size and time (new data or a new
-        expert at the same path is another bench)."""
+        of local data, experts, base and tokenizer fingerprinted by name, size and time (new
+        data or a new model at the same path is another bench)."""
         c = self.config
         base_dir = Path(c.base_dir).absolute()
 
@@ -111,9 +111,11 @@ class BenchBase:
                 expert_files=files_fingerprint(expert))
 
         model = {k: v for k, v in vars(c.model).items() if k not in ("device", "hub_cache_dir", "offline")}
-        for key in ("base", "tokenizer"):
+        for key in ("base", "tokenizer"):  # (new weights or a new tokenizer at the same path too)
             if model.get(key) is not None and local(model[key]) is not None:
-                model[key] = str(local(model[key]))
+                path = local(model[key])
+                model[key] = str(path)
+                model[f"{key}_files"] = files_fingerprint(path)
         return {
             "rules": EVALUATION_RULES,
             "family": self.family, "model": model, "seed": c.seed, "max_input_tokens": c.max_input_tokens,

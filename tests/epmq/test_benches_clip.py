@@ -323,3 +323,21 @@ def test_hf_image_dataset(tiny, monkeypatch):
         build_bench(config, base_dir=root, progress=False)
     named = dict(config, tasks=[dict(config["tasks"][0], classnames=["zero", "one"])])
     assert build_bench(named, base_dir=root, progress=False).data["alpha"].classnames == ["zero", "one"]
+
+
+def test_identity_follows_the_base_checkpoint_files(bench):
+    """New base weights (or tokenizer, preprocessor) at the same path are another bench: its
+    stored results were reused before."""
+    import os
+
+    before = bench.identity
+    base = Path(before["model"]["base"])
+    assert base.is_dir() and before["model"]["base_files"]
+    f = next(p for p in sorted(base.rglob("*")) if p.is_file())
+    stat = f.stat()
+    try:
+        os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert bench.identity["model"]["base_files"] != before["model"]["base_files"]
+    finally:
+        os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert bench.identity == before

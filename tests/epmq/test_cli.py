@@ -182,15 +182,29 @@ def test_resumed_cells_follow_what_they_depend_on(tiny_config, tmp_path, capsys,
     data.write_bytes(data.read_bytes())  # (same content, new time: conservatively another bench)
     __import__("os").utime(data, ns=(1, 1))
     assert main(["run", str(path), "--out", str(out)]) == 0
-    assert "starting over; the earlier results are in" in capsys.readouterr().out
-    assert (out / "results.previous.json").is_file()
+    assert "starting over; the earlier results are kept in" in capsys.readouterr().out
+    first = json.loads((out / "results.json").read_text())
+    (kept,) = out.glob("results.before-*.json")
+    (kept_checkpoints,) = out.glob("checkpoints.before-*")  # (moved: the new run writes its own)
+    assert json.loads(kept.read_text())["steps"] and any(kept_checkpoints.iterdir())
+    # a second change keeps both earlier runs (the first backup was overwritten)
+    config["seed"] = config.get("seed", 0) + 1
+    write(tiny_config.parent, config, "depends.yaml")
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    assert "starting over" in capsys.readouterr().out
+    backups = sorted(out.glob("results.before-*.json"))
+    assert len(backups) == 2 and first["identity"] in [json.loads(b.read_text())["identity"] for b in backups]
 
 
 def test_fresh_ignores_earlier_results(tiny_config, tmp_path, capsys):
     out = tmp_path / "fresh"
     assert main(["run", str(tiny_config), "--out", str(out), "--quiet"]) == 0
+    before = json.loads((out / "results.json").read_text())
     assert main(["run", str(tiny_config), "--out", str(out), "--fresh"]) == 0
-    assert "[resume]" not in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "[resume]" not in log and "[fresh] starting over; the earlier results are kept in" in log
+    (kept,) = out.glob("results.before-*.json")  # (--fresh wrote over them at its first step)
+    assert json.loads(kept.read_text()) == before
 
 
 def test_demo_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
