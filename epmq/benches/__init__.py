@@ -67,7 +67,9 @@ def build_bench(config: Union[Mapping, BenchConfig], *, base_dir=".", progress: 
 
     if not isinstance(config, BenchConfig):
         config = parse_config(config, base_dir=base_dir)
-    return _bench_class(config.model.family)(config, make_log(progress))
+    bench = _bench_class(config.model.family)(config, make_log(progress))
+    bench.progress = progress is True  # (bars on stderr for evaluations; a callable gets lines only)
+    return bench
 
 
 def load_config(path, expected: str = "a mapping with model, tasks, ... sections") -> dict:

@@ -57,6 +57,7 @@ class BenchBase:
     def __init__(self, config: BenchConfig, log: Callable[[str], None]):
         self.config = config
         self.log = log
+        self.progress = False  # (build_bench sets it: a bar per evaluation, task by task)
         self.device = pick_device(config.model.device)
         self.dtype = DTYPES[config.model.dtype]
         self.seed = config.seed
@@ -158,7 +159,9 @@ class BenchBase:
         was_training = model.training
         model.eval()
         try:
-            out = {t: float(self._evaluate_task(model, t, split)) for t in tasks}
+            out = {}
+            for t in self._bar(tasks, f"evaluate on {split}"):
+                out[t] = float(self._evaluate_task(model, t, split))
         finally:
             model.train(was_training)
         out["avg"] = sum(out.values()) / len(out)
@@ -167,12 +170,24 @@ class BenchBase:
     def expert_accuracies(self, split: str = "test") -> Dict[str, float]:
         """Each expert on its own task, and their mean (``"avg"``)."""
         out = {}
-        for t in self.task_names:
+        for t in self._bar(self.task_names, f"experts on {split}"):
             model = self.model(self.experts[t])
-            out[t] = self.evaluate(model, split, tasks=[t])[t]
+            model.eval()
+            with torch.no_grad():
+                out[t] = float(self._evaluate_task(model, t, split))
             del model
         out["avg"] = sum(out.values()) / len(out)
         return out
+
+    def _bar(self, tasks, desc):
+        """``tasks``, with a progress bar naming the one being evaluated (a test set of a paper
+        bench takes minutes)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(tasks, desc=desc, unit="task", leave=False, disable=not self.progress or len(tasks) < 2)
+        for t in bar:
+            bar.set_postfix_str(t)
+            yield t
 
     def save_extras(self, directory) -> None:
         """Write beside a quantized checkpoint what serving it needs besides the weights."""

@@ -341,3 +341,15 @@ def test_identity_follows_the_base_checkpoint_files(bench):
     finally:
         os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert bench.identity == before
+
+
+def test_evaluation_shows_progress_task_by_task(bench, capsys):
+    """(A paper bench's test sets take minutes each: the steps printed nothing until done.)"""
+    bench.progress = True
+    try:
+        bench.evaluate(bench.base_state, "val")
+        bench.expert_accuracies("val")
+    finally:
+        bench.progress = False
+    err = capsys.readouterr().err
+    assert "evaluate on val" in err and "experts on val" in err and TASKS[-1] in err
