@@ -61,6 +61,7 @@ CONFIG_FILE = "quantize_config.json"
 MERGE_RECIPE_FILE = "epmq_merge.json"  # what epmq merge writes beside its checkpoint
 HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # (open_clip's hub layout: model_cfg, preprocess_cfg)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
@@ -767,11 +768,41 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _empty_open_clip_model(directory: Path) -> nn.Module:
+    """The open_clip model (or its vision tower: ``"tower": "visual"``) that
+    ``directory/open_clip_config.json`` describes (open_clip's own ``model_cfg`` and
+    ``preprocess_cfg``), its parameters on meta."""
+    import open_clip
+    from open_clip import model as open_clip_model
+
+    path = directory / OPEN_CLIP_CONFIG_FILE
+    try:
+        cfg = json.loads(path.read_text())
+        model_cfg = dict(cfg["model_cfg"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is no open_clip config (a model_cfg): {e}") from None
+    with _parameters_on_meta():
+        if cfg.get("tower") == "visual":  # (the text tower is not built: an HF one would download)
+            model = open_clip_model._build_vision_tower(
+                model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=model_cfg.get("quick_gelu", False))
+        elif "multimodal_cfg" in model_cfg:
+            raise ValueError(f"{path}: CoCa models are not built here: pass load_quantized the model")
+        else:
+            custom = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
+            model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**model_cfg)
+    if cfg.get("preprocess_cfg"):
+        (model if cfg.get("tower") == "visual" else model.visual).preprocess_cfg = cfg["preprocess_cfg"]
+    return model.eval()
+
+
 def _empty_hf_model(directory: Path) -> nn.Module:
     """The transformers model that ``directory/config.json`` names, its parameters on meta."""
     if not (directory / HF_CONFIG_FILE).is_file():
-        raise ValueError(f"{directory} has no {HF_CONFIG_FILE} (not a transformers model): pass "
-                         f"load_quantized a fresh instance of the model's architecture")
+        if (directory / OPEN_CLIP_CONFIG_FILE).is_file():
+            return _empty_open_clip_model(directory)
+        raise ValueError(f"{directory} has no {HF_CONFIG_FILE} (not a transformers model) nor "
+                         f"{OPEN_CLIP_CONFIG_FILE}: pass load_quantized a fresh instance of the model's "
+                         f"architecture")
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(directory)
@@ -805,9 +836,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     ``model``: a fresh instance of the checkpoint's architecture, whose tensors are overwritten.
     ``adapter``: the ``epmq.Adapter`` (or list of them) the model was quantized with, if it is not
     registered (default: the registered ones whose blocks hold the checkpoint's layers).
-    ``None`` (transformers models): the class ``config.json`` names is built with its parameters
-    on the meta device, so no full-precision weight is initialised or kept, and every parameter
-    comes from the checkpoint, onto ``device`` (default: the CPU).
+    ``None`` (transformers models, and open_clip ones with an ``open_clip_config.json``): the
+    class ``config.json`` names is built with its parameters on the meta device, so no
+    full-precision weight is initialised or kept, and every parameter comes from the
+    checkpoint, onto ``device`` (default: the CPU).
     """
     directory = Path(directory)
     qconfig = _read_qconfig(directory)

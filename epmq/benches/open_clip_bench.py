@@ -16,12 +16,14 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 
+from ..checkpoint import OPEN_CLIP_CONFIG_FILE
 from ..checkpoint_io import looks_like_hub_id
 from .config import BenchConfig, BenchConfigError
 from .vision import OPENAI_MEAN, OPENAI_STD, ImagePrep, ZeroShotImageBench
@@ -63,9 +65,34 @@ class OpenClipBench(ZeroShotImageBench):
                               std=tuple(pp.get("std", OPENAI_STD)), interpolation=pp.get("interpolation", "bicubic"),
                               crop_offset="round")  # open_clip's transform is torchvision's CenterCrop
         self._clip = clip
+        self._serving_config = self._open_clip_config(open_clip, name, pp)
         self._tokenizer = self._make_tokenizer(open_clip, name, clip)
         self._open_experts(prefixes=("visual.", "module.visual.", "module."))
         self._open_data()
+
+    def _open_clip_config(self, open_clip, name: str, preprocess_cfg: dict) -> Optional[dict]:
+        """What ``epmq.load_quantized(dir)`` builds the vision tower from, in open_clip's own
+        layout (``model_cfg``, ``preprocess_cfg``); None where open_clip does not say."""
+        try:
+            if name.startswith("local-dir:"):
+                model_cfg = json.loads((Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG_FILE).read_text())["model_cfg"]
+            elif name.startswith("hf-hub:"):
+                from open_clip.factory import _get_hf_config
+
+                model_cfg = _get_hf_config(name[len("hf-hub:"):], cache_dir=self.config.model.hub_cache_dir)["model_cfg"]
+            else:
+                model_cfg = open_clip.get_model_config(name)
+        except Exception as e:  # (a layout another open_clip version writes)
+            self.log(f"[bench] open_clip's model config of {name!r} not found ({type(e).__name__}: {e}): "
+                     f"quantized checkpoints load into bench.model() only")
+            return None
+        return None if model_cfg is None else {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
+                                               "tower": "visual"}
+
+    def save_extras(self, directory) -> None:
+        """The vision tower's open_clip config: ``epmq.load_quantized(dir)`` builds it from it."""
+        if self._serving_config is not None:
+            (Path(directory) / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(self._serving_config, indent=1))
 
     def _model_name(self, base: str) -> str:
         if base.startswith(("hf-hub:", "local-dir:")):

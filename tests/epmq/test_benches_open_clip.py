@@ -1,5 +1,7 @@
 """The open_clip bench on a tiny random CLIP (local-dir layout, HF tokenizer, two expert layouts)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +61,7 @@ def test_heads_calibration_and_evaluation(bench, tiny):
     assert set(experts) == {*TASKS, "avg"} and all(0 <= v <= 1 for v in experts.values())
 
 
-def test_quantizes_through_the_walker(bench):
+def test_quantizes_through_the_walker(bench, tmp_path):
     import epmq
     from epmq.spec import QuantSpec
 
@@ -69,6 +71,13 @@ def test_quantizes_through_the_walker(bench):
                         experts=experts, progress=False)
     acc = bench.evaluate(model, "test")
     assert all(0 <= v <= 1 for v in acc.values())
+    # served as it is: its open_clip config beside it builds the vision tower (it needed a model)
+    out = tmp_path / "w8"
+    epmq.save_quantized(model, out, extras=bench.save_extras)
+    loaded = epmq.load_quantized(out)
+    assert type(loaded).__name__ == type(model).__name__
+    assert loaded.preprocess_cfg == json.loads(json.dumps(bench._serving_config["preprocess_cfg"]))
+    assert bench.evaluate(loaded, "test") == acc
 
 
 def test_errors(tiny):
