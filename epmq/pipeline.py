@@ -93,6 +93,15 @@ class Control:
     label: str
 
 
+def _control(i: int, c) -> Control:
+    """``quantize.controls[i]`` (a mapping of method, targets and label) as a ``Control``."""
+    keys = {"method", "targets", "label"}
+    if not isinstance(c, dict) or set(c) != keys or not all(isinstance(v, str) for v in c.values()):
+        raise ValueError(f"quantize.controls[{i}] must be a mapping of {sorted(keys)} (strings), e.g. "
+                         f"{{method: gptq, targets: fp_path, label: GPTQ fp-path}}, got {c!r}")
+    return Control(**c)
+
+
 @dataclass
 class Plan:
     merges: list = field(default_factory=lambda: [MergePlan("task_arithmetic")])
@@ -116,7 +125,7 @@ class Plan:
             if not isinstance(getattr(self, name), (list, tuple)):
                 raise ValueError(f"quantize.{name} must be a list, got {getattr(self, name)!r}")
         self.merges = [m if isinstance(m, MergePlan) else MergePlan(**m) for m in self.merges]
-        self.controls = [c if isinstance(c, Control) else Control(**c) for c in self.controls]
+        self.controls = [c if isinstance(c, Control) else _control(i, c) for i, c in enumerate(self.controls)]
         if not self.bits:
             raise ValueError("quantize.bits is empty: give the bit widths to quantize to")
         if not self.methods and not self.controls:
@@ -124,6 +133,9 @@ class Plan:
         for name in ("save_checkpoints", "sym", "act_order", "static_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantize.{name} must be true or false, got {getattr(self, name)!r}")
+        repeated = sorted({b for b in self.bits if self.bits.count(b) > 1})
+        if repeated:
+            raise ValueError(f"quantize.bits repeats {repeated}: each width is one row of the table")
         if self.backend not in (None, "torch", "triton"):
             raise ValueError(f"quantize.backend must be torch or triton (or absent), got {self.backend!r}")
         check_number(self.weight_anchor, "quantize.weight_anchor", minimum=0.0)

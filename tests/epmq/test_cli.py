@@ -81,6 +81,13 @@ def test_run_missing_config(tmp_path, capsys):
                                                                      "label": "RTN"}]}),
          "two quantizers are labelled \\['RTN'\\]"),
         (lambda c: c.update(output="runs/x"), "output must be a mapping"),
+        (lambda c: c.update(quantize={**c["quantize"], "controls": [{"method": "gptq", "target": "fp_path",
+                                                                     "label": "x"}]}),
+         "quantize.controls\\[0\\] must be a mapping of \\['label', 'method', 'targets'\\]"),
+        (lambda c: c.update(quantize={**c["quantize"], "controls": ["gptq"]}), "quantize.controls\\[0\\] must be"),
+        (lambda c: c.update(quantize={**c["quantize"], "controls": [{"method": "gptq", "targets": "fp_path",
+                                                                     "label": 3}]}), "controls\\[0\\] .* \\(strings\\)"),
+        (lambda c: c.update(quantize={**c["quantize"], "bits": [4, 4]}), "quantize.bits repeats \\[4\\]"),
     ],
 )
 def test_run_config_errors(tiny_config, tmp_path, capsys, change, message):
