@@ -44,15 +44,16 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
     # solvers take such a column as dead and drop its row and column, which is only exact then.
     # Only nearly so where the entry underflowed (GELU's outputs far left, ~1e-27, square to 0
     # in fp32): X X^T being semidefinite, H_ij^2 <= H_ii H_jj < H_ii tiny there.
-    dead = diag == 0
-    if dead.any():
+    dead = (diag == 0).nonzero().flatten()
+    if len(dead):
         tiny = max(torch.finfo(H.dtype).tiny, torch.finfo(torch.float32).tiny)
-        rows = H[dead].double()
         bound = 4 * tiny * diag.double().clamp(min=tiny)
-        bad = (rows.square() > bound).any(dim=1)
-        if bad.any():
-            j = int(dead.nonzero()[int(bad.nonzero()[0])])
-            raise ValueError(f"{name}[{j}, {j}] is 0 but row {j} is not: not a Gram matrix X X^T")
+        for r in range(0, len(dead), max(1, (1 << 22) // d_in)):  # (slabs: a ReLU layer may have
+            rows = dead[r:r + max(1, (1 << 22) // d_in)]  # thousands of dead inputs)
+            bad = (H[rows].double().square() > bound).any(dim=1)
+            if bad.any():
+                j = int(rows[int(bad.nonzero()[0])])
+                raise ValueError(f"{name}[{j}, {j}] is 0 but row {j} is not: not a Gram matrix X X^T")
     # The solvers read one triangle of H (the Cholesky factor, the symmetric objective), so an
     # H that is not symmetric would silently be read as another matrix. Checked through two
     # products with fixed random vectors, u^T H v against v^T H u (no d_in x d_in temporary):

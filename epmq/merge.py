@@ -669,11 +669,14 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     unknown = sorted(n for n in [*grams, *transposed] if n not in experts[0])
     if unknown:  # (else those layers would silently be averaged)
         raise ValueError(f"grams or transposed name tensors the experts do not have: {unknown[:5]}")
-    # a weight tied to another name (a head that is also the embedding) would get two values
+    # a weight tied to another name (a head that is also the embedding) would get two values.
+    # Told by storage only in a dict of stored tensors: a lazy mapping's (checkpoints, LoRA
+    # experts; ties there are epmq merge's) are made per read, and freed memory is reused.
     names_of = {}
-    for n, t in experts[0].items():
-        names_of.setdefault(storage_key(t), []).append(n)
-    for n in grams:
+    if isinstance(experts[0], dict):
+        for n, t in experts[0].items():
+            names_of.setdefault(storage_key(t), []).append(n)
+    for n in grams if names_of else ():
         tied = [m for m in names_of[storage_key(experts[0][n])] if m != n]
         if tied:
             raise ValueError(f"grams[{n!r}]: the tensor is tied to {tied[0]!r} (one storage), which RegMean "

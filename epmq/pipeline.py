@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -239,6 +240,20 @@ class Store:
         if checkpoints.is_dir() and any(checkpoints.iterdir()):
             kept.append(out_dir / f"checkpoints.{tag}")
             checkpoints.rename(kept[-1])
+            # the kept results name the checkpoints where they now are (the new run writes its own
+            # under the old names)
+            old, new = str(checkpoints.absolute()), str(kept[-1].absolute())
+
+            def moved(value):
+                if isinstance(value, dict):
+                    return {k: moved(v) for k, v in value.items()}
+                if isinstance(value, list):
+                    return [moved(v) for v in value]
+                if isinstance(value, str) and (value == old or value.startswith((old + "/", old + os.sep))):
+                    return new + value[len(old):]
+                return value
+
+            write_json_atomic(kept[0], moved(read_json(kept[0])))
         return kept
 
     def get(self, key: str, params: dict):

@@ -1195,6 +1195,8 @@ class _Walk:
                 counted = {rel: len(reads.get(rel, ())) for rel in rels}
                 try:
                     block(probe, **self.q.kwargs[task][0])
+                except torch.OutOfMemoryError:
+                    raise
                 except (RuntimeError, IndexError, TypeError) as e:
                     if not first:
                         raise

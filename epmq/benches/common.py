@@ -96,7 +96,7 @@ class BenchBase:
         base_dir = Path(c.base_dir).absolute()
 
         def local(source):
-            path = Path(str(source)).expanduser()
+            path = Path(str(source).removeprefix("local-dir:")).expanduser()  # (open_clip's schema)
             path = path if path.is_absolute() else base_dir / path
             return path if path.exists() else None
 
@@ -112,7 +112,7 @@ class BenchBase:
                 expert_files=files_fingerprint(expert))
 
         model = {k: v for k, v in vars(c.model).items() if k not in ("device", "hub_cache_dir", "offline")}
-        for key in ("base", "tokenizer"):  # (new weights or a new tokenizer at the same path too)
+        for key in ("base", "pretrained", "tokenizer"):  # (new weights or tokenizer at the same path too)
             if model.get(key) is not None and local(model[key]) is not None:
                 path = local(model[key])
                 model[key] = str(path)
@@ -169,6 +169,8 @@ class BenchBase:
 
     def expert_accuracies(self, split: str = "test") -> Dict[str, float]:
         """Each expert on its own task, and their mean (``"avg"``)."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
         out = {}
         for t in self._bar(self.task_names, f"experts on {split}"):
             model = self.model(self.experts[t])

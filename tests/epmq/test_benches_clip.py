@@ -353,3 +353,5 @@ def test_evaluation_shows_progress_task_by_task(bench, capsys):
         bench.progress = False
     err = capsys.readouterr().err
     assert "evaluate on val" in err and "experts on val" in err and TASKS[-1] in err
+    with pytest.raises(ValueError, match="split must be one of"):
+        bench.expert_accuracies("train")

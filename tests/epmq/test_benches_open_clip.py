@@ -80,6 +80,15 @@ def test_quantizes_through_the_walker(bench, tmp_path):
     assert bench.evaluate(loaded, "test") == acc
 
 
+def test_identity_fingerprints_the_base_files(bench, tiny):
+    """(open_clip's ``local-dir:`` schema hid the base from the fingerprint)"""
+    root, config = tiny
+    assert bench.identity["model"]["base_files"]
+    schema = dict(config, model=dict(config["model"], base=f"local-dir:{config['model']['base']}"))
+    assert build_bench(schema, base_dir=root, progress=False).identity["model"]["base_files"] == \
+        bench.identity["model"]["base_files"]
+
+
 def test_errors(tiny):
     root, config = tiny
     bad = dict(config, model=dict(config["model"], base="no/such/dir/here"))

@@ -211,7 +211,11 @@ def test_fresh_ignores_earlier_results(tiny_config, tmp_path, capsys):
     log = capsys.readouterr().out
     assert "[resume]" not in log and "[fresh] starting over; the earlier results are kept in" in log
     (kept,) = out.glob("results.before-*.json")  # (--fresh wrote over them at its first step)
-    assert json.loads(kept.read_text()) == before
+    (kept_checkpoints,) = out.glob("checkpoints.before-*")
+    kept = json.loads(kept.read_text())
+    paths = [step["checkpoint"] for step in kept["steps"].values() if step.get("checkpoint")]
+    assert paths and all(p.startswith(str(kept_checkpoints)) and __import__("os").path.isdir(p) for p in paths)
+    assert kept["identity"] == before["identity"] and kept["steps"].keys() == before["steps"].keys()
 
 
 def test_demo_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):

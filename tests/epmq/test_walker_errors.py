@@ -103,6 +103,14 @@ def test_method_arguments(gen):
                           (torch.ones(1, 4, width, dtype=torch.long), r"item 0: .* get torch.int64 hidden states")):
         with pytest.raises(ValueError, match=r"calibration\['.*'\] " + match):
             quantize(fam, model, method="gptq", experts=None, calibration={"a": [dict(inputs_embeds=embeds)]})
+    # (but running out of memory is no calibration's fault: it stays what it is)
+    handle = model.model.layers[0].register_forward_pre_hook(
+        lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            quantize(fam, model, method="gptq", experts=None)
+    finally:
+        handle.remove()
     good = dict(inputs_embeds=torch.randn(1, 4, width))
     with pytest.raises(ValueError, match=r"calibration\['b'\] item 1: .* torch.float64 hidden states 32 wide, "
                                          r"calibration\['a'\] item 0 gives them torch.float32 and 32 wide"):
