@@ -527,6 +527,8 @@ def model_stock(base, experts, per_row: bool = False, *, out=None):
     [0, 1]) diverges as the task vectors point apart (``cos -> -1 / (K - 1)``: t = -4e4 at cos =
     -0.99995 with two experts, the result 200 task vectors away), and passes -1 below ``cos =
     -1 / (2K - 1)``; peers (mergekit, FusionBench) apply it unclamped, and agree above that.
+    Where it is 0/0 (unit task vectors summing to 0: two scalars of opposite signs) the base is
+    kept.
     """
     _needs_base(base, "model_stock")
 
@@ -542,7 +544,7 @@ def model_stock(base, experts, per_row: bool = False, *, out=None):
                    .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
         cos = torch.stack(cosines).mean(0)
         denominator = 1 + (K - 1) * cos  # (>= 0: K unit vectors' sum has a norm)
-        t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), -1.0).clamp(-1, 1)
+        t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), 0.0).clamp(-1, 1)
         t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
         del taus
         return t * _mean(W_k) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
