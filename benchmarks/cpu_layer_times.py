@@ -86,7 +86,7 @@ def main(argv=None):
                                  lambda src: run_child(_CHILD, src, D=args.d))
     versions = list(runs)
     result = {name: median_of(rs) for name, rs in runs.items()}
-    result["rounds"] = runs  # every child's result, in order
+    result["runs"] = runs  # every child's result, in order
     result["machine"] = dict(cpus=os.cpu_count(), python=sys.version.split()[0])
     result["current_revision"] = checkout_revision()
     print(f"\n{'':46s}" + "".join(f"{name:>20s}" for name in versions))

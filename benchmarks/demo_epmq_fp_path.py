@@ -1,4 +1,5 @@
-"""E-PMQ with full-precision-path inputs on the demo benchmark (CPU, ~2 min after `epmq demo`).
+"""E-PMQ with full-precision-path inputs on the demo benchmark (CPU, after `epmq demo`: 3 to 5
+min on 2 cores, 335 s of CPU time).
 
     python benchmarks/demo_epmq_fp_path.py [--out benchmarks/results/demo-epmq-fp-path-cpu.json]
 

@@ -56,6 +56,13 @@ def main(argv=None):
     parser.add_argument("--cases", default="4,4s,4a,8", help="bits[s][a], comma separated")
     parser.add_argument("--out", default="benchmarks/results/load-gptqmodel-checkpoints-cpu.json")
     args = parser.parse_args(argv)
+    peer = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
+                          capture_output=True, text=True)
+    if peer.returncode != 0 or not peer.stdout.strip():
+        print(f"load_peer_checkpoint: {args.python} cannot import gptqmodel (pip install gptqmodel there): "
+              f"{(peer.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return 2
+    version = peer.stdout.strip().splitlines()[-1]
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     rows = []
@@ -98,8 +105,6 @@ def main(argv=None):
                     row["error"] = peer.stderr[-2000:]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-    version = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
     write_json(args.out, dict(command="python benchmarks/load_peer_checkpoint.py " + " ".join(argv or sys.argv[1:]),
                               gptqmodel=version, torch=torch.__version__, rows=rows))
     return 0 if all(r.get("peer_loaded") and r.get("quantized") for r in rows) else 1

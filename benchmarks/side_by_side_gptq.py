@@ -96,6 +96,10 @@ def main(argv=None):
     parser.add_argument("--shapes", default="", help="d_out:d_in,... (default 768:3072,3072:768)")
     parser.add_argument("--out", default="benchmarks/results/gptq-side-by-side-cpu.json")
     args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.reference_dir, "gptq.py")):
+        print(f"side_by_side_gptq: {args.reference_dir} holds no gptq.py: give a checkout of "
+              f"IST-DASLab/gptq as --reference-dir", file=sys.stderr)
+        return 2
     sys.path.insert(0, os.path.abspath(args.reference_dir))
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *a, **k: None  # the reference syncs unconditionally
