@@ -361,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, out_default):
         p.add_argument("--out", default=out_default, help=f"output directory (default: {out_default or 'from the config'})")
-        p.add_argument("--fresh", action="store_true", help="ignore earlier results in the output directory (they are kept aside: results.before-<time>.json, checkpoints.before-<time>)")
+        p.add_argument("--fresh", action="store_true",
+                       help="ignore earlier results in the output directory (they are kept aside: "
+                            "results.before-<time>.json, checkpoints.before-<time>)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -75,11 +75,13 @@ class OpenClipBench(ZeroShotImageBench):
         layout (``model_cfg``, ``preprocess_cfg``); None where open_clip does not say."""
         try:
             if name.startswith("local-dir:"):
-                model_cfg = json.loads((Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG_FILE).read_text())["model_cfg"]
+                path = Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG_FILE
+                model_cfg = json.loads(path.read_text())["model_cfg"]
             elif name.startswith("hf-hub:"):
                 from open_clip.factory import _get_hf_config
 
-                model_cfg = _get_hf_config(name[len("hf-hub:"):], cache_dir=self.config.model.hub_cache_dir)["model_cfg"]
+                hub_id, cache_dir = name[len("hf-hub:"):], self.config.model.hub_cache_dir
+                model_cfg = _get_hf_config(hub_id, cache_dir=cache_dir)["model_cfg"]
             else:
                 model_cfg = open_clip.get_model_config(name)
         except Exception as e:  # (a layout another open_clip version writes)

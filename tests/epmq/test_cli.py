@@ -86,7 +86,8 @@ def test_run_missing_config(tmp_path, capsys):
          "quantize.controls\\[0\\] must be a mapping of \\['label', 'method', 'targets'\\]"),
         (lambda c: c.update(quantize={**c["quantize"], "controls": ["gptq"]}), "quantize.controls\\[0\\] must be"),
         (lambda c: c.update(quantize={**c["quantize"], "controls": [{"method": "gptq", "targets": "fp_path",
-                                                                     "label": 3}]}), "controls\\[0\\] .* \\(strings\\)"),
+                                                                     "label": 3}]}),
+         "controls\\[0\\] .* \\(strings\\)"),
         (lambda c: c.update(quantize={**c["quantize"], "bits": [4, 4]}), "quantize.bits repeats \\[4\\]"),
     ],
 )
