@@ -659,6 +659,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     one cannot be told from its shape: name it when the experts are state dicts.)
     """
     _check_unit(alpha, "alpha")
+    if isinstance(experts, Iterable) and not isinstance(experts, (nn.Module, Mapping)):
+        experts = list(experts)  # (read twice below)
     if transposed is None:
         transposed = {f"{name}.weight" if name else "weight" for e in experts if isinstance(e, nn.Module)
                       for name, module in e.named_modules() if type(module).__name__ == "Conv1D"}
