@@ -79,6 +79,11 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} has non-finite values (NaN or inf)")
 
 
+def is_int(value) -> bool:
+    """An ``int`` and not a ``bool`` (which Python counts as one: ``True`` is no bit width)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_number(value, what: str, minimum: Optional[float] = None) -> float:
     """``value`` as a float, or a ValueError: not a finite number (a bool, a string: YAML reads
     1e-1 as one), or below ``minimum``."""

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ._util import loading_bars
+from .checks import is_int
 
 EXAMPLES = """examples:
   epmq demo                                  # ~4 min on 2 CPU cores (trains once, cached); a rerun reuses the results
@@ -177,7 +178,7 @@ def check_reading(options: dict) -> None:
     """How calibration data is read (``epmq quantize``, ``epmq merge`` with RegMean): integers."""
     for key in ("samples", "seq_len", "batch_size", "seed"):
         value = options.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ValueError(f"{key} must be an integer, got {value!r}")
 
 

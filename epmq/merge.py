@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ._util import storage_key
-from .checks import all_finite, check_finite, check_hessian, check_number
+from .checks import all_finite, check_finite, check_hessian, check_number, is_int
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -204,7 +204,7 @@ def _check_weights(weights, n: int, *, divide: bool) -> Optional[list]:
 
 
 def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
 
 

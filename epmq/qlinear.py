@@ -39,6 +39,7 @@ from torch import nn
 
 from epmq_kernels._runtime import version
 
+from .checks import is_int
 from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 from .spec import SUPPORTED_BITS
 
@@ -99,12 +100,12 @@ class QuantLinear(nn.Module):
         device=None,
     ):
         super().__init__()
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        if not is_int(bits) or bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
         for value, what in ((in_features, "in_features"), (out_features, "out_features")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        if not is_int(group_size) or (group_size != -1 and group_size <= 0):
             raise ValueError(f"group_size must be -1 or a positive integer, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size

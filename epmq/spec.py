@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from .checks import is_int
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
@@ -25,7 +27,7 @@ class QuantSpec:
     static_groups: bool = False
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
+        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if (
             isinstance(self.group_size, bool)

@@ -84,7 +84,7 @@ from . import quant
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import token_rows, unpad
 from .checkpoint_io import key_renaming
-from .checks import all_finite, check_number, device_argument
+from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights
 from .qlinear import QuantLinear, common_quant_config
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
@@ -233,7 +233,7 @@ def quantize_model(
         raise ValueError(f"method={method!r} needs calibration data: a mapping task name -> inputs")
     for value, what in ((anchor, "anchor"), (weight_anchor, "weight_anchor"), (percdamp, "percdamp")):
         check_number(value, what, 0)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+    if not is_int(blocksize) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     if method == "rtn":  # (the walks resolve it; RTN would ignore a misspelt one)
         quant.resolve_backend(backend, torch.device("cpu"))

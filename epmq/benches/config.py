@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..checks import is_int
+
 FAMILIES = ("hf_clip", "open_clip", "hf_t5", "hf_causal_lm")
 TEXT_FAMILIES = ("hf_t5", "hf_causal_lm")
 IMAGE_FAMILIES = ("hf_clip", "open_clip")
@@ -95,7 +97,7 @@ def _check_keys(d: Mapping, allowed, where: str) -> None:
 def _int(value, where: str, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise BenchConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -444,7 +446,7 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
         tasks.append(task)
 
     seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise BenchConfigError(f"seed must be an integer, got {seed!r}")
     return BenchConfig(
         model=model,
