@@ -120,6 +120,8 @@ HF_DECODERS = Adapter("hf-decoder", block_types=(
     # and those with the same calling convention (tests/epmq/test_walker_archs.py, WIDER)
     "OlmoDecoderLayer", "Starcoder2DecoderLayer", "Cohere2DecoderLayer", "GPTJBlock",
     "GPTBigCodeBlock", "OPTDecoderLayer", "BloomBlock", "MptBlock",
+    # Qwen2-VL's language model (its rotary tables are the multimodal ones: kwargs all the same)
+    "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer",
 ))
 # Encoders whose layers take the hidden states and the attention mask (text) or nothing else
 # (images): BERT-style text encoders (GLUE experts) and ViT-style image encoders.
@@ -127,6 +129,9 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     "BertLayer", "RobertaLayer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
     "XLMRobertaLayer", "ElectraLayer", "ModernBertEncoderLayer", "DeiTLayer", "BeitLayer",
     "Siglip2EncoderLayer",
+    # Qwen2-VL's vision tower: the patches of every image in one [tokens, width] sequence, with
+    # their boundaries (cu_seqlens) and rotary tables as kwargs
+    "Qwen2VLVisionBlock", "Qwen2_5_VLVisionBlock",
 ))
 
 
