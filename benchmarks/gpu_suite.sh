@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU suite: CUDA tests, then the benchmarks, each step under a time limit (415 s in all, 455 s
 # with each timeout's 10 s grace to kill, which the benchmarks use to write their JSON: under 8
-# minutes on one H100 even when every step runs to its limit, with 25 s left for the preamble). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
+# minutes on one H100 even when every step runs to its limit, with 25 s left for the
+# preamble). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
 #
 #     bash benchmarks/gpu_suite.sh
 #

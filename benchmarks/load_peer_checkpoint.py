@@ -56,8 +56,12 @@ def main(argv=None):
     parser.add_argument("--cases", default="4,4s,4a,8", help="bits[s][a], comma separated")
     parser.add_argument("--out", default="benchmarks/results/load-gptqmodel-checkpoints-cpu.json")
     args = parser.parse_args(argv)
-    peer = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                          capture_output=True, text=True)
+    try:
+        peer = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
+                              capture_output=True, text=True)
+    except OSError as e:
+        print(f"load_peer_checkpoint: cannot run --python {args.python}: {e}", file=sys.stderr)
+        return 2
     if peer.returncode != 0 or not peer.stdout.strip():
         print(f"load_peer_checkpoint: {args.python} cannot import gptqmodel (pip install gptqmodel there): "
               f"{(peer.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
