@@ -456,17 +456,22 @@ def renamed(names: Iterable[str], rename: Optional[Callable[[str], str]]) -> Dic
     return out
 
 
+def parameter_aliases(model: nn.Module) -> List[List[str]]:
+    """The names of each parameter, as ``named_parameters`` lists them (tied ones have several)."""
+    groups = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    return list(groups.values())
+
+
 def tie_order(model: nn.Module) -> Dict[str, List[str]]:
     """For every state-dict name of ``model``, the names to look for in a checkpoint, in order.
 
     Aliases of one tied parameter all get the same list (the first name first, as
     ``named_parameters`` lists them), so they read the same tensor; an untied parameter that
     transformers would tie by default (``_tied_weights_keys``) falls back to its source."""
-    groups = defaultdict(list)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups[id(p)].append(name)
     order = {name: [name] for name in model.state_dict().keys()}
-    for names in groups.values():
+    for names in parameter_aliases(model):
         for name in names:
             order[name] = list(names)
     hints = getattr(model, "_tied_weights_keys", None)

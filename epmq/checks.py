@@ -48,8 +48,9 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> None:
     if len(dead):
         tiny = max(torch.finfo(H.dtype).tiny, torch.finfo(torch.float32).tiny)
         bound = 4 * tiny * diag.double().clamp(min=tiny)
-        for r in range(0, len(dead), max(1, (1 << 22) // d_in)):  # (slabs: a ReLU layer may have
-            rows = dead[r:r + max(1, (1 << 22) // d_in)]  # thousands of dead inputs)
+        step = max(1, (1 << 22) // d_in)  # (in slabs: a ReLU layer may have thousands of dead inputs)
+        for r in range(0, len(dead), step):
+            rows = dead[r:r + step]
             bad = (H[rows].double().square() > bound).any(dim=1)
             if bad.any():
                 j = int(rows[int(bad.nonzero()[0])])

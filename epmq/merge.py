@@ -639,6 +639,13 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: f
     return [_kth_largest(lambda k=k: task_vector(k), n, density) for k in range(len(experts))]
 
 
+def conv1d_weights(model: nn.Module) -> set:
+    """The names of ``model``'s weights stored ``[in, out]`` (GPT-2's ``Conv1D``): RegMean's
+    ``transposed=`` for experts given as state dicts."""
+    return {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+            if type(module).__name__ == "Conv1D"}
+
+
 def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float = 0.9,
             *, transposed: Optional[Iterable[str]] = None, out=None):
     """RegMean (Jin et al., ICLR 2023): the weight of each linear layer that fits every expert's
@@ -656,14 +663,14 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
 
     ``transposed``: the names of weights stored ``[in, out]`` (GPT-2's ``Conv1D``); by default
     those of the experts' ``Conv1D`` layers where the experts are modules, else none. (A square
-    one cannot be told from its shape: name it when the experts are state dicts.)
+    one cannot be told from its shape: name it when the experts are state dicts, as
+    ``conv1d_weights(model)`` does.)
     """
     _check_unit(alpha, "alpha")
     if isinstance(experts, Iterable) and not isinstance(experts, (nn.Module, Mapping)):
         experts = list(experts)  # (read twice below)
     if transposed is None:
-        transposed = {f"{name}.weight" if name else "weight" for e in experts if isinstance(e, nn.Module)
-                      for name, module in e.named_modules() if type(module).__name__ == "Conv1D"}
+        transposed = {name for e in experts if isinstance(e, nn.Module) for name in conv1d_weights(e)}
     elif isinstance(transposed, str):
         raise TypeError("transposed must be a collection of weight names, not one string")
     transposed = set(transposed)

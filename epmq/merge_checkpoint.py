@@ -256,9 +256,9 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
         grams = gram_matrices(model, batches[f"model {k}"])
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
         per_model.append({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference})
-        transposed = {to_reference[on_disk[n]] for n, module in
-                      ((f"{name}.weight", module) for name, module in model.named_modules())
-                      if type(module).__name__ == "Conv1D" and n in grams and on_disk[n] in to_reference}
+        if k == 0:  # (the models share one architecture)
+            transposed = {to_reference[on_disk[n]] for n in merge_lib.conv1d_weights(model)
+                          if n in grams and on_disk[n] in to_reference}
         del model
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]
     return {n: [g[n] for g in per_model] for n in shared}, transposed & set(shared)

@@ -320,6 +320,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     from torch import nn
 
     from .adapters import find_towers
+    from .checkpoint_io import parameter_aliases
     from .calibration import token_rows, unpad
     from .walker import _call, _encoder_decoder
 
@@ -347,10 +348,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
 
         return fn
 
-    named = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        named.setdefault(id(p), []).append(name)
-    tied = {name for group in named.values() if len(group) > 1 for name in group}
+    tied = {name for names in parameter_aliases(model) if len(names) > 1 for name in names}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"

@@ -169,14 +169,12 @@ class BenchBase:
 
     def expert_accuracies(self, split: str = "test") -> Dict[str, float]:
         """Each expert on its own task, and their mean (``"avg"``)."""
-        if split not in EVAL_SPLITS:
+        if split not in EVAL_SPLITS:  # (before the first expert is built)
             raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
         out = {}
         for t in self._bar(self.task_names, f"experts on {split}"):
             model = self.model(self.experts[t])
-            model.eval()
-            with torch.no_grad():
-                out[t] = float(self._evaluate_task(model, t, split))
+            out[t] = self.evaluate(model, split, tasks=[t])[t]  # (one task: no bar of its own)
             del model
         out["avg"] = sum(out.values()) / len(out)
         return out
