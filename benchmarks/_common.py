@@ -52,6 +52,24 @@ def write_json(path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def peer_version(script: str, python: str, distribution: str, env=None):
+    """The version of ``distribution`` that the interpreter ``python`` has, or None after saying
+    on stderr why the peer cannot run (the caller exits 2)."""
+    import subprocess
+
+    try:
+        check = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
+                               capture_output=True, text=True, env=env)
+    except OSError as e:
+        print(f"{script}: cannot run --python {python}: {e}", file=sys.stderr)
+        return None
+    if check.returncode or not check.stdout.strip():
+        print(f"{script}: {python} has no {distribution} (pip install {distribution} there): "
+              f"{(check.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return None
+    return check.stdout.strip().splitlines()[-1]
+
+
 class Terminated(BaseException):
     """SIGTERM (a step of the GPU suite reaching its time limit) raised where the benchmark was,
     so that it still writes its plot and summary of what it measured in the grace time. Not an

@@ -2,7 +2,7 @@
 
     pip install gptqmodel          # the peer, beside the package (not a dependency)
     python benchmarks/load_peer_checkpoint.py --python <interpreter with gptqmodel>
-                                              [--archs llama,qwen3,qwen3_moe,mixtral] [--cases 4,4s,4a,8]
+                                              [--archs llama,qwen3,qwen3_moe,mixtral] [--cases 4,4s,4a,8,3,3s,2,2s]
 
 For each architecture and case (bits; ``s``: symmetric; ``a``: act-order), a random-init
 decoder-only LM (``_common.tiny_decoder``) is quantized by GPTQModel itself (its ``quantize``
@@ -14,6 +14,12 @@ or, for a mixture of experts (Qwen3-MoE, Mixtral: transformers' GPTQ integration
 them), in float16 by ``GPTQModel.load`` (ours in float16 too). Their logits on held-out tokens
 are compared. GPTQModel names Mixtral's expert projections gate_proj, up_proj, down_proj; the
 MoE adapter maps them to the model's w1, w3, w2.
+
+Then ``epmq.save_quantized`` writes what it loaded again, in the peer's checkpoint format, and
+every ``qweight``, ``qzeros``, ``scales`` and ``g_idx`` is compared with the peer's bit for bit
+(``resaved_identical``: our packer, 3-bit words included, and our v1 zero points are the
+peer's; ``resave_error`` where we refuse to write what the peer wrote, e.g. a v1 zero point of
+0 that the peer wrapped to ``2**bits - 1``).
 """
 
 import argparse
@@ -26,9 +32,10 @@ import textwrap
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TINY_DECODERS, write_json  # noqa: E402
+from _common import TINY_DECODERS, peer_version, write_json  # noqa: E402
 from serve_with_gptqmodel import DTYPES, LOADERS, VOCAB, tiny_model  # noqa: E402
 
 import epmq  # noqa: E402
@@ -48,25 +55,34 @@ QUANTIZE = textwrap.dedent("""
 """ % VOCAB)
 
 
+def resave(model, directory, checkpoint_format) -> dict:
+    """Our save of the model we loaded from ``directory``, compared with the peer's tensors."""
+    theirs = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            theirs.update(load_file(os.path.join(directory, name)))
+    with tempfile.TemporaryDirectory() as again:
+        try:
+            epmq.save_quantized(model, again, checkpoint_format=checkpoint_format or "gptq")
+        except ValueError as e:
+            return dict(resave_error=str(e)[:300])
+        ours = load_file(os.path.join(again, "model.safetensors"))
+    keys = [k for k in theirs if k.rpartition(".")[2] in ("qweight", "qzeros", "scales", "g_idx")]
+    differ = [k for k in keys if k not in ours or not torch.equal(ours[k].to(theirs[k].dtype), theirs[k])]
+    return dict(resaved_tensors=len(keys), resaved_identical=not differ, resaved_differing=differ[:4])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", required=True, help="the interpreter that has gptqmodel installed")
     parser.add_argument("--archs", default="llama,qwen3,qwen3_moe,mixtral",
                         help=f"comma separated, of {', '.join(TINY_DECODERS)}")
-    parser.add_argument("--cases", default="4,4s,4a,8", help="bits[s][a], comma separated")
+    parser.add_argument("--cases", default="4,4s,4a,8,3,3s,3a,2,2s", help="bits[s][a], comma separated")
     parser.add_argument("--out", default="benchmarks/results/load-gptqmodel-checkpoints-cpu.json")
     args = parser.parse_args(argv)
-    try:
-        peer = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                              capture_output=True, text=True)
-    except OSError as e:
-        print(f"load_peer_checkpoint: cannot run --python {args.python}: {e}", file=sys.stderr)
+    version = peer_version("load_peer_checkpoint", args.python, "gptqmodel")
+    if version is None:
         return 2
-    if peer.returncode != 0 or not peer.stdout.strip():
-        print(f"load_peer_checkpoint: {args.python} cannot import gptqmodel (pip install gptqmodel there): "
-              f"{(peer.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
-        return 2
-    version = peer.stdout.strip().splitlines()[-1]
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     rows = []
@@ -92,6 +108,7 @@ def main(argv=None):
                 with open(os.path.join(directory, "quantize_config.json")) as f:
                     row["checkpoint_format"] = json.load(f).get("checkpoint_format")
                 ours = epmq.load_quantized(directory).to(DTYPES[loader])
+                row.update(resave(ours, directory, row["checkpoint_format"]))
                 with torch.no_grad():
                     our_logits = ours(tokens).logits.float()
                 out = os.path.join(root, f"peer-{arch}-{case}.pt")

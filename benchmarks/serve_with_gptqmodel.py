@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TINY_DECODERS, tiny_decoder, write_json  # noqa: E402
+from _common import TINY_DECODERS, peer_version, tiny_decoder, write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
@@ -119,11 +119,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or ("benchmarks/results/serve-with-gptqmodel-cpu.json" if args.loader == "transformers"
                             else "benchmarks/results/serve-with-gptqmodel-native-cpu.json")
-    check = subprocess.run([args.python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                           capture_output=True, text=True)
-    if check.returncode:
-        print("serve_with_gptqmodel: gptqmodel is not importable by " + args.python +
-              " (pip install gptqmodel)", file=sys.stderr)
+    version = peer_version("serve_with_gptqmodel", args.python, "gptqmodel")
+    if version is None:
         return 2
     rows = []
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -170,7 +167,6 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
             if not row["loaded"]:
                 print(row["error"], file=sys.stderr)
-    version = check.stdout.strip().splitlines()[-1]
     result = dict(command="python benchmarks/serve_with_gptqmodel.py " + " ".join(argv or sys.argv[1:]),
                   gptqmodel=version,
                   torch=torch.__version__, rows=rows)

@@ -88,7 +88,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import summarize, write_experts, write_json  # noqa: E402
+from _common import peer_version, summarize, write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
 
@@ -214,12 +214,8 @@ def main(argv=None):
     torch.set_num_threads(THREADS)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    check = subprocess.run([args.python, "-c", "import importlib.metadata as m; "
-                            "print(m.version('fusion_bench'))"], capture_output=True, text=True,
-                           env=env)
-    if check.returncode:
-        print("side_by_side_fusionbench: fusion_bench is not importable by " + args.python +
-              " (pip install fusion-bench)", file=sys.stderr)
+    version = peer_version("side_by_side_fusionbench", args.python, "fusion_bench", env=env)
+    if version is None:
         return 2
 
     K = len(EXPERTS)
@@ -247,7 +243,7 @@ def main(argv=None):
     }
     results = dict(command="python benchmarks/side_by_side_fusionbench.py " +
                    " ".join(argv if argv is not None else sys.argv[1:]),
-                   fusion_bench=check.stdout.strip().splitlines()[-1], torch=torch.__version__,
+                   fusion_bench=version, torch=torch.__version__,
                    model=dict(type="CLIPVisionModel", **CLIP),
                    experts=[dict(size=s, fraction_changed=f) for s, f in EXPERTS],
                    scale=args.scale, iso_scale=args.iso_scale, ties_threshold=TIES_THRESHOLD,

@@ -358,6 +358,17 @@ def _serving_warnings(layers, qconfig, split) -> None:
                        "checkpoints (QuantSpec(sym=True) for them)")
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons))
+    # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose
+    # transform_cpu replaces qzeros by zeros: a grid off the midpoint is served silently wrong
+    # (transformers loads through it too; logits 1.09 off on a tiny Llama, argmax 2% equal)
+    off_midpoint = [name for name, m in layers.items() if m.bits == 4 and m.group_size == -1
+                    and not bool((m.zeros() == 2 ** (m.bits - 1)).all())]
+    if off_midpoint:
+        warnings.warn(
+            f"{len(off_midpoint)} 4-bit per-channel layers (first: {off_midpoint[0]}) have asymmetric grids: "
+            f"on the CPU, GPTQModel (and transformers through it) serves them with TorchFusedLinear, which "
+            f"drops the zero points, so its outputs are wrong (epmq.load_quantized serves them right). For "
+            f"GPTQModel on the CPU quantize with QuantSpec(sym=True) or a group size of 32 to 256")
     odd = [name for name, m in layers.items() if (m.in_features * m.bits) % 32 or (m.out_features * m.bits) % 32]
     if odd:
         m = layers[odd[0]]

@@ -34,6 +34,9 @@ def check_device(*tensors, names=None):
         )
         raise ValueError(f"tensors are on different devices: {listing}")
     device = devices.pop()
+    if device.type not in ("cpu", "cuda"):  # (meta tensors have no data: every pointer is 0)
+        raise ValueError(f"Triton kernels need CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
+                         f"got {device.type} tensors")
     if device.type == "cuda" and INTERPRETED:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels run on CPU tensors only")
     if device.type == "cpu" and not INTERPRETED:

@@ -33,7 +33,8 @@ def _check_residual_args(G, W_k, W_m, H_k):
         raise ValueError(f"H_k must be [{d_in}, {d_in}], got {tuple(H_k.shape)}")
     # G is written while the product reads the others (tile by tile, in the kernel)
     for name, t in (("W_k", W_k), ("W_m", W_m), ("H_k", H_k)):
-        if G.numel() and t.numel() and G.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        if G.numel() and t.numel() and not G.is_meta and \
+                G.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             raise ValueError(f"G must not share memory with {name}: it is written in place")
 
 

@@ -1053,6 +1053,26 @@ def test_act_order_without_static_groups_warns_of_vllm(tmp_path):
             assert "vLLM >= 0.34" in said[0] and "static_groups=True" in said[0]
 
 
+@pytest.mark.parametrize("bits, group_size, sym, warned", [(4, -1, False, True), (4, -1, True, False),
+                                                          (4, 32, False, False), (8, -1, False, False)])
+def test_asymmetric_4bit_per_channel_is_warned_of_gptqmodel_on_cpu(bits, group_size, sym, warned, tmp_path):
+    """GPTQModel's only CPU kernel for 4-bit per-channel layers (TorchFusedLinear) drops the zero
+    points: such a checkpoint loads there with wrong outputs (review with GPTQModel 7.7)."""
+    import warnings
+
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=group_size, sym=sym), method="rtn",
+                        progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    said = [str(w.message) for w in record if "TorchFusedLinear" in str(w.message)]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert "14 4-bit per-channel layers (first: model.layers.0.self_attn.q_proj)" in said[0]
+        assert "sym=True" in said[0]
+
+
 @pytest.mark.parametrize("bits, sym, engines", [(4, False, ["asymmetric", "GPTQModel", "vLLM"]),
                                                 (3, True, ["3-bit", "vLLM", "SGLang"]),
                                                 (2, False, ["2-bit", "asymmetric", "vLLM"]),

@@ -487,3 +487,91 @@ print("compiled")
 def test_statistics_kernels_compile_for_gpus():
     proc = run_compile_script(_COMPILE_STATS, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- aliasing, strides, devices
+
+
+def test_residual_refuses_g_sharing_memory_with_any_input(gen):
+    """G is written in place while the product reads W_k, W_m and H_k: sharing memory with any
+    of them is refused (a clear error, not a silently wrong G), by both backends."""
+    d = 16
+    G = torch.zeros(d, d, device=DEVICE)
+    W = rand(gen, d, d)
+    H = gram(gen, 20, d, torch.float32)
+    for fn in (accumulate_residual_triton, accumulate_residual_reference):
+        for name, args in (("W_k", (G, W, H)), ("W_m", (W, G, H)), ("H_k", (W, W.clone(), G))):
+            with pytest.raises(ValueError, match=f"G must not share memory with {name}"):
+                fn(G, *args, 1.0)
+        with pytest.raises(ValueError, match="G must not share memory with W_m"):
+            fn(G, W, G.view(-1).view(d, d), H, 1.0)  # (another view of G's storage)
+
+
+def test_xxt_refuses_an_output_without_unit_stride(gen):
+    """The kernel writes H with unit stride along its rows: any other layout is refused (a
+    transposed view, every other column), not silently written in the wrong places."""
+    for H in (torch.zeros(16, 16, device=DEVICE).t(), torch.zeros(16, 32, device=DEVICE)[:, ::2]):
+        assert H.stride(1) != 1
+        with pytest.raises(ValueError, match="unit stride"):
+            accumulate_xxt_triton(H, rand(gen, 4, 16))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_xxt_of_strided_activations(gen, x_dtype):
+    """Token rows read through a transposed view (column stride != 1) or every other feature."""
+    n, d = 37, 40
+    for X in (rand(gen, d, n, dtype=x_dtype).T, rand(gen, n, 2 * d, dtype=x_dtype)[:, ::2]):
+        assert X.stride(1) != 1
+        H0 = rand(gen, d, d)
+        H_ref, H_out = H0.clone(), H0.clone()
+        accumulate_xxt_reference(H_ref, X)
+        accumulate_xxt_triton(H_out, X)
+        assert_update_close(H_out, H_ref, H0, 50 * EPS[torch.float32] * n**0.5)
+
+
+def test_tf32_truncate():
+    """The low 13 mantissa bits dropped (toward zero), any sign; TF32 values are kept."""
+    from epmq_kernels._runtime import tf32_truncate
+
+    ulp = 2.0**-10
+    x = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 4, -(1 + 3 * ulp / 4), 1 + ulp + 2.0**-23, 3.0])
+    want = torch.tensor([1.0, 1.0, -1.0, 1 + ulp, 3.0])
+    assert torch.equal(tf32_truncate(x), want)
+    r = torch.randn(10_000) * torch.exp(10 * torch.randn(10_000))
+    t = tf32_truncate(r)
+    assert (t.view(torch.int32) & 0x1FFF == 0).all() and (t.abs() <= r.abs()).all()
+    assert ((t - r).abs() < 2.0**-10 * r.abs()).all()
+
+
+def test_fp32_matmul_restores_the_tf32_switch():
+    """The solver's and the residual's product settings never leak into the caller's (also
+    after an exception)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for outer in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = outer
+            with _runtime.ieee_fp32_matmul():
+                assert torch.backends.cuda.matmul.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is outer
+            with pytest.raises(KeyError):
+                with _runtime.fp32_matmul(not outer):
+                    assert torch.backends.cuda.matmul.allow_tf32 is (not outer)
+                    raise KeyError
+            assert torch.backends.cuda.matmul.allow_tf32 is outer
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_kernels_refuse_tensors_on_two_devices(gen):
+    """Operands on different devices are a clear ValueError naming them, before any launch."""
+    from epmq_kernels.gptq_solve import gptq_solve_triton
+
+    meta = torch.device("meta")
+    H = torch.zeros(16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="different devices.*X=meta"):
+        accumulate_xxt_triton(H, torch.zeros(4, 16, device=meta))
+    G, W = torch.zeros(8, 16, device=DEVICE), rand(gen, 8, 16)
+    with pytest.raises(ValueError, match="different devices.*H_k=meta"):
+        accumulate_residual_triton(G, W, W.clone(), torch.zeros(16, 16, device=meta), 1.0)
+    with pytest.raises(ValueError, match="different devices.*Hinv=meta"):
+        gptq_solve_triton(W, torch.zeros(16, 16, device=meta), bits=4, sym=False, group_size=8)

@@ -476,3 +476,118 @@ print("compiled")
 def test_solver_compiles_for_gpus():
     proc = run_compile_script(_COMPILE_SOLVER, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- grid details
+
+
+def test_asymmetric_grids_span_zero_for_one_signed_groups(gen):
+    """An asymmetric grid spans [min(w, 0), max(w, 0)]: a group of only positive (only negative)
+    weights gets zero point 0 (maxq), in find_params and in both solvers, for groups found in
+    the tile and for groups found in memory (larger than the block). Random weights almost
+    never give such a group, so the rule is pinned here."""
+    W, _, Hinv, H = make_problem(gen)
+    W[0] = W[0].abs() + 0.5
+    W[1] = -W[1].abs() - 0.5
+    scale, zero = find_params(W[:2, :16], 4, False)
+    assert zero.tolist() == [0.0, 15.0]
+    assert torch.equal(scale, torch.stack([W[0, :16].max(), -W[1, :16].min()]) / 15)
+    for group_size, blocksize in ((16, 32), (48, 32)):
+        ref, out = run_both(W, Hinv, H, bits=4, sym=False, group_size=group_size,
+                            blocksize=blocksize)
+        for solve in (ref, out):
+            assert solve.zeros[:2, 0].tolist() == [0.0, 15.0]
+
+
+def test_zero_point_ties_round_half_to_even(gen):
+    """The zero point ``round(-min / scale)`` rounds half to even (torch.round, the kernel's
+    _rint), not half away from zero: 2 bits over [-1, 5] and [-5, 1] (scale 2) give 0.5 -> 0
+    and 2.5 -> 2, in find_params and in both solvers' first group."""
+    scale, zero = find_params(torch.tensor([[-1.0, 5.0, 0.5], [-5.0, 1.0, -0.5]]), 2, False)
+    assert scale.tolist() == [2.0, 2.0] and zero.tolist() == [0.0, 2.0]
+    W, _, Hinv, H = make_problem(gen, 4, 64)
+    W[:, :48] = W[:, :48].clamp(-0.9, 0.9)  # (the first group of either size)
+    W[0, 3], W[0, 9] = -1.0, 5.0
+    W[1, 3], W[1, 9] = -5.0, 1.0
+    for group_size, blocksize in ((16, 32), (48, 32)):
+        ref, out = run_both(W, Hinv, H, bits=2, sym=False, group_size=group_size,
+                            blocksize=blocksize)
+        for solve in (ref, out):
+            assert solve.zeros[:2, 0].tolist() == [0.0, 2.0]
+
+
+def test_group_params_of_a_shorter_last_group(gen):
+    """find_group_params: each group's grid is find_params of its own columns; the shorter last
+    group (group size not dividing d_in) is padded with zeros, which move no grid."""
+    from epmq_kernels.grid import find_group_params
+
+    W = torch.randn(6, 40, generator=gen)
+    W[0] = W[0].abs() + 0.5  # one-signed rows: padding with anything but 0 would show
+    W[1] = -W[1].abs() - 0.5
+    for bits, sym in ((4, False), (3, True)):
+        scales, zeros = find_group_params(W, 16, bits, sym)
+        assert scales.shape == zeros.shape == (6, 3)
+        for g, a in enumerate(range(0, 40, 16)):
+            s, z = find_params(W[:, a : a + 16], bits, sym)
+            assert torch.equal(scales[:, g], s) and torch.equal(zeros[:, g], z)
+
+
+def test_groups_never_straddle_a_block(gen):
+    """A group size below the block that does not divide it (groups of 32, blocks of 48) shrinks
+    the block to a multiple of it, so that every group starts with every earlier column's error
+    applied: the solve is the one with blocks of 32, on both backends."""
+    assert effective_blocksize(48, 32) == 32 and effective_blocksize(100, 16) == 96
+    W, _, Hinv, H = make_problem(gen, 8, 96)
+    for solve in (gptq_solve_reference, gptq_solve_triton):
+        a = solve(W, Hinv, bits=4, sym=False, group_size=32, blocksize=48)
+        b = solve(W, Hinv, bits=4, sym=False, group_size=32, blocksize=32)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.Q, b.Q)
+        assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_static_zero_points_may_be_maxq(gen):
+    """A static grid's zero points may be any integer in [0, maxq], maxq included (the zero
+    point of a group whose weights are all negative)."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    W = -W.abs() - 0.1
+    grid = static_grid(W, 4, False, 16)
+    assert (grid["zeros"] == 15).all()
+    run_both(W, Hinv, H, bits=4, sym=False, blocksize=16, **grid)
+
+
+def test_more_argument_errors(gen):
+    """Clear errors, before any kernel runs, for arguments the first checks above leave out."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    grid = static_grid(W, 4, False, 16)
+    for solve in (gptq_solve_triton, gptq_solve_reference):
+        for bad in (2, -1):  # one past either end of the two groups
+            col_group = grid["col_group"].clone()
+            col_group[5] = bad
+            with pytest.raises(ValueError, match="col_group out of range"):
+                solve(W, Hinv, bits=4, sym=False, **{**grid, "col_group": col_group})
+        with pytest.raises(ValueError, match="R must have W's shape"):
+            solve(W, Hinv, bits=4, sym=False, R=W[:, :16], group_size=16)
+        with pytest.raises(ValueError, match="R must have W's shape"):
+            solve(W, Hinv, bits=4, sym=False, R=W[:1], group_size=16)  # (would broadcast)
+    for block_rows in (3, 6, 0):
+        with pytest.raises(ValueError, match="block_rows must be a power of two"):
+            gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, block_rows=block_rows)
+    n = dict(dtype=torch.float32, device=DEVICE)
+    for shape in ((8, 3), (8, 1), (4, 2)):  # dynamic groups of 16 over 32 columns: [8, 2]
+        bad = SolveOut(torch.empty(8, 32, **n), torch.empty(8, 32, dtype=torch.int32, device=DEVICE),
+                       torch.empty(shape, **n), torch.empty(shape, **n))
+        with pytest.raises(ValueError, match="out.scales"):
+            gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=bad)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
+def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
+    """Interpreted, the kernel's arithmetic is the reference's operation for operation
+    (``scale = (max - min) / maxq`` divides as torch on the CPU does, IEEE divisions, no fused
+    multiply-add): grids, codes and Q agree bit for bit, not within a tolerance."""
+    W, R, Hinv, H = make_problem(gen, 16, 64, with_R=True)
+    for bits, sym, group_size in ((4, False, 16), (3, True, 8), (8, False, 32)):
+        kw = dict(bits=bits, sym=sym, R=R, group_size=group_size, blocksize=32)
+        ref, out = gptq_solve_reference(W, Hinv, **kw), gptq_solve_triton(W, Hinv, **kw)
+        assert torch.equal(out.scales, ref.scales) and torch.equal(out.zeros, ref.zeros)
+        assert torch.equal(out.codes, ref.codes) and torch.equal(out.Q, ref.Q)

@@ -216,3 +216,28 @@ class TestCUDA:
         codes = random_codes(gen, (256, 72), torch.int32)
         words = pack_int4(codes.cuda()).cpu()
         np.testing.assert_array_equal(words.numpy(), numpy_pack_rows(codes.numpy()))
+
+
+# ----------------------------------------------------------------------------------------------
+# output layouts and argument checks
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_are_contiguous(gen, backend):
+    """Both layouts come back contiguous from both backends (checkpoint writers such as
+    safetensors refuse non-contiguous tensors), whatever the input's layout."""
+    codes = random_codes(gen, (16, 40), torch.int32)
+    for packed in (pack_int4(codes, backend=backend), pack_int4_cols(codes, backend=backend),
+                   pack_int4_cols(codes.t().contiguous().t(), backend=backend)):
+        assert packed.is_contiguous()
+    words = random_words(gen, (4, 16))
+    for unpacked in (unpack_int4(words, backend=backend), unpack_int4_cols(words, backend=backend),
+                     unpack_int4_cols(words.t().contiguous().t(), backend=backend)):
+        assert unpacked.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_words_must_be_2d(backend):
+    for words in (torch.zeros(8, dtype=torch.int32), torch.zeros(2, 2, 8, dtype=torch.int32)):
+        for unpack in (unpack_int4, unpack_int4_cols):
+            with pytest.raises(ValueError, match="2-D"):
+                unpack(words, backend=backend)

@@ -63,3 +63,27 @@ def test_cuda_fp32_mm_candidates_are_accurate():
     err = lambda P: float(((P.double() - exact).abs() / scale).max())  # noqa: E731
     assert err(rt.tf32x3_mm(A, B)) <= 4 * err(rt.ieee_mm(A, B)) + 2**-20
     assert rt.fp32_mm(A.device, True) in (rt.ieee_mm, rt.tf32x3_mm)
+
+
+def test_kernels_refuse_tensors_without_data():
+    """Meta tensors (a model built on meta, not yet loaded) get a clear error from every kernel,
+    not torch's 'Cannot copy out of meta tensor' nor an aliasing error (all their pointers are 0)."""
+    from epmq_kernels.expert_residual import accumulate_residual_triton, accumulate_xxt_triton
+    from epmq_kernels.gptq_solve import gptq_solve_triton
+    from epmq_kernels.packing import pack_int4
+    from epmq_kernels.w4a16 import w4a16_matmul
+
+    m = dict(device="meta")
+    calls = [
+        lambda: gptq_solve_triton(torch.randn(8, 32, **m), torch.eye(32, **m), bits=4, sym=False, group_size=16),
+        lambda: pack_int4(torch.zeros(16, 8, dtype=torch.int32, **m), backend="triton", check_range=False),
+        lambda: accumulate_xxt_triton(torch.zeros(16, 16, **m), torch.randn(4, 16, **m)),
+        lambda: accumulate_residual_triton(torch.zeros(8, 16, **m), torch.randn(8, 16, **m),
+                                           torch.randn(8, 16, **m), torch.eye(16, **m), 1.0),
+        lambda: w4a16_matmul(torch.randn(3, 64, **m).half(), torch.zeros(8, 40, dtype=torch.int32, **m),
+                             torch.ones(2, 40, **m).half(), torch.zeros(2, 40, dtype=torch.uint8, **m), 32,
+                             backend="triton"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="Triton kernels need CUDA tensors.*got meta tensors"):
+            call()

@@ -916,3 +916,110 @@ class TestCUDA:
         assert len(files) == 1
         entries = json.loads(files[0].read_text())["entries"]
         assert any(key.startswith("gemv+splitk|M1|K1024|N1024") for key in entries)
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts, plans and the autotune cache
+# ----------------------------------------------------------------------------------------------
+def test_a_plan_is_not_reused_for_activations_of_other_strides(gen):
+    """The launch plan holds the activation strides it was built with: activations of the same
+    shape read with other strides (a transposed view) take a new plan, and the right values."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    for path, M in (("splitk", 3), ("gemm", 17)):
+        x = torch.randn(M, 64, generator=gen).half()
+        for _ in range(2):  # (the second call takes the plan)
+            w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")
+        x_t = torch.randn(64, M, generator=gen).half().t()  # [M, 64], K stride M
+        y = w4a16_matmul(x_t, qweight, scales, zeros, 32, backend="triton")
+        assert_close_to_reference(y, x_t, qweight, scales, zeros, 32, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequant_chunks_that_start_inside_a_group(gen, dtype):
+    """A chunk that starts off a dequant tile's edge (k_first = 24 with tiles of 32 rows) has
+    tiles that straddle groups of 32: every row still gets its own group's scale and zero."""
+    K, N = 96, 37
+    qweight, scales, zeros, _ = make_problem(gen, K, N, 32)
+    dense = dequantize_int4_weight(qweight, scales, zeros, 32)
+    for k_first, k_rows in ((24, 16), (8, 64), (56, 40)):
+        got = W.w4a16_dequantize(qweight, scales, zeros, 32, k_first=k_first, k_rows=k_rows,
+                                 dtype=dtype, backend="triton")
+        assert torch.equal(got, dense[k_first:k_first + k_rows].to(dtype))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_on_another_device_is_refused(gen, backend):
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(3, 64, generator=gen).half()
+    with pytest.raises(ValueError, match="out must be"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, out=torch.empty(3, 40, dtype=torch.float16,
+                                                                    device="meta"),
+                     backend=backend)
+
+
+def test_autotune_caches_follow_the_cache_directory(tmp_path, monkeypatch):
+    """cache_for: one cache per directory (EPMQ_CACHE_DIR changed in a process starts another),
+    with ``~`` expanded."""
+    device = torch.device("cpu")
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path / "a"))
+    a = autotune_cache.cache_for("w4a16", device, AUTOTUNE_SPACE["gemv"])
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path / "b"))
+    b = autotune_cache.cache_for("w4a16", device, AUTOTUNE_SPACE["gemv"])
+    assert a is not b and b.path.startswith(str(tmp_path / "b"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EPMQ_CACHE_DIR", "~/epmq-cache")
+    assert autotune_cache.cache_dir() == str(tmp_path / "epmq-cache" / "autotune")
+
+
+def test_autotune_cache_of_another_gpu_with_the_same_file_name(tmp_path, monkeypatch):
+    """Two GPU names that slug to one file name do not share entries: the file names its GPU."""
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    space = AUTOTUNE_SPACE["gemv"]
+    a = autotune_cache.DiskCache("w4a16", "NVIDIA A100-SXM4-80GB", space)
+    b = autotune_cache.DiskCache("w4a16", "NVIDIA A100 SXM4 80GB", space)
+    assert a.path == b.path
+    a.put("k", space[1])
+    assert autotune_cache.DiskCache("w4a16", "NVIDIA A100 SXM4 80GB", space).get("k") is None
+
+
+def test_autotune_cache_merges_the_entries_of_other_processes(tmp_path, monkeypatch):
+    """Two processes tuning at once (two DiskCache objects on one file) keep each other's
+    entries: a put merges with what is on disk."""
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    space = AUTOTUNE_SPACE["gemv"]
+    first = autotune_cache.DiskCache("w4a16", "gpu", space)
+    second = autotune_cache.DiskCache("w4a16", "gpu", space)
+    assert first.get("a") is None and second.get("b") is None  # (both read the empty file)
+    first.put("a", space[0])
+    second.put("b", space[1])
+    third = autotune_cache.DiskCache("w4a16", "gpu", space)
+    assert third.get("a") == space[0] and third.get("b") == space[1]
+
+
+def test_a_cached_config_outside_the_candidates_is_not_used(tmp_path, monkeypatch):
+    """A cache entry that is no longer among this problem's candidates (pruned for its shape, or
+    hand-edited) is never launched: the key is tuned again (here: timing off, the first)."""
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
+    space = AUTOTUNE_SPACE["gemv"]
+    cache = autotune_cache.DiskCache("w4a16", "gpu", space)
+    cache.put("k", dict(space[0], BLOCK_K=4096))
+
+    def must_not_time(config):
+        raise AssertionError("timing is off")
+
+    assert autotune_cache.tune(cache, "k", space[2:5], must_not_time) == space[2]
+
+
+def test_tuning_keys_tell_the_problems_apart(gen):
+    """The disk cache's key of a problem names everything the winner depends on: a permuted
+    g_idx (gathered) and a static one are tuned apart, as are group counts and dtypes."""
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32, "permuted")
+    K, N, G = 64, 40, 2
+    static = W._Weights(None, qweight, scales, zeros, None, 32, K, N, G, False)
+    permuted = W._Weights(None, qweight, scales, zeros, g_idx, 32, K, N, G, True)
+    per_channel = W._Weights(None, qweight, scales[:1], zeros[:1], None, -1, K, N, 1, False)
+    x = torch.randn(3, 64, generator=gen).half()
+    keys = {W._tuning_key(("splitk",), x, e) for e in (static, permuted, per_channel)}
+    keys.add(W._tuning_key(("splitk",), x.float(), static))
+    assert len(keys) == 4
