@@ -99,3 +99,16 @@ def test_a_layer_of_no_inputs_is_empty():
     for result in (quant.gptq(torch.randn(6, 0), torch.zeros(0, 0), spec),
                    quant.rtn(torch.randn(6, 0), spec, H=torch.zeros(0, 0))):
         assert result.weight.shape == (6, 0) and result.loss == 0
+
+
+def test_integer_weights_are_refused():
+    """An integer weight (codes of a quantized checkpoint) is no weight to solve for."""
+    from epmq import QuantSpec, quant
+
+    W = torch.randint(-8, 8, (4, 6), dtype=torch.int32)
+    with pytest.raises(ValueError, match="W must be floating point, got torch.int32"):
+        check_weight(W)
+    with pytest.raises(ValueError, match="must be floating point"):
+        quant.rtn(W, QuantSpec(bits=4, group_size=-1))
+    with pytest.raises(ValueError, match="must be floating point"):
+        quant.gptq(W, torch.eye(6), QuantSpec(bits=4, group_size=-1))

@@ -409,3 +409,42 @@ def test_cuda_tf32_precisions_against_ieee(gen, precision, monkeypatch):
     move = float((res.target.double() - ref.target.double()).norm() / R.norm())
     assert move <= (1e-5 if precision == "tf32x3" else 3e-3), move
     assert float((res.codes != ref.codes).double().mean()) <= (1e-3 if precision == "tf32x3" else 3e-2)
+
+
+def _minmax_grid(W, group_size, bits):
+    """The grid of EPMQ_MATH.md by hand: per row and group of ``group_size`` columns, asymmetric
+    min-max over a range that holds 0, ``scale = (max - min) / (2^b - 1)``, ``zero =
+    round(-min / scale)`` (float64 here)."""
+    W = W.double()
+    maxq = 2**bits - 1
+    scales, zeros = [], []
+    for a in range(0, W.shape[1], group_size):
+        w = W[:, a:a + group_size]
+        lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+        scale = (hi - lo) / maxq
+        scales.append(scale)
+        zeros.append(-lo / scale)
+    return torch.stack(scales, 1), torch.stack(zeros, 1)  # (zeros before rounding)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group_size=-1),
+                                  QuantSpec(bits=3, group_size=16, act_order=True, static_groups=True)])
+def test_a_static_grid_is_fitted_to_the_target_not_to_the_merged_weight(gen, spec):
+    """Static groups (and the per-channel grid) take their parameters from the original target
+    up front (EPMQ_MATH.md): for E-PMQ that is W* = W_m + R, which the solver rounds, not W_m.
+    With experts far from the merge, W*'s range differs from W_m's, and so do the grids."""
+    W_m, W_k, H_k = draw(gen, spread=0.5)
+    res = quant.epmq(W_m, W_k, H_k, spec, anchor=0.2, weight_anchor=0.0)
+    gs = W_m.shape[1] if spec.group_size == -1 else spec.group_size
+    scales, zeros = _minmax_grid(res.target, gs, spec.bits)
+    torch.testing.assert_close(res.scales.double(), scales, rtol=1e-6, atol=0)
+    tie = ((zeros - zeros.floor()) - 0.5).abs() < 1e-4  # (fp32 against fp64 at a rounding tie)
+    assert torch.equal(res.zeros.double()[~tie], torch.round(zeros)[~tie])
+    zeros = res.zeros.double()
+    merged_scales, _ = _minmax_grid(W_m, gs, spec.bits)
+    assert float((merged_scales - scales).abs().max()) > 1e-3 * float(scales.abs().max())
+    # every weight lies on its group's grid and within its range
+    g = torch.arange(W_m.shape[1]) // gs
+    codes = res.weight.double() / res.scales.double()[:, g] + zeros[:, g]
+    torch.testing.assert_close(codes, torch.round(codes), rtol=0, atol=1e-4)
+    assert float(codes.min()) >= -1e-4 and float(codes.max()) <= spec.maxq + 1e-4

@@ -8,7 +8,7 @@ with the implementation under test but the mathematics.
 import pytest
 import torch
 
-from epmq import QuantSpec, quant
+from epmq import QuantLinear, QuantSpec, quant
 
 
 def grid64(w, bits, sym):
@@ -524,3 +524,47 @@ def test_factor_cache_in_epmq_from_stats(gen):
         shared = quant.epmq_from_stats(stats, spec, anchor=0.5, factors=cache)
         assert torch.equal(alone.codes, shared.codes) and alone.expert_loss == shared.expert_loss
     assert cache.hits == 1  # k's solve took q's factor
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rows_of_one_sign_get_a_grid_that_holds_zero(gen, bits):
+    """The asymmetric grid spans [min(w, 0), max(w, 0)] (GPTQ's reference): a row whose weights
+    all have one sign gets zero point 0 (positive) or 2^b - 1 (negative), a grid that holds 0,
+    and zero points that pack into b bits."""
+    W, H = random_problem(gen, d_out=16, d_in=64)
+    sign = torch.where(torch.arange(16) % 2 == 0, 1.0, -1.0)[:, None]
+    W = sign * (W.abs() + 0.1)
+    maxq = 2**bits - 1
+    for spec in (QuantSpec(bits=bits, group_size=-1), QuantSpec(bits=bits, group_size=16)):
+        gs = 64 if spec.group_size == -1 else 16
+        # per row and group, by hand
+        groups = W.double().reshape(-1, gs)
+        scale, zero = grid64(groups, bits, False)
+        assert torch.equal(zero.reshape(16, -1), torch.where(sign > 0, 0.0, float(maxq)).double().expand(16, 64 // gs))
+        res = quant.rtn(W, spec)
+        torch.testing.assert_close(res.scales.double().reshape(-1), scale, rtol=1e-6, atol=0)
+        assert torch.equal(res.zeros.double().reshape(-1), zero)
+        want = round64(groups, scale[:, None], zero[:, None], bits).reshape(16, 64)
+        torch.testing.assert_close(res.weight.double(), want, rtol=0, atol=1e-6)
+        for res in (res, quant.gptq(W, H, spec, backend="torch")):
+            assert res.zeros.min() >= 0 and res.zeros.max() <= maxq
+            assert res.codes.min() >= 0 and res.codes.max() <= maxq
+            torch.testing.assert_close(QuantLinear.from_result(res).dequantize(), res.weight, rtol=2e-3, atol=1e-6)
+
+
+def test_damping_raised_from_zero_follows_the_scale_of_h(gen):
+    """With percdamp 0 and a singular H, the retries damp from 1e-6 of mean(diag H) up by ten
+    each time: the damping is relative to H, so rescaling H rescales it and leaves the codes."""
+    W = torch.randn(16, 32, generator=gen)
+    X = torch.randn(3, 32, generator=gen)
+    H = X.T @ X
+    spec = QuantSpec(bits=4, group_size=-1)
+    ref = quant.gptq(W, H, spec, percdamp=0.0)
+    mean = float(torch.diagonal(H.double()).mean())
+    assert ref.damp_retries >= 1
+    assert ref.damp == pytest.approx(1e-6 * mean * 10 ** (ref.damp_retries - 1), rel=1e-9)
+    for c in (4.0**-9, 4.0**9):
+        res = quant.gptq(W, c * H, spec, percdamp=0.0)
+        assert res.damp_retries == ref.damp_retries
+        assert res.damp == pytest.approx(c * ref.damp, rel=1e-9)
+        assert torch.equal(res.codes, ref.codes)

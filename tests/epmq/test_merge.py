@@ -729,3 +729,39 @@ def test_tensors_of_no_elements(gen):
     for merged in (merge.della(base, experts), merge.model_stock(base, experts, per_row=True),
                    merge.slerp(*experts, per_row=True), merge.ties(base, experts), merge.tsv(base, experts)):
         assert merged["w"].shape == (0, 4)
+
+
+def test_weighted_mean_without_a_vote_divides_by_the_weights(gen):
+    """``merge="mean"`` without a sign vote is the weighted mean of the (thinned) task vectors,
+    ``sum_k w_k tau_k / sum_k w_k``, and their plain mean without weights; DARE at density 1 thins
+    nothing."""
+    base = {"w": torch.randn(3, 20, generator=gen)}
+    taus = [torch.randn(3, 20, generator=gen) for _ in range(3)]
+    experts = [{"w": base["w"] + t} for t in taus]
+    w = [2.0, 0.5, 0.25]
+    got = merge.dare(base, experts, scale=0.6, density=1.0, merge="mean", weights=w)["w"]
+    torch.testing.assert_close(got, base["w"] + 0.6 * sum(a * t for a, t in zip(w, taus)) / sum(w))
+    got = merge.dare(base, experts, scale=0.6, density=1.0, merge="mean")["w"]
+    torch.testing.assert_close(got, base["w"] + 0.6 * sum(taus) / 3)
+
+
+def test_slerp_of_nearly_opposite_tensors_is_linear(gen):
+    """|cos theta| > dot_threshold, nearly opposite as well as nearly parallel: no great circle
+    (sin theta ~ 0), linear interpolation."""
+    x = torch.randn(4, 6, generator=gen)
+    y = -x + 1e-3 * x.norm() / 24**0.5 * torch.randn(4, 6, generator=gen)
+    cos = float((x * y).sum() / (x.norm() * y.norm()))
+    assert -1 < cos < -0.9995
+    for t in (0.25, 0.5, 0.8):
+        torch.testing.assert_close(merge.slerp({"w": x}, {"w": y}, t=t)["w"], (1 - t) * x + t * y)
+    # per row: each row on its own
+    rows = merge.slerp({"w": x}, {"w": y}, t=0.3, per_row=True)["w"]
+    torch.testing.assert_close(rows, 0.7 * x + 0.3 * y)
+
+
+def test_weighted_average_weighs_every_expert(gen):
+    """``sum_k w_k W_k / sum_k w_k`` with the first expert's weight too (not 1)."""
+    experts = [{"w": torch.randn(3, 5, generator=gen)} for _ in range(3)]
+    w = [3.0, 1.0, 0.5]
+    out = merge.average(experts, weights=w)["w"]
+    torch.testing.assert_close(out, sum(a * e["w"] for a, e in zip(w, experts)) / sum(w))

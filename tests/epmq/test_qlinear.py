@@ -1,6 +1,7 @@
 """QuantLinear holds a QuantResult in the packed GPTQ layout and computes with it."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -357,3 +358,31 @@ def test_meta_fake_and_traced_inputs(gen):
         assert layer(fake).shape == (2, 64)
     traced = torch.jit.trace(_filled_layer(gen, K=128, N=64), torch.randn(2, 128))  # a fresh layer
     assert traced(torch.randn(3, 128)).shape == (3, 64)
+
+
+def test_from_result_takes_the_bias_dtype_and_computes_in_the_inputs(gen):
+    """``from_result``'s dtype defaults to the bias's (what ``.weight.dtype`` reports, and the
+    bias is stored in it); the forward computes in the activations' dtype, bias included,
+    whatever the layer's dtype."""
+    result = solve(epmq.QuantSpec(bits=3, group_size=16), gen)
+    bias = torch.randn(24, generator=gen).to(torch.bfloat16)
+    layer = epmq.QuantLinear.from_result(result, bias)
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.bias, bias)
+    # a float32 layer (bias float32) fed bfloat16 activations answers in bfloat16
+    bias32 = torch.randn(24, generator=gen)
+    layer = epmq.QuantLinear.from_result(result, bias32)
+    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = x.float() @ weight_with_fp16_scales(result).t() + bias32
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_zero_points_outside_the_grid_are_refused(gen):
+    result = solve(epmq.QuantSpec(bits=3, group_size=16), gen)
+    for bad in (-1.0, 8.0):
+        zeros = result.zeros.clone()
+        zeros[0, 0] = bad
+        with pytest.raises(ValueError, match="zero points outside the 3-bit grid"):
+            epmq.QuantLinear.from_result(dataclasses.replace(result, zeros=zeros))

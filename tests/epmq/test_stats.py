@@ -240,3 +240,80 @@ def test_residual_precision_is_checked(gen):
     with pytest.raises(ValueError, match="residual_precision"):
         quant.epmq(W_m, [W_m], [torch.eye(D_IN)], QuantSpec(bits=4, group_size=16, sym=False),
                    residual_precision="fp16")
+
+
+def test_asymmetric_anchor_constant_is_in_the_expert_term(gen):
+    """With an anchor whose inputs differ a little from the quantized path's (x_anchor near x),
+    the anchor's constant lam c_m is small against the expert term, which must still be the
+    objective's value: L(Q) = sum_k a_k |X_k Q^T - X~_k W_k^T|^2 + lam |X Q^T - X_a W_m^T|^2 +
+    mu |Q - W_m|^2, term by term, straight from the tokens."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    X = [batches(gen) for _ in range(2)]
+    X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    X_a = [[x + 0.01 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    for k in range(2):
+        stats.begin_task(W_k[k], weight=1.0 + k)
+        for x, xt, xa in zip(X[k], X_t[k], X_a[k]):
+            stats.add_batch(x, x_expert=xt, x_anchor=xa)
+        stats.end_task()
+    res = quant.epmq_from_stats(stats, QuantSpec(bits=3, group_size=16), anchor=0.5, weight_anchor=0.1)
+
+    def flat(xs):
+        return torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
+
+    Q, W_m64 = res.weight.double(), W_m.double()
+    expert = sum((1.0 + k) * float((flat(X[k]) @ Q.T - flat(X_t[k]) @ W_k[k].double().T).pow(2).sum())
+                 for k in range(2))
+    anchor = sum(float((flat(X[k]) @ Q.T - flat(X_a[k]) @ W_m64.T).pow(2).sum()) for k in range(2))
+    lam, mu = res.info["lam_effective"], res.info["mu_effective"]
+    assert lam * anchor < expert  # (the regime where the expert term is not re-measured)
+    assert res.expert_loss == pytest.approx(expert, rel=1e-6)
+    assert res.anchor_loss == pytest.approx(lam * anchor, rel=1e-6)
+    assert res.weight_anchor_loss == pytest.approx(mu * float((Q - W_m64).pow(2).sum()), rel=1e-6)
+
+
+def test_task_weights_must_be_finite_and_non_negative(gen):
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    H = gram(batches(gen))
+    for bad in (-0.5, float("nan"), float("inf")):
+        stats = EPMQStats(W_m, dtype=torch.float64)
+        with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):
+            stats.add_task(W_m + 0.1, H, weight=bad, name="t")
+        stats = EPMQStats(W_m, dtype=torch.float64)
+        stats.begin_task(W_m + 0.1, weight=bad, name="t")
+        stats.add_batch(batches(gen)[0])
+        with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):
+            stats.end_task()
+
+
+def test_a_task_whose_inputs_are_all_zero_is_dropped(gen):
+    """Tokens that are all zero at this layer add nothing to the objective whatever the task's
+    weight (its H_k and G_k are zero): the task is left out, and the statistics are those of the
+    other tasks; with no other task, finalize says why."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    W_1 = W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    W_2 = W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    xs = batches(gen)
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    stats.begin_task(W_1, name="silent")
+    stats.add_batch(torch.zeros(4, D_IN))
+    stats.end_task()
+    stats.begin_task(W_2, name="live")
+    for x in xs:
+        stats.add_batch(x)
+    stats.end_task()
+    assert stats.empty_tasks == ["silent"] and stats.task_names == ["live"]
+    H = gram(xs)
+    a = 1 / float(torch.trace(H))
+    H_e, H_m, G_e, _ = stats.finalize()
+    torch.testing.assert_close(H_e, a * H)
+    torch.testing.assert_close(H_m, H)
+    torch.testing.assert_close(G_e, a * (W_2 - W_m) @ H)
+    only = EPMQStats(W_m, dtype=torch.float64)
+    only.begin_task(W_1, name="silent")
+    only.add_batch(torch.zeros(4, D_IN))
+    only.end_task()
+    with pytest.raises(ValueError, match="no task was added.*inputs all zero: silent"):
+        only.finalize()
