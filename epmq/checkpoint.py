@@ -24,8 +24,9 @@ Writes are atomic: everything goes into a temporary sibling directory, is fsynce
 swapped with the target directory (one ``renameat2(RENAME_EXCHANGE)`` on Linux, two renames
 elsewhere), so a crash leaves the previous checkpoint in place, complete. Files a user added
 beside a checkpoint (``tokenizer.save_pretrained(directory)``, a README) are carried into the
-new one; weights files are not, nor the files epmq wrote there itself (``.epmq_files.json``
-lists them) unless they were changed since. A symlinked target is written where it points; the
+new one, and so are the files epmq wrote there itself (``.epmq_files.json`` lists them) that
+were changed since, but the weights and configs; weights files epmq did not write there make
+the write refuse (engines would read them), and so does another tool's GPTQ checkpoint. A symlinked target is written where it points; the
 temporary directories of a killed write are removed by the next write to the same target.
 """
 
@@ -532,9 +533,19 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
                  MERGE_RECIPE_FILE: "a merged checkpoint (epmq merge)"}
         holds = next((what for name, what in other.items() if name != marker and (directory / name).is_file()),
                      None)
+        if holds is None and (directory / marker).is_file():
+            holds = f"a checkpoint epmq did not write (its {marker}, no {MANIFEST_FILE})"
         raise ValueError(
-            f"{directory} exists and " + (f"holds {holds}" if holds else "is not an epmq checkpoint")
-            + f" (no {marker}): refusing to replace it; choose a new or empty directory")
+            f"{directory} exists and " + (f"holds {holds}" if holds else f"is not an epmq checkpoint (no {marker})")
+            + ": refusing to replace it; choose a new or empty directory")
+    if (directory / MANIFEST_FILE).is_file():
+        # (vLLM reads every *.safetensors beside the checkpoint, so they cannot stay; nor be lost)
+        ours = _read_manifest(directory)
+        foreign = sorted(p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.name not in ours)
+        if foreign:
+            raise ValueError(f"{directory} holds weights files epmq did not write there ({', '.join(foreign[:5])}): "
+                             f"a new checkpoint would drop them (engines read every weights file beside it); "
+                             f"move them out of the directory first")
     return directory
 
 
@@ -598,28 +609,57 @@ def _remove_stale_temporaries(parent: Path, name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+# what a checkpoint is, which a new write always makes anew (a user's edit of them is replaced)
+_DEFINING_FILES = (CONFIG_FILE, HF_CONFIG_FILE, MERGE_RECIPE_FILE, MANIFEST_FILE)
+
+
 def _carry_over(old: Path, new: Path) -> None:
     """Copy into ``new`` what a user put beside the checkpoint in ``old`` (a tokenizer, a
-    generation config, a README); not weights, which are the checkpoint's own, nor the files
-    epmq wrote there itself unless the user changed them since (``MANIFEST_FILE``)."""
+    README, training files) or changed there since epmq wrote it (``MANIFEST_FILE``; a changed
+    file the new write also made is kept in place of it, with a warning); not the checkpoint's
+    own weights and configs (``_DEFINING_FILES``). Without a manifest (epmq before 2026-12-02)
+    the new write's files stand."""
     if not old.is_dir():
         return
+    manifest = (old / MANIFEST_FILE).is_file()
     ours = _read_manifest(old)
+    kept = []
     for entry in old.iterdir():
-        target = new / entry.name
-        if target.exists() or target.is_symlink() or entry.name.endswith(WEIGHT_SUFFIXES):
-            continue
-        if entry.name == MANIFEST_FILE or (
-                entry.name in ours and entry.is_file() and _signature(entry) == ours[entry.name]):
-            continue
+        name, target = entry.name, new / entry.name
+        if name in _DEFINING_FILES or name.endswith(WEIGHT_SUFFIXES):
+            continue  # (weights epmq did not write there were refused by check_output)
+        if name in ours and entry.is_file() and not entry.is_symlink() and _signature(entry) == ours[name]:
+            continue  # ours, unchanged: the new write's version, or none, stands
+        if target.exists() or target.is_symlink():
+            if not manifest:
+                continue
+            kept.append(name)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, target, symlinks=True)
         else:
             shutil.copy2(entry, target, follow_symlinks=False)
+    if kept:
+        warnings.warn(f"{old}: kept your changed {', '.join(sorted(kept))} in place of the one(s) this write made "
+                      f"(delete them first to take the new ones)")
 
 
 def _replaceable(directory: Path, marker: str = CONFIG_FILE) -> bool:
-    return directory.is_dir() and (not any(directory.iterdir()) or (directory / marker).is_file())
+    """Empty, or a checkpoint of ``marker``'s kind that epmq wrote: every GPTQ tool writes a
+    quantize_config.json, so that one counts with epmq's manifest or its own section in it."""
+    if not directory.is_dir():
+        return False
+    if not any(directory.iterdir()):
+        return True
+    if not (directory / marker).is_file():
+        return False
+    if marker != CONFIG_FILE or (directory / MANIFEST_FILE).is_file():
+        return True
+    config = read_json(directory / CONFIG_FILE)  # (epmq before the manifest: its own section)
+    return isinstance(config, dict) and isinstance(config.get("epmq"), dict)
 
 
 def _fsync(path: Path) -> None:
@@ -894,7 +934,13 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     if adapter is None:
         towers = [(a, stacks) for a, stacks in towers
                   if any(name.startswith(f"{stack}.") for stack, _ in stacks for name in modules)]
-    remember(model, prepare_towers(model, towers, swap))
+    prepared = prepare_towers(model, towers, swap)
+    remember(model, prepared)
+    # a rebuilt module whose tower was saved unprepared (open_clip's text tower beside a quantized
+    # vision tower) holds its tensors under their own names: in_proj_weight for in_proj.weight
+    for name, key in prepared.items():
+        if type(key) is str and key in tensors and name not in tensors:
+            tensors[name] = tensors.pop(key)
     # a model built on meta takes the dtype each layer was saved in (else config.json's), which
     # a QuantLinear reports as its weight's (model code casts activations to it)
     dtype = getattr(getattr(model, "config", None), "dtype", None) if empty else None

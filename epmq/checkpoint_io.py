@@ -61,6 +61,14 @@ WEIGHT_FILES = (  # in order of preference, inside a directory
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
 
 
+def _second_copy(state: Mapping, wrapper: str) -> Optional[str]:
+    """The key beside ``state[wrapper]`` holding tensors of the same names (timm's
+    ``state_dict_ema``, a ``model_ema``), or None."""
+    names = {k for k, v in state[wrapper].items() if isinstance(v, torch.Tensor)}
+    return next((key for key, other in state.items() if key != wrapper and isinstance(other, Mapping)
+                 and any(isinstance(other.get(n), torch.Tensor) for n in names)), None)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is bound to."""
 
@@ -217,6 +225,11 @@ class CheckpointReader:
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
                 for wrapper in _WRAPPERS:
                     if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+                        twin = _second_copy(state, wrapper)
+                        if twin is not None:
+                            raise self.error(f"{self.what}: {file} holds the model twice, under {wrapper!r} and "
+                                             f"{twin!r} (e.g. its weights and an EMA copy): save the copy you mean "
+                                             f"alone")
                         state = state[wrapper]
                 if not isinstance(state, Mapping):
                     raise self.error(f"{self.what}: {file} does not hold a state dict")

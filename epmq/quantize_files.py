@@ -57,6 +57,10 @@ def _config_json(directory: Path) -> dict:
 def _model_class(directory: Path, tower: Optional[str]):
     import transformers
 
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json, which epmq quantize builds the (transformers) model "
+                         f"from" + (": an open_clip model is quantized from Python, epmq.quantize_model"
+                                    if (directory / "open_clip_config.json").is_file() else ""))
     config = _config_json(directory)
     names = config.get("architectures") or []
     cls = getattr(transformers, names[0], None) if names else transformers.AutoModelForCausalLM

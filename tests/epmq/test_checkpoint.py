@@ -1,5 +1,6 @@
 """Packed checkpoints: the serving-engine (``gptq``) convention, configs, atomic writes."""
 
+import contextlib
 import copy
 import json
 import os
@@ -713,18 +714,66 @@ def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch):
 
 
 def test_replacing_keeps_what_the_user_put_beside_the_checkpoint(two_models):
-    """A tokenizer saved into the checkpoint directory survives the next save; stray weights
-    files do not (the new checkpoint's weights are the only ones)."""
+    """A tokenizer saved into the checkpoint directory survives the next save; weights files
+    the user put there are neither kept (engines would read them as the checkpoint's) nor
+    dropped: the save is refused, naming them, and nothing changes."""
     fam, old, new, directory = two_models
     (directory / "tokenizer.json").write_text("{}")
     (directory / "extra").mkdir()
     (directory / "extra" / "README.md").write_text("notes")
-    (directory / "model.safetensors.index.json").write_text("{}")
+    for stray in ("model.safetensors.index.json", "training_args.bin"):
+        (directory / stray).write_text("{}")
+        before = sorted(os.listdir(directory))
+        with pytest.raises(ValueError, match=f"weights files epmq did not write there \\({stray}\\)"):
+            epmq.save_quantized(new, directory)
+        assert sorted(os.listdir(directory)) == before
+        (directory / stray).unlink()
     epmq.save_quantized(new, directory)
     assert sorted(os.listdir(directory)) == [".epmq_files.json", "config.json", "extra", "generation_config.json",
                                              "model.safetensors", "quantize_config.json", "tokenizer.json"]
     assert (directory / "extra" / "README.md").read_text() == "notes"
     assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
+
+
+def test_a_file_epmq_wrote_and_the_user_changed_is_kept(two_models):
+    """generation_config.json edited by hand (max_new_tokens) survives the next save, with a
+    warning naming it; the files epmq wrote and nobody changed are the new write's; the
+    checkpoint's own configs are always the new write's."""
+    import time
+
+    fam, old, new, directory = two_models
+    time.sleep(0.01)  # (a new modification time, whatever the file system's resolution)
+    generation = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(json.dumps(dict(generation, max_new_tokens=7)))
+    (directory / "quantize_config.json").write_text(json.dumps(
+        dict(json.loads((directory / "quantize_config.json").read_text()), note="mine")))
+    with pytest.warns(UserWarning, match=r"kept your changed generation_config\.json in place"):
+        epmq.save_quantized(new, directory)
+    assert json.loads((directory / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert "note" not in json.loads((directory / "quantize_config.json").read_text())
+    with warnings_recorded() as record:  # (the kept file is the user's from now on: kept again, said again)
+        epmq.save_quantized(old, directory)
+    assert [w for w in record if "kept your changed generation_config.json" in str(w.message)]
+    (directory / "generation_config.json").unlink()
+    epmq.save_quantized(new, directory)
+    assert "max_new_tokens" not in json.loads((directory / "generation_config.json").read_text())
+
+
+def test_a_gptq_checkpoint_another_tool_wrote_is_not_replaced(gen, tmp_path):
+    """Every GPTQ tool writes a quantize_config.json: without epmq's manifest or its own section
+    in that file, the directory is another tool's checkpoint and is left alone."""
+    _, model = quantized(gen)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "desc_act": False}))
+    (theirs / "gptq_model-4bit-32g.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="holds a checkpoint epmq did not write"):
+        epmq.save_quantized(model, theirs)
+    assert sorted(os.listdir(theirs)) == ["gptq_model-4bit-32g.safetensors", "quantize_config.json"]
+    # one epmq wrote before the manifest existed (its section in quantize_config.json) is replaced
+    epmq.save_quantized(model, tmp_path / "ours")
+    (tmp_path / "ours" / ckpt.MANIFEST_FILE).unlink()
+    epmq.save_quantized(model, tmp_path / "ours")
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(gen, tmp_path):
@@ -1133,3 +1182,44 @@ def test_a_quantized_lm_head_is_declared(tmp_path):
     assert isinstance(loaded.lm_head, epmq.QuantLinear)
     x = torch.randint(0, 64, (1, 8))
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- open_clip towers left whole
+
+
+@contextlib.contextmanager
+def warnings_recorded():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield record
+
+
+def _open_clip_clip():
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2}}
+    return lambda: CLIP(**cfg).eval()
+
+
+@pytest.mark.parametrize("part", ["visual tower", "one in_proj left"])
+def test_open_clip_attention_left_in_full_precision_loads_back(part, tmp_path):
+    """The paper's CLIP setting quantizes the vision tower and keeps the text tower: saved whole,
+    the text tower's attention keeps open_clip's own layout (in_proj_weight), as does an
+    in_proj that layers= left out; the loader rebuilds those attentions too, and reads them."""
+    make = _open_clip_clip()
+    clip = make()
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    if part == "visual tower":
+        epmq.quantize_model(clip.visual, spec, method="rtn", progress=False)
+    else:
+        epmq.quantize_model(clip, spec, method="rtn", progress=False,
+                            layers=lambda n: n != "transformer.resblocks.1.attn.in_proj")
+    epmq.save_quantized(clip, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", make())
+    image, text = torch.randn(2, 3, 16, 16), torch.randint(1, 49, (2, 8))
+    for got, want in zip(loaded(image, text), clip(image, text)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -483,6 +483,23 @@ def test_a_vision_language_model_is_sent_to_quantize_model(tmp_path):
                    "whose towers epmq.quantize_model walks", tower="vision")
 
 
+def test_a_model_directory_without_config_json_is_named(files, tmp_path):
+    """An empty directory, bare weights, an open_clip checkpoint: no config.json to build a
+    transformers model from, said so (it was 'AutoModelForCausalLM: its forward takes neither
+    input_ids nor pixel_values')."""
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bare").mkdir()
+    shutil.copy(next((files / "merged").glob("*.safetensors")), tmp_path / "bare")
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "open_clip_config.json").write_text("{}")
+    for name in ("empty", "bare"):
+        assert_refused(tmp_path / name, tmp_path, f"{tmp_path / name} has no config.json, which epmq quantize "
+                                                  f"builds the \\(transformers\\) model from$")
+    assert_refused(tmp_path / "open_clip", tmp_path, "no config.json.*open_clip model is quantized from Python")
+
+
 def test_inputs_that_cannot_be_quantized_are_named(files, tmp_path, capsys):
     """A quantized model, a model without a tokenizer (RTN, which reads no text, goes on without
     it), an output under a file: clear errors before any work, not transformers' tracebacks."""

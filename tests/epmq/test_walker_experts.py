@@ -124,6 +124,17 @@ def test_two_copies_of_the_model_in_one_checkpoint_are_refused(tmp_path):
     expert = ExpertWeights(str(tmp_path / "last.ckpt"), task="t")
     with pytest.raises(ValueError, match=r"task 't' .* several copies \('.*' is both 'ema_model.module.*' and 'model."):
         expert.bind(_names(model))
+    # timm's and others' nested form: the EMA beside the wrapper, under the same names
+    for wrapper, twin in (("state_dict", "state_dict_ema"), ("model", "model_ema")):
+        torch.save({wrapper: state, twin: {k: v * 0.5 for k, v in state.items()}, "epoch": 3},
+                   tmp_path / "nested.pth")
+        with pytest.raises(ValueError, match=f"task 't': .*nested.pth holds the model twice, under '{wrapper}' and "
+                                             f"'{twin}'"):
+            ExpertWeights(str(tmp_path / "nested.pth"), task="t").bind(_names(model))
+    # an optimizer's state beside the weights is no second copy
+    torch.save({"state_dict": state, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}},
+               tmp_path / "with_optimizer.pth")
+    ExpertWeights(str(tmp_path / "with_optimizer.pth"), task="t").bind(_names(model))
     # one copy alone binds
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "one.ckpt")
     expert = ExpertWeights(str(tmp_path / "one.ckpt"), task="t")
