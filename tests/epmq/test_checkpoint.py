@@ -691,7 +691,9 @@ def test_swap_replaces_the_checkpoint(two_models):
 
 
 def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch):
-    """Without renameat2 the swap is two renames; if the second fails the old one goes back."""
+    """Without renameat2 the swap is two renames; the first failing (the old checkpoint to its
+    backup name: the shards' own renames come before) leaves everything in place (the second
+    failing: the next test)."""
     fam, old, new, directory = two_models
     before = contents(directory)
     monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
@@ -1223,3 +1225,85 @@ def test_open_clip_attention_left_in_full_precision_loads_back(part, tmp_path):
     image, text = torch.randn(2, 3, 16, 16), torch.randint(1, 49, (2, 8))
     for got, want in zip(loaded(image, text), clip(image, text)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_shard_is_filled_up_to_exactly_max_shard_size(gen, tmp_path):
+    """As transformers (huggingface_hub's splitter) shards: a new shard only when the next tensor
+    would pass the limit, so tensors that add up to exactly ``max_shard_size`` share one file."""
+    tensors = {f"t{i}": torch.randn(25, generator=gen) for i in range(4)}  # 100 bytes each
+    writer = ckpt.ShardWriter(tmp_path, 200)
+    for name, t in tensors.items():
+        writer[name] = t
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"t0": "model-00001-of-00002.safetensors", "t1": "model-00001-of-00002.safetensors",
+                                   "t2": "model-00002-of-00002.safetensors", "t3": "model-00002-of-00002.safetensors"}
+    (tmp_path / "one").mkdir()
+    writer = ckpt.ShardWriter(tmp_path / "one", 400)
+    for name, t in tensors.items():
+        writer[name] = t
+    writer.finish()
+    assert sorted(os.listdir(tmp_path / "one")) == ["model.safetensors"]
+    held = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert all(torch.equal(held[k], t) for k, t in tensors.items())
+
+
+def test_two_rename_fallback_puts_the_old_checkpoint_back_when_the_new_cannot_go_in(two_models, monkeypatch):
+    """The second rename of the swap itself (new directory -> its place) fails, after the old
+    checkpoint was moved aside: the old one is renamed back. (``os.rename`` is also what
+    ``Path.rename`` calls while the shards are written, so the failing call is picked by its
+    paths, not by its rank.)"""
+    fam, old, new, directory = two_models
+    before = contents(directory)
+    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    real, swaps = os.rename, []
+
+    def rename(src, dst):
+        if os.path.basename(str(src)).startswith(f".{directory.name}.tmp-") and str(dst) == str(directory):
+            swaps.append(src)
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        epmq.save_quantized(new, directory)
+    monkeypatch.setattr(ckpt.os, "rename", real)
+    assert len(swaps) == 1  # (the failure was the swap's second rename)
+    assert_previous_checkpoint_intact(fam, old, directory, before)
+
+
+@pytest.mark.parametrize("edit", ["missing", "unexpected"])
+def test_a_checkpoint_missing_or_adding_a_tensor_is_refused(edit, gen, tmp_path):
+    """A fresh model given to load_quantized keeps none of its own values silently: a tensor the
+    checkpoint lacks (or one the model has no place for) is an error naming it."""
+    from safetensors.torch import save_file
+
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(path))
+    if edit == "missing":
+        del tensors["model.norm.weight"]
+    else:
+        tensors["model.extra.weight"] = torch.zeros(3)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"does not fit .*{edit} tensors \['model\.(norm|extra)\.weight'\]"):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+
+
+def test_a_peer_checkpoint_loads_in_the_dtype_its_config_names(tmp_path):
+    """Another tool's checkpoint names no dtype per layer: built without a model, its
+    QuantLinears take config.json's dtype, as its other tensors do, and the model runs."""
+    model = build("llama")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.to(torch.bfloat16)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    ours = epmq.load_quantized(tmp_path / "q")  # (each layer's dtype recorded under "epmq")
+    (tmp_path / "q" / "quantize_config.json").unlink()  # transformers' layout: config.json only
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {m.weight.dtype for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {torch.bfloat16}
+    item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
+    # (the model built from the config keeps its rotary table in float32, as from_pretrained does)
+    torch.testing.assert_close(output(loaded, item), output(ours, item), rtol=0, atol=0)

@@ -524,3 +524,33 @@ def test_inputs_that_cannot_be_quantized_are_named(files, tmp_path, capsys):
     with pytest.warns(UserWarning, match="the checkpoint is written without one"):
         assert main(["quantize", str(config), str(tmp_path / "rtn"), "--quiet"]) == 0
     assert (tmp_path / "rtn" / "quantize_config.json").is_file()
+
+
+def test_pairs_of_one_input_length_and_other_target_lengths_are_batched_apart(tmp_path):
+    """A batch holds pairs of the same input *and* target lengths: targets of other lengths under
+    inputs of one length go to other batches, every pair once, nothing padded."""
+    from epmq.benches.tiny import t5_tokenizer
+    from epmq.calibration import pair_batches
+
+    tok = t5_tokenizer(tmp_path / "tok")
+    rng = random.Random(3)
+    pairs = [(" ".join(rng.choice(WORDS) for _ in range(4)), " ".join(rng.choice(WORDS) for _ in range(1 + i % 3)))
+             for i in range(9)]
+    batches = pair_batches(pairs, tok, samples=9, seq_len=24, batch_size=8)
+    want = sorted((tuple(tok(x)["input_ids"]), tuple(tok(text_target=y)["input_ids"])) for x, y in pairs)
+    assert len({len(x) for x, _ in want}) == 1 and len({len(y) for _, y in want}) == 3
+    got = sorted((tuple(b["input_ids"][r].tolist()), tuple(b["labels"][r].tolist()))
+                 for b in batches for r in range(b["input_ids"].shape[0]))
+    assert got == want
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    assert len(batches) == 3
+
+
+def test_seq_len_may_equal_the_models_positions(tmp_path):
+    """Windows of exactly ``max_position_embeddings`` tokens fit the model; one more does not."""
+    from epmq.quantize_files import _check_positions
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 64}))
+    _check_positions(tmp_path, 64)
+    with pytest.raises(ValueError, match="seq_len=65 is longer than the model's 64 positions"):
+        _check_positions(tmp_path, 65)

@@ -547,3 +547,54 @@ def test_train_mode_is_restored_on_every_module(arch, gen):
     for name, training in after.items():  # (a new module has its nearest old ancestor's mode)
         owner = max((n for n in before if name == n or name.startswith(f"{n}.") or not n), key=len)
         assert training == before[owner], name
+
+
+def test_non_finite_merged_bias_names_the_layer(gen):
+    """A non-finite bias is as fatal to the statistics as a non-finite weight: refused up front, by name."""
+    fam = Family("gpt2", gen, n_samples=1)
+    model = fam.merged()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[3] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc of the merged model has a non-finite bias"):
+        quantize(fam, model, method="gptq", experts=None)
+    assert_untouched(model, before)
+
+
+
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_an_input_written_in_place_after_the_call_in_one_pass(method):
+    """As above with ``true_sequential=False``: both linears are captured in one pass over the
+    whole block, so the in-place update happens while ``a``'s input is held; ``a``'s statistics
+    are still those of y as ``a`` saw it."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = x + 0
+            h = self.a(y)
+            y.add_(1.0)  # (not a scaling, to which the solvers are blind)
+            return x + h + self.b(y)
+
+    class OutOfPlace(InPlace):
+        def forward(self, x):
+            y = x + 0
+            return x + self.a(y) + self.b(y + 1.0)
+
+    g = torch.Generator().manual_seed(5)
+    calibration = {"task": [torch.randn(4, 16, generator=g) for _ in range(2)]}
+    models = {}
+    for block_type in (InPlace, OutOfPlace):
+        torch.manual_seed(0)
+        net = Net(block_type)
+        experts = None
+        if method == "epmq":
+            experts = {"task": {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(6))
+                                for k, v in net.state_dict().items()}}
+        models[block_type] = epmq.quantize_model(
+            net, SPEC, method=method, calibration=calibration, experts=experts, true_sequential=False,
+            progress=False, adapter=epmq.Adapter("in-place", block_types=(block_type,)))
+    a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

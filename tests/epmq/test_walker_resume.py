@@ -432,3 +432,37 @@ def test_epmq_quantize_refuses_a_resume_directory_another_process_holds(gen, tmp
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(weight_anchor=0.5), "weight_anchor"),
+    (dict(percdamp=0.05), "percdamp"),
+    (dict(true_sequential=False), "true_sequential"),
+    (dict(blocksize=8), "blocksize"),
+])
+def test_other_solver_options_are_refused(change, message, gen, tmp_path, monkeypatch):
+    """Each of these changes the layers a walk solves: a walk resumed with another value would
+    mix two walks' blocks."""
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match=f"another walk.*{message}"):
+        epmq.quantize_model(fam.merged(), SPEC, method="epmq", calibration=fam.calibration,
+                            experts=fam.experts, resume_dir=tmp_path, progress=False, **change)
+
+
+def test_an_expert_of_other_embeddings_is_refused_on_the_expert_path(gen, tmp_path, monkeypatch):
+    """On the expert path each expert's own embeddings make its stream's inputs: an expert whose
+    tensors outside the blocks changed is another walk, though no block tensor did."""
+    fam = Family("llama", gen)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            run(fam, fam.merged(), "epmq", "expert_path", resume_dir=tmp_path)
+    experts = dict(fam.experts)
+    task = next(iter(experts))
+    name = "model.embed_tokens.weight"
+    experts[task] = {k: v * 1.01 if k == name else v for k, v in experts[task].state_dict().items()}
+    with pytest.raises(ValueError, match="another walk.*experts_outside"):
+        epmq.quantize_model(fam.merged(), SPEC, method="epmq", targets="expert_path",
+                            calibration=fam.calibration, experts=experts, resume_dir=tmp_path,
+                            progress=False)
