@@ -26,8 +26,9 @@ elsewhere), so a crash leaves the previous checkpoint in place, complete. Files 
 beside a checkpoint (``tokenizer.save_pretrained(directory)``, a README) are carried into the
 new one, and so are the files epmq wrote there itself (``.epmq_files.json`` lists them) that
 were changed since, but the weights and configs; weights files epmq did not write there make
-the write refuse (engines would read them), and so does another tool's GPTQ checkpoint. A symlinked target is written where it points; the
-temporary directories of a killed write are removed by the next write to the same target.
+the write refuse (engines would read them), and so does another tool's GPTQ checkpoint. A
+symlinked target is written where it points; the temporary directories of a killed write are
+removed by the next write to the same target.
 """
 
 from __future__ import annotations
@@ -541,7 +542,8 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
     if (directory / MANIFEST_FILE).is_file():
         # (vLLM reads every *.safetensors beside the checkpoint, so they cannot stay; nor be lost)
         ours = _read_manifest(directory)
-        foreign = sorted(p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.name not in ours)
+        foreign = sorted(p.name for p in directory.iterdir()
+                         if p.name.endswith(WEIGHT_SUFFIXES) and p.name not in ours)
         if foreign:
             raise ValueError(f"{directory} holds weights files epmq did not write there ({', '.join(foreign[:5])}): "
                              f"a new checkpoint would drop them (engines read every weights file beside it); "

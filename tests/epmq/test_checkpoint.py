@@ -1202,7 +1202,8 @@ def _open_clip_clip():
     from open_clip.model import CLIP
 
     torch.manual_seed(0)
-    cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16, "patch_size": 8},
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16, "patch_size": 8},
            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2}}
     return lambda: CLIP(**cfg).eval()
 

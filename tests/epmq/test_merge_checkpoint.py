@@ -518,6 +518,11 @@ def test_a_tied_head_the_bases_raw_state_dict_stores_takes_the_merged_embeddings
     want = merge.task_arithmetic(base.state_dict(), experts)[name]
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.model.embed_tokens.weight, want) and torch.equal(model.lm_head.weight, want)
+    # and the file holds the head too (the base's names, for loaders that do not tie it), merged
+    from safetensors.torch import load_file
+
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(base.state_dict()) and torch.equal(written["lm_head.weight"], want)
 
 
 def test_models_that_would_lose_the_others_updates_are_refused(checkpoints, tmp_path):
@@ -572,32 +577,3 @@ def test_buffers_older_writers_saved_and_layer_counts_one_config_leaves_out(chec
     want = merge.task_arithmetic(base, experts[:2], scale=0.5)
     got = _load(out)
     assert all(torch.equal(got[n], want[n]) for n in want)
-
-
-def test_a_tied_head_the_base_stores_is_written_with_the_merged_value(tmp_path):
-    """The base's raw state dict stores the tied head beside the embeddings: the output holds it
-    too (a checkpoint with the base's tensor names, for loaders that do not tie it themselves),
-    with the merged embeddings' value, not the base's and not left out."""
-    from safetensors.torch import load_file
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    base = transformers.LlamaForCausalLM(config)
-    base.save_pretrained(tmp_path / "hf_base")
-    (tmp_path / "base").mkdir()
-    torch.save(base.state_dict(), tmp_path / "base" / "pytorch_model.bin")
-    (tmp_path / "base" / "config.json").write_text((tmp_path / "hf_base" / "config.json").read_text())
-    noise = torch.Generator().manual_seed(2)
-    experts = []
-    for k in range(2):
-        expert = perturb(base, noise, scale=0.05)
-        expert.save_pretrained(tmp_path / f"e{k}")
-        experts.append(expert.state_dict())
-    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
-                            base=tmp_path / "base", progress=False)
-    written = load_file(str(out / "model.safetensors"))
-    want = merge.task_arithmetic(base.state_dict(), experts)["model.embed_tokens.weight"]
-    assert set(written) == set(base.state_dict())
-    assert torch.equal(written["model.embed_tokens.weight"], want)
-    assert torch.equal(written["lm_head.weight"], want)

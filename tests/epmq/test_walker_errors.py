@@ -376,39 +376,6 @@ def test_a_device_that_is_not_there_is_refused_up_front(gen, monkeypatch):
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
-def test_an_input_written_in_place_after_the_call_is_read_as_it_was(monkeypatch):
-    """``a`` reads y, then the block doubles y in place and ``b`` reads it: ``a``'s Hessian is
-    that of y as ``a`` saw it (the walk copies inputs at the call), and the two share nothing
-    (same tensor, another version). The model equals the one quantized from the same block
-    written without the in-place update."""
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
-
-        def forward(self, x):
-            y = x + 0
-            h = self.a(y)
-            y.mul_(2)
-            return x + h + self.b(y)
-
-    class OutOfPlace(InPlace):
-        def forward(self, x):
-            y = x + 0
-            return x + self.a(y) + self.b(2 * y)
-
-    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
-    models = {}
-    for block_type in (InPlace, OutOfPlace):
-        torch.manual_seed(0)
-        models[block_type] = epmq.quantize_model(
-            Net(block_type), SPEC, method="gptq", calibration=calibration, progress=False,
-            adapter=epmq.Adapter("in-place", block_types=(block_type,)))
-    a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
-
-
 def test_a_stack_input_the_model_writes_in_place_is_read_as_the_block_saw_it():
     """The model adds 1 to the hidden states in place after every block: the first block's
     recorded input is what it received (the stand-ins hand the same tensor on), so the walk
@@ -563,10 +530,13 @@ def test_non_finite_merged_bias_names_the_layer(gen):
 
 
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
-def test_an_input_written_in_place_after_the_call_in_one_pass(method):
-    """As above with ``true_sequential=False``: both linears are captured in one pass over the
-    whole block, so the in-place update happens while ``a``'s input is held; ``a``'s statistics
-    are still those of y as ``a`` saw it."""
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true_sequential):
+    """``a`` reads y, then the block adds 1 to y in place and ``b`` reads it: ``a``'s Hessian is
+    that of y as ``a`` saw it (the walk copies inputs at the call), and the two share nothing
+    (same tensor, another version). With ``true_sequential=False`` both linears are captured in
+    one pass, so the update happens while ``a``'s input is held. The model equals the one
+    quantized from the same block written without the in-place update."""
     class InPlace(nn.Module):
         def __init__(self):
             super().__init__()
@@ -594,7 +564,8 @@ def test_an_input_written_in_place_after_the_call_in_one_pass(method):
             experts = {"task": {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(6))
                                 for k, v in net.state_dict().items()}}
         models[block_type] = epmq.quantize_model(
-            net, SPEC, method=method, calibration=calibration, experts=experts, true_sequential=False,
+            net, SPEC, method=method, calibration=calibration, experts=experts, true_sequential=true_sequential,
             progress=False, adapter=epmq.Adapter("in-place", block_types=(block_type,)))
     a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
