@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -690,18 +691,22 @@ def test_swap_replaces_the_checkpoint(two_models):
     torch.testing.assert_close(output(loaded, fam.test_item), output(new, fam.test_item), rtol=0, atol=1e-6)
 
 
-def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch):
-    """Without renameat2 the swap is two renames; the first failing (the old checkpoint to its
-    backup name: the shards' own renames come before) leaves everything in place (the second
-    failing: the next test)."""
+@pytest.mark.parametrize("failing", ["old aside", "new in"])
+def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch, failing):
+    """Without renameat2 the swap is two renames: the old checkpoint aside, the new one into its
+    place. Either failing leaves the old checkpoint where it was (the second: renamed back).
+    (``Path.rename`` calls ``os.rename`` too while the shards are written: the failing call is
+    picked by its paths.)"""
     fam, old, new, directory = two_models
     before = contents(directory)
     monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
-    real, calls = os.rename, []
+    real, failed = os.rename, []
 
     def rename(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:
+        src, dst = Path(src), Path(dst)
+        if (src == directory and dst.name.startswith(f".{directory.name}.old-") if failing == "old aside"
+                else src.name.startswith(f".{directory.name}.tmp-") and dst == directory):
+            failed.append(src)
             raise OSError("rename failed")
         real(src, dst)
 
@@ -709,6 +714,7 @@ def test_two_rename_fallback_restores_on_failure(two_models, monkeypatch):
     with pytest.raises(OSError, match="rename failed"):
         epmq.save_quantized(new, directory)
     monkeypatch.setattr(ckpt.os, "rename", real)
+    assert len(failed) == 1
     assert_previous_checkpoint_intact(fam, old, directory, before)
     epmq.save_quantized(new, directory)  # and the fallback itself works
     assert json.loads((directory / "quantize_config.json").read_text())["bits"] == 8
@@ -1247,30 +1253,6 @@ def test_a_shard_is_filled_up_to_exactly_max_shard_size(gen, tmp_path):
     assert sorted(os.listdir(tmp_path / "one")) == ["model.safetensors"]
     held = load_file(str(tmp_path / "one" / "model.safetensors"))
     assert all(torch.equal(held[k], t) for k, t in tensors.items())
-
-
-def test_two_rename_fallback_puts_the_old_checkpoint_back_when_the_new_cannot_go_in(two_models, monkeypatch):
-    """The second rename of the swap itself (new directory -> its place) fails, after the old
-    checkpoint was moved aside: the old one is renamed back. (``os.rename`` is also what
-    ``Path.rename`` calls while the shards are written, so the failing call is picked by its
-    paths, not by its rank.)"""
-    fam, old, new, directory = two_models
-    before = contents(directory)
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
-    real, swaps = os.rename, []
-
-    def rename(src, dst):
-        if os.path.basename(str(src)).startswith(f".{directory.name}.tmp-") and str(dst) == str(directory):
-            swaps.append(src)
-            raise OSError("rename failed")
-        real(src, dst)
-
-    monkeypatch.setattr(ckpt.os, "rename", rename)
-    with pytest.raises(OSError, match="rename failed"):
-        epmq.save_quantized(new, directory)
-    monkeypatch.setattr(ckpt.os, "rename", real)
-    assert len(swaps) == 1  # (the failure was the swap's second rename)
-    assert_previous_checkpoint_intact(fam, old, directory, before)
 
 
 @pytest.mark.parametrize("edit", ["missing", "unexpected"])
