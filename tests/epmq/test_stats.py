@@ -109,17 +109,17 @@ def test_sharing_inputs_misuse_is_reported(gen):
         EPMQStats(W, inputs_of=q, merged_hessian=torch.eye(D_IN))
 
 
-def _asymmetric(gen, dtype):
+def _asymmetric(gen, dtype, *, anchor_noise=0.3, first_weight=1.5):
     """Two tasks streamed with target inputs X~ (x_expert) and anchor inputs X_a (x_anchor)
-    beside the quantized path's X; task weights 1.5 and 2.5."""
+    beside the quantized path's X; task weights first_weight and first_weight + 1."""
     W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=dtype)
     W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=dtype) for _ in range(2)]
     X = [batches(gen) for _ in range(2)]
     X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
-    X_a = [[x + 0.3 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
+    X_a = [[x + anchor_noise * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
     stats = EPMQStats(W_m, dtype=torch.float64)
     for k in range(2):
-        stats.begin_task(W_k[k], weight=1.5 + k)
+        stats.begin_task(W_k[k], weight=first_weight + k)
         for x, xt, xa in zip(X[k], X_t[k], X_a[k]):
             stats.add_batch(x, x_expert=xt, x_anchor=xa)
         stats.end_task()
@@ -247,31 +247,16 @@ def test_asymmetric_anchor_constant_is_in_the_expert_term(gen):
     the anchor's constant lam c_m is small against the expert term, which must still be the
     objective's value: L(Q) = sum_k a_k |X_k Q^T - X~_k W_k^T|^2 + lam |X Q^T - X_a W_m^T|^2 +
     mu |Q - W_m|^2, term by term, straight from the tokens."""
-    W_m = torch.randn(D_OUT, D_IN, generator=gen)
-    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
-    X = [batches(gen) for _ in range(2)]
-    X_t = [[x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
-    X_a = [[x + 0.01 * torch.randn(x.shape, generator=gen) for x in xs] for xs in X]
-    stats = EPMQStats(W_m, dtype=torch.float64)
-    for k in range(2):
-        stats.begin_task(W_k[k], weight=1.0 + k)
-        for x, xt, xa in zip(X[k], X_t[k], X_a[k]):
-            stats.add_batch(x, x_expert=xt, x_anchor=xa)
-        stats.end_task()
+    stats, W_m, W_k, X, X_t, X_a = _asymmetric(gen, torch.float32, anchor_noise=0.01, first_weight=1.0)
     res = quant.epmq_from_stats(stats, QuantSpec(bits=3, group_size=16), anchor=0.5, weight_anchor=0.1)
-
-    def flat(xs):
-        return torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
-
-    Q, W_m64 = res.weight.double(), W_m.double()
-    expert = sum((1.0 + k) * float((flat(X[k]) @ Q.T - flat(X_t[k]) @ W_k[k].double().T).pow(2).sum())
-                 for k in range(2))
-    anchor = sum(float((flat(X[k]) @ Q.T - flat(X_a[k]) @ W_m64.T).pow(2).sum()) for k in range(2))
+    Q = res.weight.double()
+    expert = sum((1.0 + k) * float((X[k] @ Q.T - X_t[k] @ W_k[k].T).pow(2).sum()) for k in range(2))
+    anchor = sum(float((X[k] @ Q.T - X_a[k] @ W_m.T).pow(2).sum()) for k in range(2))
     lam, mu = res.info["lam_effective"], res.info["mu_effective"]
     assert lam * anchor < expert  # (the regime where the expert term is not re-measured)
     assert res.expert_loss == pytest.approx(expert, rel=1e-6)
     assert res.anchor_loss == pytest.approx(lam * anchor, rel=1e-6)
-    assert res.weight_anchor_loss == pytest.approx(mu * float((Q - W_m64).pow(2).sum()), rel=1e-6)
+    assert res.weight_anchor_loss == pytest.approx(mu * float((Q - W_m).pow(2).sum()), rel=1e-6)
 
 
 def test_task_weights_must_be_finite_and_non_negative(gen):
