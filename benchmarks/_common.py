@@ -53,12 +53,13 @@ def write_json(path, result: dict) -> None:
 
 
 def peer_version(script: str, python: str, distribution: str, env=None):
-    """The version of ``distribution`` that the interpreter ``python`` has, or None after saying
-    on stderr why the peer cannot run (the caller exits 2)."""
+    """The version of ``distribution`` (also the module's name) that the interpreter ``python``
+    imports, or None after saying on stderr why the peer cannot run (the caller exits 2)."""
     import subprocess
 
-    try:
-        check = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
+    try:  # (imported, not only installed: a peer that cannot import would fail every case)
+        check = subprocess.run([python, "-c", f"import importlib.metadata as m, {distribution}; "
+                                              f"print(m.version({distribution!r}))"],
                                capture_output=True, text=True, env=env)
     except OSError as e:
         print(f"{script}: cannot run --python {python}: {e}", file=sys.stderr)

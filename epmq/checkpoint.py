@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -588,8 +589,25 @@ MANIFEST_FILE = ".epmq_files.json"
 
 
 def _signature(path: Path) -> list:
-    stat = path.stat(follow_symlinks=False)
-    return [stat.st_size, stat.st_mtime_ns]
+    """Size and content hash (a copy with cp -r, scp or a hub download changes every file's
+    time, not its content); weights, never carried over, by their size alone."""
+    size = path.stat(follow_symlinks=False).st_size
+    if path.name.endswith(WEIGHT_SUFFIXES):
+        return [size]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return [size, digest.hexdigest()]
+
+
+def _unchanged(path: Path, recorded) -> bool:
+    if not path.is_file() or path.is_symlink() or not isinstance(recorded, list) or not recorded:
+        return False
+    if len(recorded) == 2 and isinstance(recorded[1], int):  # (manifests of 2026-12-02: size, time)
+        stat = path.stat(follow_symlinks=False)
+        return recorded == [stat.st_size, stat.st_mtime_ns]
+    return _signature(path) == recorded
 
 
 def _write_manifest(directory: Path) -> None:
@@ -630,7 +648,7 @@ def _carry_over(old: Path, new: Path) -> None:
         name, target = entry.name, new / entry.name
         if name in _DEFINING_FILES or name.endswith(WEIGHT_SUFFIXES):
             continue  # (weights epmq did not write there were refused by check_output)
-        if name in ours and entry.is_file() and not entry.is_symlink() and _signature(entry) == ours[name]:
+        if name in ours and _unchanged(entry, ours[name]):
             continue  # ours, unchanged: the new write's version, or none, stands
         if target.exists() or target.is_symlink():
             if not manifest:

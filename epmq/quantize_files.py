@@ -58,8 +58,8 @@ def _model_class(directory: Path, tower: Optional[str]):
     import transformers
 
     if not (directory / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json, which epmq quantize builds the (transformers) model "
-                         f"from" + (": an open_clip model is quantized from Python, epmq.quantize_model"
+        raise ValueError(f"{directory} has no config.json, which epmq builds the (transformers) model from"
+                         + (": an open_clip model is quantized from Python, epmq.quantize_model"
                                     if (directory / "open_clip_config.json").is_file() else ""))
     config = _config_json(directory)
     names = config.get("architectures") or []

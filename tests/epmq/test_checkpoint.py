@@ -767,6 +767,28 @@ def test_a_file_epmq_wrote_and_the_user_changed_is_kept(two_models):
     assert "max_new_tokens" not in json.loads((directory / "generation_config.json").read_text())
 
 
+def test_a_copied_checkpoint_is_replaced_by_the_next_write(two_models):
+    """A copy (cp -r, scp, a hub download) gives every file a new time, not new content: epmq's
+    files are still its own, and the next write's stand (not the copy's, with a warning). A
+    manifest of 2026-12-02 (size and time) is still read."""
+    fam, old, new, directory = two_models
+    generation = directory / "generation_config.json"
+    content = generation.read_text()
+    os.utime(generation, ns=(10**18, 10**18))
+    (directory / "generation_config.json").write_text(content)  # (the same content, written again)
+    with warnings_recorded() as record:
+        epmq.save_quantized(new, directory)
+    assert not [w for w in record if "kept your changed" in str(w.message)]
+    manifest = json.loads((directory / ckpt.MANIFEST_FILE).read_text())
+    assert manifest["generation_config.json"][1] != content  # (a hash, not the text)
+    stat = generation.stat()
+    manifest["generation_config.json"] = [stat.st_size, stat.st_mtime_ns]
+    (directory / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with warnings_recorded() as record:
+        epmq.save_quantized(old, directory)
+    assert not [w for w in record if "kept your changed" in str(w.message)]
+
+
 def test_a_gptq_checkpoint_another_tool_wrote_is_not_replaced(gen, tmp_path):
     """Every GPTQ tool writes a quantize_config.json: without epmq's manifest or its own section
     in that file, the directory is another tool's checkpoint and is left alone."""

@@ -495,7 +495,7 @@ def test_a_model_directory_without_config_json_is_named(files, tmp_path):
     (tmp_path / "open_clip").mkdir()
     (tmp_path / "open_clip" / "open_clip_config.json").write_text("{}")
     for name in ("empty", "bare"):
-        assert_refused(tmp_path / name, tmp_path, f"{tmp_path / name} has no config.json, which epmq quantize "
+        assert_refused(tmp_path / name, tmp_path, f"{tmp_path / name} has no config.json, which epmq "
                                                   f"builds the \\(transformers\\) model from$")
     assert_refused(tmp_path / "open_clip", tmp_path, "no config.json.*open_clip model is quantized from Python")
 

@@ -131,6 +131,11 @@ def test_two_copies_of_the_model_in_one_checkpoint_are_refused(tmp_path):
         with pytest.raises(ValueError, match=f"task 't': .*nested.pth holds the model twice, under '{wrapper}' and "
                                              f"'{twin}'"):
             ExpertWeights(str(tmp_path / "nested.pth"), task="t").bind(_names(model))
+    # nor are other tensors of the model's names under a key that says no average (DeepSpeed's
+    # frozen_param_fragments beside its module)
+    torch.save({"module": state, "frozen_param_fragments": {k: v for k, v in list(state.items())[:2]}},
+               tmp_path / "mp_rank_00_model_states.pt")
+    ExpertWeights(str(tmp_path / "mp_rank_00_model_states.pt"), task="t").bind(_names(model))
     # an optimizer's state beside the weights is no second copy
     torch.save({"state_dict": state, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}},
                tmp_path / "with_optimizer.pth")
