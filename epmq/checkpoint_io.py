@@ -468,7 +468,7 @@ def renamed(names: Iterable[str], rename: Optional[Callable[[str], str]]) -> Dic
         new = name if rename is None else rename(name)
         if new in seen:
             raise CheckpointError(f"renaming maps both {seen[new]!r} and {name!r} to {new!r}")
-        out[name] = seen[new] = new
+        out[name], seen[new] = new, name
     return out
 
 

@@ -290,3 +290,113 @@ def test_a_vlm_tower_no_adapter_knows_is_named(gen):
         transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=63)).eval()
     with pytest.warns(UserWarning, match=r"no adapter knows the blocks at vision_model\.model\.layers \(Llama4VisionEncoderLayer\)"):
         epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+
+
+# ---------------------------------------------------------------- attention as nn.MultiheadAttention computes it
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_linear_attention_per_head_weights_and_both_masks_as_multihead_attention(batch_first, gen):
+    """``average_attn_weights=False`` returns every head's weights; an ``attn_mask`` and a
+    ``key_padding_mask`` given together both apply, as in ``nn.MultiheadAttention``."""
+    E, H, N, L = 16, 4, 3, 5
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_(generator=gen)
+    x = torch.randn((N, L, E) if batch_first else (L, N, E), generator=gen)
+    kwargs = dict(attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1),  # (position 0 always unmasked)
+                  key_padding_mask=torch.arange(L)[None, :].expand(N, L) >= torch.tensor([[L], [L - 2], [2]]))
+    linear = LinearMultiheadAttention(mha)
+    with torch.no_grad():
+        for need_weights in (True, False):
+            want, want_w = mha(x, x, x, need_weights=need_weights, average_attn_weights=False, **kwargs)
+            got, got_w = linear(x, x, x, need_weights=need_weights, average_attn_weights=False, **kwargs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if need_weights:
+                assert got_w.shape == (N, H, L, L)
+                torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_linear_attention_unbatched_input_as_multihead_attention(batch_first, need_weights, gen):
+    E, H, L = 16, 2, 5
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
+    x = torch.randn(L, E, generator=gen)
+    linear = LinearMultiheadAttention(mha)
+    with torch.no_grad():
+        want, want_w = mha(x, x, x, need_weights=need_weights)
+        got, got_w = linear(x, x, x, need_weights=need_weights)
+    assert got.shape == want.shape == (L, E)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_linear_attention_is_causal_without_a_mask_is_the_causal_mask(need_weights, gen):
+    """``is_causal=True`` and no mask: each position attends to itself and those before it."""
+    E, H, N, L = 16, 4, 2, 6
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    x = torch.randn(N, L, E, generator=gen)
+    linear = LinearMultiheadAttention(mha)
+    causal = torch.full((L, L), float("-inf")).triu(1)
+    with torch.no_grad():
+        want, want_w = mha(x, x, x, need_weights=need_weights, attn_mask=causal)
+        got, got_w = linear(x, x, x, need_weights=need_weights, is_causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_attention_refuses_bias_kv():
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        LinearMultiheadAttention(nn.MultiheadAttention(16, 2, add_bias_kv=True))
+    with pytest.raises(NotImplementedError, match="add_zero_attn"):
+        LinearMultiheadAttention(nn.MultiheadAttention(16, 2, add_zero_attn=True))
+
+
+def test_moe_experts_stages_gate_and_up_in_then_down_out(gen):
+    """``MoEAdapter.stage``: every expert's gate and up projections in ``"<experts>.in"``, every
+    down projection in ``"<experts>.out"`` (Mixtral's w1, w3 and w2 too); other linears None."""
+    from epmq.adapters import MOE_DECODERS
+    from epmq.adapters.moe import LinearExperts
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(3, 8, 4, generator=gen))
+            self.down_proj = nn.Parameter(torch.randn(3, 4, 4, generator=gen))
+            self.act_fn = nn.SiLU()
+
+    class MixtralExperts(Fused):
+        pass
+
+    for fused, (g, u, d) in ((Fused(), ("gate_proj", "up_proj", "down_proj")), (MixtralExperts(), ("w1", "w3", "w2"))):
+        block = nn.Module()
+        block.mlp = nn.Module()
+        block.mlp.experts = LinearExperts(fused)
+        block.mlp.router = nn.Linear(4, 3)
+        for e in range(3):
+            assert MOE_DECODERS.stage(block, f"mlp.experts.{e}.{g}") == "mlp.experts.in"
+            assert MOE_DECODERS.stage(block, f"mlp.experts.{e}.{u}") == "mlp.experts.in"
+            assert MOE_DECODERS.stage(block, f"mlp.experts.{e}.{d}") == "mlp.experts.out"
+        assert MOE_DECODERS.stage(block, "mlp.router") is None
+
+
+def test_llama4_experts_take_a_routed_token_with_a_zero_feature(gen):
+    """A token is routed to an expert where its row is nonzero
+    anywhere, so a routed token one of whose features is exactly zero is still computed."""
+    from epmq.adapters.moe import Llama4LinearExperts
+
+    hidden, inner, n_experts, tokens = 8, 12, 3, 5
+    fused = _llama4_moe(gen, hidden, inner, n_experts, 1).experts
+    x = torch.randn(n_experts, tokens, hidden, generator=gen)
+    x[:, 1] = 0  # (not routed)
+    x[:, 2, 3] = 0  # (routed, one feature zero)
+    x = x.view(-1, hidden)
+    with torch.no_grad():
+        want = fused(x)
+        got = Llama4LinearExperts(fused)(x)
+    assert want.view(n_experts, tokens, hidden)[:, 2].abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1312,3 +1312,35 @@ def test_a_peer_checkpoint_loads_in_the_dtype_its_config_names(tmp_path):
     item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
     # (the model built from the config keeps its rotary table in float32, as from_pretrained does)
     torch.testing.assert_close(output(loaded, item), output(ours, item), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tie_order_of_a_tied_and_an_untied_head(tie):
+    """``tie_order``: aliases of one tied parameter share one list,
+    the first name first; an untied head transformers would tie by default falls back to the
+    embeddings, which do not fall back to it."""
+    import transformers
+
+    from epmq.checkpoint_io import tie_order
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=tie))
+    order = tie_order(model)
+    if tie:
+        assert order["lm_head.weight"] == order["model.embed_tokens.weight"] == [
+            "model.embed_tokens.weight", "lm_head.weight"]
+    else:
+        assert order["lm_head.weight"] == ["lm_head.weight", "model.embed_tokens.weight"]
+        assert order["model.embed_tokens.weight"] == ["model.embed_tokens.weight"]
+    assert order["model.norm.weight"] == ["model.norm.weight"]
+
+
+def test_renamed_refuses_two_names_renamed_alike():
+    """``renamed``: natural order, and a clear error on a collision."""
+    from epmq.checkpoint_io import CheckpointError, renamed
+
+    assert list(renamed(["l.10.w", "l.9.w", "l.2.w"], None)) == ["l.2.w", "l.9.w", "l.10.w"]
+    assert renamed(["a.w", "b.w"], lambda n: "x." + n) == {"a.w": "x.a.w", "b.w": "x.b.w"}
+    with pytest.raises(CheckpointError, match="renaming maps both 'a.w' and 'b.w' to 'c.w'"):
+        renamed(["b.w", "a.w"], lambda n: "c.w")

@@ -450,3 +450,23 @@ def test_an_adapter_of_another_architecture_is_refused_in_a_merge(base_dir, tmp_
     with pytest.raises(ValueError, match="is a 'llama' checkpoint, the base a 'qwen2' one"):
         epmq.merge_checkpoints("task_arithmetic", [tmp_path / "adapter"], tmp_path / "out", base=tmp_path / "qwen2",
                                progress=False)
+
+
+def test_alpha_pattern_matches_a_name_ending_in_it_after_a_dot(base_dir, tmp_path):
+    """``alpha_pattern`` keys match as PEFT matches them: ``proj``
+    ends ``q_proj`` but not after a dot, so it changes no scale; ``self_attn.v_proj`` does."""
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=11,
+                             alpha_pattern={"proj": 50, "self_attn.v_proj": 12})
+    assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=base_dir), reference)
+
+
+def test_an_adapter_whose_update_does_not_fit_the_base_weight_is_refused(base_dir, tmp_path):
+    """The base has the adapted module, but of another shape."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=12)
+    torch.manual_seed(0)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"none of the update's shape.*down_proj"):
+        epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "other")

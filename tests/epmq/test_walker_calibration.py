@@ -261,3 +261,21 @@ def test_open_clip_token_mask_only_where_padding_changes_nothing():
             self.img_transformer = Transformer(width=32, layers=1, heads=4)
 
     assert OPEN_CLIP.token_mask(Holder(), "img_transformer.resblocks", text) is None
+
+
+def test_open_clip_token_mask_ends_at_the_eos_id_or_not_at_all_with_a_cls_token():
+    """``pool_type="eos"``: the tokens up to the first EOS id, not
+    the largest id; a tower that appends a CLS embedding (its hidden states are one longer than
+    the ids) has no mask."""
+    from open_clip.transformer import TextTransformer
+
+    from epmq.adapters import OPEN_CLIP
+
+    text = torch.tensor([[5, 9, 63, 0, 0], [7, 8, 60, 61, 9]])
+    eos = TextTransformer(context_length=5, vocab_size=64, width=32, heads=4, layers=1, output_dim=8,
+                          pool_type="eos", eos_id=9)
+    assert OPEN_CLIP.token_mask(eos, "transformer.resblocks", text).tolist() == [
+        [True, True, False, False, False], [True] * 5]
+    cls = TextTransformer(context_length=5, vocab_size=64, width=32, heads=4, layers=1, output_dim=8,
+                          embed_cls=True, pool_type="argmax")
+    assert OPEN_CLIP.token_mask(cls, "transformer.resblocks", text) is None

@@ -202,3 +202,26 @@ def test_llama4_experts_read_from_either_checkpoint_layout(layout, gen, tmp_path
     for name, W in read.items():
         e, projection = name.split(".")[-2:]
         assert name.startswith(f"{prefix}.") and torch.equal(W, want[projection](int(e))), name
+
+
+def test_a_tied_tensor_is_read_under_any_of_its_aliases():
+    """``bind(aliases=)``: a checkpoint that saved a tied tensor under
+    one name only (the embeddings) gives it for the other (the head)."""
+    g = torch.Generator().manual_seed(0)
+    state = {"embed.weight": torch.randn(6, 4, generator=g), "layer.weight": torch.randn(4, 4, generator=g)}
+    expert = ExpertWeights(dict(state), task="t")
+    expert.bind(["embed.weight", "layer.weight", "head.weight"], aliases={"head.weight": ["embed.weight"]})
+    assert expert.key_for("head.weight") == "embed.weight"
+    assert torch.equal(expert.read("head.weight"), state["embed.weight"])
+    unaliased = ExpertWeights(dict(state), task="t")
+    unaliased.bind(["embed.weight", "layer.weight", "head.weight"])
+    assert unaliased.key_for("head.weight") is None
+
+
+def test_an_swa_copy_beside_the_weights_is_refused(tmp_path):
+    """An averaged copy under a key naming SWA is a second copy."""
+    model = build("llama")
+    state = model.state_dict()
+    torch.save({"state_dict": state, "swa_state_dict": {k: v * 0.5 for k, v in state.items()}}, tmp_path / "s.pth")
+    with pytest.raises(ValueError, match="holds the model twice, under 'state_dict' and 'swa_state_dict'"):
+        ExpertWeights(str(tmp_path / "s.pth"), task="t").bind(_names(model))
