@@ -292,7 +292,7 @@ def test_a_vlm_tower_no_adapter_knows_is_named(gen):
         epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
 
 
-# ---------------------------------------------------------------- attention as nn.MultiheadAttention computes it
+# ---------------------------------------------------------------- rebuilt modules against the originals
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
