@@ -192,6 +192,8 @@ class Plan:
                 raise ValueError(f"merge[{i}]: unknown keys {bad}; allowed: {sorted(allowed)}")
             m = dict(m)
             if "scale" in m:
+                if "scales" in m:
+                    raise ValueError(f"merge[{i}] gives both scale and scales: give one (scale: one value)")
                 m["scales"] = m.pop("scale")
             if "method" not in m:
                 raise ValueError(f"merge[{i}] needs a method ({', '.join(MERGE_METHODS)})")

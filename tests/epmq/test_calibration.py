@@ -4,7 +4,7 @@ together."""
 import pytest
 import torch
 
-from epmq.calibration import unpad
+from epmq.calibration import _drawn, text_windows, unpad
 
 
 def padded(lengths, L, side="right", pad=0, gen=None):
@@ -78,3 +78,35 @@ def test_what_cannot_be_cut_is_refused(gen):
         unpad({"input_ids": ids, "attention_mask": mask, "position_ids": ids[:, :3]})
     with pytest.raises(ValueError, match="every row is padding"):
         unpad({"input_ids": ids, "attention_mask": torch.zeros_like(mask)})
+
+
+# --------------------------------------------------------------------------- seeds of the draws
+
+
+class WordTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + int(w) for w in text.split()]}
+
+
+def test_text_windows_follow_the_seed():
+    texts = [" ".join(str(i % 50) for i in range(k, k + 300)) for k in range(3)]
+
+    def draw(seed):
+        windows = text_windows(texts, WordTokenizer(), samples=6, seq_len=8, batch_size=2, seed=seed)
+        return torch.cat([b["input_ids"] for b in windows])
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+def test_drawn_items_follow_the_seed():
+    items = list(range(100))
+    assert _drawn(items, 10, 4, 1, "x") == _drawn(items, 10, 4, 1, "x")
+    assert _drawn(items, 10, 4, 1, "x") != _drawn(items, 10, 4, 2, "x")
+
+
+def test_windows_need_two_tokens():
+    with pytest.raises(ValueError, match="seq_len >= 2"):
+        text_windows(["1 2 3"], WordTokenizer(), samples=1, seq_len=1)

@@ -1,6 +1,7 @@
 """The ``epmq`` command line: arguments, errors that say what to fix, resume after interruption."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,7 +9,7 @@ import yaml
 import epmq
 import epmq.demo
 from epmq.benches.tiny import write_tiny_clip
-from epmq.cli import main
+from epmq.cli import main, quantize_options
 from epmq.demo import DemoConfig
 from epmq.demo.data import SplitSizes
 from epmq.demo.model import ModelConfig
@@ -287,3 +288,87 @@ def test_the_table_names_the_models_precision():
                          controls=[])
     results["steps"] = {"base": acc, "experts": acc, "merge/Avg": dict(acc, scale=0.3), "quant/Avg/w4/RTN": acc}
     assert [label for label, _ in pipeline.table_rows(results, plan)][2] == "Avg fp32"
+
+
+# --------------------------------------------------------------------------- options a method does not read, output.dir
+
+
+@pytest.mark.parametrize("method, extra, unread", [
+    ("rtn", {"percdamp": 0.01}, "percdamp"),
+    ("rtn", {"targets": "fp_path"}, "targets"),
+    ("rtn", {"true_sequential": False}, "true_sequential"),
+    ("rtn", {"seed": 1}, "seed"),
+    ("gptq", {"residual_precision": "ieee"}, "residual_precision"),
+    ("gptq", {"lora_base": "ckpt/base"}, "lora_base"),
+    ("gptq", {"weight_anchor": 0.1}, "weight_anchor"),
+])
+def test_a_key_the_method_does_not_read_is_an_error(method, extra, unread):
+    config = {"model": "m", "method": method, **extra}
+    if method != "rtn":
+        config["calibration"] = {"a": "a.txt"}
+    with pytest.raises(ValueError, match=f"method {method} does not read {unread}: remove it"):
+        quantize_options(config)
+    # what it reads is accepted (nothing is opened)
+    if method == "gptq":
+        quantize_options({"model": "m", "method": "gptq", "calibration": {"a": "a.txt"}, "percdamp": 0.01,
+                          "targets": "fp_path", "true_sequential": False, "seed": 1})
+
+
+def test_weight_anchor_must_be_a_number():
+    config = {"model": "m", "method": "epmq", "calibration": {"a": "a.txt"}, "experts": {"a": "e"}}
+    with pytest.raises(ValueError, match="weight_anchor must be a finite number"):
+        quantize_options(dict(config, weight_anchor=float("inf")))
+
+
+@pytest.mark.parametrize("given, want", [
+    (None, "runs/{stem}"),                  # no output section: runs/<config name> in the cwd
+    ("../runs/x", "{config_dir}/../runs/x"),  # output.dir: relative to the config file
+    ("--out", "elsewhere"),                 # --out: relative to the cwd
+])
+def test_where_run_writes(tmp_path, monkeypatch, given, want):
+    import epmq.benches
+    import epmq.cli
+    import epmq.pipeline
+
+    (tmp_path / "configs").mkdir()
+    config = {"model": {"family": "hf_clip", "base": "b"}, "tasks": [{"name": "a", "expert": "e"}]}
+    if given not in (None, "--out"):
+        config["output"] = {"dir": given}
+    path = tmp_path / "configs" / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    seen = {}
+
+    class Bench:
+        task_names = ["a"]
+        identity = {"x": 1}
+
+    monkeypatch.setattr(epmq.benches, "build_bench", lambda config, base_dir, progress: Bench())
+    monkeypatch.setattr(epmq.pipeline, "run", lambda bench, plan, out, **kw: seen.setdefault("out", out))
+    monkeypatch.setattr(epmq.cli, "_finish", lambda *a: None)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = ["run", str(path), "--quiet"] + (["--out", "elsewhere"] if given == "--out" else [])
+    assert main(args) == 0
+    expected = Path(want.format(stem="exp", config_dir=path.parent))
+    assert Path(seen["out"]) == expected
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"data": {"calibration": {"samples": 8, "batchsize": 4}}}, r"'batchsize' in data.calibration"),
+    ({"eval": {"max_samples": {"val": 4, "tst": 4}}}, r"'tst' in eval.max_samples"),
+])
+def test_unknown_keys_of_nested_bench_sections_are_errors(section, message):
+    from epmq.benches import BenchConfigError, parse_config
+
+    config = {"model": {"family": "hf_clip", "base": "b"},
+              "tasks": [{"name": "a", "expert": "e", "data": {"root": "data/a"}}], **section}
+    with pytest.raises(BenchConfigError, match=message):
+        parse_config(config)
+
+
+def test_threads_must_be_positive(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"}}))
+    assert main(["run", str(path), "--threads", "0", "--quiet"]) == 2
+    assert "--threads must be a positive number" in capsys.readouterr().err

@@ -577,3 +577,34 @@ def test_buffers_older_writers_saved_and_layer_counts_one_config_leaves_out(chec
     want = merge.task_arithmetic(base, experts[:2], scale=0.5)
     got = _load(out)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_the_recipe_records_the_dtype_and_how_regmean_read_its_data(checkpoints, tmp_path):
+    """The recipe is what made the checkpoint: the requested dtype, and for RegMean the
+    calibration files and how they were read (samples, seq_len, seed)."""
+    import shutil
+
+    from epmq.benches.tiny import WORDS
+
+    root, _, _ = checkpoints
+    out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "bf16", base=root / "base",
+                            dtype="bfloat16", progress=False)
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["dtype"] == "bfloat16" and recipe["base"] == str(root / "base")
+    assert "calibration" not in recipe
+    models = []
+    for k in range(2):
+        shutil.copytree(root / f"e{k}", tmp_path / f"m{k}")
+        models.append(tmp_path / f"m{k}")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(root / "base" / f, models[0] / f)
+    g = torch.Generator().manual_seed(0)
+    texts = []
+    for k in range(2):
+        texts.append(tmp_path / f"t{k}.txt")
+        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    out = merge_checkpoints("regmean", models, tmp_path / "rm", calibration=[str(t) for t in texts],
+                            samples=3, seq_len=12, batch_size=2, seed=5, progress=False)
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["method"] == "regmean" and recipe["base"] is None and recipe["dtype"] is None
+    assert (recipe["samples"], recipe["seq_len"], recipe["seed"]) == (3, 12, 5)

@@ -1,0 +1,131 @@
+"""epmq.pipeline on a bench without a model: which stored cells are reused, what is chosen on
+validation, what the table and the report say (the quantizer replaced by a recording stub)."""
+
+import pytest
+import torch
+
+from epmq import pipeline
+from epmq.pipeline import MergePlan, Plan
+
+
+class Bench:
+    task_names = ["a", "b"]
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.base_state = {"w": torch.randn(4, 4, generator=g)}
+        self.experts = {t: {"w": self.base_state["w"] + torch.randn(4, 4, generator=g)} for t in self.task_names}
+        self.calibration = {t: [] for t in self.task_names}
+
+    def evaluate(self, state, split="test"):
+        return {"a": 0.5, "b": 0.5, "avg": 0.5}
+
+    def expert_accuracies(self, split="test"):
+        return {"a": 1.0, "b": 1.0, "avg": 1.0}
+
+
+class Calls(list):
+    pass
+
+
+@pytest.fixture
+def quiet():
+    return lambda msg: None
+
+
+def plan(**kw):
+    options = dict(merges=[MergePlan("task_arithmetic", scales=[0.3])], methods=["rtn", "gptq", "epmq"],
+                   bits=[4], anchors=[0.1], controls=[], save_checkpoints=False)
+    options.update(kw)
+    return Plan(**options)
+
+
+@pytest.fixture
+def calls_list(monkeypatch):
+    calls = Calls()
+    calls.scores = {}
+
+    def fake(self, state, bits, method, targets, anchor, params):
+        calls.append((method, targets, anchor, params))
+        val, test = calls.scores.get(anchor, (0.5, 0.5))
+        return {"val": {"avg": val}, "test": {"avg": test}}
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    return calls
+
+
+def test_the_anchor_is_chosen_on_validation_not_test(calls_list, tmp_path, quiet):
+    calls_list.scores.update({0.1: (0.9, 0.1), 1.0: (0.2, 0.95)})
+    results = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1, 1.0]), tmp_path, log=quiet)
+    assert results["steps"]["quant/TA/w4/E-PMQ"]["chosen_anchor"] == 0.1
+
+
+@pytest.mark.parametrize("change", [
+    dict(group_size=-1), dict(sym=True), dict(act_order=True), dict(static_groups=True),
+    dict(targets="expert_path"), dict(weight_anchor=0.5),
+    dict(merges=[MergePlan("task_arithmetic", scales=[0.7])]),
+])
+def test_a_changed_quantization_setting_is_not_served_from_the_store(calls_list, tmp_path, quiet, change):
+    """What an E-PMQ cell depends on (the grid, the targets, mu, the merge's scale) is part of
+    its fingerprint: a second run with another value quantizes again."""
+    pipeline.run(Bench(), plan(methods=["epmq"]), tmp_path, log=quiet)
+    assert len(calls_list) == 1
+    pipeline.run(Bench(), plan(methods=["epmq"]), tmp_path, log=quiet)
+    assert len(calls_list) == 1  # (the same plan: reused)
+    pipeline.run(Bench(), plan(methods=["epmq"], **change), tmp_path, log=quiet)
+    assert len(calls_list) == 2
+
+
+def test_plan_targets_are_e_pmqs_only(calls_list, tmp_path, quiet):
+    """``quantize.targets`` sets E-PMQ's targets; RTN and GPTQ rows stay plain (merged path),
+    the controls take their own."""
+    p = plan(targets="expert_path", controls=[pipeline.Control("gptq", "fp_path", "GPTQ fp-path")])
+    pipeline.run(Bench(), p, tmp_path, log=quiet)
+    assert sorted((m, t) for m, t, _, _ in calls_list) == [
+        ("epmq", "expert_path"), ("gptq", "fp_path"), ("gptq", "merged_path"), ("rtn", "merged_path")]
+
+
+def test_anchors_that_differ_in_a_late_digit_are_cells_of_their_own(calls_list, tmp_path, quiet):
+    calls_list.scores.update({0.1: (0.2, 0.2), 0.1000001: (0.9, 0.9)})
+    results = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1, 0.1000001]), tmp_path, log=quiet)
+    assert len(calls_list) == 2
+    assert results["steps"]["quant/TA/w4/E-PMQ"]["chosen_anchor"] == 0.1000001
+
+
+def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, tmp_path, quiet):
+    calls_list.scores.update({0.1: (0.2, 0.2), 1.0: (0.9, 0.9)})
+    p = plan(methods=["epmq"], anchors=[0.1, 1.0])
+    results = pipeline.run(Bench(), p, tmp_path, log=quiet)
+    labels = [label for label, _ in pipeline.table_rows(results, p)]
+    assert "TA w4 E-PMQ (anchor 1)" in labels
+    text = pipeline.report(results, p, Bench.task_names, tmp_path)
+    assert "E-PMQ anchor ablation" in text and "| TA | 4 | 0.1 |" in text and "| TA | 4 | 1 |" in text
+    assert "E-PMQ anchor ablation" in (tmp_path / "table.md").read_text()
+    for name in ("accuracy.png", "accuracy_per_task.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(controls=[{"method": "gptq", "targets": "fp-path", "label": "x"}]), "targets one of"),
+    (dict(controls=[{"method": "awq", "targets": "fp_path", "label": "x"}]), "method must be one of"),
+    (dict(targets="expert"), "targets must be one of"),
+    (dict(anchors=[]), "anchors must be a non-empty list"),
+    (dict(sym="no"), "sym must be true or false"),
+    (dict(group_size=0), "group_size must be -1"),
+    (dict(group_size=True), "group_size must be -1"),  # (YAML's yes is no group size)
+])
+def test_bad_plans_raise(kw, message):
+    with pytest.raises(ValueError, match=message):
+        Plan(**kw)
+
+
+def test_merge_entries_of_a_config():
+    """``scale:`` is ``scales:`` of one value; any other key is an error."""
+    p = Plan.from_config([{"method": "ties", "scale": 0.6}], None)
+    assert p.merges[0].scales == [0.6]
+    with pytest.raises(ValueError, match=r"merge\[0\]: unknown keys \['scael'\]"):
+        Plan.from_config([{"method": "ties", "scael": 0.6}], None)
+    with pytest.raises(ValueError, match=r"merge\[0\] needs a method"):
+        Plan.from_config([{"scales": [0.6]}], None)
+    with pytest.raises(ValueError, match=r"merge\[0\] gives both scale and scales"):  # (scale won, silently)
+        Plan.from_config([{"method": "ties", "scales": [0.1, 0.5], "scale": 0.3}], None)
