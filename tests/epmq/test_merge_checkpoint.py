@@ -378,17 +378,15 @@ def test_merge_on_the_gpu_equals_the_cpu(checkpoints, tmp_path, method, params):
         torch.testing.assert_close(gpu[name], cpu[name], atol=1e-5, rtol=1e-4)
 
 
-def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
-    """RegMean from the shell: each model's Gram matrices on its own task's texts (the
-    tokenizer of whichever model directory has one), then the closed-form merge."""
-    from epmq.benches.tiny import WORDS
-    from epmq.calibration import read_texts, text_windows
-    from epmq.stats import gram_matrices
-
-    root, base, experts = checkpoints
+def _regmean_sources(root, tmp_path):
+    """Two expert directories with their config (the first with the base's tokenizer) and a
+    text file of random words for each."""
     import shutil
+
+    from epmq.benches.tiny import WORDS
+
     models = []
-    for k in range(2):  # directories with their config, the first with the base's tokenizer
+    for k in range(2):
         shutil.copytree(root / f"e{k}", tmp_path / f"m{k}")
         models.append(tmp_path / f"m{k}")
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -396,9 +394,19 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     g = torch.Generator().manual_seed(0)
     texts = []
     for k in range(2):
-        words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)]
         texts.append(tmp_path / f"t{k}.txt")
-        texts[-1].write_text(" ".join(words))
+        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    return models, texts
+
+
+def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
+    """RegMean from the shell: each model's Gram matrices on its own task's texts (the
+    tokenizer of whichever model directory has one), then the closed-form merge."""
+    from epmq.calibration import read_texts, text_windows
+    from epmq.stats import gram_matrices
+
+    root, base, experts = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
     options = dict(samples=4, seq_len=16, batch_size=2)
     out = merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
                             params={"alpha": 0.9}, progress=False, **options)
@@ -582,27 +590,13 @@ def test_buffers_older_writers_saved_and_layer_counts_one_config_leaves_out(chec
 def test_the_recipe_records_the_dtype_and_how_regmean_read_its_data(checkpoints, tmp_path):
     """The recipe is what made the checkpoint: the requested dtype, and for RegMean the
     calibration files and how they were read (samples, seq_len, seed)."""
-    import shutil
-
-    from epmq.benches.tiny import WORDS
-
     root, _, _ = checkpoints
     out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "bf16", base=root / "base",
                             dtype="bfloat16", progress=False)
     recipe = json.loads((out / RECIPE_FILE).read_text())
     assert recipe["dtype"] == "bfloat16" and recipe["base"] == str(root / "base")
     assert "calibration" not in recipe
-    models = []
-    for k in range(2):
-        shutil.copytree(root / f"e{k}", tmp_path / f"m{k}")
-        models.append(tmp_path / f"m{k}")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(root / "base" / f, models[0] / f)
-    g = torch.Generator().manual_seed(0)
-    texts = []
-    for k in range(2):
-        texts.append(tmp_path / f"t{k}.txt")
-        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    models, texts = _regmean_sources(root, tmp_path)
     out = merge_checkpoints("regmean", models, tmp_path / "rm", calibration=[str(t) for t in texts],
                             samples=3, seq_len=12, batch_size=2, seed=5, progress=False)
     recipe = json.loads((out / RECIPE_FILE).read_text())
