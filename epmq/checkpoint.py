@@ -331,6 +331,11 @@ def _quantized_head(model, layers) -> bool:
     return any(m is head or name.rpartition(".")[2] == "lm_head" for name, m in layers.items())
 
 
+def _symmetric(layer: QuantLinear) -> bool:
+    """Every zero point of ``layer`` at the grid's midpoint (what engines assume for sym: true)."""
+    return bool((layer.zeros() == 2 ** (layer.bits - 1)).all())
+
+
 def _serving_warnings(layers, qconfig, split) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
@@ -364,8 +369,7 @@ def _serving_warnings(layers, qconfig, split) -> None:
     # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose
     # transform_cpu replaces qzeros by zeros: a grid off the midpoint is served silently wrong
     # (transformers loads through it too; logits 1.09 off on a tiny Llama, argmax 2% equal)
-    off_midpoint = [name for name, m in layers.items() if m.bits == 4 and m.group_size == -1
-                    and not bool((m.zeros() == 2 ** (m.bits - 1)).all())]
+    off_midpoint = [name for name, m in layers.items() if m.bits == 4 and m.group_size == -1 and not _symmetric(m)]
     if off_midpoint:
         warnings.warn(
             f"{len(off_midpoint)} 4-bit per-channel layers (first: {off_midpoint[0]}) have asymmetric grids: "
@@ -408,8 +412,7 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
         )
     # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
     # midpoint, unless a call said its grids are asymmetric (then it is not claimed)
-    sym = info["sym"] is not False and all(
-        bool((m.zeros() == 2 ** (m.bits - 1)).all()) for m in layers.values())
+    sym = info["sym"] is not False and all(_symmetric(m) for m in layers.values())
     static = all(
         torch.equal(
             m.g_idx.long().cpu(),

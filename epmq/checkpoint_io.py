@@ -61,15 +61,17 @@ WEIGHT_FILES = (  # in order of preference, inside a directory
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
 
 
+_AVERAGED = re.compile(r"ema|swa|averaged", re.IGNORECASE)  # (keys naming an averaged copy)
+
+
 def _second_copy(state: Mapping, wrapper: str) -> Optional[str]:
     """The key beside ``state[wrapper]`` holding an averaged copy of its tensors (timm's
     ``state_dict_ema``, a ``model_ema``, an SWA model: the same names, under a key that says
     so), or None. (Other tensors of the same names beside it are parts of the model, such as
     DeepSpeed's ``frozen_param_fragments``.)"""
     names = {k for k, v in state[wrapper].items() if isinstance(v, torch.Tensor)}
-    averaged = re.compile(r"ema|swa|averaged", re.IGNORECASE)
     return next((key for key, other in state.items() if key != wrapper and isinstance(other, Mapping)
-                 and averaged.search(str(key)) and any(isinstance(other.get(n), torch.Tensor) for n in names)), None)
+                 and _AVERAGED.search(str(key)) and any(isinstance(other.get(n), torch.Tensor) for n in names)), None)
 
 
 class CheckpointError(ValueError):

@@ -29,11 +29,7 @@ class QuantSpec:
     def __post_init__(self):
         if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if (
-            isinstance(self.group_size, bool)
-            or not isinstance(self.group_size, int)
-            or (self.group_size != -1 and self.group_size <= 0)
-        ):
+        if not is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
             raise ValueError(
                 f"group_size must be -1 (per output channel) or a positive integer, "
                 f"got {self.group_size!r}"
