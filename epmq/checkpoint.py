@@ -572,6 +572,9 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
         yield tmp
+        for path in tmp.iterdir():  # safetensors >= 0.8 writes 0600: a server running as
+            if path.is_file() and not path.is_symlink():  # another user could not read it
+                os.chmod(path, 0o666 & ~umask)
         _write_manifest(tmp)
         _carry_over(directory, tmp)
         for path in tmp.iterdir():

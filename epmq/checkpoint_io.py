@@ -128,6 +128,9 @@ def local_checkpoint(source, *, directory: bool = False) -> Path:
             return hub_snapshot(str(source), kind="model")
         except CheckpointError as e:
             raise FileNotFoundError(f"no local path {path.absolute()}, and {e}") from e
+    if directory and path.is_file():
+        raise FileNotFoundError(f"{source} is a file, not a checkpoint directory: give the directory "
+                                f"that holds it and its config")
     if not (path.is_dir() if directory else path.exists()):
         raise FileNotFoundError(f"no checkpoint {'directory ' if directory else ''}at {source} "
                                 f"(nor an HF hub id)")

@@ -361,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p, out_default):
-        p.add_argument("--out", default=out_default, help=f"output directory (default: {out_default or 'from the config'})")
+        where = out_default or ("the config's output.dir, relative to the config file; without one, "
+                                "runs/<config name> in the current directory")
+        p.add_argument("--out", default=out_default, help=f"output directory (default: {where})")
         p.add_argument("--fresh", action="store_true",
                        help="ignore earlier results in the output directory (they are kept aside: "
                             "results.before-<time>.json, checkpoints.before-<time>)")
@@ -375,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "Trained models are cached, so a second run only quantizes.")
     common(demo, "runs/demo")
     demo.add_argument("--seed", type=int, default=0, help="seed of data splits and training (default 0)")
-    demo.add_argument("--cache-dir", default=None, help="trained-model cache (default $EPMQ_CACHE_DIR or ~/.cache/epmq)")
+    demo.add_argument("--cache-dir", default=None,
+                      help="trained-model cache, one subdirectory per configuration and seed "
+                           "(default $EPMQ_CACHE_DIR/demo, else ~/.cache/epmq/demo)")
     demo.add_argument("--quick", action="store_true", help="one merge, one anchor: a smoke test")
     demo.set_defaults(func=_demo)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -236,8 +237,10 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     # experts saved without their tokenizer use another model's (they share the base's)
     with_preprocessor = [p for p in [*model_paths, *homes] if any((p / f).is_file() for f in PREPROCESSOR_FILES)]
     if not with_preprocessor:
-        raise ValueError("regmean: no model directory holds a tokenizer or image processor to "
-                         "prepare the calibration data with")
+        raise ValueError(f"regmean: no model directory holds a tokenizer or image processor to "
+                         f"prepare the calibration data with: copy the base model's tokenizer or image processor "
+                         f"files ({', '.join(PREPROCESSOR_FILES)}, ...) into one of "
+                         f"{', '.join(str(p) for p in model_paths)}")
     per_model = []
     for k, (view, path, home, files) in enumerate(zip(sources, model_paths, homes, calibration)):
         own = next((p for p in (path, home) if p in with_preprocessor), with_preprocessor[0])
@@ -413,18 +416,23 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
             writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)
             writer = _TiedWriter(writer, ties) if ties else writer
-            if method == "slerp":
-                fn(sources[0], sources[1], out=writer, **params)
-            elif method == "average":
-                fn(sources, out=writer, **params)
-            elif method == "regmean":
-                with loading_bars(progress):
-                    grams, transposed = _expert_grams(sources, model_paths, calibration, device,
-                                                      dict(samples=samples, seq_len=seq_len, batch_size=batch_size,
-                                                           seed=seed))
-                fn(sources, grams, transposed=transposed, out=writer, **params)
-            else:
-                fn(base_state, sources, out=writer, **params)
+            try:
+                if method == "slerp":
+                    fn(sources[0], sources[1], out=writer, **params)
+                elif method == "average":
+                    fn(sources, out=writer, **params)
+                elif method == "regmean":
+                    with loading_bars(progress):
+                        grams, transposed = _expert_grams(sources, model_paths, calibration, device,
+                                                          dict(samples=samples, seq_len=seq_len,
+                                                               batch_size=batch_size, seed=seed))
+                    fn(sources, grams, transposed=transposed, out=writer, **params)
+                else:
+                    fn(base_state, sources, out=writer, **params)
+            except ValueError as e:  # (epmq.merge counts the experts from 0: name the model)
+                named = re.sub(r"\bexpert (\d+)\b", lambda m: f"model {m[1]} ({models[int(m[1])]})"
+                               if int(m[1]) < len(models) else m[0], str(e))
+                raise ValueError(named) from e
             for name in base_only:
                 writer[name] = base_state.state[name]
             writer.finish()

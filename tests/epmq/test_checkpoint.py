@@ -4,6 +4,7 @@ import contextlib
 import copy
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -1344,3 +1345,19 @@ def test_renamed_refuses_two_names_renamed_alike():
     assert renamed(["a.w", "b.w"], lambda n: "x." + n) == {"a.w": "x.a.w", "b.w": "x.b.w"}
     with pytest.raises(CheckpointError, match="renaming maps both 'a.w' and 'b.w' to 'c.w'"):
         renamed(["b.w", "a.w"], lambda n: "c.w")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_checkpoint_gets_the_modes_the_umask_gives(gen, tmp_path, umask):
+    """A server running as another user reads what a 022 umask allows (safetensors itself
+    writes its files 0600, and the temporary directory is made 0700)."""
+    _, model = quantized(gen, bits=4)
+    old = os.umask(umask)
+    try:
+        epmq.save_quantized(model, tmp_path / "q", max_shard_size=2000)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "q").stat().st_mode) == 0o777 & ~umask
+    files = list((tmp_path / "q").iterdir())
+    assert sum(p.name.endswith(".safetensors") for p in files) > 1
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}

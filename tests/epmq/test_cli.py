@@ -48,6 +48,18 @@ def test_help(capsys):
     assert main([]) == 2  # no command: the help, and a non-zero exit
 
 
+def test_demo_help_names_the_cache_directory_it_uses(capsys, monkeypatch, tmp_path):
+    """--cache-dir's stated default is where the demo caches when it is not given."""
+    from epmq.demo.train import default_cache_root
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert default_cache_root() == tmp_path / "demo"
+    assert "$EPMQ_CACHE_DIR/demo" in help_text and "~/.cache/epmq/demo" in help_text
+
+
 def test_run_missing_config(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
@@ -352,6 +364,15 @@ def test_where_run_writes(tmp_path, monkeypatch, given, want):
     assert main(args) == 0
     expected = Path(want.format(stem="exp", config_dir=path.parent))
     assert Path(seen["out"]) == expected
+
+
+def test_run_help_says_where_run_writes(capsys):
+    """--out's stated default is test_where_run_writes's: output.dir, else runs/<config name>."""
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "output.dir, relative to the config file" in help_text
+    assert "runs/<config name> in the current directory" in help_text
 
 
 @pytest.mark.parametrize("section, message", [

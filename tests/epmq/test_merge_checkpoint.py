@@ -117,12 +117,13 @@ def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             merge_checkpoints(method, out=tmp_path / "x", progress=False, **kwargs)
         assert not (tmp_path / "x").exists()
-    # a checkpoint of another architecture: the merge's shape check, nothing written
+    # a checkpoint of another architecture: the merge's shape check, naming the model as given
+    # (not epmq.merge's "expert 1"), nothing written
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2))
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=f"model 1 \\({re.escape(str(tmp_path / 'other'))}\\) has shape"):
         merge_checkpoints("task_arithmetic", [root / "e0", tmp_path / "other"], tmp_path / "x",
                           base=root / "base", progress=False)
     # one that shares no tensor name at all (it used to give a copy of the base)
@@ -422,6 +423,19 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
                            merge.average(experts[:2])["model.layers.0.mlp.up_proj.weight"])
     assert json.loads((out / RECIPE_FILE).read_text())["calibration"] == [str(t) for t in texts]
+
+
+def test_regmean_without_a_tokenizer_says_where_to_put_one(checkpoints, tmp_path):
+    """Experts saved without their tokenizer (and RegMean takes no base): the error says which
+    files to copy, and where."""
+    root, _, _ = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (models[0] / f).unlink()
+    with pytest.raises(ValueError, match=r"copy the base model.s tokenizer or image processor "
+                                         r"files \(tokenizer\.json.*into one of .*m0"):
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:.*is a weights file with no config.json")

@@ -195,6 +195,7 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         (dict(bits=5), "bits"),
         (dict(calibraton={}), "unknown keys \\['calibraton'\\]"),
         (dict(model=str(root / "nowhere")), "no checkpoint directory"),
+        (dict(model=str(root / "a.txt")), "a.txt is a file, not a checkpoint directory"),  # (it exists)
         (dict(samples="1e2"), "samples must be an integer, got '1e2'"),
         (dict(seed="abc"), "seed must be an integer"),
         (dict(calibration=str(root / "a.txt")), "calibration must map each task to file"),
