@@ -51,7 +51,9 @@ class QuantResult:
     with the undamped ``H`` (``||weight - target||^2`` for RTN without ``H``); GPTQ and E-PMQ
     take it from the solver's scaled errors (``solved_loss``) less the damping's share: within
     1e-6 of the product at 2 to 4 bits, 1e-5 at 8 for ``H`` of full rank (the fp32 rounding of
-    GPTQ's updates, against a smaller error); where it is below ``mean(diag H) |F|^2 / 8``
+    GPTQ's updates, against a smaller error; 8 bits with ill-conditioned ``H`` or outlier
+    weights in small groups reached 7.5e-5, and group size 1, whose loss is at the level of that
+    rounding, is only good to its order of magnitude); where it is below ``mean(diag H) |F|^2 / 8``
     (``F = weight - target`` in ``H``'s weak directions: ``H`` of low rank, from fewer tokens
     than inputs) it is the product, in float64 where that is fast, which keeps low-rank ``H``
     within 1e-5 at 2 to 4 bits and 1e-4 at 8 at any ``percdamp`` (``tests/epmq/test_gptq.py``).

@@ -56,7 +56,7 @@ def solved_loss(out: SolveOut) -> float:
     the loss is ``sum(err^2)`` (GPTQ's own ``Losses``), to the rounding of the fp32 updates:
     within 1e-6 of the explicit product at 2 to 4 bits, 1e-5 at 8 (a smaller error, the same
     rounding noise) for ``H~`` of full rank (``tests/epmq/test_gptq.py``, over random problems;
-    ``epmq.quant`` states the low-rank case).
+    ``epmq.quant`` states the low-rank case and the ill-conditioned ones that reach 7.5e-5).
     """
     return float(out.err_sq.double().sum())
 
@@ -298,7 +298,13 @@ def _gptq_block_kernel(
                 if SYM:
                     hi = tl.maximum(tl.abs(lo), hi)
                     lo = -hi
-                empty = (lo == 0.0) & (hi == 0.0)
+                # as find_params: a range too small for a normal scale (below grid.TINY,
+                # 2**-126 = 1.1754943508222875e-38) is the unit range
+                if SCALE_BY_RCP:
+                    raw = (hi - lo) * MAXQ_RCP
+                else:
+                    raw = tl.math.div_rn(hi - lo, tl.full([BLOCK_ROWS], MAXQ, tl.float32))
+                empty = raw < 1.1754943508222875e-38
                 lo = tl.where(empty, -1.0, lo)
                 hi = tl.where(empty, 1.0, hi)
                 if SCALE_BY_RCP:

@@ -4,11 +4,15 @@ A row ``w`` of a group is stored as codes ``q = clamp(round(w / scale) + zero, 0
 read back as ``(q - zero) * scale``. Asymmetric grids span ``[min(w, 0), max(w, 0)]``: the range
 always contains 0, so ``zero`` is an integer in ``[0, maxq]`` and packs into ``bits`` bits like
 the codes. Symmetric grids span ``[-a, a]`` with ``a = max|w|`` and ``zero = 2**(bits-1)``.
-A row that is all zeros gets the range ``[-1, 1]`` so that its scale is finite.
+A row that is all zeros gets the range ``[-1, 1]`` so that its scale is finite and positive; so
+does one whose range is too small for a normal fp32 scale (below ``maxq * 2**-126``, 3.5e-38 at
+2 bits to 3e-36 at 8: zeros and subnormal or near-subnormal weights): they round to 0 there.
 Rounding is half-to-even (``torch.round``), which the kernels reproduce.
 """
 
 import torch
+
+TINY = 2.0**-126  # the least normal float32: smaller scales are subnormal (or 0)
 
 
 def find_params(W: torch.Tensor, bits: int, sym: bool):
@@ -23,7 +27,11 @@ def find_params(W: torch.Tensor, bits: int, sym: bool):
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)
+    # A range too small for a normal fp32 scale (all zeros, or zeros and weights below
+    # maxq * 2**-126) is empty: the unit range, on which its weights round to 0. (A subnormal
+    # scale is rounded to few bits: the range it covers may miss the weights, and the zero
+    # point fall outside [0, maxq]; one that underflows to 0 makes every weight NaN.)
+    empty = (xmax - xmin) / maxq < TINY
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
     scale = (xmax - xmin) / maxq

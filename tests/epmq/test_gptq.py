@@ -568,3 +568,25 @@ def test_damping_raised_from_zero_follows_the_scale_of_h(gen):
         assert res.damp_retries == ref.damp_retries
         assert res.damp == pytest.approx(c * ref.damp, rel=1e-9)
         assert torch.equal(res.codes, ref.codes)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=8), QuantSpec(bits=4, group_size=-1),
+                                  QuantSpec(bits=4, group_size=8, static_groups=True, act_order=True),
+                                  QuantSpec(bits=8, group_size=8, sym=True)], ids=str)
+def test_subnormal_weights_are_quantized(gen, spec):
+    """Finite weights whose group ranges are too small for a normal fp32 scale (zeros and
+    subnormals) are rounded like zeros: their subnormal scales gave RTN and GPTQ NaN weights and
+    a NaN loss (a scale of 0), or zero points outside [0, maxq], which static grids refused
+    ("zeros must be integers in [0, 15]") and dynamic groups kept."""
+    W, H = random_problem(gen, d_out=4, d_in=16)
+    W[0] = 0
+    W[0, 3] = 1e-44
+    W[1] = 3e-43
+    W[2] = 0
+    W[2, ::3] = -2.8e-44  # (-20 * 2^-149: a scale of 2^-149 at 4 bits, zero point 20)
+    for backend in ("torch", "triton"):
+        for res in (quant.rtn(W, spec), quant.gptq(W, H, spec, backend=backend)):
+            assert torch.isfinite(res.weight).all() and (res.scales > 0).all()
+            assert (res.zeros >= 0).all() and (res.zeros <= spec.maxq).all()
+            assert res.loss == res.loss  # (not NaN)
+            assert torch.equal(res.weight[:3], torch.zeros(3, 16))

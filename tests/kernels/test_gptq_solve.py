@@ -260,6 +260,37 @@ def test_zero_rows_get_the_unit_range(gen):
     assert torch.equal(out.Q[3], torch.zeros_like(out.Q[3]))
 
 
+def test_groups_of_subnormal_weights_get_the_unit_range(gen):
+    """A group whose range is too small for a normal fp32 scale (below maxq * 2^-126: zeros and
+    subnormal weights) is rounded like an all-zero one, on the unit range, to Q = 0. Its scale
+    was subnormal: one that underflowed to 0 made every Q NaN, and one rounded to a few bits
+    left the zero point outside [0, maxq] (20 at 4 bits over [-20 * 2^-149, 0])."""
+    least = 2.0**-149
+    rows = torch.tensor([[0.0, least, 0.0], [-least, 0.0, 0.0], [-20 * least, 0.0, 0.0],
+                         [1e-38, -1e-38, 0.0]])
+    for bits, sym in ((2, False), (4, False), (4, True), (8, False), (8, True)):
+        scale, zero = find_params(rows, bits, sym)
+        unit_scale, unit_zero = find_params(torch.zeros(4, 3), bits, sym)
+        assert torch.equal(scale, unit_scale) and torch.equal(zero, unit_zero)
+    scale, zero = find_params(torch.tensor([[0.0, 15 * 2.0**-126]]), 4, False)  # the least normal
+    assert scale.tolist() == [2.0**-126] and zero.tolist() == [0.0]
+    W, _, Hinv, H = make_problem(gen)
+    W[3] = 0
+    W[3, 5], W[4, :40] = 1e-44, -20 * least  # (row 4: normal weights after its first 40)
+    for bits, sym in ((4, False), (8, True)):
+        maxq = 2**bits - 1
+        for group_size, blocksize in ((16, 32), (48, 32)):  # found in the tile, in memory
+            ref, out = run_both(W, Hinv, H, bits=bits, sym=sym, group_size=group_size,
+                                blocksize=blocksize)
+            for solve in (ref, out):
+                assert torch.isfinite(solve.Q).all() and (solve.scales > 0).all()
+                assert (solve.zeros >= 0).all() and (solve.zeros <= maxq).all()
+                assert torch.equal(solve.Q[3], torch.zeros_like(solve.Q[3]))
+                assert torch.equal(solve.Q[4, :16], torch.zeros(16))
+        # a static grid from the same weights (gptq's per-channel and static groups) is valid
+        run_both(W, Hinv, H, bits=bits, sym=sym, blocksize=32, **static_grid(W, bits, sym, 16))
+
+
 # --------------------------------------------------------------------------- dispatch and checks
 
 
