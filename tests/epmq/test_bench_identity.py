@@ -18,6 +18,7 @@ TASKS = ("alpha", "beta")
     lambda c: c.setdefault("data", {}).setdefault("calibration", {}).update(batch_size=1),
     lambda c: c.setdefault("eval", {}).update(max_samples={"val": 2, "test": None}),
     lambda c: c.update(seed=c.get("seed", 0) + 1),
+    lambda c: c["model"].update(dtype="bfloat16"),  # (a model in another precision scores otherwise)
 ])
 def test_settings_the_numbers_depend_on_change_the_identity(tiny, bench, change):
     root, config = tiny

@@ -355,3 +355,121 @@ def test_evaluation_shows_progress_task_by_task(bench, capsys):
     assert "evaluate on val" in err and "experts on val" in err and TASKS[-1] in err
     with pytest.raises(ValueError, match="split must be one of"):
         bench.expert_accuracies("train")
+
+
+class _ScaleBench:
+    """A bench of the shared protocol (``common.BenchBase``) over a one-weight model whose
+    "accuracy" on a task and split is a known function of that weight, so that what
+    ``evaluate`` and ``expert_accuracies`` report can be checked number by number."""
+
+    OFFSET = {"val": 0.0, "test": 0.5}
+
+    @classmethod
+    def make(cls, weights):
+        from torch import nn
+
+        from epmq.benches.common import BenchBase
+
+        class Bench(BenchBase):
+            def _evaluate_task(self, model, task, split):
+                return float(model.weight) / 10 + cls.OFFSET[split] + self.task_names.index(task) / 100
+
+        bench = Bench.__new__(Bench)
+        bench.progress, bench.device = False, torch.device("cpu")
+        bench.task_names = list(weights)
+        bench.data = {t: None for t in weights}
+        bench._template = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            bench._template.weight.zero_()
+        bench.base_state = {"weight": torch.zeros(1, 1)}
+        bench.experts = {t: {"weight": torch.full((1, 1), float(w))} for t, w in weights.items()}
+        return bench
+
+
+def test_expert_accuracies_are_each_expert_on_its_own_task_and_split(gen):
+    weights = {t: float(w) for t, w in zip("abc", torch.randperm(9, generator=gen)[:3] + 1)}
+    bench = _ScaleBench.make(weights)
+    for split, offset in _ScaleBench.OFFSET.items():
+        got = bench.expert_accuracies(split)
+        want = {t: w / 10 + offset + i / 100 for i, (t, w) in enumerate(weights.items())}
+        assert list(got) == [*weights, "avg"]
+        assert all(got[t] == pytest.approx(v) for t, v in want.items())
+        assert got["avg"] == pytest.approx(sum(want.values()) / 3)
+
+
+def test_evaluate_reports_the_asked_tasks_on_the_asked_split_and_their_mean(gen):
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0}
+    bench = _ScaleBench.make(weights)
+    w = float(torch.randint(1, 9, (1,), generator=gen))
+    state = {"weight": torch.full((1, 1), w)}
+    for split, offset in _ScaleBench.OFFSET.items():
+        every = bench.evaluate(state, split)
+        want = {t: w / 10 + offset + i / 100 for i, t in enumerate(weights)}
+        assert list(every) == ["a", "b", "c", "avg"]
+        assert all(every[t] == pytest.approx(v) for t, v in want.items())
+        assert every["avg"] == pytest.approx(sum(want.values()) / 3)
+        some = bench.evaluate(state, split, tasks=["c", "a"])
+        assert list(some) == ["c", "a", "avg"]
+        assert some["avg"] == pytest.approx((want["c"] + want["a"]) / 2)
+    # the base state is the template's; a module keeps its own training mode
+    assert bench.evaluate(bench.base_state, "val")["a"] == pytest.approx(0.0)
+    for mode in (True, False):
+        model = bench.model(state).train(mode)
+        assert bench.evaluate(model, "test", tasks=["b"])["b"] == pytest.approx(w / 10 + 0.51)
+        assert model.training is mode
+
+
+def test_loading_a_state_needs_every_tensor_of_the_model():
+    from torch import nn
+
+    from epmq.benches.checkpoints import load_into
+
+    model = nn.Linear(3, 2)
+    full = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+    assert torch.equal(load_into(model, full).weight, full["weight"])
+    with pytest.raises(ValueError, match="missing"):
+        load_into(nn.Linear(3, 2), {"weight": torch.ones(2, 3)})
+    with pytest.raises(ValueError, match="unexpected"):
+        load_into(nn.Linear(3, 2), {**full, "extra": torch.ones(1)})
+    with pytest.raises(ValueError, match="shape"):
+        load_into(nn.Linear(3, 2), {"weight": torch.ones(3, 2), "bias": torch.zeros(2)})
+
+
+def test_accuracy_is_the_share_of_images_whose_best_class_is_their_label(bench):
+    """Counted by hand over every image of the split, the last short batch included."""
+    model = bench.model(bench.experts["beta"])
+    for split in ("val", "test"):
+        got = bench.evaluate(model, split)
+        for t in TASKS:
+            right = total = 0
+            for x, y in bench.image_batches(t, split):
+                with torch.no_grad():
+                    logits = bench.logits(model, t, bench.prep.normalize(x))
+                right += int((logits.argmax(-1) == y).sum())
+                total += len(y)
+            assert total == len(bench.data[t].splits[split])
+            assert got[t] == right / total, (split, t)
+
+
+def test_pixels_are_scaled_to_the_unit_range_then_standardized():
+    from epmq.benches.vision import ImagePrep
+
+    prep = ImagePrep(resize=2, crop=(2, 2), mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 2, 2)
+    got = prep.normalize(x)
+    assert torch.allclose(got[0, :, 0, 0], torch.tensor([-1.0, -1.0, 0.0]))
+    assert torch.allclose(got[0, :, 0, 1], torch.tensor([1.0, 3.0, 0.5]))
+
+
+def test_calibration_eval_caps_and_templates_come_from_the_config(tiny):
+    root, config = tiny
+    config = dict(config, eval=dict(config["eval"], max_samples={"val": 1, "test": 2}),
+                  tasks=[dict(config["tasks"][0], templates=["a drawing of {}."]), config["tasks"][1]])
+    bench = build_bench(config, base_dir=root, progress=False)
+    assert bench.templates("alpha") == ["a drawing of {}."] and bench.templates("beta") != ["a drawing of {}."]
+    for t in TASKS:
+        assert len(bench.data[t].splits["val"]) == 1 and len(bench.data[t].splits["test"]) == 2
+        calib = bench.data[t].calibration
+        want = torch.stack([bench.prep.normalize(bench.prep.uint8(calib[k][0])[None])[0] for k in range(len(calib))])
+        got = torch.cat([item["pixel_values"] for item in bench.calibration[t]])
+        assert torch.equal(got, want)

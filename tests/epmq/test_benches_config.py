@@ -4,6 +4,7 @@ import copy
 import importlib.util
 
 import pytest
+import torch
 
 from epmq.benches import BenchConfigError, build_bench, load_config, parse_config
 from epmq.benches.data import readable
@@ -158,4 +159,38 @@ def test_prompt_helpers():
     assert readable("Ram C/V Cargo Van Minivan 2012") == "Ram C/V Cargo Van Minivan 2012"  # (Stanford Cars)
     assert readable("speed limit (20km/h)") == "speed limit (20km/h)"  # (GTSRB)
     assert image_templates("Stanford-Cars") == image_templates("cars")
+    assert image_templates("Oxford-IIIT Pets") == image_templates("pet") == image_templates("OxfordIIITPet")
     assert all(t.count("{}") == 1 for t in image_templates("unknown task"))
+
+
+def test_glue_answers_are_the_words_the_experts_learned_by_label():
+    from epmq.benches.prompts import GLUE, STSB_GRID, score_text
+
+    want = {"cola": ["unacceptable", "acceptable"], "mnli": ["entailment", "neutral", "contradiction"],
+            "mrpc": ["no", "yes"], "qqp": ["no", "yes"], "qnli": ["yes", "no"], "rte": ["yes", "no"],
+            "sst2": ["negative", "positive"]}
+    assert {k: v["answers"] for k, v in GLUE.items() if not v.get("regression")} == want
+    assert GLUE["stsb"]["regression"] and GLUE["stsb"]["answers"] is None
+    # STS-B: the scores 0.0, 0.1, ..., 5.0, written with one decimal
+    assert len(STSB_GRID) == 51 and STSB_GRID[0] == 0 and STSB_GRID[-1] == 5.0
+    assert [score_text(v) for v in STSB_GRID[:3]] == ["0.0", "0.1", "0.2"]
+    assert score_text(3.14159) == "3.1" and score_text(2.96) == "3.0" and score_text(5) == "5.0"
+    assert image_templates("Pets") == image_templates("oxford_iiit_pet") == image_templates("pet")
+
+
+def test_held_out_validation_and_eval_caps_are_seeded_draws(gen):
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import make_task_data
+
+    spec = DataSpec(source="jsonl", splits={"train": "train", "test": "test"}, val_size=0.25)
+    sources = {"train": list(range(14)), "test": list(range(100, 120))}
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    td = make_task_data("t", sources, spec, seed=seed, calib_samples=4, caps={"val": None, "test": 5}, log=lambda m: None)
+    assert len(td.splits["val"]) == 4  # round(0.25 * 14)
+    assert not set(td.splits["val"].indices) & set(td.splits["train"].indices)
+    assert set(td.calibration.indices) <= set(td.splits["train"].indices)
+    kept = [make_task_data("t", sources, spec, seed=s, calib_samples=4, caps={"test": 5}, log=lambda m: None)
+            .splits["test"].indices for s in range(seed, seed + 4)]
+    assert all(len(k) == 5 and k == sorted(k) for k in kept) and any(k != list(range(5)) for k in kept)
+    assert readable("Cattleya__orchid_") == "Cattleya orchid"
+    assert readable("/apartment_building/outdoor") == "apartment building outdoor"

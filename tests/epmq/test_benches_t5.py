@@ -68,6 +68,20 @@ def test_scoring_picks_the_most_likely_answer(bench):
     assert stsb.shape == (1, len(STSB_GRID))
 
 
+
+def test_answers_of_different_lengths_score_only_their_own_tokens(bench, gen):
+    """A short answer is padded beside a long one: its padding must not add log-likelihood."""
+    model = bench.model()
+    ids, _ = bench._encode("rte", "test")
+    vocab = model.config.vocab_size
+    cands = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (1, 4, 7)]
+    scores = bench._score(model, ids[:2], cands, torch.device("cpu"))
+    for b in range(2):
+        for c, cand in enumerate(cands):
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids[b]]), labels=torch.tensor([cand]))
+            assert scores[b, c].item() == pytest.approx(-out.loss.item() * len(cand), abs=1e-4)
+
 def test_evaluate_score_and_generate(bench, tiny):
     merged = task_arithmetic(bench.base_state, list(bench.experts.values()), scale=0.3)
     for state in (bench.base_state, bench.experts["sst2"], merged):
@@ -179,3 +193,109 @@ def test_long_inputs_lose_their_fields_not_the_instruction(bench):
     assert text.endswith(task.template.rsplit("}", 1)[1]) and short in text
     assert task.fitted_prompt({**example, "sentence1": "a cat"}, bench.tokenizer, limit) == task.prompt(
         {**example, "sentence1": "a cat"})
+
+
+@pytest.fixture(scope="module")
+def roomy(tiny):
+    """The tiny bench with room for whole prompts (at 64 tokens the tiny tokenizer spells the
+    STS-B instruction out letter by letter and every example's prompt is the same)."""
+    root, config = tiny
+    bench = build_bench(dict(config, data=dict(config["data"], max_input_tokens=512)), base_dir=root, progress=False)
+    for task in TASKS:
+        ids = bench._encode(task, "test")[0]
+        assert len({tuple(s) for s in ids}) == len(ids), task
+    return bench
+
+
+def _fixed_answers(bench, task, split, gen):
+    """For each example of ``task``'s ``split``: the index of the answer a stub model gives
+    (its label or another one, at random), keyed by the example's prompt ids."""
+    ids, labels = bench._encode(task, split)
+    n = len(bench.tasks[task].candidates)
+    right = torch.rand(len(ids), generator=gen) < 0.5
+    return {tuple(s): (int(y) if ok else (int(y) + 1) % n) for s, y, ok in zip(ids, labels, right.tolist())}, ids
+
+
+def test_score_accuracy_counts_the_examples_whose_best_answer_is_their_label(roomy, monkeypatch, gen):
+    bench = roomy
+    for draw in range(4):
+        answer, ids = _fixed_answers(bench, "sst2", "test", gen)
+
+        def score(model, inputs, cand_ids, device):
+            out = torch.zeros(len(inputs), len(cand_ids), dtype=torch.float64)
+            for b, s in enumerate(inputs):
+                out[b, answer[tuple(s)]] = 1.0
+            return out - 5.0  # log-likelihoods are negative
+
+        monkeypatch.setattr(bench, "_score", score)
+        labels = bench._encode("sst2", "test")[1]
+        want = sum(answer[tuple(s)] == int(y) for s, y in zip(ids, labels)) / len(ids)
+        assert bench.evaluate(bench.base_state, "test", tasks=["sst2"])["sst2"] == pytest.approx(want)
+
+
+def test_score_regression_is_the_spearman_of_the_best_grid_scores(roomy, monkeypatch, gen):
+    bench = roomy
+    ids, labels = bench._encode("stsb", "test")
+    pick = {tuple(s): int(torch.randint(0, len(STSB_GRID), (1,), generator=gen)) for s in ids}
+
+    def score(model, inputs, cand_ids, device):
+        out = torch.full((len(inputs), len(cand_ids)), -9.0, dtype=torch.float64)
+        for b, s in enumerate(inputs):
+            out[b, pick[tuple(s)]] = -1.0
+        return out
+
+    monkeypatch.setattr(bench, "_score", score)
+    want = spearman([STSB_GRID[pick[tuple(s)]] for s in ids], [float(v) for v in labels])
+    assert bench.evaluate(bench.base_state, "test", tasks=["stsb"])["stsb"] == pytest.approx(want)
+
+
+def test_generated_answers_count_only_when_they_are_the_gold_answer(roomy, monkeypatch, gen):
+    """An output that is no answer is wrong whatever the label; an STS-B output that is not a
+    number reads as 2.5."""
+    bench = roomy
+    bench.config.eval.decoding = "generate"
+    try:
+        ids, labels = bench._encode("sst2", "test")
+        answers = bench.tasks["sst2"].answers
+        texts = {}
+        for s, y in zip(ids, labels):
+            kind = int(torch.randint(0, 3, (1,), generator=gen))
+            texts[tuple(s)] = [answers[int(y)], answers[1 - int(y)], "maybe"][kind]
+        texts[tuple(ids[0])] = "maybe"
+        monkeypatch.setattr(bench, "_generate_texts", lambda model, inputs, device: [texts[tuple(s)] for s in inputs])
+        want = sum(texts[tuple(s)] == answers[int(y)] for s, y in zip(ids, labels)) / len(ids)
+        assert bench.evaluate(bench.base_state, "test", tasks=["sst2"])["sst2"] == pytest.approx(want)
+
+        ids, labels = bench._encode("stsb", "test")
+        said = {tuple(s): f"{float(torch.rand(1, generator=gen)) * 5:.1f}" for s in ids}
+        for s in ids[:2]:
+            said[tuple(s)] = "no idea"
+        said[tuple(ids[2])], said[tuple(ids[3])] = "0.5", "4.5"  # (scores on both sides of 2.5)
+        monkeypatch.setattr(bench, "_generate_texts", lambda model, inputs, device: [said[tuple(s)] for s in inputs])
+        read = [2.5 if said[tuple(s)] == "no idea" else float(said[tuple(s)]) for s in ids]
+        want = spearman(read, [float(v) for v in labels])
+        assert bench.evaluate(bench.base_state, "test", tasks=["stsb"])["stsb"] == pytest.approx(want)
+    finally:
+        bench.config.eval.decoding = "score"
+
+
+def test_labels_targets_caps_and_answers_follow_the_config(tiny, tmp_path):
+    root, config = tiny
+    d = tmp_path / "sst2"
+    d.mkdir()
+    rows = [{"sentence": "the cat sat", "label": i % 2} for i in range(12)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    task = {"name": "sst2", "expert": "experts/sst2", "answers": ["bad", "good"], "data": {"root": str(d)}}
+    capped = dict(config, tasks=[task], eval=dict(config["eval"], max_samples={"val": 2, "test": 3}))
+    bench = build_bench(capped, base_dir=root, progress=False)
+    assert bench.tasks["sst2"].answers == ["bad", "good"]  # the task's answers replace GLUE's
+    assert [bench.tasks["sst2"].target(y) for y in (0, 1)] == ["bad", "good"]
+    assert len(bench.data["sst2"].splits["val"]) == 2 and len(bench.data["sst2"].splits["test"]) == 3
+    # a label past the last answer is refused
+    (d / "validation.jsonl").write_text(json.dumps({"sentence": "x", "label": 2}) + "\n")
+    bench = build_bench(dict(config, tasks=[task]), base_dir=root, progress=False)
+    with pytest.raises(BenchConfigError, match="expected a label in 0..1"):
+        bench.evaluate(bench.base_state, "test")
+    # every task reads its own expert
+    assert [t["expert"] for t in config["tasks"]] == [f"experts/{t}" for t in TASKS]

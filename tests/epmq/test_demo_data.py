@@ -237,3 +237,169 @@ def test_equal_validation_averages_go_to_the_first_scale(monkeypatch):
     scale, _, _ = choose_scale(Bench(), MergePlan("task_arithmetic", scales=[0.3, 0.5]))
     assert scale == 0.3
 
+
+
+def test_accuracy_is_the_share_of_images_whose_best_head_row_is_their_label(tiny_bench, gen):
+    """Counted by hand through the frozen heads, per task and split, whatever the batch size."""
+    bench = tiny_bench
+    state = bench.experts[bench.task_names[int(torch.randint(0, 8, (1,), generator=gen))]]
+    encoder = bench.model(state)
+    batch = int(torch.randint(3, 11, (1,), generator=gen))
+    for split in ("val", "test"):
+        got = bench.evaluate(state, split, batch_size=batch)
+        for n in bench.task_names:
+            td = bench.data[n]
+            with torch.no_grad():
+                pred = model.logits(encoder, bench.heads[n], td.x[split], bench.config.logit_scale).argmax(-1)
+            assert got[n] == (pred == td.y[split]).sum().item() / len(td.y[split]), (split, n)
+        assert got["avg"] == pytest.approx(sum(got[n] for n in bench.task_names) / len(bench.task_names))
+
+
+def test_expert_accuracies_put_each_expert_on_its_own_task(tiny_bench):
+    bench = tiny_bench
+    for split in ("val", "test"):
+        got = bench.expert_accuracies(split)
+        assert list(got) == bench.task_names + ["avg"]
+        for n in bench.task_names:
+            assert got[n] == bench.evaluate(bench.experts[n], split, tasks=[n])[n], (split, n)
+        assert got["avg"] == pytest.approx(sum(got[n] for n in bench.task_names) / len(bench.task_names))
+
+
+def test_calibration_batches_are_the_tasks_calibration_images(tiny_bench):
+    bench = tiny_bench
+    for n, batches in bench.calibration.items():
+        td = bench.data[n]
+        assert all(len(b) <= bench.config.calib_batch for b in batches)
+        assert torch.equal(torch.cat(batches), td.calib)
+        train = td.x["train"].reshape(len(td.x["train"]), -1)
+        assert all((train == c).all(1).any() for c in td.calib.reshape(len(td.calib), -1))
+
+
+def test_label_maps_follow_the_task_table():
+    """The documented label of every digit for every task (pairs, residues, closed loops)."""
+    loops = {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 1, 7: 0, 8: 2, 9: 1}
+    rule = {"digit": lambda d: d, "inv_pairs": lambda d: d // 2, "rot_mod3": lambda d: d % 3,
+            "perm_digit": lambda d: d, "noise_mod5": lambda d: d % 5, "red_digit": lambda d: d,
+            "flip_loops": loops.__getitem__, "quad_digit": lambda d: d}
+    classes = {"digit": 10, "inv_pairs": 5, "rot_mod3": 3, "perm_digit": 10, "noise_mod5": 5, "red_digit": 10,
+               "flip_loops": 3, "quad_digit": 10}
+    images, digits = load_digits_tensors()
+    for t in TASKS:
+        assert t.label_table.tolist() == [rule[t.name](d) for d in range(10)], t.name
+        assert t.n_classes == classes[t.name], t.name
+        _, y = t.apply(images[:50], digits[:50], seed=0)
+        assert y.tolist() == [rule[t.name](int(d)) for d in digits[:50]], t.name
+
+
+def test_task_images_are_the_documented_transforms_scaled_to_plus_minus_one(gen):
+    images, digits = load_digits_tensors()
+    idx = torch.randint(0, data.N_IMAGES, (6,), generator=gen)
+    g, d = images[idx], digits[idx]  # grey [N, 8, 8] in [0, 1]
+    by_name = {t.name: t.apply(g, d, seed=0)[0] for t in TASKS}
+
+    def rgb(r, gr, b):
+        return torch.stack([r, gr, b], 1) * 2 - 1
+
+    ccw = torch.stack([torch.stack([g[:, j, 7 - i] for j in range(8)], -1) for i in range(8)], 1)
+    mirrored = g.flip(-1)
+    rolled = torch.roll(g, shifts=(4, 4), dims=(1, 2))
+    want = {
+        "digit": rgb(g, g, g),
+        "inv_pairs": rgb(1 - g, 1 - g, 1 - g),
+        "rot_mod3": rgb(ccw, ccw, ccw),  # counter-clockwise: the top-right pixel goes to the top left
+        "red_digit": rgb(g, 0.6 * (1 - g), torch.zeros_like(g)),
+        "flip_loops": rgb(mirrored, mirrored, 0.7 * (1 - mirrored)),
+        "quad_digit": rgb(0.2 * rolled, 0.4 * rolled, rolled),
+    }
+    for name, x in want.items():
+        assert torch.allclose(by_name[name], x, atol=1e-6), name
+    # the noisy task stays near its grey digit, clipped to the range
+    noisy = by_name["noise_mod5"]
+    assert noisy.min() >= -1 and noisy.max() <= 1 and 0.1 < (noisy - rgb(g, g, g)).std() < 1.0
+
+
+def test_a_random_transform_is_drawn_from_the_seed_and_the_tasks_name():
+    images, digits = load_digits_tensors()
+    x, d = images[:20], digits[:20]
+    a = data.Task("a", "permute", "digit", "").apply(x, d, seed=0)[0]
+    b = data.Task("b", "permute", "digit", "").apply(x, d, seed=0)[0]
+    assert not torch.equal(a, b)
+    assert torch.equal(a, data.Task("a", "permute", "digit", "").apply(x, d, seed=0)[0])
+
+
+def test_each_task_draws_its_own_calibration_images(digits):
+    _, labels = digits
+    train = make_splits(labels, seed=0)["train"]
+    drawn = [data.calibration_indices(train, t, seed=0, n=16) for t in TASKS[:3]]
+    assert all(set(c.tolist()) <= set(train.tolist()) and len(set(c.tolist())) == 16 for c in drawn)
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
+
+
+def test_heads_are_centered_normalized_class_means(gen):
+    feats = torch.nn.functional.normalize(torch.randn(30, 6, generator=gen), dim=-1)
+    labels = torch.arange(30) % 3
+    means = torch.stack([feats[labels == c].sum(0) / (labels == c).sum() for c in range(3)])
+    centered = means - means.sum(0) / 3
+    want = centered / centered.norm(dim=-1, keepdim=True)
+    assert torch.allclose(model.class_prototypes(feats, labels, 3), want, atol=1e-6)
+
+
+def test_a_state_dict_is_loaded_into_the_bench_model(tiny_bench):
+    bench = tiny_bench
+    name = bench.task_names[1]
+    got = bench.model(bench.experts[name]).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in bench.experts[name].items())
+    assert any(not torch.equal(got[k], bench.base_state[k]) for k in got)
+
+
+def test_heads_and_experts_learn_from_training_images_only(digits):
+    """Validation and test images poisoned with NaN: a head or expert that read them is NaN."""
+    images, labels = digits
+    splits = {k: v[:24] for k, v in make_splits(labels, seed=0).items()}
+    (td,) = build_task_data(TASKS[1:2], splits, seed=0, n_calib=4).values()
+    for s in ("val", "test"):
+        td.x[s] = torch.full_like(td.x[s], float("nan"))
+    base = model.build_encoder(TINY.model, seed=0).state_dict()
+    heads = train.make_heads(TINY, base, {td.task.name: td})
+    assert torch.isfinite(heads[td.task.name]).all()
+    expert = train.finetune_expert(TINY, base, heads[td.task.name], td, seed=0, progress=False)
+    assert all(torch.isfinite(v).all() for v in expert.values() if v.is_floating_point())
+    assert any(not torch.equal(expert[k], base[k]) for k in base)
+
+
+def test_pretraining_sees_only_training_images(digits):
+    images, labels = digits
+    splits = make_splits(labels, seed=0)
+    x, y = data.pretraining_images(splits)
+    assert torch.equal(x, images[splits["train"]]) and torch.equal(y, labels[splits["train"]])
+    x, _ = data.pretraining_images(splits, limit=10)
+    assert torch.equal(x, images[splits["train"][:10]])
+
+
+def test_a_new_base_retrains_the_heads_and_experts_of_the_cache(tmp_path, monkeypatch):
+    config = DemoConfig(**{**TINY.__dict__, "tasks": ("digit", "inv_pairs")})
+    first = prepare(tmp_path, seed=0, progress=False, config=config)
+    (first.cache_dir / "base.safetensors").unlink()
+    calls = []
+    real_heads, real_expert = train.make_heads, train.finetune_expert
+    monkeypatch.setattr(train, "make_heads", lambda *a, **k: calls.append("heads") or real_heads(*a, **k))
+    monkeypatch.setattr(train, "finetune_expert", lambda *a, **k: calls.append("expert") or real_expert(*a, **k))
+    again = prepare(tmp_path, seed=0, progress=False, config=config)
+    assert again.trained and calls == ["heads", "expert", "expert"]
+
+
+def test_the_thread_count_is_not_part_of_the_cache_key():
+    assert DemoConfig(**{**TINY.__dict__, "threads": 3}).key(0) == TINY.key(0)
+    assert DemoConfig(**{**TINY.__dict__, "expert_epochs": 2}).key(0) != TINY.key(0)
+
+
+def test_the_demo_plan_covers_the_documented_grid():
+    from epmq.demo.plan import ANCHORS, default_plan
+
+    full, quick = default_plan(), default_plan(quick=True)
+    assert [m.method for m in full.merges] == ["task_arithmetic", "ties"]
+    assert [m.method for m in quick.merges] == ["task_arithmetic"]
+    assert full.methods == quick.methods == ["rtn", "gptq", "epmq"]
+    assert full.bits == [8, 4, 3, 2] and quick.bits == [4, 2]
+    assert full.anchors == list(ANCHORS) and 0.0 in full.anchors and quick.anchors == [1.0]
+    assert full.group_size == quick.group_size == -1
