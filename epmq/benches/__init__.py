@@ -63,11 +63,13 @@ def build_bench(config: Union[Mapping, BenchConfig], *, base_dir=".", progress: 
     ``base_dir``: what relative paths in the config are relative to (the YAML's directory).
     ``progress``: True logs what is loaded to stderr, False is silent, a callable gets the lines.
     """
+    from .._util import loading_bars
     from .common import make_log
 
     if not isinstance(config, BenchConfig):
         config = parse_config(config, base_dir=base_dir)
-    bench = _bench_class(config.model.family)(config, make_log(progress))
+    with loading_bars(progress is True):  # (transformers' bars as the bench loads its models)
+        bench = _bench_class(config.model.family)(config, make_log(progress))
     bench.progress = progress is True  # (bars on stderr for evaluations; a callable gets lines only)
     return bench
 

@@ -23,6 +23,7 @@ from typing import List
 import torch
 from torch import nn
 
+from .._util import loading_bars
 from ..checkpoint_io import CheckpointReader, bind, key_renaming, tie_order
 from .checkpoints import load_into
 from .config import BenchConfig, BenchConfigError
@@ -91,7 +92,8 @@ class HFClipBench(ZeroShotImageBench):
                 tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             except Exception as e:
                 raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
-            clip = CLIPModel.from_pretrained(self.base_dir, dtype=torch.float32).eval()
+            with loading_bars(self.progress):  # (transformers' bar, silent with progress=False)
+                clip = CLIPModel.from_pretrained(self.base_dir, dtype=torch.float32).eval()
             self._text = (tokenizer, clip.text_model.to(self.device), clip.text_projection.to(self.device))
             del clip
         tokenizer, text_model, text_projection = self._text

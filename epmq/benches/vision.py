@@ -41,7 +41,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class ImagePrep:
     """Resize the shortest side to ``resize``, center-crop to ``crop`` (h, w), keep uint8; then
-    (on the device) scale to [0, 1] and normalize by ``mean``/``std``."""
+    (on the device) scale to [0, 1] and normalize by ``mean``/``std``. ``resize_mode="squash"``
+    (open_clip's): the whole image resized to ``crop``, aspect ratio not kept, nothing cropped."""
 
     resize: int
     crop: Tuple[int, int]
@@ -49,6 +50,7 @@ class ImagePrep:
     std: Tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
     crop_offset: str = "floor"  # "floor": (size - crop) // 2, as HF image processors; "round": as torchvision
+    resize_mode: str = "shortest"  # or "squash"
 
     def uint8(self, image) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode
@@ -56,6 +58,8 @@ class ImagePrep:
 
         image = image.convert("RGB")
         mode = InterpolationMode(self.interpolation)
+        if self.resize_mode == "squash":
+            return TF.pil_to_tensor(TF.resize(image, list(self.crop), interpolation=mode))
         image = TF.resize(image, self.resize, interpolation=mode)
         (h, w), (ch, cw) = (image.height, image.width), self.crop
         if h < ch or w < cw or self.crop_offset == "round":

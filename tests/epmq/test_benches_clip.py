@@ -473,3 +473,38 @@ def test_calibration_eval_caps_and_templates_come_from_the_config(tiny):
         want = torch.stack([bench.prep.normalize(bench.prep.uint8(calib[k][0])[None])[0] for k in range(len(calib))])
         got = torch.cat([item["pixel_values"] for item in bench.calibration[t]])
         assert torch.equal(got, want)
+
+
+def test_images_are_prepared_as_the_checkpoints_own_image_processor_says(tiny, tmp_path):
+    """A checkpoint whose processor resizes past the crop and normalizes with its own mean and
+    std (not CLIP's): the pixels the bench evaluates and calibrates on are the processor's."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    root, config = tiny
+    root = shutil.copytree(root, tmp_path / "copy")
+    mean, std = [0.3, 0.5, 0.7], [0.5, 0.4, 0.3]
+    CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16}, image_mean=mean,
+                       image_std=std).save_pretrained(root / "base")
+    bench = build_bench(config, base_dir=root, progress=False)
+    assert (bench.prep.resize, bench.prep.crop, bench.prep.mean, bench.prep.std) == (20, (16, 16), tuple(mean), tuple(std))
+    processor = CLIPImageProcessor.from_pretrained(root / "base")
+    for path in sorted((root / "data" / "alpha" / "test").glob("*/*.png"))[:3]:
+        img = Image.open(path)
+        want = processor(images=img, return_tensors="pt")["pixel_values"]
+        got = bench.prep.normalize(bench.prep.uint8(img)[None])
+        assert got.shape == want.shape == (1, 3, 16, 16)
+        assert (got - want).abs().max() < 0.05  # resampling implementations differ by a grey level or so
+
+
+def test_a_progress_callable_gets_the_lines_and_no_bars_are_drawn(tiny, capsys):
+    """``progress=callable``: what is loaded goes to the callable, nothing to stderr (no
+    evaluation bars either: a caller collecting the lines has no terminal to draw them on)."""
+    root, config = tiny
+    lines = []
+    bench = build_bench(config, base_dir=root, progress=lines.append)
+    bench.heads  # (loading the text tower: transformers' own bar is silenced too)
+    bench.evaluate(bench.base_state, "val")
+    bench.expert_accuracies("val")
+    assert any("task alpha" in line for line in lines)
+    assert capsys.readouterr().err == ""

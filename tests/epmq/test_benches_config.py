@@ -194,3 +194,43 @@ def test_held_out_validation_and_eval_caps_are_seeded_draws(gen):
     assert all(len(k) == 5 and k == sorted(k) for k in kept) and any(k != list(range(5)) for k in kept)
     assert readable("Cattleya__orchid_") == "Cattleya orchid"
     assert readable("/apartment_building/outdoor") == "apartment building outdoor"
+
+
+def _class_folders(root, classes, per_class=2):
+    """``root/{train,test}/<class>/<i>.png``: tiny images, each class its own colour."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (4, 4), (40 * c, 10 * i, 0)).save(d / f"{i}.png")
+
+
+def test_folder_class_names_follow_the_labels_of_their_directories(tmp_path):
+    """Labels are the sorted directory names' positions; each display name stays with its own
+    label even where the readable names sort otherwise ('-' sorts before '_', ' ' before '-')."""
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import open_image_sources
+
+    _class_folders(tmp_path, ["sea_bass", "sea-lion", "Zebra"])
+    spec = DataSpec(source="folder", root=tmp_path, splits={"train": "train", "val": None, "test": "test"})
+    sources, names = open_image_sources("fish", spec, None)
+    assert names == ["Zebra", "sea-lion", "sea bass"]  # the directories sorted: "Zebra" < "sea-lion" < "sea_bass"
+    for path, label in sources["test"].items:
+        assert readable(path.parent.name) == names[label]
+
+
+def test_the_tasks_classnames_replace_the_names_the_data_carries(tmp_path):
+    """A task's ``classnames`` (by label) are what the prompts say, for a folder dataset too."""
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import open_image_sources
+
+    _class_folders(tmp_path, ["c0", "c1"])
+    spec = DataSpec(source="folder", root=tmp_path, splits={"train": "train", "val": None, "test": "test"})
+    assert open_image_sources("t", spec, None)[1] == ["c0", "c1"]
+    _, names = open_image_sources("t", spec, ["annual crop", "forest"])
+    assert names == ["annual crop", "forest"]
+    with pytest.raises(BenchConfigError, match="3 classnames given, the data has 2"):
+        open_image_sources("t", spec, ["a", "b", "c"])

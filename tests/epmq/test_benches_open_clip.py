@@ -109,3 +109,45 @@ def test_heads_do_not_depend_on_the_model_dtype(bench, tiny):
     half = build_bench(dict(config, model=dict(config["model"], dtype="bfloat16")), base_dir=root, progress=False)
     assert all(torch.equal(half.heads[t], bench.heads[t]) for t in TASKS)
     assert {p.dtype for p in half.model(half.base_state).parameters()} == {torch.bfloat16}
+
+
+def test_images_are_prepared_as_open_clips_own_transform_for_the_checkpoint(tiny, tmp_path):
+    """The checkpoint's ``preprocess_cfg`` (its own mean, std and interpolation, not OpenAI's)
+    and open_clip's center crop (torchvision's: an odd margin rounds, 3 rows -> 2 above), pixel
+    for pixel as open_clip's evaluation transform prepares them."""
+    mean, std = [0.3, 0.5, 0.7], [0.5, 0.4, 0.3]
+    bench = _same_pixels_as_open_clip(tiny, tmp_path, {"mean": mean, "std": std, "interpolation": "bilinear"})
+    assert (bench.prep.mean, bench.prep.std, bench.prep.interpolation) == (tuple(mean), tuple(std), "bilinear")
+
+
+def test_a_checkpoint_that_squashes_images_is_evaluated_on_squashed_images(tiny, tmp_path):
+    """open_clip's ``resize_mode: squash`` (about a quarter of its pretrained tags: DFN, SigLIP):
+    the whole image resized to the model's size, nothing cropped; a mode the bench cannot
+    reproduce is refused, not replaced by another."""
+    _same_pixels_as_open_clip(tiny, tmp_path / "squash", {"resize_mode": "squash"})
+    with pytest.raises(BenchConfigError, match="resize_mode 'longest'"):
+        _same_pixels_as_open_clip(tiny, tmp_path / "longest", {"resize_mode": "longest"})
+
+
+def _same_pixels_as_open_clip(tiny, tmp_path, preprocess_cfg):
+    """The tiny bench with ``preprocess_cfg`` in its base's open_clip config; checks that the
+    bench prepares images pixel for pixel as open_clip's evaluation transform for that base."""
+    import shutil
+
+    import open_clip
+    from PIL import Image
+
+    root, config = tiny
+    root = shutil.copytree(root, tmp_path / "copy")
+    path = root / "base" / "open_clip_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), preprocess_cfg=preprocess_cfg)))
+    bench = build_bench(config, base_dir=root, progress=False)
+    _, _, transform = open_clip.create_model_and_transforms(f"local-dir:{root / 'base'}")
+    for f in sorted((root / "data" / "beta" / "test").glob("*/*.png"))[:3]:
+        img = Image.open(f)
+        assert img.size == (20, 24)  # resized to 16 x 19: three rows to crop
+        want = transform(img)[None]
+        got = bench.prep.normalize(bench.prep.uint8(img)[None])
+        assert got.shape == want.shape == (1, 3, 16, 16)
+        assert torch.allclose(got, want, atol=1e-5)
+    return bench

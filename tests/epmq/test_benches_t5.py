@@ -299,3 +299,37 @@ def test_labels_targets_caps_and_answers_follow_the_config(tiny, tmp_path):
         bench.evaluate(bench.base_state, "test")
     # every task reads its own expert
     assert [t["expert"] for t in config["tasks"]] == [f"experts/{t}" for t in TASKS]
+
+
+def test_a_tasks_regression_setting_comes_from_the_config(tiny, tmp_path):
+    """``regression: true`` makes a task of the user's own a score task (targets and candidates
+    the STS-B grid's texts, scored by Spearman); ``regression: false`` makes a GLUE regression
+    task a classification one with the task's answers."""
+    root, config = tiny
+    own = {"name": "similarity", "expert": "experts/stsb", "regression": True,
+           "template": "how alike: {sentence1} and {sentence2}", "data": {"root": str(root / "data" / "stsb")}}
+    bench = build_bench(dict(config, tasks=[own]), base_dir=root, progress=False)
+    task = bench.tasks["similarity"]
+    assert task.regression and task.answers is None
+    assert task.target(3.14) == "3.1" and task.candidates == [f"{v:.1f}" for v in STSB_GRID]
+    assert -1 <= bench.evaluate(bench.base_state, "test")["similarity"] <= 1
+
+    d = tmp_path / "stsb"
+    d.mkdir()
+    rows = [{"sentence1": "the cat sat", "sentence2": "a dog ran", "label": i % 2} for i in range(12)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    binary = {"name": "stsb", "expert": "experts/stsb", "regression": False, "answers": ["different", "same"],
+              "data": {"root": str(d)}}
+    bench = build_bench(dict(config, tasks=[binary]), base_dir=root, progress=False)
+    task = bench.tasks["stsb"]
+    assert not task.regression and task.candidates == ["different", "same"]
+    assert [task.target(y) for y in (0, 1)] == ["different", "same"]
+    assert 0 <= bench.evaluate(bench.base_state, "test")["stsb"] <= 1
+
+
+def test_a_silent_bench_loads_its_model_without_transformers_bar(tiny, capsys):
+    root, config = tiny
+    capsys.readouterr()
+    build_bench(config, base_dir=root, progress=False)
+    assert capsys.readouterr().err == ""

@@ -403,3 +403,64 @@ def test_the_demo_plan_covers_the_documented_grid():
     assert full.bits == [8, 4, 3, 2] and quick.bits == [4, 2]
     assert full.anchors == list(ANCHORS) and 0.0 in full.anchors and quick.anchors == [1.0]
     assert full.group_size == quick.group_size == -1
+
+
+def test_the_pooled_output_is_the_class_token_after_the_final_layer_norm(gen):
+    """Features (and so heads and accuracies) come from CLIP's pooled output: the class token
+    through the encoder's final layer norm, not the raw class token."""
+    enc = model.build_encoder(TINY.model, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    (norm,) = [m for name, m in enc.named_modules() if name.endswith("post_layernorm")]
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.rand(norm.weight.shape, generator=gen))
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=gen))
+        x = torch.randn(4, 3, 8, 8, generator=gen)
+        token = enc(pixel_values=x).last_hidden_state[:, 0]
+        want = norm(token)
+        assert torch.allclose(model.pooled(enc, x), want, atol=1e-5)
+        assert torch.allclose(model.features(enc, x), want / want.norm(dim=-1, keepdim=True), atol=1e-5)
+
+
+def _quick_training(monkeypatch, seeds):
+    """The demo's training replaced by instant stand-ins: the base is a seeded initialisation,
+    an expert is the base; ``seeds`` records each expert's training seed by task."""
+    def pretrain(config, images, digits, seed, progress=True):
+        return model.build_encoder(config.model, seed=seed).state_dict()
+
+    def finetune(config, base_state, head, td, seed, progress=True):
+        seeds[td.task.name] = seed
+        return {k: v.clone() for k, v in base_state.items()}
+
+    monkeypatch.setattr(train, "pretrain_base", pretrain)
+    monkeypatch.setattr(train, "finetune_expert", finetune)
+
+
+def test_each_expert_trains_from_its_own_seed(tmp_path, monkeypatch, gen):
+    """Experts of one run do not share a seed (the same batch order and draws for every task)."""
+    config = DemoConfig(**{**TINY.__dict__, "tasks": ("digit", "inv_pairs", "rot_mod3")})
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    seeds = {}
+    _quick_training(monkeypatch, seeds)
+    prepare(tmp_path, seed=seed, progress=False, config=config)
+    assert list(seeds) == list(config.tasks)
+    assert len(set(seeds.values())) == len(config.tasks)
+
+
+def test_an_expert_trained_again_alone_is_recorded_in_the_meta_file(tmp_path, monkeypatch):
+    """A cache missing one expert file (deleted, or never written): that expert alone is trained,
+    the run says it trained, and meta.json is rewritten with its training time."""
+    config = DemoConfig(**{**TINY.__dict__, "tasks": ("digit", "inv_pairs")})
+    seeds = {}
+    _quick_training(monkeypatch, seeds)
+    first = prepare(tmp_path, seed=0, progress=False, config=config)
+    meta_path = first.cache_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert first.trained and set(meta["seconds"]) == {"base", "expert.digit", "expert.inv_pairs"}
+    (first.cache_dir / "expert.inv_pairs.safetensors").unlink()
+    del meta["seconds"]["expert.inv_pairs"]  # (a meta.json left as it was would lack it)
+    meta_path.write_text(json.dumps(meta))
+    seeds.clear()
+    again = prepare(tmp_path, seed=0, progress=False, config=config)
+    assert again.trained and list(seeds) == ["inv_pairs"]
+    meta = json.loads(meta_path.read_text())
+    assert set(meta["seconds"]) == {"base", "expert.digit", "expert.inv_pairs"}
+    assert meta["train_seconds"] == pytest.approx(sum(meta["seconds"].values()))
