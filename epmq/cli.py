@@ -278,7 +278,8 @@ def _run(args) -> int:
         bench = build_bench(config, base_dir=config_path.parent, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(f"{config_path}: {e}") from None
-    identity = getattr(bench, "identity", None) or {"config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
+    identity = getattr(bench, "identity", None) or {
+        "config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
     try:
         results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
                                log=_log(args), identity=identity)

@@ -7,8 +7,8 @@
 or ``epmq merge CONFIG.yaml OUT``. Every source is read lazily, tensor by tensor
 (``checkpoint_io.CheckpointReader``: safetensors, shards with an index, torch files), and the
 merged tensors go into safetensors shards as they are made (``checkpoint.ShardWriter``), so
-memory holds a few tensors of each source and at most one shard of the result. The output is what ``save_pretrained`` writes: the
-same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
+memory holds a few tensors of each source and at most one shard of the result. The output is
+what ``save_pretrained`` writes: the same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
 ``model.safetensors.index.json``, and the non-weight files of the base (or first model)
 directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
 with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. The models' tensors

@@ -47,7 +47,8 @@ _BY_TASK: Dict[str, List[str]] = {
     "kmnist": ["a handwritten Japanese character {}.", "the hiragana {} written by hand."],
     "renderedsst2": ["a rendered sentence with {} sentiment.", "text expressing a {} opinion."],
 }
-_ALIASES = {"stanfordcars": "cars", "oxfordflowers102": "flowers102", "oxfordiiitpet": "pet", "oxfordiiitpets": "pet", "pets": "pet"}
+_ALIASES = {"stanfordcars": "cars", "oxfordflowers102": "flowers102",
+            "oxfordiiitpet": "pet", "oxfordiiitpets": "pet", "pets": "pet"}
 
 
 def _key(task: str) -> str:
