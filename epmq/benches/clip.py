@@ -9,8 +9,9 @@
 * the model that is merged and quantized: a ``CLIPVisionModel`` built from the base's vision
   config; the visual projection, logit scale and the text tower stay frozen in full precision.
 * calibration items: ``{"pixel_values": [B, 3, H, W]}``.
-* preprocessing: the base's ``preprocessor_config.json`` (resize shortest side, center crop,
-  CLIP mean/std) or, without one, the vision config's image size with CLIP's mean/std.
+* preprocessing: the base's ``preprocessor_config.json`` (a CLIP or SigLIP image processor's:
+  resize, center crop, rescale, mean/std; a setting not reproduced is refused by name) or,
+  without one, the vision config's image size with CLIP's mean/std.
 """
 
 from __future__ import annotations

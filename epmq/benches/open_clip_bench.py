@@ -61,14 +61,21 @@ class OpenClipBench(ZeroShotImageBench):
         pp = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
         size = pp.get("size", getattr(clip.visual, "image_size", 224))
         crop = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        resize_mode = pp.get("resize_mode", "shortest")
+        resize_mode = pp.get("resize_mode") or "shortest"
         if resize_mode not in ("shortest", "squash"):
             raise BenchConfigError(f"model.base: {name!r} preprocesses images with open_clip's resize_mode "
                                    f"{resize_mode!r}, which this bench does not reproduce (shortest, squash)")
-        self.prep = ImagePrep(resize=min(crop), crop=crop, mean=tuple(pp.get("mean", OPENAI_MEAN)),
-                              std=tuple(pp.get("std", OPENAI_STD)), interpolation=pp.get("interpolation", "bicubic"),
+        # open_clip's eval transform: bilinear if it says so, else bicubic ("random" too); a
+        # non-square size in shortest mode is ResizeKeepRatio's (bicubic whatever it says), and the
+        # image is converted to RGB after resizing and cropping, in its own mode until then
+        interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
+        square = crop[0] == crop[1]
+        if resize_mode == "shortest" and not square:
+            interpolation = "bicubic"
+        self.prep = ImagePrep(resize=crop[0] if square else crop, crop=crop, mean=tuple(pp.get("mean", OPENAI_MEAN)),
+                              std=tuple(pp.get("std", OPENAI_STD)), interpolation=interpolation,
                               crop_offset="round",  # open_clip's transform is torchvision's CenterCrop
-                              resize_mode=resize_mode)
+                              resize_mode=resize_mode, rgb="last")
         self._clip = clip
         self._serving_config = self._open_clip_config(open_clip, name, pp)
         self._tokenizer = self._make_tokenizer(open_clip, name, clip)

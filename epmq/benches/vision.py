@@ -10,7 +10,7 @@ scored through the same frozen heads:
 where ``image_features`` is the vision tower's output followed by the base's (frozen) visual
 projection (inside the tower for open_clip). Only the vision tower is merged and quantized.
 
-Images go through one fixed preprocessing (resize the shortest side, center crop, uint8); the
+Images go through one fixed preprocessing, the model's own (resize, center crop, uint8); the
 normalization by mean and std happens on the model's device. ``eval.cache`` keeps the uint8
 crops of each (task, split) after the first pass, in memory or in a memory-mapped file under
 ``eval.cache_dir``, so that later evaluations skip decoding.
@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._util import device_of, dtype_of
 from .common import BenchBase, default_cache_dir, files_fingerprint
+from .config import BenchConfigError
 from .data import Split, make_task_data, open_image_sources
 from .prompts import image_templates
 
@@ -41,38 +42,62 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class ImagePrep:
     """Resize the shortest side to ``resize``, center-crop to ``crop`` (h, w), keep uint8; then
-    (on the device) scale to [0, 1] and normalize by ``mean``/``std``. ``resize_mode="squash"``
-    (open_clip's): the whole image resized to ``crop``, aspect ratio not kept, nothing cropped."""
+    (on the device) scale by ``rescale`` and normalize by ``mean``/``std``. ``resize`` (h, w): the
+    image scaled, aspect ratio kept, until it covers (h, w) (open_clip's non-square ``shortest``).
+    ``resize_mode="squash"``: the whole image resized to ``resize`` (h, w) (or to ``crop``),
+    aspect ratio not kept (open_clip's squash, HF's ``size: {height, width}``), then cropped.
+    ``rgb``: "first", to RGB before resizing, transparency onto white (HF's ``convert_to_rgb``);
+    "last", resized in the image's own mode (a palette image: nearest), then ``convert("RGB")``
+    (open_clip's eval transform)."""
 
-    resize: int
+    resize: Union[int, Tuple[int, int]]
     crop: Tuple[int, int]
     mean: Tuple[float, float, float] = OPENAI_MEAN
     std: Tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
     crop_offset: str = "floor"  # "floor": (size - crop) // 2, as HF image processors; "round": as torchvision
     resize_mode: str = "shortest"  # or "squash"
+    rgb: str = "first"  # or "last"
+    rescale: float = 1 / 255
 
     def uint8(self, image) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        image = image.convert("RGB")
+        if self.rgb == "first":
+            image = _to_rgb(image)
         mode = InterpolationMode(self.interpolation)
         if self.resize_mode == "squash":
-            return TF.pil_to_tensor(TF.resize(image, list(self.crop), interpolation=mode))
-        image = TF.resize(image, self.resize, interpolation=mode)
+            size = self.resize if isinstance(self.resize, (tuple, list)) else self.crop
+            image = TF.resize(image, list(size), interpolation=mode)
+        elif isinstance(self.resize, (tuple, list)):
+            ratio = min(image.height / self.resize[0], image.width / self.resize[1])
+            image = TF.resize(image, [round(image.height / ratio), round(image.width / ratio)], interpolation=mode)
+        else:
+            image = TF.resize(image, self.resize, interpolation=mode)
         (h, w), (ch, cw) = (image.height, image.width), self.crop
         if h < ch or w < cw or self.crop_offset == "round":
             image = TF.center_crop(image, list(self.crop))
         else:
             top, left = (h - ch) // 2, (w - cw) // 2
             image = image.crop((left, top, left + cw, top + ch))
-        return TF.pil_to_tensor(image)
+        return TF.pil_to_tensor(image.convert("RGB"))
 
     def normalize(self, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x.float() / 255.0 - mean) / std).to(dtype)
+        x = x.float() / 255.0 if self.rescale == 1 / 255 else x.float() * self.rescale
+        return ((x - mean) / std).to(dtype)
+
+
+def _to_rgb(image):
+    """RGB, any transparency composited onto white (as HF image processors' ``convert_to_rgb``)."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
 
 
 class _Images(Dataset):
@@ -245,17 +270,47 @@ class ZeroShotImageBench(BenchBase):
         return [self._calibration_item(x) for x in pixel_values.split(self.config.calibration.batch_size)]
 
 
+_PROCESSORS = {"CLIPImageProcessor": 3, "CLIPImageProcessorFast": 3,  # (their default resample)
+               "CLIPFeatureExtractor": 3,  # (what openai's own checkpoints name)
+               "SiglipImageProcessor": 3, "SiglipImageProcessorFast": 3}
+
+
 def prep_from_processor_config(cfg: dict, image_size: int) -> ImagePrep:
-    """``ImagePrep`` equivalent to a CLIP image processor's ``preprocessor_config.json``."""
-    size = cfg.get("size", image_size)
+    """``ImagePrep`` equivalent to a CLIP (or SigLIP) image processor's ``preprocessor_config.json``;
+    a setting it cannot reproduce is refused by name."""
+    kind = cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "CLIPImageProcessor"
+    if kind not in _PROCESSORS:
+        raise BenchConfigError(f"preprocessor_config.json: image_processor_type {kind!r} is not reproduced by this "
+                               f"bench (only {', '.join(_PROCESSORS)})")
+    crops = kind.startswith("CLIP") and cfg.get("do_center_crop", True)  # (SigLIP's processor never crops)
+    if not cfg.get("do_resize", True):
+        raise BenchConfigError("preprocessor_config.json: do_resize false (images of every size, uncropped or "
+                               "padded) is not reproduced by this bench")
+    size, squash = cfg.get("size", image_size), False
     if isinstance(size, dict):
-        size = size.get("shortest_edge") or min(size.get("height", image_size), size.get("width", image_size))
-    crop = cfg.get("crop_size", size) if cfg.get("do_center_crop", True) else size
+        if set(size) == {"height", "width"}:
+            size, squash = (int(size["height"]), int(size["width"])), True
+        elif set(size) == {"shortest_edge"}:
+            size = int(size["shortest_edge"])
+        else:
+            raise BenchConfigError(f"preprocessor_config.json: size {size} is not reproduced by this bench "
+                                   f"(shortest_edge, or height and width)")
+    if not crops and not squash:
+        raise BenchConfigError("preprocessor_config.json: do_center_crop false with a shortest_edge size "
+                               "(images of different shapes) is not reproduced by this bench")
+    crop = cfg.get("crop_size", size) if crops else size
     if isinstance(crop, dict):
         crop = (crop.get("height", size), crop.get("width", size))
     elif isinstance(crop, int):
         crop = (crop, crop)
-    interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 3), "bicubic")
-    return ImagePrep(resize=int(size), crop=tuple(int(c) for c in crop),
-                     mean=tuple(cfg.get("image_mean", OPENAI_MEAN)), std=tuple(cfg.get("image_std", OPENAI_STD)),
-                     interpolation=interpolation)
+    resample = cfg.get("resample", _PROCESSORS[kind])
+    interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(resample)
+    if interpolation is None:
+        raise BenchConfigError(f"preprocessor_config.json: resample {resample!r} is not reproduced by this bench "
+                               f"(0 nearest, 2 bilinear, 3 bicubic)")
+    normalize = cfg.get("do_normalize", True)
+    return ImagePrep(resize=size, crop=tuple(int(c) for c in crop),
+                     mean=tuple(cfg.get("image_mean", OPENAI_MEAN)) if normalize else (0.0, 0.0, 0.0),
+                     std=tuple(cfg.get("image_std", OPENAI_STD)) if normalize else (1.0, 1.0, 1.0),
+                     interpolation=interpolation, resize_mode="squash" if squash else "shortest",
+                     rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0)

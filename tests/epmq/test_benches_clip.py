@@ -508,3 +508,89 @@ def test_a_progress_callable_gets_the_lines_and_no_bars_are_drawn(tiny, capsys):
     bench.expert_accuracies("val")
     assert any("task alpha" in line for line in lines)
     assert capsys.readouterr().err == ""
+
+
+def _odd_images():
+    """Landscape, portrait, smaller than the crop, greyscale, RGBA with transparent pixels and a
+    palette image with a transparent index: what image folders hold."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def smooth(h, w, c=3):  # (noise would measure resampling implementations, not preprocessing)
+        small = rng.integers(0, 256, (4, 5, c), dtype=np.uint8)
+        return Image.fromarray(small.squeeze()).resize((w, h), Image.BILINEAR)
+
+    rgba = np.array(smooth(25, 29, 4))
+    rgba[..., 3] = 255
+    rgba[:, :10, 3], rgba[:, 10:18, 3] = 0, 128  # a transparent and a half-transparent band
+    palette = smooth(26, 33).quantize(16)
+    palette.info["transparency"] = 3
+    return {"landscape": smooth(23, 37), "portrait": smooth(31, 21), "small": smooth(9, 13),
+            "grey": smooth(27, 31, 1), "rgba": Image.fromarray(rgba), "palette": palette}
+
+
+def _bench_with_processor(tiny, tmp_path, processor):
+    root, config = tiny
+    root = shutil.copytree(root, tmp_path / "copy")
+    processor.save_pretrained(root / "base")
+    return build_bench(config, base_dir=root, progress=False), root
+
+
+@pytest.mark.parametrize("settings", [
+    {"size": {"height": 20, "width": 24}, "crop_size": {"height": 16, "width": 16}},  # resized to 20 x 24, then cropped
+    {"size": {"shortest_edge": 20}, "crop_size": 16, "resample": 2},
+    {"size": {"shortest_edge": 18}, "crop_size": {"height": 16, "width": 12}, "do_normalize": False},
+    {"size": {"shortest_edge": 18}, "crop_size": 16, "rescale_factor": 1 / 127.5},
+    {"size": {"height": 16, "width": 20}, "do_center_crop": False},
+    "siglip",  # SigLIP's processor: squashed to its size, mean and std 0.5, never cropped
+])
+def test_images_are_prepared_as_every_setting_of_the_image_processor_says(tiny, tmp_path, settings):
+    """Sizes as height and width (squashed, not shortest edge), no normalization, another
+    rescale factor, transparency composited onto white: the processor's pixels, each image kind."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+
+    processor = SiglipImageProcessor(size={"height": 16, "width": 20}) if settings == "siglip" \
+        else CLIPImageProcessor(**settings)
+    bench, root = _bench_with_processor(tiny, tmp_path, processor)
+    processor = AutoImageProcessor.from_pretrained(root / "base")  # (what the checkpoint's users get)
+    for kind, img in _odd_images().items():
+        want = processor(images=img, return_tensors="pt")["pixel_values"]
+        got = bench.prep.normalize(bench.prep.uint8(img)[None])
+        assert got.shape == want.shape, kind
+        scale = 255 * getattr(processor, "rescale_factor", 1 / 255)
+        assert (got - want).abs().max() < 0.05 * scale, kind  # (resampling implementations: a grey level or so)
+
+
+@pytest.mark.parametrize("settings, name", [
+    ({"do_resize": False}, "do_resize"),
+    ({"do_center_crop": False}, "do_center_crop"),
+    ({"resample": 1}, "resample 1"),
+    ({"size": {"shortest_edge": 20, "longest_edge": 40}}, "size"),
+])
+def test_a_processor_setting_the_bench_cannot_reproduce_is_refused_by_name(tiny, tmp_path, settings, name):
+    from transformers import CLIPImageProcessor
+
+    with pytest.raises(BenchConfigError, match=name):
+        _bench_with_processor(tiny, tmp_path, CLIPImageProcessor(**settings))
+
+
+def test_another_kind_of_image_processor_is_refused_by_name(tiny, tmp_path):
+    """(a ConvNeXT processor crops by crop_pct: read as a CLIP one, it would be silently wrong)"""
+    from transformers import ConvNextImageProcessor
+
+    with pytest.raises(BenchConfigError, match="ConvNextImageProcessor"):
+        _bench_with_processor(tiny, tmp_path, ConvNextImageProcessor(size={"shortest_edge": 16}))
+
+
+def test_openais_own_preprocessor_config_is_read():
+    """openai/clip-vit-base-patch32's file, as published: a feature extractor, sizes as ints."""
+    from epmq.benches.vision import prep_from_processor_config
+
+    cfg = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+           "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+    prep = prep_from_processor_config(cfg, 224)
+    assert (prep.resize, prep.crop, prep.interpolation, prep.resize_mode) == (224, (224, 224), "bicubic", "shortest")
+    assert prep.mean == tuple(cfg["image_mean"]) and prep.std == tuple(cfg["image_std"])

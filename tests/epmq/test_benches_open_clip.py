@@ -129,9 +129,10 @@ def test_a_checkpoint_that_squashes_images_is_evaluated_on_squashed_images(tiny,
         _same_pixels_as_open_clip(tiny, tmp_path / "longest", {"resize_mode": "longest"})
 
 
-def _same_pixels_as_open_clip(tiny, tmp_path, preprocess_cfg):
+def _same_pixels_as_open_clip(tiny, tmp_path, preprocess_cfg, images=None, shape=(16, 16)):
     """The tiny bench with ``preprocess_cfg`` in its base's open_clip config; checks that the
-    bench prepares images pixel for pixel as open_clip's evaluation transform for that base."""
+    bench prepares images (the test split's, or ``images``) pixel for pixel as open_clip's
+    evaluation transform for that base."""
     import shutil
 
     import open_clip
@@ -140,14 +141,62 @@ def _same_pixels_as_open_clip(tiny, tmp_path, preprocess_cfg):
     root, config = tiny
     root = shutil.copytree(root, tmp_path / "copy")
     path = root / "base" / "open_clip_config.json"
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), preprocess_cfg=preprocess_cfg)))
+    saved = json.loads(path.read_text())
+    if list(shape) != [16, 16]:  # (open_clip preprocesses at the model's image size: a base and experts of that size)
+        from open_clip.model import CLIP
+        from safetensors.torch import save_file
+
+        saved["model_cfg"]["vision_cfg"]["image_size"] = list(shape)
+        clip = CLIP(**saved["model_cfg"]).eval()
+        state = {k: v.contiguous() for k, v in clip.state_dict().items()}
+        save_file(state, str(root / "base" / "open_clip_model.safetensors"))
+        save_file({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")},
+                  str(root / "experts" / "alpha.safetensors"))
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, root / "experts" / "beta.pt")
+    path.write_text(json.dumps(dict(saved, preprocess_cfg=preprocess_cfg)))
     bench = build_bench(config, base_dir=root, progress=False)
     _, _, transform = open_clip.create_model_and_transforms(f"local-dir:{root / 'base'}")
-    for f in sorted((root / "data" / "beta" / "test").glob("*/*.png"))[:3]:
-        img = Image.open(f)
-        assert img.size == (20, 24)  # resized to 16 x 19: three rows to crop
+    if images is None:
+        images = [Image.open(f) for f in sorted((root / "data" / "beta" / "test").glob("*/*.png"))[:3]]
+        assert all(img.size == (20, 24) for img in images)  # resized to 16 x 19: three rows to crop
+    for img in images:
         want = transform(img)[None]
         got = bench.prep.normalize(bench.prep.uint8(img)[None])
-        assert got.shape == want.shape == (1, 3, 16, 16)
+        assert got.shape == want.shape == (1, 3, *shape)
         assert torch.allclose(got, want, atol=1e-5)
     return bench
+
+
+def _odd_images():
+    """Landscape, portrait, smaller than the crop, greyscale, RGBA with transparent pixels, palette."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (25, 29, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.choice([0, 128, 255], (25, 29))
+    return [Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (41, 19, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (27, 31), dtype=np.uint8)), Image.fromarray(rgba),
+            Image.fromarray(rng.integers(0, 256, (26, 33, 3), dtype=np.uint8)).quantize(16)]
+
+
+@pytest.mark.parametrize("preprocess_cfg", [
+    {"size": [32, 24]},  # shortest, not square: open_clip's ResizeKeepRatio (bicubic even if bilinear is asked)
+    {"size": [24, 32], "interpolation": "bilinear"},
+    {"size": [32, 24], "resize_mode": "squash", "interpolation": "bilinear"},
+    {"size": 16, "interpolation": "random"},  # (open_clip: bicubic at evaluation)
+    {"size": 16, "fill_color": 255},  # (used by resize_mode longest only)
+])
+def test_non_square_sizes_and_odd_images_are_prepared_as_open_clip_prepares_them(tiny, tmp_path, preprocess_cfg):
+    """Every image kind (a palette image is resized in its own mode, as open_clip resizes it,
+    and converted to RGB after), non-square sizes in both modes, pixel for pixel."""
+    size = preprocess_cfg["size"]
+    shape = tuple(size) if isinstance(size, list) else (size, size)
+    _same_pixels_as_open_clip(tiny, tmp_path, preprocess_cfg, images=_odd_images(), shape=shape)
+
+
+def test_fill_color_of_resize_mode_longest_is_refused_with_it(tiny, tmp_path):
+    with pytest.raises(BenchConfigError, match="resize_mode 'longest'"):
+        _same_pixels_as_open_clip(tiny, tmp_path, {"resize_mode": "longest", "fill_color": 255})
