@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,10 +79,24 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Delete the temporaries ``.<name>.tmp-<pid>[-...]`` (files or directories) that a killed
+    write to ``parent/name`` left behind; those of live processes are kept. ``name`` may be a
+    glob pattern."""
+    for path in Path(parent).glob(f".{name}.tmp-*"):
+        pid = path.name.rpartition(".tmp-")[2].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True, default=str)

@@ -34,6 +34,7 @@ removed by the next write to the same target.
 from __future__ import annotations
 
 import contextlib
+import glob
 import ctypes
 import hashlib
 import json
@@ -51,7 +52,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._util import process_alive, read_json, storage_key
+from ._util import read_json, remove_stale_temporaries, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols
@@ -565,7 +566,7 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
     directory = check_output(directory, marker=marker)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(parent, directory.name)
+    remove_stale_temporaries(parent, glob.escape(directory.name))
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent))
     try:
         umask = os.umask(0)
@@ -624,15 +625,6 @@ def _write_manifest(directory: Path) -> None:
 def _read_manifest(directory: Path) -> dict:
     files = read_json(directory / MANIFEST_FILE)
     return files if isinstance(files, dict) else {}
-
-
-def _remove_stale_temporaries(parent: Path, name: str) -> None:
-    """Delete the temporary siblings a killed write to ``parent/name`` left behind (their
-    names carry the writer's process id; those of live processes are kept)."""
-    for path in parent.glob(f".{name}.tmp-*"):
-        pid = path.name[len(f".{name}.tmp-"):].partition("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # what a checkpoint is, which a new write always makes anew (a user's edit of them is replaced)

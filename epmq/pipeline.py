@@ -225,37 +225,36 @@ class Store:
                        f"[resume] {self.path} was written for another bench (differs in "
                        f"{changed_keys(old.get('identity') or {}, identity)}): ")
                 kept = self._set_aside(Path(out_dir))
+                # at once, not at the first step: a run stopped before it would set the earlier
+                # run aside again (a second copy naming checkpoints this run then writes)
+                write_json_atomic(self.path, self.data)
                 log(f"{why}starting over; the earlier results are kept in {', '.join(str(k) for k in kept)}")
 
     def _set_aside(self, out_dir: Path) -> list:
         """The earlier run's results (a copy) and checkpoints (moved), under names of their time,
-        so that no run overwrites another's (a second change of the config, ``--fresh``)."""
+        so that no run overwrites another's (a second change of the config, ``--fresh``). The
+        copy, naming where the checkpoints go, is written before they move; a set-aside stopped
+        in between is finished under the same name by the next run."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
-        n = 1
-        while any((out_dir / f"{stem}.before-{stamp}{'' if n == 1 else f'-{n}'}{ext}").exists()
-                  for stem, ext in (("results", ".json"), ("checkpoints", ""))):
-            n += 1
-        tag = f"before-{stamp}{'' if n == 1 else f'-{n}'}"
-        kept = [out_dir / f"results.{tag}.json"]
-        shutil.copy2(self.path, kept[0])
         checkpoints = out_dir / "checkpoints"
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
-            kept.append(out_dir / f"checkpoints.{tag}")
-            checkpoints.rename(kept[-1])
-            # the kept results name the checkpoints where they now are (the new run writes its own
-            # under the old names)
-            old, new = str(checkpoints.absolute()), str(kept[-1].absolute())
-
-            def moved(value):
-                if isinstance(value, dict):
-                    return {k: moved(v) for k, v in value.items()}
-                if isinstance(value, list):
-                    return [moved(v) for v in value]
-                if isinstance(value, str) and (value == old or value.startswith((old + "/", old + os.sep))):
-                    return new + value[len(old):]
-                return value
-
-            write_json_atomic(kept[0], moved(read_json(kept[0])))
+        moving = checkpoints.is_dir() and any(checkpoints.iterdir())
+        earlier = read_json(self.path)
+        n = 1
+        while True:
+            tag = f"before-{stamp}{'' if n == 1 else f'-{n}'}"
+            kept = [out_dir / f"results.{tag}.json", out_dir / f"checkpoints.{tag}"]
+            content = _moved(earlier, checkpoints, kept[1]) if moving else earlier
+            if not any(k.exists() for k in kept):
+                break
+            if read_json(kept[0]) == content and not kept[1].exists():
+                break  # (this very set-aside, stopped before the checkpoints moved)
+            n += 1
+        write_json_atomic(kept[0], content)
+        if not moving:
+            return kept[:1]
+        # the kept results name the checkpoints where they now are (the new run writes its own
+        # under the old names)
+        checkpoints.rename(kept[1])
         return kept
 
     def get(self, key: str, params: dict):
@@ -269,6 +268,22 @@ class Store:
         self.data["steps"][key] = result
         write_json_atomic(self.path, self.data)
         return result
+
+
+def _moved(value, old: Path, new: Path):
+    """``value`` with the paths under directory ``old`` under ``new`` instead."""
+    old, new = str(old.absolute()), str(new.absolute())
+
+    def moved(value):
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith((old + "/", old + os.sep))):
+            return new + value[len(old):]
+        return value
+
+    return moved(value)
 
 
 # --------------------------------------------------------------------------- running

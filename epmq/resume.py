@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import changed_keys, process_alive, read_json, write_json_atomic
+from ._util import changed_keys, read_json, remove_stale_temporaries, write_json_atomic
 from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
@@ -146,7 +146,7 @@ class BlockLog:
             raise
 
     def _open(self, identity: dict) -> None:
-        self._remove_stale_temporaries()
+        remove_stale_temporaries(self.directory, "*")  # (a killed walk's half-written files)
         identity = json.loads(json.dumps(dict(identity, format=FORMAT), default=str))
         # every record carries this: blocks of another walk are refused even where walk.json,
         # which names what differs, is lost
@@ -175,13 +175,6 @@ class BlockLog:
             _unlock(self._lock)
             self._lock = None
 
-
-    def _remove_stale_temporaries(self) -> None:
-        """The half-written files of a walk that was killed (their names carry its process id)."""
-        for path in self.directory.glob(".*.tmp-*"):
-            pid = path.name.rpartition(".tmp-")[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-                path.unlink(missing_ok=True)
 
     def _paths(self, prefix: str):
         return self.directory / f"{prefix}.safetensors", self.directory / f"{prefix}.json"

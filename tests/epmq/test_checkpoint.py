@@ -608,6 +608,22 @@ def test_a_killed_writes_temporary_is_removed_by_the_next(two_models, monkeypatc
     assert not stale.exists() and live.exists()
 
 
+
+def test_a_killed_json_writes_temporary_is_removed_by_the_next(tmp_path):
+    """(results.json of ``epmq run``, block records of a resumable walk)"""
+    from epmq._util import write_json_atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "results [1].json"  # (a name that is also a glob pattern)
+    stale, live = (tmp_path / f".{path.name}.tmp-{pid}" for pid in (dead.pid, os.getppid()))
+    other = tmp_path / f".other.json.tmp-{dead.pid}"
+    for p in (stale, live, other):
+        p.write_text("{")
+    write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert not stale.exists() and live.exists() and other.exists()
+
 def test_saving_into_the_working_directory(gen, tmp_path, monkeypatch):
     _, model = quantized(gen)
     (tmp_path / "here").mkdir()

@@ -129,3 +129,62 @@ def test_merge_entries_of_a_config():
         Plan.from_config([{"scales": [0.6]}], None)
     with pytest.raises(ValueError, match=r"merge\[0\] gives both scale and scales"):  # (scale won, silently)
         Plan.from_config([{"method": "ties", "scales": [0.1, 0.5], "scale": 0.3}], None)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_run_interrupted_before_its_first_step_keeps_the_earlier_run_once(calls_list, tmp_path, quiet, fresh):
+    """An earlier run is set aside once: a new run (another bench, or --fresh) stopped before it
+    stored a step, then run again, leaves one ``results.before-*.json``, and it names the
+    earlier run's own checkpoints, not the new run's written under the old names."""
+    import json
+
+    earlier = tmp_path / "checkpoints" / "TA-w4-rtn-merged_path"
+    earlier.mkdir(parents=True)
+    (earlier / "weights").write_text("earlier")
+    (tmp_path / "results.json").write_text(json.dumps({
+        "identity": {"tasks": ["old"]} if not fresh else {"tasks": ["a", "b"]},
+        "steps": {"quant/TA/w4/RTN": {"checkpoint": str(earlier), "params_digest": "x"}}}))
+
+    class Stopped(Bench):
+        def evaluate(self, state, split="test"):
+            raise KeyboardInterrupt  # (the first step, before anything is stored)
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(Stopped(), plan(), tmp_path, resume=not fresh, log=quiet)
+    pipeline.run(Bench(), plan(), tmp_path, resume=not fresh, log=quiet)  # (the same command again)
+    (kept,) = tmp_path.glob("results.before-*.json")
+    (kept_checkpoints,) = tmp_path.glob("checkpoints.before-*")
+    named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
+    assert named == str(kept_checkpoints / earlier.name)
+    assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
+
+
+def test_a_set_aside_stopped_before_the_checkpoints_moved_is_finished_by_the_next_run(
+        calls_list, tmp_path, quiet, monkeypatch):
+    """Stopped between writing the kept results and moving the checkpoints, the set-aside is
+    completed under the same name: one kept results file, naming the checkpoints it kept."""
+    import json
+    from pathlib import Path
+
+    earlier = tmp_path / "checkpoints" / "TA-w4-rtn-merged_path"
+    earlier.mkdir(parents=True)
+    (earlier / "weights").write_text("earlier")
+    (tmp_path / "results.json").write_text(json.dumps({
+        "identity": {"tasks": ["old"]}, "steps": {"quant/TA/w4/RTN": {"checkpoint": str(earlier)}}}))
+    real = Path.rename
+
+    def stopped(self, target):
+        if self.name == "checkpoints":
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(Bench(), plan(), tmp_path, log=quiet)
+    monkeypatch.setattr(Path, "rename", real)
+    pipeline.run(Bench(), plan(), tmp_path, log=quiet)
+    (kept,) = tmp_path.glob("results.before-*.json")
+    (kept_checkpoints,) = tmp_path.glob("checkpoints.before-*")
+    named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
+    assert named == str(kept_checkpoints / earlier.name)
+    assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
