@@ -34,8 +34,8 @@ removed by the next write to the same target.
 from __future__ import annotations
 
 import contextlib
-import glob
 import ctypes
+import glob
 import hashlib
 import json
 import math

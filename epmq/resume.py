@@ -175,7 +175,6 @@ class BlockLog:
             _unlock(self._lock)
             self._lock = None
 
-
     def _paths(self, prefix: str):
         return self.directory / f"{prefix}.safetensors", self.directory / f"{prefix}.json"
 
