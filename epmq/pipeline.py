@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import merge as merge_lib
-from ._util import changed_keys, read_json, write_json_atomic
+from ._util import changed_keys, read_json, remove_stale_temporaries, write_json_atomic
 from .checks import check_number
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
@@ -213,6 +213,8 @@ class Store:
 
     def __init__(self, out_dir: Path, identity: dict, resume: bool, log: Callable = print):
         self.path = Path(out_dir) / "results.json"
+        if (Path(out_dir) / "checkpoints").is_dir():  # (checkpoints a killed run half wrote)
+            remove_stale_temporaries(Path(out_dir) / "checkpoints", "*")
         identity = json.loads(json.dumps(identity, default=str))  # (as it reads back)
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}

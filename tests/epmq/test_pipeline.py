@@ -188,3 +188,20 @@ def test_a_set_aside_stopped_before_the_checkpoints_moved_is_finished_by_the_nex
     named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
     assert named == str(kept_checkpoints / earlier.name)
     assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
+
+
+def test_checkpoints_a_killed_run_half_wrote_are_removed_by_the_next(calls_list, tmp_path, quiet):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / f".TA-w2-gptq.tmp-{dead.pid}-abc"
+    live = tmp_path / "checkpoints" / f".TA-w2-gptq.tmp-{os.getppid()}-abc"
+    for path in (stale, live):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    pipeline.run(Bench(), plan(), tmp_path, log=quiet)
+    assert not stale.exists() and live.exists()
