@@ -62,10 +62,16 @@ def _as_state(model, what: str) -> StateDict:
     raise TypeError(f"{what} must be a state dict (name -> tensor) or an nn.Module, got {type(model).__name__}")
 
 
+def _who(state, k: int) -> str:
+    """How errors name expert ``k``: by the ``label`` its state carries where it has one
+    (``epmq merge``'s checkpoints: "model 1 (path)"), else "expert k"."""
+    return getattr(state, "label", None) or f"expert {k}"
+
+
 def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
     if isinstance(experts, (nn.Module, Mapping)) or not isinstance(experts, Iterable):
         raise TypeError("experts must be a list of state dicts or modules")
-    experts = [_as_state(e, f"expert {k}") for k, e in enumerate(experts)]
+    experts = [_as_state(e, _who(e, k)) for k, e in enumerate(experts)]
     if not experts:
         raise ValueError("the expert list is empty: nothing to merge")
     base = None if base is None else _as_state(base, "base")
@@ -77,7 +83,7 @@ def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
         extra = sorted(keys - set(names))
         if missing or extra:
             raise ValueError(
-                f"expert {k} does not match the {'base' if base is not None else 'first expert'}: "
+                f"{_who(expert, k)} does not match the {'base' if base is not None else 'first expert'}: "
                 f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}"
             )
     return base, experts
@@ -133,7 +139,7 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     W_0 = None if base is None else _checked(name, "base", base[name], reference)
     if not reference.is_floating_point():
         for k, e in enumerate(experts):
-            _checked(name, f"expert {k}", e[name], reference)
+            _checked(name, _who(e, k), e[name], reference)
         return reference, None, None
     work = _work_dtype(reference)
     checked = set()
@@ -141,7 +147,7 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     def read(k):
         W = reference if k == 0 and base is None else experts[k][name]  # (expert 0's: already read)
         if k not in checked:
-            _checked(name, f"expert {k}", W, reference)
+            _checked(name, _who(experts[k], k), W, reference)
             checked.add(k)
         return W.to(work)
 
@@ -632,7 +638,7 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: f
 
     def task_vector(k):
         for name in names:
-            W_k = _checked(name, f"expert {k}", experts[k][name], base[name])
+            W_k = _checked(name, _who(experts[k], k), experts[k][name], base[name])
             work = _work_dtype(base[name])
             yield (W_k.to(work) - base[name].to(work)).abs()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -57,8 +56,9 @@ class _View(Mapping):
     """Some of a lazy state dict's tensors (``names``; default all), moved to ``device`` (if
     given) as they are read."""
 
-    def __init__(self, state: Mapping, device=None, names=None):
+    def __init__(self, state: Mapping, device=None, names=None, label=None):
         self.state, self.device = state, None if device is None else torch.device(device)
+        self.label = label  # (what epmq.merge's errors call it)
         self.names = dict.fromkeys(state if names is None else names)  # ordered, O(1) lookups
 
     def __getitem__(self, name):
@@ -119,7 +119,7 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
     is the whole expert on ``lora_base`` (default: the base its config names)."""
     reader = CheckpointReader(open_expert(path, lora_base), what)
     if names is None:
-        return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device)
+        return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device, label=what)
     binding = Binding(reader.keys(), names=names)
     binding.refuse_ambiguity(lambda message: ValueError(f"{what} {message}"))
     found = {n: binding.key_for(n) for n in names}
@@ -128,7 +128,7 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
     if ignored:
         warnings.warn(f"{what}: {len(ignored)} tensors with no counterpart in the reference "
                       f"checkpoint are ignored (e.g. {ignored[:3]})")
-    return _View(LazyStateDict(reader, found), device)
+    return _View(LazyStateDict(reader, found), device, label=what)
 
 
 def _model_card(recipe: dict) -> str:
@@ -405,7 +405,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                           f"{base_only[:3]}): copied from the base unchanged")
         if base_only or tied:
             base_state = _View(base_state.state, device, merged)
-            sources = [_View(s.state, device, merged) for s in sources]
+            sources = [_View(s.state, device, merged, s.label) for s in sources]
     reference = base_state if base_state is not None else sources[0]
     from tqdm.auto import tqdm
 
@@ -416,23 +416,18 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
             writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)
             writer = _TiedWriter(writer, ties) if ties else writer
-            try:
-                if method == "slerp":
-                    fn(sources[0], sources[1], out=writer, **params)
-                elif method == "average":
-                    fn(sources, out=writer, **params)
-                elif method == "regmean":
-                    with loading_bars(progress):
-                        grams, transposed = _expert_grams(sources, model_paths, calibration, device,
-                                                          dict(samples=samples, seq_len=seq_len,
-                                                               batch_size=batch_size, seed=seed))
-                    fn(sources, grams, transposed=transposed, out=writer, **params)
-                else:
-                    fn(base_state, sources, out=writer, **params)
-            except ValueError as e:  # (epmq.merge counts the experts from 0: name the model)
-                named = re.sub(r"\bexpert (\d+)\b", lambda m: f"model {m[1]} ({models[int(m[1])]})"
-                               if int(m[1]) < len(models) else m[0], str(e))
-                raise ValueError(named) from e
+            if method == "slerp":
+                fn(sources[0], sources[1], out=writer, **params)
+            elif method == "average":
+                fn(sources, out=writer, **params)
+            elif method == "regmean":
+                with loading_bars(progress):
+                    grams, transposed = _expert_grams(sources, model_paths, calibration, device,
+                                                      dict(samples=samples, seq_len=seq_len,
+                                                           batch_size=batch_size, seed=seed))
+                fn(sources, grams, transposed=transposed, out=writer, **params)
+            else:
+                fn(base_state, sources, out=writer, **params)
             for name in base_only:
                 writer[name] = base_state.state[name]
             writer.finish()

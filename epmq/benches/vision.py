@@ -81,7 +81,7 @@ class ImagePrep:
         else:
             top, left = (h - ch) // 2, (w - cw) // 2
             image = image.crop((left, top, left + cw, top + ch))
-        return TF.pil_to_tensor(image.convert("RGB"))
+        return TF.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))  # ("last")
 
     def normalize(self, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)

@@ -255,17 +255,28 @@ def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, 
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def saved_bf16_model(arch, directory, **save):
+    """A model of ``arch`` quantized (RTN, 4 bits, groups of 16), cast to bf16 and saved."""
+    model = build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.to(torch.bfloat16)
+    epmq.save_quantized(model, directory, **save)
+    return model
+
+
+def load_bf16(directory):
+    """``load_quantized`` without a model of a bf16 checkpoint: every tensor and QuantLinear bf16."""
+    assert json.loads((directory / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = epmq.load_quantized(directory)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {m.weight.dtype for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {torch.bfloat16}
+    return loaded
+
 def test_load_without_a_model_keeps_the_checkpoints_dtype(tmp_path):
     """A bf16 model comes back bf16, its QuantLinears reporting bf16 weights (model code casts
     activations to a linear's weight dtype)."""
-    model = build("t5")
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
-    model.to(torch.bfloat16)
-    epmq.save_quantized(model, tmp_path / "q")
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = epmq.load_quantized(tmp_path / "q")
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert {m.weight.dtype for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {torch.bfloat16}
+    model = saved_bf16_model("t5", tmp_path / "q")
+    loaded = load_bf16(tmp_path / "q")
     item = inputs("t5", 1, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
@@ -1316,16 +1327,10 @@ def test_a_checkpoint_missing_or_adding_a_tensor_is_refused(edit, gen, tmp_path)
 def test_a_peer_checkpoint_loads_in_the_dtype_its_config_names(tmp_path):
     """Another tool's checkpoint names no dtype per layer: built without a model, its
     QuantLinears take config.json's dtype, as its other tensors do, and the model runs."""
-    model = build("llama")
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
-    model.to(torch.bfloat16)
-    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    saved_bf16_model("llama", tmp_path / "q", checkpoint_format="gptq")
     ours = epmq.load_quantized(tmp_path / "q")  # (each layer's dtype recorded under "epmq")
     (tmp_path / "q" / "quantize_config.json").unlink()  # transformers' layout: config.json only
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = epmq.load_quantized(tmp_path / "q")
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert {m.weight.dtype for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {torch.bfloat16}
+    loaded = load_bf16(tmp_path / "q")
     item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
     # (the model built from the config keeps its rotary table in float32, as from_pretrained does)
     torch.testing.assert_close(output(loaded, item), output(ours, item), rtol=0, atol=0)

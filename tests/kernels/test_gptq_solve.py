@@ -512,6 +512,13 @@ def test_solver_compiles_for_gpus():
 # --------------------------------------------------------------------------- grid details
 
 
+def assert_first_group_zeros(W, Hinv, H, bits, want):
+    """Both solvers give rows 0 and 1 the zero points ``want`` in their first asymmetric group,
+    one found in the tile (16 columns) and one found in memory (48, larger than the block)."""
+    for group_size in (16, 48):
+        for solve in run_both(W, Hinv, H, bits=bits, sym=False, group_size=group_size, blocksize=32):
+            assert solve.zeros[:2, 0].tolist() == want
+
 def test_asymmetric_grids_span_zero_for_one_signed_groups(gen):
     """An asymmetric grid spans [min(w, 0), max(w, 0)]: a group of only positive (only negative)
     weights gets zero point 0 (maxq), in find_params and in both solvers, for groups found in
@@ -523,11 +530,7 @@ def test_asymmetric_grids_span_zero_for_one_signed_groups(gen):
     scale, zero = find_params(W[:2, :16], 4, False)
     assert zero.tolist() == [0.0, 15.0]
     assert torch.equal(scale, torch.stack([W[0, :16].max(), -W[1, :16].min()]) / 15)
-    for group_size, blocksize in ((16, 32), (48, 32)):
-        ref, out = run_both(W, Hinv, H, bits=4, sym=False, group_size=group_size,
-                            blocksize=blocksize)
-        for solve in (ref, out):
-            assert solve.zeros[:2, 0].tolist() == [0.0, 15.0]
+    assert_first_group_zeros(W, Hinv, H, 4, [0.0, 15.0])
 
 
 def test_zero_point_ties_round_half_to_even(gen):
@@ -540,11 +543,7 @@ def test_zero_point_ties_round_half_to_even(gen):
     W[:, :48] = W[:, :48].clamp(-0.9, 0.9)  # (the first group of either size)
     W[0, 3], W[0, 9] = -1.0, 5.0
     W[1, 3], W[1, 9] = -5.0, 1.0
-    for group_size, blocksize in ((16, 32), (48, 32)):
-        ref, out = run_both(W, Hinv, H, bits=2, sym=False, group_size=group_size,
-                            blocksize=blocksize)
-        for solve in (ref, out):
-            assert solve.zeros[:2, 0].tolist() == [0.0, 2.0]
+    assert_first_group_zeros(W, Hinv, H, 2, [0.0, 2.0])
 
 
 def test_group_params_of_a_shorter_last_group(gen):
