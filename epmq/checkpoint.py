@@ -855,7 +855,8 @@ def _empty_open_clip_model(directory: Path) -> nn.Module:
             model = open_clip_model._build_vision_tower(
                 model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=model_cfg.get("quick_gelu", False))
         elif "multimodal_cfg" in model_cfg:
-            raise ValueError(f"{path}: CoCa models are not built here: pass load_quantized the model")
+            model_cfg.pop("custom_text", None)
+            model = open_clip.CoCa(**model_cfg)
         else:
             custom = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
             model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**model_cfg)

@@ -761,6 +761,28 @@ def _check_hidden(stack, hidden):
                                  f"gives them {first[2]} and {first[3]} wide")
 
 
+def _check_chained(stack, j, hidden, passed):
+    """Block ``j`` of ``stack`` must get the hidden states block ``j - 1`` returned (the stand-ins
+    return their input): the walk feeds each block's output to the next. A model that changes
+    them between two blocks (CoCa's decoder interleaves cross-attention blocks of another stack;
+    DeBERTa-v2 with ``conv_kernel_size`` applies a convolution after the first layer) cannot be
+    walked so, and would be quantized on inputs it never sees."""
+    before, version = passed
+    if not isinstance(hidden, torch.Tensor) or not isinstance(before, torch.Tensor):
+        return
+    if hidden is before and hidden._version == version:
+        return
+    if (before._version == version and hidden.shape == before.shape and hidden.dtype == before.dtype
+            and torch.equal(hidden.to(before.device), before)):
+        return
+    raise ValueError(
+        f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not called each on the previous one's "
+        f"output: the model changes the hidden states between blocks {j - 1} and {j} (another module runs "
+        f"between them), so they cannot be quantized block by block on the inputs they really get. "
+        f"Leave them out (layers=, or adapter= the towers to quantize), or register an adapter whose "
+        f"blocks take that module in (epmq/adapters/__init__.py)")
+
+
 def _to_device(item, device, moved=None):
     """``item`` (tensors, nested in dicts, lists, tuples) on ``device``; a tensor that appears
     more than once (T5's encoder states, in every decoder block's kwargs) is moved once."""
@@ -1014,9 +1036,13 @@ class _Walk:
                 now["kwargs"][j] = named
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
+                else:
+                    _check_chained(stack, j, hidden, now["passed"])
                 if j == last:
                     raise _Stop
-                return stack.adapter.passthrough(hidden)
+                # (with its version: a write between the blocks is a change too)
+                now["passed"] = hidden, getattr(hidden, "_version", None)
+                return stack.adapter.passthrough_of(block, hidden)
 
             return fn
 
@@ -1028,7 +1054,7 @@ class _Walk:
                     hidden = _to_device(stream.finals[t][now["task"]][now["n"]], self.model_device)
                 else:
                     hidden = _bind(block, args, kwargs)[0]
-                return self.stacks[t].adapter.passthrough(hidden)
+                return self.stacks[t].adapter.passthrough_of(block, hidden)
 
             return fn
 

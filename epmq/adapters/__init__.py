@@ -24,7 +24,8 @@ know about an architecture is:
   ``targets="merged_path"`` is defined.
 * how a block is called: ``hidden_of(output)`` (the hidden states among a block's outputs),
   ``passthrough(hidden)`` (what a skipped block returns: the walker replaces blocks by
-  stand-ins to capture inputs), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
+  stand-ins to capture inputs, and checks that each gets what the one before returned;
+  ``passthrough_of(block, hidden)`` where it depends on the block), ``next_kwargs(kwargs, output)`` (keyword arguments of the next
   block, e.g. T5's position bias, computed by the first block and handed down).
 * ``token_mask(model, prefix, item)``: which positions of a stack's hidden states are tokens of
   a calibration item, for models that pad without a mask (open_clip's text tower: the zeros
@@ -123,6 +124,10 @@ class Adapter:
     def stage(self, block: nn.Module, rel: str):
         return None
 
+    def left_out(self, model: nn.Module) -> dict:
+        """``{stack name: why}`` for stacks of this adapter's blocks that it does not walk."""
+        return {}
+
     def module_alias(self, model: nn.Module, name: str):
         """The prepared model's name for a module a checkpoint names otherwise, or None."""
         return None
@@ -145,6 +150,11 @@ class Adapter:
 
     def passthrough(self, hidden):
         return hidden
+
+    def passthrough_of(self, block: nn.Module, hidden):
+        """What a stand-in for ``block`` returns (``passthrough``, unless blocks of one adapter
+        return their hidden states differently)."""
+        return self.passthrough(hidden)
 
     def next_kwargs(self, kwargs: dict, output) -> dict:
         return kwargs
@@ -260,11 +270,16 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision."""
     taken = [name for _, stacks in towers for name, _ in stacks]
+    why = {name: reason for adapter, _ in towers for name, reason in adapter.left_out(model).items()}
     others = sorted(
         f"{name} ({type(module[0]).__name__})"
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 1 and not any(_nested(name, t) for t in taken)
+        and name not in why
         and len({type(m) for m in module}) == 1 and any(isinstance(m, nn.Linear) for m in module[0].modules()))
+    if why:
+        warnings.warn(f"{type(model).__name__}: the blocks at {', '.join(sorted(why))} are not walked and stay in "
+                      f"full precision ({'; '.join(sorted(set(why.values())))})")
     if others:
         walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "

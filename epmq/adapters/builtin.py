@@ -11,8 +11,23 @@ from .attention import LinearMultiheadAttention
 
 
 class OpenClipAdapter(Adapter):
-    """open_clip ``VisionTransformer``, ``TextTransformer`` and full ``CLIP`` (both towers):
-    ``ResidualAttentionBlock``s, whose ``nn.MultiheadAttention`` is rebuilt on ``nn.Linear``."""
+    """open_clip ``VisionTransformer``, ``TextTransformer``, full ``CLIP`` (both towers) and
+    ``CoCa`` (its image and text towers): ``ResidualAttentionBlock``s, whose
+    ``nn.MultiheadAttention`` is rebuilt on ``nn.Linear``.
+
+    CoCa's captioning decoder (``MultimodalTransformer``) is not walked and stays in full
+    precision: it calls a self-attention block of one ModuleList and a cross-attention block of
+    another in turn, so neither list is a stack whose blocks take each other's output."""
+
+    def stacks(self, model):
+        found = super().stacks(model)
+        interleaved = {name.rpartition(".")[0] for name, blocks in found if any(_cross_attention(b) for b in blocks)}
+        return [(name, blocks) for name, blocks in found if name.rpartition(".")[0] not in interleaved]
+
+    def left_out(self, model):
+        walked = {name for name, _ in self.stacks(model)}
+        return {name: "CoCa's decoder: a self-attention and a cross-attention ModuleList called in turn"
+                for name, _ in super().stacks(model) if name not in walked}
 
     def prepare(self, model, swap):
         renames = {}
@@ -46,6 +61,11 @@ class OpenClipAdapter(Adapter):
         else:
             end = (text == getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))).int().argmax(dim=-1)
         return torch.arange(text.shape[1], device=text.device)[None, :] <= end[:, None]
+
+
+def _cross_attention(block) -> bool:
+    """An open_clip ``ResidualAttentionBlock`` built with ``is_cross_attention`` (CoCa's decoder)."""
+    return hasattr(block, "ln_1_kv")
 
 
 def _open_clip_text(item):
@@ -112,7 +132,17 @@ SWIN = SwinAdapter("hf-swin", block_types=("SwinLayer", "Swinv2Layer"))
 # table). Each is tested on a tiny random-init model (tests/epmq/test_walker_models.py). Not
 # here: mixture-of-experts decoders (moe.py) and GPT-2, whose Conv1D projections GPT2Adapter
 # rebuilds.
-HF_DECODERS = Adapter("hf-decoder", block_types=(
+class DecoderAdapter(Adapter):
+    """Decoder-only LMs; ``TUPLE_BLOCKS`` return ``(hidden, attention weights)``, the others the
+    hidden states."""
+
+    TUPLE_BLOCKS = ("FalconDecoderLayer", "BloomBlock", "MptBlock")
+
+    def passthrough_of(self, block, hidden):
+        return (hidden, None) if type(block).__name__ in self.TUPLE_BLOCKS else hidden
+
+
+HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
     "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "PhiDecoderLayer",
     "Phi3DecoderLayer", "Olmo2DecoderLayer", "GraniteDecoderLayer", "CohereDecoderLayer",

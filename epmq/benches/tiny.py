@@ -142,8 +142,10 @@ def write_tiny_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: 
 
 
 def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: int = 3,
-                         per_split: Dict[str, int] = None, seed: int = 0) -> dict:
-    """A tiny ``open_clip`` bench under ``root`` (see the module docstring)."""
+                         per_split: Dict[str, int] = None, seed: int = 0, coca: bool = False) -> dict:
+    """A tiny ``open_clip`` bench under ``root`` (see the module docstring); ``coca``: the base
+    is a CoCa (attention-pooled image tower, a text tower with a class token, a decoder)."""
+    from open_clip.coca_model import CoCa
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
@@ -155,7 +157,18 @@ def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, clas
         "text_cfg": {"context_length": 32, "vocab_size": len(tok), "width": 32, "heads": 4, "layers": 2,
                      "mlp_ratio": 2.0},
     }
-    clip = CLIP(**model_cfg).eval()
+    if coca:  # (its decoder reads the image tokens in the embedding width)
+        model_cfg["embed_dim"] = 32
+        model_cfg["vision_cfg"].update(attentional_pool=True, attn_pooler_heads=4, attn_pooler_queries=5,
+                                       output_tokens=True)
+        model_cfg["text_cfg"].update(embed_cls=True, output_tokens=True)
+        model_cfg["multimodal_cfg"] = dict(model_cfg["text_cfg"], attn_pooler_heads=4, embed_cls=False)
+        model_cfg["custom_text"] = True
+        clip = CoCa(**{k: v for k, v in model_cfg.items() if k != "custom_text"}).eval()
+        with torch.no_grad():  # (open_clip leaves it uninitialised)
+            clip.text_decoder.text_projection.normal_(std=32**-0.5, generator=gen)
+    else:
+        clip = CLIP(**model_cfg).eval()
     base = root / "base"
     base.mkdir(parents=True, exist_ok=True)
     (base / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))

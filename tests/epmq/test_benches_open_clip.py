@@ -200,3 +200,26 @@ def test_non_square_sizes_and_odd_images_are_prepared_as_open_clip_prepares_them
 def test_fill_color_of_resize_mode_longest_is_refused_with_it(tiny, tmp_path):
     with pytest.raises(BenchConfigError, match="resize_mode 'longest'"):
         _same_pixels_as_open_clip(tiny, tmp_path, {"resize_mode": "longest", "fill_color": 255})
+
+
+def test_a_coca_base(tmp_path):
+    """A CoCa base: its image tower (attention-pooled, returning its tokens too) is the model
+    merged and quantized, its text tower (with a class token) gives the heads; the quantized
+    tower is served from its checkpoint as it was evaluated."""
+    import epmq
+    from epmq.spec import QuantSpec
+
+    config = write_tiny_open_clip(tmp_path / "coca", coca=True)
+    bench = build_bench(config, base_dir=tmp_path / "coca", progress=False)
+    model = bench.model(task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3))
+    assert model.attn_pool is not None and model.output_tokens
+    assert {t: tuple(h.shape) for t, h in bench.heads.items()} == {t: (3, 32) for t in TASKS}
+    epmq.quantize_model(model, QuantSpec(bits=4, group_size=16), method="epmq", calibration=bench.calibration,
+                        experts={t: bench.experts[t] for t in TASKS}, progress=False)
+    assert len(model.epmq_report.layers) == 8  # in_proj, out_proj, c_fc, c_proj of 2 blocks
+    out = tmp_path / "w4"
+    epmq.save_quantized(model, out, extras=bench.save_extras)
+    loaded = epmq.load_quantized(out)
+    pixels = bench.calibration[TASKS[0]][0]
+    torch.testing.assert_close(bench.logits(loaded, TASKS[0], pixels), bench.logits(model, TASKS[0], pixels),
+                               rtol=0, atol=0)

@@ -376,27 +376,56 @@ def test_a_device_that_is_not_there_is_refused_up_front(gen, monkeypatch):
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
-def test_a_stack_input_the_model_writes_in_place_is_read_as_the_block_saw_it():
-    """The model adds 1 to the hidden states in place after every block: the first block's
-    recorded input is what it received (the stand-ins hand the same tensor on), so the walk
-    equals the one of the same model written out of place."""
-    class InPlaceNet(Net):
-        def forward(self, x):
-            x = x.clone()
-            for layer in self.layers:
-                x = layer(x)
-                x.add_(1.0)
-            return x
+class InPlaceNet(Net):
+    """Adds 1 to the hidden states in place after every block."""
 
-    class OutOfPlaceNet(Net):
-        def forward(self, x):
-            for layer in self.layers:
-                x = layer(x) + 1.0
-            return x
+    def forward(self, x):
+        x = x.clone()
+        for layer in self.layers:
+            x = layer(x)
+            x.add_(1.0)
+        return x
 
+
+class OutOfPlaceNet(Net):
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) + 1.0
+        return x
+
+
+class CopyingNet(Net):
+    """Hands each block a copy of the previous one's output (the same values)."""
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x).clone()
+        return x
+
+
+@pytest.mark.parametrize("net_type", [InPlaceNet, OutOfPlaceNet])
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_a_model_that_changes_the_hidden_states_between_blocks_is_refused(net_type, method):
+    """Block 1 gets block 0's output plus 1 (in place or not): fed block 0's output, the walk
+    would solve it on inputs it never sees. It stops with an error naming the blocks, and the
+    model is left as it was."""
+    torch.manual_seed(0)
+    model = net_type(Residual)
+    before = snapshot(model)
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
+    experts = {"task": model.state_dict()} if method == "epmq" else None
+    with pytest.raises(ValueError, match=r"blocks at 'layers' \(blocks\) are not called each on the previous "
+                                         r"one's output.*between blocks 0 and 1"):
+        epmq.quantize_model(model, SPEC, method=method, calibration=calibration, experts=experts,
+                            progress=False, adapter=epmq.Adapter("blocks", block_types=(Residual,)))
+    assert_untouched(model, before)
+
+
+def test_a_model_that_hands_on_a_copy_of_the_hidden_states_is_walked():
+    """A copy with the same values is the previous block's output: walked, as the model without it."""
     calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
     states = []
-    for net_type in (InPlaceNet, OutOfPlaceNet):
+    for net_type in (CopyingNet, Net):
         torch.manual_seed(0)
         model = epmq.quantize_model(net_type(Residual), SPEC, method="gptq", calibration=calibration,
                                     progress=False, adapter=epmq.Adapter("blocks", block_types=(Residual,)))
@@ -569,3 +598,16 @@ def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true
     a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
+
+
+def test_deberta_v2_with_a_convolution_after_its_first_layer_is_refused(gen):
+    """DeBERTa-v2 xlarge's encoder mixes a convolution of its input into the first layer's
+    output (``conv_kernel_size``): the layers do not chain, and the walk says so."""
+    config = transformers.DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, conv_kernel_size=3)
+    model = transformers.DebertaV2Model(config).eval()
+    before = snapshot(model)
+    calibration = {"task": [{"input_ids": torch.randint(0, 64, (2, 8), generator=gen)}]}
+    with pytest.raises(ValueError, match=r"blocks at 'encoder\.layer' \(hf-deberta-v2\).*between blocks 0 and 1"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
+    assert_untouched(model, before)

@@ -59,9 +59,21 @@ ENCODERS = {
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(image_size=16, patch_size=8)),
 }
 ARCHS = [
-    "open_clip_vit", "open_clip_clip", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "gpt2",
+    "open_clip_vit", "open_clip_clip", "open_clip_coca", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "gpt2",
     "llama", "qwen2", "mistral", *DECODERS, *MOE, *ENCODERS,
 ]
+
+
+# A tiny CoCa in open_clip's model_cfg layout (as its open_clip_config.json holds it).
+COCA_CFG = dict(
+    embed_dim=32,
+    multimodal_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0,
+                        attn_pooler_heads=4),
+    text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0, embed_cls=True,
+                  output_tokens=True),
+    vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8, mlp_ratio=2.0,
+                    attentional_pool=True, attn_pooler_heads=4, attn_pooler_queries=5, output_tokens=True),
+)
 
 
 def build(arch: str, seed: int = 0):
@@ -81,6 +93,12 @@ def build(arch: str, seed: int = 0):
             vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=8, image_size=16, patch_size=8, mlp_ratio=2.0),
             text_cfg=CLIPTextCfg(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0),
         )
+    elif arch == "open_clip_coca":  # image and text towers walked; the captioning decoder stays fp
+        from open_clip.coca_model import CoCa
+
+        model = CoCa(**COCA_CFG)
+        with torch.no_grad():  # (open_clip leaves the decoder's projection uninitialised: torch.empty)
+            model.text_decoder.text_projection.normal_(std=32**-0.5)
     elif arch in ("hf_clip_vision", "hf_clip"):
         from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
@@ -158,6 +176,7 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
     make = {
         "open_clip_vit": lambda: image(),
         "open_clip_clip": lambda: {"image": image(), "text": open_clip_text()},
+        "open_clip_coca": lambda: {"image": image(), "text": open_clip_text()},
         "hf_clip_vision": lambda: {"pixel_values": image()},
         "hf_clip": lambda: {"pixel_values": image(), "input_ids": ids()},
         "t5": lambda: {"input_ids": ids(), "decoder_input_ids": ids(5)},
@@ -184,6 +203,8 @@ def output(model, item) -> torch.Tensor:
         out = model(**item) if isinstance(item, dict) else model(item)
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, dict):  # open_clip CoCa: both towers' features (and the decoder's logits)
+        return torch.cat([out["image_features"], out["text_features"], out["logits"].flatten(1)], dim=-1)
     if isinstance(out, tuple):  # open_clip CLIP: (image features, text features, logit scale)
         return torch.cat([out[0], out[1]], dim=-1)
     if getattr(out, "image_embeds", None) is not None:  # HF CLIPModel: both towers' embeddings
@@ -233,7 +254,7 @@ def test_builder_runs_and_adapter_finds_blocks(arch, gen):
     y = output(model, inputs(arch, 1, gen)[0])
     assert torch.isfinite(y).all()
     stacks = find_adapter(model).stacks(model)
-    expected = {"open_clip_clip": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
+    expected = {"open_clip_clip": 2, "open_clip_coca": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
     assert len(stacks) == expected and all(len(blocks) == 2 for _, blocks in stacks)
 
 
