@@ -39,6 +39,7 @@ reproducible whatever order or subset of tensors is merged.
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -668,13 +669,16 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     activates (all-zero rows of every ``G_k``) at the average. Computed in float64.
 
     ``transposed``: the names of weights stored ``[in, out]`` (GPT-2's ``Conv1D``); by default
-    those of the experts' ``Conv1D`` layers where the experts are modules, else none. (A square
-    one cannot be told from its shape: name it when the experts are state dicts, as
-    ``conv1d_weights(model)`` does.)
+    those of the experts' ``Conv1D`` layers where the experts are modules, else none. A square
+    one cannot be told from its shape: state dicts whose grams name square weights with GPT-2's
+    Conv1D names (``c_attn``, ``q_attn``, ``c_fc``, ``c_proj``) need ``transposed=`` said
+    (``conv1d_weights(model)``, or ``()`` for GPT-BigCode's ``nn.Linear`` of those names).
     """
     _check_unit(alpha, "alpha")
     if isinstance(experts, Iterable) and not isinstance(experts, (nn.Module, Mapping)):
         experts = list(experts)  # (read twice below)
+    modules = any(isinstance(e, nn.Module) for e in experts)
+    told = transposed is not None
     if transposed is None:
         transposed = {name for e in experts if isinstance(e, nn.Module) for name in conv1d_weights(e)}
     elif isinstance(transposed, str):
@@ -683,6 +687,16 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     _, experts = _inputs(None, experts)
     if not isinstance(grams, Mapping):
         raise ValueError("grams must map each linear weight's name to its experts' Gram matrices")
+    if not told and not modules:
+        # a square weight stored [in, out] fits its grams either way round: name which are
+        ambiguous = sorted(n for n in grams if re.search(r"(^|\.)(c_attn|q_attn|c_fc|c_proj)\.weight$", n)
+                           and n in experts[0] and experts[0][n].dim() == 2
+                           and experts[0][n].shape[0] == experts[0][n].shape[1])
+        if ambiguous:
+            raise ValueError(f"grams name square weights of GPT-2's Conv1D names ({ambiguous[:3]}), which "
+                             f"state dicts may store [in, out]: say which are, transposed="
+                             f"epmq.merge.conv1d_weights(model) for GPT-2, transposed=() where they are "
+                             f"nn.Linear weights [out, in] (GPT-BigCode), or give the experts as modules")
     unknown = sorted(n for n in [*grams, *transposed] if n not in experts[0])
     if unknown:  # (else those layers would silently be averaged)
         raise ValueError(f"grams or transposed name tensors the experts do not have: {unknown[:5]}")

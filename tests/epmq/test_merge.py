@@ -680,9 +680,18 @@ def test_regmean_of_gpt2_conv1d_layers(gen):
     assert all(torch.equal(again[n], merged[n]) for n in merged)
     with pytest.raises(ValueError, match=r"c_attn.weight'\]\[0\] has shape \(16, 16\), expected \(48, 48\); "
                                          r"a weight stored \[in, out\]"):
-        merge.regmean(states, by_name, alpha=0.7)
+        merge.regmean(states, {n: g for n, g in by_name.items() if not n.endswith("attn.c_proj.weight")}, alpha=0.7)
     with pytest.raises(ValueError, match=r"grams\['lm_head.weight'\]: the tensor is tied to 'transformer.wte.weight'"):
         merge.regmean(states, {"lm_head.weight": [torch.eye(16)] * 2})
+    # a square one fits its grams either way round: state dicts must say which they are
+    square = {n: g for n, g in by_name.items() if n.endswith("attn.c_proj.weight")}
+    with pytest.raises(ValueError, match=r"square weights of GPT-2's Conv1D names \(\['transformer.h.0.attn.c_proj"
+                                         r".weight'\].*transposed=epmq.merge.conv1d_weights\(model\)"):
+        merge.regmean(states, square, alpha=0.7)
+    told = merge.regmean(states, square, alpha=0.7, transposed=conv1d)
+    assert all(torch.equal(told[n], merged[n]) for n in square)
+    linear = merge.regmean(states, square, alpha=0.7, transposed=())  # (as GPT-BigCode's nn.Linear)
+    assert all(torch.equal(linear[n], merge.regmean(experts, square, alpha=0.7, transposed=())[n]) for n in square)
 
 
 def test_float64_tensors_are_merged_in_float64(gen):
