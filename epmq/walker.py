@@ -1033,6 +1033,12 @@ class _Walk:
         def recorder(j, block):
             def fn(*args, **kwargs):
                 hidden, named = _bind(block, args, kwargs)
+                if j != now["next"]:
+                    raise ValueError(
+                        f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not called once each in "
+                        f"their order: block {j} is called where block {now['next']} is next (a model that "
+                        f"skips, repeats or reorders its blocks cannot be quantized block by block)")
+                now["next"] = j + 1
                 now["kwargs"][j] = named
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
@@ -1075,7 +1081,7 @@ class _Walk:
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     hidden, recorded, masks = [], [], []
                     for n, item in enumerate(items):
-                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None)
+                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None, next=0)
                         try:
                             _call(self.model, item, self.model_device)
                         except _Stop:

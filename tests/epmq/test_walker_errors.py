@@ -421,6 +421,33 @@ def test_a_model_that_changes_the_hidden_states_between_blocks_is_refused(net_ty
     assert_untouched(model, before)
 
 
+class ThreeNet(nn.Module):
+    """Three blocks, called in the order ``order``."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.layers = nn.ModuleList([Residual() for _ in range(3)])
+        self.order = order
+
+    def forward(self, x):
+        for i in self.order:
+            x = self.layers[i](x)
+        return x
+
+
+@pytest.mark.parametrize("order, called, expected", [((2, 1, 0), 2, 0), ((0, 0, 1, 2), 0, 1), ((0, 2), 2, 1)])
+def test_a_model_that_reorders_repeats_or_skips_its_blocks_is_refused(order, called, expected):
+    torch.manual_seed(0)
+    model = ThreeNet(order)
+    before = snapshot(model)
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
+    with pytest.raises(ValueError, match=rf"blocks at 'layers' \(blocks\) are not called once each in their order: "
+                                         rf"block {called} is called where block {expected} is next"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False,
+                            adapter=epmq.Adapter("blocks", block_types=(Residual,)))
+    assert_untouched(model, before)
+
+
 def test_a_model_that_hands_on_a_copy_of_the_hidden_states_is_walked():
     """A copy with the same values is the previous block's output: walked, as the model without it."""
     calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
