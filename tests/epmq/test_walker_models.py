@@ -203,7 +203,7 @@ def output(model, item) -> torch.Tensor:
         out = model(**item) if isinstance(item, dict) else model(item)
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, dict):  # open_clip CoCa: both towers' features (and the decoder's logits)
+    if type(out) is dict:  # open_clip CoCa (HF outputs are dicts too): both towers' features (and the decoder's logits)
         return torch.cat([out["image_features"], out["text_features"], out["logits"].flatten(1)], dim=-1)
     if isinstance(out, tuple):  # open_clip CLIP: (image features, text features, logit scale)
         return torch.cat([out[0], out[1]], dim=-1)
