@@ -5,8 +5,9 @@ know about an architecture is:
 
 * ``stacks(model)``: the runs of repeated blocks, as ``(qualified name, nn.ModuleList)`` in the
   order the forward pass reaches them (T5: encoder then decoder; CLIP: the towers). Found by
-  structure: every ``ModuleList`` whose children are all of one of ``block_types`` (class
-  names, or the classes themselves), wherever it sits in the model.
+  structure: every ``ModuleList`` (or ``Sequential``, as timm's) whose children are all of one
+  of ``block_types`` (class names, qualified class names, or the classes themselves), wherever
+  it sits in the model.
 * ``linears(block)``: the layers to quantize in a block. The rule: every ``nn.Linear`` inside a
   block. Embeddings, heads, norms, poolers, patch/conv stems and projections outside the blocks
   stay in full precision. ``quantize_model(layers=...)`` narrows this per call.
@@ -46,6 +47,10 @@ import warnings
 from typing import Callable, Optional
 
 from torch import nn
+
+
+# What holds a stack of blocks: a ModuleList, or a Sequential (timm's ViT calls ``self.blocks(x)``).
+_LISTS = (nn.ModuleList, nn.Sequential)
 
 
 class Transposed(str):
@@ -98,8 +103,11 @@ class Adapter:
                 raise TypeError(f"block_types holds class names or classes, got {t!r}")
 
     def is_block(self, module: nn.Module) -> bool:
-        return any(type(module).__name__ == t if isinstance(t, str) else isinstance(module, t)
-                   for t in self.block_types)
+        """Whether ``module`` is of one of ``block_types``: a class, a class name, or a qualified
+        one (``"timm.models.eva.EvaBlock"``: for names as common as timm's ``Block``)."""
+        kind = type(module)
+        return any((f"{kind.__module__}.{kind.__qualname__}" if "." in t else kind.__name__) == t
+                   if isinstance(t, str) else isinstance(module, t) for t in self.block_types)
 
     def matches(self, model: nn.Module) -> bool:
         return bool(self.stacks(model))
@@ -108,7 +116,7 @@ class Adapter:
         return [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, nn.ModuleList)
+            if isinstance(module, _LISTS)
             and len(module)
             and all(self.is_block(block) for block in module)
         ]
@@ -274,9 +282,10 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
     others = sorted(
         f"{name} ({type(module[0]).__name__})"
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and not any(_nested(name, t) for t in taken)
+        if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
         and name not in why
-        and len({type(m) for m in module}) == 1 and any(isinstance(m, nn.Linear) for m in module[0].modules()))
+        and len({type(m) for m in module}) == 1 and not isinstance(module[0], nn.Linear)
+        and any(isinstance(m, nn.Linear) for m in module[0].modules()))
     if why:
         warnings.warn(f"{type(model).__name__}: the blocks at {', '.join(sorted(why))} are not walked and stay in "
                       f"full precision ({'; '.join(sorted(set(why.values())))})")
@@ -288,15 +297,15 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
 
 
 from .builtin import (BART, CLIP_HF, DEBERTA_V2, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP,  # noqa: E402
-                      SWIN, T5)
+                      SWIN, T5, TIMM)
 from .moe import MOE_DECODERS  # noqa: E402
 
 for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS, DEBERTA_V2,
-                 SWIN):
+                 SWIN, TIMM):
     register_adapter(_adapter, first=False)
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "find_towers", "OPEN_CLIP",
-           "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS",
+           "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "TIMM", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS",
            "DEBERTA_V2"]
 
 

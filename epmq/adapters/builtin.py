@@ -153,6 +153,26 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     # Qwen2-VL's language model (its rotary tables are the multimodal ones: kwargs all the same)
     "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer",
 ))
+# timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
+# of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the
+# rotary table as a keyword argument. Qualified names: ``Block`` alone is too common a name.
+class TimmAdapter(Adapter):
+    """timm's vision transformers. EVA's attention with a q/v bias adds it in ``F.linear`` on
+    ``qkv.weight``, which no quantized layer could replace: it is switched to timm's own
+    equivalent form, ``qkv(x) + bias`` (``qkv_bias_separate``), which calls the linear."""
+
+    def prepare(self, model, swap):
+        for _, module in self.block_modules(model):
+            if (getattr(module, "q_bias", None) is not None and getattr(module, "qkv", None) is not None
+                    and hasattr(module, "qkv_bias_separate")):
+                module.qkv_bias_separate = True
+        return {}
+
+
+TIMM = TimmAdapter("timm", block_types=tuple(
+    f"timm.models.vision_transformer.{name}"
+    for name in ("Block", "ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock", "DiffParallelScalingBlock"))
+    + ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm"))
 # Encoders whose layers take the hidden states and the attention mask (text) or nothing else
 # (images): BERT-style text encoders (GLUE experts) and ViT-style image encoders.
 HF_ENCODERS = Adapter("hf-encoder", block_types=(

@@ -20,7 +20,7 @@ import copy
 import json
 import string
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -142,9 +142,11 @@ def write_tiny_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: 
 
 
 def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: int = 3,
-                         per_split: Dict[str, int] = None, seed: int = 0, coca: bool = False) -> dict:
+                         per_split: Dict[str, int] = None, seed: int = 0, coca: bool = False,
+                         vision_cfg: Optional[dict] = None) -> dict:
     """A tiny ``open_clip`` bench under ``root`` (see the module docstring); ``coca``: the base
-    is a CoCa (attention-pooled image tower, a text tower with a class token, a decoder)."""
+    is a CoCa (attention-pooled image tower, a text tower with a class token, a decoder);
+    ``vision_cfg``: open_clip's config of the image tower instead of the tiny ViT (a timm one)."""
     from open_clip.coca_model import CoCa
     from open_clip.model import CLIP
     from safetensors.torch import save_file
@@ -157,6 +159,8 @@ def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, clas
         "text_cfg": {"context_length": 32, "vocab_size": len(tok), "width": 32, "heads": 4, "layers": 2,
                      "mlp_ratio": 2.0},
     }
+    if vision_cfg is not None:
+        model_cfg["vision_cfg"] = dict(vision_cfg)
     if coca:  # (its decoder reads the image tokens in the embedding width)
         model_cfg["embed_dim"] = 32
         model_cfg["vision_cfg"].update(attentional_pool=True, attn_pooler_heads=4, attn_pooler_queries=5,

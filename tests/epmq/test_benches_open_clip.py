@@ -223,3 +223,27 @@ def test_a_coca_base(tmp_path):
     pixels = bench.calibration[TASKS[0]][0]
     torch.testing.assert_close(bench.logits(loaded, TASKS[0], pixels), bench.logits(model, TASKS[0], pixels),
                                rtol=0, atol=0)
+
+
+def test_a_base_whose_image_tower_is_timm(tmp_path):
+    """An open_clip base built on a timm image tower (as ViT-*-SigLIP*, EVA02-*): the tower is
+    merged and quantized through the timm adapter, and served from its checkpoint, built from
+    the open_clip config saved beside it."""
+    import epmq
+    from epmq.spec import QuantSpec
+    from test_walker_models import TIMM_CLIP_CFG, _register_timm_model
+
+    _register_timm_model()
+    config = write_tiny_open_clip(tmp_path / "timm", vision_cfg=TIMM_CLIP_CFG["vision_cfg"])
+    bench = build_bench(config, base_dir=tmp_path / "timm", progress=False)
+    model = bench.model(task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3))
+    assert type(model).__name__ == "TimmModel"
+    epmq.quantize_model(model, QuantSpec(bits=4, group_size=16), method="epmq", calibration=bench.calibration,
+                        experts={t: bench.experts[t] for t in TASKS}, progress=False)
+    assert model.epmq_report.adapter == "timm" and len(model.epmq_report.layers) == 8
+    out = tmp_path / "w4"
+    epmq.save_quantized(model, out, extras=bench.save_extras)
+    loaded = epmq.load_quantized(out)
+    pixels = bench.calibration[TASKS[0]][0]
+    torch.testing.assert_close(bench.logits(loaded, TASKS[0], pixels), bench.logits(model, TASKS[0], pixels),
+                               rtol=0, atol=0)

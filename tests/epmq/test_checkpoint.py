@@ -133,7 +133,7 @@ def _wider_llama():
 
 # --------------------------------------------------------------------------- names on disk
 
-HF_ARCHS = [a for a in ARCHS if not a.startswith("open_clip")]
+HF_ARCHS = [a for a in ARCHS if not a.startswith(("open_clip", "timm"))]
 PACKED = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 

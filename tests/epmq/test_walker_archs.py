@@ -17,7 +17,9 @@ SPEC_4 = epmq.QuantSpec(bits=4, group_size=16)
 # Linears in the blocks: 2 blocks per stack; open_clip: in_proj, out_proj, c_fc, c_proj; HF CLIP:
 # q, k, v, out, fc1, fc2; T5 (gated): 4 self-attn + 4 cross-attn (decoder) + wi_0, wi_1, wo;
 # Llama family: q, k, v, o, gate, up, down.
-N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "open_clip_coca": 16, "hf_clip_vision": 12, "hf_clip": 24,
+N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "open_clip_coca": 16, "open_clip_timm": 16,
+             "timm_vit": 8, "timm_eva": 8,  # qkv, proj, fc1, fc2 (EVA's fc1: gate and value fused)
+             "hf_clip_vision": 12, "hf_clip": 24,
              "t5": 2 * 7 + 2 * 11, "mt5": 2 * 7 + 2 * 11, "llama": 14,
              # encoder q, k, v, out, fc1, fc2; decoder also the cross attention's q, k, v, out
              "bart": 2 * 6 + 2 * 10, "qwen2": 14, "mistral": 14,
@@ -39,12 +41,12 @@ def expert_sources(fam, tmp_path):
     """The three experts in three forms: a module, a state dict, a checkpoint on disk."""
     t0, t1, t2 = fam.tasks
     on_disk = fam.experts[t2]
-    if fam.arch == "open_clip_vit":  # a bare safetensors file
+    if fam.arch in ("open_clip_vit", "timm_vit", "timm_eva"):  # a bare safetensors file
         from safetensors.torch import save_file
 
         path = tmp_path / "expert.safetensors"
         save_file({k: v.contiguous() for k, v in on_disk.state_dict().items()}, str(path))
-    elif fam.arch in ("open_clip_clip", "open_clip_coca"):  # an open_clip training checkpoint (DDP prefix, wrapper)
+    elif fam.arch in ("open_clip_clip", "open_clip_coca", "open_clip_timm"):  # an open_clip training checkpoint (DDP prefix, wrapper)
         path = tmp_path / "epoch_1.pt"
         torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in on_disk.state_dict().items()}}, path)
     else:  # a HF save_pretrained directory

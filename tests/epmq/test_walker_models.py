@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import epmq
-from epmq.adapters import find_adapter
+from epmq.adapters import find_towers
 from epmq.benches import tiny as tiny_benches
 from epmq.merge import task_arithmetic
 
@@ -59,7 +59,7 @@ ENCODERS = {
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", dict(image_size=16, patch_size=8)),
 }
 ARCHS = [
-    "open_clip_vit", "open_clip_clip", "open_clip_coca", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "gpt2",
+    "open_clip_vit", "open_clip_clip", "open_clip_coca", "open_clip_timm", "timm_vit", "timm_eva", "hf_clip_vision", "hf_clip", "t5", "mt5", "bart", "gpt2",
     "llama", "qwen2", "mistral", *DECODERS, *MOE, *ENCODERS,
 ]
 
@@ -73,6 +73,37 @@ COCA_CFG = dict(
                   output_tokens=True),
     vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8, mlp_ratio=2.0,
                     attentional_pool=True, attn_pooler_heads=4, attn_pooler_queries=5, output_tokens=True),
+)
+
+
+def tiny_timm_vit(**options):
+    """timm's ViT (its ``blocks`` a Sequential), hidden 32, 2 blocks, 16x16 images."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    options = dict(dict(num_classes=0), **options)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, **options)
+
+
+def _register_timm_model():
+    """``epmq_tiny_vit`` in timm's registry: what an open_clip model names as its image tower."""
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_vit"):
+        def epmq_tiny_vit(pretrained=False, **options):
+            model = tiny_timm_vit(**{k: v for k, v in options.items()  # (not the registry's own)
+                                     if not k.startswith("pretrained_") and k != "cache_dir"})
+            model.pretrained_cfg = model.default_cfg = {}  # (timm's builder sets them; open_clip reads them)
+            return model
+
+        register_model(epmq_tiny_vit)
+
+
+# An open_clip CLIP whose image tower is a timm model (as ViT-*-SigLIP*, EVA02-*, PE-Core-*).
+TIMM_CLIP_CFG = dict(
+    embed_dim=16,
+    vision_cfg=dict(timm_model_name="epmq_tiny_vit", timm_model_pretrained=False, timm_pool="avg",
+                    timm_proj="linear", image_size=16),
+    text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0),
 )
 
 
@@ -99,6 +130,18 @@ def build(arch: str, seed: int = 0):
         model = CoCa(**COCA_CFG)
         with torch.no_grad():  # (open_clip leaves the decoder's projection uninitialised: torch.empty)
             model.text_decoder.text_projection.normal_(std=32**-0.5)
+    elif arch == "open_clip_timm":
+        from open_clip.model import CLIP
+
+        _register_timm_model()
+        model = CLIP(**TIMM_CLIP_CFG)
+    elif arch == "timm_vit":
+        model = tiny_timm_vit()
+    elif arch == "timm_eva":  # EVA-02's block: rotary table as a keyword, SwiGLU, a q/v bias beside qkv
+        from timm.models.eva import Eva
+
+        model = Eva(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0, mlp_ratio=2.0,
+                    use_rot_pos_emb=True, swiglu_mlp=True, ref_feat_shape=(2, 2))
     elif arch in ("hf_clip_vision", "hf_clip"):
         from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
@@ -177,6 +220,9 @@ def inputs(arch: str, n: int, gen: torch.Generator) -> list:
         "open_clip_vit": lambda: image(),
         "open_clip_clip": lambda: {"image": image(), "text": open_clip_text()},
         "open_clip_coca": lambda: {"image": image(), "text": open_clip_text()},
+        "open_clip_timm": lambda: {"image": image(), "text": open_clip_text()},
+        "timm_vit": lambda: image(),
+        "timm_eva": lambda: image(),
         "hf_clip_vision": lambda: {"pixel_values": image()},
         "hf_clip": lambda: {"pixel_values": image(), "input_ids": ids()},
         "t5": lambda: {"input_ids": ids(), "decoder_input_ids": ids(5)},
@@ -253,8 +299,8 @@ def test_builder_runs_and_adapter_finds_blocks(arch, gen):
     model = build(arch)
     y = output(model, inputs(arch, 1, gen)[0])
     assert torch.isfinite(y).all()
-    stacks = find_adapter(model).stacks(model)
-    expected = {"open_clip_clip": 2, "open_clip_coca": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
+    stacks = [stack for _, tower in find_towers(model) for stack in tower]
+    expected = {"open_clip_clip": 2, "open_clip_coca": 2, "open_clip_timm": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
     assert len(stacks) == expected and all(len(blocks) == 2 for _, blocks in stacks)
 
 
