@@ -152,6 +152,14 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     "GPTBigCodeBlock", "OPTDecoderLayer", "BloomBlock", "MptBlock",
     # Qwen2-VL's language model (its rotary tables are the multimodal ones: kwargs all the same)
     "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer",
+    # more of the same convention (WIDER): SmolLM3, Ministral, Ministral 3, OLMo 3, GLM, GLM-4,
+    # EXAONE 4, Helium, Apertus, Arcee, Seed-OSS, ERNIE 4.5, Nemotron, Persimmon, VaultGemma,
+    # Diff-Llama, Hunyuan dense, CWM, nanochat, Jais 2
+    "SmolLM3DecoderLayer", "MinistralDecoderLayer", "Ministral3DecoderLayer", "Olmo3DecoderLayer",
+    "GlmDecoderLayer", "Glm4DecoderLayer", "Exaone4DecoderLayer", "HeliumDecoderLayer", "ApertusDecoderLayer",
+    "ArceeDecoderLayer", "SeedOssDecoderLayer", "Ernie4_5DecoderLayer", "NemotronDecoderLayer",
+    "PersimmonDecoderLayer", "VaultGemmaDecoderLayer", "DiffLlamaDecoderLayer", "HunYuanDenseV1DecoderLayer",
+    "CwmDecoderLayer", "NanoChatDecoderLayer", "Jais2DecoderLayer",
 ))
 # timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
 # of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the

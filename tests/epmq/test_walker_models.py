@@ -350,6 +350,13 @@ WIDER = {
     "bloom": (_hf("BloomForCausalLM", "BloomConfig", vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4), "ids"),
     "mpt": (_hf("MptForCausalLM", "MptConfig", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
                 max_seq_len=64), "ids"),
+    **{name.lower(): (_decoder(f"{name}ForCausalLM", f"{name}Config", pad_token_id=0, bos_token_id=0,
+                               eos_token_id=1, **options), "ids")
+       for name, options in {
+           "SmolLM3": {}, "Ministral": dict(head_dim=8), "Ministral3": {}, "Olmo3": {}, "Glm": {}, "Glm4": {},
+           "Exaone4": {}, "Helium": dict(head_dim=8), "Apertus": {}, "Arcee": {}, "SeedOss": {}, "Ernie4_5": {},
+           "Nemotron": {}, "Persimmon": {}, "VaultGemma": dict(head_dim=8), "DiffLlama": {},
+           "HunYuanDenseV1": dict(head_dim=8), "Cwm": {}, "NanoChat": {}, "Jais2": {}}.items()},
     "qwen2_moe": (_decoder("Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_experts=4, moe_intermediate_size=16,
                            shared_expert_intermediate_size=16, **_MOE), "ids"),
     "olmoe": (_decoder("OlmoeForCausalLM", "OlmoeConfig", num_experts=4, **_MOE), "ids"),
