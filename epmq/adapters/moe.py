@@ -190,4 +190,9 @@ MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     "Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer", "OlmoeDecoderLayer",
     "PhimoeDecoderLayer", "GraniteMoeDecoderLayer", "DeepseekV2DecoderLayer", "DeepseekV3DecoderLayer",
     "JambaAttentionDecoderLayer", "JambaMambaDecoderLayer", "Llama4TextDecoderLayer",
+    # checked like the ones above (WIDER): GLM-4.5 (Glm4Moe), dots.llm1, ERNIE 4.5 MoE, MiniMax,
+    # Hunyuan MoE, FlexOlmo, Cohere2 MoE, EXAONE MoE, Granite MoE with a shared expert
+    "Glm4MoeDecoderLayer", "Dots1DecoderLayer", "Ernie4_5_MoeDecoderLayer", "MiniMaxDecoderLayer",
+    "HunYuanMoEV1DecoderLayer", "FlexOlmoDecoderLayer", "Cohere2MoeDecoderLayer", "ExaoneMoeDecoderLayer",
+    "GraniteMoeSharedDecoderLayer",
 ))

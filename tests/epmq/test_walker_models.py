@@ -330,6 +330,9 @@ def _hf(model_class, config_class, **config):
 _ENCDEC = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
 _MOE = dict(num_experts_per_tok=2)
+# DeepSeek-style routing (GLM-4.5, dots.llm1): routed and shared experts, the first layer dense
+_DEEPSEEK_ROUTING = dict(n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                         n_group=1, topk_group=1, **_MOE)
 _DEEPSEEK = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
                  v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
                  first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE)
@@ -357,6 +360,17 @@ WIDER = {
            "Exaone4": {}, "Helium": dict(head_dim=8), "Apertus": {}, "Arcee": {}, "SeedOss": {}, "Ernie4_5": {},
            "Nemotron": {}, "Persimmon": {}, "VaultGemma": dict(head_dim=8), "DiffLlama": {},
            "HunYuanDenseV1": dict(head_dim=8), "Cwm": {}, "NanoChat": {}, "Jais2": {}}.items()},
+    **{name.lower(): (_decoder(f"{name}ForCausalLM", f"{name}Config", pad_token_id=0, bos_token_id=0,
+                               eos_token_id=1, **options), "ids")
+       for name, options in {
+           "Glm4Moe": dict(_DEEPSEEK_ROUTING, head_dim=8), "Dots1": dict(_DEEPSEEK_ROUTING, head_dim=8),
+           "Ernie4_5_Moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+                                moe_layer_start_index=1),
+           "MiniMax": dict(num_local_experts=4, head_dim=8, **_MOE),
+           "HunYuanMoEV1": dict(num_experts=4, moe_topk=2, moe_intermediate_size=16, head_dim=8),
+           "FlexOlmo": dict(num_experts=4, **_MOE), "Cohere2Moe": dict(num_experts=4, **_MOE),
+           "ExaoneMoe": dict(num_experts=4, **_MOE),
+           "GraniteMoeShared": dict(num_local_experts=4, shared_intermediate_size=16, **_MOE)}.items()},
     "qwen2_moe": (_decoder("Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_experts=4, moe_intermediate_size=16,
                            shared_expert_intermediate_size=16, **_MOE), "ids"),
     "olmoe": (_decoder("OlmoeForCausalLM", "OlmoeConfig", num_experts=4, **_MOE), "ids"),
