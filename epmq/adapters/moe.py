@@ -129,8 +129,62 @@ class Llama4LinearExperts(LinearExperts):
         return out.view(-1, out.shape[-1])
 
 
+class GptOssLinearExperts(LinearExperts):
+    """gpt-oss's experts as ``nn.Linear`` per expert, with biases. The fused module stores each
+    expert transposed (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``) with the gate and
+    up projections interleaved column by column (gate the even columns, up the odd ones), and
+    biases beside them (``gate_up_proj_bias [E, 2I]``, ``down_proj_bias [E, H]``); its gate is
+    gpt-oss's clamped SwiGLU, ``(clamp(up) + 1) * g * sigmoid(alpha g)``, ``g = min(gate, limit)``."""
+
+    transposed = True
+
+    def __init__(self, fused: nn.Module):
+        nn.Module.__init__(self)
+        self.num_experts = fused.gate_up_proj.shape[0]
+        self.alpha, self.limit = fused.alpha, fused.limit
+        for e in range(self.num_experts):
+            parts = self.parts(fused, e)
+            linears = [_linear(part.take(getattr(fused, part.fused))) for part in parts[:3]]
+            for linear, bias in zip(linears, parts[3:]):
+                linear.bias = nn.Parameter(bias.take(getattr(fused, bias.fused)),
+                                           requires_grad=linear.weight.requires_grad)
+            self.add_module(str(e), _Expert(*linears, DEFAULT_NAMES))
+        self.train(fused.training)
+
+    @classmethod
+    def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
+        """Expert ``e``'s gate, up and down weights, then their biases, as ``Part``s."""
+        gate_up, down = fused.gate_up_proj.shape, fused.down_proj.shape
+        bias_shape, down_bias_shape = fused.gate_up_proj_bias.shape, fused.down_proj_bias.shape
+        gate, up = (0, gate_up[2], 2), (1, gate_up[2], 2)  # (interleaved columns)
+        weights = [Part(f"{prefix}{e}.{name}.weight", f"{prefix}{param}", e, rows, shape, True)
+                   for name, param, rows, shape in zip(DEFAULT_NAMES, ("gate_up_proj", "gate_up_proj", "down_proj"),
+                                                       (gate, up, None), (gate_up, gate_up, down))]
+        biases = [Part(f"{prefix}{e}.{name}.bias", f"{prefix}{param}", e, rows, shape)
+                  for name, param, rows, shape in zip(DEFAULT_NAMES, ("gate_up_proj_bias",) * 2 + ("down_proj_bias",),
+                                                      (gate, up, None),
+                                                      (bias_shape, bias_shape, down_bias_shape))]
+        return (*weights, *biases)
+
+    def forward(self, hidden_states, router_indices=None, routing_weights=None):
+        n = self.num_experts
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(router_indices, num_classes=n).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit[:, 0].tolist():
+            position, token = torch.where(mask[e])
+            gate_proj, up_proj, down_proj = self[e].projections()
+            x = hidden_states[token]
+            gate = gate_proj(x).clamp(max=self.limit)
+            up = up_proj(x).clamp(min=-self.limit, max=self.limit)
+            y = down_proj((up + 1) * gate * torch.sigmoid(gate * self.alpha))
+            out.index_add_(0, token, (y * routing_weights[token, position, None]).to(out.dtype))
+        return out
+
+
 # fused experts of another layout or call than transformers' usual ones
-REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts}
+REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts}
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
@@ -194,5 +248,5 @@ MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     # Hunyuan MoE, FlexOlmo, Cohere2 MoE, EXAONE MoE, Granite MoE with a shared expert
     "Glm4MoeDecoderLayer", "Dots1DecoderLayer", "Ernie4_5_MoeDecoderLayer", "MiniMaxDecoderLayer",
     "HunYuanMoEV1DecoderLayer", "FlexOlmoDecoderLayer", "Cohere2MoeDecoderLayer", "ExaoneMoeDecoderLayer",
-    "GraniteMoeSharedDecoderLayer",
+    "GraniteMoeSharedDecoderLayer", "GptOssDecoderLayer",
 ))

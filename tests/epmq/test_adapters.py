@@ -211,6 +211,55 @@ def test_llama4_experts_as_linears_compute_what_the_fused_experts_compute(top_k,
             assert e not in seen
 
 
+def test_gpt_oss_experts_as_linears(gen, tmp_path):
+    """gpt-oss's experts (transposed, gate and up interleaved column by column, with biases): one
+    nn.Linear per expert and projection, viewing the fused parameters, computing what the fused
+    module computes; an expert checkpoint on disk (fused, as save_pretrained writes it) is read
+    one expert's columns at a time, as its state dict would be, and the checkpoint loads back."""
+    from epmq.adapters.moe import GptOssLinearExperts
+    from test_walker_models import WIDER
+
+    torch.manual_seed(0)
+    build = WIDER["gptoss"][0]
+    model = build().eval()
+    fused = model.model.layers[1].mlp.experts
+    with torch.no_grad():
+        for p in fused.parameters():  # (odd values: no slice lines up by chance)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    inner = fused.gate_up_proj.shape[2] // 2
+    x = torch.randn(9, fused.gate_up_proj.shape[1], generator=gen)
+    index = torch.randint(0, 4, (9, 2), generator=gen)
+    weights = torch.rand(9, 2, generator=gen)
+    linears = GptOssLinearExperts(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights))
+    for e in range(4):
+        gate, up, down = linears[e].projections()
+        assert torch.equal(gate.weight, fused.gate_up_proj[e, :, ::2].T) and gate.weight.shape[0] == inner
+        assert torch.equal(up.weight, fused.gate_up_proj[e, :, 1::2].T)
+        assert torch.equal(up.bias, fused.gate_up_proj_bias[e, 1::2])
+        assert torch.equal(down.weight, fused.down_proj[e].T) and torch.equal(down.bias, fused.down_proj_bias[e])
+
+    expert = build().eval()
+    expert.save_pretrained(tmp_path / "expert")
+    ids = [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(2)]
+    results = []
+    for source in (tmp_path / "expert", expert.state_dict()):
+        quantized = build().eval()
+        quantized.load_state_dict(model.state_dict())
+        epmq.quantize_model(quantized, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"t": [dict(input_ids=i) for i in ids]}, experts={"t": source},
+                            progress=False)
+        results.append(quantized)
+    a, b = (r.state_dict() for r in results)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.layers.1.mlp.experts.3.up_proj.qweight" in a and "model.layers.1.mlp.experts.3.up_proj.bias" in a
+    epmq.save_quantized(results[0], tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[0]).logits, results[0](ids[0]).logits)
+
+
 # --------------------------------------------------------------------------- MoE, from a review
 
 

@@ -370,7 +370,10 @@ WIDER = {
            "HunYuanMoEV1": dict(num_experts=4, moe_topk=2, moe_intermediate_size=16, head_dim=8),
            "FlexOlmo": dict(num_experts=4, **_MOE), "Cohere2Moe": dict(num_experts=4, **_MOE),
            "ExaoneMoe": dict(num_experts=4, **_MOE),
-           "GraniteMoeShared": dict(num_local_experts=4, shared_intermediate_size=16, **_MOE)}.items()},
+           "GraniteMoeShared": dict(num_local_experts=4, shared_intermediate_size=16, **_MOE),
+           # experts transposed, gate and up interleaved, with biases; a clamped SwiGLU
+           "GptOss": dict(num_local_experts=4, head_dim=8, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"], **_MOE)}.items()},
     "qwen2_moe": (_decoder("Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_experts=4, moe_intermediate_size=16,
                            shared_expert_intermediate_size=16, **_MOE), "ids"),
     "olmoe": (_decoder("OlmoeForCausalLM", "OlmoeConfig", num_experts=4, **_MOE), "ids"),
