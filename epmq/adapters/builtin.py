@@ -190,8 +190,9 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # Qwen2-VL's vision tower: the patches of every image in one [tokens, width] sequence, with
     # their boundaries (cu_seqlens) and rotary tables as kwargs
     "Qwen2VLVisionBlock", "Qwen2_5_VLVisionBlock",
-    # the vision towers of Idefics3, SmolVLM and InternVL (tests/epmq/test_walker_towers.py)
-    "Idefics3EncoderLayer", "SmolVLMEncoderLayer", "InternVLVisionLayer",
+    # the vision towers of Idefics3, SmolVLM, InternVL and Mistral 3 (Pixtral)
+    # (tests/epmq/test_walker_towers.py)
+    "Idefics3EncoderLayer", "SmolVLMEncoderLayer", "InternVLVisionLayer", "PixtralAttentionLayer",
 ))
 
 
