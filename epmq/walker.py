@@ -431,6 +431,9 @@ class _Stack:
     blocks: nn.ModuleList
     chosen: list  # per block: names (inside the block) of the linears to quantize
     adapter: Adapter  # how its blocks are called
+    # the model changes the hidden states between its blocks (found when the stack is entered):
+    # each block's input is then taken from the model itself, not from the previous output
+    replay: bool = False
 
 
 def _plan(model, towers, layers) -> list:
@@ -761,26 +764,19 @@ def _check_hidden(stack, hidden):
                                  f"gives them {first[2]} and {first[3]} wide")
 
 
-def _check_chained(stack, j, hidden, passed):
-    """Block ``j`` of ``stack`` must get the hidden states block ``j - 1`` returned (the stand-ins
-    return their input): the walk feeds each block's output to the next. A model that changes
-    them between two blocks (CoCa's decoder interleaves cross-attention blocks of another stack;
-    DeBERTa-v2 with ``conv_kernel_size`` applies a convolution after the first layer) cannot be
-    walked so, and would be quantized on inputs it never sees."""
+def _chained(hidden, passed) -> bool:
+    """Whether a block got the hidden states the block before it returned (``passed``: that
+    tensor and its version then; the stand-ins return their input). The walk feeds each block's
+    output to the next; a model that changes them between two blocks (DeBERTa-v2 with
+    ``conv_kernel_size`` mixes a convolution into the first layer's output; Qwen3-VL adds image
+    features after its first layers) has each block's input taken from the model instead."""
     before, version = passed
     if not isinstance(hidden, torch.Tensor) or not isinstance(before, torch.Tensor):
-        return
+        return True
     if hidden is before and hidden._version == version:
-        return
-    if (before._version == version and hidden.shape == before.shape and hidden.dtype == before.dtype
-            and torch.equal(hidden.to(before.device), before)):
-        return
-    raise ValueError(
-        f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not called each on the previous one's "
-        f"output: the model changes the hidden states between blocks {j - 1} and {j} (another module runs "
-        f"between them), so they cannot be quantized block by block on the inputs they really get. "
-        f"Leave them out (layers=, or adapter= the towers to quantize), or register an adapter whose "
-        f"blocks take that module in (epmq/adapters/__init__.py)")
+        return True
+    return (before._version == version and hidden.shape == before.shape and hidden.dtype == before.dtype
+            and torch.equal(hidden.to(before.device), before))
 
 
 def _to_device(item, device, moved=None):
@@ -1042,8 +1038,8 @@ class _Walk:
                 now["kwargs"][j] = named
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
-                else:
-                    _check_chained(stack, j, hidden, now["passed"])
+                elif not _chained(hidden, now["passed"]):
+                    stack.replay = True
                 if j == last:
                     raise _Stop
                 # (with its version: a write between the blocks is a change too)
@@ -1052,31 +1048,7 @@ class _Walk:
 
             return fn
 
-        def replayer(t, j, block):
-            final = j == len(self.stacks[t].blocks) - 1
-
-            def fn(*args, **kwargs):
-                if final:
-                    hidden = _to_device(stream.finals[t][now["task"]][now["n"]], self.model_device)
-                else:
-                    hidden = _bind(block, args, kwargs)[0]
-                return self.stacks[t].adapter.passthrough_of(block, hidden)
-
-            return fn
-
-        originals = []
-        try:
-            for t in range(s + 1):
-                # a tower of another family runs its own (quantized) blocks: the next may read any
-                # of their outputs (LLaVA's image features are the vision tower's hidden states)
-                if t < s and self.stacks[t].adapter is not stack.adapter:
-                    continue
-                blocks = self.stacks[t].blocks
-                for j, block in enumerate(blocks):
-                    originals.append((blocks, j, block))
-                    blocks[j] = _StandIn(block, recorder(j, block) if t == s else replayer(t, j, block))
-            # (the model's output capture is set up again by each entry, on the blocks it runs)
-            self.edits.forget_output_capture()
+        with self._stand_ins(s, stream, now, recorder):
             for task, items in self.calibration.items():
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     hidden, recorded, masks = [], [], []
@@ -1108,10 +1080,80 @@ class _Walk:
                 stream.masks[task] = masks
                 stream.kwargs[task] = [r[0] for r in recorded]
             _check_hidden(stack, stream.hidden)
+
+    @contextmanager
+    def _stand_ins(self, s, stream, now, stand_in):
+        """The model with stack ``s``'s blocks replaced by ``stand_in(j, block)`` (a function
+        called as the block would be) and the earlier stacks of its family by replayers of
+        ``stream``'s recorded outputs (``now``: the task and item being run), for one pass of
+        the model up to stack ``s``."""
+        stack = self.stacks[s]
+
+        def replayer(t, j, block):
+            final = j == len(self.stacks[t].blocks) - 1
+
+            def fn(*args, **kwargs):
+                if final:
+                    hidden = _to_device(stream.finals[t][now["task"]][now["n"]], self.model_device)
+                else:
+                    hidden = _bind(block, args, kwargs)[0]
+                return self.stacks[t].adapter.passthrough_of(block, hidden)
+
+            return fn
+
+        originals = []
+        try:
+            for t in range(s + 1):
+                # a tower of another family runs its own (quantized) blocks: the next may read any
+                # of their outputs (LLaVA's image features are the vision tower's hidden states)
+                if t < s and self.stacks[t].adapter is not stack.adapter:
+                    continue
+                blocks = self.stacks[t].blocks
+                for j, block in enumerate(blocks):
+                    originals.append((blocks, j, block))
+                    blocks[j] = _StandIn(block, stand_in(j, block) if t == s else replayer(t, j, block))
+            # (the model's output capture is set up again by each entry, on the blocks it runs)
+            self.edits.forget_output_capture()
+            yield
         finally:
             for blocks, j, block in reversed(originals):
                 blocks[j] = block
             self.edits.forget_output_capture()
+
+    def _replay_next(self, s, i, stream, outputs):
+        """Block ``i + 1``'s input for every item of ``stream``, in a stack whose model changes
+        the hidden states between blocks: the model run with block ``i`` returning its output
+        ``outputs[task][n]`` (as the block returned it) and block ``i + 1`` recording what it
+        gets. The blocks before ``i`` hand their input on (block ``i`` ignores it); what runs
+        between them and around the stack is the model's own (an expert stream's with its
+        expert's tensors)."""
+        stack = self.stacks[s]
+        now = {}
+
+        def stand_in(j, block):
+            def fn(*args, **kwargs):
+                if j == i + 1:
+                    hidden = _bind(block, args, kwargs)[0]
+                    now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
+                    raise _Stop
+                if j == i:
+                    return now["out"]
+                return stack.adapter.passthrough_of(block, _bind(block, args, kwargs)[0])
+
+            return fn
+
+        with self._stand_ins(s, stream, now, stand_in):
+            for task, items in self.calibration.items():
+                with self._expert_outside(task) if stream.experts else nullcontext():
+                    for n, item in enumerate(items):
+                        now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device))
+                        try:
+                            _call(self.model, item, self.model_device)
+                        except _Stop:
+                            stream.hidden[task][n] = self._here(now["hidden"])
+                        else:  # (the entry reached block i + 1 with this item)
+                            raise RuntimeError(f"calibration[{task!r}] item {n} no longer reaches block {i + 1} "
+                                               f"of {stack.prefix!r}")
 
     def _here(self, item):
         """``item`` (tensors, nested in dicts, lists, tuples) on the device blocks run on."""
@@ -1181,14 +1223,24 @@ class _Walk:
                 self.log.save(prefix, digest, {rel: block.get_submodule(rel) for group in groups for rel in group},
                               entries=self.report.layers[seen[0]:], skipped=self.report.skipped[seen[1]:],
                               unreached=self.report.unreached[seen[2]:])
+        replay = stack.replay and i + 1 < len(stack.blocks)
         if self.t is not None:
             if t_out is None:  # no group ran the target blocks to the end
                 t_out = self._run_targets(template, prefix)
             for (task, n), out in t_out.items():
                 self._advance(self.t, stack.adapter, task, n, i, out)
+            if replay:
+                self._replay_next(s, i, self.t, {task: [t_out[task, n] for n in range(len(hidden))]
+                                                 for task, hidden in self.t.hidden.items()})
+        outputs = {}
         for task, hidden in self.q.hidden.items():
             for n in range(len(hidden)):
-                self._advance(self.q, stack.adapter, task, n, i, block(hidden[n], **self.q.kwargs[task][n]))
+                out = block(hidden[n], **self.q.kwargs[task][n])
+                self._advance(self.q, stack.adapter, task, n, i, out)
+                if replay:
+                    outputs.setdefault(task, []).append(out)
+        if replay:
+            self._replay_next(s, i, self.q, outputs)
 
     def _groups(self, block, prefix, rels, adapter, first=False):
         """The linears in the order the block calls them, grouped by shared input tensor; and

@@ -160,6 +160,9 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     "ArceeDecoderLayer", "SeedOssDecoderLayer", "Ernie4_5DecoderLayer", "NemotronDecoderLayer",
     "PersimmonDecoderLayer", "VaultGemmaDecoderLayer", "DiffLlamaDecoderLayer", "HunYuanDenseV1DecoderLayer",
     "CwmDecoderLayer", "NanoChatDecoderLayer", "Jais2DecoderLayer",
+    # Qwen3-VL's language model: image features added to the hidden states after its first
+    # layers (DeepStack), so each layer's input is taken from the model (the walker's replay)
+    "Qwen3VLTextDecoderLayer",
 ))
 # timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
 # of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the
@@ -193,6 +196,7 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # the vision towers of Idefics3, SmolVLM, InternVL and Mistral 3 (Pixtral)
     # (tests/epmq/test_walker_towers.py)
     "Idefics3EncoderLayer", "SmolVLMEncoderLayer", "InternVLVisionLayer", "PixtralAttentionLayer",
+    "Qwen3VLVisionBlock",
 ))
 
 

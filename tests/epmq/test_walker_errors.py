@@ -403,22 +403,35 @@ class CopyingNet(Net):
         return x
 
 
+class PlusOne(Residual):
+    """``x + fc(x) + 1``: what InPlaceNet and OutOfPlaceNet do between blocks, inside them."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
 @pytest.mark.parametrize("net_type", [InPlaceNet, OutOfPlaceNet])
-@pytest.mark.parametrize("method", ["gptq", "epmq"])
-def test_a_model_that_changes_the_hidden_states_between_blocks_is_refused(net_type, method):
+@pytest.mark.parametrize("method, targets", [("gptq", "merged_path"), ("epmq", "merged_path"),
+                                             ("epmq", "expert_path"), ("gptq", "fp_path")])
+def test_a_model_that_changes_the_hidden_states_between_blocks_is_walked_on_what_they_get(net_type, method, targets):
     """Block 1 gets block 0's output plus 1 (in place or not): fed block 0's output, the walk
-    would solve it on inputs it never sees. It stops with an error naming the blocks, and the
-    model is left as it was."""
-    torch.manual_seed(0)
-    model = net_type(Residual)
-    before = snapshot(model)
-    calibration = {"task": [torch.randn(4, 16) for _ in range(2)]}
-    experts = {"task": model.state_dict()} if method == "epmq" else None
-    with pytest.raises(ValueError, match=r"blocks at 'layers' \(blocks\) are not called each on the previous "
-                                         r"one's output.*between blocks 0 and 1"):
-        epmq.quantize_model(model, SPEC, method=method, calibration=calibration, experts=experts,
-                            progress=False, adapter=epmq.Adapter("blocks", block_types=(Residual,)))
-    assert_untouched(model, before)
+    would solve it on inputs it never sees. Its input is taken from the model instead: the
+    result equals the walk of the model whose blocks add the 1 themselves."""
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)], "other": [torch.randn(4, 16) for _ in range(2)]}
+    states = []
+    for model_type, block_type in ((net_type, Residual), (Net, PlusOne)):
+        torch.manual_seed(0)
+        model = model_type(block_type)
+        experts = None
+        if method == "epmq":
+            experts = {t: {k: v + 0.01 * (1 + j) for k, v in model.state_dict().items()}
+                       for j, t in enumerate(calibration)}
+        model = epmq.quantize_model(model, SPEC, method=method, targets=targets, calibration=calibration,
+                                    experts=experts, progress=False,
+                                    adapter=epmq.Adapter("blocks", block_types=(block_type,)))
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 class ThreeNet(nn.Module):
@@ -625,16 +638,3 @@ def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true
     a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
-
-
-def test_deberta_v2_with_a_convolution_after_its_first_layer_is_refused(gen):
-    """DeBERTa-v2 xlarge's encoder mixes a convolution of its input into the first layer's
-    output (``conv_kernel_size``): the layers do not chain, and the walk says so."""
-    config = transformers.DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, conv_kernel_size=3)
-    model = transformers.DebertaV2Model(config).eval()
-    before = snapshot(model)
-    calibration = {"task": [{"input_ids": torch.randint(0, 64, (2, 8), generator=gen)}]}
-    with pytest.raises(ValueError, match=r"blocks at 'encoder\.layer' \(hf-deberta-v2\).*between blocks 0 and 1"):
-        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
-    assert_untouched(model, before)

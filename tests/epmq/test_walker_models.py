@@ -389,6 +389,11 @@ WIDER = {
     "jamba": (_decoder("JambaForCausalLM", "JambaConfig", num_experts=4, attn_layer_period=2, attn_layer_offset=1,
                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2,
                        mamba_dt_rank=4, use_mamba_kernels=False, **_MOE), "ids"),
+    # DeBERTa-v2 xlarge's layout: a convolution of the embeddings mixed into the first layer's
+    # output, between the layers
+    "deberta_v2_conv": (_hf("DebertaV2Model", "DebertaV2Config", vocab_size=VOCAB, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, conv_kernel_size=3),
+                        "masked_ids"),
     "xlm_roberta": (_hf("XLMRobertaModel", "XLMRobertaConfig", vocab_size=VOCAB, hidden_size=32,
                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4), "masked_ids"),
     "electra": (_hf("ElectraModel", "ElectraConfig", vocab_size=VOCAB, hidden_size=32, embedding_size=16,

@@ -274,3 +274,58 @@ def test_more_vision_language_models(name, gen, tmp_path):
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**test).logits, y, rtol=1e-5, atol=1e-5)
+
+
+def tiny_qwen3_vl(seed=0):
+    """Qwen3-VL: DeepStack adds image features from two vision blocks to the language model's
+    hidden states after its first two layers (between layers: the walk takes their inputs
+    from the model)."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0,
+                rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=32, deepstack_visual_indexes=[0, 1],
+                  num_position_embeddings=16)
+    torch.manual_seed(seed)
+    return transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(
+        vision_config=vision, text_config=text, image_token_id=299, video_token_id=296, vision_start_token_id=297,
+        vision_end_token_id=298)).eval()
+
+
+def test_qwen3_vl_deepstack(gen, tmp_path, monkeypatch):
+    """Both towers walked; the language model's last layer gets, as its statistics, exactly the
+    inputs of a plain forward (DeepStack's additions included; nothing upstream quantized); and
+    the whole model quantized loads back."""
+    from epmq.stats import HessianStats
+
+    model = tiny_qwen3_vl()
+    calibration = {"a": qwen2_vl_inputs(2, gen), "b": qwen2_vl_inputs(2, gen)}
+    target = "model.language_model.layers.2.self_attn.q_proj"
+    hand = []
+    handle = model.get_submodule(target).register_forward_pre_hook(
+        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for items in calibration.values():
+            for item in items:
+                model(**item)
+    handle.remove()
+    seen = []
+    add_batch = HessianStats.add_batch
+    monkeypatch.setattr(HessianStats, "add_batch",
+                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
+                        progress=False)
+    H_hand, H_walk = sum(x.T @ x for x in hand), sum(x.T @ x for x in seen)
+    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
+    monkeypatch.undo()
+
+    model = tiny_qwen3_vl()
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, progress=False)
+    assert model.epmq_report.adapter == "hf-decoder+hf-encoder"
+    for tower in ("model.visual.blocks", "model.language_model.layers"):
+        assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    item = qwen2_vl_inputs(1, gen)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**item).logits, model(**item).logits, rtol=1e-5, atol=1e-5)
