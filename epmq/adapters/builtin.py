@@ -160,6 +160,9 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     "ArceeDecoderLayer", "SeedOssDecoderLayer", "Ernie4_5DecoderLayer", "NemotronDecoderLayer",
     "PersimmonDecoderLayer", "VaultGemmaDecoderLayer", "DiffLlamaDecoderLayer", "HunYuanDenseV1DecoderLayer",
     "CwmDecoderLayer", "NanoChatDecoderLayer", "Jais2DecoderLayer",
+    # hybrids whose convolution or state-space layers hold their projections in nn.Linear (their
+    # convolution kernels and SSM parameters stay in full precision): LFM2, Falcon-H1
+    "Lfm2DecoderLayer", "FalconH1DecoderLayer",
     # Qwen3-VL's language model: image features added to the hidden states after its first
     # layers (DeepStack), so each layer's input is taken from the model (the walker's replay)
     "Qwen3VLTextDecoderLayer",

@@ -249,4 +249,6 @@ MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     "Glm4MoeDecoderLayer", "Dots1DecoderLayer", "Ernie4_5_MoeDecoderLayer", "MiniMaxDecoderLayer",
     "HunYuanMoEV1DecoderLayer", "FlexOlmoDecoderLayer", "Cohere2MoeDecoderLayer", "ExaoneMoeDecoderLayer",
     "GraniteMoeSharedDecoderLayer", "GptOssDecoderLayer",
+    # hybrids: Qwen3-Next (gated DeltaNet and attention layers), Granite 4 (Mamba 2 and attention)
+    "Qwen3NextDecoderLayer", "GraniteMoeHybridDecoderLayer",
 ))

@@ -359,7 +359,11 @@ WIDER = {
            "SmolLM3": {}, "Ministral": dict(head_dim=8), "Ministral3": {}, "Olmo3": {}, "Glm": {}, "Glm4": {},
            "Exaone4": {}, "Helium": dict(head_dim=8), "Apertus": {}, "Arcee": {}, "SeedOss": {}, "Ernie4_5": {},
            "Nemotron": {}, "Persimmon": {}, "VaultGemma": dict(head_dim=8), "DiffLlama": {},
-           "HunYuanDenseV1": dict(head_dim=8), "Cwm": {}, "NanoChat": {}, "Jais2": {}}.items()},
+           "HunYuanDenseV1": dict(head_dim=8), "Cwm": {}, "NanoChat": {}, "Jais2": {},
+           # hybrids: a short-convolution layer and an attention layer; Falcon-H1's parallel Mamba 2
+           "Lfm2": dict(layer_types=["conv", "full_attention"], block_ff_dim=64, block_auto_adjust_ff_dim=False),
+           "FalconH1": dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
+                            head_dim=8)}.items()},
     **{name.lower(): (_decoder(f"{name}ForCausalLM", f"{name}Config", pad_token_id=0, bos_token_id=0,
                                eos_token_id=1, **options), "ids")
        for name, options in {
@@ -371,6 +375,12 @@ WIDER = {
            "FlexOlmo": dict(num_experts=4, **_MOE), "Cohere2Moe": dict(num_experts=4, **_MOE),
            "ExaoneMoe": dict(num_experts=4, **_MOE),
            "GraniteMoeShared": dict(num_local_experts=4, shared_intermediate_size=16, **_MOE),
+           # hybrids: a gated DeltaNet layer and an attention layer; a Mamba 2 layer and an attention layer
+           "Qwen3Next": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, head_dim=8,
+                             layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, **_MOE),
+           "GraniteMoeHybrid": dict(num_local_experts=4, layer_types=["mamba", "attention"], mamba_d_state=8,
+                                    mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_conv=4, **_MOE),
            # experts transposed, gate and up interleaved, with biases; a clamped SwiGLU
            "GptOss": dict(num_local_experts=4, head_dim=8, sliding_window=4,
                           layer_types=["sliding_attention", "full_attention"], **_MOE)}.items()},
