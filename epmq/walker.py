@@ -695,6 +695,14 @@ class _Stop(Exception):
     """Raised by a stand-in or hook to end a forward pass once what it needs is recorded."""
 
 
+class _Interleaved(Exception):
+    """An earlier stack of the family was called after the stack being entered had begun."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        self.t = t
+
+
 class _StandIn(nn.Module):
     """Takes a block's place in its ModuleList while the model runs up to a stack; attribute
     reads fall through to the block (models read e.g. ``layer.attention_type``)."""
@@ -837,6 +845,10 @@ class _Walk:
         self.residual_precision = residual_precision
         self.writes_input = False  # whether the current block writes its input in place
         self.calls = {}  # per linear of the current block: its calls in one pass (the probes' most)
+        # earlier stacks whose blocks the model calls among a later stack's (CoCa's decoder calls
+        # a self-attention and a cross-attention block of two lists in turn): they run their own
+        # (quantized) blocks when a later stack is entered, as a tower of another family does
+        self.interleaved = set()
         self.q = _Stream("q")
         self.t = None if targets == "merged_path" else _Stream(targets, experts=targets == "expert_path")
         self._tensors_by_name()
@@ -1048,12 +1060,26 @@ class _Walk:
 
             return fn
 
+        while True:
+            try:
+                return self._probe(s, stream, now, recorder)
+            except _Interleaved as e:
+                if self.t is not None:
+                    raise ValueError(
+                        f"targets={self.targets!r}: the model calls the blocks at {self.stacks[e.t].prefix!r} among "
+                        f"those at {stack.prefix!r} (CoCa's decoder), which the target stream cannot replay; use "
+                        f"targets='merged_path', or leave them out (layers=)") from None
+                self.interleaved.add(e.t)
+
+    def _probe(self, s, stream, now, recorder):
+        """One pass of the model per calibration item up to stack ``s``, its blocks ``recorder``s."""
+        stack, last = self.stacks[s], len(self.stacks[s].blocks) - 1
         with self._stand_ins(s, stream, now, recorder):
             for task, items in self.calibration.items():
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     hidden, recorded, masks = [], [], []
                     for n, item in enumerate(items):
-                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None, next=0)
+                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None, next=0, started=False)
                         try:
                             _call(self.model, item, self.model_device)
                         except _Stop:
@@ -1089,10 +1115,21 @@ class _Walk:
         the model up to stack ``s``."""
         stack = self.stacks[s]
 
+        def mine(j, block):
+            fn = stand_in(j, block)
+
+            def started(*args, **kwargs):
+                now["started"] = True
+                return fn(*args, **kwargs)
+
+            return started
+
         def replayer(t, j, block):
             final = j == len(self.stacks[t].blocks) - 1
 
             def fn(*args, **kwargs):
+                if now.get("started"):
+                    raise _Interleaved(t)
                 if final:
                     hidden = _to_device(stream.finals[t][now["task"]][now["n"]], self.model_device)
                 else:
@@ -1106,12 +1143,12 @@ class _Walk:
             for t in range(s + 1):
                 # a tower of another family runs its own (quantized) blocks: the next may read any
                 # of their outputs (LLaVA's image features are the vision tower's hidden states)
-                if t < s and self.stacks[t].adapter is not stack.adapter:
+                if t < s and (self.stacks[t].adapter is not stack.adapter or t in self.interleaved):
                     continue
                 blocks = self.stacks[t].blocks
                 for j, block in enumerate(blocks):
                     originals.append((blocks, j, block))
-                    blocks[j] = _StandIn(block, stand_in(j, block) if t == s else replayer(t, j, block))
+                    blocks[j] = _StandIn(block, mine(j, block) if t == s else replayer(t, j, block))
             # (the model's output capture is set up again by each entry, on the blocks it runs)
             self.edits.forget_output_capture()
             yield
@@ -1146,7 +1183,8 @@ class _Walk:
             for task, items in self.calibration.items():
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     for n, item in enumerate(items):
-                        now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device))
+                        now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device),
+                                   started=False)
                         try:
                             _call(self.model, item, self.model_device)
                         except _Stop:

@@ -59,7 +59,8 @@ class Transposed(str):
 
 class Part(str):
     """A checkpoint tensor name whose tensor a checkpoint may instead hold as a slice of a fused
-    tensor: ``fused[index][rows[0]:rows[1]]`` (``rows`` None: all of it), ``fused`` of shape
+    tensor: ``fused[index][slice(*rows)]`` (``rows`` None: all of it; ``index`` None: ``fused``
+    itself, a 2-D tensor of fused projections as open_clip's ``in_proj_weight``), ``fused`` of shape
     ``fused_shape`` (see ``prepare``). ``transposed``: ``fused[index]`` holds the tensor's
     transpose (Llama 4's experts, ``[in, out]``), so the rows are taken from ``fused[index].T``:
     the transpose of a column slice. A checkpoint holding the tensor under ``name`` itself holds
@@ -78,7 +79,8 @@ class Part(str):
     def where(self) -> tuple:
         """The index of this part in the fused tensor (a reader may read only it)."""
         rows = slice(None) if self.rows is None else slice(*self.rows)
-        return (self.index, slice(None), rows) if self.transposed else (self.index, rows)
+        where = (slice(None), rows) if self.transposed else (rows,)
+        return where if self.index is None else (self.index, *where)
 
     def take(self, fused, read: bool = False):
         """This part of ``fused`` (a view); ``read``: ``fused`` is ``fused[self.where]`` already."""
@@ -131,10 +133,6 @@ class Adapter:
 
     def stage(self, block: nn.Module, rel: str):
         return None
-
-    def left_out(self, model: nn.Module) -> dict:
-        """``{stack name: why}`` for stacks of this adapter's blocks that it does not walk."""
-        return {}
 
     def module_alias(self, model: nn.Module, name: str):
         """The prepared model's name for a module a checkpoint names otherwise, or None."""
@@ -278,17 +276,12 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision."""
     taken = [name for _, stacks in towers for name, _ in stacks]
-    why = {name: reason for adapter, _ in towers for name, reason in adapter.left_out(model).items()}
     others = sorted(
         f"{name} ({type(module[0]).__name__})"
         for name, module in model.named_modules()
         if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
-        and name not in why
         and len({type(m) for m in module}) == 1 and not isinstance(module[0], nn.Linear)
         and any(isinstance(m, nn.Linear) for m in module[0].modules()))
-    if why:
-        warnings.warn(f"{type(model).__name__}: the blocks at {', '.join(sorted(why))} are not walked and stay in "
-                      f"full precision ({'; '.join(sorted(set(why.values())))})")
     if others:
         walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "

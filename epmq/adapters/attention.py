@@ -8,8 +8,11 @@ math: ``softmax(q k^T / sqrt(d) + mask) v`` per head, then ``out_proj``. One ``i
 ``3E`` rows quantizes exactly like three ``E``-row projections: GPTQ treats rows independently
 and the three share their input, hence their Hessian.
 
-Self-attention only (query, key and value the same tensor), as in every open_clip
-``ResidualAttentionBlock`` except CoCa's cross-attention decoder.
+``LinearMultiheadAttention`` is self-attention (query, key and value the same tensor), as in
+every open_clip ``ResidualAttentionBlock`` but the cross-attention blocks of CoCa's decoder,
+whose ``LinearCrossAttention`` holds the three row blocks of ``in_proj_weight`` as ``q_proj``,
+``k_proj`` and ``v_proj``: the query reads the text, the key and value the image tokens, so
+each projection has its own input (and Hessian).
 """
 
 from __future__ import annotations
@@ -22,10 +25,7 @@ from torch import nn
 class LinearMultiheadAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
-        if not mha._qkv_same_embed_dim:
-            raise NotImplementedError("MultiheadAttention with kdim/vdim != embed_dim is not supported")
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise NotImplementedError("MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
+        _check_supported(mha)
         E = mha.embed_dim
         self.embed_dim, self.num_heads = E, mha.num_heads
         self.head_dim = E // mha.num_heads
@@ -50,38 +50,91 @@ class LinearMultiheadAttention(nn.Module):
     ):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise NotImplementedError("LinearMultiheadAttention supports self-attention only")
-        x = query.transpose(0, 1) if self.batch_first is False and query.dim() == 3 else query
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0)
-        N, L, E = x.shape
-        H, D = self.num_heads, self.head_dim
-        q, k, v = self.in_proj(x).view(N, L, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x [N, H, L, D]
-        mask = _float_mask(attn_mask, key_padding_mask, N, H, L, q.dtype)
-        causal = is_causal and mask is None
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / D**0.5
-            if mask is not None:
-                scores = scores + mask
-            elif causal:
-                scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-            p = torch.softmax(scores, dim=-1)
-            weights = p.mean(1) if average_attn_weights else p
-            out = F.dropout(p, dropout, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))
-        if unbatched:
-            out, weights = out.squeeze(0), None if weights is None else weights.squeeze(0)
-        elif self.batch_first is False:
-            out = out.transpose(0, 1)
-        return out, weights
+        x, unbatched = _batch_first(query, self.batch_first)
+        N, L, _ = x.shape
+        q, k, v = self.in_proj(x).view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return _attend(self, q, k, v, attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal,
+                       unbatched)
 
 
-def _float_mask(attn_mask, key_padding_mask, N, H, L, dtype):
-    """Additive ``[N|1, H|1, L, L]`` mask from MHA's masks (boolean ``True`` = may not attend)."""
+class LinearCrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` as cross-attention on ``nn.Linear`` projections: ``q_proj``,
+    ``k_proj``, ``v_proj`` hold the row blocks of ``in_proj_weight`` (views: the same tensors)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        _check_supported(mha)
+        E = mha.embed_dim
+        self.embed_dim, self.num_heads = E, mha.num_heads
+        self.head_dim = E // mha.num_heads
+        self.dropout, self.batch_first = mha.dropout, mha.batch_first
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            linear = nn.Linear(E, E, bias=mha.in_proj_bias is not None, device="meta")
+            linear.weight = nn.Parameter(mha.in_proj_weight[j * E:(j + 1) * E],
+                                         requires_grad=mha.in_proj_weight.requires_grad)
+            if mha.in_proj_bias is not None:
+                linear.bias = nn.Parameter(mha.in_proj_bias[j * E:(j + 1) * E],
+                                           requires_grad=mha.in_proj_bias.requires_grad)
+            self.add_module(name, linear)
+        self.out_proj = mha.out_proj
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        x, unbatched = _batch_first(query, self.batch_first)
+        key, _ = _batch_first(key, self.batch_first)
+        value, _ = _batch_first(value, self.batch_first)
+        N, L, S, H, D = x.shape[0], x.shape[1], key.shape[1], self.num_heads, self.head_dim
+        q = self.q_proj(x).view(N, L, H, D).transpose(1, 2)
+        k = self.k_proj(key).view(N, S, H, D).transpose(1, 2)
+        v = self.v_proj(value).view(N, S, H, D).transpose(1, 2)
+        return _attend(self, q, k, v, attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal,
+                       unbatched)
+
+
+def _check_supported(mha):
+    if not mha._qkv_same_embed_dim:
+        raise NotImplementedError("MultiheadAttention with kdim/vdim != embed_dim is not supported")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise NotImplementedError("MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
+
+
+def _batch_first(x, batch_first):
+    """``x`` as ``[N, L, E]``, and whether it came unbatched (``[L, E]``)."""
+    x = x.transpose(0, 1) if batch_first is False and x.dim() == 3 else x
+    return (x.unsqueeze(0), True) if x.dim() == 2 else (x, False)
+
+
+def _attend(attention, q, k, v, attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal,
+            unbatched):
+    """``softmax(q k^T / sqrt(d) + mask) v`` per head (``[N, H, L|S, D]``), then ``out_proj``, in
+    ``nn.MultiheadAttention``'s output convention."""
+    N, H, L, D = q.shape
+    S = k.shape[2]
+    mask = _float_mask(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
+    causal = is_causal and mask is None
+    dropout = attention.dropout if attention.training else 0.0
+    weights = None
+    if need_weights:
+        scores = (q @ k.transpose(-2, -1)) / D**0.5
+        if mask is not None:
+            scores = scores + mask
+        elif causal:
+            scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        weights = p.mean(1) if average_attn_weights else p
+        out = F.dropout(p, dropout, attention.training) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+    out = attention.out_proj(out.transpose(1, 2).reshape(N, L, H * D))
+    if unbatched:
+        out, weights = out.squeeze(0), None if weights is None else weights.squeeze(0)
+    elif attention.batch_first is False:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _float_mask(attn_mask, key_padding_mask, N, H, L, S, dtype):
+    """Additive ``[N|1, H|1, L, S]`` mask from MHA's masks (boolean ``True`` = may not attend)."""
 
     def additive(m):
         if m.dtype == torch.bool:
@@ -91,8 +144,8 @@ def _float_mask(attn_mask, key_padding_mask, N, H, L, dtype):
     mask = None
     if attn_mask is not None:
         mask = additive(attn_mask)
-        mask = mask.view(N, H, L, L) if mask.dim() == 3 else mask.view(1, 1, L, L)
+        mask = mask.view(N, H, L, S) if mask.dim() == 3 else mask.view(1, 1, L, S)
     if key_padding_mask is not None:
-        pad = additive(key_padding_mask).view(N, 1, 1, L)
+        pad = additive(key_padding_mask).view(N, 1, 1, S)
         mask = pad if mask is None else mask + pad
     return mask

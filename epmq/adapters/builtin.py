@@ -6,35 +6,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Adapter, Transposed
-from .attention import LinearMultiheadAttention
+from . import Adapter, Part, Transposed
+from .attention import LinearCrossAttention, LinearMultiheadAttention
 
 
 class OpenClipAdapter(Adapter):
     """open_clip ``VisionTransformer``, ``TextTransformer``, full ``CLIP`` (both towers) and
-    ``CoCa`` (its image and text towers): ``ResidualAttentionBlock``s, whose
-    ``nn.MultiheadAttention`` is rebuilt on ``nn.Linear``.
-
-    CoCa's captioning decoder (``MultimodalTransformer``) is not walked and stays in full
-    precision: it calls a self-attention block of one ModuleList and a cross-attention block of
-    another in turn, so neither list is a stack whose blocks take each other's output."""
-
-    def stacks(self, model):
-        found = super().stacks(model)
-        interleaved = {name.rpartition(".")[0] for name, blocks in found if any(_cross_attention(b) for b in blocks)}
-        return [(name, blocks) for name, blocks in found if name.rpartition(".")[0] not in interleaved]
-
-    def left_out(self, model):
-        walked = {name for name, _ in self.stacks(model)}
-        return {name: "CoCa's decoder: a self-attention and a cross-attention ModuleList called in turn"
-                for name, _ in super().stacks(model) if name not in walked}
+    ``CoCa`` (its towers and captioning decoder): ``ResidualAttentionBlock``s, whose
+    ``nn.MultiheadAttention`` is rebuilt on ``nn.Linear`` (``LinearMultiheadAttention``; in the
+    cross-attention blocks of CoCa's decoder ``LinearCrossAttention``, its q, k and v
+    projections row blocks of ``in_proj_weight``)."""
 
     def prepare(self, model, swap):
         renames = {}
         for stack_name, blocks in self.stacks(model):
             for i, block in enumerate(blocks):
-                if isinstance(block.attn, nn.MultiheadAttention):
-                    name = f"{stack_name}.{i}.attn"
+                if not isinstance(block.attn, nn.MultiheadAttention):
+                    continue
+                name = f"{stack_name}.{i}.attn"
+                if _cross_attention(block):
+                    E, mha = block.attn.embed_dim, block.attn
+                    swap(name, LinearCrossAttention(mha))
+                    for j, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+                        for kind, fused in (("weight", mha.in_proj_weight), ("bias", mha.in_proj_bias)):
+                            if fused is not None:
+                                renames[f"{name}.{projection}.{kind}"] = Part(
+                                    f"{name}.{projection}.{kind}", f"{name}.in_proj_{kind}", None,
+                                    (j * E, (j + 1) * E), fused.shape)
+                else:
                     swap(name, LinearMultiheadAttention(block.attn))
                     renames[f"{name}.in_proj.weight"] = f"{name}.in_proj_weight"
                     renames[f"{name}.in_proj.bias"] = f"{name}.in_proj_bias"

@@ -638,3 +638,17 @@ def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true
     a, b = models[InPlace].state_dict(), models[OutOfPlace].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
+
+
+@pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
+def test_interleaved_stacks_refuse_target_streams(targets, gen):
+    """CoCa's decoder calls a block of one list, then one of the other: a target stream, which
+    replays an earlier stack from its recorded outputs, cannot follow; refused, the model whole."""
+    fam = Family("open_clip_coca", gen, n_samples=1)
+    model = fam.merged()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"targets='{targets}': the model calls the blocks at "
+                                         r"'text_decoder.resblocks' among those at 'text_decoder.cross_attn'"):
+        quantize(fam, model, targets=targets, method="epmq" if targets == "expert_path" else "gptq",
+                 experts=fam.experts if targets == "expert_path" else None)
+    assert_untouched(model, before)

@@ -85,8 +85,10 @@ def _assert_same_layer(q, expected):
 def test_walk_statistics_match_hand_made(arch, method, targets, gen):
     if arch in MOE:
         targets = "merged_path"  # the target's router may choose other experts (an error there)
-    if arch == "open_clip_timm":
-        targets = "merged_path"  # (towers of two families: refused for other targets; timm_* walk alone)
+    if arch in ("open_clip_timm", "open_clip_coca"):
+        # (towers of two families; CoCa's decoder interleaving two stacks: refused for other targets,
+        # tests/epmq/test_walker_errors.py; timm_* walk alone)
+        targets = "merged_path"
     fam = Family(arch, gen)
     model = fam.merged()
     target, select = chosen_layers(_prepared(fam.merged()))
@@ -313,3 +315,40 @@ def test_shared_input_statistics_change_nothing(arch, method, targets, true_sequ
 
         assert {short(layer["name"]): short(layer["hessian_of"]) for layer in shared} == {
             "k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+@pytest.mark.parametrize("target, downstream", [
+    ("text_decoder.resblocks.1.attn.in_proj", None), ("text_decoder.cross_attn.1.attn.q_proj", None),
+    ("text_decoder.cross_attn.1.attn.k_proj", None),
+    # (the self-attention list walked too, the layer after the target quantized: its blocks run
+    # among the cross-attention list's as themselves, not replayed)
+    ("text_decoder.cross_attn.0.mlp.c_fc", "text_decoder.resblocks.1.mlp.c_proj")])
+def test_coca_decoder_layers_see_what_the_model_gives_them(target, downstream, gen, monkeypatch):
+    """CoCa's decoder calls a self-attention block, then a cross-attention block of another list,
+    in turn: each block's input is taken from the model (the other list's block in between), the
+    cross-attention's k and v read the image tokens. A layer's statistics, nothing upstream
+    quantized, equal those hooked from a plain forward."""
+    from epmq.stats import HessianStats
+
+    fam = Family("open_clip_coca", gen)
+    model = fam.merged()
+    hand = []
+    prepared = _prepared(fam.merged())
+    handle = prepared.get_submodule(target).register_forward_pre_hook(
+        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for items in fam.calibration.values():
+            for item in items:
+                prepared(**item)
+    handle.remove()
+    seen = []
+    add_batch = HessianStats.add_batch
+    monkeypatch.setattr(HessianStats, "add_batch",
+                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
+    chosen = [target] if downstream is None else [target, downstream]
+    epmq.quantize_model(model, SPEC, method="gptq", calibration=fam.calibration, layers=lambda name: name in chosen,
+                        backend="torch", progress=False)
+    assert sorted(layer["name"] for layer in model.epmq_report.layers) == sorted(chosen)
+    seen = [x for x in seen if x.shape[-1] == hand[0].shape[-1]]  # (the target's: the other reads 64 wide)
+    H_hand, H_walk = sum(x.T @ x for x in hand), sum(x.T @ x for x in seen)
+    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))

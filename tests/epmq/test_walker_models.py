@@ -124,7 +124,7 @@ def build(arch: str, seed: int = 0):
             vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=8, image_size=16, patch_size=8, mlp_ratio=2.0),
             text_cfg=CLIPTextCfg(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0),
         )
-    elif arch == "open_clip_coca":  # image and text towers walked; the captioning decoder stays fp
+    elif arch == "open_clip_coca":  # its captioning decoder calls self- and cross-attention blocks of two lists in turn
         from open_clip.coca_model import CoCa
 
         model = CoCa(**COCA_CFG)
@@ -300,7 +300,7 @@ def test_builder_runs_and_adapter_finds_blocks(arch, gen):
     y = output(model, inputs(arch, 1, gen)[0])
     assert torch.isfinite(y).all()
     stacks = [stack for _, tower in find_towers(model) for stack in tower]
-    expected = {"open_clip_clip": 2, "open_clip_coca": 2, "open_clip_timm": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
+    expected = {"open_clip_clip": 2, "open_clip_coca": 4, "open_clip_timm": 2, "hf_clip": 2, "t5": 2, "mt5": 2, "bart": 2}.get(arch, 1)
     assert len(stacks) == expected and all(len(blocks) == 2 for _, blocks in stacks)
 
 
