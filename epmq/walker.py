@@ -24,7 +24,14 @@ The sequential scheme of GPTQ, for RTN, GPTQ and E-PMQ (EPMQ_MATH.md):
 2. **Per block**, solve its linears in groups (below): forward hooks collect each linear's inputs
    on every task's samples into the layer statistics (``HessianStats`` for GPTQ, ``EPMQStats``
    task by task for E-PMQ), the layer is solved and replaced by a packed ``QuantLinear``.
-3. Run the now-quantized block on every sample: its outputs are the next block's inputs.
+3. Run the now-quantized block on every sample: its outputs are the next block's inputs. Where
+   the stack entry saw the model change the hidden states between two blocks (DeBERTa-v2's
+   convolution after its first layer, Qwen3-VL's DeepStack image features, CoCa's decoder,
+   which calls a block of another list in between), the next block's inputs are instead taken
+   from one pass of the model per sample, the stack's blocks stubbed and the quantized block's
+   output handed on (``_replay_next``). An earlier stack of the family whose blocks the model
+   calls among a later one's (CoCa's self- and cross-attention lists) runs its own, quantized,
+   blocks when the later one is entered, as a tower of another family does.
 
 Streams. The *q stream* is what the model being quantized sees (earlier blocks quantized).
 ``targets`` adds a *target stream* whose inputs define the targets (EPMQ_MATH.md "Variants"):
