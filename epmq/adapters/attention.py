@@ -22,14 +22,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LinearMultiheadAttention(nn.Module):
+class _LinearAttention(nn.Module):
+    """What both keep of ``nn.MultiheadAttention``: its sizes, dropout and layout (``out_proj``
+    is registered by each after its projections, in the order they are called)."""
+
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
-        _check_supported(mha)
-        E = mha.embed_dim
-        self.embed_dim, self.num_heads = E, mha.num_heads
-        self.head_dim = E // mha.num_heads
+        if not mha._qkv_same_embed_dim:
+            raise NotImplementedError("MultiheadAttention with kdim/vdim != embed_dim is not supported")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise NotImplementedError("MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
+        self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
+        self.head_dim = mha.embed_dim // mha.num_heads
         self.dropout, self.batch_first = mha.dropout, mha.batch_first
+
+
+class LinearMultiheadAttention(_LinearAttention):
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__(mha)
+        E = mha.embed_dim
         w = mha.in_proj_weight
         self.in_proj = nn.Linear(E, 3 * E, bias=mha.in_proj_bias is not None, device="meta")
         self.in_proj.weight = w
@@ -57,17 +68,13 @@ class LinearMultiheadAttention(nn.Module):
                        unbatched)
 
 
-class LinearCrossAttention(nn.Module):
+class LinearCrossAttention(_LinearAttention):
     """``nn.MultiheadAttention`` as cross-attention on ``nn.Linear`` projections: ``q_proj``,
     ``k_proj``, ``v_proj`` hold the row blocks of ``in_proj_weight`` (views: the same tensors)."""
 
     def __init__(self, mha: nn.MultiheadAttention):
-        super().__init__()
-        _check_supported(mha)
+        super().__init__(mha)
         E = mha.embed_dim
-        self.embed_dim, self.num_heads = E, mha.num_heads
-        self.head_dim = E // mha.num_heads
-        self.dropout, self.batch_first = mha.dropout, mha.batch_first
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
             linear = nn.Linear(E, E, bias=mha.in_proj_bias is not None, device="meta")
             linear.weight = nn.Parameter(mha.in_proj_weight[j * E:(j + 1) * E],
@@ -89,13 +96,6 @@ class LinearCrossAttention(nn.Module):
         v = self.v_proj(value).view(N, S, H, D).transpose(1, 2)
         return _attend(self, q, k, v, attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal,
                        unbatched)
-
-
-def _check_supported(mha):
-    if not mha._qkv_same_embed_dim:
-        raise NotImplementedError("MultiheadAttention with kdim/vdim != embed_dim is not supported")
-    if mha.bias_k is not None or mha.add_zero_attn:
-        raise NotImplementedError("MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
 
 
 def _batch_first(x, batch_first):

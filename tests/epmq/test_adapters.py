@@ -6,7 +6,7 @@ from torch import nn
 
 import epmq
 import epmq.adapters
-from epmq.adapters.attention import LinearMultiheadAttention
+from epmq.adapters.attention import LinearCrossAttention, LinearMultiheadAttention
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -37,6 +37,35 @@ def test_linear_attention_computes_what_multihead_attention_computes(batch_first
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
     # the projections are shared, not copied, and in_proj is an nn.Linear the walker can quantize
     assert linear.in_proj.weight is mha.in_proj_weight and isinstance(linear.in_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", [None, "padding", "float"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_linear_cross_attention_computes_what_multihead_attention_computes(batch_first, mask, need_weights, gen):
+    """Queries of one length against keys and values of another (CoCa's text against its image
+    tokens), key and value distinct tensors; q, k and v are views of in_proj_weight's row blocks."""
+    E, H, N, L, S = 32, 4, 3, 5, 7
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_(generator=gen)
+    shape = (lambda n: (N, n, E)) if batch_first else (lambda n: (n, N, E))
+    x, key, value = (torch.randn(shape(n), generator=gen) for n in (L, S, S))
+    kwargs = {}
+    if mask == "padding":
+        kwargs["key_padding_mask"] = torch.arange(S)[None, :].expand(N, S) >= torch.tensor([[S], [S - 2], [3]])
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(L, S, generator=gen)
+    linear = LinearCrossAttention(mha)
+    with torch.no_grad():
+        want, want_w = mha(x, key, value, need_weights=need_weights, **kwargs)
+        got, got_w = linear(x, key, value, need_weights=need_weights, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    for j, projection in enumerate((linear.q_proj, linear.k_proj, linear.v_proj)):
+        assert projection.weight.data_ptr() == mha.in_proj_weight[j * E].data_ptr()  # (a view)
+        assert torch.equal(projection.bias, mha.in_proj_bias[j * E:(j + 1) * E])
 
 
 def test_linear_attention_is_self_attention_only():

@@ -206,20 +206,25 @@ def test_a_coca_base(tmp_path):
     """A CoCa base: its image tower (attention-pooled, returning its tokens too) is the model
     merged and quantized, its text tower (with a class token) gives the heads; the quantized
     tower is served from its checkpoint as it was evaluated."""
-    import epmq
-    from epmq.spec import QuantSpec
-
     config = write_tiny_open_clip(tmp_path / "coca", coca=True)
     bench = build_bench(config, base_dir=tmp_path / "coca", progress=False)
     model = bench.model(task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3))
     assert model.attn_pool is not None and model.output_tokens
     assert {t: tuple(h.shape) for t, h in bench.heads.items()} == {t: (3, 32) for t in TASKS}
+    _quantize_and_serve(bench, model, tmp_path)
+    assert len(model.epmq_report.layers) == 8  # in_proj, out_proj, c_fc, c_proj of 2 blocks
+
+
+def _quantize_and_serve(bench, model, tmp_path):
+    """E-PMQ through the walker, saved with the bench's extras, loaded from its directory alone:
+    the same logits."""
+    import epmq
+    from epmq.spec import QuantSpec
+
     epmq.quantize_model(model, QuantSpec(bits=4, group_size=16), method="epmq", calibration=bench.calibration,
                         experts={t: bench.experts[t] for t in TASKS}, progress=False)
-    assert len(model.epmq_report.layers) == 8  # in_proj, out_proj, c_fc, c_proj of 2 blocks
-    out = tmp_path / "w4"
-    epmq.save_quantized(model, out, extras=bench.save_extras)
-    loaded = epmq.load_quantized(out)
+    epmq.save_quantized(model, tmp_path / "w4", extras=bench.save_extras)
+    loaded = epmq.load_quantized(tmp_path / "w4")
     pixels = bench.calibration[TASKS[0]][0]
     torch.testing.assert_close(bench.logits(loaded, TASKS[0], pixels), bench.logits(model, TASKS[0], pixels),
                                rtol=0, atol=0)
@@ -229,8 +234,6 @@ def test_a_base_whose_image_tower_is_timm(tmp_path):
     """An open_clip base built on a timm image tower (as ViT-*-SigLIP*, EVA02-*): the tower is
     merged and quantized through the timm adapter, and served from its checkpoint, built from
     the open_clip config saved beside it."""
-    import epmq
-    from epmq.spec import QuantSpec
     from test_walker_models import TIMM_CLIP_CFG, _register_timm_model
 
     _register_timm_model()
@@ -238,12 +241,5 @@ def test_a_base_whose_image_tower_is_timm(tmp_path):
     bench = build_bench(config, base_dir=tmp_path / "timm", progress=False)
     model = bench.model(task_arithmetic(bench.base_state, [bench.experts[t] for t in TASKS], scale=0.3))
     assert type(model).__name__ == "TimmModel"
-    epmq.quantize_model(model, QuantSpec(bits=4, group_size=16), method="epmq", calibration=bench.calibration,
-                        experts={t: bench.experts[t] for t in TASKS}, progress=False)
+    _quantize_and_serve(bench, model, tmp_path)
     assert model.epmq_report.adapter == "timm" and len(model.epmq_report.layers) == 8
-    out = tmp_path / "w4"
-    epmq.save_quantized(model, out, extras=bench.save_extras)
-    loaded = epmq.load_quantized(out)
-    pixels = bench.calibration[TASKS[0]][0]
-    torch.testing.assert_close(bench.logits(loaded, TASKS[0], pixels), bench.logits(model, TASKS[0], pixels),
-                               rtol=0, atol=0)

@@ -9,8 +9,8 @@ import torch
 
 import epmq
 from epmq.adapters import find_adapter
-from test_walker_models import (ARCHS, DECODERS, ENCODERS, MOE, WIDER, Family, output, perturb, rel_err,
-                                wider_input)
+from test_walker_models import (ARCHS, DECODERS, ENCODERS, MOE, WIDER, Family, assert_same_statistics,
+                                hooked_inputs, output, perturb, rel_err, walked_inputs, wider_input)
 
 SPEC_4 = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -338,7 +338,6 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     forward gives it (masks, rotary or ALiBi, T5-style biases, encoder states replayed): its first
     linear's statistics equal those hooked from a plain forward (nothing upstream quantized)."""
     from epmq.calibration import unpad
-    from epmq.stats import HessianStats
     from epmq.walker import _encoder_decoder
 
     build_model, kind = WIDER[arch]
@@ -348,23 +347,13 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     adapter = find_adapter(model)
     prefix, blocks = adapter.stacks(model)[-1]
     target = f"{prefix}.{len(blocks) - 1}.{next(iter(adapter.linears(blocks[-1])))}"
-    hand = []
-    handle = model.get_submodule(target).register_forward_pre_hook(
-        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-    with torch.no_grad():  # (the walk's items: padded batches cut into batches of real tokens)
-        for item in calibration["a"]:
-            for part in unpad(item, encoder_decoder=_encoder_decoder(model)):
-                model(**part)
-    handle.remove()
-    seen = []
-    add_batch = HessianStats.add_batch
-    monkeypatch.setattr(HessianStats, "add_batch",
-                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
+    # (the walk's items: padded batches cut into batches of real tokens)
+    hand = hooked_inputs(model, target, [part for item in calibration["a"]
+                                         for part in unpad(item, encoder_decoder=_encoder_decoder(model))])
+    seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
                         backend="torch", progress=False)
-    H_hand = sum(x.T @ x for x in hand)
-    H_walk = sum(x.T @ x for x in seen)
-    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
+    assert_same_statistics(seen, hand)
 
 
 # (first call's layers, second call's): the second walks modules the first rewrote (GPT-2's

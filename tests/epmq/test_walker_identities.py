@@ -23,7 +23,7 @@ from epmq.adapters import find_adapter
 from epmq.calibration import unpad
 from epmq.stats import EPMQStats, HessianStats
 from epmq.walker import _encoder_decoder
-from test_walker_models import ARCHS, MOE, Family
+from test_walker_models import ARCHS, MOE, Family, assert_same_statistics, hooked_inputs, walked_inputs
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -328,27 +328,12 @@ def test_coca_decoder_layers_see_what_the_model_gives_them(target, downstream, g
     in turn: each block's input is taken from the model (the other list's block in between), the
     cross-attention's k and v read the image tokens. A layer's statistics, nothing upstream
     quantized, equal those hooked from a plain forward."""
-    from epmq.stats import HessianStats
-
     fam = Family("open_clip_coca", gen)
     model = fam.merged()
-    hand = []
-    prepared = _prepared(fam.merged())
-    handle = prepared.get_submodule(target).register_forward_pre_hook(
-        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-    with torch.no_grad():
-        for items in fam.calibration.values():
-            for item in items:
-                prepared(**item)
-    handle.remove()
-    seen = []
-    add_batch = HessianStats.add_batch
-    monkeypatch.setattr(HessianStats, "add_batch",
-                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
+    hand = hooked_inputs(_prepared(fam.merged()), target, [item for items in fam.calibration.values() for item in items])
+    seen = walked_inputs(monkeypatch)
     chosen = [target] if downstream is None else [target, downstream]
     epmq.quantize_model(model, SPEC, method="gptq", calibration=fam.calibration, layers=lambda name: name in chosen,
                         backend="torch", progress=False)
     assert sorted(layer["name"] for layer in model.epmq_report.layers) == sorted(chosen)
-    seen = [x for x in seen if x.shape[-1] == hand[0].shape[-1]]  # (the target's: the other reads 64 wide)
-    H_hand, H_walk = sum(x.T @ x for x in hand), sum(x.T @ x for x in seen)
-    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
+    assert_same_statistics([x for x in seen if x.shape[-1] == hand[0].shape[-1]], hand)  # (the other reads 64 wide)

@@ -291,6 +291,35 @@ def rel_err(y, ref):
     return float((y - ref).norm() / ref.norm())
 
 
+def hooked_inputs(model, target, items) -> list:
+    """Every input of the layer ``target`` in plain forwards of ``model`` on ``items`` (dicts of
+    model inputs), as float64 rows."""
+    hand = []
+    handle = model.get_submodule(target).register_forward_pre_hook(
+        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for item in items:
+            model(**item)
+    handle.remove()
+    return hand
+
+
+def walked_inputs(monkeypatch) -> list:
+    """The list that every batch the walk's Hessian statistics take in is appended to (float64)."""
+    from epmq.stats import HessianStats
+
+    seen, add_batch = [], HessianStats.add_batch
+    monkeypatch.setattr(HessianStats, "add_batch",
+                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
+    return seen
+
+
+def assert_same_statistics(seen, hand):
+    """The Gram matrices of two lists of input rows agree (summation order aside)."""
+    H_hand, H_walk = sum(x.T @ x for x in hand), sum(x.T @ x for x in seen)
+    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
+
+
 # --------------------------------------------------------------------------- builder checks
 
 

@@ -264,16 +264,10 @@ def test_more_vision_language_models(name, gen, tmp_path):
     epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
                         calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
                         progress=False)
-    assert model.epmq_report.adapter == "hf-decoder+hf-encoder"
-    for tower in (vision, language):
-        assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
     with torch.no_grad():
         y = model(**test).logits
     assert (y - reference).norm() / reference.norm() < 0.02  # (measured 0.0016-0.0052)
-    epmq.save_quantized(model, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**test).logits, y, rtol=1e-5, atol=1e-5)
+    assert_both_towers_walked_and_served(model, (vision, language), tmp_path, test)
 
 
 def tiny_qwen3_vl(seed=0):
@@ -296,36 +290,31 @@ def test_qwen3_vl_deepstack(gen, tmp_path, monkeypatch):
     """Both towers walked; the language model's last layer gets, as its statistics, exactly the
     inputs of a plain forward (DeepStack's additions included; nothing upstream quantized); and
     the whole model quantized loads back."""
-    from epmq.stats import HessianStats
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     model = tiny_qwen3_vl()
     calibration = {"a": qwen2_vl_inputs(2, gen), "b": qwen2_vl_inputs(2, gen)}
     target = "model.language_model.layers.2.self_attn.q_proj"
-    hand = []
-    handle = model.get_submodule(target).register_forward_pre_hook(
-        lambda m, args: hand.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-    with torch.no_grad():
-        for items in calibration.values():
-            for item in items:
-                model(**item)
-    handle.remove()
-    seen = []
-    add_batch = HessianStats.add_batch
-    monkeypatch.setattr(HessianStats, "add_batch",
-                        lambda self, x, **kw: seen.append(x.double()) or add_batch(self, x, **kw))
+    hand = hooked_inputs(model, target, [item for items in calibration.values() for item in items])
+    seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
                         progress=False)
-    H_hand, H_walk = sum(x.T @ x for x in hand), sum(x.T @ x for x in seen)
-    torch.testing.assert_close(H_walk, H_hand, rtol=1e-5, atol=1e-6 * float(H_hand.abs().max()))
+    assert_same_statistics(seen, hand)
     monkeypatch.undo()
 
     model = tiny_qwen3_vl()
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, progress=False)
+    assert_both_towers_walked_and_served(model, ("model.visual.blocks", "model.language_model.layers"),
+                                         tmp_path, qwen2_vl_inputs(1, gen)[0])
+
+
+def assert_both_towers_walked_and_served(model, towers, tmp_path, item):
+    """A VLM walked in one call: both towers' block linears packed (no plain nn.Linear left in
+    them), and its checkpoint loads back to the same logits."""
     assert model.epmq_report.adapter == "hf-decoder+hf-encoder"
-    for tower in ("model.visual.blocks", "model.language_model.layers"):
+    for tower in towers:
         assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
     epmq.save_quantized(model, tmp_path / "q")
     loaded = epmq.load_quantized(tmp_path / "q")
-    item = qwen2_vl_inputs(1, gen)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**item).logits, model(**item).logits, rtol=1e-5, atol=1e-5)
