@@ -17,7 +17,10 @@ SPEC_4 = epmq.QuantSpec(bits=4, group_size=16)
 # Linears in the blocks: 2 blocks per stack; open_clip: in_proj, out_proj, c_fc, c_proj; HF CLIP:
 # q, k, v, out, fc1, fc2; T5 (gated): 4 self-attn + 4 cross-attn (decoder) + wi_0, wi_1, wo;
 # Llama family: q, k, v, o, gate, up, down.
-N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "open_clip_coca": 16 + 8 + 2 * 6,  # (the decoder's cross-attention: q, k, v, out, c_fc, c_proj) "open_clip_timm": 16,
+N_LINEARS = {"open_clip_vit": 8, "open_clip_clip": 16, "open_clip_timm": 16,
+             # CoCa's towers, its decoder's self-attention blocks, its cross-attention blocks (q, k,
+             # v, out, c_fc, c_proj)
+             "open_clip_coca": 16 + 8 + 2 * 6,
              "timm_vit": 8, "timm_eva": 8,  # qkv, proj, fc1, fc2 (EVA's fc1: gate and value fused)
              "hf_clip_vision": 12, "hf_clip": 24,
              "t5": 2 * 7 + 2 * 11, "mt5": 2 * 7 + 2 * 11, "llama": 14,
