@@ -236,6 +236,11 @@ VLMS = {
         text_config=dict(_TEXT, model_type="qwen2"),
         vision_config=dict(_VISION, image_size=[16, 16], patch_size=[8, 8]), image_token_id=299,
         downsample_ratio=0.5), 1, (1, 3, 16, 16), {}, "model.vision_tower.encoder.layer", "model.language_model.layers"),
+    "paligemma": ("PaliGemmaForConditionalGeneration", lambda: transformers.PaliGemmaConfig(
+        text_config=dict(_TEXT, model_type="gemma"), vision_config=dict(_VISION, model_type="siglip_vision_model"),
+        image_token_index=299, projection_dim=32), 4, (1, 3, 16, 16),
+        dict(token_type_ids=torch.zeros(1, 12, dtype=torch.long)), "model.vision_tower.encoder.layers",
+        "model.language_model.layers"),
     # Pixtral's patches merged 2 x 2: a 32 x 32 image is 4 tokens
     "mistral3": ("Mistral3ForConditionalGeneration", lambda: transformers.Mistral3Config(
         text_config=dict(_TEXT, model_type="mistral"),
@@ -247,7 +252,7 @@ VLMS = {
 
 @pytest.mark.parametrize("name", VLMS)
 def test_more_vision_language_models(name, gen, tmp_path):
-    """Idefics3, SmolVLM, InternVL and Mistral 3: both towers walked in one call (GPTQ), each
+    """Idefics3, SmolVLM, InternVL, PaliGemma and Mistral 3: both towers walked in one call (GPTQ), each
     block's linears packed, the model near its float outputs, and the checkpoint loads back."""
     model_class, config, n_tokens, shape, other, vision, language = VLMS[name]
 
