@@ -135,7 +135,7 @@ class DecoderAdapter(Adapter):
     """Decoder-only LMs; ``TUPLE_BLOCKS`` return ``(hidden, attention weights)``, the others the
     hidden states."""
 
-    TUPLE_BLOCKS = ("FalconDecoderLayer", "BloomBlock", "MptBlock")
+    TUPLE_BLOCKS = ("FalconDecoderLayer", "BloomBlock", "MptBlock", "BambaDecoderLayer")
 
     def passthrough_of(self, block, hidden):
         return (hidden, None) if type(block).__name__ in self.TUPLE_BLOCKS else hidden
@@ -160,8 +160,8 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     "PersimmonDecoderLayer", "VaultGemmaDecoderLayer", "DiffLlamaDecoderLayer", "HunYuanDenseV1DecoderLayer",
     "CwmDecoderLayer", "NanoChatDecoderLayer", "Jais2DecoderLayer",
     # hybrids whose convolution or state-space layers hold their projections in nn.Linear (their
-    # convolution kernels and SSM parameters stay in full precision): LFM2, Falcon-H1
-    "Lfm2DecoderLayer", "FalconH1DecoderLayer",
+    # convolution kernels and SSM parameters stay in full precision): LFM2, Falcon-H1, Bamba
+    "Lfm2DecoderLayer", "FalconH1DecoderLayer", "BambaDecoderLayer",
     # Qwen3-VL's language model: image features added to the hidden states after its first
     # layers (DeepStack), so each layer's input is taken from the model (the walker's replay)
     "Qwen3VLTextDecoderLayer",

@@ -392,7 +392,9 @@ WIDER = {
            # hybrids: a short-convolution layer and an attention layer; Falcon-H1's parallel Mamba 2
            "Lfm2": dict(layer_types=["conv", "full_attention"], block_ff_dim=64, block_auto_adjust_ff_dim=False),
            "FalconH1": dict(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
-                            head_dim=8)}.items()},
+                            head_dim=8),
+           "Bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                         mamba_d_state=8)}.items()},
     **{name.lower(): (_decoder(f"{name}ForCausalLM", f"{name}Config", pad_token_id=0, bos_token_id=0,
                                eos_token_id=1, **options), "ids")
        for name, options in {
