@@ -127,7 +127,9 @@ class QuantReport:
     ``skipped``: linears the calibration never reached (not called at all: left in full
     precision). ``unreached``: quantized linears whose calibration inputs were all zero or that
     no token was routed to (an MoE expert): rounded to nearest. ``resumed``: blocks loaded
-    from ``resume_dir`` (done by an earlier, interrupted call) instead of solved.
+    from ``resume_dir`` (done by an earlier, interrupted call) instead of solved. ``replayed``:
+    stacks whose model changes the hidden states between their blocks, whose inputs were
+    therefore taken from a pass of the model per block (slower; see the module docstring).
     """
 
     method: str
@@ -142,6 +144,7 @@ class QuantReport:
     skipped: list = field(default_factory=list)
     unreached: list = field(default_factory=list)
     resumed: list = field(default_factory=list)
+    replayed: list = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -1069,7 +1072,10 @@ class _Walk:
 
         while True:
             try:
-                return self._probe(s, stream, now, recorder)
+                self._probe(s, stream, now, recorder)
+                if stack.replay and stack.prefix not in self.report.replayed:
+                    self.report.replayed.append(stack.prefix)
+                return
             except _Interleaved as e:
                 if self.t is not None:
                     raise ValueError(

@@ -418,7 +418,7 @@ def test_a_model_that_changes_the_hidden_states_between_blocks_is_walked_on_what
     would solve it on inputs it never sees. Its input is taken from the model instead: the
     result equals the walk of the model whose blocks add the 1 themselves."""
     calibration = {"task": [torch.randn(4, 16) for _ in range(2)], "other": [torch.randn(4, 16) for _ in range(2)]}
-    states = []
+    states, replayed = [], []
     for model_type, block_type in ((net_type, Residual), (Net, PlusOne)):
         torch.manual_seed(0)
         model = model_type(block_type)
@@ -430,6 +430,8 @@ def test_a_model_that_changes_the_hidden_states_between_blocks_is_walked_on_what
                                     experts=experts, progress=False,
                                     adapter=epmq.Adapter("blocks", block_types=(block_type,)))
         states.append(model.state_dict())
+        replayed.append(model.epmq_report.replayed)
+    assert replayed == [["layers"], []]
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
