@@ -135,7 +135,7 @@ class DecoderAdapter(Adapter):
     """Decoder-only LMs; ``TUPLE_BLOCKS`` return ``(hidden, attention weights)``, the others the
     hidden states."""
 
-    TUPLE_BLOCKS = ("FalconDecoderLayer", "BloomBlock", "MptBlock", "BambaDecoderLayer")
+    TUPLE_BLOCKS = ("FalconDecoderLayer", "BloomBlock", "MptBlock", "BambaDecoderLayer", "FalconH1DecoderLayer")
 
     def passthrough_of(self, block, hidden):
         return (hidden, None) if type(block).__name__ in self.TUPLE_BLOCKS else hidden

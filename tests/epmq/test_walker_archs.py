@@ -81,6 +81,9 @@ def test_quantize_save_load(arch, method, gen, tmp_path):
 
     # every block linear (open_clip: in_proj and out_proj for each attention) is packed
     packed = [m for m in model.modules() if isinstance(m, epmq.QuantLinear)]
+    if method != "rtn":  # (blocks that chain: no pass of the model per block; CoCa's decoder lists do not)
+        coca = ["text_decoder.resblocks", "text_decoder.cross_attn"]
+        assert model.epmq_report.replayed == (coca if arch == "open_clip_coca" else [])
     assert len(packed) == len(model.epmq_report.layers) == n_linears
     assert not any(type(m) is torch.nn.Linear for name, m in model.named_modules() if name in
                    {layer["name"] for layer in model.epmq_report.layers})
@@ -316,6 +319,9 @@ def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
     assert len(said) == bool(model.epmq_report.skipped) and all(model.epmq_report.skipped[0] in s for s in said)
     assert not [w for w in recwarn if "outside any linear" in str(w.message)]
     assert len(model.epmq_report.layers) == sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) > 0
+    # (each block's output is the next one's input, but where the model changes it in between:
+    # no pass of the model per block where it is not needed)
+    assert model.epmq_report.replayed == (["encoder.layer"] if arch == "deberta_v2_conv" else [])
     epmq.save_quantized(model, tmp_path / "ckpt")
     loaded = epmq.load_quantized(tmp_path / "ckpt")
     item = wider_input(kind, gen)
