@@ -653,6 +653,10 @@ def conv1d_weights(model: nn.Module) -> set:
             if type(module).__name__ == "Conv1D"}
 
 
+def _square(W: torch.Tensor) -> bool:
+    return W.dim() == 2 and W.shape[0] == W.shape[1]
+
+
 def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float = 0.9,
             *, transposed: Optional[Iterable[str]] = None, out=None):
     """RegMean (Jin et al., ICLR 2023): the weight of each linear layer that fits every expert's
@@ -690,8 +694,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     if not told and not modules:
         # a square weight stored [in, out] fits its grams either way round: name which are
         ambiguous = sorted(n for n in grams if re.search(r"(^|\.)(c_attn|q_attn|c_fc|c_proj)\.weight$", n)
-                           and n in experts[0] and experts[0][n].dim() == 2
-                           and experts[0][n].shape[0] == experts[0][n].shape[1])
+                           and n in experts[0] and _square(experts[0][n]))  # (a lazy state reads once)
         if ambiguous:
             raise ValueError(f"grams name square weights of GPT-2's Conv1D names ({ambiguous[:3]}), which "
                              f"state dicts may store [in, out]: say which are, transposed="

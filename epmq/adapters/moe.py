@@ -154,17 +154,12 @@ class GptOssLinearExperts(LinearExperts):
     @classmethod
     def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
         """Expert ``e``'s gate, up and down weights, then their biases, as ``Part``s."""
-        gate_up, down = fused.gate_up_proj.shape, fused.down_proj.shape
-        bias_shape, down_bias_shape = fused.gate_up_proj_bias.shape, fused.down_proj_bias.shape
-        gate, up = (0, gate_up[2], 2), (1, gate_up[2], 2)  # (interleaved columns)
-        weights = [Part(f"{prefix}{e}.{name}.weight", f"{prefix}{param}", e, rows, shape, True)
-                   for name, param, rows, shape in zip(DEFAULT_NAMES, ("gate_up_proj", "gate_up_proj", "down_proj"),
-                                                       (gate, up, None), (gate_up, gate_up, down))]
-        biases = [Part(f"{prefix}{e}.{name}.bias", f"{prefix}{param}", e, rows, shape)
-                  for name, param, rows, shape in zip(DEFAULT_NAMES, ("gate_up_proj_bias",) * 2 + ("down_proj_bias",),
-                                                      (gate, up, None),
-                                                      (bias_shape, bias_shape, down_bias_shape))]
-        return (*weights, *biases)
+        width = fused.gate_up_proj.shape[2]
+        where = (("gate_proj", "gate_up_proj", (0, width, 2)), ("up_proj", "gate_up_proj", (1, width, 2)),
+                 ("down_proj", "down_proj", None))  # (gate and up: interleaved columns)
+        return tuple(Part(f"{prefix}{e}.{name}.{kind}", f"{prefix}{param}{suffix}", e, rows,
+                          getattr(fused, param + suffix).shape, kind == "weight")
+                     for kind, suffix in (("weight", ""), ("bias", "_bias")) for name, param, rows in where)
 
     def forward(self, hidden_states, router_indices=None, routing_weights=None):
         n = self.num_experts
