@@ -545,7 +545,13 @@ def test_rows_of_one_sign_get_a_grid_that_holds_zero(gen, bits):
         torch.testing.assert_close(res.scales.double().reshape(-1), scale, rtol=1e-6, atol=0)
         assert torch.equal(res.zeros.double().reshape(-1), zero)
         want = round64(groups, scale[:, None], zero[:, None], bits).reshape(16, 64)
-        torch.testing.assert_close(res.weight.double(), want, rtol=0, atol=1e-6)
+        # exact but where w / scale sits on a rounding tie within float32's noise (-132.50001 at
+        # 8 bits, seed 3730804476), which float32 may round the other way: one grid step there
+        diff = (res.weight.double() - want).abs()
+        tie = tie_gap(groups, scale[:, None]).reshape(16, 64) < 1e-4
+        step = scale.reshape(16, -1).repeat_interleave(gs, 1)
+        assert (diff[~tie] <= 1e-6).all()
+        assert ((diff[tie] <= 1e-6) | ((diff[tie] - step[tie]).abs() <= 1e-6)).all()
         for res in (res, quant.gptq(W, H, spec, backend="torch")):
             assert res.zeros.min() >= 0 and res.zeros.max() <= maxq
             assert res.codes.min() >= 0 and res.codes.max() <= maxq
