@@ -264,7 +264,7 @@ def quantize_model(
             f"features), which the target stream does not replay; use targets='merged_path', or walk "
             f"one tower a call (adapter=)"
         )
-    routing = [a.name for a, _ in towers if a.routes_tokens]
+    routing = [a.name for a, stacks in towers if a.routes(stacks)]
     if routing and method != "rtn" and targets != "merged_path":
         raise ValueError(
             f"targets={targets!r} needs the target model to send each token through the same "
@@ -1062,11 +1062,20 @@ class _Walk:
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                 elif not _chained(hidden, now["passed"]):
                     stack.replay = True
+                output = stack.adapter.passthrough_of(block, hidden)
+                if stack.adapter.runs_blocks:  # (the last one too: what its stand-in returns is learnt)
+                    output = block(hidden, **named)
+                    wrong = stack.adapter.returned(block, hidden, output)
+                    if wrong:
+                        raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the "
+                                         f"walker can quantize one by one: {wrong}; register an adapter for this "
+                                         f"family (epmq.register_adapter, see epmq/adapters/__init__.py)")
                 if j == last:
                     raise _Stop
                 # (with its version: a write between the blocks is a change too)
-                now["passed"] = hidden, getattr(hidden, "_version", None)
-                return stack.adapter.passthrough_of(block, hidden)
+                passed = stack.adapter.hidden_of(output)
+                now["passed"] = passed, getattr(passed, "_version", None)
+                return output
 
             return fn
 

@@ -94,6 +94,8 @@ class Adapter:
     ``routes_tokens``: a block sends each token through some of its linears only (MoE)."""
 
     routes_tokens = False
+    # the walker's stand-ins call the real blocks while it records their inputs (``auto.AUTO``)
+    runs_blocks = False
 
     def __init__(self, name: str, block_types: tuple = ()):
         self.name = name
@@ -122,6 +124,10 @@ class Adapter:
             and len(module)
             and all(self.is_block(block) for block in module)
         ]
+
+    def routes(self, stacks) -> bool:
+        """Whether the blocks of ``stacks`` (this adapter's, in a model) route tokens."""
+        return self.routes_tokens
 
     def prepare(self, model: nn.Module, swap: Callable[[str, nn.Module], None]) -> dict:
         return {}
@@ -199,7 +205,8 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     )
     raise ValueError(
         f"no epmq adapter knows {type(model).__name__}: it has no ModuleList of a known block type "
-        f"({', '.join(known)}); its ModuleLists are: {', '.join(lists) or 'none'}. "
+        f"({', '.join(known)}), nor of two or more modules named *Layer or *Block holding linears "
+        f"(epmq.adapters.AUTO); its ModuleLists are: {', '.join(lists) or 'none'}. "
         f"Register one: epmq.register_adapter(epmq.Adapter('name', block_types=('YourBlock',))) "
         f"(see epmq/adapters/__init__.py)"
     )
@@ -228,7 +235,10 @@ def find_towers(model: nn.Module, adapter=None) -> list:
                 towers.append((candidate, mine))
                 taken += [name for name, _ in mine]
         if not towers:
-            find_adapter(model)  # (its error: what the model holds, and how to register an adapter)
+            fallback = AUTO.stacks(model)
+            if not fallback:
+                find_adapter(model)  # (its error: what the model holds, and how to register an adapter)
+            towers = [(AUTO, fallback)]
         return towers
     chosen = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
     if not chosen:
@@ -292,6 +302,7 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
 from .builtin import (BART, CLIP_HF, DEBERTA_V2, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP,  # noqa: E402
                       SWIN, T5, TIMM)
 from .moe import MOE_DECODERS  # noqa: E402
+from .auto import AUTO  # noqa: E402
 
 for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, HF_ENCODERS, DEBERTA_V2,
                  SWIN, TIMM):
@@ -299,7 +310,7 @@ for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DE
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "find_towers", "OPEN_CLIP",
            "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "TIMM", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS",
-           "DEBERTA_V2"]
+           "DEBERTA_V2", "AUTO"]
 
 
 def _is_linear(module: nn.Module) -> bool:

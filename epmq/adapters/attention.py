@@ -72,6 +72,10 @@ class LinearCrossAttention(_LinearAttention):
     """``nn.MultiheadAttention`` as cross-attention on ``nn.Linear`` projections: ``q_proj``,
     ``k_proj``, ``v_proj`` hold the row blocks of ``in_proj_weight`` (views: the same tensors)."""
 
+    # torch's TransformerEncoderLayer reads it to choose its fused fast path, which takes
+    # nn.MultiheadAttention's fused parameters; None sends it to the path that calls this module
+    in_proj_bias = None
+
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__(mha)
         E = mha.embed_dim

@@ -25,19 +25,24 @@ class OpenClipAdapter(Adapter):
                     continue
                 name = f"{stack_name}.{i}.attn"
                 if _cross_attention(block):
-                    E, mha = block.attn.embed_dim, block.attn
-                    swap(name, LinearCrossAttention(mha))
-                    for j, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-                        for kind, fused in (("weight", mha.in_proj_weight), ("bias", mha.in_proj_bias)):
-                            if fused is not None:
-                                renames[f"{name}.{projection}.{kind}"] = Part(
-                                    f"{name}.{projection}.{kind}", f"{name}.in_proj_{kind}", None,
-                                    (j * E, (j + 1) * E), fused.shape)
+                    renames.update(swap_cross_attention(name, block.attn, swap))
                 else:
                     swap(name, LinearMultiheadAttention(block.attn))
                     renames[f"{name}.in_proj.weight"] = f"{name}.in_proj_weight"
                     renames[f"{name}.in_proj.bias"] = f"{name}.in_proj_bias"
         return renames
+
+
+def swap_cross_attention(name: str, mha: nn.MultiheadAttention, swap) -> dict:
+    """``mha`` (at ``name``) replaced by a ``LinearCrossAttention``; its checkpoint names."""
+    E, renames = mha.embed_dim, {}
+    swap(name, LinearCrossAttention(mha))
+    for j, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+        for kind, fused in (("weight", mha.in_proj_weight), ("bias", mha.in_proj_bias)):
+            if fused is not None:
+                renames[f"{name}.{projection}.{kind}"] = Part(
+                    f"{name}.{projection}.{kind}", f"{name}.in_proj_{kind}", None, (j * E, (j + 1) * E), fused.shape)
+    return renames
 
     def token_mask(self, model, prefix, item):
         # A text tower pools the end token's features (the largest id, or its EOS id) under a
@@ -175,11 +180,16 @@ class TimmAdapter(Adapter):
     equivalent form, ``qkv(x) + bias`` (``qkv_bias_separate``), which calls the linear."""
 
     def prepare(self, model, swap):
-        for _, module in self.block_modules(model):
-            if (getattr(module, "q_bias", None) is not None and getattr(module, "qkv", None) is not None
-                    and hasattr(module, "qkv_bias_separate")):
-                module.qkv_bias_separate = True
+        separate_qv_bias(self, model)
         return {}
+
+
+def separate_qv_bias(adapter: Adapter, model: nn.Module) -> None:
+    """timm's EVA attention with a q/v bias in ``adapter``'s blocks switched to ``qkv(x) + bias``."""
+    for _, module in adapter.block_modules(model):
+        if (getattr(module, "q_bias", None) is not None and getattr(module, "qkv", None) is not None
+                and hasattr(module, "qkv_bias_separate")):
+            module.qkv_bias_separate = True
 
 
 TIMM = TimmAdapter("timm", block_types=tuple(
@@ -223,12 +233,17 @@ class GPT2Adapter(Adapter):
     rebuilt as ``nn.Linear`` with the transposed weight; checkpoints keep the ``Conv1D`` layout."""
 
     def prepare(self, model, swap):
-        renames = {}
-        for name, module in list(self.block_modules(model)):
-            if type(module).__name__ == "Conv1D":
-                swap(name, _linear_of_conv1d(module))
-                renames[f"{name}.weight"] = Transposed(f"{name}.weight")
-        return renames
+        return swap_conv1d(self, model, swap)
+
+
+def swap_conv1d(adapter: Adapter, model: nn.Module, swap) -> dict:
+    """transformers' ``Conv1D``s inside ``adapter``'s blocks rebuilt as ``nn.Linear``."""
+    renames = {}
+    for name, module in list(adapter.block_modules(model)):
+        if type(module).__name__ == "Conv1D":
+            swap(name, _linear_of_conv1d(module))
+            renames[f"{name}.weight"] = Transposed(f"{name}.weight")
+    return renames
 
 
 def _linear_of_conv1d(conv) -> nn.Linear:

@@ -22,6 +22,8 @@ projection; not one group per expert, which would cost a calibration pass per ex
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -182,10 +184,33 @@ class GptOssLinearExperts(LinearExperts):
 REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts}
 
 
-def _is_fused_experts(module: nn.Module) -> bool:
+def is_fused_experts(module: nn.Module) -> bool:
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
             and gate_up.dim() == 3 and down.dim() == 3)
+
+
+def _known_call(experts: nn.Module) -> bool:
+    """Whether ``LinearExperts`` (or the class ``REBUILT_AS`` names) takes the fused module's
+    call: transformers' usual ``(hidden_states, top_k_index, top_k_weights)``."""
+    if type(experts).__name__ in REBUILT_AS:
+        return True
+    return list(inspect.signature(experts.forward).parameters)[:3] == ["hidden_states", "top_k_index",
+                                                                       "top_k_weights"]
+
+
+def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: bool = False) -> dict:
+    """Fused experts inside ``adapter``'s blocks rebuilt as ``LinearExperts`` (or the class
+    ``REBUILT_AS`` names); ``known_call_only``: only those whose call it is known to take."""
+    renames = {}
+    for name, module in list(adapter.block_modules(model)):
+        if not is_fused_experts(module) or (known_call_only and not _known_call(module)):
+            continue
+        experts = REBUILT_AS.get(type(module).__name__, LinearExperts)(module)
+        swap(name, experts)
+        for e in range(experts.num_experts):
+            renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})
+    return renames
 
 
 class MoEAdapter(Adapter):
@@ -195,15 +220,7 @@ class MoEAdapter(Adapter):
     routes_tokens = True
 
     def prepare(self, model, swap):
-        renames = {}
-        for name, module in list(self.block_modules(model)):
-            if not _is_fused_experts(module):
-                continue
-            experts = REBUILT_AS.get(type(module).__name__, LinearExperts)(module)
-            swap(name, experts)
-            for e in range(experts.num_experts):
-                renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})
-        return renames
+        return rebuild_experts(self, model, swap)
 
     def linears(self, block: nn.Module) -> dict:
         """As for any block, but gates of one output (Qwen2-MoE's ``shared_expert_gate``, a

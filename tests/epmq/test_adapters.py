@@ -88,8 +88,9 @@ def test_open_clip_rewrite_names_the_original_tensors():
 # --------------------------------------------------------------------------- a new family
 
 
-class ScaledBlock(nn.Module):
-    """A block with a keyword argument that changes with depth and a tuple output."""
+class ScaledUnit(nn.Module):
+    """A block with a keyword argument that changes with depth and a tuple output (named as no
+    family's blocks are: ``AUTO`` takes modules named ``*Layer`` or ``*Block`` only)."""
 
     def __init__(self, width):
         super().__init__()
@@ -101,10 +102,10 @@ class ScaledBlock(nn.Module):
 
 
 class ToyNet(nn.Module):
-    def __init__(self, width=32, depth=3):
+    def __init__(self, width=32, depth=3, block=ScaledUnit):
         super().__init__()
         self.embed = nn.Linear(8, width)
-        self.body = nn.ModuleList([ScaledBlock(width) for _ in range(depth)])
+        self.body = nn.ModuleList([block(width) for _ in range(depth)])
         self.head = nn.Linear(width, 4)
 
     def forward(self, x):
@@ -124,9 +125,9 @@ class ToyAdapter(epmq.Adapter):
 
 def test_register_an_adapter_for_a_new_family(gen, tmp_path, monkeypatch):
     monkeypatch.setattr(epmq.adapters, "_REGISTRY", list(epmq.adapters._REGISTRY))
-    with pytest.raises(ValueError, match=r"no epmq adapter knows ToyNet.*body \(ScaledBlock\)"):
+    with pytest.raises(ValueError, match=r"no epmq adapter knows ToyNet.*body \(ScaledUnit\)"):
         epmq.quantize_model(ToyNet(), epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
-    epmq.register_adapter(ToyAdapter("toy", block_types=("ScaledBlock",)))
+    epmq.register_adapter(ToyAdapter("toy", block_types=("ScaledUnit",)))
 
     torch.manual_seed(0)
     model = ToyNet().eval()
@@ -149,7 +150,7 @@ def test_block_types_are_class_names_or_classes():
     """``block_types=(MyBlock,)`` (the class, as the README writes it) finds the same blocks as
     its name; subclasses too. Anything else is refused."""
     net = ToyNet()
-    for types in (("ScaledBlock",), (ScaledBlock,), ScaledBlock, (nn.Module,)):
+    for types in (("ScaledUnit",), (ScaledUnit,), ScaledUnit, (nn.Module,)):
         assert [name for name, _ in epmq.Adapter("toy", block_types=types).stacks(net)] == ["body"]
     assert not epmq.Adapter("toy", block_types=(nn.Linear,)).stacks(net)
     with pytest.raises(TypeError, match="class names or classes"):

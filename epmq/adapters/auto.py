@@ -1,0 +1,114 @@
+"""The fallback adapter: the blocks of a family no other adapter knows, found by structure, and
+their calling convention taken from the model's own calls rather than assumed.
+
+Block-by-block quantizers either list each family they support (GPTQModel's model definitions)
+or find the blocks by name and trust that each block takes the one before it's output. ``AUTO``
+finds them by structure and checks what it relies on:
+
+* the stacks: the outermost ``ModuleList``s (or ``Sequential``s) of two or more modules whose
+  class names end in ``Layer`` or ``Block`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
+  ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``), each holding a
+  linear layer;
+* while the walker records a stack's inputs, the stand-ins call the real blocks
+  (``runs_blocks``), so every block is recorded with what the model gives it at that depth,
+  keyword arguments the model takes from an earlier block's outputs included (T5's position
+  bias, computed by the first block); the walker's own checks (each block gets what the one before
+  it returned, or its input is taken from the model; every block is called once, in order) hold
+  as for any adapter;
+* each block must return hidden states of its input's shape, alone or first in a tuple or list
+  (else the walk is refused, naming the blocks);
+* a stand-in that skips a block later returns what the block returned then, its hidden states in
+  place of the first element (``passthrough_of``).
+
+Projections held otherwise than in an ``nn.Linear`` are rebuilt as the built-in adapters rebuild
+them: fused mixture-of-experts parameters in transformers' usual layout as one linear per expert
+(``MOE_DECODERS``), GPT-2's ``Conv1D`` as ``nn.Linear`` (``GPT2``), ``nn.MultiheadAttention`` as
+q, k and v linears (``LinearCrossAttention``, as in CoCa's decoder), EVA's q/v-bias attention in
+its ``qkv(x) + bias`` form (``TIMM``). Other fused experts stay in full precision, named by the
+walker's warning.
+
+``find_towers`` falls back on ``AUTO`` only for a model in which no registered adapter finds any
+blocks (a known language model beside an unknown vision tower keeps the tower in full precision,
+as warned); ``adapter=epmq.adapters.AUTO`` asks for it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from . import _LISTS
+from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention
+from .moe import MoEAdapter, is_fused_experts, rebuild_experts
+
+# the class-name endings of the blocks AUTO walks (heads, projectors, experts, stages: not blocks)
+BLOCK_SUFFIXES = ("Layer", "Block")
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    # (a packed layer too: a quantized model's blocks are found again to save or load it)
+    return any(isinstance(m, (nn.Linear, nn.MultiheadAttention)) or type(m).__name__ == "Conv1D"
+               or hasattr(m, "qweight") for m in module.modules())
+
+
+def _routes(block: nn.Module) -> bool:
+    """Whether a block holds routed experts: fused 3-D expert parameters or a list named ``experts``."""
+    return any(is_fused_experts(m) or name.rpartition(".")[2] == "experts" for name, m in block.named_modules())
+
+
+class AutoAdapter(MoEAdapter):
+    """Blocks found by structure, called as the model calls them (see the module docstring)."""
+
+    runs_blocks = True
+    routes_tokens = False
+
+    def __init__(self, name: str = "auto"):
+        super().__init__(name)
+        # what each block returned when its stand-in called it: (tuple or list, its length)
+        self._returned = weakref.WeakKeyDictionary()
+
+    def is_block(self, module: nn.Module) -> bool:
+        return (type(module).__name__.endswith(BLOCK_SUFFIXES) and not isinstance(module, (_LISTS, nn.Linear))
+                and _holds_linear(module))
+
+    def stacks(self, model: nn.Module) -> list:
+        found = []
+        for name, module in model.named_modules():
+            if (isinstance(module, _LISTS) and len(module) > 1 and all(self.is_block(b) for b in module)
+                    and not any(name.startswith(f"{outer}.") for outer, _ in found)):
+                found.append((name, module))
+        return found
+
+    def routes(self, stacks) -> bool:
+        return any(_routes(block) for _, blocks in stacks for block in blocks)
+
+    def prepare(self, model, swap):
+        separate_qv_bias(self, model)
+        renames = swap_conv1d(self, model, swap)
+        renames.update(rebuild_experts(self, model, swap, known_call_only=True))
+        for name, module in list(self.block_modules(model)):
+            # (as cross-attention: whether a block calls it on one tensor is not known before)
+            if isinstance(module, nn.MultiheadAttention):
+                renames.update(swap_cross_attention(name, module, swap))
+        return renames
+
+    def returned(self, block: nn.Module, hidden: torch.Tensor, output) -> str:
+        """Learn what ``block`` returns; a description of what is wrong with it as a block
+        (``""``: nothing)."""
+        h = self.hidden_of(output)
+        if not isinstance(h, torch.Tensor) or h.shape != getattr(hidden, "shape", None):
+            what = f"a {type(output).__name__}" if not isinstance(h, torch.Tensor) else f"shape {tuple(h.shape)}"
+            return (f"its blocks ({type(block).__name__}) return {what} for hidden states of shape "
+                    f"{tuple(getattr(hidden, 'shape', ()))}")
+        if isinstance(output, (tuple, list)):
+            self._returned[block] = type(output), len(output)
+        return ""
+
+    def passthrough_of(self, block, hidden):
+        kind, n = self._returned.get(block, (None, 0))
+        return kind([hidden, *[None] * (n - 1)]) if kind else hidden
+
+
+AUTO = AutoAdapter()

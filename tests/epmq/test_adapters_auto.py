@@ -1,0 +1,209 @@
+"""``epmq.adapters.AUTO``: blocks found by structure, their calls taken from the model's own.
+
+The claim is that it needs no knowledge of a family: on the families the built-in adapters were
+written for, it quantizes bit for bit as they do; on models no adapter lists, it walks them as
+any family (tests/epmq/test_walker_archs.py, ``WIDER``); what it cannot walk it refuses."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import epmq
+from epmq.adapters import AUTO, find_towers
+from test_adapters import ToyAdapter, ToyNet, ScaledUnit
+from test_walker_models import WIDER, build, inputs, wider_input
+
+SPEC = epmq.QuantSpec(bits=4, group_size=16)
+
+
+def _packed(model) -> dict:
+    return {name: (m.qweight, m.scales, m.qzeros) for name, m in model.named_modules()
+            if isinstance(m, epmq.QuantLinear)}
+
+
+def _assert_same_packing(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert torch.equal(x, y), name
+
+
+# Built-in adapters and what each relies on that AUTO must find for itself: a decoder's rotary
+# tables and mask per layer (Llama), T5's position bias handed on by the first block, GPT-2's
+# Conv1D, BART's encoder states, Qwen3-MoE's fused experts, Falcon's tuple outputs, CLIP's two
+# towers, EVA's q/v bias, DeBERTa-v2-xlarge's convolution between layers (the replayed walk).
+FAMILIES = ["llama", "t5", "gpt2", "bart", "qwen3_moe", "falcon", "hf_clip", "timm_eva", "deberta_v2_conv"]
+
+
+def _family(arch, gen):
+    if arch in WIDER:
+        build_model, kind = WIDER[arch]
+        torch.manual_seed(0)
+        return build_model().eval(), {t: [wider_input(kind, gen) for _ in range(2)] for t in ("a", "b")}
+    return build(arch), {t: inputs(arch, 2, gen) for t in ("a", "b")}
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_auto_quantizes_each_family_as_its_own_adapter_does(arch, gen):
+    """E-PMQ through ``AUTO`` packs every layer bit for bit as through the family's adapter, and
+    replays the model's computation between blocks where the family's adapter does."""
+    base, calibration = _family(arch, gen)
+    experts = {t: {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                   for k, v in base.state_dict().items()} for t in calibration}
+    walked = {}
+    for which in (None, AUTO):
+        model = copy.deepcopy(base)
+        epmq.quantize_model(model, SPEC, method="epmq", calibration=calibration, experts=experts, backend="torch",
+                            adapter=which, progress=False)
+        walked[which] = model
+    assert walked[AUTO].epmq_report.adapter == "auto" != walked[None].epmq_report.adapter
+    assert walked[AUTO].epmq_report.replayed == walked[None].epmq_report.replayed
+    _assert_same_packing(_packed(walked[AUTO]), _packed(walked[None]))
+
+
+def test_auto_quantizes_open_clip_attention_as_three_projections_of_the_fused_one(gen):
+    """``nn.MultiheadAttention`` becomes q, k and v linears (whether a block calls it on one
+    tensor is not known beforehand); they read one input, so they pack as the row blocks of the
+    fused ``in_proj`` that the open_clip adapter quantizes."""
+    base, calibration = build("open_clip_vit"), {"a": inputs("open_clip_vit", 2, gen)}
+    known, auto = copy.deepcopy(base), copy.deepcopy(base)
+    epmq.quantize_model(known, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    epmq.quantize_model(auto, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=AUTO)
+    for i, block in enumerate(auto.transformer.resblocks):
+        fused = known.transformer.resblocks[i].attn.in_proj
+        for field in ("qweight", "scales", "qzeros"):
+            parts = [getattr(getattr(block.attn, p), field) for p in ("q_proj", "k_proj", "v_proj")]
+            assert torch.equal(torch.cat(parts, dim=1), getattr(fused, field))
+    x = inputs("open_clip_vit", 1, gen)[0]
+    torch.testing.assert_close(auto(x), known(x), rtol=0, atol=0)
+
+
+class ScaledBlock(ScaledUnit):
+    """``ScaledUnit`` under a name ``AUTO`` takes for a block."""
+
+
+def test_auto_records_what_each_block_is_handed_by_the_one_before(gen, tmp_path):
+    """The toy family hands each block a gain the one before returned: the registered
+    ``ToyAdapter`` says so (``next_kwargs``); ``AUTO`` runs the blocks while it records their
+    calls, so each is recorded with the gain the model gives it. Both pack alike; the
+    checkpoint loads into a fresh model to the same outputs."""
+    torch.manual_seed(0)
+    base = ToyNet(block=ScaledBlock).eval()
+    calibration = {"only": [torch.randn(16, 8, generator=gen) for _ in range(2)]}
+    by_hand, auto = copy.deepcopy(base), copy.deepcopy(base)
+    epmq.quantize_model(by_hand, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=ToyAdapter("toy", block_types=("ScaledBlock",)))
+    epmq.quantize_model(auto, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert auto.epmq_report.adapter == "auto"
+    _assert_same_packing(_packed(auto), _packed(by_hand))
+    epmq.save_quantized(auto, tmp_path / "toy")
+    fresh = epmq.load_quantized(tmp_path / "toy", ToyNet(block=ScaledBlock))
+    x = torch.randn(16, 8, generator=gen)
+    torch.testing.assert_close(fresh(x), auto(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch_first,norm_first", [(True, False), (False, True)])
+def test_a_plain_torch_transformer_encoder_is_walked(batch_first, norm_first, gen, tmp_path):
+    """A model of torch's own ``nn.TransformerEncoder``: its attention's fused projection is
+    rebuilt as linears (out of the fused fast path, which would read ``in_proj_weight``), every
+    linear of every layer packed, 8 bits within 1% of float, and the checkpoint loads into a
+    fresh model to the same outputs."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first,
+                                               norm_first=norm_first)
+            self.embed = nn.Embedding(64, 32)
+            self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            x = x if batch_first else x.transpose(0, 1)
+            return self.head(self.encoder(x))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    reference = model(ids).detach()
+    calibration = {"a": [torch.randint(0, 64, (4, 8), generator=gen) for _ in range(2)]}
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration=calibration,
+                        backend="torch", progress=False)
+    names = [layer["name"] for layer in model.epmq_report.layers]
+    assert sorted(names) == sorted(f"encoder.layers.{i}.{rel}" for i in range(3) for rel in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2"))
+    assert float((model(ids) - reference).norm() / reference.norm()) < 0.01
+    epmq.save_quantized(model, tmp_path / "net")
+    torch.manual_seed(1)
+    fresh = epmq.load_quantized(tmp_path / "net", Net().eval())
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+class DictBlock(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return {"hidden": x + self.linear(x)}
+
+
+class ShrinkBlock(DictBlock):
+    def forward(self, x):
+        return x[..., :16] if x.shape[-1] > 16 else x + self.linear(x)[..., :16]
+
+
+class _Blocks(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.layers = nn.ModuleList([block() for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+            x = x["hidden"] if isinstance(x, dict) else x
+        return x
+
+
+@pytest.mark.parametrize("block,wrong", [(DictBlock, "return a dict"), (ShrinkBlock, r"return shape \(4, 16\)")])
+def test_auto_refuses_blocks_that_do_not_return_their_input_s_shape(block, wrong, gen):
+    """Blocks whose output is no hidden states of their input's shape (alone, or first of a
+    tuple) cannot be walked one by one: refused, naming them and what they return."""
+    model = _Blocks(block).eval()
+    with pytest.raises(ValueError, match=rf"blocks at 'layers' \(auto\) are not blocks .*{wrong}.*register an"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randn(4, 32, generator=gen)]},
+                            backend="torch", progress=False)
+    assert not _packed(model)  # (nothing left half done)
+
+
+def test_auto_is_a_fallback_and_finds_outermost_stacks():
+    """A model in which a registered adapter finds blocks is walked by it alone (other stacks
+    are warned about, as before); ``AUTO`` takes the outermost stacks of ``*Layer`` / ``*Block``
+    modules holding linears, not lists of other modules or lists nested in blocks."""
+    llama = build("llama")
+    llama.extra = nn.ModuleList([ScaledBlock(32) for _ in range(2)])
+    assert [(a.name, [n for n, _ in s]) for a, s in find_towers(llama)] == [("hf-decoder", ["model.layers"])]
+    assert [n for n, _ in AUTO.stacks(llama)] == ["model.layers", "extra"]
+    swin = WIDER["swin"][0]()
+    assert [n for n, _ in AUTO.stacks(swin)] == ["encoder.layers.0.blocks", "encoder.layers.1.blocks"]
+    heads = nn.Module()
+    heads.heads = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+    heads.norms = nn.ModuleList([nn.LayerNorm(4) for _ in range(2)])
+    assert AUTO.stacks(heads) == []
+
+
+@pytest.mark.parametrize("arch,routes", [("llama", False), ("phi3", False), ("qwen3_moe", True), ("mixtral", True)])
+def test_auto_knows_a_model_that_routes_tokens(arch, routes, gen):
+    """Routed experts (fused 3-D parameters or a list named ``experts``) make ``AUTO`` route
+    tokens, so only the merged path is a defined target (Phi-3's fused ``gate_up_proj`` is a
+    linear, not experts)."""
+    model = build(arch)
+    assert AUTO.routes(AUTO.stacks(model)) is routes
+    if routes:
+        with pytest.raises(ValueError, match="auto routes tokens to experts"):
+            epmq.quantize_model(model, SPEC, method="gptq", targets="fp_path", calibration={"a": inputs(arch, 1, gen)},
+                                backend="torch", adapter=AUTO, progress=False)
