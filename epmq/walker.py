@@ -444,6 +444,9 @@ class _Stack:
     # the model changes the hidden states between its blocks (found when the stack is entered):
     # each block's input is then taken from the model itself, not from the previous output
     replay: bool = False
+    # keyword arguments a block is handed from the previous block's outputs (found where the stand-ins
+    # run the blocks): {block index: {name: index in the previous block's output}}
+    handoff: dict = field(default_factory=dict)
 
 
 def _plan(model, towers, layers) -> list:
@@ -1060,12 +1063,24 @@ class _Walk:
                 now["kwargs"][j] = named
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
-                elif not _chained(hidden, now["passed"]):
-                    stack.replay = True
+                else:
+                    if not _chained(hidden, now["passed"]):
+                        stack.replay = True
+                    if stack.adapter.runs_blocks and isinstance(now["output"], (tuple, list)):
+                        handed = {name: k for name, value in named.items() if isinstance(value, torch.Tensor)
+                                  for k, given in enumerate(now["output"]) if value is given}
+                        if handed:
+                            stack.handoff[j] = handed
                 output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (the last one too: what its stand-in returns is learnt)
-                    output = block(hidden, **named)
-                    wrong = stack.adapter.returned(block, hidden, output)
+                    try:
+                        output = block(hidden, **named)
+                        wrong = stack.adapter.returned(block, hidden, output)
+                    except torch.OutOfMemoryError:
+                        raise
+                    except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
+                        wrong = (f"block {j} fails when called as the model called it ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:300]})")
                     if wrong:
                         raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the "
                                          f"walker can quantize one by one: {wrong}; register an adapter for this "
@@ -1075,6 +1090,7 @@ class _Walk:
                 # (with its version: a write between the blocks is a change too)
                 passed = stack.adapter.hidden_of(output)
                 now["passed"] = passed, getattr(passed, "_version", None)
+                now["output"] = output
                 return output
 
             return fn
@@ -1220,12 +1236,14 @@ class _Walk:
         return _to_device(item, self.device) if self.offload else item
 
     @staticmethod
-    def _advance(stream, adapter, task, n, i, output):
+    def _advance(stream, stack, task, n, i, output):
         """The block's output becomes the next block's input."""
-        stream.hidden[task][n] = adapter.hidden_of(output)
+        stream.hidden[task][n] = stack.adapter.hidden_of(output)
         recorded = stream.recorded[task][n]
         if i + 1 < len(recorded):
-            stream.kwargs[task][n] = adapter.next_kwargs(recorded[i + 1], output)
+            kwargs = stack.adapter.next_kwargs(recorded[i + 1], output)
+            handed = stack.handoff.get(i + 1)
+            stream.kwargs[task][n] = dict(kwargs, **{name: output[k] for name, k in handed.items()}) if handed else kwargs
 
     # ----------------------------------------------------------------- the walk
 
@@ -1288,7 +1306,7 @@ class _Walk:
             if t_out is None:  # no group ran the target blocks to the end
                 t_out = self._run_targets(template, prefix)
             for (task, n), out in t_out.items():
-                self._advance(self.t, stack.adapter, task, n, i, out)
+                self._advance(self.t, stack, task, n, i, out)
             if replay:
                 self._replay_next(s, i, self.t, {task: [t_out[task, n] for n in range(len(hidden))]
                                                  for task, hidden in self.t.hidden.items()})
@@ -1296,7 +1314,7 @@ class _Walk:
         for task, hidden in self.q.hidden.items():
             for n in range(len(hidden)):
                 out = block(hidden[n], **self.q.kwargs[task][n])
-                self._advance(self.q, stack.adapter, task, n, i, out)
+                self._advance(self.q, stack, task, n, i, out)
                 if replay:
                     outputs.setdefault(task, []).append(out)
         if replay:

@@ -180,8 +180,24 @@ class GptOssLinearExperts(LinearExperts):
         return out
 
 
+class TransposedLinearExperts(LinearExperts):
+    """Fused experts of transformers' usual call that store each expert transposed
+    (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, tagged ``is_transposed``: Aria's)."""
+
+    transposed = True
+
+
 # fused experts of another layout or call than transformers' usual ones
 REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts}
+# what transformers tags its fused experts with (``use_experts_implementation``), as they are in
+# the layout and call ``LinearExperts`` takes (transposed or not)
+USUAL_LAYOUT = {"is_concatenated": True, "has_bias": False, "has_gate": True, "has_post_expert_norm": False}
+
+
+def _rebuilt_as(experts: nn.Module):
+    if type(experts).__name__ in REBUILT_AS:
+        return REBUILT_AS[type(experts).__name__]
+    return TransposedLinearExperts if getattr(experts, "is_transposed", False) else LinearExperts
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -192,11 +208,15 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def _known_call(experts: nn.Module) -> bool:
     """Whether ``LinearExperts`` (or the class ``REBUILT_AS`` names) takes the fused module's
-    call: transformers' usual ``(hidden_states, top_k_index, top_k_weights)``."""
+    layout and call: transformers' usual ``(hidden_states, top_k_index, top_k_weights)``, gate
+    and up concatenated, no biases, ``act(gate) * up``."""
     if type(experts).__name__ in REBUILT_AS:
         return True
-    return list(inspect.signature(experts.forward).parameters)[:3] == ["hidden_states", "top_k_index",
-                                                                       "top_k_weights"]
+    gate = getattr(type(experts), "_apply_gate", None)
+    return (list(inspect.signature(experts.forward).parameters)[:3] == ["hidden_states", "top_k_index",
+                                                                        "top_k_weights"]
+            and all(getattr(experts, flag, usual) == usual for flag, usual in USUAL_LAYOUT.items())
+            and (gate is None or gate.__name__ == "_default_apply_gate"))
 
 
 def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: bool = False) -> dict:
@@ -206,7 +226,7 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
     for name, module in list(adapter.block_modules(model)):
         if not is_fused_experts(module) or (known_call_only and not _known_call(module)):
             continue
-        experts = REBUILT_AS.get(type(module).__name__, LinearExperts)(module)
+        experts = _rebuilt_as(module)(module)
         swap(name, experts)
         for e in range(experts.num_experts):
             renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})

@@ -105,6 +105,57 @@ def test_auto_records_what_each_block_is_handed_by_the_one_before(gen, tmp_path)
     torch.testing.assert_close(fresh(x), auto(x), rtol=0, atol=0)
 
 
+class ValueBlock(nn.Module):
+    """A value residual (ResFormer, RWKV-7): the first block's value projection is handed on to
+    every later block, each returning it beside its hidden states."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.value = nn.Linear(width, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, x, v_first=None):
+        v = self.value(x)
+        v_first = v if v_first is None else v_first
+        return x + self.mix(torch.tanh(v + v_first)), v_first
+
+
+class ValueNet(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.layers = nn.ModuleList([ValueBlock(width) for _ in range(3)])
+
+    def forward(self, x):
+        h, v_first = self.embed(x), None
+        for layer in self.layers:
+            h, v_first = layer(h, v_first=v_first)
+        return h
+
+
+class ValueAdapter(epmq.Adapter):
+    def next_kwargs(self, kwargs, output):
+        return dict(kwargs, v_first=output[1])
+
+    def passthrough(self, hidden):
+        return hidden, None
+
+
+def test_auto_hands_on_what_a_quantized_block_returns(gen):
+    """What a block hands the next one among its outputs (the first block's values, computed by
+    a linear being quantized) is taken from the quantized block's output, as an adapter's
+    ``next_kwargs`` would take it, not from the float model's: bit for bit the same packing."""
+    torch.manual_seed(0)
+    base = ValueNet().eval()
+    calibration = {"only": [torch.randn(16, 8, generator=gen) for _ in range(2)]}
+    by_hand, auto = copy.deepcopy(base), copy.deepcopy(base)
+    epmq.quantize_model(by_hand, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=ValueAdapter("values", block_types=("ValueBlock",)))
+    epmq.quantize_model(auto, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert auto.epmq_report.adapter == "auto"
+    _assert_same_packing(_packed(auto), _packed(by_hand))
+
+
 @pytest.mark.parametrize("batch_first,norm_first", [(True, False), (False, True)])
 def test_a_plain_torch_transformer_encoder_is_walked(batch_first, norm_first, gen, tmp_path):
     """A model of torch's own ``nn.TransformerEncoder``: its attention's fused projection is
@@ -157,22 +208,33 @@ class ShrinkBlock(DictBlock):
         return x[..., :16] if x.shape[-1] > 16 else x + self.linear(x)[..., :16]
 
 
+class CachingBlock(DictBlock):
+    def forward(self, x, past_key_values):
+        past_key_values.append(x)  # (the walk calls blocks without the model's cache)
+        return x + self.linear(x)
+
+
 class _Blocks(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.layers = nn.ModuleList([block() for _ in range(2)])
+        self.caching = block is CachingBlock
 
     def forward(self, x):
+        cache = []
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, past_key_values=cache) if self.caching else layer(x)
             x = x["hidden"] if isinstance(x, dict) else x
         return x
 
 
-@pytest.mark.parametrize("block,wrong", [(DictBlock, "return a dict"), (ShrinkBlock, r"return shape \(4, 16\)")])
+@pytest.mark.parametrize("block,wrong", [(DictBlock, "return a dict"), (ShrinkBlock, r"return shape \(4, 16\)"),
+                                         (CachingBlock, "block 0 fails when called as the model called it "
+                                                        r"\(AttributeError: 'NoneType'")])
 def test_auto_refuses_blocks_that_do_not_return_their_input_s_shape(block, wrong, gen):
     """Blocks whose output is no hidden states of their input's shape (alone, or first of a
-    tuple) cannot be walked one by one: refused, naming them and what they return."""
+    tuple), or that fail when called as the walk will call them, cannot be walked one by one:
+    refused, naming them and what is wrong."""
     model = _Blocks(block).eval()
     with pytest.raises(ValueError, match=rf"blocks at 'layers' \(auto\) are not blocks .*{wrong}.*register an"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randn(4, 32, generator=gen)]},
