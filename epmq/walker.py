@@ -105,8 +105,9 @@ TARGETS = ("merged_path", "expert_path", "fp_path")
 # Linears that read the very same tensor share one Hessian (accumulated and factored once). Off
 # only to compare against (the results are the same) or for a block whose calls vary by input.
 SHARE_INPUT_STATISTICS = True
-# Keyword arguments of blocks that carry a generation cache: never during calibration.
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Keyword arguments of blocks that carry a generation cache: never during calibration (RWKV's
+# recurrent ``state``: every block writes its last token into it in place).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "state")
 
 
 # --------------------------------------------------------------------------- report
@@ -785,6 +786,12 @@ def _check_hidden(stack, hidden):
                                  f"gives them {first[2]} and {first[3]} wide")
 
 
+def _versions_of(named: dict) -> dict:
+    """The version counters of the tensors among keyword arguments (in lists and tuples too)."""
+    return {name: [t._version for t in (value if isinstance(value, (list, tuple)) else (value,))
+                   if isinstance(t, torch.Tensor)] for name, value in named.items()}
+
+
 def _chained(hidden, passed) -> bool:
     """Whether a block got the hidden states the block before it returned (``passed``: that
     tensor and its version then; the stand-ins return their input). The walk feeds each block's
@@ -1074,8 +1081,13 @@ class _Walk:
                 output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (the last one too: what its stand-in returns is learnt)
                     try:
+                        given = _versions_of(named)
                         output = block(hidden, **named)
                         wrong = stack.adapter.returned(block, hidden, output)
+                        written = [name for name, v in given.items() if v != _versions_of(named)[name]]
+                        if written and not wrong:  # (so every later call of the block would differ)
+                            wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or "
+                                     f"cache under a name the walker does not know)")
                     except torch.OutOfMemoryError:
                         raise
                     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:

@@ -195,6 +195,8 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     for candidate in _REGISTRY:
         if candidate.matches(model):
             return candidate
+    if AUTO.matches(model):
+        return AUTO
     known = sorted({getattr(t, "__name__", t) for a in _REGISTRY for t in a.block_types})
     lists = sorted(
         {
@@ -234,11 +236,9 @@ def find_towers(model: nn.Module, adapter=None) -> list:
             if mine:
                 towers.append((candidate, mine))
                 taken += [name for name, _ in mine]
-        if not towers:
-            fallback = AUTO.stacks(model)
-            if not fallback:
-                find_adapter(model)  # (its error: what the model holds, and how to register an adapter)
-            towers = [(AUTO, fallback)]
+        if not towers:  # (AUTO, or the error: what the model holds, and how to register an adapter)
+            fallback = find_adapter(model)
+            towers = [(fallback, fallback.stacks(model))]
         return towers
     chosen = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
     if not chosen:

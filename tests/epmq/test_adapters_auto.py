@@ -214,27 +214,36 @@ class CachingBlock(DictBlock):
         return x + self.linear(x)
 
 
+class MemoryBlock(DictBlock):
+    def forward(self, x, memory):
+        memory.add_(x.mean(dim=0))  # (a recurrent state under a name the walker does not know)
+        return x + self.linear(x + memory)
+
+
 class _Blocks(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.layers = nn.ModuleList([block() for _ in range(2)])
-        self.caching = block is CachingBlock
+        self.kind = block
 
     def forward(self, x):
-        cache = []
+        cache, memory = [], torch.zeros(x.shape[-1])
         for layer in self.layers:
-            x = layer(x, past_key_values=cache) if self.caching else layer(x)
+            x = (layer(x, past_key_values=cache) if self.kind is CachingBlock
+                 else layer(x, memory=memory) if self.kind is MemoryBlock else layer(x))
             x = x["hidden"] if isinstance(x, dict) else x
         return x
 
 
 @pytest.mark.parametrize("block,wrong", [(DictBlock, "return a dict"), (ShrinkBlock, r"return shape \(4, 16\)"),
                                          (CachingBlock, "block 0 fails when called as the model called it "
-                                                        r"\(AttributeError: 'NoneType'")])
+                                                        r"\(AttributeError: 'NoneType'"),
+                                         (MemoryBlock, "block 0 writes in place into its argument 'memory'")])
 def test_auto_refuses_blocks_that_do_not_return_their_input_s_shape(block, wrong, gen):
     """Blocks whose output is no hidden states of their input's shape (alone, or first of a
-    tuple), or that fail when called as the walk will call them, cannot be walked one by one:
-    refused, naming them and what is wrong."""
+    tuple), that fail when called as the walk will call them, or that write into what they are
+    given (so that no two calls agree) cannot be walked one by one: refused, naming them and
+    what is wrong."""
     model = _Blocks(block).eval()
     with pytest.raises(ValueError, match=rf"blocks at 'layers' \(auto\) are not blocks .*{wrong}.*register an"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randn(4, 32, generator=gen)]},

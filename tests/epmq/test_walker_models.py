@@ -462,6 +462,20 @@ WIDER = {
                   eos_token_id=2, decoder_start_token_id=2), "pairs"),
     "pegasus": (_hf("PegasusForConditionalGeneration", "PegasusConfig", **_ENCDEC, pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0), "pairs"),
+    # walked by epmq.adapters.AUTO: no adapter lists them (state-space, RNN and BitNet layers, a
+    # biomedical GPT, MoE with transposed fused experts)
+    **{name.lower(): (_decoder(f"{name}ForCausalLM", f"{name}Config", pad_token_id=0, bos_token_id=0,
+                               eos_token_id=1, **options), "ids")
+       for name, options in {
+           "BioGpt": {}, "BitNet": {}, "Doge": dict(keep_window_size=4),
+           "AriaText": dict(moe_num_experts=4, moe_topk=2, head_dim=8),
+           "Afmoe": dict(num_experts=4, moe_intermediate_size=16, num_dense_layers=1, head_dim=8, **_MOE),
+           "Mamba": dict(state_size=4, expand=2), "FalconMamba": dict(state_size=4, expand=2),
+           "Mamba2": dict(state_size=8, expand=2, num_heads=8, head_dim=8, n_groups=1)}.items()},
+    "rwkv": (_hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                 attention_hidden_size=32, intermediate_size=64, context_length=64), "ids"),
+    "ctrl": (_hf("CTRLLMHeadModel", "CTRLConfig", vocab_size=VOCAB, n_embd=32, dff=64, n_layer=2, n_head=4,
+                 n_positions=64), "ids"),
     "whisper": (_hf("WhisperForConditionalGeneration", "WhisperConfig", **{k: v for k, v in _ENCDEC.items()
                                                                            if k != "max_position_embeddings"},
                     num_mel_bins=8, max_source_positions=16, max_target_positions=32, pad_token_id=0,
