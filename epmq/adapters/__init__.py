@@ -244,10 +244,16 @@ def find_towers(model: nn.Module, adapter=None) -> list:
     if not chosen:
         raise ValueError("adapter= is an empty list: give an epmq.Adapter, a list of them, or None")
     towers, owner = [], {}
-    for a in chosen:
+    # (AUTO last, given the stacks no other adapter in the list takes: a VLM's unknown tower)
+    for a in sorted(chosen, key=lambda a: a is AUTO and len(chosen) > 1):
         if not isinstance(a, Adapter):
             raise TypeError(f"adapter must be an epmq.Adapter (or a list of them), got {type(a).__name__}")
         stacks = find_adapter(model, a).stacks(model)
+        if a is AUTO and len(chosen) > 1:
+            stacks = [(name, blocks) for name, blocks in stacks if not any(_nested(name, t) for t in owner)]
+            if not stacks:
+                raise ValueError(f"epmq.adapters.AUTO finds no blocks in {type(model).__name__} that the other "
+                                 f"adapters given do not walk")
         for name, _ in stacks:
             other = next((o for t, o in owner.items() if _nested(name, t)), None)
             if other is not None:
@@ -295,7 +301,9 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
     if others:
         walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
-                      f"in full precision (walked: {walked}); to quantize them, register one: "
+                      f"in full precision (walked: {walked}); to quantize them too, walk them with "
+                      f"epmq.adapters.AUTO (adapter=[the adapters above, epmq.adapters.AUTO], with calibration "
+                      f"that reaches them) or register an adapter: "
                       f"epmq.register_adapter(epmq.Adapter(name, block_types=...))")
 
 

@@ -32,18 +32,6 @@ class OpenClipAdapter(Adapter):
                     renames[f"{name}.in_proj.bias"] = f"{name}.in_proj_bias"
         return renames
 
-
-def swap_cross_attention(name: str, mha: nn.MultiheadAttention, swap) -> dict:
-    """``mha`` (at ``name``) replaced by a ``LinearCrossAttention``; its checkpoint names."""
-    E, renames = mha.embed_dim, {}
-    swap(name, LinearCrossAttention(mha))
-    for j, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-        for kind, fused in (("weight", mha.in_proj_weight), ("bias", mha.in_proj_bias)):
-            if fused is not None:
-                renames[f"{name}.{projection}.{kind}"] = Part(
-                    f"{name}.{projection}.{kind}", f"{name}.in_proj_{kind}", None, (j * E, (j + 1) * E), fused.shape)
-    return renames
-
     def token_mask(self, model, prefix, item):
         # A text tower pools the end token's features (the largest id, or its EOS id) under a
         # causal mask: the positions after it, the tokenizer's zero padding up to the context
@@ -65,6 +53,18 @@ def swap_cross_attention(name: str, mha: nn.MultiheadAttention, swap) -> dict:
         else:
             end = (text == getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))).int().argmax(dim=-1)
         return torch.arange(text.shape[1], device=text.device)[None, :] <= end[:, None]
+
+
+def swap_cross_attention(name: str, mha: nn.MultiheadAttention, swap) -> dict:
+    """``mha`` (at ``name``) replaced by a ``LinearCrossAttention``; its checkpoint names."""
+    E, renames = mha.embed_dim, {}
+    swap(name, LinearCrossAttention(mha))
+    for j, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+        for kind, fused in (("weight", mha.in_proj_weight), ("bias", mha.in_proj_bias)):
+            if fused is not None:
+                renames[f"{name}.{projection}.{kind}"] = Part(
+                    f"{name}.{projection}.{kind}", f"{name}.in_proj_{kind}", None, (j * E, (j + 1) * E), fused.shape)
+    return renames
 
 
 def _cross_attention(block) -> bool:

@@ -261,8 +261,8 @@ def test_gpt_oss_experts_as_linears(gen, tmp_path):
     index = torch.randint(0, 4, (9, 2), generator=gen)
     weights = torch.rand(9, 2, generator=gen)
     linears = GptOssLinearExperts(fused)
-    with torch.no_grad():
-        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights))
+    with torch.no_grad():  # (summation orders differ: x W^T per expert, x W fused; a wrong column is O(1) off)
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-4, atol=1e-4)
     for e in range(4):
         gate, up, down = linears[e].projections()
         assert torch.equal(gate.weight, fused.gate_up_proj[e, :, ::2].T) and gate.weight.shape[0] == inner
@@ -479,3 +479,41 @@ def test_llama4_experts_take_a_routed_token_with_a_zero_feature(gen):
         got = Llama4LinearExperts(fused)(x)
     assert want.view(n_experts, tokens, hidden)[:, 2].abs().sum() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_tagged_transposed_are_rebuilt_from_their_transpose(gen):
+    """Fused experts of transformers' usual call tagged ``is_transposed`` (Aria's:
+    ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``) become linears viewing the transposed
+    slices, computing what the fused module computes; untagged ones of another layout or gate
+    (gpt-oss-style interleaving, biases, a custom gate) are left to the family's own adapter by
+    ``AUTO``."""
+    import transformers
+    from epmq.adapters.moe import TransposedLinearExperts, _known_call
+
+    config = transformers.AriaTextConfig(vocab_size=64, hidden_size=8, intermediate_size=6, moe_num_experts=3,
+                                         moe_topk=2, num_attention_heads=2, num_hidden_layers=1)
+    fused = transformers.models.aria.modeling_aria.AriaExperts(config)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    assert fused.is_transposed and _known_call(fused)
+    linears = TransposedLinearExperts(fused)
+    for e in range(3):
+        gate, up, down = linears[e].projections()
+        assert torch.equal(gate.weight, fused.gate_up_proj[e, :, :6].T)
+        assert torch.equal(up.weight, fused.gate_up_proj[e, :, 6:].T)
+        assert torch.equal(down.weight, fused.down_proj[e].T)
+        assert gate.weight.data_ptr() == fused.gate_up_proj[e].data_ptr()  # (a view, not a copy)
+    x = torch.randn(7, 8, generator=gen)
+    index, weights = torch.randint(0, 3, (7, 2), generator=gen), torch.rand(7, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-4, atol=1e-4)
+    for flag, value in (("is_concatenated", False), ("has_bias", True), ("has_gate", False)):
+        setattr(fused, flag, value)
+        assert not _known_call(fused)
+        setattr(fused, flag, not value)
+    type(fused)._apply_gate, gate = (lambda self, x: x), type(fused)._apply_gate
+    try:
+        assert not _known_call(fused)
+    finally:
+        type(fused)._apply_gate = gate

@@ -278,3 +278,59 @@ def test_auto_knows_a_model_that_routes_tokens(arch, routes, gen):
         with pytest.raises(ValueError, match="auto routes tokens to experts"):
             epmq.quantize_model(model, SPEC, method="gptq", targets="fp_path", calibration={"a": inputs(arch, 1, gen)},
                                 backend="torch", adapter=AUTO, progress=False)
+
+
+class PatchBlock(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 64), nn.Linear(64, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class ToyVLM(nn.Module):
+    """An image tower of blocks no adapter lists, its features prepended to a Llama's tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Linear(12, 32)
+        self.vision = nn.ModuleList([PatchBlock() for _ in range(2)])
+        self.lm = build("llama")
+
+    def forward(self, pixels, input_ids):
+        v = self.patches(pixels)
+        for block in self.vision:
+            v = block(v)
+        text = self.lm.get_input_embeddings()(input_ids)
+        return self.lm(inputs_embeds=torch.cat([v, text], dim=1)).logits
+
+
+def test_an_unknown_tower_beside_a_known_one_is_walked_when_auto_is_asked_for(gen):
+    """By default only the language model is walked (a registered adapter knows it) and the
+    image tower is named in a warning that says how to walk it; ``adapter=[HF_DECODERS, AUTO]``
+    walks both, the image tower first, and the language model is calibrated on the quantized
+    tower's features."""
+    torch.manual_seed(0)
+    base = ToyVLM().eval()
+    calibration = {"a": [(torch.randn(2, 4, 12, generator=gen), torch.randint(3, 64, (2, 6), generator=gen))
+                         for _ in range(2)]}
+    spec = epmq.QuantSpec(bits=8, group_size=16)
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match=r"blocks at vision \(PatchBlock\).*adapter=\[the adapters above, "
+                                         r"epmq\.adapters\.AUTO\]"):
+        epmq.quantize_model(model, spec, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert not any(name.startswith("vision.") for name in _packed(model))
+    both = copy.deepcopy(base)
+    epmq.quantize_model(both, spec, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=[AUTO, epmq.adapters.HF_DECODERS])
+    assert both.epmq_report.adapter == "hf-decoder+auto"
+    assert {name.partition(".")[0] for name in _packed(both)} == {"vision", "lm"}
+    # (the language model's statistics: those of the quantized tower's features, unlike the first walk's)
+    lm_alone, lm = _packed(model), {k: v for k, v in _packed(both).items() if k.startswith("lm.")}
+    assert lm.keys() == lm_alone.keys() and any(not torch.equal(lm[k][0], lm_alone[k][0]) for k in lm)
+    x = calibration["a"][0]
+    assert float((both(*x) - base(*x)).norm() / base(*x).norm()) < 0.01
+    with pytest.raises(ValueError, match="AUTO finds no blocks in LlamaForCausalLM that the other adapters"):
+        epmq.quantize_model(build("llama"), spec, method="rtn", progress=False,
+                            adapter=[epmq.adapters.HF_DECODERS, AUTO])
