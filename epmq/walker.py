@@ -792,6 +792,30 @@ def _versions_of(named: dict) -> dict:
                    if isinstance(t, torch.Tensor)] for name, value in named.items()}
 
 
+def _run_block(stack, j, block, hidden, named):
+    """Block ``j`` of ``stack`` called as the walk will call it (where the adapter's stand-ins
+    run the blocks, ``AUTO``), refused by name unless it returns hidden states of its input's
+    shape and leaves what it is given as it was."""
+    try:
+        given = _versions_of(named)
+        output = block(hidden, **named)
+        wrong = stack.adapter.returned(block, hidden, output)
+        written = [name for name, v in given.items() if v != _versions_of(named)[name]]
+        if written and not wrong:  # (so no two calls of the block would agree)
+            wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or cache under a name "
+                     f"the walker does not know)")
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
+        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        wrong = f"block {j} fails when called as the model called it ({type(e).__name__}: {first_line})"
+    if wrong:
+        raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the walker can "
+                         f"quantize one by one: {wrong}; register an adapter for this family "
+                         f"(epmq.register_adapter, see epmq/adapters/__init__.py)")
+    return output
+
+
 def _chained(hidden, passed) -> bool:
     """Whether a block got the hidden states the block before it returned (``passed``: that
     tensor and its version then; the stand-ins return their input). The walk feeds each block's
@@ -1078,25 +1102,9 @@ class _Walk:
                                   for k, given in enumerate(now["output"]) if value is given}
                         if handed:
                             stack.handoff[j] = handed
-                output = stack.adapter.passthrough_of(block, hidden)
-                if stack.adapter.runs_blocks:  # (the last one too: what its stand-in returns is learnt)
-                    try:
-                        given = _versions_of(named)
-                        output = block(hidden, **named)
-                        wrong = stack.adapter.returned(block, hidden, output)
-                        written = [name for name, v in given.items() if v != _versions_of(named)[name]]
-                        if written and not wrong:  # (so every later call of the block would differ)
-                            wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or "
-                                     f"cache under a name the walker does not know)")
-                    except torch.OutOfMemoryError:
-                        raise
-                    except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
-                        wrong = (f"block {j} fails when called as the model called it ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:300]})")
-                    if wrong:
-                        raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the "
-                                         f"walker can quantize one by one: {wrong}; register an adapter for this "
-                                         f"family (epmq.register_adapter, see epmq/adapters/__init__.py)")
+                # (the last one runs too: what its stand-in returns later is learnt from it)
+                output = (_run_block(stack, j, block, hidden, named) if stack.adapter.runs_blocks
+                          else stack.adapter.passthrough_of(block, hidden))
                 if j == last:
                     raise _Stop
                 # (with its version: a write between the blocks is a change too)
@@ -1254,8 +1262,8 @@ class _Walk:
         recorded = stream.recorded[task][n]
         if i + 1 < len(recorded):
             kwargs = stack.adapter.next_kwargs(recorded[i + 1], output)
-            handed = stack.handoff.get(i + 1)
-            stream.kwargs[task][n] = dict(kwargs, **{name: output[k] for name, k in handed.items()}) if handed else kwargs
+            handed = stack.handoff.get(i + 1, {})
+            stream.kwargs[task][n] = dict(kwargs, **{name: output[k] for name, k in handed.items()})
 
     # ----------------------------------------------------------------- the walk
 

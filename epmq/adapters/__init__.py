@@ -37,7 +37,9 @@ and return hidden states) and register it::
 
     epmq.register_adapter(epmq.Adapter("my-net", block_types=("MyBlock",)))
 
-Registered adapters are tried before the built-in ones.
+Registered adapters are tried before the built-in ones. A model in which none of them finds
+blocks is walked by ``AUTO`` (``auto.py``), which finds them by structure and records how the
+model calls them.
 """
 
 from __future__ import annotations
