@@ -85,20 +85,26 @@ class ScaledBlock(ScaledUnit):
     """``ScaledUnit`` under a name ``AUTO`` takes for a block."""
 
 
+def _auto_packs_as(base, adapter, gen):
+    """``base`` (taking ``[16, 8]`` inputs) quantized by GPTQ through ``AUTO``, asserted to pack
+    as through ``adapter``."""
+    calibration = {"only": [torch.randn(16, 8, generator=gen) for _ in range(2)]}
+    by_hand, auto = copy.deepcopy(base), copy.deepcopy(base)
+    epmq.quantize_model(by_hand, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=adapter)
+    epmq.quantize_model(auto, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert auto.epmq_report.adapter == "auto"
+    _assert_same_packing(_packed(auto), _packed(by_hand))
+    return auto
+
+
 def test_auto_records_what_each_block_is_handed_by_the_one_before(gen, tmp_path):
     """The toy family hands each block a gain the one before returned: the registered
     ``ToyAdapter`` says so (``next_kwargs``); ``AUTO`` runs the blocks while it records their
     calls, so each is recorded with the gain the model gives it. Both pack alike; the
     checkpoint loads into a fresh model to the same outputs."""
     torch.manual_seed(0)
-    base = ToyNet(block=ScaledBlock).eval()
-    calibration = {"only": [torch.randn(16, 8, generator=gen) for _ in range(2)]}
-    by_hand, auto = copy.deepcopy(base), copy.deepcopy(base)
-    epmq.quantize_model(by_hand, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
-                        adapter=ToyAdapter("toy", block_types=("ScaledBlock",)))
-    epmq.quantize_model(auto, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
-    assert auto.epmq_report.adapter == "auto"
-    _assert_same_packing(_packed(auto), _packed(by_hand))
+    auto = _auto_packs_as(ToyNet(block=ScaledBlock).eval(), ToyAdapter("toy", block_types=("ScaledBlock",)), gen)
     epmq.save_quantized(auto, tmp_path / "toy")
     fresh = epmq.load_quantized(tmp_path / "toy", ToyNet(block=ScaledBlock))
     x = torch.randn(16, 8, generator=gen)
@@ -146,14 +152,7 @@ def test_auto_hands_on_what_a_quantized_block_returns(gen):
     a linear being quantized) is taken from the quantized block's output, as an adapter's
     ``next_kwargs`` would take it, not from the float model's: bit for bit the same packing."""
     torch.manual_seed(0)
-    base = ValueNet().eval()
-    calibration = {"only": [torch.randn(16, 8, generator=gen) for _ in range(2)]}
-    by_hand, auto = copy.deepcopy(base), copy.deepcopy(base)
-    epmq.quantize_model(by_hand, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
-                        adapter=ValueAdapter("values", block_types=("ValueBlock",)))
-    epmq.quantize_model(auto, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
-    assert auto.epmq_report.adapter == "auto"
-    _assert_same_packing(_packed(auto), _packed(by_hand))
+    _auto_packs_as(ValueNet().eval(), ValueAdapter("values", block_types=("ValueBlock",)), gen)
 
 
 @pytest.mark.parametrize("batch_first,norm_first", [(True, False), (False, True)])
