@@ -44,25 +44,27 @@ def _without_time(layers):
 
 
 CASES = [
-    ("llama", "gptq", "merged_path", 1, None),
-    ("llama", "epmq", "merged_path", 1, "cpu"),   # (device: the offloaded walk)
-    ("llama", "epmq", "expert_path", 1, None),
-    ("t5", "epmq", "fp_path", 3, None),            # stopped in the decoder: the encoder is loaded
-    ("qwen3_moe", "epmq", "merged_path", 1, None),
-    ("gpt2", "gptq", "fp_path", 1, None),
+    ("llama", "gptq", "merged_path", 1, None, None),
+    ("llama", "epmq", "merged_path", 1, "cpu", None),   # (device: the offloaded walk)
+    ("llama", "epmq", "expert_path", 1, None, None),
+    ("t5", "epmq", "fp_path", 3, None, None),            # stopped in the decoder: the encoder is loaded
+    ("qwen3_moe", "epmq", "merged_path", 1, None, None),
+    ("gpt2", "gptq", "fp_path", 1, None, None),
+    # AUTO: what T5's first decoder block hands on taken again from the loaded one's output
+    ("t5", "epmq", "fp_path", 3, None, epmq.adapters.AUTO),
 ]
 
 
-@pytest.mark.parametrize("arch,method,targets,stop,device", CASES)
-def test_resumed_walk_equals_uninterrupted(arch, method, targets, stop, device, gen, tmp_path,
+@pytest.mark.parametrize("arch,method,targets,stop,device,adapter", CASES)
+def test_resumed_walk_equals_uninterrupted(arch, method, targets, stop, device, adapter, gen, tmp_path,
                                            monkeypatch):
     fam = Family(arch, gen)
-    reference = run(fam, fam.merged(), method, targets)
+    reference = run(fam, fam.merged(), method, targets, adapter=adapter)
     model = fam.merged()
     with monkeypatch.context() as m:
         interrupt_at(m, stop)
         with pytest.raises(Interrupt):
-            run(fam, model, method, targets, device=device, resume_dir=tmp_path)
+            run(fam, model, method, targets, device=device, resume_dir=tmp_path, adapter=adapter)
     done = sorted(p.stem for p in tmp_path.glob("*.json") if p.name != "walk.json")
     assert len(done) == stop
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())  # rolled back
@@ -71,7 +73,7 @@ def test_resumed_walk_equals_uninterrupted(arch, method, targets, stop, device, 
     solve = walker._Walk._solve_group
     monkeypatch.setattr(walker._Walk, "_solve_group",
                         lambda self, block, t, prefix, *a, **k: solved.append(prefix) or solve(self, block, t, prefix, *a, **k))
-    out = run(fam, model, method, targets, device=device, resume_dir=tmp_path)
+    out = run(fam, model, method, targets, device=device, resume_dir=tmp_path, adapter=adapter)
     assert sorted(out.epmq_report.resumed) == done
     assert not set(solved) & set(done)
     ref_state, state = reference.state_dict(), out.state_dict()
