@@ -476,6 +476,21 @@ WIDER = {
                  attention_hidden_size=32, intermediate_size=64, context_length=64), "ids"),
     "ctrl": (_hf("CTRLLMHeadModel", "CTRLConfig", vocab_size=VOCAB, n_embd=32, dff=64, n_layer=2, n_head=4,
                  n_positions=64), "ids"),
+    # encoder-decoders AUTO walks: Marian, M2M-100 (NLLB dense), UMT5 (a position bias in every
+    # block), Switch Transformers and NLLB-MoE (experts in a ModuleDict, every other block)
+    "marian": (_hf("MarianMTModel", "MarianConfig", **_ENCDEC, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0), "pairs"),
+    "m2m_100": (_hf("M2M100ForConditionalGeneration", "M2M100Config", **_ENCDEC, pad_token_id=1, bos_token_id=0,
+                    eos_token_id=2, decoder_start_token_id=2), "pairs"),
+    "umt5": (_hf("UMT5ForConditionalGeneration", "UMT5Config", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64,
+                 num_layers=2, num_heads=4, decoder_start_token_id=0), "pairs"),
+    "switch_transformers": (_hf("SwitchTransformersForConditionalGeneration", "SwitchTransformersConfig",
+                                vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2,
+                                decoder_start_token_id=0), "pairs"),
+    "nllb_moe": (_hf("NllbMoeForConditionalGeneration", "NllbMoeConfig", **_ENCDEC, num_experts=4,
+                     encoder_sparse_step=2, decoder_sparse_step=2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                     decoder_start_token_id=2), "pairs"),
     "whisper": (_hf("WhisperForConditionalGeneration", "WhisperConfig", **{k: v for k, v in _ENCDEC.items()
                                                                            if k != "max_position_embeddings"},
                     num_mel_bins=8, max_source_positions=16, max_target_positions=32, pad_token_id=0,
