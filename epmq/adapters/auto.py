@@ -2,11 +2,11 @@
 their calling convention taken from the model's own calls rather than assumed.
 
 Block-by-block quantizers either list each family they support (GPTQModel's model definitions)
-or find the blocks by name and trust that each block takes the one before it's output. ``AUTO``
+or find the blocks by name and trust that each block takes the output of the one before. ``AUTO``
 finds them by structure and checks what it relies on:
 
-* the stacks: the outermost ``ModuleList``s (or ``Sequential``s) of two or more modules whose
-  class names end in ``Layer`` or ``Block`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
+* the stacks: the outermost ``ModuleList``s (or ``Sequential``s) of modules whose class names
+  end in ``Layer`` or ``Block`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
   ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``), each holding a
   linear layer;
 * while the walker records a stack's inputs, the stand-ins call the real blocks
@@ -76,7 +76,7 @@ class AutoAdapter(MoEAdapter):
     def stacks(self, model: nn.Module) -> list:
         found = []
         for name, module in model.named_modules():
-            if (isinstance(module, _LISTS) and len(module) > 1 and all(self.is_block(b) for b in module)
+            if (isinstance(module, _LISTS) and len(module) and all(self.is_block(b) for b in module)
                     and not any(name.startswith(f"{outer}.") for outer, _ in found)):
                 found.append((name, module))
         return found

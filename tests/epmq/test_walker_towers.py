@@ -275,6 +275,40 @@ def test_more_vision_language_models(name, gen, tmp_path):
     assert_both_towers_walked_and_served(model, (vision, language), tmp_path, test)
 
 
+def test_llama_3_2_vision_no_adapter_lists_is_walked_by_auto(gen, tmp_path):
+    """Mllama (Llama 3.2 Vision), of which no adapter lists a block: ``AUTO`` walks its local and
+    global vision encoders and its language model, whose cross-attention layers read the image
+    features among their keyword arguments; 8 bits near the float logits, and it loads back."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1, 3], rope_scaling={"rope_type": "default"},
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=16, patch_size=8, max_num_tiles=1, vision_output_dim=96, intermediate_layers_indices=[0, 1],
+                  supported_aspect_ratios=[[1, 1]])
+    torch.manual_seed(0)
+    model = transformers.MllamaForConditionalGeneration(
+        transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=299)).eval()
+
+    def item():
+        ids = torch.randint(1, 290, (1, 10), generator=gen)
+        ids[0, 1] = 299
+        return dict(input_ids=ids, pixel_values=torch.randn(1, 1, 1, 3, 16, 16, generator=gen),
+                    aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1]]]),
+                    cross_attention_mask=torch.ones(1, 10, 1, 1, dtype=torch.long))
+
+    test = item()
+    with torch.no_grad():
+        reference = model(**test).logits
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                        calibration={"a": [item() for _ in range(2)]}, progress=False)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02  # (measured 0.005)
+    assert len(model.epmq_report.layers) == 3 * 6 + 4 * 7
+    assert_both_towers_walked_and_served(model, ("model.vision_model.transformer.layers",
+                                                 "model.vision_model.global_transformer.layers",
+                                                 "model.language_model.layers"), tmp_path, test, adapter="auto")
+
+
 def tiny_qwen3_vl(seed=0):
     """Qwen3-VL: DeepStack adds image features from two vision blocks to the language model's
     hidden states after its first two layers (between layers: the walk takes their inputs
@@ -313,10 +347,10 @@ def test_qwen3_vl_deepstack(gen, tmp_path, monkeypatch):
                                          tmp_path, qwen2_vl_inputs(1, gen)[0])
 
 
-def assert_both_towers_walked_and_served(model, towers, tmp_path, item):
+def assert_both_towers_walked_and_served(model, towers, tmp_path, item, adapter="hf-decoder+hf-encoder"):
     """A VLM walked in one call: both towers' block linears packed (no plain nn.Linear left in
     them), and its checkpoint loads back to the same logits."""
-    assert model.epmq_report.adapter == "hf-decoder+hf-encoder"
+    assert model.epmq_report.adapter == adapter
     for tower in towers:
         assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
     epmq.save_quantized(model, tmp_path / "q")
