@@ -106,8 +106,10 @@ TARGETS = ("merged_path", "expert_path", "fp_path")
 # only to compare against (the results are the same) or for a block whose calls vary by input.
 SHARE_INPUT_STATISTICS = True
 # Keyword arguments of blocks that carry a generation cache: never during calibration (RWKV's
-# recurrent ``state``: every block writes its last token into it in place).
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "state")
+# recurrent ``state``: every block writes its last token into it in place; ``kv_cache``: ChatGLM's;
+# ``cache_params``: Mamba's; ``inference_params``: mamba_ssm's).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "state", "kv_cache", "cache_params",
+                 "inference_params")
 
 
 # --------------------------------------------------------------------------- report

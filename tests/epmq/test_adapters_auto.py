@@ -333,3 +333,30 @@ def test_an_unknown_tower_beside_a_known_one_is_walked_when_auto_is_asked_for(ge
     with pytest.raises(ValueError, match="AUTO finds no blocks in LlamaForCausalLM that the other adapters"):
         epmq.quantize_model(build("llama"), spec, method="rtn", progress=False,
                             adapter=[epmq.adapters.HF_DECODERS, AUTO])
+
+
+class KVCacheBlock(DictBlock):
+    def forward(self, x, kv_cache=None):
+        if kv_cache is not None:
+            kv_cache.append(x)
+        return x + self.linear(x)
+
+
+def test_a_cache_under_a_known_name_is_withheld_from_the_blocks(gen):
+    """A block given a generation cache (ChatGLM's ``kv_cache``, Mamba's ``cache_params``, RWKV's
+    ``state``, ...) gets None in the walk, so it writes nothing the next call would read."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([KVCacheBlock() for _ in range(2)])
+
+        def forward(self, x):
+            cache = []
+            for layer in self.layers:
+                x = layer(x, kv_cache=cache)
+            return x
+
+    model = Net().eval()
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randn(4, 32, generator=gen)]},
+                        backend="torch", progress=False)
+    assert len(_packed(model)) == 2
