@@ -48,6 +48,7 @@ import warnings
 
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 
@@ -324,9 +325,38 @@ __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", 
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear``, or a subclass, unless it is a router: routers subclass ``nn.Linear`` to
-    return their top-k experts, and a ``QuantLinear`` in their place would return a tensor."""
+    """An ``nn.Linear``, or a subclass that computes what it does (Falcon's ``FalconLinear``):
+    not a router (routers subclass ``nn.Linear`` to return their top-k experts, and a
+    ``QuantLinear`` in their place would return a tensor), nor one whose own ``forward`` computes
+    something else from its weight (DeepSeek-V4's block-diagonal ``DeepseekV4GroupedLinear``)."""
     if not isinstance(module, nn.Linear):
         return False
-    overridden = type(module).forward is not nn.Linear.forward
-    return not (overridden and "router" in type(module).__name__.lower())
+    if type(module).forward is nn.Linear.forward:
+        return True
+    return "router" not in type(module).__name__.lower() and _computes_linear(module)
+
+
+_COMPUTES_LINEAR: dict = {}  # an nn.Linear subclass with its own forward -> whether it is x W^T + b
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether ``module``'s class computes ``x W^T + b`` (tried once per class on 3 random rows;
+    a weight not in memory, on the meta device, is taken at its word)."""
+    kind = type(module)
+    if kind not in _COMPUTES_LINEAR:
+        W, b = module.weight, module.bias
+        if W.is_meta:
+            return True
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(W.device, W.dtype)
+        try:
+            with torch.no_grad():
+                y = module(x)
+            want = torch.nn.functional.linear(x.float(), W.float(), None if b is None else b.float())
+            _COMPUTES_LINEAR[kind] = (isinstance(y, torch.Tensor) and y.shape == want.shape
+                                      and torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max())))
+        except Exception:  # (any failure on a plain [rows, in_features] input: not a linear layer's call)
+            _COMPUTES_LINEAR[kind] = False
+        if not _COMPUTES_LINEAR[kind]:
+            warnings.warn(f"{kind.__name__} subclasses nn.Linear but its forward computes something else from its "
+                          f"weight: layers of it stay in full precision")
+    return _COMPUTES_LINEAR[kind]

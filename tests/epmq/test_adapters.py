@@ -517,3 +517,45 @@ def test_experts_tagged_transposed_are_rebuilt_from_their_transpose(gen):
         assert not _known_call(fused)
     finally:
         type(fused)._apply_gate = gate
+
+
+class SameLinear(nn.Linear):
+    """Its own forward, a linear layer's math (as Falcon's ``FalconLinear``)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class GroupedLinear(nn.Linear):
+    """Its own forward, block-diagonal over 2 groups (as DeepSeek-V4's grouped output projection):
+    ``in_features`` is one group's width."""
+
+    def forward(self, x):
+        W = self.weight.view(2, -1, self.in_features)
+        return torch.einsum("...gi,goi->...go", x.unflatten(-1, (2, -1)), W).flatten(-2)
+
+
+class SubclassBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.same, self.grouped = SameLinear(32, 32), GroupedLinear(16, 32)
+
+    def forward(self, x):
+        return x + self.grouped(self.same(x))
+
+
+def test_linear_subclasses_that_compute_something_else_are_left_whole(gen):
+    """An ``nn.Linear`` subclass with its own forward is quantized where that forward is a linear
+    layer's (a packed layer in its place computes the same), and left in full precision, said
+    in a warning, where it computes something else from its weight (a packed layer in its place
+    would be silently wrong)."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.Sequential(SubclassBlock(), SubclassBlock())).eval()
+    x = torch.randn(16, 8, generator=gen)
+    reference = model(x).detach()
+    with pytest.warns(UserWarning, match="GroupedLinear subclasses nn.Linear but its forward computes something else"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", backend="torch",
+                            calibration={"a": [torch.randn(16, 8, generator=gen)]}, progress=False,
+                            adapter=epmq.Adapter("toy", block_types=("SubclassBlock",)))
+    assert [layer["name"] for layer in model.epmq_report.layers] == ["1.0.same", "1.1.same"]
+    assert all(type(block.grouped) is GroupedLinear for block in model[1])
+    assert float((model(x).detach() - reference).norm() / reference.norm()) < 0.02
