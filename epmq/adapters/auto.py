@@ -28,8 +28,9 @@ its ``qkv(x) + bias`` form (``TIMM``). Other fused experts stay in full precisio
 walker's warning.
 
 ``find_towers`` falls back on ``AUTO`` only for a model in which no registered adapter finds any
-blocks (a known language model beside an unknown vision tower keeps the tower in full precision,
-as warned); ``adapter=epmq.adapters.AUTO`` asks for it.
+blocks: a known language model beside an unknown vision tower keeps the tower in full precision,
+as warned, unless ``adapter=[..., epmq.adapters.AUTO]`` asks for both (``AUTO`` then takes the
+stacks the others leave); ``adapter=epmq.adapters.AUTO`` alone walks every stack it finds.
 """
 
 from __future__ import annotations
