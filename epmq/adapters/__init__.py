@@ -248,11 +248,11 @@ def find_towers(model: nn.Module, adapter=None) -> list:
         raise ValueError("adapter= is an empty list: give an epmq.Adapter, a list of them, or None")
     towers, owner = [], {}
     # (AUTO last, given the stacks no other adapter in the list takes: a VLM's unknown tower)
-    for a in sorted(chosen, key=lambda a: a is AUTO and len(chosen) > 1):
+    for a in sorted(chosen, key=lambda a: a is AUTO):
         if not isinstance(a, Adapter):
             raise TypeError(f"adapter must be an epmq.Adapter (or a list of them), got {type(a).__name__}")
         stacks = find_adapter(model, a).stacks(model)
-        if a is AUTO and len(chosen) > 1:
+        if a is AUTO:
             stacks = [(name, blocks) for name, blocks in stacks if not any(_nested(name, t) for t in owner)]
             if not stacks:
                 raise ValueError(f"epmq.adapters.AUTO finds no blocks in {type(model).__name__} that the other "
