@@ -13,6 +13,7 @@ import epmq
 from epmq import walker
 from epmq.stats import gram_matrices
 from test_walker_errors import Net
+from test_walker_models import hooked_inputs
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -233,14 +234,7 @@ def test_open_clip_text_padding_is_no_token(gen, monkeypatch, targets):
 
 def block_inputs_of(model, name, items):
     """The inputs of module ``name`` (float64, tokens x features) in the unquantized model."""
-    xs = []
-    handle = model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args: xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
-    with torch.no_grad():
-        for item in items:
-            model(**item)
-    handle.remove()
-    return torch.cat(xs)
+    return torch.cat(hooked_inputs(model, name, items))
 
 
 def test_open_clip_token_mask_only_where_padding_changes_nothing():
