@@ -352,8 +352,9 @@ def _computes_linear(module: nn.Linear) -> bool:
             with torch.no_grad():
                 y = module(x)
             want = torch.nn.functional.linear(x.float(), W.float(), None if b is None else b.float())
+            atol = 1e-2 * float(want.abs().max())
             _COMPUTES_LINEAR[kind] = (isinstance(y, torch.Tensor) and y.shape == want.shape
-                                      and torch.allclose(y.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max())))
+                                      and torch.allclose(y.float(), want, rtol=1e-2, atol=atol))
         except Exception:  # (any failure on a plain [rows, in_features] input: not a linear layer's call)
             _COMPUTES_LINEAR[kind] = False
         if not _COMPUTES_LINEAR[kind]:
