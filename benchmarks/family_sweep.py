@@ -1,7 +1,8 @@
 """Which of transformers' causal-LM architectures the walker quantizes: every model type of
 ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, built from its default config shrunk to a tiny one
-(hidden 32, 2 layers, 4 heads, 4 experts, ... wherever the config has the attribute), run once,
-then quantized by GPTQ (4 bits, groups of 16) on one padded batch of token ids.
+(hidden 32, 4 heads, 4 experts, ... wherever the config has the attribute; one layer of each kind
+its per-layer lists name, at least two; a few types' own knobs in ``OVERRIDES``), run once, then
+quantized by GPTQ (4 bits, groups of 16) on one padded batch of token ids.
 
     python benchmarks/family_sweep.py [--only TYPE ...] [--timeout 120] [--out FILE.json]
 
@@ -27,46 +28,130 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=64, head_dim=8, n_embd=32, n_layer=2, n_head=4,
             d_model=32, n_layers=2, n_heads=4, num_layers=2, num_heads=4, moe_intermediate_size=16, num_experts=4,
             num_local_experts=4, num_experts_per_tok=2, n_routed_experts=4, ffn_hidden_size=64, pad_token_id=0,
-            bos_token_id=0, eos_token_id=1, d_ff=64, ffn_dim=64, n_positions=64)
+            bos_token_id=0, eos_token_id=1, d_ff=64, ffn_dim=64, n_positions=64,
+            # encoder-decoder
+            encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64,
+            # partial rotary, multi-head latent attention (head_dim = qk_rope_head_dim there)
+            rotary_dim=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8,
+            # linear attention / state-space mixers
+            linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_head_dim=8, mamba_head_dim=8, mamba_n_heads=8, mamba_d_state=8, ssm_state_size=8, state_size=8,
+            mamba_n_groups=1, n_groups=1, time_step_rank=4, attention_head_dim=8, conv_kernel=4, mamba_d_head=8,
+            n_mamba_heads=8, mamba_headdim=8, attention_hidden_size=32, kv_channels=8, adapter_rank=8,
+            embedding_dim=32, num_blocks=2, context_length=64, linear_num_heads=4, num_experts_per_token=2,
+            # hybrids: attention (and experts) on the second of two layers, a shared expert, one expert group
+            attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, n_group=1,
+            topk_group=1, num_expert_group=1, first_k_dense_replace=1, num_dense_layers=1,
+            num_nextn_predict_layers=0, num_kv_shared_layers=0, n_shared_experts=1,
+            )
+# where the shrunk default still does not build (zamba ties its shared attention across its hybrid layers)
+# (None: leave it to the config to derive)
+_ZAMBA = dict(attention_hidden_size=64, attention_head_dim=16, kv_channels=16)  # attention on [hidden, embeddings]
+OVERRIDES = {
+    "zamba": dict(_ZAMBA, num_hidden_layers=6, layers_block_type=None, layer_types=None),
+    "zamba2": dict(_ZAMBA, hybrid_layer_ids=[1]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    "bamba": dict(attn_layer_indices=[1]),
+    "falcon_h1": dict(mamba_d_ssm=64),
+    "gemma3n_text": dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
+    "gemma3n": dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
+    "xlstm": dict(qk_dim_factor=1.0),
+    "qwen4_exp": dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+                      indexer_compress_ratio=2, hc_lowrank=8, ple_embed_dim=32, ngram_vocab_size_base=64,
+                      split_ngram_parts=4, make_ngram_vocab_size_divisible_by=8, shared_expert_intermediate_size=16),
+}
+# a per-layer list has one entry per layer: kept at the first layer of each distinct combination
+PER_LAYER = ("layer_types", "mlp_layer_types", "layers_block_type", "activation_sparsity_pattern", "block_types",
+             "swiglu_limits", "expert_swiglu_limit_list", "share_expert_swiglu_limit_list")
 
-_CHILD = r'''
-import json, sys, warnings
-import torch, transformers
-from transformers import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-import epmq
 
-model_type, tiny = sys.argv[1], json.loads(sys.argv[2])
-row = {"stage": "config"}
-try:
-    config = CONFIG_MAPPING[model_type]()
-    for key, value in tiny.items():
-        if hasattr(config, key):
-            try:
-                setattr(config, key, value)
-            except Exception:  # (read-only properties)
-                pass
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:2]
-    row["stage"] = "build"
-    torch.manual_seed(0)
-    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(config).eval()
-    batch = {"input_ids": torch.randint(3, 64, (2, 8)), "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])}
-    row["stage"] = "forward"
-    with torch.no_grad():
-        model(**batch)
-    row["stage"] = "quantize"
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq", calibration={"a": [batch]},
-                            backend="torch", progress=False)
-    row.update(stage="ok", adapter=model.epmq_report.adapter, linears=len(model.epmq_report.layers),
-               skipped=len(model.epmq_report.skipped),
-               warnings=[str(w.message)[:200] for w in said if "epmq" in str(w.filename)])
-except Exception as e:
-    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-print(json.dumps(row))
-'''
+def shrink(d: dict) -> dict:
+    """A config dict (sub-configs' too) with ``TINY``'s values where it has the keys, and the
+    per-layer lists cut to the first layer of each kind (at least two layers)."""
+    d = dict(d)
+    n = d.get("num_hidden_layers")
+    lists = [k for k in PER_LAYER if isinstance(d.get(k), list) and n and len(d[k]) == n]
+    for key, value in TINY.items():
+        if key in d and not (key in ("q_lora_rank",) and d[key] is None):
+            d[key] = value
+    if "q_lora_rank" in d and d["q_lora_rank"] is not None:
+        d["q_lora_rank"] = 16
+    if "kv_lora_rank" in d:  # latent attention: as many key-value heads as heads
+        if "head_dim" in d:
+            d["head_dim"] = d["qk_rope_head_dim"]
+        if "num_key_value_heads" in d:
+            d["num_key_value_heads"] = d["num_attention_heads"]
+    if lists:
+        seen, keep = set(), []
+        for i in range(n):
+            combo = tuple(str(d[k][i]) for k in lists)
+            if combo not in seen:
+                seen.add(combo)
+                keep.append(i)
+        if len(keep) < 2:
+            keep = sorted(set(keep) | {min(n - 1, 1)})
+        for k in lists:
+            d[k] = [d[k][i] for i in keep]
+        d["num_hidden_layers"] = len(keep)
+    for key, value in d.items():
+        if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
+            d[key] = shrink(value)
+    return d
+
+
+def tiny_config(model_type):
+    """``model_type``'s default config, shrunk (``shrink``, then ``OVERRIDES``) and built again."""
+    from transformers import CONFIG_MAPPING
+
+    default = CONFIG_MAPPING[model_type]()
+    d = shrink(default.to_dict())
+    for k in ("transformers_version", "architectures", "model_type"):
+        d.pop(k, None)
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        for sub in [d] + [v for v in d.values() if isinstance(v, dict) and key in v]:
+            if value is None:
+                sub.pop(key, None)
+            else:
+                sub[key] = value
+    return type(default)(**d)
+
+def run_one(model_type: str) -> dict:
+    """Build ``model_type`` tiny, run it once, quantize it: the row (the stage it reached)."""
+    import warnings
+
+    import torch
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    import epmq
+
+    row = {"stage": "config"}
+    try:
+        config = tiny_config(model_type)
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        if not isinstance(config, cls.config_class):  # a multimodal config, whose causal LM is its text model
+            config = config.get_text_config()
+        row["stage"] = "build"
+        torch.manual_seed(0)
+        model = cls(config).eval()
+        batch = {"input_ids": torch.randint(3, 64, (2, 8)),
+                 "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])}
+        row["stage"] = "forward"
+        with torch.no_grad():
+            model(**batch)
+        row["stage"] = "quantize"
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                                calibration={"a": [batch]}, backend="torch", progress=False)
+        row.update(stage="ok", adapter=model.epmq_report.adapter, linears=len(model.epmq_report.layers),
+                   skipped=len(model.epmq_report.skipped),
+                   warnings=[str(w.message)[:200] for w in said if "epmq" in str(w.filename)])
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
 
 
 def main():
@@ -74,7 +159,11 @@ def main():
     parser.add_argument("--only", nargs="*", help="model types (default: all)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--out", default="benchmarks/results/family_sweep_cpu.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one model type, in this process
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child)))
+        return
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -84,8 +173,8 @@ def main():
     for model_type in tqdm(args.only or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), unit="model"):
         t0 = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, "-c", _CHILD, model_type, json.dumps(TINY)], capture_output=True,
-                                  text=True, timeout=args.timeout)
+            done = subprocess.run([sys.executable, __file__, "--child", model_type], capture_output=True, text=True,
+                                  timeout=args.timeout)
             lines = done.stdout.strip().splitlines()
             row = json.loads(lines[-1]) if lines else {"stage": "crash", "error": done.stderr.strip()[-300:]}
         except subprocess.TimeoutExpired:

@@ -133,6 +133,9 @@ class QuantReport:
     from ``resume_dir`` (done by an earlier, interrupted call) instead of solved. ``replayed``:
     stacks whose model changes the hidden states between their blocks, whose inputs were
     therefore taken from a pass of the model per block (slower; see the module docstring).
+    ``tied``: linears tied to another (the same weight and bias parameters, as Zamba's shared
+    attention block), each mapped to the linear whose packed layer it shares (solved on that
+    first use's inputs).
     """
 
     method: str
@@ -148,6 +151,7 @@ class QuantReport:
     unreached: list = field(default_factory=list)
     resumed: list = field(default_factory=list)
     replayed: list = field(default_factory=list)
+    tied: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -287,7 +291,7 @@ def quantize_model(
             # modes of those they replace: restored with the rest at the end)
             modes = {m: m.training for m in model.modules()}
             model.eval()
-            stacks = _plan(model, towers, layers)
+            stacks, tied = _plan(model, towers, layers)
             _refuse_adapter_layers(stacks)
             if method != "rtn" and targets != "merged_path":
                 _warn_quantized_elsewhere(model, targets)
@@ -316,6 +320,7 @@ def quantize_model(
                     resume_dir=resume_dir,
                 )
                 walk.run(progress)
+            _share_tied(model, tied, edits, report)
     except BaseException:
         edits.rollback()
         raise
@@ -452,10 +457,11 @@ class _Stack:
     handoff: dict = field(default_factory=dict)
 
 
-def _plan(model, towers, layers) -> list:
+def _plan(model, towers, layers) -> tuple:
     """The stacks to walk, in the order their modules are registered (the order of the forward
     pass in every family we know: a VLM's vision tower before its language model, T5's encoder
-    before its decoder)."""
+    before its decoder); and the tied linears, ``{name: the name of the linear whose weight and
+    bias it holds}``, left out of the stacks (``_share_tied``)."""
     select = _selector(layers)
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     stacks = []
@@ -479,11 +485,37 @@ def _plan(model, towers, layers) -> list:
                         f"{name} is the same module as {first} (weight sharing across blocks, as in "
                         f"ALBERT): the walk quantizes each block's linears from that block's inputs; "
                         f"untie the blocks (copy.deepcopy each) or exclude one with layers=")
+    tied, first_use = {}, {}
+    for stack in stacks:
+        for i, block in enumerate(stack.blocks):
+            keep = []
+            for rel in stack.chosen[i]:
+                linear = block.get_submodule(rel)
+                name = f"{stack.prefix}.{i}.{rel}"
+                key = (id(linear.weight), id(linear.bias))  # (id(None) for every bias-free one)
+                first = first_use.setdefault(key, name)
+                if first == name:
+                    keep.append(rel)
+                else:
+                    tied[name] = first
+            stack.chosen[i] = keep
     if not stacks:
         done = any(isinstance(m, QuantLinear) for m in model.modules())
         raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
                          + ("; its blocks' linears are already quantized (QuantLinear)" if done else ""))
-    return stacks
+    return stacks, tied
+
+
+def _share_tied(model, tied, edits, report) -> None:
+    """A linear tied to another (the same weight and bias parameters in another module: Zamba's
+    attention block, shared by its hybrid layers) gets the other's packed layer: the quantized
+    model keeps the sharing and its size, as the checkpoint it came from. The layer is solved
+    on its first use's inputs (the walk runs the later uses in full precision)."""
+    for name, first in tied.items():
+        layer = model.get_submodule(first)
+        if isinstance(layer, QuantLinear):  # (else left in full precision: never called)
+            edits.swap(name, layer)
+            report.tied[name] = first
 
 
 def _warn_quantized_elsewhere(model, targets) -> None:

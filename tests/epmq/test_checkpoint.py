@@ -1079,6 +1079,55 @@ def test_a_layer_shared_by_two_blocks(tmp_path, checkpoint_format):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def _tied(seed, tie=True, bias_of_its_own=False):
+    """A Llama whose second layer's up_proj holds the first's weight parameter (two modules, one
+    weight: Zamba's attention block, which from_pretrained ties across its hybrid layers), or an
+    equal copy of it (``tie=False``)."""
+    model = _llama(seed, mlp_bias=bias_of_its_own)
+    first, second = model.model.layers[0].mlp.up_proj, model.model.layers[1].mlp.up_proj
+    second.weight = first.weight if tie else torch.nn.Parameter(first.weight.detach().clone())
+    return model
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_tied_linears_share_one_packed_layer(gen, tmp_path, method):
+    """Linears of two blocks that hold one weight are quantized once, on the first use's inputs,
+    and share the packed layer: the model keeps its sharing and its size (each use was packed
+    apart before); saved once, loaded back with one set of buffers, the same outputs."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    ids = torch.randint(0, 64, (2, 9), generator=gen)
+    options = dict(method=method, calibration={"a": [{"input_ids": ids}]}, backend="torch", progress=False)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    first, second = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+    model = epmq.quantize_model(_tied(seed), spec, **options)
+    shared = model.get_submodule(first)
+    assert isinstance(shared, epmq.QuantLinear) and model.get_submodule(second) is shared
+    assert model.epmq_report.tied == {second: first}
+    assert second not in {layer["name"] for layer in model.epmq_report.layers}
+    # the packed layer is the one a walk of the untied model makes that leaves the second use alone
+    alone = epmq.quantize_model(_tied(seed, tie=False), spec, layers=lambda name: name != second, **options)
+    assert isinstance(alone.get_submodule(second), torch.nn.Linear)
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        assert torch.equal(getattr(alone.get_submodule(first), part), getattr(shared, part))
+    epmq.save_quantized(model, tmp_path / "q")
+    assert f"{second}.qweight" not in load_file(str(tmp_path / "q" / "model.safetensors"))
+    loaded = epmq.load_quantized(tmp_path / "q", _tied(seed + 1))
+    assert loaded.get_submodule(second).qweight is loaded.get_submodule(first).qweight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_tied_weight_with_biases_of_its_own_is_packed_per_use(gen):
+    """One weight under two biases: not one layer, so each use is quantized as it is called."""
+    model = _tied(int(torch.randint(0, 2**31, (1,), generator=gen)), bias_of_its_own=True)
+    ids = torch.randint(0, 64, (2, 9), generator=gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                        calibration={"a": [{"input_ids": ids}]}, backend="torch", progress=False)
+    layers = [model.model.layers[i].mlp.up_proj for i in (0, 1)]
+    assert all(isinstance(m, epmq.QuantLinear) for m in layers) and layers[0] is not layers[1]
+    assert model.epmq_report.tied == {}
+
+
 def test_a_layer_of_one_group_keeps_the_checkpoints_group_size(tmp_path, recwarn):
     """A peer's group_size=32 checkpoint where q_proj has 32 inputs (one group): read back as
     group_size 32, not per channel, so saving it again warns of no mix of group sizes."""

@@ -317,7 +317,14 @@ def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
     assert left <= set(model.epmq_report.skipped)
     said = [str(w.message) for w in recwarn if "never called on the calibration data" in str(w.message)]
     assert len(said) == bool(model.epmq_report.skipped) and all(model.epmq_report.skipped[0] in s for s in said)
-    assert not [w for w in recwarn if "outside any linear" in str(w.message)]
+    outside = [str(w.message) for w in recwarn if "outside any linear" in str(w.message)]
+    # (Zamba's mixers keep per-head projections as raw tensors: 15% of a block this small, 3% of
+    # Zamba-7B's, where nothing is said)
+    assert all("mamba.x_proj_weight" in s for s in outside) if arch == "zamba" else not outside
+    # (Zamba's hybrid layers tie one attention block's weights: packed once, shared by all)
+    assert all(model.get_submodule(name) is model.get_submodule(first)
+               for name, first in model.epmq_report.tied.items())
+    assert bool(model.epmq_report.tied) == (arch == "zamba")
     assert len(model.epmq_report.layers) == sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) > 0
     # (each block's output is the next one's input, but where the model changes it in between:
     # no pass of the model per block where it is not needed)
@@ -355,10 +362,14 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     calibration = {"a": [wider_input(kind, gen) for _ in range(2)]}
     adapter = find_adapter(model)
     prefix, blocks = adapter.stacks(model)[-1]
-    target = f"{prefix}.{len(blocks) - 1}.{next(iter(adapter.linears(blocks[-1])))}"
     # (the walk's items: padded batches cut into batches of real tokens)
-    hand = hooked_inputs(model, target, [part for item in calibration["a"]
-                                         for part in unpad(item, encoder_decoder=_encoder_decoder(model))])
+    items = [part for item in calibration["a"] for part in unpad(item, encoder_decoder=_encoder_decoder(model))]
+    # its first linear the forward calls (LongCat-Flash's router reads its classifier's weight)
+    for rel in adapter.linears(blocks[-1]):
+        target = f"{prefix}.{len(blocks) - 1}.{rel}"
+        hand = hooked_inputs(model, target, items)
+        if hand:
+            break
     seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
                         backend="torch", progress=False)

@@ -366,6 +366,14 @@ _DEEPSEEK = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope
                  v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
                  first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE)
 
+_LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+# multi-head latent attention (as many key-value heads as heads; head_dim is the rotary part)
+_LATENT = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+               v_head_dim=8, head_dim=4)
+# Zamba's attention reads [hidden, embeddings]: twice the width
+_ZAMBA = dict(attention_hidden_size=64, attention_head_dim=16, num_key_value_heads=4)
+
 # Families that share a built-in adapter's calling convention, each checked end to end once
 # (tests/epmq/test_walker_archs.py): name -> (builder, kind of calibration input).
 WIDER = {
@@ -472,6 +480,42 @@ WIDER = {
            "Afmoe": dict(num_experts=4, moe_intermediate_size=16, num_dense_layers=1, head_dim=8, **_MOE),
            "Mamba": dict(state_size=4, expand=2), "FalconMamba": dict(state_size=4, expand=2),
            "Mamba2": dict(state_size=8, expand=2, num_heads=8, head_dim=8, n_groups=1)}.items()},
+    # hybrids of attention with linear attention or state-space layers (one layer of each kind),
+    # latent-attention families, an interleaved-rotary GPT: all walked by AUTO
+    **{name.lower(): (_decoder(f"{name}ForCausalLM", config, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+                               **options), "ids")
+       for name, config, options in [
+           ("Qwen3_5", "Qwen3_5TextConfig", dict(_LINEAR_ATTENTION, head_dim=8)),
+           ("Qwen3_5Moe", "Qwen3_5MoeTextConfig", dict(_LINEAR_ATTENTION, head_dim=8, num_experts=4,
+                                                        moe_intermediate_size=16, **_MOE)),
+           ("OlmoHybrid", "OlmoHybridConfig", _LINEAR_ATTENTION),
+           ("KimiLinear", "KimiLinearConfig", dict(_LATENT, q_lora_rank=None, num_hidden_layers=3, num_experts=4,
+                                                    num_experts_per_token=2, linear_head_dim=8, linear_num_heads=4,
+                                                    mlp_layer_types=["dense", "sparse", "sparse"],
+                                                    layer_types=["linear_attention", "linear_attention",
+                                                                 "full_attention"])),
+           ("NemotronH", "NemotronHConfig", dict(head_dim=8, ssm_state_size=8, mamba_head_dim=8, n_groups=1,
+                                                  n_routed_experts=4, moe_intermediate_size=16,
+                                                  num_hidden_layers=None)),
+           ("Zamba2", "Zamba2Config", dict(_ZAMBA, layers_block_type=["linear_attention", "hybrid"],
+                                            hybrid_layer_ids=[1], mamba_d_state=8, mamba_headdim=8,
+                                            adapter_rank=8)),
+           ("Lfm2Moe", "Lfm2MoeConfig", dict(num_experts=4, moe_intermediate_size=16, num_dense_layers=1,
+                                              layer_types=["conv", "full_attention"], **_MOE)),
+           ("MiniCPM3", "MiniCPM3Config", _LATENT),
+           ("Glm4MoeLite", "Glm4MoeLiteConfig", dict(_LATENT, n_routed_experts=4, moe_intermediate_size=16,
+                                                      mlp_layer_types=["dense", "sparse"], **_MOE)),
+           ("DeepseekV32", "DeepseekV32Config", dict(_DEEPSEEK, head_dim=4, mlp_layer_types=["dense", "sparse"])),
+           ("LongcatFlash", "LongcatFlashConfig", dict(_LATENT, num_hidden_layers=None, num_layers=2,
+                                                        intermediate_size=None, ffn_hidden_size=64,
+                                                        moe_intermediate_size=None, n_routed_experts=4)),
+       ]},
+    # Zamba: one attention block whose weights every hybrid layer ties (packed once, shared)
+    "zamba": (_decoder("ZambaForCausalLM", "ZambaConfig", **_ZAMBA, num_hidden_layers=6, n_mamba_heads=2,
+                       mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2, attn_layer_offset=1,
+                       pad_token_id=0, bos_token_id=0, eos_token_id=1), "ids"),
+    "codegen": (_hf("CodeGenForCausalLM", "CodeGenConfig", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                    rotary_dim=4, n_positions=64, bos_token_id=0, eos_token_id=1), "ids"),
     "rwkv": (_hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                  attention_hidden_size=32, intermediate_size=64, context_length=64), "ids"),
     "ctrl": (_hf("CTRLLMHeadModel", "CTRLConfig", vocab_size=VOCAB, n_embd=32, dff=64, n_layer=2, n_head=4,
