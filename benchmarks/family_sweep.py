@@ -37,8 +37,8 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             # linear attention / state-space mixers
             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
             linear_head_dim=8, mamba_head_dim=8, mamba_n_heads=8, mamba_d_state=8, ssm_state_size=8, state_size=8,
-            mamba_n_groups=1, n_groups=1, time_step_rank=4, attention_head_dim=8, conv_kernel=4, mamba_d_head=8,
-            n_mamba_heads=8, mamba_headdim=8, attention_hidden_size=32, kv_channels=8, adapter_rank=8,
+            mamba_n_groups=1, n_groups=1, time_step_rank=4, mamba_dt_rank=4, lru_width=32, attention_head_dim=8,
+            conv_kernel=4, mamba_d_head=8, n_mamba_heads=8, mamba_headdim=8, attention_hidden_size=32, kv_channels=8, adapter_rank=8,
             embedding_dim=32, num_blocks=2, context_length=64, linear_num_heads=4, num_experts_per_token=2,
             # hybrids: attention (and experts) on the second of two layers, a shared expert, one expert group
             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, n_group=1,
@@ -58,6 +58,10 @@ OVERRIDES = {
     "gemma3n_text": dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
     "gemma3n": dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
     "xlstm": dict(qk_dim_factor=1.0),
+    "mamba2": dict(num_heads=8),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "dory": dict(n_input_layers=1, n_recurrent_layers=1, n_output_layers=1),
+    "hrm_text": dict(num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1]),
     "qwen4_exp": dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
                       indexer_compress_ratio=2, hc_lowrank=8, ple_embed_dim=32, ngram_vocab_size_base=64,
                       split_ngram_parts=4, make_ngram_vocab_size_divisible_by=8, shared_expert_intermediate_size=16),
@@ -95,6 +99,10 @@ def shrink(d: dict) -> dict:
         for k in lists:
             d[k] = [d[k][i] for i in keep]
         d["num_hidden_layers"] = len(keep)
+        if isinstance(d.get("per_layer_config"), dict):  # (Gemma 4: {"05": {...}}, by layer index)
+            d["per_layer_config"] = {
+                key[:-len(str(new))] + str(new): {k: TINY.get(k, v) for k, v in d["per_layer_config"][key].items()}
+                for new, old in enumerate(keep) for key in d["per_layer_config"] if int(key) == old}
     for key, value in d.items():
         if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
             d[key] = shrink(value)
