@@ -573,10 +573,14 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
                     outside += p.numel()
                     left.append(f"{stack.prefix}.{i}.{rel + '.' if rel else ''}{name} {tuple(p.shape)}")
     if total and outside > share * total:
+        experts = any("expert" in name.lower() for name in left)
         warnings.warn(
             f"{100 * outside / total:.0f}% of the blocks' parameters are matrices outside any linear "
-            f"layer and stay in full precision (e.g. {', '.join(left[:3])}): fused experts of a "
-            f"mixture-of-experts model its adapter does not rebuild? (epmq.adapters.MoEAdapter)"
+            f"layer and stay in full precision (e.g. {', '.join(left[:3])}): "
+            + ("fused experts of a mixture-of-experts model its adapter does not rebuild? "
+               "(epmq.adapters.MoEAdapter)" if experts else
+               "weights the blocks read without a linear layer (as a state-space mixer's per-head "
+               "projections), which no packed layer replaces")
         )
 
 
