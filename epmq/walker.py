@@ -1191,8 +1191,8 @@ class _Walk:
                             raise ValueError(
                                 f"calibration sample {n} of task {task!r} never reaches the blocks "
                                 f"at {stack.prefix!r} ({stack.adapter.name}): give inputs that run "
-                                f"through them, or leave them out (adapter= the towers to quantize, "
-                                f"or layers=)"
+                                f"through them, or leave them out: layers=r'^(?!{re.escape(stack.prefix)}\\.)' "
+                                f"(or adapter= the towers to quantize)"
                             )
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))

@@ -45,6 +45,29 @@ class _Expert(nn.Module):
         return tuple(getattr(self, name) for name in self.names)
 
 
+class _FusedGate(nn.Module):
+    """A fused experts module's own gate (its ``_apply_gate``: a clamped SwiGLU, a product in
+    fp32), applied to an expert's gate and up outputs concatenated as its fused projection gives
+    them. It holds the module's settings (limits, ``act_fn``), not its weights."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.apply_gate = type(fused)._apply_gate
+        for key, value in vars(fused).items():
+            if not key.startswith("_") and key != "training" and not isinstance(value, torch.Tensor):
+                setattr(self, key, value)
+        for key, module in fused.named_children():
+            self.add_module(key, module)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.apply_gate(self, torch.cat([gate, up], dim=-1))
+
+
+def _custom_gate(fused: nn.Module) -> bool:
+    gate = getattr(type(fused), "_apply_gate", None)
+    return gate is not None and gate.__name__ != "_default_apply_gate"
+
+
 def _linear(weight: torch.Tensor) -> nn.Linear:
     """An ``nn.Linear`` whose weight is ``weight`` itself, a view of the fused parameter: the
     walker keeps the fused module (to restore it if quantization fails), so a copy would hold
@@ -70,8 +93,13 @@ class LinearExperts(nn.Module):
         for e in range(self.num_experts):
             gate, up, down = (_linear(part.take(getattr(fused, part.fused))) for part in self.parts(fused, e))
             self.add_module(str(e), _Expert(gate, up, down, names))
-        self.act_fn = fused.act_fn
+        self.act_fn = getattr(fused, "act_fn", None)
+        # (the fused module's own gate where it has one, else act(gate) * up)
+        self.activation = _FusedGate(fused) if _custom_gate(fused) else None
         self.train(fused.training)
+
+    def _gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.activation(gate, up) if self.activation is not None else self.act_fn(gate) * up
 
     @classmethod
     def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
@@ -103,7 +131,7 @@ class LinearExperts(nn.Module):
             position, token = torch.where(mask[e])
             gate, up, down = self[e].projections()
             x = hidden_states[token]
-            y = down(self.act_fn(gate(x)) * up(x)) * top_k_weights[token, position, None]
+            y = down(self._gated(gate(x), up(x))) * top_k_weights[token, position, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
@@ -127,7 +155,7 @@ class Llama4LinearExperts(LinearExperts):
             rows = routed[e].nonzero()[:, 0]
             gate, up, down = self[e].projections()
             x_e = x[e, rows]
-            out[e].index_copy_(0, rows, down(self.act_fn(gate(x_e)) * up(x_e)).to(out.dtype))
+            out[e].index_copy_(0, rows, down(self._gated(gate(x_e), up(x_e))).to(out.dtype))
         return out.view(-1, out.shape[-1])
 
 
@@ -209,14 +237,13 @@ def is_fused_experts(module: nn.Module) -> bool:
 def _known_call(experts: nn.Module) -> bool:
     """Whether ``LinearExperts`` (or the class ``REBUILT_AS`` names) takes the fused module's
     layout and call: transformers' usual ``(hidden_states, top_k_index, top_k_weights)``, gate
-    and up concatenated, no biases, ``act(gate) * up``."""
+    and up concatenated, no biases (the gate, ``act(gate) * up`` or the module's own
+    ``_apply_gate``, is kept)."""
     if type(experts).__name__ in REBUILT_AS:
         return True
-    gate = getattr(type(experts), "_apply_gate", None)
     return (list(inspect.signature(experts.forward).parameters)[:3] == ["hidden_states", "top_k_index",
                                                                         "top_k_weights"]
-            and all(getattr(experts, flag, usual) == usual for flag, usual in USUAL_LAYOUT.items())
-            and (gate is None or gate.__name__ == "_default_apply_gate"))
+            and all(getattr(experts, flag, usual) == usual for flag, usual in USUAL_LAYOUT.items()))
 
 
 def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: bool = False) -> dict:

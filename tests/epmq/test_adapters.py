@@ -1,5 +1,7 @@
 """Adapters: the attention rewrite for open_clip, and adding a family through the registry."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -513,11 +515,45 @@ def test_experts_tagged_transposed_are_rebuilt_from_their_transpose(gen):
         setattr(fused, flag, value)
         assert not _known_call(fused)
         setattr(fused, flag, not value)
-    type(fused)._apply_gate, gate = (lambda self, x: x), type(fused)._apply_gate
-    try:
-        assert not _known_call(fused)
-    finally:
-        type(fused)._apply_gate = gate
+
+
+@pytest.mark.parametrize("family", ["bailing_hybrid", "hy_v4", "beam"])
+def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
+    """Fused experts of the usual layout whose ``_apply_gate`` is their own (Ling's per-layer
+    SwiGLU limit, Hunyuan V4's clamped SwiGLU, Beam's product in fp32) are rebuilt as linears
+    that apply that very gate: the same outputs (they were left fused, in full precision)."""
+    import importlib
+
+    from epmq.adapters.moe import LinearExperts, _known_call, rebuild_experts
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    fused_class = next(c for n, c in vars(module).items() if n.endswith("Experts") and c.__module__ == module.__name__)
+    config = types.SimpleNamespace(num_local_experts=3, num_experts=3, hidden_size=8, moe_intermediate_size=6,
+                                   hidden_act="silu", swiglu_limits=[0.5], limit_after_act=False,
+                                   swiglu_limit=0.5, _experts_implementation="eager")
+    fused = fused_class(config, 0) if family == "bailing_hybrid" else fused_class(config)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    assert _known_call(fused)
+    holder = nn.Module()
+    holder.experts = fused
+    holder.block_modules = lambda model: model.named_modules()
+    renames = rebuild_experts(holder, holder, lambda name, new: setattr(holder, name, new), known_call_only=True)
+    linears = holder.experts
+    assert isinstance(linears, LinearExperts) and renames
+    assert not any(p.dim() == 3 for p in linears.parameters())
+    x = torch.randn(9, 8, generator=gen) * 3  # (past the limits)
+    index, weights = torch.randint(0, 3, (9, 2), generator=gen), torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+        assert linears.activation is not None
+        if family == "beam":  # (its gate differs from act(gate) * up in bf16 only)
+            return
+        # (the clamp matters here: act(gate) * up is another function)
+        linears.activation = None
+        linears.act_fn = nn.SiLU()
+        assert not torch.allclose(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
 
 
 class SameLinear(nn.Linear):

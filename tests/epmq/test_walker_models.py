@@ -506,6 +506,16 @@ WIDER = {
            ("Glm4MoeLite", "Glm4MoeLiteConfig", dict(_LATENT, n_routed_experts=4, moe_intermediate_size=16,
                                                       mlp_layer_types=["dense", "sparse"], **_MOE)),
            ("DeepseekV32", "DeepseekV32Config", dict(_DEEPSEEK, head_dim=4, mlp_layer_types=["dense", "sparse"])),
+           # fused experts with a gate of their own (a per-layer SwiGLU limit; a clamped SwiGLU)
+           ("BailingHybrid", "BailingHybridConfig", dict(
+               _LATENT, q_lora_rank=None, num_hidden_layers=3, num_experts=4, moe_intermediate_size=16,
+               num_experts_per_token=2, num_expert_group=1, topk_group=1, first_k_dense_replace=1,
+               num_nextn_predict_layers=0, linear_head_dim=8, linear_num_heads=4,
+               layer_types=["linear_attention", "linear_attention", "full_attention"],
+               mlp_layer_types=["dense", "sparse", "sparse"], expert_swiglu_limit_list=[0, 0.5, 0.5],
+               share_expert_swiglu_limit_list=[0, 0, 0])),
+           ("HYV4", "HYV4Config", dict(_LATENT, n_routed_experts=4, moe_intermediate_size=16, swiglu_limit=0.5,
+                                        mlp_layer_types=["dense", "sparse"], **_MOE)),
            ("LongcatFlash", "LongcatFlashConfig", dict(_LATENT, num_hidden_layers=None, num_layers=2,
                                                         intermediate_size=None, ffn_hidden_size=64,
                                                         moe_intermediate_size=None, n_routed_experts=4)),
