@@ -1,6 +1,6 @@
 """Adapters: the attention rewrite for open_clip, and adding a family through the registry."""
 
-import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -528,7 +528,7 @@ def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
 
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     fused_class = next(c for n, c in vars(module).items() if n.endswith("Experts") and c.__module__ == module.__name__)
-    config = types.SimpleNamespace(num_local_experts=3, num_experts=3, hidden_size=8, moe_intermediate_size=6,
+    config = SimpleNamespace(num_local_experts=3, num_experts=3, hidden_size=8, moe_intermediate_size=6,
                                    hidden_act="silu", swiglu_limits=[0.5], limit_after_act=False,
                                    swiglu_limit=0.5, _experts_implementation="eager")
     fused = fused_class(config, 0) if family == "bailing_hybrid" else fused_class(config)

@@ -1,6 +1,6 @@
-import ast
 """Bad input gets a clear error, and a failed quantization leaves the model as it was."""
 
+import ast
 import re
 
 import pytest
