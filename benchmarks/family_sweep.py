@@ -40,7 +40,8 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             linear_head_dim=8, mamba_head_dim=8, mamba_n_heads=8, mamba_d_state=8, ssm_state_size=8, state_size=8,
             mamba_n_groups=1, n_groups=1, time_step_rank=4, mamba_dt_rank=4, lru_width=32, attention_head_dim=8,
             conv_kernel=4, mamba_d_head=8, n_mamba_heads=8, mamba_headdim=8, attention_hidden_size=32, kv_channels=8,
-            adapter_rank=8, embedding_dim=32, num_blocks=2, context_length=64, linear_num_heads=4, num_experts_per_token=2,
+            adapter_rank=8, embedding_dim=32, num_blocks=2, context_length=64, linear_num_heads=4,
+            num_experts_per_token=2,
             # hybrids: attention (and experts) on the second of two layers, a shared expert, one expert group
             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, n_group=1,
             topk_group=1, num_expert_group=1, first_k_dense_replace=1, num_dense_layers=1,
