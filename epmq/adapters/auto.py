@@ -42,7 +42,7 @@ from torch import nn
 
 from . import _LISTS
 from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention
-from .moe import MoEAdapter, is_fused_experts, rebuild_experts
+from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
 
 # the class-name endings of the blocks AUTO walks (heads, projectors, experts, stages: not blocks)
 BLOCK_SUFFIXES = ("Layer", "Block")
@@ -56,7 +56,8 @@ def _holds_linear(module: nn.Module) -> bool:
 
 def _routes(block: nn.Module) -> bool:
     """Whether a block holds routed experts: fused 3-D expert parameters or a list named ``experts``."""
-    return any(is_fused_experts(m) or name.rpartition(".")[2] == "experts" for name, m in block.named_modules())
+    return any(is_fused_experts(m) or is_split_experts(m) or name.rpartition(".")[2] == "experts"
+               for name, m in block.named_modules())
 
 
 class AutoAdapter(MoEAdapter):

@@ -215,6 +215,42 @@ class TransposedLinearExperts(LinearExperts):
     transposed = True
 
 
+class SplitLinears(nn.Module):
+    """Experts held as one ``weight [E, out, in]`` and called on the tokens sorted by expert with
+    each expert's count (JetMoE's ``ParallelExperts``: ``forward(inputs, expert_size)``), as
+    ``nn.Linear`` per expert (children ``"0"``, ``"1"``, ...) viewing the fused weight: the same
+    call. An expert without tokens is not called (nothing to record)."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.num_experts = fused.weight.shape[0]
+        for e in range(self.num_experts):
+            self.add_module(str(e), _linear(fused.weight[e]))
+        self.train(fused.training)
+
+    @classmethod
+    def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
+        return (Part(f"{prefix}{e}.weight", f"{prefix}weight", e, None, fused.weight.shape),)
+
+    def __getitem__(self, e: int) -> nn.Module:
+        return getattr(self, str(e))
+
+    def forward(self, inputs, expert_size):
+        out = []
+        for e, rows in enumerate(inputs.split(expert_size, dim=0)):
+            linear = self[e]
+            out.append(linear(rows) if rows.shape[0] else rows.new_zeros(0, linear.out_features))
+        return torch.cat(out, dim=0)
+
+
+def is_split_experts(module: nn.Module) -> bool:
+    """Experts of ``SplitLinears``' layout and call (one 3-D ``weight``, nothing else)."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 3
+            and [n for n, _ in module.named_parameters()] == ["weight"]
+            and list(inspect.signature(module.forward).parameters)[:2] == ["inputs", "expert_size"])
+
+
 # fused experts of another layout or call than transformers' usual ones
 REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts}
 # what transformers tags its fused experts with (``use_experts_implementation``), as they are in
@@ -248,12 +284,14 @@ def _known_call(experts: nn.Module) -> bool:
 
 def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: bool = False) -> dict:
     """Fused experts inside ``adapter``'s blocks rebuilt as ``LinearExperts`` (or the class
-    ``REBUILT_AS`` names); ``known_call_only``: only those whose call it is known to take."""
+    ``REBUILT_AS`` names; JetMoE's as ``SplitLinears``); ``known_call_only``: only those whose
+    call it is known to take."""
     renames = {}
     for name, module in list(adapter.block_modules(model)):
-        if not is_fused_experts(module) or (known_call_only and not _known_call(module)):
+        split = is_split_experts(module)
+        if not split and (not is_fused_experts(module) or (known_call_only and not _known_call(module))):
             continue
-        experts = _rebuilt_as(module)(module)
+        experts = (SplitLinears if split else _rebuilt_as(module))(module)
         swap(name, experts)
         for e in range(experts.num_experts):
             renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})

@@ -556,6 +556,33 @@ def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
         assert not torch.allclose(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
 
 
+def test_jetmoe_parallel_experts_as_linears(gen):
+    """JetMoE's ``ParallelExperts`` (``weight [E, out, in]``, called on tokens sorted by expert
+    with each one's count) as ``nn.Linear`` per expert viewing the weight: the same output, an
+    expert without tokens included; its rows read from a checkpoint's fused tensor."""
+    import transformers
+    from epmq.adapters.moe import SplitLinears, is_split_experts, rebuild_experts
+
+    fused = transformers.models.jetmoe.modeling_jetmoe.JetMoeParallelExperts(4, 8, 6)
+    with torch.no_grad():
+        fused.weight.copy_(torch.randn(fused.weight.shape, generator=gen))
+    assert is_split_experts(fused) and not is_split_experts(nn.Linear(8, 6))
+    holder = nn.Module()
+    holder.experts = fused
+    holder.block_modules = lambda model: model.named_modules()
+    renames = rebuild_experts(holder, holder, lambda name, new: setattr(holder, name, new), known_call_only=True)
+    linears = holder.experts
+    assert isinstance(linears, SplitLinears) and linears[2].weight.data_ptr() == fused.weight[2].data_ptr()
+    part = renames["experts.2.weight"]
+    assert torch.equal(part.take(fused.weight), linears[2].weight)
+    x, counts = torch.randn(7, 8, generator=gen), [3, 0, 4, 0]
+    called = []
+    linears[1].register_forward_hook(lambda *a: called.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, counts), fused(x, counts), rtol=0, atol=0)
+    assert not called
+
+
 class SameLinear(nn.Linear):
     """Its own forward, a linear layer's math (as Falcon's ``FalconLinear``)."""
 

@@ -524,6 +524,9 @@ WIDER = {
     "zamba": (_decoder("ZambaForCausalLM", "ZambaConfig", **_ZAMBA, num_hidden_layers=6, n_mamba_heads=2,
                        mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2, attn_layer_offset=1,
                        pad_token_id=0, bos_token_id=0, eos_token_id=1), "ids"),
+    # JetMoE: experts of attention and MLP as one [E, out, in] weight called on tokens sorted by expert
+    "jetmoe": (_decoder("JetMoeForCausalLM", "JetMoeConfig", kv_channels=8, num_local_experts=4, pad_token_id=0,
+                        bos_token_id=0, eos_token_id=1), "ids"),
     "codegen": (_hf("CodeGenForCausalLM", "CodeGenConfig", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                     rotary_dim=4, n_positions=64, bos_token_id=0, eos_token_id=1), "ids"),
     "rwkv": (_hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
