@@ -80,9 +80,9 @@ def shrink(d: dict) -> dict:
     n = d.get("num_hidden_layers")
     lists = [k for k in PER_LAYER if isinstance(d.get(k), list) and n and len(d[k]) == n]
     for key, value in TINY.items():
-        if key in d and not (key in ("q_lora_rank",) and d[key] is None):
+        if key in d:
             d[key] = value
-    if "q_lora_rank" in d and d["q_lora_rank"] is not None:
+    if d.get("q_lora_rank") is not None:
         d["q_lora_rank"] = 16
     if "kv_lora_rank" in d:  # latent attention: as many key-value heads as heads
         if "head_dim" in d:

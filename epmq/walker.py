@@ -474,26 +474,20 @@ def _plan(model, towers, layers) -> tuple:
             if any(chosen):
                 stacks.append(_Stack(prefix, blocks, chosen, adapter))
     stacks.sort(key=lambda stack: position[stack.prefix])
-    owner = {}  # a linear's first name
+    owner, first_use, tied = {}, {}, {}  # a linear's first name; by its weight and bias; the ties
     for stack in stacks:
-        for i, (block, rels) in enumerate(zip(stack.blocks, stack.chosen)):
-            for rel in rels:
-                name = f"{stack.prefix}.{i}.{rel}"
-                first = owner.setdefault(id(block.get_submodule(rel)), name)
+        for i, block in enumerate(stack.blocks):
+            keep = []
+            for rel in stack.chosen[i]:
+                linear, name = block.get_submodule(rel), f"{stack.prefix}.{i}.{rel}"
+                first = owner.setdefault(id(linear), name)
                 if first != name:
                     raise ValueError(
                         f"{name} is the same module as {first} (weight sharing across blocks, as in "
                         f"ALBERT): the walk quantizes each block's linears from that block's inputs; "
                         f"untie the blocks (copy.deepcopy each) or exclude one with layers=")
-    tied, first_use = {}, {}
-    for stack in stacks:
-        for i, block in enumerate(stack.blocks):
-            keep = []
-            for rel in stack.chosen[i]:
-                linear = block.get_submodule(rel)
-                name = f"{stack.prefix}.{i}.{rel}"
-                key = (id(linear.weight), id(linear.bias))  # (id(None) for every bias-free one)
-                first = first_use.setdefault(key, name)
+                # (id(None) for every bias-free one)
+                first = first_use.setdefault((id(linear.weight), id(linear.bias)), name)
                 if first == name:
                     keep.append(rel)
                 else:

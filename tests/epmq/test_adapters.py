@@ -517,6 +517,17 @@ def test_experts_tagged_transposed_are_rebuilt_from_their_transpose(gen):
         setattr(fused, flag, not value)
 
 
+def _rebuilt(fused):
+    """``fused`` as AUTO's prepare rebuilds it (the module in its place, the checkpoint parts)."""
+    from epmq.adapters.moe import rebuild_experts
+
+    holder = nn.Module()
+    holder.experts = fused
+    holder.block_modules = lambda model: model.named_modules()
+    renames = rebuild_experts(holder, holder, lambda name, new: setattr(holder, name, new), known_call_only=True)
+    return holder.experts, renames
+
+
 @pytest.mark.parametrize("family", ["bailing_hybrid", "hy_v4", "beam"])
 def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
     """Fused experts of the usual layout whose ``_apply_gate`` is their own (Ling's per-layer
@@ -524,7 +535,7 @@ def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
     that apply that very gate: the same outputs (they were left fused, in full precision)."""
     import importlib
 
-    from epmq.adapters.moe import LinearExperts, _known_call, rebuild_experts
+    from epmq.adapters.moe import LinearExperts, _known_call
 
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     fused_class = next(c for n, c in vars(module).items() if n.endswith("Experts") and c.__module__ == module.__name__)
@@ -536,11 +547,7 @@ def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
         for p in fused.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     assert _known_call(fused)
-    holder = nn.Module()
-    holder.experts = fused
-    holder.block_modules = lambda model: model.named_modules()
-    renames = rebuild_experts(holder, holder, lambda name, new: setattr(holder, name, new), known_call_only=True)
-    linears = holder.experts
+    linears, renames = _rebuilt(fused)
     assert isinstance(linears, LinearExperts) and renames
     assert not any(p.dim() == 3 for p in linears.parameters())
     x = torch.randn(9, 8, generator=gen) * 3  # (past the limits)
@@ -561,17 +568,13 @@ def test_jetmoe_parallel_experts_as_linears(gen):
     with each one's count) as ``nn.Linear`` per expert viewing the weight: the same output, an
     expert without tokens included; its rows read from a checkpoint's fused tensor."""
     import transformers
-    from epmq.adapters.moe import SplitLinears, is_split_experts, rebuild_experts
+    from epmq.adapters.moe import SplitLinears, is_split_experts
 
     fused = transformers.models.jetmoe.modeling_jetmoe.JetMoeParallelExperts(4, 8, 6)
     with torch.no_grad():
         fused.weight.copy_(torch.randn(fused.weight.shape, generator=gen))
     assert is_split_experts(fused) and not is_split_experts(nn.Linear(8, 6))
-    holder = nn.Module()
-    holder.experts = fused
-    holder.block_modules = lambda model: model.named_modules()
-    renames = rebuild_experts(holder, holder, lambda name, new: setattr(holder, name, new), known_call_only=True)
-    linears = holder.experts
+    linears, renames = _rebuilt(fused)
     assert isinstance(linears, SplitLinears) and linears[2].weight.data_ptr() == fused.weight[2].data_ptr()
     part = renames["experts.2.weight"]
     assert torch.equal(part.take(fused.weight), linears[2].weight)
