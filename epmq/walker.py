@@ -135,7 +135,8 @@ class QuantReport:
     therefore taken from a pass of the model per block (slower; see the module docstring).
     ``tied``: linears tied to another (the same weight and bias parameters, as Zamba's shared
     attention block), each mapped to the linear whose packed layer it shares (solved on that
-    first use's inputs).
+    first use's inputs). ``routers``: the linears that route tokens to experts, left in full
+    precision (``epmq.adapters.routers``).
     """
 
     method: str
@@ -152,6 +153,7 @@ class QuantReport:
     resumed: list = field(default_factory=list)
     replayed: list = field(default_factory=list)
     tied: dict = field(default_factory=dict)
+    routers: list = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -291,7 +293,7 @@ def quantize_model(
             # modes of those they replace: restored with the rest at the end)
             modes = {m: m.training for m in model.modules()}
             model.eval()
-            stacks, tied = _plan(model, towers, layers)
+            stacks, tied, routers = _plan(model, towers, layers)
             _refuse_adapter_layers(stacks)
             if method != "rtn" and targets != "merged_path":
                 _warn_quantized_elsewhere(model, targets)
@@ -306,6 +308,7 @@ def quantize_model(
                 anchor=anchor if method == "epmq" else None,
                 weight_anchor=weight_anchor if method == "epmq" else None,
                 true_sequential=None if method == "rtn" else true_sequential,
+                routers=routers,
             )
             if method == "rtn":
                 _rtn(stacks, spec, edits, report, progress, device)
@@ -461,16 +464,19 @@ def _plan(model, towers, layers) -> tuple:
     """The stacks to walk, in the order their modules are registered (the order of the forward
     pass in every family we know: a VLM's vision tower before its language model, T5's encoder
     before its decoder); and the tied linears, ``{name: the name of the linear whose weight and
-    bias it holds}``, left out of the stacks (``_share_tied``)."""
+    bias it holds}``, left out of the stacks (``_share_tied``); and the routers
+    (``Adapter.routers``), left out too."""
     select = _selector(layers)
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    stacks = []
+    stacks, routers = [], []
     for adapter, tower in towers:
         for prefix, blocks in tower:
-            chosen = [
-                [rel for rel in adapter.linears(block) if select(f"{prefix}.{i}.{rel}")]
-                for i, block in enumerate(blocks)
-            ]
+            chosen = []
+            for i, block in enumerate(blocks):
+                routing = adapter.routers(block)
+                routers += [f"{prefix}.{i}.{rel}" for rel in routing]
+                chosen.append([rel for rel in adapter.linears(block)
+                               if rel not in routing and select(f"{prefix}.{i}.{rel}")])
             if any(chosen):
                 stacks.append(_Stack(prefix, blocks, chosen, adapter))
     stacks.sort(key=lambda stack: position[stack.prefix])
@@ -497,7 +503,7 @@ def _plan(model, towers, layers) -> tuple:
         done = any(isinstance(m, QuantLinear) for m in model.modules())
         raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
                          + ("; its blocks' linears are already quantized (QuantLinear)" if done else ""))
-    return stacks, tied
+    return stacks, tied, routers
 
 
 def _share_tied(model, tied, edits, report) -> None:

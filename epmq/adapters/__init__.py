@@ -44,6 +44,7 @@ model calls them.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from typing import Callable, Optional
@@ -139,6 +140,11 @@ class Adapter:
         """The block's linear layers: ``nn.Linear`` and its subclasses (Falcon's ``FalconLinear``)
         but MoE routers (PhiMoE's, Llama 4's), which return their top-k experts."""
         return {name: m for name, m in block.named_modules() if _is_linear(m)}
+
+    def routers(self, block: nn.Module) -> list:
+        """The block's linears that route tokens (``routers``): the walk leaves them in full
+        precision and the checkpoint says so."""
+        return routers(block, self.linears(block))
 
     def stage(self, block: nn.Module, rel: str):
         return None
@@ -321,7 +327,57 @@ for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DE
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "find_towers", "OPEN_CLIP",
            "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "TIMM", "GPT2", "HF_DECODERS", "MOE_DECODERS", "HF_ENCODERS",
-           "DEBERTA_V2", "AUTO"]
+           "DEBERTA_V2", "AUTO", "routers"]
+
+
+# the class names of the modules that choose experts (DBRX's ``DbrxRouter``, JetMoE's
+# ``JetMoeTopKGating``, Gemma 4's ``Gemma4TextRouter``; not Moshi's ``MoshiGatingMLP``)
+_ROUTER = re.compile(r"router|gating$", re.IGNORECASE)
+
+
+def _experts_count(name: str, module: nn.Module):
+    """How many experts ``module`` holds, if it is a block's experts (a list named ``experts``,
+    or a module holding them by number, fused or rebuilt as linears), else None."""
+    if name.rpartition(".")[2] != "experts":
+        return None
+    count = len(module) if isinstance(module, _LISTS) else getattr(module, "num_experts", None)
+    return count if isinstance(count, int) else None
+
+
+def routers(block: nn.Module, linears: dict) -> list:
+    """Which of ``linears`` (``{name in the block: linear}``) route tokens to experts: those
+    inside a router (a module whose class name says so) and, beside a block's experts, a linear
+    of one output (Qwen2-MoE's ``shared_expert_gate``) or one of as many outputs as there are
+    experts alone in its module (Hunyuan's ``gate.wg``). They stay in full precision: they are a
+    sliver of the weights, a rounding error there sends tokens to other experts, and GPTQModel,
+    llm-compressor's recipes and vLLM (which builds them unquantized) leave them so."""
+    modules = dict(block.named_modules())
+    experts = {}  # a module holding experts -> (the experts' child name, their count)
+    for name, module in modules.items():
+        count = _experts_count(name, module)
+        if count:
+            parent, _, child = name.rpartition(".")
+            experts[parent] = (child, count)
+    found = []
+    for rel, linear in linears.items():
+        parts = rel.split(".")
+        path = [".".join(parts[:k]) for k in range(len(parts) + 1)]  # "", "mlp", "mlp.gate", "mlp.gate.wg"
+        if any(_ROUTER.search(type(modules[name]).__name__) for name in path[1:] if name in modules):
+            found.append(rel)
+            continue
+        for holder in path[:-1]:
+            if holder not in experts:
+                continue
+            child, count = experts[holder]
+            below = rel[len(holder) + 1:] if holder else rel
+            top = below.split(".")[0]
+            if top == child:
+                continue
+            alone = sum(isinstance(m, nn.Linear) for m in modules[f"{holder}.{top}" if holder else top].modules()) == 1
+            if linear.out_features == 1 or (linear.out_features == count and alone):
+                found.append(rel)
+                break
+    return found
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -23,6 +23,7 @@ projection; not one group per expert, which would cost a calibration pass per ex
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -34,11 +35,21 @@ PROJECTION_NAMES = {"MixtralExperts": ("w1", "w3", "w2"), "PhimoeExperts": ("w1"
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
+def _names(fused: nn.Module) -> tuple:
+    """The names of an expert's projections in checkpoints: gate, up, down (Mixtral's w1, w3,
+    w2), or up and down for experts without a gate (Nemotron-H's ``up_proj [E, I, H]``)."""
+    if not isinstance(getattr(fused, "gate_up_proj", None), torch.Tensor):
+        return DEFAULT_NAMES[1:]
+    return PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
+
+
 class _Expert(nn.Module):
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, names):
+    """One expert's projections: gate, up and down, or up and down (experts without a gate)."""
+
+    def __init__(self, linears, names):
         super().__init__()
-        self.names = names
-        for name, linear in zip(names, (gate, up, down)):
+        self.names = tuple(names)
+        for name, linear in zip(names, linears):
             self.add_module(name, linear)
 
     def projections(self):
@@ -88,18 +99,27 @@ class LinearExperts(nn.Module):
 
     def __init__(self, fused: nn.Module):
         super().__init__()
-        names = PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
-        self.num_experts = fused.gate_up_proj.shape[0]
+        names = _names(fused)
+        self.num_experts = fused.down_proj.shape[0]
         for e in range(self.num_experts):
-            gate, up, down = (_linear(part.take(getattr(fused, part.fused))) for part in self.parts(fused, e))
-            self.add_module(str(e), _Expert(gate, up, down, names))
+            linears = [_linear(part.take(getattr(fused, part.fused))) for part in self.parts(fused, e)]
+            self.add_module(str(e), _Expert(linears, names))
         self.act_fn = getattr(fused, "act_fn", None)
         # (the fused module's own gate where it has one, else act(gate) * up)
         self.activation = _FusedGate(fused) if _custom_gate(fused) else None
+        # (a norm of each expert's output, before the router's weight: MuseSpark's)
+        self.post_expert_norm = fused.post_expert_norm if getattr(fused, "has_post_expert_norm", False) else None
         self.train(fused.training)
 
     def _gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.activation(gate, up) if self.activation is not None else self.act_fn(gate) * up
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s output for its tokens ``x``: ``down(act(gate(x)) * up(x))``, or
+        ``down(act(up(x)))`` without a gate; its output normed where the fused module norms it."""
+        *first, down = self[e].projections()
+        y = down(self._gated(first[0](x), first[1](x)) if len(first) == 2 else self.act_fn(first[0](x)))
+        return y if self.post_expert_norm is None else self.post_expert_norm(y)
 
     @classmethod
     def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
@@ -108,11 +128,14 @@ class LinearExperts(nn.Module):
         them (``{prefix}{e}.gate_proj.weight``, ...). The rebuilt linears' weights are these
         parts of the fused module's parameters, so what a checkpoint holds fused is read as the
         linears hold it."""
-        names = PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
-        gate_up, down = fused.gate_up_proj.shape, fused.down_proj.shape
-        inner = gate_up[2 if cls.transposed else 1] // 2
-        where = (("gate_up_proj", gate_up, (0, inner)), ("gate_up_proj", gate_up, (inner, 2 * inner)),
-                 ("down_proj", down, None))
+        names, down = _names(fused), fused.down_proj.shape
+        if len(names) == 2:  # (no gate: up_proj [E, I, H] and down_proj, each expert whole)
+            where = (("up_proj", fused.up_proj.shape, None), ("down_proj", down, None))
+        else:
+            gate_up = fused.gate_up_proj.shape
+            inner = gate_up[2 if cls.transposed else 1] // 2
+            where = (("gate_up_proj", gate_up, (0, inner)), ("gate_up_proj", gate_up, (inner, 2 * inner)),
+                     ("down_proj", down, None))
         return tuple(Part(f"{prefix}{e}.{name}.weight", prefix + param, e, rows, shape, cls.transposed)
                      for name, (param, shape, rows) in zip(names, where))
 
@@ -129,9 +152,7 @@ class LinearExperts(nn.Module):
             if e == n:
                 continue
             position, token = torch.where(mask[e])
-            gate, up, down = self[e].projections()
-            x = hidden_states[token]
-            y = down(self._gated(gate(x), up(x))) * top_k_weights[token, position, None]
+            y = self.expert(e, hidden_states[token]) * top_k_weights[token, position, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
@@ -153,9 +174,7 @@ class Llama4LinearExperts(LinearExperts):
             hit = routed.any(dim=-1).nonzero()[:, 0].tolist()
         for e in hit:
             rows = routed[e].nonzero()[:, 0]
-            gate, up, down = self[e].projections()
-            x_e = x[e, rows]
-            out[e].index_copy_(0, rows, down(self._gated(gate(x_e), up(x_e))).to(out.dtype))
+            out[e].index_copy_(0, rows, self.expert(e, x[e, rows]).to(out.dtype))
         return out.view(-1, out.shape[-1])
 
 
@@ -178,7 +197,7 @@ class GptOssLinearExperts(LinearExperts):
             for linear, bias in zip(linears, parts[3:]):
                 linear.bias = nn.Parameter(bias.take(getattr(fused, bias.fused)),
                                            requires_grad=linear.weight.requires_grad)
-            self.add_module(str(e), _Expert(*linears, DEFAULT_NAMES))
+            self.add_module(str(e), _Expert(linears, DEFAULT_NAMES))
         self.train(fused.training)
 
     @classmethod
@@ -254,8 +273,8 @@ def is_split_experts(module: nn.Module) -> bool:
 # fused experts of another layout or call than transformers' usual ones
 REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts}
 # what transformers tags its fused experts with (``use_experts_implementation``), as they are in
-# the layout and call ``LinearExperts`` takes (transposed or not)
-USUAL_LAYOUT = {"is_concatenated": True, "has_bias": False, "has_gate": True, "has_post_expert_norm": False}
+# the layout ``LinearExperts`` takes (transposed or not, with a gate or without, normed or not)
+USUAL_LAYOUT = {"is_concatenated": True, "has_bias": False}
 
 
 def _rebuilt_as(experts: nn.Module):
@@ -265,9 +284,12 @@ def _rebuilt_as(experts: nn.Module):
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
-            and gate_up.dim() == 3 and down.dim() == 3)
+    """Experts held as 3-D parameters: ``gate_up_proj`` (or ``up_proj``, without a gate) and
+    ``down_proj``."""
+    up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if up is None:
+        up = getattr(module, "up_proj", None)
+    return isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3
 
 
 def _known_call(experts: nn.Module) -> bool:
@@ -292,10 +314,45 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
         if not split and (not is_fused_experts(module) or (known_call_only and not _known_call(module))):
             continue
         experts = (SplitLinears if split else _rebuilt_as(module))(module)
+        if not split and not _computes_as(module, experts):
+            continue
         swap(name, experts)
         for e in range(experts.num_experts):
             renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})
     return renames
+
+
+_COMPUTES_AS: dict = {}  # a fused experts class -> whether its rebuilt linears compute what it does
+
+
+def _computes_as(fused: nn.Module, rebuilt: nn.Module) -> bool:
+    """Whether ``rebuilt`` computes what ``fused`` does, tried once per class of the usual call
+    on 6 random tokens routed to random experts: a layout flag transformers does not set (Ergo's
+    per-expert norms, applied by a forward of its own) would otherwise make a quantized model of
+    other outputs, silently. Weights not in memory (meta) are taken at their word."""
+    kind = type(fused)
+    if kind.__name__ in REBUILT_AS or fused.down_proj.is_meta:
+        return True
+    if kind not in _COMPUTES_AS:
+        W = fused.down_proj
+        gen = torch.Generator().manual_seed(0)
+        E, k = rebuilt.num_experts, min(2, rebuilt.num_experts)
+        hidden = rebuilt[0].projections()[0].in_features
+        x = torch.randn(6, hidden, generator=gen).to(W.device, W.dtype)
+        index = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(6)]).to(W.device)
+        weights = torch.rand(6, k, generator=gen).to(W.device, W.dtype)
+        try:
+            with torch.no_grad():
+                want, got = fused(x, index, weights), rebuilt(x, index, weights)
+            atol = 1e-2 * float(want.abs().max()) + 1e-6
+            _COMPUTES_AS[kind] = (isinstance(want, torch.Tensor) and want.shape == got.shape
+                                  and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=atol))
+        except Exception:  # (a call of other arguments: not the usual one)
+            _COMPUTES_AS[kind] = False
+        if not _COMPUTES_AS[kind]:
+            warnings.warn(f"{kind.__name__}: one linear per expert does not compute what these fused experts "
+                          f"compute (a step of their own around the projections?): they stay in full precision")
+    return _COMPUTES_AS[kind]
 
 
 class MoEAdapter(Adapter):
@@ -307,11 +364,6 @@ class MoEAdapter(Adapter):
     def prepare(self, model, swap):
         return rebuild_experts(self, model, swap)
 
-    def linears(self, block: nn.Module) -> dict:
-        """As for any block, but gates of one output (Qwen2-MoE's ``shared_expert_gate``, a
-        sigmoid of ``[1, H]``): nothing to save there, and serving engines load them unquantized."""
-        return {name: m for name, m in super().linears(block).items() if m.out_features != 1}
-
     def stage(self, block: nn.Module, rel: str):
         """Experts' projections: ``"<experts>.in"`` for gate and up, ``"<experts>.out"`` for down."""
         parent, _, projection = rel.rpartition(".")
@@ -319,7 +371,7 @@ class MoEAdapter(Adapter):
         if not isinstance(expert, _Expert):
             return None
         experts = parent.rpartition(".")[0]
-        return f"{experts}.{'out' if projection == expert.names[2] else 'in'}"
+        return f"{experts}.{'out' if projection == expert.names[-1] else 'in'}"
 
     def module_alias(self, model, name):
         """An expert's projection under the other naming: GPTQModel writes Mixtral's w1, w3, w2
@@ -331,7 +383,7 @@ class MoEAdapter(Adapter):
             return None
         if not isinstance(expert, _Expert):
             return None
-        for default, own in zip(DEFAULT_NAMES, expert.names):
+        for default, own in zip(DEFAULT_NAMES[-len(expert.names):], expert.names):
             if projection in (default, own):
                 return f"{parent}.{own}"
         return None

@@ -313,6 +313,75 @@ def test_one_output_gates_stay_in_full_precision(gen):
     assert isinstance(layer.shared_expert.down_proj, epmq.QuantLinear)
 
 
+class _ToyRouter(nn.Module):  # (a router by its class name)
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 4)
+
+
+class _ToyGatingMLP(nn.Module):  # (a gated MLP, as Moshi's: no router)
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+
+def test_routers_are_found_by_name_and_beside_experts():
+    """The linears that route tokens: inside a router; beside a block's experts, one of a single
+    output or one of as many outputs as experts alone in its module. Not a shared expert whose
+    width equals the experts' count (Qwen3-Next: 512 and 512), nor an expert, nor such a linear
+    in a module without experts."""
+    mlp = nn.Module()
+    mlp.experts = nn.ModuleList(nn.Linear(8, 4) for _ in range(4))
+    mlp.router = _ToyRouter()
+    mlp.gate = nn.Module()
+    mlp.gate.wg = nn.Linear(8, 4)  # (Hunyuan's)
+    mlp.shared_expert_gate = nn.Linear(8, 1)  # (Qwen2-MoE's)
+    mlp.shared_expert = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8))
+    block = nn.Module()
+    block.mlp, block.mixer, block.gating = mlp, nn.Linear(8, 4), _ToyGatingMLP()
+    block.attn = nn.Module()
+    block.attn.gate = nn.Linear(8, 1)  # (one output, but no experts beside it)
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    found = epmq.adapters.routers(block, linears)
+    assert sorted(found) == ["mlp.gate.wg", "mlp.router.layer", "mlp.shared_expert_gate"]
+
+
+@pytest.mark.parametrize("arch, router", [("hunyuanmoev1", "mlp.gate.wg"), ("jetmoe", "router.layer"),
+                                          ("afmoe", "mlp.router.gate"), ("longcatflash", "router.classifier")])
+def test_routers_stay_in_full_precision(arch, router, gen, tmp_path):
+    """Routers as plain linears (Hunyuan's fp32 ``gate.wg``, JetMoE's, AfMoE's, LongCat's) are
+    left as they are: the report names them, the checkpoint tells loaders to build them
+    unquantized (vLLM does anyway), and the loaded model gives the same logits."""
+    import re
+
+    from test_walker_models import WIDER, wider_input
+
+    build, kind = WIDER[arch]
+    model = build().eval()
+    want = {name: m.weight.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.endswith(router)}
+    assert want
+    batch = wider_input(kind, gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq", calibration={"t": [batch]},
+                        backend="torch", progress=False)
+    assert sorted(model.epmq_report.routers) == sorted(want)
+    for name, weight in want.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, weight)
+    assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    epmq.save_quantized(model, tmp_path / "q")
+    import json
+
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    rules = [key[2:] for key in config.get("dynamic", {}) if key.startswith("-:")]
+    assert all(any(re.match(rule, name) for rule in rules) for name in want)
+    listed = [rel for group in config["modules_in_block_to_quantize"] for rel in group]
+    assert not any(name.endswith(rel) for name in want for rel in listed)
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
 def test_phimoe_experts_in_their_checkpoint_naming(gen, tmp_path):
     """PhiMoE's checkpoints (and save_pretrained) name an expert's projections w1, w3, w2, as
     Mixtral's: an expert directory is read, and the quantized checkpoint keeps those names."""
@@ -511,7 +580,7 @@ def test_experts_tagged_transposed_are_rebuilt_from_their_transpose(gen):
     index, weights = torch.randint(0, 3, (7, 2), generator=gen), torch.rand(7, 2, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-4, atol=1e-4)
-    for flag, value in (("is_concatenated", False), ("has_bias", True), ("has_gate", False)):
+    for flag, value in (("is_concatenated", False), ("has_bias", True)):
         setattr(fused, flag, value)
         assert not _known_call(fused)
         setattr(fused, flag, not value)
@@ -561,6 +630,97 @@ def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
         linears.activation = None
         linears.act_fn = nn.SiLU()
         assert not torch.allclose(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
+def _experts_of(kind, gen):
+    """Fused experts of three layouts, with random weights: Nemotron-H's (no gate: ``up_proj
+    [E, I, H]``); without a gate and stored transposed (``up_proj [E, H, I]``, as Ergo's
+    projections); and of the usual layout, normed after each (``has_post_expert_norm``, as
+    MuseSpark's)."""
+    import transformers
+    from transformers.integrations.moe import use_experts_implementation
+
+    if kind == "nemotron_h":
+        config = SimpleNamespace(n_routed_experts=3, hidden_size=8, moe_intermediate_size=6, moe_latent_size=None,
+                                 mlp_hidden_act="relu2", _experts_implementation="eager")
+        fused = transformers.models.nemotron_h.modeling_nemotron_h.NemotronHExperts(config)
+    else:
+        transposed, normed = kind == "transposed", kind == "normed"
+
+        @use_experts_implementation(has_gate=normed, is_transposed=transposed, has_post_expert_norm=normed)
+        class Experts(nn.Module):
+            def __init__(self, config):
+                super().__init__()
+                self.num_experts = 3
+                up = (3, 8, 6) if transposed else (3, 12 if normed else 6, 8)
+                setattr(self, "gate_up_proj" if normed else "up_proj", nn.Parameter(torch.empty(up)))
+                self.down_proj = nn.Parameter(torch.empty((3, 6, 8) if transposed else (3, 8, 6)))
+                self.post_expert_norm = nn.LayerNorm(8) if normed else None
+                self.act_fn = nn.SiLU()
+
+            def forward(self, hidden_states, top_k_index, top_k_weights):
+                out = torch.zeros_like(hidden_states)
+                for e in range(3):
+                    token, position = torch.where(top_k_index == e)
+                    x = hidden_states[token]
+                    if normed:
+                        gate, up = (x @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+                        y = self.post_expert_norm((self.act_fn(gate) * up) @ self.down_proj[e].T)
+                    else:
+                        y = self.act_fn(x @ self.up_proj[e]) @ self.down_proj[e]
+                    out.index_add_(0, token, y * top_k_weights[token, position, None])
+                return out
+
+        fused = Experts(SimpleNamespace(_experts_implementation="eager"))
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return fused
+
+
+@pytest.mark.parametrize("kind", ["nemotron_h", "transposed", "normed"])
+def test_experts_without_a_gate_or_normed_after_each_as_linears(kind, gen):
+    """Fused experts without a gate (Nemotron-H's relu^2 experts; they were left fused, in full
+    precision, under a warning too small to fire: most of a real Nemotron-H's weights), stored
+    transposed or not, and experts normed after each: one linear per projection viewing the
+    fused weight, named as the hub's per-expert checkpoints name them, and the same outputs."""
+    from epmq.adapters.moe import LinearExperts, _known_call
+
+    fused = _experts_of(kind, gen)
+    assert _known_call(fused)
+    linears, renames = _rebuilt(fused)
+    assert isinstance(linears, LinearExperts)
+    assert not any(p.dim() == 3 for p in linears.parameters())
+    names = ("gate_proj", "up_proj", "down_proj") if kind == "normed" else ("up_proj", "down_proj")
+    assert linears[2].names == names
+    up = renames["experts.2.up_proj.weight"]
+    assert torch.equal(up.take(fused.gate_up_proj if kind == "normed" else fused.up_proj), linears[2].up_proj.weight)
+    x = torch.randn(9, 8, generator=gen)
+    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_experts_that_compute_something_else_stay_fused(gen):
+    """Ergo's experts take the usual layout and call but norm each expert's output with its own
+    weights, in a forward of their own (no flag says so): rebuilt as plain linears they would give
+    other outputs, silently. They stay fused, in full precision, with a warning naming them."""
+    import transformers
+
+    from epmq.adapters.moe import _COMPUTES_AS, _known_call
+
+    config = SimpleNamespace(num_experts=3, hidden_size=8, moe_intermediate_size=6, rms_norm_eps=1e-6,
+                             _experts_implementation="eager")
+    fused = transformers.models.ergo.modeling_ergo.ErgoExperts(config)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    _COMPUTES_AS.pop(type(fused), None)
+    assert _known_call(fused)
+    with pytest.warns(UserWarning, match="ErgoExperts: one linear per expert does not compute"):
+        linears, renames = _rebuilt(fused)
+    assert linears is fused and not renames
 
 
 def test_jetmoe_parallel_experts_as_linears(gen):

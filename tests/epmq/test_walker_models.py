@@ -516,6 +516,13 @@ WIDER = {
                share_expert_swiglu_limit_list=[0, 0, 0])),
            ("HYV4", "HYV4Config", dict(_LATENT, n_routed_experts=4, moe_intermediate_size=16, swiglu_limit=0.5,
                                         mlp_layer_types=["dense", "sparse"], **_MOE)),
+           # Gemma 4 as 26B-A4B: a dense MLP and experts side by side in each layer, its router a
+           # plain linear (kept in full precision); per-layer inputs as E2B's
+           ("Gemma4", "Gemma4TextConfig", dict(head_dim=8, global_head_dim=8, sliding_window=4,
+                                                layer_types=["sliding_attention", "full_attention"],
+                                                enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                                moe_intermediate_size=16, hidden_size_per_layer_input=8,
+                                                vocab_size_per_layer_input=VOCAB)),
            ("LongcatFlash", "LongcatFlashConfig", dict(_LATENT, num_hidden_layers=None, num_layers=2,
                                                         intermediate_size=None, ffn_hidden_size=64,
                                                         moe_intermediate_size=None, n_routed_experts=4)),
