@@ -554,9 +554,11 @@ def _check_finite(model, stacks):
 def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
     """Warn when the blocks hold weight matrices outside any linear layer (fused 3-D MoE
     experts of a model the adapter does not rebuild, raw parameters) worth more than ``share``
-    of their parameters: those stay in full precision, and nothing else would say so."""
+    of their parameters, or any stacked (3-D) one, whatever its share (a test model's small
+    experts beside a large shared one are most of the real model's weights): those stay in full
+    precision, and nothing else would say so."""
     layers = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-    left, total, outside = [], 0, 0
+    left, total, outside, stacked = [], 0, 0, False
     for stack in stacks:
         for i, block in enumerate(stack.blocks):
             # a parametrized layer's (weight_norm's) weight lives in a child's parameters
@@ -571,8 +573,10 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
                             or f"{rel}.".startswith(parametrized)):
                         continue
                     outside += p.numel()
+                    # (not Swin V2's per-head logit_scale [heads, 1, 1])
+                    stacked = stacked or (p.dim() > 2 and min(p.shape[-2:]) > 1)
                     left.append(f"{stack.prefix}.{i}.{rel + '.' if rel else ''}{name} {tuple(p.shape)}")
-    if total and outside > share * total:
+    if total and (outside > share * total or stacked):
         experts = any("expert" in name.lower() for name in left)
         warnings.warn(
             f"{100 * outside / total:.0f}% of the blocks' parameters are matrices outside any linear "
