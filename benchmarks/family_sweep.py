@@ -46,6 +46,7 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, n_group=1,
             topk_group=1, num_expert_group=1, first_k_dense_replace=1, num_dense_layers=1,
             num_nextn_predict_layers=0, num_kv_shared_layers=0, n_shared_experts=1,
+            first_dense_intermediate_size=64, shared_intermediate_size=16,
             )
 # where the shrunk default still does not build (zamba ties its shared attention across its hybrid layers)
 # (None: leave it to the config to derive)
@@ -64,6 +65,9 @@ OVERRIDES = {
     "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
     "dory": dict(n_input_layers=1, n_recurrent_layers=1, n_output_layers=1),
     "hrm_text": dict(num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1]),
+    # (transformers 5.25's DBRX reads rope_theta and a clip_qkv its defaults lack)
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
     "qwen4_exp": dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
                       indexer_compress_ratio=2, hc_lowrank=8, ple_embed_dim=32, ngram_vocab_size_base=64,
                       split_ngram_parts=4, make_ngram_vocab_size_divisible_by=8, shared_expert_intermediate_size=16),
@@ -169,7 +173,7 @@ def run_one(model_type: str) -> dict:
             epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
                                 calibration={"a": [batch]}, backend="torch", progress=False)
         row.update(stage="ok", adapter=model.epmq_report.adapter, linears=len(model.epmq_report.layers),
-                   skipped=len(model.epmq_report.skipped),
+                   skipped=len(model.epmq_report.skipped), routers=len(model.epmq_report.routers),
                    warnings=[str(w.message)[:200] for w in said if "epmq" in str(w.filename)])
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
