@@ -67,23 +67,25 @@ class Part(str):
     itself, a 2-D tensor of fused projections as open_clip's ``in_proj_weight``), ``fused`` of shape
     ``fused_shape`` (see ``prepare``). ``transposed``: ``fused[index]`` holds the tensor's
     transpose (Llama 4's experts, ``[in, out]``), so the rows are taken from ``fused[index].T``:
-    the transpose of a column slice. A checkpoint holding the tensor under ``name`` itself holds
-    it as the model does (not transposed)."""
+    the transpose of a column slice; ``cols`` then takes columns of that transpose, a row slice
+    of ``fused[index]`` (DBRX's ``w2``, ``[E * I, H]``: expert e's down projection is the
+    transpose of its ``I`` rows). A checkpoint holding the tensor under ``name`` itself holds it
+    as the model does (not transposed)."""
 
-    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False):
+    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False, cols=None):
         self = super().__new__(cls, name)
         self.fused, self.index, self.rows, self.fused_shape = fused, index, rows, tuple(fused_shape)
-        self.transposed = transposed
+        self.transposed, self.cols = transposed, cols
         return self
 
     def __getnewargs__(self):  # (copied and pickled whole: a model keeps its walk's names)
-        return str(self), self.fused, self.index, self.rows, self.fused_shape, self.transposed
+        return str(self), self.fused, self.index, self.rows, self.fused_shape, self.transposed, self.cols
 
     @property
     def where(self) -> tuple:
         """The index of this part in the fused tensor (a reader may read only it)."""
-        rows = slice(None) if self.rows is None else slice(*self.rows)
-        where = (slice(None), rows) if self.transposed else (rows,)
+        rows, cols = (slice(None) if r is None else slice(*r) for r in (self.rows, self.cols))
+        where = (cols, rows) if self.transposed else (rows, cols) if self.cols is not None else (rows,)
         return where if self.index is None else (self.index, *where)
 
     def take(self, fused, read: bool = False):

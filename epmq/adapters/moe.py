@@ -31,7 +31,8 @@ from torch import nn
 from . import Adapter, Part
 
 # Per experts class: the names of an expert's (gate, up, down) projections in checkpoints.
-PROJECTION_NAMES = {"MixtralExperts": ("w1", "w3", "w2"), "PhimoeExperts": ("w1", "w3", "w2")}
+PROJECTION_NAMES = {"MixtralExperts": ("w1", "w3", "w2"), "PhimoeExperts": ("w1", "w3", "w2"),
+                    "DbrxExperts": ("w1", "v1", "w2")}
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -227,6 +228,40 @@ class GptOssLinearExperts(LinearExperts):
         return out
 
 
+class DbrxLinearExperts(LinearExperts):
+    """DBRX's experts (``mlp.w1``, ``mlp.v1``, ``mlp.w2``, each ``[E * I, H]``: expert e's gate and
+    up projections are rows ``e*I:(e+1)*I`` of ``w1`` and ``v1``, its down projection the
+    transpose of those rows of ``w2``) as ``nn.Linear`` per expert viewing them, named as the
+    per-expert DBRX checkpoints GPTQ tools write (``experts.mlp.{e}.w1``); the fused module's
+    call, on hidden states ``[B, T, H]``."""
+
+    def __init__(self, fused: nn.Module):
+        nn.Module.__init__(self)
+        self.num_experts = fused.num_experts
+        self.mlp = nn.Module()
+        for e in range(self.num_experts):
+            linears = [_linear(part.take(fused.get_parameter(part.fused))) for part in self.parts(fused, e)]
+            self.mlp.add_module(str(e), _Expert(linears, PROJECTION_NAMES["DbrxExperts"]))
+        self.act_fn = fused.mlp.activation_fn
+        self.activation = self.post_expert_norm = None
+        self.train(fused.training)
+
+    @classmethod
+    def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
+        rows, shape = (e * fused.ffn_hidden_size, (e + 1) * fused.ffn_hidden_size), fused.mlp.w1.shape
+        return (Part(f"{prefix}mlp.{e}.w1.weight", f"{prefix}mlp.w1", None, rows, shape),
+                Part(f"{prefix}mlp.{e}.v1.weight", f"{prefix}mlp.v1", None, rows, shape),
+                Part(f"{prefix}mlp.{e}.w2.weight", f"{prefix}mlp.w2", None, None, shape, transposed=True, cols=rows))
+
+    def __getitem__(self, e: int) -> _Expert:
+        return getattr(self.mlp, str(e))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        batch = hidden_states.shape[0]
+        out = super().forward(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index, top_k_weights)
+        return out.view(batch, -1, out.shape[-1])
+
+
 class TransposedLinearExperts(LinearExperts):
     """Fused experts of transformers' usual call that store each expert transposed
     (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, tagged ``is_transposed``: Aria's)."""
@@ -271,7 +306,8 @@ def is_split_experts(module: nn.Module) -> bool:
 
 
 # fused experts of another layout or call than transformers' usual ones
-REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts}
+REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts,
+              "DbrxExperts": DbrxLinearExperts}
 # what transformers tags its fused experts with (``use_experts_implementation``), as they are in
 # the layout ``LinearExperts`` takes (transposed or not, with a gate or without, normed or not)
 USUAL_LAYOUT = {"is_concatenated": True, "has_bias": False}
@@ -311,7 +347,8 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
     renames = {}
     for name, module in list(adapter.block_modules(model)):
         split = is_split_experts(module)
-        if not split and (not is_fused_experts(module) or (known_call_only and not _known_call(module))):
+        if not split and type(module).__name__ not in REBUILT_AS and (
+                not is_fused_experts(module) or (known_call_only and not _known_call(module))):
             continue
         experts = (SplitLinears if split else _rebuilt_as(module))(module)
         if not split and not _computes_as(module, experts):

@@ -725,6 +725,35 @@ def test_fused_experts_that_compute_something_else_stay_fused(gen):
     assert linears is fused and not renames
 
 
+def test_dbrx_experts_as_linears(gen):
+    """DBRX's experts (``w1``, ``v1``, ``w2``, each ``[E * I, H]``; the down projection the
+    transpose of ``w2``'s rows; 88% of its blocks stayed in full precision): linears viewing those
+    rows, the same outputs on the block's ``[B, T, H]``, and each part read from a fused
+    checkpoint tensor alone as the linear holds it."""
+    import transformers
+    from epmq.adapters.moe import DbrxLinearExperts
+
+    config = SimpleNamespace(hidden_size=8, ffn_hidden_size=6, moe_num_experts=3, ffn_act_fn={"name": "silu"})
+    fused = transformers.models.dbrx.modeling_dbrx.DbrxExperts(config)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    linears, renames = _rebuilt(fused)
+    assert isinstance(linears, DbrxLinearExperts)
+    w1, v1, w2 = linears[1].projections()
+    assert torch.equal(w1.weight, fused.mlp.w1[6:12]) and torch.equal(v1.weight, fused.mlp.v1[6:12])
+    assert torch.equal(w2.weight, fused.mlp.w2[6:12].T) and w2.weight.data_ptr() == fused.mlp.w2[6].data_ptr()
+    for name, linear in (("w1", w1), ("v1", v1), ("w2", w2)):
+        part = renames[f"experts.mlp.1.{name}.weight"]
+        on_disk = getattr(fused.mlp, name).detach().clone()
+        assert torch.equal(part.take(on_disk[part.where], read=True), linear.weight)
+    x = torch.randn(2, 5, 8, generator=gen)
+    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
 def test_jetmoe_parallel_experts_as_linears(gen):
     """JetMoE's ``ParallelExperts`` (``weight [E, out, in]``, called on tokens sorted by expert
     with each one's count) as ``nn.Linear`` per expert viewing the weight: the same output, an

@@ -534,6 +534,10 @@ WIDER = {
     # JetMoE: experts of attention and MLP as one [E, out, in] weight called on tokens sorted by expert
     "jetmoe": (_decoder("JetMoeForCausalLM", "JetMoeConfig", kv_channels=8, num_local_experts=4, pad_token_id=0,
                         bos_token_id=0, eos_token_id=1), "ids"),
+    # DBRX: experts as three [E * I, H] matrices, the down projection transposed
+    "dbrx": (_hf("DbrxForCausalLM", "DbrxConfig", vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2,
+                 max_seq_len=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)), "ids"),
     "codegen": (_hf("CodeGenForCausalLM", "CodeGenConfig", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                     rotary_dim=4, n_positions=64, bos_token_id=0, eos_token_id=1), "ids"),
     "rwkv": (_hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
