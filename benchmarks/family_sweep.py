@@ -72,6 +72,7 @@ OVERRIDES = {
                       indexer_compress_ratio=2, hc_lowrank=8, ple_embed_dim=32, ngram_vocab_size_base=64,
                       split_ngram_parts=4, make_ngram_vocab_size_divisible_by=8, shared_expert_intermediate_size=16),
 }
+OVERRIDES["qwen4_exp_text"] = OVERRIDES["qwen4_exp"]
 # a per-layer list has one entry per layer: kept at the first layer of each distinct combination
 PER_LAYER = ("layer_types", "mlp_layer_types", "layers_block_type", "activation_sparsity_pattern", "block_types",
              "swiglu_limits", "expert_swiglu_limit_list", "share_expert_swiglu_limit_list")

@@ -10,7 +10,8 @@ know about an architecture is:
   it sits in the model.
 * ``linears(block)``: the layers to quantize in a block. The rule: every ``nn.Linear`` inside a
   block. Embeddings, heads, norms, poolers, patch/conv stems and projections outside the blocks
-  stay in full precision. ``quantize_model(layers=...)`` narrows this per call.
+  stay in full precision, and so do the ``routers(block)`` among the linears (MoE routers and
+  gates: ``routers``). ``quantize_model(layers=...)`` narrows this per call.
 * ``prepare(model, swap)``: rewrite modules whose projections are not ``nn.Linear`` (open_clip's
   ``nn.MultiheadAttention`` keeps q, k, v in one ``in_proj_weight``; GPT-2's ``Conv1D`` stores
   its weight as ``[in, out]``) into equivalent modules that use ``nn.Linear``; returns
