@@ -120,7 +120,10 @@ class LinearExperts(nn.Module):
         ``down(act(up(x)))`` without a gate; its output normed where the fused module norms it."""
         *first, down = self[e].projections()
         y = down(self._gated(first[0](x), first[1](x)) if len(first) == 2 else self.act_fn(first[0](x)))
-        return y if self.post_expert_norm is None else self.post_expert_norm(y)
+        return y if self.post_expert_norm is None else self._normed(e, y)
+
+    def _normed(self, e: int, y: torch.Tensor) -> torch.Tensor:
+        return self.post_expert_norm(y)
 
     @classmethod
     def parts(cls, fused: nn.Module, e: int, prefix: str = "") -> tuple:
@@ -228,6 +231,26 @@ class GptOssLinearExperts(LinearExperts):
         return out
 
 
+class TransposedLinearExperts(LinearExperts):
+    """Fused experts of transformers' usual call that store each expert transposed
+    (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, tagged ``is_transposed``: Aria's)."""
+
+    transposed = True
+
+
+class ErgoLinearExperts(TransposedLinearExperts):
+    """Ergo's experts: no gate, stored transposed, each expert's output RMS-normed with a weight of
+    its own (``post_expert_norm.weight [E, H]``, applied by the module's own forward, which no
+    flag announces) before the router's weight."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__(fused)
+        self.post_expert_norm = fused.post_expert_norm
+
+    def _normed(self, e, y):
+        return self.post_expert_norm(y, torch.full((y.shape[0],), e, dtype=torch.long, device=y.device))
+
+
 class DbrxLinearExperts(LinearExperts):
     """DBRX's experts (``mlp.w1``, ``mlp.v1``, ``mlp.w2``, each ``[E * I, H]``: expert e's gate and
     up projections are rows ``e*I:(e+1)*I`` of ``w1`` and ``v1``, its down projection the
@@ -260,13 +283,6 @@ class DbrxLinearExperts(LinearExperts):
         batch = hidden_states.shape[0]
         out = super().forward(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index, top_k_weights)
         return out.view(batch, -1, out.shape[-1])
-
-
-class TransposedLinearExperts(LinearExperts):
-    """Fused experts of transformers' usual call that store each expert transposed
-    (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, tagged ``is_transposed``: Aria's)."""
-
-    transposed = True
 
 
 class SplitLinears(nn.Module):
@@ -307,7 +323,7 @@ def is_split_experts(module: nn.Module) -> bool:
 
 # fused experts of another layout or call than transformers' usual ones
 REBUILT_AS = {"Llama4TextExperts": Llama4LinearExperts, "GptOssExperts": GptOssLinearExperts,
-              "DbrxExperts": DbrxLinearExperts}
+              "DbrxExperts": DbrxLinearExperts, "ErgoExperts": ErgoLinearExperts}
 # what transformers tags its fused experts with (``use_experts_implementation``), as they are in
 # the layout ``LinearExperts`` takes (transposed or not, with a gate or without, normed or not)
 USUAL_LAYOUT = {"is_concatenated": True, "has_bias": False}

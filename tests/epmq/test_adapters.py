@@ -704,13 +704,13 @@ def test_experts_without_a_gate_or_normed_after_each_as_linears(kind, gen):
         torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_experts_that_compute_something_else_stay_fused(gen):
-    """Ergo's experts take the usual layout and call but norm each expert's output with its own
-    weights, in a forward of their own (no flag says so): rebuilt as plain linears they would give
-    other outputs, silently. They stay fused, in full precision, with a warning naming them."""
+def test_ergo_experts_normed_each_with_its_own_weight(gen):
+    """Ergo's experts take the usual layout and call but norm each expert's output with a weight
+    of its own, in a forward of their own that no flag announces: rebuilt with that norm, the
+    same outputs."""
     import transformers
 
-    from epmq.adapters.moe import _COMPUTES_AS, _known_call
+    from epmq.adapters.moe import ErgoLinearExperts
 
     config = SimpleNamespace(num_experts=3, hidden_size=8, moe_intermediate_size=6, rms_norm_eps=1e-6,
                              _experts_implementation="eager")
@@ -718,9 +718,30 @@ def test_fused_experts_that_compute_something_else_stay_fused(gen):
     with torch.no_grad():
         for p in fused.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    _COMPUTES_AS.pop(type(fused), None)
+    linears, renames = _rebuilt(fused)
+    assert isinstance(linears, ErgoLinearExperts) and renames
+    x = torch.randn(9, 8, generator=gen)
+    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_experts_that_compute_something_else_stay_fused(gen):
+    """Fused experts of the usual layout and call whose forward adds a step of its own (here a
+    doubling): rebuilt as plain linears they would give other outputs, silently. They stay fused,
+    in full precision, with a warning naming them."""
+    from epmq.adapters.moe import _known_call
+
+    fused = _experts_of("transposed", gen)
+    plain = type(fused).forward
+
+    def doubled(self, hidden_states, top_k_index, top_k_weights):
+        return 2 * plain(self, hidden_states, top_k_index, top_k_weights)
+
+    type(fused).forward = doubled
     assert _known_call(fused)
-    with pytest.warns(UserWarning, match="ErgoExperts: one linear per expert does not compute"):
+    with pytest.warns(UserWarning, match="Experts: one linear per expert does not compute"):
         linears, renames = _rebuilt(fused)
     assert linears is fused and not renames
 

@@ -538,6 +538,12 @@ WIDER = {
     "dbrx": (_hf("DbrxForCausalLM", "DbrxConfig", vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2,
                  max_seq_len=64, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)), "ids"),
+    # Ergo: experts without a gate, stored transposed, each normed by a weight of its own
+    "ergo": (_decoder("ErgoForCausalLM", "ErgoConfig", intermediate_size=None, head_dim=8,
+                      first_dense_intermediate_size=64, moe_intermediate_size=16, shared_intermediate_size=16,
+                      num_experts=4, num_experts_per_tok=2, sliding_window=4, pad_token_id=0, bos_token_id=0,
+                      eos_token_id=1, layer_types=["sliding_attention", "full_attention"],
+                      mlp_layer_types=["dense", "sparse"]), "ids"),
     "codegen": (_hf("CodeGenForCausalLM", "CodeGenConfig", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                     rotary_dim=4, n_positions=64, bos_token_id=0, eos_token_id=1), "ids"),
     "rwkv": (_hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
