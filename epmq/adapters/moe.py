@@ -380,10 +380,10 @@ _COMPUTES_AS: dict = {}  # a fused experts class -> whether its rebuilt linears 
 
 def _computes_as(fused: nn.Module, rebuilt: nn.Module) -> bool:
     """Whether ``rebuilt`` computes what ``fused`` does, tried once per class of the usual call
-    on 6 random tokens routed to random experts: a layout flag transformers does not set (Ergo's
-    per-expert norms, applied by a forward of its own) would otherwise make a quantized model of
-    other outputs, silently. Weights not in memory (meta) or not yet loaded are taken at their
-    word."""
+    on 6 random tokens routed to random experts: a step the layout flags do not announce (as
+    Ergo's per-expert norms in a forward of their own, which ``ErgoLinearExperts`` now applies)
+    would otherwise make a quantized model of other outputs, silently. Weights not in memory
+    (meta) or not yet loaded are taken at their word."""
     kind = type(fused)
     if kind.__name__ in REBUILT_AS or fused.down_proj.is_meta:
         return True
