@@ -634,6 +634,16 @@ def test_fused_experts_with_a_gate_of_their_own_keep_it(family, gen):
         assert not torch.allclose(linears(x, index, weights), want, rtol=1e-5, atol=atol)
 
 
+def assert_routes_as(linears, fused, x, gen):
+    """``linears`` and ``fused`` (3 experts) give the same outputs for tokens ``x`` each routed to
+    2 distinct random experts with random weights."""
+    tokens = x.reshape(-1, x.shape[-1]).shape[0]
+    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
 def _experts_of(kind, gen):
     """Fused experts of three layouts, with random weights: Nemotron-H's (no gate: ``up_proj
     [E, I, H]``); without a gate and stored transposed (``up_proj [E, H, I]``, as Ergo's
@@ -697,11 +707,7 @@ def test_experts_without_a_gate_or_normed_after_each_as_linears(kind, gen):
     assert linears[2].names == names
     up = renames["experts.2.up_proj.weight"]
     assert torch.equal(up.take(fused.gate_up_proj if kind == "normed" else fused.up_proj), linears[2].up_proj.weight)
-    x = torch.randn(9, 8, generator=gen)
-    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(9)])
-    weights = torch.rand(9, 2, generator=gen)
-    with torch.no_grad():
-        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+    assert_routes_as(linears, fused, torch.randn(9, 8, generator=gen), gen)
 
 
 def test_ergo_experts_normed_each_with_its_own_weight(gen):
@@ -720,11 +726,7 @@ def test_ergo_experts_normed_each_with_its_own_weight(gen):
             p.copy_(torch.randn(p.shape, generator=gen))
     linears, renames = _rebuilt(fused)
     assert isinstance(linears, ErgoLinearExperts) and renames
-    x = torch.randn(9, 8, generator=gen)
-    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(9)])
-    weights = torch.rand(9, 2, generator=gen)
-    with torch.no_grad():
-        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+    assert_routes_as(linears, fused, torch.randn(9, 8, generator=gen), gen)
 
 
 def test_fused_experts_that_compute_something_else_stay_fused(gen):
@@ -768,11 +770,7 @@ def test_dbrx_experts_as_linears(gen):
         part = renames[f"experts.mlp.1.{name}.weight"]
         on_disk = getattr(fused.mlp, name).detach().clone()
         assert torch.equal(part.take(on_disk[part.where], read=True), linear.weight)
-    x = torch.randn(2, 5, 8, generator=gen)
-    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(10)])
-    weights = torch.rand(10, 2, generator=gen)
-    with torch.no_grad():
-        torch.testing.assert_close(linears(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-5)
+    assert_routes_as(linears, fused, torch.randn(2, 5, 8, generator=gen), gen)
 
 
 def test_jetmoe_parallel_experts_as_linears(gen):
