@@ -73,6 +73,7 @@ OVERRIDES = {
                       split_ngram_parts=4, make_ngram_vocab_size_divisible_by=8, shared_expert_intermediate_size=16),
 }
 OVERRIDES["qwen4_exp_text"] = OVERRIDES["qwen4_exp"]
+OVERRIDES["dots3_note_text"] = OVERRIDES["dots3_note"] = dict(head_dim=8, index_head_dim=8, index_topk=4)  # (its SWA layers: nope + rope)
 # a per-layer list has one entry per layer: kept at the first layer of each distinct combination
 PER_LAYER = ("layer_types", "mlp_layer_types", "layers_block_type", "activation_sparsity_pattern", "block_types",
              "swiglu_limits", "expert_swiglu_limit_list", "share_expert_swiglu_limit_list")
@@ -108,7 +109,7 @@ def shrink(d: dict) -> dict:
         d["num_hidden_layers"] = len(keep)
         if isinstance(d.get("per_layer_config"), dict):  # (Gemma 4: {"05": {...}}, by layer index)
             d["per_layer_config"] = {
-                key[:-len(str(new))] + str(new): {k: TINY.get(k, v) for k, v in d["per_layer_config"][key].items()}
+                key[:-len(str(new))] + str(new): shrink(d["per_layer_config"][key])
                 for new, old in enumerate(keep) for key in d["per_layer_config"] if int(key) == old}
     for key, value in d.items():
         if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
