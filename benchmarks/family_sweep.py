@@ -73,7 +73,8 @@ OVERRIDES = {
                       split_ngram_parts=4, make_ngram_vocab_size_divisible_by=8, shared_expert_intermediate_size=16),
 }
 OVERRIDES["qwen4_exp_text"] = OVERRIDES["qwen4_exp"]
-OVERRIDES["dots3_note_text"] = OVERRIDES["dots3_note"] = dict(head_dim=8, index_head_dim=8, index_topk=4)  # (its SWA layers: nope + rope)
+# (dots3-note's sliding-window layers: head_dim = nope + rope)
+OVERRIDES["dots3_note_text"] = OVERRIDES["dots3_note"] = dict(head_dim=8, index_head_dim=8, index_topk=4)
 # a per-layer list has one entry per layer: kept at the first layer of each distinct combination
 PER_LAYER = ("layer_types", "mlp_layer_types", "layers_block_type", "activation_sparsity_pattern", "block_types",
              "swiglu_limits", "expert_swiglu_limit_list", "share_expert_swiglu_limit_list")
