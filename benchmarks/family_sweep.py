@@ -60,10 +60,16 @@ OVERRIDES = {
     "falcon_h1": dict(mamba_d_ssm=64),
     "gemma3n_text": dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
     "gemma3n": dict(vocab_size_per_layer_input=64, hidden_size_per_layer_input=8),
-    "xlstm": dict(qk_dim_factor=1.0),
+    "xlstm": dict(qk_dim_factor=1.0, hidden_size=64, embedding_dim=64),  # (its head widths round up to 64)
     "mamba2": dict(num_heads=8),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
-    "dory": dict(n_input_layers=1, n_recurrent_layers=1, n_output_layers=1),
+    "dory": dict(n_input_layers=1, n_recurrent_layers=1, n_output_layers=1, num_hidden_layers=3, layer_types=None),
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[16, 16], axial_pos_shape=[8, 8],
+                     attention_head_size=8, feed_forward_size=64),
+    "xmod": dict(is_decoder=True),
+    "blt": dict(hidden_size_global=32, encoder_cross_output_size=32, encoder_hash_byte_group_vocab=64),
+    # (its default config has no rope parameters, which its attention reads per layer type)
+    "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0)}),
     "hrm_text": dict(num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1]),
     # (transformers 5.25's DBRX reads rope_theta and a clip_qkv its defaults lack)
     "dbrx": dict(attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
@@ -74,7 +80,12 @@ OVERRIDES = {
 }
 OVERRIDES["qwen4_exp_text"] = OVERRIDES["qwen4_exp"]
 # (dots3-note's sliding-window layers: head_dim = nope + rope)
-OVERRIDES["dots3_note_text"] = OVERRIDES["dots3_note"] = dict(head_dim=8, index_head_dim=8, index_topk=4)
+OVERRIDES["dots3_note_text"] = dict(head_dim=8, index_head_dim=8, index_topk=4)
+# (its vision and audio adapters map their towers' width to the text model's)
+OVERRIDES["dots3_note"] = dict(OVERRIDES["dots3_note_text"], adapter_in_dim=32, adapter_out_dim=32,
+                                 adapter_input_size=32)
+# keyword arguments of the forward (BLT's cache asks its composite config for num_hidden_layers)
+BATCH = {"blt": dict(use_cache=False)}
 # a per-layer list has one entry per layer: kept at the first layer of each distinct combination
 PER_LAYER = ("layer_types", "mlp_layer_types", "layers_block_type", "activation_sparsity_pattern", "block_types",
              "swiglu_limits", "expert_swiglu_limit_list", "share_expert_swiglu_limit_list")
@@ -110,7 +121,7 @@ def shrink(d: dict) -> dict:
         d["num_hidden_layers"] = len(keep)
         if isinstance(d.get("per_layer_config"), dict):  # (Gemma 4: {"05": {...}}, by layer index)
             d["per_layer_config"] = {
-                key[:-len(str(new))] + str(new): shrink(d["per_layer_config"][key])
+                str(new).zfill(len(key)): shrink(d["per_layer_config"][key])
                 for new, old in enumerate(keep) for key in d["per_layer_config"] if int(key) == old}
     for key, value in d.items():
         if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
@@ -161,12 +172,18 @@ def run_one(model_type: str) -> dict:
         config = tiny_config(model_type)
         cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
         if not isinstance(config, cls.config_class):  # a multimodal config, whose causal LM is its text model
-            config = config.get_text_config()
+            subs = [v for v in vars(config).values() if isinstance(v, cls.config_class)]
+            config = subs[0] if len(subs) == 1 else config.get_text_config()
         row["stage"] = "build"
         torch.manual_seed(0)
         model = cls(config).eval()
-        batch = {"input_ids": torch.randint(3, 64, (2, 8)),
-                 "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])}
+        if hasattr(model, "set_default_language"):  # (X-MOD: which language's adapters run)
+            model.set_default_language(config.languages[0])
+        # (MusicGen: a row of ids per codebook, which calibration cannot cut by the mask: no padding)
+        codebooks = getattr(config, "num_codebooks", 1)
+        batch = {"input_ids": torch.randint(3, 64, (2 * codebooks, 8)),
+                 "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2] if codebooks == 1 else [[1] * 8] * 2),
+                 **BATCH.get(model_type, {})}
         row["stage"] = "forward"
         with torch.no_grad():
             model(**batch)

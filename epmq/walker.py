@@ -882,9 +882,18 @@ def _to_device(item, device, moved=None):
             moved[id(item)] = (item, item.to(device))  # (item kept: its id stays unique)
         return moved[id(item)][1]
     if isinstance(item, Mapping):
-        return {k: _to_device(v, device, moved) for k, v in item.items()}
+        out = {k: _to_device(v, device, moved) for k, v in item.items()}
+        if type(item) is dict or not all(isinstance(k, str) for k in out):
+            return out
+        try:  # (a block's ModelOutput is read by attribute by the next one)
+            return type(item)(**out)
+        except TypeError:  # (a mapping not built from keywords)
+            return out
     if isinstance(item, (tuple, list)):
-        return type(item)(_to_device(v, device, moved) for v in item)
+        out = [_to_device(v, device, moved) for v in item]
+        if hasattr(item, "_fields"):  # a named tuple (Reformer's blocks return one)
+            return type(item)(*out)
+        return type(item)(out)
     return item
 
 

@@ -296,6 +296,23 @@ def test_a_tensor_shared_by_block_kwargs_moves_once():
     assert all(k["mask"] is k["pos"][0] and k["pos"][1] == 3 for k in moved)
 
 
+def test_block_outputs_keep_their_types_when_moved():
+    """A block's output moved between devices is what the next block reads: a named tuple
+    (Reformer's) and a ModelOutput keep their type and fields, read by name."""
+    from collections import namedtuple
+
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from epmq.walker import _to_device
+
+    Out = namedtuple("Out", ["attn_output", "hidden_states"])
+    a, h = torch.randn(2, 3), torch.randn(2, 3)
+    moved = _to_device([Out(a, h), BaseModelOutput(last_hidden_state=h), {1: a}], "meta")
+    assert type(moved[0]) is Out and moved[0].hidden_states.device.type == "meta"
+    assert type(moved[1]) is BaseModelOutput and moved[1].last_hidden_state.device.type == "meta"
+    assert moved[2][1].device.type == "meta"
+
+
 @pytest.mark.parametrize("arch", list(WIDER))
 def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
     """Families that share a built-in adapter's convention (and MoE models whose experts it
@@ -329,8 +346,10 @@ def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
     assert bool(model.epmq_report.tied) == (arch == "zamba")
     assert len(model.epmq_report.layers) == sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) > 0
     # (each block's output is the next one's input, but where the model changes it in between:
-    # no pass of the model per block where it is not needed)
-    assert model.epmq_report.replayed == (["encoder.layer"] if arch == "deberta_v2_conv" else [])
+    # no pass of the model per block where it is not needed; Reformer's reversible blocks are
+    # called with two streams by keyword, which the model hands on from a named tuple)
+    replayed = {"deberta_v2_conv": ["encoder.layer"], "reformer": ["reformer.encoder.layers"]}
+    assert model.epmq_report.replayed == replayed.get(arch, [])
     epmq.save_quantized(model, tmp_path / "ckpt")
     loaded = epmq.load_quantized(tmp_path / "ckpt")
     item = wider_input(kind, gen)

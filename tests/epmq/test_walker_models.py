@@ -548,6 +548,12 @@ WIDER = {
                     rotary_dim=4, n_positions=64, bos_token_id=0, eos_token_id=1), "ids"),
     "rwkv": (_hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                  attention_hidden_size=32, intermediate_size=64, context_length=64), "ids"),
+    # Reformer: reversible blocks, which take and return (attention output, hidden states) as a
+    # named tuple; local and LSH attention (hashing seeded)
+    "reformer": (_hf("ReformerModelWithLMHead", "ReformerConfig", vocab_size=VOCAB, hidden_size=32,
+                     attention_head_size=8, num_attention_heads=4, feed_forward_size=64,
+                     attn_layers=["local", "lsh"], axial_pos_embds_dim=[16, 16], axial_pos_shape=[8, 8],
+                     is_decoder=True, hash_seed=0, pad_token_id=0, eos_token_id=1), "ids"),
     "ctrl": (_hf("CTRLLMHeadModel", "CTRLConfig", vocab_size=VOCAB, n_embd=32, dff=64, n_layer=2, n_head=4,
                  n_positions=64), "ids"),
     # encoder-decoders AUTO walks: Marian, M2M-100 (NLLB dense), UMT5 (a position bias in every
