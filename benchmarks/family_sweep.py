@@ -1,11 +1,12 @@
-"""Which of transformers' causal-LM architectures the walker quantizes: every model type of
-``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, built from its default config shrunk to a tiny one
-(hidden 32, 4 heads, 4 experts, ... wherever the config has the attribute; one layer of each kind
-its per-layer lists name, at least two; a few types' own knobs in ``OVERRIDES``; where that config
-does not validate, the default's attributes set in place), run once, then
-quantized by GPTQ (4 bits, groups of 16) on one padded batch of token ids.
+"""Which of transformers' architectures the walker quantizes: every model type of one of its
+auto mappings (``--task``: causal LMs, masked LMs, sequence-to-sequence LMs, image classifiers),
+built from its default config shrunk to a tiny one (hidden 32, 4 heads, 4 experts, images of
+32 pixels, ... wherever the config has the attribute; one layer of each kind its per-layer lists
+name, at least two; a few types' own knobs in ``OVERRIDES``; where that config does not validate,
+the default's attributes set in place), run once, then quantized by GPTQ (4 bits, groups of 16)
+on one batch: padded token ids (and decoder ids), or two images.
 
-    python benchmarks/family_sweep.py [--only TYPE ...] [--timeout 120] [--out FILE.json]
+    python benchmarks/family_sweep.py [--task causal-lm] [--only TYPE ...] [--timeout 120] [--out FILE.json]
 
 Each model type runs in its own process (a default config too large for memory, or a slow one,
 costs only its own row). A row says where it stopped: ``config`` / ``build`` / ``forward`` (the
@@ -48,6 +49,9 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_nextn_predict_layers=0, num_kv_shared_layers=0, n_shared_experts=1,
             first_dense_intermediate_size=64, shared_intermediate_size=16,
             )
+# image classifiers: besides TINY (their sub-configs' too)
+IMAGE_TINY = dict(image_size=32, patch_size=4, num_channels=3, embed_dim=16, hidden_sizes=[16, 32], depths=[1, 1],
+                  num_heads=[2, 4], window_size=4)
 # where the shrunk default still does not build (zamba ties its shared attention across its hybrid layers)
 # (None: leave it to the config to derive)
 _ZAMBA = dict(attention_hidden_size=64, attention_head_dim=16, kv_channels=16)  # attention on [hidden, embeddings]
@@ -91,15 +95,19 @@ PER_LAYER = ("layer_types", "mlp_layer_types", "layers_block_type", "activation_
              "swiglu_limits", "expert_swiglu_limit_list", "share_expert_swiglu_limit_list")
 
 
-def shrink(d: dict) -> dict:
-    """A config dict (sub-configs' too) with ``TINY``'s values where it has the keys, and the
-    per-layer lists cut to the first layer of each kind (at least two layers)."""
+def shrink(d: dict, tiny: dict = TINY) -> dict:
+    """A config dict (sub-configs' too) with ``tiny``'s values where it has the keys (None: the
+    config's default), and the per-layer lists cut to the first layer of each kind (at least two
+    layers)."""
     d = dict(d)
     n = d.get("num_hidden_layers")
     lists = [k for k in PER_LAYER if isinstance(d.get(k), list) and n and len(d[k]) == n]
-    for key, value in TINY.items():
+    for key, value in tiny.items():
         if key in d:
-            d[key] = value
+            if value is None:
+                d.pop(key)
+            else:
+                d[key] = value
     if d.get("q_lora_rank") is not None:
         d["q_lora_rank"] = 16
     if "kv_lora_rank" in d:  # latent attention: as many key-value heads as heads
@@ -121,20 +129,20 @@ def shrink(d: dict) -> dict:
         d["num_hidden_layers"] = len(keep)
         if isinstance(d.get("per_layer_config"), dict):  # (Gemma 4: {"05": {...}}, by layer index)
             d["per_layer_config"] = {
-                str(new).zfill(len(key)): shrink(d["per_layer_config"][key])
+                str(new).zfill(len(key)): shrink(d["per_layer_config"][key], tiny)
                 for new, old in enumerate(keep) for key in d["per_layer_config"] if int(key) == old}
     for key, value in d.items():
         if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
-            d[key] = shrink(value)
+            d[key] = shrink(value, tiny)
     return d
 
 
-def tiny_config(model_type):
+def tiny_config(model_type, tiny: dict = TINY):
     """``model_type``'s default config, shrunk (``shrink``, then ``OVERRIDES``) and built again."""
     from transformers import CONFIG_MAPPING
 
     default = CONFIG_MAPPING[model_type]()
-    d = shrink(default.to_dict())
+    d = shrink(default.to_dict(), tiny)
     for k in ("transformers_version", "architectures", "model_type"):
         d.pop(k, None)
     for key, value in OVERRIDES.get(model_type, {}).items():
@@ -146,8 +154,8 @@ def tiny_config(model_type):
     try:
         return type(default)(**d)
     except Exception:  # (a config that validates what this shrinking breaks: the generic way)
-        for key, value in TINY.items():
-            if hasattr(default, key):
+        for key, value in tiny.items():
+            if hasattr(default, key) and value is not None:
                 try:
                     setattr(default, key, value)
                 except Exception:  # (read-only properties)
@@ -157,20 +165,36 @@ def tiny_config(model_type):
         return default
 
 
-def run_one(model_type: str) -> dict:
+# --task: transformers' auto mapping of the model classes, and the default output file
+TASKS = {
+    "causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "family_sweep_cpu.json"),
+    "masked-lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "family_sweep_masked_lm_cpu.json"),
+    "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "family_sweep_seq2seq_cpu.json"),
+    "image-classification": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "family_sweep_image_cpu.json"),
+}
+
+
+def classes(task: str) -> dict:
+    """``{model type: class name}`` of ``task``'s mapping."""
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, TASKS[task][0])
+
+
+def run_one(model_type: str, task: str = "causal-lm") -> dict:
     """Build ``model_type`` tiny, run it once, quantize it: the row (the stage it reached)."""
     import warnings
 
     import torch
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     import epmq
 
     row = {"stage": "config"}
     try:
-        config = tiny_config(model_type)
-        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        config = tiny_config(model_type, dict(TINY, **IMAGE_TINY) if task == "image-classification" else TINY)
+        name = classes(task)[model_type]
+        cls = getattr(transformers, name if isinstance(name, str) else name[0])
         if not isinstance(config, cls.config_class):  # a multimodal config, whose causal LM is its text model
             subs = [v for v in vars(config).values() if isinstance(v, cls.config_class)]
             config = subs[0] if len(subs) == 1 else config.get_text_config()
@@ -181,9 +205,17 @@ def run_one(model_type: str) -> dict:
             model.set_default_language(config.languages[0])
         # (MusicGen: a row of ids per codebook, which calibration cannot cut by the mask: no padding)
         codebooks = getattr(config, "num_codebooks", 1)
-        batch = {"input_ids": torch.randint(3, 64, (2 * codebooks, 8)),
-                 "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2] if codebooks == 1 else [[1] * 8] * 2),
-                 **BATCH.get(model_type, {})}
+        if task == "image-classification":
+            size = getattr(config, "image_size", 32)
+            size = size[0] if isinstance(size, (list, tuple)) else size
+            batch = {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size)}
+        else:
+            batch = {"input_ids": torch.randint(3, 64, (2 * codebooks, 8)),
+                     "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2] if codebooks == 1
+                                                    else [[1] * 8] * 2)}
+            if task == "seq2seq":
+                batch["decoder_input_ids"] = torch.randint(3, 64, (2, 5))
+        batch.update(BATCH.get(model_type, {}))
         row["stage"] = "forward"
         with torch.no_grad():
             model(**batch)
@@ -202,25 +234,26 @@ def run_one(model_type: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="causal-lm", help="which models (default: causal-lm)")
     parser.add_argument("--only", nargs="*", help="model types (default: all)")
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--out", default="benchmarks/results/family_sweep_cpu.json")
+    parser.add_argument("--out", help="default: benchmarks/results/family_sweep_cpu.json for causal LMs, "
+                                      "family_sweep_<task>_cpu.json for the others")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one model type, in this process
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child)))
+        print(json.dumps(run_one(args.child, args.task)))
         return
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from tqdm.auto import tqdm
 
     rows = {}
-    for model_type in tqdm(args.only or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), unit="model"):
+    for model_type in tqdm(args.only or list(classes(args.task)), unit="model"):
         t0 = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, __file__, "--child", model_type], capture_output=True, text=True,
-                                  timeout=args.timeout)
+            done = subprocess.run([sys.executable, __file__, "--task", args.task, "--child", model_type],
+                                  capture_output=True, text=True, timeout=args.timeout)
             lines = done.stdout.strip().splitlines()
             row = json.loads(lines[-1]) if lines else {"stage": "crash", "error": done.stderr.strip()[-300:]}
         except subprocess.TimeoutExpired:
@@ -233,9 +266,11 @@ def main():
         if key == "ok":
             key = "ok (auto)" if row["adapter"] == "auto" else "ok (built-in adapter)"
         stages[key] = stages.get(key, 0) + 1
-    summary = {"transformers": transformers.__version__, "model_types": len(rows), "stages": stages}
+    summary = {"task": args.task, "transformers": transformers.__version__, "model_types": len(rows),
+               "stages": stages}
     print(json.dumps(summary, indent=1))
-    write_json(args.out, {"summary": summary, "rows": rows})
+    out = args.out or os.path.join("benchmarks", "results", TASKS[args.task][1])
+    write_json(out, {"summary": summary, "rows": rows})
 
 
 if __name__ == "__main__":

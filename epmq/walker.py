@@ -136,7 +136,10 @@ class QuantReport:
     ``tied``: linears tied to another (the same weight and bias parameters, as Zamba's shared
     attention block), each mapped to the linear whose packed layer it shares (solved on that
     first use's inputs). ``routers``: the linears that route tokens to experts, left in full
-    precision (``epmq.adapters.routers``).
+    precision (``epmq.adapters.routers``). ``repeated``: blocks the model calls again after their
+    stack's last block (weights shared across depth, as ALBERT's one layer, called once per
+    layer of the model), each with its number of calls in one forward pass: solved on the inputs
+    of their first call (warned).
     """
 
     method: str
@@ -154,6 +157,7 @@ class QuantReport:
     replayed: list = field(default_factory=list)
     tied: dict = field(default_factory=dict)
     routers: list = field(default_factory=list)
+    repeated: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -1136,6 +1140,9 @@ class _Walk:
         def recorder(j, block):
             def fn(*args, **kwargs):
                 hidden, named = _bind(block, args, kwargs)
+                if now["past"]:  # (called again after the last block: weights shared across depth)
+                    now["again"][j] = now["again"].get(j, 1) + 1
+                    return stack.adapter.passthrough_of(block, hidden)
                 if j != now["next"]:
                     raise ValueError(
                         f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not called once each in "
@@ -1157,7 +1164,10 @@ class _Walk:
                 output = (_run_block(stack, j, block, hidden, named) if stack.adapter.runs_blocks
                           else stack.adapter.passthrough_of(block, hidden))
                 if j == last:
-                    raise _Stop
+                    if not now["watch"]:
+                        raise _Stop
+                    now["past"] = True  # (this pass goes on, to see whether the blocks are called again)
+                    return output
                 # (with its version: a write between the blocks is a change too)
                 passed = stack.adapter.hidden_of(output)
                 now["passed"] = passed, getattr(passed, "_version", None)
@@ -1167,10 +1177,12 @@ class _Walk:
             return fn
 
         while True:
+            now.pop("again", None)
             try:
                 self._probe(s, stream, now, recorder)
                 if stack.replay and stack.prefix not in self.report.replayed:
                     self.report.replayed.append(stack.prefix)
+                self._note_repeats(stack, now.get("again"))
                 return
             except _Interleaved as e:
                 if self.t is not None:
@@ -1180,6 +1192,19 @@ class _Walk:
                         f"targets='merged_path', or leave them out (layers=)") from None
                 self.interleaved.add(e.t)
 
+    def _note_repeats(self, stack, again) -> None:
+        """Blocks called again after the stack's last one (in the first pass, ``again``: block ->
+        its calls) are solved on their first call's inputs: said, and kept in the report."""
+        if not again:
+            return
+        calls = {f"{stack.prefix}.{j}": n for j, n in sorted(again.items())}
+        self.report.repeated.update(calls)
+        name, n = next(iter(calls.items()))
+        warnings.warn(
+            f"the model calls the blocks at {stack.prefix!r} again after the last one ({name}: {n} calls in one "
+            f"forward pass; weights shared across depth, as ALBERT's): their linears are solved on the inputs of "
+            f"each block's first call only, and every call runs the quantized weights (epmq_report.repeated)")
+
     def _probe(self, s, stream, now, recorder):
         """One pass of the model per calibration item up to stack ``s``, its blocks ``recorder``s."""
         stack, last = self.stacks[s], len(self.stacks[s].blocks) - 1
@@ -1188,25 +1213,36 @@ class _Walk:
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     hidden, recorded, masks = [], [], []
                     for n, item in enumerate(items):
-                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None, next=0, started=False)
+                        # (the very first pass of the quantized stream goes on past the last block)
+                        watch = stream is self.q and "again" not in now
+                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None, next=0, started=False,
+                                   watch=watch, past=False)
+                        if watch:
+                            now["again"] = {}
                         try:
                             _call(self.model, item, self.model_device)
                         except _Stop:
                             pass
                         except torch.OutOfMemoryError:
                             raise
-                        except (RuntimeError, IndexError, TypeError, NotImplementedError) as e:
-                            # (token ids past the vocabulary, float ids, other widths or dtypes:
-                            # the model's own error, named as the calibration's)
-                            raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
-                                             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                        except Exception as e:
+                            if now["past"]:  # (what runs after the stack only had to call it or not)
+                                pass
+                            elif isinstance(e, (RuntimeError, IndexError, TypeError, NotImplementedError)):
+                                # (token ids past the vocabulary, float ids, other widths or dtypes:
+                                # the model's own error, named as the calibration's)
+                                raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
+                                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                            else:
+                                raise
                         else:
-                            raise ValueError(
-                                f"calibration sample {n} of task {task!r} never reaches the blocks "
-                                f"at {stack.prefix!r} ({stack.adapter.name}): give inputs that run "
-                                f"through them, or leave them out: layers=r'^(?!{re.escape(stack.prefix)}\\.)' "
-                                f"(or adapter= the towers to quantize)"
-                            )
+                            if not now["past"]:
+                                raise ValueError(
+                                    f"calibration sample {n} of task {task!r} never reaches the blocks "
+                                    f"at {stack.prefix!r} ({stack.adapter.name}): give inputs that run "
+                                    f"through them, or leave them out: layers=r'^(?!{re.escape(stack.prefix)}\\.)' "
+                                    f"(or adapter= the towers to quantize)"
+                                )
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))
                         masks.append(stack.adapter.token_mask(self.model, stack.prefix, item))

@@ -391,3 +391,48 @@ def test_a_cache_under_a_known_name_is_withheld_from_the_blocks(gen):
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randn(4, 32, generator=gen)]},
                         backend="torch", progress=False)
     assert len(_packed(model)) == 2
+
+
+class _Looped(nn.Module):
+    """Its two blocks run ``rounds`` times over: weights shared across depth."""
+
+    def __init__(self, rounds):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.layers = nn.ModuleList([ScaledBlock(32) for _ in range(2)])
+        self.rounds = rounds
+
+    def forward(self, x):
+        x = self.embed(x)
+        for _ in range(self.rounds):
+            for layer in self.layers:
+                x = layer(x, gain=1.0)[0]
+        return x
+
+
+def _albert(layers):
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    return AlbertModel(AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=layers,
+                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)).eval()
+
+
+@pytest.mark.parametrize("model,repeated", [
+    (lambda: _Looped(1), {}),
+    (lambda: _Looped(3), {"layers.0": 3, "layers.1": 3}),
+    # transformers' ALBERT: one layer, called once per layer of the model
+    (lambda: _albert(3), {"encoder.albert_layer_groups.0.albert_layers.0": 3}),
+])
+def test_blocks_called_again_after_the_last_one_are_said(model, repeated, gen, recwarn):
+    """A block the model calls again after its stack's last block (weights shared across depth)
+    is solved on its first call's inputs: that is warned about and reported, never silent."""
+    model = model()
+    item = ({"input_ids": torch.randint(0, 64, (2, 6), generator=gen)} if hasattr(model, "config")
+            else torch.randn(4, 8, generator=gen))
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [item, item]}, backend="torch",
+                        progress=False)
+    assert model.epmq_report.repeated == repeated
+    said = [str(w.message) for w in recwarn if "again after the last one" in str(w.message)]
+    assert len(said) == bool(repeated) and all(f"{next(iter(repeated))}: " in s for s in said)
+    assert len(model.epmq_report.layers) == sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) > 0
