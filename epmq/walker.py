@@ -137,9 +137,10 @@ class QuantReport:
     attention block), each mapped to the linear whose packed layer it shares (solved on that
     first use's inputs). ``routers``: the linears that route tokens to experts, left in full
     precision (``epmq.adapters.routers``). ``repeated``: blocks the model calls again after their
-    stack's last block (weights shared across depth, as ALBERT's one layer, called once per
-    layer of the model), each with its number of calls in one forward pass: solved on the inputs
-    of their first call (warned).
+    stack's last block (weights shared across depth), each with its number of calls in one
+    forward pass: the one block of a stack called in a row, each call on the previous one's
+    output with the same other arguments (ALBERT's one layer, called once per layer of the
+    model), is solved on the inputs of every call; others on their first call's (warned).
     """
 
     method: str
@@ -462,6 +463,9 @@ class _Stack:
     # keyword arguments a block is handed from the previous block's outputs (found where the stand-ins
     # run the blocks): {block index: {name: index in the previous block's output}}
     handoff: dict = field(default_factory=dict)
+    # a stack of one block that the model calls this many times in a row, each call on the previous
+    # one's output with the same other arguments (ALBERT's one layer): solved on every call's inputs
+    loops: int = 1
 
 
 def _plan(model, towers, layers) -> tuple:
@@ -862,6 +866,40 @@ def _run_block(stack, j, block, hidden, named):
     return output
 
 
+def _looped(stack, block, hidden, kwargs):
+    """The block's output where the model calls it ``stack.loops`` times, each call on the
+    previous one's output (once, for all but such looped stacks)."""
+    for call in range(stack.loops):
+        output = block(hidden, **kwargs)
+        hidden = stack.adapter.hidden_of(output)
+    return output
+
+
+def _same_arguments(named, first) -> bool:
+    """Whether a block's keyword arguments are those of its first call (the same tensors, or
+    equal ones; equal plain values)."""
+    if named.keys() != first.keys():
+        return False
+    for name, value in named.items():
+        other = first[name]
+        if value is other:
+            continue
+        if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor):
+            if (value.shape, value.dtype) != (other.shape, other.dtype):
+                return False
+            if not torch.equal(value, other.to(value.device)):
+                return False
+        elif isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor) or isinstance(value, nn.Module):
+            return False
+        else:
+            try:
+                if not bool(value == other):
+                    return False
+            except Exception:  # (values that cannot say)
+                return False
+    return True
+
+
 def _chained(hidden, passed) -> bool:
     """Whether a block got the hidden states the block before it returned (``passed``: that
     tensor and its version then; the stand-ins return their input). The walk feeds each block's
@@ -1142,7 +1180,11 @@ class _Walk:
                 hidden, named = _bind(block, args, kwargs)
                 if now["past"]:  # (called again after the last block: weights shared across depth)
                     now["again"][j] = now["again"].get(j, 1) + 1
-                    return stack.adapter.passthrough_of(block, hidden)
+                    now["chain"] &= _chained(hidden, now["passed"]) and _same_arguments(named, now["kwargs"][j])
+                    output = stack.adapter.passthrough_of(block, hidden)
+                    passed = stack.adapter.hidden_of(output)
+                    now["passed"] = passed, getattr(passed, "_version", None)
+                    return output
                 if j != now["next"]:
                     raise ValueError(
                         f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not called once each in "
@@ -1163,15 +1205,14 @@ class _Walk:
                 # (the last one runs too: what its stand-in returns later is learnt from it)
                 output = (_run_block(stack, j, block, hidden, named) if stack.adapter.runs_blocks
                           else stack.adapter.passthrough_of(block, hidden))
-                if j == last:
-                    if not now["watch"]:
-                        raise _Stop
-                    now["past"] = True  # (this pass goes on, to see whether the blocks are called again)
-                    return output
+                if j == last and not now["watch"]:
+                    raise _Stop
                 # (with its version: a write between the blocks is a change too)
                 passed = stack.adapter.hidden_of(output)
                 now["passed"] = passed, getattr(passed, "_version", None)
                 now["output"] = output
+                if j == last:  # (this pass goes on, to see whether the blocks are called again)
+                    now.update(past=True, chain=last == 0)
                 return output
 
             return fn
@@ -1182,7 +1223,7 @@ class _Walk:
                 self._probe(s, stream, now, recorder)
                 if stack.replay and stack.prefix not in self.report.replayed:
                     self.report.replayed.append(stack.prefix)
-                self._note_repeats(stack, now.get("again"))
+                self._note_repeats(stack, now.get("again"), now.get("chain"))
                 return
             except _Interleaved as e:
                 if self.t is not None:
@@ -1192,13 +1233,18 @@ class _Walk:
                         f"targets='merged_path', or leave them out (layers=)") from None
                 self.interleaved.add(e.t)
 
-    def _note_repeats(self, stack, again) -> None:
+    def _note_repeats(self, stack, again, chain) -> None:
         """Blocks called again after the stack's last one (in the first pass, ``again``: block ->
-        its calls) are solved on their first call's inputs: said, and kept in the report."""
+        its calls) are kept in the report. The one block of a stack called in a row, each call
+        on the previous one's output with the same other arguments (``chain``), is solved on the
+        inputs of every call (``_Stack.loops``); other blocks on their first call's: said."""
         if not again:
             return
         calls = {f"{stack.prefix}.{j}": n for j, n in sorted(again.items())}
         self.report.repeated.update(calls)
+        if chain:
+            stack.loops = again[0]
+            return
         name, n = next(iter(calls.items()))
         warnings.warn(
             f"the model calls the blocks at {stack.prefix!r} again after the last one ({name}: {n} calls in one "
@@ -1400,7 +1446,7 @@ class _Walk:
                               if stack.chosen[i] else ([], {}))
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
-                t_out = self._solve_group(block, template, prefix, group, leader, full_target=last)
+                t_out = self._solve_group(stack, block, template, prefix, group, leader, full_target=last)
             if self.log is not None:
                 digest = self._block_digest(own, prefix, stack.chosen[i], self._reads)
                 self._previous = digest
@@ -1411,7 +1457,7 @@ class _Walk:
         replay = stack.replay and i + 1 < len(stack.blocks)
         if self.t is not None:
             if t_out is None:  # no group ran the target blocks to the end
-                t_out = self._run_targets(template, prefix)
+                t_out = self._run_targets(stack, template, prefix)
             for (task, n), out in t_out.items():
                 self._advance(self.t, stack, task, n, i, out)
             if replay:
@@ -1420,7 +1466,7 @@ class _Walk:
         outputs = {}
         for task, hidden in self.q.hidden.items():
             for n in range(len(hidden)):
-                out = block(hidden[n], **self.q.kwargs[task][n])
+                out = _looped(stack, block, hidden[n], self.q.kwargs[task][n])
                 self._advance(self.q, stack, task, n, i, out)
                 if replay:
                     outputs.setdefault(task, []).append(out)
@@ -1564,12 +1610,12 @@ class _Walk:
             return self._expert_block(template, prefix, task)
         return template
 
-    def _run_targets(self, template, prefix):
+    def _run_targets(self, stack, template, prefix):
         outputs = {}
         for task, items in self.t.hidden.items():
             target = self._target_block(template, prefix, task)
             for n in range(len(items)):
-                outputs[task, n] = target(self.t.hidden[task][n], **self.t.kwargs[task][n])
+                outputs[task, n] = _looped(stack, target, self.t.hidden[task][n], self.t.kwargs[task][n])
         return outputs
 
     def _new_stats(self, linear, inputs_of=None):
@@ -1582,9 +1628,10 @@ class _Walk:
         return EPMQStats(W_m, dtype=self.stats_dtype, backend=self.stats_backend,
                          residual_precision=self.residual_precision, inputs_of=inputs_of)
 
-    def _solve_group(self, block, template, prefix, group, leader, *, full_target):
+    def _solve_group(self, stack, block, template, prefix, group, leader, *, full_target):
         """Statistics of the linears ``group`` over every task, then solve and swap them in.
         Returns the target blocks' outputs when ``full_target`` (else None)."""
+        loops, adapter = stack.loops, stack.adapter
         linears = {rel: block.get_submodule(rel) for rel in group}
         stats = {}
         for rel in group:  # (a leader comes before the linears that share its input)
@@ -1607,26 +1654,31 @@ class _Walk:
                 begun.add(rel)
 
             for n in range(len(items)):
-                xs, _ = self._capture(block, self.q.hidden[task][n], self.q.kwargs[task][n], group,
-                                      False, leader, self.q.masks[task][n])
-                x_t = None
-                if target is not None:
-                    x_t, out = self._capture(
-                        target, self.t.hidden[task][n], self.t.kwargs[task][n], group, full_target, leader,
-                        self.t.masks[task][n])
-                    if t_out is not None:
-                        t_out[task, n] = out
-                for rel, x in xs.items():
-                    n_tokens[rel] += x.shape[0]
-                    if isinstance(stats[rel], HessianStats):
-                        if leader[rel] == rel:
-                            stats[rel].add_batch(x, what=f"calibration input of task {task!r} at {prefix}.{rel}")
-                    else:
-                        if rel not in begun:
-                            begin(rel)
-                        x_target = None if x_t is None else x_t[rel]
-                        x_anchor = x_target if (self.targets == "fp_path" and self.method == "epmq") else None
-                        stats[rel].add_batch(x, x_expert=x_target, x_anchor=x_anchor)
+                hidden = self.q.hidden[task][n]
+                t_hidden = None if target is None else self.t.hidden[task][n]
+                for call in range(loops):  # (a looped block: each call's inputs, on the last one's output)
+                    again = call + 1 < loops
+                    xs, output = self._capture(block, hidden, self.q.kwargs[task][n], group, again, leader,
+                                               self.q.masks[task][n])
+                    x_t = None
+                    if target is not None:
+                        x_t, out = self._capture(target, t_hidden, self.t.kwargs[task][n], group,
+                                                 full_target or again, leader, self.t.masks[task][n])
+                        if t_out is not None and not again:
+                            t_out[task, n] = out
+                        t_hidden = adapter.hidden_of(out) if again else None
+                    hidden = adapter.hidden_of(output) if again else None
+                    for rel, x in xs.items():
+                        n_tokens[rel] += x.shape[0]
+                        if isinstance(stats[rel], HessianStats):
+                            if leader[rel] == rel:
+                                stats[rel].add_batch(x, what=f"calibration input of task {task!r} at {prefix}.{rel}")
+                        else:
+                            if rel not in begun:
+                                begin(rel)
+                            x_target = None if x_t is None else x_t[rel]
+                            x_anchor = x_target if (self.targets == "fp_path" and self.method == "epmq") else None
+                            stats[rel].add_batch(x, x_expert=x_target, x_anchor=x_anchor)
             for rel in begun:
                 stats[rel].end_task()
             del target

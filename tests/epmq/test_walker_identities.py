@@ -240,9 +240,9 @@ def test_moe_experts_are_solved_in_two_stages(gen, monkeypatch):
     groups = []
     solve_group = walker._Walk._solve_group
 
-    def spy(self, block, template, prefix, group, *args, **kw):
+    def spy(self, stack, block, template, prefix, group, *args, **kw):
         groups.append((prefix, list(group)))
-        return solve_group(self, block, template, prefix, group, *args, **kw)
+        return solve_group(self, stack, block, template, prefix, group, *args, **kw)
 
     monkeypatch.setattr(walker._Walk, "_solve_group", spy)
     fam = Family("qwen3_moe", gen)

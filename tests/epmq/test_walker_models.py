@@ -554,6 +554,10 @@ WIDER = {
                      attention_head_size=8, num_attention_heads=4, feed_forward_size=64,
                      attn_layers=["local", "lsh"], axial_pos_embds_dim=[16, 16], axial_pos_shape=[8, 8],
                      is_decoder=True, hash_seed=0, pad_token_id=0, eos_token_id=1), "ids"),
+    # ALBERT: one layer, called once per layer of the model (solved on every call's inputs)
+    "albert": (_hf("AlbertForMaskedLM", "AlbertConfig", vocab_size=VOCAB, embedding_size=16, hidden_size=32,
+                   num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+               "ids"),
     "ctrl": (_hf("CTRLLMHeadModel", "CTRLConfig", vocab_size=VOCAB, n_embd=32, dff=64, n_layer=2, n_head=4,
                  n_positions=64), "ids"),
     # encoder-decoders AUTO walks: Marian, M2M-100 (NLLB dense), UMT5 (a position bias in every

@@ -72,10 +72,11 @@ def test_resumed_walk_equals_uninterrupted(arch, method, targets, stop, device, 
     solved = []
     solve = walker._Walk._solve_group
     monkeypatch.setattr(walker._Walk, "_solve_group",
-                        lambda self, block, t, prefix, *a, **k: solved.append(prefix) or solve(self, block, t, prefix, *a, **k))
+                        lambda self, stack, block, t, prefix, *a, **k:
+                        solved.append(prefix) or solve(self, stack, block, t, prefix, *a, **k))
     out = run(fam, model, method, targets, device=device, resume_dir=tmp_path, adapter=adapter)
     assert sorted(out.epmq_report.resumed) == done
-    assert not set(solved) & set(done)
+    assert solved and all(isinstance(p, str) for p in solved) and not set(solved) & set(done)
     ref_state, state = reference.state_dict(), out.state_dict()
     assert ref_state.keys() == state.keys()
     assert [k for k in state if not torch.equal(state[k], ref_state[k])] == []
