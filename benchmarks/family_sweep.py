@@ -198,6 +198,8 @@ def run_one(model_type: str, task: str = "causal-lm") -> dict:
         if not isinstance(config, cls.config_class):  # a multimodal config, whose causal LM is its text model
             subs = [v for v in vars(config).values() if isinstance(v, cls.config_class)]
             config = subs[0] if len(subs) == 1 else config.get_text_config()
+        if task == "masked-lm":  # (OVERRIDES make Reformer and X-MOD causal)
+            config.is_decoder = False
         row["stage"] = "build"
         torch.manual_seed(0)
         model = cls(config).eval()

@@ -866,6 +866,23 @@ def _run_block(stack, j, block, hidden, named):
     return output
 
 
+_LISTED_EXPERT = re.compile(r"^(.*\bexperts\.)([^.]+)(\..+)$")
+
+
+def _called_twin(rel, called):
+    """The same projection of another expert of the same list, among the linears ``called``
+    (``mlp.experts.expert_0.wi`` for ``mlp.experts.expert_2.wi``), or None."""
+    match = _LISTED_EXPERT.match(rel)
+    if match is None:
+        return None
+    head, _, tail = match.groups()
+    for other in called:
+        twin = _LISTED_EXPERT.match(other)
+        if twin is not None and twin.group(1) == head and twin.group(3) == tail:
+            return other
+    return None
+
+
 def _looped(stack, block, hidden, kwargs):
     """The block's output where the model calls it ``stack.loops`` times, each call on the
     previous one's output (once, for all but such looped stacks)."""
@@ -1530,6 +1547,14 @@ class _Walk:
         stage = {rel: adapter.stage(block, rel) for rel in rels}
         key = {rel: ("stage", stage[rel]) if stage[rel] is not None else ("input", seen.get(rel))
                for rel in rels}
+        # An expert of a list (Switch's, NLLB-MoE's) that no token reached joins the group of the
+        # same projection of an expert that was called: rounded to nearest there, and reported.
+        for rel in rels:
+            if rel not in seen and stage[rel] is None:
+                twin = _called_twin(rel, order)
+                if twin is not None:
+                    key[rel] = key[twin]
+                    stage[rel] = "twin"
         seen_keys = {key[rel] for rel in order}
         order += [rel for rel in rels if rel not in seen and stage[rel] is not None and key[rel] in seen_keys]
         for rel in rels:

@@ -232,6 +232,39 @@ def test_moe_expert_no_token_reaches_is_rounded_to_nearest(method, gen):
     torch.testing.assert_close(gate.dequantize(), rtn.dequantize(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_an_expert_of_a_list_no_token_reaches_is_rounded_to_nearest(method, gen):
+    """Experts held in a list (Switch Transformers' ModuleDict) as for fused ones: an expert no
+    token is routed to is rounded to nearest and reported, not left in full precision (it was,
+    as a linear the calibration never called)."""
+    from test_walker_models import WIDER, perturb, wider_input
+
+    build_model, kind = WIDER["switch_transformers"]
+    torch.manual_seed(0)
+    model = build_model().eval()
+    experts = model.encoder.block[1].layer[1].mlp.experts
+    router = model.encoder.block[1].layer[1].mlp.router
+    route = router.forward
+
+    def never_0_or_2(hidden_states):
+        index, probs, logits = route(hidden_states)
+        return index * torch.tensor([0, 1, 0, 1]), probs, logits
+
+    router.forward = never_0_or_2
+    W = experts["expert_2"].wi.weight.detach().clone()
+    tasks = {t: perturb(model, gen).state_dict() for t in ("a", "b")}
+    calibration = {t: [wider_input(kind, gen) for _ in range(2)] for t in tasks}
+    epmq.quantize_model(model, SPEC, method=method, calibration=calibration,
+                        experts=tasks if method == "epmq" else None, backend="torch", progress=False)
+    report = model.epmq_report
+    assert not [name for name in report.skipped if ".experts." in name]
+    reached = {name for name in report.unreached if name.startswith("encoder.block.1.")}
+    assert reached == {f"encoder.block.1.layer.1.mlp.experts.{e}.{p}" for e in ("expert_0", "expert_2")
+                       for p in ("wi", "wo")}
+    rtn = epmq.QuantLinear.from_result(quant.rtn(W, SPEC), None)
+    torch.testing.assert_close(experts["expert_2"].wi.dequantize(), rtn.dequantize(), rtol=0, atol=0)
+
+
 def test_moe_experts_are_solved_in_two_stages(gen, monkeypatch):
     """Not a group (a calibration pass) per expert: every expert's gate and up projections, which
     read the block's routed hidden states, then every expert's down projection."""
