@@ -209,6 +209,12 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
             return candidate
     if AUTO.matches(model):
         return AUTO
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) <= 1:  # (a convolutional network, its head at most)
+        raise ValueError(
+            f"no epmq adapter knows {type(model).__name__}: it holds "
+            f"{'no linear layer' if not linears else f'one linear layer ({linears[0]})'}, and epmq quantizes "
+            f"the linear layers of repeated blocks (transformers'); a convolutional network has none to quantize")
     known = sorted({getattr(t, "__name__", t) for a in _REGISTRY for t in a.block_types})
     lists = sorted(
         {

@@ -249,6 +249,16 @@ def test_unknown_model_says_how_to_add_an_adapter():
         epmq.quantize_model(Net(Residual), SPEC, method="rtn", progress=False)
 
 
+def test_a_convolutional_network_is_told_it_has_nothing_to_quantize():
+    """(Not the list of every block type epmq knows: it has no linear layer but its head.)"""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    with pytest.raises(ValueError, match=r"ResNetForImageClassification: it holds one linear layer \(classifier.1\)"
+                                         r".*a convolutional network has none to quantize"):
+        epmq.quantize_model(model, SPEC, method="rtn", progress=False)
+
+
 def test_calibration_must_be_per_task_iterables(gen):
     fam = Family("llama", gen, n_samples=1)
     with pytest.raises(TypeError, match="iterable of model inputs"):
