@@ -6,13 +6,21 @@ task's documents are tokenized, joined with the tokenizer's EOS between them, an
 windows of ``seq_len`` tokens are drawn at random start positions (seeded), then batched as
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``.
 
-Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line: a string,
-or an object with a ``"text"`` field), ``.json`` (a list of such values), or a directory tree of
-them (sorted by path; suffixes in any case; hidden files and folders skipped). UTF-8, with or
-without a byte-order mark.
+Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
+(a list of such values), or a directory tree of them (sorted by path; suffixes in any case;
+hidden files and folders skipped). UTF-8, with or without a byte-order mark. A value is a
+document in one of the forms TRL's SFTTrainer trains on, so an expert's own fine-tuning files
+calibrate its task as they are:
+
+* a string, or ``{"text": ...}``;
+* ``{"messages": [{"role": ..., "content": ...}, ...]}``, a conversation, rendered by the
+  tokenizer's chat template (the model then sees its role markers and special tokens, as in
+  fine-tuning and serving);
+* ``{"prompt": ..., "completion": ...}``: two strings, joined, or two lists of messages, the
+  conversation they make rendered by the chat template.
 
 Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects with ``"input"`` and
-``"target"`` texts; ``samples`` pairs drawn at random (seeded), the inputs given to the encoder
+``"target"`` texts (or ``"prompt"`` and ``"completion"``); ``samples`` pairs drawn at random (seeded), the inputs given to the encoder
 and the targets as labels (teacher forcing: the decoder sees the target shifted right), each
 cut to ``seq_len`` tokens. A batch holds only pairs of the same token lengths, so nothing is
 padded.
@@ -47,12 +55,48 @@ def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -
                          f"batch_size={batch_size}{got}")
 
 
-def _text_of(value, where: str) -> str:
+TEXT_FORMS = ("a string, or an object with a 'text' string, 'messages' (a conversation), or 'prompt' "
+              "and 'completion' (two strings or two lists of messages)")
+
+
+def _text_of(value, where: str, tokenizer=None) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("text"), str):
-        return value["text"]
-    raise ValueError(f"{where}: expected a string or an object with a 'text' string, got {str(value)[:80]!r}")
+    if isinstance(value, dict):
+        if isinstance(value.get("text"), str):
+            return value["text"]
+        if "messages" in value:
+            return _chat(value["messages"], where, tokenizer)
+        prompt, completion = value.get("prompt"), value.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt + completion
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return _chat(prompt + completion, where, tokenizer)
+    raise ValueError(f"{where}: expected {TEXT_FORMS}, got {str(value)[:80]!r}")
+
+
+def _chat(messages, where: str, tokenizer) -> str:
+    """A conversation as the text the model was fine-tuned on: the tokenizer's chat template."""
+    if not (isinstance(messages, list) and messages
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages)):
+        raise ValueError(f"{where}: a conversation is a non-empty list of objects with 'role' and 'content', "
+                         f"got {str(messages)[:80]!r}")
+    if tokenizer is None:
+        raise ValueError(f"{where}: a conversation is rendered by the tokenizer's chat template: "
+                         f"read_texts(source, tokenizer=...)")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: a conversation, and the model's tokenizer has no chat template (a base "
+                         f"model's tokenizer often has none): copy the fine-tuned experts' tokenizer files "
+                         f"(tokenizer_config.json, chat_template.jinja) beside the model, or give the "
+                         f"texts as 'text'")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # (jinja raises its own errors: a role the template refuses, ...)
+        raise ValueError(f"{where}: the tokenizer's chat template failed on this conversation "
+                         f"({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the tokenizer's chat template gave {type(text).__name__}, not text")
+    return text
 
 
 def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]:
@@ -101,9 +145,10 @@ def _tree(directory: Path, suffixes: tuple) -> List[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[str]:
-    """The documents of a text file, a directory of them, or a list of either."""
-    return [_text_of(v, where) for where, v in
+def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=None) -> List[str]:
+    """The documents of a text file, a directory of them, or a list of either; ``tokenizer``
+    renders conversations (needed only where there are some)."""
+    return [_text_of(v, where, tokenizer) for where, v in
             _records(source, TEXT_SUFFIXES, "text", "unknown text file type")]
 
 
@@ -313,6 +358,9 @@ def _rgb(image):
     return image.convert("RGB")
 
 
+PAIR_KEYS = (("input", "target"), ("prompt", "completion"))
+
+
 def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tuple]:
     """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields),
     a directory of them, or a list of either."""
@@ -320,9 +368,12 @@ def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tup
     for where, v in _records(source, (".jsonl", ".json"), "input/target pairs",
                              "an encoder-decoder calibrates on input/target pairs: a file of "
                              "objects with 'input' and 'target' texts"):
-        if not (isinstance(v, dict) and isinstance(v.get("input"), str) and isinstance(v.get("target"), str)):
-            raise ValueError(f"{where}: expected an object with 'input' and 'target' strings, got {str(v)[:80]!r}")
-        pairs.append((v["input"], v["target"]))
+        pair = next(((v[a], v[b]) for a, b in PAIR_KEYS if isinstance(v, dict)
+                     and isinstance(v.get(a), str) and isinstance(v.get(b), str)), None)
+        if pair is None:
+            raise ValueError(f"{where}: expected an object with 'input' and 'target' strings (or 'prompt' "
+                             f"and 'completion'), got {str(v)[:80]!r}")
+        pairs.append(pair)
     return pairs
 
 

@@ -141,7 +141,9 @@ examples in configs/files/):
                                     # directory or HF hub id
   method: epmq                      # rtn, gptq or epmq
   calibration:                      # task -> texts (.txt / .jsonl / .json) for a language
-                                    # model, {"input", "target"} pairs (.jsonl / .json) for an
+                                    # model ({"text"}, {"messages"} through the chat template,
+                                    # {"prompt", "completion"}: the task's fine-tuning file),
+                                    # {"input", "target"} pairs (.jsonl / .json) for an
                                     # encoder-decoder, images (a folder tree) for a vision tower
     math: data/math.jsonl
     code: data/code.txt

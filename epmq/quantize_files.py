@@ -28,6 +28,7 @@ over). The directory is removed once the checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -135,7 +136,10 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
         from transformers import AutoTokenizer
 
         preprocessor = _preprocessor(AutoTokenizer, directory, "tokenizer", bool(calibration))
-        read, make = (read_texts, text_windows) if modality == "texts" else (read_pairs, pair_batches)
+        if modality == "texts":  # (conversations are rendered by the tokenizer's chat template)
+            read, make = functools.partial(read_texts, tokenizer=preprocessor), text_windows
+        else:
+            read, make = read_pairs, pair_batches
         batches = {task: make(read(source), preprocessor, seq_len=seq_len, what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     else:

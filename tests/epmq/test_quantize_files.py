@@ -4,6 +4,7 @@ epmq.quantize_checkpoint and ``epmq quantize`` (after ``epmq merge``)."""
 import json
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_read_texts(tmp_path):
     assert read_texts(tmp_path / "d") == ["one doc", "two", "three", "four", "five"]
     assert read_texts([tmp_path / "d" / "1.txt", tmp_path / "d" / "3.json"]) == ["one doc", "four", "five"]
     (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected a string or an object with a 'text'"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a string, or an object with a 'text'"):
         read_texts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="no calibration text"):
         read_texts(tmp_path / "nope.txt")
@@ -98,6 +99,76 @@ def test_read_texts_as_users_write_them(tmp_path, files):
     tok = transformers.AutoTokenizer.from_pretrained(files / "base")
     with pytest.raises(ValueError, match="no tokens"):
         text_windows(["", "", ""], tok, samples=2, seq_len=4)
+
+
+# a chat template of the kind fine-tuned models ship (BOS, role markers, EOS per turn)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
+                 "{{ raise_exception('no tools here') }}{% endif %}"
+                 "{{ m['role'] }} : {{ m['content'] }} {{ eos_token }}{% endfor %}")
+
+
+def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
+    """TRL's dataset formats: text, conversations, prompt/completion strings or conversations;
+    conversations rendered by the chat template, as the expert was fine-tuned on them."""
+    chat = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"}]
+    records = [{"text": "one"}, {"messages": chat}, {"prompt": "the ", "completion": "cat"},
+               {"prompt": chat[:1], "completion": chat[1:]}]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    tok.chat_template = CHAT_TEMPLATE
+    rendered = "<s>user : the cat </s>assistant : a dog </s>"
+    assert read_texts(tmp_path / "sft.jsonl", tokenizer=tok) == ["one", rendered, "the cat", rendered]
+    # BOS and EOS reach the windows as the model's special tokens (the roles are words this
+    # tokenizer does not know), the document's own EOS after them
+    (window,) = text_windows([rendered], tok, samples=1, seq_len=12)
+    assert tok.convert_ids_to_tokens(window["input_ids"][0].tolist()) == [
+        "<s>", "<unk>", ":", "the", "cat", "</s>", "<unk>", ":", "a", "dog", "</s>", "</s>"]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"messages": chat}))
+    with pytest.raises(ValueError, match=r"one.jsonl:1: a conversation is rendered by the tokenizer's chat "
+                                         r"template: read_texts\(source, tokenizer=...\)"):
+        read_texts(tmp_path / "one.jsonl")
+    with pytest.raises(ValueError, match="one.jsonl:1: a conversation, and the model's tokenizer has no chat "
+                                         "template .* copy the fine-tuned experts' tokenizer files"):
+        read_texts(tmp_path / "one.jsonl", tokenizer=transformers.AutoTokenizer.from_pretrained(files / "base"))
+    bad = {"roles.jsonl": [{"messages": [{"content": "no role"}]}],
+           "empty.jsonl": [{"messages": []}],
+           "tool.jsonl": [{"messages": [{"role": "tool", "content": "x"}]}],
+           "mixed.jsonl": [{"prompt": "the", "completion": chat}],
+           "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": "x"}]}]}
+    for name, rows in bad.items():
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
+    match = {"roles.jsonl": "roles.jsonl:1: a conversation is a non-empty list of objects with 'role' and 'content'",
+             "empty.jsonl": "empty.jsonl:1: a conversation is a non-empty list",
+             "tool.jsonl": "tool.jsonl:1: the tokenizer's chat template failed on this conversation .*no tools here",
+             "mixed.jsonl": "mixed.jsonl:1: expected a string, or an object with a 'text' string, 'messages'",
+             "sharegpt.jsonl": "sharegpt.jsonl:1: expected a string, or an object with a 'text' string"}
+    for name, pattern in match.items():
+        with pytest.raises(ValueError, match=pattern):
+            read_texts(tmp_path / name, tokenizer=tok)
+
+
+def test_quantize_checkpoint_calibrates_on_conversations(files, tmp_path):
+    """A task's fine-tuning conversations as its calibration file: the windows are those of
+    the texts the model's chat template makes of them."""
+    merged = tmp_path / "merged"
+    shutil.copytree(files / "merged", merged)
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(merged)
+    rng = random.Random(5)
+    talks = [[{"role": "user", "content": s}, {"role": "assistant", "content": rng.choice(WORDS)}]
+             for s in sentences(4, 20)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in talks))
+    spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
+    out = epmq.quantize_checkpoint(merged, tmp_path / "w4", spec=spec, method="gptq",
+                                   calibration={"chat": tmp_path / "chat.jsonl"},
+                                   samples=4, seq_len=16, batch_size=2, progress=False)
+    texts = [tok.apply_chat_template(m, tokenize=False) for m in talks]
+    assert texts[0].startswith("<s>user : ")
+    batches = {"chat": text_windows(texts, tok, samples=4, seq_len=16, batch_size=2)}
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="gptq")
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
 
 
 def test_text_windows(files):
@@ -424,8 +495,9 @@ def test_t5_from_input_target_pairs(tmp_path):
     for k, task in enumerate(("sst2", "rte")):
         perturb(merged, noise, scale=0.1).save_pretrained(tmp_path / task)
         experts[task] = tmp_path / task
-        pairs = [{"input": s, "target": "positive" if i % 2 else "negative"}
-                 for i, s in enumerate(sentences(k, 9))]
+        # (the second task's file in TRL's prompt/completion form)
+        keys = ("input", "target") if k == 0 else ("prompt", "completion")
+        pairs = [dict(zip(keys, (s, "positive" if i % 2 else "negative"))) for i, s in enumerate(sentences(k, 9))]
         calibration[task] = tmp_path / f"{task}.jsonl"
         calibration[task].write_text("\n".join(json.dumps(p) for p in pairs))
     spec = epmq.QuantSpec(bits=4, group_size=-1)
