@@ -163,7 +163,9 @@ examples in configs/files/):
   dtype: float16                    # optional: the model's dtype (default: the checkpoint's)
   checkpoint_format: auto           # gptq (v1), gptq_v2, or auto
   max_shard_size: 5GB
-  tower: vision                     # optional, for a CLIPModel / SiglipModel: its vision tower alone
+  tower: vision                     # optional, for a CLIPModel / SiglipModel: its vision tower alone;
+                                    # language, for a vision-language model (Llava, Qwen2-VL, ...):
+                                    # its language model, calibrated on texts
   layers: "self_attn|mlp"           # optional: a regular expression over the linears to quantize
   percdamp: 0.01                    # GPTQ's damping (fraction of the mean Hessian diagonal)
   true_sequential: true             # a block's linears in dependency groups (false: one pass)

@@ -44,9 +44,10 @@ from .checkpoint_io import DTYPES, local_checkpoint
 from .lora import is_lora_adapter, open_expert
 from .resume import hold, records
 from .spec import QuantSpec
-from .walker import METHODS, quantize_model
+from .walker import METHODS, _selector, quantize_model
 
 REPORT_FILE = "epmq_report.json"
+TOWERS = ("vision", "language")
 
 
 def _config_json(directory: Path) -> dict:
@@ -68,11 +69,17 @@ def _model_class(directory: Path, tower: Optional[str]):
     if cls is None:
         raise ValueError(f"{directory}: config.json names architecture {names[0]!r}, which transformers "
                          f"{transformers.__version__} does not have")
-    if tower is not None:
+    vlm = {"input_ids", "pixel_values"} <= _forward_takes(cls) and _vision_tower_class(cls) is None
+    if tower == "language" and not vlm:
+        raise ValueError(f"tower: language is for a vision-language model (Llava, Qwen2-VL, Mllama, ...), whose "
+                         f"language model calibrates on texts; {cls.__name__} is "
+                         + ("a two-tower model: tower: vision quantizes its vision tower" if _vision_tower_class(cls)
+                            else "not one: leave tower: out"))
+    if tower == "vision":
         vision = _vision_tower_class(cls)
         if vision is None:
-            what = ("a vision-language model, whose towers epmq.quantize_model walks in one call"
-                    if {"input_ids", "pixel_values"} <= _forward_takes(cls)
+            what = ("a vision-language model: tower: language quantizes its language model (calibrated on "
+                    "texts), epmq.quantize_model both towers in one call" if vlm
                     else "not a two-tower model: leave tower: out")
             raise ValueError(f"tower: vision is for a two-tower model with a vision-tower class "
                              f"(CLIPModel, SiglipModel); {cls.__name__} is {what}")
@@ -99,17 +106,19 @@ def _forward_takes(cls) -> set:
     return set(inspect.signature(forward).parameters) if forward is not None else set()
 
 
-def _modality(cls, encoder_decoder: bool) -> str:
+def _modality(cls, encoder_decoder: bool, tower: Optional[str] = None) -> str:
     takes = _forward_takes(cls)
+    if tower == "language":
+        return "texts"
     if "input_ids" in takes and "pixel_values" in takes:
         if _vision_tower_class(cls) is not None:  # CLIPModel, SiglipModel
             raise ValueError(f"{cls.__name__} takes both texts and images: quantize its vision tower "
                              f"(tower: vision, calibrated on images), or both towers with "
                              f"epmq.quantize_model on (text, image) pairs")
         raise ValueError(f"{cls.__name__} takes both texts and images, and epmq quantize calibrates on "
-                         f"one of them: call epmq.quantize_model with (input_ids, pixel_values) samples "
-                         f"(it walks every tower in one call), or with text alone and "
-                         f"adapter=epmq.adapters.HF_DECODERS for its language model")
+                         f"one of them: tower: language quantizes its language model, calibrated on texts "
+                         f"(the vision tower left in full precision); epmq.quantize_model with "
+                         f"(input_ids, pixel_values) samples walks every tower in one call")
     if "pixel_values" in takes:
         return "images"
     if "input_ids" in takes:
@@ -127,7 +136,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     ``directory`` and each task's calibration files, by what the model's forward takes; the
     tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``)."""
     cls, encoder_decoder = _model_class(directory, tower)
-    modality = _modality(cls, encoder_decoder)
+    modality = _modality(cls, encoder_decoder, tower)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
     directory = directory if preprocessor_dir is None else preprocessor_dir
@@ -135,12 +144,14 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     if modality in ("texts", "pairs"):
         from transformers import AutoTokenizer
 
-        preprocessor = _preprocessor(AutoTokenizer, directory, "tokenizer", bool(calibration))
+        preprocessor = tokenizer = _preprocessor(AutoTokenizer, directory, "tokenizer", bool(calibration))
+        if tower == "language":  # (the checkpoint takes the whole processor: it serves images too)
+            preprocessor = _processor(directory) or tokenizer
         if modality == "texts":  # (conversations are rendered by the tokenizer's chat template)
-            read, make = functools.partial(read_texts, tokenizer=preprocessor), text_windows
+            read, make = functools.partial(read_texts, tokenizer=tokenizer), text_windows
         else:
             read, make = read_pairs, pair_batches
-        batches = {task: make(read(source), preprocessor, seq_len=seq_len, what=f"calibration[{task!r}]", **options)
+        batches = {task: make(read(source), tokenizer, seq_len=seq_len, what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     else:
         from transformers import AutoImageProcessor
@@ -164,6 +175,20 @@ def _preprocessor(auto, directory: Path, what: str, needed: bool):
         if needed:
             raise ValueError(message) from e
         warnings.warn(message.replace("it reads the calibration data", "the checkpoint is written without one"))
+        return None
+
+
+def _processor(directory: Path):
+    """A vision-language checkpoint's processor (tokenizer, image processor, chat template), or
+    None with a warning: the checkpoint is then written with its tokenizer alone."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(directory)
+    except Exception as e:  # (as _preprocessor: transformers raises many kinds)
+        warnings.warn(f"{directory} has no processor that loads ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                      f"the checkpoint is written with its tokenizer alone; copy the image processor's files "
+                      f"(preprocessor_config.json, processor_config.json) beside it to serve images")
         return None
 
 
@@ -204,8 +229,9 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
             raise ValueError(f"{name} must map each task to {what}, got {files!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if tower not in (None, "vision"):
-        raise ValueError(f"tower must be 'vision' (the vision tower of a two-tower model), got {tower!r}")
+    if tower not in (None,) + TOWERS:
+        raise ValueError(f"tower must be 'vision' (the vision tower of a two-tower model) or 'language' (the "
+                         f"language model of a vision-language model), got {tower!r}")
     if not calibration and method != "rtn":
         raise ValueError(f"method {method!r} needs calibration files: task -> text or image file(s)")
     if method == "epmq":
@@ -240,7 +266,10 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     model is loaded into CPU memory and each block visits the device for its turn, so a model
     larger than the GPU can be quantized on it.
     ``tower="vision"``: of a two-tower model (``CLIPModel``, ``SiglipModel``), quantize and save
-    the vision tower alone (``CLIPVisionModel``), calibrated on images.
+    the vision tower alone (``CLIPVisionModel``), calibrated on images. ``tower="language"``: of
+    a vision-language model (Llava, Qwen2-VL, ...), quantize its language model (the module
+    ``get_decoder()`` gives), calibrated on texts; the vision tower and projector stay in full
+    precision in the saved model.
     ``resume``: go on from the blocks an interrupted call left in ``OUT.resume`` (see the module
     docstring); False discards them. ``layers`` (a regular expression over the linears' names),
     ``percdamp``, ``true_sequential`` and ``residual_precision``: as ``epmq.quantize_model``'s.
@@ -259,6 +288,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     with loading_bars(progress):
         net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
+    if tower == "language":
+        layers = _within(net, net.get_decoder(), layers)
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     resume_dir = None if method == "rtn" else resume_dir_for(out)
     # the resume directory is held from here to its removal: no other run takes it meanwhile
@@ -292,6 +323,14 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         shutil.rmtree(resume_dir, ignore_errors=True)
     return saved
+
+
+def _within(model, module, layers: Optional[str]):
+    """The predicate over linear names that selects those of ``module`` (a submodule of
+    ``model``) that the regular expression ``layers`` (if any) also selects."""
+    prefix = next(name for name, m in model.named_modules() if m is module) + "."
+    select = _selector(layers)
+    return lambda name: name.startswith(prefix) and select(name)
 
 
 def _drop_if_no_block(resume_dir) -> None:

@@ -545,15 +545,54 @@ def test_an_output_directory_of_the_user_is_refused_before_the_walk(files, tmp_p
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "mine.resume").exists()
 
 
-def test_a_vision_language_model_is_sent_to_quantize_model(tmp_path):
+def test_a_vision_language_model_is_sent_to_its_language_model(tmp_path):
     """epmq quantize calibrates on texts or on images; a VLM takes both, and has no vision-tower
     class for tower: vision: both errors say what does quantize it."""
     from test_walker_towers import tiny_llava
 
     tiny_llava().save_pretrained(tmp_path / "llava")
-    assert_refused(tmp_path / "llava", tmp_path, "call epmq.quantize_model with \\(input_ids, pixel_values\\)")
-    assert_refused(tmp_path / "llava", tmp_path, "LlavaForConditionalGeneration is a vision-language model, "
-                   "whose towers epmq.quantize_model walks", tower="vision")
+    assert_refused(tmp_path / "llava", tmp_path, "tower: language quantizes its language model, calibrated on texts")
+    assert_refused(tmp_path / "llava", tmp_path, "LlavaForConditionalGeneration is a vision-language model: "
+                   "tower: language quantizes its language model", tower="vision")
+
+
+def test_the_language_model_of_a_vision_language_model(files, tmp_path):
+    """tower: language: a VLM's language model quantized from text files, the vision tower and
+    projector left in full precision, the processor (tokenizer and image processor) saved beside
+    it; the same as quantize_model with the language model's layers on the same windows."""
+    from test_walker_towers import llava_inputs, tiny_llava
+
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    tok.add_special_tokens({"extra_special_tokens": ["<image>"]})
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>")
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
+    for layers in (None, "mlp"):
+        out = epmq.quantize_checkpoint(tmp_path / "llava", tmp_path / f"w4-{layers}", spec=spec, method="gptq",
+                                       calibration={"a": files / "a.txt"}, tower="language", layers=layers,
+                                       samples=4, seq_len=16, batch_size=2, progress=False)
+        model = tiny_llava()
+        batches = {"a": text_windows(read_texts(files / "a.txt"), tok, samples=4, seq_len=16, batch_size=2)}
+        expected = "model.language_model." + ("" if layers is None else ".*mlp")
+        loaded = assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="gptq",
+                                              layers=f"^{expected}")
+        quantized = {n for n, m in loaded.named_modules() if isinstance(m, epmq.QuantLinear)}
+        assert len(quantized) == (14 if layers is None else 6)
+        assert all(re.match(expected, n) for n in quantized)
+        full = [n for n, m in loaded.named_modules() if type(m) is torch.nn.Linear]
+        assert sum("vision_tower" in n for n in full) == 12 and sum("projector" in n for n in full) == 2
+        with torch.no_grad():  # (images still run through the full-precision tower)
+            item = llava_inputs(1, torch.Generator().manual_seed(0))[0]
+            torch.testing.assert_close(loaded(**item).logits, model(**item).logits)
+        assert type(transformers.AutoProcessor.from_pretrained(out)).__name__ == "LlavaProcessor"
+    assert_refused(files / "merged", tmp_path, "tower: language is for a vision-language model .* "
+                   "LlamaForCausalLM is not one", tower="language")
+    with pytest.raises(ValueError, match="tower must be 'vision' .* or 'language'"):
+        epmq.quantize_checkpoint(files / "merged", tmp_path / "x", spec=spec, method="gptq",
+                                 calibration={"a": files / "a.txt"}, tower="text")
 
 
 def test_a_model_directory_without_config_json_is_named(files, tmp_path):
