@@ -25,6 +25,10 @@ the two results is compared. The settings that mean the same thing in both:
     *_weighted        task_arithmetic and ties with per-model weights 1, 0.5, 2 (mergekit's
                       ``weight``; ours ``weights=[1, 0.5, 2]``), the TIES mean weighted
 
+Each config is also written as a YAML file and run as it is by ``epmq merge`` (mergekit's
+configs are translated by ``epmq.mergekit_config``): ``epmq_merge_of_the_yaml`` compares that
+checkpoint with mergekit's.
+
 DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
 name, expert)``), so their tensors cannot be compared entry by entry; they are not run here.
 
@@ -56,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import summarize, tiny_decoder, write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
+from epmq.cli import main as cli_main  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
 
 
@@ -164,6 +169,21 @@ def main(argv=None):
                          for p, w in zip(expert_dirs, weights)]),
             lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor",
                                merge="mean", weights=weights))
+        # normalize against its method's default, the base listed among the models (as mergekit
+        # configs often do)
+        runs["ties_sum"] = (
+            dict(merge_method="ties", base_model=base_dir, dtype="float32",
+                 parameters=dict(normalize=False, **{"lambda": args.scale}),
+                 models=[dict(model=base_dir)] + [dict(model=p, parameters=dict(weight=1.0, density=args.density))
+                                                  for p in expert_dirs]),
+            lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor",
+                               merge="sum"))
+        runs["task_arithmetic_normalized"] = (
+            dict(merge_method="task_arithmetic", base_model=base_dir, dtype="float32",
+                 parameters=dict(normalize=True, **{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=w)) for p, w in zip(expert_dirs, weights)]),
+            lambda: merge.task_arithmetic(base, experts, scale=args.scale,
+                                          weights=[w / sum(weights) for w in weights]))
         crumbs = [dict(model=p, parameters=dict(weight=1.0, density=args.breadcrumbs_density,
                                                 gamma=args.gamma)) for p in expert_dirs]
         for method, consensus in (("breadcrumbs", None), ("breadcrumbs_ties", "sign")):
@@ -173,6 +193,13 @@ def main(argv=None):
                 lambda consensus=consensus: merge.breadcrumbs(
                     base, experts, scale=args.scale, density=args.breadcrumbs_density,
                     gamma=args.gamma, consensus=consensus, merge="sum"))
+        runs["breadcrumbs_ties_normalized"] = (
+            dict(merge_method="breadcrumbs_ties", base_model=base_dir, dtype="float32",
+                 parameters=dict(normalize=True, **{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(c["parameters"], weight=w))
+                         for c, p, w in zip(crumbs, expert_dirs, weights)]),
+            lambda: merge.breadcrumbs(base, experts, scale=args.scale, density=args.breadcrumbs_density,
+                                      gamma=args.gamma, consensus="sign", merge="mean", weights=weights))
         for per_row in (False, True):
             runs[f"model_stock{'_filter_wise' if per_row else ''}"] = (
                 dict(merge_method="model_stock", base_model=base_dir, dtype="float32",
@@ -196,9 +223,16 @@ def main(argv=None):
             ours = ours_fn()
             seconds_ours = time.perf_counter() - started
             rows = compare(ours, out)
+            # the same YAML file, run as it is by `epmq merge` (epmq.mergekit_config)
+            config_file = os.path.join(root, f"{method}.yaml")
+            with open(config_file, "w") as f:
+                yaml.safe_dump(config, f)
+            assert cli_main(["merge", config_file, os.path.join(root, f"epmq-{method}"), "--quiet"]) == 0
+            from_yaml = summarize(compare(open_checkpoint(os.path.join(root, f"epmq-{method}")), out))
             results["methods"][method] = dict(
                 mergekit_config=yaml.safe_dump(config).replace(root, "<tmp>"), **summarize(rows),
                 seconds_mergekit=round(seconds_theirs, 3), seconds_epmq=round(seconds_ours, 3),
+                epmq_merge_of_the_yaml={k: v for k, v in from_yaml.items() if k != "worst_tensor"},
                 rows=rows)
             if method.startswith("ties"):
                 results["methods"][method]["kth_ties"] = kth_ties(base, experts, args.density)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from ._util import loading_bars
 from .checks import is_int
@@ -52,6 +53,11 @@ examples in configs/files/):
   max_shard_size: 5GB               # optional
   calibration: [data/math.jsonl, data/code.jsonl]   # regmean only: each model's own task files
                                     # (as epmq quantize reads them; samples, seq_len, batch_size)
+
+A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
+runs as it is for task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, linear, model_stock and
+slerp with one value per parameter (epmq.mergekit_config says how each maps; the rest is
+refused by name).
 """
 
 
@@ -80,13 +86,13 @@ def _demo(args) -> int:
 
 # --------------------------------------------------------------------------- merge
 
-def _yaml_mapping(path: Path, keys, required, help_text) -> dict:
-    """A merge or quantize config: the YAML mapping at ``path`` with only ``keys``, all of
-    ``required`` among them."""
+def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] = None) -> dict:
+    """A merge or quantize config: the YAML mapping at ``path`` (or ``config``, read from it)
+    with only ``keys``, all of ``required`` among them."""
     from .benches import BenchConfigError, load_config
 
     try:
-        config = load_config(path, expected=f"a mapping\n\n{help_text}")
+        config = load_config(path, expected=f"a mapping\n\n{help_text}") if config is None else config
     except BenchConfigError as e:
         raise CLIError(str(e)) from e
     unknown = sorted(set(config) - set(keys))
@@ -103,9 +109,22 @@ MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "
 
 
 def _merge(args) -> int:
+    from .benches import BenchConfigError, load_config
     from .merge_checkpoint import merge_checkpoints
+    from .mergekit_config import from_mergekit, is_mergekit
 
-    config = _yaml_mapping(Path(args.config), MERGE_KEYS, ("method", "models"), MERGE_CONFIG)
+    try:
+        config = load_config(Path(args.config), expected=f"a mapping\n\n{MERGE_CONFIG}")
+    except BenchConfigError as e:
+        raise CLIError(str(e)) from e
+    if is_mergekit(config):
+        try:
+            config = {k: v for k, v in from_mergekit(config).items() if v is not None}
+        except ValueError as e:
+            raise CLIError(f"{args.config}: {e}") from e
+        if not args.quiet:
+            print(f"mergekit config read as: {config}")
+    config = _yaml_mapping(Path(args.config), MERGE_KEYS, ("method", "models"), MERGE_CONFIG, config)
     models = config["models"]
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise CLIError(f"{args.config}: models must be a list of paths or HF hub ids, got {models!r}")

@@ -1,0 +1,192 @@
+"""mergekit's YAML configs as ``epmq merge`` configs: a ``mergekit-yaml`` file runs as it is.
+
+A config with ``merge_method:`` is read as mergekit reads it (mergekit 0.1.5: its parameter
+names and defaults) and becomes the epmq merge that computes the same tensors, for the methods
+where every setting means the same in both (``benchmarks/side_by_side_mergekit.py`` compares
+the two on the same checkpoints, tensor by tensor):
+
+    mergekit            epmq
+    task_arithmetic     task_arithmetic(scale=lambda, weights=weight)
+    ties                ties(scope="tensor", density, scale=lambda, weights=weight,
+                             merge="mean" if normalize (its default) else "sum")
+    breadcrumbs         breadcrumbs(density, gamma, scale=lambda, weights=weight, merge="sum")
+    breadcrumbs_ties    the same with consensus="sign", merge="mean" if normalize else "sum"
+    linear              average(weights=weight)   (normalize: true, its default)
+    model_stock         model_stock(per_row=filter_wise)
+    slerp               slerp(base_model, the other model, t, per_row=True)
+
+``normalize: true`` on a method without a sign vote divides by the sum of the weights, which is
+``weights`` divided by their sum. ``lambda`` defaults to 1 and ``density`` to 1, as mergekit's
+(epmq's own defaults differ: the translation states every value). ``int8_mask`` changes only
+mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's dtype (epmq
+computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
+``dtype``, by a rounding). The remaining differences are those of the side by side (TIES keeps
+``round(density n)`` entries of a tensor where mergekit keeps ``max(1, floor(density n))``,
+and every entry tied at the threshold).
+
+Anything else is refused with the setting named, never approximated: other methods (DARE and
+DELLA draw their random masks another way and mergekit rescales them by the L1 norm; nuslerp,
+SCE, Karcher, passthrough, ...), ``slices``, parameters given as gradients or per-tensor
+filters, per-model densities (or gammas) that differ, ``rescale: true``, tokenizer and chat
+template settings, and ``model+lora`` sources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "int8_mask"}
+METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear", "model_stock", "slerp")
+# per method: the parameters mergekit reads, with its defaults (None: none)
+SHARED = {
+    "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "ties": {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "breadcrumbs": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "breadcrumbs_ties": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "linear": {"normalize": True},
+    "model_stock": {"filter_wise": False},
+    "slerp": {"t": None},
+}
+PER_MODEL = {
+    "task_arithmetic": {"weight": None, "density": 1.0},
+    "ties": {"weight": None, "density": 1.0},
+    "breadcrumbs": {"weight": None, "density": 1.0, "gamma": 0.01},
+    "breadcrumbs_ties": {"weight": None, "density": 1.0, "gamma": 0.01},
+    "linear": {"weight": None},
+    "model_stock": {},
+    "slerp": {},
+}
+UNLIKE = {"dare_ties": "DARE", "dare_linear": "DARE", "della": "DELLA", "della_linear": "DELLA"}
+
+
+def is_mergekit(config: Mapping) -> bool:
+    """Whether a merge config is mergekit's (it names ``merge_method``)."""
+    return "merge_method" in config
+
+
+def _scalar(value, where: str):
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{where} is a gradient or a per-tensor filter ({value!r}): epmq merges with one value "
+                         f"per model; give a number")
+    raise ValueError(f"{where} must be a number or true/false, got {value!r}")
+
+
+def _parameters(given, known: Mapping, where: str) -> dict:
+    """``given`` (a mergekit ``parameters`` mapping, or None) checked against ``known`` (name ->
+    default), with the defaults filled in."""
+    given = {} if given is None else given
+    if not isinstance(given, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {given!r}")
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: {', '.join(unknown)} not read by this method here "
+                         f"(it reads {', '.join(known) or 'none'})")
+    out = dict(known)
+    for name, value in given.items():
+        out[name] = _scalar(value, f"{where}.{name}")
+    return out
+
+
+def _source(entry, k: int) -> tuple:
+    """``(path or hub id, per-model parameters)`` of entry ``k`` of ``models:``."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+        raise ValueError(f"models[{k}] must be a mapping with model: a path or hub id, got {entry!r}")
+    unknown = sorted(set(entry) - {"model", "parameters"})
+    if unknown:
+        raise ValueError(f"models[{k}]: {', '.join(unknown)} is not read by epmq merge")
+    model = entry["model"]
+    if "+" in model and not Path(model).exists():
+        raise ValueError(f"models[{k}]: {model!r} is a model+LoRA source: give the adapter directory as the model "
+                         f"(epmq reads a PEFT adapter as its whole expert)")
+    return model, entry.get("parameters")
+
+
+def from_mergekit(config: Mapping) -> dict:
+    """An ``epmq merge`` config (``method``, ``base``, ``models``, ``params``, ``dtype``) that
+    computes what the mergekit config ``config`` does; ValueError for what it cannot."""
+    unknown = sorted(set(config) - TOP_KEYS)
+    if unknown:
+        raise ValueError(f"mergekit config: {', '.join(unknown)} not supported by epmq merge (it reads "
+                         f"{', '.join(sorted(TOP_KEYS))}; slices, tokenizer and chat template settings are not "
+                         f"translated)")
+    method = config["merge_method"]
+    if method not in METHODS:
+        why = (f": {UNLIKE[method]} draws its random masks another way, and mergekit rescales them by the "
+               f"L1 norm; use epmq's own config (method: {UNLIKE[method].lower()})" if method in UNLIKE else "")
+        raise ValueError(f"mergekit merge_method {method!r} is not translated{why}; translated: {', '.join(METHODS)}")
+    base = config.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"base_model must be a path or hub id, got {base!r}")
+    entries = config.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"models must be a list of {{model: ..., parameters: ...}}, got {entries!r}")
+    sources = [_source(e, k) for k, e in enumerate(entries)]
+    shared = _parameters(config.get("parameters"), SHARED[method], "parameters")
+    if "int8_mask" in config:  # (a top-level option in older configs)
+        _scalar(config["int8_mask"], "int8_mask")
+    if shared.get("rescale"):
+        raise ValueError("parameters.rescale: true rescales the kept entries by the L1 norm, which epmq does not do")
+    dtype = config.get("out_dtype", config.get("dtype"))
+
+    if method == "slerp":
+        models = [m for m, _ in sources]
+        if base is None or base not in models or len(models) != 2:
+            raise ValueError(f"slerp interpolates from base_model to the other of two models; got base_model "
+                             f"{base!r} and models {models}")
+        for m, p in sources:
+            _parameters(p, {}, f"models[{models.index(m)}].parameters")
+        if shared["t"] is None:
+            raise ValueError("slerp needs parameters.t")
+        other = models[1 - models.index(base)]
+        return dict(method="slerp", base=None, models=[base, other], params=dict(t=shared["t"], per_row=True),
+                    dtype=dtype)
+
+    experts, per_model = [], []
+    for k, (model, given) in enumerate(sources):
+        if model == base:  # (mergekit lists the base among the models; it is not an expert)
+            continue
+        experts.append(model)
+        per_model.append(_parameters(given, PER_MODEL[method], f"models[{k}].parameters"))
+        if per_model[-1].get("weight", 0) is None:  # (as mergekit: no default)
+            raise ValueError(f"models[{k}].parameters.weight is missing: {method} needs a weight for every model")
+    if not experts:
+        raise ValueError("models lists no model but the base")
+    if method == "linear":
+        if not shared["normalize"]:
+            raise ValueError("linear with normalize: false is a weighted sum, not an average; epmq's "
+                             "average divides by the weights' sum")
+        return dict(method="average", base=None, models=experts, dtype=dtype,
+                    params=dict(weights=[p["weight"] for p in per_model]))
+    if base is None:
+        raise ValueError(f"{method} needs base_model")
+    if method == "model_stock":
+        return dict(method="model_stock", base=base, models=experts, dtype=dtype,
+                    params=dict(per_row=bool(shared["filter_wise"])))
+
+    one = {}
+    for name in ("density", "gamma"):
+        values = {p[name] for p in per_model if name in p}
+        if len(values) > 1:
+            raise ValueError(f"the models' {name} differ ({sorted(values)}): epmq trims every model alike")
+        if values:
+            one[name] = values.pop()
+    weights = [float(p["weight"]) for p in per_model]
+    vote = method in ("ties", "breadcrumbs_ties")
+    if shared["normalize"] and not vote:  # (mergekit divides by the weights' sum)
+        total = sum(weights)
+        weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
+    params = dict(scale=float(shared["lambda"]), weights=weights)
+    if method == "task_arithmetic":
+        if one["density"] != 1:
+            raise ValueError("task_arithmetic's density trims nothing in mergekit (no sparsification); leave it out")
+        return dict(method="task_arithmetic", base=base, models=experts, params=params, dtype=dtype)
+    merge = "mean" if vote and shared["normalize"] else "sum"
+    if method == "ties":
+        params.update(density=one["density"], scope="tensor", merge=merge)
+        return dict(method="ties", base=base, models=experts, params=params, dtype=dtype)
+    params.update(density=one["density"], gamma=one["gamma"], merge=merge,
+                  consensus="sign" if vote else None)
+    return dict(method="breadcrumbs", base=base, models=experts, params=params, dtype=dtype)

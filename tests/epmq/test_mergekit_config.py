@@ -1,0 +1,120 @@
+"""mergekit configs run by ``epmq merge``: each translated setting, and every refusal.
+
+(That the translations give mergekit's own tensors is measured against mergekit itself in
+``benchmarks/side_by_side_mergekit.py``: mergekit is not a dependency.)"""
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from epmq import merge
+from epmq.benches.tiny import perturb
+from epmq.cli import main
+from epmq.mergekit_config import from_mergekit, is_mergekit
+
+
+def gta(method, parameters=None, per_model=({"weight": 1.0}, {"weight": 0.5}), base="base", **extra):
+    """A mergekit config of ``method`` with models e0, e1 (and their parameters)."""
+    config = dict(merge_method=method, base_model=base,
+                  models=[dict(model=f"e{k}", parameters=dict(p)) for k, p in enumerate(per_model)], **extra)
+    if parameters is not None:
+        config["parameters"] = parameters
+    return config
+
+
+@pytest.mark.parametrize("config, expected", [
+    # mergekit's defaults stated: lambda 1, TIES's normalize (the disjoint mean), density 1
+    (gta("task_arithmetic", {"lambda": 0.4}),
+     dict(method="task_arithmetic", params=dict(scale=0.4, weights=[1.0, 0.5]))),
+    (gta("task_arithmetic", {"normalize": True}),
+     dict(method="task_arithmetic", params=dict(scale=1.0, weights=[1 / 1.5, 0.5 / 1.5]))),
+    (gta("ties", {"lambda": 0.8, "int8_mask": True},
+         [{"weight": 1.0, "density": 0.2}, {"weight": 2.0, "density": 0.2}]),
+     dict(method="ties", params=dict(scale=0.8, weights=[1.0, 2.0], density=0.2, scope="tensor", merge="mean"))),
+    (gta("ties", {"normalize": False}),
+     dict(method="ties", params=dict(scale=1.0, weights=[1.0, 0.5], density=1.0, scope="tensor", merge="sum"))),
+    (gta("breadcrumbs", {"normalize": True}, [{"weight": 1.0, "density": 0.9, "gamma": 0.02}] * 2),
+     dict(method="breadcrumbs", params=dict(scale=1.0, weights=[0.5, 0.5], density=0.9, gamma=0.02,
+                                            merge="sum", consensus=None))),
+    (gta("breadcrumbs_ties", None, [{"weight": 1.0}, {"weight": 3.0}]),
+     dict(method="breadcrumbs", params=dict(scale=1.0, weights=[1.0, 3.0], density=1.0, gamma=0.01,
+                                            merge="sum", consensus="sign"))),
+    (gta("linear", None, [{"weight": 1.0}, {"weight": 3.0}], base=None),
+     dict(method="average", base=None, params=dict(weights=[1.0, 3.0]))),
+    (gta("model_stock", {"filter_wise": True}, [{}, {}]), dict(method="model_stock", params=dict(per_row=True))),
+])
+def test_each_method_and_its_defaults(config, expected):
+    assert is_mergekit(config)
+    translated = from_mergekit(config)
+    assert translated == dict(dict(base="base", models=["e0", "e1"], dtype=None), **expected)
+
+
+def test_the_base_among_the_models_slerp_and_dtypes():
+    config = gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2, dtype="bfloat16")
+    config["models"].insert(0, {"model": "base"})  # (mergekit configs often list it)
+    assert from_mergekit(config)["models"] == ["e0", "e1"]
+    assert from_mergekit(config)["dtype"] == "bfloat16"
+    assert from_mergekit(dict(config, out_dtype="float16"))["dtype"] == "float16"
+    slerp = dict(merge_method="slerp", base_model="e1", parameters={"t": 0.3},
+                 models=[{"model": "e0"}, {"model": "e1"}])
+    assert from_mergekit(slerp) == dict(method="slerp", base=None, models=["e1", "e0"],
+                                        params=dict(t=0.3, per_row=True), dtype=None)
+
+
+@pytest.mark.parametrize("config, match", [
+    (gta("dare_ties"), "'dare_ties' is not translated: DARE draws its random masks another way"),
+    (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
+    (gta("ties", slices=[]), "slices not supported by epmq merge"),
+    (gta("ties", tokenizer_source="base"), "tokenizer_source not supported"),
+    (gta("slerp", {"t": [0, 0.5, 1]}), "parameters.t is a gradient or a per-tensor filter"),
+    (gta("ties", {"lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1}]}), "parameters.lambda is a gradient"),
+    (gta("ties", None, [{"weight": 1, "density": 0.2}, {"weight": 1, "density": 0.5}]),
+     r"the models' density differ \(\[0.2, 0.5\]\)"),
+    (gta("ties", {"rescale": True}), "rescale: true rescales the kept entries by the L1 norm"),
+    (gta("ties", None, [{"weight": 1}, {"density": 0.5}]), r"models\[1\].parameters.weight is missing"),
+    (gta("ties", None, [{"weight": 1, "epsilon": 0.1}] * 2), r"models\[0\].parameters: epsilon not read"),
+    (gta("ties", {"normalise": True}), "parameters: normalise not read by this method here"),
+    (gta("task_arithmetic", None, [{"weight": 1, "density": 0.5}] * 2), "task_arithmetic's density trims nothing"),
+    (gta("linear", {"normalize": False}, base=None), "linear with normalize: false is a weighted sum"),
+    (gta("ties", base=None), "ties needs base_model"),
+    (dict(merge_method="ties", base_model="base", models=["e0", "e1"]), r"models\[0\] must be a mapping"),
+    (dict(merge_method="ties", base_model="base", models=[{"model": "e0+lora/dir"}]), "is a model\\+LoRA source"),
+    (dict(merge_method="ties", base_model="base", models=[{"model": "base"}]), "lists no model but the base"),
+    (dict(merge_method="slerp", base_model="e2", parameters={"t": 0.3}, models=[{"model": "e0"}, {"model": "e1"}]),
+     "slerp interpolates from base_model to the other of two models"),
+    (dict(merge_method="slerp", base_model="e0", models=[{"model": "e0"}, {"model": "e1"}]),
+     "slerp needs parameters.t"),
+])
+def test_what_is_not_translated_is_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        from_mergekit(config)
+
+
+def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
+    """The YAML a mergekit user has, run by ``epmq merge``: the checkpoint of the merge it
+    states, in epmq's terms (printed), and a refusal is one error line naming the file."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False))
+    base.save_pretrained(tmp_path / "base")
+    noise = torch.Generator().manual_seed(1)
+    experts = [perturb(base, noise, scale=0.05) for _ in range(2)]
+    for k, expert in enumerate(experts):
+        expert.save_pretrained(tmp_path / f"e{k}")
+    config = dict(merge_method="ties", base_model=str(tmp_path / "base"), dtype="float32",
+                  parameters={"lambda": 0.7, "normalize": True},
+                  models=[{"model": str(tmp_path / "base")}]
+                  + [{"model": str(tmp_path / f"e{k}"), "parameters": {"weight": w, "density": 0.3}}
+                     for k, w in enumerate((1.0, 0.5))])
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "out")]) == 0
+    assert "mergekit config read as: {'method': 'ties'" in capsys.readouterr().out
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    expected = merge.ties(base.state_dict(), [e.state_dict() for e in experts], scale=0.7, density=0.3,
+                          scope="tensor", merge="mean", weights=[1.0, 0.5])
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="della")))
+    assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
+    assert "bad.yaml: mergekit merge_method 'della' is not translated" in capsys.readouterr().err
