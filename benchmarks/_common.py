@@ -105,16 +105,16 @@ TINY_DECODERS = {
 }
 
 
-def tiny_decoder(seed, *, vocab_size, hidden_size, intermediate_size, arch="llama"):
-    """A random-init two-layer decoder-only LM (HF transformers; a Llama unless ``arch`` names
-    another of TINY_DECODERS) in eval mode, for the CPU side-by-sides."""
+def tiny_decoder(seed, *, vocab_size, hidden_size, intermediate_size, arch="llama", layers=2):
+    """A random-init decoder-only LM of ``layers`` layers (HF transformers; a Llama unless
+    ``arch`` names another of TINY_DECODERS) in eval mode, for the CPU side-by-sides."""
     import transformers
 
     model_class, config_class, options = TINY_DECODERS[arch]
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=64, tie_word_embeddings=False, **options)
     return getattr(transformers, model_class)(config).eval()
 

@@ -18,8 +18,10 @@ the two results is compared. The settings that mean the same thing in both:
                       sum); ours ``breadcrumbs(..., consensus="sign", merge="sum")``
     model_stock       mergekit ``model_stock``, ``filter_wise`` false and true; ours
                       ``model_stock(per_row=False / True)``
-    slerp             mergekit ``slerp`` (0.1.5 interpolates each output row) from the base
-                      to expert 0, ``t`` = 0.3; ours ``slerp(base, expert 0, t, per_row=True)``
+    slerp             mergekit ``slerp`` (0.1.5 interpolates each tensor whole) from the base
+                      to expert 1 (expert 0 is so close to the base that every tensor takes
+                      the linear branch, where per-tensor and per-row SLERP agree), ``t`` = 0.3;
+                      ours ``slerp(base, expert 1, t)``
     linear            mergekit ``linear``, weights 1, 2, 3 (normalized); ours
                       ``average(experts, weights=[1, 2, 3])``
     *_weighted        task_arithmetic and ties with per-model weights 1, 0.5, 2 (mergekit's
@@ -209,13 +211,36 @@ def main(argv=None):
         runs["slerp"] = (
             dict(merge_method="slerp", base_model=base_dir, dtype="float32",
                  parameters=dict(t=args.t),
-                 models=[dict(model=base_dir), dict(model=expert_dirs[0])]),
-            lambda: merge.slerp(base, experts[0], t=args.t, per_row=True))
+                 models=[dict(model=base_dir), dict(model=expert_dirs[1])]),
+            lambda: merge.slerp(base, experts[1], t=args.t))
         runs["linear"] = (
             dict(merge_method="linear", dtype="float32",
                  models=[dict(model=p, parameters=dict(weight=float(k + 1)))
                          for k, p in enumerate(expert_dirs)]),
             lambda: merge.average(experts, weights=[1.0, 2.0, 3.0]))
+        # mergekit's best-known config: SLERP of whole models given as one slice, t a gradient
+        # over the layers per filter (5 layers, so the gradient is read between its points)
+        base5_dir, (other5_dir,) = write_experts(os.path.join(root, "five"), lambda seed: tiny_decoder(
+            seed, vocab_size=100, hidden_size=80, intermediate_size=160, layers=5), [(0.05, 1.0)])
+        base5, other5 = open_checkpoint(base5_dir), open_checkpoint(other5_dir)
+        attention, mlp = [0, 0.5, 0.3, 0.7, 1], [1, 0.5, 0.7, 0.3, 0]
+
+        def t_by_hand(name):  # (mergekit's documented reading: layer i of 5 at i / 4 of the list)
+            layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
+            x = 0.0 if layer is None else layer / 4
+            values = attention if "self_attn" in name else mlp if "mlp" in name else [0.5]
+            at = x * (len(values) - 1)
+            i = min(int(at), len(values) - 1)
+            j = min(i + 1, len(values) - 1)
+            return (1 - (at - i)) * values[i] + (at - i) * values[j]
+
+        runs["slerp_gradient"] = (
+            dict(merge_method="slerp", base_model=base5_dir, dtype="float32",
+                 slices=[dict(sources=[dict(model=base5_dir, layer_range=[0, 5]),
+                                       dict(model=other5_dir, layer_range=[0, 5])])],
+                 parameters=dict(t=[dict(filter="self_attn", value=attention), dict(filter="mlp", value=mlp),
+                                    dict(value=0.5)])),
+            lambda: merge.slerp(base5, other5, t=t_by_hand))
         for method, (config, ours_fn) in runs.items():
             out = os.path.join(root, f"mergekit-{method}")
             seconds_theirs = run_mergekit(config, out)

@@ -22,8 +22,8 @@ calibrate its task as they are:
 Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects with ``"input"`` and
 ``"target"`` texts (or ``"prompt"`` and ``"completion"``); ``samples`` pairs drawn at random
 (seeded), the inputs given to the encoder and the targets as labels (teacher forcing: the
-decoder sees the target shifted right), each cut to ``seq_len`` tokens. A batch holds only pairs of the same token lengths, so nothing is
-padded.
+decoder sees the target shifted right), each cut to ``seq_len`` tokens. A batch holds only
+pairs of the same token lengths, so nothing is padded.
 
 Padding: the walker sees the linears' inputs, not the masks, so a padded position would count
 as a token and the statistics would depend on the batch size and the padding side. Batches of

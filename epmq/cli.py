@@ -56,8 +56,8 @@ examples in configs/files/):
 
 A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
 runs as it is for task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, linear, model_stock and
-slerp with one value per parameter (epmq.mergekit_config says how each maps; the rest is
-refused by name).
+slerp (SLERP's t also as a gradient with filters; slices of whole models):
+epmq.mergekit_config says how each maps, and the rest is refused by name.
 """
 
 

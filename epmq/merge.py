@@ -563,8 +563,8 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
           dot_threshold: float = 0.9995, *, out=None):
     """Spherical linear interpolation from model ``a`` (t = 0) to model ``b`` (t = 1).
 
-    Each tensor (or each output row, ``per_row=True``, as mergekit 0.1.5 does: a vector's entries
-    are rows of one, interpolated linearly) moves along the great circle between the two
+    Each tensor (as mergekit 0.1.5 does; or each output row, ``per_row=True``: a vector's entries
+    are then rows of one, interpolated linearly) moves along the great circle between the two
     directions: ``sin((1 - t) theta) / sin theta a + sin(t theta) / sin theta b``, ``theta`` the
     angle between them; where they are nearly parallel or opposite (``|cos theta| >
     dot_threshold``), or one is 0, it interpolates linearly. ``t`` may be a function of the

@@ -13,7 +13,16 @@ the two on the same checkpoints, tensor by tensor):
     breadcrumbs_ties    the same with consensus="sign", merge="mean" if normalize else "sum"
     linear              average(weights=weight)   (normalize: true, its default)
     model_stock         model_stock(per_row=filter_wise)
-    slerp               slerp(base_model, the other model, t, per_row=True)
+    slerp               slerp(base_model, the other model, t)   (each tensor whole)
+
+SLERP's ``t`` may be what mergekit's best-known configs give it: a gradient over the layers
+(``[0, 0.5, 0.3, 0.7, 1]``, interpolated linearly at layer ``i`` of ``N`` as ``i / (N - 1)``)
+and per-tensor filters (``[{filter: self_attn, value: ...}, {filter: mlp, value: ...}, {value:
+0.5}]``: the first whose filter is in the tensor's name), as mergekit evaluates them: a tensor's
+layer is the first number in its name, and tensors outside the layers (embeddings, final norm,
+head) take the value at 0. ``N`` is the count the base model's ``config.json`` states, and
+``slices:`` is read where it is the whole model: one slice whose every source spans layers 0 to
+``N``.
 
 ``normalize: true`` on a method without a sign vote divides by the sum of the weights, which is
 ``weights`` divided by their sum. ``lambda`` defaults to 1 and ``density`` to 1, as mergekit's
@@ -26,17 +35,20 @@ and every entry tied at the threshold).
 
 Anything else is refused with the setting named, never approximated: other methods (DARE and
 DELLA draw their random masks another way and mergekit rescales them by the L1 norm; nuslerp,
-SCE, Karcher, passthrough, ...), ``slices``, parameters given as gradients or per-tensor
-filters, per-model densities (or gammas) that differ, ``rescale: true``, tokenizer and chat
-template settings, and ``model+lora`` sources.
+SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
+filters of any parameter but SLERP's ``t``, per-model densities (or gammas) that differ,
+``rescale: true``, tokenizer and chat template settings, and ``model+lora`` sources.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name", "int8_mask"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
+            "int8_mask"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear", "model_stock", "slerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
@@ -74,9 +86,10 @@ def _scalar(value, where: str):
     raise ValueError(f"{where} must be a number or true/false, got {value!r}")
 
 
-def _parameters(given, known: Mapping, where: str) -> dict:
+def _parameters(given, known: Mapping, where: str, scheduled: tuple = ()) -> dict:
     """``given`` (a mergekit ``parameters`` mapping, or None) checked against ``known`` (name ->
-    default), with the defaults filled in."""
+    default), with the defaults filled in; the names in ``scheduled`` may be gradients or
+    filters (kept as given)."""
     given = {} if given is None else given
     if not isinstance(given, Mapping):
         raise ValueError(f"{where} must be a mapping, got {given!r}")
@@ -86,8 +99,124 @@ def _parameters(given, known: Mapping, where: str) -> dict:
                          f"(it reads {', '.join(known) or 'none'})")
     out = dict(known)
     for name, value in given.items():
-        out[name] = _scalar(value, f"{where}.{name}")
+        out[name] = value if name in scheduled else _scalar(value, f"{where}.{name}")
     return out
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _conditions(setting, where: str) -> list:
+    """A setting as mergekit's list of ``(filter or None, value)``, checked."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if not (isinstance(setting, list) and setting and all(isinstance(c, Mapping) for c in setting)):
+        return [(None, setting)]
+    out = []
+    for k, cond in enumerate(setting):
+        unknown = sorted(set(cond) - {"filter", "value"})
+        if unknown or "value" not in cond or not isinstance(cond.get("filter", ""), (str, type(None))):
+            raise ValueError(f"{where}[{k}] must be {{filter: a name part, value: ...}}, got {dict(cond)!r}")
+        out.append((cond.get("filter"), cond["value"]))
+    return out
+
+
+def _value_at(value, x: float, where: str) -> float:
+    """A number, or a gradient (a list of numbers) read at ``x`` in [0, 1] as mergekit reads it."""
+    if not isinstance(value, list):
+        return _number(value, where)
+    if not value:
+        raise ValueError(f"{where} is an empty gradient")
+    values = [_number(v, f"{where}[{k}]") for k, v in enumerate(value)]
+    scaled = x * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+class Schedule:
+    """mergekit's value of a setting (a number, a gradient, filters) for each tensor name: a
+    tensor's layer is the first number in its name (layer ``i`` of ``num_layers`` sits at ``i /
+    (N - 1)`` of a gradient); tensors outside the layers are read at 0. Its repr is the setting
+    (what the merge recipe records)."""
+
+    def __init__(self, setting, num_layers: int, where: str = "parameters.t"):
+        self.setting, self.num_layers, self.where = setting, num_layers, where
+        self.conditions = _conditions(setting, where)
+        for k, (_, value) in enumerate(self.conditions):  # (every value checked before any merging)
+            for x in (0.0, 1.0):
+                _value_at(value, x, f"{where}[{k}]" if len(self.conditions) > 1 else where)
+
+    def __call__(self, name: str) -> float:
+        for part, value in self.conditions:
+            if part is None or part == "*" or part in name:
+                found = _LAYER.search(name)
+                if found is None:
+                    x = 0.0
+                else:
+                    layer = int(found.group(1))
+                    if layer >= self.num_layers:
+                        raise ValueError(f"{self.where}: tensor {name} is in layer {layer}, past the "
+                                         f"{self.num_layers} layers the base's config.json states")
+                    x = layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+                return _value_at(value, x, self.where)
+        raise ValueError(f"{self.where}: no filter matches tensor {name}, and there is no default (a "
+                         f"condition without filter)")
+
+    def __repr__(self):
+        return f"mergekit {self.where} {self.setting!r} over {self.num_layers} layers"
+
+
+def num_layers(model: str) -> int:
+    """The layer count the ``config.json`` of ``model`` (a directory or HF hub id) states."""
+    from .checkpoint_io import hub_snapshot, looks_like_hub_id
+    from .merge_checkpoint import _layer_counts
+
+    path = Path(model)
+    if not path.exists() and looks_like_hub_id(model):
+        path = hub_snapshot(model, kind="tokenizer")  # (its JSON files, config.json among them)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{model} has no config.json stating its layer count, which a gradient or slices need")
+    counts = set(_layer_counts(json.loads(config_file.read_text())).values())
+    if len(counts) != 1:
+        raise ValueError(f"{model}'s config.json states {'no' if not counts else 'several'} layer counts "
+                         f"{sorted(counts) if counts else ''}: a gradient over layers is ambiguous")
+    return counts.pop()
+
+
+def _whole_slice(slices, base: Optional[str], layers: Callable[[str], int]) -> tuple:
+    """``(models entries, slice parameters)`` of ``slices:`` that is one slice of whole models."""
+    if not (isinstance(slices, list) and len(slices) == 1 and isinstance(slices[0], Mapping)):
+        raise ValueError("slices: epmq merges whole models; several slices (a frankenmerge) are not translated")
+    (piece,) = slices
+    unknown = sorted(set(piece) - {"sources", "parameters"})
+    if unknown:
+        raise ValueError(f"slices[0]: {', '.join(unknown)} not supported by epmq merge")
+    sources = piece.get("sources")
+    if not (isinstance(sources, list) and sources and all(isinstance(s, Mapping) for s in sources)):
+        raise ValueError(f"slices[0].sources must be a list of {{model, layer_range}}, got {sources!r}")
+    entries = []
+    for k, source in enumerate(sources):
+        unknown = sorted(set(source) - {"model", "layer_range", "parameters"})
+        if unknown:
+            raise ValueError(f"slices[0].sources[{k}]: {', '.join(unknown)} not supported by epmq merge")
+        model = source.get("model")
+        if not isinstance(model, str):
+            raise ValueError(f"slices[0].sources[{k}].model must be a path or hub id, got {model!r}")
+        n = layers(model)
+        if list(source.get("layer_range") or []) != [0, n]:
+            raise ValueError(f"slices[0].sources[{k}]: layer_range {source.get('layer_range')} is not the whole "
+                             f"model ([0, {n}]): epmq merges whole models")
+        entries.append({k: v for k, v in source.items() if k != "layer_range"})
+    return entries, piece.get("parameters")
 
 
 def _source(entry, k: int) -> tuple:
@@ -104,9 +233,10 @@ def _source(entry, k: int) -> tuple:
     return model, entry.get("parameters")
 
 
-def from_mergekit(config: Mapping) -> dict:
+def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) -> dict:
     """An ``epmq merge`` config (``method``, ``base``, ``models``, ``params``, ``dtype``) that
-    computes what the mergekit config ``config`` does; ValueError for what it cannot."""
+    computes what the mergekit config ``config`` does; ValueError for what it cannot.
+    ``layers``: a model's layer count (read where ``slices`` or a gradient needs it)."""
     unknown = sorted(set(config) - TOP_KEYS)
     if unknown:
         raise ValueError(f"mergekit config: {', '.join(unknown)} not supported by epmq merge (it reads "
@@ -120,11 +250,21 @@ def from_mergekit(config: Mapping) -> dict:
     base = config.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ValueError(f"base_model must be a path or hub id, got {base!r}")
-    entries = config.get("models")
+    given = config.get("parameters")
+    if "slices" in config:
+        if "models" in config:
+            raise ValueError("give models or slices, not both")
+        entries, in_slice = _whole_slice(config["slices"], base, layers)
+        if in_slice is not None:  # (a slice's parameters before the top level's, as mergekit)
+            if not isinstance(in_slice, Mapping):
+                raise ValueError(f"slices[0].parameters must be a mapping, got {in_slice!r}")
+            given = {**(given or {}), **in_slice}
+    else:
+        entries = config.get("models")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"models must be a list of {{model: ..., parameters: ...}}, got {entries!r}")
     sources = [_source(e, k) for k, e in enumerate(entries)]
-    shared = _parameters(config.get("parameters"), SHARED[method], "parameters")
+    shared = _parameters(given, SHARED[method], "parameters", scheduled=("t",) if method == "slerp" else ())
     if "int8_mask" in config:  # (a top-level option in older configs)
         _scalar(config["int8_mask"], "int8_mask")
     if shared.get("rescale"):
@@ -140,9 +280,11 @@ def from_mergekit(config: Mapping) -> dict:
             _parameters(p, {}, f"models[{models.index(m)}].parameters")
         if shared["t"] is None:
             raise ValueError("slerp needs parameters.t")
+        t = shared["t"]
+        if not isinstance(t, (int, float)) or isinstance(t, bool):  # (a gradient or filters)
+            t = Schedule(t, layers(base))
         other = models[1 - models.index(base)]
-        return dict(method="slerp", base=None, models=[base, other], params=dict(t=shared["t"], per_row=True),
-                    dtype=dtype)
+        return dict(method="slerp", base=None, models=[base, other], params=dict(t=t), dtype=dtype)
 
     experts, per_model = [], []
     for k, (model, given) in enumerate(sources):

@@ -11,7 +11,7 @@ import yaml
 from epmq import merge
 from epmq.benches.tiny import perturb
 from epmq.cli import main
-from epmq.mergekit_config import from_mergekit, is_mergekit
+from epmq.mergekit_config import Schedule, from_mergekit, is_mergekit, num_layers
 
 
 def gta(method, parameters=None, per_model=({"weight": 1.0}, {"weight": 0.5}), base="base", **extra):
@@ -59,15 +59,15 @@ def test_the_base_among_the_models_slerp_and_dtypes():
     slerp = dict(merge_method="slerp", base_model="e1", parameters={"t": 0.3},
                  models=[{"model": "e0"}, {"model": "e1"}])
     assert from_mergekit(slerp) == dict(method="slerp", base=None, models=["e1", "e0"],
-                                        params=dict(t=0.3, per_row=True), dtype=None)
+                                        params=dict(t=0.3), dtype=None)
 
 
 @pytest.mark.parametrize("config, match", [
     (gta("dare_ties"), "'dare_ties' is not translated: DARE draws its random masks another way"),
     (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
-    (gta("ties", slices=[]), "slices not supported by epmq merge"),
+    (gta("ties", slices=[]), "give models or slices, not both"),
     (gta("ties", tokenizer_source="base"), "tokenizer_source not supported"),
-    (gta("slerp", {"t": [0, 0.5, 1]}), "parameters.t is a gradient or a per-tensor filter"),
+    (gta("ties", {"lambda": [0, 0.5, 1]}), "parameters.lambda is a gradient or a per-tensor filter"),
     (gta("ties", {"lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1}]}), "parameters.lambda is a gradient"),
     (gta("ties", None, [{"weight": 1, "density": 0.2}, {"weight": 1, "density": 0.5}]),
      r"the models' density differ \(\[0.2, 0.5\]\)"),
@@ -118,3 +118,66 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="della")))
     assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
     assert "bad.yaml: mergekit merge_method 'della' is not translated" in capsys.readouterr().err
+
+
+def slerp_slices(ranges, t=0.5, **extra):
+    return dict(merge_method="slerp", base_model="a", parameters={"t": t},
+                slices=[dict(sources=[dict(model=m, layer_range=r) for m, r in zip("ab", ranges)], **extra)])
+
+
+def test_slerp_gradients_filters_and_whole_model_slices():
+    """mergekit's best-known config: one slice of whole models, t a gradient per filter; each
+    tensor's t as mergekit reads it (layer i of N at i / (N - 1), outside the layers at 0)."""
+    t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+         {"value": 0.5}]
+    config = slerp_slices([[0, 5], [0, 5]], t)
+    translated = from_mergekit(config, layers=lambda model: 5)
+    assert translated["models"] == ["a", "b"] and translated["method"] == "slerp"
+    at = translated["params"]["t"]
+    assert isinstance(at, Schedule) and "over 5 layers" in repr(at)
+    for name, expected in [("model.layers.0.self_attn.q_proj.weight", 0.0),
+                           ("model.layers.2.self_attn.o_proj.weight", 0.3),
+                           ("model.layers.4.self_attn.k_proj.weight", 1.0), ("model.layers.1.mlp.up_proj.weight", 0.5),
+                           ("model.layers.3.mlp.down_proj.weight", 0.3), ("model.layers.3.input_layernorm.weight", 0.5),
+                           ("model.embed_tokens.weight", 0.5), ("lm_head.weight", 0.5)]:
+        assert at(name) == pytest.approx(expected), name
+    # between the gradient's points: 4 layers on 5 values, layer 1 at 1/3 -> 4/3 of the list
+    four = Schedule([0.0, 0.3, 0.6, 0.9, 1.2], 4)
+    assert four("model.layers.1.mlp.up_proj.weight") == pytest.approx(0.3 + 0.3 / 3)
+    assert four("model.norm.weight") == 0.0
+    with pytest.raises(ValueError, match="no filter matches tensor model.layers.0.input_layernorm.weight"):
+        Schedule([{"filter": "mlp", "value": 0.3}], 4)("model.layers.0.input_layernorm.weight")
+    with pytest.raises(ValueError, match="tensor model.layers.4.mlp.up_proj.weight is in layer 4, past the 4"):
+        four("model.layers.4.mlp.up_proj.weight")
+    with pytest.raises(ValueError, match=r"parameters.t\[1\]\[1\] must be a number"):
+        Schedule([{"filter": "mlp", "value": 0.3}, {"value": [0, "x"]}], 4)
+    with pytest.raises(ValueError, match="parameters.t is an empty gradient"):
+        Schedule([], 4)
+    with pytest.raises(ValueError, match=r"parameters.t\[0\] must be \{filter: a name part, value: ...\}"):
+        Schedule([{"filters": "mlp", "value": 1}], 4)
+    # a slice's own parameters come before the top level's
+    assert from_mergekit(slerp_slices([[0, 5], [0, 5]], 0.9, parameters={"t": 0.2}),
+                         layers=lambda m: 5)["params"]["t"] == 0.2
+
+
+@pytest.mark.parametrize("config, match", [
+    (slerp_slices([[0, 4], [0, 5]]), r"slices\[0\].sources\[0\]: layer_range \[0, 4\] is not the whole model"),
+    (dict(slerp_slices([[0, 5], [0, 5]]), slices=[{"sources": []}] * 2), "several slices \\(a frankenmerge\\)"),
+    (slerp_slices([[0, 5], [0, 5]], residual_weight=0.5), r"slices\[0\]: residual_weight not supported"),
+])
+def test_slices_of_parts_of_models_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        from_mergekit(config, layers=lambda model: 5)
+
+
+def test_layer_counts_from_config_json(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"num_hidden_layers": 7, "hidden_size": 32}')
+    assert num_layers(str(tmp_path / "llama")) == 7
+    (tmp_path / "vlm").mkdir()
+    (tmp_path / "vlm" / "config.json").write_text('{"text_config": {"num_hidden_layers": 7}, '
+                                                  '"vision_config": {"num_hidden_layers": 4}}')
+    with pytest.raises(ValueError, match=r"states several layer counts \[4, 7\]"):
+        num_layers(str(tmp_path / "vlm"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        num_layers(str(tmp_path))
