@@ -47,6 +47,8 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from .checks import check_number
+
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear", "model_stock", "slerp")
@@ -78,12 +80,12 @@ def is_mergekit(config: Mapping) -> bool:
 
 
 def _scalar(value, where: str):
-    if isinstance(value, bool) or isinstance(value, (int, float)):
+    if isinstance(value, bool):
         return value
     if isinstance(value, (list, dict)):
         raise ValueError(f"{where} is a gradient or a per-tensor filter ({value!r}): epmq merges with one value "
                          f"per model; give a number")
-    raise ValueError(f"{where} must be a number or true/false, got {value!r}")
+    return _number(value, where)
 
 
 def _parameters(given, known: Mapping, where: str, scheduled: tuple = ()) -> dict:
@@ -104,9 +106,14 @@ def _parameters(given, known: Mapping, where: str, scheduled: tuple = ()) -> dic
 
 
 def _number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where} must be a number, got {value!r}")
-    return float(value)
+    """A finite number; a string that reads as one too (YAML reads 1e-1 as a string, and mergekit
+    takes it as the number)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return check_number(value, where)
 
 
 def _conditions(setting, where: str) -> list:

@@ -56,6 +56,7 @@ def test_the_base_among_the_models_slerp_and_dtypes():
     assert from_mergekit(config)["models"] == ["e0", "e1"]
     assert from_mergekit(config)["dtype"] == "bfloat16"
     assert from_mergekit(dict(config, out_dtype="float16"))["dtype"] == "float16"
+    assert from_mergekit(gta("ties", {"lambda": "5e-1"}))["params"]["scale"] == 0.5  # (YAML's string)
     slerp = dict(merge_method="slerp", base_model="e1", parameters={"t": 0.3},
                  models=[{"model": "e0"}, {"model": "e1"}])
     assert from_mergekit(slerp) == dict(method="slerp", base=None, models=["e1", "e0"],
@@ -75,6 +76,8 @@ def test_the_base_among_the_models_slerp_and_dtypes():
     (gta("ties", None, [{"weight": 1}, {"density": 0.5}]), r"models\[1\].parameters.weight is missing"),
     (gta("ties", None, [{"weight": 1, "epsilon": 0.1}] * 2), r"models\[0\].parameters: epsilon not read"),
     (gta("ties", {"normalise": True}), "parameters: normalise not read by this method here"),
+    (gta("ties", {"lambda": float("nan")}), "parameters.lambda must be a finite number"),
+    (gta("ties", {"lambda": "one"}), "parameters.lambda must be a finite number, got 'one'"),
     (gta("task_arithmetic", None, [{"weight": 1, "density": 0.5}] * 2), "task_arithmetic's density trims nothing"),
     (gta("linear", {"normalize": False}, base=None), "linear with normalize: false is a weighted sum"),
     (gta("ties", base=None), "ties needs base_model"),
@@ -149,7 +152,7 @@ def test_slerp_gradients_filters_and_whole_model_slices():
         Schedule([{"filter": "mlp", "value": 0.3}], 4)("model.layers.0.input_layernorm.weight")
     with pytest.raises(ValueError, match="tensor model.layers.4.mlp.up_proj.weight is in layer 4, past the 4"):
         four("model.layers.4.mlp.up_proj.weight")
-    with pytest.raises(ValueError, match=r"parameters.t\[1\]\[1\] must be a number"):
+    with pytest.raises(ValueError, match=r"parameters.t\[1\]\[1\] must be a finite number"):
         Schedule([{"filter": "mlp", "value": 0.3}, {"value": [0, "x"]}], 4)
     with pytest.raises(ValueError, match="parameters.t is an empty gradient"):
         Schedule([], 4)
