@@ -22,6 +22,7 @@ setup(
         "matplotlib",
         "pillow",  # calibration images
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "pyarrow"],
+                    "parquet": ["pyarrow"]},
     entry_points={"console_scripts": ["epmq=epmq.cli:main"]},
 )

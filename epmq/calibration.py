@@ -7,8 +7,9 @@ windows of ``seq_len`` tokens are drawn at random start positions (seeded), then
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``.
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
-(a list of such values), or a directory tree of them (sorted by path; suffixes in any case;
-hidden files and folders skipped). UTF-8, with or without a byte-order mark. A value is a
+(a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
+an HF hub dataset; needs pyarrow), or a directory tree of them (sorted by path; suffixes in any
+case; hidden files and folders skipped). UTF-8, with or without a byte-order mark. A value is a
 document in one of the forms TRL's SFTTrainer trains on, so an expert's own fine-tuning files
 calibrate its task as they are:
 
@@ -19,11 +20,11 @@ calibrate its task as they are:
 * ``{"prompt": ..., "completion": ...}``: two strings, joined, or two lists of messages, the
   conversation they make rendered by the chat template.
 
-Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects with ``"input"`` and
-``"target"`` texts (or ``"prompt"`` and ``"completion"``); ``samples`` pairs drawn at random
-(seeded), the inputs given to the encoder and the targets as labels (teacher forcing: the
-decoder sees the target shifted right), each cut to ``seq_len`` tokens. A batch holds only
-pairs of the same token lengths, so nothing is padded.
+Pairs, for encoder-decoders (T5, BART): ``.jsonl`` / ``.json`` objects (``.parquet`` rows)
+with ``"input"`` and ``"target"`` texts (or ``"prompt"`` and ``"completion"``); ``samples``
+pairs drawn at random (seeded), the inputs given to the encoder and the targets as labels
+(teacher forcing: the decoder sees the target shifted right), each cut to ``seq_len`` tokens. A
+batch holds only pairs of the same token lengths, so nothing is padded.
 
 Padding: the walker sees the linears' inputs, not the masks, so a padded position would count
 as a token and the statistics would depend on the batch size and the padding side. Batches of
@@ -45,7 +46,10 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+PAIR_SUFFIXES = (".jsonl", ".json", ".parquet")
+# the columns of a .parquet file that a text or a pair is read from (the others are not loaded)
+COLUMNS = ("text", "messages", "prompt", "completion", "input", "target")
 
 
 def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> None:
@@ -116,6 +120,8 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
     suffix = path.suffix.lower()
     if suffix not in suffixes:
         raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}), not {path.suffix!r}")
+    if suffix == ".parquet":
+        return [(f"{path}:row {i}", row) for i, row in enumerate(_parquet_rows(path))]
     try:
         text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
     except UnicodeDecodeError as e:
@@ -129,6 +135,21 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
     if not isinstance(values, list):
         raise ValueError(f"{path}: expected a JSON list of {what}")
     return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _parquet_rows(path: Path) -> List[dict]:
+    """The rows of a ``.parquet`` file (an HF hub dataset's files), as dicts of the COLUMNS it has
+    (all its columns if none: the error then shows a row)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+    try:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in COLUMNS if c in names] or None)
+    except Exception as e:  # (pyarrow's errors for a damaged or foreign file)
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
+    return table.to_pylist()
 
 
 def _json(text: str, where: str):
@@ -365,7 +386,7 @@ def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tup
     """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields),
     a directory of them, or a list of either."""
     pairs = []
-    for where, v in _records(source, (".jsonl", ".json"), "input/target pairs",
+    for where, v in _records(source, PAIR_SUFFIXES, "input/target pairs",
                              "an encoder-decoder calibrates on input/target pairs: a file of "
                              "objects with 'input' and 'target' texts"):
         pair = next(((v[a], v[b]) for a, b in PAIR_KEYS if isinstance(v, dict)

@@ -159,11 +159,12 @@ examples in configs/files/):
                                     # (T5, BART) or a vision tower (CLIPVisionModel, ViT, ...):
                                     # directory or HF hub id
   method: epmq                      # rtn, gptq or epmq
-  calibration:                      # task -> texts (.txt / .jsonl / .json) for a language
-                                    # model ({"text"}, {"messages"} through the chat template,
-                                    # {"prompt", "completion"}: the task's fine-tuning file),
-                                    # {"input", "target"} pairs (.jsonl / .json) for an
-                                    # encoder-decoder, images (a folder tree) for a vision tower
+  calibration:                      # task -> texts (.txt / .jsonl / .json / .parquet) for a
+                                    # language model ({"text"}, {"messages"} through the chat
+                                    # template, {"prompt", "completion"}: the task's fine-tuning
+                                    # file), {"input", "target"} pairs (.jsonl / .json /
+                                    # .parquet) for an encoder-decoder, images (a folder tree)
+                                    # for a vision tower
     math: data/math.jsonl
     code: data/code.txt
   experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task (a checkpoint,

@@ -5,6 +5,7 @@ import json
 import random
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -145,6 +146,33 @@ def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
     for name, pattern in match.items():
         with pytest.raises(ValueError, match=pattern):
             read_texts(tmp_path / name, tokenizer=tok)
+
+
+def test_parquet_files_of_a_hub_dataset(files, tmp_path, monkeypatch):
+    """``.parquet`` (how the HF hub serves datasets): a row is an object of its columns, read in
+    any of the text forms (the other columns ignored) or as pairs; errors name file and row."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    chat = [[{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"}],
+            [{"role": "user", "content": "a dog"}]]
+    pq.write_table(pa.table({"prompt_id": ["x1", "x2"], "messages": chat}), tmp_path / "sft.parquet")
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    tok.chat_template = CHAT_TEMPLATE
+    assert read_texts(tmp_path / "sft.parquet", tokenizer=tok) == [
+        "<s>user : the cat </s>assistant : a dog </s>", "<s>user : a dog </s>"]
+    pq.write_table(pa.table({"text": ["one", None]}), tmp_path / "nulls.parquet")
+    with pytest.raises(ValueError, match="nulls.parquet:row 1: expected a string, or an object with a 'text'"):
+        read_texts(tmp_path / "nulls.parquet")
+    pq.write_table(pa.table({"input": ["the cat", "a dog"], "target": ["yes", "no"], "id": [1, 2]}),
+                   tmp_path / "pairs.parquet")
+    assert epmq.calibration.read_pairs(tmp_path / "pairs.parquet") == [("the cat", "yes"), ("a dog", "no")]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
+        read_texts(tmp_path / "bad.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ValueError, match=r"sft.parquet: reading .parquet files needs pyarrow \(pip install pyarrow\)"):
+        read_texts(tmp_path / "sft.parquet", tokenizer=tok)
 
 
 def test_quantize_checkpoint_calibrates_on_conversations(files, tmp_path):
