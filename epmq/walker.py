@@ -599,7 +599,9 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
 # What the walk's statistics count, named in every resume directory's identity (the package
 # version does not move with each commit): change it when a change of the code changes them.
 STATISTICS_RULES = ("padding cut (unpad); open_clip text tokens up to the end token; every call the "
-                    "probes of each task saw; tasks with zero inputs left out")
+                    "probes of each task saw; tasks with zero inputs left out; a one-block stack "
+                    "called again in a chain solved on every call; experts of a list no token "
+                    "reaches rounded with their called twin")
 
 
 def _versions() -> dict:
@@ -866,7 +868,7 @@ def _run_block(stack, j, block, hidden, named):
     return output
 
 
-_LISTED_EXPERT = re.compile(r"^(.*\bexperts\.)([^.]+)(\..+)$")
+_LISTED_EXPERT = re.compile(r"^(.*\bexperts\.)([^.]+)((?:\..+)?)$")  # (an expert may be a linear itself)
 
 
 def _called_twin(rel, called):
@@ -945,9 +947,12 @@ def _to_device(item, device, moved=None):
         if type(item) is dict or not all(isinstance(k, str) for k in out):
             return out
         try:  # (a block's ModelOutput is read by attribute by the next one)
-            return type(item)(**out)
+            rebuilt = type(item)(**out)
         except TypeError:  # (a mapping not built from keywords)
             return out
+        # (a constructor that takes some keys as its own arguments may not keep them)
+        same = list(rebuilt.keys()) == list(out) and all(rebuilt[k] is v for k, v in out.items())
+        return rebuilt if same else out
     if isinstance(item, (tuple, list)):
         out = [_to_device(v, device, moved) for v in item]
         if hasattr(item, "_fields"):  # a named tuple (Reformer's blocks return one)
@@ -1547,16 +1552,22 @@ class _Walk:
         stage = {rel: adapter.stage(block, rel) for rel in rels}
         key = {rel: ("stage", stage[rel]) if stage[rel] is not None else ("input", seen.get(rel))
                for rel in rels}
-        # An expert of a list (Switch's, NLLB-MoE's) that no token reached joins the group of the
-        # same projection of an expert that was called: rounded to nearest there, and reported.
+        # An expert of a list (Switch's, NLLB-MoE's) that no token of the probes reached joins the
+        # group of the same projection of an expert that was called; where none of those is
+        # quantized, a group of such experts of its own, after the others. Either way it is solved
+        # on what the later samples route to it, or rounded to nearest if none do (reported).
         for rel in rels:
             if rel not in seen and stage[rel] is None:
                 twin = _called_twin(rel, order)
+                listed = _LISTED_EXPERT.match(rel)
                 if twin is not None:
                     key[rel] = key[twin]
-                    stage[rel] = "twin"
+                elif listed is not None:
+                    key[rel] = ("listed", listed.group(1), listed.group(3))
+                stage[rel] = "twin" if twin is not None or listed is not None else None
         seen_keys = {key[rel] for rel in order}
-        order += [rel for rel in rels if rel not in seen and stage[rel] is not None and key[rel] in seen_keys]
+        order += [rel for rel in rels if rel not in seen and stage[rel] is not None
+                  and (key[rel] in seen_keys or stage[rel] == "twin")]
         for rel in rels:
             if rel not in order:
                 self.report.skipped.append(f"{prefix}.{rel}")

@@ -312,6 +312,14 @@ def test_block_outputs_keep_their_types_when_moved():
     assert type(moved[1]) is BaseModelOutput and moved[1].last_hidden_state.device.type == "meta"
     assert moved[2][1].device.type == "meta"
 
+    class Inputs(dict):  # (a calibration item's class whose constructor takes one of its keys)
+        def __init__(self, data=None, scale=1.0, **kw):
+            super().__init__(data or {}, **kw)
+            self.scale = scale
+
+    moved = _to_device(Inputs({"x": a, "scale": h}), "meta")
+    assert sorted(moved) == ["scale", "x"] and moved["scale"].device.type == "meta"
+
 
 @pytest.mark.parametrize("arch", list(WIDER))
 def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):

@@ -265,6 +265,63 @@ def test_an_expert_of_a_list_no_token_reaches_is_rounded_to_nearest(method, gen)
     torch.testing.assert_close(experts["expert_2"].wi.dequantize(), rtn.dequantize(), rtol=0, atol=0)
 
 
+class RoutedBlock(torch.nn.Module):
+    """A block whose experts are linears themselves (``experts.<i>``), chosen per token by its
+    input's first feature: < 0 expert 0, 0..5 expert 1, > 5 expert 2; expert 3 never."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.attn = torch.nn.Linear(width, width)
+        self.experts = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(4)])
+
+    def forward(self, x):
+        pick = (x[..., 0] > 0).long() + (x[..., 0] > 5).long()
+        x = x + self.attn(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            chosen = pick == e
+            if chosen.any():
+                out[chosen] = expert(x[chosen])
+        return (x + out,)
+
+
+class _RoutedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([RoutedBlock(), RoutedBlock()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)[0]
+        return x
+
+
+@pytest.mark.parametrize("layers", [None, r"experts\.2$"])
+def test_experts_the_probe_misses_are_solved_on_the_samples_that_reach_them(layers, gen):
+    """Experts that are linears themselves, and experts the first sample (the probe) does not
+    reach: each is solved on the tokens later samples route to it, whether or not a called
+    twin is among the layers quantized (it was left in full precision, as never called); one
+    no sample reaches is rounded to nearest and reported."""
+    from epmq.walker import _called_twin
+
+    assert _called_twin("moe.experts.2", ["moe.experts.0"]) == "moe.experts.0"
+    torch.manual_seed(0)
+    model = _RoutedNet().eval()
+    low = torch.randn(2, 5, 16, generator=gen)
+    low[..., 0] = -low[..., 0].abs()  # experts 0 and 1 of block 0 only
+    high = torch.randn(2, 5, 16, generator=gen)
+    high[:, :3, 0] = 10.0  # 6 tokens to expert 2 of block 0
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [low, high]}, layers=layers,
+                        backend="torch", progress=False)
+    report = model.epmq_report
+    assert not report.skipped
+    assert isinstance(model.layers[0].experts[2], epmq.QuantLinear)
+    tokens = {entry["name"]: entry["n_tokens"] for entry in report.layers}
+    assert tokens["layers.0.experts.2"] == 6
+    if layers is None:
+        assert "layers.0.experts.3" in report.unreached and isinstance(model.layers[0].experts[3], epmq.QuantLinear)
+
+
 def test_moe_experts_are_solved_in_two_stages(gen, monkeypatch):
     """Not a group (a calibration pass) per expert: every expert's gate and up projections, which
     read the block's routed hidden states, then every expert's down projection."""
