@@ -466,6 +466,10 @@ class _Stack:
     # a stack of one block that the model calls this many times in a row, each call on the previous
     # one's output with the same other arguments (ALBERT's one layer): solved on every call's inputs
     loops: int = 1
+    # a stack of several blocks the model runs this many times in a row as a group (ALBERT with
+    # several layers a group): solved on the first round's inputs; it then runs its own quantized
+    # blocks for the stacks after it, so what they get has been through every round
+    rounds: int = 1
 
 
 def _plan(model, towers, layers) -> tuple:
@@ -844,6 +848,28 @@ def _versions_of(named: dict) -> dict:
                    if isinstance(t, torch.Tensor)] for name, value in named.items()}
 
 
+def _tensor_versions(named: dict) -> dict:
+    """As ``_versions_of``, None for a tensor that keeps no count (made under inference_mode)."""
+    return {name: [version(t) for t in (value if isinstance(value, (list, tuple)) else (value,))
+                   if isinstance(t, torch.Tensor)] for name, value in named.items()}
+
+
+def _check_kept(stack, now, task, n) -> None:
+    """A ValueError if the model wrote in place into a keyword argument of a block after calling
+    it (a step counter advanced between calls): the walk calls each block again with the
+    arguments as recorded, which would then hold the later values."""
+    for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
+        if named is None:
+            continue
+        for name, now_versions in _tensor_versions(named).items():
+            if now_versions != versions[name] and None not in now_versions:
+                raise ValueError(
+                    f"calibration[{task!r}] item {n}: the model writes in place into {name!r}, an argument of "
+                    f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
+                    f"with its arguments as they were given, which they no longer are: give the model a "
+                    f"new tensor per call, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+
+
 def _run_block(stack, j, block, hidden, named):
     """Block ``j`` of ``stack`` called as the walk will call it (where the adapter's stand-ins
     run the blocks, ``AUTO``), refused by name unless it returns hidden states of its input's
@@ -1203,7 +1229,8 @@ class _Walk:
                 if now["past"]:  # (called again after the last block: weights shared across depth)
                     now["again"][j] = now["again"].get(j, 1) + 1
                     now["chain"] &= _chained(hidden, now["passed"]) and _same_arguments(named, now["kwargs"][j])
-                    output = stack.adapter.passthrough_of(block, hidden)
+                    # (the block itself: how often the model calls it may depend on what it returns)
+                    output = block(*args, **kwargs)
                     passed = stack.adapter.hidden_of(output)
                     now["passed"] = passed, getattr(passed, "_version", None)
                     return output
@@ -1214,6 +1241,7 @@ class _Walk:
                         f"skips, repeats or reorders its blocks cannot be quantized block by block)")
                 now["next"] = j + 1
                 now["kwargs"][j] = named
+                now["versions"][j] = _tensor_versions(named)
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                 else:
@@ -1234,18 +1262,20 @@ class _Walk:
                 now["passed"] = passed, getattr(passed, "_version", None)
                 now["output"] = output
                 if j == last:  # (this pass goes on, to see whether the blocks are called again)
-                    now.update(past=True, chain=last == 0)
+                    now.update(past=True, chain=True)
                 return output
 
             return fn
 
         while True:
-            now.pop("again", None)
+            for key in ("again", "repeats", "looping"):
+                now.pop(key, None)
             try:
                 self._probe(s, stream, now, recorder)
                 if stack.replay and stack.prefix not in self.report.replayed:
                     self.report.replayed.append(stack.prefix)
-                self._note_repeats(stack, now.get("again"), now.get("chain"))
+                if "repeats" in now:
+                    self._note_repeats(s, *now["repeats"][2:])
                 return
             except _Interleaved as e:
                 if self.t is not None:
@@ -1255,23 +1285,56 @@ class _Walk:
                         f"targets='merged_path', or leave them out (layers=)") from None
                 self.interleaved.add(e.t)
 
-    def _note_repeats(self, stack, again, chain) -> None:
-        """Blocks called again after the stack's last one (in the first pass, ``again``: block ->
-        its calls) are kept in the report. The one block of a stack called in a row, each call
-        on the previous one's output with the same other arguments (``chain``), is solved on the
-        inputs of every call (``_Stack.loops``); other blocks on their first call's: said."""
+    def _note_repeats(self, s, again, chain) -> None:
+        """Blocks of stack ``s`` called again after its last one (in the watched passes,
+        ``again``: block -> its calls) are kept in the report. The one block of a stack called in
+        a row, each call on the previous one's output with the same other arguments (``chain``),
+        is solved on the inputs of every call (``_Stack.loops``); a stack of several run so as a
+        group, on its first round's (``_Stack.rounds``); other blocks on their first call's:
+        said."""
+        stack = self.stacks[s]
         if not again:
             return
         calls = {f"{stack.prefix}.{j}": n for j, n in sorted(again.items())}
         self.report.repeated.update(calls)
-        if chain:
+        if chain and len(stack.blocks) == 1:
             stack.loops = again[0]
             return
         name, n = next(iter(calls.items()))
+        rounds = set(again.values())
+        if chain and set(again) == set(range(len(stack.blocks))) and len(rounds) == 1:
+            if self.t is not None:
+                raise ValueError(f"targets={self.targets!r}: the model runs the blocks at {stack.prefix!r} as a group "
+                                 f"{n} times in a row (weights shared across depth), which the target stream "
+                                 f"cannot replay; use targets='merged_path'")
+            stack.rounds = n
+            warnings.warn(
+                f"the model runs the blocks at {stack.prefix!r} as a group {n} times in a row, each round on the last "
+                f"one's output (weights shared across depth, as ALBERT's with several layers a group): their "
+                f"linears are solved on the inputs of the first round only; what the stacks after them get has "
+                f"been through every round of the quantized blocks (epmq_report.repeated)")
+            return
         warnings.warn(
             f"the model calls the blocks at {stack.prefix!r} again after the last one ({name}: {n} calls in one "
             f"forward pass; weights shared across depth, as ALBERT's): their linears are solved on the inputs of "
             f"each block's first call only, and every call runs the quantized weights (epmq_report.repeated)")
+
+    def _count_repeats(self, stack, now, task, n) -> None:
+        """After a watched pass: how often it called each block again, the same in every watched
+        pass (else a ValueError: a count that depends on the input cannot be solved for)."""
+        seen = (task, n, dict(now["again"]), bool(now.get("chain")))
+        first = now.setdefault("repeats", seen)
+        if seen[2] != first[2]:
+            def said(counts):
+                return ", ".join(f"block {j}: {c} calls" for j, c in sorted(counts.items())) or "each block once"
+
+            raise ValueError(
+                f"the model calls the blocks at {stack.prefix!r} a number of times that depends on its input "
+                f"(calibration[{first[0]!r}] item {first[1]}: {said(first[2])}; calibration[{task!r}] item {n}: "
+                f"{said(seen[2])}), which the walk cannot solve block by block; leave them out: "
+                f"layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+        now["repeats"] = first[:3] + (first[3] and seen[3],)
+        now["looping"] = bool(first[2])
 
     def _probe(self, s, stream, now, recorder):
         """One pass of the model per calibration item up to stack ``s``, its blocks ``recorder``s."""
@@ -1281,10 +1344,11 @@ class _Walk:
                 with self._expert_outside(task) if stream.experts else nullcontext():
                     hidden, recorded, masks = [], [], []
                     for n, item in enumerate(items):
-                        # (the very first pass of the quantized stream goes on past the last block)
-                        watch = stream is self.q and "again" not in now
-                        now.update(task=task, n=n, kwargs=[None] * (last + 1), hidden=None, next=0, started=False,
-                                   watch=watch, past=False)
+                        # (the quantized stream's first pass of each task, and every pass once a block
+                        # was called again, goes on past the last block: the calls after it are counted)
+                        watch = stream is self.q and (n == 0 or bool(now.get("looping")))
+                        now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
+                                   hidden=None, next=0, started=False, watch=watch, past=False)
                         if watch:
                             now["again"] = {}
                         try:
@@ -1311,6 +1375,9 @@ class _Walk:
                                     f"through them, or leave them out: layers=r'^(?!{re.escape(stack.prefix)}\\.)' "
                                     f"(or adapter= the towers to quantize)"
                                 )
+                        _check_kept(stack, now, task, n)
+                        if watch:
+                            self._count_repeats(stack, now, task, n)
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))
                         masks.append(stack.adapter.token_mask(self.model, stack.prefix, item))
@@ -1356,7 +1423,8 @@ class _Walk:
             for t in range(s + 1):
                 # a tower of another family runs its own (quantized) blocks: the next may read any
                 # of their outputs (LLaVA's image features are the vision tower's hidden states)
-                if t < s and (self.stacks[t].adapter is not stack.adapter or t in self.interleaved):
+                if t < s and (self.stacks[t].adapter is not stack.adapter or t in self.interleaved
+                              or self.stacks[t].rounds > 1):
                     continue
                 blocks = self.stacks[t].blocks
                 for j, block in enumerate(blocks):

@@ -412,17 +412,18 @@ class _Looped(nn.Module):
 
 
 @pytest.mark.parametrize("model,repeated,warned", [
-    (lambda: _Looped(1), {}, False),
-    (lambda: _Looped(3), {"layers.0": 3, "layers.1": 3}, True),
-    (lambda: _Looped(3, blocks=1, gains=True), {"layers.0": 3}, True),
+    (lambda: _Looped(1), {}, None),
+    (lambda: _Looped(3), {"layers.0": 3, "layers.1": 3}, "as a group 3 times in a row"),
+    (lambda: _Looped(3, blocks=1, gains=True), {"layers.0": 3}, "again after the last one (layers.0: 3 calls"),
     # one block called in a row on its own output: solved on every call (test_walker_archs, ALBERT)
-    (lambda: _Looped(3, blocks=1), {"layers.0": 3}, False),
+    (lambda: _Looped(3, blocks=1), {"layers.0": 3}, None),
 ])
 def test_blocks_called_again_after_the_last_one_are_said(model, repeated, warned, gen, recwarn, monkeypatch):
     """A block the model calls again after its stack's last block (weights shared across depth)
     is reported with its calls. The one block of a stack called in a row, each call on the last
     one's output with the same arguments, is solved on the inputs of every call; other blocks on
-    their first call's, which is warned about: never silent."""
+    their first call's (a group of blocks run in rounds: its first round's), which is warned
+    about: never silent."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     model = model().eval()
@@ -432,8 +433,142 @@ def test_blocks_called_again_after_the_last_one_are_said(model, repeated, warned
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
                         layers=lambda name: name == "layers.0.up")
     assert model.epmq_report.repeated == repeated
-    said = [str(w.message) for w in recwarn if "again after the last one" in str(w.message)]
-    assert len(said) == warned and all("layers.0: 3 calls" in s for s in said)
+    said = [str(w.message) for w in recwarn if "again after the last one" in str(w.message)
+            or "times in a row" in str(w.message)]
+    assert len(said) == (warned is not None) and all(warned in s for s in said)
     if warned:  # (the first call's inputs: the first of each item's calls)
         hand = hand[::3]
     assert_same_statistics(seen, hand)
+
+
+class _Rounds(nn.Module):
+    """A group of two blocks run ``rounds`` times, then a block of its own: the second stack's
+    input has been through every round of the first."""
+
+    def __init__(self, rounds=2):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.first = nn.ModuleList([ScaledBlock(32) for _ in range(2)])
+        self.second = nn.ModuleList([ScaledBlock(32)])
+        self.rounds = rounds
+
+    def forward(self, x):
+        x = self.embed(x)
+        for _ in range(self.rounds):
+            for layer in self.first:
+                x = layer(x, gain=1.0)[0]
+        return self.second[0](x, gain=1.0)[0]
+
+
+def test_a_group_run_in_rounds_hands_on_what_every_round_makes(gen, monkeypatch):
+    """The stack after a group run in rounds is calibrated on what the quantized group makes in
+    all its rounds, as the model runs it (it got one round's output); the target streams, which
+    cannot replay the rounds, are refused."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = _Rounds().eval()
+    items = [torch.randn(4, 8, generator=gen) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"runs the blocks at 'first' as a group 2 times in a row \(weights shared "
+                                         r"across depth\), which the target stream cannot replay"):
+        epmq.quantize_model(copy.deepcopy(model), SPEC, method="gptq", calibration={"a": items}, backend="torch",
+                            progress=False, targets="fp_path")
+    seen = walked_inputs(monkeypatch)
+    with pytest.warns(UserWarning, match="as a group 2 times in a row"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            layers=lambda name: name.startswith("first.") or name == "second.0.up")
+    assert model.epmq_report.repeated == {"first.0": 2, "first.1": 2}
+    # the quantized model's own forward: what second.0.up reads
+    hand = hooked_inputs(model, "second.0.up", [{"x": x} for x in items])
+    n_rows = sum(x.shape[0] for x in hand)
+    assert_same_statistics(seen[-len(hand):], hand)
+    assert sum(x.shape[0] for x in seen[-len(hand):]) == n_rows
+
+
+class _Halting(nn.Module):
+    """One block called until its output has moved far enough (at most 6 calls): how often
+    depends on what the block returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.layers = nn.ModuleList([ScaledBlock(32)])
+        with torch.no_grad():
+            self.layers[0].down.bias.fill_(1.0)
+
+    def forward(self, x):
+        x = self.embed(x)
+        start = x.mean()
+        for _ in range(6):
+            x = self.layers[0](x, gain=1.0)[0]
+            if x.mean() > start + 1.5:
+                break
+        return x
+
+
+class _VarLoop(nn.Module):
+    """One block called ``rounds`` times, a number each sample gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.layers = nn.ModuleList([ScaledBlock(32)])
+
+    def forward(self, x, rounds):
+        x = self.embed(x)
+        for _ in range(rounds):
+            x = self.layers[0](x, gain=1.0)[0]
+        return x
+
+
+class _Counter(nn.Module):
+    """One block called three times with a step counter the model advances in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.layers = nn.ModuleList([ScaledBlock(32)])
+
+    def forward(self, x):
+        x = self.embed(x)
+        step = torch.ones(())
+        for _ in range(3):
+            x = self.layers[0](x, gain=step)[0]
+            step += 1
+        return x
+
+
+def test_calls_counted_as_the_model_makes_them(gen, monkeypatch):
+    """How often a block is called again is counted with the block itself running (a count its
+    outputs decide was taken from identity stand-ins: 6 for 2), on each task's first sample and
+    every sample once a repeat was seen; a count that depends on the sample, and arguments the
+    model advances in place between calls, are refused by name (both were solved wrong)."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = _Halting().eval()
+    items = [torch.randn(4, 8, generator=gen) for _ in range(2)]
+    calls = []
+    handle = model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(items[0])
+    handle.remove()
+    hand = hooked_inputs(model, "layers.0.up", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                        layers=lambda name: name == "layers.0.up")
+    assert model.epmq_report.repeated == {"layers.0": len(calls)} and 1 < len(calls) < 6
+    assert_same_statistics(seen, hand)
+    # (seen from a task's first sample; one whose first sample makes no repeat is not watched further)
+    items = [{"x": torch.randn(4, 8, generator=gen), "rounds": r} for r in (3, 1)]
+    with pytest.raises(ValueError, match=r"calls the blocks at 'layers' a number of times that depends on its "
+                                         r"input \(calibration\['a'\] item 0: block 0: 3 calls; calibration\['a'\] "
+                                         r"item 1: each block once\)"):
+        epmq.quantize_model(_VarLoop().eval(), SPEC, method="gptq", calibration={"a": items}, backend="torch",
+                            progress=False)
+    with pytest.raises(ValueError, match=r"\(calibration\['a'\] item 0: each block once; calibration\['b'\] "
+                                         r"item 0: block 0: 3 calls\)"):
+        epmq.quantize_model(_VarLoop().eval(), SPEC, method="gptq", calibration={"a": items[1:], "b": items[:1]},
+                            backend="torch", progress=False)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model writes in place into 'gain', an "
+                                         r"argument of block 0 at 'layers', after that block's call"):
+        epmq.quantize_model(_Counter().eval(), SPEC, method="gptq", calibration={"a": [torch.randn(4, 8)]},
+                            backend="torch", progress=False)
