@@ -70,21 +70,29 @@ def _text_of(value, where: str, tokenizer=None) -> str:
         if isinstance(value.get("text"), str):
             return value["text"]
         if "messages" in value:
-            return _chat(value["messages"], where, tokenizer)
+            return _chat(value["messages"], where, tokenizer, value)
         prompt, completion = value.get("prompt"), value.get("completion")
         if isinstance(prompt, str) and isinstance(completion, str):
             return prompt + completion
         if isinstance(prompt, list) and isinstance(completion, list):
-            return _chat(prompt + completion, where, tokenizer)
+            return _chat(prompt + completion, where, tokenizer, value)
+        if isinstance(value.get("input"), str) and isinstance(value.get("target"), str):
+            raise ValueError(f"{where}: input/target pairs calibrate an encoder-decoder (T5, BART); a decoder-only "
+                             f"model reads texts: {TEXT_FORMS}")
     raise ValueError(f"{where}: expected {TEXT_FORMS}, got {str(value)[:80]!r}")
 
 
-def _chat(messages, where: str, tokenizer) -> str:
-    """A conversation as the text the model was fine-tuned on: the tokenizer's chat template."""
-    if not (isinstance(messages, list) and messages
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages)):
-        raise ValueError(f"{where}: a conversation is a non-empty list of objects with 'role' and 'content', "
-                         f"got {str(messages)[:80]!r}")
+def _chat(messages, where: str, tokenizer, record: dict) -> str:
+    """A conversation as the text the model was fine-tuned on: the tokenizer's chat template,
+    with the record's ``tools`` and ``chat_template_kwargs`` as TRL's SFTTrainer passes them."""
+    if not (isinstance(messages, list) and messages):
+        raise ValueError(f"{where}: a conversation is a non-empty list of messages, got {str(messages)[:80]!r}")
+    for k, m in enumerate(messages):  # (an assistant turn of tool calls may have no content)
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise ValueError(f"{where}: message {k} of the conversation has no 'role': {str(m)[:80]!r}")
+    options = record.get("chat_template_kwargs") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}: chat_template_kwargs must be an object, got {str(options)[:80]!r}")
     if tokenizer is None:
         raise ValueError(f"{where}: a conversation is rendered by the tokenizer's chat template: "
                          f"read_texts(source, tokenizer=...)")
@@ -94,7 +102,7 @@ def _chat(messages, where: str, tokenizer) -> str:
                          f"(tokenizer_config.json, chat_template.jinja) beside the model, or give the "
                          f"texts as 'text'")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False, **options)
     except Exception as e:  # (jinja raises its own errors: a role the template refuses, ...)
         raise ValueError(f"{where}: the tokenizer's chat template failed on this conversation "
                          f"({type(e).__name__}: {str(e)[:200]})") from e
@@ -128,13 +136,25 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if suffix == ".txt":
         return [(str(path), text)]
-    if suffix == ".jsonl":  # (lines end at "\n" only: JSON strings may hold U+2028 and the like)
-        return [(f"{path}:{i}", _json(line, f"{path}:{i}"))
-                for i, line in enumerate(text.split("\n"), 1) if line.strip()]
-    values = _json(text, str(path))
+    if suffix == ".jsonl":
+        return _json_lines(text, path)
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        # (JSON Lines under .json: what datasets' Dataset.to_json writes, and reads back)
+        return _json_lines(text, path)
     if not isinstance(values, list):
         raise ValueError(f"{path}: expected a JSON list of {what}")
     return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _json_lines(text: str, path: Path) -> List[tuple]:
+    """``(where, value)`` of each JSON line (lines end at "\\n" only: JSON strings may hold
+    U+2028 and the like)."""
+    return [(f"{path}:{i}", _json(line, f"{path}:{i}")) for i, line in enumerate(text.split("\n"), 1)
+            if line.strip()]
 
 
 def _parquet_rows(path: Path) -> List[dict]:
@@ -189,7 +209,8 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     for text in texts:
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         content += len(tokens)
-        ids += tokens + eos
+        ends = bool(eos) and tokens[-1:] == eos  # (a conversation the chat template rendered may)
+        ids += tokens + ([] if ends else eos)
     if not content:
         raise ValueError(f"{what}: the texts have no tokens")
     stream = torch.tensor(ids, dtype=torch.long)

@@ -106,6 +106,11 @@ def test_read_texts_as_users_write_them(tmp_path, files):
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
                  "{{ raise_exception('no tools here') }}{% endif %}"
                  "{{ m['role'] }} : {{ m['content'] }} {{ eos_token }}{% endfor %}")
+# one that reads TRL's tools and a template keyword, and an assistant turn of tool calls
+TOOL_TEMPLATE = ("{{ bos_token }}{% if tools %}system : {% for t in tools %}{{ t['name'] }} {% endfor %}{% endif %}"
+                 "{% for m in messages %}{{ m['role'] }} : {% if short is defined and short %}short {% endif %}"
+                 "{% if m.tool_calls is defined %}{{ m.tool_calls[0]['function']['name'] }} ( ){% else %}"
+                 "{{ m['content'] }}{% endif %} {{ eos_token }}{% endfor %}")
 
 
 def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
@@ -120,10 +125,20 @@ def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
     rendered = "<s>user : the cat </s>assistant : a dog </s>"
     assert read_texts(tmp_path / "sft.jsonl", tokenizer=tok) == ["one", rendered, "the cat", rendered]
     # BOS and EOS reach the windows as the model's special tokens (the roles are words this
-    # tokenizer does not know), the document's own EOS after them
-    (window,) = text_windows([rendered], tok, samples=1, seq_len=12)
+    # tokenizer does not know); a document that ends with EOS gets no second one between it and
+    # the next (the model never saw two in fine-tuning)
+    (window,) = text_windows([rendered, "the cat"], tok, samples=1, seq_len=14)
     assert tok.convert_ids_to_tokens(window["input_ids"][0].tolist()) == [
-        "<s>", "<unk>", ":", "the", "cat", "</s>", "<unk>", ":", "a", "dog", "</s>", "</s>"]
+        "<s>", "<unk>", ":", "the", "cat", "</s>", "<unk>", ":", "a", "dog", "</s>", "the", "cat", "</s>"]
+    # TRL's tools and chat_template_kwargs go to the template; a tool-call turn needs no content
+    tools = dict(messages=[{"role": "user", "content": "the cat"},
+                           {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "dog"}}]}],
+                 tools=[{"name": "cat"}], chat_template_kwargs={"short": True})
+    (tmp_path / "tools.json").write_text(json.dumps(tools) + "\n" + json.dumps({"text": "a dog"}) + "\n")
+    tok.chat_template = TOOL_TEMPLATE
+    assert read_texts(tmp_path / "tools.json", tokenizer=tok) == [  # (JSON Lines under .json, as datasets writes)
+        "<s>system : cat user : short the cat </s>assistant : short dog ( ) </s>", "a dog"]
+    tok.chat_template = CHAT_TEMPLATE
     (tmp_path / "one.jsonl").write_text(json.dumps({"messages": chat}))
     with pytest.raises(ValueError, match=r"one.jsonl:1: a conversation is rendered by the tokenizer's chat "
                                          r"template: read_texts\(source, tokenizer=...\)"):
@@ -131,14 +146,18 @@ def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
     with pytest.raises(ValueError, match="one.jsonl:1: a conversation, and the model's tokenizer has no chat "
                                          "template .* copy the fine-tuned experts' tokenizer files"):
         read_texts(tmp_path / "one.jsonl", tokenizer=transformers.AutoTokenizer.from_pretrained(files / "base"))
-    bad = {"roles.jsonl": [{"messages": [{"content": "no role"}]}],
+    bad = {"roles.jsonl": [{"messages": [{"role": "user", "content": "x"}, {"content": "no role"}]}],
+           "pairs.jsonl": [{"input": "the cat", "target": "a dog"}],
+           "kwargs.jsonl": [{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": [1]}],
            "empty.jsonl": [{"messages": []}],
            "tool.jsonl": [{"messages": [{"role": "tool", "content": "x"}]}],
            "mixed.jsonl": [{"prompt": "the", "completion": chat}],
            "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": "x"}]}]}
     for name, rows in bad.items():
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
-    match = {"roles.jsonl": "roles.jsonl:1: a conversation is a non-empty list of objects with 'role' and 'content'",
+    match = {"roles.jsonl": "roles.jsonl:1: message 1 of the conversation has no 'role'",
+             "pairs.jsonl": "pairs.jsonl:1: input/target pairs calibrate an encoder-decoder",
+             "kwargs.jsonl": "kwargs.jsonl:1: chat_template_kwargs must be an object",
              "empty.jsonl": "empty.jsonl:1: a conversation is a non-empty list",
              "tool.jsonl": "tool.jsonl:1: the tokenizer's chat template failed on this conversation .*no tools here",
              "mixed.jsonl": "mixed.jsonl:1: expected a string, or an object with a 'text' string, 'messages'",
