@@ -608,7 +608,17 @@ def _signature(path: Path) -> list:
     return [size, digest.hexdigest()]
 
 
+def _tree_signature(directory: Path) -> dict:
+    """``_signature`` of every file under ``directory`` (a tokenizer's additional_chat_templates/),
+    by its path there."""
+    return {p.relative_to(directory).as_posix(): _signature(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
 def _unchanged(path: Path, recorded) -> bool:
+    if isinstance(recorded, dict):  # (a directory epmq wrote)
+        return (path.is_dir() and not path.is_symlink() and isinstance(recorded.get("tree"), dict)
+                and _tree_signature(path) == recorded["tree"])
     if not path.is_file() or path.is_symlink() or not isinstance(recorded, list) or not recorded:
         return False
     if len(recorded) == 2 and isinstance(recorded[1], int):  # (manifests of 2026-12-02: size, time)
@@ -618,7 +628,8 @@ def _unchanged(path: Path, recorded) -> bool:
 
 
 def _write_manifest(directory: Path) -> None:
-    files = {p.name: _signature(p) for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+    files = {p.name: _signature(p) if p.is_file() else {"tree": _tree_signature(p)}
+             for p in directory.iterdir() if not p.is_symlink() and (p.is_file() or p.is_dir())}
     (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1) + "\n")
 
 

@@ -148,6 +148,12 @@ def _model_card(recipe: dict) -> str:
 OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".ot", ".onnx", ".gguf", ".ckpt", ".pkl", ".npz")
 
 
+# folders of a checkpoint that belong to its tokenizer (transformers saves the named chat templates
+# but the default in additional_chat_templates/); no other folder is copied (a hub repository's
+# original/ holds another copy of the weights)
+COMPANION_DIRS = ("additional_chat_templates",)
+
+
 def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
     """The non-weight files of a checkpoint directory (config, tokenizer, generation config);
     not its weights in any format, nor its model card, which describe another model. A weights
@@ -159,6 +165,9 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
             return
         source = source.parent
     for entry in source.iterdir():
+        if entry.name in COMPANION_DIRS and entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target / entry.name)
+            continue
         if (entry.name.startswith(".") or not entry.is_file()
                 or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
                 or entry.name in (RECIPE_FILE, "README.md")):

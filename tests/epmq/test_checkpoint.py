@@ -811,6 +811,35 @@ def test_a_file_epmq_wrote_and_the_user_changed_is_kept(two_models):
     assert "max_new_tokens" not in json.loads((directory / "generation_config.json").read_text())
 
 
+def test_a_folder_epmq_wrote_is_its_own(two_models):
+    """A folder the write makes (a tokenizer's additional_chat_templates/) is listed in the
+    manifest: written again unchanged, it is no user's change (it was kept, warned about);
+    a write without it removes it (a template the source dropped was shipped on); a file of it
+    the user changed keeps the folder, said."""
+    fam, old, new, directory = two_models
+
+    def templates(*names):
+        def write(path):
+            (path / "additional_chat_templates").mkdir()
+            for name in names:
+                (path / "additional_chat_templates" / f"{name}.jinja").write_text(f"{{{{ '{name}' }}}}")
+        return write
+
+    epmq.save_quantized(new, directory, extras=templates("tool_use", "rag"))
+    with warnings_recorded() as record:
+        epmq.save_quantized(new, directory, extras=templates("tool_use", "rag"))
+    assert not [w for w in record if "kept your changed" in str(w.message)]
+    epmq.save_quantized(new, directory, extras=templates("rag"))
+    assert os.listdir(directory / "additional_chat_templates") == ["rag.jinja"]
+    epmq.save_quantized(new, directory)
+    assert not (directory / "additional_chat_templates").exists()
+    epmq.save_quantized(new, directory, extras=templates("rag"))
+    (directory / "additional_chat_templates" / "rag.jinja").write_text("mine")
+    with pytest.warns(UserWarning, match="kept your changed additional_chat_templates in place"):
+        epmq.save_quantized(new, directory, extras=templates("rag"))
+    assert (directory / "additional_chat_templates" / "rag.jinja").read_text() == "mine"
+
+
 def test_a_copied_checkpoint_is_replaced_by_the_next_write(two_models):
     """A copy (cp -r, scp, a hub download) gives every file a new time, not new content: epmq's
     files are still its own, and the next write's stand (not the copy's, with a warning). A

@@ -616,3 +616,23 @@ def test_the_recipe_records_the_dtype_and_how_regmean_read_its_data(checkpoints,
     recipe = json.loads((out / RECIPE_FILE).read_text())
     assert recipe["method"] == "regmean" and recipe["base"] is None and recipe["dtype"] is None
     assert (recipe["samples"], recipe["seq_len"], recipe["seed"]) == (3, 12, 5)
+
+
+def test_the_base_tokenizers_named_chat_templates_come_along(checkpoints, tmp_path):
+    """transformers saves a tokenizer's named chat templates but the default in
+    additional_chat_templates/: the merge has them all (it had the default alone); no other
+    folder of the base is copied."""
+    root, base, experts = checkpoints
+    source = tmp_path / "base"
+    source.mkdir()
+    for entry in root.joinpath("base").iterdir():
+        (source / entry.name).write_bytes(entry.read_bytes())
+    tok = transformers.AutoTokenizer.from_pretrained(source)
+    tok.chat_template = {"default": "{{ messages[0]['content'] }}", "tool_use": "{{ tools }}"}
+    tok.save_pretrained(source)
+    (source / "original").mkdir()
+    (source / "original" / "consolidated.00.pth").write_bytes(b"another copy of the weights")
+    out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "out", base=source,
+                            progress=False)
+    assert sorted(transformers.AutoTokenizer.from_pretrained(out).chat_template) == ["default", "tool_use"]
+    assert not (out / "original").exists()
