@@ -104,7 +104,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         m = layers[ragged[0]]
         warnings.warn(
             f"{len(ragged)} layers (first: {ragged[0]}, {m.in_features} inputs) have an input width "
-            f"that group_size={m.group_size} does not divide: ceil(K / g) groups, the last shorter, "
+            f"that group_size={m.group_size} does not divide"
+            f"{' (larger than it: one group of the whole width)' if m.group_size > m.in_features else ''}: "
+            f"ceil(K / g) groups, the last shorter, "
             f"as GPTQ and GPTQModel write them. epmq loads them (on CUDA it dequantizes such layers "
             f"instead of using its W4A16 kernel), and so does GPTQModel with its torch kernel "
             f"(backend=BACKEND.TORCH); its other kernels, the ones transformers picks on a CPU, and "
