@@ -202,6 +202,25 @@ def main(argv=None):
                          for c, p, w in zip(crumbs, expert_dirs, weights)]),
             lambda: merge.breadcrumbs(base, experts, scale=args.scale, density=args.breadcrumbs_density,
                                       gamma=args.gamma, consensus="sign", merge="mean", weights=weights))
+        # from a review: per-model parameters given for all at the top, linear with the base listed,
+        # Breadcrumbs at the default gamma (0.01 of an 80-entry norm: mergekit truncates 0.8 to 0)
+        runs["ties_top_level_density"] = (
+            dict(merge_method="ties", base_model=base_dir, dtype="float32",
+                 parameters=dict(weight=1.0, density=args.density, **{"lambda": args.scale}),
+                 models=[dict(model=p) for p in expert_dirs]),
+            lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor",
+                               merge="mean", convention="mergekit"))
+        runs["linear_base_listed"] = (
+            dict(merge_method="linear", base_model=base_dir, dtype="float32",
+                 models=[dict(model=base_dir, parameters=dict(weight=2.0))]
+                 + [dict(model=p, parameters=dict(weight=1.0)) for p in expert_dirs]),
+            lambda: merge.average([base] + experts, weights=[2.0, 1.0, 1.0, 1.0]))
+        runs["breadcrumbs_default_gamma"] = (
+            dict(merge_method="breadcrumbs", base_model=base_dir, dtype="float32",
+                 parameters=dict(**{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=1.0, density=0.7)) for p in expert_dirs]),
+            lambda: merge.breadcrumbs(base, experts, scale=args.scale, density=0.7, gamma=0.01,
+                                      convention="mergekit"))
         for per_row in (False, True):
             runs[f"model_stock{'_filter_wise' if per_row else ''}"] = (
                 dict(merge_method="model_stock", base_model=base_dir, dtype="float32",

@@ -49,7 +49,7 @@ import torch
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 PAIR_SUFFIXES = (".jsonl", ".json", ".parquet")
 # the columns of a .parquet file that a text or a pair is read from (the others are not loaded)
-COLUMNS = ("text", "messages", "prompt", "completion", "input", "target")
+COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs", "input", "target")
 
 
 def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> None:

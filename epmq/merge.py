@@ -236,14 +236,15 @@ def _generator(seed: int, name: str, k: int) -> torch.Generator:
 
 
 def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
-             weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+             weights: Optional[Sequence[float]] = None, zero_vote: int = 0) -> torch.Tensor:
     """One task vector from several (already sparsified) ones, each times its weight (1 by
     default; the weights enter the sign vote too, as mergekit's do).
 
     ``consensus=None``: their sum (``merge="sum"``) or weighted mean (``"mean"``). ``"sign"``
     (TIES): the elected sign is that of their sum, and only the nonzero entries that agree with
     it are summed or averaged (the disjoint mean, weighted by the agreeing entries' weights);
-    where the sum is exactly 0 there is no elected sign and the result is 0.
+    where the sum is exactly 0 there is no elected sign and the result is 0 (``zero_vote=1``:
+    the sign elected there is +, as mergekit's).
 
     ``taus`` is indexed once per task vector, twice for ``"sign"`` (it may make them on demand).
     """
@@ -262,7 +263,7 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
         if merge == "sum":
             return total
         return total / (len(taus) if weights is None else sum(weights))
-    sign = torch.sign(total)
+    sign = torch.sign(total) if not zero_vote else torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
     total.zero_()
     count = torch.zeros_like(total)
     for k in range(K):
@@ -277,7 +278,7 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
     return torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
 
 
-def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None):
+def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None, zero_vote=0):
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     weights = _listed(weights)
@@ -290,10 +291,30 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
         taus = _OnDemand(lambda k: sparsify(name, k, W_k[k] - W_0), len(W_k))
         if 4 * W_0.numel() * len(W_k) <= HOLD_BYTES:
             taus = list(taus)  # (each made once)
-        return W_0 + scale * _combine(taus, consensus, merge, weights)
+        return W_0 + scale * _combine(taus, consensus, merge, weights, zero_vote)
 
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
+
+
+# ``convention="mergekit"``: the trims, sign vote and Model Stock of mergekit 0.1.5, for its configs
+# (epmq.mergekit_config) to give its tensors: entry counts truncated, not rounded; ties at a trim
+# boundary broken by torch's sort order; a sign vote of exactly 0 elects +
+CONVENTIONS = ("epmq", "mergekit")
+
+
+def _by_magnitude(tau: torch.Tensor, descending: bool) -> torch.Tensor:
+    """The entries' indices by magnitude, sorted as mergekit sorts them (float32 on the CPU)."""
+    w = tau.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    return torch.sort(w, descending=descending).indices if not descending else torch.argsort(w, descending=True)
+
+
+def _kept(tau: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+    mask[indices] = 1
+    return tau * mask.reshape_as(tau)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -363,6 +384,7 @@ def ties(
     merge: str = "mean",
     weights: Optional[Sequence[float]] = None,
     *,
+    convention: str = "epmq",
     out=None,
 ):
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
@@ -379,10 +401,16 @@ def ties(
     ``scale=None`` means 1.0 for ``"mean"`` (the TIES paper's default: the disjoint mean is
     already the size of one task vector, whatever the number of tasks) and 0.3 for ``"sum"``
     (FusionBench's CLIP setting, where the sum grows with the number of tasks).
+    ``convention="mergekit"`` (``scope="tensor"`` only): mergekit 0.1.5's trim, ``max(1,
+    floor(density n))`` entries, ties broken by torch's sort order, and its vote, + where the
+    sum is exactly 0.
     """
     _needs_base(base, "ties")
     _check_unit(density, "density")
     _check_choice(scope, ("global", "tensor"), "scope")
+    _check_choice(convention, CONVENTIONS, "convention")
+    if convention == "mergekit" and scope != "tensor":
+        raise ValueError("convention='mergekit' trims each tensor: scope='tensor'")
     _check_choice(merge, ("mean", "sum"), "merge")
     if scale is None:
         scale = 1.0 if merge == "mean" else 0.3
@@ -392,6 +420,12 @@ def ties(
     )
 
     def sparsify(name, k, tau):
+        if convention == "mergekit":
+            if density >= 1:
+                return tau
+            if density <= 0 or tau.numel() == 0:
+                return torch.zeros_like(tau)
+            return _kept(tau, _by_magnitude(tau, descending=True)[:max(1, int(density * tau.numel()))])
         if thresholds is not None:
             thr = thresholds[k]
         else:
@@ -399,23 +433,34 @@ def ties(
         # (ranked in float32, as the threshold was: float64 magnitudes by their float32 values)
         return torch.where(tau.abs().float() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
-    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out, weights)
+    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out, weights,
+                         zero_vote=int(convention == "mergekit"))
 
 
 def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
                 consensus: Optional[str] = None, merge: str = "sum",
-                weights: Optional[Sequence[float]] = None, *, out=None):
+                weights: Optional[Sequence[float]] = None, *, convention: str = "epmq", out=None):
     """Model Breadcrumbs (Davari and Belilovsky, 2024): in each tensor of each task vector, drop
     the ``gamma`` fraction of largest-magnitude entries (outliers) and the smallest ones, keeping
     ``density`` of the entries (ranks ``round(gamma n) + 1 .. + round(density n)`` by magnitude;
     fewer outliers are dropped where ``gamma + density > 1``), then Task Arithmetic with
     ``scale``. Entries tied in magnitude with a kept boundary entry are kept. ``consensus="sign"``
-    elects a sign per entry as TIES does (mergekit's ``breadcrumbs_ties``).
+    elects a sign per entry as TIES does (mergekit's ``breadcrumbs_ties``). ``convention=
+    "mergekit"``: mergekit 0.1.5's counts, ``floor(gamma n)`` outliers and ``floor(density n)``
+    kept (none dropped at density 1), ties broken by torch's sort order, and its vote (+ at 0).
     """
     _check_unit(density, "density")
     _check_unit(gamma, "gamma")
+    _check_choice(convention, CONVENTIONS, "convention")
 
     def sparsify(name, k, tau):
+        if convention == "mergekit":
+            if density >= 1:
+                return tau
+            n = tau.numel()
+            n_keep, n_top = int(density * n), int(gamma * n)
+            n_bottom = max(0, n - n_keep - n_top)
+            return _kept(tau, _by_magnitude(tau, descending=False)[n_bottom:n_bottom + n_keep])
         m = tau.abs().float()  # (ranked in float32: the thresholds are float32 values)
         n = m.numel()
         n_keep = int(round(density * n))
@@ -426,7 +471,8 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
         lower = _kth_largest_rank(lambda: [m], n_top + n_keep)
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out, weights)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out, weights,
+                         zero_vote=int(convention == "mergekit"))
 
 
 def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: float = 0.15,
@@ -526,7 +572,7 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
-def model_stock(base, experts, per_row: bool = False, *, out=None):
+def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq", out=None):
     """Model Stock (Jang et al., ECCV 2024): ``W = t mean_k W_k + (1 - t) W_0`` with
     ``t = K cos / (1 + (K - 1) cos)``, ``cos`` the mean cosine between the K task vectors'
     pairs (over the whole tensor, or each output row with ``per_row=True``). Needs at least two
@@ -535,9 +581,11 @@ def model_stock(base, experts, per_row: bool = False, *, out=None):
     -0.99995 with two experts, the result 200 task vectors away), and passes -1 below ``cos =
     -1 / (2K - 1)``; peers (mergekit, FusionBench) apply it unclamped, and agree above that.
     Where it is 0/0 (unit task vectors summing to 0: two scalars of opposite signs) the base is
-    kept.
+    kept. ``convention="mergekit"``: mergekit 0.1.5's, ``t`` unclamped, the norms' product
+    floored at 1e-6 in the cosines, the base kept where ``|1 + (K - 1) cos| < 1e-6``.
     """
     _needs_base(base, "model_stock")
+    _check_choice(convention, CONVENTIONS, "convention")
 
     def merge_tensor(name, W_0, W_k):
         K = len(W_k)
@@ -547,11 +595,19 @@ def model_stock(base, experts, per_row: bool = False, *, out=None):
         norms = [tau.norm(dim=1) for tau in taus]
         # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
         # depend on the task vectors' size)
-        cosines = [torch.where(norms[i] * norms[j] > 0, (taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]), 0.0)
-                   .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
+        if convention == "mergekit":
+            cosines = [((taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                       for i in range(K) for j in range(i + 1, K)]
+        else:
+            cosines = [torch.where(norms[i] * norms[j] > 0, (taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]), 0.0)
+                       .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
         cos = torch.stack(cosines).mean(0)
         denominator = 1 + (K - 1) * cos  # (>= 0: K unit vectors' sum has a norm)
-        t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), 0.0).clamp(-1, 1)
+        if convention == "mergekit":
+            singular = denominator.abs() < 1e-6
+            t = torch.where(singular, 0.0, K * cos / torch.where(singular, 1.0, denominator))
+        else:
+            t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), 0.0).clamp(-1, 1)
         t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
         del taus
         return t * _mean(W_k) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)

@@ -6,14 +6,21 @@ where every setting means the same in both (``benchmarks/side_by_side_mergekit.p
 the two on the same checkpoints, tensor by tensor):
 
     mergekit            epmq
-    task_arithmetic     task_arithmetic(scale=lambda, weights=weight)
+    task_arithmetic     task_arithmetic(scale=lambda, weights=weight)   (density not read)
     ties                ties(scope="tensor", density, scale=lambda, weights=weight,
                              merge="mean" if normalize (its default) else "sum")
     breadcrumbs         breadcrumbs(density, gamma, scale=lambda, weights=weight, merge="sum")
     breadcrumbs_ties    the same with consensus="sign", merge="mean" if normalize else "sum"
-    linear              average(weights=weight)   (normalize: true, its default)
+    linear              average(weights=weight) of every model, the base included
+                        (normalize: true, its default)
     model_stock         model_stock(per_row=filter_wise)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
+
+TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
+entry counts (truncated), tie-breaking (torch's sort order), sign vote (+ where the votes sum to
+exactly 0) and Model Stock (``t`` unclamped, norms floored at 1e-6). A per-model parameter
+(``weight``, ``density``, ``gamma``) given in ``parameters:`` (a slice's or the top level's)
+holds for every model that does not give its own, as mergekit looks them up.
 
 SLERP's ``t`` may be what mergekit's best-known configs give it: a gradient over the layers
 (``[0, 0.5, 0.3, 0.7, 1]``, interpolated linearly at layer ``i`` of ``N`` as ``i / (N - 1)``)
@@ -29,9 +36,7 @@ head) take the value at 0. ``N`` is the count the base model's ``config.json`` s
 (epmq's own defaults differ: the translation states every value). ``int8_mask`` changes only
 mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's dtype (epmq
 computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
-``dtype``, by a rounding). The remaining differences are those of the side by side (TIES keeps
-``round(density n)`` entries of a tensor where mergekit keeps ``max(1, floor(density n))``,
-and every entry tied at the threshold).
+``dtype``, by a rounding).
 
 Anything else is refused with the setting named, never approximated: other methods (DARE and
 DELLA draw their random masks another way and mergekit rescales them by the L1 norm; nuslerp,
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -271,7 +277,16 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"models must be a list of {{model: ..., parameters: ...}}, got {entries!r}")
     sources = [_source(e, k) for k, e in enumerate(entries)]
-    shared = _parameters(given, SHARED[method], "parameters", scheduled=("t",) if method == "slerp" else ())
+    # (a per-model parameter given for all: mergekit looks it up on the model, then the slice, then the top)
+    given = {} if given is None else given
+    if not isinstance(given, Mapping):
+        raise ValueError(f"parameters must be a mapping, got {given!r}")
+    for_all = {k: v for k, v in given.items() if k in PER_MODEL[method]}
+    shared = _parameters({k: v for k, v in given.items() if k not in for_all},
+                         {**SHARED[method], **dict.fromkeys(PER_MODEL[method])}, "parameters",
+                         scheduled=("t",) if method == "slerp" else ())
+    shared = {k: shared[k] for k in SHARED[method]}
+    for_all = {k: _scalar(v, f"parameters.{k}") for k, v in for_all.items()}
     if "int8_mask" in config:  # (a top-level option in older configs)
         _scalar(config["int8_mask"], "int8_mask")
     if shared.get("rescale"):
@@ -293,14 +308,20 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
         other = models[1 - models.index(base)]
         return dict(method="slerp", base=None, models=[base, other], params=dict(t=t), dtype=dtype)
 
+    # linear averages every model it lists, the base too (and adds the base if it is not listed)
+    inputs = sources + ([(base, None)] if method == "linear" and base is not None
+                        and base not in [m for m, _ in sources] else [])
     experts, per_model = [], []
-    for k, (model, given) in enumerate(sources):
-        if model == base:  # (mergekit lists the base among the models; it is not an expert)
+    for k, (model, own) in enumerate(inputs):
+        if model == base and method != "linear":  # (mergekit lists the base among the models; not an expert)
             continue
         experts.append(model)
-        per_model.append(_parameters(given, PER_MODEL[method], f"models[{k}].parameters"))
+        where = f"models[{k}].parameters" if k < len(sources) else "base_model (added to linear's models)"
+        per_model.append({**_parameters(own, PER_MODEL[method], where),
+                          **{name: v for name, v in for_all.items() if name not in (own or {})}})
         if per_model[-1].get("weight", 0) is None:  # (as mergekit: no default)
-            raise ValueError(f"models[{k}].parameters.weight is missing: {method} needs a weight for every model")
+            raise ValueError(f"{where}.weight is missing: {method} needs a weight for every model (or "
+                             f"parameters.weight for all)")
     if not experts:
         raise ValueError("models lists no model but the base")
     if method == "linear":
@@ -313,15 +334,8 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
         raise ValueError(f"{method} needs base_model")
     if method == "model_stock":
         return dict(method="model_stock", base=base, models=experts, dtype=dtype,
-                    params=dict(per_row=bool(shared["filter_wise"])))
+                    params=dict(per_row=bool(shared["filter_wise"]), convention="mergekit"))
 
-    one = {}
-    for name in ("density", "gamma"):
-        values = {p[name] for p in per_model if name in p}
-        if len(values) > 1:
-            raise ValueError(f"the models' {name} differ ({sorted(values)}): epmq trims every model alike")
-        if values:
-            one[name] = values.pop()
     weights = [float(p["weight"]) for p in per_model]
     vote = method in ("ties", "breadcrumbs_ties")
     if shared["normalize"] and not vote:  # (mergekit divides by the weights' sum)
@@ -329,13 +343,20 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
         weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
     params = dict(scale=float(shared["lambda"]), weights=weights)
     if method == "task_arithmetic":
-        if one["density"] != 1:
-            raise ValueError("task_arithmetic's density trims nothing in mergekit (no sparsification); leave it out")
+        if any(p["density"] != 1 for p in per_model):
+            warnings.warn("task_arithmetic: density is not read (mergekit's task_arithmetic trims nothing)")
         return dict(method="task_arithmetic", base=base, models=experts, params=params, dtype=dtype)
+    one = {}
+    for name in ("density", "gamma"):
+        values = {p[name] for p in per_model if name in p}
+        if len(values) > 1:
+            raise ValueError(f"the models' {name} differ ({sorted(values)}): epmq trims every model alike")
+        if values:
+            one[name] = values.pop()
     merge = "mean" if vote and shared["normalize"] else "sum"
+    params.update(density=one["density"], merge=merge, convention="mergekit")
     if method == "ties":
-        params.update(density=one["density"], scope="tensor", merge=merge)
+        params.update(scope="tensor")
         return dict(method="ties", base=base, models=experts, params=params, dtype=dtype)
-    params.update(density=one["density"], gamma=one["gamma"], merge=merge,
-                  consensus="sign" if vote else None)
+    params.update(gamma=one["gamma"], consensus="sign" if vote else None)
     return dict(method="breadcrumbs", base=base, models=experts, params=params, dtype=dtype)

@@ -268,6 +268,39 @@ def test_breadcrumbs_by_hand():
     assert out[2] == 3.0 and out[4] == 3.0 and out[0] == 0.0
 
 
+def test_mergekit_convention_by_hand():
+    """``convention="mergekit"`` (what epmq.mergekit_config runs): entry counts truncated (TIES
+    at least 1), ties at a boundary broken by sort order, + elected where the votes cancel, and
+    Model Stock's t unclamped."""
+    base = {"w": torch.zeros(10)}
+    tau = T([10.0, -9.0, 1.0, -2.0, 3.0, 0.5, -4.0, 5.0, 0.1, 6.0])
+    # density 0.35 of 10: 3 kept (round gives 4: 10, 9, 6, 5)
+    out = merge.ties(base, [{"w": tau}], density=0.35, scope="tensor", convention="mergekit")["w"]
+    torch.testing.assert_close(out, T([10.0, -9.0, 0, 0, 0, 0, 0, 0, 0, 6.0]))
+    out = merge.ties(base, [{"w": tau}], density=0.01, scope="tensor", convention="mergekit")["w"]
+    assert int((out != 0).sum()) == 1 and out[0] == 10.0  # (at least one)
+    # Breadcrumbs: gamma 0.15 drops floor(1.5) = 1 outlier (round: 2), density 0.45 keeps 4
+    out = merge.breadcrumbs(base, [{"w": tau}], scale=1.0, density=0.45, gamma=0.15, convention="mergekit")["w"]
+    torch.testing.assert_close(out, T([0.0, -9.0, 0, 0, 0, 0, -4.0, 5.0, 0, 6.0]))
+    # TIES's vote: +2 and -2 cancel; mergekit elects +, epmq none
+    cancel = [{"w": T([2.0, 1.0])}, {"w": T([-2.0, 1.0])}]
+    zero = {"w": torch.zeros(2)}
+    ours = merge.ties(zero, cancel, density=1.0, scope="tensor")["w"]
+    theirs = merge.ties(zero, cancel, density=1.0, scope="tensor", convention="mergekit")["w"]
+    torch.testing.assert_close(ours, T([0.0, 1.0]))
+    torch.testing.assert_close(theirs, T([2.0, 1.0]))
+    # Model Stock: task vectors at cos -0.8 (two experts): t = 2 cos / (1 + cos) = -8, clamped to -1
+    W0 = {"w": torch.zeros(2)}
+    apart = [{"w": T([1.0, 0.0])}, {"w": T([-0.8, 0.6])}]
+    mean = T([0.1, 0.3])
+    torch.testing.assert_close(merge.model_stock(W0, apart)["w"], -1.0 * mean)
+    torch.testing.assert_close(merge.model_stock(W0, apart, convention="mergekit")["w"], -8.0 * mean)
+    with pytest.raises(ValueError, match="convention='mergekit' trims each tensor: scope='tensor'"):
+        merge.ties(base, [{"w": tau}], density=0.5, convention="mergekit")
+    with pytest.raises(ValueError, match="convention"):
+        merge.model_stock(W0, apart, convention="peer")
+
+
 def test_breadcrumbs_sign_consensus_and_scale():
     base, experts = hand_models()
     out = merge.breadcrumbs(base, experts, scale=0.5, density=1.0, gamma=0.0, consensus="sign")

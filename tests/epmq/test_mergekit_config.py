@@ -31,18 +31,31 @@ def gta(method, parameters=None, per_model=({"weight": 1.0}, {"weight": 0.5}), b
      dict(method="task_arithmetic", params=dict(scale=1.0, weights=[1 / 1.5, 0.5 / 1.5]))),
     (gta("ties", {"lambda": 0.8, "int8_mask": True},
          [{"weight": 1.0, "density": 0.2}, {"weight": 2.0, "density": 0.2}]),
-     dict(method="ties", params=dict(scale=0.8, weights=[1.0, 2.0], density=0.2, scope="tensor", merge="mean"))),
+     dict(method="ties", params=dict(scale=0.8, weights=[1.0, 2.0], density=0.2, scope="tensor", merge="mean",
+                                     convention="mergekit"))),
     (gta("ties", {"normalize": False}),
-     dict(method="ties", params=dict(scale=1.0, weights=[1.0, 0.5], density=1.0, scope="tensor", merge="sum"))),
+     dict(method="ties", params=dict(scale=1.0, weights=[1.0, 0.5], density=1.0, scope="tensor", merge="sum",
+                                     convention="mergekit"))),
     (gta("breadcrumbs", {"normalize": True}, [{"weight": 1.0, "density": 0.9, "gamma": 0.02}] * 2),
      dict(method="breadcrumbs", params=dict(scale=1.0, weights=[0.5, 0.5], density=0.9, gamma=0.02,
-                                            merge="sum", consensus=None))),
+                                            merge="sum", consensus=None, convention="mergekit"))),
     (gta("breadcrumbs_ties", None, [{"weight": 1.0}, {"weight": 3.0}]),
      dict(method="breadcrumbs", params=dict(scale=1.0, weights=[1.0, 3.0], density=1.0, gamma=0.01,
-                                            merge="sum", consensus="sign"))),
+                                            merge="sum", consensus="sign", convention="mergekit"))),
     (gta("linear", None, [{"weight": 1.0}, {"weight": 3.0}], base=None),
      dict(method="average", base=None, params=dict(weights=[1.0, 3.0]))),
-    (gta("model_stock", {"filter_wise": True}, [{}, {}]), dict(method="model_stock", params=dict(per_row=True))),
+    (gta("model_stock", {"filter_wise": True}, [{}, {}]),
+     dict(method="model_stock", params=dict(per_row=True, convention="mergekit"))),
+    # a per-model parameter for all, in parameters: (a model's own comes first)
+    (gta("ties", {"weight": 0.3, "density": 0.5}, [{}, {"weight": 2.0}]),
+     dict(method="ties", params=dict(scale=1.0, weights=[0.3, 2.0], density=0.5, scope="tensor", merge="mean",
+                                     convention="mergekit"))),
+    # linear averages every model it lists, the base too, and adds it where it is not listed
+    (dict(gta("linear", None, [{"weight": 1.0}, {"weight": 3.0}]), models=[
+        {"model": "base", "parameters": {"weight": 2.0}}, {"model": "e0", "parameters": {"weight": 1.0}}]),
+     dict(method="average", base=None, models=["base", "e0"], params=dict(weights=[2.0, 1.0]))),
+    (gta("linear", {"weight": 0.5}, [{"weight": 1.0}, {}]),
+     dict(method="average", base=None, models=["e0", "e1", "base"], params=dict(weights=[1.0, 0.5, 0.5]))),
 ])
 def test_each_method_and_its_defaults(config, expected):
     assert is_mergekit(config)
@@ -57,6 +70,9 @@ def test_the_base_among_the_models_slerp_and_dtypes():
     assert from_mergekit(config)["dtype"] == "bfloat16"
     assert from_mergekit(dict(config, out_dtype="float16"))["dtype"] == "float16"
     assert from_mergekit(gta("ties", {"lambda": "5e-1"}))["params"]["scale"] == 0.5  # (YAML's string)
+    with pytest.warns(UserWarning, match="task_arithmetic: density is not read"):  # (as mergekit: ignored)
+        assert "density" not in from_mergekit(gta("task_arithmetic", None, [{"weight": 1, "density": 0.3},
+                                                                            {"weight": 1, "density": 0.5}]))["params"]
     slerp = dict(merge_method="slerp", base_model="e1", parameters={"t": 0.3},
                  models=[{"model": "e0"}, {"model": "e1"}])
     assert from_mergekit(slerp) == dict(method="slerp", base=None, models=["e1", "e0"],
@@ -74,11 +90,12 @@ def test_the_base_among_the_models_slerp_and_dtypes():
      r"the models' density differ \(\[0.2, 0.5\]\)"),
     (gta("ties", {"rescale": True}), "rescale: true rescales the kept entries by the L1 norm"),
     (gta("ties", None, [{"weight": 1}, {"density": 0.5}]), r"models\[1\].parameters.weight is missing"),
+    (gta("linear", None, [{"weight": 1}, {"weight": 1}]),
+     r"base_model \(added to linear's models\).weight is missing"),
     (gta("ties", None, [{"weight": 1, "epsilon": 0.1}] * 2), r"models\[0\].parameters: epsilon not read"),
     (gta("ties", {"normalise": True}), "parameters: normalise not read by this method here"),
     (gta("ties", {"lambda": float("nan")}), "parameters.lambda must be a finite number"),
     (gta("ties", {"lambda": "one"}), "parameters.lambda must be a finite number, got 'one'"),
-    (gta("task_arithmetic", None, [{"weight": 1, "density": 0.5}] * 2), "task_arithmetic's density trims nothing"),
     (gta("linear", {"normalize": False}, base=None), "linear with normalize: false is a weighted sum"),
     (gta("ties", base=None), "ties needs base_model"),
     (dict(merge_method="ties", base_model="base", models=["e0", "e1"]), r"models\[0\] must be a mapping"),
@@ -116,7 +133,7 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     assert "mergekit config read as: {'method': 'ties'" in capsys.readouterr().out
     got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     expected = merge.ties(base.state_dict(), [e.state_dict() for e in experts], scale=0.7, density=0.3,
-                          scope="tensor", merge="mean", weights=[1.0, 0.5])
+                          scope="tensor", merge="mean", weights=[1.0, 0.5], convention="mergekit")
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="della")))
     assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
