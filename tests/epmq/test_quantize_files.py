@@ -180,6 +180,12 @@ def test_parquet_files_of_a_hub_dataset(files, tmp_path, monkeypatch):
     tok.chat_template = CHAT_TEMPLATE
     assert read_texts(tmp_path / "sft.parquet", tokenizer=tok) == [
         "<s>user : the cat </s>assistant : a dog </s>", "<s>user : a dog </s>"]
+    # (the columns TRL reads beside the conversation come along)
+    pq.write_table(pa.table({"messages": chat[1:], "tools": [[{"name": "cat"}]],
+                             "chat_template_kwargs": [{"short": True}]}), tmp_path / "tools.parquet")
+    tok.chat_template = TOOL_TEMPLATE
+    assert read_texts(tmp_path / "tools.parquet", tokenizer=tok) == ["<s>system : cat user : short a dog </s>"]
+    tok.chat_template = CHAT_TEMPLATE
     pq.write_table(pa.table({"text": ["one", None]}), tmp_path / "nulls.parquet")
     with pytest.raises(ValueError, match="nulls.parquet:row 1: expected a string, or an object with a 'text'"):
         read_texts(tmp_path / "nulls.parquet")
