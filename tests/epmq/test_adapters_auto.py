@@ -484,14 +484,21 @@ def test_a_group_run_in_rounds_hands_on_what_every_round_makes(gen, monkeypatch)
     assert sum(x.shape[0] for x in seen[-len(hand):]) == n_rows
 
 
-class _Halting(nn.Module):
-    """One block called until its output has moved far enough (at most 6 calls): how often
-    depends on what the block returns."""
+class _OneBlock(nn.Module):
+    """An embedding and one block, which the subclasses' forwards call in loops."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(8, 32)
         self.layers = nn.ModuleList([ScaledBlock(32)])
+
+
+class _Halting(_OneBlock):
+    """One block called until its output has moved far enough (at most 6 calls): how often
+    depends on what the block returns."""
+
+    def __init__(self):
+        super().__init__()
         with torch.no_grad():
             self.layers[0].down.bias.fill_(1.0)
 
@@ -505,13 +512,8 @@ class _Halting(nn.Module):
         return x
 
 
-class _VarLoop(nn.Module):
+class _VarLoop(_OneBlock):
     """One block called ``rounds`` times, a number each sample gives."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(8, 32)
-        self.layers = nn.ModuleList([ScaledBlock(32)])
 
     def forward(self, x, rounds):
         x = self.embed(x)
@@ -520,13 +522,8 @@ class _VarLoop(nn.Module):
         return x
 
 
-class _Counter(nn.Module):
+class _Counter(_OneBlock):
     """One block called three times with a step counter the model advances in place."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(8, 32)
-        self.layers = nn.ModuleList([ScaledBlock(32)])
 
     def forward(self, x):
         x = self.embed(x)
