@@ -210,6 +210,13 @@ def main(argv=None):
                  models=[dict(model=p) for p in expert_dirs]),
             lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor",
                                merge="mean", convention="mergekit"))
+        densities = [0.2, 0.5, 0.3]
+        runs["ties_per_model_density"] = (
+            dict(merge_method="ties", base_model=base_dir, dtype="float32",
+                 parameters=dict(**{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=1.0, density=d)) for p, d in zip(expert_dirs, densities)]),
+            lambda: merge.ties(base, experts, scale=args.scale, density=densities, scope="tensor", merge="mean",
+                               convention="mergekit"))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

@@ -221,6 +221,18 @@ def _check_unit(value, what):
         raise ValueError(f"{what} must be in [0, 1], got {value}")
 
 
+def _each(value, what: str, n: int) -> Callable[[int], float]:
+    """A parameter in [0, 1] given once or once per expert (a list of ``n``): expert k's."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what} has {len(value)} values for {n} experts: give one, or one per expert")
+        for v in value:
+            _check_unit(v, what)
+        return lambda k: float(value[k])
+    _check_unit(value, what)
+    return lambda k: float(value)
+
+
 def _check_choice(value, allowed, what):
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -390,9 +402,9 @@ def ties(
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
 
     trim     keep each task vector's entries whose magnitude is at least its k-th largest,
-             ``k = round(density * n)``; ``scope="global"`` ranks over all float tensors of the
-             model (as FusionBench), ``scope="tensor"`` within each tensor (as mergekit).
-             Entries tied with the k-th largest are all kept.
+             ``k = round(density * n)`` (``density``: one, or one per expert); ``scope="global"``
+             ranks over all float tensors of the model (as FusionBench), ``scope="tensor"``
+             within each tensor (as mergekit). Entries tied with the k-th largest are all kept.
     elect    the sign of the sum of the trimmed entries; where they sum to exactly 0 there is
              no elected sign and the entry stays at the base.
     merge    ``"mean"``: the disjoint mean, the average of the nonzero trimmed entries that
@@ -406,7 +418,6 @@ def ties(
     sum is exactly 0.
     """
     _needs_base(base, "ties")
-    _check_unit(density, "density")
     _check_choice(scope, ("global", "tensor"), "scope")
     _check_choice(convention, CONVENTIONS, "convention")
     if convention == "mergekit" and scope != "tensor":
@@ -415,21 +426,22 @@ def ties(
     if scale is None:
         scale = 1.0 if merge == "mean" else 0.3
     base_sd, expert_sds = _inputs(base, experts)
+    kept = _each(density, "density", len(expert_sds))
     thresholds = (
-        _global_thresholds(base_sd, expert_sds, density) if scope == "global" else None
+        _global_thresholds(base_sd, expert_sds, kept) if scope == "global" else None
     )
 
     def sparsify(name, k, tau):
         if convention == "mergekit":
-            if density >= 1:
+            if kept(k) >= 1:
                 return tau
-            if density <= 0 or tau.numel() == 0:
+            if kept(k) <= 0 or tau.numel() == 0:
                 return torch.zeros_like(tau)
-            return _kept(tau, _by_magnitude(tau, descending=True)[:max(1, int(density * tau.numel()))])
+            return _kept(tau, _by_magnitude(tau, descending=True)[:max(1, int(kept(k) * tau.numel()))])
         if thresholds is not None:
             thr = thresholds[k]
         else:
-            thr = _kth_largest(lambda: [tau.abs()], tau.numel(), density)
+            thr = _kth_largest(lambda: [tau.abs()], tau.numel(), kept(k))
         # (ranked in float32, as the threshold was: float64 magnitudes by their float32 values)
         return torch.where(tau.abs().float() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
@@ -444,29 +456,29 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
     the ``gamma`` fraction of largest-magnitude entries (outliers) and the smallest ones, keeping
     ``density`` of the entries (ranks ``round(gamma n) + 1 .. + round(density n)`` by magnitude;
     fewer outliers are dropped where ``gamma + density > 1``), then Task Arithmetic with
-    ``scale``. Entries tied in magnitude with a kept boundary entry are kept. ``consensus="sign"``
+    ``scale`` (``density`` and ``gamma``: one, or one per expert). Entries tied in magnitude with a
+    kept boundary entry are kept. ``consensus="sign"``
     elects a sign per entry as TIES does (mergekit's ``breadcrumbs_ties``). ``convention=
     "mergekit"``: mergekit 0.1.5's counts, ``floor(gamma n)`` outliers and ``floor(density n)``
     kept (none dropped at density 1), ties broken by torch's sort order, and its vote (+ at 0).
     """
-    _check_unit(density, "density")
-    _check_unit(gamma, "gamma")
+    kept, outliers = _each(density, "density", len(experts)), _each(gamma, "gamma", len(experts))
     _check_choice(convention, CONVENTIONS, "convention")
 
     def sparsify(name, k, tau):
         if convention == "mergekit":
-            if density >= 1:
+            if kept(k) >= 1:
                 return tau
             n = tau.numel()
-            n_keep, n_top = int(density * n), int(gamma * n)
+            n_keep, n_top = int(kept(k) * n), int(outliers(k) * n)
             n_bottom = max(0, n - n_keep - n_top)
             return _kept(tau, _by_magnitude(tau, descending=False)[n_bottom:n_bottom + n_keep])
         m = tau.abs().float()  # (ranked in float32: the thresholds are float32 values)
         n = m.numel()
-        n_keep = int(round(density * n))
+        n_keep = int(round(kept(k) * n))
         if n_keep == 0:
             return torch.zeros_like(tau)
-        n_top = min(int(round(gamma * n)), n - n_keep)
+        n_top = min(int(round(outliers(k) * n)), n - n_keep)
         upper = _kth_largest_rank(lambda: [m], n_top + 1)
         lower = _kth_largest_rank(lambda: [m], n_top + n_keep)
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
@@ -688,8 +700,9 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: float) -> list:
-    """Each expert's magnitude threshold over all float tensors of the model, streamed twice."""
+def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float]) -> list:
+    """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
+    its entries kept), streamed twice."""
     names = [n for n in base.keys() if base[n].is_floating_point()]
     n = sum(base[name].numel() for name in names)
 
@@ -699,7 +712,7 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: f
             work = _work_dtype(base[name])
             yield (W_k.to(work) - base[name].to(work)).abs()
 
-    return [_kth_largest(lambda k=k: task_vector(k), n, density) for k in range(len(experts))]
+    return [_kth_largest(lambda k=k: task_vector(k), n, density(k)) for k in range(len(experts))]
 
 
 def conv1d_weights(model: nn.Module) -> set:

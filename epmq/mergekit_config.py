@@ -41,7 +41,7 @@ computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which com
 Anything else is refused with the setting named, never approximated: other methods (DARE and
 DELLA draw their random masks another way and mergekit rescales them by the L1 norm; nuslerp,
 SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
-filters of any parameter but SLERP's ``t``, per-model densities (or gammas) that differ,
+filters of any parameter but SLERP's ``t``,
 ``rescale: true``, tokenizer and chat template settings, and ``model+lora`` sources.
 """
 
@@ -346,13 +346,11 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
         if any(p["density"] != 1 for p in per_model):
             warnings.warn("task_arithmetic: density is not read (mergekit's task_arithmetic trims nothing)")
         return dict(method="task_arithmetic", base=base, models=experts, params=params, dtype=dtype)
-    one = {}
+    one = {}  # (one value, or one per model where they differ)
     for name in ("density", "gamma"):
-        values = {p[name] for p in per_model if name in p}
-        if len(values) > 1:
-            raise ValueError(f"the models' {name} differ ({sorted(values)}): epmq trims every model alike")
+        values = [float(p[name]) for p in per_model if name in p]
         if values:
-            one[name] = values.pop()
+            one[name] = values[0] if len(set(values)) == 1 else values
     merge = "mean" if vote and shared["normalize"] else "sum"
     params.update(density=one["density"], merge=merge, convention="mergekit")
     if method == "ties":

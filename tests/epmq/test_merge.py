@@ -295,6 +295,21 @@ def test_mergekit_convention_by_hand():
     mean = T([0.1, 0.3])
     torch.testing.assert_close(merge.model_stock(W0, apart)["w"], -1.0 * mean)
     torch.testing.assert_close(merge.model_stock(W0, apart, convention="mergekit")["w"], -8.0 * mean)
+    # a density per expert: each trimmed by its own (here the second expert keeps everything)
+    two = [{"w": tau}, {"w": T([1.0] * 10)}]
+    for convention in ("epmq", "mergekit"):
+        each = merge.breadcrumbs(base, two, scale=1.0, density=[0.45, 1.0], gamma=[0.15, 0.0], convention=convention)
+        alone = merge.breadcrumbs(base, two[:1], scale=1.0, density=0.45, gamma=0.15, convention=convention)
+        torch.testing.assert_close(each["w"], alone["w"] + 1.0)
+        each = merge.ties(base, two, scale=1.0, density=[0.35, 1.0], scope="tensor", merge="sum",
+                          convention=convention)["w"]
+        alone = merge.ties(base, two[:1], scale=1.0, density=0.35, scope="tensor", merge="sum",
+                           convention=convention)["w"]
+        torch.testing.assert_close(each, torch.where(alone > 0, alone + 1.0, torch.where(alone < 0, alone, 1.0)))
+    glob = merge.ties(base, two, density=[0.35, 1.0], scope="global", merge="sum")["w"]
+    torch.testing.assert_close(glob, merge.ties(base, two, density=[0.35, 1.0], scope="tensor", merge="sum")["w"])
+    with pytest.raises(ValueError, match="density has 3 values for 2 experts"):
+        merge.ties(base, two, density=[0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="convention='mergekit' trims each tensor: scope='tensor'"):
         merge.ties(base, [{"w": tau}], density=0.5, convention="mergekit")
     with pytest.raises(ValueError, match="convention"):
