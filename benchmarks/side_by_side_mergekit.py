@@ -214,7 +214,8 @@ def main(argv=None):
         runs["ties_per_model_density"] = (
             dict(merge_method="ties", base_model=base_dir, dtype="float32",
                  parameters=dict(**{"lambda": args.scale}),
-                 models=[dict(model=p, parameters=dict(weight=1.0, density=d)) for p, d in zip(expert_dirs, densities)]),
+                 models=[dict(model=p, parameters=dict(weight=1.0, density=d))
+                         for p, d in zip(expert_dirs, densities)]),
             lambda: merge.ties(base, experts, scale=args.scale, density=densities, scope="tensor", merge="mean",
                                convention="mergekit"))
         runs["linear_base_listed"] = (
