@@ -32,7 +32,8 @@ configs are translated by ``epmq.mergekit_config``): ``epmq_merge_of_the_yaml`` 
 checkpoint with mergekit's.
 
 DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
-name, expert)``), so their tensors cannot be compared entry by entry; they are not run here.
+name, expert)``), so their tensors cannot be compared entry by entry; DARE-TIES runs at density
+1 (no masks drawn), which compares the rest.
 
 Known differences, stated rather than hidden (in TIES's and Breadcrumbs' trims):
 
@@ -218,6 +219,14 @@ def main(argv=None):
                          for p, d in zip(expert_dirs, densities)]),
             lambda: merge.ties(base, experts, scale=args.scale, density=densities, scope="tensor", merge="mean",
                                convention="mergekit"))
+        # DARE draws random masks (mergekit from torch's global generator): at density 1 none are
+        # drawn, which checks the rest (weights, the vote, normalize) entry for entry
+        runs["dare_ties_density_1"] = (
+            dict(merge_method="dare_ties", base_model=base_dir, dtype="float32",
+                 parameters=dict(normalize=True, **{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=w, density=1.0)) for p, w in zip(expert_dirs, weights)]),
+            lambda: merge.dare(base, experts, scale=args.scale, density=1.0, consensus="sign", merge="mean",
+                               weights=weights, rescale="l1", convention="mergekit"))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

@@ -367,24 +367,42 @@ def task_arithmetic(base, experts, scale: float = 0.3, weights: Optional[Sequenc
                          "task_arithmetic", out, weights)
 
 
+DARE_RESCALES = ("density", "l1", None)
+
+
 def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
          consensus: Optional[str] = None, merge: str = "sum",
-         weights: Optional[Sequence[float]] = None, *, out=None):
+         weights: Optional[Sequence[float]] = None, *, rescale: Optional[str] = "density",
+         convention: str = "epmq", out=None):
     """DARE (Yu et al., 2024): drop each task-vector entry with probability ``1 - density``,
     rescale the kept ones by ``1 / density`` (the paper's rescaling: the task vector is kept in
     expectation), then Task Arithmetic with ``scale``. ``consensus="sign"`` elects a sign per
-    entry as TIES does (DARE-TIES); ``merge="mean"`` then takes the disjoint mean.
+    entry as TIES does (DARE-TIES); ``merge="mean"`` then takes the disjoint mean. ``density``:
+    one, or one per expert. ``rescale="l1"``: the kept entries scaled so that each tensor keeps
+    its L1 norm (mergekit's rescaling); None: not rescaled. ``convention="mergekit"``: its vote
+    (+ where the votes cancel). The masks are drawn from ``(seed, tensor name, expert)``.
     """
-    _check_unit(density, "density")
+    kept = _each(density, "density", len(experts))
     _check_seed(seed)
-    if density == 0:
+    _check_choice(rescale, DARE_RESCALES, "rescale")
+    _check_choice(convention, CONVENTIONS, "convention")
+    if any(kept(k) == 0 for k in range(len(experts))):
         raise ValueError("density must be > 0 for DARE (everything would be dropped)")
 
     def sparsify(name, k, tau):
-        keep = torch.rand(tau.shape, generator=_generator(seed, name, k)) < density
-        return torch.where(keep.to(tau.device), tau, 0.0) / density
+        if kept(k) >= 1:
+            return tau
+        keep = torch.rand(tau.shape, generator=_generator(seed, name, k)) < kept(k)
+        masked = torch.where(keep.to(tau.device), tau, 0.0)
+        if rescale == "density":
+            return masked / kept(k)
+        if rescale == "l1":  # (as mergekit: nothing to match below its eps)
+            before, after = tau.abs().sum(), masked.abs().sum()
+            return masked * (before / after) if before >= 1e-7 and after >= 1e-7 else masked
+        return masked
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights,
+                         zero_vote=int(convention == "mergekit"))
 
 
 def ties(

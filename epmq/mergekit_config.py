@@ -9,6 +9,11 @@ the two on the same checkpoints, tensor by tensor):
     task_arithmetic     task_arithmetic(scale=lambda, weights=weight)   (density not read)
     ties                ties(scope="tensor", density, scale=lambda, weights=weight,
                              merge="mean" if normalize (its default) else "sum")
+    dare_ties           dare(density, scale=lambda, weights=weight, consensus="sign",
+                             merge="mean" if normalize else "sum", rescale="l1" (its default)
+                             or None, seed=0)   (its own random masks: the same merge, not
+                             mergekit's tensors, which depend on torch's global generator)
+    dare_linear         the same without the vote
     breadcrumbs         breadcrumbs(density, gamma, scale=lambda, weights=weight, merge="sum")
     breadcrumbs_ties    the same with consensus="sign", merge="mean" if normalize else "sum"
     linear              average(weights=weight) of every model, the base included
@@ -38,9 +43,9 @@ mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's d
 computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
 ``dtype``, by a rounding).
 
-Anything else is refused with the setting named, never approximated: other methods (DARE and
-DELLA draw their random masks another way and mergekit rescales them by the L1 norm; nuslerp,
-SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
+Anything else is refused with the setting named, never approximated: other methods (DELLA,
+whose keep probabilities and rescaling differ from epmq's; nuslerp, SCE, Karcher, passthrough,
+...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``,
 ``rescale: true``, tokenizer and chat template settings, and ``model+lora`` sources.
 """
@@ -57,13 +62,16 @@ from .checks import check_number
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask"}
-METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "linear", "model_stock", "slerp")
+METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "linear",
+           "model_stock", "slerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
     "ties": {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False},
     "breadcrumbs": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
     "breadcrumbs_ties": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
+    "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
+    "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
     "linear": {"normalize": True},
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
@@ -73,11 +81,13 @@ PER_MODEL = {
     "ties": {"weight": None, "density": 1.0},
     "breadcrumbs": {"weight": None, "density": 1.0, "gamma": 0.01},
     "breadcrumbs_ties": {"weight": None, "density": 1.0, "gamma": 0.01},
+    "dare_ties": {"weight": None, "density": 1.0},
+    "dare_linear": {"weight": None, "density": 1.0},
     "linear": {"weight": None},
     "model_stock": {},
     "slerp": {},
 }
-UNLIKE = {"dare_ties": "DARE", "dare_linear": "DARE", "della": "DELLA", "della_linear": "DELLA"}
+UNLIKE = {"della": "DELLA", "della_linear": "DELLA"}
 
 
 def is_mergekit(config: Mapping) -> bool:
@@ -289,8 +299,9 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
     for_all = {k: _scalar(v, f"parameters.{k}") for k, v in for_all.items()}
     if "int8_mask" in config:  # (a top-level option in older configs)
         _scalar(config["int8_mask"], "int8_mask")
-    if shared.get("rescale"):
-        raise ValueError("parameters.rescale: true rescales the kept entries by the L1 norm, which epmq does not do")
+    if shared.get("rescale") and not method.startswith("dare"):
+        raise ValueError("parameters.rescale: true rescales the kept entries by the L1 norm, which epmq does "
+                         "only for DARE")
     dtype = config.get("out_dtype", config.get("dtype"))
 
     if method == "slerp":
@@ -337,7 +348,7 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
                     params=dict(per_row=bool(shared["filter_wise"]), convention="mergekit"))
 
     weights = [float(p["weight"]) for p in per_model]
-    vote = method in ("ties", "breadcrumbs_ties")
+    vote = method in ("ties", "breadcrumbs_ties", "dare_ties")
     if shared["normalize"] and not vote:  # (mergekit divides by the weights' sum)
         total = sum(weights)
         weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
@@ -353,6 +364,11 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
             one[name] = values[0] if len(set(values)) == 1 else values
     merge = "mean" if vote and shared["normalize"] else "sum"
     params.update(density=one["density"], merge=merge, convention="mergekit")
+    if method.startswith("dare"):
+        warnings.warn(f"{method}: DARE drops random entries, and epmq draws its masks (seed 0) where mergekit "
+                      f"draws from torch's global generator: the same merge, not the same tensors")
+        params.update(consensus="sign" if vote else None, rescale="l1" if shared["rescale"] else None, seed=0)
+        return dict(method="dare", base=base, models=experts, params=params, dtype=dtype)
     if method == "ties":
         params.update(scope="tensor")
         return dict(method="ties", base=base, models=experts, params=params, dtype=dtype)

@@ -316,6 +316,24 @@ def test_mergekit_convention_by_hand():
         merge.model_stock(W0, apart, convention="peer")
 
 
+def test_dare_rescalings_and_a_density_per_expert(gen):
+    """DARE's kept entries scaled by 1 / density (the paper), to keep each tensor's L1 norm
+    (mergekit's), or not at all; a density per expert; density 1 keeps the task vector."""
+    base = {"w": torch.zeros(400)}
+    tau = torch.randn(400, generator=gen)
+    experts = [{"w": tau}, {"w": 2 * tau}]
+    out = {r: merge.dare(base, experts[:1], scale=1.0, density=0.5, rescale=r)["w"] for r in ("density", "l1", None)}
+    kept = out[None] != 0
+    assert 120 < int(kept.sum()) < 280 and torch.equal(out[None][kept], tau[kept])
+    torch.testing.assert_close(out["density"], 2 * out[None])
+    torch.testing.assert_close(out["l1"].abs().sum(), tau.abs().sum())
+    torch.testing.assert_close(out["l1"], out[None] * tau.abs().sum() / out[None].abs().sum())
+    each = merge.dare(base, experts, scale=1.0, density=[0.5, 1.0], rescale=None)["w"]
+    torch.testing.assert_close(each, out[None] + 2 * tau)
+    with pytest.raises(ValueError, match="rescale must be one of"):
+        merge.dare(base, experts, rescale="l2")
+
+
 def test_breadcrumbs_sign_consensus_and_scale():
     base, experts = hand_models()
     out = merge.breadcrumbs(base, experts, scale=0.5, density=1.0, gamma=0.0, consensus="sign")

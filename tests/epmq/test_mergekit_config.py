@@ -67,6 +67,21 @@ def test_each_method_and_its_defaults(config, expected):
     assert translated == dict(dict(base="base", models=["e0", "e1"], dtype=None), **expected)
 
 
+def test_dare_is_the_same_merge_with_its_own_masks():
+    """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
+    DARE, said to draw its own masks."""
+    config = gta("dare_ties", {"lambda": 0.5}, [{"weight": 1.0, "density": 0.4}, {"weight": 0.5, "density": 0.6}])
+    with pytest.warns(UserWarning, match="dare_ties: DARE drops random entries, and epmq draws its masks"):
+        translated = from_mergekit(config)
+    assert translated == dict(method="dare", base="base", models=["e0", "e1"], dtype=None, params=dict(
+        scale=0.5, weights=[1.0, 0.5], density=[0.4, 0.6], merge="sum", convention="mergekit", consensus="sign",
+        rescale="l1", seed=0))
+    with pytest.warns(UserWarning, match="dare_linear"):
+        translated = from_mergekit(gta("dare_linear", {"rescale": False, "normalize": True}))
+    assert translated["params"] == dict(scale=1.0, weights=[1 / 1.5, 0.5 / 1.5], density=1.0, merge="sum",
+                                        convention="mergekit", consensus=None, rescale=None, seed=0)
+
+
 def test_the_base_among_the_models_slerp_and_dtypes():
     config = gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2, dtype="bfloat16")
     config["models"].insert(0, {"model": "base"})  # (mergekit configs often list it)
@@ -84,7 +99,7 @@ def test_the_base_among_the_models_slerp_and_dtypes():
 
 
 @pytest.mark.parametrize("config, match", [
-    (gta("dare_ties"), "'dare_ties' is not translated: DARE draws its random masks another way"),
+    (gta("della"), "'della' is not translated: DELLA draws its random masks another way"),
     (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
     (gta("ties", slices=[]), "give models or slices, not both"),
     (gta("ties", tokenizer_source="base"), "tokenizer_source not supported"),
