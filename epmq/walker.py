@@ -467,8 +467,8 @@ class _Stack:
     # one's output with the same other arguments (ALBERT's one layer): solved on every call's inputs
     loops: int = 1
     # a stack of several blocks the model runs this many times in a row as a group (ALBERT with
-    # several layers a group): solved on the first round's inputs; it then runs its own quantized
-    # blocks for the stacks after it, so what they get has been through every round
+    # several layers a group): solved on the first round's inputs; what it hands the stacks after
+    # it has been through every round of its quantized blocks (_more_rounds)
     rounds: int = 1
 
 
@@ -1423,8 +1423,7 @@ class _Walk:
             for t in range(s + 1):
                 # a tower of another family runs its own (quantized) blocks: the next may read any
                 # of their outputs (LLaVA's image features are the vision tower's hidden states)
-                if t < s and (self.stacks[t].adapter is not stack.adapter or t in self.interleaved
-                              or self.stacks[t].rounds > 1):
+                if t < s and (self.stacks[t].adapter is not stack.adapter or t in self.interleaved):
                     continue
                 blocks = self.stacks[t].blocks
                 for j, block in enumerate(blocks):
@@ -1505,6 +1504,27 @@ class _Walk:
                     bar.update()
                 for stream in filter(None, (self.q, self.t)):
                     stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
+                if stack.rounds > 1:
+                    self._more_rounds(s)
+
+    def _more_rounds(self, s):
+        """What a group run in rounds hands on (``_Stack.rounds``; the target streams were
+        refused): its first round's output run through the rest of the rounds of its quantized
+        blocks. (A replayer returns it at each round's last block: the rounds chain, nothing
+        runs between them.)"""
+        stack, finals = self.stacks[s], self.q.finals[s]
+        for _ in range(stack.rounds - 1):
+            for j, block in enumerate(stack.blocks):
+                if self.offload:
+                    block.to(self.device)
+                try:
+                    for task, hidden in finals.items():
+                        for n in range(len(hidden)):
+                            out = block(hidden[n], **self.q.recorded[task][n][j])
+                            hidden[n] = stack.adapter.hidden_of(out)
+                finally:
+                    if self.offload:
+                        block.to(self.model_device)
 
     def _block(self, s, i, block):
         if not self.offload:
