@@ -404,8 +404,8 @@ PAIR_KEYS = (("input", "target"), ("prompt", "completion"))
 
 
 def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tuple]:
-    """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields),
-    a directory of them, or a list of either."""
+    """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields, or
+    ``prompt`` and ``completion``) or ``.parquet`` rows, a directory of them, or a list of either."""
     pairs = []
     for where, v in _records(source, PAIR_SUFFIXES, "input/target pairs",
                              "an encoder-decoder calibrates on input/target pairs: a file of "

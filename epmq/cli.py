@@ -86,15 +86,20 @@ def _demo(args) -> int:
 
 # --------------------------------------------------------------------------- merge
 
-def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] = None) -> dict:
-    """A merge or quantize config: the YAML mapping at ``path`` (or ``config``, read from it)
-    with only ``keys``, all of ``required`` among them."""
+def _load_yaml(path: Path, help_text) -> dict:
+    """The YAML mapping at ``path``; a CLIError (with ``help_text``) for anything else."""
     from .benches import BenchConfigError, load_config
 
     try:
-        config = load_config(path, expected=f"a mapping\n\n{help_text}") if config is None else config
+        return load_config(path, expected=f"a mapping\n\n{help_text}")
     except BenchConfigError as e:
         raise CLIError(str(e)) from e
+
+
+def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] = None) -> dict:
+    """A merge or quantize config: the YAML mapping at ``path`` (or ``config``, read from it)
+    with only ``keys``, all of ``required`` among them."""
+    config = _load_yaml(path, help_text) if config is None else config
     unknown = sorted(set(config) - set(keys))
     if unknown:
         raise CLIError(f"{path}: unknown keys {unknown}; allowed: {sorted(keys)}")
@@ -109,14 +114,10 @@ MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "
 
 
 def _merge(args) -> int:
-    from .benches import BenchConfigError, load_config
     from .merge_checkpoint import merge_checkpoints
     from .mergekit_config import from_mergekit, is_mergekit
 
-    try:
-        config = load_config(Path(args.config), expected=f"a mapping\n\n{MERGE_CONFIG}")
-    except BenchConfigError as e:
-        raise CLIError(str(e)) from e
+    config = _load_yaml(Path(args.config), MERGE_CONFIG)
     if is_mergekit(config):
         try:
             config = {k: v for k, v in from_mergekit(config).items() if v is not None}

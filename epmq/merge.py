@@ -320,7 +320,7 @@ def _by_magnitude(tau: torch.Tensor, descending: bool) -> torch.Tensor:
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    return torch.sort(w, descending=descending).indices if not descending else torch.argsort(w, descending=True)
+    return torch.sort(w, descending=descending).indices  # (what torch.argsort returns)
 
 
 def _kept(tau: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

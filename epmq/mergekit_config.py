@@ -263,7 +263,7 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
     unknown = sorted(set(config) - TOP_KEYS)
     if unknown:
         raise ValueError(f"mergekit config: {', '.join(unknown)} not supported by epmq merge (it reads "
-                         f"{', '.join(sorted(TOP_KEYS))}; slices, tokenizer and chat template settings are not "
+                         f"{', '.join(sorted(TOP_KEYS))}; tokenizer and chat template settings are not "
                          f"translated)")
     method = config["merge_method"]
     if method not in METHODS:

@@ -842,15 +842,9 @@ def _check_hidden(stack, hidden):
                                  f"gives them {first[2]} and {first[3]} wide")
 
 
-def _versions_of(named: dict) -> dict:
+def _versions_of(named: dict, count=lambda t: t._version) -> dict:
     """The version counters of the tensors among keyword arguments (in lists and tuples too)."""
     return {name: [t._version for t in (value if isinstance(value, (list, tuple)) else (value,))
-                   if isinstance(t, torch.Tensor)] for name, value in named.items()}
-
-
-def _tensor_versions(named: dict) -> dict:
-    """As ``_versions_of``, None for a tensor that keeps no count (made under inference_mode)."""
-    return {name: [version(t) for t in (value if isinstance(value, (list, tuple)) else (value,))
                    if isinstance(t, torch.Tensor)] for name, value in named.items()}
 
 
@@ -861,7 +855,7 @@ def _check_kept(stack, now, task, n) -> None:
     for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
         if named is None:
             continue
-        for name, now_versions in _tensor_versions(named).items():
+        for name, now_versions in _versions_of(named, version).items():
             if now_versions != versions[name] and None not in now_versions:
                 raise ValueError(
                     f"calibration[{task!r}] item {n}: the model writes in place into {name!r}, an argument of "
@@ -1241,7 +1235,7 @@ class _Walk:
                         f"skips, repeats or reorders its blocks cannot be quantized block by block)")
                 now["next"] = j + 1
                 now["kwargs"][j] = named
-                now["versions"][j] = _tensor_versions(named)
+                now["versions"][j] = _versions_of(named, version)  # (None: an inference tensor keeps no count)
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                 else:
@@ -1515,25 +1509,27 @@ class _Walk:
         stack, finals = self.stacks[s], self.q.finals[s]
         for _ in range(stack.rounds - 1):
             for j, block in enumerate(stack.blocks):
-                if self.offload:
-                    block.to(self.device)
-                try:
+                with self._visiting(block):
                     for task, hidden in finals.items():
                         for n in range(len(hidden)):
                             out = block(hidden[n], **self.q.recorded[task][n][j])
                             hidden[n] = stack.adapter.hidden_of(out)
-                finally:
-                    if self.offload:
-                        block.to(self.model_device)
 
-    def _block(self, s, i, block):
+    @contextmanager
+    def _visiting(self, block):
+        """``block`` on the device blocks run on, back in CPU memory after (when offloading)."""
         if not self.offload:
-            return self._quantize_block(s, i, block)
+            yield
+            return
         block.to(self.device)
         try:
-            self._quantize_block(s, i, block)
+            yield
         finally:
             block.to(self.model_device)
+
+    def _block(self, s, i, block):
+        with self._visiting(block):
+            self._quantize_block(s, i, block)
 
     def _quantize_block(self, s, i, block):
         stack = self.stacks[s]
@@ -1652,7 +1648,7 @@ class _Walk:
                     key[rel] = key[twin]
                 elif listed is not None:
                     key[rel] = ("listed", listed.group(1), listed.group(3))
-                stage[rel] = "twin" if twin is not None or listed is not None else None
+                stage[rel] = "twin" if listed is not None else None  # (a twin implies a listed expert)
         seen_keys = {key[rel] for rel in order}
         order += [rel for rel in rels if rel not in seen and stage[rel] is not None
                   and (key[rel] in seen_keys or stage[rel] == "twin")]
