@@ -25,6 +25,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 nvidia-smi -L || true
 "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
 
+# Dependencies the card's image may lack (open_clip_torch, which the walker's tests build
+# models with): wheels carried in .whl/ (see benchmarks/README.md) are installed beside it.
+if ! "$PYTHON" -c 'import open_clip' 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/epmq-site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/epmq-site"
+    fi
+    "$PYTHON" -c 'import open_clip' 2>/dev/null \
+        || echo "warning: open_clip is missing: its CUDA tests fail (carry its wheels in .whl/)"
+fi
+
 # The package: importable from the checkout already (PYTHONPATH); install it if pip can.
 if ! "$PYTHON" -c 'import epmq_kernels' 2>/dev/null; then
     "$PYTHON" -m pip install -e . --no-deps -q || echo "warning: pip install failed, using PYTHONPATH"

@@ -136,13 +136,22 @@ class EPMQStats:
                 self.H_m = merged_hessian.to(**kw)
         self.G_e = torch.zeros(d_out, d_in, **kw)
         self.G_m = None
-        self.c_e = 0.0
+        self._c_e = 0.0
+        self._c_e_unread = []  # a_k tr(D_k H_k D_k^T) as device scalars, read at c_e
         self.c_m = 0.0
         self.task_weights: list[float] = []
         self.task_names: list[str] = []
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
         self._task: Optional[_Task] = None
         self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
+
+    @property
+    def c_e(self) -> float:
+        """The expert term's constant ``sum_k a_k tr(T_k T_k^T)`` (EPMQ_MATH.md)."""
+        if self._c_e_unread:
+            self._c_e += float(torch.stack(self._c_e_unread).sum())
+            self._c_e_unread = []
+        return self._c_e
 
     @property
     def _tasks_done(self) -> int:
@@ -179,23 +188,28 @@ class EPMQStats:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {len(self.task_weights)}"
         self._check_expert(W_expert, name)
-        check_hessian(H_expert, self.W_merged.shape[1], f"Hessian of {name}")
+        trace = check_hessian(H_expert, self.W_merged.shape[1], f"Hessian of {name}")
         H_k = H_expert.to(device=self.H_e.device, dtype=self.dtype)
-        self._fold(W_expert, H_k, None, 0.0, weight, name)
+        self._fold(W_expert, H_k, None, 0.0, weight, name, trace=trace if H_k is H_expert else None)
 
-    def _fold(self, W_expert, H_k, G_k, c_k, weight, name):
-        a = self._task_weight(weight, float(torch.diagonal(H_k).sum()), name)
+    def _fold(self, W_expert, H_k, G_k, c_k, weight, name, trace=None):
+        """``trace``: ``tr(H_k)`` where the caller has read it already."""
+        if trace is None:
+            trace = float(torch.diagonal(H_k).sum())
+        a = self._task_weight(weight, trace, name)
         if self.inputs_of is None:  # (else the layer whose inputs these are adds H_k)
             self.H_e.add_(H_k, alpha=a)
             if self.own_H_m:
                 self.H_m.add_(H_k)
         if G_k is None:
             W_k = W_expert.to(device=self.G_e.device)
-            c_k = accumulate_residual(self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend,
-                                      input_precision=self.residual_precision)
+            # (tr(D H_k D^T) stays on the device until c_e is read: no wait per expert)
+            self._c_e_unread.append(a * accumulate_residual(
+                self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend,
+                input_precision=self.residual_precision, read=False))
         else:
             self.G_e.add_(G_k, alpha=a)
-        self.c_e += a * c_k
+            self._c_e += a * c_k
         self.task_weights.append(a)
         self.task_names.append(name)
 

@@ -129,7 +129,7 @@ def bf16_split(x: torch.Tensor):
     rounded to bf16 and ``mid`` the remainder rounded again, so ``hi + mid`` holds 16 of fp32's
     24 significant bits (error at most 2^-16 of ``x``)."""
     hi = x.bfloat16()
-    return hi, (x - hi.float()).bfloat16()
+    return hi, (x - hi).bfloat16()  # (fp32 - bf16 is fp32: no fp32 copy of hi is stored)
 
 
 def bf16x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_bf16_mm) -> torch.Tensor:

@@ -44,7 +44,8 @@ def check_residual_precision(value, name: str = "input_precision") -> None:
         raise ValueError(f"{name} must be one of {RESIDUAL_PRECISIONS}, got {value!r}")
 
 
-def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
+def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
+                                  read: bool = True):
     """In place ``G += a * D @ H_k`` with ``D = W_k - W_m``, in G's precision.
 
     ``input_precision="tf32"`` emulates a TF32 tensor-core product: ``D`` (formed in fp32) and
@@ -53,7 +54,8 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     accuracy) multiply the operands as they are.
 
     Returns ``tr(D H_k D^T)`` (unweighted): the constant of task k's expert term, which the
-    solver needs to report that term's value.
+    solver needs to report that term's value; with ``read=False`` as a float64 scalar tensor on
+    G's device (no wait for the device until it is read).
     """
     _check_residual_args(G, W_k, W_m, H_k)
     check_residual_precision(input_precision)
@@ -66,7 +68,8 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     else:
         P = D @ H_k.to(G.dtype)
     G.add_(P, alpha=float(a))
-    return float((P * D).sum())
+    trace = (P * D).sum().double()
+    return float(trace) if read else trace
 
 
 def accumulate_xxt_reference(H, X):
@@ -311,8 +314,7 @@ def _residual_cublas(G, W_k, W_m, H_k, a, precision):
     shares."""
     if precision in ("ieee", "tf32"):
         with fp32_matmul(tf32=precision == "tf32"):
-            trace = accumulate_residual_reference(G, W_k, W_m, H_k, a)
-        return torch.tensor([trace], dtype=torch.float64)
+            return accumulate_residual_reference(G, W_k, W_m, H_k, a, read=False).reshape(1)
     D = W_k.float() - W_m.float()
     P = (tf32x3_mm if precision == "tf32x3" else bf16x3_mm)(D, H_k.float())
     G.add_(P, alpha=float(a))
@@ -340,8 +342,10 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     return partial
 
 
-def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee") -> float:
-    """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference.
+def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
+                               read: bool = True):
+    """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference (a
+    float64 scalar tensor on G's device with ``read=False``).
 
     ``input_precision`` ("ieee"; "tf32x3", a near-fp32 product on tensor cores; "bf16x3", three
     bf16 products, ~2^-16; "tf32", one TF32 product; see RESIDUAL_SPACE) is the least accurate
@@ -360,7 +364,8 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     W_k, W_m, H_k = W_k.contiguous(), W_m.contiguous(), H_k.contiguous()
     precision = "ieee" if G.dtype == torch.float64 else input_precision
     partial = _launch_residual(G, W_k, W_m, H_k, a, *_residual_config(G, W_k, W_m, H_k, precision))
-    return float(partial.double().sum())
+    trace = partial.double().sum()
+    return float(trace) if read else trace
 
 
 def accumulate_xxt_triton(H, X):
@@ -404,15 +409,17 @@ _TL_DTYPE = {
 
 
 def accumulate_residual(G, W_k, W_m, H_k, a: float, *, backend: str = "torch",
-                        input_precision: str = "ieee"):
+                        input_precision: str = "ieee", read: bool = True):
     """``G += a (W_k - W_m) H_k``; ``input_precision`` selects the Triton kernel's fp32 product
     (one of RESIDUAL_PRECISIONS); the torch backend always multiplies in G's precision (TF32
-    off): the precisions are options for the GPU's speed, not for the CPU reference."""
+    off): the precisions are options for the GPU's speed, not for the CPU reference. Returns
+    ``tr(D H_k D^T)``, a float (``read=False``: a float64 scalar tensor on G's device)."""
     check_residual_precision(input_precision)
     if backend == "torch":
-        return accumulate_residual_reference(G, W_k, W_m, H_k, a)
+        return accumulate_residual_reference(G, W_k, W_m, H_k, a, read=read)
     if backend == "triton":
-        return accumulate_residual_triton(G, W_k, W_m, H_k, a, input_precision=input_precision)
+        return accumulate_residual_triton(G, W_k, W_m, H_k, a, input_precision=input_precision,
+                                          read=read)
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
 

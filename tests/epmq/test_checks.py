@@ -112,3 +112,11 @@ def test_integer_weights_are_refused():
         quant.rtn(W, QuantSpec(bits=4, group_size=-1))
     with pytest.raises(ValueError, match="must be floating point"):
         quant.gptq(W, torch.eye(6), QuantSpec(bits=4, group_size=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_hessian_returns_the_trace(dtype):
+    X = torch.randn(30, 12, dtype=torch.float64)
+    H = (X.T @ X).to(dtype)
+    assert check_hessian(H, 12) == float(torch.diagonal(H).sum())
+    assert check_hessian(torch.zeros(0, 0), 0) == 0.0

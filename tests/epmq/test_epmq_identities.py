@@ -388,26 +388,66 @@ def test_lower_inverse_matches_the_triangular_solve(d):
     assert _lower_inverse(L_copy, in_place=True) is L_copy and torch.equal(L_copy, got)
 
 
+def _tf32_operand_moves(W_m, W_k, H_k, anchor, damp):
+    """The float64 target ``T64 = W_m + G H~^{-1}`` (H~ as the solver damped it), its
+    correction's norm, and how far T64 moves when G's products read their operands as TF32
+    does: ``{"tf32": ..., "tf32x3": ...}``, each relative to ``|R|``. Both products are
+    emulated exactly in float64 from operands cut to TF32 (the worse of a tensor core's two
+    conversions), so the moves are what the operands' rounding alone does to the target,
+    through the conditioning of H: the yardstick for the GPU's products, which also round
+    their fp32 sums (IEEE fp32's own error, measured on the same problem)."""
+    from epmq_kernels._runtime import tf32_truncate, tf32x3_mm
+
+    a, _, _, _, H = effective(W_m, H_k, anchor=anchor, weight_anchor=0.0)
+    H_inv = torch.linalg.inv(H + damp * torch.eye(H.shape[0], dtype=torch.float64))
+    D_k = [(W.float() - W_m.float()) for W in W_k]
+
+    def exact(A, B):
+        return A.double() @ B.double()
+
+    def tf32(A, B):
+        return tf32_truncate(A).double() @ tf32_truncate(B).double()
+
+    def target(mm):
+        G = sum(a_k * mm(D, Hk.float()) for a_k, D, Hk in zip(a, D_k, H_k))
+        return W_m.double() + G @ H_inv
+
+    T64 = target(exact)
+    R_norm = float((T64 - W_m.double()).norm())
+    moves = {"tf32": float((target(tf32) - T64).norm()) / R_norm,
+             "tf32x3": float((target(lambda A, B: tf32x3_mm(A, B, mm=tf32)) - T64).norm()) / R_norm}
+    return T64, R_norm, moves
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
 def test_cuda_tf32_precisions_against_ieee(gen, precision, monkeypatch):
-    """On a GPU: E-PMQ with a TF32 residual (and tf32x3 R and anchor term) against IEEE.
-    tf32x3 is IEEE's equal; one TF32 product moves the target by ~1e-3 of the correction.
-    (The residual's first config of the precision and tf32x3 R, untimed: the GPU suite's time
-    goes to the benchmarks.)"""
+    """On a GPU: E-PMQ with a TF32 residual (and tf32x3 R and anchor term) against IEEE and
+    float64. The target's error is within twice what its operands' TF32 rounding alone does
+    (emulated in float64 on the same problem) plus four times IEEE fp32's own: tf32x3 is in
+    IEEE's class, one TF32 product moves the target by ~1e-3 of the correction, more where H
+    is ill-conditioned (the first H200 run, with fixed bounds of 1e-5 and 3e-3, measured 1.6e-5
+    and 5.3e-3 on this problem's heavy-tailed feature scales). (The residual's first config of
+    the precision and tf32x3 R, untimed: the GPU suite's time goes to the benchmarks.)"""
     import epmq_kernels._runtime as rt
 
     monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
     monkeypatch.setattr(rt, "_FP32_MM", {torch.device("cuda", torch.cuda.current_device()):
                                          rt.tf32x3_mm})
     W_m, W_k, H_k = draw(gen, K=4, d_out=512, d_in=1024, n=2048)
-    W_m, W_k, H_k = W_m.cuda(), [W.cuda() for W in W_k], [H.cuda() for H in H_k]
     spec = QuantSpec(bits=4, group_size=128)
-    ref = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton", residual_precision="ieee")
-    res = quant.epmq(W_m, W_k, H_k, spec, anchor=0.5, backend="triton", residual_precision=precision)
-    R = (ref.target - W_m).double()
-    move = float((res.target.double() - ref.target.double()).norm() / R.norm())
-    assert move <= (1e-5 if precision == "tf32x3" else 3e-3), move
+    cuda = dict(backend="triton", anchor=0.5)
+    ref = quant.epmq(W_m.cuda(), [W.cuda() for W in W_k], [H.cuda() for H in H_k], spec,
+                     residual_precision="ieee", **cuda)
+    res = quant.epmq(W_m.cuda(), [W.cuda() for W in W_k], [H.cuda() for H in H_k], spec,
+                     residual_precision=precision, **cuda)
+    T64, R_norm, moves = _tf32_operand_moves(W_m, W_k, H_k, 0.5, ref.damp)
+
+    def error(result):
+        return float((result.target.cpu().double() - T64).norm()) / R_norm
+
+    ieee_error, error_p = error(ref), error(res)
+    assert error_p <= 2 * moves[precision] + 4 * ieee_error, (error_p, moves, ieee_error)
     assert float((res.codes != ref.codes).double().mean()) <= (1e-3 if precision == "tf32x3" else 3e-2)
 
 

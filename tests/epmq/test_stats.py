@@ -302,3 +302,40 @@ def test_a_task_whose_inputs_are_all_zero_is_dropped(gen):
     only.end_task()
     with pytest.raises(ValueError, match="no task was added.*inputs all zero: silent"):
         only.finalize()
+
+
+class _Reads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the scalar reads (``float(t)``, ``bool(t)``, ``.item()``): on a GPU each one waits
+    for the queue to drain."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_expert_costs_few_device_reads(gen, dtype):
+    """Folding in an expert reads back two scalars at most (its weight's finiteness and its
+    Hessian's trace, read with the Hessian's checks); its residual's constant stays on the
+    device until c_e is read (each was nine reads, the checks' six included)."""
+    def reads(K):
+        W_m = torch.randn(6, 10, generator=gen, dtype=dtype)
+        stats = EPMQStats(W_m, dtype=torch.float32)
+        experts = [(W_m + 0.1 * torch.randn(6, 10, generator=gen, dtype=dtype),
+                    (lambda X: X.T @ X)(torch.randn(20, 10, generator=gen, dtype=dtype)))
+                   for _ in range(K)]
+        with _Reads() as counter:
+            for W_k, H_k in experts:
+                stats.add_task(W_k, H_k)
+        c_e = stats.c_e
+        ref = sum(a * float(((W_k - W_m).double() @ H_k.double() * (W_k - W_m).double()).sum())
+                  for a, (W_k, H_k) in zip(stats.task_weights, experts))
+        assert c_e == pytest.approx(ref, rel=1e-5)
+        return counter.n
+
+    per_expert = (reads(5) - reads(1)) / 4
+    assert per_expert <= (1 if dtype == torch.float32 else 2), per_expert
