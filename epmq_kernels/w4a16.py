@@ -164,17 +164,16 @@ def _product(**axes):
 
 
 AUTOTUNE_SPACE = {
-    # GEMV (23 configs). Bytes in flight per program: (1 + PREFETCH) tiles of BLOCK_K / 8 x BLOCK_N
+    # GEMV (20 configs). Bytes in flight per program: (1 + PREFETCH) tiles of BLOCK_K / 8 x BLOCK_N
     # words (BLOCK_N = 64: 4 KB a tile, 128: 8 KB). Programs: N / BLOCK_N x SPLIT_K; at 4096 x
     # 4096 with BLOCK_N = 64 and SPLIT_K = 8 that is 512 (about 4 per SM on 132 SMs), 12 KB in
     # flight each: the tens of KB per SM that 4 TB/s needs (latency ~ 0.7 us x 32 GB/s per SM).
     # Compiled for sm_90 (benchmarks/compile_report.py): 4 warps, BLOCK_N = 64: ~95 registers,
     # 5 programs per SM; BLOCK_N = 128: ~170 (3 per SM), with 8 warps ~100 (2 per SM); no spills.
     # SPLIT_K = 32 at K = 4096 makes each slice one group of 128 (scale applied once). BLOCK_K
-    # = 256 spans two groups of 128 and is only kept for wider groups and per channel. The H200
-    # run of 2026-12-04 picked BLOCK_K = 256 with the fewest slices (4) and PREFETCH = 1 for every
-    # per-channel shape, the space's edge: so 256 x 2 slices and 512 (8 warps: 128 registers; 4
-    # warps need 246-255) are in it too.
+    # = 256 spans two groups of 128 and is only kept for wider groups and per channel. (On an
+    # H200, 2026-12-04, every per-channel shape took BLOCK_K = 256 with 4 slices, the space's
+    # edge; 256 x 2 slices and 512 x 2 or 4 slices (8 warps) were tried and never picked.)
     "gemv": (
         _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[4, 8, 16, 32], PREFETCH=[2],
                  num_warps=[4], num_stages=[1])
@@ -186,10 +185,8 @@ AUTOTUNE_SPACE = {
                    num_warps=[2], num_stages=[1])
         + _product(BLOCK_N=[64, 128], BLOCK_K=[128], SPLIT_K=[8, 16], PREFETCH=[1],
                    num_warps=[4], num_stages=[1])
-        + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[2, 4, 8], PREFETCH=[1],
+        + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[4, 8], PREFETCH=[1],
                    num_warps=[4], num_stages=[1])
-        + _product(BLOCK_N=[64], BLOCK_K=[512], SPLIT_K=[2, 4], PREFETCH=[1],
-                   num_warps=[8], num_stages=[1])
     ),
     # Split-K GEMM for small M (18 configs); BLOCK_M follows M (16, 32 or 64, not tuned). The
     # SWAP_AB configs (weight as the wgmma A operand, batch as its N) also compete at M = 1.
