@@ -32,8 +32,10 @@ configs are translated by ``epmq.mergekit_config``): ``epmq_merge_of_the_yaml`` 
 checkpoint with mergekit's.
 
 DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
-name, expert)``), so their tensors cannot be compared entry by entry; DARE-TIES runs at density
-1 (no masks drawn), which compares the rest.
+name, expert)``), so their tensors cannot be compared entry by entry; DARE-TIES, DELLA and
+DELLA-linear run at density 1 (no masks drawn), which compares the rest, and ``magprune``
+compares DELLA's masks in distribution: keep rates by magnitude rank over many draws, and the
+mean rescaled tensor.
 
 Known differences, stated rather than hidden (in TIES's and Breadcrumbs' trims):
 
@@ -227,6 +229,16 @@ def main(argv=None):
                  models=[dict(model=p, parameters=dict(weight=w, density=1.0)) for p, w in zip(expert_dirs, weights)]),
             lambda: merge.dare(base, experts, scale=args.scale, density=1.0, consensus="sign", merge="mean",
                                weights=weights, rescale="l1", convention="mergekit"))
+        for method, vote in (("della", True), ("della_linear", False)):
+            runs[f"{method}_density_1"] = (
+                dict(merge_method=method, base_model=base_dir, dtype="float32",
+                     parameters=dict(**{"lambda": args.scale}),
+                     models=[dict(model=p, parameters=dict(weight=w, density=1.0))
+                             for p, w in zip(expert_dirs, weights)]),
+                lambda vote=vote: merge.della(
+                    base, experts, scale=args.scale, density=1.0, consensus="sign" if vote else None,
+                    merge="mean" if vote else "sum", rescale="l1", convention="mergekit",
+                    weights=weights))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]
@@ -300,8 +312,39 @@ def main(argv=None):
             summary = {k: v for k, v in results["methods"][method].items()
                        if k not in ("rows", "mergekit_config")}
             print(method, json.dumps(summary))
+    results["magprune"] = magprune_side_by_side()
+    print("magprune", json.dumps(results["magprune"]))
     write_json(args.out, results)
     return 0
+
+
+def magprune_side_by_side(draws=400, rows=4, n=1000, density=0.5, epsilon=0.2):
+    """DELLA's MagPrune, mergekit's and ours, on one task vector, ``draws`` times each: how often
+    each entry is kept, by tenth of its magnitude rank in its row, and the mean of the rescaled
+    tensor (L1 rescaling, mergekit's default) against the task vector: the same distribution,
+    since the masks themselves cannot match."""
+    from mergekit.sparsify import RescaleNorm, della_magprune
+
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.randn(rows, n, generator=gen) * torch.exp(torch.randn(rows, n, generator=gen))
+    decile = (tau.abs().argsort(dim=1).argsort(dim=1) * 10 // n).reshape(-1)
+    base = {"w": torch.zeros(rows, n)}
+    torch.manual_seed(0)  # (mergekit draws from torch's global generator)
+    theirs = [della_magprune(tau, density, epsilon, RescaleNorm.l1) for _ in range(draws)]
+    ours = [merge.della(base, [{"w": tau}], scale=1.0, density=density, epsilon=epsilon, consensus=None,
+                        merge="sum", rescale="l1", seed=s)["w"] for s in range(draws)]
+
+    def by_decile(samples):
+        kept = torch.stack([(t != 0).reshape(-1).float() for t in samples]).mean(0)
+        return [round(float(kept[decile == d].mean()), 4) for d in range(10)]
+
+    mean_theirs, mean_ours = torch.stack(theirs).mean(0), torch.stack(ours).mean(0)
+    return dict(draws=draws, shape=[rows, n], density=density, epsilon=epsilon,
+                keep_rate_by_rank_decile_mergekit=by_decile(theirs), keep_rate_by_rank_decile_epmq=by_decile(ours),
+                expected_by_definition=[round(density - epsilon + 2 * epsilon * (d + 0.5) / 10, 4) for d in range(10)],
+                mean_vs_tau_rel_err_mergekit=float((mean_theirs - tau).norm() / tau.norm()),
+                mean_vs_tau_rel_err_epmq=float((mean_ours - tau).norm() / tau.norm()),
+                means_rel_diff=float((mean_theirs - mean_ours).norm() / tau.norm()))
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ examples in configs/files/):
                                     # (as epmq quantize reads them; samples, seq_len, batch_size)
 
 A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
-runs as it is for task_arithmetic, ties, breadcrumbs(_ties), dare_ties, dare_linear, linear,
-model_stock and slerp (SLERP's t also as a gradient with filters; slices of whole models):
+runs as it is for task_arithmetic, ties, breadcrumbs(_ties), dare_ties, dare_linear, della,
+della_linear, linear, model_stock and slerp (SLERP's t also as a gradient with filters; slices of whole models):
 epmq.mergekit_config says how each maps, and the rest is refused by name.
 """
 

@@ -370,6 +370,13 @@ def task_arithmetic(base, experts, scale: float = 0.3, weights: Optional[Sequenc
 DARE_RESCALES = ("density", "l1", None)
 
 
+def _l1_rescaled(tau: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``masked`` scaled to ``tau``'s L1 norm (mergekit's rescaling; as its, nothing is matched
+    where either norm is below 1e-7)."""
+    before, after = tau.abs().sum(), masked.abs().sum()
+    return masked * (before / after) if before >= 1e-7 and after >= 1e-7 else masked
+
+
 def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
          consensus: Optional[str] = None, merge: str = "sum",
          weights: Optional[Sequence[float]] = None, *, rescale: Optional[str] = "density",
@@ -396,10 +403,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
         masked = torch.where(keep.to(tau.device), tau, 0.0)
         if rescale == "density":
             return masked / kept(k)
-        if rescale == "l1":  # (as mergekit: nothing to match below its eps)
-            before, after = tau.abs().sum(), masked.abs().sum()
-            return masked * (before / after) if before >= 1e-7 and after >= 1e-7 else masked
-        return masked
+        return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights,
                          zero_vote=int(convention == "mergekit"))
@@ -505,36 +509,52 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
                          zero_vote=int(convention == "mergekit"))
 
 
+DELLA_RESCALES = ("probability", "l1", None)
+
+
 def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: float = 0.15,
           seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean",
-          weights: Optional[Sequence[float]] = None, *, out=None):
+          weights: Optional[Sequence[float]] = None, *, rescale: Optional[str] = "probability",
+          convention: str = "epmq", out=None):
     """DELLA-Merging (Deep et al., 2024): MagPrune, elect sign, disjoint merge.
 
     MagPrune keeps each entry of a task vector with a probability that grows with its magnitude
     rank within its row (a matrix's output row; a vector is one row): from ``density -
-    epsilon`` for the smallest to ``density + epsilon`` for the largest, linear in the rank, and
-    divides a kept entry by its own keep probability (the paper's rescaling: each entry is kept
-    in expectation; mergekit instead matches the L1 norm of the whole tensor). Equal
-    magnitudes take ranks in index order. ``consensus=None, merge="sum"`` is mergekit's
-    ``della_linear``.
+    epsilon`` for the smallest to ``density + epsilon`` for the largest, linear in the rank.
+    ``rescale="probability"`` divides a kept entry by its own keep probability (the paper's
+    rescaling: each entry is kept in expectation); ``"l1"`` scales the kept entries so that each
+    tensor keeps its L1 norm (mergekit's); None leaves them. Equal magnitudes take ranks in
+    index order. A density of 1 keeps every entry, whatever ``epsilon``. ``density`` and
+    ``epsilon``: one, or one per expert. ``consensus=None, merge="sum"`` is mergekit's
+    ``della_linear``; ``convention="mergekit"``: its vote (+ where the votes cancel).
     """
-    _check_unit(density, "density")
-    check_number(epsilon, "epsilon")
+    kept = _each(density, "density", len(experts))
+    spread = _each(epsilon, "epsilon", len(experts))
     _check_seed(seed)
-    if not (0 <= epsilon and 0 < density - epsilon and density + epsilon <= 1):
-        raise ValueError(f"DELLA needs 0 <= epsilon, 0 < density - epsilon and density + "
-                         f"epsilon <= 1, got density={density}, epsilon={epsilon}")
+    _check_choice(rescale, DELLA_RESCALES, "rescale")
+    _check_choice(convention, CONVENTIONS, "convention")
+    for k in range(len(experts)):
+        d, e = kept(k), spread(k)
+        if d < 1 and not (0 < d - e and d + e <= 1):
+            raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon <= 1 (or density "
+                             f"1), got density={d}, epsilon={e}" + (f" for expert {k}" if len(experts) > 1 else ""))
 
     def sparsify(name, k, tau):
+        if kept(k) >= 1:
+            return tau
         rows = _rows(tau)
         n = rows.shape[1]
         rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
-        spread = 2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank)
-        p = density + epsilon * spread
+        p = kept(k) + spread(k) * (2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank))
         draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
-        return torch.where(draw < p, rows / p, 0.0).reshape(tau.shape)
+        keep = draw < p
+        if rescale == "probability":
+            return torch.where(keep, rows / p, 0.0).reshape(tau.shape)
+        masked = torch.where(keep, rows, 0.0).reshape(tau.shape)
+        return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
-    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights)
+    return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,
+                         zero_vote=int(convention == "mergekit"))
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:

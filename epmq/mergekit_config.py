@@ -14,6 +14,10 @@ the two on the same checkpoints, tensor by tensor):
                              or None, seed=0)   (its own random masks: the same merge, not
                              mergekit's tensors, which depend on torch's global generator)
     dare_linear         the same without the vote
+    della               della(density, epsilon, scale=lambda, weights=weight, consensus="sign",
+                              merge="mean" if normalize (its default) else "sum", rescale="l1"
+                              (its default) or None, seed=0)   (its own random masks, as DARE's)
+    della_linear        the same without the vote (normalize: false by default)
     breadcrumbs         breadcrumbs(density, gamma, scale=lambda, weights=weight, merge="sum")
     breadcrumbs_ties    the same with consensus="sign", merge="mean" if normalize else "sum"
     linear              average(weights=weight) of every model, the base included
@@ -24,7 +28,7 @@ the two on the same checkpoints, tensor by tensor):
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
 entry counts (truncated), tie-breaking (torch's sort order), sign vote (+ where the votes sum to
 exactly 0) and Model Stock (``t`` unclamped, norms floored at 1e-6). A per-model parameter
-(``weight``, ``density``, ``gamma``) given in ``parameters:`` (a slice's or the top level's)
+(``weight``, ``density``, ``gamma``, ``epsilon``) given in ``parameters:`` (a slice's or the top level's)
 holds for every model that does not give its own, as mergekit looks them up.
 
 SLERP's ``t`` may be what mergekit's best-known configs give it: a gradient over the layers
@@ -43,11 +47,10 @@ mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's d
 computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
 ``dtype``, by a rounding).
 
-Anything else is refused with the setting named, never approximated: other methods (DELLA,
-whose keep probabilities and rescaling differ from epmq's; nuslerp, SCE, Karcher, passthrough,
-...), slices of parts of models (frankenmerges), gradients and
-filters of any parameter but SLERP's ``t``,
-``rescale: true``, tokenizer and chat template settings, and ``model+lora`` sources.
+Anything else is refused with the setting named, never approximated: other methods (nuslerp,
+SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
+filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
+masks, tokenizer and chat template settings, and ``model+lora`` sources.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ from .checks import check_number
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask"}
-METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "linear",
-           "model_stock", "slerp")
+METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
+           "della_linear", "linear", "model_stock", "slerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
@@ -72,6 +75,8 @@ SHARED = {
     "breadcrumbs_ties": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
     "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
     "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
+    "della": {"normalize": True, "lambda": 1.0, "rescale": True, "int8_mask": False},
+    "della_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
     "linear": {"normalize": True},
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
@@ -83,11 +88,12 @@ PER_MODEL = {
     "breadcrumbs_ties": {"weight": None, "density": 1.0, "gamma": 0.01},
     "dare_ties": {"weight": None, "density": 1.0},
     "dare_linear": {"weight": None, "density": 1.0},
+    "della": {"weight": None, "density": 1.0, "epsilon": 0.15},
+    "della_linear": {"weight": None, "density": 1.0, "epsilon": 0.15},
     "linear": {"weight": None},
     "model_stock": {},
     "slerp": {},
 }
-UNLIKE = {"della": "DELLA", "della_linear": "DELLA"}
 
 
 def is_mergekit(config: Mapping) -> bool:
@@ -267,9 +273,7 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
                          f"translated)")
     method = config["merge_method"]
     if method not in METHODS:
-        why = (f": {UNLIKE[method]} draws its random masks another way, and mergekit rescales them by the "
-               f"L1 norm; use epmq's own config (method: {UNLIKE[method].lower()})" if method in UNLIKE else "")
-        raise ValueError(f"mergekit merge_method {method!r} is not translated{why}; translated: {', '.join(METHODS)}")
+        raise ValueError(f"mergekit merge_method {method!r} is not translated; translated: {', '.join(METHODS)}")
     base = config.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ValueError(f"base_model must be a path or hub id, got {base!r}")
@@ -299,9 +303,9 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
     for_all = {k: _scalar(v, f"parameters.{k}") for k, v in for_all.items()}
     if "int8_mask" in config:  # (a top-level option in older configs)
         _scalar(config["int8_mask"], "int8_mask")
-    if shared.get("rescale") and not method.startswith("dare"):
+    if shared.get("rescale") and not method.startswith(("dare", "della")):
         raise ValueError("parameters.rescale: true rescales the kept entries by the L1 norm, which epmq does "
-                         "only for DARE")
+                         "only for DARE and DELLA")
     dtype = config.get("out_dtype", config.get("dtype"))
 
     if method == "slerp":
@@ -348,7 +352,7 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
                     params=dict(per_row=bool(shared["filter_wise"]), convention="mergekit"))
 
     weights = [float(p["weight"]) for p in per_model]
-    vote = method in ("ties", "breadcrumbs_ties", "dare_ties")
+    vote = method in ("ties", "breadcrumbs_ties", "dare_ties", "della")
     if shared["normalize"] and not vote:  # (mergekit divides by the weights' sum)
         total = sum(weights)
         weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
@@ -358,17 +362,22 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
             warnings.warn("task_arithmetic: density is not read (mergekit's task_arithmetic trims nothing)")
         return dict(method="task_arithmetic", base=base, models=experts, params=params, dtype=dtype)
     one = {}  # (one value, or one per model where they differ)
-    for name in ("density", "gamma"):
+    for name in ("density", "gamma", "epsilon"):
         values = [float(p[name]) for p in per_model if name in p]
         if values:
             one[name] = values[0] if len(set(values)) == 1 else values
     merge = "mean" if vote and shared["normalize"] else "sum"
     params.update(density=one["density"], merge=merge, convention="mergekit")
-    if method.startswith("dare"):
-        warnings.warn(f"{method}: DARE drops random entries, and epmq draws its masks (seed 0) where mergekit "
-                      f"draws from torch's global generator: the same merge, not the same tensors")
+    if method.startswith(("dare", "della")):
+        ours = "dare" if method.startswith("dare") else "della"
+        if any(float(p["density"]) < 1 for p in per_model):
+            warnings.warn(f"{method}: {ours.upper()} drops random entries, and epmq draws its masks (seed 0) "
+                          f"where mergekit draws from torch's global generator: the same merge, not the same "
+                          f"tensors")
         params.update(consensus="sign" if vote else None, rescale="l1" if shared["rescale"] else None, seed=0)
-        return dict(method="dare", base=base, models=experts, params=params, dtype=dtype)
+        if ours == "della":
+            params.update(epsilon=one["epsilon"])
+        return dict(method=ours, base=base, models=experts, params=params, dtype=dtype)
     if method == "ties":
         params.update(scope="tensor")
         return dict(method="ties", base=base, models=experts, params=params, dtype=dtype)

@@ -384,6 +384,39 @@ def test_della_is_unbiased_and_votes(gen):
     assert agree_fraction > 0.99
 
 
+def test_della_in_mergekits_convention(gen):
+    """mergekit's DELLA: kept entries scaled to the tensor's L1 norm (rescale="l1"), density and
+    epsilon per expert, density 1 keeping everything whatever epsilon, its sign vote."""
+    base = {"w": torch.zeros(3, 4000), "b": torch.zeros(4000)}
+    taus = [{name: torch.randn(t.shape, generator=gen) for name, t in base.items()} for _ in range(2)]
+    for name in base:
+        alone = merge.della(base, taus[:1], scale=1.0, density=0.5, epsilon=0.2, consensus=None,
+                            merge="sum", rescale="l1", seed=3)[name]
+        tau = taus[0][name]
+        kept = alone != 0
+        ratio = alone[kept] / tau[kept]  # one factor for the whole tensor
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])))
+        torch.testing.assert_close(alone.abs().sum(), tau.abs().sum())
+        assert 0.45 < float(kept.float().mean()) < 0.55
+    # per expert (disjoint rows, as MagPrune ranks within a row): epsilon 0 keeps at density's
+    # rate whatever the rank, 0.3 keeps the row's larger half at ~0.65
+    tau = torch.randn(2, 20000, generator=gen)
+    own = [{"w": tau * torch.tensor([[1.0], [0.0]])}, {"w": tau * torch.tensor([[0.0], [1.0]])}]
+    out = merge.della({"w": torch.zeros(2, 20000)}, own, scale=1.0, density=[0.5, 0.5], epsilon=[0.0, 0.3],
+                      consensus=None, merge="sum", rescale=None, seed=4)["w"]
+    big = tau.abs() > tau.abs().median(dim=1, keepdim=True).values
+    rates = [float((out[r] != 0)[big[r]].float().mean()) for r in range(2)]
+    assert abs(rates[0] - 0.5) < 0.02 and abs(rates[1] - 0.65) < 0.02, rates
+    # density 1: nothing drawn, whatever epsilon: TIES's vote and disjoint mean untrimmed
+    full = merge.della(base, taus, scale=0.7, density=1.0, epsilon=0.15, convention="mergekit")
+    ties = merge.ties(base, taus, scale=0.7, density=1.0, scope="tensor", merge="mean", convention="mergekit")
+    assert all(torch.equal(full[name], ties[name]) for name in base)
+    with pytest.raises(ValueError, match="epsilon=0.3 for expert 1"):
+        merge.della(base, taus, density=0.8, epsilon=[0.1, 0.3])
+    with pytest.raises(ValueError, match="rescale"):
+        merge.della(base, taus, rescale="l2")
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

@@ -3,6 +3,8 @@
 (That the translations give mergekit's own tensors is measured against mergekit itself in
 ``benchmarks/side_by_side_mergekit.py``: mergekit is not a dependency.)"""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -76,10 +78,29 @@ def test_dare_is_the_same_merge_with_its_own_masks():
     assert translated == dict(method="dare", base="base", models=["e0", "e1"], dtype=None, params=dict(
         scale=0.5, weights=[1.0, 0.5], density=[0.4, 0.6], merge="sum", convention="mergekit", consensus="sign",
         rescale="l1", seed=0))
-    with pytest.warns(UserWarning, match="dare_linear"):
+    with warnings.catch_warnings():  # (density 1: no mask is drawn, so nothing to warn of)
+        warnings.simplefilter("error")
         translated = from_mergekit(gta("dare_linear", {"rescale": False, "normalize": True}))
     assert translated["params"] == dict(scale=1.0, weights=[1 / 1.5, 0.5 / 1.5], density=1.0, merge="sum",
                                         convention="mergekit", consensus=None, rescale=None, seed=0)
+
+
+def test_della_is_the_same_merge_with_its_own_masks():
+    """DELLA and DELLA-linear with mergekit's defaults (epsilon 0.15, L1 rescaling; DELLA's
+    normalize, the disjoint mean): epmq's DELLA in mergekit's convention, said to draw its own
+    masks; epsilon per model where the models give their own."""
+    config = gta("della", {"lambda": 0.9}, [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}])
+    with pytest.warns(UserWarning, match="della: DELLA drops random entries"):
+        translated = from_mergekit(config)
+    assert translated == dict(method="della", base="base", models=["e0", "e1"], dtype=None, params=dict(
+        scale=0.9, weights=[1.0, 0.5], density=0.5, epsilon=0.15, merge="mean", convention="mergekit",
+        consensus="sign", rescale="l1", seed=0))
+    config = gta("della_linear", {"epsilon": 0.1}, [{"weight": 1.0, "density": 0.4},
+                                                     {"weight": 1.0, "density": 0.6, "epsilon": 0.2}])
+    with pytest.warns(UserWarning, match="della_linear"):
+        translated = from_mergekit(config)
+    assert translated["params"] == dict(scale=1.0, weights=[1.0, 1.0], density=[0.4, 0.6], epsilon=[0.1, 0.2],
+                                        merge="sum", convention="mergekit", consensus=None, rescale="l1", seed=0)
 
 
 def test_the_base_among_the_models_slerp_and_dtypes():
@@ -99,7 +120,6 @@ def test_the_base_among_the_models_slerp_and_dtypes():
 
 
 @pytest.mark.parametrize("config, match", [
-    (gta("della"), "'della' is not translated: DELLA draws its random masks another way"),
     (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
     (gta("ties", slices=[]), "give models or slices, not both"),
     (gta("ties", tokenizer_source="base"), "tokenizer_source not supported"),
@@ -152,9 +172,20 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     expected = merge.ties(base.state_dict(), [e.state_dict() for e in experts], scale=0.7, density=0.3,
                           scope="tensor", merge="mean", weights=[1.0, 0.5], convention="mergekit")
     assert all(torch.equal(got[name], expected[name]) for name in expected)
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="della")))
+    # DELLA: the merge epmq.merge makes with its own masks (seed 0), warned
+    della = dict(config, merge_method="della", parameters={"lambda": 0.7, "epsilon": 0.2})
+    (tmp_path / "della.yaml").write_text(yaml.safe_dump(della))
+    with pytest.warns(UserWarning, match="della: DELLA drops random entries"):
+        assert main(["merge", str(tmp_path / "della.yaml"), str(tmp_path / "della")]) == 0
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "della").state_dict()
+    expected = merge.della(base.state_dict(), [e.state_dict() for e in experts], scale=0.7, density=0.3,
+                           epsilon=0.2, weights=[1.0, 0.5], rescale="l1", convention="mergekit", seed=0)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
+                           base.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="nuslerp")))
     assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
-    assert "bad.yaml: mergekit merge_method 'della' is not translated" in capsys.readouterr().err
+    assert "bad.yaml: mergekit merge_method 'nuslerp' is not translated" in capsys.readouterr().err
 
 
 def slerp_slices(ranges, t=0.5, **extra):
