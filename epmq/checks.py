@@ -49,11 +49,11 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
     g = torch.Generator(device=H.device).manual_seed(0)
     dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     u, v = torch.randn(2, d_in, generator=g, device=H.device).to(dtype)
-    Hv, Hu = torch.empty(2, d_in, dtype=dtype, device=H.device)
+    vu, H_vu = torch.stack([v, u], dim=1), torch.empty(d_in, 2, dtype=dtype, device=H.device)
     rows = max(1, (1 << 24) // d_in)
-    for r in range(0, d_in, rows):
-        slab = H[r:r + rows].to(dtype)
-        Hv[r:r + rows], Hu[r:r + rows] = slab @ v, slab @ u
+    for r in range(0, d_in, rows):  # (both vectors in one pass over H)
+        H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
+    Hv, Hu = H_vu.T
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)
     numbers = torch.stack([t.to(torch.float64) for t in (
         lo, hi, diag.min(), (diag == 0).sum(), torch.dot(u, Hv) - torch.dot(v, Hu),

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from epmq_kernels._runtime import fp32_mm, ieee_mm
+from epmq_kernels._runtime import fp32_mm, ieee_mm, split_once
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
@@ -135,13 +135,16 @@ def _objective(E: torch.Tensor, H: torch.Tensor, mm=ieee_mm, dtype=torch.float32
     E, H = E.to(dtype), H.to(dtype)
     mm = torch.matmul if dtype == torch.float64 else mm
     edges = _block_edges(H.shape[0])
-    total = 0.0
+    parts, product = split_once(mm)
+    E_parts = parts(E)
+    total = torch.zeros((), dtype=torch.float64, device=E.device)  # (read once, at the end)
     for a, b in zip(edges[:-1], edges[1:]):
-        P = mm(E[:, a:b].T, E[:, a:])  # row a:b of E^T E, from its diagonal block on
+        # row a:b of E^T E, from its diagonal block on
+        P = product([p[:, a:b].T for p in E_parts], [p[:, a:] for p in E_parts])
         w = b - a
-        total += float(torch.sum(P[:, :w] * H[a:b, a:b], dtype=torch.float64))
-        total += 2 * float(torch.sum(P[:, w:] * H[a:b, b:], dtype=torch.float64))
-    return total
+        total += torch.sum(P[:, :w] * H[a:b, a:b], dtype=torch.float64)
+        total += 2 * torch.sum(P[:, w:] * H[a:b, b:], dtype=torch.float64)
+    return float(total)
 
 
 def _unpermute(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -337,11 +340,13 @@ def _times_upper(A: torch.Tensor, U: torch.Tensor, *, transposed: bool = False,
     d = U.shape[0]
     edges = _block_edges(d)
     out = torch.empty(A.shape[0], d, dtype=torch.promote_types(A.dtype, U.dtype), device=A.device)
+    parts, product = split_once(mm)  # (A's slices overlap; each U slice is read once)
+    A_parts = parts(A)
     for a, b in zip(edges[:-1], edges[1:]):
         if transposed:  # (U^T)[i, j] = U[j, i] is zero for i < j
-            out[:, a:b] = mm(A[:, a:], U[a:b, a:].T)
+            out[:, a:b] = product([p[:, a:] for p in A_parts], parts(U[a:b, a:].T))
         else:  # U[i, j] is zero for i > j
-            out[:, a:b] = mm(A[:, :b], U[:b, a:b])
+            out[:, a:b] = product([p[:, :b] for p in A_parts], parts(U[:b, a:b]))
     return out
 
 

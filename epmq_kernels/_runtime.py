@@ -81,15 +81,32 @@ def _tf32_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.mm(A, B)
 
 
-def _three_products(A, B, split, mm) -> torch.Tensor:
-    """``A @ B`` as ``A_lo B_hi + A_hi B_lo + A_hi B_hi`` with ``(x_hi, x_lo) = split(x)``: the
-    small terms first, so that the large one is added to their fp32 sum."""
-    A_hi, A_lo = split(A)
-    B_hi, B_lo = split(B)
+def _product_of_parts(A_parts, B_parts, mm) -> torch.Tensor:
+    """``A_lo B_hi + A_hi B_lo + A_hi B_hi`` from split operands ``(x_hi, x_lo)``: the small terms
+    first, so that the large one is added to their fp32 sum."""
+    (A_hi, A_lo), (B_hi, B_lo) = A_parts, B_parts
     P = mm(A_lo, B_hi)
     P += mm(A_hi, B_lo)
     P += mm(A_hi, B_hi)
     return P
+
+
+def _three_products(A, B, split, mm) -> torch.Tensor:
+    """``A @ B`` as three products of the parts ``(x_hi, x_lo) = split(x)``."""
+    return _product_of_parts(split(A), split(B), mm)
+
+
+def split_once(mm):
+    """``(parts, product)`` for many products by ``mm`` on slices of the same operands:
+    ``product(parts(A)[i][slice], parts(B)[j][slice])`` is ``mm`` of the slices. A three-product
+    form (``tf32x3_mm``, ``bf16x3_mm``) splits each operand once, where splitting each slice
+    would split the wide ones several times over (the triangular and symmetric products of
+    E-PMQ slice one operand into 8 column blocks of every width: 4.5 times its size); any
+    other ``mm`` takes its operands as they are. A part is sliced as its operand would be."""
+    split = getattr(mm, "split", None)
+    if split is None:
+        return (lambda X: (X,)), (lambda A_parts, B_parts: mm(A_parts[0], B_parts[0]))
+    return split, mm.of_parts
 
 
 def _tf32_split(x: torch.Tensor):
@@ -106,6 +123,10 @@ def tf32x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_tf32_mm) -> torch.Tensor:
     accuracy class for three TF32 products (TF32's peak rate is 7-8x IEEE fp32's on the A100
     and H100; the speed on a given card is for the benchmarks to show)."""
     return _three_products(A, B, _tf32_split, mm)
+
+
+tf32x3_mm.split = _tf32_split
+tf32x3_mm.of_parts = lambda A_parts, B_parts: _product_of_parts(A_parts, B_parts, _tf32_mm)
 
 
 def bf16_mm_emulated(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -140,6 +161,10 @@ def bf16x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_bf16_mm) -> torch.Tensor:
     A100, H100 and B200, so this runs at two thirds of one TF32 product's rate and twice
     tf32x3's."""
     return _three_products(A.float(), B.float(), bf16_split, mm)
+
+
+bf16x3_mm.split = lambda X: bf16_split(X.float())
+bf16x3_mm.of_parts = lambda A_parts, B_parts: _product_of_parts(A_parts, B_parts, _bf16_mm)
 
 
 def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

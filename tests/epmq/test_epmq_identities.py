@@ -272,6 +272,49 @@ def test_triangular_and_symmetric_products_with_tf32x3(d_out, d):
     assert _objective(A, H, mm) == pytest.approx(exact, rel=1e-5)
 
 
+def test_three_product_operands_are_split_once():
+    """R's triangular products and the symmetric objective through a three-product form split
+    each wide operand once (``split_once``), not once per column block (4.5 times its size),
+    and give what splitting each slice gives."""
+    from epmq.quant import _objective, _times_upper
+    from epmq_kernels._runtime import _product_of_parts, _tf32_split, tf32_truncate, tf32x3_mm
+
+    def tf32(A, B):
+        return (tf32_truncate(A).double() @ tf32_truncate(B).double()).float()
+
+    split_entries = []
+
+    def counted_split(X):
+        split_entries.append(X.numel())
+        return _tf32_split(X)
+
+    def per_slice(A, B):  # (no split attribute: each call splits its slices)
+        return tf32x3_mm(A, B, mm=tf32)
+
+    def once(A, B):
+        return tf32x3_mm(A, B, mm=tf32)
+
+    once.split = counted_split
+    once.of_parts = lambda A_parts, B_parts: _product_of_parts(A_parts, B_parts, tf32)
+    g = torch.Generator().manual_seed(0)
+    d_out, d = 24, 2048
+    A = torch.randn(d_out, d, generator=g)
+    U = torch.randn(d, d, generator=g).triu() / d ** 0.5
+    for transposed in (False, True):
+        split_entries.clear()
+        got = _times_upper(A, U, transposed=transposed, mm=once)
+        want = _times_upper(A, U, transposed=transposed, mm=per_slice)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+        # A once, and U's upper part (its blocks' panels) once: 8 blocks of 256
+        assert split_entries[0] == A.numel()
+        assert sum(split_entries[1:]) == sum((d - a) * 256 for a in range(0, d, 256))
+    X = torch.randn(d, 2 * d, generator=g)
+    H = X @ X.T
+    split_entries.clear()
+    assert _objective(A, H, once) == pytest.approx(_objective(A, H, per_slice), rel=1e-6)
+    assert split_entries == [A.numel()]
+
+
 @pytest.mark.parametrize("backend, precision, fast", [
     ("triton", "tf32x3", True), ("triton", "default", True), ("triton", "bf16x3", True),
     ("triton", "tf32", True),

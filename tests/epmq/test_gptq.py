@@ -296,7 +296,11 @@ def correlated_problem(gen, d_out=64, d_in=256, n=512):
                          ids=str)
 def test_fp32_factor_where_float64_is_slow(gen, spec, monkeypatch):
     """On GPUs with slow float64 the factor is taken in fp32 after Jacobi scaling when it passes
-    its check: the same GPTQ up to fp32 rounding (loss within 1e-3, codes nearly all equal)."""
+    its check: the same GPTQ up to fp32 rounding (codes nearly all equal). A code that rounds the
+    other way changes the errors every later column carries, so the loss moves in either
+    direction by more than the factor's own rounding: over 300 draws of this problem, by a median
+    of 7e-7, 1.4e-3 at the 99th percentile and at most 3.6e-3 (4 bits, groups of 32; the fixed
+    bound of 1e-3 failed about one run in a hundred)."""
     W, H = correlated_problem(gen)
     ref = quant.gptq(W, H, spec)
     taken = []
@@ -306,7 +310,7 @@ def test_fp32_factor_where_float64_is_slow(gen, spec, monkeypatch):
     res = quant.gptq(W, H, spec)
     assert len(taken) == 1 and taken[0] is not None and taken[0].dtype == torch.float32
     assert res.damp == ref.damp and res.damp_retries == 0
-    assert res.loss == pytest.approx(ref.loss, rel=1e-3)
+    assert res.loss == pytest.approx(ref.loss, rel=1e-2)
     assert float((res.codes == ref.codes).double().mean()) > 0.99
 
 

@@ -1,0 +1,112 @@
+"""Memory traffic and device reads of one E-PMQ layer outside its products, on the GPU's code
+path, counted on the CPU (no GPU needed): what E-PMQ adds to GPTQ besides the products that
+its speed goal is about (issue 3).
+
+    python benchmarks/epmq_traffic_cpu.py [--baseline REV] [--d-out 512] [--d-in 2048]
+                                          [--experts 8] [--out benchmarks/results/FILE.json]
+
+The GPU's path, emulated: fp32 statistics (``EPMQStats(dtype=torch.float32)``, each expert's
+weight and Hessian given whole, as ``quant.epmq`` does), ``R`` and the anchor term by three TF32
+products (``tf32x3_mm``, what ``fp32_mm`` picks on an H100/H200), anchor 1. A
+``TorchDispatchMode`` counts, per aten op, the bytes its tensor arguments and results hold
+(an upper bound on what it reads and writes), leaving out views, the products (``mm``,
+``addmm``, ``matmul``) and the solver (the Triton kernel on a GPU; here the torch reference's
+column loop, run uncounted). ``scalar_reads`` counts ``float(t)``/``bool(t)``/``.item()``
+(``aten._local_scalar_dense``): on a GPU each one waits for the queue to drain. The residual
+runs by the torch backend here (one fp32 product per expert; the GPU's cuBLAS bf16x3 candidate
+splits its operands as ``bf16x3_mm`` does, not counted).
+
+Counts are exact and deterministic (one round is enough); ``--baseline REV`` counts git
+revision REV too, in the same run. Traffic is in units of the layer's fp32 weight ``|W|``.
+"""
+
+import argparse
+import os
+import sys
+import textwrap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import checkout_revision, run_child, versions_side_by_side, write_json  # noqa: E402
+
+_CHILD = textwrap.dedent(r'''
+    import collections, json
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    import epmq.quant as quant
+    import epmq_kernels._runtime as rt
+    from epmq import QuantSpec
+    from epmq.stats import EPMQStats
+
+    VIEWS = {"select", "slice", "diagonal", "permute", "view", "alias", "unsqueeze", "t",
+             "transpose", "expand", "as_strided", "squeeze", "detach", "_unsafe_view", "reshape"}
+    PRODUCTS = {"mm", "addmm", "matmul", "bmm"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes, self.calls, self.reads = collections.Counter(), collections.Counter(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.reads += func is torch.ops.aten._local_scalar_dense.default
+            if name in VIEWS or name in PRODUCTS:
+                return out
+            tensors = [t for t in list(args) + (list(out) if isinstance(out, (tuple, list)) else [out])
+                       if isinstance(t, torch.Tensor)]
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+            self.calls[name] += 1
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    W_m = torch.randn(D_OUT, D_IN, generator=g)
+    experts = []
+    for _ in range(EXPERTS):
+        X = torch.randn(2 * D_IN, D_IN, generator=g) * torch.exp(0.7 * torch.randn(D_IN, generator=g))
+        experts.append((W_m + 0.05 * torch.randn(D_OUT, D_IN, generator=g), X.T @ X))
+    quant.fp32_mm = lambda device, fast: rt.tf32x3_mm  # (the GPU's pick for R and the anchor term)
+    solve = quant.gptq_solve
+
+    def uncounted_solve(*args, **kwargs):
+        with _disable_current_modes():
+            return solve(*args, **kwargs)
+
+    quant.gptq_solve = uncounted_solve
+    with Count() as count:
+        stats = EPMQStats(W_m, dtype=torch.float32, backend="torch")
+        for W_k, H_k in experts:
+            stats.add_task(W_k, H_k)
+        quant.epmq_from_stats(stats, QuantSpec(4, 128), backend="torch", anchor=1.0)
+    unit = D_OUT * D_IN * 4
+    top = {name: dict(calls=count.calls[name], traffic_W=round(b / unit, 1))
+           for name, b in count.bytes.most_common(10)}
+    print("RESULT " + json.dumps(dict(traffic_W=round(sum(count.bytes.values()) / unit, 1),
+                                      ops=sum(count.calls.values()), scalar_reads=count.reads, top=top)))
+''')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", help="git revision to count as well, in the same run")
+    parser.add_argument("--d-out", type=int, default=512)
+    parser.add_argument("--d-in", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+
+    runs = versions_side_by_side(args.baseline, 1, lambda src: run_child(
+        _CHILD, src, D_OUT=args.d_out, D_IN=args.d_in, EXPERTS=args.experts))
+    result = {name: rs[0] for name, rs in runs.items()}
+    print(f"\n{'':34s}" + "".join(f"{name:>20s}" for name in result))
+    for label, key in (("traffic outside products (|W|)", "traffic_W"), ("ops", "ops"),
+                       ("scalar reads", "scalar_reads")):
+        print(f"{label:34s}" + "".join(f"{r[key]:20}" for r in result.values()))
+    if args.out:
+        write_json(args.out, dict(d_out=args.d_out, d_in=args.d_in, experts=args.experts,
+                                  current_revision=checkout_revision(), **result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
