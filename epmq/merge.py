@@ -256,7 +256,8 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
     (TIES): the elected sign is that of their sum, and only the nonzero entries that agree with
     it are summed or averaged (the disjoint mean, weighted by the agreeing entries' weights);
     where the sum is exactly 0 there is no elected sign and the result is 0 (``zero_vote=1``:
-    the sign elected there is +, as mergekit's).
+    mergekit's convention, the sign elected there is +, and a weighted mean whose agreeing
+    weights sum to 0 is their sum, as mergekit divides by 1 there).
 
     ``taus`` is indexed once per task vector, twice for ``"sign"`` (it may make them on demand).
     """
@@ -287,6 +288,8 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
         return total
     if weights is None:
         return total / count.clamp(min=1)
+    if zero_vote:  # (mergekit divides by 1 where the agreeing weights sum to 0: their sum stays)
+        return total / torch.where(count != 0, count, 1.0)
     return torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
 
 
@@ -526,31 +529,45 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     tensor keeps its L1 norm (mergekit's); None leaves them. Equal magnitudes take ranks in
     index order. A density of 1 keeps every entry, whatever ``epsilon``. ``density`` and
     ``epsilon``: one, or one per expert. ``consensus=None, merge="sum"`` is mergekit's
-    ``della_linear``; ``convention="mergekit"``: its vote (+ where the votes cancel).
+    ``della_linear``. ``convention="mergekit"``: its vote (+ where the votes cancel), its ranks
+    along dimension 1 of a tensor of more than two (a convolution's input channels at each
+    kernel position), its strict ``density + epsilon < 1``, and density 0 dropping the task
+    vector. (A row of one entry keeps it with probability ``density``, where mergekit 0.1.5
+    fails dividing 0 by 0.)
     """
     kept = _each(density, "density", len(experts))
     spread = _each(epsilon, "epsilon", len(experts))
     _check_seed(seed)
     _check_choice(rescale, DELLA_RESCALES, "rescale")
     _check_choice(convention, CONVENTIONS, "convention")
+    mergekit = convention == "mergekit"
     for k in range(len(experts)):
         d, e = kept(k), spread(k)
-        if d < 1 and not (0 < d - e and d + e <= 1):
-            raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon <= 1 (or density "
-                             f"1), got density={d}, epsilon={e}" + (f" for expert {k}" if len(experts) > 1 else ""))
+        if d >= 1 or (mergekit and d == 0):  # (mergekit: nothing kept at density 0)
+            continue
+        if not (0 < d - e and (d + e < 1 if mergekit else d + e <= 1)):
+            raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon "
+                             f"{'< 1 (as mergekit)' if mergekit else '<= 1'} (or density 1), got density={d}, "
+                             f"epsilon={e}" + (f" for expert {k}" if len(experts) > 1 else ""))
 
     def sparsify(name, k, tau):
         if kept(k) >= 1:
             return tau
-        rows = _rows(tau)
+        if kept(k) == 0:
+            return torch.zeros_like(tau)
+        # the ranks run along a matrix's rows; mergekit's along dimension 1 of any tensor (of a
+        # [out, in, kh, kw] convolution: each kernel position's input channels)
+        rows = tau.movedim(1, -1) if mergekit and tau.dim() > 2 else tau
+        shape = rows.shape
+        rows = _rows(rows.reshape(-1, shape[-1]) if rows.dim() > 2 else rows)
         n = rows.shape[1]
         rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
         p = kept(k) + spread(k) * (2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank))
         draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
         keep = draw < p
-        if rescale == "probability":
-            return torch.where(keep, rows / p, 0.0).reshape(tau.shape)
-        masked = torch.where(keep, rows, 0.0).reshape(tau.shape)
+        kept_rows = torch.where(keep, rows / p if rescale == "probability" else rows, 0.0)
+        masked = kept_rows.reshape(shape)
+        masked = masked.movedim(-1, 1) if mergekit and tau.dim() > 2 else masked
         return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,

@@ -204,9 +204,10 @@ class EPMQStats:
         if G_k is None:
             W_k = W_expert.to(device=self.G_e.device)
             # (tr(D H_k D^T) stays on the device until c_e is read: no wait per expert)
-            self._c_e_unread.append(a * accumulate_residual(
+            # (a new list, not an append: a shallow copy of these statistics keeps its own terms)
+            self._c_e_unread = self._c_e_unread + [a * accumulate_residual(
                 self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend,
-                input_precision=self.residual_precision, read=False))
+                input_precision=self.residual_precision, read=False)]
         else:
             self.G_e.add_(G_k, alpha=a)
             self._c_e += a * c_k
@@ -314,6 +315,11 @@ class EPMQStats:
                                    or leader._tasks_done != self._tasks_done):
             raise RuntimeError("the layer whose inputs these are has not folded in every task: "
                                "call its end_task() first")
+        if leader is not None and self.task_weights != leader.task_weights:
+            # (H_e is the leader's, weighted by its a_k; G_e and c_e by these: another objective)
+            raise ValueError(f"task weights {self.task_weights} differ from those of the layer whose "
+                             f"inputs these are ({leader.task_weights}), whose H_e this layer shares: give "
+                             f"both the same weight= (or none)")
         return self.H_e, self.H_m, self.G_e, self.G_m
 
 

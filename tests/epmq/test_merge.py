@@ -417,6 +417,36 @@ def test_della_in_mergekits_convention(gen):
         merge.della(base, taus, rescale="l2")
 
 
+def test_della_mergekit_ranks_along_dimension_1_and_its_limits():
+    """From a review: mergekit ranks a convolution's entries along dimension 1 (each kernel
+    position's input channels), refuses density + epsilon = 1, and drops a task vector at
+    density 0; its weighted mean divides by 1 where the agreeing weights sum to 0."""
+    tau = torch.arange(1.0, 25.0).reshape(2, 3, 4)  # magnitudes grow along every dimension
+    base = {"w": torch.zeros_like(tau)}
+    real_rand = torch.rand
+    try:  # every draw 0: every entry kept, divided by its keep probability
+        torch.rand = lambda *a, **k: torch.zeros(a[0], dtype=k.get("dtype"))
+        out = merge.della(base, [{"w": tau}], density=0.5, epsilon=0.3, rescale="probability",
+                          consensus=None, merge="sum", convention="mergekit")["w"]
+    finally:
+        torch.rand = real_rand
+    p = (tau / out)
+    torch.testing.assert_close(p, torch.tensor([0.2, 0.5, 0.8])[None, :, None].expand(2, 3, 4))
+    with pytest.raises(ValueError, match=r"density \+ epsilon < 1 \(as mergekit\)"):
+        merge.della(base, [{"w": tau}], density=0.7, epsilon=0.3, convention="mergekit")
+    merge.della(base, [{"w": tau}], density=0.7, epsilon=0.3)  # (epmq's own: keep probability 1)
+    dropped = merge.della(base, [{"w": tau}, {"w": 2 * tau}], density=[0.0, 1.0], convention="mergekit")
+    torch.testing.assert_close(dropped["w"], 2 * tau)  # (the disjoint mean of the one kept)
+    # weights 1 and -1 on opposite task vectors: both agree everywhere, with weights summing to 0
+    t = torch.tensor([[1.0, 2.0, -1.0]])
+    taus = [{"w": t}, {"w": -t}]
+    for fn in (lambda **kw: merge.ties({"w": torch.zeros(1, 3)}, taus, density=1.0, scope="tensor", **kw),
+               lambda **kw: merge.della({"w": torch.zeros(1, 3)}, taus, density=1.0, **kw)):
+        mk = fn(weights=[1.0, -1.0], merge="mean", convention="mergekit")["w"]
+        torch.testing.assert_close(mk, 2 * t)  # (mergekit's: the agreeing entries' sum)
+        assert torch.equal(fn(weights=[1.0, -1.0], merge="mean")["w"], torch.zeros(1, 3))
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

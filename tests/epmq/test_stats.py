@@ -107,6 +107,32 @@ def test_sharing_inputs_misuse_is_reported(gen):
         EPMQStats(W[:, :-1], inputs_of=q)
     with pytest.raises(ValueError, match="merged Hessian"):
         EPMQStats(W, inputs_of=q, merged_hessian=torch.eye(D_IN))
+    # (from a review) a task weight of its own would pair the leader's H_e with G_e weighted
+    # otherwise: another objective, whose expert term came out negative
+    lead = EPMQStats(W)
+    v = EPMQStats(W, inputs_of=lead)
+    lead.begin_task(W)
+    v.begin_task(W, weight=2.0)
+    x = batches(gen)[0]
+    lead.add_batch(x)
+    v.add_batch(x)
+    lead.end_task()
+    v.end_task()
+    with pytest.raises(ValueError, match=r"task weights \[.*2.0\] differ from those of the layer whose inputs"):
+        v.finalize()
+
+
+def test_a_shallow_copy_keeps_its_own_constant(gen):
+    """(From a review) the residuals' constants wait on the device in a list: a copy taken
+    before more tasks are folded in keeps the value it had."""
+    import copy
+
+    W = torch.randn(D_OUT, D_IN, generator=gen)
+    stats = EPMQStats(W, dtype=torch.float32)
+    stats.add_task(W + 0.1 * torch.randn(D_OUT, D_IN, generator=gen), torch.eye(D_IN))
+    before = copy.copy(stats)
+    stats.add_task(W + 0.1 * torch.randn(D_OUT, D_IN, generator=gen), 2 * torch.eye(D_IN))
+    assert before.c_e < stats.c_e and before.c_e == copy.copy(before).c_e
 
 
 def _asymmetric(gen, dtype, *, anchor_noise=0.3, first_weight=1.5):
