@@ -69,6 +69,16 @@ from epmq.cli import main as cli_main  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
 
 
+def save_word_tokenizer(path, tokens):
+    """A word-level tokenizer of ``tokens`` (ids in order), saved where transformers loads it."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(path)
+
+
 def open_checkpoint(path):
     """A checkpoint directory as a lazy state dict under its own names."""
     reader = CheckpointReader(path, path)
@@ -144,6 +154,8 @@ def main(argv=None):
                    gamma=args.gamma, t=args.t, methods={})
     with tempfile.TemporaryDirectory() as root:
         base_dir, expert_dirs = write_models(root)
+        for path in [base_dir] + expert_dirs:  # (one vocabulary, filling the embeddings' rows)
+            save_word_tokenizer(path, [f"t{i}" for i in range(100)])
         base = open_checkpoint(base_dir)
         experts = [open_checkpoint(p) for p in expert_dirs]
         runs = {
@@ -239,6 +251,14 @@ def main(argv=None):
                     base, experts, scale=args.scale, density=1.0, consensus="sign" if vote else None,
                     merge="mean" if vote else "sum", rescale="l1", convention="mergekit",
                     weights=weights))
+        # tokenizer_source: base, which mergekit runs through its vocabulary realignment (here the
+        # identity: every model has the base's 100 tokens for its 100 embedding rows)
+        runs["ties_tokenizer_source_base"] = (
+            dict(merge_method="ties", base_model=base_dir, dtype="float32", tokenizer_source="base",
+                 parameters=dict(normalize=True, **{"lambda": args.scale}),
+                 models=[dict(model=p, parameters=dict(weight=1.0, density=args.density)) for p in expert_dirs]),
+            lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor", merge="mean",
+                               convention="mergekit"))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

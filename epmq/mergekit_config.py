@@ -47,10 +47,17 @@ mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's d
 computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
 ``dtype``, by a rounding).
 
+``tokenizer_source: base`` (or ``tokenizer: {source: base}``) is read where it changes nothing:
+every model's vocabulary is the base's, token for id, and fills its embedding rows (mergekit
+then permutes the embeddings by the identity; the output carries the base's tokenizer either
+way). Where it does not (other vocabularies, embeddings padded past the vocabulary, which
+mergekit cuts to the vocabulary's size), and for ``union`` or another model's tokenizer, the
+config is refused saying why.
+
 Anything else is refused with the setting named, never approximated: other methods (nuslerp,
 SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
-masks, tokenizer and chat template settings, and ``model+lora`` sources.
+masks, added tokens, chat template settings, and ``model+lora`` sources.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ from typing import Callable, Mapping, Optional
 from .checks import check_number
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
-            "int8_mask"}
+            "int8_mask", "tokenizer_source", "tokenizer"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
            "della_linear", "linear", "model_stock", "slerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
@@ -221,6 +228,78 @@ def num_layers(model: str) -> int:
     return counts.pop()
 
 
+def _vocabulary(model: str):
+    """``(tokens -> ids, embedding rows)`` of ``model`` (a directory or HF hub id): its tokenizer's
+    vocabulary without ids past its embedding (as mergekit strips them), or None where it has no
+    tokenizer, and its text model's ``vocab_size``."""
+    import transformers
+
+    from .checkpoint_io import hub_snapshot, looks_like_hub_id
+
+    path = Path(model)
+    if not path.exists():
+        if not looks_like_hub_id(model):
+            raise ValueError(f"{model} is neither a directory nor an HF hub id")
+        path = hub_snapshot(model, kind="tokenizer")
+    config = transformers.AutoConfig.from_pretrained(path)
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    try:
+        vocab = transformers.AutoTokenizer.from_pretrained(path).get_vocab()
+    except Exception:  # (mergekit, too, takes a model without a tokenizer to have the base's)
+        return None, rows
+    return {token: i for token, i in vocab.items() if rows is None or i < rows}, rows
+
+
+def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabulary) -> Optional[str]:
+    """None where mergekit's ``tokenizer_source: base`` merges what a config without it merges
+    (every model's vocabulary is the base's, token for id, and fills its embedding rows: the
+    embeddings are permuted by the identity and keep their size); else why not: mergekit then
+    realigns or resizes the embeddings, which epmq does not translate."""
+    base_vocab, base_rows = vocabulary(base)
+    if base_vocab is None:
+        return f"the base model {base} has no tokenizer"
+    for model in [base] + [m for m in models if m != base]:
+        vocab, rows = vocabulary(model) if model != base else (base_vocab, base_rows)
+        if vocab is not None and vocab != base_vocab:
+            differ = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
+            return (f"the vocabulary of {model} is not the base's (e.g. {differ}): mergekit realigns its "
+                    f"embeddings token by token")
+        if rows != len(base_vocab):
+            return (f"{model} has {rows} embedding rows for the base tokenizer's {len(base_vocab)} tokens: "
+                    f"mergekit resizes its embeddings to the vocabulary")
+    return None
+
+
+def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers) -> None:
+    """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``, whose default is
+    "union"): translated where it changes nothing epmq merges (``base_tokenizer_changes_nothing``;
+    the output carries the base's tokenizer either way), refused with the reason otherwise."""
+    if "tokenizer_source" in config and "tokenizer" in config:
+        raise ValueError("give tokenizer_source or tokenizer, not both (as mergekit)")
+    source = config.get("tokenizer_source")
+    if "tokenizer" in config:
+        spec = config["tokenizer"]
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"tokenizer must be a mapping, got {spec!r}")
+        other = sorted(set(spec) - {"source"})
+        if other:
+            raise ValueError(f"tokenizer: {', '.join(other)} (added tokens, padded vocabularies) not translated "
+                             f"by epmq merge")
+        source = spec.get("source", "union")
+    if source is None:
+        return
+    if source == "union":
+        raise ValueError("tokenizer source 'union' builds a vocabulary of every model's tokens and realigns "
+                         "the embeddings to it: not translated by epmq merge (tokenizer_source: base is, where "
+                         "the models share the base's vocabulary)")
+    if source != "base" and source != base:
+        raise ValueError(f"tokenizer source {source!r} realigns the embeddings to another model's vocabulary: "
+                         f"not translated by epmq merge (tokenizer_source: base is)")
+    why = tokenizers(base, models)
+    if why is not None:
+        raise ValueError(f"tokenizer_source: base is translated where it changes nothing, and here {why}")
+
+
 def _whole_slice(slices, base: Optional[str], layers: Callable[[str], int]) -> tuple:
     """``(models entries, slice parameters)`` of ``slices:`` that is one slice of whole models."""
     if not (isinstance(slices, list) and len(slices) == 1 and isinstance(slices[0], Mapping)):
@@ -262,15 +341,16 @@ def _source(entry, k: int) -> tuple:
     return model, entry.get("parameters")
 
 
-def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) -> dict:
+def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers,
+                  tokenizers: Callable[[str, list], Optional[str]] = base_tokenizer_changes_nothing) -> dict:
     """An ``epmq merge`` config (``method``, ``base``, ``models``, ``params``, ``dtype``) that
     computes what the mergekit config ``config`` does; ValueError for what it cannot.
-    ``layers``: a model's layer count (read where ``slices`` or a gradient needs it)."""
+    ``layers``: a model's layer count (read where ``slices`` or a gradient needs it);
+    ``tokenizers``: why ``tokenizer_source: base`` would change the merge, or None."""
     unknown = sorted(set(config) - TOP_KEYS)
     if unknown:
         raise ValueError(f"mergekit config: {', '.join(unknown)} not supported by epmq merge (it reads "
-                         f"{', '.join(sorted(TOP_KEYS))}; tokenizer and chat template settings are not "
-                         f"translated)")
+                         f"{', '.join(sorted(TOP_KEYS))}; chat template settings are not translated)")
     method = config["merge_method"]
     if method not in METHODS:
         raise ValueError(f"mergekit merge_method {method!r} is not translated; translated: {', '.join(METHODS)}")
@@ -291,6 +371,8 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers) ->
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"models must be a list of {{model: ..., parameters: ...}}, got {entries!r}")
     sources = [_source(e, k) for k, e in enumerate(entries)]
+    # (without base_model, mergekit's tokenizer base is the first model, as epmq's companion files)
+    _tokenizer_source(config, base or sources[0][0], [m for m, _ in sources], tokenizers)
     # (a per-model parameter given for all: mergekit looks it up on the model, then the slice, then the top)
     given = {} if given is None else given
     if not isinstance(given, Mapping):

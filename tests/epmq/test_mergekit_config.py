@@ -122,7 +122,7 @@ def test_the_base_among_the_models_slerp_and_dtypes():
 @pytest.mark.parametrize("config, match", [
     (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
     (gta("ties", slices=[]), "give models or slices, not both"),
-    (gta("ties", tokenizer_source="base"), "tokenizer_source not supported"),
+    (gta("ties", chat_template="chatml"), "chat_template not supported"),
     (gta("ties", {"lambda": [0, 0.5, 1]}), "parameters.lambda is a gradient or a per-tensor filter"),
     (gta("ties", {"lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1}]}), "parameters.lambda is a gradient"),
     (gta("ties", {"rescale": True}), "rescale: true rescales the kept entries by the L1 norm"),
@@ -249,3 +249,50 @@ def test_layer_counts_from_config_json(tmp_path):
         num_layers(str(tmp_path / "vlm"))
     with pytest.raises(ValueError, match="has no config.json"):
         num_layers(str(tmp_path))
+
+
+def word_tokenizer(path, tokens):
+    """A tokenizer of the given tokens (ids in order) saved in ``path``, as transformers loads it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(path)
+
+
+def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
+    """mergekit's tokenizer_source: base (or tokenizer: {source: base}) merges what a config
+    without it merges where every model has the base's vocabulary, filling its embedding rows;
+    elsewhere mergekit realigns or resizes the embeddings, and the config is refused saying why."""
+    from epmq.mergekit_config import base_tokenizer_changes_nothing
+
+    config = lambda **extra: dict(gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2), **extra)  # noqa: E731
+    plain = from_mergekit(config())
+    same = lambda base, models: None  # noqa: E731
+    assert from_mergekit(config(tokenizer_source="base"), tokenizers=same) == plain
+    assert from_mergekit(config(tokenizer={"source": "base"}), tokenizers=same) == plain
+    assert from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m: None) == plain
+    for extra, match in [(dict(tokenizer_source="union"), "'union' builds a vocabulary of every model's tokens"),
+                         (dict(tokenizer={}), "'union'"),  # (mergekit's default source)
+                         (dict(tokenizer_source="e1"), "realigns the embeddings to another model's vocabulary"),
+                         (dict(tokenizer={"source": "base", "tokens": {"<x>": {}}}), "tokenizer: tokens"),
+                         (dict(tokenizer_source="base", tokenizer={"source": "base"}), "not both")]:
+        with pytest.raises(ValueError, match=match):
+            from_mergekit(config(**extra), tokenizers=same)
+    with pytest.raises(ValueError, match="here it differs"):
+        from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m: "it differs")
+
+    # the real check, on checkpoints that carry tokenizers: 64 embedding rows
+    tokens = [f"t{i}" for i in range(64)]
+    for name in ("base", "e0", "e1"):
+        (tmp_path / name).mkdir()
+        transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2).save_pretrained(tmp_path / name)
+        word_tokenizer(tmp_path / name, tokens)
+    base, models = str(tmp_path / "base"), [str(tmp_path / "e0"), str(tmp_path / "e1")]
+    assert base_tokenizer_changes_nothing(base, models) is None
+    word_tokenizer(tmp_path / "e1", tokens[:2] + [tokens[3], tokens[2]] + tokens[4:])  # (two ids swapped)
+    assert "the vocabulary of" in base_tokenizer_changes_nothing(base, models)
+    word_tokenizer(tmp_path / "e1", tokens)
+    word_tokenizer(tmp_path / "base", tokens[:60])  # (padded embedding rows past the vocabulary)
+    assert "has 64 embedding rows for the base tokenizer's 60 tokens" in base_tokenizer_changes_nothing(base, models)
