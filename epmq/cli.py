@@ -51,6 +51,8 @@ examples in configs/files/):
                                     # weights (one per model)
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
   max_shard_size: 5GB               # optional
+  chat_template: auto               # optional: the output tokenizer's template (Jinja text), or
+                                    # auto: the one most of the models carry
   calibration: [data/math.jsonl, data/code.jsonl]   # regmean only: each model's own task files
                                     # (as epmq quantize reads them; samples, seq_len, batch_size)
 
@@ -110,7 +112,7 @@ def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] 
 
 
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
-              "samples", "seq_len", "batch_size", "seed", "lora_base"}
+              "samples", "seq_len", "batch_size", "seed", "lora_base", "chat_template"}
 
 
 def _merge(args) -> int:
@@ -138,8 +140,8 @@ def _merge(args) -> int:
     t0 = time.perf_counter()
     try:
         check_reading(config)
-        data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed", "lora_base")
-                if k in config}
+        data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed", "lora_base",
+                                       "chat_template") if k in config}
         out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
                                 params=config.get("params"), dtype=config.get("dtype"),
                                 max_shard_size=config.get("max_shard_size", "5GB"),

@@ -342,12 +342,56 @@ def _layer_counts(config: dict) -> dict:
             if isinstance(c.get(field), int)}
 
 
+def chat_template_of(paths: Sequence[Path], chat_template: str) -> str:
+    """``chat_template`` itself (Jinja text), or for "auto" the template most of the checkpoints
+    ``paths`` carry (stripped, a dict's "default" entry), as mergekit picks it; ValueError where
+    none does or several tie (mergekit then takes one of them in no fixed order)."""
+    if chat_template != "auto":
+        if "{" not in chat_template:
+            raise ValueError(f"chat_template must be Jinja text or 'auto', got {chat_template!r} (a template "
+                             f"named after a format, such as mergekit's 'chatml', is not known here: give its text)")
+        return chat_template
+    import collections
+
+    import transformers
+
+    templates = []
+    for path in dict.fromkeys(paths):  # (each checkpoint once, as mergekit's set of models)
+        try:
+            template = transformers.AutoTokenizer.from_pretrained(path).chat_template
+        except Exception:  # (as mergekit: a model without a tokenizer has no say)
+            continue
+        template = template.get("default") if isinstance(template, dict) else template
+        if template:
+            templates.append(template.strip())
+    counts = collections.Counter(templates).most_common()
+    if not counts:
+        raise ValueError("chat_template: auto, and no model has a chat template")
+    if len(counts) > 1 and counts[1][1] == counts[0][1]:
+        raise ValueError(f"chat_template: auto, and {sum(1 for _, n in counts if n == counts[0][1])} chat templates "
+                         f"are each the models' most common ({counts[0][1]} of {len(templates)}): give one")
+    return counts[0][0]
+
+
+def _set_chat_template(source: Path, target: Path, template: str) -> None:
+    """The tokenizer of ``source`` written to ``target`` with the chat template ``template``."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise ValueError(f"chat_template: {source} has no tokenizer to carry it ({type(e).__name__}: {e})") from e
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(target)
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
                       calibration: Optional[Sequence] = None, samples: int = 128,
                       seq_len: int = 512, batch_size: int = 8, seed: int = 0,
-                      lora_base: Optional[Source] = None, progress: bool = True) -> Path:
+                      lora_base: Optional[Source] = None, chat_template: Optional[str] = None,
+                      progress: bool = True) -> Path:
     """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
 
@@ -364,9 +408,15 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
 
     Models that are LoRA adapters (``epmq.lora``) are the experts they make of ``base``; merged
     without one (average, slerp), of ``lora_base``, by default the base their configs name.
+
+    ``chat_template``: the output tokenizer's chat template (Jinja text), or "auto": the template
+    most of the models (the base included) carry, where one does (``chat_template_of``); the
+    tokenizer written is the base's (else the first model's), with that template.
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration)
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise ValueError(f"chat_template must be Jinja text or 'auto', got {chat_template!r}")
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
@@ -377,6 +427,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     lora_base = None if lora_base is None else local_checkpoint(lora_base)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
+    template = None if chat_template is None else chat_template_of(  # (before the merge's work)
+        [p for p in [base_path] if p is not None] + model_paths, chat_template)
     whole = _check_architectures(base_path, model_paths, models)
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
     names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
@@ -445,6 +497,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             if base_path is None and lora is not None and lora.base.path is not None:
                 companions = lora.base.path  # adapters merged without a base: their base's files
             _copy_companions(companions, tmp, dtype)
+            if template is not None:
+                _set_chat_template(companions, tmp, template)
             recipe = dict(method=method, params=params, dtype=dtype,
                           base=None if base is None else str(base), models=[str(m) for m in models])
             if calibration is not None:

@@ -57,7 +57,10 @@ config is refused saying why.
 Anything else is refused with the setting named, never approximated: other methods (nuslerp,
 SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
-masks, added tokens, chat template settings, and ``model+lora`` sources.
+masks, added tokens, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
+template most of the models carry, refused where several tie) is set on the output's
+tokenizer, as mergekit sets it; mergekit's templates named after a format ("chatml", ...) are
+its own files and are refused.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from typing import Callable, Mapping, Optional
 from .checks import check_number
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
-            "int8_mask", "tokenizer_source", "tokenizer"}
+            "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
            "della_linear", "linear", "model_stock", "slerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
@@ -343,14 +346,26 @@ def _source(entry, k: int) -> tuple:
 
 def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers,
                   tokenizers: Callable[[str, list], Optional[str]] = base_tokenizer_changes_nothing) -> dict:
-    """An ``epmq merge`` config (``method``, ``base``, ``models``, ``params``, ``dtype``) that
-    computes what the mergekit config ``config`` does; ValueError for what it cannot.
-    ``layers``: a model's layer count (read where ``slices`` or a gradient needs it);
-    ``tokenizers``: why ``tokenizer_source: base`` would change the merge, or None."""
+    """An ``epmq merge`` config (``method``, ``base``, ``models``, ``params``, ``dtype``, and
+    ``chat_template`` where it sets one) that computes what the mergekit config ``config`` does;
+    ValueError for what it cannot. ``layers``: a model's layer count (read where ``slices`` or a
+    gradient needs it); ``tokenizers``: why ``tokenizer_source: base`` would change the merge, or
+    None."""
+    translated = _translate(config, layers, tokenizers)
+    template = config.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str) or (template != "auto" and "{" not in template):
+            raise ValueError(f"chat_template {template!r}: epmq merge sets Jinja text or 'auto' (mergekit's "
+                             f"templates named after a format, such as 'chatml', are its own files: give the text)")
+        translated["chat_template"] = template
+    return translated
+
+
+def _translate(config: Mapping, layers, tokenizers) -> dict:
     unknown = sorted(set(config) - TOP_KEYS)
     if unknown:
         raise ValueError(f"mergekit config: {', '.join(unknown)} not supported by epmq merge (it reads "
-                         f"{', '.join(sorted(TOP_KEYS))}; chat template settings are not translated)")
+                         f"{', '.join(sorted(TOP_KEYS))})")
     method = config["merge_method"]
     if method not in METHODS:
         raise ValueError(f"mergekit merge_method {method!r} is not translated; translated: {', '.join(METHODS)}")

@@ -122,7 +122,7 @@ def test_the_base_among_the_models_slerp_and_dtypes():
 @pytest.mark.parametrize("config, match", [
     (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
     (gta("ties", slices=[]), "give models or slices, not both"),
-    (gta("ties", chat_template="chatml"), "chat_template not supported"),
+    (gta("ties", lora_merge_cache="/tmp"), "lora_merge_cache not supported"),
     (gta("ties", {"lambda": [0, 0.5, 1]}), "parameters.lambda is a gradient or a per-tensor filter"),
     (gta("ties", {"lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1}]}), "parameters.lambda is a gradient"),
     (gta("ties", {"rescale": True}), "rescale: true rescales the kept entries by the L1 norm"),
@@ -281,6 +281,12 @@ def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
             from_mergekit(config(**extra), tokenizers=same)
     with pytest.raises(ValueError, match="here it differs"):
         from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m: "it differs")
+    # chat_template: set on the output's tokenizer, Jinja text or auto; mergekit's named ones refused
+    assert from_mergekit(config(chat_template="auto")) == dict(plain, chat_template="auto")
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert from_mergekit(config(chat_template=jinja, tokenizer_source="base"), tokenizers=same)["chat_template"] == jinja
+    with pytest.raises(ValueError, match="'chatml'.*named after a format"):
+        from_mergekit(config(chat_template="chatml"))
 
     # the real check, on checkpoints that carry tokenizers: 64 embedding rows
     tokens = [f"t{i}" for i in range(64)]
@@ -296,3 +302,33 @@ def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
     word_tokenizer(tmp_path / "e1", tokens)
     word_tokenizer(tmp_path / "base", tokens[:60])  # (padded embedding rows past the vocabulary)
     assert "has 64 embedding rows for the base tokenizer's 60 tokens" in base_tokenizer_changes_nothing(base, models)
+
+
+def test_chat_template_auto_and_text(tmp_path):
+    """``chat_template`` of a merge: the template most models carry ("auto", as mergekit picks
+    it; refused where several tie), or the given text, on the base's tokenizer."""
+    from epmq.merge_checkpoint import merge_checkpoints
+
+    torch.manual_seed(0)
+    make = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    a, b = "{% for m in messages %}A{{ m['content'] }}{% endfor %}", "{% for m in messages %}B{% endfor %}"
+    tokens = [f"t{i}" for i in range(64)]
+    for name, template in (("base", None), ("e0", a), ("e1", a), ("e2", b)):
+        make().save_pretrained(tmp_path / name)
+        word_tokenizer(tmp_path / name, tokens)
+        if template is not None:
+            tok = transformers.AutoTokenizer.from_pretrained(tmp_path / name)
+            tok.chat_template = template + "\n"  # (mergekit compares them stripped)
+            tok.save_pretrained(tmp_path / name)
+    models = [tmp_path / "e0", tmp_path / "e1", tmp_path / "e2"]
+    out = merge_checkpoints("task_arithmetic", models, tmp_path / "auto", base=tmp_path / "base",
+                            chat_template="auto", progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == a
+    out = merge_checkpoints("task_arithmetic", models, tmp_path / "text", base=tmp_path / "base",
+                            chat_template=b, progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == b
+    with pytest.raises(ValueError, match="2 chat templates are each the models' most common"):
+        merge_checkpoints("task_arithmetic", models[1:], tmp_path / "tie", base=tmp_path / "base",
+                          chat_template="auto", progress=False)
+    assert not (tmp_path / "tie").exists()  # (nothing written)
