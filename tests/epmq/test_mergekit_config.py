@@ -284,7 +284,8 @@ def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
     # chat_template: set on the output's tokenizer, Jinja text or auto; mergekit's named ones refused
     assert from_mergekit(config(chat_template="auto")) == dict(plain, chat_template="auto")
     jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert from_mergekit(config(chat_template=jinja, tokenizer_source="base"), tokenizers=same)["chat_template"] == jinja
+    translated = from_mergekit(config(chat_template=jinja, tokenizer_source="base"), tokenizers=same)
+    assert translated["chat_template"] == jinja
     with pytest.raises(ValueError, match="'chatml'.*named after a format"):
         from_mergekit(config(chat_template="chatml"))
 
