@@ -259,6 +259,11 @@ def main(argv=None):
                  models=[dict(model=p, parameters=dict(weight=1.0, density=args.density)) for p in expert_dirs]),
             lambda: merge.ties(base, experts, scale=args.scale, density=args.density, scope="tensor", merge="mean",
                                convention="mergekit"))
+        for topk in (1.0, 0.3):
+            runs[f"sce_select_topk_{topk}"] = (
+                dict(merge_method="sce", base_model=base_dir, dtype="float32", parameters=dict(select_topk=topk),
+                     models=[dict(model=p) for p in expert_dirs]),
+                lambda topk=topk: merge.sce(base, experts, select_topk=topk))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

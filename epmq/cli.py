@@ -39,8 +39,8 @@ EXAMPLES = """examples:
 MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the current directory;
 examples in configs/files/):
 
-  method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, tsv,
-                                    # iso_c, model_stock, average, slerp, regmean
+  method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, sce,
+                                    # tsv, iso_c, model_stock, average, slerp, regmean
   base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (none for average,
                                     # slerp, regmean)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0):
@@ -58,7 +58,7 @@ examples in configs/files/):
 
 A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
 runs as it is for task_arithmetic, ties, breadcrumbs(_ties), dare_ties, dare_linear, della,
-della_linear, linear, model_stock and slerp (SLERP's t also as a gradient with filters; slices of whole models):
+della_linear, sce, linear, model_stock and slerp (SLERP's t also as a gradient with filters; slices of whole models):
 epmq.mergekit_config says how each maps, and the rest is refused by name.
 """
 

@@ -23,6 +23,8 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
                       tau_k with their singular vectors orthogonalised across tasks (matrices)
     iso_c             W = W_0 + scale * mean(S) U V^T, from the SVD U S V^T of sum_k tau_k
     model_stock       W = t mean_k W_k + (1 - t) W_0, t from the angle between task vectors
+    sce               W = W_0 + merge_k(w_k tau_k over the most varying entries, agreeing with
+                      the elected sign), w_k from each task vector's mean square
     slerp             spherical interpolation of two models (no base)
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
     regmean           W = (sum_k W_k G_k) (sum_k G_k)^-1 for linear layers, G_k the Gram
@@ -572,6 +574,37 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,
                          zero_vote=int(convention == "mergekit"))
+
+
+def sce(base, experts, select_topk: float = 1.0, *, out=None):
+    """SCE (Wan et al., 2024, FuseChat's merge): per tensor, Select the entries where the task
+    vectors vary most (the top ``select_topk`` of the entries whose variance across the experts
+    is nonzero; the others are zeroed), Calculate each task vector's weight as its mean square
+    over the tensor (normalized to sum to 1; equal where they sum below 1e-6), Erase the entries
+    whose sign is not that of their sum (+ where the sum is 0), then ``W = W_0 + sum_k w_k m_k
+    tau_k / max(sum_k w_k m_k, 1e-6)`` with ``m_k`` the agreeing entries. mergekit 0.1.5's
+    ``sce``, step for step (equal variances at the selection's boundary in ``torch.topk``'s
+    order, as its; no scale or per-model weight)."""
+    _needs_base(base, "sce")
+    _check_unit(select_topk, "select_topk")
+
+    def merge_tensor(name, W_0, W_k):
+        taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
+        if select_topk < 1:
+            variance = taus.var(dim=0, unbiased=False)
+            k = int(torch.count_nonzero(variance) * select_topk)
+            selected = torch.zeros_like(variance)
+            if k:
+                selected.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
+            taus = taus * selected
+        agree = taus.sign() == torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0)
+        energy = taus.square().reshape(len(taus), -1).mean(dim=1)
+        total = float(energy.sum())
+        weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(energy))
+        weights = weights.reshape(-1, *([1] * W_0.dim())) * agree
+        return W_0 + (taus * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+
+    return _merge_each(base, experts, merge_tensor, out)
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:

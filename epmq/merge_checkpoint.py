@@ -46,7 +46,7 @@ RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
-           "della": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
+           "della": True, "sce": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
            "slerp": False, "regmean": False}
 
 Source = Union[str, Path]

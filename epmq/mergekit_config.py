@@ -23,6 +23,7 @@ the two on the same checkpoints, tensor by tensor):
     linear              average(weights=weight) of every model, the base included
                         (normalize: true, its default)
     model_stock         model_stock(per_row=filter_wise)
+    sce                 sce(select_topk)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
@@ -76,7 +77,7 @@ from .checks import check_number
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
-           "della_linear", "linear", "model_stock", "slerp")
+           "della_linear", "sce", "linear", "model_stock", "slerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
@@ -89,6 +90,7 @@ SHARED = {
     "della_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
     "linear": {"normalize": True},
     "model_stock": {"filter_wise": False},
+    "sce": {"select_topk": 1.0, "int8_mask": False},
     "slerp": {"t": None},
 }
 PER_MODEL = {
@@ -102,6 +104,7 @@ PER_MODEL = {
     "della_linear": {"weight": None, "density": 1.0, "epsilon": 0.15},
     "linear": {"weight": None},
     "model_stock": {},
+    "sce": {},
     "slerp": {},
 }
 
@@ -447,6 +450,9 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
     if method == "model_stock":
         return dict(method="model_stock", base=base, models=experts, dtype=dtype,
                     params=dict(per_row=bool(shared["filter_wise"]), convention="mergekit"))
+    if method == "sce":
+        return dict(method="sce", base=base, models=experts, dtype=dtype,
+                    params=dict(select_topk=float(shared["select_topk"])))
 
     weights = [float(p["weight"]) for p in per_model]
     vote = method in ("ties", "breadcrumbs_ties", "dare_ties", "della")

@@ -38,7 +38,7 @@ from epmq_kernels.expert_residual import check_residual_precision
 # method of epmq.merge -> its label in tables; the merges of one base and N experts
 MERGE_LABELS = {
     "task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "breadcrumbs": "Breadcrumbs",
-    "della": "DELLA", "tsv": "TSV-M", "iso_c": "Iso-C", "model_stock": "Model Stock",
+    "della": "DELLA", "sce": "SCE", "tsv": "TSV-M", "iso_c": "Iso-C", "model_stock": "Model Stock",
     "average": "Avg", "regmean": "RegMean",
 }
 MERGE_METHODS = tuple(MERGE_LABELS)

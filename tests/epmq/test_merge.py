@@ -447,6 +447,34 @@ def test_della_mergekit_ranks_along_dimension_1_and_its_limits():
         assert torch.equal(fn(weights=[1.0, -1.0], merge="mean")["w"], torch.zeros(1, 3))
 
 
+def test_sce_by_its_definition(gen):
+    """SCE on hand-checkable task vectors: the selection by variance, the weights by mean square
+    of what was selected, the sign's erasure, the weighted mean of the agreeing entries."""
+    base = {"w": torch.zeros(2, 3), "n": torch.zeros(4)}
+    taus = [{"w": torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, 1.0]]), "n": torch.tensor([1.0, 1.0, 1.0, 1.0])},
+            {"w": torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 2.0]]), "n": torch.tensor([1.0, 1.0, 1.0, 1.0])}]
+    out = merge.sce(base, taus)
+    # no selection: energies 15.25/6 and 10.25/6, weights 15.25/25.5 and 10.25/25.5
+    w = torch.tensor([15.25, 10.25]) / 25.5
+    t = torch.stack([x["w"] for x in taus])
+    agree = t.sign() == torch.where(t.sum(0) >= 0, 1.0, -1.0)
+    want = (t * w[:, None, None] * agree).sum(0) / (w[:, None, None] * agree).sum(0).clamp(min=1e-6)
+    torch.testing.assert_close(out["w"], want)
+    assert out["w"][0, 1] == 2.0 and out["w"][0, 2] == 3.0  # (the sum 0 elects +; -2 and -1 erased)
+    torch.testing.assert_close(out["n"], torch.ones(4))  # (equal experts: their common vector)
+    # selection: the entries of largest variance only, int(0.7 * 3) = 2 of the 3 with nonzero
+    # variance (4, 4 and 0.25)
+    selected = merge.sce(base, taus, select_topk=0.7)["w"]
+    assert int((t.var(dim=0, unbiased=False) != 0).sum()) == 3
+    kept = (selected != 0)
+    assert kept.sum() == 2 and bool(kept[0, 1]) and bool(kept[0, 2])
+    assert torch.equal(merge.sce(base, taus, select_topk=0.7)["n"], torch.zeros(4))  # (no variance)
+    with pytest.raises(ValueError, match="select_topk"):
+        merge.sce(base, taus, select_topk=1.5)
+    with pytest.raises(ValueError, match="needs the base"):
+        merge.sce(None, taus)
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

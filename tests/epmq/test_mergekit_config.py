@@ -69,6 +69,13 @@ def test_each_method_and_its_defaults(config, expected):
     assert translated == dict(dict(base="base", models=["e0", "e1"], dtype=None), **expected)
 
 
+def test_sce():
+    assert from_mergekit(gta("sce", {"select_topk": 0.3, "int8_mask": True}, [{}, {}])) == dict(
+        method="sce", base="base", models=["e0", "e1"], dtype=None, params=dict(select_topk=0.3))
+    with pytest.raises(ValueError, match=r"models\[0\].parameters: weight not read by this method"):
+        from_mergekit(gta("sce"))
+
+
 def test_dare_is_the_same_merge_with_its_own_masks():
     """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
     DARE, said to draw its own masks."""
