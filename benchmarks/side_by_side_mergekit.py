@@ -264,6 +264,18 @@ def main(argv=None):
                 dict(merge_method="sce", base_model=base_dir, dtype="float32", parameters=dict(select_topk=topk),
                      models=[dict(model=p) for p in expert_dirs]),
                 lambda topk=topk: merge.sce(base, experts, select_topk=topk))
+        # NuSLERP: two experts (weights 1 and 3: t = 0.75), of their task vectors or of the models,
+        # each tensor whole, by rows, or by columns
+        pair, nu_weights = expert_dirs[1:], [1.0, 3.0]
+        for with_base, row_wise, flatten in ((True, False, True), (True, False, False), (False, True, False)):
+            vectors = "flat" if flatten else "cols" if row_wise else "rows"
+            runs[f"nuslerp_{'base' if with_base else 'no_base'}_{vectors}"] = (
+                dict(merge_method="nuslerp", dtype="float32", **(dict(base_model=base_dir) if with_base else {}),
+                     parameters=dict(nuslerp_row_wise=row_wise, nuslerp_flatten=flatten),
+                     models=[dict(model=p, parameters=dict(weight=w)) for p, w in zip(pair, nu_weights)]),
+                lambda with_base=with_base, row_wise=row_wise, flatten=flatten: merge.nuslerp(
+                    base if with_base else None, experts[1:], weights=nu_weights, row_wise=row_wise,
+                    flatten=flatten))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

@@ -26,6 +26,8 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
     sce               W = W_0 + merge_k(w_k tau_k over the most varying entries, agreeing with
                       the elected sign), w_k from each task vector's mean square
     slerp             spherical interpolation of two models (no base)
+    nuslerp           spherical interpolation of two experts or of their task vectors
+                      (mergekit's NuSLERP; the base optional)
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
     regmean           W = (sum_k W_k G_k) (sum_k G_k)^-1 for linear layers, G_k the Gram
                       matrix of their inputs on task k (data needed: ``stats.gram_matrices``)
@@ -744,6 +746,45 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
         return (ca * A + cb * B).reshape(W_k[0].shape)
 
     return _merge_each(None, [a, b], merge_tensor, out)
+
+
+def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool = False,
+            flatten: bool = True, *, out=None):
+    """mergekit's NuSLERP: spherical interpolation of two experts (``base=None``) or of their task
+    vectors (added to ``base``) at ``t = w_1 / (w_0 + w_1)`` (0.5 where the weights sum below
+    1e-6), without normalizing: ``(sin((1 - t) theta) v_0 + sin(t theta) v_1) / sin theta``,
+    ``theta`` the angle between ``v_0`` and ``v_1``, linear where they are parallel or opposite
+    to 1e-16 in ``1 - cos^2``. The vectors are each tensor whole (``flatten``, the default),
+    else its rows along the last dimension, or along the first (``row_wise``: a matrix's
+    columns). mergekit 0.1.5's ``nuslerp`` step for step."""
+    weights = _check_weights(_listed(weights), 2, divide=False)
+    if len(experts) != 2:
+        raise ValueError(f"nuslerp interpolates two experts, got {len(experts)}")
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+    def unit(x):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    def interpolate(v0, v1):
+        shape = v0.shape
+        if flatten:
+            v0, v1 = v0.reshape(-1), v1.reshape(-1)
+        elif row_wise:
+            v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+        cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+        parallel = (1 - cos.square()) <= 1e-16
+        theta = torch.acos(torch.where(parallel, 0, cos))
+        arc = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+        result = torch.where(parallel, (1 - t) * v0 + t * v1, arc)
+        return (result.transpose(0, -1) if row_wise and not flatten else result).reshape(shape)
+
+    def merge_tensor(name, W_0, W_k):
+        if W_0 is None:
+            return interpolate(W_k[0], W_k[1])
+        return W_0 + interpolate(W_k[0] - W_0, W_k[1] - W_0)
+
+    return _merge_each(base, experts, merge_tensor, out)
 
 
 # --------------------------------------------------------------------------- top-k threshold

@@ -44,10 +44,10 @@ from .lora import ADAPTER_CONFIG, is_lora_adapter, model_skeleton, open_expert
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
-# merge -> whether it takes a base model (slerp: two models, the first at t = 0)
+# merge -> whether it takes a base model (slerp: two models, the first at t = 0; None: optional)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "sce": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
-           "slerp": False, "regmean": False}
+           "slerp": False, "nuslerp": None, "regmean": False}
 
 Source = Union[str, Path]
 
@@ -200,12 +200,12 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if METHODS[method] and base is None:
+    if METHODS[method] is True and base is None:
         raise ValueError(f"merge {method} needs the base model (base=...)")
-    if not METHODS[method] and base is not None:
+    if METHODS[method] is False and base is not None:
         raise ValueError(f"merge {method} takes no base model: give the models to merge only")
-    if method == "slerp" and len(models) != 2:
-        raise ValueError(f"slerp interpolates two models, got {len(models)}")
+    if method in ("slerp", "nuslerp") and len(models) != 2:
+        raise ValueError(f"{method} interpolates two models, got {len(models)}")
     if not models:
         raise ValueError("no models to merge")
     check_merge_params(method, params or {})

@@ -24,6 +24,8 @@ the two on the same checkpoints, tensor by tensor):
                         (normalize: true, its default)
     model_stock         model_stock(per_row=filter_wise)
     sce                 sce(select_topk)
+    nuslerp             nuslerp(base_model or none, the two models, weights=weight,
+                                row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
@@ -55,8 +57,8 @@ way). Where it does not (other vocabularies, embeddings padded past the vocabula
 mergekit cuts to the vocabulary's size), and for ``union`` or another model's tokenizer, the
 config is refused saying why.
 
-Anything else is refused with the setting named, never approximated: other methods (nuslerp,
-SCE, Karcher, passthrough, ...), slices of parts of models (frankenmerges), gradients and
+Anything else is refused with the setting named, never approximated: other methods (Karcher,
+multislerp, passthrough, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
 masks, added tokens, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
 template most of the models carry, refused where several tie) is set on the output's
@@ -77,7 +79,7 @@ from .checks import check_number
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
-           "della_linear", "sce", "linear", "model_stock", "slerp")
+           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
@@ -91,6 +93,7 @@ SHARED = {
     "linear": {"normalize": True},
     "model_stock": {"filter_wise": False},
     "sce": {"select_topk": 1.0, "int8_mask": False},
+    "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
     "slerp": {"t": None},
 }
 PER_MODEL = {
@@ -106,6 +109,7 @@ PER_MODEL = {
     "model_stock": {},
     "sce": {},
     "slerp": {},
+    "nuslerp": {"weight": None},
 }
 
 
@@ -439,6 +443,12 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
                              f"parameters.weight for all)")
     if not experts:
         raise ValueError("models lists no model but the base")
+    if method == "nuslerp":
+        if len(experts) != 2:
+            raise ValueError(f"nuslerp interpolates two models besides the base, got {len(experts)}")
+        return dict(method="nuslerp", base=base, models=experts, dtype=dtype,
+                    params=dict(weights=[float(p["weight"]) for p in per_model],
+                                row_wise=bool(shared["nuslerp_row_wise"]), flatten=bool(shared["nuslerp_flatten"])))
     if method == "linear":
         if not shared["normalize"]:
             raise ValueError("linear with normalize: false is a weighted sum, not an average; epmq's "

@@ -43,7 +43,7 @@ MERGE_LABELS = {
 }
 MERGE_METHODS = tuple(MERGE_LABELS)
 # merges without a scale to choose (the pipeline's scale is ignored)
-UNSCALED_MERGES = ("average", "model_stock", "regmean")
+UNSCALED_MERGES = ("average", "model_stock", "sce", "regmean")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
 TARGETS = ("merged_path", "expert_path", "fp_path")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}

@@ -194,8 +194,8 @@ def test_merges_choose_on_validation(tiny_bench):
 
 @pytest.mark.parametrize("method, params", [
     ("dare", {"density": 0.5, "consensus": "sign"}), ("breadcrumbs", {"density": 0.8}),
-    ("della", {}), ("tsv", {}), ("iso_c", {}), ("model_stock", {}), ("average", {}),
-    ("regmean", {"alpha": 0.9}),
+    ("della", {}), ("sce", {"select_topk": 0.5}), ("tsv", {}), ("iso_c", {}), ("model_stock", {}),
+    ("average", {}), ("regmean", {"alpha": 0.9}),
 ])
 def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
     bench = tiny_bench
@@ -210,8 +210,8 @@ def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
 
         grams = [gram_matrices(bench.model(e), bench.calibration[t]) for t, e in zip(bench.task_names, experts)]
         want = fn(experts, {n: [g[n] for g in grams] for n in grams[0]}, **params)
-    elif method == "model_stock":
-        want = fn(bench.base_state, experts)
+    elif method in ("model_stock", "sce"):
+        want = fn(bench.base_state, experts, **params)
     else:
         want = fn(bench.base_state, experts, scale=0.3, **params)
     assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in state)

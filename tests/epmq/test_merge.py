@@ -475,6 +475,34 @@ def test_sce_by_its_definition(gen):
         merge.sce(None, taus)
 
 
+def test_nuslerp_by_its_geometry(gen):
+    """NuSLERP: t = w_1 / (w_0 + w_1); on the great circle between the two (unnormalized)
+    vectors, so orthogonal vectors of one length keep it; linear where they are parallel; of
+    task vectors with a base; per row (last dimension) or per column (row_wise)."""
+    e = torch.eye(4)
+    a, b = {"w": 2 * e[0:1]}, {"w": 2 * e[1:2]}
+    half = merge.nuslerp(None, [a, b])["w"]  # (weights 1 and 1: t = 0.5)
+    torch.testing.assert_close(half, 2 ** 0.5 * (e[0:1] + e[1:2]))
+    assert float(half.norm()) == pytest.approx(2.0)
+    torch.testing.assert_close(merge.nuslerp(None, [a, b], weights=[0.0, 2.0])["w"], b["w"])
+    torch.testing.assert_close(merge.nuslerp(None, [a, b], weights=[1.0, -1.0])["w"], half)  # (sum 0: t 0.5)
+    parallel = merge.nuslerp(None, [a, {"w": 6 * e[0:1]}], weights=[1.0, 3.0])["w"]
+    torch.testing.assert_close(parallel, 5 * e[0:1])  # (linear: 0.25 * 2 + 0.75 * 6)
+    base = {"w": torch.full((1, 4), 7.0)}
+    shifted = merge.nuslerp(base, [{"w": a["w"] + 7}, {"w": b["w"] + 7}])["w"]
+    torch.testing.assert_close(shifted, 7 + half)
+    # rows: each row on its own circle; columns with row_wise
+    A, B = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    rows = merge.nuslerp(None, [{"w": A}, {"w": B}], flatten=False)["w"]
+    cols = merge.nuslerp(None, [{"w": A}, {"w": B}], flatten=False, row_wise=True)["w"]
+    for r in range(3):
+        torch.testing.assert_close(rows[r], merge.nuslerp(None, [{"w": A[r]}, {"w": B[r]}])["w"])
+    for c in range(5):
+        torch.testing.assert_close(cols[:, c], merge.nuslerp(None, [{"w": A[:, c]}, {"w": B[:, c]}])["w"])
+    with pytest.raises(ValueError, match="two experts"):
+        merge.nuslerp(None, [a, b, a])
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

@@ -75,6 +75,19 @@ def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, met
     assert card.startswith("---\nbase_model:") and method in card and "tags:" in card
 
 
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_checkpoints_with_or_without_a_base(checkpoints, tmp_path, with_base):
+    root, base, experts = checkpoints
+    out = merge_checkpoints("nuslerp", [root / "e0", root / "e1"], tmp_path / "out",
+                            base=root / "base" if with_base else None, params={"weights": [1.0, 3.0]},
+                            progress=False)
+    want = merge.nuslerp(base if with_base else None, experts[:2], weights=[1.0, 3.0])
+    got = _load(out)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    with pytest.raises(ValueError, match="nuslerp interpolates two models, got 3"):
+        merge_checkpoints("nuslerp", [root / "e0", root / "e1", root / "e2"], tmp_path / "x")
+
+
 def test_slerp_average_dtype_and_replacement(checkpoints, tmp_path):
     root, base, experts = checkpoints
     out = tmp_path / "out"

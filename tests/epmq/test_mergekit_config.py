@@ -76,6 +76,18 @@ def test_sce():
         from_mergekit(gta("sce"))
 
 
+def test_nuslerp():
+    config = gta("nuslerp", {"nuslerp_flatten": False}, [{"weight": 1.0}, {"weight": 3.0}])
+    config["models"].insert(0, {"model": "base"})  # (listed: it is still the base)
+    assert from_mergekit(config) == dict(method="nuslerp", base="base", models=["e0", "e1"], dtype=None,
+                                         params=dict(weights=[1.0, 3.0], row_wise=False, flatten=False))
+    assert from_mergekit(gta("nuslerp", base=None))["base"] is None
+    with pytest.raises(ValueError, match="nuslerp interpolates two models besides the base, got 3"):
+        from_mergekit(gta("nuslerp", per_model=[{"weight": 1.0}] * 3))
+    with pytest.raises(ValueError, match="weight is missing"):
+        from_mergekit(gta("nuslerp", per_model=[{}, {}]))
+
+
 def test_dare_is_the_same_merge_with_its_own_masks():
     """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
     DARE, said to draw its own masks."""
@@ -127,7 +139,7 @@ def test_the_base_among_the_models_slerp_and_dtypes():
 
 
 @pytest.mark.parametrize("config, match", [
-    (gta("nuslerp"), "'nuslerp' is not translated; translated: task_arithmetic, ties"),
+    (gta("karcher"), "'karcher' is not translated; translated: task_arithmetic, ties"),
     (gta("ties", slices=[]), "give models or slices, not both"),
     (gta("ties", lora_merge_cache="/tmp"), "lora_merge_cache not supported"),
     (gta("ties", {"lambda": [0, 0.5, 1]}), "parameters.lambda is a gradient or a per-tensor filter"),
@@ -190,9 +202,9 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
                            base.state_dict()["model.layers.0.mlp.up_proj.weight"])
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="nuslerp")))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="karcher")))
     assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
-    assert "bad.yaml: mergekit merge_method 'nuslerp' is not translated" in capsys.readouterr().err
+    assert "bad.yaml: mergekit merge_method 'karcher' is not translated" in capsys.readouterr().err
 
 
 def slerp_slices(ranges, t=0.5, **extra):
