@@ -10,9 +10,10 @@ weight and Hessian given whole, as ``quant.epmq`` does), ``R`` and the anchor te
 products (``tf32x3_mm``, what ``fp32_mm`` picks on an H100/H200), anchor 1. A
 ``TorchDispatchMode`` counts, per aten op, the bytes its tensor arguments and results hold
 (an upper bound on what it reads and writes), leaving out views, the products (``mm``,
-``addmm``, ``matmul``) and the solver (the Triton kernel on a GPU; here the torch reference's
-column loop, run uncounted). ``scalar_reads`` counts ``float(t)``/``bool(t)``/``.item()``
-(``aten._local_scalar_dense``): on a GPU each one waits for the queue to drain. The residual
+``addmm``, ``matmul``, ``mv``, ``dot``, ...) and the solver (the Triton kernel on a GPU; here the
+torch reference's column loop, run uncounted). ``scalar_reads`` counts the host's reads of
+device values: ``float(t)``/``bool(t)``/``.item()``, ``nonzero`` (its size) and ``.tolist()``;
+on a GPU each one waits for the queue to drain. The residual
 runs by the torch backend here (one fp32 product per expert; the GPU's cuBLAS bf16x3 candidate
 splits its operands as ``bf16x3_mm`` does, not counted).
 
@@ -40,7 +41,18 @@ _CHILD = textwrap.dedent(r'''
 
     VIEWS = {"select", "slice", "diagonal", "permute", "view", "alias", "unsqueeze", "t",
              "transpose", "expand", "as_strided", "squeeze", "detach", "_unsafe_view", "reshape"}
-    PRODUCTS = {"mm", "addmm", "matmul", "bmm"}
+    PRODUCTS = {"mm", "addmm", "matmul", "bmm", "mv", "addmv", "dot", "vdot"}
+    # reads of device values by the host: .item()/float()/bool(), a nonzero's data-dependent
+    # size, and .tolist() (not an aten op: counted by wrapping it)
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    tolist_calls = [0]
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self, *args, **kwargs):
+        tolist_calls[0] += 1
+        return tolist(self, *args, **kwargs)
+
+    torch.Tensor.tolist = counted_tolist
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -50,7 +62,7 @@ _CHILD = textwrap.dedent(r'''
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            self.reads += func is torch.ops.aten._local_scalar_dense.default
+            self.reads += func in READS
             if name in VIEWS or name in PRODUCTS:
                 return out
             tensors = [t for t in list(args) + (list(out) if isinstance(out, (tuple, list)) else [out])
@@ -82,7 +94,8 @@ _CHILD = textwrap.dedent(r'''
     top = {name: dict(calls=count.calls[name], traffic_W=round(b / unit, 1))
            for name, b in count.bytes.most_common(10)}
     print("RESULT " + json.dumps(dict(traffic_W=round(sum(count.bytes.values()) / unit, 1),
-                                      ops=sum(count.calls.values()), scalar_reads=count.reads, top=top)))
+                                      ops=sum(count.calls.values()), scalar_reads=count.reads + tolist_calls[0],
+                                      top=top)))
 ''')
 
 

@@ -50,12 +50,13 @@ mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's d
 computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
 ``dtype``, by a rounding).
 
-``tokenizer_source: base`` (or ``tokenizer: {source: base}``) is read where it changes nothing:
-every model's vocabulary is the base's, token for id, and fills its embedding rows (mergekit
-then permutes the embeddings by the identity; the output carries the base's tokenizer either
-way). Where it does not (other vocabularies, embeddings padded past the vocabulary, which
-mergekit cuts to the vocabulary's size), and for ``union`` or another model's tokenizer, the
-config is refused saying why.
+``tokenizer_source: base`` (or the base's path, or ``union``; or ``tokenizer: {source: ...}``)
+is read where it changes nothing: every model's vocabulary is the base's, token for id, and
+fills its embedding rows (mergekit then permutes the embeddings by the identity; the output
+carries the base's tokenizer either way). Where it does not (other vocabularies, embeddings
+padded past the vocabulary, which mergekit cuts to the vocabulary's size, tokens past the
+embedding, a model without a tokenizer where no ``base_model`` is named), and for another
+model's tokenizer, the config is refused saying why.
 
 Anything else is refused with the setting named, never approximated: other methods (Karcher,
 multislerp, passthrough, ...), slices of parts of models (frankenmerges), gradients and
@@ -239,9 +240,9 @@ def num_layers(model: str) -> int:
 
 
 def _vocabulary(model: str):
-    """``(tokens -> ids, embedding rows)`` of ``model`` (a directory or HF hub id): its tokenizer's
-    vocabulary without ids past its embedding (as mergekit strips them), or None where it has no
-    tokenizer, and its text model's ``vocab_size``."""
+    """``(tokens -> ids, embedding rows, tokens past them)`` of ``model`` (a directory or HF hub
+    id): its tokenizer's vocabulary without ids past its embedding (as mergekit strips them), or
+    None where it has no tokenizer; its text model's ``vocab_size``; how many ids were past it."""
     import transformers
 
     from .checkpoint_io import hub_snapshot, looks_like_hub_id
@@ -256,20 +257,30 @@ def _vocabulary(model: str):
     try:
         vocab = transformers.AutoTokenizer.from_pretrained(path).get_vocab()
     except Exception:  # (mergekit, too, takes a model without a tokenizer to have the base's)
-        return None, rows
-    return {token: i for token, i in vocab.items() if rows is None or i < rows}, rows
+        return None, rows, 0
+    kept = {token: i for token, i in vocab.items() if rows is None or i < rows}
+    return kept, rows, len(vocab) - len(kept)
 
 
-def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabulary) -> Optional[str]:
-    """None where mergekit's ``tokenizer_source: base`` merges what a config without it merges
-    (every model's vocabulary is the base's, token for id, and fills its embedding rows: the
-    embeddings are permuted by the identity and keep their size); else why not: mergekit then
-    realigns or resizes the embeddings, which epmq does not translate."""
-    base_vocab, base_rows = vocabulary(base)
+def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabulary, *,
+                                   every_tokenizer: bool = False) -> Optional[str]:
+    """None where mergekit's tokenizer source (the base's, or the union of identical ones) merges
+    what a config without it merges: every model's vocabulary is the base's, token for id, and
+    fills its embedding rows (the embeddings are permuted by the identity and keep their size);
+    else why not: mergekit then realigns or resizes the embeddings, or fails, which epmq does not
+    translate. ``every_tokenizer``: every model must carry a tokenizer (without ``base_model``,
+    mergekit's tokenizer base is one of the models, picked in no fixed order)."""
+    base_vocab, base_rows, past = vocabulary(base)
     if base_vocab is None:
         return f"the base model {base} has no tokenizer"
+    if past:
+        return (f"the tokenizer of {base} has {past} tokens past its {base_rows} embedding rows (mergekit 0.1.5 "
+                f"strips them from BPE tokenizers only, fails on others, and keeps them for a model path)")
     for model in [base] + [m for m in models if m != base]:
-        vocab, rows = vocabulary(model) if model != base else (base_vocab, base_rows)
+        vocab, rows, _ = vocabulary(model) if model != base else (base_vocab, base_rows, 0)
+        if vocab is None and every_tokenizer:
+            return (f"{model} has no tokenizer, and without base_model mergekit's tokenizer base is one of the "
+                    f"models, picked in no fixed order")
         if vocab is not None and vocab != base_vocab:
             differ = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
             return (f"the vocabulary of {model} is not the base's (e.g. {differ}): mergekit realigns its "
@@ -280,10 +291,11 @@ def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabula
     return None
 
 
-def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers) -> None:
+def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers, base_given: bool) -> None:
     """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``, whose default is
-    "union"): translated where it changes nothing epmq merges (``base_tokenizer_changes_nothing``;
-    the output carries the base's tokenizer either way), refused with the reason otherwise."""
+    "union"): translated where it changes nothing epmq merges (``base_tokenizer_changes_nothing``:
+    "base", the base's own path, or "union" of vocabularies that are all the base's; the output
+    carries the base's tokenizer either way), refused with the reason otherwise."""
     if "tokenizer_source" in config and "tokenizer" in config:
         raise ValueError("give tokenizer_source or tokenizer, not both (as mergekit)")
     source = config.get("tokenizer_source")
@@ -291,23 +303,20 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
         spec = config["tokenizer"]
         if not isinstance(spec, Mapping):
             raise ValueError(f"tokenizer must be a mapping, got {spec!r}")
-        other = sorted(set(spec) - {"source"})
-        if other:
-            raise ValueError(f"tokenizer: {', '.join(other)} (added tokens, padded vocabularies) not translated "
+        used = sorted(k for k, v in spec.items() if k != "source" and v not in (None, {}, []))
+        if used:
+            raise ValueError(f"tokenizer: {', '.join(used)} (added tokens, padded vocabularies) not translated "
                              f"by epmq merge")
         source = spec.get("source", "union")
     if source is None:
         return
-    if source == "union":
-        raise ValueError("tokenizer source 'union' builds a vocabulary of every model's tokens and realigns "
-                         "the embeddings to it: not translated by epmq merge (tokenizer_source: base is, where "
-                         "the models share the base's vocabulary)")
-    if source != "base" and source != base:
-        raise ValueError(f"tokenizer source {source!r} realigns the embeddings to another model's vocabulary: "
-                         f"not translated by epmq merge (tokenizer_source: base is)")
-    why = tokenizers(base, models)
+    if source not in ("base", "union") and source != base:
+        raise ValueError(f"tokenizer source {source!r} gives the output another model's tokenizer and realigns "
+                         f"the embeddings to it: not translated by epmq merge (tokenizer_source: base is)")
+    why = tokenizers(base, models, every_tokenizer=not base_given)
     if why is not None:
-        raise ValueError(f"tokenizer_source: base is translated where it changes nothing, and here {why}")
+        raise ValueError(f"tokenizer source {source!r} is translated where it changes nothing (every model has "
+                         f"the base's vocabulary), and here {why}")
 
 
 def _whole_slice(slices, base: Optional[str], layers: Callable[[str], int]) -> tuple:
@@ -393,8 +402,8 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"models must be a list of {{model: ..., parameters: ...}}, got {entries!r}")
     sources = [_source(e, k) for k, e in enumerate(entries)]
-    # (without base_model, mergekit's tokenizer base is the first model, as epmq's companion files)
-    _tokenizer_source(config, base or sources[0][0], [m for m, _ in sources], tokenizers)
+    # (without base_model, the vocabulary compared against is the first model's: all must match)
+    _tokenizer_source(config, base or sources[0][0], [m for m, _ in sources], tokenizers, base is not None)
     # (a per-model parameter given for all: mergekit looks it up on the model, then the slice, then the top)
     given = {} if given is None else given
     if not isinstance(given, Mapping):

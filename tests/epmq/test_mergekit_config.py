@@ -280,26 +280,33 @@ def word_tokenizer(path, tokens):
 
 
 def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
-    """mergekit's tokenizer_source: base (or tokenizer: {source: base}) merges what a config
-    without it merges where every model has the base's vocabulary, filling its embedding rows;
-    elsewhere mergekit realigns or resizes the embeddings, and the config is refused saying why."""
+    """mergekit's tokenizer_source: base (or the base's path, or union; or tokenizer: {source:
+    ...}) merges what a config without it merges where every model has the base's vocabulary,
+    filling its embedding rows; elsewhere mergekit realigns or resizes the embeddings, or fails,
+    and the config is refused saying why."""
     from epmq.mergekit_config import base_tokenizer_changes_nothing
 
     config = lambda **extra: dict(gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2), **extra)  # noqa: E731
     plain = from_mergekit(config())
-    same = lambda base, models: None  # noqa: E731
-    assert from_mergekit(config(tokenizer_source="base"), tokenizers=same) == plain
-    assert from_mergekit(config(tokenizer={"source": "base"}), tokenizers=same) == plain
-    assert from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m: None) == plain
-    for extra, match in [(dict(tokenizer_source="union"), "'union' builds a vocabulary of every model's tokens"),
-                         (dict(tokenizer={}), "'union'"),  # (mergekit's default source)
-                         (dict(tokenizer_source="e1"), "realigns the embeddings to another model's vocabulary"),
+    same = lambda base, models, every_tokenizer: None  # noqa: E731
+    for extra in (dict(tokenizer_source="base"), dict(tokenizer={"source": "base"}), dict(tokenizer_source="union"),
+                  dict(tokenizer={}), dict(tokenizer={"source": "base", "tokens": {}, "pad_to_multiple_of": None})):
+        assert from_mergekit(config(**extra), tokenizers=same) == plain
+    by_path = dict(gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2, base="ckpt/b0"), tokenizer_source="ckpt/b0")
+    assert from_mergekit(by_path, tokenizers=same)["base"] == "ckpt/b0"  # (the base's own path)
+    for extra, match in [(dict(tokenizer_source="e1"), "gives the output another model's tokenizer"),
                          (dict(tokenizer={"source": "base", "tokens": {"<x>": {}}}), "tokenizer: tokens"),
+                         (dict(tokenizer={"pad_to_multiple_of": 64}), "tokenizer: pad_to_multiple_of"),
                          (dict(tokenizer_source="base", tokenizer={"source": "base"}), "not both")]:
         with pytest.raises(ValueError, match=match):
             from_mergekit(config(**extra), tokenizers=same)
     with pytest.raises(ValueError, match="here it differs"):
-        from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m: "it differs")
+        from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m, every_tokenizer: "it differs")
+    # without base_model every model must carry a tokenizer (mergekit's base is one of them)
+    asked = []
+    from_mergekit(dict(gta("linear", base=None), tokenizer_source="union"),
+                  tokenizers=lambda b, m, every_tokenizer: asked.append((b, every_tokenizer)))
+    assert asked == [("e0", True)]
     # chat_template: set on the output's tokenizer, Jinja text or auto; mergekit's named ones refused
     assert from_mergekit(config(chat_template="auto")) == dict(plain, chat_template="auto")
     jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -322,6 +329,14 @@ def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
     word_tokenizer(tmp_path / "e1", tokens)
     word_tokenizer(tmp_path / "base", tokens[:60])  # (padded embedding rows past the vocabulary)
     assert "has 64 embedding rows for the base tokenizer's 60 tokens" in base_tokenizer_changes_nothing(base, models)
+    word_tokenizer(tmp_path / "base", tokens + ["<past>"])  # (a token past the embedding)
+    assert "1 tokens past its 64 embedding rows" in base_tokenizer_changes_nothing(base, models)
+    word_tokenizer(tmp_path / "base", tokens)
+    for f in (tmp_path / "e1").glob("tokenizer*"):
+        f.unlink()  # (a model without a tokenizer: the base's, as mergekit takes it, unless no base is named)
+    assert base_tokenizer_changes_nothing(base, models) is None
+    assert "has no tokenizer, and without base_model" in base_tokenizer_changes_nothing(
+        base, models, every_tokenizer=True)
 
 
 def test_chat_template_auto_and_text(tmp_path):
