@@ -276,6 +276,12 @@ def main(argv=None):
                 lambda with_base=with_base, row_wise=row_wise, flatten=flatten: merge.nuslerp(
                     base if with_base else None, experts[1:], weights=nu_weights, row_wise=row_wise,
                     flatten=flatten))
+        # Multi-SLERP of three experts (weights 1, 0.5, 2), of their task vectors and of the models
+        for with_base in (True, False):
+            runs[f"multislerp_{'base' if with_base else 'no_base'}"] = (
+                dict(merge_method="multislerp", dtype="float32", **(dict(base_model=base_dir) if with_base else {}),
+                     models=[dict(model=p, parameters=dict(weight=w)) for p, w in zip(expert_dirs, weights)]),
+                lambda with_base=with_base: merge.multislerp(base if with_base else None, experts, weights=weights))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

@@ -28,6 +28,8 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
     slerp             spherical interpolation of two models (no base)
     nuslerp           spherical interpolation of two experts or of their task vectors
                       (mergekit's NuSLERP; the base optional)
+    multislerp        a weighted mean of several experts (or task vectors) on the sphere
+                      (mergekit's Multi-SLERP; the base optional)
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
     regmean           W = (sum_k W_k G_k) (sum_k G_k)^-1 for linear layers, G_k the Gram
                       matrix of their inputs on task k (data needed: ``stats.gram_matrices``)
@@ -783,6 +785,55 @@ def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool
         if W_0 is None:
             return interpolate(W_k[0], W_k[1])
         return W_0 + interpolate(W_k[0] - W_0, W_k[1] - W_0)
+
+    return _merge_each(base, experts, merge_tensor, out)
+
+
+def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normalize_weights: bool = True,
+               eps: float = 1e-8, *, out=None):
+    """mergekit's Multi-SLERP: a weighted mean of several experts (or of their task vectors,
+    added to ``base``) on the sphere. Per tensor: each vector scaled to unit length, their
+    weighted mean ``m`` normalized, each unit vector's part orthogonal to ``m`` averaged with the
+    weights (``g``), mapped back by ``m cos|g| + g sin|g| / |g|`` and scaled by the weighted mean
+    of the vectors' lengths. ``weights``: one per expert (default 1), divided by their sum
+    (``normalize_weights``). Where the weighted mean of the unit vectors vanishes, two experts
+    are averaged linearly and more are refused, but where every vector is 0 (a tensor no expert
+    changed: frozen embeddings, norms) the base is kept (mergekit 0.1.5 raises). One expert is
+    returned as it is. Otherwise mergekit's ``multislerp`` step for step (``eps`` as its)."""
+    weights = _check_weights(_listed(weights), len(experts), divide=normalize_weights)
+    check_number(eps, "eps", 0)
+
+    def merge_tensor(name, W_0, W_k):
+        if len(W_k) == 1:
+            return W_k[0]
+        vectors = torch.stack([W_k[k] for k in range(len(W_k))])
+        if W_0 is not None:
+            vectors -= W_0
+        flat = vectors.view(len(vectors), -1)
+        w = torch.tensor([1.0] * len(vectors) if weights is None else weights, dtype=vectors.dtype)
+        if normalize_weights:
+            w = w / w.sum()
+        norms = torch.norm(flat, dim=-1, keepdim=True)
+        unit = flat / (norms + eps)
+        mean = (unit * w.view(-1, 1)).sum(0)
+        mean_norm = torch.norm(mean)
+        if mean_norm < eps and bool((norms < eps).all()):
+            # (no expert moved this tensor: the base, or the zero vectors themselves; mergekit raises)
+            result = torch.zeros_like(vectors[0])
+            return result if W_0 is None else result + W_0
+        if mean_norm < eps:
+            if len(vectors) != 2:
+                raise ValueError(f"multislerp: the weighted mean of the experts' directions is 0 at {name!r} "
+                                 f"(opposite vectors with weights that balance): give other weights")
+            result = (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])
+            return result if W_0 is None else result + W_0
+        mean = mean / mean_norm
+        tangent = unit - (unit * mean).sum(-1, keepdim=True) * mean
+        g = (tangent * w.view(-1, 1)).sum(0)
+        g_norm = torch.norm(g) + eps
+        result = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
+        result = (result * (norms.squeeze(-1) * w).sum()).view(vectors.shape[1:])
+        return result if W_0 is None else result + W_0
 
     return _merge_each(base, experts, merge_tensor, out)
 

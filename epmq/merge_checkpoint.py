@@ -47,7 +47,7 @@ CARD_MARK = "<!-- model card written by epmq merge; a README without this line i
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0; None: optional)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "sce": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
-           "slerp": False, "nuslerp": None, "regmean": False}
+           "slerp": False, "nuslerp": None, "multislerp": None, "regmean": False}
 
 Source = Union[str, Path]
 

@@ -26,6 +26,8 @@ the two on the same checkpoints, tensor by tensor):
     sce                 sce(select_topk)
     nuslerp             nuslerp(base_model or none, the two models, weights=weight,
                                 row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+    multislerp          multislerp(base_model or none, the models, weights=weight,
+                                   normalize_weights, eps)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
@@ -59,7 +61,7 @@ embedding, a model without a tokenizer where no ``base_model`` is named), and fo
 model's tokenizer, the config is refused saying why.
 
 Anything else is refused with the setting named, never approximated: other methods (Karcher,
-multislerp, passthrough, ...), slices of parts of models (frankenmerges), gradients and
+passthrough, arcee_fusion, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
 masks, added tokens, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
 template most of the models carry, refused where several tie) is set on the output's
@@ -80,7 +82,7 @@ from .checks import check_number
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
-           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp")
+           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp", "multislerp")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
@@ -95,6 +97,7 @@ SHARED = {
     "model_stock": {"filter_wise": False},
     "sce": {"select_topk": 1.0, "int8_mask": False},
     "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"normalize_weights": True, "eps": 1e-8},
     "slerp": {"t": None},
 }
 PER_MODEL = {
@@ -111,6 +114,7 @@ PER_MODEL = {
     "sce": {},
     "slerp": {},
     "nuslerp": {"weight": None},
+    "multislerp": {"weight": None},
 }
 
 
@@ -458,6 +462,10 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
         return dict(method="nuslerp", base=base, models=experts, dtype=dtype,
                     params=dict(weights=[float(p["weight"]) for p in per_model],
                                 row_wise=bool(shared["nuslerp_row_wise"]), flatten=bool(shared["nuslerp_flatten"])))
+    if method == "multislerp":
+        return dict(method="multislerp", base=base, models=experts, dtype=dtype,
+                    params=dict(weights=[float(p["weight"]) for p in per_model],
+                                normalize_weights=bool(shared["normalize_weights"]), eps=float(shared["eps"])))
     if method == "linear":
         if not shared["normalize"]:
             raise ValueError("linear with normalize: false is a weighted sum, not an average; epmq's "

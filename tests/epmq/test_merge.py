@@ -503,6 +503,28 @@ def test_nuslerp_by_its_geometry(gen):
         merge.nuslerp(None, [a, b, a])
 
 
+def test_multislerp_by_its_geometry():
+    """Multi-SLERP: the midpoint of two orthogonal vectors of one length on their circle;
+    vectors of one direction give it with the weighted mean length; one expert as it is;
+    opposite vectors that balance: two averaged linearly, more refused."""
+    e = torch.eye(3)
+    a, b, c = ({"w": 2 * e[i]} for i in range(3))
+    torch.testing.assert_close(merge.multislerp(None, [a, b])["w"], 2 ** 0.5 * (e[0] + e[1]))
+    same = merge.multislerp(None, [{"w": e[0]}, {"w": 3 * e[0]}], weights=[1.0, 3.0])["w"]
+    torch.testing.assert_close(same, 2.5 * e[0])  # (lengths 1 and 3, weights 1/4 and 3/4)
+    base = {"w": torch.full((3,), 5.0)}
+    torch.testing.assert_close(merge.multislerp(base, [{"w": a["w"] + 5}, {"w": b["w"] + 5}])["w"],
+                               5 + 2 ** 0.5 * (e[0] + e[1]))
+    assert torch.equal(merge.multislerp(base, [a])["w"], a["w"])
+    three = merge.multislerp(None, [a, b, c])["w"]  # (symmetric: along the diagonal, length 2)
+    torch.testing.assert_close(three, 2 * torch.ones(3) / 3 ** 0.5)
+    torch.testing.assert_close(merge.multislerp(None, [a, {"w": -a["w"]}])["w"], torch.zeros(3))
+    with pytest.raises(ValueError, match="weighted mean of the experts' directions is 0 at 'w'"):
+        merge.multislerp(None, [a, {"w": -a["w"]}, {"w": e[1]}], weights=[1.0, 1.0, 0.0])
+    # a tensor no expert changed keeps the base (mergekit 0.1.5 raises there)
+    assert torch.equal(merge.multislerp(base, [base, base, base])["w"], base["w"])
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

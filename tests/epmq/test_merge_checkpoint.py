@@ -52,6 +52,7 @@ def _load(path):
 @pytest.mark.parametrize("method, params", [
     ("ties", {"density": 0.3, "scope": "global"}), ("dare", {"density": 0.5, "consensus": "sign"}),
     ("tsv", {"scale": 0.5}), ("model_stock", {}), ("sce", {"select_topk": 0.5}),
+    ("multislerp", {"weights": [1.0, 0.5, 2.0]}),
 ])
 def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, method, params):
     root, base, experts = checkpoints

@@ -88,6 +88,12 @@ def test_nuslerp():
         from_mergekit(gta("nuslerp", per_model=[{}, {}]))
 
 
+def test_multislerp():
+    assert from_mergekit(gta("multislerp", {"eps": 1e-6}, [{"weight": 1.0}, {"weight": 2.0}], base=None)) == dict(
+        method="multislerp", base=None, models=["e0", "e1"], dtype=None,
+        params=dict(weights=[1.0, 2.0], normalize_weights=True, eps=1e-6))
+
+
 def test_dare_is_the_same_merge_with_its_own_masks():
     """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
     DARE, said to draw its own masks."""
