@@ -282,6 +282,15 @@ def main(argv=None):
                 dict(merge_method="multislerp", dtype="float32", **(dict(base_model=base_dir) if with_base else {}),
                      models=[dict(model=p, parameters=dict(weight=w)) for p, w in zip(expert_dirs, weights)]),
                 lambda with_base=with_base: merge.multislerp(base if with_base else None, experts, weights=weights))
+        # Karcher mean of every model (the base among them: first, or added by mergekit)
+        runs["karcher_base_listed"] = (
+            dict(merge_method="karcher", base_model=base_dir, dtype="float32",
+                 models=[dict(model=base_dir)] + [dict(model=p) for p in expert_dirs]),
+            lambda: merge.karcher([base] + experts))
+        runs["karcher"] = (
+            dict(merge_method="karcher", dtype="float32", parameters=dict(max_iter=20, tol=1e-6),
+                 models=[dict(model=p) for p in expert_dirs]),
+            lambda: merge.karcher(experts, max_iter=20, tol=1e-6))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

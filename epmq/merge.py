@@ -30,6 +30,8 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
                       (mergekit's NuSLERP; the base optional)
     multislerp        a weighted mean of several experts (or task vectors) on the sphere
                       (mergekit's Multi-SLERP; the base optional)
+    karcher           the models' Riemannian (Karcher) mean on the sphere, scaled by their mean
+                      norm (mergekit's; no base)
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
     regmean           W = (sum_k W_k G_k) (sum_k G_k)^-1 for linear layers, G_k the Gram
                       matrix of their inputs on task k (data needed: ``stats.gram_matrices``)
@@ -836,6 +838,54 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
         return result if W_0 is None else result + W_0
 
     return _merge_each(base, experts, merge_tensor, out)
+
+
+def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
+    """mergekit's Karcher mean: the models' directions averaged on the sphere (per tensor, equal
+    weights) by up to ``max_iter`` steps of the Riemannian mean (each along the weighted tangent
+    ``sum_k alpha_k theta_k / sin theta_k (u_k - cos theta_k m)``, stopping where it is below
+    ``tol``), scaled by the mean of the models' norms; zero tensors (norm <= ``tol``) take no
+    part in the direction. mergekit 0.1.5's ``karcher`` step for step."""
+    if not is_int(max_iter) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    check_number(tol, "tol", 0)
+
+    def merge_tensor(name, W_0, W_k):
+        tensors = [W_k[k] for k in range(len(W_k))]
+        if len(tensors) == 1:
+            return tensors[0]
+        alphas = [1.0 / len(tensors)] * len(tensors)
+        norms = [torch.linalg.vector_norm(t) for t in tensors]
+        units = [torch.zeros_like(t) if float(n) == 0.0 else t / n for t, n in zip(tensors, norms)]
+        valid = [k for k, n in enumerate(norms) if float(n) > tol]
+        if not valid:
+            return sum(t * 0 for t in tensors)
+        total = sum(alphas[k] for k in valid)
+        weights = [alphas[k] / total for k in valid]
+        units = [units[k] for k in valid]
+        mean = torch.zeros_like(units[0])
+        for alpha, unit in zip(weights, units):
+            mean += alpha * unit
+        mean_norm = torch.linalg.vector_norm(mean)
+        mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+        for _ in range(max_iter):
+            tangent = torch.zeros_like(mean)
+            for alpha, unit in zip(weights, units):
+                cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+                theta = torch.arccos(cos)
+                if float(theta) < tol:
+                    continue
+                tangent += alpha * (theta / torch.sin(theta)) * (unit - cos * mean)
+            step = torch.linalg.vector_norm(tangent)
+            if float(step) < tol:
+                break
+            mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
+            length = torch.linalg.vector_norm(mean)
+            if float(length) > tol:
+                mean = mean / length
+        return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
+
+    return _merge_each(None, list(models), merge_tensor, out)
 
 
 # --------------------------------------------------------------------------- top-k threshold

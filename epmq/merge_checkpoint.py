@@ -47,7 +47,7 @@ CARD_MARK = "<!-- model card written by epmq merge; a README without this line i
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0; None: optional)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "sce": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
-           "slerp": False, "nuslerp": None, "multislerp": None, "regmean": False}
+           "slerp": False, "nuslerp": None, "multislerp": None, "karcher": False, "regmean": False}
 
 Source = Union[str, Path]
 
@@ -479,7 +479,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             writer = _TiedWriter(writer, ties) if ties else writer
             if method == "slerp":
                 fn(sources[0], sources[1], out=writer, **params)
-            elif method == "average":
+            elif method in ("average", "karcher"):
                 fn(sources, out=writer, **params)
             elif method == "regmean":
                 with loading_bars(progress):

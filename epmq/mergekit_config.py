@@ -28,6 +28,7 @@ the two on the same checkpoints, tensor by tensor):
                                 row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     multislerp          multislerp(base_model or none, the models, weights=weight,
                                    normalize_weights, eps)
+    karcher             karcher(every model, the base too, max_iter, tol)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
@@ -60,8 +61,8 @@ padded past the vocabulary, which mergekit cuts to the vocabulary's size, tokens
 embedding, a model without a tokenizer where no ``base_model`` is named), and for another
 model's tokenizer, the config is refused saying why.
 
-Anything else is refused with the setting named, never approximated: other methods (Karcher,
-passthrough, arcee_fusion, ...), slices of parts of models (frankenmerges), gradients and
+Anything else is refused with the setting named, never approximated: other methods
+(passthrough, arcee_fusion, nearswap, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
 masks, added tokens, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
 template most of the models carry, refused where several tie) is set on the output's
@@ -82,7 +83,7 @@ from .checks import check_number
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
-           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp", "multislerp")
+           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp", "multislerp", "karcher")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
@@ -98,6 +99,7 @@ SHARED = {
     "sce": {"select_topk": 1.0, "int8_mask": False},
     "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
     "multislerp": {"normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
     "slerp": {"t": None},
 }
 PER_MODEL = {
@@ -115,6 +117,7 @@ PER_MODEL = {
     "slerp": {},
     "nuslerp": {"weight": None},
     "multislerp": {"weight": None},
+    "karcher": {},
 }
 
 
@@ -441,11 +444,11 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
         return dict(method="slerp", base=None, models=[base, other], params=dict(t=t), dtype=dtype)
 
     # linear averages every model it lists, the base too (and adds the base if it is not listed)
-    inputs = sources + ([(base, None)] if method == "linear" and base is not None
+    inputs = sources + ([(base, None)] if method in ("linear", "karcher") and base is not None
                         and base not in [m for m, _ in sources] else [])
     experts, per_model = [], []
     for k, (model, own) in enumerate(inputs):
-        if model == base and method != "linear":  # (mergekit lists the base among the models; not an expert)
+        if model == base and method not in ("linear", "karcher"):  # (mergekit lists the base; not an expert)
             continue
         experts.append(model)
         where = f"models[{k}].parameters" if k < len(sources) else "base_model (added to linear's models)"
@@ -462,6 +465,12 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
         return dict(method="nuslerp", base=base, models=experts, dtype=dtype,
                     params=dict(weights=[float(p["weight"]) for p in per_model],
                                 row_wise=bool(shared["nuslerp_row_wise"]), flatten=bool(shared["nuslerp_flatten"])))
+    if method == "karcher":
+        max_iter = shared["max_iter"]
+        if float(max_iter) != int(max_iter):
+            raise ValueError(f"parameters.max_iter must be a whole number, got {max_iter!r}")
+        return dict(method="karcher", base=None, models=experts, dtype=dtype,
+                    params=dict(max_iter=int(max_iter), tol=float(shared["tol"])))
     if method == "multislerp":
         return dict(method="multislerp", base=base, models=experts, dtype=dtype,
                     params=dict(weights=[float(p["weight"]) for p in per_model],

@@ -525,6 +525,21 @@ def test_multislerp_by_its_geometry():
     assert torch.equal(merge.multislerp(base, [base, base, base])["w"], base["w"])
 
 
+def test_karcher_by_its_geometry():
+    """Karcher mean: two orthogonal vectors of one length meet at their midpoint on the circle;
+    three symmetric ones on the diagonal; a zero model has no direction but counts in the
+    length; equal models give themselves."""
+    e = torch.eye(3)
+    a, b, c = ({"w": 2 * e[i]} for i in range(3))
+    torch.testing.assert_close(merge.karcher([a, b])["w"], 2 ** 0.5 * (e[0] + e[1]))
+    torch.testing.assert_close(merge.karcher([a, b, c], max_iter=50, tol=1e-9)["w"], 2 * torch.ones(3) / 3 ** 0.5)
+    torch.testing.assert_close(merge.karcher([a, {"w": torch.zeros(3)}])["w"], e[0])  # (length (2 + 0) / 2)
+    torch.testing.assert_close(merge.karcher([a, a, a])["w"], a["w"])
+    assert torch.equal(merge.karcher([a])["w"], a["w"])
+    with pytest.raises(ValueError, match="max_iter"):
+        merge.karcher([a, b], max_iter=2.5)
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

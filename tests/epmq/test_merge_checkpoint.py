@@ -76,6 +76,15 @@ def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, met
     assert card.startswith("---\nbase_model:") and method in card and "tags:" in card
 
 
+def test_karcher_checkpoints(checkpoints, tmp_path):
+    root, base, experts = checkpoints
+    out = merge_checkpoints("karcher", [root / "base", root / "e0", root / "e1"], tmp_path / "out",
+                            params={"max_iter": 5}, progress=False)
+    want = merge.karcher([base] + experts[:2], max_iter=5)
+    got = _load(out)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+
 @pytest.mark.parametrize("with_base", [True, False])
 def test_nuslerp_checkpoints_with_or_without_a_base(checkpoints, tmp_path, with_base):
     root, base, experts = checkpoints

@@ -94,6 +94,18 @@ def test_multislerp():
         params=dict(weights=[1.0, 2.0], normalize_weights=True, eps=1e-6))
 
 
+def test_karcher_takes_every_model():
+    """mergekit's Karcher mean averages every model, the base among them (last where it is not
+    listed, as mergekit orders them: the same sums, bit for bit)."""
+    assert from_mergekit(gta("karcher", {"max_iter": 20}, [{}, {}])) == dict(
+        method="karcher", base=None, models=["e0", "e1", "base"], dtype=None, params=dict(max_iter=20, tol=1e-5))
+    listed = gta("karcher", None, [{}, {}])
+    listed["models"].insert(0, {"model": "base"})
+    assert from_mergekit(listed)["models"] == ["base", "e0", "e1"]
+    with pytest.raises(ValueError, match="max_iter must be a whole number"):
+        from_mergekit(gta("karcher", {"max_iter": 2.5}, [{}, {}]))
+
+
 def test_dare_is_the_same_merge_with_its_own_masks():
     """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
     DARE, said to draw its own masks."""
@@ -145,7 +157,7 @@ def test_the_base_among_the_models_slerp_and_dtypes():
 
 
 @pytest.mark.parametrize("config, match", [
-    (gta("karcher"), "'karcher' is not translated; translated: task_arithmetic, ties"),
+    (gta("passthrough"), "'passthrough' is not translated; translated: task_arithmetic, ties"),
     (gta("ties", slices=[]), "give models or slices, not both"),
     (gta("ties", lora_merge_cache="/tmp"), "lora_merge_cache not supported"),
     (gta("ties", {"lambda": [0, 0.5, 1]}), "parameters.lambda is a gradient or a per-tensor filter"),
@@ -208,9 +220,9 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
                            base.state_dict()["model.layers.0.mlp.up_proj.weight"])
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="karcher")))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="passthrough")))
     assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
-    assert "bad.yaml: mergekit merge_method 'karcher' is not translated" in capsys.readouterr().err
+    assert "bad.yaml: mergekit merge_method 'passthrough' is not translated" in capsys.readouterr().err
 
 
 def slerp_slices(ranges, t=0.5, **extra):
