@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -124,9 +125,13 @@ def _merge(args) -> int:
     config = _load_yaml(Path(args.config), MERGE_CONFIG)
     if is_mergekit(config):
         try:
-            config = {k: v for k, v in from_mergekit(config).items() if v is not None}
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                config = {k: v for k, v in from_mergekit(config).items() if v is not None}
         except ValueError as e:
             raise CLIError(f"{args.config}: {e}") from e
+        for note in notes:  # (what the translation warns of: a line each, not a Python warning)
+            print(f"{args.config}: note: {note.message}", file=sys.stderr)
         if not args.quiet:
             print(f"mergekit config read as: {config}")
     config = _yaml_mapping(Path(args.config), MERGE_KEYS, ("method", "models"), MERGE_CONFIG, config)

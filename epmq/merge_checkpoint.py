@@ -342,10 +342,11 @@ def _layer_counts(config: dict) -> dict:
             if isinstance(c.get(field), int)}
 
 
-def chat_template_of(paths: Sequence[Path], chat_template: str) -> str:
+def chat_template_of(paths: Sequence[Path], chat_template: str) -> Optional[str]:
     """``chat_template`` itself (Jinja text), or for "auto" the template most of the checkpoints
-    ``paths`` carry (stripped, a dict's "default" entry), as mergekit picks it; ValueError where
-    none does or several tie (mergekit then takes one of them in no fixed order)."""
+    ``paths`` carry (stripped, a dict's "default" entry), as mergekit picks it, and None where
+    none carries one (the base's tokenizer is written as it is, as mergekit leaves it);
+    ValueError where several tie (mergekit then takes one of them in no fixed order)."""
     if chat_template != "auto":
         if "{" not in chat_template:
             raise ValueError(f"chat_template must be Jinja text or 'auto', got {chat_template!r} (a template "
@@ -366,7 +367,7 @@ def chat_template_of(paths: Sequence[Path], chat_template: str) -> str:
             templates.append(template.strip())
     counts = collections.Counter(templates).most_common()
     if not counts:
-        raise ValueError("chat_template: auto, and no model has a chat template")
+        return None
     if len(counts) > 1 and counts[1][1] == counts[0][1]:
         raise ValueError(f"chat_template: auto, and {sum(1 for _, n in counts if n == counts[0][1])} chat templates "
                          f"are each the models' most common ({counts[0][1]} of {len(templates)}): give one")

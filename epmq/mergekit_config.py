@@ -49,9 +49,13 @@ head) take the value at 0. ``N`` is the count the base model's ``config.json`` s
 ``normalize: true`` on a method without a sign vote divides by the sum of the weights, which is
 ``weights`` divided by their sum. ``lambda`` defaults to 1 and ``density`` to 1, as mergekit's
 (epmq's own defaults differ: the translation states every value). ``int8_mask`` changes only
-mergekit's memory and is ignored; ``dtype`` (or ``out_dtype``) is the output's dtype (epmq
-computes in fp32, so a bf16 or fp16 result can differ from mergekit's, which computes in
-``dtype``, by a rounding).
+mergekit's memory and is ignored (for every method); so is a per-model ``weight`` where
+mergekit ignores it (Model Stock, SCE, Karcher: warned). ``dtype`` (or ``out_dtype``) is the
+output's dtype: epmq computes in fp32 and rounds once, where mergekit computes in ``dtype``
+(and, with an ``out_dtype``, casts to it), so a bf16 or fp16 result can differ from mergekit's:
+by one rounding for the interpolations, by several where many terms are summed (TIES on norm
+weights near 1: up to 0.078 in bf16, measured), and an fp32 ``out_dtype`` of fp16 arithmetic
+holds more than fp16's digits.
 
 ``tokenizer_source: base`` (or the base's path, or ``union``; or ``tokenizer: {source: ...}``)
 is read where it changes nothing: every model's vocabulary is the base's, token for id, and
@@ -112,13 +116,16 @@ PER_MODEL = {
     "della": {"weight": None, "density": 1.0, "epsilon": 0.15},
     "della_linear": {"weight": None, "density": 1.0, "epsilon": 0.15},
     "linear": {"weight": None},
-    "model_stock": {},
-    "sce": {},
+    "model_stock": {"weight": 1.0},  # (weight: read nowhere, as mergekit ignores it: warned)
+    "sce": {"weight": 1.0},
     "slerp": {},
     "nuslerp": {"weight": None},
     "multislerp": {"weight": None},
-    "karcher": {},
+    "karcher": {"weight": 1.0},
 }
+
+
+IGNORES_WEIGHT = ("model_stock", "sce", "karcher")
 
 
 def is_mergekit(config: Mapping) -> bool:
@@ -415,6 +422,9 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
     given = {} if given is None else given
     if not isinstance(given, Mapping):
         raise ValueError(f"parameters must be a mapping, got {given!r}")
+    if "int8_mask" in given:  # (mergekit's mask memory, whatever the method: read nowhere)
+        _scalar(given["int8_mask"], "parameters.int8_mask")
+        given = {k: v for k, v in given.items() if k != "int8_mask"}
     for_all = {k: v for k, v in given.items() if k in PER_MODEL[method]}
     shared = _parameters({k: v for k, v in given.items() if k not in for_all},
                          {**SHARED[method], **dict.fromkeys(PER_MODEL[method])}, "parameters",
@@ -459,6 +469,8 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
                              f"parameters.weight for all)")
     if not experts:
         raise ValueError("models lists no model but the base")
+    if method in IGNORES_WEIGHT and any(float(p["weight"]) != 1.0 for p in per_model):
+        warnings.warn(f"{method}: weight is not read (mergekit's {method} ignores it too): the models count alike")
     if method == "nuslerp":
         if len(experts) != 2:
             raise ValueError(f"nuslerp interpolates two models besides the base, got {len(experts)}")
@@ -476,9 +488,9 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
                     params=dict(weights=[float(p["weight"]) for p in per_model],
                                 normalize_weights=bool(shared["normalize_weights"]), eps=float(shared["eps"])))
     if method == "linear":
-        if not shared["normalize"]:
-            raise ValueError("linear with normalize: false is a weighted sum, not an average; epmq's "
-                             "average divides by the weights' sum")
+        if not shared["normalize"] and sum(float(p["weight"]) for p in per_model) != 1.0:
+            raise ValueError("linear with normalize: false is a weighted sum, not an average, unless the weights "
+                             "sum to 1; epmq's average divides by the weights' sum")
         return dict(method="average", base=None, models=experts, dtype=dtype,
                     params=dict(weights=[p["weight"] for p in per_model]))
     if base is None:

@@ -3,6 +3,7 @@
 (That the translations give mergekit's own tensors is measured against mergekit itself in
 ``benchmarks/side_by_side_mergekit.py``: mergekit is not a dependency.)"""
 
+import json
 import warnings
 
 import pytest
@@ -72,8 +73,13 @@ def test_each_method_and_its_defaults(config, expected):
 def test_sce():
     assert from_mergekit(gta("sce", {"select_topk": 0.3, "int8_mask": True}, [{}, {}])) == dict(
         method="sce", base="base", models=["e0", "e1"], dtype=None, params=dict(select_topk=0.3))
-    with pytest.raises(ValueError, match=r"models\[0\].parameters: weight not read by this method"):
-        from_mergekit(gta("sce"))
+    with pytest.warns(UserWarning, match="sce: weight is not read"):  # (mergekit ignores it too)
+        assert from_mergekit(gta("sce"))["params"] == dict(select_topk=1.0)
+    # int8_mask (mergekit's memory) is read nowhere, whatever the method
+    assert from_mergekit(gta("linear", {"int8_mask": True}, base=None))["method"] == "average"
+    # linear without normalize: the weighted sum, which is the average where the weights sum to 1
+    assert from_mergekit(gta("linear", {"normalize": False}, [{"weight": 0.5}, {"weight": 0.5}], base=None))[
+        "params"] == dict(weights=[0.5, 0.5])
 
 
 def test_nuslerp():
@@ -212,8 +218,8 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     # DELLA: the merge epmq.merge makes with its own masks (seed 0), warned
     della = dict(config, merge_method="della", parameters={"lambda": 0.7, "epsilon": 0.2})
     (tmp_path / "della.yaml").write_text(yaml.safe_dump(della))
-    with pytest.warns(UserWarning, match="della: DELLA drops random entries"):
-        assert main(["merge", str(tmp_path / "della.yaml"), str(tmp_path / "della")]) == 0
+    assert main(["merge", str(tmp_path / "della.yaml"), str(tmp_path / "della")]) == 0
+    assert "della.yaml: note: della: DELLA drops random entries" in capsys.readouterr().err  # (a line, not a warning)
     got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "della").state_dict()
     expected = merge.della(base.state_dict(), [e.state_dict() for e in experts], scale=0.7, density=0.3,
                            epsilon=0.2, weights=[1.0, 0.5], rescale="l1", convention="mergekit", seed=0)
@@ -381,6 +387,17 @@ def test_chat_template_auto_and_text(tmp_path):
     out = merge_checkpoints("task_arithmetic", models, tmp_path / "text", base=tmp_path / "base",
                             chat_template=b, progress=False)
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == b
+    untouched = merge_checkpoints("task_arithmetic", models[:1], tmp_path / "none", base=tmp_path / "base",
+                                  chat_template="auto", progress=False)  # (e0's template...)
+    assert transformers.AutoTokenizer.from_pretrained(untouched).chat_template == a
+    for f in (tmp_path / "e0").glob("chat_template*"):
+        f.unlink()
+    cfg = json.loads((tmp_path / "e0" / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "e0" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plain = merge_checkpoints("task_arithmetic", models[:1], tmp_path / "plain", base=tmp_path / "base",
+                              chat_template="auto", progress=False)  # (...and none: none set, as mergekit)
+    assert transformers.AutoTokenizer.from_pretrained(plain).chat_template is None
     with pytest.raises(ValueError, match="2 chat templates are each the models' most common"):
         merge_checkpoints("task_arithmetic", models[1:], tmp_path / "tie", base=tmp_path / "base",
                           chat_template="auto", progress=False)
