@@ -38,6 +38,9 @@ MERGES = [
     MergePlan("breadcrumbs", list(TA_SCALES), params={"density": 0.9, "gamma": 0.01}),
     MergePlan("della", list(MEAN_SCALES), params={"density": 0.7, "epsilon": 0.15}),
     MergePlan("model_stock", [1.0]),
+    MergePlan("sce", [1.0], params={"select_topk": 0.1}),
+    MergePlan("multislerp", [1.0]),
+    MergePlan("karcher", [1.0]),
     MergePlan("tsv", list(SPECTRAL_SCALES)),
     MergePlan("iso_c", list(SPECTRAL_SCALES)),
     MergePlan("regmean", [1.0], params={"alpha": 0.9}),  # data: each expert on its calibration set

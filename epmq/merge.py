@@ -563,11 +563,12 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
             return tau
         if kept(k) == 0:
             return torch.zeros_like(tau)
-        # the ranks run along a matrix's rows; mergekit's along dimension 1 of any tensor (of a
-        # [out, in, kh, kw] convolution: each kernel position's input channels)
-        rows = tau.movedim(1, -1) if mergekit and tau.dim() > 2 else tau
-        shape = rows.shape
-        rows = _rows(rows.reshape(-1, shape[-1]) if rows.dim() > 2 else rows)
+        # the ranks run along each output row (all of a tensor's entries past dimension 0);
+        # mergekit's along dimension 1 of any tensor (of a [out, in, kh, kw] convolution: each
+        # kernel position's input channels)
+        channels_last = mergekit and tau.dim() > 2
+        shape = tau.movedim(1, -1).shape if channels_last else tau.shape
+        rows = tau.movedim(1, -1).reshape(-1, shape[-1]) if channels_last else _rows(tau)
         n = rows.shape[1]
         rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
         p = kept(k) + spread(k) * (2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank))
@@ -575,7 +576,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         keep = draw < p
         kept_rows = torch.where(keep, rows / p if rescale == "probability" else rows, 0.0)
         masked = kept_rows.reshape(shape)
-        masked = masked.movedim(-1, 1) if mergekit and tau.dim() > 2 else masked
+        masked = masked.movedim(-1, 1) if channels_last else masked
         return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,

@@ -39,11 +39,11 @@ from epmq_kernels.expert_residual import check_residual_precision
 MERGE_LABELS = {
     "task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "breadcrumbs": "Breadcrumbs",
     "della": "DELLA", "sce": "SCE", "tsv": "TSV-M", "iso_c": "Iso-C", "model_stock": "Model Stock",
-    "average": "Avg", "regmean": "RegMean",
+    "multislerp": "Multi-SLERP", "karcher": "Karcher", "average": "Avg", "regmean": "RegMean",
 }
 MERGE_METHODS = tuple(MERGE_LABELS)
 # merges without a scale to choose (the pipeline's scale is ignored)
-UNSCALED_MERGES = ("average", "model_stock", "sce", "regmean")
+UNSCALED_MERGES = ("average", "model_stock", "sce", "multislerp", "karcher", "regmean")
 QUANT_METHODS = ("rtn", "gptq", "epmq")
 TARGETS = ("merged_path", "expert_path", "fp_path")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
@@ -294,8 +294,8 @@ def _moved(value, old: Path, new: Path):
 def merged_state(bench, plan: MergePlan, scale):
     """The bench's experts merged as ``plan`` says, with ``scale``."""
     experts = [bench.experts[t] for t in bench.task_names]
-    if plan.method == "average":
-        return merge_lib.average(experts, **plan.params)
+    if plan.method in ("average", "karcher"):  # (the experts alone)
+        return getattr(merge_lib, plan.method)(experts, **plan.params)
     if plan.method == "regmean":
         grams = expert_grams(bench)  # task -> name -> Gram
         per_name = {n: [grams[t][n] for t in bench.task_names] for n in grams[bench.task_names[0]]}

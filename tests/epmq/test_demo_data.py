@@ -195,7 +195,7 @@ def test_merges_choose_on_validation(tiny_bench):
 @pytest.mark.parametrize("method, params", [
     ("dare", {"density": 0.5, "consensus": "sign"}), ("breadcrumbs", {"density": 0.8}),
     ("della", {}), ("sce", {"select_topk": 0.5}), ("tsv", {}), ("iso_c", {}), ("model_stock", {}),
-    ("average", {}), ("regmean", {"alpha": 0.9}),
+    ("multislerp", {}), ("karcher", {}), ("average", {}), ("regmean", {"alpha": 0.9}),
 ])
 def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
     bench = tiny_bench
@@ -203,14 +203,14 @@ def test_every_merge_runs_in_the_pipeline(tiny_bench, method, params):
     plan = MergePlan(method, params=params)
     state = merged_state(bench, plan, 0.3)
     fn = getattr(merge, method)
-    if method == "average":
+    if method in ("average", "karcher"):
         want = fn(experts)
     elif method == "regmean":
         from epmq.stats import gram_matrices
 
         grams = [gram_matrices(bench.model(e), bench.calibration[t]) for t, e in zip(bench.task_names, experts)]
         want = fn(experts, {n: [g[n] for g in grams] for n in grams[0]}, **params)
-    elif method in ("model_stock", "sce"):
+    elif method in ("model_stock", "sce", "multislerp"):
         want = fn(bench.base_state, experts, **params)
     else:
         want = fn(bench.base_state, experts, scale=0.3, **params)

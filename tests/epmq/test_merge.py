@@ -428,10 +428,14 @@ def test_della_mergekit_ranks_along_dimension_1_and_its_limits():
         torch.rand = lambda *a, **k: torch.zeros(a[0], dtype=k.get("dtype"))
         out = merge.della(base, [{"w": tau}], density=0.5, epsilon=0.3, rescale="probability",
                           consensus=None, merge="sum", convention="mergekit")["w"]
+        own = merge.della(base, [{"w": tau}], density=0.5, epsilon=0.3, rescale="probability",
+                          consensus=None, merge="sum")["w"]
     finally:
         torch.rand = real_rand
     p = (tau / out)
     torch.testing.assert_close(p, torch.tensor([0.2, 0.5, 0.8])[None, :, None].expand(2, 3, 4))
+    # epmq's own: ranks over each output row's 12 entries, as before mergekit's convention existed
+    torch.testing.assert_close(tau / own, (0.2 + 0.6 * torch.arange(12.0) / 11).expand(2, 12).reshape(2, 3, 4))
     with pytest.raises(ValueError, match=r"density \+ epsilon < 1 \(as mergekit\)"):
         merge.della(base, [{"w": tau}], density=0.7, epsilon=0.3, convention="mergekit")
     merge.della(base, [{"w": tau}], density=0.7, epsilon=0.3)  # (epmq's own: keep probability 1)
