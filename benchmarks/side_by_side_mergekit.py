@@ -291,6 +291,10 @@ def main(argv=None):
             dict(merge_method="karcher", dtype="float32", parameters=dict(max_iter=20, tol=1e-6),
                  models=[dict(model=p) for p in expert_dirs]),
             lambda: merge.karcher(experts, max_iter=20, tol=1e-6))
+        runs["nearswap"] = (
+            dict(merge_method="nearswap", base_model=base_dir, dtype="float32", parameters=dict(t=0.001),
+                 models=[dict(model=base_dir), dict(model=expert_dirs[1])]),
+            lambda: merge.nearswap(base, experts[1:2], t=0.001))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

@@ -42,7 +42,7 @@ examples in configs/files/):
 
   method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, sce,
                                     # tsv, iso_c, model_stock, average, slerp, nuslerp,
-                                    # multislerp, karcher, regmean
+                                    # multislerp, karcher, nearswap, regmean
   base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (none for average,
                                     # slerp, regmean)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0):
@@ -60,9 +60,9 @@ examples in configs/files/):
 
 A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
 runs as it is for task_arithmetic, ties, breadcrumbs(_ties), dare_ties, dare_linear, della,
-della_linear, sce, linear, model_stock, slerp, nuslerp, multislerp and karcher (SLERP's t also
-as a gradient with filters; slices of whole models): epmq.mergekit_config says how each maps,
-and the rest is refused by name.
+della_linear, sce, linear, model_stock, slerp, nuslerp, multislerp, karcher and nearswap
+(SLERP's t also as a gradient with filters; slices of whole models): epmq.mergekit_config says
+how each maps, and the rest is refused by name.
 """
 
 

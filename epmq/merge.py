@@ -32,6 +32,7 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
                       (mergekit's Multi-SLERP; the base optional)
     karcher           the models' Riemannian (Karcher) mean on the sphere, scaled by their mean
                       norm (mergekit's; no base)
+    nearswap          the base's entries moved to one expert's where they are close (mergekit's)
     average           W = sum_k w_k W_k / sum_k w_k   (w_k = 1: a model soup)
     regmean           W = (sum_k W_k G_k) (sum_k G_k)^-1 for linear layers, G_k the Gram
                       matrix of their inputs on task k (data needed: ``stats.gram_matrices``)
@@ -887,6 +888,24 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
         return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
 
     return _merge_each(None, list(models), merge_tensor, out)
+
+
+def nearswap(base, experts, t: float = 0.001, *, out=None):
+    """mergekit's NearSwap: the base's entries move to the one expert's where the two are close,
+    ``W = w W_1 + (1 - w) W_0`` with ``w = min(1, t / max(|W_1 - W_0|, 1e-6))`` entry by entry:
+    entries that differ by less than ``t`` take the expert's value, the others move by ``t``
+    toward it. mergekit 0.1.5's ``nearswap`` step for step."""
+    _needs_base(base, "nearswap")
+    if len(experts) != 1:
+        raise ValueError(f"nearswap moves the base toward one expert, got {len(experts)}")
+    t = check_number(t, "t", 0)
+
+    def merge_tensor(name, W_0, W_k):
+        W_1 = W_k[0]
+        w = (t / torch.abs(W_0 - W_1).clamp(min=1e-6)).clamp(min=0, max=1)
+        return w * W_1 + (1 - w) * W_0
+
+    return _merge_each(base, experts, merge_tensor, out)
 
 
 # --------------------------------------------------------------------------- top-k threshold

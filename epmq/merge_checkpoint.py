@@ -47,7 +47,8 @@ CARD_MARK = "<!-- model card written by epmq merge; a README without this line i
 # merge -> whether it takes a base model (slerp: two models, the first at t = 0; None: optional)
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "sce": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
-           "slerp": False, "nuslerp": None, "multislerp": None, "karcher": False, "regmean": False}
+           "slerp": False, "nuslerp": None, "multislerp": None, "karcher": False, "nearswap": True,
+           "regmean": False}
 
 Source = Union[str, Path]
 

@@ -29,6 +29,7 @@ the two on the same checkpoints, tensor by tensor):
     multislerp          multislerp(base_model or none, the models, weights=weight,
                                    normalize_weights, eps)
     karcher             karcher(every model, the base too, max_iter, tol)
+    nearswap            nearswap(base_model, the other model, t)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
@@ -66,7 +67,7 @@ embedding, a model without a tokenizer where no ``base_model`` is named), and fo
 model's tokenizer, the config is refused saying why.
 
 Anything else is refused with the setting named, never approximated: other methods
-(passthrough, arcee_fusion, nearswap, ...), slices of parts of models (frankenmerges), gradients and
+(passthrough, arcee_fusion, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
 masks, added tokens, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
 template most of the models carry, refused where several tie) is set on the output's
@@ -87,7 +88,8 @@ from .checks import check_number
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
-           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp", "multislerp", "karcher")
+           "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp", "multislerp", "karcher",
+           "nearswap")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
@@ -104,6 +106,7 @@ SHARED = {
     "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
     "multislerp": {"normalize_weights": True, "eps": 1e-8},
     "karcher": {"max_iter": 10, "tol": 1e-5},
+    "nearswap": {"t": None},
     "slerp": {"t": None},
 }
 PER_MODEL = {
@@ -122,6 +125,7 @@ PER_MODEL = {
     "nuslerp": {"weight": None},
     "multislerp": {"weight": None},
     "karcher": {"weight": 1.0},
+    "nearswap": {},
 }
 
 
@@ -477,6 +481,12 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
         return dict(method="nuslerp", base=base, models=experts, dtype=dtype,
                     params=dict(weights=[float(p["weight"]) for p in per_model],
                                 row_wise=bool(shared["nuslerp_row_wise"]), flatten=bool(shared["nuslerp_flatten"])))
+    if method == "nearswap":
+        if shared["t"] is None or base is None:
+            raise ValueError("nearswap needs base_model and parameters.t")
+        if len(experts) != 1:
+            raise ValueError(f"nearswap moves the base toward one other model, got {len(experts)}")
+        return dict(method="nearswap", base=base, models=experts, dtype=dtype, params=dict(t=float(shared["t"])))
     if method == "karcher":
         max_iter = shared["max_iter"]
         if float(max_iter) != int(max_iter):

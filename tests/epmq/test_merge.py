@@ -544,6 +544,16 @@ def test_karcher_by_its_geometry():
         merge.karcher([a, b], max_iter=2.5)
 
 
+def test_nearswap_by_its_definition():
+    """NearSwap: entries within t of the expert's take its value, the others move by t toward it."""
+    base = {"w": torch.tensor([0.0, 0.0, 0.0, 1.0])}
+    expert = {"w": torch.tensor([0.0005, -0.002, 0.01, 1.0])}
+    out = merge.nearswap(base, [expert], t=0.001)["w"]
+    torch.testing.assert_close(out, torch.tensor([0.0005, -0.001, 0.001, 1.0]))
+    with pytest.raises(ValueError, match="one expert, got 2"):
+        merge.nearswap(base, [expert, expert])
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

@@ -112,6 +112,16 @@ def test_karcher_takes_every_model():
         from_mergekit(gta("karcher", {"max_iter": 2.5}, [{}, {}]))
 
 
+def test_nearswap():
+    config = gta("nearswap", {"t": "1e-3"}, [{}])
+    assert from_mergekit(config) == dict(method="nearswap", base="base", models=["e0"], dtype=None,
+                                         params=dict(t=0.001))
+    with pytest.raises(ValueError, match="nearswap needs base_model and parameters.t"):
+        from_mergekit(gta("nearswap", None, [{}]))
+    with pytest.raises(ValueError, match="toward one other model, got 2"):
+        from_mergekit(gta("nearswap", {"t": 0.1}, [{}, {}]))
+
+
 def test_dare_is_the_same_merge_with_its_own_masks():
     """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
     DARE, said to draw its own masks."""
