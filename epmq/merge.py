@@ -568,16 +568,16 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         # mergekit's along dimension 1 of any tensor (of a [out, in, kh, kw] convolution: each
         # kernel position's input channels)
         channels_last = mergekit and tau.dim() > 2
-        shape = tau.movedim(1, -1).shape if channels_last else tau.shape
-        rows = tau.movedim(1, -1).reshape(-1, shape[-1]) if channels_last else _rows(tau)
+        moved = tau.movedim(1, -1) if channels_last else tau
+        shape = moved.shape
+        rows = moved.reshape(-1, shape[-1]) if channels_last else _rows(tau)
         n = rows.shape[1]
         rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
         p = kept(k) + spread(k) * (2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank))
         draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
         keep = draw < p
         kept_rows = torch.where(keep, rows / p if rescale == "probability" else rows, 0.0)
-        masked = kept_rows.reshape(shape)
-        masked = masked.movedim(-1, 1) if channels_last else masked
+        masked = kept_rows.reshape(shape).movedim(-1, 1) if channels_last else kept_rows.reshape(shape)
         return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,
@@ -807,12 +807,7 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
     weights = _check_weights(_listed(weights), len(experts), divide=normalize_weights)
     check_number(eps, "eps", 0)
 
-    def merge_tensor(name, W_0, W_k):
-        if len(W_k) == 1:
-            return W_k[0]
-        vectors = torch.stack([W_k[k] for k in range(len(W_k))])
-        if W_0 is not None:
-            vectors -= W_0
+    def mean_on_sphere(name, vectors):
         flat = vectors.view(len(vectors), -1)
         w = torch.tensor([1.0] * len(vectors) if weights is None else weights, dtype=vectors.dtype)
         if normalize_weights:
@@ -823,20 +818,26 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
         mean_norm = torch.norm(mean)
         if mean_norm < eps and bool((norms < eps).all()):
             # (no expert moved this tensor: the base, or the zero vectors themselves; mergekit raises)
-            result = torch.zeros_like(vectors[0])
-            return result if W_0 is None else result + W_0
+            return torch.zeros_like(vectors[0])
         if mean_norm < eps:
             if len(vectors) != 2:
                 raise ValueError(f"multislerp: the weighted mean of the experts' directions is 0 at {name!r} "
                                  f"(opposite vectors with weights that balance): give other weights")
-            result = (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])
-            return result if W_0 is None else result + W_0
+            return (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])
         mean = mean / mean_norm
         tangent = unit - (unit * mean).sum(-1, keepdim=True) * mean
         g = (tangent * w.view(-1, 1)).sum(0)
         g_norm = torch.norm(g) + eps
         result = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
-        result = (result * (norms.squeeze(-1) * w).sum()).view(vectors.shape[1:])
+        return (result * (norms.squeeze(-1) * w).sum()).view(vectors.shape[1:])
+
+    def merge_tensor(name, W_0, W_k):
+        if len(W_k) == 1:
+            return W_k[0]
+        vectors = torch.stack([W_k[k] for k in range(len(W_k))])
+        if W_0 is not None:
+            vectors -= W_0
+        result = mean_on_sphere(name, vectors)
         return result if W_0 is None else result + W_0
 
     return _merge_each(base, experts, merge_tensor, out)

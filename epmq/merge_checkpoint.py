@@ -183,9 +183,16 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
         config.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def check_chat_template(chat_template) -> None:
+    """ValueError unless ``chat_template`` is Jinja text or "auto"."""
+    if not isinstance(chat_template, str) or (chat_template != "auto" and "{" not in chat_template):
+        raise ValueError(f"chat_template must be Jinja text or 'auto', got {chat_template!r} (a template named "
+                         f"after a format, such as mergekit's 'chatml', is not known here: give its text)")
+
+
 def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source] = None,
                 params: Optional[dict] = None, dtype: Optional[str] = None,
-                calibration: Optional[Sequence] = None) -> None:
+                calibration: Optional[Sequence] = None, chat_template: Optional[str] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
     if not isinstance(method, str):
         raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
@@ -209,6 +216,8 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"{method} interpolates two models, got {len(models)}")
     if not models:
         raise ValueError("no models to merge")
+    if chat_template is not None:
+        check_chat_template(chat_template)
     check_merge_params(method, params or {})
 
 
@@ -344,14 +353,12 @@ def _layer_counts(config: dict) -> dict:
 
 
 def chat_template_of(paths: Sequence[Path], chat_template: str) -> Optional[str]:
-    """``chat_template`` itself (Jinja text), or for "auto" the template most of the checkpoints
-    ``paths`` carry (stripped, a dict's "default" entry), as mergekit picks it, and None where
-    none carries one (the base's tokenizer is written as it is, as mergekit leaves it);
-    ValueError where several tie (mergekit then takes one of them in no fixed order)."""
+    """``chat_template`` itself (Jinja text, as ``check_chat_template`` passes it), or for "auto"
+    the template most of the checkpoints ``paths`` carry (stripped, a dict's "default" entry), as
+    mergekit picks it, and None where none carries one (the base's tokenizer is written as it is,
+    as mergekit leaves it); ValueError where several tie (mergekit then takes one of them in no
+    fixed order)."""
     if chat_template != "auto":
-        if "{" not in chat_template:
-            raise ValueError(f"chat_template must be Jinja text or 'auto', got {chat_template!r} (a template "
-                             f"named after a format, such as mergekit's 'chatml', is not known here: give its text)")
         return chat_template
     import collections
 
@@ -416,9 +423,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     tokenizer written is the base's (else the first model's), with that template.
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
-    check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration)
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise ValueError(f"chat_template must be Jinja text or 'auto', got {chat_template!r}")
+    check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
+                chat_template=chat_template)
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)

@@ -92,17 +92,17 @@ METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_t
            "nearswap")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
-    "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
-    "ties": {"normalize": True, "lambda": 1.0, "rescale": False, "int8_mask": False},
-    "breadcrumbs": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
-    "breadcrumbs_ties": {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False},
-    "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
-    "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
-    "della": {"normalize": True, "lambda": 1.0, "rescale": True, "int8_mask": False},
-    "della_linear": {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
+    "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False},
+    "ties": {"normalize": True, "lambda": 1.0, "rescale": False},
+    "breadcrumbs": {"normalize": False, "lambda": 1.0, "rescale": False},
+    "breadcrumbs_ties": {"normalize": False, "lambda": 1.0, "rescale": False},
+    "dare_ties": {"normalize": False, "lambda": 1.0, "rescale": True},
+    "dare_linear": {"normalize": False, "lambda": 1.0, "rescale": True},
+    "della": {"normalize": True, "lambda": 1.0, "rescale": True},
+    "della_linear": {"normalize": False, "lambda": 1.0, "rescale": True},
     "linear": {"normalize": True},
     "model_stock": {"filter_wise": False},
-    "sce": {"select_topk": 1.0, "int8_mask": False},
+    "sce": {"select_topk": 1.0},
     "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
     "multislerp": {"normalize_weights": True, "eps": 1e-8},
     "karcher": {"max_iter": 10, "tol": 1e-5},
@@ -239,15 +239,22 @@ class Schedule:
         return f"mergekit {self.where} {self.setting!r} over {self.num_layers} layers"
 
 
-def num_layers(model: str) -> int:
-    """The layer count the ``config.json`` of ``model`` (a directory or HF hub id) states."""
+def _json_files(model: str) -> Path:
+    """The directory of ``model``: itself, or for an HF hub id the snapshot of its JSON files
+    (config and tokenizer), fetched; a path that is neither is returned as it is."""
     from .checkpoint_io import hub_snapshot, looks_like_hub_id
-    from .merge_checkpoint import _layer_counts
 
     path = Path(model)
     if not path.exists() and looks_like_hub_id(model):
-        path = hub_snapshot(model, kind="tokenizer")  # (its JSON files, config.json among them)
-    config_file = path / "config.json"
+        path = hub_snapshot(model, kind="tokenizer")
+    return path
+
+
+def num_layers(model: str) -> int:
+    """The layer count the ``config.json`` of ``model`` (a directory or HF hub id) states."""
+    from .merge_checkpoint import _layer_counts
+
+    config_file = _json_files(model) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{model} has no config.json stating its layer count, which a gradient or slices need")
     counts = set(_layer_counts(json.loads(config_file.read_text())).values())
@@ -263,13 +270,9 @@ def _vocabulary(model: str):
     None where it has no tokenizer; its text model's ``vocab_size``; how many ids were past it."""
     import transformers
 
-    from .checkpoint_io import hub_snapshot, looks_like_hub_id
-
-    path = Path(model)
+    path = _json_files(model)
     if not path.exists():
-        if not looks_like_hub_id(model):
-            raise ValueError(f"{model} is neither a directory nor an HF hub id")
-        path = hub_snapshot(model, kind="tokenizer")
+        raise ValueError(f"{model} is neither a directory nor an HF hub id")
     config = transformers.AutoConfig.from_pretrained(path)
     rows = getattr(config.get_text_config(), "vocab_size", None)
     try:
@@ -385,12 +388,12 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers,
     ValueError for what it cannot. ``layers``: a model's layer count (read where ``slices`` or a
     gradient needs it); ``tokenizers``: why ``tokenizer_source: base`` would change the merge, or
     None."""
+    from .merge_checkpoint import check_chat_template
+
     translated = _translate(config, layers, tokenizers)
     template = config.get("chat_template")
     if template is not None:
-        if not isinstance(template, str) or (template != "auto" and "{" not in template):
-            raise ValueError(f"chat_template {template!r}: epmq merge sets Jinja text or 'auto' (mergekit's "
-                             f"templates named after a format, such as 'chatml', are its own files: give the text)")
+        check_chat_template(template)
         translated["chat_template"] = template
     return translated
 
@@ -473,14 +476,15 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
                              f"parameters.weight for all)")
     if not experts:
         raise ValueError("models lists no model but the base")
-    if method in IGNORES_WEIGHT and any(float(p["weight"]) != 1.0 for p in per_model):
+    weights = [float(p.get("weight", 1.0)) for p in per_model]
+    if method in IGNORES_WEIGHT and any(w != 1.0 for w in weights):
         warnings.warn(f"{method}: weight is not read (mergekit's {method} ignores it too): the models count alike")
     if method == "nuslerp":
         if len(experts) != 2:
             raise ValueError(f"nuslerp interpolates two models besides the base, got {len(experts)}")
         return dict(method="nuslerp", base=base, models=experts, dtype=dtype,
-                    params=dict(weights=[float(p["weight"]) for p in per_model],
-                                row_wise=bool(shared["nuslerp_row_wise"]), flatten=bool(shared["nuslerp_flatten"])))
+                    params=dict(weights=weights, row_wise=bool(shared["nuslerp_row_wise"]),
+                                flatten=bool(shared["nuslerp_flatten"])))
     if method == "nearswap":
         if shared["t"] is None or base is None:
             raise ValueError("nearswap needs base_model and parameters.t")
@@ -495,14 +499,13 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
                     params=dict(max_iter=int(max_iter), tol=float(shared["tol"])))
     if method == "multislerp":
         return dict(method="multislerp", base=base, models=experts, dtype=dtype,
-                    params=dict(weights=[float(p["weight"]) for p in per_model],
-                                normalize_weights=bool(shared["normalize_weights"]), eps=float(shared["eps"])))
+                    params=dict(weights=weights, normalize_weights=bool(shared["normalize_weights"]),
+                                eps=float(shared["eps"])))
     if method == "linear":
-        if not shared["normalize"] and sum(float(p["weight"]) for p in per_model) != 1.0:
+        if not shared["normalize"] and sum(weights) != 1.0:
             raise ValueError("linear with normalize: false is a weighted sum, not an average, unless the weights "
                              "sum to 1; epmq's average divides by the weights' sum")
-        return dict(method="average", base=None, models=experts, dtype=dtype,
-                    params=dict(weights=[p["weight"] for p in per_model]))
+        return dict(method="average", base=None, models=experts, dtype=dtype, params=dict(weights=weights))
     if base is None:
         raise ValueError(f"{method} needs base_model")
     if method == "model_stock":
@@ -512,7 +515,6 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
         return dict(method="sce", base=base, models=experts, dtype=dtype,
                     params=dict(select_topk=float(shared["select_topk"])))
 
-    weights = [float(p["weight"]) for p in per_model]
     vote = method in ("ties", "breadcrumbs_ties", "dare_ties", "della")
     if shared["normalize"] and not vote:  # (mergekit divides by the weights' sum)
         total = sum(weights)
