@@ -99,10 +99,11 @@ def _three_products(A, B, split, mm) -> torch.Tensor:
 def split_once(mm):
     """``(parts, product)`` for many products by ``mm`` on slices of the same operands:
     ``product(parts(A)[i][slice], parts(B)[j][slice])`` is ``mm`` of the slices. A three-product
-    form (``tf32x3_mm``, ``bf16x3_mm``) splits each operand once, where splitting each slice
-    would split the wide ones several times over (the triangular and symmetric products of
-    E-PMQ slice one operand into 8 column blocks of every width: 4.5 times its size); any
-    other ``mm`` takes its operands as they are. A part is sliced as its operand would be."""
+    form with ``split`` and ``of_parts`` (``tf32x3_mm``, the fast product ``fp32_mm`` may pick)
+    splits each operand once, where splitting each slice would split the wide ones several times
+    over (the triangular and symmetric products of E-PMQ slice one operand into 8 column blocks
+    of every width: 4.5 times its size); any other ``mm`` takes its operands as they are. A part
+    is sliced as its operand would be."""
     split = getattr(mm, "split", None)
     if split is None:
         return (lambda X: (X,)), (lambda A_parts, B_parts: mm(A_parts[0], B_parts[0]))
@@ -161,10 +162,6 @@ def bf16x3_mm(A: torch.Tensor, B: torch.Tensor, mm=_bf16_mm) -> torch.Tensor:
     A100, H100 and B200, so this runs at two thirds of one TF32 product's rate and twice
     tf32x3's."""
     return _three_products(A.float(), B.float(), bf16_split, mm)
-
-
-bf16x3_mm.split = lambda X: bf16_split(X.float())
-bf16x3_mm.of_parts = lambda A_parts, B_parts: _product_of_parts(A_parts, B_parts, _bf16_mm)
 
 
 def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
