@@ -31,6 +31,10 @@ Each config is also written as a YAML file and run as it is by ``epmq merge`` (m
 configs are translated by ``epmq.mergekit_config``): ``epmq_merge_of_the_yaml`` compares that
 checkpoint with mergekit's.
 
+Experts with added tokens (``added_tokens_side_by_side``): three experts, two resized for
+ChatML's and a tool token, merged with ``tokenizer_source`` (union, padded or not; base; linear
+without a base) by mergekit and by ``epmq merge`` of the same YAML, compared token by token.
+
 DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
 name, expert)``), so their tensors cannot be compared entry by entry; DARE-TIES, DELLA and
 DELLA-linear run at density 1 (no masks drawn), which compares the rest, and ``magprune``
@@ -368,10 +372,84 @@ def main(argv=None):
             summary = {k: v for k, v in results["methods"][method].items()
                        if k not in ("rows", "mergekit_config")}
             print(method, json.dumps(summary))
+        results["added_tokens"] = added_tokens_side_by_side(os.path.join(root, "added"))
     results["magprune"] = magprune_side_by_side()
     print("magprune", json.dumps(results["magprune"]))
     write_json(args.out, results)
     return 0
+
+
+def added_tokens_side_by_side(root):
+    """Experts with added tokens (ChatML's two, a tool token: embeddings and head resized, the new
+    rows trained) merged with ``tokenizer_source`` by mergekit and by ``epmq merge`` of the same
+    YAML. mergekit numbers the union's added tokens in the order of a Python set of its models
+    (it changes from run to run), so the vocabulary-indexed tensors are compared token by token."""
+    import transformers
+
+    words = [f"t{i}" for i in range(100)]
+
+    def write(name, added, seed):
+        model = tiny_llama(0)
+        path = os.path.join(root, name)
+        save_word_tokenizer(path, words)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        for token, special in added:
+            tok.add_tokens([transformers.AddedToken(token, special=special)])
+        if added:
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((0.05 if seed else 0.0) * torch.randn(p.shape, generator=g) * p.abs().mean())
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        return path
+
+    base = write("base", [], 0)
+    experts = [write("chat", [("<|im_start|>", True), ("<|im_end|>", True)], 1),
+               write("tool", [("<tool>", False), ("<|im_end|>", True)], 2), write("plain", [], 3)]
+    models = [dict(model=p, parameters=dict(weight=1.0)) for p in experts]
+    configs = {
+        "task_arithmetic_union_pad_8": dict(merge_method="task_arithmetic", base_model=base, dtype="float32",
+                                            models=models, tokenizer=dict(source="union", pad_to_multiple_of=8)),
+        "task_arithmetic_base": dict(merge_method="task_arithmetic", base_model=base, dtype="float32",
+                                     models=models, tokenizer_source="base"),
+        "ties_union": dict(merge_method="ties", base_model=base, dtype="float32", tokenizer_source="union",
+                           parameters=dict(normalize=True),
+                           models=[dict(model=p, parameters=dict(weight=1.0, density=0.5)) for p in experts]),
+        "linear_union_no_base": dict(merge_method="linear", dtype="float32", tokenizer_source="union",
+                                     models=[dict(model=p, parameters=dict(weight=1.0)) for p in experts[:2]]),
+    }
+    results = {}
+    for name, config in configs.items():
+        theirs_dir, ours_dir = os.path.join(root, f"mergekit-{name}"), os.path.join(root, f"epmq-{name}")
+        run_mergekit(config, theirs_dir)
+        config_file = os.path.join(root, f"{name}.yaml")
+        with open(config_file, "w") as f:
+            yaml.safe_dump(config, f)
+        assert cli_main(["merge", config_file, ours_dir, "--quiet"]) == 0
+        theirs_vocab = transformers.AutoTokenizer.from_pretrained(theirs_dir).get_vocab()
+        ours_vocab = transformers.AutoTokenizer.from_pretrained(ours_dir).get_vocab()
+        # our row i is mergekit's row of our token i (padding rows keep their place)
+        order = [theirs_vocab[t] for t, _ in sorted(ours_vocab.items(), key=lambda item: item[1])]
+        theirs, ours = open_checkpoint(theirs_dir), open_checkpoint(ours_dir)
+        rows = []
+        for tensor in theirs:
+            T, W = theirs[tensor].float(), ours[tensor].float()
+            if tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+                T = torch.cat([T[order], T[len(order):]])
+            diff = (W - T).abs()
+            rows.append(dict(tensor=tensor, shape=list(W.shape), max_abs_diff=float(diff.max()),
+                             entries_differing=int((diff > 0).sum())))
+        results[name] = dict(
+            mergekit_config=yaml.safe_dump(config).replace(root, "<tmp>"),
+            same_tokens=set(theirs_vocab) == set(ours_vocab), tokens=len(ours_vocab),
+            rows=[r["shape"][0] for r in rows if r["tensor"] == "lm_head.weight"][0],
+            max_abs_diff=max(r["max_abs_diff"] for r in rows),
+            entries_differing=sum(r["entries_differing"] for r in rows),
+            differing=[r for r in rows if r["entries_differing"]])
+        print("added tokens", name, json.dumps({k: v for k, v in results[name].items() if k != "mergekit_config"}))
+    return results
 
 
 def magprune_side_by_side(draws=400, rows=4, n=1000, density=0.5, epsilon=0.2):

@@ -18,7 +18,8 @@ are copied from the base and tensors of a model the base lacks are ignored, each
 warning: FusionBench's CLIP experts are ``CLIPVisionModel`` checkpoints fine-tuned from the
 vision tower of a ``CLIPModel`` base, and the merge of their towers keeps the base's text tower
 (the zero-shot heads). A model of the base's own ``model_type`` without a matrix the others
-have, of another layer count, or quantized, is refused instead. ``epmq_merge.json``
+have, of another layer count, or quantized, is refused instead. Experts with added tokens
+merge with ``tokenizer_source`` (``epmq.vocabulary``). ``epmq_merge.json``
 records the recipe (method, parameters, sources). The directory is written atomically
 (``checkpoint.atomic_directory``): an interrupted merge leaves the previous output intact.
 """
@@ -41,6 +42,7 @@ from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes,
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
 from .lora import ADAPTER_CONFIG, is_lora_adapter, model_skeleton, open_expert
+from .vocabulary import Aligner, build_vocabulary, check_tokenizer_source, load_tokenizer, vocabulary_names
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -57,15 +59,19 @@ class _View(Mapping):
     """Some of a lazy state dict's tensors (``names``; default all), moved to ``device`` (if
     given) as they are read."""
 
-    def __init__(self, state: Mapping, device=None, names=None, label=None):
+    def __init__(self, state: Mapping, device=None, names=None, label=None, aligned=None):
         self.state, self.device = state, None if device is None else torch.device(device)
         self.label = label  # (what epmq.merge's errors call it)
         self.names = dict.fromkeys(state if names is None else names)  # ordered, O(1) lookups
+        self.aligned = aligned  # (vocabulary.Aligner, this model's key): its vocabulary-indexed tensors
 
     def __getitem__(self, name):
         if name not in self.names:
             raise KeyError(name)
-        t = self.state[name]
+        if self.aligned is not None and name in self.aligned[0].names:
+            t = self.aligned[0].get(self.aligned[1], name)
+        else:
+            t = self.state[name]
         return t if self.device is None else t.to(self.device)
 
     def __iter__(self):
@@ -132,6 +138,73 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
     return _View(LazyStateDict(reader, found), device, label=what)
 
 
+def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_path, model_paths, lora_base,
+                        base_only):
+    """The models' vocabulary-indexed tensors laid out by ``source``'s tokenizer (the views in
+    ``sources`` and ``base_state`` then hand those out; ``epmq.vocabulary``): returns the
+    ``Vocabulary``, or None without a source, after checking that the models' vocabularies agree
+    (refused where their embedding rows differ, warned where one row means different tokens)."""
+    reference = base_state if base_state is not None else sources[0]
+    reference_path = base_path if base_path is not None else model_paths[0]
+    if is_lora_adapter(reference_path) and lora_base is not None:
+        reference_path = lora_base
+    views = ([("base", base_state)] if base_state is not None else []) + list(enumerate(sources))
+    paths = dict(([("base", base_path)] if base_state is not None else []) + list(enumerate(model_paths)))
+    try:
+        names = vocabulary_names(model_skeleton(reference_path), list(reference))
+    except ValueError:
+        if source is not None:
+            raise
+        return None  # (without a source: nothing to check against, as before)
+    shapes = {k: v.state.reader.shape(v.state.checkpoint_key(names[0])) for k, v in views}
+    rows = {k: shape[0] for k, shape in shapes.items()}
+    label = {k: "the base" if k == "base" else f"model {k} ({v.label})" for k, v in views}
+    tokenizers = {k: load_tokenizer(p) for k, p in paths.items()}
+    if source is None:
+        first = views[0][0]
+        for k, _ in views[1:]:
+            if rows[k] != rows[first]:
+                raise ValueError(f"{label[k]} has {rows[k]} embedding rows ({names[0]}), {label[first]} {rows[first]}: "
+                                 f"their vocabularies differ (added tokens?); give tokenizer_source='union' (or "
+                                 f"'base') to lay every model's embeddings out by one tokenizer")
+            if tokenizers[k] is not None and tokenizers[first] is not None:
+                mine = {t: i for t, i in tokenizers[k].get_vocab().items() if i < rows[k]}
+                theirs = {t: i for t, i in tokenizers[first].get_vocab().items() if i < rows[first]}
+                if mine != theirs:
+                    differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+                    warnings.warn(f"the tokenizer of {label[k]} is not that of {label[first]} (e.g. {differ}): an "
+                                  f"embedding row may stand for different tokens in the two; tokenizer_source='union' "
+                                  f"lays every model's rows out by token")
+        return None
+    unaligned = sorted(set(names) & set(base_only))
+    if unaligned:
+        raise ValueError(f"tokenizer_source: {unaligned} is the base's alone (the models lack it): it cannot be "
+                         f"laid out by their vocabulary")
+    vocabulary = build_vocabulary(source, tokenizers, rows, base="base" if base_state is not None else None,
+                                  pad_to_multiple_of=pad_to_multiple_of, names=names)
+    aligner = Aligner(vocabulary, {k: v.state for k, v in views})
+    for k, v in views:
+        v.aligned = (aligner, k)
+    return vocabulary
+
+
+def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None:
+    """The output tokenizer of ``vocabulary`` (with the chat template ``template``, if any)
+    written to ``target`` over the copied one, and config.json's vocabulary size set to its rows."""
+    tokenizer = vocabulary.tokenizer
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(target)
+    config = target / "config.json"
+    if config.is_file():
+        content = json.loads(config.read_text())
+        scopes = [content] + [v for v in content.values() if isinstance(v, dict) and "vocab_size" in v]
+        for scope in scopes:
+            if "vocab_size" in scope:
+                scope["vocab_size"] = vocabulary.rows
+        config.write_text(json.dumps(content, indent=2) + "\n")
+
+
 def _model_card(recipe: dict) -> str:
     """A README whose metadata the HF hub reads (``base_model``, ``tags``), with the recipe."""
     import yaml
@@ -192,7 +265,8 @@ def check_chat_template(chat_template) -> None:
 
 def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source] = None,
                 params: Optional[dict] = None, dtype: Optional[str] = None,
-                calibration: Optional[Sequence] = None, chat_template: Optional[str] = None) -> None:
+                calibration: Optional[Sequence] = None, chat_template: Optional[str] = None,
+                tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
     if not isinstance(method, str):
         raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
@@ -218,6 +292,10 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError("no models to merge")
     if chat_template is not None:
         check_chat_template(chat_template)
+    check_tokenizer_source(tokenizer_source, pad_to_multiple_of)
+    if tokenizer_source is not None and method == "regmean":
+        raise ValueError("regmean with tokenizer_source: its statistics are taken on each model's own "
+                         "vocabulary; merge models of one vocabulary")
     check_merge_params(method, params or {})
 
 
@@ -400,6 +478,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       calibration: Optional[Sequence] = None, samples: int = 128,
                       seq_len: int = 512, batch_size: int = 8, seed: int = 0,
                       lora_base: Optional[Source] = None, chat_template: Optional[str] = None,
+                      tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
                       progress: bool = True) -> Path:
     """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
@@ -421,10 +500,18 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     ``chat_template``: the output tokenizer's chat template (Jinja text), or "auto": the template
     most of the models (the base included) carry, where one does (``chat_template_of``); the
     tokenizer written is the base's (else the first model's), with that template.
+
+    ``tokenizer_source``: "base" or "union" (``epmq.vocabulary``): for models whose vocabularies
+    differ (experts with added tokens), every model's embeddings (and untied output head) are
+    laid out by the base's tokenizer, or by the union of all the models' tokens, before the
+    merge; that tokenizer is written with the output, and config.json's ``vocab_size`` set to
+    its size (rounded up to ``pad_to_multiple_of``). Without it, models whose embedding rows
+    differ are refused, and tokenizers that give one row different tokens are warned about.
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
-                chat_template=chat_template)
+                chat_template=chat_template, tokenizer_source=tokenizer_source,
+                pad_to_multiple_of=pad_to_multiple_of)
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
@@ -476,6 +563,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             base_state = _View(base_state.state, device, merged)
             sources = [_View(s.state, device, merged, s.label) for s in sources]
     reference = base_state if base_state is not None else sources[0]
+    vocabulary = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources, base_path,
+                                     model_paths, lora_base, base_only)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",
@@ -505,10 +594,14 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             if base_path is None and lora is not None and lora.base.path is not None:
                 companions = lora.base.path  # adapters merged without a base: their base's files
             _copy_companions(companions, tmp, dtype)
-            if template is not None:
+            if vocabulary is not None:
+                _write_vocabulary(vocabulary, tmp, template)
+            elif template is not None:
                 _set_chat_template(companions, tmp, template)
             recipe = dict(method=method, params=params, dtype=dtype,
                           base=None if base is None else str(base), models=[str(m) for m in models])
+            if tokenizer_source is not None:
+                recipe.update(tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of)
             if calibration is not None:
                 recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")

@@ -58,18 +58,20 @@ by one rounding for the interpolations, by several where many terms are summed (
 weights near 1: up to 0.078 in bf16, measured), and an fp32 ``out_dtype`` of fp16 arithmetic
 holds more than fp16's digits.
 
-``tokenizer_source: base`` (or the base's path, or ``union``; or ``tokenizer: {source: ...}``)
-is read where it changes nothing: every model's vocabulary is the base's, token for id, and
-fills its embedding rows (mergekit then permutes the embeddings by the identity; the output
-carries the base's tokenizer either way). Where it does not (other vocabularies, embeddings
-padded past the vocabulary, which mergekit cuts to the vocabulary's size, tokens past the
-embedding, a model without a tokenizer where no ``base_model`` is named), and for another
-model's tokenizer, the config is refused saying why.
+``tokenizer_source: base`` (or the base's path) and ``union`` (or ``tokenizer: {source: ...,
+pad_to_multiple_of: ...}``) are epmq's own (``epmq.vocabulary``: experts with added tokens,
+embeddings padded past the vocabulary, which mergekit cuts to the vocabulary's size): the same
+row for every token as mergekit's (mergekit numbers the union's added tokens in an order that
+changes from run to run, epmq in the models' order). Where every model has the base's
+vocabulary and no padding, they change nothing and are dropped. Refused, saying why: another
+model's tokenizer, per-token embedding sources (``tokens``), tokens past the base's embedding
+(mergekit strips them from BPE tokenizers only), and without ``base_model``, ``base`` over
+different vocabularies or a model without a tokenizer.
 
 Anything else is refused with the setting named, never approximated: other methods
 (passthrough, arcee_fusion, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
-masks, added tokens, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
+masks, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
 template most of the models carry, refused where several tie) is set on the output's
 tokenizer, as mergekit sets it; mergekit's templates named after a format ("chatml", ...) are
 its own files and are refused.
@@ -283,61 +285,86 @@ def _vocabulary(model: str):
     return kept, rows, len(vocab) - len(kept)
 
 
+class TokenizerDifference(str):
+    """Why a tokenizer source changes the merge (``base_tokenizer_changes_nothing``);
+    ``translatable``: whether ``epmq.vocabulary`` lays the embeddings out as mergekit does."""
+
+    def __new__(cls, why: str, translatable: bool = False):
+        self = super().__new__(cls, why)
+        self.translatable = translatable
+        return self
+
+
 def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabulary, *,
                                    every_tokenizer: bool = False) -> Optional[str]:
     """None where mergekit's tokenizer source (the base's, or the union of identical ones) merges
     what a config without it merges: every model's vocabulary is the base's, token for id, and
     fills its embedding rows (the embeddings are permuted by the identity and keep their size);
-    else why not: mergekit then realigns or resizes the embeddings, or fails, which epmq does not
-    translate. ``every_tokenizer``: every model must carry a tokenizer (without ``base_model``,
-    mergekit's tokenizer base is one of the models, picked in no fixed order)."""
+    else why not (a ``TokenizerDifference``): other vocabularies, or embeddings padded past the
+    vocabulary (mergekit realigns or resizes them, as ``epmq.vocabulary`` does), or what epmq
+    does not translate: tokens past the base's embedding, which mergekit strips from BPE
+    tokenizers only. ``every_tokenizer``: every model must carry a tokenizer (without
+    ``base_model``, mergekit's tokenizer base is one of the models, picked in no fixed order)."""
     base_vocab, base_rows, past = vocabulary(base)
     if base_vocab is None:
-        return f"the base model {base} has no tokenizer"
+        return TokenizerDifference(f"the base model {base} has no tokenizer")
     if past:
-        return (f"the tokenizer of {base} has {past} tokens past its {base_rows} embedding rows (mergekit 0.1.5 "
-                f"strips them from BPE tokenizers only, fails on others, and keeps them for a model path)")
+        return TokenizerDifference(
+            f"the tokenizer of {base} has {past} tokens past its {base_rows} embedding rows (mergekit 0.1.5 "
+            f"strips them from BPE tokenizers only, fails on others, and keeps them for a model path)")
     for model in [base] + [m for m in models if m != base]:
         vocab, rows, _ = vocabulary(model) if model != base else (base_vocab, base_rows, 0)
         if vocab is None and every_tokenizer:
-            return (f"{model} has no tokenizer, and without base_model mergekit's tokenizer base is one of the "
-                    f"models, picked in no fixed order")
+            return TokenizerDifference(
+                f"{model} has no tokenizer, and without base_model mergekit's tokenizer base is one of the "
+                f"models, picked in no fixed order")
         if vocab is not None and vocab != base_vocab:
             differ = sorted(set(vocab.items()) ^ set(base_vocab.items()))[:3]
-            return (f"the vocabulary of {model} is not the base's (e.g. {differ}): mergekit realigns its "
-                    f"embeddings token by token")
+            return TokenizerDifference(f"the vocabulary of {model} is not the base's (e.g. {differ}): mergekit "
+                                       f"realigns its embeddings token by token", True)
         if rows != len(base_vocab):
-            return (f"{model} has {rows} embedding rows for the base tokenizer's {len(base_vocab)} tokens: "
-                    f"mergekit resizes its embeddings to the vocabulary")
+            return TokenizerDifference(f"{model} has {rows} embedding rows for the base tokenizer's "
+                                       f"{len(base_vocab)} tokens: mergekit resizes its embeddings to the "
+                                       f"vocabulary", True)
     return None
 
 
-def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers, base_given: bool) -> None:
-    """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``, whose default is
-    "union"): translated where it changes nothing epmq merges (``base_tokenizer_changes_nothing``:
-    "base", the base's own path, or "union" of vocabularies that are all the base's; the output
-    carries the base's tokenizer either way), refused with the reason otherwise."""
+def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers, base_given: bool) -> dict:
+    """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ..., pad_to_multiple_of: ...}``,
+    whose source defaults to "union") as epmq's (``epmq.vocabulary``: the same rows for every
+    token; mergekit numbers the union's added tokens in an order that changes from run to run,
+    epmq in the models' order): nothing where it changes nothing
+    (``base_tokenizer_changes_nothing``), else ``tokenizer_source`` ("base", also for the base's
+    own path, or "union") and ``pad_to_multiple_of``; refused with the reason where epmq does not
+    lay the vocabulary out as mergekit does."""
     if "tokenizer_source" in config and "tokenizer" in config:
         raise ValueError("give tokenizer_source or tokenizer, not both (as mergekit)")
-    source = config.get("tokenizer_source")
+    source, pad = config.get("tokenizer_source"), None
     if "tokenizer" in config:
         spec = config["tokenizer"]
         if not isinstance(spec, Mapping):
             raise ValueError(f"tokenizer must be a mapping, got {spec!r}")
-        used = sorted(k for k, v in spec.items() if k != "source" and v not in (None, {}, []))
-        if used:
-            raise ValueError(f"tokenizer: {', '.join(used)} (added tokens, padded vocabularies) not translated "
-                             f"by epmq merge")
-        source = spec.get("source", "union")
+        unknown = sorted(set(spec) - {"source", "tokens", "pad_to_multiple_of"})
+        if unknown:
+            raise ValueError(f"tokenizer: {', '.join(unknown)} not read by epmq merge")
+        if spec.get("tokens") not in (None, {}, []):
+            raise ValueError("tokenizer: tokens (each token's embedding source) not translated by epmq merge")
+        source, pad = spec.get("source", "union"), spec.get("pad_to_multiple_of")
     if source is None:
-        return
+        return {}
     if source not in ("base", "union") and source != base:
         raise ValueError(f"tokenizer source {source!r} gives the output another model's tokenizer and realigns "
-                         f"the embeddings to it: not translated by epmq merge (tokenizer_source: base is)")
+                         f"the embeddings to it: not translated by epmq merge (give that model as base_model)")
+    source = "union" if source == "union" else "base"
     why = tokenizers(base, models, every_tokenizer=not base_given)
-    if why is not None:
-        raise ValueError(f"tokenizer source {source!r} is translated where it changes nothing (every model has "
-                         f"the base's vocabulary), and here {why}")
+    if why is None:
+        return {} if pad is None else dict(tokenizer_source=source, pad_to_multiple_of=pad)
+    if not getattr(why, "translatable", False):
+        raise ValueError(f"tokenizer source {source!r}: {why}: not translated by epmq merge")
+    if source == "base" and not base_given:
+        raise ValueError(f"tokenizer source 'base' without base_model: mergekit's tokenizer base is one of the "
+                         f"models, picked in no fixed order, and here {why}")
+    return dict(tokenizer_source=source, pad_to_multiple_of=pad)
 
 
 def _whole_slice(slices, base: Optional[str], layers: Callable[[str], int]) -> tuple:
@@ -399,6 +426,12 @@ def from_mergekit(config: Mapping, layers: Callable[[str], int] = num_layers,
 
 
 def _translate(config: Mapping, layers, tokenizers) -> dict:
+    vocabulary = {}  # (tokenizer_source, pad_to_multiple_of, where the tokenizer source changes the merge)
+    translated = _translate_method(config, layers, tokenizers, vocabulary)
+    return {**translated, **{k: v for k, v in vocabulary.items() if v is not None}}
+
+
+def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> dict:
     unknown = sorted(set(config) - TOP_KEYS)
     if unknown:
         raise ValueError(f"mergekit config: {', '.join(unknown)} not supported by epmq merge (it reads "
@@ -424,7 +457,8 @@ def _translate(config: Mapping, layers, tokenizers) -> dict:
         raise ValueError(f"models must be a list of {{model: ..., parameters: ...}}, got {entries!r}")
     sources = [_source(e, k) for k, e in enumerate(entries)]
     # (without base_model, the vocabulary compared against is the first model's: all must match)
-    _tokenizer_source(config, base or sources[0][0], [m for m, _ in sources], tokenizers, base is not None)
+    vocabulary.update(_tokenizer_source(config, base or sources[0][0], [m for m, _ in sources], tokenizers,
+                                        base is not None))
     # (a per-model parameter given for all: mergekit looks it up on the model, then the slice, then the top)
     given = {} if given is None else given
     if not isinstance(given, Mapping):

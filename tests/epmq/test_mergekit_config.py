@@ -313,12 +313,13 @@ def word_tokenizer(path, tokens):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(path)
 
 
-def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
+def test_tokenizer_source_translated(tmp_path):
     """mergekit's tokenizer_source: base (or the base's path, or union; or tokenizer: {source:
     ...}) merges what a config without it merges where every model has the base's vocabulary,
-    filling its embedding rows; elsewhere mergekit realigns or resizes the embeddings, or fails,
-    and the config is refused saying why."""
-    from epmq.mergekit_config import base_tokenizer_changes_nothing
+    filling its embedding rows, and is dropped; where mergekit realigns or resizes the
+    embeddings it becomes epmq's tokenizer_source (with pad_to_multiple_of); where mergekit
+    strips tokens or picks its base in no fixed order, the config is refused saying why."""
+    from epmq.mergekit_config import TokenizerDifference, base_tokenizer_changes_nothing
 
     config = lambda **extra: dict(gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2), **extra)  # noqa: E731
     plain = from_mergekit(config())
@@ -330,12 +331,21 @@ def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
     assert from_mergekit(by_path, tokenizers=same)["base"] == "ckpt/b0"  # (the base's own path)
     for extra, match in [(dict(tokenizer_source="e1"), "gives the output another model's tokenizer"),
                          (dict(tokenizer={"source": "base", "tokens": {"<x>": {}}}), "tokenizer: tokens"),
-                         (dict(tokenizer={"pad_to_multiple_of": 64}), "tokenizer: pad_to_multiple_of"),
+                         (dict(tokenizer={"source": "base", "lowercase": True}), "tokenizer: lowercase"),
                          (dict(tokenizer_source="base", tokenizer={"source": "base"}), "not both")]:
         with pytest.raises(ValueError, match=match):
             from_mergekit(config(**extra), tokenizers=same)
-    with pytest.raises(ValueError, match="here it differs"):
+    assert from_mergekit(config(tokenizer={"pad_to_multiple_of": 64}), tokenizers=same) == dict(
+        plain, tokenizer_source="union", pad_to_multiple_of=64)
+    with pytest.raises(ValueError, match="'base': it differs: not translated"):
         from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m, every_tokenizer: "it differs")
+    differ = lambda b, m, every_tokenizer: TokenizerDifference("added tokens", True)  # noqa: E731
+    for extra, source in ((dict(tokenizer_source="base"), "base"), (dict(tokenizer={}), "union")):
+        assert from_mergekit(config(**extra), tokenizers=differ) == dict(plain, tokenizer_source=source)
+    assert from_mergekit(dict(gta("linear", base=None), tokenizer_source="union"), tokenizers=differ)[
+        "tokenizer_source"] == "union"
+    with pytest.raises(ValueError, match="without base_model.*no fixed order, and here added tokens"):
+        from_mergekit(dict(gta("linear", base=None), tokenizer_source="base"), tokenizers=differ)
     # without base_model every model must carry a tokenizer (mergekit's base is one of them)
     asked = []
     from_mergekit(dict(gta("linear", base=None), tokenizer_source="union"),
@@ -360,11 +370,13 @@ def test_tokenizer_source_base_where_it_changes_nothing(tmp_path):
     assert base_tokenizer_changes_nothing(base, models) is None
     word_tokenizer(tmp_path / "e1", tokens[:2] + [tokens[3], tokens[2]] + tokens[4:])  # (two ids swapped)
     assert "the vocabulary of" in base_tokenizer_changes_nothing(base, models)
+    assert base_tokenizer_changes_nothing(base, models).translatable
     word_tokenizer(tmp_path / "e1", tokens)
     word_tokenizer(tmp_path / "base", tokens[:60])  # (padded embedding rows past the vocabulary)
     assert "has 64 embedding rows for the base tokenizer's 60 tokens" in base_tokenizer_changes_nothing(base, models)
     word_tokenizer(tmp_path / "base", tokens + ["<past>"])  # (a token past the embedding)
     assert "1 tokens past its 64 embedding rows" in base_tokenizer_changes_nothing(base, models)
+    assert not base_tokenizer_changes_nothing(base, models).translatable
     word_tokenizer(tmp_path / "base", tokens)
     for f in (tmp_path / "e1").glob("tokenizer*"):
         f.unlink()  # (a model without a tokenizer: the base's, as mergekit takes it, unless no base is named)

@@ -1,0 +1,240 @@
+"""Merging models whose vocabularies differ: experts fine-tuned with added tokens (ChatML's
+``<|im_start|>``, a tool-call token) have more embedding rows than their base, or the same
+token at another row. Every model's vocabulary-indexed tensors (the input embeddings, an untied
+output head) are first laid out by one output tokenizer, row ``i`` for its token ``i``; then
+any merge applies unchanged.
+
+``tokenizer_source`` (mergekit's convention, so that its configs give the same tensors):
+
+- ``"base"``: the base's tokenizer (without a base, the first model's);
+- ``"union"``: the base's, plus every token of the other models it lacks (their own vocabulary
+  first, then their added tokens, each model in order).
+
+A model's row of a token it has is its own. A token a model lacks takes one row for every model
+that lacks it: the only model's that has it; else the base's, where the base has it; else the
+mean of the models that have it (zeros where none does). Rows past the vocabulary
+(``pad_to_multiple_of``) are each model's mean row.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Mapping, Optional, Sequence
+
+import torch
+
+SOURCES = ("base", "union")
+
+
+def check_tokenizer_source(source, pad_to_multiple_of=None) -> None:
+    """ValueError unless ``source`` is one of ``SOURCES`` (or None, with no padding)."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"tokenizer_source must be one of {', '.join(SOURCES)}, got {source!r} (another "
+                         f"model's tokenizer: give that model as the base)")
+    if pad_to_multiple_of is not None:
+        if source is None:
+            raise ValueError("pad_to_multiple_of pads the vocabulary tokenizer_source lays out: give one")
+        if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved with a checkpoint (a fast one), or None where it has none."""
+    import transformers
+
+    directory = path if path.is_dir() else path.parent
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except Exception:  # (as mergekit: a model without a tokenizer has the base's)
+        return None
+
+
+def _copy(tokenizer):
+    """An independent copy of ``tokenizer`` (tokens added to it leave the original as it is)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        return transformers.AutoTokenizer.from_pretrained(scratch)
+
+
+@dataclass
+class Vocabulary:
+    """The output ``tokenizer``, its ``size`` (tokens) and ``rows`` (``size`` padded), and for
+    each model (by key) ``index``: its row of each output token, -1 where it lacks the token.
+    ``base``: the key whose row a token shared by some models takes (None: their mean)."""
+
+    tokenizer: object
+    size: int
+    rows: int
+    index: dict
+    base: Optional[Hashable] = None
+    names: tuple = field(default=())
+
+    def align(self, tensors: Mapping[Hashable, torch.Tensor], name: str = "tensor") -> dict:
+        """Each model's ``tensors`` (vocabulary along dimension 0) laid out by the output
+        vocabulary: ``rows`` rows each, in the dtype all of them promote to."""
+        keys = list(tensors)
+        missing = [k for k in keys if k not in self.index]
+        if missing:
+            raise KeyError(f"{name}: no vocabulary index for {missing}")
+        for k in keys:
+            if tensors[k].shape[1:] != tensors[keys[0]].shape[1:]:
+                raise ValueError(f"tensor {name!r}: rows of shape {tuple(tensors[k].shape[1:])} in {k}, "
+                                 f"{tuple(tensors[keys[0]].shape[1:])} in {keys[0]}")
+        dtype = tensors[keys[0]].dtype
+        for t in tensors.values():
+            dtype = torch.promote_types(dtype, t.dtype)
+        like = tensors[keys[0]]
+        row_shape = like.shape[1:]
+        index = {k: self.index[k].to(like.device) for k in keys}
+        has = torch.stack([index[k] >= 0 for k in keys])  # [models, size]
+        count = has.sum(0)
+        # the row every model lacking a token takes (computed only for tokens some model lacks)
+        lacking = (count < len(keys)).nonzero().flatten()
+        default = torch.zeros((len(lacking), *row_shape), dtype=dtype, device=like.device)
+        if len(lacking):
+            total = torch.zeros_like(default)
+            for j, k in enumerate(keys):  # (in model order: mergekit's sum)
+                present = has[j, lacking]
+                total[present] += tensors[k][index[k][lacking[present]]].to(dtype)
+            n = count[lacking]
+            averaged = n > 1
+            if self.base is not None and self.base in tensors:
+                from_base = has[keys.index(self.base), lacking] & (n > 1)
+                averaged &= ~from_base
+                default[from_base] = tensors[self.base][index[self.base][lacking[from_base]]].to(dtype)
+            single = n == 1
+            default[single] = total[single]
+            default[averaged] = total[averaged] / n[averaged].view(-1, *([1] * len(row_shape))).to(dtype)
+            absent = lacking[n == 0]
+            if len(absent):
+                ids = set(absent.tolist())
+                words = [t for t, i in self.tokenizer.get_vocab().items() if i in ids][:3]
+                warnings.warn(f"{name}: {len(absent)} tokens in no model (e.g. {words}) get zero rows")
+        out = {}
+        for j, k in enumerate(keys):
+            t = torch.empty((self.rows, *row_shape), dtype=dtype, device=like.device)
+            mine = has[j]
+            t[: self.size][mine] = tensors[k][index[k][mine]].to(dtype)
+            theirs = ~has[j, lacking]
+            t[lacking[theirs]] = default[theirs]
+            if self.rows > self.size:
+                t[self.size:] = t[: self.size].mean(0)
+            out[k] = t
+        return out
+
+
+def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: Mapping[Hashable, int], *,
+                     base: Optional[Hashable] = None, pad_to_multiple_of: Optional[int] = None,
+                     names: Sequence[str] = ()) -> Vocabulary:
+    """The output vocabulary of ``source`` ("base" or "union") over the models' ``tokenizers``
+    (key -> tokenizer or None: it has the reference's), the reference first (the base, else the
+    first model); ``rows``: each model's embedding rows (tokens at or past them are padding
+    ids its embeddings have no row for, and are left out). ``base``: the base's key, if any."""
+    check_tokenizer_source(source, pad_to_multiple_of)
+    keys = list(tokenizers)
+    reference = tokenizers[keys[0]]
+    if reference is None:
+        raise ValueError(f"tokenizer_source {source!r}: the {'base' if base is not None else 'first model'} has no "
+                         f"tokenizer to lay the vocabulary out by")
+    vocabs = {k: (tokenizers[k] or reference).get_vocab() for k in keys}
+    past = sorted(t for t, i in vocabs[keys[0]].items() if i >= rows[keys[0]])
+    if past:
+        raise ValueError(f"the tokenizer of the {'base' if base is not None else 'first model'} has {len(past)} tokens "
+                         f"past its {rows[keys[0]]} embedding rows (e.g. {past[:3]}): they have no embedding to merge")
+    if source == "base":
+        tokenizer = reference
+    else:
+        tokenizer = _copy(reference)
+        known = set(vocabs[keys[0]])
+        regular, added = [], {}
+        for k in keys[1:]:
+            tok = tokenizers[k]
+            if tok is None:
+                continue
+            decoder = {i: a for i, a in tok.added_tokens_decoder.items() if i < rows[k]}
+            contents = {a.content for a in decoder.values()}
+            for token, i in sorted(vocabs[k].items(), key=lambda item: item[1]):
+                if i < rows[k] and token not in known and token not in contents:
+                    known.add(token)
+                    regular.append(token)
+            for i in sorted(decoder):
+                added.setdefault(decoder[i].content, decoder[i])
+        regular = [t for t in regular if t not in added]
+        if regular:
+            tokenizer.add_tokens(regular)
+        new = [a for content, a in added.items() if content not in tokenizer.get_vocab()]
+        for a in new:  # (one at a time, in order: each gets the next id)
+            tokenizer.add_tokens(a)
+    vocab = tokenizer.get_vocab()
+    size = len(vocab)
+    if max(vocab.values()) >= size:
+        raise ValueError(f"the output tokenizer's ids run to {max(vocab.values())} for {size} tokens: ids with no "
+                         f"token cannot be laid out")
+    padded = size if not pad_to_multiple_of else -(-size // pad_to_multiple_of) * pad_to_multiple_of
+    index = {}
+    for k in keys:
+        mine = vocabs[k]
+        order = torch.full((size,), -1, dtype=torch.long)
+        for token, i in vocab.items():
+            j = mine.get(token)
+            if j is not None and j < rows[k]:
+                order[i] = j
+        index[k] = order
+    return Vocabulary(tokenizer, size, padded, index, base, tuple(names))
+
+
+def vocabulary_names(skeleton, names: Sequence[str]) -> list:
+    """The tensors among ``names`` indexed by the vocabulary along dimension 0: the input
+    embeddings' weight, and the output head's weight and bias where they are not tied to
+    them, found on ``skeleton`` (the model's modules, ``lora.model_skeleton``)."""
+    if skeleton is None:
+        raise ValueError("tokenizer_source: the reference model could not be built from its config.json, so the "
+                         "tensors indexed by the vocabulary cannot be told apart")
+    params = {id(p): n for n, p in skeleton.named_parameters()}  # (a tied weight under its first name)
+    found = []
+    inputs, outputs = _module(skeleton, "get_input_embeddings"), _module(skeleton, "get_output_embeddings")
+    if not isinstance(inputs, torch.nn.Embedding):  # (a vision tower's patch embedding is no vocabulary)
+        raise ValueError(f"tokenizer_source: the model's input embeddings are not a token embedding "
+                         f"({type(inputs).__name__}): it has no vocabulary to lay out")
+    for module in (inputs, outputs):
+        for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
+            n = params.get(id(p)) if p is not None else None
+            if n is not None and n in names and n not in found:
+                found.append(n)
+    if not found:
+        raise ValueError(f"tokenizer_source: none of the model's tensors is its input embeddings (looked for "
+                         f"{sorted(params.values())[:3]}... in the checkpoint)")
+    return found
+
+
+def _module(skeleton, getter: str):
+    """``skeleton.get_input_embeddings()`` (or another getter), None where the model has none
+    (transformers raises NotImplementedError for a CLIPModel's)."""
+    try:
+        return getattr(skeleton, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+class Aligner:
+    """Hands out the models' vocabulary-indexed tensors laid out by ``vocabulary``: the first
+    request for a name aligns every model's tensor of it at once (a lacking token's row needs
+    the others'); ``states``: key -> the model's state dict (read lazily)."""
+
+    def __init__(self, vocabulary: Vocabulary, states: Mapping[Hashable, Mapping],
+                 read: Callable[[Mapping, str], torch.Tensor] = lambda state, name: state[name]):
+        self.vocabulary, self.states, self.read = vocabulary, dict(states), read
+        self.names = set(vocabulary.names)
+        self._name, self._aligned = None, {}
+
+    def get(self, key: Hashable, name: str) -> torch.Tensor:
+        if name != self._name:
+            self._aligned = {}  # (one name at a time: the merges go name by name)
+            self._aligned = self.vocabulary.align({k: self.read(s, name) for k, s in self.states.items()}, name)
+            self._name = name
+        return self._aligned[key]

@@ -1,0 +1,211 @@
+"""Merging models whose vocabularies differ: epmq.vocabulary and merge_checkpoints(tokenizer_source=...)."""
+
+import json
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from epmq import merge_checkpoints
+from epmq.cli import main
+from epmq.vocabulary import Vocabulary, build_vocabulary, vocabulary_names
+
+WORDS = [f"w{i}" for i in range(24)]
+
+
+def save_tokenizer(path, added=()):
+    """A word-level tokenizer of WORDS plus ``added`` ((token, special) pairs, in order), saved in ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token=WORDS[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=WORDS[0])
+    for token, special in added:
+        fast.add_tokens([transformers.AddedToken(token, special=special)])
+    fast.save_pretrained(path)
+    return fast
+
+
+def expert(root, name, added=(), noise=0.05, seed=0):
+    """A tiny Llama (untied head) fine-tuned by noise, with ``added`` tokens: its embeddings and
+    head resized to them, their rows random, as training leaves them."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False))
+    tok = save_tokenizer(root / name, added)
+    if added:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g) * p.abs().mean())
+    model.save_pretrained(root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    return dict(base=expert(root, "base", noise=0.0),
+                chat=expert(root, "chat", [("<|im_start|>", True), ("<|im_end|>", True)], seed=1),
+                tool=expert(root, "tool", [("<tool>", False), ("<|im_end|>", True)], seed=2),
+                plain=expert(root, "plain", seed=3))
+
+
+def rows_by_rule(vocabulary, tensors, base):
+    """Each model's rows by the rules, token by token (the reference for ``Vocabulary.align``)."""
+    keys = list(tensors)
+    out = {}
+    for k in keys:
+        t = torch.zeros(vocabulary.rows, *tensors[k].shape[1:])
+        for i in range(vocabulary.size):
+            has = [m for m in keys if vocabulary.index[m][i] >= 0]
+            row = lambda m: tensors[m][vocabulary.index[m][i]]  # noqa: E731
+            if k in has:
+                t[i] = row(k)
+            elif len(has) == 1:
+                t[i] = row(has[0])
+            elif base in has:
+                t[i] = row(base)
+            elif has:
+                t[i] = sum(row(m) for m in has) / len(has)
+        t[vocabulary.size:] = t[:vocabulary.size].mean(0)
+        out[k] = t
+    return out
+
+
+@pytest.mark.parametrize("base", ["b", None])
+def test_align_follows_the_rules_token_by_token(base):
+    """A token a model has keeps its row; one it lacks takes the only holder's row, else the
+    base's, else the holders' mean, else zeros (warned); padding rows are each model's mean."""
+    size, rows = 9, 12
+    index = {"b": torch.tensor([0, 1, 2, -1, -1, -1, 3, -1, 4]),
+             "x": torch.tensor([1, 0, -1, 2, 3, -1, 4, -1, 5]),
+             "y": torch.tensor([0, 1, 2, -1, 3, 4, -1, -1, 5])}
+    vocabulary = Vocabulary(None, size, rows, index, base)
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(int(v.max()) + 2, 3, generator=g) for k, v in index.items()}
+    vocabulary.tokenizer = type("T", (), {"get_vocab": lambda self: {f"t{i}": i for i in range(size)}})()
+    with pytest.warns(UserWarning, match="1 tokens in no model"):
+        aligned = vocabulary.align(tensors)
+    expected = rows_by_rule(vocabulary, tensors, base)
+    for k in tensors:
+        assert aligned[k].shape == (rows, 3)
+        assert torch.allclose(aligned[k], expected[k], rtol=0, atol=1e-6), k
+    assert torch.equal(aligned["x"][7], torch.zeros(3))
+
+
+def test_union_vocabulary_of_experts_with_added_tokens(models):
+    """The union is the base's tokens, then the experts' added tokens in the models' order, each
+    once; every model's index finds each of its tokens at its own id."""
+    keys = ["base", "chat", "tool", "plain"]
+    tokenizers = {k: transformers.AutoTokenizer.from_pretrained(models[k]) for k in keys}
+    rows = {"base": 24, "chat": 26, "tool": 26, "plain": 24}
+    vocabulary = build_vocabulary("union", tokenizers, rows, base="base", pad_to_multiple_of=8)
+    vocab = vocabulary.tokenizer.get_vocab()
+    assert (vocabulary.size, vocabulary.rows) == (27, 32)
+    assert [t for t, i in sorted(vocab.items(), key=lambda item: item[1])][24:] == ["<|im_start|>", "<|im_end|>",
+                                                                                    "<tool>"]
+    for k in keys:
+        own = tokenizers[k].get_vocab()
+        for token, i in vocab.items():
+            assert int(vocabulary.index[k][i]) == own.get(token, -1), (k, token)
+    assert tokenizers["base"].get_vocab() == {w: i for i, w in enumerate(WORDS)}  # (the base's own is untouched)
+    special = {a.content: a.special for a in vocabulary.tokenizer.added_tokens_decoder.values()}
+    assert special["<|im_end|>"] and not special["<tool>"]
+    by_base = build_vocabulary("base", tokenizers, rows, base="base")
+    assert (by_base.size, by_base.rows) == (24, 24) and int(by_base.index["chat"][5]) == 5
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_merging_experts_with_added_tokens(models, tmp_path, source):
+    """Task arithmetic of experts with added tokens: every model's embeddings and head laid
+    out by the output tokenizer first, so that each merged row is the merge of that token's
+    rows; the output carries that tokenizer and vocab_size, and loads and runs."""
+    out = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"], models["plain"]], tmp_path / "m",
+                            base=models["base"], params=dict(scale=1.0), tokenizer_source=source,
+                            pad_to_multiple_of=4 if source == "union" else None, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    states = {k: transformers.AutoModelForCausalLM.from_pretrained(models[k]).state_dict() for k in models}
+    toks = {k: transformers.AutoTokenizer.from_pretrained(models[k]).get_vocab() for k in models}
+    vocab = tok.get_vocab()
+    size = len(vocab)
+    rows = -(-size // 4) * 4 if source == "union" else size
+    assert size == (27 if source == "union" else 24)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == rows == merged.config.vocab_size
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        M = merged.state_dict()[name]
+        assert M.shape[0] == rows
+        for token, i in vocab.items():
+            has = [k for k in models if token in toks[k]]
+            row = {k: states[k][name][toks[k][token]] for k in has}
+            default = (row[has[0]] if len(has) == 1 else row["base"] if "base" in has
+                       else sum(row.values()) / len(has))
+            of = {k: row.get(k, default) for k in models}
+            expected = of["base"] + sum(of[k] - of["base"] for k in ("chat", "tool", "plain"))
+            assert torch.allclose(M[i], expected, atol=1e-6), (name, token)
+    W = merged.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    expected = sum(states[k]["model.layers.0.mlp.up_proj.weight"] for k in ("chat", "tool", "plain")) \
+        - 2 * states["base"]["model.layers.0.mlp.up_proj.weight"]
+    assert torch.allclose(W, expected, atol=1e-6)
+    ids = tok("w3 w5 <|im_end|>", return_tensors="pt").input_ids if source == "union" else torch.tensor([[3, 5]])
+    assert ids.max() < size and torch.isfinite(merged(ids).logits).all()
+    recipe = json.loads((out / "epmq_merge.json").read_text())
+    assert recipe["tokenizer_source"] == source
+
+
+def test_different_vocabularies_without_a_source(models, tmp_path):
+    """Without tokenizer_source, embeddings of other sizes are refused naming the remedy, and
+    tokenizers that give one row different tokens are warned about."""
+    with pytest.raises(ValueError, match="24 embedding rows.*26|26 embedding rows.*24"):
+        merge_checkpoints("task_arithmetic", [models["chat"], models["plain"]], tmp_path / "m", base=models["base"],
+                          progress=False)
+    assert not (tmp_path / "m").exists()
+    swapped = expert(tmp_path, "swapped", seed=4)
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+
+    words = WORDS[:2] + [WORDS[3], WORDS[2]] + WORDS[4:]  # (two ids swapped)
+    t = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token=words[0]).save_pretrained(swapped)
+    with pytest.warns(UserWarning, match="may stand for different tokens"):
+        merge_checkpoints("task_arithmetic", [swapped, models["plain"]], tmp_path / "w", base=models["base"],
+                          progress=False)
+    out = merge_checkpoints("task_arithmetic", [swapped, models["plain"]], tmp_path / "u", base=models["base"],
+                            params=dict(scale=1.0), tokenizer_source="union", progress=False)
+    E = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()["model.embed_tokens.weight"]
+    states = {k: transformers.AutoModelForCausalLM.from_pretrained(p).state_dict()["model.embed_tokens.weight"]
+              for k, p in (("base", models["base"]), ("s", swapped), ("p", models["plain"]))}
+    assert torch.allclose(E[2], states["s"][3] + states["p"][2] - states["base"][2], atol=1e-6)  # (by token)
+
+
+def test_bad_tokenizer_sources_raise_before_reading(models, tmp_path):
+    for kwargs, match in [(dict(tokenizer_source="mine"), "tokenizer_source must be one of"),
+                          (dict(pad_to_multiple_of=8), "pad_to_multiple_of pads the vocabulary"),
+                          (dict(tokenizer_source="union", pad_to_multiple_of=0), "positive integer")]:
+        with pytest.raises(ValueError, match=match):
+            merge_checkpoints("task_arithmetic", [models["chat"]], tmp_path / "m", base=models["base"],
+                              progress=False, **kwargs)
+    assert vocabulary_names(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        tie_word_embeddings=True)), ["model.embed_tokens.weight", "lm_head.weight"]) == ["model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match="not a token embedding"):
+        vocabulary_names(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+            patch_size=4)), ["embeddings.patch_embedding.weight"])
+
+
+def test_mergekit_yaml_with_added_tokens_runs(models, tmp_path, capsys):
+    """A mergekit config with tokenizer_source: union over experts with added tokens runs as it
+    is through ``epmq merge``."""
+    config = dict(merge_method="task_arithmetic", base_model=str(models["base"]), dtype="float32",
+                  tokenizer={"source": "union", "pad_to_multiple_of": 4},
+                  models=[dict(model=str(models[k]), parameters=dict(weight=1.0)) for k in ("chat", "tool")])
+    path = tmp_path / "mk.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == 27
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 28
