@@ -35,6 +35,9 @@ Experts with added tokens (``added_tokens_side_by_side``): three experts, two re
 ChatML's and a tool token, merged with ``tokenizer_source`` (union, padded or not; base; linear
 without a base) by mergekit and by ``epmq merge`` of the same YAML, compared token by token.
 
+RAM and RAM+ (mergekit's ``ramplus_tl``, r 0.5, alpha 0.4) merge three sparse experts;
+Arcee Fusion fuses expert 1 into the base.
+
 DARE and DELLA draw random masks (mergekit from torch's global generator, we from ``(seed,
 name, expert)``), so their tensors cannot be compared entry by entry; DARE-TIES, DELLA and
 DELLA-linear run at density 1 (no masks drawn), which compares the rest, and ``magprune``
@@ -299,6 +302,23 @@ def main(argv=None):
             dict(merge_method="nearswap", base_model=base_dir, dtype="float32", parameters=dict(t=0.001),
                  models=[dict(model=base_dir), dict(model=expert_dirs[1])]),
             lambda: merge.nearswap(base, experts[1:2], t=0.001))
+        # RAM / RAM+ on sparse experts (30% of each tensor's entries changed: entries one expert
+        # changed alone, shared ones and untouched ones all occur); Arcee Fusion of one expert
+        sparse_base_dir, sparse_dirs = write_experts(os.path.join(root, "sparse"), tiny_llama,
+                                                     [(0.03, 0.3), (0.05, 0.3), (0.02, 0.3)])
+        sparse_base, sparse = open_checkpoint(sparse_base_dir), [open_checkpoint(p) for p in sparse_dirs]
+        runs["ram"] = (
+            dict(merge_method="ram", base_model=sparse_base_dir, dtype="float32",
+                 models=[dict(model=p) for p in sparse_dirs]),
+            lambda: merge.ram(sparse_base, sparse))
+        runs["ramplus_tl"] = (
+            dict(merge_method="ramplus_tl", base_model=sparse_base_dir, dtype="float32",
+                 parameters=dict(r=0.5, alpha=0.4), models=[dict(model=p) for p in sparse_dirs]),
+            lambda: merge.ram_plus(sparse_base, sparse, r=0.5, alpha=0.4))
+        runs["arcee_fusion"] = (
+            dict(merge_method="arcee_fusion", base_model=base_dir, dtype="float32",
+                 models=[dict(model=base_dir), dict(model=expert_dirs[1])]),
+            lambda: merge.arcee_fusion(base, experts[1:2]))
         runs["linear_base_listed"] = (
             dict(merge_method="linear", base_model=base_dir, dtype="float32",
                  models=[dict(model=base_dir, parameters=dict(weight=2.0))]

@@ -42,7 +42,8 @@ examples in configs/files/):
 
   method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, sce,
                                     # tsv, iso_c, model_stock, average, slerp, nuslerp,
-                                    # multislerp, karcher, nearswap, regmean
+                                    # multislerp, karcher, nearswap, ram, ram_plus,
+                                    # arcee_fusion, regmean
   base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (none for average,
                                     # slerp, regmean)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0):
@@ -63,7 +64,8 @@ examples in configs/files/):
 
 A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
 runs as it is for task_arithmetic, ties, breadcrumbs(_ties), dare_ties, dare_linear, della,
-della_linear, sce, linear, model_stock, slerp, nuslerp, multislerp, karcher and nearswap
+della_linear, sce, linear, model_stock, slerp, nuslerp, multislerp, karcher, nearswap, ram,
+ramplus_tl and arcee_fusion
 (SLERP's t also as a gradient with filters; slices of whole models): epmq.mergekit_config says
 how each maps, and the rest is refused by name.
 """

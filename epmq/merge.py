@@ -25,6 +25,11 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
     model_stock       W = t mean_k W_k + (1 - t) W_0, t from the angle between task vectors
     sce               W = W_0 + merge_k(w_k tau_k over the most varying entries, agreeing with
                       the elected sign), w_k from each task vector's mean square
+    ram               W = W_0 + sum_k m_k tau_k / c: an entry one expert changed (m_k: |tau_k|
+                      > epsilon) takes its change whole, one c > 1 experts changed their mean
+                      (Reinforced Agent Merging; ram_plus: the lone changes scaled up per expert)
+    arcee_fusion      W = W_0 + tau_1 where its importance |tau_1| KL(row) is an outlier (two
+                      models; mergekit's)
     slerp             spherical interpolation of two models (no base)
     nuslerp           spherical interpolation of two experts or of their task vectors
                       (mergekit's NuSLERP; the base optional)
@@ -905,6 +910,78 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
         W_1 = W_k[0]
         w = (t / torch.abs(W_0 - W_1).clamp(min=1e-6)).clamp(min=0, max=1)
         return w * W_1 + (1 - w) * W_0
+
+    return _merge_each(base, experts, merge_tensor, out)
+
+
+def _changed(W_0, W_k, epsilon):
+    """Task vectors ``[K, ...]``, which entries each changed (``|tau| > epsilon``) and how many
+    experts changed each entry (RAM's split into entries one expert owns and shared ones)."""
+    taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
+    changed = taus.abs() > epsilon
+    return taus, changed, changed.sum(dim=0)
+
+
+def ram(base, experts, epsilon: float = 1e-5, *, out=None):
+    """RAM (Reinforced Agent Merging, arXiv 2601.13572): an entry that exactly one expert
+    changed (``|tau_k| > epsilon``) takes that expert's change whole, one that ``c > 1`` experts
+    changed takes their mean change, ``W = W_0 + sum_k m_k tau_k / max(c, 1)``: unlike a mean of
+    task vectors, a skill only one expert learned is not diluted by the experts that left its
+    entries alone. mergekit 0.1.5's ``ram``, step for step."""
+    _needs_base(base, "ram")
+    epsilon = check_number(epsilon, "epsilon", 0)
+
+    def merge_tensor(name, W_0, W_k):
+        taus, changed, c = _changed(W_0, W_k, epsilon)
+        kept = taus * changed
+        return W_0 + (kept * (c == 1) + kept * (c > 1) / c.clamp(min=1)).sum(dim=0)
+
+    return _merge_each(base, experts, merge_tensor, out)
+
+
+def ram_plus(base, experts, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5, *, out=None):
+    """RAM+ as mergekit's ``ramplus_tl`` (tensor-local): RAM with each expert's lone changes
+    scaled by ``1 + r min(alpha, rho_k)``, ``rho_k`` the number of its changed entries that
+    others changed too over the number only it changed, counted per tensor: an expert whose
+    changes mostly overlap others' has its own ones amplified, as the shared ones are averaged
+    down. mergekit 0.1.5's ``ramplus_tl``, step for step."""
+    _needs_base(base, "ram_plus")
+    r, alpha, epsilon = (check_number(r, "r", 0), check_number(alpha, "alpha", 0),
+                         check_number(epsilon, "epsilon", 0))
+
+    def merge_tensor(name, W_0, W_k):
+        taus, changed, c = _changed(W_0, W_k, epsilon)
+        lone, shared = c == 1, c > 1
+        rows = changed.reshape(len(taus), -1)
+        rho = (rows & shared.reshape(1, -1)).sum(dim=1) / (rows & lone.reshape(1, -1)).sum(dim=1).clamp(min=epsilon)
+        amplify = (1 + r * rho.clamp(min=0, max=alpha)).reshape(-1, *([1] * W_0.dim()))
+        kept = taus * changed
+        return W_0 + (kept * lone * amplify + kept * shared / c.clamp(min=1)).sum(dim=0)
+
+    return _merge_each(base, experts, merge_tensor, out)
+
+
+def arcee_fusion(base, experts, *, out=None):
+    """mergekit's Arcee Fusion of the base and one expert: the expert's change is kept where its
+    importance is an outlier and dropped elsewhere, ``W = W_0 + tau 1[I >= median(I) + 1.5
+    IQR(I)]``, with ``I = |tau| KL(softmax(W_1) || softmax(W_0))`` (the divergence of each row,
+    along the last dimension; of the whole tensor for a vector; softmaxes offset by 1e-8). The
+    quartiles are the sorted importances at ``floor(q (n - 1))``, as mergekit's; mergekit 0.1.5
+    estimates them from a million entries drawn at random in tensors larger than that, epmq
+    uses every entry (the same function, deterministic)."""
+    _needs_base(base, "arcee_fusion")
+    if len(experts) != 1:
+        raise ValueError(f"arcee_fusion fuses one expert into the base, got {len(experts)}")
+
+    def merge_tensor(name, W_0, W_k):
+        W_1 = W_k[0]
+        p = torch.softmax(W_1, dim=-1) + 1e-8
+        q = torch.softmax(W_0, dim=-1) + 1e-8
+        importance = (W_1 - W_0).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+        ordered = torch.sort(importance.reshape(-1)).values
+        q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+        keep = (importance >= median + 1.5 * (q3 - q1)).to(W_0.dtype)
+        return W_0 + (W_1 - W_0) * keep
 
     return _merge_each(base, experts, merge_tensor, out)
 

@@ -50,7 +50,7 @@ CARD_MARK = "<!-- model card written by epmq merge; a README without this line i
 METHODS = {"task_arithmetic": True, "ties": True, "dare": True, "breadcrumbs": True,
            "della": True, "sce": True, "tsv": True, "iso_c": True, "model_stock": True, "average": False,
            "slerp": False, "nuslerp": None, "multislerp": None, "karcher": False, "nearswap": True,
-           "regmean": False}
+           "ram": True, "ram_plus": True, "arcee_fusion": True, "regmean": False}
 
 Source = Union[str, Path]
 

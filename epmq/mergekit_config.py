@@ -30,6 +30,10 @@ the two on the same checkpoints, tensor by tensor):
                                    normalize_weights, eps)
     karcher             karcher(every model, the base too, max_iter, tol)
     nearswap            nearswap(base_model, the other model, t)
+    ram                 ram(epsilon)
+    ramplus_tl          ram_plus(r, alpha, epsilon)
+    arcee_fusion        arcee_fusion(base_model, the other model)   (exact quartiles, where
+                        mergekit samples a million entries of larger tensors)
     slerp               slerp(base_model, the other model, t)   (each tensor whole)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
@@ -69,7 +73,7 @@ model's tokenizer, per-token embedding sources (``tokens``), tokens past the bas
 different vocabularies or a model without a tokenizer.
 
 Anything else is refused with the setting named, never approximated: other methods
-(passthrough, arcee_fusion, ...), slices of parts of models (frankenmerges), gradients and
+(passthrough, ...), slices of parts of models (frankenmerges), gradients and
 filters of any parameter but SLERP's ``t``, ``rescale: true`` on a method without random
 masks, and ``model+lora`` sources. ``chat_template`` (Jinja text, or "auto": the
 template most of the models carry, refused where several tie) is set on the output's
@@ -91,7 +95,7 @@ TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dty
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
 METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della",
            "della_linear", "sce", "linear", "model_stock", "slerp", "nuslerp", "multislerp", "karcher",
-           "nearswap")
+           "nearswap", "ram", "ramplus_tl", "arcee_fusion")
 # per method: the parameters mergekit reads, with its defaults (None: none)
 SHARED = {
     "task_arithmetic": {"normalize": False, "lambda": 1.0, "rescale": False},
@@ -110,6 +114,9 @@ SHARED = {
     "karcher": {"max_iter": 10, "tol": 1e-5},
     "nearswap": {"t": None},
     "slerp": {"t": None},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    "arcee_fusion": {},
 }
 PER_MODEL = {
     "task_arithmetic": {"weight": None, "density": 1.0},
@@ -128,10 +135,13 @@ PER_MODEL = {
     "multislerp": {"weight": None},
     "karcher": {"weight": 1.0},
     "nearswap": {},
+    "ram": {"weight": 1.0},
+    "ramplus_tl": {"weight": 1.0},
+    "arcee_fusion": {},
 }
 
 
-IGNORES_WEIGHT = ("model_stock", "sce", "karcher")
+IGNORES_WEIGHT = ("model_stock", "sce", "karcher", "ram", "ramplus_tl")
 
 
 def is_mergekit(config: Mapping) -> bool:
@@ -519,6 +529,14 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
         return dict(method="nuslerp", base=base, models=experts, dtype=dtype,
                     params=dict(weights=weights, row_wise=bool(shared["nuslerp_row_wise"]),
                                 flatten=bool(shared["nuslerp_flatten"])))
+    if method in ("ram", "ramplus_tl", "arcee_fusion"):
+        if base is None:
+            raise ValueError(f"{method} needs base_model")
+        if method == "arcee_fusion" and len(experts) != 1:
+            raise ValueError(f"arcee_fusion fuses one other model into the base, got {len(experts)}")
+        ours = {"ram": "ram", "ramplus_tl": "ram_plus", "arcee_fusion": "arcee_fusion"}[method]
+        return dict(method=ours, base=base, models=experts, dtype=dtype,
+                    params={k: float(v) for k, v in shared.items()})
     if method == "nearswap":
         if shared["t"] is None or base is None:
             raise ValueError("nearswap needs base_model and parameters.t")

@@ -1172,6 +1172,8 @@ class _Walk:
         rename = key_renaming(self.model)
         for source in self.experts.values():
             source.bind(self.shapes, self.aliases, rename=rename)
+            if self.targets == "expert_path":
+                self._check_vocabulary(source)
             present = {}
             for key, shape in needed.items():
                 if self._fused_in(source, key):
@@ -1188,6 +1190,26 @@ class _Walk:
                     raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
+
+    def _check_vocabulary(self, source):
+        """An expert whose token embeddings have other rows than the merged model's (experts with
+        added tokens, merged with ``tokenizer_source``) cannot run on the merged model's token ids."""
+        try:
+            embedding = self.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return
+        weight = getattr(embedding, "weight", None) if isinstance(embedding, torch.nn.Embedding) else None
+        name = next((names[0] for t, names in self.outside if t is weight), None)
+        if name is None or source.key_for(name) is None:
+            return
+        rows = source.shape(name)[0]
+        if rows != weight.shape[0]:
+            raise ValueError(
+                f"the expert of task {source.task!r} ({source.description}) has {rows} token embeddings "
+                f"({name}), the merged model {weight.shape[0]}: their vocabularies differ (a merge with "
+                f"tokenizer_source over experts with added tokens?). targets='expert_path' runs each expert "
+                f"on the merged model's token ids, which needs one vocabulary; the default targets "
+                f"('merged_path') read no embeddings")
 
     @contextmanager
     def _expert_outside(self, task):

@@ -554,6 +554,53 @@ def test_nearswap_by_its_definition():
         merge.nearswap(base, [expert, expert])
 
 
+def test_ram_keeps_lone_changes_whole_and_averages_shared_ones():
+    """RAM: an entry one expert changed takes that change whole, one several changed takes their
+    mean, one none changed (|tau| <= epsilon) keeps the base; RAM+ scales each expert's lone
+    changes by 1 + r min(alpha, shared / lone), counted per tensor."""
+    base = {"w": torch.zeros(2, 3)}
+    e1 = {"w": torch.tensor([[1.0, 2.0, 0.0], [4.0, 1e-6, 0.0]])}
+    e2 = {"w": torch.tensor([[0.0, 4.0, 3.0], [2.0, 0.0, 0.0]])}
+    e3 = {"w": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 5.0]])}
+    out = merge.ram(base, [e1, e2, e3])["w"]
+    torch.testing.assert_close(out, torch.tensor([[1.0, 3.0, 3.0], [3.0, 0.0, 5.0]]), rtol=0, atol=0)
+    # e1 changed 3 entries, 2 of them shared (rho 2), e2 3 with 2 shared (rho 2), e3 1 lone (rho 0)
+    r, alpha = 0.5, 0.4
+    plus = merge.ram_plus(base, [e1, e2, e3], r=r, alpha=alpha)["w"]
+    up = 1 + r * alpha
+    torch.testing.assert_close(plus, torch.tensor([[1.0 * up, 3.0, 3.0 * up], [3.0, 0.0, 5.0]]))
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(5, 7, generator=g)
+    experts = [{"w": W0 + torch.randn(5, 7, generator=g) * (torch.rand(5, 7, generator=g) < 0.4)} for _ in range(3)]
+    taus = torch.stack([e["w"] - W0 for e in experts])
+    changed = taus.abs() > 1e-5
+    c = changed.sum(0)
+    by_hand = W0 + torch.where(c > 0, (taus * changed).sum(0) / c.clamp(min=1), 0.0)
+    torch.testing.assert_close(merge.ram({"w": W0}, experts)["w"], by_hand)
+    torch.testing.assert_close(merge.ram_plus({"w": W0}, experts, r=0.0)["w"], by_hand)
+    with pytest.raises(ValueError, match="needs the base"):
+        merge.ram(None, experts)
+
+
+def test_arcee_fusion_keeps_the_outlying_changes():
+    """Arcee Fusion: the expert's change is kept where |tau| KL(row) passes median + 1.5 IQR
+    of those importances, dropped elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(8, 16, generator=g)
+    tau = 0.01 * torch.randn(8, 16, generator=g)
+    tau[2, 5], tau[6, 1] = 3.0, -2.0  # (two outlying changes)
+    out = merge.arcee_fusion({"w": W0}, [{"w": W0 + tau}])["w"]
+    p, q = torch.softmax(W0 + tau, -1) + 1e-8, torch.softmax(W0, -1) + 1e-8
+    importance = tau.abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+    s = importance.flatten().sort().values
+    q1, med, q3 = s[int(0.25 * 127)], s[int(0.5 * 127)], s[int(0.75 * 127)]
+    keep = importance >= med + 1.5 * (q3 - q1)
+    assert keep[2, 5] and keep[6, 1] and not keep[[0, 1, 3, 4, 5, 7]].any()  # (the other rows barely moved)
+    torch.testing.assert_close(out, torch.where(keep, W0 + tau, W0))
+    with pytest.raises(ValueError, match="one expert"):
+        merge.arcee_fusion({"w": W0}, [{"w": W0}, {"w": W0}])
+
+
 # --------------------------------------------------------------------------- TSV, Iso-C
 
 

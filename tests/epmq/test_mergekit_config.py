@@ -122,6 +122,24 @@ def test_nearswap():
         from_mergekit(gta("nearswap", {"t": 0.1}, [{}, {}]))
 
 
+def test_ram_ramplus_and_arcee_fusion():
+    """RAM and RAM+ (mergekit's tensor-local ramplus_tl) with mergekit's defaults stated; a
+    per-model weight, which they ignore as mergekit does, is warned of; Arcee Fusion fuses one
+    model into the base."""
+    assert from_mergekit(gta("ram", None, [{}, {}])) == dict(method="ram", base="base", models=["e0", "e1"],
+                                                             dtype=None, params=dict(epsilon=1e-5))
+    assert from_mergekit(gta("ramplus_tl", {"r": 0.5}, [{}, {}]))["params"] == dict(r=0.5, alpha=0.2, epsilon=1e-5)
+    assert from_mergekit(gta("ramplus_tl", None, [{}, {}]))["method"] == "ram_plus"
+    with pytest.warns(UserWarning, match="ram: weight is not read"):
+        from_mergekit(gta("ram"))
+    assert from_mergekit(gta("arcee_fusion", None, [{}])) == dict(method="arcee_fusion", base="base", models=["e0"],
+                                                                  dtype=None, params={})
+    with pytest.raises(ValueError, match="fuses one other model into the base, got 2"):
+        from_mergekit(gta("arcee_fusion", None, [{}, {}]))
+    with pytest.raises(ValueError, match="ram needs base_model"):
+        from_mergekit(gta("ram", None, [{}, {}], base=None))
+
+
 def test_dare_is_the_same_merge_with_its_own_masks():
     """DARE-TIES and DARE-linear with mergekit's defaults (L1 rescaling, no normalize): epmq's
     DARE, said to draw its own masks."""

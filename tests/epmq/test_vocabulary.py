@@ -209,3 +209,29 @@ def test_mergekit_yaml_with_added_tokens_runs(models, tmp_path, capsys):
     assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
     assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == 27
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 28
+
+
+def test_e_pmq_of_a_merge_over_added_tokens(models, tmp_path):
+    """E-PMQ quantizes a union merge from experts with fewer tokens: its default targets read
+    the experts' block weights only; expert-path targets, which run each expert on the merged
+    model's token ids, are refused naming the vocabularies."""
+    from epmq import QuantSpec, quantize_checkpoint
+
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    calibration = {}
+    for task in ("chat", "tool"):
+        (tmp_path / f"{task}.txt").write_text("\n".join("w1 w2 w3 <|im_end|> w4 <tool> w5 <|im_start|>"
+                                                        for _ in range(8)))
+        calibration[task] = str(tmp_path / f"{task}.txt")
+    experts = {t: str(models[t]) for t in ("chat", "tool")}
+    kwargs = dict(spec=QuantSpec(bits=4, group_size=8), calibration=calibration, experts=experts, samples=2,
+                  seq_len=8, progress=False)
+    out = quantize_checkpoint(merged, tmp_path / "q", **kwargs)
+    from epmq import load_quantized
+
+    quantized = load_quantized(out)
+    ids = transformers.AutoTokenizer.from_pretrained(out)("w1 <tool> w2", return_tensors="pt").input_ids
+    assert ids.max() == 26 and torch.isfinite(quantized(ids).logits).all()
+    with pytest.raises(ValueError, match="has 26 token embeddings.*the merged model 27.*vocabularies differ"):
+        quantize_checkpoint(merged, tmp_path / "q2", targets="expert_path", resume=False, **kwargs)
