@@ -141,25 +141,29 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
 def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_path, model_paths, lora_base,
                         base_only):
     """The models' vocabulary-indexed tensors laid out by ``source``'s tokenizer (the views in
-    ``sources`` and ``base_state`` then hand those out; ``epmq.vocabulary``): returns the
-    ``Vocabulary``, or None without a source, after checking that the models' vocabularies agree
-    (refused where their embedding rows differ, warned where one row means different tokens)."""
+    ``sources`` and ``base_state`` then hand those out; ``epmq.vocabulary``), after checking,
+    without a source, that the models' vocabularies agree (refused where their embedding rows
+    differ, warned where one row means different tokens). Returns ``(Vocabulary or None, the
+    models' tokenizers by key)``."""
     reference = base_state if base_state is not None else sources[0]
-    reference_path = base_path if base_path is not None else model_paths[0]
-    if is_lora_adapter(reference_path) and lora_base is not None:
-        reference_path = lora_base
     views = ([("base", base_state)] if base_state is not None else []) + list(enumerate(sources))
     paths = dict(([("base", base_path)] if base_state is not None else []) + list(enumerate(model_paths)))
-    try:
-        names = vocabulary_names(model_skeleton(reference_path), list(reference))
+    # a LoRA adapter's config.json and tokenizer are its base's, where it has none of its own
+    homes = {k: _adapter_base(p, v, lora_base) for k, v in views for p in [paths[k]]}
+    tokenizers = {k: load_tokenizer(paths[k]) or (load_tokenizer(homes[k]) if homes[k] != paths[k] else None)
+                  for k, _ in views}
+    try:  # (among all of the reference's tensors: those copied from the base alone count too)
+        names = vocabulary_names(model_skeleton(homes[views[0][0]]), list(reference.state))
     except ValueError:
         if source is not None:
             raise
-        return None  # (without a source: nothing to check against, as before)
-    shapes = {k: v.state.reader.shape(v.state.checkpoint_key(names[0])) for k, v in views}
-    rows = {k: shape[0] for k, shape in shapes.items()}
-    label = {k: "the base" if k == "base" else f"model {k} ({v.label})" for k, v in views}
-    tokenizers = {k: load_tokenizer(p) for k, p in paths.items()}
+        return None, tokenizers  # (without a source: nothing to check against, as before)
+    label = {k: "the base" if k == "base" else v.label for k, v in views}
+    lacking = [k for k, v in views if names[0] not in v.state]
+    if lacking and source is not None:
+        raise ValueError(f"tokenizer_source: {label[lacking[0]]} has no {names[0]} (the token embeddings) to lay out")
+    views = [(k, v) for k, v in views if k not in lacking]  # (a partial checkpoint: refused later, by name)
+    rows = {k: v.state.reader.shape(v.state.checkpoint_key(names[0]))[0] for k, v in views}
     if source is None:
         first = views[0][0]
         for k, _ in views[1:]:
@@ -175,17 +179,45 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
                     warnings.warn(f"the tokenizer of {label[k]} is not that of {label[first]} (e.g. {differ}): an "
                                   f"embedding row may stand for different tokens in the two; tokenizer_source='union' "
                                   f"lays every model's rows out by token")
-        return None
+        return None, tokenizers
     unaligned = sorted(set(names) & set(base_only))
     if unaligned:
-        raise ValueError(f"tokenizer_source: {unaligned} is the base's alone (the models lack it): it cannot be "
-                         f"laid out by their vocabulary")
-    vocabulary = build_vocabulary(source, tokenizers, rows, base="base" if base_state is not None else None,
+        raise ValueError(f"tokenizer_source: {unaligned} indexed by the vocabulary are the base's alone (the models "
+                         f"lack them, and they are not tied to a tensor the models have): they cannot be laid out by "
+                         f"the models' vocabulary")
+    names = [n for n in names if n in reference]  # (tied copies take the merged tensor's value)
+    if not names:
+        raise ValueError("tokenizer_source: the models share none of the tensors indexed by the vocabulary")
+    vocabulary = build_vocabulary(source, {k: tokenizers[k] for k, _ in views}, rows,
+                                  base="base" if base_state is not None else None,
                                   pad_to_multiple_of=pad_to_multiple_of, names=names)
     aligner = Aligner(vocabulary, {k: v.state for k, v in views})
     for k, v in views:
         v.aligned = (aligner, k)
-    return vocabulary
+    return vocabulary, tokenizers
+
+
+def _adapter_base(path: Path, view, lora_base) -> Path:
+    """``path``, or for a LoRA adapter the base model it makes an expert of (``lora_base``, else
+    the one its config names), whose config.json and tokenizer it shares."""
+    if not is_lora_adapter(path):
+        return path
+    lora = getattr(view.state.reader, "lora", None)
+    named = getattr(getattr(lora, "base", None), "path", None)
+    return Path(lora_base) if lora_base is not None else Path(named) if named is not None else path
+
+
+def _check_template_tokens(template: Optional[str], output, tokenizers: Mapping) -> None:
+    """Warn where the chat template spells special tokens of the models (ChatML's ``<|im_end|>``)
+    that the written tokenizer ``output`` lacks: they would be split into ordinary text."""
+    if template is None or output is None:
+        return
+    vocab = output.get_vocab()
+    specials = {a.content for t in tokenizers.values() if t is not None for a in t.added_tokens_decoder.values()}
+    missing = sorted(t for t in specials if t in template and t not in vocab)
+    if missing:
+        warnings.warn(f"the chat template uses {missing}, which the written tokenizer lacks (the models that "
+                      f"have them added them): they become ordinary text; tokenizer_source='union' adds them")
 
 
 def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None:
@@ -563,8 +595,11 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             base_state = _View(base_state.state, device, merged)
             sources = [_View(s.state, device, merged, s.label) for s in sources]
     reference = base_state if base_state is not None else sources[0]
-    vocabulary = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources, base_path,
-                                     model_paths, lora_base, base_only)
+    vocabulary, tokenizers = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources,
+                                                 base_path, model_paths, lora_base, base_only)
+    reference_key = "base" if base_state is not None else 0
+    _check_template_tokens(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
+                           tokenizers)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",

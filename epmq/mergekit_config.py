@@ -339,14 +339,17 @@ def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabula
     return None
 
 
-def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers, base_given: bool) -> dict:
+def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers, base_given: bool,
+                      base_averaged: bool = False) -> dict:
     """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ..., pad_to_multiple_of: ...}``,
     whose source defaults to "union") as epmq's (``epmq.vocabulary``: the same rows for every
     token; mergekit numbers the union's added tokens in an order that changes from run to run,
     epmq in the models' order): nothing where it changes nothing
     (``base_tokenizer_changes_nothing``), else ``tokenizer_source`` ("base", also for the base's
     own path, or "union") and ``pad_to_multiple_of``; refused with the reason where epmq does not
-    lay the vocabulary out as mergekit does."""
+    lay the vocabulary out as mergekit does (``base_averaged``: the translation averages the base
+    as one of the models, linear's and karcher's, so that epmq's merge has no base to take the
+    tokenizer and the shared tokens' rows from, as mergekit does)."""
     if "tokenizer_source" in config and "tokenizer" in config:
         raise ValueError("give tokenizer_source or tokenizer, not both (as mergekit)")
     source, pad = config.get("tokenizer_source"), None
@@ -371,6 +374,10 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
         return {} if pad is None else dict(tokenizer_source=source, pad_to_multiple_of=pad)
     if not getattr(why, "translatable", False):
         raise ValueError(f"tokenizer source {source!r}: {why}: not translated by epmq merge")
+    if base_averaged:
+        raise ValueError(f"tokenizer source {source!r} with base_model on a merge that averages the base as one of "
+                         f"the models (linear, karcher), and here {why}: mergekit lays the vocabulary out by the "
+                         f"base's tokenizer and rows, which epmq's translation, with no base, would not: not translated")
     if source == "base" and not base_given:
         raise ValueError(f"tokenizer source 'base' without base_model: mergekit's tokenizer base is one of the "
                          f"models, picked in no fixed order, and here {why}")
@@ -468,7 +475,7 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
     sources = [_source(e, k) for k, e in enumerate(entries)]
     # (without base_model, the vocabulary compared against is the first model's: all must match)
     vocabulary.update(_tokenizer_source(config, base or sources[0][0], [m for m, _ in sources], tokenizers,
-                                        base is not None))
+                                        base is not None, base is not None and method in ("linear", "karcher")))
     # (a per-model parameter given for all: mergekit looks it up on the model, then the slice, then the top)
     given = {} if given is None else given
     if not isinstance(given, Mapping):

@@ -195,7 +195,12 @@ def vocabulary_names(skeleton, names: Sequence[str]) -> list:
     if skeleton is None:
         raise ValueError("tokenizer_source: the reference model could not be built from its config.json, so the "
                          "tensors indexed by the vocabulary cannot be told apart")
-    params = {id(p): n for n, p in skeleton.named_parameters()}  # (a tied weight under its first name)
+    # every name of each parameter: a checkpoint may store a tied weight under any of them (T5's
+    # shared / encoder / decoder embeddings, an lm_head transformers ties though the file holds
+    # its own), and each of those tensors is indexed by the vocabulary
+    params = {}
+    for n, p in skeleton.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), []).append(n)
     found = []
     inputs, outputs = _module(skeleton, "get_input_embeddings"), _module(skeleton, "get_output_embeddings")
     if not isinstance(inputs, torch.nn.Embedding):  # (a vision tower's patch embedding is no vocabulary)
@@ -203,12 +208,12 @@ def vocabulary_names(skeleton, names: Sequence[str]) -> list:
                          f"({type(inputs).__name__}): it has no vocabulary to lay out")
     for module in (inputs, outputs):
         for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
-            n = params.get(id(p)) if p is not None else None
-            if n is not None and n in names and n not in found:
-                found.append(n)
+            for n in params.get(id(p), []) if p is not None else []:
+                if n in names and n not in found:
+                    found.append(n)
     if not found:
-        raise ValueError(f"tokenizer_source: none of the model's tensors is its input embeddings (looked for "
-                         f"{sorted(params.values())[:3]}... in the checkpoint)")
+        raise ValueError(f"tokenizer_source: none of the checkpoint's tensors is the model's input embeddings "
+                         f"({params.get(id(inputs.weight))})")
     return found
 
 

@@ -364,6 +364,11 @@ def test_tokenizer_source_translated(tmp_path):
         "tokenizer_source"] == "union"
     with pytest.raises(ValueError, match="without base_model.*no fixed order, and here added tokens"):
         from_mergekit(dict(gta("linear", base=None), tokenizer_source="base"), tokenizers=differ)
+    # linear and karcher average the base as a model: mergekit's vocabulary base has no counterpart
+    for method in ("linear", "karcher"):
+        with pytest.raises(ValueError, match="averages the base as one of the models.*not translated"):
+            from_mergekit(dict(gta(method, per_model=({"weight": 1.0}, {"weight": 1.0})), tokenizer_source="union"),
+                          tokenizers=differ)
     # without base_model every model must carry a tokenizer (mergekit's base is one of them)
     asked = []
     from_mergekit(dict(gta("linear", base=None), tokenizer_source="union"),

@@ -189,9 +189,13 @@ def test_bad_tokenizer_sources_raise_before_reading(models, tmp_path):
         with pytest.raises(ValueError, match=match):
             merge_checkpoints("task_arithmetic", [models["chat"]], tmp_path / "m", base=models["base"],
                               progress=False, **kwargs)
-    assert vocabulary_names(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-        tie_word_embeddings=True)), ["model.embed_tokens.weight", "lm_head.weight"]) == ["model.embed_tokens.weight"]
+        tie_word_embeddings=True))
+    # a tied head is laid out where the checkpoint stores it too (a raw state dict), else only the embeddings
+    assert vocabulary_names(tied, ["model.embed_tokens.weight", "lm_head.weight"]) == ["model.embed_tokens.weight",
+                                                                                       "lm_head.weight"]
+    assert vocabulary_names(tied, ["model.embed_tokens.weight"]) == ["model.embed_tokens.weight"]
     with pytest.raises(ValueError, match="not a token embedding"):
         vocabulary_names(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
             hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=8,
@@ -235,3 +239,71 @@ def test_e_pmq_of_a_merge_over_added_tokens(models, tmp_path):
     assert ids.max() == 26 and torch.isfinite(quantized(ids).logits).all()
     with pytest.raises(ValueError, match="has 26 token embeddings.*the merged model 27.*vocabularies differ"):
         quantize_checkpoint(merged, tmp_path / "q2", targets="expert_path", resume=False, **kwargs)
+
+
+def test_a_tied_head_stored_beside_the_embeddings_is_laid_out_too(models, tmp_path):
+    """A raw state dict of a tied model stores lm_head.weight beside the embeddings (transformers
+    ties it on loading): both are laid out, else the merge would meet rows of two sizes."""
+    paths = {}
+    for name in ("base", "chat", "plain"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(models[name])
+        model.config.tie_word_embeddings = True
+        state = model.state_dict()
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        paths[name] = tmp_path / name
+        paths[name].mkdir()
+        model.config.save_pretrained(paths[name])
+        torch.save(state, paths[name] / "pytorch_model.bin")
+        transformers.AutoTokenizer.from_pretrained(models[name]).save_pretrained(paths[name])
+    out = merge_checkpoints("task_arithmetic", [paths["chat"], paths["plain"]], tmp_path / "m", base=paths["base"],
+                            params=dict(scale=1.0), tokenizer_source="union", progress=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert merged["lm_head.weight"].shape == merged["model.embed_tokens.weight"].shape == (26, 16)
+
+
+def test_review_defects(models, tmp_path):
+    """A partial checkpoint is refused by name as before (not a KeyError from the vocabulary
+    check); the error about embedding rows names each model once; a chat template whose special
+    tokens the written tokenizer lacks is warned about."""
+    state = transformers.AutoModelForCausalLM.from_pretrained(models["plain"]).state_dict()
+    del state["model.embed_tokens.weight"]
+    (tmp_path / "partial").mkdir()
+    torch.save(state, tmp_path / "partial" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="missing tensors.*embed_tokens"):
+        merge_checkpoints("average", [models["plain"], tmp_path / "partial"], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError) as e:
+        merge_checkpoints("task_arithmetic", [models["chat"]], tmp_path / "b", base=models["base"], progress=False)
+    assert str(e.value).startswith("model 0 (") and "model 0 (model 0" not in str(e.value)
+    chatml = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    with pytest.warns(UserWarning, match=r"chat template uses \['<\|im_end\|>', '<\|im_start\|>'\], which the "
+                                         r"written tokenizer lacks"):
+        merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "c", base=models["base"],
+                          tokenizer_source="base", chat_template=chatml, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "d",
+                                base=models["base"], tokenizer_source="union", chat_template=chatml, progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == chatml
+
+
+def test_lora_adapters_merged_without_a_base(models, tmp_path):
+    """Adapters merged without a base (average) take their base's config and tokenizer for the
+    vocabulary, with or without lora_base given."""
+    peft = pytest.importorskip("peft")
+    adapters = []
+    for k in range(2):
+        model = transformers.AutoModelForCausalLM.from_pretrained(models["base"])
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        lora.save_pretrained(tmp_path / f"a{k}")
+        adapters.append(tmp_path / f"a{k}")
+    for kwargs in ({}, dict(lora_base=models["base"])):
+        out = merge_checkpoints("average", adapters, tmp_path / f"m{len(kwargs)}", tokenizer_source="union",
+                                progress=False, **kwargs)
+        assert len(transformers.AutoTokenizer.from_pretrained(out)) == 24
