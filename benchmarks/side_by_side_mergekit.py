@@ -72,18 +72,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import summarize, tiny_decoder, write_experts, write_json  # noqa: E402
 
 from epmq import merge  # noqa: E402
+from epmq.benches.tiny import word_level_tokenizer  # noqa: E402
 from epmq.cli import main as cli_main  # noqa: E402
 from epmq.checkpoint_io import CheckpointReader, LazyStateDict  # noqa: E402
-
-
-def save_word_tokenizer(path, tokens):
-    """A word-level tokenizer of ``tokens`` (ids in order), saved where transformers loads it."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(path)
 
 
 def open_checkpoint(path):
@@ -162,7 +153,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as root:
         base_dir, expert_dirs = write_models(root)
         for path in [base_dir] + expert_dirs:  # (one vocabulary, filling the embeddings' rows)
-            save_word_tokenizer(path, [f"t{i}" for i in range(100)])
+            word_level_tokenizer(path, [f"t{i}" for i in range(100)])
         base = open_checkpoint(base_dir)
         experts = [open_checkpoint(p) for p in expert_dirs]
         runs = {
@@ -411,10 +402,7 @@ def added_tokens_side_by_side(root):
     def write(name, added, seed):
         model = tiny_llama(0)
         path = os.path.join(root, name)
-        save_word_tokenizer(path, words)
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-        for token, special in added:
-            tok.add_tokens([transformers.AddedToken(token, special=special)])
+        tok = word_level_tokenizer(path, words, added)
         if added:
             model.resize_token_embeddings(len(tok), mean_resizing=False)
         g = torch.Generator().manual_seed(seed)

@@ -276,6 +276,22 @@ def _glue_jsonl(root: Path, tasks: Sequence[str], per_split: Dict[str, int], gen
                     f.write(json.dumps(ex) + "\n")
 
 
+def word_level_tokenizer(directory, words: Sequence[str], added: Sequence[tuple] = ()):
+    """A word-level tokenizer of ``words`` (ids in order; the first also stands for any other
+    word), split at whitespace and punctuation, with ``added`` tokens ((text, special) pairs, in
+    order: what fine-tuning with ChatML's tokens adds), saved in ``directory``; returns it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
+    for text, special in added:
+        fast.add_tokens([AddedToken(text, special=special)])
+    fast.save_pretrained(directory)
+    return fast
+
+
 def word_tokenizer(directory: Path):
     """A word-level tokenizer (the bench's words, answers and characters; anything else
     ``<unk>``) with BOS, EOS and padding, saved in ``directory`` as a fast HF tokenizer."""

@@ -12,7 +12,7 @@ import transformers
 import yaml
 
 from epmq import merge
-from epmq.benches.tiny import perturb
+from epmq.benches.tiny import perturb, word_level_tokenizer
 from epmq.cli import main
 from epmq.mergekit_config import Schedule, from_mergekit, is_mergekit, num_layers
 
@@ -322,15 +322,6 @@ def test_layer_counts_from_config_json(tmp_path):
         num_layers(str(tmp_path))
 
 
-def word_tokenizer(path, tokens):
-    """A tokenizer of the given tokens (ids in order) saved in ``path``, as transformers loads it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tokens[0]).save_pretrained(path)
-
-
 def test_tokenizer_source_translated(tmp_path):
     """mergekit's tokenizer_source: base (or the base's path, or union; or tokenizer: {source:
     ...}) merges what a config without it merges where every model has the base's vocabulary,
@@ -388,19 +379,19 @@ def test_tokenizer_source_translated(tmp_path):
         (tmp_path / name).mkdir()
         transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2).save_pretrained(tmp_path / name)
-        word_tokenizer(tmp_path / name, tokens)
+        word_level_tokenizer(tmp_path / name, tokens)
     base, models = str(tmp_path / "base"), [str(tmp_path / "e0"), str(tmp_path / "e1")]
     assert base_tokenizer_changes_nothing(base, models) is None
-    word_tokenizer(tmp_path / "e1", tokens[:2] + [tokens[3], tokens[2]] + tokens[4:])  # (two ids swapped)
+    word_level_tokenizer(tmp_path / "e1", tokens[:2] + [tokens[3], tokens[2]] + tokens[4:])  # (two ids swapped)
     assert "the vocabulary of" in base_tokenizer_changes_nothing(base, models)
     assert base_tokenizer_changes_nothing(base, models).translatable
-    word_tokenizer(tmp_path / "e1", tokens)
-    word_tokenizer(tmp_path / "base", tokens[:60])  # (padded embedding rows past the vocabulary)
+    word_level_tokenizer(tmp_path / "e1", tokens)
+    word_level_tokenizer(tmp_path / "base", tokens[:60])  # (padded embedding rows past the vocabulary)
     assert "has 64 embedding rows for the base tokenizer's 60 tokens" in base_tokenizer_changes_nothing(base, models)
-    word_tokenizer(tmp_path / "base", tokens + ["<past>"])  # (a token past the embedding)
+    word_level_tokenizer(tmp_path / "base", tokens + ["<past>"])  # (a token past the embedding)
     assert "1 tokens past its 64 embedding rows" in base_tokenizer_changes_nothing(base, models)
     assert not base_tokenizer_changes_nothing(base, models).translatable
-    word_tokenizer(tmp_path / "base", tokens)
+    word_level_tokenizer(tmp_path / "base", tokens)
     for f in (tmp_path / "e1").glob("tokenizer*"):
         f.unlink()  # (a model without a tokenizer: the base's, as mergekit takes it, unless no base is named)
     assert base_tokenizer_changes_nothing(base, models) is None
@@ -420,7 +411,7 @@ def test_chat_template_auto_and_text(tmp_path):
     tokens = [f"t{i}" for i in range(64)]
     for name, template in (("base", None), ("e0", a), ("e1", a), ("e2", b)):
         make().save_pretrained(tmp_path / name)
-        word_tokenizer(tmp_path / name, tokens)
+        word_level_tokenizer(tmp_path / name, tokens)
         if template is not None:
             tok = transformers.AutoTokenizer.from_pretrained(tmp_path / name)
             tok.chat_template = template + "\n"  # (mergekit compares them stripped)

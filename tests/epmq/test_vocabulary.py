@@ -8,23 +8,11 @@ import transformers
 import yaml
 
 from epmq import merge_checkpoints
+from epmq.benches.tiny import word_level_tokenizer
 from epmq.cli import main
 from epmq.vocabulary import Vocabulary, build_vocabulary, vocabulary_names
 
 WORDS = [f"w{i}" for i in range(24)]
-
-
-def save_tokenizer(path, added=()):
-    """A word-level tokenizer of WORDS plus ``added`` ((token, special) pairs, in order), saved in ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token=WORDS[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=WORDS[0])
-    for token, special in added:
-        fast.add_tokens([transformers.AddedToken(token, special=special)])
-    fast.save_pretrained(path)
-    return fast
 
 
 def expert(root, name, added=(), noise=0.05, seed=0):
@@ -34,7 +22,7 @@ def expert(root, name, added=(), noise=0.05, seed=0):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False))
-    tok = save_tokenizer(root / name, added)
+    tok = word_level_tokenizer(root / name, WORDS, added)
     if added:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     g = torch.Generator().manual_seed(seed)
@@ -165,12 +153,7 @@ def test_different_vocabularies_without_a_source(models, tmp_path):
                           progress=False)
     assert not (tmp_path / "m").exists()
     swapped = expert(tmp_path, "swapped", seed=4)
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
-
-    words = WORDS[:2] + [WORDS[3], WORDS[2]] + WORDS[4:]  # (two ids swapped)
-    t = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token=words[0]).save_pretrained(swapped)
+    word_level_tokenizer(swapped, WORDS[:2] + [WORDS[3], WORDS[2]] + WORDS[4:])  # (two ids swapped)
     with pytest.warns(UserWarning, match="may stand for different tokens"):
         merge_checkpoints("task_arithmetic", [swapped, models["plain"]], tmp_path / "w", base=models["base"],
                           progress=False)
