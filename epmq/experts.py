@@ -28,11 +28,25 @@ from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_snaps
 from .checks import all_finite
 
 
+class OnVocabulary:
+    """An expert ``source`` whose token embeddings are numbered by another tokenizer than the
+    merged model's (an expert with fewer added tokens than a union merge): ``rows[i]`` is its
+    row of the merged model's token ``i``, -1 where it lacks the token (there the merged model's
+    row stands in). Built by ``epmq.vocabulary.rows_by_token``."""
+
+    def __init__(self, source, rows: torch.Tensor):
+        self.source, self.rows = source, rows
+
+
 class ExpertWeights:
-    """Tensors of one expert, read on demand by the model's tensor names."""
+    """Tensors of one expert, read on demand by the model's tensor names (``rows``: its
+    ``OnVocabulary`` row map, or None)."""
 
     def __init__(self, source, *, task: str = "expert"):
         self.task = task
+        self.rows = None
+        if isinstance(source, OnVocabulary):
+            source, self.rows = source.source, source.rows
         if isinstance(source, (str, os.PathLike)):
             if not Path(source).exists():
                 if not (isinstance(source, str) and looks_like_hub_id(source)):

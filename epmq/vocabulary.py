@@ -188,6 +188,21 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
     return Vocabulary(tokenizer, size, padded, index, base, tuple(names))
 
 
+def rows_by_token(into, into_rows: int, source, source_rows: int) -> Optional[torch.Tensor]:
+    """Row of each of ``into``'s tokens (a tokenizer of ``into_rows`` embedding rows) in a model
+    whose tokenizer is ``source`` (``source_rows`` rows): -1 where it lacks the token (and for
+    rows past ``into``'s vocabulary); None where the two number every token alike."""
+    mine = {t: i for t, i in source.get_vocab().items() if i < source_rows}
+    theirs = {t: i for t, i in into.get_vocab().items() if i < into_rows}
+    if mine == theirs and into_rows == source_rows:
+        return None
+    rows = torch.full((into_rows,), -1, dtype=torch.long)
+    for token, i in theirs.items():
+        if token in mine:
+            rows[i] = mine[token]
+    return rows
+
+
 def vocabulary_names(skeleton, names: Sequence[str]) -> list:
     """The tensors among ``names`` indexed by the vocabulary along dimension 0: the input
     embeddings' weight, and the output head's weight and bias where they are not tied to

@@ -1175,9 +1175,12 @@ class _Walk:
             if self.targets == "expert_path":
                 self._check_vocabulary(source)
             present = {}
+            mapped = self._vocabulary_names() if source.rows is not None else ()
             for key, shape in needed.items():
                 if self._fused_in(source, key):
                     key, shape = key.fused, key.fused_shape
+                if key in mapped:  # (its own rows, laid out by its row map as it is read)
+                    shape = (source.shape(key)[0], *shape[1:])
                 present[key] = shape
             source.check(present)
             # an expert of more blocks than the model (another configuration) has every tensor
@@ -1191,33 +1194,53 @@ class _Walk:
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
 
+    def _vocabulary_names(self) -> set:
+        """The non-block tensors indexed by the vocabulary (token embeddings, an untied head)."""
+        from .vocabulary import vocabulary_names
+
+        try:
+            return set(vocabulary_names(self.model, [names[0] for _, names in self.outside]))
+        except ValueError:  # (no token embedding: a vision tower)
+            return set()
+
     def _check_vocabulary(self, source):
         """An expert whose token embeddings have other rows than the merged model's (experts with
-        added tokens, merged with ``tokenizer_source``) cannot run on the merged model's token ids."""
-        try:
-            embedding = self.model.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            return
-        weight = getattr(embedding, "weight", None) if isinstance(embedding, torch.nn.Embedding) else None
-        name = next((names[0] for t, names in self.outside if t is weight), None)
-        if name is None or source.key_for(name) is None:
-            return
-        rows = source.shape(name)[0]
-        if rows != weight.shape[0]:
-            raise ValueError(
-                f"the expert of task {source.task!r} ({source.description}) has {rows} token embeddings "
-                f"({name}), the merged model {weight.shape[0]}: their vocabularies differ (a merge with "
-                f"tokenizer_source over experts with added tokens?). targets='expert_path' runs each expert "
-                f"on the merged model's token ids, which needs one vocabulary; the default targets "
-                f"('merged_path') read no embeddings")
+        added tokens, merged with ``tokenizer_source``) runs on the merged model's token ids only
+        through its row map (``experts.OnVocabulary``, which ``quantize_checkpoint`` builds from
+        the tokenizers); without one it is refused."""
+        for name in self._vocabulary_names():
+            if source.key_for(name) is None:
+                continue
+            rows, merged = source.shape(name)[0], self.shapes[name][0]
+            if source.rows is not None:
+                if len(source.rows) != merged or int(source.rows.max()) >= rows:
+                    raise ValueError(f"the expert of task {source.task!r}: its row map has {len(source.rows)} "
+                                     f"rows up to {int(source.rows.max())}, for {merged} rows of the merged "
+                                     f"model's {name} and {rows} of the expert's")
+            elif rows != merged:
+                raise ValueError(
+                    f"the expert of task {source.task!r} ({source.description}) has {rows} token embeddings "
+                    f"({name}), the merged model {merged}: their vocabularies differ (a merge with "
+                    f"tokenizer_source over experts with added tokens?). targets='expert_path' runs each expert "
+                    f"on the merged model's token ids, which needs one vocabulary or a map of its rows to the "
+                    f"merged model's tokens (epmq.quantize_checkpoint builds it from their tokenizers); the "
+                    f"default targets ('merged_path') read no embeddings")
 
     @contextmanager
     def _expert_outside(self, task):
         """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's."""
         saved = []
+        source = self.experts[task]
+        mapped = self._vocabulary_names() if source.rows is not None else ()
         try:
             for tensor, names in self.outside:
-                new = self.experts[task].read(names[0], like=tensor)
+                new = source.read(names[0], like=tensor)
+                if names[0] in mapped:  # (the merged model's rows for the tokens the expert lacks)
+                    rows = source.rows.to(tensor.device)
+                    have = rows >= 0
+                    laid_out = tensor.detach().clone()
+                    laid_out[have] = new[rows[have]]
+                    new = laid_out
                 saved.append((tensor, tensor.data))
                 tensor.data = new
             yield

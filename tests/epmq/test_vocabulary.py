@@ -200,8 +200,10 @@ def test_mergekit_yaml_with_added_tokens_runs(models, tmp_path, capsys):
 
 def test_e_pmq_of_a_merge_over_added_tokens(models, tmp_path):
     """E-PMQ quantizes a union merge from experts with fewer tokens: its default targets read
-    the experts' block weights only; expert-path targets, which run each expert on the merged
-    model's token ids, are refused naming the vocabularies."""
+    the experts' block weights only; expert-path targets run each expert on the merged model's
+    token ids through a map of its rows (quantize_checkpoint builds it from the tokenizers),
+    and without one (experts given to quantize_model as they are) are refused naming the
+    vocabularies."""
     from epmq import QuantSpec, quantize_checkpoint
 
     merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
@@ -220,8 +222,36 @@ def test_e_pmq_of_a_merge_over_added_tokens(models, tmp_path):
     quantized = load_quantized(out)
     ids = transformers.AutoTokenizer.from_pretrained(out)("w1 <tool> w2", return_tensors="pt").input_ids
     assert ids.max() == 26 and torch.isfinite(quantized(ids).logits).all()
+    # expert-path targets: each expert runs on the merged model's token ids through its row of each
+    # token, the merged model's row where it lacks the token
+    out = quantize_checkpoint(merged, tmp_path / "q2", targets="expert_path", **kwargs)
+    assert torch.isfinite(load_quantized(out)(ids).logits).all()
+    from epmq import quantize_model
+    from epmq.experts import OnVocabulary
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     with pytest.raises(ValueError, match="has 26 token embeddings.*the merged model 27.*vocabularies differ"):
-        quantize_checkpoint(merged, tmp_path / "q2", targets="expert_path", resume=False, **kwargs)
+        quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                       experts=experts, calibration={t: [torch.tensor([[1, 2, 3, 26]])] for t in experts},
+                       progress=False)
+    with pytest.raises(ValueError, match="row map has 5 rows"):
+        quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                       experts={t: OnVocabulary(p, torch.arange(5)) for t, p in experts.items()},
+                       calibration={t: [torch.tensor([[1, 2, 3, 26]])] for t in experts}, progress=False)
+
+
+def test_expert_path_reads_each_experts_rows_by_token(models):
+    """Where an expert numbers the tokens otherwise, its row map puts its own row under each of
+    the merged model's tokens it has and leaves the merged model's row for the others."""
+    from epmq.vocabulary import rows_by_token
+
+    tok = {k: transformers.AutoTokenizer.from_pretrained(models[k]) for k in ("chat", "tool", "base")}
+    union = build_vocabulary("union", {"base": tok["base"], "chat": tok["chat"], "tool": tok["tool"]},
+                             {"base": 24, "chat": 26, "tool": 26}, base="base").tokenizer
+    rows = rows_by_token(union, 28, tok["tool"], 26)  # (28 rows: padded)
+    assert rows[:24].tolist() == list(range(24))
+    assert rows[24:].tolist() == [-1, 25, 24, -1]  # <|im_start|>: none; <|im_end|>: 25; <tool>: 24; padding
+    assert rows_by_token(tok["base"], 24, transformers.AutoTokenizer.from_pretrained(models["plain"]), 24) is None
 
 
 def test_a_tied_head_stored_beside_the_embeddings_is_laid_out_too(models, tmp_path):
