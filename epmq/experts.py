@@ -129,3 +129,45 @@ class ExpertWeights:
                 f"non-finite values (NaN or inf)"
             )
         return tensor
+
+
+def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict:
+    """``experts``, each one given as a checkpoint directory whose tokenizer numbers the tokens
+    otherwise than the tokenizer saved with ``model`` (its ``name_or_path``: a merge over experts
+    with added tokens, ``tokenizer_source``) wrapped in ``OnVocabulary`` with its row of each of
+    the model's tokens, so that expert-path targets run it on the model's token ids; the others
+    as they are. Where either tokenizer is unknown, nothing is mapped (rows of another count are
+    refused by the walk, by name)."""
+    from .checkpoint_io import key_renaming
+    from .lora import LoraExpert
+    from .vocabulary import load_tokenizer, rows_by_token, vocabulary_names
+
+    home = getattr(model, "name_or_path", None)
+    own = load_tokenizer(Path(home)) if isinstance(home, str) and home and Path(home).is_dir() else None
+    if own is None:
+        return dict(experts)
+    state = model.state_dict()
+    try:
+        name = vocabulary_names(model, list(state))[0]
+    except ValueError:  # (no token embeddings)
+        return dict(experts)
+    out = {}
+    for task, source in experts.items():
+        out[task] = source
+        path = source.directory if isinstance(source, LoraExpert) else source
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
+            continue
+        theirs = load_tokenizer(Path(path))
+        if theirs is None:
+            continue
+        weights = ExpertWeights(source, task=task)  # (its names found as the walk finds them)
+        try:
+            weights.bind(list(state), rename=key_renaming(model))
+            rows = None if weights.key_for(name) is None else rows_by_token(own, state[name].shape[0], theirs,
+                                                                             weights.shape(name)[0])
+        finally:
+            weights.close()
+        if rows is not None:
+            out[task] = OnVocabulary(source, rows)
+    return out
+

@@ -175,8 +175,9 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
                 mine = {t: i for t, i in tokenizers[k].get_vocab().items() if i < rows[k]}
                 theirs = {t: i for t, i in tokenizers[first].get_vocab().items() if i < rows[first]}
                 if mine != theirs:
-                    differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
-                    warnings.warn(f"the tokenizer of {label[k]} is not that of {label[first]} (e.g. {differ}): an "
+                    differ = sorted({t for t in mine.keys() | theirs.keys() if mine.get(t) != theirs.get(t)})[:3]
+                    differ = ", ".join(f"{t!r}: {theirs.get(t)} there, {mine.get(t)} here" for t in differ)
+                    warnings.warn(f"the tokenizer of {label[k]} is not that of {label[first]} ({differ}): an "
                                   f"embedding row may stand for different tokens in the two; tokenizer_source='union' "
                                   f"lays every model's rows out by token")
         return None, tokenizers
@@ -207,17 +208,44 @@ def _adapter_base(path: Path, view, lora_base) -> Path:
     return Path(lora_base) if lora_base is not None else Path(named) if named is not None else path
 
 
-def _check_template_tokens(template: Optional[str], output, tokenizers: Mapping) -> None:
-    """Warn where the chat template spells special tokens of the models (ChatML's ``<|im_end|>``)
-    that the written tokenizer ``output`` lacks: they would be split into ordinary text."""
-    if template is None or output is None:
+def _check_output_tokenizer(template: Optional[str], output, tokenizers: Mapping, reference) -> None:
+    """Warn of what the written tokenizer ``output`` (with the chat template ``template`` set on
+    it, if any) loses of the models' (``tokenizers``, ``reference`` among them: the one copied):
+    special tokens the chat template spells that it lacks (ChatML's ``<|im_end|>``), the chat
+    template the models carry where none is set, and the end-of-sequence token the models
+    (the reference aside) agree on where it has another: mergekit loses them too."""
+    if output is None:
         return
     vocab = output.get_vocab()
-    specials = {a.content for t in tokenizers.values() if t is not None for a in t.added_tokens_decoder.values()}
-    missing = sorted(t for t in specials if t in template and t not in vocab)
-    if missing:
-        warnings.warn(f"the chat template uses {missing}, which the written tokenizer lacks (the models that "
-                      f"have them added them): they become ordinary text; tokenizer_source='union' adds them")
+    others = [t for k, t in tokenizers.items() if t is not None and k != reference]
+    if template is not None:
+        specials = {a.content for t in tokenizers.values() if t is not None for a in t.added_tokens_decoder.values()}
+        missing = sorted(t for t in specials if t in template and t not in vocab)
+        if missing:
+            warnings.warn(f"the chat template uses {missing}, which the written tokenizer lacks (the models that "
+                          f"have them added them): they become ordinary text; tokenizer_source='union' adds them")
+    elif not output.chat_template and any(t.chat_template for t in others):
+        warnings.warn("the models carry a chat template, the written tokenizer (the "
+                      f"{'base' if reference == 'base' else 'first model'}'s) none: give chat_template='auto' to "
+                      f"write the one most models carry")
+    eos = {t.eos_token for t in others}
+    if len(eos) == 1 and None not in eos and eos != {output.eos_token}:
+        warnings.warn(f"the models end their texts with {eos.pop()!r}, the written tokenizer with "
+                      f"{output.eos_token!r} (and generation_config.json is the reference's): set the EOS token "
+                      f"the merged model should stop at")
+
+
+def _save_tokenizer(tokenizer, target: Path) -> None:
+    """``tokenizer`` saved to ``target``, without the loading options transformers writes into
+    tokenizer_config.json (``is_local``, ``local_files_only``: where it was read from, not what it is)."""
+    tokenizer.save_pretrained(target)
+    config = target / "tokenizer_config.json"
+    if config.is_file():
+        content = json.loads(config.read_text())
+        if isinstance(content, dict) and {"is_local", "local_files_only"} & set(content):
+            for key in ("is_local", "local_files_only"):
+                content.pop(key, None)
+            config.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None:
@@ -226,7 +254,7 @@ def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None
     tokenizer = vocabulary.tokenizer
     if template is not None:
         tokenizer.chat_template = template
-    tokenizer.save_pretrained(target)
+    _save_tokenizer(tokenizer, target)
     config = target / "config.json"
     if config.is_file():
         content = json.loads(config.read_text())
@@ -501,7 +529,7 @@ def _set_chat_template(source: Path, target: Path, template: str) -> None:
     except Exception as e:
         raise ValueError(f"chat_template: {source} has no tokenizer to carry it ({type(e).__name__}: {e})") from e
     tokenizer.chat_template = template
-    tokenizer.save_pretrained(target)
+    _save_tokenizer(tokenizer, target)
 
 
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
@@ -598,8 +626,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     vocabulary, tokenizers = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources,
                                                  base_path, model_paths, lora_base, base_only)
     reference_key = "base" if base_state is not None else 0
-    _check_template_tokens(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
-                           tokenizers)
+    _check_output_tokenizer(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
+                            tokenizers, reference_key)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",
@@ -637,6 +665,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                           base=None if base is None else str(base), models=[str(m) for m in models])
             if tokenizer_source is not None:
                 recipe.update(tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of)
+            if chat_template is not None:
+                recipe.update(chat_template=chat_template)
             if calibration is not None:
                 recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")

@@ -377,7 +377,8 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
     if base_averaged:
         raise ValueError(f"tokenizer source {source!r} with base_model on a merge that averages the base as one of "
                          f"the models (linear, karcher), and here {why}: mergekit lays the vocabulary out by the "
-                         f"base's tokenizer and rows, which epmq's translation, with no base, would not: not translated")
+                         f"base's tokenizer and rows, which epmq's translation, with no base, would not: not "
+                         f"translated")
     if source == "base" and not base_given:
         raise ValueError(f"tokenizer source 'base' without base_model: mergekit's tokenizer base is one of the "
                          f"models, picked in no fixed order, and here {why}")

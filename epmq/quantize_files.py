@@ -297,7 +297,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         # the model stays in CPU memory; its blocks visit ``device`` one at a time
         try:
             quantize_model(net, spec, method=method, calibration=batches or None,
-                           experts=_experts(net, preprocessor, experts, lora_base, targets) if experts else None,
+                           experts={t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None,
                            anchor=anchor, weight_anchor=weight_anchor, targets=targets, device=device,
                            layers=layers, percdamp=percdamp, true_sequential=true_sequential,
                            **({} if residual_precision is None else {"residual_precision": residual_precision}),
@@ -323,42 +323,6 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         shutil.rmtree(resume_dir, ignore_errors=True)
     return saved
-
-
-def _experts(net, tokenizer, experts: Mapping[str, object], lora_base, targets: str) -> dict:
-    """The experts as the walker reads them. With expert-path targets, where the merged model is
-    a merge over experts with added tokens (``tokenizer_source``), an expert whose tokenizer
-    numbers the tokens otherwise comes with its row of each of the merged model's tokens
-    (``experts.OnVocabulary``): it then runs on the merged model's token ids, the merged model's
-    rows standing in for the tokens it lacks."""
-    from .checkpoint_io import key_renaming
-    from .experts import ExpertWeights, OnVocabulary
-    from .vocabulary import load_tokenizer, rows_by_token, vocabulary_names
-
-    opened = {t: open_expert(p, lora_base) for t, p in experts.items()}
-    if targets != "expert_path" or tokenizer is None or not hasattr(tokenizer, "get_vocab"):
-        return opened
-    try:
-        name = vocabulary_names(net, list(net.state_dict()))[0]
-    except ValueError:
-        return opened
-    merged_rows = net.state_dict()[name].shape[0]
-    for task, path in experts.items():
-        if not isinstance(path, (str, os.PathLike)) or not Path(path).exists():
-            continue
-        own = load_tokenizer(Path(path))
-        if own is None:
-            continue
-        weights = ExpertWeights(opened[task], task=task)  # (its names found as the walker finds them)
-        try:
-            weights.bind(list(net.state_dict()), rename=key_renaming(net))
-            rows = None if weights.key_for(name) is None else rows_by_token(tokenizer, merged_rows, own,
-                                                                             weights.shape(name)[0])
-        finally:
-            weights.close()
-        if rows is not None:
-            opened[task] = OnVocabulary(opened[task], rows)
-    return opened
 
 
 def _within(model, module, layers: Optional[str]):

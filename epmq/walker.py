@@ -92,7 +92,7 @@ from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, re
 from .calibration import token_rows, unpad
 from .checkpoint_io import key_renaming
 from .checks import all_finite, check_number, device_argument, is_int
-from .experts import ExpertWeights
+from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
@@ -319,6 +319,8 @@ def quantize_model(
                 _rtn(stacks, spec, edits, report, progress, device)
             else:
                 if method == "epmq":
+                    if targets == "expert_path":  # (experts numbering the tokens otherwise: their row maps)
+                        experts = on_model_vocabulary(model, experts)
                     sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
                 walk = _Walk(
                     model, stacks, renames, spec, method, targets, calibration, sources,

@@ -229,15 +229,52 @@ def test_e_pmq_of_a_merge_over_added_tokens(models, tmp_path):
     from epmq import quantize_model
     from epmq.experts import OnVocabulary
 
+    # quantize_model maps them too where the model was loaded from a directory with its tokenizer; a
+    # model that does not say where it came from cannot, and experts of other rows are refused
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    calibration = {t: [torch.tensor([[1, 2, 3, 26]])] for t in experts}
+    quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path", experts=experts,
+                   calibration=calibration, progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    model.name_or_path = ""
     with pytest.raises(ValueError, match="has 26 token embeddings.*the merged model 27.*vocabularies differ"):
         quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
-                       experts=experts, calibration={t: [torch.tensor([[1, 2, 3, 26]])] for t in experts},
-                       progress=False)
+                       experts=experts, calibration=calibration, progress=False)
     with pytest.raises(ValueError, match="row map has 5 rows"):
         quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
                        experts={t: OnVocabulary(p, torch.arange(5)) for t, p in experts.items()},
-                       calibration={t: [torch.tensor([[1, 2, 3, 26]])] for t in experts}, progress=False)
+                       calibration=calibration, progress=False)
+
+
+def test_expert_path_maps_an_expert_with_the_same_rows_numbered_otherwise(models, tmp_path):
+    """An expert with as many rows as the merged model but its added tokens in another order
+    runs through its row map (a row count check cannot see it): the same quantized model as
+    with the expert numbered as the merged model, from quantize_model and quantize_checkpoint."""
+    from epmq import QuantSpec, quantize_model
+
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(models["chat"])
+    tok = word_level_tokenizer(tmp_path / "chat_same", WORDS, [("<|im_start|>", True), ("<|im_end|>", True),
+                                                               ("<tool>", False)])
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(tmp_path / "chat_same")  # (the merged model's numbering)
+    state = model.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = state[name][[*range(24), 26, 24, 25]]
+    model.load_state_dict(state)
+    model.save_pretrained(tmp_path / "chat_swapped")  # (<tool> first, then ChatML's two)
+    word_level_tokenizer(tmp_path / "chat_swapped", WORDS, [("<tool>", False), ("<|im_start|>", True),
+                                                            ("<|im_end|>", True)])
+    calibration = {t: [torch.tensor([[1, 2, 24, 25, 26, 3]])] for t in ("chat", "tool")}
+    outs = []
+    for chat in ("chat_same", "chat_swapped"):
+        net = transformers.AutoModelForCausalLM.from_pretrained(merged)
+        quantize_model(net, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                       experts={"chat": str(tmp_path / chat), "tool": str(models["tool"])}, calibration=calibration,
+                       progress=False)
+        outs.append(net(torch.tensor([[1, 24, 25, 26]])).logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 def test_expert_path_reads_each_experts_rows_by_token(models):
@@ -320,3 +357,31 @@ def test_lora_adapters_merged_without_a_base(models, tmp_path):
         out = merge_checkpoints("average", adapters, tmp_path / f"m{len(kwargs)}", tokenizer_source="union",
                                 progress=False, **kwargs)
         assert len(transformers.AutoTokenizer.from_pretrained(out)) == 24
+
+
+def test_what_the_written_tokenizer_loses_is_warned_about(models, tmp_path):
+    """Chat experts carry a template and end their turns with <|im_end|>; a union merge without
+    chat_template writes the base's tokenizer (no template, no EOS): both are warned about. The
+    recipe records the chat template; the tokenizer's config holds no loading options."""
+    chatml = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    experts = []
+    for name in ("chat", "tool"):
+        tok = transformers.AutoTokenizer.from_pretrained(models[name])
+        tok.chat_template, tok.eos_token = chatml, "<|im_end|>"
+        (tmp_path / name).mkdir()
+        transformers.AutoModelForCausalLM.from_pretrained(models[name]).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        experts.append(tmp_path / name)
+    with pytest.warns(UserWarning) as caught:
+        merge_checkpoints("task_arithmetic", experts, tmp_path / "m", base=models["base"], tokenizer_source="union",
+                          progress=False)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "the models carry a chat template" in messages and "chat_template='auto'" in messages
+    assert "end their texts with '<|im_end|>'" in messages
+    with pytest.warns(UserWarning, match="end their texts"):  # (the template is carried; EOS still differs)
+        out = merge_checkpoints("task_arithmetic", experts, tmp_path / "a", base=models["base"],
+                                tokenizer_source="union", chat_template="auto", progress=False)
+    assert json.loads((out / "epmq_merge.json").read_text())["chat_template"] == "auto"
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == chatml
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "is_local" not in config and "local_files_only" not in config
