@@ -145,7 +145,9 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
     past = sorted(t for t, i in vocabs[keys[0]].items() if i >= rows[keys[0]])
     if past:
         raise ValueError(f"the tokenizer of the {'base' if base is not None else 'first model'} has {len(past)} tokens "
-                         f"past its {rows[keys[0]]} embedding rows (e.g. {past[:3]}): they have no embedding to merge")
+                         f"past its {rows[keys[0]]} embedding rows (e.g. {past[:3]}): they have no embedding to merge; "
+                         f"resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), "
+                         f"then save_pretrained) or give it a tokenizer without them")
     if source == "base":
         tokenizer = reference
     else:
