@@ -427,6 +427,15 @@ def added_tokens_side_by_side(root):
                            models=[dict(model=p, parameters=dict(weight=1.0, density=0.5)) for p in experts]),
         "linear_union_no_base": dict(merge_method="linear", dtype="float32", tokenizer_source="union",
                                      models=[dict(model=p, parameters=dict(weight=1.0)) for p in experts[:2]]),
+        # rows named token by token: a holder's row where the rule would average, another token's
+        # row forced on every model, zeros, and a token no model has
+        "task_arithmetic_union_tokens": dict(
+            merge_method="task_arithmetic", base_model=base, dtype="float32", models=models,
+            tokenizer=dict(source="union", tokens={
+                "<|im_end|>": dict(source=experts[1]),
+                "<|im_start|>": dict(source=dict(kind="model_token", model=base, token="t1"), force=True),
+                "<tool>": dict(source=dict(kind="zero")),
+                "<new>": dict(source=dict(kind="model_token", model=experts[0], token_id=101))})),
     }
     results = {}
     for name, config in configs.items():

@@ -58,7 +58,8 @@ examples in configs/files/):
                                     # auto: the one most of the models carry
   tokenizer_source: union           # optional, for experts with added tokens: lay every model's
                                     # embeddings out by the union of their tokens (or base: the
-                                    # base's tokenizer); pad_to_multiple_of: 64 rounds the rows up
+                                    # base's tokenizer); pad_to_multiple_of: 64 rounds the rows up;
+                                    # tokens: {"<|im_start|>": {source: ckpt/chat}} names a row
   calibration: [data/math.jsonl, data/code.jsonl]   # regmean only: each model's own task files
                                     # (as epmq quantize reads them; samples, seq_len, batch_size)
 
@@ -121,7 +122,7 @@ def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] 
 
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
               "samples", "seq_len", "batch_size", "seed", "lora_base", "chat_template", "tokenizer_source",
-              "pad_to_multiple_of"}
+              "pad_to_multiple_of", "tokens"}
 
 
 def _merge(args) -> int:
@@ -154,7 +155,8 @@ def _merge(args) -> int:
     try:
         check_reading(config)
         data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed", "lora_base",
-                                       "chat_template", "tokenizer_source", "pad_to_multiple_of") if k in config}
+                                       "chat_template", "tokenizer_source", "pad_to_multiple_of", "tokens")
+                if k in config}
         out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
                                 params=config.get("params"), dtype=config.get("dtype"),
                                 max_shard_size=config.get("max_shard_size", "5GB"),

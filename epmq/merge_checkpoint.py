@@ -42,7 +42,8 @@ from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes,
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
 from .lora import ADAPTER_CONFIG, is_lora_adapter, model_skeleton, open_expert
-from .vocabulary import Aligner, build_vocabulary, check_tokenizer_source, load_tokenizer, vocabulary_names
+from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
+                         vocabulary_names)
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -139,7 +140,7 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
 
 
 def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_path, model_paths, lora_base,
-                        base_only):
+                        base_only, tokens=None, key_of=None):
     """The models' vocabulary-indexed tensors laid out by ``source``'s tokenizer (the views in
     ``sources`` and ``base_state`` then hand those out; ``epmq.vocabulary``), after checking,
     without a source, that the models' vocabularies agree (refused where their embedding rows
@@ -191,7 +192,8 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
         raise ValueError("tokenizer_source: the models share none of the tensors indexed by the vocabulary")
     vocabulary = build_vocabulary(source, {k: tokenizers[k] for k, _ in views}, rows,
                                   base="base" if base_state is not None else None,
-                                  pad_to_multiple_of=pad_to_multiple_of, names=names)
+                                  pad_to_multiple_of=pad_to_multiple_of, names=names, tokens=tokens,
+                                  key_of=key_of)
     aligner = Aligner(vocabulary, {k: v.state for k, v in views})
     for k, v in views:
         v.aligned = (aligner, k)
@@ -326,7 +328,8 @@ def check_chat_template(chat_template) -> None:
 def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source] = None,
                 params: Optional[dict] = None, dtype: Optional[str] = None,
                 calibration: Optional[Sequence] = None, chat_template: Optional[str] = None,
-                tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None) -> None:
+                tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
+                tokens: Optional[Mapping] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
     if not isinstance(method, str):
         raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
@@ -353,6 +356,15 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
     if chat_template is not None:
         check_chat_template(chat_template)
     check_tokenizer_source(tokenizer_source, pad_to_multiple_of)
+    check_tokens(tokens)
+    if tokens and tokenizer_source is None:
+        raise ValueError("tokens names rows of the vocabulary tokenizer_source lays out: give one")
+    named = {m if isinstance(m, str) else m["model"] for spec in (tokens or {}).values() for m in [spec.get("source")]
+             if m is not None and not (isinstance(m, Mapping) and m.get("kind") == "zero")}
+    given = {str(m) for m in models} | ({str(base)} if base is not None else set())
+    if named - given:
+        raise ValueError(f"tokens: {sorted(named - given)} is not the base or one of the models (as given: "
+                         f"{sorted(given)})")
     if tokenizer_source is not None and method == "regmean":
         raise ValueError("regmean with tokenizer_source: its statistics are taken on each model's own "
                          "vocabulary; merge models of one vocabulary")
@@ -539,7 +551,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       seq_len: int = 512, batch_size: int = 8, seed: int = 0,
                       lora_base: Optional[Source] = None, chat_template: Optional[str] = None,
                       tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
-                      progress: bool = True) -> Path:
+                      tokens: Optional[Mapping[str, Mapping]] = None, progress: bool = True) -> Path:
     """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
 
@@ -567,11 +579,13 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     merge; that tokenizer is written with the output, and config.json's ``vocab_size`` set to
     its size (rounded up to ``pad_to_multiple_of``). Without it, models whose embedding rows
     differ are refused, and tokenizers that give one row different tokens are warned about.
+    ``tokens``: rows named token by token, mergekit's ``tokenizer: {tokens: ...}``
+    (``epmq.vocabulary``; a model named there is one of ``base`` and ``models`` as given).
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
-                pad_to_multiple_of=pad_to_multiple_of)
+                pad_to_multiple_of=pad_to_multiple_of, tokens=tokens)
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
@@ -623,8 +637,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             base_state = _View(base_state.state, device, merged)
             sources = [_View(s.state, device, merged, s.label) for s in sources]
     reference = base_state if base_state is not None else sources[0]
+    keys = {**{str(m): k for k, m in enumerate(models)}, **({str(base): "base"} if base is not None else {})}
     vocabulary, tokenizers = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources,
-                                                 base_path, model_paths, lora_base, base_only)
+                                                 base_path, model_paths, lora_base, base_only, tokens, keys.get)
     reference_key = "base" if base_state is not None else 0
     _check_output_tokenizer(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
                             tokenizers, reference_key)
@@ -667,6 +682,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 recipe.update(tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of)
             if chat_template is not None:
                 recipe.update(chat_template=chat_template)
+            if tokens:
+                recipe.update(tokens=tokens)
             if calibration is not None:
                 recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")

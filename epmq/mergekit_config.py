@@ -63,14 +63,16 @@ weights near 1: up to 0.078 in bf16, measured), and an fp32 ``out_dtype`` of fp1
 holds more than fp16's digits.
 
 ``tokenizer_source: base`` (or the base's path) and ``union`` (or ``tokenizer: {source: ...,
-pad_to_multiple_of: ...}``) are epmq's own (``epmq.vocabulary``: experts with added tokens,
-embeddings padded past the vocabulary, which mergekit cuts to the vocabulary's size): the same
-row for every token as mergekit's (mergekit numbers the union's added tokens in an order that
-changes from run to run, epmq in the models' order). Where every model has the base's
-vocabulary and no padding, they change nothing and are dropped. Refused, saying why: another
-model's tokenizer, per-token embedding sources (``tokens``), tokens past the base's embedding
-(mergekit strips them from BPE tokenizers only), and without ``base_model``, ``base`` over
-different vocabularies or a model without a tokenizer.
+pad_to_multiple_of: ..., tokens: ...}``, per-token rows included) are epmq's own
+(``epmq.vocabulary``: experts with added tokens, embeddings padded past the vocabulary, which
+mergekit cuts to the vocabulary's size): the same row for every token as mergekit's (mergekit
+numbers the union's added tokens in an order that changes from run to run, epmq in the models'
+order). Where every model has the base's vocabulary, no padding and no per-token rows, they
+change nothing and are dropped. Refused, saying why: another model's tokenizer, tokens past the
+base's embedding (mergekit strips them from BPE tokenizers only), linear and karcher with
+``base_model`` over different vocabularies (the translation averages the base as a model, so
+no base is left to take the tokenizer and shared rows from), and without ``base_model``,
+``base`` over different vocabularies or a model without a tokenizer.
 
 Anything else is refused with the setting named, never approximated: other methods
 (passthrough, ...), slices of parts of models (frankenmerges), gradients and
@@ -346,13 +348,13 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
     token; mergekit numbers the union's added tokens in an order that changes from run to run,
     epmq in the models' order): nothing where it changes nothing
     (``base_tokenizer_changes_nothing``), else ``tokenizer_source`` ("base", also for the base's
-    own path, or "union") and ``pad_to_multiple_of``; refused with the reason where epmq does not
+    own path, or "union"), ``pad_to_multiple_of`` and ``tokens``; refused with the reason where epmq does not
     lay the vocabulary out as mergekit does (``base_averaged``: the translation averages the base
     as one of the models, linear's and karcher's, so that epmq's merge has no base to take the
     tokenizer and the shared tokens' rows from, as mergekit does)."""
     if "tokenizer_source" in config and "tokenizer" in config:
         raise ValueError("give tokenizer_source or tokenizer, not both (as mergekit)")
-    source, pad = config.get("tokenizer_source"), None
+    source, pad, tokens = config.get("tokenizer_source"), None, None
     if "tokenizer" in config:
         spec = config["tokenizer"]
         if not isinstance(spec, Mapping):
@@ -360,18 +362,17 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
         unknown = sorted(set(spec) - {"source", "tokens", "pad_to_multiple_of"})
         if unknown:
             raise ValueError(f"tokenizer: {', '.join(unknown)} not read by epmq merge")
-        if spec.get("tokens") not in (None, {}, []):
-            raise ValueError("tokenizer: tokens (each token's embedding source) not translated by epmq merge")
-        source, pad = spec.get("source", "union"), spec.get("pad_to_multiple_of")
+        source, pad, tokens = spec.get("source", "union"), spec.get("pad_to_multiple_of"), spec.get("tokens") or None
     if source is None:
         return {}
     if source not in ("base", "union") and source != base:
         raise ValueError(f"tokenizer source {source!r} gives the output another model's tokenizer and realigns "
                          f"the embeddings to it: not translated by epmq merge (give that model as base_model)")
     source = "union" if source == "union" else "base"
+    translated = dict(tokenizer_source=source, pad_to_multiple_of=pad, tokens=tokens)
     why = tokenizers(base, models, every_tokenizer=not base_given)
     if why is None:
-        return {} if pad is None else dict(tokenizer_source=source, pad_to_multiple_of=pad)
+        return {} if pad is None and tokens is None else translated
     if not getattr(why, "translatable", False):
         raise ValueError(f"tokenizer source {source!r}: {why}: not translated by epmq merge")
     if base_averaged:
@@ -382,7 +383,7 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
     if source == "base" and not base_given:
         raise ValueError(f"tokenizer source 'base' without base_model: mergekit's tokenizer base is one of the "
                          f"models, picked in no fixed order, and here {why}")
-    return dict(tokenizer_source=source, pad_to_multiple_of=pad)
+    return translated
 
 
 def _whole_slice(slices, base: Optional[str], layers: Callable[[str], int]) -> tuple:

@@ -14,6 +14,13 @@ A model's row of a token it has is its own. A token a model lacks takes one row 
 that lacks it: the only model's that has it; else the base's, where the base has it; else the
 mean of the models that have it (zeros where none does). Rows past the vocabulary
 (``pad_to_multiple_of``) are each model's mean row.
+
+``tokens`` (mergekit's ``tokenizer: {tokens: ...}``) names a token's row where the rules would
+not do: ``{"<|im_start|>": {"source": MODEL}}`` takes MODEL's row of it; ``{"source": {"kind":
+"model_token", "model": MODEL, "token": "<s>"}}`` (or ``"token_id": 1``) another token's row of
+MODEL, in MODEL's own numbering; ``{"source": {"kind": "zero"}}`` zeros. That row stands in for
+every model that lacks the token, and with ``"force": true`` for every model. A token listed
+that the output tokenizer lacks is added to it. MODEL is one of the sources as given.
 """
 
 from __future__ import annotations
@@ -39,6 +46,37 @@ def check_tokenizer_source(source, pad_to_multiple_of=None) -> None:
             raise ValueError("pad_to_multiple_of pads the vocabulary tokenizer_source lays out: give one")
         if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+
+
+def check_tokens(tokens) -> None:
+    """ValueError unless ``tokens`` is None or a mapping token -> ``{"source": ..., "force": ...}``
+    in the form the module docstring gives."""
+    if tokens is None:
+        return
+    if not isinstance(tokens, Mapping):
+        raise ValueError(f"tokens must be a mapping token -> {{source: ..., force: ...}}, got {tokens!r}")
+    for token, spec in tokens.items():
+        where = f"tokens[{token!r}]"
+        if not isinstance(token, str) or not isinstance(spec, Mapping):
+            raise ValueError(f"{where} must map a token (text) to {{source: ..., force: ...}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"source", "force"})
+        if unknown:
+            raise ValueError(f"{where}: {', '.join(unknown)} is not read (it takes source and force)")
+        if not isinstance(spec.get("force", False), bool):
+            raise ValueError(f"{where}.force must be true or false, got {spec.get('force')!r}")
+        source = spec.get("source")
+        if source is None or isinstance(source, str):
+            continue
+        if not isinstance(source, Mapping) or source.get("kind") not in ("zero", "model_token"):
+            raise ValueError(f"{where}.source must be a model, {{kind: zero}} or {{kind: model_token, model: ..., "
+                             f"token or token_id: ...}}, got {source!r}")
+        if source["kind"] == "model_token":
+            if not isinstance(source.get("model"), str) or (("token" in source) == ("token_id" in source)):
+                raise ValueError(f"{where}.source: model_token takes a model and one of token, token_id; got "
+                                 f"{source!r}")
+            if "token_id" in source and (isinstance(source["token_id"], bool) or not isinstance(source["token_id"], int)
+                                         or source["token_id"] < 0):
+                raise ValueError(f"{where}.source.token_id must be a row number, got {source['token_id']!r}")
 
 
 def load_tokenizer(path: Path):
@@ -73,6 +111,9 @@ class Vocabulary:
     index: dict
     base: Optional[Hashable] = None
     names: tuple = field(default=())
+    # token id -> ("zero",) | ("row", key, row in that model's tensors), and the ids forced
+    chosen: dict = field(default_factory=dict)
+    forced: frozenset = field(default_factory=frozenset)
 
     def align(self, tensors: Mapping[Hashable, torch.Tensor], name: str = "tensor") -> dict:
         """Each model's ``tensors`` (vocabulary along dimension 0) laid out by the output
@@ -93,8 +134,12 @@ class Vocabulary:
         index = {k: self.index[k].to(like.device) for k in keys}
         has = torch.stack([index[k] >= 0 for k in keys])  # [models, size]
         count = has.sum(0)
-        # the row every model lacking a token takes (computed only for tokens some model lacks)
-        lacking = (count < len(keys)).nonzero().flatten()
+        # the row every model lacking a token takes (computed only for tokens some model lacks,
+        # and by the rules only for those no ``tokens`` entry names)
+        by_rule = count < len(keys)
+        if self.chosen:
+            by_rule[list(self.chosen)] = False
+        lacking = by_rule.nonzero().flatten()
         default = torch.zeros((len(lacking), *row_shape), dtype=dtype, device=like.device)
         if len(lacking):
             total = torch.zeros_like(default)
@@ -122,20 +167,32 @@ class Vocabulary:
             t[: self.size][mine] = tensors[k][index[k][mine]].to(dtype)
             theirs = ~has[j, lacking]
             t[lacking[theirs]] = default[theirs]
-            if self.rows > self.size:
-                t[self.size:] = t[: self.size].mean(0)
             out[k] = t
+        for i, how in self.chosen.items():
+            if how[0] == "row" and how[1] not in tensors:
+                raise ValueError(f"{name}: token {i}'s row comes from {how[1]}, which is not among the models")
+            row = torch.zeros(row_shape, dtype=dtype, device=like.device) if how[0] == "zero" else \
+                tensors[how[1]][how[2]].to(dtype)
+            for j, k in enumerate(keys):
+                if i in self.forced or not has[j, i]:
+                    out[k][i] = row
+        for k in keys:
+            if self.rows > self.size:
+                out[k][self.size:] = out[k][: self.size].mean(0)
         return out
 
 
 def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: Mapping[Hashable, int], *,
                      base: Optional[Hashable] = None, pad_to_multiple_of: Optional[int] = None,
-                     names: Sequence[str] = ()) -> Vocabulary:
+                     names: Sequence[str] = (), tokens: Optional[Mapping[str, Mapping]] = None,
+                     key_of: Callable[[str], Hashable] = lambda model: model) -> Vocabulary:
     """The output vocabulary of ``source`` ("base" or "union") over the models' ``tokenizers``
     (key -> tokenizer or None: it has the reference's), the reference first (the base, else the
     first model); ``rows``: each model's embedding rows (tokens at or past them are padding
-    ids its embeddings have no row for, and are left out). ``base``: the base's key, if any."""
+    ids its embeddings have no row for, and are left out). ``base``: the base's key, if any.
+    ``tokens``: rows named token by token (module docstring), their models found by ``key_of``."""
     check_tokenizer_source(source, pad_to_multiple_of)
+    check_tokens(tokens)
     keys = list(tokenizers)
     reference = tokenizers[keys[0]]
     if reference is None:
@@ -149,7 +206,7 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
                          f"resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), "
                          f"then save_pretrained) or give it a tokenizer without them")
     if source == "base":
-        tokenizer = reference
+        tokenizer = _copy(reference) if tokens and set(tokens) - set(vocabs[keys[0]]) else reference
     else:
         tokenizer = _copy(reference)
         known = set(vocabs[keys[0]])
@@ -172,6 +229,9 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
         new = [a for content, a in added.items() if content not in tokenizer.get_vocab()]
         for a in new:  # (one at a time, in order: each gets the next id)
             tokenizer.add_tokens(a)
+    for token in tokens or {}:  # (as mergekit: a token named there is in the output)
+        if token not in tokenizer.get_vocab():
+            tokenizer.add_tokens(token)
     vocab = tokenizer.get_vocab()
     size = len(vocab)
     if max(vocab.values()) >= size:
@@ -187,7 +247,37 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
             if j is not None and j < rows[k]:
                 order[i] = j
         index[k] = order
-    return Vocabulary(tokenizer, size, padded, index, base, tuple(names))
+    chosen, forced = {}, set()
+    for token, spec in (tokens or {}).items():
+        i = vocab[token]
+        if spec.get("force", False):
+            forced.add(i)
+        how = spec.get("source")
+        if how is None:
+            if i in forced:  # (forced with no source: the rules' row, as for a token some model lacks)
+                raise ValueError(f"tokens[{token!r}]: force needs a source (the row every model takes)")
+            continue
+        if isinstance(how, str) or how["kind"] == "model_token":
+            model = how if isinstance(how, str) else how["model"]
+            key = key_of(model)
+            if key not in index:
+                raise ValueError(f"tokens[{token!r}]: {model!r} is not one of the models merged")
+            if isinstance(how, str):
+                row = int(index[key][i])
+                if row < 0:
+                    raise ValueError(f"tokens[{token!r}]: {model!r} has no such token to take the row of")
+            elif "token_id" in how:
+                row = how["token_id"]
+            else:
+                row = vocabs[key].get(how["token"], -1)
+                if row < 0:
+                    raise ValueError(f"tokens[{token!r}]: {model!r} has no token {how['token']!r}")
+            if row >= rows[key]:
+                raise ValueError(f"tokens[{token!r}]: row {row} is past {model!r}'s {rows[key]} embedding rows")
+            chosen[i] = ("row", key, row)
+        else:
+            chosen[i] = ("zero",)
+    return Vocabulary(tokenizer, size, padded, index, base, tuple(names), chosen, frozenset(forced))
 
 
 def rows_by_token(into, into_rows: int, source, source_rows: int) -> Optional[torch.Tensor]:

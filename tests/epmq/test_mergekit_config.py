@@ -339,13 +339,15 @@ def test_tokenizer_source_translated(tmp_path):
     by_path = dict(gta("ties", None, [{"weight": 1.0, "density": 0.5}] * 2, base="ckpt/b0"), tokenizer_source="ckpt/b0")
     assert from_mergekit(by_path, tokenizers=same)["base"] == "ckpt/b0"  # (the base's own path)
     for extra, match in [(dict(tokenizer_source="e1"), "gives the output another model's tokenizer"),
-                         (dict(tokenizer={"source": "base", "tokens": {"<x>": {}}}), "tokenizer: tokens"),
                          (dict(tokenizer={"source": "base", "lowercase": True}), "tokenizer: lowercase"),
                          (dict(tokenizer_source="base", tokenizer={"source": "base"}), "not both")]:
         with pytest.raises(ValueError, match=match):
             from_mergekit(config(**extra), tokenizers=same)
     assert from_mergekit(config(tokenizer={"pad_to_multiple_of": 64}), tokenizers=same) == dict(
         plain, tokenizer_source="union", pad_to_multiple_of=64)
+    tokens = {"<x>": {"source": {"kind": "zero"}, "force": True}}  # (per-token rows: kept even where nothing differs)
+    assert from_mergekit(config(tokenizer={"source": "base", "tokens": tokens}), tokenizers=same) == dict(
+        plain, tokenizer_source="base", tokens=tokens)
     with pytest.raises(ValueError, match="'base': it differs: not translated"):
         from_mergekit(config(tokenizer_source="base"), tokenizers=lambda b, m, every_tokenizer: "it differs")
     differ = lambda b, m, every_tokenizer: TokenizerDifference("added tokens", True)  # noqa: E731

@@ -385,3 +385,40 @@ def test_what_the_written_tokenizer_loses_is_warned_about(models, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == chatml
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert "is_local" not in config and "local_files_only" not in config
+
+
+def test_rows_named_token_by_token(models, tmp_path):
+    """tokens (mergekit's tokenizer: {tokens: ...}): a model's row of the token stands in for the
+    models that lack it (where the rules would average); another token's row of a model, forced
+    on every model; zeros; a listed token the tokenizers lack is added. Bad entries are refused."""
+    chat, tool, base = (str(models[k]) for k in ("chat", "tool", "base"))
+    tokens = {"<|im_end|>": {"source": tool},
+              "<|im_start|>": {"source": {"kind": "model_token", "model": base, "token": "w1"}, "force": True},
+              "<tool>": {"source": {"kind": "zero"}},
+              "<new>": {"source": {"kind": "model_token", "model": chat, "token_id": 25}}}
+    out = merge_checkpoints("task_arithmetic", [chat, tool], tmp_path / "m", base=base, params=dict(scale=1.0),
+                            tokenizer_source="union", tokens=tokens, progress=False)
+    vocab = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    assert len(vocab) == 28 and vocab["<new>"] == 27
+    E = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()["model.embed_tokens.weight"]
+    rows = {k: transformers.AutoModelForCausalLM.from_pretrained(models[k]).state_dict()["model.embed_tokens.weight"]
+            for k in ("base", "chat", "tool")}
+    # <|im_end|>: chat 25, tool 25, base lacks it -> base takes tool's row: W = tool + (chat - tool) + 0
+    torch.testing.assert_close(E[vocab["<|im_end|>"]], rows["chat"][25], rtol=0, atol=1e-6)
+    # <|im_start|>: forced to the base's row of w1 in every model: the merge is that row
+    torch.testing.assert_close(E[vocab["<|im_start|>"]], rows["base"][1], rtol=0, atol=1e-6)
+    # <tool>: tool has it (24); base and chat take zeros: W = 0 + (0 - 0) + (tool - 0)
+    torch.testing.assert_close(E[vocab["<tool>"]], rows["tool"][24], rtol=0, atol=1e-6)
+    # <new>: no model has it; each takes chat's row 25 (<|im_end|>)
+    torch.testing.assert_close(E[vocab["<new>"]], rows["chat"][25], rtol=0, atol=1e-6)
+    for bad, match in [({"<x>": {"source": "elsewhere"}}, "is not the base or one of the models"),
+                       ({"<x>": {"source": {"kind": "model_token", "model": chat}}}, "one of token, token_id"),
+                       ({"<x>": {"force": True}}, "force needs a source"),
+                       ({"<x>": {"source": tool, "weight": 1}}, "weight is not read"),
+                       ({"w3": {"source": {"kind": "model_token", "model": chat, "token_id": 99}}}, "past"),
+                       ({"<tool>": {"source": chat}}, "has no such token")]:
+        with pytest.raises(ValueError, match=match):
+            merge_checkpoints("task_arithmetic", [chat, tool], tmp_path / "bad", base=base, tokenizer_source="union",
+                              tokens=bad, progress=False)
+    with pytest.raises(ValueError, match="tokens names rows of the vocabulary tokenizer_source lays out"):
+        merge_checkpoints("task_arithmetic", [chat], tmp_path / "bad", base=base, tokens={"<x>": {}}, progress=False)
