@@ -422,3 +422,20 @@ def test_rows_named_token_by_token(models, tmp_path):
                               tokens=bad, progress=False)
     with pytest.raises(ValueError, match="tokens names rows of the vocabulary tokenizer_source lays out"):
         merge_checkpoints("task_arithmetic", [chat], tmp_path / "bad", base=base, tokens={"<x>": {}}, progress=False)
+
+
+def test_epmq_merge_config_with_a_vocabulary(models, tmp_path):
+    """epmq's own merge config takes tokenizer_source, pad_to_multiple_of and tokens."""
+    config = dict(method="task_arithmetic", base=str(models["base"]), models=[str(models["chat"]), str(models["tool"])],
+                  params=dict(scale=1.0), tokenizer_source="union", pad_to_multiple_of=16,
+                  tokens={"<tool>": {"source": {"kind": "zero"}, "force": True}})
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert merged["lm_head.weight"].shape[0] == 32 and len(vocab) == 27
+    assert torch.equal(merged["model.embed_tokens.weight"][vocab["<tool>"]], torch.zeros(16))
+    recipe = json.loads((tmp_path / "out" / "epmq_merge.json").read_text())
+    assert (recipe["tokenizer_source"], recipe["pad_to_multiple_of"], recipe["tokens"]) == (
+        "union", 16, config["tokens"])
