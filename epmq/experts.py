@@ -132,33 +132,50 @@ class ExpertWeights:
 
 
 def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict:
-    """``experts``, each one given as a checkpoint directory whose tokenizer numbers the tokens
-    otherwise than the tokenizer saved with ``model`` (its ``name_or_path``: a merge over experts
-    with added tokens, ``tokenizer_source``) wrapped in ``OnVocabulary`` with its row of each of
-    the model's tokens, so that expert-path targets run it on the model's token ids; the others
-    as they are. Where either tokenizer is unknown, nothing is mapped (rows of another count are
-    refused by the walk, by name)."""
-    from .checkpoint_io import key_renaming
-    from .lora import LoraExpert
+    """``experts``, each one whose tokenizer numbers the tokens otherwise than the tokenizer saved
+    with ``model`` (its ``name_or_path``, a directory or HF hub id: a merge over experts with
+    added tokens, ``tokenizer_source``) wrapped in ``OnVocabulary`` with its row of each of the
+    model's tokens, so that expert-path targets run it on the model's token ids; the others as
+    they are. An expert's tokenizer is the one saved with it (a directory or hub id), else, for a
+    LoRA adapter, its base's. Where the model's or an expert's tokenizer is unknown, that expert
+    is taken as numbered like the model (rows of another count are refused by the walk, by
+    name), unless the experts' own tokenizers number the tokens otherwise among themselves: then
+    some cannot match the model's ids, and the walk is refused. Experts given as modules or
+    state dicts carry no tokenizer: give those that number the tokens otherwise as
+    ``OnVocabulary``."""
+    from .checkpoint_io import key_renaming, local_checkpoint
+    from .lora import LoraExpert, is_lora_adapter
     from .vocabulary import load_tokenizer, rows_by_token, vocabulary_names
 
-    home = getattr(model, "name_or_path", None)
-    own = load_tokenizer(Path(home)) if isinstance(home, str) and home and Path(home).is_dir() else None
-    if own is None:
-        return dict(experts)
+    def tokenizer_at(source):
+        """The tokenizer saved with ``source`` (a directory or hub id), or None."""
+        if not isinstance(source, (str, os.PathLike)):
+            return None
+        try:
+            return load_tokenizer(local_checkpoint(source, directory=True))
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+
     state = model.state_dict()
     try:
         name = vocabulary_names(model, list(state))[0]
     except ValueError:  # (no token embeddings)
         return dict(experts)
-    out = {}
+    own = tokenizer_at(getattr(model, "name_or_path", None) or None)
+    out, theirs_by_task = {}, {}
     for task, source in experts.items():
         out[task] = source
-        path = source.directory if isinstance(source, LoraExpert) else source
-        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_dir():
+        if isinstance(source, OnVocabulary):
             continue
-        theirs = load_tokenizer(Path(path))
-        if theirs is None:
+        if isinstance(source, LoraExpert):
+            theirs = tokenizer_at(source.directory) or tokenizer_at(getattr(source.base, "path", None))
+        elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and is_lora_adapter(source):
+            theirs = tokenizer_at(source) or tokenizer_at(_adapter_base(Path(source)))
+        else:
+            theirs = tokenizer_at(source)
+        if theirs is not None:
+            theirs_by_task[task] = theirs
+        if own is None or theirs is None:
             continue
         weights = ExpertWeights(source, task=task)  # (its names found as the walk finds them)
         try:
@@ -169,5 +186,29 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
             weights.close()
         if rows is not None:
             out[task] = OnVocabulary(source, rows)
+    if own is None and len(theirs_by_task) > 1:
+        vocabs = {task: t.get_vocab() for task, t in theirs_by_task.items()}
+        first = next(iter(vocabs))
+        differ = [task for task, v in vocabs.items() if v != vocabs[first]]
+        if differ:
+            raise ValueError(f"expert-path targets run each expert on the model's token ids, and the experts of "
+                             f"{[first, *differ]} number the tokens differently, so some cannot match the model's "
+                             f"ids; the model's own tokenizer, which would map them, is not saved where its "
+                             f"name_or_path ({getattr(model, 'name_or_path', None)!r}) points: load the model from "
+                             f"its directory, or give the experts as epmq.experts.OnVocabulary(expert, "
+                             f"epmq.vocabulary.rows_by_token(...))")
     return out
+
+
+def _adapter_base(adapter: Path) -> Optional[str]:
+    """The base model a LoRA adapter directory's config names, or None."""
+    import json
+
+    from .lora import ADAPTER_CONFIG
+
+    try:
+        named = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) else None
 

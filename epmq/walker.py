@@ -1225,8 +1225,10 @@ class _Walk:
                     f"({name}), the merged model {merged}: their vocabularies differ (a merge with "
                     f"tokenizer_source over experts with added tokens?). targets='expert_path' runs each expert "
                     f"on the merged model's token ids, which needs one vocabulary or a map of its rows to the "
-                    f"merged model's tokens (epmq.quantize_checkpoint builds it from their tokenizers); the "
-                    f"default targets ('merged_path') read no embeddings")
+                    f"merged model's tokens: built from the tokenizers saved with the model (where its "
+                    f"name_or_path points) and with the expert, or given as epmq.experts.OnVocabulary(expert, "
+                    f"epmq.vocabulary.rows_by_token(...)); the default targets ('merged_path') read no "
+                    f"embeddings")
 
     @contextmanager
     def _expert_outside(self, task):

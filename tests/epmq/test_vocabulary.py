@@ -236,10 +236,14 @@ def test_e_pmq_of_a_merge_over_added_tokens(models, tmp_path):
     quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path", experts=experts,
                    calibration=calibration, progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
-    model.name_or_path = ""
-    with pytest.raises(ValueError, match="has 26 token embeddings.*the merged model 27.*vocabularies differ"):
+    model.name_or_path = ""  # (the experts' tokenizers disagree among themselves: refused)
+    with pytest.raises(ValueError, match=r"experts of \['chat', 'tool'\] number the tokens differently.*OnVocabulary"):
         quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
                        experts=experts, calibration=calibration, progress=False)
+    chat_alone = {"chat": experts["chat"]}  # (one expert, no tokenizer to map it by: its rows are refused)
+    with pytest.raises(ValueError, match="has 26 token embeddings.*the merged model 27.*vocabularies differ"):
+        quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                       experts=chat_alone, calibration={"chat": calibration["chat"]}, progress=False)
     with pytest.raises(ValueError, match="row map has 5 rows"):
         quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
                        experts={t: OnVocabulary(p, torch.arange(5)) for t, p in experts.items()},
@@ -439,3 +443,57 @@ def test_epmq_merge_config_with_a_vocabulary(models, tmp_path):
     recipe = json.loads((tmp_path / "out" / "epmq_merge.json").read_text())
     assert (recipe["tokenizer_source"], recipe["pad_to_multiple_of"], recipe["tokens"]) == (
         "union", 16, config["tokens"])
+
+
+def test_expert_path_maps_a_lora_adapter_by_its_bases_tokenizer(models, tmp_path):
+    """A LoRA adapter saved without a tokenizer (PEFT's save_pretrained writes none) is mapped by
+    the tokenizer of the base it names."""
+    peft = pytest.importorskip("peft")
+    from epmq import QuantSpec, quantize_model
+    from epmq.experts import OnVocabulary, on_model_vocabulary
+
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
+                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    assert not list((tmp_path / "adapter").glob("tokenizer*"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    from epmq.lora import open_expert
+
+    mapped = on_model_vocabulary(model, {"chat": open_expert(str(tmp_path / "adapter"))})
+    assert isinstance(mapped["chat"], OnVocabulary) and mapped["chat"].rows[24:27].tolist() == [24, 25, -1]
+    quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                   experts={"chat": str(tmp_path / "adapter")}, calibration={"chat": [torch.tensor([[1, 24, 26]])]},
+                   progress=False)
+
+
+
+def test_expert_path_maps_experts_and_a_model_named_by_hub_id(models, tmp_path, monkeypatch):
+    """Experts and a merged model named by HF hub id (read from the hub's cache, offline) are
+    mapped by the tokenizers of their snapshots."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from epmq import QuantSpec, quantize_model
+    from epmq.experts import OnVocabulary, on_model_vocabulary
+
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    commit = "0" * 40
+    for name, path in (("merged", merged), ("chat", models["chat"]), ("tool", models["tool"])):
+        repo = tmp_path / "hub" / f"models--org--{name}"
+        shutil.copytree(path, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    model.name_or_path = "org/merged"
+    mapped = on_model_vocabulary(model, {"chat": "org/chat", "tool": "org/tool"})
+    assert all(isinstance(mapped[t], OnVocabulary) for t in ("chat", "tool"))
+    assert mapped["tool"].rows[24:27].tolist() == [-1, 25, 24]
+    quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                   experts={"chat": "org/chat", "tool": "org/tool"},
+                   calibration={t: [torch.tensor([[1, 24, 25, 26]])] for t in ("chat", "tool")}, progress=False)
