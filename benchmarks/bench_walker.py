@@ -18,6 +18,8 @@ kernels for these shapes (the choices are cached on disk). Per walk: wall-clock 
 solvers' share (the report's per-layer seconds), peak GPU memory, the total layer loss. The
 JSON (``walker-<card>.json``) is rewritten after every walk, so a run cut short keeps what it
 measured. ``--device cpu`` runs the same on the CPU (small shapes: a check of the script).
+``--profile-host-if-under S``: where the E-PMQ walk's host time goes (a third walk under
+cProfile, its top functions in the JSON as ``epmq_host_profile``), if the walks left time.
 """
 
 import argparse
@@ -95,6 +97,9 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=2, help="sequences per task")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile-host-if-under", type=float, default=None, metavar="S",
+                        help="if the walks took under S seconds, walk E-PMQ (blocks visiting the device) "
+                             "once more under cProfile: where its host time goes, into the JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and no_cuda("bench_walker.py"):
@@ -119,10 +124,30 @@ def main(argv=None):
             if ("gptq", True) in timed and ("epmq", True) in timed:
                 result["epmq_over_gptq"] = timed["epmq", True]["walk_s"] / timed["gptq", True]["walk_s"]
             write_json(path, result)
+    if args.profile_host_if_under is not None and time.perf_counter() - t0 < args.profile_host_if_under:
+        result["epmq_host_profile"] = host_profile(merged, experts, calibration, device)
+        print(result["epmq_host_profile"], flush=True)
     result["partial"] = False
     write_json(path, result)
     print(f"E-PMQ / GPTQ walk time: {result['epmq_over_gptq']:.2f}; wrote {path}")
     return 0
+
+
+def host_profile(merged, experts, calibration, device, top=30):
+    """The E-PMQ walk (blocks visiting ``device``) once more under cProfile: the functions that
+    take the most host time, cumulative, as text (the GPU's own work shows where the host waits
+    for it: synchronizing calls). Not a timing: cProfile slows the Python side."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    walk(copy.deepcopy(merged), "epmq", experts, calibration, device, True)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
 
 
 if __name__ == "__main__":

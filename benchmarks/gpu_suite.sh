@@ -70,8 +70,9 @@ step gemv-roofline 40 "$PYTHON" benchmarks/gemv_roofline.py --out "$RESULTS"
 step bench-solver 90 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 60
 # A whole walk: a 1-block Llama-8B-shaped model in CPU memory, blocks quantized on the GPU, GPTQ
 # and E-PMQ (8 experts), GPTQ with the model on the GPU; writes walker-<card>.json after each walk
-# (warm-ups included; "partial" until the last)
-step bench-walker 75 "$PYTHON" benchmarks/bench_walker.py --layers 1 --out "$RESULTS"
+# (warm-ups included; "partial" until the last); with time left, where E-PMQ's host time goes
+# (a cProfile of one more walk, in the JSON: its walk spent 1-1.7 s more than GPTQ's off the solvers)
+step bench-walker 75 "$PYTHON" benchmarks/bench_walker.py --layers 1 --out "$RESULTS" --profile-host-if-under 62
 # -----------------------------------------------------------------------------------------------
 
 if [ "${#FAILED[@]}" -ne 0 ]; then
