@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU suite: CUDA tests, then the benchmarks, each step under a time limit (425 s in all, 475 s
-# with each timeout's 10 s grace to kill, which the benchmarks use to write their JSON: about 8
-# minutes on one H100 even when every step runs to its limit; the four steps before the GEMV
-# probe took 78, 71, 67 and 60 s on an H200, 2026-12-04, 311 s in all). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
+# GPU suite: CUDA tests, then the benchmarks, each step under a time limit (400 s in all, 450 s
+# with each timeout's 10 s grace to kill, which the benchmarks use to write their JSON: under 8
+# minutes on one H100 even when every step runs to its limit, with 30 s left for the preamble;
+# the steps but the GEMV probe took 78, 71, 67 and 60 s on an H200, 2026-12-04, 311 s in all). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
 #
 #     bash benchmarks/gpu_suite.sh
 #
@@ -59,15 +59,15 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # 73 s on an H200, 2026-12-04, every step of the suite done in 311 s
 XDIST=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 4 --dist loadfile); fi
-step cuda-tests 120 "$PYTHON" -m pytest -q tests -m cuda --durations=15 ${XDIST[@]+"${XDIST[@]}"}  # (the slowest: to size this limit)
-step bench-w4a16 100 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
+step cuda-tests 110 "$PYTHON" -m pytest -q tests -m cuda --durations=15 ${XDIST[@]+"${XDIST[@]}"}  # (the slowest: to size this limit)
+step bench-w4a16 95 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
 # where the batch-1 GEMV loses its bandwidth: probes of its tiling that only stream the words, or
 # also unpack them, beside it (after bench-w4a16, whose autotuning of M = 1 it reuses)
-step gemv-roofline 40 "$PYTHON" benchmarks/gemv_roofline.py --out "$RESULTS"
+step gemv-roofline 35 "$PYTHON" benchmarks/gemv_roofline.py --out "$RESULTS"
 # GPTQ / E-PMQ solver: fused vs eager on 768x3072, 4096x4096, 4096x14336 ([d_out, d_in]) and
 # E-PMQ (8 experts) vs GPTQ; eager baselines stop after 60 s; the layer profile only if the
 # rest took under 60 s; writes solver-<card>.json/.png
-step bench-solver 90 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 60
+step bench-solver 85 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 60
 # A whole walk: a 1-block Llama-8B-shaped model in CPU memory, blocks quantized on the GPU, GPTQ
 # and E-PMQ (8 experts), GPTQ with the model on the GPU; writes walker-<card>.json after each walk
 # (warm-ups included; "partial" until the last); with time left, where E-PMQ's host time goes
