@@ -279,7 +279,9 @@ def test_example_merge_and_quantize_configs_are_valid():
     for path in merges:
         c = _yaml_mapping(path, MERGE_KEYS, ("method", "models"), "")
         check_merge(c["method"], c["models"], base=c.get("base"), params=c.get("params"), dtype=c.get("dtype"),
-                    calibration=c.get("calibration"))
+                    calibration=c.get("calibration"), chat_template=c.get("chat_template"),
+                    tokenizer_source=c.get("tokenizer_source"), pad_to_multiple_of=c.get("pad_to_multiple_of"),
+                    tokens=c.get("tokens"))
     for path in quantizations:
         spec, options = quantize_options(_yaml_mapping(path, QUANTIZE_KEYS, ("model", "method"), ""))
         assert spec.bits == 4 and options["method"] == "epmq"
