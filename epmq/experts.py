@@ -144,7 +144,7 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
     state dicts carry no tokenizer: give those that number the tokens otherwise as
     ``OnVocabulary``."""
     from .checkpoint_io import key_renaming, local_checkpoint
-    from .lora import LoraExpert, is_lora_adapter
+    from .lora import LoraExpert, is_lora_adapter, named_base
     from .vocabulary import load_tokenizer, rows_by_token, vocabulary_names
 
     def tokenizer_at(source):
@@ -170,7 +170,7 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
         if isinstance(source, LoraExpert):
             theirs = tokenizer_at(source.directory) or tokenizer_at(getattr(source.base, "path", None))
         elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and is_lora_adapter(source):
-            theirs = tokenizer_at(source) or tokenizer_at(_adapter_base(Path(source)))
+            theirs = tokenizer_at(source) or tokenizer_at(named_base(source))
         else:
             theirs = tokenizer_at(source)
         if theirs is not None:
@@ -198,17 +198,4 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
                              f"its directory, or give the experts as epmq.experts.OnVocabulary(expert, "
                              f"epmq.vocabulary.rows_by_token(...))")
     return out
-
-
-def _adapter_base(adapter: Path) -> Optional[str]:
-    """The base model a LoRA adapter directory's config names, or None."""
-    import json
-
-    from .lora import ADAPTER_CONFIG
-
-    try:
-        named = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return named if isinstance(named, str) else None
 

@@ -55,6 +55,16 @@ def is_lora_adapter(path) -> bool:
     return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def named_base(adapter) -> Optional[str]:
+    """The base model a LoRA adapter directory's config names (``base_model_name_or_path``: a
+    path or hub id), or None where its config names none or cannot be read."""
+    try:
+        named = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
 # adapter config entries read here, or that do not change the merged weight (training settings,
 # bookkeeping, which modules were adapted: the adapter's tensors say that); any other entry that is
 # set (DoRA, layer replication, aLoRA, bias terms, initialisations that change the base weights

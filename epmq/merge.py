@@ -914,29 +914,13 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
     return _merge_each(base, experts, merge_tensor, out)
 
 
-def _changed(W_0, W_k, epsilon):
-    """Task vectors ``[K, ...]``, which entries each changed (``|tau| > epsilon``) and how many
-    experts changed each entry (RAM's split into entries one expert owns and shared ones)."""
-    taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
-    changed = taus.abs() > epsilon
-    return taus, changed, changed.sum(dim=0)
-
-
 def ram(base, experts, epsilon: float = 1e-5, *, out=None):
     """RAM (Reinforced Agent Merging, arXiv 2601.13572): an entry that exactly one expert
     changed (``|tau_k| > epsilon``) takes that expert's change whole, one that ``c > 1`` experts
     changed takes their mean change, ``W = W_0 + sum_k m_k tau_k / max(c, 1)``: unlike a mean of
     task vectors, a skill only one expert learned is not diluted by the experts that left its
     entries alone. mergekit 0.1.5's ``ram``, step for step."""
-    _needs_base(base, "ram")
-    epsilon = check_number(epsilon, "epsilon", 0)
-
-    def merge_tensor(name, W_0, W_k):
-        taus, changed, c = _changed(W_0, W_k, epsilon)
-        kept = taus * changed
-        return W_0 + (kept * (c == 1) + kept * (c > 1) / c.clamp(min=1)).sum(dim=0)
-
-    return _merge_each(base, experts, merge_tensor, out)
+    return _ram(base, experts, 0.0, 0.0, epsilon, "ram", out)
 
 
 def ram_plus(base, experts, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5, *, out=None):
@@ -945,18 +929,28 @@ def ram_plus(base, experts, r: float = 0.1, alpha: float = 0.2, epsilon: float =
     others changed too over the number only it changed, counted per tensor: an expert whose
     changes mostly overlap others' has its own ones amplified, as the shared ones are averaged
     down. mergekit 0.1.5's ``ramplus_tl``, step for step."""
-    _needs_base(base, "ram_plus")
+    return _ram(base, experts, r, alpha, epsilon, "ram_plus", out)
+
+
+def _ram(base, experts, r, alpha, epsilon, method, out):
+    """RAM (``r = 0``: the lone changes whole) and RAM+."""
+    _needs_base(base, method)
     r, alpha, epsilon = (check_number(r, "r", 0), check_number(alpha, "alpha", 0),
                          check_number(epsilon, "epsilon", 0))
 
     def merge_tensor(name, W_0, W_k):
-        taus, changed, c = _changed(W_0, W_k, epsilon)
+        taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
+        changed = taus.abs() > epsilon
+        c = changed.sum(dim=0)  # (how many experts changed each entry)
         lone, shared = c == 1, c > 1
-        rows = changed.reshape(len(taus), -1)
-        rho = (rows & shared.reshape(1, -1)).sum(dim=1) / (rows & lone.reshape(1, -1)).sum(dim=1).clamp(min=epsilon)
-        amplify = (1 + r * rho.clamp(min=0, max=alpha)).reshape(-1, *([1] * W_0.dim()))
         kept = taus * changed
-        return W_0 + (kept * lone * amplify + kept * shared / c.clamp(min=1)).sum(dim=0)
+        own = kept * lone
+        if r:
+            rows = changed.reshape(len(taus), -1)
+            rho = ((rows & shared.reshape(1, -1)).sum(dim=1)
+                   / (rows & lone.reshape(1, -1)).sum(dim=1).clamp(min=epsilon))
+            own = own * (1 + r * rho.clamp(min=0, max=alpha)).reshape(-1, *([1] * W_0.dim()))
+        return W_0 + (own + kept * shared / c.clamp(min=1)).sum(dim=0)
 
     return _merge_each(base, experts, merge_tensor, out)
 

@@ -41,7 +41,7 @@ from ._util import loading_bars
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
-from .lora import ADAPTER_CONFIG, is_lora_adapter, model_skeleton, open_expert
+from .lora import is_lora_adapter, model_skeleton, named_base, open_expert
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
                          vocabulary_names)
 
@@ -440,11 +440,8 @@ def _config(path: Path) -> dict:
     """A checkpoint's ``config.json`` ({} if none); of a LoRA adapter, its base's (the one its
     config names, where that is a local checkpoint)."""
     if is_lora_adapter(path):
-        try:
-            named = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            return {}
-        return _config(Path(named)) if isinstance(named, str) and Path(named).is_dir() else {}
+        named = named_base(path)
+        return _config(Path(named)) if named is not None and Path(named).is_dir() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     try:
         content = json.loads(config.read_text())

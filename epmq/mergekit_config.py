@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from .checks import check_number
+from .vocabulary import load_tokenizer
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
             "int8_mask", "tokenizer_source", "tokenizer", "chat_template"}
@@ -289,10 +290,10 @@ def _vocabulary(model: str):
         raise ValueError(f"{model} is neither a directory nor an HF hub id")
     config = transformers.AutoConfig.from_pretrained(path)
     rows = getattr(config.get_text_config(), "vocab_size", None)
-    try:
-        vocab = transformers.AutoTokenizer.from_pretrained(path).get_vocab()
-    except Exception:  # (mergekit, too, takes a model without a tokenizer to have the base's)
+    tokenizer = load_tokenizer(path)  # (mergekit, too, takes a model without a tokenizer to have the base's)
+    if tokenizer is None:
         return None, rows, 0
+    vocab = tokenizer.get_vocab()
     kept = {token: i for token, i in vocab.items() if rows is None or i < rows}
     return kept, rows, len(vocab) - len(kept)
 

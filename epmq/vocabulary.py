@@ -238,15 +238,7 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
         raise ValueError(f"the output tokenizer's ids run to {max(vocab.values())} for {size} tokens: ids with no "
                          f"token cannot be laid out")
     padded = size if not pad_to_multiple_of else -(-size // pad_to_multiple_of) * pad_to_multiple_of
-    index = {}
-    for k in keys:
-        mine = vocabs[k]
-        order = torch.full((size,), -1, dtype=torch.long)
-        for token, i in vocab.items():
-            j = mine.get(token)
-            if j is not None and j < rows[k]:
-                order[i] = j
-        index[k] = order
+    index = {k: _row_index(vocab, size, vocabs[k], rows[k]) for k in keys}
     chosen, forced = {}, set()
     for token, spec in (tokens or {}).items():
         i = vocab[token]
@@ -288,10 +280,17 @@ def rows_by_token(into, into_rows: int, source, source_rows: int) -> Optional[to
     theirs = {t: i for t, i in into.get_vocab().items() if i < into_rows}
     if mine == theirs and into_rows == source_rows:
         return None
+    return _row_index(theirs, into_rows, mine, source_rows)
+
+
+def _row_index(into: Mapping[str, int], into_rows: int, source: Mapping[str, int], source_rows: int) -> torch.Tensor:
+    """For each of ``into_rows`` rows, the row of the token ``into`` puts there in a model whose
+    vocabulary is ``source`` of ``source_rows`` rows; -1 where it has no row for it."""
     rows = torch.full((into_rows,), -1, dtype=torch.long)
-    for token, i in theirs.items():
-        if token in mine:
-            rows[i] = mine[token]
+    for token, i in into.items():
+        j = source.get(token)
+        if i < into_rows and j is not None and j < source_rows:
+            rows[i] = j
     return rows
 
 

@@ -81,6 +81,7 @@ import re
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from functools import cached_property
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -1177,7 +1178,7 @@ class _Walk:
             if self.targets == "expert_path":
                 self._check_vocabulary(source)
             present = {}
-            mapped = self._vocabulary_names() if source.rows is not None else ()
+            mapped = self._vocabulary_names if source.rows is not None else ()
             for key, shape in needed.items():
                 if self._fused_in(source, key):
                     key, shape = key.fused, key.fused_shape
@@ -1196,21 +1197,23 @@ class _Walk:
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
 
-    def _vocabulary_names(self) -> set:
-        """The non-block tensors indexed by the vocabulary (token embeddings, an untied head)."""
+    @cached_property
+    def _vocabulary_names(self) -> frozenset:
+        """The non-block tensors indexed by the vocabulary (token embeddings, an untied head);
+        found once per walk (the expert path reads them for every block and task)."""
         from .vocabulary import vocabulary_names
 
         try:
-            return set(vocabulary_names(self.model, [names[0] for _, names in self.outside]))
+            return frozenset(vocabulary_names(self.model, [names[0] for _, names in self.outside]))
         except ValueError:  # (no token embedding: a vision tower)
-            return set()
+            return frozenset()
 
     def _check_vocabulary(self, source):
         """An expert whose token embeddings have other rows than the merged model's (experts with
         added tokens, merged with ``tokenizer_source``) runs on the merged model's token ids only
-        through its row map (``experts.OnVocabulary``, which ``quantize_checkpoint`` builds from
-        the tokenizers); without one it is refused."""
-        for name in self._vocabulary_names():
+        through its row map (``experts.OnVocabulary``, which ``quantize_model`` builds from the
+        tokenizers: ``experts.on_model_vocabulary``); without one it is refused."""
+        for name in self._vocabulary_names:
             if source.key_for(name) is None:
                 continue
             rows, merged = source.shape(name)[0], self.shapes[name][0]
@@ -1235,7 +1238,7 @@ class _Walk:
         """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's."""
         saved = []
         source = self.experts[task]
-        mapped = self._vocabulary_names() if source.rows is not None else ()
+        mapped = self._vocabulary_names if source.rows is not None else ()
         try:
             for tensor, names in self.outside:
                 new = source.read(names[0], like=tensor)
