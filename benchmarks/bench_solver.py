@@ -188,7 +188,7 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         row = dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=1.0, experts=N_EXPERTS,
                    t_epmq_s=t_ep, t_gptq_s=t_gq, epmq_s=med(t_ep), gptq_s=med(t_gq),
                    ratio=med(t_ep) / med(t_gq),
-                   fp32_mm=fp32_mm(W_m.device, precision != "ieee").__name__)
+                   fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", precision)).__name__)
         if precision == "ieee" and d_in <= 4096 and time.perf_counter() < deadline:
             # E-PMQ checked end to end against its torch path (eager solver) on the smaller shapes
             res_er = quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE, backend="torch")
@@ -207,7 +207,7 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
     rows.append(dict(shape, kind="epmq_vs_gptq", residual_precision="tf32", anchor=0.0,
                      experts=N_EXPERTS, t_epmq_s=t_ep, t_gptq_s=t_gq, epmq_s=med(t_ep),
                      gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
-                     fp32_mm=fp32_mm(W_m.device, True).__name__))
+                     fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", "tf32")).__name__))
     log(rows[-1])
     del results, res_ep, res_gq
 
@@ -312,7 +312,7 @@ def main(argv=None):
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     parser.add_argument("--profile-if-under", type=float, default=80.0, metavar="S",
                         help="when the run took less than S seconds, also write a torch-profiler "
-                             "table of one E-PMQ layer (ieee and tf32) and one GPTQ layer")
+                             "table of one E-PMQ layer (bf16x3) and one GPTQ layer per shape")
     args = parser.parse_args(argv)
     if no_cuda("bench_solver"):
         return 0
@@ -391,7 +391,10 @@ def main(argv=None):
 
         profile_path = os.path.join(args.out, f"epmq-layer-profile-{slug}.txt")
         try:
-            tables = profile_tables(precisions=("ieee", "tf32x3", "bf16x3", "tf32"))
+            # the default residual on every shape: what E-PMQ's time beyond GPTQ's and the
+            # products is made of (host time on the small layer, kernels on the large one)
+            tables = profile_tables(shapes=((768, 3072), (4096, 4096), (4096, 14336)),
+                                    precisions=("bf16x3",), rows=25)
         except Terminated:
             print("bench_solver: the time limit stopped the layer profile (results written)", flush=True)
             return 124

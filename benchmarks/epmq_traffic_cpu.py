@@ -77,7 +77,7 @@ _CHILD = textwrap.dedent(r'''
     for _ in range(EXPERTS):
         X = torch.randn(2 * D_IN, D_IN, generator=g) * torch.exp(0.7 * torch.randn(D_IN, generator=g))
         experts.append((W_m + 0.05 * torch.randn(D_OUT, D_IN, generator=g), X.T @ X))
-    quant.fp32_mm = lambda device, fast: rt.tf32x3_mm  # (the GPU's pick for R and the anchor term)
+    quant.fp32_mm = lambda device, floor: rt.tf32x3_mm  # (the H200's pick for R and the anchor term)
     solve = quant.gptq_solve
 
     def uncounted_solve(*args, **kwargs):

@@ -18,6 +18,10 @@ product would, emulated exactly in torch, and runs the same E-PMQ solve (fp64 st
     bf16x3      three bf16 products of operands split into two bf16 parts ("bf16x3", Triton's
                 decomposition and cuBLAS's), products exact, fp32 sums
 
+Each of those solves with R = G H~^{-1} and the anchor term in IEEE fp32 (the torch backend). On a
+GPU the Triton backend lets them run as fast as the residual's precision allows, never below
+bf16x3 (``quant._fp32_floor``); the rows ``<G's product>, R bf16x3`` take them in bf16x3 too.
+
 For each it reports how far ``G`` and the target ``W*`` move, the fraction of grid codes that
 change, and the true E-PMQ objective (expert term evaluated with the fp64 statistics, plus the
 anchor term) relative to the fp64 run, next to what E-PMQ gains over GPTQ on the same layer.
@@ -64,6 +68,13 @@ PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
             "bf16x3": lambda D, H: bf16x3_mm(D, H, mm=bf16_mm_emulated)}
 
 
+# E-PMQ's other large products (R = G H~^{-1} and the anchor term), for variants "<G>, R <R>":
+# what the Triton backend runs on a GPU, where each residual precision sets their floor
+# (quant._fp32_floor: "bf16x3" for the default and for "tf32"); the others take IEEE fp32
+R_PRODUCTS = {"bf16x3": lambda A, B: bf16x3_mm(A, B, mm=bf16_mm_emulated)}
+R_VARIANTS = [("bf16x3", "bf16x3"), ("tf32", "bf16x3")]  # (G's product, R's)
+
+
 def residual(W_m, experts, hessians, weights, product):
     """``sum_k a_k (W_k - W_m) H_k`` with each product formed by ``product``, summed in fp32."""
     G = torch.zeros(W_m.shape, dtype=torch.float32)
@@ -86,9 +97,11 @@ def study(d_out, d_in, bits_list, anchors, group_size, spread, bar):
     for W_k, H_k in zip(experts, hessians):
         stats.add_task(W_k, H_k)
     G_exact = stats.G_e.clone()
-    variants = {"fp64": G_exact}
+    variants = {"fp64": (G_exact, None)}
     for name, product in PRODUCTS.items():
-        variants[name] = residual(W_m, experts, hessians, stats.task_weights, product)
+        variants[name] = (residual(W_m, experts, hessians, stats.task_weights, product), None)
+    for g_name, r_name in R_VARIANTS:
+        variants[f"{g_name}, R {r_name}"] = (variants[g_name][0], R_PRODUCTS[r_name])
     rows = []
     for bits in bits_list:
         spec = QuantSpec(bits=bits, group_size=group_size)
@@ -96,11 +109,20 @@ def study(d_out, d_in, bits_list, anchors, group_size, spread, bar):
         E_gptq = gptq_Q.double() - W_m.double()
         for anchor in anchors:
             base = None
-            for name, G in variants.items():
+            for name, (G, r_mm) in variants.items():
                 patched = copy.copy(stats)
                 patched.G_e = G
-                result = quant.epmq_from_stats(patched, spec, anchor=anchor, backend="torch")
-                loss = expert_objective(result.weight, stats, G_exact) + result.anchor_loss
+                saved = quant.fp32_mm
+                if r_mm is not None:  # (the torch backend's IEEE products replaced)
+                    quant.fp32_mm = lambda device, floor, r_mm=r_mm: r_mm
+                try:
+                    result = quant.epmq_from_stats(patched, spec, anchor=anchor, backend="torch")
+                finally:
+                    quant.fp32_mm = saved
+                # (the anchor term in float64 here: the solver's own value is from R's product)
+                E = result.weight.double() - W_m.double()
+                loss = (expert_objective(result.weight, stats, G_exact)
+                        + result.info["lam_effective"] * float((E @ stats.H_m.double() * E).sum()))
                 if base is None:
                     # GPTQ's Q under the same objective (expert term + the same anchor term)
                     lam = result.info["lam_effective"]
@@ -152,7 +174,7 @@ def main(argv=None):
     anchors = [float(a) for a in args.anchors.split(",")]
     started = time.perf_counter()
     rows = []
-    total = len(shapes) * len(bits) * len(anchors) * (1 + len(PRODUCTS))
+    total = len(shapes) * len(bits) * len(anchors) * (1 + len(PRODUCTS) + len(R_VARIANTS))
     with tqdm(total=total, desc="E-PMQ solves") as bar:
         for d_out, d_in in shapes:
             rows += study(d_out, d_in, bits, anchors, args.group_size, args.spread, bar)

@@ -631,6 +631,17 @@ def epmq(
     )
 
 
+def _fp32_floor(backend: str, residual_precision: str) -> str:
+    """The least accurate product E-PMQ's other large fp32 products (``R = G H~^{-1}``, the
+    anchor term) may run as: the residual's own on the Triton backend, but never below three bf16
+    products (for a one-TF32 residual too: R is read through H~^{-1}, which amplifies errors
+    along H's weak directions); IEEE on the torch backend. ``fp32_mm`` picks the fastest product
+    at least that accurate on the GPU."""
+    if backend != "triton" or residual_precision == "ieee":
+        return "ieee"
+    return "tf32x3" if residual_precision == "tf32x3" else "bf16x3"
+
+
 def epmq_from_stats(
     stats: EPMQStats,
     spec: QuantSpec,
@@ -650,26 +661,27 @@ def epmq_from_stats(
     H_e, H_m, G_e, G_m = stats.finalize()
     W_m = stats.W_merged
     d_in = W_m.shape[1]
-    s = float(torch.diagonal(H_e).sum())
+    # (both traces in one read: each read waits for the device's queue)
+    s, trace_m = torch.stack([torch.diagonal(H_e).sum(), torch.diagonal(H_m).sum()]).tolist()
     if s == 0:  # (task weights of 0: no expert term, and the anchors, relative to it, vanish too)
         raise ValueError("the expert term is zero (task_weights all 0): E-PMQ would be round-to-nearest "
                          "with a loss of 0; give positive task weights")
-    trace_m = float(torch.diagonal(H_m).sum())
     if anchor > 0 and trace_m == 0:
         warnings.warn("the merged path's Hessian is zero (no calibration input reached this layer on "
                       "it): E-PMQ goes on without the anchor term")
     lam = anchor * s / trace_m if anchor > 0 and trace_m > 0 else 0.0
     mu = weight_anchor * s / d_in
-    H = H_e.double() + lam * H_m.double()
+    # (in place into one float64 copy: at 14336 inputs each d_in^2 float64 temporary is 1.6 GB)
+    H = H_e.to(torch.float64, copy=True)  # (copy: never the statistics' own H_e)
+    if lam:
+        H.add_(H_m, alpha=lam)
     if mu:
         H.diagonal().add_(mu)
-    G = G_e.double() if G_m is None or lam == 0 else G_e.double() + lam * G_m.double()
-    # Unless the residual is "ieee", E-PMQ's other large fp32 products on the Triton backend, R
-    # and the anchor term, may run as three TF32 products (IEEE fp32's accuracy class) on GPUs
-    # where that is faster than IEEE
+    G = G_e.to(torch.float64, copy=G_m is not None and bool(lam))
+    if G_m is not None and lam:
+        G.add_(G_m, alpha=lam)
     backend = resolve_backend(backend, W_m.device)
-    fast = backend == "triton" and stats.residual_precision != "ieee"
-    mm = fp32_mm(W_m.device, fast)
+    mm = fp32_mm(W_m.device, _fp32_floor(backend, stats.residual_precision))
 
     result = _round_target(
         W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm,

@@ -88,8 +88,9 @@ class EPMQStats:
     times every implementation of that precision or a more accurate one and keeps the fastest
     (``epmq_kernels.expert_residual.AT_LEAST``), so the default is never slower than "ieee";
     ``benchmarks/bench_solver.py`` times all four. Unless "ieee", E-PMQ's other large fp32
-    products (``R = G H~^{-1}``, the anchor term) run as three TF32 products on GPUs where
-    that is faster (``epmq_kernels._runtime.fp32_mm``, timed once per GPU). The torch backend
+    products (``R = G H~^{-1}``, the anchor term) run as the fastest product on the GPU at
+    least as accurate as the residual's, never below bf16x3 (``epmq.quant._fp32_floor``;
+    ``epmq_kernels._runtime.fp32_mm``, timed once per GPU). The torch backend
     and fp64 statistics always multiply in their own precision.
     """
 

@@ -170,29 +170,39 @@ def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.mm(A, B)
 
 
-# The fp32 product chosen per GPU by fp32_mm (device -> ieee_mm or tf32x3_mm).
+bf16x3_mm.split = bf16_split
+bf16x3_mm.of_parts = lambda A_parts, B_parts: _product_of_parts(A_parts, B_parts, _bf16_mm)
+
+# The fp32 products fp32_mm chooses from, and for each floor (the least accurate product allowed)
+# those at least as accurate: IEEE (2^-24 of each term), tf32x3 (~2^-21), bf16x3 (~2^-16).
+FP32_PRODUCTS = {"ieee": ieee_mm, "tf32x3": tf32x3_mm, "bf16x3": bf16x3_mm}
+FP32_AT_LEAST = {"ieee": ("ieee",), "tf32x3": ("ieee", "tf32x3"),
+                 "bf16x3": ("ieee", "tf32x3", "bf16x3")}
+# The product chosen per (GPU, floor) by fp32_mm.
 _FP32_MM = {}
-FP32_MM_PROBE = 2048  # the square product both candidates are timed on
+FP32_MM_PROBE = 2048  # the square product the candidates are timed on
 
 
-def fp32_mm(device: torch.device, fast: bool):
-    """The product for large fp32 matrices on ``device``: ``tf32x3_mm`` where ``fast`` and it
-    beats ``ieee_mm`` on this GPU, else ``ieee_mm``.
+def fp32_mm(device: torch.device, floor: str = "ieee"):
+    """The product for large fp32 matrices on ``device``: the fastest on this GPU of those at least
+    as accurate as ``floor`` ("ieee", "tf32x3" or "bf16x3"; FP32_AT_LEAST), ``ieee_mm`` off CUDA.
 
-    Three TF32 products pay where the TF32 tensor-core rate is several times the fp32 rate (7-8x
-    on the A100 and H100) and lose where it is not (1-2x on consumer and L4/A10-class cards), so
-    the two are timed once per GPU on a FP32_MM_PROBE-sized product and the winner is kept on
-    disk like the kernels' configs (``EPMQ_AUTOTUNE=0``: IEEE unless already timed).
+    Three TF32 or bf16 products pay where the tensor-core rate is several times the fp32 rate
+    (TF32 7-8x, bf16 15x on the A100 and H100) and lose where it is not (consumer and L4/A10-class
+    cards), so the candidates are timed once per GPU and floor on a FP32_MM_PROBE-sized product
+    and the winner is kept on disk like the kernels' configs (``EPMQ_AUTOTUNE=0``: IEEE unless
+    already timed).
     """
-    if not fast or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
-        return ieee_mm  # (no TF32 tensor cores before compute capability 8.0)
+    if floor not in FP32_AT_LEAST:
+        raise ValueError(f"floor must be one of {tuple(FP32_AT_LEAST)}, got {floor!r}")
+    if floor == "ieee" or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return ieee_mm  # (no TF32 or bf16 tensor cores before compute capability 8.0)
     device = torch.device("cuda", device.index if device.index is not None
                           else torch.cuda.current_device())
-    chosen = _FP32_MM.get(device)
+    chosen = _FP32_MM.get((device, floor))
     if chosen is None:
         from . import autotune_cache
 
-        products = {"ieee": ieee_mm, "tf32x3": tf32x3_mm}
         n = FP32_MM_PROBE
         operands = []
 
@@ -200,11 +210,11 @@ def fp32_mm(device: torch.device, fast: bool):
             if not operands:
                 gen = torch.Generator(device=device).manual_seed(0)
                 operands.extend(torch.randn(n, n, device=device, generator=gen) for _ in range(2))
-            products[config["mm"]](*operands)
+            FP32_PRODUCTS[config["mm"]](*operands)
 
-        cache = autotune_cache.cache_for("fp32_mm", device, [sorted(products), n])
+        cache = autotune_cache.cache_for("fp32_mm", device, [sorted(FP32_PRODUCTS), n])
         with torch.cuda.device(device):  # (the timing's events are on the current device)
-            config = autotune_cache.tune(cache, f"{n}x{n}x{n}",
-                                         [{"mm": "ieee"}, {"mm": "tf32x3"}], run)
-        chosen = _FP32_MM.setdefault(device, products[config["mm"]])
+            config = autotune_cache.tune(cache, f"{floor}|{n}x{n}x{n}",
+                                         [{"mm": p} for p in FP32_AT_LEAST[floor]], run)
+        chosen = _FP32_MM.setdefault((device, floor), FP32_PRODUCTS[config["mm"]])
     return chosen

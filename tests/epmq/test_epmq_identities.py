@@ -315,31 +315,47 @@ def test_three_product_operands_are_split_once():
     assert split_entries == [A.numel()]
 
 
-@pytest.mark.parametrize("backend, precision, fast", [
-    ("triton", "tf32x3", True), ("triton", "default", True), ("triton", "bf16x3", True),
-    ("triton", "tf32", True),
-    ("triton", "ieee", False), ("torch", "tf32x3", False)])
-def test_tf32_residual_makes_r_and_the_anchor_term_tf32x3(gen, monkeypatch, backend, precision,
-                                                          fast):
-    """Unless the residual is "ieee" (the default is "bf16x3"), E-PMQ on the Triton backend asks
-    for the fast fp32 product (tf32x3 where it is faster, emulated here) for R and the anchor
-    term; the torch backend stays IEEE. The result stays within fp32 noise of the IEEE run."""
+def _emulated_bf16x3(calls):
+    """``bf16x3_mm`` with its bf16 products emulated on the CPU (exact products, fp32 sums),
+    counting its calls."""
+    from epmq_kernels._runtime import bf16_mm_emulated, bf16x3_mm
+
+    def mm(A, B):
+        calls.append(A.shape)
+        return bf16x3_mm(A, B, mm=bf16_mm_emulated)
+
+    return mm
+
+
+@pytest.mark.parametrize("backend, precision, floor", [
+    ("triton", "tf32x3", "tf32x3"), ("triton", "default", "bf16x3"), ("triton", "bf16x3", "bf16x3"),
+    ("triton", "tf32", "bf16x3"),
+    ("triton", "ieee", "ieee"), ("torch", "tf32x3", "ieee"), ("torch", "bf16x3", "ieee")])
+def test_residual_precision_sets_the_floor_of_r_and_the_anchor_term(gen, monkeypatch, backend,
+                                                                    precision, floor):
+    """On the Triton backend E-PMQ asks for R's and the anchor term's fp32 product at the
+    residual's accuracy, never below bf16x3 (the default residual, "bf16x3", and one-TF32
+    "tf32" both ask for bf16x3; "tf32x3" for tf32x3; "ieee" for IEEE), fp32_mm picking the fastest
+    that accurate (emulated here); the torch backend stays IEEE. The result stays within fp32
+    noise of the IEEE run (bf16x3: within its 2^-16 class)."""
     asked, calls = [], []
 
-    def fp32_mm(device, want_fast):
-        asked.append(want_fast)
-        return _emulated_tf32x3(calls) if want_fast else quant.ieee_mm
+    def fp32_mm(device, want):
+        asked.append(want)
+        return {"ieee": quant.ieee_mm, "tf32x3": _emulated_tf32x3(calls),
+                "bf16x3": _emulated_bf16x3(calls)}[want]
 
     W_m, W_k, H_k = draw(gen, d_out=16, d_in=32)
     ref = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend="torch")
     monkeypatch.setattr(quant, "fp32_mm", fp32_mm)
     kw = {} if precision == "default" else dict(residual_precision=precision)
     res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.5, backend=backend, **kw)
-    assert asked == [fast] and bool(calls) == fast
-    if fast:  # R's two products ([out, in] operands) and the anchor term's ([in, out] @ ...)
+    assert asked == [floor] and bool(calls) == (floor != "ieee")
+    if floor != "ieee":  # R's two products ([out, in] operands) and the anchor term's ([in, out] @ ...)
         assert calls.count(torch.Size([16, 32])) == 2 and torch.Size([32, 16]) in calls
     scale = float((ref.target - W_m).abs().max())
-    assert float((res.target - ref.target).abs().max()) <= 1e-5 * scale
+    # (bf16x3: 3.6e-5 of |R| for the median of 300 seeds, 1.3e-4 for the worst; tf32x3: 4.4e-6)
+    assert float((res.target - ref.target).abs().max()) <= (4e-4 if floor == "bf16x3" else 1e-5) * scale
     assert res.expert_loss == pytest.approx(ref.expert_loss, rel=1e-3)
     assert res.anchor_loss == pytest.approx(ref.anchor_loss, rel=1e-3)
 
@@ -434,15 +450,18 @@ def test_lower_inverse_matches_the_triangular_solve(d):
 def _tf32_operand_moves(W_m, W_k, H_k, anchor, damp):
     """The float64 target ``T64 = W_m + G H~^{-1}`` (H~ as the solver damped it), its
     correction's norm, and how far T64 moves when G's products read their operands as TF32
-    does: ``{"tf32": ..., "tf32x3": ...}``, each relative to ``|R|``. Both products are
-    emulated exactly in float64 from operands cut to TF32 (the worse of a tensor core's two
-    conversions), so the moves are what the operands' rounding alone does to the target,
-    through the conditioning of H: the yardstick for the GPU's products, which also round
-    their fp32 sums (IEEE fp32's own error, measured on the same problem)."""
-    from epmq_kernels._runtime import tf32_truncate, tf32x3_mm
+    does, or as three bf16 products do: ``{"tf32": ..., "tf32x3": ..., "bf16x3": ...}``, each
+    relative to ``|R|``. The products are emulated exactly in float64 from operands cut to TF32
+    (the worse of a tensor core's two conversions) or split into bf16 parts, so the moves are what
+    the operands' rounding alone does to the target, through the conditioning of H: the yardstick
+    for the GPU's products, which also round their fp32 sums (IEEE fp32's own error, measured on
+    the same problem). For "bf16x3", whose R is bf16x3 too on the GPU, ``R = (G U^T) U`` (``U^T U
+    = H~^{-1}``, the solver's two triangular products) is emulated in bf16x3 as well."""
+    from epmq_kernels._runtime import bf16x3_mm, tf32_truncate, tf32x3_mm
 
     a, _, _, _, H = effective(W_m, H_k, anchor=anchor, weight_anchor=0.0)
     H_inv = torch.linalg.inv(H + damp * torch.eye(H.shape[0], dtype=torch.float64))
+    U = torch.linalg.cholesky(H_inv).T
     D_k = [(W.float() - W_m.float()) for W in W_k]
 
     def exact(A, B):
@@ -451,32 +470,39 @@ def _tf32_operand_moves(W_m, W_k, H_k, anchor, damp):
     def tf32(A, B):
         return tf32_truncate(A).double() @ tf32_truncate(B).double()
 
-    def target(mm):
+    def bf16x3(A, B):  # (bf16 products are exact in fp32, and so in float64)
+        return bf16x3_mm(A.float(), B.float(), mm=lambda P, Q: P.double() @ Q.double()).double()
+
+    def target(mm, r_mm=None):
         G = sum(a_k * mm(D, Hk.float()) for a_k, D, Hk in zip(a, D_k, H_k))
-        return W_m.double() + G @ H_inv
+        R = G @ H_inv if r_mm is None else r_mm(r_mm(G, U.T), U)
+        return W_m.double() + R
 
     T64 = target(exact)
     R_norm = float((T64 - W_m.double()).norm())
     moves = {"tf32": float((target(tf32) - T64).norm()) / R_norm,
-             "tf32x3": float((target(lambda A, B: tf32x3_mm(A, B, mm=tf32)) - T64).norm()) / R_norm}
+             "tf32x3": float((target(lambda A, B: tf32x3_mm(A, B, mm=tf32)) - T64).norm()) / R_norm,
+             "bf16x3": float((target(bf16x3, bf16x3) - T64).norm()) / R_norm}
     return T64, R_norm, moves
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "bf16x3"])
 def test_cuda_tf32_precisions_against_ieee(gen, precision, monkeypatch):
-    """On a GPU: E-PMQ with a TF32 residual (and tf32x3 R and anchor term) against IEEE and
-    float64. The target's error is within twice what its operands' TF32 rounding alone does
-    (emulated in float64 on the same problem) plus four times IEEE fp32's own: tf32x3 is in
-    IEEE's class, one TF32 product moves the target by ~1e-3 of the correction, more where H
-    is ill-conditioned (the first H200 run, with fixed bounds of 1e-5 and 3e-3, measured 1.6e-5
-    and 5.3e-3 on this problem's heavy-tailed feature scales). (The residual's first config of
-    the precision and tf32x3 R, untimed: the GPU suite's time goes to the benchmarks.)"""
+    """On a GPU: E-PMQ with a TF32 or bf16x3 residual (R and the anchor term as its floor
+    allows: tf32x3 for "tf32x3", bf16x3 for the others) against IEEE and float64. The target's
+    error is within twice what its operands' rounding alone does (emulated in float64 on the
+    same problem) plus four times IEEE fp32's own: tf32x3 is in IEEE's class, one TF32 product
+    moves the target by ~1e-3 of the correction, more where H is ill-conditioned (the first
+    H200 run, with fixed bounds of 1e-5 and 3e-3, measured 1.6e-5 and 5.3e-3 on this problem's
+    heavy-tailed feature scales). (The residual's first config of the precision and the floor's
+    product for R, untimed: the GPU suite's time goes to the benchmarks.)"""
     import epmq_kernels._runtime as rt
 
     monkeypatch.setenv("EPMQ_AUTOTUNE", "0")
-    monkeypatch.setattr(rt, "_FP32_MM", {torch.device("cuda", torch.cuda.current_device()):
-                                         rt.tf32x3_mm})
+    device = torch.device("cuda", torch.cuda.current_device())
+    monkeypatch.setattr(rt, "_FP32_MM", {(device, "tf32x3"): rt.tf32x3_mm,
+                                         (device, "bf16x3"): rt.bf16x3_mm})
     W_m, W_k, H_k = draw(gen, K=4, d_out=512, d_in=1024, n=2048)
     spec = QuantSpec(bits=4, group_size=128)
     cuda = dict(backend="triton", anchor=0.5)
@@ -491,7 +517,7 @@ def test_cuda_tf32_precisions_against_ieee(gen, precision, monkeypatch):
 
     ieee_error, error_p = error(ref), error(res)
     assert error_p <= 2 * moves[precision] + 4 * ieee_error, (error_p, moves, ieee_error)
-    assert float((res.codes != ref.codes).double().mean()) <= (1e-3 if precision == "tf32x3" else 3e-2)
+    assert float((res.codes != ref.codes).double().mean()) <= (3e-2 if precision == "tf32" else 1e-3)
 
 
 def _minmax_grid(W, group_size, bits):

@@ -28,33 +28,42 @@ def fake_gpu(monkeypatch):
     return state
 
 
-@pytest.mark.parametrize("winner", ["ieee", "tf32x3"])
-def test_fp32_mm_takes_the_faster_product_once_per_gpu(fake_gpu, winner):
+@pytest.mark.parametrize("floor, winner", [("tf32x3", "ieee"), ("tf32x3", "tf32x3"),
+                                           ("bf16x3", "bf16x3"), ("bf16x3", "tf32x3")])
+def test_fp32_mm_takes_the_fastest_product_at_least_as_accurate_once_per_gpu(fake_gpu, floor,
+                                                                            winner):
     fake_gpu["winner"] = winner
     gpu = torch.device("cuda", 0)
-    expected = {"ieee": rt.ieee_mm, "tf32x3": rt.tf32x3_mm}[winner]
-    assert rt.fp32_mm(gpu, True) is expected
-    assert rt.fp32_mm(gpu, True) is expected
+    expected = rt.FP32_PRODUCTS[winner]
+    assert rt.fp32_mm(gpu, floor) is expected
+    assert rt.fp32_mm(gpu, floor) is expected
     assert len(fake_gpu["offered"]) == 1  # timed once, then remembered
     family, key, candidates = fake_gpu["offered"][0]
-    assert family == "fp32_mm" and candidates == [{"mm": "ieee"}, {"mm": "tf32x3"}]
-    assert rt.fp32_mm(torch.device("cuda", 1), True) is expected
+    offered = {"tf32x3": ["ieee", "tf32x3"], "bf16x3": ["ieee", "tf32x3", "bf16x3"]}[floor]
+    assert family == "fp32_mm" and key.startswith(floor + "|")
+    assert candidates == [{"mm": p} for p in offered]
+    assert rt.fp32_mm(torch.device("cuda", 1), floor) is expected
     assert len(fake_gpu["offered"]) == 2  # another GPU is timed on its own
+    other = "bf16x3" if floor == "tf32x3" else "tf32x3"
+    rt.fp32_mm(gpu, other)
+    assert len(fake_gpu["offered"]) == 3  # and so is another floor
 
 
-def test_fp32_mm_is_ieee_without_tf32_or_unasked(fake_gpu):
-    fake_gpu["capability"] = (7, 5)  # no TF32 tensor cores: nothing to time
-    assert rt.fp32_mm(torch.device("cuda", 0), True) is rt.ieee_mm
+def test_fp32_mm_is_ieee_without_tensor_cores_or_unasked(fake_gpu):
+    fake_gpu["capability"] = (7, 5)  # no TF32 or bf16 tensor cores: nothing to time
+    assert rt.fp32_mm(torch.device("cuda", 0), "bf16x3") is rt.ieee_mm
     fake_gpu["capability"] = (9, 0)
-    assert rt.fp32_mm(torch.device("cuda", 0), False) is rt.ieee_mm
-    assert rt.fp32_mm(torch.device("cpu"), True) is rt.ieee_mm
+    assert rt.fp32_mm(torch.device("cuda", 0), "ieee") is rt.ieee_mm
+    assert rt.fp32_mm(torch.device("cpu"), "bf16x3") is rt.ieee_mm
     assert fake_gpu["offered"] == []
+    with pytest.raises(ValueError, match="floor must be one of"):
+        rt.fp32_mm(torch.device("cpu"), "tf32")
 
 
 @pytest.mark.cuda
 def test_cuda_fp32_mm_candidates_are_accurate():
-    """Both products the choice is between, with this GPU's own TF32 conversion, are IEEE fp32's
-    accuracy class, and the choice is one of them."""
+    """The products the choice is between, with this GPU's own conversions: tf32x3 in IEEE fp32's
+    accuracy class, bf16x3 within 2^-16 of each term; the choice is one of those allowed."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     A = torch.randn(512, 700, device="cuda", generator=gen)
     B = torch.randn(700, 300, device="cuda", generator=gen)
@@ -62,7 +71,9 @@ def test_cuda_fp32_mm_candidates_are_accurate():
     scale = A.double().abs() @ B.double().abs()
     err = lambda P: float(((P.double() - exact).abs() / scale).max())  # noqa: E731
     assert err(rt.tf32x3_mm(A, B)) <= 4 * err(rt.ieee_mm(A, B)) + 2**-20
-    assert rt.fp32_mm(A.device, True) in (rt.ieee_mm, rt.tf32x3_mm)
+    assert err(rt.bf16x3_mm(A, B)) <= 2**-17  # (1.3e-6 emulated on the CPU)
+    assert rt.fp32_mm(A.device, "tf32x3") in (rt.ieee_mm, rt.tf32x3_mm)
+    assert rt.fp32_mm(A.device, "bf16x3") in (rt.ieee_mm, rt.tf32x3_mm, rt.bf16x3_mm)
 
 
 def test_kernels_refuse_tensors_without_data():
