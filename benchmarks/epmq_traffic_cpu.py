@@ -87,8 +87,11 @@ _CHILD = textwrap.dedent(r'''
     quant.gptq_solve = uncounted_solve
     with Count() as count:
         stats = EPMQStats(W_m, dtype=torch.float32, backend="torch")
-        for W_k, H_k in experts:
-            stats.add_task(W_k, H_k)
+        if hasattr(stats, "add_tasks"):  # (quant.epmq's way; revisions before it: one by one)
+            stats.add_tasks([W_k for W_k, _ in experts], [H_k for _, H_k in experts])
+        else:
+            for W_k, H_k in experts:
+                stats.add_task(W_k, H_k)
         quant.epmq_from_stats(stats, QuantSpec(4, 128), backend="torch", anchor=1.0)
     unit = D_OUT * D_IN * 4
     top = {name: dict(calls=count.calls[name], traffic_W=round(b / unit, 1))

@@ -18,38 +18,42 @@ from epmq import QuantSpec, quant  # noqa: E402
 from epmq_kernels._runtime import ieee_fp32_matmul  # noqa: E402
 
 
+def _tables(d_out, d_in, n_experts, precisions, rows):
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    W_m = torch.randn(d_out, d_in, device=dev, generator=g) / 64
+    W_k = [W_m + 0.01 * torch.randn(d_out, d_in, device=dev, generator=g) / 64
+           for _ in range(n_experts)]
+    X = torch.randn(2 * d_in, d_in, device=dev, generator=g)
+    H = X.T @ X
+    del X
+    H_k = [H * (1 + 0.1 * k) for k in range(n_experts)]
+    spec = QuantSpec(4, 128)
+    runs = [(f"E-PMQ, {n_experts} experts, residual {p}",
+             lambda p=p: quant.epmq(W_m, W_k, H_k, spec, residual_precision=p)) for p in precisions]
+    runs.append(("GPTQ", lambda: quant.gptq(W_m, H, spec)))
+    out = []
+    for title, run in runs:
+        for _ in range(2):  # compile, autotune, warm the allocator
+            run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                          max_name_column_width=60)
+        out.append(f"== {title}, {d_out}x{d_in}, {torch.cuda.get_device_name()}\n{table}")
+    return out
+
+
 def profile_tables(shapes=((4096, 4096),), n_experts=8, precisions=("ieee",), rows=18):
     """The profiler tables (text) of one E-PMQ layer per residual precision and one GPTQ layer,
     for each ``[d_out, d_in]`` of ``shapes``."""
     out = []
     with ieee_fp32_matmul():
         for d_out, d_in in shapes:
-            dev = "cuda"
-            g = torch.Generator(device=dev).manual_seed(0)
-            W_m = torch.randn(d_out, d_in, device=dev, generator=g) / 64
-            W_k = [W_m + 0.01 * torch.randn(d_out, d_in, device=dev, generator=g) / 64
-                   for _ in range(n_experts)]
-            X = torch.randn(2 * d_in, d_in, device=dev, generator=g)
-            H = X.T @ X
-            del X
-            H_k = [H * (1 + 0.1 * k) for k in range(n_experts)]
-            spec = QuantSpec(4, 128)
-            runs = [(f"E-PMQ, {n_experts} experts, residual {p}",
-                     lambda p=p: quant.epmq(W_m, W_k, H_k, spec, residual_precision=p))
-                    for p in precisions]
-            runs.append(("GPTQ", lambda: quant.gptq(W_m, H, spec)))
-            for title, run in runs:
-                for _ in range(2):  # compile, autotune, warm the allocator
-                    run()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    run()
-                    torch.cuda.synchronize()
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
-                                                  max_name_column_width=60)
-                out.append(f"== {title}, {d_out}x{d_in}, {torch.cuda.get_device_name()}\n{table}")
-            del W_m, W_k, H, H_k
-            torch.cuda.empty_cache()
+            out += _tables(d_out, d_in, n_experts, precisions, rows)
+            torch.cuda.empty_cache()  # (the shape's tensors are gone with _tables' frame)
     return "\n".join(out)
 
 

@@ -27,25 +27,27 @@ def check_weight(W: torch.Tensor, name: str = "W") -> None:
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
 
 
-def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
-    """A clear error unless ``H`` is a ``[d_in, d_in]`` Gram matrix; returns ``tr(H)`` (summed in
-    H's dtype, as ``float(torch.diagonal(H).sum())``). Every number the checks need is read back
-    in one transfer: on a GPU each read waits for the queue to drain, and E-PMQ checks one
-    Hessian per expert of every layer (six reads each made 48 of a layer's 91 with 8 experts)."""
+def _check_hessian_shape(H, d_in: int, name: str) -> None:
     if not isinstance(H, torch.Tensor) or H.shape != (d_in, d_in):
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(f"{name} must be [{d_in}, {d_in}] to match the weight's input width, got {shape}")
     if not H.is_floating_point():
         raise ValueError(f"{name} must be floating point (a Gram matrix X X^T), got {H.dtype}")
-    if d_in == 0:
-        return 0.0
+
+
+def _hessian_numbers(H: torch.Tensor) -> torch.Tensor:
+    """The numbers :func:`check_hessian` judges ``H`` by, as a float64 device tensor (queued, not
+    read): min, max, min of the diagonal, dead diagonal entries, the symmetry gap, its two norms
+    and the trace.
+
+    The solvers read one triangle of H (the Cholesky factor, the symmetric objective), so an
+    H that is not symmetric would silently be read as another matrix. Checked through two
+    products with fixed random vectors, u^T H v against v^T H u (no d_in x d_in temporary):
+    for H = S + A, S symmetric, their gap is 2 u^T A v, about 2 |A|_F, and |H v| |u| is about
+    |H|_F sqrt(d_in). Flagged from |A|_F ~ 5e-4 |H|_F on; fp32 rounding stays near 1e-7, but
+    bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32 slabs."""
+    d_in = H.shape[0]
     diag = torch.diagonal(H)
-    # The solvers read one triangle of H (the Cholesky factor, the symmetric objective), so an
-    # H that is not symmetric would silently be read as another matrix. Checked through two
-    # products with fixed random vectors, u^T H v against v^T H u (no d_in x d_in temporary):
-    # for H = S + A, S symmetric, their gap is 2 u^T A v, about 2 |A|_F, and |H v| |u| is about
-    # |H|_F sqrt(d_in). Flagged from |A|_F ~ 5e-4 |H|_F on; fp32 rounding stays near 1e-7, but
-    # bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32 slabs.
     g = torch.Generator(device=H.device).manual_seed(0)
     dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     u, v = torch.randn(2, d_in, generator=g, device=H.device).to(dtype)
@@ -55,10 +57,16 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
         H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
     Hv, Hu = H_vu.T
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)
-    numbers = torch.stack([t.to(torch.float64) for t in (
+    return torch.stack([t.to(torch.float64) for t in (
         lo, hi, diag.min(), (diag == 0).sum(), torch.dot(u, Hv) - torch.dot(v, Hu),
-        torch.linalg.vector_norm(Hv), torch.linalg.vector_norm(u), diag.sum())]).tolist()
+        torch.linalg.vector_norm(Hv), torch.linalg.vector_norm(u), diag.sum())])
+
+
+def _judge_hessian(H: torch.Tensor, numbers, name: str) -> float:
+    """A clear error unless ``numbers`` (:func:`_hessian_numbers` of ``H``, read) are a Gram
+    matrix's; returns ``tr(H)``."""
     lo, hi, diag_min, n_dead, gap, Hv_norm, u_norm, trace = numbers
+    d_in = H.shape[0]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
     if diag_min < 0:
@@ -68,6 +76,7 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
     # Only nearly so where the entry underflowed (GELU's outputs far left, ~1e-27, square to 0
     # in fp32): X X^T being semidefinite, H_ij^2 <= H_ii H_jj < H_ii tiny there.
     if n_dead:
+        diag = torch.diagonal(H)
         dead = (diag == 0).nonzero().flatten()
         tiny = max(torch.finfo(H.dtype).tiny, torch.finfo(torch.float32).tiny)
         bound = 4 * tiny * diag.double().clamp(min=tiny)
@@ -81,6 +90,50 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
     if abs(gap) > 1e-3 * Hv_norm * u_norm / d_in ** 0.5:
         raise ValueError(f"{name} is not symmetric: not a Gram matrix X X^T")
     return trace
+
+
+def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
+    """A clear error unless ``H`` is a ``[d_in, d_in]`` Gram matrix; returns ``tr(H)`` (summed in
+    H's dtype, as ``float(torch.diagonal(H).sum())``). Every number the checks need is read back
+    in one transfer: on a GPU each read waits for the queue to drain, and E-PMQ checks one
+    Hessian per expert of every layer (six reads each made 48 of a layer's 91 with 8 experts)."""
+    _check_hessian_shape(H, d_in, name)
+    if d_in == 0:
+        return 0.0
+    return _judge_hessian(H, _hessian_numbers(H).tolist(), name)
+
+
+def check_experts(weights, hessians, shape, names) -> list:
+    """:func:`check_weight` of every expert weight (of the merged weight's ``shape``) and
+    :func:`check_hessian` of every Hessian, in order, with all their numbers read back in one
+    transfer instead of two per expert (each read on a GPU waits for the queue to drain, so
+    checking as the experts are folded in stalls the device between them). Returns the traces."""
+    d_in = shape[1]
+    numbers = []
+    for W, H, name in zip(weights, hessians, names):
+        what = f"expert weight of {name}"
+        if not isinstance(W, torch.Tensor) or W.dim() != 2:
+            check_weight(W, what)  # (raises: not a 2-D tensor)
+        if not W.is_floating_point():
+            raise ValueError(f"{what} must be floating point, got {W.dtype}")
+        if W.shape != shape:
+            raise ValueError(f"{what} has shape {tuple(W.shape)}, the merged weight {tuple(shape)}")
+        _check_hessian_shape(H, d_in, f"Hessian of {name}")
+        lo, hi = torch.aminmax(W) if W.numel() else (torch.zeros(()), torch.zeros(()))
+        numbers.append(torch.cat([torch.stack([lo, hi]).to(device=H.device, dtype=torch.float64),
+                                  _hessian_numbers(H) if d_in else torch.zeros(8, dtype=torch.float64,
+                                                                              device=H.device)]))
+    if not numbers:
+        return []
+    devices = {t.device for t in numbers}
+    read = (torch.stack(numbers) if len(devices) == 1
+            else torch.stack([t.cpu() for t in numbers])).tolist()
+    traces = []
+    for row, W, H, name in zip(read, weights, hessians, names):
+        if not (math.isfinite(row[0]) and math.isfinite(row[1])):
+            raise ValueError(f"expert weight of {name} has non-finite values (NaN or inf)")
+        traces.append(_judge_hessian(H, row[2:], f"Hessian of {name}") if d_in else 0.0)
+    return traces
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

@@ -599,7 +599,8 @@ def epmq(
     the task Hessians are rank deficient. ``result.loss`` and the reported terms are those of
     the undamped ``H`` and ``L(Q)``, measured around the damped target.
     """
-    check_weight(W_merged, "W_merged")
+    if not isinstance(W_merged, torch.Tensor):
+        check_weight(W_merged, "W_merged")  # (raises; EPMQStats checks a tensor's values)
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
     if not expert_weights:
         raise ValueError("expert_weights is empty: E-PMQ needs at least one expert")
@@ -617,9 +618,8 @@ def epmq(
         backend=backend,
         residual_precision=residual_precision,
     )
-    for k, (W_k, H_k) in enumerate(zip(expert_weights, expert_hessians)):
-        a_k = None if task_weights is None else task_weights[k]
-        stats.add_task(W_k, H_k, weight=a_k, name=f"expert {k}")
+    stats.add_tasks(expert_weights, expert_hessians, task_weights,
+                    [f"expert {k}" for k in range(len(expert_weights))])
     return epmq_from_stats(
         stats,
         spec,

@@ -36,7 +36,7 @@ from epmq_kernels.expert_residual import (
     check_residual_precision,
 )
 
-from .checks import all_finite, check_hessian, check_weight
+from .checks import all_finite, check_experts, check_hessian, check_weight
 
 
 def _tokens(x: torch.Tensor, d_in: int, what: str) -> torch.Tensor:
@@ -182,16 +182,31 @@ class EPMQStats:
 
     def add_task(self, W_expert, H_expert, weight: Optional[float] = None, name: Optional[str] = None):
         """Fold in task k from its complete ``H_k`` (merged-path targets)."""
+        self.add_tasks([W_expert], [H_expert], None if weight is None else [weight],
+                       None if name is None else [name])
+
+    def add_tasks(self, expert_weights, expert_hessians, weights=None, names=None):
+        """Fold in several tasks from their complete ``H_k``, as :meth:`add_task` one by one
+        would, with every expert's checks read back in one transfer before any of them is folded
+        in (on a GPU each read waits for the device's queue: two per expert left it idle while
+        the host checked and launched the next one)."""
         if self.inputs_of is not None:
             raise RuntimeError("add_task() gives a task's whole Hessian; statistics that share "
                                "another layer's inputs stream them (begin_task / add_batch)")
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
-        name = name or f"task {len(self.task_weights)}"
-        self._check_expert(W_expert, name)
-        trace = check_hessian(H_expert, self.W_merged.shape[1], f"Hessian of {name}")
-        H_k = H_expert.to(device=self.H_e.device, dtype=self.dtype)
-        self._fold(W_expert, H_k, None, 0.0, weight, name, trace=trace if H_k is H_expert else None)
+        expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
+        first = len(self.task_weights)
+        names = list(names) if names is not None else [None] * len(expert_weights)
+        names = [n or f"task {first + k}" for k, n in enumerate(names)]
+        weights = list(weights) if weights is not None else [None] * len(expert_weights)
+        traces = check_experts(expert_weights, expert_hessians, self.W_merged.shape, names)
+        for W_k, H_expert, weight, name, trace in zip(expert_weights, expert_hessians, weights, names,
+                                                      traces):
+            H_k = H_expert.to(device=self.H_e.device, dtype=self.dtype)
+            # (the trace as read, unless the conversion changed the dtype it is summed in)
+            self._fold(W_k, H_k, None, 0.0, weight, name,
+                       trace=trace if H_k.dtype == H_expert.dtype else None)
 
     def _fold(self, W_expert, H_k, G_k, c_k, weight, name, trace=None):
         """``trace``: ``tr(H_k)`` where the caller has read it already."""

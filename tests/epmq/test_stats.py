@@ -365,3 +365,71 @@ def test_an_expert_costs_few_device_reads(gen, dtype):
 
     per_expert = (reads(5) - reads(1)) / 4
     assert per_expert <= (1 if dtype == torch.float32 else 2), per_expert
+
+
+def _count_reads(fn):
+    """Device reads by ``fn``: ``.item()``-like scalar reads and ``.tolist()`` calls."""
+    calls = [0]
+    tolist = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return tolist(self, *args, **kwargs)
+
+    torch.Tensor.tolist = counted
+    try:
+        with _Reads() as counter:
+            fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    return counter.n + calls[0]
+
+
+def test_add_tasks_checks_every_expert_in_one_read(gen):
+    """``add_tasks`` (what ``quant.epmq`` calls) folds in the experts exactly as ``add_task`` one
+    by one does, with all their checks read back at once: its reads do not grow with the
+    number of experts (two per expert before, each waiting for the device's queue)."""
+    W_m = torch.randn(6, 10, generator=gen)
+
+    def experts(K):
+        return [(W_m + 0.1 * torch.randn(6, 10, generator=gen),
+                 (lambda X: X.T @ X)(torch.randn(20, 10, generator=gen))) for _ in range(K)]
+
+    def reads(K):
+        pairs = experts(K)
+        stats = EPMQStats(W_m, dtype=torch.float32)
+        return _count_reads(lambda: stats.add_tasks([W for W, _ in pairs], [H for _, H in pairs]))
+
+    assert reads(1) == reads(6) == 1
+    pairs = experts(3)
+    one_by_one, at_once = EPMQStats(W_m, dtype=torch.float64), EPMQStats(W_m, dtype=torch.float64)
+    for k, (W_k, H_k) in enumerate(pairs):
+        one_by_one.add_task(W_k, H_k, weight=0.5 + k, name=f"t{k}")
+    at_once.add_tasks([W for W, _ in pairs], [H for _, H in pairs], [0.5, 1.5, 2.5],
+                      ["t0", "t1", "t2"])
+    for a, b in zip(one_by_one.finalize(), at_once.finalize()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert one_by_one.task_names == at_once.task_names and one_by_one.c_e == at_once.c_e
+
+
+@pytest.mark.parametrize("bad", ["weight nan", "hessian inf", "hessian asymmetric", "shape"])
+def test_add_tasks_names_the_bad_expert(gen, bad):
+    W_m = torch.randn(6, 10, generator=gen)
+    weights = [W_m + 0.1 * torch.randn(6, 10, generator=gen) for _ in range(3)]
+    hessians = [(lambda X: X.T @ X)(torch.randn(20, 10, generator=gen)) for _ in range(3)]
+    if bad == "weight nan":
+        weights[1][2, 3] = float("nan")
+        match = "expert weight of task 1 has non-finite"
+    elif bad == "hessian inf":
+        hessians[1][4, 4] = float("inf")
+        match = "Hessian of task 1 has non-finite"
+    elif bad == "hessian asymmetric":
+        hessians[1][0, 5] += 100.0 * float(hessians[1].abs().max())
+        match = "Hessian of task 1 is not symmetric"
+    else:
+        weights[1] = weights[1][:, :9]
+        match = r"expert weight of task 1 has shape \(6, 9\)"
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        stats.add_tasks(weights, hessians)
+    assert stats.task_weights == []  # nothing folded in before the checks passed
