@@ -3,8 +3,9 @@ Hessian ``H += X^T X`` (rows of ``X`` are tokens).
 
 ``G`` streams each expert once; the fused kernel never needs ``W_k - W_m`` as a whole (it forms
 its tiles in registers). For every precision the autotuner also times cuBLAS, which does form
-it (see CUBLAS below), and every candidate of the more accurate precisions (AT_LEAST), and keeps
-the fastest. This file holds the torch references and the Triton kernels beside them;
+it (see CUBLAS below), where bf16x3 is allowed one cuBLAS product of operands split side by side
+by a kernel here (SPLIT_CUBLAS), and every candidate of the more accurate precisions (AT_LEAST),
+and keeps the fastest. This file holds the torch references and the Triton kernels beside them;
 ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=`` pick one.
 
 Configuration space: ``G``/``H`` in fp32 (the GPU statistics) or fp64 (the CPU statistics);
@@ -18,7 +19,8 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import bf16_mm_emulated, bf16x3_mm, check_device, fp32_matmul, tf32_round, tf32x3_mm
+from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, fp32_matmul, tf32_round,
+                       tf32x3_mm)
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -151,6 +153,16 @@ DEFAULT_RESIDUAL_PRECISION = "bf16x3"
 # kernel splits them (``_runtime.tf32x3_mm``): the dropped lo*lo term and the TF32 conversion of
 # the lo parts err by about 2^-21 of each term, whichever way cuBLAS converts.
 CUBLAS = ("cublas",)
+# bf16x3 by one cuBLAS product (a candidate where bf16x3 is allowed). The cuBLAS bf16x3 above
+# splits its operands and adds its three products with torch's elementwise kernels: about
+# 24.5 + 5.5 r passes over the fp32 weight per expert (r = d_in / d_out), 44 at 4096 x 14336, where
+# 8 experts took 78 ms on an H200 and the products' FLOPs about 55 of them at cuBLAS's rate. Here
+# one kernel writes the split operands side by side in bf16, A = [D_hi | D_mid | D_hi] and
+# B = [H_hi; H_hi; H_mid], so that A @ B (K = 3 d_in) is the three products in one bf16 GEMM with
+# fp32 accumulation, and another adds the product to G and takes its share of tr(D H_k D^T):
+# about 9.5 + 2.5 r passes (transient memory 2.5 + 1.5 r of them, against ~6 + 2 r).
+SPLIT_CUBLAS = ("cublas_split",)
+_SPLIT_TILE = (32, 128, 4)  # BLOCK_R, BLOCK_C, num_warps of its two elementwise kernels
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -217,6 +229,77 @@ def _residual_kernel(
     tl.store(partial + pid, tl.sum(tl.sum(acc * D_out, axis=1), axis=0))
     a = tl.load(a_ptr)
     tl.store(G + out_off, tl.load(G + out_off, mask=out_ok, other=0.0) + a * acc, mask=out_ok)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 ``x`` rounded to bf16 (to nearest, ties to even, as torch's ``.bfloat16()`` does for
+    finite values), returned as fp32: integer operations only, which the interpreter runs too."""
+    u = x.to(tl.int32, bitcast=True)
+    u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_kernel(
+    X,  # [n_rows, n_cols], any float dtype
+    Y,  # [n_rows, n_cols], subtracted from X when HAS_Y
+    OUT,  # three parts of [n_rows, n_cols] bf16, written as their int16 bits
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_y,
+    stride_row,  # OUT's row stride
+    stride_part,  # OUT's stride between the three parts
+    HAS_Y: tl.constexpr,
+    MID: tl.constexpr,  # the part that takes the remainder; the other two take x rounded
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``x = X - Y`` in fp32 split as ``_runtime.bf16_split`` does: ``hi = bf16(x)``, ``mid =
+    bf16(x - hi)`` (``x - hi`` is exact in fp32)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_Y:
+        x = x - tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    hi = _bf16_rne(x)
+    hi_bits = (hi.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    mid_bits = (_bf16_rne(x - hi).to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    out = OUT + rows[:, None] * stride_row + cols[None, :]
+    for part in tl.static_range(3):
+        if part == MID:
+            tl.store(out + part * stride_part.to(tl.int64), mid_bits, mask=ok)
+        else:
+            tl.store(out + part * stride_part.to(tl.int64), hi_bits, mask=ok)
+
+
+@triton.jit
+def _add_product_kernel(
+    G,  # [n_rows, n_cols] fp32, updated in place
+    P,  # [n_rows, n_cols] fp32: D @ H_k
+    W_k,  # [n_rows, n_cols]
+    W_m,  # [n_rows, n_cols]
+    a_ptr,  # [1] fp32: the task weight a_k
+    partial,  # [n_programs] fp32: the programs' shares of tr(D H_k D^T) = sum(P * D)
+    n_rows,
+    n_cols,  # also the row stride of every operand (all contiguous)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``G += a P`` and this tile's ``sum(P * D)``, ``D = W_k - W_m`` formed in fp32 again."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    off = rows[:, None] * n_cols + cols[None, :]
+    Pt = tl.load(P + off, mask=ok, other=0.0)
+    D = tl.load(W_k + off, mask=ok, other=0.0).to(tl.float32) - tl.load(
+        W_m + off, mask=ok, other=0.0).to(tl.float32)
+    tl.store(partial + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(Pt * D, axis=1), axis=0))
+    a = tl.load(a_ptr)
+    tl.store(G + off, tl.load(G + off, mask=ok, other=0.0) + a * Pt, mask=ok)
 
 
 @triton.jit
@@ -287,7 +370,10 @@ def _residual_config(G, W_k, W_m, H_k, precision):
     candidates = [dict(precision=p, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
                   for p in AT_LEAST[precision] for bm, bn, bk, w, s in RESIDUAL_SPACE[p]]
     candidates += [dict(precision=p, impl=CUBLAS[0]) for p in AT_LEAST[precision]]
-    cache = autotune_cache.cache_for("residual", G.device, [RESIDUAL_SPACE, CUBLAS, AT_LEAST])
+    if "bf16x3" in AT_LEAST[precision]:
+        candidates.append(dict(precision="bf16x3", impl=SPLIT_CUBLAS[0]))
+    cache = autotune_cache.cache_for("residual", G.device,
+                                     [RESIDUAL_SPACE, CUBLAS, SPLIT_CUBLAS, AT_LEAST])
     key = f"{precision}|{d_out}x{d_in}|W={str(W_k.dtype)[6:]},{str(W_m.dtype)[6:]}"
     scratch = torch.zeros_like(G)  # timed runs accumulate here, never into the caller's G
 
@@ -304,6 +390,8 @@ def _config_pair(config: dict) -> tuple:
     """An autotune candidate as ``(precision, CUBLAS or the kernel's launch tuple)``."""
     if config.get("impl") == CUBLAS[0]:
         return config["precision"], CUBLAS
+    if config.get("impl") == SPLIT_CUBLAS[0]:
+        return "bf16x3", SPLIT_CUBLAS
     return config["precision"], (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"],
                                  config["num_warps"], config["num_stages"])
 
@@ -321,12 +409,47 @@ def _residual_cublas(G, W_k, W_m, H_k, a, precision):
     return torch.sum(P * D, dtype=torch.float64).reshape(1)
 
 
+def _split_bf16(X, Y, out, mid):
+    """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to the three parts
+    of ``out`` (``[n_rows, 3, n_cols]``-like, given by its strides), the remainder at part ``mid``."""
+    n_rows, n_cols = X.shape
+    BR, BC, warps = _SPLIT_TILE
+    bits = out.view(torch.int16)
+    stride_row, stride_part = (3 * n_cols, n_cols) if out.shape[1] == 3 * n_cols else (n_cols, n_rows * n_cols)
+    _split_kernel[(triton.cdiv(n_rows, BR), triton.cdiv(n_cols, BC))](
+        X, X if Y is None else Y, bits, n_rows, n_cols, X.stride(0),
+        X.stride(0) if Y is None else Y.stride(0), stride_row, stride_part,
+        HAS_Y=Y is not None, MID=mid, BLOCK_R=BR, BLOCK_C=BC, num_warps=warps)
+
+
+def _residual_split_cublas(G, W_k, W_m, H_k, a):
+    """bf16x3 ``G += a D H_k`` by one cuBLAS product of the side-by-side split operands (see
+    SPLIT_CUBLAS; on the CPU the bf16 product is emulated exactly); returns the programs' shares
+    of ``tr(D H_k D^T)``."""
+    d_out, d_in = G.shape
+    A = torch.empty(d_out, 3 * d_in, dtype=torch.bfloat16, device=G.device)  # [D_hi | D_mid | D_hi]
+    B = torch.empty(3 * d_in, d_in, dtype=torch.bfloat16, device=G.device)  # [H_hi; H_hi; H_mid]
+    _split_bf16(W_k, W_m, A, mid=1)
+    _split_bf16(H_k, None, B, mid=2)
+    P = _bf16_mm(A, B)
+    del A, B
+    BR, BC, warps = _SPLIT_TILE
+    grid = (triton.cdiv(d_out, BR), triton.cdiv(d_in, BC))
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=G.device)
+    a_t = torch.tensor([float(a)], dtype=torch.float32, device=G.device)
+    _add_product_kernel[grid](G, P, W_k, W_m, a_t, partial, d_out, d_in, BLOCK_R=BR, BLOCK_C=BC,
+                              num_warps=warps)
+    return partial
+
+
 def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     """``config``: CUBLAS or the kernel's launch tuple. Returns the launch's shares of
     ``tr(D H_k D^T)`` (the caller sums them in float64)."""
     d_out, d_in = G.shape
     if config == CUBLAS:
         return _residual_cublas(G, W_k, W_m, H_k, a, precision)
+    if config == SPLIT_CUBLAS:
+        return _residual_split_cublas(G, W_k, W_m, H_k, a)
     BM, BN, BK, warps, stages = config
     n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
     partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)

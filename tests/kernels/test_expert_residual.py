@@ -231,12 +231,13 @@ def test_cuda_residual_tf32_within_its_bound(gen):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["autotuned", "cublas"])
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "bf16x3"])
+@pytest.mark.parametrize("impl, precision", [
+    (impl, p) for impl in ("autotuned", "cublas") for p in ("ieee", "tf32x3", "bf16x3")]
+    + [("cublas_split", "bf16x3")])
 def test_cuda_residual_against_fp64(gen, precision, impl):
-    """Whichever candidate wins, and the cuBLAS one (three TF32 products for tf32x3, three bf16
-    ones for bf16x3) whatever wins: the GPU's own conversions, which the CPU tests can only
-    emulate."""
+    """Whichever candidate wins, and the cuBLAS ones (three TF32 products for tf32x3, three bf16
+    ones for bf16x3, or one of side-by-side split operands) whatever wins: the GPU's own
+    conversions and sums, which the CPU tests can only emulate."""
     import epmq_kernels.expert_residual as er
 
     d_out, d_in = 1024, 2048
@@ -244,8 +245,9 @@ def test_cuda_residual_against_fp64(gen, precision, impl):
     W_k = W_m + rand(gen, d_out, d_in, scale=0.05)
     H_k = gram(gen, 4096, d_in, torch.float32)
     G_out = torch.zeros(d_out, d_in, device=DEVICE)
-    if impl == "cublas":
-        c_out = float(er._launch_residual(G_out, W_k, W_m, H_k, 1.0, precision, er.CUBLAS).sum())
+    if impl != "autotuned":
+        config = er.CUBLAS if impl == "cublas" else er.SPLIT_CUBLAS
+        c_out = float(er._launch_residual(G_out, W_k, W_m, H_k, 1.0, precision, config).double().sum())
     else:
         c_out = accumulate_residual_triton(G_out, W_k, W_m, H_k, 1.0, input_precision=precision)
     G_64 = torch.zeros(d_out, d_in, device=DEVICE, dtype=torch.float64)
@@ -293,6 +295,53 @@ def test_cublas_candidate_matches_reference(gen, g_dtype, d_out, d_in):
     assert_update_close(G_b3, G_b3_ref, G0, 10 * EPS[torch.float32])
     assert abs(c_b3 - c_b3_ref) <= 10 * EPS[torch.float32] * abs(c_b3_ref)
     assert_update_close(G_b3, G_ref, G0, 2**-13)  # and ~2^-16 of the terms from the exact one
+
+
+def test_split_kernel_is_torchs_bf16_split(gen):
+    """The side-by-side split of the one-product bf16x3 candidate writes exactly the parts of
+    ``_runtime.bf16_split`` (rounding to nearest, ties to even): at every scale, at ties, on
+    bf16 values (remainder 0) and on subnormals, for a difference of two weights and for one
+    matrix, in both layouts."""
+    import epmq_kernels.expert_residual as er
+    from epmq_kernels._runtime import bf16_split
+
+    d_out, d_in = 37, 70
+    X = torch.randn(d_out, d_in, generator=gen) * torch.exp(8 * torch.randn(d_out, d_in, generator=gen))
+    base = torch.randn(d_out, d_in, generator=gen).bfloat16().float()
+    X[0] = base[0] + (base[0].abs() * 2.0**-9)  # ties between two bf16 neighbours, or near them
+    X[1] = base[1]  # bf16 values
+    X[2] = torch.randn(d_in, generator=gen) * 1e-39  # subnormal in fp32
+    X = X.to(DEVICE)
+    Y = rand(gen, d_out, d_in)
+    A = torch.empty(d_out, 3 * d_in, dtype=torch.bfloat16, device=DEVICE)
+    er._split_bf16(X, Y, A, mid=1)
+    hi, mid = bf16_split(X - Y)
+    for part, want in enumerate((hi, mid, hi)):
+        assert torch.equal(A[:, part * d_in:(part + 1) * d_in].view(torch.int16), want.view(torch.int16))
+    B = torch.empty(3 * d_out, d_in, dtype=torch.bfloat16, device=DEVICE)
+    er._split_bf16(X, None, B, mid=2)
+    hi, mid = bf16_split(X)
+    for part, want in enumerate((hi, hi, mid)):
+        assert torch.equal(B[part * d_out:(part + 1) * d_out].view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_out,d_in", [(37, 96), (70, 33), (64, 513)])
+def test_one_product_bf16x3_candidate_matches_reference(gen, w_dtype, d_out, d_in):
+    """bf16x3 by one product of side-by-side split operands (``SPLIT_CUBLAS``: on the CPU the
+    bf16 product is emulated exactly, as the reference emulates it) is the reference's three
+    products up to fp32 sums in another order, G's update and the trace alike."""
+    import epmq_kernels.expert_residual as er
+
+    G0 = rand(gen, d_out, d_in, scale=10.0)
+    W_m = rand(gen, d_out, d_in).to(w_dtype)
+    W_k = (W_m.float() + rand(gen, d_out, d_in, scale=0.1)).to(w_dtype)
+    H_k = gram(gen, 50, d_in, torch.float32)
+    G_out, G_ref = G0.clone(), G0.clone()
+    c_out = float(er._launch_residual(G_out, W_k, W_m, H_k, 0.3, "bf16x3", er.SPLIT_CUBLAS).double().sum())
+    c_ref = accumulate_residual_reference(G_ref, W_k, W_m, H_k, 0.3, input_precision="bf16x3")
+    assert_update_close(G_out, G_ref, G0, 10 * EPS[torch.float32])
+    assert abs(c_out - c_ref) <= 10 * EPS[torch.float32] * abs(c_ref)
 
 
 @pytest.mark.parametrize("d_out,d_in", [(37, 96), (64, 513)])
@@ -390,12 +439,14 @@ def test_residual_autotune_offers_every_candidate_at_least_as_accurate(gen, prec
                "tf32": ["tf32", "bf16x3", "tf32x3", "ieee"]}
     expected = [("fused", p, tuple(c)) for p in allowed[precision] for c in er.RESIDUAL_SPACE[p]]
     expected += [("cublas", p, None) for p in allowed[precision]]
-    got = [("cublas", c["precision"], None) if c.get("impl") == "cublas" else
+    expected += [("cublas_split", "bf16x3", None)] if "bf16x3" in allowed[precision] else []
+    got = [(c["impl"], c["precision"], None) if "impl" in c else
            ("fused", c["precision"], (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"],
                                       c["num_stages"])) for c in offered]
     assert got == expected
     want = {"first": (precision, er.RESIDUAL_SPACE[precision][0]),
-            "last": ("ieee", er.CUBLAS),
+            "last": ("bf16x3", er.SPLIT_CUBLAS) if precision in ("bf16x3", "tf32")
+            else ("ieee", er.CUBLAS),
             "most accurate fused": ("ieee", er.RESIDUAL_SPACE["ieee"][0])}[pick]
     assert launched == [want]
 
@@ -479,6 +530,19 @@ for cap in (90, 80):
                for n in er._xxt_kernel.arg_names}
         triton.compile(ASTSource(er._xxt_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
+    br, bc, warps = er._SPLIT_TILE
+    for x, has_y, mid in (("fp32", True, 1), ("bf16", True, 1), ("fp32", False, 2)):
+        const = dict(HAS_Y=has_y, MID=mid, BLOCK_R=br, BLOCK_C=bc)
+        sig = {n: "constexpr" if n in const else dict(X=f"*{x}", Y=f"*{x}", OUT="*i16").get(n, "i32")
+               for n in er._split_kernel.arg_names}
+        triton.compile(ASTSource(er._split_kernel, sig, constexprs=const),
+                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
+    for w in ("fp32", "bf16"):
+        const = dict(BLOCK_R=br, BLOCK_C=bc)
+        sig = {n: "constexpr" if n in const else (f"*{w}" if n in ("W_k", "W_m") else "*fp32"
+               if n in ("G", "P", "a_ptr", "partial") else "i32") for n in er._add_product_kernel.arg_names}
+        triton.compile(ASTSource(er._add_product_kernel, sig, constexprs=const),
+                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
 print("compiled")
 """
 
