@@ -213,7 +213,7 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 actual = int4_set + x.nbytes + y.nbytes
                 row = dict(
                     K=K, N=N, M=M, group_size=group_size, path=plan["path"], config=plan["config"],
-                    tuned_best_ms_by_path=plan["best_ms_by_path"],
+                    tuned_best_ms_by_path=plan["best_ms_by_path"], rejected_configs=plan["rejected"],
                     ms_w4a16=ms_int4, ms_cublas_fp16=ms_fp16, speedup=ms_fp16 / ms_int4,
                     ms_w4a16_graph=ms_int4_graph, ms_cublas_graph=ms_fp16_graph,
                     speedup_graph=ms_fp16_graph / ms_int4_graph,

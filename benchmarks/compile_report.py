@@ -83,11 +83,12 @@ def w4a16_cases(full=False):
         config = dict(config)
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         G = 1 if per_channel else 32
+        half2 = bool(config.pop("HALF2", False)) and dtype == torch.float16 and not gather
         constexprs = dict(config, GATHER=gather, HAS_G_IDX=gather,
-                          ONE_GROUP=per_channel and not gather)
+                          ONE_GROUP=per_channel and not gather, HALF2=half2, ASM=True)
         name = (f"gemv {str(dtype)[6:]} {'perchan' if per_channel else 'g128'}"
                 f"{' gather' if gather else ''} BN{config['BLOCK_N']} BK{config['BLOCK_K']} "
-                f"SK{config['SPLIT_K']} PF{config['PREFETCH']} w{warps}")
+                f"SK{config['SPLIT_K']} PF{config['PREFETCH']} w{warps}{' half2' if half2 else ''}")
         cases.append((name, W._w4a16_gemv_kernel, _w4a16_args(1, G, dtype), constexprs, warps,
                       stages))
 
@@ -111,6 +112,10 @@ def w4a16_cases(full=False):
         gemv_case(pick("gemv", BLOCK_N=64, SPLIT_K=4), torch.float32, gather=True)
         gemv_case(pick("gemv", BLOCK_N=128, num_warps=8), torch.float16)
         gemv_case(pick("gemv", BLOCK_K=256), torch.float16, per_channel=True)
+        gemv_case(pick("gemv", BLOCK_N=64, SPLIT_K=8, HALF2=True), torch.float16)
+        gemv_case(pick("gemv", BLOCK_N=64, SPLIT_K=8, HALF2=True), torch.float16,
+                  per_channel=True)
+        gemv_case(pick("gemv", BLOCK_N=128, HALF2=True), torch.float16)
         dot_case("splitk", pick("splitk", BLOCK_N=128, SPLIT_K=4, SWAP_AB=True,
                                 SCALE_AFTER=False), 16, torch.float16)
         dot_case("splitk", pick("splitk", SCALE_AFTER=True), 16, torch.float16)
@@ -174,6 +179,7 @@ def report(cases):
               f"progs/SM {progs:2d} | HGMMA {use['hgmma']:3d} HMMA {use['hmma']:3d} "
               f"LDG.128 {use['ldg128']:3d} LOP3 {use['lop3']:4d} SHF {use['shf']:3d} "
               f"PRMT {use['prmt']:4d} FFMA {use['ffma']:4d} FADD {use['fadd']:3d} "
+              f"HFMA2 {use['hfma2']:3d} "
               f"LDS {use['lds']:3d} STS {use['sts']:3d} DFMA {use['dfma']:3d}", flush=True)
     return rows
 

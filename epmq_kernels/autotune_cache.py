@@ -127,6 +127,8 @@ _caches = {}
 # The timings of the latest tuning per (family, key) in this process: [(ms, config), ...], for
 # benchmarks that report how the alternatives compared (empty when the key came from disk).
 TIMINGS = {}
+# Candidates that were timed but gave a wrong result (``tune``'s verify), per (family, key).
+REJECTED = {}
 
 
 def cache_for(family, device, space):
@@ -138,7 +140,7 @@ def cache_for(family, device, space):
     return _caches[key]
 
 
-def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None):
+def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None, verify=None):
     """The config for ``key``: from the cache, else the fastest of ``candidates``.
 
     ``run(config)`` must launch the whole operation for one config (allocation, zeroing and
@@ -147,6 +149,9 @@ def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None):
     graph is being captured or when ``EPMQ_AUTOTUNE=0``; then a miss takes the first candidate.
     ``prepare(candidates)``, if given, runs once before the timing (e.g. to compile every
     candidate in parallel); its failures are ignored (timing reports them per candidate).
+    ``verify(config)``, if given, is asked of the fastest candidate, then of the next, until
+    one passes: a config whose result is wrong on this GPU (a miscompile, an option that does
+    not hold here) is never kept, however fast.
     """
     hit = cache.get(key)
     if hit is not None and hit in candidates:
@@ -171,6 +176,13 @@ def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None):
     if not timings:
         raise RuntimeError(f"no candidate config could run for {cache.family} {key}") from errors[0]
     TIMINGS[(cache.family, key)] = timings
-    best = min(timings, key=lambda t: t[0])[1]
+    best = None
+    for _, config in sorted(timings, key=lambda t: t[0]):
+        if verify is None or verify(config):
+            best = config
+            break
+        REJECTED.setdefault((cache.family, key), []).append(config)
+    if best is None:
+        raise RuntimeError(f"every candidate config of {cache.family} {key} failed verification")
     cache.put(key, best)
     return best

@@ -53,7 +53,13 @@ Paths
     ``sum_j f_j x_j - z sum_j x_j - 128 sum_{j>=4} x_j`` with ``f_j`` the biased floats;
   - inside a group the scale multiplies the sum over a tile, not each code; when a program's
     whole K slice lies in one group (per channel, or SPLIT_K slices no wider than a group,
-    ``ONE_GROUP``), the scale and the zero-point and bias terms are applied once, after the loop.
+    ``ONE_GROUP``), the scale and the zero-point and bias terms are applied once, after the loop;
+  - ``HALF2`` (configs of their own, fp16 activations): two codes per instruction in packed
+    fp16 (``_half2_word_sums``: ``q - z`` exact, products and the word's sum rounded to fp16,
+    about 2^-12 of it, then fp32), the row's activations read as words of two. Compiled for
+    sm_90 that is 27-34 instructions per packed word in the loop against 42-50, and 56-77
+    registers against 80-127 (more programs per SM). The autotuner keeps it only where it is
+    faster, and only if its result verifies (``VERIFY_TOLERANCE``), like every config.
 
 * ``splitk`` (2 <= M <= 64; also a candidate at M = 1) and ``gemm`` (M > 64) share
   ``_w4a16_dot_kernel``: the tiled ``tl.dot`` GEMM of the Triton matmul tutorial (grouped
@@ -164,10 +170,11 @@ def _product(**axes):
 
 
 AUTOTUNE_SPACE = {
-    # GEMV (20 configs). Bytes in flight per program: (1 + PREFETCH) tiles of BLOCK_K / 8 x BLOCK_N
-    # words (BLOCK_N = 64: 4 KB a tile, 128: 8 KB). Programs: N / BLOCK_N x SPLIT_K; at 4096 x
-    # 4096 with BLOCK_N = 64 and SPLIT_K = 8 that is 512 (about 4 per SM on 132 SMs), 12 KB in
-    # flight each: the tens of KB per SM that 4 TB/s needs (latency ~ 0.7 us x 32 GB/s per SM).
+    # GEMV (20 configs, and 11 HALF2 ones for fp16 activations). Bytes in flight per program:
+    # (1 + PREFETCH) tiles of BLOCK_K / 8 x BLOCK_N words (BLOCK_N = 64: 4 KB a tile, 128: 8 KB).
+    # Programs: N / BLOCK_N x SPLIT_K; at 4096 x 4096 with BLOCK_N = 64 and SPLIT_K = 8 that is
+    # 512 (about 4 per SM on 132 SMs), 12 KB in flight each: the tens of KB per SM that 4 TB/s
+    # needs (latency ~ 0.7 us x 32 GB/s per SM).
     # Compiled for sm_90 (benchmarks/compile_report.py): 4 warps, BLOCK_N = 64: ~95 registers,
     # 5 programs per SM; BLOCK_N = 128: ~170 (3 per SM), with 8 warps ~100 (2 per SM); no spills.
     # SPLIT_K = 32 at K = 4096 makes each slice one group of 128 (scale applied once). BLOCK_K
@@ -187,6 +194,18 @@ AUTOTUNE_SPACE = {
                    num_warps=[4], num_stages=[1])
         + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[4, 8], PREFETCH=[1],
                    num_warps=[4], num_stages=[1])
+        # HALF2 (fp16 activations; 11 configs): two codes per instruction (_half2_word_sums).
+        # Compiled for sm_90, 27-34 instructions per packed word in the loop against 42-50, and
+        # 56-77 registers against 80-127 (benchmarks/compile_report.py); 128 x 128 with 4 warps
+        # spills in one-group slices, so 128 columns take 8 warps.
+        + _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[4, 8, 16, 32], PREFETCH=[2],
+                   num_warps=[4], num_stages=[1], HALF2=[True])
+        + _product(BLOCK_N=[32], BLOCK_K=[128], SPLIT_K=[8, 16], PREFETCH=[2],
+                   num_warps=[2], num_stages=[1], HALF2=[True])
+        + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[4, 8], PREFETCH=[1],
+                   num_warps=[4], num_stages=[1], HALF2=[True])
+        + _product(BLOCK_N=[128], BLOCK_K=[128], SPLIT_K=[4, 8, 16], PREFETCH=[2],
+                   num_warps=[8], num_stages=[1], HALF2=[True])
     ),
     # Split-K GEMM for small M (18 configs); BLOCK_M follows M (16, 32 or 64, not tuned). The
     # SWAP_AB configs (weight as the wgmma A operand, batch as its N) also compete at M = 1.
@@ -239,6 +258,9 @@ INTERPRETER_CONFIG = {
 }
 
 PATHS = ("gemv", "splitk", "gemm", "dqmm")
+# The autotuner keeps a config only if its result on the tuning call is within this fraction of
+# the largest output of the float32 dequantized product (16-bit rounding is ~1e-3 of it)
+VERIFY_TOLERANCE = 2e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +390,95 @@ def _unpack_pairs_t(words, opaque_zero, CDT: tl.constexpr):
 
 
 @triton.jit
+def _half2_word_sums(words, zpair, xp0, xp1, xp2, xp3, ASM: tl.constexpr):
+    """``sum_j (q_j - z) x_j`` over the 8 codes of each word, in fp16 pairs: two codes per
+    instruction (the GEMV's HALF2 option, fp16 activations).
+
+    ``(w >> 4i) & 0x000F000F | 0x6400_6400`` is the fp16 pair ``(1024 + q_i, 1024 + q_{i+4})``;
+    less ``zpair = (1024 + z, 1024 + z)`` it is ``(q_i - z, q_{i+4} - z)`` exactly; the four pairs
+    are multiplied by the activation pairs ``xp_i = (x_i, x_{i+4})`` and summed in fp16 (one
+    rounding per fused multiply-add), the two halves added in fp16 and the result returned in
+    fp32: per word 3 shifts, 4 LOP3, 4 HSUB2, 4 HFMA2, one HADD2 and one conversion, against
+    about twice that with one fp32 code at a time. Each product rounds to fp16's 11 bits, about
+    2^-12 of the word's sum, below an fp16 output's own rounding (2^-11).
+
+    ``ASM``: the inline PTX (compiled); else the same sums in Triton's fp16 arithmetic (the
+    interpreter, which runs no PTX; it rounds a product and its sum separately)."""
+    if ASM:
+        out = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 v, t, s, m;
+            .reg .f16 lo, hi, h;
+            mov.b32 m, 0x64006400;
+            lop3.b32 v, $1, 0x000F000F, m, 0xEA;
+            sub.rn.f16x2 v, v, $2;
+            mul.rn.f16x2 s, v, $3;
+            shr.u32 t, $1, 4;
+            lop3.b32 v, t, 0x000F000F, m, 0xEA;
+            sub.rn.f16x2 v, v, $2;
+            fma.rn.f16x2 s, v, $4, s;
+            shr.u32 t, $1, 8;
+            lop3.b32 v, t, 0x000F000F, m, 0xEA;
+            sub.rn.f16x2 v, v, $2;
+            fma.rn.f16x2 s, v, $5, s;
+            shr.u32 t, $1, 12;
+            lop3.b32 v, t, 0x000F000F, m, 0xEA;
+            sub.rn.f16x2 v, v, $2;
+            fma.rn.f16x2 s, v, $6, s;
+            mov.b32 {lo, hi}, s;
+            add.rn.f16 h, lo, hi;
+            cvt.f32.f16 $0, h;
+            }
+            """,
+            constraints="=r,r,r,r,r,r,r",
+            args=[words, zpair, xp0, xp1, xp2, xp3],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        z = (zpair & 0xFFFF) - 0x6400
+        s_lo = _half(words & 0xF, z, xp0, 0)
+        s_hi = _half((words >> 16) & 0xF, z, xp0, 16)
+        s_lo = s_lo + _half((words >> 4) & 0xF, z, xp1, 0)
+        s_hi = s_hi + _half((words >> 20) & 0xF, z, xp1, 16)
+        s_lo = s_lo + _half((words >> 8) & 0xF, z, xp2, 0)
+        s_hi = s_hi + _half((words >> 24) & 0xF, z, xp2, 16)
+        s_lo = s_lo + _half((words >> 12) & 0xF, z, xp3, 0)
+        s_hi = s_hi + _half((words >> 28) & 0xF, z, xp3, 16)
+        out = (s_lo + s_hi).to(tl.float32)
+    return out
+
+
+@triton.jit
+def _half(q, z, xp, SHIFT: tl.constexpr):
+    """``(q - z) x`` in fp16, x the fp16 at bits SHIFT..SHIFT+15 of the pair ``xp``."""
+    x = ((xp >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return (q - z).to(tl.float16) * x
+
+
+@triton.jit
+def _x_pairs(x_row, rows, r_mask):
+    """The fp16 activation pairs ``(x_i, x_{i+4})`` of each packed row, as int32 words (low half
+    first), from the row's 8 activations read as four words (x contiguous along K, 4-byte
+    aligned: the launcher checks)."""
+    xw = (x_row + rows * 8).to(tl.pointer_type(tl.int32), bitcast=True)
+    x01 = tl.load(xw + 0, mask=r_mask, other=0)
+    x23 = tl.load(xw + 1, mask=r_mask, other=0)
+    x45 = tl.load(xw + 2, mask=r_mask, other=0)
+    x67 = tl.load(xw + 3, mask=r_mask, other=0)
+    xp0 = (x01 & 0xFFFF) | (x45 << 16)
+    xp1 = ((x01 >> 16) & 0xFFFF) | (x45 & -65536)
+    xp2 = (x23 & 0xFFFF) | (x67 << 16)
+    xp3 = ((x23 >> 16) & 0xFFFF) | (x67 & -65536)
+    return xp0[:, None], xp1[:, None], xp2[:, None], xp3[:, None]
+
+
+@triton.jit
+def _zero_pairs(zeros):
+    """The fp16 pair ``(1024 + z, 1024 + z)`` of grid zero points ``z`` (0..15), as int32."""
+    return (zeros.to(tl.int32) + 0x6400) * 0x10001
+
+
+@triton.jit
 def _x_at(x_ptr, k, stride_xk, mask):
     """Activations ``x[k]`` in fp32, kept in L2 (every program of the row reads them)."""
     return tl.load(x_ptr + k * stride_xk, mask=mask, other=0.0,
@@ -433,9 +544,10 @@ def _w4a16_gemv_kernel(
     stride_ym, stride_yn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PREFETCH: tl.constexpr, GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    ONE_GROUP: tl.constexpr,
+    ONE_GROUP: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
 ):
-    """One row of x against a BLOCK_N column slice of W over one K slice, on CUDA cores."""
+    """One row of x against a BLOCK_N column slice of W over one K slice, on CUDA cores
+    (``HALF2``: fp16 activations, two codes per instruction, see ``_half2_word_sums``)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -459,6 +571,9 @@ def _w4a16_gemv_kernel(
                         other=0).to(tl.float32)
         xs_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         xb_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        if HALF2:
+            zp_one = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
+                                         mask=one_mask, other=0))[None, :]
     # Software prefetch: the words of the next PREFETCH tiles are requested before the current
     # tile is unpacked, so every warp keeps (1 + PREFETCH) tiles of weight traffic in flight
     # (loads only block at first use; masked tiles past the slice move no bytes).
@@ -500,6 +615,17 @@ def _w4a16_gemv_kernel(
                 else:
                     e = e4
                 acc += (_code_exact(words, j, e) - z) * s * x_j[:, None]
+        elif HALF2:
+            xp0, xp1, xp2, xp3 = _x_pairs(x_row, rows, r_mask)
+            if ONE_GROUP:
+                acc += _half2_word_sums(words, zp_one, xp0, xp1, xp2, xp3, ASM)
+            else:
+                g = k0 // group_size
+                s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
+                            other=0.0).to(tl.float32)
+                zp = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
+                                         mask=n_mask, other=0))[None, :]
+                acc += _half2_word_sums(words, zp, xp0, xp1, xp2, xp3, ASM) * s[None, :]
         else:
             xk = x_row + rows * 8 * stride_xk
             x0 = _x_at(xk, 0, stride_xk, r_mask)
@@ -541,7 +667,9 @@ def _w4a16_gemv_kernel(
                 acc += part * s[None, :]
     y = tl.sum(acc, axis=0)
     if ONE_GROUP:
-        if not GATHER:
+        if HALF2:
+            y = y * s_one
+        elif not GATHER:
             y = (y - z_one * tl.sum(xs_acc, axis=0) - tl.sum(xb_acc, axis=0)) * s_one
     _write_output(y, y_ptr + pid_m * stride_ym + offs_n * stride_yn, sums_ptr + pid_m * N + offs_n,
                   n_mask, counters_ptr + pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
@@ -879,10 +1007,12 @@ def _dqmm_chunk(config, K, N, elem_size):
     return K if rows >= K else rows
 
 
-def _candidates(path, M, K, G, group_size, permuted):
+def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16):
     """The autotune space of a path, pruned to configs that make sense for this problem."""
     configs = []
     for config in AUTOTUNE_SPACE[path]:
+        if config.get("HALF2") and x_dtype != torch.float16:
+            continue  # (the option is for fp16 activations: elsewhere a copy of its twin)
         if path == "dqmm":
             configs.append(dict(config))
             continue
@@ -973,7 +1103,8 @@ def _choose(paths, x2, entry):
         return chosen
     candidates = []
     for path in paths:
-        for config in _candidates(path, M, entry.K, entry.G, entry.group, entry.permuted):
+        for config in _candidates(path, M, entry.K, entry.G, entry.group, entry.permuted,
+                                  x2.dtype):
             candidates.append(dict(config, PATH=path))
     key = _tuning_key(paths, x2, entry)
     cache = autotune_cache.cache_for("w4a16", x2.device, AUTOTUNE_SPACE)
@@ -995,7 +1126,28 @@ def _choose(paths, x2, entry):
     def precompile(candidates):
         _precompile([plan_of(c) for c in candidates], x2, scratch)
 
-    best = autotune_cache.tune(cache, key, candidates, run, prepare=precompile)
+    reference = []
+
+    def verify(candidate):
+        # the winner's result against the float32 dequantized product (within a few percent
+        # of its largest entry: a wrong result, not rounding, fails)
+        if not reference:
+            try:
+                qweight, scales, zeros, g_idx = entry.tensors()
+                reference.append(w4a16_matmul_reference(x2, qweight, scales, zeros, entry.group_size,
+                                                        g_idx if entry.permuted else None,
+                                                        dtype=torch.float32))
+            except torch.cuda.OutOfMemoryError:
+                reference.append(None)  # (no memory for a dequantized copy: not checked)
+        y_ref = reference[0]
+        if y_ref is None:
+            return True
+        y = torch.empty_like(scratch)
+        plan_of(candidate)(x2, y)
+        bound = VERIFY_TOLERANCE * float(y_ref.abs().max()) + 1e-6
+        return bool(((y.float() - y_ref).abs().max() <= bound).item())
+
+    best = autotune_cache.tune(cache, key, candidates, run, prepare=precompile, verify=verify)
     chosen = best["PATH"], {k: v for k, v in best.items() if k != "PATH"}
     if not torch.cuda.is_current_stream_capturing():
         _CHOSEN[memo] = chosen
@@ -1323,6 +1475,14 @@ def _wide_rows(x2, out2, N) -> bool:
     return M * max(abs(x2.stride(0)), abs(out2.stride(0)), N) >= INT32_OFFSETS
 
 
+def _half2(config, x2, gather) -> bool:
+    """Whether a GEMV config's HALF2 option applies: fp16 activations read as words of two
+    (contiguous along K, rows 16-byte aligned: part of the plan key), groups whole per tile."""
+    return (bool(config.get("HALF2", False)) and x2.dtype == torch.float16 and not gather
+            and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0
+            and (x2.shape[0] == 1 or x2.stride(0) % 8 == 0))
+
+
 def _build_plan(entry, path, config, x2, out2, lead=None):
     """The plan of one (path, config) for activations like ``x2 [M, K]`` into ``out2 [M, N]``
     (``lead``: the leading dimensions of the output the plan allocates; default ``(M,)``)."""
@@ -1368,7 +1528,7 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     if path == "gemv":
         args = common + [config["BLOCK_N"], block_k, split_k, config["PREFETCH"], gather,
-                         has_g_idx, one_group]
+                         has_g_idx, one_group, _half2(config, x2, gather), not INTERPRETED]
         fn = _w4a16_gemv_kernel
     else:
         cdt = _compute_dtype(x2.dtype)
@@ -1388,9 +1548,10 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
 # ----------------------------------------------------------------------------------------------
 def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     """What :func:`w4a16_matmul` will run for these arguments on the GPU (autotuning first if
-    nothing is cached): ``dict(path=..., config=..., gather=..., best_ms_by_path=...)``, the
-    last being the fastest time of each competing path when this process tuned the bucket
-    (``{}`` when the choice came from the disk cache). For benchmarks and logs."""
+    nothing is cached): ``dict(path=..., config=..., gather=..., best_ms_by_path=...,
+    rejected=...)``: the fastest time of each competing path (``gemv+half2`` apart) when this
+    process tuned the bucket (``{}`` when the choice came from the disk cache), and the configs
+    the tuning timed but rejected as wrong. For benchmarks and logs."""
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
@@ -1399,9 +1560,12 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     best = {}
     for ms, candidate in autotune_cache.TIMINGS.get(("w4a16", _tuning_key(paths, x2, entry)),
                                                     []):
-        if ms < best.get(candidate["PATH"], float("inf")):
-            best[candidate["PATH"]] = ms
-    return dict(path=path, config=config, best_ms_by_path=best,
+        name = candidate["PATH"] + ("+half2" if candidate.get("HALF2") else "")
+        if ms < best.get(name, float("inf")):
+            best[name] = ms
+    rejected = [dict(c) for c in autotune_cache.REJECTED.get(("w4a16", _tuning_key(paths, x2, entry)),
+                                                             [])]
+    return dict(path=path, config=config, best_ms_by_path=best, rejected=rejected,
                 gather=_needs_gather(path, config, G, entry.group, entry.permuted, x2.dtype))
 
 

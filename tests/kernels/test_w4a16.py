@@ -579,6 +579,58 @@ def test_autotune_cache_persists(tmp_path, monkeypatch):
     assert other_gpu.get("gemm|M1024") is None
 
 
+def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
+    """``tune``'s ``verify``: a wrong config is never kept however fast (asked fastest first,
+    then the next), rejected ones are recorded, and a key whose every config fails is an
+    error, not a silent pick."""
+    import triton
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
+    space = [dict(BLOCK=b) for b in (16, 32, 64)]
+    ms = {16: 3.0, 32: 1.0, 64: 2.0}  # 32 fastest, then 64
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cache = autotune_cache.DiskCache("w4a16", "gpu", space)
+    asked = []
+
+    def verify(config):
+        asked.append(config["BLOCK"])
+        return config["BLOCK"] != 32
+
+    assert autotune_cache.tune(cache, "k", space, lambda c: ms[c["BLOCK"]], verify=verify) == space[2]
+    assert asked == [32, 64] and autotune_cache.REJECTED[("w4a16", "k")] == [space[1]]
+    assert cache.get("k") == space[2]
+    with pytest.raises(RuntimeError, match="failed verification"):
+        autotune_cache.tune(cache, "other", space, lambda c: ms[c["BLOCK"]], verify=lambda c: False)
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("M,K,N", [(1, 256, 37), (3, 128, 72)])
+def test_gemv_half2_matches_reference(gen, M, K, N, group_size):
+    """The GEMV's HALF2 option (two fp16 codes per instruction; interpreted here in Triton's fp16
+    arithmetic, on the GPU in PTX): every grouping, split-K slices of one group or several, N
+    odd, several rows; on activations it cannot read as words (not 16-byte aligned) it runs the
+    fp32 unpacking instead, and for bf16 it is off, both still correct."""
+    from epmq_kernels.w4a16 import _half2
+
+    if group_size > K:
+        pytest.skip("group wider than K")
+    qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
+    base = torch.randn(M, K + 8, generator=gen).to(torch.float16)
+    for x in (base[:, :K].contiguous(), base[:, 1:K + 1]):  # aligned; misaligned by 2 bytes
+        for split_k in (1, 2):
+            config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, PREFETCH=2, num_warps=4,
+                          num_stages=1, HALF2=True)
+            assert _half2(config, x.reshape(-1, K), False) == (x.data_ptr() % 16 == 0)
+            out = torch.full((M, N), float("nan"), dtype=torch.float16)
+            w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="gemv",
+                         config=config, backend="triton")
+            assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
+    x = base[:, :K].to(torch.bfloat16)
+    assert not _half2(config, x, False) and not _half2(config, base[:, :K].contiguous(), True)
+
+
 def test_corrupt_cache_file_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
     cache = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
@@ -719,8 +771,9 @@ def test_direct_launches_without_gpu():
 def test_kernels_compile_for_sm90():
     """Every kernel variant compiles for sm_90 with the Triton installed (run the tests with each
     Triton the GPU machines may have), within the shared memory of an H100, without register
-    spills on the non-gather paths, with 16-byte weight loads, and with wgmma (HGMMA) for the
-    swapped small-batch dot and the GEMMs."""
+    spills on the non-gather paths, with 16-byte weight loads, with wgmma (HGMMA) for the
+    swapped small-batch dot and the GEMMs, and with packed fp16 arithmetic (HFMA2) on the GEMV's
+    HALF2 configs."""
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except Exception as error:  # noqa: BLE001
@@ -732,7 +785,7 @@ def test_kernels_compile_for_sm90():
     assert result.stdout.count("_kernel ok") == 2
     rows = json.loads(next(line for line in result.stdout.splitlines()
                            if line.startswith("ROWS "))[5:])
-    assert len(rows) >= 19
+    assert len(rows) >= 22
     for row in rows:
         name = row["name"]
         assert 0 < row["registers"] <= 255 and row["shared"] <= 227 * 1024, row
@@ -742,6 +795,8 @@ def test_kernels_compile_for_sm90():
             assert row["ldg128"] > 0, row  # 16-byte loads of the packed weight
         if name.startswith("gemm") or "swap" in name:
             assert row["hgmma"] > 0 and row["hmma"] == 0, row
+        if "half2" in name:  # two codes per packed fp16 instruction, few fp32 ones
+            assert row["hfma2"] >= 16 and row["ffma"] < row["hfma2"], row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,6 +844,30 @@ class TestCUDA:
             w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path=path,
                          config=config)
             assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
+
+    @pytest.mark.parametrize("group_size", [128, -1])
+    def test_gemv_half2_at_model_sizes(self, gen, group_size):
+        """The HALF2 GEMV's PTX (fp16 pairs, one rounding per fused multiply-add) on 8192 inputs,
+        every HALF2 config: as accurate as the fp32 unpacking against the float64 product, and
+        the autotuner's verification passes it."""
+        K, N = 8192, 4096 + 8
+        qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        x = torch.randn(1, K, generator=gen).half().cuda()
+        reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size)
+        bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, group_size).abs()
+        errors = {}
+        for config in AUTOTUNE_SPACE["gemv"]:
+            out = torch.full((1, N), float("nan"), dtype=torch.float16, device="cuda")
+            w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="gemv",
+                         config=config)
+            errors[bool(config.get("HALF2"))] = max(
+                errors.get(bool(config.get("HALF2")), 0.0),
+                float(((out.double() - reference).abs() / bound).max()))
+            assert float((out.double() - reference).abs().max()) <= W.VERIFY_TOLERANCE * float(
+                reference.abs().max())
+        assert errors[True] <= TOLERANCE[torch.float16], errors
+        assert errors[True] <= 4 * errors[False] + 1e-4, errors
 
     def test_fp32_activations_and_batch_dims(self, gen):
         qweight, scales, zeros, _ = make_problem(gen, 2048, 1024, 128)
