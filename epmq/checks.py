@@ -35,38 +35,62 @@ def _check_hessian_shape(H, d_in: int, name: str) -> None:
         raise ValueError(f"{name} must be floating point (a Gram matrix X X^T), got {H.dtype}")
 
 
+_PROBES = {}  # (d_in, device, dtype) -> the fixed random vectors [v, u] of _hessian_numbers
+
+
+def _probes(d_in: int, device, dtype) -> tuple:
+    """``([v, u] as [d_in, 2], |u|)``: fixed random vectors (seed 0), made once per width, device
+    and dtype (a few of them are kept: each layer width of a model has its own)."""
+    key = (d_in, str(device), dtype)
+    hit = _PROBES.get(key)
+    if hit is None:
+        g = torch.Generator(device=device).manual_seed(0)
+        u, v = torch.randn(2, d_in, generator=g, device=device).to(dtype)
+        if len(_PROBES) >= 16:
+            _PROBES.clear()
+        hit = _PROBES[key] = (torch.stack([v, u], dim=1), float(torch.linalg.vector_norm(u)))
+    return hit
+
+
 def _hessian_numbers(H: torch.Tensor) -> torch.Tensor:
     """The numbers :func:`check_hessian` judges ``H`` by, as a float64 device tensor (queued, not
-    read): min, max, min of the diagonal, dead diagonal entries, the symmetry gap, its two norms
-    and the trace.
+    read): min, max, min of the diagonal, dead diagonal entries, the symmetry gap, ``|H v|`` and
+    the trace.
 
     The solvers read one triangle of H (the Cholesky factor, the symmetric objective), so an
     H that is not symmetric would silently be read as another matrix. Checked through two
     products with fixed random vectors, u^T H v against v^T H u (no d_in x d_in temporary):
     for H = S + A, S symmetric, their gap is 2 u^T A v, about 2 |A|_F, and |H v| |u| is about
     |H|_F sqrt(d_in). Flagged from |A|_F ~ 5e-4 |H|_F on; fp32 rounding stays near 1e-7, but
-    bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32 slabs."""
+    bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32 slabs.
+    As few device operations as the numbers allow (E-PMQ checks a Hessian per expert of every
+    layer, and on a GPU each operation costs the host microseconds)."""
     d_in = H.shape[0]
     diag = torch.diagonal(H)
-    g = torch.Generator(device=H.device).manual_seed(0)
     dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
-    u, v = torch.randn(2, d_in, generator=g, device=H.device).to(dtype)
-    vu, H_vu = torch.stack([v, u], dim=1), torch.empty(d_in, 2, dtype=dtype, device=H.device)
-    rows = max(1, (1 << 24) // d_in)
-    for r in range(0, d_in, rows):  # (both vectors in one pass over H)
-        H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
-    Hv, Hu = H_vu.T
+    vu, u_norm = _probes(d_in, H.device, dtype)
+    if H.dtype == dtype:
+        H_vu = H @ vu  # (both vectors in one pass over H)
+    else:
+        H_vu = torch.empty(d_in, 2, dtype=dtype, device=H.device)
+        rows = max(1, (1 << 24) // d_in)
+        for r in range(0, d_in, rows):
+            H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
+    # [u^T H v, v^T H u]: the columns of vu swapped, times H_vu, summed down
+    uHv, vHu = (vu.flip(1) * H_vu).sum(dim=0)
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)
-    return torch.stack([t.to(torch.float64) for t in (
-        lo, hi, diag.min(), (diag == 0).sum(), torch.dot(u, Hv) - torch.dot(v, Hu),
-        torch.linalg.vector_norm(Hv), torch.linalg.vector_norm(u), diag.sum())])
+    return torch.stack([t.to(dtype) for t in (
+        lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, torch.linalg.vector_norm(H_vu[:, 0]),
+        diag.sum())]).to(torch.float64)
 
 
 def _judge_hessian(H: torch.Tensor, numbers, name: str) -> float:
     """A clear error unless ``numbers`` (:func:`_hessian_numbers` of ``H``, read) are a Gram
     matrix's; returns ``tr(H)``."""
-    lo, hi, diag_min, n_dead, gap, Hv_norm, u_norm, trace = numbers
+    lo, hi, diag_min, n_dead, gap, Hv_norm, trace = numbers
     d_in = H.shape[0]
+    u_norm = _probes(d_in, H.device, H.dtype if H.dtype in (torch.float32, torch.float64)
+                     else torch.float32)[1]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
     if diag_min < 0:
@@ -121,7 +145,7 @@ def check_experts(weights, hessians, shape, names) -> list:
         _check_hessian_shape(H, d_in, f"Hessian of {name}")
         lo, hi = torch.aminmax(W) if W.numel() else (torch.zeros(()), torch.zeros(()))
         numbers.append(torch.cat([torch.stack([lo, hi]).to(device=H.device, dtype=torch.float64),
-                                  _hessian_numbers(H) if d_in else torch.zeros(8, dtype=torch.float64,
+                                  _hessian_numbers(H) if d_in else torch.zeros(7, dtype=torch.float64,
                                                                               device=H.device)]))
     if not numbers:
         return []
