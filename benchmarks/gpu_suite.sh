@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU suite: CUDA tests, then the benchmarks, each step under a time limit (405 s in all, 455 s
 # with each timeout's 10 s grace to kill, which the benchmarks use to write their JSON: under 8
-# minutes on one H100 even when every step runs to its limit, with 30 s left for the preamble;
+# minutes on one H100 even when every step runs to its limit, with 25 s left for the preamble;
 # the steps but the GEMV probe took 78, 71, 67 and 60 s on an H200, 2026-12-04, 311 s in all). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
 #
 #     bash benchmarks/gpu_suite.sh
