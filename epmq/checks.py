@@ -127,36 +127,52 @@ def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
     return _judge_hessian(H, _hessian_numbers(H).tolist(), name)
 
 
-def check_experts(weights, hessians, shape, names) -> list:
+def check_experts(weights, hessians, shape, names, then=None) -> list:
     """:func:`check_weight` of every expert weight (of the merged weight's ``shape``) and
-    :func:`check_hessian` of every Hessian, in order, with all their numbers read back in one
-    transfer instead of two per expert (each read on a GPU waits for the queue to drain, so
-    checking as the experts are folded in stalls the device between them). Returns the traces."""
+    :func:`check_hessian` of every Hessian, with the errors and their order of checking them
+    one expert after the other, but all their numbers read back in one transfer instead of two
+    per expert (each read on a GPU waits for the queue to drain, so checking as the experts are
+    folded in stalls the device between them). ``then(k, trace)``, if given, runs after expert
+    k's checks and before expert k + 1's (the caller's own checks, in the same order). Returns
+    the traces."""
     d_in = shape[1]
-    numbers = []
+    queued, pending = [], None  # (name, H or None, numbers on the device); the first host error
     for W, H, name in zip(weights, hessians, names):
         what = f"expert weight of {name}"
-        if not isinstance(W, torch.Tensor) or W.dim() != 2:
-            check_weight(W, what)  # (raises: not a 2-D tensor)
-        if not W.is_floating_point():
-            raise ValueError(f"{what} must be floating point, got {W.dtype}")
-        if W.shape != shape:
-            raise ValueError(f"{what} has shape {tuple(W.shape)}, the merged weight {tuple(shape)}")
-        _check_hessian_shape(H, d_in, f"Hessian of {name}")
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+            try:
+                check_weight(W, what)  # (raises: not a 2-D floating-point tensor)
+            except ValueError as error:
+                pending = error
+                break
         lo, hi = torch.aminmax(W) if W.numel() else (torch.zeros(()), torch.zeros(()))
-        numbers.append(torch.cat([torch.stack([lo, hi]).to(device=H.device, dtype=torch.float64),
-                                  _hessian_numbers(H) if d_in else torch.zeros(7, dtype=torch.float64,
-                                                                              device=H.device)]))
-    if not numbers:
-        return []
-    devices = {t.device for t in numbers}
-    read = (torch.stack(numbers) if len(devices) == 1
-            else torch.stack([t.cpu() for t in numbers])).tolist()
+        w_numbers = torch.stack([lo, hi]).to(torch.float64)
+        try:  # (after the weight's values, which check_weight looks at first)
+            if W.shape != shape:
+                raise ValueError(f"{what} has shape {tuple(W.shape)}, the merged weight {tuple(shape)}")
+            _check_hessian_shape(H, d_in, f"Hessian of {name}")
+        except ValueError as error:
+            queued.append((name, None, torch.cat([w_numbers, torch.zeros(7, dtype=torch.float64,
+                                                                         device=W.device)])))
+            pending = error
+            break
+        h_numbers = _hessian_numbers(H) if d_in else torch.zeros(7, dtype=torch.float64, device=H.device)
+        queued.append((name, H, torch.cat([w_numbers.to(H.device), h_numbers])))
     traces = []
-    for row, W, H, name in zip(read, weights, hessians, names):
-        if not (math.isfinite(row[0]) and math.isfinite(row[1])):
-            raise ValueError(f"expert weight of {name} has non-finite values (NaN or inf)")
-        traces.append(_judge_hessian(H, row[2:], f"Hessian of {name}") if d_in else 0.0)
+    if queued:
+        rows = [numbers for _, _, numbers in queued]
+        read = (torch.stack(rows) if len({t.device for t in rows}) == 1
+                else torch.stack([t.cpu() for t in rows])).tolist()
+        for k, (row, (name, H, _)) in enumerate(zip(read, queued)):
+            if not (math.isfinite(row[0]) and math.isfinite(row[1])):
+                raise ValueError(f"expert weight of {name} has non-finite values (NaN or inf)")
+            if H is None:
+                break  # (its host error is pending)
+            traces.append(_judge_hessian(H, row[2:], f"Hessian of {name}") if d_in else 0.0)
+            if then is not None:
+                then(k, traces[-1])
+    if pending is not None:
+        raise pending
     return traces
 
 

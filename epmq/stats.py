@@ -187,20 +187,28 @@ class EPMQStats:
 
     def add_tasks(self, expert_weights, expert_hessians, weights=None, names=None):
         """Fold in several tasks from their complete ``H_k``, as :meth:`add_task` one by one
-        would, with every expert's checks read back in one transfer before any of them is folded
-        in (on a GPU each read waits for the device's queue: two per expert left it idle while
-        the host checked and launched the next one)."""
+        would (the same errors, in the same order), with every expert's checks read back in one
+        transfer and nothing folded in until all of them pass (on a GPU each read waits for the
+        device's queue: two per expert left it idle while the host checked and launched the
+        next one)."""
         if self.inputs_of is not None:
             raise RuntimeError("add_task() gives a task's whole Hessian; statistics that share "
                                "another layer's inputs stream them (begin_task / add_batch)")
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
+        K = len(expert_weights)
+        weights = [None] * K if weights is None else list(weights)
+        names = [None] * K if names is None else list(names)
+        for what, given in (("expert Hessians", expert_hessians), ("task weights", weights),
+                            ("names", names)):
+            if len(given) != K:
+                raise ValueError(f"{K} expert weights but {len(given)} {what}")
         first = len(self.task_weights)
-        names = list(names) if names is not None else [None] * len(expert_weights)
         names = [n or f"task {first + k}" for k, n in enumerate(names)]
-        weights = list(weights) if weights is not None else [None] * len(expert_weights)
-        traces = check_experts(expert_weights, expert_hessians, self.W_merged.shape, names)
+        # (each task weight checked right after its expert, as add_task would, before any fold)
+        traces = check_experts(expert_weights, expert_hessians, self.W_merged.shape, names,
+                               then=lambda k, trace: self._task_weight(weights[k], trace, names[k]))
         for W_k, H_expert, weight, name, trace in zip(expert_weights, expert_hessians, weights, names,
                                                       traces):
             H_k = H_expert.to(device=self.H_e.device, dtype=self.dtype)

@@ -176,12 +176,13 @@ def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None, veri
     if not timings:
         raise RuntimeError(f"no candidate config could run for {cache.family} {key}") from errors[0]
     TIMINGS[(cache.family, key)] = timings
+    rejected = REJECTED[(cache.family, key)] = []
     best = None
     for _, config in sorted(timings, key=lambda t: t[0]):
         if verify is None or verify(config):
             best = config
             break
-        REJECTED.setdefault((cache.family, key), []).append(config)
+        rejected.append(config)
     if best is None:
         raise RuntimeError(f"every candidate config of {cache.family} {key} failed verification")
     cache.put(key, best)

@@ -412,24 +412,85 @@ def test_add_tasks_checks_every_expert_in_one_read(gen):
     assert one_by_one.task_names == at_once.task_names and one_by_one.c_e == at_once.c_e
 
 
-@pytest.mark.parametrize("bad", ["weight nan", "hessian inf", "hessian asymmetric", "shape"])
-def test_add_tasks_names_the_bad_expert(gen, bad):
-    W_m = torch.randn(6, 10, generator=gen)
-    weights = [W_m + 0.1 * torch.randn(6, 10, generator=gen) for _ in range(3)]
-    hessians = [(lambda X: X.T @ X)(torch.randn(20, 10, generator=gen)) for _ in range(3)]
-    if bad == "weight nan":
-        weights[1][2, 3] = float("nan")
-        match = "expert weight of task 1 has non-finite"
-    elif bad == "hessian inf":
-        hessians[1][4, 4] = float("inf")
-        match = "Hessian of task 1 has non-finite"
-    elif bad == "hessian asymmetric":
-        hessians[1][0, 5] += 100.0 * float(hessians[1].abs().max())
-        match = "Hessian of task 1 is not symmetric"
-    else:
-        weights[1] = weights[1][:, :9]
-        match = r"expert weight of task 1 has shape \(6, 9\)"
+def _sequential_error(W_m, weights, hessians, task_weights, names):
+    """The first error that checking the experts one by one gives (the public checks, in
+    add_task's order), or None."""
+    from epmq.checks import check_hessian, check_weight
+
     stats = EPMQStats(W_m, dtype=torch.float32)
-    with pytest.raises(ValueError, match=match):
-        stats.add_tasks(weights, hessians)
-    assert stats.task_weights == []  # nothing folded in before the checks passed
+    try:
+        for W, H, a, name in zip(weights, hessians, task_weights, names):
+            check_weight(W, f"expert weight of {name}")
+            if W.shape != W_m.shape:
+                raise ValueError(f"expert weight of {name} has shape {tuple(W.shape)}, the merged "
+                                 f"weight {tuple(W_m.shape)}")
+            stats._task_weight(a, check_hessian(H, W_m.shape[1], f"Hessian of {name}"), name)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+BAD = ["weight nan", "weight int", "weight 1-D", "hessian inf", "hessian asymmetric",
+       "hessian shape", "weight shape", "task weight", "zero hessian"]
+
+
+def _spoil(kind, gen, W, H, a):
+    if kind == "weight nan":
+        W = W.clone()
+        W[2, 3] = float("nan")
+    elif kind == "weight int":
+        W = W.to(torch.int32)
+    elif kind == "weight 1-D":
+        W = W[0]
+    elif kind == "hessian inf":
+        H = H.clone()
+        H[4, 4] = float("inf")
+    elif kind == "hessian asymmetric":
+        H = H.clone()
+        H[0, 5] += 100.0 * float(H.abs().max())
+    elif kind == "hessian shape":
+        H = H[:9, :9]
+    elif kind == "weight shape":
+        W = W[:, :9]
+    elif kind == "task weight":
+        a = -1.0
+    else:
+        H = torch.zeros_like(H)
+    return W, H, a
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_add_tasks_errors_as_one_by_one(gen, trial):
+    """With one to three bad experts among five (of any kind, at any place), ``add_tasks``
+    raises the error that checking them one by one raises first, and folds in nothing."""
+    W_m = torch.randn(6, 10, generator=gen)
+    weights = [W_m + 0.1 * torch.randn(6, 10, generator=gen) for _ in range(5)]
+    hessians = [(lambda X: X.T @ X)(torch.randn(20, 10, generator=gen)) for _ in range(5)]
+    task_weights = [0.5] * 5
+    names = [f"t{k}" for k in range(5)]
+    n_bad = int(torch.randint(1, 4, (1,), generator=gen))
+    for k in torch.randperm(5, generator=gen)[:n_bad].tolist():
+        kind = BAD[int(torch.randint(len(BAD), (1,), generator=gen))]
+        weights[k], hessians[k], task_weights[k] = _spoil(kind, gen, weights[k], hessians[k],
+                                                          task_weights[k])
+    want = _sequential_error(W_m, weights, hessians, task_weights, names)
+    assert want is not None
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    with pytest.raises(ValueError) as raised:
+        stats.add_tasks(weights, hessians, task_weights, names)
+    assert str(raised.value) == want
+    assert stats.task_weights == [] and not bool(stats.H_e.any())  # nothing folded in
+
+
+def test_add_tasks_needs_one_of_everything_per_expert(gen):
+    W_m = torch.randn(6, 10, generator=gen)
+    Ws = [W_m.clone() for _ in range(3)]
+    Hs = [torch.eye(10) for _ in range(3)]
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    with pytest.raises(ValueError, match="3 expert weights but 2 expert Hessians"):
+        stats.add_tasks(Ws, Hs[:2])
+    with pytest.raises(ValueError, match="3 expert weights but 1 task weights"):
+        stats.add_tasks(Ws, Hs, [1.0])
+    with pytest.raises(ValueError, match="3 expert weights but 2 names"):
+        stats.add_tasks(Ws, Hs, None, ["a", "b"])
+    assert stats.task_weights == []

@@ -308,7 +308,8 @@ def test_split_kernel_is_torchs_bf16_split(gen):
     d_out, d_in = 37, 70
     X = torch.randn(d_out, d_in, generator=gen) * torch.exp(8 * torch.randn(d_out, d_in, generator=gen))
     base = torch.randn(d_out, d_in, generator=gen).bfloat16().float()
-    X[0] = base[0] + (base[0].abs() * 2.0**-9)  # ties between two bf16 neighbours, or near them
+    mantissa, exponent = torch.frexp(base[0])  # (|b| = |m| 2^e, m in [0.5, 1): bf16 ulp 2^(e-8))
+    X[0] = base[0] + torch.sign(base[0]) * torch.ldexp(torch.ones(d_in), exponent - 9)  # exact ties
     X[1] = base[1]  # bf16 values
     X[2] = torch.randn(d_in, generator=gen) * 1e-39  # subnormal in fp32
     X = X.to(DEVICE)

@@ -605,6 +605,69 @@ def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
         autotune_cache.tune(cache, "other", space, lambda c: ms[c["BLOCK"]], verify=lambda c: False)
 
 
+@pytest.mark.parametrize("tuning_x", ["random", "zeros", "nan", "huge"])
+def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
+    """``_choose`` (the tuner, run here under the interpreter with its timing replaced) never
+    keeps a wrong config, even the fastest, and judges on a fixed random activation of its own:
+    a caller's tuning call of zeros (which every config gets right), NaN or overflowing values
+    (which none can be checked on) neither hides a wrong config nor rejects every config."""
+    import triton
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
+    monkeypatch.setattr(W, "_TUNE", True)
+    monkeypatch.setattr(W, "_CHOSEN", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    good = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1)
+    fast = dict(good, HALF2=True)
+    broken = dict(good, BLOCK_N=64, BROKEN=True)
+    monkeypatch.setattr(W, "_candidates", lambda path, *args: [good, fast, broken] if path == "gemv" else [])
+    build = W._build_plan
+
+    def build_plan(entry, path, config, x2, out2, lead=None):
+        plan = build(entry, path, {k: v for k, v in config.items() if k != "BROKEN"}, x2, out2, lead)
+        if not config.get("BROKEN"):
+            return plan
+        original = plan.__call__
+
+        class Broken:  # a plan that writes a wrong result
+            def __call__(self, x, out, where=None):
+                original(x, out)
+                out.mul_(-1)
+
+            def usable(self):
+                return True
+
+            def warmup(self, x, out):
+                pass
+
+        return Broken()
+
+    monkeypatch.setattr(W, "_build_plan", build_plan)
+    ms = {id(good): 3.0, id(fast): 2.0, id(broken): 1.0}
+    current = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[id(current[-1])])[1])
+    tune = autotune_cache.tune
+
+    def recording_tune(cache, key, candidates, run, **kw):
+        def run_one(candidate):
+            current.append(next(c for c in (broken, fast, good)
+                                if all(candidate.get(k) == v for k, v in c.items())))
+            return run(candidate)
+        return tune(cache, key, candidates, run_one, **kw)
+
+    monkeypatch.setattr(autotune_cache, "tune", recording_tune)
+    qweight, scales, zeros, _ = make_problem(gen, 128, 40, 32)
+    x = {"random": torch.randn(1, 128, generator=gen), "zeros": torch.zeros(1, 128),
+         "nan": torch.full((1, 128), float("nan")),
+         "huge": torch.full((1, 128), 60000.0)}[tuning_x].half()
+    entry = W._entry_for(qweight, scales, zeros, None, 32, 128, 40, 4)
+    path, config = W._choose(("gemv",), x, entry)
+    assert path == "gemv" and config.get("HALF2") and not config.get("BROKEN")
+    rejected = autotune_cache.REJECTED[("w4a16", W._tuning_key(("gemv",), x, entry))]
+    assert [c.get("BROKEN") for c in rejected] == [True]
+
+
 @pytest.mark.parametrize("group_size", [-1, 32, 128])
 @pytest.mark.parametrize("M,K,N", [(1, 256, 37), (3, 128, 72)])
 def test_gemv_half2_matches_reference(gen, M, K, N, group_size):
