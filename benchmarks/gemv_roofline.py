@@ -15,12 +15,15 @@ BLOCK_K = 128 rows a tile, SPLIT_K slices of K, two tiles prefetched, as the GEM
              ``_code_exact`` / ``_code_b128``: LOP3 + FADD or SHF + LOP3) and each code
              multiplied-added into an fp32 sum (its FFMA), with no activations, scales or
              zero points
+    unpack_half2   the same by the HALF2 configs' arithmetic (``_half2_word_sums``: two codes
+             per packed fp16 instruction, activations 1 and zero points 0)
     gemv     ``w4a16_matmul`` at M = 1, per channel (its autotuned choice)
 
 beside the device copy bandwidth and cuBLAS fp16 at M = 1, all as CUDA-graph replays over weight
 copies rotated past the L2 cache. Reading it: stream far under the copy bandwidth, the tiling
 (bytes in flight, programs per SM) limits the GEMV; unpack far under stream, the instructions;
-gemv under unpack, the activations, scales and the split-K reduction. Each probe's result is
+gemv under unpack (or unpack_half2, for the HALF2 configs), the activations, scales and the
+split-K reduction. Each probe's result is
 checked against torch before it is timed (``--check`` runs only that, on small shapes).
 """
 
@@ -37,21 +40,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from epmq_kernels.packing import pack_int4  # noqa: E402
-from epmq_kernels.w4a16 import _code_b128, _code_exact, _exponents  # noqa: E402
+from epmq_kernels._runtime import INTERPRETED  # noqa: E402
+from epmq_kernels.w4a16 import _code_b128, _code_exact, _exponents, _half2_word_sums  # noqa: E402
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 # the GEMV's tiling family (epmq_kernels.w4a16.AUTOTUNE_SPACE["gemv"], BLOCK_K = 128)
 CONFIGS = [dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=w) for bn, w in ((64, 4), (128, 4), (128, 8))
            for sk in (4, 8, 16, 32)]
 BLOCK_K = 128
+PROBES = ("stream", "unpack", "unpack_half2")  # (the probe kernel's UNPACK 0, 1, 2)
 
 
 @triton.jit
 def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
-                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UNPACK: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UNPACK: tl.constexpr,
+                  ASM: tl.constexpr):
     """Stream rows ``[pid_k rows_per_split, ...)`` of the packed words of a BLOCK_N column slice
-    with the GEMV's two-tile prefetch; XOR them (UNPACK false) or sum their codes (UNPACK true),
-    and combine the slices into ``out`` with one atomic per column."""
+    with the GEMV's two-tile prefetch; XOR them (UNPACK 0) or sum their codes (1: one fp32 code
+    at a time; 2: the HALF2 pairs), and combine the slices into ``out`` with one atomic per
+    column."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,7 +80,10 @@ def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
         ptrs += step
         nxt2 = tl.load(ptrs + step, mask=(r0 + 2 * BLOCK_R + tl.arange(0, BLOCK_R) < r_end)[:, None]
                        & n_mask[None, :], other=0, eviction_policy="evict_first")
-        if UNPACK:
+        if UNPACK == 2:
+            one = opaque_zero + 0x3C003C00  # (the pair (1.0, 1.0); zero points 0: 1024 + 0)
+            acc += _half2_word_sums(words, opaque_zero + 0x64006400, one, one, one, one, ASM)
+        elif UNPACK == 1:
             # (the masked rows hold 0: codes 0, and 128 for the biased ones, removed by the caller)
             acc += _code_exact(words, 0, e0)
             acc += _code_exact(words, 1, e1)
@@ -93,7 +103,8 @@ def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
 
 def probe(qweight, config, unpack, out=None):
     """Run the probe over ``qweight`` [K/8, N] with one config; returns ``out`` (per column: the
-    XOR of its words, or the sum of its codes with 128 per code 4..7 of every padded row)."""
+    XOR of its words (``unpack`` 0), or the sum of its codes, with 128 per code 4..7 of every
+    padded row (1) or not (2))."""
     K8, N = qweight.shape
     splits = config["SPLIT_K"]
     rows_per_split = triton.cdiv(triton.cdiv(K8, splits), BLOCK_K // 8) * (BLOCK_K // 8)
@@ -103,8 +114,8 @@ def probe(qweight, config, unpack, out=None):
         out.zero_()
     grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(K8, rows_per_split))
     _probe_kernel[grid](qweight, out, K8, N, rows_per_split, qweight.stride(0), 0,
-                        BLOCK_N=config["BLOCK_N"], BLOCK_R=BLOCK_K // 8, UNPACK=unpack,
-                        num_warps=config["num_warps"], num_stages=1)
+                        BLOCK_N=config["BLOCK_N"], BLOCK_R=BLOCK_K // 8, UNPACK=int(unpack),
+                        ASM=not INTERPRETED, num_warps=config["num_warps"], num_stages=1)
     return out
 
 
@@ -131,9 +142,13 @@ def check(qweight, codes, config):
         raise ValueError(f"stream probe {config}: wrong XOR of the words")
     K8 = qweight.shape[0]
     want_sum = codes.double().sum(0) + 128.0 * 4 * (K8 + padded_rows(K8, config))
-    got_sum = probe(qweight, config, unpack=True).double()
+    got_sum = probe(qweight, config, unpack=1).double()
     if not torch.allclose(got_sum, want_sum, rtol=1e-6, atol=0):
         raise ValueError(f"unpack probe {config}: sums off by {float((got_sum - want_sum).abs().max())}")
+    got_half2 = probe(qweight, config, unpack=2).double()
+    if not torch.equal(got_half2, codes.double().sum(0)):  # (sums of small integers: exact)
+        raise ValueError(f"unpack_half2 probe {config}: sums off by "
+                         f"{float((got_half2 - codes.double().sum(0)).abs().max())}")
 
 
 def run_check(device):
@@ -143,7 +158,7 @@ def run_check(device):
         qweight = pack_int4(codes, backend="torch") if device.type == "cpu" else pack_int4(codes)
         for config in (dict(BLOCK_N=32, SPLIT_K=2, num_warps=4), dict(BLOCK_N=64, SPLIT_K=3, num_warps=4)):
             check(qweight, codes, config)
-    print("gemv_roofline: both probes agree with torch on every checked shape and config")
+    print("gemv_roofline: every probe agrees with torch on every checked shape and config")
 
 
 def main(argv=None):
@@ -180,13 +195,13 @@ def main(argv=None):
         word_bytes = K * N // 2
         result = dict(K=K, N=N, copies=n, word_bytes=word_bytes, probes=[])
         for config in CONFIGS:
-            for unpack in (False, True):
+            for unpack, kind in enumerate(PROBES):
                 outs = [torch.zeros(N, dtype=torch.float32 if unpack else torch.int32, device=device) for _ in weights]
                 calls = [lambda q=w[0], o=o: probe(q, config, unpack, out=o) for w, o in zip(weights, outs)]
                 ms = graph_ms(calls, 1)
-                result["probes"].append(dict(config, probe="unpack" if unpack else "stream", ms=ms,
+                result["probes"].append(dict(config, probe=kind, ms=ms,
                                              gbps=word_bytes / (ms * 1e-3) / 1e9))
-        for kind in ("stream", "unpack"):
+        for kind in PROBES:
             best = max((p for p in result["probes"] if p["probe"] == kind), key=lambda p: p["gbps"])
             result[f"best_{kind}"] = best
         gemv_calls = [lambda w=w: w4a16_matmul(x, w[0], w[1], w[2], -1) for w in weights]
@@ -200,7 +215,9 @@ def main(argv=None):
         rows.append(result)
         print(f"{K}x{N}: copy {copy_gbps:.0f} GB/s | stream {result['best_stream']['gbps']:.0f} "
               f"({result['best_stream']['gbps'] / copy_gbps:.0%}) | unpack {result['best_unpack']['gbps']:.0f} "
-              f"({result['best_unpack']['gbps'] / copy_gbps:.0%}) | gemv {result['gemv_gbps']:.0f} "
+              f"({result['best_unpack']['gbps'] / copy_gbps:.0%}) | unpack_half2 "
+              f"{result['best_unpack_half2']['gbps']:.0f} "
+              f"({result['best_unpack_half2']['gbps'] / copy_gbps:.0%}) | gemv {result['gemv_gbps']:.0f} "
               f"({result['gemv_gbps'] / copy_gbps:.0%}, {result['gemv_ms'] * 1e3:.1f} us) | cuBLAS fp16 "
               f"{result['cublas_ms'] * 1e3:.1f} us", flush=True)
         del weights
