@@ -135,8 +135,11 @@ persistent workspace instead (no memsets; for graphs that are never replayed con
 
 Autotuning: the space is ``AUTOTUNE_SPACE`` below; winners (path and config) are cached on disk
 per GPU name and shape bucket by :mod:`epmq_kernels.autotune_cache`. All candidates are compiled
-in parallel before any is timed (``_precompile``). Under TRITON_INTERPRET nothing is timed and
-``INTERPRETER_CONFIG`` is used.
+in parallel before any is timed (``_precompile``). The fastest is kept only if its result on a
+fixed random activation (aligned and contiguous, so that every option of the config runs)
+matches the float32 dequantized product within ``VERIFY_TOLERANCE``; else the next fastest, and
+so on (``autotune_cache.REJECTED`` records the others). Under TRITON_INTERPRET nothing is timed
+and ``INTERPRETER_CONFIG`` is used.
 """
 
 import os
