@@ -117,12 +117,17 @@ class ExpertWeights:
                     f"share the merged model's architecture"
                 )
 
-    def read(self, name: str, *, like: Optional[torch.Tensor] = None, index=None) -> torch.Tensor:
-        """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device;
-        ``index``: ``name[index]`` only."""
+    def read(self, name: str, *, like: Optional[torch.Tensor] = None, index=None,
+             device=None) -> torch.Tensor:
+        """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device,
+        ``device`` moves it there as it is; ``index``: ``name[index]`` only. The values are
+        checked where they end up (on a GPU, a pass over a block's expert weights takes
+        microseconds where the CPU took about a tenth of a second per expert of a Llama-8B block)."""
         tensor = self.reader.get(self._require(name), index)
         if like is not None:
             tensor = tensor.to(device=like.device, dtype=like.dtype)
+        elif device is not None:
+            tensor = tensor.to(device)
         if not all_finite(tensor):
             raise ValueError(
                 f"the expert of task {self.task!r} ({self.description}): tensor {name!r} has "
