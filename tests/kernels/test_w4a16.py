@@ -579,6 +579,32 @@ def test_autotune_cache_persists(tmp_path, monkeypatch):
     assert other_gpu.get("gemm|M1024") is None
 
 
+@pytest.mark.parametrize("big", [300.0, 5000.0, 60000.0])
+def test_gemv_half2_with_massive_activations(gen, big):
+    """Activations far past fp16's comfortable range (LLMs' "massive activations"): the HALF2
+    GEMV's fp16 word sums would overflow (15 x 5000 x 8 > 65504); a row holding one is taken at
+    2^-8, so the result stays finite and as accurate as the fp32 unpacking's, the small
+    activations of the same rows included."""
+    K, N = 256, 40
+    qweight, scales, zeros, _ = make_problem(gen, K, N, 128)
+    x = torch.randn(1, K, generator=gen)
+    x[0, 3], x[0, 100] = big, -big / 3  # (rows 0 and 12 of the packed words)
+    x[0, 8:16] = big / 7  # (a whole row of large ones)
+    x = x.half()
+    y = {}
+    for half2 in (False, True):
+        config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1,
+                      HALF2=half2)
+        y[half2] = w4a16_matmul(x, qweight, scales, zeros, 128, path="gemv", config=config,
+                                backend="triton")
+    reference = w4a16_matmul_reference(x, qweight, scales, zeros, 128)
+    bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, 128).abs()
+    finite = reference.abs() < 65504  # (an output past fp16's range is inf for every path)
+    assert torch.equal(torch.isfinite(y[True]), finite) and torch.equal(torch.isfinite(y[False]), finite)
+    err = {h: float(((y[h].double() - reference).abs() / bound)[finite].max()) for h in y}
+    assert err[True] <= TOLERANCE[torch.float16] and err[True] <= 4 * err[False] + 1e-4, err
+
+
 def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
     """``tune``'s ``verify``: a wrong config is never kept however fast (asked fastest first,
     then the next), rejected ones are recorded, and a key whose every config fails is an
@@ -908,15 +934,19 @@ class TestCUDA:
                          config=config)
             assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
-    @pytest.mark.parametrize("group_size", [128, -1])
-    def test_gemv_half2_at_model_sizes(self, gen, group_size):
+    @pytest.mark.parametrize("group_size,massive", [(128, False), (-1, False), (128, True)])
+    def test_gemv_half2_at_model_sizes(self, gen, group_size, massive):
         """The HALF2 GEMV's PTX (fp16 pairs, one rounding per fused multiply-add) on 8192 inputs,
-        every HALF2 config: as accurate as the fp32 unpacking against the float64 product, and
-        the autotuner's verification passes it."""
+        every HALF2 config: as accurate as the fp32 unpacking against the float64 product (with
+        ``massive`` activations too, whose rows the PTX takes at 2^-8), and the autotuner's
+        verification passes it."""
         K, N = 8192, 4096 + 8
         qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
         qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
-        x = torch.randn(1, K, generator=gen).half().cuda()
+        x = torch.randn(1, K, generator=gen)
+        if massive:
+            x[0, 5], x[0, 4000:4008] = 5000.0, -900.0
+        x = x.half().cuda()
         reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size)
         bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, group_size).abs()
         errors = {}
