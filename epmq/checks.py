@@ -153,7 +153,7 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
             _check_hessian_shape(H, d_in, f"Hessian of {name}")
         except ValueError as error:
             queued.append((name, None, torch.cat([w_numbers, torch.zeros(7, dtype=torch.float64,
-                                                                         device=W.device)])))
+                                                                         device=w_numbers.device)])))
             pending = error
             break
         h_numbers = _hessian_numbers(H) if d_in else torch.zeros(7, dtype=torch.float64, device=H.device)

@@ -1215,7 +1215,15 @@ def _choose(paths, x2, entry):
         # zeros, NaN or values whose product overflows: nothing to judge by) against the
         # float32 dequantized product, within VERIFY_TOLERANCE of its largest entry: a wrong
         # result, not rounding, fails. Fresh, aligned and contiguous, so every option the
-        # candidate has (HALF2 included) runs.
+        # candidate has (HALF2 included) runs; one that fails to compile or run there fails.
+        try:
+            return check(candidate)
+        except torch.cuda.OutOfMemoryError:
+            return True  # (no memory to check with: the timing ran it already)
+        except Exception:  # noqa: BLE001 (a config that cannot run on the probe: not kept)
+            return False
+
+    def check(candidate):
         if not probe:
             gen = torch.Generator(device=x2.device).manual_seed(0)
             x_probe = torch.randn(x2.shape, generator=gen, device=x2.device).to(x2.dtype)
@@ -1360,6 +1368,16 @@ class _Weights:
         self.is_cuda = qweight.is_cuda
         self.scales_dtype, self.zeros_dtype = scales.dtype, zeros.dtype
         self.plans = {}
+        self._zeros_in_grid = None
+
+    def zeros_in_grid(self) -> bool:
+        """Whether every zero point lies in the 4-bit grid (0..15), as GPTQ's do: the HALF2
+        GEMV's fp16 sums are bounded only then (read once per set of weights)."""
+        if self._zeros_in_grid is None:
+            zeros = self.tensors()[2]
+            lo, hi = torch.aminmax(zeros.to(torch.int32)) if zeros.numel() else (0, 0)
+            self._zeros_in_grid = bool(0 <= int(lo) and int(hi) <= 15)
+        return self._zeros_in_grid
 
     def _forget(self, _ref):
         entries = _ENTRIES  # (None while the interpreter shuts down: nothing left to forget)
@@ -1563,12 +1581,16 @@ def _wide_rows(x2, out2, N) -> bool:
     return M * max(abs(x2.stride(0)), abs(out2.stride(0)), N) >= INT32_OFFSETS
 
 
-def _half2(config, x2, gather) -> bool:
+def _half2(config, x2, gather, entry=None) -> bool:
     """Whether a GEMV config's HALF2 option applies: fp16 activations read as words of two
-    (contiguous along K, rows 16-byte aligned: part of the plan key), groups whole per tile."""
+    (contiguous along K, rows 16-byte aligned: part of the plan key), groups whole per tile,
+    zero points in the 4-bit grid (``entry``'s, where given) and a GPU of compute capability 8.0
+    or newer (its PTX's fp16 max)."""
     return (bool(config.get("HALF2", False)) and x2.dtype == torch.float16 and not gather
             and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0
-            and (x2.shape[0] == 1 or x2.stride(0) % 8 == 0))
+            and (x2.shape[0] == 1 or x2.stride(0) % 8 == 0)
+            and (not x2.is_cuda or torch.cuda.get_device_capability(x2.device) >= (8, 0))
+            and (entry is None or entry.zeros_in_grid()))
 
 
 def _build_plan(entry, path, config, x2, out2, lead=None):
@@ -1616,7 +1638,7 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     if path == "gemv":
         args = common + [config["BLOCK_N"], block_k, split_k, config["PREFETCH"], gather,
-                         has_g_idx, one_group, _half2(config, x2, gather), not INTERPRETED]
+                         has_g_idx, one_group, _half2(config, x2, gather, entry), not INTERPRETED]
         fn = _w4a16_gemv_kernel
     else:
         cdt = _compute_dtype(x2.dtype)

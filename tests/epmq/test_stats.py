@@ -494,3 +494,12 @@ def test_add_tasks_needs_one_of_everything_per_expert(gen):
     with pytest.raises(ValueError, match="3 expert weights but 2 names"):
         stats.add_tasks(Ws, Hs, None, ["a", "b"])
     assert stats.task_weights == []
+
+
+def test_add_tasks_names_an_empty_weight_of_the_wrong_shape_on_any_device():
+    """An empty expert weight of the wrong shape on another device than the CPU (meta here, as
+    a GPU would be) gets the shape error, not a device mismatch of the checks' numbers."""
+    W_m = torch.randn(6, 10)
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"expert weight of task 0 has shape \(0, 10\)"):
+        stats.add_tasks([torch.empty(0, 10, device="meta")], [torch.eye(10)])

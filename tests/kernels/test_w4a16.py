@@ -605,6 +605,23 @@ def test_gemv_half2_with_massive_activations(gen, big):
     assert err[True] <= TOLERANCE[torch.float16] and err[True] <= 4 * err[False] + 1e-4, err
 
 
+def test_gemv_half2_is_off_for_zero_points_outside_the_grid(gen):
+    """Zero points past 15 (not GPTQ's, but not refused) would let HALF2's fp16 sums overflow
+    (z = 100, x = 200: -inf); the option is then off for those weights, and the GEMV exact."""
+    from epmq_kernels.w4a16 import _entry_for, _half2
+
+    K, N = 128, 40
+    qweight, scales, _, _ = make_problem(gen, K, N, 64)
+    zeros = torch.full((2, N), 100, dtype=torch.uint8)
+    x = torch.full((1, K), 200.0).half()
+    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, PREFETCH=2, num_warps=4, num_stages=1, HALF2=True)
+    entry = _entry_for(qweight, scales, zeros, None, 64, K, N, 2)
+    assert _half2(config, x, False) and not _half2(config, x, False, entry)
+    y = w4a16_matmul(x, qweight, scales, zeros, 64, path="gemv", config=config, backend="triton")
+    assert bool(torch.isfinite(y).all())
+    assert_close_to_reference(y, x, qweight, scales, zeros, 64, None)
+
+
 def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
     """``tune``'s ``verify``: a wrong config is never kept however fast (asked fastest first,
     then the next), rejected ones are recorded, and a key whose every config fails is an
@@ -647,11 +664,16 @@ def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
     good = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1)
     fast = dict(good, HALF2=True)
     broken = dict(good, BLOCK_N=64, BROKEN=True)
-    monkeypatch.setattr(W, "_candidates", lambda path, *args: [good, fast, broken] if path == "gemv" else [])
+    crashing = dict(good, BLOCK_N=128, CRASH=True)  # (runs on the caller's x, fails on the probe)
+    monkeypatch.setattr(W, "_candidates",
+                        lambda path, *args: [good, fast, broken, crashing] if path == "gemv" else [])
     build = W._build_plan
 
     def build_plan(entry, path, config, x2, out2, lead=None):
-        plan = build(entry, path, {k: v for k, v in config.items() if k != "BROKEN"}, x2, out2, lead)
+        plan = build(entry, path, {k: v for k, v in config.items() if k not in ("BROKEN", "CRASH")},
+                     x2, out2, lead)
+        if config.get("CRASH") and x2 is not x:
+            raise RuntimeError("PTXASError: not on this GPU")
         if not config.get("BROKEN"):
             return plan
         original = plan.__call__
@@ -670,14 +692,14 @@ def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
         return Broken()
 
     monkeypatch.setattr(W, "_build_plan", build_plan)
-    ms = {id(good): 3.0, id(fast): 2.0, id(broken): 1.0}
+    ms = {id(good): 3.0, id(fast): 2.0, id(broken): 1.0, id(crashing): 0.5}
     current = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[id(current[-1])])[1])
     tune = autotune_cache.tune
 
     def recording_tune(cache, key, candidates, run, **kw):
         def run_one(candidate):
-            current.append(next(c for c in (broken, fast, good)
+            current.append(next(c for c in (crashing, broken, fast, good)
                                 if all(candidate.get(k) == v for k, v in c.items())))
             return run(candidate)
         return tune(cache, key, candidates, run_one, **kw)
@@ -691,7 +713,7 @@ def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
     path, config = W._choose(("gemv",), x, entry)
     assert path == "gemv" and config.get("HALF2") and not config.get("BROKEN")
     rejected = autotune_cache.REJECTED[("w4a16", W._tuning_key(("gemv",), x, entry))]
-    assert [c.get("BROKEN") for c in rejected] == [True]
+    assert [(c.get("CRASH"), c.get("BROKEN")) for c in rejected] == [(True, None), (None, True)]
 
 
 @pytest.mark.parametrize("group_size", [-1, 32, 128])
