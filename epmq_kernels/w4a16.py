@@ -59,10 +59,11 @@ Paths
     then fp32), the row's activations read as words of two, a row with an activation above
     256 taken at 2^-8 so that no word's sum overflows fp16 (``_x_pairs``). Its error: up to
     2^-10 of a word's sum of |terms|; at 8192 inputs an rms of 3.6e-4 of the output against
-    fp16 rounding's 2.8e-4. Compiled for sm_90 that is 28-34 instructions per packed word in
-    the loop against 43-49, and 64-128 registers against 80-167 (more programs per SM). The
-    autotuner keeps it only where it is faster, and only if its result verifies
-    (``VERIFY_TOLERANCE``), like every config.
+    fp16 rounding's 2.8e-4. Off where its bounds do not hold (zero points outside 0..15) or its
+    PTX does not compile (compute capability below 8.0). Compiled for sm_90 that is 28-34
+    instructions per packed word in the loop against 43-49, and 64-128 registers against
+    80-167 (more programs per SM). The autotuner keeps it only where it is faster, and only if
+    its result verifies (``VERIFY_TOLERANCE``), like every config.
 
 * ``splitk`` (2 <= M <= 64; also a candidate at M = 1) and ``gemm`` (M > 64) share
   ``_w4a16_dot_kernel``: the tiled ``tl.dot`` GEMM of the Triton matmul tutorial (grouped
