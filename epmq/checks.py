@@ -36,11 +36,15 @@ def _check_hessian_shape(H, d_in: int, name: str) -> None:
 
 
 _PROBES = {}  # (d_in, device, dtype) -> the fixed random vectors [v, u] of _hessian_numbers
+_N_NUMBERS = 7  # the length of _hessian_numbers' vector
 
 
-def _probes(d_in: int, device, dtype) -> tuple:
-    """``([v, u] as [d_in, 2], |u|)``: fixed random vectors (seed 0), made once per width, device
-    and dtype (a few of them are kept: each layer width of a model has its own)."""
+def _probes(H: torch.Tensor) -> tuple:
+    """``([v, u] as [d_in, 2], |u|)`` for ``H``: fixed random vectors (seed 0) in the dtype H's
+    products are taken in (half precision in fp32), made once per width, device and dtype (a
+    few of them are kept: each layer width of a model has its own)."""
+    d_in, device = H.shape[0], H.device
+    dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     key = (d_in, str(device), dtype)
     hit = _PROBES.get(key)
     if hit is None:
@@ -67,8 +71,8 @@ def _hessian_numbers(H: torch.Tensor) -> torch.Tensor:
     layer, and on a GPU each operation costs the host microseconds)."""
     d_in = H.shape[0]
     diag = torch.diagonal(H)
-    dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
-    vu, u_norm = _probes(d_in, H.device, dtype)
+    vu, _ = _probes(H)
+    dtype = vu.dtype
     if H.dtype == dtype:
         H_vu = H @ vu  # (both vectors in one pass over H)
     else:
@@ -89,8 +93,7 @@ def _judge_hessian(H: torch.Tensor, numbers, name: str) -> float:
     matrix's; returns ``tr(H)``."""
     lo, hi, diag_min, n_dead, gap, Hv_norm, trace = numbers
     d_in = H.shape[0]
-    u_norm = _probes(d_in, H.device, H.dtype if H.dtype in (torch.float32, torch.float64)
-                     else torch.float32)[1]
+    u_norm = _probes(H)[1]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
     if diag_min < 0:
@@ -152,11 +155,12 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
                 raise ValueError(f"{what} has shape {tuple(W.shape)}, the merged weight {tuple(shape)}")
             _check_hessian_shape(H, d_in, f"Hessian of {name}")
         except ValueError as error:
-            queued.append((name, None, torch.cat([w_numbers, torch.zeros(7, dtype=torch.float64,
+            queued.append((name, None, torch.cat([w_numbers, torch.zeros(_N_NUMBERS, dtype=torch.float64,
                                                                          device=w_numbers.device)])))
             pending = error
             break
-        h_numbers = _hessian_numbers(H) if d_in else torch.zeros(7, dtype=torch.float64, device=H.device)
+        h_numbers = (_hessian_numbers(H) if d_in
+                     else torch.zeros(_N_NUMBERS, dtype=torch.float64, device=H.device))
         queued.append((name, H, torch.cat([w_numbers.to(H.device), h_numbers])))
     traces = []
     if queued:

@@ -1063,19 +1063,20 @@ class _Walk:
         key = self.ckpt(name)
         source = self.experts[task]
         device = like.device if like is not None else device
-        logged = self._reads is not None  # (fingerprinted on the CPU, where it was read)
-        wanted, device = device, (None if logged else device)
+        logged = self._reads is not None
+        # read (and so checked) on the device, unless fingerprinted for the resume log: on the CPU
+        read_on = None if logged else device
         if self._fused_in(source, key):  # (only this expert's rows of the fused tensor are read)
-            tensor = key.take(source.read(key.fused, index=key.where, device=device), read=True)
+            tensor = key.take(source.read(key.fused, index=key.where, device=read_on), read=True)
         else:
-            tensor = source.read(key, device=device)
+            tensor = source.read(key, device=read_on)
         if isinstance(key, Transposed):
             tensor = tensor.t()
         if logged:  # a block being solved for the resume log: its digest's part
             self._reads[(task, name)] = fingerprint(tensor)
         if like is not None:
             return tensor.to(device=like.device, dtype=like.dtype).contiguous()
-        return tensor if wanted is None else tensor.to(wanted)
+        return tensor if device is None else tensor.to(device)
 
     # ----------------------------------------------------------------- resuming
 

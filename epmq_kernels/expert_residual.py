@@ -409,16 +409,15 @@ def _residual_cublas(G, W_k, W_m, H_k, a, precision):
     return torch.sum(P * D, dtype=torch.float64).reshape(1)
 
 
-def _split_bf16(X, Y, out, mid):
-    """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to the three parts
-    of ``out`` (``[n_rows, 3, n_cols]``-like, given by its strides), the remainder at part ``mid``."""
+def _split_bf16(X, Y, parts, mid):
+    """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to ``parts``, a
+    ``[n_rows, 3, n_cols]`` bf16 view (any strides), the remainder at part ``mid``."""
     n_rows, n_cols = X.shape
     BR, BC, warps = _SPLIT_TILE
-    bits = out.view(torch.int16)
-    stride_row, stride_part = (3 * n_cols, n_cols) if out.shape[1] == 3 * n_cols else (n_cols, n_rows * n_cols)
+    bits = parts.view(torch.int16)
     _split_kernel[(triton.cdiv(n_rows, BR), triton.cdiv(n_cols, BC))](
         X, X if Y is None else Y, bits, n_rows, n_cols, X.stride(0),
-        X.stride(0) if Y is None else Y.stride(0), stride_row, stride_part,
+        X.stride(0) if Y is None else Y.stride(0), bits.stride(0), bits.stride(1),
         HAS_Y=Y is not None, MID=mid, BLOCK_R=BR, BLOCK_C=BC, num_warps=warps)
 
 
@@ -429,8 +428,8 @@ def _residual_split_cublas(G, W_k, W_m, H_k, a):
     d_out, d_in = G.shape
     A = torch.empty(d_out, 3 * d_in, dtype=torch.bfloat16, device=G.device)  # [D_hi | D_mid | D_hi]
     B = torch.empty(3 * d_in, d_in, dtype=torch.bfloat16, device=G.device)  # [H_hi; H_hi; H_mid]
-    _split_bf16(W_k, W_m, A, mid=1)
-    _split_bf16(H_k, None, B, mid=2)
+    _split_bf16(W_k, W_m, A.view(d_out, 3, d_in), mid=1)
+    _split_bf16(H_k, None, B.view(3, d_in, d_in).transpose(0, 1), mid=2)
     P = _bf16_mm(A, B)
     del A, B
     BR, BC, warps = _SPLIT_TILE

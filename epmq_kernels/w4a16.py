@@ -1172,6 +1172,11 @@ def _tuning_key(paths, x2, entry):
             + ("|tf32" if _tf32(x2.dtype) else ""))
 
 
+def _path_config(candidate):
+    """An autotune candidate (a config with its ``PATH``) as ``(path, config)``."""
+    return candidate["PATH"], {k: v for k, v in candidate.items() if k != "PATH"}
+
+
 def _choose(paths, x2, entry):
     """``(path, config)``: from this process, the disk cache, or by timing every candidate of
     every competing path (the whole operation, launches and workspace included)."""
@@ -1198,9 +1203,7 @@ def _choose(paths, x2, entry):
     def plan_of(candidate):
         plan = plans.get(id(candidate))
         if plan is None or not plan.usable():
-            config = {k: v for k, v in candidate.items() if k != "PATH"}
-            plan = plans[id(candidate)] = _build_plan(entry, candidate["PATH"], config, x2,
-                                                      scratch)
+            plan = plans[id(candidate)] = _build_plan(entry, *_path_config(candidate), x2, scratch)
         return plan
 
     def run(candidate):
@@ -1220,7 +1223,7 @@ def _choose(paths, x2, entry):
         try:
             return check(candidate)
         except torch.cuda.OutOfMemoryError:
-            return True  # (no memory to check with: the timing ran it already)
+            return True  # (no memory for the probe or a dequantized copy: the timing ran it)
         except Exception:  # noqa: BLE001 (a config that cannot run on the probe: not kept)
             return False
 
@@ -1228,24 +1231,19 @@ def _choose(paths, x2, entry):
         if not probe:
             gen = torch.Generator(device=x2.device).manual_seed(0)
             x_probe = torch.randn(x2.shape, generator=gen, device=x2.device).to(x2.dtype)
-            try:
-                qweight, scales, zeros, g_idx = entry.tensors()
-                y_ref = w4a16_matmul_reference(x_probe, qweight, scales, zeros, entry.group_size,
-                                               g_idx if entry.permuted else None,
-                                               dtype=torch.float32)
-            except torch.cuda.OutOfMemoryError:
-                y_ref = None  # (no memory for a dequantized copy: not checked)
+            qweight, scales, zeros, g_idx = entry.tensors()
+            y_ref = w4a16_matmul_reference(x_probe, qweight, scales, zeros, entry.group_size,
+                                           g_idx if entry.permuted else None, dtype=torch.float32)
             probe.append((x_probe, torch.empty_like(scratch), y_ref))
         x_probe, y, y_ref = probe[0]
-        if y_ref is None or not bool(torch.isfinite(y_ref).all()):
+        if not bool(torch.isfinite(y_ref).all()):
             return True
-        config = {k: v for k, v in candidate.items() if k != "PATH"}
-        _build_plan(entry, candidate["PATH"], config, x_probe, y)(x_probe, y)
+        _build_plan(entry, *_path_config(candidate), x_probe, y)(x_probe, y)
         bound = VERIFY_TOLERANCE * float(y_ref.abs().max()) + 1e-6
         return bool(((y.float() - y_ref).abs().max() <= bound).item())
 
     best = autotune_cache.tune(cache, key, candidates, run, prepare=precompile, verify=verify)
-    chosen = best["PATH"], {k: v for k, v in best.items() if k != "PATH"}
+    chosen = _path_config(best)
     if not torch.cuda.is_current_stream_capturing():
         _CHOSEN[memo] = chosen
     return chosen

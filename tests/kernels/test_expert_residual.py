@@ -315,12 +315,12 @@ def test_split_kernel_is_torchs_bf16_split(gen):
     X = X.to(DEVICE)
     Y = rand(gen, d_out, d_in)
     A = torch.empty(d_out, 3 * d_in, dtype=torch.bfloat16, device=DEVICE)
-    er._split_bf16(X, Y, A, mid=1)
+    er._split_bf16(X, Y, A.view(d_out, 3, d_in), mid=1)
     hi, mid = bf16_split(X - Y)
     for part, want in enumerate((hi, mid, hi)):
         assert torch.equal(A[:, part * d_in:(part + 1) * d_in].view(torch.int16), want.view(torch.int16))
     B = torch.empty(3 * d_out, d_in, dtype=torch.bfloat16, device=DEVICE)
-    er._split_bf16(X, None, B, mid=2)
+    er._split_bf16(X, None, B.view(3, d_out, d_in).transpose(0, 1), mid=2)
     hi, mid = bf16_split(X)
     for part, want in enumerate((hi, hi, mid)):
         assert torch.equal(B[part * d_out:(part + 1) * d_out].view(torch.int16), want.view(torch.int16))
