@@ -31,9 +31,11 @@ import torch
 from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import (
     DEFAULT_RESIDUAL_PRECISION,
+    FOLD_ARITY,
     accumulate_residual,
     accumulate_xxt,
     check_residual_precision,
+    fold_hessians,
 )
 
 from .checks import all_finite, check_experts, check_hessian, check_weight
@@ -209,22 +211,34 @@ class EPMQStats:
         # (each task weight checked right after its expert, as add_task would, before any fold)
         traces = check_experts(expert_weights, expert_hessians, self.W_merged.shape, names,
                                then=lambda k, trace: self._task_weight(weights[k], trace, names[k]))
-        for W_k, H_expert, weight, name, trace in zip(expert_weights, expert_hessians, weights, names,
-                                                      traces):
-            H_k = H_expert.to(device=self.H_e.device, dtype=self.dtype)
-            # (the trace as read, unless the conversion changed the dtype it is summed in)
-            self._fold(W_k, H_k, None, 0.0, weight, name,
-                       trace=trace if H_k.dtype == H_expert.dtype else None)
+        # FOLD_ARITY experts at a time: their Hessians in one pass over H_e and H_m, then their
+        # residuals (converted Hessians are held for one such group only)
+        for start in range(0, K, FOLD_ARITY):
+            group = range(start, min(K, start + FOLD_ARITY))
+            H_ks, a_s = [], []
+            for k in group:
+                H_k = expert_hessians[k].to(device=self.H_e.device, dtype=self.dtype)
+                # (the trace as read, unless the conversion changed the dtype it is summed in)
+                trace = traces[k] if H_k.dtype == expert_hessians[k].dtype else None
+                H_ks.append(H_k)
+                a_s.append(self._weight_of(H_k, weights[k], names[k], trace))
+            self._fold_hessians(H_ks, a_s)
+            for k, H_k, a in zip(group, H_ks, a_s):
+                self._fold(expert_weights[k], H_k, None, 0.0, a, names[k])
 
-    def _fold(self, W_expert, H_k, G_k, c_k, weight, name, trace=None):
-        """``trace``: ``tr(H_k)`` where the caller has read it already."""
+    def _weight_of(self, H_k, weight, name, trace=None):
+        """``a_k`` of a task (``trace``: ``tr(H_k)`` where the caller has read it already)."""
         if trace is None:
             trace = float(torch.diagonal(H_k).sum())
-        a = self._task_weight(weight, trace, name)
+        return self._task_weight(weight, trace, name)
+
+    def _fold_hessians(self, H_ks, a_s):
         if self.inputs_of is None:  # (else the layer whose inputs these are adds H_k)
-            self.H_e.add_(H_k, alpha=a)
-            if self.own_H_m:
-                self.H_m.add_(H_k)
+            fold_hessians(self.H_e, self.H_m if self.own_H_m else None, H_ks, a_s,
+                          backend=self.backend)
+
+    def _fold(self, W_expert, H_k, G_k, c_k, a, name):
+        """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already)."""
         if G_k is None:
             W_k = W_expert.to(device=self.G_e.device)
             # (tr(D H_k D^T) stays on the device until c_e is read: no wait per expert)
@@ -322,7 +336,9 @@ class EPMQStats:
             # no token is; a layer left with no task is the caller's to round (the walker: RTN).
             self.empty_tasks.append(task.name)
             return
-        self._fold(task.W, task.H, task.G, task.c, task.weight, task.name)
+        a = self._weight_of(task.H, task.weight, task.name)
+        self._fold_hessians([task.H], [a])
+        self._fold(task.W, task.H, task.G, task.c, a, task.name)
 
     # ----------------------------------------------------------------- result
 

@@ -259,6 +259,46 @@ def test_residual_precision_of_the_triton_statistics(gen, precision):
     assert torch.isfinite(result.weight).all()
 
 
+@pytest.mark.parametrize("merged_given", [False, True])
+def test_triton_statistics_fold_every_hessian_once(gen, merged_given):
+    """On the Triton backend the experts' Hessians are folded FOLD_ARITY at a time (add_tasks)
+    or one by one (streamed tasks, and the layers that share their inputs): H_e, H_m and the
+    task weights are the torch backend's, for 9 experts (groups of 4, 4 and 1), a merged
+    Hessian given (not folded) or not, fp64 Hessians converted to the fp32 statistics."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(9)]
+    H_k = [gram(batches(gen, n_batches=1, scale=0.5 + k)) for k in range(9)]  # (fp64)
+    weights = [None] * 8 + [0.25]
+    merged = gram(batches(gen)).float() if merged_given else None
+    ref = EPMQStats(W_m, backend="torch", merged_hessian=merged)
+    got = EPMQStats(W_m, backend="triton", merged_hessian=merged)
+    ref.add_tasks(W_k, H_k, weights)
+    got.add_tasks(W_k, H_k, weights)
+    assert got.task_weights == pytest.approx(ref.task_weights, rel=1e-6)
+    for name in ("H_e", "H_m", "G_e"):
+        want, have = getattr(ref, name), getattr(got, name)
+        assert (have - want).abs().max() <= 1e-5 * want.abs().max(), name
+    if merged_given:
+        assert torch.equal(got.H_m, merged)
+    # streamed: a leader folds each task's H_k once, its follower (same inputs) none
+    xs = [batches(gen, scale=s) for s in (0.5, 2.0)]
+    results = []
+    for backend in ("torch", "triton"):
+        lead = EPMQStats(W_m, backend=backend)
+        follow = EPMQStats(W_m[:5], backend=backend, inputs_of=lead)
+        for W, batch in zip(W_k, xs):
+            lead.begin_task(W)
+            follow.begin_task(W[:5])
+            for x in batch:
+                lead.add_batch(x)
+                follow.add_batch(x)
+            lead.end_task()
+            follow.end_task()
+        results.append((lead.H_e.clone(), lead.H_m.clone(), follow.G_e.clone()))
+    for want, have in zip(*results):
+        assert (have - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_residual_precision_is_checked(gen):
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
     with pytest.raises(ValueError, match="residual_precision"):

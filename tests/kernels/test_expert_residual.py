@@ -18,6 +18,9 @@ from epmq_kernels.expert_residual import (
     accumulate_xxt,
     accumulate_xxt_reference,
     accumulate_xxt_triton,
+    fold_hessians,
+    fold_hessians_reference,
+    fold_hessians_triton,
     tf32_round,
 )
 from gpu_compile import ptxas_available, run_compile_script
@@ -544,6 +547,14 @@ for cap in (90, 80):
                if n in ("G", "P", "a_ptr", "partial") else "i32") for n in er._add_product_kernel.arg_names}
         triton.compile(ASTSource(er._add_product_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
+    BLOCK, warps = er._FOLD_BLOCK
+    for e, h, n_in, has_m in (("fp32", "fp32", 4, True), ("fp32", "fp64", 3, False),
+                              ("fp64", "fp32", 1, True), ("fp32", "bf16", 2, True)):
+        const = dict(N_IN=n_in, HAS_M=has_m, BLOCK=BLOCK)
+        sig = {n: "constexpr" if n in const else (f"*{e}" if n in ("H_e", "H_m", "a_ptr")
+               else f"*{h}" if n.startswith("H") else "i64") for n in er._fold_kernel.arg_names}
+        triton.compile(ASTSource(er._fold_kernel, sig, constexprs=const),
+                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
 print("compiled")
 """
 
@@ -552,6 +563,49 @@ print("compiled")
 def test_statistics_kernels_compile_for_gpus():
     proc = run_compile_script(_COMPILE_STATS, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- Hessian fold
+
+
+@pytest.mark.parametrize("e_dtype,h_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                             (torch.float32, torch.bfloat16), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("n_hessians", [1, 3, 4, 9])
+@pytest.mark.parametrize("with_merged", [True, False])
+def test_fold_matches_reference(gen, e_dtype, h_dtype, n_hessians, with_merged):
+    """Every Hessian is folded in once, with its own weight, in groups of FOLD_ARITY and a
+    shorter last one; a transposed (non-contiguous) Hessian is read as the matrix it is."""
+    d = 37  # (37^2 elements: not a multiple of the kernel's block)
+    hessians = [gram(gen, 50, d, torch.float64).to(h_dtype) for _ in range(n_hessians)]
+    hessians[-1] = (hessians[-1] + rand(gen, d, d, dtype=torch.float64).to(h_dtype)).T
+    weights = (torch.rand(n_hessians, generator=gen) + 0.1).tolist()
+    H_e, H_m = rand(gen, d, d, dtype=e_dtype), rand(gen, d, d, dtype=e_dtype) if with_merged else None
+    want_e, want_m = H_e.clone(), None if H_m is None else H_m.clone()
+    fold_hessians_reference(want_e, want_m, hessians, weights)
+    got_e, got_m = H_e.clone(), None if H_m is None else H_m.clone()
+    fold_hessians_triton(got_e, got_m, hessians, weights)
+    # (one rounding per Hessian and sum, whether or not the product and the sum are fused)
+    assert_update_close(got_e, want_e, H_e, n_hessians * EPS[e_dtype])
+    if H_m is not None:
+        assert_update_close(got_m, want_m, H_m, n_hessians * EPS[e_dtype])
+    assert fold_hessians(H_e, H_m, [], [], backend="triton") is None  # (nothing to fold: unchanged)
+
+
+def test_fold_argument_errors(gen):
+    H_e = torch.zeros(8, 8, device=DEVICE)
+    H = rand(gen, 8, 8)
+    with pytest.raises(ValueError, match="2 Hessians but 1 weights"):
+        fold_hessians_triton(H_e, None, [H, H], [1.0])
+    with pytest.raises(ValueError, match=r"Hessian 1 is \(8, 9\)"):
+        fold_hessians_triton(H_e, None, [H, rand(gen, 8, 9)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="H_m must be"):
+        fold_hessians_triton(H_e, torch.zeros(8, 8, dtype=torch.float64, device=DEVICE), [H], [1.0])
+    with pytest.raises(ValueError, match="H_e must be contiguous"):
+        fold_hessians_triton(torch.zeros(8, 16, device=DEVICE)[:, :8], None, [H], [1.0])
+    with pytest.raises(ValueError, match="different devices.*Hessian 0=meta"):
+        fold_hessians_triton(H_e, None, [torch.zeros(8, 8, device="meta")], [1.0])
+    with pytest.raises(ValueError, match="backend"):
+        fold_hessians(H_e, None, [H], [1.0], backend="cuda")
 
 
 # --------------------------------------------------------------------------- aliasing, strides, devices
