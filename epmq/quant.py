@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from epmq_kernels._runtime import fp32_mm, ieee_mm, split_once
-from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION
+from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, fold_hessians
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
 
@@ -671,16 +671,22 @@ def epmq_from_stats(
                       "it): E-PMQ goes on without the anchor term")
     lam = anchor * s / trace_m if anchor > 0 and trace_m > 0 else 0.0
     mu = weight_anchor * s / d_in
-    # (in place into one float64 copy: at 14336 inputs each d_in^2 float64 temporary is 1.6 GB)
-    H = H_e.to(torch.float64, copy=True)  # (copy: never the statistics' own H_e)
-    if lam:
-        H.add_(H_m, alpha=lam)
+    backend = resolve_backend(backend, W_m.device)
+    # (in place into one float64 matrix, never the statistics' own H_e: at 14336 inputs each
+    # d_in^2 float64 temporary is 1.6 GB; on the Triton backend in one pass over H_e and H_m)
+    if backend == "triton":
+        H = torch.empty(d_in, d_in, dtype=torch.float64, device=H_e.device)
+        fold_hessians(H, None, [H_e, H_m] if lam else [H_e], [1.0, lam] if lam else [1.0],
+                      backend=backend, overwrite=True)
+    else:
+        H = H_e.to(torch.float64, copy=True)
+        if lam:
+            H.add_(H_m, alpha=lam)
     if mu:
         H.diagonal().add_(mu)
     G = G_e.to(torch.float64, copy=G_m is not None and bool(lam))
     if G_m is not None and lam:
         G.add_(G_m, alpha=lam)
-    backend = resolve_backend(backend, W_m.device)
     mm = fp32_mm(W_m.device, _fp32_floor(backend, stats.residual_precision))
 
     result = _round_target(

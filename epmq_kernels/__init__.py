@@ -15,6 +15,9 @@ from .expert_residual import (
     accumulate_xxt,
     accumulate_xxt_reference,
     accumulate_xxt_triton,
+    fold_hessians,
+    fold_hessians_reference,
+    fold_hessians_triton,
 )
 
 __all__ = [
@@ -24,4 +27,5 @@ __all__ = [
     "SolveOut", "gptq_solve_reference", "gptq_solve_triton",
     "accumulate_residual", "accumulate_residual_reference", "accumulate_residual_triton",
     "accumulate_xxt", "accumulate_xxt_reference", "accumulate_xxt_triton",
+    "fold_hessians", "fold_hessians_reference", "fold_hessians_triton",
 ]

@@ -75,9 +75,11 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     return float(trace) if read else trace
 
 
-def _check_fold_args(H_e, H_m, hessians, weights):
+def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     if H_e.dim() != 2 or H_e.shape[0] != H_e.shape[1]:
         raise ValueError(f"H_e must be a square matrix, got {tuple(H_e.shape)}")
+    if overwrite and H_m is not None:
+        raise ValueError("overwrite folds into H_e alone: H_m must be None")
     if H_m is not None and (H_m.shape != H_e.shape or H_m.dtype != H_e.dtype):
         raise ValueError(f"H_m must be {tuple(H_e.shape)} {H_e.dtype} like H_e, got "
                          f"{tuple(H_m.shape)} {H_m.dtype}")
@@ -88,10 +90,13 @@ def _check_fold_args(H_e, H_m, hessians, weights):
             raise ValueError(f"Hessian {k} is {tuple(H_k.shape)}, H_e {tuple(H_e.shape)}")
 
 
-def fold_hessians_reference(H_e, H_m, hessians, weights):
+def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = False):
     """In place, in H_e's precision and the order given: ``H_e += a_k H_k`` and (``H_m`` not None)
-    ``H_m += H_k`` for each Hessian ``H_k`` and weight ``a_k``."""
-    _check_fold_args(H_e, H_m, hessians, weights)
+    ``H_m += H_k`` for each Hessian ``H_k`` and weight ``a_k``. ``overwrite``: ``H_e`` starts from
+    zero (its values are not read; ``H_m`` must be None)."""
+    _check_fold_args(H_e, H_m, hessians, weights, overwrite)
+    if overwrite:
+        H_e.zero_()
     for H_k, a in zip(hessians, weights):
         H_e.add_(H_k, alpha=float(a))
         if H_m is not None:
@@ -329,7 +334,8 @@ def _add_product_kernel(
 # The fold of FOLD_ARITY Hessians per pass: each pass reads H_e, H_m and its Hessians once and
 # writes H_e and H_m once, (2 + n) + 2 passes over a d_in x d_in matrix for n Hessians where
 # torch's two in-place adds per Hessian take 6 n (8 experts at 14336 inputs: 24 GB of traffic
-# against 39 GB; 2 launches against 16).
+# against 39 GB; 2 launches against 16). E-PMQ's float64 H = H_e + lam H_m is one more such
+# pass, overwriting (H_e's values not read): 4 passes of fp32 size where torch's copy and add took 8.
 FOLD_ARITY = 4
 _FOLD_BLOCK = (1024, 4)  # elements per program, num_warps
 
@@ -352,13 +358,16 @@ def _fold_kernel(
     n,
     N_IN: tl.constexpr,
     HAS_M: tl.constexpr,
+    READ_E: tl.constexpr,  # False: H_e starts from zero (overwritten, not read)
     BLOCK: tl.constexpr,
 ):
     """The Hessians are added one after the other, in the order given, each sum rounded to H_e's
     dtype as the reference's ``add_`` rounds it."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    e = tl.load(H_e + offs, mask=ok, other=0.0)
+    e = tl.zeros([BLOCK], H_e.dtype.element_ty)
+    if READ_E:
+        e = tl.load(H_e + offs, mask=ok, other=0.0)
     m = e
     if HAS_M:
         m = tl.load(H_m + offs, mask=ok, other=0.0)
@@ -562,10 +571,12 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     return float(trace) if read else trace
 
 
-def fold_hessians_triton(H_e, H_m, hessians, weights):
+def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False):
     """As :func:`fold_hessians_reference`, FOLD_ARITY Hessians a pass (``H_e``, ``H_m``
     contiguous; Hessians that are not are copied first)."""
-    _check_fold_args(H_e, H_m, hessians, weights)
+    _check_fold_args(H_e, H_m, hessians, weights, overwrite)
+    if overwrite and not hessians:
+        H_e.zero_()
     check_device(H_e, *([] if H_m is None else [H_m]), *hessians,
                  names=["H_e"] + ([] if H_m is None else ["H_m"])
                  + [f"Hessian {k}" for k in range(len(hessians))])
@@ -582,7 +593,8 @@ def fold_hessians_triton(H_e, H_m, hessians, weights):
         pad = chunk + [chunk[0]] * (FOLD_ARITY - len(chunk))  # (unread pointers)
         _fold_kernel[(triton.cdiv(n, BLOCK),)](
             H_e, H_e if H_m is None else H_m, *pad, a, n,
-            N_IN=len(chunk), HAS_M=H_m is not None, BLOCK=BLOCK, num_warps=warps)
+            N_IN=len(chunk), HAS_M=H_m is not None, READ_E=not (overwrite and start == 0),
+            BLOCK=BLOCK, num_warps=warps)
 
 
 def accumulate_xxt_triton(H, X):
@@ -648,11 +660,12 @@ def accumulate_xxt(H, X, *, backend: str = "torch"):
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
 
-def fold_hessians(H_e, H_m, hessians, weights, *, backend: str = "torch"):
-    """In place: ``H_e += sum_k a_k H_k`` and (``H_m`` not None) ``H_m += sum_k H_k``, in H_e's
-    precision, adding the Hessians in the order given."""
+def fold_hessians(H_e, H_m, hessians, weights, *, backend: str = "torch", overwrite: bool = False):
+    """In place: ``H_e += sum_k a_k H_k`` (``overwrite``: ``H_e = ...``, its values not read) and
+    (``H_m`` not None) ``H_m += sum_k H_k``, in H_e's precision, adding the Hessians in the order
+    given."""
     if backend == "torch":
-        return fold_hessians_reference(H_e, H_m, hessians, weights)
+        return fold_hessians_reference(H_e, H_m, hessians, weights, overwrite=overwrite)
     if backend == "triton":
-        return fold_hessians_triton(H_e, H_m, hessians, weights)
+        return fold_hessians_triton(H_e, H_m, hessians, weights, overwrite=overwrite)
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")

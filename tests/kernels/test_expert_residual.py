@@ -550,7 +550,7 @@ for cap in (90, 80):
     BLOCK, warps = er._FOLD_BLOCK
     for e, h, n_in, has_m in (("fp32", "fp32", 4, True), ("fp32", "fp64", 3, False),
                               ("fp64", "fp32", 1, True), ("fp32", "bf16", 2, True)):
-        const = dict(N_IN=n_in, HAS_M=has_m, BLOCK=BLOCK)
+        const = dict(N_IN=n_in, HAS_M=has_m, READ_E=has_m, BLOCK=BLOCK)
         sig = {n: "constexpr" if n in const else (f"*{e}" if n in ("H_e", "H_m", "a_ptr")
                else f"*{h}" if n.startswith("H") else "i64") for n in er._fold_kernel.arg_names}
         triton.compile(ASTSource(er._fold_kernel, sig, constexprs=const),
@@ -589,6 +589,15 @@ def test_fold_matches_reference(gen, e_dtype, h_dtype, n_hessians, with_merged):
     if H_m is not None:
         assert_update_close(got_m, want_m, H_m, n_hessians * EPS[e_dtype])
     assert fold_hessians(H_e, H_m, [], [], backend="triton") is None  # (nothing to fold: unchanged)
+    # overwriting: H_e's old values (NaN here) are not read, whatever the number of passes
+    want = torch.zeros_like(H_e)
+    fold_hessians_reference(want, None, hessians, weights)
+    got = torch.full_like(H_e, float("nan"))
+    fold_hessians(got, None, hessians, weights, backend="triton", overwrite=True)
+    assert_update_close(got, want, torch.zeros_like(H_e), n_hessians * EPS[e_dtype])
+    ref = torch.full_like(H_e, float("nan"))
+    fold_hessians(ref, None, hessians, weights, backend="torch", overwrite=True)
+    assert torch.equal(ref, want)
 
 
 def test_fold_argument_errors(gen):
@@ -606,6 +615,11 @@ def test_fold_argument_errors(gen):
         fold_hessians_triton(H_e, None, [torch.zeros(8, 8, device="meta")], [1.0])
     with pytest.raises(ValueError, match="backend"):
         fold_hessians(H_e, None, [H], [1.0], backend="cuda")
+    with pytest.raises(ValueError, match="H_m must be None"):
+        fold_hessians_triton(H_e, H_e.clone(), [H], [1.0], overwrite=True)
+    empty = torch.full((8, 8), float("nan"), device=DEVICE)
+    fold_hessians_triton(empty, None, [], [], overwrite=True)  # (no Hessian: the zero sum)
+    assert torch.equal(empty, torch.zeros_like(empty))
 
 
 # --------------------------------------------------------------------------- aliasing, strides, devices
