@@ -355,9 +355,10 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# pytest-benchmark mode
+# pytest-benchmark mode (only under pytest: gemv_roofline.py imports this module as a library,
+# where pytest_marks' skip without pytest-benchmark would escape as an error)
 # ----------------------------------------------------------------------------------------------
-if __name__ != "__main__":
+if __name__ != "__main__" and "pytest" in sys.modules:
     import pytest
 
     pytestmark = pytest_marks()

@@ -21,8 +21,8 @@ splits its operands as ``bf16x3_mm`` does, not counted).
 ``--gpu-path`` runs the Triton backend instead, its kernels in Triton's interpreter: the
 residual by the cuBLAS candidate ``--residual`` (``cublas_split``, the default: one bf16 product
 of operands split side by side by a kernel; ``cublas``: ``bf16x3_mm``), R and the anchor term by
-``bf16x3_mm`` (the floor of the default bf16x3 residual). A Triton launch counts the bytes of its
-distinct tensor arguments, and of those it updates in place (IN_PLACE) once more; the bf16 products
+``bf16x3_mm`` (the floor of the default bf16x3 residual). A Triton launch counts the bytes of the
+buffers it reads and of those it writes (KERNEL_IO; a kernel not listed there: all read); the bf16 products
 (emulated here) are left out like the others.
 
 Counts are exact and deterministic (one round is enough); ``--baseline REV`` counts git
@@ -84,22 +84,30 @@ _CHILD = textwrap.dedent(r'''
         import epmq_kernels.expert_residual as er
         import triton.runtime.interpreter as interpreter
 
-        # what each kernel writes: in place (read and written) or out only (written)
-        IN_PLACE = {"_fold_kernel": ("H_e", "H_m"), "_add_product_kernel": ("G",)}
-        OUT_ONLY = {"_split_kernel": ("OUT",), "_add_product_kernel": ("partial",)}
+        # what each kernel reads and writes, by argument name (others: every tensor read)
+        def fold_io(kw):
+            n_in = kw["N_IN"]
+            reads = [f"H{k}" for k in range(n_in)] + ["a_ptr"] + ["H_e"] * kw["READ_E"] \
+                + ["H_m"] * kw["HAS_M"]
+            return reads, ["H_e"] + ["H_m"] * kw["HAS_M"]
+
+        KERNEL_IO = {
+            "_fold_kernel": fold_io,
+            "_split_kernel": lambda kw: (["X"] + ["Y"] * kw["HAS_Y"], ["OUT"]),
+            "_add_product_kernel": lambda kw: (["G", "P", "W_k", "W_m", "a_ptr"], ["G", "partial"]),
+        }
         launch = interpreter.InterpretedFunction.run
 
         def counted_launch(self, *args, grid, warmup, **kwargs):
             named = dict(zip(self.arg_names, args), **kwargs)
-            seen, nbytes = set(), 0
-            for arg_name, t in named.items():
-                if isinstance(t, torch.Tensor):  # (an out-only tensor: its one write)
-                    size = t.untyped_storage().nbytes()
-                    if t.untyped_storage().data_ptr() not in seen:
-                        seen.add(t.untyped_storage().data_ptr())
-                        nbytes += size
-                    if arg_name in IN_PLACE.get(self.fn.__name__, ()):
-                        nbytes += size
+            tensors = {n: t for n, t in named.items() if isinstance(t, torch.Tensor)}
+            io = KERNEL_IO.get(self.fn.__name__)
+            reads, writes = io(named) if io else (list(tensors), [])
+            nbytes = 0
+            for names in (reads, writes):  # (each buffer once per direction)
+                storages = {tensors[n].untyped_storage().data_ptr(): tensors[n].untyped_storage().nbytes()
+                            for n in names}
+                nbytes += sum(storages.values())
             if active:
                 active[0].bytes[self.fn.__name__] += nbytes
                 active[0].calls[self.fn.__name__] += 1

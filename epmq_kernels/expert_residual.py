@@ -269,7 +269,7 @@ def _bf16_rne(x):
     return u.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_part"])  # (a stride of 1, d_in = 1, is no constexpr)
 def _split_kernel(
     X,  # [n_rows, n_cols], any float dtype
     Y,  # [n_rows, n_cols], subtracted from X when HAS_Y

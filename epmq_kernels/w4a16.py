@@ -1584,12 +1584,15 @@ def _half2(config, x2, gather, entry=None) -> bool:
     """Whether a GEMV config's HALF2 option applies: fp16 activations read as words of two
     (contiguous along K, rows 16-byte aligned: part of the plan key), groups whole per tile,
     zero points in the 4-bit grid (``entry``'s, where given) and a GPU of compute capability 8.0
-    or newer (its PTX's fp16 max)."""
+    or newer (its PTX's fp16 max). Weights first seen inside a CUDA graph's capture, whose zero
+    points were never read (a read of the device, which would break the capture), take the
+    config without HALF2."""
     return (bool(config.get("HALF2", False)) and x2.dtype == torch.float16 and not gather
             and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0
             and (x2.shape[0] == 1 or x2.stride(0) % 8 == 0)
             and (not x2.is_cuda or torch.cuda.get_device_capability(x2.device) >= (8, 0))
-            and (entry is None or entry.zeros_in_grid()))
+            and (entry is None or ((entry._zeros_in_grid is not None or not _capturing(x2.device))
+                                   and entry.zeros_in_grid())))
 
 
 def _build_plan(entry, path, config, x2, out2, lead=None):

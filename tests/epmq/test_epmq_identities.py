@@ -517,7 +517,10 @@ def test_cuda_tf32_precisions_against_ieee(gen, precision, monkeypatch):
 
     ieee_error, error_p = error(ref), error(res)
     assert error_p <= 2 * moves[precision] + 4 * ieee_error, (error_p, moves, ieee_error)
-    assert float((res.codes != ref.codes).double().mean()) <= (3e-2 if precision == "tf32" else 1e-3)
+    # (codes flipped against IEEE: bf16x3 reached 7.0e-4 on one of 41 seeds in an exact CPU
+    # emulation of its products, the next 2.7e-4; tf32x3 is IEEE's class)
+    flip_bound = {"tf32": 3e-2, "bf16x3": 3e-3, "tf32x3": 1e-3}[precision]
+    assert float((res.codes != ref.codes).double().mean()) <= flip_bound
 
 
 def _minmax_grid(W, group_size, bits):

@@ -35,8 +35,9 @@ def run_compile_script(script: str, timeout: float) -> subprocess.CompletedProce
 # ----------------------------------------------------------------------------------------------
 def compile_sm90(fn, args, constexprs, num_warps, num_stages):
     """``fn`` compiled by Triton's NVIDIA backend for sm_90, specialised like a real launch with
-    ``args`` (the non-constexpr arguments in order: tensors stand for pointers) and
-    ``constexprs`` (by name)."""
+    ``args`` (the non-constexpr arguments in order: tensors stand for pointers; integers equal
+    to 1 become constants unless the kernel says ``do_not_specialize``) and ``constexprs`` (by
+    name)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
@@ -49,7 +50,10 @@ def compile_sm90(fn, args, constexprs, num_warps, num_stages):
         if name in constexprs:
             signature[name], constants[name] = "constexpr", constexprs[name]
             continue
-        kind, spec = native_specialize_impl(CUDABackend, next(values), False, True, True)
+        # (an argument the kernel marks do_not_specialize is not, as in a real launch: an
+        # integer 1 stays an integer, not a constexpr)
+        specialize = not fn.params[i].do_not_specialize
+        kind, spec = native_specialize_impl(CUDABackend, next(values), False, specialize, True)
         if kind == "constexpr":
             signature[name], constants[name] = "constexpr", spec
             continue

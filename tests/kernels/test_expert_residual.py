@@ -622,6 +622,31 @@ def test_fold_argument_errors(gen):
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
+_COMPILE_SPLIT_AT_ONE_INPUT = r"""
+import sys
+sys.path.insert(0, "tests/kernels")
+import torch
+from gpu_compile import compile_sm90
+import epmq_kernels.expert_residual as er
+
+BR, BC, warps = er._SPLIT_TILE
+for d_in in (1, 7):  # (d_in = 1: its strides of 1 would be constants, were they specialised)
+    X = torch.empty(5, d_in)
+    bits = torch.empty(5, 3, d_in, dtype=torch.int16)
+    args = [X, X, bits, 5, d_in, X.stride(0), X.stride(0), bits.stride(0), bits.stride(1)]
+    compile_sm90(er._split_kernel, args, dict(HAS_Y=True, MID=1, BLOCK_R=BR, BLOCK_C=BC), warps, 1)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_split_kernel_compiles_for_one_input():
+    """A layer of one input (d_in = 1) launches the split kernel with strides of 1, which a
+    real launch would make constants: the kernel must compile so specialised too."""
+    proc = run_compile_script(_COMPILE_SPLIT_AT_ONE_INPUT, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- aliasing, strides, devices
 
 

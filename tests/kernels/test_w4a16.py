@@ -622,6 +622,27 @@ def test_gemv_half2_is_off_for_zero_points_outside_the_grid(gen):
     assert_close_to_reference(y, x, qweight, scales, zeros, 64, None)
 
 
+def test_gemv_half2_reads_no_zero_points_inside_a_graph_capture(gen, monkeypatch):
+    """Weights first seen inside a CUDA graph's capture: their zero points are not read (a
+    read of the device breaks the capture), and HALF2 is off for them until they are read
+    outside one (here the capture is simulated: this machine may have no GPU)."""
+    import epmq_kernels.w4a16 as w
+
+    K, N = 128, 40
+    qweight, scales, zeros, _ = make_problem(gen, K, N, 64)
+    x = torch.randn(1, K).half()
+    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, PREFETCH=2, num_warps=4, num_stages=1, HALF2=True)
+    entry = w._entry_for(qweight, scales, zeros, None, 64, K, N, 2)
+    entry._zeros_in_grid = None
+    monkeypatch.setattr(w, "_capturing", lambda device: True)
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: pytest.fail("a read during the capture"))
+    assert not w._half2(config, x, False, entry) and entry._zeros_in_grid is None
+    monkeypatch.undo()
+    assert w._half2(config, x, False, entry) and entry._zeros_in_grid is True  # (read outside)
+    monkeypatch.setattr(w, "_capturing", lambda device: True)
+    assert w._half2(config, x, False, entry)  # (known: no read needed)
+
+
 def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
     """``tune``'s ``verify``: a wrong config is never kept however fast (asked fastest first,
     then the next), rejected ones are recorded, and a key whose every config fails is an
