@@ -10,9 +10,10 @@ The GPU's path, emulated: fp32 statistics (``EPMQStats(dtype=torch.float32)``, e
 weight and Hessian given whole, as ``quant.epmq`` does), ``R`` and the anchor term by three TF32
 products (``tf32x3_mm``, what ``fp32_mm`` picks on an H100/H200), anchor 1. A
 ``TorchDispatchMode`` counts, per aten op, the bytes its tensor arguments and results hold
-(an upper bound on what it reads and writes), leaving out views, allocations, the products (``mm``,
-``addmm``, ``matmul``, ``mv``, ``dot``, ...) and the solver (the Triton kernel on a GPU; here the
-torch reference's column loop, run uncounted). ``scalar_reads`` counts the host's reads of
+(an upper bound on what it reads and writes), leaving out views, allocations, the products
+(``mm``, ``addmm``, ``matmul``, ``mv``, ``dot``, ...; since 2026-12-04 not those with at most 8
+rows or columns out, a matrix times a few vectors, bound by their bytes) and the solver (the
+Triton kernel on a GPU; here the torch reference's column loop, run uncounted). ``scalar_reads`` counts the host's reads of
 device values: ``float(t)``/``bool(t)``/``.item()``, ``nonzero`` (its size) and ``.tolist()``;
 on a GPU each one waits for the queue to drain. The residual
 runs by the torch backend here (one fp32 product per expert; the GPU's cuBLAS bf16x3 candidate
@@ -21,7 +22,7 @@ splits its operands as ``bf16x3_mm`` does, not counted).
 ``--gpu-path`` runs the Triton backend instead, its kernels in Triton's interpreter: the
 residual by the cuBLAS candidate ``--residual`` (``cublas_split``, the default: one bf16 product
 of operands split side by side by a kernel; ``cublas``: ``bf16x3_mm``), R and the anchor term by
-``bf16x3_mm`` (the floor of the default bf16x3 residual). A Triton launch counts the bytes of the
+``bf16x3_mm`` (the floor of the default bf16x3 residual), the Hessians' checks by their kernel. A Triton launch counts the bytes of the
 buffers it reads and of those it writes (KERNEL_IO; a kernel not listed there: all read); the bf16 products
 (emulated here) are left out like the others.
 
@@ -72,7 +73,11 @@ _CHILD = textwrap.dedent(r'''
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             self.reads += func in READS
-            if name in VIEWS or name in PRODUCTS or name in ALLOCATIONS:
+            # (a product with at most 8 columns or rows out, a matrix times a few vectors, is
+            # bound by its bytes like the elementwise ops: counted as they are)
+            thin = (name in PRODUCTS and isinstance(out, torch.Tensor)
+                    and (out.dim() < 2 or min(out.shape[-2:]) <= 8))
+            if name in VIEWS or (name in PRODUCTS and not thin) or name in ALLOCATIONS:
                 return out
             tensors = [t for t in list(args) + (list(out) if isinstance(out, (tuple, list)) else [out])
                        if isinstance(t, torch.Tensor)]
@@ -124,6 +129,9 @@ _CHILD = textwrap.dedent(r'''
         rt.bf16_mm_emulated = uncounted_bf16_mm
         impl = getattr(er, "SPLIT_CUBLAS" if RESIDUAL == "cublas_split" else "CUBLAS", er.CUBLAS)
         er._residual_config = lambda G, W_k, W_m, H_k, precision: ("bf16x3", impl)
+        import epmq.checks as checks
+
+        checks._scan_backend = lambda H: "triton"  # (the Hessian checks' kernel, as on a GPU)
     active = []
     g = torch.Generator().manual_seed(0)
     W_m = torch.randn(D_OUT, D_IN, generator=g)

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from epmq_kernels.hessian_scan import N_NUMBERS, hessian_numbers
+
 
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or inf in ``t``: one min/max reduction (NaN propagates through it) instead of the
@@ -36,7 +38,7 @@ def _check_hessian_shape(H, d_in: int, name: str) -> None:
 
 
 _PROBES = {}  # (d_in, device, dtype) -> the fixed random vectors [v, u] of _hessian_numbers
-_N_NUMBERS = 7  # the length of _hessian_numbers' vector
+_N_NUMBERS = N_NUMBERS  # the length of _hessian_numbers' vector
 
 
 def _probes(H: torch.Tensor) -> tuple:
@@ -56,36 +58,26 @@ def _probes(H: torch.Tensor) -> tuple:
     return hit
 
 
+def _scan_backend(H: torch.Tensor) -> str:
+    """The Triton kernel on a GPU, torch elsewhere (a test may run the kernel interpreted)."""
+    return "triton" if H.device.type == "cuda" else "torch"
+
+
 def _hessian_numbers(H: torch.Tensor) -> torch.Tensor:
     """The numbers :func:`check_hessian` judges ``H`` by, as a float64 device tensor (queued, not
     read): min, max, min of the diagonal, dead diagonal entries, the symmetry gap, ``|H v|`` and
-    the trace.
+    the trace (``epmq_kernels.hessian_scan``: on a GPU one pass over H and two launches).
 
     The solvers read one triangle of H (the Cholesky factor, the symmetric objective), so an
     H that is not symmetric would silently be read as another matrix. Checked through two
     products with fixed random vectors, u^T H v against v^T H u (no d_in x d_in temporary):
     for H = S + A, S symmetric, their gap is 2 u^T A v, about 2 |A|_F, and |H v| |u| is about
     |H|_F sqrt(d_in). Flagged from |A|_F ~ 5e-4 |H|_F on; fp32 rounding stays near 1e-7, but
-    bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32 slabs.
-    As few device operations as the numbers allow (E-PMQ checks a Hessian per expert of every
-    layer, and on a GPU each operation costs the host microseconds)."""
-    d_in = H.shape[0]
-    diag = torch.diagonal(H)
+    bf16's (4e-3) would flag exactly symmetric matrices: half precision is read in fp32. As few
+    device operations as the numbers allow (E-PMQ checks a Hessian per expert of every layer,
+    and on a GPU each operation costs the host microseconds)."""
     vu, _ = _probes(H)
-    dtype = vu.dtype
-    if H.dtype == dtype:
-        H_vu = H @ vu  # (both vectors in one pass over H)
-    else:
-        H_vu = torch.empty(d_in, 2, dtype=dtype, device=H.device)
-        rows = max(1, (1 << 24) // d_in)
-        for r in range(0, d_in, rows):
-            H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
-    # [u^T H v, v^T H u]: the columns of vu swapped, times H_vu, summed down
-    uHv, vHu = (vu.flip(1) * H_vu).sum(dim=0)
-    lo, hi = torch.aminmax(H)  # (NaN propagates through both)
-    return torch.stack([t.to(dtype) for t in (
-        lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, torch.linalg.vector_norm(H_vu[:, 0]),
-        diag.sum())]).to(torch.float64)
+    return hessian_numbers(H, vu, backend=_scan_backend(H))
 
 
 def _judge_hessian(H: torch.Tensor, numbers, name: str) -> float:

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
+import epmq.checks
 from epmq.checks import all_finite, check_hessian, check_weight
+
+
+@pytest.fixture(autouse=True, params=["torch", "triton"])
+def scan_backend(request, monkeypatch):
+    """Every check of this module with the Hessian's numbers by torch and by the Triton kernel
+    (interpreted here; on a GPU the kernel is the only path)."""
+    monkeypatch.setattr(epmq.checks, "_scan_backend", lambda H: request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -115,8 +124,12 @@ def test_integer_weights_are_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_check_hessian_returns_the_trace(dtype):
+def test_check_hessian_returns_the_trace(dtype, scan_backend):
     X = torch.randn(30, 12, dtype=torch.float64)
     H = (X.T @ X).to(dtype)
-    assert check_hessian(H, 12) == float(torch.diagonal(H).sum())
+    if scan_backend == "torch":  # (summed in H's dtype, as the solvers sum it)
+        assert check_hessian(H, 12) == float(torch.diagonal(H).sum())
+    else:  # (summed in the probes' dtype, fp32 or fp64, in the kernel's order)
+        want = float(torch.diagonal(H).double().sum())
+        assert check_hessian(H, 12) == pytest.approx(want, rel=1e-6 if dtype != torch.float64 else 1e-14)
     assert check_hessian(torch.zeros(0, 0), 0) == 0.0

@@ -1,0 +1,139 @@
+"""The Hessian scan (the seven numbers the checks judge a Hessian by) against its torch
+reference, on fresh random matrices: Gram matrices and the ways a matrix fails to be one."""
+
+import pytest
+import torch
+
+import epmq_kernels.hessian_scan as hs
+from epmq_kernels.hessian_scan import (N_NUMBERS, hessian_numbers, hessian_numbers_reference,
+                                       hessian_numbers_triton)
+from gpu_compile import ptxas_available, run_compile_script
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gram(gen, d, dtype, dead=()):
+    X = torch.randn(2 * d + 3, d, generator=gen, dtype=torch.float64)
+    X[:, list(dead)] = 0
+    return (X.T @ X).to(DEVICE, dtype)
+
+
+def probes(gen, d, dtype):
+    vdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.randn(d, 2, generator=gen, dtype=torch.float64).to(DEVICE, vdt)
+
+
+def assert_numbers_close(got, want, H, vu):
+    """Range, diagonal minimum and dead count exactly; the sums to the rounding of their dtype
+    over d terms (the trace of half-precision H: the reference sums in H's dtype)."""
+    assert got.dtype == torch.float64 and got.shape == (N_NUMBERS,)
+    got, want = got.tolist(), want.tolist()
+    assert got[:4] == want[:4]
+    eps = torch.finfo(vu.dtype).eps * H.shape[0]
+    Hv_u = want[5] * float(vu[:, 1].double().norm())
+    assert abs(got[4] - want[4]) <= 4 * eps * max(Hv_u, 1e-30)  # (gap: a difference of sums)
+    assert got[5] == pytest.approx(want[5], rel=4 * eps, abs=1e-30)
+    trace_eps = max(eps, torch.finfo(H.dtype).eps * H.shape[0])
+    assert got[6] == pytest.approx(want[6], rel=4 * trace_eps, abs=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 17, 130])  # (130: several column steps and programs)
+def test_numbers_match_reference(gen, dtype, d):
+    H = gram(gen, d, dtype, dead=[d // 2])
+    vu = probes(gen, d, dtype)
+    assert_numbers_close(hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu), H, vu)
+
+
+@pytest.mark.parametrize("defect", ["nan", "nan_on_diagonal", "inf", "-inf", "negative_diagonal",
+                                    "asymmetric", "strided", "transposed"])
+def test_numbers_of_matrices_that_are_not_gram(gen, defect, monkeypatch):
+    """What the checks look for, wherever it is (a random entry), and matrices read through
+    strides; the last programs' shares reduced in several steps (a small finishing block)."""
+    monkeypatch.setattr(hs, "_FINISH_BLOCK", 2)
+    d = 45
+    H = gram(gen, d, torch.float32)
+    i, j = (int(v) for v in torch.randint(0, d, (2,), generator=gen))
+    if defect == "nan":
+        H[i, j] = float("nan")
+    elif defect == "nan_on_diagonal":
+        H[i, i] = float("nan")
+    elif defect in ("inf", "-inf"):
+        H[i, j] = float(defect)
+    elif defect == "negative_diagonal":
+        H[i, i] = -1.0
+    elif defect == "asymmetric":
+        H += 0.01 * float(H.norm()) / d * torch.randn(d, d, generator=gen).to(DEVICE)
+    elif defect == "strided":
+        H = torch.cat([H, H[:, :7]], dim=1)[:, :d]  # (rows d + 7 apart)
+    else:
+        H = H.T.contiguous().T  # (unit stride down the columns)
+    vu = probes(gen, d, torch.float32)
+    got, want = hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu)
+    if defect.startswith("nan"):
+        assert torch.isnan(got[:2]).all() and torch.isnan(want[:2]).all()
+    elif defect in ("inf", "-inf"):
+        assert got[:2].tolist() == want[:2].tolist() and not torch.isfinite(got[:2]).all()
+    else:
+        assert_numbers_close(got, want, H, vu)
+
+
+def test_numbers_argument_errors(gen):
+    H = gram(gen, 8, torch.float32)
+    with pytest.raises(ValueError, match="square"):
+        hessian_numbers_triton(H[:, :7], probes(gen, 8, torch.float32))
+    with pytest.raises(ValueError, match="floating point"):
+        hessian_numbers_triton(H.int(), probes(gen, 8, torch.float32))
+    with pytest.raises(ValueError, match=r"vu must be \[8, 2\]"):
+        hessian_numbers_triton(H, probes(gen, 8, torch.float32)[:, :1])
+    with pytest.raises(ValueError, match="vu must be"):
+        hessian_numbers_triton(H, probes(gen, 8, torch.float32).half())
+    with pytest.raises(ValueError, match="different devices.*vu=meta"):
+        hessian_numbers_triton(H, torch.zeros(8, 2, device="meta"))
+    with pytest.raises(ValueError, match="backend"):
+        hessian_numbers(H, probes(gen, 8, torch.float32), backend="cuda")
+    empty = hessian_numbers(torch.zeros(0, 0, device=DEVICE), torch.zeros(0, 2, device=DEVICE),
+                            backend="triton")
+    assert empty.shape == (N_NUMBERS,)
+
+
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import epmq_kernels.hessian_scan as hs
+
+BR, BC, warps = hs._SCAN_TILE
+for cap in (90, 80):
+    for h, v in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+        sig = dict(H=f"*{h}", vu=f"*{v}", partial=f"*{v}", d="i32", stride_h="i32",
+                   BLOCK_R="constexpr", BLOCK_C="constexpr")
+        triton.compile(ASTSource(hs._scan_kernel, sig, constexprs=dict(BLOCK_R=BR, BLOCK_C=BC)),
+                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
+        sig = dict(partial=f"*{v}", numbers="*fp64", n_programs="i32", BLOCK="constexpr")
+        triton.compile(ASTSource(hs._finish_kernel, sig, constexprs=dict(BLOCK=hs._FINISH_BLOCK)),
+                       target=GPUTarget("cuda", cap, 32), options=dict(num_warps=4))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_scan_kernels_compile_for_gpus():
+    proc = run_compile_script(_COMPILE, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_numbers_of_a_layer_sized_hessian(gen):
+    """On a GPU, at 4096 inputs (256 programs and more: the finishing loop), fp32 and bf16; a
+    NaN anywhere makes the range NaN there too (the GPU's min and max ignore NaN: the kernel
+    flags it apart, which the interpreter's NaN-propagating min cannot test)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        H = gram(gen, 4100, dtype, dead=[5])
+        vu = probes(gen, 4100, dtype)
+        assert_numbers_close(hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu), H, vu)
+        for i, j in ((17, 2000), (4099, 4099), (0, 0)):
+            bad = H.clone()
+            bad[i, j] = float("nan")
+            assert torch.isnan(hessian_numbers_triton(bad, vu)[:2]).all()
