@@ -97,6 +97,10 @@ Paths
   whichever is faster per shape bucket. Partial products are rounded to the activation dtype
   once per chunk (cuBLAS accumulates in fp32 within a chunk and adds the previous partial sum in
   fp32 before rounding), so the result is rounded ``ceil(K / CHUNK_K)`` times instead of once.
+  With ``STREAMS = 2`` (a candidate) the chunks alternate between two buffers and each is
+  dequantized on a side stream while cuBLAS multiplies by the previous one (CUDA events order
+  the two; the same numbers as one stream), so that the memory-bound dequantization may hide
+  behind the compute-bound product.
 
 With SPLIT_K > 1 the K slices of an output tile add their fp32 partial sums into a workspace
 with ``atomic_add`` and count their arrival on a per-tile counter; the last slice to arrive
@@ -249,8 +253,12 @@ AUTOTUNE_SPACE = {
             (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
         ]
     ],
-    # Dequantize CHUNK_K rows (tiles of 8 BLOCK_R rows x BLOCK_N columns) + cuBLAS (2 configs).
-    "dqmm": _product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4]),
+    # Dequantize CHUNK_K rows (tiles of 8 BLOCK_R rows x BLOCK_N columns) + cuBLAS (4 configs).
+    # STREAMS = 2: the next chunk dequantized on a side stream (two buffers) while cuBLAS
+    # multiplies by this one; on an H200 (2026-12-04) dqmm paid ~46 us of dequantization in
+    # series with 8192 x 8192 at M = 1024 (0.76x cuBLAS), which overlap may hide
+    "dqmm": _product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
+                     STREAMS=[1, 2]),
 }
 
 # Under TRITON_INTERPRET (CPU) nothing is timed: one small config per path, with SPLIT_K = 2 so
@@ -1259,6 +1267,7 @@ def _choose(paths, x2, entry):
 # which retires every plan (memory is freed, the next call rebuilds its plan).
 _WORKSPACES = {}
 _DQ_WORKSPACES = {}
+_SIDE_STREAMS = {}  # (device, stream) -> the stream dqmm plans with STREAMS = 2 dequantize on
 _EPOCH = [0]
 # Split-K workspaces while a CUDA graph is captured:
 #   "private" (default): an ordinary intermediate of the graph, zeroed by memset nodes at every
@@ -1508,7 +1517,8 @@ class _Plan:
         self.lead = lead
         self.x_dtype, self.device = x_dtype, device
         self.launches = launches
-        self.dq = dq  # dqmm: (chunk rows, workspace view, per-chunk dequant launches)
+        self.dq = dq  # dqmm: (chunk rows, workspace [buffers, chunk, N], per-chunk dequant launches)
+        self.events = None  # dqmm on two streams: its CUDA events, made at the first call
         self.shared_workspace = shared_workspace
         self.epoch = _EPOCH[0]
         self.out_shape = (*lead, entry.N)
@@ -1524,7 +1534,7 @@ class _Plan:
             launch.warmup(x2, out2)
         if self.dq is not None:
             for launch in self.dq[2]:
-                launch.warmup(self.dq[1], self.dq[1])
+                launch.warmup(self.dq[1][0], self.dq[1][0])
 
     def __call__(self, x, out, where=None):
         x2 = x if x.dim() == 2 else x.reshape(self.M, self.K)
@@ -1545,16 +1555,42 @@ class _Plan:
             return y
         chunk, work, dequants = self.dq
         y2 = y2.view(self.M, self.N)
+        side = self._side_stream() if len(work) == 2 else None
+        if side is not None:  # (the side stream starts after everything queued before the call)
+            side.wait_stream(torch.cuda.current_stream(self.device))
         for i, launch in enumerate(dequants):
             k0 = i * chunk
             rows = min(chunk, self.K - k0)
-            w = work[:rows]
-            launch(w, w, stream)
+            w = work[i % len(work)][:rows]
+            if side is None:
+                launch(w, w, stream)
+            else:
+                ready, free = self.events[0][i % 2], self.events[1][i % 2]
+                if i >= 2:
+                    side.wait_event(free)  # (the product two chunks back has read this buffer)
+                launch(w, w, side.cuda_stream)
+                ready.record(side)
+                torch.cuda.current_stream(self.device).wait_event(ready)
             if i == 0:
                 torch.mm(x2[:, k0:k0 + rows], w, out=y2)
             else:
                 y2.addmm_(x2[:, k0:k0 + rows], w)
+            if side is not None:
+                free.record(torch.cuda.current_stream(self.device))
         return y
+
+    def _side_stream(self):
+        """The stream this plan dequantizes on beside the current one (CUDA only; None where
+        the plan has one buffer or the current stream is being captured), with its events."""
+        if self.device.type != "cuda" or _capturing(self.device):
+            return None
+        key = (self.device, _stream_of(self.device))
+        side = _SIDE_STREAMS.get(key)
+        if side is None:
+            side = _SIDE_STREAMS[key] = torch.cuda.Stream(self.device)
+        if self.events is None:  # (ready, free) per buffer, reused by every call of the plan
+            self.events = tuple([torch.cuda.Event(), torch.cuda.Event()] for _ in range(2))
+        return side
 
 
 def _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k0, rows, group, config, gather,
@@ -1608,8 +1644,13 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     lead = (M,) if lead is None else tuple(lead)
     if path == "dqmm":
         chunk = _dqmm_chunk(config, K, N, x2.element_size())
-        work = _dequant_workspace(device, x2.dtype, chunk * N).view(-1)[:chunk * N].view(chunk, N)
-        dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work, k0,
+        # STREAMS = 2: two chunk buffers, the next chunk dequantized on a side stream while
+        # cuBLAS multiplies by this one (one buffer under a graph's capture: one stream)
+        buffers = 2 if config.get("STREAMS", 1) == 2 and triton.cdiv(K, chunk) > 1 \
+            and not _capturing(device) else 1
+        work = _dequant_workspace(device, x2.dtype, buffers * chunk * N)
+        work = work.view(-1)[:buffers * chunk * N].view(buffers, chunk, N)
+        dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], k0,
                                     min(chunk, K - k0), group, config, gather, has_g_idx)
                     for k0 in range(0, K, chunk)]
         return _Plan(entry, path, config, M, lead, x2.dtype, device, [], dq=(chunk, work, dequants),

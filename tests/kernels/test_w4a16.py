@@ -266,6 +266,15 @@ def test_dqmm_chunks(gen, monkeypatch):
     before = dict(W._DQ_WORKSPACES)
     w4a16_matmul(x, qweight, scales, zeros, 32, path="dqmm", config=config, backend="triton")
     assert all(W._DQ_WORKSPACES[k] is v for k, v in before.items())
+    # two buffers, chunks alternating between them (a side stream dequantizes on a GPU; on the
+    # CPU the same buffers in order), three chunks so that one buffer is used twice
+    two = dict(config, STREAMS=2)
+    for dtype in DTYPES:
+        x = torch.randn(5, 160, generator=gen).to(dtype)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, path="dqmm", config=two, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+        assert torch.equal(y, w4a16_matmul(x, qweight, scales, zeros, 32, path="dqmm", config=config,
+                                           backend="triton"))
 
 
 def test_paths_offered_by_batch_size():
@@ -1118,6 +1127,13 @@ class TestCUDA:
                 y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path="dqmm",
                                  config=AUTOTUNE_SPACE["dqmm"][0])
                 assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
+                # four chunks on two streams (two buffers): a buffer overwritten before its
+                # product read it would show far beyond rounding
+                for _ in range(3):
+                    y2 = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path="dqmm",
+                                      config=dict(AUTOTUNE_SPACE["dqmm"][0], STREAMS=2))
+                    assert_close_to_reference(y2, x, qweight, scales, zeros, group_size, g_idx)
+                    assert float((y2 - y).abs().max()) <= 1e-3 * float(y.abs().max())
         monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
         # (an earlier test may have taken this bucket's first candidate untimed: forget it)
         monkeypatch.setattr(W, "_CHOSEN", {})
