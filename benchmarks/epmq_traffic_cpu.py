@@ -109,10 +109,10 @@ _CHILD = textwrap.dedent(r'''
             io = KERNEL_IO.get(self.fn.__name__)
             reads, writes = io(named) if io else (list(tensors), [])
             nbytes = 0
-            for names in (reads, writes):  # (each buffer once per direction)
-                storages = {tensors[n].untyped_storage().data_ptr(): tensors[n].untyped_storage().nbytes()
-                            for n in names}
-                nbytes += sum(storages.values())
+            for names in (reads, writes):  # (each view of a buffer once per direction: its bytes)
+                views = {(tensors[n].data_ptr(), tensors[n].shape, tensors[n].stride()):
+                         tensors[n].numel() * tensors[n].element_size() for n in names}
+                nbytes += sum(views.values())
             if active:
                 active[0].bytes[self.fn.__name__] += nbytes
                 active[0].calls[self.fn.__name__] += 1

@@ -103,7 +103,12 @@ def split_once(mm):
     splits each operand once, where splitting each slice would split the wide ones several times
     over (the triangular and symmetric products of E-PMQ slice one operand into 8 column blocks
     of every width: 4.5 times its size); any other ``mm`` takes its operands as they are. A part
-    is sliced as its operand would be."""
+    is sliced as its operand would be. ``bf16x3_mm``'s parts are written side by side, so that
+    each of its products is one bf16 GEMM (``bf16x3.side_by_side``)."""
+    if mm is bf16x3_mm:
+        from .bf16x3 import side_by_side  # (here: that module imports this one)
+
+        return side_by_side()
     split = getattr(mm, "split", None)
     if split is None:
         return (lambda X: (X,)), (lambda A_parts, B_parts: mm(A_parts[0], B_parts[0]))

@@ -22,6 +22,7 @@ from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorate
 from . import autotune_cache
 from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, fp32_matmul, tf32_round,
                        tf32x3_mm)
+from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -191,7 +192,6 @@ CUBLAS = ("cublas",)
 # fp32 accumulation, and another adds the product to G and takes its share of tr(D H_k D^T):
 # about 9.5 + 2.5 r passes (transient memory 2.5 + 1.5 r of them, against ~6 + 2 r).
 SPLIT_CUBLAS = ("cublas_split",)
-_SPLIT_TILE = (32, 128, 4)  # BLOCK_R, BLOCK_C, num_warps of its two elementwise kernels
 _RESIDUAL_FP64 = (32, 32, 16, 4, 2)  # fp64 G: no tensor cores for fp64 in Triton; fixed
 _RESIDUAL_INTERPRETED = (32, 32, 16, 4, 1)  # under TRITON_INTERPRET nothing is timed
 # Fixed, rather than autotuned (the first call costs no tuning), chosen so that sm_90 compiles
@@ -258,50 +258,6 @@ def _residual_kernel(
     tl.store(partial + pid, tl.sum(tl.sum(acc * D_out, axis=1), axis=0))
     a = tl.load(a_ptr)
     tl.store(G + out_off, tl.load(G + out_off, mask=out_ok, other=0.0) + a * acc, mask=out_ok)
-
-
-@triton.jit
-def _bf16_rne(x):
-    """fp32 ``x`` rounded to bf16 (to nearest, ties to even, as torch's ``.bfloat16()`` does for
-    finite values), returned as fp32: integer operations only, which the interpreter runs too."""
-    u = x.to(tl.int32, bitcast=True)
-    u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit(do_not_specialize=["stride_part"])  # (a stride of 1, d_in = 1, is no constexpr)
-def _split_kernel(
-    X,  # [n_rows, n_cols], any float dtype
-    Y,  # [n_rows, n_cols], subtracted from X when HAS_Y
-    OUT,  # three parts of [n_rows, n_cols] bf16, written as their int16 bits
-    n_rows,
-    n_cols,
-    stride_x,
-    stride_y,
-    stride_row,  # OUT's row stride
-    stride_part,  # OUT's stride between the three parts
-    HAS_Y: tl.constexpr,
-    MID: tl.constexpr,  # the part that takes the remainder; the other two take x rounded
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``x = X - Y`` in fp32 split as ``_runtime.bf16_split`` does: ``hi = bf16(x)``, ``mid =
-    bf16(x - hi)`` (``x - hi`` is exact in fp32)."""
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    if HAS_Y:
-        x = x - tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    hi = _bf16_rne(x)
-    hi_bits = (hi.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
-    mid_bits = (_bf16_rne(x - hi).to(tl.int32, bitcast=True) >> 16).to(tl.int16)
-    out = OUT + rows[:, None] * stride_row + cols[None, :]
-    for part in tl.static_range(3):
-        if part == MID:
-            tl.store(out + part * stride_part.to(tl.int64), mid_bits, mask=ok)
-        else:
-            tl.store(out + part * stride_part.to(tl.int64), hi_bits, mask=ok)
 
 
 @triton.jit
@@ -490,18 +446,6 @@ def _residual_cublas(G, W_k, W_m, H_k, a, precision):
     return torch.sum(P * D, dtype=torch.float64).reshape(1)
 
 
-def _split_bf16(X, Y, parts, mid):
-    """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to ``parts``, a
-    ``[n_rows, 3, n_cols]`` bf16 view (any strides), the remainder at part ``mid``."""
-    n_rows, n_cols = X.shape
-    BR, BC, warps = _SPLIT_TILE
-    bits = parts.view(torch.int16)
-    _split_kernel[(triton.cdiv(n_rows, BR), triton.cdiv(n_cols, BC))](
-        X, X if Y is None else Y, bits, n_rows, n_cols, X.stride(0),
-        X.stride(0) if Y is None else Y.stride(0), bits.stride(0), bits.stride(1),
-        HAS_Y=Y is not None, MID=mid, BLOCK_R=BR, BLOCK_C=BC, num_warps=warps)
-
-
 def _residual_split_cublas(G, W_k, W_m, H_k, a):
     """bf16x3 ``G += a D H_k`` by one cuBLAS product of the side-by-side split operands (see
     SPLIT_CUBLAS; on the CPU the bf16 product is emulated exactly); returns the programs' shares
@@ -509,8 +453,8 @@ def _residual_split_cublas(G, W_k, W_m, H_k, a):
     d_out, d_in = G.shape
     A = torch.empty(d_out, 3 * d_in, dtype=torch.bfloat16, device=G.device)  # [D_hi | D_mid | D_hi]
     B = torch.empty(3 * d_in, d_in, dtype=torch.bfloat16, device=G.device)  # [H_hi; H_hi; H_mid]
-    _split_bf16(W_k, W_m, A.view(d_out, 3, d_in), mid=1)
-    _split_bf16(H_k, None, B.view(3, d_in, d_in).transpose(0, 1), mid=2)
+    split_bf16(W_k, W_m, A.view(d_out, 3, d_in), mid=1)
+    split_bf16(H_k, None, B.view(3, d_in, d_in).transpose(0, 1), mid=2)
     P = _bf16_mm(A, B)
     del A, B
     BR, BC, warps = _SPLIT_TILE

@@ -305,7 +305,7 @@ def test_split_kernel_is_torchs_bf16_split(gen):
     ``_runtime.bf16_split`` (rounding to nearest, ties to even): at every scale, at ties, on
     bf16 values (remainder 0) and on subnormals, for a difference of two weights and for one
     matrix, in both layouts."""
-    import epmq_kernels.expert_residual as er
+    import epmq_kernels.bf16x3 as sbs
     from epmq_kernels._runtime import bf16_split
 
     d_out, d_in = 37, 70
@@ -318,12 +318,12 @@ def test_split_kernel_is_torchs_bf16_split(gen):
     X = X.to(DEVICE)
     Y = rand(gen, d_out, d_in)
     A = torch.empty(d_out, 3 * d_in, dtype=torch.bfloat16, device=DEVICE)
-    er._split_bf16(X, Y, A.view(d_out, 3, d_in), mid=1)
+    sbs.split_bf16(X, Y, A.view(d_out, 3, d_in), mid=1)
     hi, mid = bf16_split(X - Y)
     for part, want in enumerate((hi, mid, hi)):
         assert torch.equal(A[:, part * d_in:(part + 1) * d_in].view(torch.int16), want.view(torch.int16))
     B = torch.empty(3 * d_out, d_in, dtype=torch.bfloat16, device=DEVICE)
-    er._split_bf16(X, None, B.view(3, d_out, d_in).transpose(0, 1), mid=2)
+    sbs.split_bf16(X, None, B.view(3, d_out, d_in).transpose(0, 1), mid=2)
     hi, mid = bf16_split(X)
     for part, want in enumerate((hi, hi, mid)):
         assert torch.equal(B[part * d_out:(part + 1) * d_out].view(torch.int16), want.view(torch.int16))
@@ -506,6 +506,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import epmq_kernels.bf16x3 as sbs
 import epmq_kernels.expert_residual as er
 
 TY = {torch.float32: "fp32", torch.float64: "fp64"}
@@ -534,12 +535,12 @@ for cap in (90, 80):
                for n in er._xxt_kernel.arg_names}
         triton.compile(ASTSource(er._xxt_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
-    br, bc, warps = er._SPLIT_TILE
+    br, bc, warps = sbs.SPLIT_TILE
     for x, has_y, mid in (("fp32", True, 1), ("bf16", True, 1), ("fp32", False, 2)):
         const = dict(HAS_Y=has_y, MID=mid, BLOCK_R=br, BLOCK_C=bc)
         sig = {n: "constexpr" if n in const else dict(X=f"*{x}", Y=f"*{x}", OUT="*i16").get(n, "i32")
-               for n in er._split_kernel.arg_names}
-        triton.compile(ASTSource(er._split_kernel, sig, constexprs=const),
+               for n in sbs._split_kernel.arg_names}
+        triton.compile(ASTSource(sbs._split_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
     for w in ("fp32", "bf16"):
         const = dict(BLOCK_R=br, BLOCK_C=bc)
@@ -627,14 +628,17 @@ import sys
 sys.path.insert(0, "tests/kernels")
 import torch
 from gpu_compile import compile_sm90
-import epmq_kernels.expert_residual as er
+import epmq_kernels.bf16x3 as sbs
 
-BR, BC, warps = er._SPLIT_TILE
+BR, BC, warps = sbs.SPLIT_TILE
 for d_in in (1, 7):  # (d_in = 1: its strides of 1 would be constants, were they specialised)
     X = torch.empty(5, d_in)
-    bits = torch.empty(5, 3, d_in, dtype=torch.int16)
-    args = [X, X, bits, 5, d_in, X.stride(0), X.stride(0), bits.stride(0), bits.stride(1)]
-    compile_sm90(er._split_kernel, args, dict(HAS_Y=True, MID=1, BLOCK_R=BR, BLOCK_C=BC), warps, 1)
+    for bits in (torch.empty(5, 3, d_in, dtype=torch.int16),  # (parts after each other, and
+                 torch.empty(5, d_in, 3, dtype=torch.int16).transpose(1, 2)):  # interleaved)
+        args = [X, X, bits, 5, d_in, X.stride(0), X.stride(0), bits.stride(0), bits.stride(1),
+                bits.stride(2)]
+        compile_sm90(sbs._split_kernel, args, dict(HAS_Y=True, MID=1, BLOCK_R=BR, BLOCK_C=BC),
+                     warps, 1)
 print("compiled")
 """
 

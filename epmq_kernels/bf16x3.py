@@ -1,0 +1,186 @@
+"""bf16x3 products as one bf16 GEMM each, of operands split side by side.
+
+An fp32 matrix ``x`` is split into two bf16 parts, ``hi = bf16(x)`` and ``mid = bf16(x - hi)``
+(``_runtime.bf16_split``), and ``A @ B`` taken as ``A_hi B_hi + A_mid B_hi + A_hi B_mid``
+(``_runtime.bf16x3_mm``: three products and two fp32 additions). Written side by side, the
+parts make the three products one: ``A3 @ B3`` with ``A3 = [A_hi | A_mid | A_hi]`` and
+``B3 = [B_hi; B_hi; B_mid]`` along the summed dimension K, accumulated in fp32 by one tensor-core
+GEMM. The residual (``expert_residual``, SPLIT_CUBLAS) lays the parts out whole after each
+other; E-PMQ's triangular and symmetric products (``R = (G Hinv^T) Hinv``, the anchor term)
+slice one operand along K into column blocks of every width, so here the parts are interleaved
+along K instead (``K`` index ``3 k + p``): any slice of K is then a slice of the split operand,
+split once.
+
+``split_bf16`` (the kernel, ``_split_kernel``) writes the parts of ``X`` (or of ``X - Y``) into
+any ``[rows, 3, cols]`` view; ``Bf16x3Parts`` holds a matrix, its slices and transpose, and
+makes its split layouts when a product first needs them; ``side_by_side()`` is the
+``(parts, product)`` pair of ``_runtime.split_once`` for ``bf16x3_mm``. Off CUDA without
+Triton's interpreter the parts are made by torch (bit for bit the kernel's; tested).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from ._runtime import _bf16_mm, bf16_split
+
+SPLIT_TILE = (32, 128, 4)  # BLOCK_R, BLOCK_C, num_warps of the split (and the residual's epilogue)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 ``x`` rounded to bf16 (to nearest, ties to even, as torch's ``.bfloat16()`` does for
+    finite values), returned as fp32: integer operations only, which the interpreter runs too."""
+    u = x.to(tl.int32, bitcast=True)
+    u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["stride_part"])  # (a stride of 1, d_in = 1, is no constexpr)
+def _split_kernel(
+    X,  # [n_rows, n_cols], any float dtype, unit column stride
+    Y,  # [n_rows, n_cols], subtracted from X when HAS_Y
+    OUT,  # three parts of [n_rows, n_cols] bf16, written as their int16 bits
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_y,
+    stride_row,  # OUT's row stride
+    stride_part,  # OUT's stride between the three parts
+    stride_col,  # OUT's column stride (1: parts after each other; 3: interleaved along columns)
+    HAS_Y: tl.constexpr,
+    MID: tl.constexpr,  # the part that takes the remainder; the other two take x rounded
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``x = X - Y`` in fp32 split as ``_runtime.bf16_split`` does: ``hi = bf16(x)``, ``mid =
+    bf16(x - hi)`` (``x - hi`` is exact in fp32)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_Y:
+        x = x - tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    hi = _bf16_rne(x)
+    hi_bits = (hi.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    mid_bits = (_bf16_rne(x - hi).to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    out = OUT + rows[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    for part in tl.static_range(3):
+        if part == MID:
+            tl.store(out + part * stride_part.to(tl.int64), mid_bits, mask=ok)
+        else:
+            tl.store(out + part * stride_part.to(tl.int64), hi_bits, mask=ok)
+
+
+def split_bf16(X, Y, parts, mid):
+    """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to ``parts``, a
+    ``[n_rows, 3, n_cols]`` bf16 view (any strides), the remainder at part ``mid`` and ``hi`` at
+    the other two. ``X`` and ``Y`` need a unit column stride for the kernel (else copied); off
+    CUDA without the interpreter, torch writes the same bits."""
+    n_rows, n_cols = X.shape
+    if parts.shape != (n_rows, 3, n_cols) or parts.dtype != torch.bfloat16:
+        raise ValueError(f"parts must be a [{n_rows}, 3, {n_cols}] bf16 view, got "
+                         f"{tuple(parts.shape)} {parts.dtype}")
+    if X.device.type != "cuda" and not _runtime.INTERPRETED:
+        hi, rest = bf16_split(X.float() if Y is None else X.float() - Y.float())
+        for p in range(3):
+            parts[:, p] = rest if p == mid else hi
+        return
+    X = X if X.stride(1) == 1 else X.contiguous()
+    Y = None if Y is None else (Y if Y.stride(1) == 1 else Y.contiguous())
+    BR, BC, warps = SPLIT_TILE
+    bits = parts.view(torch.int16)
+    _split_kernel[(triton.cdiv(n_rows, BR), triton.cdiv(n_cols, BC))](
+        X, X if Y is None else Y, bits, n_rows, n_cols, X.stride(0),
+        X.stride(0) if Y is None else Y.stride(0), bits.stride(0), bits.stride(1), bits.stride(2),
+        HAS_Y=Y is not None, MID=mid, BLOCK_R=BR, BLOCK_C=BC, num_warps=warps)
+
+
+# The part orders along K: A3 = [hi, mid, hi] and B3 = [hi, hi, mid] pair hi*hi, mid*hi and hi*mid.
+_MID_OF_ROLE = {"A": 1, "B": 2}
+
+
+class Bf16x3Parts:
+    """A matrix to be split for bf16x3 products, sliced (``P[r0:r1, c0:c1]``) and transposed
+    (``P.T``) like a tensor; its split layouts are made for the whole stored matrix when a
+    product first needs them and shared by every slice and transpose.
+
+    A layout interleaves the three parts along the stored rows (``[R, 3, C]``) or columns
+    (``[R, C, 3]``), in the part order of the operand's role: along the axis that is the
+    product's K (an A operand's columns, a B operand's rows)."""
+
+    def __init__(self, X, *, _layouts=None, _rows=None, _cols=None, _transposed=False):
+        if _layouts is None:  # (a new matrix: stored with unit column stride)
+            if X.stride(0) == 1 and X.stride(1) != 1:  # (a transposed view: stored as its rows)
+                X, _transposed = X.T, True
+            X = X.float()
+            X = X if X.stride(1) == 1 else X.contiguous()
+            _layouts, _rows, _cols = {}, (0, X.shape[0]), (0, X.shape[1])
+        self.X, self.layouts, self.rows, self.cols = X, _layouts, _rows, _cols
+        self.transposed = _transposed
+
+    @property
+    def shape(self):
+        shape = (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
+        return shape[::-1] if self.transposed else shape
+
+    @property
+    def T(self):
+        return Bf16x3Parts(self.X, _layouts=self.layouts, _rows=self.rows, _cols=self.cols,
+                           _transposed=not self.transposed)
+
+    def __getitem__(self, index):
+        first, second = index if isinstance(index, tuple) else (index, slice(None))
+        if self.transposed:
+            first, second = second, first
+
+        def narrow(span, s):
+            start, stop, step = s.indices(span[1] - span[0])
+            if step != 1:
+                raise ValueError("Bf16x3Parts: slices must have step 1")
+            return span[0] + start, span[0] + max(start, stop)
+
+        return Bf16x3Parts(self.X, _layouts=self.layouts, _rows=narrow(self.rows, first),
+                           _cols=narrow(self.cols, second), _transposed=self.transposed)
+
+    def _layout(self, axis, role):
+        """The stored matrix split, its parts interleaved along ``axis`` ("rows": ``[R, 3, C]``;
+        "cols": ``[R, C, 3]``), in ``role``'s part order."""
+        key = (axis, role)
+        if key not in self.layouts:
+            R, C = self.X.shape
+            if axis == "rows":
+                F = torch.empty(R, 3, C, dtype=torch.bfloat16, device=self.X.device)
+                split_bf16(self.X, None, F, _MID_OF_ROLE[role])
+            else:
+                F = torch.empty(R, C, 3, dtype=torch.bfloat16, device=self.X.device)
+                split_bf16(self.X, None, F.transpose(1, 2), _MID_OF_ROLE[role])
+            self.layouts[key] = F
+        return self.layouts[key]
+
+    def operand(self, role):
+        """This slice as the bf16 operand of ``role`` ("A": ``[M, 3K]``; "B": ``[3K, N]``), a view
+        of its split layout."""
+        (r0, r1), (c0, c1) = self.rows, self.cols
+        # K is the operand's columns (A) or rows (B): stored rows where that flips with the
+        # transpose, stored columns where it does not
+        k_on_rows = (role == "A") == self.transposed
+        if k_on_rows:
+            F = self._layout("rows", role)[r0:r1, :, c0:c1].reshape(3 * (r1 - r0), c1 - c0)
+            return F.T if role == "A" else F  # ([M = cols, 3K]; [3K, N = cols])
+        F = self._layout("cols", role)[r0:r1, c0:c1, :].reshape(r1 - r0, 3 * (c1 - c0))
+        return F if role == "A" else F.T  # ([M = rows, 3K]; [3K, N = rows])
+
+
+def bf16x3_product(A: Bf16x3Parts, B: Bf16x3Parts) -> torch.Tensor:
+    """``A @ B`` in fp32, the three bf16 products of bf16x3 in one GEMM (fp32 accumulation)."""
+    if A.shape[1] != B.shape[0]:
+        raise ValueError(f"bf16x3_product: shapes {A.shape} and {B.shape} do not chain")
+    return _bf16_mm(A.operand("A"), B.operand("B"))
+
+
+def side_by_side():
+    """``(parts, product)`` for ``_runtime.split_once(bf16x3_mm)``: each operand split once into
+    a ``Bf16x3Parts``, each product one GEMM."""
+    return (lambda X: (Bf16x3Parts(X),)), (lambda A_parts, B_parts: bf16x3_product(A_parts[0], B_parts[0]))

@@ -1,0 +1,106 @@
+"""bf16x3 products as one GEMM of operands split side by side, against the three-product form
+(``_runtime.bf16x3_mm``) and float64, on fresh random matrices: the split layouts, every slice
+and transpose a product may take, and E-PMQ's triangular and symmetric products through them."""
+
+import pytest
+import torch
+
+from epmq_kernels import _runtime
+from epmq_kernels.bf16x3 import Bf16x3Parts, bf16x3_product, split_bf16
+from epmq_kernels._runtime import bf16_mm_emulated, bf16_split, bf16x3_mm, split_once
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rand(gen, *shape, scale=1.0):
+    return (scale * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+
+def three_products(A, B):
+    """The three-product form with the same exact bf16 products (on the CPU as on a GPU)."""
+    return bf16x3_mm(A, B, mm=bf16_mm_emulated if A.device.type == "cpu" else _runtime._bf16_mm)
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+@pytest.mark.parametrize("mid", [1, 2])
+def test_split_layouts_are_torchs_parts(gen, axis, mid, monkeypatch):
+    """Both layouts, both part orders, by the kernel and by torch's fallback: the bits of
+    ``bf16_split``, with ties, subnormals and large values among them."""
+    X = rand(gen, 19, 45, scale=3.0)
+    X[0, :4] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1e-40, 3e38])
+    hi, rest = bf16_split(X)
+    want = [rest if p == mid else hi for p in range(3)]
+    for interpreted in {_runtime.INTERPRETED, False} if DEVICE.type == "cpu" else {False}:
+        monkeypatch.setattr(_runtime, "INTERPRETED", interpreted)
+        if axis == "rows":
+            F = torch.empty(19, 3, 45, dtype=torch.bfloat16, device=DEVICE)
+            split_bf16(X, None, F, mid)
+            got = [F[:, p] for p in range(3)]
+        else:
+            F = torch.empty(19, 45, 3, dtype=torch.bfloat16, device=DEVICE)
+            split_bf16(X, None, F.transpose(1, 2), mid)
+            got = [F[:, :, p] for p in range(3)]
+        for g, w in zip(got, want):
+            assert torch.equal(g.view(torch.int16), w.view(torch.int16))
+    with pytest.raises(ValueError, match="parts must be"):
+        split_bf16(X, None, torch.empty(19, 2, 45, dtype=torch.bfloat16, device=DEVICE), 1)
+
+
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_products_of_slices_and_transposes(gen, a_t, b_t):
+    """Every orientation of both operands, on slices that start and end anywhere: the value of
+    the three-product form to fp32 rounding (one accumulation instead of three sums), and of
+    float64 to bf16x3's 2^-16 class."""
+    M, K, N = 13, 70, 21
+    A_full = rand(gen, K + 9, M + 5) if a_t else rand(gen, M + 5, K + 9)
+    B_full = rand(gen, N + 4, K + 7) if b_t else rand(gen, K + 7, N + 4)
+    A_parts, B_parts = Bf16x3Parts(A_full), Bf16x3Parts(B_full)
+    A = A_full[3:3 + K, 2:2 + M].T if a_t else A_full[2:2 + M, 3:3 + K]
+    Ap = A_parts[3:3 + K, 2:2 + M].T if a_t else A_parts[2:2 + M, 3:3 + K]
+    B = B_full[1:1 + N, 5:5 + K].T if b_t else B_full[5:5 + K, 1:1 + N]
+    Bp = B_parts[1:1 + N, 5:5 + K].T if b_t else B_parts[5:5 + K, 1:1 + N]
+    assert Ap.shape == tuple(A.shape) and Bp.shape == tuple(B.shape)
+    got = bf16x3_product(Ap, Bp)
+    want = three_products(A, B)
+    scale = float((A.double().abs() @ B.double().abs()).max())
+    assert float((got - want).abs().max()) <= 1e-6 * scale
+    assert float((got.double() - A.double() @ B.double()).abs().max()) <= 2e-5 * scale
+    # a transposed view given whole is read as the matrix it is
+    assert torch.equal(bf16x3_product(Bf16x3Parts(A), Bf16x3Parts(B.T.contiguous().T)), got)
+    with pytest.raises(ValueError, match="do not chain"):
+        bf16x3_product(Ap, Ap)
+
+
+@pytest.mark.parametrize("d_out,d", [(40, 1000), (16, 2304)])
+def test_epmq_triangular_and_symmetric_products(d_out, d, monkeypatch):
+    """R's triangular products and the symmetric objective through ``split_once(bf16x3_mm)``
+    (one GEMM a block): each operand's layouts made once, the three-product form's values to
+    fp32 rounding, float64's to bf16x3's class."""
+    from epmq.quant import _block_edges, _objective, _times_upper
+
+    g = torch.Generator().manual_seed(d_out + d)
+    A = torch.randn(d_out, d, generator=g).to(DEVICE)
+    U = (torch.randn(d, d, generator=g).triu() / d ** 0.5).to(DEVICE)
+    import epmq_kernels.bf16x3 as sbs
+
+    splits = []
+    split = sbs.split_bf16
+    monkeypatch.setattr(sbs, "split_bf16", lambda X, *a: (splits.append(X.numel()), split(X, *a)))
+    for transposed in (False, True):
+        exact = A.double() @ (U.double().T if transposed else U.double())
+        splits.clear()
+        got = _times_upper(A, U, transposed=transposed, mm=bf16x3_mm)
+        # (A split once whole, each block of U once: n blocks cover (n + 1) / 2n of U)
+        n = len(_block_edges(d)) - 1
+        assert splits.count(A.numel()) == 1 and sum(splits) - A.numel() <= (n + 1) / (2 * n) * U.numel() + 8 * d
+        scale = float((A.double().abs() @ (U.double().abs().T if transposed else U.double().abs())).max())
+        assert float((got.double() - exact).abs().max()) <= 2e-5 * scale
+        old = _times_upper(A, U, transposed=transposed, mm=three_products)
+        assert float((got - old).abs().max()) <= 1e-6 * scale
+    X = torch.randn(d, 2 * d, generator=g).to(DEVICE)
+    H = X @ X.T
+    exact = float(((A.double() @ H.double()) * A.double()).sum())
+    assert _objective(A, H, bf16x3_mm) == pytest.approx(exact, rel=1e-4)
+    parts, _ = split_once(bf16x3_mm)
+    (P,) = parts(A)
+    assert isinstance(P, Bf16x3Parts)
