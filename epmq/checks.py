@@ -113,7 +113,8 @@ def _judge_hessian(H: torch.Tensor, numbers, name: str) -> float:
 
 def check_hessian(H: torch.Tensor, d_in: int, name: str = "H") -> float:
     """A clear error unless ``H`` is a ``[d_in, d_in]`` Gram matrix; returns ``tr(H)`` (summed in
-    H's dtype, as ``float(torch.diagonal(H).sum())``). Every number the checks need is read back
+    H's dtype, as ``float(torch.diagonal(H).sum())``, off the GPU; on it by the scan kernel, in
+    fp32 or fp64, in its order). Every number the checks need is read back
     in one transfer: on a GPU each read waits for the queue to drain, and E-PMQ checks one
     Hessian per expert of every layer (six reads each made 48 of a layer's 91 with 8 experts)."""
     _check_hessian_shape(H, d_in, name)

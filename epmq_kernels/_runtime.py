@@ -46,6 +46,17 @@ def check_device(*tensors, names=None):
     return device
 
 
+def device_values(values, dtype, device) -> torch.Tensor:
+    """A 1-D tensor of the Python numbers ``values`` on ``device`` without waiting for it: a
+    CUDA copy from pageable memory (``torch.tensor(..., device=)``) synchronizes the stream,
+    so the values go through pinned memory, copied asynchronously (the caching host allocator
+    keeps the pinned buffer until the copy is done)."""
+    host = torch.tensor([float(v) for v in values], dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def fp32_matmul(tf32: bool):
     """torch's fp32 matrix products inside run on the TF32 tensor cores if and only if ``tf32``,

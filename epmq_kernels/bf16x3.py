@@ -37,7 +37,7 @@ def _bf16_rne(x):
     return u.to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["stride_part"])  # (a stride of 1, d_in = 1, is no constexpr)
+@triton.jit
 def _split_kernel(
     X,  # [n_rows, n_cols], any float dtype, unit column stride
     Y,  # [n_rows, n_cols], subtracted from X when HAS_Y
@@ -66,11 +66,13 @@ def _split_kernel(
     hi_bits = (hi.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
     mid_bits = (_bf16_rne(x - hi).to(tl.int32, bitcast=True) >> 16).to(tl.int16)
     out = OUT + rows[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    # (tl.cast: stride_part may be a constant, 1 at d_in = 1; specialised, it keeps the
+    # divisibility that vectorizes the stores of parts 1 and 2)
     for part in tl.static_range(3):
         if part == MID:
-            tl.store(out + part * stride_part.to(tl.int64), mid_bits, mask=ok)
+            tl.store(out + part * tl.cast(stride_part, tl.int64), mid_bits, mask=ok)
         else:
-            tl.store(out + part * stride_part.to(tl.int64), hi_bits, mask=ok)
+            tl.store(out + part * tl.cast(stride_part, tl.int64), hi_bits, mask=ok)
 
 
 def split_bf16(X, Y, parts, mid):

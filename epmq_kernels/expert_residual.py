@@ -20,8 +20,8 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, fp32_matmul, tf32_round,
-                       tf32x3_mm)
+from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, device_values, fp32_matmul,
+                       tf32_round, tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
@@ -460,7 +460,7 @@ def _residual_split_cublas(G, W_k, W_m, H_k, a):
     BR, BC, warps = _SPLIT_TILE
     grid = (triton.cdiv(d_out, BR), triton.cdiv(d_in, BC))
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=G.device)
-    a_t = torch.tensor([float(a)], dtype=torch.float32, device=G.device)
+    a_t = device_values([a], torch.float32, G.device)
     _add_product_kernel[grid](G, P, W_k, W_m, a_t, partial, d_out, d_in, BLOCK_R=BR, BLOCK_C=BC,
                               num_warps=warps)
     return partial
@@ -477,7 +477,7 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     BM, BN, BK, warps, stages = config
     n_programs = triton.cdiv(d_out, BM) * triton.cdiv(d_in, BN)
     partial = torch.empty(n_programs, dtype=G.dtype, device=G.device)
-    a_t = torch.tensor([float(a)], dtype=G.dtype, device=G.device)
+    a_t = device_values([a], G.dtype, G.device)
     if _runtime.INTERPRETED and precision == "bf16x3":
         precision = "ieee"  # the interpreter knows no bf16x3 (its products are IEEE for all)
     _residual_kernel[(n_programs,)](
@@ -519,8 +519,6 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
     """As :func:`fold_hessians_reference`, FOLD_ARITY Hessians a pass (``H_e``, ``H_m``
     contiguous; Hessians that are not are copied first)."""
     _check_fold_args(H_e, H_m, hessians, weights, overwrite)
-    if overwrite and not hessians:
-        H_e.zero_()
     check_device(H_e, *([] if H_m is None else [H_m]), *hessians,
                  names=["H_e"] + ([] if H_m is None else ["H_m"])
                  + [f"Hessian {k}" for k in range(len(hessians))])
@@ -528,12 +526,13 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
     for name, t in (("H_e", H_e), ("H_m", H_m)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    if overwrite and not hessians:
+        H_e.zero_()  # (the empty sum)
     n = H_e.numel()
     BLOCK, warps = _FOLD_BLOCK
     for start in range(0, len(hessians), FOLD_ARITY):
         chunk = [H.contiguous() for H in hessians[start:start + FOLD_ARITY]]
-        a = torch.tensor([float(w) for w in weights[start:start + FOLD_ARITY]], dtype=H_e.dtype,
-                         device=H_e.device)
+        a = device_values(weights[start:start + FOLD_ARITY], H_e.dtype, H_e.device)
         pad = chunk + [chunk[0]] * (FOLD_ARITY - len(chunk))  # (unread pointers)
         _fold_kernel[(triton.cdiv(n, BLOCK),)](
             H_e, H_e if H_m is None else H_m, *pad, a, n,

@@ -26,7 +26,9 @@ from ._runtime import check_device
 
 N_NUMBERS = 7  # lo, hi, min of the diagonal, zero diagonal entries, symmetry gap, |H v|, trace
 _N_PARTIAL = 9  # per program: the seven's shares, with u^T H v and v^T H u apart, and a NaN flag
-_SCAN_TILE = (16, 128, 4)  # (BLOCK_R rows a program, BLOCK_C columns a step, num_warps)
+# (BLOCK_R rows a program, BLOCK_C columns a step, num_warps) by the products' dtype: fp64's
+# 16 rows spilled (255 registers on sm_90)
+_SCAN_TILE = {torch.float32: (16, 128, 4), torch.float64: (8, 128, 4)}
 _FINISH_BLOCK = 256
 
 
@@ -165,7 +167,7 @@ def hessian_numbers_triton(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     if H.stride(1) != 1:
         H = H.contiguous()
     vu = vu.contiguous()
-    BLOCK_R, BLOCK_C, warps = _SCAN_TILE
+    BLOCK_R, BLOCK_C, warps = _SCAN_TILE[vu.dtype]
     n_programs = triton.cdiv(d, BLOCK_R)
     partial = torch.empty(n_programs, _N_PARTIAL, dtype=vu.dtype, device=H.device)
     numbers = torch.empty(N_NUMBERS, dtype=torch.float64, device=H.device)

@@ -1568,7 +1568,8 @@ class _Plan:
                 ready, free = self.events[0][i % 2], self.events[1][i % 2]
                 if i >= 2:
                     side.wait_event(free)  # (the product two chunks back has read this buffer)
-                launch(w, w, side.cuda_stream)
+                with torch.cuda.stream(side):  # (a plan's first launch goes to the current stream)
+                    launch(w, w, side.cuda_stream)
                 ready.record(side)
                 torch.cuda.current_stream(self.device).wait_event(ready)
             if i == 0:

@@ -299,6 +299,27 @@ def test_triton_statistics_fold_every_hessian_once(gen, merged_given):
         assert (have - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def test_hessians_that_need_converting_are_folded_alone(gen, monkeypatch):
+    """add_tasks folds up to FOLD_ARITY Hessians a pass, but one that must be converted (an
+    fp64 Hessian into fp32 statistics) alone: one converted copy alive at a time."""
+    import epmq.stats as stats_module
+
+    sizes = []
+    fold = stats_module.fold_hessians
+    monkeypatch.setattr(stats_module, "fold_hessians",
+                        lambda H_e, H_m, Hs, a_s, **kw: (sizes.append(len(Hs)), fold(H_e, H_m, Hs, a_s, **kw)))
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(9)]
+    H_k = [gram(batches(gen, n_batches=1, scale=0.5 + k)) for k in range(9)]
+    H_k = [H if k == 5 else H.float() for k, H in enumerate(H_k)]  # (expert 5 in fp64)
+    got = EPMQStats(W_m, backend="triton")
+    got.add_tasks(W_k, H_k)
+    assert sizes == [4, 1, 1, 3]
+    ref = EPMQStats(W_m, backend="torch")
+    ref.add_tasks(W_k, H_k)
+    assert (got.H_e - ref.H_e).abs().max() <= 1e-5 * ref.H_e.abs().max()
+
+
 def test_residual_precision_is_checked(gen):
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
     with pytest.raises(ValueError, match="residual_precision"):

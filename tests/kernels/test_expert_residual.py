@@ -589,7 +589,9 @@ def test_fold_matches_reference(gen, e_dtype, h_dtype, n_hessians, with_merged):
     assert_update_close(got_e, want_e, H_e, n_hessians * EPS[e_dtype])
     if H_m is not None:
         assert_update_close(got_m, want_m, H_m, n_hessians * EPS[e_dtype])
+    before_e, before_m = H_e.clone(), None if H_m is None else H_m.clone()
     assert fold_hessians(H_e, H_m, [], [], backend="triton") is None  # (nothing to fold: unchanged)
+    assert torch.equal(H_e, before_e) and (H_m is None or torch.equal(H_m, before_m))
     # overwriting: H_e's old values (NaN here) are not read, whatever the number of passes
     want = torch.zeros_like(H_e)
     fold_hessians_reference(want, None, hessians, weights)
@@ -621,6 +623,10 @@ def test_fold_argument_errors(gen):
     empty = torch.full((8, 8), float("nan"), device=DEVICE)
     fold_hessians_triton(empty, None, [], [], overwrite=True)  # (no Hessian: the zero sum)
     assert torch.equal(empty, torch.zeros_like(empty))
+    half = torch.ones(8, 8, dtype=torch.float16, device=DEVICE)  # (refused before it is zeroed)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        fold_hessians_triton(half, None, [], [], overwrite=True)
+    assert bool((half == 1).all())
 
 
 _COMPILE_SPLIT_AT_ONE_INPUT = r"""

@@ -103,9 +103,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import epmq_kernels.hessian_scan as hs
 
-BR, BC, warps = hs._SCAN_TILE
+import torch
+
 for cap in (90, 80):
     for h, v in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+        BR, BC, warps = hs._SCAN_TILE[torch.float64 if v == "fp64" else torch.float32]
         sig = dict(H=f"*{h}", vu=f"*{v}", partial=f"*{v}", d="i32", stride_h="i32",
                    BLOCK_R="constexpr", BLOCK_C="constexpr")
         triton.compile(ASTSource(hs._scan_kernel, sig, constexprs=dict(BLOCK_R=BR, BLOCK_C=BC)),

@@ -98,3 +98,28 @@ def test_kernels_refuse_tensors_without_data():
     for call in calls:
         with pytest.raises(ValueError, match="Triton kernels need CUDA tensors.*got meta tensors"):
             call()
+
+
+def test_device_values_are_the_numbers_given():
+    t = rt.device_values([0.25, 1 / 3, 7], torch.float64, "cpu")
+    assert t.dtype == torch.float64 and t.tolist() == [0.25, 1 / 3, 7.0]
+    assert rt.device_values([1 / 3], torch.float32, torch.device("cpu")).item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_values_and_the_fold_do_not_wait_for_the_device():
+    """A task weight copied to the GPU from pageable memory synchronizes the stream; through
+    pinned memory it does not (torch's sync debug mode raises on a synchronizing call)."""
+    from epmq_kernels.expert_residual import fold_hessians_triton
+
+    H_e = torch.zeros(64, 64, device="cuda")
+    H = torch.randn(64, 64, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = rt.device_values([0.5, 2.0], torch.float32, "cuda")
+        fold_hessians_triton(H_e, None, [H, H], [0.5, 2.0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert t.tolist() == [0.5, 2.0]
+    torch.testing.assert_close(H_e, 2.5 * H)
