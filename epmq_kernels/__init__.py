@@ -1,6 +1,7 @@
-"""Triton kernels for E-PMQ: the GPTQ/E-PMQ column solver, expert-residual accumulation,
-int4 bit packing and the W4A16 matmul. Each kernel family lives in one file beside its torch
-reference. This package never imports ``epmq``."""
+"""Triton kernels for E-PMQ: the GPTQ/E-PMQ column solver, expert-residual accumulation and the
+fold of the experts' Hessians, the Hessian checks' one-pass scan, bf16x3 products as one GEMM of
+side-by-side split operands, int4 bit packing and the W4A16 matmul. Each kernel family lives in
+one file beside its torch reference. This package never imports ``epmq``."""
 
 from . import _runtime  # noqa: F401  (must run before any kernel is decorated)
 from .grid import find_params, quantize_codes, dequantize

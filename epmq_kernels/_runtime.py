@@ -229,7 +229,8 @@ def fp32_mm(device: torch.device, floor: str = "ieee"):
             parts, product = split_once(FP32_PRODUCTS[config["mm"]])  # (the form E-PMQ runs)
             product(*(parts(X) for X in operands))
 
-        cache = autotune_cache.cache_for("fp32_mm", device, [sorted(FP32_PRODUCTS), n])
+        # (the form each is timed in is part of the space: winners timed otherwise are not kept)
+        cache = autotune_cache.cache_for("fp32_mm", device, [sorted(FP32_PRODUCTS), n, "split_once"])
         with torch.cuda.device(device):  # (the timing's events are on the current device)
             config = autotune_cache.tune(cache, f"{floor}|{n}x{n}x{n}",
                                          [{"mm": p} for p in FP32_AT_LEAST[floor]], run)

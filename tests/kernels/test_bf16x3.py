@@ -22,28 +22,39 @@ def three_products(A, B):
 
 
 @pytest.mark.parametrize("axis", ["rows", "cols"])
-@pytest.mark.parametrize("mid", [1, 2])
-def test_split_layouts_are_torchs_parts(gen, axis, mid, monkeypatch):
-    """Both layouts, both part orders, by the kernel and by torch's fallback: the bits of
-    ``bf16_split``, with ties, subnormals and large values among them."""
+@pytest.mark.parametrize("n_parts,mid", [(3, 1), (3, 2), (2, 0), (2, 1)])
+def test_split_layouts_are_torchs_parts(gen, axis, n_parts, mid, monkeypatch):
+    """Both layouts, every part count and order, the hi part alone beside, by the kernel and by
+    torch's fallback: the bits of ``bf16_split``, with ties, subnormals, large values and NaNs
+    among them (0x7FFFFFFF, the GPU's own NaN, whose rounding passes int32)."""
     X = rand(gen, 19, 45, scale=3.0)
     X[0, :4] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1e-40, 3e38])
+    X[1, :3] = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
     hi, rest = bf16_split(X)
-    want = [rest if p == mid else hi for p in range(3)]
+    want = [rest if p == mid else hi for p in range(n_parts)]
+
+    def bits(t):  # (every NaN alike: its payload is not a value)
+        t = t.float()
+        return torch.where(torch.isnan(t), float("nan"), t).view(torch.int32)
+
     for interpreted in {_runtime.INTERPRETED, False} if DEVICE.type == "cpu" else {False}:
         monkeypatch.setattr(_runtime, "INTERPRETED", interpreted)
+        hi_alone = torch.empty(19, 45, dtype=torch.bfloat16, device=DEVICE)
         if axis == "rows":
-            F = torch.empty(19, 3, 45, dtype=torch.bfloat16, device=DEVICE)
-            split_bf16(X, None, F, mid)
-            got = [F[:, p] for p in range(3)]
+            F = torch.empty(19, n_parts, 45, dtype=torch.bfloat16, device=DEVICE)
+            split_bf16(X, None, F, mid, hi_alone)
+            got = [F[:, p] for p in range(n_parts)]
         else:
-            F = torch.empty(19, 45, 3, dtype=torch.bfloat16, device=DEVICE)
-            split_bf16(X, None, F.transpose(1, 2), mid)
-            got = [F[:, :, p] for p in range(3)]
-        for g, w in zip(got, want):
-            assert torch.equal(g.view(torch.int16), w.view(torch.int16))
+            F = torch.empty(19, 45, n_parts, dtype=torch.bfloat16, device=DEVICE)
+            split_bf16(X, None, F.transpose(1, 2), mid, hi_alone)
+            got = [F[:, :, p] for p in range(n_parts)]
+        for g, w in zip(got + [hi_alone], want + [hi]):
+            assert torch.equal(bits(g), bits(w))
     with pytest.raises(ValueError, match="parts must be"):
-        split_bf16(X, None, torch.empty(19, 2, 45, dtype=torch.bfloat16, device=DEVICE), 1)
+        split_bf16(X, None, torch.empty(19, 4, 45, dtype=torch.bfloat16, device=DEVICE), 1)
+    with pytest.raises(ValueError, match="hi must be"):
+        split_bf16(X, None, F.transpose(1, 2) if axis == "cols" else F, mid,
+                   torch.empty(45, 19, dtype=torch.bfloat16, device=DEVICE))
 
 
 @pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True), (True, True)])

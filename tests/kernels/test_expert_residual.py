@@ -536,9 +536,10 @@ for cap in (90, 80):
         triton.compile(ASTSource(er._xxt_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
     br, bc, warps = sbs.SPLIT_TILE
-    for x, has_y, mid in (("fp32", True, 1), ("bf16", True, 1), ("fp32", False, 2)):
-        const = dict(HAS_Y=has_y, MID=mid, BLOCK_R=br, BLOCK_C=bc)
-        sig = {n: "constexpr" if n in const else dict(X=f"*{x}", Y=f"*{x}", OUT="*i16").get(n, "i32")
+    for x, has_y, mid, n_parts, has_hi in (("fp32", True, 1, 3, False), ("bf16", True, 1, 3, False),
+                                           ("fp32", False, 2, 3, False), ("fp32", False, 0, 2, True)):
+        const = dict(HAS_Y=has_y, MID=mid, N_PARTS=n_parts, HAS_HI=has_hi, BLOCK_R=br, BLOCK_C=bc)
+        sig = {n: "constexpr" if n in const else dict(X=f"*{x}", Y=f"*{x}", OUT="*i16", HI="*i16").get(n, "i32")
                for n in sbs._split_kernel.arg_names}
         triton.compile(ASTSource(sbs._split_kernel, sig, constexprs=const),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
@@ -639,12 +640,14 @@ import epmq_kernels.bf16x3 as sbs
 BR, BC, warps = sbs.SPLIT_TILE
 for d_in in (1, 7):  # (d_in = 1: its strides of 1 would be constants, were they specialised)
     X = torch.empty(5, d_in)
+    hi = torch.empty(5, d_in, dtype=torch.int16)
     for bits in (torch.empty(5, 3, d_in, dtype=torch.int16),  # (parts after each other, and
-                 torch.empty(5, d_in, 3, dtype=torch.int16).transpose(1, 2)):  # interleaved)
-        args = [X, X, bits, 5, d_in, X.stride(0), X.stride(0), bits.stride(0), bits.stride(1),
-                bits.stride(2)]
-        compile_sm90(sbs._split_kernel, args, dict(HAS_Y=True, MID=1, BLOCK_R=BR, BLOCK_C=BC),
-                     warps, 1)
+                 torch.empty(5, d_in, 2, dtype=torch.int16).transpose(1, 2)):  # interleaved)
+        args = [X, X, bits, hi, 5, d_in, X.stride(0), X.stride(0), bits.stride(0), bits.stride(1),
+                bits.stride(2), hi.stride(0)]
+        const = dict(N_PARTS=bits.shape[1], MID=1, HAS_Y=True, HAS_HI=bits.shape[1] == 2,
+                     BLOCK_R=BR, BLOCK_C=BC)
+        compile_sm90(sbs._split_kernel, args, const, warps, 1)
 print("compiled")
 """
 
