@@ -115,3 +115,23 @@ def test_epmq_triangular_and_symmetric_products(d_out, d, monkeypatch):
     parts, _ = split_once(bf16x3_mm)
     (P,) = parts(A)
     assert isinstance(P, Bf16x3Parts)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_products_through_cublas(gen):
+    """On a GPU (cuBLAS's bf16 GEMM and its epilogue's add): every orientation at a layer-like
+    width with slices at odd offsets, against the three-product form and float64."""
+    M, K, N = 257, 3001, 515
+    for a_t in (False, True):
+        for b_t in (False, True):
+            A_full = rand(gen, K + 9, M + 5) if a_t else rand(gen, M + 5, K + 9)
+            B_full = rand(gen, N + 4, K + 7) if b_t else rand(gen, K + 7, N + 4)
+            A = A_full[3:3 + K, 2:2 + M].T if a_t else A_full[2:2 + M, 3:3 + K]
+            B = B_full[1:1 + N, 5:5 + K].T if b_t else B_full[5:5 + K, 1:1 + N]
+            Ap = Bf16x3Parts(A_full)[3:3 + K, 2:2 + M].T if a_t else Bf16x3Parts(A_full)[2:2 + M, 3:3 + K]
+            Bp = Bf16x3Parts(B_full)[1:1 + N, 5:5 + K].T if b_t else Bf16x3Parts(B_full)[5:5 + K, 1:1 + N]
+            got = bf16x3_product(Ap, Bp)
+            scale = float((A.double().abs() @ B.double().abs()).max())
+            assert float((got - bf16x3_mm(A, B)).abs().max()) <= 1e-6 * scale
+            assert float((got.double() - A.double() @ B.double()).abs().max()) <= 2e-5 * scale
