@@ -6,25 +6,25 @@ its speed goal is about (issue 3).
                                           [--experts 8] [--gpu-path [--residual IMPL]]
                                           [--out benchmarks/results/FILE.json]
 
-The GPU's path, emulated: fp32 statistics (``EPMQStats(dtype=torch.float32)``, each expert's
-weight and Hessian given whole, as ``quant.epmq`` does), ``R`` and the anchor term by three TF32
-products (``tf32x3_mm``, what ``fp32_mm`` picks on an H100/H200), anchor 1. A
-``TorchDispatchMode`` counts, per aten op, the bytes its tensor arguments and results hold
-(an upper bound on what it reads and writes), leaving out views, allocations, the products
-(``mm``, ``addmm``, ``matmul``, ``mv``, ``dot``, ...; since 2026-12-04 not those with at most 8
-rows or columns out, a matrix times a few vectors, bound by their bytes) and the solver (the
-Triton kernel on a GPU; here the torch reference's column loop, run uncounted). ``scalar_reads`` counts the host's reads of
-device values: ``float(t)``/``bool(t)``/``.item()``, ``nonzero`` (its size) and ``.tolist()``;
-on a GPU each one waits for the queue to drain. The residual
-runs by the torch backend here (one fp32 product per expert; the GPU's cuBLAS bf16x3 candidate
-splits its operands as ``bf16x3_mm`` does, not counted).
+The torch backend's path with the GPU's precisions: fp32 statistics
+(``EPMQStats(dtype=torch.float32)``, each expert's weight and Hessian given whole, as
+``quant.epmq`` does), ``R`` and the anchor term by three TF32 products (``tf32x3_mm``), anchor 1.
+A ``TorchDispatchMode`` counts, per aten op, the bytes its tensor arguments and results hold (an
+upper bound on what it reads and writes), leaving out views, allocations, the products (``mm``,
+``addmm``, ``matmul``, ``mv``, ``dot``, ...; since 2026-12-04 not those with at most 8 rows or
+columns out, a matrix times a few vectors, bound by their bytes) and the solver (the Triton
+kernel on a GPU; here the torch reference's column loop, run uncounted). ``scalar_reads`` counts
+the host's reads of device values: ``float(t)``/``bool(t)``/``.item()``, ``nonzero`` (its size)
+and ``.tolist()``; on a GPU each one waits for the queue to drain. The residual runs by the
+torch backend here (one fp32 product per expert).
 
-``--gpu-path`` runs the Triton backend instead, its kernels in Triton's interpreter: the
-residual by the cuBLAS candidate ``--residual`` (``cublas_split``, the default: one bf16 product
-of operands split side by side by a kernel; ``cublas``: ``bf16x3_mm``), R and the anchor term by
-``bf16x3_mm`` (the floor of the default bf16x3 residual), the Hessians' checks by their kernel. A Triton launch counts the bytes of the
-buffers it reads and of those it writes (KERNEL_IO; a kernel not listed there: all read); the bf16 products
-(emulated here) are left out like the others.
+``--gpu-path`` runs the GPU's own path, the Triton backend, its kernels in Triton's interpreter:
+the residual by the cuBLAS candidate ``--residual`` (``cublas_split``, the default: one bf16
+product of operands split side by side by a kernel; ``cublas``: ``bf16x3_mm``), R and the anchor
+term by ``bf16x3_mm`` (the floor of the default bf16x3 residual), the Hessians' checks by their
+kernel. A Triton launch counts the bytes of the views it reads and of those it writes
+(KERNEL_IO; a kernel not listed there: all read); the bf16 products (emulated here) are left out
+like the others, with the addition a cuBLAS epilogue does (``bf16x3._bf16_mm_plus``).
 
 Counts are exact and deterministic (one round is enough); ``--baseline REV`` counts git
 revision REV too, in the same run. Traffic is in units of the layer's fp32 weight ``|W|``.
@@ -127,6 +127,18 @@ _CHILD = textwrap.dedent(r'''
                 return emulated(A, B)
 
         rt.bf16_mm_emulated = uncounted_bf16_mm
+        try:  # (C + A @ B: on the GPU cuBLAS's epilogue adds C, here a counted addition would)
+            import epmq_kernels.bf16x3 as sbs
+
+            plus = sbs._bf16_mm_plus
+
+            def uncounted_plus(C, A, B):
+                with _disable_current_modes():
+                    return plus(C, A, B)
+
+            sbs._bf16_mm_plus = uncounted_plus
+        except (ImportError, AttributeError):  # (revisions before it)
+            pass
         impl = getattr(er, "SPLIT_CUBLAS" if RESIDUAL == "cublas_split" else "CUBLAS", er.CUBLAS)
         er._residual_config = lambda G, W_k, W_m, H_k, precision: ("bf16x3", impl)
         import epmq.checks as checks
