@@ -71,7 +71,9 @@ PRODUCTS = {"fp32": _rounded(lambda x: x.float()), "tf32": _rounded(tf32_round),
 # E-PMQ's other large products (R = G H~^{-1} and the anchor term), for variants "<G>, R <R>":
 # what the Triton backend runs on a GPU, where each residual precision sets their floor
 # (quant._fp32_floor: "bf16x3" for the default and for "tf32"); the others take IEEE fp32
-R_PRODUCTS = {"bf16x3": lambda A, B: bf16x3_mm(A, B, mm=bf16_mm_emulated)}
+# (bf16x3_mm itself: E-PMQ's split_once then takes it as the GPU does, two GEMMs of side-by-side
+# split operands per block, bf16_mm_emulated's products on the CPU)
+R_PRODUCTS = {"bf16x3": bf16x3_mm}
 R_VARIANTS = [("bf16x3", "bf16x3"), ("tf32", "bf16x3")]  # (G's product, R's)
 
 
