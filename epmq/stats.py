@@ -66,6 +66,18 @@ class HessianStats:
         self.n_tokens += X.shape[0]
 
 
+def _runs(n: int, size: int, alone) -> list:
+    """``0 .. n-1`` cut into runs of consecutive indices, at most ``size`` long, each index
+    ``k`` with ``alone[k]`` in a run of its own."""
+    runs = []
+    for k in range(n):
+        if runs and len(runs[-1]) < size and not alone[k] and not alone[runs[-1][-1]]:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
 class _Task:
     def __init__(self, W_expert, weight, name, H):
         self.W = W_expert
@@ -214,17 +226,10 @@ class EPMQStats:
         # Up to FOLD_ARITY experts at a time: their Hessians in one pass over H_e and H_m, then
         # their residuals. A Hessian that must be converted (another device or dtype) is folded
         # alone: one converted copy alive at a time (d_in^2 each: 0.8 GB in fp32 at 14336).
-        def copied(k):
-            H = expert_hessians[k]
+        def copied(H):
             return H.device != self.H_e.device or H.dtype != self.dtype
 
-        k = 0
-        while k < K:
-            group = [k]
-            while (len(group) < FOLD_ARITY and group[-1] + 1 < K and not copied(group[0])
-                   and not copied(group[-1] + 1)):
-                group.append(group[-1] + 1)
-            k = group[-1] + 1
+        for group in _runs(K, FOLD_ARITY, alone=[copied(H) for H in expert_hessians]):
             H_ks, a_s = [], []
             for j in group:
                 H_k = expert_hessians[j].to(device=self.H_e.device, dtype=self.dtype)
