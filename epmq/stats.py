@@ -174,8 +174,8 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- checks
 
-    def _check_expert(self, W_expert, name):
-        check_weight(W_expert, f"expert weight of {name}")
+    def _check_expert(self, W_expert, name, values=True):
+        check_weight(W_expert, f"expert weight of {name}", values=values)
         if W_expert.shape != self.W_merged.shape:
             raise ValueError(
                 f"expert weight of {name} has shape {tuple(W_expert.shape)}, "
@@ -270,11 +270,15 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- streaming
 
-    def begin_task(self, W_expert, weight: Optional[float] = None, name: Optional[str] = None):
+    def begin_task(self, W_expert, weight: Optional[float] = None, name: Optional[str] = None, *,
+                   values_checked: bool = False):
+        """Open task k with its expert's weight. ``values_checked``: the caller has checked the
+        weight's values already (the model walker's expert reader does), so only its shape is
+        (on a GPU each check of values is a pass over the weight and a wait for the device)."""
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {self._tasks_done}"
-        self._check_expert(W_expert, name)
+        self._check_expert(W_expert, name, values=not values_checked)
         if self.inputs_of is None:
             d_in = self.W_merged.shape[1]
             H_k = torch.zeros(d_in, d_in, device=self.G_e.device, dtype=self.dtype)
@@ -345,14 +349,17 @@ class EPMQStats:
         self._task = None
         if task.n_tokens == 0:
             raise ValueError(f"{task.name} has no calibration data (no batch was added)")
-        if not bool(torch.diagonal(task.H).any()):
+        # (one read for both uses: a Gram matrix's diagonal is >= 0, so it is all zero exactly
+        # where its sum is 0; each read waits for the device's queue, once per task and layer)
+        trace = float(torch.diagonal(task.H).sum())
+        if trace == 0:
             # Tokens that were all zero at this layer (a norm's zero weight, a gated branch): the
             # task's H_k and its G_k = T_k X_k^T are zero, so whatever its weight it adds nothing
             # to the objective, and a_k = 1 / tr(H_k) is undefined. Dropped, as a task that sent
             # no token is; a layer left with no task is the caller's to round (the walker: RTN).
             self.empty_tasks.append(task.name)
             return
-        a = self._weight_of(task.H, task.weight, task.name)
+        a = self._weight_of(task.H, task.weight, task.name, trace)
         self._fold_hessians([task.H], [a])
         self._fold(task.W, task.H, task.G, task.c, a, task.name)
 

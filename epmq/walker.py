@@ -1824,17 +1824,19 @@ class _Walk:
             # may get none from a task)
 
             def begin(rel):
+                checked = False
                 if self.method == "gptq":  # fp_path control: the targets are W_m x_fp
                     W_k, weight = linears[rel].weight.detach(), 1.0
                 elif target is not None and self.targets == "expert_path":
                     W_k, weight = target.get_submodule(rel).weight.detach(), None
                 else:
-                    # (on the solve's device: read there, its values are checked there, twice
-                    # (the reader, the statistics), in microseconds instead of two CPU passes)
+                    # (on the solve's device: read there and its values checked there, by the
+                    # reader: the statistics check its shape only)
                     W_k = self._read_expert(task, f"{prefix}.{rel}.weight",
                                             device=linears[rel].weight.device)
-                    weight = None
-                stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}")
+                    weight, checked = None, True
+                stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}",
+                                      values_checked=checked)
                 begun.add(rel)
 
             for n in range(len(items)):

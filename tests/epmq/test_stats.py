@@ -320,6 +320,24 @@ def test_hessians_that_need_converting_are_folded_alone(gen, monkeypatch):
     assert (got.H_e - ref.H_e).abs().max() <= 1e-5 * ref.H_e.abs().max()
 
 
+def test_begin_task_checks_values_unless_the_caller_has(gen, monkeypatch):
+    """An expert weight's values are checked (NaN refused) unless the caller says it checked
+    them (the walker's reader does: no second pass and wait); its shape is checked always."""
+    import epmq.checks as checks
+
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    bad = W_m.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        EPMQStats(W_m).begin_task(bad)
+    with pytest.raises(ValueError, match="has shape"):
+        EPMQStats(W_m).begin_task(W_m[:, 1:], values_checked=True)
+    stats, scans = EPMQStats(W_m), []
+    monkeypatch.setattr(checks, "all_finite", lambda t: scans.append(t) or True)
+    stats.begin_task(W_m.clone(), values_checked=True)
+    assert scans == []
+
+
 def test_residual_precision_is_checked(gen):
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
     with pytest.raises(ValueError, match="residual_precision"):

@@ -190,9 +190,9 @@ def test_llama4_experts_read_from_either_checkpoint_layout(layout, gen, tmp_path
     read = {}
     begin_task = EPMQStats.begin_task
 
-    def spy(self, W, weight=None, name=None):
+    def spy(self, W, weight=None, name=None, **kw):
         read[name.rpartition(" at ")[2]] = W.clone()
-        return begin_task(self, W, weight, name)
+        return begin_task(self, W, weight, name, **kw)
 
     monkeypatch.setattr(EPMQStats, "begin_task", spy)
     epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
