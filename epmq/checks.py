@@ -39,7 +39,6 @@ def _check_hessian_shape(H, d_in: int, name: str) -> None:
 
 
 _PROBES = {}  # (d_in, device, dtype) -> the fixed random vectors [v, u] of _hessian_numbers
-_N_NUMBERS = N_NUMBERS  # the length of _hessian_numbers' vector
 
 
 def _probes(H: torch.Tensor) -> tuple:
@@ -149,13 +148,11 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
                 raise ValueError(f"{what} has shape {tuple(W.shape)}, the merged weight {tuple(shape)}")
             _check_hessian_shape(H, d_in, f"Hessian of {name}")
         except ValueError as error:
-            queued.append((name, None, torch.cat([w_numbers, torch.zeros(_N_NUMBERS, dtype=torch.float64,
+            queued.append((name, None, torch.cat([w_numbers, torch.zeros(N_NUMBERS, dtype=torch.float64,
                                                                          device=w_numbers.device)])))
             pending = error
             break
-        h_numbers = (_hessian_numbers(H) if d_in
-                     else torch.zeros(_N_NUMBERS, dtype=torch.float64, device=H.device))
-        queued.append((name, H, torch.cat([w_numbers.to(H.device), h_numbers])))
+        queued.append((name, H, torch.cat([w_numbers.to(H.device), _hessian_numbers(H)])))
     traces = []
     if queued:
         rows = [numbers for _, _, numbers in queued]

@@ -672,16 +672,11 @@ def epmq_from_stats(
     lam = anchor * s / trace_m if anchor > 0 and trace_m > 0 else 0.0
     mu = weight_anchor * s / d_in
     backend = resolve_backend(backend, W_m.device)
-    # (in place into one float64 matrix, never the statistics' own H_e: at 14336 inputs each
-    # d_in^2 float64 temporary is 1.6 GB; on the Triton backend in one pass over H_e and H_m)
-    if backend == "triton":
-        H = torch.empty(d_in, d_in, dtype=torch.float64, device=H_e.device)
-        fold_hessians(H, None, [H_e, H_m] if lam else [H_e], [1.0, lam] if lam else [1.0],
-                      backend=backend, overwrite=True)
-    else:
-        H = H_e.to(torch.float64, copy=True)
-        if lam:
-            H.add_(H_m, alpha=lam)
+    # (into one float64 matrix, never the statistics' own H_e: at 14336 inputs each d_in^2
+    # float64 temporary is 1.6 GB; on the Triton backend in one pass over H_e and H_m)
+    H = torch.empty(d_in, d_in, dtype=torch.float64, device=H_e.device)
+    fold_hessians(H, None, [H_e, H_m] if lam else [H_e], [1.0, lam] if lam else [1.0],
+                  backend=backend, overwrite=True)
     if mu:
         H.diagonal().add_(mu)
     G = G_e.to(torch.float64, copy=G_m is not None and bool(lam))

@@ -186,9 +186,6 @@ def ieee_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.mm(A, B)
 
 
-bf16x3_mm.split = bf16_split
-bf16x3_mm.of_parts = lambda A_parts, B_parts: _product_of_parts(A_parts, B_parts, _bf16_mm)
-
 # The fp32 products fp32_mm chooses from, and for each floor (the least accurate product allowed)
 # those at least as accurate: IEEE (2^-24 of each term), tf32x3 (~2^-21), bf16x3 (~2^-16).
 FP32_PRODUCTS = {"ieee": ieee_mm, "tf32x3": tf32x3_mm, "bf16x3": bf16x3_mm}

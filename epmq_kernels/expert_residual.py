@@ -96,9 +96,14 @@ def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = Fa
     ``H_m += H_k`` for each Hessian ``H_k`` and weight ``a_k``. ``overwrite``: ``H_e`` starts from
     zero (its values are not read; ``H_m`` must be None)."""
     _check_fold_args(H_e, H_m, hessians, weights, overwrite)
-    if overwrite:
-        H_e.zero_()
-    for H_k, a in zip(hessians, weights):
+    start = 0
+    if overwrite:  # (0 + 1 H_0 is H_0 rounded once: copied, without a pass that zeroes H_e first)
+        if hessians and float(weights[0]) == 1.0:
+            H_e.copy_(hessians[0])
+            start = 1
+        else:
+            H_e.zero_()
+    for H_k, a in zip(hessians[start:], weights[start:]):
         H_e.add_(H_k, alpha=float(a))
         if H_m is not None:
             H_m.add_(H_k)

@@ -602,6 +602,15 @@ def test_fold_matches_reference(gen, e_dtype, h_dtype, n_hessians, with_merged):
     ref = torch.full_like(H_e, float("nan"))
     fold_hessians(ref, None, hessians, weights, backend="torch", overwrite=True)
     assert torch.equal(ref, want)
+    ones = [1.0] + weights[1:]  # (a first weight of 1: the reference copies the first Hessian)
+    want = torch.zeros_like(H_e)
+    fold_hessians_reference(want, None, hessians, ones)
+    for backend in ("torch", "triton"):
+        got = torch.full_like(H_e, float("nan"))
+        fold_hessians(got, None, hessians, ones, backend=backend, overwrite=True)
+        assert_update_close(got, want, torch.zeros_like(H_e), n_hessians * EPS[e_dtype])
+        if backend == "torch":
+            assert torch.equal(got, want)
 
 
 def test_fold_argument_errors(gen):
