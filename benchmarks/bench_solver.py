@@ -18,7 +18,11 @@ input width: the Hessian is ``d_in x d_in``, 14336^2 fp32 = 822 MB for the large
              residual precision ("ieee", "tf32x3", "bf16x3", the default, and "tf32": the least
              accurate product allowed, the autotuner keeping the fastest of it and the more
              accurate ones), each result checked against the IEEE one (codes, loss); the row
-             records which fp32 product ``fp32_mm`` chose for R and the anchor term;
+             records which fp32 product ``fp32_mm`` chose for R and the anchor term; the
+             residual products run on a side stream while the Hessian is factored
+             (``epmq.stats.RESIDUALS_ON_SIDE_STREAM``), and for bf16x3 and tf32 E-PMQ is timed
+             with them on the current stream as well (``side_stream: false``; the same
+             results bit for bit, checked);
   residual   the 8 experts' ``G += a_k (W_k - W_m) H_k`` alone: Triton (each precision,
              autotuned, the tuning outside the timing) against torch (cuBLAS fp32, TF32
              off), with torch's plain TF32 (TF32 on) as the tensor-core reference: tf32 should
@@ -60,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pytest_marks,  # noqa: E402
                      raise_on_sigterm, save_figure, write_json)
 from epmq import quant  # noqa: E402
+from epmq import stats as epmq_stats  # noqa: E402
 from epmq.spec import QuantSpec  # noqa: E402
 from epmq_kernels.expert_residual import (  # noqa: E402
     RESIDUAL_PRECISIONS,
@@ -186,8 +191,8 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
                              epmq_reps)
         results[precision] = res_ep
         row = dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=1.0, experts=N_EXPERTS,
-                   t_epmq_s=t_ep, t_gptq_s=t_gq, epmq_s=med(t_ep), gptq_s=med(t_gq),
-                   ratio=med(t_ep) / med(t_gq),
+                   side_stream=epmq_stats.RESIDUALS_ON_SIDE_STREAM, t_epmq_s=t_ep, t_gptq_s=t_gq,
+                   epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
                    fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", precision)).__name__)
         if precision == "ieee" and d_in <= 4096 and time.perf_counter() < deadline:
             # E-PMQ checked end to end against its torch path (eager solver) on the smaller shapes
@@ -205,10 +210,29 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
     t_ep, _ = timed(lambda: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE, anchor=0.0,
                                        backend="triton", residual_precision="tf32"), epmq_reps)
     rows.append(dict(shape, kind="epmq_vs_gptq", residual_precision="tf32", anchor=0.0,
-                     experts=N_EXPERTS, t_epmq_s=t_ep, t_gptq_s=t_gq, epmq_s=med(t_ep),
-                     gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
+                     experts=N_EXPERTS, side_stream=epmq_stats.RESIDUALS_ON_SIDE_STREAM, t_epmq_s=t_ep,
+                     t_gptq_s=t_gq, epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
                      fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", "tf32")).__name__))
     log(rows[-1])
+    # the residual products on the current stream instead of the side stream (where they run
+    # while the Hessian is factored): the same results bit for bit, the difference is time
+    if epmq_stats.RESIDUALS_ON_SIDE_STREAM:
+        for precision in ("bf16x3", "tf32"):
+            epmq_stats.RESIDUALS_ON_SIDE_STREAM = False
+            try:
+                t_ep, res_ep = timed(lambda: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE,
+                                                        backend="triton", residual_precision=precision),
+                                     epmq_reps)
+            finally:
+                epmq_stats.RESIDUALS_ON_SIDE_STREAM = True
+            same = (torch.equal(res_ep.codes, results[precision].codes)
+                    and torch.equal(res_ep.target, results[precision].target))
+            rows.append(dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=1.0,
+                             experts=N_EXPERTS, side_stream=False, t_epmq_s=t_ep, t_gptq_s=t_gq,
+                             epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
+                             same_as_side_stream=same,
+                             fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", precision)).__name__))
+            log(rows[-1])
     del results, res_ep, res_gq
 
     # -- the residual statistics alone ----------------------------------------------------------
@@ -288,7 +312,7 @@ def plot(rows, path, device_name):
     ax1.grid(True, axis="y", alpha=0.3)
     width = 0.8 / len(RESIDUAL_PRECISIONS)
     for j, precision in enumerate(RESIDUAL_PRECISIONS):
-        ratio = {r["shape"]: r["ratio"] for r in rows if r["kind"] == "epmq_vs_gptq"
+        ratio = {r["shape"]: r["ratio"] for r in rows if r["kind"] == "epmq_vs_gptq" and r.get("side_stream", True)
                  and r.get("residual_precision", "ieee") == precision and r.get("anchor", 1.0) == 1.0}
         offset = (j - (len(RESIDUAL_PRECISIONS) - 1) / 2) * width
         ax2.bar([i + offset for i in x], [ratio.get(s, 0.0) for s in shapes], width=width,
@@ -348,7 +372,7 @@ def main(argv=None):
         print("bench_solver: stopped at its time limit; writing what it measured", flush=True)
 
     # correctness: codes within one step and losses within 1e-3 (summation order may differ)
-    bad = [r for r in rows if r.get("max_code_step", 0) > 1
+    bad = [r for r in rows if r.get("max_code_step", 0) > 1 or not r.get("same_as_side_stream", True)
            or abs(r.get("loss_ratio", 1.0) - 1) > 1e-3
            or abs(r.get("loss_ratio_vs_torch", 1.0) - 1) > 1e-3
            or abs(r.get("loss_ratio_vs_ieee", 1.0) - 1) > 1e-3
@@ -381,8 +405,9 @@ def main(argv=None):
         if r["kind"] == "epmq_vs_gptq":
             extra = (f", codes equal to ieee {r['codes_equal_vs_ieee']:.5f}, loss ratio "
                      f"{r['loss_ratio_vs_ieee']:.6f}" if "codes_equal_vs_ieee" in r else "")
+            side = "" if r.get("side_stream", True) else ", residuals on the current stream"
             print(f"  {r['shape']:10s} E-PMQ ({r['residual_precision']}, anchor {r['anchor']:g}, "
-                  f"{r['fp32_mm']}): {r['epmq_s']:.3f} s, "
+                  f"{r['fp32_mm']}{side}): {r['epmq_s']:.3f} s, "
                   f"{r['ratio']:.2f}x GPTQ{extra}")
     print(f"wrote {json_path} and {png_path} in {result['wall_s']:.0f} s; {len(bad)} failed checks",
           flush=True)

@@ -386,7 +386,7 @@ def _round_target(
     H: torch.Tensor,
     spec: QuantSpec,
     *,
-    G: Optional[torch.Tensor],
+    G,
     blocksize: int,
     percdamp: float,
     backend: Optional[str],
@@ -395,7 +395,9 @@ def _round_target(
 ):
     """GPTQ of the target ``W* = W_base + G H~^{-1}`` (``G=None``: ``W* = W_base``) under ``H``.
 
-    ``mm``: the fp32 product for ``R = G H~^{-1}`` (``epmq_from_stats`` picks it). ``factors``:
+    ``G``: a tensor, or a function that returns it, called once ``H`` is factored (E-PMQ's
+    residual products may still be running then, on the side stream: the function waits for
+    them). ``mm``: the fp32 product for ``R = G H~^{-1}`` (``epmq_from_stats`` picks it). ``factors``:
     a ``FactorCache`` shared with layers of the same Hessian. The caller adds the method's own
     loss terms to the result.
     """
@@ -452,6 +454,7 @@ def _round_target(
         # 0.01% of codes move, at rounding ties, on residual_precision_study.py's layers), at
         # half their cost on the CPU and far less on GPUs without fast float64 (L4, A10, RTX:
         # 1/32 to 1/64 of the fp32 rate)
+        G = G() if callable(G) else G
         G_p = G.float() if perm is None else G.float()[:, perm]
         R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True, mm=mm), Hinv32, mm=mm)
     target_p = W_p if R_p is None else W_p + R_p
@@ -658,7 +661,7 @@ def epmq_from_stats(
     ``factors``: a ``FactorCache`` shared by the solves of layers that read the same inputs (the
     statistics of such layers share their Hessians: ``EPMQStats(inputs_of=...)``)."""
     anchor, weight_anchor = check_number(anchor, "anchor", 0), check_number(weight_anchor, "weight_anchor", 0)
-    H_e, H_m, G_e, G_m = stats.finalize()
+    H_e, H_m, G_e, G_m = stats.finalize(join=False)  # (G_e read after H is factored)
     W_m = stats.W_merged
     d_in = W_m.shape[1]
     # (both traces in one read: each read waits for the device's queue)
@@ -679,15 +682,21 @@ def epmq_from_stats(
                   backend=backend, overwrite=True)
     if mu:
         H.diagonal().add_(mu)
-    G = G_e.to(torch.float64, copy=G_m is not None and bool(lam))
-    if G_m is not None and lam:
-        G.add_(G_m, alpha=lam)
     mm = fp32_mm(W_m.device, _fp32_floor(backend, stats.residual_precision))
+    formed = []
+
+    def target_G():
+        G = stats.G_e.to(torch.float64, copy=G_m is not None and bool(lam))  # (joins the side stream)
+        if G_m is not None and lam:
+            G.add_(G_m, alpha=lam)
+        formed.append(G)
+        return G
 
     result = _round_target(
-        W_m, H, spec, G=G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm,
+        W_m, H, spec, G=target_G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm,
         factors=factors,
     )
+    G, G_e = formed[0], stats.G_e
     t0 = time.perf_counter()
     # The objective's value without another d_out x d_in x d_in product: with F = Q - W*,
     # R = W* - W_m (so E = Q - W_m = F + R) and R H~ = G (H~ = H + damp I),

@@ -20,10 +20,17 @@ constants of the expert and anchor terms, kept so that their values can be repor
 Layers that read the same inputs (q/k/v, gate/up) have the same Hessians:
 ``EPMQStats(W, inputs_of=other)`` reads ``other``'s ``H_k``, ``H_e`` and ``H_m`` instead of
 accumulating them again, and keeps only its own ``G_e`` (and scratch ``G_k``, ``G_m``).
+
+On a GPU (the Triton backend) the residual products ``(W_k - W_m) H_k`` run on a side stream
+(RESIDUALS_ON_SIDE_STREAM): nothing but ``G_e`` and ``c_e`` reads them, so the current stream
+goes on with the next task's calibration and, once every task is in, with the factorization of
+``H``, which leaves most of the GPU idle, while they run. ``G_e``, ``c_e`` and ``finalize`` make
+the current stream wait for them (``join``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -33,12 +40,17 @@ from epmq_kernels.expert_residual import (
     DEFAULT_RESIDUAL_PRECISION,
     FOLD_ARITY,
     accumulate_residual,
+    accumulate_residual_on_side,
     accumulate_xxt,
     check_residual_precision,
     fold_hessians,
 )
 
 from .checks import all_finite, check_experts, check_hessian, check_weight
+
+# E-PMQ's residual products on the side stream (see the module's docstring); EPMQ_SIDE_STREAM=0
+# keeps them on the current stream (benchmarks/bench_solver.py times both).
+RESIDUALS_ON_SIDE_STREAM = os.environ.get("EPMQ_SIDE_STREAM", "1") != "0"
 
 
 def _tokens(x: torch.Tensor, d_in: int, what: str) -> torch.Tensor:
@@ -149,10 +161,11 @@ class EPMQStats:
             else:
                 check_hessian(merged_hessian, d_in, "merged_hessian")
                 self.H_m = merged_hessian.to(**kw)
-        self.G_e = torch.zeros(d_out, d_in, **kw)
+        self._G_e = torch.zeros(d_out, d_in, **kw)
+        self._side_done = None  # the event of the last residual product on the side stream
         self.G_m = None
         self._c_e = 0.0
-        self._c_e_unread = []  # a_k tr(D_k H_k D_k^T) as device scalars, read at c_e
+        self._c_e_unread = []  # (a_k, tr(D_k H_k D_k^T) as a device scalar), read at c_e
         self.c_m = 0.0
         self.task_weights: list[float] = []
         self.task_names: list[str] = []
@@ -161,10 +174,30 @@ class EPMQStats:
         self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
 
     @property
+    def G_e(self) -> torch.Tensor:
+        """``sum_k a_k (W_k - W_m) H_k`` (plus the asymmetric targets' terms) so far."""
+        self.join()
+        return self._G_e
+
+    @G_e.setter
+    def G_e(self, value):
+        self.join()
+        self._G_e = value
+
+    def join(self):
+        """Make the current stream wait for this layer's residual products still running on the
+        side stream (RESIDUALS_ON_SIDE_STREAM): every read of ``G_e`` or ``c_e`` comes after it
+        (``G_e``, ``c_e`` and ``finalize`` call it). A wait on the device, not the host."""
+        if self._side_done is not None:
+            torch.cuda.current_stream(self._G_e.device).wait_event(self._side_done)
+            self._side_done = None
+
+    @property
     def c_e(self) -> float:
         """The expert term's constant ``sum_k a_k tr(T_k T_k^T)`` (EPMQ_MATH.md)."""
         if self._c_e_unread:
-            self._c_e += float(torch.stack(self._c_e_unread).sum())
+            self.join()
+            self._c_e += float(torch.stack([a * trace for a, trace in self._c_e_unread]).sum())
             self._c_e_unread = []
         return self._c_e
 
@@ -225,7 +258,8 @@ class EPMQStats:
                                then=lambda k, trace: self._task_weight(weights[k], trace, names[k]))
         # Up to FOLD_ARITY experts at a time: their Hessians in one pass over H_e and H_m, then
         # their residuals. A Hessian that must be converted (another device or dtype) is folded
-        # alone: one converted copy alive at a time (d_in^2 each: 0.8 GB in fp32 at 14336).
+        # alone: one converted copy alive at a time (d_in^2 each: 0.8 GB in fp32 at 14336), or,
+        # with residuals on the side stream, at most SIDE_HELD_MAX waiting for their products.
         def copied(H):
             return H.device != self.H_e.device or H.dtype != self.dtype
 
@@ -239,7 +273,8 @@ class EPMQStats:
                 a_s.append(self._weight_of(H_k, weights[j], names[j], trace))
             self._fold_hessians(H_ks, a_s)
             for j, H_k, a in zip(group, H_ks, a_s):
-                self._fold(expert_weights[j], H_k, None, 0.0, a, names[j])
+                self._fold(expert_weights[j], H_k, None, 0.0, a, names[j],
+                           holds=H_k is not expert_hessians[j])
             del H_ks
 
     def _weight_of(self, H_k, weight, name, trace=None):
@@ -253,17 +288,27 @@ class EPMQStats:
             fold_hessians(self.H_e, self.H_m if self.own_H_m else None, H_ks, a_s,
                           backend=self.backend)
 
-    def _fold(self, W_expert, H_k, G_k, c_k, a, name):
-        """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already)."""
+    def _on_side(self) -> bool:
+        return (RESIDUALS_ON_SIDE_STREAM and self.backend == "triton" and self._G_e.is_cuda
+                and not torch.cuda.is_current_stream_capturing())
+
+    def _fold(self, W_expert, H_k, G_k, c_k, a, name, *, holds=True):
+        """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already).
+        ``holds``: ``H_k`` is dropped by the caller afterwards (not the caller's own tensor)."""
         if G_k is None:
-            W_k = W_expert.to(device=self.G_e.device)
+            W_k = W_expert.to(device=self._G_e.device)
+            args = (self._G_e, W_k, self.W_merged, H_k, a)
+            if self._on_side():
+                trace, self._side_done = accumulate_residual_on_side(
+                    *args, input_precision=self.residual_precision, holds=holds or W_k is not W_expert)
+            else:
+                trace = accumulate_residual(*args, backend=self.backend,
+                                            input_precision=self.residual_precision, read=False)
             # (tr(D H_k D^T) stays on the device until c_e is read: no wait per expert)
             # (a new list, not an append: a shallow copy of these statistics keeps its own terms)
-            self._c_e_unread = self._c_e_unread + [a * accumulate_residual(
-                self.G_e, W_k, self.W_merged, H_k, a, backend=self.backend,
-                input_precision=self.residual_precision, read=False)]
+            self._c_e_unread = self._c_e_unread + [(a, trace)]
         else:
-            self.G_e.add_(G_k, alpha=a)
+            self.G_e.add_(G_k, alpha=a)  # (G_e: after the residuals still on the side stream)
             self._c_e += a * c_k
         self.task_weights.append(a)
         self.task_names.append(name)
@@ -281,14 +326,14 @@ class EPMQStats:
         self._check_expert(W_expert, name, values=not values_checked)
         if self.inputs_of is None:
             d_in = self.W_merged.shape[1]
-            H_k = torch.zeros(d_in, d_in, device=self.G_e.device, dtype=self.dtype)
+            H_k = torch.zeros(d_in, d_in, device=self._G_e.device, dtype=self.dtype)
         else:
             leader = self.inputs_of
             if leader._task is None or leader._tasks_done != self._tasks_done:
                 raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "
                                    f"first (its Hessian H_k is this layer's)")
             H_k = leader._task.H
-        self._task = _Task(W_expert.to(self.G_e.device), weight, name, H_k)
+        self._task = _Task(W_expert.to(self._G_e.device), weight, name, H_k)
 
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
@@ -313,7 +358,7 @@ class EPMQStats:
             X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
             T = X_t @ task.W.to(self.dtype).T - X @ W_m.T
             if task.G is None:
-                task.G = torch.zeros_like(self.G_e)
+                task.G = torch.zeros_like(self._G_e)
             task.G.addmm_(T.T, X)
             task.c += float(T.pow(2).sum())
         if x_anchor is not None:
@@ -322,7 +367,7 @@ class EPMQStats:
             if self.G_m is None:
                 if self.task_weights or task.n_tokens > X.shape[0]:
                     raise ValueError("give x_anchor for every batch of every task or for none")
-                self.G_m = torch.zeros_like(self.G_e)
+                self.G_m = torch.zeros_like(self._G_e)
             X_a = self._target_tokens(x_anchor, X, "x_anchor")
             T_m = (X_a - X) @ W_m.T
             self.G_m.addmm_(T_m.T, X)
@@ -365,8 +410,10 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- result
 
-    def finalize(self):
-        """``(H_e, H_m, G_e, G_m)`` once every task is in."""
+    def finalize(self, join: bool = True):
+        """``(H_e, H_m, G_e, G_m)`` once every task is in. ``join=False``: ``G_e`` may still be
+        written by the side stream; the caller calls :meth:`join` before it reads it (E-PMQ
+        factors ``H`` meanwhile)."""
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         if not self.task_weights:
@@ -383,7 +430,7 @@ class EPMQStats:
             raise ValueError(f"task weights {self.task_weights} differ from those of the layer whose "
                              f"inputs these are ({leader.task_weights}), whose H_e this layer shares: give "
                              f"both the same weight= (or none)")
-        return self.H_e, self.H_m, self.G_e, self.G_m
+        return self.H_e, self.H_m, self.G_e if join else self._G_e, self.G_m
 
 
 @torch.no_grad()

@@ -722,6 +722,8 @@ def _expert_tensors(block) -> list:
 
 def _on_cpu(stats):
     """A shallow copy of a layer's statistics with every tensor moved to the CPU."""
+    if hasattr(stats, "join"):
+        stats.join()  # (its residual products may still be running on the side stream)
     moved = copy.copy(stats)
     for key, value in vars(stats).items():
         if isinstance(value, torch.Tensor):

@@ -6,6 +6,7 @@ kernels can therefore only ever run interpreted, so we set the variable before a
 module is imported. On a CUDA machine we leave it as the user set it.
 """
 
+import collections
 import contextlib
 import os
 
@@ -55,6 +56,47 @@ def device_values(values, dtype, device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+
+# ------------------------------------------------------------------------- a side stream
+#
+# Work that the current stream need not wait for until later (E-PMQ's residual products, which
+# only the target R reads, while the current stream factors the Hessian) runs on one side
+# stream per device, so that the GPU fills the factorization's idle SMs with it. A launch that
+# keeps tensors alive which the current stream would otherwise free (a Hessian or an expert's
+# weight copied for it) "holds" memory until it is done: at most SIDE_HELD_MAX such launches are
+# in flight, the host waiting for the oldest beyond that.
+SIDE_HELD_MAX = 8
+_SIDE = {}  # device -> (stream, deque of the events of holding launches in flight)
+
+
+def side_stream_launch(launch, uses, *, holds: bool = False):
+    """``launch()`` enqueued on the side stream of ``uses[0]``'s CUDA device, after all the
+    work enqueued on the current stream so far. ``uses``: the tensors it reads or writes that
+    were made on the current stream (the allocator keeps their memory from the current stream
+    until the side stream is done with them). Returns ``(launch's result, event)``: the
+    consumer's stream must ``wait_event(event)`` before reading what ``launch`` wrote."""
+    device = uses[0].device
+    if device.type != "cuda":
+        raise ValueError(f"a side stream is for CUDA tensors, got {device}")
+    stream, held = _SIDE.get(device, (None, None))
+    if stream is None:
+        stream, held = _SIDE.setdefault(device, (torch.cuda.Stream(device), collections.deque()))
+    while held and held[0].query():
+        held.popleft()
+    if holds and len(held) >= SIDE_HELD_MAX:
+        held.popleft().synchronize()
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        result = launch()
+        done = torch.cuda.Event()
+        done.record(stream)
+    for t in uses:
+        t.record_stream(stream)
+    if holds:
+        held.append(done)
+    return result, done
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import triton.language as tl
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
 from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, device_values, fp32_matmul,
-                       tf32_round, tf32x3_mm)
+                       side_stream_launch, tf32_round, tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
@@ -506,18 +506,36 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     only; fp64 ``G`` always multiplies in fp64. The choice is made on the first call for a shape
     (timed on a scratch G).
     """
+    launch, _ = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
+    trace = launch()
+    return float(trace) if read else trace
+
+
+def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
+    """Checks, the launch's configuration (autotuned here, on the current stream, on a shape's
+    first call) and ``(launch, operands)``: ``launch()`` enqueues the product and returns the
+    trace as a float64 scalar tensor."""
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     _check_float_out(G, "G")
     check_residual_precision(input_precision)
-    d_out, d_in = G.shape
     if not G.is_contiguous():
         raise ValueError("G must be contiguous (it is updated in place)")
     W_k, W_m, H_k = W_k.contiguous(), W_m.contiguous(), H_k.contiguous()
     precision = "ieee" if G.dtype == torch.float64 else input_precision
-    partial = _launch_residual(G, W_k, W_m, H_k, a, *_residual_config(G, W_k, W_m, H_k, precision))
-    trace = partial.double().sum()
-    return float(trace) if read else trace
+    config = _residual_config(G, W_k, W_m, H_k, precision)
+    return (lambda: _launch_residual(G, W_k, W_m, H_k, a, *config).double().sum()), (G, W_k, W_m, H_k)
+
+
+def accumulate_residual_on_side(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
+                                holds: bool = False):
+    """:func:`accumulate_residual_triton` (CUDA tensors) enqueued on the device's side stream
+    (``_runtime.side_stream_launch``: after the current stream's work so far) so that the current
+    stream goes on meanwhile. Returns ``(trace, event)``: ``tr(D H_k D^T)`` as a float64 scalar
+    tensor, and the event the consumer's stream must wait for before reading it or ``G``.
+    ``holds``: ``W_k`` or ``H_k`` is a copy the caller drops (see SIDE_HELD_MAX)."""
+    launch, operands = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
+    return side_stream_launch(launch, list(operands), holds=holds)
 
 
 def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False):

@@ -582,3 +582,185 @@ def test_add_tasks_names_an_empty_weight_of_the_wrong_shape_on_any_device():
     stats = EPMQStats(W_m, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"expert weight of task 0 has shape \(0, 10\)"):
         stats.add_tasks([torch.empty(0, 10, device="meta")], [torch.eye(10)])
+
+
+# ----------------------------------------------------------------- the side stream
+
+
+class _DeferredSideStream:
+    """A side stream for the CPU that runs nothing until a stream waits for its event: a read of
+    G_e or c_e that does not join reads them before the residual products."""
+
+    def __init__(self):
+        self.queue, self.launches = [], []
+
+    def launch(self, launch, uses, *, holds=False):
+        trace, event = torch.zeros((), dtype=torch.float64), object()
+        self.queue.append((event, launch, trace))
+        self.launches.append(holds)
+        return trace, event
+
+    def wait_event(self, event):
+        while self.queue:
+            queued, launch, trace = self.queue.pop(0)
+            trace.copy_(launch())
+            if queued is event:
+                return
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    import epmq_kernels.expert_residual as er
+
+    side = _DeferredSideStream()
+    monkeypatch.setattr(er, "side_stream_launch", side.launch)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: side)
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: True)
+    return side
+
+
+@pytest.mark.parametrize("path", ["whole", "streamed", "streamed_asymmetric"])
+def test_residuals_on_a_side_stream_are_joined_before_every_read(gen, monkeypatch, deferred, path):
+    """With residual products that run only when a stream waits for them, E-PMQ gives bit for
+    bit what it gives with them run at once: G_e, c_e and the solve's G wait for them."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(3)]
+    data = [batches(gen, scale=s) for s in (0.5, 1.0, 2.0)]
+    spec = QuantSpec(bits=4, group_size=16)
+
+    def run():
+        stats = EPMQStats(W_m, backend="triton")
+        if path == "whole":
+            stats.add_tasks(W_k, [gram(xs).float() for xs in data])
+        else:
+            for k, (W, xs) in enumerate(zip(W_k, data)):
+                stats.begin_task(W)
+                for x in xs:
+                    stats.add_batch(x, x_expert=x + 0.1 if path == "streamed_asymmetric" and k == 1 else None)
+                stats.end_task()
+        return stats
+
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: False)
+    ref = run()
+    ref_G, ref_c = ref.G_e.clone(), ref.c_e
+    expected = quant.epmq_from_stats(ref, spec, backend="triton", anchor=0.5)
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: True)
+    n_side = 3 if path != "streamed_asymmetric" else 2
+    got = run()
+    # (nothing ran yet, but the first task's product before the second task's G_k was added)
+    assert len(deferred.queue) == (3 if path != "streamed_asymmetric" else 1)
+    assert not torch.equal(got._G_e, ref_G)
+    assert torch.equal(got.G_e, ref_G) and not deferred.queue and got.c_e == ref_c
+    got = run()
+    assert got.c_e == ref_c and torch.equal(got._G_e, ref_G)
+    got = run()
+    result = quant.epmq_from_stats(got, spec, backend="triton", anchor=0.5)
+    assert torch.equal(result.codes, expected.codes) and torch.equal(result.target, expected.target)
+    assert (result.loss, result.expert_loss, result.anchor_loss) == (
+        expected.loss, expected.expert_loss, expected.anchor_loss)
+    # (the streamed tasks' Hessians are the statistics' own, dropped after the task: held)
+    assert deferred.launches == [path != "whole"] * (3 * n_side)
+
+
+# ----------------------------------------------------------------- the side stream on a GPU
+
+
+def _slow_side_stream(monkeypatch, cycles=20_000_000):
+    """Every residual product on the side stream starts ``cycles`` GPU clocks late (~10 ms): a
+    read of G_e or c_e that does not wait for it reads the value before the product."""
+    import epmq_kernels.expert_residual as er
+
+    launches = []
+    real = er.side_stream_launch
+
+    def slow(launch, uses, **kw):
+        launches.append(kw.get("holds", False))
+        return real(lambda: (torch.cuda._sleep(cycles), launch())[1], uses, **kw)
+
+    monkeypatch.setattr(er, "side_stream_launch", slow)
+    return launches
+
+
+def _streamed_epmq(gen_cuda, W_m, W_k, spec, *, asymmetric_task=None):
+    """E-PMQ from statistics streamed task by task on the GPU (the walker's path)."""
+    stats = EPMQStats(W_m, backend="triton")
+    for k, W in enumerate(W_k):
+        stats.begin_task(W)
+        for _ in range(2):
+            x = torch.randn(64, W_m.shape[1], device="cuda", generator=gen_cuda)
+            if k == asymmetric_task:
+                stats.add_batch(x, x_expert=x + 0.1 * torch.randn(x.shape, device="cuda", generator=gen_cuda))
+            else:
+                stats.add_batch(x)
+        stats.end_task()
+    c_e = stats.c_e
+    return quant.epmq_from_stats(stats, spec, backend="triton", anchor=0.5), c_e
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["whole", "streamed", "streamed_asymmetric"])
+def test_cuda_residuals_on_the_side_stream_are_waited_for(gen, monkeypatch, path):
+    """E-PMQ with its residual products on a side stream that runs late gives bit for bit what
+    it gives with them on the current stream: every read of G_e and c_e waits for them (a
+    missing wait reads G_e before the products land)."""
+    import epmq.stats as st
+    import epmq_kernels._runtime as rt
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    d_out, d_in, K = 256, 384, 4
+    W_m = torch.randn(d_out, d_in, generator=gen).cuda()
+    W_k = [W_m + 0.05 * torch.randn(d_out, d_in, generator=gen).cuda() for _ in range(K)]
+    X = [torch.randn(300, d_in, generator=gen).cuda() for _ in range(K)]
+    H_k = [x.T @ x for x in X]
+    spec = QuantSpec(bits=4, group_size=128)
+
+    def run():
+        if path == "whole":
+            return quant.epmq(W_m, W_k, H_k, spec, backend="triton", anchor=0.5), None
+        gen_cuda = torch.Generator(device="cuda").manual_seed(seed)
+        return _streamed_epmq(gen_cuda, W_m, W_k, spec,
+                              asymmetric_task=1 if path == "streamed_asymmetric" else None)
+
+    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", False)
+    ref, ref_c_e = run()
+    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", True)
+    monkeypatch.setattr(rt, "SIDE_HELD_MAX", 2)  # (the streamed tasks' Hessians: the host waits)
+    launches = _slow_side_stream(monkeypatch)
+    got, got_c_e = run()
+    assert len(launches) == (K if path != "streamed_asymmetric" else K - 1)
+    assert all(launches) == (path != "whole")  # (a caller's own Hessians are not held for it)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.target, ref.target)
+    assert (got.loss, got.expert_loss, got.anchor_loss) == (ref.loss, ref.expert_loss, ref.anchor_loss)
+    assert got_c_e == ref_c_e
+
+
+@pytest.mark.cuda
+def test_cuda_statistics_read_after_the_side_stream(gen, monkeypatch):
+    """G_e, c_e, finalize() and the walker's move to the CPU (its out-of-memory fallback) all
+    wait for the residual products still on the side stream."""
+    import epmq.stats as st
+    from epmq.walker import _on_cpu
+
+    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", True)
+    W_m = torch.randn(128, 256, generator=gen).cuda()
+    W_k = [W_m + 0.1 * torch.randn(128, 256, generator=gen).cuda() for _ in range(3)]
+    H_k = [(lambda x: x.T @ x)(torch.randn(400, 256, generator=gen).cuda()) for _ in range(3)]
+    ref = EPMQStats(W_m, backend="triton")
+    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", False)
+    ref.add_tasks(W_k, H_k)
+    G_ref, c_ref = ref.G_e.clone(), ref.c_e
+    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", True)
+    _slow_side_stream(monkeypatch)
+    for read in ("G_e", "c_e", "finalize", "on_cpu"):
+        stats = EPMQStats(W_m, backend="triton")
+        stats.add_tasks(W_k, H_k)
+        assert stats._side_done is not None
+        if read == "G_e":
+            assert torch.equal(stats.G_e, G_ref)
+        elif read == "c_e":
+            assert stats.c_e == c_ref
+        elif read == "finalize":
+            assert torch.equal(stats.finalize()[2], G_ref)
+        else:
+            assert torch.equal(_on_cpu(stats).G_e, G_ref.cpu())
+        assert stats._side_done is None
