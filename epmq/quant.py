@@ -620,18 +620,22 @@ def epmq(
         dtype=torch.float64 if W_merged.device.type == "cpu" else torch.float32,
         backend=backend,
         residual_precision=residual_precision,
+        side_stream=True,  # (the caller's tensors are not written to until this returns)
     )
-    stats.add_tasks(expert_weights, expert_hessians, task_weights,
-                    [f"expert {k}" for k in range(len(expert_weights))])
-    return epmq_from_stats(
-        stats,
-        spec,
-        anchor=anchor,
-        weight_anchor=weight_anchor,
-        blocksize=blocksize,
-        percdamp=percdamp,
-        backend=backend,
-    )
+    try:
+        stats.add_tasks(expert_weights, expert_hessians, task_weights,
+                        [f"expert {k}" for k in range(len(expert_weights))])
+        return epmq_from_stats(
+            stats,
+            spec,
+            anchor=anchor,
+            weight_anchor=weight_anchor,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            backend=backend,
+        )
+    finally:
+        stats.join()  # (on an error too: the products read the caller's tensors)
 
 
 def _fp32_floor(backend: str, residual_precision: str) -> str:

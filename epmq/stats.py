@@ -21,11 +21,11 @@ Layers that read the same inputs (q/k/v, gate/up) have the same Hessians:
 ``EPMQStats(W, inputs_of=other)`` reads ``other``'s ``H_k``, ``H_e`` and ``H_m`` instead of
 accumulating them again, and keeps only its own ``G_e`` (and scratch ``G_k``, ``G_m``).
 
-On a GPU (the Triton backend) the residual products ``(W_k - W_m) H_k`` run on a side stream
-(RESIDUALS_ON_SIDE_STREAM): nothing but ``G_e`` and ``c_e`` reads them, so the current stream
-goes on with the next task's calibration and, once every task is in, with the factorization of
-``H``, which leaves most of the GPU idle, while they run. ``G_e``, ``c_e`` and ``finalize`` make
-the current stream wait for them (``join``).
+With ``side_stream=True`` on a GPU (the Triton backend), the residual products
+``(W_k - W_m) H_k`` run on a side stream (RESIDUALS_ON_SIDE_STREAM): nothing but ``G_e`` and
+``c_e`` reads them, so the current stream goes on with the next task's calibration and, once
+every task is in, with the factorization of ``H`` (by its FLOPs mostly idle GPU) while they
+run. ``G_e``, ``c_e`` and ``finalize`` make the reading stream wait for them (``join``).
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ class EPMQStats:
     least as accurate as the residual's, never below bf16x3 (``epmq.quant._fp32_floor``;
     ``epmq_kernels._runtime.fp32_mm``, timed once per GPU). The torch backend
     and fp64 statistics always multiply in their own precision.
+
+    ``side_stream``: on a GPU with the Triton backend, run the residual products on a side
+    stream (see the module's docstring; off where RESIDUALS_ON_SIDE_STREAM is). They read the
+    expert weights, Hessians and ``W_merged`` the caller gives after the call that gave them has
+    returned: the caller promises not to write to those tensors until the statistics are read
+    (``G_e``, ``c_e``, ``finalize``, ``quant.epmq_from_stats``), as ``quant.epmq`` and the model
+    walker do. Off (the default), each call's products are waited for by the current stream
+    before it returns, which keeps the order of a single stream.
     """
 
     def __init__(
@@ -129,6 +137,7 @@ class EPMQStats:
         backend: str = "torch",
         residual_precision: str = DEFAULT_RESIDUAL_PRECISION,
         inputs_of: Optional["EPMQStats"] = None,
+        side_stream: bool = False,
     ):
         check_residual_precision(residual_precision, "residual_precision")
         check_weight(W_merged, "W_merged")
@@ -162,7 +171,8 @@ class EPMQStats:
                 check_hessian(merged_hessian, d_in, "merged_hessian")
                 self.H_m = merged_hessian.to(**kw)
         self._G_e = torch.zeros(d_out, d_in, **kw)
-        self._side_done = None  # the event of the last residual product on the side stream
+        self.side_stream = bool(side_stream)
+        self._side_done = None  # (device, event) of the last residual product on the side stream
         self.G_m = None
         self._c_e = 0.0
         self._c_e_unread = []  # (a_k, tr(D_k H_k D_k^T) as a device scalar), read at c_e
@@ -185,17 +195,21 @@ class EPMQStats:
         self._G_e = value
 
     def join(self):
-        """Make the current stream wait for this layer's residual products still running on the
-        side stream (RESIDUALS_ON_SIDE_STREAM): every read of ``G_e`` or ``c_e`` comes after it
-        (``G_e``, ``c_e`` and ``finalize`` call it). A wait on the device, not the host."""
-        if self._side_done is not None:
-            torch.cuda.current_stream(self._G_e.device).wait_event(self._side_done)
-            self._side_done = None
+        """Make the current stream wait for this layer's residual products on the side stream
+        (``side_stream``): every read of ``G_e`` or ``c_e`` comes after it (``G_e``, ``c_e`` and
+        ``finalize`` call it, on whichever stream reads). A wait on the device, not the host. (Not
+        inside a CUDA graph's capture for statistics accumulated outside it: a captured stream
+        cannot wait for an event recorded outside the capture.)"""
+        if self._side_done is not None:  # (the device is the event's: G_e may have been moved)
+            device, event = self._side_done
+            torch.cuda.current_stream(device).wait_event(event)
 
     @property
     def c_e(self) -> float:
         """The expert term's constant ``sum_k a_k tr(T_k T_k^T)`` (EPMQ_MATH.md)."""
         if self._c_e_unread:
+            # (the traces, made on the side stream, read after the join; float() waits for the
+            # host, so they are freed only once that read is done)
             self.join()
             self._c_e += float(torch.stack([a * trace for a, trace in self._c_e_unread]).sum())
             self._c_e_unread = []
@@ -259,7 +273,7 @@ class EPMQStats:
         # Up to FOLD_ARITY experts at a time: their Hessians in one pass over H_e and H_m, then
         # their residuals. A Hessian that must be converted (another device or dtype) is folded
         # alone: one converted copy alive at a time (d_in^2 each: 0.8 GB in fp32 at 14336), or,
-        # with residuals on the side stream, at most SIDE_HELD_MAX waiting for their products.
+        # with residuals on the side stream, at most _runtime.SIDE_HELD_MAX waiting for theirs.
         def copied(H):
             return H.device != self.H_e.device or H.dtype != self.dtype
 
@@ -289,8 +303,11 @@ class EPMQStats:
                           backend=self.backend)
 
     def _on_side(self) -> bool:
-        return (RESIDUALS_ON_SIDE_STREAM and self.backend == "triton" and self._G_e.is_cuda
-                and not torch.cuda.is_current_stream_capturing())
+        if not (self.side_stream and RESIDUALS_ON_SIDE_STREAM and self.backend == "triton"
+                and self._G_e.is_cuda):
+            return False
+        with torch.cuda.device(self._G_e.device):
+            return not torch.cuda.is_current_stream_capturing()
 
     def _fold(self, W_expert, H_k, G_k, c_k, a, name, *, holds=True):
         """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already).
@@ -299,9 +316,11 @@ class EPMQStats:
             W_k = W_expert.to(device=self._G_e.device)
             args = (self._G_e, W_k, self.W_merged, H_k, a)
             if self._on_side():
-                trace, self._side_done = accumulate_residual_on_side(
+                trace, event = accumulate_residual_on_side(
                     *args, input_precision=self.residual_precision, holds=holds or W_k is not W_expert)
+                self._side_done = (self._G_e.device, event)
             else:
+                self.join()  # (G_e: after any product already on the side stream)
                 trace = accumulate_residual(*args, backend=self.backend,
                                             input_precision=self.residual_precision, read=False)
             # (tr(D H_k D^T) stays on the device until c_e is read: no wait per expert)

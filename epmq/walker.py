@@ -1807,8 +1807,11 @@ class _Walk:
         if self.method == "gptq" and self.t is None:
             return inputs_of or HessianStats(W_m.shape[1], device=W_m.device, dtype=self.stats_dtype,
                                              backend=self.stats_backend)
+        # (side_stream: the weights the statistics read, the model's and the experts' read for
+        # the walk, are not written to before the layer is solved)
         return EPMQStats(W_m, dtype=self.stats_dtype, backend=self.stats_backend,
-                         residual_precision=self.residual_precision, inputs_of=inputs_of)
+                         residual_precision=self.residual_precision, inputs_of=inputs_of,
+                         side_stream=True)
 
     def _solve_group(self, stack, block, template, prefix, group, leader, *, full_target):
         """Statistics of the linears ``group`` over every task, then solve and swap them in.

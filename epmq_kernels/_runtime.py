@@ -88,14 +88,16 @@ def side_stream_launch(launch, uses, *, holds: bool = False):
     if holds and len(held) >= SIDE_HELD_MAX:
         held.popleft().synchronize()
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        result = launch()
-        done = torch.cuda.Event()
+    done = torch.cuda.Event()
+    try:
+        with torch.cuda.stream(stream):
+            result = launch()
+    finally:  # (a launch that fails part-way may have enqueued work that reads or writes uses)
         done.record(stream)
-    for t in uses:
-        t.record_stream(stream)
-    if holds:
-        held.append(done)
+        for t in uses:
+            t.record_stream(stream)
+        if holds:
+            held.append(done)
     return result, done
 
 

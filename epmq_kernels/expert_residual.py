@@ -506,25 +506,28 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     only; fp64 ``G`` always multiplies in fp64. The choice is made on the first call for a shape
     (timed on a scratch G).
     """
-    launch, _ = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
+    launch, _, _ = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
     trace = launch()
     return float(trace) if read else trace
 
 
 def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
     """Checks, the launch's configuration (autotuned here, on the current stream, on a shape's
-    first call) and ``(launch, operands)``: ``launch()`` enqueues the product and returns the
-    trace as a float64 scalar tensor."""
+    first call) and ``(launch, operands, copied)``: ``launch()`` enqueues the product and returns
+    the trace as a float64 scalar tensor; ``copied``: an operand was made contiguous by a copy."""
     _check_residual_args(G, W_k, W_m, H_k)
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     _check_float_out(G, "G")
     check_residual_precision(input_precision)
     if not G.is_contiguous():
         raise ValueError("G must be contiguous (it is updated in place)")
+    given = (W_k, W_m, H_k)
     W_k, W_m, H_k = W_k.contiguous(), W_m.contiguous(), H_k.contiguous()
     precision = "ieee" if G.dtype == torch.float64 else input_precision
     config = _residual_config(G, W_k, W_m, H_k, precision)
-    return (lambda: _launch_residual(G, W_k, W_m, H_k, a, *config).double().sum()), (G, W_k, W_m, H_k)
+    copied = any(t is not g for t, g in zip((W_k, W_m, H_k), given))
+    return ((lambda: _launch_residual(G, W_k, W_m, H_k, a, *config).double().sum()),
+            (G, W_k, W_m, H_k), copied)
 
 
 def accumulate_residual_on_side(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
@@ -533,9 +536,11 @@ def accumulate_residual_on_side(G, W_k, W_m, H_k, a: float, *, input_precision: 
     (``_runtime.side_stream_launch``: after the current stream's work so far) so that the current
     stream goes on meanwhile. Returns ``(trace, event)``: ``tr(D H_k D^T)`` as a float64 scalar
     tensor, and the event the consumer's stream must wait for before reading it or ``G``.
-    ``holds``: ``W_k`` or ``H_k`` is a copy the caller drops (see SIDE_HELD_MAX)."""
-    launch, operands = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
-    return side_stream_launch(launch, list(operands), holds=holds)
+    ``holds``: ``W_k`` or ``H_k`` is a copy the caller drops (see SIDE_HELD_MAX; an operand
+    copied here to make it contiguous counts too). The caller must not write to the operands
+    until it has waited for the event (the side stream reads them after this returns)."""
+    launch, operands, copied = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
+    return side_stream_launch(launch, list(operands), holds=holds or copied)
 
 
 def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False):

@@ -601,10 +601,11 @@ class _DeferredSideStream:
         return trace, event
 
     def wait_event(self, event):
-        while self.queue:
-            queued, launch, trace = self.queue.pop(0)
-            trace.copy_(launch())
+        for i, (queued, _, _) in enumerate(self.queue):
             if queued is event:
+                for _, launch, trace in self.queue[:i + 1]:
+                    trace.copy_(launch())
+                del self.queue[:i + 1]
                 return
 
 
@@ -615,21 +616,24 @@ def deferred(monkeypatch):
     side = _DeferredSideStream()
     monkeypatch.setattr(er, "side_stream_launch", side.launch)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: side)
-    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: True)
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: self.side_stream)
     return side
 
 
 @pytest.mark.parametrize("path", ["whole", "streamed", "streamed_asymmetric"])
 def test_residuals_on_a_side_stream_are_joined_before_every_read(gen, monkeypatch, deferred, path):
     """With residual products that run only when a stream waits for them, E-PMQ gives bit for
-    bit what it gives with them run at once: G_e, c_e and the solve's G wait for them."""
+    bit what it gives with them run at once: G_e, c_e, finalize, the walker's move to the CPU and
+    the solve's G wait for them, and the solve factors H before it waits."""
+    from epmq.walker import _on_cpu
+
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
     W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(3)]
     data = [batches(gen, scale=s) for s in (0.5, 1.0, 2.0)]
     spec = QuantSpec(bits=4, group_size=16)
 
     def run():
-        stats = EPMQStats(W_m, backend="triton")
+        stats = EPMQStats(W_m, backend="triton", side_stream=True)
         if path == "whole":
             stats.add_tasks(W_k, [gram(xs).float() for xs in data])
         else:
@@ -646,28 +650,78 @@ def test_residuals_on_a_side_stream_are_joined_before_every_read(gen, monkeypatc
     expected = quant.epmq_from_stats(ref, spec, backend="triton", anchor=0.5)
     monkeypatch.setattr(EPMQStats, "_on_side", lambda self: True)
     n_side = 3 if path != "streamed_asymmetric" else 2
-    got = run()
     # (nothing ran yet, but the first task's product before the second task's G_k was added)
-    assert len(deferred.queue) == (3 if path != "streamed_asymmetric" else 1)
-    assert not torch.equal(got._G_e, ref_G)
-    assert torch.equal(got.G_e, ref_G) and not deferred.queue and got.c_e == ref_c
-    got = run()
-    assert got.c_e == ref_c and torch.equal(got._G_e, ref_G)
+    pending = 3 if path != "streamed_asymmetric" else 1
+    for read in ("G_e", "c_e", "finalize", "on_cpu"):
+        got = run()
+        assert len(deferred.queue) == pending and not torch.equal(got._G_e, ref_G)
+        if read == "G_e":
+            assert torch.equal(got.G_e, ref_G)
+        elif read == "c_e":
+            assert got.c_e == ref_c
+        elif read == "finalize":
+            assert torch.equal(got.finalize()[2], ref_G)
+        else:
+            moved = _on_cpu(got)
+            assert not deferred.queue and torch.equal(moved._G_e, ref_G) and moved.c_e == ref_c
+        assert not deferred.queue and torch.equal(got._G_e, ref_G)
+
+    factored_with_pending = []
+    factor = quant._factor
+    monkeypatch.setattr(quant, "_factor", lambda *a, **k: (factored_with_pending.append(len(deferred.queue)),
+                                                           factor(*a, **k))[1])
     got = run()
     result = quant.epmq_from_stats(got, spec, backend="triton", anchor=0.5)
+    assert factored_with_pending == [pending]  # (H factored while the products were pending)
     assert torch.equal(result.codes, expected.codes) and torch.equal(result.target, expected.target)
     assert (result.loss, result.expert_loss, result.anchor_loss) == (
         expected.loss, expected.expert_loss, expected.anchor_loss)
-    # (the streamed tasks' Hessians are the statistics' own, dropped after the task: held)
-    assert deferred.launches == [path != "whole"] * (3 * n_side)
+    # the statistics' own streamed Hessians are held for the products; the caller's are not
+    assert deferred.launches == [path != "whole"] * (5 * n_side)
+
+
+def test_a_residual_on_the_current_stream_waits_for_the_side_stream(gen, deferred, monkeypatch):
+    """(From a review) statistics whose products moved off the side stream mid-way (a graph's
+    capture began, the switch was turned off) add the next one after those still pending."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    H_k = [gram(batches(gen)).float() for _ in range(2)]
+    ref = EPMQStats(W_m, backend="triton")
+    ref.add_tasks(W_k, H_k)
+    stats = EPMQStats(W_m, backend="triton", side_stream=True)
+    stats.add_task(W_k[0], H_k[0])
+    assert len(deferred.queue) == 1
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: False)
+    stats.add_task(W_k[1], H_k[1])
+    assert not deferred.queue and torch.equal(stats._G_e, ref.G_e)
+
+
+def test_quant_epmq_runs_its_residuals_on_the_side_stream_and_joins_on_errors(gen, deferred, monkeypatch):
+    """quant.epmq promises its statistics the caller's tensors (side_stream=True) and waits for
+    the products before it returns, also when it raises after they were launched (they read the
+    caller's tensors, which the caller may then write to)."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    H_k = [gram(batches(gen)) for _ in range(2)]  # (float64, the CPU statistics' own: no copy)
+    spec = QuantSpec(bits=4, group_size=16)
+    got = quant.epmq(W_m, W_k, H_k, spec, backend="triton")
+    assert deferred.launches == [False, False] and not deferred.queue
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: False)
+    ref = quant.epmq(W_m, W_k, H_k, spec, backend="triton")
+    assert torch.equal(got.codes, ref.codes) and got.loss == ref.loss
+    monkeypatch.setattr(EPMQStats, "_on_side", lambda self: self.side_stream)
+    with pytest.raises(ValueError, match="expert term is zero"):
+        quant.epmq(W_m, W_k, H_k, spec, backend="triton", task_weights=[0.0, 0.0])
+    assert len(deferred.launches) == 4 and not deferred.queue
 
 
 # ----------------------------------------------------------------- the side stream on a GPU
 
 
 def _slow_side_stream(monkeypatch, cycles=20_000_000):
-    """Every residual product on the side stream starts ``cycles`` GPU clocks late (~10 ms): a
-    read of G_e or c_e that does not wait for it reads the value before the product."""
+    """Every residual product on the side stream starts ``cycles`` GPU clocks late (~10 ms), and
+    its trace lands in a tensor filled with NaN on the current stream first: a read of G_e (zero
+    until then) or c_e that does not wait for it reads the value before the product."""
     import epmq_kernels.expert_residual as er
 
     launches = []
@@ -675,7 +729,13 @@ def _slow_side_stream(monkeypatch, cycles=20_000_000):
 
     def slow(launch, uses, **kw):
         launches.append(kw.get("holds", False))
-        return real(lambda: (torch.cuda._sleep(cycles), launch())[1], uses, **kw)
+        trace = torch.full((), float("nan"), dtype=torch.float64, device=uses[0].device)
+
+        def late():
+            torch.cuda._sleep(cycles)
+            return trace.copy_(launch())
+
+        return real(late, list(uses) + [trace], **kw)
 
     monkeypatch.setattr(er, "side_stream_launch", slow)
     return launches
@@ -683,7 +743,7 @@ def _slow_side_stream(monkeypatch, cycles=20_000_000):
 
 def _streamed_epmq(gen_cuda, W_m, W_k, spec, *, asymmetric_task=None):
     """E-PMQ from statistics streamed task by task on the GPU (the walker's path)."""
-    stats = EPMQStats(W_m, backend="triton")
+    stats = EPMQStats(W_m, backend="triton", side_stream=True)
     for k, W in enumerate(W_k):
         stats.begin_task(W)
         for _ in range(2):
@@ -701,8 +761,7 @@ def _streamed_epmq(gen_cuda, W_m, W_k, spec, *, asymmetric_task=None):
 @pytest.mark.parametrize("path", ["whole", "streamed", "streamed_asymmetric"])
 def test_cuda_residuals_on_the_side_stream_are_waited_for(gen, monkeypatch, path):
     """E-PMQ with its residual products on a side stream that runs late gives bit for bit what
-    it gives with them on the current stream: every read of G_e and c_e waits for them (a
-    missing wait reads G_e before the products land)."""
+    it gives with them on the current stream."""
     import epmq.stats as st
     import epmq_kernels._runtime as rt
 
@@ -728,7 +787,8 @@ def test_cuda_residuals_on_the_side_stream_are_waited_for(gen, monkeypatch, path
     launches = _slow_side_stream(monkeypatch)
     got, got_c_e = run()
     assert len(launches) == (K if path != "streamed_asymmetric" else K - 1)
-    assert all(launches) == (path != "whole")  # (a caller's own Hessians are not held for it)
+    # (a caller's own Hessians are not held for the products; the streamed ones are)
+    assert all(launches) if path != "whole" else not any(launches)
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.target, ref.target)
     assert (got.loss, got.expert_loss, got.anchor_loss) == (ref.loss, ref.expert_loss, ref.anchor_loss)
     assert got_c_e == ref_c_e
@@ -737,7 +797,8 @@ def test_cuda_residuals_on_the_side_stream_are_waited_for(gen, monkeypatch, path
 @pytest.mark.cuda
 def test_cuda_statistics_read_after_the_side_stream(gen, monkeypatch):
     """G_e, c_e, finalize() and the walker's move to the CPU (its out-of-memory fallback) all
-    wait for the residual products still on the side stream."""
+    wait for the residual products still on the side stream; statistics made without
+    side_stream=True never use it."""
     import epmq.stats as st
     from epmq.walker import _on_cpu
 
@@ -745,14 +806,13 @@ def test_cuda_statistics_read_after_the_side_stream(gen, monkeypatch):
     W_m = torch.randn(128, 256, generator=gen).cuda()
     W_k = [W_m + 0.1 * torch.randn(128, 256, generator=gen).cuda() for _ in range(3)]
     H_k = [(lambda x: x.T @ x)(torch.randn(400, 256, generator=gen).cuda()) for _ in range(3)]
-    ref = EPMQStats(W_m, backend="triton")
-    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", False)
+    launches = _slow_side_stream(monkeypatch)
+    ref = EPMQStats(W_m, backend="triton")  # (side_stream=False: the current stream)
     ref.add_tasks(W_k, H_k)
     G_ref, c_ref = ref.G_e.clone(), ref.c_e
-    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", True)
-    _slow_side_stream(monkeypatch)
-    for read in ("G_e", "c_e", "finalize", "on_cpu"):
-        stats = EPMQStats(W_m, backend="triton")
+    assert not launches
+    for read in ("c_e", "G_e", "finalize", "on_cpu"):
+        stats = EPMQStats(W_m, backend="triton", side_stream=True)
         stats.add_tasks(W_k, H_k)
         assert stats._side_done is not None
         if read == "G_e":
@@ -762,5 +822,6 @@ def test_cuda_statistics_read_after_the_side_stream(gen, monkeypatch):
         elif read == "finalize":
             assert torch.equal(stats.finalize()[2], G_ref)
         else:
-            assert torch.equal(_on_cpu(stats).G_e, G_ref.cpu())
-        assert stats._side_done is None
+            moved = _on_cpu(stats)
+            assert torch.equal(moved.G_e, G_ref.cpu()) and moved.c_e == c_ref
+    assert len(launches) == 12

@@ -123,3 +123,91 @@ def test_cuda_device_values_and_the_fold_do_not_wait_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert t.tolist() == [0.5, 2.0]
     torch.testing.assert_close(H_e, 2.5 * H)
+
+
+class _FakeTensor:
+    def __init__(self, device):
+        self.device, self.recorded = device, []
+
+    def record_stream(self, stream):
+        self.recorded.append(stream)
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """CUDA streams and events as records of what was asked of them (no GPU): an event is done
+    only once the host waited for it."""
+    log = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def wait_stream(self, other):
+            log.append(("wait_stream", other))
+
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def record(self, stream):
+            log.append(("record", self))
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            log.append(("host waits", self))
+            self.done = True
+
+    current = object()
+    monkeypatch.setattr(rt, "_SIDE", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return log, current
+
+
+def test_side_stream_launch_orders_holds_and_bounds(fake_streams, monkeypatch):
+    """Each launch waits for the current stream's work so far, marks its tensors as used by the
+    side stream and records its event (also when it fails part-way); beyond SIDE_HELD_MAX
+    launches that hold memory the host waits for the oldest, and launches that hold nothing
+    never wait."""
+    log, current = fake_streams
+    monkeypatch.setattr(rt, "SIDE_HELD_MAX", 2)
+    gpu = torch.device("cuda", 0)
+    t = _FakeTensor(gpu)
+    out, first = rt.side_stream_launch(lambda: "result", [t], holds=True)
+    assert out == "result" and log == [("wait_stream", current), ("record", first)]
+    assert len(t.recorded) == 1
+    _, second = rt.side_stream_launch(lambda: None, [t], holds=True)
+    for _ in range(3):
+        rt.side_stream_launch(lambda: None, [t])  # (holds nothing: no wait)
+    assert not any(entry[0] == "host waits" for entry in log)
+    _, third = rt.side_stream_launch(lambda: None, [t], holds=True)
+    assert ("host waits", first) in log and ("host waits", second) not in log
+    log.clear()
+
+    def fails():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        rt.side_stream_launch(fails, [t], holds=True)
+    assert [e[0] for e in log] == ["host waits", "wait_stream", "record"]  # (second: the oldest)
+    assert len(t.recorded) == 7
+    with pytest.raises(ValueError, match="CUDA"):
+        rt.side_stream_launch(lambda: None, [torch.zeros(1)])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_side_stream_launch_runs_after_the_current_streams_work():
+    """A side-stream launch sees what the current stream wrote before it, however late that
+    work runs, and its consumer sees its result after waiting for its event."""
+    x = torch.zeros(1, device="cuda")
+    torch.cuda._sleep(50_000_000)  # (~25 ms: the side stream would run first if it did not wait)
+    x.fill_(1.0)
+    out, done = rt.side_stream_launch(lambda: x * 2, [x])
+    torch.cuda.current_stream().wait_event(done)
+    assert out.item() == 2.0
