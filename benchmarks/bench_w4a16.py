@@ -5,7 +5,9 @@ Script mode (the GPU suite runs this)::
     python benchmarks/bench_w4a16.py --out benchmarks/results/h100.json [--plot h100.png]
 
 times ``w4a16_matmul`` (group 128 and per channel) and ``torch.matmul`` on the dequantized fp16
-weight (cuBLAS) in the same run, for every M in 1 .. 4096 and every (K, N) of ``SHAPES``. Each
+weight (cuBLAS) in the same run, for every M in 1 .. 4096 and every (K, N) of ``SHAPES``, then
+with bf16 activations against bf16 cuBLAS at M = 1 and 16 on ``BF16_SHAPES`` (group 128;
+``activation_dtype`` in each row; the summary lists them last, the plot is fp16's). Each
 case is checked against the fp16 reference before it is timed. Times are medians of
 ``triton.testing.do_bench`` (events, warm-up, L2 flushed before every run); on top of that the
 weights rotate over several copies whenever one copy would fit in L2, so no run finds its weight
@@ -57,6 +59,7 @@ from epmq_kernels.w4a16 import dequantize_int4_weight, w4a16_matmul, w4a16_plan 
 
 SHAPES = [(768, 3072), (3072, 768), (4096, 4096), (4096, 14336), (8192, 8192)]
 BATCHES = [1, 4, 16, 64, 256, 1024, 4096]
+BF16_SHAPES = [(4096, 4096), (8192, 8192)]  # also timed with bf16 activations, M = 1 and 16
 GROUPS = [128, -1]
 IDEAL_SPEEDUP = 3.87  # 4x fewer weight bytes, less scales and zeros (Marlin's figure)
 GRAPH_CALLS = 16  # calls per captured graph at M <= 64 (at least one rotation otherwise)
@@ -175,13 +178,15 @@ def bench_packing(device, gen):
     return rows
 
 
-def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_row=None):
-    rows, failures = [], 0
+def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_row=None,
+                 dtype=torch.float16, rows=None, failures=0):
+    """One row per (shape, group, M) with activations of ``dtype`` against cuBLAS in it,
+    appended to ``rows``."""
+    rows = [] if rows is None else rows
     for K, N in shapes:
         for group_size in groups:
             qweight, scales, zeros = make_weights(K, N, group_size, device, gen)
-            weight = dequantize_int4_weight(qweight, scales, zeros, group_size,
-                                            dtype=torch.float16)
+            weight = dequantize_int4_weight(qweight, scales, zeros, group_size, dtype=dtype)
             int4_set = qweight.nbytes + scales.nbytes + zeros.nbytes
             n_int4 = copies_to_defeat_l2(int4_set, l2_bytes)
             n_fp16 = copies_to_defeat_l2(weight.nbytes, l2_bytes)
@@ -189,7 +194,7 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 (qweight.clone(), scales.clone(), zeros.clone()) for _ in range(n_int4 - 1)]
             fp16_sets = [weight] + [weight.clone() for _ in range(n_fp16 - 1)]
             for M in batches:
-                x = torch.randn(M, K, device=device, generator=gen).half()
+                x = torch.randn(M, K, device=device, generator=gen).to(dtype)
                 reference = torch.matmul(x, weight)
 
                 started = time.perf_counter()
@@ -212,7 +217,8 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 nbytes = int4_bytes(M, K, N, group_size)
                 actual = int4_set + x.nbytes + y.nbytes
                 row = dict(
-                    K=K, N=N, M=M, group_size=group_size, path=plan["path"], config=plan["config"],
+                    K=K, N=N, M=M, group_size=group_size, activation_dtype=str(dtype)[6:],
+                    path=plan["path"], config=plan["config"],
                     tuned_best_ms_by_path=plan["best_ms_by_path"], rejected_configs=plan["rejected"],
                     ms_w4a16=ms_int4, ms_cublas_fp16=ms_fp16, speedup=ms_fp16 / ms_int4,
                     ms_w4a16_graph=ms_int4_graph, ms_cublas_graph=ms_fp16_graph,
@@ -236,7 +242,7 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 failures += not ok
                 tuned = " ".join(f"{p}={ms * 1e3:.1f}us"
                                  for p, ms in sorted(plan["best_ms_by_path"].items()))
-                print(f"K={K:5d} N={N:5d} g={group_size:4d} M={M:5d} {plan['path']:6s} "
+                print(f"K={K:5d} N={N:5d} g={group_size:4d} M={M:5d} {str(dtype)[6:]:8s} {plan['path']:6s} "
                       f"w4a16 {ms_int4 * 1e3:8.1f} us  cublas {ms_fp16 * 1e3:8.1f} us  "
                       f"x{row['speedup']:5.2f} | graph {ms_int4_graph * 1e3:8.1f} us  "
                       f"cublas {ms_fp16_graph * 1e3:8.1f} us  x{row['speedup_graph']:5.2f}  "
@@ -252,12 +258,14 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
 
 def summary(rows):
     """The issue's targets, last (the caller may only see the tail): M = 1 and 16 on 4096^2 and
-    8192^2 (>= 3.5x cuBLAS, >= 85% of copy bandwidth at M = 1) and M >= 1024 (>= 0.9x)."""
+    8192^2 (>= 3.5x cuBLAS, >= 85% of copy bandwidth at M = 1) and M >= 1024 (>= 0.9x); the
+    bf16 rows (against bf16 cuBLAS) after them."""
     print("== summary (eager | graph): speedup over cuBLAS, fraction of copy bandwidth, path")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.get("activation_dtype", "float16") != "float16"):
         small = (r["K"], r["N"]) in ((4096, 4096), (8192, 8192)) and r["M"] in (1, 16)
         if small or r["M"] >= 1024:
             print(f"  {r['K']}x{r['N']} g{r['group_size']:<4d} M={r['M']:<5d} "
+                  f"{r.get('activation_dtype', 'float16'):8s} "
                   f"x{r['speedup']:5.2f} | x{r['speedup_graph']:5.2f}   "
                   f"{100 * r['frac_copy_bw']:3.0f}% | {100 * r['frac_copy_bw_graph']:3.0f}%   "
                   f"host gap {r['host_gap_us_w4a16']:6.1f} us   {r['path']}  tuned: "
@@ -268,6 +276,7 @@ def summary(rows):
 def plot(rows, path, device_name):
     """Speedup over cuBLAS against M: eager (solid) and CUDA-graph replays (dashed, the GPU
     time alone), one panel per group size."""
+    rows = [r for r in rows if r.get("activation_dtype", "float16") == "float16"]
     groups = sorted({r["group_size"] for r in rows}, reverse=True)
     fig, axes = pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, group_size in zip(axes[0], groups):
@@ -340,6 +349,12 @@ def main(argv=None):
     try:
         rows, failures = bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes,
                                       on_row=on_row)
+        # bf16 activations (bf16 models) at the batch-1 and batch-16 targets, against bf16
+        # cuBLAS: where the GEMV's HALF2 option takes them as fp16 pairs too
+        rows, failures = bench_matmul(device, gen, [s for s in BF16_SHAPES if s in shapes],
+                                      [m for m in (1, 16) if m in batches], [g for g in (128,) if g in groups],
+                                      copy_gbps, l2_bytes, on_row=on_row, dtype=torch.bfloat16,
+                                      rows=rows, failures=failures)
         partial = False
     except Terminated:
         rows, failures, partial = list(latest["rows"]), latest["failures"], True

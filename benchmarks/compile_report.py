@@ -83,7 +83,7 @@ def w4a16_cases(full=False):
         config = dict(config)
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         G = 1 if per_channel else 32
-        half2 = bool(config.pop("HALF2", False)) and dtype == torch.float16 and not gather
+        half2 = bool(config.pop("HALF2", False)) and dtype in W.HALF2_DTYPES and not gather
         constexprs = dict(config, GATHER=gather, HAS_G_IDX=gather,
                           ONE_GROUP=per_channel and not gather, HALF2=half2, ASM=True)
         name = (f"gemv {str(dtype)[6:]} {'perchan' if per_channel else 'g128'}"
@@ -116,6 +116,8 @@ def w4a16_cases(full=False):
         gemv_case(pick("gemv", BLOCK_N=64, SPLIT_K=8, HALF2=True), torch.float16,
                   per_channel=True)
         gemv_case(pick("gemv", BLOCK_N=128, HALF2=True), torch.float16)
+        gemv_case(pick("gemv", BLOCK_N=64, SPLIT_K=8, HALF2=True), torch.bfloat16)
+        gemv_case(pick("gemv", BLOCK_K=256, HALF2=True), torch.bfloat16, per_channel=True)
         dot_case("splitk", pick("splitk", BLOCK_N=128, SPLIT_K=4, SWAP_AB=True,
                                 SCALE_AFTER=False), 16, torch.float16)
         dot_case("splitk", pick("splitk", SCALE_AFTER=True), 16, torch.float16)

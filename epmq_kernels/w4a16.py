@@ -54,7 +54,7 @@ Paths
   - inside a group the scale multiplies the sum over a tile, not each code; when a program's
     whole K slice lies in one group (per channel, or SPLIT_K slices no wider than a group,
     ``ONE_GROUP``), the scale and the zero-point and bias terms are applied once, after the loop;
-  - ``HALF2`` (configs of their own, fp16 activations): two codes per instruction in packed
+  - ``HALF2`` (configs of their own, fp16 or bf16 activations): two codes per instruction in packed
     fp16 (``_half2_word_sums``: ``q - z`` exact, products and the word's sum rounded to fp16,
     then fp32), the row's activations read as words of two, a row with an activation above
     256 taken at 2^-8 so that no word's sum overflows fp16 (``_x_pairs``). Its error: up to
@@ -63,7 +63,10 @@ Paths
     PTX does not compile (compute capability below 8.0). Compiled for sm_90 that is 28-34
     instructions per packed word in the loop against 43-49, and 64-128 registers against
     80-167 (more programs per SM). The autotuner keeps it only where it is faster, and only if
-    its result verifies (``VERIFY_TOLERANCE``), like every config.
+    its result verifies (``VERIFY_TOLERANCE``), like every config. bf16 activations are taken
+    as fp16 pairs too (``_bf16_x_pairs``: each row at the power of two that brings its largest
+    |x| to 256 or less, where bf16's 8 significant bits are exact in fp16): compiled for sm_90,
+    35-39 instructions per packed word in the loop against 48 for bf16's fp32 unpacking.
 
 * ``splitk`` (2 <= M <= 64; also a candidate at M = 1) and ``gemm`` (M > 64) share
   ``_w4a16_dot_kernel``: the tiled ``tl.dot`` GEMM of the Triton matmul tutorial (grouped
@@ -181,7 +184,7 @@ def _product(**axes):
 
 
 AUTOTUNE_SPACE = {
-    # GEMV (20 configs, and 11 HALF2 ones for fp16 activations). Bytes in flight per program:
+    # GEMV (20 configs, and 11 HALF2 ones for 16-bit activations). Bytes in flight per program:
     # (1 + PREFETCH) tiles of BLOCK_K / 8 x BLOCK_N words (BLOCK_N = 64: 4 KB a tile, 128: 8 KB).
     # Programs: N / BLOCK_N x SPLIT_K; at 4096 x 4096 with BLOCK_N = 64 and SPLIT_K = 8 that is
     # 512 (about 4 per SM on 132 SMs), 12 KB in flight each: the tens of KB per SM that 4 TB/s
@@ -205,7 +208,7 @@ AUTOTUNE_SPACE = {
                    num_warps=[4], num_stages=[1])
         + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[4, 8], PREFETCH=[1],
                    num_warps=[4], num_stages=[1])
-        # HALF2 (fp16 activations; 11 configs): two codes per instruction (_half2_word_sums).
+        # HALF2 (fp16 and bf16 activations; 11 configs): two codes per instruction (_half2_word_sums).
         # Compiled for sm_90, 28-34 instructions per packed word in the loop against 43-49, and
         # 64-128 registers against 80-167 (benchmarks/compile_report.py); 128 x 128 with 4 warps
         # spilled in one-group slices, so 128 columns take 8 warps.
@@ -273,6 +276,8 @@ INTERPRETER_CONFIG = {
 }
 
 PATHS = ("gemv", "splitk", "gemm", "dqmm")
+# Activations the GEMV's HALF2 option takes (bf16 ones converted to fp16 pairs, exactly, per row)
+HALF2_DTYPES = (torch.float16, torch.bfloat16)
 # The autotuner keeps a config only if its result on the tuning call is within this fraction of
 # the largest output of the float32 dequantized product (16-bit rounding is ~1e-3 of it)
 VERIFY_TOLERANCE = 2e-2
@@ -407,7 +412,7 @@ def _unpack_pairs_t(words, opaque_zero, CDT: tl.constexpr):
 @triton.jit
 def _half2_word_sums(words, zpair, xp0, xp1, xp2, xp3, ASM: tl.constexpr):
     """``sum_j (q_j - z) x_j`` over the 8 codes of each word, in fp16 pairs: two codes per
-    instruction (the GEMV's HALF2 option, fp16 activations).
+    instruction (the GEMV's HALF2 option, fp16 activations or bf16 ones taken as fp16).
 
     ``(w >> 4i) & 0x000F000F | 0x6400_6400`` is the fp16 pair ``(1024 + q_i, 1024 + q_{i+4})``;
     less ``zpair = (1024 + z, 1024 + z)`` it is ``(q_i - z, q_{i+4} - z)`` exactly; the four pairs
@@ -488,7 +493,9 @@ def _x_pairs(x_row, rows, r_mask, ASM: tl.constexpr):
     x23 = tl.load(xw + 1, mask=r_mask, other=0)
     x45 = tl.load(xw + 2, mask=r_mask, other=0)
     x67 = tl.load(xw + 3, mask=r_mask, other=0)
-    if ASM:
+    if x_row.dtype.element_ty == tl.bfloat16:
+        xp0, xp1, xp2, xp3, f = _bf16_x_pairs(x01, x23, x45, x67, ASM)
+    elif ASM:
         xp0, xp1, xp2, xp3, f = tl.inline_asm_elementwise(
             asm="""
             {
@@ -534,6 +541,95 @@ def _x_pairs(x_row, rows, r_mask, ASM: tl.constexpr):
         xp2 = _scaled_pair(x23 & 0xFFFF, x67 & 0xFFFF, scale)
         xp3 = _scaled_pair((x23 >> 16) & 0xFFFF, (x67 >> 16) & 0xFFFF, scale)
     return xp0[:, None], xp1[:, None], xp2[:, None], xp3[:, None], f[:, None]
+
+
+@triton.jit
+def _bf16_x_pairs(x01, x23, x45, x67, ASM: tl.constexpr):
+    """``_x_pairs`` for bf16 activations (four words of two): the fp16 pairs ``(x_i, x_{i+4})``
+    of the row's 8 activations taken at ``2^-k`` and the row's fp32 factor ``f = 2^k``, with
+    ``k`` the least power that brings the largest |x| to at most 256 (as for fp16 rows: no
+    word's fp16 sum overflows). bf16 keeps 8 significant bits, fp16 11, so the scaled values
+    are exact in fp16 down to 2^-17 (smaller ones, far below the row's largest, lose bits as
+    fp16 subnormals); a bf16 row can be as large as 3e38, hence ``k`` from the exponent, not a
+    fixed 2^-8. NaN or inf stays NaN or inf.
+
+    ``ASM``: in PTX, each pair one ``cvt.rn.f16x2.f32`` of two scaled fp32 values (about 35
+    instructions a packed row against ~55 compiled from the Triton form below, which the
+    interpreter runs)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 a, b, c, d, e, t;
+            .reg .b16 lo, hi, mm;
+            .reg .f32 s, fa, fb;
+            and.b32 a, $5, 0x7FFF7FFF;
+            and.b32 b, $6, 0x7FFF7FFF;
+            and.b32 c, $7, 0x7FFF7FFF;
+            and.b32 d, $8, 0x7FFF7FFF;
+            max.bf16x2 a, a, b;
+            max.bf16x2 c, c, d;
+            max.bf16x2 a, a, c;
+            mov.b32 {lo, hi}, a;
+            max.bf16 mm, lo, hi;
+            cvt.u32.u16 e, mm;
+            shr.u32 e, e, 7;
+            sub.s32 e, e, 134;
+            max.s32 e, e, 0;
+            sub.s32 t, 127, e;
+            shl.b32 t, t, 23;
+            mov.b32 s, t;
+            add.s32 t, e, 127;
+            shl.b32 t, t, 23;
+            mov.b32 $4, t;
+            shl.b32 a, $5, 16;
+            shl.b32 b, $7, 16;
+            mul.rn.f32 fa, a, s;
+            mul.rn.f32 fb, b, s;
+            cvt.rn.f16x2.f32 $0, fb, fa;
+            and.b32 a, $5, 0xFFFF0000;
+            and.b32 b, $7, 0xFFFF0000;
+            mul.rn.f32 fa, a, s;
+            mul.rn.f32 fb, b, s;
+            cvt.rn.f16x2.f32 $1, fb, fa;
+            shl.b32 a, $6, 16;
+            shl.b32 b, $8, 16;
+            mul.rn.f32 fa, a, s;
+            mul.rn.f32 fb, b, s;
+            cvt.rn.f16x2.f32 $2, fb, fa;
+            and.b32 a, $6, 0xFFFF0000;
+            and.b32 b, $8, 0xFFFF0000;
+            mul.rn.f32 fa, a, s;
+            mul.rn.f32 fb, b, s;
+            cvt.rn.f16x2.f32 $3, fb, fa;
+            }
+            """,
+            constraints="=r,=r,=r,=r,=f,r,r,r,r",
+            args=[x01, x23, x45, x67],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.float32), is_pure=True, pack=1)
+    # |x| bits (bf16 is the upper half of an fp32, ordered as |x| as integers, NaN above inf)
+    m = tl.maximum(tl.maximum(tl.maximum(x01 & 0x7FFF, (x01 >> 16) & 0x7FFF),
+                              tl.maximum(x23 & 0x7FFF, (x23 >> 16) & 0x7FFF)),
+                   tl.maximum(tl.maximum(x45 & 0x7FFF, (x45 >> 16) & 0x7FFF),
+                              tl.maximum(x67 & 0x7FFF, (x67 >> 16) & 0x7FFF)))
+    # largest |x| < 2^(e - 126) for its biased exponent e: at 2^-k with k = e - 134 it is < 2^8
+    k = tl.maximum((m >> 7) - 134, 0)
+    scale = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    f = ((127 + k) << 23).to(tl.float32, bitcast=True)
+    xp0 = _bf16_pair(x01 << 16, x45 << 16, scale)
+    xp1 = _bf16_pair((x01 >> 16) << 16, (x45 >> 16) << 16, scale)
+    xp2 = _bf16_pair(x23 << 16, x67 << 16, scale)
+    xp3 = _bf16_pair((x23 >> 16) << 16, (x67 >> 16) << 16, scale)
+    return xp0, xp1, xp2, xp3, f
+
+
+@triton.jit
+def _bf16_pair(lo_bits, hi_bits, scale):
+    """The fp16 pair ``(lo * scale, hi * scale)`` of two fp32 bit patterns (bf16 values), as an
+    int32 word."""
+    lo = (lo_bits.to(tl.float32, bitcast=True) * scale).to(tl.float16).to(tl.int16, bitcast=True)
+    hi = (hi_bits.to(tl.float32, bitcast=True) * scale).to(tl.float16).to(tl.int16, bitcast=True)
+    return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
 
 
 @triton.jit
@@ -625,7 +721,7 @@ def _w4a16_gemv_kernel(
     ONE_GROUP: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
 ):
     """One row of x against a BLOCK_N column slice of W over one K slice, on CUDA cores
-    (``HALF2``: fp16 activations, two codes per instruction, see ``_half2_word_sums``)."""
+    (``HALF2``: 16-bit activations, two codes per instruction, see ``_half2_word_sums``)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -1099,8 +1195,8 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16):
     """The autotune space of a path, pruned to configs that make sense for this problem."""
     configs = []
     for config in AUTOTUNE_SPACE[path]:
-        if config.get("HALF2") and x_dtype != torch.float16:
-            continue  # (the option is for fp16 activations: elsewhere a copy of its twin)
+        if config.get("HALF2") and x_dtype not in HALF2_DTYPES:
+            continue  # (the option is for 16-bit activations: elsewhere a copy of its twin)
         if path == "dqmm":
             configs.append(dict(config))
             continue
@@ -1618,13 +1714,13 @@ def _wide_rows(x2, out2, N) -> bool:
 
 
 def _half2(config, x2, gather, entry=None) -> bool:
-    """Whether a GEMV config's HALF2 option applies: fp16 activations read as words of two
+    """Whether a GEMV config's HALF2 option applies: fp16 or bf16 activations read as words of two
     (contiguous along K, rows 16-byte aligned: part of the plan key), groups whole per tile,
     zero points in the 4-bit grid (``entry``'s, where given) and a GPU of compute capability 8.0
     or newer (its PTX's fp16 max). Weights first seen inside a CUDA graph's capture, whose zero
     points were never read (a read of the device, which would break the capture), take the
     config without HALF2."""
-    return (bool(config.get("HALF2", False)) and x2.dtype == torch.float16 and not gather
+    return (bool(config.get("HALF2", False)) and x2.dtype in HALF2_DTYPES and not gather
             and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0
             and (x2.shape[0] == 1 or x2.stride(0) % 8 == 0)
             and (not x2.is_cuda or torch.cuda.get_device_capability(x2.device) >= (8, 0))

@@ -751,25 +751,55 @@ def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
 def test_gemv_half2_matches_reference(gen, M, K, N, group_size):
     """The GEMV's HALF2 option (two fp16 codes per instruction; interpreted here in Triton's fp16
     arithmetic, on the GPU in PTX): every grouping, split-K slices of one group or several, N
-    odd, several rows; on activations it cannot read as words (not 16-byte aligned) it runs the
-    fp32 unpacking instead, and for bf16 it is off, both still correct."""
+    odd, several rows, fp16 and bf16 activations; on activations it cannot read as words (not
+    16-byte aligned) it runs the fp32 unpacking instead, and for fp32 it is off, both still
+    correct."""
     from epmq_kernels.w4a16 import _half2
 
     if group_size > K:
         pytest.skip("group wider than K")
     qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
-    base = torch.randn(M, K + 8, generator=gen).to(torch.float16)
-    for x in (base[:, :K].contiguous(), base[:, 1:K + 1]):  # aligned; misaligned by 2 bytes
+    base = torch.randn(M, K + 8, generator=gen)
+    aligned = [base[:, :K].to(dtype) for dtype in (torch.float16, torch.bfloat16)]
+    for x in aligned + [base.half()[:, 1:K + 1]]:  # aligned; misaligned by 2 bytes
         for split_k in (1, 2):
             config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, PREFETCH=2, num_warps=4,
                           num_stages=1, HALF2=True)
             assert _half2(config, x.reshape(-1, K), False) == (x.data_ptr() % 16 == 0)
-            out = torch.full((M, N), float("nan"), dtype=torch.float16)
+            out = torch.full((M, N), float("nan"), dtype=x.dtype)
             w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="gemv",
                          config=config, backend="triton")
             assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
-    x = base[:, :K].to(torch.bfloat16)
-    assert not _half2(config, x, False) and not _half2(config, base[:, :K].contiguous(), True)
+    assert not _half2(config, base[:, :K].contiguous(), False) and not _half2(config, aligned[0], True)
+
+
+@pytest.mark.parametrize("big", [300.0, 6e4, 3e9, 1e30])
+def test_gemv_half2_takes_bf16_activations_of_any_size(gen, big):
+    """bf16 activations reach past fp16's range (to 3e38): HALF2 takes each row at the power of
+    two that brings its largest |x| to 256 or less (bf16 values are exact in fp16 there), so
+    the result is as accurate as the fp32 unpacking's, rows of small activations and a row with
+    a tiny one beside a large one included; NaN stays NaN."""
+    K, N = 256, 40
+    qweight, scales, zeros, _ = make_problem(gen, K, N, 128)
+    x = torch.randn(1, K, generator=gen)
+    x[0, 3], x[0, 100] = big, -big / 3  # (rows 0 and 12 of the packed words)
+    x[0, 8:16] = big / 7  # (a whole row of large ones)
+    x[0, 17], x[0, 18] = big, 1e-3  # (a tiny one beside a large one)
+    x = x.bfloat16()
+    reference = w4a16_matmul_reference(x, qweight, scales, zeros, 128)
+    bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, 128).abs()
+    y, err = {}, {}
+    for half2 in (False, True):
+        config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1,
+                      HALF2=half2)
+        y[half2] = w4a16_matmul(x, qweight, scales, zeros, 128, path="gemv", config=config,
+                                backend="triton")
+        assert bool(torch.isfinite(y[half2]).all())
+        err[half2] = float(((y[half2].double() - reference).abs() / bound).max())
+    assert err[True] <= TOLERANCE[torch.bfloat16] and err[True] <= 2 * err[False] + 1e-3, err
+    x[0, 40] = float("nan")
+    y = w4a16_matmul(x, qweight, scales, zeros, 128, path="gemv", config=config, backend="triton")
+    assert bool(torch.isnan(y).all())
 
 
 def test_corrupt_cache_file_is_ignored(tmp_path, monkeypatch):
@@ -986,29 +1016,32 @@ class TestCUDA:
                          config=config)
             assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("group_size,massive", [(128, False), (-1, False), (128, True)])
-    def test_gemv_half2_at_model_sizes(self, gen, group_size, massive):
+    def test_gemv_half2_at_model_sizes(self, gen, group_size, massive, dtype):
         """The HALF2 GEMV's PTX (fp16 pairs, one rounding per fused multiply-add) on 8192 inputs,
-        every HALF2 config: as accurate as the fp32 unpacking against the float64 product (with
-        ``massive`` activations too, whose rows the PTX takes at 2^-8), and the autotuner's
-        verification passes it."""
+        every HALF2 config, fp16 and bf16 activations: as accurate as the fp32 unpacking against
+        the float64 product (with ``massive`` activations too, whose rows the PTX scales by a
+        power of two), and the autotuner's verification passes it."""
         K, N = 8192, 4096 + 8
         qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
         qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
         x = torch.randn(1, K, generator=gen)
         if massive:
-            x[0, 5], x[0, 4000:4008] = 5000.0, -900.0
-        x = x.half().cuda()
+            big = 5000.0 if dtype == torch.float16 else 3e7  # (bf16: past fp16's range)
+            x[0, 5], x[0, 4000:4008] = big, -big / 5
+        x = x.to(dtype).cuda()
         reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size)
         bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, group_size).abs()
         errors = {}
         configs = [AUTOTUNE_SPACE["gemv"][0]] + [c for c in AUTOTUNE_SPACE["gemv"] if c.get("HALF2")]
         G = 1 if group_size == -1 else K // group_size
         entry = W._entry_for(qweight, scales, zeros, None, group_size, K, N, G)
-        scratch = torch.empty(1, N, dtype=torch.float16, device="cuda")
+        scratch = torch.empty(1, N, dtype=dtype, device="cuda")
         W._precompile([W._build_plan(entry, "gemv", c, x, scratch) for c in configs], x, scratch)
         for config in configs:
-            out = torch.full((1, N), float("nan"), dtype=torch.float16, device="cuda")
+            assert W._half2(config, x, False, entry) == bool(config.get("HALF2"))  # (its PTX runs)
+            out = torch.full((1, N), float("nan"), dtype=dtype, device="cuda")
             w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="gemv",
                          config=config)
             errors[bool(config.get("HALF2"))] = max(
@@ -1016,7 +1049,7 @@ class TestCUDA:
                 float(((out.double() - reference).abs() / bound).max()))
             assert float((out.double() - reference).abs().max()) <= W.VERIFY_TOLERANCE * float(
                 reference.abs().max())
-        assert errors[True] <= TOLERANCE[torch.float16], errors
+        assert errors[True] <= TOLERANCE[dtype], errors
         assert errors[True] <= 4 * errors[False] + 1e-4, errors
 
     def test_fp32_activations_and_batch_dims(self, gen):
