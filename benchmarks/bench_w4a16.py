@@ -8,7 +8,8 @@ times ``w4a16_matmul`` (group 128 and per channel) and ``torch.matmul`` on the d
 weight (cuBLAS) in the same run, for every M in 1 .. 4096 and every (K, N) of ``SHAPES``, then
 with bf16 activations against bf16 cuBLAS at M = 1 and 16 on ``BF16_SHAPES`` (group 128;
 ``activation_dtype`` in each row; the summary lists them last, the plot is fp16's). Each
-case is checked against the fp16 reference before it is timed. Times are medians of
+case is checked against cuBLAS's product in the activations' dtype before it is timed (the
+columns named ``cublas_fp16`` hold that product's time: bf16 cuBLAS in the bf16 rows). Times are medians of
 ``triton.testing.do_bench`` (events, warm-up, L2 flushed before every run); on top of that the
 weights rotate over several copies whenever one copy would fit in L2, so no run finds its weight
 in the cache.
@@ -259,9 +260,9 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
 def summary(rows):
     """The issue's targets, last (the caller may only see the tail): M = 1 and 16 on 4096^2 and
     8192^2 (>= 3.5x cuBLAS, >= 85% of copy bandwidth at M = 1) and M >= 1024 (>= 0.9x); the
-    bf16 rows (against bf16 cuBLAS) after them."""
+    bf16 rows (against bf16 cuBLAS) before them."""
     print("== summary (eager | graph): speedup over cuBLAS, fraction of copy bandwidth, path")
-    for r in sorted(rows, key=lambda r: r.get("activation_dtype", "float16") != "float16"):
+    for r in sorted(rows, key=lambda r: r.get("activation_dtype", "float16") == "float16"):
         small = (r["K"], r["N"]) in ((4096, 4096), (8192, 8192)) and r["M"] in (1, 16)
         if small or r["M"] >= 1024:
             print(f"  {r['K']}x{r['N']} g{r['group_size']:<4d} M={r['M']:<5d} "
@@ -328,7 +329,8 @@ def main(argv=None):
 
     def result_of(rows, failures, partial):
         return dict(
-            **device_info(device), l2_bytes=l2_bytes, cublas_dtype="float16", activation_dtype="float16",
+            **device_info(device), l2_bytes=l2_bytes,
+            cublas_dtype="the row's activation_dtype (float16 but for the bf16 rows)",
             zeros_dtype="uint8", scales_dtype="float16", graph_calls=GRAPH_CALLS,
             graph_workspace="shared",
             bytes_formula="K*N/2 + (K/g)*N*4 + M*K*2 + M*N*2",

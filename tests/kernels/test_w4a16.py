@@ -773,18 +773,21 @@ def test_gemv_half2_matches_reference(gen, M, K, N, group_size):
     assert not _half2(config, base[:, :K].contiguous(), False) and not _half2(config, aligned[0], True)
 
 
-@pytest.mark.parametrize("big", [300.0, 6e4, 3e9, 1e30])
-def test_gemv_half2_takes_bf16_activations_of_any_size(gen, big):
-    """bf16 activations reach past fp16's range (to 3e38): HALF2 takes each row at the power of
-    two that brings its largest |x| to 256 or less (bf16 values are exact in fp16 there), so
-    the result is as accurate as the fp32 unpacking's, rows of small activations and a row with
-    a tiny one beside a large one included; NaN stays NaN."""
+@pytest.mark.parametrize("big,scale", [(300.0, 1.0), (6e4, 1.0), (3e9, 1.0), (1e30, 1.0),
+                                       (3e-6, 1e-7), (1e-9, 1e-10)])
+def test_gemv_half2_takes_bf16_activations_of_any_size(gen, big, scale):
+    """bf16 activations reach past fp16's range both ways (3e38 to 1e-38): HALF2 takes each
+    row at the power of two that brings its largest |x| into [128, 256) (bf16 values are exact
+    in fp16 there), so the result is as accurate as the fp32 unpacking's, rows of activations
+    far below fp16's normal range (``scale``: a review found a row of 1e-7 off by 4.5e-2, of
+    1e-10 all zero, when rows were only ever scaled down) and a row with a tiny one beside a
+    large one included; NaN stays NaN."""
     K, N = 256, 40
     qweight, scales, zeros, _ = make_problem(gen, K, N, 128)
-    x = torch.randn(1, K, generator=gen)
+    x = scale * torch.randn(1, K, generator=gen)
     x[0, 3], x[0, 100] = big, -big / 3  # (rows 0 and 12 of the packed words)
     x[0, 8:16] = big / 7  # (a whole row of large ones)
-    x[0, 17], x[0, 18] = big, 1e-3  # (a tiny one beside a large one)
+    x[0, 17], x[0, 18] = big, big * 1e-3  # (a small one beside a large one)
     x = x.bfloat16()
     reference = w4a16_matmul_reference(x, qweight, scales, zeros, 128)
     bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, 128).abs()
@@ -1030,6 +1033,9 @@ class TestCUDA:
         if massive:
             big = 5000.0 if dtype == torch.float16 else 3e7  # (bf16: past fp16's range)
             x[0, 5], x[0, 4000:4008] = big, -big / 5
+            # (a lone large one at every position of a packed row: each must reach its max)
+            for j in range(8):
+                x[0, 800 + 8 * j + j] = big / (j + 2)
         x = x.to(dtype).cuda()
         reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size)
         bound = x.double().abs() @ dequantize_int4_weight(qweight, scales, zeros, group_size).abs()
