@@ -58,7 +58,10 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # file to each (its module-level state stays in one process; autotune caches write atomically):
 # 73 s on an H200, 2026-12-04, every step of the suite done in 311 s; 115 s since the HALF2
 # GEMV, one-product bf16x3 residual and bf16x3 R tests (about 20-30 s more, not yet timed); 120
-# since the fold, Hessian-scan, bf16x3-product and two-stream dqmm tests (2026-12-04, untimed)
+# since the fold, Hessian-scan, bf16x3-product and two-stream dqmm tests (2026-12-04, untimed);
+# since then the side-stream tests (tests/epmq/test_stats.py, untuned: EPMQ_AUTOTUNE=0) and one
+# bf16 HALF2 model-size case (2026-12-05, untimed): if the step hits its limit, its log's
+# --durations list says which tests to trim
 XDIST=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 4 --dist loadfile); fi
 step cuda-tests 120 "$PYTHON" -m pytest -q tests -m cuda --durations=15 ${XDIST[@]+"${XDIST[@]}"}  # (the slowest: to size this limit)

@@ -1019,8 +1019,9 @@ class TestCUDA:
                          config=config)
             assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    @pytest.mark.parametrize("group_size,massive", [(128, False), (-1, False), (128, True)])
+    @pytest.mark.parametrize("group_size,massive,dtype", [
+        (128, False, torch.float16), (-1, False, torch.float16), (128, True, torch.float16),
+        (128, True, torch.bfloat16)])  # (bf16 once: the GPU suite's test step is near its limit)
     def test_gemv_half2_at_model_sizes(self, gen, group_size, massive, dtype):
         """The HALF2 GEMV's PTX (fp16 pairs, one rounding per fused multiply-add) on 8192 inputs,
         every HALF2 config, fp16 and bf16 activations: as accurate as the fp32 unpacking against
