@@ -60,13 +60,14 @@ Paths
     256 taken at 2^-8 so that no word's sum overflows fp16 (``_x_pairs``). Its error: up to
     2^-10 of a word's sum of |terms|; at 8192 inputs an rms of 3.6e-4 of the output against
     fp16 rounding's 2.8e-4. Off where its bounds do not hold (zero points outside 0..15) or its
-    PTX does not compile (compute capability below 8.0). Compiled for sm_90 that is 28-34
-    instructions per packed word in the loop against 43-49, and 64-128 registers against
+    PTX does not compile (compute capability below 8.0). Compiled for sm_90 that is 26-33
+    instructions per packed word in the loop against 43-48 (28-34 before the odd codes took
+    Marlin's 1/16 trick and x its 16-byte loads, 2026-12-05), and 64-128 registers against
     80-167 (more programs per SM). The autotuner keeps it only where it is faster, and only if
     its result verifies (``VERIFY_TOLERANCE``), like every config. bf16 activations are taken
     as fp16 pairs too (``_bf16_x_pairs``: each row at the power of two that brings its largest
     |x| into [128, 256), where bf16's 8 significant bits are exact in fp16): compiled for sm_90,
-    32-39 instructions per packed word in the loop against 42-48 for bf16's fp32 unpacking.
+    30-37 instructions per packed word in the loop against 42-48 for bf16's fp32 unpacking.
 
 * ``splitk`` (2 <= M <= 64; also a candidate at M = 1) and ``gemm`` (M > 64) share
   ``_w4a16_dot_kernel``: the tiled ``tl.dot`` GEMM of the Triton matmul tutorial (grouped
@@ -209,7 +210,7 @@ AUTOTUNE_SPACE = {
         + _product(BLOCK_N=[64], BLOCK_K=[256], SPLIT_K=[4, 8], PREFETCH=[1],
                    num_warps=[4], num_stages=[1])
         # HALF2 (fp16 and bf16 activations; 11 configs): two codes per instruction (_half2_word_sums).
-        # Compiled for sm_90, 28-34 instructions per packed word in the loop against 43-49, and
+        # Compiled for sm_90, 26-33 instructions per packed word in the loop against 43-48, and
         # 64-128 registers against 80-167 (benchmarks/compile_report.py); 128 x 128 with 4 warps
         # spilled in one-group slices, so 128 columns take 8 warps.
         + _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[4, 8, 16, 32], PREFETCH=[2],
@@ -410,64 +411,78 @@ def _unpack_pairs_t(words, opaque_zero, CDT: tl.constexpr):
 
 
 @triton.jit
-def _half2_word_sums(words, zpair, xp0, xp1, xp2, xp3, ASM: tl.constexpr):
+def _half2_word_sums(words, zpair, zq, xp0, xp1, xp2, xp3, ASM: tl.constexpr):
     """``sum_j (q_j - z) x_j`` over the 8 codes of each word, in fp16 pairs: two codes per
     instruction (the GEMV's HALF2 option, fp16 activations or bf16 ones taken as fp16).
 
-    ``(w >> 4i) & 0x000F000F | 0x6400_6400`` is the fp16 pair ``(1024 + q_i, 1024 + q_{i+4})``;
-    less ``zpair = (1024 + z, 1024 + z)`` it is ``(q_i - z, q_{i+4} - z)`` exactly; the four pairs
-    are multiplied by the activation pairs ``xp_i = (x_i, x_{i+4})`` and summed in fp16 (one
-    rounding per fused multiply-add), the two halves added in fp16 and the result returned in
-    fp32: per word 3 shifts, 4 LOP3, 4 HSUB2, 4 HFMA2, one HADD2 and one conversion, against
-    about twice that with one fp32 code at a time. Each product and partial sum rounds to
-    fp16's 11 bits: up to 2^-10 of the word's sum of |terms| (an emulation of this PTX), at 8192
-    inputs an rms of 3.6e-4 of the output, 1.3 times an fp16 output's own rounding. The caller
-    scales rows with large activations so that no sum overflows fp16 (``_x_pairs``).
+    ``w & 0x000F000F | 0x6400_6400`` is the fp16 pair ``(1024 + q_0, 1024 + q_4)``; less
+    ``zpair = (1024 + z, 1024 + z)`` it is ``(q_0 - z, q_4 - z)`` exactly. The next pair needs
+    no shift: ``w & 0x00F000F0 | 0x6400_6400`` is ``(1024 + 16 q_1, 1024 + 16 q_5)``, and one
+    fused multiply-add by 1/16 with ``zq = (-(64 + z), -(64 + z))`` makes it ``(q_1 - z,
+    q_5 - z)`` exactly (the trick Marlin's dequantization uses); ``w >> 8`` gives codes 2, 6
+    and 3, 7 the same way. The four pairs are multiplied by the activation pairs ``xp_i = (x_i,
+    x_{i+4})`` and summed in fp16 (one rounding per fused multiply-add), the two halves added in
+    fp16 and the result returned in fp32: per word one shift, 4 LOP3, 2 HSUB2, 6 HFMA2 (2 of
+    them dequantizing), one HADD2 and one conversion (2026-12-05; 3 shifts and 4 HSUB2 before),
+    against about twice that with one fp32 code at a time. Each product and partial sum rounds
+    to fp16's 11 bits: up to 2^-10 of the word's sum of |terms| (an emulation of this PTX), at
+    8192 inputs an rms of 3.6e-4 of the output, 1.3 times an fp16 output's own rounding. The
+    caller scales rows with large activations so that no sum overflows fp16 (``_x_pairs``).
 
     ``ASM``: the inline PTX (compiled); else the same sums in Triton's fp16 arithmetic (the
-    interpreter, which runs no PTX; it rounds a product and its sum separately)."""
+    interpreter, which runs no PTX; it rounds a product and its sum separately), the odd codes
+    dequantized through ``zq`` as the PTX does."""
     if ASM:
         out = tl.inline_asm_elementwise(
             asm="""
             {
-            .reg .b32 v, t, s, m;
+            .reg .b32 v, t, s, m, c;
             .reg .f16 lo, hi, h;
             mov.b32 m, 0x64006400;
+            mov.b32 c, 0x2C002C00;
             lop3.b32 v, $1, 0x000F000F, m, 0xEA;
             sub.rn.f16x2 v, v, $2;
-            mul.rn.f16x2 s, v, $3;
-            shr.u32 t, $1, 4;
-            lop3.b32 v, t, 0x000F000F, m, 0xEA;
-            sub.rn.f16x2 v, v, $2;
-            fma.rn.f16x2 s, v, $4, s;
+            mul.rn.f16x2 s, v, $4;
+            lop3.b32 v, $1, 0x00F000F0, m, 0xEA;
+            fma.rn.f16x2 v, v, c, $3;
+            fma.rn.f16x2 s, v, $5, s;
             shr.u32 t, $1, 8;
             lop3.b32 v, t, 0x000F000F, m, 0xEA;
             sub.rn.f16x2 v, v, $2;
-            fma.rn.f16x2 s, v, $5, s;
-            shr.u32 t, $1, 12;
-            lop3.b32 v, t, 0x000F000F, m, 0xEA;
-            sub.rn.f16x2 v, v, $2;
             fma.rn.f16x2 s, v, $6, s;
+            lop3.b32 v, t, 0x00F000F0, m, 0xEA;
+            fma.rn.f16x2 v, v, c, $3;
+            fma.rn.f16x2 s, v, $7, s;
             mov.b32 {lo, hi}, s;
             add.rn.f16 h, lo, hi;
             cvt.f32.f16 $0, h;
             }
             """,
-            constraints="=r,r,r,r,r,r,r",
-            args=[words, zpair, xp0, xp1, xp2, xp3],
+            constraints="=r,r,r,r,r,r,r,r",
+            args=[words, zpair, zq, xp0, xp1, xp2, xp3],
             dtype=tl.float32, is_pure=True, pack=1)
     else:
         z = (zpair & 0xFFFF) - 0x6400
         s_lo = _half(words & 0xF, z, xp0, 0)
         s_hi = _half((words >> 16) & 0xF, z, xp0, 16)
-        s_lo = s_lo + _half((words >> 4) & 0xF, z, xp1, 0)
-        s_hi = s_hi + _half((words >> 20) & 0xF, z, xp1, 16)
+        s_lo = s_lo + _half_by_16(words & 0xF0, zq, xp1, 0)
+        s_hi = s_hi + _half_by_16((words >> 16) & 0xF0, zq, xp1, 16)
         s_lo = s_lo + _half((words >> 8) & 0xF, z, xp2, 0)
         s_hi = s_hi + _half((words >> 24) & 0xF, z, xp2, 16)
-        s_lo = s_lo + _half((words >> 12) & 0xF, z, xp3, 0)
-        s_hi = s_hi + _half((words >> 28) & 0xF, z, xp3, 16)
+        s_lo = s_lo + _half_by_16((words >> 8) & 0xF0, zq, xp3, 0)
+        s_hi = s_hi + _half_by_16((words >> 24) & 0xF0, zq, xp3, 16)
         out = (s_lo + s_hi).to(tl.float32)
     return out
+
+
+@triton.jit
+def _half_by_16(q16, zq, xp, SHIFT: tl.constexpr):
+    """``(q - z) x`` in fp16 from ``q16 = 16 q``: ``(1024 + 16 q) / 16 + zq`` with ``zq = -(64 +
+    z)``, the fp16 at bits SHIFT..SHIFT+15 of the pair ``zq`` (as the PTX dequantizes)."""
+    x = ((xp >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    zq_half = ((zq >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    v = ((1024 + q16).to(tl.float16) * 0.0625 + zq_half).to(tl.float16)  # (exact: q - z)
+    return v * x
 
 
 @triton.jit
@@ -489,10 +504,11 @@ def _x_pairs(x_row, rows, r_mask, ASM: tl.constexpr):
     within 8 x 15 x 256 < 65504 for any finite fp16 x. (In such a row its small activations
     lose bits below 2^-6, negligible next to the large one.)"""
     xw = (x_row + rows * 8).to(tl.pointer_type(tl.int32), bitcast=True)
-    x01 = tl.load(xw + 0, mask=r_mask, other=0)
-    x23 = tl.load(xw + 1, mask=r_mask, other=0)
-    x45 = tl.load(xw + 2, mask=r_mask, other=0)
-    x67 = tl.load(xw + 3, mask=r_mask, other=0)
+    # (one 16-byte load a row: [rows, 4] words, split in two twice)
+    xq = tl.load(xw[:, None] + tl.arange(0, 4)[None, :], mask=r_mask[:, None], other=0)
+    x0145, x2367 = tl.split(tl.reshape(xq, (xq.shape[0], 2, 2)))
+    x01, x45 = tl.split(x0145)
+    x23, x67 = tl.split(x2367)
     if x_row.dtype.element_ty == tl.bfloat16:
         xp0, xp1, xp2, xp3, f = _bf16_x_pairs(x01, x23, x45, x67, ASM)
     elif ASM:
@@ -650,8 +666,11 @@ def _scaled_pair(lo_bits, hi_bits, scale):
 
 @triton.jit
 def _zero_pairs(zeros):
-    """The fp16 pair ``(1024 + z, 1024 + z)`` of grid zero points ``z`` (0..15), as int32."""
-    return (zeros.to(tl.int32) + 0x6400) * 0x10001
+    """The fp16 pairs ``(1024 + z, 1024 + z)`` and ``(-(64 + z), -(64 + z))`` of grid zero
+    points ``z`` (0..15), as int32 words (``_half2_word_sums`` takes both)."""
+    z = zeros.to(tl.int32)
+    zq = (z * 16 + 0xD400).to(tl.uint32)  # (-(64 + z) in fp16: 64's bits, z in ulps of 1/16)
+    return (z + 0x6400) * 0x10001, (zq | (zq << 16)).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -748,8 +767,9 @@ def _w4a16_gemv_kernel(
         xs_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         xb_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         if HALF2:
-            zp_one = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
-                                         mask=one_mask, other=0))[None, :]
+            zp_one, zq_one = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
+                                                 mask=one_mask, other=0))
+            zp_one, zq_one = zp_one[None, :], zq_one[None, :]
     # Software prefetch: the words of the next PREFETCH tiles are requested before the current
     # tile is unpacked, so every warp keeps (1 + PREFETCH) tiles of weight traffic in flight
     # (loads only block at first use; masked tiles past the slice move no bytes).
@@ -799,14 +819,15 @@ def _w4a16_gemv_kernel(
         elif HALF2:
             xp0, xp1, xp2, xp3, f = _x_pairs(x_row, rows, r_mask, ASM)
             if ONE_GROUP:
-                acc += _half2_word_sums(words, zp_one, xp0, xp1, xp2, xp3, ASM) * f
+                acc += _half2_word_sums(words, zp_one, zq_one, xp0, xp1, xp2, xp3, ASM) * f
             else:
                 g = g_tile
                 s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
                             other=0.0).to(tl.float32)
-                zp = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
-                                         mask=n_mask, other=0))[None, :]
-                acc += _half2_word_sums(words, zp, xp0, xp1, xp2, xp3, ASM) * (f * s[None, :])
+                zp, zq = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
+                                             mask=n_mask, other=0))
+                acc += (_half2_word_sums(words, zp[None, :], zq[None, :], xp0, xp1, xp2, xp3, ASM)
+                        * (f * s[None, :]))
         else:
             xk = x_row + rows * 8 * stride_xk
             x0 = _x_at(xk, 0, stride_xk, r_mask)
