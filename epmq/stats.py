@@ -124,8 +124,7 @@ class EPMQStats:
     expert weights, Hessians and ``W_merged`` the caller gives after the call that gave them has
     returned: the caller promises not to write to those tensors until the statistics are read
     (``G_e``, ``c_e``, ``finalize``, ``quant.epmq_from_stats``), as ``quant.epmq`` and the model
-    walker do. Off (the default), each call's products are waited for by the current stream
-    before it returns, which keeps the order of a single stream.
+    walker do. Off (the default), the products run on the current stream, in its order.
     """
 
     def __init__(

@@ -62,12 +62,12 @@ Paths
     fp16 rounding's 2.8e-4. Off where its bounds do not hold (zero points outside 0..15) or its
     PTX does not compile (compute capability below 8.0). Compiled for sm_90 that is 26-33
     instructions per packed word in the loop against 43-48 (28-34 before the odd codes took
-    Marlin's 1/16 trick and x its 16-byte loads, 2026-12-05), and 64-128 registers against
+    Marlin's 1/16 trick and x its 8-byte loads, 2026-12-05), and 64-128 registers against
     80-167 (more programs per SM). The autotuner keeps it only where it is faster, and only if
     its result verifies (``VERIFY_TOLERANCE``), like every config. bf16 activations are taken
     as fp16 pairs too (``_bf16_x_pairs``: each row at the power of two that brings its largest
     |x| into [128, 256), where bf16's 8 significant bits are exact in fp16): compiled for sm_90,
-    30-37 instructions per packed word in the loop against 42-48 for bf16's fp32 unpacking.
+    30-36 instructions per packed word in the loop against 42-48 for bf16's fp32 unpacking.
 
 * ``splitk`` (2 <= M <= 64; also a candidate at M = 1) and ``gemm`` (M > 64) share
   ``_w4a16_dot_kernel``: the tiled ``tl.dot`` GEMM of the Triton matmul tutorial (grouped
@@ -503,12 +503,13 @@ def _x_pairs(x_row, rows, r_mask, ASM: tl.constexpr):
     taken at 2^-8 (exact, a power of two), ``f = 256``, else ``f = 1``: a word's sum then stays
     within 8 x 15 x 256 < 65504 for any finite fp16 x. (In such a row its small activations
     lose bits below 2^-6, negligible next to the large one.)"""
-    xw = (x_row + rows * 8).to(tl.pointer_type(tl.int32), bitcast=True)
-    # (one 16-byte load a row: [rows, 4] words, split in two twice)
-    xq = tl.load(xw[:, None] + tl.arange(0, 4)[None, :], mask=r_mask[:, None], other=0)
-    x0145, x2367 = tl.split(tl.reshape(xq, (xq.shape[0], 2, 2)))
-    x01, x45 = tl.split(x0145)
-    x23, x67 = tl.split(x2367)
+    # (two 8-byte loads a row, not four of 4: a [rows, 4] load split in registers went through
+    # shared memory, with barriers, in some tilings)
+    xd = (x_row + rows * 8).to(tl.pointer_type(tl.int64), bitcast=True)
+    xa = tl.load(xd, mask=r_mask, other=0)
+    xb = tl.load(xd + 1, mask=r_mask, other=0)
+    x01, x23 = xa.to(tl.int32), (xa >> 32).to(tl.int32)
+    x45, x67 = xb.to(tl.int32), (xb >> 32).to(tl.int32)
     if x_row.dtype.element_ty == tl.bfloat16:
         xp0, xp1, xp2, xp3, f = _bf16_x_pairs(x01, x23, x45, x67, ASM)
     elif ASM:
