@@ -101,6 +101,7 @@ def resource_usage(compiled) -> dict:
             ops[m.group(1)] += 1
             if m.group(1) in ("LDG", "STG", "LDGSTS"):
                 ops[m.group(1) + (m.group(2) or "")] += 1
+    loop = loop_body(sass)
     return dict(
         registers=number(r"Used (\d+) registers"),
         spill_stores=number(r"(\d+) bytes spill stores"),
@@ -111,4 +112,32 @@ def resource_usage(compiled) -> dict:
         ffma=ops["FFMA"], fadd=ops["FADD"], hfma2=ops["HFMA2"], lds=ops["LDS"] + ops["LDSM"],
         sts=ops["STS"], ldg128=sum(v for k, v in ops.items() if k.startswith("LDG") and "128" in k),
         ldg=ops["LDG"], ldgsts=ops["LDGSTS"], dfma=ops["DFMA"],
+        loop=len(loop), loop_shared=sum(1 for op in loop if op.split(".")[0] in ("LDS", "STS", "BAR")),
     )
+
+
+def loop_body(sass: str) -> list:
+    """The opcodes of a kernel's main loop: the body of its longest backward branch (what each
+    iteration issues; the GEMV's per-tile cost, divided by the words a thread holds, is the
+    instructions per packed word that bound it where it is not limited by memory)."""
+    import re
+
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
+    address = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines]
+    where = {a: i for i, a in enumerate(address)}
+    best = None
+    for i, line in enumerate(lines):
+        if "BRA" not in line:
+            continue
+        target = re.findall(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
+        j = where.get(int(target[0], 16)) if target else None
+        if j is not None and j < i and (best is None or i - j > best[1] - best[0]):
+            best = (j, i)
+    if best is None:
+        return []
+    body = []
+    for line in lines[best[0]:best[1] + 1]:
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if m:
+            body.append(m.group(1))
+    return body
