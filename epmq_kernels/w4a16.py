@@ -62,7 +62,7 @@ Paths
     fp16 rounding's 2.8e-4. Off where its bounds do not hold (zero points outside 0..15) or its
     PTX does not compile (compute capability below 8.0). Compiled for sm_90 that is 26-33
     instructions per packed word in the loop against 43-48 (28-34 before the odd codes took
-    Marlin's 1/16 trick and x its 8-byte loads, 2026-12-05), and 64-128 registers against
+    Marlin's 1/16 trick and x its 8-byte loads, 2026-12-05), and 63-96 registers against
     80-167 (more programs per SM). The autotuner keeps it only where it is faster, and only if
     its result verifies (``VERIFY_TOLERANCE``), like every config. bf16 activations are taken
     as fp16 pairs too (``_bf16_x_pairs``: each row at the power of two that brings its largest
@@ -211,7 +211,7 @@ AUTOTUNE_SPACE = {
                    num_warps=[4], num_stages=[1])
         # HALF2 (fp16 and bf16 activations; 11 configs): two codes per instruction (_half2_word_sums).
         # Compiled for sm_90, 26-33 instructions per packed word in the loop against 43-48, and
-        # 64-128 registers against 80-167 (benchmarks/compile_report.py); 128 x 128 with 4 warps
+        # 63-96 registers against 80-167 (benchmarks/compile_report.py); 128 x 128 with 4 warps
         # spilled in one-group slices, so 128 columns take 8 warps.
         + _product(BLOCK_N=[64], BLOCK_K=[128], SPLIT_K=[4, 8, 16, 32], PREFETCH=[2],
                    num_warps=[4], num_stages=[1], HALF2=[True])
