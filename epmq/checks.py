@@ -58,9 +58,19 @@ def _probes(H: torch.Tensor) -> tuple:
     return hit
 
 
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """``backend`` checked, or (None) the default for ``device``: the Triton kernels on a GPU,
+    torch elsewhere."""
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
 def _scan_backend(H: torch.Tensor) -> str:
-    """The Triton kernel on a GPU, torch elsewhere (a test may run the kernel interpreted)."""
-    return "triton" if H.device.type == "cuda" else "torch"
+    """The default backend for ``H`` (a test may run the kernel interpreted)."""
+    return resolve_backend(None, H.device)
 
 
 def _hessian_numbers(H: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ deficient. The identities of EPMQ_MATH.md hold exactly for ``percdamp = 0`` (and
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, fold_hessia
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
 
-from .checks import all_finite, check_hessian, check_number, check_weight
+from .checks import all_finite, check_hessian, check_number, check_weight, resolve_backend
 from .spec import QuantSpec
 from .stats import EPMQStats
 
@@ -100,14 +101,6 @@ class QuantResult:
 
 
 # --------------------------------------------------------------------------- input checks
-
-
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    return backend
 
 
 def _check_spec(spec: QuantSpec) -> None:
@@ -687,20 +680,19 @@ def epmq_from_stats(
     if mu:
         H.diagonal().add_(mu)
     mm = fp32_mm(W_m.device, _fp32_floor(backend, stats.residual_precision))
-    formed = []
 
+    @functools.cache  # (formed once, when the solve first needs it, and kept for the loss below)
     def target_G():
         G = stats.G_e.to(torch.float64, copy=G_m is not None and bool(lam))  # (joins the side stream)
         if G_m is not None and lam:
             G.add_(G_m, alpha=lam)
-        formed.append(G)
         return G
 
     result = _round_target(
         W_m, H, spec, G=target_G, blocksize=blocksize, percdamp=percdamp, backend=backend, mm=mm,
         factors=factors,
     )
-    G, G_e = formed[0], stats.G_e
+    G = target_G()  # (the current stream has waited for the side stream's G_e by now)
     t0 = time.perf_counter()
     # The objective's value without another d_out x d_in x d_in product: with F = Q - W*,
     # R = W* - W_m (so E = Q - W_m = F + R) and R H~ = G (H~ = H + damp I),

@@ -58,7 +58,6 @@ def device_values(values, dtype, device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-
 # ------------------------------------------------------------------------- a side stream
 #
 # Work that the current stream need not wait for until later (E-PMQ's residual products, which
@@ -68,7 +67,17 @@ def device_values(values, dtype, device) -> torch.Tensor:
 # weight copied for it) "holds" memory until it is done: at most SIDE_HELD_MAX such launches are
 # in flight, the host waiting for the oldest beyond that.
 SIDE_HELD_MAX = 8
-_SIDE = {}  # device -> (stream, deque of the events of holding launches in flight)
+_SIDE = {}  # (device, owner) -> a side stream
+_HELD = {}  # device -> deque of the events of holding launches in flight
+
+
+def side_stream(device, owner=None) -> torch.cuda.Stream:
+    """The side stream of ``device`` (one per ``owner``: work that must not wait behind another
+    owner's, e.g. one per current stream), made at first use and kept."""
+    key = (device, owner)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device)
+    return _SIDE[key]
 
 
 def side_stream_launch(launch, uses, *, holds: bool = False):
@@ -80,9 +89,8 @@ def side_stream_launch(launch, uses, *, holds: bool = False):
     device = uses[0].device
     if device.type != "cuda":
         raise ValueError(f"a side stream is for CUDA tensors, got {device}")
-    stream, held = _SIDE.get(device, (None, None))
-    if stream is None:
-        stream, held = _SIDE.setdefault(device, (torch.cuda.Stream(device), collections.deque()))
+    stream = side_stream(device)
+    held = _HELD.setdefault(device, collections.deque())
     while held and held[0].query():
         held.popleft()
     if holds and len(held) >= SIDE_HELD_MAX:

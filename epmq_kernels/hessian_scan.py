@@ -74,6 +74,7 @@ def _scan_kernel(
     partial,  # [n_programs, _N_PARTIAL] out, in vu's dtype
     d,
     stride_h,
+    N_PARTIAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -107,7 +108,7 @@ def _scan_kernel(
     Hu_r = tl.sum(Hu, axis=1)
     v_r = tl.load(vu + rows * 2, mask=r_ok, other=0.0)
     u_r = tl.load(vu + rows * 2 + 1, mask=r_ok, other=0.0)
-    out = partial + pid * 9
+    out = partial + pid * N_PARTIAL
     tl.store(out + 0, tl.min(tl.min(lo, axis=1), axis=0))
     tl.store(out + 1, tl.max(tl.max(hi, axis=1), axis=0))
     tl.store(out + 2, tl.min(tl.where(r_ok, diag, float("inf")), axis=0))
@@ -120,7 +121,7 @@ def _scan_kernel(
 
 
 @triton.jit
-def _finish_kernel(partial, numbers, n_programs, BLOCK: tl.constexpr):
+def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the programs' shares reduced to the seven numbers (float64)."""
     ty = partial.dtype.element_ty
     lo = tl.full([BLOCK], float("inf"), ty)
@@ -135,7 +136,7 @@ def _finish_kernel(partial, numbers, n_programs, BLOCK: tl.constexpr):
     for p0 in range(0, n_programs, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
         ok = p < n_programs
-        row = partial + p * 9
+        row = partial + p * N_PARTIAL
         lo = tl.minimum(lo, tl.load(row + 0, mask=ok, other=float("inf")))
         hi = tl.maximum(hi, tl.load(row + 1, mask=ok, other=float("-inf")))
         dmin = tl.minimum(dmin, tl.load(row + 2, mask=ok, other=float("inf")))
@@ -171,9 +172,10 @@ def hessian_numbers_triton(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     n_programs = triton.cdiv(d, BLOCK_R)
     partial = torch.empty(n_programs, _N_PARTIAL, dtype=vu.dtype, device=H.device)
     numbers = torch.empty(N_NUMBERS, dtype=torch.float64, device=H.device)
-    _scan_kernel[(n_programs,)](H, vu, partial, d, H.stride(0), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-                                num_warps=warps)
-    _finish_kernel[(1,)](partial, numbers, n_programs, BLOCK=_FINISH_BLOCK, num_warps=4)
+    _scan_kernel[(n_programs,)](H, vu, partial, d, H.stride(0), N_PARTIAL=_N_PARTIAL,
+                                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+    _finish_kernel[(1,)](partial, numbers, n_programs, N_PARTIAL=_N_PARTIAL, BLOCK=_FINISH_BLOCK,
+                         num_warps=4)
     return numbers
 
 

@@ -160,7 +160,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_device, version
+from ._runtime import INTERPRETED, check_device, side_stream, version
 from . import autotune_cache
 
 # ----------------------------------------------------------------------------------------------
@@ -646,8 +646,14 @@ def _bf16_x_pairs(x01, x23, x45, x67, ASM: tl.constexpr):
 def _bf16_pair(lo_bits, hi_bits, scale):
     """The fp16 pair ``(lo * scale, hi * scale)`` of two fp32 bit patterns (bf16 values), as an
     int32 word."""
-    lo = (lo_bits.to(tl.float32, bitcast=True) * scale).to(tl.float16).to(tl.int16, bitcast=True)
-    hi = (hi_bits.to(tl.float32, bitcast=True) * scale).to(tl.float16).to(tl.int16, bitcast=True)
+    return _pack_halves((lo_bits.to(tl.float32, bitcast=True) * scale).to(tl.float16),
+                        (hi_bits.to(tl.float32, bitcast=True) * scale).to(tl.float16))
+
+
+@triton.jit
+def _pack_halves(lo, hi):
+    """Two fp16 tensors as the int32 words of their pairs, ``lo`` in the low half."""
+    lo, hi = lo.to(tl.int16, bitcast=True), hi.to(tl.int16, bitcast=True)
     return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
 
 
@@ -660,18 +666,18 @@ def _abs_bits(word, SHIFT: tl.constexpr):
 @triton.jit
 def _scaled_pair(lo_bits, hi_bits, scale):
     """The fp16 pair ``(lo * scale, hi * scale)`` of two fp16 bit patterns, as an int32 word."""
-    lo = (lo_bits.to(tl.int16).to(tl.float16, bitcast=True) * scale).to(tl.int16, bitcast=True)
-    hi = (hi_bits.to(tl.int16).to(tl.float16, bitcast=True) * scale).to(tl.int16, bitcast=True)
-    return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+    return _pack_halves(lo_bits.to(tl.int16).to(tl.float16, bitcast=True) * scale,
+                        hi_bits.to(tl.int16).to(tl.float16, bitcast=True) * scale)
 
 
 @triton.jit
 def _zero_pairs(zeros):
     """The fp16 pairs ``(1024 + z, 1024 + z)`` and ``(-(64 + z), -(64 + z))`` of grid zero
-    points ``z`` (0..15), as int32 words (``_half2_word_sums`` takes both)."""
+    points ``z`` (0..15, a row of columns), as int32 words ``[1, BLOCK_N]`` (``_half2_word_sums``
+    takes both)."""
     z = zeros.to(tl.int32)
     zq = (z * 16 + 0xD400).to(tl.uint32)  # (-(64 + z) in fp16: 64's bits, z in ulps of 1/16)
-    return (z + 0x6400) * 0x10001, (zq | (zq << 16)).to(tl.int32, bitcast=True)
+    return ((z + 0x6400) * 0x10001)[None, :], (zq | (zq << 16)).to(tl.int32, bitcast=True)[None, :]
 
 
 @triton.jit
@@ -770,7 +776,6 @@ def _w4a16_gemv_kernel(
         if HALF2:
             zp_one, zq_one = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
                                                  mask=one_mask, other=0))
-            zp_one, zq_one = zp_one[None, :], zq_one[None, :]
     # Software prefetch: the words of the next PREFETCH tiles are requested before the current
     # tile is unpacked, so every warp keeps (1 + PREFETCH) tiles of weight traffic in flight
     # (loads only block at first use; masked tiles past the slice move no bytes).
@@ -827,8 +832,7 @@ def _w4a16_gemv_kernel(
                             other=0.0).to(tl.float32)
                 zp, zq = _zero_pairs(tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn,
                                              mask=n_mask, other=0))
-                acc += (_half2_word_sums(words, zp[None, :], zq[None, :], xp0, xp1, xp2, xp3, ASM)
-                        * (f * s[None, :]))
+                acc += _half2_word_sums(words, zp, zq, xp0, xp1, xp2, xp3, ASM) * (f * s[None, :])
         else:
             xk = x_row + rows * 8 * stride_xk
             x0 = _x_at(xk, 0, stride_xk, r_mask)
@@ -1389,7 +1393,6 @@ def _choose(paths, x2, entry):
 # which retires every plan (memory is freed, the next call rebuilds its plan).
 _WORKSPACES = {}
 _DQ_WORKSPACES = {}
-_SIDE_STREAMS = {}  # (device, stream) -> the stream dqmm plans with STREAMS = 2 dequantize on
 _EPOCH = [0]
 # Split-K workspaces while a CUDA graph is captured:
 #   "private" (default): an ordinary intermediate of the graph, zeroed by memset nodes at every
@@ -1707,10 +1710,7 @@ class _Plan:
         the plan has one buffer or the current stream is being captured), with its events."""
         if self.device.type != "cuda" or _capturing(self.device):
             return None
-        key = (self.device, _stream_of(self.device))
-        side = _SIDE_STREAMS.get(key)
-        if side is None:
-            side = _SIDE_STREAMS[key] = torch.cuda.Stream(self.device)
+        side = side_stream(self.device, owner=("dqmm", _stream_of(self.device)))
         if self.events is None:  # (ready, free) per buffer, reused by every call of the plan
             self.events = tuple([torch.cuda.Event(), torch.cuda.Event()] for _ in range(2))
         return side

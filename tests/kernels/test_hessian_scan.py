@@ -109,11 +109,14 @@ for cap in (90, 80):
     for h, v in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
         BR, BC, warps = hs._SCAN_TILE[torch.float64 if v == "fp64" else torch.float32]
         sig = dict(H=f"*{h}", vu=f"*{v}", partial=f"*{v}", d="i32", stride_h="i32",
-                   BLOCK_R="constexpr", BLOCK_C="constexpr")
-        triton.compile(ASTSource(hs._scan_kernel, sig, constexprs=dict(BLOCK_R=BR, BLOCK_C=BC)),
+                   N_PARTIAL="constexpr", BLOCK_R="constexpr", BLOCK_C="constexpr")
+        triton.compile(ASTSource(hs._scan_kernel, sig, constexprs=dict(N_PARTIAL=hs._N_PARTIAL,
+                                                                       BLOCK_R=BR, BLOCK_C=BC)),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
-        sig = dict(partial=f"*{v}", numbers="*fp64", n_programs="i32", BLOCK="constexpr")
-        triton.compile(ASTSource(hs._finish_kernel, sig, constexprs=dict(BLOCK=hs._FINISH_BLOCK)),
+        sig = dict(partial=f"*{v}", numbers="*fp64", n_programs="i32", N_PARTIAL="constexpr",
+                   BLOCK="constexpr")
+        triton.compile(ASTSource(hs._finish_kernel, sig, constexprs=dict(N_PARTIAL=hs._N_PARTIAL,
+                                                                         BLOCK=hs._FINISH_BLOCK)),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=4))
 print("compiled")
 """

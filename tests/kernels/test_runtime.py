@@ -162,6 +162,7 @@ def fake_streams(monkeypatch):
 
     current = object()
     monkeypatch.setattr(rt, "_SIDE", {})
+    monkeypatch.setattr(rt, "_HELD", {})
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
