@@ -184,16 +184,22 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
 
     # -- E-PMQ with 8 experts against plain GPTQ, both fused, per residual precision -----------
     epmq_reps = 3 if d_in <= 4096 else 2
+
+    def epmq_timed(precision, anchor=1.0):
+        """E-PMQ timed with this residual precision and anchor, and its row (the last result)."""
+        t_ep, res_ep = timed(lambda: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE,
+                                                anchor=anchor, backend="triton",
+                                                residual_precision=precision), epmq_reps)
+        row = dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=anchor,
+                   experts=N_EXPERTS, side_stream=epmq_stats.RESIDUALS_ON_SIDE_STREAM, t_epmq_s=t_ep,
+                   t_gptq_s=t_gq, epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
+                   fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", precision)).__name__)
+        return row, res_ep
+
     results = {}
     for precision in RESIDUAL_PRECISIONS:
-        t_ep, res_ep = timed(lambda: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE,
-                                                backend="triton", residual_precision=precision),
-                             epmq_reps)
+        row, res_ep = epmq_timed(precision)
         results[precision] = res_ep
-        row = dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=1.0, experts=N_EXPERTS,
-                   side_stream=epmq_stats.RESIDUALS_ON_SIDE_STREAM, t_epmq_s=t_ep, t_gptq_s=t_gq,
-                   epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
-                   fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", precision)).__name__)
         if precision == "ieee" and d_in <= 4096 and time.perf_counter() < deadline:
             # E-PMQ checked end to end against its torch path (eager solver) on the smaller shapes
             res_er = quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE, backend="torch")
@@ -207,12 +213,7 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         rows.append(row)
         log(row)
     # the anchors the demo picks are 0 or 0.1; at 0 the anchor term's product is skipped
-    t_ep, _ = timed(lambda: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE, anchor=0.0,
-                                       backend="triton", residual_precision="tf32"), epmq_reps)
-    rows.append(dict(shape, kind="epmq_vs_gptq", residual_precision="tf32", anchor=0.0,
-                     experts=N_EXPERTS, side_stream=epmq_stats.RESIDUALS_ON_SIDE_STREAM, t_epmq_s=t_ep,
-                     t_gptq_s=t_gq, epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
-                     fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", "tf32")).__name__))
+    rows.append(epmq_timed("tf32", anchor=0.0)[0])
     log(rows[-1])
     # the residual products on the current stream instead of the side stream (where they run
     # while the Hessian is factored): the same results bit for bit, the difference is time
@@ -220,18 +221,12 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
         for precision in ("bf16x3", "tf32"):
             epmq_stats.RESIDUALS_ON_SIDE_STREAM = False
             try:
-                t_ep, res_ep = timed(lambda: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE,
-                                                        backend="triton", residual_precision=precision),
-                                     epmq_reps)
+                row, res_ep = epmq_timed(precision)
             finally:
                 epmq_stats.RESIDUALS_ON_SIDE_STREAM = True
-            same = (torch.equal(res_ep.codes, results[precision].codes)
-                    and torch.equal(res_ep.target, results[precision].target))
-            rows.append(dict(shape, kind="epmq_vs_gptq", residual_precision=precision, anchor=1.0,
-                             experts=N_EXPERTS, side_stream=False, t_epmq_s=t_ep, t_gptq_s=t_gq,
-                             epmq_s=med(t_ep), gptq_s=med(t_gq), ratio=med(t_ep) / med(t_gq),
-                             same_as_side_stream=same,
-                             fp32_mm=fp32_mm(W_m.device, quant._fp32_floor("triton", precision)).__name__))
+            row["same_as_side_stream"] = (torch.equal(res_ep.codes, results[precision].codes)
+                                          and torch.equal(res_ep.target, results[precision].target))
+            rows.append(row)
             log(rows[-1])
     del results, res_ep, res_gq
 
