@@ -45,7 +45,7 @@ def _w4a16_args(M, G, dtype, *, dequant=False):
     gi = torch.empty(K, dtype=torch.int32)
     if dequant:
         w = torch.empty(2048, N, dtype=dtype)
-        return [q, s, z, gi, w, N, 0, 2048, K // G, 0, N, 1, N, 1, N, 1, N, 1]
+        return [q, s, z, gi, w, N, 0, 2048, 0, K // G, 0, N, 1, N, 1, N, 1, N, 1]
     return [torch.empty(M, K, dtype=dtype), q, s, z, gi, torch.empty(M, N, dtype=dtype),
             torch.empty(M * N, dtype=torch.float32), torch.empty(1 << 12, dtype=torch.int32),
             M, N, K, K // G, K // 8, 0, K, 1, N, 1, N, 1, N, 1, N, 1]

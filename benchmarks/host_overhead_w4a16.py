@@ -154,7 +154,7 @@ _CHILD = textwrap.dedent(r'''
                 plan = next(iter(entry.plans.values()))
                 assert plan.path == path
                 direct = all(l.compiled is not None for l in plan.launches + (
-                    plan.dq[2] if plan.dq else []))
+                    plan.dq[3] if plan.dq else []))
                 results[f"{path} g{group_size}"] = dict(launches_per_call=LAUNCHES[0] / 4,
                                                         direct=direct)
         W._paths_for = paths_for

@@ -88,19 +88,23 @@ Paths
   The split-K configs use a BLOCK_M of 16-64 and split the K range over SPLIT_K programs so
   skinny problems still fill the GPU.
 
-* ``dqmm`` (M >= 256, a candidate beside ``gemm``): dequantize a bounded chunk of CHUNK_K rows of
-  the weight (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the
-  activation dtype and accumulate ``y += x[:, chunk] @ W_chunk`` with cuBLAS (``torch.mm`` for
-  the first chunk, ``addmm_`` with beta = 1 after). This does not contradict "dequantize in
-  registers, never a full fp16 copy": the workspace is bounded (CHUNK_K x N, at most
-  ``DQMM_MAX_CHUNK_BYTES``, reused across calls and chunks), and the path is only offered where
-  the product is compute bound (M >= 256: ``2 M`` flops per weight element against the
-  2 + 2.25 bytes the chunk costs to write and read back), so the extra bytes cost a few percent
-  while cuBLAS's tensor-core GEMM replaces a Triton GEMM that must dequantize every weight tile
-  once per BLOCK_M rows of x. The autotuner times it against the ``gemm`` configs and keeps
-  whichever is faster per shape bucket. Partial products are rounded to the activation dtype
-  once per chunk (cuBLAS accumulates in fp32 within a chunk and adds the previous partial sum in
-  fp32 before rounding), so the result is rounded ``ceil(K / CHUNK_K)`` times instead of once.
+* ``dqmm`` (M >= 256, a candidate beside ``gemm``): dequantize a bounded chunk of the weight
+  (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the activation dtype and
+  multiply by it with cuBLAS: CHUNK_K rows at a time, accumulated as ``y += x[:, chunk] @
+  W_chunk`` (``torch.mm`` for the first chunk, ``addmm_`` with beta = 1 after), or CHUNK_N
+  columns at a time, each slab of y written once by ``y[:, slab] = x @ W[:, slab]`` (in place:
+  a column slice of y is a matrix cuBLAS writes with its row stride). This does not contradict
+  "dequantize in registers, never a full fp16 copy": the workspace is bounded (CHUNK_K x N or
+  K x CHUNK_N, at most ``DQMM_MAX_CHUNK_BYTES``, reused across calls and chunks), and the path
+  is only offered where the product is compute bound (M >= 256: ``2 M`` flops per weight
+  element against the 2 + 2.25 bytes the chunk costs to write and read back), so the extra
+  bytes cost a few percent while cuBLAS's tensor-core GEMM replaces a Triton GEMM that must
+  dequantize every weight tile once per BLOCK_M rows of x. The autotuner times it against the ``gemm`` configs and keeps
+  whichever is faster per shape bucket. Row chunks round partial products to the activation
+  dtype once per chunk (cuBLAS accumulates in fp32 within a chunk and adds the previous partial
+  sum in fp32 before rounding), so the result is rounded ``ceil(K / CHUNK_K)`` times instead of
+  once, and each chunk after the first reads and writes y again; column slabs round once, as a
+  dense product does, and read and write y once, with fewer output tiles per product (large M).
   With ``STREAMS = 2`` (a candidate) the chunks alternate between two buffers and each is
   dequantized on a side stream while cuBLAS multiplies by the previous one (CUDA events order
   the two; the same numbers as one stream), so that the memory-bound dequantization may hide
@@ -257,12 +261,18 @@ AUTOTUNE_SPACE = {
             (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
         ]
     ],
-    # Dequantize CHUNK_K rows (tiles of 8 BLOCK_R rows x BLOCK_N columns) + cuBLAS (4 configs).
-    # STREAMS = 2: the next chunk dequantized on a side stream (two buffers) while cuBLAS
-    # multiplies by this one; on an H200 (2026-12-04) dqmm paid ~46 us of dequantization in
-    # series with 8192 x 8192 at M = 1024 (0.76x cuBLAS), which overlap may hide
-    "dqmm": _product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
-                     STREAMS=[1, 2]),
+    # Dequantize CHUNK_K rows, or CHUNK_N columns, of the weight at a time (tiles of 8 BLOCK_R
+    # rows x BLOCK_N columns) + cuBLAS (8 configs). STREAMS = 2: the next chunk dequantized on a
+    # side stream (two buffers) while cuBLAS multiplies by this one; on an H200 (2026-12-04)
+    # dqmm paid ~46 us of dequantization in series with 8192 x 8192 at M = 1024 (0.76x cuBLAS),
+    # which overlap may hide. Column slabs (CHUNK_N) write each output slab once, by a product
+    # over all of K: no read-modify-write of y per chunk (K chunks after the first are
+    # ``addmm_``: 2 M N bytes more each, 96 MB at 8192 x 8192, M = 1024, four chunks), one
+    # rounding; fewer output tiles a product, so they are for large M.
+    "dqmm": (_product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
+                      STREAMS=[1, 2])
+             + _product(CHUNK_N=[2048, 4096], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
+                        STREAMS=[1, 2])),
 }
 
 # Under TRITON_INTERPRET (CPU) nothing is timed: one small config per path, with SPLIT_K = 2 so
@@ -1007,17 +1017,19 @@ def _w4a16_dot_kernel(
 @triton.jit
 def _w4a16_dequant_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, w_ptr,
-    N, k_first, k_rows, group_size, opaque_zero,
+    N, k_first, k_rows, n_first, group_size, opaque_zero,
     stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_wk, stride_wn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
     HAS_G_IDX: tl.constexpr,
 ):
-    """``w[k - k_first, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]`` for ``k_first <= k <
-    k_first + k_rows``, in w's dtype: the chunk of the dqmm path (memory bound: reads K N / 2
-    bytes of codes once, writes the chunk once; one rounding, from the exact fp32 product)."""
+    """``w[k - k_first, n - n_first] = (q[k, n] - z[g(k), n]) * s[g(k), n]`` for ``k_first <=
+    k < k_first + k_rows`` and ``n_first <= n < N``, in w's dtype: the chunk of the dqmm path
+    (memory bound: reads K N / 2 bytes of codes once, writes the chunk once; one rounding, from
+    the exact fp32 product)."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n_first + w_cols
     n_mask = offs_n < N
     local = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)      # packed rows of the chunk
     r_mask = local * 8 < k_rows
@@ -1033,7 +1045,7 @@ def _w4a16_dequant_kernel(
                     other=0.0).to(tl.float32)[None, :]
         z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
                     other=0).to(tl.float32)[None, :]
-    w_rows = w_ptr + (local * 8)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    w_rows = w_ptr + (local * 8)[:, None] * stride_wk + w_cols[None, :] * stride_wn
     for j in tl.static_range(8):
         if GATHER:
             s, z = _row_scale_zero(rows * 8 + j, r_mask, mask, offs_n, g_idx_ptr, group_size,
@@ -1211,12 +1223,16 @@ def _needs_gather(path, config, G, group_size, permuted, x_dtype=None):
 
 
 def _dqmm_chunk(config, K, N, elem_size):
-    """Rows of weight dequantized at a time: CHUNK_K, at most K and DQMM_MAX_CHUNK_BYTES, a
-    multiple of one dequant tile (8 BLOCK_R rows) unless it is all of K."""
-    tile = 8 * config["BLOCK_R"]
-    rows = min(config["CHUNK_K"], max(tile, DQMM_MAX_CHUNK_BYTES // max(1, N * elem_size)))
-    rows = max(tile, rows // tile * tile)
-    return K if rows >= K else rows
+    """``(axis, size)``: the weight is dequantized CHUNK_K rows at a time (axis ``"K"``) or,
+    with CHUNK_N in the config, CHUNK_N columns at a time (axis ``"N"``); at most the whole
+    axis and DQMM_MAX_CHUNK_BYTES, a multiple of one dequant tile (8 BLOCK_R rows or BLOCK_N
+    columns) unless it is the whole axis."""
+    axis, length, across = ("N", N, K) if "CHUNK_N" in config else ("K", K, N)
+    tile = config["BLOCK_N"] if axis == "N" else 8 * config["BLOCK_R"]
+    fits = DQMM_MAX_CHUNK_BYTES // max(1, across * elem_size)
+    size = min(config["CHUNK_" + axis], max(tile, fits))
+    size = max(tile, size // tile * tile)
+    return axis, (length if size >= length else size)
 
 
 def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16):
@@ -1642,7 +1658,9 @@ class _Plan:
         self.lead = lead
         self.x_dtype, self.device = x_dtype, device
         self.launches = launches
-        self.dq = dq  # dqmm: (chunk rows, workspace [buffers, chunk, N], per-chunk dequant launches)
+        # dqmm: (axis, chunk size, workspace [buffers, chunk, N] or [buffers, K, chunk],
+        # per-chunk dequant launches)
+        self.dq = dq
         self.events = None  # dqmm on two streams: its CUDA events, made at the first call
         self.shared_workspace = shared_workspace
         self.epoch = _EPOCH[0]
@@ -1658,8 +1676,8 @@ class _Plan:
         for launch in self.launches:
             launch.warmup(x2, out2)
         if self.dq is not None:
-            for launch in self.dq[2]:
-                launch.warmup(self.dq[1][0], self.dq[1][0])
+            for launch in self.dq[3]:
+                launch.warmup(self.dq[2][0], self.dq[2][0])
 
     def __call__(self, x, out, where=None):
         x2 = x if x.dim() == 2 else x.reshape(self.M, self.K)
@@ -1678,15 +1696,17 @@ class _Plan:
         if self.dq is None:
             self.launches[0](x2, y2, stream)
             return y
-        chunk, work, dequants = self.dq
+        axis, chunk, work, dequants = self.dq
         y2 = y2.view(self.M, self.N)
         side = self._side_stream() if len(work) == 2 else None
         if side is not None:  # (the side stream starts after everything queued before the call)
             side.wait_stream(torch.cuda.current_stream(self.device))
         for i, launch in enumerate(dequants):
-            k0 = i * chunk
-            rows = min(chunk, self.K - k0)
-            w = work[i % len(work)][:rows]
+            at = i * chunk
+            if axis == "K":
+                w = work[i % len(work)][:min(chunk, self.K - at)]
+            else:  # (a slab narrower than the buffer keeps its row stride: cuBLAS's ld)
+                w = work[i % len(work)][:, :min(chunk, self.N - at)]
             if side is None:
                 launch(w, w, stream)
             else:
@@ -1697,10 +1717,12 @@ class _Plan:
                     launch(w, w, side.cuda_stream)
                 ready.record(side)
                 torch.cuda.current_stream(self.device).wait_event(ready)
-            if i == 0:
-                torch.mm(x2[:, k0:k0 + rows], w, out=y2)
+            if axis == "N":  # (written in place: a column slice is a matrix with ld = N)
+                torch.mm(x2, w, out=y2[:, at:at + w.shape[1]])
+            elif i == 0:
+                torch.mm(x2[:, at:at + w.shape[0]], w, out=y2)
             else:
-                y2.addmm_(x2[:, k0:k0 + rows], w)
+                y2.addmm_(x2[:, at:at + w.shape[0]], w)
             if side is not None:
                 free.record(torch.cuda.current_stream(self.device))
         return y
@@ -1717,12 +1739,13 @@ class _Plan:
 
 
 def _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k0, rows, group, config, gather,
-                    has_g_idx):
-    """The launch that writes rows ``k0 .. k0 + rows`` of the dense weight into ``out``."""
-    N = qweight.shape[1]
+                    has_g_idx, n0=0, cols=None):
+    """The launch that writes rows ``k0 .. k0 + rows`` and columns ``n0 .. n0 + cols`` (default:
+    to the last) of the dense weight into ``out``."""
+    cols = qweight.shape[1] - n0 if cols is None else cols
     block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
-    grid = (triton.cdiv(rows // 8, block_r), triton.cdiv(N, block_n), 1)
-    args = (qweight, scales, zeros, g_idx_arg, out, N, k0, rows, group, 0,
+    grid = (triton.cdiv(rows // 8, block_r), triton.cdiv(cols, block_n), 1)
+    args = (qweight, scales, zeros, g_idx_arg, out, n0 + cols, k0, rows, n0, group, 0,
             qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
             block_r, block_n, gather, has_g_idx)
@@ -1766,18 +1789,25 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     g_idx_arg = g_idx if has_g_idx else qweight  # never read when HAS_G_IDX is False
     lead = (M,) if lead is None else tuple(lead)
     if path == "dqmm":
-        chunk = _dqmm_chunk(config, K, N, x2.element_size())
+        axis, chunk = _dqmm_chunk(config, K, N, x2.element_size())
+        length = K if axis == "K" else N
         # STREAMS = 2: two chunk buffers, the next chunk dequantized on a side stream while
         # cuBLAS multiplies by this one (one buffer under a graph's capture: one stream)
-        buffers = 2 if config.get("STREAMS", 1) == 2 and triton.cdiv(K, chunk) > 1 \
+        buffers = 2 if config.get("STREAMS", 1) == 2 and triton.cdiv(length, chunk) > 1 \
             and not _capturing(device) else 1
-        work = _dequant_workspace(device, x2.dtype, buffers * chunk * N)
-        work = work.view(-1)[:buffers * chunk * N].view(buffers, chunk, N)
-        dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], k0,
-                                    min(chunk, K - k0), group, config, gather, has_g_idx)
-                    for k0 in range(0, K, chunk)]
-        return _Plan(entry, path, config, M, lead, x2.dtype, device, [], dq=(chunk, work, dequants),
-                     shared_workspace=True)
+        shape = (chunk, N) if axis == "K" else (K, chunk)  # (a buffer: rows, or a column slab)
+        numel = buffers * shape[0] * shape[1]
+        work = _dequant_workspace(device, x2.dtype, numel).view(-1)[:numel].view(buffers, *shape)
+        if axis == "K":
+            dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], k0,
+                                        min(chunk, K - k0), group, config, gather, has_g_idx)
+                        for k0 in range(0, K, chunk)]
+        else:
+            dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], 0, K, group,
+                                        config, gather, has_g_idx, n0, min(chunk, N - n0))
+                        for n0 in range(0, N, chunk)]
+        return _Plan(entry, path, config, M, lead, x2.dtype, device, [],
+                     dq=(axis, chunk, work, dequants), shared_workspace=True)
     split_k = config["SPLIT_K"]
     block_k = config["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
@@ -1825,8 +1855,9 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
 def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     """What :func:`w4a16_matmul` will run for these arguments on the GPU (autotuning first if
     nothing is cached): ``dict(path=..., config=..., gather=..., best_ms_by_path=...,
-    rejected=...)``: the fastest time of each competing path (``gemv+half2`` apart) when this
-    process tuned the bucket (``{}`` when the choice came from the disk cache), and the configs
+    rejected=...)``: the fastest time of each competing path (``gemv+half2``, and dqmm's
+    column slabs and two streams, ``dqmm+slabs+2streams``, apart) when this process tuned the
+    bucket (``{}`` when the choice came from the disk cache), and the configs
     the tuning timed but rejected as wrong. For benchmarks and logs."""
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
@@ -1836,7 +1867,9 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     best = {}
     for ms, candidate in autotune_cache.TIMINGS.get(("w4a16", _tuning_key(paths, x2, entry)),
                                                     []):
-        name = candidate["PATH"] + ("+half2" if candidate.get("HALF2") else "")
+        name = (candidate["PATH"] + ("+half2" if candidate.get("HALF2") else "")
+                + ("+slabs" if "CHUNK_N" in candidate else "")
+                + ("+2streams" if candidate.get("STREAMS", 1) == 2 else ""))
         if ms < best.get(name, float("inf")):
             best[name] = ms
     rejected = [dict(c) for c in autotune_cache.REJECTED.get(("w4a16", _tuning_key(paths, x2, entry)),

@@ -6,6 +6,7 @@ runs model-sized shapes through the autotuned launcher. Errors are measured agai
 every shape.
 """
 
+import itertools
 import json
 import os
 import textwrap
@@ -252,10 +253,16 @@ def test_dqmm_chunks(gen, monkeypatch):
     CHUNK_K and by DQMM_MAX_CHUNK_BYTES, and the workspace is reused between calls."""
     qweight, scales, zeros, _ = make_problem(gen, 160, 37, 32)
     config = dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4)
-    assert W._dqmm_chunk(config, 160, 37, 2) == 64
-    assert W._dqmm_chunk(dict(config, CHUNK_K=4096), 160, 37, 2) == 160  # all of K fits
+    assert W._dqmm_chunk(config, 160, 37, 2) == ("K", 64)
+    assert W._dqmm_chunk(dict(config, CHUNK_K=4096), 160, 37, 2) == ("K", 160)  # all of K fits
+    # column slabs: CHUNK_N columns, a multiple of BLOCK_N, bounded by the bytes of K rows
+    slabs = dict(CHUNK_N=64, BLOCK_R=4, BLOCK_N=32, num_warps=4)
+    assert W._dqmm_chunk(slabs, 160, 75, 2) == ("N", 64)
+    assert W._dqmm_chunk(dict(slabs, CHUNK_N=4096), 160, 75, 2) == ("N", 75)  # all of N fits
     monkeypatch.setattr(W, "DQMM_MAX_CHUNK_BYTES", 37 * 2 * 40)
-    assert W._dqmm_chunk(dict(config, CHUNK_K=4096), 160, 37, 2) == 32  # one tile of rows
+    assert W._dqmm_chunk(dict(config, CHUNK_K=4096), 160, 37, 2) == ("K", 32)  # one tile of rows
+    monkeypatch.setattr(W, "DQMM_MAX_CHUNK_BYTES", 160 * 2 * 40)
+    assert W._dqmm_chunk(dict(slabs, CHUNK_N=4096), 160, 75, 2) == ("N", 32)  # one tile of columns
     monkeypatch.undo()
     for dtype in DTYPES:
         x = torch.randn(2, 3, 160, generator=gen).to(dtype)
@@ -275,6 +282,26 @@ def test_dqmm_chunks(gen, monkeypatch):
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
         assert torch.equal(y, w4a16_matmul(x, qweight, scales, zeros, 32, path="dqmm", config=config,
                                            backend="triton"))
+
+
+@pytest.mark.parametrize("group_size,g_idx_kind", GROUPINGS)
+def test_dqmm_column_slabs(gen, group_size, g_idx_kind):
+    """The weight dequantized in column slabs, the last one narrower than its buffer (written
+    and read with the buffer's row stride), each slab of y written by one product over all of
+    K: against the float64 reference, with leading dims, for one buffer and for two (three
+    slabs: one buffer used twice), the two bit for bit the same."""
+    K, N = 96, 75
+    qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+    one = dict(CHUNK_N=32, BLOCK_R=4, BLOCK_N=32, num_warps=4)
+    for dtype in DTYPES:
+        x = torch.randn(2, 3, K, generator=gen).to(dtype)
+        y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path="dqmm", config=one,
+                         backend="triton")
+        assert y.shape == (2, 3, N)
+        assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
+        two = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path="dqmm",
+                           config=dict(one, STREAMS=2), backend="triton")
+        assert torch.equal(two, y)
 
 
 def test_paths_offered_by_batch_size():
@@ -1170,20 +1197,24 @@ class TestCUDA:
             qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, kind)
             qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
             g_idx = g_idx.cuda() if g_idx is not None else None
-            for dtype in (torch.float16, torch.bfloat16):
+            # row chunks (four), and column slabs (five, the last narrower than its buffer)
+            slabs = dict(AUTOTUNE_SPACE["dqmm"][0], CHUNK_N=512)
+            del slabs["CHUNK_K"]
+            for dtype, config in itertools.product((torch.float16, torch.bfloat16),
+                                                   (AUTOTUNE_SPACE["dqmm"][0], slabs)):
                 x = torch.randn(M, K, generator=gen).to(dtype).cuda()
                 y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path="dqmm",
-                                 config=AUTOTUNE_SPACE["dqmm"][0])
+                                 config=config)
                 assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
-                # four chunks on two streams (two buffers), one plan called again and again
+                # the chunks on two streams (two buffers), one plan called again and again
                 # (its launches after the first go to the side stream by handle), the main
                 # stream held up first so that a missing wait would let a buffer be
                 # overwritten before its product read it: the one-stream numbers exactly
                 G = 1 if group_size == -1 else K // group_size
                 entry = W._entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
-                plan = W._build_plan(entry, "dqmm", dict(AUTOTUNE_SPACE["dqmm"][0], STREAMS=2), x,
+                plan = W._build_plan(entry, "dqmm", dict(config, STREAMS=2), x,
                                      torch.empty(M, N, dtype=dtype, device="cuda"))
-                assert len(plan.dq[1]) == 2
+                assert len(plan.dq[2]) == 2 and len(plan.dq[3]) >= 4
                 for _ in range(4):
                     torch.cuda._sleep(2_000_000)
                     y2 = plan(x, None)
