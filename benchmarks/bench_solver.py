@@ -330,8 +330,9 @@ def main(argv=None):
                         help="after this many seconds, skip the remaining eager baselines")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     parser.add_argument("--profile-if-under", type=float, default=80.0, metavar="S",
-                        help="when the run took less than S seconds, also write a torch-profiler "
-                             "table of one E-PMQ layer (bf16x3) and one GPTQ layer per shape")
+                        help="while the run has taken less than S seconds, write the torch-profiler "
+                             "tables of one E-PMQ layer (bf16x3) and one GPTQ layer of one more "
+                             "shape (largest first)")
     args = parser.parse_args(argv)
     if no_cuda("bench_solver"):
         return 0
@@ -410,17 +411,24 @@ def main(argv=None):
         from profile_epmq_layer import profile_tables
 
         profile_path = os.path.join(args.out, f"epmq-layer-profile-{slug}.txt")
-        try:
-            # the default residual on every shape: what E-PMQ's time beyond GPTQ's and the
-            # products is made of (host time on the small layer, kernels on the large one)
-            tables = profile_tables(shapes=((768, 3072), (4096, 4096), (4096, 14336)),
-                                    precisions=("bf16x3",), rows=25)
-        except Terminated:
-            print("bench_solver: the time limit stopped the layer profile (results written)", flush=True)
-            return 124
-        with open(profile_path, "w") as f:
-            f.write(tables)
-        print(f"wrote {profile_path} in {time.perf_counter() - started:.0f} s", flush=True)
+        tables = []
+        # the default residual, the largest layer first (a few seconds each), one more shape
+        # while the run is under the threshold, the file rewritten after each: what E-PMQ's
+        # time beyond GPTQ's and the products is made of (kernels on the large layers, host
+        # time on the small one)
+        for shape in ((4096, 14336), (4096, 4096), (768, 3072)):
+            if time.perf_counter() - started >= args.profile_if_under:
+                break
+            try:
+                tables.append(profile_tables(shapes=(shape,), precisions=("bf16x3",), rows=25))
+            except Terminated:
+                print("bench_solver: the time limit stopped the layer profile (results written)",
+                      flush=True)
+                return 124
+            with open(profile_path, "w") as f:
+                f.write("\n".join(tables))
+            print(f"wrote {profile_path} ({len(tables)} shapes) at {time.perf_counter() - started:.0f} s",
+                  flush=True)
     return 124 if partial else (1 if bad else 0)
 
 

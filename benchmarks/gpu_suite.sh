@@ -71,9 +71,11 @@ step bench-w4a16 95 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$S
 # a reviewer's estimate)
 step gemv-roofline 30 "$PYTHON" benchmarks/gemv_roofline.py --out "$RESULTS"
 # GPTQ / E-PMQ solver: fused vs eager on 768x3072, 4096x4096, 4096x14336 ([d_out, d_in]) and
-# E-PMQ (8 experts) vs GPTQ; eager baselines stop after 60 s; the layer profile only if the
-# rest took under 60 s; writes solver-<card>.json/.png
-step bench-solver 85 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 60
+# E-PMQ (8 experts) vs GPTQ; eager baselines stop after 60 s; writes solver-<card>.json/.png;
+# then the layer profile, a shape at a time (4096x14336 first, a few seconds each) while the
+# bench has taken under 68 s of its own clock (52 s on 2026-12-04, 61 s with its 4096x4096
+# profile, the step 67 s: about 15 s of start-up and plot beside it; since then more rows)
+step bench-solver 85 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 68
 # A whole walk: a 1-block Llama-8B-shaped model in CPU memory, blocks quantized on the GPU, GPTQ
 # and E-PMQ (8 experts), GPTQ with the model on the GPU; writes walker-<card>.json after each walk
 # (warm-ups included; "partial" until the last); with time left, where E-PMQ's host time goes

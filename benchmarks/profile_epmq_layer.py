@@ -3,12 +3,16 @@
     PYTHONPATH=. python benchmarks/profile_epmq_layer.py [--precision ieee|tf32x3|bf16x3|tf32] [--out F]
 
 4096x4096 ([d_out, d_in]), 8 experts, 4-bit group 128, the default anchor. ``bench_solver.py``
-also runs it (the default bf16x3 at 4096x4096 and 4096x14336) when its time limit leaves room,
-into benchmarks/results/epmq-layer-profile-<card>.txt.
+also runs it (the default bf16x3, 4096x14336 first, then 4096x4096 and 768x3072, while its time
+limit leaves room), into benchmarks/results/epmq-layer-profile-<card>.txt. Each table's title
+gives the profiled call's wall time and the sum of its kernels' times: kernels that ran on two
+streams at once (E-PMQ's residual products beside the factorization) add up to more than the
+wall time they took.
 """
 import argparse
 import os
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -38,11 +42,19 @@ def _tables(d_out, d_in, n_experts, precisions, rows):
             run()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
             run()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
-                                          max_name_column_width=60)
-        out.append(f"== {title}, {d_out}x{d_in}, {torch.cuda.get_device_name()}\n{table}")
+            wall = time.perf_counter() - t0
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+        # the kernels' own rows (as the table's "Self CUDA time total" counts them; the
+        # operators' rows repeat their kernels' time): on two streams at once they add up to
+        # more than the wall time they took
+        busy = sum(e.self_device_time_total for e in averages
+                   if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e3
+        out.append(f"== {title}, {d_out}x{d_in}, {torch.cuda.get_device_name()}: wall "
+                   f"{1e3 * wall:.1f} ms under the profiler, kernels {busy:.1f} ms\n{table}")
     return out
 
 
