@@ -92,23 +92,23 @@ Paths
   (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the activation dtype and
   multiply by it with cuBLAS: CHUNK_K rows at a time, accumulated as ``y += x[:, chunk] @
   W_chunk`` (``torch.mm`` for the first chunk, ``addmm_`` with beta = 1 after), or CHUNK_N
-  columns at a time, each slab of y written once by ``y[:, slab] = x @ W[:, slab]`` (in place:
-  a column slice of y is a matrix cuBLAS writes with its row stride). This does not contradict
-  "dequantize in registers, never a full fp16 copy": the workspace is bounded (CHUNK_K x N or
-  K x CHUNK_N, at most ``DQMM_MAX_CHUNK_BYTES``, reused across calls and chunks), and the path
-  is only offered where the product is compute bound (M >= 256: ``2 M`` flops per weight
-  element against the 2 + 2.25 bytes the chunk costs to write and read back), so the extra
-  bytes cost a few percent while cuBLAS's tensor-core GEMM replaces a Triton GEMM that must
-  dequantize every weight tile once per BLOCK_M rows of x. The autotuner times it against the ``gemm`` configs and keeps
-  whichever is faster per shape bucket. Row chunks round partial products to the activation
-  dtype once per chunk (cuBLAS accumulates in fp32 within a chunk and adds the previous partial
-  sum in fp32 before rounding), so the result is rounded ``ceil(K / CHUNK_K)`` times instead of
-  once, and each chunk after the first reads and writes y again; column slabs round once, as a
-  dense product does, and read and write y once, with fewer output tiles per product (large M).
-  With ``STREAMS = 2`` (a candidate) the chunks alternate between two buffers and each is
-  dequantized on a side stream while cuBLAS multiplies by the previous one (CUDA events order
-  the two; the same numbers as one stream), so that the memory-bound dequantization may hide
-  behind the compute-bound product.
+  columns at a time, each slab of y written once by ``y[:, slab] = x @ W[:, slab]`` (in place: a
+  column slice of y is a matrix cuBLAS writes with its row stride). This does not contradict
+  "dequantize in registers, never a full fp16 copy": the workspace is bounded (CHUNK_K x N or K
+  x CHUNK_N, at most ``DQMM_MAX_CHUNK_BYTES`` a buffer, reused across calls and chunks), and the
+  path is only offered where the product is compute bound (M >= 256: ``2 M`` flops per weight
+  element against the 2 + 2.25 bytes the chunk costs to write and read back), so the extra bytes
+  cost a few percent while cuBLAS's tensor-core GEMM replaces a Triton GEMM that must dequantize
+  every weight tile once per BLOCK_M rows of x. The autotuner times it against the ``gemm``
+  configs and keeps whichever is faster per shape bucket. Row chunks round partial products to
+  the activation dtype once per chunk (cuBLAS accumulates in fp32 within a chunk and adds the
+  previous partial sum in fp32 before rounding), so the result is rounded ``ceil(K / CHUNK_K)``
+  times instead of once, and each chunk after the first reads and writes y again; column slabs
+  round once, as a dense product does, and read and write y once, with fewer output tiles per
+  product (large M). With ``STREAMS = 2`` (a candidate) the chunks alternate between two buffers
+  and each is dequantized on a side stream while cuBLAS multiplies by the previous one (CUDA
+  events order the two; the same numbers as one stream), so that the memory-bound dequantization
+  may hide behind the compute-bound product.
 
 With SPLIT_K > 1 the K slices of an output tile add their fp32 partial sums into a workspace
 with ``atomic_add`` and count their arrival on a per-tile counter; the last slice to arrive
@@ -177,7 +177,9 @@ from . import autotune_cache
 #   M >= DQMM_MIN_M         gemm + dqmm
 SPLITK_MAX_M = 64
 DQMM_MIN_M = 256
-# The dqmm workspace never holds more than this many bytes of dequantized weight (per stream).
+# A dqmm buffer never holds more than this many bytes of dequantized weight: the workspace, one
+# buffer or two (STREAMS = 2), at most 128 MiB per device, stream, dtype and thread, whatever
+# the model.
 DQMM_MAX_CHUNK_BYTES = 64 << 20
 
 
@@ -267,7 +269,8 @@ AUTOTUNE_SPACE = {
     # dqmm paid ~46 us of dequantization in series with 8192 x 8192 at M = 1024 (0.76x cuBLAS),
     # which overlap may hide. Column slabs (CHUNK_N) write each output slab once, by a product
     # over all of K: no read-modify-write of y per chunk (K chunks after the first are
-    # ``addmm_``: 2 M N bytes more each, 96 MB at 8192 x 8192, M = 1024, four chunks), one
+    # ``addmm_``: 4 M N bytes more each, y read and written in 16 bits, 96 MiB at 8192 x 8192,
+    # M = 1024, four chunks), one
     # rounding; fewer output tiles a product, so they are for large M.
     "dqmm": (_product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
                       STREAMS=[1, 2])
@@ -1235,13 +1238,25 @@ def _dqmm_chunk(config, K, N, elem_size):
     return axis, (length if size >= length else size)
 
 
-def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16):
-    """The autotune space of a path, pruned to configs that make sense for this problem."""
-    configs = []
+def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=None):
+    """The autotune space of a path, pruned to configs that make sense for this problem (dqmm,
+    where ``N`` is given: one config per chunking it makes, none with two streams where the
+    chunk is the whole axis)."""
+    configs, chunkings = [], set()
     for config in AUTOTUNE_SPACE[path]:
         if config.get("HALF2") and x_dtype not in HALF2_DTYPES:
             continue  # (the option is for 16-bit activations: elsewhere a copy of its twin)
         if path == "dqmm":
+            if N is not None:
+                axis, chunk = _dqmm_chunk(config, K, N, x_dtype.itemsize)
+                whole = chunk >= (K if axis == "K" else N)
+                if config.get("STREAMS", 1) == 2 and whole:
+                    continue  # (one chunk: one buffer, one stream, the same as STREAMS = 1)
+                chunking = (axis, chunk, config.get("STREAMS", 1) if not whole else 1,
+                            config["BLOCK_R"], config["BLOCK_N"], config["num_warps"])
+                if chunking in chunkings:
+                    continue  # (CHUNK_N 2048 and 4096 both the whole of N = 2048: one of them)
+                chunkings.add(chunking)
             configs.append(dict(config))
             continue
         if path == "splitk":
@@ -1342,7 +1357,7 @@ def _choose(paths, x2, entry):
     candidates = []
     for path in paths:
         for config in _candidates(path, M, entry.K, entry.G, entry.group, entry.permuted,
-                                  x2.dtype):
+                                  x2.dtype, entry.N):
             candidates.append(dict(config, PATH=path))
     key = _tuning_key(paths, x2, entry)
     cache = autotune_cache.cache_for("w4a16", x2.device, AUTOTUNE_SPACE)

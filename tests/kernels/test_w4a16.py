@@ -304,6 +304,36 @@ def test_dqmm_column_slabs(gen, group_size, g_idx_kind):
         assert torch.equal(two, y)
 
 
+def _held_up(product):
+    """``product`` with its stream held up (~1 ms) before it runs."""
+    def run(*args, **kwargs):
+        torch.cuda._sleep(2_000_000)
+        return product(*args, **kwargs)
+    return run
+
+
+def test_dqmm_candidates_one_per_chunking():
+    """dqmm's candidates for a problem: one config per chunking it makes (CHUNK_N 2048 and 4096
+    both the whole of 2048 columns: one), none with two streams where the chunk is the whole
+    axis (one buffer, one stream: the one-stream config's twin, timed twice, and named as
+    overlapping in ``best_ms_by_path``)."""
+    def chunkings(K, N):
+        found = []
+        for c in W._candidates("dqmm", 300, K, K // 128, 128, False, torch.float16, N):
+            entry = W._dqmm_chunk(c, K, N, 2)
+            found.append((*entry, c.get("STREAMS", 1)))
+        assert len(set(found)) == len(found)
+        return set(found)
+
+    assert chunkings(8192, 8192) == {("K", 1024, 1), ("K", 1024, 2), ("K", 2048, 1), ("K", 2048, 2),
+                                     ("N", 2048, 1), ("N", 2048, 2), ("N", 4096, 1), ("N", 4096, 2)}
+    assert chunkings(4096, 2048) == {("K", 1024, 1), ("K", 1024, 2), ("K", 2048, 1), ("K", 2048, 2),
+                                     ("N", 2048, 1)}
+    assert chunkings(1024, 256) == {("K", 1024, 1), ("N", 256, 1)}
+    # without N (the tests' and benchmarks' listing of the space): every config
+    assert len(W._candidates("dqmm", 300, 1024, 8, 128, False)) == len(AUTOTUNE_SPACE["dqmm"])
+
+
 def test_paths_offered_by_batch_size():
     """The autotuner's candidates: M = 1 times the GEMV against the swapped tensor-core dot,
     large M the Triton GEMM against dqmm."""
@@ -1207,23 +1237,31 @@ class TestCUDA:
                                  config=config)
                 assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
                 # the chunks on two streams (two buffers), one plan called again and again
-                # (its launches after the first go to the side stream by handle), the main
-                # stream held up first so that a missing wait would let a buffer be
-                # overwritten before its product read it: the one-stream numbers exactly
+                # (its launches after the first go to the side stream by handle), every
+                # product held up on its stream first, so that a side stream that did not wait
+                # for it would overwrite its buffer before it read it: the one-stream numbers
+                # exactly
                 G = 1 if group_size == -1 else K // group_size
                 entry = W._entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
                 plan = W._build_plan(entry, "dqmm", dict(config, STREAMS=2), x,
                                      torch.empty(M, N, dtype=dtype, device="cuda"))
-                assert len(plan.dq[2]) == 2 and len(plan.dq[3]) >= 4
-                for _ in range(4):
-                    torch.cuda._sleep(2_000_000)
-                    y2 = plan(x, None)
-                    assert torch.equal(y2, y)
+                assert len(plan.dq[2]) == 2
+                assert (plan.dq[:2], len(plan.dq[3])) == ((("K", 1024), 4) if config is not slabs
+                                                          else (("N", 512), 5))
+                with monkeypatch.context() as held:
+                    for cls, name in ((torch, "mm"), (torch.Tensor, "addmm_")):
+                        held.setattr(cls, name, _held_up(getattr(cls, name)))
+                    for _ in range(4):
+                        y2 = plan(x, None)
+                        assert torch.equal(y2, y)
         monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
         # (an earlier test may have taken this bucket's first candidate untimed: forget it)
         monkeypatch.setattr(W, "_CHOSEN", {})
         plan = W.w4a16_plan(x, qweight, scales, zeros, group_size, g_idx)
         assert plan["path"] in ("gemm", "dqmm")
+        # every chunking timed and found right (N = 2112: two slabs of 2048 columns, or one)
+        assert {"dqmm", "dqmm+2streams", "dqmm+slabs", "dqmm+slabs+2streams"} <= set(
+            plan["best_ms_by_path"]) and plan["rejected"] == []
         y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx)
         assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
 
