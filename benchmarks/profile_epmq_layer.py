@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/profile_epmq_layer.py [--precision ieee|tf32x3|bf16x3|tf32] [--out F]
 
 4096x4096 ([d_out, d_in]), 8 experts, 4-bit group 128, the default anchor. ``bench_solver.py``
-also runs it (the default bf16x3, 4096x14336 first, then 4096x4096 and 768x3072, while its time
+also runs it (the default bf16x3, 4096x14336 first, then 768x3072 and 4096x4096, while its time
 limit leaves room), into benchmarks/results/epmq-layer-profile-<card>.txt. Each table's title
 gives the profiled call's wall time and the sum of its kernels' times: kernels that ran on two
 streams at once (E-PMQ's residual products beside the factorization) add up to more than the
