@@ -54,8 +54,10 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 
 # ---- steps (append new lines here) -----------------------------------------------------------
 # Triton compiles on the CPU, which held the serial run to 111 s on one H200 host and past 150
-# s on another (2026-12-04): where pytest-xdist is installed the tests run in 4 processes, a
-# file to each (its module-level state stays in one process; autotune caches write atomically):
+# s on another (2026-12-04): where pytest-xdist is installed the tests run in 6 processes (the
+# card's host has 16 cores), test by test since 2026-12-05 (a file to each before: the W4A16
+# file's 60 CUDA tests, half of them, all in one process; every test keeps its state in its own
+# fixtures, autotune caches in its own directory; module-level fixtures are built per process):
 # 73 s on an H200, 2026-12-04, every step of the suite done in 311 s; 115 s since the HALF2
 # GEMV, one-product bf16x3 residual and bf16x3 R tests (about 20-30 s more, not yet timed); 120
 # since the fold, Hessian-scan, bf16x3-product and two-stream dqmm tests (2026-12-04, untimed);
@@ -63,7 +65,7 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # bf16 HALF2 model-size case (2026-12-05, untimed): if the step hits its limit, its log's
 # --durations list says which tests to trim
 XDIST=()
-if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 4 --dist loadfile); fi
+if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 6 --dist load); fi
 step cuda-tests 120 "$PYTHON" -m pytest -q tests -m cuda --durations=15 ${XDIST[@]+"${XDIST[@]}"}  # (the slowest: to size this limit)
 step bench-w4a16 95 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
 # where the batch-1 GEMV loses its bandwidth: probes of its tiling that only stream the words, or
