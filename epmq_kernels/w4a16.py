@@ -1252,8 +1252,8 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
                 whole = chunk >= (K if axis == "K" else N)
                 if config.get("STREAMS", 1) == 2 and whole:
                     continue  # (one chunk: one buffer, one stream, the same as STREAMS = 1)
-                chunking = (axis, chunk, config.get("STREAMS", 1) if not whole else 1,
-                            config["BLOCK_R"], config["BLOCK_N"], config["num_warps"])
+                chunking = (axis, chunk, config.get("STREAMS", 1), config["BLOCK_R"],
+                            config["BLOCK_N"], config["num_warps"])
                 if chunking in chunkings:
                     continue  # (CHUNK_N 2048 and 4096 both the whole of N = 2048: one of them)
                 chunkings.add(chunking)
