@@ -23,8 +23,9 @@ eager minus graph is what the host costs. The W4A16 graphs are captured with
 ``GRAPH_WORKSPACE = "shared"`` (the eager split-K workspace, no memset nodes; each graph is
 replayed alone). Where this process autotuned a bucket, ``tuned_best_ms_by_path`` holds the
 fastest tuning time of each competing path (M = 1: the CUDA-core GEMV against the swapped
-tensor-core dot; M >= 256: the Triton GEMM against dequantize + cuBLAS), so one run shows how
-the alternatives compare. Bandwidth counts the bytes the product must move,
+tensor-core dot; M >= 256: the Triton GEMM against dequantize + cuBLAS), and ``tuned_us``
+every candidate's time, fastest first, so one run shows how the alternatives compare and which
+configs of the space are never near the best. Bandwidth counts the bytes the product must move,
 
     bytes = K N / 2 + (K / g) N 4 + M K 2 + M N 2       (codes, fp16 scales + 16-bit zeros, x, y)
 
@@ -221,6 +222,8 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                     K=K, N=N, M=M, group_size=group_size, activation_dtype=str(dtype)[6:],
                     path=plan["path"], config=plan["config"],
                     tuned_best_ms_by_path=plan["best_ms_by_path"], rejected_configs=plan["rejected"],
+                    # (every candidate of the bucket, fastest first: how far the next ones were)
+                    tuned_us=[[round(ms * 1e3, 2), candidate] for ms, candidate in plan["timings"]],
                     ms_w4a16=ms_int4, ms_cublas_fp16=ms_fp16, speedup=ms_fp16 / ms_int4,
                     ms_w4a16_graph=ms_int4_graph, ms_cublas_graph=ms_fp16_graph,
                     speedup_graph=ms_fp16_graph / ms_int4_graph,

@@ -1870,18 +1870,20 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
 def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     """What :func:`w4a16_matmul` will run for these arguments on the GPU (autotuning first if
     nothing is cached): ``dict(path=..., config=..., gather=..., best_ms_by_path=...,
-    rejected=...)``: the fastest time of each competing path (``gemv+half2``, and dqmm's
-    column slabs and two streams, ``dqmm+slabs+2streams``, apart) when this process tuned the
-    bucket (``{}`` when the choice came from the disk cache), and the configs
-    the tuning timed but rejected as wrong. For benchmarks and logs."""
+    rejected=..., timings=...)``: the fastest time of each competing path (``gemv+half2``, and
+    dqmm's column slabs and two streams, ``dqmm+slabs+2streams``, apart) and every candidate's
+    time, fastest first (``[(ms, config with its PATH)]``), when this process tuned the bucket
+    (empty when the choice came from the disk cache), and the configs the tuning timed but
+    rejected as wrong. For benchmarks and logs."""
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
     paths = _paths_for(x2.shape[0])
     path, config = _choose(paths, x2, entry)
     best = {}
-    for ms, candidate in autotune_cache.TIMINGS.get(("w4a16", _tuning_key(paths, x2, entry)),
-                                                    []):
+    timings = sorted(autotune_cache.TIMINGS.get(("w4a16", _tuning_key(paths, x2, entry)), []),
+                     key=lambda t: t[0])
+    for ms, candidate in timings:
         name = (candidate["PATH"] + ("+half2" if candidate.get("HALF2") else "")
                 + ("+slabs" if "CHUNK_N" in candidate else "")
                 + ("+2streams" if candidate.get("STREAMS", 1) == 2 else ""))
@@ -1890,6 +1892,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     rejected = [dict(c) for c in autotune_cache.REJECTED.get(("w4a16", _tuning_key(paths, x2, entry)),
                                                              [])]
     return dict(path=path, config=config, best_ms_by_path=best, rejected=rejected,
+                timings=[(ms, dict(candidate)) for ms, candidate in timings],
                 gather=_needs_gather(path, config, G, entry.group, entry.permuted, x2.dtype))
 
 

@@ -334,6 +334,28 @@ def test_dqmm_candidates_one_per_chunking():
     assert len(W._candidates("dqmm", 300, 1024, 8, 128, False)) == len(AUTOTUNE_SPACE["dqmm"])
 
 
+def test_plan_reports_every_candidate_time(gen, monkeypatch):
+    """w4a16_plan: the tuning's times of every candidate, fastest first, and the fastest of each
+    path, dqmm's chunkings and stream counts apart (here the times are planted: nothing is
+    timed on the CPU)."""
+    K, N, M = 64, 256, 300
+    qweight, scales, zeros, _ = make_problem(gen, K, N, 32)
+    x = torch.randn(M, K, generator=gen).half()
+    entry = W._entry_for(qweight, scales, zeros, None, 32, K, N, K // 32)
+    key = ("w4a16", W._tuning_key(W._paths_for(M), x, entry))
+    rows, slabs = dict(CHUNK_K=1024, BLOCK_R=16, BLOCK_N=128, num_warps=4), dict(
+        CHUNK_N=2048, BLOCK_R=16, BLOCK_N=128, num_warps=4)
+    planted = [(3.0, dict(rows, STREAMS=2, PATH="dqmm")), (1.0, dict(slabs, STREAMS=1, PATH="dqmm")),
+               (2.0, dict(rows, STREAMS=1, PATH="dqmm")), (4.0, dict(slabs, STREAMS=2, PATH="dqmm")),
+               (0.5, dict(BLOCK_M=128, PATH="gemm"))]
+    monkeypatch.setitem(autotune_cache.TIMINGS, key, planted)
+    plan = W.w4a16_plan(x, qweight, scales, zeros, 32)
+    assert [ms for ms, _ in plan["timings"]] == [0.5, 1.0, 2.0, 3.0, 4.0]
+    assert plan["timings"][1][1] == planted[1][1]
+    assert plan["best_ms_by_path"] == {"gemm": 0.5, "dqmm+slabs": 1.0, "dqmm": 2.0,
+                                       "dqmm+2streams": 3.0, "dqmm+slabs+2streams": 4.0}
+
+
 def test_paths_offered_by_batch_size():
     """The autotuner's candidates: M = 1 times the GEMV against the swapped tensor-core dot,
     large M the Triton GEMM against dqmm."""
