@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from epmq_kernels.packing import pack_int4  # noqa: E402
 from epmq_kernels._runtime import INTERPRETED  # noqa: E402
-from epmq_kernels.w4a16 import _code_b128, _code_exact, _exponents, _half2_word_sums  # noqa: E402
+from epmq_kernels.w4a16 import (_code_b128, _code_exact, _exponents, _half2_word_sums,  # noqa: E402
+                                 _zero_pairs)
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]
 # the GEMV's tiling family (epmq_kernels.w4a16.AUTOTUNE_SPACE["gemv"], BLOCK_K = 128)
@@ -72,6 +73,10 @@ def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
     nxt2 = tl.load(ptrs + step, mask=(rows + BLOCK_R < r_end)[:, None] & n_mask[None, :], other=0,
                    eviction_policy="evict_first")
     e0, e1, e2, e3, e4 = _exponents(opaque_zero)
+    # zero points 0 (the fp16 pairs the GEMV makes of them, from a value the compiler cannot
+    # see through) and the activation pair (1.0, 1.0)
+    zpair, zq = _zero_pairs((opaque_zero + tl.zeros((BLOCK_N,), dtype=tl.int32)).to(tl.uint8))
+    one = opaque_zero + 0x3C003C00
     bits = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.int32)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
@@ -81,8 +86,7 @@ def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
         nxt2 = tl.load(ptrs + step, mask=(r0 + 2 * BLOCK_R + tl.arange(0, BLOCK_R) < r_end)[:, None]
                        & n_mask[None, :], other=0, eviction_policy="evict_first")
         if UNPACK == 2:
-            one = opaque_zero + 0x3C003C00  # (the pair (1.0, 1.0); zero points 0: 1024 + 0)
-            acc += _half2_word_sums(words, opaque_zero + 0x64006400, one, one, one, one, ASM)
+            acc += _half2_word_sums(words, zpair, zq, one, one, one, one, ASM)
         elif UNPACK == 1:
             # (the masked rows hold 0: codes 0, and 128 for the biased ones, removed by the caller)
             acc += _code_exact(words, 0, e0)

@@ -48,3 +48,40 @@ def test_benchmarks_write_what_they_measured_when_their_time_is_up():
     for script in ("bench_w4a16.py", "bench_solver.py"):
         text = (ROOT / "benchmarks" / script).read_text()
         assert "raise_on_sigterm()" in text and "except Terminated" in text
+
+
+def test_gemv_probe_checks_and_compiles():
+    """The suite's GEMV probe (benchmarks/gemv_roofline.py): its probes agree with torch under
+    the interpreter (``--check``), and all three compile for sm_90, the HALF2 one with its
+    inline PTX (it had kept the HALF2 sums' old arguments and failed at its first launch)."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "benchmarks/gemv_roofline.py", "--check"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "every probe agrees with torch" in result.stdout
+    sys.path.insert(0, str(ROOT / "tests" / "kernels"))
+    try:
+        from gpu_compile import ptxas_available, run_compile_script
+    finally:
+        sys.path.remove(str(ROOT / "tests" / "kernels"))
+    if not ptxas_available():
+        pytest.skip("ptxas not available")
+    script = (
+        "import sys, torch\n"
+        "sys.path[:0] = ['benchmarks', 'tests/kernels']\n"
+        "from gpu_compile import compile_sm90\n"
+        "import gemv_roofline as G\n"
+        "q, out = torch.empty(512, 4096, dtype=torch.int32), torch.empty(4096)\n"
+        "for unpack in (0, 1, 2):\n"
+        "    compile_sm90(G._probe_kernel, [q, out, 512, 4096, 64, 4096, 0],\n"
+        "                 dict(BLOCK_N=64, BLOCK_R=16, UNPACK=unpack, ASM=True), 4, 1)\n"
+        "    print('probe', unpack, 'ok')\n")
+    result = run_compile_script(script, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == 3
