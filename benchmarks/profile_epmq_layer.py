@@ -22,8 +22,9 @@ from epmq import QuantSpec, quant  # noqa: E402
 from epmq_kernels._runtime import ieee_fp32_matmul  # noqa: E402
 
 
-def _tables(d_out, d_in, n_experts, precisions, rows):
-    dev = "cuda"
+def _tables(d_out, d_in, n_experts, precisions, rows, dev):
+    cuda = dev == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)
     W_m = torch.randn(d_out, d_in, device=dev, generator=g) / 64
     W_k = [W_m + 0.01 * torch.randn(d_out, d_in, device=dev, generator=g) / 64
@@ -40,32 +41,37 @@ def _tables(d_out, d_in, n_experts, precisions, rows):
     for title, run in runs:
         for _ in range(2):  # compile, autotune, warm the allocator
             run()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
             t0 = time.perf_counter()
             run()
-            torch.cuda.synchronize()
+            sync()
             wall = time.perf_counter() - t0
         averages = prof.key_averages()
-        table = averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+        table = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                               row_limit=rows, max_name_column_width=60)
         # the kernels' own rows (as the table's "Self CUDA time total" counts them; the
         # operators' rows repeat their kernels' time): on two streams at once they add up to
         # more than the wall time they took
         busy = sum(e.self_device_time_total for e in averages
                    if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e3
-        out.append(f"== {title}, {d_out}x{d_in}, {torch.cuda.get_device_name()}: wall "
-                   f"{1e3 * wall:.1f} ms under the profiler, kernels {busy:.1f} ms\n{table}")
+        where = torch.cuda.get_device_name() if cuda else dev
+        out.append(f"== {title}, {d_out}x{d_in}, {where}: wall {1e3 * wall:.1f} ms under the "
+                   f"profiler, kernels {busy:.1f} ms\n{table}")
     return out
 
 
-def profile_tables(shapes=((4096, 4096),), n_experts=8, precisions=("ieee",), rows=18):
+def profile_tables(shapes=((4096, 4096),), n_experts=8, precisions=("ieee",), rows=18,
+                   device="cuda"):
     """The profiler tables (text) of one E-PMQ layer per residual precision and one GPTQ layer,
-    for each ``[d_out, d_in]`` of ``shapes``."""
+    for each ``[d_out, d_in]`` of ``shapes`` (``device="cpu"``: the same on the CPU, a check of
+    the script)."""
     out = []
     with ieee_fp32_matmul():
         for d_out, d_in in shapes:
-            out += _tables(d_out, d_in, n_experts, precisions, rows)
-            torch.cuda.empty_cache()  # (the shape's tensors are gone with _tables' frame)
+            out += _tables(d_out, d_in, n_experts, precisions, rows, device)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # (the shape's tensors are gone with _tables' frame)
     return "\n".join(out)
 
 

@@ -85,3 +85,20 @@ def test_gemv_probe_checks_and_compiles():
     result = run_compile_script(script, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(" ok") == 3
+
+
+def test_layer_profile_runs_on_the_cpu():
+    """bench_solver's layer profile (benchmarks/profile_epmq_layer.py) on the CPU: one table per
+    run, titled with its wall time and its kernels' total."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from profile_epmq_layer import profile_tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    text = profile_tables(shapes=((16, 256),), n_experts=2, precisions=("bf16x3",), rows=5,
+                          device="cpu")
+    titles = [line for line in text.splitlines() if line.startswith("== ")]
+    assert len(titles) == 2 and "E-PMQ, 2 experts, residual bf16x3, 16x256" in titles[0]
+    assert all(re.search(r"wall \d+\.\d ms under the profiler, kernels 0\.0 ms$", t) for t in titles)
