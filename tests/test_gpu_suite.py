@@ -1,5 +1,7 @@
-"""The GPU suite stays one call under 8 minutes of device time and names scripts that exist."""
+"""The GPU suite stays one call under 8 minutes of device time, names scripts that exist, and
+its scripts run (their checks, or the same code on the CPU) before a card runs them."""
 
+import json
 import re
 from pathlib import Path
 
@@ -101,4 +103,37 @@ def test_layer_profile_runs_on_the_cpu():
                           device="cpu")
     titles = [line for line in text.splitlines() if line.startswith("== ")]
     assert len(titles) == 2 and "E-PMQ, 2 experts, residual bf16x3, 16x256" in titles[0]
-    assert all(re.search(r"wall \d+\.\d ms under the profiler, kernels 0\.0 ms$", t) for t in titles)
+    title = re.compile(r"wall \d+\.\d ms under the profiler, kernels 0\.0 ms$")
+    assert all(title.search(t) for t in titles)
+
+
+def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
+    """The suite's solver benchmark (one tiny layer, every row kind: the fused solver, GPTQ,
+    E-PMQ per residual precision and with its products on the current stream, the residual
+    products alone) and its whole-walk benchmark (a one-block Llama, GPTQ and E-PMQ) run end to
+    end on the CPU, the Triton kernels in the interpreter: a script the card would fail to run
+    is found here first."""
+    import sys
+
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_solver
+        import bench_walker
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = bench_solver.bench_shape(16, 64, torch.device("cpu"), float("inf"), lambda row: None,
+                                    True)
+    kinds = [(r["kind"], r.get("residual_precision"), r.get("side_stream", True)) for r in rows]
+    assert {("solve", None, True), ("gptq", None, True), ("residual", None, True)} <= set(kinds)
+    assert {p for k, p, _ in kinds if k == "epmq_vs_gptq"} == set(bench_solver.RESIDUAL_PRECISIONS)
+    assert all(r["same_as_side_stream"] for r in rows if r.get("side_stream") is False)
+    assert bench_walker.main(["--device", "cpu", "--hidden", "64", "--intermediate", "128",
+                              "--layers", "1", "--tasks", "2", "--samples", "1", "--tokens", "16",
+                              "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "walker-cpu.json").read_text())
+    assert not result["partial"] and {(r["method"], r["attempt"]) for r in result["rows"]} >= {
+        ("gptq", "timed"), ("epmq", "timed")}
