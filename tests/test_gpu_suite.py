@@ -137,3 +137,43 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "walker-cpu.json").read_text())
     assert not result["partial"] and {(r["method"], r["attempt"]) for r in result["rows"]} >= {
         ("gptq", "timed"), ("epmq", "timed")}
+
+
+def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
+    """The suite's W4A16 benchmark's rows, summary and plot from the CPU (its timers and CUDA
+    graphs stood in by one timed call; the products by the CPU path): every batch path, both
+    groupings, fp16 and bf16 activations."""
+    import sys
+    import time
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_w4a16
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def once_ms(fn, warmup=0, rep=0):
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
+
+    monkeypatch.setattr(bench_w4a16, "median_ms", once_ms)
+    monkeypatch.setattr(bench_w4a16, "graph_ms",
+                        lambda calls, M, **kw: once_ms(bench_w4a16.rotating(calls)))
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    rows, failures = bench_w4a16.bench_matmul(cpu, gen, [(128, 96)], [1, 4, 300], [32, -1], 100.0,
+                                              1 << 20)
+    rows, failures = bench_w4a16.bench_matmul(cpu, gen, [(128, 96)], [1], [32], 100.0, 1 << 20,
+                                              dtype=torch.bfloat16, rows=rows, failures=failures)
+    assert failures == 0 and len(rows) == 7 and all(r["ok"] for r in rows)
+    assert {r["path"] for r in rows} >= {"gemv", "splitk"}
+    assert all(isinstance(r["tuned_us"], list) for r in rows)
+    json.dumps(rows)  # (what the benchmark writes)
+    bench_w4a16.summary(rows)
+    bench_w4a16.plot(rows, str(tmp_path / "w4a16.png"), "cpu")
+    assert (tmp_path / "w4a16.png").stat().st_size > 0
