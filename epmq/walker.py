@@ -1872,7 +1872,7 @@ class _Walk:
                             stats[rel].add_batch(x, x_expert=x_target, x_anchor=x_anchor)
             for rel in begun:
                 stats[rel].end_task()
-            del target
+            target = None  # (the task's target block freed before the next one is built)
         # one factorization per shared Hessian, kept until the last linear that reads it
         readers = {}
         for rel in group:
