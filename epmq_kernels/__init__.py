@@ -27,7 +27,8 @@ __all__ = [
     "pack_int4", "unpack_int4", "pack_int4_cols", "unpack_int4_cols",
     "w4a16_matmul", "w4a16_matmul_reference", "dequantize_int4_weight",
     "SolveOut", "gptq_solve_reference", "gptq_solve_triton",
-    "accumulate_residual", "accumulate_residual_on_side", "accumulate_residual_reference", "accumulate_residual_triton",
+    "accumulate_residual", "accumulate_residual_on_side", "accumulate_residual_reference",
+    "accumulate_residual_triton",
     "accumulate_xxt", "accumulate_xxt_reference", "accumulate_xxt_triton",
     "fold_hessians", "fold_hessians_reference", "fold_hessians_triton",
 ]

@@ -270,8 +270,8 @@ AUTOTUNE_SPACE = {
     # which overlap may hide. Column slabs (CHUNK_N) write each output slab once, by a product
     # over all of K: no read-modify-write of y per chunk (K chunks after the first are
     # ``addmm_``: 4 M N bytes more each, y read and written in 16 bits, 96 MiB at 8192 x 8192,
-    # M = 1024, four chunks), one
-    # rounding; fewer output tiles a product, so they are for large M.
+    # M = 1024, four chunks), one rounding; fewer output tiles a product, so they are for
+    # large M.
     "dqmm": (_product(CHUNK_K=[1024, 2048], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
                       STREAMS=[1, 2])
              + _product(CHUNK_N=[2048, 4096], BLOCK_R=[16], BLOCK_N=[128], num_warps=[4],
@@ -492,17 +492,20 @@ def _half2_word_sums(words, zpair, zq, xp0, xp1, xp2, xp3, ASM: tl.constexpr):
 def _half_by_16(q16, zq, xp, SHIFT: tl.constexpr):
     """``(q - z) x`` in fp16 from ``q16 = 16 q``: ``(1024 + 16 q) / 16 + zq`` with ``zq = -(64 +
     z)``, the fp16 at bits SHIFT..SHIFT+15 of the pair ``zq`` (as the PTX dequantizes)."""
-    x = ((xp >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    zq_half = ((zq >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    v = ((1024 + q16).to(tl.float16) * 0.0625 + zq_half).to(tl.float16)  # (exact: q - z)
-    return v * x
+    v = ((1024 + q16).to(tl.float16) * 0.0625 + _half_at(zq, SHIFT)).to(tl.float16)  # (exact)
+    return v * _half_at(xp, SHIFT)
 
 
 @triton.jit
 def _half(q, z, xp, SHIFT: tl.constexpr):
     """``(q - z) x`` in fp16, x the fp16 at bits SHIFT..SHIFT+15 of the pair ``xp``."""
-    x = ((xp >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    return (q - z).to(tl.float16) * x
+    return (q - z).to(tl.float16) * _half_at(xp, SHIFT)
+
+
+@triton.jit
+def _half_at(pair, SHIFT: tl.constexpr):
+    """The fp16 at bits SHIFT..SHIFT+15 of the int32 word ``pair``."""
+    return ((pair >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -1813,14 +1816,12 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
         shape = (chunk, N) if axis == "K" else (K, chunk)  # (a buffer: rows, or a column slab)
         numel = buffers * shape[0] * shape[1]
         work = _dequant_workspace(device, x2.dtype, numel).view(-1)[:numel].view(buffers, *shape)
-        if axis == "K":
-            dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], k0,
-                                        min(chunk, K - k0), group, config, gather, has_g_idx)
-                        for k0 in range(0, K, chunk)]
-        else:
-            dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], 0, K, group,
-                                        config, gather, has_g_idx, n0, min(chunk, N - n0))
-                        for n0 in range(0, N, chunk)]
+        # (first row, rows, first column, columns) of each chunk
+        spans = ([(k0, min(chunk, K - k0), 0, N) for k0 in range(0, K, chunk)] if axis == "K"
+                 else [(0, K, n0, min(chunk, N - n0)) for n0 in range(0, N, chunk)])
+        dequants = [_dequant_launch(qweight, scales, zeros, g_idx_arg, work[0], k0, rows, group,
+                                    config, gather, has_g_idx, n0, cols)
+                    for k0, rows, n0, cols in spans]
         return _Plan(entry, path, config, M, lead, x2.dtype, device, [],
                      dq=(axis, chunk, work, dequants), shared_workspace=True)
     split_k = config["SPLIT_K"]
