@@ -8,6 +8,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _imported(folder, *names):
+    """The modules ``names`` imported from ``ROOT / folder`` (on sys.path only meanwhile)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(ROOT / folder))
+
+
 def test_gpu_suite_steps_fit_in_eight_minutes():
     text = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
     steps = re.findall(r"^step (\S+) (\d+) (.*)$", text, re.M)
@@ -25,28 +37,22 @@ def test_benchmarks_write_what_they_measured_when_their_time_is_up():
     they are, then write their plot and summary of what they measured in the grace time."""
     import os
     import signal
-    import sys
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    common, = _imported("benchmarks", "_common")
+    previous = signal.getsignal(signal.SIGTERM)
+    common.raise_on_sigterm()
     try:
-        from _common import Terminated, raise_on_sigterm
-
-        previous = signal.getsignal(signal.SIGTERM)
-        raise_on_sigterm()
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # (delivered at the next bytecode boundary)
-                pass
-            raise AssertionError("SIGTERM did not raise")
-        except Exception:
-            raise AssertionError("SIGTERM raised an Exception, which handlers that skip a failing "
-                                 "autotune candidate swallow") from None
-        except Terminated:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # (delivered at the next bytecode boundary)
             pass
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        raise AssertionError("SIGTERM did not raise")
+    except Exception:
+        raise AssertionError("SIGTERM raised an Exception, which handlers that skip a failing "
+                             "autotune candidate swallow") from None
+    except common.Terminated:
+        pass
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        signal.signal(signal.SIGTERM, previous)
     for script in ("bench_w4a16.py", "bench_solver.py"):
         text = (ROOT / "benchmarks" / script).read_text()
         assert "raise_on_sigterm()" in text and "except Terminated" in text
@@ -67,12 +73,8 @@ def test_gemv_probe_checks_and_compiles():
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "every probe agrees with torch" in result.stdout
-    sys.path.insert(0, str(ROOT / "tests" / "kernels"))
-    try:
-        from gpu_compile import ptxas_available, run_compile_script
-    finally:
-        sys.path.remove(str(ROOT / "tests" / "kernels"))
-    if not ptxas_available():
+    gpu_compile, = _imported("tests/kernels", "gpu_compile")
+    if not gpu_compile.ptxas_available():
         pytest.skip("ptxas not available")
     script = (
         "import sys, torch\n"
@@ -84,7 +86,7 @@ def test_gemv_probe_checks_and_compiles():
         "    compile_sm90(G._probe_kernel, [q, out, 512, 4096, 64, 4096, 0],\n"
         "                 dict(BLOCK_N=64, BLOCK_R=16, UNPACK=unpack, ASM=True), 4, 1)\n"
         "    print('probe', unpack, 'ok')\n")
-    result = run_compile_script(script, timeout=600)
+    result = gpu_compile.run_compile_script(script, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(" ok") == 3
 
@@ -92,14 +94,8 @@ def test_gemv_probe_checks_and_compiles():
 def test_layer_profile_runs_on_the_cpu():
     """bench_solver's layer profile (benchmarks/profile_epmq_layer.py) on the CPU: one table per
     run, titled with its wall time and its kernels' total."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from profile_epmq_layer import profile_tables
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    text = profile_tables(shapes=((16, 256),), n_experts=2, precisions=("bf16x3",), rows=5,
+    profile, = _imported("benchmarks", "profile_epmq_layer")
+    text = profile.profile_tables(shapes=((16, 256),), n_experts=2, precisions=("bf16x3",), rows=5,
                           device="cpu")
     titles = [line for line in text.splitlines() if line.startswith("== ")]
     assert len(titles) == 2 and "E-PMQ, 2 experts, residual bf16x3, 16x256" in titles[0]
@@ -113,18 +109,12 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
     products alone) and its whole-walk benchmark (a one-block Llama, GPTQ and E-PMQ) run end to
     end on the CPU, the Triton kernels in the interpreter: a script the card would fail to run
     is found here first."""
-    import sys
 
     import torch
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_solver
-        import bench_walker
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_solver, bench_walker = _imported("benchmarks", "bench_solver", "bench_walker")
     rows = bench_solver.bench_shape(16, 64, torch.device("cpu"), float("inf"), lambda row: None,
                                     True)
     kinds = [(r["kind"], r.get("residual_precision"), r.get("side_stream", True)) for r in rows]
@@ -143,18 +133,13 @@ def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
     """The suite's W4A16 benchmark's rows, summary and plot from the CPU (its timers and CUDA
     graphs stood in by one timed call; the products by the CPU path): every batch path, both
     groupings, fp16 and bf16 activations."""
-    import sys
     import time
 
     import torch
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_w4a16
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
 
     def once_ms(fn, warmup=0, rep=0):
         started = time.perf_counter()
