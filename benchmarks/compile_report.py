@@ -95,8 +95,23 @@ def w4a16_cases(full=False):
         cases.append((name, W._w4a16_gemv_kernel, _w4a16_args(1, G, dtype), constexprs, warps,
                       stages))
 
+    def mma_case(config, M, dtype, per_channel=False):
+        G = 1 if per_channel else 32
+        _, _, constexprs = W._mma_launch_shape(config, M, K, N, G, K // G, dtype)
+        constexprs.update(ASM=True, TRIVIAL=True)
+        warps = config["num_warps"]
+        name = (f"mma {str(dtype)[6:]} {'perchan' if per_channel else 'g128'} "
+                f"BM{constexprs['BLOCK_M']} KR{config['KR']} GK{constexprs['GROUP_K']} "
+                f"SK{config['SPLIT_K']} w{warps}")
+        args = _w4a16_args(M, G, dtype)
+        del args[4]  # (no g_idx: static groups only)
+        cases.append((name, W._w4a16_mma_kernel, args, constexprs, warps, 1))
+
     space = W.AUTOTUNE_SPACE
     if full:
+        for c in space["mma"]:
+            mma_case(c, 16, torch.float16)
+            mma_case(c, 1, torch.float16, per_channel=True)
         for c in space["gemv"]:
             gemv_case(c, torch.float16)
             gemv_case(c, torch.float16, per_channel=True)
@@ -131,6 +146,11 @@ def w4a16_cases(full=False):
         dot_case("splitk", pick("splitk", PAIRS=False, BLOCK_K=128), 16, torch.bfloat16,
                  gather=True)
         dot_case("splitk", pick("splitk", SWAP_AB=True), 16, torch.float32)  # fp32: no pairs
+        mma_case(pick("mma", KR=1, SPLIT_K=8, num_warps=4), 16, torch.float16)
+        mma_case(pick("mma", KR=1, SPLIT_K=8, num_warps=4), 1, torch.float16)
+        mma_case(pick("mma", KR=1, SPLIT_K=8, num_warps=2), 1, torch.float16, per_channel=True)
+        mma_case(pick("mma", KR=2, num_warps=4), 16, torch.bfloat16)
+        mma_case(pick("mma", KR=1, num_warps=1), 5, torch.bfloat16, per_channel=True)
         dot_case("gemm", pick("gemm", BLOCK_M=256, BLOCK_K=64, SWAP_AB=False), 4096,
                  torch.float16)
         dot_case("gemm", pick("gemm", BLOCK_M=128, SWAP_AB=True), 4096, torch.float16,
@@ -178,8 +198,12 @@ def report(cases):
         regs = max(use["registers"], 1)
         progs = min(65536 // (regs * 32 * warps), (227 * 1024) // max(use["shared"], 1),
                     64 // warps)
-        words = (constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // 8 / (32 * warps)
-                 if kernel.__name__ == "_w4a16_gemv_kernel" else None)
+        if kernel.__name__ == "_w4a16_gemv_kernel":
+            words = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // 8 / (32 * warps)
+        elif kernel.__name__ == "_w4a16_mma":  # (the loop: GROUP_K inputs x 64 columns a warp)
+            words = constexprs["GROUP_K"] * 64 // 8 / 32
+        else:
+            words = None
         per_word = use["loop"] / words if words else None
         rows.append(dict(name=name, warps=warps, stages=stages, progs_per_sm=progs,
                          loop_per_word=per_word, **use))

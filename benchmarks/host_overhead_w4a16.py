@@ -10,7 +10,7 @@ launch path: binding, specialisation, cache key). Not included, in either versio
 launcher (argument parsing, ``cuLaunchKernel``, a few microseconds) and the CUDA stream/device
 queries (tensors are on the CPU here; the new launcher makes two cheap ones per call).
 
-``--smoke`` times nothing: it runs every path (gemv, splitk, gemm, dqmm; group 128 and per
+``--smoke`` times nothing: it runs every path (gemv, splitk, gemm, dqmm, mma; group 128 and per
 channel) through its cached plan with a launcher that checks the arguments it is given, which
 tests the direct-launch code on a machine without a GPU.
 
@@ -139,7 +139,8 @@ _CHILD = textwrap.dedent(r'''
         # with the checking launcher; the kernels compile for sm_90 on the way
         K, N = 1024, 512
         paths_for = W._paths_for
-        for path, M in (("gemv", 1), ("splitk", 16), ("gemm", 300), ("dqmm", 300)):
+        for path, M in (("gemv", 1), ("splitk", 16), ("gemm", 300), ("dqmm", 300), ("mma", 1),
+                        ("mma", 16)):
             for group_size in (128, -1):
                 G = 1 if group_size == -1 else K // group_size
                 q = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32)
@@ -158,12 +159,13 @@ _CHILD = textwrap.dedent(r'''
                 assert plan.path == path
                 direct = all(l.compiled is not None for l in plan.launches + (
                     plan.dq[3] if plan.dq else []))
-                results[f"{path} g{group_size}"] = dict(launches_per_call=LAUNCHES[0] / 4,
+                results[f"{path} g{group_size}" + (f" M{M}" if path == "mma" else "")] = dict(launches_per_call=LAUNCHES[0] / 4,
                                                         direct=direct)
         W._paths_for = paths_for
+        SEEN.clear()  # (the launches below are new plans, with new arguments)
         # the autotuner's parallel compilation (AsyncCompileMode), then one launch of each
         entry = W._entry_for(q, s, z, None, -1, K, N, 1)
-        for M, paths in ((1, ("gemv", "splitk")), (300, ("gemm", "dqmm"))):
+        for M, paths in ((1, ("gemv", "splitk", "mma")), (300, ("gemm", "dqmm"))):
             x = torch.randn(M, K).half()
             out = torch.empty(M, N, dtype=torch.float16)
             plans = [W._build_plan(entry, p, c, x, out) for p in paths

@@ -88,6 +88,15 @@ Paths
   The split-K configs use a BLOCK_M of 16-64 and split the K range over SPLIT_K programs so
   skinny problems still fill the GPU.
 
+* ``mma`` (M <= 16, a candidate beside ``gemv`` and ``splitk``; fp16/bf16 activations, static
+  groups, zero points in 0..15, compute capability 8.0+): :mod:`epmq_kernels.w4a16_mma`, a Gluon
+  kernel that loads each packed word into the thread that holds its codes in the
+  ``mma.sync`` operand and dequantizes it there (one LOP3 and one half2 FMA per two codes, ``q -
+  z`` exact, the scale applied to the fp32 group product), so that nothing goes through shared
+  memory: compiled for sm_90, 15.5-21 instructions per packed word in the loop against about 35
+  for ``splitk`` at a batch of 16 and 26-33 for the HALF2 GEMV. Its K slices reduce like
+  split-K's below. Triton's interpreter runs it through a shim (:mod:`epmq_kernels._gluon`).
+
 * ``dqmm`` (M >= 256, a candidate beside ``gemm``): dequantize a bounded chunk of the weight
   (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the activation dtype and
   multiply by it with cuBLAS: CHUNK_K rows at a time, accumulated as ``y += x[:, chunk] @
@@ -155,6 +164,7 @@ so on (``autotune_cache.REJECTED`` records the others). Under TRITON_INTERPRET n
 and ``INTERPRETER_CONFIG`` is used.
 """
 
+import math
 import os
 import threading
 import weakref
@@ -165,18 +175,23 @@ import triton
 import triton.language as tl
 
 from ._runtime import INTERPRETED, check_device, side_stream, version
+from ._gluon import HAS_GLUON
 from . import autotune_cache
+from .w4a16_mma import _w4a16_mma_kernel
 
 # ----------------------------------------------------------------------------------------------
 # Autotune space (the only place launch configurations are stated)
 # ----------------------------------------------------------------------------------------------
 # Batch sizes and the paths that compete for them (the autotuner times every candidate of each):
-#   M == 1                  gemv + the splitk configs with SWAP_AB (tensor cores at batch 1)
-#   2 <= M <= SPLITK_MAX_M  splitk
+#   M == 1                  gemv + the splitk configs with SWAP_AB (tensor cores at batch 1) + mma
+#   2 <= M <= MMA_MAX_M     splitk + mma
+#   MMA_MAX_M < M <= SPLITK_MAX_M   splitk
 #   SPLITK_MAX_M < M < DQMM_MIN_M   gemm
 #   M >= DQMM_MIN_M         gemm + dqmm
 SPLITK_MAX_M = 64
 DQMM_MIN_M = 256
+MMA_MAX_M = 16  # (the mma path competes up to here: beyond, each 16 rows dequantize again)
+MMA_DTYPES = (torch.float16, torch.bfloat16)
 # A dqmm buffer never holds more than this many bytes of dequantized weight: the workspace, one
 # buffer or two (STREAMS = 2), at most 128 MiB per device, stream, dtype and thread, whatever
 # the model.
@@ -263,6 +278,13 @@ AUTOTUNE_SPACE = {
             (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
         ]
     ],
+    # Tensor cores with the weight dequantized in the registers of the MMA operand (Gluon,
+    # :mod:`epmq_kernels.w4a16_mma`; 16 configs; fp16/bf16 activations, M <= MMA_MAX_M): a
+    # program owns 64 num_warps columns, steps over KR tiles of 32 inputs and flushes its
+    # group's partial product every UNROLL steps. BLOCK_M (8 or 16) follows M. At 4096 x 4096
+    # with 4 warps and SPLIT_K = 32 that is 16 x 32 = 512 programs (~4 per SM).
+    "mma": (_product(KR=[1], UNROLL=[4], SPLIT_K=[4, 8, 16, 32], num_warps=[1, 2, 4])
+            + _product(KR=[2], UNROLL=[2], SPLIT_K=[8, 16], num_warps=[2, 4])),
     # Dequantize CHUNK_K rows, or CHUNK_N columns, of the weight at a time (tiles of 8 BLOCK_R
     # rows x BLOCK_N columns) + cuBLAS (8 configs). STREAMS = 2: the next chunk dequantized on a
     # side stream (two buffers) while cuBLAS multiplies by this one; on an H200 (2026-12-04)
@@ -287,9 +309,10 @@ INTERPRETER_CONFIG = {
     "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, PAIRS=False,
                  SWAP_AB=True, SCALE_AFTER=False, num_warps=4, num_stages=1),
     "dqmm": dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4),
+    "mma": dict(KR=1, UNROLL=2, SPLIT_K=2, num_warps=1),
 }
 
-PATHS = ("gemv", "splitk", "gemm", "dqmm")
+PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma")
 # Activations the GEMV's HALF2 option takes (bf16 ones converted to fp16 pairs, exactly, per row)
 HALF2_DTYPES = (torch.float16, torch.bfloat16)
 # The autotuner keeps a config only if its result on the tuning call is within this fraction of
@@ -1193,7 +1216,9 @@ def _g_idx_is_static(g_idx, K, G, group_size):
 def _paths_for(M):
     """The paths whose configs compete (in order: the first one's first config is the default)."""
     if M == 1:
-        return ("gemv", "splitk")
+        return ("gemv", "splitk", "mma")
+    if M <= MMA_MAX_M:
+        return ("splitk", "mma")
     if M <= SPLITK_MAX_M:
         return ("splitk",)
     if M < DQMM_MIN_M:
@@ -1207,6 +1232,35 @@ def _path_for(M):
 
 def _block_m_for_splitk(M):
     return 16 if M <= 16 else (32 if M <= 32 else 64)
+
+
+def _block_m_for_mma(M):
+    return 8 if M <= 8 else 16
+
+
+def _mma_group_k(config, G, group_size):
+    """The inputs between two flushes of the mma path's group product: 32 KR UNROLL, or the
+    largest common multiple of 32 KR with the group that divides both (a divisor of the group)."""
+    step = 32 * config["KR"] * config["UNROLL"]
+    return step if G == 1 else math.gcd(step, group_size)
+
+
+def _mma_runs(x2, entry) -> bool:
+    """Whether the mma path can run these activations and weights: fp16/bf16, static groups,
+    zero points in the 4-bit grid (read once per weights; weights first seen inside a CUDA
+    graph's capture, whose zero points were never read, go without it) and, compiled, Gluon
+    and a GPU of compute capability 8.0 or newer (``mma.sync``)."""
+    if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
+        return False  # (and its row offsets are int32: fine for the batches it competes at)
+    if x2.is_cuda and not (HAS_GLUON and torch.cuda.get_device_capability(x2.device) >= (8, 0)):
+        return False
+    return (entry._zeros_in_grid is not None or not _capturing(x2.device)) and entry.zeros_in_grid()
+
+
+def _require_mma(x2, entry):
+    if not _mma_runs(x2, entry):
+        raise ValueError("the mma path takes float16 or bfloat16 activations, static groups and "
+                         "zero points in 0..15, on a GPU of compute capability 8.0 or newer")
 
 
 def _m_bucket(paths, M):
@@ -1225,6 +1279,8 @@ def _needs_gather(path, config, G, group_size, permuted, x_dtype=None):
         return True
     if path == "dqmm":
         return G > 1 and group_size % (8 * config["BLOCK_R"]) != 0
+    if path == "mma":
+        return False  # (it has no gather: permuted groups are not its candidates)
     return G > 1 and group_size % config["BLOCK_K"] != 0
 
 
@@ -1262,6 +1318,15 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
                 chunkings.add(chunking)
             configs.append(dict(config))
             continue
+        if path == "mma":
+            if x_dtype not in MMA_DTYPES or permuted:
+                return []
+            if G > 1 and group_size % (32 * config["KR"]) != 0:
+                continue  # (a step of 32 KR inputs would straddle groups)
+            if config["SPLIT_K"] > triton.cdiv(K, _mma_group_k(config, G, group_size)):
+                continue  # some K slices would be empty
+            configs.append(dict(config, BLOCK_M=_block_m_for_mma(M)))
+            continue
         if path == "splitk":
             if M == 1 and not config["SWAP_AB"]:
                 continue  # at M = 1 only the swapped dot competes with the GEMV
@@ -1272,6 +1337,8 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
         if config["BLOCK_K"] > max(32, triton.next_power_of_2(K)):
             continue
         configs.append(config)
+    if path == "mma":
+        return configs  # (none where nothing fits: the other paths take the problem)
     # A config whose tiles straddle groups needs the gather path: only keep those if nothing else.
     aligned = [c for c in configs if not _needs_gather(path, c, G, group_size, permuted)]
     configs = aligned or configs
@@ -1359,6 +1426,8 @@ def _choose(paths, x2, entry):
         return chosen
     candidates = []
     for path in paths:
+        if path == "mma" and not _mma_runs(x2, entry):
+            continue
         for config in _candidates(path, M, entry.K, entry.G, entry.group, entry.permuted,
                                   x2.dtype, entry.N):
             candidates.append(dict(config, PATH=path))
@@ -1824,6 +1893,8 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
                     for k0, rows, n0, cols in spans]
         return _Plan(entry, path, config, M, lead, x2.dtype, device, [],
                      dq=(axis, chunk, work, dequants), shared_workspace=True)
+    if path == "mma":
+        return _build_mma_plan(entry, config, x2, out2, lead)
     split_k = config["SPLIT_K"]
     block_k = config["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
@@ -1862,6 +1933,48 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
         fn = _w4a16_dot_kernel
     launch = _Launch(fn, grid, args, options, 0, 5, weak)
     return _Plan(entry, path, config, M, lead, x2.dtype, device, [launch],
+                 shared_workspace=split_k > 1)
+
+
+def _mma_launch_shape(config, M, K, N, G, group, x_dtype):
+    """``(grid, k_per_split, constexprs)`` of an mma config (constexprs in the kernel's order)."""
+    warps, split_k = config["num_warps"], config["SPLIT_K"]
+    group_k = _mma_group_k(config, G, group)
+    k_per_split = triton.cdiv(triton.cdiv(K, group_k), split_k) * group_k
+    block_m = config.get("BLOCK_M", _block_m_for_mma(M))
+    block_n = 64 * warps
+    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
+    constexprs = dict(BLOCK_M=block_m, KR=config["KR"], GROUP_K=group_k, WARPS=warps,
+                      SPLIT_K=split_k, ONE_GROUP=G == 1 or group % k_per_split == 0,
+                      EVEN=N % block_n == 0 and K % group_k == 0,
+                      CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
+    return grid, k_per_split, constexprs
+
+
+def _build_mma_plan(entry, config, x2, out2, lead):
+    """The plan of an mma config (:mod:`epmq_kernels.w4a16_mma`)."""
+    _require_mma(x2, entry)
+    qweight, scales, zeros, _ = entry.tensors()
+    M, K = x2.shape
+    N, G, group = entry.N, entry.G, entry.group
+    split_k = config["SPLIT_K"]
+    if G > 1 and group % (32 * config["KR"]) != 0:
+        raise ValueError(f"mma config {config}: groups of {group} are not whole steps of "
+                         f"{32 * config['KR']} inputs")
+    grid, k_per_split, constexprs = _mma_launch_shape(config, M, K, N, G, group, x2.dtype)
+    if split_k > 1:
+        sums, counters = _split_k_workspace(x2.device, M * N, grid[0] * grid[2])
+        weak = (1, 2, 3)
+    else:
+        sums, counters = qweight, qweight  # never touched when SPLIT_K == 1
+        weak = (1, 2, 3, 5, 6)
+    args = [x2, qweight, scales, zeros, out2, sums, counters, M, N, K, group, k_per_split, 0,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+            out2.stride(0), out2.stride(1), *constexprs.values()]
+    launch = _Launch(_w4a16_mma_kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4,
+                     weak)
+    return _Plan(entry, "mma", config, M, lead, x2.dtype, x2.device, [launch],
                  shared_workspace=split_k > 1)
 
 
@@ -2064,6 +2177,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
             if path == "splitk" and "BLOCK_M" not in config:
                 config["BLOCK_M"] = _block_m_for_splitk(M)
         else:
+            if path == "mma":
+                _require_mma(x2, entry)
             path, config = _choose((path,) if path is not None else _paths_for(M), x2, entry)
         plan = _build_plan(entry, path, config, x2, out2, lead)
         try:

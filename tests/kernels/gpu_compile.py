@@ -33,11 +33,11 @@ def run_compile_script(script: str, timeout: float) -> subprocess.CompletedProce
 # Helpers for the scripts above (imported inside them: ``from gpu_compile import ...`` with this
 # directory on sys.path, Triton's interpreter off). No GPU needed.
 # ----------------------------------------------------------------------------------------------
-def compile_sm90(fn, args, constexprs, num_warps, num_stages):
-    """``fn`` compiled by Triton's NVIDIA backend for sm_90, specialised like a real launch with
-    ``args`` (the non-constexpr arguments in order: tensors stand for pointers; integers equal
-    to 1 become constants unless the kernel says ``do_not_specialize``) and ``constexprs`` (by
-    name)."""
+def compile_sm90(fn, args, constexprs, num_warps, num_stages, capability=90):
+    """``fn`` (a Triton or a Gluon kernel) compiled by Triton's NVIDIA backend for sm_90 (or
+    ``capability``), specialised like a real launch with ``args`` (the non-constexpr arguments
+    in order: tensors stand for pointers; integers equal to 1 become constants unless the
+    kernel says ``do_not_specialize``) and ``constexprs`` (by name)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
@@ -60,8 +60,11 @@ def compile_sm90(fn, args, constexprs, num_warps, num_stages):
         signature[name] = kind
         if spec == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constants, attrs),
-                          target=GPUTarget("cuda", 90, 32),
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    return triton.compile(source(fn, signature, constants, attrs),
+                          target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 

@@ -78,6 +78,42 @@ def test_path_matches_reference(gen, path, M, K, N, dtype, group_size, g_idx_kin
     assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
 
 
+# (group_size, g_idx kind) the mma path takes: per channel, groups of one or several of its
+# 32-input steps, a static g_idx
+MMA_GROUPINGS = [(-1, None), (32, None), (64, None), (32, "static")]
+
+
+@pytest.mark.parametrize("group_size,g_idx_kind", MMA_GROUPINGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M,K,N", [(1, 128, 40), (3, 64, 72), (16, 192, 136), (17, 64, 64)])
+def test_mma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kind):
+    """The Gluon kernel (interpreted through its shim: the same source line for line) with the
+    weight in the MMA operand's registers: batch tiles of 8 and 16 and several of them, N not a
+    multiple of a warp's 64 columns (masked) and a multiple (unmasked), K slices past K."""
+    qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path="mma",
+                 backend="triton")
+    assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
+
+
+def test_mma_path_refuses_what_it_cannot_compute(gen):
+    """fp32 activations, permuted groups, zero points outside the 4-bit grid and groups that
+    are not whole 32-input steps: a clear error when forced (the autotuner never offers it)."""
+    qweight, scales, zeros, perm = make_problem(gen, 64, 40, 32, "permuted")
+    x = torch.randn(2, 64, generator=gen).half()
+    cases = [(x.float(), zeros, 32, None), (x, zeros, 32, perm), (x, zeros + 16, 32, None)]
+    for xs, zs, group, g_idx in cases:
+        with pytest.raises(ValueError, match="mma path takes float16 or bfloat16"):
+            w4a16_matmul(xs, qweight, scales, zs, group, g_idx, path="mma", backend="triton")
+    q16, s16, z16, _ = make_problem(gen, 64, 40, 16)
+    with pytest.raises(ValueError, match="groups of 16 are not whole steps of 32"):
+        w4a16_matmul(x, q16, s16, z16, 16, path="mma", config=W.INTERPRETER_CONFIG["mma"],
+                     backend="triton")
+    assert W._candidates("mma", 2, 64, 4, 16, False) == []
+
+
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm", "dqmm"])
 def test_paths_at_other_batch_sizes(gen, path):
     """Each kernel at M it is not chosen for: GEMV over several rows, dot paths at M = 1."""
@@ -92,7 +128,8 @@ def test_paths_at_other_batch_sizes(gen, path):
 
 @pytest.mark.parametrize("path,M,group_size", [("gemv", 1, 128), ("gemv", 1, -1),
                                                ("splitk", 3, 128), ("splitk", 1, -1),
-                                               ("gemm", 20, 128), ("dqmm", 20, 64)])
+                                               ("gemm", 20, 128), ("dqmm", 20, 64),
+                                               ("mma", 3, 128), ("mma", 1, -1), ("mma", 16, 64)])
 def test_every_gpu_config_under_interpreter(gen, path, M, group_size):
     """The GPU autotune space itself (big tiles, masked K and N tails, many K slices, slices
     of one group, prefetch depths, swapped and paired dots), interpreted on a small problem: a
@@ -359,9 +396,18 @@ def test_plan_reports_every_candidate_time(gen, monkeypatch):
 def test_paths_offered_by_batch_size():
     """The autotuner's candidates: M = 1 times the GEMV against the swapped tensor-core dot,
     large M the Triton GEMM against dqmm."""
-    assert W._paths_for(1) == ("gemv", "splitk")
-    assert W._paths_for(16) == ("splitk",)
+    assert W._paths_for(1) == ("gemv", "splitk", "mma")
+    assert W._paths_for(W.MMA_MAX_M) == ("splitk", "mma")
+    assert W._paths_for(W.MMA_MAX_M + 1) == ("splitk",)
     assert W._paths_for(W.SPLITK_MAX_M + 1) == ("gemm",)
+    # mma: 16-bit activations and static groups of whole 32 KR-input steps only, no empty slices
+    mma = W._candidates("mma", 16, 4096, 32, 128, False)
+    assert len(mma) == len(AUTOTUNE_SPACE["mma"]) and all(c["BLOCK_M"] == 16 for c in mma)
+    assert all(c["BLOCK_M"] == 8 for c in W._candidates("mma", 8, 4096, 32, 128, False))
+    assert {c["KR"] for c in W._candidates("mma", 1, 4096, 128, 32, False)} == {1}
+    assert W._candidates("mma", 1, 4096, 32, 128, True) == []
+    assert W._candidates("mma", 1, 4096, 32, 128, False, torch.float32) == []
+    assert all(c["SPLIT_K"] <= 6 for c in W._candidates("mma", 1, 768, 6, 128, False))
     assert W._paths_for(W.DQMM_MIN_M) == ("gemm", "dqmm")
     at_one = W._candidates("splitk", 1, 4096, 32, 128, False)
     assert at_one and all(c["SWAP_AB"] and c["BLOCK_M"] == 16 for c in at_one)
@@ -947,6 +993,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         blocks = dict(BLOCK_R=P._BLOCK_R, BLOCK_C=P._BLOCK_C)
         assert compile_sm90(kernel, args, blocks, 4, 1).asm["cubin"]
         print(kernel.__name__, "ok")
+
+    # the Gluon mma kernel for an Ampere card too (mma.sync is sm_80's); its layout
+    # conversions are asserted trivial at compile time, there as on sm_90
+    for dtype in ("float16", "bfloat16"):
+        name, kernel, args, constexprs, warps, stages = next(
+            c for c in compile_report.w4a16_cases(full=False) if c[0].startswith("mma " + dtype))
+        assert compile_sm90(kernel, args, constexprs, warps, stages, capability=80).asm["cubin"]
+        print("mma sm_80 ok")
 """)
 
 
@@ -1015,7 +1069,7 @@ def test_direct_launches_without_gpu():
     assert result.returncode == 0, result.stderr[-4000:]
     smoke = json.loads(next(line for line in result.stdout.splitlines()
                             if line.startswith("SMOKE "))[6:])["results"]
-    assert len(smoke) == 10
+    assert len(smoke) == 14  # (8 path x grouping rows, mma at M = 1 and 16, 2 precompiled)
     for name, row in smoke.items():
         assert row["direct"] and row["launches_per_call"] == 1.0, (name, row)
 
@@ -1035,7 +1089,7 @@ def test_kernels_compile_for_sm90():
     if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("ptxas not available")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("_kernel ok") == 2
+    assert result.stdout.count("_kernel ok") == 2 and result.stdout.count("mma sm_80 ok") == 2
     rows = json.loads(next(line for line in result.stdout.splitlines()
                            if line.startswith("ROWS "))[5:])
     assert len(rows) >= 22
@@ -1058,6 +1112,14 @@ def test_kernels_compile_for_sm90():
             assert row["loop_per_word"] <= (34 if name.startswith("gemv float16") else 38), row
         elif name.startswith("gemv") and "gather" not in name:
             assert 40 <= row["loop_per_word"] <= 50, row
+        if name.startswith("mma"):
+            # mma.sync on operands dequantized in their own registers: nothing through shared
+            # memory (the conversions into the operand layouts compiled as trivial), one LOP3
+            # and one HFMA2 per two codes; 15.5-21 instructions a packed word on 2026-12-05
+            # against 35 for the splitk dot at a batch of 16
+            assert row["hmma"] > 0 and row["hgmma"] == 0 and row["loop_shared"] == 0, row
+            assert row["lds"] <= 1 and row["sts"] <= 1 and row["hfma2"] >= 4 * row["hmma"] // 2, row
+            assert row["loop_per_word"] <= 22, row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1086,10 +1148,11 @@ class TestCUDA:
         assert_close_to_reference(y, x, qweight, scales, zeros, group_size, g_idx)
 
     @pytest.mark.parametrize("path,group_size", [("gemv", 128), ("gemv", -1), ("splitk", 128),
-                                                 ("splitk", -1), ("gemm", 128), ("dqmm", 128)])
+                                                 ("splitk", -1), ("gemm", 128), ("dqmm", 128),
+                                                 ("mma", 128), ("mma", -1)])
     def test_every_config_of_every_path(self, gen, path, group_size):
         K, N = 1024, 1536
-        M = {"gemv": 1, "splitk": 8, "gemm": 200, "dqmm": 300}[path]
+        M = {"gemv": 1, "splitk": 8, "gemm": 200, "dqmm": 300, "mma": 16}[path]
         qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
         qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
         x = torch.randn(M, K, generator=gen).half().cuda()
@@ -1188,6 +1251,27 @@ class TestCUDA:
         for rows in (slice(0, 64), slice(M - 64, M), slice(M // 2, M // 2 + 64)):
             assert_close_to_reference(y[rows], x[rows], qweight, scales, zeros, 128, None)
         del y
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    @pytest.mark.parametrize("group_size,g_idx_kind", [(128, None), (-1, None), (128, "static")])
+    def test_mma_path_at_model_sizes(self, gen, dtype, group_size, g_idx_kind, monkeypatch):
+        """The Gluon kernel compiled (its layouts, inline PTX and mma.sync), chosen by the
+        launcher as the autotuner would (so its plans launch directly, with integer pointers,
+        from the second call), at batches 1, 5 and 16, N a multiple of neither 64 nor 256."""
+        monkeypatch.setattr(W, "_paths_for", lambda M: ("mma",))
+        K, N = 4096, 2048 + 64 + 32
+        qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        g_idx = g_idx.cuda() if g_idx is not None else None
+        for M in (1, 5, 16):
+            x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+            first = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx)
+            assert_close_to_reference(first, x, qweight, scales, zeros, group_size, g_idx)
+            again = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx)
+            torch.testing.assert_close(again, first, rtol=2e-3, atol=2e-3)
+            key = (id(qweight), id(scales), id(zeros), id(g_idx), group_size)
+            plans = [p for p in W._ENTRIES[key].plans.values() if p.M == M]
+            assert plans and plans[0].path == "mma" and plans[0].launches[0].compiled is not None
 
     def test_plans_launch_directly_and_agree(self, gen):
         """Steady-state calls (cached plans, direct launches with integer pointers) give the

@@ -1,0 +1,102 @@
+"""Gluon kernels that also run under Triton's interpreter.
+
+Gluon (``triton.experimental.gluon``) is Triton with explicit layouts: a kernel states which
+thread holds which element, so it can load packed weights straight into the registers of a tensor
+core's operand (no shared-memory round trip). Triton's interpreter does not run Gluon. But a
+Gluon program's *values* do not depend on its layouts: layouts only place elements on threads,
+and ``convert_layout`` is the identity on values. So the same kernel source is run on the CPU by
+binding ``gl`` to a shim that forwards each operation to ``triton.language`` with the layout
+arguments dropped (``mma_v2`` becomes ``tl.dot``). The CPU tests thereby check the kernel's
+arithmetic and indexing line for line; what they cannot check (the layouts, and that the
+conversions between them move no data) is checked by compiling for sm_80/sm_90, where
+``convert_layout(..., assert_trivial=True)`` fails to compile unless the conversion is a
+renaming of registers.
+
+A kernel is written as a plain function over the module-level names ``gl`` and ``mma_v2`` and
+wrapped with :func:`gluon_kernel`; it may not call other jitted functions.
+"""
+
+import types
+
+import triton
+import triton.language as tl
+
+from ._runtime import INTERPRETED
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon import constexpr_function
+    HAS_GLUON = True
+except ImportError:  # a Triton without Gluon: the kernels only run interpreted
+    gluon = gl = mma_v2 = None
+    HAS_GLUON = False
+
+    def constexpr_function(fn):
+        return fn
+
+
+def _no_layout(*args, **kwargs):
+    return None
+
+
+class _InterpretedGluon(types.SimpleNamespace):
+    """``gl`` under the interpreter: ``triton.language`` with layouts dropped."""
+
+    BlockedLayout = SliceLayout = NVMMADistributedLayout = DotOperandLayout = staticmethod(_no_layout)
+    constexpr = tl.constexpr
+
+    @staticmethod
+    def arange(start, end, layout=None):
+        return tl.arange(start, end)
+
+    @staticmethod
+    def zeros(shape, dtype, layout=None):
+        return tl.zeros(shape, dtype)
+
+    @staticmethod
+    def full(shape, value, dtype, layout=None):
+        return tl.full(shape, value, dtype)
+
+    @staticmethod
+    def convert_layout(value, layout, assert_trivial=False):
+        return value
+
+    @staticmethod
+    def barrier():
+        return tl.debug_barrier()
+
+    def __getattr__(self, name):
+        return getattr(tl, name)
+
+
+def _interpreted_mma_v2(a, b, acc, input_precision=None):
+    return tl.dot(a, b, acc)
+
+
+def gluon_kernel(fn):
+    """``fn`` compiled by Gluon, or, under TRITON_INTERPRET=1, interpreted with ``gl`` and
+    ``mma_v2`` bound to the shims above (a copy of ``fn`` whose globals differ; the source and
+    its line numbers are the same, so an interpreter error points at the kernel's own line)."""
+    if not INTERPRETED:
+        return gluon.jit(fn) if HAS_GLUON else None
+    shims = dict(gl=_InterpretedGluon(), mma_v2=_interpreted_mma_v2, tl=tl)
+    names = dict(fn.__globals__, **shims)
+    copy = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__module__ = fn.__module__
+    interpreted = triton.jit(copy)
+    rewrite = interpreted.rewrite
+
+    def rewrite_with_constexprs():
+        # The interpreter re-compiles the source with postponed annotations and recognizes
+        # "tl.constexpr" among the strings, not "gl.constexpr" (the same object)
+        # (the module's names as they are now: helpers defined below this kernel included)
+        names.update({k: v for k, v in fn.__globals__.items() if k not in shims})
+        rewritten = rewrite()
+        rewritten.__annotations__ = {name: "tl.constexpr" if kind == "gl.constexpr" else kind
+                                     for name, kind in rewritten.__annotations__.items()}
+        return rewritten
+
+    interpreted.rewrite = rewrite_with_constexprs
+    return interpreted
