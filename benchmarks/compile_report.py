@@ -102,7 +102,7 @@ def w4a16_cases(full=False):
         warps = config["num_warps"]
         name = (f"mma {str(dtype)[6:]} {'perchan' if per_channel else 'g128'} "
                 f"BM{constexprs['BLOCK_M']} KR{config['KR']} GK{constexprs['GROUP_K']} "
-                f"SK{config['SPLIT_K']} w{warps}")
+                f"SK{config['SPLIT_K']} w{warps}{' prefetch' if constexprs['PREFETCH'] else ''}")
         args = _w4a16_args(M, G, dtype)
         del args[4]  # (no g_idx: static groups only)
         cases.append((name, W._w4a16_mma_kernel, args, constexprs, warps, 1))
@@ -149,7 +149,9 @@ def w4a16_cases(full=False):
         mma_case(pick("mma", KR=1, SPLIT_K=8, num_warps=4), 16, torch.float16)
         mma_case(pick("mma", KR=1, SPLIT_K=8, num_warps=4), 1, torch.float16)
         mma_case(pick("mma", KR=1, SPLIT_K=8, num_warps=2), 1, torch.float16, per_channel=True)
-        mma_case(pick("mma", KR=2, num_warps=4), 16, torch.bfloat16)
+        mma_case(pick("mma", PREFETCH=True, SPLIT_K=8, num_warps=4), 16, torch.float16)
+        mma_case(pick("mma", PREFETCH=True, SPLIT_K=8, num_warps=2), 1, torch.float16)
+        mma_case(pick("mma", PREFETCH=True, num_warps=4), 16, torch.bfloat16)
         mma_case(pick("mma", KR=1, num_warps=1), 5, torch.bfloat16, per_channel=True)
         dot_case("gemm", pick("gemm", BLOCK_M=256, BLOCK_K=64, SWAP_AB=False), 4096,
                  torch.float16)

@@ -279,12 +279,16 @@ AUTOTUNE_SPACE = {
         ]
     ],
     # Tensor cores with the weight dequantized in the registers of the MMA operand (Gluon,
-    # :mod:`epmq_kernels.w4a16_mma`; 16 configs; fp16/bf16 activations, M <= MMA_MAX_M): a
+    # :mod:`epmq_kernels.w4a16_mma`; 24 configs; fp16/bf16 activations, M <= MMA_MAX_M): a
     # program owns 64 num_warps columns, steps over KR tiles of 32 inputs and flushes its
-    # group's partial product every UNROLL steps. BLOCK_M (8 or 16) follows M. At 4096 x 4096
-    # with 4 warps and SPLIT_K = 32 that is 16 x 32 = 512 programs (~4 per SM).
-    "mma": (_product(KR=[1], UNROLL=[4], SPLIT_K=[4, 8, 16, 32], num_warps=[1, 2, 4])
-            + _product(KR=[2], UNROLL=[2], SPLIT_K=[8, 16], num_warps=[2, 4])),
+    # group's partial product every UNROLL steps; PREFETCH loads each step's words and
+    # activations one step ahead (a tile of 128 inputs: 32 words a thread in flight while it
+    # computes on 32 more). BLOCK_M (8 or 16) follows M. At 4096 x 4096 with 4 warps and
+    # SPLIT_K = 32 that is 16 x 32 = 512 programs (~4 per SM).
+    "mma": (_product(KR=[1], UNROLL=[4], SPLIT_K=[4, 8, 16, 32], num_warps=[1, 2, 4],
+                     PREFETCH=[False])
+            + _product(KR=[4], UNROLL=[1], SPLIT_K=[4, 8, 16, 32], num_warps=[1, 2, 4],
+                       PREFETCH=[True])),
     # Dequantize CHUNK_K rows, or CHUNK_N columns, of the weight at a time (tiles of 8 BLOCK_R
     # rows x BLOCK_N columns) + cuBLAS (8 configs). STREAMS = 2: the next chunk dequantized on a
     # side stream (two buffers) while cuBLAS multiplies by this one; on an H200 (2026-12-04)
@@ -309,7 +313,7 @@ INTERPRETER_CONFIG = {
     "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, PAIRS=False,
                  SWAP_AB=True, SCALE_AFTER=False, num_warps=4, num_stages=1),
     "dqmm": dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4),
-    "mma": dict(KR=1, UNROLL=2, SPLIT_K=2, num_warps=1),
+    "mma": dict(KR=1, UNROLL=2, SPLIT_K=2, num_warps=1, PREFETCH=True),
 }
 
 PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma")
@@ -1947,6 +1951,7 @@ def _mma_launch_shape(config, M, K, N, G, group, x_dtype):
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], GROUP_K=group_k, WARPS=warps,
                       SPLIT_K=split_k, ONE_GROUP=G == 1 or group % k_per_split == 0,
                       EVEN=N % block_n == 0 and K % group_k == 0,
+                      PREFETCH=bool(config.get("PREFETCH", False)),
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
     return grid, k_per_split, constexprs
 

@@ -117,14 +117,39 @@ def _halves(d, CDT: gl.constexpr):
                        (d >> 16).to(gl.int16).to(CDT, bitcast=True))
 
 
+@gluon_kernel
+def _load_words(qweight_ptr, k0, r, cols, c_mask, k_end, K, stride_qk, stride_qn,
+                BLOCK_K: gl.constexpr, EVEN: gl.constexpr):
+    """The packed words of inputs ``k0 .. k0 + BLOCK_K`` (rows ``k0 / 8 + r``) and columns
+    ``cols``: unmasked where the problem is EVEN (the tile moved back inside K if it starts past
+    ``K - BLOCK_K``, which only a prefetch beyond its slice's end asks for, and discards)."""
+    if EVEN:  # (no masks: no zeroed registers and predicates a load)
+        rows = gl.minimum(k0, K - BLOCK_K) // 8 + r
+        return gl.load(qweight_ptr + rows[:, None] * stride_qk + cols[None, :] * stride_qn,
+                       eviction_policy="evict_first")
+    rows = k0 // 8 + r
+    return gl.load(qweight_ptr + rows[:, None] * stride_qk + cols[None, :] * stride_qn,
+                   mask=(rows * 8 < k_end)[:, None] & c_mask[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@gluon_kernel
+def _load_x(x_rows, k0, xm, xk, M, k_end, stride_xk, CDT: gl.constexpr):
+    """Activations ``x[xm, k0 + xk]`` in the compute dtype, zero outside the batch and slice."""
+    kx = k0 + xk
+    return gl.load(x_rows + kx[None, :] * stride_xk,
+                   mask=(xm < M)[:, None] & (kx < k_end)[None, :], other=0.0,
+                   eviction_policy="evict_last").to(CDT)
+
+
 def _w4a16_mma(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, sums_ptr, counters_ptr,
     M, N, K, group_size, k_per_split, opaque_zero,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, GROUP_K: gl.constexpr, WARPS: gl.constexpr,
-    SPLIT_K: gl.constexpr, ONE_GROUP: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr,
-    ASM: gl.constexpr, TRIVIAL: gl.constexpr,
+    SPLIT_K: gl.constexpr, ONE_GROUP: gl.constexpr, EVEN: gl.constexpr, PREFETCH: gl.constexpr,
+    CDT: gl.constexpr, ASM: gl.constexpr, TRIVIAL: gl.constexpr,
 ):
     """A ``64 WARPS x BLOCK_M`` tile of ``y^T`` over one K slice; see the module docstring."""
     BLOCK_N: gl.constexpr = 64 * WARPS
@@ -172,6 +197,10 @@ def _w4a16_mma(
 
     split_shape: gl.constexpr = [KR, 4, 2, WARPS, 8, 4]
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+    if PREFETCH:  # (the words and activations of each step loaded one step ahead)
+        words_next = _load_words(qweight_ptr, k_start, r, cols, c_mask, k_end, K, stride_qk,
+                                 stride_qn, BLOCK_K, EVEN)
+        x_next = _load_x(x_rows, k_start, xm, xk, M, k_end, stride_xk, CDT)
     for g0 in range(k_start, k_end, GROUP_K):
         g = g0 // group_size
         z = gl.load(zeros_ptr + g * stride_zg + cols * stride_zn, mask=c_mask, other=0)
@@ -186,13 +215,15 @@ def _w4a16_mma(
         part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         for kk in gl.static_range(GROUP_K // BLOCK_K):
             k0 = g0 + kk * BLOCK_K
-            rows = k0 // 8 + r
-            w_ptrs = qweight_ptr + rows[:, None] * stride_qk + cols[None, :] * stride_qn
-            if EVEN:  # (no masks: no zeroed registers and predicates a load)
-                words = gl.load(w_ptrs, eviction_policy="evict_first")
+            if PREFETCH:
+                words, xt = words_next, x_next
+                words_next = _load_words(qweight_ptr, k0 + BLOCK_K, r, cols, c_mask, k_end, K,
+                                         stride_qk, stride_qn, BLOCK_K, EVEN)
+                x_next = _load_x(x_rows, k0 + BLOCK_K, xm, xk, M, k_end, stride_xk, CDT)
             else:
-                words = gl.load(w_ptrs, mask=(rows * 8 < k_end)[:, None] & c_mask[None, :],
-                                other=0, eviction_policy="evict_first")
+                words = _load_words(qweight_ptr, k0, r, cols, c_mask, k_end, K, stride_qk,
+                                    stride_qn, BLOCK_K, EVEN)
+                xt = _load_x(x_rows, k0, xm, xk, M, k_end, stride_xk, CDT)
             words = gl.reshape(words, split_shape)  # [kr, t, h_n, w, g, j]
             # q - z for pairs 0..3, two per register: one LOP3 and one half2 FMA each
             if CDT == gl.float16:
@@ -212,10 +243,6 @@ def _w4a16_mma(
             a = gl.permute(a, [5, 3, 2, 4, 0, 8, 7, 1, 6])
             a = gl.convert_layout(gl.reshape(a, [BLOCK_N, BLOCK_K]), a_layout,
                                   assert_trivial=TRIVIAL)
-            kx = k0 + xk
-            xt = gl.load(x_rows + kx[None, :] * stride_xk,
-                         mask=(xm < M)[:, None] & (kx < k_end)[None, :], other=0.0,
-                         eviction_policy="evict_last").to(CDT)
             # input 32 kr + 8 t + 4 h + 2 s + jr -> B [slots (kr, s, jr, t, h), batch]
             xt = gl.permute(gl.reshape(xt, [BLOCK_M, KR, 4, 2, 2, 2]), [1, 4, 5, 2, 3, 0])
             b = gl.convert_layout(gl.reshape(xt, [BLOCK_K, BLOCK_M]), b_layout,
