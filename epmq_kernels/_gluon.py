@@ -13,7 +13,8 @@ conversions between them move no data) is checked by compiling for sm_80/sm_90, 
 renaming of registers.
 
 A kernel is written as a plain function over the module-level names ``gl`` and ``mma_v2`` and
-wrapped with :func:`gluon_kernel`; it may not call other jitted functions.
+wrapped with :func:`gluon_kernel`; the functions it calls are wrapped the same way (Gluon ones
+compiled, their interpreted copies interpreted).
 """
 
 import types

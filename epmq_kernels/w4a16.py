@@ -1234,6 +1234,16 @@ def _path_for(M):
     return _paths_for(M)[0]
 
 
+def _runnable_paths(x2, entry):
+    """The paths that compete for this call: ``_paths_for(M)`` less ``mma`` where it cannot run
+    these activations and weights (so that the choice remembered for, and cached under, a
+    problem's key is one it can run: the key names the paths)."""
+    paths = _paths_for(x2.shape[0])
+    if "mma" in paths and not _mma_runs(x2, entry):
+        paths = tuple(p for p in paths if p != "mma")
+    return paths
+
+
 def _block_m_for_splitk(M):
     return 16 if M <= 16 else (32 if M <= 32 else 64)
 
@@ -1250,12 +1260,14 @@ def _mma_group_k(config, G, group_size):
 
 
 def _mma_runs(x2, entry) -> bool:
-    """Whether the mma path can run these activations and weights: fp16/bf16, static groups,
-    zero points in the 4-bit grid (read once per weights; weights first seen inside a CUDA
+    """Whether the mma path can run these activations and weights: fp16/bf16, static groups of
+    whole 32-input steps, zero points in the 4-bit grid (read once per weights; weights first seen inside a CUDA
     graph's capture, whose zero points were never read, go without it) and, compiled, Gluon
     and a GPU of compute capability 8.0 or newer (``mma.sync``)."""
     if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
         return False  # (and its row offsets are int32: fine for the batches it competes at)
+    if entry.G > 1 and entry.group % 32 != 0:
+        return False  # (a step of 32 inputs would straddle groups)
     if x2.is_cuda and not (HAS_GLUON and torch.cuda.get_device_capability(x2.device) >= (8, 0)):
         return False
     return (entry._zeros_in_grid is not None or not _capturing(x2.device)) and entry.zeros_in_grid()
@@ -1263,8 +1275,9 @@ def _mma_runs(x2, entry) -> bool:
 
 def _require_mma(x2, entry):
     if not _mma_runs(x2, entry):
-        raise ValueError("the mma path takes float16 or bfloat16 activations, static groups and "
-                         "zero points in 0..15, on a GPU of compute capability 8.0 or newer")
+        raise ValueError("the mma path takes float16 or bfloat16 activations, static groups of "
+                         "a multiple of 32 inputs and zero points in 0..15, on a GPU of compute "
+                         "capability 8.0 or newer")
 
 
 def _m_bucket(paths, M):
@@ -1327,9 +1340,14 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
                 return []
             if G > 1 and group_size % (32 * config["KR"]) != 0:
                 continue  # (a step of 32 KR inputs would straddle groups)
-            if config["SPLIT_K"] > triton.cdiv(K, _mma_group_k(config, G, group_size)):
-                continue  # some K slices would be empty
-            configs.append(dict(config, BLOCK_M=_block_m_for_mma(M)))
+            # at most as many K slices as leave none empty (a short K: fewer than the config's)
+            steps = triton.cdiv(K, _mma_group_k(config, G, group_size))
+            split_k = config["SPLIT_K"]
+            while split_k > 1 and (split_k - 1) * triton.cdiv(steps, split_k) >= steps:
+                split_k -= 1
+            config = dict(config, SPLIT_K=split_k, BLOCK_M=_block_m_for_mma(M))
+            if config not in configs:
+                configs.append(config)
             continue
         if path == "splitk":
             if M == 1 and not config["SWAP_AB"]:
@@ -1342,7 +1360,7 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
             continue
         configs.append(config)
     if path == "mma":
-        return configs  # (none where nothing fits: the other paths take the problem)
+        return configs
     # A config whose tiles straddle groups needs the gather path: only keep those if nothing else.
     aligned = [c for c in configs if not _needs_gather(path, c, G, group_size, permuted)]
     configs = aligned or configs
@@ -1430,8 +1448,6 @@ def _choose(paths, x2, entry):
         return chosen
     candidates = []
     for path in paths:
-        if path == "mma" and not _mma_runs(x2, entry):
-            continue
         for config in _candidates(path, M, entry.K, entry.G, entry.group, entry.permuted,
                                   x2.dtype, entry.N):
             candidates.append(dict(config, PATH=path))
@@ -1997,7 +2013,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
-    paths = _paths_for(x2.shape[0])
+    paths = _runnable_paths(x2, entry)
     path, config = _choose(paths, x2, entry)
     best = {}
     timings = sorted(autotune_cache.TIMINGS.get(("w4a16", _tuning_key(paths, x2, entry)), []),
@@ -2184,7 +2200,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         else:
             if path == "mma":
                 _require_mma(x2, entry)
-            path, config = _choose((path,) if path is not None else _paths_for(M), x2, entry)
+            path, config = _choose((path,) if path is not None else _runnable_paths(x2, entry),
+                                   x2, entry)
         plan = _build_plan(entry, path, config, x2, out2, lead)
         try:
             plan(x2, out2)

@@ -98,9 +98,80 @@ def test_mma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kind)
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
 
 
+@pytest.mark.parametrize("config", [dict(KR=4, UNROLL=1, SPLIT_K=2, num_warps=2, PREFETCH=True),
+                                    dict(KR=1, UNROLL=4, SPLIT_K=1, num_warps=2, PREFETCH=False)],
+                         ids=["kr4-w2-prefetch", "kr1-w2"])
+@pytest.mark.parametrize("group_size,N", [(128, 200), (-1, 256)])
+@pytest.mark.parametrize("M", [5, 16])
+def test_mma_warps_and_steps(gen, config, group_size, N, M):
+    """Two warps (the column order across warps) and steps of 128 inputs (KR = 4: four packed
+    rows a lane) beside the interpreter's one-warp KR = 1 default, masked and unmasked."""
+    qweight, scales, zeros, _ = make_problem(gen, 256, N, group_size)
+    x = torch.randn(M, 256, generator=gen).half()
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="mma", config=config,
+                 backend="triton")
+    assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
+
+
+def test_mma_launch_flags_match_the_tiles_it_reads():
+    """EVEN drops every mask and ONE_GROUP reads one scale per slice: both must follow from the
+    geometry, which the interpreter cannot check (it reads out of bounds without complaint, and
+    what it reads is multiplied by masked-off activations). A model of the kernel's tile loop
+    over every candidate of a grid of problems: where EVEN, every tile (prefetched ones moved
+    back inside K) lies inside K and N; where ONE_GROUP, each slice inside one group; and no
+    candidate leaves a K slice empty."""
+    for K, N, group_size in itertools.product((256, 768, 1024, 3072, 4096), (200, 256, 768, 2112),
+                                              (-1, 32, 64, 128, 256)):
+        if group_size != -1 and K % group_size:
+            continue
+        G = 1 if group_size == -1 else K // group_size
+        group = K if group_size == -1 else group_size
+        for M in (1, 16):
+            for config in W._candidates("mma", M, K, G, group, False, torch.float16, N):
+                grid, k_per_split, flags = W._mma_launch_shape(config, M, K, N, G, group,
+                                                               torch.float16)
+                block_k, block_n = 32 * flags["KR"], 64 * flags["WARPS"]
+                assert grid[0] * block_n >= N and grid[1] * k_per_split >= K
+                assert (grid[1] - 1) * k_per_split < K, (K, group_size, config)
+                for pid_k in range(grid[1]):
+                    k_start, k_end = pid_k * k_per_split, min(K, (pid_k + 1) * k_per_split)
+                    if flags["ONE_GROUP"] and k_start < k_end:
+                        assert k_start // group == (k_end - 1) // group, (K, group, config)
+                    for g0 in range(k_start, k_end, flags["GROUP_K"]):
+                        for k0 in range(g0, g0 + flags["GROUP_K"], block_k):
+                            if flags["EVEN"]:
+                                assert k0 + block_k <= K and N % block_n == 0, (K, N, config)
+                                nxt = min(k0 + block_k, K - block_k)
+                                assert 0 <= nxt and nxt + block_k <= K
+
+
+def test_mma_choice_is_remembered_per_runnable_paths(gen, monkeypatch):
+    """A layer whose zero points leave the 4-bit grid (GPTQ v1 zeros unpacked without the + 1
+    reach 16) after one of the same shapes took the mma path: it must not be handed the other
+    layer's remembered mma choice (the key names the paths that can run)."""
+    monkeypatch.setattr(W, "_TUNE", True)
+    monkeypatch.setattr(W, "_CHOSEN", {})
+    offered = []
+
+    def pick_mma(cache, key, candidates, run, prepare=None, verify=None):
+        offered.append({c["PATH"] for c in candidates})
+        return next((c for c in candidates if c["PATH"] == "mma"), candidates[0])
+
+    monkeypatch.setattr(autotune_cache, "tune", pick_mma)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (no CUDA)
+    qweight, scales, zeros, _ = make_problem(gen, 128, 64, 32)
+    x = torch.randn(3, 128, generator=gen).half()
+    for zs in (zeros, zeros + 1):
+        out = w4a16_matmul(x, qweight, scales, zs, 32, backend="triton")
+        assert_close_to_reference(out, x, qweight, scales, zs, 32, None)
+    assert offered == [{"splitk", "mma"}, {"splitk"}]
+
+
 def test_mma_path_refuses_what_it_cannot_compute(gen):
     """fp32 activations, permuted groups, zero points outside the 4-bit grid and groups that
-    are not whole 32-input steps: a clear error when forced (the autotuner never offers it)."""
+    are not whole 32-input steps (or not whole steps of a forced config): a clear error when
+    forced (the autotuner never offers it)."""
     qweight, scales, zeros, perm = make_problem(gen, 64, 40, 32, "permuted")
     x = torch.randn(2, 64, generator=gen).half()
     cases = [(x.float(), zeros, 32, None), (x, zeros, 32, perm), (x, zeros + 16, 32, None)]
@@ -108,10 +179,14 @@ def test_mma_path_refuses_what_it_cannot_compute(gen):
         with pytest.raises(ValueError, match="mma path takes float16 or bfloat16"):
             w4a16_matmul(xs, qweight, scales, zs, group, g_idx, path="mma", backend="triton")
     q16, s16, z16, _ = make_problem(gen, 64, 40, 16)
-    with pytest.raises(ValueError, match="groups of 16 are not whole steps of 32"):
-        w4a16_matmul(x, q16, s16, z16, 16, path="mma", config=W.INTERPRETER_CONFIG["mma"],
-                     backend="triton")
+    with pytest.raises(ValueError, match="static groups of a multiple of 32 inputs"):
+        w4a16_matmul(x, q16, s16, z16, 16, path="mma", backend="triton")
     assert W._candidates("mma", 2, 64, 4, 16, False) == []
+    q64, s64, z64, _ = make_problem(gen, 128, 40, 64)
+    x128 = torch.randn(2, 128, generator=gen).half()
+    with pytest.raises(ValueError, match="groups of 64 are not whole steps of 128"):
+        w4a16_matmul(x128, q64, s64, z64, 64, path="mma", config=AUTOTUNE_SPACE["mma"][-1],
+                     backend="triton")
 
 
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm", "dqmm"])
@@ -407,7 +482,9 @@ def test_paths_offered_by_batch_size():
     assert {c["KR"] for c in W._candidates("mma", 1, 4096, 128, 32, False)} == {1}
     assert W._candidates("mma", 1, 4096, 32, 128, True) == []
     assert W._candidates("mma", 1, 4096, 32, 128, False, torch.float32) == []
-    assert all(c["SPLIT_K"] <= 6 for c in W._candidates("mma", 1, 768, 6, 128, False))
+    # (K slices: as many as leave none empty, 3 and 6 where the space says 4 to 32)
+    assert {c["SPLIT_K"] for c in W._candidates("mma", 1, 768, 6, 128, False)} == {3, 6}
+    assert {c["SPLIT_K"] for c in W._candidates("mma", 1, 64, 2, 32, False)} == {2}
     assert W._paths_for(W.DQMM_MIN_M) == ("gemm", "dqmm")
     at_one = W._candidates("splitk", 1, 4096, 32, 128, False)
     assert at_one and all(c["SWAP_AB"] and c["BLOCK_M"] == 16 for c in at_one)
