@@ -59,7 +59,9 @@ from epmq_kernels.packing import (  # noqa: E402
 from epmq_kernels import w4a16 as W4A16  # noqa: E402
 from epmq_kernels.w4a16 import dequantize_int4_weight, w4a16_matmul, w4a16_plan  # noqa: E402
 
-SHAPES = [(768, 3072), (3072, 768), (4096, 4096), (4096, 14336), (8192, 8192)]
+# the goal's shapes first (4096 x 4096 and 8192 x 8192): a run cut short by the suite's time
+# limit keeps them (the tuning of each new batch size's bucket takes its share of the step)
+SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (768, 3072), (3072, 768)]
 BATCHES = [1, 4, 16, 64, 256, 1024, 4096]
 BF16_SHAPES = [(4096, 4096), (8192, 8192)]  # also timed with bf16 activations, M = 1 and 16
 GROUPS = [128, -1]

@@ -62,8 +62,9 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # GEMV, one-product bf16x3 residual and bf16x3 R tests (about 20-30 s more, not yet timed); 120
 # since the fold, Hessian-scan, bf16x3-product and two-stream dqmm tests (2026-12-04, untimed);
 # since then the side-stream tests (tests/epmq/test_stats.py, untuned: EPMQ_AUTOTUNE=0) and one
-# bf16 HALF2 model-size case (2026-12-05, untimed): if the step hits its limit, its log's
-# --durations list says which tests to trim
+# bf16 HALF2 model-size case (2026-12-05, untimed), and the Gluon mma path's (its 24 configs
+# twice, compiled in parallel, and 4 model-size cases of 3 batches; 2026-12-05, untimed): if
+# the step hits its limit, its log's --durations list says which tests to trim
 XDIST=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 6 --dist load); fi
 step cuda-tests 120 "$PYTHON" -m pytest -q tests -m cuda --durations=15 ${XDIST[@]+"${XDIST[@]}"}  # (the slowest: to size this limit)

@@ -1376,15 +1376,19 @@ class TestCUDA:
                 assert w4a16_matmul(other, qweight, scales, zeros, 128, out=out) is out
                 assert_close_to_reference(out, other, qweight, scales, zeros, 128, None)
 
-    @pytest.mark.parametrize("mode", ["private", "shared"])
-    @pytest.mark.parametrize("M", [1, 16])
-    def test_cuda_graph_capture(self, gen, mode, M, monkeypatch):
+    @pytest.mark.parametrize("mode,M,path", [("private", 1, None), ("private", 16, None),
+                                             ("shared", 1, None), ("shared", 16, None),
+                                             ("private", 16, "mma"), ("shared", 1, "mma")])
+    def test_cuda_graph_capture(self, gen, mode, M, path, monkeypatch):
         """Split-K calls captured in a CUDA graph stay right across replays, with other work
         of the same graph allocating after them (which may reuse freed memory) and eager calls
         on another stream in between. The first config of each path splits K (autotuning is
-        off here)."""
+        off here); the mma path's too, where it is the only path offered."""
         assert AUTOTUNE_SPACE["gemv"][0]["SPLIT_K"] > 1
         assert AUTOTUNE_SPACE["splitk"][0]["SPLIT_K"] > 1
+        assert AUTOTUNE_SPACE["mma"][0]["SPLIT_K"] > 1
+        if path is not None:
+            monkeypatch.setattr(W, "_paths_for", lambda M: (path,))
         monkeypatch.setattr(W, "GRAPH_WORKSPACE", mode)
         K, N = 2048, 1024
         qweight, scales, zeros, _ = make_problem(gen, K, N, 128)
