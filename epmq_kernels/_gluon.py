@@ -24,20 +24,6 @@ import triton.language as tl
 
 from ._runtime import INTERPRETED
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon import constexpr_function
-    HAS_GLUON = True
-except ImportError:  # a Triton without Gluon: the kernels only run interpreted
-    gluon = gl = mma_v2 = None
-    HAS_GLUON = False
-
-    def constexpr_function(fn):
-        return fn
-
-
 def _no_layout(*args, **kwargs):
     return None
 
@@ -74,6 +60,21 @@ class _InterpretedGluon(types.SimpleNamespace):
 
 def _interpreted_mma_v2(a, b, acc, input_precision=None):
     return tl.dot(a, b, acc)
+
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon import constexpr_function
+    HAS_GLUON = True
+except ImportError:  # a Triton without Gluon (before 3.5): the kernels only run interpreted
+    # (the shims stand in, so that a kernel's annotations, ``gl.constexpr``, still resolve)
+    gluon, gl, mma_v2 = None, _InterpretedGluon(), _interpreted_mma_v2
+    HAS_GLUON = False
+
+    def constexpr_function(fn):
+        return fn
 
 
 def gluon_kernel(fn):
