@@ -181,14 +181,21 @@ def bench_packing(device, gen):
 
 
 def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_row=None,
-                 dtype=torch.float16, rows=None, failures=0):
+                 dtype=torch.float16, rows=None, failures=0, act_order=None):
     """One row per (shape, group, M) with activations of ``dtype`` against cuBLAS in it,
-    appended to ``rows``."""
+    appended to ``rows``. ``act_order``: "sorted" or "gather", the weights' rows in act-order
+    (a permuted g_idx, GPTQ's with dynamic groups), run by sorting the codes once (the default,
+    ``ACT_ORDER_REPACK``) or by the kernels' per-row gather."""
     rows = [] if rows is None else rows
     for K, N in shapes:
         for group_size in groups:
             qweight, scales, zeros = make_weights(K, N, group_size, device, gen)
-            weight = dequantize_int4_weight(qweight, scales, zeros, group_size, dtype=dtype)
+            g_idx = None
+            if act_order is not None:
+                order = torch.randperm(K, device=device, generator=gen)
+                g_idx = (torch.arange(K, device=device) // group_size)[order].to(torch.int32)
+            W4A16.ACT_ORDER_REPACK = act_order != "gather"
+            weight = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx, dtype=dtype)
             int4_set = qweight.nbytes + scales.nbytes + zeros.nbytes
             n_int4 = copies_to_defeat_l2(int4_set, l2_bytes)
             n_fp16 = copies_to_defeat_l2(weight.nbytes, l2_bytes)
@@ -200,14 +207,14 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 reference = torch.matmul(x, weight)
 
                 started = time.perf_counter()
-                y = w4a16_matmul(x, qweight, scales, zeros, group_size)  # autotunes if needed
+                y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx)  # autotunes
                 torch.cuda.synchronize()
                 first_call_s = time.perf_counter() - started
                 error = ((y.float() - reference.float()).abs().max()
                          / reference.float().abs().max().clamp_min(1e-6)).item()
                 ok = bool(torch.isfinite(y).all()) and error < 1e-2
 
-                int4_calls = [(lambda q=q, s=s, z=z: w4a16_matmul(x, q, s, z, group_size))
+                int4_calls = [(lambda q=q, s=s, z=z: w4a16_matmul(x, q, s, z, group_size, g_idx))
                               for q, s, z in int4_sets]
                 fp16_calls = [(lambda w=w: torch.matmul(x, w)) for w in fp16_sets]
                 ms_int4 = median_ms(rotating(int4_calls))
@@ -215,12 +222,13 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 ms_int4_graph = graph_ms(int4_calls, M)
                 ms_fp16_graph = graph_ms(fp16_calls, M)
 
-                plan = w4a16_plan(x, qweight, scales, zeros, group_size)
+                plan = w4a16_plan(x, qweight, scales, zeros, group_size, g_idx)
                 nbytes = int4_bytes(M, K, N, group_size)
                 actual = int4_set + x.nbytes + y.nbytes
                 row = dict(
                     K=K, N=N, M=M, group_size=group_size, activation_dtype=str(dtype)[6:],
-                    path=plan["path"], config=plan["config"],
+                    act_order=act_order, path=plan["path"], config=plan["config"],
+                    gather=plan["gather"],
                     tuned_best_ms_by_path=plan["best_ms_by_path"], rejected_configs=plan["rejected"],
                     # (every candidate of the bucket, fastest first: how far the next ones were)
                     tuned_us=[[round(ms * 1e3, 2), candidate] for ms, candidate in plan["timings"]],
@@ -246,7 +254,8 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                 failures += not ok
                 tuned = " ".join(f"{p}={ms * 1e3:.1f}us"
                                  for p, ms in sorted(plan["best_ms_by_path"].items()))
-                print(f"K={K:5d} N={N:5d} g={group_size:4d} M={M:5d} {str(dtype)[6:]:8s} {plan['path']:6s} "
+                print(f"K={K:5d} N={N:5d} g={group_size:4d} M={M:5d} {str(dtype)[6:]:8s} "
+                      f"{'act-order ' + act_order + ' ' if act_order else ''}{plan['path']:6s} "
                       f"w4a16 {ms_int4 * 1e3:8.1f} us  cublas {ms_fp16 * 1e3:8.1f} us  "
                       f"x{row['speedup']:5.2f} | graph {ms_int4_graph * 1e3:8.1f} us  "
                       f"cublas {ms_fp16_graph * 1e3:8.1f} us  x{row['speedup_graph']:5.2f}  "
@@ -257,19 +266,22 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                     on_row(rows, failures)
             del int4_sets, fp16_sets, weight, int4_calls, fp16_calls
             torch.cuda.empty_cache()
+    W4A16.ACT_ORDER_REPACK = True
     return rows, failures
 
 
 def summary(rows):
     """The issue's targets, last (the caller may only see the tail): M = 1 and 16 on 4096^2 and
     8192^2 (>= 3.5x cuBLAS, >= 85% of copy bandwidth at M = 1) and M >= 1024 (>= 0.9x); the
-    bf16 rows (against bf16 cuBLAS) before them."""
+    bf16 rows (against bf16 cuBLAS) and the act-order ones before them."""
     print("== summary (eager | graph): speedup over cuBLAS, fraction of copy bandwidth, path")
-    for r in sorted(rows, key=lambda r: r.get("activation_dtype", "float16") == "float16"):
+    for r in sorted(rows, key=lambda r: (r.get("activation_dtype", "float16") == "float16"
+                                         and not r.get("act_order"))):
         small = (r["K"], r["N"]) in ((4096, 4096), (8192, 8192)) and r["M"] in (1, 16)
         if small or r["M"] >= 1024:
             print(f"  {r['K']}x{r['N']} g{r['group_size']:<4d} M={r['M']:<5d} "
                   f"{r.get('activation_dtype', 'float16'):8s} "
+                  + (f"act-order {r['act_order']} " if r.get("act_order") else "") +
                   f"x{r['speedup']:5.2f} | x{r['speedup_graph']:5.2f}   "
                   f"{100 * r['frac_copy_bw']:3.0f}% | {100 * r['frac_copy_bw_graph']:3.0f}%   "
                   f"host gap {r['host_gap_us_w4a16']:6.1f} us   {r['path']}  tuned: "
@@ -280,7 +292,8 @@ def summary(rows):
 def plot(rows, path, device_name):
     """Speedup over cuBLAS against M: eager (solid) and CUDA-graph replays (dashed, the GPU
     time alone), one panel per group size."""
-    rows = [r for r in rows if r.get("activation_dtype", "float16") == "float16"]
+    rows = [r for r in rows if r.get("activation_dtype", "float16") == "float16"
+            and not r.get("act_order")]
     groups = sorted({r["group_size"] for r in rows}, reverse=True)
     fig, axes = pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, group_size in zip(axes[0], groups):
@@ -360,6 +373,14 @@ def main(argv=None):
                                       [m for m in (1, 16) if m in batches], [g for g in (128,) if g in groups],
                                       copy_gbps, l2_bytes, on_row=on_row, dtype=torch.bfloat16,
                                       rows=rows, failures=failures)
+        # act-order weights (a permuted g_idx) at the batch-1 and batch-16 targets, group 128:
+        # the codes sorted once (the default) against the kernels' per-row gather
+        for act_order in ("sorted", "gather"):
+            rows, failures = bench_matmul(device, gen, [s for s in BF16_SHAPES[:1] if s in shapes],
+                                          [m for m in (1, 16) if m in batches],
+                                          [g for g in (128,) if g in groups], copy_gbps, l2_bytes,
+                                          on_row=on_row, rows=rows, failures=failures,
+                                          act_order=act_order)
         partial = False
     except Terminated:
         rows, failures, partial = list(latest["rows"]), latest["failures"], True

@@ -14,7 +14,9 @@ In memory ``qzeros`` holds the zero points ``z`` themselves (GPTQ "v2"); the ori
 convention (``z - 1``) exists only in files and is converted by ``epmq.checkpoint``.
 
 Forward: on CUDA with 4 bits, the fused ``epmq_kernels.w4a16_matmul`` (the weight is
-dequantized in registers, never in memory). Under ``torch.compile`` a traceable forward
+dequantized in registers, never in memory; an act-order layer's codes are sorted by group once,
+a second copy of its packed codes on the GPU, and its activations gathered into that order per
+call: ``epmq_kernels.w4a16.ACT_ORDER_REPACK``). Under ``torch.compile`` a traceable forward
 (``_traced_product``: the kernel as the custom op ``torch.ops.epmq.w4a16_matmul``), so a
 compiled model has no graph break at its quantized layers. On the CPU with 4 bits, bf16 or fp16 activations
 and at most ``CPU_INT4_MAX_ROWS`` rows, torch's own int4 CPU kernel

@@ -31,8 +31,13 @@ Conventions
 * A ``g_idx`` equal to ``k // group_size`` (static groups) is detected once per tensor (and
   per in-place change of it) and takes the same path as no ``g_idx``: the tile of BLOCK_K rows
   lies in one group, whose scale and zero point are loaded once per tile. A permuted ``g_idx``
-  (act-order with dynamic groups) is honoured by gathering the scale and zero point of each
-  row, which costs bandwidth and is slower.
+  (act-order with dynamic groups) is, where its groups sorted are runs of ``group_size`` (as
+  GPTQ makes them), taken as static groups of sorted rows: the codes are sorted once (a second
+  copy of the packed codes, kept with the weights' plans; ``ACT_ORDER_REPACK``) and each call
+  gathers x's columns into the same order, a small gather, after which every fast path applies.
+  Other permuted ``g_idx`` (and calls forcing a path or config) gather the scale and zero point
+  of each row in the kernels, which costs bandwidth and instructions (the GEMV: about 90 a
+  packed word against 26-33).
 
 Paths
 -----
@@ -176,6 +181,7 @@ import triton.language as tl
 
 from ._runtime import INTERPRETED, check_device, side_stream, version
 from ._gluon import HAS_GLUON
+from .packing import pack_int4, unpack_int4
 from . import autotune_cache
 from .w4a16_mma import _w4a16_mma_kernel
 
@@ -191,6 +197,13 @@ from .w4a16_mma import _w4a16_mma_kernel
 SPLITK_MAX_M = 64
 DQMM_MIN_M = 256
 MMA_MAX_M = 16  # (the mma path competes up to here: beyond, each 16 rows dequantize again)
+# Act-order weights (a permuted g_idx whose groups, sorted, are runs of group_size: GPTQ's
+# act-order with dynamic groups) are run as static groups: the codes' rows sorted by group once
+# (a copy of the packed codes, K N / 2 bytes, kept while the weights live) and each call's
+# activations gathered in the same order (one small gather), so every fast path applies where
+# the gather paths read a scale and zero point per row and code. False: the gather paths.
+ACT_ORDER_REPACK = True
+_SORT_CHUNK_COLUMNS = 2048  # (the sort unpacks this many columns of codes at a time, as int32)
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 # A dqmm buffer never holds more than this many bytes of dequantized weight: the workspace, one
 # buffer or two (STREAMS = 2), at most 128 MiB per device, stream, dtype and thread, whatever
@@ -1625,6 +1638,7 @@ class _Weights:
         self.scales_dtype, self.zeros_dtype = scales.dtype, zeros.dtype
         self.plans = {}
         self._zeros_in_grid = None
+        self._sorted = None  # act-order: (perm, sorted codes, their entry), or False (none)
 
     def zeros_in_grid(self) -> bool:
         """Whether every zero point lies in the 4-bit grid (0..15), as GPTQ's do: the HALF2
@@ -1634,6 +1648,16 @@ class _Weights:
             lo, hi = torch.aminmax(zeros.to(torch.int32)) if zeros.numel() else (0, 0)
             self._zeros_in_grid = bool(0 <= int(lo) and int(hi) <= 15)
         return self._zeros_in_grid
+
+    def sorted_form(self):
+        """For act-order weights (see ACT_ORDER_REPACK): ``(perm, entry)``, ``entry`` the same
+        weights with the codes' rows in the order ``perm`` and static groups, built once; else
+        None. Not built while a CUDA graph is being captured (its checks read the device)."""
+        if self._sorted is None:
+            if not (self.permuted and ACT_ORDER_REPACK) or _capturing(self.device):
+                return None
+            self._sorted = _sort_groups(self) or False
+        return (self._sorted[0], self._sorted[2]) if self._sorted else None
 
     def _forget(self, _ref):
         entries = _ENTRIES  # (None while the interpreter shuts down: nothing left to forget)
@@ -1672,6 +1696,41 @@ class _Weights:
             index = _current_device()
             return index, _raw_stream(index)
         return None
+
+
+def _sort_groups(entry):
+    """``(perm, sorted qweight, its entry)`` where ``g_idx[perm]`` is ``k // group_size``, or
+    None where the sorted groups are not runs of group_size."""
+    qweight, scales, zeros, g_idx = entry.tensors()
+    K, N, G, group = entry.K, entry.N, entry.G, entry.group
+    g = g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], torch.arange(K, device=g.device) // group):
+        return None
+    codes_sorted = torch.empty_like(qweight)
+    for n0 in range(0, N, _SORT_CHUNK_COLUMNS):  # (the unpacked codes: 4 bytes each)
+        columns = slice(n0, n0 + _SORT_CHUNK_COLUMNS)
+        codes_sorted[:, columns] = pack_int4(unpack_int4(qweight[:, columns])[perm],
+                                             check_range=False)
+    sorted_entry = _Weights(None, codes_sorted, scales, zeros, None, entry.group_size, K, N, G,
+                            False)
+    sorted_entry._zeros_in_grid = entry._zeros_in_grid
+    return perm, codes_sorted, sorted_entry
+
+
+class _ActOrderPlan:
+    """A plan for act-order weights: the activations gathered into the sorted order, then the
+    sorted weights' plan."""
+
+    def __init__(self, perm, plan):
+        self.perm, self.plan = perm, plan
+        self.path, self.config, self.launches, self.M = plan.path, plan.config, plan.launches, plan.M
+
+    def usable(self):
+        return self.plan.usable()
+
+    def __call__(self, x, out, where=None):
+        return self.plan(x.reshape(self.M, -1).index_select(1, self.perm), out, where)
 
 
 def _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G):
@@ -2013,6 +2072,9 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
+    act_order = entry.sorted_form()
+    if act_order is not None:
+        x2, entry = x2.index_select(1, act_order[0]), act_order[1]
     paths = _runnable_paths(x2, entry)
     path, config = _choose(paths, x2, entry)
     best = {}
@@ -2028,6 +2090,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
                                                              [])]
     return dict(path=path, config=config, best_ms_by_path=best, rejected=rejected,
                 timings=[(ms, dict(candidate)) for ms, candidate in timings],
+                act_order_sorted=act_order is not None,
                 gather=_needs_gather(path, config, G, entry.group, entry.permuted, x2.dtype))
 
 
@@ -2192,6 +2255,11 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         out2 = out.view(M, N) if direct else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M > 0 and N > 0:
         forced = path is not None or config is not None
+        run = entry
+        act_order = None if forced else entry.sorted_form()  # (forced: the gather paths' tests)
+        if act_order is not None:
+            perm, run = act_order
+            x2 = x2.index_select(1, perm)
         if config is not None:
             path = path or _path_for(M)
             config = dict(config)
@@ -2200,9 +2268,9 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         else:
             if path == "mma":
                 _require_mma(x2, entry)
-            path, config = _choose((path,) if path is not None else _runnable_paths(x2, entry),
-                                   x2, entry)
-        plan = _build_plan(entry, path, config, x2, out2, lead)
+            path, config = _choose((path,) if path is not None else _runnable_paths(x2, run),
+                                   x2, run)
+        plan = _build_plan(run, path, config, x2, out2, lead)
         try:
             plan(x2, out2)
         except BaseException:
@@ -2212,6 +2280,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         if not forced and direct and not _capturing(x2.device):
             if len(entry.plans) >= _MAX_PLANS:
                 entry.plans.clear()
+            if act_order is not None:
+                plan = _ActOrderPlan(act_order[0], plan)
             entry.plans[entry.plan_key(x, out, entry.stream())] = plan
     if out is not None and not direct:
         out.copy_(out2.view(*lead, N))

@@ -132,7 +132,7 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
 def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
     """The suite's W4A16 benchmark's rows, summary and plot from the CPU (its timers and CUDA
     graphs stood in by one timed call; the products by the CPU path): every batch path, both
-    groupings, fp16 and bf16 activations."""
+    groupings, fp16 and bf16 activations, act-order weights sorted and gathered."""
     import time
 
     import torch
@@ -155,7 +155,11 @@ def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
                                               1 << 20)
     rows, failures = bench_w4a16.bench_matmul(cpu, gen, [(128, 96)], [1], [32], 100.0, 1 << 20,
                                               dtype=torch.bfloat16, rows=rows, failures=failures)
-    assert failures == 0 and len(rows) == 7 and all(r["ok"] for r in rows)
+    for act_order in ("sorted", "gather"):
+        rows, failures = bench_w4a16.bench_matmul(cpu, gen, [(128, 96)], [1], [32], 100.0, 1 << 20,
+                                                  rows=rows, failures=failures, act_order=act_order)
+    assert failures == 0 and len(rows) == 9 and all(r["ok"] for r in rows)
+    assert [(r["act_order"], r["gather"]) for r in rows[-2:]] == [("sorted", False), ("gather", True)]
     assert {r["path"] for r in rows} >= {"gemv", "splitk"}
     assert all(isinstance(r["tuned_us"], list) for r in rows)
     json.dumps(rows)  # (what the benchmark writes)

@@ -168,6 +168,45 @@ def test_mma_choice_is_remembered_per_runnable_paths(gen, monkeypatch):
     assert offered == [{"splitk", "mma"}, {"splitk"}]
 
 
+def test_act_order_runs_as_sorted_static_groups(gen, monkeypatch):
+    """A permuted g_idx whose groups sorted are runs of group_size (GPTQ's act-order): the codes
+    sorted once, the activations gathered per call, a static-group plan (no gather in the
+    kernel), reused from the second call; a g_idx that is not such a permutation, and
+    ACT_ORDER_REPACK = False, keep the gather paths; so do forced paths (their tests)."""
+    calls = _count_slow_calls(monkeypatch)
+    qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "permuted")
+    x = torch.randn(2, 3, 128, generator=gen).half()
+    for _ in range(2):
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+    assert len(calls) == 1  # (the second call took the cached plan, gather included)
+    entry = W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 32)]
+    perm, sorted_entry = entry.sorted_form()
+    assert torch.equal(g_idx[perm].long(), torch.arange(128) // 32) and not sorted_entry.permuted
+    codes = unpack_int4(qweight)
+    assert torch.equal(unpack_int4(sorted_entry.tensors()[0]), codes[perm])
+    (plan,) = entry.plans.values()
+    assert isinstance(plan, W._ActOrderPlan)
+    plan_info = W.w4a16_plan(x, qweight, scales, zeros, 32, g_idx)
+    assert plan_info["act_order_sorted"] and not plan_info["gather"]
+    out = torch.full((2, 3, 40), float("nan"), dtype=torch.float16)  # into a given output too
+    assert w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, out=out, backend="triton") is out
+    assert_close_to_reference(out, x, qweight, scales, zeros, 32, g_idx)
+
+    # groups of unequal sizes: not a permutation of runs, the gather paths
+    uneven = torch.randint(0, 4, (128,), generator=gen).to(torch.int32)
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, uneven, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, uneven)
+    assert W._ENTRIES[(id(qweight), id(scales), id(zeros), id(uneven), 32)].sorted_form() is None
+
+    monkeypatch.setattr(W, "ACT_ORDER_REPACK", False)
+    q2, s2, z2, g2 = make_problem(gen, 128, 40, 32, "permuted")
+    y = w4a16_matmul(x, q2, s2, z2, 32, g2, backend="triton")
+    assert_close_to_reference(y, x, q2, s2, z2, 32, g2)
+    assert W._ENTRIES[(id(q2), id(s2), id(z2), id(g2), 32)].sorted_form() is None
+    assert W.w4a16_plan(x, q2, s2, z2, 32, g2)["gather"]
+
+
 def test_mma_path_refuses_what_it_cannot_compute(gen):
     """fp32 activations, permuted groups, zero points outside the 4-bit grid and groups that
     are not whole 32-input steps (or not whole steps of a forced config): a clear error when
