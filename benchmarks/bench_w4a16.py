@@ -187,6 +187,18 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
     (a permuted g_idx, GPTQ's with dynamic groups), run by sorting the codes once (the default,
     ``ACT_ORDER_REPACK``) or by the kernels' per-row gather."""
     rows = [] if rows is None else rows
+    repack = W4A16.ACT_ORDER_REPACK
+    try:
+        if act_order is not None:
+            W4A16.ACT_ORDER_REPACK = act_order == "sorted"
+        return _bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_row,
+                             dtype, rows, failures, act_order)
+    finally:
+        W4A16.ACT_ORDER_REPACK = repack
+
+
+def _bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_row, dtype,
+                  rows, failures, act_order):
     for K, N in shapes:
         for group_size in groups:
             qweight, scales, zeros = make_weights(K, N, group_size, device, gen)
@@ -194,7 +206,6 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
             if act_order is not None:
                 order = torch.randperm(K, device=device, generator=gen)
                 g_idx = (torch.arange(K, device=device) // group_size)[order].to(torch.int32)
-            W4A16.ACT_ORDER_REPACK = act_order != "gather"
             weight = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx, dtype=dtype)
             int4_set = qweight.nbytes + scales.nbytes + zeros.nbytes
             n_int4 = copies_to_defeat_l2(int4_set, l2_bytes)
@@ -266,7 +277,6 @@ def bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_r
                     on_row(rows, failures)
             del int4_sets, fp16_sets, weight, int4_calls, fp16_calls
             torch.cuda.empty_cache()
-    W4A16.ACT_ORDER_REPACK = True
     return rows, failures
 
 

@@ -169,6 +169,7 @@ so on (``autotune_cache.REJECTED`` records the others). Under TRITON_INTERPRET n
 and ``INTERPRETER_CONFIG`` is used.
 """
 
+import functools
 import math
 import os
 import threading
@@ -204,6 +205,7 @@ MMA_MAX_M = 16  # (the mma path competes up to here: beyond, each 16 rows dequan
 # the gather paths read a scale and zero point per row and code. False: the gather paths.
 ACT_ORDER_REPACK = True
 _SORT_CHUNK_COLUMNS = 2048  # (the sort unpacks this many columns of codes at a time, as int32)
+_SORT_LOCK = threading.Lock()
 MMA_DTYPES = (torch.float16, torch.bfloat16)
 # A dqmm buffer never holds more than this many bytes of dequantized weight: the workspace, one
 # buffer or two (STREAMS = 2), at most 128 MiB per device, stream, dtype and thread, whatever
@@ -1358,6 +1360,8 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
             split_k = config["SPLIT_K"]
             while split_k > 1 and (split_k - 1) * triton.cdiv(steps, split_k) >= steps:
                 split_k -= 1
+            if config.get("PREFETCH") and triton.cdiv(steps, split_k) * config["UNROLL"] < 4:
+                continue  # (a slice's last prefetch is of the next slice, unused: 1/4 at most)
             config = dict(config, SPLIT_K=split_k, BLOCK_M=_block_m_for_mma(M))
             if config not in configs:
                 configs.append(config)
@@ -1616,6 +1620,13 @@ _MAX_ENTRIES = 4096
 _MAX_PLANS = 256
 
 
+def _forget_entry(key, entry_ref, _tensor_ref):
+    """A weight tensor of the entry ``entry_ref`` died: the entry goes from the cache."""
+    entries, entry = _ENTRIES, entry_ref()  # (None while the interpreter shuts down)
+    if entries is not None and entry is not None and entries.get(key) is entry:
+        del entries[key]
+
+
 class _Weights:
     """One set of weight tensors (qweight, scales, zeros, g_idx, group_size), validated once.
 
@@ -1627,7 +1638,11 @@ class _Weights:
     def __init__(self, key, qweight, scales, zeros, g_idx, group_size, K, N, G, permuted):
         tensors = (qweight, scales, zeros, g_idx)
         self.key = key
-        self.refs = tuple(None if t is None else weakref.ref(t, self._forget) for t in tensors)
+        # (the callback holds the entry weakly: no reference cycle, so an entry, its plans and an
+        # act-order entry's sorted codes on the GPU go when the last reference does, not at the
+        # next cyclic garbage collection)
+        forget = functools.partial(_forget_entry, key, weakref.ref(self))
+        self.refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
         self.sig = self.signature(qweight, scales, zeros, g_idx)
         self.group_size = group_size
         self.group = K if group_size == -1 else group_size
@@ -1650,19 +1665,21 @@ class _Weights:
         return self._zeros_in_grid
 
     def sorted_form(self):
-        """For act-order weights (see ACT_ORDER_REPACK): ``(perm, entry)``, ``entry`` the same
-        weights with the codes' rows in the order ``perm`` and static groups, built once; else
-        None. Not built while a CUDA graph is being captured (its checks read the device)."""
+        """For act-order weights while ACT_ORDER_REPACK is on: ``(perm, codes, entry)``,
+        ``entry`` the same weights with the codes' rows in the order ``perm`` (``codes``, a
+        copy) and static groups, built once; else None. None too while a CUDA graph is being
+        captured: a graph would keep the copy's address while the copy goes with this entry
+        (replaced when the weights change in place, which the graph would then not see)."""
+        if not (self.permuted and ACT_ORDER_REPACK) or _capturing(self.device):
+            return None
         if self._sorted is None:
-            if not (self.permuted and ACT_ORDER_REPACK) or _capturing(self.device):
-                return None
-            self._sorted = _sort_groups(self) or False
-        return (self._sorted[0], self._sorted[2]) if self._sorted else None
-
-    def _forget(self, _ref):
-        entries = _ENTRIES  # (None while the interpreter shuts down: nothing left to forget)
-        if entries is not None and entries.get(self.key) is self:
-            del entries[self.key]
+            with _SORT_LOCK:  # (two threads' first calls: one copy, the one every plan uses)
+                if self._sorted is None:
+                    try:
+                        self._sorted = _sort_groups(self) or False
+                    except torch.cuda.OutOfMemoryError:
+                        return None  # (no room for the copy now: the gather paths, this time)
+        return self._sorted or None
 
     @staticmethod
     def signature(qweight, scales, zeros, g_idx):
@@ -1688,7 +1705,8 @@ class _Weights:
         okey = None if out is None else (out.shape, out.stride(), out.dtype, out.device,
                                          out.data_ptr() % 16 == 0)
         return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, okey, stream,
-                x.dtype is torch.float32 and _allow_tf32(), threading.get_ident())
+                x.dtype is torch.float32 and _allow_tf32(), threading.get_ident(),
+                self.permuted and ACT_ORDER_REPACK)
 
     def stream(self):
         """``(current device, its current raw stream)`` for CUDA weights, else None."""
@@ -1712,6 +1730,8 @@ def _sort_groups(entry):
         columns = slice(n0, n0 + _SORT_CHUNK_COLUMNS)
         codes_sorted[:, columns] = pack_int4(unpack_int4(qweight[:, columns])[perm],
                                              check_range=False)
+    if codes_sorted.is_cuda:  # (built on this stream; calls on another must find it done)
+        torch.cuda.current_stream(codes_sorted.device).synchronize()
     sorted_entry = _Weights(None, codes_sorted, scales, zeros, None, entry.group_size, K, N, G,
                             False)
     sorted_entry._zeros_in_grid = entry._zeros_in_grid
@@ -1720,10 +1740,11 @@ def _sort_groups(entry):
 
 class _ActOrderPlan:
     """A plan for act-order weights: the activations gathered into the sorted order, then the
-    sorted weights' plan."""
+    sorted weights' plan (which holds its weights weakly: this plan keeps them alive)."""
 
-    def __init__(self, perm, plan):
-        self.perm, self.plan = perm, plan
+    def __init__(self, sorted_form, plan):
+        self.perm, self.codes, self.entry = sorted_form
+        self.plan = plan
         self.path, self.config, self.launches, self.M = plan.path, plan.config, plan.launches, plan.M
 
     def usable(self):
@@ -2074,7 +2095,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     x2 = x.reshape(-1, K)
     act_order = entry.sorted_form()
     if act_order is not None:
-        x2, entry = x2.index_select(1, act_order[0]), act_order[1]
+        x2, entry = x2.index_select(1, act_order[0]), act_order[2]
     paths = _runnable_paths(x2, entry)
     path, config = _choose(paths, x2, entry)
     best = {}
@@ -2258,7 +2279,7 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         run = entry
         act_order = None if forced else entry.sorted_form()  # (forced: the gather paths' tests)
         if act_order is not None:
-            perm, run = act_order
+            perm, _, run = act_order
             x2 = x2.index_select(1, perm)
         if config is not None:
             path = path or _path_for(M)
@@ -2281,7 +2302,7 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
             if len(entry.plans) >= _MAX_PLANS:
                 entry.plans.clear()
             if act_order is not None:
-                plan = _ActOrderPlan(act_order[0], plan)
+                plan = _ActOrderPlan(act_order, plan)
             entry.plans[entry.plan_key(x, out, entry.stream())] = plan
     if out is not None and not direct:
         out.copy_(out2.view(*lead, N))

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -181,10 +182,11 @@ def test_act_order_runs_as_sorted_static_groups(gen, monkeypatch):
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
     assert len(calls) == 1  # (the second call took the cached plan, gather included)
     entry = W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 32)]
-    perm, sorted_entry = entry.sorted_form()
+    perm, codes_sorted, sorted_entry = entry.sorted_form()
     assert torch.equal(g_idx[perm].long(), torch.arange(128) // 32) and not sorted_entry.permuted
     codes = unpack_int4(qweight)
-    assert torch.equal(unpack_int4(sorted_entry.tensors()[0]), codes[perm])
+    assert sorted_entry.tensors()[0] is codes_sorted
+    assert torch.equal(unpack_int4(codes_sorted), codes[perm])
     (plan,) = entry.plans.values()
     assert isinstance(plan, W._ActOrderPlan)
     plan_info = W.w4a16_plan(x, qweight, scales, zeros, 32, g_idx)
@@ -199,12 +201,69 @@ def test_act_order_runs_as_sorted_static_groups(gen, monkeypatch):
     assert_close_to_reference(y, x, qweight, scales, zeros, 32, uneven)
     assert W._ENTRIES[(id(qweight), id(scales), id(zeros), id(uneven), 32)].sorted_form() is None
 
+    # the switch turned off: the same weights' next call takes the gather paths (a new plan)
     monkeypatch.setattr(W, "ACT_ORDER_REPACK", False)
+    assert entry.sorted_form() is None and not W.w4a16_plan(x, qweight, scales, zeros, 32,
+                                                             g_idx)["act_order_sorted"]
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+    assert sum(not isinstance(p, W._ActOrderPlan) for p in entry.plans.values()) == 1
     q2, s2, z2, g2 = make_problem(gen, 128, 40, 32, "permuted")
     y = w4a16_matmul(x, q2, s2, z2, 32, g2, backend="triton")
     assert_close_to_reference(y, x, q2, s2, z2, 32, g2)
     assert W._ENTRIES[(id(q2), id(s2), id(z2), id(g2), 32)].sorted_form() is None
     assert W.w4a16_plan(x, q2, s2, z2, 32, g2)["gather"]
+
+
+def test_act_order_copy_goes_with_its_weights(gen, monkeypatch):
+    """The sorted copy is built once however many threads make the first call together, and
+    goes when the weights do or change, without waiting for the cyclic garbage collector (an
+    entry and its weak references form no cycle)."""
+    import gc
+    import threading
+    import time
+
+    built = []
+    sort = W._sort_groups
+
+    def slow_sort(entry):
+        built.append(entry.key)
+        time.sleep(0.2)  # (both threads' first calls inside the build)
+        return sort(entry)
+
+    monkeypatch.setattr(W, "_sort_groups", slow_sort)
+    qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "permuted")
+    x = torch.randn(2, 128, generator=gen).half()
+    entry = W._entry_for(qweight, scales, zeros, g_idx, 32, 128, 40, 4)
+    # (the sort itself from two threads: Triton's interpreter runs one kernel at a time)
+    forms = []
+
+    def first_use(weights, into):
+        into.append(weights.sorted_form())
+
+    threads = [threading.Thread(target=first_use, args=(entry, forms)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and forms[0] is forms[1]
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+    assert W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 32)] is entry
+    codes = weakref.ref(entry.sorted_form()[1])
+    del entry, forms
+    gc.disable()
+    try:
+        scales.mul_(1.0)  # (an in-place change: the next call replaces the entry)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+        assert codes() is None
+        codes = weakref.ref(W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 32)]
+                            .sorted_form()[1])
+        del qweight, scales, zeros, g_idx
+        assert codes() is None
+    finally:
+        gc.enable()
 
 
 def test_mma_path_refuses_what_it_cannot_compute(gen):
@@ -515,8 +574,12 @@ def test_paths_offered_by_batch_size():
     assert W._paths_for(W.MMA_MAX_M + 1) == ("splitk",)
     assert W._paths_for(W.SPLITK_MAX_M + 1) == ("gemm",)
     # mma: 16-bit activations and static groups of whole 32 KR-input steps only, no empty slices
-    mma = W._candidates("mma", 16, 4096, 32, 128, False)
-    assert len(mma) == len(AUTOTUNE_SPACE["mma"]) and all(c["BLOCK_M"] == 16 for c in mma)
+    mma = W._candidates("mma", 16, 8192, 64, 128, False)
+    assert all(c["BLOCK_M"] == 16 for c in mma)
+    # (all but the prefetching configs whose slices are under 4 steps: their last prefetch,
+    # of the next slice, would be a quarter of their loads or more)
+    assert len(mma) == len(AUTOTUNE_SPACE["mma"]) - 3
+    assert all(64 // c["SPLIT_K"] >= 4 for c in mma if c["PREFETCH"])
     assert all(c["BLOCK_M"] == 8 for c in W._candidates("mma", 8, 4096, 32, 128, False))
     assert {c["KR"] for c in W._candidates("mma", 1, 4096, 128, 32, False)} == {1}
     assert W._candidates("mma", 1, 4096, 32, 128, True) == []
