@@ -33,11 +33,12 @@ Conventions
   lies in one group, whose scale and zero point are loaded once per tile. A permuted ``g_idx``
   (act-order with dynamic groups) is, where its groups sorted are runs of ``group_size`` (as
   GPTQ makes them), taken as static groups of sorted rows: the codes are sorted once (a second
-  copy of the packed codes, kept with the weights' plans; ``ACT_ORDER_REPACK``) and each call
-  gathers x's columns into the same order, a small gather, after which every fast path applies.
-  Other permuted ``g_idx`` (and calls forcing a path or config) gather the scale and zero point
-  of each row in the kernels, which costs bandwidth and instructions (the GEMV: about 90 a
-  packed word against 26-33).
+  copy of the packed codes, kept while the weights live and unchanged; ``ACT_ORDER_REPACK``)
+  and each call gathers x's columns into the same order, a small gather, after which every
+  fast path applies. Other permuted ``g_idx``, calls forcing a path or config and calls inside
+  a CUDA graph's capture (a graph must not keep the copy's address) gather the scale and zero
+  point of each row in the kernels, which costs bandwidth and instructions (the GEMV: about 90
+  a packed word against 26-33).
 
 Paths
 -----
