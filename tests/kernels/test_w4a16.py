@@ -1516,6 +1516,38 @@ class TestCUDA:
             assert_close_to_reference(y2, x * 2, qweight, scales, zeros, 128, None)
             assert_close_to_reference(eager, x, qweight, scales, zeros, 128, None)
 
+    @pytest.mark.parametrize("M", [1, 16])
+    def test_act_order_sorted_eagerly_and_gathered_in_a_capture(self, gen, M, monkeypatch):
+        """Act-order weights: eager calls run on the sorted codes (a cached plan with the
+        activation gather); a CUDA graph captured after them takes the in-kernel gather (no
+        address of the copy in the graph) and stays right across replays."""
+        K, N = 2048, 1024
+        qweight, scales, zeros, g_idx = make_problem(gen, K, N, 128, "permuted")
+        qweight, scales, zeros, g_idx = qweight.cuda(), scales.cuda(), zeros.cuda(), g_idx.cuda()
+        x = torch.randn(M, K, generator=gen).half().cuda()
+        for _ in range(2):
+            y = w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
+            assert_close_to_reference(y, x, qweight, scales, zeros, 128, g_idx)
+        entry = W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 128)]
+        assert entry.sorted_form() is not None
+        assert all(isinstance(p, W._ActOrderPlan) for p in entry.plans.values())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        # (the gather path's kernels compiled before the capture, on its stream)
+        monkeypatch.setattr(W, "ACT_ORDER_REPACK", False)
+        with torch.cuda.stream(stream):
+            w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
+        stream.synchronize()
+        monkeypatch.setattr(W, "ACT_ORDER_REPACK", True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
+        for _ in range(2):
+            x.copy_(torch.randn(M, K, generator=gen).half())
+            graph.replay()
+            torch.cuda.synchronize()
+            assert_close_to_reference(y, x, qweight, scales, zeros, 128, g_idx)
+
     def test_dqmm_against_gemm(self, gen, monkeypatch):
         """The chunked dequantize + cuBLAS path: several chunks, per channel and act-order,
         and the autotuner choosing between it and the Triton GEMM."""
