@@ -1749,7 +1749,8 @@ class _ActOrderPlan:
         self.path, self.config, self.launches, self.M = plan.path, plan.config, plan.launches, plan.M
 
     def usable(self):
-        return self.plan.usable()
+        # (not inside a CUDA graph's capture: the graph would keep the sorted copy's address)
+        return self.plan.usable() and not _capturing(self.entry.device)
 
     def __call__(self, x, out, where=None):
         return self.plan(x.reshape(self.M, -1).index_select(1, self.perm), out, where)

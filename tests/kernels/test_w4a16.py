@@ -1533,12 +1533,13 @@ class TestCUDA:
         assert all(isinstance(p, W._ActOrderPlan) for p in entry.plans.values())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        # (the gather path's kernels compiled before the capture, on its stream)
-        monkeypatch.setattr(W, "ACT_ORDER_REPACK", False)
-        with torch.cuda.stream(stream):
-            w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
-        stream.synchronize()
-        monkeypatch.setattr(W, "ACT_ORDER_REPACK", True)
+        # (warm-ups on the capture stream: the gather path's kernels compiled, and the sorted
+        # plan cached for that stream, which the capture must not take)
+        for repack in (False, True):
+            monkeypatch.setattr(W, "ACT_ORDER_REPACK", repack)
+            with torch.cuda.stream(stream):
+                w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
+            stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             y = w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
