@@ -204,6 +204,8 @@ def _bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_
             qweight, scales, zeros = make_weights(K, N, group_size, device, gen)
             g_idx = None
             if act_order is not None:
+                if group_size == -1:
+                    raise ValueError("act-order rows need groups (a group size, not -1)")
                 order = torch.randperm(K, device=device, generator=gen)
                 g_idx = (torch.arange(K, device=device) // group_size)[order].to(torch.int32)
             weight = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx, dtype=dtype)

@@ -32,13 +32,15 @@ Conventions
   per in-place change of it) and takes the same path as no ``g_idx``: the tile of BLOCK_K rows
   lies in one group, whose scale and zero point are loaded once per tile. A permuted ``g_idx``
   (act-order with dynamic groups) is, where its groups sorted are runs of ``group_size`` (as
-  GPTQ makes them), taken as static groups of sorted rows: the codes are sorted once (a second
-  copy of the packed codes, kept while the weights live and unchanged; ``ACT_ORDER_REPACK``)
-  and each call gathers x's columns into the same order, a small gather, after which every
-  fast path applies. Other permuted ``g_idx``, calls forcing a path or config and calls inside
-  a CUDA graph's capture (a graph must not keep the copy's address) gather the scale and zero
-  point of each row in the kernels, which costs bandwidth and instructions (the GEMV: about 90
-  a packed word against 26-33).
+  GPTQ makes them), taken as static groups of sorted rows: the codes are sorted once per
+  qweight and g_idx (a second copy of the packed codes, kept while both live unchanged;
+  ``ACT_ORDER_REPACK``) and each call gathers x's columns into the same order, a small gather,
+  after which every fast path applies. A CUDA graph captured after the copy exists (a warm-up
+  made it) uses it and keeps it for good: its replays read that copy, so act-order weights
+  changed in place after a capture need a new capture. Other permuted ``g_idx``, calls forcing a path or config and
+  weights first seen inside a capture gather the scale and zero point of each row in the
+  kernels, which costs bandwidth and instructions (the GEMV: about 90 a packed word against
+  26-33).
 
 Paths
 -----
@@ -1667,19 +1669,26 @@ class _Weights:
 
     def sorted_form(self):
         """For act-order weights while ACT_ORDER_REPACK is on: ``(perm, codes, entry)``,
-        ``entry`` the same weights with the codes' rows in the order ``perm`` (``codes``, a
-        copy) and static groups, built once; else None. None too while a CUDA graph is being
-        captured: a graph would keep the copy's address while the copy goes with this entry
-        (replaced when the weights change in place, which the graph would then not see)."""
-        if not (self.permuted and ACT_ORDER_REPACK) or _capturing(self.device):
+        ``entry`` the same weights with the codes' rows in the order ``perm`` (``codes``: the
+        copy :func:`_sorted_codes` keeps for this qweight and g_idx, whatever the scales and
+        zero points) and static groups; else None. Inside a CUDA graph's capture only a copy
+        made before it (built there, its checks would read the device); the graph keeps it
+        (``_hold_for_graph``)."""
+        if not (self.permuted and ACT_ORDER_REPACK):
             return None
         if self._sorted is None:
-            with _SORT_LOCK:  # (two threads' first calls: one copy, the one every plan uses)
-                if self._sorted is None:
-                    try:
-                        self._sorted = _sort_groups(self) or False
-                    except torch.cuda.OutOfMemoryError:
-                        return None  # (no room for the copy now: the gather paths, this time)
+            qweight, scales, zeros, g_idx = self.tensors()
+            sorted_codes = _sorted_codes(qweight, g_idx, self.group, build=not _capturing(self.device))
+            if sorted_codes is None:
+                return None  # (not known yet: the gather paths, this time)
+            if sorted_codes is False:
+                self._sorted = False
+            else:
+                perm, codes = sorted_codes
+                entry = _Weights(None, codes, scales, zeros, None, self.group_size, self.K,
+                                 self.N, self.G, False)
+                entry._zeros_in_grid = self._zeros_in_grid
+                self._sorted = (perm, codes, entry)
         return self._sorted or None
 
     @staticmethod
@@ -1717,26 +1726,69 @@ class _Weights:
         return None
 
 
-def _sort_groups(entry):
-    """``(perm, sorted qweight, its entry)`` where ``g_idx[perm]`` is ``k // group_size``, or
-    None where the sorted groups are not runs of group_size."""
-    qweight, scales, zeros, g_idx = entry.tensors()
-    K, N, G, group = entry.K, entry.N, entry.G, entry.group
+# qweight and g_idx ids -> (weak refs to them, their signature, (perm, sorted codes) or False)
+_SORTED = {}
+
+
+def _forget_sorted(key, _tensor_ref):
+    """qweight or g_idx of a sorted copy died: the copy goes (unless a graph holds it)."""
+    cache = _SORTED  # (None while the interpreter shuts down)
+    if cache is not None:
+        cache.pop(key, None)
+
+
+def _sorted_codes(qweight, g_idx, group, build=True):
+    """``(perm, codes)`` with ``g_idx[perm] == k // group`` and ``codes`` the packed codes' rows
+    in the order ``perm`` (a copy), False where the sorted groups are not runs of ``group``, or
+    None where not known (``build`` False, or no memory for the copy now). One copy per qweight
+    and g_idx, kept while both live unchanged: the entries of other scales or zero points (a
+    traced model passes new zero points every call) share it."""
+    key = (id(qweight), id(g_idx), group)
+    signature = (qweight.data_ptr(), version(qweight), qweight.shape, g_idx.data_ptr(),
+                 version(g_idx), g_idx.shape)
+    hit = _SORTED.get(key)
+    if hit is not None and hit[0]() is qweight and hit[1]() is g_idx and hit[2] == signature:
+        return hit[3]
+    if not build:
+        return None
+    with _SORT_LOCK:  # (two threads' first calls: one copy, the one every plan uses)
+        hit = _SORTED.get(key)
+        if hit is not None and hit[0]() is qweight and hit[1]() is g_idx and hit[2] == signature:
+            return hit[3]
+        try:
+            result = _sort_rows(qweight, g_idx, group)
+        except torch.cuda.OutOfMemoryError:
+            return None
+        if len(_SORTED) >= _MAX_ENTRIES:
+            _SORTED.clear()
+        forget = functools.partial(_forget_sorted, key)
+        _SORTED[key] = (weakref.ref(qweight, forget), weakref.ref(g_idx, forget), signature,
+                        result)
+        return result
+
+
+def _sort_rows(qweight, g_idx, group):
+    K, N = g_idx.shape[0], qweight.shape[1]
     g = g_idx.long()
     perm = torch.argsort(g, stable=True)
     if not torch.equal(g[perm], torch.arange(K, device=g.device) // group):
-        return None
-    codes_sorted = torch.empty_like(qweight)
+        return False
+    codes = torch.empty_like(qweight)
     for n0 in range(0, N, _SORT_CHUNK_COLUMNS):  # (the unpacked codes: 4 bytes each)
         columns = slice(n0, n0 + _SORT_CHUNK_COLUMNS)
-        codes_sorted[:, columns] = pack_int4(unpack_int4(qweight[:, columns])[perm],
-                                             check_range=False)
-    if codes_sorted.is_cuda:  # (built on this stream; calls on another must find it done)
-        torch.cuda.current_stream(codes_sorted.device).synchronize()
-    sorted_entry = _Weights(None, codes_sorted, scales, zeros, None, entry.group_size, K, N, G,
-                            False)
-    sorted_entry._zeros_in_grid = entry._zeros_in_grid
-    return perm, codes_sorted, sorted_entry
+        codes[:, columns] = pack_int4(unpack_int4(qweight[:, columns])[perm], check_range=False)
+    if codes.is_cuda:  # (built on this stream; calls on another must find it done)
+        torch.cuda.current_stream(codes.device).synchronize()
+    return perm, codes
+
+
+# Sorted copies a CUDA graph has used: it keeps their addresses, so they are never freed
+_GRAPH_HELD_SORTED = []
+
+
+def _hold_for_graph(sorted_form):
+    if not any(held[1] is sorted_form[1] for held in _GRAPH_HELD_SORTED):
+        _GRAPH_HELD_SORTED.append(sorted_form)
 
 
 class _ActOrderPlan:
@@ -1749,10 +1801,11 @@ class _ActOrderPlan:
         self.path, self.config, self.launches, self.M = plan.path, plan.config, plan.launches, plan.M
 
     def usable(self):
-        # (not inside a CUDA graph's capture: the graph would keep the sorted copy's address)
-        return self.plan.usable() and not _capturing(self.entry.device)
+        return self.plan.usable()
 
     def __call__(self, x, out, where=None):
+        if _capturing(self.entry.device):
+            _hold_for_graph((self.perm, self.codes, self.entry))
         return self.plan(x.reshape(self.M, -1).index_select(1, self.perm), out, where)
 
 
@@ -2283,6 +2336,10 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         if act_order is not None:
             perm, _, run = act_order
             x2 = x2.index_select(1, perm)
+            if _capturing(x2.device):
+                _hold_for_graph(act_order)
+        # (a sort wanted but not made, for want of memory: no plan kept, the next call retries)
+        keep = not (entry.permuted and ACT_ORDER_REPACK and entry._sorted is None)
         if config is not None:
             path = path or _path_for(M)
             config = dict(config)
@@ -2300,7 +2357,7 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
             # A launch that did not complete may leave partial sums behind: never reuse them.
             _drop_workspace(x2.device)
             raise
-        if not forced and direct and not _capturing(x2.device):
+        if not forced and direct and keep and not _capturing(x2.device):
             if len(entry.plans) >= _MAX_PLANS:
                 entry.plans.clear()
             if act_order is not None:

@@ -216,22 +216,23 @@ def test_act_order_runs_as_sorted_static_groups(gen, monkeypatch):
 
 
 def test_act_order_copy_goes_with_its_weights(gen, monkeypatch):
-    """The sorted copy is built once however many threads make the first call together, and
-    goes when the weights do or change, without waiting for the cyclic garbage collector (an
-    entry and its weak references form no cycle)."""
+    """The sorted copy is built once however many threads make the first call together, is
+    shared by entries of other scales or zero points (a traced model passes new zero points
+    every call), and goes when the codes or g_idx change or die, without waiting for the cyclic
+    garbage collector (an entry and its weak references form no cycle)."""
     import gc
     import threading
     import time
 
     built = []
-    sort = W._sort_groups
+    sort = W._sort_rows
 
-    def slow_sort(entry):
-        built.append(entry.key)
+    def slow_sort(qweight, g_idx, group):
+        built.append(group)
         time.sleep(0.2)  # (both threads' first calls inside the build)
-        return sort(entry)
+        return sort(qweight, g_idx, group)
 
-    monkeypatch.setattr(W, "_sort_groups", slow_sort)
+    monkeypatch.setattr(W, "_sort_rows", slow_sort)
     qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "permuted")
     x = torch.randn(2, 128, generator=gen).half()
     entry = W._entry_for(qweight, scales, zeros, g_idx, 32, 128, 40, 4)
@@ -246,7 +247,7 @@ def test_act_order_copy_goes_with_its_weights(gen, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert len(built) == 1 and forms[0] is forms[1]
+    assert len(built) == 1 and forms[0][1] is forms[1][1]  # (one copy of the codes)
     y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
     assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
     assert W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 32)] is entry
@@ -254,16 +255,65 @@ def test_act_order_copy_goes_with_its_weights(gen, monkeypatch):
     del entry, forms
     gc.disable()
     try:
-        scales.mul_(1.0)  # (an in-place change: the next call replaces the entry)
+        scales.mul_(1.0)  # (new scales: a new entry, the same sorted codes)
         y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
-        assert codes() is None
+        assert codes() is not None and len(built) == 1
+        for _ in range(2):  # (new zero points every call, as a traced model passes them)
+            w4a16_matmul(x, qweight, scales, zeros.clone(), 32, g_idx, backend="triton")
+        assert len(built) == 1
+        qweight.add_(0)  # (new codes: sorted again, the old copy gone)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+        assert codes() is None and len(built) == 2
         codes = weakref.ref(W._ENTRIES[(id(qweight), id(scales), id(zeros), id(g_idx), 32)]
                             .sorted_form()[1])
         del qweight, scales, zeros, g_idx
         assert codes() is None
     finally:
         gc.enable()
+
+
+def test_act_order_sort_out_of_memory_is_retried(gen, monkeypatch):
+    """No memory for the sorted copy: that call gathers and keeps no plan; the next sorts."""
+    sort, failures = W._sort_rows, [1]
+
+    def sort_once_out_of_memory(*args):
+        if failures:
+            failures.pop()
+            raise torch.cuda.OutOfMemoryError("no room")
+        return sort(*args)
+
+    monkeypatch.setattr(W, "_sort_rows", sort_once_out_of_memory)
+    qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "permuted")
+    x = torch.randn(3, 128, generator=gen).half()
+    entry_key = (id(qweight), id(scales), id(zeros), id(g_idx), 32)
+    for plan_kinds in ([], [W._ActOrderPlan]):
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+        assert [type(p) for p in W._ENTRIES[entry_key].plans.values()] == plan_kinds
+
+
+def test_act_order_inside_a_capture(gen, monkeypatch):
+    """Inside a CUDA graph's capture (stood in for on the CPU): weights first seen there take
+    the gather (a sort would read the device); once sorted outside, a capture takes the sorted
+    plan (whose kernels a warm-up compiled) and the graph keeps the copy for good."""
+    monkeypatch.setattr(W, "_GRAPH_HELD_SORTED", [])
+    capturing = [True]
+    monkeypatch.setattr(W, "_capturing", lambda device: capturing[0])
+    qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "permuted")
+    x = torch.randn(3, 128, generator=gen).half()
+    key = (id(qweight), id(scales), id(zeros), id(g_idx), 32)
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+    assert W._ENTRIES[key]._sorted is None and not W._ENTRIES[key].plans
+    capturing[0] = False
+    w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")  # (the warm-up)
+    perm, codes, _ = W._ENTRIES[key].sorted_form()
+    capturing[0] = True
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+    assert [held[1] for held in W._GRAPH_HELD_SORTED] == [codes]
 
 
 def test_mma_path_refuses_what_it_cannot_compute(gen):
@@ -1517,10 +1567,10 @@ class TestCUDA:
             assert_close_to_reference(eager, x, qweight, scales, zeros, 128, None)
 
     @pytest.mark.parametrize("M", [1, 16])
-    def test_act_order_sorted_eagerly_and_gathered_in_a_capture(self, gen, M, monkeypatch):
+    def test_act_order_sorted_eagerly_and_in_a_capture(self, gen, M):
         """Act-order weights: eager calls run on the sorted codes (a cached plan with the
-        activation gather); a CUDA graph captured after them takes the in-kernel gather (no
-        address of the copy in the graph) and stays right across replays."""
+        activation gather); a CUDA graph captured after a warm-up takes that plan, keeps the
+        sorted copy (held for good) and stays right across replays."""
         K, N = 2048, 1024
         qweight, scales, zeros, g_idx = make_problem(gen, K, N, 128, "permuted")
         qweight, scales, zeros, g_idx = qweight.cuda(), scales.cuda(), zeros.cuda(), g_idx.cuda()
@@ -1533,16 +1583,13 @@ class TestCUDA:
         assert all(isinstance(p, W._ActOrderPlan) for p in entry.plans.values())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        # (warm-ups on the capture stream: the gather path's kernels compiled, and the sorted
-        # plan cached for that stream, which the capture must not take)
-        for repack in (False, True):
-            monkeypatch.setattr(W, "ACT_ORDER_REPACK", repack)
-            with torch.cuda.stream(stream):
-                w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
-            stream.synchronize()
+        with torch.cuda.stream(stream):  # (the warm-up on the capture stream)
+            w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
+        stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             y = w4a16_matmul(x, qweight, scales, zeros, 128, g_idx)
+        assert any(held[1] is entry.sorted_form()[1] for held in W._GRAPH_HELD_SORTED)
         for _ in range(2):
             x.copy_(torch.randn(M, K, generator=gen).half())
             graph.replay()
