@@ -101,7 +101,7 @@ Paths
   kernel that loads each packed word into the thread that holds its codes in the
   ``mma.sync`` operand and dequantizes it there (one LOP3 and one half2 FMA per two codes, ``q -
   z`` exact, the scale applied to the fp32 group product), so that nothing goes through shared
-  memory: compiled for sm_90, 15.5-21 instructions per packed word in the loop against about 35
+  memory: compiled for sm_90, 16-23 instructions per packed word in the loop against about 35
   for ``splitk`` at a batch of 16 and 26-33 for the HALF2 GEMV. Its K slices reduce like
   split-K's below. Triton's interpreter runs it through a shim (:mod:`epmq_kernels._gluon`).
 

@@ -6,7 +6,7 @@ shared memory: compiled for sm_90, about 35 instructions per packed word at a ba
 of them shared-memory stores, loads and barriers. This kernel is written in Gluon (Triton with
 explicit layouts): each thread loads exactly the packed words whose codes it holds in the
 ``mma.sync.m16n8k16`` A operand, so dequantizing is a few integer and half2 operations per word
-in registers, and nothing goes through shared memory (15.5-21 instructions per packed word in
+in registers, and nothing goes through shared memory (16-23 instructions per packed word in
 the loop, sm_90, 2026-12-05).
 
 The product
