@@ -1519,7 +1519,10 @@ def _choose(paths, x2, entry):
         bound = VERIFY_TOLERANCE * float(y_ref.abs().max()) + 1e-6
         return bool(((y.float() - y_ref).abs().max() <= bound).item())
 
-    best = autotune_cache.tune(cache, key, candidates, run, prepare=precompile, verify=verify)
+    # (8 ms of repetitions a candidate, not 12: these products take microseconds, so that is
+    # still hundreds of samples, and a batch of 1-16 now has ~60 candidates across its paths)
+    best = autotune_cache.tune(cache, key, candidates, run, rep_ms=8, prepare=precompile,
+                               verify=verify)
     chosen = _path_config(best)
     if not torch.cuda.is_current_stream_capturing():
         _CHOSEN[memo] = chosen

@@ -155,7 +155,7 @@ def test_mma_choice_is_remembered_per_runnable_paths(gen, monkeypatch):
     monkeypatch.setattr(W, "_CHOSEN", {})
     offered = []
 
-    def pick_mma(cache, key, candidates, run, prepare=None, verify=None):
+    def pick_mma(cache, key, candidates, run, **options):
         offered.append({c["PATH"] for c in candidates})
         return next((c for c in candidates if c["PATH"] == "mma"), candidates[0])
 
