@@ -17,7 +17,8 @@ BLOCK_K = 128 rows a tile, SPLIT_K slices of K, two tiles prefetched, as the GEM
              zero points
     unpack_half2   the same by the HALF2 configs' arithmetic (``_half2_word_sums``: two codes
              per packed fp16 instruction, activations 1 and zero points 0)
-    gemv     ``w4a16_matmul`` at M = 1, per channel (its autotuned choice)
+    gemv     ``w4a16_matmul`` at M = 1, per channel (its autotuned choice: the GEMV, or since
+             2026-12-05 possibly the Gluon ``mma`` path; ``gemv_plan`` says which)
 
 beside the device copy bandwidth and cuBLAS fp16 at M = 1, all as CUDA-graph replays over weight
 copies rotated past the L2 cache. Reading it: stream far under the copy bandwidth, the tiling
