@@ -2146,8 +2146,10 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     rejected=..., timings=...)``: the fastest time of each competing path (``gemv+half2``, and
     dqmm's column slabs and two streams, ``dqmm+slabs+2streams``, apart) and every candidate's
     time, fastest first (``[(ms, config with its PATH)]``), when this process tuned the bucket
-    (empty when the choice came from the disk cache), and the configs the tuning timed but
-    rejected as wrong. For benchmarks and logs."""
+    (empty when the choice came from the disk cache), the configs the tuning timed but
+    rejected as wrong, and whether act-order weights run on their sorted codes
+    (``act_order_sorted``; then the rest describes the sorted problem). For benchmarks and
+    logs."""
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
