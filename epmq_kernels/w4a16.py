@@ -37,10 +37,10 @@ Conventions
   ``ACT_ORDER_REPACK``) and each call gathers x's columns into the same order, a small gather,
   after which every fast path applies. A CUDA graph captured after the copy exists (a warm-up
   made it) uses it and keeps it for good: its replays read that copy, so act-order weights
-  changed in place after a capture need a new capture. Other permuted ``g_idx``, calls forcing a path or config and
-  weights first seen inside a capture gather the scale and zero point of each row in the
-  kernels, which costs bandwidth and instructions (the GEMV: about 90 a packed word against
-  26-33).
+  changed in place after a capture need a new capture. Other permuted ``g_idx``, calls forcing
+  a path or config and weights first seen inside a capture gather the scale and zero point of
+  each row in the kernels, which costs bandwidth and instructions (the GEMV: about 90 a packed
+  word against 26-33).
 
 Paths
 -----
@@ -1277,15 +1277,20 @@ def _mma_group_k(config, G, group_size):
     return step if G == 1 else math.gcd(step, group_size)
 
 
+def _mma_straddles(G, group, kr=1):
+    """Whether a step of 32 KR inputs of the mma path would straddle groups."""
+    return G > 1 and group % (32 * kr) != 0
+
+
 def _mma_runs(x2, entry) -> bool:
     """Whether the mma path can run these activations and weights: fp16/bf16, static groups of
-    whole 32-input steps, zero points in the 4-bit grid (read once per weights; weights first seen inside a CUDA
-    graph's capture, whose zero points were never read, go without it) and, compiled, Gluon
-    and a GPU of compute capability 8.0 or newer (``mma.sync``)."""
+    whole 32-input steps, zero points in the 4-bit grid (read once per weights; weights first
+    seen inside a CUDA graph's capture, whose zero points were never read, go without it) and,
+    compiled, Gluon and a GPU of compute capability 8.0 or newer (``mma.sync``)."""
     if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
         return False  # (and its row offsets are int32: fine for the batches it competes at)
-    if entry.G > 1 and entry.group % 32 != 0:
-        return False  # (a step of 32 inputs would straddle groups)
+    if _mma_straddles(entry.G, entry.group):
+        return False
     if x2.is_cuda and not (HAS_GLUON and torch.cuda.get_device_capability(x2.device) >= (8, 0)):
         return False
     return (entry._zeros_in_grid is not None or not _capturing(x2.device)) and entry.zeros_in_grid()
@@ -1356,8 +1361,8 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
         if path == "mma":
             if x_dtype not in MMA_DTYPES or permuted:
                 return []
-            if G > 1 and group_size % (32 * config["KR"]) != 0:
-                continue  # (a step of 32 KR inputs would straddle groups)
+            if _mma_straddles(G, group_size, config["KR"]):
+                continue
             # at most as many K slices as leave none empty (a short K: fewer than the config's)
             steps = triton.cdiv(K, _mma_group_k(config, G, group_size))
             split_k = config["SPLIT_K"]
@@ -1676,7 +1681,7 @@ class _Weights:
         copy :func:`_sorted_codes` keeps for this qweight and g_idx, whatever the scales and
         zero points) and static groups; else None. Inside a CUDA graph's capture only a copy
         made before it (built there, its checks would read the device); the graph keeps it
-        (``_hold_for_graph``)."""
+        (``_act_order_gather``)."""
         if not (self.permuted and ACT_ORDER_REPACK):
             return None
         if self._sorted is None:
@@ -1749,14 +1754,19 @@ def _sorted_codes(qweight, g_idx, group, build=True):
     key = (id(qweight), id(g_idx), group)
     signature = (qweight.data_ptr(), version(qweight), qweight.shape, g_idx.data_ptr(),
                  version(g_idx), g_idx.shape)
-    hit = _SORTED.get(key)
-    if hit is not None and hit[0]() is qweight and hit[1]() is g_idx and hit[2] == signature:
-        return hit[3]
-    if not build:
-        return None
-    with _SORT_LOCK:  # (two threads' first calls: one copy, the one every plan uses)
+
+    def cached():
         hit = _SORTED.get(key)
         if hit is not None and hit[0]() is qweight and hit[1]() is g_idx and hit[2] == signature:
+            return hit
+        return None
+
+    hit = cached()
+    if hit is not None or not build:
+        return None if hit is None else hit[3]
+    with _SORT_LOCK:  # (two threads' first calls: one copy, the one every plan uses)
+        hit = cached()
+        if hit is not None:
             return hit[3]
         try:
             result = _sort_rows(qweight, g_idx, group)
@@ -1789,9 +1799,13 @@ def _sort_rows(qweight, g_idx, group):
 _GRAPH_HELD_SORTED = []
 
 
-def _hold_for_graph(sorted_form):
-    if not any(held[1] is sorted_form[1] for held in _GRAPH_HELD_SORTED):
+def _act_order_gather(sorted_form, x2):
+    """``x2``'s columns in the sorted codes' order; a CUDA graph being captured keeps the copy
+    for good (it keeps the copy's address)."""
+    if _capturing(x2.device) and not any(held[1] is sorted_form[1]
+                                         for held in _GRAPH_HELD_SORTED):
         _GRAPH_HELD_SORTED.append(sorted_form)
+    return x2.index_select(1, sorted_form[0])
 
 
 class _ActOrderPlan:
@@ -1799,17 +1813,14 @@ class _ActOrderPlan:
     sorted weights' plan (which holds its weights weakly: this plan keeps them alive)."""
 
     def __init__(self, sorted_form, plan):
-        self.perm, self.codes, self.entry = sorted_form
-        self.plan = plan
+        self.sorted_form, self.plan = sorted_form, plan
         self.path, self.config, self.launches, self.M = plan.path, plan.config, plan.launches, plan.M
 
     def usable(self):
         return self.plan.usable()
 
     def __call__(self, x, out, where=None):
-        if _capturing(self.entry.device):
-            _hold_for_graph((self.perm, self.codes, self.entry))
-        return self.plan(x.reshape(self.M, -1).index_select(1, self.perm), out, where)
+        return self.plan(_act_order_gather(self.sorted_form, x.reshape(self.M, -1)), out, where)
 
 
 def _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G):
@@ -2117,7 +2128,7 @@ def _build_mma_plan(entry, config, x2, out2, lead):
     M, K = x2.shape
     N, G, group = entry.N, entry.G, entry.group
     split_k = config["SPLIT_K"]
-    if G > 1 and group % (32 * config["KR"]) != 0:
+    if _mma_straddles(G, group, config["KR"]):
         raise ValueError(f"mma config {config}: groups of {group} are not whole steps of "
                          f"{32 * config['KR']} inputs")
     grid, k_per_split, constexprs = _mma_launch_shape(config, M, K, N, G, group, x2.dtype)
@@ -2155,7 +2166,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     x2 = x.reshape(-1, K)
     act_order = entry.sorted_form()
     if act_order is not None:
-        x2, entry = x2.index_select(1, act_order[0]), act_order[2]
+        x2, entry = _act_order_gather(act_order, x2), act_order[2]
     paths = _runnable_paths(x2, entry)
     path, config = _choose(paths, x2, entry)
     best = {}
@@ -2339,10 +2350,7 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         run = entry
         act_order = None if forced else entry.sorted_form()  # (forced: the gather paths' tests)
         if act_order is not None:
-            perm, _, run = act_order
-            x2 = x2.index_select(1, perm)
-            if _capturing(x2.device):
-                _hold_for_graph(act_order)
+            run, x2 = act_order[2], _act_order_gather(act_order, x2)
         # (a sort wanted but not made, for want of memory: no plan kept, the next call retries)
         keep = not (entry.permuted and ACT_ORDER_REPACK and entry._sorted is None)
         if config is not None:
