@@ -38,9 +38,9 @@ from gpu_compile import compile_sm90, resource_usage  # noqa: E402
 K, N = 4096, 4096
 
 
-def _w4a16_args(M, G, dtype, *, dequant=False):
+def _w4a16_args(M, G, dtype, *, dequant=False, scales_dtype=torch.float16):
     q = torch.empty(K // 8, N, dtype=torch.int32)
-    s = torch.empty(G, N, dtype=torch.float16)
+    s = torch.empty(G, N, dtype=scales_dtype)
     z = torch.empty(G, N, dtype=torch.uint8)
     gi = torch.empty(K, dtype=torch.int32)
     if dequant:
@@ -107,8 +107,26 @@ def w4a16_cases(full=False):
         del args[4]  # (no g_idx: static groups only)
         cases.append((name, W._w4a16_mma_kernel, args, constexprs, warps, 1))
 
+    def wgmma_case(config, M, dtype, per_channel=False, scales_dtype=torch.float16):
+        G = 1 if per_channel else 32
+        _, constexprs = W._wgmma_launch_shape(config, M, K, N, G, K // G, dtype, scales_dtype)
+        constexprs.update(ASM=True, TRIVIAL=True)
+        warps = config["num_warps"]
+        scaling = ("" if per_channel else " scales:x" if constexprs["HALF2"]
+                   else f" scales:{str(scales_dtype)[6:]}")
+        name = (f"wgmma {str(dtype)[6:]} {'perchan' if per_channel else 'g128'} "
+                f"BN{16 * warps * config['J']} BM{config['BLOCK_M']} KR{config['KR']} "
+                f"J{config['J']} w{warps}{scaling}")
+        args = _w4a16_args(M, G, dtype, scales_dtype=scales_dtype)
+        del args[4]  # (no g_idx: static groups only)
+        del args[5:7], args[9]  # (no split-K workspace, no K slices)
+        cases.append((name, W._w4a16_wgmma_kernel, args, constexprs, warps, 1))
+
     space = W.AUTOTUNE_SPACE
     if full:
+        for c in space["wgmma"]:
+            wgmma_case(c, 4096, torch.float16)
+            wgmma_case(c, 4096, torch.bfloat16, per_channel=True)
         for c in space["mma"]:
             mma_case(c, 16, torch.float16)
             mma_case(c, 1, torch.float16, per_channel=True)
@@ -153,6 +171,12 @@ def w4a16_cases(full=False):
         mma_case(pick("mma", PREFETCH=True, SPLIT_K=8, num_warps=2), 1, torch.float16)
         mma_case(pick("mma", PREFETCH=True, num_warps=4), 16, torch.bfloat16)
         mma_case(pick("mma", KR=1, num_warps=1), 5, torch.bfloat16, per_channel=True)
+        wgmma_case(pick("wgmma", BLOCK_M=128, KR=2), 4096, torch.float16)
+        wgmma_case(pick("wgmma", BLOCK_M=128, num_warps=8), 4096, torch.bfloat16,
+                   scales_dtype=torch.bfloat16)
+        wgmma_case(pick("wgmma", BLOCK_M=128, KR=1, num_warps=4), 4096, torch.bfloat16)
+        wgmma_case(pick("wgmma", BLOCK_M=64, J=4), 64, torch.float16, per_channel=True)
+        wgmma_case(pick("wgmma", BLOCK_M=256), 4096, torch.float16, scales_dtype=torch.float32)
         dot_case("gemm", pick("gemm", BLOCK_M=256, BLOCK_K=64, SWAP_AB=False), 4096,
                  torch.float16)
         dot_case("gemm", pick("gemm", BLOCK_M=128, SWAP_AB=True), 4096, torch.float16,
@@ -204,6 +228,8 @@ def report(cases):
             words = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // 8 / (32 * warps)
         elif kernel.__name__ == "_w4a16_mma":  # (the loop: GROUP_K inputs x 64 columns a warp)
             words = constexprs["GROUP_K"] * 64 // 8 / 32
+        elif kernel.__name__ == "_w4a16_wgmma":  # (a step: 4 KR packed rows x 16 J columns a warp)
+            words = 2 * constexprs["J"] * constexprs["KR"]
         else:
             words = None
         per_word = use["loop"] / words if words else None

@@ -140,7 +140,7 @@ _CHILD = textwrap.dedent(r'''
         K, N = 1024, 512
         paths_for = W._paths_for
         for path, M in (("gemv", 1), ("splitk", 16), ("gemm", 300), ("dqmm", 300), ("mma", 1),
-                        ("mma", 16)):
+                        ("mma", 16), ("wgmma", 300)):
             for group_size in (128, -1):
                 G = 1 if group_size == -1 else K // group_size
                 q = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32)
@@ -165,7 +165,7 @@ _CHILD = textwrap.dedent(r'''
         SEEN.clear()  # (the launches below are new plans, with new arguments)
         # the autotuner's parallel compilation (AsyncCompileMode), then one launch of each
         entry = W._entry_for(q, s, z, None, -1, K, N, 1)
-        for M, paths in ((1, ("gemv", "splitk", "mma")), (300, ("gemm", "dqmm"))):
+        for M, paths in ((1, ("gemv", "splitk", "mma")), (300, ("gemm", "dqmm", "wgmma"))):
             x = torch.randn(M, K).half()
             out = torch.empty(M, N, dtype=torch.float16)
             plans = [W._build_plan(entry, p, c, x, out) for p in paths

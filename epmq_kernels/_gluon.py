@@ -40,7 +40,9 @@ class _InterpretedGluon(types.SimpleNamespace):
 
     @staticmethod
     def zeros(shape, dtype, layout=None):
-        return tl.zeros(shape, dtype)
+        # (tl.full, a builtin: tl.zeros is a jit function, which a nested interpreted call
+        # can leave unpatched)
+        return tl.full(shape, 0, dtype)
 
     @staticmethod
     def full(shape, value, dtype, layout=None):
@@ -54,6 +56,10 @@ class _InterpretedGluon(types.SimpleNamespace):
     def barrier():
         return tl.debug_barrier()
 
+    @staticmethod
+    def allocate_shared_memory(element_ty, shape, layout=None, value=None):
+        return _InterpretedShared()
+
     def __getattr__(self, name):
         return getattr(tl, name)
 
@@ -62,15 +68,52 @@ def _interpreted_mma_v2(a, b, acc, input_precision=None):
     return tl.dot(a, b, acc)
 
 
+class _InterpretedShared:
+    """A shared-memory buffer under the interpreter: a tensor per leading index (``index``),
+    written by ``store`` and read by ``load`` or by an MMA; ``permute`` is a transposed view."""
+
+    def __init__(self, values=None, key=None, order=None):
+        self.values, self.key, self.order = ({} if values is None else values), key, order
+
+    def index(self, i):
+        return _InterpretedShared(self.values, int(i.handle.data.item()) if hasattr(i, "handle") else int(i))
+
+    def store(self, value):
+        self.values[self.key] = value
+
+    def load(self, layout=None):
+        value = self.values[self.key]
+        return value if self.order is None else tl.permute(value, self.order)
+
+    def permute(self, order):
+        return _InterpretedShared(self.values, self.key, tuple(order))
+
+
+def _interpreted_warpgroup_mma(a, b, acc, use_acc=True, is_async=False, **kwargs):
+    return tl.dot(a, b.load(), acc)
+
+
+def _interpreted_warpgroup_mma_wait(num_outstanding=0, deps=None):
+    return deps[0] if len(deps) == 1 else tuple(deps)
+
+
+def _interpreted_fence_async_shared(cluster=False):
+    return None
+
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon import constexpr_function
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
     HAS_GLUON = True
 except ImportError:  # a Triton without Gluon (before 3.5): the kernels only run interpreted
     # (the shims stand in, so that a kernel's annotations, ``gl.constexpr``, still resolve)
     gluon, gl, mma_v2 = None, _InterpretedGluon(), _interpreted_mma_v2
+    fence_async_shared = _interpreted_fence_async_shared
+    warpgroup_mma, warpgroup_mma_wait = _interpreted_warpgroup_mma, _interpreted_warpgroup_mma_wait
     HAS_GLUON = False
 
     def constexpr_function(fn):
@@ -83,7 +126,10 @@ def gluon_kernel(fn):
     its line numbers are the same, so an interpreter error points at the kernel's own line)."""
     if not INTERPRETED:
         return gluon.jit(fn) if HAS_GLUON else None
-    shims = dict(gl=_InterpretedGluon(), mma_v2=_interpreted_mma_v2, tl=tl)
+    shims = dict(gl=_InterpretedGluon(), mma_v2=_interpreted_mma_v2, tl=tl,
+                 fence_async_shared=_interpreted_fence_async_shared,
+                 warpgroup_mma=_interpreted_warpgroup_mma,
+                 warpgroup_mma_wait=_interpreted_warpgroup_mma_wait)
     names = dict(fn.__globals__, **shims)
     copy = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__module__ = fn.__module__

@@ -188,6 +188,7 @@ from ._gluon import HAS_GLUON
 from .packing import pack_int4, unpack_int4
 from . import autotune_cache
 from .w4a16_mma import _w4a16_mma_kernel
+from .w4a16_wgmma import _w4a16_wgmma_kernel
 
 # ----------------------------------------------------------------------------------------------
 # Autotune space (the only place launch configurations are stated)
@@ -195,9 +196,10 @@ from .w4a16_mma import _w4a16_mma_kernel
 # Batch sizes and the paths that compete for them (the autotuner times every candidate of each):
 #   M == 1                  gemv + the splitk configs with SWAP_AB (tensor cores at batch 1) + mma
 #   2 <= M <= MMA_MAX_M     splitk + mma
-#   MMA_MAX_M < M <= SPLITK_MAX_M   splitk
-#   SPLITK_MAX_M < M < DQMM_MIN_M   gemm
-#   M >= DQMM_MIN_M         gemm + dqmm
+#   MMA_MAX_M < M <= SPLITK_MAX_M   splitk + wgmma
+#   SPLITK_MAX_M < M < DQMM_MIN_M   gemm + wgmma
+#   M >= DQMM_MIN_M         gemm + dqmm + wgmma
+# (mma and wgmma where they can run: 16-bit activations, static groups; wgmma on sm_90 only)
 SPLITK_MAX_M = 64
 DQMM_MIN_M = 256
 MMA_MAX_M = 16  # (the mma path competes up to here: beyond, each 16 rows dequantize again)
@@ -307,6 +309,17 @@ AUTOTUNE_SPACE = {
                      PREFETCH=[False])
             + _product(KR=[4], UNROLL=[1], SPLIT_K=[4, 8, 16, 32], num_warps=[1, 2, 4],
                        PREFETCH=[True])),
+    # Hopper's warpgroup MMA with the weight dequantized in the registers of its A operand (Gluon,
+    # :mod:`epmq_kernels.w4a16_wgmma`; 6 configs; fp16/bf16 activations, M > MMA_MAX_M, compute
+    # capability 9.0): a program owns BLOCK_N = 16 num_warps J columns and BLOCK_M rows of the
+    # batch over all of K, in steps of 32 KR inputs. Compiled for sm_90 (fp16, g128; registers
+    # and instructions a step, benchmarks/compile_report.py): 128 x 128 with KR 2, 246 and 373;
+    # KR 1, 212 and 238; 256 x 128 (8 warps), 202 and 220; 128 x 64, 157 and 326; 256 x 64,
+    # 232 and 308; 64 x 256, 233 and 238; none spills (128 x 128 with KR 4 and 256 x 64 with
+    # KR 2 did, and left).
+    "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w)
+              for bm, kr, j, w in [(128, 2, 2, 4), (128, 1, 2, 4), (128, 1, 2, 8), (64, 2, 2, 4),
+                                   (64, 1, 4, 4), (256, 1, 1, 4)]],
     # Dequantize CHUNK_K rows, or CHUNK_N columns, of the weight at a time (tiles of 8 BLOCK_R
     # rows x BLOCK_N columns) + cuBLAS (8 configs). STREAMS = 2: the next chunk dequantized on a
     # side stream (two buffers) while cuBLAS multiplies by this one; on an H200 (2026-12-04)
@@ -332,9 +345,10 @@ INTERPRETER_CONFIG = {
                  SWAP_AB=True, SCALE_AFTER=False, num_warps=4, num_stages=1),
     "dqmm": dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4),
     "mma": dict(KR=1, UNROLL=2, SPLIT_K=2, num_warps=1, PREFETCH=True),
+    "wgmma": dict(BLOCK_M=16, KR=1, J=2, num_warps=1),
 }
 
-PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma")
+PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma", "wgmma")
 # Activations the GEMV's HALF2 option takes (bf16 ones converted to fp16 pairs, exactly, per row)
 HALF2_DTYPES = (torch.float16, torch.bfloat16)
 # The autotuner keeps a config only if its result on the tuning call is within this fraction of
@@ -1242,10 +1256,10 @@ def _paths_for(M):
     if M <= MMA_MAX_M:
         return ("splitk", "mma")
     if M <= SPLITK_MAX_M:
-        return ("splitk",)
+        return ("splitk", "wgmma")
     if M < DQMM_MIN_M:
-        return ("gemm",)
-    return ("gemm", "dqmm")
+        return ("gemm", "wgmma")
+    return ("gemm", "dqmm", "wgmma")
 
 
 def _path_for(M):
@@ -1253,12 +1267,14 @@ def _path_for(M):
 
 
 def _runnable_paths(x2, entry):
-    """The paths that compete for this call: ``_paths_for(M)`` less ``mma`` where it cannot run
-    these activations and weights (so that the choice remembered for, and cached under, a
-    problem's key is one it can run: the key names the paths)."""
+    """The paths that compete for this call: ``_paths_for(M)`` less ``mma`` and ``wgmma`` where
+    they cannot run these activations and weights (so that the choice remembered for, and
+    cached under, a problem's key is one it can run: the key names the paths)."""
     paths = _paths_for(x2.shape[0])
     if "mma" in paths and not _mma_runs(x2, entry):
         paths = tuple(p for p in paths if p != "mma")
+    if "wgmma" in paths and not _mma_runs(x2, entry, wgmma=True):
+        paths = tuple(p for p in paths if p != "wgmma")
     return paths
 
 
@@ -1282,25 +1298,29 @@ def _mma_straddles(G, group, kr=1):
     return G > 1 and group % (32 * kr) != 0
 
 
-def _mma_runs(x2, entry) -> bool:
-    """Whether the mma path can run these activations and weights: fp16/bf16, static groups of
-    whole 32-input steps, zero points in the 4-bit grid (read once per weights; weights first
-    seen inside a CUDA graph's capture, whose zero points were never read, go without it) and,
-    compiled, Gluon and a GPU of compute capability 8.0 or newer (``mma.sync``)."""
+def _mma_runs(x2, entry, wgmma=False) -> bool:
+    """Whether the mma path (``wgmma``: the wgmma path) can run these activations and weights:
+    fp16/bf16, static groups of whole 32-input steps, zero points in the 4-bit grid (read once
+    per weights; weights first seen inside a CUDA graph's capture, whose zero points were never
+    read, go without it), row offsets within int32 and, compiled, Gluon and a GPU of compute
+    capability 8.0 or newer (``mma.sync``; wgmma: 9.0 exactly, Hopper's sm_90a)."""
     if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
-        return False  # (and its row offsets are int32: fine for the batches it competes at)
+        return False
     if _mma_straddles(entry.G, entry.group):
         return False
-    if x2.is_cuda and not (HAS_GLUON and torch.cuda.get_device_capability(x2.device) >= (8, 0)):
-        return False
+    if x2.is_cuda:
+        capability = torch.cuda.get_device_capability(x2.device)
+        if not HAS_GLUON or (capability != (9, 0) if wgmma else capability < (8, 0)):
+            return False
     return (entry._zeros_in_grid is not None or not _capturing(x2.device)) and entry.zeros_in_grid()
 
 
-def _require_mma(x2, entry):
-    if not _mma_runs(x2, entry):
-        raise ValueError("the mma path takes float16 or bfloat16 activations, static groups of "
-                         "a multiple of 32 inputs and zero points in 0..15, on a GPU of compute "
-                         "capability 8.0 or newer")
+def _require_mma(x2, entry, wgmma=False):
+    if not _mma_runs(x2, entry, wgmma):
+        name, gpu = ("wgmma", "9.0 (Hopper)") if wgmma else ("mma", "8.0 or newer")
+        raise ValueError(f"the {name} path takes float16 or bfloat16 activations, static groups "
+                         f"of a multiple of 32 inputs and zero points in 0..15, on a GPU of "
+                         f"compute capability {gpu}")
 
 
 def _m_bucket(paths, M):
@@ -1319,8 +1339,8 @@ def _needs_gather(path, config, G, group_size, permuted, x_dtype=None):
         return True
     if path == "dqmm":
         return G > 1 and group_size % (8 * config["BLOCK_R"]) != 0
-    if path == "mma":
-        return False  # (it has no gather: permuted groups are not its candidates)
+    if path in ("mma", "wgmma"):
+        return False  # (they have no gather: permuted groups are not their candidates)
     return G > 1 and group_size % config["BLOCK_K"] != 0
 
 
@@ -1374,6 +1394,15 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
             if config not in configs:
                 configs.append(config)
             continue
+        if path == "wgmma":
+            if x_dtype not in MMA_DTYPES or permuted:
+                return []
+            if _mma_straddles(G, group_size, config["KR"]):
+                continue
+            if config["BLOCK_M"] > max(64, triton.next_power_of_2(M)):
+                continue  # (a tile mostly of rows past the batch)
+            configs.append(dict(config))
+            continue
         if path == "splitk":
             if M == 1 and not config["SWAP_AB"]:
                 continue  # at M = 1 only the swapped dot competes with the GEMV
@@ -1384,7 +1413,7 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
         if config["BLOCK_K"] > max(32, triton.next_power_of_2(K)):
             continue
         configs.append(config)
-    if path == "mma":
+    if path in ("mma", "wgmma"):
         return configs
     # A config whose tiles straddle groups needs the gather path: only keep those if nothing else.
     aligned = [c for c in configs if not _needs_gather(path, c, G, group_size, permuted)]
@@ -2064,6 +2093,8 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
                      dq=(axis, chunk, work, dequants), shared_workspace=True)
     if path == "mma":
         return _build_mma_plan(entry, config, x2, out2, lead)
+    if path == "wgmma":
+        return _build_wgmma_plan(entry, config, x2, out2, lead)
     split_k = config["SPLIT_K"]
     block_k = config["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
@@ -2146,6 +2177,37 @@ def _build_mma_plan(entry, config, x2, out2, lead):
                      weak)
     return _Plan(entry, "mma", config, M, lead, x2.dtype, x2.device, [launch],
                  shared_workspace=split_k > 1)
+
+
+def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
+    """``(grid, constexprs)`` of a wgmma config (constexprs in the kernel's order)."""
+    warps, block_m = config["num_warps"], config["BLOCK_M"]
+    block_n = 16 * warps * config["J"]
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), 1)
+    constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
+                      ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
+                      EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
+                      CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
+    return grid, constexprs
+
+
+def _build_wgmma_plan(entry, config, x2, out2, lead):
+    """The plan of a wgmma config (:mod:`epmq_kernels.w4a16_wgmma`)."""
+    _require_mma(x2, entry, wgmma=True)
+    qweight, scales, zeros, _ = entry.tensors()
+    M, K = x2.shape
+    N, G, group = entry.N, entry.G, entry.group
+    if _mma_straddles(G, group, config["KR"]):
+        raise ValueError(f"wgmma config {config}: groups of {group} are not whole steps of "
+                         f"{32 * config['KR']} inputs")
+    grid, constexprs = _wgmma_launch_shape(config, M, K, N, G, group, x2.dtype, scales.dtype)
+    args = [x2, qweight, scales, zeros, out2, M, N, K, group, 0,
+            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+            out2.stride(0), out2.stride(1), *constexprs.values()]
+    launch = _Launch(_w4a16_wgmma_kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4,
+                     (1, 2, 3))
+    return _Plan(entry, "wgmma", config, M, lead, x2.dtype, x2.device, [launch])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2359,8 +2421,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
             if path == "splitk" and "BLOCK_M" not in config:
                 config["BLOCK_M"] = _block_m_for_splitk(M)
         else:
-            if path == "mma":
-                _require_mma(x2, entry)
+            if path in ("mma", "wgmma"):
+                _require_mma(x2, entry, wgmma=path == "wgmma")
             path, config = _choose((path,) if path is not None else _runnable_paths(x2, run),
                                    x2, run)
         plan = _build_plan(run, path, config, x2, out2, lead)

@@ -115,6 +115,58 @@ def test_mma_warps_and_steps(gen, config, group_size, N, M):
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
 
+@pytest.mark.parametrize("group_size,g_idx_kind", MMA_GROUPINGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M,K,N", [(17, 64, 40), (5, 192, 136), (40, 320, 64)])
+def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kind):
+    """The Hopper kernel (interpreted through its shim: shared buffers as tensors, the MMA as a
+    dot): several batch tiles, the last one partial; N masked (not a multiple of its 32
+    columns) and not; K over 2 to 10 steps (the two activation buffers alternate)."""
+    qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path="wgmma",
+                 backend="triton")
+    assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
+
+
+@pytest.mark.parametrize("config", [dict(BLOCK_M=16, KR=2, J=4, num_warps=2),
+                                    dict(BLOCK_M=8, KR=4, J=1, num_warps=4)],
+                         ids=["kr2-j4-w2", "kr4-j1-w4"])
+@pytest.mark.parametrize("dtype,scales_dtype", [(torch.float16, torch.float16),
+                                                (torch.float16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float16)],
+                         ids=["fp16-half2", "fp16-fp32scales", "bf16-half2", "bf16-fp16scales"])
+@pytest.mark.parametrize("group_size,N", [(128, 200), (-1, 256)])
+def test_wgmma_tiles_and_scales(gen, config, dtype, scales_dtype, group_size, N):
+    """Warps and words a load (the column order), steps of 64 and 128 inputs, and each way the
+    weight is scaled: by a half2 multiply where the scales are of the activation dtype, through
+    fp32 otherwise (per channel: the result)."""
+    qweight, scales, zeros, _ = make_problem(gen, 256, N, group_size, scales_dtype=scales_dtype)
+    x = torch.randn(21, 256, generator=gen).to(dtype)
+    out = torch.full((21, N), float("nan"), dtype=dtype)
+    w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="wgmma", config=config,
+                 backend="triton")
+    assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
+
+
+def test_wgmma_weight_rounds_once(gen):
+    """The wgmma path rounds ``(q - z) s`` (fp32 scales here) to the activation dtype once, as
+    dqmm's dequantized chunk does on the GPU: with one input feature it returns that row of
+    the weight so rounded, bit for bit."""
+    K, N = 64, 64
+    codes = torch.randint(0, 16, (K, N), generator=gen)
+    scales = torch.rand(2, N, generator=gen) * 0.02 + 0.002
+    zeros = torch.randint(0, 16, (2, N), generator=gen).to(torch.uint8)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.zeros(4, K, dtype=dtype)
+        x[:, 40] = 1.0
+        y = w4a16_matmul(x, pack_int4(codes), scales, zeros, 32, path="wgmma", backend="triton")
+        row = ((codes[40] - zeros[1].int()).float() * scales[1]).to(dtype)
+        assert torch.equal(y, row.expand(4, N)), dtype
+
+
 def test_mma_launch_flags_match_the_tiles_it_reads():
     """EVEN drops every mask and ONE_GROUP reads one scale per slice: both must follow from the
     geometry, which the interpreter cannot check (it reads out of bounds without complaint, and
@@ -316,25 +368,27 @@ def test_act_order_inside_a_capture(gen, monkeypatch):
     assert [held[1] for held in W._GRAPH_HELD_SORTED] == [codes]
 
 
-def test_mma_path_refuses_what_it_cannot_compute(gen):
+@pytest.mark.parametrize("path", ["mma", "wgmma"])
+def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
     """fp32 activations, permuted groups, zero points outside the 4-bit grid and groups that
     are not whole 32-input steps (or not whole steps of a forced config): a clear error when
-    forced (the autotuner never offers it)."""
+    forced (the autotuner never offers them)."""
     qweight, scales, zeros, perm = make_problem(gen, 64, 40, 32, "permuted")
     x = torch.randn(2, 64, generator=gen).half()
     cases = [(x.float(), zeros, 32, None), (x, zeros, 32, perm), (x, zeros + 16, 32, None)]
     for xs, zs, group, g_idx in cases:
-        with pytest.raises(ValueError, match="mma path takes float16 or bfloat16"):
-            w4a16_matmul(xs, qweight, scales, zs, group, g_idx, path="mma", backend="triton")
+        with pytest.raises(ValueError, match=f"the {path} path takes float16 or bfloat16"):
+            w4a16_matmul(xs, qweight, scales, zs, group, g_idx, path=path, backend="triton")
     q16, s16, z16, _ = make_problem(gen, 64, 40, 16)
     with pytest.raises(ValueError, match="static groups of a multiple of 32 inputs"):
-        w4a16_matmul(x, q16, s16, z16, 16, path="mma", backend="triton")
-    assert W._candidates("mma", 2, 64, 4, 16, False) == []
+        w4a16_matmul(x, q16, s16, z16, 16, path=path, backend="triton")
+    assert W._candidates(path, 2, 64, 4, 16, False) == []
     q64, s64, z64, _ = make_problem(gen, 128, 40, 64)
     x128 = torch.randn(2, 128, generator=gen).half()
+    config = (AUTOTUNE_SPACE["mma"][-1] if path == "mma"
+              else dict(BLOCK_M=16, KR=4, J=1, num_warps=1))
     with pytest.raises(ValueError, match="groups of 64 are not whole steps of 128"):
-        w4a16_matmul(x128, q64, s64, z64, 64, path="mma", config=AUTOTUNE_SPACE["mma"][-1],
-                     backend="triton")
+        w4a16_matmul(x128, q64, s64, z64, 64, path=path, config=config, backend="triton")
 
 
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm", "dqmm"])
@@ -621,8 +675,8 @@ def test_paths_offered_by_batch_size():
     large M the Triton GEMM against dqmm."""
     assert W._paths_for(1) == ("gemv", "splitk", "mma")
     assert W._paths_for(W.MMA_MAX_M) == ("splitk", "mma")
-    assert W._paths_for(W.MMA_MAX_M + 1) == ("splitk",)
-    assert W._paths_for(W.SPLITK_MAX_M + 1) == ("gemm",)
+    assert W._paths_for(W.MMA_MAX_M + 1) == ("splitk", "wgmma")
+    assert W._paths_for(W.SPLITK_MAX_M + 1) == ("gemm", "wgmma")
     # mma: 16-bit activations and static groups of whole 32 KR-input steps only, no empty slices
     mma = W._candidates("mma", 16, 8192, 64, 128, False)
     assert all(c["BLOCK_M"] == 16 for c in mma)
@@ -637,7 +691,14 @@ def test_paths_offered_by_batch_size():
     # (K slices: as many as leave none empty, 3 and 6 where the space says 4 to 32)
     assert {c["SPLIT_K"] for c in W._candidates("mma", 1, 768, 6, 128, False)} == {3, 6}
     assert {c["SPLIT_K"] for c in W._candidates("mma", 1, 64, 2, 32, False)} == {2}
-    assert W._paths_for(W.DQMM_MIN_M) == ("gemm", "dqmm")
+    assert W._paths_for(W.DQMM_MIN_M) == ("gemm", "dqmm", "wgmma")
+    # wgmma: the same activations and groups as mma; tiles of 128 or 256 rows only past 64
+    wgmma = W._candidates("wgmma", 40, 4096, 32, 128, False)
+    assert wgmma and all(c["BLOCK_M"] == 64 for c in wgmma)
+    assert len(W._candidates("wgmma", 1024, 4096, 32, 128, False)) == len(AUTOTUNE_SPACE["wgmma"])
+    assert {c["KR"] for c in W._candidates("wgmma", 1024, 4096, 128, 32, False)} == {1}
+    assert W._candidates("wgmma", 1024, 4096, 32, 128, True) == []
+    assert W._candidates("wgmma", 1024, 4096, 32, 128, False, torch.float32) == []
     at_one = W._candidates("splitk", 1, 4096, 32, 128, False)
     assert at_one and all(c["SWAP_AB"] and c["BLOCK_M"] == 16 for c in at_one)
     gemv = W._candidates("gemv", 1, 4096, 32, 128, False)
@@ -1298,7 +1359,7 @@ def test_direct_launches_without_gpu():
     assert result.returncode == 0, result.stderr[-4000:]
     smoke = json.loads(next(line for line in result.stdout.splitlines()
                             if line.startswith("SMOKE "))[6:])["results"]
-    assert len(smoke) == 14  # (8 path x grouping rows, mma at M = 1 and 16, 2 precompiled)
+    assert len(smoke) == 16  # (10 path x grouping rows, mma at M = 1 and 16, 2 precompiled)
     for name, row in smoke.items():
         assert row["direct"] and row["launches_per_call"] == 1.0, (name, row)
 
@@ -1321,7 +1382,7 @@ def test_kernels_compile_for_sm90():
     assert result.stdout.count("_kernel ok") == 2 and result.stdout.count("mma sm_80 ok") == 2
     rows = json.loads(next(line for line in result.stdout.splitlines()
                            if line.startswith("ROWS "))[5:])
-    assert len(rows) >= 22
+    assert len(rows) >= 27
     for row in rows:
         name = row["name"]
         assert 0 < row["registers"] <= 255 and row["shared"] <= 227 * 1024, row
@@ -1350,6 +1411,14 @@ def test_kernels_compile_for_sm90():
             assert row["hmma"] > 0 and row["hgmma"] == 0 and row["loop_shared"] == 0, row
             assert row["lds"] <= 1 and row["sts"] <= 1 and row["hfma2"] >= 4 * row["hmma"] // 2, row
             assert row["loop_per_word"] <= (22 if name.startswith("mma float16") else 24), row
+        if name.startswith("wgmma"):
+            # warpgroup MMAs on a weight dequantized in their A registers (the conversion into
+            # the operand layout compiled as trivial), activations staged through shared memory
+            # by stmatrix (32 STS/LDS are the epilogue's reordering of the output); 219-373
+            # instructions a step with 16-bit scales on 2026-12-05 (506 for bf16 with fp16
+            # scales), of which the 2 or 4 HFMA2/HMUL2 a register of codes
+            assert row["hgmma"] > 0 and row["hmma"] == 0, row
+            assert row["loop"] <= (400 if "scales:x" in name or "perchan" in name else 520), row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1503,6 +1572,29 @@ class TestCUDA:
             key = (id(qweight), id(scales), id(zeros), id(g_idx), group_size)
             plans = [p for p in W._ENTRIES[key].plans.values() if p.M == M]
             assert plans and plans[0].path == "mma" and plans[0].launches[0].compiled is not None
+
+    @pytest.mark.parametrize("dtype,group_size,scales_dtype", [
+        (torch.float16, 128, torch.float16), (torch.bfloat16, -1, torch.float16),
+        (torch.bfloat16, 128, torch.float16)])
+    def test_wgmma_path_at_model_sizes(self, gen, dtype, group_size, scales_dtype, monkeypatch):
+        """The Hopper kernel compiled (wgmma on registers, shared activation buffers, inline
+        PTX), chosen by the launcher, at batches 64, 300 and 1024 (a partial tile of rows), N a
+        multiple of no tile's columns."""
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("wgmma is Hopper's (compute capability 9.0)")
+        monkeypatch.setattr(W, "_paths_for", lambda M: ("wgmma",))
+        K, N = 4096, 2048 + 64 + 32
+        qweight, scales, zeros, _ = make_problem(gen, K, N, group_size, scales_dtype=scales_dtype)
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        for M in (64, 300, 1024):
+            x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+            first = w4a16_matmul(x, qweight, scales, zeros, group_size)
+            assert_close_to_reference(first, x, qweight, scales, zeros, group_size, None)
+            again = w4a16_matmul(x, qweight, scales, zeros, group_size)
+            assert torch.equal(again, first)  # (no split-K: the same order every call)
+            key = (id(qweight), id(scales), id(zeros), id(None), group_size)
+            plans = [p for p in W._ENTRIES[key].plans.values() if p.M == M]
+            assert plans and plans[0].path == "wgmma" and plans[0].launches[0].compiled is not None
 
     def test_plans_launch_directly_and_agree(self, gen):
         """Steady-state calls (cached plans, direct launches with integer pointers) give the
