@@ -228,13 +228,18 @@ def report(cases):
             words = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // 8 / (32 * warps)
         elif kernel.__name__ == "_w4a16_mma":  # (the loop: GROUP_K inputs x 64 columns a warp)
             words = constexprs["GROUP_K"] * 64 // 8 / 32
-        elif kernel.__name__ == "_w4a16_wgmma":  # (a step: 4 KR packed rows x 16 J columns a warp)
-            words = 2 * constexprs["J"] * constexprs["KR"]
+        elif kernel.__name__ == "_w4a16_wgmma":  # (GROUP_STEPS steps of 4 KR packed rows x 16 J
+            # columns a warp; per step is the better measure: the activations a step stages
+            # grow with BLOCK_M, not with the words)
+            words = 2 * constexprs["J"] * constexprs["KR"] * constexprs["GROUP_STEPS"]
         else:
             words = None
         per_word = use["loop"] / words if words else None
+        extra = {}
+        if kernel.__name__ == "_w4a16_wgmma":
+            extra["loop_per_step"] = use["loop"] / constexprs["GROUP_STEPS"]
         rows.append(dict(name=name, warps=warps, stages=stages, progs_per_sm=progs,
-                         loop_per_word=per_word, **use))
+                         loop_per_word=per_word, **extra, **use))
         print(f"{name:64s} regs {use['registers']:4d} spill {use['spill_stores']:4d}/"
               f"{use['spill_loads']:<4d} stack {use['stack']:4d} smem {use['shared']:6d} "
               f"progs/SM {progs:2d} | HGMMA {use['hgmma']:3d} HMMA {use['hmma']:3d} "
@@ -242,7 +247,8 @@ def report(cases):
               f"PRMT {use['prmt']:4d} FFMA {use['ffma']:4d} FADD {use['fadd']:3d} "
               f"HFMA2 {use['hfma2']:3d} "
               f"LDS {use['lds']:3d} STS {use['sts']:3d} DFMA {use['dfma']:3d} | loop {use['loop']:4d}"
-              + (f" ({per_word:.1f} a packed word)" if per_word else ""), flush=True)
+              + (f" ({per_word:.1f} a packed word)" if per_word else "")
+              + (f" ({extra['loop_per_step']:.0f} a step)" if extra else ""), flush=True)
     return rows
 
 

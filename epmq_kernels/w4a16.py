@@ -312,11 +312,11 @@ AUTOTUNE_SPACE = {
     # Hopper's warpgroup MMA with the weight dequantized in the registers of its A operand (Gluon,
     # :mod:`epmq_kernels.w4a16_wgmma`; 6 configs; fp16/bf16 activations, M > MMA_MAX_M, compute
     # capability 9.0): a program owns BLOCK_N = 16 num_warps J columns and BLOCK_M rows of the
-    # batch over all of K, in steps of 32 KR inputs. Compiled for sm_90 (fp16, g128; registers
-    # and instructions a step, benchmarks/compile_report.py): 128 x 128 with KR 2, 246 and 373;
-    # KR 1, 212 and 238; 256 x 128 (8 warps), 202 and 220; 128 x 64, 157 and 326; 256 x 64,
-    # 232 and 308; 64 x 256, 233 and 238; none spills (128 x 128 with KR 4 and 256 x 64 with
-    # KR 2 did, and left).
+    # batch over all of K, in steps of 32 KR inputs. Compiled for sm_90 (fp16, g128; BLOCK_N x
+    # BLOCK_M, registers and instructions a step, benchmarks/compile_report.py, 2026-12-05):
+    # 128 x 128 KR 2, 255 and 303; KR 1, 240 and 150; 256 x 128 (8 warps), 216 and 129;
+    # 128 x 64, 168 and 250; 256 x 64, 246 and 189; 64 x 256, 255 and 162; none spills (128 x
+    # 128 with KR 4 and 256 x 64 with KR 2 did, and left).
     "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w)
               for bm, kr, j, w in [(128, 2, 2, 4), (128, 1, 2, 4), (128, 1, 2, 8), (64, 2, 2, 4),
                                    (64, 1, 4, 4), (256, 1, 1, 4)]],
@@ -2184,9 +2184,13 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
     warps, block_m = config["num_warps"], config["BLOCK_M"]
     block_n = 16 * warps * config["J"]
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), 1)
+    # steps unrolled a pass: as many as divide the group, at most 4 (the group's parameters are
+    # read once a pass)
+    block_k = 32 * config["KR"]
+    group_steps = 1 if G == 1 else math.gcd(group // block_k, 4)
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
-                      ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
-                      EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
+                      GROUP_STEPS=group_steps, ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
+                      EVEN=N % block_n == 0 and K % block_k == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
     return grid, constexprs
 

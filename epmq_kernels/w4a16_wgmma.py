@@ -142,8 +142,8 @@ def _w4a16_wgmma(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-    ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr,
-    ASM: gl.constexpr, TRIVIAL: gl.constexpr,
+    GROUP_STEPS: gl.constexpr, ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, EVEN: gl.constexpr,
+    CDT: gl.constexpr, ASM: gl.constexpr, TRIVIAL: gl.constexpr,
 ):
     """A ``16 WARPS J x BLOCK_M`` tile of ``y^T`` over all of K; see the module docstring."""
     BLOCK_N: gl.constexpr = 16 * WARPS * J
@@ -183,35 +183,47 @@ def _w4a16_wgmma(
         one = opaque_zero + 0x3F803F80       # bf16 1.0, 1.0
         sixteenth = one
 
-    # step 0: its activations to buffer 0, its weights dequantized
+    split_shape: gl.constexpr = [KR, 4, 2, WARPS, 8, J]  # (words: [kr, t, h_n, w, g, j])
+    # step 0: its activations to buffer 0, its weights dequantized with group 0's parameters
+    z_neg, z_neg16, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, 0, r, cols, c_mask,
+                                              stride_sg, stride_sn, stride_zg, stride_zn, KR, J,
+                                              WARPS, ONE_GROUP, HALF2, CDT, ASM)
     xt = _load_x_tile(x_rows, 0, xm, xk, M, K, stride_xk, CDT)
     x_smem.index(0).store(_permute_x(xt, BLOCK_M, KR, BLOCK_K))
-    a = _step_a(qweight_ptr, scales_ptr, zeros_ptr, 0, r, cols, c_mask, K, group_size,
-                stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, magic, one,
-                sixteenth, a_layout, KR, J, WARPS, ONE_GROUP, HALF2, EVEN, CDT, ASM, TRIVIAL)
+    words = gl.reshape(_load_words(qweight_ptr, 0, r, cols, c_mask, K, K, stride_qk, stride_qn,
+                                   BLOCK_K, EVEN), split_shape)
+    a = _dequant_a(words, z_neg, z_neg16, s2, s_f32, magic, one, sixteenth, a_layout, BLOCK_N,
+                   BLOCK_K, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
     fence_async_shared()
     gl.barrier()
 
+    # GROUP_STEPS steps a pass (unrolled): the next group's parameters are read in the last
+    # one, for the step after it; the last step's look-ahead reads a clamped tile, unused
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
-    for i in range((K + BLOCK_K - 1) // BLOCK_K):
-        acc = warpgroup_mma(a, x_smem.index(i % 2).permute((1, 0)), acc, is_async=True)
-        # while it runs: the next step's weights, dequantized, and activations, to the other
-        # buffer (which the previous step's MMA, waited for, no longer reads)
-        k_next = (i + 1) * BLOCK_K
-        if k_next < K:
+    for k0 in range(0, K, GROUP_STEPS * BLOCK_K):
+        for kk in gl.static_range(GROUP_STEPS):
+            i = k0 // BLOCK_K + kk
+            acc = warpgroup_mma(a, x_smem.index(i % 2).permute((1, 0)), acc, is_async=True)
+            # while it runs: the next step's weights, dequantized, and activations, to the other
+            # buffer (which the previous step's MMA, waited for, no longer reads)
+            k_next = k0 + (kk + 1) * BLOCK_K
+            if kk == GROUP_STEPS - 1 and not ONE_GROUP:
+                z_neg, z_neg16, s2, s_f32 = _group_params(
+                    scales_ptr, zeros_ptr, gl.minimum(k_next, K - 1) // group_size, r, cols,
+                    c_mask, stride_sg, stride_sn, stride_zg, stride_zn, KR, J, WARPS, ONE_GROUP,
+                    HALF2, CDT, ASM)
+            words = gl.reshape(_load_words(qweight_ptr, k_next, r, cols, c_mask, K, K, stride_qk,
+                                           stride_qn, BLOCK_K, EVEN), split_shape)
             xt = _load_x_tile(x_rows, k_next, xm, xk, M, K, stride_xk, CDT)
-            a_next = _step_a(qweight_ptr, scales_ptr, zeros_ptr, k_next, r, cols, c_mask, K,
-                             group_size, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
-                             stride_zn, magic, one, sixteenth, a_layout, KR, J, WARPS, ONE_GROUP,
-                             HALF2, EVEN, CDT, ASM, TRIVIAL)
+            a_next = _dequant_a(words, z_neg, z_neg16, s2, s_f32, magic, one, sixteenth,
+                                a_layout, BLOCK_N, BLOCK_K, CDT, not ONE_GROUP, HALF2, ASM,
+                                TRIVIAL)
             x_smem.index((i + 1) % 2).store(_permute_x(xt, BLOCK_M, KR, BLOCK_K))
             fence_async_shared()
-        else:
-            a_next = a
-        # (the wait keeps this step's A registers, which the MMA reads, until it is done)
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-        a = a_next
-        gl.barrier()
+            # (the wait keeps this step's A registers, which the MMA reads, until it is done)
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+            a = a_next
+            gl.barrier()
 
     # rows of acc are columns in the operand's order (tile j of warp w, row 8 h_n + g is column
     # J (8 (WARPS h_n + w) + g) + j): back to natural order, then 16-byte stores along N
@@ -229,20 +241,15 @@ def _w4a16_wgmma(
 
 
 @gluon_kernel
-def _step_a(qweight_ptr, scales_ptr, zeros_ptr, k0, r, cols, c_mask, K, group_size,
-            stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, magic, one,
-            sixteenth, a_layout: gl.constexpr, KR: gl.constexpr, J: gl.constexpr,
-            WARPS: gl.constexpr, ONE_GROUP: gl.constexpr, HALF2: gl.constexpr,
-            EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr, TRIVIAL: gl.constexpr):
-    """The A operand of the step at input ``k0``: its packed words, zero points and (grouped)
-    scales loaded, dequantized (see :func:`_dequant_a`)."""
+def _group_params(scales_ptr, zeros_ptr, g, r, cols, c_mask, stride_sg, stride_sn, stride_zg,
+                  stride_zn, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
+                  ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, CDT: gl.constexpr,
+                  ASM: gl.constexpr):
+    """Group ``g``'s zero points as ``-(2^e + z)`` bit pairs (:mod:`.w4a16_mma`) and, grouped,
+    its scales (the 16-bit pair where HALF2 and ASM, and fp32), in the words' shape."""
     split_shape: gl.constexpr = [KR, 4, 2, WARPS, 8, J]
-    words = gl.reshape(_load_words(qweight_ptr, k0, r, cols, c_mask, K, K, stride_qk, stride_qn,
-                                   32 * KR, EVEN), split_shape)
-    g = k0 // group_size
     z = gl.load(zeros_ptr + g * stride_zg + cols * stride_zn, mask=c_mask, other=0).to(gl.int32)
     z = gl.reshape(gl.broadcast(z[None, :], r[:, None])[0], split_shape)
-    # -(2^e + z) in both halves, as bits (.w4a16_mma)
     if CDT == gl.float16:
         z_neg = (0xE400 + z) * 0x10001
         z_neg16 = (0xD400 + 16 * z) * 0x10001
@@ -250,7 +257,7 @@ def _step_a(qweight_ptr, scales_ptr, zeros_ptr, k0, r, cols, c_mask, K, group_si
         z_neg = (0xC300 + z) * 0x10001
         z_neg16 = z_neg
     if ONE_GROUP:
-        s2, s_f32 = z, z.to(gl.float32)  # (unused: scaled at the end)
+        s2, s_f32 = z, z.to(gl.float32)  # (unused: the result is scaled at the end)
     else:
         s = gl.load(scales_ptr + g * stride_sg + cols * stride_sn, mask=c_mask, other=0.0)
         s = gl.reshape(gl.broadcast(s[None, :], r[:, None])[0], split_shape)
@@ -259,8 +266,7 @@ def _step_a(qweight_ptr, scales_ptr, zeros_ptr, k0, r, cols, c_mask, K, group_si
             s2 = (s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
         else:
             s2 = z
-    return _dequant_a(words, z_neg, z_neg16, s2, s_f32, magic, one, sixteenth, a_layout,
-                      16 * WARPS * J, 32 * KR, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
+    return z_neg, z_neg16, s2, s_f32
 
 
 _w4a16_wgmma_kernel = gluon_kernel(_w4a16_wgmma)
