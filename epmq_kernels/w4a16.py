@@ -105,6 +105,13 @@ Paths
   for ``splitk`` at a batch of 16 and 26-33 for the HALF2 GEMV. Its K slices reduce like
   split-K's below. Triton's interpreter runs it through a shim (:mod:`epmq_kernels._gluon`).
 
+* ``wgmma`` (M > 16, a candidate beside ``splitk``, ``gemm`` and ``dqmm``; the same activations
+  and weights as ``mma``, compute capability 9.0 only): :mod:`epmq_kernels.w4a16_wgmma`, a
+  Gluon kernel with the weight dequantized the same way into the registers of Hopper's
+  warpgroup MMA (its A operand may live in registers; the activations, its B operand, go
+  through two shared buffers), rounded once to the activation dtype as ``dqmm`` rounds it, and
+  no split-K.
+
 * ``dqmm`` (M >= 256, a candidate beside ``gemm``): dequantize a bounded chunk of the weight
   (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the activation dtype and
   multiply by it with cuBLAS: CHUNK_K rows at a time, accumulated as ``y += x[:, chunk] @

@@ -1448,10 +1448,13 @@ class TestCUDA:
 
     @pytest.mark.parametrize("path,group_size", [("gemv", 128), ("gemv", -1), ("splitk", 128),
                                                  ("splitk", -1), ("gemm", 128), ("dqmm", 128),
-                                                 ("mma", 128), ("mma", -1)])
+                                                 ("mma", 128), ("mma", -1), ("wgmma", 128),
+                                                 ("wgmma", -1)])
     def test_every_config_of_every_path(self, gen, path, group_size):
+        if path == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("wgmma is Hopper's (compute capability 9.0)")
         K, N = 1024, 1536
-        M = {"gemv": 1, "splitk": 8, "gemm": 200, "dqmm": 300, "mma": 16}[path]
+        M = {"gemv": 1, "splitk": 8, "gemm": 200, "dqmm": 300, "mma": 16, "wgmma": 300}[path]
         qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
         qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
         x = torch.randn(M, K, generator=gen).half().cuda()
