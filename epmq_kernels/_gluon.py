@@ -90,7 +90,8 @@ class _InterpretedShared:
 
 
 def _interpreted_warpgroup_mma(a, b, acc, use_acc=True, is_async=False, **kwargs):
-    return tl.dot(a, b.load(), acc)
+    # (B as copied, bf16 activations included; A is already in the interpreter's fp32 stand-in)
+    return tl.dot(a, b.load().to(a.dtype), acc)
 
 
 def _interpreted_warpgroup_mma_wait(num_outstanding=0, deps=None):
@@ -101,18 +102,35 @@ def _interpreted_fence_async_shared(cluster=False):
     return None
 
 
+class _InterpretedAsyncCopy:
+    """``async_copy`` (Ampere's ``cp.async``) under the interpreter: a load, then a store."""
+
+    @staticmethod
+    def async_copy_global_to_shared(smem, pointer, mask=None, **kwargs):
+        smem.store(tl.load(pointer, mask=mask, other=0))
+
+    @staticmethod
+    def commit_group():
+        return None
+
+    @staticmethod
+    def wait_group(num_outstanding=0):
+        return None
+
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon import constexpr_function
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
     HAS_GLUON = True
 except ImportError:  # a Triton without Gluon (before 3.5): the kernels only run interpreted
     # (the shims stand in, so that a kernel's annotations, ``gl.constexpr``, still resolve)
     gluon, gl, mma_v2 = None, _InterpretedGluon(), _interpreted_mma_v2
-    fence_async_shared = _interpreted_fence_async_shared
+    fence_async_shared, async_copy = _interpreted_fence_async_shared, _InterpretedAsyncCopy()
     warpgroup_mma, warpgroup_mma_wait = _interpreted_warpgroup_mma, _interpreted_warpgroup_mma_wait
     HAS_GLUON = False
 
@@ -128,6 +146,7 @@ def gluon_kernel(fn):
         return gluon.jit(fn) if HAS_GLUON else None
     shims = dict(gl=_InterpretedGluon(), mma_v2=_interpreted_mma_v2, tl=tl,
                  fence_async_shared=_interpreted_fence_async_shared,
+                 async_copy=_InterpretedAsyncCopy(),
                  warpgroup_mma=_interpreted_warpgroup_mma,
                  warpgroup_mma_wait=_interpreted_warpgroup_mma_wait)
     names = dict(fn.__globals__, **shims)

@@ -108,9 +108,9 @@ Paths
 * ``wgmma`` (M > 16, a candidate beside ``splitk``, ``gemm`` and ``dqmm``; the same activations
   and weights as ``mma``, compute capability 9.0 only): :mod:`epmq_kernels.w4a16_wgmma`, a
   Gluon kernel with the weight dequantized the same way into the registers of Hopper's
-  warpgroup MMA (its A operand may live in registers; the activations, its B operand, go
-  through two shared buffers), rounded once to the activation dtype as ``dqmm`` rounds it, and
-  no split-K.
+  warpgroup MMA (its A operand may live in registers; the activations, its B operand, and the
+  packed words are copied by ``cp.async`` into a ring of shared buffers), rounded once to the
+  activation dtype as ``dqmm`` rounds it, and no split-K.
 
 * ``dqmm`` (M >= 256, a candidate beside ``gemm``): dequantize a bounded chunk of the weight
   (``_w4a16_dequant_kernel``, memory bound) into a reused workspace of the activation dtype and
@@ -319,14 +319,15 @@ AUTOTUNE_SPACE = {
     # Hopper's warpgroup MMA with the weight dequantized in the registers of its A operand (Gluon,
     # :mod:`epmq_kernels.w4a16_wgmma`; 6 configs; fp16/bf16 activations, M > MMA_MAX_M, compute
     # capability 9.0): a program owns BLOCK_N = 16 num_warps J columns and BLOCK_M rows of the
-    # batch over all of K, in steps of 32 KR inputs. Compiled for sm_90 (fp16, g128; BLOCK_N x
-    # BLOCK_M, registers and instructions a step, benchmarks/compile_report.py, 2026-12-05):
-    # 128 x 128 KR 2, 255 and 303; KR 1, 240 and 150; 256 x 128 (8 warps), 216 and 129;
-    # 128 x 64, 168 and 250; 256 x 64, 246 and 189; 64 x 256, 255 and 162; none spills (128 x
-    # 128 with KR 4 and 256 x 64 with KR 2 did, and left).
-    "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w)
-              for bm, kr, j, w in [(128, 2, 2, 4), (128, 1, 2, 4), (128, 1, 2, 8), (64, 2, 2, 4),
-                                   (64, 1, 4, 4), (256, 1, 1, 4)]],
+    # batch over all of K, in steps of 32 KR inputs, each step's activations and packed words
+    # copied into one of STAGES shared buffers STAGES - 1 steps ahead. Compiled for sm_90 (fp16,
+    # g128; BLOCK_N x BLOCK_M: registers, instructions a step and shared memory;
+    # benchmarks/compile_report.py, 2026-12-05): 128 x 128 KR 2, 255, 292 and 60 KB; KR 1,
+    # 213, 164 and 40 KB; 256 x 128 (8 warps), 212, 158 and 48 KB; 128 x 64, 174, 272 and 36
+    # KB; 256 x 64, 254, 230 and 32 KB; 64 x 256, 218, 150 and 68 KB; none spills.
+    "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w, STAGES=st)
+              for bm, kr, j, w, st in [(128, 2, 2, 4, 3), (128, 1, 2, 4, 4), (128, 1, 2, 8, 4),
+                                       (64, 2, 2, 4, 3), (64, 1, 4, 4, 4), (256, 1, 1, 4, 4)]],
     # Dequantize CHUNK_K rows, or CHUNK_N columns, of the weight at a time (tiles of 8 BLOCK_R
     # rows x BLOCK_N columns) + cuBLAS (8 configs). STREAMS = 2: the next chunk dequantized on a
     # side stream (two buffers) while cuBLAS multiplies by this one; on an H200 (2026-12-04)
@@ -352,7 +353,7 @@ INTERPRETER_CONFIG = {
                  SWAP_AB=True, SCALE_AFTER=False, num_warps=4, num_stages=1),
     "dqmm": dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4),
     "mma": dict(KR=1, UNROLL=2, SPLIT_K=2, num_warps=1, PREFETCH=True),
-    "wgmma": dict(BLOCK_M=16, KR=1, J=2, num_warps=1),
+    "wgmma": dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3),
 }
 
 PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma", "wgmma")
@@ -2196,7 +2197,7 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
     block_k = 32 * config["KR"]
     group_steps = 1 if G == 1 else math.gcd(group // block_k, 4)
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
-                      GROUP_STEPS=group_steps, ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
+                      STAGES=config["STAGES"], GROUP_STEPS=group_steps, ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
                       EVEN=N % block_n == 0 and K % block_k == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
     return grid, constexprs

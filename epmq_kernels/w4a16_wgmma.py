@@ -3,22 +3,31 @@
 At a batch of hundreds of rows the product is compute bound, and the fastest path so far
 dequantized chunks of the weight to fp16 in memory and called cuBLAS (``dqmm``: 0.75-0.81x fp16
 cuBLAS at M = 1024 on an H200, 2026-12-04, the dequantization in series with the product).
-Here the weight never leaves the registers: it is the A operand of Hopper's warpgroup MMA
-(``wgmma.mma_async``, which takes A from registers and B from shared memory), so the int4
-codes cross memory once, as in the ``mma`` path (:mod:`epmq_kernels.w4a16_mma`), and the
-tensor cores run at wgmma's rate, not ``mma.sync``'s.
+Here the weight never leaves the chip dequantized: its packed words are dequantized into the
+registers of the A operand of Hopper's warpgroup MMA (``wgmma.mma_async`` takes A from
+registers, B from shared memory), so the int4 codes cross memory once and the tensor cores run
+at wgmma's rate.
 
 The product
 -----------
-``y^T = W^T x^T``, the weight ``[BLOCK_N, BLOCK_K]`` in registers (the instruction's M: 64 rows
+``y^T = W^T x^T``: the weight ``[BLOCK_N, BLOCK_K]`` in registers (the instruction's M: 64 rows
 a warpgroup, 16 a warp), the activations ``x^T`` ``[BLOCK_K, BLOCK_M]`` in shared memory (the
-instruction's N: the batch, up to 256). A warp's share of the A operand has the layout of an
-``mma.sync.m16n8k16`` A fragment, so the K order (a thread's operand registers over two 16-input
-steps are the 8 codes of one packed word) and the N order (a load of ``J`` consecutive words
-feeds ``J`` column tiles) of :mod:`.w4a16_mma` apply unchanged, with ``J`` words a load instead
-of 4. Activations are loaded from global memory in natural order and written to shared memory
-in the permuted K order (a thread's 8 consecutive inputs are 4 pairs of adjacent slots), two
-buffers: the next step's tile is written while the current step's MMA runs.
+instruction's N: the batch, up to 256), both in their natural K order.
+
+*Pipeline.* Each step of ``BLOCK_K = 32 KR`` inputs, its activations ``[BLOCK_M, BLOCK_K]`` and
+packed words ``[4 KR, BLOCK_N]`` are copied straight into one of STAGES shared buffers by
+``cp.async`` (no registers), STAGES - 1 steps ahead. While step i's MMA runs, the program
+starts the copies of step i + STAGES - 1 and dequantizes step i + 1 from shared memory.
+
+*The A operand in registers.* A warp's share of A has the layout of an ``mma.sync.m16n8k16``
+A fragment: lane ``4 g + t`` holds, for its rows, the codes of inputs ``2 t`` and ``2 t + 1``
+of every 8, which are byte t of each packed word (its low and high nibble). So every lane
+reads all the words of its columns (the 4 lanes t of a row read the same words, a broadcast),
+and one PRMT puts its byte t in both halves of a register; one LOP3 under the exponent of 1024
+(fp16; 128 for bf16) then makes the two 16-bit floats ``1024 + q_lo`` and ``1024 + 16 q_hi``,
+and one half2 FMA gives ``q_lo - z`` and ``q_hi - z`` exactly (the ``1/16`` as in Marlin).
+Output columns are permuted (as in :mod:`.w4a16_mma`) so that one load of J consecutive words
+feeds J column tiles; the accumulator's rows are mapped back when y is written.
 
 *Scales.* Unlike the small-batch paths, which scale the fp32 product of each group, the
 dequantized weight is rounded once to the activation dtype: ``w = (q - z) * s`` as the
@@ -27,21 +36,16 @@ dequantized weight is rounded once to the activation dtype: ``w = (q - z) * s`` 
 the exact ``q - z``; other scales go through fp32. Per channel the scale multiplies the fp32
 result once at the end instead.
 
-*Pipeline, per step of 32 KR inputs:* issue the MMA on the step's dequantized weight and
-activation buffer; while it runs, load the next step's words and activations, dequantize the
-words and write the activations to the other buffer; then wait for the MMA (which frees its
-register and shared operands) and synchronize the warps.
-
 Grid: ``(N / BLOCK_N, M / BLOCK_M)``, ``BLOCK_N = 16 WARPS J``; no split-K (the batch fills the
 GPU). Takes fp16 or bf16 activations, per-channel or static groups of whole steps, zero
 points in 0..15; compiled for compute capability 9.0 only (wgmma). Under the interpreter (see
-:mod:`._gluon`) the shared buffers are tensors and the MMA is ``tl.dot``.
+:mod:`._gluon`) the shared buffers are tensors, the copies loads and the MMA ``tl.dot``.
 """
 
 from ._runtime import INTERPRETED
-from ._gluon import (HAS_GLUON, constexpr_function, fence_async_shared, gl, gluon_kernel,
-                     warpgroup_mma, warpgroup_mma_wait)
-from .w4a16_mma import _fma2, _half_value, _halves, _load_words
+from ._gluon import (HAS_GLUON, async_copy, constexpr_function, fence_async_shared, gl,
+                     gluon_kernel, warpgroup_mma, warpgroup_mma_wait)
+from .w4a16_mma import _fma2, _half_value, _halves
 
 
 @constexpr_function
@@ -51,6 +55,41 @@ def _x_smem_layout(BLOCK_M, BLOCK_K, CDT):
     if INTERPRETED or not HAS_GLUON:
         return None
     return gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], CDT)
+
+
+@constexpr_function
+def _plain_smem_layout():
+    if INTERPRETED or not HAS_GLUON:
+        return None
+    return gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+
+
+@constexpr_function
+def _copy_layout(ROWS, COLS, BYTES, WARPS):
+    """A ``[ROWS, COLS]`` tile of BYTES-byte elements, 16 bytes a thread, rows across warps."""
+    if INTERPRETED or not HAS_GLUON:
+        return None
+    vec = 16 // BYTES
+    lanes_n = min(32, max(1, COLS // vec))
+    return gl.BlockedLayout(size_per_thread=[1, vec], threads_per_warp=[32 // lanes_n, lanes_n],
+                            warps_per_cta=[WARPS, 1], order=[1, 0])
+
+
+@constexpr_function
+def _words_layout(KR, J, WARPS):
+    """The packed words ``[4 KR, 4, BLOCK_N]`` (packed row, lane t, column) as the threads
+    read them from shared memory: all 4 KR rows of a thread's 2 J columns (lane g, J
+    consecutive words, two halves h_n; warp w), the same words on the 4 lanes t, which the
+    second dimension tells apart (each takes its own byte t)."""
+    if INTERPRETED or not HAS_GLUON:
+        return None
+    log2 = lambda n: n.bit_length() - 1  # noqa: E731
+    regs = ([[0, 0, 1 << i] for i in range(log2(J))]
+            + [[1 << i, 0, 0] for i in range(log2(4 * KR))] + [[0, 0, 8 * WARPS * J]])
+    lanes = [[0, 1, 0], [0, 2, 0]] + [[0, 0, J << i] for i in range(3)]
+    warps = [[0, 0, (8 * J) << i] for i in range(log2(WARPS))]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warps,
+                                      block_bases=[], shape=[4 * KR, 4, 16 * WARPS * J])
 
 
 @gluon_kernel
@@ -90,50 +129,79 @@ def _bits16(v, CDT: gl.constexpr):
 
 
 @gluon_kernel
-def _load_x_tile(x_rows, k0, xm, xk, M, k_end, stride_xk, CDT: gl.constexpr):
-    """Activations ``x[xm, k0 + xk]`` in the compute dtype, zero outside the batch and K."""
-    kx = k0 + xk
-    return gl.load(x_rows + kx[None, :] * stride_xk,
-                   mask=(xm < M)[:, None] & (kx < k_end)[None, :], other=0.0).to(CDT)
+def _byte_pairs(words, t, zero, magic, CDT: gl.constexpr, ASM: gl.constexpr):
+    """Byte ``t`` of each word as two 16-bit floats: ``2^e + q_lo`` (low half) and ``2^e + 16
+    q_hi`` (fp16, 1024 + the high nibble at bits 20-23) or ``2^e + 8 q_hi`` (bf16, which has
+    7 significant bits: bits 19-22): one PRMT (byte t into bytes 0 and 2) and one LOP3 (bf16:
+    a shift and two; ``magic``, the exponent's bits in both halves, is a register, so that the
+    mask and the OR are one LOP3)."""
+    if ASM:
+        sel = t * 0x101 + 0x4040  # (bytes 0 and 2: the word's byte t; 1 and 3: zero's)
+        v = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [words, zero, sel],
+                                      dtype=gl.int32, is_pure=True, pack=1)
+    else:
+        v = ((words >> (8 * t)) & 0xFF) * 0x10001
+    if CDT == gl.float16:
+        return (v & 0x00F0000F) | magic
+    else:
+        return ((v & 0x0000000F) | magic) | ((v >> 1) & 0x00780000)
 
 
 @gluon_kernel
-def _permute_x(xt, BLOCK_M: gl.constexpr, KR: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Input ``32 kr + 8 t + 4 h + 2 s + jr`` -> slot ``32 kr + 16 s + 8 jr + 2 t + h``: the K
-    order of the weight's registers (:mod:`.w4a16_mma`)."""
-    xt = gl.permute(gl.reshape(xt, [BLOCK_M, KR, 4, 2, 2, 2]), [0, 1, 4, 5, 2, 3])
-    return gl.reshape(xt, [BLOCK_M, BLOCK_K])
+def _group_params(scales_ptr, zeros_ptr, g, cols, c_mask, stride_sg, stride_sn, stride_zg,
+                  stride_zn, ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, CDT: gl.constexpr,
+                  ASM: gl.constexpr):
+    """Group ``g``'s zero points as the pair ``-(2^e + z)``, ``-(2^e / 16 + z)`` (fp16; bf16
+    ``-(2^e / 8 + z)``) that the codes of :func:`_byte_pairs` take off, and, grouped, its scales
+    (the 16-bit pair where HALF2 and ASM; fp32), one per column, ``[1, 1, BLOCK_N]``."""
+    z = gl.load(zeros_ptr + g * stride_zg + cols * stride_zn, mask=c_mask, other=0).to(gl.int32)
+    if CDT == gl.float16:
+        z_neg = (0xE400 + z) | ((0xD400 + 16 * z) << 16)
+    else:
+        z_neg = (0xC300 + z) | ((0xC180 + 8 * z) << 16)
+    if ONE_GROUP:
+        s2, s_f32 = z, z.to(gl.float32)  # (unused: the result is scaled at the end)
+    else:
+        s = gl.load(scales_ptr + g * stride_sg + cols * stride_sn, mask=c_mask, other=0.0)
+        s_f32 = s.to(gl.float32)
+        if HALF2 and ASM:
+            s2 = (s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
+        else:
+            s2 = z
+    return z_neg[None, None, :], s2[None, None, :], s_f32[None, None, :]
 
 
 @gluon_kernel
-def _dequant_a(words, z_neg, z_neg16, s2, s_f32, magic, one, sixteenth, a_layout: gl.constexpr,
-               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CDT: gl.constexpr,
+def _dequant_a(words, t, zero, magic, z_neg, s2, s_f32, mult, a_layout: gl.constexpr,
+               KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr, CDT: gl.constexpr,
                SCALE: gl.constexpr, HALF2: gl.constexpr, ASM: gl.constexpr,
                TRIVIAL: gl.constexpr):
-    """The packed words (``[kr, t, h_n, w, g, j]``) as the A operand ``[BLOCK_N, BLOCK_K]`` in
-    CDT: ``q - z`` exactly, times the scale where SCALE (see :func:`_mul2`; per channel the
-    scale multiplies the result instead)."""
-    if CDT == gl.float16:
-        w8 = words >> 8
-        d0 = _fma2((words & 0x000F000F) | magic, one, z_neg, CDT, ASM)
-        d1 = _fma2((words & 0x00F000F0) | magic, sixteenth, z_neg16, CDT, ASM)
-        d2 = _fma2((w8 & 0x000F000F) | magic, one, z_neg, CDT, ASM)
-        d3 = _fma2((w8 & 0x00F000F0) | magic, sixteenth, z_neg16, CDT, ASM)
-    else:
-        d0 = _fma2((words & 0x000F000F) | magic, one, z_neg, CDT, ASM)
-        d1 = _fma2(((words >> 4) & 0x000F000F) | magic, one, z_neg, CDT, ASM)
-        d2 = _fma2(((words >> 8) & 0x000F000F) | magic, one, z_neg, CDT, ASM)
-        d3 = _fma2(((words >> 12) & 0x000F000F) | magic, one, z_neg, CDT, ASM)
+    """The packed words ``[4 KR, BLOCK_N]`` (each lane's copy) as the A operand ``[BLOCK_N,
+    BLOCK_K]`` in CDT: ``q - z`` exactly, times the scale where SCALE (:func:`_mul2`; per
+    channel the result is scaled instead), the rows in the permuted column order."""
+    words, t = gl.broadcast(gl.expand_dims(words, 1), t)  # [p, t, n]: lane t's copy
+    d = _fma2(_byte_pairs(words, t, zero, magic, CDT, ASM), mult, z_neg, CDT, ASM)
     if SCALE:
-        d0 = _mul2(d0, s2, s_f32, CDT, HALF2, ASM)
-        d1 = _mul2(d1, s2, s_f32, CDT, HALF2, ASM)
-        d2 = _mul2(d2, s2, s_f32, CDT, HALF2, ASM)
-        d3 = _mul2(d3, s2, s_f32, CDT, HALF2, ASM)
-    # [kr, t, h_n, w, g, j, h, jr, s] -> A [columns (j, w, h_n, g), slots (kr, s, jr, t, h)]
-    a = gl.join(gl.join(_halves(d0, CDT), _halves(d1, CDT)),
-                gl.join(_halves(d2, CDT), _halves(d3, CDT)))
-    a = gl.permute(a, [5, 3, 2, 4, 0, 8, 7, 1, 6])
-    return gl.convert_layout(gl.reshape(a, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=TRIVIAL)
+        d = _mul2(d, s2, s_f32, CDT, HALF2, ASM)
+    # [p, t, n = (h_n, w, g, j), h] -> A [rows (j, w, h_n, g), inputs 8 p + 2 t + h]
+    a = gl.reshape(_halves(d, CDT), [4 * KR, 4, 2, WARPS, 8, J, 2])
+    a = gl.reshape(gl.permute(a, [5, 3, 2, 4, 0, 1, 6]), [16 * WARPS * J, 32 * KR])
+    return gl.convert_layout(a, a_layout, assert_trivial=TRIVIAL)
+
+
+@gluon_kernel
+def _issue_step(x_buf, w_buf, x_ptrs, xk, x_rows_ok, w_ptrs, w_rows, w_cols_ok, k0, K,
+                stride_xk, stride_qk, EVEN: gl.constexpr):
+    """Start copying the activations ``[BLOCK_M, BLOCK_K]`` and packed words ``[4 KR,
+    BLOCK_N]`` of the step at input ``k0`` into a stage, as one commit group (zeros past K:
+    the look-ahead beyond the last step fills a stage that is never read)."""
+    async_copy.async_copy_global_to_shared(x_buf, x_ptrs + k0 * stride_xk,
+                                           mask=x_rows_ok & ((k0 + xk) < K)[None, :])
+    w_ok = ((k0 // 8 + w_rows) * 8 < K)[:, None]
+    if not EVEN:
+        w_ok = w_ok & w_cols_ok
+    async_copy.async_copy_global_to_shared(w_buf, w_ptrs + (k0 // 8) * stride_qk, mask=w_ok)
+    async_copy.commit_group()
 
 
 def _w4a16_wgmma(
@@ -142,8 +210,9 @@ def _w4a16_wgmma(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-    GROUP_STEPS: gl.constexpr, ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, EVEN: gl.constexpr,
-    CDT: gl.constexpr, ASM: gl.constexpr, TRIVIAL: gl.constexpr,
+    STAGES: gl.constexpr, GROUP_STEPS: gl.constexpr, ONE_GROUP: gl.constexpr,
+    HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr,
+    TRIVIAL: gl.constexpr,
 ):
     """A ``16 WARPS J x BLOCK_M`` tile of ``y^T`` over all of K; see the module docstring."""
     BLOCK_N: gl.constexpr = 16 * WARPS * J
@@ -151,79 +220,82 @@ def _w4a16_wgmma(
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    # packed words [4 KR, BLOCK_N]: lane t = packed row mod 4, lane g and J words along N
-    w_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, J], threads_per_warp=[4, 8],
-                                              warps_per_cta=[1, WARPS], order=[0, 1])
-    # activations [BLOCK_M, BLOCK_K]: 8 consecutive inputs (16 bytes) a thread
-    x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8],
-                                              threads_per_warp=[32 * 8 // BLOCK_K, BLOCK_K // 8],
-                                              warps_per_cta=[WARPS, 1], order=[1, 0])
+    words_layout: gl.constexpr = _words_layout(KR, J, WARPS)  # [4 KR, 4, BLOCK_N]
+    x_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 2, WARPS)
+    w_copy: gl.constexpr = _copy_layout(4 * KR, BLOCK_N, 4, WARPS)
     # the output, columns in natural order [BLOCK_N, BLOCK_M]: 8 columns (16 bytes) a thread
     y_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
                                               warps_per_cta=[1, WARPS], order=[0, 1])
-    x_smem = gl.allocate_shared_memory(CDT, [2, BLOCK_M, BLOCK_K],
+    x_smem = gl.allocate_shared_memory(CDT, [STAGES, BLOCK_M, BLOCK_K],
                                        _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 4 * KR, BLOCK_N], _plain_smem_layout())
 
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
 
-    r = gl.arange(0, 4 * KR, layout=gl.SliceLayout(1, w_layout))
-    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_layout))
+    # what the copies read: a step's activations and packed words, at input 0
+    xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy))
+    xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_copy))
+    x_ptrs = x_ptr + xm[:, None] * stride_xm + xk[None, :] * stride_xk
+    x_rows_ok = (xm < M)[:, None]
+    w_rows = gl.arange(0, 4 * KR, layout=gl.SliceLayout(1, w_copy))
+    w_cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, w_copy))
+    w_ptrs = qweight_ptr + w_rows[:, None] * stride_qk + w_cols[None, :] * stride_qn
+    w_cols_ok = (w_cols < N)[None, :]
+    for s in gl.static_range(STAGES - 1):
+        _issue_step(x_smem.index(s), w_smem.index(s), x_ptrs, xk, x_rows_ok, w_ptrs, w_rows,
+                    w_cols_ok, s * BLOCK_K, K, stride_xk, stride_qk, EVEN)
+
+    # what the dequantization takes: each lane's t, a zero, the columns' group parameters
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))[None, :, None]
+    zero = opaque_zero + gl.zeros([4 * KR, 4, BLOCK_N], gl.int32, layout=words_layout)
+    cols = pid_n * BLOCK_N + gl.arange(
+        0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout)))
     c_mask = cols < N
-    xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
-    xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-    x_rows = x_ptr + xm[:, None] * stride_xm
-
     if CDT == gl.float16:
-        magic = opaque_zero + 0x64006400     # 1024.0, 1024.0
-        one = opaque_zero + 0x3C003C00       # 1.0, 1.0
-        sixteenth = opaque_zero + 0x2C002C00  # 0.0625, 0.0625
+        magic = opaque_zero + 0x64006400  # 1024.0, 1024.0
+        mult = opaque_zero + 0x2C003C00  # 1 (low half), 1/16 (high half)
     else:
-        magic = opaque_zero + 0x43004300     # bf16 128.0, 128.0
-        one = opaque_zero + 0x3F803F80       # bf16 1.0, 1.0
-        sixteenth = one
+        magic = opaque_zero + 0x43004300  # bf16 128.0, 128.0
+        mult = opaque_zero + 0x3E003F80  # bf16 1, 1/8
+    z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, 0, cols, c_mask, stride_sg,
+                                     stride_sn, stride_zg, stride_zn, ONE_GROUP, HALF2, CDT, ASM)
 
-    split_shape: gl.constexpr = [KR, 4, 2, WARPS, 8, J]  # (words: [kr, t, h_n, w, g, j])
-    # step 0: its activations to buffer 0, its weights dequantized with group 0's parameters
-    z_neg, z_neg16, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, 0, r, cols, c_mask,
-                                              stride_sg, stride_sn, stride_zg, stride_zn, KR, J,
-                                              WARPS, ONE_GROUP, HALF2, CDT, ASM)
-    xt = _load_x_tile(x_rows, 0, xm, xk, M, K, stride_xk, CDT)
-    x_smem.index(0).store(_permute_x(xt, BLOCK_M, KR, BLOCK_K))
-    words = gl.reshape(_load_words(qweight_ptr, 0, r, cols, c_mask, K, K, stride_qk, stride_qn,
-                                   BLOCK_K, EVEN), split_shape)
-    a = _dequant_a(words, z_neg, z_neg16, s2, s_f32, magic, one, sixteenth, a_layout, BLOCK_N,
-                   BLOCK_K, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
-    fence_async_shared()
-    gl.barrier()
+    async_copy.wait_group(STAGES - 2)  # (step 0's copies, this thread's)
+    fence_async_shared()  # (before wgmma, an async-proxy read, sees them)
+    gl.barrier()  # (every thread's)
+    words_loaded: gl.constexpr = gl.SliceLayout(1, words_layout)  # (each lane's copy)
+    a = _dequant_a(w_smem.index(0).load(words_loaded), t, zero, magic, z_neg, s2, s_f32, mult,
+                   a_layout, KR, J, WARPS, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
 
-    # GROUP_STEPS steps a pass (unrolled): the next group's parameters are read in the last
-    # one, for the step after it; the last step's look-ahead reads a clamped tile, unused
+    # GROUP_STEPS steps a pass (unrolled): the next group's parameters are read in the last one,
+    # for the step after it
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
     for k0 in range(0, K, GROUP_STEPS * BLOCK_K):
         for kk in gl.static_range(GROUP_STEPS):
             i = k0 // BLOCK_K + kk
-            acc = warpgroup_mma(a, x_smem.index(i % 2).permute((1, 0)), acc, is_async=True)
-            # while it runs: the next step's weights, dequantized, and activations, to the other
-            # buffer (which the previous step's MMA, waited for, no longer reads)
-            k_next = k0 + (kk + 1) * BLOCK_K
+            acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
             if kk == GROUP_STEPS - 1 and not ONE_GROUP:
-                z_neg, z_neg16, s2, s_f32 = _group_params(
-                    scales_ptr, zeros_ptr, gl.minimum(k_next, K - 1) // group_size, r, cols,
-                    c_mask, stride_sg, stride_sn, stride_zg, stride_zn, KR, J, WARPS, ONE_GROUP,
-                    HALF2, CDT, ASM)
-            words = gl.reshape(_load_words(qweight_ptr, k_next, r, cols, c_mask, K, K, stride_qk,
-                                           stride_qn, BLOCK_K, EVEN), split_shape)
-            xt = _load_x_tile(x_rows, k_next, xm, xk, M, K, stride_xk, CDT)
-            a_next = _dequant_a(words, z_neg, z_neg16, s2, s_f32, magic, one, sixteenth,
-                                a_layout, BLOCK_N, BLOCK_K, CDT, not ONE_GROUP, HALF2, ASM,
-                                TRIVIAL)
-            x_smem.index((i + 1) % 2).store(_permute_x(xt, BLOCK_M, KR, BLOCK_K))
+                z_neg, s2, s_f32 = _group_params(
+                    scales_ptr, zeros_ptr, gl.minimum(k0 + GROUP_STEPS * BLOCK_K, K - 1) // group_size,
+                    cols, c_mask, stride_sg, stride_sn, stride_zg, stride_zn, ONE_GROUP, HALF2,
+                    CDT, ASM)
+            # step i + 1's copies landed, and every warp is past step i - 1, whose stage the
+            # copies of step i + STAGES - 1 now refill (its MMA waited for, its words read)
+            async_copy.wait_group(STAGES - 3)
             fence_async_shared()
+            gl.barrier()
+            _issue_step(x_smem.index((i + STAGES - 1) % STAGES),
+                        w_smem.index((i + STAGES - 1) % STAGES), x_ptrs, xk, x_rows_ok, w_ptrs,
+                        w_rows, w_cols_ok, (i + STAGES - 1) * BLOCK_K, K, stride_xk, stride_qk,
+                        EVEN)
+            a_next = _dequant_a(w_smem.index((i + 1) % STAGES).load(words_loaded), t, zero,
+                                magic, z_neg, s2, s_f32, mult, a_layout, KR, J, WARPS, CDT,
+                                not ONE_GROUP, HALF2, ASM, TRIVIAL)
             # (the wait keeps this step's A registers, which the MMA reads, until it is done)
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             a = a_next
-            gl.barrier()
+    async_copy.wait_group(0)  # (the look-ahead's copies, into stages never read)
 
     # rows of acc are columns in the operand's order (tile j of warp w, row 8 h_n + g is column
     # J (8 (WARPS h_n + w) + g) + j): back to natural order, then 16-byte stores along N
@@ -238,35 +310,6 @@ def _w4a16_wgmma(
         acc = acc * s_n[:, None]
     gl.store(y_ptr + m[None, :] * stride_ym + n[:, None] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (m < M)[None, :])
-
-
-@gluon_kernel
-def _group_params(scales_ptr, zeros_ptr, g, r, cols, c_mask, stride_sg, stride_sn, stride_zg,
-                  stride_zn, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-                  ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, CDT: gl.constexpr,
-                  ASM: gl.constexpr):
-    """Group ``g``'s zero points as ``-(2^e + z)`` bit pairs (:mod:`.w4a16_mma`) and, grouped,
-    its scales (the 16-bit pair where HALF2 and ASM, and fp32), in the words' shape."""
-    split_shape: gl.constexpr = [KR, 4, 2, WARPS, 8, J]
-    z = gl.load(zeros_ptr + g * stride_zg + cols * stride_zn, mask=c_mask, other=0).to(gl.int32)
-    z = gl.reshape(gl.broadcast(z[None, :], r[:, None])[0], split_shape)
-    if CDT == gl.float16:
-        z_neg = (0xE400 + z) * 0x10001
-        z_neg16 = (0xD400 + 16 * z) * 0x10001
-    else:
-        z_neg = (0xC300 + z) * 0x10001
-        z_neg16 = z_neg
-    if ONE_GROUP:
-        s2, s_f32 = z, z.to(gl.float32)  # (unused: the result is scaled at the end)
-    else:
-        s = gl.load(scales_ptr + g * stride_sg + cols * stride_sn, mask=c_mask, other=0.0)
-        s = gl.reshape(gl.broadcast(s[None, :], r[:, None])[0], split_shape)
-        s_f32 = s.to(gl.float32)
-        if HALF2 and ASM:
-            s2 = (s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
-        else:
-            s2 = z
-    return z_neg, z_neg16, s2, s_f32
 
 
 _w4a16_wgmma_kernel = gluon_kernel(_w4a16_wgmma)

@@ -121,7 +121,7 @@ def test_mma_warps_and_steps(gen, config, group_size, N, M):
 def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kind):
     """The Hopper kernel (interpreted through its shim: shared buffers as tensors, the MMA as a
     dot): several batch tiles, the last one partial; N masked (not a multiple of its 32
-    columns) and not; K over 2 to 10 steps (the two activation buffers alternate)."""
+    columns) and not; K over 2 to 10 steps (the ring of 3 stages wraps)."""
     qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
     x = torch.randn(M, K, generator=gen).to(dtype)
     out = torch.full((M, N), float("nan"), dtype=dtype)
@@ -130,9 +130,9 @@ def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kin
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
 
 
-@pytest.mark.parametrize("config", [dict(BLOCK_M=16, KR=2, J=4, num_warps=2),
-                                    dict(BLOCK_M=8, KR=4, J=1, num_warps=4)],
-                         ids=["kr2-j4-w2", "kr4-j1-w4"])
+@pytest.mark.parametrize("config", [dict(BLOCK_M=16, KR=2, J=4, num_warps=2, STAGES=3),
+                                    dict(BLOCK_M=8, KR=4, J=1, num_warps=4, STAGES=4)],
+                         ids=["kr2-j4-w2-s3", "kr4-j1-w4-s4"])
 @pytest.mark.parametrize("dtype,scales_dtype", [(torch.float16, torch.float16),
                                                 (torch.float16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16),
@@ -140,8 +140,8 @@ def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kin
                          ids=["fp16-half2", "fp16-fp32scales", "bf16-half2", "bf16-fp16scales"])
 @pytest.mark.parametrize("group_size,N", [(128, 200), (-1, 256)])
 def test_wgmma_tiles_and_scales(gen, config, dtype, scales_dtype, group_size, N):
-    """Warps and words a load (the column order), steps of 64 and 128 inputs, and each way the
-    weight is scaled: by a half2 multiply where the scales are of the activation dtype, through
+    """Warps and words a load (the column order), steps of 64 and 128 inputs, rings of 3 and 4
+    stages (the look-ahead past K), and each way the weight is scaled: by a half2 multiply where the scales are of the activation dtype, through
     fp32 otherwise (per channel: the result)."""
     qweight, scales, zeros, _ = make_problem(gen, 256, N, group_size, scales_dtype=scales_dtype)
     x = torch.randn(21, 256, generator=gen).to(dtype)
@@ -386,7 +386,7 @@ def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
     q64, s64, z64, _ = make_problem(gen, 128, 40, 64)
     x128 = torch.randn(2, 128, generator=gen).half()
     config = (AUTOTUNE_SPACE["mma"][-1] if path == "mma"
-              else dict(BLOCK_M=16, KR=4, J=1, num_warps=1))
+              else dict(BLOCK_M=16, KR=4, J=1, num_warps=1, STAGES=3))
     with pytest.raises(ValueError, match="groups of 64 are not whole steps of 128"):
         w4a16_matmul(x128, q64, s64, z64, 64, path=path, config=config, backend="triton")
 
@@ -1413,12 +1413,12 @@ def test_kernels_compile_for_sm90():
             assert row["loop_per_word"] <= (22 if name.startswith("mma float16") else 24), row
         if name.startswith("wgmma"):
             # warpgroup MMAs on a weight dequantized in their A registers (the conversion into
-            # the operand layout compiled as trivial), activations staged through shared memory
-            # by stmatrix (32 STS/LDS are the epilogue's reordering of the output); 136-303
-            # instructions a step on 2026-12-05 (the loop unrolls a group's steps), of which 2
-            # HFMA2/HMUL2 a register of two codes (1 per channel)
-            assert row["hgmma"] > 0 and row["hmma"] == 0, row
-            assert row["loop_per_step"] <= 330, row
+            # the operand layout compiled as trivial), activations and words copied into shared
+            # memory by cp.async (LDGSTS), each lane reading its words there (LDS); 150-292
+            # instructions a step on 2026-12-05 (the loop unrolls a group's steps), of which a
+            # PRMT, a LOP3 and 2 HFMA2/HMUL2 a register of two codes (1 per channel)
+            assert row["hgmma"] > 0 and row["hmma"] == 0 and row["ldgsts"] > 0, row
+            assert row["loop_per_step"] <= 320, row
 
 
 # ----------------------------------------------------------------------------------------------
