@@ -116,7 +116,7 @@ def w4a16_cases(full=False):
                    else f" scales:{str(scales_dtype)[6:]}")
         name = (f"wgmma {str(dtype)[6:]} {'perchan' if per_channel else 'g128'} "
                 f"BN{16 * warps * config['J']} BM{config['BLOCK_M']} KR{config['KR']} "
-                f"J{config['J']} w{warps}{scaling}")
+                f"J{config['J']} S{config['STAGES']} w{warps}{scaling}")
         args = _w4a16_args(M, G, dtype, scales_dtype=scales_dtype)
         del args[4]  # (no g_idx: static groups only)
         del args[5:7], args[9]  # (no split-K workspace, no K slices)

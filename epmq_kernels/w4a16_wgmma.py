@@ -295,7 +295,10 @@ def _w4a16_wgmma(
             # (the wait keeps this step's A registers, which the MMA reads, until it is done)
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             a = a_next
-    async_copy.wait_group(0)  # (the look-ahead's copies, into stages never read)
+    # the look-ahead's copies (into stages never read) done before the epilogue's shuffle
+    # through shared memory may reuse them
+    async_copy.wait_group(0)
+    gl.barrier()
 
     # rows of acc are columns in the operand's order (tile j of warp w, row 8 h_n + g is column
     # J (8 (WARPS h_n + w) + g) + j): back to natural order, then 16-byte stores along N
