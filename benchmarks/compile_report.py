@@ -109,17 +109,16 @@ def w4a16_cases(full=False):
 
     def wgmma_case(config, M, dtype, per_channel=False, scales_dtype=torch.float16):
         G = 1 if per_channel else 32
-        _, constexprs = W._wgmma_launch_shape(config, M, K, N, G, K // G, dtype, scales_dtype)
+        _, _, constexprs = W._wgmma_launch_shape(config, M, K, N, G, K // G, dtype, scales_dtype)
         constexprs.update(ASM=True, TRIVIAL=True)
         warps = config["num_warps"]
         scaling = ("" if per_channel else " scales:x" if constexprs["HALF2"]
                    else f" scales:{str(scales_dtype)[6:]}")
         name = (f"wgmma {str(dtype)[6:]} {'perchan' if per_channel else 'g128'} "
                 f"BN{16 * warps * config['J']} BM{config['BLOCK_M']} KR{config['KR']} "
-                f"J{config['J']} S{config['STAGES']} w{warps}{scaling}")
+                f"J{config['J']} S{config['STAGES']} SK{constexprs['SPLIT_K']} w{warps}{scaling}")
         args = _w4a16_args(M, G, dtype, scales_dtype=scales_dtype)
         del args[4]  # (no g_idx: static groups only)
-        del args[5:7], args[9]  # (no split-K workspace, no K slices)
         cases.append((name, W._w4a16_wgmma_kernel, args, constexprs, warps, 1))
 
     space = W.AUTOTUNE_SPACE
@@ -228,16 +227,16 @@ def report(cases):
             words = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // 8 / (32 * warps)
         elif kernel.__name__ == "_w4a16_mma":  # (the loop: GROUP_K inputs x 64 columns a warp)
             words = constexprs["GROUP_K"] * 64 // 8 / 32
-        elif kernel.__name__ == "_w4a16_wgmma":  # (GROUP_STEPS steps of 4 KR packed rows x 16 J
+        elif kernel.__name__ == "_w4a16_wgmma":  # (UNROLL steps of 4 KR packed rows x 16 J
             # columns a warp; per step is the better measure: the activations a step stages
             # grow with BLOCK_M, not with the words)
-            words = 2 * constexprs["J"] * constexprs["KR"] * constexprs["GROUP_STEPS"]
+            words = 2 * constexprs["J"] * constexprs["KR"] * constexprs["UNROLL"]
         else:
             words = None
         per_word = use["loop"] / words if words else None
         extra = {}
         if kernel.__name__ == "_w4a16_wgmma":
-            extra["loop_per_step"] = use["loop"] / constexprs["GROUP_STEPS"]
+            extra["loop_per_step"] = use["loop"] / constexprs["UNROLL"]
         rows.append(dict(name=name, warps=warps, stages=stages, progs_per_sm=progs,
                          loop_per_word=per_word, **extra, **use))
         print(f"{name:64s} regs {use['registers']:4d} spill {use['spill_stores']:4d}/"

@@ -322,9 +322,10 @@ AUTOTUNE_SPACE = {
     # batch over all of K, in steps of 32 KR inputs, each step's activations and packed words
     # copied into one of STAGES shared buffers STAGES - 1 steps ahead. Compiled for sm_90 (fp16,
     # g128; BLOCK_N x BLOCK_M: registers, instructions a step and shared memory;
-    # benchmarks/compile_report.py, 2026-12-05): 128 x 128 KR 2, 255, 292 and 60 KB; KR 1,
-    # 213, 164 and 40 KB; 256 x 128 (8 warps), 212, 158 and 48 KB; 128 x 64, 174, 272 and 36
-    # KB; 256 x 64, 254, 230 and 32 KB; 64 x 256, 218, 150 and 68 KB; none spills.
+    # benchmarks/compile_report.py, 2026-12-05): 128 x 128 KR 2, 255, 299 and 60 KB; KR 1,
+    # 223, 167 and 40 KB; 256 x 128 (8 warps), 214, 164 and 48 KB; 128 x 64, 206, 272 and 36
+    # KB; 256 x 64, 254, 240 and 32 KB; 64 x 256, 215, 155 and 68 KB; none spills, none has
+    # its MMAs serialized by ptxas (C7513).
     "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w, STAGES=st)
               for bm, kr, j, w, st in [(128, 2, 2, 4, 3), (128, 1, 2, 4, 4), (128, 1, 2, 8, 4),
                                        (64, 2, 2, 4, 3), (64, 1, 4, 4, 4), (256, 1, 1, 4, 4)]],
@@ -353,7 +354,7 @@ INTERPRETER_CONFIG = {
                  SWAP_AB=True, SCALE_AFTER=False, num_warps=4, num_stages=1),
     "dqmm": dict(CHUNK_K=64, BLOCK_R=4, BLOCK_N=32, num_warps=4),
     "mma": dict(KR=1, UNROLL=2, SPLIT_K=2, num_warps=1, PREFETCH=True),
-    "wgmma": dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3),
+    "wgmma": dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=2),
 }
 
 PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma", "wgmma")
@@ -2187,20 +2188,59 @@ def _build_mma_plan(entry, config, x2, out2, lead):
                  shared_workspace=split_k > 1)
 
 
+def _wgmma_pass(config, G, group):
+    """``(UNROLL, RELOAD, inputs a pass)`` of a wgmma config: the steps of 32 KR inputs it
+    unrolls, 4 or 2 of a group's (whose parameters are then read once a pass), or 2 where a
+    group is an odd number of steps (parameters read every step: RELOAD) and per channel (two
+    at least: with one, ptxas serializes the MMAs, C7513)."""
+    block_k = 32 * config["KR"]
+    steps = group // block_k
+    unroll = 4 if G > 1 and steps % 4 == 0 else 2
+    return unroll, G > 1 and steps % 2 == 1, unroll * block_k
+
+
+def _wgmma_split_k(config, M, K, N, G, group):
+    """K slices of a wgmma config: its SPLIT_K if it states one (at most as many as leave none
+    empty), else enough to give the GPU's SMs a program each where the tiles are fewer (a batch
+    of 64-256), each slice at least two passes."""
+    passes = triton.cdiv(K, _wgmma_pass(config, G, group)[2])
+    split = config.get("SPLIT_K")
+    if split is None:
+        tiles = triton.cdiv(N, 16 * config["num_warps"] * config["J"]) * triton.cdiv(
+            M, config["BLOCK_M"])
+        split = 1
+        while tiles * split < _sm_count() and 2 * split <= passes // 2:
+            split *= 2
+    while split > 1 and (split - 1) * triton.cdiv(passes, split) >= passes:
+        split -= 1
+    return max(1, split)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count():
+    """The current GPU's SMs (132, an H100's, without one)."""
+    return _sm_count_of(torch.cuda.current_device()) if torch.cuda.is_available() else 132
+
+
 def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
-    """``(grid, constexprs)`` of a wgmma config (constexprs in the kernel's order)."""
+    """``(grid, k_per_split, constexprs)`` of a wgmma config (constexprs in the kernel's
+    order)."""
     warps, block_m = config["num_warps"], config["BLOCK_M"]
     block_n = 16 * warps * config["J"]
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), 1)
-    # steps unrolled a pass: as many as divide the group, at most 4 (the group's parameters are
-    # read once a pass)
-    block_k = 32 * config["KR"]
-    group_steps = 1 if G == 1 else math.gcd(group // block_k, 4)
+    unroll, reload, pass_k = _wgmma_pass(config, G, group)
+    split_k = _wgmma_split_k(config, M, K, N, G, group)
+    k_per_split = triton.cdiv(triton.cdiv(K, pass_k), split_k) * pass_k
+    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
-                      STAGES=config["STAGES"], GROUP_STEPS=group_steps, ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
-                      EVEN=N % block_n == 0 and K % block_k == 0,
+                      STAGES=config["STAGES"], UNROLL=unroll, RELOAD=reload, SPLIT_K=split_k,
+                      ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
+                      EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
-    return grid, constexprs
+    return grid, k_per_split, constexprs
 
 
 def _build_wgmma_plan(entry, config, x2, out2, lead):
@@ -2212,14 +2252,25 @@ def _build_wgmma_plan(entry, config, x2, out2, lead):
     if _mma_straddles(G, group, config["KR"]):
         raise ValueError(f"wgmma config {config}: groups of {group} are not whole steps of "
                          f"{32 * config['KR']} inputs")
-    grid, constexprs = _wgmma_launch_shape(config, M, K, N, G, group, x2.dtype, scales.dtype)
-    args = [x2, qweight, scales, zeros, out2, M, N, K, group, 0,
+    if not INTERPRETED and config["num_warps"] % 4:
+        raise ValueError(f"wgmma config {config}: num_warps must be a multiple of 4 (a "
+                         f"warpgroup issues each MMA)")
+    grid, k_per_split, constexprs = _wgmma_launch_shape(config, M, K, N, G, group, x2.dtype,
+                                                        scales.dtype)
+    if constexprs["SPLIT_K"] > 1:
+        sums, counters = _split_k_workspace(x2.device, M * N, grid[0] * grid[2])
+        weak = (1, 2, 3)
+    else:
+        sums, counters = qweight, qweight  # never touched when SPLIT_K == 1
+        weak = (1, 2, 3, 5, 6)
+    args = [x2, qweight, scales, zeros, out2, sums, counters, M, N, K, group, k_per_split, 0,
             x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
             out2.stride(0), out2.stride(1), *constexprs.values()]
     launch = _Launch(_w4a16_wgmma_kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4,
-                     (1, 2, 3))
-    return _Plan(entry, "wgmma", config, M, lead, x2.dtype, x2.device, [launch])
+                     weak)
+    return _Plan(entry, "wgmma", config, M, lead, x2.dtype, x2.device, [launch],
+                 shared_workspace=constexprs["SPLIT_K"] > 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ instruction's N: the batch, up to 256), both in their natural K order.
 
 *Pipeline.* Each step of ``BLOCK_K = 32 KR`` inputs, its activations ``[BLOCK_M, BLOCK_K]`` and
 packed words ``[4 KR, BLOCK_N]`` are copied straight into one of STAGES shared buffers by
-``cp.async`` (no registers), STAGES - 1 steps ahead. While step i's MMA runs, the program
-starts the copies of step i + STAGES - 1 and dequantizes step i + 1 from shared memory.
+``cp.async`` (no registers), STAGES - 1 steps ahead. One MMA stays in flight: step i's is
+issued, step i - 1's waited for (freeing its stage and its A registers), and while step i's
+runs the program starts the copies of step i + STAGES - 1 and dequantizes step i + 1 from
+shared memory into the other set of A registers. The loop unrolls passes of 2 or 4 steps:
+with one step a pass, ptxas serializes every MMA (its warning C7513).
 
 *The A operand in registers.* A warp's share of A has the layout of an ``mma.sync.m16n8k16``
 A fragment: lane ``4 g + t`` holds, for its rows, the codes of inputs ``2 t`` and ``2 t + 1``
@@ -36,8 +39,9 @@ dequantized weight is rounded once to the activation dtype: ``w = (q - z) * s`` 
 the exact ``q - z``; other scales go through fp32. Per channel the scale multiplies the fp32
 result once at the end instead.
 
-Grid: ``(N / BLOCK_N, M / BLOCK_M)``, ``BLOCK_N = 16 WARPS J``; no split-K (the batch fills the
-GPU). Takes fp16 or bf16 activations, per-channel or static groups of whole steps, zero
+Grid: ``(N / BLOCK_N, SPLIT_K, M / BLOCK_M)``, ``BLOCK_N = 16 WARPS J``; where the tiles are
+fewer than the SMs (a batch of 64-256), K slices add into the fp32 workspace of
+:mod:`epmq_kernels.w4a16` and the last to arrive writes y (one launch, as in ``mma``). Takes fp16 or bf16 activations, per-channel or static groups of whole steps, zero
 points in 0..15; compiled for compute capability 9.0 only (wgmma). Under the interpreter (see
 :mod:`._gluon`) the shared buffers are tensors, the copies loads and the MMA ``tl.dot``.
 """
@@ -205,16 +209,17 @@ def _issue_step(x_buf, w_buf, x_ptrs, xk, x_rows_ok, w_ptrs, w_rows, w_cols_ok, 
 
 
 def _w4a16_wgmma(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
-    M, N, K, group_size, opaque_zero,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, sums_ptr, counters_ptr,
+    M, N, K, group_size, k_per_split, opaque_zero,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, GROUP_STEPS: gl.constexpr, ONE_GROUP: gl.constexpr,
+    STAGES: gl.constexpr, UNROLL: gl.constexpr, RELOAD: gl.constexpr, SPLIT_K: gl.constexpr,
+    ONE_GROUP: gl.constexpr,
     HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr,
     TRIVIAL: gl.constexpr,
 ):
-    """A ``16 WARPS J x BLOCK_M`` tile of ``y^T`` over all of K; see the module docstring."""
+    """A ``16 WARPS J x BLOCK_M`` tile of ``y^T`` over one K slice; see the module docstring."""
     BLOCK_N: gl.constexpr = 16 * WARPS * J
     BLOCK_K: gl.constexpr = 32 * KR
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
@@ -231,7 +236,10 @@ def _w4a16_wgmma(
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 4 * KR, BLOCK_N], _plain_smem_layout())
 
     pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    k_start = pid_k * k_per_split
+    k_end = gl.minimum(K, k_start + k_per_split)
 
     # what the copies read: a step's activations and packed words, at input 0
     xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_copy))
@@ -244,7 +252,7 @@ def _w4a16_wgmma(
     w_cols_ok = (w_cols < N)[None, :]
     for s in gl.static_range(STAGES - 1):
         _issue_step(x_smem.index(s), w_smem.index(s), x_ptrs, xk, x_rows_ok, w_ptrs, w_rows,
-                    w_cols_ok, s * BLOCK_K, K, stride_xk, stride_qk, EVEN)
+                    w_cols_ok, k_start + s * BLOCK_K, k_end, stride_xk, stride_qk, EVEN)
 
     # what the dequantization takes: each lane's t, a zero, the columns' group parameters
     t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))[None, :, None]
@@ -258,8 +266,9 @@ def _w4a16_wgmma(
     else:
         magic = opaque_zero + 0x43004300  # bf16 128.0, 128.0
         mult = opaque_zero + 0x3E003F80  # bf16 1, 1/8
-    z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, 0, cols, c_mask, stride_sg,
-                                     stride_sn, stride_zg, stride_zn, ONE_GROUP, HALF2, CDT, ASM)
+    z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, gl.minimum(k_start, K - 1) // group_size,
+                                     cols, c_mask, stride_sg, stride_sn, stride_zg, stride_zn,
+                                     ONE_GROUP, HALF2, CDT, ASM)
 
     async_copy.wait_group(STAGES - 2)  # (step 0's copies, this thread's)
     fence_async_shared()  # (before wgmma, an async-proxy read, sees them)
@@ -268,33 +277,37 @@ def _w4a16_wgmma(
     a = _dequant_a(w_smem.index(0).load(words_loaded), t, zero, magic, z_neg, s2, s_f32, mult,
                    a_layout, KR, J, WARPS, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
 
-    # GROUP_STEPS steps a pass (unrolled): the next group's parameters are read in the last one,
-    # for the step after it
+    # UNROLL steps a pass (unrolled); the group's parameters for the next step are read after
+    # the last step of a pass, or after every step where a group is an odd number of steps
+    # (RELOAD); a step past the slice (UNROLL not dividing it) reads zeros. One MMA stays in
+    # flight: step i's is issued, then step i - 1's waited for (which frees its A registers,
+    # the previous set, and its stage), then step i + 1 dequantized into the other set.
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
-    for k0 in range(0, K, GROUP_STEPS * BLOCK_K):
-        for kk in gl.static_range(GROUP_STEPS):
-            i = k0 // BLOCK_K + kk
+    a_prev = a
+    for k0 in range(k_start, k_end, UNROLL * BLOCK_K):
+        for kk in gl.static_range(UNROLL):
+            i = (k0 - k_start) // BLOCK_K + kk
             acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
-            if kk == GROUP_STEPS - 1 and not ONE_GROUP:
-                z_neg, s2, s_f32 = _group_params(
-                    scales_ptr, zeros_ptr, gl.minimum(k0 + GROUP_STEPS * BLOCK_K, K - 1) // group_size,
-                    cols, c_mask, stride_sg, stride_sn, stride_zg, stride_zn, ONE_GROUP, HALF2,
-                    CDT, ASM)
-            # step i + 1's copies landed, and every warp is past step i - 1, whose stage the
-            # copies of step i + STAGES - 1 now refill (its MMA waited for, its words read)
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            if not ONE_GROUP and (RELOAD or kk == UNROLL - 1):
+                g_next = gl.minimum(k0 + (kk + 1) * BLOCK_K, k_end - 1) // group_size
+                z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, g_next, cols, c_mask,
+                                                 stride_sg, stride_sn, stride_zg, stride_zn,
+                                                 ONE_GROUP, HALF2, CDT, ASM)
+            # step i + 1's copies landed, and every warp is past step i - 1's MMA, whose stage
+            # the copies of step i + STAGES - 1 now refill (its words were read before)
             async_copy.wait_group(STAGES - 3)
             fence_async_shared()
             gl.barrier()
             _issue_step(x_smem.index((i + STAGES - 1) % STAGES),
                         w_smem.index((i + STAGES - 1) % STAGES), x_ptrs, xk, x_rows_ok, w_ptrs,
-                        w_rows, w_cols_ok, (i + STAGES - 1) * BLOCK_K, K, stride_xk, stride_qk,
-                        EVEN)
-            a_next = _dequant_a(w_smem.index((i + 1) % STAGES).load(words_loaded), t, zero,
-                                magic, z_neg, s2, s_f32, mult, a_layout, KR, J, WARPS, CDT,
-                                not ONE_GROUP, HALF2, ASM, TRIVIAL)
-            # (the wait keeps this step's A registers, which the MMA reads, until it is done)
-            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-            a = a_next
+                        w_rows, w_cols_ok, k_start + (i + STAGES - 1) * BLOCK_K, k_end,
+                        stride_xk, stride_qk, EVEN)
+            a_prev = a
+            a = _dequant_a(w_smem.index((i + 1) % STAGES).load(words_loaded), t, zero, magic,
+                           z_neg, s2, s_f32, mult, a_layout, KR, J, WARPS, CDT, not ONE_GROUP,
+                           HALF2, ASM, TRIVIAL)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))[0]
     # the look-ahead's copies (into stages never read) done before the epilogue's shuffle
     # through shared memory may reuse them
     async_copy.wait_group(0)
@@ -311,8 +324,24 @@ def _w4a16_wgmma(
     if ONE_GROUP:
         s_n = gl.load(scales_ptr + n * stride_sn, mask=n_mask, other=0.0).to(gl.float32)
         acc = acc * s_n[:, None]
-    gl.store(y_ptr + m[None, :] * stride_ym + n[:, None] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & (m < M)[None, :])
+    mask = n_mask[:, None] & (m < M)[None, :]
+    y_ptrs = y_ptr + m[None, :] * stride_ym + n[:, None] * stride_yn
+    if SPLIT_K == 1:
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # the protocol of ``w4a16._write_output``: add to the workspace; the last slice to
+        # arrive writes y and leaves both at zero
+        sums_ptrs = sums_ptr + m[None, :] * N + n[:, None]
+        tile = pid_m * gl.num_programs(0) + pid_n
+        gl.atomic_add(sums_ptrs, acc, mask=mask, sem="relaxed")
+        gl.barrier()
+        arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = gl.atomic_add(sums_ptrs, gl.zeros_like(acc), mask=mask, sem="relaxed")
+            total = gl.where(mask, total, 0.0)
+            gl.store(sums_ptrs, gl.zeros_like(acc), mask=mask)
+            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            gl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed")
 
 
 _w4a16_wgmma_kernel = gluon_kernel(_w4a16_wgmma)

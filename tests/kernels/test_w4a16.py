@@ -130,9 +130,9 @@ def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kin
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
 
 
-@pytest.mark.parametrize("config", [dict(BLOCK_M=16, KR=2, J=4, num_warps=2, STAGES=3),
+@pytest.mark.parametrize("config", [dict(BLOCK_M=16, KR=2, J=4, num_warps=2, STAGES=3, SPLIT_K=1),
                                     dict(BLOCK_M=8, KR=4, J=1, num_warps=4, STAGES=4)],
-                         ids=["kr2-j4-w2-s3", "kr4-j1-w4-s4"])
+                         ids=["kr2-j4-w2-s3", "kr4-j1-w4-s4-splitk"])
 @pytest.mark.parametrize("dtype,scales_dtype", [(torch.float16, torch.float16),
                                                 (torch.float16, torch.float32),
                                                 (torch.bfloat16, torch.bfloat16),
@@ -141,11 +141,28 @@ def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kin
 @pytest.mark.parametrize("group_size,N", [(128, 200), (-1, 256)])
 def test_wgmma_tiles_and_scales(gen, config, dtype, scales_dtype, group_size, N):
     """Warps and words a load (the column order), steps of 64 and 128 inputs, rings of 3 and 4
-    stages (the look-ahead past K), and each way the weight is scaled: by a half2 multiply where the scales are of the activation dtype, through
+    stages (the look-ahead past K), one K slice and as many as the SMs ask for (2 here, of
+    256 inputs: the workspace's protocol), and each way the weight is scaled: by a half2 multiply where the scales are of the activation dtype, through
     fp32 otherwise (per channel: the result)."""
-    qweight, scales, zeros, _ = make_problem(gen, 256, N, group_size, scales_dtype=scales_dtype)
-    x = torch.randn(21, 256, generator=gen).to(dtype)
+    qweight, scales, zeros, _ = make_problem(gen, 512, N, group_size, scales_dtype=scales_dtype)
+    x = torch.randn(21, 512, generator=gen).to(dtype)
     out = torch.full((21, N), float("nan"), dtype=dtype)
+    w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="wgmma", config=config,
+                 backend="triton")
+    assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
+
+
+@pytest.mark.parametrize("group_size,K,config", [
+    (96, 192, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1)),
+    (64, 320, dict(BLOCK_M=16, KR=2, J=1, num_warps=2, STAGES=4, SPLIT_K=2)),
+    (-1, 72, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1))],
+    ids=["g96-3steps", "g64-1step-kr2-split", "perchan-k72"])
+def test_wgmma_odd_steps(gen, group_size, K, config):
+    """Groups of an odd number of steps (parameters read every step, a pass of two steps past
+    the last group reading zeros), split or not, and a per-channel K that ends inside a step."""
+    qweight, scales, zeros, _ = make_problem(gen, K, 40, group_size)
+    x = torch.randn(19, K, generator=gen).half()
+    out = torch.full((19, 40), float("nan"), dtype=torch.float16)
     w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="wgmma", config=config,
                  backend="triton")
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
@@ -1414,11 +1431,13 @@ def test_kernels_compile_for_sm90():
         if name.startswith("wgmma"):
             # warpgroup MMAs on a weight dequantized in their A registers (the conversion into
             # the operand layout compiled as trivial), activations and words copied into shared
-            # memory by cp.async (LDGSTS), each lane reading its words there (LDS); 150-292
-            # instructions a step on 2026-12-05 (the loop unrolls a group's steps), of which a
+            # memory by cp.async (LDGSTS), each lane reading its words there (LDS); 155-299
+            # instructions a step on 2026-12-05 (the loop unrolls 2 or 4 steps), of which a
             # PRMT, a LOP3 and 2 HFMA2/HMUL2 a register of two codes (1 per channel)
             assert row["hgmma"] > 0 and row["hmma"] == 0 and row["ldgsts"] > 0, row
             assert row["loop_per_step"] <= 320, row
+            # (one step a pass serialized every MMA: each pass is two steps at least)
+            assert row["wgmma_serialized"] == 0, row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1449,7 +1468,7 @@ class TestCUDA:
     @pytest.mark.parametrize("path,group_size", [("gemv", 128), ("gemv", -1), ("splitk", 128),
                                                  ("splitk", -1), ("gemm", 128), ("dqmm", 128),
                                                  ("mma", 128), ("mma", -1), ("wgmma", 128),
-                                                 ("wgmma", -1)])
+                                                 ("wgmma", -1), ("wgmma", 64)])
     def test_every_config_of_every_path(self, gen, path, group_size):
         if path == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("wgmma is Hopper's (compute capability 9.0)")
@@ -1578,7 +1597,7 @@ class TestCUDA:
 
     @pytest.mark.parametrize("dtype,group_size,scales_dtype", [
         (torch.float16, 128, torch.float16), (torch.bfloat16, -1, torch.float16),
-        (torch.bfloat16, 128, torch.float16)])
+        (torch.bfloat16, 128, torch.float16), (torch.bfloat16, 64, torch.bfloat16)])
     def test_wgmma_path_at_model_sizes(self, gen, dtype, group_size, scales_dtype, monkeypatch):
         """The Hopper kernel compiled (wgmma on registers, shared activation buffers, inline
         PTX), chosen by the launcher, at batches 64, 300 and 1024 (a partial tile of rows), N a
