@@ -109,14 +109,14 @@ def w4a16_cases(full=False):
 
     def wgmma_case(config, M, dtype, per_channel=False, scales_dtype=torch.float16):
         G = 1 if per_channel else 32
-        _, _, constexprs = W._wgmma_launch_shape(config, M, K, N, G, K // G, dtype, scales_dtype)
+        grid, _, constexprs = W._wgmma_launch_shape(config, M, K, N, G, K // G, dtype, scales_dtype)
         constexprs.update(ASM=True, TRIVIAL=True)
         warps = config["num_warps"]
         scaling = ("" if per_channel else " scales:x" if constexprs["HALF2"]
                    else f" scales:{str(scales_dtype)[6:]}")
         name = (f"wgmma {str(dtype)[6:]} {'perchan' if per_channel else 'g128'} "
                 f"BN{16 * warps * config['J']} BM{config['BLOCK_M']} KR{config['KR']} "
-                f"J{config['J']} S{config['STAGES']} SK{constexprs['SPLIT_K']} w{warps}{scaling}")
+                f"J{config['J']} S{config['STAGES']} SK{grid[1]} w{warps}{scaling}")
         args = _w4a16_args(M, G, dtype, scales_dtype=scales_dtype)
         del args[4]  # (no g_idx: static groups only)
         cases.append((name, W._w4a16_wgmma_kernel, args, constexprs, warps, 1))

@@ -2236,7 +2236,7 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
     k_per_split = triton.cdiv(triton.cdiv(K, pass_k), split_k) * pass_k
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
-                      STAGES=config["STAGES"], UNROLL=unroll, RELOAD=reload, SPLIT_K=split_k,
+                      STAGES=config["STAGES"], UNROLL=unroll, RELOAD=reload, SPLIT=split_k > 1,
                       ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
                       EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
@@ -2257,7 +2257,7 @@ def _build_wgmma_plan(entry, config, x2, out2, lead):
                          f"warpgroup issues each MMA)")
     grid, k_per_split, constexprs = _wgmma_launch_shape(config, M, K, N, G, group, x2.dtype,
                                                         scales.dtype)
-    if constexprs["SPLIT_K"] > 1:
+    if constexprs["SPLIT"]:
         sums, counters = _split_k_workspace(x2.device, M * N, grid[0] * grid[2])
         weak = (1, 2, 3)
     else:
@@ -2270,7 +2270,7 @@ def _build_wgmma_plan(entry, config, x2, out2, lead):
     launch = _Launch(_w4a16_wgmma_kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4,
                      weak)
     return _Plan(entry, "wgmma", config, M, lead, x2.dtype, x2.device, [launch],
-                 shared_workspace=constexprs["SPLIT_K"] > 1)
+                 shared_workspace=constexprs["SPLIT"])
 
 
 # ----------------------------------------------------------------------------------------------

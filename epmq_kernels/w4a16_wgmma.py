@@ -214,7 +214,7 @@ def _w4a16_wgmma(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, UNROLL: gl.constexpr, RELOAD: gl.constexpr, SPLIT_K: gl.constexpr,
+    STAGES: gl.constexpr, UNROLL: gl.constexpr, RELOAD: gl.constexpr, SPLIT: gl.constexpr,
     ONE_GROUP: gl.constexpr,
     HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr,
     TRIVIAL: gl.constexpr,
@@ -326,7 +326,7 @@ def _w4a16_wgmma(
         acc = acc * s_n[:, None]
     mask = n_mask[:, None] & (m < M)[None, :]
     y_ptrs = y_ptr + m[None, :] * stride_ym + n[:, None] * stride_yn
-    if SPLIT_K == 1:
+    if not SPLIT:
         gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # the protocol of ``w4a16._write_output``: add to the workspace; the last slice to
@@ -336,7 +336,7 @@ def _w4a16_wgmma(
         gl.atomic_add(sums_ptrs, acc, mask=mask, sem="relaxed")
         gl.barrier()
         arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if arrived == gl.num_programs(1) - 1:  # (the slices: a launch's, not a compile's, count)
             total = gl.atomic_add(sums_ptrs, gl.zeros_like(acc), mask=mask, sem="relaxed")
             total = gl.where(mask, total, 0.0)
             gl.store(sums_ptrs, gl.zeros_like(acc), mask=mask)
