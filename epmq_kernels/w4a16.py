@@ -323,7 +323,7 @@ AUTOTUNE_SPACE = {
     # copied into one of STAGES shared buffers STAGES - 1 steps ahead. Compiled for sm_90 (fp16,
     # g128; BLOCK_N x BLOCK_M: registers, instructions a step and shared memory;
     # benchmarks/compile_report.py, 2026-12-05): 128 x 128 KR 2, 255, 299 and 60 KB; KR 1,
-    # 223, 167 and 40 KB; 256 x 128 (8 warps), 214, 164 and 48 KB; 128 x 64, 206, 272 and 36
+    # 223, 167 and 40 KB; 256 x 128 (8 warps), 214, 159 and 48 KB; 128 x 64, 206, 272 and 36
     # KB; 256 x 64, 254, 240 and 32 KB; 64 x 256, 215, 155 and 68 KB; none spills, none has
     # its MMAs serialized by ptxas (C7513).
     "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w, STAGES=st)
@@ -1312,11 +1312,14 @@ def _mma_runs(x2, entry, wgmma=False) -> bool:
     fp16/bf16, static groups of whole 32-input steps, zero points in the 4-bit grid (read once
     per weights; weights first seen inside a CUDA graph's capture, whose zero points were never
     read, go without it), row offsets within int32 and, compiled, Gluon and a GPU of compute
-    capability 8.0 or newer (``mma.sync``; wgmma: 9.0 exactly, Hopper's sm_90a)."""
+    capability 8.0 or newer (``mma.sync``; wgmma: 9.0 exactly, Hopper's sm_90a, and activation
+    rows contiguous and 16-byte aligned, their stride a multiple of 16)."""
     if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
         return False
     if _mma_straddles(entry.G, entry.group):
         return False
+    if wgmma and not (x2.stride(1) == 1 and x2.stride(0) % 16 == 0 and x2.data_ptr() % 16 == 0):
+        return False  # (cp.async copies 16 bytes: rows contiguous and 16-byte aligned)
     if x2.is_cuda:
         capability = torch.cuda.get_device_capability(x2.device)
         if not HAS_GLUON or (capability != (9, 0) if wgmma else capability < (8, 0)):
@@ -1327,9 +1330,11 @@ def _mma_runs(x2, entry, wgmma=False) -> bool:
 def _require_mma(x2, entry, wgmma=False):
     if not _mma_runs(x2, entry, wgmma):
         name, gpu = ("wgmma", "9.0 (Hopper)") if wgmma else ("mma", "8.0 or newer")
-        raise ValueError(f"the {name} path takes float16 or bfloat16 activations, static groups "
-                         f"of a multiple of 32 inputs and zero points in 0..15, on a GPU of "
-                         f"compute capability {gpu}")
+        rows = (", rows contiguous, 16-byte aligned, their stride a multiple of 16 elements"
+                if wgmma else "")
+        raise ValueError(f"the {name} path takes float16 or bfloat16 activations{rows}, static "
+                         f"groups of a multiple of 32 inputs and zero points in 0..15, on a GPU "
+                         f"of compute capability {gpu}")
 
 
 def _m_bucket(paths, M):
@@ -2164,28 +2169,40 @@ def _mma_launch_shape(config, M, K, N, G, group, x_dtype):
 def _build_mma_plan(entry, config, x2, out2, lead):
     """The plan of an mma config (:mod:`epmq_kernels.w4a16_mma`)."""
     _require_mma(x2, entry)
+    _require_whole_steps("mma", config, entry)
+    M, K = x2.shape
+    grid, k_per_split, constexprs = _mma_launch_shape(config, M, K, entry.N, entry.G,
+                                                      entry.group, x2.dtype)
+    return _gluon_plan("mma", _w4a16_mma_kernel, entry, config, x2, out2, lead, grid,
+                       k_per_split, constexprs)
+
+
+def _require_whole_steps(path, config, entry):
+    if _mma_straddles(entry.G, entry.group, config["KR"]):
+        raise ValueError(f"{path} config {config}: groups of {entry.group} are not whole steps "
+                         f"of {32 * config['KR']} inputs")
+
+
+def _gluon_plan(path, kernel, entry, config, x2, out2, lead, grid, k_per_split, constexprs):
+    """The one launch of a Gluon kernel's plan (mma, wgmma: the same arguments), with the
+    split-K workspace where the grid's second dimension splits K."""
     qweight, scales, zeros, _ = entry.tensors()
     M, K = x2.shape
-    N, G, group = entry.N, entry.G, entry.group
-    split_k = config["SPLIT_K"]
-    if _mma_straddles(G, group, config["KR"]):
-        raise ValueError(f"mma config {config}: groups of {group} are not whole steps of "
-                         f"{32 * config['KR']} inputs")
-    grid, k_per_split, constexprs = _mma_launch_shape(config, M, K, N, G, group, x2.dtype)
-    if split_k > 1:
+    N = entry.N
+    split = grid[1] > 1
+    if split:
         sums, counters = _split_k_workspace(x2.device, M * N, grid[0] * grid[2])
         weak = (1, 2, 3)
     else:
-        sums, counters = qweight, qweight  # never touched when SPLIT_K == 1
+        sums, counters = qweight, qweight  # never touched without K slices
         weak = (1, 2, 3, 5, 6)
-    args = [x2, qweight, scales, zeros, out2, sums, counters, M, N, K, group, k_per_split, 0,
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+    args = [x2, qweight, scales, zeros, out2, sums, counters, M, N, K, entry.group, k_per_split,
+            0, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
             out2.stride(0), out2.stride(1), *constexprs.values()]
-    launch = _Launch(_w4a16_mma_kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4,
-                     weak)
-    return _Plan(entry, "mma", config, M, lead, x2.dtype, x2.device, [launch],
-                 shared_workspace=split_k > 1)
+    launch = _Launch(kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4, weak)
+    return _Plan(entry, path, config, M, lead, x2.dtype, x2.device, [launch],
+                 shared_workspace=split)
 
 
 def _wgmma_pass(config, G, group):
@@ -2246,31 +2263,19 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
 def _build_wgmma_plan(entry, config, x2, out2, lead):
     """The plan of a wgmma config (:mod:`epmq_kernels.w4a16_wgmma`)."""
     _require_mma(x2, entry, wgmma=True)
-    qweight, scales, zeros, _ = entry.tensors()
-    M, K = x2.shape
-    N, G, group = entry.N, entry.G, entry.group
-    if _mma_straddles(G, group, config["KR"]):
-        raise ValueError(f"wgmma config {config}: groups of {group} are not whole steps of "
-                         f"{32 * config['KR']} inputs")
+    _require_whole_steps("wgmma", config, entry)
     if not INTERPRETED and config["num_warps"] % 4:
         raise ValueError(f"wgmma config {config}: num_warps must be a multiple of 4 (a "
                          f"warpgroup issues each MMA)")
-    grid, k_per_split, constexprs = _wgmma_launch_shape(config, M, K, N, G, group, x2.dtype,
-                                                        scales.dtype)
-    if constexprs["SPLIT"]:
-        sums, counters = _split_k_workspace(x2.device, M * N, grid[0] * grid[2])
-        weak = (1, 2, 3)
-    else:
-        sums, counters = qweight, qweight  # never touched when SPLIT_K == 1
-        weak = (1, 2, 3, 5, 6)
-    args = [x2, qweight, scales, zeros, out2, sums, counters, M, N, K, group, k_per_split, 0,
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
-            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-            out2.stride(0), out2.stride(1), *constexprs.values()]
-    launch = _Launch(_w4a16_wgmma_kernel, grid, args, dict(num_warps=config["num_warps"]), 0, 4,
-                     weak)
-    return _Plan(entry, "wgmma", config, M, lead, x2.dtype, x2.device, [launch],
-                 shared_workspace=constexprs["SPLIT"])
+    if config["STAGES"] < 3:
+        raise ValueError(f"wgmma config {config}: STAGES must be 3 or more (the ring keeps one "
+                         f"stage being read, one landing and one being refilled)")
+    M, K = x2.shape
+    grid, k_per_split, constexprs = _wgmma_launch_shape(config, M, K, entry.N, entry.G,
+                                                        entry.group, x2.dtype,
+                                                        entry.tensors()[1].dtype)
+    return _gluon_plan("wgmma", _w4a16_wgmma_kernel, entry, config, x2, out2, lead, grid,
+                       k_per_split, constexprs)
 
 
 # ----------------------------------------------------------------------------------------------

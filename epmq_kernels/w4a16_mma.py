@@ -267,19 +267,24 @@ def _w4a16_mma(
     if SPLIT_K == 1:
         gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # the protocol of ``w4a16._write_output`` (a Triton function, which Gluon cannot call):
-        # add to the workspace; the last slice to arrive writes y and leaves both at zero
-        sums_ptrs = sums_ptr + m[None, :] * N + acc_n[:, None]
-        tile = pid_m * gl.num_programs(0) + pid_n
-        gl.atomic_add(sums_ptrs, acc, mask=mask, sem="relaxed")
-        gl.barrier()
-        arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = gl.atomic_add(sums_ptrs, gl.zeros_like(acc), mask=mask, sem="relaxed")
-            total = gl.where(mask, total, 0.0)
-            gl.store(sums_ptrs, gl.zeros_like(acc), mask=mask)
-            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            gl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed")
+        _add_slice(acc, mask, y_ptrs, sums_ptr + m[None, :] * N + acc_n[:, None], counters_ptr,
+                   pid_m * gl.num_programs(0) + pid_n)
+
+
+@gluon_kernel
+def _add_slice(acc, mask, y_ptrs, sums_ptrs, counters_ptr, tile):
+    """A K slice's part of a tile of y (the grid's second dimension counts the slices), by the
+    protocol of ``w4a16._write_output`` (a Triton function, which Gluon cannot call): added to
+    the fp32 workspace; the last slice to arrive writes y and leaves both at zero."""
+    gl.atomic_add(sums_ptrs, acc, mask=mask, sem="relaxed")
+    gl.barrier()
+    arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
+    if arrived == gl.num_programs(1) - 1:
+        total = gl.atomic_add(sums_ptrs, gl.zeros_like(acc), mask=mask, sem="relaxed")
+        total = gl.where(mask, total, 0.0)
+        gl.store(sums_ptrs, gl.zeros_like(acc), mask=mask)
+        gl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+        gl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed")
 
 
 _w4a16_mma_kernel = gluon_kernel(_w4a16_mma)

@@ -49,7 +49,7 @@ points in 0..15; compiled for compute capability 9.0 only (wgmma). Under the int
 from ._runtime import INTERPRETED
 from ._gluon import (HAS_GLUON, async_copy, constexpr_function, fence_async_shared, gl,
                      gluon_kernel, warpgroup_mma, warpgroup_mma_wait)
-from .w4a16_mma import _fma2, _half_value, _halves
+from .w4a16_mma import _add_slice, _fma2, _half_value, _halves
 
 
 @constexpr_function
@@ -70,13 +70,16 @@ def _plain_smem_layout():
 
 @constexpr_function
 def _copy_layout(ROWS, COLS, BYTES, WARPS):
-    """A ``[ROWS, COLS]`` tile of BYTES-byte elements, 16 bytes a thread, rows across warps."""
+    """A ``[ROWS, COLS]`` tile of BYTES-byte elements, 16 bytes a thread, warps across the rows
+    and then the columns (a tile smaller than the threads is copied more than once)."""
     if INTERPRETED or not HAS_GLUON:
         return None
     vec = 16 // BYTES
     lanes_n = min(32, max(1, COLS // vec))
+    warps_m = min(WARPS, max(1, ROWS // (32 // lanes_n)))
+    warps_n = min(WARPS // warps_m, max(1, COLS // (lanes_n * vec)))
     return gl.BlockedLayout(size_per_thread=[1, vec], threads_per_warp=[32 // lanes_n, lanes_n],
-                            warps_per_cta=[WARPS, 1], order=[1, 0])
+                            warps_per_cta=[warps_m, WARPS // warps_m], order=[1, 0])
 
 
 @constexpr_function
@@ -222,6 +225,7 @@ def _w4a16_wgmma(
     """A ``16 WARPS J x BLOCK_M`` tile of ``y^T`` over one K slice; see the module docstring."""
     BLOCK_N: gl.constexpr = 16 * WARPS * J
     BLOCK_K: gl.constexpr = 32 * KR
+    gl.static_assert(STAGES >= 3, "the ring needs 3 stages at least (wait_group(STAGES - 3))")
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -329,19 +333,8 @@ def _w4a16_wgmma(
     if not SPLIT:
         gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # the protocol of ``w4a16._write_output``: add to the workspace; the last slice to
-        # arrive writes y and leaves both at zero
-        sums_ptrs = sums_ptr + m[None, :] * N + n[:, None]
-        tile = pid_m * gl.num_programs(0) + pid_n
-        gl.atomic_add(sums_ptrs, acc, mask=mask, sem="relaxed")
-        gl.barrier()
-        arrived = gl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
-        if arrived == gl.num_programs(1) - 1:  # (the slices: a launch's, not a compile's, count)
-            total = gl.atomic_add(sums_ptrs, gl.zeros_like(acc), mask=mask, sem="relaxed")
-            total = gl.where(mask, total, 0.0)
-            gl.store(sums_ptrs, gl.zeros_like(acc), mask=mask)
-            gl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            gl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed")
+        _add_slice(acc, mask, y_ptrs, sums_ptr + m[None, :] * N + n[:, None], counters_ptr,
+                   pid_m * gl.num_programs(0) + pid_n)
 
 
 _w4a16_wgmma_kernel = gluon_kernel(_w4a16_wgmma)

@@ -155,8 +155,8 @@ def test_wgmma_tiles_and_scales(gen, config, dtype, scales_dtype, group_size, N)
 @pytest.mark.parametrize("group_size,K,config", [
     (96, 192, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1)),
     (64, 320, dict(BLOCK_M=16, KR=2, J=1, num_warps=2, STAGES=4, SPLIT_K=2)),
-    (-1, 72, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1))],
-    ids=["g96-3steps", "g64-1step-kr2-split", "perchan-k72"])
+    (-1, 80, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1))],
+    ids=["g96-3steps", "g64-1step-kr2-split", "perchan-k80"])
 def test_wgmma_odd_steps(gen, group_size, K, config):
     """Groups of an odd number of steps (parameters read every step, a pass of two steps past
     the last group reading zeros), split or not, and a per-channel K that ends inside a step."""
@@ -406,6 +406,30 @@ def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
               else dict(BLOCK_M=16, KR=4, J=1, num_warps=1, STAGES=3))
     with pytest.raises(ValueError, match="groups of 64 are not whole steps of 128"):
         w4a16_matmul(x128, q64, s64, z64, 64, path=path, config=config, backend="triton")
+
+
+def test_wgmma_takes_aligned_rows_and_three_stages(gen):
+    """cp.async copies 16 bytes: activations transposed, with rows 8 bytes off alignment or a
+    row stride that is not a multiple of 16 are not the wgmma path's (the autotuner leaves it
+    out; forced, a clear error), the others take it; a ring of two stages is refused."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    base = torch.randn(40, 96, generator=gen).half()
+    aligned = base[:20, :64]  # (row stride 96)
+    cases = [base[:, :64].T.contiguous().T[:20],  # (column-major)
+             base[:20, 4:68],  # (rows 8 bytes off)
+             torch.randn(20, 72, generator=gen).half()[:, :64]]  # (row stride 72)
+    for x in cases:
+        entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
+        assert "wgmma" not in W._runnable_paths(x, entry)
+        with pytest.raises(ValueError, match="rows contiguous, 16-byte aligned"):
+            w4a16_matmul(x, qweight, scales, zeros, 32, path="wgmma", backend="triton")
+    entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
+    assert "wgmma" in W._runnable_paths(aligned, entry)
+    y = w4a16_matmul(aligned, qweight, scales, zeros, 32, path="wgmma", backend="triton")
+    assert_close_to_reference(y, aligned, qweight, scales, zeros, 32, None)
+    with pytest.raises(ValueError, match="STAGES must be 3 or more"):
+        w4a16_matmul(aligned, qweight, scales, zeros, 32, path="wgmma", backend="triton",
+                     config=dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=2))
 
 
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm", "dqmm"])
