@@ -1492,7 +1492,7 @@ class TestCUDA:
     @pytest.mark.parametrize("path,group_size", [("gemv", 128), ("gemv", -1), ("splitk", 128),
                                                  ("splitk", -1), ("gemm", 128), ("dqmm", 128),
                                                  ("mma", 128), ("mma", -1), ("wgmma", 128),
-                                                 ("wgmma", -1), ("wgmma", 64)])
+                                                 ("wgmma", 64)])  # (wgmma per channel: below)
     def test_every_config_of_every_path(self, gen, path, group_size):
         if path == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("wgmma is Hopper's (compute capability 9.0)")
