@@ -170,10 +170,11 @@ def w4a16_cases(full=False):
         mma_case(pick("mma", PREFETCH=True, SPLIT_K=8, num_warps=2), 1, torch.float16)
         mma_case(pick("mma", PREFETCH=True, num_warps=4), 16, torch.bfloat16)
         mma_case(pick("mma", KR=1, num_warps=1), 5, torch.bfloat16, per_channel=True)
-        wgmma_case(pick("wgmma", BLOCK_M=128, KR=2), 4096, torch.float16)
+        wgmma_case(pick("wgmma", BLOCK_M=128, num_warps=4), 4096, torch.float16)
         wgmma_case(pick("wgmma", BLOCK_M=128, num_warps=8), 4096, torch.bfloat16,
                    scales_dtype=torch.bfloat16)
-        wgmma_case(pick("wgmma", BLOCK_M=128, KR=1, num_warps=4), 4096, torch.bfloat16)
+        wgmma_case(pick("wgmma", BLOCK_M=128, num_warps=4), 4096, torch.bfloat16)
+        wgmma_case(pick("wgmma", BLOCK_M=64, KR=2), 256, torch.float16)
         wgmma_case(pick("wgmma", BLOCK_M=64, J=4), 64, torch.float16, per_channel=True)
         wgmma_case(pick("wgmma", BLOCK_M=256), 4096, torch.float16, scales_dtype=torch.float32)
         dot_case("gemm", pick("gemm", BLOCK_M=256, BLOCK_K=64, SWAP_AB=False), 4096,
@@ -227,16 +228,17 @@ def report(cases):
             words = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] // 8 / (32 * warps)
         elif kernel.__name__ == "_w4a16_mma":  # (the loop: GROUP_K inputs x 64 columns a warp)
             words = constexprs["GROUP_K"] * 64 // 8 / 32
-        elif kernel.__name__ == "_w4a16_wgmma":  # (UNROLL steps of 4 KR packed rows x 16 J
+        elif kernel.__name__ == "_w4a16_wgmma":  # (STAGES steps of 4 KR packed rows x 16 J
             # columns a warp; per step is the better measure: the activations a step stages
             # grow with BLOCK_M, not with the words)
-            words = 2 * constexprs["J"] * constexprs["KR"] * constexprs["UNROLL"]
+            words = 2 * constexprs["J"] * constexprs["KR"] * constexprs["STAGES"]
         else:
             words = None
         per_word = use["loop"] / words if words else None
         extra = {}
         if kernel.__name__ == "_w4a16_wgmma":
-            extra["loop_per_step"] = use["loop"] / constexprs["UNROLL"]
+            extra["loop_per_step"] = use["loop"] / constexprs["STAGES"]
+            extra["loop_steps"] = constexprs["STAGES"]
         rows.append(dict(name=name, warps=warps, stages=stages, progs_per_sm=progs,
                          loop_per_word=per_word, **extra, **use))
         print(f"{name:64s} regs {use['registers']:4d} spill {use['spill_stores']:4d}/"

@@ -319,16 +319,17 @@ AUTOTUNE_SPACE = {
     # Hopper's warpgroup MMA with the weight dequantized in the registers of its A operand (Gluon,
     # :mod:`epmq_kernels.w4a16_wgmma`; 6 configs; fp16/bf16 activations, M > MMA_MAX_M, compute
     # capability 9.0): a program owns BLOCK_N = 16 num_warps J columns and BLOCK_M rows of the
-    # batch over all of K, in steps of 32 KR inputs, each step's activations and packed words
-    # copied into one of STAGES shared buffers STAGES - 1 steps ahead. Compiled for sm_90 (fp16,
-    # g128; BLOCK_N x BLOCK_M: registers, instructions a step and shared memory;
-    # benchmarks/compile_report.py, 2026-12-05): 128 x 128 KR 2, 255, 299 and 60 KB; KR 1,
-    # 223, 167 and 40 KB; 256 x 128 (8 warps), 214, 159 and 48 KB; 128 x 64, 206, 272 and 36
-    # KB; 256 x 64, 254, 240 and 32 KB; 64 x 256, 215, 155 and 68 KB; none spills, none has
-    # its MMAs serialized by ptxas (C7513).
+    # batch over a K slice, in steps of 32 KR inputs, each step's activations and packed words
+    # copied into one of STAGES shared buffers STAGES - 1 steps ahead (a pass of STAGES steps
+    # unrolled). Compiled for sm_90 (fp16, g128; BLOCK_N x BLOCK_M: registers, instructions a
+    # step, shared memory; benchmarks/compile_report.py, 2026-12-05): 128 x 128, 217, 140 and
+    # 40 KB; 256 x 128 (8 warps), 211, 132 and 48 KB; 128 x 64 (KR 2), 215, 240 and 48 KB;
+    # 256 x 64, 255, 208 and 32 KB; 64 x 256, 210, 129 and 68 KB; 128 x 64, 149, 132 and 24 KB;
+    # none spills (128 x 128 with KR 2 did, with 3 stages and 4, and left) and none has its MMAs
+    # serialized by ptxas (C7513). bf16 with fp16 scales costs up to twice the instructions.
     "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w, STAGES=st)
-              for bm, kr, j, w, st in [(128, 2, 2, 4, 3), (128, 1, 2, 4, 4), (128, 1, 2, 8, 4),
-                                       (64, 2, 2, 4, 3), (64, 1, 4, 4, 4), (256, 1, 1, 4, 4)]],
+              for bm, kr, j, w, st in [(128, 1, 2, 4, 4), (128, 1, 2, 8, 4), (64, 2, 2, 4, 4),
+                                       (64, 1, 4, 4, 4), (256, 1, 1, 4, 4), (64, 1, 2, 4, 4)]],
     # Dequantize CHUNK_K rows, or CHUNK_N columns, of the weight at a time (tiles of 8 BLOCK_R
     # rows x BLOCK_N columns) + cuBLAS (8 configs). STREAMS = 2: the next chunk dequantized on a
     # side stream (two buffers) while cuBLAS multiplies by this one; on an H200 (2026-12-04)
@@ -2206,21 +2207,20 @@ def _gluon_plan(path, kernel, entry, config, x2, out2, lead, grid, k_per_split, 
 
 
 def _wgmma_pass(config, G, group):
-    """``(UNROLL, RELOAD, inputs a pass)`` of a wgmma config: the steps of 32 KR inputs it
-    unrolls, 4 or 2 of a group's (whose parameters are then read once a pass), or 2 where a
-    group is an odd number of steps (parameters read every step: RELOAD) and per channel (two
-    at least: with one, ptxas serializes the MMAs, C7513)."""
+    """``(RELOAD, inputs a pass)`` of a wgmma config: a pass is STAGES steps of 32 KR inputs
+    (unrolled: each step's stage known when compiling), and the group's parameters are read
+    after every RELOAD-th step of it, a divisor of STAGES and of a group's steps (every end of
+    a group is then one)."""
     block_k = 32 * config["KR"]
-    steps = group // block_k
-    unroll = 4 if G > 1 and steps % 4 == 0 else 2
-    return unroll, G > 1 and steps % 2 == 1, unroll * block_k
+    reload = math.gcd(group // block_k, config["STAGES"]) if G > 1 else config["STAGES"]
+    return reload, config["STAGES"] * block_k
 
 
 def _wgmma_split_k(config, M, K, N, G, group):
     """K slices of a wgmma config: its SPLIT_K if it states one (at most as many as leave none
     empty), else enough to give the GPU's SMs a program each where the tiles are fewer (a batch
     of 64-256), each slice at least two passes."""
-    passes = triton.cdiv(K, _wgmma_pass(config, G, group)[2])
+    passes = triton.cdiv(K, _wgmma_pass(config, G, group)[1])
     split = config.get("SPLIT_K")
     if split is None:
         tiles = triton.cdiv(N, 16 * config["num_warps"] * config["J"]) * triton.cdiv(
@@ -2248,12 +2248,12 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
     order)."""
     warps, block_m = config["num_warps"], config["BLOCK_M"]
     block_n = 16 * warps * config["J"]
-    unroll, reload, pass_k = _wgmma_pass(config, G, group)
+    reload, pass_k = _wgmma_pass(config, G, group)
     split_k = _wgmma_split_k(config, M, K, N, G, group)
     k_per_split = triton.cdiv(triton.cdiv(K, pass_k), split_k) * pass_k
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
-                      STAGES=config["STAGES"], UNROLL=unroll, RELOAD=reload, SPLIT=split_k > 1,
+                      STAGES=config["STAGES"], RELOAD=reload, SPLIT=split_k > 1,
                       ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
                       EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)

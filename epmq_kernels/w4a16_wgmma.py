@@ -19,8 +19,10 @@ packed words ``[4 KR, BLOCK_N]`` are copied straight into one of STAGES shared b
 ``cp.async`` (no registers), STAGES - 1 steps ahead. One MMA stays in flight: step i's is
 issued, step i - 1's waited for (freeing its stage and its A registers), and while step i's
 runs the program starts the copies of step i + STAGES - 1 and dequantizes step i + 1 from
-shared memory into the other set of A registers. The loop unrolls passes of 2 or 4 steps:
-with one step a pass, ptxas serializes every MMA (its warning C7513).
+shared memory into the other set of A registers. The loop unrolls passes of STAGES steps, so
+that each step's stage is known when compiling, and each stage is an allocation of its own:
+Triton's barrier analysis then sees which buffer an access touches (2 barriers a step, not
+3); with one step a pass, ptxas serialized every MMA (its warning C7513).
 
 *The A operand in registers.* A warp's share of A has the layout of an ``mma.sync.m16n8k16``
 A fragment: lane ``4 g + t`` holds, for its rows, the codes of inputs ``2 t`` and ``2 t + 1``
@@ -197,6 +199,19 @@ def _dequant_a(words, t, zero, magic, z_neg, s2, s_f32, mult, a_layout: gl.const
 
 
 @gluon_kernel
+def _stage(s: gl.constexpr, b0, b1, b2, b3):
+    """Stage ``s``'s buffer (known when compiling)."""
+    if s == 0:
+        return b0
+    elif s == 1:
+        return b1
+    elif s == 2:
+        return b2
+    else:
+        return b3
+
+
+@gluon_kernel
 def _issue_step(x_buf, w_buf, x_ptrs, xk, x_rows_ok, w_ptrs, w_rows, w_cols_ok, k0, K,
                 stride_xk, stride_qk, EVEN: gl.constexpr):
     """Start copying the activations ``[BLOCK_M, BLOCK_K]`` and packed words ``[4 KR,
@@ -217,7 +232,7 @@ def _w4a16_wgmma(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, UNROLL: gl.constexpr, RELOAD: gl.constexpr, SPLIT: gl.constexpr,
+    STAGES: gl.constexpr, RELOAD: gl.constexpr, SPLIT: gl.constexpr,
     ONE_GROUP: gl.constexpr,
     HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr,
     TRIVIAL: gl.constexpr,
@@ -235,9 +250,19 @@ def _w4a16_wgmma(
     # the output, columns in natural order [BLOCK_N, BLOCK_M]: 8 columns (16 bytes) a thread
     y_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[8, 4],
                                               warps_per_cta=[1, WARPS], order=[0, 1])
-    x_smem = gl.allocate_shared_memory(CDT, [STAGES, BLOCK_M, BLOCK_K],
-                                       _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
-    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 4 * KR, BLOCK_N], _plain_smem_layout())
+    # one allocation a stage (Triton's barrier analysis tells allocations apart, not the
+    # indices of one): at most 4 stages
+    x0 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
+    x1 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
+    x2 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
+    w0 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
+    w1 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
+    w2 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
+    if STAGES == 4:
+        x3 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
+        w3 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
+    else:
+        x3, w3 = x0, w0
 
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -255,7 +280,7 @@ def _w4a16_wgmma(
     w_ptrs = qweight_ptr + w_rows[:, None] * stride_qk + w_cols[None, :] * stride_qn
     w_cols_ok = (w_cols < N)[None, :]
     for s in gl.static_range(STAGES - 1):
-        _issue_step(x_smem.index(s), w_smem.index(s), x_ptrs, xk, x_rows_ok, w_ptrs, w_rows,
+        _issue_step(_stage(s, x0, x1, x2, x3), _stage(s, w0, w1, w2, w3), x_ptrs, xk, x_rows_ok, w_ptrs, w_rows,
                     w_cols_ok, k_start + s * BLOCK_K, k_end, stride_xk, stride_qk, EVEN)
 
     # what the dequantization takes: each lane's t, a zero, the columns' group parameters
@@ -278,22 +303,22 @@ def _w4a16_wgmma(
     fence_async_shared()  # (before wgmma, an async-proxy read, sees them)
     gl.barrier()  # (every thread's)
     words_loaded: gl.constexpr = gl.SliceLayout(1, words_layout)  # (each lane's copy)
-    a = _dequant_a(w_smem.index(0).load(words_loaded), t, zero, magic, z_neg, s2, s_f32, mult,
+    a = _dequant_a(w0.load(words_loaded), t, zero, magic, z_neg, s2, s_f32, mult,
                    a_layout, KR, J, WARPS, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
 
-    # UNROLL steps a pass (unrolled); the group's parameters for the next step are read after
-    # the last step of a pass, or after every step where a group is an odd number of steps
-    # (RELOAD); a step past the slice (UNROLL not dividing it) reads zeros. One MMA stays in
-    # flight: step i's is issued, then step i - 1's waited for (which frees its A registers,
-    # the previous set, and its stage), then step i + 1 dequantized into the other set.
+    # A pass is STAGES steps, unrolled, so that every step's stage is known at compile time
+    # (step kk of a pass is in stage kk); the group's parameters for the next step are read
+    # after every RELOAD-th step (a multiple of every group's end); a step past the slice
+    # reads zeros. One MMA stays in flight: step i's is issued, then step i - 1's waited for
+    # (which frees its A registers, the previous set, and its stage), then step i + 1
+    # dequantized into the other set.
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
     a_prev = a
-    for k0 in range(k_start, k_end, UNROLL * BLOCK_K):
-        for kk in gl.static_range(UNROLL):
-            i = (k0 - k_start) // BLOCK_K + kk
-            acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    for k0 in range(k_start, k_end, STAGES * BLOCK_K):
+        for kk in gl.static_range(STAGES):
+            acc = warpgroup_mma(a, _stage(kk, x0, x1, x2, x3).permute((1, 0)), acc, is_async=True)
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-            if not ONE_GROUP and (RELOAD or kk == UNROLL - 1):
+            if not ONE_GROUP and (kk + 1) % RELOAD == 0:
                 g_next = gl.minimum(k0 + (kk + 1) * BLOCK_K, k_end - 1) // group_size
                 z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, g_next, cols, c_mask,
                                                  stride_sg, stride_sn, stride_zg, stride_zn,
@@ -303,12 +328,12 @@ def _w4a16_wgmma(
             async_copy.wait_group(STAGES - 3)
             fence_async_shared()
             gl.barrier()
-            _issue_step(x_smem.index((i + STAGES - 1) % STAGES),
-                        w_smem.index((i + STAGES - 1) % STAGES), x_ptrs, xk, x_rows_ok, w_ptrs,
-                        w_rows, w_cols_ok, k_start + (i + STAGES - 1) * BLOCK_K, k_end,
-                        stride_xk, stride_qk, EVEN)
+            _issue_step(_stage((kk + STAGES - 1) % STAGES, x0, x1, x2, x3),
+                        _stage((kk + STAGES - 1) % STAGES, w0, w1, w2, w3), x_ptrs, xk, x_rows_ok, w_ptrs,
+                        w_rows, w_cols_ok, k0 + (kk + STAGES - 1) * BLOCK_K, k_end, stride_xk,
+                        stride_qk, EVEN)
             a_prev = a
-            a = _dequant_a(w_smem.index((i + 1) % STAGES).load(words_loaded), t, zero, magic,
+            a = _dequant_a(_stage((kk + 1) % STAGES, w0, w1, w2, w3).load(words_loaded), t, zero, magic,
                            z_neg, s2, s_f32, mult, a_layout, KR, J, WARPS, CDT, not ONE_GROUP,
                            HALF2, ASM, TRIVIAL)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))[0]

@@ -116,6 +116,7 @@ def resource_usage(compiled) -> dict:
         sts=ops["STS"], ldg128=sum(v for k, v in ops.items() if k.startswith("LDG") and "128" in k),
         ldg=ops["LDG"], ldgsts=ops["LDGSTS"], dfma=ops["DFMA"],
         loop=len(loop), loop_shared=sum(1 for op in loop if op.split(".")[0] in ("LDS", "STS", "BAR")),
+        loop_bar=sum(1 for op in loop if op.split(".")[0] == "BAR"),
         # ptxas's C7513: wgmma instructions serialized (each waited for before the next) because
         # other instructions define their input registers in a way it cannot order
         wgmma_serialized=int("C7513" in text),
