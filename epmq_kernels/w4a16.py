@@ -2267,9 +2267,10 @@ def _build_wgmma_plan(entry, config, x2, out2, lead):
     if not INTERPRETED and config["num_warps"] % 4:
         raise ValueError(f"wgmma config {config}: num_warps must be a multiple of 4 (a "
                          f"warpgroup issues each MMA)")
-    if config["STAGES"] < 3:
-        raise ValueError(f"wgmma config {config}: STAGES must be 3 or more (the ring keeps one "
-                         f"stage being read, one landing and one being refilled)")
+    if config["STAGES"] not in (3, 4):
+        raise ValueError(f"wgmma config {config}: STAGES must be 3 or 4 (the ring keeps one "
+                         f"stage being read, one landing and one being refilled; one allocation "
+                         f"each, four at most)")
     M, K = x2.shape
     grid, k_per_split, constexprs = _wgmma_launch_shape(config, M, K, entry.N, entry.G,
                                                         entry.group, x2.dtype,

@@ -241,6 +241,7 @@ def _w4a16_wgmma(
     BLOCK_N: gl.constexpr = 16 * WARPS * J
     BLOCK_K: gl.constexpr = 32 * KR
     gl.static_assert(STAGES >= 3, "the ring needs 3 stages at least (wait_group(STAGES - 3))")
+    gl.static_assert(STAGES <= 4, "at most 4 stages: one allocation each (x0..x3, w0..w3)")
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)

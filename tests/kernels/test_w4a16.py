@@ -152,17 +152,31 @@ def test_wgmma_tiles_and_scales(gen, config, dtype, scales_dtype, group_size, N)
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
 
-@pytest.mark.parametrize("group_size,K,config", [
-    (96, 192, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1)),
-    (64, 320, dict(BLOCK_M=16, KR=2, J=1, num_warps=2, STAGES=4, SPLIT_K=2)),
-    (-1, 80, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1))],
-    ids=["g96-3steps", "g64-1step-kr2-split", "perchan-k80"])
-def test_wgmma_odd_steps(gen, group_size, K, config):
-    """Groups of an odd number of steps (parameters read every step; the last pass's steps past
-    the slice read zeros), split or not, and a per-channel K that ends inside a step."""
-    qweight, scales, zeros, _ = make_problem(gen, K, 40, group_size)
-    x = torch.randn(19, K, generator=gen).half()
-    out = torch.full((19, 40), float("nan"), dtype=torch.float16)
+# (group, K, N, M, config): groups of 1-8 steps against rings of 3 and 4 stages (parameters
+# read every gcd(group steps, STAGES) steps: 1, 2, 3, 4), K slices that start inside a group,
+# a per-channel K that ends inside a step (the last pass's steps past the slice read zeros)
+WGMMA_PASSES = [
+    (96, 192, 40, 19, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1)),
+    (64, 320, 40, 19, dict(BLOCK_M=16, KR=2, J=1, num_warps=2, STAGES=4, SPLIT_K=2)),
+    (-1, 80, 40, 19, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=1)),
+    (96, 672, 40, 19, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=4, SPLIT_K=3)),
+    (192, 576, 40, 17, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=4, SPLIT_K=2)),
+    (256, 768, 32, 33, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=4, SPLIT_K=1)),
+    (128, 640, 40, 5, dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=3, SPLIT_K=4)),
+    (384, 1152, 16, 18, dict(BLOCK_M=16, KR=2, J=1, num_warps=1, STAGES=3, SPLIT_K=2)),
+    (-1, 208, 40, 19, dict(BLOCK_M=16, KR=2, J=2, num_warps=1, STAGES=4, SPLIT_K=2)),
+]
+
+
+@pytest.mark.parametrize("group_size,K,N,M,config", WGMMA_PASSES,
+                         ids=[f"g{c[0]}-K{c[1]}-S{c[4]['STAGES']}-sk{c[4]['SPLIT_K']}"
+                              for c in WGMMA_PASSES])
+def test_wgmma_passes_groups_and_slices(gen, group_size, K, N, M, config):
+    """Where a pass's parameters come from (each group's, at every end of a group) and where
+    a slice starts and ends, against the float64 reference."""
+    qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
+    x = torch.randn(M, K, generator=gen).half()
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
     w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="wgmma", config=config,
                  backend="triton")
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
@@ -411,7 +425,7 @@ def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
 def test_wgmma_takes_aligned_rows_and_three_stages(gen):
     """cp.async copies 16 bytes: activations transposed, with rows 8 bytes off alignment or a
     row stride that is not a multiple of 16 are not the wgmma path's (the autotuner leaves it
-    out; forced, a clear error), the others take it; a ring of two stages is refused."""
+    out; forced, a clear error), the others take it; rings of 2 or 5 stages are refused."""
     qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
     base = torch.randn(40, 96, generator=gen).half()
     aligned = base[:20, :64]  # (row stride 96)
@@ -427,9 +441,10 @@ def test_wgmma_takes_aligned_rows_and_three_stages(gen):
     assert "wgmma" in W._runnable_paths(aligned, entry)
     y = w4a16_matmul(aligned, qweight, scales, zeros, 32, path="wgmma", backend="triton")
     assert_close_to_reference(y, aligned, qweight, scales, zeros, 32, None)
-    with pytest.raises(ValueError, match="STAGES must be 3 or more"):
-        w4a16_matmul(aligned, qweight, scales, zeros, 32, path="wgmma", backend="triton",
-                     config=dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=2))
+    for stages in (2, 5):
+        with pytest.raises(ValueError, match="STAGES must be 3 or 4"):
+            w4a16_matmul(aligned, qweight, scales, zeros, 32, path="wgmma", backend="triton",
+                         config=dict(BLOCK_M=16, KR=1, J=2, num_warps=1, STAGES=stages))
 
 
 @pytest.mark.parametrize("path", ["gemv", "splitk", "gemm", "dqmm"])
