@@ -1,8 +1,9 @@
 """Triton kernels for E-PMQ: the GPTQ/E-PMQ column solver, expert-residual accumulation and the
 fold of the experts' Hessians, the Hessian checks' one-pass scan, bf16x3 products as one GEMM of
-side-by-side split operands, int4 bit packing and the W4A16 matmul (one of its paths in Gluon,
-Triton with explicit layouts: ``w4a16_mma``). Each kernel family lives in one file beside its
-torch reference. This package never imports ``epmq``."""
+side-by-side split operands, int4 bit packing and the W4A16 matmul (two of its paths in Gluon,
+Triton with explicit layouts: ``w4a16_mma`` for batches up to 16, ``w4a16_wgmma`` for larger
+ones on Hopper). Each kernel family lives in one file beside its torch reference. This package
+never imports ``epmq``."""
 
 from . import _runtime  # noqa: F401  (must run before any kernel is decorated)
 from .grid import find_params, quantize_codes, dequantize
