@@ -43,9 +43,11 @@ result once at the end instead.
 
 Grid: ``(N / BLOCK_N, SPLIT_K, M / BLOCK_M)``, ``BLOCK_N = 16 WARPS J``; where the tiles are
 fewer than the SMs (a batch of 64-256), K slices add into the fp32 workspace of
-:mod:`epmq_kernels.w4a16` and the last to arrive writes y (one launch, as in ``mma``). Takes fp16 or bf16 activations, per-channel or static groups of whole steps, zero
-points in 0..15; compiled for compute capability 9.0 only (wgmma). Under the interpreter (see
-:mod:`._gluon`) the shared buffers are tensors, the copies loads and the MMA ``tl.dot``.
+:mod:`epmq_kernels.w4a16` and the last to arrive writes y (one launch, as in ``mma``). Takes
+fp16 or bf16 activations whose rows ``cp.async`` can copy (contiguous, 16-byte aligned),
+per-channel or static groups of whole steps, zero points in 0..15; compiled for compute
+capability 9.0 only (wgmma). Under the interpreter (see :mod:`._gluon`) the shared buffers are
+tensors, the copies loads and the MMA ``tl.dot``.
 """
 
 from ._runtime import INTERPRETED
@@ -79,7 +81,6 @@ def _copy_layout(ROWS, COLS, BYTES, WARPS):
     vec = 16 // BYTES
     lanes_n = min(32, max(1, COLS // vec))
     warps_m = min(WARPS, max(1, ROWS // (32 // lanes_n)))
-    warps_n = min(WARPS // warps_m, max(1, COLS // (lanes_n * vec)))
     return gl.BlockedLayout(size_per_thread=[1, vec], threads_per_warp=[32 // lanes_n, lanes_n],
                             warps_per_cta=[warps_m, WARPS // warps_m], order=[1, 0])
 

@@ -142,8 +142,9 @@ def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kin
 def test_wgmma_tiles_and_scales(gen, config, dtype, scales_dtype, group_size, N):
     """Warps and words a load (the column order), steps of 64 and 128 inputs, rings of 3 and 4
     stages (the look-ahead past K), one K slice and as many as the SMs ask for (2 here, of
-    256 inputs: the workspace's protocol), and each way the weight is scaled: by a half2 multiply where the scales are of the activation dtype, through
-    fp32 otherwise (per channel: the result)."""
+    256 inputs: the workspace's protocol), and each way the weight is scaled: by a half2
+    multiply where the scales are of the activation dtype, through fp32 otherwise (per
+    channel: the result)."""
     qweight, scales, zeros, _ = make_problem(gen, 512, N, group_size, scales_dtype=scales_dtype)
     x = torch.randn(21, 512, generator=gen).to(dtype)
     out = torch.full((21, N), float("nan"), dtype=dtype)
