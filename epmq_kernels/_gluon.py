@@ -111,7 +111,7 @@ class _InterpretedAsyncCopy:
 
     @staticmethod
     def async_copy_global_to_shared(smem, pointer, mask=None, **kwargs):
-        smem.store(tl.load(pointer, mask=mask, other=0))
+        smem.store(tl.load(pointer) if mask is None else tl.load(pointer, mask=mask, other=0))
 
     @staticmethod
     def commit_group():

@@ -322,9 +322,9 @@ AUTOTUNE_SPACE = {
     # batch over a K slice, in steps of 32 KR inputs, each step's activations and packed words
     # copied into one of STAGES shared buffers STAGES - 1 steps ahead (a pass of STAGES steps
     # unrolled). Compiled for sm_90 (fp16, g128; BLOCK_N x BLOCK_M: registers, instructions a
-    # step, shared memory; benchmarks/compile_report.py, 2026-12-05): 128 x 128, 217, 140 and
-    # 40 KB; 256 x 128 (8 warps), 211, 132 and 48 KB; 128 x 64 (KR 2), 215, 240 and 48 KB;
-    # 256 x 64, 255, 208 and 32 KB; 64 x 256, 210, 129 and 68 KB; 128 x 64, 149, 132 and 24 KB;
+    # step, shared memory; benchmarks/compile_report.py, 2026-12-05): 128 x 128, 220, 129 and
+    # 40 KB; 256 x 128 (8 warps), 211, 126 and 48 KB; 128 x 64 (KR 2), 214, 233 and 48 KB;
+    # 256 x 64, 254, 202 and 32 KB; 64 x 256, 216, 111 and 68 KB; 128 x 64, 146, 129 and 24 KB;
     # none spills (128 x 128 with KR 2 did, with 3 stages and 4, and left) and none has its MMAs
     # serialized by ptxas (C7513). bf16 with fp16 scales costs up to twice the instructions.
     "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w, STAGES=st)
@@ -2254,6 +2254,7 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     constexprs = dict(BLOCK_M=block_m, KR=config["KR"], J=config["J"], WARPS=warps,
                       STAGES=config["STAGES"], RELOAD=reload, SPLIT=split_k > 1,
+                      WHOLE=K % pass_k == 0,
                       ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
                       EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)

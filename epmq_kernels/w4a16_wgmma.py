@@ -213,17 +213,28 @@ def _stage(s: gl.constexpr, b0, b1, b2, b3):
 
 
 @gluon_kernel
-def _issue_step(x_buf, w_buf, x_ptrs, xk, x_rows_ok, w_ptrs, w_rows, w_cols_ok, k0, K,
-                stride_xk, stride_qk, EVEN: gl.constexpr):
+def _issue_step(x_buf, w_buf, x_ptrs, xk, x_rows_ok, w_ptrs, w_rows, w_cols_ok, k0, k_end, K,
+                stride_xk, stride_qk, BLOCK_K: gl.constexpr, EVEN: gl.constexpr,
+                WHOLE: gl.constexpr):
     """Start copying the activations ``[BLOCK_M, BLOCK_K]`` and packed words ``[4 KR,
-    BLOCK_N]`` of the step at input ``k0`` into a stage, as one commit group (zeros past K:
-    the look-ahead beyond the last step fills a stage that is never read)."""
-    async_copy.async_copy_global_to_shared(x_buf, x_ptrs + k0 * stride_xk,
-                                           mask=x_rows_ok & ((k0 + xk) < K)[None, :])
-    w_ok = ((k0 // 8 + w_rows) * 8 < K)[:, None]
-    if not EVEN:
-        w_ok = w_ok & w_cols_ok
-    async_copy.async_copy_global_to_shared(w_buf, w_ptrs + (k0 // 8) * stride_qk, mask=w_ok)
+    BLOCK_N]`` of the step at input ``k0`` into a stage, as one commit group: zeros past the
+    slice's end ``k_end``, or, where every slice is whole passes (WHOLE), no mask along K (a
+    step past the end is then only the look-ahead, whose stage is never read: it copies the
+    last step again, in bounds)."""
+    if WHOLE:
+        k0 = gl.minimum(k0, K - BLOCK_K)
+        async_copy.async_copy_global_to_shared(x_buf, x_ptrs + k0 * stride_xk, mask=x_rows_ok)
+        if EVEN:
+            async_copy.async_copy_global_to_shared(w_buf, w_ptrs + (k0 // 8) * stride_qk)
+        else:
+            async_copy.async_copy_global_to_shared(w_buf, w_ptrs + (k0 // 8) * stride_qk,
+                                                   mask=w_cols_ok)
+    else:
+        async_copy.async_copy_global_to_shared(x_buf, x_ptrs + k0 * stride_xk,
+                                               mask=x_rows_ok & ((k0 + xk) < k_end)[None, :])
+        async_copy.async_copy_global_to_shared(
+            w_buf, w_ptrs + (k0 // 8) * stride_qk,
+            mask=((k0 // 8 + w_rows) * 8 < k_end)[:, None] & w_cols_ok)
     async_copy.commit_group()
 
 
@@ -233,7 +244,7 @@ def _w4a16_wgmma(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     stride_ym, stride_yn,
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, RELOAD: gl.constexpr, SPLIT: gl.constexpr,
+    STAGES: gl.constexpr, RELOAD: gl.constexpr, SPLIT: gl.constexpr, WHOLE: gl.constexpr,
     ONE_GROUP: gl.constexpr,
     HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr,
     TRIVIAL: gl.constexpr,
@@ -282,8 +293,9 @@ def _w4a16_wgmma(
     w_ptrs = qweight_ptr + w_rows[:, None] * stride_qk + w_cols[None, :] * stride_qn
     w_cols_ok = (w_cols < N)[None, :]
     for s in gl.static_range(STAGES - 1):
-        _issue_step(_stage(s, x0, x1, x2, x3), _stage(s, w0, w1, w2, w3), x_ptrs, xk, x_rows_ok, w_ptrs, w_rows,
-                    w_cols_ok, k_start + s * BLOCK_K, k_end, stride_xk, stride_qk, EVEN)
+        _issue_step(_stage(s, x0, x1, x2, x3), _stage(s, w0, w1, w2, w3), x_ptrs, xk, x_rows_ok,
+                    w_ptrs, w_rows, w_cols_ok, k_start + s * BLOCK_K, k_end, K, stride_xk,
+                    stride_qk, BLOCK_K, EVEN, WHOLE)
 
     # what the dequantization takes: each lane's t, a zero, the columns' group parameters
     t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words_layout)))[None, :, None]
@@ -332,8 +344,8 @@ def _w4a16_wgmma(
             gl.barrier()
             _issue_step(_stage((kk + STAGES - 1) % STAGES, x0, x1, x2, x3),
                         _stage((kk + STAGES - 1) % STAGES, w0, w1, w2, w3), x_ptrs, xk, x_rows_ok, w_ptrs,
-                        w_rows, w_cols_ok, k0 + (kk + STAGES - 1) * BLOCK_K, k_end, stride_xk,
-                        stride_qk, EVEN)
+                        w_rows, w_cols_ok, k0 + (kk + STAGES - 1) * BLOCK_K, k_end, K,
+                        stride_xk, stride_qk, BLOCK_K, EVEN, WHOLE)
             a_prev = a
             a = _dequant_a(_stage((kk + 1) % STAGES, w0, w1, w2, w3).load(words_loaded), t, zero, magic,
                            z_neg, s2, s_f32, mult, a_layout, KR, J, WARPS, CDT, not ONE_GROUP,
