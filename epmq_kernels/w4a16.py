@@ -1400,9 +1400,7 @@ def _candidates(path, M, K, G, group_size, permuted, x_dtype=torch.float16, N=No
                 continue
             # at most as many K slices as leave none empty (a short K: fewer than the config's)
             steps = triton.cdiv(K, _mma_group_k(config, G, group_size))
-            split_k = config["SPLIT_K"]
-            while split_k > 1 and (split_k - 1) * triton.cdiv(steps, split_k) >= steps:
-                split_k -= 1
+            split_k = _without_empty_slices(config["SPLIT_K"], steps)
             if config.get("PREFETCH") and triton.cdiv(steps, split_k) * config["UNROLL"] < 4:
                 continue  # (a slice's last prefetch is of the next slice, unused: 1/4 at most)
             config = dict(config, SPLIT_K=split_k, BLOCK_M=_block_m_for_mma(M))
@@ -2228,9 +2226,16 @@ def _wgmma_split_k(config, M, K, N, G, group):
         split = 1
         while tiles * split < _sm_count() and 2 * split <= passes // 2:
             split *= 2
-    while split > 1 and (split - 1) * triton.cdiv(passes, split) >= passes:
+    return _without_empty_slices(split, passes)
+
+
+def _without_empty_slices(split, steps):
+    """At most ``split`` K slices of whole steps (``steps`` in all), as many as leave none
+    empty (slices of ``cdiv(steps, split)`` steps; a short K: fewer than asked for)."""
+    split = max(1, split)
+    while split > 1 and (split - 1) * triton.cdiv(steps, split) >= steps:
         split -= 1
-    return max(1, split)
+    return split
 
 
 @functools.lru_cache(maxsize=None)
@@ -2256,7 +2261,7 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
                       STAGES=config["STAGES"], RELOAD=reload, SPLIT=split_k > 1,
                       WHOLE=K % pass_k == 0,
                       ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
-                      EVEN=N % block_n == 0 and K % (32 * config["KR"]) == 0,
+                      EVEN=N % block_n == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
     return grid, k_per_split, constexprs
 

@@ -86,13 +86,24 @@ def _fma2(p, mult, neg_z, CDT: gl.constexpr, ASM: gl.constexpr):
     else:
         lo = _half_value(p, 0, CDT) * _half_value(mult, 0, CDT) + _half_value(neg_z, 0, CDT)
         hi = _half_value(p, 16, CDT) * _half_value(mult, 16, CDT) + _half_value(neg_z, 16, CDT)
-        if CDT == gl.float16:
-            lo_bits = lo.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            hi_bits = hi.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        else:  # bf16: exact values, so the top half of the fp32 is the bf16
-            lo_bits = (lo.to(gl.int32, bitcast=True) >> 16) & 0xFFFF
-            hi_bits = (hi.to(gl.int32, bitcast=True) >> 16) & 0xFFFF
-        return lo_bits | (hi_bits << 16)
+        return _pack_halves(lo, hi, CDT)
+
+
+@gluon_kernel
+def _pack_halves(lo, hi, CDT: gl.constexpr):
+    """fp32 ``lo`` and ``hi`` rounded to CDT (fp16, else bf16), to nearest even, as the low and
+    high 16 bits of an int32 (the interpreter's side of the packed PTX)."""
+    return _bits16(lo, CDT) | (_bits16(hi, CDT) << 16)
+
+
+@gluon_kernel
+def _bits16(v, CDT: gl.constexpr):
+    """fp32 ``v`` rounded to CDT (fp16, else bf16), its 16 bits in an int32."""
+    if CDT == gl.float16:
+        return v.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    else:  # (integer rounding to nearest even: the interpreter's fp32 stand-in of bf16 too)
+        u = v.to(gl.int32, bitcast=True)
+        return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
 
 
 @gluon_kernel

@@ -53,7 +53,7 @@ tensors, the copies loads and the MMA ``tl.dot``.
 from ._runtime import INTERPRETED
 from ._gluon import (HAS_GLUON, async_copy, constexpr_function, fence_async_shared, gl,
                      gluon_kernel, warpgroup_mma, warpgroup_mma_wait)
-from .w4a16_mma import _add_slice, _fma2, _half_value, _halves
+from .w4a16_mma import _add_slice, _fma2, _half_value, _halves, _pack_halves
 
 
 @constexpr_function
@@ -125,17 +125,7 @@ def _mul2(d, s2, s_f32, CDT: gl.constexpr, HALF2: gl.constexpr, ASM: gl.constexp
             else:
                 return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f",
                                                  [lo, hi], dtype=gl.int32, is_pure=True, pack=1)
-        return _bits16(lo, CDT) | (_bits16(hi, CDT) << 16)
-
-
-@gluon_kernel
-def _bits16(v, CDT: gl.constexpr):
-    """fp32 ``v`` rounded to CDT (fp16, else bf16), its 16 bits in an int32."""
-    if CDT == gl.float16:
-        return v.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    else:  # (integer rounding to nearest even: the interpreter's fp32 stand-in of bf16 too)
-        u = v.to(gl.int32, bitcast=True)
-        return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
+        return _pack_halves(lo, hi, CDT)
 
 
 @gluon_kernel
@@ -220,7 +210,7 @@ def _issue_step(x_buf, w_buf, x_ptrs, xk, x_rows_ok, w_ptrs, w_rows, w_cols_ok, 
     BLOCK_N]`` of the step at input ``k0`` into a stage, as one commit group: zeros past the
     slice's end ``k_end``, or, where every slice is whole passes (WHOLE), no mask along K (a
     step past the end is then only the look-ahead, whose stage is never read: it copies the
-    last step again, in bounds)."""
+    last step again, in bounds), and no mask on the words where N is whole tiles too (EVEN)."""
     if WHOLE:
         k0 = gl.minimum(k0, K - BLOCK_K)
         async_copy.async_copy_global_to_shared(x_buf, x_ptrs + k0 * stride_xk, mask=x_rows_ok)
@@ -265,15 +255,17 @@ def _w4a16_wgmma(
                                               warps_per_cta=[1, WARPS], order=[0, 1])
     # one allocation a stage (Triton's barrier analysis tells allocations apart, not the
     # indices of one): at most 4 stages
-    x0 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
-    x1 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
-    x2 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
-    w0 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
-    w1 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
-    w2 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
+    x_smem: gl.constexpr = _x_smem_layout(BLOCK_M, BLOCK_K, CDT)
+    w_smem: gl.constexpr = _plain_smem_layout()
+    x0 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], x_smem)
+    x1 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], x_smem)
+    x2 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], x_smem)
+    w0 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], w_smem)
+    w1 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], w_smem)
+    w2 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], w_smem)
     if STAGES == 4:
-        x3 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], _x_smem_layout(BLOCK_M, BLOCK_K, CDT))
-        w3 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], _plain_smem_layout())
+        x3 = gl.allocate_shared_memory(CDT, [BLOCK_M, BLOCK_K], x_smem)
+        w3 = gl.allocate_shared_memory(gl.int32, [4 * KR, BLOCK_N], w_smem)
     else:
         x3, w3 = x0, w0
 

@@ -86,15 +86,20 @@ MMA_GROUPINGS = [(-1, None), (32, None), (64, None), (32, "static")]
 
 @pytest.mark.parametrize("group_size,g_idx_kind", MMA_GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("M,K,N", [(1, 128, 40), (3, 64, 72), (16, 192, 136), (17, 64, 64)])
-def test_mma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kind):
-    """The Gluon kernel (interpreted through its shim: the same source line for line) with the
-    weight in the MMA operand's registers: batch tiles of 8 and 16 and several of them, N not a
-    multiple of a warp's 64 columns (masked) and a multiple (unmasked), K slices past K."""
+@pytest.mark.parametrize("path,M,K,N", [
+    ("mma", 1, 128, 40), ("mma", 3, 64, 72), ("mma", 16, 192, 136), ("mma", 17, 64, 64),
+    ("wgmma", 17, 64, 40), ("wgmma", 5, 192, 136), ("wgmma", 40, 320, 64)])
+def test_mma_paths_match_reference(gen, path, M, K, N, dtype, group_size, g_idx_kind):
+    """The Gluon kernels, interpreted through their shim (the same source line for line; for
+    wgmma, shared buffers as tensors and the MMA as a dot), with the weight in the MMA
+    operand's registers. mma: batch tiles of 8 and 16 and several of them, N not a multiple of
+    a warp's 64 columns (masked) and a multiple (unmasked), K slices past K. wgmma: several
+    batch tiles, the last one partial; N masked (not a multiple of its 32 columns) and not; K
+    over 2 to 10 steps (the ring of 3 stages wraps)."""
     qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
     x = torch.randn(M, K, generator=gen).to(dtype)
     out = torch.full((M, N), float("nan"), dtype=dtype)
-    w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path="mma",
+    w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path=path,
                  backend="triton")
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
 
@@ -113,21 +118,6 @@ def test_mma_warps_and_steps(gen, config, group_size, N, M):
     w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="mma", config=config,
                  backend="triton")
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
-
-
-@pytest.mark.parametrize("group_size,g_idx_kind", MMA_GROUPINGS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("M,K,N", [(17, 64, 40), (5, 192, 136), (40, 320, 64)])
-def test_wgmma_path_matches_reference(gen, M, K, N, dtype, group_size, g_idx_kind):
-    """The Hopper kernel (interpreted through its shim: shared buffers as tensors, the MMA as a
-    dot): several batch tiles, the last one partial; N masked (not a multiple of its 32
-    columns) and not; K over 2 to 10 steps (the ring of 3 stages wraps)."""
-    qweight, scales, zeros, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    out = torch.full((M, N), float("nan"), dtype=dtype)
-    w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path="wgmma",
-                 backend="triton")
-    assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
 
 
 @pytest.mark.parametrize("config", [dict(BLOCK_M=16, KR=2, J=4, num_warps=2, STAGES=3, SPLIT_K=1),
