@@ -66,7 +66,9 @@ from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pyte
 from epmq import quant  # noqa: E402
 from epmq import stats as epmq_stats  # noqa: E402
 from epmq.spec import QuantSpec  # noqa: E402
+from epmq.stats import LowRankExpert  # noqa: E402
 from epmq_kernels.expert_residual import (  # noqa: E402
+    DEFAULT_RESIDUAL_PRECISION,
     RESIDUAL_PRECISIONS,
     _residual_config,
     accumulate_residual_reference,
@@ -79,6 +81,7 @@ from epmq_kernels._runtime import fp32_matmul, fp32_mm  # noqa: E402
 SHAPES = [(768, 3072), (4096, 4096), (4096, 14336)]  # [d_out, d_in]
 EAGER_REPEATS = {3072: 3, 4096: 2, 14336: 1}  # by d_in; 1 for anything larger
 N_EXPERTS = 8
+LORA_RANK = 16
 SPEC = QuantSpec(bits=4, group_size=128, sym=False)
 BLOCKSIZE = 128
 SWEEP = [(2, 1), (4, 1), (8, 1), (16, 1), (8, 4), (16, 4)]  # (block_rows, num_warps)
@@ -100,6 +103,17 @@ def make_layer(d_out, d_in, device, seed=0, n_experts=N_EXPERTS):
         D = torch.exp(0.3 * torch.randn(d_in, device=device, generator=g))
         hessians.append(D[:, None] * H * D[None, :])
     return W_m, H, experts, hessians
+
+
+def make_lora_experts(W_m, rank, n_experts=N_EXPERTS, seed=1):
+    """``n_experts`` LoRA experts ``W_0 + U V`` of one base whose task-arithmetic merge (0.3 of
+    the updates' sum) is ``W_m``."""
+    d_out, d_in = W_m.shape
+    g = torch.Generator(device=W_m.device).manual_seed(seed)
+    parts = [(torch.randn(d_out, rank, device=W_m.device, generator=g) * 0.02 / rank**0.5,
+              torch.randn(rank, d_in, device=W_m.device, generator=g) / d_in**0.5) for _ in range(n_experts)]
+    W_0 = W_m - 0.3 * sum(U @ V for U, V in parts)
+    return [LowRankExpert(W_0, U, V) for U, V in parts]
 
 
 def make_hinv(H, percdamp=0.01):
@@ -215,6 +229,25 @@ def bench_shape(d_out, d_in, device, deadline, log, first):
     # the anchors the demo picks are 0 or 0.1; at 0 the anchor term's product is skipped
     rows.append(epmq_timed("tf32", anchor=0.0)[0])
     log(rows[-1])
+    # LoRA experts (W_0 + U V, rank LORA_RANK) given as such: one product of the weight's size
+    # for all 8 instead of one each, at the default precision
+    lora = make_lora_experts(W_m, LORA_RANK)
+    t_lr, res_lr = timed(lambda experts=lora: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE,
+                                                         backend="triton"), epmq_reps)
+    row = dict(shape, kind="epmq_lora_vs_gptq", residual_precision=DEFAULT_RESIDUAL_PRECISION,
+               anchor=1.0, experts=N_EXPERTS, rank=LORA_RANK, t_epmq_s=t_lr, t_gptq_s=t_gq,
+               epmq_s=med(t_lr), gptq_s=med(t_gq), ratio=med(t_lr) / med(t_gq))
+    if d_in <= 4096:  # (the same experts dense: the product per expert they save)
+        dense = [e.dense() for e in lora]
+        t_ld, res_ld = timed(lambda experts=dense: quant.epmq(W_m, experts, hessians, SPEC, blocksize=BLOCKSIZE,
+                                                              backend="triton"), epmq_reps)
+        row.update(t_dense_s=t_ld, dense_s=med(t_ld), dense_ratio=med(t_ld) / med(t_gq),
+                   codes_equal_vs_dense=float((res_ld.codes == res_lr.codes).double().mean()),
+                   loss_ratio_vs_dense=res_lr.loss / res_ld.loss)
+        del res_ld, dense
+    rows.append(row)
+    log(row)
+    del lora, res_lr
     # the residual products on the current stream instead of the side stream (where they run
     # while the Hessian is factored): the same results bit for bit, the difference is time
     if epmq_stats.RESIDUALS_ON_SIDE_STREAM:
@@ -398,6 +431,11 @@ def main(argv=None):
                 for p in RESIDUAL_PRECISIONS)
             print(f"  {r['shape']:10s} residual x8: torch fp32 {1e3 * r['torch_s']:6.1f} ms, "
                   f"torch tf32 {1e3 * r['torch_tf32_s']:6.1f} ms; triton {triton}")
+        if r["kind"] == "epmq_lora_vs_gptq":
+            dense = (f" (dense experts {r['dense_ratio']:.2f}x, codes equal {r['codes_equal_vs_dense']:.5f})"
+                     if "dense_ratio" in r else "")
+            print(f"  {r['shape']:10s} E-PMQ, {r['experts']} LoRA experts of rank {r['rank']}: "
+                  f"{r['epmq_s']:.3f} s, {r['ratio']:.2f}x GPTQ{dense}")
         if r["kind"] == "epmq_vs_gptq":
             extra = (f", codes equal to ieee {r['codes_equal_vs_ieee']:.5f}, loss ratio "
                      f"{r['loss_ratio_vs_ieee']:.6f}" if "codes_equal_vs_ieee" in r else "")

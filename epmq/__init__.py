@@ -10,9 +10,9 @@ from epmq_kernels import _runtime  # noqa: F401  (Triton's interpreter switch, b
 from . import merge, quant, stats
 from .quant import QuantResult
 from .spec import QuantSpec
-from .stats import EPMQStats, HessianStats
+from .stats import EPMQStats, HessianStats, LowRankExpert
 
-__all__ = ["QuantSpec", "QuantResult", "EPMQStats", "HessianStats", "merge", "quant", "stats"]
+__all__ = ["QuantSpec", "QuantResult", "EPMQStats", "HessianStats", "LowRankExpert", "merge", "quant", "stats"]
 __version__ = "0.1.0"
 
 # Whole models: walk, packed layers, checkpoints (issue 5)

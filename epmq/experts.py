@@ -135,6 +135,15 @@ class ExpertWeights:
             )
         return tensor
 
+    def low_rank(self, name: str, device=None):
+        """Tensor ``name`` as ``W_0 + U V`` where this expert is a LoRA adapter that updates it
+        so (``LoraExpert.low_rank``), the parts' values checked; else None."""
+        lora = self.reader.lora
+        expert = None if lora is None else lora.low_rank(self._require(name), device)
+        if expert is not None:
+            expert.check_values(f"of task {self.task!r} ({self.description}) for {name!r}")
+        return expert
+
 
 def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict:
     """``experts``, each one whose tokenizer numbers the tokens otherwise than the tokenizer saved

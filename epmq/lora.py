@@ -344,6 +344,29 @@ class LoraExpert(Mapping):
             W = W + delta
         return W.to(W_0.dtype)
 
+    def low_rank(self, key: str, device=None):
+        """``self[key]`` as an ``epmq.stats.LowRankExpert`` ``W_0 + U V`` (on ``device``: ``U``
+        the updates' ``s B`` side by side in fp32, ``V`` their ``A`` stacked), the form E-PMQ
+        takes its targets' residual in at the cost of one expert for all of them; ``W_0 + U V``
+        unrounded, as PEFT applies an adapter it has not merged (``self[key]`` rounds it to
+        ``W_0``'s dtype); of rank 0 where the adapter does not update ``key`` (every expert of
+        one base is then the base there). None where ``key`` is no 2-D floating-point tensor, or
+        has an update of an embedding or of a layer stored as ``[in, out]``."""
+        from .stats import LowRankExpert
+
+        updates = self._updates.get(key, [])
+        if any(transposed or embedding for *_, transposed, embedding in updates):
+            return None
+        W_0 = self._own(key).to(device)
+        if W_0.dim() != 2 or not W_0.is_floating_point():
+            return None
+        parts = [(s * self.adapter.get(key_B).to(device=device, dtype=torch.float32),
+                  self.adapter.get(key_A).to(device=device, dtype=torch.float32))
+                 for _, key_A, key_B, s, _, _ in updates]
+        U = torch.cat([B for B, _ in parts], dim=1) if parts else W_0.new_zeros((W_0.shape[0], 0), dtype=torch.float32)
+        V = torch.cat([A for _, A in parts], dim=0) if parts else W_0.new_zeros((0, W_0.shape[1]), dtype=torch.float32)
+        return LowRankExpert(W_0, U, V)
+
     def part(self, key: str, index) -> torch.Tensor:
         """``self[key][index]``, reading only that part where no update applies (one expert of a
         base's fused MoE tensor: the updates are of whole 2-D weights)."""

@@ -574,6 +574,10 @@ def epmq(
 ) -> QuantResult:
     """E-PMQ of the merged weight ``W_merged`` toward the experts ``W_k`` with Hessians ``H_k``.
 
+    An expert may be given as ``epmq.LowRankExpert(W_0, U, V)``, ``W_k = W_0 + U V`` (a LoRA):
+    where all are, of one ``W_0``, the residual costs one product of the weight's size for all
+    of them instead of one each (see :class:`~epmq.stats.LowRankExpert`).
+
     ``anchor`` (lam) and ``weight_anchor`` (mu) are relative to the expert term (EPMQ_MATH.md);
     ``task_weights=None`` means ``a_k = 1 / tr(H_k)``; ``merged_hessian=None`` means ``sum_k H_k``.
     ``residual_precision``: see :class:`~epmq.stats.EPMQStats` ("bf16x3", the default;

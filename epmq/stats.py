@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from epmq_kernels._runtime import version
+from epmq_kernels._runtime import ieee_mm, version
 from epmq_kernels.expert_residual import (
     DEFAULT_RESIDUAL_PRECISION,
     FOLD_ARITY,
@@ -88,6 +88,58 @@ def _runs(n: int, size: int, alone) -> list:
         else:
             runs.append([k])
     return runs
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are one tensor, or equal ones (two adapters' reads of one base weight)."""
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b.to(a.device))))
+
+
+class LowRankExpert:
+    """An expert that is the base weight plus a low-rank update, ``W_k = W_0 + U V`` (a LoRA:
+    ``U = s B``, ``V = A``), given to E-PMQ in that form instead of as the dense ``W_k``.
+
+    ``W_0 [out, in]``, ``U [out, r]``, ``V [r, in]``: floating point, any dtypes and devices
+    (the update is formed in the statistics' dtype; ``dense()`` forms ``W_k`` in fp32). Where
+    every expert of a layer is such an update of one ``W_0``, E-PMQ's residual
+    ``sum_k a_k (W_k - W_m) H_k`` is taken as
+
+        (W_0 - W_m) H_e  +  sum_k a_k U_k (V_k H_k)          (H_e = sum_k a_k H_k)
+
+    one product of the weight's size instead of one per expert, plus products of the ranks'
+    size; the same sum, exactly, in exact arithmetic (``EPMQStats``)."""
+
+    def __init__(self, W_0: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
+        check_weight(W_0, "W_0 of a low-rank expert", values=False)
+        check_weight(U, "U of a low-rank expert", values=False)
+        check_weight(V, "V of a low-rank expert", values=False)
+        if U.shape[0] != W_0.shape[0] or V.shape[1] != W_0.shape[1] or U.shape[1] != V.shape[0]:
+            raise ValueError(f"a low-rank expert W_0 + U V needs U [out, r] and V [r, in] for W_0 "
+                             f"{tuple(W_0.shape)}, got U {tuple(U.shape)} and V {tuple(V.shape)}")
+        self.W_0, self.U, self.V = W_0, U, V
+
+    @property
+    def shape(self):
+        return self.W_0.shape
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def dense(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """``W_0 + U V`` in ``dtype`` (on ``device``, default ``W_0``'s)."""
+        device = self.W_0.device if device is None else device
+        W = self.W_0.to(device=device, dtype=dtype, copy=True)
+        return W.addmm_(self.U.to(device=device, dtype=dtype), self.V.to(device=device, dtype=dtype))
+
+    def check_values(self, name: str) -> None:
+        """A clear error where ``W_0``, ``U`` or ``V`` has a NaN or inf."""
+        for part, t in (("W_0", self.W_0), ("U", self.U), ("V", self.V)):
+            if not all_finite(t):
+                raise ValueError(f"{part} of the low-rank expert {name} has non-finite values (NaN or inf)")
+
+    def __repr__(self):
+        return f"LowRankExpert({tuple(self.W_0.shape)}, rank {self.rank})"
 
 
 class _Task:
@@ -181,15 +233,23 @@ class EPMQStats:
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
         self._task: Optional[_Task] = None
         self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
+        # Low-rank experts (LowRankExpert) of one W_0: that W_0 while every task so far is one;
+        # the product (W_0 - W_m) H_e they share is owed until the statistics are read (_settle)
+        self._base: Optional[torch.Tensor] = None
+        self._dense_only = False  # a task of another kind came: every later one is taken dense
 
     @property
     def G_e(self) -> torch.Tensor:
-        """``sum_k a_k (W_k - W_m) H_k`` (plus the asymmetric targets' terms) so far."""
+        """``sum_k a_k (W_k - W_m) H_k`` (plus the asymmetric targets' terms) so far. (Read
+        between tasks, it takes the low-rank experts' owed product, and the later ones are
+        taken as dense experts: see ``_settle``.)"""
+        self._settle()
         self.join()
         return self._G_e
 
     @G_e.setter
     def G_e(self, value):
+        self._settle()
         self.join()
         self._G_e = value
 
@@ -206,11 +266,14 @@ class EPMQStats:
     @property
     def c_e(self) -> float:
         """The expert term's constant ``sum_k a_k tr(T_k T_k^T)`` (EPMQ_MATH.md)."""
+        self._settle()
         if self._c_e_unread:
             # (the traces, made on the side stream, read after the join; float() waits for the
             # host, so they are freed only once that read is done)
             self.join()
-            self._c_e += float(torch.stack([a * trace for a, trace in self._c_e_unread]).sum())
+            # (on G_e's device: a copy moved to the CPU adds its own products' traces there)
+            device = self._G_e.device
+            self._c_e += float(torch.stack([a * trace.to(device) for a, trace in self._c_e_unread]).sum())
             self._c_e_unread = []
         return self._c_e
 
@@ -266,9 +329,15 @@ class EPMQStats:
                 raise ValueError(f"{K} expert weights but {len(given)} {what}")
         first = len(self.task_weights)
         names = [n or f"task {first + k}" for k, n in enumerate(names)]
-        # (each task weight checked right after its expert, as add_task would, before any fold)
-        traces = check_experts(expert_weights, expert_hessians, self.W_merged.shape, names,
+        # (each task weight checked right after its expert, as add_task would, before any fold;
+        # a low-rank expert's W_0 there, its factors first)
+        for W, name in zip(expert_weights, names):
+            if isinstance(W, LowRankExpert):
+                self._check_low_rank(W, name)
+        traces = check_experts([W.W_0 if isinstance(W, LowRankExpert) else W for W in expert_weights],
+                               expert_hessians, self.W_merged.shape, names,
                                then=lambda k, trace: self._task_weight(weights[k], trace, names[k]))
+        low_rank = self._low_rank_route(expert_weights)
         # Up to FOLD_ARITY experts at a time: their Hessians in one pass over H_e and H_m, then
         # their residuals. A Hessian that must be converted (another device or dtype) is folded
         # alone: one converted copy alive at a time (d_in^2 each: 0.8 GB in fp32 at 14336), or,
@@ -286,8 +355,10 @@ class EPMQStats:
                 a_s.append(self._weight_of(H_k, weights[j], names[j], trace))
             self._fold_hessians(H_ks, a_s)
             for j, H_k, a in zip(group, H_ks, a_s):
-                self._fold(expert_weights[j], H_k, None, 0.0, a, names[j],
-                           holds=H_k is not expert_hessians[j])
+                W = expert_weights[j]
+                if isinstance(W, LowRankExpert) and not low_rank:
+                    W = W.dense(self._G_e.device, self.dtype)  # (one at a time)
+                self._fold(W, H_k, None, 0.0, a, names[j], holds=H_k is not expert_hessians[j])
             del H_ks
 
     def _weight_of(self, H_k, weight, name, trace=None):
@@ -308,10 +379,73 @@ class EPMQStats:
         with torch.cuda.device(self._G_e.device):
             return not torch.cuda.is_current_stream_capturing()
 
+    def _check_low_rank(self, expert, name):
+        if expert.shape != self.W_merged.shape:
+            raise ValueError(f"expert weight of {name} has shape {tuple(expert.shape)}, "
+                             f"the merged weight {tuple(self.W_merged.shape)}")
+        expert.check_values(name)
+
+    def _low_rank_route(self, experts) -> bool:
+        """Whether the next tasks, of the expert weights ``experts``, take the low-rank route:
+        each a ``LowRankExpert`` of the ``W_0`` of every task before them (then ``H_e`` will hold
+        exactly the tasks whose ``(W_0 - W_m) H_k`` the owed product stands for). Where not, the
+        owed product is taken now, while ``H_e`` holds exactly the earlier tasks' Hessians, and
+        every later task is taken dense."""
+        if not self._dense_only and experts and all(isinstance(e, LowRankExpert) for e in experts):
+            base = self._base if self._base is not None else (
+                experts[0].W_0 if self._tasks_done == 0 else None)
+            if base is not None and all(_same_tensor(e.W_0, base) for e in experts):
+                self._base = base
+                return True
+        self._settle(side=False)  # (later tasks' Hessians are folded into H_e, which it reads)
+        self._dense_only = True
+        return False
+
+    def _settle(self, side: bool = False):
+        """Take the low-rank experts' owed product ``(W_0 - W_m) H_e`` (see LowRankExpert) into
+        ``G_e``, and its ``tr((W_0 - W_m) H_e (W_0 - W_m)^T)`` into ``c_e``: once the tasks it stands
+        for are all folded into ``H_e`` and no other is. ``side``: on the side stream where the
+        residuals run there (only once no task will write ``H_e`` again)."""
+        if self._base is None or self._task is not None:
+            return
+        base = self._base
+        W_0 = base.to(device=self._G_e.device)
+        args = (self._G_e, W_0, self.W_merged, self.H_e, 1.0)
+        if side and self._on_side():
+            trace, event = accumulate_residual_on_side(
+                *args, input_precision=self.residual_precision, holds=W_0 is not base)
+            self._side_done = (self._G_e.device, event)
+        else:
+            self.join()
+            trace = accumulate_residual(*args, backend=self.backend,
+                                        input_precision=self.residual_precision, read=False)
+        # (owed until taken: a product that ran out of memory is owed by the CPU copy the
+        # walker retries on)
+        self._base, self._dense_only = None, True
+        self._c_e_unread = self._c_e_unread + [(1.0, trace)]
+
+    def _fold_low_rank(self, expert, H_k, a):
+        """Task k's share for ``W_k = W_0 + U V``: ``a U (V H_k)`` now; ``a (W_0 - W_m) H_k`` is in
+        the owed product. Of ``tr(D H_k D^T)`` (``D = P + U V``, ``P = W_0 - W_m``) the terms
+        ``2 <U^T P, V H_k> + <U^T U, V H_k V^T>``; ``tr(P H_k P^T)`` is the owed product's. The
+        products in IEEE arithmetic of the statistics' dtype (they are of the ranks' size)."""
+        device, dtype = self._G_e.device, self.dtype
+        U, V = expert.U.to(device=device, dtype=dtype), expert.V.to(device=device, dtype=dtype)
+        C = ieee_mm(V, H_k)  # [r, in]
+        P = expert.W_0.to(device=device, dtype=dtype) - self._W_m()
+        trace = (2 * (ieee_mm(U.T, P) * C).sum(dtype=torch.float64)
+                 + (ieee_mm(U.T, U) * ieee_mm(C, V.T)).sum(dtype=torch.float64))
+        del P
+        self.join()  # (G_e: after any product already on the side stream)
+        self._G_e.addmm_(U, C, alpha=a)
+        self._c_e_unread = self._c_e_unread + [(a, trace)]
+
     def _fold(self, W_expert, H_k, G_k, c_k, a, name, *, holds=True):
         """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already).
         ``holds``: ``H_k`` is dropped by the caller afterwards (not the caller's own tensor)."""
-        if G_k is None:
+        if G_k is None and isinstance(W_expert, LowRankExpert):
+            self._fold_low_rank(W_expert, H_k, a)
+        elif G_k is None:
             W_k = W_expert.to(device=self._G_e.device)
             args = (self._G_e, W_k, self.W_merged, H_k, a)
             if self._on_side():
@@ -326,7 +460,8 @@ class EPMQStats:
             # (a new list, not an append: a shallow copy of these statistics keeps its own terms)
             self._c_e_unread = self._c_e_unread + [(a, trace)]
         else:
-            self.G_e.add_(G_k, alpha=a)  # (G_e: after the residuals still on the side stream)
+            self.join()  # (G_e: after the residuals still on the side stream)
+            self._G_e.add_(G_k, alpha=a)
             self._c_e += a * c_k
         self.task_weights.append(a)
         self.task_names.append(name)
@@ -341,7 +476,14 @@ class EPMQStats:
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {self._tasks_done}"
-        self._check_expert(W_expert, name, values=not values_checked)
+        if isinstance(W_expert, LowRankExpert):
+            if W_expert.shape != self.W_merged.shape or not values_checked:
+                self._check_low_rank(W_expert, name)
+            if not self._low_rank_route([W_expert]):
+                W_expert = W_expert.dense(self._G_e.device, self.dtype)
+        else:
+            self._check_expert(W_expert, name, values=not values_checked)
+            self._low_rank_route([W_expert])  # (takes the owed product, if any: dense from now)
         if self.inputs_of is None:
             d_in = self.W_merged.shape[1]
             H_k = torch.zeros(d_in, d_in, device=self._G_e.device, dtype=self.dtype)
@@ -351,7 +493,8 @@ class EPMQStats:
                 raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "
                                    f"first (its Hessian H_k is this layer's)")
             H_k = leader._task.H
-        self._task = _Task(W_expert.to(self._G_e.device), weight, name, H_k)
+        self._task = _Task(W_expert if isinstance(W_expert, LowRankExpert) else W_expert.to(self._G_e.device),
+                           weight, name, H_k)
 
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
@@ -373,6 +516,8 @@ class EPMQStats:
         if x_expert is not None or x_anchor is not None:  # (the merged path needs no W_m here)
             W_m = self._W_m()
         if x_expert is not None:
+            if isinstance(task.W, LowRankExpert):
+                self._leave_low_rank_route(task)
             X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
             T = X_t @ task.W.to(self.dtype).T - X @ W_m.T
             if task.G is None:
@@ -392,6 +537,23 @@ class EPMQStats:
             self.c_m += float(T_m.pow(2).sum())
         elif self.G_m is not None:
             raise ValueError("give x_anchor for every batch of every task or for none")
+
+    def _leave_low_rank_route(self, task):
+        """A task begun on the low-rank route whose targets are asymmetric (``x_expert``): they
+        need its dense ``W_k``, and the owed product must not count its ``H_k``, so it is taken
+        now, before that Hessian is folded into ``H_e`` (at the task's end; with shared inputs,
+        at the end of the task on the layer whose inputs these are: that must not have come)."""
+        leader = self.inputs_of
+        if leader is not None and (leader._task is None or leader._tasks_done != self._tasks_done):
+            raise RuntimeError(f"{task.name}: x_expert for a low-rank expert on a layer that shares "
+                               f"another's inputs must come before that layer ends the task; or give "
+                               f"the expert dense (LowRankExpert.dense())")
+        self._task = None  # (_settle waits for no open task)
+        try:
+            self._settle()
+        finally:
+            self._task = task
+        task.W = task.W.dense(self._G_e.device, self.dtype)
 
     def _W_m(self):
         """``W_merged`` in the statistics' dtype, converted once."""
@@ -448,6 +610,7 @@ class EPMQStats:
             raise ValueError(f"task weights {self.task_weights} differ from those of the layer whose "
                              f"inputs these are ({leader.task_weights}), whose H_e this layer shares: give "
                              f"both the same weight= (or none)")
+        self._settle(side=True)  # (every task is in: nothing writes H_e again)
         return self.H_e, self.H_m, self.G_e if join else self._G_e, self.G_m
 
 

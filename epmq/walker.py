@@ -728,6 +728,7 @@ def _on_cpu(stats):
     for key, value in vars(stats).items():
         if isinstance(value, torch.Tensor):
             setattr(moved, key, value.cpu())
+    moved.backend = "torch"  # (products still owed, a low-rank route's, run there as the solve does)
     return moved
 
 
@@ -1059,13 +1060,21 @@ class _Walk:
         return isinstance(key, Part) and source.key_for(key) is None
 
     def _read_expert(self, task, name: str, like: Optional[torch.Tensor] = None,
-                     device=None) -> torch.Tensor:
+                     device=None, low_rank: bool = False):
         """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout (``like``:
-        in its dtype and on its device; ``device``: on that device, in its own dtype)."""
+        in its dtype and on its device; ``device``: on that device, in its own dtype).
+        ``low_rank``: as a ``LowRankExpert`` on ``device`` where the expert is a LoRA adapter that
+        updates the tensor so (E-PMQ's residual then costs one product for all such experts)."""
         key = self.ckpt(name)
         source = self.experts[task]
         device = like.device if like is not None else device
         logged = self._reads is not None
+        if low_rank and not isinstance(key, (Part, Transposed)):  # (both str subclasses)
+            expert = source.low_rank(key, device)
+            if expert is not None:
+                if logged:  # (the resume log's digest is of the tensor as read, dense)
+                    self._reads[(task, name)] = fingerprint(self._read_expert(task, name))
+                return expert
         # read (and so checked) on the device, unless fingerprinted for the resume log: on the CPU
         read_on = None if logged else device
         if self._fused_in(source, key):  # (only this expert's rows of the fused tensor are read)
@@ -1838,7 +1847,7 @@ class _Walk:
                     # (on the solve's device: read there and its values checked there, by the
                     # reader: the statistics check its shape only)
                     W_k = self._read_expert(task, f"{prefix}.{rel}.weight",
-                                            device=linears[rel].weight.device)
+                                            device=linears[rel].weight.device, low_rank=True)
                     weight, checked = None, True
                 stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}",
                                       values_checked=checked)

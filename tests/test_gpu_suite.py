@@ -121,6 +121,8 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
     assert {("solve", None, True), ("gptq", None, True), ("residual", None, True)} <= set(kinds)
     assert {p for k, p, _ in kinds if k == "epmq_vs_gptq"} == set(bench_solver.RESIDUAL_PRECISIONS)
     assert all(r["same_as_side_stream"] for r in rows if r.get("side_stream") is False)
+    lora, = [r for r in rows if r["kind"] == "epmq_lora_vs_gptq"]
+    assert lora["rank"] == bench_solver.LORA_RANK and lora["codes_equal_vs_dense"] > 0.95
     assert bench_walker.main(["--device", "cpu", "--hidden", "64", "--intermediate", "128",
                               "--layers", "1", "--tasks", "2", "--samples", "1", "--tokens", "16",
                               "--out", str(tmp_path)]) == 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from epmq import EPMQStats, HessianStats, QuantSpec, quant
+from epmq import EPMQStats, HessianStats, LowRankExpert, QuantSpec, quant
 
 D_OUT, D_IN = 24, 32
 
@@ -827,3 +827,180 @@ def test_cuda_statistics_read_after_the_side_stream(gen, monkeypatch):
             moved = _on_cpu(stats)
             assert torch.equal(moved.G_e, G_ref.cpu()) and moved.c_e == c_ref
     assert len(launches) == 12
+
+
+# ---------------------------------------------------------------------------- low-rank experts
+
+
+def _low_rank_experts(gen, n, rank=3, W_0=None, dtype=torch.float64):
+    """``n`` experts ``W_0 + U V`` of one base and a merge of them (task arithmetic, 0.6)."""
+    W_0 = torch.randn(D_OUT, D_IN, generator=gen, dtype=dtype) if W_0 is None else W_0
+    experts = [LowRankExpert(W_0, 0.2 * torch.randn(D_OUT, rank, generator=gen, dtype=dtype),
+                             torch.randn(rank, D_IN, generator=gen, dtype=dtype)) for _ in range(n)]
+    W_m = W_0 + 0.6 * sum(e.U @ e.V for e in experts)
+    return W_0, experts, W_m
+
+
+def _count_dense_products(monkeypatch):
+    import epmq.stats
+
+    calls = []
+    accumulate = epmq.stats.accumulate_residual
+    monkeypatch.setattr(epmq.stats, "accumulate_residual",
+                        lambda *a, **k: (calls.append(a[1].shape), accumulate(*a, **k))[1])
+    return calls
+
+
+def _fill(stats, experts, data, path):
+    if path == "whole":
+        stats.add_tasks(experts, [gram(xs) for xs in data])
+        return
+    for expert, xs in zip(experts, data):
+        stats.begin_task(expert)
+        for x in xs:
+            stats.add_batch(x)
+        stats.end_task()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["whole", "streamed"])
+def test_low_rank_experts_cost_one_dense_product_and_equal_dense_ones(gen, monkeypatch, backend, path):
+    """Experts W_0 + U V of one W_0: the residual is (W_0 - W_m) H_e + sum a_k U_k (V_k H_k), one
+    product of the weight's size for all of them, and the statistics (G_e, c_e) are those of
+    the dense experts."""
+    _, experts, W_m = _low_rank_experts(gen, 4)
+    data = [batches(gen, scale=s) for s in (0.5, 1.0, 2.0, 3.0)]
+    calls = _count_dense_products(monkeypatch)
+    low = EPMQStats(W_m, dtype=torch.float64, backend=backend)
+    _fill(low, experts, data, path)
+    assert calls == []  # (owed until the statistics are read)
+    G_low, c_low = low.G_e, low.c_e
+    assert len(calls) == 1
+    dense = EPMQStats(W_m, dtype=torch.float64, backend=backend)
+    _fill(dense, [e.dense(dtype=torch.float64) for e in experts], data, path)
+    assert len(calls) == 5
+    torch.testing.assert_close(G_low, dense.G_e, rtol=1e-12, atol=1e-12 * float(dense.G_e.abs().max()))
+    assert c_low == pytest.approx(dense.c_e, rel=1e-12)
+    assert low.task_weights == dense.task_weights and torch.equal(low.H_e, dense.H_e)
+
+
+@pytest.mark.parametrize("order", ["dense_between", "other_base", "equal_base", "dense_first"])
+def test_low_rank_route_left_where_a_task_is_of_another_kind(gen, monkeypatch, order):
+    """A dense expert, or one of another W_0, among low-rank ones: the owed product is taken
+    while H_e holds exactly the earlier tasks, and every later task is taken dense; an equal W_0
+    that is another tensor (two adapters' reads of one base) keeps the route."""
+    W_0, experts, W_m = _low_rank_experts(gen, 4)
+    if order == "dense_between":
+        experts[2] = experts[2].dense(dtype=torch.float64)
+    elif order == "dense_first":
+        experts[0] = experts[0].dense(dtype=torch.float64)
+    elif order == "other_base":
+        other = W_0 + 0.01 * torch.randn(W_0.shape, generator=gen, dtype=torch.float64)
+        experts[1] = LowRankExpert(other, experts[1].U, experts[1].V)
+    else:
+        experts[3] = LowRankExpert(W_0.clone(), experts[3].U, experts[3].V)
+    data = [batches(gen, scale=s) for s in (0.5, 1.0, 2.0, 3.0)]
+    dense_experts = [e.dense(dtype=torch.float64) if isinstance(e, LowRankExpert) else e for e in experts]
+    for path in ("whole", "streamed"):
+        calls = _count_dense_products(monkeypatch)
+        low = EPMQStats(W_m, dtype=torch.float64)
+        _fill(low, experts, data, path)
+        G, c = low.G_e, low.c_e
+        expected_calls = {"dense_between": 1 + 2 if path == "streamed" else 4, "other_base": 1 + 3,
+                          "equal_base": 1, "dense_first": 4}[order]
+        assert len(calls) == expected_calls, (path, calls)
+        dense = EPMQStats(W_m, dtype=torch.float64)
+        _fill(dense, dense_experts, data, path)
+        torch.testing.assert_close(G, dense.G_e, rtol=1e-12, atol=1e-12 * float(dense.G_e.abs().max()))
+        assert c == pytest.approx(dense.c_e, rel=1e-12)
+        monkeypatch.undo()
+
+
+def test_low_rank_experts_on_layers_sharing_inputs(gen):
+    """A layer that reads another's Hessians takes the owed product with that layer's H_e, and
+    an asymmetric task (x_expert) leaves the route before that layer folds its H_k."""
+    W_0q, experts_q, W_q = _low_rank_experts(gen, 3)
+    W_0v, experts_v, W_v = _low_rank_experts(gen, 3)
+    data = [batches(gen, scale=s) for s in (0.5, 1.0, 2.0)]
+    shifted = [x + 0.1 for x in data[1]]
+
+    def stream(layers, experts, asymmetric):
+        for k, xs in enumerate(data):
+            for stats, own in zip(layers, experts):
+                stats.begin_task(own[k])
+            for n, x in enumerate(xs):
+                for stats in layers:
+                    stats.add_batch(x, x_expert=shifted[n] if asymmetric and k == 1 else None)
+            for stats in layers:
+                stats.end_task()
+
+    for asymmetric in (False, True):
+        q = EPMQStats(W_q, dtype=torch.float64)
+        v = EPMQStats(W_v, dtype=torch.float64, inputs_of=q)
+        stream([q, v], [experts_q, experts_v], asymmetric)
+        alone = EPMQStats(W_v, dtype=torch.float64)
+        stream([alone], [[e.dense(dtype=torch.float64) for e in experts_v]], asymmetric)
+        got, want = v.finalize(), alone.finalize()
+        torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12 * float(want[2].abs().max()))
+        assert v.c_e == pytest.approx(alone.c_e, rel=1e-12)
+
+
+def test_low_rank_owed_product_runs_on_the_side_stream_at_finalize(gen, deferred):
+    """Once every task is in, the owed product joins the side stream's queue (the current
+    stream factors H meanwhile), and E-PMQ's result is that of the dense experts."""
+    _, experts, W_m = _low_rank_experts(gen, 3, dtype=torch.float32)
+    hessians = [gram(batches(gen)).float() for _ in range(3)]
+    spec = QuantSpec(bits=4, group_size=16)
+    stats = EPMQStats(W_m, backend="triton", side_stream=True)
+    stats.add_tasks(experts, hessians)
+    assert not deferred.queue
+    stats.finalize(join=False)
+    assert len(deferred.queue) == 1
+    got = quant.epmq_from_stats(stats, spec, backend="triton", anchor=0.5)
+    assert not deferred.queue
+    dense = EPMQStats(W_m, backend="triton")
+    dense.add_tasks([e.dense() for e in experts], hessians)
+    want = quant.epmq_from_stats(dense, spec, backend="triton", anchor=0.5)
+    assert (got.codes == want.codes).float().mean() > 0.99
+    torch.testing.assert_close(got.target, want.target, rtol=1e-4, atol=1e-5)
+    assert got.expert_loss == pytest.approx(want.expert_loss, rel=1e-3)
+
+
+def test_quant_epmq_takes_low_rank_experts(gen):
+    _, experts, W_m = _low_rank_experts(gen, 3)
+    hessians = [gram(batches(gen, scale=s)) for s in (0.5, 1.0, 2.0)]
+    spec = QuantSpec(bits=3, group_size=16)
+    got = quant.epmq(W_m, experts, hessians, spec, anchor=0.3)
+    want = quant.epmq(W_m, [e.dense(dtype=torch.float64) for e in experts], hessians, spec, anchor=0.3)
+    torch.testing.assert_close(got.target, want.target, rtol=1e-10, atol=1e-10)
+    assert (got.codes == want.codes).float().mean() > 0.99
+    assert (got.loss, got.expert_loss, got.anchor_loss) == pytest.approx(
+        (want.loss, want.expert_loss, want.anchor_loss), rel=1e-9)
+
+
+def test_low_rank_expert_errors(gen):
+    W_0, experts, W_m = _low_rank_experts(gen, 2)
+    U, V = experts[0].U, experts[0].V
+    with pytest.raises(ValueError, match=r"U \[out, r\] and V \[r, in\]"):
+        LowRankExpert(W_0, U, V[:-1])
+    with pytest.raises(ValueError, match="U of a low-rank expert must be a 2-D"):
+        LowRankExpert(W_0, U[0], V)
+    H = gram(batches(gen))
+    with pytest.raises(ValueError, match="expert weight of mnist has shape"):
+        EPMQStats(W_m[:, :-1]).add_tasks([experts[0]], [H[:-1, :-1]], names=["mnist"])
+    spoiled = LowRankExpert(W_0, U.clone(), V)
+    spoiled.U[1, 0] = float("nan")
+    for add in (lambda s: s.add_tasks([spoiled], [H], names=["svhn"]),
+                lambda s: s.begin_task(spoiled, name="svhn")):
+        with pytest.raises(ValueError, match="U of the low-rank expert svhn has non-finite"):
+            add(EPMQStats(W_m, dtype=torch.float64))
+    # asymmetric targets on a layer sharing inputs, after that layer ended the task: refused
+    q = EPMQStats(W_m, dtype=torch.float64)
+    v = EPMQStats(W_m, dtype=torch.float64, inputs_of=q)
+    q.begin_task(experts[0])
+    v.begin_task(experts[0])
+    x = batches(gen)[0]
+    q.add_batch(x)
+    q.end_task()
+    with pytest.raises(RuntimeError, match="before that layer ends the task"):
+        v.add_batch(x, x_expert=x)
