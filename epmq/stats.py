@@ -132,10 +132,10 @@ class LowRankExpert:
         W = self.W_0.to(device=device, dtype=dtype, copy=True)
         return W.addmm_(self.U.to(device=device, dtype=dtype), self.V.to(device=device, dtype=dtype))
 
-    def check_values(self, name: str) -> None:
-        """A clear error where ``W_0``, ``U`` or ``V`` has a NaN or inf."""
-        for part, t in (("W_0", self.W_0), ("U", self.U), ("V", self.V)):
-            if not all_finite(t):
+    def check_values(self, name: str, parts=("W_0", "U", "V")) -> None:
+        """A clear error where one of ``parts`` has a NaN or inf."""
+        for part in parts:
+            if not all_finite(getattr(self, part)):
                 raise ValueError(f"{part} of the low-rank expert {name} has non-finite values (NaN or inf)")
 
     def __repr__(self):
@@ -233,23 +233,37 @@ class EPMQStats:
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
         self._task: Optional[_Task] = None
         self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
-        # Low-rank experts (LowRankExpert) of one W_0: that W_0 while every task so far is one;
-        # the product (W_0 - W_m) H_e they share is owed until the statistics are read (_settle)
+        # Low-rank experts (LowRankExpert) of one W_0: that W_0 while every task so far is one,
+        # and how many such tasks are folded in, whose product (W_0 - W_m) H_k is owed, as one
+        # (W_0 - W_m) H_e, until the statistics are read (_take_owed)
         self._base: Optional[torch.Tensor] = None
+        self._owed = 0
         self._dense_only = False  # a task of another kind came: every later one is taken dense
+        self._G_shared = False  # a shallow copy shares G_e while a product is owed (__copy__)
+        self._H_e_on_side = False  # the side stream may still read H_e (the owed product)
+
+    def __copy__(self):
+        """A shallow copy (the walker's move to the CPU takes one). Where a product is owed, the
+        copy and these statistics share ``G_e``: each takes the product into a clone of its own,
+        so that reading one leaves the other as it was."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if self._base is not None and self._owed:
+            self._G_shared = new._G_shared = True
+        return new
 
     @property
     def G_e(self) -> torch.Tensor:
-        """``sum_k a_k (W_k - W_m) H_k`` (plus the asymmetric targets' terms) so far. (Read
-        between tasks, it takes the low-rank experts' owed product, and the later ones are
-        taken as dense experts: see ``_settle``.)"""
-        self._settle()
+        """``sum_k a_k (W_k - W_m) H_k`` (plus the asymmetric targets' terms) so far. (Read before
+        ``finalize``, it takes the low-rank experts' owed product, and the later tasks, the open
+        one too, are taken dense: see ``_take_owed``.)"""
+        self._take_owed()
         self.join()
         return self._G_e
 
     @G_e.setter
     def G_e(self, value):
-        self._settle()
+        self._take_owed()
         self.join()
         self._G_e = value
 
@@ -266,7 +280,7 @@ class EPMQStats:
     @property
     def c_e(self) -> float:
         """The expert term's constant ``sum_k a_k tr(T_k T_k^T)`` (EPMQ_MATH.md)."""
-        self._settle()
+        self._take_owed()
         if self._c_e_unread:
             # (the traces, made on the side stream, read after the join; float() waits for the
             # host, so they are freed only once that read is done)
@@ -330,13 +344,14 @@ class EPMQStats:
         first = len(self.task_weights)
         names = [n or f"task {first + k}" for k, n in enumerate(names)]
         # (each task weight checked right after its expert, as add_task would, before any fold;
-        # a low-rank expert's W_0 there, its factors first)
-        for W, name in zip(expert_weights, names):
-            if isinstance(W, LowRankExpert):
-                self._check_low_rank(W, name)
+        # a low-rank expert's W_0 where a weight goes, its factors right after)
+        def then(k, trace):
+            if isinstance(expert_weights[k], LowRankExpert):
+                expert_weights[k].check_values(names[k], ("U", "V"))
+            self._task_weight(weights[k], trace, names[k])
+
         traces = check_experts([W.W_0 if isinstance(W, LowRankExpert) else W for W in expert_weights],
-                               expert_hessians, self.W_merged.shape, names,
-                               then=lambda k, trace: self._task_weight(weights[k], trace, names[k]))
+                               expert_hessians, self.W_merged.shape, names, then=then)
         low_rank = self._low_rank_route(expert_weights)
         # Up to FOLD_ARITY experts at a time: their Hessians in one pass over H_e and H_m, then
         # their residuals. A Hessian that must be converted (another device or dtype) is folded
@@ -368,6 +383,9 @@ class EPMQStats:
         return self._task_weight(weight, trace, name)
 
     def _fold_hessians(self, H_ks, a_s):
+        if self._H_e_on_side:  # (tasks added after finalize: not over the owed product's read)
+            self.join()
+            self._H_e_on_side = False
         if self.inputs_of is None:  # (else the layer whose inputs these are adds H_k)
             fold_hessians(self.H_e, self.H_m if self.own_H_m else None, H_ks, a_s,
                           backend=self.backend)
@@ -379,50 +397,66 @@ class EPMQStats:
         with torch.cuda.device(self._G_e.device):
             return not torch.cuda.is_current_stream_capturing()
 
-    def _check_low_rank(self, expert, name):
+    def _check_low_rank(self, expert, name, values=True):
         if expert.shape != self.W_merged.shape:
             raise ValueError(f"expert weight of {name} has shape {tuple(expert.shape)}, "
                              f"the merged weight {tuple(self.W_merged.shape)}")
-        expert.check_values(name)
+        if values:
+            expert.check_values(name)
 
     def _low_rank_route(self, experts) -> bool:
         """Whether the next tasks, of the expert weights ``experts``, take the low-rank route:
         each a ``LowRankExpert`` of the ``W_0`` of every task before them (then ``H_e`` will hold
         exactly the tasks whose ``(W_0 - W_m) H_k`` the owed product stands for). Where not, the
-        owed product is taken now, while ``H_e`` holds exactly the earlier tasks' Hessians, and
-        every later task is taken dense."""
-        if not self._dense_only and experts and all(isinstance(e, LowRankExpert) for e in experts):
+        owed product is taken now, and every later task is taken dense."""
+        if not experts:
+            return False
+        if not self._dense_only and all(isinstance(e, LowRankExpert) for e in experts):
             base = self._base if self._base is not None else (
                 experts[0].W_0 if self._tasks_done == 0 else None)
             if base is not None and all(_same_tensor(e.W_0, base) for e in experts):
                 self._base = base
                 return True
-        self._settle(side=False)  # (later tasks' Hessians are folded into H_e, which it reads)
+        self._take_owed()  # (before the next tasks' Hessians go into H_e, which it reads)
         self._dense_only = True
         return False
 
-    def _settle(self, side: bool = False):
+    def _take_owed(self, side: bool = False):
         """Take the low-rank experts' owed product ``(W_0 - W_m) H_e`` (see LowRankExpert) into
-        ``G_e``, and its ``tr((W_0 - W_m) H_e (W_0 - W_m)^T)`` into ``c_e``: once the tasks it stands
-        for are all folded into ``H_e`` and no other is. ``side``: on the side stream where the
-        residuals run there (only once no task will write ``H_e`` again)."""
-        if self._base is None or self._task is not None:
+        ``G_e``, and ``tr((W_0 - W_m) H_e (W_0 - W_m)^T)`` into ``c_e``; from then on every task
+        is taken dense, the open one too. ``H_e`` must hold exactly the tasks folded in here:
+        with another layer's inputs, that layer must have ended as many tasks. ``side``: on the
+        side stream where the residuals run there (finalize: no task writes H_e again)."""
+        if self._base is None:
             return
+        leader = self.inputs_of
+        if self._owed and leader is not None and leader._tasks_done != self._tasks_done:
+            raise RuntimeError(
+                f"this layer's statistics read, or a task of another kind begun, where it has ended "
+                f"{self._tasks_done} tasks and the layer whose inputs (H_e) it shares {leader._tasks_done}: "
+                f"do it where both have ended the same tasks, or give the low-rank experts dense "
+                f"(LowRankExpert.dense())")
         base = self._base
-        W_0 = base.to(device=self._G_e.device)
-        args = (self._G_e, W_0, self.W_merged, self.H_e, 1.0)
-        if side and self._on_side():
-            trace, event = accumulate_residual_on_side(
-                *args, input_precision=self.residual_precision, holds=W_0 is not base)
-            self._side_done = (self._G_e.device, event)
-        else:
-            self.join()
-            trace = accumulate_residual(*args, backend=self.backend,
-                                        input_precision=self.residual_precision, read=False)
-        # (owed until taken: a product that ran out of memory is owed by the CPU copy the
-        # walker retries on)
-        self._base, self._dense_only = None, True
-        self._c_e_unread = self._c_e_unread + [(1.0, trace)]
+        if self._owed:  # (none folded yet: nothing to take)
+            self.join()  # (G_e: after any product already on the side stream)
+            if self._G_shared:
+                self._G_e, self._G_shared = self._G_e.clone(), False
+            W_0 = base.to(device=self._G_e.device)
+            args = (self._G_e, W_0, self.W_merged, self.H_e, 1.0)
+            if side and self._on_side():
+                trace, event = accumulate_residual_on_side(
+                    *args, input_precision=self.residual_precision, holds=W_0 is not base)
+                self._side_done, self._H_e_on_side = (self._G_e.device, event), True
+            else:
+                trace = accumulate_residual(*args, backend=self.backend,
+                                            input_precision=self.residual_precision, read=False)
+            self._c_e_unread = self._c_e_unread + [(1.0, trace)]
+        # (owed until taken: a product that ran out of memory is owed by the CPU copy the walker
+        # retries on)
+        self._base, self._owed, self._dense_only = None, 0, True
+        task = self._task
+        if task is not None and isinstance(task.W, LowRankExpert):
+            task.W = task.W.dense(self._G_e.device, self.dtype)
 
     def _fold_low_rank(self, expert, H_k, a):
         """Task k's share for ``W_k = W_0 + U V``: ``a U (V H_k)`` now; ``a (W_0 - W_m) H_k`` is in
@@ -432,13 +466,16 @@ class EPMQStats:
         device, dtype = self._G_e.device, self.dtype
         U, V = expert.U.to(device=device, dtype=dtype), expert.V.to(device=device, dtype=dtype)
         C = ieee_mm(V, H_k)  # [r, in]
-        P = expert.W_0.to(device=device, dtype=dtype) - self._W_m()
+        P = expert.W_0.to(device=device, dtype=dtype) - self.W_merged.to(dtype)
         trace = (2 * (ieee_mm(U.T, P) * C).sum(dtype=torch.float64)
                  + (ieee_mm(U.T, U) * ieee_mm(C, V.T)).sum(dtype=torch.float64))
         del P
         self.join()  # (G_e: after any product already on the side stream)
+        if self._G_shared:
+            self._G_e, self._G_shared = self._G_e.clone(), False
         self._G_e.addmm_(U, C, alpha=a)
         self._c_e_unread = self._c_e_unread + [(a, trace)]
+        self._owed += 1
 
     def _fold(self, W_expert, H_k, G_k, c_k, a, name, *, holds=True):
         """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already).
@@ -476,25 +513,26 @@ class EPMQStats:
         if self._task is not None:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {self._tasks_done}"
-        if isinstance(W_expert, LowRankExpert):
-            if W_expert.shape != self.W_merged.shape or not values_checked:
-                self._check_low_rank(W_expert, name)
-            if not self._low_rank_route([W_expert]):
-                W_expert = W_expert.dense(self._G_e.device, self.dtype)
+        low_rank = isinstance(W_expert, LowRankExpert)
+        if low_rank:
+            self._check_low_rank(W_expert, name, values=not values_checked)
         else:
             self._check_expert(W_expert, name, values=not values_checked)
-            self._low_rank_route([W_expert])  # (takes the owed product, if any: dense from now)
-        if self.inputs_of is None:
+        leader = self.inputs_of
+        if leader is not None and (leader._task is None or leader._tasks_done != self._tasks_done):
+            raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "
+                               f"first (its Hessian H_k is this layer's)")
+        # (after the check above: a product owed is taken with H_e holding the earlier tasks)
+        if self._low_rank_route([W_expert]):
+            W = W_expert
+        else:
+            W = W_expert.dense(self._G_e.device, self.dtype) if low_rank else W_expert.to(self._G_e.device)
+        if leader is None:
             d_in = self.W_merged.shape[1]
             H_k = torch.zeros(d_in, d_in, device=self._G_e.device, dtype=self.dtype)
         else:
-            leader = self.inputs_of
-            if leader._task is None or leader._tasks_done != self._tasks_done:
-                raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "
-                                   f"first (its Hessian H_k is this layer's)")
             H_k = leader._task.H
-        self._task = _Task(W_expert if isinstance(W_expert, LowRankExpert) else W_expert.to(self._G_e.device),
-                           weight, name, H_k)
+        self._task = _Task(W, weight, name, H_k)
 
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
@@ -517,7 +555,9 @@ class EPMQStats:
             W_m = self._W_m()
         if x_expert is not None:
             if isinstance(task.W, LowRankExpert):
-                self._leave_low_rank_route(task)
+                # (asymmetric targets need the dense W_k, and the owed product must not count
+                # this task's H_k: taken now, H_e without it; the task goes on dense)
+                self._take_owed()
             X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
             T = X_t @ task.W.to(self.dtype).T - X @ W_m.T
             if task.G is None:
@@ -537,23 +577,6 @@ class EPMQStats:
             self.c_m += float(T_m.pow(2).sum())
         elif self.G_m is not None:
             raise ValueError("give x_anchor for every batch of every task or for none")
-
-    def _leave_low_rank_route(self, task):
-        """A task begun on the low-rank route whose targets are asymmetric (``x_expert``): they
-        need its dense ``W_k``, and the owed product must not count its ``H_k``, so it is taken
-        now, before that Hessian is folded into ``H_e`` (at the task's end; with shared inputs,
-        at the end of the task on the layer whose inputs these are: that must not have come)."""
-        leader = self.inputs_of
-        if leader is not None and (leader._task is None or leader._tasks_done != self._tasks_done):
-            raise RuntimeError(f"{task.name}: x_expert for a low-rank expert on a layer that shares "
-                               f"another's inputs must come before that layer ends the task; or give "
-                               f"the expert dense (LowRankExpert.dense())")
-        self._task = None  # (_settle waits for no open task)
-        try:
-            self._settle()
-        finally:
-            self._task = task
-        task.W = task.W.dense(self._G_e.device, self.dtype)
 
     def _W_m(self):
         """``W_merged`` in the statistics' dtype, converted once."""
@@ -610,7 +633,7 @@ class EPMQStats:
             raise ValueError(f"task weights {self.task_weights} differ from those of the layer whose "
                              f"inputs these are ({leader.task_weights}), whose H_e this layer shares: give "
                              f"both the same weight= (or none)")
-        self._settle(side=True)  # (every task is in: nothing writes H_e again)
+        self._take_owed(side=True)  # (every task is in: nothing writes H_e again)
         return self.H_e, self.H_m, self.G_e if join else self._G_e, self.G_m
 
 

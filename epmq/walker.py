@@ -608,7 +608,8 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
 STATISTICS_RULES = ("padding cut (unpad); open_clip text tokens up to the end token; every call the "
                     "probes of each task saw; tasks with zero inputs left out; a one-block stack "
                     "called again in a chain solved on every call; experts of a list no token "
-                    "reaches rounded with their called twin")
+                    "reaches rounded with their called twin; LoRA experts' merged-path targets "
+                    "W_0 + U V unrounded")
 
 
 def _versions() -> dict:
@@ -1846,8 +1847,9 @@ class _Walk:
                 else:
                     # (on the solve's device: read there and its values checked there, by the
                     # reader: the statistics check its shape only)
+                    # (merged-path targets: a LoRA expert's layer as W_0 + U V, see LowRankExpert)
                     W_k = self._read_expert(task, f"{prefix}.{rel}.weight",
-                                            device=linears[rel].weight.device, low_rank=True)
+                                            device=linears[rel].weight.device, low_rank=self.t is None)
                     weight, checked = None, True
                 stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}",
                                       values_checked=checked)

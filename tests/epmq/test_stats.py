@@ -994,13 +994,125 @@ def test_low_rank_expert_errors(gen):
                 lambda s: s.begin_task(spoiled, name="svhn")):
         with pytest.raises(ValueError, match="U of the low-rank expert svhn has non-finite"):
             add(EPMQStats(W_m, dtype=torch.float64))
-    # asymmetric targets on a layer sharing inputs, after that layer ended the task: refused
-    q = EPMQStats(W_m, dtype=torch.float64)
-    v = EPMQStats(W_m, dtype=torch.float64, inputs_of=q)
-    q.begin_task(experts[0])
-    v.begin_task(experts[0])
-    x = batches(gen)[0]
-    q.add_batch(x)
-    q.end_task()
-    with pytest.raises(RuntimeError, match="before that layer ends the task"):
-        v.add_batch(x, x_expert=x)
+    # on a layer sharing inputs, the owed product is taken only where both layers have ended the
+    # same tasks (H_e then holds exactly this layer's): asymmetric targets after the other layer
+    # ended the task, or a read between the two ends, are refused
+    for misuse in ("x_expert", "read"):
+        q = EPMQStats(W_m, dtype=torch.float64)
+        v = EPMQStats(W_m, dtype=torch.float64, inputs_of=q)
+        x = batches(gen)[0]
+        for k in range(2):
+            q.begin_task(experts[k])
+            v.begin_task(experts[k])
+            q.add_batch(x)
+            if k == 0 or misuse == "read":
+                v.add_batch(x)
+            if k == 0:
+                v.end_task()
+                q.end_task()
+        if misuse == "x_expert":
+            q.end_task()
+            with pytest.raises(RuntimeError, match="where both have ended the same tasks"):
+                v.add_batch(x, x_expert=x)
+        else:
+            v.end_task()
+            with pytest.raises(RuntimeError, match="where both have ended the same tasks"):
+                v.c_e
+
+
+def test_a_refused_begin_task_takes_no_owed_product(gen):
+    """(From a review) a follower's begin_task of a dense expert that is refused (its leader has
+    not begun the task) leaves the owed product owed: taken later, H_e is right."""
+    _, experts_q, W_q = _low_rank_experts(gen, 2)
+    _, experts_v, W_v = _low_rank_experts(gen, 2)
+    data = [batches(gen, scale=s) for s in (0.5, 2.0)]
+    dense_v = [e.dense(dtype=torch.float64) for e in experts_v]
+    results = []
+    for first in (dense_v[0], experts_v[0]):
+        q = EPMQStats(W_q, dtype=torch.float64)
+        v = EPMQStats(W_v, dtype=torch.float64, inputs_of=q)
+        for k, xs in enumerate(data):
+            q_expert, v_expert = experts_q[k], first if k == 0 else dense_v[1]
+            if k == 1:
+                with pytest.raises(RuntimeError, match="begin the task on the layer"):
+                    v.begin_task(v_expert)
+            q.begin_task(q_expert)
+            v.begin_task(v_expert)
+            for x in xs:
+                q.add_batch(x)
+                v.add_batch(x)
+            q.end_task()
+            v.end_task()
+        results.append((v.finalize()[2], v.c_e))
+    (G_dense, c_dense), (G, c) = results
+    torch.testing.assert_close(G, G_dense, rtol=1e-12, atol=1e-12 * float(G_dense.abs().max()))
+    assert c == pytest.approx(c_dense, rel=1e-12)
+
+
+@pytest.mark.parametrize("how", ["copy", "on_cpu"])
+def test_reading_a_shallow_copy_of_low_rank_statistics_leaves_them_as_they_were(gen, how):
+    """(From a review) while a product is owed, a shallow copy (the walker's move to the CPU)
+    and the original each take it into a G_e of their own."""
+    import copy
+
+    from epmq.walker import _on_cpu
+
+    _, experts, W_m = _low_rank_experts(gen, 3)
+    hessians = [gram(batches(gen, scale=s)) for s in (0.5, 1.0, 2.0)]
+    dense = EPMQStats(W_m, dtype=torch.float64)
+    dense.add_tasks([e.dense(dtype=torch.float64) for e in experts], hessians)
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    stats.add_tasks(experts, hessians)
+    other = copy.copy(stats) if how == "copy" else _on_cpu(stats)
+    tolerance = dict(rtol=1e-12, atol=1e-12 * float(dense.G_e.abs().max()))
+    torch.testing.assert_close(other.G_e, dense.G_e, **tolerance)
+    torch.testing.assert_close(stats.G_e, dense.G_e, **tolerance)
+    assert other.c_e == pytest.approx(dense.c_e, rel=1e-12) and stats.c_e == pytest.approx(dense.c_e, rel=1e-12)
+
+
+def test_low_rank_statistics_read_during_a_task_are_the_sums_so_far(gen):
+    """(From a review) G_e and c_e read while a low-rank task is open hold the owed product of
+    the tasks before it; the open task goes on dense."""
+    _, experts, W_m = _low_rank_experts(gen, 2)
+    data = [batches(gen) for _ in experts]
+    got = []
+    for given in ([e.dense(dtype=torch.float64) for e in experts], experts):
+        stats = EPMQStats(W_m, dtype=torch.float64)
+        stats.begin_task(given[0])
+        for x in data[0]:
+            stats.add_batch(x)
+        stats.end_task()
+        stats.begin_task(given[1])
+        stats.add_batch(data[1][0])
+        now = (stats.G_e.clone(), stats.c_e)
+        for x in data[1][1:]:
+            stats.add_batch(x)
+        stats.end_task()
+        got.append(now + (stats.G_e, stats.c_e))
+    for dense_value, low_value in zip(got[0], got[1]):
+        if isinstance(dense_value, torch.Tensor):
+            torch.testing.assert_close(low_value, dense_value, rtol=1e-12,
+                                       atol=1e-12 * float(dense_value.abs().max()))
+        else:
+            assert low_value == pytest.approx(dense_value, rel=1e-12)
+
+
+def test_asymmetric_low_rank_tasks_take_no_product_of_an_empty_hessian(gen, monkeypatch):
+    """(From a review) every task asymmetric (the walker's fp path): a low-rank task leaves the
+    route at its first batch with nothing owed, and no product of the weight's size is taken,
+    as for dense experts; add_tasks of nothing keeps the route."""
+    _, experts, W_m = _low_rank_experts(gen, 2)
+    calls = _count_dense_products(monkeypatch)
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    for expert in experts:
+        stats.begin_task(expert)
+        for x in batches(gen):
+            stats.add_batch(x, x_expert=1.1 * x)
+        stats.end_task()
+    stats.finalize()
+    assert calls == []
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    stats.add_tasks([], [])
+    stats.add_tasks(experts, [gram(batches(gen)) for _ in experts])
+    stats.G_e
+    assert len(calls) == 1
