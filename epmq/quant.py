@@ -734,6 +734,7 @@ def epmq_from_stats(
         mu_effective=mu,
         task_weights=list(stats.task_weights),
         n_tasks=len(stats.task_weights),
+        low_rank_tasks=stats.low_rank_tasks,
     )
     result.seconds += time.perf_counter() - t0
     return result

@@ -238,6 +238,7 @@ class EPMQStats:
         # (W_0 - W_m) H_e, until the statistics are read (_take_owed)
         self._base: Optional[torch.Tensor] = None
         self._owed = 0
+        self.low_rank_tasks = 0  # tasks whose residual was taken as W_0 + U V (reported)
         self._dense_only = False  # a task of another kind came: every later one is taken dense
         self._G_shared = False  # a shallow copy shares G_e while a product is owed (__copy__)
         self._H_e_on_side = False  # the side stream may still read H_e (the owed product)
@@ -476,6 +477,7 @@ class EPMQStats:
         self._G_e.addmm_(U, C, alpha=a)
         self._c_e_unread = self._c_e_unread + [(a, trace)]
         self._owed += 1
+        self.low_rank_tasks += 1
 
     def _fold(self, W_expert, H_k, G_k, c_k, a, name, *, holds=True):
         """Task k's share of the targets, with weight ``a`` (its Hessian is folded in already).

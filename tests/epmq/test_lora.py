@@ -192,6 +192,8 @@ def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys, monkeypa
                  "--quiet"]) == 0
     linears = 2 * 7  # (2 blocks of q, k, v, o, gate, up, down: the adapted and the others alike)
     assert len(products) == linears
+    report = json.loads((tmp_path / "w4_lora" / "epmq_report.json").read_text())
+    assert [layer["low_rank_tasks"] for layer in report["layers"]] == [2] * linears
     for k, task in enumerate("ab"):
         state = epmq.LoraExpert(adapters[task], base=base_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)

@@ -882,6 +882,7 @@ def test_low_rank_experts_cost_one_dense_product_and_equal_dense_ones(gen, monke
     torch.testing.assert_close(G_low, dense.G_e, rtol=1e-12, atol=1e-12 * float(dense.G_e.abs().max()))
     assert c_low == pytest.approx(dense.c_e, rel=1e-12)
     assert low.task_weights == dense.task_weights and torch.equal(low.H_e, dense.H_e)
+    assert (low.low_rank_tasks, dense.low_rank_tasks) == (4, 0)
 
 
 @pytest.mark.parametrize("order", ["dense_between", "other_base", "equal_base", "dense_first"])
