@@ -65,7 +65,7 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # bf16 HALF2 model-size case (2026-12-05, untimed), and the Gluon mma path's (its 24 configs
 # twice, compiled in parallel, and 4 model-size cases of 3 batches; 2026-12-05, untimed), and
 # the Gluon wgmma path's on Hopper (its 6 configs twice, 4 model-size cases of 3 batches;
-# untimed): if
+# untimed), and one small E-PMQ of low-rank experts, untuned (2026-12-05, untimed): if
 # the step hits its limit, its log's --durations list says which tests to trim
 XDIST=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 6 --dist load); fi

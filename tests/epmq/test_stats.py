@@ -1117,3 +1117,29 @@ def test_asymmetric_low_rank_tasks_take_no_product_of_an_empty_hessian(gen, monk
     stats.add_tasks(experts, [gram(batches(gen)) for _ in experts])
     stats.G_e
     assert len(calls) == 1
+
+
+@pytest.mark.cuda
+def test_cuda_low_rank_experts_with_the_owed_product_on_a_late_side_stream(gen, monkeypatch):
+    """On the GPU, LoRA-shaped experts given as W_0 + U V: one product of the weight's size,
+    taken at finalize on a side stream that runs late, and E-PMQ's result that of the same
+    experts dense (fp32 statistics: codes at rounding ties may differ)."""
+    import epmq.stats as st
+
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "0")  # (first configs: the GPU suite's time is for benchmarks)
+    monkeypatch.setattr(st, "RESIDUALS_ON_SIDE_STREAM", True)
+    d_out, d_in, K, rank = 256, 384, 4, 8
+    W_0 = torch.randn(d_out, d_in, generator=gen).cuda() / d_in**0.5
+    experts = [LowRankExpert(W_0, 0.02 * torch.randn(d_out, rank, generator=gen).cuda(),
+                             torch.randn(rank, d_in, generator=gen).cuda() / d_in**0.5) for _ in range(K)]
+    W_m = W_0 + 0.3 * sum(e.U @ e.V for e in experts)
+    H_k = [(lambda x: x.T @ x)(torch.randn(500, d_in, generator=gen).cuda()) for _ in range(K)]
+    spec = QuantSpec(bits=4, group_size=128)
+    want = quant.epmq(W_m, [e.dense() for e in experts], H_k, spec, backend="triton", anchor=0.5)
+    launches = _slow_side_stream(monkeypatch)
+    got = quant.epmq(W_m, experts, H_k, spec, backend="triton", anchor=0.5)
+    assert launches == [False]  # (one product, of the caller's W_0: not held)
+    assert got.info["low_rank_tasks"] == K
+    assert (got.codes == want.codes).float().mean() > 0.99
+    torch.testing.assert_close(got.target, want.target, rtol=1e-3, atol=1e-3 * float(want.target.abs().max()))
+    assert got.expert_loss == pytest.approx(want.expert_loss, rel=1e-3)
