@@ -438,11 +438,13 @@ class EPMQStats:
                 f"do it where both have ended the same tasks, or give the low-rank experts dense "
                 f"(LowRankExpert.dense())")
         base = self._base
-        if self._owed:  # (none folded yet: nothing to take)
+        W_0 = base.to(device=self._G_e.device)
+        # (nothing to take where none is folded yet, or where the merge left the base as it was,
+        # W_m = W_0: a layer no adapter updates)
+        if self._owed and not _same_tensor(W_0, self.W_merged):
             self.join()  # (G_e: after any product already on the side stream)
             if self._G_shared:
                 self._G_e, self._G_shared = self._G_e.clone(), False
-            W_0 = base.to(device=self._G_e.device)
             args = (self._G_e, W_0, self.W_merged, self.H_e, 1.0)
             if side and self._on_side():
                 trace, event = accumulate_residual_on_side(

@@ -1098,6 +1098,18 @@ def test_low_rank_statistics_read_during_a_task_are_the_sums_so_far(gen):
             assert low_value == pytest.approx(dense_value, rel=1e-12)
 
 
+def test_a_layer_the_merge_left_as_the_base_takes_no_product(gen, monkeypatch):
+    """Experts of rank 0 (an adapter that does not update this layer) over W_m = W_0: G_e = 0
+    with no product of the weight's size; the constant too."""
+    W_0 = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    experts = [LowRankExpert(W_0, W_0.new_zeros(D_OUT, 0), W_0.new_zeros(0, D_IN)) for _ in range(3)]
+    calls = _count_dense_products(monkeypatch)
+    stats = EPMQStats(W_0.clone(), dtype=torch.float64)
+    stats.add_tasks(experts, [gram(batches(gen)) for _ in experts])
+    assert torch.equal(stats.G_e, torch.zeros_like(stats.G_e)) and stats.c_e == 0.0
+    assert calls == [] and stats.low_rank_tasks == 3
+
+
 def test_asymmetric_low_rank_tasks_take_no_product_of_an_empty_hessian(gen, monkeypatch):
     """(From a review) every task asymmetric (the walker's fp path): a low-rank task leaves the
     route at its first batch with nothing owed, and no product of the weight's size is taken,
