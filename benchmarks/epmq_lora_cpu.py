@@ -1,6 +1,7 @@
 """E-PMQ with LoRA experts on the CPU: given as such (``epmq.LowRankExpert``) or dense.
 
     python benchmarks/epmq_lora_cpu.py [--shapes 768:3072,1024:4096] [--experts 8] [--rank 16]
+                                       [--walk HIDDEN:INTERMEDIATE:LAYERS]
                                        [--out benchmarks/results/epmq-lora-cpu.json]
 
 Issue 3 asks E-PMQ with 8 experts for at most 1.5x the time of GPTQ on the same layer.
@@ -11,6 +12,12 @@ shape, the best of ``--repeats`` wall times of ``quant.gptq`` (Hessian of the po
 and of ``quant.epmq`` (the statistics formed from the 8 Hessians, then solved) with the experts
 in either form, torch backend, float64 statistics as on any CPU; and how the two forms' results
 agree (codes, loss). The same rows on a GPU: ``bench_solver.py``'s ``epmq_lora_vs_gptq``.
+
+``--walk``: also whole ``quantize_model`` walks of a random Llama (fp32) whose 8 experts are
+PEFT-format LoRA adapters on every linear, written here, the merged model their task
+arithmetic (0.3): GPTQ, and E-PMQ with the experts as adapters (``epmq.LoraExpert``: the
+low-rank route) and as the same experts saved whole (``.safetensors``: dense), 2 x 2 x 128
+tokens of calibration per task.
 """
 
 import argparse
@@ -54,12 +61,105 @@ def measure(d_out, d_in, n_experts, rank, repeats):
                 loss_ratio=res_lora.loss / res_dense.loss)
 
 
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_adapters(base, directory, n_experts, rank, seed=3):
+    """``n_experts`` LoRA adapters of ``base`` on every linear of its blocks, in PEFT's files
+    (lora_alpha = r: scale 1); returns their directories and the merged weights (0.3 of the
+    updates' sum added to the base's)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    merged = {k: v.clone() for k, v in base.state_dict().items()}
+    dirs = []
+    for t in range(n_experts):
+        tensors = {}
+        for i in range(base.config.num_hidden_layers):
+            for linear in LINEARS:
+                module = f"model.layers.{i}.{linear}"
+                W = merged[f"{module}.weight"]
+                A = torch.randn(rank, W.shape[1], generator=g) / W.shape[1] ** 0.5
+                B = 0.05 * torch.randn(W.shape[0], rank, generator=g) * float(W.std()) * W.shape[1] ** 0.5 / rank ** 0.5
+                tensors[f"base_model.model.{module}.lora_A.weight"] = A
+                tensors[f"base_model.model.{module}.lora_B.weight"] = B
+                merged[f"{module}.weight"] += 0.3 * (B @ A)
+        path = os.path.join(directory, f"adapter{t}")
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump(dict(peft_type="LORA", r=rank, lora_alpha=rank,
+                           target_modules=[m.split(".")[-1] for m in LINEARS]), f)
+        dirs.append(path)
+    return dirs, merged
+
+
+def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
+    """Seconds of whole walks (best of ``repeats``): GPTQ, E-PMQ on adapters, E-PMQ on dense."""
+    import copy
+    import tempfile
+
+    import epmq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+        vocab_size=2048, max_position_embeddings=256)).eval()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs, merged_state = write_adapters(base, tmp, n_experts, rank)
+        merged = copy.deepcopy(base)
+        merged.load_state_dict(merged_state)
+        adapters = {f"task{t}": epmq.LoraExpert(d, base=base_state) for t, d in enumerate(dirs)}
+        dense = {}  # (the same experts saved whole, read from files as the adapters are)
+        from safetensors.torch import save_file
+
+        for task, expert in adapters.items():
+            dense[task] = os.path.join(tmp, f"{task}.safetensors")
+            save_file({k: v.contiguous() for k, v in dict(expert).items()}, dense[task])
+        calibration = {task: [torch.randint(0, 2048, (2, 128), generator=g) for _ in range(2)]
+                       for task in adapters}
+        spec = epmq.QuantSpec(bits=4, group_size=128)
+
+        def walk(method, experts):
+            model = copy.deepcopy(merged)
+            epmq.quantize_model(model, spec, method=method, calibration=calibration, experts=experts,
+                                progress=False)
+            return model
+
+        runs = {"gptq": lambda: walk("gptq", None), "epmq_lora": lambda: walk("epmq", adapters),
+                "epmq_dense": lambda: walk("epmq", dense)}
+        best, models = dict.fromkeys(runs, float("inf")), {}
+        for _ in range(repeats):  # (interleaved: a slow spell of the machine hits all three)
+            for name, run in runs.items():
+                seconds, models[name] = best_s(run, 1)
+                best[name] = min(best[name], seconds)
+        a, b = models["epmq_lora"].state_dict(), models["epmq_dense"].state_dict()
+        words = [k for k in a if k.endswith("qweight")]
+        changed = sum(int((a[k] != b[k]).sum()) for k in words) / sum(a[k].numel() for k in words)
+        low_rank = [layer.get("low_rank_tasks", 0) for layer in models["epmq_lora"].epmq_report.layers]
+        for expert in adapters.values():
+            expert.close()
+    return dict(walk=f"llama {hidden}/{intermediate} x {layers} layers", experts=n_experts, rank=rank,
+                gptq_s=best["gptq"], epmq_lora_s=best["epmq_lora"], epmq_dense_s=best["epmq_dense"],
+                lora_ratio=best["epmq_lora"] / best["gptq"], dense_ratio=best["epmq_dense"] / best["gptq"],
+                lora_speedup=best["epmq_dense"] / best["epmq_lora"], qweight_words_changed=changed,
+                layers_on_the_low_rank_route=sum(n == n_experts for n in low_rank), layers=len(low_rank))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="768:3072,1024:4096", help="d_out:d_in, comma separated")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--walk", default="", help="HIDDEN:INTERMEDIATE:LAYERS of a Llama walk too")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "epmq-lora-cpu.json"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -71,11 +171,20 @@ def main(argv=None):
               f"{r['rank']}: as such {r['epmq_lora_s']:.2f} s ({r['lora_ratio']:.2f}x GPTQ), dense "
               f"{r['epmq_dense_s']:.2f} s ({r['dense_ratio']:.2f}x); codes equal {r['codes_equal']:.5f}, "
               f"loss ratio {r['loss_ratio']:.8f}", flush=True)
+    walks = []
+    if args.walk:
+        hidden, intermediate, layers = (int(v) for v in args.walk.split(":"))
+        walks.append(measure_walks(hidden, intermediate, layers, args.experts, args.rank, args.repeats))
+        w = walks[-1]
+        print(f"{w['walk']}: GPTQ {w['gptq_s']:.1f} s; E-PMQ on {w['experts']} adapters {w['epmq_lora_s']:.1f} s "
+              f"({w['lora_ratio']:.2f}x GPTQ), on the same experts dense {w['epmq_dense_s']:.1f} s "
+              f"({w['dense_ratio']:.2f}x); {w['layers_on_the_low_rank_route']} of {w['layers']} layers on the "
+              f"low-rank route; {100 * w['qweight_words_changed']:.2f}% of packed words differ", flush=True)
     write_json(args.out, dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                               torch=torch.__version__, threads=torch.get_num_threads(),
                               command=" ".join(["python", "benchmarks/" + os.path.basename(__file__),
                                                 *(argv if argv is not None else sys.argv[1:])]),
-                              rows=rows, wall_s=time.perf_counter() - started))
+                              rows=rows, walks=walks, wall_s=time.perf_counter() - started))
     print(f"wrote {args.out}")
     return 0
 

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from epmq_kernels._runtime import ieee_mm, version
+from epmq_kernels._runtime import ieee_fp32_matmul, ieee_mm, version
 from epmq_kernels.expert_residual import (
     DEFAULT_RESIDUAL_PRECISION,
     FOLD_ARITY,
@@ -107,7 +107,8 @@ class LowRankExpert:
         (W_0 - W_m) H_e  +  sum_k a_k U_k (V_k H_k)          (H_e = sum_k a_k H_k)
 
     one product of the weight's size instead of one per expert, plus products of the ranks'
-    size; the same sum, exactly, in exact arithmetic (``EPMQStats``)."""
+    size; the same sum, exactly, in exact arithmetic (``EPMQStats``). The statistics keep ``W_0``
+    until they are read (the product waits for ``H_e``): do not write to it before."""
 
     def __init__(self, W_0: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
         check_weight(W_0, "W_0 of a low-rank expert", values=False)
@@ -240,17 +241,16 @@ class EPMQStats:
         self._owed = 0
         self.low_rank_tasks = 0  # tasks whose residual was taken as W_0 + U V (reported)
         self._dense_only = False  # a task of another kind came: every later one is taken dense
-        self._G_shared = False  # a shallow copy shares G_e while a product is owed (__copy__)
         self._H_e_on_side = False  # the side stream may still read H_e (the owed product)
 
     def __copy__(self):
-        """A shallow copy (the walker's move to the CPU takes one). Where a product is owed, the
-        copy and these statistics share ``G_e``: each takes the product into a clone of its own,
-        so that reading one leaves the other as it was."""
+        """A shallow copy: it shares these statistics' tensors (``H_e``, ``G_e``), as any shallow
+        copy does, and keeps its own constant ``c_e``. A product owed (low-rank experts) is taken
+        first: taken later by the copy, it would read an ``H_e`` these statistics go on folding
+        tasks into (and every later task is taken dense)."""
+        self._take_owed()
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        if self._base is not None and self._owed:
-            self._G_shared = new._G_shared = True
         return new
 
     @property
@@ -443,10 +443,10 @@ class EPMQStats:
         # W_m = W_0: a layer no adapter updates)
         if self._owed and not _same_tensor(W_0, self.W_merged):
             self.join()  # (G_e: after any product already on the side stream)
-            if self._G_shared:
-                self._G_e, self._G_shared = self._G_e.clone(), False
             args = (self._G_e, W_0, self.W_merged, self.H_e, 1.0)
-            if side and self._on_side():
+            # (on the side stream only for an H_e of its own: the layer whose inputs it shares
+            # would not know to wait for it before folding another task in)
+            if side and leader is None and self._on_side():
                 trace, event = accumulate_residual_on_side(
                     *args, input_precision=self.residual_precision, holds=W_0 is not base)
                 self._side_done, self._H_e_on_side = (self._G_e.device, event), True
@@ -474,9 +474,8 @@ class EPMQStats:
                  + (ieee_mm(U.T, U) * ieee_mm(C, V.T)).sum(dtype=torch.float64))
         del P
         self.join()  # (G_e: after any product already on the side stream)
-        if self._G_shared:
-            self._G_e, self._G_shared = self._G_e.clone(), False
-        self._G_e.addmm_(U, C, alpha=a)
+        with ieee_fp32_matmul():  # (whatever the caller set for TF32)
+            self._G_e.addmm_(U, C, alpha=a)
         self._c_e_unread = self._c_e_unread + [(a, trace)]
         self._owed += 1
         self.low_rank_tasks += 1

@@ -725,12 +725,19 @@ def _on_cpu(stats):
     """A shallow copy of a layer's statistics with every tensor moved to the CPU."""
     if hasattr(stats, "join"):
         stats.join()  # (its residual products may still be running on the side stream)
-    moved = copy.copy(stats)
+    # (not copy.copy: EPMQStats' copy takes a product the low-rank route owes first, here on the
+    # GPU that just ran out of memory; every tensor is copied, so nothing is shared)
+    moved = object.__new__(type(stats))
     for key, value in vars(stats).items():
-        if isinstance(value, torch.Tensor):
-            setattr(moved, key, value.cpu())
-    moved.backend = "torch"  # (products still owed, a low-rank route's, run there as the solve does)
+        setattr(moved, key, value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value)
+    moved.backend = "torch"  # (a product still owed, the low-rank route's, runs there as the solve)
     return moved
+
+
+def _low_rank_print(dense: tuple, expert) -> tuple:
+    """A dense tensor's fingerprint with those of the low-rank factors it is read as."""
+    dtype, shape, crc = dense
+    return dtype, shape, f"{crc} U {fingerprint(expert.U)[2]} V {fingerprint(expert.V)[2]}"
 
 
 def _quant_linear(result, linear: nn.Linear) -> QuantLinear:
@@ -1073,8 +1080,8 @@ class _Walk:
         if low_rank and not isinstance(key, (Part, Transposed)):  # (both str subclasses)
             expert = source.low_rank(key, device)
             if expert is not None:
-                if logged:  # (the resume log's digest is of the tensor as read, dense)
-                    self._reads[(task, name)] = fingerprint(self._read_expert(task, name))
+                if logged:  # (the resume log's digest: see _expert_print)
+                    self._reads[(task, name)] = _low_rank_print(fingerprint(self._read_expert(task, name)), expert)
                 return expert
         # read (and so checked) on the device, unless fingerprinted for the resume log: on the CPU
         read_on = None if logged else device
@@ -1136,9 +1143,21 @@ class _Walk:
         else:
             rels = [f"{rel}.weight" for rel in rels]
         experts = ((f"{task}:{rel}", seen.get((task, f"{prefix}.{rel}"))
-                    or self._read_expert(task, f"{prefix}.{rel}"))
+                    or self._expert_print(task, f"{prefix}.{rel}"))
                    for task in self.experts for rel in rels)
         return tensor_digest(itertools.chain(prints, experts), text=f"{text}\nafter {self._previous}")
+
+    def _expert_print(self, task, name: str):
+        """What a block's digest takes of expert ``task``'s tensor ``name``: the tensor as read
+        (fingerprinted by ``tensor_digest``), or, where E-PMQ reads it as ``W_0 + U V`` (a LoRA
+        adapter's layer on the merged path: its targets unrounded), its fingerprint with the
+        factors' (an update below the dense tensor's rounding makes another walk)."""
+        tensor = self._read_expert(task, name)
+        key = self.ckpt(name)
+        if self.method != "epmq" or self.t is not None or isinstance(key, (Part, Transposed)):
+            return tensor
+        expert = self.experts[task].low_rank(key)
+        return tensor if expert is None else _low_rank_print(fingerprint(tensor), expert)
 
     @staticmethod
     def _own_prints(block) -> tuple:

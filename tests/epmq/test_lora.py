@@ -494,3 +494,45 @@ def test_an_adapter_whose_update_does_not_fit_the_base_weight_is_refused(base_di
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"none of the update's shape.*down_proj"):
         epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "other")
+
+
+def test_a_resumed_walk_on_adapters_sees_an_update_below_the_bases_rounding(tmp_path, monkeypatch):
+    """E-PMQ's targets from adapters are W_0 + s B A unrounded, so the resume log's digest takes
+    the factors: an adapter changed by less than the bf16 base's rounding of W_k (the dense read
+    unchanged) is another walk's, and the unchanged adapters resume."""
+    from safetensors.torch import load_file, save_file
+    from test_walker_resume import Interrupt, interrupt_at
+
+    tiny_llama(0).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    for k in range(2):
+        make_adapter(tmp_path / "base", tmp_path / f"adapter{k}", seed=30 + k)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    adapters = {task: epmq.LoraExpert(tmp_path / f"adapter{k}", base=tmp_path / "base")
+                for k, task in enumerate("ab")}
+    g = torch.Generator().manual_seed(5)
+    calibration = {task: [torch.randint(0, 96, (2, 12), generator=g)] for task in adapters}
+
+    def walk(experts, resume_dir):
+        return epmq.quantize_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                   epmq.QuantSpec(bits=4, group_size=8), method="epmq", calibration=calibration,
+                                   experts=experts, resume_dir=resume_dir, progress=False)
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            walk(adapters, tmp_path / "log")
+    assert walk(adapters, tmp_path / "log").epmq_report.resumed == ["model.layers.0"]
+    weights = tmp_path / "adapter1" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "layers.0.self_attn.q_proj.lora_B" in k)
+    B = tensors[key].float()
+    B[0, 0] = torch.nextafter(B[0, 0], torch.tensor(float("inf")))  # (one fp32 step of one element)
+    tensors[key] = B
+    save_file(tensors, weights)
+    changed = epmq.LoraExpert(tmp_path / "adapter1", base=tmp_path / "base")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(changed[name], adapters["b"][name])  # (below bf16's rounding of W_k)
+    assert not torch.equal(changed.low_rank(name).U, adapters["b"].low_rank(name).U)
+    with pytest.raises(ValueError, match="model.layers.0 was quantized from other weights"):
+        walk({"a": adapters["a"], "b": changed}, tmp_path / "log")
+    del base

@@ -1050,10 +1050,60 @@ def test_a_refused_begin_task_takes_no_owed_product(gen):
     assert c == pytest.approx(c_dense, rel=1e-12)
 
 
+def test_a_shallow_copy_of_low_rank_statistics_keeps_what_it_had(gen):
+    """(From a second review) a copy takes the owed product when it is made: the original's
+    next task (into the H_e they share) changes neither the copy's constant nor, for a dense
+    task, what the copy's G_e held of the tasks before it."""
+    import copy
+
+    _, experts, W_m = _low_rank_experts(gen, 3)
+    hessians = [gram(batches(gen, scale=s)) for s in (0.5, 1.0, 2.0)]
+    dense2, dense3 = EPMQStats(W_m, dtype=torch.float64), EPMQStats(W_m, dtype=torch.float64)
+    dense2.add_tasks([e.dense(dtype=torch.float64) for e in experts[:2]], hessians[:2])
+    dense3.add_tasks([e.dense(dtype=torch.float64) for e in experts], hessians)
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    stats.add_tasks(experts[:2], hessians[:2])
+    before = copy.copy(stats)
+    stats.add_tasks(experts[2:], hessians[2:])
+    assert before.c_e == pytest.approx(dense2.c_e, rel=1e-12)
+    assert stats.c_e == pytest.approx(dense3.c_e, rel=1e-12)
+    torch.testing.assert_close(stats.G_e, dense3.G_e, rtol=1e-12, atol=1e-12 * float(dense3.G_e.abs().max()))
+
+
+def test_a_followers_owed_product_is_not_left_on_the_side_stream(gen, deferred):
+    """(From a second review) a layer that shares another's H_e takes its owed product on the
+    current stream: a task the other layer folds in afterwards cannot overwrite what it reads."""
+    _, experts_q, W_q = _low_rank_experts(gen, 3, dtype=torch.float32)
+    _, experts_v, W_v = _low_rank_experts(gen, 3, dtype=torch.float32)
+    data = [batches(gen, scale=s) for s in (0.5, 1.0, 2.0)]
+
+    def task(layers, experts, k):
+        for stats, own in zip(layers, experts):
+            stats.begin_task(own[k])
+        for x in data[k]:
+            for stats in layers:
+                stats.add_batch(x)
+        for stats in layers:
+            stats.end_task()
+
+    results = []
+    for given in ([e.dense() for e in experts_v], experts_v):
+        q = EPMQStats(W_q, backend="triton", side_stream=True)
+        v = EPMQStats(W_v, backend="triton", side_stream=True, inputs_of=q)
+        task([q, v], [experts_q, given], 0)
+        task([q, v], [experts_q, given], 1)
+        v.finalize(join=False)
+        task([q, v], [experts_q, given], 2)
+        results.append((v.G_e.clone(), v.c_e))
+    (G_dense, c_dense), (G, c) = results
+    torch.testing.assert_close(G, G_dense, rtol=1e-4, atol=1e-5 * float(G_dense.abs().max()))
+    assert c == pytest.approx(c_dense, rel=1e-4)
+
+
 @pytest.mark.parametrize("how", ["copy", "on_cpu"])
 def test_reading_a_shallow_copy_of_low_rank_statistics_leaves_them_as_they_were(gen, how):
     """(From a review) while a product is owed, a shallow copy (the walker's move to the CPU)
-    and the original each take it into a G_e of their own."""
+    and the original each have it, once, in a G_e of their own."""
     import copy
 
     from epmq.walker import _on_cpu
