@@ -144,12 +144,17 @@ def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
         words = [k for k in a if k.endswith("qweight")]
         changed = sum(int((a[k] != b[k]).sum()) for k in words) / sum(a[k].numel() for k in words)
         low_rank = [layer.get("low_rank_tasks", 0) for layer in models["epmq_lora"].epmq_report.layers]
+        # (GPTQ's codes flip at rounding ties and the flips travel down the row and into later
+        # blocks: the objective, summed over the layers, says more than the codes)
+        losses = {name: sum(layer["loss"] for layer in models[name].epmq_report.layers)
+                  for name in ("epmq_lora", "epmq_dense")}
         for expert in adapters.values():
             expert.close()
     return dict(walk=f"llama {hidden}/{intermediate} x {layers} layers", experts=n_experts, rank=rank,
                 gptq_s=best["gptq"], epmq_lora_s=best["epmq_lora"], epmq_dense_s=best["epmq_dense"],
                 lora_ratio=best["epmq_lora"] / best["gptq"], dense_ratio=best["epmq_dense"] / best["gptq"],
                 lora_speedup=best["epmq_dense"] / best["epmq_lora"], qweight_words_changed=changed,
+                loss_lora=losses["epmq_lora"], loss_dense=losses["epmq_dense"],
                 layers_on_the_low_rank_route=sum(n == n_experts for n in low_rank), layers=len(low_rank))
 
 
@@ -179,7 +184,8 @@ def main(argv=None):
         print(f"{w['walk']}: GPTQ {w['gptq_s']:.1f} s; E-PMQ on {w['experts']} adapters {w['epmq_lora_s']:.1f} s "
               f"({w['lora_ratio']:.2f}x GPTQ), on the same experts dense {w['epmq_dense_s']:.1f} s "
               f"({w['dense_ratio']:.2f}x); {w['layers_on_the_low_rank_route']} of {w['layers']} layers on the "
-              f"low-rank route; {100 * w['qweight_words_changed']:.2f}% of packed words differ", flush=True)
+              f"low-rank route; {100 * w['qweight_words_changed']:.2f}% of packed words differ, layer losses "
+              f"summed {w['loss_lora']:.6g} against {w['loss_dense']:.6g}", flush=True)
     write_json(args.out, dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                               torch=torch.__version__, threads=torch.get_num_threads(),
                               command=" ".join(["python", "benchmarks/" + os.path.basename(__file__),
