@@ -21,6 +21,10 @@ Layers that read the same inputs (q/k/v, gate/up) have the same Hessians:
 ``EPMQStats(W, inputs_of=other)`` reads ``other``'s ``H_k``, ``H_e`` and ``H_m`` instead of
 accumulating them again, and keeps only its own ``G_e`` (and scratch ``G_k``, ``G_m``).
 
+Experts given as ``LowRankExpert(W_0, U, V)`` (``W_k = W_0 + U V``, a LoRA), all of one ``W_0``,
+cost one residual product between them: ``(W_0 - W_m) H_e``, owed until the statistics are read
+(it needs every task's ``H_k`` in ``H_e``), plus ``a_k U_k (V_k H_k)`` per task.
+
 With ``side_stream=True`` on a GPU (the Triton backend), the residual products
 ``(W_k - W_m) H_k`` run on a side stream (RESIDUALS_ON_SIDE_STREAM): nothing but ``G_e`` and
 ``c_e`` reads them, so the current stream goes on with the next task's calibration and, once
