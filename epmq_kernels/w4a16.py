@@ -326,7 +326,9 @@ AUTOTUNE_SPACE = {
     # 40 KB; 256 x 128 (8 warps), 211, 126 and 48 KB; 128 x 64 (KR 2), 214, 233 and 48 KB;
     # 256 x 64, 254, 202 and 32 KB; 64 x 256, 216, 111 and 68 KB; 128 x 64, 146, 129 and 24 KB;
     # none spills (128 x 128 with KR 2 did, with 3 stages and 4, and left) and none has its MMAs
-    # serialized by ptxas (C7513). bf16 with fp16 scales costs up to twice the instructions.
+    # serialized by ptxas (C7513). bf16 activations: 140 instructions a step at 256 x 128 (8
+    # warps), and 168 at 128 x 128 with fp16 scales (a GPTQ checkpoint on a bf16 model; 239
+    # through fp32 before each scale was split into two bf16 parts), against fp16's 129.
     "wgmma": [dict(BLOCK_M=bm, KR=kr, J=j, num_warps=w, STAGES=st)
               for bm, kr, j, w, st in [(128, 1, 2, 4, 4), (128, 1, 2, 8, 4), (64, 2, 2, 4, 4),
                                        (64, 1, 4, 4, 4), (256, 1, 1, 4, 4), (64, 1, 2, 4, 4)]],
@@ -2261,6 +2263,7 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
                       STAGES=config["STAGES"], RELOAD=reload, SPLIT=split_k > 1,
                       WHOLE=K % pass_k == 0,
                       ONE_GROUP=G == 1, HALF2=s_dtype == x_dtype,
+                      S_PARTS=x_dtype == torch.bfloat16 and s_dtype == torch.float16,
                       EVEN=N % block_n == 0,
                       CDT=_compute_dtype(x_dtype), ASM=not INTERPRETED, TRIVIAL=not INTERPRETED)
     return grid, k_per_split, constexprs

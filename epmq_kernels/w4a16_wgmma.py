@@ -29,8 +29,10 @@ A fragment: lane ``4 g + t`` holds, for its rows, the codes of inputs ``2 t`` an
 of every 8, which are byte t of each packed word (its low and high nibble). So every lane
 reads all the words of its columns (the 4 lanes t of a row read the same words, a broadcast),
 and one PRMT puts its byte t in both halves of a register; one LOP3 under the exponent of 1024
-(fp16; 128 for bf16) then makes the two 16-bit floats ``1024 + q_lo`` and ``1024 + 16 q_hi``,
-and one half2 FMA gives ``q_lo - z`` and ``q_hi - z`` exactly (the ``1/16`` as in Marlin).
+then makes the two fp16 ``1024 + q_lo`` and ``1024 + 16 q_hi``, and one half2 FMA gives
+``q_lo - z`` and ``q_hi - z`` exactly (the ``1/16`` as in Marlin). bf16 has 3 significant bits
+fewer: its PRMT takes the high nibble from the word shifted by 4 (one SHF a word), and the
+LOP3 under 128 makes ``128 + q_lo`` and ``128 + q_hi``.
 Output columns are permuted (as in :mod:`.w4a16_mma`) so that one load of J consecutive words
 feeds J column tiles; the accumulator's rows are mapped back when y is written.
 
@@ -38,7 +40,9 @@ feeds J column tiles; the accumulator's rows are mapped back when y is written.
 dequantized weight is rounded once to the activation dtype: ``w = (q - z) * s`` as the
 ``dqmm`` path writes it (a second accumulator per group would double the registers of a
 128 x 128 tile). With 16-bit scales of the activation dtype that is one half2 multiply of
-the exact ``q - z``; other scales go through fp32. Per channel the scale multiplies the fp32
+the exact ``q - z``; with bf16 activations and fp16 scales (a GPTQ checkpoint's scales on a
+bf16 model), each scale split into two bf16 parts, one exact half2 multiply and one half2 FMA
+that rounds once; fp32 scales go through fp32. Per channel the scale multiplies the fp32
 result once at the end instead.
 
 Grid: ``(N / BLOCK_N, SPLIT_K, M / BLOCK_M)``, ``BLOCK_N = 16 WARPS J``; where the tiles are
@@ -103,11 +107,25 @@ def _words_layout(KR, J, WARPS):
 
 
 @gluon_kernel
-def _mul2(d, s2, s_f32, CDT: gl.constexpr, HALF2: gl.constexpr, ASM: gl.constexpr):
+def _mul2(d, s2, s_f32, CDT: gl.constexpr, HALF2: gl.constexpr, S_PARTS: gl.constexpr,
+          ASM: gl.constexpr):
     """``d * s`` on the two 16-bit floats (CDT's) held in each int32, rounded once to CDT: one
-    ``mul.rn.{f16x2,bf16x2}`` by ``s2`` (the scale's own 16 bits, twice) where HALF2, else in
-    fp32 by ``s_f32`` (the product of a small integer and a 16-bit scale is exact in fp32, so
-    both round it once, to the same value)."""
+    ``mul.rn.{f16x2,bf16x2}`` by ``s2`` (the scale's own 16 bits, twice) where HALF2; where
+    S_PARTS (bf16 ``d``, fp16 scales), ``fma.rn.bf16x2(d, s_hi, d s_lo)`` with ``s2`` the pair
+    of ``s_hi`` (s's top 8 significant bits, a bf16) and ``s_f32`` that of ``s_lo = s - s_hi``
+    (3 bits): ``d s_lo`` (at most 7 bits) is exact in bf16 and the FMA rounds ``d s`` once;
+    else in fp32 by ``s_f32`` (the product of a small integer and a 16-bit scale is exact in
+    fp32, so every way rounds it once, to the same value)."""
+    if S_PARTS:
+        if ASM:
+            d_lo = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [d, s_f32],
+                                             dtype=gl.int32, is_pure=True, pack=1)
+            return gl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                              [d, s2, d_lo], dtype=gl.int32, is_pure=True, pack=1)
+        # (the interpreter: both parts' products, exact in fp32, summed exactly and rounded once)
+        lo = _half_value(d, 0, CDT) * _half_value(s2, 0, CDT) + _half_value(d, 0, CDT) * _half_value(s_f32, 0, CDT)
+        hi = _half_value(d, 16, CDT) * _half_value(s2, 16, CDT) + _half_value(d, 16, CDT) * _half_value(s_f32, 16, CDT)
+        return _pack_halves(lo, hi, CDT)
     if HALF2 and ASM:
         if CDT == gl.float16:
             return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [d, s2],
@@ -130,41 +148,55 @@ def _mul2(d, s2, s_f32, CDT: gl.constexpr, HALF2: gl.constexpr, ASM: gl.constexp
 
 @gluon_kernel
 def _byte_pairs(words, t, zero, magic, CDT: gl.constexpr, ASM: gl.constexpr):
-    """Byte ``t`` of each word as two 16-bit floats: ``2^e + q_lo`` (low half) and ``2^e + 16
-    q_hi`` (fp16, 1024 + the high nibble at bits 20-23) or ``2^e + 8 q_hi`` (bf16, which has
-    7 significant bits: bits 19-22): one PRMT (byte t into bytes 0 and 2) and one LOP3 (bf16:
-    a shift and two; ``magic``, the exponent's bits in both halves, is a register, so that the
-    mask and the OR are one LOP3)."""
-    if ASM:
-        sel = t * 0x101 + 0x4040  # (bytes 0 and 2: the word's byte t; 1 and 3: zero's)
-        v = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [words, zero, sel],
-                                      dtype=gl.int32, is_pure=True, pack=1)
-    else:
-        v = ((words >> (8 * t)) & 0xFF) * 0x10001
+    """Byte ``t`` of each word as two 16-bit floats: ``2^e + q_lo`` (low half) and, fp16,
+    ``2^e + 16 q_hi`` (1024 + the high nibble read in place at bits 20-23: one PRMT, byte t
+    into bytes 0 and 2, and one LOP3); bf16, which has 7 significant bits, ``2^e + q_hi`` (one
+    PRMT of byte t of the word and of the word shifted by a nibble, one SHF more; the other
+    bytes, whatever they hold, masked off). ``magic``, the exponent's bits in both halves, is
+    a register, so that the mask and the OR are one LOP3."""
     if CDT == gl.float16:
+        if ASM:
+            sel = t * 0x101 + 0x4040  # (bytes 0 and 2: the word's byte t; 1 and 3: zero's)
+            v = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                          [words, zero, sel], dtype=gl.int32, is_pure=True, pack=1)
+        else:
+            v = ((words >> (8 * t)) & 0xFF) * 0x10001
         return (v & 0x00F0000F) | magic
     else:
-        return ((v & 0x0000000F) | magic) | ((v >> 1) & 0x00780000)
+        if ASM:
+            sel = t * 0x101 + 0x400  # (byte 0: the word's byte t; byte 2: the shifted word's)
+            v = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                          [words, words >> 4, sel], dtype=gl.int32, is_pure=True,
+                                          pack=1)
+        else:
+            v = ((words >> (8 * t)) & 0xF) | (((words >> (8 * t + 4)) & 0xF) << 16)
+        return (v & 0x000F000F) | magic
 
 
 @gluon_kernel
 def _group_params(scales_ptr, zeros_ptr, g, cols, c_mask, stride_sg, stride_sn, stride_zg,
-                  stride_zn, ONE_GROUP: gl.constexpr, HALF2: gl.constexpr, CDT: gl.constexpr,
-                  ASM: gl.constexpr):
+                  stride_zn, ONE_GROUP: gl.constexpr, HALF2: gl.constexpr,
+                  S_PARTS: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr):
     """Group ``g``'s zero points as the pair ``-(2^e + z)``, ``-(2^e / 16 + z)`` (fp16; bf16
-    ``-(2^e / 8 + z)``) that the codes of :func:`_byte_pairs` take off, and, grouped, its scales
-    (the 16-bit pair where HALF2 and ASM; fp32), one per column, ``[1, 1, BLOCK_N]``."""
+    ``-(2^e + z)`` twice) that the codes of :func:`_byte_pairs` take off, and, grouped, its scales
+    (the 16-bit pair where HALF2 and ASM; the pairs of the bf16 parts ``s_hi``, ``s_lo`` where
+    S_PARTS; fp32), one per column, ``[1, 1, BLOCK_N]``."""
     z = gl.load(zeros_ptr + g * stride_zg + cols * stride_zn, mask=c_mask, other=0).to(gl.int32)
     if CDT == gl.float16:
         z_neg = (0xE400 + z) | ((0xD400 + 16 * z) << 16)
     else:
-        z_neg = (0xC300 + z) | ((0xC180 + 8 * z) << 16)
+        z_neg = (0xC300 + z) * 0x10001
     if ONE_GROUP:
         s2, s_f32 = z, z.to(gl.float32)  # (unused: the result is scaled at the end)
     else:
         s = gl.load(scales_ptr + g * stride_sg + cols * stride_sn, mask=c_mask, other=0.0)
         s_f32 = s.to(gl.float32)
-        if HALF2 and ASM:
+        if S_PARTS:  # (fp16 s, exact in fp32: its top 16 bits are s_hi, the rest s_lo, exactly)
+            hi = s_f32.to(gl.int32, bitcast=True) & -65536
+            lo = (s_f32 - hi.to(gl.float32, bitcast=True)).to(gl.int32, bitcast=True)
+            s2 = ((hi >> 16) & 0xFFFF) * 0x10001
+            s_f32 = ((lo >> 16) & 0xFFFF) * 0x10001
+        elif HALF2 and ASM:
             s2 = (s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 0x10001
         else:
             s2 = z
@@ -174,15 +206,15 @@ def _group_params(scales_ptr, zeros_ptr, g, cols, c_mask, stride_sg, stride_sn, 
 @gluon_kernel
 def _dequant_a(words, t, zero, magic, z_neg, s2, s_f32, mult, a_layout: gl.constexpr,
                KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr, CDT: gl.constexpr,
-               SCALE: gl.constexpr, HALF2: gl.constexpr, ASM: gl.constexpr,
-               TRIVIAL: gl.constexpr):
+               SCALE: gl.constexpr, HALF2: gl.constexpr, S_PARTS: gl.constexpr,
+               ASM: gl.constexpr, TRIVIAL: gl.constexpr):
     """The packed words ``[4 KR, BLOCK_N]`` (each lane's copy) as the A operand ``[BLOCK_N,
     BLOCK_K]`` in CDT: ``q - z`` exactly, times the scale where SCALE (:func:`_mul2`; per
     channel the result is scaled instead), the rows in the permuted column order."""
     words, t = gl.broadcast(gl.expand_dims(words, 1), t)  # [p, t, n]: lane t's copy
     d = _fma2(_byte_pairs(words, t, zero, magic, CDT, ASM), mult, z_neg, CDT, ASM)
     if SCALE:
-        d = _mul2(d, s2, s_f32, CDT, HALF2, ASM)
+        d = _mul2(d, s2, s_f32, CDT, HALF2, S_PARTS, ASM)
     # [p, t, n = (h_n, w, g, j), h] -> A [rows (j, w, h_n, g), inputs 8 p + 2 t + h]
     a = gl.reshape(_halves(d, CDT), [4 * KR, 4, 2, WARPS, 8, J, 2])
     a = gl.reshape(gl.permute(a, [5, 3, 2, 4, 0, 1, 6]), [16 * WARPS * J, 32 * KR])
@@ -236,8 +268,8 @@ def _w4a16_wgmma(
     BLOCK_M: gl.constexpr, KR: gl.constexpr, J: gl.constexpr, WARPS: gl.constexpr,
     STAGES: gl.constexpr, RELOAD: gl.constexpr, SPLIT: gl.constexpr, WHOLE: gl.constexpr,
     ONE_GROUP: gl.constexpr,
-    HALF2: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr, ASM: gl.constexpr,
-    TRIVIAL: gl.constexpr,
+    HALF2: gl.constexpr, S_PARTS: gl.constexpr, EVEN: gl.constexpr, CDT: gl.constexpr,
+    ASM: gl.constexpr, TRIVIAL: gl.constexpr,
 ):
     """A ``16 WARPS J x BLOCK_M`` tile of ``y^T`` over one K slice; see the module docstring."""
     BLOCK_N: gl.constexpr = 16 * WARPS * J
@@ -300,17 +332,17 @@ def _w4a16_wgmma(
         mult = opaque_zero + 0x2C003C00  # 1 (low half), 1/16 (high half)
     else:
         magic = opaque_zero + 0x43004300  # bf16 128.0, 128.0
-        mult = opaque_zero + 0x3E003F80  # bf16 1, 1/8
+        mult = opaque_zero + 0x3F803F80  # bf16 1, 1
     z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, gl.minimum(k_start, K - 1) // group_size,
                                      cols, c_mask, stride_sg, stride_sn, stride_zg, stride_zn,
-                                     ONE_GROUP, HALF2, CDT, ASM)
+                                     ONE_GROUP, HALF2, S_PARTS, CDT, ASM)
 
     async_copy.wait_group(STAGES - 2)  # (step 0's copies, this thread's)
     fence_async_shared()  # (before wgmma, an async-proxy read, sees them)
     gl.barrier()  # (every thread's)
     words_loaded: gl.constexpr = gl.SliceLayout(1, words_layout)  # (each lane's copy)
     a = _dequant_a(w0.load(words_loaded), t, zero, magic, z_neg, s2, s_f32, mult,
-                   a_layout, KR, J, WARPS, CDT, not ONE_GROUP, HALF2, ASM, TRIVIAL)
+                   a_layout, KR, J, WARPS, CDT, not ONE_GROUP, HALF2, S_PARTS, ASM, TRIVIAL)
 
     # A pass is STAGES steps, unrolled, so that every step's stage is known at compile time
     # (step kk of a pass is in stage kk); the group's parameters for the next step are read
@@ -328,7 +360,7 @@ def _w4a16_wgmma(
                 g_next = gl.minimum(k0 + (kk + 1) * BLOCK_K, k_end - 1) // group_size
                 z_neg, s2, s_f32 = _group_params(scales_ptr, zeros_ptr, g_next, cols, c_mask,
                                                  stride_sg, stride_sn, stride_zg, stride_zn,
-                                                 ONE_GROUP, HALF2, CDT, ASM)
+                                                 ONE_GROUP, HALF2, S_PARTS, CDT, ASM)
             # step i + 1's copies landed, and every warp is past step i - 1's MMA, whose stage
             # the copies of step i + STAGES - 1 now refill (its words were read before)
             async_copy.wait_group(STAGES - 3)
@@ -341,7 +373,7 @@ def _w4a16_wgmma(
             a_prev = a
             a = _dequant_a(_stage((kk + 1) % STAGES, w0, w1, w2, w3).load(words_loaded), t, zero, magic,
                            z_neg, s2, s_f32, mult, a_layout, KR, J, WARPS, CDT, not ONE_GROUP,
-                           HALF2, ASM, TRIVIAL)
+                           HALF2, S_PARTS, ASM, TRIVIAL)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))[0]
     # the look-ahead's copies (into stages never read) done before the epilogue's shuffle
     # through shared memory may reuse them

@@ -173,20 +173,30 @@ def test_wgmma_passes_groups_and_slices(gen, group_size, K, N, M, config):
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
 
-def test_wgmma_weight_rounds_once(gen):
-    """The wgmma path rounds ``(q - z) s`` (fp32 scales here) to the activation dtype once, as
-    dqmm's dequantized chunk does on the GPU: with one input feature it returns that row of
-    the weight so rounded, bit for bit."""
+def _one_hot_rows(gen, device="cpu"):
+    """``(codes, zeros, x_row)``: a 64 x 64 problem of two groups, and the input feature 40
+    that a one-hot activation picks."""
     K, N = 64, 64
     codes = torch.randint(0, 16, (K, N), generator=gen)
-    scales = torch.rand(2, N, generator=gen) * 0.02 + 0.002
     zeros = torch.randint(0, 16, (2, N), generator=gen).to(torch.uint8)
-    for dtype in (torch.float16, torch.bfloat16):
-        x = torch.zeros(4, K, dtype=dtype)
-        x[:, 40] = 1.0
-        y = w4a16_matmul(x, pack_int4(codes), scales, zeros, 32, path="wgmma", backend="triton")
-        row = ((codes[40] - zeros[1].int()).float() * scales[1]).to(dtype)
-        assert torch.equal(y, row.expand(4, N)), dtype
+    return codes.to(device), zeros.to(device), 40
+
+
+@pytest.mark.parametrize("dtype,scales_dtype", [(torch.float16, torch.float32),
+                                                (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.float16)])
+def test_wgmma_weight_rounds_once(gen, dtype, scales_dtype):
+    """The wgmma path rounds ``(q - z) s`` to the activation dtype once, as dqmm's dequantized
+    chunk does on the GPU: with one input feature it returns that row of the weight so rounded,
+    bit for bit (fp16 scales with bf16 activations: each scale as two bf16 parts, one FMA)."""
+    codes, zeros, k = _one_hot_rows(gen)
+    # (fp16 scales with all 11 significant bits set, and 3 at the bottom: s_lo matters)
+    scales = ((torch.rand(2, codes.shape[1], generator=gen) * 0.02 + 0.002).to(scales_dtype))
+    x = torch.zeros(4, codes.shape[0], dtype=dtype)
+    x[:, k] = 1.0
+    y = w4a16_matmul(x, pack_int4(codes), scales, zeros, 32, path="wgmma", backend="triton")
+    row = ((codes[k] - zeros[1].int()).float() * scales[1].float()).to(dtype)
+    assert torch.equal(y, row.expand(4, codes.shape[1]))
 
 
 def test_mma_launch_flags_match_the_tiles_it_reads():
@@ -1625,6 +1635,21 @@ class TestCUDA:
             key = (id(qweight), id(scales), id(zeros), id(g_idx), group_size)
             plans = [p for p in W._ENTRIES[key].plans.values() if p.M == M]
             assert plans and plans[0].path == "mma" and plans[0].launches[0].compiled is not None
+
+    @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.bfloat16])
+    def test_wgmma_bf16_weight_rounds_once(self, gen, scales_dtype):
+        """The Hopper kernel's bf16 PTX (the high nibble from the word shifted by 4; fp16 scales
+        as two bf16 parts, one exact multiply and one FMA): with one input feature, that row of
+        the weight rounded once to bf16, bit for bit."""
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("wgmma is Hopper's (compute capability 9.0)")
+        codes, zeros, k = _one_hot_rows(gen, "cuda")
+        scales = (torch.rand(2, codes.shape[1], generator=gen) * 0.02 + 0.002).to(scales_dtype).cuda()
+        x = torch.zeros(32, codes.shape[0], dtype=torch.bfloat16, device="cuda")
+        x[:, k] = 1.0
+        y = w4a16_matmul(x, pack_int4(codes), scales, zeros, 32, path="wgmma")
+        row = ((codes[k] - zeros[1].int()).float() * scales[1].float()).to(torch.bfloat16)
+        assert torch.equal(y, row.expand(32, codes.shape[1]))
 
     @pytest.mark.parametrize("dtype,group_size,scales_dtype", [
         (torch.float16, 128, torch.float16), (torch.bfloat16, -1, torch.float16),
