@@ -173,13 +173,19 @@ def test_wgmma_passes_groups_and_slices(gen, group_size, K, N, M, config):
     assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
 
 
-def _one_hot_rows(gen, device="cpu"):
-    """``(codes, zeros, x_row)``: a 64 x 64 problem of two groups, and the input feature 40
-    that a one-hot activation picks."""
+def _weight_rounded_once(gen, dtype, scales_dtype, device="cpu"):
+    """``(x, qweight, scales, zeros, W)``: a 64 x 64 problem of two groups of 32, ``x`` the
+    identity (row k picks input k: every code position of a word, both nibbles of every byte)
+    and ``W`` the weight ``(q - z) s`` rounded once to ``dtype``, which ``x @ W`` must be."""
     K, N = 64, 64
     codes = torch.randint(0, 16, (K, N), generator=gen)
     zeros = torch.randint(0, 16, (2, N), generator=gen).to(torch.uint8)
-    return codes.to(device), zeros.to(device), 40
+    scales = (torch.rand(2, N, generator=gen) * 0.02 + 0.002).to(scales_dtype)
+    group = torch.arange(K) // 32
+    W = ((codes - zeros[group].int()).float() * scales[group].float()).to(dtype)
+    x = torch.eye(K, dtype=dtype)
+    return (x.to(device), pack_int4(codes).to(device), scales.to(device), zeros.to(device),
+            W.to(device))
 
 
 @pytest.mark.parametrize("dtype,scales_dtype", [(torch.float16, torch.float32),
@@ -187,16 +193,12 @@ def _one_hot_rows(gen, device="cpu"):
                                                 (torch.bfloat16, torch.float16)])
 def test_wgmma_weight_rounds_once(gen, dtype, scales_dtype):
     """The wgmma path rounds ``(q - z) s`` to the activation dtype once, as dqmm's dequantized
-    chunk does on the GPU: with one input feature it returns that row of the weight so rounded,
-    bit for bit (fp16 scales with bf16 activations: each scale as two bf16 parts, one FMA)."""
-    codes, zeros, k = _one_hot_rows(gen)
-    # (fp16 scales with all 11 significant bits set, and 3 at the bottom: s_lo matters)
-    scales = ((torch.rand(2, codes.shape[1], generator=gen) * 0.02 + 0.002).to(scales_dtype))
-    x = torch.zeros(4, codes.shape[0], dtype=dtype)
-    x[:, k] = 1.0
-    y = w4a16_matmul(x, pack_int4(codes), scales, zeros, 32, path="wgmma", backend="triton")
-    row = ((codes[k] - zeros[1].int()).float() * scales[1].float()).to(dtype)
-    assert torch.equal(y, row.expand(4, codes.shape[1]))
+    chunk does on the GPU: the identity's product is the weight so rounded, bit for bit (fp16
+    scales with bf16 activations: each scale as two bf16 parts, one FMA; random fp16 scales
+    have a nonzero low part 7 times in 8)."""
+    x, qweight, scales, zeros, W = _weight_rounded_once(gen, dtype, scales_dtype)
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, path="wgmma", backend="triton")
+    assert torch.equal(y, W)
 
 
 def test_mma_launch_flags_match_the_tiles_it_reads():
@@ -1639,17 +1641,13 @@ class TestCUDA:
     @pytest.mark.parametrize("scales_dtype", [torch.float16, torch.bfloat16])
     def test_wgmma_bf16_weight_rounds_once(self, gen, scales_dtype):
         """The Hopper kernel's bf16 PTX (the high nibble from the word shifted by 4; fp16 scales
-        as two bf16 parts, one exact multiply and one FMA): with one input feature, that row of
-        the weight rounded once to bf16, bit for bit."""
+        as two bf16 parts, one exact multiply and one FMA): the identity's product is the weight
+        rounded once to bf16, bit for bit, at every code position of a word."""
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("wgmma is Hopper's (compute capability 9.0)")
-        codes, zeros, k = _one_hot_rows(gen, "cuda")
-        scales = (torch.rand(2, codes.shape[1], generator=gen) * 0.02 + 0.002).to(scales_dtype).cuda()
-        x = torch.zeros(32, codes.shape[0], dtype=torch.bfloat16, device="cuda")
-        x[:, k] = 1.0
-        y = w4a16_matmul(x, pack_int4(codes), scales, zeros, 32, path="wgmma")
-        row = ((codes[k] - zeros[1].int()).float() * scales[1].float()).to(torch.bfloat16)
-        assert torch.equal(y, row.expand(32, codes.shape[1]))
+        x, qweight, scales, zeros, W = _weight_rounded_once(gen, torch.bfloat16, scales_dtype, "cuda")
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, path="wgmma")
+        assert torch.equal(y, W)
 
     @pytest.mark.parametrize("dtype,group_size,scales_dtype", [
         (torch.float16, 128, torch.float16), (torch.bfloat16, -1, torch.float16),
