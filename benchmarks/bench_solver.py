@@ -405,6 +405,7 @@ def main(argv=None):
            or abs(r.get("loss_ratio", 1.0) - 1) > 1e-3
            or abs(r.get("loss_ratio_vs_torch", 1.0) - 1) > 1e-3
            or abs(r.get("loss_ratio_vs_ieee", 1.0) - 1) > 1e-3
+           or abs(r.get("loss_ratio_vs_dense", 1.0) - 1) > 1e-3  # (LoRA experts as such or dense)
            or r.get("max_rel_err", 0.0) > 1e-4 or r.get("max_rel_err_tf32x3", 0.0) > 1e-4
            or r.get("max_rel_err_bf16x3", 0.0) > 1e-3  # ~2^-16 of each term
            or r.get("max_rel_err_tf32", 0.0) > 1e-2]  # tf32: operands keep 10 mantissa bits
