@@ -20,6 +20,11 @@ JSON (``walker-<card>.json``) is rewritten after every walk, so a run cut short 
 measured. ``--device cpu`` runs the same on the CPU (small shapes: a check of the script).
 ``--profile-host-if-under S``: where the E-PMQ walk's host time goes (a third walk under
 cProfile, its top functions in the JSON as ``epmq_host_profile``), if the walks left time.
+``--lora-if-under S``: then, if the run has taken under S seconds, E-PMQ walks (warm-up, timed)
+whose experts are ``--tasks`` PEFT-format LoRA adapters of rank 16 on every linear of the model
+taken as their base (the merged model their task arithmetic): what the low-rank route
+(``epmq.LowRankExpert``, one residual product a layer) makes of the walk's ratio to GPTQ
+(``epmq_lora_over_gptq``).
 """
 
 import argparse
@@ -100,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--profile-host-if-under", type=float, default=None, metavar="S",
                         help="if the walks took under S seconds, walk E-PMQ (blocks visiting the device) "
                              "once more under cProfile: where its host time goes, into the JSON")
+    parser.add_argument("--lora-if-under", type=float, default=None, metavar="S",
+                        help="if the run took under S seconds, E-PMQ walks on LoRA adapters as experts")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and no_cuda("bench_walker.py"):
@@ -127,10 +134,47 @@ def main(argv=None):
     if args.profile_host_if_under is not None and time.perf_counter() - t0 < args.profile_host_if_under:
         result["epmq_host_profile"] = host_profile(merged, experts, calibration, device)
         print(result["epmq_host_profile"], flush=True)
+    if args.lora_if_under is not None and time.perf_counter() - t0 < args.lora_if_under:
+        del experts  # (the dense experts' memory, for the adapters' merged model)
+        lora_walks(merged, calibration, device, args, result, path)
     result["partial"] = False
     write_json(path, result)
-    print(f"E-PMQ / GPTQ walk time: {result['epmq_over_gptq']:.2f}; wrote {path}")
+    lora = (f", on LoRA adapters {result['epmq_lora_over_gptq']:.2f}" if "epmq_lora_over_gptq" in result
+            else "")
+    print(f"E-PMQ / GPTQ walk time: {result['epmq_over_gptq']:.2f}{lora}; wrote {path}")
     return 0
+
+
+def lora_walks(base, calibration, device, args, result, path, rank=16):
+    """E-PMQ walks (blocks visiting the device; warm-up, timed) whose experts are LoRA adapters
+    of ``base`` written in PEFT's files, the model their task arithmetic; rows into ``result``
+    (``method: epmq_lora``), the JSON rewritten after each."""
+    import tempfile
+
+    import epmq
+    from epmq_lora_cpu import write_adapters
+
+    tasks = list(calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs, merged_state = write_adapters(base, tmp, len(tasks), rank)
+        base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        merged = copy.deepcopy(base)
+        merged.load_state_dict(merged_state)
+        del merged_state
+        adapters = {task: epmq.LoraExpert(d, base=base_state) for task, d in zip(tasks, dirs)}
+        try:
+            for attempt in ("warm-up", "timed"):
+                row = walk(copy.deepcopy(merged), "epmq", adapters, calibration, device, True)
+                print(f"epmq on {len(tasks)} LoRA adapters of rank {rank}, {attempt}: {row}", flush=True)
+                result["rows"].append(dict(method="epmq_lora", offload=True, attempt=attempt, rank=rank, **row))
+                gptq = [r for r in result["rows"]
+                        if (r["method"], r["offload"], r["attempt"]) == ("gptq", True, "timed")]
+                if attempt == "timed" and gptq:
+                    result["epmq_lora_over_gptq"] = row["walk_s"] / gptq[0]["walk_s"]
+                write_json(path, result)
+        finally:
+            for expert in adapters.values():
+                expert.close()
 
 
 def host_profile(merged, experts, calibration, device, top=30):
