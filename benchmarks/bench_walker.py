@@ -20,11 +20,11 @@ JSON (``walker-<card>.json``) is rewritten after every walk, so a run cut short 
 measured. ``--device cpu`` runs the same on the CPU (small shapes: a check of the script).
 ``--profile-host-if-under S``: where the E-PMQ walk's host time goes (a third walk under
 cProfile, its top functions in the JSON as ``epmq_host_profile``), if the walks left time.
-``--lora-if-under S``: then, if the run has taken under S seconds, E-PMQ walks (warm-up, timed)
-whose experts are ``--tasks`` PEFT-format LoRA adapters of rank 16 on every linear of the model
-taken as their base (the merged model their task arithmetic): what the low-rank route
-(``epmq.LowRankExpert``, one residual product a layer) makes of the walk's ratio to GPTQ
-(``epmq_lora_over_gptq``).
+``--lora-if-under S``: then, if the run has taken under S seconds, an E-PMQ walk (timed: the
+dense walks tuned the kernels for these shapes) whose experts are ``--tasks`` PEFT-format LoRA
+adapters of rank 16 on every linear of the model taken as their base (the merged model their
+task arithmetic): what the low-rank route (``epmq.LowRankExpert``, one residual product a
+layer) makes of the walk's ratio to GPTQ (``epmq_lora_over_gptq``).
 """
 
 import argparse
@@ -146,9 +146,9 @@ def main(argv=None):
 
 
 def lora_walks(base, calibration, device, args, result, path, rank=16):
-    """E-PMQ walks (blocks visiting the device; warm-up, timed) whose experts are LoRA adapters
-    of ``base`` written in PEFT's files, the model their task arithmetic; rows into ``result``
-    (``method: epmq_lora``), the JSON rewritten after each."""
+    """An E-PMQ walk (blocks visiting the device) whose experts are LoRA adapters of ``base``
+    written in PEFT's files, the model their task arithmetic; its row into ``result`` (``method:
+    epmq_lora``; no warm-up: the dense walks before it tuned the kernels for these shapes)."""
     import tempfile
 
     import epmq
@@ -163,7 +163,7 @@ def lora_walks(base, calibration, device, args, result, path, rank=16):
         del merged_state
         adapters = {task: epmq.LoraExpert(d, base=base_state) for task, d in zip(tasks, dirs)}
         try:
-            for attempt in ("warm-up", "timed"):
+            for attempt in ("timed",):
                 row = walk(copy.deepcopy(merged), "epmq", adapters, calibration, device, True)
                 print(f"epmq on {len(tasks)} LoRA adapters of rank {rank}, {attempt}: {row}", flush=True)
                 result["rows"].append(dict(method="epmq_lora", offload=True, attempt=attempt, rank=rank, **row))

@@ -68,25 +68,29 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 def write_adapters(base, directory, n_experts, rank, seed=3):
     """``n_experts`` LoRA adapters of ``base`` on every linear of its blocks, in PEFT's files
     (lora_alpha = r: scale 1); returns their directories and the merged weights (0.3 of the
-    updates' sum added to the base's)."""
+    updates' sum added to the base's, rounded once to its dtype)."""
     import json
 
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    merged = {k: v.clone() for k, v in base.state_dict().items()}
+    state = base.state_dict()
+    merged = {k: v.clone() for k, v in state.items()}
+    stds = {}  # (each base weight's spread, which the updates are scaled by)
+    updates = {}  # module -> [(B, A)] of every adapter, summed into the merge at the end
     dirs = []
     for t in range(n_experts):
         tensors = {}
         for i in range(base.config.num_hidden_layers):
             for linear in LINEARS:
                 module = f"model.layers.{i}.{linear}"
-                W = merged[f"{module}.weight"]
+                W = state[f"{module}.weight"]
+                std = stds.setdefault(module, float(W.float().std()))
                 A = torch.randn(rank, W.shape[1], generator=g) / W.shape[1] ** 0.5
-                B = 0.05 * torch.randn(W.shape[0], rank, generator=g) * float(W.std()) * W.shape[1] ** 0.5 / rank ** 0.5
+                B = 0.05 * torch.randn(W.shape[0], rank, generator=g) * std * W.shape[1] ** 0.5 / rank ** 0.5
                 tensors[f"base_model.model.{module}.lora_A.weight"] = A
                 tensors[f"base_model.model.{module}.lora_B.weight"] = B
-                merged[f"{module}.weight"] += 0.3 * (B @ A)
+                updates.setdefault(module, []).append((B, A))
         path = os.path.join(directory, f"adapter{t}")
         os.makedirs(path, exist_ok=True)
         save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
@@ -94,6 +98,11 @@ def write_adapters(base, directory, n_experts, rank, seed=3):
             json.dump(dict(peft_type="LORA", r=rank, lora_alpha=rank,
                            target_modules=[m.split(".")[-1] for m in LINEARS]), f)
         dirs.append(path)
+    for module, parts in updates.items():  # (the updates' sum as one product of rank n r)
+        key = f"{module}.weight"
+        B = torch.cat([B for B, _ in parts], dim=1)
+        A = torch.cat([A for _, A in parts], dim=0)
+        merged[key] = torch.addmm(merged[key].float(), B, A, alpha=0.3).to(merged[key].dtype)
     return dirs, merged
 
 
