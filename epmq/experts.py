@@ -135,11 +135,12 @@ class ExpertWeights:
             )
         return tensor
 
-    def low_rank(self, name: str, device=None):
+    def low_rank(self, name: str, device=None, bases: Optional[dict] = None):
         """Tensor ``name`` as ``W_0 + U V`` where this expert is a LoRA adapter that updates it
-        so (``LoraExpert.low_rank``), the parts' values checked; else None."""
+        so (``LoraExpert.low_rank``; ``bases``: its base's tensors shared with other adapters'),
+        the parts' values checked; else None."""
         lora = self.reader.lora
-        expert = None if lora is None else lora.low_rank(self._require(name), device)
+        expert = None if lora is None else lora.low_rank(self._require(name), device, bases)
         if expert is not None:
             expert.check_values(f"of task {self.task!r} ({self.description}) for {name!r}")
         return expert

@@ -151,6 +151,10 @@ class LoraExpert(Mapping):
                 raise FileNotFoundError(f"{what}: its base model {str(base)!r} ({where}) is not found ({e}); "
                                         f"give the base: {_GIVE_BASE}") from e
         self.base = CheckpointReader(base, f"the base model of {what}")
+        # (what tells adapters of one base apart from others': its files, or the object given,
+        # kept so that its id is not another's)
+        self._base_given = base
+        self.base_key = ("path", str(self.base.path)) if self.base.path is not None else ("object", id(base))
         self.description = f"{what} on {self.base.description}"
         alpha, alpha_pattern = config.get("lora_alpha", 8), config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora"))
@@ -344,20 +348,27 @@ class LoraExpert(Mapping):
             W = W + delta
         return W.to(W_0.dtype)
 
-    def low_rank(self, key: str, device=None):
+    def low_rank(self, key: str, device=None, bases: Optional[dict] = None):
         """``self[key]`` as an ``epmq.stats.LowRankExpert`` ``W_0 + U V`` (on ``device``: ``U``
         the updates' ``s B`` side by side in fp32, ``V`` their ``A`` stacked), the form E-PMQ
         takes its targets' residual in at the cost of one expert for all of them; ``W_0 + U V``
         unrounded, as PEFT applies an adapter it has not merged (``self[key]`` rounds it to
         ``W_0``'s dtype); of rank 0 where the adapter does not update ``key`` (every expert of
         one base is then the base there). None where ``key`` is no 2-D floating-point tensor, or
-        has an update of an embedding or of a layer stored as ``[in, out]``."""
+        has an update of an embedding or of a layer stored as ``[in, out]``. ``bases``: a dict
+        in which adapters of one base share the base's tensor, read once (the same tensor for
+        every expert of a layer: E-PMQ then knows them of one ``W_0`` without comparing)."""
         from .stats import LowRankExpert
 
         updates = self._updates.get(key, [])
         if any(transposed or embedding for *_, transposed, embedding in updates):
             return None
-        W_0 = self._own(key).to(device)
+        shared = (self.base_key, key, str(device)) if bases is not None and key not in self._full else None
+        W_0 = bases.get(shared) if shared is not None else None
+        if W_0 is None:
+            W_0 = self._own(key).to(device)
+            if shared is not None:  # (not a tensor the adapter saved whole: that one is its own)
+                bases[shared] = W_0
         if W_0.dim() != 2 or not W_0.is_floating_point():
             return None
         parts = [(s * self.adapter.get(key_B).to(device=device, dtype=torch.float32),

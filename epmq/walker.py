@@ -734,10 +734,18 @@ def _on_cpu(stats):
     return moved
 
 
-def _low_rank_print(dense: tuple, expert) -> tuple:
-    """A dense tensor's fingerprint with those of the low-rank factors it is read as."""
-    dtype, shape, crc = dense
-    return dtype, shape, f"{crc} U {fingerprint(expert.U)[2]} V {fingerprint(expert.V)[2]}"
+def _low_rank_print(expert, prints: Optional[dict] = None) -> tuple:
+    """What a block's digest takes of an expert tensor read as ``W_0 + U V``: the fingerprints of
+    ``W_0``, ``U`` and ``V`` (no dense tensor formed; ``prints``: ``W_0``'s by tensor, where the
+    experts of a layer share one)."""
+    W_0 = expert.W_0
+    base = prints.get(id(W_0)) if prints is not None else None
+    if base is None:
+        base = fingerprint(W_0)
+        if prints is not None:
+            prints[id(W_0)] = base
+    U, V = fingerprint(expert.U), fingerprint(expert.V)
+    return base[0], base[1], f"{base[2]} + U {U[0]} {U[1]} {U[2]} V {V[0]} {V[1]} {V[2]}"
 
 
 def _quant_linear(result, linear: nn.Linear) -> QuantLinear:
@@ -1048,6 +1056,8 @@ class _Walk:
         if experts:
             self._bind_experts()
         self._reads = None  # (task, name) -> fingerprint of each expert read, while a block is solved
+        self._bases = None  # LoRA experts' base tensors, shared while a group's tasks are read
+        self._base_prints = None  # (and their fingerprints, for the resume log)
         self._previous = ""  # the digest of the block walked last (``_block_digest``)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
 
@@ -1078,10 +1088,10 @@ class _Walk:
         device = like.device if like is not None else device
         logged = self._reads is not None
         if low_rank and not isinstance(key, (Part, Transposed)):  # (both str subclasses)
-            expert = source.low_rank(key, device)
+            expert = source.low_rank(key, device, self._bases)
             if expert is not None:
                 if logged:  # (the resume log's digest: see _expert_print)
-                    self._reads[(task, name)] = _low_rank_print(fingerprint(self._read_expert(task, name)), expert)
+                    self._reads[(task, name)] = _low_rank_print(expert, self._base_prints)
                 return expert
         # read (and so checked) on the device, unless fingerprinted for the resume log: on the CPU
         read_on = None if logged else device
@@ -1150,14 +1160,14 @@ class _Walk:
     def _expert_print(self, task, name: str):
         """What a block's digest takes of expert ``task``'s tensor ``name``: the tensor as read
         (fingerprinted by ``tensor_digest``), or, where E-PMQ reads it as ``W_0 + U V`` (a LoRA
-        adapter's layer on the merged path: its targets unrounded), its fingerprint with the
-        factors' (an update below the dense tensor's rounding makes another walk)."""
-        tensor = self._read_expert(task, name)
+        adapter's layer on the merged path: its targets unrounded), the factors' fingerprints
+        (an update below the dense tensor's rounding makes another walk)."""
         key = self.ckpt(name)
-        if self.method != "epmq" or self.t is not None or isinstance(key, (Part, Transposed)):
-            return tensor
-        expert = self.experts[task].low_rank(key)
-        return tensor if expert is None else _low_rank_print(fingerprint(tensor), expert)
+        if self.method == "epmq" and self.t is None and not isinstance(key, (Part, Transposed)):
+            expert = self.experts[task].low_rank(key)
+            if expert is not None:
+                return _low_rank_print(expert)
+        return self._read_expert(task, name)
 
     @staticmethod
     def _own_prints(block) -> tuple:
@@ -1852,6 +1862,8 @@ class _Walk:
             stats[rel] = self._new_stats(linears[rel], None if leader[rel] == rel else stats[leader[rel]])
         n_tokens = dict.fromkeys(group, 0)
         t_out = {} if (self.t is not None and full_target) else None
+        # LoRA experts of one base read its tensors once for the group (LoraExpert.low_rank)
+        self._bases, self._base_prints = {}, {}
         for task, items in self.calibration.items():
             target = self._target_block(template, prefix, task) if self.t is not None else None
             begun = set()  # a task begins at a linear with its first tokens there (MoE experts
@@ -1903,6 +1915,7 @@ class _Walk:
             for rel in begun:
                 stats[rel].end_task()
             target = None  # (the task's target block freed before the next one is built)
+        self._bases = self._base_prints = None  # (the statistics hold what they need of them)
         # one factorization per shared Hessian, kept until the last linear that reads it
         readers = {}
         for rel in group:

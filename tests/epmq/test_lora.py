@@ -169,10 +169,13 @@ def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys, monkeypa
     size a layer for both experts (epmq.LowRankExpert) instead of one per expert."""
     import epmq.stats
 
-    products = []
+    products, base_reads = [], []
     accumulate = epmq.stats.accumulate_residual
     monkeypatch.setattr(epmq.stats, "accumulate_residual",
                         lambda *a, **k: (products.append(tuple(a[1].shape)), accumulate(*a, **k))[1])
+    own = epmq.LoraExpert._own
+    monkeypatch.setattr(epmq.LoraExpert, "_own",
+                        lambda self, key, index=None: (base_reads.append(key), own(self, key, index))[1])
     for k in range(2):
         make_adapter(base_dir, tmp_path / f"adapter{k}", seed=20 + k)
     merge = _yaml(tmp_path / "m.yaml", method="task_arithmetic", base=str(base_dir),
@@ -187,6 +190,7 @@ def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys, monkeypa
         config = tmp_path / f"adapter{k}" / "adapter_config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "gone/base"}))
     adapters = {"a": str(tmp_path / "adapter0"), "b": str(tmp_path / "adapter1")}
+    base_reads.clear()  # (the merge's own reads before)
     assert main(["quantize", str(_yaml(tmp_path / "q1.yaml", model=str(tmp_path / "merged"), experts=adapters,
                                        lora_base=str(base_dir), **options)), str(tmp_path / "w4_lora"),
                  "--quiet"]) == 0
@@ -194,6 +198,9 @@ def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys, monkeypa
     # and down; none where the merge left the base as it was)
     linears, adapted = 2 * 7, 2 * 3
     assert len(products) == adapted
+    # (each linear's base weight read once for both adapters: one tensor, no comparison)
+    linear_reads = [k for k in base_reads if k.endswith("proj.weight")]
+    assert len(linear_reads) == len(set(linear_reads)) == linears
     report = json.loads((tmp_path / "w4_lora" / "epmq_report.json").read_text())
     assert [layer["low_rank_tasks"] for layer in report["layers"]] == [2] * linears
     for k, task in enumerate("ab"):
