@@ -107,6 +107,21 @@ def _words_layout(KR, J, WARPS):
 
 
 @gluon_kernel
+def _mul_pairs(d, p, CDT: gl.constexpr, ASM: gl.constexpr):
+    """``d * p`` on the two 16-bit floats (CDT's) held in each int32, rounded once to CDT: one
+    ``mul.rn.{f16x2,bf16x2}``, or, without ASM (the interpreter), the same in fp32."""
+    if ASM:
+        if CDT == gl.float16:
+            return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [d, p],
+                                             dtype=gl.int32, is_pure=True, pack=1)
+        else:
+            return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [d, p],
+                                             dtype=gl.int32, is_pure=True, pack=1)
+    return _pack_halves(_half_value(d, 0, CDT) * _half_value(p, 0, CDT),
+                        _half_value(d, 16, CDT) * _half_value(p, 16, CDT), CDT)
+
+
+@gluon_kernel
 def _mul2(d, s2, s_f32, CDT: gl.constexpr, HALF2: gl.constexpr, S_PARTS: gl.constexpr,
           ASM: gl.constexpr):
     """``d * s`` on the two 16-bit floats (CDT's) held in each int32, rounded once to CDT: one
@@ -117,22 +132,9 @@ def _mul2(d, s2, s_f32, CDT: gl.constexpr, HALF2: gl.constexpr, S_PARTS: gl.cons
     else in fp32 by ``s_f32`` (the product of a small integer and a 16-bit scale is exact in
     fp32, so every way rounds it once, to the same value)."""
     if S_PARTS:
-        if ASM:
-            d_lo = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [d, s_f32],
-                                             dtype=gl.int32, is_pure=True, pack=1)
-            return gl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r",
-                                              [d, s2, d_lo], dtype=gl.int32, is_pure=True, pack=1)
-        # (the interpreter: both parts' products, exact in fp32, summed exactly and rounded once)
-        lo = _half_value(d, 0, CDT) * _half_value(s2, 0, CDT) + _half_value(d, 0, CDT) * _half_value(s_f32, 0, CDT)
-        hi = _half_value(d, 16, CDT) * _half_value(s2, 16, CDT) + _half_value(d, 16, CDT) * _half_value(s_f32, 16, CDT)
-        return _pack_halves(lo, hi, CDT)
+        return _fma2(d, s2, _mul_pairs(d, s_f32, CDT, ASM), CDT, ASM)
     if HALF2 and ASM:
-        if CDT == gl.float16:
-            return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [d, s2],
-                                             dtype=gl.int32, is_pure=True, pack=1)
-        else:
-            return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [d, s2],
-                                             dtype=gl.int32, is_pure=True, pack=1)
+        return _mul_pairs(d, s2, CDT, ASM)
     else:
         lo = _half_value(d, 0, CDT) * s_f32
         hi = _half_value(d, 16, CDT) * s_f32
