@@ -303,7 +303,10 @@ class EPMQStats:
     # ----------------------------------------------------------------- checks
 
     def _check_expert(self, W_expert, name, values=True):
-        check_weight(W_expert, f"expert weight of {name}", values=values)
+        if not isinstance(W_expert, LowRankExpert):  # (its parts' shapes checked when made)
+            check_weight(W_expert, f"expert weight of {name}", values=values)
+        elif values:
+            W_expert.check_values(name)
         if W_expert.shape != self.W_merged.shape:
             raise ValueError(
                 f"expert weight of {name} has shape {tuple(W_expert.shape)}, "
@@ -401,13 +404,6 @@ class EPMQStats:
             return False
         with torch.cuda.device(self._G_e.device):
             return not torch.cuda.is_current_stream_capturing()
-
-    def _check_low_rank(self, expert, name, values=True):
-        if expert.shape != self.W_merged.shape:
-            raise ValueError(f"expert weight of {name} has shape {tuple(expert.shape)}, "
-                             f"the merged weight {tuple(self.W_merged.shape)}")
-        if values:
-            expert.check_values(name)
 
     def _low_rank_route(self, experts) -> bool:
         """Whether the next tasks, of the expert weights ``experts``, take the low-rank route:
@@ -521,10 +517,7 @@ class EPMQStats:
             raise RuntimeError(f"task {self._task.name} is still open: call end_task() first")
         name = name or f"task {self._tasks_done}"
         low_rank = isinstance(W_expert, LowRankExpert)
-        if low_rank:
-            self._check_low_rank(W_expert, name, values=not values_checked)
-        else:
-            self._check_expert(W_expert, name, values=not values_checked)
+        self._check_expert(W_expert, name, values=not values_checked)
         leader = self.inputs_of
         if leader is not None and (leader._task is None or leader._tasks_done != self._tasks_done):
             raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "

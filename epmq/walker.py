@@ -1081,14 +1081,14 @@ class _Walk:
                      device=None, low_rank: bool = False):
         """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout (``like``:
         in its dtype and on its device; ``device``: on that device, in its own dtype).
-        ``low_rank``: as a ``LowRankExpert`` on ``device`` where the expert is a LoRA adapter that
-        updates the tensor so (E-PMQ's residual then costs one product for all such experts)."""
+        ``low_rank``: as a ``LowRankExpert`` on ``device`` where E-PMQ reads it so (``_low_rank_of``:
+        its residual then costs one product for all such experts)."""
         key = self.ckpt(name)
         source = self.experts[task]
         device = like.device if like is not None else device
         logged = self._reads is not None
-        if low_rank and not isinstance(key, (Part, Transposed)):  # (both str subclasses)
-            expert = source.low_rank(key, device, self._bases)
+        if low_rank:
+            expert = self._low_rank_of(task, key, device)
             if expert is not None:
                 if logged:  # (the resume log's digest: see _expert_print)
                     self._reads[(task, name)] = _low_rank_print(expert, self._base_prints)
@@ -1162,12 +1162,16 @@ class _Walk:
         (fingerprinted by ``tensor_digest``), or, where E-PMQ reads it as ``W_0 + U V`` (a LoRA
         adapter's layer on the merged path: its targets unrounded), the factors' fingerprints
         (an update below the dense tensor's rounding makes another walk)."""
-        key = self.ckpt(name)
-        if self.method == "epmq" and self.t is None and not isinstance(key, (Part, Transposed)):
-            expert = self.experts[task].low_rank(key)
-            if expert is not None:
-                return _low_rank_print(expert)
-        return self._read_expert(task, name)
+        expert = self._low_rank_of(task, self.ckpt(name))
+        return self._read_expert(task, name) if expert is None else _low_rank_print(expert)
+
+    def _low_rank_of(self, task, key, device=None):
+        """Expert ``task``'s tensor ``key`` (checkpoint name) as ``W_0 + U V`` where E-PMQ reads
+        it so: merged-path targets, a LoRA adapter's plain 2-D layer (``ExpertWeights.low_rank``;
+        the base's tensors shared while a group's tasks are read); else None."""
+        if self.method != "epmq" or self.t is not None or isinstance(key, (Part, Transposed)):
+            return None  # (Part and Transposed: str subclasses, names of a fused or [in, out] tensor)
+        return self.experts[task].low_rank(key, device, self._bases)
 
     @staticmethod
     def _own_prints(block) -> tuple:
@@ -1878,9 +1882,9 @@ class _Walk:
                 else:
                     # (on the solve's device: read there and its values checked there, by the
                     # reader: the statistics check its shape only)
-                    # (merged-path targets: a LoRA expert's layer as W_0 + U V, see LowRankExpert)
+                    # (a LoRA expert's layer as W_0 + U V where it can be: see LowRankExpert)
                     W_k = self._read_expert(task, f"{prefix}.{rel}.weight",
-                                            device=linears[rel].weight.device, low_rank=self.t is None)
+                                            device=linears[rel].weight.device, low_rank=True)
                     weight, checked = None, True
                 stats[rel].begin_task(W_k, weight=weight, name=f"task {task!r} at {prefix}.{rel}",
                                       values_checked=checked)
