@@ -136,7 +136,7 @@ def main(argv=None):
         print(result["epmq_host_profile"], flush=True)
     if args.lora_if_under is not None and time.perf_counter() - t0 < args.lora_if_under:
         del experts  # (the dense experts' memory, for the adapters' merged model)
-        lora_walks(merged, calibration, device, args, result, path)
+        lora_walk(merged, calibration, device, result, path)
     result["partial"] = False
     write_json(path, result)
     lora = (f", on LoRA adapters {result['epmq_lora_over_gptq']:.2f}" if "epmq_lora_over_gptq" in result
@@ -145,36 +145,28 @@ def main(argv=None):
     return 0
 
 
-def lora_walks(base, calibration, device, args, result, path, rank=16):
+def lora_walk(base, calibration, device, result, path, rank=16):
     """An E-PMQ walk (blocks visiting the device) whose experts are LoRA adapters of ``base``
     written in PEFT's files, the model their task arithmetic; its row into ``result`` (``method:
     epmq_lora``; no warm-up: the dense walks before it tuned the kernels for these shapes)."""
     import tempfile
 
-    import epmq
-    from epmq_lora_cpu import write_adapters
+    from epmq_lora_cpu import adapters_and_merge
 
     tasks = list(calibration)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs, merged_state = write_adapters(base, tmp, len(tasks), rank)
-        base_state = {k: v.clone() for k, v in base.state_dict().items()}
-        merged = copy.deepcopy(base)
-        merged.load_state_dict(merged_state)
-        del merged_state
-        adapters = {task: epmq.LoraExpert(d, base=base_state) for task, d in zip(tasks, dirs)}
+        adapters, merged = adapters_and_merge(base, tmp, tasks, rank)  # (the walk quantizes merged)
         try:
-            for attempt in ("timed",):
-                row = walk(copy.deepcopy(merged), "epmq", adapters, calibration, device, True)
-                print(f"epmq on {len(tasks)} LoRA adapters of rank {rank}, {attempt}: {row}", flush=True)
-                result["rows"].append(dict(method="epmq_lora", offload=True, attempt=attempt, rank=rank, **row))
-                gptq = [r for r in result["rows"]
-                        if (r["method"], r["offload"], r["attempt"]) == ("gptq", True, "timed")]
-                if attempt == "timed" and gptq:
-                    result["epmq_lora_over_gptq"] = row["walk_s"] / gptq[0]["walk_s"]
-                write_json(path, result)
+            row = walk(merged, "epmq", adapters, calibration, device, True)
         finally:
             for expert in adapters.values():
                 expert.close()
+    print(f"epmq on {len(tasks)} LoRA adapters of rank {rank}, timed: {row}", flush=True)
+    result["rows"].append(dict(method="epmq_lora", offload=True, attempt="timed", rank=rank, **row))
+    gptq = [r for r in result["rows"] if (r["method"], r["offload"], r["attempt"]) == ("gptq", True, "timed")]
+    if gptq:
+        result["epmq_lora_over_gptq"] = row["walk_s"] / gptq[0]["walk_s"]
+    write_json(path, result)
 
 
 def host_profile(merged, experts, calibration, device, top=30):

@@ -21,6 +21,7 @@ tokens of calibration per task.
 """
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -106,9 +107,21 @@ def write_adapters(base, directory, n_experts, rank, seed=3):
     return dirs, merged
 
 
+def adapters_and_merge(base, directory, tasks, rank):
+    """``(adapters, merged)``: a ``epmq.LoraExpert`` per task in ``tasks``, written by
+    :func:`write_adapters` into ``directory`` on ``base`` (a model, not written to), and a copy of
+    ``base`` holding their task arithmetic."""
+    import epmq
+
+    dirs, merged_state = write_adapters(base, directory, len(tasks), rank)
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(merged_state)
+    adapters = {task: epmq.LoraExpert(d, base=base.state_dict()) for task, d in zip(tasks, dirs)}
+    return adapters, merged
+
+
 def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
     """Seconds of whole walks (best of ``repeats``): GPTQ, E-PMQ on adapters, E-PMQ on dense."""
-    import copy
     import tempfile
 
     import epmq
@@ -119,13 +132,9 @@ def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
         vocab_size=2048, max_position_embeddings=256)).eval()
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
     g = torch.Generator().manual_seed(4)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs, merged_state = write_adapters(base, tmp, n_experts, rank)
-        merged = copy.deepcopy(base)
-        merged.load_state_dict(merged_state)
-        adapters = {f"task{t}": epmq.LoraExpert(d, base=base_state) for t, d in enumerate(dirs)}
+        adapters, merged = adapters_and_merge(base, tmp, [f"task{t}" for t in range(n_experts)], rank)
         dense = {}  # (the same experts saved whole, read from files as the adapters are)
         from safetensors.torch import save_file
 
