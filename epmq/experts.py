@@ -140,9 +140,11 @@ class ExpertWeights:
         so (``LoraExpert.low_rank``; ``bases``: its base's tensors shared with other adapters'),
         the parts' values checked; else None."""
         lora = self.reader.lora
+        shared = {id(t) for t in bases.values()} if bases else set()  # (W_0s checked already)
         expert = None if lora is None else lora.low_rank(self._require(name), device, bases)
         if expert is not None:
-            expert.check_values(f"of task {self.task!r} ({self.description}) for {name!r}")
+            expert.check_values(f"of task {self.task!r} ({self.description}) for {name!r}",
+                                ("U", "V") if id(expert.W_0) in shared else ("W_0", "U", "V"))
         return expert
 
 
