@@ -238,12 +238,13 @@ class EPMQStats:
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
         self._task: Optional[_Task] = None
         self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
-        # Low-rank experts (LowRankExpert) of one W_0: that W_0 while every task so far is one,
-        # and how many such tasks are folded in, whose product (W_0 - W_m) H_k is owed, as one
-        # (W_0 - W_m) H_e, until the statistics are read (_take_owed)
+        # Low-rank experts (LowRankExpert) of one W_0: that W_0 while every task so far is one;
+        # the product (W_0 - W_m) H_k of those folded in is owed, as one (W_0 - W_m) H_e, until
+        # the statistics are read (_take_owed)
         self._base: Optional[torch.Tensor] = None
-        self._owed = 0
-        self.low_rank_tasks = 0  # tasks whose residual was taken as W_0 + U V (reported)
+        # (tasks whose residual was taken as W_0 + U V, reported; while _base is set, those whose
+        # product is owed: no such task comes once it is taken)
+        self.low_rank_tasks = 0
         self._dense_only = False  # a task of another kind came: every later one is taken dense
         self._H_e_on_side = False  # the side stream may still read H_e (the owed product)
 
@@ -431,7 +432,7 @@ class EPMQStats:
         if self._base is None:
             return
         leader = self.inputs_of
-        if self._owed and leader is not None and leader._tasks_done != self._tasks_done:
+        if self.low_rank_tasks and leader is not None and leader._tasks_done != self._tasks_done:
             raise RuntimeError(
                 f"this layer's statistics read, or a task of another kind begun, where it has ended "
                 f"{self._tasks_done} tasks and the layer whose inputs (H_e) it shares {leader._tasks_done}: "
@@ -441,7 +442,7 @@ class EPMQStats:
         W_0 = base.to(device=self._G_e.device)
         # (nothing to take where none is folded yet, or where the merge left the base as it was,
         # W_m = W_0: a layer no adapter updates)
-        if self._owed and not _same_tensor(W_0, self.W_merged):
+        if self.low_rank_tasks and not _same_tensor(W_0, self.W_merged):
             self.join()  # (G_e: after any product already on the side stream)
             args = (self._G_e, W_0, self.W_merged, self.H_e, 1.0)
             # (on the side stream only for an H_e of its own: the layer whose inputs it shares
@@ -456,7 +457,7 @@ class EPMQStats:
             self._c_e_unread = self._c_e_unread + [(1.0, trace)]
         # (owed until taken: a product that ran out of memory is owed by the CPU copy the walker
         # retries on)
-        self._base, self._owed, self._dense_only = None, 0, True
+        self._base, self._dense_only = None, True
         task = self._task
         if task is not None and isinstance(task.W, LowRankExpert):
             task.W = task.W.dense(self._G_e.device, self.dtype)
@@ -477,7 +478,6 @@ class EPMQStats:
         with ieee_fp32_matmul():  # (whatever the caller set for TF32)
             self._G_e.addmm_(U, C, alpha=a)
         self._c_e_unread = self._c_e_unread + [(a, trace)]
-        self._owed += 1
         self.low_rank_tasks += 1
 
     def _fold(self, W_expert, H_k, G_k, c_k, a, name, *, holds=True):
