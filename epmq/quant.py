@@ -24,6 +24,7 @@ deficient. The identities of EPMQ_MATH.md hold exactly for ``percdamp = 0`` (and
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -149,6 +150,7 @@ def _unpermute(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- RTN
 
 
+@torch.no_grad()  # (inputs that track gradients: the solve is not differentiable)
 def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -> QuantResult:
     """Round to nearest on the grid of ``spec`` (groups in the stored column order)."""
     t0 = time.perf_counter()
@@ -157,8 +159,8 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
     _check_spec(spec)
     if H is not None:
         check_hessian(H, d_in)
-    target = W.float()
-    group_size = d_in if spec.group_size == -1 else spec.group_size
+    target = W.detach().float()
+    group_size = max(d_in, 1) if spec.group_size == -1 else spec.group_size  # (1: no inputs)
     scales, zeros = find_group_params(target, group_size, spec.bits, spec.sym)
     g_idx = torch.arange(d_in, device=W.device) // group_size
     scale, zero = scales[:, g_idx], zeros[:, g_idx]
@@ -438,7 +440,7 @@ def _round_target(
     if not bool(live.any()):
         damp = 0.0  # (of the placeholder diagonal: there is no H to damp)
 
-    W_base = W_base.float()
+    W_base = W_base.detach().float()
     W_p = W_base if perm is None else W_base[:, perm]
     R_p = None
     if G is not None:
@@ -450,6 +452,9 @@ def _round_target(
         G = G() if callable(G) else G
         G_p = G.float() if perm is None else G.float()[:, perm]
         R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True, mm=mm), Hinv32, mm=mm)
+        if not all_finite(R_p):  # (each expert finite, their products in float32 not: W_0 + U V)
+            raise ValueError("E-PMQ's residual correction R = G H^-1 has non-finite values: the "
+                             "experts' weights (or W_0 + U V of a low-rank expert) overflow float32")
     target_p = W_p if R_p is None else W_p + R_p
     target = target_p if perm is None else _unpermute(target_p, perm)
     dead_p = dead if perm is None else dead[perm]
@@ -461,7 +466,7 @@ def _round_target(
     if group_size == -1 or spec.static_groups:
         # static grid: parameters from the original target's live columns, groups in stored
         # column order
-        gs = d_in if group_size == -1 else group_size
+        gs = max(d_in, 1) if group_size == -1 else group_size  # (1: a layer of no inputs)
         live_target = target.masked_fill(dead, 0.0) if any_dead else target
         scales, zeros = find_group_params(live_target, gs, spec.bits, spec.sym)
         g_idx = torch.arange(d_in, device=device) // gs
@@ -494,7 +499,8 @@ def _round_target(
         F_p.masked_fill_(dead_p, 0.0)
     F_sq = float(torch.linalg.vector_norm(F_p, dtype=torch.float64)) ** 2
     loss = solved_loss(out) - damp * F_sq
-    if loss < F_sq * mean_diag * MEASURE_LOSS_BELOW:
+    overflowed = not math.isfinite(loss)  # (the solver's squared errors in float32: |err| > 1.8e19)
+    if overflowed or loss < F_sq * mean_diag * MEASURE_LOSS_BELOW:
         # F lies in H's weak directions (H of low rank, fewer tokens than inputs: an MoE expert
         # few tokens reached): the solver's fp32 rounding, set by the damped H's conditioning, is
         # no longer small against a loss GPTQ drives toward 0 (2.9e-4 of it at 8 bits, one
@@ -504,7 +510,7 @@ def _round_target(
         # by 1.3e-5 of its loss (a failed CI run); at 1/8 the worst of 3,240 was off by 2.1e-7.
         # Full-rank problems sit at 0.1-0.6 (heavy-tailed scales with act-order lower: measured).
         F = F_p if perm is None else _unpermute(F_p, perm)
-        loss = _objective(F, H, dtype=torch.float64 if _fp64_is_fast(device) else torch.float32)
+        loss = _objective(F, H, dtype=torch.float64 if overflowed or _fp64_is_fast(device) else torch.float32)
         del F
     del F_p
     if any_dead:
@@ -535,6 +541,7 @@ def _round_target(
 # --------------------------------------------------------------------------- GPTQ
 
 
+@torch.no_grad()
 def gptq(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -557,6 +564,7 @@ def gptq(
 # --------------------------------------------------------------------------- E-PMQ
 
 
+@torch.no_grad()
 def epmq(
     W_merged: torch.Tensor,
     expert_weights: Sequence[torch.Tensor],
@@ -646,6 +654,7 @@ def _fp32_floor(backend: str, residual_precision: str) -> str:
     return "tf32x3" if residual_precision == "tf32x3" else "bf16x3"
 
 
+@torch.no_grad()
 def epmq_from_stats(
     stats: EPMQStats,
     spec: QuantSpec,

@@ -62,9 +62,11 @@ def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor
     # [u^T H v, v^T H u]: the columns of vu swapped, times H_vu, summed down
     uHv, vHu = (vu.flip(1) * H_vu).sum(dim=0)
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)
-    return torch.stack([t.to(dtype) for t in (
-        lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, torch.linalg.vector_norm(H_vu[:, 0]),
-        diag.sum())]).to(torch.float64)
+    numbers = torch.stack([t.to(dtype) for t in (
+        lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, diag.sum())]).to(torch.float64)
+    # |H v| in float64: its square neither underflows nor overflows (as in the kernel)
+    Hv_norm = torch.linalg.vector_norm(H_vu[:, 0].double()).reshape(1)
+    return torch.cat([numbers[:5], Hv_norm, numbers[5:]])
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _scan_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Rows [pid * BLOCK_R, ...) of H, all of their columns: the program's shares of the
-    numbers (lo, hi, min of the diagonal, zero diagonal entries, u^T H v, v^T H u, |H v|^2,
+    numbers (lo, hi, min of the diagonal, zero diagonal entries, u^T H v, v^T H u, |H v|,
     trace, NaN seen)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -115,7 +117,10 @@ def _scan_kernel(
     tl.store(out + 3, tl.sum(tl.where(r_ok & (diag == 0), 1.0, 0.0), axis=0).to(ty))
     tl.store(out + 4, tl.sum(u_r * Hv_r, axis=0))
     tl.store(out + 5, tl.sum(v_r * Hu_r, axis=0))
-    tl.store(out + 6, tl.sum(Hv_r * Hv_r, axis=0))
+    # |H v| of the rows: squares in float64, which neither underflows nor overflows for a
+    # float32 H v (a scaled Gram matrix, 1e-30 X X^T, must pass the symmetry test it feeds)
+    Hv_64 = Hv_r.to(tl.float64)
+    tl.store(out + 6, tl.sqrt(tl.sum(Hv_64 * Hv_64, axis=0)).to(ty))
     tl.store(out + 7, tl.sum(diag, axis=0))
     tl.store(out + 8, tl.max(tl.max(nan, axis=1), axis=0).to(ty))
 
@@ -130,7 +135,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     dead = tl.zeros([BLOCK], ty)
     uHv = tl.zeros([BLOCK], ty)
     vHu = tl.zeros([BLOCK], ty)
-    Hv_sq = tl.zeros([BLOCK], ty)
+    Hv_sq = tl.zeros([BLOCK], tl.float64)
     trace = tl.zeros([BLOCK], ty)
     nan = tl.zeros([BLOCK], ty)
     for p0 in range(0, n_programs, BLOCK):
@@ -143,7 +148,8 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
         dead += tl.load(row + 3, mask=ok, other=0.0)
         uHv += tl.load(row + 4, mask=ok, other=0.0)
         vHu += tl.load(row + 5, mask=ok, other=0.0)
-        Hv_sq += tl.load(row + 6, mask=ok, other=0.0)
+        Hv_p = tl.load(row + 6, mask=ok, other=0.0).to(tl.float64)  # (each program's |H v|)
+        Hv_sq += Hv_p * Hv_p
         trace += tl.load(row + 7, mask=ok, other=0.0)
         nan = tl.maximum(nan, tl.load(row + 8, mask=ok, other=0.0))
     has_nan = tl.max(nan, axis=0) > 0
@@ -153,7 +159,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     tl.store(numbers + 2, tl.min(dmin, axis=0).to(tl.float64))
     tl.store(numbers + 3, tl.sum(dead, axis=0).to(tl.float64))
     tl.store(numbers + 4, (tl.sum(uHv, axis=0) - tl.sum(vHu, axis=0)).to(tl.float64))
-    tl.store(numbers + 5, tl.sqrt(tl.sum(Hv_sq, axis=0)).to(tl.float64))
+    tl.store(numbers + 5, tl.sqrt(tl.sum(Hv_sq, axis=0)))
     tl.store(numbers + 6, tl.sum(trace, axis=0).to(tl.float64))
 
 

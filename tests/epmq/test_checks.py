@@ -63,6 +63,22 @@ def test_hessian_must_be_symmetric(d):
         check_hessian(H + torch.randn(d, d, generator=g).fill_diagonal_(0) * 0.01 * float(H.norm()) / d, d)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e18, 1e30])
+def test_the_symmetry_test_is_scale_free(scale):
+    """A float32 Gram matrix of any scale passes and a lopsided one fails: |H v|'s square,
+    in float32, underflowed to 0 below ~1e-24 x (a symmetric H refused) and overflowed to inf
+    above ~1e17 x (any H accepted)."""
+    g = torch.Generator().manual_seed(7)
+    d = 37
+    X = torch.randn(80, d, generator=g) * (0.5 + torch.rand(d, generator=g))
+    H = (X.T @ X).double()
+    check_hessian((H * scale).float(), d)
+    bad = H.clone()
+    bad[0, 1:] += 50.0  # row 0 changed, column 0 not
+    with pytest.raises(ValueError, match="H is not symmetric"):
+        check_hessian((bad * scale).float(), d)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_hessians_that_are_symmetric_pass(dtype):
     """(Checked in fp32: bf16 products' rounding, 4e-3, rejected a third of these.)"""

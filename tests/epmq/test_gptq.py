@@ -600,3 +600,39 @@ def test_subnormal_weights_are_quantized(gen, spec):
             assert (res.zeros >= 0).all() and (res.zeros <= spec.maxq).all()
             assert res.loss == res.loss  # (not NaN)
             assert torch.equal(res.weight[:3], torch.zeros(3, 16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inputs_that_track_gradients(gen, backend):
+    """A Hessian of activations computed with autograd on, and a weight that is a parameter:
+    the solves run (no autograd through the factorization) and their results hold no graph."""
+    lin = torch.nn.Linear(64, 8)
+    X = torch.nn.Linear(64, 64)(torch.randn(100, 64, generator=gen))
+    H = X.T @ X
+    assert H.requires_grad
+    spec = QuantSpec(bits=4, group_size=32)
+    W = lin.weight
+    for result in (quant.gptq(W, H, spec, backend=backend),
+                   quant.epmq(W, [W.detach() + 0.1], [H], spec, backend=backend),
+                   quant.rtn(W, spec, H=H)):
+        assert not result.weight.requires_grad and not result.target.requires_grad
+        assert result.weight.grad_fn is None
+
+
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_a_layer_of_no_inputs(group_size):
+    W, H = torch.randn(4, 0), torch.zeros(0, 0)
+    spec = QuantSpec(bits=4, group_size=group_size)
+    for result in (quant.rtn(W, spec), quant.gptq(W, H, spec, backend="torch")):
+        assert result.weight.shape == (4, 0) and result.codes.shape == (4, 0)
+
+
+def test_a_loss_beyond_float32s_squares_is_measured(gen):
+    """Errors above 1.8e19 square to inf in the solver's float32: the loss is then measured in
+    float64, not reported as inf."""
+    W, H = random_problem(gen, d_out=6, d_in=37, n=80)
+    W = W * 1e20
+    for backend in ("torch", "triton"):
+        result = quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), backend=backend)
+        E = (result.weight - result.target).double()
+        assert result.loss == pytest.approx(float(torch.trace(E @ H.double() @ E.T)), rel=1e-5)

@@ -1205,3 +1205,19 @@ def test_cuda_low_rank_experts_with_the_owed_product_on_a_late_side_stream(gen, 
     assert (got.codes == want.codes).float().mean() > 0.99
     torch.testing.assert_close(got.target, want.target, rtol=1e-3, atol=1e-3 * float(want.target.abs().max()))
     assert got.expert_loss == pytest.approx(want.expert_loss, rel=1e-3)
+
+
+def test_a_low_rank_expert_beyond_float32_is_a_clear_error():
+    """Finite factors whose W_0 + U V overflows float32 (the statistics, in float64 on the
+    CPU, hold it; R, in float32, does not): a clear error, as the same expert dense gets, not
+    NaN weights."""
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(40, 24, generator=g)
+    W_0 = torch.randn(5, 24, generator=g)
+    expert = LowRankExpert(W_0, torch.randn(5, 2, generator=g) * 1e25,
+                                torch.randn(2, 24, generator=g) * 1e25)
+    spec = QuantSpec(bits=4, group_size=8)
+    with pytest.raises(ValueError, match="non-finite"):
+        quant.epmq(W_0, [expert], [X.T @ X], spec)
+    with pytest.raises(ValueError, match="non-finite"):
+        quant.epmq(W_0, [expert.dense()], [X.T @ X], spec)
