@@ -33,7 +33,7 @@ def packed_length(length: int, bits: int) -> int:
 
 
 def _check_bits(bits):
-    if bits not in SUPPORTED_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
 
 
@@ -52,12 +52,10 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.is_floating_point() or codes.is_complex():
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     K, N = codes.shape
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(
-            f"{bits}-bit codes must lie in 0..{2**bits - 1}, got [{int(codes.min())}, {int(codes.max())}]"
-        )
+    q = codes.to(torch.int64)  # (first: torch has no min or max of uint16..uint64 tensors)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
+        raise ValueError(f"{bits}-bit codes must lie in 0..{2**bits - 1}, got [{int(q.min())}, {int(q.max())}]")
     word, shift = _positions(K, bits, codes.device)
-    q = codes.to(torch.int64)
     words = torch.zeros(packed_length(K, bits), N, dtype=torch.int64, device=codes.device)
     # The codes of one word occupy disjoint bits, so adding them is OR-ing them. A code that
     # crosses into the next word leaves its high bits there (the part shifted past bit 31).

@@ -54,6 +54,8 @@ except ImportError:  # pragma: no cover
 # ~0.2 ms a row for 4096 x 4096 on 2 cores (26 ms at 128 rows, 105 ms at 512), the dequantized
 # bf16 path ~50 ms whatever the rows up to a few hundred.
 CPU_INT4_MAX_ROWS = 128
+# Activations the CUDA W4A16 kernel takes (others, float64, take the dequantized product)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _is_fake(x: torch.Tensor) -> bool:
@@ -315,7 +317,7 @@ class QuantLinear(nn.Module):
         if (kernels and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and _cpu_int4_mm is not None and x.numel() <= CPU_INT4_MAX_ROWS * self.in_features):
             plan = self._cpu_int4(x.dtype)
-        if kernels and x.is_cuda and w4a16_matmul is not None and self._whole_groups():
+        if kernels and x.is_cuda and w4a16_matmul is not None and self._kernel_takes(x):
             y = w4a16_matmul(x, self.qweight, self.scales, self._zeros_u8(), self.group_size, self.g_idx)
         elif plan is not None:
             packed, scales_and_zeros, group, perm = plan
@@ -333,17 +335,19 @@ class QuantLinear(nn.Module):
         """Whether the last group is shorter (a group size that does not divide the inputs)."""
         return self.group_size != -1 and self.in_features % self.group_size != 0
 
-    def _whole_groups(self) -> bool:
-        """Whether the W4A16 kernel takes this layout (K a multiple of 8 and of the group size;
-        a shorter last group takes the dequantized product)."""
-        return self.in_features % 8 == 0 and not self.ragged
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """Whether the W4A16 kernel takes ``x`` with this layout: K a positive multiple of 8 and
+        of the group size, 16- or 32-bit floats. A shorter last group, float64 and a layer
+        without inputs take the dequantized product, as on the CPU."""
+        return (x.dtype in _KERNEL_DTYPES and self.in_features > 0 and self.in_features % 8 == 0
+                and not self.ragged)
 
     def _traced_product(self, x: torch.Tensor, kernels: bool) -> torch.Tensor:
         """The product ``torch.compile`` traces: no host-side caches (data pointers, versions)
         and no branch on the buffers' values, so no graph break. On CUDA the W4A16 kernel as a
         custom op; elsewhere the weight dequantized by a gather on ``g_idx`` (the compiler fuses
         it with the product)."""
-        if kernels and x.is_cuda and w4a16_matmul_op is not None and self._whole_groups():
+        if kernels and x.is_cuda and w4a16_matmul_op is not None and self._kernel_takes(x):
             zeros = self.zeros().to(torch.uint8)
             y = w4a16_matmul_op(x, self.qweight, self.scales, zeros, self.group_size, self.g_idx)
         else:

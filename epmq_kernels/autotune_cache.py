@@ -11,12 +11,13 @@ space, e.g. ``w4a16__nvidia-h100-80gb-hbm3__triton-3.8.0__space-1a2b3c4d.json``;
 space in the kernel file (or upgrading Triton) therefore starts a fresh file instead of reusing
 configs timed for other code. Inside, ``entries`` maps a shape-bucket key to a config dict.
 
-Writes are atomic (temporary file, then ``os.replace``) and merge with what is on disk, so
-processes tuning at the same time lose at most one another's newest entries, never the file.
+Writes are atomic (temporary file, then ``os.replace``) and merge with what is on disk under a
+lock file (``fcntl``), so processes tuning at the same time keep one another's entries.
 ``EPMQ_AUTOTUNE=0`` turns timing off: cached configs are still used, misses take the family's
 first valid config.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,11 @@ import threading
 import torch
 import triton
 import triton.testing
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
 
 
 def cache_dir():
@@ -94,33 +100,53 @@ class DiskCache:
             if self._entries is None:
                 self._entries = self._read()
             self._entries[key] = config
-            merged = self._read()
-            merged.update(self._entries)
-            self._entries = merged
-            data = {
-                "family": self.family,
-                "gpu": self.gpu_name,
-                "triton": triton.__version__,
-                "torch": torch.__version__,
-                "space": self.space,
-                "entries": merged,
-            }
-            tmp = None
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
-                tmp = None
+                with _file_lock(self.path + ".lock"):
+                    # (under the lock, what other processes wrote is read and kept)
+                    merged = self._read()
+                    merged.update(self._entries)
+                    self._entries = merged
+                    self._write(merged)
             except OSError:
                 pass  # a read-only home is no reason to fail a matmul; the memory copy stays
-            finally:
-                if tmp is not None:  # (a failed write, whatever failed, leaves no temporary)
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
+
+    def _write(self, entries):
+        data = {
+            "family": self.family,
+            "gpu": self.gpu_name,
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "space": self.space,
+            "entries": entries,
+        }
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o644)  # (mkstemp's 0600 would hide a shared cache from its other users)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            tmp = None
+        finally:
+            if tmp is not None:  # (a failed write, whatever failed, leaves no temporary)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive lock between processes (``fcntl``; where there is none, no lock: writers
+    may then lose one another's entries, never the file)."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _caches = {}

@@ -1154,6 +1154,8 @@ def dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx=None, dtype
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
     q = ((qweight.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(K, N)
     g = _row_groups(K, group_size, g_idx, qweight.device)
+    if g_idx is not None and g.numel() and not (0 <= int(g.min()) and int(g.max()) < scales.shape[0]):
+        raise ValueError(f"g_idx values must lie in [0, {scales.shape[0]}) (the groups of scales)")
     z = zeros.to(torch.int64)[g]
     return (q - z).to(dtype) * scales.to(dtype)[g]
 
@@ -1189,8 +1191,8 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
     if qweight.dtype != torch.int32:
         raise ValueError(f"qweight must be int32 (eight int4 codes per word), got {qweight.dtype}")
     if qweight.dim() != 2 or qweight.shape[0] * 8 != K:
-        raise ValueError(f"qweight must be [K // 8, N] = [{K // 8}, N] for K = {K}, "
-                         f"got {tuple(qweight.shape)}")
+        raise ValueError(f"qweight must be [K // 8, N] = [{K // 8}, N] for K = {K} (the last dim "
+                         f"of x), got {tuple(qweight.shape)}: x and the weight do not match")
     N = qweight.shape[1]
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise ValueError(f"group_size must be an int, got {group_size!r}")
@@ -1558,8 +1560,17 @@ def _choose(paths, x2, entry):
             gen = torch.Generator(device=x2.device).manual_seed(0)
             x_probe = torch.randn(x2.shape, generator=gen, device=x2.device).to(x2.dtype)
             qweight, scales, zeros, g_idx = entry.tensors()
-            y_ref = w4a16_matmul_reference(x_probe, qweight, scales, zeros, entry.group_size,
-                                           g_idx if entry.permuted else None, dtype=torch.float32)
+            g = g_idx if entry.permuted else None
+            y_ref = w4a16_matmul_reference(x_probe, qweight, scales, zeros, entry.group_size, g,
+                                           dtype=torch.float32)
+            # large weights (|W| ~ 1e3 at K = 4096) make a unit probe's product overflow x's
+            # dtype in every candidate: the probe scaled by a power of two until it fits
+            room = torch.finfo(x2.dtype).max / 16
+            peak = float(y_ref.abs().max()) if y_ref.numel() else 0.0
+            if math.isfinite(peak) and peak > room:
+                x_probe = x_probe * 2.0 ** -math.ceil(math.log2(peak / room))
+                y_ref = w4a16_matmul_reference(x_probe, qweight, scales, zeros, entry.group_size, g,
+                                               dtype=torch.float32)
             probe.append((x_probe, torch.empty_like(scratch), y_ref))
         x_probe, y, y_ref = probe[0]
         if not bool(torch.isfinite(y_ref).all()):
@@ -2390,8 +2401,10 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     codes biased by 128 and takes the bias off afterwards, so an activation of |x| beyond ~1e3
     next to a code near its zero point costs more than the output's rounding (fp16 x = 6e4:
     0.06 absolute against 6e-4); fp32 activations take an exact path instead. The tensor-core
-    paths use the scales in the activations' dtype: keep scales in float16's normal range
-    (the checkpoint format's dtype) for fp16 activations.
+    paths use the scales in the activations' dtype, and those of M > 16 dequantize into it:
+    for fp16 activations keep the scales in float16's normal range (the checkpoint format's
+    dtype) and the weights ``(q - z) s`` within float16's range, as an fp16 model's are (beyond
+    it those paths give inf where the GEMV does not; bf16 and fp32 activations have the room).
 
     The first call with a set of weight tensors checks every argument; later calls with the
     same tensors (unchanged: same objects, data pointers and versions) and activations of the

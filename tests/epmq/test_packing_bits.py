@@ -76,3 +76,14 @@ def test_bad_input():
         pack_rows(torch.zeros(8, 2, dtype=torch.int32), 5)
     with pytest.raises(ValueError, match="take 3 words"):
         unpack_rows(torch.zeros(2, 1, dtype=torch.int32), 3, 32)
+    for bits in (4.0, True):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            pack_rows(torch.zeros(8, 2, dtype=torch.int32), bits)
+    with pytest.raises(ValueError, match="must lie in 0..15"):
+        pack_rows(torch.full((8, 2), 16).to(torch.uint16), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16])
+def test_codes_of_every_integer_dtype(dtype, gen):
+    codes = torch.randint(0, 16, (24, 5), generator=gen)
+    assert torch.equal(pack_rows(codes.to(dtype), 4), pack_rows(codes, 4))

@@ -222,6 +222,33 @@ def test_cuda_inputs_that_need_a_gradient_get_one(gen):
     torch.testing.assert_close(x.grad, layer._weight_kn(torch.float16).sum(1).expand(7, -1))
 
 
+class _LooksCuda(torch.Tensor):
+    """A CPU tensor the layer takes for a CUDA one: which product its CUDA branch picks."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_cuda_branch_gives_the_kernel_only_what_it_takes(monkeypatch, gen):
+    """float64 inputs and a layer without inputs take the dequantized product on CUDA, as on
+    the CPU (the kernel refuses them); 16- and 32-bit floats take the kernel."""
+    import epmq.qlinear as qlinear
+
+    called = []
+    monkeypatch.setattr(qlinear, "w4a16_matmul", lambda x, *a, **k: called.append(x.dtype) or
+                        torch.zeros(*x.shape[:-1], a[0].shape[1], dtype=x.dtype))
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen), None)
+    x = torch.randn(3, 64, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(layer.double()(x.as_subclass(_LooksCuda)).as_subclass(torch.Tensor),
+                               layer(x))
+    empty = epmq.QuantLinear(0, 16, bits=4, group_size=-1, bias=False)
+    assert empty(torch.randn(2, 0).as_subclass(_LooksCuda)).shape == (2, 16)
+    assert called == []
+    layer.float()(x.float().as_subclass(_LooksCuda))
+    assert called == [torch.float32]
+
+
 def test_scales_that_overflow_float16_are_refused(gen):
     result = quant.rtn(torch.randn(8, 32, generator=gen) * 1e7, epmq.QuantSpec(bits=4, group_size=16))
     with pytest.raises(ValueError, match="overflow float16"):

@@ -1024,6 +1024,12 @@ def test_bad_arguments_raise(gen):
     for changes, message in cases:
         with pytest.raises(ValueError, match=message):
             call(**changes)
+    # the exported reference refuses them too (a negative index read Python's way is no group)
+    for bad in (g_idx + 1, g_idx - 1):
+        with pytest.raises(ValueError, match=r"g_idx values must lie in \[0, 2\)"):
+            w4a16_matmul_reference(x, qweight, scales, zeros, 32, bad)
+    with pytest.raises(ValueError, match="last dim of x"):
+        call(x=torch.randn(2, 72))
     with pytest.raises(ValueError, match="path"):
         w4a16_matmul(x, qweight, scales, zeros, 32, path="gemm2")
     with pytest.raises(ValueError, match="backend"):
@@ -1152,12 +1158,13 @@ def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
         autotune_cache.tune(cache, "other", space, lambda c: ms[c["BLOCK"]], verify=lambda c: False)
 
 
-@pytest.mark.parametrize("tuning_x", ["random", "zeros", "nan", "huge"])
+@pytest.mark.parametrize("tuning_x", ["random", "zeros", "nan", "huge", "large_weights"])
 def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
     """``_choose`` (the tuner, run here under the interpreter with its timing replaced) never
     keeps a wrong config, even the fastest, and judges on a fixed random activation of its own:
     a caller's tuning call of zeros (which every config gets right), NaN or overflowing values
-    (which none can be checked on) neither hides a wrong config nor rejects every config."""
+    (which none can be checked on) neither hides a wrong config nor rejects every config; nor
+    do weights so large (|W| up to 16000) that a unit activation's product overflows fp16."""
     import triton
 
     monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
@@ -1210,7 +1217,10 @@ def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
 
     monkeypatch.setattr(autotune_cache, "tune", recording_tune)
     qweight, scales, zeros, _ = make_problem(gen, 128, 40, 32)
-    x = {"random": torch.randn(1, 128, generator=gen), "zeros": torch.zeros(1, 128),
+    if tuning_x == "large_weights":
+        scales = torch.full_like(scales, 1000.0)
+    x = {"large_weights": 1e-3 * torch.randn(1, 128, generator=gen),
+         "random": torch.randn(1, 128, generator=gen), "zeros": torch.zeros(1, 128),
          "nan": torch.full((1, 128), float("nan")),
          "huge": torch.full((1, 128), 60000.0)}[tuning_x].half()
     entry = W._entry_for(qweight, scales, zeros, None, 32, 128, 40, 4)
@@ -1898,6 +1908,31 @@ def test_autotune_cache_merges_the_entries_of_other_processes(tmp_path, monkeypa
     second.put("b", space[1])
     third = autotune_cache.DiskCache("w4a16", "gpu", space)
     assert third.get("a") == space[0] and third.get("b") == space[1]
+
+
+def _put_many(directory, tag, n):
+    os.environ["EPMQ_CACHE_DIR"] = directory
+    cache = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
+    for i in range(n):
+        cache.put(f"{tag}{i}", AUTOTUNE_SPACE["gemv"][i % 3])
+
+
+def test_processes_writing_the_cache_at_once_keep_every_entry(tmp_path, monkeypatch):
+    """Two processes putting 60 entries each at the same time: the file ends with all 120 (its
+    read, merge and write under a lock file), readable by others (0644, not mkstemp's 0600)."""
+    import multiprocessing
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_put_many, args=(str(tmp_path), tag, 60)) for tag in "ab"]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=300)
+        assert w.exitcode == 0
+    cache = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
+    assert all(cache.get(f"{tag}{i}") is not None for tag in "ab" for i in range(60))
+    assert os.stat(cache.path).st_mode & 0o777 == 0o644
 
 
 def test_a_cached_config_outside_the_candidates_is_not_used(tmp_path, monkeypatch):
