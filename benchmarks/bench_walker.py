@@ -20,6 +20,9 @@ JSON (``walker-<card>.json``) is rewritten after every walk, so a run cut short 
 measured. ``--device cpu`` runs the same on the CPU (small shapes: a check of the script).
 ``--profile-host-if-under S``: where the E-PMQ walk's host time goes (a third walk under
 cProfile, its top functions in the JSON as ``epmq_host_profile``), if the walks left time.
+``--in-line-reads-if-under S``: then, if the run has taken under S seconds, the timed E-PMQ walk
+once more with the experts' weights read in line (``epmq.walker.EXPERT_READ_AHEAD_BYTES = 0``):
+``read_ahead_speedup``, what reading them ahead in pinned memory (``epmq.read_ahead``) saves.
 ``--lora-if-under S``: then, if the run has taken under S seconds, an E-PMQ walk (timed: the
 dense walks tuned the kernels for these shapes) whose experts are ``--tasks`` PEFT-format LoRA
 adapters of rank 16 on every linear of the model taken as their base (the merged model their
@@ -89,7 +92,28 @@ def walk(model, method, experts, calibration, device, offload):
         shared_hessians=sum("hessian_of" in layer for layer in layers),
         loss=sum(layer["loss"] for layer in layers),
         peak_gpu_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        expert_read_s=model.epmq_report.expert_read_seconds,
     )
+
+
+def in_line_walk(merged, experts, calibration, device, result, path):
+    """The E-PMQ walk (timed) with the experts' weights read in line, not ahead of the walk in
+    pinned memory (``EXPERT_READ_AHEAD_BYTES = 0``): ``read_ahead_speedup``, what the read-ahead
+    makes of the walk."""
+    import epmq.walker as walker
+
+    default = walker.EXPERT_READ_AHEAD_BYTES
+    walker.EXPERT_READ_AHEAD_BYTES = 0
+    try:
+        row = walk(copy.deepcopy(merged), "epmq", experts, calibration, device, True)
+    finally:
+        walker.EXPERT_READ_AHEAD_BYTES = default
+    print(f"epmq, experts read in line, timed: {row}", flush=True)
+    result["rows"].append(dict(method="epmq_in_line_reads", offload=True, attempt="timed", **row))
+    ahead = [r for r in result["rows"] if (r["method"], r["offload"], r["attempt"]) == ("epmq", True, "timed")]
+    if ahead:
+        result["read_ahead_speedup"] = row["walk_s"] / ahead[0]["walk_s"]
+    write_json(path, result)
 
 
 def main(argv=None):
@@ -105,6 +129,9 @@ def main(argv=None):
     parser.add_argument("--profile-host-if-under", type=float, default=None, metavar="S",
                         help="if the walks took under S seconds, walk E-PMQ (blocks visiting the device) "
                              "once more under cProfile: where its host time goes, into the JSON")
+    parser.add_argument("--in-line-reads-if-under", type=float, default=None, metavar="S",
+                        help="if the run took under S seconds, the E-PMQ walk once more with the experts "
+                             "read in line (no read-ahead)")
     parser.add_argument("--lora-if-under", type=float, default=None, metavar="S",
                         help="if the run took under S seconds, E-PMQ walks on LoRA adapters as experts")
     args = parser.parse_args(argv)
@@ -134,6 +161,8 @@ def main(argv=None):
     if args.profile_host_if_under is not None and time.perf_counter() - t0 < args.profile_host_if_under:
         result["epmq_host_profile"] = host_profile(merged, experts, calibration, device)
         print(result["epmq_host_profile"], flush=True)
+    if args.in_line_reads_if_under is not None and time.perf_counter() - t0 < args.in_line_reads_if_under:
+        in_line_walk(merged, experts, calibration, device, result, path)
     if args.lora_if_under is not None and time.perf_counter() - t0 < args.lora_if_under:
         del experts  # (the dense experts' memory, for the adapters' merged model)
         lora_walk(merged, calibration, device, result, path)

@@ -88,12 +88,14 @@ step bench-solver 85 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --bud
 # the threshold counts from after its ~6 s of start-up, and the profiled walk takes ~1.4x a timed
 # one, ~5 s: 58 s leaves the step's 75 s with room; at 52 it would not have run, the walks and
 # the model's build took 52.4 s on 2026-12-04)
+# then, if the run is under 54 s (not on 2026-12-04's timings: it waits for faster walks), the
+# timed E-PMQ walk again with the experts read in line (read_ahead_speedup, ~3 s);
 # then, if the run is under 60 s, an E-PMQ walk on 8 LoRA adapters as experts (about 6 s with
 # writing them, 4 s of it on this machine's 2 cores: the low-rank route's walk ratio,
 # epmq_lora_over_gptq; after the walks and the profile of 2026-12-04, 57.4 s, it ends near 64
 # s of the bench's clock, 70 of the step's)
 step bench-walker 75 "$PYTHON" benchmarks/bench_walker.py --layers 1 --out "$RESULTS" --profile-host-if-under 58 \
-    --lora-if-under 60
+    --in-line-reads-if-under 54 --lora-if-under 60
 # -----------------------------------------------------------------------------------------------
 
 if [ "${#FAILED[@]}" -ne 0 ]; then

@@ -117,22 +117,31 @@ class ExpertWeights:
                     f"share the merged model's architecture"
                 )
 
+    def fetch(self, name: str, index=None) -> torch.Tensor:
+        """Tensor ``name`` as stored (``index``: ``name[index]`` only), a fresh read for files;
+        its values unchecked (``check_values``)."""
+        return self.reader.get(self._require(name), index)
+
+    def check_values(self, name: str, tensor: torch.Tensor) -> None:
+        """A clear error where ``tensor``, read for ``name``, holds NaN or inf."""
+        if not all_finite(tensor):
+            raise ValueError(
+                f"the expert of task {self.task!r} ({self.description}): tensor {name!r} has "
+                f"non-finite values (NaN or inf)"
+            )
+
     def read(self, name: str, *, like: Optional[torch.Tensor] = None, index=None,
              device=None) -> torch.Tensor:
         """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device,
         ``device`` moves it there as it is; ``index``: ``name[index]`` only. The values are
         checked where they end up (on a GPU, a pass over a block's expert weights takes
         microseconds where the CPU took about a tenth of a second per expert of a Llama-8B block)."""
-        tensor = self.reader.get(self._require(name), index)
+        tensor = self.fetch(name, index)
         if like is not None:
             tensor = tensor.to(device=like.device, dtype=like.dtype)
         elif device is not None:
             tensor = tensor.to(device)
-        if not all_finite(tensor):
-            raise ValueError(
-                f"the expert of task {self.task!r} ({self.description}): tensor {name!r} has "
-                f"non-finite values (NaN or inf)"
-            )
+        self.check_values(name, tensor)
         return tensor
 
     def low_rank(self, name: str, device=None, bases: Optional[dict] = None):

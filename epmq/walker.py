@@ -62,6 +62,10 @@ expert at a time (expert_path: one block of one expert, plus that expert's non-b
 while its stream enters a stack), never K models. On the merged and fp paths each expert
 weight is read exactly once; the expert path re-reads an expert's block once per group
 (groups must be the outer loop, and holding K expert blocks would cost K times the memory).
+There, E-PMQ reads them ahead of the walk in a background thread (``epmq.read_ahead``; into
+pinned memory for a GPU), in the order the block's groups will take them, up to
+``EXPERT_READ_AHEAD_BYTES`` held at once: the file reads and the copies' staging overlap the
+calibration forwards and the solves instead of stopping them. Results do not depend on it.
 
 **Failure leaves the model as it was.** Replaced modules are logged and put back if anything
 raises (bad expert, non-finite weights, Ctrl-C); the price is that the full-precision linears
@@ -73,6 +77,7 @@ from the next (``epmq.resume``; bit-identical to an uninterrupted walk).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import itertools
@@ -95,6 +100,7 @@ from .checkpoint_io import key_renaming
 from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
+from .read_ahead import ReadAhead
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
@@ -106,6 +112,10 @@ TARGETS = ("merged_path", "expert_path", "fp_path")
 # Linears that read the very same tensor share one Hessian (accumulated and factored once). Off
 # only to compare against (the results are the same) or for a block whose calls vary by input.
 SHARE_INPUT_STATISTICS = True
+# Bytes of experts' weights E-PMQ reads ahead of the walk (``epmq.read_ahead``), in pinned
+# memory for a GPU: about eight 4096 x 14336 bf16 weights, a Llama-8B MLP group's for 4 tasks.
+# 0 reads them in line. Results do not depend on it.
+EXPERT_READ_AHEAD_BYTES = 1 << 30
 # Keyword arguments of blocks that carry a generation cache: never during calibration (RWKV's
 # recurrent ``state``: every block writes its last token into it in place; ``kv_cache``: ChatGLM's;
 # ``cache_params``: Mamba's; ``inference_params``: mamba_ssm's).
@@ -136,10 +146,12 @@ class QuantReport:
     therefore taken from a pass of the model per block (slower; see the module docstring).
     ``tied``: linears tied to another (the same weight and bias parameters, as Zamba's shared
     attention block), each mapped to the linear whose packed layer it shares (solved on that
-    first use's inputs). ``routers``: the linears that route tokens to experts, left in full
-    precision (``epmq.adapters.routers``). ``repeated``: blocks the model calls again after their
-    stack's last block (weights shared across depth), each with its number of calls in one
-    forward pass: the one block of a stack called in a row, each call on the previous one's
+    first use's inputs). ``expert_read_seconds`` (E-PMQ): of ``seconds``, those the walk spent on
+    the experts' tensors: reading them or waiting for the read-ahead (``EXPERT_READ_AHEAD_BYTES``),
+    moving them to the device, checking their values. ``routers``: the linears that route tokens
+    to experts, left in full precision (``epmq.adapters.routers``). ``repeated``: blocks the
+    model calls again after their stack's last block (weights shared across depth), each with
+    its number of calls in one forward pass: the one block of a stack called in a row, each call on the previous one's
     output with the same other arguments (ALBERT's one layer, called once per layer of the
     model), is solved on the inputs of every call; others on their first call's (warned).
     """
@@ -161,6 +173,7 @@ class QuantReport:
     routers: list = field(default_factory=list)
     repeated: dict = field(default_factory=dict)
     seconds: float = 0.0
+    expert_read_seconds: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -336,6 +349,10 @@ def quantize_model(
         edits.rollback()
         raise
     finally:
+        if walk is not None:
+            walk._ahead.close()  # (before the sources it reads are closed)
+            if method == "epmq":
+                report.expert_read_seconds = walk.expert_read_seconds
         if walk is not None and walk.log is not None:
             walk.log.close()
         for module, training in modes.items():
@@ -734,6 +751,15 @@ def _on_cpu(stats):
     return moved
 
 
+def _touch_pages(tensor: torch.Tensor, page: int = 4096) -> None:
+    """Read a CPU tensor's memory pages (a mapped file's: from disk) by one byte each, in numpy,
+    whose loop releases the GIL and takes no thread pool: a torch op in the read-ahead's thread
+    contends with the walk's own for the CPU's threads (a check there made CPU walks 30%
+    slower on 2 cores)."""
+    if tensor.is_contiguous() and tensor.numel():
+        tensor.detach().reshape(-1).view(torch.uint8).numpy()[::page].sum()
+
+
 def _low_rank_print(expert, prints: Optional[dict] = None) -> tuple:
     """What a block's digest takes of an expert tensor read as ``W_0 + U V``: the fingerprints of
     ``W_0``, ``U`` and ``V`` (no dense tensor formed; ``prints``: ``W_0``'s by tensor, where the
@@ -1059,6 +1085,8 @@ class _Walk:
         self._bases = None  # LoRA experts' base tensors, shared while a group's tasks are read
         self._base_prints = None  # (and their fingerprints, for the resume log)
         self._previous = ""  # the digest of the block walked last (``_block_digest``)
+        self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
+        self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
 
     def ckpt(self, name: str) -> str:
@@ -1093,19 +1121,46 @@ class _Walk:
                 if logged:  # (the resume log's digest: see _expert_print)
                     self._reads[(task, name)] = _low_rank_print(expert, self._base_prints)
                 return expert
-        # read (and so checked) on the device, unless fingerprinted for the resume log: on the CPU
-        read_on = None if logged else device
-        if self._fused_in(source, key):  # (only this expert's rows of the fused tensor are read)
-            tensor = key.take(source.read(key.fused, index=key.where, device=read_on), read=True)
-        else:
-            tensor = source.read(key, device=read_on)
-        if isinstance(key, Transposed):
-            tensor = tensor.t()
+        # read on the CPU (by the read-ahead, where it planned this read), fingerprinted there for
+        # the resume log, then moved and checked on the device
+        t0 = time.perf_counter()
+        tensor = self._ahead.take((task, name), lambda: self._fetch_expert(task, name))
         if logged:  # a block being solved for the resume log: its digest's part
             self._reads[(task, name)] = fingerprint(tensor)
-        if like is not None:
-            return tensor.to(device=like.device, dtype=like.dtype).contiguous()
-        return tensor if device is None else tensor.to(device)
+        if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging)
+            tensor = tensor.to(device, non_blocking=True)
+        source.check_values(key.fused if isinstance(key, Part) else key, tensor)
+        self.expert_read_seconds += time.perf_counter() - t0
+        return tensor if like is None else tensor.to(dtype=like.dtype).contiguous()
+
+    def _fetch_expert(self, task, name: str, ahead: bool = False) -> torch.Tensor:
+        """Expert ``task``'s tensor for the model tensor ``name`` as its checkpoint holds it, in
+        the model's layout, its values unchecked. ``ahead`` (the read-ahead's
+        reads): its bytes read here, not where the walk first touches them (a safetensors file's
+        tensor is mapped, its pages read from disk on first touch): for a GPU walk by a copy to
+        pinned memory (then copied to the device without staging), else by touching its pages."""
+        key = self.ckpt(name)
+        source = self.experts[task]
+        fused = self._fused_in(source, key)  # (only this expert's rows of the fused tensor are read)
+        tensor = source.fetch(key.fused, index=key.where) if fused else source.fetch(key)
+        if ahead and tensor.device.type == "cpu":
+            if self.device.type == "cuda":
+                tensor = tensor.pin_memory()
+            else:
+                _touch_pages(tensor)
+        if fused:
+            tensor = key.take(tensor, read=True)
+        return tensor.t() if isinstance(key, Transposed) else tensor
+
+    def _plan_reads(self, prefix, groups) -> None:
+        """The read-ahead's plan for a block about to be solved: every expert weight its groups'
+        statistics will read as dense tensors, in the order they will (group, task, linear)."""
+        if self.method != "epmq" or self.targets == "expert_path":
+            return  # (the expert path's targets run each expert's block, read whole)
+        self._ahead.plan(((task, name), functools.partial(self._fetch_expert, task, name, True))
+                         for group in groups for task in self.calibration
+                         if self.experts[task].reader.lora is None  # (a LoRA adapter: W_0 + U V)
+                         for name in (f"{prefix}.{rel}.weight" for rel in group))
 
     # ----------------------------------------------------------------- resuming
 
@@ -1655,6 +1710,7 @@ class _Walk:
             self._reads = None if self.log is None else {}
             groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter, first=i == 0)
                               if stack.chosen[i] else ([], {}))
+            self._plan_reads(prefix, groups)
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
                 t_out = self._solve_group(stack, block, template, prefix, group, leader, full_target=last)
@@ -1918,6 +1974,8 @@ class _Walk:
                             stats[rel].add_batch(x, x_expert=x_target, x_anchor=x_anchor)
             for rel in begun:
                 stats[rel].end_task()
+            # (planned reads of linears no token of the task reached: an MoE's experts)
+            self._ahead.drop((task, f"{prefix}.{rel}.weight") for rel in group if rel not in begun)
             target = None  # (the task's target block freed before the next one is built)
         self._bases = self._base_prints = None  # (the statistics hold what they need of them)
         # one factorization per shared Hessian, kept until the last linear that reads it

@@ -125,11 +125,13 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
     assert lora["rank"] == bench_solver.LORA_RANK and lora["codes_equal_vs_dense"] > 0.95
     assert bench_walker.main(["--device", "cpu", "--hidden", "64", "--intermediate", "128",
                               "--layers", "1", "--tasks", "2", "--samples", "1", "--tokens", "16",
-                              "--lora-if-under", "1e9", "--out", str(tmp_path)]) == 0
+                              "--lora-if-under", "1e9", "--in-line-reads-if-under", "1e9",
+                              "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "walker-cpu.json").read_text())
     assert not result["partial"] and {(r["method"], r["attempt"]) for r in result["rows"]} >= {
-        ("gptq", "timed"), ("epmq", "timed"), ("epmq_lora", "timed")}
-    assert result["epmq_lora_over_gptq"] > 0
+        ("gptq", "timed"), ("epmq", "timed"), ("epmq_in_line_reads", "timed"), ("epmq_lora", "timed")}
+    assert result["epmq_lora_over_gptq"] > 0 and result["read_ahead_speedup"] > 0
+    assert all(r["expert_read_s"] >= 0 for r in result["rows"] if r["method"].startswith("epmq"))
 
 
 def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):

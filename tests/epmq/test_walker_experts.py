@@ -229,25 +229,96 @@ def test_an_swa_copy_beside_the_weights_is_refused(tmp_path):
 
 def test_expert_weights_are_read_onto_the_solve_device(gen, monkeypatch):
     """The merged-path statistics read each expert's linear weights onto the device the block is
-    solved on, so that their values are checked there (twice: the reader, the statistics)
-    instead of in two CPU passes per expert (about 1.8 s a Llama-8B block with 8 experts on a
-    2-core CPU, the host time E-PMQ's walks spent beyond GPTQ's on a GPU)."""
+    solved on (from the CPU, where the read-ahead read them), so that their values are checked
+    there (twice: the reader, the statistics) instead of in two CPU passes per expert (about
+    1.8 s a Llama-8B block with 8 experts on a 2-core CPU, the host time E-PMQ's walks spent
+    beyond GPTQ's on a GPU)."""
     fam = Family("open_clip_clip", gen)
     merged = fam.merged().visual
     experts = {task: {f"visual.{k}" if not k.startswith("visual.") else k: v
                       for k, v in expert.state_dict().items()}
                for task, expert in fam.experts.items()}
-    reads = []
-    read = ExpertWeights.read
+    checked = []
+    check = ExpertWeights.check_values
 
-    def spy(self, name, *, like=None, index=None, device=None):
-        reads.append((name, device, like is not None))
-        return read(self, name, like=like, index=index, device=device)
+    def spy(self, name, tensor):
+        checked.append((name, tensor.device, tensor.dim()))
+        return check(self, name, tensor)
 
-    monkeypatch.setattr(ExpertWeights, "read", spy)
+    monkeypatch.setattr(ExpertWeights, "check_values", spy)
     calibration = {t: [item["image"] for item in items] for t, items in fam.calibration.items()}
     epmq.quantize_model(merged, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
                         calibration=calibration, experts=experts, backend="torch", progress=False)
-    linear_reads = [(name, device) for name, device, like in reads if not like and device is not None]
+    linear_reads = [(name, device) for name, device, dim in checked if dim == 2]
     assert len(linear_reads) == len(merged.epmq_report.layers) * len(experts)
     assert all(device == torch.device("cpu") for _, device in linear_reads)
+
+
+def _fetch_threads(monkeypatch):
+    """(name, thread) of every expert tensor read, by the walk or its read-ahead."""
+    import threading
+
+    seen = []
+    fetch = ExpertWeights.fetch
+
+    def spy(self, name, index=None):
+        seen.append((str(name), threading.current_thread().name))
+        return fetch(self, name, index)
+
+    monkeypatch.setattr(ExpertWeights, "fetch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch,targets", [("llama", "merged_path"), ("qwen3_moe", "merged_path"),
+                                          ("llama", "fp_path")])
+def test_the_read_ahead_reads_in_the_background_and_changes_nothing(arch, targets, gen, tmp_path,
+                                                                    monkeypatch):
+    """Experts in files: their linear weights are read by the read-ahead's thread while the walk
+    runs, and the quantized model is bit for bit the one of a walk that reads them in line, or
+    with a budget of one tensor (every take then waits on, or does, the read: no deadlock), or
+    with an MoE's experts some task's tokens never reach (their planned reads dropped)."""
+    import epmq.walker as walker
+
+    fam = Family(arch, gen)
+    experts = {}
+    for task, expert in fam.experts.items():
+        path = tmp_path / f"{task}.safetensors"
+        save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, str(path))
+        experts[task] = str(path)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    models = {}
+    for budget in (walker.EXPERT_READ_AHEAD_BYTES, 1, 0):
+        with monkeypatch.context() as m:
+            m.setattr(walker, "EXPERT_READ_AHEAD_BYTES", budget)
+            seen = _fetch_threads(m)
+            model = fam.merged()
+            epmq.quantize_model(model, spec, method="epmq", targets=targets, calibration=fam.calibration,
+                                experts=experts, backend="torch", progress=False)
+        background = [name for name, thread in seen if thread.startswith("epmq-read-ahead")]
+        assert bool(background) == (budget > 0), budget
+        # (linears' weights only: an MoE's fused experts read by their rows)
+        assert not any("norm" in name or "embed" in name for name in background)
+        assert model.epmq_report.expert_read_seconds >= 0
+        models[budget] = model.state_dict()
+    for budget in (1, 0):
+        assert models[budget].keys() == models[walker.EXPERT_READ_AHEAD_BYTES].keys()
+        for k, v in models[walker.EXPERT_READ_AHEAD_BYTES].items():
+            assert torch.equal(models[budget][k], v), (budget, k)
+
+
+def test_a_bad_expert_read_ahead_is_reported_as_before(gen, tmp_path):
+    """A NaN in an expert's weight, found by the read-ahead's read: the walk's own error, naming
+    the task and tensor, and the model is left as it was."""
+    fam = Family("llama", gen)
+    state = {k: v.clone().contiguous() for k, v in fam.experts["dtd"].state_dict().items()}
+    name = next(k for k in state if k.endswith("mlp.up_proj.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "dtd.safetensors"))
+    experts = dict(fam.experts, dtd=str(tmp_path / "dtd.safetensors"))
+    model = fam.merged()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"task 'dtd'.*up_proj.weight.*non-finite"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration=fam.calibration, experts=experts, backend="torch", progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

@@ -1,5 +1,5 @@
 """Experts read from checkpoints are never all in memory: the walk holds one block of one
-expert at a time, not K models.
+expert at a time, not K models (and E-PMQ's read-ahead at most its budget more).
 
 Every tensor that leaves an expert checkpoint goes through ``epmq.checkpoint_io._read_tensor``
 (``CheckpointReader.get``); the test wraps it to track, with ``weakref.finalize`` on each
@@ -8,6 +8,7 @@ tensor's storage (which outlives the tensor object when the walker moves it into
 the peak to the size of one block and of the whole model.
 """
 
+import threading
 import weakref
 
 import pytest
@@ -29,23 +30,31 @@ def _nbytes(tensors):
 def tracked(monkeypatch):
     state = {"alive": 0, "peak": 0, "read": 0}
     original = epmq.checkpoint_io._read_tensor
+    lock = threading.Lock()  # (the read-ahead's thread reads too)
+
+    def add(size):
+        with lock:
+            state["alive"] += size
+            state["read"] += max(size, 0)
+            state["peak"] = max(state["peak"], state["alive"])
 
     def read(store, key, index=None):
         tensor = original(store, key, index)
         storage = tensor.untyped_storage()
         size = storage.nbytes()
-        state["alive"] += size
-        state["read"] += size
-        state["peak"] = max(state["peak"], state["alive"])
-        weakref.finalize(storage, lambda: state.__setitem__("alive", state["alive"] - size))
+        add(size)
+        weakref.finalize(storage, add, -size)
         return tensor
 
     monkeypatch.setattr(epmq.checkpoint_io, "_read_tensor", read)
     return state
 
 
-@pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
-def test_peak_expert_memory_is_one_block_not_k_models(targets, tracked, gen, tmp_path):
+@pytest.mark.parametrize("targets,read_ahead", [("merged_path", 0), ("merged_path", 2), ("expert_path", 2)])
+def test_peak_expert_memory_is_one_block_not_k_models(targets, read_ahead, tracked, gen, tmp_path,
+                                                      monkeypatch):
+    """``read_ahead``: E-PMQ's read-ahead budget, in weights of the largest linear (the expert
+    path's targets read whole blocks in line: no read-ahead)."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -64,15 +73,18 @@ def test_peak_expert_memory_is_one_block_not_k_models(targets, tracked, gen, tmp
     block_bytes = _nbytes(block.state_dict().values())
     block_linear_bytes = _nbytes(m.weight for m in block.modules() if isinstance(m, torch.nn.Linear))
     outside_bytes = model_bytes - len(model.model.layers) * block_bytes
+    largest = max(_nbytes([m.weight]) for m in block.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(epmq.walker, "EXPERT_READ_AHEAD_BYTES", read_ahead * largest)
 
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
                         calibration=calibration, experts=experts, backend="torch", progress=False)
 
     assert tracked["alive"] == 0  # nothing kept after the walk
     if targets == "merged_path":
-        # only the linear weights are read, each once, one group of one expert at a time
+        # only the linear weights are read, each once, one group of one expert at a time, and
+        # ahead of the walk at most the budget and the read in progress
         assert tracked["read"] == K * len(model.model.layers) * block_linear_bytes
-        assert tracked["peak"] <= block_linear_bytes
+        assert tracked["peak"] <= block_linear_bytes + (read_ahead * largest + largest if read_ahead else 0)
     else:
         # one expert's own block, plus its non-block tensors while its stream enters the stack
         assert tracked["peak"] <= outside_bytes + block_bytes

@@ -349,13 +349,13 @@ def test_an_expert_block_is_read_once_by_a_walk_that_logs_it(gen, tmp_path, monk
     from epmq.experts import ExpertWeights
 
     counts = {}
-    read = ExpertWeights.read
+    fetch = ExpertWeights.fetch  # (every read of a tensor, by the walk or its read-ahead)
 
-    def counted(self, name, **kwargs):
+    def counted(self, name, index=None):
         counts[name] = counts.get(name, 0) + 1
-        return read(self, name, **kwargs)
+        return fetch(self, name, index)
 
-    monkeypatch.setattr(ExpertWeights, "read", counted)
+    monkeypatch.setattr(ExpertWeights, "fetch", counted)
     fam = Family("llama", gen)
     run(fam, fam.merged(), "epmq", "merged_path")
     without, counts = counts, {}
