@@ -55,6 +55,7 @@ from torch import nn
 from ._util import read_json, remove_stale_temporaries, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
+from .checks import all_finite
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config
 
@@ -66,6 +67,8 @@ MERGE_RECIPE_FILE = "epmq_merge.json"  # what epmq merge writes beside its check
 HF_CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # (open_clip's hub layout: model_cfg, preprocess_cfg)
+# the weights files a checkpoint epmq writes is made of (``_Shards``)
+_OWN_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
@@ -172,7 +175,7 @@ def _bytes(size) -> int:
         unit = text[len(digits):]
         try:
             size = int(float(digits) * _UNITS[unit])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OverflowError):  # (OverflowError: "inf", "1e400GB")
             raise ValueError(f"max_shard_size must be a number of bytes or a string like '5GB', "
                              f"got {size!r}") from None
     if size <= 0:
@@ -546,11 +549,15 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
         raise ValueError(
             f"{directory} exists and " + (f"holds {holds}" if holds else f"is not an epmq checkpoint (no {marker})")
             + ": refusing to replace it; choose a new or empty directory")
-    if (directory / MANIFEST_FILE).is_file():
-        # (vLLM reads every *.safetensors beside the checkpoint, so they cannot stay; nor be lost)
-        ours = _read_manifest(directory)
+    if directory.is_dir():
+        # (vLLM reads every *.safetensors beside the checkpoint, so they cannot stay; nor be lost.
+        # Without a manifest, from epmq before 2026-12-02 or copied without its dot-files: the
+        # weights files epmq's own naming makes)
+        manifest = (directory / MANIFEST_FILE).is_file()
+        ours = _read_manifest(directory) if manifest else {}
         foreign = sorted(p.name for p in directory.iterdir()
-                         if p.name.endswith(WEIGHT_SUFFIXES) and p.name not in ours)
+                         if p.name.endswith(WEIGHT_SUFFIXES) and p.name not in ours
+                         and (manifest or not _OWN_WEIGHTS.fullmatch(p.name)))
         if foreign:
             raise ValueError(f"{directory} holds weights files epmq did not write there ({', '.join(foreign[:5])}): "
                              f"a new checkpoint would drop them (engines read every weights file beside it); "
@@ -761,7 +768,36 @@ def _read_qconfig(directory: Path) -> dict:
     if method != "gptq" or fmt not in FORMATS:
         raise ValueError(f"{directory}: unsupported quant_method {method!r} / checkpoint_format {fmt!r} "
                          f"(GPTQ in {FORMATS} only)")
+    bits = qconfig.get("bits")
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"{directory}: the quantization config's bits must be one of {SUPPORTED_BITS}, got "
+                         f"{bits!r}")
     return dict(qconfig, quant_method=method, checkpoint_format=fmt)
+
+
+def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int) -> None:
+    """A clear error, naming the layer, for a packed layer's tensors that are missing, of the
+    wrong dtype or out of range (a corrupt or hand-edited file), before any is unpacked: a
+    ``g_idx`` out of ``[0, G)`` would be read as another group on the CPU, a NaN scale give
+    NaN or wrong outputs."""
+    for part in ("qweight", "qzeros", "scales"):
+        if f"{name}.{part}" not in tensors:
+            raise ValueError(f"{directory}: the checkpoint has no {name}.{part}")
+    for part in ("qweight", "qzeros"):
+        if tensors[f"{name}.{part}"].dtype != torch.int32:
+            raise ValueError(f"{directory}: {name}.{part} must be int32 (packed words), got "
+                             f"{tensors[f'{name}.{part}'].dtype}")
+    scales = tensors[f"{name}.scales"]
+    if not scales.is_floating_point() or not all_finite(scales):
+        raise ValueError(f"{directory}: {name}.scales must be finite floats, got "
+                         + (f"{scales.dtype}" if not scales.is_floating_point() else "NaN or inf"))
+    g_idx = tensors.get(f"{name}.g_idx")
+    if g_idx is not None:
+        if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
+            raise ValueError(f"{directory}: {name}.g_idx must be integers, got {g_idx.dtype}")
+        if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < G):
+            raise ValueError(f"{directory}: {name}.g_idx holds groups in [{int(g_idx.min())}, "
+                             f"{int(g_idx.max())}], outside the {G} groups of its scales")
 
 
 def _weights_file(directory: Path, qconfig: dict) -> Path:
@@ -787,6 +823,8 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
         if not key.endswith(".qweight"):
             continue
         name = _module_of(key)
+        if f"{name}.scales" not in tensors:
+            raise ValueError(f"the checkpoint has {key} but no {name}.scales")
         g_idx = tensors.get(f"{name}.g_idx")
         K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // qconfig["bits"]
         N = qweight.shape[1]
@@ -948,7 +986,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             raise ValueError(f"the tensors in {directory} have no {name}.qweight, which {CONFIG_FILE} lists")
         modules[_module_of(to_model[f"{name}.qweight"])] = info
     if not ours:  # tied tensors stored once, under any of their names
-        for name, aliases in tie_order(model).items():
+        for name, aliases in tie_order(model, own_checkpoint=True).items():
             # (not a quantized layer's weight: an lm_head tied by default, quantized by its writer)
             if name not in tensors and name.rpartition(".")[0] not in modules:
                 source = next((a for a in aliases if a in tensors), None)
@@ -1010,6 +1048,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
 
     for name, info in modules.items():  # (before any unpacking: a clear error, naming the layer)
         new = replacements.get(name) or model.get_submodule(name)
+        if f"{name}.qweight" not in tied:  # (a tied layer's: checked as its source's)
+            _check_layer_tensors(directory, name, tensors, new.scales.shape[0])
         for part in ("qweight", "qzeros", "scales"):
             got, want = tensors.get(f"{name}.{part}"), getattr(new, part)
             if got is not None and tuple(got.shape) != tuple(want.shape):
@@ -1025,7 +1065,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             tensors[key] = pack_cols(z, bits)
     written = {to_model.get(key, key) for key in (ours or {}).get("transposed", [])}
     for name, key in _transposed_linears(model).items():
-        if key in tensors and key in written:  # (epmq before 2026-12-03 wrote them untransposed, unlisted)
+        # (epmq before 2026-12-03 wrote them untransposed, unlisted; other writers in the
+        # family's own layout, as transformers saves it)
+        if key in tensors and (key in written or not ours):
             tensors[name] = tensors.pop(key).t()
     for alias, source in tied.items():
         tensors[alias] = tensors[source]

@@ -665,7 +665,7 @@ def test_shard_sizes(size, want):
     assert ckpt._bytes(size) == want
 
 
-@pytest.mark.parametrize("size", ["5 parsecs", "GB", 0, -1, True, 1.5, None])
+@pytest.mark.parametrize("size", ["5 parsecs", "GB", 0, -1, True, 1.5, None, "inf", "1e400GB", "nan"])
 def test_bad_shard_sizes(size, gen, tmp_path):
     _, model = quantized(gen)
     with pytest.raises(ValueError, match="max_shard_size"):
@@ -877,6 +877,16 @@ def test_a_gptq_checkpoint_another_tool_wrote_is_not_replaced(gen, tmp_path):
     epmq.save_quantized(model, tmp_path / "ours")
     (tmp_path / "ours" / ckpt.MANIFEST_FILE).unlink()
     epmq.save_quantized(model, tmp_path / "ours")
+    # without its manifest, weights files epmq's naming does not make are the user's: refused,
+    # not dropped (the files it names are the checkpoint's own, replaced)
+    ours = tmp_path / "ours"
+    (ours / ckpt.MANIFEST_FILE).unlink()
+    (ours / "training_args.bin").write_bytes(b"user data")
+    (ours / "adapter_model.safetensors").write_bytes(b"x")
+    before = sorted(os.listdir(ours))
+    with pytest.raises(ValueError, match=r"did not write there \(adapter_model.safetensors, training_args.bin\)"):
+        epmq.save_quantized(model, ours)
+    assert sorted(os.listdir(ours)) == before and (ours / "training_args.bin").read_bytes() == b"user data"
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(gen, tmp_path):
@@ -1418,6 +1428,62 @@ def test_a_checkpoint_missing_or_adding_a_tensor_is_refused(edit, gen, tmp_path)
         epmq.load_quantized(tmp_path / "q", fam.fresh())
 
 
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def _g_idx_at(value):
+    def edit(tensors):
+        g = tensors[f"{LAYER}.g_idx"].clone()
+        g[-1] = value
+        tensors[f"{LAYER}.g_idx"] = g
+    return edit
+
+
+def _nan_scale(tensors):
+    scales = tensors[f"{LAYER}.scales"].clone()
+    scales[0, 0] = float("nan")
+    tensors[f"{LAYER}.scales"] = scales
+
+
+@pytest.mark.parametrize("peer", [False, True], ids=["ours", "another writer's"])
+@pytest.mark.parametrize("edit,match", [
+    (_g_idx_at(-2), r"g_idx holds groups in \[-2, .*outside the \d+ groups"),
+    (_g_idx_at(99), r"g_idx holds groups in \[0, 99\], outside the \d+ groups"),
+    (_nan_scale, r"q_proj.scales must be finite floats, got NaN or inf"),
+    (lambda t: t.pop(f"{LAYER}.qzeros"), r"has no model.layers.0.self_attn.q_proj.qzeros"),
+    (lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].long()}), r"qweight must be int32"),
+], ids=["g_idx -2", "g_idx 99", "NaN scale", "no qzeros", "int64 qweight"])
+def test_a_corrupt_layer_is_refused_on_load(edit, match, peer, gen, tmp_path):
+    """A packed layer's tensors that are missing, of another dtype or out of range (a corrupt or
+    hand-edited file) are an error naming the layer when loading, in our checkpoints and other
+    writers' (v1), not a layer that reads another group (a negative g_idx wrapped on the CPU)
+    or gives NaN."""
+    from safetensors.torch import save_file
+
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    if peer:
+        config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+        del config["epmq"]
+        (tmp_path / "q" / "quantize_config.json").write_text(json.dumps(config))
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=match):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+
+
+def test_a_quantization_config_without_bits_is_refused(gen, tmp_path):
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    del config["bits"], config["epmq"]
+    (tmp_path / "q" / "quantize_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 8\), got None"):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+
+
 def test_a_peer_checkpoint_loads_in_the_dtype_its_config_names(tmp_path):
     """Another tool's checkpoint names no dtype per layer: built without a model, its
     QuantLinears take config.json's dtype, as its other tensors do, and the model runs."""
@@ -1476,3 +1542,31 @@ def test_a_checkpoint_gets_the_modes_the_umask_gives(gen, tmp_path, umask):
     files = list((tmp_path / "q").iterdir())
     assert sum(p.name.endswith(".safetensors") for p in files) > 1
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_missing_head_is_tied_only_where_the_config_ties_it(tie, tmp_path):
+    """Another writer's checkpoint without ``lm_head.weight``: a model whose config ties the
+    head to the embeddings takes them (as transformers does); one whose config unties them is
+    refused (transformers reports the head MISSING), not loaded with the embeddings' rows."""
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(config).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    quant_config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    del quant_config["epmq"]  # (another writer's)
+    (tmp_path / "q" / "quantize_config.json").write_text(json.dumps(quant_config))
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    if tie:
+        loaded = epmq.load_quantized(tmp_path / "q")
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    else:
+        with pytest.raises(ValueError, match=r"missing tensors \['lm_head.weight'\]"):
+            epmq.load_quantized(tmp_path / "q")

@@ -466,6 +466,12 @@ def test_gpt2_linears_left_in_full_precision_are_saved_in_conv1d_layout(gen, tmp
     (tmp_path / "ckpt" / "quantize_config.json").write_text(json.dumps(config))
     old = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
     torch.testing.assert_close(output(old, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+    # another writer's (no epmq section): the family's own layout, as transformers saves GPT-2
+    del config["epmq"]
+    save_file(saved, str(tmp_path / "ckpt" / "model.safetensors"))
+    (tmp_path / "ckpt" / "quantize_config.json").write_text(json.dumps(config))
+    theirs = epmq.load_quantized(tmp_path / "ckpt", fam.fresh())
+    torch.testing.assert_close(output(theirs, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
 
 
 def test_a_quantized_moe_model_copies_and_pickles(gen, tmp_path):
