@@ -31,6 +31,17 @@ def _nbytes(value) -> int:
     return sum(map(_nbytes, value)) if isinstance(value, tuple) else 0
 
 
+class _Read:
+    """One planned read: ``state`` goes from "planned" to "started" (by the worker) or
+    "claimed" (by the walk, before the worker began it: it will not now)."""
+
+    __slots__ = ("state", "future")
+
+    def __init__(self):
+        self.state = "planned"
+        self.future = None
+
+
 class ReadAhead:
     """Values of ``read()`` calls made ahead in one background thread (``plan``), taken in the
     same order (``take``)."""
@@ -40,9 +51,7 @@ class ReadAhead:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epmq-read-ahead")
         self._lock = threading.Condition()
         self._held = 0  # bytes read and not yet taken or dropped
-        self._planned: dict = {}  # key -> Future
-        self._started: set = set()
-        self._claimed: set = set()  # planned keys the walk read itself (or dropped) before the worker
+        self._planned: dict = {}  # key -> _Read (a key planned again after a take: a new one)
         self._closed = False
 
     def plan(self, reads: Iterable[tuple[Hashable, Callable[[], object]]]) -> None:
@@ -52,30 +61,29 @@ class ReadAhead:
             return
         for key, read in reads:
             if key not in self._planned:
-                self._planned[key] = self._pool.submit(self._run, key, read)
+                entry = self._planned[key] = _Read()
+                entry.future = self._pool.submit(self._run, entry, read)
 
-    def _run(self, key, read):
+    def _run(self, entry: _Read, read):
         with self._lock:
-            while self._held >= self.budget and not self._closed and key not in self._claimed:
+            while self._held >= self.budget and not self._closed and entry.state == "planned":
                 self._lock.wait()
-            if self._closed or key in self._claimed:
-                self._claimed.discard(key)
+            if self._closed or entry.state != "planned":
                 return None
-            self._started.add(key)
+            entry.state = "started"
         value = read()
         with self._lock:
             self._held += _nbytes(value)
         return value
 
     def _claim(self, key):
-        """The planned read of ``key``'s future, or None where the worker had not begun it (it
+        """The future of ``key``'s planned read, or None where the worker had not begun it (it
         will not now)."""
-        future = self._planned.pop(key)
+        entry = self._planned.pop(key)
         with self._lock:
-            if key in self._started:
-                self._started.discard(key)
-                return future
-            self._claimed.add(key)
+            if entry.state == "started":
+                return entry.future
+            entry.state = "claimed"
             self._lock.notify_all()
         return None
 

@@ -148,7 +148,8 @@ class QuantReport:
     attention block), each mapped to the linear whose packed layer it shares (solved on that
     first use's inputs). ``expert_read_seconds`` (E-PMQ): of ``seconds``, those the walk spent on
     the experts' tensors: reading them or waiting for the read-ahead (``EXPERT_READ_AHEAD_BYTES``),
-    moving them to the device, checking their values. ``routers``: the linears that route tokens
+    moving them to the device, checking their values (on a GPU the check's read back also waits
+    for the work queued before it). ``routers``: the linears that route tokens
     to experts, left in full precision (``epmq.adapters.routers``). ``repeated``: blocks the
     model calls again after their stack's last block (weights shared across depth), each with
     its number of calls in one forward pass: the one block of a stack called in a row, each call on the previous one's
@@ -1127,9 +1128,10 @@ class _Walk:
         tensor = self._ahead.take((task, name), lambda: self._fetch_expert(task, name))
         if logged:  # a block being solved for the resume log: its digest's part
             self._reads[(task, name)] = fingerprint(tensor)
-        if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging)
-            tensor = tensor.to(device, non_blocking=True)
-        source.check_values(key.fused if isinstance(key, Part) else key, tensor)
+        if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging;
+            # any other copy waits for its data, as a device-to-host copy must be read)
+            tensor = tensor.to(device, non_blocking=tensor.is_pinned())
+        source.check_values(key.fused if self._fused_in(source, key) else key, tensor)
         self.expert_read_seconds += time.perf_counter() - t0
         return tensor if like is None else tensor.to(dtype=like.dtype).contiguous()
 

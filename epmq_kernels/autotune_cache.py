@@ -12,7 +12,7 @@ space in the kernel file (or upgrading Triton) therefore starts a fresh file ins
 configs timed for other code. Inside, ``entries`` maps a shape-bucket key to a config dict.
 
 Writes are atomic (temporary file, then ``os.replace``) and merge with what is on disk under a
-lock file (``fcntl``), so processes tuning at the same time keep one another's entries.
+lock of the directory (``fcntl``), so processes tuning at the same time keep one another's entries.
 ``EPMQ_AUTOTUNE=0`` turns timing off: cached configs are still used, misses take the family's
 first valid config.
 """
@@ -102,7 +102,7 @@ class DiskCache:
             self._entries[key] = config
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                with _file_lock(self.path + ".lock"):
+                with _directory_lock(os.path.dirname(self.path)):
                     # (under the lock, what other processes wrote is read and kept)
                     merged = self._read()
                     merged.update(self._entries)
@@ -136,17 +136,24 @@ class DiskCache:
 
 
 @contextlib.contextmanager
-def _file_lock(path):
-    """An exclusive lock between processes (``fcntl``; where there is none, no lock: writers
-    may then lose one another's entries, never the file)."""
-    with open(path, "a") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
+def _directory_lock(path):
+    """An exclusive lock between processes on the cache directory itself (``fcntl.flock`` of its
+    descriptor: no lock file is left beside the caches; where there is no ``fcntl`` or the file
+    system has no locks, none: writers may then lose one another's entries, never the file)."""
+    fd = None
+    if fcntl is not None:
         try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # (no locks on this file system, as NFS without its lock daemon: unlocked)
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (and with it the lock)
 
 
 _caches = {}

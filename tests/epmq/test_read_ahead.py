@@ -94,7 +94,7 @@ def test_a_read_error_is_raised_by_its_take():
 
     with ReadAhead(1 << 20) as ahead:
         ahead.plan([("ok", lambda: torch.ones(1)), ("bad", bad), ("after", lambda: torch.zeros(1))])
-        _eventually(lambda: "bad" in ahead._started or "bad" not in ahead._planned)
+        _eventually(lambda: ahead._planned["bad"].state == "started")
         assert ahead.take("ok", lambda: torch.ones(1)).item() == 1.0
         with pytest.raises(ValueError, match="non-finite"):
             ahead.take("bad", bad)
@@ -116,7 +116,8 @@ def test_unplanned_and_zero_budget_read_in_line():
 def test_budget_counts_the_tensors_of_a_tuple():
     with ReadAhead(8) as ahead:
         ahead.plan((k, lambda: (torch.zeros(2), True)) for k in range(4))
-        _eventually(lambda: ahead._held == 8 and len(ahead._started) == 1)  # (the worker waits)
+        started = lambda: sum(e.state == "started" for e in ahead._planned.values())  # noqa: E731
+        _eventually(lambda: ahead._held == 8 and started() == 1)  # (the worker waits)
         assert [ahead.take(k, lambda: (torch.zeros(2), True))[1] for k in range(4)] == [True] * 4
 
 
@@ -136,3 +137,22 @@ def test_a_key_planned_again_after_a_take_is_read_again():
         assert ahead.take("k", reads(1)).item() == 1.0
         ahead.plan([("k", reads(2))])
         assert ahead.take("k", reads(2)).item() == 2.0
+
+
+def test_a_key_planned_again_before_the_worker_reached_it():
+    """A key planned, taken in line (the worker held up), planned and taken again: each planned
+    read is its own, so the worker skips both and holds no bytes for them; a third plan of the
+    key is read in the background."""
+    gate = threading.Event()
+    with ReadAhead(8) as ahead:
+        ahead.plan([("blocker", lambda: (gate.wait(), torch.zeros(1))[1])])
+        for _ in range(2):
+            ahead.plan([("k", lambda: torch.zeros(2))])
+            assert ahead.take("k", lambda: torch.ones(2)).sum() == 2  # (read here)
+        gate.set()
+        ahead.take("blocker", lambda: torch.zeros(1))
+        reads = Reads(ahead)
+        ahead.plan([("k", reads(3))])
+        _eventually(lambda: 3 in reads.threads)
+        assert ahead.take("k", lambda: torch.ones(1)).item() == 3.0
+        assert reads.threads[3].startswith("epmq-read-ahead") and ahead._held == 0

@@ -322,3 +322,39 @@ def test_a_bad_expert_read_ahead_is_reported_as_before(gen, tmp_path):
                             calibration=fam.calibration, experts=experts, backend="torch", progress=False)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_bad_expert_of_an_moe_saved_one_tensor_an_expert_is_named(gen, tmp_path):
+    """transformers 5 saves an MoE's experts one tensor each (the model fuses them): a NaN in one
+    is reported under that tensor's own name, not the fused one the checkpoint does not hold."""
+    from safetensors.torch import load_file
+
+    fam = Family("qwen3_moe", gen)
+    fam.experts["dtd"].save_pretrained(tmp_path / "dtd")
+    path = next((tmp_path / "dtd").glob("*.safetensors"))
+    state = load_file(str(path))
+    name = "model.layers.0.mlp.experts.1.up_proj.weight"
+    assert name in state
+    state[name][0, 0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"task 'dtd'.*tensor '{name}' has non-finite"):
+        epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration=fam.calibration, experts=dict(fam.experts, dtd=str(tmp_path / "dtd")),
+                            backend="torch", progress=False)
+
+
+@pytest.mark.cuda
+def test_a_cpu_walk_reads_experts_held_on_the_gpu(gen):
+    """Expert state dicts on the GPU, the walk on the CPU: each weight's copy to the host is
+    waited for before its check and statistics read it (a non-blocking device-to-host copy
+    would be read half-written); the same model as with the experts on the CPU."""
+    fam = Family("llama", gen)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    models = []
+    for device in ("cpu", "cuda"):
+        experts = {t: {k: v.to(device) for k, v in e.state_dict().items()} for t, e in fam.experts.items()}
+        model = fam.merged()
+        epmq.quantize_model(model, spec, method="epmq", calibration=fam.calibration, experts=experts,
+                            backend="torch", progress=False)
+        models.append(model.state_dict())
+    assert all(torch.equal(models[1][k], v) for k, v in models[0].items())

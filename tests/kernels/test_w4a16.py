@@ -1935,6 +1935,19 @@ def test_processes_writing_the_cache_at_once_keep_every_entry(tmp_path, monkeypa
     assert os.stat(cache.path).st_mode & 0o777 == 0o644
 
 
+def test_a_cache_on_a_file_system_without_locks_is_still_written(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune_cache.fcntl, "flock", no_locks)
+    cache = autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"])
+    cache.put("k", AUTOTUNE_SPACE["gemv"][1])
+    assert autotune_cache.DiskCache("w4a16", "gpu", AUTOTUNE_SPACE["gemv"]).get("k") == AUTOTUNE_SPACE["gemv"][1]
+
+
 def test_a_cached_config_outside_the_candidates_is_not_used(tmp_path, monkeypatch):
     """A cache entry that is no longer among this problem's candidates (pruned for its shape, or
     hand-edited) is never launched: the key is tuned again (here: timing off, the first)."""
