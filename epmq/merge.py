@@ -83,10 +83,15 @@ def _who(state, k: int) -> str:
     return getattr(state, "label", None) or f"expert {k}"
 
 
-def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
+def _listed_experts(experts) -> list:
+    """``experts`` as a list (a generator is read once), or the error for one model given alone."""
     if isinstance(experts, (nn.Module, Mapping)) or not isinstance(experts, Iterable):
         raise TypeError("experts must be a list of state dicts or modules")
-    experts = [_as_state(e, _who(e, k)) for k, e in enumerate(experts)]
+    return list(experts)
+
+
+def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
+    experts = [_as_state(e, _who(e, k)) for k, e in enumerate(_listed_experts(experts))]
     if not experts:
         raise ValueError("the expert list is empty: nothing to merge")
     base = None if base is None else _as_state(base, "base")
@@ -172,22 +177,44 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     return reference, None if W_0 is None else W_0.to(work), W_k
 
 
+def _aliases(state: StateDict) -> dict:
+    """``{name: the first name of state holding the same tensor}``: a tied head and its
+    embeddings, listed twice by a module's state dict, are one tensor, merged once. For states
+    held in memory (a dict); a lazy checkpoint's reads are fresh tensors (``merge_checkpoints``
+    finds ties by the base's config)."""
+    if not isinstance(state, dict):
+        return {}
+    first, aliases = {}, {}
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta:
+            aliases_of = first.setdefault(storage_key(t), name)
+            if aliases_of != name:
+                aliases[name] = aliases_of
+    return aliases
+
+
 def _work_dtype(reference: torch.Tensor) -> torch.dtype:
     """What the merges compute in: float32, or float64 for float64 tensors."""
     return torch.float64 if reference.dtype == torch.float64 else torch.float32
 
 
 @torch.no_grad()  # (parameters as inputs: no graph kept alive by the result)
-def _merge_each(base, experts, merge_tensor, out=None, lazy=False):
+def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
     ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again). An
-    ``out`` with a ``dtype`` (``ShardWriter``'s) takes the results in it, else in the base's."""
+    ``out`` with a ``dtype`` (``ShardWriter``'s) takes the results in it, else in the base's.
+    ``tied``: names of one tensor of the reference (``_aliases``) are merged once, sharing the
+    result."""
     base, experts = _inputs(base, experts)
     stored = getattr(out, "dtype", None)
     reference = base if base is not None else experts[0]
     out = {} if out is None else out
+    aliases = _aliases(reference) if tied else {}
     for name in reference.keys():
+        if name in aliases:  # (one tensor, merged once: DARE's masks drawn per name differed)
+            out[name] = out[aliases[name]]
+            continue
         ref, W_0, W_k = _tensors(name, base, experts, lazy)
         if W_0 is None and W_k is None:
             out[name] = ref.clone()
@@ -406,6 +433,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
     its L1 norm (mergekit's rescaling); None: not rescaled. ``convention="mergekit"``: its vote
     (+ where the votes cancel). The masks are drawn from ``(seed, tensor name, expert)``.
     """
+    experts = _listed_experts(experts)
     kept = _each(density, "density", len(experts))
     _check_seed(seed)
     _check_choice(rescale, DARE_RESCALES, "rescale")
@@ -501,6 +529,7 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
     "mergekit"``: mergekit 0.1.5's counts, ``floor(gamma n)`` outliers and ``floor(density n)``
     kept (none dropped at density 1), ties broken by torch's sort order, and its vote (+ at 0).
     """
+    experts = _listed_experts(experts)
     kept, outliers = _each(density, "density", len(experts)), _each(gamma, "gamma", len(experts))
     _check_choice(convention, CONVENTIONS, "convention")
 
@@ -549,6 +578,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     vector. (A row of one entry keeps it with probability ``density``, where mergekit 0.1.5
     fails dividing 0 by 0.)
     """
+    experts = _listed_experts(experts)
     kept = _each(density, "density", len(experts))
     spread = _each(epsilon, "epsilon", len(experts))
     _check_seed(seed)
@@ -704,7 +734,11 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
         K = len(W_k)
         if K < 2:
             raise ValueError(f"model_stock needs at least two experts, got {K}")
-        taus = [(_rows(W_k[k] - W_0) if per_row else (W_k[k] - W_0).reshape(1, -1)) for k in range(K)]
+        # (mergekit's rows of a tensor of more dimensions, a convolution or fused MoE experts: along
+        # its last dimension; epmq's: each output channel whole)
+        last = per_row and convention == "mergekit" and W_0.dim() > 2
+        taus = [((W_k[k] - W_0).reshape(-1, W_0.shape[-1]) if last else _rows(W_k[k] - W_0) if per_row
+                 else (W_k[k] - W_0).reshape(1, -1)) for k in range(K)]
         norms = [tau.norm(dim=1) for tau in taus]
         # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
         # depend on the task vectors' size)
@@ -721,7 +755,10 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
             t = torch.where(singular, 0.0, K * cos / torch.where(singular, 1.0, denominator))
         else:
             t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), 0.0).clamp(-1, 1)
-        t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
+        if last:
+            t = t.reshape(*W_0.shape[:-1], 1)
+        else:
+            t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
         del taus
         return t * _mean(W_k) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
 
@@ -756,7 +793,8 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
         cb = torch.where(linear, frac, torch.sin(frac * theta) / sin_theta)
         return (ca * A + cb * B).reshape(W_k[0].shape)
 
-    return _merge_each(None, [a, b], merge_tensor, out)
+    # (a schedule over names may give two names of one tensor two values: each merged apart)
+    return _merge_each(None, [a, b], merge_tensor, out, tied=not callable(t))
 
 
 def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool = False,
@@ -768,6 +806,7 @@ def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool
     to 1e-16 in ``1 - cos^2``. The vectors are each tensor whole (``flatten``, the default),
     else its rows along the last dimension, or along the first (``row_wise``: a matrix's
     columns). mergekit 0.1.5's ``nuslerp`` step for step."""
+    experts = _listed_experts(experts)
     weights = _check_weights(_listed(weights), 2, divide=False)
     if len(experts) != 2:
         raise ValueError(f"nuslerp interpolates two experts, got {len(experts)}")
@@ -809,6 +848,7 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
     are averaged linearly and more are refused, but where every vector is 0 (a tensor no expert
     changed: frozen embeddings, norms) the base is kept (mergekit 0.1.5 raises). One expert is
     returned as it is. Otherwise mergekit's ``multislerp`` step for step (``eps`` as its)."""
+    experts = _listed_experts(experts)
     weights = _check_weights(_listed(weights), len(experts), divide=normalize_weights)
     check_number(eps, "eps", 0)
 
@@ -901,6 +941,7 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
     ``W = w W_1 + (1 - w) W_0`` with ``w = min(1, t / max(|W_1 - W_0|, 1e-6))`` entry by entry:
     entries that differ by less than ``t`` take the expert's value, the others move by ``t``
     toward it. mergekit 0.1.5's ``nearswap`` step for step."""
+    experts = _listed_experts(experts)
     _needs_base(base, "nearswap")
     if len(experts) != 1:
         raise ValueError(f"nearswap moves the base toward one expert, got {len(experts)}")
@@ -963,12 +1004,15 @@ def arcee_fusion(base, experts, *, out=None):
     quartiles are the sorted importances at ``floor(q (n - 1))``, as mergekit's; mergekit 0.1.5
     estimates them from a million entries drawn at random in tensors larger than that, epmq
     uses every entry (the same function, deterministic)."""
+    experts = _listed_experts(experts)
     _needs_base(base, "arcee_fusion")
     if len(experts) != 1:
         raise ValueError(f"arcee_fusion fuses one expert into the base, got {len(experts)}")
 
     def merge_tensor(name, W_0, W_k):
         W_1 = W_k[0]
+        if W_0.numel() == 0:  # (no entries: no quartiles to take)
+            return W_0.clone()
         p = torch.softmax(W_1, dim=-1) + 1e-8
         q = torch.softmax(W_0, dim=-1) + 1e-8
         importance = (W_1 - W_0).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
@@ -1025,7 +1069,8 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
 def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float]) -> list:
     """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
     its entries kept), streamed twice."""
-    names = [n for n in base.keys() if base[n].is_floating_point()]
+    aliases = _aliases(base)  # (a tied tensor counts once)
+    names = [n for n in base.keys() if base[n].is_floating_point() and n not in aliases]
     n = sum(base[name].numel() for name in names)
 
     def task_vector(k):

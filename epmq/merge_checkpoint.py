@@ -101,21 +101,26 @@ class _TiedWriter:
         self.writer.finish()
 
 
-def _tied_in_base(base_path: Path, base_state: Mapping, base_only: list, merged: set) -> dict:
-    """Tensors of the base the models lack that are tied to one they have (a tied lm_head the
-    base's raw state dict stores beside the embeddings, which save_pretrained experts omit):
-    merged name -> [tied names]. Tied by the base's config (``tie_order`` of its skeleton) and
-    equal in the base; with no config, none."""
+def _tied_in_base(base_path: Path, base_state: Mapping, merged: list) -> dict:
+    """Tensors of the base tied to another it has: merged name -> [tied names], each tied name
+    written with the merged tensor's value. Tied by the base's config (``tie_order`` of its
+    skeleton) and equal in the base; with no config, none. Both the tensors the models lack (a
+    tied lm_head the base's raw state dict stores beside the embeddings, which save_pretrained
+    experts omit) and those every model stores twice (raw ``torch.save`` checkpoints): merged
+    under each name, a random merge (DARE) would write two values, and transformers would then
+    leave the model untied."""
     skeleton = model_skeleton(base_path)
     if skeleton is None:
         return {}
-    order = tie_order(skeleton)
+    # (own_checkpoint: a head the config unties is not tied, whatever transformers' defaults)
+    order, merged = tie_order(skeleton, own_checkpoint=True), set(merged)
+    position = {name: i for i, name in enumerate(base_state)}
     ties = {}
-    for name in base_only:
-        for alias in order.get(name, ()):
-            if alias != name and alias in merged and torch.equal(base_state[name], base_state[alias]):
-                ties.setdefault(alias, []).append(name)
-                break
+    for name in base_state:
+        # the names of one tensor: merged under the base's first, written under the others
+        first = min((n for n in order.get(name, ()) if n in merged), key=position.get, default=name)
+        if first != name and position[first] < position[name] and torch.equal(base_state[name], base_state[first]):
+            ties.setdefault(first, []).append(name)
     return ties
 
 
@@ -613,9 +618,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         base_only = [n for n in base_state if not all(n in s for s in sources)]
         unmerged = set(base_only)
         merged = [n for n in base_state if n not in unmerged]
-        ties = _tied_in_base(base_path, base_state, base_only, set(merged)) if base_only else {}
+        ties = _tied_in_base(base_path, base_state, merged)
         tied = {n for names in ties.values() for n in names}
         base_only = [n for n in base_only if n not in tied]
+        merged = [n for n in merged if n not in tied]
         # a model of the base's own architecture without a weight matrix that others have (a
         # partial save) would lose every model's update of it (not a buffer older writers saved:
         # position_ids)

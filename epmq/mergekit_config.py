@@ -34,11 +34,14 @@ the two on the same checkpoints, tensor by tensor):
     ramplus_tl          ram_plus(r, alpha, epsilon)
     arcee_fusion        arcee_fusion(base_model, the other model)   (exact quartiles, where
                         mergekit samples a million entries of larger tensors)
-    slerp               slerp(base_model, the other model, t)   (each tensor whole)
+    slerp               slerp(base_model, the other model, t)   (each tensor whole; where one
+                        is all zeros, interpolated linearly, where mergekit scales the other
+                        by sin(t pi / 2): its direction is undefined)
 
 TIES, Breadcrumbs and Model Stock run with ``convention="mergekit"`` (``epmq.merge``): mergekit's
 entry counts (truncated), tie-breaking (torch's sort order), sign vote (+ where the votes sum to
-exactly 0) and Model Stock (``t`` unclamped, norms floored at 1e-6). A per-model parameter
+exactly 0) and Model Stock (``t`` unclamped, norms floored at 1e-6; with ``filter_wise``, a
+tensor of more than two dimensions' rows along its last one). A per-model parameter
 (``weight``, ``density``, ``gamma``, ``epsilon``) given in ``parameters:`` (a slice's or the top level's)
 holds for every model that does not give its own, as mergekit looks them up.
 

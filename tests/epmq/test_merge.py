@@ -1057,3 +1057,59 @@ def test_weighted_average_weighs_every_expert(gen):
     w = [3.0, 1.0, 0.5]
     out = merge.average(experts, weights=w)["w"]
     torch.testing.assert_close(out, sum(a * e["w"] for a, e in zip(w, experts)) / sum(w))
+
+
+def _tied_llama(noise, seed):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("method,params", [("dare", dict(density=0.5)), ("della", {}),
+                                           ("ties", dict(density=0.3, scope="global")), ("ties", dict(density=0.3))])
+def test_a_tied_tensor_is_merged_once(method, params):
+    """A module with a tied head lists one tensor under two names: merged once, both names get
+    it (DARE and DELLA drew a mask per name, so the two differed; global TIES counted the
+    tensor twice in its threshold), as the merge of the state dict holding it once."""
+    base, experts = _tied_llama(0.0, 0), [_tied_llama(0.05, k + 1) for k in range(2)]
+    head, embeddings = "lm_head.weight", "model.embed_tokens.weight"
+    merged = getattr(merge, method)(base, experts, **params)
+    assert torch.equal(merged[head], merged[embeddings])
+    once = [{k: v for k, v in m.state_dict().items() if k != head} for m in (base, *experts)]
+    single = getattr(merge, method)(once[0], once[1:], **params)
+    assert all(torch.equal(single[k], merged[k]) for k in single)
+
+
+def test_model_stock_filter_wise_in_mergekits_convention_on_tensors_of_more_dimensions():
+    """mergekit's filter_wise Model Stock takes the cosines along a tensor's last dimension (a
+    convolution's, fused MoE experts'); epmq's own convention, per output channel whole."""
+    g = torch.Generator().manual_seed(0)
+    W_0 = torch.randn(4, 3, 2, 2, generator=g)
+    W_k = [W_0 + 0.1 * torch.randn(W_0.shape, generator=g) for _ in range(3)]
+    got = merge.model_stock({"w": W_0}, [{"w": W} for W in W_k], per_row=True, convention="mergekit")["w"]
+    rows0, rows = W_0.reshape(-1, 2), [W.reshape(-1, 2) for W in W_k]
+    taus = [r - rows0 for r in rows]
+    cos = torch.stack([(taus[i] * taus[j]).sum(1) / (taus[i].norm(dim=1) * taus[j].norm(dim=1))
+                       for i in range(3) for j in range(i + 1, 3)]).mean(0)[:, None]
+    t = 3 * cos / (1 + 2 * cos)
+    want = (t * sum(rows) / 3 + (1 - t) * rows0).reshape(W_0.shape)
+    torch.testing.assert_close(got, want)
+
+
+def test_more_merges_on_empty_tensors_and_generators():
+    empty = {"w": torch.zeros(0, 4)}
+    assert merge.arcee_fusion(empty, [empty])["w"].shape == (0, 4)
+    base, experts = {"w": torch.ones(6)}, [{"w": torch.full((6,), 2.0)}, {"w": torch.full((6,), 3.0)}]
+    for method in ("dare", "della", "breadcrumbs", "multislerp"):
+        fn = getattr(merge, method)
+        torch.testing.assert_close(fn(base, (e for e in experts))["w"], fn(base, experts)["w"])
+        with pytest.raises(TypeError, match="experts must be a list"):
+            fn(base, nn.Linear(2, 2))

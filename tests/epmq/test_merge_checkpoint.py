@@ -659,3 +659,28 @@ def test_the_base_tokenizers_named_chat_templates_come_along(checkpoints, tmp_pa
                             progress=False)
     assert sorted(transformers.AutoTokenizer.from_pretrained(out).chat_template) == ["default", "tool_use"]
     assert not (out / "original").exists()
+
+
+def test_a_tensor_every_model_stores_twice_is_merged_once(tmp_path):
+    """Raw torch.save checkpoints of a tied model list the head and the embeddings apart: the
+    merge writes one value under both (DARE's masks, drawn per name, gave two, and transformers
+    then left the model untied)."""
+    from safetensors.torch import load_file
+
+    for name, noise in [("base", 0.0), ("e0", 0.05), ("e1", 0.05)]:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+        model.config.architectures = ["LlamaForCausalLM"]
+        model.config.save_pretrained(tmp_path / name)
+        torch.save(model.state_dict(), tmp_path / name / "pytorch_model.bin")
+    out = merge_checkpoints("dare", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out", base=tmp_path / "base",
+                            params={"density": 0.5}, progress=False)
+    written = load_file(str(out / "model.safetensors"))
+    assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
