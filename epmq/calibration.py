@@ -39,6 +39,7 @@ own image processor into ``{"pixel_values"}`` batches.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -246,10 +247,12 @@ def _masks(item: Mapping, encoder_decoder: bool) -> list:
         sides.append((_DECODER_AXIS, "decoder_attention_mask", mask != 0))
     elif isinstance(labels, torch.Tensor) and labels.dim() == 2:
         # labels padded with -100 (the loss's ignore index) at the end: the decoder positions
-        # past the last real label are padding (their inputs are pad tokens)
+        # past the last real label are padding (their inputs are pad tokens); a row of no real
+        # label keeps its first, the decoder's start token, which any forward runs (the row's
+        # encoder tokens are real: dropping the row lost them)
         real = labels != -100
         L = labels.shape[1]
-        last = torch.where(real.any(1), L - 1 - real.flip(1).int().argmax(1), -1)
+        last = torch.where(real.any(1), L - 1 - real.flip(1).int().argmax(1), 0)
         sides.append((_DECODER_AXIS, "labels", torch.arange(L, device=labels.device) <= last[:, None]))
     return sides
 
@@ -265,7 +268,25 @@ def _span(row: torch.Tensor, what: str, b: int) -> Optional[tuple]:
     return start, stop
 
 
-def unpad(item, *, encoder_decoder: bool = False) -> list:
+_MASKING = ("attention_mask", "decoder_attention_mask", "labels")
+
+
+def _keywords(model, item):
+    """A positional item (``(input_ids, attention_mask)``, as a ``DataLoader`` of a
+    ``TensorDataset`` yields it) as keyword arguments of ``model``'s forward where that names a
+    mask among them, so that its padding is seen; else the item as it is."""
+    if model is None or not isinstance(item, (tuple, list)):
+        return item
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*item)
+    except (TypeError, ValueError):  # (it does not bind: the forward's own error, at the call)
+        return item
+    if not any(name in bound.arguments for name in _MASKING):
+        return item
+    return dict(bound.arguments)
+
+
+def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
     """A padded calibration batch as batches without padding: each row cut to its real tokens
     (``attention_mask``; on an encoder-decoder's decoder side ``decoder_attention_mask``, else
     trailing ``-100`` labels), rows of equal lengths batched together, rows with no token
@@ -273,8 +294,10 @@ def unpad(item, *, encoder_decoder: bool = False) -> list:
 
     Left padding is removed too, so the real tokens get positions from 0, as an unpadded
     sequence (and ``generate``) gives them. A padded batch must hold nothing but per-row tensors
-    (first dimension the batch) and plain values.
+    (first dimension the batch) and plain values. ``model``: a positional item that passes a
+    mask is taken as its forward's keyword arguments (``_keywords``).
     """
+    item = _keywords(model, item)
     if not isinstance(item, Mapping):
         return [item]
     sides = _masks(item, encoder_decoder)

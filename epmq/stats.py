@@ -697,7 +697,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     was_training = model.training
     model.eval()
     try:
-        parts = (part for item in batches for part in unpad(item, encoder_decoder=_encoder_decoder(model)))
+        parts = (part for item in batches
+                 for part in unpad(item, encoder_decoder=_encoder_decoder(model), model=model))
         for n, item in enumerate(parts):
             reads.clear()
             keep.clear()

@@ -278,7 +278,7 @@ def quantize_model(
         quant.resolve_backend(backend, torch.device("cpu"))
     check_residual_precision(residual_precision, "residual_precision")
     device = device_argument(device)
-    calibration = _calibration(calibration, _encoder_decoder(model)) if method != "rtn" else {}
+    calibration = _calibration(calibration, model) if method != "rtn" else {}
     if method == "epmq":
         _check_tasks(calibration, experts)
 
@@ -400,8 +400,10 @@ def _encoder_decoder(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def _calibration(calibration, encoder_decoder: bool = False) -> dict:
-    """Every task's items, padded batches split into batches without padding (``unpad``)."""
+def _calibration(calibration, model) -> dict:
+    """Every task's items, padded batches split into batches without padding (``unpad``; a
+    positional item that passes a mask taken as ``model``'s keyword arguments)."""
+    encoder_decoder = _encoder_decoder(model)
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
     out = {}
@@ -412,7 +414,7 @@ def _calibration(calibration, encoder_decoder: bool = False) -> dict:
                 f"got a single {type(items).__name__}"
             )
         try:
-            out[task] = [part for item in items for part in unpad(item, encoder_decoder=encoder_decoder)]
+            out[task] = [part for item in items for part in unpad(item, encoder_decoder=encoder_decoder, model=model)]
         except ValueError as e:
             raise ValueError(f"calibration[{task!r}]: {e}") from None
         if not out[task]:
@@ -1964,6 +1966,8 @@ class _Walk:
                         t_hidden = adapter.hidden_of(out) if again else None
                     hidden = adapter.hidden_of(output) if again else None
                     for rel, x in xs.items():
+                        if not x.shape[0]:  # (an MoE expert a block calls on no token)
+                            continue
                         n_tokens[rel] += x.shape[0]
                         if isinstance(stats[rel], HessianStats):
                             if leader[rel] == rel:

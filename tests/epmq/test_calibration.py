@@ -110,3 +110,13 @@ def test_drawn_items_follow_the_seed():
 def test_windows_need_two_tokens():
     with pytest.raises(ValueError, match="seq_len >= 2"):
         text_windows(["1 2 3"], WordTokenizer(), samples=1, seq_len=1)
+
+
+def test_a_row_of_no_real_label_keeps_its_encoder_tokens():
+    """An encoder-decoder row whose labels are all -100: its encoder tokens are real (a forward
+    runs them), so the row stays, its decoder cut to the start position."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    parts = unpad({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                   "labels": torch.tensor([[3, 4, -100], [-100, -100, -100]])}, encoder_decoder=True)
+    assert sum(int(p["attention_mask"].sum()) for p in parts) == 8
+    assert sorted(p["labels"].shape[1] for p in parts) == [1, 2]

@@ -273,3 +273,65 @@ def test_open_clip_token_mask_ends_at_the_eos_id_or_not_at_all_with_a_cls_token(
     cls = TextTransformer(context_length=5, vocab_size=64, width=32, heads=4, layers=1, output_dim=8,
                           embed_cls=True, pool_type="argmax")
     assert OPEN_CLIP.token_mask(cls, "transformer.resblocks", text) is None
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple", "list"])
+def test_a_padded_batch_given_positionally_counts_real_tokens(form):
+    """``(input_ids, attention_mask)`` as a DataLoader of a TensorDataset yields it: its padding
+    is seen (bound to the forward's names), as in the dict form."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    item = {"dict": {"input_ids": ids, "attention_mask": mask}, "tuple": (ids, mask), "list": [ids, mask]}[form]
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [item]}, backend="torch", progress=False)
+    assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {9}
+
+
+def test_an_expert_called_on_no_token_leaves_the_task_out():
+    """A hand-written MoE block that calls every expert, on an empty input where the router
+    sent it no token of a task: E-PMQ leaves that task out of the expert, as when it is not
+    called (it opened the task on the empty input, then found it had no data)."""
+    D = 16
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(D, 2)
+            self.experts = nn.ModuleList([nn.Linear(D, D) for _ in range(2)])
+
+        def forward(self, x):
+            flat = x.reshape(-1, D)
+            choice = self.router(flat).argmax(-1)
+            out = torch.zeros_like(flat)
+            for e, expert in enumerate(self.experts):
+                idx = (choice == e).nonzero()[:, 0]
+                out[idx] = expert(flat[idx])  # (called even on no row)
+            return x + out.reshape(x.shape)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+        def forward(self, x):
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    net = Stack().eval()
+    with torch.no_grad():
+        router = net.layers[0].router
+        router.weight.zero_()
+        router.bias.zero_()
+        router.weight[0], router.weight[1] = 1.0, -1.0
+    calibration = {"pos": [torch.rand(1, 4, D) + 0.1], "neg": [-torch.rand(1, 4, D) - 0.1]}
+    epmq.quantize_model(net, SPEC, method="epmq", calibration=calibration,
+                        adapter=epmq.Adapter("toy", block_types=(Block,)),
+                        experts={t: copy.deepcopy(net.state_dict()) for t in calibration}, backend="torch",
+                        progress=False)
+    tokens = {layer["name"]: layer["n_tokens"] for layer in net.epmq_report.layers}
+    assert tokens["layers.0.experts.0"] == 4 and tokens["layers.0.experts.1"] == 4
