@@ -283,6 +283,9 @@ def _keywords(model, item):
         return item
     if not any(name in bound.arguments for name in _MASKING):
         return item
+    kinds = {bound.signature.parameters[name].kind for name in bound.arguments}
+    if kinds - {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}:
+        return item  # (*args, **kwargs or positional-only bound: no keywords say the same)
     return dict(bound.arguments)
 
 

@@ -193,6 +193,18 @@ def _aliases(state: StateDict) -> dict:
     return aliases
 
 
+def _common_aliases(states: Sequence[StateDict]) -> dict:
+    """The ``_aliases`` every state has: names one tensor in all of them (an expert that holds a
+    tied pair as two different tensors, an untied fine-tune, has both merged)."""
+    common = _aliases(states[0])
+    for state in states[1:]:
+        if not common:
+            break
+        theirs = _aliases(state)
+        common = {name: first for name, first in common.items() if theirs.get(name) == first}
+    return common
+
+
 def _work_dtype(reference: torch.Tensor) -> torch.dtype:
     """What the merges compute in: float32, or float64 for float64 tensors."""
     return torch.float64 if reference.dtype == torch.float64 else torch.float32
@@ -210,10 +222,11 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
     stored = getattr(out, "dtype", None)
     reference = base if base is not None else experts[0]
     out = {} if out is None else out
-    aliases = _aliases(reference) if tied else {}
+    aliases = _common_aliases([reference, *experts]) if tied else {}
+    shared = {}  # (the results aliases take: ``out`` may be write-only, a ShardWriter)
     for name in reference.keys():
         if name in aliases:  # (one tensor, merged once: DARE's masks drawn per name differed)
-            out[name] = out[aliases[name]]
+            out[name] = shared[aliases[name]]
             continue
         ref, W_0, W_k = _tensors(name, base, experts, lazy)
         if W_0 is None and W_k is None:
@@ -229,6 +242,8 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
                              f"pass the dtype's range; merge into float32 or bfloat16 "
                              f"(merge_checkpoints(dtype=...))")
         out[name] = merged
+        if name in aliases.values():
+            shared[name] = merged
     return out
 
 
@@ -1069,7 +1084,7 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
 def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float]) -> list:
     """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
     its entries kept), streamed twice."""
-    aliases = _aliases(base)  # (a tied tensor counts once)
+    aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
     names = [n for n in base.keys() if base[n].is_floating_point() and n not in aliases]
     n = sum(base[name].numel() for name in names)
 

@@ -114,13 +114,31 @@ def _tied_in_base(base_path: Path, base_state: Mapping, merged: list) -> dict:
         return {}
     # (own_checkpoint: a head the config unties is not tied, whatever transformers' defaults)
     order, merged = tie_order(skeleton, own_checkpoint=True), set(merged)
+    group = {name: name for name in base_state}  # names of one tensor (union-find: the orders
+    # list a tied head's embeddings under it, not always the reverse)
+
+    def root(name):
+        while group[name] != name:
+            name = group[name]
+        return name
+
+    for name in base_state:
+        for alias in order.get(name, ()):
+            if alias in group:
+                group[root(alias)] = root(name)
+    members = {}
+    for name in base_state:
+        members.setdefault(root(name), []).append(name)
     position = {name: i for i, name in enumerate(base_state)}
     ties = {}
-    for name in base_state:
-        # the names of one tensor: merged under the base's first, written under the others
-        first = min((n for n in order.get(name, ()) if n in merged), key=position.get, default=name)
-        if first != name and position[first] < position[name] and torch.equal(base_state[name], base_state[first]):
-            ties.setdefault(first, []).append(name)
+    for names in members.values():
+        candidates = [n for n in names if n in merged]
+        if len(names) < 2 or not candidates:
+            continue
+        first = min(candidates, key=position.get)  # (merged; the others written with its value)
+        for name in names:
+            if name != first and torch.equal(base_state[name], base_state[first]):
+                ties.setdefault(first, []).append(name)
     return ties
 
 

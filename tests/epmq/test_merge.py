@@ -1113,3 +1113,25 @@ def test_more_merges_on_empty_tensors_and_generators():
         torch.testing.assert_close(fn(base, (e for e in experts))["w"], fn(base, experts)["w"])
         with pytest.raises(TypeError, match="experts must be a list"):
             fn(base, nn.Linear(2, 2))
+
+
+def test_names_of_one_tensor_merge_once_only_where_every_input_ties_them():
+    """An expert holding the tied pair as two tensors (an untied fine-tune that changed its
+    head) has both merged; and an ``out`` that only takes items gets the shared result."""
+    base = _tied_llama(0.0, 0)
+    expert = {k: v.clone() for k, v in base.state_dict().items()}
+    expert["lm_head.weight"] += 1.0
+    out = merge.task_arithmetic(base, [expert], scale=1.0)
+    torch.testing.assert_close(out["lm_head.weight"], expert["lm_head.weight"])
+    torch.testing.assert_close(out["model.embed_tokens.weight"], base.model.embed_tokens.weight)
+
+    class Sink:  # (as ShardWriter: items in, nothing out)
+        def __init__(self):
+            self.items = {}
+
+        def __setitem__(self, name, t):
+            self.items[name] = t
+
+    sink = Sink()
+    merge.task_arithmetic(base, [_tied_llama(0.05, 1)], out=sink)
+    assert torch.equal(sink.items["lm_head.weight"], sink.items["model.embed_tokens.weight"])

@@ -684,3 +684,34 @@ def test_a_tensor_every_model_stores_twice_is_merged_once(tmp_path):
     assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_tied_copy_only_the_base_stores_takes_the_merged_value_whatever_its_name(tmp_path):
+    """The base's safetensors store the head beside the embeddings (``lm_head`` sorts first),
+    the experts (save_pretrained) only the embeddings: the head is written with the merged
+    embeddings, not copied from the base."""
+    from safetensors.torch import load_file, save_file
+
+    def tied(noise, seed):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g))
+        model.config.architectures = ["LlamaForCausalLM"]
+        return model
+
+    base = tied(0.0, 0)
+    base.config.save_pretrained(tmp_path / "base")
+    save_file({k: v.clone().contiguous() for k, v in base.state_dict().items()},
+              str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    for k in range(2):
+        tied(0.05, k + 1).save_pretrained(tmp_path / f"e{k}")
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                            base=tmp_path / "base", params={"scale": 0.5}, progress=False)
+    written = load_file(str(out / "model.safetensors"))
+    assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
+    assert not torch.equal(written["lm_head.weight"], base.lm_head.weight)

@@ -335,3 +335,23 @@ def test_an_expert_called_on_no_token_leaves_the_task_out():
                         progress=False)
     tokens = {layer["name"]: layer["n_tokens"] for layer in net.epmq_report.layers}
     assert tokens["layers.0.experts.0"] == 4 and tokens["layers.0.experts.1"] == 4
+
+
+def test_a_forward_taking_more_positional_arguments_keeps_them_positional():
+    """A forward with ``*args`` after the mask: the item stays positional (no keywords say the
+    same), as before binding existed."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask=None, *extra):
+            h = self.emb(input_ids)
+            for e in extra:
+                h = h + e
+            return self.lin(h)
+
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 16, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    assert list(gram_matrices(Net(), [(ids, mask, torch.randn(2, 5, 8))])) == ["lin.weight"]
