@@ -492,34 +492,27 @@ def tie_order(model: nn.Module, *, own_checkpoint: bool = False) -> Dict[str, Li
     ``named_parameters`` lists them), so they read the same tensor; an untied parameter that
     transformers would tie by default (``_tied_weights_keys``) falls back to its source (an
     expert saved with a tied head, read for a merged model whose head is untied), except, with
-    ``own_checkpoint`` (a checkpoint of this model itself), an output embedding the config
-    unties: there a checkpoint without it lacks it, as transformers says."""
+    ``own_checkpoint`` (a checkpoint of this model itself), where the config unties them
+    (``_ties_off``): there a checkpoint without one lacks it, as transformers says."""
     order = {name: [name] for name in model.state_dict().keys()}
     for names in parameter_aliases(model):
         for name in names:
             order[name] = list(names)
     hints = getattr(model, "_tied_weights_keys", None)
-    untied_head = _untied_head(model) if own_checkpoint else set()
-    if isinstance(hints, Mapping):
+    if isinstance(hints, Mapping) and not (own_checkpoint and _ties_off(model)):
         for target, source in hints.items():
-            if (isinstance(source, str) and order.get(target) == [target] and source in order
-                    and target not in untied_head):
+            if isinstance(source, str) and order.get(target) == [target] and source in order:
                 order[target] = [target, source]
     return order
 
 
-def _untied_head(model: nn.Module) -> set:
-    """The names of the output embedding's weight where the config unties it from the input
-    embedding (``tie_word_embeddings=False``: a checkpoint without it lacks it, it is not tied)."""
+def _ties_off(model: nn.Module) -> bool:
+    """Whether the config unties what transformers ties by default (``tie_word_embeddings=
+    False``, which turns off every ``_tied_weights_keys`` tie: a checkpoint without one of them
+    lacks it, it is not tied)."""
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True)):
-        return set()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return set()
-    return {name for name, p in model.named_parameters(remove_duplicate=False) if p is weight}
+    return not getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True))
 
 
 class LazyStateDict(Mapping):

@@ -177,32 +177,27 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     return reference, None if W_0 is None else W_0.to(work), W_k
 
 
-def _aliases(state: StateDict) -> dict:
-    """``{name: the first name of state holding the same tensor}``: a tied head and its
-    embeddings, listed twice by a module's state dict, are one tensor, merged once. For states
-    held in memory (a dict); a lazy checkpoint's reads are fresh tensors (``merge_checkpoints``
-    finds ties by the base's config)."""
-    if not isinstance(state, dict):
-        return {}
-    first, aliases = {}, {}
-    for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta:
-            aliases_of = first.setdefault(storage_key(t), name)
-            if aliases_of != name:
-                aliases[name] = aliases_of
-    return aliases
-
-
 def _common_aliases(states: Sequence[StateDict]) -> dict:
-    """The ``_aliases`` every state has: names one tensor in all of them (an expert that holds a
-    tied pair as two different tensors, an untied fine-tune, has both merged)."""
-    common = _aliases(states[0])
-    for state in states[1:]:
-        if not common:
-            break
-        theirs = _aliases(state)
-        common = {name: first for name, first in common.items() if theirs.get(name) == first}
-    return common
+    """``{name: the first name holding the same tensor in every state}``: a tied head and its
+    embeddings, listed twice by a module's state dict, are one tensor, merged once; names one
+    tensor in some inputs only (an untied fine-tune's changed head) are merged apart. For states
+    held in memory (dicts); a lazy checkpoint's reads are fresh tensors (``merge_checkpoints``
+    finds ties by the base's config)."""
+    if not all(isinstance(state, dict) for state in states):
+        return {}
+
+    def keys(state):  # (by items(): no read a state counts or makes)
+        return {name: storage_key(t) for name, t in dict.items(state)
+                if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta}
+
+    each = [keys(state) for state in states]
+    first, aliases = {}, {}
+    for name in states[0]:
+        if all(name in k for k in each):
+            leader = first.setdefault(tuple(k[name] for k in each), name)
+            if leader != name:
+                aliases[name] = leader
+    return aliases
 
 
 def _work_dtype(reference: torch.Tensor) -> torch.dtype:
@@ -230,7 +225,7 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
             continue
         ref, W_0, W_k = _tensors(name, base, experts, lazy)
         if W_0 is None and W_k is None:
-            out[name] = ref.clone()
+            out[name] = shared[name] = ref.clone()  # (shared: an integer buffer of several names)
             continue
         # straight from the float32 arithmetic to the stored dtype (a rounding to the base's
         # first would wipe out task vectors below its precision, and its overflow would stand)

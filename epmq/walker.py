@@ -1132,7 +1132,7 @@ class _Walk:
             self._reads[(task, name)] = fingerprint(tensor)
         if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging;
             # any other copy waits for its data, as a device-to-host copy must be read)
-            tensor = tensor.to(device, non_blocking=tensor.is_pinned())
+            tensor = tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
         source.check_values(key.fused if self._fused_in(source, key) else key, tensor)
         self.expert_read_seconds += time.perf_counter() - t0
         return tensor if like is None else tensor.to(dtype=like.dtype).contiguous()

@@ -1135,3 +1135,27 @@ def test_names_of_one_tensor_merge_once_only_where_every_input_ties_them():
     sink = Sink()
     merge.task_arithmetic(base, [_tied_llama(0.05, 1)], out=sink)
     assert torch.equal(sink.items["lm_head.weight"], sink.items["model.embed_tokens.weight"])
+
+
+def test_names_of_one_tensor_in_every_input_stay_one_whatever_else_unties():
+    """A three-way tie one expert unties for one name: the other two are still one tensor in
+    every input, merged once (DARE's masks alike); an integer buffer of two names is copied."""
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    base = {"A": w, "B": w, "C": w}
+
+    def expert(seed, untie_A):
+        t = w + 0.1 * torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
+        return {"A": t.clone() + 0.5 if untie_A else t, "B": t, "C": t}
+
+    out = merge.dare(base, [expert(1, True), expert(2, False)], density=0.5, scale=1.0)
+    assert torch.equal(out["B"], out["C"]) and not torch.equal(out["A"], out["B"])
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            index = torch.arange(4)
+            self.a.register_buffer("index", index)
+            self.b.register_buffer("index", index)
+
+    assert torch.equal(merge.task_arithmetic(Net(), [Net()], scale=1.0)["b.index"], torch.arange(4))

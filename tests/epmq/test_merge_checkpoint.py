@@ -715,3 +715,26 @@ def test_a_tied_copy_only_the_base_stores_takes_the_merged_value_whatever_its_na
     written = load_file(str(out / "model.safetensors"))
     assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
     assert not torch.equal(written["lm_head.weight"], base.lm_head.weight)
+
+
+def test_an_untied_model_keeps_every_tensor_its_own(tmp_path):
+    """tie_word_embeddings=False turns off every tie transformers makes by default, not only the
+    head's: BERT's decoder bias, equal to the prediction bias in the base (both zero), gets its
+    own merge, not the other's."""
+    from safetensors.torch import load_file
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, tie_word_embeddings=False)
+    for name, noise in [("base", 0.0), ("e0", 0.05), ("e1", 0.05)]:
+        torch.manual_seed(0)
+        model = transformers.BertForPreTraining(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+        model.save_pretrained(tmp_path / name)
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                            base=tmp_path / "base", params={"scale": 0.5}, progress=False)
+    written = load_file(str(out / "model.safetensors"))
+    base, e0, e1 = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("base", "e0", "e1"))
+    key = "cls.predictions.decoder.bias"
+    torch.testing.assert_close(written[key], base[key] + 0.5 * ((e0[key] - base[key]) + (e1[key] - base[key])))
