@@ -1059,7 +1059,8 @@ def test_weighted_average_weighs_every_expert(gen):
     torch.testing.assert_close(out, sum(a * e["w"] for a, e in zip(w, experts)) / sum(w))
 
 
-def _tied_llama(noise, seed):
+def tied_llama(noise, seed):
+    """A tiny Llama whose head is its embeddings, every weight moved by ``noise`` (``seed``)."""
     import transformers
 
     torch.manual_seed(0)
@@ -1070,6 +1071,7 @@ def _tied_llama(noise, seed):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(noise * torch.randn(p.shape, generator=g))
+    model.config.architectures = ["LlamaForCausalLM"]  # (as from_pretrained's saves name it)
     return model
 
 
@@ -1079,7 +1081,7 @@ def test_a_tied_tensor_is_merged_once(method, params):
     """A module with a tied head lists one tensor under two names: merged once, both names get
     it (DARE and DELLA drew a mask per name, so the two differed; global TIES counted the
     tensor twice in its threshold), as the merge of the state dict holding it once."""
-    base, experts = _tied_llama(0.0, 0), [_tied_llama(0.05, k + 1) for k in range(2)]
+    base, experts = tied_llama(0.0, 0), [tied_llama(0.05, k + 1) for k in range(2)]
     head, embeddings = "lm_head.weight", "model.embed_tokens.weight"
     merged = getattr(merge, method)(base, experts, **params)
     assert torch.equal(merged[head], merged[embeddings])
@@ -1118,7 +1120,7 @@ def test_more_merges_on_empty_tensors_and_generators():
 def test_names_of_one_tensor_merge_once_only_where_every_input_ties_them():
     """An expert holding the tied pair as two tensors (an untied fine-tune that changed its
     head) has both merged; and an ``out`` that only takes items gets the shared result."""
-    base = _tied_llama(0.0, 0)
+    base = tied_llama(0.0, 0)
     expert = {k: v.clone() for k, v in base.state_dict().items()}
     expert["lm_head.weight"] += 1.0
     out = merge.task_arithmetic(base, [expert], scale=1.0)
@@ -1133,7 +1135,7 @@ def test_names_of_one_tensor_merge_once_only_where_every_input_ties_them():
             self.items[name] = t
 
     sink = Sink()
-    merge.task_arithmetic(base, [_tied_llama(0.05, 1)], out=sink)
+    merge.task_arithmetic(base, [tied_llama(0.05, 1)], out=sink)
     assert torch.equal(sink.items["lm_head.weight"], sink.items["model.embed_tokens.weight"])
 
 

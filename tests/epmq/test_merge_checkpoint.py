@@ -12,6 +12,7 @@ from epmq import merge, merge_checkpoints
 from epmq.benches.tiny import perturb, word_tokenizer
 from epmq.cli import main
 from epmq.merge_checkpoint import RECIPE_FILE
+from test_merge import tied_llama
 
 
 def tiny_llama(seed):
@@ -667,15 +668,8 @@ def test_a_tensor_every_model_stores_twice_is_merged_once(tmp_path):
     then left the model untied)."""
     from safetensors.torch import load_file
 
-    for name, noise in [("base", 0.0), ("e0", 0.05), ("e1", 0.05)]:
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(noise * torch.randn_like(p))
-        model.config.architectures = ["LlamaForCausalLM"]
+    for k, (name, noise) in enumerate([("base", 0.0), ("e0", 0.05), ("e1", 0.05)]):
+        model = tied_llama(noise, k)
         model.config.save_pretrained(tmp_path / name)
         torch.save(model.state_dict(), tmp_path / name / "pytorch_model.bin")
     out = merge_checkpoints("dare", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out", base=tmp_path / "base",
@@ -692,24 +686,12 @@ def test_a_tied_copy_only_the_base_stores_takes_the_merged_value_whatever_its_na
     embeddings, not copied from the base."""
     from safetensors.torch import load_file, save_file
 
-    def tied(noise, seed):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(noise * torch.randn(p.shape, generator=g))
-        model.config.architectures = ["LlamaForCausalLM"]
-        return model
-
-    base = tied(0.0, 0)
+    base = tied_llama(0.0, 0)
     base.config.save_pretrained(tmp_path / "base")
     save_file({k: v.clone().contiguous() for k, v in base.state_dict().items()},
               str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
     for k in range(2):
-        tied(0.05, k + 1).save_pretrained(tmp_path / f"e{k}")
+        tied_llama(0.05, k + 1).save_pretrained(tmp_path / f"e{k}")
     out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
                             base=tmp_path / "base", params={"scale": 0.5}, progress=False)
     written = load_file(str(out / "model.safetensors"))
