@@ -211,8 +211,8 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
     ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again). An
     ``out`` with a ``dtype`` (``ShardWriter``'s) takes the results in it, else in the base's.
-    ``tied``: names of one tensor of the reference (``_aliases``) are merged once, sharing the
-    result."""
+    ``tied``: names of one tensor in every input (``_common_aliases``) are merged once, sharing
+    the result."""
     base, experts = _inputs(base, experts)
     stored = getattr(out, "dtype", None)
     reference = base if base is not None else experts[0]
@@ -747,8 +747,13 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
         # (mergekit's rows of a tensor of more dimensions, a convolution or fused MoE experts: along
         # its last dimension; epmq's: each output channel whole)
         last = per_row and convention == "mergekit" and W_0.dim() > 2
-        taus = [((W_k[k] - W_0).reshape(-1, W_0.shape[-1]) if last else _rows(W_k[k] - W_0) if per_row
-                 else (W_k[k] - W_0).reshape(1, -1)) for k in range(K)]
+
+        def vectors(tau):  # (what the cosines are taken over, one a row)
+            if last:
+                return tau.reshape(-1, tau.shape[-1])
+            return _rows(tau) if per_row else tau.reshape(1, -1)
+
+        taus = [vectors(W_k[k] - W_0) for k in range(K)]
         norms = [tau.norm(dim=1) for tau in taus]
         # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
         # depend on the task vectors' size)

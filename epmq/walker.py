@@ -149,10 +149,10 @@ class QuantReport:
     first use's inputs). ``expert_read_seconds`` (E-PMQ): of ``seconds``, those the walk spent on
     the experts' tensors: reading them or waiting for the read-ahead (``EXPERT_READ_AHEAD_BYTES``),
     moving them to the device, checking their values (on a GPU the check's read back also waits
-    for the work queued before it). ``routers``: the linears that route tokens
-    to experts, left in full precision (``epmq.adapters.routers``). ``repeated``: blocks the
-    model calls again after their stack's last block (weights shared across depth), each with
-    its number of calls in one forward pass: the one block of a stack called in a row, each call on the previous one's
+    for the work queued before it). ``routers``: the linears that route tokens to experts, left
+    in full precision (``epmq.adapters.routers``). ``repeated``: blocks the model calls again
+    after their stack's last block (weights shared across depth), each with its number of calls
+    in one forward pass: the one block of a stack called in a row, each call on the previous one's
     output with the same other arguments (ALBERT's one layer, called once per layer of the
     model), is solved on the inputs of every call; others on their first call's (warned).
     """
@@ -1139,10 +1139,10 @@ class _Walk:
 
     def _fetch_expert(self, task, name: str, ahead: bool = False) -> torch.Tensor:
         """Expert ``task``'s tensor for the model tensor ``name`` as its checkpoint holds it, in
-        the model's layout, its values unchecked. ``ahead`` (the read-ahead's
-        reads): its bytes read here, not where the walk first touches them (a safetensors file's
-        tensor is mapped, its pages read from disk on first touch): for a GPU walk by a copy to
-        pinned memory (then copied to the device without staging), else by touching its pages."""
+        the model's layout, its values unchecked. ``ahead`` (the read-ahead's reads): its bytes
+        read here, not where the walk first touches them (a safetensors file's tensor is mapped,
+        its pages read from disk on first touch): for a GPU walk by a copy to pinned memory (then
+        copied to the device without staging), else by touching its pages."""
         key = self.ckpt(name)
         source = self.experts[task]
         fused = self._fused_in(source, key)  # (only this expert's rows of the fused tensor are read)

@@ -62,11 +62,11 @@ def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor
     # [u^T H v, v^T H u]: the columns of vu swapped, times H_vu, summed down
     uHv, vHu = (vu.flip(1) * H_vu).sum(dim=0)
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)
-    numbers = torch.stack([t.to(dtype) for t in (
-        lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, diag.sum())]).to(torch.float64)
+    lo, hi, diag_min, dead, gap, trace = (t.to(dtype).to(torch.float64) for t in (
+        lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, diag.sum()))
     # |H v| in float64: its square neither underflows nor overflows (as in the kernel)
-    Hv_norm = torch.linalg.vector_norm(H_vu[:, 0].double()).reshape(1)
-    return torch.cat([numbers[:5], Hv_norm, numbers[5:]])
+    Hv_norm = torch.linalg.vector_norm(H_vu[:, 0].double())
+    return torch.stack([lo, hi, diag_min, dead, gap, Hv_norm, trace])
 
 
 @triton.jit

@@ -1154,8 +1154,8 @@ def dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx=None, dtype
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
     q = ((qweight.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(K, N)
     g = _row_groups(K, group_size, g_idx, qweight.device)
-    if g_idx is not None and g.numel() and not (0 <= int(g.min()) and int(g.max()) < scales.shape[0]):
-        raise ValueError(f"g_idx values must lie in [0, {scales.shape[0]}) (the groups of scales)")
+    if g_idx is not None:
+        _check_g_idx_range(g, scales.shape[0])
     z = zeros.to(torch.int64)[g]
     return (q - z).to(dtype) * scales.to(dtype)[g]
 
@@ -1241,6 +1241,16 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
 _G_IDX_KINDS = {}
 
 
+def _check_g_idx_range(g_idx, G):
+    """A clear error where ``g_idx`` names a group outside ``[0, G)`` (one host sync)."""
+    if not g_idx.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(g_idx))
+    if lo < 0 or hi >= G:
+        raise ValueError(f"g_idx values must lie in [0, {G}) (G = number of groups), "
+                         f"got [{lo}, {hi}]")
+
+
 def _g_idx_is_static(g_idx, K, G, group_size):
     """True if g_idx[k] == k // group_size for all k (no gather needed); raises if out of range."""
     signature = (g_idx.data_ptr(), version(g_idx), K, G, group_size)
@@ -1249,10 +1259,7 @@ def _g_idx_is_static(g_idx, K, G, group_size):
         return hit[2]
     if g_idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return False  # cannot inspect during capture; the gather path is right for any g_idx
-    lo, hi = (int(v) for v in torch.aminmax(g_idx))
-    if lo < 0 or hi >= G:
-        raise ValueError(f"g_idx values must lie in [0, {G}) (G = number of groups), "
-                         f"got [{lo}, {hi}]")
+    _check_g_idx_range(g_idx, G)
     static = bool(torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // group_size))
     if len(_G_IDX_KINDS) > 1024:
         _G_IDX_KINDS.clear()
