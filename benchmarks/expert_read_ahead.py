@@ -17,7 +17,6 @@ both settings quantized every tensor identically.
 
 import argparse
 import copy
-import hashlib
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from _common import device_info, write_json  # noqa: E402
+from epmq.resume import tensor_digest  # noqa: E402
 from bench_walker import build  # noqa: E402
 
 
@@ -41,14 +41,6 @@ def drop_page_cache() -> bool:
         return True
     except (OSError, subprocess.CalledProcessError):
         return False
-
-
-def digest(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def walk(model, experts, calibration, device, budget):
@@ -68,7 +60,7 @@ def walk(model, experts, calibration, device, budget):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return dict(walk_s=seconds, expert_read_s=model.epmq_report.expert_read_seconds,
-                cold_cache=cold), digest(model)
+                cold_cache=cold), tensor_digest(sorted(model.state_dict().items()))
 
 
 def main():
