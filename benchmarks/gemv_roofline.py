@@ -17,15 +17,22 @@ BLOCK_K = 128 rows a tile, SPLIT_K slices of K, two tiles prefetched, as the GEM
              zero points
     unpack_half2   the same by the HALF2 configs' arithmetic (``_half2_word_sums``: two codes
              per packed fp16 instruction, activations 1 and zero points 0)
+    stream_tiled   stream over the same words re-laid out so that each program's rows are one
+             contiguous run (``tiled``: what an offline repack of the checkpoint's words would
+             give; four configs of the tiling, ``TILED_CONFIGS``)
     gemv     ``w4a16_matmul`` at M = 1, per channel (its autotuned choice: the GEMV, or since
              2026-12-05 possibly the Gluon ``mma`` path; ``gemv_plan`` says which)
 
-beside the device copy bandwidth and cuBLAS fp16 at M = 1, all as CUDA-graph replays over weight
-copies rotated past the L2 cache. Reading it: stream far under the copy bandwidth, the tiling
-(bytes in flight, programs per SM) limits the GEMV; unpack far under stream, the instructions;
-gemv under unpack (or unpack_half2, for the HALF2 configs), the activations, scales and the
-split-K reduction. Each probe's result is
-checked against torch before it is timed (``--check`` runs only that, on small shapes).
+beside the device copy bandwidth (of 1 GiB, and of the words' own size: ``copy_same_bytes``,
+a copy of half their bytes, as many read plus written) and cuBLAS fp16 at M = 1, all as
+CUDA-graph replays over weight copies rotated past the L2 cache. Reading it: copy_same_bytes far
+under the copy bandwidth, the product is too small for the card (launch and ramp: no kernel
+gets nearer); stream far under copy_same_bytes, the tiling (bytes in flight, programs per SM, the
+rows' 256-byte runs) limits the GEMV, and stream_tiled near copy_same_bytes says a repacked
+layout lifts it; unpack far under stream, the instructions; gemv under unpack (or
+unpack_half2, for the HALF2 configs), the activations, scales and the split-K reduction. Each
+probe's result is checked against torch before it is timed (``--check`` runs only that, on
+small shapes).
 """
 
 import argparse
@@ -51,16 +58,19 @@ CONFIGS = [dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=w) for bn, w in ((64, 4), (128
            for sk in (4, 8, 16, 32)]
 BLOCK_K = 128
 PROBES = ("stream", "unpack", "unpack_half2")  # (the probe kernel's UNPACK 0, 1, 2)
+# the stream probe over tiled words: the GEMV's usual picks (a few, to stay in the step's time)
+TILED_CONFIGS = [dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=w) for bn, w in ((64, 4), (128, 8)) for sk in (4, 16)]
 
 
 @triton.jit
 def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UNPACK: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, TILED: tl.constexpr = False):
     """Stream rows ``[pid_k rows_per_split, ...)`` of the packed words of a BLOCK_N column slice
     with the GEMV's two-tile prefetch; XOR them (UNPACK 0) or sum their codes (1: one fp32 code
     at a time; 2: the HALF2 pairs), and combine the slices into ``out`` with one atomic per
-    column."""
+    column. ``TILED``: the words in :func:`tiled` order (each column slice's rows contiguous,
+    ``stride_qk`` then its row count), so a program reads one contiguous run of bytes."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,8 +78,12 @@ def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
     r_start = pid_k * rows_per_split
     r_end = tl.minimum(K8, r_start + rows_per_split)
     rows = r_start + tl.arange(0, BLOCK_R)
-    ptrs = q_ptr + rows[:, None] * stride_qk + offs_n[None, :]
-    step = BLOCK_R * stride_qk
+    if TILED:
+        ptrs = q_ptr + pid_n * stride_qk * BLOCK_N + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        step = BLOCK_R * BLOCK_N
+    else:
+        ptrs = q_ptr + rows[:, None] * stride_qk + offs_n[None, :]
+        step = BLOCK_R * stride_qk
     nxt = tl.load(ptrs, mask=(rows < r_end)[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
     nxt2 = tl.load(ptrs + step, mask=(rows + BLOCK_R < r_end)[:, None] & n_mask[None, :], other=0,
                    eviction_policy="evict_first")
@@ -106,10 +120,21 @@ def _probe_kernel(q_ptr, out_ptr, K8, N, rows_per_split, stride_qk, opaque_zero,
         tl.atomic_xor(out_ptr + offs_n, tl.xor_sum(bits, axis=0), mask=n_mask)
 
 
-def probe(qweight, config, unpack, out=None):
+def tiled(qweight, block_n):
+    """``qweight`` [K/8, N] re-laid out as [N / block_n, K/8, block_n] (N padded with zero
+    words): each ``block_n`` column slice's words one contiguous run, as a GEMV program reads
+    them (the layout an offline repack, Marlin's kind, would give the GEMV)."""
+    K8, N = qweight.shape
+    padded = torch.zeros(K8, triton.cdiv(N, block_n) * block_n, dtype=qweight.dtype, device=qweight.device)
+    padded[:, :N] = qweight
+    return padded.view(K8, -1, block_n).transpose(0, 1).contiguous()
+
+
+def probe(qweight, config, unpack, out=None, tiled_words=None):
     """Run the probe over ``qweight`` [K/8, N] with one config; returns ``out`` (per column: the
     XOR of its words (``unpack`` 0), or the sum of its codes, with 128 per code 4..7 of every
-    padded row (1) or not (2))."""
+    padded row (1) or not (2)). ``tiled_words``: read these (``tiled(qweight,
+    config["BLOCK_N"])``) in place of ``qweight``, with the same result."""
     K8, N = qweight.shape
     splits = config["SPLIT_K"]
     rows_per_split = triton.cdiv(triton.cdiv(K8, splits), BLOCK_K // 8) * (BLOCK_K // 8)
@@ -118,9 +143,14 @@ def probe(qweight, config, unpack, out=None):
     else:
         out.zero_()
     grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(K8, rows_per_split))
-    _probe_kernel[grid](qweight, out, K8, N, rows_per_split, qweight.stride(0), 0,
+    words, stride = (qweight, qweight.stride(0)) if tiled_words is None else (tiled_words, K8)
+    if tiled_words is not None and tuple(tiled_words.shape) != (grid[0], K8, config["BLOCK_N"]):
+        raise ValueError(f"tiled words of shape {tuple(tiled_words.shape)} are not qweight "
+                         f"{tuple(qweight.shape)} tiled by BLOCK_N {config['BLOCK_N']}")
+    _probe_kernel[grid](words, out, K8, N, rows_per_split, stride, 0,
                         BLOCK_N=config["BLOCK_N"], BLOCK_R=BLOCK_K // 8, UNPACK=int(unpack),
-                        ASM=not INTERPRETED, num_warps=config["num_warps"], num_stages=1)
+                        ASM=not INTERPRETED, TILED=tiled_words is not None,
+                        num_warps=config["num_warps"], num_stages=1)
     return out
 
 
@@ -145,6 +175,9 @@ def check(qweight, codes, config):
     got_xor = probe(qweight, config, unpack=False).to(torch.int64) & 0xFFFFFFFF
     if not torch.equal(got_xor, want_xor):
         raise ValueError(f"stream probe {config}: wrong XOR of the words")
+    got_tiled = probe(qweight, config, unpack=False, tiled_words=tiled(qweight, config["BLOCK_N"]))
+    if not torch.equal(got_tiled.to(torch.int64) & 0xFFFFFFFF, want_xor):
+        raise ValueError(f"stream_tiled probe {config}: wrong XOR of the words")
     K8 = qweight.shape[0]
     want_sum = codes.double().sum(0) + 128.0 * 4 * (K8 + padded_rows(K8, config))
     got_sum = probe(qweight, config, unpack=1).double()
@@ -206,9 +239,24 @@ def main(argv=None):
                 ms = graph_ms(calls, 1)
                 result["probes"].append(dict(config, probe=kind, ms=ms,
                                              gbps=word_bytes / (ms * 1e-3) / 1e9))
-        for kind in PROBES:
+        for config in TILED_CONFIGS:
+            words = [tiled(w[0], config["BLOCK_N"]) for w in weights]
+            outs = [torch.zeros(N, dtype=torch.int32, device=device) for _ in weights]
+            calls = [lambda q=w[0], t=t, o=o: probe(q, config, 0, out=o, tiled_words=t)
+                     for w, t, o in zip(weights, words, outs)]
+            ms = graph_ms(calls, 1)
+            result["probes"].append(dict(config, probe="stream_tiled", ms=ms, gbps=word_bytes / (ms * 1e-3) / 1e9))
+            del words
+        for kind in PROBES + ("stream_tiled",):
             best = max((p for p in result["probes"] if p["probe"] == kind), key=lambda p: p["gbps"])
             result[f"best_{kind}"] = best
+        # The copy bandwidth at this size: a copy of half the words' bytes moves as many bytes
+        # (read plus written) as the probes read, with the launch and ramp a product this small pays
+        halves = [(torch.empty(word_bytes // 4, dtype=torch.float16, device=device),
+                   torch.empty(word_bytes // 4, dtype=torch.float16, device=device)) for _ in weights]
+        result["copy_same_bytes_ms"] = graph_ms([lambda d=d, s=s: d.copy_(s) for d, s in halves], 1)
+        result["copy_same_bytes_gbps"] = word_bytes / (result["copy_same_bytes_ms"] * 1e-3) / 1e9
+        del halves
         gemv_calls = [lambda w=w: w4a16_matmul(x, w[0], w[1], w[2], -1) for w in weights]
         result["gemv_plan"] = {k: v for k, v in w4a16_plan(x, *weights[0], -1).items() if k != "best_ms_by_path"}
         result["gemv_ms"] = graph_ms(gemv_calls, 1)
@@ -218,8 +266,10 @@ def main(argv=None):
         gemv_bytes = word_bytes + N * 3 + K * 2 + N * 2  # (codes, fp16 scale + uint8 zero, x, y)
         result["gemv_gbps"] = gemv_bytes / (result["gemv_ms"] * 1e-3) / 1e9
         rows.append(result)
-        print(f"{K}x{N}: copy {copy_gbps:.0f} GB/s | stream {result['best_stream']['gbps']:.0f} "
-              f"({result['best_stream']['gbps'] / copy_gbps:.0%}) | unpack {result['best_unpack']['gbps']:.0f} "
+        print(f"{K}x{N}: copy {copy_gbps:.0f} GB/s, {result['copy_same_bytes_gbps']:.0f} at this size | "
+              f"stream {result['best_stream']['gbps']:.0f} ({result['best_stream']['gbps'] / copy_gbps:.0%}), "
+              f"tiled {result['best_stream_tiled']['gbps']:.0f} "
+              f"({result['best_stream_tiled']['gbps'] / copy_gbps:.0%}) | unpack {result['best_unpack']['gbps']:.0f} "
               f"({result['best_unpack']['gbps'] / copy_gbps:.0%}) | unpack_half2 "
               f"{result['best_unpack_half2']['gbps']:.0f} "
               f"({result['best_unpack_half2']['gbps'] / copy_gbps:.0%}) | gemv {result['gemv_gbps']:.0f} "

@@ -60,7 +60,7 @@ def test_benchmarks_write_what_they_measured_when_their_time_is_up():
 
 def test_gemv_probe_checks_and_compiles():
     """The suite's GEMV probe (benchmarks/gemv_roofline.py): its probes agree with torch under
-    the interpreter (``--check``), and all three compile for sm_90, the HALF2 one with its
+    the interpreter (``--check``), and all four compile for sm_90, the HALF2 one with its
     inline PTX (it had kept the HALF2 sums' old arguments and failed at its first launch)."""
     import os
     import subprocess
@@ -82,13 +82,13 @@ def test_gemv_probe_checks_and_compiles():
         "from gpu_compile import compile_sm90\n"
         "import gemv_roofline as G\n"
         "q, out = torch.empty(512, 4096, dtype=torch.int32), torch.empty(4096)\n"
-        "for unpack in (0, 1, 2):\n"
+        "for unpack, tiled in ((0, False), (1, False), (2, False), (0, True)):\n"
         "    compile_sm90(G._probe_kernel, [q, out, 512, 4096, 64, 4096, 0],\n"
-        "                 dict(BLOCK_N=64, BLOCK_R=16, UNPACK=unpack, ASM=True), 4, 1)\n"
-        "    print('probe', unpack, 'ok')\n")
+        "                 dict(BLOCK_N=64, BLOCK_R=16, UNPACK=unpack, ASM=True, TILED=tiled), 4, 1)\n"
+        "    print('probe', unpack, tiled, 'ok')\n")
     result = gpu_compile.run_compile_script(script, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(" ok") == 3
+    assert result.stdout.count(" ok") == 4
 
 
 def test_layer_profile_runs_on_the_cpu():
