@@ -199,7 +199,7 @@ class LoraExpert(Mapping):
         # of a two-tower base), counting only keys whose shape fits the update; an update of a
         # tied weight (an lm_head tied to the embeddings) goes to the tensor the base stores
         skeleton = model_skeleton(base)
-        order = tie_order(skeleton) if skeleton is not None else None
+        order = tie_order(skeleton, own_checkpoint=True) if skeleton is not None else None
 
         def W_0_shape(name, key) -> tuple:  # (the adapter's saved W_0 where it has one)
             return tuple(self.adapter.shape(base_layers[name]) if name in base_layers else self.base.shape(key))

@@ -299,6 +299,17 @@ def test_a_lora_on_a_tied_head_updates_the_tensor_the_base_stores(tmp_path):
     torch.testing.assert_close(expert["model.embed_tokens.weight"], reference["lm_head.weight"], rtol=1e-6, atol=1e-6)
 
 
+def test_a_lora_on_an_untied_head_leaves_the_embeddings_alone(base_dir, tmp_path):
+    """Llama with its own head (tie_word_embeddings=False, as Llama-3-8B or Mistral-7B): the
+    head's update is the head's only (transformers' default tie of the head to the embeddings,
+    a fallback for reading experts, is off for the base's own checkpoint)."""
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=5, target_modules=["q_proj", "lm_head"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+    assert_same_expert(expert, reference)
+    assert sorted(expert._updates) == ["lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
+                                       "model.layers.1.self_attn.q_proj.weight"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_bases_equal_peft_bit_for_bit(tmp_path, dtype):
     tiny_llama(5).to(dtype).save_pretrained(tmp_path / "base")
