@@ -25,6 +25,17 @@ from .config import BenchConfigError
 from .t5_glue import MAX_LOGIT_ELEMENTS, T5GlueBench
 
 
+
+def _logit_width(model: nn.Module) -> int:
+    """How many logits a position has: the head's outputs (a config that wraps a text config, as
+    Gemma 3's or Llama 4's, has no ``vocab_size`` of its own; a head may be padded past it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None)
+    if width is None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        width = getattr(config, "vocab_size", None)
+    return width or 1 << 18  # (it only sizes the chunks of rows: unknown, take them small)
+
 class CausalLMBench(T5GlueBench):
     family = "hf_causal_lm"
 
@@ -53,7 +64,7 @@ class CausalLMBench(T5GlueBench):
         """``[B, C]``: ``log p(candidate c | input b)`` summed over the candidate's tokens."""
         rows = [(b, c) for b in range(len(inputs)) for c in range(len(cand_ids))]
         width = max(len(p) for p in inputs) + max(len(c) for c in cand_ids)
-        per_chunk = max(1, MAX_LOGIT_ELEMENTS // max(1, width * model.config.vocab_size))
+        per_chunk = max(1, MAX_LOGIT_ELEMENTS // max(1, width * _logit_width(model)))
         scores = torch.empty(len(inputs), len(cand_ids), dtype=torch.float64)
         for i in range(0, len(rows), per_chunk):
             chunk = rows[i:i + per_chunk]

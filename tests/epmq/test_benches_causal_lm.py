@@ -123,3 +123,28 @@ def test_a_run_writes_servable_checkpoints(tiny, tmp_path):
         ids = tok("the cat sat", return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape == (1, ids["input_ids"].shape[1] + 2)
+
+
+def test_a_model_whose_config_wraps_its_text_config(tmp_path):
+    """Gemma 3 (a causal LM to transformers, its vocabulary in ``text_config``): the bench scores
+    it, its chunks sized by the head's width."""
+    import transformers
+
+    from epmq.benches.causal_lm import _logit_width
+    from epmq.benches.tiny import _start, _text_bench, word_tokenizer
+
+    root, per_split, gen = _start(tmp_path, None, {"train": 12, "validation": 6}, 0)
+    tok = word_tokenizer(root / "base")
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    assert not hasattr(model.config, "vocab_size") and _logit_width(model) == len(tok)
+    bench = build_bench(_text_bench(root, "hf_causal_lm", model, ("sst2",), per_split, gen), base_dir=root,
+                        progress=False)
+    acc = bench.evaluate(bench.base_state, split="test")
+    assert set(acc) == {"sst2", "avg"} and 0 <= acc["sst2"] <= 1
