@@ -128,7 +128,7 @@ class LoraExpert(Mapping):
     checkpoint path, hub id, state dict or module; default: the base the adapter config names)."""
 
     def __init__(self, adapter, base=None, prefix: Optional[str] = None):
-        from .checkpoint_io import Binding, CheckpointReader, local_checkpoint, tie_order
+        from .checkpoint_io import Binding, CheckpointReader, key_renaming, local_checkpoint, tie_order
 
         self.directory = local_checkpoint(adapter, directory=True)
         config = _config(self.directory)
@@ -200,6 +200,9 @@ class LoraExpert(Mapping):
         # tied weight (an lm_head tied to the embeddings) goes to the tensor the base stores
         skeleton = model_skeleton(base)
         order = tie_order(skeleton, own_checkpoint=True) if skeleton is not None else None
+        # (PEFT names the modules as the loaded model does; a base saved by transformers keeps
+        # the checkpoint's layout, which its renaming rules map, each tower its own way)
+        rename = key_renaming(skeleton) if skeleton is not None else None
 
         def W_0_shape(name, key) -> tuple:  # (the adapter's saved W_0 where it has one)
             return tuple(self.adapter.shape(base_layers[name]) if name in base_layers else self.base.shape(key))
@@ -209,7 +212,7 @@ class LoraExpert(Mapping):
             return pair is None or W_0_shape(name, key) in pair["shapes"]
 
         names = [f"{m}.weight" for m in pairs]
-        binding = Binding(self.base.keys(), order, names=names, fits=fits,
+        binding = Binding(self.base.keys(), order, names=names, fits=fits, rename=rename,
                           prefixes=() if prefix is None else (prefix,))
         ambiguous = [] if prefix is not None else binding.ambiguous()
         if prefix is not None:
@@ -250,7 +253,7 @@ class LoraExpert(Mapping):
                              f"not the adapter's base model{tied}")
         # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
         # an adapted module's saved W_0 is where its update goes
-        whole = Binding(self.base.keys(), names=list(full) + list(base_layers))
+        whole = Binding(self.base.keys(), names=list(full) + list(base_layers), rename=rename)
         self._full = {whole.key_for(name) or name: key for name, key in full.items()}
         self._full.update({binding.key_for(name) or whole.key_for(name) or name: key
                            for name, key in base_layers.items()})

@@ -554,3 +554,28 @@ def test_a_resumed_walk_on_adapters_sees_an_update_below_the_bases_rounding(tmp_
     with pytest.raises(ValueError, match="model.layers.0 was quantized from other weights"):
         walk({"a": adapters["a"], "b": changed}, tmp_path / "log")
     del base
+
+
+def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
+    """Gemma 3: transformers saves the towers under the hub's names (``language_model.model.``,
+    ``vision_tower.``) and PEFT names them as the loaded model does (``model.language_model.``,
+    ``model.vision_tower.``): each tower found by the model's renaming rules, and the expert
+    equals PEFT's merge tensor for tensor."""
+    from epmq.checkpoint_io import key_renaming
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    model.save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.Gemma3ForConditionalGeneration, tmp_path / "base",
+                                tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    rename = key_renaming(model)
+    updated = sorted(rename(k) for k in expert._updates)
+    assert len(updated) == 4 and any("vision_tower" in k for k in updated) and any("language_model" in k for k in updated)
+    for key in expert.keys():
+        torch.testing.assert_close(expert[key], reference[rename(key)], rtol=1e-6, atol=1e-6, msg=key)
