@@ -579,3 +579,27 @@ def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
     assert len(updated) == 4 and any("vision_tower" in k for k in updated) and any("language_model" in k for k in updated)
     for key in expert.keys():
         torch.testing.assert_close(expert[key], reference[rename(key)], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_a_lora_on_torch_multihead_attention_is_refused_by_name(tmp_path):
+    """PEFT wraps nn.MultiheadAttention (open_clip's blocks) as one module whose update is its
+    in_proj_weight, with its out_proj inside: not a weight update epmq reads; said so, not
+    "not the adapter's base model"."""
+    from safetensors.torch import save_file
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    net = Net()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base.safetensors")
+    peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn", "fc"])).save_pretrained(
+        tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"'attn.*nn\.MultiheadAttention.*merge_and_unload"):
+        epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base.safetensors")
