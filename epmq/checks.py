@@ -28,6 +28,19 @@ def check_weight(W: torch.Tensor, name: str = "W", values: bool = True) -> None:
         raise ValueError(f"{name} must be floating point, got {W.dtype}")
     if values and not all_finite(W):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    if values and W.dtype == torch.float64 and W.numel():
+        lo, hi = torch.aminmax(W)
+        _check_float32_range(float(lo), float(hi), name)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_float32_range(lo: float, hi: float, name: str) -> None:
+    """(Float64 weights: the solvers work in float32, where these would be inf.)"""
+    if max(-lo, hi) > _FLOAT32_MAX:
+        raise ValueError(f"{name} has values beyond float32's range (|w| up to {max(-lo, hi):.3g}): "
+                         f"the solvers work in float32")
 
 
 def _check_hessian_shape(H, d_in: int, name: str) -> None:
@@ -171,6 +184,7 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
         for k, (row, (name, H, _)) in enumerate(zip(read, queued)):
             if not (math.isfinite(row[0]) and math.isfinite(row[1])):
                 raise ValueError(f"expert weight of {name} has non-finite values (NaN or inf)")
+            _check_float32_range(row[0], row[1], f"expert weight of {name}")
             if H is None:
                 break  # (its host error is pending)
             traces.append(_judge_hessian(H, row[2:], f"Hessian of {name}") if d_in else 0.0)

@@ -252,6 +252,9 @@ def _info(H):
     return torch.empty((), dtype=torch.int32, device=H.device)
 
 
+HESSIAN_SCALE = (1e-50, 1e50)  # the mean diagonals _factor takes (Hinv's entries fit fp32's 1e+-38)
+
+
 def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None):
     """Damp ``H`` (float64, dead columns fixed; taken in the processing order ``perm``, or as it
     is) until it factors.
@@ -267,6 +270,12 @@ def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = Non
     inverted in place) and the fp32 result (at 14336 inputs a float64 one is 1.6 GB).
     """
     mean_diag = float(torch.diagonal(H).mean())
+    if H.shape[0] and mean_diag and not HESSIAN_SCALE[0] <= mean_diag <= HESSIAN_SCALE[1]:
+        # the solver's fp32 Hinv is about H^(-1/2): it would overflow (and read as "not positive
+        # definite", damped away) or underflow to zeros. GPTQ does not depend on H's scale.
+        raise ValueError(f"the Hessian's mean diagonal {mean_diag:.3g} is outside [{HESSIAN_SCALE[0]:g}, "
+                         f"{HESSIAN_SCALE[1]:g}], where its inverse factor fits float32: scale it "
+                         f"(the codes do not depend on the Hessian's scale)")
     damp = percdamp * mean_diag
     if not _fp64_is_fast(H.device):
         Hinv = _factor_fp32(H if perm is None else H[perm[:, None], perm[None, :]], damp)

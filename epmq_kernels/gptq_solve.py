@@ -73,6 +73,8 @@ def effective_blocksize(blocksize: int, group_size: int) -> int:
 def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize):
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"group_size must be an int (-1 or 0 for a static grid), got {group_size!r}")
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
     d_out, d_in = W.shape
@@ -220,7 +222,8 @@ def _rint(x):
 def _gptq_block_kernel(
     W,  # fp32 [d_out, d_in]: the target so far (W, or the workspace after the first block)
     R,  # fp32 [d_out, d_in]: the residual correction, read only when HAS_R
-    Hinv,  # fp32 [d_in, d_in], upper triangular
+    Hinv,  # fp32 [d_in - i1, d_in]: Hinv's rows from the block's first on (upper triangular),
+    # so that the offsets within it, below B d_in, fit 32 bits for any layer width
     Q,  # fp32 [d_out, d_in] out: dequantized weights
     codes,  # int32 [d_out, d_in] out
     Err,  # fp32 [d_out, err_stride] out: the block's scaled errors
@@ -269,8 +272,8 @@ def _gptq_block_kernel(
     # The column's Hinv row, Hinv[j, j] and (static grid) its grid are each loaded one column
     # ahead, so that their latency hides behind the previous column's arithmetic. The row is
     # read from column j on, like the reference's Hinv[j, j:i2]: nothing left of the diagonal.
-    h = tl.load(Hinv + i1 * d_in + i1 + cols, mask=col_ok, other=0.0)
-    d = tl.load(Hinv + i1 * d_in + i1)
+    h = tl.load(Hinv + i1 + cols, mask=col_ok, other=0.0)
+    d = tl.load(Hinv + i1)
     if not DYNAMIC:
         gcol = tl.load(col_group + i1 + cols, mask=col_ok, other=0)
         g = tl.sum(tl.where(cols == 0, gcol, 0), axis=0)
@@ -280,8 +283,8 @@ def _gptq_block_kernel(
     for i in range(0, nb):
         j = i1 + i
         more = i + 1 < nb
-        h_next = tl.load(Hinv + (j + 1) * d_in + i1 + cols, mask=col_ok & (cols > i) & more, other=0.0)
-        d_next = tl.load(Hinv + (j + 1) * d_in + j + 1, mask=more, other=1.0)
+        h_next = tl.load(Hinv + (i + 1) * d_in + i1 + cols, mask=col_ok & (cols > i) & more, other=0.0)
+        d_next = tl.load(Hinv + (i + 1) * d_in + j + 1, mask=more, other=1.0)
         if not DYNAMIC:
             g_next = tl.sum(tl.where(cols == i + 1, gcol, 0), axis=0)
             scale_next = tl.load(scales + rows64 * n_groups + g_next, mask=row_ok & more, other=1.0)
@@ -321,7 +324,9 @@ def _gptq_block_kernel(
 
         w = tl.sum(tl.where((cols == i)[None, :], Wt, 0.0), axis=1)
         q = _rint(tl.math.div_rn(w, scale)) + zero
-        q = tl.minimum(tl.maximum(q, 0.0), MAXQ)
+        # (NaN kept, as torch.clamp keeps it: a failed solve must not look like code 0)
+        q = tl.minimum(tl.maximum(q, 0.0, propagate_nan=tl.PropagateNan.ALL), MAXQ,
+                       propagate_nan=tl.PropagateNan.ALL)
         Qj = (q - zero) * scale
         err = tl.math.div_rn(w - Qj, tl.zeros([BLOCK_ROWS], tl.float32) + d)
         tl.store(codes + row_off + j, q.to(tl.int32), mask=row_ok)
@@ -416,8 +421,6 @@ def gptq_solve_triton(
         return gptq_solve_reference(W, Hinv, bits=bits, sym=sym, R=R, group_size=group_size,
                                     scales=scales, zeros=zeros, col_group=col_group,
                                     blocksize=blocksize)
-    if d_in * d_in >= 2**31:
-        raise ValueError(f"d_in={d_in} is too large: Hinv offsets are 32-bit in the kernel")
     maxq = 2**bits - 1
 
     W = W.float().contiguous()
@@ -425,6 +428,8 @@ def gptq_solve_triton(
     R = None if R is None else R.float().contiguous()
     dynamic = group_size > 0
     B = effective_blocksize(blocksize, group_size)
+    if B * d_in >= 2**31:
+        raise ValueError(f"blocksize {B} x d_in {d_in} is too large: a block's Hinv rows are 32-bit offsets")
     block_cols = triton.next_power_of_2(B)
 
     if out is not None:
@@ -484,7 +489,7 @@ def gptq_solve_triton(
             _gptq_block_kernel[grid](
                 src,
                 R if (first and R is not None) else src,
-                Hinv,
+                Hinv[i1:],
                 Q,
                 codes,
                 Err,

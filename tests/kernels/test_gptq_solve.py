@@ -599,6 +599,9 @@ def test_more_argument_errors(gen):
             solve(W, Hinv, bits=4, sym=False, R=W[:, :16], group_size=16)
         with pytest.raises(ValueError, match="R must have W's shape"):
             solve(W, Hinv, bits=4, sym=False, R=W[:1], group_size=16)  # (would broadcast)
+        for group_size in (True, 16.0):
+            with pytest.raises(ValueError, match="group_size must be an int"):
+                solve(W, Hinv, bits=4, sym=False, group_size=group_size)
     for block_rows in (3, 6, 0):
         with pytest.raises(ValueError, match="block_rows must be a power of two"):
             gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, block_rows=block_rows)
@@ -621,3 +624,20 @@ def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
         ref, out = gptq_solve_reference(W, Hinv, **kw), gptq_solve_triton(W, Hinv, **kw)
         assert torch.equal(out.scales, ref.scales) and torch.equal(out.zeros, ref.zeros)
         assert torch.equal(out.codes, ref.codes) and torch.equal(out.Q, ref.Q)
+
+
+def test_a_nan_stays_nan_as_in_the_reference(gen):
+    """A NaN target (or a zero Hinv diagonal) gives NaN weights, as torch.clamp keeps NaN in the
+    reference: never a valid-looking code 0 (Triton's maximum drops NaN by default)."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    grid = static_grid(W, 4, False, 16)
+    W = W.clone()
+    W[0, 3] = float("nan")
+    for W_bad, Hinv_bad in ((W, Hinv), (W.nan_to_num(), Hinv.clone().fill_diagonal_(0.0))):
+        ref = gptq_solve_reference(W_bad, Hinv_bad, bits=4, sym=False, **grid)
+        out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, **grid)
+        assert torch.equal(torch.isnan(out.Q), torch.isnan(ref.Q)) and bool(torch.isnan(ref.Q).any())
+        # (dynamic groups: the kernel's min/max of a group drop a NaN that torch's keep, so its
+        # grid stays finite; the NaN column and the row after it are NaN all the same)
+        out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, group_size=16)
+        assert bool(torch.isnan(out.Q[0, 3:]).all())
