@@ -344,7 +344,17 @@ class Runner:
         # (absolute: results.json names the checkpoints, whatever directory it is read from)
         self.bench, self.plan, self.out = bench, plan, Path(out_dir).absolute()
         self.progress, self.log = progress, log
-        self.store = Store(self.out, identity or {"tasks": list(bench.task_names)}, resume, log)
+        if identity is None:
+            identity = getattr(bench, "identity", None)
+        if identity is None:
+            # (a bench that cannot say what its numbers depend on: resuming trusts the caller that
+            # out_dir holds this bench's results, as the log says)
+            identity = {"bench": f"{type(bench).__module__}.{type(bench).__qualname__}",
+                        "tasks": list(bench.task_names)}
+            if resume:
+                log(f"[resume] {type(bench).__name__} has no identity: results in {self.out} are taken "
+                    f"as its own by its class and task names (pass identity= to tell benches apart)")
+        self.store = Store(self.out, identity, resume, log)
 
     def step(self, key: str, params: dict, fn: Callable[[], dict], *, redo: bool = False) -> dict:
         done = None if redo else self.store.get(key, params)
@@ -455,7 +465,9 @@ def _has_checkpoint(result: dict) -> bool:
 
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
         identity: Optional[dict] = None) -> dict:
-    """Run ``plan`` on ``bench``, writing ``<out_dir>/results.json``; returns its content."""
+    """Run ``plan`` on ``bench``, writing ``<out_dir>/results.json``; returns its content.
+    ``identity`` (default: ``bench.identity``): what the results depend on; results in
+    ``out_dir`` of another identity are not resumed from."""
     return Runner(bench, plan, out_dir, resume=resume, progress=progress, log=log, identity=identity).run()
 
 

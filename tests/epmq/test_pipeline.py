@@ -205,3 +205,28 @@ def test_checkpoints_a_killed_run_half_wrote_are_removed_by_the_next(calls_list,
         (path / "model.safetensors").write_bytes(b"partial")
     pipeline.run(Bench(), plan(), tmp_path, log=quiet)
     assert not stale.exists() and live.exists()
+
+
+def test_a_bench_is_resumed_only_from_its_own_results(calls_list, tmp_path):
+    """Without identity=, a run takes the bench's own ``identity``: another bench of the same
+    task names in the same directory is started over, not served the first one's numbers."""
+
+    class Named(Bench):
+        def __init__(self, name, score):
+            super().__init__()
+            self.identity, self.score = {"model": name}, score
+
+        def evaluate(self, state, split="test"):
+            return {"a": self.score, "b": self.score, "avg": self.score}
+
+    logs = []
+    first = pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    again = pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    other = pipeline.run(Named("two", 0.75), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert first["steps"]["base"]["test"]["avg"] == again["steps"]["base"]["test"]["avg"] == 0.25
+    assert any("base: done before" in line for line in logs)
+    assert other["steps"]["base"]["test"]["avg"] == 0.75
+    # a bench with no identity of its own: its class and task names, said in the log
+    logs.clear()
+    pipeline.run(Bench(), plan(methods=["rtn"]), tmp_path / "plain", log=logs.append, progress=False)
+    assert any("has no identity" in line for line in logs)
