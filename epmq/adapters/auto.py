@@ -94,6 +94,13 @@ class AutoAdapter(MoEAdapter):
             # (as cross-attention: whether a block calls it on one tensor is not known before)
             if isinstance(module, nn.MultiheadAttention):
                 renames.update(swap_cross_attention(name, module, swap))
+        for encoder in model.modules():
+            if isinstance(encoder, nn.TransformerEncoder) and not all(
+                    isinstance(getattr(layer, "self_attn", None), nn.MultiheadAttention) for layer in encoder.layers):
+                # its nested-tensor fast path (eval, with a padding mask) reads the fused
+                # in_proj_weight the rebuilt attention no longer has; off, padded positions are
+                # computed (not zeros) and the others are the same
+                encoder.use_nested_tensor = False
         return renames
 
     def returned(self, block: nn.Module, hidden: torch.Tensor, output) -> str:
