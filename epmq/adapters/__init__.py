@@ -257,7 +257,7 @@ def find_towers(model: nn.Module, adapter=None) -> list:
         if not towers:  # (AUTO, or the error: what the model holds, and how to register an adapter)
             fallback = find_adapter(model)
             towers = [(fallback, fallback.stacks(model))]
-        return towers
+        return _named_stacks(model, towers)
     chosen = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
     if not chosen:
         raise ValueError("adapter= is an empty list: give an epmq.Adapter, a list of them, or None")
@@ -279,6 +279,16 @@ def find_towers(model: nn.Module, adapter=None) -> list:
                                  f"give each tower's adapter once")
             owner[name] = a
         towers.append((a, stacks))
+    return _named_stacks(model, towers)
+
+
+def _named_stacks(model: nn.Module, towers: list) -> list:
+    """``towers``, unless a stack is the model itself (an ``nn.Sequential`` of blocks): its
+    layers would have no names of their own to report, resume or save them under."""
+    if any(name == "" for _, stacks in towers for name, _ in stacks):
+        raise ValueError(f"the model ({type(model).__name__}) is itself the list of blocks, which leaves them "
+                         f"no names: walk a module that holds and calls it (its forward "
+                         f"'return self.blocks(x)', with self.blocks = the model)")
     return towers
 
 

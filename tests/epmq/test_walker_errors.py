@@ -671,3 +671,26 @@ def test_interleaved_stacks_refuse_target_streams(targets, gen):
         quantize(fam, model, targets=targets, method="epmq" if targets == "expert_path" else "gptq",
                  experts=fam.experts if targets == "expert_path" else None)
     assert_untouched(model, before)
+
+
+def test_a_model_that_is_its_own_list_of_blocks_is_refused_up_front():
+    """An nn.Sequential of blocks as the model: its layers would have no names (".0.fc1"); the
+    walk failed after solving the first block. Refused before any work, saying what to do."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    model = nn.Sequential(Block(), Block()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in ("gptq", "rtn"):
+        with pytest.raises(ValueError, match="itself the list of blocks.*self.blocks"):
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method=method,
+                                calibration={"t": [torch.randn(4, 16)]} if method == "gptq" else None,
+                                progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
