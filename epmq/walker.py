@@ -1298,6 +1298,8 @@ class _Walk:
                     shape = (source.shape(key)[0], *shape[1:])
                 present[key] = shape
             source.check(present)
+            if self.targets == "expert_path":
+                self._warn_of_extra_block_tensors(source, present)
             # an expert of more blocks than the model (another configuration) has every tensor
             # the walk reads: what it has past the model's last block says so
             for stack in self.stacks:
@@ -1308,6 +1310,29 @@ class _Walk:
                     raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
+
+    def _warn_of_extra_block_tensors(self, source, present) -> None:
+        """Warn where the expert's blocks hold tensors the merged model's lack (a Qwen2-style
+        expert's q/k/v biases beside a bias-free merge): the expert path runs the merged
+        model's blocks with the expert's weights, so those are left out of its targets. (A
+        warning: old checkpoints carry tensors transformers ignores, as per-layer inv_freq.)"""
+        used = {source.key_for(name) for name in present}
+        prefixes = set()
+        for stack in self.stacks:
+            for i, block in enumerate(stack.blocks):
+                rel = next((rel for rel, _ in _expert_tensors(block)), None)
+                key = None if rel is None else source.key_for(self.ckpt(f"{stack.prefix}.{i}.{rel}"))
+                if isinstance(key, str) and key.endswith(rel):
+                    prefixes.add(key[: len(key) - len(rel)])
+        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        extra = [k for k in source.keys() if k not in used and k.startswith(tuple(prefixes))
+                 and not any(p.search(k) for p in ignored)]
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            warnings.warn(f"the expert of task {source.task!r} ({source.description}) has tensors in its blocks "
+                          f"that the merged model's blocks lack ({', '.join(extra[:3])}{more}): targets="
+                          f"'expert_path' runs the merged model's blocks with the expert's weights, without "
+                          f"them; is the expert of the merged model's architecture?", stacklevel=4)
 
     @cached_property
     def _vocabulary_names(self) -> frozenset:

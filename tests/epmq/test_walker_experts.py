@@ -1,5 +1,7 @@
 """Expert checkpoints in the forms they come in, matched to the merged model's tensor names."""
 
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -358,3 +360,30 @@ def test_a_cpu_walk_reads_experts_held_on_the_gpu(gen):
                             backend="torch", progress=False)
         models.append(model.state_dict())
     assert all(torch.equal(models[1][k], v) for k, v in models[0].items())
+
+
+def test_expert_tensors_the_merged_blocks_lack_are_warned_of_on_the_expert_path():
+    """An expert with q/k/v and MLP biases (a Qwen2-style checkpoint of a bias-free Llama's
+    shapes): the expert path runs the merged model's blocks, which have no biases, so its
+    targets are not the expert's outputs. Warned, naming a tensor; the other paths read only the
+    linears' weights and say nothing."""
+    import transformers
+
+    def llama(seed, **kw):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, **kw)).eval()
+
+    biased = llama(1, attention_bias=True, mlp_bias=True).state_dict()
+    calibration = {"a": [torch.randint(0, 64, (2, 8))]}
+    for targets, warned in (("expert_path", True), ("merged_path", False)):
+        model = llama(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                                experts={"a": biased}, targets=targets, backend="torch", progress=False)
+        said = [str(w.message) for w in caught if "lack" in str(w.message)]
+        assert bool(said) == warned
+        if warned:
+            assert "'a'" in said[0] and "q_proj.bias" in said[0] and "more" in said[0]
