@@ -15,6 +15,7 @@ until then, so it resumes too. ``bench`` writes the benchmark JSON.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -125,6 +126,17 @@ MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "
               "pad_to_multiple_of", "tokens"}
 
 
+def _check_paths(config: dict, keys, where) -> None:
+    """A clear error where a path of the config is not a string (YAML reads an unquoted
+    2024-12-05 as a date, 123 as a number)."""
+    for key in keys:
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            hint = (" (YAML reads it as a " + type(value).__name__ + ": quote it)"
+                    if isinstance(value, (int, float, datetime.date)) else "")
+            raise CLIError(f"{where}: {key} must be a path or HF hub id, got {value!r}{hint}")
+
+
 def _merge(args) -> int:
     from .merge_checkpoint import merge_checkpoints
     from .mergekit_config import from_mergekit, is_mergekit
@@ -142,6 +154,7 @@ def _merge(args) -> int:
         if not args.quiet:
             print(f"mergekit config read as: {config}")
     config = _yaml_mapping(Path(args.config), MERGE_KEYS, ("method", "models"), MERGE_CONFIG, config)
+    _check_paths(config, ("base", "lora_base", "tokenizer_source"), args.config)
     models = config["models"]
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise CLIError(f"{args.config}: models must be a list of paths or HF hub ids, got {models!r}")
@@ -269,6 +282,7 @@ def _quantize(args) -> int:
     from .quantize_files import REPORT_FILE, quantize_checkpoint
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
+    _check_paths(config, ("model", "lora_base"), args.config)
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:

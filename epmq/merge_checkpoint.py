@@ -366,7 +366,7 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError(f"merge {method} takes no calibration data (only regmean does)")
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}: one of {', '.join(METHODS)}")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if METHODS[method] is True and base is None:
         raise ValueError(f"merge {method} needs the base model (base=...)")
@@ -466,10 +466,12 @@ def _config(path: Path) -> dict:
         named = named_base(path)
         return _config(Path(named)) if named is not None and Path(named).is_dir() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not config.is_file():
+        return {}
     try:
         content = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return {}
+    except ValueError as e:  # (not taken as no config: its checks would be skipped, the file copied on)
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
     return content if isinstance(content, dict) else {}
 
 
@@ -479,18 +481,23 @@ def _model_type(config: dict) -> tuple:
     return config.get("model_type"), towers
 
 
-def _check_architectures(base_path, model_paths, models) -> list:
+def _check_architectures(base_path, model_paths, models, *, experts: bool = False) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
     checkpoints refused. Returns, per model, whether it is known to be of the reference's own
-    architecture (then it must hold every tensor the others share with the reference)."""
-    named = [*([(base_path, "the base")] if base_path is not None else []),
-             *((path, f"model {source}") for path, source in zip(model_paths, models))]
+    architecture (then it must hold every tensor the others share with the reference).
+    ``experts``: the models are E-PMQ's experts of the model ``base_path`` to quantize (the
+    messages say so)."""
+    ref_name = "model" if experts else ("base" if base_path else "first model")
+    what_of = (lambda source: f"the expert {source}") if experts else (lambda source: f"model {source}")
+    goal = "E-PMQ's experts must be of the model's {}" if experts else "merge models of one {}"
+    named = [*([(base_path, f"the {ref_name}")] if base_path is not None else []),
+             *((path, what_of(source)) for path, source in zip(model_paths, models))]
     for path, what in named:
         if not is_lora_adapter(path) and is_quantized(path if path.is_dir() else path.parent):
             raise ValueError(f"{what} is a quantized checkpoint (quantization_config in its config.json, or a "
-                             f"quantize_config.json): merge the full-precision models")
+                             f"quantize_config.json): {'give' if experts else 'merge'} the full-precision models")
     reference = _config(base_path if base_path is not None else model_paths[0])
     kind, towers = _model_type(reference)
     theirs = _layer_counts(reference)
@@ -499,15 +506,15 @@ def _check_architectures(base_path, model_paths, models) -> list:
         config = _config(path)
         other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
-            raise ValueError(f"model {source} is a {other!r} checkpoint, the {'base' if base_path else 'first model'} "
-                             f"a {kind!r} one (config.json's model_type): merge models of one architecture")
+            raise ValueError(f"{what_of(source)} is a {other!r} checkpoint, the {ref_name} a {kind!r} one "
+                             f"(config.json's model_type): {goal.format('architecture')}")
         same.append(bool(kind) and other == kind)
         mine = _layer_counts(config)
         differ = {field for field in mine.keys() & theirs.keys() if mine[field] != theirs[field]}
         if same[-1] and differ:  # (the fields both configs spell out: writers differ in which they write)
-            raise ValueError(f"model {source} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
-                             f"{'base' if base_path else 'first model'} as {({f: theirs[f] for f in sorted(differ)})} "
-                             f"(config.json): merge models of one configuration")
+            raise ValueError(f"{what_of(source)} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
+                             f"{ref_name} as {({f: theirs[f] for f in sorted(differ)})} "
+                             f"(config.json): {goal.format('configuration')}")
     return same
 
 

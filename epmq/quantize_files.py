@@ -42,6 +42,7 @@ from .calibration import image_batches, image_files, pair_batches, read_pairs, r
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .lora import is_lora_adapter, open_expert
+from .merge_checkpoint import _check_architectures
 from .resume import hold, records
 from .spec import QuantSpec
 from .walker import METHODS, _selector, quantize_model
@@ -53,7 +54,12 @@ TOWERS = ("vision", "language")
 def _config_json(directory: Path) -> dict:
     """The checkpoint's ``config.json`` ({} if it has none)."""
     path = directory / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def _model_class(directory: Path, tower: Optional[str]):
@@ -227,7 +233,7 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                 for v in files.values()):
             what = "file(s) or a directory" if name == "calibration" else "a checkpoint path or hub id"
             raise ValueError(f"{name} must map each task to {what}, got {files!r}")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tower not in (None,) + TOWERS:
         raise ValueError(f"tower must be 'vision' (the vision tower of a two-tower model) or 'language' (the "
@@ -283,6 +289,10 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if is_quantized(directory):
         raise ValueError(f"{model} is a quantized checkpoint ({CONFIG_FILE}, or quantization_config in its "
                          f"config.json): give the full-precision model")
+    if experts:  # (as epmq merge checks its models: names and shapes alike say nothing of it)
+        local = {t: Path(p) for t, p in experts.items() if isinstance(p, (str, os.PathLike)) and Path(p).exists()}
+        _check_architectures(directory, list(local.values()), [f"of task {t!r} ({p})" for t, p in local.items()],
+                             experts=True)
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
                                             batch_size=batch_size, seed=seed, tower=tower)
     with loading_bars(progress):

@@ -719,3 +719,39 @@ def test_seq_len_may_equal_the_models_positions(tmp_path):
     _check_positions(tmp_path, 64)
     with pytest.raises(ValueError, match="seq_len=65 is longer than the model's 64 positions"):
         _check_positions(tmp_path, 65)
+
+
+def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, capsys):
+    """An expert of another architecture (a Qwen2 with q/k/v biases, of the Llama's names and
+    shapes), a config.json that is not JSON, paths YAML reads as dates, a dtype that is a list:
+    each refused naming the file or the key (an expert of another model_type was accepted, and
+    its biases dropped from its targets)."""
+    torch.manual_seed(3)
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    qwen.save_pretrained(tmp_path / "qwen")
+    calibration = {"a": str(files / "a.txt"), "b": str(files / "b.jsonl")}
+    with pytest.raises(ValueError, match=r"expert of task 'a' .*'qwen2' checkpoint, the model a 'llama' one"):
+        epmq.quantize_checkpoint(files / "merged", tmp_path / "out", spec=epmq.QuantSpec(), method="epmq",
+                                 calibration=calibration,
+                                 experts={"a": tmp_path / "qwen", "b": files / "expert1"}, samples=4, seq_len=16,
+                                 progress=False)
+    shutil.copytree(files / "merged", tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON"):
+        epmq.quantize_checkpoint(tmp_path / "broken", tmp_path / "out", spec=epmq.QuantSpec(), method="gptq",
+                                 calibration=calibration,
+                                 samples=4, seq_len=16, progress=False)
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(f"method: task_arithmetic\nbase: {tmp_path / 'broken'}\nmodels: [{files / 'expert0'}]\n")
+    assert main(["merge", str(merge), str(tmp_path / "merged"), "--quiet"]) == 2
+    assert "broken/config.json is not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+    for command, text, message in (
+            ("merge", "method: task_arithmetic\nbase: 2024-12-05\nmodels: [a]\n", "base must be a path.*date: quote it"),
+            ("quantize", "model: 2024-12-05\nmethod: rtn\n", "model must be a path.*date: quote it"),
+            ("quantize", f"model: {files / 'merged'}\nmethod: rtn\ndtype: [bfloat16]\n", "dtype must be one of")):
+        (tmp_path / "c.yaml").write_text(text)
+        assert main([command, str(tmp_path / "c.yaml"), str(tmp_path / "o"), "--quiet"]) == 2
+        assert re.search(message, capsys.readouterr().err)
