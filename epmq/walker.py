@@ -463,7 +463,7 @@ def _refuse_adapter_layers(stacks) -> None:
 def _selector(layers) -> Callable[[str], bool]:
     if layers is None:
         return lambda name: True
-    if isinstance(layers, str):
+    if isinstance(layers, (str, re.Pattern)):
         try:
             pattern = re.compile(layers)
         except re.error as e:
@@ -564,6 +564,7 @@ def _warn_quantized_elsewhere(model, targets) -> None:
 
 
 def _check_finite(model, stacks):
+    checked = set()
     for stack in stacks:
         for i, block in enumerate(stack.blocks):
             for rel in stack.chosen[i]:
@@ -579,11 +580,17 @@ def _check_finite(model, stacks):
                     raise ValueError(f"layer {stack.prefix}.{i}.{rel} is on the meta device (the "
                                      f"model's weights were never loaded): load them first")
                 for what, t in (("weight", linear.weight), ("bias", linear.bias)):
+                    checked.add(id(t))
                     if t is not None and not all_finite(t):
                         raise ValueError(
                             f"layer {stack.prefix}.{i}.{rel} of the merged model has a non-finite "
                             f"{what} (NaN or inf)"
                         )
+    # the rest (embeddings, norms): a NaN there reaches the statistics as the calibration
+    # inputs' and would be blamed on the data
+    for name, p in model.named_parameters():
+        if id(p) not in checked and p.is_floating_point() and not p.is_meta and not all_finite(p):
+            raise ValueError(f"the merged model's {name} has non-finite values (NaN or inf)")
 
 
 def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:

@@ -108,6 +108,8 @@ def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, 
 @pytest.mark.parametrize("kw, message", [
     (dict(controls=[{"method": "gptq", "targets": "fp-path", "label": "x"}]), "targets one of"),
     (dict(controls=[{"method": "awq", "targets": "fp_path", "label": "x"}]), "method must be one of"),
+    (dict(controls=[{"method": "gptq", "targets": "expert_path", "label": "x"}]), "needs experts"),
+    (dict(controls=[{"method": "rtn", "targets": "fp_path", "label": "x"}]), "RTN .* reads no targets"),
     (dict(targets="expert"), "targets must be one of"),
     (dict(anchors=[]), "anchors must be a non-empty list"),
     (dict(sym="no"), "sym must be true or false"),

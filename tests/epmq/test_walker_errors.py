@@ -85,6 +85,8 @@ def test_method_arguments(gen):
         quantize(fam, model, calibration={t: [dict(input_ids=torch.zeros(1, 0, dtype=torch.long))] for t in fam.tasks})
     with pytest.raises(ValueError, match="no layer .* is selected"):
         quantize(fam, model, layers="nothing-matches")
+    with pytest.raises(ValueError, match="no layer .* is selected"):  # (a compiled pattern is one too)
+        quantize(fam, model, layers=re.compile("nothing-matches"))
     with pytest.raises(ValueError, match="residual_precision must be one of"):
         quantize(fam, model, residual_precision="fp16")
     for bad in (dict(anchor=float("inf")), dict(weight_anchor=float("nan")), dict(percdamp=float("inf")),
@@ -614,6 +616,18 @@ def test_non_finite_merged_bias_names_the_layer(gen):
     with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc of the merged model has a non-finite bias"):
         quantize(fam, model, method="gptq", experts=None)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", ["transformer.wte.weight", "transformer.h.0.ln_2.weight"])
+def test_a_non_finite_tensor_outside_the_linears_is_named_not_blamed_on_the_data(gen, name):
+    """A NaN in the embeddings or a norm reached the statistics as the calibration inputs' and
+    was reported as bad calibration data; refused up front, by the tensor's name."""
+    fam = Family("gpt2", gen, n_samples=1)
+    model = fam.merged()
+    with torch.no_grad():
+        model.get_parameter(name).view(-1)[3] = float("nan")
+    with pytest.raises(ValueError, match=rf"merged model's {re.escape(name)} has non-finite values"):
+        quantize(fam, model, method="gptq", experts=None)
 
 
 
