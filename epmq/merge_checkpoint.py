@@ -43,7 +43,7 @@ from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, loc
 from .checks import device_argument
 from .lora import is_lora_adapter, model_skeleton, named_base, open_expert
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
-                         vocabulary_names)
+                         vocabulary_columns, vocabulary_names)
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -177,7 +177,9 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
     tokenizers = {k: load_tokenizer(paths[k]) or (load_tokenizer(homes[k]) if homes[k] != paths[k] else None)
                   for k, _ in views}
     try:  # (among all of the reference's tensors: those copied from the base alone count too)
-        names = vocabulary_names(model_skeleton(homes[views[0][0]]), list(reference.state))
+        skeleton = model_skeleton(homes[views[0][0]])
+        names = vocabulary_names(skeleton, list(reference.state))
+        columns = vocabulary_columns(skeleton, list(reference.state))
     except ValueError:
         if source is not None:
             raise
@@ -205,18 +207,19 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
                                   f"embedding row may stand for different tokens in the two; tokenizer_source='union' "
                                   f"lays every model's rows out by token")
         return None, tokenizers
-    unaligned = sorted(set(names) & set(base_only))
+    unaligned = sorted(set(names + columns) & set(base_only))
     if unaligned:
         raise ValueError(f"tokenizer_source: {unaligned} indexed by the vocabulary are the base's alone (the models "
                          f"lack them, and they are not tied to a tensor the models have): they cannot be laid out by "
                          f"the models' vocabulary")
     names = [n for n in names if n in reference]  # (tied copies take the merged tensor's value)
+    columns = [n for n in columns if n in reference]
     if not names:
         raise ValueError("tokenizer_source: the models share none of the tensors indexed by the vocabulary")
     vocabulary = build_vocabulary(source, {k: tokenizers[k] for k, _ in views}, rows,
                                   base="base" if base_state is not None else None,
-                                  pad_to_multiple_of=pad_to_multiple_of, names=names, tokens=tokens,
-                                  key_of=key_of)
+                                  pad_to_multiple_of=pad_to_multiple_of, names=names + columns, columns=columns,
+                                  tokens=tokens, key_of=key_of)
     aligner = Aligner(vocabulary, {k: v.state for k, v in views})
     for k, v in views:
         v.aligned = (aligner, k)

@@ -114,6 +114,9 @@ class Vocabulary:
     # token id -> ("zero",) | ("row", key, row in that model's tensors), and the ids forced
     chosen: dict = field(default_factory=dict)
     forced: frozenset = field(default_factory=frozenset)
+    # names among ``names`` indexed by the vocabulary along dimension 1 (BART's [1, vocab]
+    # final_logits_bias): laid out as their transposes
+    columns: tuple = field(default=())
 
     def align(self, tensors: Mapping[Hashable, torch.Tensor], name: str = "tensor") -> dict:
         """Each model's ``tensors`` (vocabulary along dimension 0) laid out by the output
@@ -184,7 +187,8 @@ class Vocabulary:
 
 def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: Mapping[Hashable, int], *,
                      base: Optional[Hashable] = None, pad_to_multiple_of: Optional[int] = None,
-                     names: Sequence[str] = (), tokens: Optional[Mapping[str, Mapping]] = None,
+                     names: Sequence[str] = (), columns: Sequence[str] = (),
+                     tokens: Optional[Mapping[str, Mapping]] = None,
                      key_of: Callable[[str], Hashable] = lambda model: model) -> Vocabulary:
     """The output vocabulary of ``source`` ("base" or "union") over the models' ``tokenizers``
     (key -> tokenizer or None: it has the reference's), the reference first (the base, else the
@@ -269,7 +273,8 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
             chosen[i] = ("row", key, row)
         else:
             chosen[i] = ("zero",)
-    return Vocabulary(tokenizer, size, padded, index, base, tuple(names), chosen, frozenset(forced))
+    return Vocabulary(tokenizer, size, padded, index, base, tuple(names), chosen, frozenset(forced),
+                      tuple(n for n in columns if n in names))
 
 
 def rows_by_token(into, into_rows: int, source, source_rows: int) -> Optional[torch.Tensor]:
@@ -323,6 +328,23 @@ def vocabulary_names(skeleton, names: Sequence[str]) -> list:
     return found
 
 
+def vocabulary_columns(skeleton, names: Sequence[str]) -> list:
+    """The persistent buffers among ``names`` indexed by the vocabulary along dimension 1: of
+    shape [1, vocabulary] (BART's, mBART's, Marian's and Pegasus' ``final_logits_bias``, which
+    ``resize_token_embeddings`` resizes with the embeddings)."""
+    inputs = _module(skeleton, "get_input_embeddings") if skeleton is not None else None
+    if not isinstance(inputs, torch.nn.Embedding):
+        return []
+    persistent = {n for n, _ in skeleton.named_buffers()} - _non_persistent(skeleton)
+    return [n for n, b in skeleton.named_buffers() if n in persistent and n in names
+            and tuple(b.shape) == (1, inputs.num_embeddings)]
+
+
+def _non_persistent(skeleton) -> set:
+    return {f"{m}.{b}".lstrip(".") for m, module in skeleton.named_modules()
+            for b in getattr(module, "_non_persistent_buffers_set", ())}
+
+
 def _module(skeleton, getter: str):
     """``skeleton.get_input_embeddings()`` (or another getter), None where the model has none
     (transformers raises NotImplementedError for a CLIPModel's)."""
@@ -346,6 +368,10 @@ class Aligner:
     def get(self, key: Hashable, name: str) -> torch.Tensor:
         if name != self._name:
             self._aligned = {}  # (one name at a time: the merges go name by name)
-            self._aligned = self.vocabulary.align({k: self.read(s, name) for k, s in self.states.items()}, name)
+            if name in self.vocabulary.columns:
+                aligned = self.vocabulary.align({k: self.read(s, name).T for k, s in self.states.items()}, name)
+                self._aligned = {k: t.T.contiguous() for k, t in aligned.items()}
+            else:
+                self._aligned = self.vocabulary.align({k: self.read(s, name) for k, s in self.states.items()}, name)
             self._name = name
         return self._aligned[key]

@@ -497,3 +497,43 @@ def test_expert_path_maps_experts_and_a_model_named_by_hub_id(models, tmp_path, 
     quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
                    experts={"chat": "org/chat", "tool": "org/tool"},
                    calibration={t: [torch.tensor([[1, 24, 25, 26]])] for t in ("chat", "tool")}, progress=False)
+
+
+def test_bart_final_logits_bias_is_laid_out_by_token(tmp_path):
+    """BART keeps a [1, vocab] final_logits_bias beside its embeddings (resize_token_embeddings
+    resizes both): laid out by token along its columns as the embeddings' rows are (a shape
+    mismatch before), each merged entry the merge of that token's entries."""
+
+    def bart(name, added=(), seed=0, noise=0.05):
+        torch.manual_seed(0)
+        model = transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=len(WORDS), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2))
+        tok = word_level_tokenizer(tmp_path / name, WORDS, added)
+        if added:
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.final_logits_bias.normal_(generator=g)
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g) * p.abs().mean())
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    paths = dict(base=bart("base", noise=0.0), chat=bart("chat", [("<|im_start|>", True), ("<|im_end|>", True)], 1),
+                 plain=bart("plain", seed=2))
+    out = merge_checkpoints("task_arithmetic", [paths["chat"], paths["plain"]], tmp_path / "m", base=paths["base"],
+                            params=dict(scale=1.0), tokenizer_source="union", progress=False)
+    merged = transformers.AutoModelForSeq2SeqLM.from_pretrained(out)
+    vocab = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    bias = {k: transformers.AutoModelForSeq2SeqLM.from_pretrained(p).final_logits_bias[0] for k, p in paths.items()}
+    toks = {k: transformers.AutoTokenizer.from_pretrained(p).get_vocab() for k, p in paths.items()}
+    assert merged.final_logits_bias.shape == (1, len(vocab)) == (1, 26)
+    for token, i in vocab.items():
+        has = [k for k in paths if token in toks[k]]
+        value = {k: bias[k][toks[k][token]] for k in has}
+        default = value[has[0]] if len(has) == 1 else value["base"]
+        of = {k: value.get(k, default) for k in paths}
+        expected = of["base"] + (of["chat"] - of["base"]) + (of["plain"] - of["base"])
+        assert torch.allclose(merged.final_logits_bias[0, i], expected, atol=1e-6), token
