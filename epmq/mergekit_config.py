@@ -192,8 +192,15 @@ def _number(value, where: str) -> float:
     return check_number(value, where)
 
 
+class _Layered(tuple):
+    """Settings of one parameter looked up in turn (a slice's, then the top level's): the first
+    whose conditions match a tensor gives its value, as mergekit falls through to the next."""
+
+
 def _conditions(setting, where: str) -> list:
     """A setting as mergekit's list of ``(filter or None, value)``, checked."""
+    if isinstance(setting, _Layered):
+        return [c for layer in setting for c in _conditions(layer, where)]
     if isinstance(setting, Mapping):
         setting = [setting]
     if not (isinstance(setting, list) and setting and all(isinstance(c, Mapping) for c in setting)):
@@ -473,7 +480,12 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
         if in_slice is not None:  # (a slice's parameters before the top level's, as mergekit)
             if not isinstance(in_slice, Mapping):
                 raise ValueError(f"slices[0].parameters must be a mapping, got {in_slice!r}")
-            given = {**(given or {}), **in_slice}
+            top = dict(given or {}) if isinstance(given, Mapping) else {}
+            given = {**top, **in_slice}
+            if "t" in in_slice and "t" in top and all(
+                    part not in (None, "*") for part, _ in _conditions(in_slice["t"], "slices[0].parameters.t")):
+                # (the slice's filters may match no tensor: there mergekit reads the top level's)
+                given["t"] = _Layered((in_slice["t"], top["t"]))
     else:
         entries = config.get("models")
     if not isinstance(entries, list) or not entries:

@@ -297,6 +297,13 @@ def test_slerp_gradients_filters_and_whole_model_slices():
     # a slice's own parameters come before the top level's
     assert from_mergekit(slerp_slices([[0, 5], [0, 5]], 0.9, parameters={"t": 0.2}),
                          layers=lambda m: 5)["params"]["t"] == 0.2
+    # ... and where none of the slice's filters matches a tensor, the top level's setting is read
+    at = from_mergekit(slerp_slices([[0, 5], [0, 5]], [{"filter": "mlp", "value": [0, 1]}, {"value": 0.9}],
+                                    parameters={"t": [{"filter": "self_attn", "value": 0.3}]}),
+                       layers=lambda m: 5)["params"]["t"]
+    assert at("model.layers.1.self_attn.q_proj.weight") == 0.3
+    assert at("model.layers.1.mlp.up_proj.weight") == pytest.approx(0.25)
+    assert at("model.layers.1.input_layernorm.weight") == 0.9
 
 
 @pytest.mark.parametrize("config, match", [
