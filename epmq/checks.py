@@ -15,6 +15,8 @@ def all_finite(t: torch.Tensor) -> bool:
     and calibration batch."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.element_size() == 1:  # (float8: no aminmax; every value, NaN and inf kept, fits fp16)
+        t = t.to(torch.float16)
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

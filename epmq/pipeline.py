@@ -160,9 +160,6 @@ class Plan:
             # (quantize_model's rules, said before any row is computed)
             if c.method == "gptq" and c.targets == "expert_path":
                 raise ValueError(f"control {c.label!r}: targets 'expert_path' needs experts: only epmq reads them")
-            if c.method == "rtn" and c.targets != TARGETS[0]:
-                raise ValueError(f"control {c.label!r}: RTN rounds each weight alone and reads no targets: "
-                                 f"leave targets at {TARGETS[0]!r}")
         if self.residual_precision is not None:
             check_residual_precision(self.residual_precision, "residual_precision")
         if self.targets not in TARGETS:

@@ -82,6 +82,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import re
 import time
 import warnings
@@ -738,6 +739,11 @@ class _Edits:
             module.__dict__.update(attributes)
 
 
+# checkpoint keys transformers drops on load whatever the model class says (its
+# _adjust_missing_and_unexpected_keys): buffers older versions saved
+_IGNORED_ON_LOAD = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$", r"\.masked_bias$")
+
+
 def _expert_tensors(block) -> list:
     """``(name, tensor)`` of the block's float tensors that an expert has: not those of layers
     an earlier call quantized (an expert holds no scales; the target stream runs those layers
@@ -1319,21 +1325,30 @@ class _Walk:
                                      f"the merged model's architecture")
 
     def _warn_of_extra_block_tensors(self, source, present) -> None:
-        """Warn where the expert's blocks hold tensors the merged model's lack (a Qwen2-style
+        """Warn where the expert's blocks hold weights the merged model's lack (a Qwen2-style
         expert's q/k/v biases beside a bias-free merge): the expert path runs the merged
-        model's blocks with the expert's weights, so those are left out of its targets. (A
-        warning: old checkpoints carry tensors transformers ignores, as per-layer inv_freq.)"""
+        model's blocks with the expert's weights, so those are left out of its targets. Only
+        float tensors of more than one value count, less what transformers itself drops on load
+        (old checkpoints' per-layer rotary inv_freq, position_ids, GPT-2's masked_bias): those are
+        buffers, not weights."""
         used = {source.key_for(name) for name in present}
         prefixes = set()
         for stack in self.stacks:
             for i, block in enumerate(stack.blocks):
+                prefix = f"{stack.prefix}.{i}"
                 rel = next((rel for rel, _ in _expert_tensors(block)), None)
-                key = None if rel is None else source.key_for(self.ckpt(f"{stack.prefix}.{i}.{rel}"))
+                key = None if rel is None else source.key_for(self.ckpt(f"{prefix}.{rel}"))
                 if isinstance(key, str) and key.endswith(rel):
                     prefixes.add(key[: len(key) - len(rel)])
-        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+                # (a layer an earlier call packed: its weight and bias are the expert's too)
+                for name, m in block.named_modules():
+                    if isinstance(m, QuantLinear):
+                        used.update(source.key_for(self.ckpt(f"{prefix}.{name}.{kind}")) for kind in ("weight", "bias"))
+        ignored = [re.compile(p) for p in [*(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+                                           *_IGNORED_ON_LOAD]]
         extra = [k for k in source.keys() if k not in used and k.startswith(tuple(prefixes))
-                 and not any(p.search(k) for p in ignored)]
+                 and not any(p.search(k) for p in ignored) and source.reader.dtype(k).is_floating_point
+                 and math.prod(source.reader.shape(k)) > 1]
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
             warnings.warn(f"the expert of task {source.task!r} ({source.description}) has tensors in its blocks "

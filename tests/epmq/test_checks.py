@@ -149,3 +149,13 @@ def test_check_hessian_returns_the_trace(dtype, scan_backend):
         want = float(torch.diagonal(H).double().sum())
         assert check_hessian(H, 12) == pytest.approx(want, rel=1e-6 if dtype != torch.float64 else 1e-14)
     assert check_hessian(torch.zeros(0, 0), 0) == 0.0
+
+
+def test_all_finite_reads_float8():
+    """(No aminmax for float8: upcast, NaN and inf kept.)"""
+    from epmq.checks import all_finite
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        assert all_finite(torch.tensor([1.0, -2.0]).to(dtype))
+        assert not all_finite(torch.tensor([float("nan"), 1.0]).to(dtype))
+    assert not all_finite(torch.tensor([float("inf")]).to(torch.float8_e5m2))

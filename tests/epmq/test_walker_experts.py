@@ -387,3 +387,16 @@ def test_expert_tensors_the_merged_blocks_lack_are_warned_of_on_the_expert_path(
         assert bool(said) == warned
         if warned:
             assert "'a'" in said[0] and "q_proj.bias" in said[0] and "more" in said[0]
+    # no false alarm: an expert of the model's own architecture with the buffers old checkpoints
+    # saved (per-layer rotary inv_freq, which transformers drops), walked in two calls (the
+    # second finds the first's layers packed)
+    own = dict(llama(2).state_dict(), **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(4)
+                                         for i in range(2)})
+    model = llama(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for layers in ("self_attn", "mlp"):
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                                experts={"a": own}, targets="expert_path", layers=layers, backend="torch",
+                                progress=False)
+    assert not [w for w in caught if "lack" in str(w.message)]
