@@ -1071,6 +1071,15 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             tensors[name] = tensors.pop(key).t()
     for alias, source in tied.items():
         tensors[alias] = tensors[source]
+    for name, info in modules.items():
+        if f"{name}.g_idx" not in tensors and f"{name}.qweight" in tensors:
+            # writers leave g_idx out without act-order (GPTQ-for-LLaMa, exllama exports): the
+            # groups are then in order, as serving engines take them
+            if qconfig.get("desc_act"):
+                raise ValueError(f"{directory}: {name} has no g_idx, which act-order (desc_act) checkpoints "
+                                 f"need: the order of its input features is unknown")
+            K, group = info["in_features"], info["group_size"]
+            tensors[f"{name}.g_idx"] = (torch.arange(K) // max(1, K if group == -1 else group)).to(torch.int32)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
     if missing or unexpected:
         raise ValueError(

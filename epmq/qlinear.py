@@ -240,7 +240,7 @@ class QuantLinear(nn.Module):
         def build():
             z, s = self.zeros().to(dtype), self.scales.to(dtype)
             K, G = self.in_features, s.shape[0]
-            runs = K % G == 0 and torch.equal(
+            runs = G > 0 and K % G == 0 and torch.equal(
                 self.g_idx.long(), torch.arange(K, device=self.g_idx.device) // (K // G)
             )
             return z, s, runs
@@ -253,7 +253,7 @@ class QuantLinear(nn.Module):
 
         def build():
             K, N = self.in_features, self.out_features
-            if N % 16 or K % 32:
+            if N % 16 or K % 32 or K == 0:  # (no inputs: no grid for the kernel)
                 return None
             z, s, runs = self._grid(torch.float32)
             q, perm, group = self.codes(), None, K // s.shape[0]

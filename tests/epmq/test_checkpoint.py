@@ -1570,3 +1570,27 @@ def test_a_missing_head_is_tied_only_where_the_config_ties_it(tie, tmp_path):
     else:
         with pytest.raises(ValueError, match=r"missing tensors \['lm_head.weight'\]"):
             epmq.load_quantized(tmp_path / "q")
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_a_peer_checkpoint_without_g_idx_has_its_groups_in_order(gen, tmp_path, desc_act):
+    """Writers leave g_idx out without act-order (GPTQ-for-LLaMa, exllama exports): the layers
+    load with the groups in order (what serving engines take), to the model's own outputs; with
+    desc_act the order of the inputs is unknown, and that is said."""
+    from safetensors.torch import save_file
+
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    config = json.loads((tmp_path / "q" / ckpt.CONFIG_FILE).read_text())
+    del config["epmq"]  # (a peer's checkpoint)
+    config["desc_act"] = desc_act
+    (tmp_path / "q" / ckpt.CONFIG_FILE).write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, tmp_path / "q" / "model.safetensors",
+              metadata={"format": "pt"})
+    if desc_act:
+        with pytest.raises(ValueError, match="has no g_idx, which act-order"):
+            epmq.load_quantized(tmp_path / "q", fam.fresh())
+        return
+    loaded = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)

@@ -413,3 +413,17 @@ def test_zero_points_outside_the_grid_are_refused(gen):
         zeros[0, 0] = bad
         with pytest.raises(ValueError, match="zero points outside the 3-bit grid"):
             epmq.QuantLinear.from_result(dataclasses.replace(result, zeros=zeros))
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_of_no_inputs_gives_its_bias(group_size, dtype):
+    """in_features 0 (accepted by the constructor): the output is the bias, in every dtype and
+    grid (16-bit inputs on the CPU and groups divided by zero before)."""
+    layer = epmq.QuantLinear(0, 16, bits=4, group_size=group_size, bias=True)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(16.0))
+    y = layer(torch.randn(3, 0).to(dtype))
+    assert y.shape == (3, 16) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), torch.arange(16.0).expand(3, 16))
+    assert layer.dequantize().shape == (16, 0)
