@@ -243,7 +243,8 @@ class LoraExpert(Mapping):
                 self._updates.setdefault(name, []).append(
                     (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
                      pair["embedding"]))
-        mha = [m for m in missing if ".base_layer." in m or any(k.endswith(f"{m}.in_proj_weight") for k in self.base.keys())]
+        mha = [m for m in missing
+               if ".base_layer." in m or any(k.endswith(f"{m}.in_proj_weight") for k in self.base.keys())]
         if mha:
             raise ValueError(f"{what}: module {mha[0]!r} has a LoRA on torch's nn.MultiheadAttention (its "
                              f"in_proj_weight, or the out_proj inside it), which epmq does not read; merge it "

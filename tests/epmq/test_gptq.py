@@ -424,8 +424,8 @@ def test_indefinite_hessian_retries_then_succeeds(gen):
         # the fp32 factor of H ~ H^(-1/2) overflows or underflows: refused, not damped away
         (lambda W, H: (W, H.double() * 1e-80), "mean diagonal .* outside"),
         (lambda W, H: (W, H.double() * 1e80), "mean diagonal .* outside"),
-        (lambda W, H: (W.double().index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(1e39, dtype=torch.float64)),
-                       H), "beyond float32's range"),
+        (lambda W, H: (W.double().index_put((torch.tensor(0), torch.tensor(0)),
+                                            torch.tensor(1e39, dtype=torch.float64)), H), "beyond float32's range"),
     ],
 )
 def test_bad_inputs(gen, make, match):

@@ -749,7 +749,8 @@ def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, cap
     assert "broken/config.json is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
     for command, text, message in (
-            ("merge", "method: task_arithmetic\nbase: 2024-12-05\nmodels: [a]\n", "base must be a path.*date: quote it"),
+            ("merge", "method: task_arithmetic\nbase: 2024-12-05\nmodels: [a]\n",
+             "base must be a path.*date: quote it"),
             ("quantize", "model: 2024-12-05\nmethod: rtn\n", "model must be a path.*date: quote it"),
             ("quantize", f"model: {files / 'merged'}\nmethod: rtn\ndtype: [bfloat16]\n", "dtype must be one of")):
         (tmp_path / "c.yaml").write_text(text)
