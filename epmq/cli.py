@@ -29,7 +29,7 @@ from ._util import loading_bars
 from .checks import is_int
 
 EXAMPLES = """examples:
-  epmq demo                                  # ~4 min on 2 CPU cores (trains once, cached); a rerun reuses the results
+  epmq demo                                  # 3.5-7 min on 2 CPU cores (trains once, cached); a rerun reuses the results
   epmq demo --out runs/demo --seed 1         # another seed, its own cache entry
   epmq run configs/clip-vit-b32-8tasks.yaml  # CLIP-ViT-B/32 on 8 tasks (needs the HF hub)
   epmq run my.yaml --fresh                   # ignore earlier results in the output directory
@@ -204,10 +204,11 @@ examples in configs/files/):
                                     # the base_model_name_or_path of their adapter_config.json)
   bits: 4                           # 2, 3, 4 or 8
   group_size: 128                   # -1: per output channel
-  sym: true                         # symmetric grids (what vLLM's Marlin kernels need)
+  sym: true                         # default false; true: symmetric grids (what vLLM's Marlin needs)
   act_order: false
   static_groups: false
-  anchor: 0.1                       # E-PMQ's lam; weight_anchor: its mu; targets: merged_path
+  anchor: 0.1                       # E-PMQ's lam (default 1.0); weight_anchor: its mu (default 0);
+                                    # targets: merged_path (default), expert_path or fp_path
   samples: 128                      # calibration windows (of seq_len tokens) or images per task
   seq_len: 512
   batch_size: 8
