@@ -472,9 +472,10 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# pytest-benchmark mode
+# pytest-benchmark mode (only under pytest: epmq_lora_cpu.py imports this module as a library,
+# where pytest_marks' skip without pytest-benchmark would escape as an error)
 # ----------------------------------------------------------------------------------------------
-if __name__ != "__main__":
+if __name__ != "__main__" and "pytest" in sys.modules:
     import pytest
 
     pytestmark = pytest_marks()

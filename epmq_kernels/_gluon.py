@@ -131,6 +131,8 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
     HAS_GLUON = True
+    if not hasattr(gl, "barrier"):  # Triton 3.6 (the GPU machines' image) names it thread_barrier
+        gl.barrier = gl.thread_barrier
 except ImportError:  # a Triton without Gluon (before 3.5): the kernels only run interpreted
     # (the shims stand in, so that a kernel's annotations, ``gl.constexpr``, still resolve)
     gluon, gl, mma_v2 = None, _InterpretedGluon(), _interpreted_mma_v2

@@ -23,8 +23,12 @@ def ptxas_available() -> bool:
 
 
 def run_compile_script(script: str, timeout: float) -> subprocess.CompletedProcess:
-    """``script`` run by this Python with TRITON_INTERPRET=0 and the checkout on PYTHONPATH."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
+    """``script`` run by this Python with TRITON_INTERPRET=0 and the checkout on PYTHONPATH;
+    with ``EPMQ_COMPILE_TRITON`` (a directory holding another Triton, e.g. ``pip install
+    --no-deps --target /tmp/triton36 triton==3.6.0``, the GPU machines' image) that Triton
+    first, so the compile tests check the kernels against the Triton the card will run."""
+    other = os.environ.get("EPMQ_COMPILE_TRITON")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(filter(None, [other, ROOT])))
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
