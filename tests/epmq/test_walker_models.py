@@ -340,20 +340,35 @@ def test_epmq_namespace_exports():
 
 # --------------------------------------------------------------------------- more families
 
-def _decoder(model_class, config_class, **options):
+def _classes(model_class, config_class):
+    """The two transformers classes, or a skip where the installed transformers predates them."""
+    import pytest
     import transformers
 
+    missing = [c for c in (model_class, config_class) if not hasattr(transformers, c)]
+    if missing:
+        pytest.skip(f"transformers {transformers.__version__} has no {missing[0]}")
+    return getattr(transformers, model_class), getattr(transformers, config_class)
+
+
+def _decoder(model_class, config_class, **options):
     config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     config.update(options)
-    return lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(
-        **{k: v for k, v in config.items() if v is not None}))
+
+    def build():
+        model, config_type = _classes(model_class, config_class)
+        return model(config_type(**{k: v for k, v in config.items() if v is not None}))
+
+    return build
 
 
 def _hf(model_class, config_class, **config):
-    import transformers
+    def build():
+        model, config_type = _classes(model_class, config_class)
+        return model(config_type(**config))
 
-    return lambda: getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+    return build
 
 
 _ENCDEC = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
