@@ -246,14 +246,24 @@ def _masks(item: Mapping, encoder_decoder: bool) -> list:
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         sides.append((_DECODER_AXIS, "decoder_attention_mask", mask != 0))
     elif isinstance(labels, torch.Tensor) and labels.dim() == 2:
-        # labels padded with -100 (the loss's ignore index) at the end: the decoder positions
-        # past the last real label are padding (their inputs are pad tokens); a row of no real
-        # label keeps its first, the decoder's start token, which any forward runs (the row's
-        # encoder tokens are real: dropping the row lost them)
+        # labels padded with -100 (the loss's ignore index) at the end, or at the start (a
+        # tokenizer that pads on the left, as DataCollatorForSeq2Seq then does): the decoder
+        # positions outside the real labels are padding (their inputs are pad tokens); the model
+        # derives the decoder's inputs from the labels cut to their span, its start token first.
+        # A row of no real label keeps its first position, the start token, which any forward
+        # runs (the row's encoder tokens are real: dropping the row lost them)
         real = labels != -100
         L = labels.shape[1]
-        last = torch.where(real.any(1), L - 1 - real.flip(1).int().argmax(1), 0)
-        sides.append((_DECODER_AXIS, "labels", torch.arange(L, device=labels.device) <= last[:, None]))
+        any_real = real.any(1)
+        first = torch.where(any_real, real.int().argmax(1), 0)
+        last = torch.where(any_real, L - 1 - real.flip(1).int().argmax(1), 0)
+        if bool((first > 0).any()) and item.get("decoder_input_ids") is not None:
+            raise ValueError("calibration batch: labels padded on the left (-100 before a row's labels) "
+                             "beside decoder_input_ids: cut apart, those lose the decoder's start token; "
+                             "pad on the right, give decoder_attention_mask, or leave decoder_input_ids "
+                             "out (the model derives them from the labels)")
+        positions = torch.arange(L, device=labels.device)
+        sides.append((_DECODER_AXIS, "labels", (positions >= first[:, None]) & (positions <= last[:, None])))
     return sides
 
 

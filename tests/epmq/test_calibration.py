@@ -120,3 +120,18 @@ def test_a_row_of_no_real_label_keeps_its_encoder_tokens():
                    "labels": torch.tensor([[3, 4, -100], [-100, -100, -100]])}, encoder_decoder=True)
     assert sum(int(p["attention_mask"].sum()) for p in parts) == 8
     assert sorted(p["labels"].shape[1] for p in parts) == [1, 2]
+
+
+def test_encoder_decoder_labels_padded_on_the_left(gen):
+    """A tokenizer that pads on the left makes DataCollatorForSeq2Seq pad the labels there too:
+    the leading -100 are padding (the decoder would read pad tokens after its start token),
+    cut as the trailing ones are; beside decoder_input_ids, which cutting would rob of their
+    start token, refused."""
+    ids, mask, rows = padded([2, 4], 4, side="left", gen=gen)
+    labels, _, targets = padded([3, 1], 5, side="left", pad=-100, gen=gen)
+    (part_a, part_b) = unpad({"input_ids": ids, "attention_mask": mask, "labels": labels}, encoder_decoder=True)
+    assert torch.equal(part_a["input_ids"][0], rows[0]) and torch.equal(part_a["labels"][0], targets[0])
+    assert torch.equal(part_b["input_ids"][0], rows[1]) and torch.equal(part_b["labels"][0], targets[1])
+    with pytest.raises(ValueError, match="padded on the left .* decoder_input_ids"):
+        unpad({"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": labels.clamp(min=0)},
+              encoder_decoder=True)
