@@ -1748,6 +1748,7 @@ class _Walk:
         # the full-precision merged block: the fp path's block, the expert path's template
         template = copy.deepcopy(block) if self.t is not None else None
         t_out = None
+        self.calls = {}  # (set by _groups; a block restored from the log, or of no linear, has none)
         own = None if self.log is None else self._own_prints(block)
         record = None
         if self.log is not None and self.log.has(prefix):
@@ -1782,12 +1783,31 @@ class _Walk:
                 self._replay_next(s, i, self.t, {task: [t_out[task, n] for n in range(len(hidden))]
                                                  for task, hidden in self.t.hidden.items()})
         outputs = {}
-        for task, hidden in self.q.hidden.items():
-            for n in range(len(hidden)):
-                out = _looped(stack, block, hidden[n], self.q.kwargs[task][n])
-                self._advance(self.q, stack, task, n, i, out)
-                if replay:
-                    outputs.setdefault(task, []).append(out)
+        counts = {}  # (calls of each linear in this pass: a block whose calls depend on its data)
+
+        def count(rel):
+            return lambda module, args: counts.__setitem__(rel, counts.get(rel, 0) + 1)
+
+        counted = [block.get_submodule(rel).register_forward_pre_hook(count(rel)) for rel in self.calls]
+        more = None
+        try:
+            for task, hidden in self.q.hidden.items():
+                for n in range(len(hidden)):
+                    counts.clear()
+                    out = _looped(stack, block, hidden[n], self.q.kwargs[task][n])
+                    more = more or next(((task, n, rel, k) for rel, k in counts.items()
+                                         if k > stack.loops * max(1, self.calls[rel])), None)
+                    self._advance(self.q, stack, task, n, i, out)
+                    if replay:
+                        outputs.setdefault(task, []).append(out)
+        finally:
+            for h in counted:
+                h.remove()
+        if more is not None:
+            task, n, rel, k = more
+            warnings.warn(f"{prefix}.{rel} was called {k} times on item {n} of task {task!r}, more than on the "
+                          f"items the walk probed ({stack.loops * max(1, self.calls[rel])}): its statistics "
+                          f"miss the later calls' inputs (a block whose calls depend on its data)")
         if replay:
             self._replay_next(s, i, self.q, outputs)
 

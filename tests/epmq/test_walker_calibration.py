@@ -355,3 +355,38 @@ def test_a_forward_taking_more_positional_arguments_keeps_them_positional():
     torch.manual_seed(0)
     ids, mask = torch.randint(0, 16, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     assert list(gram_matrices(Net(), [(ids, mask, torch.randn(2, 5, 8))])) == ["lin.weight"]
+
+
+def test_a_linear_called_more_often_than_the_probe_saw_is_warned_of():
+    """A block whose calls depend on its data (a linear applied once, or twice where the input's
+    mean is positive): the walk probes each task's first item, and its passes stop after the
+    calls seen there, so a later item's extra call is missed. Said, naming the linear."""
+    import warnings
+
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.a(x)
+            return x + (self.a(y) if bool(x.mean() > 0) else y)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+        def forward(self, x):
+            return self.layers[0](x)
+
+    torch.manual_seed(0)
+    items = [-torch.ones(2, 16) + 0.1 * torch.randn(2, 16), torch.ones(2, 16) + 0.1 * torch.randn(2, 16)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(Net().eval(), epmq.QuantSpec(bits=8, group_size=-1), method="gptq",
+                            calibration={"t": items}, backend="torch", progress=False)
+    said = [str(w.message) for w in caught if "more than on the items the walk probed" in str(w.message)]
+    assert len(said) == 1 and "layers.0.a was called 2 times on item 1 of task 't'" in said[0]
