@@ -304,6 +304,12 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
     for s, v in splits.items():
         if v is not None and not isinstance(v, str):
             raise BenchConfigError(f"{where}.splits.{s} must be a split name, got {v!r}")
+    named = [(s, v) for s, v in splits.items() if v is not None]
+    for j, (s, v) in enumerate(named):
+        other = next((o for o, w in named[:j] if w == v), None)
+        if other is not None:  # (choices made on test data, or training examples scored as test)
+            raise BenchConfigError(f"{where}.splits: {other} and {s} both name the split {v!r}; each must be its "
+                                   f"own (leave val out to hold it out of train)")
 
     local = "jsonl" if family in TEXT_FAMILIES else "folder"
     source = own.get("source")  # the task's own choice first, then the shared section's

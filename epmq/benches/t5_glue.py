@@ -262,6 +262,8 @@ class T5GlueBench(BenchBase):
                             preds[i] = float(text)
                         except ValueError:
                             preds[i] = 2.5
+                        if not math.isfinite(preds[i]):  # ("nan", "inf": no number either)
+                            preds[i] = 2.5
                     else:
                         preds[i] = t.answers.index(text) if text in t.answers else -1
         if t.regression:

@@ -73,7 +73,11 @@ class DemoConfig:
         return d
 
     def key(self, seed: int) -> str:
-        blob = json.dumps({"v": CACHE_VERSION, "seed": seed, "config": self.to_dict()}, sort_keys=True)
+        import transformers
+
+        # (transformers' major version too: 4 and 5 name the CLIP vision tower's tensors apart)
+        blob = json.dumps({"v": CACHE_VERSION, "seed": seed, "config": self.to_dict(),
+                           "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -83,6 +83,9 @@ def test_t5_defaults_to_glue():
     ("tasks.0.expert", None, "task 'a' has no expert"),
     ("tasks.0.data", None, "task 'a' has no data"),
     ("tasks.0.data.splits", {"test": None}, "splits.test is missing"),
+    # (anchors and scales chosen on the test data, or training examples scored as test)
+    ("tasks.0.data.splits", {"val": "test"}, "val and test both name the split 'test'"),
+    ("tasks.0.data.splits", {"test": "train"}, "train and test both name the split 'train'"),
     ("tasks.0.data.source", "jsonl", "jsonl holds text"),
     ("tasks.0.data.val_size", 0, "val_size must be"),
     ("tasks.0.templates", ["no placeholder"], "exactly one '{}'"),
