@@ -518,21 +518,24 @@ def format_table(rows: list, tasks: list) -> str:
 
 
 def ablation_rows(results: dict, plan: Plan) -> list:
-    """E-PMQ's validation and test average for every anchor tried, per merge and bit width."""
+    """The validation and test average of every E-PMQ row (the method's, and the controls that
+    run E-PMQ, as its expert-path one) for every anchor tried, per merge and bit width."""
     steps = results["steps"]
+    labels = [LABELS["epmq"]] * ("epmq" in plan.methods) + [c.label for c in plan.controls if c.method == "epmq"]
     out = []
     for mp in plan.merges:
         for bits in plan.bits:
-            for anchor in plan.anchors:
-                step = steps.get(_quant_key(mp.label, bits, "E-PMQ", anchor))
-                if step is not None:
-                    out.append((mp.label, bits, anchor, step["val"]["avg"], step["test"]["avg"]))
+            for label in labels:
+                for anchor in plan.anchors:
+                    step = steps.get(_quant_key(mp.label, bits, label, anchor))
+                    if step is not None:
+                        out.append((mp.label, bits, label, anchor, step["val"]["avg"], step["test"]["avg"]))
     return out
 
 
 def format_ablation(rows: list) -> str:
-    lines = ["| merge | bits | anchor | val avg | test avg |", "|---|---|---|---|---|"]
-    lines += [f"| {m} | {b} | {a:g} | {100 * v:.1f} | {100 * t:.1f} |" for m, b, a, v, t in rows]
+    lines = ["| merge | bits | quantizer | anchor | val avg | test avg |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {b} | {q} | {a:g} | {100 * v:.1f} | {100 * t:.1f} |" for m, b, q, a, v, t in rows]
     return "\n".join(lines)
 
 

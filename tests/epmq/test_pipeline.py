@@ -99,10 +99,16 @@ def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, 
     labels = [label for label, _ in pipeline.table_rows(results, p)]
     assert "TA w4 E-PMQ (anchor 1)" in labels
     text = pipeline.report(results, p, Bench.task_names, tmp_path)
-    assert "E-PMQ anchor ablation" in text and "| TA | 4 | 0.1 |" in text and "| TA | 4 | 1 |" in text
+    assert "E-PMQ anchor ablation" in text and "| TA | 4 | E-PMQ | 0.1 |" in text and "| TA | 4 | E-PMQ | 1 |" in text
     assert "E-PMQ anchor ablation" in (tmp_path / "table.md").read_text()
     for name in ("accuracy.png", "accuracy_per_task.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # a control that runs E-PMQ (the demo's expert-path one) has its anchors listed too
+    p = plan(methods=["epmq"], anchors=[0.1, 1.0],
+             controls=[{"method": "epmq", "targets": "expert_path", "label": "E-PMQ expert-path"}])
+    results = pipeline.run(Bench(), p, tmp_path / "control", log=quiet)
+    text = pipeline.report(results, p, Bench.task_names, tmp_path / "control")
+    assert "| TA | 4 | E-PMQ expert-path | 0.1 |" in text and "| TA | 4 | E-PMQ expert-path | 1 |" in text
 
 
 @pytest.mark.parametrize("kw, message", [
