@@ -257,14 +257,34 @@ def _masks(item: Mapping, encoder_decoder: bool) -> list:
         any_real = real.any(1)
         first = torch.where(any_real, real.int().argmax(1), 0)
         last = torch.where(any_real, L - 1 - real.flip(1).int().argmax(1), 0)
-        if bool((first > 0).any()) and item.get("decoder_input_ids") is not None:
-            raise ValueError("calibration batch: labels padded on the left (-100 before a row's labels) "
-                             "beside decoder_input_ids: cut apart, those lose the decoder's start token; "
-                             "pad on the right, give decoder_attention_mask, or leave decoder_input_ids "
-                             "out (the model derives them from the labels)")
+        given = [k for k in ("decoder_input_ids", "decoder_inputs_embeds") if item.get(k) is not None]
+        if bool((first > 0).any()) and given:
+            raise ValueError(f"calibration batch: labels padded on the left (-100 before a row's labels) "
+                             f"beside {given[0]} that are not the model's own shift of them: cut apart, those "
+                             f"lose the decoder's start token; pad on the right, give decoder_attention_mask, "
+                             f"or leave {given[0]} out (the model derives them from the labels)")
         positions = torch.arange(L, device=labels.device)
         sides.append((_DECODER_AXIS, "labels", (positions >= first[:, None]) & (positions <= last[:, None])))
     return sides
+
+
+def _without_derived_decoder_inputs(item: Mapping, model) -> Mapping:
+    """``item`` less its ``decoder_input_ids`` where they are the model's own shift of its
+    left-padded labels (``DataCollatorForSeq2Seq`` with a tokenizer that pads on the left makes
+    them so): the labels cut to their span, the model derives them again, its start token first."""
+    labels, ids = item.get("labels"), item.get("decoder_input_ids")
+    derive = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not (isinstance(labels, torch.Tensor) and labels.dim() == 2 and isinstance(ids, torch.Tensor)
+            and callable(derive) and item.get("decoder_attention_mask") is None
+            and bool((labels[:, 0] == -100).any()) and ids.shape == labels.shape):
+        return item
+    try:
+        derived = derive(labels=labels)
+    except Exception:  # noqa: BLE001 (a model that cannot derive them: the item as it is)
+        return item
+    if isinstance(derived, torch.Tensor) and torch.equal(derived.to(ids.device), ids):
+        return {k: v for k, v in item.items() if k != "decoder_input_ids"}
+    return item
 
 
 def _span(row: torch.Tensor, what: str, b: int) -> Optional[tuple]:
@@ -313,6 +333,8 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
     item = _keywords(model, item)
     if not isinstance(item, Mapping):
         return [item]
+    if encoder_decoder:
+        item = _without_derived_decoder_inputs(item, model)
     sides = _masks(item, encoder_decoder)
     if all(bool(mask.all()) for _, _, mask in sides):
         return [item]

@@ -813,6 +813,17 @@ def _weights_file(directory: Path, qconfig: dict) -> Path:
     return found[0]
 
 
+def _group_size_of(name: str, K: int, G: int, config_group: int) -> int:
+    """The group size that gives ``G`` groups of ``K`` inputs (the config's where it does)."""
+    if config_group != -1 and G == -(-K // config_group):  # (a layer of one group included)
+        return config_group
+    if G == 1:
+        return -1
+    if K % G == 0:
+        return K // G
+    raise ValueError(f"{name}: scales for {G} groups of {K} inputs: no group size gives that")
+
+
 def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
     """A checkpoint written by another tool lists no modules: every ``X.qweight`` is one, read
     off its tensors (``g_idx [K]``, ``qweight [K * bits / 32, N]``, ``scales [G, N]``), so that
@@ -838,15 +849,7 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
         if not fit:
             raise ValueError(f"{name}: qweight {tuple(qweight.shape)} packs no whole bit width for {K} inputs")
         bits = fit[0]
-        G, config_group = tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1)
-        if config_group != -1 and G == -(-K // config_group):  # (a layer of one group included)
-            group_size = config_group
-        elif G == 1:
-            group_size = -1
-        elif K % G == 0:
-            group_size = K // G
-        else:
-            raise ValueError(f"{name}: scales for {G} groups of {K} inputs: no group size gives that")
+        group_size = _group_size_of(name, K, tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1))
         modules[name] = dict(in_features=K, out_features=N, bits=bits, group_size=group_size,
                              bias=f"{name}.bias" in tensors)
     return modules
@@ -1030,6 +1033,14 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                 if f"{name}.{part}" in tensors:
                     tensors[f"{alias}.{part}"] = tensors.pop(f"{name}.{part}")
             name, old = alias, model.get_submodule(alias)
+        if (not ours and f"{name}.g_idx" not in tensors and isinstance(old, nn.Linear)
+                and old.in_features != info["in_features"] and old.out_features == info["out_features"]
+                and packed_length(old.in_features, info["bits"]) == tensors[f"{name}.qweight"].shape[0]):
+            # without g_idx the inputs were counted off the packed words, which a width filling no
+            # whole words pads (3 bits, 48 inputs: 5 words, read as 53): the model's count fits them
+            info["in_features"] = old.in_features
+            info["group_size"] = _group_size_of(name, old.in_features, tensors[f"{name}.scales"].shape[0],
+                                                qconfig.get("group_size", -1))
         shape = (info["in_features"], info["out_features"])
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != shape:
             raise ValueError(
@@ -1075,10 +1086,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         if f"{name}.g_idx" not in tensors and f"{name}.qweight" in tensors:
             # writers leave g_idx out without act-order (GPTQ-for-LLaMa, exllama exports): the
             # groups are then in order, as serving engines take them
-            if qconfig.get("desc_act"):
-                raise ValueError(f"{directory}: {name} has no g_idx, which act-order (desc_act) checkpoints "
-                                 f"need: the order of its input features is unknown")
             K, group = info["in_features"], info["group_size"]
+            if qconfig.get("desc_act") and group != -1 and group < K:
+                raise ValueError(f"{directory}: {name} has no g_idx, which act-order (desc_act) checkpoints "
+                                 f"of several groups need: the order of its input features is unknown")
             tensors[f"{name}.g_idx"] = (torch.arange(K) // max(1, K if group == -1 else group)).to(torch.int32)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
     if missing or unexpected:

@@ -1749,6 +1749,7 @@ class _Walk:
         template = copy.deepcopy(block) if self.t is not None else None
         t_out = None
         self.calls = {}  # (set by _groups; a block restored from the log, or of no linear, has none)
+        self._captured = {}  # (task, item) -> linear -> the calls whose inputs its statistics took
         own = None if self.log is None else self._own_prints(block)
         record = None
         if self.log is not None and self.log.has(prefix):
@@ -1788,15 +1789,17 @@ class _Walk:
         def count(rel):
             return lambda module, args: counts.__setitem__(rel, counts.get(rel, 0) + 1)
 
-        counted = [block.get_submodule(rel).register_forward_pre_hook(count(rel)) for rel in self.calls]
+        watched = {rel for taken in self._captured.values() for rel in taken}
+        counted = [block.get_submodule(rel).register_forward_pre_hook(count(rel)) for rel in watched]
         more = None
         try:
             for task, hidden in self.q.hidden.items():
                 for n in range(len(hidden)):
                     counts.clear()
                     out = _looped(stack, block, hidden[n], self.q.kwargs[task][n])
-                    more = more or next(((task, n, rel, k) for rel, k in counts.items()
-                                         if k > stack.loops * max(1, self.calls[rel])), None)
+                    taken = self._captured.get((task, n), {})
+                    more = more or next(((task, n, rel, k, taken[rel]) for rel, k in counts.items()
+                                         if rel in taken and k > taken[rel]), None)
                     self._advance(self.q, stack, task, n, i, out)
                     if replay:
                         outputs.setdefault(task, []).append(out)
@@ -1804,10 +1807,10 @@ class _Walk:
             for h in counted:
                 h.remove()
         if more is not None:
-            task, n, rel, k = more
+            task, n, rel, k, taken = more
             warnings.warn(f"{prefix}.{rel} was called {k} times on item {n} of task {task!r}, more than on the "
-                          f"items the walk probed ({stack.loops * max(1, self.calls[rel])}): its statistics "
-                          f"miss the later calls' inputs (a block whose calls depend on its data)")
+                          f"items the walk probed: its statistics took the inputs of {taken} of those calls "
+                          f"(a block whose calls depend on its data)")
         if replay:
             self._replay_next(s, i, self.q, outputs)
 
@@ -1939,6 +1942,7 @@ class _Walk:
         finally:
             for h in handles:
                 h.remove()
+        self._last_calls = {rel: len(calls[rel]) for rel in rels}
         out = {}
         for rel in rels:
             first, xs = leader[rel], inputs[rel]
@@ -2024,6 +2028,9 @@ class _Walk:
                     again = call + 1 < loops
                     xs, output = self._capture(block, hidden, self.q.kwargs[task][n], group, again, leader,
                                                self.q.masks[task][n])
+                    taken = self._captured.setdefault((task, n), {})
+                    for rel, k in self._last_calls.items():
+                        taken[rel] = taken.get(rel, 0) + k
                     x_t = None
                     if target is not None:
                         x_t, out = self._capture(target, t_hidden, self.t.kwargs[task][n], group,

@@ -1594,3 +1594,55 @@ def test_a_peer_checkpoint_without_g_idx_has_its_groups_in_order(gen, tmp_path, 
         return
     loaded = epmq.load_quantized(tmp_path / "q", fam.fresh())
     torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
+def _drop_g_idx(directory, desc_act=None):
+    """``directory`` as a peer writes it: no epmq section, no g_idx tensors."""
+    from safetensors.torch import save_file
+
+    config = json.loads((directory / ckpt.CONFIG_FILE).read_text())
+    del config["epmq"]
+    if desc_act is not None:
+        config["desc_act"] = desc_act
+    (directory / ckpt.CONFIG_FILE).write_text(json.dumps(config))
+    tensors = load_file(directory / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def test_peer_checkpoints_without_g_idx_of_one_group_or_of_padded_words():
+    """Act-order per channel (one group: any order of the inputs gives the same g_idx, early
+    GPTQ-for-LLaMa --act-order exports) loads; and a layer whose inputs fill no whole words at
+    its width (3 bits, 48 inputs: 5 words, which alone read as 53 inputs) takes the model's 48."""
+    import tempfile
+
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 32)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+        def forward(self, x):
+            return self.layers[0](x)
+
+    x = torch.randn(4, 32)
+    for spec, method, desc_act in ((epmq.QuantSpec(bits=3, group_size=-1), "rtn", None),
+                                   (epmq.QuantSpec(bits=4, group_size=-1, act_order=True), "gptq", True)):
+        torch.manual_seed(0)
+        model = Net().eval()
+        epmq.quantize_model(model, spec, method=method, calibration={"t": [torch.randn(8, 32)]}
+                            if method == "gptq" else None, backend="torch", progress=False)
+        directory = Path(tempfile.mkdtemp()) / "q"
+        epmq.save_quantized(model, directory, checkpoint_format="gptq")
+        _drop_g_idx(directory, desc_act)
+        loaded = epmq.load_quantized(directory, Net().eval())
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
