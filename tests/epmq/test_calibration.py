@@ -135,3 +135,22 @@ def test_encoder_decoder_labels_padded_on_the_left(gen):
     with pytest.raises(ValueError, match="padded on the left .* decoder_input_ids"):
         unpad({"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": labels.clamp(min=0)},
               encoder_decoder=True)
+
+
+def test_decoder_inputs_the_model_derives_from_left_padded_labels_are_derived_again(gen):
+    """DataCollatorForSeq2Seq(model=...) with a left-padding tokenizer gives decoder_input_ids,
+    the model's own shift of the padded labels: dropped, the model derives them again from the
+    labels cut to their span (its start token first); other decoder inputs are refused above."""
+    import transformers
+
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0,
+        pad_token_id=0))
+    ids, mask, rows = padded([2, 4], 4, side="left", gen=gen)
+    labels, _, targets = padded([3, 1], 3, side="left", pad=-100, gen=gen)
+    labels, targets = torch.where(labels < 0, labels, labels % 30), [t % 30 for t in targets]
+    item = {"input_ids": ids % 30, "attention_mask": mask, "labels": labels,
+            "decoder_input_ids": t5.prepare_decoder_input_ids_from_labels(labels=labels)}
+    parts = unpad(item, encoder_decoder=True, model=t5)
+    assert all("decoder_input_ids" not in p for p in parts)
+    assert sorted(tuple(p["labels"][0].tolist()) for p in parts) == sorted(tuple(t.tolist()) for t in targets)
