@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import epmq
 import epmq.checkpoint as ckpt
-from test_walker_models import ARCHS, COCA_CFG, Family, build, inputs, output
+from test_walker_models import ARCHS, COCA_CFG, Family, Stack, build, inputs, output
 
 
 def quantized(gen, bits=4, sym=False, method="rtn", arch="llama"):
@@ -1626,23 +1626,15 @@ def test_peer_checkpoints_without_g_idx_of_one_group_or_of_padded_words():
         def forward(self, x):
             return x + self.down(torch.relu(self.up(x)))
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Block()])
-
-        def forward(self, x):
-            return self.layers[0](x)
-
     x = torch.randn(4, 32)
     for spec, method, desc_act in ((epmq.QuantSpec(bits=3, group_size=-1), "rtn", None),
                                    (epmq.QuantSpec(bits=4, group_size=-1, act_order=True), "gptq", True)):
         torch.manual_seed(0)
-        model = Net().eval()
+        model = Stack(Block()).eval()
         epmq.quantize_model(model, spec, method=method, calibration={"t": [torch.randn(8, 32)]}
                             if method == "gptq" else None, backend="torch", progress=False)
         directory = Path(tempfile.mkdtemp()) / "q"
         epmq.save_quantized(model, directory, checkpoint_format="gptq")
         _drop_g_idx(directory, desc_act)
-        loaded = epmq.load_quantized(directory, Net().eval())
+        loaded = epmq.load_quantized(directory, Stack(Block()).eval())
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -13,7 +13,7 @@ import epmq
 from epmq import walker
 from epmq.stats import gram_matrices
 from test_walker_errors import Net
-from test_walker_models import hooked_inputs
+from test_walker_models import Stack, hooked_inputs
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -374,19 +374,11 @@ def test_a_linear_called_more_often_than_the_probe_saw_is_warned_of():
             y = self.a(x)
             return x + (self.a(y) if bool(x.mean() > 0) else y)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Block()])
-
-        def forward(self, x):
-            return self.layers[0](x)
-
     torch.manual_seed(0)
     items = [-torch.ones(2, 16) + 0.1 * torch.randn(2, 16), torch.ones(2, 16) + 0.1 * torch.randn(2, 16)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        epmq.quantize_model(Net().eval(), epmq.QuantSpec(bits=8, group_size=-1), method="gptq",
+        epmq.quantize_model(Stack(Block()).eval(), epmq.QuantSpec(bits=8, group_size=-1), method="gptq",
                             calibration={"t": items}, backend="torch", progress=False)
     said = [str(w.message) for w in caught if "more than on the items the walk probed" in str(w.message)]
     assert len(said) == 1 and "layers.0.a was called 2 times on item 1 of task 't'" in said[0]

@@ -266,6 +266,20 @@ def output(model, item) -> torch.Tensor:
 perturb = functools.partial(tiny_benches.perturb, scale=0.02)
 
 
+class Stack(torch.nn.Module):
+    """A model of ``blocks`` under ``layers``, called in turn (the smallest model the walker
+    finds a stack of blocks in)."""
+
+    def __init__(self, *blocks):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
 class Family:
     """Base, experts, merged state and calibration of one architecture."""
 
