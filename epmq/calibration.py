@@ -268,23 +268,24 @@ def _masks(item: Mapping, encoder_decoder: bool) -> list:
     return sides
 
 
-def _without_derived_decoder_inputs(item: Mapping, model) -> Mapping:
-    """``item`` less its ``decoder_input_ids`` where they are the model's own shift of its
-    left-padded labels (``DataCollatorForSeq2Seq`` with a tokenizer that pads on the left makes
-    them so): the labels cut to their span, the model derives them again, its start token first."""
+def _without_derived_decoder_inputs(item: Mapping, model):
+    """``(item, derive)``: ``item`` less its ``decoder_input_ids`` where they are the model's own
+    shift of its left-padded labels (``DataCollatorForSeq2Seq`` with a tokenizer that pads on the
+    left makes them so), and the model's function that derives them again from the labels once
+    these are cut to their span (its start token first); else ``(item, None)``."""
     labels, ids = item.get("labels"), item.get("decoder_input_ids")
     derive = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if not (isinstance(labels, torch.Tensor) and labels.dim() == 2 and isinstance(ids, torch.Tensor)
             and callable(derive) and item.get("decoder_attention_mask") is None
             and bool((labels[:, 0] == -100).any()) and ids.shape == labels.shape):
-        return item
+        return item, None
     try:
-        derived = derive(labels=labels)
+        derived = derive(labels=labels.clone())  # (a copy: FSMT's fills the -100 in place)
     except Exception:  # noqa: BLE001 (a model that cannot derive them: the item as it is)
-        return item
+        return item, None
     if isinstance(derived, torch.Tensor) and torch.equal(derived.to(ids.device), ids):
-        return {k: v for k, v in item.items() if k != "decoder_input_ids"}
-    return item
+        return {k: v for k, v in item.items() if k != "decoder_input_ids"}, derive
+    return item, None
 
 
 def _span(row: torch.Tensor, what: str, b: int) -> Optional[tuple]:
@@ -333,8 +334,9 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
     item = _keywords(model, item)
     if not isinstance(item, Mapping):
         return [item]
+    derive = None
     if encoder_decoder:
-        item = _without_derived_decoder_inputs(item, model)
+        item, derive = _without_derived_decoder_inputs(item, model)
     sides = _masks(item, encoder_decoder)
     if all(bool(mask.all()) for _, _, mask in sides):
         return [item]
@@ -375,8 +377,12 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
         batches.setdefault(tuple(stop - start for start, stop in spans), []).append(row)
     if not batches:
         raise ValueError("calibration batch: every row is padding")
-    return [{key: torch.cat([r[key] for r in rows]) if isinstance(rows[0][key], torch.Tensor) else rows[0][key]
-             for key in rows[0]} for rows in batches.values()]
+    parts = [{key: torch.cat([r[key] for r in rows]) if isinstance(rows[0][key], torch.Tensor) else rows[0][key]
+              for key in rows[0]} for rows in batches.values()]
+    if derive is not None:  # (given, not left to the forward: FSMT's shifts the encoder's ids)
+        for part in parts:
+            part["decoder_input_ids"] = derive(labels=part["labels"].clone())
+    return parts
 
 
 def token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -56,7 +56,7 @@ from ._util import read_json, remove_stale_temporaries, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .checks import all_finite
-from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols
+from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config
 
 FORMATS = ("gptq", "gptq_v2")
@@ -1034,10 +1034,14 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                     tensors[f"{alias}.{part}"] = tensors.pop(f"{name}.{part}")
             name, old = alias, model.get_submodule(alias)
         if (not ours and f"{name}.g_idx" not in tensors and isinstance(old, nn.Linear)
-                and old.in_features != info["in_features"] and old.out_features == info["out_features"]
-                and packed_length(old.in_features, info["bits"]) == tensors[f"{name}.qweight"].shape[0]):
+                and old.in_features < info["in_features"] and old.out_features == info["out_features"]
+                and old.in_features * info["bits"] % 32
+                and packed_length(old.in_features, info["bits"]) == tensors[f"{name}.qweight"].shape[0]
+                and not bool(unpack_rows(tensors[f"{name}.qweight"], info["bits"],
+                                         info["in_features"])[old.in_features:].any())):
             # without g_idx the inputs were counted off the packed words, which a width filling no
-            # whole words pads (3 bits, 48 inputs: 5 words, read as 53): the model's count fits them
+            # whole words pads with zero codes (3 bits, 48 inputs: 5 words, read as 53): the
+            # model's count fits them (codes past it that are not all zero: another layer's)
             info["in_features"] = old.in_features
             info["group_size"] = _group_size_of(name, old.in_features, tensors[f"{name}.scales"].shape[0],
                                                 qconfig.get("group_size", -1))

@@ -139,8 +139,9 @@ def test_encoder_decoder_labels_padded_on_the_left(gen):
 
 def test_decoder_inputs_the_model_derives_from_left_padded_labels_are_derived_again(gen):
     """DataCollatorForSeq2Seq(model=...) with a left-padding tokenizer gives decoder_input_ids,
-    the model's own shift of the padded labels: dropped, the model derives them again from the
-    labels cut to their span (its start token first); other decoder inputs are refused above."""
+    the model's own shift of the padded labels: derived again from the labels cut to their span
+    (its start token first), the caller's labels left as they were; other decoder inputs are
+    refused above."""
     import transformers
 
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
@@ -151,6 +152,10 @@ def test_decoder_inputs_the_model_derives_from_left_padded_labels_are_derived_ag
     labels, targets = torch.where(labels < 0, labels, labels % 30), [t % 30 for t in targets]
     item = {"input_ids": ids % 30, "attention_mask": mask, "labels": labels,
             "decoder_input_ids": t5.prepare_decoder_input_ids_from_labels(labels=labels)}
+    before = labels.clone()
     parts = unpad(item, encoder_decoder=True, model=t5)
-    assert all("decoder_input_ids" not in p for p in parts)
+    assert torch.equal(item["labels"], before)
     assert sorted(tuple(p["labels"][0].tolist()) for p in parts) == sorted(tuple(t.tolist()) for t in targets)
+    for p in parts:  # (T5's start token is 0)
+        start = torch.zeros(1, 1, dtype=torch.long)
+        assert torch.equal(p["decoder_input_ids"], torch.cat([start, p["labels"][:, :-1]], 1))

@@ -1638,3 +1638,8 @@ def test_peer_checkpoints_without_g_idx_of_one_group_or_of_padded_words():
         _drop_g_idx(directory, desc_act)
         loaded = epmq.load_quantized(directory, Stack(Block()).eval())
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        if spec.bits == 3:  # (a narrower layer of the same words: its codes past 44 are not padding)
+            narrow = Block()
+            narrow.up, narrow.down = nn.Linear(32, 44), nn.Linear(44, 32)
+            with pytest.raises(ValueError, match="in_features=44.* the checkpoint has a 53->32"):
+                epmq.load_quantized(directory, Stack(narrow).eval())
