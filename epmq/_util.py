@@ -50,6 +50,15 @@ def read_json(path: Path, *, strict: bool = False):
         return None
 
 
+def read_json_file(path: Path):
+    """The JSON value in ``path``, a file that exists; a ValueError naming it where it is not
+    JSON (a config whose checks would be skipped if it were taken as missing)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def changed_keys(before: dict, after: dict) -> list:
     """The keys whose values differ between two mappings (present in only one included)."""
     return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._util import read_json, remove_stale_temporaries, storage_key
+from ._util import read_json, read_json_file, remove_stale_temporaries, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .checks import all_finite
@@ -746,10 +746,7 @@ def _read_qconfig(directory: Path) -> dict:
     """The GPTQ quantize config: ``quantize_config.json``, else ``config.json``'s
     ``quantization_config`` (checkpoints written by transformers' GPTQ integration)."""
     def read(file: Path):
-        try:
-            content = json.loads(file.read_text())
-        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
+        content = read_json_file(file)
         if not isinstance(content, dict):
             raise ValueError(f"{file} does not hold a JSON object")
         return content

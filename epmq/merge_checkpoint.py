@@ -37,7 +37,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from . import merge as merge_lib
-from ._util import loading_bars
+from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
@@ -471,10 +471,7 @@ def _config(path: Path) -> dict:
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
         return {}
-    try:
-        content = json.loads(config.read_text())
-    except ValueError as e:  # (not taken as no config: its checks would be skipped, the file copied on)
-        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    content = read_json_file(config)
     return content if isinstance(content, dict) else {}
 
 

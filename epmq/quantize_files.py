@@ -30,14 +30,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from ._util import loading_bars
+from ._util import loading_bars, read_json_file
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
@@ -54,12 +53,7 @@ TOWERS = ("vision", "language")
 def _config_json(directory: Path) -> dict:
     """The checkpoint's ``config.json`` ({} if it has none)."""
     path = directory / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return read_json_file(path) if path.is_file() else {}
 
 
 def _model_class(directory: Path, tower: Optional[str]):
