@@ -1907,12 +1907,12 @@ class _Walk:
                 leader[rel] = first.setdefault(tuple(reads[rel]), rel) if shared else rel
         return groups, leader
 
-    def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None):
+    def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
         when ``full`` (otherwise the pass stops once every one of them has been called). A linear
         that shares its leader's input gets the leader's tensor (checked to be the same).
         ``mask``: the positions that are tokens (``Adapter.token_mask``), for inputs of that
-        ``[B, L]`` shape."""
+        ``[B, L]`` shape. ``taken``: each linear's count of captured calls, added to."""
         calls = {rel: [] for rel in rels}  # (input, its version) of every call
         inputs = {rel: [] for rel in rels}  # copies taken at the call (the block may write the
         # tensor in place afterwards)
@@ -1942,7 +1942,9 @@ class _Walk:
         finally:
             for h in handles:
                 h.remove()
-        self._last_calls = {rel: len(calls[rel]) for rel in rels}
+        if taken is not None:
+            for rel in rels:
+                taken[rel] = taken.get(rel, 0) + len(calls[rel])
         out = {}
         for rel in rels:
             first, xs = leader[rel], inputs[rel]
@@ -2027,10 +2029,7 @@ class _Walk:
                 for call in range(loops):  # (a looped block: each call's inputs, on the last one's output)
                     again = call + 1 < loops
                     xs, output = self._capture(block, hidden, self.q.kwargs[task][n], group, again, leader,
-                                               self.q.masks[task][n])
-                    taken = self._captured.setdefault((task, n), {})
-                    for rel, k in self._last_calls.items():
-                        taken[rel] = taken.get(rel, 0) + k
+                                               self.q.masks[task][n], self._captured.setdefault((task, n), {}))
                     x_t = None
                     if target is not None:
                         x_t, out = self._capture(target, t_hidden, self.t.kwargs[task][n], group,
