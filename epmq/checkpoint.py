@@ -57,7 +57,7 @@ from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers,
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
 from .checks import all_finite
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
-from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config
+from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, in_order_g_idx
 
 FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
@@ -419,13 +419,8 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
     # midpoint, unless a call said its grids are asymmetric (then it is not claimed)
     sym = info["sym"] is not False and all(_symmetric(m) for m in layers.values())
-    static = all(
-        torch.equal(
-            m.g_idx.long().cpu(),
-            torch.arange(m.in_features) // (m.in_features if m.group_size == -1 else m.group_size),
-        )
-        for m in layers.values()
-    )
+    static = all(torch.equal(m.g_idx.long().cpu(), in_order_g_idx(m.in_features, m.group_size).long())
+                 for m in layers.values())
     for field, default in (("act_order", False), ("static_groups", False), ("true_sequential", True)):
         if field not in mixed and info[field] is None:  # (no layer says: GPTQ's defaults)
             info[field] = default
@@ -1091,7 +1086,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             if qconfig.get("desc_act") and group != -1 and group < K:
                 raise ValueError(f"{directory}: {name} has no g_idx, which act-order (desc_act) checkpoints "
                                  f"of several groups need: the order of its input features is unknown")
-            tensors[f"{name}.g_idx"] = (torch.arange(K) // max(1, K if group == -1 else group)).to(torch.int32)
+            tensors[f"{name}.g_idx"] = in_order_g_idx(K, group)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
     if missing or unexpected:
         raise ValueError(

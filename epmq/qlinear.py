@@ -84,6 +84,13 @@ def common_quant_config(records) -> dict:
     return common
 
 
+def in_order_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
+    """int32 ``[K]``: the group of each input where the groups run in order (``k // group_size``;
+    per channel, ``group_size`` -1, all 0): static groups, and what writers without act-order
+    mean by leaving ``g_idx`` out."""
+    return (torch.arange(K, device=device) // max(1, K if group_size == -1 else group_size)).to(torch.int32)
+
+
 class QuantLinear(nn.Module):
     """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring.
 
@@ -117,12 +124,11 @@ class QuantLinear(nn.Module):
         # a group size that does not divide K leaves a shorter last group (ceil(K / g) groups),
         # as GPTQModel and AutoGPTQ write such layers
         G = 1 if group_size == -1 else -(-K // group_size)
-        gs = K if group_size == -1 else group_size
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(packed_length(K, bits), N, dtype=torch.int32, **kw))
         self.register_buffer("qzeros", torch.zeros(G, packed_length(N, bits), dtype=torch.int32, **kw))
         self.register_buffer("scales", torch.zeros(G, N, dtype=torch.float16, **kw))
-        self.register_buffer("g_idx", (torch.arange(K, **kw) // gs).to(torch.int32))
+        self.register_buffer("g_idx", in_order_g_idx(K, group_size, device))
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, **kw) if bias else None)
         # Follows .to(dtype) like any float buffer; see ``weight``.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, **kw), persistent=False)
