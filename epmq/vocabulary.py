@@ -335,14 +335,9 @@ def vocabulary_columns(skeleton, names: Sequence[str]) -> list:
     inputs = _module(skeleton, "get_input_embeddings") if skeleton is not None else None
     if not isinstance(inputs, torch.nn.Embedding):
         return []
-    persistent = {n for n, _ in skeleton.named_buffers()} - _non_persistent(skeleton)
+    persistent = skeleton.state_dict(keep_vars=True).keys()  # (a checkpoint holds these buffers)
     return [n for n, b in skeleton.named_buffers() if n in persistent and n in names
             and tuple(b.shape) == (1, inputs.num_embeddings)]
-
-
-def _non_persistent(skeleton) -> set:
-    return {f"{m}.{b}".lstrip(".") for m, module in skeleton.named_modules()
-            for b in getattr(module, "_non_persistent_buffers_set", ())}
 
 
 def _module(skeleton, getter: str):
