@@ -25,7 +25,6 @@ from .config import BenchConfigError
 from .t5_glue import MAX_LOGIT_ELEMENTS, T5GlueBench
 
 
-
 def _logit_width(model: nn.Module) -> int:
     """How many logits a position has: the head's outputs (a config that wraps a text config, as
     Gemma 3's or Llama 4's, has no ``vocab_size`` of its own; a head may be padded past it)."""
@@ -35,6 +34,7 @@ def _logit_width(model: nn.Module) -> int:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         width = getattr(config, "vocab_size", None)
     return width or 1 << 18  # (it only sizes the chunks of rows: unknown, take them small)
+
 
 class CausalLMBench(T5GlueBench):
     family = "hf_causal_lm"
