@@ -89,6 +89,7 @@ its own files and are refused.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -579,7 +580,9 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
                     params=dict(weights=weights, normalize_weights=bool(shared["normalize_weights"]),
                                 eps=float(shared["eps"])))
     if method == "linear":
-        if not shared["normalize"] and sum(weights) != 1.0:
+        # (a tolerance: weights written in decimals, 0.7 + 0.2 + 0.1, sum to 1 - 1e-16 in binary; dividing
+        # by that sum moves the result far below float32's precision)
+        if not shared["normalize"] and not math.isclose(sum(weights), 1.0, rel_tol=1e-9, abs_tol=1e-12):
             raise ValueError("linear with normalize: false is a weighted sum, not an average, unless the weights "
                              "sum to 1; epmq's average divides by the weights' sum")
         return dict(method="average", base=None, models=experts, dtype=dtype, params=dict(weights=weights))

@@ -80,6 +80,9 @@ def test_sce():
     # linear without normalize: the weighted sum, which is the average where the weights sum to 1
     assert from_mergekit(gta("linear", {"normalize": False}, [{"weight": 0.5}, {"weight": 0.5}], base=None))[
         "params"] == dict(weights=[0.5, 0.5])
+    # weights written in decimals that sum to 1 in binary only to 1e-16 (0.7 + 0.2 + 0.1)
+    decimals = gta("linear", {"normalize": False}, [{"weight": 0.7}, {"weight": 0.2}, {"weight": 0.1}], base=None)
+    assert from_mergekit(decimals)["params"] == dict(weights=[0.7, 0.2, 0.1])
 
 
 def test_nuslerp():
