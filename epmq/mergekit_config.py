@@ -513,7 +513,8 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
     if shared.get("rescale") and not method.startswith(("dare", "della")):
         raise ValueError("parameters.rescale: true rescales the kept entries by the L1 norm, which epmq does "
                          "only for DARE and DELLA")
-    dtype = config.get("out_dtype", config.get("dtype"))
+    # (an out_dtype written empty, null, is mergekit's "none given": the output is then in dtype)
+    dtype = config.get("out_dtype") or config.get("dtype")
 
     if method == "slerp":
         models = [m for m, _ in sources]
