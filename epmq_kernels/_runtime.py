@@ -8,6 +8,7 @@ module is imported. On a CUDA machine we leave it as the user set it.
 
 import collections
 import contextlib
+import functools
 import os
 
 import torch
@@ -45,6 +46,23 @@ def check_device(*tensors, names=None):
             "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import)"
         )
     return device
+
+
+def on_tensor_device(launcher):
+    """``launcher`` run with its first argument's CUDA device current. Triton launches a kernel
+    on the current device, whatever device its tensors are on: a layer on cuda:1 (a model spread
+    over GPUs by ``device_map``, or quantized with ``device="cuda:1"``) would otherwise run its
+    kernels on cuda:0, where its pointers are not valid."""
+
+    @functools.wraps(launcher)
+    def on_device(*args, **kwargs):
+        t = args[0]
+        if isinstance(t, torch.Tensor) and t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return on_device
 
 
 def device_values(values, dtype, device) -> torch.Tensor:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._runtime import _bf16_mm, bf16_split
+from ._runtime import _bf16_mm, bf16_split, on_tensor_device
 
 SPLIT_TILE = (32, 128, 4)  # BLOCK_R, BLOCK_C, num_warps of the split (and the residual's epilogue)
 
@@ -83,6 +83,7 @@ def _split_kernel(
         tl.store(HI + rows[:, None] * stride_hi + cols[None, :], hi_bits, mask=ok)
 
 
+@on_tensor_device
 def split_bf16(X, Y, parts, mid, hi=None):
     """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to ``parts``, a
     ``[n_rows, P, n_cols]`` bf16 view (P = 2 or 3 parts; any strides), the remainder at part

@@ -21,7 +21,7 @@ import triton.language as tl
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
 from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, device_values, fp32_matmul,
-                       side_stream_launch, tf32_round, tf32x3_mm)
+                       on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
@@ -494,6 +494,7 @@ def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     return partial
 
 
+@on_tensor_device
 def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
                                read: bool = True):
     """``G += a (W_k - W_m) H_k`` in place; returns ``tr(D H_k D^T)`` like the reference (a
@@ -530,6 +531,7 @@ def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
             (G, W_k, W_m, H_k), copied)
 
 
+@on_tensor_device
 def accumulate_residual_on_side(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
                                 holds: bool = False):
     """:func:`accumulate_residual_triton` (CUDA tensors) enqueued on the device's side stream
@@ -543,6 +545,7 @@ def accumulate_residual_on_side(G, W_k, W_m, H_k, a: float, *, input_precision: 
     return side_stream_launch(launch, list(operands), holds=holds or copied)
 
 
+@on_tensor_device
 def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False):
     """As :func:`fold_hessians_reference`, FOLD_ARITY Hessians a pass (``H_e``, ``H_m``
     contiguous; Hessians that are not are copied first)."""
@@ -568,6 +571,7 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
             BLOCK=BLOCK, num_warps=warps)
 
 
+@on_tensor_device
 def accumulate_xxt_triton(H, X):
     """In place ``H += X^T X`` for token rows ``X[n, d_in]`` (bf16, fp16, fp32 or fp64)."""
     if X.dim() != 2 or X.shape[1] != H.shape[0] or H.shape[0] != H.shape[1]:

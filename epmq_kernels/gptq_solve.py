@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._runtime import check_device, ieee_fp32_matmul
+from ._runtime import check_device, ieee_fp32_matmul, on_tensor_device
 from .grid import dequantize, find_params, quantize_codes
 
 
@@ -387,6 +387,7 @@ def _workspace(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@on_tensor_device
 def gptq_solve_triton(
     W: torch.Tensor,
     Hinv: torch.Tensor,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime  # noqa: F401  (sets TRITON_INTERPRET before the kernels are decorated)
-from ._runtime import check_device
+from ._runtime import check_device, on_tensor_device
 
 N_NUMBERS = 7  # lo, hi, min of the diagonal, zero diagonal entries, symmetry gap, |H v|, trace
 _N_PARTIAL = 9  # per program: the seven's shares, with u^T H v and v^T H u apart, and a NaN flag
@@ -163,6 +163,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     tl.store(numbers + 6, tl.sum(trace, axis=0).to(tl.float64))
 
 
+@on_tensor_device
 def hessian_numbers_triton(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     """As :func:`hessian_numbers_reference`, in one pass over ``H``: every sum in vu's dtype,
     in another order (the trace and the count of zero diagonal entries too)."""

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_device
+from ._runtime import INTERPRETED, check_device, on_tensor_device
 
 CODES_PER_WORD = 8
 BITS = 4
@@ -175,6 +175,7 @@ def _launch(kernel, src, dst, words, axis):
     return dst
 
 
+@on_tensor_device
 def _pack(codes, axis, backend, check_range):
     _check_codes(codes, axis, check_range)
     if not _use_triton(codes, backend):
@@ -186,6 +187,7 @@ def _pack(codes, axis, backend, check_range):
     return _launch(_pack_int4_kernel, codes, words, words, axis)
 
 
+@on_tensor_device
 def _unpack(words, axis, backend):
     _check_words(words)
     if not _use_triton(words, backend):

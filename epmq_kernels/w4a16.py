@@ -190,7 +190,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_device, side_stream, version
+from ._runtime import INTERPRETED, check_device, on_tensor_device, side_stream, version
 from ._gluon import HAS_GLUON
 from .packing import pack_int4, unpack_int4
 from . import autotune_cache
@@ -2431,6 +2431,10 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
                                                            and not INTERPRETED))
                 and entry.current(qweight, scales, zeros, g_idx)):
             where = entry.stream()
+            if where is not None and where[0] != entry.dev_index:
+                with torch.cuda.device(entry.dev_index):  # (see _runtime.on_tensor_device)
+                    return w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out,
+                                        backend=backend)
             plan = entry.plans.get(entry.plan_key(x, out, where))
             if plan is not None and plan.usable():
                 return plan(x, out, where)
@@ -2466,6 +2470,7 @@ def _check_out(out, x, N):
         raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on {x.device}")
 
 
+@on_tensor_device
 def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend):
     """The first call for a set of weights and activation layout (or one with forced options):
     every check, then a plan, which is kept for later calls where it can be."""

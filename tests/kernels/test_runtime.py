@@ -212,3 +212,73 @@ def test_cuda_side_stream_launch_runs_after_the_current_streams_work():
     out, done = rt.side_stream_launch(lambda: x * 2, [x])
     torch.cuda.current_stream().wait_event(done)
     assert out.item() == 2.0
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that says it is on cuda:1 (what :func:`rt.on_tensor_device` reads)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 1)
+
+    def get_device(self):
+        return 1
+
+
+def test_launchers_run_with_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current device: a launcher given tensors on another GPU makes
+    theirs current for the call, and leaves things as they are otherwise."""
+    log = []
+
+    @contextlib.contextmanager
+    def device(d):
+        log.append(("current", torch.device(d)))
+        yield
+        log.append("restored")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launcher = rt.on_tensor_device(lambda t, k=0: log.append(("launch", k)) or "result")
+    assert launcher(torch.zeros(2).as_subclass(_OnCuda1), k=3) == "result"
+    assert log == [("current", torch.device("cuda", 1)), ("launch", 3), "restored"]
+    log.clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    launcher(torch.zeros(2).as_subclass(_OnCuda1))
+    launcher(torch.zeros(2))
+    assert log == [("launch", 0), ("launch", 0)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_kernels_run_on_a_gpu_that_is_not_current(gen):
+    """Every kernel family on cuda:1 while cuda:0 is current gives what it gives on the CPU
+    (a model spread over two GPUs; the int4 product twice: its first call plans, the second
+    reuses the plan)."""
+    from epmq_kernels import (accumulate_residual, gptq_solve_reference, gptq_solve_triton,
+                              pack_int4, w4a16_matmul)
+
+    gpu = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    K, N, d_out = 256, 192, 96
+    codes = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(K // 128, N, generator=gen) * 0.02 + 0.002).half()
+    zeros = torch.randint(0, 16, (K // 128, N), generator=gen).to(torch.uint8)
+    x = torch.randn(5, K, generator=gen).half()
+    qweight = pack_int4(codes.to(gpu))
+    assert torch.equal(qweight.cpu(), pack_int4(codes))
+    expected = w4a16_matmul(x, pack_int4(codes), scales, zeros, 128, backend="torch").float()
+    for _ in range(2):
+        y = w4a16_matmul(x.to(gpu), qweight, scales.to(gpu), zeros.to(gpu), 128)
+        torch.testing.assert_close(y.cpu().float(), expected, rtol=2e-3, atol=2e-3)
+
+    X = torch.randn(K, 4 * K, generator=gen)
+    H = X @ X.T / X.shape[1] + 0.01 * torch.eye(K)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, W_m = torch.randn(d_out, K, generator=gen), torch.randn(d_out, K, generator=gen)
+    on_cpu = gptq_solve_reference(W, Hinv, bits=4, sym=False, group_size=128)
+    on_gpu = gptq_solve_triton(W.to(gpu), Hinv.to(gpu), bits=4, sym=False, group_size=128)
+    assert (on_gpu.codes.cpu() - on_cpu.codes).abs().max() <= 1
+    G_cpu, G_gpu = torch.zeros(d_out, K), torch.zeros(d_out, K, device=gpu)
+    accumulate_residual(G_cpu, W, W_m, H, 0.5)
+    accumulate_residual(G_gpu, W.to(gpu), W_m.to(gpu), H.to(gpu), 0.5, backend="triton")
+    torch.testing.assert_close(G_gpu.cpu(), G_cpu, rtol=1e-4, atol=1e-4)
+    torch.cuda.synchronize(gpu)
