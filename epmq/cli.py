@@ -55,6 +55,8 @@ examples in configs/files/):
                                     # weights (one per model)
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)
   max_shard_size: 5GB               # optional
+  files_from: ckpt/math             # optional: the model whose config and tokenizer files the
+                                    # output carries (default: the base, else the first model)
   chat_template: auto               # optional: the output tokenizer's template (Jinja text), or
                                     # auto: the one most of the models carry
   tokenizer_source: union           # optional, for experts with added tokens: lay every model's
@@ -123,7 +125,7 @@ def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] 
 
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
               "samples", "seq_len", "batch_size", "seed", "lora_base", "chat_template", "tokenizer_source",
-              "pad_to_multiple_of", "tokens"}
+              "pad_to_multiple_of", "tokens", "files_from"}
 
 
 def _check_paths(config: dict, keys, where) -> None:
@@ -154,7 +156,7 @@ def _merge(args) -> int:
         if not args.quiet:
             print(f"mergekit config read as: {config}")
     config = _yaml_mapping(Path(args.config), MERGE_KEYS, ("method", "models"), MERGE_CONFIG, config)
-    _check_paths(config, ("base", "lora_base", "tokenizer_source"), args.config)
+    _check_paths(config, ("base", "lora_base", "tokenizer_source", "files_from"), args.config)
     models = config["models"]
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise CLIError(f"{args.config}: models must be a list of paths or HF hub ids, got {models!r}")
@@ -168,7 +170,8 @@ def _merge(args) -> int:
     try:
         check_reading(config)
         data = {k: config[k] for k in ("calibration", "samples", "seq_len", "batch_size", "seed", "lora_base",
-                                       "chat_template", "tokenizer_source", "pad_to_multiple_of", "tokens")
+                                       "chat_template", "tokenizer_source", "pad_to_multiple_of", "tokens",
+                                       "files_from")
                 if k in config}
         out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
                                 params=config.get("params"), dtype=config.get("dtype"),

@@ -355,7 +355,7 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
                 params: Optional[dict] = None, dtype: Optional[str] = None,
                 calibration: Optional[Sequence] = None, chat_template: Optional[str] = None,
                 tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
-                tokens: Optional[Mapping] = None) -> None:
+                tokens: Optional[Mapping] = None, files_from: Optional[Source] = None) -> None:
     """Raise ValueError for a merge ``merge_checkpoints`` cannot run, before anything is read."""
     if not isinstance(method, str):
         raise ValueError(f"method must be a name, one of {', '.join(METHODS)}; got {method!r}")
@@ -381,6 +381,8 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError("no models to merge")
     if chat_template is not None:
         check_chat_template(chat_template)
+    if files_from is not None and str(files_from) not in {str(m) for m in [*models, *([base] if base else [])]}:
+        raise ValueError(f"files_from must be the base or one of the models (as given), got {files_from!r}")
     check_tokenizer_source(tokenizer_source, pad_to_multiple_of)
     check_tokens(tokens)
     if tokens and tokenizer_source is None:
@@ -578,7 +580,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       seq_len: int = 512, batch_size: int = 8, seed: int = 0,
                       lora_base: Optional[Source] = None, chat_template: Optional[str] = None,
                       tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
-                      tokens: Optional[Mapping[str, Mapping]] = None, progress: bool = True) -> Path:
+                      tokens: Optional[Mapping[str, Mapping]] = None, files_from: Optional[Source] = None,
+                      progress: bool = True) -> Path:
     """Merge the checkpoints ``models`` (with the pretrained ``base``) by ``method`` of
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
 
@@ -608,11 +611,16 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     differ are refused, and tokenizers that give one row different tokens are warned about.
     ``tokens``: rows named token by token, mergekit's ``tokenizer: {tokens: ...}``
     (``epmq.vocabulary``; a model named there is one of ``base`` and ``models`` as given).
+
+    ``files_from``: the model (``base`` or one of ``models``, as given) whose config, tokenizer
+    and other non-weight files the output carries; default the base, else the first model
+    (mergekit's linear merge averages its ``base_model`` as one of the models and writes its
+    files).
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
-                pad_to_multiple_of=pad_to_multiple_of, tokens=tokens)
+                pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
@@ -669,6 +677,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     vocabulary, tokenizers = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources,
                                                  base_path, model_paths, lora_base, base_only, tokens, keys.get)
     reference_key = "base" if base_state is not None else 0
+    if files_from is not None:
+        reference_key = keys[str(files_from)]
     _check_output_tokenizer(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
                             tokenizers, reference_key)
     from tqdm.auto import tqdm
@@ -695,9 +705,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             for name in base_only:
                 writer[name] = base_state.state[name]
             writer.finish()
-            companions = base_path if base_path is not None else model_paths[0]
+            companions = base_path if reference_key == "base" else model_paths[reference_key]
             lora = sources[0].state.reader.lora
-            if base_path is None and lora is not None and lora.base.path is not None:
+            if base_path is None and files_from is None and lora is not None and lora.base.path is not None:
                 companions = lora.base.path  # adapters merged without a base: their base's files
             _copy_companions(companions, tmp, dtype)
             if vocabulary is not None:
@@ -712,6 +722,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 recipe.update(chat_template=chat_template)
             if tokens:
                 recipe.update(tokens=tokens)
+            if files_from is not None:
+                recipe.update(files_from=str(files_from))
             if calibration is not None:
                 recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")

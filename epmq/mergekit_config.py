@@ -534,6 +534,8 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
     # linear averages every model it lists, the base too (and adds the base if it is not listed)
     inputs = sources + ([(base, None)] if method in ("linear", "karcher") and base is not None
                         and base not in [m for m, _ in sources] else [])
+    # (averaged as one of the models, the base still gives the output its files, as in mergekit)
+    files_from = dict(files_from=base) if method in ("linear", "karcher") and base is not None else {}
     experts, per_model = [], []
     for k, (model, own) in enumerate(inputs):
         if model == base and method not in ("linear", "karcher"):  # (mergekit lists the base; not an expert)
@@ -574,7 +576,7 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
         max_iter = shared["max_iter"]
         if float(max_iter) != int(max_iter):
             raise ValueError(f"parameters.max_iter must be a whole number, got {max_iter!r}")
-        return dict(method="karcher", base=None, models=experts, dtype=dtype,
+        return dict(method="karcher", base=None, models=experts, dtype=dtype, **files_from,
                     params=dict(max_iter=int(max_iter), tol=float(shared["tol"])))
     if method == "multislerp":
         return dict(method="multislerp", base=base, models=experts, dtype=dtype,
@@ -586,7 +588,8 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
         if not shared["normalize"] and not math.isclose(sum(weights), 1.0, rel_tol=1e-9, abs_tol=1e-12):
             raise ValueError("linear with normalize: false is a weighted sum, not an average, unless the weights "
                              "sum to 1; epmq's average divides by the weights' sum")
-        return dict(method="average", base=None, models=experts, dtype=dtype, params=dict(weights=weights))
+        return dict(method="average", base=None, models=experts, dtype=dtype, params=dict(weights=weights),
+                    **files_from)
     if base is None:
         raise ValueError(f"{method} needs base_model")
     if method == "model_stock":

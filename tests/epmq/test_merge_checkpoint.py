@@ -288,6 +288,23 @@ def test_remerging_onto_another_base_drops_the_first_bases_files(checkpoints, tm
     assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
 
 
+def test_files_from_names_the_model_whose_files_the_output_carries(checkpoints, tmp_path):
+    import shutil
+
+    root, _, _ = checkpoints
+    for name in ("a", "b"):
+        shutil.copytree(root / "e0", tmp_path / name)
+        (tmp_path / name / "generation_config.json").write_text(json.dumps({"from": name}))
+    models = [tmp_path / "a", tmp_path / "b"]
+    merge_checkpoints("average", models, tmp_path / "out", files_from=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["from"] == "b"
+    assert json.loads((tmp_path / "out" / "epmq_merge.json").read_text())["files_from"] == str(tmp_path / "b")
+    merge_checkpoints("average", models, tmp_path / "out", progress=False)  # (the first, by default)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["from"] == "a"
+    with pytest.raises(ValueError, match="files_from must be the base or one of the models"):
+        merge_checkpoints("average", models, tmp_path / "out2", files_from=root / "e1", progress=False)
+
+
 def test_a_base_given_as_its_weights_file_still_gives_a_loadable_model(checkpoints, tmp_path):
     root, _, _ = checkpoints
     (tmp_path / "b").mkdir()

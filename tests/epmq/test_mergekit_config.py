@@ -60,9 +60,10 @@ def gta(method, parameters=None, per_model=({"weight": 1.0}, {"weight": 0.5}), b
     # linear averages every model it lists, the base too, and adds it where it is not listed
     (dict(gta("linear", None, [{"weight": 1.0}, {"weight": 3.0}]), models=[
         {"model": "base", "parameters": {"weight": 2.0}}, {"model": "e0", "parameters": {"weight": 1.0}}]),
-     dict(method="average", base=None, models=["base", "e0"], params=dict(weights=[2.0, 1.0]))),
+     dict(method="average", base=None, models=["base", "e0"], params=dict(weights=[2.0, 1.0]), files_from="base")),
     (gta("linear", {"weight": 0.5}, [{"weight": 1.0}, {}]),
-     dict(method="average", base=None, models=["e0", "e1", "base"], params=dict(weights=[1.0, 0.5, 0.5]))),
+     dict(method="average", base=None, models=["e0", "e1", "base"], params=dict(weights=[1.0, 0.5, 0.5]),
+          files_from="base")),
 ])
 def test_each_method_and_its_defaults(config, expected):
     assert is_mergekit(config)
@@ -107,7 +108,8 @@ def test_karcher_takes_every_model():
     """mergekit's Karcher mean averages every model, the base among them (last where it is not
     listed, as mergekit orders them: the same sums, bit for bit)."""
     assert from_mergekit(gta("karcher", {"max_iter": 20}, [{}, {}])) == dict(
-        method="karcher", base=None, models=["e0", "e1", "base"], dtype=None, params=dict(max_iter=20, tol=1e-5))
+        method="karcher", base=None, models=["e0", "e1", "base"], dtype=None, params=dict(max_iter=20, tol=1e-5),
+        files_from="base")
     listed = gta("karcher", None, [{}, {}])
     listed["models"].insert(0, {"model": "base"})
     assert from_mergekit(listed)["models"] == ["base", "e0", "e1"]
@@ -258,6 +260,17 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"],
                            base.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    # linear and karcher average the base as one of the models; the output has its files, as mergekit's
+    for k, expert in enumerate(experts):
+        expert.generation_config.update(do_sample=True, temperature=0.1 + k)
+        expert.save_pretrained(tmp_path / f"e{k}")
+    for method in ("linear", "karcher"):
+        averaged = dict(config, merge_method=method, parameters={"weight": 1.0},
+                        models=[{"model": str(tmp_path / f"e{k}")} for k in range(2)])
+        (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(averaged))
+        assert main(["merge", str(tmp_path / f"{method}.yaml"), str(tmp_path / method)]) == 0
+        written = json.loads((tmp_path / method / "generation_config.json").read_text())
+        assert "temperature" not in written, f"{method}: the generation config of a model, not the base's"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, merge_method="passthrough")))
     assert main(["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")]) == 2
     assert "bad.yaml: mergekit merge_method 'passthrough' is not translated" in capsys.readouterr().err
