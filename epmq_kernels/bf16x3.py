@@ -34,9 +34,13 @@ def _bf16_rne(x):
     """fp32 ``x`` rounded to bf16 (to nearest, ties to even, as torch's ``.bfloat16()`` does for
     finite values), returned as fp32: integer operations only, which the interpreter runs too."""
     u = x.to(tl.int32, bitcast=True)
-    u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
-    # (a NaN's payload can carry the addition past int32, 0x7FFFFFFF the GPU's own NaN: kept)
-    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
+    # (a NaN's payload can carry the addition past int32, 0x7FFFFFFF the GPU's own NaN: kept,
+    # with its quiet bit (bit 22) set: the caller keeps the top 16 bits, and a NaN whose payload
+    # lies in the low 16 bits alone (0x7F800001, or fp16's NaNs 0x7C01..0x7C07 converted) would
+    # leave 0x7F80 there, bf16's inf, where torch's .bfloat16() gives a NaN)
+    return tl.where(x != x, (u | 0x400000).to(tl.float32, bitcast=True),
+                    rounded.to(tl.float32, bitcast=True))
 
 
 @triton.jit

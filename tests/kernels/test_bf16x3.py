@@ -26,10 +26,12 @@ def three_products(A, B):
 def test_split_layouts_are_torchs_parts(gen, axis, n_parts, mid, monkeypatch):
     """Both layouts, every part count and order, the hi part alone beside, by the kernel and by
     torch's fallback: the bits of ``bf16_split``, with ties, subnormals, large values and NaNs
-    among them (0x7FFFFFFF, the GPU's own NaN, whose rounding passes int32)."""
+    among them (0x7FFFFFFF, the GPU's own NaN, whose rounding passes int32; 0x7F800001 and
+    0xFF800001, NaNs whose top 16 bits alone would be bf16's +-inf)."""
     X = rand(gen, 19, 45, scale=3.0)
     X[0, :4] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1e-40, 3e38])
-    X[1, :3] = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    X[1, :5] = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001, 0xFF800001 - 2 ** 32],
+                            dtype=torch.int32).view(torch.float32)
     hi, rest = bf16_split(X)
     want = [rest if p == mid else hi for p in range(n_parts)]
 
@@ -50,6 +52,12 @@ def test_split_layouts_are_torchs_parts(gen, axis, n_parts, mid, monkeypatch):
             got = [F[:, :, p] for p in range(n_parts)]
         for g, w in zip(got + [hi_alone], want + [hi]):
             assert torch.equal(bits(g), bits(w))
+        # fp16's NaNs with payloads 1..7 convert to fp32 NaNs with their payload in the low 16
+        # bits: still NaN in both parts
+        X16 = torch.tensor([[0x7C01, 0x7C07, -0x3FF]], dtype=torch.int16).view(torch.float16)
+        F16 = torch.empty(1, 2, 3, dtype=torch.bfloat16, device=DEVICE)
+        split_bf16(X16.to(DEVICE), None, F16, 1)
+        assert torch.isnan(F16.float()).all()
     with pytest.raises(ValueError, match="parts must be"):
         split_bf16(X, None, torch.empty(19, 4, 45, dtype=torch.bfloat16, device=DEVICE), 1)
     with pytest.raises(ValueError, match="hi must be"):
