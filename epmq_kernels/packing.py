@@ -56,7 +56,9 @@ def _pack_int4_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (codes may pass 2^31)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # (int64 too: along the other axis the stride is a whole row of codes in the qzeros layout,
+    # or of a transposed view, and c * stride passes 2^31 as the codes do)
+    offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     code_ptrs = (codes_ptr + (offs_r[:, None] * 8) * stride_code_pack
                  + offs_c[None, :] * stride_code_other)
@@ -81,7 +83,9 @@ def _unpack_int4_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (codes may pass 2^31)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # (int64 too: along the other axis the stride is a whole row of codes in the qzeros layout,
+    # or of a transposed view, and c * stride passes 2^31 as the codes do)
+    offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     word_ptrs = words_ptr + offs_r[:, None] * stride_word_pack + offs_c[None, :] * stride_word_other
     word = tl.load(word_ptrs, mask=mask, other=0)

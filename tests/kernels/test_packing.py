@@ -134,6 +134,24 @@ def test_strided_inputs(gen, backend):
                                   numpy_pack_rows(every_other.numpy().T).T)
 
 
+def test_offsets_past_2_31_along_the_other_axis(gen):
+    """A code matrix of 2^31 bytes read through its rows (the qzeros layout, or a transposed
+    qweight view): the row offsets pass int32 along the axis that is not packed. Only the
+    bytes read are touched (the rest of the 2 GiB is never written, so never backed)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        storage = torch.empty(2**31 + 64, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError):  # (strict overcommit, or a small GPU)
+        pytest.skip("2 GiB of address space not available")
+    values = random_codes(gen, (3, 8), torch.uint8)
+    zeros = storage.as_strided((3, 8), (2**30, 1))  # rows 2^30 bytes apart
+    zeros.copy_(values)
+    want = pack_int4_cols(values, backend="torch")
+    assert torch.equal(pack_int4_cols(zeros, backend="triton").cpu(), want)
+    assert torch.equal(pack_int4(zeros.t(), backend="triton").cpu(), want.t())
+    del storage, zeros
+
+
 def test_kernels_write_every_element(gen):
     """Outputs pre-filled with a sentinel: every element must be overwritten."""
     sentinel = 0x5A5A5A5A
