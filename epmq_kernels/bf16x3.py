@@ -95,6 +95,8 @@ def split_bf16(X, Y, parts, mid, hi=None):
     stride), if given, takes the hi part alone too. ``X`` and ``Y`` need a unit column stride
     for the kernel (else copied); off CUDA without the interpreter, torch writes the same bits."""
     n_rows, n_cols = X.shape
+    if Y is not None and Y.shape != X.shape:  # (the kernel reads Y with X's rows and columns)
+        raise ValueError(f"Y must have X's shape {tuple(X.shape)}, got {tuple(Y.shape)}")
     if parts.dim() != 3 or parts.shape[0] != n_rows or parts.shape[2] != n_cols \
             or parts.shape[1] not in (2, 3) or parts.dtype != torch.bfloat16:
         raise ValueError(f"parts must be a [{n_rows}, 2 or 3, {n_cols}] bf16 view, got "

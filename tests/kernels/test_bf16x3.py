@@ -60,6 +60,9 @@ def test_split_layouts_are_torchs_parts(gen, axis, n_parts, mid, monkeypatch):
         assert torch.isnan(F16.float()).all()
     with pytest.raises(ValueError, match="parts must be"):
         split_bf16(X, None, torch.empty(19, 4, 45, dtype=torch.bfloat16, device=DEVICE), 1)
+    for Y in (X[:1], X[:, :44]):  # (broadcast by torch, read past its end by the kernel)
+        with pytest.raises(ValueError, match="Y must have X's shape"):
+            split_bf16(X, Y, F if axis == "rows" else F.transpose(1, 2), mid)
     with pytest.raises(ValueError, match="hi must be"):
         split_bf16(X, None, F.transpose(1, 2) if axis == "cols" else F, mid,
                    torch.empty(45, 19, dtype=torch.bfloat16, device=DEVICE))
