@@ -15,10 +15,16 @@ def all_finite(t: torch.Tensor) -> bool:
     and calibration batch."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    lo, hi = _value_range(t)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
+def _value_range(t: torch.Tensor) -> tuple:
+    """``(min, max)`` of a non-empty floating-point ``t`` as floats, NaN if it has one."""
     if t.element_size() == 1:  # (float8: no aminmax; every value, NaN and inf kept, fits fp16)
         t = t.to(torch.float16)
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return float(lo), float(hi)
 
 
 def check_weight(W: torch.Tensor, name: str = "W", values: bool = True) -> None:
@@ -28,21 +34,22 @@ def check_weight(W: torch.Tensor, name: str = "W", values: bool = True) -> None:
         raise ValueError(f"{name} must be a 2-D tensor [out, in], got {shape}")
     if not W.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {W.dtype}")
-    if values and not all_finite(W):
-        raise ValueError(f"{name} has non-finite values (NaN or inf)")
-    if values and W.dtype == torch.float64 and W.numel():
-        lo, hi = torch.aminmax(W)
-        _check_float32_range(float(lo), float(hi), name)
+    if values and W.numel():
+        lo, hi = _value_range(W)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} has non-finite values (NaN or inf)")
+        _check_float32_range(lo, hi, name)
 
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
+# (the solvers work in float32, and a grid's scale spans a row's or group's range, up to twice
+# its largest |w|: beyond this it would be inf and the codes NaN)
+_WEIGHT_MAX = torch.finfo(torch.float32).max / 2
 
 
 def _check_float32_range(lo: float, hi: float, name: str) -> None:
-    """(Float64 weights: the solvers work in float32, where these would be inf.)"""
-    if max(-lo, hi) > _FLOAT32_MAX:
-        raise ValueError(f"{name} has values beyond float32's range (|w| up to {max(-lo, hi):.3g}): "
-                         f"the solvers work in float32")
+    if max(-lo, hi) > _WEIGHT_MAX:
+        raise ValueError(f"{name} has values beyond float32's range for a quantization grid (|w| up to "
+                         f"{max(-lo, hi):.3g}, at most {_WEIGHT_MAX:.3g}: a row's range must fit float32)")
 
 
 def _check_hessian_shape(H, d_in: int, name: str) -> None:

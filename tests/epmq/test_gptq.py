@@ -426,6 +426,9 @@ def test_indefinite_hessian_retries_then_succeeds(gen):
         (lambda W, H: (W, H.double() * 1e80), "mean diagonal .* outside"),
         (lambda W, H: (W.double().index_put((torch.tensor(0), torch.tensor(0)),
                                             torch.tensor(1e39, dtype=torch.float64)), H), "beyond float32's range"),
+        # finite in float32, but a row's range (the grid's scale) is not
+        (lambda W, H: (W.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(2e38)), H),
+         "beyond float32's range"),
     ],
 )
 def test_bad_inputs(gen, make, match):
@@ -433,6 +436,14 @@ def test_bad_inputs(gen, make, match):
     W, H = make(W, H)
     with pytest.raises(ValueError, match=match):
         quant.gptq(W, H, QuantSpec(bits=4, group_size=16))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_refuses_weights_whose_grid_would_overflow(sym):
+    """(It gave NaN weights for these finite ones: the scale, a row's range, was inf.)"""
+    W = torch.tensor([[2e38, -2e38, 1.0, 0.5]], dtype=torch.bfloat16 if sym else torch.float32)
+    with pytest.raises(ValueError, match="beyond float32's range for a quantization grid"):
+        quant.rtn(W, QuantSpec(bits=4, group_size=-1, sym=sym))
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
