@@ -204,9 +204,9 @@ def _unpack(words, axis, backend):
 
 
 def pack_int4(codes, *, backend="auto", check_range=True):
-    """Pack int4 codes ``[K, N]`` (values 0..15, any integer dtype) along K into the GPTQ
-    ``qweight`` layout: int32 ``[K // 8, N]``, code of row k at bits ``4 * (k % 8)`` of row
-    ``k // 8``.
+    """Pack int4 codes ``[K, N]`` (values 0..15; uint8, int8, int16, int32 or int64) along K
+    into the GPTQ ``qweight`` layout: int32 ``[K // 8, N]``, code of row k at bits
+    ``4 * (k % 8)`` of row ``k // 8``.
 
     ``backend``: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
     ``"torch"``. ``check_range`` verifies 0 <= codes <= 15 (one reduction and a host sync).
