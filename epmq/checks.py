@@ -173,7 +173,8 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
             except ValueError as error:
                 pending = error
                 break
-        lo, hi = torch.aminmax(W) if W.numel() else (torch.zeros(()), torch.zeros(()))
+        lo, hi = (torch.aminmax(W if W.element_size() > 1 else W.to(torch.float16)) if W.numel()
+                  else (torch.zeros(()), torch.zeros(())))  # (float8: no aminmax; fp16 holds its values)
         w_numbers = torch.stack([lo, hi]).to(torch.float64)
         try:  # (after the weight's values, which check_weight looks at first)
             if W.shape != shape:

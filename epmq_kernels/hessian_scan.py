@@ -50,6 +50,8 @@ def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor
     d_in = H.shape[0]
     if d_in == 0:  # (no entry: the numbers of an empty sum, the range 0)
         return torch.zeros(N_NUMBERS, dtype=torch.float64, device=H.device)
+    if H.element_size() == 1:  # (float8: torch reduces none; fp16 holds each value, NaN and inf)
+        H = H.to(torch.float16)
     diag = torch.diagonal(H)
     dtype = vu.dtype
     if H.dtype == dtype:

@@ -159,3 +159,16 @@ def test_all_finite_reads_float8():
         assert all_finite(torch.tensor([1.0, -2.0]).to(dtype))
         assert not all_finite(torch.tensor([float("nan"), 1.0]).to(dtype))
     assert not all_finite(torch.tensor([float("inf")]).to(torch.float8_e5m2))
+
+
+def test_float8_hessians_and_expert_weights_are_checked_not_crashed_on():
+    """(aminmax has no float8 kernel: the checks raised NotImplementedError.)"""
+    from epmq.checks import check_experts
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        H = (2 * torch.eye(8)).to(dtype)
+        assert check_hessian(H, 8) == 16.0
+        with pytest.raises(ValueError, match="negative diagonal"):
+            check_hessian((-2 * torch.eye(8)).to(dtype), 8)
+        W = torch.ones(4, 8).to(dtype)
+        assert check_experts([W], [H], (4, 8), ["e0"]) == [16.0]
