@@ -259,7 +259,8 @@ class CheckpointReader:
         with self._listed(handle, key):
             if hasattr(handle, "get_slice"):
                 return tuple(handle.get_slice(key).get_shape())
-            if hasattr(handle, "shape_of"):  # a LoraExpert: no update formed for a shape
+            if hasattr(handle, "shape_of"):  # a LoraExpert (no update formed for a shape) or a
+                # LazyStateDict (no tensor read for a shape)
                 return tuple(handle.shape_of(key))
             return tuple(handle[key].shape)
 
@@ -542,6 +543,12 @@ class LazyStateDict(Mapping):
 
     def checkpoint_key(self, name: str) -> str:
         return self._keys[name]
+
+    def shape_of(self, name: str) -> tuple:
+        """Tensor ``name``'s shape, from the checkpoint without reading the tensor
+        (``CheckpointReader.shape`` of a reader over this state dict asks here: indexing would
+        read every tensor the walk checks, a second read of a whole expert)."""
+        return tuple(self.reader.shape(self._keys[name]))
 
     def __repr__(self):
         return f"LazyStateDict({len(self)} tensors from {self.description})"

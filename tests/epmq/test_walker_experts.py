@@ -400,3 +400,31 @@ def test_expert_tensors_the_merged_blocks_lack_are_warned_of_on_the_expert_path(
                                 experts={"a": own}, targets="expert_path", layers=layers, backend="torch",
                                 progress=False)
     assert not [w for w in caught if "lack" in str(w.message)]
+
+
+def test_an_expert_given_as_a_lazy_state_dict_is_read_once(gen, tmp_path, monkeypatch):
+    """The benches hand their experts to the walk as ``LazyStateDict``s over checkpoints on disk:
+    the walk's shape checks take the shapes from the file, so each expert tensor is read from
+    disk once, as when the expert is given by its path (they read every tensor whole, a second
+    read of every expert)."""
+    from epmq import checkpoint_io
+    from epmq.checkpoint_io import open_state
+
+    fam = Family("llama", gen)
+    lazy = {}
+    for task, model in fam.experts.items():
+        model.save_pretrained(tmp_path / task)
+        lazy[task] = open_state(tmp_path / task, fam.merged(), what=f"expert {task}")
+    reads = {}
+    get = checkpoint_io.CheckpointReader.get
+
+    def counted(self, key, index=None):
+        if self.path is not None:  # (a read from a file, under the lazy state dict)
+            reads[self.path, key] = reads.get((self.path, key), 0) + 1
+        return get(self, key, index)
+
+    monkeypatch.setattr(checkpoint_io.CheckpointReader, "get", counted)
+    epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                        calibration=fam.calibration, experts=lazy, progress=False)
+    assert reads and set(reads.values()) == {1}
+    assert ExpertWeights(lazy["cars"], task="cars").shape("model.layers.0.mlp.down_proj.weight") == (32, 64)
