@@ -203,7 +203,12 @@ class CheckpointReader:
         if not path.is_file():
             raise error(f"{what}: no such file: {path}")
         if path.name.endswith(".index.json"):
-            weight_map = json.loads(path.read_text())["weight_map"]
+            try:  # (cut short by an interrupted download, or hand-edited: named, not a bare KeyError)
+                weight_map = json.loads(path.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("its weight_map is not a mapping of tensor names to shard files")
+            except (ValueError, KeyError, TypeError) as e:
+                raise error(f"{what}: {path} is not a shard index ({type(e).__name__}: {e})") from e
             for key, shard in weight_map.items():
                 self._where[key] = path.parent / shard
             missing = sorted({str(f) for f in self._where.values() if not f.is_file()})

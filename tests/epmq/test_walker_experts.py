@@ -428,3 +428,14 @@ def test_an_expert_given_as_a_lazy_state_dict_is_read_once(gen, tmp_path, monkey
                         calibration=fam.calibration, experts=lazy, progress=False)
     assert reads and set(reads.values()) == {1}
     assert ExpertWeights(lazy["cars"], task="cars").shape("model.layers.0.mlp.down_proj.weight") == (32, 64)
+
+
+@pytest.mark.parametrize("index", ['{"metadata": {}, "weight_map": {"model.embed', '{"metadata": {}}', '[]',
+                                   '{"weight_map": ["model-00001-of-00002.safetensors"]}'])
+def test_a_damaged_shard_index_is_named(index, tmp_path):
+    """A shard index cut short (an interrupted download) or without its weight map: the error
+    names the expert and the index, not a bare JSONDecodeError or KeyError."""
+    build("llama").save_pretrained(tmp_path / "e", max_shard_size="20KB")
+    (tmp_path / "e" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=r"task 't'.*model\.safetensors\.index\.json"):
+        ExpertWeights(str(tmp_path / "e"), task="t")
