@@ -13,8 +13,9 @@ tensor of a checkpoint by its own key and reads one when asked:
 * a PEFT LoRA adapter directory: the whole expert, base plus updates (``epmq.lora``).
 
 Safetensors files are opened with ``safe_open`` and read tensor by tensor; torch pickles are
-memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used; the
-shards of an index are opened when one of their tensors is first asked for. Every tensor leaves
+memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used (one in
+the legacy, pre-1.6 format, which cannot be, is read whole); the shards of an index are opened
+when one of their tensors is first asked for. Every tensor leaves
 a store through ``_read_tensor`` (tests count what is alive through it).
 
 Checkpoint names rarely match the model's exactly: a transformers 4 CLIP checkpoint has a
@@ -232,8 +233,11 @@ class CheckpointReader:
                 except Exception as e:  # (SafetensorError: truncated or not safetensors)
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
             else:
-                try:
-                    state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+                import zipfile
+
+                try:  # (mapped where torch can: a legacy, pre-1.6 pickle is no zip file and is read whole)
+                    state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
+                                       weights_only=True)
                 except Exception as e:
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
                 for wrapper in _WRAPPERS:

@@ -439,3 +439,15 @@ def test_a_damaged_shard_index_is_named(index, tmp_path):
     (tmp_path / "e" / "model.safetensors.index.json").write_text(index)
     with pytest.raises(ValueError, match=r"task 't'.*model\.safetensors\.index\.json"):
         ExpertWeights(str(tmp_path / "e"), task="t")
+
+
+def test_a_torch_pickle_in_the_legacy_format_is_read(tmp_path):
+    """A ``.bin`` written before torch 1.6 (or with ``_use_new_zipfile_serialization=False``)
+    cannot be memory-mapped: it is read whole, as torch and transformers read it, not refused."""
+    model = build("llama")
+    torch.save(model.state_dict(), tmp_path / "e.bin", _use_new_zipfile_serialization=False)
+    expert = ExpertWeights(str(tmp_path / "e.bin"), task="t")
+    expert.bind(_names(model))
+    for name, t in model.state_dict().items():
+        assert torch.equal(expert.read(name), t)
+    expert.close()
