@@ -119,8 +119,16 @@ class ExpertWeights:
 
     def fetch(self, name: str, index=None) -> torch.Tensor:
         """Tensor ``name`` as stored (``index``: ``name[index]`` only), a fresh read for files;
-        its values unchecked (``check_values``)."""
-        return self.reader.get(self._require(name), index)
+        its values unchecked (``check_values``); an integer tensor is refused (a quantized
+        checkpoint's codes, a bitsandbytes int8 ``weight``: a cast would take them for weights)."""
+        tensor = self.reader.get(self._require(name), index)
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"the expert of task {self.task!r} ({self.description}): tensor {name!r} is stored as "
+                f"{tensor.dtype}, not as floating point: is it a quantized checkpoint? Experts must be "
+                f"full-precision checkpoints of the merged model's architecture"
+            )
+        return tensor
 
     def check_values(self, name: str, tensor: torch.Tensor) -> None:
         """A clear error where ``tensor``, read for ``name``, holds NaN or inf."""

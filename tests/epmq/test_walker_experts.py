@@ -451,3 +451,21 @@ def test_a_torch_pickle_in_the_legacy_format_is_read(tmp_path):
     for name, t in model.state_dict().items():
         assert torch.equal(expert.read(name), t)
     expert.close()
+
+
+@pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
+def test_an_expert_weight_of_integers_is_refused_by_name(targets, gen, tmp_path):
+    """An expert whose weight is stored as integers (a bitsandbytes int8 checkpoint keeps its
+    codes under ``weight``, its scales beside): on the expert path its block was built from the
+    codes cast to float, silently; on every path the error names the expert and the tensor."""
+    fam = Family("llama", gen)
+    state = {k: v.contiguous() for k, v in fam.experts["dtd"].state_dict().items()}
+    name = "model.layers.1.self_attn.o_proj.weight"
+    state[name] = torch.randint(-127, 127, state[name].shape, dtype=torch.int8)
+    save_file(state, str(tmp_path / "dtd.safetensors"))
+    model = fam.merged()
+    with pytest.raises(ValueError, match=rf"task 'dtd'.*tensor '{name}' is stored as torch.int8"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
+                            calibration=fam.calibration, experts=dict(fam.experts, dtd=str(tmp_path / "dtd.safetensors")),
+                            progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
