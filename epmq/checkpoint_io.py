@@ -40,6 +40,7 @@ import contextlib
 import json
 import os
 import re
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -233,8 +234,6 @@ class CheckpointReader:
                 except Exception as e:  # (SafetensorError: truncated or not safetensors)
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
             else:
-                import zipfile
-
                 try:  # (mapped where torch can: a legacy, pre-1.6 pickle is no zip file and is read whole)
                     state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
                                        weights_only=True)
