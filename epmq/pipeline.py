@@ -222,7 +222,10 @@ class Store:
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
         if self.path.exists():
-            old = read_json(self.path) or {}
+            old = read_json(self.path)
+            if not isinstance(old, dict):  # (epmq writes it atomically: damaged by something else)
+                raise ValueError(f"{self.path} is not a results file epmq wrote (not a JSON object): move it "
+                                 f"away to start over; the checkpoints beside it are left as they are")
             if resume and old.get("identity") == identity:
                 self.data = old
             elif old.get("steps"):

@@ -139,6 +139,16 @@ def test_merge_entries_of_a_config():
 
 
 @pytest.mark.parametrize("fresh", [False, True])
+def test_a_damaged_results_file_is_refused_not_overwritten(calls_list, tmp_path, quiet, fresh):
+    """(It was read as no results: the run wrote over it and over the checkpoints it named.)"""
+    (tmp_path / "checkpoints" / "TA-w4-rtn-merged_path").mkdir(parents=True)
+    (tmp_path / "results.json").write_text('{"st')
+    with pytest.raises(ValueError, match="results.json is not a results file epmq wrote"):
+        pipeline.run(Bench(), plan(), tmp_path, resume=not fresh, log=quiet)
+    assert (tmp_path / "results.json").read_text() == '{"st'
+
+
+@pytest.mark.parametrize("fresh", [False, True])
 def test_a_run_interrupted_before_its_first_step_keeps_the_earlier_run_once(calls_list, tmp_path, quiet, fresh):
     """An earlier run is set aside once: a new run (another bench, or --fresh) stopped before it
     stored a step, then run again, leaves one ``results.before-*.json``, and it names the
