@@ -51,12 +51,12 @@ from torch import nn
 from .lora import LoraExpert, is_lora_adapter
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-WEIGHT_FILES = (  # in order of preference, inside a directory
-    "model.safetensors.index.json",
+WEIGHT_FILES = (  # in order of preference, inside a directory (transformers': a single file first)
     "model.safetensors",
+    "model.safetensors.index.json",
     "open_clip_model.safetensors",
-    "pytorch_model.bin.index.json",
     "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
     "open_clip_pytorch_model.bin",
 )
 # what training scripts wrap a state dict in (Lightning and timm; the PyTorch tutorials' form)

@@ -27,6 +27,23 @@ def test_sharded_hf_directory(tmp_path):
     assert expert.shape("model.layers.1.mlp.down_proj.weight") == (32, 64)
 
 
+def test_a_single_weights_file_beside_a_stale_shard_index_is_read_as_transformers_reads_it(tmp_path):
+    """(The index won: the expert read was another model than ``from_pretrained`` loads.)"""
+    import transformers
+
+    stale, model = build("llama"), build("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    stale.save_pretrained(tmp_path / "e", max_shard_size="20KB")
+    save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(tmp_path / "e" / "model.safetensors"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e").state_dict()
+    expert = ExpertWeights(str(tmp_path / "e"), task="t")
+    expert.bind(_names(model))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(expert.read(name), loaded[name]) and torch.equal(loaded[name], model.state_dict()[name])
+
+
 def test_expert_by_hub_id(tmp_path, monkeypatch):
     """An ``org/name`` that is no local path is a HF hub repository: here one in the hub's cache
     layout, read offline (what ``HF_HUB_OFFLINE=1`` does after a first download)."""
