@@ -200,7 +200,11 @@ def _check_positions(directory: Path, seq_len: int) -> None:
     """A ValueError if ``seq_len`` exceeds the model's positions: GPT-2 would fail in its
     embedding, a rotary model would calibrate on windows longer than it was trained on."""
     config = _config_json(directory)
-    configs = [config] + [v for v in config.values() if isinstance(v, dict)]  # (text_config)
+    # a model with a text_config reads the windows with its language model: the other towers'
+    # positions (a vision tower's, InstructBLIP's Q-Former's) bound inputs that are no tokens
+    nested = ([config["text_config"]] if isinstance(config.get("text_config"), dict)
+              else [v for v in config.values() if isinstance(v, dict)])
+    configs = [config] + nested
     limits = [c[k] for c in configs for k in POSITION_LIMITS if isinstance(c.get(k), int) and c[k] > 0]
     if limits and seq_len > min(limits):
         raise ValueError(f"seq_len={seq_len} is longer than the model's {min(limits)} positions "

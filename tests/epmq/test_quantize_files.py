@@ -721,6 +721,21 @@ def test_seq_len_may_equal_the_models_positions(tmp_path):
         _check_positions(tmp_path, 65)
 
 
+def test_seq_len_is_bounded_by_the_language_models_positions_not_another_towers(tmp_path):
+    """A vision-language model's language model (``tower: language``) calibrates on windows
+    bounded by its text config's positions; the vision tower's or Q-Former's own (InstructBLIP's
+    512, Florence-2's 50) bound other inputs. They refused any longer window, naming the wrong
+    limit."""
+    from epmq.quantize_files import _check_positions
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "instructblip", "text_config": {"max_position_embeddings": 2048},
+        "qformer_config": {"max_position_embeddings": 512}, "vision_config": {"max_position_embeddings": 50}}))
+    _check_positions(tmp_path, 2048)
+    with pytest.raises(ValueError, match="seq_len=2049 is longer than the model's 2048 positions"):
+        _check_positions(tmp_path, 2049)
+
+
 def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, capsys):
     """An expert of another architecture (a Qwen2 with q/k/v biases, of the Llama's names and
     shapes), a config.json that is not JSON, paths YAML reads as dates, a dtype that is a list:
