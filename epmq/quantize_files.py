@@ -36,10 +36,13 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+import torch
+
 from ._util import loading_bars, read_json_file
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
+from .checks import is_int
 from .lora import is_lora_adapter, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
@@ -314,6 +317,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
             if resume_dir is not None and str(e).startswith(f"resume_dir {resume_dir}"):
                 raise ValueError(f"{e} (here: run with --fresh, or resume=False)") from e
             _drop_if_no_block(resume_dir)
+            if isinstance(e.__cause__, IndexError):  # (the model's own error: name the token, if a token)
+                _check_token_ids(net, batches, preprocessor)
             raise
         except BaseException:
             _drop_if_no_block(resume_dir)
@@ -331,6 +336,28 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         shutil.rmtree(resume_dir, ignore_errors=True)
     return saved
+
+
+def _check_token_ids(net, batches: Mapping[str, list], tokenizer) -> None:
+    """A ValueError naming a calibration token the model has no embedding row for, where the
+    walk failed with an IndexError: a tokenizer with tokens added after the embeddings were sized
+    (a chat expert's, copied beside a merge) fails so in the embedding, which names no token."""
+    embeddings = net.get_input_embeddings() if hasattr(net, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if not is_int(rows):
+        return
+    for task, items in batches.items():
+        for item in items:
+            ids = item.get("input_ids") if isinstance(item, Mapping) else None
+            if not isinstance(ids, torch.Tensor) or ids.numel() == 0 or int(ids.max()) < rows:
+                continue
+            bad = int(ids.max())
+            token = getattr(tokenizer, "tokenizer", tokenizer).convert_ids_to_tokens(bad)
+            raise ValueError(f"calibration[{task!r}]: token {token!r} (id {bad}) has no row in the model's "
+                             f"{rows} embedding rows: the tokenizer ({len(getattr(tokenizer, 'tokenizer', tokenizer))} "
+                             f"tokens) holds tokens the model's embeddings were not resized for; give the "
+                             f"model's own tokenizer, or resize them (model.resize_token_embeddings), or merge "
+                             f"with tokenizer_source: union")
 
 
 def _within(model, module, layers: Optional[str]):

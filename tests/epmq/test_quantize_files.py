@@ -736,6 +736,27 @@ def test_seq_len_is_bounded_by_the_language_models_positions_not_another_towers(
         _check_positions(tmp_path, 2049)
 
 
+def test_tokens_the_model_has_no_embedding_row_for_are_named(files, tmp_path):
+    """A tokenizer with tokens added after the model's embeddings were sized (a chat expert's
+    tokenizer copied beside the merge) gives ids past the embedding rows: the error names the
+    token, the sizes and the remedy, where it was the embedding's IndexError (on a GPU a
+    device-side assert)."""
+    model = tmp_path / "model"
+    shutil.copytree(files / "merged", model)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    rows = transformers.AutoConfig.from_pretrained(model).vocab_size
+    tok.add_tokens([f"<pad{i}>" for i in range(rows - len(tok))])  # (the rows the model has)
+    tok.add_tokens(["<|im_start|>"], special_tokens=True)
+    tok.save_pretrained(model)
+    (tmp_path / "chat.txt").write_text(" ".join(["<|im_start|> user"] * 40))
+    with pytest.raises(ValueError, match=re.escape(f"calibration['chat']: token '<|im_start|>' (id {rows}) has no "
+                                                   f"row in the model's {rows} embedding rows")):
+        epmq.quantize_checkpoint(model, tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=32),
+                                 method="gptq", calibration={"chat": tmp_path / "chat.txt"}, samples=2,
+                                 seq_len=8, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.resume").exists()
+
+
 def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, capsys):
     """An expert of another architecture (a Qwen2 with q/k/v biases, of the Llama's names and
     shapes), a config.json that is not JSON, paths YAML reads as dates, a dtype that is a list:
