@@ -27,21 +27,22 @@ def test_sharded_hf_directory(tmp_path):
     assert expert.shape("model.layers.1.mlp.down_proj.weight") == (32, 64)
 
 
-def test_a_single_weights_file_beside_a_stale_shard_index_is_read_as_transformers_reads_it(tmp_path):
-    """(The index won: the expert read was another model than ``from_pretrained`` loads.)"""
-    import transformers
-
-    stale, model = build("llama"), build("llama")
+def test_a_directory_is_read_as_from_pretrained_reads_it(tmp_path):
+    """``save_pretrained`` into a directory that held a sharded save deletes the shards but
+    leaves their index beside the new ``model.safetensors``; ``from_pretrained`` reads the
+    single file, and so must an expert's or a merge's reader (it took the stale index, and
+    refused the checkpoint for its missing shards)."""
+    model = build("llama")
+    model.save_pretrained(tmp_path / "e", max_shard_size="20KB")
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    stale.save_pretrained(tmp_path / "e", max_shard_size="20KB")
-    save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(tmp_path / "e" / "model.safetensors"))
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e").state_dict()
+        model.model.layers[0].mlp.down_proj.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "e")  # (one file now, the old index left behind)
+    assert (tmp_path / "e" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "e" / "model.safetensors").is_file()
     expert = ExpertWeights(str(tmp_path / "e"), task="t")
     expert.bind(_names(model))
-    name = "model.layers.1.mlp.down_proj.weight"
-    assert torch.equal(expert.read(name), loaded[name]) and torch.equal(loaded[name], model.state_dict()[name])
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(expert.read(name), model.state_dict()[name])
 
 
 def test_expert_by_hub_id(tmp_path, monkeypatch):
