@@ -154,17 +154,29 @@ class QuantLinear(nn.Module):
             K, N, bits=spec.bits, group_size=spec.group_size, bias=bias is not None,
             dtype=dtype, device=result.codes.device,
         )
+        # the buffers are filled by copy_, which broadcasts: a [1, G] grid, a [1] g_idx or bias
+        # would silently become every column's or input's
+        G = layer.scales.shape[0]
+        for value, want, what in ((result.scales, (N, G), "scales"), (result.zeros, (N, G), "zeros"),
+                                  (result.g_idx, (K,), "g_idx"), (bias, (N,), "bias")):
+            if value is not None and tuple(value.shape) != want:
+                raise ValueError(f"{what} is {tuple(value.shape)}: {N} outputs, {K} inputs and group_size "
+                                 f"{spec.group_size} ({G} groups) need {want}")
+        g_idx = result.g_idx
+        if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
+            raise ValueError(f"g_idx must be integers, got {g_idx.dtype}")
+        # (the forward indexes the [G, N] grid with it: -1 would read the last group silently)
+        if K and not (0 <= int(g_idx.min()) and int(g_idx.max()) < G):
+            raise ValueError(f"g_idx holds groups in [{int(g_idx.min())}, {int(g_idx.max())}], outside the "
+                             f"{G} groups of the grid")
         zeros = torch.round(result.zeros).to(torch.int32)
         if int(zeros.min()) < 0 or int(zeros.max()) > spec.maxq:
             raise ValueError(f"zero points outside the {spec.bits}-bit grid: {zeros.min()}..{zeros.max()}")
-        if result.scales.shape[1] != layer.scales.shape[0]:
-            raise ValueError(
-                f"the result has {result.scales.shape[1]} groups, a {spec.group_size}-column grid "
-                f"of {K} inputs has {layer.scales.shape[0]}"
-            )
         layer.qweight.copy_(pack_rows(result.codes.t(), spec.bits))
         layer.qzeros.copy_(pack_cols(zeros.t(), spec.bits))
         scales = result.scales.t().to(torch.float16)  # (the gptq format's dtype)
+        if not bool(torch.isfinite(result.scales).all()):
+            raise ValueError("scales must be finite, got NaN or inf")
         if not bool(torch.isfinite(scales).all()):
             big = float(result.scales.abs().max())
             raise ValueError(f"scales up to {big:.3g} overflow float16, the gptq format's scale dtype "

@@ -427,3 +427,26 @@ def test_a_layer_of_no_inputs_gives_its_bias(group_size, dtype):
     assert y.shape == (3, 16) and y.dtype == dtype
     torch.testing.assert_close(y.float(), torch.arange(16.0).expand(3, 16))
     assert layer.dequantize().shape == (16, 0)
+
+
+def test_results_of_the_wrong_shape_or_groups_are_refused(gen):
+    """from_result fills the buffers with copy_, which broadcasts: a [1, G] grid, a [1] g_idx or
+    bias became every column's or input's, and a g_idx of -1 read the last group, silently."""
+    result = solve(epmq.QuantSpec(bits=4, group_size=16), gen)  # 24 outputs, 64 inputs, 4 groups
+    g_low, g_high = result.g_idx.clone(), result.g_idx.clone()
+    g_low[0], g_high[0] = -1, 4
+    bad = {
+        "g_idx holds groups in \\[-1": dict(g_idx=g_low),
+        "g_idx holds groups in \\[0, 4\\]": dict(g_idx=g_high),
+        "g_idx is \\(1,\\)": dict(g_idx=result.g_idx[:1]),
+        "g_idx must be integers": dict(g_idx=result.g_idx.float()),
+        "scales is \\(1, 4\\)": dict(scales=result.scales[:1]),
+        "zeros is \\(1, 4\\)": dict(zeros=result.zeros[:1]),
+        "scales must be finite": dict(scales=result.scales * float("nan")),
+    }
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=message):
+            epmq.QuantLinear.from_result(dataclasses.replace(result, **change))
+    for bias in (torch.ones(1), torch.ones(23), torch.ones(1, 24)):
+        with pytest.raises(ValueError, match="bias is"):
+            epmq.QuantLinear.from_result(result, bias)
