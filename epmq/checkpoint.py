@@ -55,7 +55,7 @@ from torch import nn
 from ._util import read_json, read_json_file, remove_stale_temporaries, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
-from .checks import all_finite
+from .checks import all_finite, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, in_order_g_idx
 
@@ -764,7 +764,14 @@ def _read_qconfig(directory: Path) -> dict:
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"{directory}: the quantization config's bits must be one of {SUPPORTED_BITS}, got "
                          f"{bits!r}")
-    return dict(qconfig, quant_method=method, checkpoint_format=fmt)
+    group_size = qconfig.get("group_size", -1)
+    if isinstance(group_size, float) and group_size.is_integer():  # (128.0: as bits 4.0 is taken)
+        group_size = int(group_size)
+    if not is_int(group_size) or (group_size != -1 and group_size <= 0):
+        # (it decides how the layers' scales are read: 0, null or "128" gave tracebacks)
+        raise ValueError(f"{directory}: the quantization config's group_size must be -1 or a positive "
+                         f"integer, got {group_size!r}")
+    return dict(qconfig, quant_method=method, checkpoint_format=fmt, group_size=group_size)
 
 
 def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int) -> None:

@@ -1484,6 +1484,20 @@ def test_a_quantization_config_without_bits_is_refused(gen, tmp_path):
         epmq.load_quantized(tmp_path / "q", fam.fresh())
 
 
+@pytest.mark.parametrize("group_size", [0, -2, None, "128", True])
+def test_a_quantization_config_with_a_malformed_group_size_is_refused(group_size, gen, tmp_path):
+    """A peer's config (no epmq section) whose group_size is no group size: a clear error naming
+    it (0, null and "128" gave ZeroDivisionError and TypeError)."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    del config["epmq"]
+    config["group_size"] = group_size
+    (tmp_path / "q" / "quantize_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="group_size must be -1 or a positive integer"):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+
+
 def test_a_peer_checkpoint_loads_in_the_dtype_its_config_names(tmp_path):
     """Another tool's checkpoint names no dtype per layer: built without a model, its
     QuantLinears take config.json's dtype, as its other tensors do, and the model runs."""
