@@ -755,8 +755,15 @@ def _read_qconfig(directory: Path) -> dict:
         if not isinstance(qconfig, dict):
             raise FileNotFoundError(f"{directory} is not a GPTQ checkpoint: no {CONFIG_FILE}, and no "
                                     f"quantization_config in a {HF_CONFIG_FILE}")
+    # GPTQModel's own names for them are "method" and "format" (it writes both pairs; its
+    # readers take either): a "format": "gptq_v2" alone read as v1 shifted every zero point
+    for field, alias in (("quant_method", "method"), ("checkpoint_format", "format")):
+        if alias in qconfig and field in qconfig and qconfig[alias] != qconfig[field]:
+            raise ValueError(f"{directory}: the quantization config says {field} {qconfig[field]!r} but "
+                             f"{alias} {qconfig[alias]!r}")
     # writers before the field existed (AutoGPTQ) meant GPTQ in the v1 convention
-    method, fmt = qconfig.get("quant_method", "gptq"), qconfig.get("checkpoint_format", "gptq")
+    method = qconfig.get("quant_method", qconfig.get("method", "gptq"))
+    fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
     if method != "gptq" or fmt not in FORMATS:
         raise ValueError(f"{directory}: unsupported quant_method {method!r} / checkpoint_format {fmt!r} "
                          f"(GPTQ in {FORMATS} only)")

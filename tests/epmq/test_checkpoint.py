@@ -542,6 +542,33 @@ def test_other_quantization_methods_are_refused(gen, tmp_path):
         epmq.load_quantized(tmp_path / "q")
 
 
+def test_gptqmodels_own_field_names_are_read(tmp_path):
+    """GPTQModel names the fields "method" and "format" (quant_method and checkpoint_format are
+    its deprecated aliases): a config with only "format": "gptq_v2" was read as v1, every zero
+    point one off and the outputs silently wrong; "format": "marlin" (another packing) and
+    "method": "awq" loaded as GPTQ."""
+    model = build("llama")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    q = tmp_path / "q"
+    qconfig = json.loads((q / "quantize_config.json").read_text())
+    del qconfig["epmq"], qconfig["checkpoint_format"], qconfig["quant_method"]
+
+    def load(**fields):
+        (q / "quantize_config.json").write_text(json.dumps(dict(qconfig, **fields)))
+        return epmq.load_quantized(q)
+
+    loaded = load(method="gptq", format="gptq_v2")
+    item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="checkpoint_format 'marlin'"):
+        load(format="marlin")
+    with pytest.raises(ValueError, match="unsupported quant_method 'awq'"):
+        load(method="awq")
+    with pytest.raises(ValueError, match="says checkpoint_format 'gptq' but format 'gptq_v2'"):
+        load(checkpoint_format="gptq", format="gptq_v2")
+
+
 # --------------------------------------------------------------------------- shards
 
 
