@@ -231,9 +231,9 @@ class QuantLinear(nn.Module):
         self._derived = {}
         scales = self.scales
         out = super()._apply(fn, *args, **kwargs)
-        # the scales are part of the packed format (fp16): .to(bfloat16) must not round them
-        # for good, as it would a float buffer
-        if self.scales.dtype != torch.float16 and scales.dtype == torch.float16:
+        # the scales are part of the packed format (fp16, or fp32 from a checkpoint loaded with
+        # assign=True): .to(bfloat16) must not round them for good, as it would a float buffer
+        if self.scales.dtype != scales.dtype:
             self.scales = scales.to(device=self.scales.device)
         return out
 

@@ -374,6 +374,20 @@ def test_casts_keep_the_packed_scales_and_pickles_drop_the_caches(gen):
     assert copy.deepcopy(layer)._derived == {}
 
 
+def test_casts_keep_float32_scales_too(gen):
+    """Scales loaded as float32 (load_state_dict(assign=True), which load_quantized uses for a
+    model built on meta, keeps a checkpoint's dtype) were rounded to bfloat16 for good by
+    .to(torch.bfloat16): only float16 scales were kept."""
+    layer = _filled_layer(gen)
+    state = dict(layer.state_dict(), scales=layer.scales.float())
+    fresh = epmq.QuantLinear(256, 256, bits=4, group_size=layer.group_size, bias=False, device="meta")
+    fresh.load_state_dict(state, assign=True)
+    weight = fresh.dequantize()
+    fresh.to(torch.bfloat16).to(torch.float32)
+    assert fresh.scales.dtype == torch.float32
+    assert torch.equal(fresh.dequantize(), weight)
+
+
 def test_meta_fake_and_traced_inputs(gen):
     layer = _filled_layer(gen, K=128, N=64)
     assert layer.to("meta")(torch.empty(2, 128, device="meta")).shape == (2, 64)
