@@ -865,13 +865,24 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
     """Every tensor of the checkpoint: from its shards if it has an index, else its one file."""
     from safetensors.torch import load_file
 
+    def read(file: Path) -> dict:
+        try:
+            return load_file(str(file), device=str(device))
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # (SafetensorError: a truncated or foreign file; the reader names none)
+            raise ValueError(f"cannot read {file}: {type(e).__name__}: {e}") from e
+
     index = directory / INDEX_FILE
     if not index.is_file():
-        return load_file(str(_weights_file(directory, qconfig)), device=str(device))
-    weight_map = json.loads(index.read_text())["weight_map"]
+        return read(_weights_file(directory, qconfig))
+    weight_map = read_json_file(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map (tensor name -> shard file)")
     tensors = {}
     for name in sorted(set(weight_map.values())):
-        tensors.update(load_file(str(directory / name), device=str(device)))
+        tensors.update(read(directory / name))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise ValueError(f"{index} lists tensors its shards do not hold: {missing[:5]}")

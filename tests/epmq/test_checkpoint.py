@@ -604,6 +604,25 @@ def test_large_state_dicts_are_sharded_as_transformers_shards_them(gen, tmp_path
                                                    "model.safetensors", "quantize_config.json"]
 
 
+def test_a_damaged_index_or_shard_is_named(gen, tmp_path):
+    """A truncated index, one without weight_map, or a truncated shard gave a bare
+    JSONDecodeError, KeyError('weight_map') or SafetensorError naming no file."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q", max_shard_size=4_000)
+    index = tmp_path / "q" / "model.safetensors.index.json"
+    good = index.read_text()
+    for content, message in ((good[:40], "index.json is not valid JSON"),
+                             (json.dumps({"metadata": {}}), "index.json has no weight_map")):
+        index.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            epmq.load_quantized(tmp_path / "q", fam.fresh())
+    index.write_text(good)
+    shard = sorted((tmp_path / "q").glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read .*{shard.name}"):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+
+
 def test_the_config_describes_every_layer(gen, tmp_path):
     """sym tells engines to ignore qzeros: it is written only if every layer's grid is
     symmetric; layers of other bit widths are warned about (the config holds one)."""
