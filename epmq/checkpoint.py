@@ -862,7 +862,9 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
 
 
 def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
-    """Every tensor of the checkpoint: from its shards if it has an index, else its one file."""
+    """Every tensor of the checkpoint: from its one file, else from the shards of its index (the
+    order ``from_pretrained`` takes: ``save_pretrained`` leaves an earlier sharded save's index
+    beside the single file it writes)."""
     from safetensors.torch import load_file
 
     def read(file: Path) -> dict:
@@ -874,7 +876,7 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
             raise ValueError(f"cannot read {file}: {type(e).__name__}: {e}") from e
 
     index = directory / INDEX_FILE
-    if not index.is_file():
+    if not index.is_file() or (directory / WEIGHTS_FILE).is_file():
         return read(_weights_file(directory, qconfig))
     weight_map = read_json_file(index)
     weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None

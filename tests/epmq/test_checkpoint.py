@@ -623,6 +623,17 @@ def test_a_damaged_index_or_shard_is_named(gen, tmp_path):
         epmq.load_quantized(tmp_path / "q", fam.fresh())
 
 
+def test_a_single_weights_file_is_read_before_a_stale_index(gen, tmp_path):
+    """As ``from_pretrained`` reads a directory where another tool's sharded save left its index
+    beside the single file written later (the index's shards gone: it was refused)."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    (tmp_path / "q" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
+    fresh = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    torch.testing.assert_close(output(fresh, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
 def test_the_config_describes_every_layer(gen, tmp_path):
     """sym tells engines to ignore qzeros: it is written only if every layer's grid is
     symmetric; layers of other bit widths are warned about (the config holds one)."""
