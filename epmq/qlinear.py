@@ -237,9 +237,18 @@ class QuantLinear(nn.Module):
             self.scales = scales.to(device=self.scales.device)
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         self._derived = {}
+        g_idx, G = self.g_idx, self.scales.shape[0]
+        if prefix + "g_idx" in state_dict and g_idx.numel() and not g_idx.is_meta:
+            # (the forward indexes the [G, N] grid with it: -1 would read the last group silently)
+            lo, hi = (int(v) for v in torch.aminmax(g_idx))
+            if lo < 0 or hi >= G:
+                error_msgs.append(f"{prefix}g_idx holds groups in [{lo}, {hi}], outside the {G} groups of "
+                                  f"{prefix}scales")
         # Inference tensors (buffers made under torch.inference_mode) have no version counter,
         # so the caches keyed on them (here and the kernel's launch plans) cannot see the copy
         # just made into them: new tensor objects over the same memory retire those entries.

@@ -338,6 +338,17 @@ def test_new_buffers_are_seen_even_at_a_reused_address(gen):
         torch.testing.assert_close(layer(x).float(), reference, rtol=0.02, atol=0.05)
 
 
+@pytest.mark.parametrize("bad", [-1, 8])
+def test_load_state_dict_refuses_g_idx_outside_the_grid(gen, bad):
+    """(-1 read the last group, silently, in the forward's gather.)"""
+    layer = _filled_layer(gen)
+    state = layer.state_dict()
+    state["g_idx"] = state["g_idx"].clone()
+    state["g_idx"][5] = bad
+    with pytest.raises(RuntimeError, match=rf"g_idx holds groups in \[{min(bad, 0)}, {max(bad, 7)}\], outside the 8 groups"):
+        epmq.QuantLinear(256, 256, bits=4, group_size=32, bias=False).load_state_dict(state)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_load_state_dict_into_inference_tensors_is_seen(gen, dtype):
     """Buffers made under torch.inference_mode have no version counter: a load_state_dict into
