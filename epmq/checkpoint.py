@@ -1114,6 +1114,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                 raise ValueError(f"{directory}: {name} has no g_idx, which act-order (desc_act) checkpoints "
                                  f"of several groups need: the order of its input features is unknown")
             tensors[f"{name}.g_idx"] = in_order_g_idx(K, group)
+        elif f"{name}.g_idx" in tensors:  # (int64 in some writers' files: the layout's int32, as engines take it)
+            tensors[f"{name}.g_idx"] = tensors[f"{name}.g_idx"].to(torch.int32)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
     if missing or unexpected:
         raise ValueError(
