@@ -192,7 +192,10 @@ def _tensors(model, layers, checkpoint_format, transposed):
     family's layout, tied tensors once) and the aliases."""
     state = model.state_dict()
     for name, layer in layers.items():
-        state[f"{name}.scales"] = layer.scales.to(torch.float16)  # the format's dtype, whatever .to() did
+        state[f"{name}.scales"] = scales = layer.scales.to(torch.float16)  # the format's dtype
+        if layer.scales.dtype != torch.float16 and not all_finite(scales):  # (a peer's fp32 scales, loaded)
+            raise ValueError(f"layer {name} has scales up to {float(layer.scales.abs().max()):.3g}, beyond "
+                             f"float16's range, the gptq format's scale dtype")
         if checkpoint_format == "gptq":
             z = layer.zeros()
             if bool((z == 0).any()):

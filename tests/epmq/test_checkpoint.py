@@ -1547,6 +1547,16 @@ def test_a_peers_int64_g_idx_is_loaded_and_saved_as_int32(gen, tmp_path):
     assert load_file(str(tmp_path / "again" / "model.safetensors"))[f"{LAYER}.g_idx"].dtype == torch.int32
 
 
+def test_float32_scales_beyond_float16_are_refused_on_save(gen, tmp_path):
+    fam, model = quantized(gen)
+    layer = model.get_submodule(LAYER)
+    layer.scales = layer.scales.float()  # (as a peer's fp32 scales load)
+    layer.scales[0, 0] = 1e5
+    with pytest.raises(ValueError, match="q_proj has scales up to 1e\\+05, beyond float16's range"):
+        epmq.save_quantized(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_quantization_config_without_bits_is_refused(gen, tmp_path):
     fam, model = quantized(gen)
     epmq.save_quantized(model, tmp_path / "q")
