@@ -9,7 +9,8 @@
 * the model that is merged and quantized: a ``CLIPVisionModel`` built from the base's vision
   config; the visual projection, logit scale and the text tower stay frozen in full precision.
 * calibration items: ``{"pixel_values": [B, 3, H, W]}``.
-* preprocessing: the base's ``preprocessor_config.json`` (a CLIP or SigLIP image processor's:
+* preprocessing: the base's image processor (``preprocessor_config.json``, or the
+  ``image_processor`` of transformers 5's ``processor_config.json``; a CLIP or SigLIP one's:
   resize, center crop, rescale, mean/std; a setting not reproduced is refused by name) or,
   without one, the vision config's image size with CLIP's mean/std.
 """
@@ -29,6 +30,22 @@ from ..checkpoint_io import CheckpointReader, bind, key_renaming, tie_order
 from .checkpoints import load_into
 from .config import BenchConfig, BenchConfigError
 from .vision import ImagePrep, ZeroShotImageBench, prep_from_processor_config
+
+
+def _image_processor_config(directory: Path):
+    """``(file, settings)`` of the image processor saved in ``directory``, where transformers reads
+    it: the ``image_processor`` entry of ``processor_config.json`` (transformers 5 saves a whole
+    ``CLIPProcessor`` so, with no ``preprocessor_config.json``), else ``preprocessor_config.json``;
+    ``(None, None)`` if neither holds one."""
+    nested = directory / "processor_config.json"
+    if nested.is_file():
+        settings = json.loads(nested.read_text()).get("image_processor")
+        if isinstance(settings, dict):
+            return nested, settings
+    flat = directory / "preprocessor_config.json"
+    if flat.is_file():
+        return flat, json.loads(flat.read_text())
+    return None, None
 
 
 class HFClipBench(ZeroShotImageBench):
@@ -65,10 +82,10 @@ class HFClipBench(ZeroShotImageBench):
         self.logit_scale = float(reader.get("logit_scale").float().exp())
         self._projection_on = {}
 
-        processor = self.base_dir / "preprocessor_config.json"
+        self._processor_file, processor = _image_processor_config(self.base_dir)
         image_size = clip_config.vision_config.image_size
-        if processor.is_file():
-            self.prep = prep_from_processor_config(json.loads(processor.read_text()), image_size)
+        if processor is not None:
+            self.prep = prep_from_processor_config(processor, image_size)
         else:
             self.prep = ImagePrep(resize=image_size, crop=(image_size, image_size))
         self._open_experts(prefixes=("vision_model.",))
@@ -77,9 +94,8 @@ class HFClipBench(ZeroShotImageBench):
 
     def save_extras(self, directory) -> None:
         """The base's image preprocessing config, so that the vision tower is served as trained."""
-        processor = self.base_dir / "preprocessor_config.json"
-        if processor.is_file():
-            shutil.copy2(processor, Path(directory) / processor.name)
+        if self._processor_file is not None:
+            shutil.copy2(self._processor_file, Path(directory) / self._processor_file.name)
 
     # ----------------------------------------------------------------- text tower
 

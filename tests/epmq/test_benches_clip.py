@@ -594,3 +594,27 @@ def test_openais_own_preprocessor_config_is_read():
     prep = prep_from_processor_config(cfg, 224)
     assert (prep.resize, prep.crop, prep.interpolation, prep.resize_mode) == (224, (224, 224), "bicubic", "shortest")
     assert prep.mean == tuple(cfg["image_mean"]) and prep.std == tuple(cfg["image_std"])
+
+
+def test_a_processor_saved_whole_by_transformers_5_is_read_and_served(tiny, tmp_path):
+    """transformers 5 saves a ``CLIPProcessor`` as one ``processor_config.json`` (the image
+    processor nested in it) and no ``preprocessor_config.json``: the bench prepares images as it
+    says (not with CLIP's defaults) and the quantized checkpoint is served with it."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor
+
+    root, config = tiny
+    root = shutil.copytree(root, tmp_path / "copy")
+    (root / "base" / "preprocessor_config.json").unlink()
+    mean, std = [0.3, 0.5, 0.7], [0.5, 0.4, 0.3]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16},
+                                         image_mean=mean, image_std=std)
+    CLIPProcessor(image_processor=image_processor,
+                  tokenizer=AutoTokenizer.from_pretrained(root / "base")).save_pretrained(root / "base")
+    assert not (root / "base" / "preprocessor_config.json").exists()
+    assert AutoImageProcessor.from_pretrained(root / "base").image_mean == tuple(mean)
+    bench = build_bench(config, base_dir=root, progress=False)
+    assert (bench.prep.resize, bench.prep.crop, bench.prep.mean, bench.prep.std) == (20, (16, 16), tuple(mean), tuple(std))
+    served = tmp_path / "served"
+    served.mkdir()
+    bench.save_extras(served)
+    assert AutoImageProcessor.from_pretrained(served).image_mean == tuple(mean)
