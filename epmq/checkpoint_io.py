@@ -598,7 +598,23 @@ def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: 
 
 def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype] = None,
                prefixes: Iterable[str] = (), error: type = CheckpointError) -> LazyStateDict:
-    """``bind`` a checkpoint at ``path`` to ``model``'s state-dict names and shapes."""
+    """``bind`` a checkpoint at ``path`` to ``model``'s state-dict names and shapes. A checkpoint
+    of more blocks than the model (another configuration) holds every tensor the model has and
+    is refused: what it has past the model's last block says so."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return bind(CheckpointReader(path, what, error=error), tie_order(model), what=what, shapes=shapes,
-                dtype=dtype, prefixes=prefixes, rename=key_renaming(model))
+    reader = CheckpointReader(path, what, error=error)
+    order, rename = tie_order(model), key_renaming(model)
+    state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename)
+    binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
+    # (what the model's own loading ignores is no block of it: DeepSeek-V3's multi-token
+    # prediction layer, saved as the layer after the last)
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    for name, stack in model.named_modules():
+        if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack):
+            first = next(iter(stack.state_dict()), None)  # ("0.<tensor>", the first block's first)
+            past = None if first is None else f"{name}.{len(stack)}.{first.partition('.')[2]}".lstrip(".")
+            key = None if past is None or not first.startswith("0.") else binding.key_for(past)
+            if key is not None and not any(p.search(key) or p.search(past) for p in ignored):
+                raise reader.error(f"{what} ({reader.path}) has more blocks at {name!r} than the model's "
+                                   f"{len(stack)} ({key!r}): is it a checkpoint of this architecture?")
+    return state

@@ -618,3 +618,44 @@ def test_a_processor_saved_whole_by_transformers_5_is_read_and_served(tiny, tmp_
     served.mkdir()
     bench.save_extras(served)
     assert AutoImageProcessor.from_pretrained(served).image_mean == tuple(mean)
+
+
+@pytest.mark.parametrize("layout", ["transformers 5", "transformers 4"])
+def test_an_expert_of_more_blocks_than_the_base_is_refused(tiny, tmp_path, layout):
+    """An expert of another depth holds every tensor of the base's blocks and more: it is
+    another configuration, not a fine-tune of the base (merged and used as E-PMQ's targets, its
+    blocks past the base's would be dropped without a word)."""
+    from safetensors.torch import load_file, save_file
+
+    root, config = tiny
+    state = load_file(root / "experts" / "alpha" / "model.safetensors")
+    blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    state.update({k.replace("encoder.layers.0.", f"encoder.layers.{blocks}."): v.clone()
+                  for k, v in state.items() if k.startswith("encoder.layers.0.")})
+    if layout == "transformers 4":
+        state = {f"vision_model.{k}": v for k, v in state.items()}
+    save_file(state, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(BenchConfigError, match=f"more blocks at 'encoder.layers' than the model's {blocks}"):
+        _broken(tiny, tmp_path, lambda c: c["tasks"][0].update(expert=str(tmp_path / "deeper.safetensors")))()
+
+
+def test_a_layer_the_models_own_loading_ignores_is_no_extra_block(tmp_path):
+    """DeepSeek-V3 saves its multi-token prediction layer as the layer after the last, which
+    transformers ignores on load (``_keys_to_ignore_on_load_unexpected``): not another depth."""
+    from safetensors.torch import save_file
+
+    from epmq.checkpoint_io import CheckpointError, open_state
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    model = Stack()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.update({k.replace("layers.0.", "layers.2."): v.clone() for k, v in state.items() if k.startswith("layers.0.")})
+    save_file(state, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(CheckpointError, match="more blocks at 'layers' than the model's 2"):
+        open_state(tmp_path / "deeper.safetensors", model, what="expert")
+    model._keys_to_ignore_on_load_unexpected = [r"layers\.2\..*"]
+    assert set(open_state(tmp_path / "deeper.safetensors", model, what="expert")) == set(model.state_dict())
