@@ -1298,6 +1298,7 @@ class _Walk:
         if self.targets == "expert_path":
             needed.update({names[0]: tuple(t.shape) for t, names in self.outside})
         rename = key_renaming(self.model)
+        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()]
         for source in self.experts.values():
             source.bind(self.shapes, self.aliases, rename=rename)
             if self.targets == "expert_path":
@@ -1314,12 +1315,16 @@ class _Walk:
             if self.targets == "expert_path":
                 self._warn_of_extra_block_tensors(source, present)
             # an expert of more blocks than the model (another configuration) has every tensor
-            # the walk reads: what it has past the model's last block says so
+            # the walk reads: what it has past the model's last block says so (unless the model's
+            # own loading ignores it: DeepSeek-V3's multi-token prediction layer, saved as the
+            # layer after the last)
             for stack in self.stacks:
                 n = len(stack.blocks)
                 rel = next((rel for rel in stack.blocks[0].state_dict()
                             if f"{stack.prefix}.0.{rel}" not in self.renames), None)
-                if rel is not None and source.key_for(f"{stack.prefix}.{n}.{rel}") is not None:
+                past = None if rel is None else f"{stack.prefix}.{n}.{rel}"
+                key = None if past is None else source.key_for(past)
+                if key is not None and not any(p.search(str(key)) or p.search(past) for p in ignored):
                     raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")

@@ -132,6 +132,28 @@ def test_method_arguments(gen):
         quantize(fam, model, method="rtn", experts=None, calibration=None)
 
 
+def test_a_layer_the_models_own_loading_ignores_is_no_extra_block(tmp_path):
+    """DeepSeek-V3 and GLM-4.5 save a multi-token prediction layer as the layer after the last,
+    which transformers ignores on load (``_keys_to_ignore_on_load_unexpected``): their own
+    checkpoints are experts of their own architecture, not of another depth."""
+    from safetensors.torch import save_file
+
+    class WithPredictionLayer(transformers.LlamaForCausalLM):
+        _keys_to_ignore_on_load_unexpected = [r"model\.layers\.2\..*"]
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = WithPredictionLayer(config).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.update({k.replace("layers.0.", "layers.2."): v.clone() for k, v in state.items()
+                  if k.startswith("model.layers.0.")})
+    save_file(state, str(tmp_path / "expert.safetensors"))
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32), method="epmq",
+                        calibration={"a": [{"input_ids": torch.randint(0, 64, (2, 8))}]},
+                        experts={"a": str(tmp_path / "expert.safetensors")}, progress=False)
+    assert len(model.epmq_report.layers) == 14
+
 def test_meta_devices_and_weights_are_refused(gen):
     fam = Family("llama", gen, n_samples=1)
     model = fam.merged()
