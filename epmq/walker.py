@@ -1314,6 +1314,8 @@ class _Walk:
             source.check(present)
             if self.targets == "expert_path":
                 self._warn_of_extra_block_tensors(source, present)
+            else:
+                self._warn_of_other_shapes_outside(source)
             # an expert of more blocks than the model (another configuration) has every tensor
             # the walk reads: what it has past the model's last block says so (unless the model's
             # own loading ignores it: DeepSeek-V3's multi-token prediction layer, saved as the
@@ -1328,6 +1330,27 @@ class _Walk:
                     raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
+
+    def _warn_of_other_shapes_outside(self, source) -> None:
+        """Warn where the expert's tensors outside the blocks have other shapes than the merged
+        model's: the blocks' matrices alone can fit another configuration (a ViT-B/16 expert of a
+        ViT-B/32 merge differs only in its patch and position embeddings), whose targets would be
+        another model's. Not the token embeddings and an untied head, whose rows may differ (the
+        experts' added tokens), nor tensors the expert lacks; a warning, not an error: a
+        classification head of the expert's own classes differs too."""
+        other = []
+        for tensor, names in self.outside:
+            name = names[0]
+            if name in self._vocabulary_names or source.key_for(name) is None:
+                continue
+            got = tuple(source.shape(name))
+            if got != tuple(tensor.shape):
+                other.append(f"{name} {got} for {tuple(tensor.shape)}")
+        if other:
+            more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+            warnings.warn(f"the expert of task {source.task!r} ({source.description}) has tensors outside the "
+                          f"blocks of other shapes than the merged model's ({'; '.join(other[:3])}{more}): is it "
+                          f"of the merged model's configuration? Its block weights are the targets", stacklevel=4)
 
     def _warn_of_extra_block_tensors(self, source, present) -> None:
         """Warn where the expert's blocks hold weights the merged model's lack (a Qwen2-style

@@ -487,3 +487,43 @@ def test_an_expert_weight_of_integers_is_refused_by_name(targets, gen, tmp_path)
                             calibration=fam.calibration, experts=dict(fam.experts, dtd=str(tmp_path / "dtd.safetensors")),
                             progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
+def test_an_expert_of_another_patch_size_is_warned_of():
+    """A ViT-B/16 expert given for a ViT-B/32 merge (FusionBench names both
+    ``tanganke/clip-vit-base-patch{16,32}_<task>``): every block matrix fits, only the patch and
+    position embeddings differ; the merged path reads the blocks alone, so this is warned of,
+    naming them. An expert of the model's own configuration (and a vocabulary of its own, on a
+    language model: added tokens) is not."""
+    import transformers
+
+    def clip(seed, patch_size):
+        torch.manual_seed(seed)
+        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+            patch_size=patch_size)).eval()
+
+    calibration = {"a": [{"pixel_values": torch.randn(2, 3, 16, 16)}]}
+    for expert, warned in ((clip(1, 4), True), (clip(1, 8), False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epmq.quantize_model(clip(0, 8), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                                calibration=calibration, experts={"a": expert.state_dict()}, progress=False)
+        said = [str(w.message) for w in caught if "outside the blocks" in str(w.message)]
+        assert bool(said) == warned
+        if warned:
+            assert "embeddings.patch_embedding.weight (32, 3, 4, 4) for (32, 3, 8, 8)" in said[0]
+            assert "embeddings.position_embedding.weight (17, 32) for (5, 32)" in said[0]
+
+    def llama(seed, vocab_size):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)).eval()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(llama(0, 64), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"a": [torch.randint(0, 64, (2, 8))]},
+                            experts={"a": llama(1, 72).state_dict()}, progress=False)
+    assert not [w for w in caught if "outside the blocks" in str(w.message)]
