@@ -512,12 +512,29 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
                              f"(config.json's model_type): {goal.format('architecture')}")
         same.append(bool(kind) and other == kind)
         mine = _layer_counts(config)
-        differ = {field for field in mine.keys() & theirs.keys() if mine[field] != theirs[field]}
-        if same[-1] and differ:  # (the fields both configs spell out: writers differ in which they write)
-            raise ValueError(f"{what_of(source)} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
-                             f"{ref_name} as {({f: theirs[f] for f in sorted(differ)})} "
-                             f"(config.json): {goal.format('configuration')}")
+        if same[-1]:
+            _check_layer_counts(mine, theirs, what_of(source), ref_name, goal)
+        elif kind and other and other in towers:  # (a tower of the reference: its own config's counts)
+            _check_layer_counts(_layer_counts(config, nested=False),
+                                _layer_counts(_tower_config(reference, other), nested=False),
+                                what_of(source), f"{ref_name}'s {other} tower", goal)
+        elif kind and other and kind in other_towers:  # (the reference is a tower of it)
+            _check_layer_counts(_layer_counts(_tower_config(config, kind), nested=False),
+                                _layer_counts(reference, nested=False), f"{what_of(source)}'s {kind} tower",
+                                ref_name, goal)
     return same
+
+
+def _tower_config(config: dict, model_type: str) -> dict:
+    return next(v for v in config.values() if isinstance(v, dict) and v.get("model_type") == model_type)
+
+
+def _check_layer_counts(mine: dict, theirs: dict, what: str, ref_name: str, goal: str) -> None:
+    differ = {field for field in mine.keys() & theirs.keys() if mine[field] != theirs[field]}
+    if differ:  # (the fields both configs spell out: writers differ in which they write)
+        raise ValueError(f"{what} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
+                         f"{ref_name} as {({f: theirs[f] for f in sorted(differ)})} "
+                         f"(config.json): {goal.format('configuration')}")
 
 
 # config.json's fields (at its top or in a tower's config) that count a model's layers
@@ -525,8 +542,8 @@ LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layer
                 "decoder_layers")
 
 
-def _layer_counts(config: dict) -> dict:
-    scopes = {"": config, **{k: v for k, v in config.items() if isinstance(v, dict)}}
+def _layer_counts(config: dict, nested: bool = True) -> dict:
+    scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict)} if nested else {})}
     return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in LAYER_COUNTS
             if isinstance(c.get(field), int)}
 

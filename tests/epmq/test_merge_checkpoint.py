@@ -385,6 +385,13 @@ def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
             (tmp_path / "images" / task).mkdir(parents=True, exist_ok=True)
             pixels = (torch.rand(18, 18, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / "images" / task / f"{i}.png")
+    # a deeper tower than the base's (another configuration) is refused, as a deeper model is
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**dict(vision, num_hidden_layers=3))
+                                 ).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(ValueError, match=r"counts its layers as \{'num_hidden_layers': 3\}, the base's "
+                                         r"clip_vision_model tower as \{'num_hidden_layers': 2\}"):
+        merge_checkpoints("task_arithmetic", [experts["cars"], tmp_path / "deeper"], tmp_path / "bad",
+                          base=tmp_path / "base", params={"scale": 0.5}, progress=False)
     with pytest.warns(UserWarning, match="tensors of the base are in no or not every model"):
         merged = merge_checkpoints("task_arithmetic", list(experts.values()), tmp_path / "merged",
                                    base=tmp_path / "base", params={"scale": 0.5}, progress=False)
