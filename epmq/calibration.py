@@ -32,9 +32,10 @@ the user's own that are padded are split by :func:`unpad` (``quantize_model`` an
 ``gram_matrices`` call it on every calibration item) into batches of rows of equal real length.
 
 Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
-with class subfolders works as it is) or a list of files, converted to RGB as transformers
-does (transparency onto white; 16-bit images scaled to 8 bits) and preprocessed by the model's
-own image processor into ``{"pixel_values"}`` batches.
+with class subfolders works as it is) or a list of files, converted to RGB (``rgb_image``:
+transparency onto white, as transformers does; 16-bit images scaled to 8 bits, which
+transformers clips) and preprocessed by the model's own image processor into
+``{"pixel_values"}`` batches.
 """
 
 from __future__ import annotations
@@ -439,17 +440,17 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
         for f in chunk:
             try:
                 with Image.open(f) as image:
-                    images.append(_rgb(image))
+                    images.append(rgb_image(image))
             except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
         batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
     return batches
 
 
-def _rgb(image):
-    """``image`` in RGB as transformers' ``convert_rgb`` makes it (transparency composited onto
-    white, not dropped), 16- and 32-bit greyscale scaled to 8 bits (``convert`` would clip it
-    at 255: a 16-bit image all but white)."""
+def rgb_image(image):
+    """``image`` in RGB: transparency composited onto white, not dropped (as transformers'
+    ``convert_rgb``); 16- and 32-bit greyscale scaled to 8 bits (PIL's ``convert``, which
+    transformers' processors use, clips it at 255: a 16-bit image all but white)."""
     from PIL import Image
     import numpy as np
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._util import device_of, dtype_of
+from ..calibration import rgb_image
 from .common import BenchBase, default_cache_dir, files_fingerprint
 from .config import BenchConfigError
 from .data import Split, make_task_data, open_image_sources
@@ -65,7 +66,7 @@ class ImagePrep:
         from torchvision.transforms import functional as TF
 
         if self.rgb == "first":
-            image = _to_rgb(image)
+            image = rgb_image(image)
         mode = InterpolationMode(self.interpolation)
         if self.resize_mode == "squash":
             size = self.resize if isinstance(self.resize, (tuple, list)) else self.crop
@@ -88,16 +89,6 @@ class ImagePrep:
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x = x.float() / 255.0 if self.rescale == 1 / 255 else x.float() * self.rescale
         return ((x - mean) / std).to(dtype)
-
-
-def _to_rgb(image):
-    """RGB, any transparency composited onto white (as HF image processors' ``convert_to_rgb``)."""
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
-    return image.convert("RGB")
 
 
 class _Images(Dataset):

@@ -461,6 +461,20 @@ def test_pixels_are_scaled_to_the_unit_range_then_standardized():
     assert torch.allclose(got[0, :, 0, 1], torch.tensor([1.0, 3.0, 0.5]))
 
 
+def test_a_16_bit_image_gets_the_pixels_epmq_quantize_calibrates_on():
+    """(The bench clipped it to near-white where calibration scaled it to 8 bits.)"""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.vision import ImagePrep
+    from epmq.calibration import rgb_image
+
+    image = Image.fromarray(np.array([[0, 16384], [32768, 65535]], dtype=np.uint16))
+    got = ImagePrep(resize=2, crop=(2, 2)).uint8(image)
+    want = torch.from_numpy(np.asarray(rgb_image(image))).permute(2, 0, 1)
+    assert torch.equal(got.reshape(want.shape), want) and want[0, 0, 1] == 64
+
+
 def test_calibration_eval_caps_and_templates_come_from_the_config(tiny):
     root, config = tiny
     config = dict(config, eval=dict(config["eval"], max_samples={"val": 1, "test": 2}),
