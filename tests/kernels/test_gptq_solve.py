@@ -638,6 +638,8 @@ def test_a_nan_stays_nan_as_in_the_reference(gen):
         out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, **grid)
         assert torch.equal(torch.isnan(out.Q), torch.isnan(ref.Q)) and bool(torch.isnan(ref.Q).any())
         # (dynamic groups: the kernel's min/max of a group drop a NaN that torch's keep, so its
-        # grid stays finite; the NaN column and the row after it are NaN all the same)
+        # grid stays finite; the NaN column and the row after it are NaN all the same. A zero
+        # diagonal makes the errors inf, which clamp to a finite code until inf - inf: where
+        # depends on the signs, so only that NaN comes)
         out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, group_size=16)
-        assert bool(torch.isnan(out.Q[0, 3:]).all())
+        assert bool(torch.isnan(out.Q[0, 3:]).all() if W_bad is W else torch.isnan(out.Q).any())
