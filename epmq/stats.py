@@ -148,11 +148,12 @@ class LowRankExpert:
 
 
 class _Task:
-    def __init__(self, W_expert, weight, name, H):
+    def __init__(self, W_expert, weight, name, H, lead=None):
         self.W = W_expert
         self.weight = weight
         self.name = name
         self.H = H
+        self.lead = lead  # the task open at the layer whose inputs (H_k) these are, if any
         self.G = None  # scratch for asymmetric targets
         self.c = 0.0
         self.n_tokens = 0
@@ -236,6 +237,9 @@ class EPMQStats:
         self.task_weights: list[float] = []
         self.task_names: list[str] = []
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
+        # tokens of each streamed task ended here: a layer that shares another's inputs must have
+        # seen the same ones (its G_k is formed from that layer's H_k, see end_task and finalize)
+        self.task_tokens: list[int] = []
         self._task: Optional[_Task] = None
         self._W_m_cast = None  # W_merged in dtype, for asymmetric targets and anchors (_W_m)
         # Low-rank experts (LowRankExpert) of one W_0: that W_0 while every task so far is one;
@@ -532,7 +536,7 @@ class EPMQStats:
             H_k = torch.zeros(d_in, d_in, device=self._G_e.device, dtype=self.dtype)
         else:
             H_k = leader._task.H
-        self._task = _Task(W, weight, name, H_k)
+        self._task = _Task(W, weight, name, H_k, lead=None if leader is None else leader._task)
 
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
@@ -597,6 +601,15 @@ class EPMQStats:
         self._task = None
         if task.n_tokens == 0:
             raise ValueError(f"{task.name} has no calibration data (no batch was added)")
+        if task.lead is not None and task.lead.n_tokens != task.n_tokens:
+            # G_k = (W_k - W_m) H_k (or a_k = 1 / tr(H_k)) is formed now from the other layer's
+            # H_k: with other tokens there, it pairs this layer's targets with other inputs and
+            # the objective is silently another one
+            raise ValueError(f"{task.name}: {task.n_tokens} calibration tokens here but "
+                             f"{task.lead.n_tokens} at the layer whose inputs these are (its H_k is "
+                             f"this layer's): give both the same batches, and end the task here "
+                             f"after the last one")
+        self.task_tokens = self.task_tokens + [task.n_tokens]  # (a shallow copy keeps its own)
         # (one read for both uses: a Gram matrix's diagonal is >= 0, so it is all zero exactly
         # where its sum is 0; each read waits for the device's queue, once per task and layer)
         trace = float(torch.diagonal(task.H).sum())
@@ -628,6 +641,12 @@ class EPMQStats:
                                    or leader._tasks_done != self._tasks_done):
             raise RuntimeError("the layer whose inputs these are has not folded in every task: "
                                "call its end_task() first")
+        if leader is not None and self.task_tokens != leader.task_tokens:
+            # (a batch added there after this layer ended the task: its H_k, in H_e, is not the
+            # one this layer's G_e was formed with)
+            raise ValueError(f"calibration tokens per task {self.task_tokens} differ from those of "
+                             f"the layer whose inputs these are ({leader.task_tokens}), whose H_k this "
+                             f"layer's G_e is formed with: give both the same batches")
         if leader is not None and self.task_weights != leader.task_weights:
             # (H_e is the leader's, weighted by its a_k; G_e and c_e by these: another objective)
             raise ValueError(f"task weights {self.task_weights} differ from those of the layer whose "

@@ -122,6 +122,37 @@ def test_sharing_inputs_misuse_is_reported(gen):
         v.finalize()
 
 
+def test_a_layer_sharing_inputs_must_see_the_same_tokens(gen):
+    """(from a review) A layer that shares another's inputs forms its G_k from that layer's H_k:
+    ended before a batch that went on there (with its own task weight, which no check of a_k
+    catches), or given fewer batches (asymmetric targets, G_k from its own tokens), it paired its
+    targets with other inputs and its statistics were silently another objective's."""
+    W_q, W_v = (torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(2))
+    E_v = W_v + 0.1 * torch.randn(W_v.shape, generator=gen, dtype=torch.float64)
+    x1, x2 = batches(gen)[:2]
+    q = EPMQStats(W_q, dtype=torch.float64)
+    v = EPMQStats(W_v, dtype=torch.float64, inputs_of=q)
+    q.begin_task(W_q, weight=1.0)
+    v.begin_task(E_v, weight=1.0)
+    q.add_batch(x1)
+    v.add_batch(x1)
+    v.end_task()  # (the leader has seen as many tokens as this layer so far)
+    q.add_batch(x2)
+    q.end_task()
+    with pytest.raises(ValueError, match=r"calibration tokens per task .* differ"):
+        v.finalize()
+    q = EPMQStats(W_q, dtype=torch.float64)
+    v = EPMQStats(W_v, dtype=torch.float64, inputs_of=q)
+    q.begin_task(W_q)
+    v.begin_task(E_v)
+    q.add_batch(x1)
+    v.add_batch(x1, x_expert=x1 + 0.1)
+    q.add_batch(x2)
+    q.end_task()
+    with pytest.raises(ValueError, match=r"calibration tokens here but .* at the layer whose inputs"):
+        v.end_task()
+
+
 def test_a_shallow_copy_keeps_its_own_constant(gen):
     """(From a review) the residuals' constants wait on the device in a list: a copy taken
     before more tasks are folded in keeps the value it had."""
