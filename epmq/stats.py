@@ -34,6 +34,7 @@ run. ``G_e``, ``c_e`` and ``finalize`` make the reading stream wait for them (``
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -198,6 +199,10 @@ class EPMQStats:
     ):
         check_residual_precision(residual_precision, "residual_precision")
         check_weight(W_merged, "W_merged")
+        if dtype not in (torch.float32, torch.float64):
+            # (float16's range: a task's tr(H_k) past 65504, a few thousand tokens, overflowed)
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (the statistics' "
+                             f"accumulators), got {dtype}")
         self.W_merged = W_merged
         d_out, d_in = W_merged.shape
         kw = dict(device=W_merged.device, dtype=dtype)
@@ -393,6 +398,12 @@ class EPMQStats:
         """``a_k`` of a task (``trace``: ``tr(H_k)`` where the caller has read it already)."""
         if trace is None:
             trace = float(torch.diagonal(H_k).sum())
+        if not math.isfinite(trace):
+            # (else a_k = 1 / inf = 0: the task silently dropped, and 0 * inf a NaN in H_e; here,
+            # not in _task_weight: add_tasks checks weights early on traces of the Hessians as
+            # given, which may be float16, whose traces are taken again once converted)
+            raise ValueError(f"{name}: tr(H_k) is {trace} in the statistics' dtype {self.dtype}: its "
+                             f"inputs' squares overflowed it; accumulate in torch.float64 or scale them")
         return self._task_weight(weight, trace, name)
 
     def _fold_hessians(self, H_ks, a_s):

@@ -1,5 +1,7 @@
 """Streaming statistics: batch by batch they must equal the statistics of the whole data."""
 
+import math
+
 import pytest
 import torch
 
@@ -407,6 +409,34 @@ def test_task_weights_must_be_finite_and_non_negative(gen):
         stats.add_batch(batches(gen)[0])
         with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):
             stats.end_task()
+
+
+def test_a_task_whose_trace_overflows_is_an_error(gen):
+    """(from a review) A task whose tr(H_k) overflowed the statistics' dtype got the default
+    a_k = 1 / inf = 0: dropped silently, and 0 * inf put NaN into H_e (the solve then failed on
+    "the Hessian's mean diagonal nan"). float16 statistics, which overflow after a few thousand
+    tokens (a_k = 0, then "task_weights all 0"), are refused."""
+    W = torch.randn(D_OUT, D_IN, generator=gen)
+    stats = EPMQStats(W)
+    stats.begin_task(W + 0.1)
+    stats.add_batch(batches(gen)[0])
+    stats.end_task()
+    stats.begin_task(W - 0.1, name="loud")
+    stats.add_batch(3e18 * batches(gen)[0])
+    with pytest.raises(ValueError, match=r"loud: tr\(H_k\) is inf in the statistics' dtype"):
+        stats.end_task()
+    assert stats.task_weights == [pytest.approx(1 / float(torch.diagonal(stats.H_m).sum()))]
+    assert bool(torch.isfinite(stats.H_e).all())
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64"):
+            EPMQStats(W, dtype=dtype)
+    # a float16 Hessian given whole, whose trace overflows float16 but not the statistics' dtype
+    X = torch.randn(8000, D_IN, generator=gen)
+    H = (X.T @ X).half()
+    assert not math.isfinite(float(torch.diagonal(H).sum()))
+    stats = EPMQStats(W, dtype=torch.float64)
+    stats.add_tasks([W + 0.1], [H])
+    assert stats.task_weights == [pytest.approx(1 / float(torch.diagonal(H.double()).sum()))]
 
 
 def test_a_task_whose_inputs_are_all_zero_is_dropped(gen):
