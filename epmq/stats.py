@@ -328,6 +328,8 @@ class EPMQStats:
             raise ValueError(f"{name} has no calibration data (tr(H_k) = 0)")
         if weight is None:
             return 1.0 / trace
+        if isinstance(weight, (bool, str)):  # (float() takes both: True as 1, "2" as 2)
+            raise ValueError(f"task weight of {name} must be a number, got {weight!r}")
         weight = float(weight)
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"task weight of {name} must be finite and >= 0, got {weight}")

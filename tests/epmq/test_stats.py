@@ -409,6 +409,9 @@ def test_task_weights_must_be_finite_and_non_negative(gen):
         stats.add_batch(batches(gen)[0])
         with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):
             stats.end_task()
+    for bad in (True, "2"):  # (float() read them as 1 and 2)
+        with pytest.raises(ValueError, match="task weight of t must be a number"):
+            EPMQStats(W_m, dtype=torch.float64).add_task(W_m + 0.1, H, weight=bad, name="t")
 
 
 def test_a_task_whose_trace_overflows_is_an_error(gen):
