@@ -545,6 +545,31 @@ def _odd_images():
             "grey": smooth(27, 31, 1), "rgba": Image.fromarray(rgba), "palette": palette}
 
 
+def test_a_transparent_colour_key_is_composited_onto_white():
+    """A greyscale or RGB PNG whose transparency is one colour (a tRNS chunk, no alpha band):
+    the image processor makes those pixels white, and so must the bench's preparation (it kept
+    them black once it took calibration's conversion)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from epmq.benches.vision import ImagePrep
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    prep = ImagePrep(resize=16, crop=(16, 16))
+    grey = np.zeros((20, 20), dtype=np.uint8)
+    grey[5:15, 5:15] = 200
+    for pixels, key in ((grey, 0), (np.stack([grey] * 3, axis=-1), (0, 0, 0))):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="png", transparency=key)
+        image = Image.open(buffer)
+        want = processor(images=image, return_tensors="pt")["pixel_values"]
+        got = prep.normalize(prep.uint8(image)[None])
+        assert (got - want).abs().max() < 0.05, image.mode
+
+
 def _bench_with_processor(tiny, tmp_path, processor):
     root, config = tiny
     root = shutil.copytree(root, tmp_path / "copy")
