@@ -1338,10 +1338,15 @@ class _Walk:
         another model's. Not the token embeddings and an untied head, whose rows may differ (the
         experts' added tokens), nor tensors the expert lacks; a warning, not an error: a
         classification head of the expert's own classes differs too."""
+        from .vocabulary import vocabulary_columns
+
+        # (BART's, Marian's and Pegasus' final_logits_bias [1, vocabulary] is resized with the
+        # embeddings: an expert with added tokens has its own columns)
+        vocabulary = self._vocabulary_names | set(vocabulary_columns(self.model, [n[0] for _, n in self.outside]))
         other = []
         for tensor, names in self.outside:
             name = names[0]
-            if name in self._vocabulary_names or source.key_for(name) is None:
+            if name in vocabulary or source.key_for(name) is None:
                 continue
             got = tuple(source.shape(name))
             if got != tuple(tensor.shape):

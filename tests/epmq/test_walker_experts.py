@@ -527,3 +527,24 @@ def test_an_expert_of_another_patch_size_is_warned_of():
                             calibration={"a": [torch.randint(0, 64, (2, 8))]},
                             experts={"a": llama(1, 72).state_dict()}, progress=False)
     assert not [w for w in caught if "outside the blocks" in str(w.message)]
+
+
+def test_an_expert_with_added_tokens_of_a_model_with_final_logits_bias_is_not_warned_of():
+    """BART (mBART, Marian, Pegasus) keeps a [1, vocabulary] final_logits_bias beside its
+    embeddings, resized with them: an expert with added tokens is of the model's configuration
+    and is not warned of (as a Llama expert with added tokens is not)."""
+    import transformers
+
+    def bart(seed, vocab_size):
+        torch.manual_seed(seed)
+        return transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)).eval()
+
+    ids = torch.randint(4, 64, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(bart(0, 64), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"a": [{"input_ids": ids, "decoder_input_ids": ids}]},
+                            experts={"a": bart(1, 72).state_dict()}, progress=False)
+    assert not [w for w in caught if "outside the blocks" in str(w.message)]
