@@ -56,7 +56,8 @@ def on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def on_device(*args, **kwargs):
-        t = args[0]
+        # (the first tensor given, by position or by keyword: check_device holds them on one device)
+        t = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if isinstance(t, torch.Tensor) and t.is_cuda and t.get_device() != torch.cuda.current_device():
             with torch.cuda.device(t.device):
                 return launcher(*args, **kwargs)

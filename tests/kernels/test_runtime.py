@@ -247,6 +247,28 @@ def test_launchers_run_with_their_tensors_device_current(monkeypatch):
     assert log == [("launch", 0), ("launch", 0)]
 
 
+def test_launchers_take_their_tensors_by_keyword_too(monkeypatch):
+    """The public launchers take their tensors by keyword as well (``accumulate_xxt_triton(H=H,
+    X=X)``): the device guard finds them there (it read ``args[0]``: an IndexError)."""
+    from epmq_kernels import accumulate_xxt_triton
+
+    H, X = torch.zeros(8, 8), torch.randn(4, 8)
+    accumulate_xxt_triton(H=H, X=X)
+    torch.testing.assert_close(H, X.T @ X)
+    log = []
+
+    @contextlib.contextmanager
+    def device(d):
+        log.append(("current", torch.device(d)))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launcher = rt.on_tensor_device(lambda t, k=0: log.append(("launch", k)))
+    launcher(t=torch.zeros(2).as_subclass(_OnCuda1), k=3)
+    assert log == [("current", torch.device("cuda", 1)), ("launch", 3)]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_kernels_run_on_a_gpu_that_is_not_current(gen):
