@@ -489,6 +489,27 @@ def test_an_expert_weight_of_integers_is_refused_by_name(targets, gen, tmp_path)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
+def test_an_fp8_expert_weight_with_its_scales_beside_is_refused_by_name(targets, gen, tmp_path):
+    """A fine-grained FP8 checkpoint (DeepSeek-V3's, the Hub's *-FP8 models) stores each weight
+    as float8 divided by the scales it keeps in ``weight_scale_inv``: cast alone, the weight was
+    taken as the expert's, silently (as integer codes were)."""
+    fam = Family("llama", gen)
+    state = {k: v.contiguous() for k, v in fam.experts["dtd"].state_dict().items()}
+    name = "model.layers.1.self_attn.o_proj.weight"
+    scale = state[name].abs().max() / 448
+    state[name] = (state[name] / scale).to(torch.float8_e4m3fn)
+    state[f"{name}_scale_inv"] = scale.reshape(1, 1).float()
+    save_file(state, str(tmp_path / "dtd.safetensors"))
+    model = fam.merged()
+    with pytest.raises(ValueError, match=rf"task 'dtd'.*tensor '{name}' is stored as torch.float8_e4m3fn "
+                                         rf"with its scales in '{name}_scale_inv'"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
+                            calibration=fam.calibration, experts=dict(fam.experts, dtd=str(tmp_path / "dtd.safetensors")),
+                            progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_an_expert_of_another_patch_size_is_warned_of():
     """A ViT-B/16 expert given for a ViT-B/32 merge (FusionBench names both
     ``tanganke/clip-vit-base-patch{16,32}_<task>``): every block matrix fits, only the patch and
