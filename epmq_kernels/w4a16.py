@@ -2309,6 +2309,7 @@ def _build_wgmma_plan(entry, config, x2, out2, lead):
 # ----------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------
+@on_tensor_device  # (they launch kernels too: autotuning, the dqmm chunk kernel)
 def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     """What :func:`w4a16_matmul` will run for these arguments on the GPU (autotuning first if
     nothing is cached): ``dict(path=..., config=..., gather=..., best_ms_by_path=...,
@@ -2344,6 +2345,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
                 gather=_needs_gather(path, config, G, entry.group, entry.permuted, x2.dtype))
 
 
+@on_tensor_device
 def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=0, k_rows=None,
                      dtype=torch.float16, out=None, backend="auto"):
     """Rows ``k_first .. k_first + k_rows`` of the dense weight ``(q - z) * s`` in ``dtype``

@@ -269,6 +269,29 @@ def test_launchers_take_their_tensors_by_keyword_too(monkeypatch):
     assert log == [("current", torch.device("cuda", 1)), ("launch", 3)]
 
 
+def test_every_public_int4_entry_that_launches_makes_its_tensors_device_current(monkeypatch):
+    """w4a16_plan (autotuning) and w4a16_dequantize (the dqmm chunk kernel) launch kernels as
+    w4a16_matmul does: given weights on cuda:1 while cuda:0 is current, each makes cuda:1
+    current before anything else (here a stand-in device switch that stops the call)."""
+    from epmq_kernels import w4a16 as W
+
+    class Switched(Exception):
+        pass
+
+    def device(d):
+        raise Switched(str(d))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    on_1 = torch.zeros(4, 8, dtype=torch.int32).as_subclass(_OnCuda1)
+    scales, zeros = torch.ones(1, 8, dtype=torch.float16), torch.zeros(1, 8, dtype=torch.uint8)
+    x = torch.zeros(1, 32, dtype=torch.float16).as_subclass(_OnCuda1)
+    with pytest.raises(Switched, match="cuda:1"):
+        W.w4a16_dequantize(on_1, scales, zeros, -1)
+    with pytest.raises(Switched, match="cuda:1"):
+        W.w4a16_plan(x, on_1, scales, zeros, -1)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_kernels_run_on_a_gpu_that_is_not_current(gen):
