@@ -82,7 +82,8 @@ class HFClipBench(ZeroShotImageBench):
         self.logit_scale = float(reader.get("logit_scale").float().exp())
         self._projection_on = {}
 
-        self._processor_file, processor = _image_processor_config(self.base_dir)
+        self._processor = _image_processor_config(self.base_dir)  # (file, settings)
+        processor = self._processor[1]
         image_size = clip_config.vision_config.image_size
         if processor is not None:
             self.prep = prep_from_processor_config(processor, image_size)
@@ -94,8 +95,13 @@ class HFClipBench(ZeroShotImageBench):
 
     def save_extras(self, directory) -> None:
         """The base's image preprocessing config, so that the vision tower is served as trained."""
-        if self._processor_file is not None:
-            shutil.copy2(self._processor_file, Path(directory) / self._processor_file.name)
+        file, settings = self._processor
+        if file is not None and file.name == "processor_config.json":
+            # (the image processor alone: the whole processor names a tokenizer the vision tower's
+            # checkpoint lacks, and AutoProcessor failed on it)
+            (Path(directory) / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        elif file is not None:
+            shutil.copy2(file, Path(directory) / file.name)
 
     # ----------------------------------------------------------------- text tower
 

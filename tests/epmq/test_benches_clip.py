@@ -639,7 +639,7 @@ def test_a_processor_saved_whole_by_transformers_5_is_read_and_served(tiny, tmp_
     """transformers 5 saves a ``CLIPProcessor`` as one ``processor_config.json`` (the image
     processor nested in it) and no ``preprocessor_config.json``: the bench prepares images as it
     says (not with CLIP's defaults) and the quantized checkpoint is served with it."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor
 
     root, config = tiny
     root = shutil.copytree(root, tmp_path / "copy")
@@ -657,6 +657,9 @@ def test_a_processor_saved_whole_by_transformers_5_is_read_and_served(tiny, tmp_
     served.mkdir()
     bench.save_extras(served)
     assert AutoImageProcessor.from_pretrained(served).image_mean == tuple(mean)
+    # (the image processor alone: the vision tower's checkpoint has no tokenizer for a whole
+    # CLIPProcessor, on which AutoProcessor failed)
+    assert isinstance(AutoProcessor.from_pretrained(served), CLIPImageProcessor)
 
 
 @pytest.mark.parametrize("layout", ["transformers 5", "transformers 4"])
