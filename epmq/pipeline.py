@@ -222,7 +222,7 @@ class Store:
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
         if self.path.exists():
-            old = read_json(self.path)
+            old = read_json(self.path, strict=True)  # (an unreadable disk raises as itself)
             if not isinstance(old, dict):  # (epmq writes it atomically: damaged by something else)
                 raise ValueError(f"{self.path} is not a results file epmq wrote (not a JSON object): move it "
                                  f"away to start over; the checkpoints beside it are left as they are")
