@@ -230,8 +230,10 @@ class T5GlueBench(BenchBase):
         start = self.tokenizer.pad_token_id if start is None else start
         labels, mask = self._pad(targets, device)
         dec = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
-        dec_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
-        return dec, dec_mask, labels, mask
+        # decoder position j reads label j-1 and predicts label j: it is real where label j is.
+        # (The mask shifted right also marked the input after a shorter target's last label, so
+        # its row counted one more decoder position batched beside a longer one than alone.)
+        return dec, mask, labels, mask
 
     def _batches(self, n_items: int, lengths: List[int]):
         order = sorted(range(n_items), key=lambda i: lengths[i])

@@ -51,6 +51,27 @@ def test_calibration_items(bench):
             bench.model()(**items[0])  # a valid forward
 
 
+def test_a_short_answer_beside_a_long_one_calibrates_the_decoder_as_alone(bench):
+    """Decoder positions are those of the answer's tokens, whatever the batch: the mask used to
+    be the answer's shifted right, so a short answer batched beside a long one also counted the
+    position reading its end-of-sequence token, and the statistics changed with batch_size."""
+    from epmq.calibration import unpad
+
+    model, cpu = bench.model(), torch.device("cpu")
+    answers = [[5, 1], [6, 7, 8, 1]]
+    x = torch.tensor([[5, 6, 1], [7, 8, 1]])
+
+    def decoder_rows(targets, rows):
+        dec, dec_mask, _, _ = bench._decoder_inputs(model.config, targets, cpu)
+        item = {"input_ids": x[rows], "attention_mask": torch.ones_like(x[rows]), "decoder_input_ids": dec,
+                "decoder_attention_mask": dec_mask}
+        return [r for part in unpad(item, encoder_decoder=True, model=model) for r in part["decoder_input_ids"].tolist()]
+
+    together = decoder_rows(answers, [0, 1])
+    alone = decoder_rows(answers[:1], [0]) + decoder_rows(answers[1:], [1])
+    assert sorted(together) == sorted(alone) == [[0, 5], [0, 6, 7, 8]]
+
+
 def test_scoring_picks_the_most_likely_answer(bench):
     model = bench.model()
     ids, labels = bench._encode("sst2", "test")
