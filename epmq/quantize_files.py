@@ -208,7 +208,10 @@ def _check_positions(directory: Path, seq_len: int) -> None:
     nested = ([config["text_config"]] if isinstance(config.get("text_config"), dict)
               else [v for v in config.values() if isinstance(v, dict)])
     configs = [config] + nested
-    limits = [c[k] for c in configs for k in POSITION_LIMITS if isinstance(c.get(k), int) and c[k] > 0]
+    # T5's configs (t5-small's, FLAN-T5's: "n_positions": 512) keep a length no table bounds: the
+    # positions are relative, log-bucketed past relative_attention_max_distance, any length runs
+    limits = [c[k] for c in configs for k in POSITION_LIMITS if isinstance(c.get(k), int) and c[k] > 0
+              and not (k == "n_positions" and "relative_attention_num_buckets" in c)]
     if limits and seq_len > min(limits):
         raise ValueError(f"seq_len={seq_len} is longer than the model's {min(limits)} positions "
                          f"(config.json): give seq_len <= {min(limits)}")

@@ -721,6 +721,21 @@ def test_seq_len_may_equal_the_models_positions(tmp_path):
         _check_positions(tmp_path, 65)
 
 
+def test_t5s_n_positions_bounds_no_calibration_length(tmp_path):
+    """T5 and FLAN-T5's hub configs say "n_positions": 512, which the model never reads (its
+    positions are relative buckets): longer input/target pairs were refused as longer than the
+    model's positions. BART's table of max_position_embeddings still bounds its pairs."""
+    from epmq.quantize_files import _check_positions
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "t5", "n_positions": 512, "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128, "is_encoder_decoder": True}))
+    _check_positions(tmp_path, 2048)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart", "max_position_embeddings": 1024}))
+    with pytest.raises(ValueError, match="seq_len=1025 is longer than the model's 1024 positions"):
+        _check_positions(tmp_path, 1025)
+
+
 def test_seq_len_is_bounded_by_the_language_models_positions_not_another_towers(tmp_path):
     """A vision-language model's language model (``tower: language``) calibrates on windows
     bounded by its text config's positions; the vision tower's or Q-Former's own (InstructBLIP's
