@@ -246,7 +246,8 @@ def _masks(item: Mapping, encoder_decoder: bool) -> list:
     mask, labels = item.get("decoder_attention_mask"), item.get("labels")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         sides.append((_DECODER_AXIS, "decoder_attention_mask", mask != 0))
-    elif isinstance(labels, torch.Tensor) and labels.dim() == 2:
+    elif isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 0:
+        # (labels of no position have no padding to find: the walk names them as empty)
         # labels padded with -100 (the loss's ignore index) at the end, or at the start (a
         # tokenizer that pads on the left, as DataCollatorForSeq2Seq then does): the decoder
         # positions outside the real labels are padding (their inputs are pad tokens); the model
@@ -496,7 +497,11 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
     inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
     targets = tokenizer(text_target=[p[1] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
     by_lengths = {}  # (input length, target length) -> pairs, in the order drawn
-    for x, y in zip(inputs, targets):
+    for (source, target), x, y in zip(chosen, inputs, targets):
+        if not (x and y):  # (a tokenizer that adds no end-of-sequence token: an empty text is none)
+            side = "input" if not x else "target"
+            raise ValueError(f"{what}: the pair {source[:40]!r} -> {target[:40]!r}: its {side} is no tokens (the "
+                             f"tokenizer adds no end-of-sequence token), nothing for the model to read; drop the pair")
         by_lengths.setdefault((len(x), len(y)), []).append((x, y))
     batches = []
     for group in by_lengths.values():

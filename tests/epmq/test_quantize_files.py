@@ -711,6 +711,29 @@ def test_pairs_of_one_input_length_and_other_target_lengths_are_batched_apart(tm
     assert len(batches) == 3
 
 
+def test_a_pair_of_no_target_tokens_is_named(tmp_path):
+    """A tokenizer that adds no end-of-sequence token makes an empty target no tokens at all:
+    labels of no position crashed the walk with argmax's IndexError, naming neither the pair nor
+    the labels. pair_batches names the pair; the walk names labels given so from Python."""
+    from epmq.benches.tiny import word_level_tokenizer
+    from epmq.calibration import pair_batches
+
+    tok = word_level_tokenizer(tmp_path / "tok", ["<unk>", "<pad>", "the", "cat", "yes"])
+    assert tok(text_target="")["input_ids"] == []
+    with pytest.raises(ValueError, match="the pair 'the cat' -> '': its target is no tokens"):
+        pair_batches([("the cat", "yes"), ("the cat", "")], tok, samples=2, seq_len=8)
+    with pytest.raises(ValueError, match="the pair '' -> 'yes': its input is no tokens"):
+        pair_batches([("", "yes")], tok, samples=1, seq_len=8)
+    config = transformers.T5Config(vocab_size=8, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                   dropout_rate=0.0, decoder_start_token_id=1, pad_token_id=1)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    item = {"input_ids": torch.tensor([[2, 3]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "labels": torch.zeros(1, 0, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"calibration\['t'\] item 0: labels \(1, 0\) is empty"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=-1), method="gptq",
+                            calibration={"t": [item]}, progress=False)
+
+
 def test_seq_len_may_equal_the_models_positions(tmp_path):
     """Windows of exactly ``max_position_embeddings`` tokens fit the model; one more does not."""
     from epmq.quantize_files import _check_positions
