@@ -350,8 +350,10 @@ def _check_token_ids(net, batches: Mapping[str, list], tokenizer) -> None:
     if not is_int(rows):
         return
     for task, items in batches.items():
-        for item in items:
-            ids = item.get("input_ids") if isinstance(item, Mapping) else None
+        # (an encoder-decoder's targets, labels, are token ids of the same embeddings: T5's decoder
+        # reads them shifted right)
+        for ids in (item.get(key) for item in items if isinstance(item, Mapping)
+                    for key in ("input_ids", "labels", "decoder_input_ids")):
             if not isinstance(ids, torch.Tensor) or ids.numel() == 0 or int(ids.max()) < rows:
                 continue
             bad = int(ids.max())

@@ -795,6 +795,29 @@ def test_tokens_the_model_has_no_embedding_row_for_are_named(files, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.resume").exists()
 
 
+def test_target_tokens_the_model_has_no_embedding_row_for_are_named(tmp_path):
+    """An encoder-decoder's targets are token ids of its embeddings too (the decoder reads them):
+    a token added to the tokenizer only in a target failed as the walk's bare "index out of range
+    in self", where the same token in an input was named."""
+    from epmq.benches.tiny import t5_tokenizer
+
+    tok = t5_tokenizer(tmp_path / "t5")
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=len(tok), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, dropout_rate=0.0,
+        decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "t5")
+    rows = len(tok)
+    tok.add_tokens(["<tool>"])
+    tok.save_pretrained(tmp_path / "t5")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"input": "the cat", "target": "yes <tool>"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"calibration['tools']: token '<tool>' (id {rows}) has no "
+                                                   f"row in the model's {rows} embedding rows")):
+        epmq.quantize_checkpoint(tmp_path / "t5", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                 method="gptq", calibration={"tools": tmp_path / "pairs.jsonl"}, samples=1,
+                                 seq_len=8, progress=False)
+
+
 def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, capsys):
     """An expert of another architecture (a Qwen2 with q/k/v biases, of the Llama's names and
     shapes), a config.json that is not JSON, paths YAML reads as dates, a dtype that is a list:
