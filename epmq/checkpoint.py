@@ -47,7 +47,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -972,6 +972,29 @@ def _layer_dtype(info) -> Optional[torch.dtype]:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
+def _untie_held_apart(model: nn.Module, tensors: Mapping[str, torch.Tensor], tied: Mapping[str, str]) -> None:
+    """Give each name of one parameter of ``model`` its own parameter where the checkpoint holds
+    them as different tensors, as ``from_pretrained`` unties them: transformers 5 ties every
+    T5's ``lm_head`` to ``shared``, and FLAN-T5's (T5 v1.1's) are two tensors. Loaded into the
+    one parameter, the second copy overwrote the first: the embeddings took the head's values."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        held = [n for n in group if n in tensors and n not in tied]
+        apart = {}  # a name of each other value -> its own parameter (names of one value share it)
+        for name in held[1:]:
+            if torch.equal(tensors[name], tensors[held[0]]):
+                continue
+            parent, _, attr = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            first = next((n for n in apart if torch.equal(tensors[n], tensors[name])), None)
+            if first is None:
+                shared = owner._parameters[attr]
+                first, apart[name] = name, nn.Parameter(torch.empty_like(shared), requires_grad=shared.requires_grad)
+            owner.register_parameter(attr, apart[first])
+
+
 def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None,
                    device=None) -> nn.Module:
     """Load a checkpoint written by ``save_quantized``: the layers it lists become
@@ -1119,6 +1142,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             tensors[f"{name}.g_idx"] = in_order_g_idx(K, group)
         elif f"{name}.g_idx" in tensors:  # (int64 in some writers' files: the layout's int32, as engines take it)
             tensors[f"{name}.g_idx"] = tensors[f"{name}.g_idx"].to(torch.int32)
+    if not empty:
+        _untie_held_apart(model, tensors, tied)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)
     if missing or unexpected:
         raise ValueError(

@@ -187,6 +187,41 @@ def test_names_on_disk_are_those_save_pretrained_writes(arch, tmp_path):
     torch.testing.assert_close(output(fresh, item), output(model, item), rtol=0, atol=0)
 
 
+def test_an_untied_head_loads_apart_into_a_fresh_model_that_ties_it(tmp_path):
+    """transformers 5 ties every T5's lm_head to shared (its config forces tie_word_embeddings),
+    while FLAN-T5 / T5 v1.1 hold them as two tensors: from_pretrained unties them, and
+    load_quantized into a fresh model loaded both into the one parameter, silently: the
+    embeddings took the head's values."""
+    import transformers
+
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(64, 32))  # (FLAN-T5's own head)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    fresh = transformers.T5ForConditionalGeneration(transformers.AutoConfig.from_pretrained(tmp_path / "q"))
+    assert fresh.lm_head.weight is fresh.shared.weight
+    loaded = epmq.load_quantized(tmp_path / "q", fresh)
+    assert torch.equal(loaded.shared.weight, model.shared.weight)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.encoder.embed_tokens.weight is loaded.shared.weight is loaded.decoder.embed_tokens.weight
+    item = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "decoder_input_ids": torch.tensor([[0, 5, 6]])}
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+    # whatever the names' order: the head first, the embeddings' two names (one value) stay one
+    head, embeddings = torch.randn(6, 4), torch.randn(6, 4)
+    tied = torch.nn.ModuleDict({"head": torch.nn.Linear(4, 6, bias=False), "a": torch.nn.Embedding(6, 4),
+                                "b": torch.nn.Embedding(6, 4)})
+    tied.a.weight = tied.b.weight = tied.head.weight
+    tensors = {"head.weight": head, "a.weight": embeddings, "b.weight": embeddings.clone()}
+    ckpt._untie_held_apart(tied, tensors, {})
+    tied.load_state_dict(tensors)
+    assert tied.a.weight is tied.b.weight and tied.a.weight is not tied.head.weight
+    assert torch.equal(tied.a.weight, embeddings) and torch.equal(tied.head.weight, head)
+
+
 @pytest.mark.parametrize("arch,first_key", [
     ("vit", "encoder.layer.0.attention.attention.query.qweight"),  # as save_pretrained writes it
     ("hf_clip_vision", "vision_model.encoder.layers.0.self_attn.q_proj.qweight"),  # transformers 4's
