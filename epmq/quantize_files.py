@@ -6,8 +6,9 @@
                              experts={"math": "ckpt/math", "code": "ckpt/code"}, anchor=0.1)
 
 or ``epmq quantize CONFIG.yaml OUT``. The model is built from a directory or the HF hub as its
-``config.json`` names it (``architectures``; a causal LM's class when there is none), and each
-task's files become calibration batches (``epmq.calibration``):
+``config.json`` names it (``architectures``; where there is none, the seq2seq LM class of its
+model type for an encoder-decoder, else the causal LM class), and each task's files become
+calibration batches (``epmq.calibration``):
 
 * language models (their forward takes ``input_ids``): texts, as GPTQ-style windows of tokens;
 * encoder-decoders (T5, FLAN-T5, mT5, BART): input/target text pairs, the targets as labels;
@@ -68,7 +69,7 @@ def _model_class(directory: Path, tower: Optional[str]):
                                     if (directory / "open_clip_config.json").is_file() else ""))
     config = _config_json(directory)
     names = config.get("architectures") or []
-    cls = getattr(transformers, names[0], None) if names else transformers.AutoModelForCausalLM
+    cls = getattr(transformers, names[0], None) if names else _auto_class(directory, config)
     if cls is None:
         raise ValueError(f"{directory}: config.json names architecture {names[0]!r}, which transformers "
                          f"{transformers.__version__} does not have")
@@ -88,6 +89,22 @@ def _model_class(directory: Path, tower: Optional[str]):
                              f"(CLIPModel, SiglipModel); {cls.__name__} is {what}")
         cls = vision
     return cls, bool(config.get("is_encoder_decoder"))
+
+
+def _auto_class(directory: Path, config: dict):
+    """The class of a checkpoint whose config.json names no architectures: its model type's
+    seq2seq LM (an encoder-decoder) or causal LM, as the auto classes map it. (The auto class
+    itself has no forward to read the inputs from: every such checkpoint was refused as taking
+    "neither input_ids nor pixel_values".)"""
+    import transformers
+
+    auto = transformers.AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else transformers.AutoModelForCausalLM
+    try:
+        return auto._model_mapping[type(transformers.AutoConfig.from_pretrained(directory))]
+    except (KeyError, ValueError, OSError) as e:  # (a model type this transformers lacks, or none of that kind)
+        raise ValueError(f"{directory}: config.json names no architectures, and its model_type "
+                         f"{config.get('model_type')!r} has no {auto.__name__} class here ({type(e).__name__}: "
+                         f"{str(e)[:120]}): add \"architectures\": [\"<the model's class>\"] to it") from None
 
 
 def _vision_tower_name(cls) -> str:

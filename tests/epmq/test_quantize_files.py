@@ -734,6 +734,32 @@ def test_a_pair_of_no_target_tokens_is_named(tmp_path):
                             calibration={"t": [item]}, progress=False)
 
 
+def test_a_config_without_architectures_builds_its_model_types_lm(tmp_path):
+    """A config.json with no architectures (written by config.save_pretrained) was documented to
+    build a causal LM, but the auto class has no forward to read the inputs from: every such
+    checkpoint, a Llama's or a T5's, was refused as taking "neither input_ids nor pixel_values".
+    An encoder-decoder builds its seq2seq LM; a type of neither kind is named."""
+    from epmq.quantize_files import _model_class
+
+    for config, want in ((transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                                   num_hidden_layers=1, num_attention_heads=2),
+                          (transformers.LlamaForCausalLM, False)),
+                         (transformers.T5Config(vocab_size=16, d_model=8, d_kv=2, d_ff=16, num_layers=1,
+                                                num_heads=4), (transformers.T5ForConditionalGeneration, True)),
+                         (transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=16), None)):
+        directory = tmp_path / config.model_type
+        config.save_pretrained(directory)
+        assert "architectures" not in json.loads((directory / "config.json").read_text()) or \
+            not json.loads((directory / "config.json").read_text())["architectures"]
+        if want is None:
+            with pytest.raises(ValueError, match="config.json names no architectures, and its model_type 'vit' "
+                                                 "has no AutoModelForCausalLM class"):
+                _model_class(directory, None)
+        else:
+            assert _model_class(directory, None) == want
+
+
 def test_seq_len_may_equal_the_models_positions(tmp_path):
     """Windows of exactly ``max_position_embeddings`` tokens fit the model; one more does not."""
     from epmq.quantize_files import _check_positions
