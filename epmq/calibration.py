@@ -80,7 +80,7 @@ def _text_of(value, where: str, tokenizer=None) -> str:
             return _chat(prompt + completion, where, tokenizer, value)
         if isinstance(value.get("input"), str) and isinstance(value.get("target"), str):
             raise ValueError(f"{where}: input/target pairs calibrate an encoder-decoder (T5, BART); a decoder-only "
-                             f"model reads texts: {TEXT_FORMS}")
+                             f"model or an encoder (T5EncoderModel) reads texts: {TEXT_FORMS}")
     raise ValueError(f"{where}: expected {TEXT_FORMS}, got {str(value)[:80]!r}")
 
 

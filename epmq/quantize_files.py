@@ -88,7 +88,9 @@ def _model_class(directory: Path, tower: Optional[str]):
             raise ValueError(f"tower: vision is for a two-tower model with a vision-tower class "
                              f"(CLIPModel, SiglipModel); {cls.__name__} is {what}")
         cls = vision
-    return cls, bool(config.get("is_encoder_decoder"))
+    # (a T5EncoderModel saved by transformers 4 keeps its T5 config's "is_encoder_decoder": true,
+    # FLUX's and SD3's T5-XXL text encoders among them: an encoder alone, it reads texts)
+    return cls, bool(config.get("is_encoder_decoder")) and "decoder_input_ids" in _forward_takes(cls)
 
 
 def _auto_class(directory: Path, config: dict):

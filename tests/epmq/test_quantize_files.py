@@ -760,6 +760,28 @@ def test_a_config_without_architectures_builds_its_model_types_lm(tmp_path):
             assert _model_class(directory, None) == want
 
 
+def test_a_t5_encoder_saved_with_is_encoder_decoder_reads_texts(tmp_path):
+    """transformers 4 saved T5EncoderModel with its T5 config's "is_encoder_decoder": true (FLUX's
+    and SD3's T5-XXL text encoders): the encoder was taken for an encoder-decoder, its texts
+    refused as "an encoder-decoder calibrates on input/target pairs", and pairs' targets went
+    nowhere. The class decides: an encoder alone reads texts."""
+    from epmq.benches.tiny import t5_tokenizer
+
+    directory = tmp_path / "text_encoder"
+    tok = t5_tokenizer(directory)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tok), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu")).save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, is_encoder_decoder=True)))
+    (tmp_path / "prompts.txt").write_text("the cat sat on the mat " * 8)
+    out = epmq.quantize_checkpoint(directory, tmp_path / "w4", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                   method="gptq", calibration={"prompts": tmp_path / "prompts.txt"}, samples=2,
+                                   seq_len=8, progress=False)
+    assert type(epmq.load_quantized(out)).__name__ == "T5EncoderModel"
+
+
 def test_seq_len_may_equal_the_models_positions(tmp_path):
     """Windows of exactly ``max_position_embeddings`` tokens fit the model; one more does not."""
     from epmq.quantize_files import _check_positions
