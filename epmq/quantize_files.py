@@ -161,6 +161,11 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     modality = _modality(cls, encoder_decoder, tower)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
+    if calibration and modality == "pairs" and _config_json(directory).get("decoder_start_token_id") is None:
+        # (the decoder's inputs are the labels shifted right after it: transformers' _shift_right
+        # failed on its absence with a bare AttributeError)
+        raise ValueError(f"{directory / 'config.json'} has no decoder_start_token_id, the token the decoder's "
+                         f"inputs start with (T5's is its pad token, 0; BART's its </s>, 2): add it")
     directory = directory if preprocessor_dir is None else preprocessor_dir
     options = dict(samples=samples, batch_size=batch_size, seed=seed)
     if modality in ("texts", "pairs"):

@@ -760,6 +760,21 @@ def test_a_config_without_architectures_builds_its_model_types_lm(tmp_path):
             assert _model_class(directory, None) == want
 
 
+def test_an_encoder_decoder_without_decoder_start_token_id_is_named(tmp_path):
+    """(transformers 5's T5Config() has none, and the model's _shift_right failed on it with a
+    bare AttributeError in the middle of the walk.)"""
+    from epmq.benches.tiny import t5_tokenizer
+
+    t5_tokenizer(tmp_path / "m")
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=8, d_kv=2, d_ff=16, num_layers=1, num_heads=4)).save_pretrained(tmp_path / "m")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"input": "a b", "target": "c"}) + "\n")
+    with pytest.raises(ValueError, match="config.json has no decoder_start_token_id"):
+        epmq.quantize_checkpoint(tmp_path / "m", tmp_path / "w4", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                 method="gptq", calibration={"t": tmp_path / "pairs.jsonl"}, samples=1,
+                                 progress=False)
+
+
 def test_a_t5_encoder_saved_with_is_encoder_decoder_reads_texts(tmp_path):
     """transformers 4 saved T5EncoderModel with its T5 config's "is_encoder_decoder": true (FLUX's
     and SD3's T5-XXL text encoders): the encoder was taken for an encoder-decoder, its texts
