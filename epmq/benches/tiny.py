@@ -211,7 +211,12 @@ def t5_tokenizer(directory: Path):
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
     pieces += [("\u2581" + w, -1.0) for w in WORDS + ANSWER_WORDS]
-    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    # (each piece once: a word that is one character, "a", is that character's piece already; a
+    # duplicate left an id no token has, which the vocabulary union refuses)
+    first = {}
+    for piece, score in pieces:
+        first.setdefault(piece, score)
+    tok = T5Tokenizer(vocab=list(first.items()), extra_ids=0)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(directory)
     return tok

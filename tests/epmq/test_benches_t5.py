@@ -355,3 +355,11 @@ def test_a_silent_bench_loads_its_model_without_transformers_bar(tiny, capsys):
     capsys.readouterr()
     build_bench(config, base_dir=root, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_tiny_t5_tokenizer_numbers_every_id(tmp_path):
+    """(A piece listed twice left id 47 to no token: a vocabulary union refused the tokenizer.)"""
+    from epmq.benches.tiny import t5_tokenizer
+
+    vocab = t5_tokenizer(tmp_path).get_vocab()
+    assert sorted(vocab.values()) == list(range(len(vocab)))
