@@ -250,6 +250,16 @@ def _fused_set(rel: str):
     return next((group for group in FUSED if rel.rpartition(".")[2] in group), None)
 
 
+# a routed expert's projection in a block, ``<experts>.<e>.<projection>`` (not a shared expert's):
+# vLLM and SGLang build a block's experts as one FusedMoE module named ``<experts>``, of one precision
+_ROUTED_EXPERT = re.compile(r"^(.*\bexperts)\.[^.]+\.")
+
+
+def _experts_of(rel: str):
+    match = _ROUTED_EXPERT.match(rel)
+    return match.group(1) if match else None
+
+
 def _disk_rel(disk: str, stack: str, i: int, rel: str) -> tuple:
     """``(block prefix, name in the block)`` of a linear's name on disk (renaming rules may
     change either part: Mixtral's ``block_sparse_moe``)."""
@@ -265,13 +275,15 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     the quantized blocks was left in full precision (``quantize_model(layers=...)``): without
     them vLLM, SGLang, GPTQModel and transformers build every linear of every block as a GPTQ
     layer, and then refuse the checkpoint, crash, or serve garbage. Returns ``(fields, split)``,
-    ``split`` the linears left in full precision beside quantized ones vLLM loads fused with them."""
+    ``split`` the linears left in full precision beside quantized ones vLLM loads fused with them,
+    and routed experts of one block of which some are quantized and some not (``"<experts> (MoE)"``)."""
     try:
         towers = find_towers(model)
     except (ValueError, TypeError):  # (no registered adapter walks it: nothing is known of its blocks)
         return {}, []
     quantized = {id(m) for m in layers.values()}
     found = []  # (disk prefix, disk rel, block index, quantized) of the linears in the stacks holding quantized ones
+    routing = set()  # those of them that are routers (JetMoE's sits among its experts: not an expert)
     for adapter, stacks in towers:
         for prefix, blocks in stacks:
             if not any(id(m) in quantized for block in blocks for m in block.modules()):
@@ -280,10 +292,13 @@ def _partial_fields(model, layers, to_disk) -> tuple:
                 # the adapter's linears left in full precision and the packed layers in their place
                 candidates = {**adapter.linears(block), **{rel: m for rel, m in block.named_modules()
                                                            if id(m) in quantized}}
+                routers = set(adapter.routers(block))
                 for rel, m in candidates.items():
                     key = f"{prefix}.{i}.{rel}.{'qweight' if isinstance(m, QuantLinear) else 'weight'}"
                     disk = to_disk.get(key, key).rpartition(".")[0]
                     found.append((*_disk_rel(disk, prefix, i, rel), i, id(m) in quantized))
+                    if rel in routers:
+                        routing.add(found[-1][:3])
     if all(q for *_, q in found):
         return {}, []
     rels = list(dict.fromkeys(rel for _, rel, _, q in found if q))
@@ -308,6 +323,21 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     whole = {key for key, qs in by_block.items() if not any(qs)}
     for stack, i in sorted(whole):
         rules.append(rf"{re.escape(stack)}\.{i}\.")
+    # vLLM and SGLang choose a block's experts' precision by the FusedMoE module's name alone
+    # (``<experts>``), which the rules per projection below do not match: experts left in full
+    # precision need a rule of their own, or the engines build them quantized and fail to load them
+    experts = {}
+    for stack, rel, i, q in found:
+        if _experts_of(rel) is not None and (stack, rel, i) not in routing:
+            experts.setdefault((stack, _experts_of(rel)), {}).setdefault(i, set()).add(q)
+    mixed = []
+    for (stack, module), blocks in experts.items():
+        left = [i for i, qs in blocks.items() if qs == {False} and (stack, i) not in whole]
+        mixed += [f"{stack}.{i}.{module} (MoE)" for i, qs in blocks.items() if len(qs) > 1]
+        if left and len(left) == len(blocks):
+            rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(module)}$")
+        else:
+            rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(module)}$" for i in left]
     for (stack, rel), entries in by_rel.items():
         left = [i for i, q in entries if not q and (stack, i) not in whole]
         if not left:
@@ -316,7 +346,8 @@ def _partial_fields(model, layers, to_disk) -> tuple:
             rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(rel)}$")
         else:
             rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(rel)}$" for i in left]
-    return {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}, _fused_splits(found)
+    fields = {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}
+    return fields, _fused_splits(found) + mixed
 
 
 def _fused_splits(found) -> list:
@@ -349,6 +380,8 @@ def _serving_warnings(layers, qconfig, split) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
     ``_partial_fields`` returns it."""
+    moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
+    split = [name for name in split if not name.endswith(" (MoE)")]
     if split:
         warnings.warn(
             f"{len(split)} linears (first: {split[0]}) are left unquantized while others that vLLM and "
@@ -356,6 +389,12 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"quantized: "
             f"vLLM refuses the checkpoint ('Detected some but not all shards ... are quantized'). "
             f"Quantize all of q/k/v (and gate/up) or none of them (quantize_model(layers=...))")
+    if moe:
+        warnings.warn(
+            f"{len(moe)} blocks' routed experts (first: {moe[0]}) are quantized in part (some experts or "
+            f"projections left in full precision): vLLM and SGLang build a block's experts as one FusedMoE "
+            f"module of one precision and cannot load the others. Quantize all of a block's experts or none "
+            f"of them (quantize_model(layers=...))")
     if qconfig["desc_act"]:
         warnings.warn(
             "act-order without static groups (permuted g_idx, desc_act: true): vLLM >= 0.34 refuses "

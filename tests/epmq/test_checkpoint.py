@@ -1338,6 +1338,61 @@ def test_a_block_left_whole_gets_one_rule(tmp_path, recwarn):
     assert not recwarn.list
 
 
+def _vllm_builds_unquantized(rules, prefix):
+    """vLLM's choice for a module (``get_dynamic_override``): a negative rule matching its name."""
+    import re
+
+    return any(re.match(r.removeprefix("-:"), prefix) for r in rules if r.startswith("-:"))
+
+
+@pytest.mark.parametrize("layers", [r"self_attn", r"layers\.1\.mlp\.experts\.|self_attn"])
+def test_moe_experts_left_in_full_precision_are_named_as_vllm_builds_them(layers, tmp_path, recwarn):
+    """vLLM and SGLang build a block's routed experts as one FusedMoE module, ``<...>.mlp.experts``,
+    and choose its precision by that name alone: experts left in full precision need a rule that
+    matches it (rules per expert projection were not, so vLLM built GPTQ experts and could not load
+    the full-precision ones)."""
+    model = build("qwen3_moe")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers=layers,
+                        progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        rules = list(q["dynamic"])
+        assert _vllm_builds_unquantized(rules, "model.layers.0.mlp.experts")
+        assert _vllm_builds_unquantized(rules, "model.layers.1.mlp.experts") == (layers == "self_attn")
+        assert not _vllm_builds_unquantized(rules, "model.layers.0.self_attn.qkv_proj")
+    assert not [w for w in recwarn if "FusedMoE" in str(w.message)]
+    x = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layers", [r"experts\.0\.", r"down_proj"])
+def test_moe_experts_of_mixed_precision_in_one_block_are_warned_of(layers, tmp_path):
+    """Some of a block's routed experts (or projections) quantized and others not: vLLM builds all
+    of them as one FusedMoE of one precision and cannot load the others; save_quantized says so."""
+    model = build("qwen3_moe")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers=layers,
+                        progress=False)
+    with pytest.warns(UserWarning, match="FusedMoE") as record:
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "FusedMoE" in str(w.message)]
+    assert len(said) == 1 and "model.layers.0.mlp.experts" in said[0]
+
+
+def test_a_router_among_the_experts_is_not_an_expert_left_in_full_precision(tmp_path, recwarn):
+    """JetMoE's router sits inside its experts module (``experts.router.layer``) and stays in full
+    precision: the experts are not quantized in part, and no rule builds them unquantized."""
+    from test_walker_models import WIDER
+
+    torch.manual_seed(0)
+    model = WIDER["jetmoe"][0]().eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    assert any(".experts.router." in name for name in model.epmq_report.routers)
+    epmq.save_quantized(model, tmp_path / "q")
+    assert not [w for w in recwarn if "FusedMoE" in str(w.message)]
+    rules = list(_qconfigs(tmp_path / "q")[0]["dynamic"])
+    assert not _vllm_builds_unquantized(rules, "model.layers.0.self_attention.experts")
+
+
 def test_act_order_without_static_groups_warns_of_vllm(tmp_path):
     fam = Family("llama", torch.Generator().manual_seed(0), n_samples=1)
     for static in (False, True):
