@@ -1330,6 +1330,24 @@ class _Walk:
                     raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
+            self._check_expert_count(source)
+
+    def _check_expert_count(self, source) -> None:
+        """Refuse an expert of more routed experts per block than the model (another
+        configuration): held one tensor per expert, as checkpoints hold them, it has every tensor
+        the walk reads, and the extra ones would be ignored (fused, its shape says so already)."""
+        for part in self.renames.values():
+            if not isinstance(part, Part) or part.index != 0:
+                continue
+            experts = part.fused.rpartition(".")[0] + "."  # (``<experts>.``: a part is ``<experts>.<e>.<rest>``)
+            if not str(part).startswith(f"{experts}0."):
+                continue
+            count = part.fused_shape[0]
+            past = f"{experts}{count}.{str(part)[len(experts) + 2:]}"
+            if source.key_for(part) is not None and source.key_for(past) is not None:
+                raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more routed experts "
+                                 f"at {experts[:-1]!r} than the merged model's {count} (it holds {past!r}): it must "
+                                 f"be a checkpoint of the merged model's architecture")
 
     def _warn_of_other_shapes_outside(self, source) -> None:
         """Warn where the expert's tensors outside the blocks have other shapes than the merged

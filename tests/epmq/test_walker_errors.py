@@ -132,6 +132,37 @@ def test_method_arguments(gen):
         quantize(fam, model, method="rtn", experts=None, calibration=None)
 
 
+def test_an_expert_of_more_routed_experts_is_refused(tmp_path):
+    """An MoE expert checkpoint of more routed experts per block than the merged model (saved one
+    tensor per expert, as save_pretrained and the hub hold them) has every tensor the walk reads:
+    refused as another configuration, as it is in memory (its fused tensors' shapes differ)."""
+    def qwen3_moe(num_experts):
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_experts=num_experts, num_experts_per_tok=2,
+            moe_intermediate_size=16)).eval()
+
+    qwen3_moe(8).save_pretrained(tmp_path / "eight")
+    qwen3_moe(4).save_pretrained(tmp_path / "four")
+    calibration = {"a": [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))]}
+    for expert in (tmp_path / "eight", qwen3_moe(8).state_dict()):
+        model = qwen3_moe(4)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"more routed experts|has shape \(8,"):
+            epmq.quantize_model(model, SPEC, method="epmq", calibration=calibration, experts={"a": expert},
+                                progress=False)
+        assert_untouched(model, before)
+    with pytest.raises(ValueError, match=r"has more routed experts at 'model.layers.0.mlp.experts' than the merged "
+                                         r"model's 4 \(it holds 'model.layers.0.mlp.experts.4.gate_proj.weight'\)"):
+        epmq.quantize_model(qwen3_moe(4), SPEC, method="epmq", calibration=calibration,
+                            experts={"a": tmp_path / "eight"}, progress=False)
+    model = qwen3_moe(4)  # (an expert of the model's own count is taken)
+    epmq.quantize_model(model, SPEC, method="epmq", calibration=calibration, experts={"a": tmp_path / "four"},
+                        progress=False)
+    assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_a_layer_the_models_own_loading_ignores_is_no_extra_block(tmp_path):
     """DeepSeek-V3 and GLM-4.5 save a multi-token prediction layer as the layer after the last,
     which transformers ignores on load (``_keys_to_ignore_on_load_unexpected``): their own
