@@ -1307,6 +1307,11 @@ class _Walk:
             mapped = self._vocabulary_names if source.rows is not None else ()
             for key, shape in needed.items():
                 if self._fused_in(source, key):
+                    if source.key_for(key.fused) is None:  # (named as a checkpoint of one tensor per
+                        # expert names it: an expert missing there, not the fused tensor it never held)
+                        raise ValueError(f"the expert of task {source.task!r} ({source.description}) has no tensor "
+                                         f"{str(key)!r}, nor {key.fused!r} holding it: it must be a checkpoint "
+                                         f"of the merged model's architecture")
                     key, shape = key.fused, key.fused_shape
                 if key in mapped:  # (its own rows, laid out by its row map as it is read)
                     shape = (source.shape(key)[0], *shape[1:])

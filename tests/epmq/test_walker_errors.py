@@ -135,7 +135,8 @@ def test_method_arguments(gen):
 def test_an_expert_of_more_routed_experts_is_refused(tmp_path):
     """An MoE expert checkpoint of more routed experts per block than the merged model (saved one
     tensor per expert, as save_pretrained and the hub hold them) has every tensor the walk reads:
-    refused as another configuration, as it is in memory (its fused tensors' shapes differ)."""
+    refused as another configuration, as it is in memory (its fused tensors' shapes differ). One
+    of fewer is refused naming the expert's tensor it lacks."""
     def qwen3_moe(num_experts):
         torch.manual_seed(0)
         return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
@@ -157,6 +158,17 @@ def test_an_expert_of_more_routed_experts_is_refused(tmp_path):
                                          r"model's 4 \(it holds 'model.layers.0.mlp.experts.4.gate_proj.weight'\)"):
         epmq.quantize_model(qwen3_moe(4), SPEC, method="epmq", calibration=calibration,
                             experts={"a": tmp_path / "eight"}, progress=False)
+    # one expert's tensors missing: named, not the fused tensor such a checkpoint never holds
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "three").mkdir()
+    save_file({k: v for k, v in load_file(tmp_path / "four" / "model.safetensors").items() if ".experts.3." not in k},
+              tmp_path / "three" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "three" / "config.json").write_text((tmp_path / "four" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"has no tensor 'model.layers.0.mlp.experts.3.gate_proj.weight', nor "
+                                         r"'model.layers.0.mlp.experts.gate_up_proj' holding it"):
+        epmq.quantize_model(qwen3_moe(4), SPEC, method="epmq", calibration=calibration,
+                            experts={"a": tmp_path / "three"}, progress=False)
     model = qwen3_moe(4)  # (an expert of the model's own count is taken)
     epmq.quantize_model(model, SPEC, method="epmq", calibration=calibration, experts={"a": tmp_path / "four"},
                         progress=False)
