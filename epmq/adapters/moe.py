@@ -423,9 +423,14 @@ class MoEAdapter(Adapter):
         return rebuild_experts(self, model, swap)
 
     def stage(self, block: nn.Module, rel: str):
-        """Experts' projections: ``"<experts>.in"`` for gate and up, ``"<experts>.out"`` for down."""
+        """Experts' projections: ``"<experts>.in"`` for gate and up, ``"<experts>.out"`` for down;
+        JetMoE's (``SplitLinears``) by the module holding them, ``"<input_linear>"`` and
+        ``"<output_linear>"``: its names say nothing of experts, so an expert no token reached in
+        the probes would otherwise be a linear never called, left in full precision."""
         parent, _, projection = rel.rpartition(".")
         expert = block.get_submodule(parent) if parent else None
+        if isinstance(expert, SplitLinears):
+            return parent
         if not isinstance(expert, _Expert):
             return None
         experts = parent.rpartition(".")[0]

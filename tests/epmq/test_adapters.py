@@ -796,6 +796,34 @@ def test_jetmoe_parallel_experts_as_linears(gen):
     assert not called
 
 
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_jetmoe_experts_no_token_reaches_are_rounded_to_nearest(method, gen):
+    """JetMoE's experts (one ``[E, out, in]`` weight, as ``SplitLinears``) are a stage as fused
+    experts are: one no calibration token reaches is rounded to nearest and reported, in the MLP
+    (``mlp.input_linear.3``, whose name says nothing of experts: it stayed in full precision, as a
+    linear never called) as in the attention's experts."""
+    from epmq import quant
+    from test_walker_models import WIDER, perturb
+
+    torch.manual_seed(0)
+    model = WIDER["jetmoe"][0]().eval()
+    for layer in model.model.layers:  # (expert 3 never chosen, in the MLP and in the attention)
+        for router in (layer.mlp.router.layer, layer.self_attention.experts.router.layer):
+            router.bias = nn.Parameter(torch.tensor([0.0, 0.0, 0.0, -1e4]))
+    W = model.model.layers[0].mlp.input_linear.weight[3].detach().clone()
+    experts = {"a": perturb(model, gen)} if method == "epmq" else None
+    calibration = {"a": [torch.randint(1, 64, (2, 8), generator=gen) for _ in range(2)]}
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method=method, calibration=calibration,
+                        experts=experts, backend="torch", progress=False)
+    report = model.epmq_report
+    assert not report.skipped
+    assert set(report.unreached) == {f"model.layers.{i}.{m}.{p}.3" for i in (0, 1)
+                                     for m in ("mlp", "self_attention.experts") for p in ("input_linear", "output_linear")}
+    layer = model.get_submodule("model.layers.0.mlp.input_linear.3")
+    rtn = epmq.QuantLinear.from_result(quant.rtn(W, epmq.QuantSpec(bits=4, group_size=16)), None)
+    torch.testing.assert_close(layer.dequantize(), rtn.dequantize(), rtol=0, atol=0)
+
+
 class SameLinear(nn.Linear):
     """Its own forward, a linear layer's math (as Falcon's ``FalconLinear``)."""
 
