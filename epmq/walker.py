@@ -637,7 +637,8 @@ STATISTICS_RULES = ("padding cut (unpad); open_clip text tokens up to the end to
                     "probes of each task saw; tasks with zero inputs left out; a one-block stack "
                     "called again in a chain solved on every call; experts of a list no token "
                     "reaches rounded with their called twin; LoRA experts' merged-path targets "
-                    "W_0 + U V unrounded; JetMoE's experts a stage of their module")
+                    "W_0 + U V unrounded; JetMoE's experts a stage of their module; routed slots of "
+                    "weight zero no expert's tokens")
 
 
 def _versions() -> dict:

@@ -151,6 +151,11 @@ class LinearExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)
+            # A slot of weight zero adds nothing to the output, and its token is not the expert's:
+            # LongCat-Flash hands the tokens of its zero-computation experts to real experts so,
+            # several slots to one expert at times. Left out, each expert is called on the tokens
+            # routed to it with a weight, each once, and its statistics count those alone.
+            mask = mask * top_k_weights.ne(0).T
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         for e in hit[:, 0].tolist():
             if e == n:

@@ -824,6 +824,47 @@ def test_jetmoe_experts_no_token_reaches_are_rounded_to_nearest(method, gen):
     torch.testing.assert_close(layer.dequantize(), rtn.dequantize(), rtol=0, atol=0)
 
 
+def test_a_slot_of_weight_zero_is_not_a_token_of_the_expert(gen):
+    """LongCat-Flash sends the tokens its router gives to zero-computation experts to real experts,
+    with weight zero (they add nothing): those are not the expert's tokens, so its statistics
+    count only the tokens routed to it with a weight, each once (they were counted, once per such
+    slot, several times over). The model's outputs are the fused experts' still."""
+    from test_walker_models import WIDER
+
+    torch.manual_seed(0)
+    model = WIDER["longcatflash"][0]().eval()
+    fused = model.model.layers[0].mlp.experts
+    routed = {}  # expert -> tokens the router gives it with a weight, in plain forwards
+
+    def count(module, args):
+        _, index, weights = args
+        for e in range(module.num_experts):
+            routed[e] = routed.get(e, 0) + int(((index == e) & (weights != 0)).any(-1).sum())
+
+    handle = fused.register_forward_pre_hook(count)
+    calibration = {"a": [torch.randint(1, 64, (2, 16), generator=gen) for _ in range(2)]}
+    with torch.no_grad():
+        [model(x) for x in calibration["a"]]
+    handle.remove()
+    assert 0 < sum(routed.values()) < 2 * 16 * 2  # (zero-weight slots are there to leave out)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration=calibration,
+                        true_sequential=False, backend="torch", progress=False)
+    tokens = {layer["name"]: layer["n_tokens"] for layer in model.epmq_report.layers}
+    assert [tokens.get(f"model.layers.0.mlp.experts.{e}.gate_proj", 0) for e in range(4)] == \
+        [routed[e] for e in range(4)]
+    # the rebuilt experts' call: the fused module's output (to float32 rounding: products of other
+    # shapes), with slots of weight zero
+    rebuilt = epmq.adapters.moe.LinearExperts(fused)
+    x, index = torch.randn(5, 32, generator=gen), torch.tensor([[0, 1], [1, 2], [2, 3], [3, 1], [0, 2]])
+    weights = torch.rand(5, 2, generator=gen)
+    weights[1, 0] = weights[3, 1] = 0.0  # (expert 1's slots of tokens 1 and 3)
+    seen = []
+    rebuilt[1].gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, index, weights), fused(x, index, weights), rtol=1e-5, atol=1e-6)
+    assert torch.equal(seen[0], x[[0]])
+
+
 class SameLinear(nn.Linear):
     """Its own forward, a linear layer's math (as Falcon's ``FalconLinear``)."""
 
