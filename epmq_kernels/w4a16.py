@@ -1147,9 +1147,24 @@ def _row_groups(K, group_size, g_idx, device):
     return torch.arange(K, device=device) // group_size
 
 
+def _check_weights(qweight, scales, zeros, group_size, g_idx):
+    """The weight checks of :func:`w4a16_matmul` for the reference (which takes any activation
+    dtype and a g_idx of any strides): ``K``. Unchecked, it read float zero points truncated, an
+    int64 word's low eight codes only, or the first groups of scales made for smaller groups."""
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+        shape = tuple(qweight.shape) if isinstance(qweight, torch.Tensor) else type(qweight).__name__
+        raise ValueError(f"qweight must be an int32 tensor [K // 8, N], got {shape}")
+    K = qweight.shape[0] * 8
+    x = torch.empty((0, K), dtype=torch.float32, device=qweight.device)
+    if isinstance(g_idx, torch.Tensor):
+        g_idx = g_idx.contiguous()  # (only the kernels need it so)
+    return _check_arguments(x, qweight, scales, zeros, group_size, g_idx)[0]
+
+
 def dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx=None, dtype=torch.float64):
     """The dense weight ``W [K, N] = (q - z[g(k)]) * s[g(k)]`` in ``dtype`` (reference only:
-    the kernels never build it)."""
+    the kernels never build it). Its arguments are checked as :func:`w4a16_matmul`'s are."""
+    _check_weights(qweight, scales, zeros, group_size, g_idx)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
     q = ((qweight.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(K, N)
@@ -1164,6 +1179,12 @@ def w4a16_matmul_reference(x, qweight, scales, zeros, group_size, g_idx=None, *,
                            dtype=torch.float64):
     """``x @ W`` with W dequantized in ``dtype`` (float64 by default) and x converted to it:
     the ground truth the kernels are tested against. Returns ``dtype``, shape ``[..., N]``."""
+    K = _check_weights(qweight, scales, zeros, group_size, g_idx)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be [..., K] with K = {K} (qweight [K // 8, N] = "
+                         f"{tuple(qweight.shape)}), got {shape}: the last dim of x and the "
+                         f"weight do not match")
     W = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx, dtype)
     return (x.to(dtype).reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[1])
 

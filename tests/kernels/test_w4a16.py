@@ -1038,6 +1038,40 @@ def test_bad_arguments_raise(gen):
         w4a16_matmul(x, qweight, scales, zeros, 32, out=torch.empty(2, 41), backend="triton")
 
 
+def test_reference_refuses_what_the_matmul_refuses(gen):
+    """The exported reference and dequantizer (the ground truth users check their weights
+    against) refuse the weights ``w4a16_matmul`` refuses, instead of a plausible wrong answer:
+    zero points truncated, groups of another size read, an int64 word's high codes dropped."""
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 16)
+    x = torch.randn(2, 64, generator=gen)
+    cases = [
+        (dict(zeros=zeros.float() + 0.5), "integer"),
+        (dict(qweight=qweight.long()), "qweight must be int32"),
+        (dict(qweight=qweight.view(-1)), "qweight must be"),
+        (dict(group_size=32), r"scales must be \[G, N\]"),  # (scales of 4 groups: 2 read)
+        (dict(group_size=-1), r"scales must be \[G, N\]"),
+        (dict(group_size=48), "not a multiple of group_size"),
+        (dict(group_size=True), "group_size must be an int"),
+        (dict(group_size=0), "group_size"),
+        (dict(scales=(scales * 1e3).int()), "scales must be"),
+        (dict(g_idx=(torch.arange(64) // 16).float() + 0.5), "g_idx must be int32"),
+        (dict(g_idx=torch.arange(32) // 16), r"g_idx must be \[K\]"),
+    ]
+    for changes, message in cases:
+        args = dict(qweight=qweight, scales=scales, zeros=zeros, group_size=16, g_idx=None)
+        args.update(changes)
+        with pytest.raises(ValueError, match=message):
+            dequantize_int4_weight(**args)
+        with pytest.raises(ValueError, match=message):
+            w4a16_matmul_reference(x, **args)
+    with pytest.raises(ValueError, match="last dim of x"):
+        w4a16_matmul_reference(torch.randn(2, 72), qweight, scales, zeros, 16)
+    # what it takes beyond the kernels: float64 activations, a non-contiguous g_idx
+    static = torch.stack([torch.arange(64) // 16] * 2, 1)[:, 0]
+    y = w4a16_matmul_reference(x.double(), qweight, scales, zeros, 16, static)
+    assert torch.equal(y, w4a16_matmul_reference(x, qweight, scales, zeros, 16))
+
+
 # ----------------------------------------------------------------------------------------------
 # Autotune cache (no GPU needed: hits and EPMQ_AUTOTUNE=0 never time anything)
 # ----------------------------------------------------------------------------------------------
