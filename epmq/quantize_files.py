@@ -161,11 +161,6 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     modality = _modality(cls, encoder_decoder, tower)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
-    if calibration and modality == "pairs" and _config_json(directory).get("decoder_start_token_id") is None:
-        # (the decoder's inputs are the labels shifted right after it: transformers' _shift_right
-        # failed on its absence with a bare AttributeError)
-        raise ValueError(f"{directory / 'config.json'} has no decoder_start_token_id, the token the decoder's "
-                         f"inputs start with (T5's is its pad token, 0; BART's its </s>, 2): add it")
     directory = directory if preprocessor_dir is None else preprocessor_dir
     options = dict(samples=samples, batch_size=batch_size, seed=seed)
     if modality in ("texts", "pairs"):
@@ -326,6 +321,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     with loading_bars(progress):
         net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
+    _check_decoder_start(net, batches, directory)
     if tower == "language":
         layers = _within(net, net.get_decoder(), layers)
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
@@ -363,6 +359,26 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         shutil.rmtree(resume_dir, ignore_errors=True)
     return saved
+
+
+def _check_decoder_start(net, batches: Mapping[str, list], directory: Path) -> None:
+    """Name a missing ``decoder_start_token_id`` before the walk, where the model's decoder inputs
+    (its labels shifted right) need it: T5's _shift_right failed on its absence with a bare
+    AttributeError mid-walk. Asked of the model itself, not of config.json: BART's config class
+    supplies 2 where the file has none, and mBART's shift starts each row with its last token,
+    never reading it (config.json's null there is no defect)."""
+    if getattr(net.config, "decoder_start_token_id", None) is not None:
+        return
+    shift = getattr(net, "prepare_decoder_input_ids_from_labels", None)
+    labels = next((item["labels"] for items in batches.values() for item in items
+                   if isinstance(item, Mapping) and isinstance(item.get("labels"), torch.Tensor)), None)
+    if shift is None or labels is None:
+        return
+    try:
+        shift(labels=labels[:1])
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory / 'config.json'} has no decoder_start_token_id, the token the decoder's "
+                         f"inputs start with (T5's is its pad token, 0; BART's its </s>, 2): add it") from e
 
 
 def _check_token_ids(net, batches: Mapping[str, list], tokenizer) -> None:

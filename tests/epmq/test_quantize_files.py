@@ -775,6 +775,32 @@ def test_an_encoder_decoder_without_decoder_start_token_id_is_named(tmp_path):
                                  progress=False)
 
 
+@pytest.mark.parametrize("family", ["mbart", "bart"])
+def test_an_encoder_decoder_whose_shift_needs_no_decoder_start_token_id_in_its_file_is_taken(tmp_path, family):
+    """mBART's decoder inputs start with each row's last token (its config's null is no defect),
+    and BART's config class supplies 2 where config.json has none: both calibrated as before,
+    not refused for what config.json lacks."""
+    from epmq.benches.tiny import t5_tokenizer
+
+    t5_tokenizer(tmp_path / "m")
+    size = dict(vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if family == "mbart":
+        transformers.MBartForConditionalGeneration(transformers.MBartConfig(**size)).save_pretrained(tmp_path / "m")
+    else:
+        transformers.BartForConditionalGeneration(transformers.BartConfig(**size)).save_pretrained(tmp_path / "m")
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        config.pop("decoder_start_token_id")
+        (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert json.loads((tmp_path / "m" / "config.json").read_text()).get("decoder_start_token_id") is None
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"input": "a b", "target": "c"}) + "\n")
+    epmq.quantize_checkpoint(tmp_path / "m", tmp_path / "w4", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                             method="gptq", calibration={"t": tmp_path / "pairs.jsonl"}, samples=1, seq_len=32,
+                             progress=False)
+    assert (tmp_path / "w4" / "config.json").is_file()
+
+
 def test_a_t5_encoder_saved_with_is_encoder_decoder_reads_texts(tmp_path):
     """transformers 4 saved T5EncoderModel with its T5 config's "is_encoder_decoder": true (FLUX's
     and SD3's T5-XXL text encoders): the encoder was taken for an encoder-decoder, its texts
