@@ -422,7 +422,7 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
     linear on its own calibration data (the model loaded whole, one at a time); and the names
     of the weights stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
     from .checkpoint_io import renamed, saved_key_renaming
-    from .quantize_files import PREPROCESSOR_FILES, calibrated
+    from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, calibrated
     from .stats import gram_matrices
 
     # an adapter's model is its base's, with the expert's tensors (W_0 + s B A) put in
@@ -443,6 +443,7 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
         own = next((p for p in (path, home) if p in with_preprocessor), with_preprocessor[0])
         cls, _, batches = calibrated(home, {f"model {k}": files}, preprocessor_dir=own, **options)
         model = cls.from_pretrained(home, dtype=torch.float32).eval()
+        _check_decoder_start(model, batches, home)  # (named before its activations are collected)
         if device is not None:
             model.to(device)
         to_reference = {view.state.checkpoint_key(n): n for n in view}

@@ -473,6 +473,39 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     assert json.loads((out / RECIPE_FILE).read_text())["calibration"] == [str(t) for t in texts]
 
 
+def test_regmean_of_encoder_decoders_asks_the_model_for_its_decoder_start(tmp_path):
+    """RegMean on input/target pairs: mBART (its config's decoder_start_token_id null, which its
+    label shift never reads) is merged, not refused for what config.json says; a T5 without one,
+    whose shift needs it, is named before its activations are collected."""
+    from epmq.benches.tiny import t5_tokenizer
+
+    size = dict(vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"input": f"a b {w}", "target": w}) + "\n" for w in "cdef"))
+    for family in ("mbart", "t5"):
+        models = []
+        for k in range(2):
+            torch.manual_seed(k)
+            models.append(tmp_path / f"{family}{k}")
+            if family == "mbart":
+                model = transformers.MBartForConditionalGeneration(transformers.MBartConfig(**size))
+            else:
+                model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+                    vocab_size=128, d_model=8, d_kv=2, d_ff=16, num_layers=1, num_heads=4))
+            model.save_pretrained(models[-1])
+            t5_tokenizer(models[-1])
+        options = dict(calibration=[str(pairs)] * 2, params={"alpha": 0.9}, progress=False, samples=2,
+                       seq_len=16, batch_size=2)
+        if family == "mbart":
+            merge_checkpoints("regmean", models, tmp_path / "out", **options)
+            assert (tmp_path / "out" / "config.json").is_file()
+        else:
+            with pytest.raises(ValueError, match="config.json has no decoder_start_token_id"):
+                merge_checkpoints("regmean", models, tmp_path / "t5_out", **options)
+
+
 def test_regmean_without_a_tokenizer_says_where_to_put_one(checkpoints, tmp_path):
     """Experts saved without their tokenizer (and RegMean takes no base): the error says which
     files to copy, and where."""
