@@ -237,3 +237,19 @@ def test_the_tasks_classnames_replace_the_names_the_data_carries(tmp_path):
     assert names == ["annual crop", "forest"]
     with pytest.raises(BenchConfigError, match="3 classnames given, the data has 2"):
         open_image_sources("t", spec, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("text, shown, kind", [
+    ("model: m\nyes: 1\nfoo: 2\n", "'yes'", "bool"),        # YAML 1.1: unquoted yes/no/on/off
+    ("model: m\nsub: {1: x, bits: 4}\n", "'1'", "int"),
+    ("model: m\n2024-12-05: x\n", "'2024-12-05'", "timestamp"),
+])
+def test_a_key_yaml_reads_as_no_string_is_an_error(tmp_path, text, shown, kind):
+    """Every key epmq reads is a name: a bool or int key used to fail the unknown-key messages
+    (sorted among strings) with a bare TypeError."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(BenchConfigError, match=f"the key {shown} \\(line \\d\\) is not a name: YAML reads it "
+                                               f"as {kind}, not a string; quote it"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "q.yaml").write_text(text.replace(shown.strip("'") + ":", f"{shown}:"))
+    load_config(tmp_path / "q.yaml")  # quoted: a name

@@ -395,3 +395,12 @@ def test_threads_must_be_positive(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"}}))
     assert main(["run", str(path), "--threads", "0", "--quiet"]) == 2
     assert "--threads must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "merge", "quantize"])
+def test_a_key_yaml_reads_as_a_bool_is_an_error_not_a_traceback(tmp_path, capsys, command):
+    """`on:` or `yes:` unquoted is a bool key in YAML 1.1 (it used to end in a TypeError)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method: ties\nmodels: [a, b]\nmodel: m\non: 1\n")
+    assert main([command, str(path), str(tmp_path / "out")][:2 if command == "run" else 3] + ["--quiet"]) == 2
+    assert "the key 'on' (line 4) is not a name" in capsys.readouterr().err
