@@ -108,7 +108,15 @@ def load_config(path, expected: str = "a mapping with model, tasks, ... sections
             return node
 
     try:
-        data = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (a SafeLoader)
+        # (UTF-8 whatever the locale, as YAML is; a file saved in another encoding, or one that
+        # cannot be read, is named rather than ended in a traceback)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BenchConfigError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") from e
+    except OSError as e:
+        raise BenchConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise BenchConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -253,3 +253,12 @@ def test_a_key_yaml_reads_as_no_string_is_an_error(tmp_path, text, shown, kind):
         load_config(tmp_path / "c.yaml")
     (tmp_path / "q.yaml").write_text(text.replace(shown.strip("'") + ":", f"{shown}:"))
     load_config(tmp_path / "q.yaml")  # quoted: a name
+
+
+def test_a_config_not_in_utf8_is_an_error(tmp_path):
+    """A config saved as Latin-1 (an accent in a comment) used to end in a UnicodeDecodeError."""
+    (tmp_path / "c.yaml").write_bytes("model: m\n# café\n".encode("latin-1"))
+    with pytest.raises(BenchConfigError, match="c.yaml is not UTF-8 text \\(byte 14: .*\\): save it as UTF-8"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_bytes("model: m\n# café\n".encode("utf-8"))
+    assert load_config(tmp_path / "c.yaml") == {"model": "m"}
