@@ -88,6 +88,7 @@ def _demo(args) -> int:
 
     torch_threads(args.threads)
     out = Path(args.out)
+    check_out_dir(out)
     t0 = time.perf_counter()
     bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
     plan = default_plan(quick=args.quick)
@@ -333,6 +334,7 @@ def _run(args) -> int:
     out = Path(args.out or output.get("dir") or f"runs/{config_path.stem}")
     if not out.is_absolute() and args.out is None and output.get("dir"):
         out = config_path.parent / out
+    check_out_dir(out)
     t0 = time.perf_counter()
     try:
         bench = build_bench(config, base_dir=config_path.parent, progress=not args.quiet)
@@ -392,6 +394,17 @@ def torch_threads(n):
         import torch
 
         torch.set_num_threads(n)
+
+
+def check_out_dir(out: Path) -> None:
+    """A CLIError, before anything runs, where the output directory cannot be one: it, or the
+    nearest of its parents that exists, is a file (else the first result written ended the run,
+    after the base's evaluation or the demo's training, in a FileExistsError traceback)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise CLIError(f"output directory {out}: {path} is a file, not a directory")
+            return
 
 
 def _log(args):

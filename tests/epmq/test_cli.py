@@ -404,3 +404,24 @@ def test_a_key_yaml_reads_as_a_bool_is_an_error_not_a_traceback(tmp_path, capsys
     path.write_text("method: ties\nmodels: [a, b]\nmodel: m\non: 1\n")
     assert main([command, str(path), str(tmp_path / "out")][:2 if command == "run" else 3] + ["--quiet"]) == 2
     assert "the key 'on' (line 4) is not a name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, command):
+    """It used to end the run in a FileExistsError traceback at the first result written, after
+    the bench was built and the base evaluated (the demo: after its training)."""
+    import epmq.benches
+
+    def never(*args, **kwargs):
+        raise AssertionError("built a bench for an output directory that cannot be one")
+
+    monkeypatch.setattr(epmq.benches, "build_bench", never)
+    monkeypatch.setattr(epmq.demo, "prepare", never)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"}, "tasks": [{"name": "a", "expert": "e"}]}))
+    (tmp_path / "taken").write_text("someone's file")
+    for out in ("taken", "taken/sub"):
+        args = [command] + ([str(path)] if command == "run" else []) + ["--out", str(tmp_path / out), "--quiet"]
+        assert main(args) == 2
+        assert f"{tmp_path / 'taken'} is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "someone's file"
