@@ -93,8 +93,11 @@ def _demo(args) -> int:
     bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
     plan = default_plan(quick=args.quick)
     identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name}
-    results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
-                           log=_log(args), identity=identity)
+    try:
+        results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
+                               log=_log(args), identity=identity)
+    except pipeline.ResultsFileError as e:
+        raise CLIError(str(e)) from None
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 
@@ -347,6 +350,8 @@ def _run(args) -> int:
                                log=_log(args), identity=identity)
     except BenchConfigError as e:  # data problems found when a split is first read
         raise CLIError(f"{config_path}: {e}") from None
+    except pipeline.ResultsFileError as e:
+        raise CLIError(str(e)) from None
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 

@@ -211,6 +211,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+class ResultsFileError(ValueError):
+    """A ``results.json`` in the output directory that epmq did not write (a user's problem:
+    ``epmq run`` and ``epmq demo`` print it without a traceback)."""
+
+
 class Store:
     """``results.json``: one entry a step, each remembering the parameters it was run with."""
 
@@ -223,9 +228,12 @@ class Store:
         self.data = {"identity": identity, "steps": {}}
         if self.path.exists():
             old = read_json(self.path, strict=True)  # (an unreadable disk raises as itself)
-            if not isinstance(old, dict):  # (epmq writes it atomically: damaged by something else)
-                raise ValueError(f"{self.path} is not a results file epmq wrote (not a JSON object): move it "
-                                 f"away to start over; the checkpoints beside it are left as they are")
+            # (epmq writes it atomically: damaged by something else; a JSON object without epmq's
+            # steps, another tool's results.json, was written over as if it held no results)
+            if not isinstance(old, dict) or not isinstance(old.get("steps"), dict):
+                raise ResultsFileError(
+                    f"{self.path} is not a results file epmq wrote (not a JSON object with its steps): move "
+                    f"it away to start over; the checkpoints beside it are left as they are")
             if resume and old.get("identity") == identity:
                 self.data = old
             elif old.get("steps"):

@@ -425,3 +425,13 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, mo
         assert main(args) == 2
         assert f"{tmp_path / 'taken'} is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "someone's file"
+
+
+def test_run_into_a_directory_of_another_tools_results(tiny_config, tmp_path, capsys):
+    """Its results.json (a JSON object, without epmq's steps) used to be written over."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "results.json").write_text('{"results": {"acc": 0.9}}')
+    assert main(["run", str(tiny_config), "--out", str(out), "--quiet"]) == 2
+    assert "results.json is not a results file epmq wrote" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == '{"results": {"acc": 0.9}}'

@@ -139,13 +139,15 @@ def test_merge_entries_of_a_config():
 
 
 @pytest.mark.parametrize("fresh", [False, True])
-def test_a_damaged_results_file_is_refused_not_overwritten(calls_list, tmp_path, quiet, fresh):
-    """(It was read as no results: the run wrote over it and over the checkpoints it named.)"""
+@pytest.mark.parametrize("content", ['{"st', '{"results": {"acc": 0.9}}', '{"identity": {}, "steps": [1]}'])
+def test_a_damaged_results_file_is_refused_not_overwritten(calls_list, tmp_path, quiet, fresh, content):
+    """(It was read as no results: the run wrote over it and over the checkpoints it named. A
+    JSON object without epmq's steps, another tool's results.json, was written over too.)"""
     (tmp_path / "checkpoints" / "TA-w4-rtn-merged_path").mkdir(parents=True)
-    (tmp_path / "results.json").write_text('{"st')
-    with pytest.raises(ValueError, match="results.json is not a results file epmq wrote"):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(pipeline.ResultsFileError, match="results.json is not a results file epmq wrote"):
         pipeline.run(Bench(), plan(), tmp_path, resume=not fresh, log=quiet)
-    assert (tmp_path / "results.json").read_text() == '{"st'
+    assert (tmp_path / "results.json").read_text() == content
 
 
 @pytest.mark.parametrize("fresh", [False, True])
