@@ -278,7 +278,8 @@ def quantize_options(config: dict):
     if not isinstance(options.get("true_sequential", True), bool):
         raise ValueError(f"true_sequential must be true or false, got {options['true_sequential']!r}")
     for key in ("percdamp", "anchor", "weight_anchor"):
-        check_number(options.get(key, 0.0), key)
+        # (>= 0, as the solver checks them: said before the model loads, not at its first block)
+        check_number(options.get(key, 0.0), key, minimum=0.0)
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
                    dtype=options.get("dtype"), tower=options.get("tower"),
                    checkpoint_format=options.get("checkpoint_format", "auto"),

@@ -332,6 +332,10 @@ def test_weight_anchor_must_be_a_number():
     config = {"model": "m", "method": "epmq", "calibration": {"a": "a.txt"}, "experts": {"a": "e"}}
     with pytest.raises(ValueError, match="weight_anchor must be a finite number"):
         quantize_options(dict(config, weight_anchor=float("inf")))
+    # a negative one (and anchor, percdamp) is refused before the model loads, not at its first block
+    for key in ("anchor", "weight_anchor", "percdamp"):
+        with pytest.raises(ValueError, match=f"{key} must be >= 0, got -1"):
+            quantize_options(dict(config, **{key: -1}))
 
 
 @pytest.mark.parametrize("given, want", [
