@@ -439,3 +439,33 @@ def test_run_into_a_directory_of_another_tools_results(tiny_config, tmp_path, ca
     assert main(["run", str(tiny_config), "--out", str(out), "--quiet"]) == 2
     assert "results.json is not a results file epmq wrote" in capsys.readouterr().err
     assert (out / "results.json").read_text() == '{"results": {"acc": 0.9}}'
+
+
+def test_every_shipped_config_passes_the_checks_of_its_command(tmp_path, monkeypatch, capsys):
+    """Every YAML under configs/ (a new one included) through the command it is for, every check
+    made, up to the work itself (stubbed: no hub, no file it names is read)."""
+    import epmq.benches
+    import epmq.merge_checkpoint
+    import epmq.quantize_files
+    from epmq.benches import load_config, parse_config
+    from epmq.pipeline import Plan
+
+    reached = []
+    monkeypatch.setattr(epmq.benches, "build_bench", lambda config, **kw: reached.append(config) or 1 / 0)
+    monkeypatch.setattr(epmq.merge_checkpoint, "merge_checkpoints", lambda *a, **kw: reached.append(a) or 1 / 0)
+    monkeypatch.setattr(epmq.quantize_files, "quantize_checkpoint", lambda *a, **kw: reached.append(a) or 1 / 0)
+    root = Path(__file__).resolve().parents[2] / "configs"
+    paths = sorted(root.rglob("*.yaml"))
+    assert len(paths) >= 9
+    for path in paths:
+        command = path.name.split("-")[0] if path.parent.name == "files" else "run"
+        assert command in ("run", "merge", "quantize"), path
+        if command == "run":
+            config = load_config(path)
+            parse_config(config, base_dir=path.parent)
+            Plan.from_config(config.get("merge"), config.get("quantize"))
+        n = len(reached)
+        with pytest.raises(ZeroDivisionError):  # (the stub: every check before it passed)
+            main([command, str(path)] + (["--out", str(tmp_path / path.stem)] if command == "run"
+                                         else [str(tmp_path / path.stem)]) + ["--quiet"])
+        assert len(reached) == n + 1, (path, capsys.readouterr().err)
