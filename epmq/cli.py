@@ -363,6 +363,7 @@ def _run(args) -> int:
 def _bench(args) -> int:
     import torch
 
+    check_out_dir(Path(args.out))
     if not torch.cuda.is_available():
         raise CLIError("epmq bench times the GPU kernels and needs a CUDA GPU (none is visible)")
     root = Path(__file__).resolve().parents[1]

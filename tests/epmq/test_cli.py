@@ -410,7 +410,7 @@ def test_a_key_yaml_reads_as_a_bool_is_an_error_not_a_traceback(tmp_path, capsys
     assert "the key 'on' (line 4) is not a name" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["run", "demo"])
+@pytest.mark.parametrize("command", ["run", "demo", "bench"])
 def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, command):
     """It used to end the run in a FileExistsError traceback at the first result written, after
     the bench was built and the base evaluated (the demo: after its training)."""
@@ -425,7 +425,8 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, mo
     path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"}, "tasks": [{"name": "a", "expert": "e"}]}))
     (tmp_path / "taken").write_text("someone's file")
     for out in ("taken", "taken/sub"):
-        args = [command] + ([str(path)] if command == "run" else []) + ["--out", str(tmp_path / out), "--quiet"]
+        args = ([command] + ([str(path)] if command == "run" else []) + ["--out", str(tmp_path / out)]
+                + (["--quiet"] if command != "bench" else []))
         assert main(args) == 2
         assert f"{tmp_path / 'taken'} is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "someone's file"
