@@ -317,8 +317,6 @@ def _run(args) -> int:
     from .benches import BenchConfigError
 
     config_path = Path(args.config)
-    if not config_path.is_file():
-        raise CLIError(f"config file not found: {config_path}")
     try:
         config = load_config(config_path)
     except BenchConfigError as e:

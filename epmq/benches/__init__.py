@@ -80,6 +80,8 @@ def load_config(path, expected: str = "a mapping with model, tasks, ... sections
     import yaml
 
     path = Path(path)
+    if path.is_dir():  # (not "not found": it is there, as a directory)
+        raise BenchConfigError(f"{path} is a directory, not a config file: give the YAML file in it")
     if not path.is_file():
         raise BenchConfigError(f"config file not found: {path}")
     class Loader(yaml.SafeLoader):

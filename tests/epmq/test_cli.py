@@ -63,6 +63,11 @@ def test_demo_help_names_the_cache_directory_it_uses(capsys, monkeypatch, tmp_pa
 def test_run_missing_config(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    # a directory is there: not "not found"
+    for command in (["run", str(tmp_path)], ["merge", str(tmp_path), str(tmp_path / "o")],
+                    ["quantize", str(tmp_path), str(tmp_path / "o")]):
+        assert main(command) == 2
+        assert f"{tmp_path} is a directory, not a config file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
