@@ -89,6 +89,9 @@ def _demo(args) -> int:
     torch_threads(args.threads)
     out = Path(args.out)
     check_out_dir(out)
+    from .demo.train import default_cache_root
+
+    check_out_dir(Path(args.cache_dir) if args.cache_dir is not None else default_cache_root(), "cache directory")
     t0 = time.perf_counter()
     bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
     plan = default_plan(quick=args.quick)
@@ -401,14 +404,14 @@ def torch_threads(n):
         torch.set_num_threads(n)
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, what: str = "output directory") -> None:
     """A CLIError, before anything runs, where the output directory cannot be one: it, or the
     nearest of its parents that exists, is a file (else the first result written ended the run,
     after the base's evaluation or the demo's training, in a FileExistsError traceback)."""
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
-                raise CLIError(f"output directory {out}: {path} is a file, not a directory")
+                raise CLIError(f"{what} {out}: {path} is a file, not a directory")
             return
 
 

@@ -435,6 +435,11 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, mo
         assert main(args) == 2
         assert f"{tmp_path / 'taken'} is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "someone's file"
+    if command == "demo":  # the cache, given or by $EPMQ_CACHE_DIR (a NotADirectoryError traceback)
+        assert main(["demo", "--cache-dir", str(tmp_path / "taken"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path / "taken"))
+        assert main(["demo", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        assert capsys.readouterr().err.count(f"{tmp_path / 'taken'} is a file, not a directory") == 2
 
 
 def test_run_into_a_directory_of_another_tools_results(tiny_config, tmp_path, capsys):
