@@ -295,6 +295,8 @@ def _quantize(args) -> int:
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
     _check_paths(config, ("model", "lora_base"), args.config)
+    if not config["model"]:  # (`model:` left empty reads as null: a TypeError deep in the loading)
+        raise CLIError(f"{args.config}: model must be a path or HF hub id, got {config['model']!r}")
     torch_threads(args.threads)
     t0 = time.perf_counter()
     try:

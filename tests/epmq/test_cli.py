@@ -480,3 +480,12 @@ def test_every_shipped_config_passes_the_checks_of_its_command(tmp_path, monkeyp
             main([command, str(path)] + (["--out", str(tmp_path / path.stem)] if command == "run"
                                          else [str(tmp_path / path.stem)]) + ["--quiet"])
         assert len(reached) == n + 1, (path, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("value", ["", "''"])
+def test_quantize_with_model_left_empty(tmp_path, capsys, value):
+    """`model:` with no value is YAML's null (it ended in a TypeError traceback)."""
+    path = tmp_path / "q.yaml"
+    path.write_text(f"model: {value}\nmethod: rtn\n")
+    assert main(["quantize", str(path), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "model must be a path or HF hub id, got " in capsys.readouterr().err
