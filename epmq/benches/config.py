@@ -422,6 +422,8 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
         _check_keys(raw, TaskSpec.KEYS, where)
         if name in seen:
             raise BenchConfigError(f"task {name!r} is listed twice")
+        if name == "avg":  # (evaluate's {task: acc, ..., "avg": mean}: its accuracy became the mean)
+            raise BenchConfigError("a task may not be named 'avg': the mean of the tasks is reported under it")
         seen.add(name)
         if not raw.get("expert"):
             raise BenchConfigError(f"task {name!r} has no expert: the fine-tuned checkpoint (hub id or local path)")

@@ -262,3 +262,12 @@ def test_a_config_not_in_utf8_is_an_error(tmp_path):
         load_config(tmp_path / "c.yaml")
     (tmp_path / "c.yaml").write_bytes("model: m\n# café\n".encode("utf-8"))
     assert load_config(tmp_path / "c.yaml") == {"model": "m"}
+
+
+def test_a_task_named_avg_is_refused():
+    """The scores are {task: acc, ..., "avg": mean}: a task "avg" had its accuracy replaced by the
+    mean in results.json and the table."""
+    config = {"model": {"family": "hf_clip", "base": "b"}, "data": {"root": "d"},
+              "tasks": [{"name": "a", "expert": "e"}, {"name": "avg", "expert": "f"}]}
+    with pytest.raises(BenchConfigError, match="a task may not be named 'avg'"):
+        parse_config(config)
