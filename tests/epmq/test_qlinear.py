@@ -345,7 +345,8 @@ def test_load_state_dict_refuses_g_idx_outside_the_grid(gen, bad):
     state = layer.state_dict()
     state["g_idx"] = state["g_idx"].clone()
     state["g_idx"][5] = bad
-    with pytest.raises(RuntimeError, match=rf"g_idx holds groups in \[{min(bad, 0)}, {max(bad, 7)}\], outside the 8 groups"):
+    groups = rf"g_idx holds groups in \[{min(bad, 0)}, {max(bad, 7)}\], outside the 8 groups"
+    with pytest.raises(RuntimeError, match=groups):
         epmq.QuantLinear(256, 256, bits=4, group_size=32, bias=False).load_state_dict(state)
 
 
