@@ -211,6 +211,9 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+REPORT_FILES = ("table.md", "accuracy.png", "accuracy_per_task.png")  # what report() writes
+
+
 class ResultsFileError(ValueError):
     """A ``results.json`` in the output directory that epmq did not write (a user's problem:
     ``epmq run`` and ``epmq demo`` print it without a traceback)."""
@@ -226,6 +229,11 @@ class Store:
         identity = json.loads(json.dumps(identity, default=str))  # (as it reads back)
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
+        theirs = [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+        if theirs and not self.path.exists():  # (report() writes them beside a results.json: not a run's)
+            raise ResultsFileError(f"{out_dir} holds {', '.join(theirs)} but no results.json: not a directory epmq "
+                                   f"run writes into, and the report would replace them; give another output "
+                                   f"directory or move them")
         if self.path.exists():
             old = read_json(self.path, strict=True)  # (an unreadable disk raises as itself)
             # (epmq writes it atomically: damaged by something else; a JSON object without epmq's
@@ -643,9 +651,10 @@ def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
         text += "\n\nE-PMQ anchor ablation (chosen on validation):\n" + format_ablation(ablation)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    plot(results, plan, out / "accuracy.png")
-    plot_per_task(results, plan, tasks, out / "accuracy_per_task.png")
+    table, accuracy, per_task = (out / name for name in REPORT_FILES)
+    table.write_text(text + "\n")
+    plot(results, plan, accuracy)
+    plot_per_task(results, plan, tasks, per_task)
     return text
 
 

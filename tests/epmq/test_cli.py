@@ -489,3 +489,11 @@ def test_quantize_with_model_left_empty(tmp_path, capsys, value):
     path.write_text(f"model: {value}\nmethod: rtn\n")
     assert main(["quantize", str(path), str(tmp_path / "out"), "--quiet"]) == 2
     assert "model must be a path or HF hub id, got " in capsys.readouterr().err
+
+
+def test_python_dash_m_epmq_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "epmq", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: epmq" in done.stdout

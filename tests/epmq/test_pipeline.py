@@ -138,6 +138,13 @@ def test_merge_entries_of_a_config():
         Plan.from_config([{"method": "ties", "scales": [0.1, 0.5], "scale": 0.3}], None)
 
 
+def test_a_users_table_without_results_is_not_overwritten(calls_list, tmp_path, quiet):
+    (tmp_path / "table.md").write_text("mine")
+    with pytest.raises(ValueError, match="holds table.md but no results.json"):
+        pipeline.run(Bench(), plan(), tmp_path, log=quiet)
+    assert (tmp_path / "table.md").read_text() == "mine"
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("content", ['{"st', '{"results": {"acc": 0.9}}', '{"identity": {}, "steps": [1]}'])
 def test_a_damaged_results_file_is_refused_not_overwritten(calls_list, tmp_path, quiet, fresh, content):
