@@ -101,6 +101,8 @@ def _demo(args) -> int:
                                log=_log(args), identity=identity)
     except pipeline.ResultsFileError as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # (a disk that fills up, a directory not writable: as merge and quantize say them)
+        raise CLIError(f"{type(e).__name__}: {e}") from e
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 
@@ -356,6 +358,8 @@ def _run(args) -> int:
         raise CLIError(f"{config_path}: {e}") from None
     except pipeline.ResultsFileError as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # (a disk that fills up, a directory not writable: as merge and quantize say them)
+        raise CLIError(f"{type(e).__name__}: {e}") from e
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 

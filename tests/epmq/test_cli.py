@@ -169,6 +169,15 @@ def test_run_resumes_after_interruption(tiny_config, tmp_path, capsys, monkeypat
     assert "quant/TA/w4/RTN" in json.loads((out / "results.json").read_text())["steps"]
 
 
+def test_run_stopped_by_the_disk_is_one_error_line(tiny_config, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(epmq, "quantize_model", full)
+    assert main(["run", str(tiny_config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "OSError: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
 def test_resumed_cells_follow_what_they_depend_on(tiny_config, tmp_path, capsys, monkeypatch):
     """A merge's parameters, the checkpoint a chosen cell must deliver, and the files of a
     task's data are part of what a cell was computed from; the config's own path is not."""
