@@ -214,7 +214,9 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
     else:
         tokenizer = _copy(reference)
         known = set(vocabs[keys[0]])
-        regular, added = [], {}
+        # the reference's added tokens come first (as mergekit: the first definition of a token wins)
+        own = {a.content: a for i, a in reference.added_tokens_decoder.items() if i < rows[keys[0]]}
+        regular, added, conflicting = [], {}, []
         for k in keys[1:]:
             tok = tokenizers[k]
             if tok is None:
@@ -226,7 +228,13 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
                     known.add(token)
                     regular.append(token)
             for i in sorted(decoder):
+                first = own.get(decoder[i].content) or added.get(decoder[i].content)
+                if first is not None and first != decoder[i] and decoder[i].content not in conflicting:
+                    conflicting.append(decoder[i].content)  # (special / normalized / strip flags differ)
                 added.setdefault(decoder[i].content, decoder[i])
+        if conflicting:
+            warnings.warn(f"tokens added with different settings in different models (e.g. "
+                          f"{[own.get(t) or added[t] for t in conflicting[:3]]}): each takes its first definition")
         regular = [t for t in regular if t not in added]
         if regular:
             tokenizer.add_tokens(regular)

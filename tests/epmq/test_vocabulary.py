@@ -537,3 +537,16 @@ def test_bart_final_logits_bias_is_laid_out_by_token(tmp_path):
         of = {k: value.get(k, default) for k in paths}
         expected = of["base"] + (of["chat"] - of["base"]) + (of["plain"] - of["base"])
         assert torch.allclose(merged.final_logits_bias[0, i], expected, atol=1e-6), token
+
+
+def test_union_warns_of_a_token_added_with_different_settings(tmp_path):
+    """One token added as special by one expert and as ordinary text by another: the union
+    takes the first definition, and says so (mergekit warns too) rather than silently."""
+    base = word_level_tokenizer(tmp_path / "b", WORDS)
+    a = word_level_tokenizer(tmp_path / "a", WORDS, [("<x>", True)])
+    b = word_level_tokenizer(tmp_path / "c", WORDS, [("<x>", False)])
+    with pytest.warns(UserWarning, match="different settings.*<x>"):
+        vocabulary = build_vocabulary("union", {"base": base, 0: a, 1: b}, {"base": 24, 0: 25, 1: 25}, base="base")
+    special = {t.content: t.special for t in vocabulary.tokenizer.added_tokens_decoder.values()}
+    assert special["<x>"] is True
+
