@@ -238,7 +238,9 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
         regular = [t for t in regular if t not in added]
         if regular:
             tokenizer.add_tokens(regular)
-        new = [a for content, a in added.items() if content not in tokenizer.get_vocab()]
+        # an added token the reference has only in its model vocabulary is added too (at the id it has
+        # there): else the written tokenizer splits it as ordinary text, never reaching its row
+        new = [a for content, a in added.items() if content not in own]
         for a in new:  # (one at a time, in order: each gets the next id)
             tokenizer.add_tokens(a)
     for token in tokens or {}:  # (as mergekit: a token named there is in the output)

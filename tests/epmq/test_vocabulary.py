@@ -550,3 +550,15 @@ def test_union_warns_of_a_token_added_with_different_settings(tmp_path):
     special = {t.content: t.special for t in vocabulary.tokenizer.added_tokens_decoder.values()}
     assert special["<x>"] is True
 
+
+def test_union_keeps_an_added_token_the_base_has_as_ordinary_vocabulary(tmp_path):
+    """An expert's added token that the base has only in its model vocabulary (split apart by
+    its pre-tokenizer): the written tokenizer encodes it to its one row, as the expert did."""
+    words = WORDS[:3] + ["<y>"] + WORDS[4:]
+    base = word_level_tokenizer(tmp_path / "b", words)
+    chat = word_level_tokenizer(tmp_path / "c", WORDS, [("<y>", True)])
+    assert base.encode("<y>", add_special_tokens=False) != [3]  # (the base splits it)
+    vocabulary = build_vocabulary("union", {"base": base, 0: chat}, {"base": 24, 0: 25}, base="base")
+    vocab = vocabulary.tokenizer.get_vocab()
+    assert vocabulary.tokenizer.encode("w1 <y>", add_special_tokens=False) == [1, vocab["<y>"]] == [1, 3]
+    assert int(vocabulary.index[0][3]) == 24 and vocabulary.size == 25
