@@ -282,6 +282,12 @@ def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None
     tokenizer = vocabulary.tokenizer
     if template is not None:
         tokenizer.chat_template = template
+    # the copied chat templates are another model's where files_from names one: the written
+    # tokenizer's are its own (it saves those it carries), not a template spelling tokens it lacks
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (target / name).unlink(missing_ok=True)
+    for name in COMPANION_DIRS:
+        shutil.rmtree(target / name, ignore_errors=True)
     _save_tokenizer(tokenizer, target)
     config = target / "config.json"
     if config.is_file():
@@ -697,8 +703,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     reference_key = "base" if base_state is not None else 0
     if files_from is not None:
         reference_key = keys[str(files_from)]
+    # (the vocabulary's tokenizer is the base's, else the first model's, whatever files_from names)
     _check_output_tokenizer(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
-                            tokenizers, reference_key)
+                            tokenizers, reference_key if vocabulary is None else "base" if base_state is not None else 0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",

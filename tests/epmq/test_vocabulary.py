@@ -562,3 +562,27 @@ def test_union_keeps_an_added_token_the_base_has_as_ordinary_vocabulary(tmp_path
     vocab = vocabulary.tokenizer.get_vocab()
     assert vocabulary.tokenizer.encode("w1 <y>", add_special_tokens=False) == [1, vocab["<y>"]] == [1, 3]
     assert int(vocabulary.index[0][3]) == 24 and vocabulary.size == 25
+
+
+def test_files_from_leaves_no_other_models_chat_template_beside_the_vocabulary(models, tmp_path):
+    """files_from names a model whose files are copied, but the written tokenizer is the
+    vocabulary's (the base's): the ChatML template of files_from's model, spelling tokens that
+    tokenizer lacks, is not left beside it; the base's own templates are written with it."""
+    import shutil
+
+    chatml = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    chat, base = tmp_path / "chat", tmp_path / "base"
+    shutil.copytree(models["chat"], chat)
+    shutil.copytree(models["base"], base)
+    (chat / "chat_template.jinja").write_text(chatml)
+    with pytest.warns(UserWarning, match="written tokenizer \\(the base's\\) none"):
+        out = merge_checkpoints("task_arithmetic", [chat, models["plain"]], tmp_path / "m", base=models["base"],
+                                tokenizer_source="base", files_from=chat, progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template is None
+    (base / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "tool.jinja").write_text("{{ tools }}")
+    out = merge_checkpoints("task_arithmetic", [chat, models["plain"]], tmp_path / "m2", base=base,
+                            tokenizer_source="union", progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == {"default": "{{ messages[0].content }}",
+                                                                          "tool": "{{ tools }}"}
