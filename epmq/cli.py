@@ -526,8 +526,13 @@ def main(argv=None) -> int:
         print(f"epmq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        then = ("run the same command again to resume" if args.command in ("demo", "run", "quantize")
+        then = ("run the same command again to resume" if args.command in ("demo", "run")
                 else "nothing was written")
+        if args.command == "quantize":  # (RTN keeps no blocks, nor a walk stopped before its first)
+            from .quantize_files import resume_dir_for
+
+            kept = resume_dir_for(Path(os.path.abspath(args.out))).is_dir()
+            then = "run the same command again to resume" if kept else "nothing was kept to resume from: a rerun starts over"
         print(f"\nepmq {args.command}: interrupted; {then}", file=sys.stderr)
         return 130
 

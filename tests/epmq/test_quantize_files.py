@@ -373,6 +373,13 @@ def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkey
         assert main(["quantize", str(config), str(out), "--quiet"]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not out.exists() and (partial / "model.layers.0.json").is_file()
+    with monkeypatch.context() as m:  # (stopped in its first block: nothing kept, nothing to resume)
+        def at_once(self, s, i, block):
+            raise KeyboardInterrupt
+
+        m.setattr(walker._Walk, "_quantize_block", at_once)
+        assert main(["quantize", str(config), str(tmp_path / "other"), "--quiet"]) == 130
+    assert "nothing was kept to resume from: a rerun starts over" in capsys.readouterr().err
 
     config.write_text(yaml.safe_dump({**base, "anchor": 0.5}))
     assert main(["quantize", str(config), str(out), "--quiet"]) == 2
