@@ -532,7 +532,8 @@ def main(argv=None) -> int:
             from .quantize_files import resume_dir_for
 
             kept = resume_dir_for(Path(os.path.abspath(args.out))).is_dir()
-            then = "run the same command again to resume" if kept else "nothing was kept to resume from: a rerun starts over"
+            then = ("run the same command again to resume" if kept
+                    else "nothing was kept to resume from: a rerun starts over")
         print(f"\nepmq {args.command}: interrupted; {then}", file=sys.stderr)
         return 130
 
