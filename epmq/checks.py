@@ -19,11 +19,16 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(lo) and math.isfinite(hi)
 
 
-def _value_range(t: torch.Tensor) -> tuple:
-    """``(min, max)`` of a non-empty floating-point ``t`` as floats, NaN if it has one."""
+def _aminmax(t: torch.Tensor) -> tuple:
+    """``torch.aminmax`` of a non-empty floating-point ``t`` (device tensors, NaN propagated)."""
     if t.element_size() == 1:  # (float8: no aminmax; every value, NaN and inf kept, fits fp16)
         t = t.to(torch.float16)
-    lo, hi = torch.aminmax(t)
+    return torch.aminmax(t)
+
+
+def _value_range(t: torch.Tensor) -> tuple:
+    """``(min, max)`` of a non-empty floating-point ``t`` as floats, NaN if it has one."""
+    lo, hi = _aminmax(t)
     return float(lo), float(hi)
 
 
@@ -173,8 +178,7 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
             except ValueError as error:
                 pending = error
                 break
-        lo, hi = (torch.aminmax(W if W.element_size() > 1 else W.to(torch.float16)) if W.numel()
-                  else (torch.zeros(()), torch.zeros(())))  # (float8: no aminmax; fp16 holds its values)
+        lo, hi = _aminmax(W) if W.numel() else (torch.zeros(()), torch.zeros(()))
         w_numbers = torch.stack([lo, hi]).to(torch.float64)
         try:  # (after the weight's values, which check_weight looks at first)
             if W.shape != shape:
