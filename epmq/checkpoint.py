@@ -54,10 +54,10 @@ from torch import nn
 
 from ._util import read_json, read_json_file, remove_stale_temporaries, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
-from .checkpoint_io import key_renaming, renamed, saved_key_renaming, tie_order
+from .checkpoint_io import key_renaming, renamed, saved_key_renaming, shard_weight_map, tie_order
 from .checks import all_finite, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
-from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, in_order_g_idx
+from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, g_idx_problem, in_order_g_idx
 
 FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
@@ -840,12 +840,9 @@ def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int) -> N
         raise ValueError(f"{directory}: {name}.scales must be finite floats, got "
                          + (f"{scales.dtype}" if not scales.is_floating_point() else "NaN or inf"))
     g_idx = tensors.get(f"{name}.g_idx")
-    if g_idx is not None:
-        if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
-            raise ValueError(f"{directory}: {name}.g_idx must be integers, got {g_idx.dtype}")
-        if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < G):
-            raise ValueError(f"{directory}: {name}.g_idx holds groups in [{int(g_idx.min())}, "
-                             f"{int(g_idx.max())}], outside the {G} groups of its scales")
+    problem = None if g_idx is None else g_idx_problem(g_idx, G, "its scales")
+    if problem is not None:
+        raise ValueError(f"{directory}: {name}.{problem}")
 
 
 def _weights_file(directory: Path, qconfig: dict) -> Path:
@@ -920,10 +917,7 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
     index = directory / INDEX_FILE
     if not index.is_file() or (directory / WEIGHTS_FILE).is_file():
         return read(_weights_file(directory, qconfig))
-    weight_map = read_json_file(index)
-    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} has no weight_map (tensor name -> shard file)")
+    weight_map = shard_weight_map(index)
     tensors = {}
     for name in sorted(set(weight_map.values())):
         tensors.update(read(directory / name))

@@ -37,7 +37,6 @@ read when indexed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import zipfile
@@ -48,6 +47,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
+from ._util import read_json_file
 from .lora import LoraExpert, is_lora_adapter
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -148,6 +148,23 @@ def weights_in(directory: Path) -> Optional[Path]:
     return found[0] if len(found) == 1 else None
 
 
+def shard_weight_map(index: Path) -> dict:
+    """The ``weight_map`` (tensor name -> shard file) of the shard index ``index``; a ValueError
+    naming the file where it holds none (cut short by an interrupted download, or hand-edited)."""
+    content = read_json_file(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map (tensor name -> shard file)")
+    return weight_map
+
+
+def ignored_on_load(model: nn.Module) -> list:
+    """The patterns of checkpoint keys ``model``'s own loading ignores (transformers'
+    ``_keys_to_ignore_on_load_unexpected``: DeepSeek-V3's multi-token prediction layer, saved as
+    the layer after the last)."""
+    return [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+
+
 def _read_tensor(store, key: str, index=None) -> torch.Tensor:
     """The one place tensors leave a store (tests count what is alive through it); ``index`` (an
     int, slice or tuple of them): ``tensor[index]`` only (from a safetensors file, or a LoRA
@@ -205,12 +222,10 @@ class CheckpointReader:
         if not path.is_file():
             raise error(f"{what}: no such file: {path}")
         if path.name.endswith(".index.json"):
-            try:  # (cut short by an interrupted download, or hand-edited: named, not a bare KeyError)
-                weight_map = json.loads(path.read_text())["weight_map"]
-                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                    raise TypeError("its weight_map is not a mapping of tensor names to shard files")
-            except (ValueError, KeyError, TypeError) as e:
-                raise error(f"{what}: {path} is not a shard index ({type(e).__name__}: {e})") from e
+            try:
+                weight_map = shard_weight_map(path)
+            except ValueError as e:
+                raise error(f"{what}: {e}") from e
             for key, shard in weight_map.items():
                 self._where[key] = path.parent / shard
             missing = sorted({str(f) for f in self._where.values() if not f.is_file()})
@@ -606,9 +621,7 @@ def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype
     order, rename = tie_order(model), key_renaming(model)
     state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename)
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
-    # (what the model's own loading ignores is no block of it: DeepSeek-V3's multi-token
-    # prediction layer, saved as the layer after the last)
-    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    ignored = ignored_on_load(model)  # (no block of it)
     for name, stack in model.named_modules():
         if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack):
             first = next(iter(stack.state_dict()), None)  # ("0.<tensor>", the first block's first)

@@ -91,6 +91,19 @@ def in_order_g_idx(K: int, group_size: int, device=None) -> torch.Tensor:
     return (torch.arange(K, device=device) // max(1, K if group_size == -1 else group_size)).to(torch.int32)
 
 
+def g_idx_problem(g_idx: torch.Tensor, G: int, grid: str) -> Optional[str]:
+    """Why ``g_idx`` cannot index ``grid``, of ``G`` groups (None where it can): not integers, or
+    groups outside ``[0, G)`` (the forward gathers the ``[G, N]`` grid with it: -1 would read the
+    last group silently)."""
+    if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
+        return f"g_idx must be integers, got {g_idx.dtype}"
+    if g_idx.numel():
+        lo, hi = (int(v) for v in torch.aminmax(g_idx))
+        if lo < 0 or hi >= G:
+            return f"g_idx holds groups in [{lo}, {hi}], outside the {G} groups of {grid}"
+    return None
+
+
 class QuantLinear(nn.Module):
     """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring.
 
@@ -162,22 +175,18 @@ class QuantLinear(nn.Module):
             if value is not None and tuple(value.shape) != want:
                 raise ValueError(f"{what} is {tuple(value.shape)}: {N} outputs, {K} inputs and group_size "
                                  f"{spec.group_size} ({G} groups) need {want}")
-        g_idx = result.g_idx
-        if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
-            raise ValueError(f"g_idx must be integers, got {g_idx.dtype}")
-        # (the forward indexes the [G, N] grid with it: -1 would read the last group silently)
-        if K and not (0 <= int(g_idx.min()) and int(g_idx.max()) < G):
-            raise ValueError(f"g_idx holds groups in [{int(g_idx.min())}, {int(g_idx.max())}], outside the "
-                             f"{G} groups of the grid")
+        problem = g_idx_problem(result.g_idx, G, "the grid")
+        if problem is not None:
+            raise ValueError(problem)
         zeros = torch.round(result.zeros).to(torch.int32)
         if int(zeros.min()) < 0 or int(zeros.max()) > spec.maxq:
             raise ValueError(f"zero points outside the {spec.bits}-bit grid: {zeros.min()}..{zeros.max()}")
         layer.qweight.copy_(pack_rows(result.codes.t(), spec.bits))
         layer.qzeros.copy_(pack_cols(zeros.t(), spec.bits))
         scales = result.scales.t().to(torch.float16)  # (the gptq format's dtype)
-        if not bool(torch.isfinite(result.scales).all()):
-            raise ValueError("scales must be finite, got NaN or inf")
         if not bool(torch.isfinite(scales).all()):
+            if not bool(torch.isfinite(result.scales).all()):
+                raise ValueError("scales must be finite, got NaN or inf")
             big = float(result.scales.abs().max())
             raise ValueError(f"scales up to {big:.3g} overflow float16, the gptq format's scale dtype "
                              f"(weights of magnitude ~{big * spec.maxq:.3g}): rescale the layer")
@@ -242,13 +251,10 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derived = {}
-        g_idx, G = self.g_idx, self.scales.shape[0]
-        if prefix + "g_idx" in state_dict and g_idx.numel() and not g_idx.is_meta:
-            # (the forward indexes the [G, N] grid with it: -1 would read the last group silently)
-            lo, hi = (int(v) for v in torch.aminmax(g_idx))
-            if lo < 0 or hi >= G:
-                error_msgs.append(f"{prefix}g_idx holds groups in [{lo}, {hi}], outside the {G} groups of "
-                                  f"{prefix}scales")
+        if prefix + "g_idx" in state_dict and not self.g_idx.is_meta:
+            problem = g_idx_problem(self.g_idx, self.scales.shape[0], f"{prefix}scales")
+            if problem is not None:
+                error_msgs.append(prefix + problem)
         # Inference tensors (buffers made under torch.inference_mode) have no version counter,
         # so the caches keyed on them (here and the kernel's launch plans) cannot see the copy
         # just made into them: new tensor objects over the same memory retire those entries.

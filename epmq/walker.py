@@ -97,7 +97,7 @@ from torch import nn
 from . import quant
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import token_rows, unpad
-from .checkpoint_io import key_renaming
+from .checkpoint_io import ignored_on_load, key_renaming
 from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
@@ -1299,7 +1299,7 @@ class _Walk:
         if self.targets == "expert_path":
             needed.update({names[0]: tuple(t.shape) for t, names in self.outside})
         rename = key_renaming(self.model)
-        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        ignored = ignored_on_load(self.model)
         for source in self.experts.values():
             source.bind(self.shapes, self.aliases, rename=rename)
             if self.targets == "expert_path":
@@ -1401,8 +1401,7 @@ class _Walk:
                 for name, m in block.named_modules():
                     if isinstance(m, QuantLinear):
                         used.update(source.key_for(self.ckpt(f"{prefix}.{name}.{kind}")) for kind in ("weight", "bias"))
-        ignored = [re.compile(p) for p in [*(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ()),
-                                           *_IGNORED_ON_LOAD]]
+        ignored = [*ignored_on_load(self.model), *(re.compile(p) for p in _IGNORED_ON_LOAD)]
         extra = [k for k in source.keys() if k not in used and k.startswith(tuple(prefixes))
                  and not any(p.search(k) for p in ignored) and source.reader.dtype(k).is_floating_point
                  and math.prod(source.reader.shape(k)) > 1]
