@@ -83,7 +83,6 @@ class CLIError(Exception):
 
 
 def _demo(args) -> int:
-    from . import pipeline
     from .demo import default_plan, prepare
 
     torch_threads(args.threads)
@@ -96,13 +95,7 @@ def _demo(args) -> int:
     bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
     plan = default_plan(quick=args.quick)
     identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name}
-    try:
-        results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
-                               log=_log(args), identity=identity)
-    except pipeline.ResultsFileError as e:
-        raise CLIError(str(e)) from None
-    except OSError as e:  # (a disk that fills up, a directory not writable: as merge and quantize say them)
-        raise CLIError(f"{type(e).__name__}: {e}") from e
+    results = _run_pipeline(bench, plan, out, identity, args)
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 
@@ -352,14 +345,9 @@ def _run(args) -> int:
     identity = getattr(bench, "identity", None) or {
         "config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
     try:
-        results = pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
-                               log=_log(args), identity=identity)
+        results = _run_pipeline(bench, plan, out, identity, args)
     except BenchConfigError as e:  # data problems found when a split is first read
         raise CLIError(f"{config_path}: {e}") from None
-    except pipeline.ResultsFileError as e:
-        raise CLIError(str(e)) from None
-    except OSError as e:  # (a disk that fills up, a directory not writable: as merge and quantize say them)
-        raise CLIError(f"{type(e).__name__}: {e}") from e
     _finish(results, plan, bench.task_names, out, t0)
     return 0
 
@@ -408,6 +396,21 @@ def torch_threads(n):
         import torch
 
         torch.set_num_threads(n)
+
+
+def _run_pipeline(bench, plan, out: Path, identity: dict, args) -> dict:
+    """``pipeline.run`` as ``epmq run`` and ``epmq demo`` run it, a results file not epmq's and
+    an OSError (a disk that fills up, a directory not writable) said in one line, as merge and
+    quantize say them."""
+    from . import pipeline
+
+    try:
+        return pipeline.run(bench, plan, out, resume=not args.fresh, progress=not args.quiet,
+                            log=_log(args), identity=identity)
+    except pipeline.ResultsFileError as e:
+        raise CLIError(str(e)) from None
+    except OSError as e:
+        raise CLIError(f"{type(e).__name__}: {e}") from e
 
 
 def check_out_dir(out: Path, what: str = "output directory") -> None:

@@ -700,12 +700,12 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     keys = {**{str(m): k for k, m in enumerate(models)}, **({str(base): "base"} if base is not None else {})}
     vocabulary, tokenizers = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources,
                                                  base_path, model_paths, lora_base, base_only, tokens, keys.get)
-    reference_key = "base" if base_state is not None else 0
-    if files_from is not None:
-        reference_key = keys[str(files_from)]
+    own_key = "base" if base_state is not None else 0  # (the base, else the first model)
+    reference_key = keys[str(files_from)] if files_from is not None else own_key  # (whose files are copied)
     # (the vocabulary's tokenizer is the base's, else the first model's, whatever files_from names)
+    written_key = reference_key if vocabulary is None else own_key
     _check_output_tokenizer(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
-                            tokenizers, reference_key if vocabulary is None else "base" if base_state is not None else 0)
+                            tokenizers, written_key)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",

@@ -25,7 +25,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .._util import loading_bars
+from .._util import loading_bars, read_json_file
 from ..checkpoint_io import CheckpointReader, bind, key_renaming, tie_order
 from .checkpoints import load_into
 from .config import BenchConfig, BenchConfigError
@@ -39,12 +39,12 @@ def _image_processor_config(directory: Path):
     ``(None, None)`` if neither holds one."""
     nested = directory / "processor_config.json"
     if nested.is_file():
-        settings = json.loads(nested.read_text()).get("image_processor")
+        settings = read_json_file(nested).get("image_processor")
         if isinstance(settings, dict):
             return nested, settings
     flat = directory / "preprocessor_config.json"
     if flat.is_file():
-        return flat, json.loads(flat.read_text())
+        return flat, read_json_file(flat)
     return None, None
 
 
