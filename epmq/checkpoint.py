@@ -46,6 +46,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -158,6 +159,71 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         if extras is not None:
             extras(tmp)
     return directory
+
+
+class _SavePretrained:
+    """``save_pretrained`` of a transformers model holding ``QuantLinear`` layers: writes what
+    ``save_quantized`` writes. transformers' own would write the packed tensors in epmq's layout
+    with no ``quantization_config``, which ``from_pretrained`` reads as a plain model whose
+    linears it leaves random-initialised. Bound to the model as an instance attribute by
+    ``bind_save_pretrained``; holds it by a weak reference (no reference cycle to keep a model's
+    memory alive), and is rebuilt around the copy when the model is deep-copied or pickled."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    def __reduce__(self):  # (the model is memoised by then: the copy's own is bound)
+        return type(self), (self._model(),)
+
+    def __call__(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
+                 max_shard_size="50GB", variant=None, token=None, save_peft_format: bool = True,
+                 save_original_format: bool = True, distributed_checkpoint: bool = False, **kwargs):
+        """Write this quantized model to ``save_directory`` as ``epmq.save_quantized`` does
+        (packed gptq safetensors, ``quantization_config``, atomically; ``max_shard_size`` as
+        transformers takes it). Options transformers' ``save_pretrained`` has that this format
+        cannot honour are refused, not ignored. ``token`` is only used to push, which is refused."""
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model this save_pretrained was bound to no longer exists")
+        refused = []
+        if state_dict is not None:
+            refused.append("state_dict= (the checkpoint is the packed layers' own tensors)")
+        if push_to_hub:
+            refused.append("push_to_hub=True (save, then upload the directory; or call model.push_to_hub)")
+        if variant is not None:
+            refused.append(f"variant={variant!r} (the format's file names are fixed)")
+        if not save_original_format:
+            refused.append("save_original_format=False (tensors are written under the names on the hub)")
+        if distributed_checkpoint:
+            refused.append("distributed_checkpoint=True")
+        if kwargs.pop("safe_serialization", True) is False:
+            refused.append("safe_serialization=False (the format is safetensors)")
+        if getattr(model, "_hf_peft_config_loaded", False):
+            refused.append("PEFT adapters loaded on the model (their save_pretrained writes the adapters only)")
+        refused += [f"{key}=" for key in kwargs]
+        if refused:
+            raise ValueError(f"save_pretrained of a model quantized by epmq writes epmq.save_quantized's "
+                             f"checkpoint and cannot honour: {'; '.join(refused)}. Call "
+                             f"epmq.save_quantized(model, directory, max_shard_size=...) directly, or "
+                             f"type(model).save_pretrained(model, ...) for transformers' own (which "
+                             f"from_pretrained cannot read back quantized)")
+        if is_main_process:  # (as transformers: the other processes of a distributed run write nothing)
+            save_quantized(model, save_directory, max_shard_size=max_shard_size)
+
+
+def bind_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write ``save_quantized``'s checkpoint, where ``model`` (or
+    the model a ``torch.compile`` wrapper holds) is a transformers ``PreTrainedModel`` holding
+    ``QuantLinear`` layers. Other modules (open_clip's) are left as they are: they have no
+    ``save_pretrained``; nor is the class touched, so models never quantized keep their own."""
+    model = getattr(model, "_orig_mod", model)
+    transformers = sys.modules.get("transformers")  # (not imported: no model of it exists)
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return
+    # (an instance attribute: found before the class's method, by the compiled wrapper's lookup too)
+    model.save_pretrained = _SavePretrained(model)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -1217,4 +1283,5 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         (replacements.get(name) or model.get_submodule(name)).quantized_with = record
         records.append(record)
     model.epmq_quant_config = common_quant_config(records)
+    bind_save_pretrained(model)
     return given

@@ -97,6 +97,7 @@ from torch import nn
 from . import quant
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import token_rows, unpad
+from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming
 from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights, on_model_vocabulary
@@ -391,6 +392,8 @@ def quantize_model(
             m.quantized_with = dict(call)
     # (of every packed layer: an earlier call's too, whose fields are None where the calls differ)
     model.epmq_quant_config = common_quant_config(m.quantized_with or {} for m in packed)
+    # (transformers' save_pretrained would write a checkpoint from_pretrained reads as unquantized)
+    bind_save_pretrained(model)
     return model
 
 

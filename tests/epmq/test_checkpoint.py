@@ -1179,6 +1179,99 @@ def test_a_compiled_model_saves_and_loads_under_its_own_names(tmp_path):
         assert torch.equal(into._orig_mod(ids).logits, model(ids).logits)
 
 
+def _written(directory):
+    """What a checkpoint directory holds: each file's tensors, or its JSON (the manifest's
+    times and sizes aside)."""
+    out = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix == ".safetensors":
+            out[path.name] = load_file(str(path))
+        elif path.name != ".epmq_files.json":
+            out[path.name] = json.loads(path.read_text())
+    return out
+
+
+def assert_same_checkpoint(a, b):
+    a, b = _written(a), _written(b)
+    assert a.keys() == b.keys()
+    for name, content in a.items():
+        if isinstance(content, dict) and content and all(isinstance(t, torch.Tensor) for t in content.values()):
+            assert content.keys() == b[name].keys()
+            assert all(torch.equal(t, b[name][k]) for k, t in content.items()), name
+        else:
+            assert content == b[name], name
+
+
+@pytest.mark.parametrize("arch", ["llama", "hf_clip"])
+def test_save_pretrained_of_a_quantized_model_writes_save_quantizeds_checkpoint(arch, tmp_path):
+    """transformers' save_pretrained wrote the packed tensors in epmq's layout with no
+    quantization_config: from_pretrained then read a plain model, its linears left random.
+    Quantized (or loaded quantized), it writes what save_quantized writes, shards included."""
+    model = build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    model.save_pretrained(tmp_path / "p")
+    assert "quantization_config" in json.loads((tmp_path / "p" / "config.json").read_text())
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+    epmq.save_quantized(model, tmp_path / "q-shards", max_shard_size=4000)
+    model.save_pretrained(tmp_path / "p-shards", max_shard_size="4KB", token=None, safe_serialization=True)
+    assert (tmp_path / "p-shards" / "model.safetensors.index.json").is_file()
+    assert_same_checkpoint(tmp_path / "q-shards", tmp_path / "p-shards")
+    model.save_pretrained(tmp_path / "not-main", is_main_process=False)
+    assert not (tmp_path / "not-main").exists()
+    item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
+    loaded = epmq.load_quantized(tmp_path / "p")
+    torch.testing.assert_close(output(loaded, item), output(epmq.load_quantized(tmp_path / "q"), item), rtol=0, atol=0)
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")  # (a model loaded quantized saves as one too)
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "again"), item), output(model, item),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
+                                    {"variant": "fp16"}, {"save_original_format": False},
+                                    {"distributed_checkpoint": True}, {"commit_message": "x"}])
+def test_save_pretrained_refuses_what_the_format_cannot_honour(kwargs, tmp_path):
+    model = _llama(0)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    with pytest.raises(ValueError, match=f"save_quantized.*{next(iter(kwargs))}="):
+        model.save_pretrained(tmp_path / "p", **kwargs)
+    assert not (tmp_path / "p").exists()
+
+
+def test_save_pretrained_of_models_quantized_otherwise_or_copied(tmp_path):
+    """A compiled model, one quantized in two calls, a deep copy and an unpickled copy (each
+    saving itself) write save_quantized's checkpoint; a model never quantized keeps
+    transformers' save_pretrained, and open_clip's models get none."""
+    import pickle
+
+    plain = _llama(0)
+    assert "save_pretrained" not in vars(plain)
+    plain.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "quantize_config.json").exists()
+    model = _llama(0)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    epmq.quantize_model(model, spec, method="rtn", progress=False, layers=r"layers\.0\.")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=16), method="rtn", progress=False,
+                        layers=r"layers\.1\.")
+    epmq.save_quantized(model, tmp_path / "q")
+    torch.compile(model).save_pretrained(tmp_path / "compiled")
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "compiled")
+    copied = copy.deepcopy(model)
+    unpickled = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        for twin in (copied, unpickled):
+            twin.model.layers[0].mlp.up_proj.scales.mul_(2)  # (the copy saves itself, not the original)
+            epmq.save_quantized(twin, tmp_path / "twin-q")
+            twin.save_pretrained(tmp_path / "twin-p")
+            assert_same_checkpoint(tmp_path / "twin-q", tmp_path / "twin-p")
+            assert not torch.equal(load_file(str(tmp_path / "twin-p" / "model.safetensors"))[
+                "model.layers.0.mlp.up_proj.scales"], model.model.layers[0].mlp.up_proj.scales.half())
+    clip = _open_clip_clip()()
+    epmq.quantize_model(clip, spec, method="rtn", progress=False)
+    assert not hasattr(clip, "save_pretrained")
+
+
 @pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
 def test_a_layer_shared_by_two_blocks(tmp_path, checkpoint_format):
     """Weight-shared blocks (ALBERT shares one layer across depths): every name of the shared
