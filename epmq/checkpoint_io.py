@@ -187,6 +187,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "F8_E5M2": torch.float8_e5m2}
 
 
+# the names of the scales a quantized checkpoint stores beside a weight ``<key>`` (``<key><suffix>``)
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
+
+
 class CheckpointReader:
     """Every tensor of a checkpoint (see the module docstring) by its own key, read on demand.
 
@@ -294,6 +298,21 @@ class CheckpointReader:
             if hasattr(handle, "get_slice"):
                 return _SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()]
             return handle[key].dtype
+
+    def quantized_with_scales(self, key: str, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """Why tensor ``key`` is no weight but a quantized checkpoint's, else None: one-byte values
+        (float8, int8) with their scales stored beside them, under ``key`` + ``_scale_inv``
+        (transformers' fine-grained FP8) or ``_scale`` (compressed-tensors'). Cast alone to a
+        compute dtype, they are the weight divided by its scales, taken for the weight silently;
+        every path that reads weights (``LazyStateDict``, ``epmq.experts.ExpertWeights``) asks
+        here. ``dtype``: the tensor's, where it is read already (else its header's)."""
+        scale = next((f"{key}{s}" for s in SCALE_SUFFIXES if f"{key}{s}" in self), None)
+        if scale is None:  # (no dtype asked: a LoRA expert's would form the update)
+            return None
+        dtype = dtype if dtype is not None else self.dtype(key)
+        if dtype.itemsize != 1:
+            return None
+        return f"is stored as {dtype} with its scales in {scale!r}: a quantized checkpoint"
 
     def get(self, key: str, index=None) -> torch.Tensor:
         """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert's rows of a fused MoE
@@ -548,6 +567,10 @@ class LazyStateDict(Mapping):
         self._keys = dict(keys)  # model name -> checkpoint key
         self.dtype = dtype
         self.description = description or reader.description
+        for name, key in self._keys.items():  # (before a cast to ``dtype`` hides what they are)
+            why = reader.quantized_with_scales(key)
+            if why is not None:
+                raise reader.error(f"{self.description}: tensor {name!r} {why}; give the full-precision checkpoint")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self.reader.get(self._keys[name])

@@ -123,15 +123,10 @@ class ExpertWeights:
         checkpoint's codes, a bitsandbytes int8 ``weight``: a cast would take them for weights)."""
         key = self._require(name)
         tensor = self.reader.get(key, index)
-        # (a float8 weight with its scale beside it, transformers' fine-grained FP8's weight_scale_inv
-        # or compressed-tensors' weight_scale, is a quantized checkpoint's too: cast alone, it is the
-        # weight divided by its scales)
-        scale = next((f"{key}{s}" for s in ("_scale_inv", "_scale")
-                      if tensor.element_size() == 1 and f"{key}{s}" in self.reader), None)
-        if scale is not None:
+        why = self.reader.quantized_with_scales(key, tensor.dtype)
+        if why is not None:
             raise ValueError(
-                f"the expert of task {self.task!r} ({self.description}): tensor {name!r} is stored as "
-                f"{tensor.dtype} with its scales in {scale!r}: a quantized checkpoint. Experts must be "
+                f"the expert of task {self.task!r} ({self.description}): tensor {name!r} {why}. Experts must be "
                 f"full-precision checkpoints of the merged model's architecture"
             )
         if not tensor.is_floating_point():

@@ -148,3 +148,22 @@ def test_a_model_whose_config_wraps_its_text_config(tmp_path):
                         progress=False)
     acc = bench.evaluate(bench.base_state, split="test")
     assert set(acc) == {"sst2", "avg"} and 0 <= acc["sst2"] <= 1
+
+
+def test_an_fp8_expert_with_its_scales_beside_is_refused_not_cast(tmp_path):
+    """A fine-grained FP8 expert (float8 weights divided by the scales in ``weight_scale_inv``)
+    was cast to the bench's dtype as it was read and used as the weights, silently; refused by
+    name, as ``epmq quantize`` refuses such experts (``CheckpointReader.quantized_with_scales``)."""
+    from safetensors.torch import load_file, save_file
+
+    config = write_tiny_causal_lm(tmp_path, ("sst2",))
+    file = next((tmp_path / config["tasks"][0]["expert"]).glob("*.safetensors"))
+    state = load_file(str(file))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    scale = state[name].abs().max() / 448
+    state[name] = (state[name] / scale).to(torch.float8_e4m3fn)
+    state[f"{name}_scale_inv"] = scale.reshape(1, 1).float()
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(BenchConfigError, match=rf"expert of task 'sst2'.*tensor '{name}' is stored as "
+                                               rf"torch.float8_e4m3fn with its scales in '{name}_scale_inv'"):
+        build_bench(config, base_dir=tmp_path, progress=False)

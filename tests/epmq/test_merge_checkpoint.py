@@ -777,3 +777,23 @@ def test_an_untied_model_keeps_every_tensor_its_own(tmp_path):
     base, e0, e1 = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("base", "e0", "e1"))
     key = "cls.predictions.decoder.bias"
     torch.testing.assert_close(written[key], base[key] + 0.5 * ((e0[key] - base[key]) + (e1[key] - base[key])))
+
+
+@pytest.mark.filterwarnings("ignore:.*is a weights file with no config.json")
+@pytest.mark.parametrize("suffix", ["_scale_inv", "_scale"])
+def test_an_fp8_model_with_its_scales_beside_is_refused_without_a_config(tmp_path, suffix):
+    """Fine-grained FP8 (``weight_scale_inv``) or compressed-tensors (``weight_scale``) weights
+    with no config.json to say so: the float8 values were merged as the weights, silently."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    W_0 = torch.randn(8, 16, generator=g)
+    save_file({"w": W_0}, tmp_path / "base.safetensors")
+    W = W_0 + 0.01 * torch.randn(8, 16, generator=g)
+    scale = W.abs().max() / 448
+    save_file({"w": (W / scale).to(torch.float8_e4m3fn), f"w{suffix}": scale.reshape(1, 1)},
+              tmp_path / "e0.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor 'w' is stored as torch.float8_e4m3fn with its scales in "
+                                         rf"'w{suffix}': a quantized checkpoint"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "e0.safetensors"], tmp_path / "out",
+                          base=tmp_path / "base.safetensors", progress=False)
+    assert not (tmp_path / "out").exists()
