@@ -21,7 +21,8 @@ call: ``epmq_kernels.w4a16.ACT_ORDER_REPACK``). Under ``torch.compile`` a tracea
 compiled model has no graph break at its quantized layers. On the CPU with 4 bits, bf16 or fp16 activations
 and at most ``CPU_INT4_MAX_ROWS`` rows, torch's own int4 CPU kernel
 (``aten._weight_int4pack_mm_for_cpu``, the one torchao uses), with the codes repacked once into
-its layout (a second copy of the 4-bit codes, kept until the buffers change): 0.5 ms instead
+its layout (a second copy of the 4-bit codes, kept until the buffers change; writes through ``.data``
+do not count as a change: call ``QuantLinear.refresh()`` after them): 0.5 ms instead
 of 53 ms for a 4096 x 4096 layer at batch 1 on 2 cores, its error that of the bf16 product
 (the kernel takes ``w = (q - 8) s + (8 - z) s``; groups of 32-256 input rows, per-channel
 grids as groups of the largest of those dividing K, act-order as static groups of a permuted
@@ -222,10 +223,29 @@ class QuantLinear(nn.Module):
         g = self.g_idx.long()
         return q.to(dtype).sub_(z[g]).mul_(s[g])
 
+    def refresh(self) -> "QuantLinear":
+        """Forget what the forward derived from the buffers (unpacked grids, the CPU kernel's
+        repacked codes, the CUDA kernel's act-order sorted copy and launch checks); returns the
+        layer. Call it after writing into the buffers in a way that bypasses their version
+        counters: ``layer.qweight.data.copy_(...)``, ``.data[...] = ...``, a NumPy view or DLPack
+        export written to. Those caches are keyed on each buffer's identity, address and version
+        counter, and such writes change none of them: the forward would go on with the old
+        weights, silently. (Nothing cheaper sees them: ``.data`` is a tensor with a version
+        counter of its own, and a storage has none; comparing the values would read every code
+        on each call, the whole cost of a batch-1 product.) ``load_state_dict``, assigning new
+        buffers, and in-place writes under ``torch.no_grad()`` without ``.data`` need no call."""
+        self._derived = {}
+        # new tensor objects over the same memory: the kernels' caches, keyed on the tensors
+        # themselves (``epmq_kernels.w4a16``), retire their entries for the old ones too
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.detach()
+        return self
+
     def _cached(self, name, build, *buffers):
         """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``). Writes
         that bypass the version counter (``buf.data.copy_(...)``, a NumPy view) are not seen:
-        assign new buffers, or write under ``torch.no_grad()`` without ``.data``."""
+        call ``refresh()`` after them."""
         # (the tensors themselves too, by weak reference: a new buffer may reuse a freed one's
         # memory, and a fresh tensor's version is 0 again)
         key = tuple((b.data_ptr(), version(b), b.device) for b in buffers)

@@ -212,6 +212,27 @@ def test_cuda_w4a16_path_matches_the_torch_path(act_order, gen):
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.bfloat16), ("cpu", torch.float32),
+                                           pytest.param("cuda", torch.float16, marks=pytest.mark.cuda)])
+def test_weights_written_through_data_are_seen_after_refresh(device, dtype, gen):
+    """An act-order layer keeps its codes sorted by group (the CPU int4 kernel's repacked copy,
+    the CUDA kernel's sorted copy) and its grid unpacked, keyed on the buffers' versions, which
+    ``.data.copy_`` does not move: the forward went on with the old weights, silently.
+    ``refresh()`` retires every such copy; then the layer computes as a fresh one."""
+    spec = epmq.QuantSpec(bits=4, group_size=64, act_order=True)
+    layer, other = (epmq.QuantLinear.from_result(solve(spec, gen, d_out=64, d_in=256),
+                                                 torch.randn(64, generator=gen)).to(device, dtype)
+                    for _ in range(2))
+    x = torch.randn(3, 256, generator=gen).to(device, dtype)
+    layer(x), other(x)  # (every copy built, the kernel's checks made)
+    fresh = copy.deepcopy(other).refresh()  # (a layer that never saw the old weights)
+    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+        getattr(layer, name).data.copy_(getattr(other, name))
+    assert layer.refresh() is layer
+    assert torch.equal(layer.dequantize(), fresh.dequantize())
+    assert torch.equal(layer(x), fresh(x))
+
+
 @pytest.mark.cuda
 def test_cuda_inputs_that_need_a_gradient_get_one(gen):
     """The W4A16 kernel has no backward: such inputs take the dequantized product."""
