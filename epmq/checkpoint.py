@@ -1204,6 +1204,14 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         replacements[name] = made[id(old)]
     for name, new in replacements.items():
         swap(name, new)
+    # the linears left in full precision under the other naming too (GPTQModel's Mixtral experts
+    # as gate_proj, up_proj, down_proj, the model's w1, w3, w2): else "missing" and "unexpected"
+    own = set(model.state_dict())
+    for key in [k for k in tensors if k not in own]:
+        module, _, part = key.rpartition(".")
+        alias = next(filter(None, (found.module_alias(model, module) for found, _ in towers)), None)
+        if alias is not None and f"{alias}.{part}" in own and f"{alias}.{part}" not in tensors:
+            tensors[f"{alias}.{part}"] = tensors.pop(key)
 
     for name, info in modules.items():  # (before any unpacking: a clear error, naming the layer)
         new = replacements.get(name) or model.get_submodule(name)

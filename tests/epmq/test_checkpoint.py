@@ -568,6 +568,36 @@ def test_mixtral_experts_named_as_gptqmodel_names_them(tmp_path):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def test_mixtral_experts_left_in_full_precision_named_as_gptqmodel_names_them(tmp_path):
+    """GPTQModel (transformers 5) writes Mixtral's routed experts as ``mlp.experts.{e}.gate_proj``,
+    ``up_proj``, ``down_proj``; left in full precision, their ``.weight``s were neither the
+    fused model's nor the rebuilt experts' w1, w3, w2 names, and loading failed with them
+    "unexpected" and every expert's weight "missing"."""
+    from safetensors.torch import load_file, save_file
+
+    model = build("mixtral")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", layers=r".*self_attn\..*",
+                        progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.model.layers[0].mlp.experts.modules())
+    epmq.save_quantized(model, tmp_path / "q")
+    q = tmp_path / "q"
+    rename = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+    tensors = {}
+    for key, t in load_file(str(q / "model.safetensors")).items():
+        for old, new in rename.items():
+            key = key.replace(old, new)
+        tensors[key] = t
+    assert "model.layers.0.mlp.experts.1.up_proj.weight" in tensors
+    save_file(tensors, str(q / "model.safetensors"))
+    qconfig = json.loads((q / "quantize_config.json").read_text())
+    del qconfig["epmq"]
+    (q / "quantize_config.json").write_text(json.dumps(qconfig))
+    loaded = epmq.load_quantized(q)
+    assert torch.equal(loaded.model.layers[0].mlp.experts[1].w3.weight, model.model.layers[0].mlp.experts[1].w3.weight)
+    item = inputs("mixtral", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
 def test_other_quantization_methods_are_refused(gen, tmp_path):
     _, model = quantized(gen)
     epmq.save_quantized(model, tmp_path / "q")
