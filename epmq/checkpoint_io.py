@@ -304,8 +304,9 @@ class CheckpointReader:
         (float8, int8) with their scales stored beside them, under ``key`` + ``_scale_inv``
         (transformers' fine-grained FP8) or ``_scale`` (compressed-tensors'). Cast alone to a
         compute dtype, they are the weight divided by its scales, taken for the weight silently;
-        every path that reads weights (``LazyStateDict``, ``epmq.experts.ExpertWeights``) asks
-        here. ``dtype``: the tensor's, where it is read already (else its header's)."""
+        every path that reads weights (``LazyStateDict``, ``epmq.experts.ExpertWeights``, a LoRA
+        expert's base in ``epmq.lora.LoraExpert``) asks here. ``dtype``: the tensor's, where it
+        is read already (else its header's)."""
         scale = next((f"{key}{s}" for s in SCALE_SUFFIXES if f"{key}{s}" in self), None)
         if scale is None:  # (no dtype asked: a LoRA expert's would form the update)
             return None

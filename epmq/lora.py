@@ -337,6 +337,12 @@ class LoraExpert(Mapping):
         resized embedding's ``base_layer``), in the base tensor's dtype as PEFT loads it into the
         base model (an adapter trained in fp32 on a bf16 base), else the base's."""
         if key not in self._full:
+            # (a float8 base with its scales beside: W_0 + B A in float8, or a float8 W_0 taken for
+            # the weight by E-PMQ's low-rank form, silently; refused as any expert's such tensor)
+            why = self.base.quantized_with_scales(key)
+            if why is not None:
+                raise ValueError(f"{self.description}: the base's tensor {key!r} {why}; give the "
+                                 f"full-precision base")
             return self.base.get(key, index)
         t = self.adapter.get(self._full[key], index)
         if key in self.base and t.is_floating_point():

@@ -604,3 +604,28 @@ def test_a_lora_on_torch_multihead_attention_is_refused_by_name(tmp_path):
         tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"'attn.*nn\.MultiheadAttention.*merge_and_unload"):
         epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base.safetensors")
+
+
+def test_a_float8_base_with_its_scales_beside_is_refused(base_dir, tmp_path):
+    """An adapter on a fine-grained FP8 base (float8 weights, their scales in ``weight_scale_inv``):
+    its expert was ``W_0 + B A`` rounded to float8, and E-PMQ's low-rank form took the float8 W_0
+    as the weight, silently; both are refused, as any expert's such tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=1)
+    shutil.copytree(base_dir, tmp_path / "fp8")
+    state = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    scale = state[name].abs().max() / 448
+    state[name] = (state[name] / scale).to(torch.float8_e4m3fn)
+    state[f"{name}_scale_inv"] = scale.reshape(1, 1).float()
+    save_file(state, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    expert = epmq.LoraExpert(tmp_path / "adapter", tmp_path / "fp8")
+    weights = ExpertWeights(expert, task="t")
+    weights.bind(list(tiny_llama(0).state_dict()))
+    match = rf"tensor '{name}' is stored as torch.float8_e4m3fn with its scales in '{name}_scale_inv'"
+    for read in (lambda: expert[name], lambda: weights.low_rank(name), lambda: weights.read(name)):
+        with pytest.raises(ValueError, match=match):
+            read()
