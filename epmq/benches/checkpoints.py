@@ -41,7 +41,9 @@ def resolve(source: str, *, base_dir, what: str, kind: str = "model", revision: 
 
 @torch.no_grad()
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "state") -> nn.Module:
-    """Copy ``state`` into ``model`` tensor by tensor (strict: same names and shapes)."""
+    """Copy ``state`` into ``model`` tensor by tensor (strict: same names and shapes; integer
+    values are not taken for a floating-point tensor: they are a quantized checkpoint's codes, a
+    bitsandbytes int8 ``weight``, which a cast would turn into wrong weights silently)."""
     own = model.state_dict()
     state_keys = set(state.keys())
     missing = [k for k in own if k not in state_keys]
@@ -53,6 +55,11 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "
         if tuple(t.shape) != tuple(target.shape):
             raise ValueError(
                 f"{what}: tensor {name!r} has shape {tuple(t.shape)}, the model's is {tuple(target.shape)}"
+            )
+        if target.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(
+                f"{what}: tensor {name!r} is stored as {t.dtype}, the model's as {target.dtype}: is it "
+                f"a quantized checkpoint? Give full-precision checkpoints of the model's architecture"
             )
         target.copy_(t)
     return model

@@ -433,6 +433,12 @@ def test_loading_a_state_needs_every_tensor_of_the_model():
         load_into(nn.Linear(3, 2), {**full, "extra": torch.ones(1)})
     with pytest.raises(ValueError, match="shape"):
         load_into(nn.Linear(3, 2), {"weight": torch.ones(3, 2), "bias": torch.zeros(2)})
+    # a bitsandbytes int8 weight (its SCB scales bound elsewhere or dropped) is not cast into weights
+    with pytest.raises(ValueError, match=r"'weight' is stored as torch.int8.*quantized checkpoint"):
+        load_into(nn.Linear(3, 2), {"weight": torch.ones(2, 3, dtype=torch.int8), "bias": torch.zeros(2)})
+    ids = nn.Module()  # (an integer buffer, position ids, is copied as it is)
+    ids.register_buffer("position_ids", torch.zeros(4, dtype=torch.long))
+    assert torch.equal(load_into(ids, {"position_ids": torch.arange(4)}).position_ids, torch.arange(4))
 
 
 def test_accuracy_is_the_share_of_images_whose_best_class_is_their_label(bench):
