@@ -8,7 +8,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["epmq", "epmq.*", "epmq_kernels", "epmq_kernels.*"]),
+    # the example configs (configs/, which `epmq --help` and the README name) go into the
+    # installed package as epmq/configs: without them a pip-installed epmq pointed its users at
+    # files it did not have
+    packages=find_packages(include=["epmq", "epmq.*", "epmq_kernels", "epmq_kernels.*"]) + ["epmq.configs"],
+    package_dir={"epmq.configs": "configs"},
+    package_data={"epmq.configs": ["*.yaml", "files/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

@@ -442,11 +442,14 @@ def _finish(results, plan, tasks, out: Path, t0: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benches import example_configs
+
+    examples = example_configs()
     parser = argparse.ArgumentParser(
         prog="epmq",
         description="Merge fine-tuned experts and quantize the merged model without losing what they knew "
         "(RTN, GPTQ and E-PMQ: expert-guided post-merge quantization).",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + (f"\nthe configs/ named here (and configs/files/) are in {examples}\n" if examples else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

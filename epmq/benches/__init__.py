@@ -30,11 +30,24 @@ hub ids that cannot be fetched and missing data splits raise ``BenchConfigError`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 from .config import FAMILIES, BenchConfig, BenchConfigError, parse_config
 
-__all__ = ["build_bench", "load_config", "parse_config", "BenchConfig", "BenchConfigError", "FAMILIES"]
+__all__ = ["build_bench", "load_config", "parse_config", "example_configs", "BenchConfig", "BenchConfigError",
+           "FAMILIES"]
+
+EXAMPLE_CONFIG = "clip-vit-b32-8tasks.yaml"  # (a file every copy of the examples holds)
+
+
+def example_configs() -> Optional[Path]:
+    """The directory of epmq's example configs (the repository's ``configs/``): the copy
+    installed with the package (``epmq/configs``), else a source checkout's; None if neither."""
+    package = Path(__file__).resolve().parents[1]
+    for directory in (package / "configs", package.parent / "configs"):
+        if (directory / EXAMPLE_CONFIG).is_file() and (directory / "files").is_dir():
+            return directory
+    return None
 
 
 def _bench_class(family: str):
@@ -83,7 +96,13 @@ def load_config(path, expected: str = "a mapping with model, tasks, ... sections
     if path.is_dir():  # (not "not found": it is there, as a directory)
         raise BenchConfigError(f"{path} is a directory, not a config file: give the YAML file in it")
     if not path.is_file():
-        raise BenchConfigError(f"config file not found: {path}")
+        # (`epmq --help` and the README name the examples as configs/...: from an installed
+        # epmq, run elsewhere than a checkout, say where that file is)
+        examples = example_configs()
+        shipped = (examples / Path(*path.parts[1:]) if examples is not None and not path.is_absolute()
+                   and len(path.parts) > 1 and path.parts[0] == "configs" else None)
+        hint = f" (epmq's example of that name is installed as {shipped})" if shipped and shipped.is_file() else ""
+        raise BenchConfigError(f"config file not found: {path}{hint}")
     class Loader(yaml.SafeLoader):
         """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the
         last silently: ``bits: 3`` then ``bits: 4`` quantized at 4 bits). Checked as each mapping

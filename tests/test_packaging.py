@@ -1,0 +1,67 @@
+"""What `pip install .` installs, not the source tree: the package built as setuptools builds the
+wheel's files (build_py), into a temporary directory, and run from there."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    assert (out / "epmq" / "cli.py").is_file() and (out / "epmq_kernels" / "w4a16.py").is_file()
+    return out
+
+
+def run_installed(lib, cwd, code):
+    """``code``'s stdout, run in ``cwd`` with the built package, not this checkout, importable."""
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_example_configs_are_installed(lib):
+    """`epmq --help`, its errors and the README name configs/ and configs/files/: every file there
+    goes into the package (it was left out: a pip-installed epmq named files it did not have)."""
+    configs = sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*") if p.is_file())
+    assert len(configs) >= 9 and Path("files/merge-llm-ties.yaml") in configs
+    missing = [str(p) for p in configs if not (lib / "epmq" / "configs" / p).is_file()]
+    assert not missing, f"not installed: {missing}"
+
+
+def test_the_installed_cli_finds_its_configs(lib, tmp_path):
+    out = run_installed(lib, tmp_path, """if True:
+        import json, io, contextlib
+        import epmq
+        from epmq.benches import example_configs
+        from epmq.cli import build_parser, main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(["merge", "configs/files/merge-llm-ties.yaml", "out"])
+        print(json.dumps({"package": epmq.__file__, "examples": str(example_configs()), "rc": rc,
+                          "error": err.getvalue(), "help": build_parser().format_help()}))""")
+    seen = json.loads(out)
+    installed = lib / "epmq" / "configs"
+    assert Path(seen["package"]).resolve().parent == (lib / "epmq").resolve()  # (not this checkout's)
+    assert Path(seen["examples"]).resolve() == installed.resolve()
+    assert seen["rc"] == 2 and str(installed / "files" / "merge-llm-ties.yaml") in seen["error"]
+    assert str(installed) in seen["help"]
+
+
+def test_no_shipped_run_config_writes_beside_itself():
+    """An experiment config's output.dir is relative to the config: one installed in the package
+    would write its runs into site-packages."""
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        output = yaml.safe_load(path.read_text()).get("output") or {}
+        assert "dir" not in output or Path(output["dir"]).is_absolute(), path
