@@ -512,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="kernel benchmarks on a CUDA GPU (W4A16 matmul, GPTQ/E-PMQ solver)",
                            description="Time the W4A16 matmul against cuBLAS fp16 and the fused GPTQ/E-PMQ "
                                        "solver against the torch reference on this GPU; JSON and plots "
-                                       "into --out (benchmarks/gpu_suite.sh runs these with the CUDA tests).")
+                                       "into --out (benchmarks/gpu_suite.sh runs these with the CUDA tests). The "
+                                       "scripts live in the source checkout's benchmarks/: run it from a "
+                                       "checkout installed with `pip install -e .`.")
     bench.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     bench.add_argument("--only", choices=["w4a16", "solver"], default=None, help="run one of the two benchmarks")
     bench.set_defaults(func=_bench)
