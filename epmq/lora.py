@@ -123,6 +123,23 @@ def model_skeleton(base) -> Optional[nn.Module]:
         return None
 
 
+def checkpoint_ties(reader) -> dict:
+    """The tensors the checkpoint ``reader`` reads ties by its own config.json: name -> the
+    other names of the same tensor (``tie_order`` with ``own_checkpoint``: under
+    ``tie_word_embeddings: false`` nothing is tied). A LoRA adapter's are its base's; {} for
+    tensors in memory (a module's state dict lists every name of a tied tensor) and where no
+    model is built from a config (nothing says what is tied)."""
+    from .checkpoint_io import tie_order
+
+    lora = getattr(reader, "lora", None)
+    home = lora.base.path if lora is not None else reader.path
+    skeleton = None if home is None else model_skeleton(home)
+    if skeleton is None:
+        return {}
+    return {n: [m for m in names if m != n] for n, names in tie_order(skeleton, own_checkpoint=True).items()
+            if len(names) > 1}
+
+
 class LoraExpert(Mapping):
     """The whole expert of a LoRA ``adapter`` (a directory or HF hub id) on ``base`` (a
     checkpoint path, hub id, state dict or module; default: the base the adapter config names)."""

@@ -41,7 +41,7 @@ from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
-from .lora import is_lora_adapter, model_skeleton, named_base, open_expert
+from .lora import checkpoint_ties, is_lora_adapter, model_skeleton, named_base, open_expert
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
                          vocabulary_columns, vocabulary_names)
 
@@ -146,12 +146,15 @@ def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
     """A checkpoint as a lazy state dict; with ``names`` (the reference's), under those names:
     its keys are found under one prefix rewrite (``checkpoint_io.Binding``: transformers 5
     saves ``CLIPVisionModel`` without the ``vision_model.`` that 4.x and ``CLIPModel`` write),
-    and the tensors of its own that no name reaches are ignored, with a warning. A LoRA adapter
-    is the whole expert on ``lora_base`` (default: the base its config names)."""
+    and the tensors of its own that no name reaches are ignored, with a warning. A name the
+    checkpoint does not store but ties, by its own config, to one it does (the head of an
+    expert with tied embeddings, saved without it) is that tensor. A LoRA adapter is the whole
+    expert on ``lora_base`` (default: the base its config names)."""
     reader = CheckpointReader(open_expert(path, lora_base), what)
     if names is None:
         return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device, label=what)
-    binding = Binding(reader.keys(), names=names)
+    own = checkpoint_ties(reader)  # (its own name first: a raw save stores a tied head beside its source)
+    binding = Binding(reader.keys(), {n: [n, *own[n]] for n in names if n in own}, names=names)
     binding.refuse_ambiguity(lambda message: ValueError(f"{what} {message}"))
     found = {n: binding.key_for(n) for n in names}
     found = {n: k for n, k in found.items() if k is not None}

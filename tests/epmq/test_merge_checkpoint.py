@@ -797,3 +797,51 @@ def test_an_fp8_model_with_its_scales_beside_is_refused_without_a_config(tmp_pat
         merge_checkpoints("task_arithmetic", [tmp_path / "e0.safetensors"], tmp_path / "out",
                           base=tmp_path / "base.safetensors", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_causal_lm(family, tie, seed, noise=0.0):
+    """A tiny Llama or Qwen2 (one layer), its weights moved by ``noise``."""
+    torch.manual_seed(0)  # (one base, of which the others are fine-tunes)
+    cls, config = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+                   "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config)}[family]
+    model = cls(config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if not tie:  # (an untied copy of the tied base: its head starts as the embeddings)
+            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _untied_state(model):
+    """The model's tensors, a tied head as a tensor of its own (the model untied)."""
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_tied_expert_beside_an_untied_base_has_its_embeddings_as_its_head(family, tmp_path):
+    """A tied expert (no lm_head stored, tie_word_embeddings: true) beside an untied base was
+    refused as "a partial checkpoint?" (or, with no other model holding a head, the base's head
+    copied unchanged): its head is its embeddings, as from_pretrained loads it."""
+    from safetensors.torch import load_file
+
+    base = _tiny_causal_lm(family, False, 0, noise=0.05)
+    base.save_pretrained(tmp_path / "base")
+    tied = _tiny_causal_lm(family, True, 1, noise=0.05)
+    tied.save_pretrained(tmp_path / "tied")
+    untied = _tiny_causal_lm(family, False, 2, noise=0.05)
+    untied.save_pretrained(tmp_path / "untied")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "tied" / "model.safetensors"))
+    for names in (["tied", "untied"], ["tied"]):
+        out = merge_checkpoints("task_arithmetic", [tmp_path / n for n in names],
+                                tmp_path / ("out-" + "-".join(names)), base=tmp_path / "base", progress=False)
+        want = merge.task_arithmetic(_untied_state(base), [_untied_state({"tied": tied, "untied": untied}[n])
+                                                          for n in names])
+        written = load_file(str(out / "model.safetensors"))
+        assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
+    out = merge_checkpoints("average", [tmp_path / "untied", tmp_path / "tied"], tmp_path / "avg", progress=False)
+    want = merge.average([_untied_state(untied), _untied_state(tied)])
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
