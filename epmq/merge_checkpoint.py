@@ -18,7 +18,10 @@ are copied from the base and tensors of a model the base lacks are ignored, each
 warning: FusionBench's CLIP experts are ``CLIPVisionModel`` checkpoints fine-tuned from the
 vision tower of a ``CLIPModel`` base, and the merge of their towers keeps the base's text tower
 (the zero-shot heads). A model of the base's own ``model_type`` without a matrix the others
-have, of another layer count, or quantized, is refused instead. Experts with added tokens
+have, of another layer count, or quantized, is refused instead. A tied expert's head is its
+embeddings; experts with their own trained heads over a base with tied word embeddings untie
+the output (``tie_word_embeddings: false``, the head written: the merge of theirs), as PEFT's
+``merge_and_unload`` unties a trained head. Experts with added tokens
 merge with ``tokenizer_source`` (``epmq.vocabulary``). ``epmq_merge.json``
 records the recipe (method, parameters, sources). The directory is written atomically
 (``checkpoint.atomic_directory``): an interrupted merge leaves the previous output intact.
@@ -101,33 +104,34 @@ class _TiedWriter:
         self.writer.finish()
 
 
-def _tied_in_base(base_path: Path, base_state: Mapping, merged: list) -> dict:
+def _tied_in_base(base_path: Path, base_state: Mapping, merged: list, apart=()) -> dict:
     """Tensors of the base tied to another it has: merged name -> [tied names], each tied name
     written with the merged tensor's value. Tied by the base's config (``tie_order`` of its
     skeleton) and equal in the base; with no config, none. Both the tensors the models lack (a
     tied lm_head the base's raw state dict stores beside the embeddings, which save_pretrained
     experts omit) and those every model stores twice (raw ``torch.save`` checkpoints): merged
     under each name, a random merge (DARE) would write two values, and transformers would then
-    leave the model untied."""
+    leave the model untied. ``apart``: names the merge unties (``_untie``), each merged on its own."""
     skeleton = model_skeleton(base_path)
     if skeleton is None:
         return {}
     # (own_checkpoint: a head the config unties is not tied, whatever transformers' defaults)
     order, merged = tie_order(skeleton, own_checkpoint=True), set(merged)
-    group = {name: name for name in base_state}  # names of one tensor (union-find: the orders
-    # list a tied head's embeddings under it, not always the reverse)
+    # names of one tensor (union-find: the orders list a tied head's embeddings under it, not
+    # always the reverse)
+    group = {name: name for name in base_state if name not in apart}
 
     def root(name):
         while group[name] != name:
             name = group[name]
         return name
 
-    for name in base_state:
+    for name in group:
         for alias in order.get(name, ()):
             if alias in group:
                 group[root(alias)] = root(name)
     members = {}
-    for name in base_state:
+    for name in group:
         members.setdefault(root(name), []).append(name)
     position = {name: i for i, name in enumerate(base_state)}
     ties = {}
@@ -140,6 +144,60 @@ def _tied_in_base(base_path: Path, base_state: Mapping, merged: list) -> dict:
             if name != first and torch.equal(base_state[name], base_state[first]):
                 ties.setdefault(first, []).append(name)
     return ties
+
+
+def _tied_followers(view) -> dict:
+    """The reference's tied tensors past the first of each (by its own config.json): name ->
+    the name it is a copy of (the first the reference's checkpoint stores). A tied head,
+    which save_pretrained leaves out, is one."""
+    own, position = checkpoint_ties(view.state.reader), {n: i for i, n in enumerate(view)}
+    out = {}
+    for name, others in own.items():
+        stored = sorted((m for m in [name, *others] if m in position), key=position.get)
+        if stored and name != stored[0]:
+            out[name] = stored[0]
+    return out
+
+
+def _own_copy(view, name: str, leader: str) -> bool:
+    """Whether a model holds its own tensor ``name``, other than its ``leader`` (an untied
+    expert's trained head, a LoRA adapter's ``modules_to_save: [lm_head]``)."""
+    if name not in view:
+        return False
+    if leader not in view:
+        return True
+    if view.state.checkpoint_key(name) == view.state.checkpoint_key(leader):
+        return False  # (its own tie: the one tensor)
+    return not torch.equal(view.state[name], view.state[leader])
+
+
+def _untied(config: dict) -> dict:
+    """``config`` (config.json's content) with its word embeddings untied: ``tie_word_embeddings``
+    false at its top and in each tower's config that sets it (transformers then ties none of
+    its ``_tied_weights_keys``)."""
+    config = dict(config, tie_word_embeddings=False)
+    for key, value in config.items():
+        if isinstance(value, dict) and "tie_word_embeddings" in value:
+            config[key] = dict(value, tie_word_embeddings=False)
+    return config
+
+
+def _check_untie(path: Path, followers: Mapping, why: str) -> None:
+    """ValueError unless ``_untied`` of the config of the reference at ``path`` unties every one of
+    ``followers`` (a model that ties them whatever its config says cannot keep the models' own)."""
+    import tempfile
+
+    directory = path if path.is_dir() else path.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(_untied(read_json_file(directory / "config.json"))))
+        skeleton = model_skeleton(Path(tmp))
+        order = {} if skeleton is None else tie_order(skeleton, own_checkpoint=True)
+    still = [n for n in followers if skeleton is None or len(order.get(n, [n])) > 1]
+    if still:
+        raise ValueError(f"{why}, but the reference's model ({path}) ties {still[:3]} to "
+                         f"{[followers[n] for n in still[:3]]} even with tie_word_embeddings: false, so the "
+                         f"merge cannot keep them apart: merge models whose heads are their embeddings, or a "
+                         f"base whose head is untied")
 
 
 def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
@@ -600,6 +658,35 @@ def _set_chat_template(source: Path, target: Path, template: str) -> None:
     _save_tokenizer(tokenizer, target)
 
 
+def _untie(reference, sources: list, followers: Mapping, reference_path: Path, models) -> tuple:
+    """``(reference, sources, the names untied)``, untied where a model holds its own copy of one
+    of the reference's tied tensors (``followers``): an untied expert's trained head, a LoRA adapter's
+    ``modules_to_save: [lm_head]``, beside a base whose head is its embeddings. Each of those is
+    then merged on its own, as in a merge of untied models: the reference's and every tied
+    model's copy is the tensor it is tied to, and the output is written untied. Else the
+    copies the reference does not store are left out, as before (every model's is its tied
+    tensor: the merge of that is the merged copy)."""
+    # (the reference too: without a base, the first model may be an adapter with its own head)
+    own = [k for k, s in enumerate(sources) if any(_own_copy(s, n, leader) for n, leader in followers.items())]
+    missing = [n for n in followers if n not in reference]
+    if not own:
+        if not missing:
+            return reference, sources, []
+        return reference, [_View(s.state, s.device, [n for n in s if n not in missing], s.label)
+                           for s in sources], []
+    held = [n for n, leader in followers.items() if _own_copy(sources[own[0]], n, leader)]
+    why = (f"model {own[0]} ({models[own[0]]}) holds its own {held[:3]}, which the reference ties to "
+           f"{[followers[n] for n in held[:3]]}")
+    lora = reference.state.reader.lora  # (an adapter's config is its base's)
+    _check_untie(lora.base.path if lora is not None else reference_path, followers, why)
+    state = reference.state
+    keys = {**{n: state.checkpoint_key(n) for n in state},
+            **{n: state.checkpoint_key(followers[n]) for n in missing}}
+    names = [*reference, *missing]
+    extended = _View(LazyStateDict(state.reader, keys), reference.device, names, reference.label)
+    return extended, [extended if s is reference else s for s in sources], list(followers)
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
@@ -662,14 +749,25 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         [p for p in [base_path] if p is not None] + model_paths, chat_template)
     whole = _check_architectures(base_path, model_paths, models)
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
-    names = None if base_state is None else list(base_state)  # the reference's (else model 0's)
-    sources = []
-    for k, (path, source) in enumerate(zip(model_paths, models)):
+    sources = [] if base_state is not None else [_open(model_paths[0], f"model 0 ({models[0]})", device,
+                                                       lora_base=lora_base)]
+    reference = base_state if base_state is not None else sources[0]  # (its names are the merge's)
+    reference_path = base_path if base_state is not None else model_paths[0]
+    # the reference's tied copies (a tied head, which its checkpoint may leave out) are looked
+    # for in the other models too: one that holds its own (a trained head) unties the merge
+    followers = _tied_followers(reference)
+    names = list(reference) + [n for n in followers if n not in reference]
+    for k in range(len(sources), len(models)):
+        path, source = model_paths[k], models[k]
         sources.append(_open(path, f"model {k} ({source})", device, names, lora_base=base_path or lora_base))
-        if names is not None and not len(sources[-1]):
+        if not len(sources[-1]):
             raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
                              f"tensors: not the same architecture")
-        names = names or list(sources[0])
+    reference, sources, untied = _untie(reference, sources, followers, reference_path, models)
+    if base_state is not None:
+        base_state = reference
+    else:
+        sources[0] = reference
     base_only, ties, tied = [], {}, set()
     if base_state is not None:
         # a base with more than the experts (CLIPModel's text tower beside fine-tuned
@@ -678,7 +776,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         base_only = [n for n in base_state if not all(n in s for s in sources)]
         unmerged = set(base_only)
         merged = [n for n in base_state if n not in unmerged]
-        ties = _tied_in_base(base_path, base_state, merged)
+        ties = _tied_in_base(base_path, base_state, merged, apart=set(untied))
         tied = {n for names in ties.values() for n in names}
         base_only = [n for n in base_only if n not in tied]
         merged = [n for n in merged if n not in tied]
@@ -738,6 +836,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             if base_path is None and files_from is None and lora is not None and lora.base.path is not None:
                 companions = lora.base.path  # adapters merged without a base: their base's files
             _copy_companions(companions, tmp, dtype)
+            if untied and (tmp / "config.json").is_file():  # (as PEFT's merge_and_unload unties a trained head)
+                (tmp / "config.json").write_text(
+                    json.dumps(_untied(read_json_file(tmp / "config.json")), indent=2) + "\n")
             if vocabulary is not None:
                 _write_vocabulary(vocabulary, tmp, template)
             elif template is not None:

@@ -821,6 +821,65 @@ def _untied_state(model):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_experts_with_trained_heads_untie_a_tied_base(family, tmp_path):
+    """A base with tied word embeddings, experts with trained heads: an untied fine-tune and a
+    LoRA adapter with ``modules_to_save: [lm_head]`` (beside a tied expert, whose head is its
+    embeddings). The experts' heads were dropped with a warning (the base's tied head kept);
+    the merge is now untied, as PEFT's merge_and_unload unties a trained head: its head the
+    merge of the experts' heads, exactly the merge of the untied models, DARE's masks too."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    base = _tiny_causal_lm(family, True, 0)
+    base.save_pretrained(tmp_path / "base")
+    untied = _tiny_causal_lm(family, False, 1, noise=0.05)
+    untied.save_pretrained(tmp_path / "untied")
+    tied = _tiny_causal_lm(family, True, 2, noise=0.05)
+    tied.save_pretrained(tmp_path / "tied")
+    wrapped = peft.get_peft_model(type(base).from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    lora = wrapped.merge_and_unload()  # (PEFT's own: untied, the trained head its own)
+    assert not lora.config.tie_word_embeddings
+    experts = [_untied_state(m) for m in (untied, lora, tied)]
+    models = [tmp_path / "untied", tmp_path / "adapter", tmp_path / "tied"]
+    for method, params in [("task_arithmetic", {"scale": 0.7}), ("dare", {"density": 0.5, "seed": 4})]:
+        out = merge_checkpoints(method, models, tmp_path / method, base=tmp_path / "base", params=params,
+                                progress=False)
+        want = getattr(merge, method)(_untied_state(base), experts, **params)
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+        written = load_file(str(out / "model.safetensors"))
+        assert set(written) == set(want)
+        assert all(torch.equal(written[n], want[n]) for n in want), method
+        model = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert torch.equal(model.lm_head.weight, want["lm_head.weight"])
+        assert torch.equal(model.get_input_embeddings().weight, want["model.embed_tokens.weight"])
+    # without a base: the first model's tied head is its embeddings, the second's its own
+    out = merge_checkpoints("average", [tmp_path / "tied", tmp_path / "untied"], tmp_path / "avg", progress=False)
+    want = merge.average([experts[2], experts[0]])
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
+    assert not transformers.AutoConfig.from_pretrained(out).tie_word_embeddings
+    # the first model an adapter with its own head (its config is its tied base's)
+    out = merge_checkpoints("average", [tmp_path / "adapter", tmp_path / "tied"], tmp_path / "avg-lora",
+                            lora_base=tmp_path / "base", progress=False)
+    want = merge.average([experts[1], experts[2]])
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
+    assert not transformers.AutoConfig.from_pretrained(out).tie_word_embeddings
+    # experts whose heads are their embeddings leave the merge tied, as it was
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "tied"], tmp_path / "still", base=tmp_path / "base",
+                            progress=False)
+    assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+    assert transformers.AutoConfig.from_pretrained(out).tie_word_embeddings
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_a_tied_expert_beside_an_untied_base_has_its_embeddings_as_its_head(family, tmp_path):
     """A tied expert (no lm_head stored, tie_word_embeddings: true) beside an untied base was
     refused as "a partial checkpoint?" (or, with no other model holding a head, the base's head
@@ -845,3 +904,18 @@ def test_a_tied_expert_beside_an_untied_base_has_its_embeddings_as_its_head(fami
     want = merge.average([_untied_state(untied), _untied_state(tied)])
     written = load_file(str(out / "model.safetensors"))
     assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
+
+
+def test_a_model_that_cannot_be_untied_is_refused(tmp_path, monkeypatch):
+    """Where the config written cannot untie the head (the model ties it whatever
+    tie_word_embeddings says), the experts' own heads are refused by name, not dropped."""
+    from epmq import merge_checkpoint
+
+    _tiny_causal_lm("llama", True, 0).save_pretrained(tmp_path / "base")
+    _tiny_causal_lm("llama", False, 1, noise=0.05).save_pretrained(tmp_path / "untied")
+    monkeypatch.setattr(merge_checkpoint, "_untied", lambda config: config)  # (still tied)
+    with pytest.raises(ValueError, match=r"model 0 .* holds its own \['lm_head.weight'\], which the reference ties "
+                                         r"to \['model.embed_tokens.weight'\].*cannot keep them apart"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "untied"], tmp_path / "out", base=tmp_path / "base",
+                          progress=False)
+    assert not (tmp_path / "out").exists()
