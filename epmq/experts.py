@@ -81,9 +81,14 @@ class ExpertWeights:
         for tied tensors, the other names the same tensor goes by; ``rename``: how the model's
         loader renames checkpoint keys (``epmq.checkpoint_io.key_renaming``).
         """
+        from .lora import checkpoint_ties
+
         names = list(model_names)
         aliases = aliases or {}
-        order = {n: [n, *aliases.get(n, ())] for n in [*names, *aliases]}
+        # then the names the expert's own config ties it to: a tied expert, saved without its
+        # head, read for a merged model whose head is untied (a merge with trained heads)
+        own = checkpoint_ties(self.reader)
+        order = {n: list(dict.fromkeys([n, *aliases.get(n, ()), *own.get(n, ())])) for n in [*names, *aliases]}
         self._binding = Binding(self.reader.keys(), order, names=names, rename=rename)
         self._binding.refuse_ambiguity(
             lambda message: ValueError(f"the expert of task {self.task!r} ({self.description}) {message}"))

@@ -569,3 +569,30 @@ def test_an_expert_with_added_tokens_of_a_model_with_final_logits_bias_is_not_wa
                             calibration={"a": [{"input_ids": ids, "decoder_input_ids": ids}]},
                             experts={"a": bart(1, 72).state_dict()}, progress=False)
     assert not [w for w in caught if "outside the blocks" in str(w.message)]
+
+
+def test_a_tied_expert_of_an_untied_merge_gives_its_embeddings_as_its_head(gen, tmp_path):
+    """A merge of experts with trained heads onto a tied base is untied (``epmq merge``); an
+    expert among them whose head is its embeddings (tie_word_embeddings: true, saved without
+    lm_head) was refused on the expert path ("has no tensor 'lm_head.weight'"): its head is its
+    embeddings, an untied expert's its own."""
+    import transformers
+
+    def tiny(tie, seed):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=tie))
+
+    tiny(True, 1).save_pretrained(tmp_path / "tied")
+    tiny(False, 2).save_pretrained(tmp_path / "untied")
+    merged = tiny(False, 3)
+    experts = {"tied": tmp_path / "tied", "untied": tmp_path / "untied"}
+    for task, path in experts.items():
+        expert = ExpertWeights(path, task=task)
+        expert.bind(_names(merged))
+        own = transformers.AutoModelForCausalLM.from_pretrained(path)
+        assert torch.equal(expert.read("lm_head.weight"), own.lm_head.weight)
+    calibration = {task: [torch.randint(0, 64, (2, 8), generator=gen)] for task in experts}
+    epmq.quantize_model(merged, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                        experts=experts, targets="expert_path", progress=False)
