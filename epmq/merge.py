@@ -54,6 +54,7 @@ reproducible whatever order or subset of tensors is merged.
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -239,7 +240,26 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
         out[name] = merged
         if name in aliases.values():
             shared[name] = merged
+    if tied:
+        _warn_of_untied(reference, aliases, out)
     return out
+
+
+def _warn_of_untied(reference, aliases: Mapping, out) -> None:
+    """Warn where names of one tensor in the reference alone (a tied base module's head and
+    embeddings, beside experts with their own trained heads) were merged apart into different
+    values, as a merge of untied models gives them: loaded into the tied base, one would be
+    lost (``load_state_dict`` copies both into the one parameter, the last one kept)."""
+    if not isinstance(out, Mapping):
+        return
+    apart = [(name, first) for name, first in _common_aliases([reference]).items()
+             if name not in aliases and name in out and first in out and not torch.equal(out[name], out[first])]
+    if apart:
+        name, first = apart[0]
+        warnings.warn(f"the base holds {name!r} and {first!r} as one tensor (tied), the experts as their own (a "
+                      f"trained head): the merged state gives them different values, as a merge of untied models "
+                      f"does. Load it into a model whose {name!r} is its own parameter (tie_word_embeddings=False): "
+                      f"load_state_dict into the tied base keeps one value for both", stacklevel=4)
 
 
 def _listed(weights):

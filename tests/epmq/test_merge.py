@@ -1161,3 +1161,26 @@ def test_names_of_one_tensor_in_every_input_stay_one_whatever_else_unties():
             self.b.register_buffer("index", index)
 
     assert torch.equal(merge.task_arithmetic(Net(), [Net()], scale=1.0)["b.index"], torch.arange(4))
+
+
+def test_a_tied_base_module_with_experts_of_their_own_heads_is_warned_of():
+    """A tied base module, experts with trained heads (untied): the merged state gives the head
+    and the embeddings their own merges, as a merge of untied models; loaded into the tied base
+    (as the README's load_state_dict), the embeddings took the head's values, silently."""
+    import warnings
+
+    base = tied_llama(0.0, 0)
+    untied = []
+    for k in range(2):
+        expert = tied_llama(0.05, k + 1)
+        expert.config.tie_word_embeddings = False
+        expert.lm_head.weight = torch.nn.Parameter(expert.lm_head.weight.detach().clone() + 0.1)
+        untied.append(expert)
+    with pytest.warns(UserWarning, match=r"'lm_head.weight' and 'model.embed_tokens.weight' as one tensor"):
+        merged = merge.task_arithmetic(base, untied, scale=0.5)
+    states = [{n: t.detach().clone() for n, t in m.state_dict().items()} for m in (base, *untied)]
+    want = merge.task_arithmetic(states[0], states[1:], scale=0.5)  # (the base untied: no warning)
+    assert all(torch.equal(merged[n], want[n]) for n in want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge.task_arithmetic(base, [tied_llama(0.05, 3)], scale=0.5)  # (tied experts: one tensor, merged once)
