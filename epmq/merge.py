@@ -103,9 +103,15 @@ def _inputs(base, experts) -> tuple[Optional[StateDict], list[StateDict]]:
         missing = [n for n in names if n not in keys]
         extra = sorted(keys - set(names))
         if missing or extra:
+            # (a tied model's checkpoint leaves its head out, an untied one's has it: the state
+            # dicts read from files do not say the head is the embeddings)
+            tie = (f"; if the {'base' if base is not None else 'first expert'} ties them to another tensor "
+                   f"(a head tied to the embeddings, which save_pretrained leaves out), give it as its module "
+                   f"(its state_dict() lists the tied names too) or add them under their names"
+                   if extra and not missing else "")
             raise ValueError(
                 f"{_who(expert, k)} does not match the {'base' if base is not None else 'first expert'}: "
-                f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}"
+                f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}{tie}"
             )
     return base, experts
 

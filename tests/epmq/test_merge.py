@@ -1184,3 +1184,15 @@ def test_a_tied_base_module_with_experts_of_their_own_heads_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         merge.task_arithmetic(base, [tied_llama(0.05, 3)], scale=0.5)  # (tied experts: one tensor, merged once)
+
+
+def test_an_untied_expert_of_a_tied_base_read_from_files_names_the_tie():
+    """A tied base's file leaves its head out, an untied expert's holds it: the refusal of the
+    state dicts said only "unexpected tensors ['lm_head.weight']", not that the tie is why."""
+    base = {n: t for n, t in tied_llama(0.0, 0).state_dict().items() if n != "lm_head.weight"}
+    expert = {n: t.detach().clone() for n, t in tied_llama(0.05, 1).state_dict().items()}
+    with pytest.raises(ValueError, match=r"unexpected tensors \['lm_head.weight'\]; if the base ties them .* "
+                                         r"give it as its module"):
+        merge.task_arithmetic(base, [expert])
+    merged = merge.task_arithmetic(dict(base, **{"lm_head.weight": base["model.embed_tokens.weight"]}), [expert])
+    assert set(merged) == set(expert)
