@@ -639,10 +639,17 @@ def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype
                prefixes: Iterable[str] = (), error: type = CheckpointError) -> LazyStateDict:
     """``bind`` a checkpoint at ``path`` to ``model``'s state-dict names and shapes. A checkpoint
     of more blocks than the model (another configuration) holds every tensor the model has and
-    is refused: what it has past the model's last block says so."""
+    is refused: what it has past the model's last block says so. A name the checkpoint stores
+    is read under its own key even where ``model`` ties it to another (an untied expert's head
+    beside a tied base: the state then holds the two apart, see ``BenchBase._open_experts``)."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     reader = CheckpointReader(path, what, error=error)
-    order, rename = tie_order(model), key_renaming(model)
+    # each name under its own key first, then its aliases': a tied model lists a tied head's
+    # embeddings first, and an untied expert's trained head, stored under its own name, was read
+    # as its embeddings. As from_pretrained: a stored head is the checkpoint's own (transformers
+    # ties it only where it equals the embeddings), one left out is the tensor it is tied to
+    order = {name: list(dict.fromkeys([name, *names])) for name, names in tie_order(model).items()}
+    rename = key_renaming(model)
     state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename)
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
     ignored = ignored_on_load(model)  # (no block of it)

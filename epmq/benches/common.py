@@ -84,6 +84,52 @@ class BenchBase:
             self.experts[t.name] = open_state(path, self._template, what=what, dtype=self.dtype, prefixes=prefixes,
                                               error=BenchConfigError)
             self.log(f"[bench] {what}: {path}")
+        self._untie_held_apart()
+
+    def _untie_held_apart(self) -> None:
+        """Untie the template where an expert holds its own copy of a tensor the base ties (an
+        untied fine-tune's trained head over a base with tied word embeddings), as ``epmq merge``
+        unties its output: loaded into the tied template, the expert's head and embeddings went
+        into one parameter (the last copied kept), so the expert's row and every merge evaluated
+        another model than theirs. The head gets a parameter of its own, the base's values (its
+        embeddings), and the config says ``tie_word_embeddings: false`` (a quantized checkpoint is
+        saved so); refused where the config cannot untie it (transformers 5 ties every T5's)."""
+        from ..checkpoint_io import parameter_aliases
+        from ..merge_checkpoint import _check_untie
+
+        followers = {}  # name held apart -> the name it is tied to in the template, and whose
+        for names in parameter_aliases(self._template):
+            for name in names[1:]:
+                whose = next((t for t, e in self.experts.items()
+                              if e.checkpoint_key(name) != e.checkpoint_key(names[0])
+                              and not torch.equal(e[name], e[names[0]])), None)
+                if whose is not None:
+                    followers[name] = (names[0], whose)
+        if not followers:
+            return
+        name, (leader, whose) = next(iter(followers.items()))
+        why = f"the expert of task {whose!r} holds its own {name!r}, which the base ties to {leader!r}"
+        base = getattr(self, "base_dir", None)
+        if base is None:
+            raise BenchConfigError(f"{why}: this bench cannot untie its model; give experts whose {name!r} is "
+                                   f"their {leader!r}")
+        try:
+            _check_untie(Path(base), {n: lead for n, (lead, _) in followers.items()}, why)
+        except ValueError as e:
+            raise BenchConfigError(str(e)) from e
+        model = self._template
+        for name, (leader, _) in followers.items():
+            parent, _, attr = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            shared = owner._parameters[attr]
+            owner.register_parameter(attr, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
+            getattr(model, "all_tied_weights_keys", {}).pop(name, None)  # (transformers would tie it again)
+        config = getattr(model, "config", None)
+        if config is not None:  # as _untied: the top and each tower's config that says it
+            for c in [config, *(v for v in vars(config).values() if hasattr(v, "tie_word_embeddings"))]:
+                if hasattr(c, "tie_word_embeddings"):
+                    c.tie_word_embeddings = False
+        self.log(f"[bench] {why}: the model is untied (tie_word_embeddings: false), as epmq merge unties it")
 
     @property
     def identity(self) -> dict:
@@ -206,7 +252,8 @@ class BenchBase:
 
 # How the benches evaluate, in every bench identity: change it with any change of the code that
 # changes their numbers, so that results stored before are not reused.
-EVALUATION_RULES = "2026-12-02: class names keep their '/', open_clip's zero-shot heads in fp32"
+EVALUATION_RULES = ("2026-12-05: class names keep their '/', open_clip's zero-shot heads in fp32, experts' own "
+                    "heads over a tied base")
 
 
 def files_fingerprint(path: Optional[Path]) -> Optional[str]:

@@ -167,3 +167,62 @@ def test_an_fp8_expert_with_its_scales_beside_is_refused_not_cast(tmp_path):
     with pytest.raises(BenchConfigError, match=rf"expert of task 'sst2'.*tensor '{name}' is stored as "
                                                rf"torch.float8_e4m3fn with its scales in '{name}_scale_inv'"):
         build_bench(config, base_dir=tmp_path, progress=False)
+
+
+def _tied_base_bench(root):
+    """A tiny causal-LM bench whose base ties its head to its embeddings, with an untied expert
+    (its own trained head, task sst2) and a tied one (task rte); its config and directories."""
+    import transformers
+
+    from epmq.benches.tiny import _start, _text_bench, perturb, word_tokenizer
+
+    root, per_split, gen = _start(root, None, {"train": 12, "validation": 6}, 0)
+    tok = word_tokenizer(root / "base")
+
+    def llama(tie):
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+
+    base = llama(True)
+    config = _text_bench(root, "hf_causal_lm", base, ("sst2", "rte"), per_split, gen)
+    untied = llama(False)
+    untied.load_state_dict(base.state_dict())  # (its head starts as the base's embeddings)
+    untied = perturb(untied, gen)  # (the head trained apart)
+    untied.save_pretrained(root / "experts" / "sst2")
+    return config, root
+
+
+def test_an_untied_experts_own_head_is_read_over_a_tied_base(tmp_path):
+    """The template ties the head to the embeddings (the base's), and ``open_state`` looked an
+    expert's head up under the embeddings' name first: an untied expert's trained head was never
+    read, so its row of the accuracy table and every merge used its embeddings as its head. Each
+    expert now has its own head (a tied one's is its embeddings), the bench's model is untied as
+    ``epmq merge`` unties its output, and a merge there is the model ``epmq merge`` writes."""
+    import transformers
+
+    from epmq import merge_checkpoints
+
+    config, root = _tied_base_bench(tmp_path)
+    bench = build_bench(config, base_dir=root, progress=False)
+    assert bench.experts["sst2"].checkpoint_key("lm_head.weight") == "lm_head.weight"
+    assert bench.experts["rte"].checkpoint_key("lm_head.weight") == "model.embed_tokens.weight"
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    for task in ("sst2", "rte"):  # each expert as from_pretrained builds it
+        own = transformers.AutoModelForCausalLM.from_pretrained(root / "experts" / task)
+        assert torch.equal(logits(bench.model(bench.experts[task])), logits(own)), task
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    assert torch.equal(logits(bench.model()), logits(base))
+    assert not bench.model().config.tie_word_embeddings
+    merged = task_arithmetic(bench.base_state, [bench.experts[t] for t in bench.task_names], scale=0.5)
+    out = merge_checkpoints("task_arithmetic", [root / "experts" / t for t in bench.task_names], tmp_path / "merged",
+                            base=root / "base", params={"scale": 0.5}, progress=False)
+    written = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits(bench.model(merged)), logits(written), atol=1e-6)

@@ -363,3 +363,20 @@ def test_the_tiny_t5_tokenizer_numbers_every_id(tmp_path):
 
     vocab = t5_tokenizer(tmp_path).get_vocab()
     assert sorted(vocab.values()) == list(range(len(vocab)))
+
+
+def test_an_experts_own_head_over_a_t5_that_cannot_untie_is_refused(tmp_path):
+    """An expert that stores its own ``lm_head`` (FLAN-T5's head, trained apart) over a T5 base
+    whose head is its embeddings: its head was read as the embeddings, silently. transformers 5
+    ties every T5's head whatever tie_word_embeddings says, so the bench cannot untie its model
+    (as ``epmq merge`` cannot): refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    config = write_tiny_t5(tmp_path, ("sst2",))
+    file = next((tmp_path / config["tasks"][0]["expert"]).glob("*.safetensors"))
+    state = load_file(str(file))
+    state["lm_head.weight"] = state["shared.weight"] + 0.1
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(BenchConfigError, match=r"expert of task 'sst2' holds its own 'lm_head.weight', which the "
+                                               r"base ties to 'shared.weight'.*cannot keep them apart"):
+        build_bench(config, base_dir=tmp_path, progress=False)
