@@ -748,6 +748,21 @@ class _Edits:
 _IGNORED_ON_LOAD = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$", r"\.masked_bias$")
 
 
+def _input_embeddings(model: nn.Module):
+    """``(name, weight)`` of the model's input token embeddings (``get_input_embeddings``), or
+    None where it does not say."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if callable(get) else None
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    path = next((n for n, m in model.named_modules() if m is module), None)
+    return None if path is None else (f"{path}.weight" if path else "weight", weight)
+
+
 def _expert_tensors(block) -> list:
     """``(name, tensor)`` of the block's float tensors that an expert has: not those of layers
     an earlier call quantized (an expert holds no scales; the target stream runs those layers
@@ -1277,6 +1292,15 @@ class _Walk:
         for name, tensor in self.model.state_dict(keep_vars=True).items():
             if tensor.is_floating_point():
                 by_id.setdefault(id(tensor), (tensor, []))[1].append(self.ckpt(name))
+        # each expert's tensor of one of several names (a head tied to the embeddings) is read
+        # under the first: the input embeddings' name, where the model says which it is (the
+        # head follows the blocks and shapes no target; a head registered before the embeddings
+        # put an untied expert's trained head in the walk as its embeddings)
+        fed = _input_embeddings(self.model)
+        self._fed = None if fed is None else id(fed[1])
+        if fed is not None and id(fed[1]) in by_id and self.ckpt(fed[0]) in by_id[id(fed[1])][1]:
+            names = by_id[id(fed[1])][1]
+            names.insert(0, names.pop(names.index(self.ckpt(fed[0]))))
         self.aliases = {n: [m for m in names if m != n] for _, names in by_id.values() for n in names}
         prefixes = tuple(f"{s.prefix}." for s in self.stacks)
         # (a layer an earlier call quantized is no expert's: the expert stream runs it as it is)
@@ -1322,6 +1346,7 @@ class _Walk:
                 present[key] = shape
             source.check(present)
             if self.targets == "expert_path":
+                self._check_held_apart(source)
                 self._warn_of_extra_block_tensors(source, present)
             else:
                 self._warn_of_other_shapes_outside(source)
@@ -1357,6 +1382,30 @@ class _Walk:
                 raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more routed experts "
                                  f"at {experts[:-1]!r} than the merged model's {count} (it holds {past!r}): it must "
                                  f"be a checkpoint of the merged model's architecture")
+
+    def _check_held_apart(self, source) -> None:
+        """Refuse an expert that holds its own tensors under the names of one of the merged
+        model's tensors outside the blocks (a trained head where the merged model's is tied to
+        another tensor) where the model does not say which of them feeds the blocks: the expert
+        path runs the expert with one tensor for all those names, read under the first, which
+        may be one its blocks never see. (For the input embeddings, which ``get_input_embeddings``
+        names, that name is read: the head follows the blocks.)"""
+        for tensor, names in self.outside:
+            if len(names) < 2 or id(tensor) == self._fed:
+                continue
+            first = source.key_for(names[0])
+            apart = [n for n in names[1:] if source.key_for(n) not in (None, first)]
+            if first is None or not apart:
+                continue
+            value = source.fetch(names[0])
+            apart = [n for n in apart if not torch.equal(source.fetch(n), value)]
+            if apart:
+                raise ValueError(
+                    f"the expert of task {source.task!r} ({source.description}) holds {apart[0]!r} apart from "
+                    f"{names[0]!r}, which the merged model ties (one tensor): targets='expert_path' runs the "
+                    f"expert with one tensor for both, and the model does not say which of them its blocks are "
+                    f"fed (no get_input_embeddings naming it); untie the merged model (give {apart[0]!r} a "
+                    f"parameter of its own), or use targets='merged_path'")
 
     def _warn_of_other_shapes_outside(self, source) -> None:
         """Warn where the expert's tensors outside the blocks have other shapes than the merged

@@ -596,3 +596,61 @@ def test_a_tied_expert_of_an_untied_merge_gives_its_embeddings_as_its_head(gen, 
     calibration = {task: [torch.randint(0, 64, (2, 8), generator=gen)] for task in experts}
     epmq.quantize_model(merged, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
                         experts=experts, targets="expert_path", progress=False)
+
+
+class _TinyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _HeadFirstLM(torch.nn.Module):
+    """A tiny LM whose head, tied to its embeddings, is registered before them (its state dict
+    lists ``head.weight`` first); it does not say which are its input embeddings."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = torch.nn.Linear(32, 64, bias=False)
+        self.embed = torch.nn.Embedding(64, 32)
+        self.layers = torch.nn.ModuleList(_TinyBlock() for _ in range(2))
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+class _HeadFirstLMWithInputs(_HeadFirstLM):
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_an_untied_experts_head_is_not_taken_for_its_embeddings_on_the_expert_path(gen):
+    """A tied merged model, an expert with its own trained head: the expert path reads each
+    tensor outside the blocks under its first name, and where the head came first (registered
+    before the embeddings) the expert's head was put in as its embeddings, so every target was
+    another model's. The input embeddings' name is read (the head follows the blocks and shapes
+    no target): the result is that of the expert with its head tied, its blocks' inputs the same.
+    Where the model does not say which name feeds the blocks, such an expert is refused."""
+    spec, calibration = epmq.QuantSpec(bits=4, group_size=16), {"a": [torch.randint(0, 64, (2, 8), generator=gen)]}
+    tied = {n: t.detach().clone() for n, t in _HeadFirstLMWithInputs(1).state_dict().items()}
+    assert list(tied)[0] == "head.weight"
+    untied = dict(tied, **{"head.weight": tied["embed.weight"] + 0.5})
+
+    def quantized(expert, says_inputs=True):
+        model = epmq.quantize_model((_HeadFirstLMWithInputs if says_inputs else _HeadFirstLM)(0), spec, method="epmq", calibration=calibration,
+                                    experts={"a": expert}, targets="expert_path", backend="torch", progress=False)
+        return model.state_dict()
+
+    want, got = quantized(tied), quantized(untied)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    quantized(tied, says_inputs=False)  # (held as one tensor: nothing to choose)
+    with pytest.raises(ValueError, match=r"expert of task 'a' .* holds 'embed.weight' apart from 'head.weight', "
+                                         r"which the merged model ties.*untie the merged model"):
+        quantized(untied, says_inputs=False)
