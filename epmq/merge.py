@@ -187,17 +187,21 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
 def _common_aliases(states: Sequence[StateDict]) -> dict:
     """``{name: the first name holding the same tensor in every state}``: a tied head and its
     embeddings, listed twice by a module's state dict, are one tensor, merged once; names one
-    tensor in some inputs only (an untied fine-tune's changed head) are merged apart. For states
-    held in memory (dicts); a lazy checkpoint's reads are fresh tensors (``merge_checkpoints``
-    finds ties by the base's config)."""
-    if not all(isinstance(state, dict) for state in states):
-        return {}
+    tensor in some inputs only (an untied fine-tune's changed head) are merged apart. States held
+    in memory (dicts) by storage; lazy ones (``checkpoint_io.LazyStateDict``, whose reads are fresh
+    tensors) by the checkpoint key each name is read from. Others have no ties found
+    (``merge_checkpoints`` finds them by the base's config)."""
 
     def keys(state):  # (by items(): no read a state counts or makes)
-        return {name: storage_key(t) for name, t in dict.items(state)
-                if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta}
+        if isinstance(state, dict):
+            return {name: storage_key(t) for name, t in dict.items(state)
+                    if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta}
+        checkpoint_key = getattr(state, "checkpoint_key", None)
+        return None if checkpoint_key is None else {name: checkpoint_key(name) for name in state}
 
     each = [keys(state) for state in states]
+    if any(k is None for k in each):
+        return {}
     first, aliases = {}, {}
     for name in states[0]:
         if all(name in k for k in each):
@@ -255,8 +259,10 @@ def _warn_of_untied(reference, aliases: Mapping, out) -> None:
     """Warn where names of one tensor in the reference alone (a tied base module's head and
     embeddings, beside experts with their own trained heads) were merged apart into different
     values, as a merge of untied models gives them: loaded into the tied base, one would be
-    lost (``load_state_dict`` copies both into the one parameter, the last one kept)."""
-    if not isinstance(out, Mapping):
+    lost (``load_state_dict`` copies both into the one parameter, the last one kept). Not for a
+    lazy checkpoint's state: whoever reads one (the benches, ``merge_checkpoints``) unties the
+    model it loads into where an expert's head is its own."""
+    if not isinstance(out, Mapping) or not isinstance(reference, dict):
         return
     apart = [(name, first) for name, first in _common_aliases([reference]).items()
              if name not in aliases and name in out and first in out and not torch.equal(out[name], out[first])]

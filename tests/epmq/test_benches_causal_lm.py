@@ -226,3 +226,21 @@ def test_an_untied_experts_own_head_is_read_over_a_tied_base(tmp_path):
                             base=root / "base", params={"scale": 0.5}, progress=False)
     written = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(logits(bench.model(merged)), logits(written), atol=1e-6)
+
+
+def test_a_random_merge_of_tied_checkpoints_draws_one_mask_for_the_tied_tensor(tmp_path):
+    """Every model tied: the bench's lazy states list the head and the embeddings as two names of
+    one checkpoint tensor. DARE drew a mask for each, so the merged state held two values of one
+    tensor and the model took whichever load_into copied last; the tensor is merged once."""
+    import shutil
+
+    from epmq.merge import dare
+
+    config, root = _tied_base_bench(tmp_path)
+    shutil.rmtree(root / "experts" / "sst2")
+    shutil.copytree(root / "experts" / "rte", root / "experts" / "sst2")  # (tied, as the base)
+    bench = build_bench(config, base_dir=root, progress=False)
+    merged = dare(bench.base_state, [bench.experts[t] for t in bench.task_names], density=0.5, seed=1)
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+    model = bench.model(merged)
+    assert torch.equal(model.model.embed_tokens.weight, merged["model.embed_tokens.weight"])
