@@ -597,6 +597,12 @@ class LazyStateDict(Mapping):
         read every tensor the walk checks, a second read of a whole expert)."""
         return tuple(self.reader.shape(self._keys[name]))
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype indexing gives tensor ``name`` (``dtype`` where it casts), without reading
+        it from a safetensors file."""
+        stored = self.reader.dtype(self._keys[name])
+        return self.dtype if self.dtype is not None and stored.is_floating_point else stored
+
     def __repr__(self):
         return f"LazyStateDict({len(self)} tensors from {self.description})"
 

@@ -53,6 +53,7 @@ reproducible whatever order or subset of tensors is merged.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 import zlib
@@ -163,7 +164,7 @@ def _tensors(name: str, base: Optional[StateDict], experts: Sequence[StateDict],
     read when indexed (and checked the first time)."""
     reference = base[name] if base is not None else experts[0][name]
     _a_tensor(name, "base" if base is not None else "expert 0", reference)
-    W_0 = None if base is None else _checked(name, "base", base[name], reference)
+    W_0 = None if base is None else _checked(name, "base", reference, reference)
     if not reference.is_floating_point():
         for k, e in enumerate(experts):
             _checked(name, _who(e, k), e[name], reference)
@@ -1117,14 +1118,21 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
     its entries kept), streamed twice."""
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
-    names = [n for n in base.keys() if base[n].is_floating_point() and n not in aliases]
-    n = sum(base[name].numel() for name in names)
+    if hasattr(base, "dtype_of"):  # (a lazy checkpoint's: from its header, not two more reads of it all)
+        dtypes = {name: base.dtype_of(name) for name in base.keys()}
+        numel = {name: math.prod(base.shape_of(name)) for name in base.keys()}
+    else:
+        dtypes = {name: base[name].dtype for name in base.keys()}
+        numel = {name: base[name].numel() for name in base.keys()}
+    names = [n for n in base.keys() if dtypes[n].is_floating_point and n not in aliases]
+    n = sum(numel[name] for name in names)
 
     def task_vector(k):
         for name in names:
-            W_k = _checked(name, _who(experts[k], k), experts[k][name], base[name])
-            work = _work_dtype(base[name])
-            yield (W_k.to(work) - base[name].to(work)).abs()
+            W_0 = base[name]  # (a lazy state reads anew at each index)
+            W_k = _checked(name, _who(experts[k], k), experts[k][name], W_0)
+            work = _work_dtype(W_0)
+            yield (W_k.to(work) - W_0.to(work)).abs()
 
     return [_kth_largest(lambda k=k: task_vector(k), n, density(k)) for k in range(len(experts))]
 

@@ -78,6 +78,22 @@ class _View(Mapping):
             t = self.state[name]
         return t if self.device is None else t.to(self.device)
 
+    def _header(self, name, what: str):
+        """Tensor ``name``'s ``what`` (``dtype_of``, ``shape_of``) from the checkpoint's header
+        where the state reads one; else (a vocabulary-aligned tensor) from the tensor."""
+        if name not in self.names:
+            raise KeyError(name)
+        if (self.aligned is not None and name in self.aligned[0].names) or not hasattr(self.state, what):
+            t = self[name]
+            return t.dtype if what == "dtype_of" else tuple(t.shape)
+        return getattr(self.state, what)(name)
+
+    def dtype_of(self, name) -> torch.dtype:
+        return self._header(name, "dtype_of")
+
+    def shape_of(self, name) -> tuple:
+        return self._header(name, "shape_of")
+
     def __iter__(self):
         return iter(self.names)
 

@@ -919,3 +919,26 @@ def test_a_model_that_cannot_be_untied_is_refused(tmp_path, monkeypatch):
         merge_checkpoints("task_arithmetic", [tmp_path / "untied"], tmp_path / "out", base=tmp_path / "base",
                           progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_global_ties_learns_the_bases_sizes_without_reading_it(checkpoints, tmp_path, monkeypatch):
+    """The global threshold streams each task vector twice (2 reads of each base tensor per
+    expert) and the merge one more; two further whole reads of the base, for each tensor's dtype
+    and size, came on top: a 70B base read twice for its header's worth."""
+    from collections import Counter
+    from pathlib import Path
+
+    from epmq.checkpoint_io import CheckpointReader
+
+    root, _, _ = checkpoints
+    reads, get = Counter(), CheckpointReader.get
+
+    def counted(self, key, *args, **kwargs):
+        if Path(self.path).resolve() == (root / "base").resolve():
+            reads[key] += 1
+        return get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointReader, "get", counted)
+    merge_checkpoints("ties", [root / "e0", root / "e1"], tmp_path / "out", base=root / "base",
+                      params={"density": 0.3, "scope": "global"}, progress=False)
+    assert reads and max(reads.values()) <= 2 * 2 + 1, reads.most_common(3)
