@@ -167,12 +167,33 @@ def _tied_followers(view) -> dict:
     the name it is a copy of (the first the reference's checkpoint stores). A tied head,
     which save_pretrained leaves out, is one."""
     own, position = checkpoint_ties(view.state.reader), {n: i for i, n in enumerate(view)}
-    out = {}
+    out, apart = {}, {}
     for name, others in own.items():
         stored = sorted((m for m in [name, *others] if m in position), key=position.get)
-        if stored and name != stored[0]:
+        if not stored or name == stored[0]:
+            continue
+        group = tuple(stored)
+        if group not in apart:
+            apart[group] = _stored_apart(view, stored)
+        if not apart[group]:
             out[name] = stored[0]
     return out
+
+
+def _stored_apart(view, names: list) -> bool:
+    """Whether the checkpoint behind ``view`` stores two of ``names`` (names of one tensor by its
+    config) with different values: they are not tied in it, as from_pretrained leaves two stored
+    tensors that differ untied. FLAN-T5 as transformers 4.x wrote it (the hub's) stores lm_head
+    beside shared, and transformers 5 builds T5 tied whatever its config says. A LoRA adapter's
+    are its base checkpoint's (a head it saved whole, modules_to_save, is a trained head over
+    its base's tie, untied by ``_untie``)."""
+    key, lora = view.state.checkpoint_key, view.state.reader.lora
+    if lora is not None:
+        names = [n for n in names if key(n) in lora.base]
+        read = lambda n: lora.base.get(key(n))  # noqa: E731
+    else:
+        read = view.state.__getitem__
+    return any(key(n) != key(names[0]) and not torch.equal(read(n), read(names[0])) for n in names[1:])
 
 
 def _own_copy(view, name: str, leader: str) -> bool:

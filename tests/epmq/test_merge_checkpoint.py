@@ -942,3 +942,55 @@ def test_global_ties_learns_the_bases_sizes_without_reading_it(checkpoints, tmp_
     merge_checkpoints("ties", [root / "e0", root / "e1"], tmp_path / "out", base=root / "base",
                       params={"density": 0.3, "scope": "global"}, progress=False)
     assert reads and max(reads.values()) <= 2 * 2 + 1, reads.most_common(3)
+
+
+def test_flan_t5_checkpoints_whose_head_is_stored_apart_merge_untied(tmp_path):
+    """FLAN-T5 as transformers 4.x wrote it (the hub's): lm_head.weight stored beside
+    shared.weight with values of its own, tie_word_embeddings: false. transformers 5 builds T5
+    tied whatever the config says, but from_pretrained leaves two stored tensors that differ
+    untied; the untie check took the experts' heads for trained heads over a tied base and
+    refused every FLAN-T5 merge ("cannot keep them apart"). Each tensor merges on its own, as
+    before."""
+    from safetensors.torch import load_file, save_file
+
+    def flan(name, seed, noise):
+        torch.manual_seed(0)
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0))
+        state = {k: v.clone() for k, v in model.state_dict().items() if "embed_tokens" not in k}
+        state["lm_head.weight"] = torch.randn(64, 16, generator=torch.Generator().manual_seed(9))
+        g = torch.Generator().manual_seed(seed)
+        state = {k: v + noise * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+        config = dict(model.config.to_dict(), tie_word_embeddings=False, architectures=[type(model).__name__])
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        return state
+
+    base, experts = flan("base", 0, 0.0), [flan(f"e{k}", k + 1, 0.05) for k in range(2)]
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                            base=tmp_path / "base", params={"scale": 0.5}, progress=False)
+    want = merge.task_arithmetic(base, experts, scale=0.5)
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
+    out = merge_checkpoints("average", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "avg", progress=False)
+    want = merge.average(experts)
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(want) and all(torch.equal(written[n], want[n]) for n in want)
+    # LoRA adapters on that base, merged without one (the first adapter the reference)
+    peft = pytest.importorskip("peft")
+    adapters, merged = [], []
+    for k in range(2):
+        wrapped = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                                      peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"]))
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(k)))
+        wrapped.save_pretrained(tmp_path / f"a{k}")
+        adapters.append(tmp_path / f"a{k}")
+        merged.append({n: t.detach().clone() for n, t in wrapped.merge_and_unload().state_dict().items()})
+    out = merge_checkpoints("average", adapters, tmp_path / "avg-lora", lora_base=tmp_path / "base", progress=False)
+    want = merge.average(merged)
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(base) and all(torch.equal(written[n], want[n]) for n in written)
