@@ -27,6 +27,8 @@ beside a checkpoint (``tokenizer.save_pretrained(directory)``, a README) are car
 new one, and so are the files epmq wrote there itself (``.epmq_files.json`` lists them) that
 were changed since, but the weights and configs; weights files epmq did not write there make
 the write refuse (engines would read them), and so does another tool's GPTQ checkpoint. A
+directory that is not a checkpoint is refused too, unless it holds only what a checkpoint is
+served with (a tokenizer saved there first), which is kept as the user's. A
 symlinked target is written where it points; the temporary directories of a killed write are
 removed by the next write to the same target.
 """
@@ -198,8 +200,13 @@ class _SavePretrained:
             refused.append("distributed_checkpoint=True")
         if kwargs.pop("safe_serialization", True) is False:
             refused.append("safe_serialization=False (the format is safetensors)")
-        if getattr(model, "_hf_peft_config_loaded", False):
-            refused.append("PEFT adapters loaded on the model (their save_pretrained writes the adapters only)")
+        if getattr(model, "_hf_peft_config_loaded", False):  # (transformers then writes the adapters only,
+            # in PEFT's format: nothing of the quantized layers, so its own save is the right one)
+            return type(model).save_pretrained(
+                model, save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                push_to_hub=push_to_hub, max_shard_size=max_shard_size, variant=variant, token=token,
+                save_peft_format=save_peft_format, save_original_format=save_original_format,
+                distributed_checkpoint=distributed_checkpoint, **kwargs)
         refused += [f"{key}=" for key in kwargs]
         if refused:
             raise ValueError(f"save_pretrained of a model quantized by epmq writes epmq.save_quantized's "
@@ -762,7 +769,8 @@ def _carry_over(old: Path, new: Path) -> None:
     the new write's files stand."""
     if not old.is_dir():
         return
-    manifest = (old / MANIFEST_FILE).is_file()
+    # (a directory of the user's files alone, a tokenizer saved first: each is theirs, kept)
+    manifest = (old / MANIFEST_FILE).is_file() or _served_with_only(old)
     ours = _read_manifest(old)
     kept = []
     for entry in old.iterdir():
@@ -795,12 +803,28 @@ def _replaceable(directory: Path, marker: str = CONFIG_FILE) -> bool:
         return False
     if not any(directory.iterdir()):
         return True
+    if marker == CONFIG_FILE and _served_with_only(directory):  # (not a merge's: its tokenizer is made
+        return True  # anew, a union vocabulary's, which a user's older one kept in its place would undo)
     if not (directory / marker).is_file():
         return False
     if marker != CONFIG_FILE or (directory / MANIFEST_FILE).is_file():
         return True
     config = read_json(directory / CONFIG_FILE)  # (epmq before the manifest: its own section)
     return isinstance(config, dict) and isinstance(config.get("epmq"), dict)
+
+
+# what tokenizers', processors' and hub repositories' save_pretrained write beside a model
+_SERVED_WITH = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|merges|spiece|sentencepiece.*"
+                          r"|chat_template|generation_config|preprocessor_config|processor_config"
+                          r"|README|\.gitattributes)(\.[A-Za-z0-9]+)*")
+
+
+def _served_with_only(directory: Path) -> bool:
+    """Whether ``directory`` holds only files a checkpoint is served with, saved first (as
+    ``tokenizer.save_pretrained(d); model.save_pretrained(d)`` does): a tokenizer, processor and
+    generation configs, a README. A checkpoint written there carries them over as the user's.
+    (Not any folder of files: each would be copied into the new one.)"""
+    return all(p.is_file() and not p.is_symlink() and _SERVED_WITH.fullmatch(p.name) for p in directory.iterdir())
 
 
 def _fsync(path: Path) -> None:

@@ -1269,6 +1269,46 @@ def test_save_pretrained_refuses_what_the_format_cannot_honour(kwargs, tmp_path)
     assert not (tmp_path / "p").exists()
 
 
+def test_save_pretrained_into_a_folder_holding_the_tokenizer_saved_first(tmp_path):
+    """``tokenizer.save_pretrained(d); model.save_pretrained(d)``, the usual order, was refused
+    ("not an epmq checkpoint"): a folder of files a checkpoint is served with (tokenizer, README)
+    is written into, each of them kept as the user's (the same file the write also makes: theirs
+    stands). One with a folder, configs, weights or other files in it is still refused, untouched."""
+    model = _llama(0)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    directory = tmp_path / "d"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text('{"the": "tokenizer"}')
+    (directory / "README.md").write_text("my card")
+    model.save_pretrained(directory)
+    assert (directory / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
+    assert (directory / "README.md").read_text() == "my card"
+    item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(epmq.load_quantized(directory), item), output(model, item), rtol=0, atol=0)
+    for other in ("runs/", "config.json", "model.safetensors", "notes.txt"):
+        held = tmp_path / other.rstrip("/")
+        kept = tmp_path / f"kept-{other.rstrip('/')}"
+        kept.mkdir()
+        (kept / "tokenizer.json").write_text("{}")
+        (kept / other.rstrip("/")).mkdir() if other.endswith("/") else (kept / other).write_text("{}")
+        with pytest.raises(ValueError, match="refusing to replace it|weights files epmq did not write"):
+            model.save_pretrained(kept)
+        assert sorted(p.name for p in kept.iterdir()) == sorted(["tokenizer.json", other.rstrip("/")]), held
+
+
+def test_save_pretrained_of_a_model_with_peft_adapters_is_transformers_own(tmp_path, monkeypatch):
+    """Adapters loaded through transformers (``model.add_adapter``): its save_pretrained writes
+    them alone, in PEFT's format, which is what is asked for; passed on, not refused."""
+    model = _llama(0)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    calls = []
+    monkeypatch.setattr(type(model), "save_pretrained", lambda self, d, **kwargs: calls.append((self, d, kwargs)))
+    model._hf_peft_config_loaded = True
+    model.save_pretrained(tmp_path / "adapters", max_shard_size="1GB")
+    assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == tmp_path / "adapters"
+    assert calls[0][2]["max_shard_size"] == "1GB"
+
+
 def test_save_pretrained_of_models_quantized_otherwise_or_copied(tmp_path):
     """A compiled model, one quantized in two calls, a deep copy and an unpickled copy (each
     saving itself) write save_quantized's checkpoint; a model never quantized keeps
