@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +113,24 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_safetensors(tensors: dict, path, metadata=None) -> None:
+    """``safetensors.torch.save_file``, its I/O failures (a disk that fills up, a file system that
+    turns read-only) raised as the ``OSError`` they are: safetensors reports them as its own
+    ``SafetensorError``, which every caller that handles a disk's errors (the CLI's one-line
+    message, a write's clean-up) missed, ending ``epmq merge``, ``quantize``, ``run`` and
+    ``demo`` in a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # ("Error while serializing: I/O error: <strerror> (os error <errno>)")
+        io = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e))
+        if io is None:
+            raise
+        raise OSError(int(io.group(2)), io.group(1), str(path)) from e
 
 
 @contextmanager

@@ -55,7 +55,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import read_json, read_json_file, remove_stale_temporaries, storage_key
+from ._util import read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, shard_weight_map, tie_order
 from .checks import all_finite, is_int
@@ -572,9 +572,7 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
 
 
 def _write_tensors(tensors, path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_safetensors(tensors, path, metadata={"format": "pt"})
 
 
 class ShardWriter:

@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import changed_keys, read_json, remove_stale_temporaries, write_json_atomic
+from ._util import changed_keys, read_json, remove_stale_temporaries, save_safetensors, write_json_atomic
 from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
@@ -238,13 +238,11 @@ class BlockLog:
         """Write block ``prefix``: its packed ``layers`` (relative name -> ``QuantLinear``) and
         ``report`` (lists of the walk report's entries for this block). The tensors are on disk
         (fsynced) before the record that makes the block count as done is written."""
-        from safetensors.torch import save_file
-
         tensors_path, record_path = self._paths(prefix)
         tensors = {f"{rel}.{k}": v.detach().cpu().contiguous()
                    for rel, layer in layers.items() for k, v in layer.state_dict().items()}
         tmp = tensors_path.with_name(f".{tensors_path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp))
+        save_safetensors(tensors, tmp)
         with open(tmp, "r+b") as f:  # (Windows flushes only a file open for writing)
             os.fsync(f.fileno())
         os.replace(tmp, tensors_path)

@@ -93,14 +93,14 @@ def default_cache_root() -> Path:
 
 def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
     """``safetensors`` file written atomically: a temporary file beside it, then a rename."""
-    from safetensors.torch import save_file
+    from .._util import save_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_safetensors(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -832,6 +832,27 @@ def test_crash_while_writing_tensors_keeps_the_previous_checkpoint(two_models, m
     assert_previous_checkpoint_intact(fam, old, directory, before)
 
 
+def test_a_disk_that_fills_up_under_safetensors_is_an_oserror(two_models, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError (the message of a real one on a
+    full tmpfs, 0.8.0): it is raised as the OSError it is, which the CLI says in one line (it
+    ended epmq merge, quantize, run and demo in a traceback), and nothing is left behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    fam, old, new, directory = two_models
+    before = contents(directory)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device") as error:
+        epmq.save_quantized(new, directory)
+    assert error.value.errno == 28
+    assert_previous_checkpoint_intact(fam, old, directory, before)
+
+
 def test_crash_before_the_swap_keeps_the_previous_checkpoint(two_models, monkeypatch):
     fam, old, new, directory = two_models
     before = contents(directory)
