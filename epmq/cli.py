@@ -92,7 +92,10 @@ def _demo(args) -> int:
 
     check_out_dir(Path(args.cache_dir) if args.cache_dir is not None else default_cache_root(), "cache directory")
     t0 = time.perf_counter()
-    bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
+    try:
+        bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
+    except OSError as e:  # (a cache directory not writable, a disk that fills up: as run says them)
+        raise CLIError(f"{type(e).__name__}: {e}") from e
     plan = default_plan(quick=args.quick)
     identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name}
     results = _run_pipeline(bench, plan, out, identity, args)

@@ -178,6 +178,18 @@ def test_run_stopped_by_the_disk_is_one_error_line(tiny_config, tmp_path, capsys
     assert "OSError: [Errno 28] No space left on device" in capsys.readouterr().err
 
 
+def test_demo_whose_cache_cannot_be_written_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """A read-only or full cache directory (the demo's training writes there first) ended the demo
+    in an OSError traceback; run, merge and quantize say a disk's errors in one line."""
+    def read_only(**kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(epmq.demo, "prepare", read_only)
+    args = ["demo", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 2
+    assert f"error: OSError: [Errno 30] Read-only file system: '{tmp_path / 'cache'}'" in capsys.readouterr().err
+
+
 def test_resumed_cells_follow_what_they_depend_on(tiny_config, tmp_path, capsys, monkeypatch):
     """A merge's parameters, the checkpoint a chosen cell must deliver, and the files of a
     task's data are part of what a cell was computed from; the config's own path is not."""
