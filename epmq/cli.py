@@ -436,7 +436,11 @@ def _log(args):
 def _finish(results, plan, tasks, out: Path, t0: float) -> None:
     from . import pipeline
 
-    text = pipeline.report(results, plan, tasks, out)
+    try:
+        text = pipeline.report(results, plan, tasks, out)
+    except OSError as e:  # (a disk that fills up at the last files: said as a step's failure is)
+        raise CLIError(f"{type(e).__name__}: {e} (the results are in {out / 'results.json'}; "
+                       f"the same command again writes the report)") from e
     print()
     print("Average test accuracy (%), per task and overall; merge scales and anchors chosen on validation:")
     print(text)

@@ -190,6 +190,29 @@ def test_demo_whose_cache_cannot_be_written_is_one_error_line(tmp_path, capsys, 
     assert f"error: OSError: [Errno 30] Read-only file system: '{tmp_path / 'cache'}'" in capsys.readouterr().err
 
 
+def test_a_report_stopped_by_the_disk_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """The table and plots are written after the last step: a disk that filled up there (a
+    PNG half written) ended run and demo in a traceback, not in the one line a step gets."""
+    import epmq.benches
+    import epmq.pipeline
+
+    class Bench:
+        task_names = ["a"]
+        identity = {"x": 1}
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"}, "tasks": [{"name": "a", "expert": "e"}]}))
+    monkeypatch.setattr(epmq.benches, "build_bench", lambda config, base_dir, progress: Bench())
+    monkeypatch.setattr(epmq.pipeline, "run", lambda bench, plan, out, **kw: {"steps": {}})
+    monkeypatch.setattr(epmq.pipeline, "report", full)
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "epmq run: error: OSError: [Errno 28] No space left on device" in err and "Traceback" not in err
+
+
 def test_resumed_cells_follow_what_they_depend_on(tiny_config, tmp_path, capsys, monkeypatch):
     """A merge's parameters, the checkpoint a chosen cell must deliver, and the files of a
     task's data are part of what a cell was computed from; the config's own path is not."""
