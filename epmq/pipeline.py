@@ -428,6 +428,11 @@ class Runner:
             if method == "epmq" and self.plan.residual_precision is not None:
                 # only when set, so that results stored before the option existed still match
                 params["residual_precision"] = self.plan.residual_precision
+            if method != "rtn" and self.plan.backend is not None:
+                # the solver's kernels (Triton or torch) round apart, and GPTQ's sequential rounding
+                # carries that on: a backend switched for a comparison must not be served the
+                # other's numbers (only when set, as residual_precision)
+                params["backend"] = self.plan.backend
             key = _quant_key(mp.label, bits, label, anchor)
             def run(a=anchor, p=params):
                 return self._quantize(state, bits, method, targets, a, p)
