@@ -97,7 +97,18 @@ def _demo(args) -> int:
     except OSError as e:  # (a cache directory not writable, a disk that fills up: as run says them)
         raise CLIError(f"{type(e).__name__}: {e}") from e
     plan = default_plan(quick=args.quick)
-    identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name}
+    from .resume import tensor_digest
+
+    # the trained models themselves, by content: the folder's name is the configuration's hash,
+    # and another machine's or torch's training of it (a cache cleared, another EPMQ_CACHE_DIR)
+    # holds other weights, whose results must not be resumed from the first's. (Not by the
+    # files' times: two demos training one cache at once write the same weights twice.)
+    models = tensor_digest(
+        [(f"base.{k}", v) for k, v in sorted(bench.base_state.items())]
+        + [(f"{t}.{k}", v) for t in bench.task_names for k, v in sorted(bench.experts[t].items())]
+        + [(f"heads.{t}", bench.heads[t]) for t in bench.task_names]
+        + [(f"splits.{k}", v) for k, v in sorted(bench.splits.items())])
+    identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name, "models": models}
     results = _run_pipeline(bench, plan, out, identity, args)
     _finish(results, plan, bench.task_names, out, t0)
     return 0

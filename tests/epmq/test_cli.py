@@ -306,6 +306,31 @@ def test_demo_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     assert "[resume] quant/TA/w2/E-PMQ/anchor=1.0: done before" in capsys.readouterr().out
 
 
+def test_demo_results_follow_the_cached_models_not_only_their_configuration(tmp_path, capsys, monkeypatch):
+    """The cache folder is named by the configuration's hash; another training of it (another
+    machine's, a cleared cache retrained under another torch) holds other weights there. Its
+    results used to be resumed as they were: every cell "done before", the old experts' numbers."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tiny = DemoConfig(
+        model=ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2),
+        tasks=("digit", "inv_pairs"), splits=SplitSizes(val=0.25, test=0.25, calib=8), data_limit=60,
+        base_epochs=1, expert_epochs=1, calib_batch=4,
+    )
+    real_prepare = epmq.demo.prepare
+    monkeypatch.setattr(epmq.demo, "prepare", lambda **kw: real_prepare(config=tiny, **kw))
+    args = ["demo", "--out", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache"), "--quick"]
+    assert main(args) == 0
+    capsys.readouterr()
+    (expert,) = (tmp_path / "cache").glob("*/expert.digit.safetensors")
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in load_file(expert).items()}, expert)
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "done before" not in log and "differs in ['models']" in log
+
+
 def test_bench_needs_cuda(capsys):
     import torch
 
