@@ -90,7 +90,8 @@ def _demo(args) -> int:
     check_out_dir(out)
     from .demo.train import default_cache_root
 
-    check_out_dir(Path(args.cache_dir) if args.cache_dir is not None else default_cache_root(), "cache directory")
+    check_out_dir(Path(args.cache_dir) if args.cache_dir is not None else default_cache_root(), "cache directory",
+                  writable=False)
     t0 = time.perf_counter()
     try:
         bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
@@ -427,14 +428,18 @@ def _run_pipeline(bench, plan, out: Path, identity: dict, args) -> dict:
         raise CLIError(f"{type(e).__name__}: {e}") from e
 
 
-def check_out_dir(out: Path, what: str = "output directory") -> None:
+def check_out_dir(out: Path, what: str = "output directory", writable: bool = True) -> None:
     """A CLIError, before anything runs, where the output directory cannot be one: it, or the
     nearest of its parents that exists, is a file (else the first result written ended the run,
-    after the base's evaluation or the demo's training, in a FileExistsError traceback)."""
+    after the base's evaluation or the demo's training, in a FileExistsError traceback), or,
+    with ``writable``, cannot be written into (a read-only file system, another user's: the same
+    failure, after the same work). The demo's cache is not asked to be: a complete one is only read."""
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
                 raise CLIError(f"{what} {out}: {path} is a file, not a directory")
+            if writable and not os.access(path, os.W_OK | os.X_OK):
+                raise CLIError(f"{what} {out}: {path} is not writable")
             return
 
 

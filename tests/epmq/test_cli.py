@@ -511,6 +511,31 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys, mo
         assert capsys.readouterr().err.count(f"{tmp_path / 'taken'} is a file, not a directory") == 2
 
 
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, command):
+    """A read-only output directory (or one under a read-only parent) used to fail at the first
+    result written: after the bench was built and the base evaluated, after the demo's training."""
+    import os
+
+    import epmq.benches
+
+    def never(*args, **kwargs):
+        raise AssertionError("built a bench for an output directory that cannot be written")
+
+    monkeypatch.setattr(epmq.benches, "build_bench", never)
+    monkeypatch.setattr(epmq.demo, "prepare", never)
+    locked = tmp_path / "locked"  # (a read-only mount: chmod does not stop root, who runs the tests here)
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"}, "tasks": [{"name": "a", "expert": "e"}]}))
+    for out in ("locked", "locked/sub"):
+        args = [command] + ([str(path)] if command == "run" else []) + ["--out", str(tmp_path / out), "--quiet"]
+        assert main(args) == 2
+        assert f"{locked} is not writable" in capsys.readouterr().err
+
+
 def test_run_into_a_directory_of_another_tools_results(tiny_config, tmp_path, capsys):
     """Its results.json (a JSON object, without epmq's steps) used to be written over."""
     out = tmp_path / "theirs"
