@@ -25,7 +25,7 @@ from torch import nn
 from .._util import device_of
 from .data import Task, TaskData, build_task_data, get_tasks, load_digits_tensors, make_splits, pretraining_images
 from .model import build_encoder, logits
-from .train import DemoConfig, default_cache_root, load_or_train, load_tensors, save_tensors
+from .train import DemoConfig, default_cache_root, load_cached, load_or_train, save_tensors
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -130,9 +130,8 @@ def prepare(
     tasks = get_tasks(config.tasks)
 
     split_path = cache / "splits.safetensors"
-    if split_path.exists():
-        splits = load_tensors(split_path)
-    else:
+    splits = load_cached(split_path)
+    if splits is None:
         _, digits = load_digits_tensors()
         splits = make_splits(digits, seed, config.splits)
         save_tensors(split_path, splits, {"what": "indices into sklearn's load_digits()"})

@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -112,6 +113,22 @@ def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def load_cached(path: Path) -> Optional[Dict[str, torch.Tensor]]:
+    """The tensors of the cache file ``path``; None where it is missing or damaged (then with a
+    warning: the caller makes it again). Damage the writes cannot leave, a crash of the machine
+    (an unsynced rename), a copy cut short, used to end every later demo in a SafetensorError
+    traceback."""
+    from safetensors import SafetensorError
+
+    if not path.exists():
+        return None
+    try:
+        return load_tensors(path)
+    except SafetensorError as e:  # (truncated, not safetensors; failures to open raise as themselves)
+        warnings.warn(f"{path} is damaged ({e}): making it again")
+        return None
 
 
 def save_json(path: Path, obj) -> None:
@@ -290,6 +307,19 @@ def expert_seed(seed: int, index: int) -> int:
     return seed * 1000 + 100 + index
 
 
+def _read_meta(path: Path) -> dict:
+    """``meta.json`` (timings and what the artifacts are: written again by the next training);
+    {} where it is missing or damaged."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # (JSONDecodeError, UnicodeDecodeError)
+        warnings.warn(f"{path} is damaged: writing it again")
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_or_train(
     config: DemoConfig, seed: int, cache: Path, pretrain_data, data: Dict[str, TaskData], progress: bool = True
 ) -> Artifacts:
@@ -297,16 +327,15 @@ def load_or_train(
     saving whatever is missing."""
     cache.mkdir(parents=True, exist_ok=True)
     meta_path = cache / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = _read_meta(meta_path)
     timings = dict(meta.get("seconds", {}))
     trained = False  # anything trained in this call
     new_base = False  # the base was trained now: heads and experts must follow it
 
     with cpu_threads(config.threads):
         base_path = cache / "base.safetensors"
-        if base_path.exists():
-            base = load_tensors(base_path)
-        else:
+        base = load_cached(base_path)
+        if base is None:
             t0 = time.perf_counter()
             base = pretrain_base(config, *pretrain_data, seed=seed, progress=progress)
             timings["base"] = time.perf_counter() - t0
@@ -314,17 +343,17 @@ def load_or_train(
             trained = new_base = True
 
         heads_path = cache / "heads.safetensors"
-        if heads_path.exists() and not new_base:
-            heads = load_tensors(heads_path)
-        else:
+        heads = None if new_base else load_cached(heads_path)
+        if heads is None:
             heads = make_heads(config, base, data)
             save_tensors(heads_path, heads, {"what": "frozen class prototypes of the base"})
 
         experts = {}
         for k, (name, td) in enumerate(data.items()):
             path = cache / f"expert.{name}.safetensors"
-            if path.exists() and not new_base:
-                experts[name] = load_tensors(path)
+            loaded = None if new_base else load_cached(path)
+            if loaded is not None:
+                experts[name] = loaded
                 continue
             t0 = time.perf_counter()
             experts[name] = finetune_expert(config, base, heads[name], td, expert_seed(seed, k), progress)

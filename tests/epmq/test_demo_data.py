@@ -158,6 +158,29 @@ def test_cache_round_trip(tiny_bench, monkeypatch):
     assert TINY.key(3) != TINY.key(4) and TINY.key(3) == DemoConfig(**{**TINY.__dict__, "threads": 1}).key(3)
 
 
+def test_a_damaged_cache_file_is_made_again_not_a_traceback(tiny_bench, tmp_path):
+    """A cache file cut short (a machine that crashed after an unsynced rename, a copy of the
+    cache stopped midway) or a damaged meta.json ended every later demo in a SafetensorError or
+    JSONDecodeError traceback; each is made again, with a warning, as it was (training is
+    deterministic), and what depends on it with it."""
+    import shutil
+
+    bench = tiny_bench
+    cache = tmp_path / bench.cache_dir.name
+    shutil.copytree(bench.cache_dir, cache)
+    expert = cache / f"expert.{bench.task_names[0]}.safetensors"
+    expert.write_bytes(expert.read_bytes()[:100])
+    (cache / "splits.safetensors").write_bytes(b"")
+    (cache / "meta.json").write_text("{")
+    with pytest.warns(UserWarning, match="is damaged"):
+        again = prepare(tmp_path, seed=3, progress=False, config=TINY)
+    assert again.trained and again.cache_dir == cache
+    for n in bench.task_names:
+        a, b = bench.experts[n], again.experts[n]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((cache / "meta.json").read_text())["seed"] == 3
+
+
 def test_evaluate_and_calibration(tiny_bench):
     bench = tiny_bench
     acc = bench.evaluate(bench.base_state, split="val")
