@@ -18,8 +18,11 @@ crops of each (task, split) after the first pass, in memory or in a memory-mappe
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._util import device_of, dtype_of
+from .._util import device_of, dtype_of, remove_stale_temporaries
 from ..calibration import rgb_image
 from .common import BenchBase, default_cache_dir, files_fingerprint
 from .config import BenchConfigError
@@ -119,8 +122,13 @@ class _Store:
             import numpy as np
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._mm = np.lib.format.open_memmap(self._file(".npy"), mode="w+", dtype=np.uint8,
-                                                 shape=(n, *shape))
+            # filled in a file of this store's own, put in place by finish(): another run filling
+            # the same crops at once opened the shared file "w+", truncating it under this one's
+            # map (the images written so far read back as zeros), and this one's .done then made
+            # the zeros the cache of every later run
+            remove_stale_temporaries(path.parent, glob.escape(path.name) + ".*")
+            self._tmp = path.parent / f".{path.name}.npy.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self._mm = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
             self.x = torch.from_numpy(self._mm)
             self.y = torch.empty(n, dtype=torch.int64)
         else:
@@ -133,7 +141,10 @@ class _Store:
     def finish(self):
         if self.path is not None:
             self._mm.flush()
-            torch.save(self.y, self._file(".labels.pt"))
+            labels = self._tmp.with_name(self._tmp.name.replace(".npy.tmp-", ".labels.pt.tmp-"))
+            torch.save(self.y, labels)
+            os.replace(self._tmp, self._file(".npy"))  # (the map stays this store's: the same file)
+            os.replace(labels, self._file(".labels.pt"))
             self._file(".done").write_text(f"{len(self.y)} images\n")
         self.complete = True
 

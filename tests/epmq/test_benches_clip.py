@@ -159,6 +159,27 @@ def test_image_cache(tiny, tmp_path, monkeypatch, cache):
         assert len(list((tmp_path / "cache").glob("*.done"))) == 2
 
 
+def test_two_runs_filling_one_disk_cache_at_once_keep_every_image(tmp_path):
+    """A second run of the same config (eval.cache: disk) that starts while the first fills a
+    split's crops opened the shared file "w+": the first's images written so far read back as
+    zeros, in its own later evaluations and, once its .done was written, in every later run's."""
+    from epmq.benches.vision import _Store
+
+    path, n = tmp_path / "task-val-digest", 8
+    first = _Store(n, (3, 4, 4), path)
+    first.x[:4], first.y[:4] = 7, 1
+    second = _Store(n, (3, 4, 4), path)  # (started meanwhile; still filling when the first ends)
+    first.x[4:], first.y[4:] = 7, 1
+    first.finish()
+    later = _Store(n, (3, 4, 4), path)
+    assert later.complete
+    for store in (first, later):
+        assert store.x.unique().tolist() == [7] and store.y.tolist() == [1] * n
+    second.x[:], second.y[:] = 7, 1
+    second.finish()
+    assert _Store(n, (3, 4, 4), path).x.unique().tolist() == [7]
+
+
 def test_the_disk_cache_reads_images_that_changed_again(tiny, tmp_path):
     """Same files, new pixels: the crops are decoded again, not served from the old ones."""
     from PIL import Image
