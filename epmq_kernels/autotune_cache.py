@@ -6,10 +6,12 @@ each (kernel family, GPU, shape bucket) is written to a small JSON file, so a se
 the same card reads it back and never times again.
 
 Where: ``$EPMQ_CACHE_DIR/autotune/`` if ``EPMQ_CACHE_DIR`` is set, else
-``~/.cache/epmq/autotune/``. One file per family, GPU name, Triton version and autotune
-space, e.g. ``w4a16__nvidia-h100-80gb-hbm3__triton-3.8.0__space-1a2b3c4d.json``; changing the
-space in the kernel file (or upgrading Triton) therefore starts a fresh file instead of reusing
-configs timed for other code. Inside, ``entries`` maps a shape-bucket key to a config dict.
+``~/.cache/epmq/autotune/``. One file per family, GPU name, Triton version, autotune
+space and kernel code, e.g.
+``w4a16__nvidia-h100-80gb-hbm3__triton-3.8.0__space-1a2b3c4d__code-5e6f7a8b.json``; changing the
+space, upgrading Triton or changing the kernels' source (another epmq version: a config timed
+and verified for other code is neither known fastest nor known right) therefore starts a fresh
+file instead of reusing configs timed for other code. Inside, ``entries`` maps a shape-bucket key to a config dict.
 
 Writes are atomic (temporary file, then ``os.replace``) and merge with what is on disk under a
 lock of the directory (``fcntl``), so processes tuning at the same time keep one another's entries.
@@ -56,6 +58,23 @@ def space_id(space):
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+_CODE_ID = None
+
+
+def code_id():
+    """A short hash of this package's kernel sources (every ``epmq_kernels/*.py``), read once."""
+    global _CODE_ID
+    if _CODE_ID is None:
+        digest = hashlib.sha1()
+        folder = os.path.dirname(os.path.abspath(__file__))
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+        _CODE_ID = digest.hexdigest()[:8]
+    return _CODE_ID
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -69,9 +88,10 @@ class DiskCache:
         self.family = family
         self.gpu_name = gpu_name
         self.space = space_id(space)
+        self.code = code_id()
         self.path = os.path.join(
             cache_dir(),
-            f"{family}__{_slug(gpu_name)}__triton-{triton.__version__}__space-{self.space}.json",
+            f"{family}__{_slug(gpu_name)}__triton-{triton.__version__}__space-{self.space}__code-{self.code}.json",
         )
         self._entries = None
         self._lock = threading.Lock()
@@ -84,7 +104,7 @@ class DiskCache:
                 data = json.load(f)
         except (OSError, ValueError):
             return {}
-        if (not isinstance(data, dict) or data.get("space") != self.space
+        if (not isinstance(data, dict) or data.get("space") != self.space or data.get("code") != self.code
                 or data.get("gpu") != self.gpu_name or not isinstance(data.get("entries"), dict)):
             return {}
         return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
@@ -118,6 +138,7 @@ class DiskCache:
             "triton": triton.__version__,
             "torch": torch.__version__,
             "space": self.space,
+            "code": self.code,
             "entries": entries,
         }
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")

@@ -1100,6 +1100,13 @@ def test_autotune_cache_persists(tmp_path, monkeypatch):
     assert other_space.path != cache.path and other_space.get("gemm|M1024") is None
     other_gpu = autotune_cache.DiskCache("w4a16", "NVIDIA A10", space)
     assert other_gpu.get("gemm|M1024") is None
+    # another version of the kernels (their source changed): configs timed and verified for
+    # other code are not taken
+    monkeypatch.setattr(autotune_cache, "_CODE_ID", "0ther0de")
+    other_code = autotune_cache.DiskCache("w4a16", "NVIDIA H100 80GB HBM3", space)
+    assert other_code.path != cache.path and other_code.get("gemm|M1024") is None
+    monkeypatch.undo()
+    assert autotune_cache.code_id() == cache.code and len(cache.code) == 8
 
 
 @pytest.mark.parametrize("big", [300.0, 5000.0, 60000.0])
