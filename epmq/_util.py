@@ -115,6 +115,13 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def umask() -> int:
+    """The process's umask (read by setting it, and set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(tensors: dict, path, metadata=None) -> None:
     """``safetensors.torch.save_file``, its I/O failures (a disk that fills up, a file system that
     turns read-only) raised as the ``OSError`` they are: safetensors reports them as its own

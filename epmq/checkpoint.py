@@ -55,7 +55,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key
+from ._util import read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key, umask
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import key_renaming, renamed, saved_key_renaming, shard_weight_map, tie_order
 from .checks import all_finite, is_int
@@ -686,13 +686,12 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
     remove_stale_temporaries(parent, glob.escape(directory.name))
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
+        mask = umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would become the checkpoint's mode
         yield tmp
         for path in tmp.iterdir():  # safetensors >= 0.8 writes 0600: a server running as
             if path.is_file() and not path.is_symlink():  # another user could not read it
-                os.chmod(path, 0o666 & ~umask)
+                os.chmod(path, 0o666 & ~mask)
         _write_manifest(tmp)
         _carry_over(directory, tmp)
         for path in tmp.iterdir():

@@ -38,6 +38,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._util import save_safetensors, umask
 from .data import SplitSizes, TaskData
 from .model import LOGIT_SCALE, ModelConfig, build_encoder, class_prototypes, encode, features
 
@@ -94,14 +95,13 @@ def default_cache_root() -> Path:
 
 def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
     """``safetensors`` file written atomically: a temporary file beside it, then a rename."""
-    from .._util import save_safetensors
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_safetensors(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, 0o666 & ~umask())  # (mkstemp's 0600: a cache shared by users, unreadable to the others)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -137,6 +137,7 @@ def save_json(path: Path, obj) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o666 & ~umask())  # (as save_tensors)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

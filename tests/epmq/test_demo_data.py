@@ -487,3 +487,18 @@ def test_an_expert_trained_again_alone_is_recorded_in_the_meta_file(tmp_path, mo
     meta = json.loads(meta_path.read_text())
     assert set(meta["seconds"]) == {"base", "expert.digit", "expert.inv_pairs"}
     assert meta["train_seconds"] == pytest.approx(sum(meta["seconds"].values()))
+
+
+def test_cache_files_take_the_umasks_mode(tmp_path):
+    """mkstemp's 0600 became every cache file's mode: a cache shared through EPMQ_CACHE_DIR was
+    unreadable to its other users (the autotune cache and checkpoints take the umask's)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        train.save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(2)})
+        train.save_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    for name in ("t.safetensors", "m.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
