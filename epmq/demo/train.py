@@ -24,11 +24,11 @@ had finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,7 +38,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._util import save_safetensors, umask
+from .._util import remove_stale_temporaries, save_safetensors, umask, write_json_atomic
 from .data import SplitSizes, TaskData
 from .model import LOGIT_SCALE, ModelConfig, build_encoder, class_prototypes, encode, features
 
@@ -94,14 +94,15 @@ def default_cache_root() -> Path:
 
 
 def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """``safetensors`` file written atomically: a temporary file beside it, then a rename."""
+    """``safetensors`` file written atomically: a temporary file beside it (the one a killed
+    write left removed), then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_safetensors(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, 0o666 & ~umask())  # (mkstemp's 0600: a cache shared by users, unreadable to the others)
+        os.chmod(tmp, 0o666 & ~umask())  # (safetensors writes 0600: a cache shared by users, unreadable to others)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -131,18 +132,7 @@ def load_cached(path: Path) -> Optional[Dict[str, torch.Tensor]]:
         return None
 
 
-def save_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o666 & ~umask())  # (as save_tensors)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+save_json = write_json_atomic
 
 
 # --------------------------------------------------------------------------- training loop

@@ -502,3 +502,18 @@ def test_cache_files_take_the_umasks_mode(tmp_path):
         os.umask(previous)
     for name in ("t.safetensors", "m.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_killed_cache_writes_temporary_is_removed_by_the_next(tmp_path):
+    """A demo killed while it saved a trained expert left its temporary file for good."""
+    from epmq._util import process_alive
+
+    dead = 2 ** 22 + 12345
+    assert not process_alive(dead)
+    for name in ("t.safetensors", "m.json"):
+        left = tmp_path / f".{name}.tmp-{dead}"
+        left.write_bytes(b"half")
+        (train.save_tensors(tmp_path / name, {"w": torch.ones(2)}) if name.endswith("safetensors")
+         else train.save_json(tmp_path / name, {"a": 1}))
+        assert not left.exists(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "t.safetensors"]
