@@ -541,27 +541,32 @@ def test_a_v1_zero_point_of_zero_written_by_another_tool(tmp_path):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
-def test_mixtral_experts_named_as_gptqmodel_names_them(tmp_path):
-    """GPTQModel writes Mixtral's expert projections w1, w3, w2 as gate_proj, up_proj,
-    down_proj under ``mlp``: the MoE adapter maps them to the model's own."""
+def _as_gptqmodel_names_mixtral(q, suffix):
+    """The Mixtral checkpoint ``q`` renamed as GPTQModel writes it (``mlp.experts.{e}.gate_proj``,
+    ``up_proj``, ``down_proj`` for w1, w3, w2; no epmq section); ``suffix``: what its experts hold."""
     from safetensors.torch import load_file, save_file
 
-    model = build("mixtral")
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
-    epmq.save_quantized(model, tmp_path / "q")
-    q = tmp_path / "q"
     rename = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
     tensors = {}
     for key, t in load_file(str(q / "model.safetensors")).items():
         for old, new in rename.items():
             key = key.replace(old, new)
         tensors[key] = t
-    assert "model.layers.0.mlp.experts.1.up_proj.qweight" in tensors
+    assert f"model.layers.0.mlp.experts.1.up_proj.{suffix}" in tensors
     save_file(tensors, str(q / "model.safetensors"))
     qconfig = json.loads((q / "quantize_config.json").read_text())
     del qconfig["epmq"]
     (q / "quantize_config.json").write_text(json.dumps(qconfig))
-    loaded = epmq.load_quantized(q)
+    return q
+
+
+def test_mixtral_experts_named_as_gptqmodel_names_them(tmp_path):
+    """GPTQModel writes Mixtral's expert projections w1, w3, w2 as gate_proj, up_proj,
+    down_proj under ``mlp``: the MoE adapter maps them to the model's own."""
+    model = build("mixtral")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(_as_gptqmodel_names_mixtral(tmp_path / "q", "qweight"))
     assert torch.equal(loaded.model.layers[0].mlp.experts[1].w3.qweight,
                        model.model.layers[0].mlp.experts[1].w3.qweight)
     item = inputs("mixtral", 1, torch.Generator().manual_seed(0))[0]
@@ -573,26 +578,12 @@ def test_mixtral_experts_left_in_full_precision_named_as_gptqmodel_names_them(tm
     ``up_proj``, ``down_proj``; left in full precision, their ``.weight``s were neither the
     fused model's nor the rebuilt experts' w1, w3, w2 names, and loading failed with them
     "unexpected" and every expert's weight "missing"."""
-    from safetensors.torch import load_file, save_file
-
     model = build("mixtral")
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", layers=r".*self_attn\..*",
                         progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.model.layers[0].mlp.experts.modules())
     epmq.save_quantized(model, tmp_path / "q")
-    q = tmp_path / "q"
-    rename = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
-    tensors = {}
-    for key, t in load_file(str(q / "model.safetensors")).items():
-        for old, new in rename.items():
-            key = key.replace(old, new)
-        tensors[key] = t
-    assert "model.layers.0.mlp.experts.1.up_proj.weight" in tensors
-    save_file(tensors, str(q / "model.safetensors"))
-    qconfig = json.loads((q / "quantize_config.json").read_text())
-    del qconfig["epmq"]
-    (q / "quantize_config.json").write_text(json.dumps(qconfig))
-    loaded = epmq.load_quantized(q)
+    loaded = epmq.load_quantized(_as_gptqmodel_names_mixtral(tmp_path / "q", "weight"))
     assert torch.equal(loaded.model.layers[0].mlp.experts[1].w3.weight, model.model.layers[0].mlp.experts[1].w3.weight)
     item = inputs("mixtral", 1, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
