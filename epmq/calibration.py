@@ -206,12 +206,17 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if not eos:
         warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
+    eos_text = getattr(tokenizer, "eos_token", None)
     ids: List[int] = []
     content = 0
     for text in texts:
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         content += len(tokens)
-        ends = bool(eos) and tokens[-1:] == eos  # (a conversation the chat template rendered may)
+        # a conversation the chat template rendered may end with EOS already: ChatML's (Qwen's,
+        # Phi's) ends each turn with its EOS and a newline, "<|im_end|>\n", which a second EOS
+        # after it would turn into a sequence the model never saw
+        ends = bool(eos) and (tokens[-1:] == eos or (isinstance(eos_text, str) and bool(eos_text)
+                                                      and text.rstrip().endswith(eos_text)))
         ids += tokens + ([] if ends else eos)
     if not content:
         raise ValueError(f"{what}: the texts have no tokens")

@@ -167,6 +167,27 @@ def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
             read_texts(tmp_path / name, tokenizer=tok)
 
 
+def test_a_chatml_conversation_gets_no_second_eos():
+    """ChatML templates (Qwen's, Phi's) end each turn with the EOS and a newline: the rendered
+    conversation already ends with EOS, so none is added after it (the stream held
+    "<|im_end|> \\n <|im_end|>", which the model never saw)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "\n", "user", "assistant", "the", "cat", "a", "dog", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Split(" ", "removed")])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<|im_end|>",
+                                               additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    chat = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False)
+    turn = ["<|im_start|>", "user", "\n", "the", "cat", "<|im_end|>", "\n",
+            "<|im_start|>", "assistant", "\n", "a", "dog", "<|im_end|>", "\n"]
+    (window,) = text_windows([rendered, rendered, "the cat"], tok, samples=1, seq_len=31)
+    assert tok.convert_ids_to_tokens(window["input_ids"][0].tolist()) == turn + turn + ["the", "cat", "<|im_end|>"]
+
+
 def test_parquet_files_of_a_hub_dataset(files, tmp_path, monkeypatch):
     """``.parquet`` (how the HF hub serves datasets): a row is an object of its columns, read in
     any of the text forms (the other columns ignored) or as pairs; errors name file and row."""
