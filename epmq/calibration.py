@@ -32,7 +32,8 @@ the user's own that are padded are split by :func:`unpad` (``quantize_model`` an
 ``gram_matrices`` call it on every calibration item) into batches of rows of equal real length.
 
 Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
-with class subfolders works as it is) or a list of files, converted to RGB (``rgb_image``:
+with class subfolders works as it is) or a list of files, turned upright by their EXIF
+orientation (as transformers' ``load_image`` does), converted to RGB (``rgb_image``:
 transparency onto white, as transformers does; 16-bit images scaled to 8 bits, which
 transformers clips) and preprocessed by the model's own image processor into
 ``{"pixel_values"}`` batches.
@@ -437,7 +438,7 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
                   seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer),
     preprocessed by ``processor`` (e.g. ``AutoImageProcessor``) into ``pixel_values`` batches."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     _check_sizes(samples, batch_size)
     batches = []
@@ -446,7 +447,10 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
         for f in chunk:
             try:
                 with Image.open(f) as image:
-                    images.append(rgb_image(image))
+                    # upright, as the camera's EXIF orientation says (a phone's photos are
+                    # stored sideways): transformers' load_image, which pipelines read files
+                    # with, and datasets' Image feature turn them so
+                    images.append(rgb_image(ImageOps.exif_transpose(image)))
             except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
         batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})

@@ -473,6 +473,25 @@ def test_images_converted_as_the_image_processor_converts_them(tmp_path):
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A phone's JPEG is stored sideways with an EXIF orientation: calibrated upright, as
+    transformers' load_image (pipelines) reads it, not sideways."""
+    import numpy as np
+    from PIL import Image
+    from transformers.image_utils import load_image
+
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255  # white left half: turned, the top half or the bottom half
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotated 90 degrees
+    image.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    ours = image_batches([tmp_path / "photo.jpg"], processor, samples=1)[0]["pixel_values"]
+    theirs = processor(images=[load_image(str(tmp_path / "photo.jpg"))], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_clip_vision_tower_from_image_folders(tmp_path):
     _clip_vision(0).save_pretrained(tmp_path / "merged")
     transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
