@@ -122,6 +122,11 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
         return [r for s in source for r in _records(s, suffixes, what, kind_error)]
     path = Path(source)
     if path.is_dir():
+        saved = next((p.parent for p in sorted(path.rglob("state.json")) if any(p.parent.glob("*.arrow"))), None)
+        if saved is not None:  # (else its dataset_info.json was read as data: "expected a JSON list")
+            raise ValueError(f"{saved}: a dataset written by datasets' save_to_disk (.arrow files), which is not "
+                             f"read here; write it as files that are: dataset.to_json(\"calibration.jsonl\") or "
+                             f"dataset.to_parquet(\"calibration.parquet\") (of a DatasetDict, one split)")
         files = _tree(path, suffixes)
         if not files:
             raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")

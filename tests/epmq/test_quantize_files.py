@@ -188,6 +188,23 @@ def test_a_chatml_conversation_gets_no_second_eos():
     assert tok.convert_ids_to_tokens(window["input_ids"][0].tolist()) == turn + turn + ["the", "cat", "<|im_end|>"]
 
 
+def test_a_dataset_saved_to_disk_is_named(tmp_path):
+    """datasets' save_to_disk writes .arrow files beside dataset_info.json and state.json: the
+    error named that JSON as a list that was not one; now it names the folder and what to write."""
+    pa = pytest.importorskip("pyarrow")
+    saved = tmp_path / "data" / "train"
+    saved.mkdir(parents=True)
+    table = pa.table({"text": ["the cat", "a dog"]})
+    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    (saved / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (tmp_path / "data" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    for read in (read_texts, epmq.calibration.read_pairs):
+        with pytest.raises(ValueError, match=r"train: a dataset written by datasets' save_to_disk .*to_json"):
+            read(tmp_path / "data")
+
+
 def test_parquet_files_of_a_hub_dataset(files, tmp_path, monkeypatch):
     """``.parquet`` (how the HF hub serves datasets): a row is an object of its columns, read in
     any of the text forms (the other columns ignored) or as pairs; errors name file and row."""
