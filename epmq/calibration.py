@@ -206,7 +206,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     """``samples`` random windows of ``seq_len`` tokens of ``texts`` (joined with EOS), batched.
 
     When the texts hold fewer than ``seq_len`` tokens, the one window is all of them (with a
-    warning); windows may overlap when they hold fewer than ``samples * seq_len``.
+    warning); windows overlap when they hold fewer than ``samples * seq_len`` (with a warning).
     """
     _check_sizes(samples, batch_size, seq_len)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -231,6 +231,10 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         warnings.warn(f"{what}: the texts hold {len(stream)} tokens, fewer than seq_len={seq_len}: "
                       f"calibrating on one window of all of them")
         seq_len, samples = len(stream), 1
+    elif len(stream) < samples * seq_len:  # (as _drawn warns of fewer images or pairs than samples)
+        warnings.warn(f"{what}: the texts hold {len(stream)} tokens, fewer than samples x seq_len = {samples} x "
+                      f"{seq_len}: the {samples} windows overlap, repeating tokens (about "
+                      f"{len(stream) / seq_len:.1f} windows' worth of distinct ones)")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=g)
     windows = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])

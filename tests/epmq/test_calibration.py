@@ -107,6 +107,18 @@ def test_drawn_items_follow_the_seed():
     assert _drawn(items, 10, 4, 1, "x") != _drawn(items, 10, 4, 2, "x")
 
 
+def test_texts_of_fewer_tokens_than_the_windows_ask_are_warned_of():
+    """A 20-token file for 8 windows of 16 tokens: the windows repeat the same tokens (the
+    statistics of about one window), as fewer images or pairs than samples are warned of."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"20 tokens, fewer than samples x seq_len = 8 x 16: the 8 windows overlap"):
+        text_windows([" ".join(["3"] * 19)], WordTokenizer(), samples=8, seq_len=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text_windows([" ".join(["3"] * 199)], WordTokenizer(), samples=8, seq_len=16)
+
+
 def test_windows_need_two_tokens():
     with pytest.raises(ValueError, match="seq_len >= 2"):
         text_windows(["1 2 3"], WordTokenizer(), samples=1, seq_len=1)
