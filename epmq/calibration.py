@@ -217,6 +217,8 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     content = 0
     for text in texts:
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not tokens:  # (an empty document, as a blank line of wikitext's rows: no second EOS in a row)
+            continue
         content += len(tokens)
         # a conversation the chat template rendered may end with EOS already: ChatML's (Qwen's,
         # Phi's) ends each turn with its EOS and a newline, "<|im_end|>\n", which a second EOS

@@ -119,6 +119,13 @@ def test_texts_of_fewer_tokens_than_the_windows_ask_are_warned_of():
         text_windows([" ".join(["3"] * 199)], WordTokenizer(), samples=8, seq_len=16)
 
 
+def test_empty_documents_add_no_separator():
+    """Rows of empty text (wikitext's blank lines, a third of its rows, written by to_json) added
+    an EOS each: runs of EOS the model never reads; they add nothing."""
+    (window,) = text_windows(["4 5", "", "", "6", ""], WordTokenizer(), samples=1, seq_len=5)
+    assert window["input_ids"].tolist() == [[5, 6, 0, 7, 0]]
+
+
 def test_windows_need_two_tokens():
     with pytest.raises(ValueError, match="seq_len >= 2"):
         text_windows(["1 2 3"], WordTokenizer(), samples=1, seq_len=1)
