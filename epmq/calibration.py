@@ -4,7 +4,10 @@ vision towers.
 Texts follow GPTQ's recipe (the reference quantizes with 128 random windows of 2048 tokens of C4): each
 task's documents are tokenized, joined with the tokenizer's EOS between them, and ``samples``
 windows of ``seq_len`` tokens are drawn at random start positions (seeded), then batched as
-``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``.
+``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``. Texts of more
+than ``FULL_TOKENIZATION_CHARS`` (8 Mi) characters in all are not tokenized whole: each window
+is tokenized from its own seeded random place (``_windows_of_places``), so that a 1 GB file
+costs what its 128 windows do, not minutes and tens of GB.
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Union
@@ -201,18 +205,46 @@ def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=N
             _records(source, TEXT_SUFFIXES, "text", "unknown text file type")]
 
 
+# Texts of more characters than this (about 2M tokens) are not tokenized whole: each window is
+# tokenized from its own random place (``_windows_of_places``). Tokenizing a 16 MB file whole took
+# 10 s and 2.8 GB (transformers keeps each token's string and offsets), a 1 GB file minutes and
+# tens of GB, for 128 windows that hold 65k tokens; below it the windows are those of the whole
+# token stream, exactly as before.
+FULL_TOKENIZATION_CHARS = 1 << 23
+_SPACE = re.compile(r"\s")
+
+
+def _ends_with(text: str, eos_text) -> bool:
+    """Whether ``text`` ends with ``eos_text``, trailing whitespace aside (``text.rstrip()``,
+    without copying a long text)."""
+    if not (isinstance(eos_text, str) and eos_text):
+        return False
+    k = len(text)
+    while k and text[k - 1].isspace():
+        k -= 1
+    return text.endswith(eos_text, 0, k)
+
+
 def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len: int = 512,
                  batch_size: int = 8, seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` random windows of ``seq_len`` tokens of ``texts`` (joined with EOS), batched.
 
     When the texts hold fewer than ``seq_len`` tokens, the one window is all of them (with a
     warning); windows overlap when they hold fewer than ``samples * seq_len`` (with a warning).
+    Texts of more than ``FULL_TOKENIZATION_CHARS`` characters in all are not tokenized whole:
+    see ``_windows_of_places``.
     """
     _check_sizes(samples, batch_size, seq_len)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if not eos:
         warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
     eos_text = getattr(tokenizer, "eos_token", None)
+    texts = [t for t in texts if t != ""]  # (an empty document adds nothing: see below)
+    g = torch.Generator().manual_seed(seed)
+    if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:
+        windows = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
+        return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
+                for i in range(0, samples, batch_size)]
     ids: List[int] = []
     content = 0
     for text in texts:
@@ -223,8 +255,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         # a conversation the chat template rendered may end with EOS already: ChatML's (Qwen's,
         # Phi's) ends each turn with its EOS and a newline, "<|im_end|>\n", which a second EOS
         # after it would turn into a sequence the model never saw
-        ends = bool(eos) and (tokens[-1:] == eos or (isinstance(eos_text, str) and bool(eos_text)
-                                                      and text.rstrip().endswith(eos_text)))
+        ends = bool(eos) and (tokens[-1:] == eos or _ends_with(text, eos_text))
         ids += tokens + ([] if ends else eos)
     if not content:
         raise ValueError(f"{what}: the texts have no tokens")
@@ -237,12 +268,60 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         warnings.warn(f"{what}: the texts hold {len(stream)} tokens, fewer than samples x seq_len = {samples} x "
                       f"{seq_len}: the {samples} windows overlap, repeating tokens (about "
                       f"{len(stream) / seq_len:.1f} windows' worth of distinct ones)")
-    g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=g)
     windows = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
     return [{"input_ids": windows[i:i + batch_size],
              "attention_mask": torch.ones_like(windows[i:i + batch_size])}
             for i in range(0, samples, batch_size)]
+
+
+def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples: int, seq_len: int,
+                       g: torch.Generator, what: str) -> torch.Tensor:
+    """``[samples, seq_len]`` windows of long texts, each tokenized from its own place, so that
+    the cost is that of the windows (about ``samples * seq_len`` tokens), not of the texts.
+
+    Each window starts at a character drawn uniformly (seeded) from the texts joined in a
+    cycle (the last document followed by the first, as by any other), moved to the next
+    whitespace within 64 characters; the text from there is tokenized in growing slices, and
+    the first token (the rest of a word, or a whitespace) and the last of a slice cut short
+    (part of a word) are dropped. A document's end is followed by EOS (unless it ends with
+    one) and the next document, as in the whole token stream. The windows are thus runs of the
+    stream the whole texts make, up to how a tokenizer would have merged across the cuts."""
+    ends = torch.cumsum(torch.tensor([len(t) for t in texts], dtype=torch.long), 0)
+    places = torch.randint(0, int(ends[-1]), (samples,), generator=g).tolist()
+    windows = []
+    for place in places:
+        i = int(torch.searchsorted(ends, place, right=True))  # (the document holding the character)
+        offset = place - (int(ends[i]) - len(texts[i]))
+        cut_first = offset > 0
+        if cut_first:
+            space = _SPACE.search(texts[i], offset, offset + 64)
+            offset = space.start() if space else offset
+        window: List[int] = []
+        for _ in range(2 * len(texts) + 1):  # (a document at most twice: fewer tokens than a window)
+            text, need = texts[i], seq_len - len(window)
+            span = 4 * (need + 2)
+            while True:
+                stop = min(offset + span, len(text))
+                tokens = tokenizer(text[offset:stop], add_special_tokens=False)["input_ids"]
+                cut_last = stop < len(text)
+                if not cut_last or len(tokens) - cut_first - cut_last >= need:
+                    break
+                span *= 2
+            tokens = tokens[int(cut_first):len(tokens) - int(cut_last)]
+            window += tokens[:need]
+            if len(window) == seq_len:
+                break
+            if eos and (tokens or offset > 0) and not (tokens[-1:] == eos or _ends_with(text, eos_text)):
+                window += eos
+                if len(window) == seq_len:
+                    break
+            i, offset, cut_first = (i + 1) % len(texts), 0, False
+        else:
+            raise ValueError(f"{what}: the texts hold {int(ends[-1])} characters and fewer than seq_len={seq_len} "
+                             f"tokens")
+        windows.append(window)
+    return torch.tensor(windows, dtype=torch.long)
 
 
 # Tensors along the token axis of the encoder (of the model, for a decoder-only one) and of the

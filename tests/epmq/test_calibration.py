@@ -126,6 +126,50 @@ def test_empty_documents_add_no_separator():
     assert window["input_ids"].tolist() == [[5, 6, 0, 7, 0]]
 
 
+@pytest.mark.filterwarnings("ignore:.*windows overlap")
+def test_long_texts_are_tokenized_only_where_the_windows_are(monkeypatch):
+    """Past FULL_TOKENIZATION_CHARS the texts are not tokenized whole (a 1 GB file took minutes
+    and tens of GB for 128 windows): each window is tokenized from its own seeded place, and is
+    still a run of the stream the whole texts make (documents joined with EOS, the last followed
+    by the first); texts below the limit keep the windows of the whole stream."""
+    import epmq.calibration as calibration
+
+    class Counting(WordTokenizer):
+        chars = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            Counting.chars += len(text)
+            return super().__call__(text)
+
+    def joined(docs):  # the whole stream twice (the texts are a cycle), as text
+        stream = []
+        for doc in docs:
+            tokens = [1 + int(w) for w in doc.split()]
+            stream += tokens + ([] if tokens[-1:] == [0] else [0])  # ("-1" is EOS, 0)
+        return " " + " ".join(map(str, stream + stream)) + " "
+
+    def draw(docs, seed, samples=24):
+        return torch.cat([b["input_ids"] for b in text_windows(docs, Counting(), samples=samples, seq_len=40,
+                                                                batch_size=4, seed=seed)])
+
+    g = torch.Generator().manual_seed(0)
+    words = lambda n: " ".join(str(int(w)) for w in torch.randint(0, 50, (n,), generator=g))  # noqa: E731
+    long = [words(30000), words(3), words(5000), words(12)]
+    short = [words(300), words(3), "\n" + words(7) + " -1\n", words(50), words(12) + " -1", words(25), "7", words(60)]
+    below = [draw(docs, 3) for docs in (long, short)]
+    monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", 100)
+    Counting.chars = 0
+    windows = draw(long, 3)
+    assert Counting.chars < sum(map(len, long)) / 4  # (the windows' places, not the texts)
+    assert windows.shape == (24, 40)
+    for docs, samples in ((long, 24), (short, 300)):  # (windows across documents and the cycle's end)
+        cyclic = joined(docs)
+        assert all(" " + " ".join(map(str, row)) + " " in cyclic for row in draw(docs, 3, samples).tolist())
+    assert torch.equal(draw(long, 3), windows) and not torch.equal(draw(long, 4), windows)
+    monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", sum(map(len, long)))
+    assert [torch.equal(draw(docs, 3), w) for docs, w in zip((long, short), below)] == [True, True]
+
+
 def test_windows_need_two_tokens():
     with pytest.raises(ValueError, match="seq_len >= 2"):
         text_windows(["1 2 3"], WordTokenizer(), samples=1, seq_len=1)
