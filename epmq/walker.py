@@ -84,6 +84,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -408,6 +409,8 @@ def _calibration(calibration, model) -> dict:
     """Every task's items, padded batches split into batches without padding (``unpad``; a
     positional item that passes a mask taken as ``model``'s keyword arguments)."""
     encoder_decoder = _encoder_decoder(model)
+    transformers = sys.modules.get("transformers")  # (not imported: the model is none of its)
+    hf_model = transformers is not None and isinstance(getattr(model, "_orig_mod", model), transformers.PreTrainedModel)
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
     out = {}
@@ -430,6 +433,14 @@ def _calibration(calibration, model) -> dict:
                           if isinstance(t, torch.Tensor) and t.numel() == 0), None)
             if empty is not None:  # (a sequence of 0 tokens: the model fails deep inside, unnamed)
                 raise ValueError(f"calibration[{task!r}] item {n}: {empty} is empty: nothing to calibrate on")
+            if hf_model:  # (one sequence's ids without their batch dimension: the blocks fail deep inside)
+                flat = next((f"{'the item' if name in (0, 'input') else name} has shape {tuple(t.shape)}"
+                             for name, t in parts if name in (0, "input", "input_ids", "decoder_input_ids")
+                             and isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()),
+                            None)
+                if flat is not None:
+                    raise ValueError(f"calibration[{task!r}] item {n}: {flat}: token ids go as [batch, length] "
+                                     f"(ids[None] for one sequence)")
     return out
 
 
