@@ -185,6 +185,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                        "F8_E5M2": torch.float8_e5m2}
+# (the header's names for dtypes a torch may lack: those it has, by name)
+_SAFETENSORS_DTYPES.update({code: getattr(torch, name) for code, name in (
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"), ("F8_E8M0", "float8_e8m0fnu"))
+    if hasattr(torch, name)})
 
 
 # the names of the scales a quantized checkpoint stores beside a weight ``<key>`` (``<key><suffix>``)
@@ -296,8 +300,12 @@ class CheckpointReader:
         handle = self._open(self._where[key])
         with self._listed(handle, key):
             if hasattr(handle, "get_slice"):
-                return _SAFETENSORS_DTYPES[handle.get_slice(key).get_dtype()]
-            return handle[key].dtype
+                known = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+                if known is not None:
+                    return known
+                # (a dtype the table does not name, e.g. one newer safetensors writes: the tensor
+                # says, read; a KeyError of its header's code refused a checkpoint torch reads)
+            return _read_tensor(handle, key).dtype
 
     def quantized_with_scales(self, key: str, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Why tensor ``key`` is no weight but a quantized checkpoint's, else None: one-byte values

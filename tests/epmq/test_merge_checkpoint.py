@@ -994,3 +994,23 @@ def test_flan_t5_checkpoints_whose_head_is_stored_apart_merge_untied(tmp_path):
     want = merge.average(merged)
     written = load_file(str(out / "model.safetensors"))
     assert set(written) == set(base) and all(torch.equal(written[n], want[n]) for n in written)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.complex64])
+def test_global_ties_of_a_base_with_a_tensor_of_a_rarer_dtype(tmp_path, dtype):
+    """Global TIES learns each base tensor's dtype from the safetensors header, whose dtype
+    names were looked up in a table without U16/U32/U64/C64: a base holding such a tensor (an
+    index buffer, complex rotary frequencies) failed with KeyError('U32'), where reading the
+    tensor (as before) merged it, the tensor copied from the base."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    other = torch.arange(6).to(dtype)
+    for name, noise in (("base", 0.0), ("e0", 0.1), ("e1", 0.1)):
+        (tmp_path / name).mkdir()
+        save_file({"w": 1 + noise * torch.randn(6, 6, generator=g), "other": other},
+                  str(tmp_path / name / "model.safetensors"))
+    out = merge_checkpoints("ties", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out", base=tmp_path / "base",
+                            params={"density": 0.5, "scope": "global"}, progress=False)
+    written = load_file(str(out / "model.safetensors"))
+    assert written["other"].dtype == dtype and torch.equal(written["other"], other)
