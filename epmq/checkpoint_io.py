@@ -599,6 +599,11 @@ class LazyStateDict(Mapping):
     def checkpoint_key(self, name: str) -> str:
         return self._keys[name]
 
+    def read_as(self, name: str, other: str) -> None:
+        """Read ``name`` from ``other``'s checkpoint key from now on (a copy stored under its own
+        key that equals the tensor it is tied to: one tensor, as from_pretrained ties them)."""
+        self._keys[name] = self._keys[other]
+
     def shape_of(self, name: str) -> tuple:
         """Tensor ``name``'s shape, from the checkpoint without reading the tensor
         (``CheckpointReader.shape`` of a reader over this state dict asks here: indexing would

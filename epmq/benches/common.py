@@ -98,8 +98,17 @@ class BenchBase:
         from ..merge_checkpoint import _check_untie
 
         followers = {}  # name held apart -> the name it is tied to in the template, and whose
+        states = [s for s in (self.base_state, *self.experts.values()) if isinstance(s, LazyStateDict)]
         for names in parameter_aliases(self._template):
             for name in names[1:]:
+                # an equal copy under its own key (a raw torch.save of a tied model stores both
+                # names) is the one tensor, read so: else the merges took the names for two
+                # tensors (DARE drew a mask for each, global TIES counted it twice)
+                for state in states:
+                    if (name in state and names[0] in state
+                            and state.checkpoint_key(name) != state.checkpoint_key(names[0])
+                            and torch.equal(state[name], state[names[0]])):
+                        state.read_as(name, names[0])
                 whose = next((t for t, e in self.experts.items()
                               if e.checkpoint_key(name) != e.checkpoint_key(names[0])
                               and not torch.equal(e[name], e[names[0]])), None)

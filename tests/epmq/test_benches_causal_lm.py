@@ -244,3 +244,33 @@ def test_a_random_merge_of_tied_checkpoints_draws_one_mask_for_the_tied_tensor(t
     assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
     model = bench.model(merged)
     assert torch.equal(model.model.embed_tokens.weight, merged["model.embed_tokens.weight"])
+
+
+def test_a_random_merge_of_tied_checkpoints_saved_with_both_names_draws_one_mask(tmp_path):
+    """Tied checkpoints saved by ``torch.save(model.state_dict())`` (a ``pytorch_model.bin``)
+    store the head beside the embeddings, one tensor under two keys. Read each under its own
+    key, the bench's states did not hold them as one tensor: DARE drew a mask for each and the
+    tied model kept the head's, where ``epmq merge`` (which ties what the base stores equal)
+    draws one. A name stored as an equal copy of the tensor it is tied to is read as that one."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from epmq import merge_checkpoints
+    from epmq.merge import dare
+
+    config, root = _tied_base_bench(tmp_path)
+    shutil.rmtree(root / "experts" / "sst2")
+    shutil.copytree(root / "experts" / "rte", root / "experts" / "sst2")
+    for d in (root / "base", root / "experts" / "sst2", root / "experts" / "rte"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(d)
+        (d / "model.safetensors").unlink()
+        torch.save(model.state_dict(), d / "pytorch_model.bin")  # (both names stored)
+    bench = build_bench(config, base_dir=root, progress=False)
+    merged = dare(bench.base_state, [bench.experts[t] for t in bench.task_names], density=0.5, seed=1)
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+    out = merge_checkpoints("dare", [root / "experts" / t for t in bench.task_names], tmp_path / "merged",
+                            base=root / "base", params={"density": 0.5, "seed": 1}, progress=False)
+    written = load_file(str(out / "model.safetensors"))
+    assert torch.equal(bench.model(merged).model.embed_tokens.weight, written["model.embed_tokens.weight"])
