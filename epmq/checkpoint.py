@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import filecmp
 import glob
 import hashlib
 import json
@@ -758,6 +759,12 @@ def _read_manifest(directory: Path) -> dict:
 _DEFINING_FILES = (CONFIG_FILE, HF_CONFIG_FILE, MERGE_RECIPE_FILE, MANIFEST_FILE)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Two regular files of the same content."""
+    return (a.is_file() and b.is_file() and not a.is_symlink() and not b.is_symlink()
+            and filecmp.cmp(a, b, shallow=False))
+
+
 def _carry_over(old: Path, new: Path) -> None:
     """Copy into ``new`` what a user put beside the checkpoint in ``old`` (a tokenizer, a
     README, training files) or changed there since epmq wrote it (``MANIFEST_FILE``; a changed
@@ -777,8 +784,8 @@ def _carry_over(old: Path, new: Path) -> None:
         if name in ours and _unchanged(entry, ours[name]):
             continue  # ours, unchanged: the new write's version, or none, stands
         if target.exists() or target.is_symlink():
-            if not manifest:
-                continue
+            if not manifest or _same_file(entry, target):
+                continue  # (the same file as the write made: nothing to keep, nor to warn of)
             kept.append(name)
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)

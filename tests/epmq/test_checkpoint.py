@@ -1294,6 +1294,13 @@ def test_save_pretrained_into_a_folder_holding_the_tokenizer_saved_first(tmp_pat
     (directory / "README.md").write_text("my card")
     model.save_pretrained(directory)
     assert (directory / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
+    # saved again: the tokenizer is epmq's write's now, the card the user's; no "kept your changed"
+    import warnings as w
+    with w.catch_warnings(record=True) as record:
+        w.simplefilter("always")
+        model.save_pretrained(directory)
+    assert not [r for r in record if "kept your changed" in str(r.message)]
+    assert (directory / "README.md").read_text() == "my card"
     assert (directory / "README.md").read_text() == "my card"
     item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(output(epmq.load_quantized(directory), item), output(model, item), rtol=0, atol=0)

@@ -1006,3 +1006,22 @@ def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, cap
         (tmp_path / "c.yaml").write_text(text)
         assert main([command, str(tmp_path / "c.yaml"), str(tmp_path / "o"), "--quiet"]) == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_folder_holding_the_same_tokenizer_is_written_into_without_a_false_warning(files, tmp_path):
+    """The model's own tokenizer saved into the output first: the write makes the same files, so
+    nothing was "changed" by the user; "kept your changed tokenizer.json" was warned all the same."""
+    import shutil
+    import warnings
+
+    root, spec = files, epmq.QuantSpec(bits=4, group_size=16)
+    first = epmq.quantize_checkpoint(root / "merged", tmp_path / "first", spec=spec, method="rtn", progress=False)
+    out = tmp_path / "w4"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(first / name, out / name)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.quantize_checkpoint(root / "merged", out, spec=spec, method="rtn", progress=False)
+    assert not [str(r.message) for r in record if "kept your changed" in str(r.message)]
+    assert (out / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
