@@ -820,7 +820,8 @@ def _replaceable(directory: Path, marker: str = CONFIG_FILE) -> bool:
 # what tokenizers', processors' and hub repositories' save_pretrained write beside a model
 _SERVED_WITH = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|merges|spiece|sentencepiece.*"
                           r"|chat_template|generation_config|preprocessor_config|processor_config"
-                          r"|README|\.gitattributes)(\.[A-Za-z0-9]+)*")
+                          r"|README|\.gitattributes|\.DS_Store)(\.[A-Za-z0-9]+)*")
+_SERVED_WITH_FOLDERS = ("additional_chat_templates",)  # (tokenizers' save_pretrained, transformers >= 4.54)
 
 
 def _served_with_only(directory: Path) -> bool:
@@ -828,7 +829,9 @@ def _served_with_only(directory: Path) -> bool:
     ``tokenizer.save_pretrained(d); model.save_pretrained(d)`` does): a tokenizer, processor and
     generation configs, a README. A checkpoint written there carries them over as the user's.
     (Not any folder of files: each would be copied into the new one.)"""
-    return all(p.is_file() and not p.is_symlink() and _SERVED_WITH.fullmatch(p.name) for p in directory.iterdir())
+    return all(not p.is_symlink() and (p.is_file() and _SERVED_WITH.fullmatch(p.name)
+                                       or p.is_dir() and p.name in _SERVED_WITH_FOLDERS)
+               for p in directory.iterdir())
 
 
 def _fsync(path: Path) -> None:

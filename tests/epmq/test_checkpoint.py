@@ -1292,7 +1292,10 @@ def test_save_pretrained_into_a_folder_holding_the_tokenizer_saved_first(tmp_pat
     directory.mkdir()
     (directory / "tokenizer.json").write_text('{"the": "tokenizer"}')
     (directory / "README.md").write_text("my card")
+    (directory / "additional_chat_templates").mkdir()  # (as tokenizers of transformers >= 4.54 save)
+    (directory / "additional_chat_templates" / "tool_use.jinja").write_text("{{ x }}")
     model.save_pretrained(directory)
+    assert (directory / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ x }}"
     assert (directory / "tokenizer.json").read_text() == '{"the": "tokenizer"}'
     # saved again: the tokenizer is epmq's write's now, the card the user's; no "kept your changed"
     import warnings as w
