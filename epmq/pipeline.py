@@ -592,6 +592,22 @@ def _test_acc(steps: dict, key: str, task: str = "avg") -> float:
     return 100 * steps.get(key, {}).get("test", {}).get(task, float("nan"))
 
 
+def _legend_below(fig, axes) -> None:
+    """The first panel's legend under the panels, in as many rows as the figure's width needs
+    (one row of 7 entries under a single 5.5-inch panel, ``epmq demo --quick``'s, ran off both
+    edges: "merged fp32" and the last quantizer's name were cut); the panels, their tick labels
+    included, are laid out above it."""
+    handles, names = axes[0][0].get_legend_handles_labels()
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(len(names), 8), 0, -1):
+        legend = fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8)
+        if ncol == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            break
+        legend.remove()
+    height = legend.get_window_extent(renderer).height / fig.bbox.height
+    fig.tight_layout(rect=(0, min(0.5, height + 0.02), 1, 1))
+
+
 def plot(results: dict, plan: Plan, path) -> None:
     """Average test accuracy per bit width and quantizer, one panel a merge."""
     plt = _pyplot()
@@ -613,9 +629,7 @@ def plot(results: dict, plan: Plan, path) -> None:
         _score_axis(ax)
         ax.set_ylabel("average test accuracy (%)")
         ax.set_title(f"{mp.label}{_scale_note(mp, merged)}")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    _legend_below(fig, axes)
     _save(fig, path)
 
 
@@ -641,9 +655,7 @@ def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
             ax.set_title(f"{mp.label}, {bits}-bit", fontsize=9)
             if c == 0:
                 ax.set_ylabel("test accuracy (%)")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _legend_below(fig, axes)
     _save(fig, path)
 
 

@@ -256,3 +256,27 @@ def test_a_bench_is_resumed_only_from_its_own_results(calls_list, tmp_path):
     logs.clear()
     pipeline.run(Bench(), plan(methods=["rtn"]), tmp_path / "plain", log=logs.append, progress=False)
     assert any("has no identity" in line for line in logs)
+
+
+@pytest.mark.parametrize("merges, bits", [(1, [4, 2]), (1, [4]), (2, [8, 4, 3, 2])])
+def test_the_plots_legends_fit_in_their_figures(calls_list, tmp_path, quiet, monkeypatch, merges, bits):
+    """Every legend entry is drawn inside the saved figure and below the panels: one row of the
+    7 entries of ``epmq demo --quick`` (one merge, 5.5 inches wide) ran off both edges, cutting
+    "merged fp32" and the GPTQ fp-path bars' name."""
+    figures = []
+    monkeypatch.setattr(pipeline, "_save", lambda fig, path: figures.append(fig))
+    mps = [MergePlan("task_arithmetic", scales=[0.3]), MergePlan("ties", scales=[0.6])][:merges]
+    p = plan(merges=mps, bits=bits, controls=[pipeline.Control("gptq", "fp_path", "GPTQ fp-path"),
+                                              pipeline.Control("epmq", "expert_path", "E-PMQ expert-path")])
+    results = pipeline.run(Bench(), p, tmp_path, log=quiet)
+    pipeline.report(results, p, Bench.task_names, tmp_path)
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width and 0 <= box.y0
+        panels = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+        assert box.y1 <= panels + 1  # (not over the tick labels)
+        assert "GPTQ fp-path" in [t.get_text() for t in legend.get_texts()]
