@@ -440,15 +440,20 @@ class Runner:
             runs.append(self.step(key, params, run))
             cells.append((key, params, run))
         i = max(range(len(runs)), key=lambda j: _val(runs[j]["val"]["avg"]))  # chosen on validation
-        if self.plan.save_checkpoints and not _has_checkpoint(runs[i]):
+        own = self.out / "checkpoints"
+        if self.plan.save_checkpoints and not _has_checkpoint(runs[i], own):
             # (a cell done before whose checkpoint is gone: an unchosen anchor's, or one run
-            # without saving): the chosen cell's checkpoint is what the run delivers
-            self.log(f"[resume] {cells[i][0]}: its checkpoint is missing, quantizing again")
+            # without saving; or one in another directory, a copied run's original): the chosen
+            # cell's checkpoint is what the run delivers, in its own directory
+            self.log(f"[resume] {cells[i][0]}: its checkpoint is missing from {own}, quantizing again")
             runs[i] = self.step(*cells[i], redo=True)
-        # keep the chosen anchor's checkpoint only: the others were candidates
+        # keep the chosen anchor's checkpoint only: the others were candidates. Only this run's
+        # own are deleted: a copy of a run's directory names the original's checkpoints, which
+        # the copy's run deleted as candidates (the original's chosen ones among them)
         for j, r in enumerate(runs):
-            if j != i and _has_checkpoint(r):
-                shutil.rmtree(r["checkpoint"])
+            if j != i and r.get("checkpoint"):
+                if _has_checkpoint(r, own):
+                    shutil.rmtree(r["checkpoint"])
                 runs[j] = self.store.put(cells[j][0], cells[j][1], dict(r, checkpoint=None))
         if anchors != [None]:
             best = runs[i]
@@ -486,8 +491,11 @@ def _quant_key(merge_label: str, bits: int, label: str, anchor: Optional[float] 
     return f"quant/{merge_label}/w{bits}/{label}" + (f"/anchor={_anchor_key(anchor)}" if anchor is not None else "")
 
 
-def _has_checkpoint(result: dict) -> bool:
-    return bool(result.get("checkpoint")) and Path(result["checkpoint"]).is_dir()
+def _has_checkpoint(result: dict, own: Path) -> bool:
+    """Whether ``result`` names a checkpoint that exists in ``own``, the run's checkpoints
+    directory (resolved: the same directory reached through a link is the run's own)."""
+    path = result.get("checkpoint")
+    return bool(path) and Path(path).is_dir() and own.resolve() in Path(path).resolve().parents
 
 
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,

@@ -1,6 +1,8 @@
 """epmq.pipeline on a bench without a model: which stored cells are reused, what is chosen on
 validation, what the table and the report say (the quantizer replaced by a recording stub)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -280,3 +282,50 @@ def test_the_plots_legends_fit_in_their_figures(calls_list, tmp_path, quiet, mon
         panels = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
         assert box.y1 <= panels + 1  # (not over the tick labels)
         assert "GPTQ fp-path" in [t.get_text() for t in legend.get_texts()]
+
+
+def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, quiet, monkeypatch):
+    """results.json names checkpoints by absolute path: a copy of a run's directory (to try
+    another anchor) named the original's, and the copy's run deleted the original's chosen
+    checkpoint as an unchosen candidate. A run deletes and delivers only checkpoints of its own."""
+    import shutil
+
+    scores = {0.0: (0.9, 0.9)}
+
+    def fake(self, state, bits, method, targets, anchor, params):
+        path = self.out / "checkpoints" / f"{method}-{anchor}"
+        path.mkdir(parents=True, exist_ok=True)
+        val, test = scores.get(anchor, (0.5, 0.5))
+        return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path)}
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    first = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
+                         tmp_path / "a", log=quiet)
+    original = first["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.0, 0.1], save_checkpoints=True),
+                        tmp_path / "b", log=quiet)
+    assert Path(original).is_dir()  # (deleted from the original run's directory)
+    named = [s["checkpoint"] for s in copy["steps"].values() if s.get("checkpoint")]
+    assert named and all(c.startswith(str(tmp_path / "b")) for c in named)
+    # the chosen cell's checkpoint is delivered in the run's own directory, not the original's
+    again = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
+                         tmp_path / "b", log=quiet)
+    assert again["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"].startswith(str(tmp_path / "b"))
+    assert Path(original).is_dir()
+
+
+def test_a_run_reached_through_a_link_is_resumed_with_its_checkpoints(tmp_path, quiet, monkeypatch):
+    """The same output directory given through a symbolic link holds the run's own checkpoints."""
+    def fake(self, state, bits, method, targets, anchor, params):
+        path = self.out / "checkpoints" / f"{method}-{anchor}"
+        path.mkdir(parents=True, exist_ok=True)
+        return {"val": {"avg": 0.5}, "test": {"avg": 0.5}, "checkpoint": str(path)}
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    p = plan(methods=["rtn"], save_checkpoints=True)
+    pipeline.run(Bench(), p, tmp_path / "real", log=quiet)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    logs = []
+    pipeline.run(Bench(), p, tmp_path / "link", log=logs.append)
+    assert not any("quantizing again" in line for line in logs)
