@@ -540,11 +540,21 @@ def table_rows(results: dict, plan: Plan) -> list:
     return rows
 
 
+def _column_names(tasks: list, length: int) -> list:
+    """The tasks' names cut to ``length`` characters, or whole where two would be cut to one
+    (sentiment_en and sentiment_de were two columns headed 'sentimen')."""
+    short = [t[:length] for t in tasks]
+    return short if len(set(short)) == len(short) else list(tasks)
+
+
 def format_table(rows: list, tasks: list) -> str:
     width = max(len(r[0]) for r in rows)
-    head = f"| {'':<{width}} | " + " | ".join(f"{t[:8]:>8}" for t in tasks) + " |      avg |"
-    line = "|" + "-" * (width + 2) + "|" + "|".join("-" * 10 for _ in tasks) + "|----------|"
-    body = [f"| {label:<{width}} | " + " | ".join(f"{100 * accs.get(t, float('nan')):8.1f}" for t in tasks)
+    names = _column_names(tasks, 8)
+    widths = [max(8, len(n)) for n in names]
+    head = f"| {'':<{width}} | " + " | ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + " |      avg |"
+    line = "|" + "-" * (width + 2) + "|" + "|".join("-" * (w + 2) for w in widths) + "|----------|"
+    body = [f"| {label:<{width}} | "
+            + " | ".join(f"{100 * accs.get(t, float('nan')):{w}.1f}" for t, w in zip(tasks, widths))
             + f" | {100 * accs['avg']:8.1f} |" for label, accs in rows]
     return "\n".join([head, line] + body)
 
@@ -658,7 +668,7 @@ def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
             for i, (name, key) in enumerate(series):
                 ys = [_test_acc(steps, key, t) for t in tasks]
                 ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))], ys, width, label=name)
-            ax.set_xticks(range(len(tasks)), [t[:10] for t in tasks], rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(range(len(tasks)), _column_names(tasks, 10), rotation=45, ha="right", fontsize=7)
             _score_axis(ax)
             ax.set_title(f"{mp.label}, {bits}-bit", fontsize=9)
             if c == 0:

@@ -329,3 +329,18 @@ def test_a_run_reached_through_a_link_is_resumed_with_its_checkpoints(tmp_path, 
     logs = []
     pipeline.run(Bench(), p, tmp_path / "link", log=logs.append)
     assert not any("quantizing again" in line for line in logs)
+
+
+def test_the_tables_columns_name_tasks_that_share_their_first_characters_apart():
+    """Headers were each task's first 8 characters: sentiment_en and sentiment_de were two
+    columns headed 'sentimen', which no reader of table.md could tell apart."""
+    tasks = ["sentiment_en", "sentiment_de", "nli"]
+    rows = [("Base (zero-shot)", {"sentiment_en": 0.7849, "sentiment_de": 0.25, "nli": 0.5, "avg": 0.5116})]
+    head, rule, row = pipeline.format_table(rows, tasks).splitlines()
+    names = [c.strip() for c in head.strip("|").split("|")][1:]
+    assert names == ["sentiment_en", "sentiment_de", "nli", "avg"]
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["78.5", "25.0", "50.0", "51.2"]
+    assert len(rule) == len(head) == len(row)
+    # names that differ within 8 characters keep the short columns
+    head = pipeline.format_table(rows, ["digit", "inv_pairs_long"]).splitlines()[0]
+    assert "inv_pair |" in head
