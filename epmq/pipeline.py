@@ -516,9 +516,17 @@ def _precision(results: dict) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
+def _number(x: float) -> str:
+    """A scale or anchor as the report shows it: short (``:g``) where that is the value, every
+    digit where ``:g`` would round it (0.1 and 0.1000001 are cells of their own, both shown
+    as 0.1)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
 def _scale_note(mp, merged) -> str:
     """' (scale s)' for the merges a scale changes; nothing for those that take none."""
-    return "" if mp.method in UNSCALED_MERGES else f" (scale {merged['scale']:g})"
+    return "" if mp.method in UNSCALED_MERGES else f" (scale {_number(merged['scale'])})"
 
 
 def table_rows(results: dict, plan: Plan) -> list:
@@ -535,7 +543,7 @@ def table_rows(results: dict, plan: Plan) -> list:
             for label in labels:
                 step = steps.get(f"quant/{mp.label}/w{bits}/{label}")
                 if step is not None:
-                    extra = f" (anchor {step['chosen_anchor']:g})" if "chosen_anchor" in step else ""
+                    extra = f" (anchor {_number(step['chosen_anchor'])})" if "chosen_anchor" in step else ""
                     rows.append((f"{mp.label} w{bits} {label}{extra}", step["test"]))
     return rows
 
@@ -577,7 +585,7 @@ def ablation_rows(results: dict, plan: Plan) -> list:
 
 def format_ablation(rows: list) -> str:
     lines = ["| merge | bits | quantizer | anchor | val avg | test avg |", "|---|---|---|---|---|---|"]
-    lines += [f"| {m} | {b} | {q} | {a:g} | {100 * v:.1f} | {100 * t:.1f} |" for m, b, q, a, v, t in rows]
+    lines += [f"| {m} | {b} | {q} | {_number(a)} | {100 * v:.1f} | {100 * t:.1f} |" for m, b, q, a, v, t in rows]
     return "\n".join(lines)
 
 

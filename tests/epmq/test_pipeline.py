@@ -344,3 +344,15 @@ def test_the_tables_columns_name_tasks_that_share_their_first_characters_apart()
     # names that differ within 8 characters keep the short columns
     head = pipeline.format_table(rows, ["digit", "inv_pairs_long"]).splitlines()[0]
     assert "inv_pair |" in head
+
+
+def test_anchors_that_differ_in_a_late_digit_are_told_apart_in_the_report(calls_list, tmp_path, quiet):
+    """They are cells of their own; the table's ':g' showed both as 0.1 (the chosen
+    0.1000001 labelled "anchor 0.1", two ablation rows of one anchor)."""
+    calls_list.scores.update({0.1: (0.2, 0.2), 0.1000001: (0.9, 0.9)})
+    p = plan(methods=["epmq"], anchors=[0.1, 0.1000001, 1.0])
+    results = pipeline.run(Bench(), p, tmp_path, log=quiet)
+    text = pipeline.report(results, p, Bench.task_names, tmp_path)
+    assert "TA w4 E-PMQ (anchor 0.1000001)" in text
+    assert "| TA | 4 | E-PMQ | 0.1 |" in text and "| TA | 4 | E-PMQ | 0.1000001 |" in text
+    assert "| TA | 4 | E-PMQ | 1 |" in text  # (round values stay short)
