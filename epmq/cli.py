@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=out_default, help=f"output directory (default: {where})")
         p.add_argument("--fresh", action="store_true",
                        help="ignore earlier results in the output directory (they are kept aside: "
-                            "results.before-<time>.json, checkpoints.before-<time>)")
+                            "results.before-<time>.json, checkpoints.before-<time>, table.before-<time>.md, ...)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -255,7 +255,7 @@ class Store:
                 log(f"{why}starting over; the earlier results are kept in {', '.join(str(k) for k in kept)}")
 
     def _set_aside(self, out_dir: Path) -> list:
-        """The earlier run's results (a copy) and checkpoints (moved), under names of their time,
+        """The earlier run's results (a copy), report and checkpoints (moved), under names of their time,
         so that no run overwrites another's (a second change of the config, ``--fresh``). The
         copy, naming where the checkpoints go, is written before they move; a set-aside stopped
         in between is finished under the same name by the next run."""
@@ -274,12 +274,20 @@ class Store:
                 break  # (this very set-aside, stopped before the checkpoints moved)
             n += 1
         write_json_atomic(kept[0], content)
+        # its report too (table.md, the plots), under the same tag: left in place, it showed the
+        # earlier run's numbers beside the new results.json until the new run's report, which a
+        # run stopped before its end never writes
+        reports = []
+        for name in REPORT_FILES:
+            if (out_dir / name).exists():
+                reports.append(out_dir / f"{Path(name).stem}.{tag}{Path(name).suffix}")
+                os.replace(out_dir / name, reports[-1])
         if not moving:
-            return kept[:1]
+            return kept[:1] + reports
         # the kept results name the checkpoints where they now are (the new run writes its own
         # under the old names)
         checkpoints.rename(kept[1])
-        return kept
+        return kept + reports
 
     def get(self, key: str, params: dict):
         step = self.data["steps"].get(key)

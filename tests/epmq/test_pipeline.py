@@ -356,3 +356,35 @@ def test_anchors_that_differ_in_a_late_digit_are_told_apart_in_the_report(calls_
     assert "TA w4 E-PMQ (anchor 0.1000001)" in text
     assert "| TA | 4 | E-PMQ | 0.1 |" in text and "| TA | 4 | E-PMQ | 0.1000001 |" in text
     assert "| TA | 4 | E-PMQ | 1 |" in text  # (round values stay short)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_an_earlier_runs_report_is_set_aside_with_its_results(calls_list, tmp_path, quiet, fresh):
+    """Starting over (another bench, or --fresh) kept the earlier results.json and checkpoints
+    aside but left its table.md and plots in place: until the new run's report (hours for a
+    paper-scale run, never if it stops) they showed the earlier bench's numbers beside the new
+    results.json. They are kept aside under the same tag as its results."""
+    class Named(Bench):
+        def __init__(self, name, score):
+            super().__init__()
+            self.identity, self.score = {"model": name}, score
+
+        def evaluate(self, state, split="test"):
+            return {"a": self.score, "b": self.score, "avg": self.score}
+
+    p = plan(methods=["rtn"])
+    first = pipeline.run(Named("one", 0.25), p, tmp_path, log=quiet)
+    pipeline.report(first, p, Bench.task_names, tmp_path)
+    table = (tmp_path / "table.md").read_text()
+
+    class Stopped(Named):
+        def evaluate(self, state, split="test"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # (the new run, stopped before its report)
+        pipeline.run(Stopped("two" if not fresh else "one", 0.75), p, tmp_path, resume=not fresh, log=quiet)
+    assert not any((tmp_path / name).exists() for name in pipeline.REPORT_FILES)
+    (kept,) = tmp_path.glob("results.before-*.json")
+    tag = kept.name[len("results."):-len(".json")]
+    assert (tmp_path / f"table.{tag}.md").read_text() == table
+    assert (tmp_path / f"accuracy.{tag}.png").stat().st_size > 0
