@@ -160,6 +160,12 @@ class Plan:
             # (quantize_model's rules, said before any row is computed)
             if c.method == "gptq" and c.targets == "expert_path":
                 raise ValueError(f"control {c.label!r}: targets 'expert_path' needs experts: only epmq reads them")
+        rows = [(m, self.targets) for m in self.methods] + [(c.method, c.targets) for c in self.controls]
+        twice = sorted({row for row in rows if rows.count(row) > 1})
+        if twice:  # (the same computation twice, into one checkpoint folder, each row's clean-up the other's loss)
+            method, targets = twice[0]
+            raise ValueError(f"two quantizer rows are {method} with targets {targets!r} (quantize.methods with "
+                             f"quantize.targets, and quantize.controls): drop one")
         if self.residual_precision is not None:
             check_residual_precision(self.residual_precision, "residual_precision")
         if self.targets not in TARGETS:
