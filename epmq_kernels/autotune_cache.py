@@ -62,15 +62,18 @@ _CODE_ID = None
 
 
 def code_id():
-    """A short hash of this package's kernel sources (every ``epmq_kernels/*.py``), read once."""
+    """A short hash of this package's kernel sources (every ``epmq_kernels/*.py``), read once.
+
+    Read as the package's resources, not as files of its folder: imported from a zip (an egg,
+    a zipapp), where Triton still finds the kernels' source, there is no folder to list."""
     global _CODE_ID
     if _CODE_ID is None:
+        from importlib.resources import files
+
         digest = hashlib.sha1()
-        folder = os.path.dirname(os.path.abspath(__file__))
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), "rb") as f:
-                    digest.update(name.encode() + b"\0" + f.read())
+        for entry in sorted(files(__package__).iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".py"):
+                digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
         _CODE_ID = digest.hexdigest()[:8]
     return _CODE_ID
 

@@ -2021,3 +2021,25 @@ def test_tuning_keys_tell_the_problems_apart(gen):
     keys = {W._tuning_key(("splitk",), x, e) for e in (static, permuted, per_channel)}
     keys.add(W._tuning_key(("splitk",), x.float(), static))
     assert len(keys) == 4
+
+
+def test_autotune_code_id_of_kernels_imported_from_a_zip(tmp_path):
+    """The kernels run imported from a zip (an egg, a zipapp); code_id listed their folder on
+    disk and failed with NotADirectoryError at the first autotuned launch. The id is the same
+    as that of the same sources in a folder."""
+    import subprocess
+    import sys
+    import zipfile
+
+    folder = os.path.dirname(autotune_cache.__file__)
+    archive = tmp_path / "kernels.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in os.listdir(folder):
+            if name.endswith(".py"):
+                z.write(os.path.join(folder, name), f"epmq_kernels/{name}")
+    out = subprocess.run([sys.executable, "-c", "import epmq_kernels.autotune_cache as a; print(a.__file__); "
+                          "print(a.code_id())"], env={**os.environ, "PYTHONPATH": str(archive)},
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, code = out.stdout.split()
+    assert where.startswith(str(archive)) and code == autotune_cache.code_id()
