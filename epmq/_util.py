@@ -133,11 +133,15 @@ def save_safetensors(tensors: dict, path, metadata=None) -> None:
 
     try:
         save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as e:  # ("Error while serializing: I/O error: <strerror> (os error <errno>)")
-        io = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e))
+    except SafetensorError as e:
+        # "Error while serializing: I/O error: <strerror> (os error <errno>)" (safetensors >= 0.6);
+        # before 0.6 the Rust error's Debug form, 'IoError(Os { code: <errno>, kind: <kind>,
+        # message: "<strerror>" })', which 0.4 and 0.5 (transformers 4's) still print
+        io = re.search(r"I/O error: (?P<strerror>.*) \(os error (?P<errno>\d+)\)", str(e)) or re.search(
+            r'Os \{ code: (?P<errno>\d+), kind: \w+, message: "(?P<strerror>.*)" \}', str(e))
         if io is None:
             raise
-        raise OSError(int(io.group(2)), io.group(1), str(path)) from e
+        raise OSError(int(io.group("errno")), io.group("strerror"), str(path)) from e
 
 
 @contextmanager
