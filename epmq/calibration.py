@@ -528,7 +528,7 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
                   seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer),
     preprocessed by ``processor`` (e.g. ``AutoImageProcessor``) into ``pixel_values`` batches."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     _check_sizes(samples, batch_size)
     batches = []
@@ -537,14 +537,20 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
         for f in chunk:
             try:
                 with Image.open(f) as image:
-                    # upright, as the camera's EXIF orientation says (a phone's photos are
-                    # stored sideways): transformers' load_image, which pipelines read files
-                    # with, and datasets' Image feature turn them so
-                    images.append(rgb_image(ImageOps.exif_transpose(image)))
+                    images.append(rgb_image(upright(image)))
             except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
         batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
     return batches
+
+
+def upright(image):
+    """A file's ``image`` turned upright, as the camera's EXIF orientation says (a phone's photos
+    are stored sideways): transformers' ``load_image``, which pipelines read files with, turns
+    them so. For every image read from a file, the benches' as calibration's."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
 
 
 def rgb_image(image):

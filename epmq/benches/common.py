@@ -262,7 +262,7 @@ class BenchBase:
 # How the benches evaluate, in every bench identity: change it with any change of the code that
 # changes their numbers, so that results stored before are not reused.
 EVALUATION_RULES = ("2026-12-05: class names keep their '/', open_clip's zero-shot heads in fp32, experts' own "
-                    "heads over a tied base, a tied tensor merged once")
+                    "heads over a tied base, a tied tensor merged once, image files upright by their EXIF orientation")
 
 
 def files_fingerprint(path: Optional[Path]) -> Optional[str]:

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..calibration import upright
 from .config import BenchConfigError, DataSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -63,8 +64,7 @@ class FolderImages:
 
         path, label = self.items[i]
         with Image.open(path) as img:
-            img.load()
-            return img.copy(), label
+            return upright(img).copy(), label
 
 
 class HFRows:
@@ -111,7 +111,7 @@ def _to_image(value):
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         import io
 
-        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        return upright(Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]))
     try:
         import numpy as np
 

@@ -728,3 +728,32 @@ def test_a_layer_the_models_own_loading_ignores_is_no_extra_block(tmp_path):
         open_state(tmp_path / "deeper.safetensors", model, what="expert")
     model._keys_to_ignore_on_load_unexpected = [r"layers\.2\..*"]
     assert set(open_state(tmp_path / "deeper.safetensors", model, what="expert")) == set(model.state_dict())
+
+
+def test_bench_images_are_turned_upright_as_calibrations_are(tmp_path):
+    """A sideways-stored photo (EXIF orientation) was calibrated upright by epmq quantize but
+    evaluated and calibrated as stored by the benches: one reading of a file for both."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages, _to_image
+    from epmq.calibration import upright
+
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotated 90 degrees
+    (tmp_path / "a").mkdir()
+    image.save(tmp_path / "a" / "photo.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "a" / "photo.jpg") as f:
+        want = np.asarray(upright(f))
+    assert want.shape[:2] == (32, 16)
+    got, label = FolderImages(tmp_path, ["a"], "test")[0]
+    assert label == 0 and np.array_equal(np.asarray(got), want)
+    data = (tmp_path / "a" / "photo.jpg").read_bytes()
+    for value in ({"bytes": data}, {"path": str(tmp_path / "a" / "photo.jpg")}):
+        assert np.array_equal(np.asarray(_to_image(value)), want)
+    assert np.array_equal(np.asarray(_to_image(Image.open(io.BytesIO(data)))).shape, (16, 32, 3))
