@@ -252,7 +252,8 @@ class Store:
                 self.data = old
             elif old.get("steps"):
                 why = ("[fresh] " if not resume else
-                       f"[resume] {self.path} was written for another bench (differs in "
+                       f"[resume] {self.path} was written for another bench, or by another version of "
+                       f"epmq or of its models or data (differs in "
                        f"{changed_keys(old.get('identity') or {}, identity)}): ")
                 kept = self._set_aside(Path(out_dir))
                 # at once, not at the first step: a run stopped before it would set the earlier
