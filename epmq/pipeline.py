@@ -160,7 +160,9 @@ class Plan:
             # (quantize_model's rules, said before any row is computed)
             if c.method == "gptq" and c.targets == "expert_path":
                 raise ValueError(f"control {c.label!r}: targets 'expert_path' needs experts: only epmq reads them")
-        rows = [(m, self.targets) for m in self.methods] + [(c.method, c.targets) for c in self.controls]
+        # (the targets each row runs with: quantize.targets is E-PMQ's, RTN and GPTQ rows of
+        # quantize.methods quantize merged-path, as Runner.run does)
+        rows = [(m, self.method_targets(m)) for m in self.methods] + [(c.method, c.targets) for c in self.controls]
         twice = sorted({row for row in rows if rows.count(row) > 1})
         if twice:  # (the same computation twice, into one checkpoint folder, each row's clean-up the other's loss)
             method, targets = twice[0]
@@ -174,6 +176,11 @@ class Plan:
             raise ValueError(f"anchors must be a non-empty list of values >= 0, got {self.anchors}")
         for b in self.bits:
             self.spec(b)  # validates bits and group size early, with QuantSpec's message
+
+    def method_targets(self, method: str) -> str:
+        """The targets a row of ``methods`` quantizes with: ``targets`` for E-PMQ, merged-path
+        for RTN and GPTQ (the paper's baselines; other targets are controls)."""
+        return self.targets if method == "epmq" else "merged_path"
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym,
@@ -420,8 +427,8 @@ class Runner:
             state = merged_state(bench, mp, merged["scale"])
             for bits in plan.bits:
                 for method in plan.methods:
-                    targets = plan.targets if method == "epmq" else "merged_path"
-                    self._quantize_rows(mp, merged["scale"], state, bits, method, targets, LABELS[method])
+                    self._quantize_rows(mp, merged["scale"], state, bits, method, plan.method_targets(method),
+                                        LABELS[method])
                 for c in plan.controls:
                     self._quantize_rows(mp, merged["scale"], state, bits, c.method, c.targets, c.label)
         return self.store.data

@@ -122,6 +122,9 @@ def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, 
      "two quantizer rows are epmq with targets 'expert_path'"),
     (dict(methods=["gptq"], controls=[{"method": "gptq", "targets": "merged_path", "label": "x"}]),
      "two quantizer rows are gptq"),
+    # (quantize.targets is E-PMQ's: the GPTQ row of methods runs merged-path whatever it says)
+    (dict(targets="expert_path", controls=[{"method": "gptq", "targets": "merged_path", "label": "x"}]),
+     "two quantizer rows are gptq with targets 'merged_path'"),
     (dict(targets="expert"), "targets must be one of"),
     (dict(anchors=[]), "anchors must be a non-empty list"),
     (dict(sym="no"), "sym must be true or false"),
@@ -131,6 +134,13 @@ def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, 
 def test_bad_plans_raise(kw, message):
     with pytest.raises(ValueError, match=message):
         Plan(**kw)
+
+
+def test_fp_path_targets_with_the_default_control_is_a_plan():
+    """E-PMQ fp-path beside the default control (GPTQ fp-path): the GPTQ row of methods runs
+    merged-path, so no two rows are one computation (refused as 'two quantizer rows')."""
+    plan = Plan(targets="fp_path")
+    assert [plan.method_targets(m) for m in plan.methods] == ["merged_path", "merged_path", "fp_path"]
 
 
 def test_merge_entries_of_a_config():
