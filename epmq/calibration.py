@@ -547,10 +547,20 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 def upright(image):
     """A file's ``image`` turned upright, as the camera's EXIF orientation says (a phone's photos
     are stored sideways): transformers' ``load_image``, which pipelines read files with, turns
-    them so. For every image read from a file, the benches' as calibration's."""
+    them so. For every image read from a file, the benches' as calibration's. An image whose
+    EXIF cannot be read (a PNG's damaged eXIf chunk: Pillow raises SyntaxError or struct.error,
+    which stopped a whole bench or calibration) is taken as stored, with a warning, as Pillow
+    itself reads a JPEG's."""
+    import struct
+
     from PIL import ImageOps
 
-    return ImageOps.exif_transpose(image)
+    image.load()  # (a damaged image is an error of its own: OSError, as before)
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, struct.error) as e:
+        warnings.warn(f"an image's EXIF cannot be read ({e}): taken as stored, not turned by its orientation")
+        return image.copy()
 
 
 def rgb_image(image):

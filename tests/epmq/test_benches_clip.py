@@ -757,3 +757,30 @@ def test_bench_images_are_turned_upright_as_calibrations_are(tmp_path):
     for value in ({"bytes": data}, {"path": str(tmp_path / "a" / "photo.jpg")}):
         assert np.array_equal(np.asarray(_to_image(value)), want)
     assert np.array_equal(np.asarray(_to_image(Image.open(io.BytesIO(data)))).shape, (16, 32, 3))
+
+
+def test_an_image_of_unreadable_exif_is_read_as_stored(tmp_path):
+    """A PNG whose eXIf chunk is damaged: Pillow's EXIF reading raises SyntaxError ('not a TIFF
+    file'), which stopped the bench at that image once upright() read every image's EXIF (the
+    pixels were read before); it is taken as stored, with a warning."""
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages
+
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "photo.png")
+    data = (tmp_path / "a" / "photo.png").read_bytes()
+    payload = b"garbage, not a TIFF header"
+    chunk = (struct.pack(">I", len(payload)) + b"eXIf" + payload
+             + struct.pack(">I", zlib.crc32(b"eXIf" + payload) & 0xFFFFFFFF))
+    at = data.index(b"IDAT") - 4
+    (tmp_path / "a" / "photo.png").write_bytes(data[:at] + chunk + data[at:])
+    with pytest.warns(UserWarning, match="EXIF cannot be read"):
+        got, label = FolderImages(tmp_path, ["a"], "test")[0]
+    assert label == 0 and np.array_equal(np.asarray(got), pixels)
