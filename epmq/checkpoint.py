@@ -760,9 +760,14 @@ _DEFINING_FILES = (CONFIG_FILE, HF_CONFIG_FILE, MERGE_RECIPE_FILE, MANIFEST_FILE
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    """Two regular files of the same content."""
-    return (a.is_file() and b.is_file() and not a.is_symlink() and not b.is_symlink()
-            and filecmp.cmp(a, b, shallow=False))
+    """Two regular files of the same content, or two folders of the same such files (a
+    tokenizer's additional_chat_templates/, saved first and saved again by the write)."""
+    if a.is_symlink() or b.is_symlink():
+        return False
+    if a.is_dir() and b.is_dir():
+        names = [sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) for d in (a, b)]
+        return names[0] == names[1] and _tree_signature(a) == _tree_signature(b)
+    return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
 
 
 def _carry_over(old: Path, new: Path) -> None:

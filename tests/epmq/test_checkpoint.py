@@ -4,6 +4,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -977,6 +978,26 @@ def test_a_folder_epmq_wrote_is_its_own(two_models):
     with pytest.warns(UserWarning, match="kept your changed additional_chat_templates in place"):
         epmq.save_quantized(new, directory, extras=templates("rag"))
     assert (directory / "additional_chat_templates" / "rag.jinja").read_text() == "mine"
+
+
+def test_a_folder_saved_first_as_the_write_makes_it_is_not_the_users_change(two_models):
+    """The tokenizer saved first with its additional_chat_templates/, then the checkpoint with
+    the same tokenizer: the folder is the write's own, as an identical file is (it was warned
+    of as 'your changed additional_chat_templates' kept)."""
+    fam, old, new, directory = two_models
+    shutil.rmtree(directory)
+    directory.mkdir()
+
+    def tokenizer(path):
+        (path / "tokenizer.json").write_text('{"the": "tokenizer"}')
+        (path / "additional_chat_templates").mkdir()
+        (path / "additional_chat_templates" / "tool_use.jinja").write_text("{{ x }}")
+
+    tokenizer(directory)
+    with warnings_recorded() as record:
+        epmq.save_quantized(new, directory, extras=tokenizer)
+    assert not [w for w in record if "kept your changed" in str(w.message)]
+    assert (directory / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ x }}"
 
 
 def test_a_copied_checkpoint_is_replaced_by_the_next_write(two_models):
