@@ -550,7 +550,7 @@ def upright(image):
     them so. For every image read from a file, the benches' as calibration's. An image whose
     EXIF cannot be read (a PNG's damaged eXIf chunk: Pillow raises SyntaxError or struct.error,
     which stopped a whole bench or calibration) is taken as stored, with a warning, as Pillow
-    itself reads a JPEG's."""
+    itself reads a JPEG's. Always a new image, read in full: the file can be closed."""
     import struct
 
     from PIL import ImageOps

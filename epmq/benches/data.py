@@ -64,7 +64,7 @@ class FolderImages:
 
         path, label = self.items[i]
         with Image.open(path) as img:
-            return upright(img).copy(), label
+            return upright(img), label  # (a new image already: a .copy() of it was one more of each)
 
 
 class HFRows:

@@ -784,3 +784,21 @@ def test_an_image_of_unreadable_exif_is_read_as_stored(tmp_path):
     with pytest.warns(UserWarning, match="EXIF cannot be read"):
         got, label = FolderImages(tmp_path, ["a"], "test")[0]
     assert label == 0 and np.array_equal(np.asarray(got), pixels)
+
+
+def test_a_folder_image_is_copied_once(tmp_path, monkeypatch):
+    """upright() returns a new image (turned, or a copy): FolderImages copied it once more, an
+    extra full-size copy per image read (a fifth more time on large photos)."""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a" / "x.png")
+    copies = []
+    copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(1) or copy(self))
+    image, _ = FolderImages(tmp_path, ["a"], "test")[0]
+    assert len(copies) == 1 and image.size == (8, 8)
+    image.load()  # (read in full: the file is closed)
