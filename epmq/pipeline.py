@@ -317,8 +317,11 @@ class Store:
 
 
 def _moved(value, old: Path, new: Path):
-    """``value`` with the paths under directory ``old`` under ``new`` instead."""
-    old, new = str(old.absolute()), str(new.absolute())
+    """``value`` with the paths under directory ``old`` under ``new`` instead (also those that
+    reach it through a link: a run started through a symlink to its directory names its
+    checkpoints so, and one started later through the real path set them aside still named
+    there, where the new run writes its own)."""
+    old, real, new = str(old.absolute()), old.resolve(), str(new.absolute())
 
     def moved(value):
         if isinstance(value, dict):
@@ -327,6 +330,10 @@ def _moved(value, old: Path, new: Path):
             return [moved(v) for v in value]
         if isinstance(value, str) and (value == old or value.startswith((old + "/", old + os.sep))):
             return new + value[len(old):]
+        if isinstance(value, str) and os.path.isabs(value):
+            path = Path(value).resolve()
+            if path == real or real in path.parents:
+                return str(Path(new, path.relative_to(real)))
         return value
 
     return moved(value)

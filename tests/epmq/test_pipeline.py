@@ -403,3 +403,26 @@ def test_an_earlier_runs_report_is_set_aside_with_its_results(calls_list, tmp_pa
     tag = kept.name[len("results."):-len(".json")]
     assert (tmp_path / f"table.{tag}.md").read_text() == table
     assert (tmp_path / f"accuracy.{tag}.png").stat().st_size > 0
+
+
+def test_checkpoints_named_through_a_link_are_set_aside_by_a_run_through_the_real_path(
+        calls_list, tmp_path, quiet):
+    """A run started through a symlink to its directory names its checkpoints there; starting
+    over through the real path (--fresh) moved them aside but kept their old names in the kept
+    results, where the new run then writes its own checkpoints."""
+    import json
+
+    real = tmp_path / "run"
+    earlier = real / "checkpoints" / "TA-w4-rtn-merged_path"
+    earlier.mkdir(parents=True)
+    (earlier / "weights").write_text("earlier")
+    (tmp_path / "link").symlink_to(real)
+    named = tmp_path / "link" / "checkpoints" / earlier.name
+    (real / "results.json").write_text(json.dumps({
+        "identity": {"tasks": ["a", "b"]}, "steps": {"quant/TA/w4/RTN": {"checkpoint": str(named)}}}))
+    pipeline.run(Bench(), plan(), real, resume=False, log=quiet)
+    (kept,) = real.glob("results.before-*.json")
+    (kept_checkpoints,) = real.glob("checkpoints.before-*")
+    named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
+    assert named == str(kept_checkpoints / earlier.name)
+    assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
