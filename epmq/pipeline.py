@@ -470,6 +470,12 @@ class Runner:
             cells.append((key, params, run))
         i = max(range(len(runs)), key=lambda j: _val(runs[j]["val"]["avg"]))  # chosen on validation
         own = self.out / "checkpoints"
+        for j, r in enumerate(runs):
+            # (a copy of a run's directory: its results.json names the original's checkpoints, and
+            # its own checkpoints/ holds their copies under the same names: those are this run's)
+            copied = _copied_checkpoint(r, own)
+            if copied is not None:
+                runs[j] = self.store.put(cells[j][0], cells[j][1], dict(r, checkpoint=str(copied)))
         if self.plan.save_checkpoints and not _has_checkpoint(runs[i], own):
             # (a cell done before whose checkpoint is gone: an unchosen anchor's, or one run
             # without saving; or one in another directory, a copied run's original): the chosen
@@ -525,6 +531,16 @@ def _has_checkpoint(result: dict, own: Path) -> bool:
     directory (resolved: the same directory reached through a link is the run's own)."""
     path = result.get("checkpoint")
     return bool(path) and Path(path).is_dir() and own.resolve() in Path(path).resolve().parents
+
+
+def _copied_checkpoint(result: dict, own: Path) -> Optional[Path]:
+    """The checkpoint of ``result`` in ``own`` under the name it has elsewhere (a run directory
+    copied whole: results.json names the original's), where it is not ``own``'s already."""
+    path = result.get("checkpoint")
+    if not path or _has_checkpoint(result, own):
+        return None
+    here = own / Path(path).name
+    return here if here.is_dir() else None
 
 
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,

@@ -328,6 +328,15 @@ def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, 
                          tmp_path / "b", log=quiet)
     assert again["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"].startswith(str(tmp_path / "b"))
     assert Path(original).is_dir()
+    # a copy run again as it was: the copy's own checkpoints (copied under the same names) are
+    # taken, not quantized again (hours at paper scale), and the original's are left alone
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    logs = []
+    same = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
+                        tmp_path / "c", log=logs.append)
+    assert not any("quantizing again" in line for line in logs), logs
+    assert same["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"] == str(tmp_path / "c" / "checkpoints" / "epmq-0.1")
+    assert Path(original).is_dir()
 
 
 def test_a_run_reached_through_a_link_is_resumed_with_its_checkpoints(tmp_path, quiet, monkeypatch):
