@@ -162,12 +162,14 @@ class Plan:
                 raise ValueError(f"control {c.label!r}: targets 'expert_path' needs experts: only epmq reads them")
         # (the targets each row runs with: quantize.targets is E-PMQ's, RTN and GPTQ rows of
         # quantize.methods quantize merged-path, as Runner.run does)
-        rows = [(m, self.method_targets(m)) for m in self.methods] + [(c.method, c.targets) for c in self.controls]
+        # (RTN reads no targets: its rows of any targets are one computation)
+        rows = [(m, "any" if m == "rtn" else self.method_targets(m)) for m in self.methods]
+        rows += [(c.method, "any" if c.method == "rtn" else c.targets) for c in self.controls]
         twice = sorted({row for row in rows if rows.count(row) > 1})
         if twice:  # (the same computation twice, into one checkpoint folder, each row's clean-up the other's loss)
             method, targets = twice[0]
             raise ValueError(f"two quantizer rows are {method} with targets {targets!r} (quantize.methods with "
-                             f"quantize.targets, and quantize.controls): drop one")
+                             f"quantize.targets, and quantize.controls; RTN reads none): drop one")
         if self.residual_precision is not None:
             check_residual_precision(self.residual_precision, "residual_precision")
         if self.targets not in TARGETS:

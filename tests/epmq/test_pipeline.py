@@ -122,6 +122,8 @@ def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, 
      "two quantizer rows are epmq with targets 'expert_path'"),
     (dict(methods=["gptq"], controls=[{"method": "gptq", "targets": "merged_path", "label": "x"}]),
      "two quantizer rows are gptq"),
+    (dict(methods=["rtn"], controls=[{"method": "rtn", "targets": "fp_path", "label": "x"}]),
+     "two quantizer rows are rtn with targets 'any'"),
     # (quantize.targets is E-PMQ's: the GPTQ row of methods runs merged-path whatever it says)
     (dict(targets="expert_path", controls=[{"method": "gptq", "targets": "merged_path", "label": "x"}]),
      "two quantizer rows are gptq with targets 'merged_path'"),
