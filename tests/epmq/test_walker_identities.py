@@ -23,7 +23,7 @@ from epmq.adapters import find_adapter
 from epmq.calibration import unpad
 from epmq.stats import EPMQStats, HessianStats
 from epmq.walker import _encoder_decoder
-from test_walker_models import ARCHS, MOE, Family, assert_same_statistics, hooked_inputs, walked_inputs
+from test_walker_models import ARCHS, MOE, Family, assert_same_statistics, hooked_inputs, inputs, walked_inputs
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -151,6 +151,28 @@ def test_fp_path_statistics_match_hand_made(arch, method, gen):
         stats.end_task()
     anchor = 0.0 if method == "gptq" else 1.0
     expected = quant.epmq_from_stats(stats, SPEC, anchor=anchor, backend="torch")
+    _assert_same_layer(model.get_submodule(target), expected)
+
+
+@pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
+def test_default_task_weights_are_one_over_each_tasks_trace(targets, gen):
+    """The walk's default ``a_k = 1 / tr(H_k)`` (EPMQ_MATH.md). ``Family``'s tasks have equal
+    token counts and one input distribution, so their traces agree to 0.1% and any uniform
+    ``a_k`` passes the test above; here one task has three times the calibration items (its
+    trace three times the others'): ``a_k = 1`` moves about 9% of the codes."""
+    fam = Family("llama", gen)
+    first = fam.tasks[0]
+    fam.calibration[first] = fam.calibration[first] + inputs("llama", 4, gen)
+    model = fam.merged()
+    target, select = chosen_layers(_prepared(fam.merged()))
+    W_m = _prepared(fam.merged()).get_submodule(target).weight.detach().clone()
+    epmq.quantize_model(model, SPEC, method="epmq", targets=targets, calibration=fam.calibration,
+                        experts=fam.experts, layers=select, backend="torch", progress=False)
+    xs = {t: layer_inputs(model, target, items) for t, items in fam.calibration.items()}
+    expected = hand_made(fam, target, W_m, xs, "epmq", targets)
+    traces = [sum(float(x.double().pow(2).sum()) for x in xs[t]) for t in fam.tasks]
+    assert max(traces) > 2 * min(traces)  # (the test's premise: unequal traces)
+    assert expected.info["task_weights"] == pytest.approx([1 / tr for tr in traces], rel=1e-6)
     _assert_same_layer(model.get_submodule(target), expected)
 
 
