@@ -45,6 +45,20 @@ def test_numbers_match_reference(gen, dtype, d):
     assert_numbers_close(hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu), H, vu)
 
 
+@pytest.mark.parametrize("d", [17, 130])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_range_of_one_signed_matrices(gen, d, sign):
+    """The range is of H's entries only: a Gram matrix of positive features (post-ReLU inputs)
+    has no entry below its smallest positive one, and its negative none above its largest; a
+    tile's lanes past the last column (d not a multiple of the tile) must not count as zeros."""
+    X = torch.rand(2 * d + 3, d, generator=gen, dtype=torch.float64) + 0.1
+    H = (sign * (X.T @ X)).to(DEVICE, torch.float32)
+    vu = probes(gen, d, torch.float32)
+    got, want = hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu)
+    assert (want[0] > 0) if sign > 0 else (want[1] < 0)
+    assert_numbers_close(got, want, H, vu)
+
+
 @pytest.mark.parametrize("defect", ["nan", "nan_on_diagonal", "inf", "-inf", "negative_diagonal",
                                     "asymmetric", "strided", "transposed"])
 def test_numbers_of_matrices_that_are_not_gram(gen, defect, monkeypatch):
