@@ -66,6 +66,34 @@ def test_residual_matches_reference(gen, g_dtype, w_dtype, d_out, d_in):
     assert abs(c_out - c_ref) <= rel * abs(c_ref)
 
 
+def nan_after(t):
+    """``t`` copied into the front of a larger buffer whose rest is NaN (a contiguous view): a
+    kernel that reads past the operand's end, masked off or not, turns its result into NaN."""
+    buf = torch.full((t.numel() + 4096,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[: t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("precision", ["ieee", "bf16x3", "tf32"])
+@pytest.mark.parametrize("d_out,d_in", [(70, 33), (5, 17)])
+def test_residual_reads_nothing_past_its_operands(gen, precision, d_out, d_in):
+    """The last k-tile of ``D @ H_k`` runs past ``d_in`` (33 and 17 are no multiple of a tile):
+    its lanes there must be masked on both operands, not only on ``D`` (``0 * NaN`` is NaN,
+    and the memory after a Hessian may hold anything: an attention mask's -inf)."""
+    G0 = rand(gen, d_out, d_in, scale=10.0)
+    W_m = rand(gen, d_out, d_in)
+    W_k = W_m + rand(gen, d_out, d_in, scale=0.1)
+    H_k = gram(gen, 50, d_in, torch.float32)
+    G_ref, G_out = G0.clone(), nan_after(G0)
+    c_ref = accumulate_residual_reference(G_ref, W_k, W_m, H_k, 0.5, input_precision=precision)
+    c_out = accumulate_residual_triton(G_out, nan_after(W_k), nan_after(W_m), nan_after(H_k), 0.5,
+                                       input_precision=precision)
+    assert torch.isfinite(G_out).all() and abs(c_out) < float("inf")
+    rel = (1e-2 if precision == "tf32" else 50 * EPS[torch.float32]) * d_in**0.5
+    assert_update_close(G_out, G_ref, G0, rel)
+
+
 def test_residual_of_identical_weights_is_zero(gen):
     G0 = rand(gen, 20, 40)
     W = rand(gen, 20, 40)
