@@ -225,10 +225,10 @@ def test_bad_anchor(gen):
 
 
 @pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (16, 2304)])
-def test_times_upper_equals_the_dense_product(d_out, d):
+def test_times_upper_equals_the_dense_product(d_out, d, gen):
     from epmq.quant import _times_upper
 
-    g = torch.Generator().manual_seed(d_out * 1000 + d)
+    g = gen
     A = torch.randn(d_out, d, dtype=torch.float64, generator=g)
     U = torch.randn(d, d, dtype=torch.float64, generator=g).triu()
     for transposed in (False, True):
@@ -361,11 +361,11 @@ def test_residual_precision_sets_the_floor_of_r_and_the_anchor_term(gen, monkeyp
 
 
 @pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (2000, 300), (16, 2304)])
-def test_objective_equals_the_dense_trace(d_out, d):
+def test_objective_equals_the_dense_trace(d_out, d, gen):
     """The block-symmetric ``tr(E H E^T)`` (float32 products, float64 sums) against float64."""
     from epmq.quant import _objective
 
-    g = torch.Generator().manual_seed(d_out * 1000 + d)
+    g = gen
     E = torch.randn(d_out, d, generator=g)
     X = torch.randn(d, 2 * d, generator=g) * torch.exp(torch.randn(d, 1, generator=g))
     H = (X @ X.T).float()
@@ -430,10 +430,10 @@ def test_dead_columns_keep_the_damping_to_the_live_columns(gen, spec, task_weigh
 
 
 @pytest.mark.parametrize("d", [1, 7, 256, 257, 700, 1500])
-def test_lower_inverse_matches_the_triangular_solve(d):
+def test_lower_inverse_matches_the_triangular_solve(d, gen):
     from epmq.quant import _lower_inverse
 
-    g = torch.Generator().manual_seed(d)
+    g = gen
     X = torch.randn(2 * d + 3, d, dtype=torch.float64, generator=g) * torch.rand(d, dtype=torch.float64, generator=g)
     L = torch.linalg.cholesky(X.T @ X + 1e-3 * torch.eye(d, dtype=torch.float64))
     got = _lower_inverse(L)
