@@ -26,6 +26,17 @@ class Bench:
         return {"a": 1.0, "b": 1.0, "avg": 1.0}
 
 
+class Named(Bench):
+    """A bench of its own identity (``name``) scoring every task ``score``."""
+
+    def __init__(self, name, score):
+        super().__init__()
+        self.identity, self.score = {"model": name}, score
+
+    def evaluate(self, state, split="test"):
+        return {"a": self.score, "b": self.score, "avg": self.score}
+
+
 class Calls(list):
     pass
 
@@ -255,15 +266,6 @@ def test_checkpoints_a_killed_run_half_wrote_are_removed_by_the_next(calls_list,
 def test_a_bench_is_resumed_only_from_its_own_results(calls_list, tmp_path):
     """Without identity=, a run takes the bench's own ``identity``: another bench of the same
     task names in the same directory is started over, not served the first one's numbers."""
-
-    class Named(Bench):
-        def __init__(self, name, score):
-            super().__init__()
-            self.identity, self.score = {"model": name}, score
-
-        def evaluate(self, state, split="test"):
-            return {"a": self.score, "b": self.score, "avg": self.score}
-
     logs = []
     first = pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
     again = pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
@@ -390,14 +392,6 @@ def test_an_earlier_runs_report_is_set_aside_with_its_results(calls_list, tmp_pa
     aside but left its table.md and plots in place: until the new run's report (hours for a
     paper-scale run, never if it stops) they showed the earlier bench's numbers beside the new
     results.json. They are kept aside under the same tag as its results."""
-    class Named(Bench):
-        def __init__(self, name, score):
-            super().__init__()
-            self.identity, self.score = {"model": name}, score
-
-        def evaluate(self, state, split="test"):
-            return {"a": self.score, "b": self.score, "avg": self.score}
-
     p = plan(methods=["rtn"])
     first = pipeline.run(Named("one", 0.25), p, tmp_path, log=quiet)
     pipeline.report(first, p, Bench.task_names, tmp_path)

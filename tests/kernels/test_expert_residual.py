@@ -92,6 +92,7 @@ def test_residual_reads_nothing_past_its_operands(gen, precision, d_out, d_in):
     assert torch.isfinite(G_out).all() and abs(c_out) < float("inf")
     rel = (1e-2 if precision == "tf32" else 50 * EPS[torch.float32]) * d_in**0.5
     assert_update_close(G_out, G_ref, G0, rel)
+    assert abs(c_out - c_ref) <= rel * abs(c_ref)
 
 
 def test_residual_of_identical_weights_is_zero(gen):
