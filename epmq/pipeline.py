@@ -541,6 +541,11 @@ def _copied_checkpoint(result: dict, own: Path) -> Optional[Path]:
     path = result.get("checkpoint")
     if not path or _has_checkpoint(result, own):
         return None
+    if Path(path).parent.name != own.name:
+        # (not another run directory's checkpoints/: an earlier run's set aside here, in
+        # checkpoints.before-*, whose results a user put back; own's of that name are the later
+        # run's, of another bench or config)
+        return None
     here = own / Path(path).name
     return here if here.is_dir() else None
 

@@ -431,3 +431,26 @@ def test_checkpoints_named_through_a_link_are_set_aside_by_a_run_through_the_rea
     named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
     assert named == str(kept_checkpoints / earlier.name)
     assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
+
+
+def test_restored_earlier_results_do_not_take_the_later_runs_checkpoint(tmp_path, quiet, monkeypatch):
+    """An earlier run's results put back (results.before-*.json over results.json, the config
+    changed back) name their checkpoints in checkpoints.before-*: the later run's checkpoint of
+    the same name in checkpoints/, of another bench, is not theirs to take."""
+    import shutil
+
+    def fake(self, state, bits, method, targets, anchor, params):
+        path = self.out / "checkpoints" / f"{method}-{anchor}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "made_for").write_text(str(self.store.identity["v"]))
+        return {"val": {"avg": 0.5}, "test": {"avg": 0.5}, "checkpoint": str(path)}
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    p = plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True)
+    pipeline.run(Bench(), p, tmp_path, log=quiet, identity={"v": 1})
+    pipeline.run(Bench(), p, tmp_path, log=quiet, identity={"v": 2})  # (sets the first run aside)
+    (kept,) = tmp_path.glob("results.before-*.json")
+    shutil.copy(kept, tmp_path / "results.json")  # (the user takes the earlier results back)
+    back = pipeline.run(Bench(), p, tmp_path, log=quiet, identity={"v": 1})
+    delivered = Path(back["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"])
+    assert (delivered / "made_for").read_text() == "1"  # (not bench 2's model under bench 1's numbers)
