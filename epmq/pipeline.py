@@ -521,6 +521,7 @@ class Runner:
             # (save_extras is optional in the protocol; written into the checkpoint atomically)
             save_quantized(model, path, extras=getattr(bench, "save_extras", None))
             result["checkpoint"] = str(path)
+            result["checkpoint_files"] = _checkpoint_digest(path)
         return result
 
 
@@ -547,7 +548,21 @@ def _copied_checkpoint(result: dict, own: Path) -> Optional[Path]:
         # run's, of another bench or config)
         return None
     here = own / Path(path).name
-    return here if here.is_dir() else None
+    # (the same files as the checkpoint the result was stored with: a folder of that name written
+    # by another run or config, behind a results.json copied alone, is not it)
+    recorded = result.get("checkpoint_files")
+    return here if recorded is not None and _checkpoint_digest(here) == recorded else None
+
+
+def _checkpoint_digest(path: Path) -> Optional[str]:
+    """A digest of checkpoint ``path``'s file list (``save_quantized``'s manifest: its files'
+    sizes, and the configs' contents); None without one."""
+    from .checkpoint import MANIFEST_FILE
+
+    try:
+        return hashlib.sha256((Path(path) / MANIFEST_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,

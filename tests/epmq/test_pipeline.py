@@ -1,6 +1,7 @@
 """epmq.pipeline on a bench without a model: which stored cells are reused, what is chosen on
 validation, what the table and the report say (the quantizer replaced by a recording stub)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -312,10 +313,14 @@ def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, 
     scores = {0.0: (0.9, 0.9)}
 
     def fake(self, state, bits, method, targets, anchor, params):
+        from epmq.checkpoint import MANIFEST_FILE
+
         path = self.out / "checkpoints" / f"{method}-{anchor}"
         path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST_FILE).write_text(json.dumps({"made in": str(self.out), "anchor": anchor}))
         val, test = scores.get(anchor, (0.5, 0.5))
-        return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path)}
+        return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path),
+                "checkpoint_files": pipeline._checkpoint_digest(path)}
 
     monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
     first = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
@@ -341,6 +346,15 @@ def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, 
     assert not any("quantizing again" in line for line in logs), logs
     assert same["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"] == str(tmp_path / "c" / "checkpoints" / "epmq-0.1")
     assert Path(original).is_dir()
+    # a's results.json copied alone into b, whose checkpoint of that name is b's own (other files):
+    # not taken for a's, quantized again
+    shutil.copy2(tmp_path / "a" / "results.json", tmp_path / "b" / "results.json")
+    logs = []
+    taken = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
+                         tmp_path / "b", log=logs.append)
+    assert any("quantizing again" in line for line in logs), logs
+    step = taken["steps"]["quant/TA/w4/E-PMQ"]
+    assert step["checkpoint_files"] == pipeline._checkpoint_digest(Path(step["checkpoint"]))
 
 
 def test_a_run_reached_through_a_link_is_resumed_with_its_checkpoints(tmp_path, quiet, monkeypatch):
