@@ -416,6 +416,11 @@ class Runner:
             return done
         t0 = time.perf_counter()
         result = fn()
+        # (results.json holds numbers only: a NaN literal is not JSON, strict parsers refuse the file)
+        bad = [f"{split}[{task!r}] = {v}" for split in ("val", "test") for task, v in (result.get(split) or {}).items()
+               if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{key}: the bench returned accuracies that are not numbers ({', '.join(bad[:4])})")
         result["seconds"] = time.perf_counter() - t0
         self.log(f"{key}: avg val {result.get('val', {}).get('avg', float('nan')):.4f} "
                  f"test {result.get('test', {}).get('avg', float('nan')):.4f} ({result['seconds']:.1f} s)")

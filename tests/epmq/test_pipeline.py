@@ -468,3 +468,13 @@ def test_restored_earlier_results_do_not_take_the_later_runs_checkpoint(tmp_path
     back = pipeline.run(Bench(), p, tmp_path, log=quiet, identity={"v": 1})
     delivered = Path(back["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"])
     assert (delivered / "made_for").read_text() == "1"  # (not bench 2's model under bench 1's numbers)
+
+
+def test_a_bench_returning_a_nan_accuracy_is_named_and_results_json_stays_json(tmp_path, quiet):
+    """A custom bench's NaN accuracy was written into results.json as a NaN literal, which is
+    not JSON: strict parsers (jq, JavaScript, Go) refused the whole file."""
+    with pytest.raises(ValueError, match=r"base: the bench returned accuracies that are not numbers \(val\['a'\] = nan"):
+        pipeline.run(Named("nan", float("nan")), plan(), tmp_path, log=quiet)
+    if (tmp_path / "results.json").exists():
+        json.loads((tmp_path / "results.json").read_text(),
+                   parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
