@@ -356,8 +356,14 @@ def test_residual_precision_sets_the_floor_of_r_and_the_anchor_term(gen, monkeyp
     scale = float((ref.target - W_m).abs().max())
     # (bf16x3: 3.6e-5 of |R| for the median of 300 seeds, 1.3e-4 for the worst; tf32x3: 4.4e-6)
     assert float((res.target - ref.target).abs().max()) <= (4e-4 if floor == "bf16x3" else 1e-5) * scale
-    assert res.expert_loss == pytest.approx(ref.expert_loss, rel=1e-3)
-    assert res.anchor_loss == pytest.approx(ref.anchor_loss, rel=1e-3)
+    # (a target that close can still round a code near its grid's midpoint the other way, and the
+    # error feedback carries that on: 1 seed in about 600, 5 of 512 codes, the losses 0.8% apart,
+    # EPMQ_TEST_SEED=3871280763; equal codes give losses within 1e-5)
+    flipped = int((res.codes != ref.codes).sum())
+    assert flipped <= res.codes.numel() // 50
+    rel = 1e-3 if flipped == 0 else 3e-2
+    assert res.expert_loss == pytest.approx(ref.expert_loss, rel=rel)
+    assert res.anchor_loss == pytest.approx(ref.anchor_loss, rel=rel)
 
 
 @pytest.mark.parametrize("d_out,d", [(5, 7), (33, 512), (40, 1000), (2000, 300), (16, 2304)])
