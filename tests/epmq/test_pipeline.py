@@ -209,11 +209,7 @@ def test_a_run_interrupted_before_its_first_step_keeps_the_earlier_run_once(call
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(Stopped(), plan(), tmp_path, resume=not fresh, log=quiet)
     pipeline.run(Bench(), plan(), tmp_path, resume=not fresh, log=quiet)  # (the same command again)
-    (kept,) = tmp_path.glob("results.before-*.json")
-    (kept_checkpoints,) = tmp_path.glob("checkpoints.before-*")
-    named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
-    assert named == str(kept_checkpoints / earlier.name)
-    assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
+    assert_set_aside_with_its_checkpoint(tmp_path, earlier.name)
 
 
 def test_a_set_aside_stopped_before_the_checkpoints_moved_is_finished_by_the_next_run(
@@ -240,11 +236,17 @@ def test_a_set_aside_stopped_before_the_checkpoints_moved_is_finished_by_the_nex
         pipeline.run(Bench(), plan(), tmp_path, log=quiet)
     monkeypatch.setattr(Path, "rename", real)
     pipeline.run(Bench(), plan(), tmp_path, log=quiet)
-    (kept,) = tmp_path.glob("results.before-*.json")
-    (kept_checkpoints,) = tmp_path.glob("checkpoints.before-*")
+    assert_set_aside_with_its_checkpoint(tmp_path, earlier.name)
+
+
+def assert_set_aside_with_its_checkpoint(run_dir, name):
+    """The earlier results kept aside in ``run_dir`` name their checkpoint ``name`` where it was
+    kept aside with them, the earlier run's."""
+    (kept,) = run_dir.glob("results.before-*.json")
+    (kept_checkpoints,) = run_dir.glob("checkpoints.before-*")
     named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
-    assert named == str(kept_checkpoints / earlier.name)
-    assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
+    assert named == str(kept_checkpoints / name)
+    assert (kept_checkpoints / name / "weights").read_text() == "earlier"
 
 
 def test_checkpoints_a_killed_run_half_wrote_are_removed_by_the_next(calls_list, tmp_path, quiet):
@@ -440,11 +442,7 @@ def test_checkpoints_named_through_a_link_are_set_aside_by_a_run_through_the_rea
     (real / "results.json").write_text(json.dumps({
         "identity": {"tasks": ["a", "b"]}, "steps": {"quant/TA/w4/RTN": {"checkpoint": str(named)}}}))
     pipeline.run(Bench(), plan(), real, resume=False, log=quiet)
-    (kept,) = real.glob("results.before-*.json")
-    (kept_checkpoints,) = real.glob("checkpoints.before-*")
-    named = json.loads(kept.read_text())["steps"]["quant/TA/w4/RTN"]["checkpoint"]
-    assert named == str(kept_checkpoints / earlier.name)
-    assert (kept_checkpoints / earlier.name / "weights").read_text() == "earlier"
+    assert_set_aside_with_its_checkpoint(real, earlier.name)
 
 
 def test_restored_earlier_results_do_not_take_the_later_runs_checkpoint(tmp_path, quiet, monkeypatch):
@@ -473,7 +471,8 @@ def test_restored_earlier_results_do_not_take_the_later_runs_checkpoint(tmp_path
 def test_a_bench_returning_a_nan_accuracy_is_named_and_results_json_stays_json(tmp_path, quiet):
     """A custom bench's NaN accuracy was written into results.json as a NaN literal, which is
     not JSON: strict parsers (jq, JavaScript, Go) refused the whole file."""
-    with pytest.raises(ValueError, match=r"base: the bench returned accuracies that are not numbers \(val\['a'\] = nan"):
+    with pytest.raises(ValueError, match=r"base: the bench returned accuracies that are not numbers "
+                                         r"\(val\['a'\] = nan"):
         pipeline.run(Named("nan", float("nan")), plan(), tmp_path, log=quiet)
     if (tmp_path / "results.json").exists():
         json.loads((tmp_path / "results.json").read_text(),
