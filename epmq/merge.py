@@ -1118,14 +1118,15 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
     its entries kept), streamed twice."""
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
-    if hasattr(base, "dtype_of"):  # (a lazy checkpoint's: from its header, not two more reads of it all)
-        dtypes = {name: base.dtype_of(name) for name in base.keys()}
-        numel = {name: math.prod(base.shape_of(name)) for name in base.keys()}
-    else:
-        dtypes = {name: base[name].dtype for name in base.keys()}
-        numel = {name: base[name].numel() for name in base.keys()}
-    names = [n for n in base.keys() if dtypes[n].is_floating_point and n not in aliases]
-    n = sum(numel[name] for name in names)
+    def dtype_and_size(name):  # (a lazy checkpoint's from its header, not a read of it all)
+        if hasattr(base, "dtype_of"):
+            return base.dtype_of(name), math.prod(base.shape_of(name))
+        t = base[name]
+        return t.dtype, t.numel()
+
+    sizes = {name: dtype_and_size(name) for name in base.keys() if name not in aliases}
+    names = [name for name, (dtype, _) in sizes.items() if dtype.is_floating_point]
+    n = sum(sizes[name][1] for name in names)
 
     def task_vector(k):
         for name in names:
