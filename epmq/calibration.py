@@ -12,9 +12,11 @@ costs what its 128 windows do, not minutes and tens of GB.
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
 an HF hub dataset; needs pyarrow), or a directory tree of them (sorted by path; suffixes in any
-case; hidden files and folders skipped). UTF-8, with or without a byte-order mark. A value is a
-document in one of the forms TRL's SFTTrainer trains on, so an expert's own fine-tuning files
-calibrate its task as they are:
+case; hidden files and folders skipped). All but ``.parquet`` may be compressed: ``.gz``,
+``.bz2`` or ``.xz`` after their suffix (the hub's C4 shards, GPTQ's calibration set, are
+``.json.gz``). UTF-8, with or without a byte-order mark. A value is a document in one of the
+forms TRL's SFTTrainer trains on, so an expert's own fine-tuning files calibrate its task as
+they are:
 
 * a string, or ``{"text": ...}``;
 * ``{"messages": [{"role": ..., "content": ...}, ...]}``, a conversation, rendered by the
@@ -55,6 +57,9 @@ import torch
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 PAIR_SUFFIXES = (".jsonl", ".json", ".parquet")
+# a text file may be compressed, as the hub's C4 shards are (c4-train.00000-of-01024.json.gz,
+# GPTQ's calibration set): the suffix before these names its kind
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 # the columns of a .parquet file that a text or a pair is read from (the others are not loaded)
 COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs", "input", "target")
 
@@ -131,21 +136,20 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
             raise ValueError(f"{saved}: a dataset written by datasets' save_to_disk (.arrow files), which is not "
                              f"read here; write it as files that are: dataset.to_json(\"calibration.jsonl\") or "
                              f"dataset.to_parquet(\"calibration.parquet\") (of a DatasetDict, one split)")
-        files = _tree(path, suffixes)
+        files = _tree(path, suffixes, compressed=True)
         if not files:
             raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")
         return [r for f in files for r in _records(f, suffixes, what, kind_error)]
     if not path.is_file():
         raise FileNotFoundError(f"no calibration {what} at {path}")
-    suffix = path.suffix.lower()
-    if suffix not in suffixes:
-        raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}), not {path.suffix!r}")
+    suffix = _kind(path)
+    if suffix not in suffixes or (suffix == ".parquet" and suffix != path.suffix.lower()):
+        shown = "".join(path.suffixes[-2:]) if path.suffix.lower() in COMPRESSIONS else path.suffix
+        raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}; all but .parquet also "
+                         f"{'/'.join(COMPRESSIONS)}-compressed), not {shown!r}")
     if suffix == ".parquet":
         return [(f"{path}:row {i}", row) for i, row in enumerate(_parquet_rows(path))]
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    text = _read_text(path)
     if suffix == ".txt":
         return [(str(path), text)]
     if suffix == ".jsonl":
@@ -191,10 +195,41 @@ def _json(text: str, where: str):
         raise ValueError(f"{where}: not JSON ({e})") from None
 
 
-def _tree(directory: Path, suffixes: tuple) -> List[Path]:
-    """The files under ``directory`` with one of ``suffixes`` (any case), sorted, skipping hidden
-    files and folders (``.ipynb_checkpoints``, ``.git``)."""
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+def _kind(path: Path) -> str:
+    """A file's suffix that names its content (lower case), through a compression suffix:
+    ``.jsonl`` for ``x.JSONL.gz``."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix in COMPRESSIONS else suffix
+
+
+def _read_text(path: Path) -> str:
+    """A file's UTF-8 text (a byte-order mark dropped), decompressed if its name says so."""
+    compression = COMPRESSIONS.get(path.suffix.lower())
+    try:
+        if compression is None:
+            return path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
+        import importlib
+
+        with importlib.import_module(compression).open(path, "rb") as f:
+            data = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    except (OSError, EOFError) as e:  # (a damaged or truncated archive: gzip.BadGzipFile, lzma.LZMAError, ...)
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: not a readable {compression} file ({type(e).__name__}: {e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text once decompressed ({e})") from None
+
+
+def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Path]:
+    """The files under ``directory`` with one of ``suffixes`` (any case; where ``compressed``,
+    also behind a compression suffix: see ``_kind``), sorted, skipping hidden files and folders
+    (``.ipynb_checkpoints``, ``.git``)."""
+    kind = _kind if compressed else (lambda p: p.suffix.lower())
+    return sorted(p for p in directory.rglob("*") if kind(p) in suffixes and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 

@@ -210,7 +210,7 @@ examples in configs/files/):
                                     # (T5, BART) or a vision tower (CLIPVisionModel, ViT, ...):
                                     # directory or HF hub id
   method: epmq                      # rtn, gptq or epmq
-  calibration:                      # task -> texts (.txt / .jsonl / .json / .parquet) for a
+  calibration:                      # task -> texts (.txt / .jsonl / .json / .parquet; .gz too) for a
                                     # language model ({"text"}, {"messages"} through the chat
                                     # template, {"prompt", "completion"}: the task's fine-tuning
                                     # file), {"input", "target"} pairs (.jsonl / .json /

@@ -14,7 +14,7 @@ import yaml
 
 import epmq
 from epmq.benches.tiny import WORDS, perturb, word_tokenizer
-from epmq.calibration import image_batches, image_files, read_texts, text_windows
+from epmq.calibration import image_batches, image_files, read_pairs, read_texts, text_windows
 from epmq.cli import main
 from epmq.quantize_files import REPORT_FILE
 
@@ -100,6 +100,34 @@ def test_read_texts_as_users_write_them(tmp_path, files):
     tok = transformers.AutoTokenizer.from_pretrained(files / "base")
     with pytest.raises(ValueError, match="no tokens"):
         text_windows(["", "", ""], tok, samples=2, seq_len=4)
+
+
+def test_compressed_text_files_read_as_their_inner_kind(tmp_path):
+    """The hub's C4 shards (GPTQ's calibration set) are .json.gz of JSON lines; .bz2 and .xz
+    likewise; found in a tree by their inner suffix; a damaged archive or an unknown inner
+    kind named."""
+    import bz2
+    import gzip
+    import lzma
+
+    d = tmp_path / "c4"
+    d.mkdir()
+    with gzip.open(d / "c4-train.00000-of-01024.json.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": f"doc {i}", "url": "u"}) + "\n" for i in range(3)))
+    (d / "b.TXT.bz2").write_bytes(bz2.compress("\ufeffthe cat".encode("utf-8")))
+    (d / "c.jsonl.xz").write_bytes(lzma.compress(b'"a dog"\n'))
+    (d / "skip.csv.gz").write_bytes(gzip.compress(b"x"))
+    assert read_texts(d) == ["the cat", "a dog", "doc 0", "doc 1", "doc 2"]  # (sorted by path)
+    (tmp_path / "pairs.jsonl.xz").write_bytes(lzma.compress(b'{"input": "a", "target": "b"}\n'))
+    assert read_pairs(tmp_path / "pairs.jsonl.xz") == [("a", "b")]
+    with pytest.raises(ValueError, match=r"skip.csv.gz: unknown text file type .* not '.csv.gz'"):
+        read_texts(d / "skip.csv.gz")
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'"x"\n' * 100)[:-12])
+    with pytest.raises(ValueError, match="cut.jsonl.gz: not a readable gzip file"):
+        read_texts(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "latin.txt.gz").write_bytes(gzip.compress("caf\xe9".encode("latin-1")))
+    with pytest.raises(ValueError, match="latin.txt.gz: not UTF-8"):
+        read_texts(tmp_path / "latin.txt.gz")
 
 
 # a chat template of the kind fine-tuned models ship (BOS, role markers, EOS per turn)
