@@ -46,7 +46,9 @@ transformers clips) and preprocessed by the model's own image processor into
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import io
 import json
 import re
 import warnings
@@ -149,28 +151,26 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
                          f"{'/'.join(COMPRESSIONS)}-compressed), not {shown!r}")
     if suffix == ".parquet":
         return [(f"{path}:row {i}", row) for i, row in enumerate(_parquet_rows(path))]
-    text = _read_text(path)
+    if suffix == ".jsonl":
+        return _json_lines(_text_lines(path), path)
+    text = "".join(_text_lines(path, whole=True))
     if suffix == ".txt":
         return [(str(path), text)]
-    if suffix == ".jsonl":
-        return _json_lines(text, path)
     try:
         values = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":
             raise ValueError(f"{path}: not JSON ({e})") from None
         # (JSON Lines under .json: what datasets' Dataset.to_json writes, and reads back)
-        return _json_lines(text, path)
+        return _json_lines(text.split("\n"), path)
     if not isinstance(values, list):
         raise ValueError(f"{path}: expected a JSON list of {what}")
     return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
 
 
-def _json_lines(text: str, path: Path) -> List[tuple]:
-    """``(where, value)`` of each JSON line (lines end at "\\n" only: JSON strings may hold
-    U+2028 and the like)."""
-    return [(f"{path}:{i}", _json(line, f"{path}:{i}")) for i, line in enumerate(text.split("\n"), 1)
-            if line.strip()]
+def _json_lines(lines: Iterable[str], path: Path) -> List[tuple]:
+    """``(where, value)`` of each JSON line."""
+    return [(f"{path}:{i}", _json(line, f"{path}:{i}")) for i, line in enumerate(lines, 1) if line.strip()]
 
 
 def _parquet_rows(path: Path) -> List[dict]:
@@ -202,26 +202,25 @@ def _kind(path: Path) -> str:
     return Path(path.stem).suffix.lower() if suffix in COMPRESSIONS else suffix
 
 
-def _read_text(path: Path) -> str:
-    """A file's UTF-8 text (a byte-order mark dropped), decompressed if its name says so."""
+def _text_lines(path: Path, whole: bool = False):
+    """The lines of a UTF-8 text file (a byte-order mark dropped; lines end at "\\n" only: JSON
+    strings may hold U+2028 and the like), decompressed if its name says so, read as they are
+    taken, so that a large JSON Lines file is never held whole; ``whole``: its text as one."""
     compression = COMPRESSIONS.get(path.suffix.lower())
-    try:
-        if compression is None:
-            return path.read_text(encoding="utf-8-sig")  # (a byte-order mark is not text)
-        import importlib
-
-        with importlib.import_module(compression).open(path, "rb") as f:
-            data = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    except (OSError, EOFError) as e:  # (a damaged or truncated archive: gzip.BadGzipFile, lzma.LZMAError, ...)
-        if isinstance(e, (FileNotFoundError, PermissionError)):
-            raise
-        raise ValueError(f"{path}: not a readable {compression} file ({type(e).__name__}: {e})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text once decompressed ({e})") from None
+    opened = path.open("rb") if compression is None else importlib.import_module(compression).open(path, "rb")
+    with opened as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n") as f:
+        try:
+            if whole:
+                yield f.read()
+            else:
+                yield from f
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text{'' if compression is None else ' once decompressed'} "
+                             f"({e})") from None
+        except (OSError, EOFError) as e:  # (a damaged or truncated archive: gzip.BadGzipFile, lzma.LZMAError, ...)
+            if compression is None:
+                raise
+            raise ValueError(f"{path}: not a readable {compression} file ({type(e).__name__}: {e})") from None
 
 
 def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Path]:
