@@ -925,8 +925,8 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
         return (result * (norms.squeeze(-1) * w).sum()).view(vectors.shape[1:])
 
     def merge_tensor(name, W_0, W_k):
-        if len(W_k) == 1:
-            return W_k[0]
+        if len(W_k) == 1:  # (a copy: W_k[0] may be the expert's own float32 tensor)
+            return W_k[0].clone()
         vectors = torch.stack([W_k[k] for k in range(len(W_k))])
         if W_0 is not None:
             vectors -= W_0
@@ -948,8 +948,8 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
 
     def merge_tensor(name, W_0, W_k):
         tensors = [W_k[k] for k in range(len(W_k))]
-        if len(tensors) == 1:
-            return tensors[0]
+        if len(tensors) == 1:  # (a copy: it may be the model's own float32 tensor)
+            return tensors[0].clone()
         alphas = [1.0 / len(tensors)] * len(tensors)
         norms = [torch.linalg.vector_norm(t) for t in tensors]
         units = [torch.zeros_like(t) if float(n) == 0.0 else t / n for t, n in zip(tensors, norms)]

@@ -1196,3 +1196,17 @@ def test_an_untied_expert_of_a_tied_base_read_from_files_names_the_tie():
         merge.task_arithmetic(base, [expert])
     merged = merge.task_arithmetic(dict(base, **{"lm_head.weight": base["model.embed_tokens.weight"]}), [expert])
     assert set(merged) == set(expert)
+
+
+def test_a_merge_of_one_model_returns_tensors_of_its_own(gen):
+    """multislerp of one expert and karcher of one model returned the model's own float32 tensors
+    (the merge's tensors were the input's storage, where every other merge makes new ones): an
+    in-place change of the merged state changed the expert silently."""
+    expert = {"w": torch.randn(4, 3, generator=gen), "ids": torch.arange(3)}
+    kept = {k: v.clone() for k, v in expert.items()}
+    for merged in (merge.multislerp(None, [expert]), merge.multislerp({k: v + 1 for k, v in expert.items()}, [expert]),
+                   merge.karcher([expert])):
+        assert torch.equal(merged["w"], kept["w"])
+        merged["w"].add_(1.0)
+        merged["ids"].add_(1)
+        assert torch.equal(expert["w"], kept["w"]) and torch.equal(expert["ids"], kept["ids"])
