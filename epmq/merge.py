@@ -981,7 +981,8 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
                 mean = mean / length
         return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
 
-    return _merge_each(None, list(models), merge_tensor, out)
+    # (one model given for the list was iterated: an nn.Sequential's layers merged as models)
+    return _merge_each(None, _listed_experts(models), merge_tensor, out)
 
 
 def nearswap(base, experts, t: float = 0.001, *, out=None):

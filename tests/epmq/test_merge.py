@@ -1210,3 +1210,15 @@ def test_a_merge_of_one_model_returns_tensors_of_its_own(gen):
         merged["w"].add_(1.0)
         merged["ids"].add_(1)
         assert torch.equal(expert["w"], kept["w"]) and torch.equal(expert["ids"], kept["ids"])
+
+
+def test_karcher_refuses_one_model_given_for_the_list():
+    """karcher iterated whatever it was given: one nn.Sequential was merged as a list of its own
+    layers (a state dict of 'weight' and 'bias', silently), one state dict as a list of its names
+    ("expert 0 must be a state dict ..., got str"). Refused as every other merge refuses it."""
+    layers = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    for one in (layers, layers.state_dict()):
+        with pytest.raises(TypeError, match="experts must be a list"):
+            merge.karcher(one)
+    merged = merge.karcher(m for m in (layers, layers))  # (a generator of models is a list)
+    assert set(merged) == set(layers.state_dict())
