@@ -506,8 +506,9 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
 def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
     """ValueError for parameters ``epmq.merge``'s ``method`` does not take (or ``reserved``:
     set by the caller itself), and for numbers written as strings."""
+    # (the inputs each merge takes, the caller gives: karcher's list is named models)
     accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {
-        "base", "experts", "a", "b", "out", "grams", "transposed", *reserved}
+        "base", "experts", "models", "a", "b", "out", "grams", "transposed", *reserved}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")

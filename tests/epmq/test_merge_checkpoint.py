@@ -1014,3 +1014,15 @@ def test_global_ties_of_a_base_with_a_tensor_of_a_rarer_dtype(tmp_path, dtype):
                             params={"density": 0.5, "scope": "global"}, progress=False)
     written = load_file(str(out / "model.safetensors"))
     assert written["other"].dtype == dtype and torch.equal(written["other"], other)
+
+
+def test_the_models_argument_of_karcher_is_no_parameter():
+    """params: {models: ...} for karcher passed check_merge_params (its list of models is named
+    models, not experts): epmq merge ended in a TypeError traceback ("got multiple values for
+    argument 'models'"), the pipeline's MergePlan too."""
+    from epmq.merge_checkpoint import check_merge_params
+
+    for method in ("karcher", "average", "ties", "slerp", "regmean"):
+        with pytest.raises(ValueError, match=r"unknown parameters \['(models|experts)'\]"):
+            check_merge_params(method, {"models" if method == "karcher" else "experts": ["a", "b"]})
+    check_merge_params("karcher", {"max_iter": 5, "tol": 1e-6})
