@@ -43,7 +43,8 @@ mergekit's per-model ``weight``; the spectral tsv and iso_c do not):
                       matrix of their inputs on task k (data needed: ``stats.gram_matrices``)
 
 Tensors that are not floating point (position ids, counters) are copied from the base (from
-the first expert for ``average`` and ``slerp``) unchanged. Each merged tensor is stored in
+the first model where a merge takes none: ``average``, ``slerp``, ``karcher``, ``regmean``, and
+``nuslerp`` / ``multislerp`` given ``base=None``) unchanged. Each merged tensor is stored in
 ``out`` as soon as it is made (a new dict by default, returned; anything with ``__setitem__``:
 ``epmq.merge_checkpoints`` passes a writer that puts them into shards on disk, so a merge of
 large checkpoints holds one shard of the result at a time). Random merges (``dare``, ``della``)
