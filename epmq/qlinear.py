@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from epmq_kernels._runtime import version
 
@@ -353,9 +354,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
         if not x.is_floating_point():  # (the weights built in its dtype would round to 0)
             raise TypeError(f"expected floating-point inputs (as nn.Linear), got {x.dtype}")
-        # the kernels have no backward: inputs that need a gradient (adapters trained on top of
-        # the quantized model) take the dequantized product, which autograd follows
-        kernels = self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())
+        # the kernels have no derivative: inputs that need a gradient (adapters trained on top of
+        # the quantized model) or carry a forward-mode tangent (torch.func.jvp, forward_ad dual
+        # tensors: the CPU kernel refuses them, the CUDA one would drop the tangent, which jvp
+        # then reports as 0) take the dequantized product, which autograd follows
+        kernels = (self.bits == 4 and not (x.requires_grad and torch.is_grad_enabled())
+                   and forward_ad.unpack_dual(x).tangent is None)
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.is_meta or _is_fake(x):
             y = self._traced_product(x, kernels)
         else:

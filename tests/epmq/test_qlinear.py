@@ -152,6 +152,20 @@ def test_cpu_int4_inputs_that_need_a_gradient_get_one(gen):
     torch.testing.assert_close(x.grad, layer._weight_kn(torch.bfloat16).sum(1).expand(2, -1))
 
 
+def test_cpu_int4_inputs_with_a_forward_mode_tangent_get_its_product(gen):
+    """Forward-mode AD (``torch.func.jvp``, ``forward_ad`` dual tensors) has no derivative of the
+    int4 kernel either: such inputs take the dequantized product, whose tangent is ``t @ W``."""
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=128), gen, d_out=32, d_in=256),
+                                         None).bfloat16()
+    assert layer._cpu_int4(torch.bfloat16) is not None  # (the kernel would take these inputs)
+    x = torch.randn(2, 256, generator=gen).bfloat16()
+    t = torch.randn(2, 256, generator=gen).bfloat16()
+    W = layer._weight_kn(torch.bfloat16)
+    y, tangent = torch.func.jvp(layer, (x,), (t,))
+    torch.testing.assert_close(tangent, t @ W)
+    torch.testing.assert_close(y, x @ W)
+
+
 def test_cpu_int4_kernel_declines_layouts_it_cannot_take(gen):
     # out_features not a multiple of 16; groups of 16: the dequantized product
     for d_out, spec in ((24, epmq.QuantSpec(bits=4, group_size=128)), (32, epmq.QuantSpec(bits=4, group_size=16))):
