@@ -699,11 +699,29 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
             if not path.is_symlink():
                 _fsync(path)
         _fsync(tmp)
+        cwd = _working_directory()
         _replace_dir(tmp, directory)
         _fsync(parent)
+        _follow_into(cwd, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _working_directory() -> Optional[Path]:
+    try:
+        return Path(os.getcwd())
+    except OSError:  # (already a deleted directory)
+        return None
+
+
+def _follow_into(cwd: Optional[Path], directory: Path) -> None:
+    """A process working in ``directory`` (or in a folder of it) when it was replaced is left in
+    the deleted old one, where "." lists nothing and ``os.getcwd()`` fails: it is moved to the
+    same path in the new one (another process's working directory cannot be moved)."""
+    real = Path(os.path.realpath(directory))  # (getcwd gives the path with links resolved)
+    if cwd is not None and (cwd == real or real in cwd.parents):
+        os.chdir(cwd if cwd.is_dir() else real)
 
 
 # The files epmq wrote into a checkpoint directory, with their size and time: the next write

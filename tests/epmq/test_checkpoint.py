@@ -773,6 +773,24 @@ def test_saving_into_the_working_directory(gen, tmp_path, monkeypatch):
     assert (tmp_path / "here" / "model.safetensors").is_file()
 
 
+def test_the_working_directory_follows_the_checkpoint_it_was_in(gen, tmp_path, monkeypatch):
+    """A write replaces the directory by a new one: a process working in it (or in a folder of
+    it, carried over) was left in the deleted old one, where "." listed nothing, a second save
+    into "." failed in os.getcwd() and load_quantized(".") found no checkpoint."""
+    _, model = quantized(gen)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for _ in range(2):  # (an empty directory, then a checkpoint of epmq's)
+        epmq.save_quantized(model, ".")
+        assert Path.cwd() == here and (Path(".") / "model.safetensors").is_file()
+    epmq.load_quantized(".")
+    (here / "notes").mkdir()  # a user's folder, carried over into the new checkpoint
+    monkeypatch.chdir(here / "notes")
+    epmq.save_quantized(model, here)
+    assert Path.cwd() == here / "notes" and Path("../model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("size,want", [(1000, 1000), ("5GB", 5 * 10**9), ("500MiB", 500 * 2**20),
                                        ("1.5 kb", 1500), ("50GB", 50 * 10**9)])
 def test_shard_sizes(size, want):
