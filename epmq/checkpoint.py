@@ -147,6 +147,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
         files[HF_CONFIG_FILE] = config
+    elif isinstance(getattr(model, "epmq_open_clip_config", None), dict):  # (what load_quantized built it from)
+        files[OPEN_CLIP_CONFIG_FILE] = model.epmq_open_clip_config
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "to_json_string"):
         # what generate() and serving engines default to (EOS ids, sampling), as save_pretrained writes it
@@ -1091,6 +1093,9 @@ def _empty_open_clip_model(directory: Path) -> nn.Module:
             model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**model_cfg)
     if cfg.get("preprocess_cfg"):
         (model if cfg.get("tower") == "visual" else model.visual).preprocess_cfg = cfg["preprocess_cfg"]
+    # (written back by save_quantized, as a transformers model's config.json: the file is epmq's
+    # once it wrote it, and a write that did not make it again would drop it)
+    model.epmq_open_clip_config = cfg
     return model.eval()
 
 

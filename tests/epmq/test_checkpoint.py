@@ -307,6 +307,29 @@ def test_coca_loads_from_its_open_clip_config(tmp_path):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def test_an_open_clip_model_built_from_its_config_saves_it_again(tmp_path):
+    """A vision tower saved with its ``open_clip_config.json`` (as the open_clip bench writes it,
+    by ``extras``) loads by ``load_quantized(directory)``; saving that model again dropped the
+    file (epmq had written it, and the new write did not): the directory no longer loaded, nor
+    did a copy saved elsewhere. The model built from the config now writes it back."""
+    from open_clip.model import _build_vision_tower
+
+    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
+                                                   mlp_ratio=2.0))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 16}, "tower": "visual"}
+    torch.manual_seed(0)
+    model = _build_vision_tower(16, model_cfg["vision_cfg"]).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q",
+                        extras=lambda d: (d / "open_clip_config.json").write_text(json.dumps(config)))
+    image = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loaded = epmq.load_quantized(tmp_path / "q")
+    for directory in (tmp_path / "q", tmp_path / "copy"):
+        epmq.save_quantized(loaded, directory)
+        assert json.loads((directory / "open_clip_config.json").read_text()) == config
+        torch.testing.assert_close(epmq.load_quantized(directory)(image), model(image), rtol=0, atol=0)
+
+
 def saved_bf16_model(arch, directory, **save):
     """A model of ``arch`` quantized (RTN, 4 bits, groups of 16), cast to bf16 and saved."""
     model = build(arch)
