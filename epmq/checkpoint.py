@@ -88,7 +88,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     or a string like "5GB" or "500MiB" (transformers' default, "50GB", is also the hub's limit
     per file); a tensor larger than it gets a shard of its own. ``extras(path)``: writes what
     the checkpoint is served with (``tokenizer.save_pretrained``) into the new directory before
-    it replaces the old one, so that an interruption leaves the old checkpoint whole.
+    it replaces the old one, so that an interruption leaves the old checkpoint whole; without
+    it, a model ``load_quantized`` built gets the tokenizer and processor files of the
+    checkpoint it was loaded from.
     """
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
@@ -163,6 +165,10 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         if extras is not None:
             extras(tmp)
+        else:  # (a model load_quantized built: its checkpoint's tokenizer, which the write would drop)
+            for name, data in getattr(model, "epmq_served_with", {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
     return directory
 
 
@@ -849,6 +855,28 @@ _SERVED_WITH = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|m
 _SERVED_WITH_FOLDERS = ("additional_chat_templates",)  # (tokenizers' save_pretrained, transformers >= 4.54)
 
 
+# the served-with files a loaded model carries (not its generation config, which it holds as an
+# object, nor a README or a hub repository's own files)
+_CARRIED = re.compile(r"(?!generation_config|README|\.gitattributes|\.DS_Store)" + _SERVED_WITH.pattern)
+
+
+def _served_with_files(directory: Path) -> dict:
+    """A checkpoint directory's tokenizer and processor files (``_CARRIED``; a tokenizer's
+    ``additional_chat_templates/`` too), ``{path there: bytes}``: a model ``load_quantized`` built
+    carries them and ``save_quantized`` writes them again, so that saving it back in place (to
+    rewrite it as gptq_v2, say) or elsewhere keeps what it is served with."""
+    files = {}
+    for p in sorted(directory.iterdir()):
+        if p.is_symlink():
+            continue
+        if p.is_file() and _CARRIED.fullmatch(p.name):
+            files[p.name] = p.read_bytes()
+        elif p.is_dir() and p.name in _SERVED_WITH_FOLDERS:
+            files.update({q.relative_to(directory).as_posix(): q.read_bytes() for q in sorted(p.rglob("*"))
+                          if q.is_file() and not q.is_symlink()})
+    return files
+
+
 def _served_with_only(directory: Path) -> bool:
     """Whether ``directory`` holds only files a checkpoint is served with, saved first (as
     ``tokenizer.save_pretrained(d); model.save_pretrained(d)`` does): a tokenizer, processor and
@@ -1350,5 +1378,6 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         (replacements.get(name) or model.get_submodule(name)).quantized_with = record
         records.append(record)
     model.epmq_quant_config = common_quant_config(records)
+    model.epmq_served_with = _served_with_files(directory)
     bind_save_pretrained(model)
     return given

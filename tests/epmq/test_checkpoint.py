@@ -749,6 +749,32 @@ def test_what_epmq_wrote_is_replaced_and_what_the_user_changed_is_kept(two_model
     assert (directory / "tokenizer.json").read_text() == "the user's"
 
 
+def test_a_loaded_model_saved_again_keeps_its_tokenizer(two_models, tmp_path):
+    """``m = load_quantized(d); save_quantized(m, d)`` (to rewrite it as gptq_v2, say) dropped
+    the tokenizer ``epmq quantize`` had written there (epmq's own file, which the new write did
+    not make): the model now carries its checkpoint's tokenizer and processor files, and writes
+    them in place or elsewhere; not the old run's report or README."""
+    fam, old, new, directory = two_models
+    served = {"tokenizer.json": '{"the": "tokenizer"}', "tokenizer_config.json": "{}",
+              "preprocessor_config.json": '{"size": 16}', "additional_chat_templates/rag.jinja": "{{ x }}"}
+
+    def extras(d):
+        (d / "additional_chat_templates").mkdir()
+        for name, text in {**served, "epmq_report.json": "old run", "README.md": "old card"}.items():
+            (d / name).write_text(text)
+
+    epmq.save_quantized(old, directory, extras=extras)
+    loaded = epmq.load_quantized(directory, fam.fresh())
+    for target in (directory, tmp_path / "copy"):
+        epmq.save_quantized(loaded, target, checkpoint_format="gptq_v2")
+        assert {name: (target / name).read_text() for name in served} == served
+        assert not (target / "epmq_report.json").exists() and not (target / "README.md").exists()
+        again = epmq.load_quantized(target, fam.fresh())
+        torch.testing.assert_close(output(again, fam.test_item), output(old, fam.test_item), rtol=0, atol=0)
+    epmq.save_quantized(new, directory)  # (another model: the tokenizer is the write's to give)
+    assert not (directory / "tokenizer.json").exists()
+
+
 def test_symlinked_checkpoints_stay_links(two_models, tmp_path):
     fam, old, new, directory = two_models
     link = tmp_path / "link"
