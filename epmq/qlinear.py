@@ -233,8 +233,10 @@ class QuantLinear(nn.Module):
         counter, and such writes change none of them: the forward would go on with the old
         weights, silently. (Nothing cheaper sees them: ``.data`` is a tensor with a version
         counter of its own, and a storage has none; comparing the values would read every code
-        on each call, the whole cost of a batch-1 product.) ``load_state_dict``, assigning new
-        buffers, and in-place writes under ``torch.no_grad()`` without ``.data`` need no call."""
+        on each call, the whole cost of a batch-1 product.) Likewise any in-place write into
+        buffers made under ``torch.inference_mode()`` (a model loaded there): inference tensors
+        have no version counter. ``load_state_dict``, assigning new buffers, and in-place writes
+        under ``torch.no_grad()`` without ``.data`` need no call."""
         self._derived = {}
         # new tensor objects over the same memory: the kernels' caches, keyed on the tensors
         # themselves (``epmq_kernels.w4a16``), retire their entries for the old ones too
