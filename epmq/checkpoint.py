@@ -1056,9 +1056,12 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
     beside the single file it writes)."""
     from safetensors.torch import load_file
 
+    device = torch.device(device)
+    device = "cpu" if device.type == "cpu" else str(device)  # (safetensors refuses "cpu:0")
+
     def read(file: Path) -> dict:
         try:
-            return load_file(str(file), device=str(device))
+            return load_file(str(file), device=device)
         except FileNotFoundError:
             raise
         except Exception as e:  # (SafetensorError: a truncated or foreign file; the reader names none)

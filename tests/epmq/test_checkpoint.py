@@ -289,6 +289,9 @@ def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, 
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+    # (a device by index, as torch names it: safetensors refused "cpu:0")
+    on_cpu0 = epmq.load_quantized(tmp_path / "q", device="cpu:0")
+    torch.testing.assert_close(output(on_cpu0, item), output(model, item), rtol=0, atol=0)
 
 
 def test_coca_loads_from_its_open_clip_config(tmp_path):
