@@ -728,6 +728,17 @@ def epmq_from_stats(
     c = stats.c_e + (lam * stats.c_m if lam and G_m is not None else 0.0)
     total = result.loss - float(torch.dot(R, G.reshape(-1))) - result.damp * (2 * F_R + R_R) + c
     del F, R
+    if total < c * MEASURE_LOSS_BELOW and stats.dtype == torch.float64:
+        # W* (nearly) meets the experts (one expert, or fewer tokens than inputs, without
+        # anchors: L(W*) ~ 0, exactly 0 undamped), so L(Q) is a small difference of c and
+        # <R, G>. That derivation takes the fp32 R as the exact G H~^{-1}: its error enters to
+        # first order (1e-5 to 2e-3 of L(Q) at 8 bits, or a negative L(Q)). The objective
+        # itself, in float64 from Q - W_m (exact in float64), has no R in it: one float64
+        # product, taken only here. (Statistics in fp32, the GPU default, hold c and G to ~1e-7
+        # of themselves: there the term stays off by ~1e-4 either way, and is left as it is.)
+        E64 = result.weight.double() - W_m.double()
+        total = _objective(E64, H, dtype=torch.float64) - 2 * float((E64 * G).sum()) + c
+        del E64
     anchor_term = weight_anchor_term = 0.0
     if lam or mu:
         E = result.weight - W_m32

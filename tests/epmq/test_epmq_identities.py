@@ -566,3 +566,23 @@ def test_a_static_grid_is_fitted_to_the_target_not_to_the_merged_weight(gen, spe
     codes = res.weight.double() / res.scales.double()[:, g] + zeros[:, g]
     torch.testing.assert_close(codes, torch.round(codes), rtol=0, atol=1e-4)
     assert float(codes.min()) >= -1e-4 and float(codes.max()) <= spec.maxq + 1e-4
+
+
+@pytest.mark.parametrize("percdamp", [0.0, 0.01])
+@pytest.mark.parametrize("K, n", [(1, 400), (2, 20)])
+def test_expert_term_when_the_experts_are_met_exactly(gen, K, n, percdamp):
+    """Without anchors, one expert (identity 3), or experts whose tokens are fewer than the
+    inputs, are met by W* (exactly without damping): L(W*) ~ 0, and L(Q) at 8 bits is far below
+    the constant and <R, G> that the cheap derivation subtracts (here 1e-3 of them). The
+    reported term must still be the objective's, not R's fp32 rounding (it was off by 1e-5 to
+    2e-3, or negative)."""
+    spec = QuantSpec(bits=8, group_size=16)
+    for _ in range(3):
+        W_m, W_k, H_k = draw(gen, K=K, n=n, spread=0.2)
+        for H in H_k[:1]:  # (an outlier feature, as LLMs' massive activations)
+            H[0, :] *= 100
+            H[:, 0] *= 100
+        res = quant.epmq(W_m, W_k, H_k, spec, anchor=0.0, weight_anchor=0.0, percdamp=percdamp)
+        a, H_m, lam, mu, _ = effective(W_m, H_k, 0.0, 0.0)
+        expert, _, _ = L_terms(res.weight, W_m, W_k, H_k, a, H_m, lam, mu)
+        assert res.expert_loss == pytest.approx(expert, rel=1e-6)
