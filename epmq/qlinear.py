@@ -34,6 +34,7 @@ and the dequantization's does not, so larger batches and fp32 (exact) take this 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Optional
 
@@ -192,6 +193,18 @@ class QuantLinear(nn.Module):
             big = float(result.scales.abs().max())
             raise ValueError(f"scales up to {big:.3g} overflow float16, the gptq format's scale dtype "
                              f"(weights of magnitude ~{big * spec.maxq:.3g}): rescale the layer")
+        # below float16's normal range (6.1e-5) a scale keeps fewer bits, below 3e-8 none: warned
+        # of where that moves a weight by over a quarter of its rounding step (the code's
+        # distance from the zero point, up to maxq, times the scale's error)
+        exact = result.scales.t()
+        off = (scales.double() - exact.double()).abs() * spec.maxq > exact.double().abs() / 4
+        if bool(off.any()):
+            lost = int((off & (scales == 0)).sum())
+            warnings.warn(f"{int(off.sum())} of {scales.numel()} scales are below float16's normal range "
+                          f"(6.1e-05), the gptq format's scale dtype, and lose precision that matters at "
+                          f"{spec.bits} bits" + (f"; {lost} round to 0, zeroing their groups' weights" if lost else "")
+                          + f" (groups of weights spanning under {float(exact[off].abs().max()) * spec.maxq:.2g}): "
+                          f"rescale the layer, or use fewer bits or larger groups")
         layer.scales.copy_(scales)
         layer.g_idx.copy_(result.g_idx.to(torch.int32))
         if bias is not None:

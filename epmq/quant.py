@@ -62,8 +62,9 @@ class QuantResult:
     It is the loss of ``weight``,
     whose scales are float32; the packed layer (``QuantLinear``) stores them in float16, the
     gptq format's dtype, as every GPTQ writer does after the solve (at most 2^-11 of each
-    scale: on a small Llama the packed layers' losses were 0.2-0.3% above ``loss`` at 8 bits,
-    0.01% at 2 to 4).
+    scale in float16's normal range, above 6.1e-5; smaller ones lose precision, with a warning:
+    on a small Llama the packed layers' losses were 0.2-0.3% above ``loss`` at 8 bits, 0.01% at
+    2 to 4).
     For E-PMQ, ``expert_loss + anchor_loss + weight_anchor_loss`` is ``L(Q)`` above.
     """
 

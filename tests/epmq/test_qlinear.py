@@ -290,6 +290,20 @@ def test_scales_that_overflow_float16_are_refused(gen):
         epmq.QuantLinear.from_result(result)
 
 
+def test_scales_below_float16s_normal_range_are_warned_of(gen, recwarn):
+    """Scales of tiny weights keep fewer bits in float16 (below 6.1e-5), none below 3e-8: the
+    packed layer's weights there were off, or zero, silently. Warned of where that matters."""
+    spec = epmq.QuantSpec(bits=8, group_size=16)
+    W = torch.randn(8, 32, generator=gen)
+    W[0] *= 1e-6  # (row 0's scales ~1e-8: 0 in float16)
+    W[1] *= 1e-4  # (~2e-6: subnormal, a few bits left)
+    with pytest.warns(UserWarning, match=r"4 of 16 scales are below float16's normal range .* 2 round to 0"):
+        layer = epmq.QuantLinear.from_result(quant.rtn(W, spec))
+    assert bool((layer.dequantize()[0] == 0).all())  # (what the warning says)
+    epmq.QuantLinear.from_result(quant.rtn(torch.randn(8, 32, generator=gen), spec))
+    assert not [w for w in recwarn if "normal range" in str(w.message)]
+
+
 def test_non_finite_solver_settings_are_refused(gen):
     W, H = torch.randn(8, 32, generator=gen), torch.eye(32)
     spec = epmq.QuantSpec(bits=4, group_size=16)
