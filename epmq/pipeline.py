@@ -19,6 +19,7 @@ Merge scales and E-PMQ anchors are chosen on the validation split, never on test
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -670,9 +671,25 @@ def _pyplot():
     return plt
 
 
+def _write_atomic(path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary beside ``path``, then renamed over it: a report stopped
+    while being written (Ctrl-C, a kill, a full disk) leaves the earlier, whole file under its
+    name, not a truncated table or PNG that a reader takes for the report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _save(fig, path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # (the format said: the temporary's name does not end in .png)
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:]))
     _pyplot().close(fig)
 
 
@@ -767,7 +784,7 @@ def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table, accuracy, per_task = (out / name for name in REPORT_FILES)
-    table.write_text(text + "\n")
+    _write_atomic(table, lambda tmp: tmp.write_text(text + "\n"))
     plot(results, plan, accuracy)
     plot_per_task(results, plan, tasks, per_task)
     return text

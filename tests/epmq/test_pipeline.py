@@ -426,6 +426,32 @@ def test_an_earlier_runs_report_is_set_aside_with_its_results(calls_list, tmp_pa
     assert (tmp_path / f"accuracy.{tag}.png").stat().st_size > 0
 
 
+def test_a_report_stopped_while_written_leaves_the_earlier_files_whole(calls_list, tmp_path, quiet, monkeypatch):
+    """The table and plots were written in place: a run stopped in the middle of its report
+    (Ctrl-C, a kill, a full disk) left a truncated PNG under the name of the report, the
+    earlier whole one lost. They are written beside it and renamed over it."""
+    import matplotlib.figure
+
+    p = plan(methods=["rtn"])
+    results = pipeline.run(Bench(), p, tmp_path, log=quiet)
+    pipeline.report(results, p, Bench.task_names, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in pipeline.REPORT_FILES}
+
+    def stopped(fig, fname, **kwargs):  # a PNG cut short by Ctrl-C
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.report(results, p, Bench.task_names, tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in pipeline.REPORT_FILES} == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(["results.json", *pipeline.REPORT_FILES])
+    pipeline.report(results, p, Bench.task_names, tmp_path)  # (the same command again: the report)
+    assert {name: (tmp_path / name).read_bytes() for name in pipeline.REPORT_FILES} == before
+
+
 def test_checkpoints_named_through_a_link_are_set_aside_by_a_run_through_the_real_path(
         calls_list, tmp_path, quiet):
     """A run started through a symlink to its directory names its checkpoints there; starting
