@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -496,7 +497,13 @@ class Runner:
         for j, r in enumerate(runs):
             if j != i and r.get("checkpoint"):
                 if _has_checkpoint(r, own):
-                    shutil.rmtree(r["checkpoint"])
+                    # moved off its name first (to a temporary the next run removes): deleted in
+                    # place, a deletion stopped half way left a folder short of files under the
+                    # name results.json gives the cell, delivered whole by a run choosing it later
+                    doomed = Path(r["checkpoint"])
+                    gone = doomed.with_name(f".{doomed.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                    os.rename(doomed, gone)
+                    shutil.rmtree(gone)
                 runs[j] = self.store.put(cells[j][0], cells[j][1], dict(r, checkpoint=None))
         if anchors != [None]:
             best = runs[i]

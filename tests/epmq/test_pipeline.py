@@ -359,6 +359,41 @@ def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, 
     assert step["checkpoint_files"] == pipeline._checkpoint_digest(Path(step["checkpoint"]))
 
 
+def test_an_unchosen_checkpoint_deleted_half_way_is_not_delivered_later(tmp_path, quiet, monkeypatch):
+    """An unchosen anchor's checkpoint was deleted in place: a run stopped in the middle of
+    that (Ctrl-C, a kill) left a folder missing some of its files under the name results.json
+    gives the cell, and a later run that chose that anchor delivered it as the checkpoint."""
+    import shutil
+
+    scores = {0.1: (0.9, 0.9)}
+
+    def fake(self, state, bits, method, targets, anchor, params):
+        path = self.out / "checkpoints" / f"{method}-{anchor}"
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            (path / name).write_text(name)
+        val, test = scores.get(anchor, (0.5, 0.5))
+        return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path)}
+
+    def stopped(path, *args, **kwargs):  # Ctrl-C after the first file
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.shutil, "rmtree", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1, 1.0], save_checkpoints=True), tmp_path,
+                         log=quiet)
+    shown = [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert all(sorted(x.name for x in p.iterdir()) == ["config.json", "model.safetensors"] for p in shown)
+    logs = []
+    again = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[1.0], save_checkpoints=True), tmp_path,
+                         log=logs.append)
+    delivered = Path(again["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"])
+    assert sorted(x.name for x in delivered.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_a_run_reached_through_a_link_is_resumed_with_its_checkpoints(tmp_path, quiet, monkeypatch):
     """The same output directory given through a symbolic link holds the run's own checkpoints."""
     def fake(self, state, bits, method, targets, anchor, params):
