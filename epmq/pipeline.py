@@ -31,9 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from . import merge as merge_lib
 from ._util import changed_keys, read_json, remove_stale_temporaries, write_json_atomic
-from .checks import check_number
+from .checks import check_number, resolve_backend
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
 
@@ -466,11 +468,13 @@ class Runner:
             if method == "epmq" and self.plan.residual_precision is not None:
                 # only when set, so that results stored before the option existed still match
                 params["residual_precision"] = self.plan.residual_precision
-            if method != "rtn" and self.plan.backend is not None:
+            backend = resolve_backend(self.plan.backend, torch.device(getattr(self.bench, "device", "cpu")))
+            if method != "rtn" and (self.plan.backend is not None or backend != "torch"):
                 # the solver's kernels (Triton or torch) round apart, and GPTQ's sequential rounding
-                # carries that on: a backend switched for a comparison must not be served the
-                # other's numbers (only when set, as residual_precision)
-                params["backend"] = self.plan.backend
+                # carries that on: a backend switched for a comparison, or by moving the model to a
+                # GPU (Triton by default there), must not be served the other's numbers (recorded
+                # where set or Triton, so that results stored before the option existed still match)
+                params["backend"] = backend
             key = _quant_key(mp.label, bits, label, anchor)
             def run(a=anchor, p=params):
                 return self._quantize(state, bits, method, targets, a, p)

@@ -90,6 +90,20 @@ def test_a_changed_quantization_setting_is_not_served_from_the_store(calls_list,
     assert len(calls_list) == 2
 
 
+def test_a_model_moved_to_the_gpu_is_not_served_the_cpus_numbers(calls_list, tmp_path, quiet):
+    """The solver's default backend follows the model's device (torch on the CPU, Triton on a
+    GPU): results stored by a CPU run were served to the same config on CUDA (the bench's
+    identity leaves the device out), and the CPU's stored results still match after."""
+    pipeline.run(Bench(), plan(methods=["epmq"]), tmp_path, log=quiet)
+    on_gpu = Bench()
+    on_gpu.device = torch.device("cuda")  # (the fake solve runs nothing there)
+    pipeline.run(on_gpu, plan(methods=["epmq"]), tmp_path, log=quiet)
+    assert len(calls_list) == 2 and calls_list[1][3]["backend"] == "triton"
+    assert "backend" not in calls_list[0][3]
+    pipeline.run(on_gpu, plan(methods=["epmq"], backend="triton"), tmp_path, log=quiet)
+    assert len(calls_list) == 2  # (the same solver, said)
+
+
 def test_plan_targets_are_e_pmqs_only(calls_list, tmp_path, quiet):
     """``quantize.targets`` sets E-PMQ's targets; RTN and GPTQ rows stay plain (merged path),
     the controls take their own."""
