@@ -377,8 +377,6 @@ def test_an_unchosen_checkpoint_deleted_half_way_is_not_delivered_later(tmp_path
     """An unchosen anchor's checkpoint was deleted in place: a run stopped in the middle of
     that (Ctrl-C, a kill) left a folder missing some of its files under the name results.json
     gives the cell, and a later run that chose that anchor delivered it as the checkpoint."""
-    import shutil
-
     scores = {0.1: (0.9, 0.9)}
 
     def fake(self, state, bits, method, targets, anchor, params):
