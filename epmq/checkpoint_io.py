@@ -111,7 +111,8 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
             local = Path(snapshot_download(allow_patterns=["*.json", "*.bin"], **kwargs))
     except Exception as e:  # offline, unknown repository, gated, ...
         raise CheckpointError(
-            f"{repo_id!r} could not be fetched from the HF hub{' (offline: cache only)' if offline else ''}: "
+            f"{repo_id!r}{f' at revision {revision!r}' if revision else ''} could not be fetched from the HF hub"
+            f"{' (offline: cache only)' if offline else ''}: "
             f"{type(e).__name__}: {e}"
         ) from e
     return local
@@ -121,13 +122,14 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def local_checkpoint(source, *, directory: bool = False) -> Path:
+def local_checkpoint(source, *, directory: bool = False, revision: Optional[str] = None) -> Path:
     """``source`` on disk, or the HF hub snapshot (weights, config, tokenizer) of an ``org/name``
-    that is not a local path; ``directory``: it must be a directory."""
+    that is not a local path; ``directory``: it must be a directory. ``revision``: the hub
+    revision (branch, tag or commit) of an ``org/name`` (default: main); a local path has none."""
     path = Path(source)
     if not path.exists() and looks_like_hub_id(str(source)):
         try:
-            return hub_snapshot(str(source), kind="model")
+            return hub_snapshot(str(source), kind="model", revision=revision)
         except CheckpointError as e:
             raise FileNotFoundError(f"no local path {path.absolute()}, and {e}") from e
     if directory and path.is_file():

@@ -17,7 +17,8 @@ adapter therefore goes wherever an expert checkpoint goes: merges (``epmq merge`
 ``epmq.merge.*``) and E-PMQ's targets (``quantize_model(experts=)``, ``epmq quantize``), read
 tensor by tensor, so the walker forms the updates of one block at a time. A checkpoint path that
 is an adapter directory (it holds ``adapter_config.json``) is opened as one, on the base its
-config names (``base_model_name_or_path``: a local path or an HF hub id) unless a base is given.
+config names (``base_model_name_or_path``: a local path or an HF hub id, at the hub ``revision`` the
+config records) unless a base is given.
 
 What a plain update cannot express is refused, never approximated: DoRA, LoRA on convolutions or
 on bare parameters (``target_parameters``), trainable token deltas, LoRA biases, adapter types
@@ -155,14 +156,19 @@ class LoraExpert(Mapping):
         what = f"LoRA adapter {self.directory}"
         self.adapter = CheckpointReader(weights, what)
         named = base is None
+        revision = None
         if named:
             base = config.get("base_model_name_or_path")
             if not base:
                 raise ValueError(f"{what}: its {ADAPTER_CONFIG} names no base model "
                                  f"(base_model_name_or_path); give the base: {_GIVE_BASE}")
+            # the hub revision of that base the adapter was trained on (PEFT's get_peft_model(...,
+            # revision=) records it, and AutoPeftModel loads the base at it): main may since hold
+            # other weights, and W_0 + (alpha/r) B A on them is another expert
+            revision = config.get("revision") or None
         if isinstance(base, (str, Path)):
             try:
-                base = local_checkpoint(base)
+                base = local_checkpoint(base, revision=revision)
             except FileNotFoundError as e:
                 where = f"named in its {ADAPTER_CONFIG}" if named else "given"
                 raise FileNotFoundError(f"{what}: its base model {str(base)!r} ({where}) is not found ({e}); "

@@ -376,6 +376,36 @@ def test_an_adapter_and_its_base_from_the_hub(base_dir, tmp_path, monkeypatch):
     torch.testing.assert_close(expert.read(name), reference[name], rtol=1e-6, atol=1e-6)
 
 
+def test_an_adapter_on_the_revision_of_its_base_its_config_records(base_dir, tmp_path, monkeypatch):
+    """PEFT records the hub revision of the base an adapter was trained on (``revision`` in
+    adapter_config.json; AutoPeftModel loads the base at it): where main has moved on to other
+    weights, the expert is the adapter on that revision's base, not on main's."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=9)
+    tiny_llama(1).save_pretrained(tmp_path / "base_v2")  # (other weights, pushed since)
+    trained_on, later = "1" * 40, "2" * 40
+    for commit, source in ((trained_on, base_dir), (later, tmp_path / "base_v2")):
+        shutil.copytree(source, tmp_path / "hub" / "models--org--base" / "snapshots" / commit)
+    (tmp_path / "hub" / "models--org--base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--base" / "refs" / "main").write_text(later)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/base",
+                                  "revision": trained_on}))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
+    expert = epmq.LoraExpert(tmp_path / "adapter")
+    assert expert.base.path.name == trained_on
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(expert[name], reference[name], rtol=1e-6, atol=1e-6)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "revision": "3" * 40}))
+    with pytest.raises(FileNotFoundError, match="'org/base' at revision '3{40}' could not be fetched"):
+        epmq.LoraExpert(tmp_path / "adapter")
+
+
 def test_adapters_merged_without_a_base_on_lora_base(base_dir, tmp_path):
     """average and slerp take no base model; adapters whose config names a base that is gone
     are given theirs by lora_base (epmq merge's lora_base:)."""
