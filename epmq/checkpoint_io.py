@@ -82,9 +82,11 @@ class CheckpointError(ValueError):
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HUB_FILES = {  # what is fetched of a hub repository, by what it is needed for
-    "model": ["*.json", "*.txt", "*.model", "*.safetensors"],
+    # (a tokenizer's chat templates: transformers 5 saves them as chat_template.jinja and
+    # additional_chat_templates/*.jinja, not in tokenizer_config.json)
+    "model": ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors"],
     "weights": ["*.json", "*.safetensors"],
-    "tokenizer": ["*.json", "*.txt", "*.model"],
+    "tokenizer": ["*.json", "*.txt", "*.model", "*.jinja"],
 }
 
 

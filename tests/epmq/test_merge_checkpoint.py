@@ -220,6 +220,40 @@ def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
         merge_checkpoints("task_arithmetic", ["org/missing"], "out2", base="org/base", progress=False)
 
 
+def test_sources_by_hub_id_downloaded_bring_the_chat_template(checkpoints, tmp_path, monkeypatch):
+    """What is downloaded of a hub repository (``snapshot_download``'s ``allow_patterns``, here
+    applied as the hub applies them to a repository's files) holds its tokenizer whole:
+    transformers 5 saves the chat template as chat_template.jinja, which the merge carries."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    root, base, experts = checkpoints
+    template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    repository = tmp_path / "remote" / "base"
+    shutil.copytree(root / "base", repository)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(repository)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(repository)
+    assert (repository / "chat_template.jinja").is_file()
+    remote = {"org/base": repository, "org/e0": root / "e0"}
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        files = [str(f.relative_to(remote[repo_id])) for f in remote[repo_id].rglob("*") if f.is_file()]
+        local = tmp_path / "hub" / repo_id.replace("/", "--")
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote[repo_id] / name, local / name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    out = merge_checkpoints("task_arithmetic", ["org/e0", root / "e1"], "out", base="org/base",
+                            params={"scale": 0.4}, progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == template
+
+
 @pytest.mark.filterwarnings("ignore:1 tensors of the base")
 def test_base_tensors_the_experts_lack_are_copied(checkpoints, tmp_path):
     """As with CLIPVisionModel experts of a CLIPModel base: the base's other tensors (its text
