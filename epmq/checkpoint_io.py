@@ -97,6 +97,15 @@ def looks_like_hub_id(source: str) -> bool:
     )
 
 
+def hub_reference(source: str) -> Optional[Tuple[str, Optional[str]]]:
+    """``(repo id, revision)`` of an HF hub reference ``org/name`` or ``org/name@revision``
+    (mergekit's form of a pinned branch, tag or commit; revision None: main), else None."""
+    repo_id, at, revision = source.partition("@")
+    if not looks_like_hub_id(repo_id) or (at and (not revision or "@" in revision)):
+        return None
+    return repo_id, revision or None
+
+
 def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str] = None,
                  cache_dir: Optional[str] = None, offline: bool = False) -> Path:
     """The local directory of HF hub repository ``repo_id``: a ``snapshot_download`` of the files
@@ -127,11 +136,14 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def local_checkpoint(source, *, directory: bool = False, revision: Optional[str] = None) -> Path:
     """``source`` on disk, or the HF hub snapshot (weights, config, tokenizer) of an ``org/name``
     that is not a local path; ``directory``: it must be a directory. ``revision``: the hub
-    revision (branch, tag or commit) of an ``org/name`` (default: main); a local path has none."""
+    revision (branch, tag or commit) of an ``org/name`` (default: main; ``org/name@revision``
+    names its own); a local path has none."""
     path = Path(source)
-    if not path.exists() and looks_like_hub_id(str(source)):
+    reference = None if path.exists() else hub_reference(str(source))
+    if reference is not None:
+        repo_id, pinned = reference
         try:
-            return hub_snapshot(str(source), kind="model", revision=revision)
+            return hub_snapshot(repo_id, kind="model", revision=pinned or revision)
         except CheckpointError as e:
             raise FileNotFoundError(f"no local path {path.absolute()}, and {e}") from e
     if directory and path.is_file():

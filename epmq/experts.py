@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_snapshot, looks_like_hub_id
+from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_reference, hub_snapshot
 from .checks import all_finite
 
 
@@ -49,10 +49,11 @@ class ExpertWeights:
             source, self.rows = source.source, source.rows
         if isinstance(source, (str, os.PathLike)):
             if not Path(source).exists():
-                if not (isinstance(source, str) and looks_like_hub_id(source)):
+                reference = hub_reference(source) if isinstance(source, str) else None
+                if reference is None:
                     raise FileNotFoundError(f"expert checkpoint of task {task!r} not found: {Path(source)}")
                 try:
-                    source = hub_snapshot(source, kind="weights")
+                    source = hub_snapshot(reference[0], kind="weights", revision=reference[1])
                 except CheckpointError as e:
                     raise FileNotFoundError(f"the expert of task {task!r}: no local path "
                                             f"{Path(source)}, and {e}") from e

@@ -268,11 +268,12 @@ class Schedule:
 def _json_files(model: str) -> Path:
     """The directory of ``model``: itself, or for an HF hub id the snapshot of its JSON files
     (config and tokenizer), fetched; a path that is neither is returned as it is."""
-    from .checkpoint_io import hub_snapshot, looks_like_hub_id
+    from .checkpoint_io import hub_reference, hub_snapshot
 
     path = Path(model)
-    if not path.exists() and looks_like_hub_id(model):
-        path = hub_snapshot(model, kind="tokenizer")
+    reference = None if path.exists() else hub_reference(model)
+    if reference is not None:
+        path = hub_snapshot(reference[0], kind="tokenizer", revision=reference[1])
     return path
 
 

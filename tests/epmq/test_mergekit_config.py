@@ -276,6 +276,41 @@ def test_epmq_merge_runs_a_mergekit_config(tmp_path, capsys):
     assert "bad.yaml: mergekit merge_method 'passthrough' is not translated" in capsys.readouterr().err
 
 
+def test_models_pinned_to_a_hub_revision(tmp_path, monkeypatch, capsys):
+    """mergekit's ``org/name@revision`` (a branch, tag or commit of a hub repository) names that
+    revision's snapshot, as mergekit downloads it, not main's (here the hub's cache, offline,
+    main moved on to other weights); its layer count is read there too."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    old, new = "1" * 40, "2" * 40
+    weights = {}
+    for commit, (seed, layers) in ((old, (0, 1)), (new, (5, 2))):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False))
+        model.save_pretrained(tmp_path / "hub" / "models--org--base" / "snapshots" / commit)
+        weights[commit] = model.state_dict()
+    (tmp_path / "hub" / "models--org--base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--base" / "refs" / "main").write_text(new)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    assert num_layers(f"org/base@{old}") == 1 and num_layers("org/base") == 2
+    config = dict(merge_method="linear", dtype="float32", models=[{"model": f"org/base@{old}",
+                                                                   "parameters": {"weight": 1.0}}])
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert got.keys() == weights[old].keys() and all(torch.equal(got[n], weights[old][n]) for n in got)
+    config["models"][0]["model"] = "org/base@" + "3" * 40
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "out2")]) == 2
+    assert f"'org/base' at revision '{'3' * 40}' could not be fetched" in capsys.readouterr().err
+
+
 def slerp_slices(ranges, t=0.5, **extra):
     return dict(merge_method="slerp", base_model="a", parameters={"t": t},
                 slices=[dict(sources=[dict(model=m, layer_range=r) for m, r in zip("ab", ranges)], **extra)])
