@@ -58,7 +58,8 @@ from torch import nn
 
 from ._util import read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key, umask
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
-from .checkpoint_io import key_renaming, renamed, saved_key_renaming, shard_weight_map, tie_order
+from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
+                            tie_order)
 from .checks import all_finite, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, g_idx_problem, in_order_g_idx
@@ -1198,8 +1199,13 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     class ``config.json`` names is built with its parameters on the meta device, so no
     full-precision weight is initialised or kept, and every parameter comes from the
     checkpoint, onto ``device`` (default: the CPU).
+
+    ``directory``: a local directory, or an HF hub id (``org/name``, ``org/name@revision``) that
+    is none, read from its snapshot in the hub's cache (downloaded there once, never written to).
     """
-    directory = Path(directory)
+    # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
+    # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
+    directory = local_checkpoint(directory, directory=True)
     qconfig = _read_qconfig(directory)
     checkpoint_format = qconfig["checkpoint_format"]
     if model is None:

@@ -294,6 +294,37 @@ def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, 
     torch.testing.assert_close(output(on_cpu0, item), output(model, item), rtol=0, atol=0)
 
 
+def test_load_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
+    """``load_quantized("org/name")``: a GPTQ checkpoint on the HF hub, read from its snapshot in
+    the hub's cache (here laid out as the hub lays it out: files are links into blobs/, read
+    offline), which is left as it was; a directory that does not exist is said to be missing."""
+    import huggingface_hub.constants as hub
+
+    model = build("llama")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    repo, commit = tmp_path / "hub" / "models--org--llama-gptq", "0" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for k, f in enumerate(sorted((tmp_path / "q").iterdir())):
+        shutil.copy(f, repo / "blobs" / f"blob{k}")
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("..", "..", "blobs", f"blob{k}"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "hub").rglob("*"))
+    loaded = epmq.load_quantized("org/llama-gptq")
+    item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "hub").rglob("*")) == before
+    with pytest.raises(FileNotFoundError, match="no local path .*org/missing, and 'org/missing' could not be fetched"):
+        epmq.load_quantized("org/missing")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory at .*typo"):
+        epmq.load_quantized(tmp_path / "typo")
+
+
 def test_coca_loads_from_its_open_clip_config(tmp_path):
     """A quantized CoCa saved beside open_clip's config of it (``open_clip_config.json``, as in
     its hub directory) is built from that config by ``load_quantized(directory)``: its towers and
