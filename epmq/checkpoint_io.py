@@ -118,7 +118,10 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
     kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline)
     try:
         local = Path(snapshot_download(allow_patterns=HUB_FILES[kind], **kwargs))
-        if kind != "tokenizer" and weights_in(local) is None:  # an older repository: torch weights
+        weights = None if kind == "tokenizer" else weights_in(local)
+        # an older repository: torch weights (its shard index, pytorch_model.bin.index.json, came
+        # with the JSON files above, but not the .bin shards it lists)
+        if kind != "tokenizer" and (weights is None or weights.name.endswith(".bin.index.json")):
             local = Path(snapshot_download(allow_patterns=["*.json", "*.bin"], **kwargs))
     except Exception as e:  # offline, unknown repository, gated, ...
         raise CheckpointError(

@@ -227,7 +227,6 @@ def test_sources_by_hub_id_downloaded_bring_the_chat_template(checkpoints, tmp_p
     import shutil
 
     import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
 
     root, base, experts = checkpoints
     template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
@@ -238,20 +237,54 @@ def test_sources_by_hub_id_downloaded_bring_the_chat_template(checkpoints, tmp_p
     tokenizer.save_pretrained(repository)
     assert (repository / "chat_template.jinja").is_file()
     remote = {"org/base": repository, "org/e0": root / "e0"}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_download(remote, tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    out = merge_checkpoints("task_arithmetic", ["org/e0", root / "e1"], "out", base="org/base",
+                            params={"scale": 0.4}, progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == template
+
+
+def hub_download(remote: dict, cache):
+    """A ``snapshot_download`` of the repositories ``remote`` (repo id -> directory): the files
+    ``allow_patterns`` selects, as the hub selects them, copied into ``cache``."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
 
     def snapshot_download(repo_id, allow_patterns=None, **kwargs):
         files = [str(f.relative_to(remote[repo_id])) for f in remote[repo_id].rglob("*") if f.is_file()]
-        local = tmp_path / "hub" / repo_id.replace("/", "--")
+        local = cache / repo_id.replace("/", "--")
         for name in filter_repo_objects(files, allow_patterns=allow_patterns):
             (local / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(remote[repo_id] / name, local / name)
         return str(local)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return snapshot_download
+
+
+def test_sources_by_hub_id_in_sharded_torch_files_are_downloaded_whole(checkpoints, tmp_path, monkeypatch):
+    """An older hub repository holds its weights as .bin shards and pytorch_model.bin.index.json:
+    the shards come with the index (the index alone, a JSON file, is not the weights)."""
+    import huggingface_hub
+
+    root, base, experts = checkpoints
+    sharded = tmp_path / "remote" / "e2"
+    sharded.mkdir(parents=True)
+    names = list(experts[2])
+    weight_map = {}
+    for k, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{k + 1}-of-00002.bin"
+        torch.save({n: experts[2][n] for n in part}, sharded / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "config.json").write_text((root / "e0" / "config.json").read_text())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_download({"org/e2": sharded}, tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
-    out = merge_checkpoints("task_arithmetic", ["org/e0", root / "e1"], "out", base="org/base",
+    out = merge_checkpoints("task_arithmetic", [root / "e0", "org/e2"], "out", base=root / "base",
                             params={"scale": 0.4}, progress=False)
-    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == template
+    want = merge.task_arithmetic(base, [experts[0], experts[2]], scale=0.4)
+    got = _load(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 @pytest.mark.filterwarnings("ignore:1 tensors of the base")
