@@ -117,7 +117,16 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
         raise CheckpointError(f"{repo_id!r} is not a local path and huggingface_hub is not installed") from e
     kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline)
     try:
-        local = Path(snapshot_download(allow_patterns=HUB_FILES[kind], **kwargs))
+        patterns = HUB_FILES[kind]
+        if "*.safetensors" in patterns:
+            # the JSON files first: where a shard index lists the weights, only its shards (and a
+            # single file) are fetched: Mistral's repositories also hold consolidated.safetensors,
+            # the same weights again in another layout, which would double the download and disk
+            others = [p for p in patterns if p != "*.safetensors"]
+            index = Path(snapshot_download(allow_patterns=others, **kwargs)) / "model.safetensors.index.json"
+            if index.is_file():
+                patterns = others + ["model.safetensors"] + sorted(set(shard_weight_map(index).values()))
+        local = Path(snapshot_download(allow_patterns=patterns, **kwargs))
         weights = None if kind == "tokenizer" else weights_in(local)
         # an older repository: torch weights (its shard index, pytorch_model.bin.index.json, came
         # with the JSON files above, but not the .bin shards it lists)

@@ -262,6 +262,29 @@ def hub_download(remote: dict, cache):
     return snapshot_download
 
 
+def test_sources_by_hub_id_download_only_the_shards_their_index_lists(checkpoints, tmp_path, monkeypatch):
+    """A hub repository whose shard index lists its weights, beside another copy of them
+    (Mistral's consolidated.safetensors): only the listed shards are downloaded."""
+    import shutil
+
+    import huggingface_hub
+
+    root, base, experts = checkpoints
+    repository = tmp_path / "remote" / "base"
+    shutil.copytree(root / "base", repository)
+    shutil.copy(root / "e0" / "model.safetensors", repository / "consolidated.safetensors")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_download({"org/base": repository}, tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], "out", base="org/base",
+                            params={"scale": 0.4}, progress=False)
+    want = merge.task_arithmetic(base, experts[:2], scale=0.4)
+    got = _load(out)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    fetched = {f.name for f in (tmp_path / "hub" / "org--base").iterdir()}
+    assert "consolidated.safetensors" not in fetched
+    assert {f.name for f in (root / "base").glob("model-*.safetensors")} <= fetched
+
+
 def test_sources_by_hub_id_in_sharded_torch_files_are_downloaded_whole(checkpoints, tmp_path, monkeypatch):
     """An older hub repository holds its weights as .bin shards and pytorch_model.bin.index.json:
     the shards come with the index (the index alone, a JSON file, is not the weights)."""
