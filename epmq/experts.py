@@ -194,14 +194,19 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
     from .lora import LoraExpert, is_lora_adapter, named_base
     from .vocabulary import load_tokenizer, rows_by_token, vocabulary_names
 
-    def tokenizer_at(source):
-        """The tokenizer saved with ``source`` (a directory or hub id), or None."""
+    def local_or_none(source):
+        """The directory of ``source`` (a directory or hub id: its snapshot), or None."""
         if not isinstance(source, (str, os.PathLike)):
             return None
         try:
-            return load_tokenizer(local_checkpoint(source, directory=True))
+            return local_checkpoint(source, directory=True)
         except (FileNotFoundError, ValueError, OSError):
             return None
+
+    def tokenizer_at(source):
+        """The tokenizer saved with ``source`` (a directory or hub id), or None."""
+        local = local_or_none(source)
+        return None if local is None else load_tokenizer(local)
 
     state = model.state_dict()
     try:
@@ -216,8 +221,9 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
             continue
         if isinstance(source, LoraExpert):
             theirs = tokenizer_at(source.directory) or tokenizer_at(getattr(source.base, "path", None))
-        elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and is_lora_adapter(source):
-            theirs = tokenizer_at(source) or tokenizer_at(named_base(source))
+        elif (here := local_or_none(source)) is not None and is_lora_adapter(here):
+            # (an adapter directory, or one named by hub id: its repository rarely holds a tokenizer)
+            theirs = tokenizer_at(here) or tokenizer_at(named_base(here))
         else:
             theirs = tokenizer_at(source)
         if theirs is not None:

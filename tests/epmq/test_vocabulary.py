@@ -499,6 +499,42 @@ def test_expert_path_maps_experts_and_a_model_named_by_hub_id(models, tmp_path, 
                    calibration={t: [torch.tensor([[1, 24, 25, 26]])] for t in ("chat", "tool")}, progress=False)
 
 
+def test_expert_path_maps_a_lora_adapter_named_by_hub_id_by_its_bases_tokenizer(models, tmp_path, monkeypatch):
+    """A LoRA adapter named by hub id (no tokenizer in its repository) is mapped by the tokenizer
+    of the base its config names, as an adapter directory is."""
+    import json
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    peft = pytest.importorskip("peft")
+    from epmq import QuantSpec, quantize_model
+    from epmq.experts import OnVocabulary, on_model_vocabulary
+
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
+                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/chat"}))
+    commit = "0" * 40
+    for name, path in (("chat", models["chat"]), ("adapter", tmp_path / "adapter")):
+        repo = tmp_path / "hub" / f"models--org--{name}"
+        shutil.copytree(path, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    mapped = on_model_vocabulary(model, {"chat": "org/adapter"})
+    assert isinstance(mapped["chat"], OnVocabulary) and mapped["chat"].rows[24:27].tolist() == [24, 25, -1]
+    quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets="expert_path",
+                   experts={"chat": "org/adapter"}, calibration={"chat": [torch.tensor([[1, 24, 26]])]},
+                   progress=False)
+
+
 def test_bart_final_logits_bias_is_laid_out_by_token(tmp_path):
     """BART keeps a [1, vocab] final_logits_bias beside its embeddings (resize_token_embeddings
     resizes both): laid out by token along its columns as the embeddings' rows are (a shape
