@@ -250,8 +250,11 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
     for name, files in (("calibration", calibration), ("experts", experts)):
         if files is None:
             continue
+        # (a task's calibration may be several files; its expert is one checkpoint: a list there
+        # was accepted here and failed as a TypeError traceback once the model was loaded)
+        several = name == "calibration"
         if not isinstance(files, Mapping) or not all(
-                isinstance(v, (str, Path)) or (isinstance(v, (list, tuple)) and v and
+                isinstance(v, (str, Path)) or (several and isinstance(v, (list, tuple)) and v and
                                                all(isinstance(f, (str, Path)) for f in v))
                 for v in files.values()):
             what = "file(s) or a directory" if name == "calibration" else "a checkpoint path or hub id"

@@ -390,6 +390,8 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         (dict(seed="abc"), "seed must be an integer"),
         (dict(calibration=str(root / "a.txt")), "calibration must map each task to file"),
         (dict(calibration={"a": None}), "calibration must map each task to file"),
+        # (one checkpoint per task: a list was accepted, then a TypeError traceback after loading)
+        (dict(by_epmq, experts={"a": [str(root / "expert0")]}), "experts must map each task to a checkpoint path"),
         (dict(seq_len=100), "seq_len=100 is longer than the model's 64 positions"),
         (dict(percdamp="0.1"), "percdamp must be a finite number.*YAML"),
         (dict(by_epmq, anchor=float("nan")), "anchor must be a finite number"),
