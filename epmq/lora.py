@@ -429,8 +429,26 @@ class LoraExpert(Mapping):
         return f"LoraExpert({self.description}, {len(self._updates)} updated tensors)"
 
 
+def adapter_directory(source) -> Optional[Path]:
+    """The adapter directory ``source`` is (a directory, or an HF hub id's snapshot), or None
+    where it is no adapter (or not found: what reads it says so)."""
+    if not isinstance(source, (str, Path)):
+        return None
+    if is_lora_adapter(source):
+        return Path(source)
+    from .checkpoint_io import hub_reference, local_checkpoint
+
+    if Path(source).exists() or hub_reference(str(source)) is None:
+        return None
+    try:
+        here = local_checkpoint(source, directory=True)
+    except (FileNotFoundError, ValueError):
+        return None
+    return here if is_lora_adapter(here) else None
+
+
 def open_expert(source, base=None):
-    """``source`` as it is, or as a ``LoraExpert`` on ``base`` where it is an adapter directory."""
-    if isinstance(source, (str, Path)) and is_lora_adapter(source):
-        return LoraExpert(source, base)
-    return source
+    """``source`` as it is, or as a ``LoraExpert`` on ``base`` where it is an adapter (a
+    directory or hub id: an adapter named by hub id is given ``base`` too, not its config's)."""
+    directory = adapter_directory(source)
+    return source if directory is None else LoraExpert(directory, base)

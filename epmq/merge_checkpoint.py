@@ -44,7 +44,7 @@ from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
 from .checks import device_argument
-from .lora import checkpoint_ties, is_lora_adapter, model_skeleton, named_base, open_expert
+from .lora import adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, open_expert
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
                          vocabulary_columns, vocabulary_names)
 
@@ -776,7 +776,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
-    if lora_base is not None and (base is not None or not any(is_lora_adapter(m) for m in models)):
+    if lora_base is not None and (base is not None or not any(adapter_directory(m) is not None for m in models)):
         raise ValueError("lora_base is the base of LoRA adapters merged without a base model "
                          "(average, slerp, regmean); " + ("base is given: it is the adapters' base"
                                                           if base is not None else "no model is an adapter"))

@@ -44,7 +44,7 @@ from .calibration import image_batches, image_files, pair_batches, read_pairs, r
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint
 from .checks import is_int
-from .lora import is_lora_adapter, open_expert
+from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
 from .spec import QuantSpec
@@ -309,7 +309,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size)
     check_output(out)
-    if lora_base is not None and not any(is_lora_adapter(p) for p in (experts or {}).values()):
+    if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
     directory = local_checkpoint(model, directory=True)
     if is_quantized(directory):

@@ -427,6 +427,36 @@ def test_adapters_merged_without_a_base_on_lora_base(base_dir, tmp_path):
                                progress=False)
 
 
+def test_adapters_named_by_hub_id_on_lora_base(base_dir, tmp_path, monkeypatch):
+    """Adapters named by hub id are adapters as their directories are: lora_base is their base
+    (epmq merge's, epmq quantize's), not refused as given to no adapter, nor passed over for the
+    base their config names."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from epmq.lora import open_expert
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=11)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "gone/base"}))
+    commit = "0" * 40
+    shutil.copytree(tmp_path / "adapter", tmp_path / "hub" / "models--org--adapter" / "snapshots" / commit)
+    (tmp_path / "hub" / "models--org--adapter" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--adapter" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
+    expert = open_expert("org/adapter", str(base_dir))
+    assert isinstance(expert, epmq.LoraExpert) and expert.base.path == base_dir
+    want = epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+    out = epmq.merge_checkpoints("average", ["org/adapter", "org/adapter"], tmp_path / "avg", lora_base=base_dir,
+                                 progress=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[name], want[name], rtol=1e-6, atol=1e-6)
+
+
 def test_regmean_of_adapters_equals_regmean_of_merged_experts(base_dir, tmp_path):
     """RegMean builds each model to collect its Gram matrices: an adapter's is its base with the
     adapter's update, so the merge equals the one of the experts saved whole."""
