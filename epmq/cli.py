@@ -38,8 +38,8 @@ EXAMPLES = """examples:
   epmq quantize w4.yaml merged/ties-w4       # then quantize the merge with E-PMQ
 """
 
-MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the current directory;
-examples in configs/files/):
+MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the current directory,
+~ is your home; examples in configs/files/):
 
   method: ties                      # task_arithmetic, ties, dare, breadcrumbs, della, sce,
                                     # tsv, iso_c, model_stock, average, slerp, nuslerp,
@@ -137,7 +137,23 @@ def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] 
     missing = [k for k in required if k not in config]
     if missing:
         raise CLIError(f"{path}: missing {missing}\n\n{help_text}")
-    return config
+    return {k: _home_expanded(v) if k in PATH_KEYS else v for k, v in config.items()}
+
+
+# the keys of merge and quantize configs that hold paths (or lists or task mappings of them)
+PATH_KEYS = ("model", "base", "models", "lora_base", "tokenizer_source", "files_from", "calibration", "experts")
+
+
+def _home_expanded(value):
+    """``~/x`` paths as the shell would expand them (as the bench configs' are); hub ids and
+    keywords (``tokenizer_source: union``) do not start with ``~``."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, list):
+        return [_home_expanded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _home_expanded(v) for k, v in value.items()}
+    return value
 
 
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
@@ -203,8 +219,8 @@ def _merge(args) -> int:
 
 # --------------------------------------------------------------------------- quantize
 
-QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the current directory;
-examples in configs/files/):
+QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the current directory,
+~ is your home; examples in configs/files/):
 
   model: merged/ties                # the (merged) model: a causal LM, an encoder-decoder
                                     # (T5, BART) or a vision tower (CLIPVisionModel, ViT, ...):

@@ -167,6 +167,18 @@ def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_cli_paths_under_home(checkpoints, tmp_path, monkeypatch):
+    """``~/experts/e0`` in a config is the home's, as the shell and the bench configs take it
+    (it was "no checkpoint at ~/experts/e0")."""
+    root, base, experts = checkpoints
+    monkeypatch.setenv("HOME", str(root))
+    config = tmp_path / "ta.yaml"
+    config.write_text(yaml.safe_dump(dict(method="task_arithmetic", base="~/base", models=["~/e0", "~/e1"])))
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    got, want = _load(tmp_path / "out"), merge.task_arithmetic(base, experts[:2])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_cli(checkpoints, tmp_path, capsys):
     root, base, experts = checkpoints
     config = tmp_path / "ties.yaml"
