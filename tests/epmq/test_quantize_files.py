@@ -1017,6 +1017,20 @@ def test_files_a_config_cannot_describe_are_refused_by_name(files, tmp_path, cap
                                  calibration=calibration,
                                  experts={"a": tmp_path / "qwen", "b": files / "expert1"}, samples=4, seq_len=16,
                                  progress=False)
+    # the same expert by hub id (read from the hub's cache): checked as on disk (it was not)
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "hub" / "models--org--qwen" / "snapshots" / ("0" * 40)
+    shutil.copytree(tmp_path / "qwen", snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        m.setattr(hub, "HF_HUB_OFFLINE", True)
+        with pytest.raises(ValueError, match=r"expert of task 'a' .*'qwen2' checkpoint, the model a 'llama' one"):
+            epmq.quantize_checkpoint(files / "merged", tmp_path / "out", spec=epmq.QuantSpec(), method="epmq",
+                                     calibration=calibration, experts={"a": "org/qwen", "b": files / "expert1"},
+                                     samples=4, seq_len=16, progress=False)
     shutil.copytree(files / "merged", tmp_path / "broken")
     (tmp_path / "broken" / "config.json").write_text("{bad")
     with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON"):
