@@ -40,11 +40,13 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from . import merge as merge_lib
-from ._util import loading_bars, read_json_file
+from ._util import loading_bars, read_json, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
-from .checkpoint_io import DTYPES, Binding, CheckpointReader, LazyStateDict, local_checkpoint, tie_order
+from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
+                            hub_snapshot, local_checkpoint, tie_order)
 from .checks import device_argument
-from .lora import adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, open_expert
+from .lora import (ADAPTER_CONFIG, adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base,
+                   open_expert)
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
                          vocabulary_columns, vocabulary_names)
 
@@ -572,10 +574,22 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
 
 def _config(path: Path) -> dict:
     """A checkpoint's ``config.json`` ({} if none); of a LoRA adapter, its base's (the one its
-    config names, where that is a local checkpoint)."""
+    config names: a local checkpoint, or an HF hub id's, at the revision the adapter records)."""
     if is_lora_adapter(path):
         named = named_base(path)
-        return _config(Path(named)) if named is not None and Path(named).is_dir() else {}
+        if named is None:
+            return {}
+        if Path(named).is_dir():
+            return _config(Path(named))
+        reference = hub_reference(named)
+        if reference is None:
+            return {}
+        recorded = read_json(path / ADAPTER_CONFIG)
+        revision = reference[1] or (recorded.get("revision") if isinstance(recorded, dict) else None) or None
+        try:  # (its config alone: the weights are read when the adapter is)
+            return _config(hub_snapshot(reference[0], kind="tokenizer", revision=revision))
+        except CheckpointError:
+            return {}  # (what reads the adapter's base says why it cannot)
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
         return {}

@@ -457,6 +457,33 @@ def test_adapters_named_by_hub_id_on_lora_base(base_dir, tmp_path, monkeypatch):
     torch.testing.assert_close(merged[name], want[name], rtol=1e-6, atol=1e-6)
 
 
+def test_an_adapter_on_a_hub_base_is_checked_as_of_its_bases_architecture(base_dir, tmp_path, monkeypatch):
+    """An adapter whose config names its base by hub id had no architecture to check (a Qwen2
+    of the Llama's names and shapes merged into it silently): its base's config is read from
+    the hub (its config files alone), as a local base's is."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=12)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/base"}))
+    commit = "0" * 40
+    shutil.copytree(base_dir, tmp_path / "hub" / "models--org--base" / "snapshots" / commit)
+    (tmp_path / "hub" / "models--org--base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--base" / "refs" / "main").write_text(commit)
+    torch.manual_seed(1)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "qwen")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
+    with pytest.raises(ValueError, match="qwen2"):
+        epmq.merge_checkpoints("average", [tmp_path / "adapter", tmp_path / "qwen"], tmp_path / "avg", progress=False)
+    assert not (tmp_path / "avg").exists()
+
+
 def test_regmean_of_adapters_equals_regmean_of_merged_experts(base_dir, tmp_path):
     """RegMean builds each model to collect its Gram matrices: an adapter's is its base with the
     adapter's update, so the merge equals the one of the experts saved whole."""
