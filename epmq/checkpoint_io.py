@@ -250,9 +250,13 @@ class CheckpointReader:
         if path.is_dir():
             found = weights_in(path)
             if found is None:
+                # (a hub cache's snapshot holds only what was fetched: a tokenizer-only download)
+                cached = "snapshots" in path.parts and any(p.startswith("models--") for p in path.parts)
                 raise error(
                     f"{what}: no weights in {path}: expected one of {', '.join(WEIGHT_FILES)} "
                     f"or a single *.safetensors"
+                    + (" (the HF hub cache holds part of the repository, without its weights: fetch it "
+                       "online, HF_HUB_OFFLINE unset, or huggingface-cli download <id>)" if cached else "")
                 )
             path = found
         if not path.is_file():

@@ -230,6 +230,14 @@ def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
     assert (out / "tokenizer.json").is_file()
     with pytest.raises(FileNotFoundError, match="no local path .*org/missing, and 'org/missing' could not be fetched"):
         merge_checkpoints("task_arithmetic", ["org/missing"], "out2", base="org/base", progress=False)
+    # a snapshot of the JSON files alone (a tokenizer-only fetch), read offline: said to be partial
+    partial = tmp_path / "hub" / "models--org--partial"
+    (partial / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(root / "e0" / "config.json", partial / "snapshots" / commit)
+    (partial / "refs").mkdir()
+    (partial / "refs" / "main").write_text(commit)
+    with pytest.raises(ValueError, match="no weights in .*the HF hub cache holds part of the repository"):
+        merge_checkpoints("task_arithmetic", ["org/partial"], "out3", base="org/base", progress=False)
 
 
 def test_sources_by_hub_id_downloaded_bring_the_chat_template(checkpoints, tmp_path, monkeypatch):
