@@ -59,11 +59,21 @@ def is_lora_adapter(path) -> bool:
 def named_base(adapter) -> Optional[str]:
     """The base model a LoRA adapter directory's config names (``base_model_name_or_path``: a
     path or hub id), or None where its config names none or cannot be read."""
+    return _config_string(adapter, "base_model_name_or_path")
+
+
+def named_revision(adapter) -> Optional[str]:
+    """The hub revision of its named base a LoRA adapter's config records (PEFT's
+    ``get_peft_model(..., revision=)``; ``AutoPeftModel`` loads the base at it), or None (main)."""
+    return _config_string(adapter, "revision")
+
+
+def _config_string(adapter, key: str) -> Optional[str]:
     try:
-        named = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        value = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return named if isinstance(named, str) and named else None
+    return value if isinstance(value, str) and value else None
 
 
 # adapter config entries read here, or that do not change the merged weight (training settings,

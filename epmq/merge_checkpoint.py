@@ -40,12 +40,12 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from . import merge as merge_lib
-from ._util import loading_bars, read_json, read_json_file
+from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             hub_snapshot, local_checkpoint, tie_order)
 from .checks import device_argument
-from .lora import (ADAPTER_CONFIG, adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base,
+from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
                          vocabulary_columns, vocabulary_names)
@@ -584,10 +584,8 @@ def _config(path: Path) -> dict:
         reference = hub_reference(named)
         if reference is None:
             return {}
-        recorded = read_json(path / ADAPTER_CONFIG)
-        revision = reference[1] or (recorded.get("revision") if isinstance(recorded, dict) else None) or None
         try:  # (its config alone: the weights are read when the adapter is)
-            return _config(hub_snapshot(reference[0], kind="tokenizer", revision=revision))
+            return _config(hub_snapshot(reference[0], kind="tokenizer", revision=reference[1] or named_revision(path)))
         except CheckpointError:
             return {}  # (what reads the adapter's base says why it cannot)
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"

@@ -1,6 +1,7 @@
 """Experts given as PEFT LoRA adapters (epmq/lora.py), against PEFT's own merge_and_unload."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -401,6 +402,15 @@ def test_an_adapter_on_the_revision_of_its_base_its_config_records(base_dir, tmp
     assert expert.base.path.name == trained_on
     name = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(expert[name], reference[name], rtol=1e-6, atol=1e-6)
+    # its tokenizer (for expert-path targets over another vocabulary) is that revision's too
+    from epmq import vocabulary
+    from epmq.experts import on_model_vocabulary
+
+    read = []
+    real = vocabulary.load_tokenizer
+    monkeypatch.setattr(vocabulary, "load_tokenizer", lambda d: read.append(Path(d).name) or real(d))
+    on_model_vocabulary(tiny_llama(0), {"t": str(tmp_path / "adapter")})
+    assert trained_on in read and later not in read
     config.write_text(json.dumps({**json.loads(config.read_text()), "revision": "3" * 40}))
     with pytest.raises(FileNotFoundError, match="'org/base' at revision '3{40}' could not be fetched"):
         epmq.LoraExpert(tmp_path / "adapter")
