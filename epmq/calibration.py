@@ -52,6 +52,7 @@ import io
 import json
 import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -207,7 +208,11 @@ def _text_lines(path: Path, whole: bool = False):
     strings may hold U+2028 and the like), decompressed if its name says so, read as they are
     taken, so that a large JSON Lines file is never held whole; ``whole``: its text as one."""
     compression = COMPRESSIONS.get(path.suffix.lower())
-    opened = path.open("rb") if compression is None else importlib.import_module(compression).open(path, "rb")
+    module = None if compression is None else importlib.import_module(compression)
+    opened = path.open("rb") if module is None else module.open(path, "rb")
+    # a damaged or truncated archive: gzip.BadGzipFile (an OSError) or EOFError, and a corrupt
+    # deflate stream's zlib.error or any .xz fault's lzma.LZMAError (neither an OSError)
+    damaged = (OSError, EOFError, zlib.error) + ((module.LZMAError,) if compression == "lzma" else ())
     with opened as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n") as f:
         try:
             if whole:
@@ -217,7 +222,7 @@ def _text_lines(path: Path, whole: bool = False):
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text{'' if compression is None else ' once decompressed'} "
                              f"({e})") from None
-        except (OSError, EOFError) as e:  # (a damaged or truncated archive: gzip.BadGzipFile, lzma.LZMAError, ...)
+        except damaged as e:
             if compression is None:
                 raise
             raise ValueError(f"{path}: not a readable {compression} file ({type(e).__name__}: {e})") from None

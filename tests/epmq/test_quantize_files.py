@@ -130,6 +130,25 @@ def test_compressed_text_files_read_as_their_inner_kind(tmp_path):
         read_texts(tmp_path / "latin.txt.gz")
 
 
+def test_corrupt_compressed_files_named_not_raised_raw(tmp_path):
+    """A corrupt deflate stream raises zlib.error and any .xz fault lzma.LZMAError, neither an
+    OSError: they are named as unreadable archives, as a truncated one is, not raw tracebacks."""
+    import gzip
+    import lzma
+
+    def damaged(data, start):
+        data = bytearray(data)
+        data[start:start + 20] = bytes(b ^ 0xFF for b in data[start:start + 20])
+        return bytes(data)
+
+    (tmp_path / "bad.jsonl.gz").write_bytes(damaged(gzip.compress(b'"x"\n' * 1000), 20))
+    (tmp_path / "bad.jsonl.xz").write_bytes(damaged(lzma.compress(b'"x"\n' * 1000), 30))
+    (tmp_path / "plain.json.xz").write_bytes(b'["x"]')  # (named .xz, not compressed)
+    for name, kind in (("bad.jsonl.gz", "gzip"), ("bad.jsonl.xz", "lzma"), ("plain.json.xz", "lzma")):
+        with pytest.raises(ValueError, match=f"{name}: not a readable {kind} file"):
+            read_texts(tmp_path / name)
+
+
 # a chat template of the kind fine-tuned models ship (BOS, role markers, EOS per turn)
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
                  "{{ raise_exception('no tools here') }}{% endif %}"
