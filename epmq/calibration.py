@@ -213,7 +213,9 @@ def _text_lines(path: Path, whole: bool = False):
     # a damaged or truncated archive: gzip.BadGzipFile (an OSError) or EOFError, and a corrupt
     # deflate stream's zlib.error or any .xz fault's lzma.LZMAError (neither an OSError)
     damaged = (OSError, EOFError, zlib.error) + ((module.LZMAError,) if compression == "lzma" else ())
-    with opened as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n") as f:
+    # lines end at "\n" only; a whole text's "\r\n" and "\r" become "\n" (universal newlines,
+    # as Path.read_text gave a .txt or .json file before: a Windows-saved text tokenizes as typed)
+    with opened as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None if whole else "\n") as f:
         try:
             if whole:
                 yield f.read()

@@ -130,6 +130,21 @@ def test_compressed_text_files_read_as_their_inner_kind(tmp_path):
         read_texts(tmp_path / "latin.txt.gz")
 
 
+def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
+    """A .txt document saved with "\r\n" (or "\r") line ends is read with "\n", compressed or
+    not, as it was before compressed files were read; a JSON line's "\r" is no part of it."""
+    import gzip
+
+    (tmp_path / "a.txt").write_bytes(b"line one\r\nline two\rend\r\n")
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b"\xef\xbb\xbfline one\r\nline two\r\n"))
+    (tmp_path / "c.json").write_bytes(b'["x\\r\\ny",\r\n "z"]\r\n')
+    (tmp_path / "d.jsonl").write_bytes('"a\u2028b"\r\n\r\n"c"'.encode())
+    assert read_texts(tmp_path / "a.txt") == ["line one\nline two\nend\n"]
+    assert read_texts(tmp_path / "b.txt.gz") == ["line one\nline two\n"]
+    assert read_texts(tmp_path / "c.json") == ["x\r\ny", "z"]  # (escaped in JSON: kept)
+    assert read_texts(tmp_path / "d.jsonl") == ["a\u2028b", "c"]
+
+
 def test_corrupt_compressed_files_named_not_raised_raw(tmp_path):
     """A corrupt deflate stream raises zlib.error and any .xz fault lzma.LZMAError, neither an
     OSError: they are named as unreadable archives, as a truncated one is, not raw tracebacks."""
