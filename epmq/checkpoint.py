@@ -866,15 +866,15 @@ def _served_with_files(directory: Path) -> dict:
     ``additional_chat_templates/`` too), ``{path there: bytes}``: a model ``load_quantized`` built
     carries them and ``save_quantized`` writes them again, so that saving it back in place (to
     rewrite it as gptq_v2, say) or elsewhere keeps what it is served with."""
+    # (links are followed: the HF hub's cache, which load_quantized reads an org/name from, holds
+    # every file of a snapshot as a link to its blob; what is carried is the bytes, not the link)
     files = {}
     for p in sorted(directory.iterdir()):
-        if p.is_symlink():
-            continue
         if p.is_file() and _CARRIED.fullmatch(p.name):
             files[p.name] = p.read_bytes()
         elif p.is_dir() and p.name in _SERVED_WITH_FOLDERS:
             files.update({q.relative_to(directory).as_posix(): q.read_bytes() for q in sorted(p.rglob("*"))
-                          if q.is_file() and not q.is_symlink()})
+                          if q.is_file()})
     return files
 
 

@@ -809,6 +809,37 @@ def test_a_loaded_model_saved_again_keeps_its_tokenizer(two_models, tmp_path):
     assert not (directory / "tokenizer.json").exists()
 
 
+def test_a_model_loaded_from_a_hub_snapshot_keeps_its_tokenizer(two_models, tmp_path):
+    """The HF hub's cache holds a snapshot's files as links to its blobs (load_quantized of
+    ``org/name`` reads one): its tokenizer and processor files are carried as a directory's
+    are, and written with the model saved elsewhere."""
+    fam, old, _, directory = two_models
+    served = {"tokenizer.json": '{"the": "tokenizer"}', "chat_template.jinja": "{{ m }}",
+              "additional_chat_templates/rag.jinja": "{{ x }}"}
+
+    def extras(d):
+        (d / "additional_chat_templates").mkdir()
+        for name, text in served.items():
+            (d / name).write_text(text)
+
+    epmq.save_quantized(old, directory, extras=extras)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    for path in sorted(directory.rglob("*")):  # (as huggingface_hub lays out its cache)
+        target = snapshot / path.relative_to(directory)
+        if path.is_dir():
+            target.mkdir(parents=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob = blobs / f"{len(os.listdir(blobs))}"
+        shutil.copy(path, blob)
+        target.symlink_to(os.path.relpath(blob, target.parent))
+    loaded = epmq.load_quantized(snapshot, fam.fresh())
+    epmq.save_quantized(loaded, tmp_path / "copy")
+    assert {name: (tmp_path / "copy" / name).read_text() for name in served} == served
+    assert not any(p.is_symlink() for p in (tmp_path / "copy").rglob("*"))
+
+
 def test_symlinked_checkpoints_stay_links(two_models, tmp_path):
     fam, old, new, directory = two_models
     link = tmp_path / "link"
