@@ -140,8 +140,12 @@ def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] 
     return {k: _home_expanded(v) if k in PATH_KEYS else v for k, v in config.items()}
 
 
-# the keys of merge and quantize configs that hold paths (or lists or task mappings of them)
-PATH_KEYS = ("model", "base", "models", "lora_base", "tokenizer_source", "files_from", "calibration", "experts")
+# the keys of merge and quantize configs that hold paths (or lists or task mappings of them;
+# tokens: {token: {source: model}} names a model as models gives it, so as it is expanded)
+PATH_KEYS = ("model", "base", "models", "lora_base", "tokenizer_source", "files_from", "calibration", "experts",
+             "tokens")
+# those of a mergekit config (models: [{model: ...}], slices' sources, tokenizer: {source, tokens})
+MERGEKIT_PATH_KEYS = ("base_model", "models", "slices", "tokenizer", "tokenizer_source")
 
 
 def _home_expanded(value):
@@ -178,6 +182,8 @@ def _merge(args) -> int:
 
     config = _load_yaml(Path(args.config), MERGE_CONFIG)
     if is_mergekit(config):
+        # (its paths too: the translation below reads the models' config files)
+        config = {k: _home_expanded(v) if k in MERGEKIT_PATH_KEYS else v for k, v in config.items()}
         try:
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always")

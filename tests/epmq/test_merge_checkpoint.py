@@ -179,6 +179,37 @@ def test_cli_paths_under_home(checkpoints, tmp_path, monkeypatch):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_cli_paths_under_home_in_mergekit_configs_and_tokens(checkpoints, tmp_path, monkeypatch):
+    """A mergekit config's ``~/e0`` is the home's too (its translation reads the models' config
+    files: it was "~/e0 is neither a directory nor an HF hub id"); and a model named in
+    ``tokens`` as in ``models`` is still that model once both are expanded (it was "tokens:
+    ['~/e0'] is not the base or one of the models")."""
+    import epmq.merge_checkpoint as merge_checkpoint
+
+    root, base, experts = checkpoints
+    monkeypatch.setenv("HOME", str(root))
+    config = tmp_path / "mk.yaml"
+    n = json.loads((root / "e0" / "config.json").read_text())["num_hidden_layers"]
+
+    def slices(home):  # (one slice of whole models: its layer counts are read from the models)
+        return dict(merge_method="slerp", base_model=f"{home}/e0", dtype="float32", parameters={"t": 0.3},
+                    slices=[{"sources": [{"model": f"{home}/e{k}", "layer_range": [0, n]} for k in range(2)]}])
+
+    for home, out in (("~", "out"), (str(root), "want")):
+        config.write_text(yaml.safe_dump(slices(home)))
+        assert main(["merge", str(config), str(tmp_path / out), "--quiet"]) == 0
+    got, want = _load(tmp_path / "out"), _load(tmp_path / "want")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    seen = {}
+    monkeypatch.setattr(merge_checkpoint, "merge_checkpoints", lambda method, models, out, **kw: seen.update(
+        models=models, **kw) or out)
+    config.write_text(yaml.safe_dump(dict(method="average", models=["~/e0", "~/e1"], tokenizer_source="union",
+                                          tokens={"<x>": {"source": "~/e0"}, "<y>": {"source": {"kind": "zero"}}})))
+    assert main(["merge", str(config), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert seen["models"] == [str(root / "e0"), str(root / "e1")]
+    assert seen["tokens"] == {"<x>": {"source": str(root / "e0")}, "<y>": {"source": {"kind": "zero"}}}
+
+
 def test_cli(checkpoints, tmp_path, capsys):
     root, base, experts = checkpoints
     config = tmp_path / "ties.yaml"
