@@ -1388,5 +1388,11 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         records.append(record)
     model.epmq_quant_config = common_quant_config(records)
     model.epmq_served_with = _served_with_files(directory)
+    if (directory / OPEN_CLIP_CONFIG_FILE).is_file():
+        # (a model the user gave: that file is epmq's once written, and its next save must make
+        # it again, as for a model built from it, or load_quantized(directory) finds nothing to build)
+        cfg = read_json(directory / OPEN_CLIP_CONFIG_FILE)
+        if isinstance(cfg, dict):
+            model.epmq_open_clip_config = cfg
     bind_save_pretrained(model)
     return given

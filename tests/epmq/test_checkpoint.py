@@ -364,6 +364,33 @@ def test_an_open_clip_model_built_from_its_config_saves_it_again(tmp_path):
         torch.testing.assert_close(epmq.load_quantized(directory)(image), model(image), rtol=0, atol=0)
 
 
+def test_an_open_clip_model_given_to_load_quantized_saves_its_config_again(tmp_path):
+    """``load_quantized(d, model)`` with a model of the user's (open_clip's own create_model, say)
+    and ``d`` holding its ``open_clip_config.json``: saving that model again in place dropped the
+    file as for a model load_quantized built (epmq's own file, not made again), and
+    ``load_quantized(d)`` no longer found what to build."""
+    from open_clip.model import _build_vision_tower
+
+    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
+                                                   mlp_ratio=2.0))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 16}, "tower": "visual"}
+
+    def fresh():
+        return _build_vision_tower(16, model_cfg["vision_cfg"]).eval()
+
+    torch.manual_seed(0)
+    model = fresh()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q",
+                        extras=lambda d: (d / "open_clip_config.json").write_text(json.dumps(config)))
+    image = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loaded = epmq.load_quantized(tmp_path / "q", fresh())
+    for directory in (tmp_path / "q", tmp_path / "copy"):
+        epmq.save_quantized(loaded, directory)
+        assert json.loads((directory / "open_clip_config.json").read_text()) == config
+        torch.testing.assert_close(epmq.load_quantized(directory)(image), model(image), rtol=0, atol=0)
+
+
 def saved_bf16_model(arch, directory, **save):
     """A model of ``arch`` quantized (RTN, 4 bits, groups of 16), cast to bf16 and saved."""
     model = build(arch)
