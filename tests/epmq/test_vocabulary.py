@@ -535,6 +535,40 @@ def test_expert_path_maps_a_lora_adapter_named_by_hub_id_by_its_bases_tokenizer(
                    progress=False)
 
 
+def test_expert_path_maps_a_lora_adapter_by_the_revision_of_its_base_it_records(models, tmp_path, monkeypatch):
+    """An adapter whose config records the hub revision of its base (PEFT's ``revision``) is the
+    expert on that revision's weights, and is mapped by that revision's tokenizer, not main's
+    (here main has moved on to another tokenizer: its rows were taken for the adapter's)."""
+    import json
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    peft = pytest.importorskip("peft")
+    from epmq.experts import OnVocabulary, on_model_vocabulary
+
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
+                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    old, new = "1" * 40, "2" * 40
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/chat",
+                                  "revision": old}))
+    repo = tmp_path / "hub" / "models--org--chat"
+    shutil.copytree(models["chat"], repo / "snapshots" / old)
+    shutil.copytree(models["tool"], repo / "snapshots" / new)  # (main since: another tokenizer)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    mapped = on_model_vocabulary(model, {"chat": str(tmp_path / "adapter")})
+    assert isinstance(mapped["chat"], OnVocabulary) and mapped["chat"].rows[24:27].tolist() == [24, 25, -1]
+
+
 def test_bart_final_logits_bias_is_laid_out_by_token(tmp_path):
     """BART keeps a [1, vocab] final_logits_bias beside its embeddings (resize_token_embeddings
     resizes both): laid out by token along its columns as the embeddings' rows are (a shape
