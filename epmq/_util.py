@@ -9,6 +9,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -102,17 +103,27 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
                 path.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
+def write_atomic(path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary beside ``path``, synced to disk, then renamed over it:
+    ``path`` always holds the old file or the whole new one (a write stopped by Ctrl-C, a kill,
+    a full disk or a power loss leaves no truncated file under its name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, glob.escape(path.name))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON so that ``path`` always holds either the old or the new file."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str)))
 
 
 def umask() -> int:

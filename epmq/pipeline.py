@@ -19,7 +19,6 @@ Merge scales and E-PMQ anchors are chosen on the validation split, never on test
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
@@ -34,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from . import merge as merge_lib
-from ._util import changed_keys, read_json, remove_stale_temporaries, write_json_atomic
+from ._util import changed_keys, read_json, remove_stale_temporaries, write_atomic, write_json_atomic
 from .checks import check_number, resolve_backend
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
@@ -682,25 +681,9 @@ def _pyplot():
     return plt
 
 
-def _write_atomic(path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary beside ``path``, then renamed over it: a report stopped
-    while being written (Ctrl-C, a kill, a full disk) leaves the earlier, whole file under its
-    name, not a truncated table or PNG that a reader takes for the report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, glob.escape(path.name))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save(fig, path) -> None:
-    # (the format said: the temporary's name does not end in .png)
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:]))
+    # (the format said, as matplotlib reads it off the name: the temporary's does not end in it)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"))
     _pyplot().close(fig)
 
 
@@ -795,7 +778,7 @@ def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table, accuracy, per_task = (out / name for name in REPORT_FILES)
-    _write_atomic(table, lambda tmp: tmp.write_text(text + "\n"))
+    write_atomic(table, lambda tmp: tmp.write_text(text + "\n"))
     plot(results, plan, accuracy)
     plot_per_task(results, plan, tasks, per_task)
     return text

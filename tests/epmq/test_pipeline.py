@@ -2,6 +2,7 @@
 validation, what the table and the report say (the quantizer replaced by a recording stub)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -399,11 +400,17 @@ def test_an_unchosen_checkpoint_deleted_half_way_is_not_delivered_later(tmp_path
                          log=quiet)
     shown = [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
     assert all(sorted(x.name for x in p.iterdir()) == ["config.json", "model.safetensors"] for p in shown)
+    # (the folder moved aside, as a process killed there would leave it: the next run removes it)
+    (hidden,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    hidden.rename(hidden.with_name(hidden.name.replace(f".tmp-{os.getpid()}-", ".tmp-999999999-")))
+    pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True), tmp_path, log=quiet)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     logs = []
     again = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[1.0], save_checkpoints=True), tmp_path,
                          log=logs.append)
     delivered = Path(again["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"])
     assert sorted(x.name for x in delivered.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def test_a_run_reached_through_a_link_is_resumed_with_its_checkpoints(tmp_path, quiet, monkeypatch):
@@ -497,6 +504,18 @@ def test_a_report_stopped_while_written_leaves_the_earlier_files_whole(calls_lis
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(["results.json", *pipeline.REPORT_FILES])
     pipeline.report(results, p, Bench.task_names, tmp_path)  # (the same command again: the report)
     assert {name: (tmp_path / name).read_bytes() for name in pipeline.REPORT_FILES} == before
+
+
+def test_a_plot_named_without_a_suffix_is_a_png(calls_list, tmp_path, quiet):
+    """matplotlib writes a name without a suffix as PNG; the atomic write's format, read off the
+    name, was '' (a ValueError)."""
+    p = plan(methods=["rtn"])
+    results = pipeline.run(Bench(), p, tmp_path / "run", log=quiet)
+    pipeline.plot(results, p, tmp_path / "accuracy")
+    pipeline.plot_per_task(results, p, Bench.task_names, tmp_path / "per_task")
+    for name in ("accuracy", "per_task"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]
 
 
 def test_checkpoints_named_through_a_link_are_set_aside_by_a_run_through_the_real_path(
