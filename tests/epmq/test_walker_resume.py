@@ -469,3 +469,58 @@ def test_an_expert_of_other_embeddings_is_refused_on_the_expert_path(gen, tmp_pa
         epmq.quantize_model(fam.merged(), SPEC, method="epmq", targets="expert_path",
                             calibration=fam.calibration, experts=experts, resume_dir=tmp_path,
                             progress=False)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_a_closed_block_log_lets_other_processes_take_the_directory(tmp_path):
+    """``close`` lets go of ``walk.lock`` (the file is closed, its flock gone): another process
+    may then walk the directory; a lock kept open would hold it until this process ends."""
+    import fcntl
+
+    from epmq import resume
+
+    log = resume.BlockLog(tmp_path, {"a": 1})
+    log.close()
+    assert str(tmp_path.resolve()) not in resume._HELD
+    with open(tmp_path / resume.LOCK_FILE, "a+") as other:  # (another open file: as another process)
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with resume.hold(tmp_path):
+        pass
+    with open(tmp_path / resume.LOCK_FILE, "a+") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_block_s_tensors_are_on_disk_before_its_record(tmp_path, monkeypatch):
+    """The module docstring's order: the tensors file is fsynced, then moved into place, and only
+    then is the record written that makes the block count as done (a power cut in between must
+    not leave a record whose tensors were never flushed)."""
+    from epmq import resume
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+                       if os.path.exists(f"/proc/self/fd/{fd}") else fd))
+        return fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.path.basename(str(dst))))
+        return replace(src, dst)
+
+    log = resume.BlockLog(tmp_path, {"a": 1})
+    layer = epmq.QuantLinear(32, 8, bits=4, group_size=16)
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    try:
+        log.save("block.0", "digest", {"proj": layer}, entries=[])
+    finally:
+        log.close()
+    names = events
+    tensors_at = names.index(("replace", "block.0.safetensors"))
+    record_at = names.index(("replace", "block.0.json"))
+    assert tensors_at < record_at
+    synced = [i for i, (kind, what) in enumerate(names[:tensors_at]) if kind == "fsync"]
+    assert synced, f"the tensors were moved into place unflushed: {names}"
+    if os.path.exists("/proc/self/fd"):
+        assert any(str(names[i][1]).startswith(".block.0.safetensors.tmp") for i in synced), names
