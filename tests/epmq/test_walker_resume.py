@@ -524,3 +524,51 @@ def test_a_block_s_tensors_are_on_disk_before_its_record(tmp_path, monkeypatch):
     assert synced, f"the tensors were moved into place unflushed: {names}"
     if os.path.exists("/proc/self/fd"):
         assert any(str(names[i][1]).startswith(".block.0.safetensors.tmp") for i in synced), names
+
+
+def test_hold_fresh_empties_the_directory_but_keeps_its_lock(tmp_path):
+    """``hold(fresh=True)`` (``epmq quantize --fresh``, ``resume=False``) discards the blocks an
+    earlier walk left: nothing of them is resumed."""
+    from epmq import resume
+
+    (tmp_path / "model.layers.0.json").write_text("{}")
+    (tmp_path / "model.layers.0.safetensors").write_bytes(b"x")
+    (tmp_path / "walk.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f").write_text("")
+    with resume.hold(tmp_path, fresh=True) as held:
+        assert sorted(p.name for p in held.iterdir()) == [resume.LOCK_FILE]
+    (tmp_path / "model.layers.0.json").write_text("{}")
+    with resume.hold(tmp_path):  # (not fresh: kept)
+        assert (tmp_path / "model.layers.0.json").is_file()
+
+
+def test_digests_depend_on_names_and_keys():
+    """What a resumed walk compares: tensors of the same values under other names (an expert's
+    q_proj and k_proj swapped), and calibration data under other keys, are other inputs."""
+    from epmq.resume import data_digest, tensor_digest
+
+    x, y = torch.arange(4.0), torch.arange(4.0) + 1
+    assert tensor_digest([("a", x), ("b", y)]) != tensor_digest([("b", x), ("a", y)])
+    assert tensor_digest([("a", x)]) == tensor_digest([("a", x.clone())])
+    ids = torch.arange(6).view(2, 3)
+    assert data_digest([{"input_ids": ids}]) != data_digest([{"labels": ids}])
+    assert data_digest([{"input_ids": ids}]) == data_digest([{"input_ids": ids.clone()}])
+
+
+def test_a_damaged_block_s_files_are_removed(tmp_path):
+    """A damaged block is deleted when found, so that it no longer counts as done: a walk
+    stopped before solving it again leaves a directory of no block (``records``), which
+    another walk's arguments may then take, and ``epmq quantize`` drops."""
+    from epmq import resume
+
+    log = resume.BlockLog(tmp_path, {"a": 1})
+    try:
+        log.save("block.0", "digest", {"proj": epmq.QuantLinear(32, 8, bits=4, group_size=16)}, entries=[])
+        record = tmp_path / "block.0.json"
+        record.write_text(record.read_text().replace('"digest"', '"digesT"'))
+        with pytest.warns(UserWarning, match="damaged"):
+            assert log.load("block.0", "digest", "cpu") is None
+        assert resume.records(tmp_path) == [] and not (tmp_path / "block.0.safetensors").exists()
+    finally:
+        log.close()
