@@ -222,3 +222,38 @@ def test_decoder_inputs_the_model_derives_from_left_padded_labels_are_derived_ag
     for p in parts:  # (T5's start token is 0)
         start = torch.zeros(1, 1, dtype=torch.long)
         assert torch.equal(p["decoder_input_ids"], torch.cat([start, p["labels"][:, :-1]], 1))
+
+
+def test_a_document_that_ends_with_eos_gets_no_second_one():
+    """A conversation the chat template rendered may end with EOS (ChatML's "<|im_end|>\\n"):
+    the stream the windows are cut from has one EOS there, not two in a row; one that ends with
+    the EOS text and trailing whitespace counts too."""
+
+    class Named(WordTokenizer):
+        eos_token = "-1"
+
+        def __call__(self, text, add_special_tokens=False):  # (a newline is a token of its own: 99)
+            return super().__call__(text.replace("\n", " 98 "))
+
+    (window,) = text_windows(["4 -1", "5"], WordTokenizer(), samples=1, seq_len=4)
+    assert window["input_ids"].tolist() == [[5, 0, 6, 0]]
+    (window,) = text_windows(["4 -1\n", "5"], Named(), samples=1, seq_len=5)
+    assert window["input_ids"].tolist() == [[5, 0, 99, 6, 0]]
+
+
+@pytest.mark.filterwarnings("ignore:.*windows overlap")
+def test_every_window_of_the_stream_may_be_drawn():
+    """The windows start anywhere in the stream, its last window included (``randint``'s bound
+    is exclusive: one short, the stream's last token was never calibrated on)."""
+    windows = text_windows(["1 2 3 4"], WordTokenizer(), samples=64, seq_len=4, batch_size=64)
+    starts = {row[0] for row in windows[0]["input_ids"].tolist()}
+    assert starts == {2, 3}  # (the stream is 2 3 4 5 0: windows from its first or its second token)
+
+
+def test_drawn_items_are_samples_in_batches():
+    """``samples`` items, all different, in batches of ``batch_size``; all of them where fewer."""
+    batches = _drawn(range(100), 10, 4, 0, "x")
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert len({i for b in batches for i in b}) == 10
+    with pytest.warns(UserWarning, match="fewer than samples"):
+        assert sorted(i for b in _drawn(range(5), 10, 4, 0, "x") for i in b) == list(range(5))
