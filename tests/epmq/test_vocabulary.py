@@ -656,3 +656,27 @@ def test_files_from_leaves_no_other_models_chat_template_beside_the_vocabulary(m
                             tokenizer_source="union", progress=False)
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == {"default": "{{ messages[0].content }}",
                                                                           "tool": "{{ tools }}"}
+
+
+def test_a_token_given_its_row_is_not_warned_of_as_in_no_model():
+    """A token in no model that ``tokens`` gives a row (a new token taking another's) is laid out
+    by that entry, not by the rules: no "in no model ... get zero rows" warning for it."""
+    import warnings
+
+    index = {"x": torch.tensor([0, -1]), "y": torch.tensor([0, -1])}
+    vocabulary = Vocabulary(None, 2, 2, index, chosen={1: ("row", "x", 0)})
+    vocabulary.tokenizer = type("T", (), {"get_vocab": lambda self: {"a": 0, "new": 1}})()
+    tensors = {"x": torch.tensor([[1.0, 2.0]]), "y": torch.tensor([[3.0, 4.0]])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = vocabulary.align(tensors)
+    assert out["x"][1].tolist() == out["y"][1].tolist() == [1.0, 2.0]
+
+
+def test_a_reference_token_one_past_its_rows_is_refused():
+    """A tokenizer with one token more than the reference's embedding rows (the first id past
+    them) is refused, as any past them."""
+    tok = type("T", (), {"get_vocab": lambda self: {"a": 0, "b": 1, "c": 2}})()
+    with pytest.raises(ValueError, match="1 tokens past its 2 embedding rows"):
+        build_vocabulary("base", {"b": tok}, {"b": 2})
+    assert build_vocabulary("base", {"b": tok}, {"b": 3}).size == 3
