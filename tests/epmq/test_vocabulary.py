@@ -680,3 +680,40 @@ def test_a_reference_token_one_past_its_rows_is_refused():
     with pytest.raises(ValueError, match="1 tokens past its 2 embedding rows"):
         build_vocabulary("base", {"b": tok}, {"b": 2})
     assert build_vocabulary("base", {"b": tok}, {"b": 3}).size == 3
+
+
+def _stub_tokenizer(vocab):
+    return type("T", (), {"get_vocab": lambda self: dict(vocab)})()
+
+
+def test_a_row_named_at_a_model_s_row_count_is_refused():
+    """``token_id`` equal to the model's embedding rows is past them (rows 0..rows-1): refused by
+    name, not an IndexError in the middle of the merge."""
+    tok = _stub_tokenizer({"a": 0, "b": 1})
+    spec = {"source": {"kind": "model_token", "model": "b", "token_id": 2}}
+    with pytest.raises(ValueError, match=r"row 2 is past 'b''s 2 embedding rows"):
+        build_vocabulary("base", {"b": tok}, {"b": 2}, tokens={"a": spec})
+    spec["source"]["token_id"] = 1
+    assert build_vocabulary("base", {"b": tok}, {"b": 2}, tokens={"a": spec}).chosen == {0: ("row", "b", 1)}
+
+
+def test_pad_to_multiple_of_pads_only_up_to_the_next_multiple():
+    tok = _stub_tokenizer({"a": 0, "b": 1, "c": 2, "d": 3})
+    assert [build_vocabulary("base", {"b": tok}, {"b": 4}, pad_to_multiple_of=m).rows for m in (1, 2, 3, 4, 8)] == \
+        [4, 4, 6, 4, 8]
+
+
+def test_a_source_token_past_its_model_s_rows_has_no_row():
+    """A model's tokenizer may number tokens past its embedding rows (padding ids it has no row
+    for): such a token maps to no row (-1), not to a row the tensor lacks."""
+    from epmq.vocabulary import rows_by_token
+
+    into = _stub_tokenizer({"a": 0, "b": 1, "c": 2})
+    source = _stub_tokenizer({"c": 0, "a": 1, "b": 2})
+    assert rows_by_token(into, 3, source, 2).tolist() == [1, -1, 0]
+    assert rows_by_token(into, 3, into, 3) is None
+    assert rows_by_token(into, 3, into, 2).tolist() == [0, 1, -1]
+    two = _stub_tokenizer({"a": 0, "b": 1})  # (the same tokens; a padding row more in ``into``)
+    assert rows_by_token(two, 3, two, 2).tolist() == [0, 1, -1]
+    vocabulary = build_vocabulary("base", {"b": into, "x": source}, {"b": 3, "x": 2})
+    assert vocabulary.index["x"].tolist() == [1, -1, 0]
