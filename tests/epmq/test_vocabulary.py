@@ -717,3 +717,9 @@ def test_a_source_token_past_its_model_s_rows_has_no_row():
     assert rows_by_token(two, 3, two, 2).tolist() == [0, 1, -1]
     vocabulary = build_vocabulary("base", {"b": into, "x": source}, {"b": 3, "x": 2})
     assert vocabulary.index["x"].tolist() == [1, -1, 0]
+
+
+def test_ids_with_no_token_are_refused():
+    tok = _stub_tokenizer({"a": 0, "b": 2})  # (no token at id 1)
+    with pytest.raises(ValueError, match="ids run to 2 for 2 tokens"):
+        build_vocabulary("base", {"b": tok}, {"b": 3})
