@@ -569,3 +569,34 @@ def test_a_bench_returning_a_nan_accuracy_is_named_and_results_json_stays_json(t
     if (tmp_path / "results.json").exists():
         json.loads((tmp_path / "results.json").read_text(),
                    parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+
+
+def test_an_unchosen_candidate_of_another_directory_is_not_deleted(tmp_path, quiet, monkeypatch):
+    """A run's results.json copied without its checkpoints names another directory's: a cell of
+    it left unchosen is forgotten (its checkpoint None), and the other directory's checkpoint is
+    left where it is (only the run's own are deleted)."""
+    import shutil
+
+    scores = {0.0: (0.9, 0.9)}
+
+    def fake(self, state, bits, method, targets, anchor, params):
+        from epmq.checkpoint import MANIFEST_FILE
+
+        path = self.out / "checkpoints" / f"{method}-{anchor}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST_FILE).write_text(json.dumps({"made in": str(self.out), "anchor": anchor}))
+        val, test = scores.get(anchor, (0.5, 0.5))
+        return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path),
+                "checkpoint_files": pipeline._checkpoint_digest(path)}
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    first = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
+                         tmp_path / "a", log=quiet)
+    original = first["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"]
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "results.json", tmp_path / "b" / "results.json")
+    copy = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.0, 0.1], save_checkpoints=True),
+                        tmp_path / "b", log=quiet)
+    assert Path(original).is_dir()
+    assert copy["steps"]["quant/TA/w4/E-PMQ/anchor=0.1"]["checkpoint"] is None
+    assert copy["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"].startswith(str(tmp_path / "b"))
