@@ -600,3 +600,17 @@ def test_an_unchosen_candidate_of_another_directory_is_not_deleted(tmp_path, qui
     assert Path(original).is_dir()
     assert copy["steps"]["quant/TA/w4/E-PMQ/anchor=0.1"]["checkpoint"] is None
     assert copy["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"].startswith(str(tmp_path / "b"))
+
+
+def test_equal_validation_scores_choose_the_first_scale():
+    """``choose_scale``: ties (sums of per-task fractions equal but for their last bits, as
+    0.4 and 0.39999999999999997) go to the first scale, as documented."""
+
+    class Tied(Bench):
+        def evaluate(self, state, split="test"):
+            avg = 0.4 if float(state["w"].sum()) > 0 else 0.1 + 0.1 + 0.1 + 0.1  # (0.4, last bits apart)
+            return {"a": avg, "b": avg, "avg": avg}
+
+    scale, _, scores = pipeline.choose_scale(Tied(), MergePlan("task_arithmetic", scales=[0.3, 0.5, 0.7]))
+    assert len(set(round(v, 12) for v in scores.values())) == 1
+    assert scale == 0.3

@@ -1103,3 +1103,14 @@ def test_a_folder_holding_the_same_tokenizer_is_written_into_without_a_false_war
         epmq.quantize_checkpoint(root / "merged", out, spec=spec, method="rtn", progress=False)
     assert not [str(r.message) for r in record if "kept your changed" in str(r.message)]
     assert (out / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+
+
+def test_e_pmq_experts_without_calibration_files_are_named():
+    """One expert per calibration task, both ways: an expert of no task is refused, not ignored."""
+    from epmq.quantize_files import check_quantize
+
+    with pytest.raises(ValueError, match=r"experts without files \['b'\]"):
+        check_quantize("epmq", {"a": "a.txt"}, {"a": "x", "b": "y"})
+    with pytest.raises(ValueError, match=r"tasks without an expert \['b'\]"):
+        check_quantize("epmq", {"a": "a.txt", "b": "b.txt"}, {"a": "x"})
+    check_quantize("epmq", {"a": "a.txt"}, {"a": "x"})
