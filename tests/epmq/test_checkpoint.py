@@ -2200,3 +2200,22 @@ def test_peer_checkpoints_without_g_idx_of_one_group_or_of_padded_words():
             narrow.up, narrow.down = nn.Linear(32, 44), nn.Linear(44, 32)
             with pytest.raises(ValueError, match="in_features=44.* the checkpoint has a 53->32"):
                 epmq.load_quantized(directory, Stack(narrow).eval())
+
+
+def test_a_checkpoint_without_its_manifest_is_replaced_whole(gen, tmp_path):
+    """A checkpoint epmq wrote before the manifest existed (or copied without its dot-files):
+    the new write's files stand (its tokenizer, not the old one; no warning), and none of the
+    old weights files is carried over beside the new ones (a sharded checkpoint rewritten as one
+    file left shards that engines, reading every weights file, would load too)."""
+    _, model = quantized(gen)
+    directory = tmp_path / "q"
+    epmq.save_quantized(model, directory, max_shard_size="20KB",
+                        extras=lambda d: (d / "tokenizer.json").write_text("old run"))
+    assert (directory / ckpt.INDEX_FILE).is_file()
+    (directory / ckpt.MANIFEST_FILE).unlink()
+    with warnings_recorded() as record:
+        epmq.save_quantized(model, directory, extras=lambda d: (d / "tokenizer.json").write_text("new run"))
+    assert not [w for w in record if "kept your changed" in str(w.message)]
+    assert (directory / "tokenizer.json").read_text() == "new run"
+    assert sorted(p.name for p in directory.iterdir() if p.name.endswith(ckpt.WEIGHT_SUFFIXES)) == \
+        [ckpt.WEIGHTS_FILE]
