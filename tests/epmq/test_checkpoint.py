@@ -2219,3 +2219,14 @@ def test_a_checkpoint_without_its_manifest_is_replaced_whole(gen, tmp_path):
     assert (directory / "tokenizer.json").read_text() == "new run"
     assert sorted(p.name for p in directory.iterdir() if p.name.endswith(ckpt.WEIGHT_SUFFIXES)) == \
         [ckpt.WEIGHTS_FILE]
+
+
+def test_a_ragged_layer_of_another_tools_checkpoint_takes_the_configs_group_size():
+    """A width the config's group size does not divide has ceil(K / g) groups, the last shorter
+    (as GPTQ, GPTQModel and epmq write them): read off the tensors, that is the config's g."""
+    assert ckpt._group_size_of("x", 40, 3, 16) == 16
+    assert ckpt._group_size_of("x", 48, 3, 16) == 16
+    assert ckpt._group_size_of("x", 24, 1, 32) == 32
+    assert ckpt._group_size_of("x", 48, 4, 32) == 12  # (not the config's: the one the tensors show)
+    with pytest.raises(ValueError, match="no group size gives that"):
+        ckpt._group_size_of("x", 40, 7, 16)
