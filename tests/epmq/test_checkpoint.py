@@ -2230,3 +2230,19 @@ def test_a_ragged_layer_of_another_tools_checkpoint_takes_the_configs_group_size
     assert ckpt._group_size_of("x", 48, 4, 32) == 12  # (not the config's: the one the tensors show)
     with pytest.raises(ValueError, match="no group size gives that"):
         ckpt._group_size_of("x", 40, 7, 16)
+
+
+def test_a_directory_of_several_unnamed_safetensors_is_not_read_as_one_of_them(tmp_path):
+    """Without a weights file of a known name (or an index), a single ``*.safetensors`` is the
+    checkpoint; of two, neither is taken silently (the other's tensors would be lost)."""
+    from safetensors.torch import save_file
+
+    from epmq.checkpoint_io import CheckpointError, CheckpointReader, weights_in
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "part-a.safetensors"))
+    assert weights_in(tmp_path) == tmp_path / "part-a.safetensors"
+    assert list(CheckpointReader(tmp_path).keys()) == ["a"]
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "part-b.safetensors"))
+    assert weights_in(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no weights in"):
+        CheckpointReader(tmp_path)
