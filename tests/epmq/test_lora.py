@@ -726,3 +726,14 @@ def test_a_float8_base_with_its_scales_beside_is_refused(base_dir, tmp_path):
     for read in (lambda: expert[name], lambda: weights.low_rank(name), lambda: weights.read(name)):
         with pytest.raises(ValueError, match=match):
             read()
+
+
+def test_an_adapter_config_without_lora_alpha_takes_peft_s_default(base_dir, tmp_path):
+    """PEFT's LoraConfig defaults lora_alpha to 8: a hand-written or trimmed adapter_config.json
+    without it is read with that scale (8 / r), as PEFT loads it."""
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=5, lora_alpha=8)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    content = json.loads(config.read_text())
+    del content["lora_alpha"]
+    config.write_text(json.dumps(content))
+    assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=base_dir), reference)
