@@ -2246,3 +2246,15 @@ def test_a_directory_of_several_unnamed_safetensors_is_not_read_as_one_of_them(t
     assert weights_in(tmp_path) is None
     with pytest.raises(CheckpointError, match="no weights in"):
         CheckpointReader(tmp_path)
+
+
+def test_a_lazy_state_dict_casts_floating_point_tensors_only():
+    """``dtype`` is the compute dtype of the weights: integer and boolean tensors (position ids,
+    masks, counters) keep theirs, and ``dtype_of`` says what indexing gives."""
+    from epmq.checkpoint_io import CheckpointReader, LazyStateDict
+
+    state = {"w": torch.randn(2, 2), "ids": torch.arange(3), "mask": torch.ones(2, dtype=torch.bool)}
+    lazy = LazyStateDict(CheckpointReader(state), {k: k for k in state}, dtype=torch.float16)
+    assert {k: lazy[k].dtype for k in state} == {"w": torch.float16, "ids": torch.int64, "mask": torch.bool}
+    assert {k: lazy.dtype_of(k) for k in state} == {k: lazy[k].dtype for k in state}
+    assert torch.equal(lazy["ids"], state["ids"])
