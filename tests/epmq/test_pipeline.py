@@ -79,6 +79,7 @@ def test_the_anchor_is_chosen_on_validation_not_test(calls_list, tmp_path, quiet
     dict(group_size=-1), dict(sym=True), dict(act_order=True), dict(static_groups=True),
     dict(targets="expert_path"), dict(weight_anchor=0.5),
     dict(merges=[MergePlan("task_arithmetic", scales=[0.7])]), dict(backend="torch"),
+    dict(residual_precision="ieee"),
 ])
 def test_a_changed_quantization_setting_is_not_served_from_the_store(calls_list, tmp_path, quiet, change):
     """What an E-PMQ cell depends on (the grid, the targets, mu, the merge's scale) is part of
