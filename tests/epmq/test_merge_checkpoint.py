@@ -1167,3 +1167,36 @@ def test_the_models_argument_of_karcher_is_no_parameter():
         with pytest.raises(ValueError, match=r"unknown parameters \['(models|experts)'\]"):
             check_merge_params(method, {"models" if method == "karcher" else "experts": ["a", "b"]})
     check_merge_params("karcher", {"max_iter": 5, "tol": 1e-6})
+
+
+def test_a_users_model_card_is_left_as_it_is_without_a_warning(checkpoints, tmp_path):
+    """A README.md the user wrote over epmq's card is theirs: the next merge into the directory
+    writes no card of its own (which carry-over would then warn of replacing)."""
+    import warnings
+
+    root, _, _ = checkpoints
+    out = tmp_path / "m"
+    merge_checkpoints("average", [root / "e0", root / "e1"], out, progress=False)
+    assert "epmq" in (out / "README.md").read_text()
+    (out / "README.md").write_text("mine")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        merge_checkpoints("average", [root / "e0", root / "e1"], out, progress=False)
+    assert (out / "README.md").read_text() == "mine"
+    assert not [w for w in record if "README" in str(w.message)], [str(w.message) for w in record]
+
+
+def test_a_towers_vocab_size_is_set_to_the_vocabulary_s_rows(tmp_path):
+    """A vision-language model keeps its vocabulary size in its text config: the laid-out
+    vocabulary's rows are written there too (where a config holds it), not only at the top."""
+    from types import SimpleNamespace
+
+    from epmq.merge_checkpoint import _write_vocabulary
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llava", "text_config": {"vocab_size": 10}, "vision_config": {"hidden_size": 4}}))
+    tokenizer = SimpleNamespace(chat_template=None, save_pretrained=lambda target: None)
+    _write_vocabulary(SimpleNamespace(tokenizer=tokenizer, rows=16), tmp_path, None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == 16 and "vocab_size" not in config
+    assert "vocab_size" not in config["vision_config"]
