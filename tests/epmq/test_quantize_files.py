@@ -1114,3 +1114,5 @@ def test_e_pmq_experts_without_calibration_files_are_named():
     with pytest.raises(ValueError, match=r"tasks without an expert \['b'\]"):
         check_quantize("epmq", {"a": "a.txt", "b": "b.txt"}, {"a": "x"})
     check_quantize("epmq", {"a": "a.txt"}, {"a": "x"})
+    with pytest.raises(ValueError, match="method 'gptq' takes no experts"):  # (not ignored: E-PMQ was meant)
+        check_quantize("gptq", {"a": "a.txt"}, {"a": "x"})
