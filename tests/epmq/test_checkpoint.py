@@ -2258,3 +2258,29 @@ def test_a_lazy_state_dict_casts_floating_point_tensors_only():
     assert {k: lazy[k].dtype for k in state} == {"w": torch.float16, "ids": torch.int64, "mask": torch.bool}
     assert {k: lazy.dtype_of(k) for k in state} == {k: lazy[k].dtype for k in state}
     assert torch.equal(lazy["ids"], state["ids"])
+
+
+def test_a_group_size_written_as_a_whole_float_is_read(tmp_path):
+    """``"group_size": 128.0`` (a config a script wrote through floats) is 128, as ``bits`` 4.0 is 4."""
+    (tmp_path / ckpt.CONFIG_FILE).write_text(json.dumps({"bits": 4, "group_size": 32.0, "desc_act": False}))
+    qconfig = ckpt._read_qconfig(tmp_path)
+    assert qconfig["group_size"] == 32 and type(qconfig["group_size"]) is int
+
+
+def test_an_index_whose_shards_lack_a_tensor_or_a_shard_is_refused(tmp_path):
+    """A shard index that lists a tensor no shard holds (a stale index) is named, not loaded as a
+    checkpoint without that tensor; one naming a shard that is not there is refused at once."""
+    from safetensors.torch import save_file
+
+    from epmq.checkpoint_io import CheckpointError, CheckpointReader
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00001.safetensors",
+                                            "b": "model-00001-of-00001.safetensors"}}
+    (tmp_path / ckpt.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"lists tensors its shards do not hold: \['b'\]"):
+        ckpt._load_tensors(tmp_path, {})
+    index["weight_map"]["b"] = "model-00002-of-00002.safetensors"
+    (tmp_path / ckpt.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shard.* listed in model.safetensors.index.json are missing"):
+        CheckpointReader(tmp_path)
