@@ -325,6 +325,7 @@ def test_half_precision_bases_equal_peft_bit_for_bit(tmp_path, dtype):
     dict(alora_invocation_tokens=[5, 6]),       # activated by tokens: PEFT itself cannot merge it
     dict(init_lora_weights="pissa"),            # W_0 changed at init: the base is not the saved one
     dict(some_future_option={"x": 1}),          # what epmq does not know, it does not guess
+    dict(peft_type="LOHA"),                     # another PEFT method's adapter, named as such
 ])
 def test_adapter_options_that_are_not_a_plain_update_are_refused(base_dir, tmp_path, option):
     make_adapter(base_dir, tmp_path / "adapter", seed=6)
@@ -737,3 +738,19 @@ def test_an_adapter_config_without_lora_alpha_takes_peft_s_default(base_dir, tmp
     del content["lora_alpha"]
     config.write_text(json.dumps(content))
     assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=base_dir), reference)
+
+
+def test_a_tensor_an_adapter_saves_whole_is_not_shared_as_the_bases(base_dir, tmp_path):
+    """``low_rank(..., bases=...)`` shares the base's tensor among adapters of one base; a tensor
+    an adapter saved whole (``modules_to_save``: a trained head) is its own W_0, never served to
+    (or from) the others, whichever asks first."""
+    make_adapter(base_dir, tmp_path / "plain", seed=7)
+    make_adapter(base_dir, tmp_path / "head", seed=8, modules_to_save=["lm_head"])
+    plain = epmq.LoraExpert(tmp_path / "plain", base=base_dir)
+    head = epmq.LoraExpert(tmp_path / "head", base=base_dir)
+    name = "lm_head.weight"
+    assert not torch.equal(plain[name], head[name])
+    for order in ((plain, head), (head, plain)):
+        bases = {}
+        for expert in order:
+            assert torch.equal(expert.low_rank(name, bases=bases).W_0, expert[name])
