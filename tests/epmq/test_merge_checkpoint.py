@@ -1200,3 +1200,16 @@ def test_a_towers_vocab_size_is_set_to_the_vocabulary_s_rows(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["text_config"]["vocab_size"] == 16 and "vocab_size" not in config
     assert "vocab_size" not in config["vision_config"]
+
+
+def test_a_merges_dtype_is_written_under_both_names_a_config_uses(tmp_path):
+    """A config of transformers 4 names the dtype ``torch_dtype`` (which transformers 4 loads
+    by): a merge written in another dtype sets it too, not ``dtype`` alone beside a stale one."""
+    from epmq.merge_checkpoint import _copy_companions
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    _copy_companions(tmp_path / "src", tmp_path / "out", "bfloat16")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
