@@ -280,8 +280,6 @@ def test_models_pinned_to_a_hub_revision(tmp_path, monkeypatch, capsys):
     """mergekit's ``org/name@revision`` (a branch, tag or commit of a hub repository) names that
     revision's snapshot, as mergekit downloads it, not main's (here the hub's cache, offline,
     main moved on to other weights); its layer count is read there too."""
-    import shutil
-
     import huggingface_hub.constants as hub
 
     old, new = "1" * 40, "2" * 40

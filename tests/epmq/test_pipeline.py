@@ -322,14 +322,9 @@ def test_the_plots_legends_fit_in_their_figures(calls_list, tmp_path, quiet, mon
         assert "GPTQ fp-path" in [t.get_text() for t in legend.get_texts()]
 
 
-def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, quiet, monkeypatch):
-    """results.json names checkpoints by absolute path: a copy of a run's directory (to try
-    another anchor) named the original's, and the copy's run deleted the original's chosen
-    checkpoint as an unchosen candidate. A run deletes and delivers only checkpoints of its own."""
-    import shutil
-
-    scores = {0.0: (0.9, 0.9)}
-
+def saving_checkpoints(scores: dict):
+    """A stand-in for ``Runner._quantize`` that writes a checkpoint folder per anchor (a manifest
+    naming its run and anchor) and scores it ``scores[anchor]`` (val, test), else 0.5."""
     def fake(self, state, bits, method, targets, anchor, params):
         from epmq.checkpoint import MANIFEST_FILE
 
@@ -340,7 +335,16 @@ def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, 
         return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path),
                 "checkpoint_files": pipeline._checkpoint_digest(path)}
 
-    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    return fake
+
+
+def test_a_run_in_a_copied_directory_leaves_the_originals_checkpoints(tmp_path, quiet, monkeypatch):
+    """results.json names checkpoints by absolute path: a copy of a run's directory (to try
+    another anchor) named the original's, and the copy's run deleted the original's chosen
+    checkpoint as an unchosen candidate. A run deletes and delivers only checkpoints of its own."""
+    import shutil
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", saving_checkpoints({0.0: (0.9, 0.9)}))
     first = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
                          tmp_path / "a", log=quiet)
     original = first["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"]
@@ -578,19 +582,7 @@ def test_an_unchosen_candidate_of_another_directory_is_not_deleted(tmp_path, qui
     left where it is (only the run's own are deleted)."""
     import shutil
 
-    scores = {0.0: (0.9, 0.9)}
-
-    def fake(self, state, bits, method, targets, anchor, params):
-        from epmq.checkpoint import MANIFEST_FILE
-
-        path = self.out / "checkpoints" / f"{method}-{anchor}"
-        path.mkdir(parents=True, exist_ok=True)
-        (path / MANIFEST_FILE).write_text(json.dumps({"made in": str(self.out), "anchor": anchor}))
-        val, test = scores.get(anchor, (0.5, 0.5))
-        return {"val": {"avg": val}, "test": {"avg": test}, "checkpoint": str(path),
-                "checkpoint_files": pipeline._checkpoint_digest(path)}
-
-    monkeypatch.setattr(pipeline.Runner, "_quantize", fake)
+    monkeypatch.setattr(pipeline.Runner, "_quantize", saving_checkpoints({0.0: (0.9, 0.9)}))
     first = pipeline.run(Bench(), plan(methods=["epmq"], anchors=[0.1], save_checkpoints=True),
                          tmp_path / "a", log=quiet)
     original = first["steps"]["quant/TA/w4/E-PMQ"]["checkpoint"]

@@ -445,6 +445,35 @@ def test_epmq_merge_config_with_a_vocabulary(models, tmp_path):
         "union", 16, config["tokens"])
 
 
+def union_merge_and_chat_adapter(models, tmp_path, peft):
+    """The chat and tool models' Task Arithmetic over their union vocabulary (its directory,
+    returned), and a LoRA of the chat model saved as ``tmp_path / "adapter"`` (PEFT writes no
+    tokenizer with it)."""
+    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
+                               base=models["base"], tokenizer_source="union", progress=False)
+    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
+                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    return merged
+
+
+def in_hub_cache(cache, repositories: dict, monkeypatch) -> None:
+    """``{name: directory}`` as the snapshots (at main) of ``org/<name>`` in an HF hub cache at
+    ``cache``, read from there offline."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    commit = "0" * 40
+    for name, path in repositories.items():
+        repo = cache / f"models--org--{name}"
+        shutil.copytree(path, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+
 def test_expert_path_maps_a_lora_adapter_by_its_bases_tokenizer(models, tmp_path):
     """A LoRA adapter saved without a tokenizer (PEFT's save_pretrained writes none) is mapped by
     the tokenizer of the base it names."""
@@ -452,11 +481,7 @@ def test_expert_path_maps_a_lora_adapter_by_its_bases_tokenizer(models, tmp_path
     from epmq import QuantSpec, quantize_model
     from epmq.experts import OnVocabulary, on_model_vocabulary
 
-    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
-                               base=models["base"], tokenizer_source="union", progress=False)
-    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
-                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    lora.save_pretrained(tmp_path / "adapter")
+    merged = union_merge_and_chat_adapter(models, tmp_path, peft)
     assert not list((tmp_path / "adapter").glob("tokenizer*"))
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     from epmq.lora import open_expert
@@ -468,27 +493,15 @@ def test_expert_path_maps_a_lora_adapter_by_its_bases_tokenizer(models, tmp_path
                    progress=False)
 
 
-
 def test_expert_path_maps_experts_and_a_model_named_by_hub_id(models, tmp_path, monkeypatch):
     """Experts and a merged model named by HF hub id (read from the hub's cache, offline) are
     mapped by the tokenizers of their snapshots."""
-    import shutil
-
-    import huggingface_hub.constants as hub
-
     from epmq import QuantSpec, quantize_model
     from epmq.experts import OnVocabulary, on_model_vocabulary
 
     merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
                                base=models["base"], tokenizer_source="union", progress=False)
-    commit = "0" * 40
-    for name, path in (("merged", merged), ("chat", models["chat"]), ("tool", models["tool"])):
-        repo = tmp_path / "hub" / f"models--org--{name}"
-        shutil.copytree(path, repo / "snapshots" / commit)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    in_hub_cache(tmp_path / "hub", {"merged": merged, "chat": models["chat"], "tool": models["tool"]}, monkeypatch)
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     model.name_or_path = "org/merged"
     mapped = on_model_vocabulary(model, {"chat": "org/chat", "tool": "org/tool"})
@@ -503,29 +516,15 @@ def test_expert_path_maps_a_lora_adapter_named_by_hub_id_by_its_bases_tokenizer(
     """A LoRA adapter named by hub id (no tokenizer in its repository) is mapped by the tokenizer
     of the base its config names, as an adapter directory is."""
     import json
-    import shutil
-
-    import huggingface_hub.constants as hub
 
     peft = pytest.importorskip("peft")
     from epmq import QuantSpec, quantize_model
     from epmq.experts import OnVocabulary, on_model_vocabulary
 
-    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
-                               base=models["base"], tokenizer_source="union", progress=False)
-    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
-                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    lora.save_pretrained(tmp_path / "adapter")
+    merged = union_merge_and_chat_adapter(models, tmp_path, peft)
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/chat"}))
-    commit = "0" * 40
-    for name, path in (("chat", models["chat"]), ("adapter", tmp_path / "adapter")):
-        repo = tmp_path / "hub" / f"models--org--{name}"
-        shutil.copytree(path, repo / "snapshots" / commit)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    in_hub_cache(tmp_path / "hub", {"chat": models["chat"], "adapter": tmp_path / "adapter"}, monkeypatch)
     monkeypatch.chdir(tmp_path / "hub")  # (no local path "org/...")
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     mapped = on_model_vocabulary(model, {"chat": "org/adapter"})
@@ -547,11 +546,7 @@ def test_expert_path_maps_a_lora_adapter_by_the_revision_of_its_base_it_records(
     peft = pytest.importorskip("peft")
     from epmq.experts import OnVocabulary, on_model_vocabulary
 
-    merged = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m",
-                               base=models["base"], tokenizer_source="union", progress=False)
-    lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(models["chat"]),
-                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    lora.save_pretrained(tmp_path / "adapter")
+    merged = union_merge_and_chat_adapter(models, tmp_path, peft)
     old, new = "1" * 40, "2" * 40
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "org/chat",
