@@ -257,8 +257,17 @@ class ZeroShotImageBench(BenchBase):
 
     def _evaluate_task(self, model: nn.Module, task: str, split: str) -> float:
         device, dtype = device_of(model), dtype_of(model)
+        classes = len(self.data[task].classnames)  # (the rows of its head)
         correct = total = 0
         for x, y in self.image_batches(task, split):
+            # a label with no row in the head (a split that hides its labels as -1, or fewer
+            # class names than labels) is never the argmax: it was scored wrong, silently
+            bad = (y < 0) | (y >= classes)
+            if bool(bad.any()):
+                raise BenchConfigError(
+                    f"task {task!r}: the {split} split has label {int(y[bad][0])}, expected a label in "
+                    f"0..{classes - 1} (one per class name; a split that hides its labels as -1 cannot be "
+                    f"scored: name another as the test split)")
             pv = self.prep.normalize(x.to(device, non_blocking=True), dtype)
             pred = self.logits(model, task, pv).argmax(-1).cpu()
             correct += int((pred == y).sum())

@@ -346,6 +346,29 @@ def test_hf_image_dataset(tiny, monkeypatch):
     assert build_bench(named, base_dir=root, progress=False).data["alpha"].classnames == ["zero", "one"]
 
 
+@pytest.mark.parametrize("test_labels, shown", [([-1, -1], "-1"), ([0, 2], "2")])
+def test_a_label_with_no_class_name_is_refused_not_scored_wrong(tiny, monkeypatch, test_labels, shown):
+    """A test split hiding its labels as -1, or labels beyond the class names: no head row is
+    theirs, so every such image counted as a miss (0% accuracy, no word of why)."""
+    from PIL import Image
+
+    root, config = tiny
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(labels):
+        return [{"img": Image.fromarray((torch.rand(20, 20, 3, generator=gen) * 255).to(torch.uint8).numpy()),
+                 "label": y} for y in labels]
+
+    fake_datasets(monkeypatch, {"train": rows([0, 1] * 5), "test": rows(test_labels)},
+                  {"img": None, "label": _ClassLabel(["cat", "dog"])}, [])
+    config = dict(config, tasks=[{"name": "alpha", "expert": "experts/alpha",
+                                  "data": {"path": "org/alpha", "image_column": "img"}}])
+    bench = build_bench(config, base_dir=root, progress=False)
+    with pytest.raises(BenchConfigError, match=rf"task 'alpha': the test split has label {shown}, expected a "
+                                               rf"label in 0\.\.1"):
+        bench.evaluate(bench.base_state, "test")
+
+
 def test_identity_follows_the_base_checkpoint_files(bench):
     """New base weights (or tokenizer, preprocessor) at the same path are another bench: its
     stored results were reused before."""
