@@ -108,6 +108,19 @@ def _text_task(spec) -> TextTask:
     return TextTask(spec.name, template, None if regression else list(answers), regression, fields)
 
 
+def _bad_label(label, task: TextTask) -> bool:
+    """Whether ``label`` is no label of ``task``: not a number (an answer word written as the
+    label ended the run in int()'s bare ValueError), a class index that is not a whole number in
+    range (1.5 was read as class 1), or a score that is negative or not finite (NaN was scored)."""
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        return True
+    if task.regression:
+        return not (math.isfinite(value) and value >= 0)
+    return not (value.is_integer() and 0 <= value < len(task.answers))
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties); 0 when either side is constant."""
 
@@ -192,8 +205,7 @@ class T5GlueBench(BenchBase):
             examples = [part[k] for k in range(len(part))]
             labels = [ex["label"] for ex in examples]
             for lab in labels:
-                bad = lab is None or (float(lab) < 0 if t.regression else not 0 <= int(lab) < len(t.answers))
-                if bad:
+                if _bad_label(lab, t):
                     expected = "a score >= 0" if t.regression else f"a label in 0..{len(t.answers) - 1}"
                     raise BenchConfigError(
                         f"task {task!r}: the {split} split has label {lab!r}, expected {expected} (GLUE's test "

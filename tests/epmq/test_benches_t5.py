@@ -323,6 +323,27 @@ def test_labels_targets_caps_and_answers_follow_the_config(tiny, tmp_path):
     assert [t["expert"] for t in config["tasks"]] == [f"experts/{t}" for t in TASKS]
 
 
+@pytest.mark.parametrize("task_name, label, expected", [
+    ("sst2", "positive", "a label in 0..1"),  # (the answer word as the label: int()'s bare ValueError)
+    ("sst2", 1.5, "a label in 0..1"),  # (read as class 1)
+    ("sst2", None, "a label in 0..1"),
+    ("stsb", float("nan"), "a score >= 0"),  # (scored, its rank taken)
+])
+def test_a_label_that_is_no_class_index_or_score_is_refused_by_name(tiny, tmp_path, task_name, label, expected):
+    root, config = tiny
+    d = tmp_path / task_name
+    d.mkdir()
+    fields = {"sentence": "the cat sat"} if task_name == "sst2" else {"sentence1": "a cat", "sentence2": "a dog"}
+    (d / "train.jsonl").write_text("".join(json.dumps(dict(fields, label=i % 2)) + "\n" for i in range(8)))
+    (d / "validation.jsonl").write_text(json.dumps(dict(fields, label=0)) + "\n"
+                                        + json.dumps(dict(fields, label=label)) + "\n")
+    task = {"name": task_name, "expert": f"experts/{task_name}", "data": {"root": str(d)}}
+    bench = build_bench(dict(config, tasks=[task]), base_dir=root, progress=False)
+    with pytest.raises(BenchConfigError, match=rf"task '{task_name}': the test split has label "
+                                               rf"{label!r}, expected {expected}".replace(".", r"\.")):
+        bench.evaluate(bench.base_state, "test")
+
+
 def test_a_tasks_regression_setting_comes_from_the_config(tiny, tmp_path):
     """``regression: true`` makes a task of the user's own a score task (targets and candidates
     the STS-B grid's texts, scored by Spearman); ``regression: false`` makes a GLUE regression
