@@ -96,11 +96,20 @@ class Records:
 class ImageRow:
     """An HF row -> ``(PIL image, label)`` (a class, so that DataLoader workers can pickle it)."""
 
-    def __init__(self, image_column: str, label_column: str):
-        self.image_column, self.label_column = image_column, label_column
+    def __init__(self, image_column: str, label_column: str, what: str = "the dataset"):
+        self.image_column, self.label_column, self.what = image_column, label_column, what
 
     def __call__(self, row):
-        return _to_image(row[self.image_column]), int(row[self.label_column])
+        label = row[self.label_column]
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            value = None
+        # (a column of class names, "cat", ended the run in int()'s bare ValueError; 1.5 was class 1)
+        if value is None or not value.is_integer():
+            raise BenchConfigError(f"{self.what}: the label column {self.label_column!r} holds {label!r}, not a class index "
+                                   f"(0, 1, ...): set data.label_column to the dataset's column of class indices")
+        return _to_image(row[self.image_column]), int(value)
 
 
 def _to_image(value):
@@ -241,7 +250,7 @@ def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]
             sources[s] = FolderImages(d, classes, f"{what} ({s} split)")
         names = [readable(c) for c in classes]
     else:
-        item = ImageRow(spec.image_column, spec.label_column)
+        item = ImageRow(spec.image_column, spec.label_column, what)
         names = None
         for s, split in _split_names(spec).items():
             ds = load_hf_split(spec, split, what)

@@ -369,6 +369,24 @@ def test_a_label_with_no_class_name_is_refused_not_scored_wrong(tiny, monkeypatc
         bench.evaluate(bench.base_state, "test")
 
 
+@pytest.mark.parametrize("label", ["dog", 1.5])
+def test_a_label_column_of_no_class_indices_is_refused_by_name(tiny, monkeypatch, label):
+    """A column of class names ended the run in int()'s bare ValueError; 1.5 was read as class 1."""
+    from PIL import Image
+
+    root, config = tiny
+    image = Image.fromarray(torch.zeros(20, 20, 3, dtype=torch.uint8).numpy())
+    fake_datasets(monkeypatch, {"train": [{"img": image, "label": i % 2} for i in range(10)],
+                                "test": [{"img": image, "label": 0}, {"img": image, "label": label}]},
+                  {"img": None, "label": _ClassLabel(["cat", "dog"])}, [])
+    config = dict(config, tasks=[{"name": "alpha", "expert": "experts/alpha",
+                                  "data": {"path": "org/alpha", "image_column": "img"}}])
+    bench = build_bench(config, base_dir=root, progress=False)
+    with pytest.raises(BenchConfigError, match=rf"task 'alpha': the label column 'label' holds {label!r}, not a "
+                                               rf"class index"):
+        bench.evaluate(bench.base_state, "test")
+
+
 def test_identity_follows_the_base_checkpoint_files(bench):
     """New base weights (or tokenizer, preprocessor) at the same path are another bench: its
     stored results were reused before."""
