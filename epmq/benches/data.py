@@ -41,6 +41,13 @@ def generator(seed: int, *parts: str) -> torch.Generator:
 # --------------------------------------------------------------------------- sources
 
 
+def class_folders(root: Path) -> list:
+    """The class directories of an image folder, sorted; hidden ones (``.ipynb_checkpoints``,
+    a copy's ``.git``) are none (they made an extra class of the zero-shot head), as the
+    calibration reader skips them."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 class FolderImages:
     """``<root>/<class>/<image>``: items ``(PIL image, label)``."""
 
@@ -48,7 +55,7 @@ class FolderImages:
         self.root = root
         index = {c: i for i, c in enumerate(classes)}
         self.items = []
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        for d in class_folders(root):
             if d.name not in index:
                 raise BenchConfigError(f"{what}: class directory {d} is not a class of the train split")
             files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -240,7 +247,7 @@ def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]
         train_dir = spec.root / spec.splits["train"]
         if not train_dir.is_dir():
             raise BenchConfigError(f"{what}: missing data split {spec.splits['train']!r}: no directory {train_dir}")
-        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        classes = [p.name for p in class_folders(train_dir)]
         if not classes:
             raise BenchConfigError(f"{what}: no class directories in {train_dir}")
         for s, split in _split_names(spec).items():

@@ -827,6 +827,21 @@ def test_an_image_of_unreadable_exif_is_read_as_stored(tmp_path):
     assert label == 0 and np.array_equal(np.asarray(got), pixels)
 
 
+def test_hidden_folders_are_no_classes(tmp_path):
+    """``train/.ipynb_checkpoints`` (Jupyter's, beside the class folders) became a class of the
+    zero-shot head, moving every accuracy, and a test split holding one was refused."""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages, class_folders
+
+    for name in ("b", "a", ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name / "x.png")
+    assert [p.name for p in class_folders(tmp_path)] == ["a", "b"]
+    assert [label for _, label in FolderImages(tmp_path, ["a", "b"], "test").items] == [0, 1]
+
+
 def test_a_folder_image_is_copied_once(tmp_path, monkeypatch):
     """upright() returns a new image (turned, or a copy): FolderImages copied it once more, an
     extra full-size copy per image read (a fifth more time on large photos)."""
