@@ -137,7 +137,7 @@ def _yaml_mapping(path: Path, keys, required, help_text, config: Optional[dict] 
     missing = [k for k in required if k not in config]
     if missing:
         raise CLIError(f"{path}: missing {missing}\n\n{help_text}")
-    return {k: _home_expanded(v) if k in PATH_KEYS else v for k, v in config.items()}
+    return {k: _key_expanded(k, v) if k in PATH_KEYS else v for k, v in config.items()}
 
 
 # the keys of merge and quantize configs that hold paths (or lists or task mappings of them;
@@ -158,6 +158,25 @@ def _home_expanded(value):
     if isinstance(value, dict):
         return {k: _home_expanded(v) for k, v in value.items()}
     return value
+
+
+def _key_expanded(key, value):
+    """A config entry's paths ~-expanded: in ``tokens`` (also under mergekit's ``tokenizer``),
+    only the models a token's source names, never a token's text (``token: "~"`` is a token)."""
+    if key == "tokenizer" and isinstance(value, dict):
+        return {k: _key_expanded(k, v) for k, v in value.items()}
+    if key != "tokens" or not isinstance(value, dict):
+        return _home_expanded(value)
+    out = {}
+    for token, spec in value.items():
+        if isinstance(spec, dict):
+            source = spec.get("source")
+            if isinstance(source, dict) and "model" in source:  # (model_token: its token is text)
+                source = {**source, "model": _home_expanded(source["model"])}
+            spec = {**spec, "source": _home_expanded(source) if isinstance(source, str) else source} \
+                if "source" in spec else spec
+        out[token] = spec
+    return out
 
 
 MERGE_KEYS = {"method", "base", "models", "params", "dtype", "max_shard_size", "calibration",
@@ -183,7 +202,7 @@ def _merge(args) -> int:
     config = _load_yaml(Path(args.config), MERGE_CONFIG)
     if is_mergekit(config):
         # (its paths too: the translation below reads the models' config files)
-        config = {k: _home_expanded(v) if k in MERGEKIT_PATH_KEYS else v for k, v in config.items()}
+        config = {k: _key_expanded(k, v) if k in MERGEKIT_PATH_KEYS else v for k, v in config.items()}
         try:
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always")

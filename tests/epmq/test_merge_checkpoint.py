@@ -210,6 +210,30 @@ def test_cli_paths_under_home_in_mergekit_configs_and_tokens(checkpoints, tmp_pa
     assert seen["tokens"] == {"<x>": {"source": str(root / "e0")}, "<y>": {"source": {"kind": "zero"}}}
 
 
+def test_cli_home_expansion_leaves_token_texts(tmp_path, monkeypatch):
+    """Only the models in ``tokens`` are ~-expanded, not a model_token's token text: ``token:
+    "~"`` (a token of most BPE vocabularies) was read as the home directory's path."""
+    import epmq.merge_checkpoint as merge_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(merge_checkpoint, "merge_checkpoints", lambda method, models, out, **kw: seen.update(
+        models=models, **kw) or out)
+    tokens = {"~x": {"source": {"kind": "model_token", "model": "~/e0", "token": "~"}},
+              "<y>": {"source": "~/e1", "force": True}}
+    want = {"~x": {"source": {"kind": "model_token", "model": str(tmp_path / "e0"), "token": "~"}},
+            "<y>": {"source": str(tmp_path / "e1"), "force": True}}
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump(dict(method="average", models=["~/e0", "~/e1"], tokens=tokens)))
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    assert seen["tokens"] == want
+    # (a mergekit config's tokenizer: {source, tokens} is expanded before its translation)
+    from epmq.cli import _key_expanded
+
+    assert _key_expanded("tokenizer", {"source": "~/e0", "tokens": tokens}) == {"source": str(tmp_path / "e0"),
+                                                                                 "tokens": want}
+
+
 def test_cli(checkpoints, tmp_path, capsys):
     root, base, experts = checkpoints
     config = tmp_path / "ties.yaml"
