@@ -599,9 +599,12 @@ def test_equal_validation_scores_choose_the_first_scale():
     """``choose_scale``: ties (sums of per-task fractions equal but for their last bits, as
     0.4 and 0.39999999999999997) go to the first scale, as documented."""
 
+    averages = iter([0.7 - 0.3, 0.4, 0.4])  # (the first, 0.39999999999999997, is the lowest by its last bits)
+    assert 0.7 - 0.3 != 0.4
+
     class Tied(Bench):
         def evaluate(self, state, split="test"):
-            avg = 0.4 if float(state["w"].sum()) > 0 else 0.1 + 0.1 + 0.1 + 0.1  # (0.4, last bits apart)
+            avg = next(averages)  # (one evaluation per scale, in their order)
             return {"a": avg, "b": avg, "avg": avg}
 
     scale, _, scores = pipeline.choose_scale(Tied(), MergePlan("task_arithmetic", scales=[0.3, 0.5, 0.7]))
