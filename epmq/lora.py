@@ -175,7 +175,7 @@ class LoraExpert(Mapping):
             # the hub revision of that base the adapter was trained on (PEFT's get_peft_model(...,
             # revision=) records it, and AutoPeftModel loads the base at it): main may since hold
             # other weights, and W_0 + (alpha/r) B A on them is another expert
-            revision = config.get("revision") or None
+            revision = named_revision(self.directory)
         if isinstance(base, (str, Path)):
             try:
                 base = local_checkpoint(base, revision=revision)
