@@ -302,8 +302,11 @@ def check_reading(options: dict) -> None:
 # what each method does not read (a config switched from epmq to gptq must not keep an anchor
 # that no longer acts)
 UNREAD_BY = {
+    # (RTN also has no column order, act_order, and its grid is the weight's own, static_groups:
+    # both were accepted and dropped, desc_act false in a checkpoint asked for act_order)
     "rtn": {"calibration", "samples", "seq_len", "batch_size", "seed", "percdamp", "anchor", "weight_anchor",
-            "targets", "true_sequential", "residual_precision", "experts", "lora_base"},
+            "targets", "true_sequential", "residual_precision", "experts", "lora_base", "act_order",
+            "static_groups"},
     "gptq": {"anchor", "weight_anchor", "residual_precision", "experts", "lora_base"},
     "epmq": set(),
 }
@@ -319,7 +322,7 @@ def quantize_options(config: dict):
     spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
     options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
     check_reading(options)
-    unread = sorted(UNREAD_BY.get(options.get("method"), set()) & set(options))
+    unread = sorted(UNREAD_BY.get(options.get("method"), set()) & (set(options) | set(config)))
     if unread:
         raise ValueError(f"method {options['method']} does not read {', '.join(unread)}: remove "
                          f"{'it' if len(unread) == 1 else 'them'}"

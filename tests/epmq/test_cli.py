@@ -386,6 +386,8 @@ def test_the_table_names_the_models_precision():
     ("rtn", {"targets": "fp_path"}, "targets"),
     ("rtn", {"true_sequential": False}, "true_sequential"),
     ("rtn", {"seed": 1}, "seed"),
+    ("rtn", {"act_order": True}, "act_order"),        # (QuantSpec's: RTN has no column order,
+    ("rtn", {"static_groups": True}, "static_groups"),  # and its grid is the weight's own)
     ("gptq", {"residual_precision": "ieee"}, "residual_precision"),
     ("gptq", {"lora_base": "ckpt/base"}, "lora_base"),
     ("gptq", {"weight_anchor": 0.1}, "weight_anchor"),
