@@ -46,11 +46,12 @@ MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the curre
                                     # multislerp, karcher, nearswap, ram, ram_plus,
                                     # arcee_fusion, regmean
   base: meta-llama/Llama-3.1-8B     # directory, weights file or HF hub id (none for average,
-                                    # slerp, regmean)
+                                    # slerp, karcher, regmean; optional for nuslerp, multislerp)
   models: [ckpt/math, ckpt/code]    # the experts (slerp: two models, the first at t = 0):
                                     # checkpoints, or PEFT LoRA adapter directories (on the base)
   lora_base: ckpt/base              # optional, for LoRA adapters merged without a base
-                                    # (average, slerp, regmean): their base, if not their config's
+                                    # (average, slerp, karcher, regmean, ...): their base, if not
+                                    # their config's
   params: {density: 0.2}            # the method's parameters (epmq.merge), e.g. scale, t,
                                     # weights (one per model)
   dtype: bfloat16                   # optional: float32, float16 or bfloat16 (default: the base's)

@@ -761,7 +761,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     per linear and model, 9 MB for a ViT-B layer's MLP input).
 
     Models that are LoRA adapters (``epmq.lora``) are the experts they make of ``base``; merged
-    without one (average, slerp), of ``lora_base``, by default the base their configs name.
+    without one (average, slerp, karcher, ...), of ``lora_base``, by default the base their configs name.
 
     ``chat_template``: the output tokenizer's chat template (Jinja text), or "auto": the template
     most of the models (the base included) carry, where one does (``chat_template_of``); the
@@ -790,8 +790,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     fn = getattr(merge_lib, method)
     if lora_base is not None and (base is not None or not any(adapter_directory(m) is not None for m in models)):
         raise ValueError("lora_base is the base of LoRA adapters merged without a base model "
-                         "(average, slerp, regmean); " + ("base is given: it is the adapters' base"
-                                                          if base is not None else "no model is an adapter"))
+                         "(average, slerp, karcher, regmean, nuslerp or multislerp without one); "
+                         + ("base is given: it is the adapters' base" if base is not None
+                            else "no model is an adapter"))
     lora_base = None if lora_base is None else local_checkpoint(lora_base)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]

@@ -48,6 +48,20 @@ def test_help(capsys):
     assert main([]) == 2  # no command: the help, and a non-zero exit
 
 
+def test_merge_help_names_the_methods_without_a_base():
+    """The YAML in `epmq merge --help` names every method that takes no base (karcher was left
+    out, so a user read it as needing one) and those where it is optional."""
+    import re
+
+    from epmq.cli import MERGE_CONFIG
+    from epmq.merge_checkpoint import METHODS
+
+    text = " ".join(line.split("#", 1)[1].strip() for line in MERGE_CONFIG.splitlines() if "#" in line)
+    none_for, optional_for = re.search(r"\(none for ([^;)]*); optional for ([^)]*)\)", text).groups()
+    assert set(none_for.replace(",", " ").split()) == {m for m, takes in METHODS.items() if takes is False}
+    assert set(optional_for.replace(",", " ").split()) == {m for m, takes in METHODS.items() if takes is None}
+
+
 def test_demo_help_names_the_cache_directory_it_uses(capsys, monkeypatch, tmp_path):
     """--cache-dir's stated default is where the demo caches when it is not given."""
     from epmq.demo.train import default_cache_root
