@@ -65,7 +65,7 @@ MERGE_CONFIG = """A merge config (YAML; relative paths are relative to the curre
                                     # base's tokenizer); pad_to_multiple_of: 64 rounds the rows up;
                                     # tokens: {"<|im_start|>": {source: ckpt/chat}} names a row
   calibration: [data/math.jsonl, data/code.jsonl]   # regmean only: each model's own task files
-                                    # (as epmq quantize reads them; samples, seq_len, batch_size)
+                                    # (as epmq quantize reads them; samples, seq_len, batch_size, seed)
 
 A mergekit config (merge_method:, base_model:, models: [{model:, parameters:}], parameters:)
 runs as it is for task_arithmetic, ties, breadcrumbs(_ties), dare_ties, dare_linear, della,
@@ -274,6 +274,7 @@ QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the
   samples: 128                      # calibration windows (of seq_len tokens) or images per task
   seq_len: 512
   batch_size: 8
+  seed: 0                           # the draw of the windows (their offsets), images or pairs
   dtype: float16                    # optional: the model's dtype (default: the checkpoint's)
   checkpoint_format: auto           # gptq (v1), gptq_v2, or auto
   max_shard_size: 5GB

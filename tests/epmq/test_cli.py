@@ -62,6 +62,18 @@ def test_merge_help_names_the_methods_without_a_base():
     assert set(optional_for.replace(",", " ").split()) == {m for m, takes in METHODS.items() if takes is None}
 
 
+def test_the_help_yaml_names_every_key_a_config_may_hold():
+    """`epmq merge --help` and `epmq quantize --help` show the YAML: a key the config reads but
+    the help never names (seed, which draws the calibration windows) is one a user cannot find."""
+    import re
+
+    from epmq.cli import MERGE_CONFIG, MERGE_KEYS, QUANTIZE_CONFIG, QUANTIZE_KEYS
+
+    for keys, text in ((MERGE_KEYS, MERGE_CONFIG), (QUANTIZE_KEYS, QUANTIZE_CONFIG)):
+        named = set(re.findall(r"[a-z_]+", text))
+        assert set(keys) <= named, sorted(set(keys) - named)
+
+
 def test_demo_help_names_the_cache_directory_it_uses(capsys, monkeypatch, tmp_path):
     """--cache-dir's stated default is where the demo caches when it is not given."""
     from epmq.demo.train import default_cache_root
