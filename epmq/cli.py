@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", help=f"the {name} YAML file")
-        p.add_argument("out", help="output directory (replaced atomically if epmq wrote it before)")
+        p.add_argument("out", help=f"output directory (replaced atomically if epmq {name} wrote it before; "
+                                   f"another command's output is refused)")
         p.add_argument("--device", default=None, help=f"{device_help}, e.g. cuda (default: CPU)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
