@@ -313,7 +313,6 @@ def fake_datasets(monkeypatch, splits, features, calls):
 def test_hf_image_dataset(tiny, monkeypatch):
     from PIL import Image
 
-    root, config = tiny
     gen = torch.Generator().manual_seed(0)
 
     def rows(n):
@@ -359,13 +358,20 @@ def test_a_label_with_no_class_name_is_refused_not_scored_wrong(tiny, monkeypatc
         return [{"img": Image.fromarray((torch.rand(20, 20, 3, generator=gen) * 255).to(torch.uint8).numpy()),
                  "label": y} for y in labels]
 
-    fake_datasets(monkeypatch, {"train": rows([0, 1] * 5), "test": rows(test_labels)},
-                  {"img": None, "label": _ClassLabel(["cat", "dog"])}, [])
+    assert_test_split_refused(tiny, monkeypatch, rows([0, 1] * 5), rows(test_labels),
+                              rf"task 'alpha': the test split has label {shown}, expected a label in 0\.\.1")
+
+
+def assert_test_split_refused(tiny, monkeypatch, train: list, test: list, match: str) -> None:
+    """A one-task bench of an HF image dataset of ``train`` and ``test`` rows ({"img", "label"},
+    classes cat and dog): evaluating its test split is refused, saying ``match``."""
+    root, config = tiny
+    fake_datasets(monkeypatch, {"train": train, "test": test}, {"img": None, "label": _ClassLabel(["cat", "dog"])},
+                  [])
     config = dict(config, tasks=[{"name": "alpha", "expert": "experts/alpha",
                                   "data": {"path": "org/alpha", "image_column": "img"}}])
     bench = build_bench(config, base_dir=root, progress=False)
-    with pytest.raises(BenchConfigError, match=rf"task 'alpha': the test split has label {shown}, expected a "
-                                               rf"label in 0\.\.1"):
+    with pytest.raises(BenchConfigError, match=match):
         bench.evaluate(bench.base_state, "test")
 
 
@@ -374,17 +380,10 @@ def test_a_label_column_of_no_class_indices_is_refused_by_name(tiny, monkeypatch
     """A column of class names ended the run in int()'s bare ValueError; 1.5 was read as class 1."""
     from PIL import Image
 
-    root, config = tiny
     image = Image.fromarray(torch.zeros(20, 20, 3, dtype=torch.uint8).numpy())
-    fake_datasets(monkeypatch, {"train": [{"img": image, "label": i % 2} for i in range(10)],
-                                "test": [{"img": image, "label": 0}, {"img": image, "label": label}]},
-                  {"img": None, "label": _ClassLabel(["cat", "dog"])}, [])
-    config = dict(config, tasks=[{"name": "alpha", "expert": "experts/alpha",
-                                  "data": {"path": "org/alpha", "image_column": "img"}}])
-    bench = build_bench(config, base_dir=root, progress=False)
-    with pytest.raises(BenchConfigError, match=rf"task 'alpha': the label column 'label' holds {label!r}, not a "
-                                               rf"class index"):
-        bench.evaluate(bench.base_state, "test")
+    assert_test_split_refused(tiny, monkeypatch, [{"img": image, "label": i % 2} for i in range(10)],
+                              [{"img": image, "label": 0}, {"img": image, "label": label}],
+                              rf"task 'alpha': the label column 'label' holds {label!r}, not a class index")
 
 
 def test_identity_follows_the_base_checkpoint_files(bench):
