@@ -313,6 +313,7 @@ def fake_datasets(monkeypatch, splits, features, calls):
 def test_hf_image_dataset(tiny, monkeypatch):
     from PIL import Image
 
+    root, config = tiny
     gen = torch.Generator().manual_seed(0)
 
     def rows(n):
@@ -351,7 +352,6 @@ def test_a_label_with_no_class_name_is_refused_not_scored_wrong(tiny, monkeypatc
     theirs, so every such image counted as a miss (0% accuracy, no word of why)."""
     from PIL import Image
 
-    root, config = tiny
     gen = torch.Generator().manual_seed(0)
 
     def rows(labels):
