@@ -167,6 +167,17 @@ def local_checkpoint(source, *, directory: bool = False, revision: Optional[str]
     return path
 
 
+def local_checkpoint_or_none(source, *, directory: bool = False, revision: Optional[str] = None) -> Optional[Path]:
+    """``local_checkpoint(source, ...)``, or None where ``source`` is no path or hub id, or is not
+    found (what reads it says why)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        return local_checkpoint(source, directory=directory, revision=revision)
+    except (OSError, ValueError):
+        return None
+
+
 def weights_in(directory: Path) -> Optional[Path]:
     """The weights file (or shard index) of a checkpoint directory, or None."""
     for name in WEIGHT_FILES:

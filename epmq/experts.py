@@ -190,22 +190,13 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
     some cannot match the model's ids, and the walk is refused. Experts given as modules or
     state dicts carry no tokenizer: give those that number the tokens otherwise as
     ``OnVocabulary``."""
-    from .checkpoint_io import key_renaming, local_checkpoint
-    from .lora import LoraExpert, is_lora_adapter, named_base, named_revision
+    from .checkpoint_io import key_renaming, local_checkpoint_or_none
+    from .lora import LoraExpert, adapter_directory, named_base, named_revision
     from .vocabulary import load_tokenizer, rows_by_token, vocabulary_names
 
-    def local_or_none(source, revision=None):
-        """The directory of ``source`` (a directory or hub id: its snapshot at ``revision``), or None."""
-        if not isinstance(source, (str, os.PathLike)):
-            return None
-        try:
-            return local_checkpoint(source, directory=True, revision=revision)
-        except (FileNotFoundError, ValueError, OSError):
-            return None
-
     def tokenizer_at(source, revision=None):
-        """The tokenizer saved with ``source`` (a directory or hub id), or None."""
-        local = local_or_none(source, revision)
+        """The tokenizer saved with ``source`` (a directory or hub id, at ``revision``), or None."""
+        local = local_checkpoint_or_none(source, directory=True, revision=revision)
         return None if local is None else load_tokenizer(local)
 
     state = model.state_dict()
@@ -221,7 +212,7 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
             continue
         if isinstance(source, LoraExpert):
             theirs = tokenizer_at(source.directory) or tokenizer_at(getattr(source.base, "path", None))
-        elif (here := local_or_none(source)) is not None and is_lora_adapter(here):
+        elif (here := adapter_directory(source)) is not None:
             # (an adapter directory, or one named by hub id: its repository rarely holds a tokenizer)
             theirs = tokenizer_at(here) or tokenizer_at(named_base(here), named_revision(here))
         else:

@@ -442,19 +442,10 @@ class LoraExpert(Mapping):
 def adapter_directory(source) -> Optional[Path]:
     """The adapter directory ``source`` is (a directory, or an HF hub id's snapshot), or None
     where it is no adapter (or not found: what reads it says so)."""
-    if not isinstance(source, (str, Path)):
-        return None
-    if is_lora_adapter(source):
-        return Path(source)
-    from .checkpoint_io import hub_reference, local_checkpoint
+    from .checkpoint_io import local_checkpoint_or_none
 
-    if Path(source).exists() or hub_reference(str(source)) is None:
-        return None
-    try:
-        here = local_checkpoint(source, directory=True)
-    except (FileNotFoundError, ValueError):
-        return None
-    return here if is_lora_adapter(here) else None
+    here = local_checkpoint_or_none(source, directory=True)
+    return here if here is not None and is_lora_adapter(here) else None
 
 
 def open_expert(source, base=None):

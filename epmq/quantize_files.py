@@ -42,7 +42,7 @@ import torch
 from ._util import loading_bars, read_json_file
 from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
-from .checkpoint_io import DTYPES, hub_reference, local_checkpoint
+from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
 from .checks import is_int
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
@@ -275,22 +275,6 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
         raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
 
 
-def _on_disk(source) -> Optional[Path]:
-    """An expert's directory, or its HF hub snapshot (fetched here, as reading it would), so
-    that experts by hub id are checked as local ones are; None where it is neither (what reads
-    it says why)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return None
-    if Path(source).exists():
-        return Path(source)
-    if hub_reference(str(source)) is None:
-        return None
-    try:
-        return local_checkpoint(source, directory=True)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,
                         calibration: Optional[Mapping[str, object]] = None, method: str = "epmq",
                         experts: Optional[Mapping[str, object]] = None, anchor: float = 1.0,
@@ -332,7 +316,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         raise ValueError(f"{model} is a quantized checkpoint ({CONFIG_FILE}, or quantization_config in its "
                          f"config.json): give the full-precision model")
     if experts:  # (as epmq merge checks its models: names and shapes alike say nothing of it)
-        local = {t: here for t, p in experts.items() if (here := _on_disk(p)) is not None}
+        # (by hub id too: the snapshot is fetched here, as reading the expert would)
+        local = {t: here for t, p in experts.items() if (here := local_checkpoint_or_none(p)) is not None}
         _check_architectures(directory, list(local.values()), [f"of task {t!r} ({p})" for t, p in local.items()],
                              experts=True)
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
