@@ -170,12 +170,13 @@ def _key_expanded(key, value):
         return _home_expanded(value)
     out = {}
     for token, spec in value.items():
-        if isinstance(spec, dict):
-            source = spec.get("source")
+        if isinstance(spec, dict) and "source" in spec:
+            source = spec["source"]
             if isinstance(source, dict) and "model" in source:  # (model_token: its token is text)
                 source = {**source, "model": _home_expanded(source["model"])}
-            spec = {**spec, "source": _home_expanded(source) if isinstance(source, str) else source} \
-                if "source" in spec else spec
+            elif isinstance(source, str):
+                source = _home_expanded(source)
+            spec = {**spec, "source": source}
         out[token] = spec
     return out
 
@@ -324,7 +325,7 @@ def quantize_options(config: dict):
     spec = QuantSpec(**{k: config[k] for k in SPEC_KEYS if k in config})
     options = {k: v for k, v in config.items() if k not in SPEC_KEYS and k != "model"}
     check_reading(options)
-    unread = sorted(UNREAD_BY.get(options.get("method"), set()) & (set(options) | set(config)))
+    unread = sorted(UNREAD_BY.get(options.get("method"), set()) & set(config))
     if unread:
         raise ValueError(f"method {options['method']} does not read {', '.join(unread)}: remove "
                          f"{'it' if len(unread) == 1 else 'them'}"
