@@ -150,7 +150,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = {k: v for k, v in qconfig.items() if k != "epmq"}
         files[HF_CONFIG_FILE] = config
-    elif isinstance(getattr(model, "epmq_open_clip_config", None), dict):  # (what load_quantized built it from)
+    elif isinstance(getattr(model, "epmq_open_clip_config", None), dict):  # (what load_quantized read)
         files[OPEN_CLIP_CONFIG_FILE] = model.epmq_open_clip_config
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "to_json_string"):
@@ -1125,9 +1125,6 @@ def _empty_open_clip_model(directory: Path) -> nn.Module:
             model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**model_cfg)
     if cfg.get("preprocess_cfg"):
         (model if cfg.get("tower") == "visual" else model.visual).preprocess_cfg = cfg["preprocess_cfg"]
-    # (written back by save_quantized, as a transformers model's config.json: the file is epmq's
-    # once it wrote it, and a write that did not make it again would drop it)
-    model.epmq_open_clip_config = cfg
     return model.eval()
 
 
@@ -1389,8 +1386,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     model.epmq_quant_config = common_quant_config(records)
     model.epmq_served_with = _served_with_files(directory)
     if (directory / OPEN_CLIP_CONFIG_FILE).is_file():
-        # (a model the user gave: that file is epmq's once written, and its next save must make
-        # it again, as for a model built from it, or load_quantized(directory) finds nothing to build)
+        # (written back by save_quantized, as a transformers model's config.json, whether the
+        # model was built from it or given: the file is epmq's once written, and a save that did
+        # not make it again would drop it; load_quantized(directory) would find nothing to build)
         cfg = read_json(directory / OPEN_CLIP_CONFIG_FILE)
         if isinstance(cfg, dict):
             model.epmq_open_clip_config = cfg
