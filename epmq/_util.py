@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -103,6 +104,12 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
                 path.unlink(missing_ok=True)
 
 
+def temporary_beside(path: Path, unique: bool = False) -> Path:
+    """The temporary ``.<name>.tmp-<pid>`` beside ``path``, which ``remove_stale_temporaries``
+    removes once its process is gone; ``unique``: with a random part too (several at once)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}" + (f"-{uuid.uuid4().hex[:8]}" if unique else ""))
+
+
 def write_atomic(path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` into a temporary beside ``path``, synced to disk, then renamed over it:
     ``path`` always holds the old file or the whole new one (a write stopped by Ctrl-C, a kill,
@@ -110,7 +117,7 @@ def write_atomic(path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, glob.escape(path.name))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         write(tmp)
         with open(tmp, "r+b") as f:

@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,7 +32,8 @@ from typing import Callable, Optional
 import torch
 
 from . import merge as merge_lib
-from ._util import changed_keys, read_json, remove_stale_temporaries, write_atomic, write_json_atomic
+from ._util import (changed_keys, read_json, remove_stale_temporaries, temporary_beside, write_atomic,
+                    write_json_atomic)
 from .checks import check_number, resolve_backend
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
@@ -504,7 +504,7 @@ class Runner:
                     # place, a deletion stopped half way left a folder short of files under the
                     # name results.json gives the cell, delivered whole by a run choosing it later
                     doomed = Path(r["checkpoint"])
-                    gone = doomed.with_name(f".{doomed.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                    gone = temporary_beside(doomed, unique=True)
                     os.rename(doomed, gone)
                     shutil.rmtree(gone)
                 runs[j] = self.store.put(cells[j][0], cells[j][1], dict(r, checkpoint=None))

@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import changed_keys, read_json, remove_stale_temporaries, save_safetensors, write_json_atomic
+from ._util import changed_keys, read_json, remove_stale_temporaries, save_safetensors, write_atomic, write_json_atomic
 from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
@@ -241,11 +241,7 @@ class BlockLog:
         tensors_path, record_path = self._paths(prefix)
         tensors = {f"{rel}.{k}": v.detach().cpu().contiguous()
                    for rel, layer in layers.items() for k, v in layer.state_dict().items()}
-        tmp = tensors_path.with_name(f".{tensors_path.name}.tmp-{os.getpid()}")
-        save_safetensors(tensors, tmp)
-        with open(tmp, "r+b") as f:  # (Windows flushes only a file open for writing)
-            os.fsync(f.fileno())
-        os.replace(tmp, tensors_path)
+        write_atomic(tensors_path, lambda tmp: save_safetensors(tensors, tmp))
         meta = {rel: dict(in_features=layer.in_features, out_features=layer.out_features,
                           bits=layer.bits, group_size=layer.group_size, bias=layer.bias is not None,
                           dtype=str(layer.weight.dtype).removeprefix("torch."))

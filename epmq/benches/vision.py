@@ -22,7 +22,6 @@ import glob
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._util import device_of, dtype_of, remove_stale_temporaries
+from .._util import device_of, dtype_of, remove_stale_temporaries, temporary_beside
 from ..calibration import rgb_image
 from .common import BenchBase, default_cache_dir, files_fingerprint
 from .config import BenchConfigError
@@ -127,7 +126,7 @@ class _Store:
             # map (the images written so far read back as zeros), and this one's .done then made
             # the zeros the cache of every later run
             remove_stale_temporaries(path.parent, glob.escape(path.name) + ".*")
-            self._tmp = path.parent / f".{path.name}.npy.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self._tmp = temporary_beside(path.with_name(path.name + ".npy"), unique=True)
             self._mm = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
             self.x = torch.from_numpy(self._mm)
             self.y = torch.empty(n, dtype=torch.int64)

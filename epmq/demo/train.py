@@ -24,7 +24,6 @@ had finished.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import math
@@ -38,7 +37,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._util import remove_stale_temporaries, save_safetensors, umask, write_json_atomic
+from .._util import save_safetensors, umask, write_atomic, write_json_atomic
 from .data import SplitSizes, TaskData
 from .model import LOGIT_SCALE, ModelConfig, build_encoder, class_prototypes, encode, features
 
@@ -96,18 +95,13 @@ def default_cache_root() -> Path:
 def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
     """``safetensors`` file written atomically: a temporary file beside it (the one a killed
     write left removed), then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, glob.escape(path.name))
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         save_safetensors(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         os.chmod(tmp, 0o666 & ~umask())  # (safetensors writes 0600: a cache shared by users, unreadable to others)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, write)
 
 
 def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
