@@ -167,6 +167,17 @@ def local_checkpoint(source, *, directory: bool = False, revision: Optional[str]
     return path
 
 
+def json_files(source, *, revision: Optional[str] = None) -> Path:
+    """The directory of ``source``: itself, or for an HF hub reference the snapshot of its JSON
+    files (config and tokenizer) at its revision (``org/name@revision``'s, else ``revision``),
+    fetched (CheckpointError where it cannot be); a path that is neither is returned as it is."""
+    path = Path(source)
+    reference = None if path.exists() else hub_reference(str(source))
+    if reference is not None:
+        path = hub_snapshot(reference[0], kind="tokenizer", revision=reference[1] or revision)
+    return path
+
+
 def local_checkpoint_or_none(source, *, directory: bool = False, revision: Optional[str] = None) -> Optional[Path]:
     """``local_checkpoint(source, ...)``, or None where ``source`` is no path or hub id, or is not
     found (what reads it says why)."""

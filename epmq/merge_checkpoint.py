@@ -42,8 +42,8 @@ import torch
 from . import merge as merge_lib
 from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
-from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
-                            hub_snapshot, local_checkpoint, tie_order)
+from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, json_files,
+                            local_checkpoint, tie_order)
 from .checks import device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
@@ -579,15 +579,11 @@ def _config(path: Path) -> dict:
         named = named_base(path)
         if named is None:
             return {}
-        if Path(named).is_dir():
-            return _config(Path(named))
-        reference = hub_reference(named)
-        if reference is None:
-            return {}
-        try:  # (its config alone: the weights are read when the adapter is)
-            return _config(hub_snapshot(reference[0], kind="tokenizer", revision=reference[1] or named_revision(path)))
+        try:  # (a hub base's config files alone: the weights are read when the adapter is)
+            home = json_files(named, revision=named_revision(path))
         except CheckpointError:
             return {}  # (what reads the adapter's base says why it cannot)
+        return _config(home) if home.is_dir() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
         return {}

@@ -95,6 +95,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from .checkpoint_io import json_files
 from .checks import check_number
 from .vocabulary import load_tokenizer
 
@@ -265,23 +266,11 @@ class Schedule:
         return f"mergekit {self.where} {self.setting!r} over {self.num_layers} layers"
 
 
-def _json_files(model: str) -> Path:
-    """The directory of ``model``: itself, or for an HF hub id the snapshot of its JSON files
-    (config and tokenizer), fetched; a path that is neither is returned as it is."""
-    from .checkpoint_io import hub_reference, hub_snapshot
-
-    path = Path(model)
-    reference = None if path.exists() else hub_reference(model)
-    if reference is not None:
-        path = hub_snapshot(reference[0], kind="tokenizer", revision=reference[1])
-    return path
-
-
 def num_layers(model: str) -> int:
     """The layer count the ``config.json`` of ``model`` (a directory or HF hub id) states."""
     from .merge_checkpoint import _layer_counts
 
-    config_file = _json_files(model) / "config.json"
+    config_file = json_files(model) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{model} has no config.json stating its layer count, which a gradient or slices need")
     counts = set(_layer_counts(json.loads(config_file.read_text())).values())
@@ -297,7 +286,7 @@ def _vocabulary(model: str):
     None where it has no tokenizer; its text model's ``vocab_size``; how many ids were past it."""
     import transformers
 
-    path = _json_files(model)
+    path = json_files(model)
     if not path.exists():
         raise ValueError(f"{model} is neither a directory nor an HF hub id")
     config = transformers.AutoConfig.from_pretrained(path)
