@@ -87,3 +87,22 @@ def test_bad_input():
 def test_codes_of_every_integer_dtype(dtype, gen):
     codes = torch.randint(0, 16, (24, 5), generator=gen)
     assert torch.equal(pack_rows(codes.to(dtype), 4), pack_rows(codes, 4))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_every_length_round_trips_through_the_stream(bits, gen):
+    """Packing works a period (the codes that fill whole words) at a time: every length, a
+    last period cut short included, and words whose high bit is set (negative int32)."""
+    for K in [*range(0, 66), 95, 97]:
+        codes = torch.randint(0, 2**bits, (K, 3), generator=gen)
+        codes[::7] = 2**bits - 1  # (ones in the top bits of words, straddling ones too)
+        for given in (codes, codes.t().contiguous().t(), codes.to(torch.uint8)):
+            packed = pack_rows(given, bits)
+            assert packed.shape == (packed_length(K, bits), 3) and packed.is_contiguous()
+            for n in range(3):
+                assert words_stream(packed[:, n]) == column_stream(codes[:, n], bits)
+            assert torch.equal(unpack_rows(packed, bits, K), codes.int())
+            assert torch.equal(unpack_rows(packed.t().contiguous().t(), bits, K), codes.int())
+    # unpacking reads only the stream's bits: any word values, the sign bit's copies masked off
+    words = torch.full((packed_length(40, bits), 2), -1, dtype=torch.int32)
+    assert torch.equal(unpack_rows(words, bits, 40), torch.full((40, 2), 2**bits - 1, dtype=torch.int32))
