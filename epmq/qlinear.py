@@ -399,8 +399,31 @@ class QuantLinear(nn.Module):
             y = _cpu_int4_mm(rows.contiguous(), packed, group, scales_and_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            y = x @ self._weight_kn(x.dtype)
+            y = x @ self._dequantized(x.dtype)
         return y
+
+    def _dequantized(self, dtype) -> torch.Tensor:
+        """The weight ``[K, N]`` in ``dtype`` for the dequantized product: made for the call and
+        dropped, or, while the layer is held (``_hold_dequantized``), made once and kept until
+        its buffers change."""
+        if not getattr(self, "_held", False):  # (layers pickled before it existed)
+            return self._weight_kn(dtype)
+        return self._cached(f"_held_{str(dtype)[6:]}", lambda: self._weight_kn(dtype), self.qweight,
+                            self.qzeros, self.scales, self.g_idx)
+
+    def _hold_dequantized(self, hold: bool) -> None:
+        """Keep the dequantized weight between calls (``hold``), or drop it and stop keeping it.
+
+        For the model walker: a layer quantized early in a block is run again in each later
+        pass over the block (every later group's statistics, the block's output), 23 times per
+        layer in a Llama walk on 8 calibration batches, each call unpacking and dequantizing the
+        whole weight anew. Held for the block's walk, it costs one full-precision copy of the
+        block's quantized layers, the size of the linears they replaced."""
+        self._held = hold
+        if not hold:
+            derived = vars(self).get("_derived", {})
+            for name in [n for n in derived if n.startswith("_held_")]:
+                del derived[name]
 
     @property
     def ragged(self) -> bool:

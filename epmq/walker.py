@@ -1859,7 +1859,12 @@ class _Walk:
 
     def _block(self, s, i, block):
         with self._visiting(block):
-            self._quantize_block(s, i, block)
+            try:
+                self._quantize_block(s, i, block)
+            finally:  # (the layers _solve_group held dequantized for the block's later passes)
+                for module in block.modules():
+                    if isinstance(module, QuantLinear):
+                        module._hold_dequantized(False)
 
     def _quantize_block(self, s, i, block):
         stack = self.stacks[s]
@@ -2197,7 +2202,10 @@ class _Walk:
                 if result.dead_columns == linears[rel].weight.shape[1]:
                     self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
-            replaced = self.edits.swap(name, _quant_linear(result, linears[rel]))
+            packed = _quant_linear(result, linears[rel])
+            # (run in every later pass over the block: dequantized once, not at each call)
+            packed._hold_dequantized(True)
+            replaced = self.edits.swap(name, packed)
             if self.offload:  # (kept until the walk ends, for a rollback: not on the device)
                 replaced.to(self.model_device)
             entry = _layer_report(name, prefix, self.method, self.targets, result, n_tokens[rel])

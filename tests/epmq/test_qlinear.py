@@ -525,3 +525,23 @@ def test_results_of_the_wrong_shape_or_groups_are_refused(gen):
     for bias in (torch.ones(1), torch.ones(23), torch.ones(1, 24)):
         with pytest.raises(ValueError, match="bias is"):
             epmq.QuantLinear.from_result(result, bias)
+
+
+def test_a_held_layer_keeps_its_dequantized_weight_until_its_buffers_change(gen):
+    """The walker holds a block's quantized layers dequantized while it runs the block again:
+    the same products, the weight made once; a write into the codes is seen; released, nothing
+    is kept."""
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=3, group_size=16), gen))
+    x = torch.randn(5, layer.in_features, generator=gen)
+    expected = layer(x)
+    layer._hold_dequantized(True)
+    assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)
+    held = [n for n in layer._derived if n.startswith("_held_")]
+    assert held == ["_held_float32"]
+    with torch.no_grad():
+        layer.qweight.bitwise_xor_(1)  # (in place: its version counter moves)
+    changed = layer._weight_kn(torch.float32)
+    assert torch.equal(layer(x), x @ changed) and not torch.equal(layer(x), expected)
+    layer._hold_dequantized(False)
+    assert not any(n.startswith("_held_") for n in layer._derived)
+    assert torch.equal(layer(x), x @ changed)

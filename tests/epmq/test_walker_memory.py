@@ -107,3 +107,40 @@ def test_one_expert_of_a_fused_moe_tensor_is_read_alone(tmp_path):
     assert torch.equal(expert.read("experts.gate_up_proj", index=5), fused[5])
     with pytest.raises(ValueError, match="non-finite"):
         expert.read("experts.gate_up_proj", index=2)
+
+
+def test_a_quantized_layer_is_dequantized_once_per_block_walk_and_not_kept_after(gen, monkeypatch):
+    """Each later pass over a block (the next groups' statistics, the block's output) runs the
+    layers already quantized: their weight is dequantized once for the block's walk, not at
+    every call, and the copy is dropped when the block is done (the forward then dequantizes
+    per call again, keeping nothing)."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    made = {}
+    original = epmq.QuantLinear._weight_kn
+
+    def counted(layer, dtype):
+        made[id(layer)] = made.get(id(layer), 0) + 1
+        return original(layer, dtype)
+
+    calibration = {"a": [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(3)]}
+    monkeypatch.setattr(epmq.QuantLinear, "_weight_kn", counted)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                        calibration=calibration, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, epmq.QuantLinear)]
+    assert len(layers) == 14 and all(made.get(id(m), 0) == 1 for m in layers)
+    assert all(not m._derived or not any(n.startswith("_held_") for n in m._derived) for m in layers)
+    made.clear()
+    with torch.no_grad():
+        model(calibration["a"][0]), model(calibration["a"][0])
+    assert all(made[id(m)] == 2 for m in layers)
+    # the same codes as a walk whose layers dequantize at every call
+    monkeypatch.setattr(epmq.QuantLinear, "_hold_dequantized", lambda layer, hold: None)
+    epmq.quantize_model(reference, epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                        calibration=calibration, progress=False)
+    state = reference.state_dict()
+    assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
