@@ -564,7 +564,7 @@ def _share_tied(model, tied, edits, report) -> None:
     for name, first in tied.items():
         layer = model.get_submodule(first)
         if isinstance(layer, QuantLinear):  # (else left in full precision: never called)
-            edits.swap(name, layer)
+            edits.swap(name, layer, keep_hooks=False)  # (the first use's layer, its hooks its own)
             report.tied[name] = first
 
 
@@ -675,6 +675,23 @@ def _versions() -> dict:
 # what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
 # are installed
 CAPTURE_MARK = "_output_capturing_hooks_installed"
+# a module's hooks on its calls (not those on its state dict, which name its own tensors)
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def _weight_hooks() -> tuple:
+    """torch's hook-based weight reparametrizations (``nn.utils.weight_norm``, ``spectral_norm``,
+    ``prune``): pre-hooks that compute ``weight`` from the module's own tensors before each call.
+    The quantized weight is the one they computed; a packed layer has none of those tensors."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return WeightNorm, SpectralNorm, BasePruningMethod
+
+
+_WEIGHT_HOOKS = _weight_hooks()
 
 
 def _attributes(module: nn.Module) -> list:
@@ -710,11 +727,23 @@ class _Edits:
                        for m in model.modules()]
         self.capture = {m: (set(m._forward_hooks), CAPTURE_MARK in vars(m)) for m in model.modules()}
 
-    def swap(self, name: str, new: nn.Module) -> None:
+    def swap(self, name: str, new: nn.Module, keep_hooks: bool = True) -> None:
+        """Put ``new`` in the place of module ``name``, in its mode. ``keep_hooks``: ``new``
+        takes the forward and backward hooks registered on the module it replaces (the same
+        dictionaries, so the caller's handles still remove them): a replacement is called as
+        the module was, and a hook on a quantized linear would otherwise be dropped without a
+        word, and the blocks after it calibrated on outputs the hooked model never gives."""
         parent_name, _, attr = name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
         old = getattr(parent, attr)
         self.log.append((parent, attr, old))
+        if keep_hooks:
+            for key in _CALL_HOOKS:
+                hooks = getattr(old, key)
+                if isinstance(hooks, dict) and any(isinstance(h, _WEIGHT_HOOKS) for h in hooks.values()):
+                    hooks = type(hooks)((k, h) for k, h in hooks.items() if not isinstance(h, _WEIGHT_HOOKS))
+                setattr(new, key, hooks)
+            self.capture[new] = self.capture.get(old, (set(), False))  # (its hooks, not the walk's)
         setattr(parent, attr, new.train(old.training))
         return old
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import epmq
 from epmq import quant
-from test_walker_models import Family, build, inputs, output
+from test_walker_models import Family, build, inputs, output, rel_err
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -787,3 +787,61 @@ def test_token_ids_without_their_batch_dimension_are_named(item):
         epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [ids[None]]}, progress=False)
+
+
+def test_hooks_on_a_quantized_layer_are_kept_and_seen_by_the_calibration(gen):
+    """A forward hook the caller put on a linear went with it: the QuantLinear in its place
+    had none (the model's outputs changed without a word) and the blocks after it were
+    calibrated without the hook's effect. The hook moves to the packed layer (its handle still
+    removes it), and the walk equals that of the same model with the effect in the weights."""
+    fam = Family("llama", gen, n_samples=1)
+    hooked, baked = fam.merged(), fam.merged()
+    handle = hooked.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, args, out: out * 2)
+    seen = []
+    pre = hooked.model.layers[1].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(1))
+    with torch.no_grad():
+        baked.model.layers[0].self_attn.o_proj.weight.mul_(2)  # (a power of two: the same codes)
+    for model in (hooked, baked):
+        quantize(fam, model, method="gptq", experts=None)
+    o_proj = hooked.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, epmq.QuantLinear) and list(o_proj._forward_hooks) == [handle.id]
+    torch.testing.assert_close(output(hooked, fam.test_item), output(baked, fam.test_item), rtol=1e-5, atol=1e-6)
+    called = len(seen)
+    output(hooked, fam.test_item)
+    assert len(seen) == called + 1
+    handle.remove(), pre.remove()
+    output(hooked, fam.test_item)
+    assert not o_proj._forward_hooks and len(seen) == called + 1
+
+
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "spectral_norm", "prune"])
+def test_hook_based_weight_reparametrizations_are_baked_in_not_kept(gen, reparametrize):
+    """torch's older weight_norm, spectral_norm and prune compute ``weight`` in a pre-hook
+    from the linear's own tensors (weight_g, weight_orig, ...): the quantized weight is the one
+    they computed, and the packed layer, which has none of those tensors, does not take the
+    hook (it failed at its first call). The model equals the one with the weight made plain
+    (spectral_norm's removal recomputes it: the packed layer is that of the weight it computed)."""
+    import torch.nn.utils.prune as prune
+
+    fam = Family("llama", gen, n_samples=1)
+    hooked, plain = fam.merged(), fam.merged()
+    for model in (hooked, plain):
+        for layer in model.model.layers:
+            if reparametrize == "prune":
+                prune.l1_unstructured(layer.mlp.up_proj, "weight", amount=0.3)
+            else:
+                getattr(nn.utils, reparametrize)(layer.mlp.up_proj)
+    output(hooked, fam.test_item)  # (the hooks compute the weight they hold at a call)
+    computed = [layer.mlp.up_proj.weight.detach().clone() for layer in hooked.model.layers]
+    for layer in plain.model.layers:
+        if reparametrize == "prune":
+            prune.remove(layer.mlp.up_proj, "weight")
+        else:
+            getattr(nn.utils, f"remove_{reparametrize}")(layer.mlp.up_proj)
+    for model in (hooked, plain):
+        quantize(fam, model, method="gptq", experts=None)
+    for layer, weight in zip(hooked.model.layers, computed):
+        assert not layer.mlp.up_proj._forward_pre_hooks
+        assert rel_err(layer.mlp.up_proj.dequantize(), weight) < 0.25  # (4 bits)
+    if reparametrize != "spectral_norm":
+        torch.testing.assert_close(output(hooked, fam.test_item), output(plain, fam.test_item), rtol=0, atol=0)
