@@ -13,7 +13,7 @@ import epmq
 from epmq import walker
 from epmq.stats import gram_matrices
 from test_walker_errors import Net
-from test_walker_models import Stack, hooked_inputs
+from test_walker_models import Stack, build, hooked_inputs
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -288,6 +288,36 @@ def test_a_padded_batch_given_positionally_counts_real_tokens(form):
     item = {"dict": {"input_ids": ids, "attention_mask": mask}, "tuple": (ids, mask), "list": [ids, mask]}[form]
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [item]}, backend="torch", progress=False)
     assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {9}
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_a_wrapped_model_sees_the_padding_of_its_batches(wrap):
+    """torch.compile's and DataParallel's wrappers take ``*args, **kwargs``: a positional
+    ``(input_ids, attention_mask)`` was not bound to the model's names, so its padding entered
+    the statistics; and DataParallel has no config, so an encoder-decoder's padded labels were
+    not cut (the decoder's statistics took the -100 positions). Read through the wrapper."""
+    def wrapped(model):
+        return torch.compile(model, backend="eager") if wrap == "compile" else nn.DataParallel(model)
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    model = wrapped(model)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [(ids, mask)]}, backend="torch",
+                        progress=False)
+    assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {9}
+
+    t5 = wrapped(build("t5"))
+    labels = torch.tensor([[5, 6, 7, 8], [9, 10, -100, -100]])
+    epmq.quantize_model(t5, SPEC, method="gptq", calibration={"t": [{"input_ids": ids, "attention_mask": mask,
+                                                                     "labels": labels}]},
+                        backend="torch", progress=False)
+    tokens = {layer["name"].split(".", 1)[1]: layer["n_tokens"] for layer in t5.epmq_report.layers}
+    assert tokens["decoder.block.0.layer.0.SelfAttention.q"] == 6
+    assert tokens["encoder.block.0.layer.0.SelfAttention.q"] == 9
 
 
 def test_an_expert_called_on_no_token_leaves_the_task_out():
