@@ -31,6 +31,19 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def wrapped_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's wrapper (``_orig_mod``) and ``nn.DataParallel``'s or
+    ``DistributedDataParallel``'s (``module``), which pass their arguments on: its forward names
+    them, its config says what it is, and its ``save_pretrained`` is the one a user calls."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def dtype_of(model: nn.Module) -> torch.dtype:
     """The dtype of ``model``'s first floating-point parameter; float32 if it has none."""
     for t in model.parameters():

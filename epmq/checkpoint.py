@@ -56,7 +56,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key, umask
+from ._util import (read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key, umask,
+                    wrapped_model)
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
@@ -232,8 +233,9 @@ def bind_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write ``save_quantized``'s checkpoint, where ``model`` (or
     the model a ``torch.compile`` wrapper holds) is a transformers ``PreTrainedModel`` holding
     ``QuantLinear`` layers. Other modules (open_clip's) are left as they are: they have no
-    ``save_pretrained``; nor is the class touched, so models never quantized keep their own."""
-    model = getattr(model, "_orig_mod", model)
+    ``save_pretrained``; nor is the class touched, so models never quantized keep their own.
+    (Under DataParallel too: ``model.module.save_pretrained`` is what its user calls.)"""
+    model = wrapped_model(model)
     transformers = sys.modules.get("transformers")  # (not imported: no model of it exists)
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return

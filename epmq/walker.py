@@ -96,6 +96,7 @@ import torch
 from torch import nn
 
 from . import quant
+from ._util import wrapped_model
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import token_rows, unpad
 from .checkpoint import bind_save_pretrained
@@ -405,23 +406,10 @@ def _encoder_decoder(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def _wrapped(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's wrapper (``_orig_mod``) and ``nn.DataParallel``'s or
-    ``DistributedDataParallel``'s (``module``), which pass their arguments on: its forward names
-    them, and its config says whether it is an encoder-decoder (the wrappers' say neither)."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _calibration(calibration, model) -> dict:
     """Every task's items, padded batches split into batches without padding (``unpad``; a
     positional item that passes a mask taken as ``model``'s keyword arguments)."""
-    model = _wrapped(model)  # (the items still go to the wrapper: it calls this model with them)
+    model = wrapped_model(model)  # (the items still go to the wrapper: it calls this model with them)
     encoder_decoder = _encoder_decoder(model)
     transformers = sys.modules.get("transformers")  # (not imported: the model is none of its)
     hf_model = transformers is not None and isinstance(model, transformers.PreTrainedModel)

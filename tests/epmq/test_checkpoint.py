@@ -1406,6 +1406,21 @@ def test_a_compiled_model_saves_and_loads_under_its_own_names(tmp_path):
         assert torch.equal(into._orig_mod(ids).logits, model(ids).logits)
 
 
+def test_a_data_parallel_models_save_pretrained_writes_the_quantized_checkpoint(tmp_path):
+    """quantize_model(nn.DataParallel(model)): ``model.module.save_pretrained`` stayed
+    transformers' own, which writes packed tensors with no quantization config (load_quantized
+    refused it; from_pretrained would read it as unquantized, its linears left random)."""
+    model = _llama(1)
+    wrapped = torch.nn.DataParallel(model)
+    epmq.quantize_model(wrapped, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 4
+    loaded = epmq.load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def _written(directory):
     """What a checkpoint directory holds: each file's tensors, or its JSON (the manifest's
     times and sizes aside)."""
