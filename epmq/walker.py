@@ -792,8 +792,9 @@ _IGNORED_ON_LOAD = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$", r"\.masked_
 
 def _input_embeddings(model: nn.Module):
     """``(name, weight)`` of the model's input token embeddings (``get_input_embeddings``), or
-    None where it does not say."""
-    get = getattr(model, "get_input_embeddings", None)
+    None where it does not say. (Asked of the model inside a DataParallel or torch.compile
+    wrapper, which has it; the name is the wrapper's.)"""
+    get = getattr(wrapped_model(model), "get_input_embeddings", None)
     try:
         module = get() if callable(get) else None
     except (NotImplementedError, AttributeError, TypeError):

@@ -654,3 +654,26 @@ def test_an_untied_experts_head_is_not_taken_for_its_embeddings_on_the_expert_pa
     with pytest.raises(ValueError, match=r"expert of task 'a' .* holds 'embed.weight' apart from 'head.weight', "
                                          r"which the merged model ties.*untie the merged model"):
         quantized(untied, says_inputs=False)
+
+
+def test_a_data_parallel_model_says_which_tensor_feeds_its_blocks(gen):
+    """A tied merged Llama in nn.DataParallel, an expert with its own trained head, on the
+    expert path: the wrapper has no get_input_embeddings, so the walk refused the expert as if
+    the model did not say which tensor its blocks are fed ("untie the merged model"); the model
+    inside says. The result is the unwrapped model's."""
+    import transformers
+
+    def tiny(tie, seed):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=tie)).eval()
+
+    expert = tiny(False, 2).state_dict()
+    calibration = {"a": [torch.randint(0, 64, (2, 8), generator=gen)]}
+    models = [tiny(True, 3), torch.nn.DataParallel(tiny(True, 3))]
+    for model in models:
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                            experts={"a": expert}, targets="expert_path", backend="torch", progress=False)
+    want, got = models[0].state_dict(), models[1].module.state_dict()
+    assert all(torch.equal(got[n], want[n]) for n in want)
