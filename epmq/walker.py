@@ -423,7 +423,8 @@ def _calibration(calibration, model) -> dict:
                 f"got a single {type(items).__name__}"
             )
         try:
-            out[task] = [part for item in items for part in unpad(item, encoder_decoder=encoder_decoder, model=model)]
+            out[task] = [_counted(part) for item in items
+                         for part in unpad(item, encoder_decoder=encoder_decoder, model=model)]
         except ValueError as e:
             raise ValueError(f"calibration[{task!r}]: {e}") from None
         if not out[task]:
@@ -444,6 +445,24 @@ def _calibration(calibration, model) -> dict:
                     raise ValueError(f"calibration[{task!r}] item {n}: {flat}: token ids go as [batch, length] "
                                      f"(ids[None] for one sequence)")
     return out
+
+
+def _counted(item):
+    """``item`` with its inference tensors (made under ``torch.inference_mode``: a tokenizer's or
+    image processor's output there, ``inputs_embeds``) copied into tensors with version counters,
+    which the walk reads to see in-place writes; the item itself where it holds none."""
+    if isinstance(item, torch.Tensor):
+        if not item.is_inference():
+            return item
+        with torch.inference_mode(False):  # (a copy made in the mode would be one too)
+            return item.clone()
+    if isinstance(item, Mapping):
+        counted = {k: _counted(v) for k, v in item.items()}
+        return item if all(counted[k] is v for k, v in item.items()) else counted
+    if isinstance(item, (tuple, list)) and not hasattr(item, "_fields"):
+        counted = [_counted(v) for v in item]
+        return item if all(a is b for a, b in zip(counted, item)) else type(item)(counted)
+    return item
 
 
 def _check_tasks(calibration, experts):

@@ -2,6 +2,7 @@
 ``calibration.unpad``), every call of a linear, a branch any task takes, and nothing from a task
 whose inputs at a layer are all zero."""
 
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 import epmq
 from epmq import walker
 from epmq.stats import gram_matrices
-from test_walker_errors import Net
+from test_walker_errors import Net, Residual
 from test_walker_models import Stack, build, hooked_inputs
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
@@ -318,6 +319,36 @@ def test_a_wrapped_model_sees_the_padding_of_its_batches(wrap):
     tokens = {layer["name"].split(".", 1)[1]: layer["n_tokens"] for layer in t5.epmq_report.layers}
     assert tokens["decoder.block.0.layer.0.SelfAttention.q"] == 6
     assert tokens["encoder.block.0.layer.0.SelfAttention.q"] == 9
+
+
+@pytest.mark.parametrize("caller", ["outside", "inside"])
+def test_calibration_tensors_made_under_inference_mode(caller):
+    """``inputs_embeds`` (or a plain model's input) made under ``torch.inference_mode``, as
+    data prepared for inference often is: the first block gets it as it is, and the walk, which
+    reads version counters to see in-place writes, failed with "the model cannot run it
+    (Inference tensors do not track version counter)". The result is that of the same values
+    made outside the mode, whether or not quantize_model itself is called in it."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    state = transformers.LlamaForCausalLM(config).state_dict()
+    g = torch.Generator().manual_seed(1)
+    embeds, x = torch.randn(2, 6, 32, generator=g), torch.randn(2, 4, 16, generator=g)
+    with torch.inference_mode():
+        made = embeds.clone(), x.clone()
+    results = []
+    for e, t in ((embeds, x), made):
+        model = transformers.LlamaForCausalLM(config).eval()
+        model.load_state_dict(state)
+        torch.manual_seed(2)
+        net = Net(Residual)
+        with torch.inference_mode() if caller == "inside" and e is made[0] else contextlib.nullcontext():
+            epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [{"inputs_embeds": e}]},
+                                backend="torch", progress=False)
+            epmq.quantize_model(net, SPEC, method="gptq", calibration={"t": [t]}, backend="torch", progress=False,
+                                adapter=epmq.Adapter("residual", block_types=(Residual,)))
+        results.append({**model.state_dict(), **{f"net.{k}": v for k, v in net.state_dict().items()}})
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
 def test_an_expert_called_on_no_token_leaves_the_task_out():
