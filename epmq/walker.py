@@ -987,9 +987,11 @@ def _check_hidden(stack, hidden):
                                  f"gives them {first[2]} and {first[3]} wide")
 
 
-def _versions_of(named: dict, count=lambda t: t._version) -> dict:
-    """The version counters of the tensors among keyword arguments (in lists and tuples too)."""
-    return {name: [t._version for t in (value if isinstance(value, (list, tuple)) else (value,))
+def _versions_of(named: dict, count=version) -> dict:
+    """The version counters of the tensors among keyword arguments (in lists and tuples too);
+    None for an inference tensor (a buffer of a model made under ``torch.inference_mode``),
+    which has none and cannot be written outside that mode."""
+    return {name: [count(t) for t in (value if isinstance(value, (list, tuple)) else (value,))
                    if isinstance(t, torch.Tensor)] for name, value in named.items()}
 
 
@@ -1090,12 +1092,12 @@ def _chained(hidden, passed) -> bool:
     output to the next; a model that changes them between two blocks (DeBERTa-v2 with
     ``conv_kernel_size`` mixes a convolution into the first layer's output; Qwen3-VL adds image
     features after its first layers) has each block's input taken from the model instead."""
-    before, version = passed
+    before, then = passed
     if not isinstance(hidden, torch.Tensor) or not isinstance(before, torch.Tensor):
         return True
-    if hidden is before and hidden._version == version:
+    if hidden is before and version(hidden) == then:
         return True
-    return (before._version == version and hidden.shape == before.shape and hidden.dtype == before.dtype
+    return (version(before) == then and hidden.shape == before.shape and hidden.dtype == before.dtype
             and torch.equal(hidden.to(before.device), before))
 
 
@@ -1607,7 +1609,7 @@ class _Walk:
                     # (the block itself: how often the model calls it may depend on what it returns)
                     output = block(*args, **kwargs)
                     passed = stack.adapter.hidden_of(output)
-                    now["passed"] = passed, getattr(passed, "_version", None)
+                    now["passed"] = passed, version(passed) if isinstance(passed, torch.Tensor) else None
                     return output
                 if j != now["next"]:
                     raise ValueError(
@@ -1634,7 +1636,7 @@ class _Walk:
                     raise _Stop
                 # (with its version: a write between the blocks is a change too)
                 passed = stack.adapter.hidden_of(output)
-                now["passed"] = passed, getattr(passed, "_version", None)
+                now["passed"] = passed, version(passed) if isinstance(passed, torch.Tensor) else None
                 now["output"] = output
                 if j == last:  # (this pass goes on, to see whether the blocks are called again)
                     now.update(past=True, chain=True)

@@ -351,6 +351,43 @@ def test_calibration_tensors_made_under_inference_mode(caller):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+def test_a_model_made_under_inference_mode_passing_a_buffer_to_its_blocks():
+    """A model built under ``torch.inference_mode`` (its buffers inference tensors) that hands a
+    buffer to each block as a keyword argument: the walk's record of the blocks' arguments read
+    its version counter (``_versions_of`` ignored the reader it was given, which gives None for
+    these) and failed as "the model cannot run it". The result is that of the model built
+    outside the mode."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x, scale=None):
+            return x + self.fc2(torch.relu(self.fc1(x * scale)))
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.register_buffer("scale", torch.linspace(0.5, 1.5, 16))
+
+        def forward(self, x):
+            for block in self.layers:
+                x = block(x, scale=self.scale)
+            return x
+
+    calibration = {"t": [torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))]}
+    states = []
+    for mode in (contextlib.nullcontext(), torch.inference_mode()):
+        with mode:
+            torch.manual_seed(0)
+            model = Scaled().eval()
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                            adapter=epmq.Adapter("scaled", block_types=(Block,)))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_an_expert_called_on_no_token_leaves_the_task_out():
     """A hand-written MoE block that calls every expert, on an empty input where the router
     sent it no token of a task: E-PMQ leaves that task out of the expert, as when it is not
