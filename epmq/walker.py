@@ -430,8 +430,9 @@ def _calibration(calibration, model) -> dict:
         if not out[task]:
             raise ValueError(f"calibration[{task!r}] is empty")
         for n, item in enumerate(out[task]):
-            parts = (item.items() if isinstance(item, Mapping) else enumerate(item) if isinstance(item, (tuple, list))
-                     else [("input", item)])
+            # (a list: read by both checks below; an enumerate() left the second none of a tuple's)
+            parts = list(item.items() if isinstance(item, Mapping) else enumerate(item)
+                         if isinstance(item, (tuple, list)) else [("input", item)])
             empty = next((f"{name} {tuple(t.shape)}" for name, t in parts
                           if isinstance(t, torch.Tensor) and t.numel() == 0), None)
             if empty is not None:  # (a sequence of 0 tokens: the model fails deep inside, unnamed)

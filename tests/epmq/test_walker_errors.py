@@ -775,14 +775,14 @@ def test_a_model_that_is_its_own_list_of_blocks_is_refused_up_front():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("item", ["tensor", "dict"])
+@pytest.mark.parametrize("item", ["tensor", "dict", "tuple", "list"])
 def test_token_ids_without_their_batch_dimension_are_named(item):
     """One sequence's ids as a 1-D tensor: the embeddings gave [length, hidden] and the first
     block failed deep inside ("the size of tensor a (4) must match ..."), nothing saying how
     the input should be shaped."""
     model = build("llama")
     ids = torch.randint(0, 64, (8,))
-    calibration = {"a": [ids if item == "tensor" else {"input_ids": ids}]}
+    calibration = {"a": [{"tensor": ids, "dict": {"input_ids": ids}, "tuple": (ids,), "list": [ids]}[item]]}
     with pytest.raises(ValueError, match=r"item 0: .*shape \(8,\): token ids go as \[batch, length\]"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
