@@ -437,6 +437,12 @@ def _calibration(calibration, model) -> dict:
                           if isinstance(t, torch.Tensor) and t.numel() == 0), None)
             if empty is not None:  # (a sequence of 0 tokens: the model fails deep inside, unnamed)
                 raise ValueError(f"calibration[{task!r}] item {n}: {empty} is empty: nothing to calibrate on")
+            # (the walk calls the blocks without a cache: the tokens it holds would be missing from
+            # their attention, the masks and positions made for them wrong, unnamed deep inside)
+            cache = next((name for name, value in parts if name in _CACHE_KWARGS and _holds_tokens(value)), None)
+            if cache is not None:
+                raise ValueError(f"calibration[{task!r}] item {n}: {cache} holds a generation cache of earlier "
+                                 f"tokens, which calibration does not run with: give whole sequences")
             if hf_model:  # (one sequence's ids without their batch dimension: the blocks fail deep inside)
                 flat = next((f"{'the item' if name in (0, 'input') else name} has shape {tuple(t.shape)}"
                              for name, t in parts if name in (0, "input", "input_ids", "decoder_input_ids")
@@ -464,6 +470,17 @@ def _counted(item):
         counted = [_counted(v) for v in item]
         return item if all(a is b for a, b in zip(counted, item)) else type(item)(counted)
     return item
+
+
+def _holds_tokens(cache) -> bool:
+    """Whether a calibration item's cache argument holds earlier tokens: a transformers
+    ``Cache`` that has some (an empty one, or None, is what a first call gets), or the legacy
+    tuple of per-layer key and value tensors."""
+    if callable(getattr(cache, "get_seq_length", None)):
+        return cache.get_seq_length() > 0
+    return isinstance(cache, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.numel()
+                                                    for layer in cache if isinstance(layer, (tuple, list))
+                                                    for t in layer)
 
 
 def _check_tasks(calibration, experts):

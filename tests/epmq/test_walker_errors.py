@@ -845,3 +845,23 @@ def test_hook_based_weight_reparametrizations_are_baked_in_not_kept(gen, reparam
         assert rel_err(layer.mlp.up_proj.dequantize(), weight) < 0.25  # (4 bits)
     if reparametrize != "spectral_norm":
         torch.testing.assert_close(output(hooked, fam.test_item), output(plain, fam.test_item), rtol=0, atol=0)
+
+
+def test_a_calibration_item_with_a_filled_generation_cache_is_named(gen):
+    """An item that carries ``past_key_values`` of earlier tokens (as a generation loop hands
+    them on): the walk calls the blocks without a cache, so the masks made for the cached
+    tokens failed deep inside ("the size of tensor a (4) must match ..."), nothing naming the
+    cache. Named, the model untouched; an empty cache is what a first call gets: accepted."""
+    from transformers import DynamicCache
+
+    model = build("llama")
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    with torch.no_grad():
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+    assert cache.get_seq_length() == 4
+    with pytest.raises(ValueError, match=r"item 0: past_key_values holds a generation cache of earlier tokens"):
+        epmq.quantize_model(model, SPEC, method="gptq", progress=False,
+                            calibration={"a": [{"input_ids": ids[:, 4:], "past_key_values": cache}]})
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    epmq.quantize_model(model, SPEC, method="gptq", progress=False,
+                        calibration={"a": [{"input_ids": ids, "past_key_values": DynamicCache()}]})
