@@ -129,6 +129,12 @@ class ExpertWeights:
         checkpoint's codes, a bitsandbytes int8 ``weight``: a cast would take them for weights)."""
         key = self._require(name)
         tensor = self.reader.get(key, index)
+        if tensor.is_meta:  # (a module built on the meta device, init_empty_weights, never loaded:
+            # torch's "Cannot copy out of meta tensor" named neither the expert nor the tensor)
+            raise ValueError(
+                f"the expert of task {self.task!r} ({self.description}): tensor {name!r} is on the meta "
+                f"device (its weights were never loaded): load them first"
+            )
         why = self.reader.quantized_with_scales(key, tensor.dtype)
         if why is not None:
             raise ValueError(

@@ -208,6 +208,23 @@ def test_meta_devices_and_weights_are_refused(gen):
         quantize(fam, fam.merged().to("meta"), method="gptq", experts=None)
 
 
+
+@pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
+def test_an_expert_on_the_meta_device_is_named(gen, targets):
+    """An expert module built on the meta device (``torch.device("meta")``, accelerate's
+    ``init_empty_weights``) and never loaded: torch's "Cannot copy out of meta tensor; no
+    data!" came out of the walk, naming neither the expert nor the tensor."""
+    fam = Family("llama", gen, n_samples=1)
+    with torch.device("meta"):
+        empty = build("llama")
+    model = fam.merged()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"expert of task 'dtd' .*tensor 'model\..*' is on the meta device "
+                                         r"\(its weights were never loaded\)"):
+        quantize(fam, model, experts=dict(fam.experts, dtd=empty), targets=targets)
+    assert_untouched(model, before)
+
+
 def test_residual_precision_reaches_the_statistics(gen, monkeypatch):
     import epmq.walker as walker
 
