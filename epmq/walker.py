@@ -647,6 +647,16 @@ def _check_finite(model, stacks):
             raise ValueError(f"the merged model's {name} has non-finite values (NaN or inf)")
 
 
+def _meta_hint(model, error) -> str:
+    """Where the model failed on a tensor of the meta device: the first such tensor it holds. A
+    model built under ``torch.device("meta")`` and loaded with ``load_state_dict(assign=True)``
+    keeps its non-persistent buffers (rotary ``inv_freq``) there: no state dict holds them."""
+    if "meta" not in str(error):
+        return ""
+    name = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    return "" if name is None else f"; the model's {name} is on the meta device: it was never loaded"
+
+
 def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
     """Warn when the blocks hold weight matrices outside any linear layer (fused 3-D MoE
     experts of a model the adapter does not rebuild, raw parameters) worth more than ``share``
@@ -1759,7 +1769,8 @@ class _Walk:
                                 # (token ids past the vocabulary, float ids, other widths or dtypes:
                                 # the model's own error, named as the calibration's)
                                 raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
-                                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+                                                 f"{_meta_hint(self.model, e)}") from e
                             else:
                                 raise
                         else:

@@ -209,6 +209,20 @@ def test_meta_devices_and_weights_are_refused(gen):
 
 
 
+def test_a_buffer_left_on_the_meta_device_is_named(gen):
+    """A model built under ``torch.device("meta")`` and loaded with ``load_state_dict(assign=
+    True)``: its non-persistent buffers (rotary ``inv_freq``) are in no state dict and stay on
+    the meta device. The walk said "the model cannot run it (Cannot copy out of meta tensor)",
+    as if the calibration item were at fault; it names the tensor."""
+    fam = Family("llama", gen, n_samples=1)
+    with torch.device("meta"):
+        model = build("llama")
+    model.load_state_dict(fam.merged_state, assign=True)
+    with pytest.raises(ValueError, match=r"the model's model\.rotary_emb\.inv_freq is on the meta device: "
+                                         r"it was never loaded"):
+        quantize(fam, model, method="gptq", experts=None)
+
+
 @pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
 def test_an_expert_on_the_meta_device_is_named(gen, targets):
     """An expert module built on the meta device (``torch.device("meta")``, accelerate's
