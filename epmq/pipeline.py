@@ -219,7 +219,21 @@ class Plan:
             if "method" not in m:
                 raise ValueError(f"merge[{i}] needs a method ({', '.join(MERGE_METHODS)})")
             merges.append(MergePlan(**m))
-        return cls(merges=merges, **quantize)
+        plan = cls(merges=merges, **quantize)
+        # keys of quantize that no row of the plan reads (anchors left after epmq was dropped from
+        # methods, targets: fp_path beside GPTQ alone) were accepted and ignored, as epmq quantize
+        # refuses them: quantize.targets is the E-PMQ rows of methods'; the anchors and the
+        # residual's precision any E-PMQ row's; act-order and static groups GPTQ's and E-PMQ's
+        rows = set(plan.methods) | {c.method for c in plan.controls}
+        readers = {"targets": set(plan.methods) & {"epmq"}, "anchors": rows & {"epmq"},
+                   "weight_anchor": rows & {"epmq"}, "residual_precision": rows & {"epmq"},
+                   "act_order": rows & {"gptq", "epmq"}, "static_groups": rows & {"gptq", "epmq"}}
+        unread = sorted(k for k, read_by in readers.items() if k in quantize and not read_by)
+        if unread:
+            raise ValueError(f"quantize: {', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read by no "
+                             f"quantizer of the plan (methods {plan.methods}, controls "
+                             f"{[c.method for c in plan.controls]}): remove {'it' if len(unread) == 1 else 'them'}")
+        return plan
 
 
 # --------------------------------------------------------------------------- results store

@@ -185,6 +185,27 @@ def test_merge_entries_of_a_config():
         Plan.from_config([{"method": "ties", "scales": [0.1, 0.5], "scale": 0.3}], None)
 
 
+@pytest.mark.parametrize("quantize, unread", [
+    ({"methods": ["rtn", "gptq"], "anchors": [0.1, 3.0]}, "anchors"),
+    ({"methods": ["gptq"], "controls": [], "targets": "fp_path"}, "targets"),
+    # (quantize.targets is the E-PMQ rows' of methods: an E-PMQ control has its own)
+    ({"methods": ["gptq"], "targets": "fp_path",
+      "controls": [{"method": "epmq", "targets": "expert_path", "label": "x"}]}, "targets"),
+    ({"methods": ["rtn"], "controls": [], "weight_anchor": 0.5, "residual_precision": "ieee"},
+     "residual_precision, weight_anchor are"),
+    ({"methods": ["rtn"], "controls": [], "act_order": True}, "act_order"),
+])
+def test_a_quantize_key_no_row_reads_is_an_error(quantize, unread):
+    """(It was accepted and ignored: GPTQ with targets: fp_path ran merged-path under its usual
+    label, anchors of a plan without E-PMQ tuned nothing; epmq quantize refuses the same.)"""
+    with pytest.raises(ValueError, match=f"quantize: {unread}.* read by no quantizer"):
+        Plan.from_config(None, quantize)
+    # read by a row: accepted (the anchors by an E-PMQ control too)
+    Plan.from_config(None, {"methods": ["gptq"], "anchors": [0.1],
+                            "controls": [{"method": "epmq", "targets": "expert_path", "label": "x"}]})
+    Plan.from_config(None, {"methods": ["epmq"], "targets": "fp_path", "act_order": True, "controls": []})
+
+
 def test_a_users_table_without_results_is_not_overwritten(calls_list, tmp_path, quiet):
     (tmp_path / "table.md").write_text("mine")
     with pytest.raises(ValueError, match="holds table.md but no results.json"):
