@@ -218,6 +218,9 @@ class Plan:
                 m["scales"] = m.pop("scale")
             if "method" not in m:
                 raise ValueError(f"merge[{i}] needs a method ({', '.join(MERGE_METHODS)})")
+            if "scales" in m and m["method"] in UNSCALED_MERGES:
+                # (one value was accepted and never applied: the row read as a scaled merge)
+                raise ValueError(f"merge[{i}]: {m['method']} has no scale: remove its scale(s)")
             merges.append(MergePlan(**m))
         plan = cls(merges=merges, **quantize)
         # keys of quantize that no row of the plan reads (anchors left after epmq was dropped from

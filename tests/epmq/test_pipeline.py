@@ -183,6 +183,11 @@ def test_merge_entries_of_a_config():
         Plan.from_config([{"scales": [0.6]}], None)
     with pytest.raises(ValueError, match=r"merge\[0\] gives both scale and scales"):  # (scale won, silently)
         Plan.from_config([{"method": "ties", "scales": [0.1, 0.5], "scale": 0.3}], None)
+    # a merge without a scale: one value given was accepted and never applied (several were refused)
+    for entry in ({"method": "model_stock", "scale": 0.5}, {"method": "regmean", "scales": [0.5]}):
+        with pytest.raises(ValueError, match=rf"merge\[0\]: {entry['method']} has no scale"):
+            Plan.from_config([entry], None)
+    assert Plan.from_config([{"method": "model_stock"}], None).merges[0].method == "model_stock"
 
 
 @pytest.mark.parametrize("quantize, unread", [
