@@ -733,6 +733,21 @@ def _untie(reference, sources: list, followers: Mapping, reference_path: Path, m
     return extended, [extended if s is reference else s for s in sources], list(followers)
 
 
+def _check_not_an_input(out: Source, inputs: Sequence[tuple]) -> None:
+    """ValueError where ``out`` is one of the merge's ``inputs`` (``(what, as given, path)``) or
+    holds one: an earlier epmq merge there is replaced by this one (read, then replaced), so
+    given back as the base or a model it was lost. Links resolved, as the write resolves them."""
+    target = Path(os.path.realpath(out))
+    for what, given, path in inputs:
+        if path is None:
+            continue
+        real = Path(os.path.realpath(path))
+        if real == target or target in real.parents:
+            raise ValueError(f"the output {out} {'is' if real == target else 'holds'} an input of this merge "
+                             f"({what}: {given}): writing there "
+                             f"would replace it; choose another output directory")
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
@@ -792,6 +807,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     lora_base = None if lora_base is None else local_checkpoint(lora_base)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
+    _check_not_an_input(out, [("the base", base, base_path), ("lora_base", lora_base, lora_base)]
+                        + [(f"model {k}", m, p) for k, (m, p) in enumerate(zip(models, model_paths))])
     template = None if chat_template is None else chat_template_of(  # (before the merge's work)
         [p for p in [base_path] if p is not None] + model_paths, chat_template)
     whole = _check_architectures(base_path, model_paths, models)

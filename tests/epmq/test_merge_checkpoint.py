@@ -120,6 +120,24 @@ def test_slerp_average_dtype_and_replacement(checkpoints, tmp_path):
     assert (out / "README.md").read_text() == "mine"
 
 
+def test_an_output_that_is_one_of_the_inputs_is_refused(checkpoints, tmp_path):
+    """(A directory an earlier epmq merge wrote is replaced by the next: given as the base, a
+    model or a file in it, the merge read it and then replaced it, the earlier merge lost.)"""
+    root, _, _ = checkpoints
+    out = tmp_path / "v1"
+    merge_checkpoints("average", [root / "e0", root / "e1"], out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "link").symlink_to(out)
+    for kw in (dict(models=[out, root / "e1"], base=root / "base"),
+               dict(models=[root / "e0", root / "e1"], base=out / "model.safetensors"),
+               dict(models=[tmp_path / "link", root / "e1"], base=root / "base")):
+        with pytest.raises(ValueError, match=r"(is|holds) an input of this merge"):
+            merge_checkpoints("task_arithmetic", out=out, progress=False, **kw)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # written elsewhere, it is an input like any other
+    merge_checkpoints("task_arithmetic", [out, root / "e1"], tmp_path / "v2", base=root / "base", progress=False)
+
+
 def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
     root, _, _ = checkpoints
     models = [root / "e0", root / "e1"]
