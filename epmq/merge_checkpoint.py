@@ -471,6 +471,12 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
         raise ValueError("regmean needs each model's activations on its task's data: give "
                          "calibration=[files of model 0, files of model 1, ...], a list, one per model"
                          + (f"; got {type(calibration).__name__} {calibration!r}" if calibration is not None else ""))
+    for k, files in enumerate(calibration if method == "regmean" else ()):
+        # (as epmq quantize's tasks: a path, or a non-empty list of them; a number, null or a
+        # mapping failed as a TypeError traceback once every model had been loaded)
+        if not (isinstance(files, (str, Path)) or isinstance(files, (list, tuple)) and files
+                and all(isinstance(f, (str, Path)) for f in files)):
+            raise ValueError(f"calibration[{k}] (model {k}'s files) must be file(s) or a directory, got {files!r}")
     if method != "regmean" and calibration is not None:
         raise ValueError(f"merge {method} takes no calibration data (only regmean does)")
     if method not in METHODS:

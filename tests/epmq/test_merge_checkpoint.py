@@ -153,6 +153,10 @@ def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
          "unknown parameters \\['densty'\\]"),
         (dict(method="ties", models=models, base=root / "base", dtype="int8"), "dtype"),
         (dict(method="ties", models=[root / "nope"], base=root / "base"), "no checkpoint"),
+        # (an entry that is no file: a TypeError traceback, after every model was loaded)
+        *[(dict(method="regmean", models=models, calibration=["a.txt", entry]),
+           r"calibration\[1\] \(model 1's files\) must be file\(s\) or a directory")
+          for entry in (1, None, {"task": "b.txt"}, [], ["b.txt", None])],
     ]
     for kwargs, match in cases:
         method = kwargs.pop("method")
