@@ -520,7 +520,12 @@ def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
+    signature = inspect.signature(getattr(merge_lib, method)).parameters
     for name, value in params.items():
+        # (a switch, per_row, row_wise, flatten, normalize_weights: the string "false" is true in
+        # Python, and merged as the opposite of what it says)
+        if isinstance(signature[name].default, bool) and not isinstance(value, bool):
+            raise ValueError(f"params.{name} must be true or false, got {value!r}")
         if isinstance(value, str):
             try:
                 float(value)

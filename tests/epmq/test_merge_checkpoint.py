@@ -1215,6 +1215,25 @@ def test_the_models_argument_of_karcher_is_no_parameter():
     check_merge_params("karcher", {"max_iter": 5, "tol": 1e-6})
 
 
+@pytest.mark.parametrize("method, switch", [("model_stock", "per_row"), ("slerp", "per_row"),
+                                            ("nuslerp", "row_wise"), ("nuslerp", "flatten"),
+                                            ("multislerp", "normalize_weights")])
+def test_a_switch_written_as_a_string_is_an_error(method, switch):
+    """(params: {per_row: "false"} is a true string: Model Stock merged per row, silently, the
+    opposite of what the config says; the run's MergePlan took it too.)"""
+    from epmq.merge_checkpoint import check_merge_params
+    from epmq.pipeline import MERGE_METHODS, MergePlan
+
+    for value in ("false", "no", 0, None):
+        with pytest.raises(ValueError, match=f"params.{switch} must be true or false"):
+            check_merge_params(method, {switch: value})
+    if method in MERGE_METHODS:
+        with pytest.raises(ValueError, match=f"params.{switch} must be true or false"):
+            MergePlan(method, params={switch: "false"})
+    check_merge_params(method, {switch: False})
+    check_merge_params(method, {switch: True})
+
+
 def test_a_users_model_card_is_left_as_it_is_without_a_warning(checkpoints, tmp_path):
     """A README.md the user wrote over epmq's card is theirs: the next merge into the directory
     writes no card of its own (which carry-over would then warn of replacing)."""
