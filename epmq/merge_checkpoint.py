@@ -759,6 +759,25 @@ def _check_not_an_input(out: Source, inputs: Sequence[tuple]) -> None:
                              f"would replace it; choose another output directory")
 
 
+def _check_listed_once(models: Sequence[Source], model_paths: Sequence[Path], base: Optional[Source],
+                       base_path: Optional[Path]) -> None:
+    """ValueError where a checkpoint is listed twice among ``models`` (as written, or by another
+    path to it) or is the base: merged, a second copy counted its task vector twice (a weight the
+    config never gave) and the base counted a zero one (Model Stock's t moved)."""
+    base_key = None if base_path is None else os.path.realpath(base_path)
+    seen = {}
+    for k, (model, path) in enumerate(zip(models, model_paths)):
+        key = os.path.realpath(path)
+        if key == base_key:
+            raise ValueError(f"model {k} ({model}) is the base ({base}): models are the experts merged into it "
+                             f"(mergekit lists the base among its models; epmq merge's own configs do not)")
+        if key in seen:
+            j = seen[key]
+            raise ValueError(f"model {k} ({model}) is model {j} ({models[j]}) again: list each expert once (to "
+                             f"weigh one more than another, give params: {{weights: ...}} where the method takes them)")
+        seen[key] = k
+
+
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
@@ -820,6 +839,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     model_paths = [local_checkpoint(m) for m in models]
     _check_not_an_input(out, [("the base", base, base_path), ("lora_base", lora_base, lora_base)]
                         + [(f"model {k}", m, p) for k, (m, p) in enumerate(zip(models, model_paths))])
+    _check_listed_once(models, model_paths, base, base_path)
     template = None if chat_template is None else chat_template_of(  # (before the merge's work)
         [p for p in [base_path] if p is not None] + model_paths, chat_template)
     whole = _check_architectures(base_path, model_paths, models)

@@ -461,8 +461,8 @@ def test_adapters_named_by_hub_id_on_lora_base(base_dir, tmp_path, monkeypatch):
     expert = open_expert("org/adapter", str(base_dir))
     assert isinstance(expert, epmq.LoraExpert) and expert.base.path == base_dir
     want = epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
-    out = epmq.merge_checkpoints("average", ["org/adapter", "org/adapter"], tmp_path / "avg", lora_base=base_dir,
-                                 progress=False)
+    # (one adapter: the same one listed twice is refused, test_merge_checkpoint's listed_twice)
+    out = epmq.merge_checkpoints("average", ["org/adapter"], tmp_path / "avg", lora_base=base_dir, progress=False)
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
     name = "model.layers.1.self_attn.q_proj.weight"
     torch.testing.assert_close(merged[name], want[name], rtol=1e-6, atol=1e-6)

@@ -138,6 +138,20 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(checkpoints, tmp_path):
     merge_checkpoints("task_arithmetic", [out, root / "e1"], tmp_path / "v2", base=root / "base", progress=False)
 
 
+def test_a_model_listed_twice_or_as_the_base_is_refused(checkpoints, tmp_path, monkeypatch):
+    """(Merged as given: the expert listed twice counted double, a weight the config never gave;
+    the base among the models a zero task vector, which moved Model Stock's t.)"""
+    root, _, _ = checkpoints
+    monkeypatch.chdir(root)
+    for method, models, base, match in (
+            ("ties", ["e0", "e1", "./e0"], "base", r"model 2 \(\./e0\) is model 0 \(e0\) again"),
+            ("average", ["e0", "e0"], None, r"model 1 \(e0\) is model 0 \(e0\) again"),
+            ("model_stock", ["base", "e0", "e1"], "base", r"model 0 \(base\) is the base")):
+        with pytest.raises(ValueError, match=match):
+            merge_checkpoints(method, models, tmp_path / "x", base=base, progress=False)
+        assert not (tmp_path / "x").exists()
+
+
 def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
     root, _, _ = checkpoints
     models = [root / "e0", root / "e1"]
