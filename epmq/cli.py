@@ -395,7 +395,8 @@ def _run(args) -> int:
     output = config.get("output") or {}
     if not isinstance(output, dict) or set(output) - {"dir"} or not isinstance(output.get("dir", ""), str):
         raise CLIError(f"{config_path}: output must be a mapping with one key, dir (a path), got {output!r}")
-    out = Path(args.out or output.get("dir") or f"runs/{config_path.stem}")
+    # (~ is the home, as in the bench sections' paths: else a folder named "~" beside the config)
+    out = Path(args.out or os.path.expanduser(output.get("dir") or "") or f"runs/{config_path.stem}")
     if not out.is_absolute() and args.out is None and output.get("dir"):
         out = config_path.parent / out
     check_out_dir(out)

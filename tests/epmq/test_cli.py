@@ -444,6 +444,7 @@ def test_weight_anchor_must_be_a_number():
     (None, "runs/{stem}"),                  # no output section: runs/<config name> in the cwd
     ("../runs/x", "{config_dir}/../runs/x"),  # output.dir: relative to the config file
     ("--out", "elsewhere"),                 # --out: relative to the cwd
+    ("~/runs/x", "{home}/runs/x"),          # ~ is the home, as in the config's other paths (was a "~" folder)
 ])
 def test_where_run_writes(tmp_path, monkeypatch, given, want):
     import epmq.benches
@@ -468,9 +469,10 @@ def test_where_run_writes(tmp_path, monkeypatch, given, want):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     args = ["run", str(path), "--quiet"] + (["--out", "elsewhere"] if given == "--out" else [])
     assert main(args) == 0
-    expected = Path(want.format(stem="exp", config_dir=path.parent))
+    expected = Path(want.format(stem="exp", config_dir=path.parent, home=tmp_path / "home"))
     assert Path(seen["out"]) == expected
 
 
