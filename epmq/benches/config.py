@@ -447,6 +447,13 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
             answers=_str_list(raw.get("answers"), f"{where}.answers"),
             regression=regression,
         )
+        for key in ("classnames", "answers"):
+            # (one label's answer or class name given to another: both score the same, so every
+            # example of either was predicted as the first, an accuracy with no error said)
+            named = getattr(task, key) or []
+            repeated = sorted({v for v in named if named.count(v) > 1})
+            if repeated:
+                raise BenchConfigError(f"{where}.{key} repeats {repeated}: each label needs its own")
         if task.templates is not None:
             bad = [t for t in task.templates if t.count("{}") != 1]
             if bad:

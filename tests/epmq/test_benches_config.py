@@ -90,6 +90,7 @@ def test_t5_defaults_to_glue():
     ("tasks.0.data.val_size", 0, "val_size must be"),
     ("tasks.0.templates", ["no placeholder"], "exactly one '{}'"),
     ("tasks.0.answers", ["yes", "no"], "answers do not apply to the hf_clip family"),
+    ("tasks.0.classnames", ["cat", "dog", "cat"], "task 'a'.classnames repeats ['cat']: each label needs its own"),
     ("tasks.0.expertt", "x", "unknown key(s) 'expertt' in task 'a'"),
     ("eval.batch_size", 0, "eval.batch_size must be an integer >= 1"),
     ("eval.cache", "ram", "eval.cache must be one of"),
@@ -101,6 +102,17 @@ def test_bad_configs_raise_clear_errors(path, value, message):
     with pytest.raises(BenchConfigError) as e:
         parse_config(with_(CLIP, path, value))
     assert message in str(e.value)
+
+
+def test_an_answer_given_to_two_labels_is_an_error():
+    """(answers: [negative, negative] scored both labels alike: every example was predicted as
+    label 0, the accuracy that of a constant guess, without an error.)"""
+    config = {"model": {"family": "hf_causal_lm", "base": "b"},
+              "tasks": [{"name": "sst2", "expert": "e", "answers": ["negative", "negative"]}]}
+    with pytest.raises(BenchConfigError, match=r"task 'sst2'.answers repeats \['negative'\]"):
+        parse_config(config)
+    config["tasks"][0]["answers"] = ["negative", "positive"]
+    assert parse_config(config).tasks[0].answers == ["negative", "positive"]
 
 
 def test_bad_task_lists():
