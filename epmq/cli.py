@@ -407,6 +407,10 @@ def _run(args) -> int:
         raise CLIError(f"{config_path}: {e}") from None
     identity = getattr(bench, "identity", None) or {
         "config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
+    try:  # (the merges' parameters against the tasks' count: one line, not a traceback)
+        pipeline.check_merges(plan, len(bench.task_names))
+    except ValueError as e:
+        raise CLIError(f"{config_path}: {e}") from None
     try:
         results = _run_pipeline(bench, plan, out, identity, args)
     except BenchConfigError as e:  # data problems found when a split is first read

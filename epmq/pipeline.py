@@ -379,6 +379,28 @@ def merged_state(bench, plan: MergePlan, scale):
     return fn(bench.base_state, experts, scale=scale, **plan.params)
 
 
+def check_merges(plan: Plan, n_experts: int) -> None:
+    """ValueError, naming the merge, for parameters its method refuses with ``n_experts``
+    experts (weights of another length, a density past 1, Model Stock with one expert): each
+    merge of ``plan`` run once on a tiny random state. They were found at the merge itself, after
+    the base's and the experts' evaluations, and ``epmq run`` ended there in a traceback."""
+    import types
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 4, generator=g)}
+    experts = {f"t{k}": {"w": base["w"] + torch.randn(4, 4, generator=g)} for k in range(n_experts)}
+    tiny = types.SimpleNamespace(base_state=base, experts=experts, task_names=list(experts),
+                                 _epmq_expert_grams={t: {"w": torch.eye(4)} for t in experts})
+    for mp in plan.merges:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                merged_state(tiny, mp, mp.scales[0])
+        except ValueError as e:
+            raise ValueError(f"merge {mp.label}: {e}") from e
+
+
 def expert_grams(bench) -> dict:
     """task -> ``{linear weight name: X^T X}`` of the task's expert on the task's calibration
     inputs (RegMean's statistics), computed once per bench."""
@@ -452,6 +474,7 @@ class Runner:
 
     def run(self) -> dict:
         bench, plan = self.bench, self.plan
+        check_merges(plan, len(bench.task_names))  # (before the evaluations, not after them)
         self.step("base", {}, lambda: self.evaluate(bench.base_state))
         self.step("experts", {}, lambda: {"val": bench.expert_accuracies("val"),
                                           "test": bench.expert_accuracies("test")})

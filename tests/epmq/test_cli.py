@@ -133,6 +133,9 @@ def test_run_missing_config(tmp_path, capsys):
                                                                      "label": 3}]}),
          "controls\\[0\\] .* \\(strings\\)"),
         (lambda c: c.update(quantize={**c["quantize"], "bits": [4, 4]}), "quantize.bits repeats \\[4\\]"),
+        # (said by the merge itself, once the tasks are counted: after the evaluations, in a traceback)
+        (lambda c: c.update(merge=[{"method": "task_arithmetic", "params": {"weights": [1.0]}}]),
+         "merge TA: weights must give one number per expert \\(2\\)"),
     ],
 )
 def test_run_config_errors(tiny_config, tmp_path, capsys, change, message):

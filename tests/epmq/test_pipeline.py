@@ -211,6 +211,27 @@ def test_a_quantize_key_no_row_reads_is_an_error(quantize, unread):
     Plan.from_config(None, {"methods": ["epmq"], "targets": "fp_path", "act_order": True, "controls": []})
 
 
+@pytest.mark.parametrize("merge, message", [
+    (MergePlan("task_arithmetic", params={"weights": [1.0]}), "merge TA: weights must give one number per expert"),
+    (MergePlan("ties", params={"density": 1.5}), r"merge TIES: density must be in \[0, 1\]"),
+    (MergePlan("regmean", scales=[0.3], params={"alpha": 2}), r"merge RegMean: alpha must be in \[0, 1\]"),
+])
+def test_merge_parameters_the_merge_refuses_are_said_before_any_evaluation(tmp_path, quiet, merge, message):
+    """(They were found at the merge, after the base's and the experts' evaluations: hours on a
+    paper-scale bench, then a traceback from epmq run.)"""
+    evaluated = []
+
+    class Watched(Bench):
+        def evaluate(self, state, split="test"):
+            evaluated.append(split)
+            return super().evaluate(state, split)
+
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(Watched(), plan(merges=[merge], methods=["rtn"]), tmp_path, log=quiet)
+    assert evaluated == []
+    pipeline.check_merges(plan(merges=[MergePlan("model_stock"), MergePlan("regmean")]), 2)  # (valid ones pass)
+
+
 def test_a_users_table_without_results_is_not_overwritten(calls_list, tmp_path, quiet):
     (tmp_path / "table.md").write_text("mine")
     with pytest.raises(ValueError, match="holds table.md but no results.json"):
