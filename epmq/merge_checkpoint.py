@@ -916,6 +916,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             elif method in ("average", "karcher"):
                 fn(sources, out=writer, **params)
             elif method == "regmean":
+                # (its parameters checked on no tensors first: merged, they were read only after
+                # every model's statistics, minutes to hours of loading and calibrating)
+                fn([{} for _ in models], {}, **params)
                 with loading_bars(progress):
                     grams, transposed = _expert_grams(sources, model_paths, calibration, device,
                                                       dict(samples=samples, seq_len=seq_len,

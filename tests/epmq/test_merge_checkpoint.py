@@ -152,6 +152,19 @@ def test_a_model_listed_twice_or_as_the_base_is_refused(checkpoints, tmp_path, m
         assert not (tmp_path / "x").exists()
 
 
+def test_regmeans_parameters_are_checked_before_its_statistics(checkpoints, tmp_path, monkeypatch):
+    """(alpha: 2 was refused by the merge, after every model had been loaded and run on its
+    calibration data.)"""
+    import epmq.merge_checkpoint
+
+    root, _, _ = checkpoints
+    monkeypatch.setattr(epmq.merge_checkpoint, "_expert_grams", lambda *a: pytest.fail("statistics taken"))
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 2"):
+        merge_checkpoints("regmean", [root / "e0", root / "e1"], tmp_path / "x", calibration=["a.txt", "b.txt"],
+                          params={"alpha": 2}, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
     root, _, _ = checkpoints
     models = [root / "e0", root / "e1"]
