@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 import re
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` run with a caller's autocast turned off (a training or serving script's): the
+    statistics and the solves are the math's, in their own dtypes. Under it, fp32 products of
+    the statistics were cast to bf16 and their in-place sums failed on the mixed dtypes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def storage_key(t: torch.Tensor) -> tuple:

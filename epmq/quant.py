@@ -37,6 +37,7 @@ from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, fold_hessia
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
 
+from ._util import without_autocast
 from .checks import all_finite, check_hessian, check_number, check_weight, resolve_backend
 from .spec import QuantSpec
 from .stats import EPMQStats
@@ -152,6 +153,7 @@ def _unpermute(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()  # (inputs that track gradients: the solve is not differentiable)
+@without_autocast
 def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -> QuantResult:
     """Round to nearest on the grid of ``spec`` (groups in the stored column order)."""
     t0 = time.perf_counter()
@@ -552,6 +554,7 @@ def _round_target(
 
 
 @torch.no_grad()
+@without_autocast
 def gptq(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -575,6 +578,7 @@ def gptq(
 
 
 @torch.no_grad()
+@without_autocast
 def epmq(
     W_merged: torch.Tensor,
     expert_weights: Sequence[torch.Tensor],
@@ -665,6 +669,7 @@ def _fp32_floor(backend: str, residual_precision: str) -> str:
 
 
 @torch.no_grad()
+@without_autocast
 def epmq_from_stats(
     stats: EPMQStats,
     spec: QuantSpec,

@@ -51,6 +51,7 @@ from epmq_kernels.expert_residual import (
     fold_hessians,
 )
 
+from ._util import without_autocast
 from .checks import all_finite, check_experts, check_hessian, check_weight
 
 # E-PMQ's residual products on the side stream (see the module's docstring); EPMQ_SIDE_STREAM=0
@@ -76,6 +77,7 @@ class HessianStats:
         self.n_tokens = 0
         self.backend = backend
 
+    @without_autocast
     def add_batch(self, x: torch.Tensor, what: str = "calibration input") -> None:
         """``what``: the input's name in errors (the walker names the task and the layer)."""
         X = _tokens(x, self.H.shape[0], what)
@@ -337,11 +339,13 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- whole statistics
 
+    @without_autocast
     def add_task(self, W_expert, H_expert, weight: Optional[float] = None, name: Optional[str] = None):
         """Fold in task k from its complete ``H_k`` (merged-path targets)."""
         self.add_tasks([W_expert], [H_expert], None if weight is None else [weight],
                        None if name is None else [name])
 
+    @without_autocast
     def add_tasks(self, expert_weights, expert_hessians, weights=None, names=None):
         """Fold in several tasks from their complete ``H_k``, as :meth:`add_task` one by one
         would (the same errors, in the same order), with every expert's checks read back in one
@@ -525,6 +529,7 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- streaming
 
+    @without_autocast
     def begin_task(self, W_expert, weight: Optional[float] = None, name: Optional[str] = None, *,
                    values_checked: bool = False):
         """Open task k with its expert's weight. ``values_checked``: the caller has checked the
@@ -551,6 +556,7 @@ class EPMQStats:
             H_k = leader._task.H
         self._task = _Task(W, weight, name, H_k, lead=None if leader is None else leader._task)
 
+    @without_autocast
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
 
@@ -607,6 +613,7 @@ class EPMQStats:
             raise ValueError(f"{what} has {X_t.shape[0]} tokens, the inputs {X.shape[0]}")
         return X_t.to(self.dtype)
 
+    @without_autocast
     def end_task(self):
         task = self._task
         if task is None:
@@ -639,6 +646,7 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- result
 
+    @without_autocast
     def finalize(self, join: bool = True):
         """``(H_e, H_m, G_e, G_m)`` once every task is in. ``join=False``: ``G_e`` may still be
         written by the side stream; the caller calls :meth:`join` before it reads it (E-PMQ

@@ -1285,3 +1285,34 @@ def test_a_low_rank_expert_beyond_float32_is_a_clear_error():
         quant.epmq(W_0, [expert], [X.T @ X], spec)
     with pytest.raises(ValueError, match="non-finite"):
         quant.epmq(W_0, [expert.dense()], [X.T @ X], spec)
+
+
+def test_a_callers_autocast_changes_no_statistic_and_no_solve(gen):
+    """The statistics and the solves are the math's, in their own dtypes: run under a caller's
+    autocast (a training or serving script's), the fp32 expert targets' products were cast to
+    bf16, and accumulating them into the fp32 statistics failed on the mixed dtypes."""
+    spec = QuantSpec(bits=4, group_size=8)
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    low_rank = LowRankExpert(W_m, 0.1 * torch.randn(D_OUT, 4, generator=gen), torch.randn(4, D_IN, generator=gen))
+    data = [batches(gen) for _ in range(3)]
+    shifted = [[x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs] for xs in data]
+
+    def run():
+        stats, H = EPMQStats(W_m, dtype=torch.float32), HessianStats(D_IN)
+        for W, xs, ts in zip(W_k + [low_rank], data, shifted):
+            stats.begin_task(W)
+            for x, t in zip(xs, ts):
+                stats.add_batch(x, x_expert=t, x_anchor=t)
+                H.add_batch(x)
+            stats.end_task()
+        return (stats, H.H, quant.epmq_from_stats(stats, spec, anchor=0.1), quant.gptq(W_m, H.H, spec),
+                quant.rtn(W_m, spec, H=H.H), quant.epmq(W_m, W_k, [H.H, H.H], spec, anchor=0.1))
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run()
+    assert torch.equal(plain[0].G_e, cast[0].G_e) and plain[0].c_e == cast[0].c_e
+    assert torch.equal(plain[1], cast[1])
+    for a, b in zip(plain[2:], cast[2:]):
+        assert torch.equal(a.codes, b.codes) and a.loss == b.loss
