@@ -97,7 +97,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
     max_shard_bytes = _bytes(max_shard_size)
-    model = getattr(model, "_orig_mod", model)  # (torch.compile's wrapper: the model's own names)
+    model = wrapped_model(model)  # (torch.compile's or DataParallel's wrapper: the model's own names)
     # every name of a layer shared by several (ALBERT's shared blocks): each is converted
     layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)}
     if not layers:
@@ -1212,7 +1212,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     elif device is not None:
         raise ValueError("device= is for a model built from the checkpoint (model=None); move a "
                          "model of your own with .to()")
-    given, model = model, getattr(model, "_orig_mod", model)  # (into a torch.compile'd model's own)
+    given, model = model, wrapped_model(model)  # (into a torch.compile'd or DataParallel model's own)
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
     tensors = _load_tensors(directory, qconfig, device if empty else "cpu")

@@ -1421,6 +1421,22 @@ def test_a_data_parallel_models_save_pretrained_writes_the_quantized_checkpoint(
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+
+def test_a_data_parallel_model_saves_and_loads_under_its_own_names(tmp_path):
+    """save_quantized(nn.DataParallel(model)) wrote every name under ``module.`` and no
+    config.json: load_quantized refused the directory, which loaded only into another wrapper."""
+    model = _llama(1)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(torch.nn.DataParallel(model), tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not any(k.startswith("module.") for k in load_file(str(tmp_path / "q" / "model.safetensors")))
+    into = torch.nn.DataParallel(_llama(2))
+    assert epmq.load_quantized(tmp_path / "q", into) is into
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(into.module(ids).logits, model(ids).logits)
+        assert torch.equal(epmq.load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
+
 def _written(directory):
     """What a checkpoint directory holds: each file's tensors, or its JSON (the manifest's
     times and sizes aside)."""
