@@ -309,6 +309,12 @@ def plot(rows, path, device_name):
     rows = [r for r in rows if r.get("activation_dtype", "float16") == "float16"
             and not r.get("act_order")]
     groups = sorted({r["group_size"] for r in rows}, reverse=True)
+    if not groups:  # (stopped before its first fp16 row: subplots(1, 0) raised, losing the exit code 124)
+        fig, ax = pyplot().subplots(figsize=(6, 4.5))
+        ax.text(0.5, 0.5, "no fp16 row measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        save_figure(fig, path, f"W4A16 vs fp16 cuBLAS on {device_name}")
+        return
     fig, axes = pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, group_size in zip(axes[0], groups):
         for i, (K, N) in enumerate(sorted({(r["K"], r["N"]) for r in rows})):

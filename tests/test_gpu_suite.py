@@ -171,3 +171,14 @@ def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
     bench_w4a16.summary(rows)
     bench_w4a16.plot(rows, str(tmp_path / "w4a16.png"), "cpu")
     assert (tmp_path / "w4a16.png").stat().st_size > 0
+
+
+def test_w4a16_plot_of_a_run_stopped_before_its_first_row(tmp_path):
+    """Stopped at its time limit during the first case (its autotuning), the benchmark had no
+    row to plot: ``subplots(1, 0)`` raised, and the run ended in a traceback instead of its
+    summary and exit status 124."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    bf16_only = [dict(K=64, N=64, M=1, group_size=32, activation_dtype="bfloat16", speedup=1.0)]
+    for rows in ([], bf16_only):
+        bench_w4a16.plot(rows, str(tmp_path / "w4a16.png"), "cpu")
+        assert (tmp_path / "w4a16.png").stat().st_size > 0
