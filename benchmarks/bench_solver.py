@@ -51,6 +51,7 @@ otherwise) times the fused solve, the eager solve and the residual on 4096x4096.
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -331,10 +332,16 @@ def plot(rows, path, device_name):
     shapes = [r["shape"] for r in rows if r["kind"] == "solve"]
     x = range(len(shapes))
     for offset, kind, label in ((-0.2, "solve", "solve only"), (0.2, "gptq", "whole GPTQ layer")):
-        sp = {r["shape"]: r.get("speedup", 0.0) for r in rows if r["kind"] == kind}
-        ax1.bar([i + offset for i in x], [sp.get(s, 0.0) for s in shapes], width=0.4, label=label)
+        # a speedup not measured (the eager baseline skipped past --budget-s) is no bar and says
+        # so: drawn as 0.0 it read as a fused layer infinitely slower than eager
+        sp = {r["shape"]: r["speedup"] for r in rows if r["kind"] == kind and "speedup" in r}
+        ax1.bar([i + offset for i in x], [sp.get(s, math.nan) for s in shapes], width=0.4, label=label)
+        for i, s in enumerate(shapes):
+            if s not in sp:
+                ax1.text(i + offset, 0, "eager\nnot timed", ha="center", va="bottom", fontsize=7)
     ax1.axhline(10, color="gray", ls="--", lw=1, label="goal 10x")
     ax1.set_xticks(list(x), [f"{s}\n[d_out x d_in]" for s in shapes])
+    ax1.set_xlim(-0.6, len(shapes) - 0.4)  # (a slot whose bar is missing still shown whole)
     ax1.set_ylabel("speedup of fused Triton over eager torch")
     ax1.legend()
     ax1.grid(True, axis="y", alpha=0.3)
@@ -343,7 +350,7 @@ def plot(rows, path, device_name):
         ratio = {r["shape"]: r["ratio"] for r in rows if r["kind"] == "epmq_vs_gptq" and r.get("side_stream", True)
                  and r.get("residual_precision", "ieee") == precision and r.get("anchor", 1.0) == 1.0}
         offset = (j - (len(RESIDUAL_PRECISIONS) - 1) / 2) * width
-        ax2.bar([i + offset for i in x], [ratio.get(s, 0.0) for s in shapes], width=width,
+        ax2.bar([i + offset for i in x], [ratio.get(s, math.nan) for s in shapes], width=width,
                 label=f"residual {precision}")
     ax2.axhline(1.5, color="gray", ls="--", lw=1, label="goal <= 1.5")
     ax2.set_xticks(list(x), shapes)

@@ -182,3 +182,21 @@ def test_w4a16_plot_of_a_run_stopped_before_its_first_row(tmp_path):
     for rows in ([], bf16_only):
         bench_w4a16.plot(rows, str(tmp_path / "w4a16.png"), "cpu")
         assert (tmp_path / "w4a16.png").stat().st_size > 0
+
+
+def test_solver_plot_draws_a_skipped_eager_baseline_as_missing_not_zero(tmp_path, monkeypatch):
+    """Past ``--budget-s`` (the suite passes 60 s) the whole-layer row has no eager time and no
+    speedup: the plot drew it as a 0.0 bar, a fused layer infinitely slower than eager."""
+    import math
+
+    bench_solver, = _imported("benchmarks", "bench_solver")
+    figures = []
+    monkeypatch.setattr(bench_solver, "save_figure", lambda fig, path, title: figures.append(fig))
+    rows = [dict(kind="solve", shape="16x64", speedup=20.0), dict(kind="gptq", shape="16x64", speedup=8.0),
+            dict(kind="solve", shape="32x64", speedup=30.0),
+            dict(kind="gptq", shape="32x64", skipped_torch="time budget")]
+    bench_solver.plot(rows, str(tmp_path / "solver.png"), "cpu")
+    ax1 = figures[0].axes[0]
+    heights = [bar.get_height() for bar in ax1.patches]
+    assert heights[:2] == [20.0, 30.0] and heights[2] == 8.0 and math.isnan(heights[3])
+    assert any("not timed" in t.get_text() for t in ax1.texts)
