@@ -200,3 +200,25 @@ def test_solver_plot_draws_a_skipped_eager_baseline_as_missing_not_zero(tmp_path
     heights = [bar.get_height() for bar in ax1.patches]
     assert heights[:2] == [20.0, 30.0] and heights[2] == 8.0 and math.isnan(heights[3])
     assert any("not timed" in t.get_text() for t in ax1.texts)
+
+
+def _merge_rows(values):
+    """Rows of merge_methods_demo's JSON at one bit width (4): fp32, GPTQ, E-PMQ test accuracy."""
+    return [dict(merge=f"M{i}", fp32_test=fp32, experts_test=93.6,
+                 quantized={"w4": {"gptq": {"test": gptq}, "epmq": {"test": epmq}}})
+            for i, (fp32, gptq, epmq) in enumerate(values)]
+
+
+def test_merge_methods_plot_shows_accuracies_below_thirty(tmp_path, monkeypatch):
+    """The plot's axis started at 30%: a quantized row below it (2-bit GPTQ, ~14%) had no bar
+    at all, as if it had not run."""
+    import matplotlib.figure
+
+    demo, = _imported("benchmarks", "merge_methods_demo")
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    demo.plot(_merge_rows([(71.6, 14.0, 41.0), (72.5, 75.0, 77.0)]), [4], str(tmp_path / "m.png"))
+    (ax,) = figures[0].axes
+    assert ax.get_ylim()[0] <= 14.0 - 2
+    demo.plot(_merge_rows([(71.6, 60.0, 70.0)]), [4], str(tmp_path / "m.png"))
+    assert figures[1].axes[0].get_ylim()[0] == 30  # (the committed plot's axis where every value is above it)
