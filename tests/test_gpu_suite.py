@@ -222,3 +222,25 @@ def test_merge_methods_plot_shows_accuracies_below_thirty(tmp_path, monkeypatch)
     assert ax.get_ylim()[0] <= 14.0 - 2
     demo.plot(_merge_rows([(71.6, 60.0, 70.0)]), [4], str(tmp_path / "m.png"))
     assert figures[1].axes[0].get_ylim()[0] == 30  # (the committed plot's axis where every value is above it)
+
+
+def test_merge_methods_plot_legend_leaves_the_experts_line_visible(tmp_path, monkeypatch):
+    """The legend, placed inside the axes, covered the experts' dashed line (93.6%, near the
+    top) across its width, and stayed inside the saved figure."""
+    import matplotlib.figure
+
+    demo, = _imported("benchmarks", "merge_methods_demo")
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    demo.plot(_merge_rows([(71.6, 71.9, 77.5), (72.5, 72.3, 76.8), (77.5, 75.6, 77.0)]), [4, 3][:1],
+              str(tmp_path / "m.png"))
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent(renderer)
+    box = ax.get_window_extent(renderer)
+    line_y = ax.transData.transform((0, 93.6))[1]
+    over_the_line = legend.y0 <= line_y <= legend.y1 and legend.x0 < box.x1 and legend.x1 > box.x0
+    assert not over_the_line
+    assert 0 <= legend.x0 and legend.x1 <= fig.bbox.width
