@@ -741,6 +741,13 @@ def _test_acc(steps: dict, key: str, task: str = "avg") -> float:
     return 100 * steps.get(key, {}).get("test", {}).get(task, float("nan"))
 
 
+def _colour(series: int) -> str:
+    """The colour of a series in both plots of the report: 0 the experts, 1 the unquantized
+    merge, 2 on each quantizer in the plan's order (accuracy.png drew the quantizers from C0 and
+    accuracy_per_task.png from C2: E-PMQ green in one, RTN green in the other)."""
+    return f"C{series}"
+
+
 def _legend_below(fig, axes) -> None:
     """The first panel's legend under the panels, in as many rows as the figure's width needs
     (one row of 7 entries under a single 5.5-inch panel, ``epmq demo --quick``'s, ran off both
@@ -770,9 +777,10 @@ def plot(results: dict, plan: Plan, path) -> None:
         width = 0.8 / len(labels)
         for i, label in enumerate(labels):
             ys = [_test_acc(steps, f"quant/{mp.label}/w{b}/{label}") for b in plan.bits]
-            ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(plan.bits))], ys, width, label=label)
-        ax.axhline(100 * merged["test"]["avg"], color="k", ls="--", lw=1, label=f"merged {_precision(results)}")
-        ax.axhline(100 * steps["experts"]["test"]["avg"], color="g", ls=":", lw=1, label="experts")
+            ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(plan.bits))], ys, width, label=label,
+                   color=_colour(2 + i))
+        ax.axhline(100 * merged["test"]["avg"], color=_colour(1), ls="--", lw=1, label=f"merged {_precision(results)}")
+        ax.axhline(100 * steps["experts"]["test"]["avg"], color=_colour(0), ls=":", lw=1, label="experts")
         ax.axhline(100 * steps["base"]["test"]["avg"], color="grey", ls="-.", lw=1, label="base")
         ax.set_xticks(range(len(plan.bits)), [f"{b}-bit" for b in plan.bits])
         _score_axis(ax)
@@ -798,7 +806,8 @@ def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
             width = 0.85 / len(series)
             for i, (name, key) in enumerate(series):
                 ys = [_test_acc(steps, key, t) for t in tasks]
-                ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))], ys, width, label=name)
+                ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))], ys, width, label=name,
+                       color=_colour(i))
             ax.set_xticks(range(len(tasks)), _column_names(tasks, 10), rotation=45, ha="right", fontsize=7)
             _score_axis(ax)
             ax.set_title(f"{mp.label}, {bits}-bit", fontsize=9)

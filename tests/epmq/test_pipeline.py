@@ -657,3 +657,25 @@ def test_equal_validation_scores_choose_the_first_scale():
     scale, _, scores = pipeline.choose_scale(Tied(), MergePlan("task_arithmetic", scales=[0.3, 0.5, 0.7]))
     assert len(set(round(v, 12) for v in scores.values())) == 1
     assert scale == 0.3
+
+
+def test_the_two_plots_draw_each_series_in_one_colour(calls_list, tmp_path, quiet, monkeypatch):
+    """accuracy.png coloured the quantizers from the first colour on, accuracy_per_task.png
+    after the experts and the merge: E-PMQ was green in one and RTN green in the other."""
+    from matplotlib.colors import to_hex
+    from matplotlib.lines import Line2D
+
+    figures = []
+    monkeypatch.setattr(pipeline, "_save", lambda fig, path: figures.append(fig))
+    p = plan(bits=[4, 2])
+    results = pipeline.run(Bench(), p, tmp_path, log=quiet)
+    pipeline.report(results, p, Bench.task_names, tmp_path)
+    colours = []
+    for fig in figures:
+        (legend,) = fig.legends
+        handles = legend.legend_handles if hasattr(legend, "legend_handles") else legend.legendHandles
+        colours.append({t.get_text(): to_hex(h.get_color() if isinstance(h, Line2D) else h.get_facecolor())
+                        for t, h in zip(legend.get_texts(), handles)})
+    shared = set(colours[0]) & set(colours[1])
+    assert {"RTN", "GPTQ", "E-PMQ", "experts"} <= shared
+    assert {k: colours[0][k] for k in shared} == {k: colours[1][k] for k in shared}
