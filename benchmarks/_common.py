@@ -254,11 +254,17 @@ def pyplot():
 
 
 def save_figure(fig, path, title: str) -> None:
-    """``fig`` under ``title`` to the PNG ``path``, and closed."""
+    """``fig`` under ``title`` to the PNG ``path``, atomically as write_json (the suite's
+    timeout kills a benchmark 10 s after its SIGTERM, while it plots: the PNG written in place
+    was left truncated over the previous run's), and closed."""
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    tmp = f"{path}.tmp"
+    try:
+        fig.savefig(tmp, dpi=120, format="png")  # (the format: the temporary's name does not say it)
+        os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
 
 
 def pytest_marks() -> list:

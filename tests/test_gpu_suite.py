@@ -244,3 +244,27 @@ def test_merge_methods_plot_legend_leaves_the_experts_line_visible(tmp_path, mon
     over_the_line = legend.y0 <= line_y <= legend.y1 and legend.x0 < box.x1 and legend.x1 > box.x0
     assert not over_the_line
     assert 0 <= legend.x0 and legend.x1 <= fig.bbox.width
+
+
+def test_a_benchmark_plot_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
+    """The benchmarks wrote their JSON atomically but their PNG in place: killed while plotting
+    (the suite's timeout, 10 s after SIGTERM), the previous run's plot was left truncated."""
+    import matplotlib.figure
+    import pytest
+
+    common, = _imported("benchmarks", "_common")
+    path = tmp_path / "w4a16.png"
+    fig, _ = common.pyplot().subplots()
+    common.save_figure(fig, str(path), "before")
+    before = path.read_bytes()
+
+    def killed(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", killed)
+    fig, _ = common.pyplot().subplots()
+    with pytest.raises(KeyboardInterrupt):
+        common.save_figure(fig, str(path), "after")
+    assert path.read_bytes() == before
