@@ -326,6 +326,12 @@ def plot(rows, path, device_name):
             graph = [r for r in sel if "speedup_graph" in r]
             ax.plot([r["M"] for r in graph], [r["speedup_graph"] for r in graph], marker="x",
                     ls="--", color=color)
+        # a case whose product failed its check (ok false; the run exits 1) is marked: drawn as
+        # the others, a fast wrong kernel read as a speedup
+        wrong = [r for r in rows if r["group_size"] == group_size and not r.get("ok", True)]
+        if wrong:
+            ax.scatter([r["M"] for r in wrong], [r["speedup"] for r in wrong], marker="X", s=90,
+                       color="red", zorder=5, label="wrong result")
         ax.axhline(1.0, color="gray", lw=1)
         ax.axhline(IDEAL_SPEEDUP, color="gray", lw=1, ls="--", label="ideal (3.87x)")
         ax.set_xscale("log", base=2)

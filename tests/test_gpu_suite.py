@@ -268,3 +268,19 @@ def test_a_benchmark_plot_stopped_while_written_leaves_the_previous_one(tmp_path
     with pytest.raises(KeyboardInterrupt):
         common.save_figure(fig, str(path), "after")
     assert path.read_bytes() == before
+
+
+def test_w4a16_plot_marks_a_wrong_result(tmp_path, monkeypatch):
+    """A case whose product failed its check was drawn as every other: a fast, wrong kernel
+    read as a speedup in the PNG."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    figures = []
+    monkeypatch.setattr(bench_w4a16, "save_figure", lambda fig, path, title: figures.append(fig))
+    rows = [dict(K=64, N=64, M=m, group_size=32, speedup=1.2, speedup_graph=1.3, ok=m != 4)
+            for m in (1, 4, 16)]
+    bench_w4a16.plot(rows, str(tmp_path / "w4a16.png"), "cpu")
+    (ax,) = figures[0].axes
+    assert "wrong result" in [t.get_text() for t in ax.get_legend().get_texts()]
+    figures.clear()
+    bench_w4a16.plot([dict(r, ok=True) for r in rows], str(tmp_path / "w4a16.png"), "cpu")
+    assert "wrong result" not in [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
