@@ -157,6 +157,7 @@ def test_the_report_names_the_chosen_anchor_and_prints_the_ablation(calls_list, 
      "two quantizer rows are gptq with targets 'merged_path'"),
     (dict(targets="expert"), "targets must be one of"),
     (dict(anchors=[]), "anchors must be a non-empty list"),
+    (dict(merges=[]), "merges is empty"),  # (accepted, the report's plot then failed with subplots(1, 0))
     (dict(sym="no"), "sym must be true or false"),
     (dict(group_size=0), "group_size must be -1"),
     (dict(group_size=True), "group_size must be -1"),  # (YAML's yes is no group size)
