@@ -206,6 +206,8 @@ class Plan:
         merges = []
         if merge is not None and not isinstance(merge, list):
             raise ValueError(f"merge must be a list of merges (each a mapping with a method), got {merge!r}")
+        if merge == []:  # (it was read as no merge given: the default ran in its place, unsaid)
+            raise ValueError("merge is empty: list at least one merge, or leave merge out for Task Arithmetic")
         for i, m in enumerate(merge or [{"method": "task_arithmetic"}]):
             if not isinstance(m, dict):
                 raise ValueError(f"merge[{i}] must be a mapping with a method, got {m!r}")

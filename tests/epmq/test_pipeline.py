@@ -189,6 +189,9 @@ def test_merge_entries_of_a_config():
         with pytest.raises(ValueError, match=rf"merge\[0\]: {entry['method']} has no scale"):
             Plan.from_config([entry], None)
     assert Plan.from_config([{"method": "model_stock"}], None).merges[0].method == "model_stock"
+    with pytest.raises(ValueError, match="merge is empty"):  # (the default merge ran in its place)
+        Plan.from_config([], None)
+    assert Plan.from_config(None, None).merges[0].method == "task_arithmetic"
 
 
 @pytest.mark.parametrize("quantize, unread", [
