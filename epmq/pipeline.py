@@ -130,7 +130,8 @@ class Plan:
                 raise ValueError(f"quantize.{name} must be a list, got {getattr(self, name)!r}")
         self.merges = [m if isinstance(m, MergePlan) else MergePlan(**m) for m in self.merges]
         self.controls = [c if isinstance(c, Control) else _control(i, c) for i, c in enumerate(self.controls)]
-        if not self.merges:  # (the run evaluated base and experts, then its report's plot had no panel: a matplotlib ValueError)
+        # (the run evaluated base and experts, then its report's plot had no panel: a matplotlib ValueError)
+        if not self.merges:
             raise ValueError("merges is empty: give at least one merge to quantize")
         if not self.bits:
             raise ValueError("quantize.bits is empty: give the bit widths to quantize to")
