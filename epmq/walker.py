@@ -2285,8 +2285,10 @@ class _Walk:
                     self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
             packed = _quant_linear(result, linears[rel])
-            # (run in every later pass over the block: dequantized once, not at each call)
-            packed._hold_dequantized(True)
+            # (run in every later pass over the block: dequantized once, not at each call; not
+            # where blocks are offloaded to the device, whose memory is what the walk saves there:
+            # the replaced linears go back to the model's device, the held copies would not)
+            packed._hold_dequantized(not self.offload)
             replaced = self.edits.swap(name, packed)
             if self.offload:  # (kept until the walk ends, for a rollback: not on the device)
                 replaced.to(self.model_device)

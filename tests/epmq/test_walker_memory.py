@@ -144,3 +144,24 @@ def test_a_quantized_layer_is_dequantized_once_per_block_walk_and_not_kept_after
                         calibration=calibration, progress=False)
     state = reference.state_dict()
     assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
+
+
+def test_no_layer_is_held_dequantized_where_blocks_visit_a_device(gen, monkeypatch):
+    """With ``device=`` (blocks offloaded to it, the model kept where it is), the replaced
+    linears go back to the model's device; held dequantized copies would stay on the device,
+    whose memory the walk is saving there: they are made per call instead."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    held = []
+    original = epmq.QuantLinear._hold_dequantized
+
+    def hold(layer, keep):
+        held.append(keep)
+        return original(layer, keep)
+
+    monkeypatch.setattr(epmq.QuantLinear, "_hold_dequantized", hold)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq", device="cpu",
+                        calibration={"a": [torch.randint(0, 64, (2, 8), generator=gen)]}, progress=False)
+    assert held and not any(held)
