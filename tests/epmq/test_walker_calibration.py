@@ -276,16 +276,22 @@ def test_open_clip_token_mask_ends_at_the_eos_id_or_not_at_all_with_a_cls_token(
     assert OPEN_CLIP.token_mask(cls, "transformer.resblocks", text) is None
 
 
-@pytest.mark.parametrize("form", ["dict", "tuple", "list"])
-def test_a_padded_batch_given_positionally_counts_real_tokens(form):
-    """``(input_ids, attention_mask)`` as a DataLoader of a TensorDataset yields it: its padding
-    is seen (bound to the forward's names), as in the dict form."""
+def _padded_llama():
+    """A one-block Llama and a batch of two sequences, the second padded: 9 real tokens."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2)).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple", "list"])
+def test_a_padded_batch_given_positionally_counts_real_tokens(form):
+    """``(input_ids, attention_mask)`` as a DataLoader of a TensorDataset yields it: its padding
+    is seen (bound to the forward's names), as in the dict form."""
+    model, ids, mask = _padded_llama()
     item = {"dict": {"input_ids": ids, "attention_mask": mask}, "tuple": (ids, mask), "list": [ids, mask]}[form]
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [item]}, backend="torch", progress=False)
     assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {9}
@@ -300,12 +306,7 @@ def test_a_wrapped_model_sees_the_padding_of_its_batches(wrap):
     def wrapped(model):
         return torch.compile(model, backend="eager") if wrap == "compile" else nn.DataParallel(model)
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2)).eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    model, ids, mask = _padded_llama()
     model = wrapped(model)
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [(ids, mask)]}, backend="torch",
                         progress=False)
