@@ -5,6 +5,9 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,7 +69,6 @@ def test_gemv_probe_checks_and_compiles():
     import subprocess
     import sys
 
-    import pytest
 
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "benchmarks/gemv_roofline.py", "--check"], cwd=ROOT,
@@ -110,7 +112,6 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
     end on the CPU, the Triton kernels in the interpreter: a script the card would fail to run
     is found here first."""
 
-    import torch
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
@@ -140,7 +141,6 @@ def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
     groupings, fp16 and bf16 activations, act-order weights sorted and gathered."""
     import time
 
-    import torch
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -250,7 +250,6 @@ def test_a_benchmark_plot_stopped_while_written_leaves_the_previous_one(tmp_path
     """The benchmarks wrote their JSON atomically but their PNG in place: killed while plotting
     (the suite's timeout, 10 s after SIGTERM), the previous run's plot was left truncated."""
     import matplotlib.figure
-    import pytest
 
     common, = _imported("benchmarks", "_common")
     path = tmp_path / "w4a16.png"
@@ -284,3 +283,21 @@ def test_w4a16_plot_marks_a_wrong_result(tmp_path, monkeypatch):
     figures.clear()
     bench_w4a16.plot([dict(r, ok=True) for r in rows], str(tmp_path / "w4a16.png"), "cpu")
     assert "wrong result" not in [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_w4a16_plot_draws_the_limit_of_its_own_format(tmp_path, monkeypatch, group_size):
+    """The dashed limit was Marlin's 3.87x (its format has no zero points); the benchmark's
+    weights store an fp16 scale and a uint8 zero per group and column: its limit at M = 1 is
+    the fp16 weight's bytes over those."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    K, N = 256, 64
+    weights = bench_w4a16.make_weights(K, N, group_size, "cpu", torch.Generator().manual_seed(0))
+    stored = sum(t.nbytes for t in weights)
+    assert bench_w4a16.ideal_speedup(K, group_size) == pytest.approx(2 * K * N / stored)
+    figures = []
+    monkeypatch.setattr(bench_w4a16, "save_figure", lambda fig, path, title: figures.append(fig))
+    bench_w4a16.plot([dict(K=K, N=N, M=1, group_size=group_size, speedup=2.0)], str(tmp_path / "p.png"), "cpu")
+    dashed = [line for line in figures[0].axes[0].get_lines() if line.get_linestyle() == "--"
+              and line.get_label().startswith("bytes' limit")]
+    assert [line.get_ydata()[0] for line in dashed] == [pytest.approx(2 * K * N / stored)]
