@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -90,8 +91,24 @@ class HFClipBench(ZeroShotImageBench):
         else:
             self.prep = ImagePrep(resize=image_size, crop=(image_size, image_size))
         self._open_experts(prefixes=("vision_model.",))
+        self._say_unused_heads(reader)
         self._open_data()
         self._text = None
+
+    def _say_unused_heads(self, base: CheckpointReader) -> None:
+        """Warn where an expert holds a head of its own: a classifier (CLIPForImageClassification),
+        or a projection trained apart (a whole CLIPModel fine-tuned end to end). Every model is
+        scored by its vision tower through the base's projection and zero-shot text heads
+        (FusionBench's protocol), so those are not used; nothing said so."""
+        for task, state in self.experts.items():
+            expert = state.reader
+            own = ["a classifier (classifier.*)"] if any(k.startswith("classifier.") for k in expert.keys()) else []
+            own += [key for key in ("visual_projection.weight", "text_projection.weight")
+                    if key in expert and key in base and not torch.equal(expert.get(key), base.get(key))]
+            if own:
+                warnings.warn(f"the expert of task {task!r} holds {' and '.join(own)} of its own, not used: every "
+                              f"model is scored through the base's projection and zero-shot text heads "
+                              f"(FusionBench's protocol), the expert by its vision tower")
 
     def save_extras(self, directory) -> None:
         """The base's image preprocessing config, so that the vision tower is served as trained."""

@@ -857,3 +857,33 @@ def test_a_folder_image_is_copied_once(tmp_path, monkeypatch):
     image, _ = FolderImages(tmp_path, ["a"], "test")[0]
     assert len(copies) == 1 and image.size == (8, 8)
     image.load()  # (read in full: the file is closed)
+
+
+@pytest.mark.parametrize("own", ["projection", "classifier", "neither"])
+def test_an_expert_with_a_head_of_its_own_is_said_to_be_scored_without_it(tiny, tmp_path, own):
+    """Every model is scored through the base's projection and zero-shot text heads (FusionBench's
+    protocol): an expert saved whole with a projection trained apart, or with a classifier of its
+    own (CLIPForImageClassification), was scored without them, and nothing said so."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    root, config = tiny
+    state = load_file(root / "experts" / "alpha" / "model.safetensors")
+    base = load_file(root / "base" / "model.safetensors")
+    if own == "projection":  # (a whole CLIPModel: its text tower as the base's, its projection not)
+        state = {**{k: v for k, v in base.items() if not k.startswith("vision_model.")},
+                 **{f"vision_model.{k}": v for k, v in state.items()}}
+        state["visual_projection.weight"] = state["visual_projection.weight"] + 0.1
+    elif own == "classifier":
+        state["classifier.weight"] = torch.randn(3, state["post_layernorm.weight"].shape[0])
+    save_file(state, str(tmp_path / "expert.safetensors"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _broken(tiny, tmp_path, lambda c: c["tasks"][0].update(expert=str(tmp_path / "expert.safetensors")))()
+    said = [str(w.message) for w in caught if "scored through the base's" in str(w.message)]
+    if own == "neither":
+        assert not said
+    else:
+        assert len(said) == 1 and "'alpha'" in said[0]
+        assert ("visual_projection.weight" if own == "projection" else "classifier") in said[0]
