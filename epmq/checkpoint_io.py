@@ -205,6 +205,14 @@ def shard_weight_map(index: Path) -> dict:
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise ValueError(f"{index} has no weight_map (tensor name -> shard file)")
+    # the index comes with the checkpoint (a hub repository, a downloaded folder): a shard it names
+    # must be a file of the checkpoint's directory, not "../x.safetensors" or an absolute path,
+    # which would read (and merge, or serve) another file of this machine. Checked on the names,
+    # not on resolved paths: a hub cache's shards are links to blobs outside the snapshot.
+    outside = sorted({f for f in weight_map.values() if Path(f).anchor or ".." in Path(f).parts})
+    if outside:
+        raise ValueError(f"{index} lists shard file(s) outside its directory: {outside[:3]} (a shard is "
+                         f"named relative to the index, without '..')")
     return weight_map
 
 

@@ -2315,3 +2315,36 @@ def test_an_index_whose_shards_lack_a_tensor_or_a_shard_is_refused(tmp_path):
     (tmp_path / ckpt.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="shard.* listed in model.safetensors.index.json are missing"):
         CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("outside", ["../private/secret.safetensors", "sub/../../private/secret.safetensors",
+                                     "ABSOLUTE"])
+def test_an_index_naming_a_shard_outside_its_directory_is_refused(outside, tmp_path):
+    """A shard index comes with the checkpoint (a hub repository, a downloaded folder): a shard
+    name that leaves its directory ("../x", an absolute path) was read, so another
+    .safetensors file of the machine became the checkpoint's tensors (merged, quantized, served);
+    refused, by the reader, load_quantized's and a hub download's. Shards that are links to
+    files elsewhere (the HF hub cache's blobs) are still read."""
+    from safetensors.torch import save_file
+
+    from epmq.checkpoint_io import CheckpointError, CheckpointReader, shard_weight_map
+
+    (tmp_path / "private").mkdir()
+    save_file({"a": torch.full((2,), 42.0)}, str(tmp_path / "private" / "secret.safetensors"))
+    if outside == "ABSOLUTE":
+        outside = str(tmp_path / "private" / "secret.safetensors")
+    home = tmp_path / "ckpt"
+    home.mkdir()
+    (home / ckpt.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": {"a": outside}}))
+    with pytest.raises(CheckpointError, match="outside its directory"):
+        CheckpointReader(home)
+    with pytest.raises(ValueError, match="outside its directory"):
+        ckpt._load_tensors(home, {})
+    with pytest.raises(ValueError, match="outside its directory"):
+        shard_weight_map(home / ckpt.INDEX_FILE)
+    # a snapshot's shard linked to its blob outside the directory: read as before
+    (home / "model-00001-of-00001.safetensors").symlink_to(tmp_path / "private" / "secret.safetensors")
+    (home / ckpt.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "model-00001-of-00001.safetensors"}}))
+    assert torch.equal(CheckpointReader(home).get("a"), torch.full((2,), 42.0))
+    assert torch.equal(ckpt._load_tensors(home, {})["a"], torch.full((2,), 42.0))
