@@ -976,11 +976,13 @@ def _read_qconfig(directory: Path) -> dict:
     return dict(qconfig, quant_method=method, checkpoint_format=fmt, group_size=group_size)
 
 
-def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int) -> None:
+def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int,
+                         scales_dtype: Optional[torch.dtype] = None) -> None:
     """A clear error, naming the layer, for a packed layer's tensors that are missing, of the
     wrong dtype or out of range (a corrupt or hand-edited file), before any is unpacked: a
     ``g_idx`` out of ``[0, G)`` would be read as another group on the CPU, a NaN scale give
-    NaN or wrong outputs."""
+    NaN or wrong outputs. ``scales_dtype``: the dtype the layer holds its scales in, where
+    loading casts them to it (a scale finite in the file's float32 may be inf in float16)."""
     for part in ("qweight", "qzeros", "scales"):
         if f"{name}.{part}" not in tensors:
             raise ValueError(f"{directory}: the checkpoint has no {name}.{part}")
@@ -989,9 +991,11 @@ def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int) -> N
             raise ValueError(f"{directory}: {name}.{part} must be int32 (packed words), got "
                              f"{tensors[f'{name}.{part}'].dtype}")
     scales = tensors[f"{name}.scales"]
-    if not scales.is_floating_point() or not all_finite(scales):
+    held = scales.to(scales_dtype) if scales_dtype is not None and scales.is_floating_point() else scales
+    if not scales.is_floating_point() or not all_finite(held):
         raise ValueError(f"{directory}: {name}.scales must be finite floats, got "
-                         + (f"{scales.dtype}" if not scales.is_floating_point() else "NaN or inf"))
+                         + (f"{scales.dtype}" if not scales.is_floating_point() else
+                            "NaN or inf" + (f" (as the layer's {held.dtype})" if held is not scales else "")))
     g_idx = tensors.get(f"{name}.g_idx")
     problem = None if g_idx is None else g_idx_problem(g_idx, G, "its scales")
     if problem is not None:
@@ -1311,7 +1315,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     for name, info in modules.items():  # (before any unpacking: a clear error, naming the layer)
         new = replacements.get(name) or model.get_submodule(name)
         if f"{name}.qweight" not in tied:  # (a tied layer's: checked as its source's)
-            _check_layer_tensors(directory, name, tensors, new.scales.shape[0])
+            # (a model given keeps its layers' float16 scales, which load_state_dict copies into;
+            # one built on meta takes the file's tensors as they are)
+            _check_layer_tensors(directory, name, tensors, new.scales.shape[0],
+                                 None if empty else new.scales.dtype)
         for part in ("qweight", "qzeros", "scales"):
             got, want = tensors.get(f"{name}.{part}"), getattr(new, part)
             if got is not None and tuple(got.shape) != tuple(want.shape):

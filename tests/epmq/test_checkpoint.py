@@ -1993,14 +1993,22 @@ def _nan_scale(tensors):
     tensors[f"{LAYER}.scales"] = scales
 
 
+def _scale_past_float16(tensors):
+    """A float32 scale finite in the file, and inf in the float16 a given model's layer holds."""
+    scales = tensors[f"{LAYER}.scales"].float()
+    scales[0, 0] = 1e6
+    tensors[f"{LAYER}.scales"] = scales
+
+
 @pytest.mark.parametrize("peer", [False, True], ids=["ours", "another writer's"])
 @pytest.mark.parametrize("edit,match", [
     (_g_idx_at(-2), r"g_idx holds groups in \[-2, .*outside the \d+ groups"),
     (_g_idx_at(99), r"g_idx holds groups in \[0, 99\], outside the \d+ groups"),
     (_nan_scale, r"q_proj.scales must be finite floats, got NaN or inf"),
+    (_scale_past_float16, r"q_proj.scales must be finite floats, got NaN or inf \(as the layer's torch.float16\)"),
     (lambda t: t.pop(f"{LAYER}.qzeros"), r"has no model.layers.0.self_attn.q_proj.qzeros"),
     (lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].long()}), r"qweight must be int32"),
-], ids=["g_idx -2", "g_idx 99", "NaN scale", "no qzeros", "int64 qweight"])
+], ids=["g_idx -2", "g_idx 99", "NaN scale", "scale past float16", "no qzeros", "int64 qweight"])
 def test_a_corrupt_layer_is_refused_on_load(edit, match, peer, gen, tmp_path):
     """A packed layer's tensors that are missing, of another dtype or out of range (a corrupt or
     hand-edited file) are an error naming the layer when loading, in our checkpoints and other
