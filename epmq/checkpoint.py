@@ -1038,6 +1038,13 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
         name = _module_of(key)
         if f"{name}.scales" not in tensors:
             raise ValueError(f"the checkpoint has {key} but no {name}.scales")
+        # (the layer's sizes are read off these shapes: a 1-D qweight or qzeros of a damaged or
+        # hand-made file ended in a bare IndexError)
+        for part, layout in (("qweight", "[K * bits / 32, N]"), ("qzeros", "[G, N * bits / 32]"),
+                             ("scales", "[G, N]"), ("g_idx", "[K]")):
+            t = tensors.get(f"{name}.{part}")
+            if t is not None and t.dim() != layout.count(",") + 1:
+                raise ValueError(f"{name}.{part} is {tuple(t.shape)}: a packed layer's {part} is {layout}")
         g_idx = tensors.get(f"{name}.g_idx")
         K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // qconfig["bits"]
         N = qweight.shape[1]

@@ -2007,8 +2007,11 @@ def _scale_past_float16(tensors):
     (_nan_scale, r"q_proj.scales must be finite floats, got NaN or inf"),
     (_scale_past_float16, r"q_proj.scales must be finite floats, got NaN or inf \(as the layer's torch.float16\)"),
     (lambda t: t.pop(f"{LAYER}.qzeros"), r"has no model.layers.0.self_attn.q_proj.qzeros"),
+    (lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].flatten()}), r"q_proj.qweight is \(\d+,\)"),
+    (lambda t: t.update({f"{LAYER}.qzeros": t[f"{LAYER}.qzeros"].flatten()}), r"q_proj.qzeros is \(\d+,\)"),
     (lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].long()}), r"qweight must be int32"),
-], ids=["g_idx -2", "g_idx 99", "NaN scale", "scale past float16", "no qzeros", "int64 qweight"])
+], ids=["g_idx -2", "g_idx 99", "NaN scale", "scale past float16", "no qzeros", "1-D qweight", "1-D qzeros",
+      "int64 qweight"])
 def test_a_corrupt_layer_is_refused_on_load(edit, match, peer, gen, tmp_path):
     """A packed layer's tensors that are missing, of another dtype or out of range (a corrupt or
     hand-edited file) are an error naming the layer when loading, in our checkpoints and other
