@@ -107,6 +107,16 @@ def _config(directory: Path) -> dict:
         raise ValueError(f"{where}: the adapter uses {', '.join(problems)}, which epmq does not read as "
                          f"a plain weight update; merge it into its base with PEFT's "
                          f"merge_and_unload() and pass the merged checkpoint")
+    # the scales s = alpha / r of every update: Python's JSON reads NaN and Infinity, which made
+    # every updated weight NaN or inf (and a string or null ended in a bare TypeError)
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict):
+        raise ValueError(f"{where}: alpha_pattern must be an object (module name pattern -> alpha), "
+                         f"got {alpha_pattern!r}")
+    for what, value in [("lora_alpha", config.get("lora_alpha", 8)),
+                        *((f"alpha_pattern[{p!r}]", v) for p, v in alpha_pattern.items())]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: {what} must be a finite number, got {value!r}")
     return config
 
 

@@ -740,6 +740,24 @@ def test_an_adapter_config_without_lora_alpha_takes_peft_s_default(base_dir, tmp
     assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=base_dir), reference)
 
 
+@pytest.mark.parametrize("change,match", [
+    ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number, got nan"),
+    ({"lora_alpha": float("inf")}, r"lora_alpha must be a finite number, got inf"),
+    ({"lora_alpha": "6"}, r"lora_alpha must be a finite number, got '6'"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a finite number, got nan"),
+    ({"alpha_pattern": ["q_proj"]}, r"alpha_pattern must be an object"),
+], ids=["NaN", "Infinity", "a string", "NaN in alpha_pattern", "alpha_pattern a list"])
+def test_an_adapter_config_whose_alpha_is_no_finite_number_is_refused(change, match, base_dir, tmp_path):
+    """Python's JSON reads ``NaN`` and ``Infinity``: a (downloaded) adapter_config.json with such a
+    lora_alpha made every updated weight NaN or inf, taken into merges and quantization as the
+    expert; a string ended in a bare TypeError. Refused, naming the config and the entry."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=5)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(ValueError, match=match):
+        epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+
+
 def test_a_tensor_an_adapter_saves_whole_is_not_shared_as_the_bases(base_dir, tmp_path):
     """``low_rank(..., bases=...)`` shares the base's tensor among adapters of one base; a tensor
     an adapter saved whole (``modules_to_save``: a trained head) is its own W_0, never served to
