@@ -973,7 +973,32 @@ def _read_qconfig(directory: Path) -> dict:
         # (it decides how the layers' scales are read: 0, null or "128" gave tracebacks)
         raise ValueError(f"{directory}: the quantization config's group_size must be -1 or a positive "
                          f"integer, got {group_size!r}")
+    _check_epmq_section(directory, qconfig.get("epmq"))
     return dict(qconfig, quant_method=method, checkpoint_format=fmt, group_size=group_size)
+
+
+_MODULE_FIELDS = ("in_features", "out_features", "bits", "group_size", "bias")  # (what load_quantized reads)
+
+
+def _check_epmq_section(directory: Path, ours) -> None:
+    """A clear error for an ``epmq`` section (save_quantized's) that is not as it writes it (a
+    hand-edited or damaged file): its layers are read from it, and a module entry without
+    ``bias``, or a list in place of ``modules``, ended in a bare KeyError or AttributeError."""
+    if ours is None:
+        return
+    where = f"{directory}: the epmq section of its quantization config"
+    modules = ours.get("modules") if isinstance(ours, dict) else None
+    if not isinstance(modules, dict):
+        raise ValueError(f"{where} has no modules (layer name -> its sizes)")
+    for name, info in modules.items():
+        lacking = [f for f in _MODULE_FIELDS if f not in info] if isinstance(info, dict) else list(_MODULE_FIELDS)
+        if lacking:
+            raise ValueError(f"{where}: module {name!r} lacks {', '.join(lacking)}")
+    tied, transposed = ours.get("tied", {}), ours.get("transposed", [])
+    if not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
+        raise ValueError(f"{where}: tied must map names to names, got {tied!r}")
+    if not (isinstance(transposed, list) and all(isinstance(v, str) for v in transposed)):
+        raise ValueError(f"{where}: transposed must be a list of names, got {transposed!r}")
 
 
 def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int,

@@ -2033,6 +2033,26 @@ def test_a_corrupt_layer_is_refused_on_load(edit, match, peer, gen, tmp_path):
         epmq.load_quantized(tmp_path / "q", fam.fresh())
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda ours: ours["modules"][LAYER].pop("bias"), rf"module '{LAYER}' lacks bias"),
+    (lambda ours: ours["modules"].update({LAYER: 4}), rf"module '{LAYER}' lacks in_features, out_features"),
+    (lambda ours: ours.update(modules=[LAYER]), r"epmq section of its quantization config has no modules"),
+    (lambda ours: ours.update(transposed=5), r"transposed must be a list of names, got 5"),
+], ids=["a module without bias", "a module entry no object", "modules a list", "transposed a number"])
+def test_a_damaged_epmq_section_is_refused_by_name(edit, match, gen, tmp_path):
+    """The layers of an epmq checkpoint are read from its quantize_config.json's epmq section; one
+    not as save_quantized writes it (hand-edited, damaged) ended load_quantized in a bare
+    KeyError, AttributeError or TypeError: an error naming the checkpoint and the entry."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    path = tmp_path / "q" / "quantize_config.json"
+    config = json.loads(path.read_text())
+    edit(config["epmq"])
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        epmq.load_quantized(tmp_path / "q", fam.fresh())
+
+
 def test_a_peers_int64_g_idx_is_loaded_and_saved_as_int32(gen, tmp_path):
     from safetensors.torch import save_file
 
