@@ -115,7 +115,9 @@ class _Store:
             import numpy as np
 
             self.x = torch.from_numpy(np.load(self._file(".npy"), mmap_mode="c"))
-            self.y = torch.load(self._file(".labels.pt"))
+            # (tensors only: torch before 2.6, which setup.py allows, unpickled anything by default,
+            # running the code of any file put in the cache directory)
+            self.y = torch.load(self._file(".labels.pt"), weights_only=True)
             self.complete = True
         elif path is not None:
             import numpy as np

@@ -180,6 +180,36 @@ def test_two_runs_filling_one_disk_cache_at_once_keep_every_image(tmp_path):
     assert _Store(n, (3, 4, 4), path).x.unique().tolist() == [7]
 
 
+class _Planted:
+    """A pickle that runs code when unpickled (what a file put in a shared cache could hold)."""
+
+    ran = []
+
+    def __reduce__(self):
+        return (_Planted.ran.append, ("code ran",))
+
+
+def test_the_disk_caches_labels_are_read_as_tensors_only(tmp_path, monkeypatch):
+    """The labels of a disk cache were read with torch.load's default, which before torch 2.6
+    (setup.py allows 2.4) unpickles anything: a .labels.pt put in the cache directory ran its
+    code when a bench read the crops. Read as tensors only, whatever the torch."""
+    import pickle
+
+    from epmq.benches.vision import _Store
+
+    path, n = tmp_path / "task-val-digest", 4
+    store = _Store(n, (3, 4, 4), path)
+    store.x[:], store.y[:] = 7, 1
+    store.finish()
+    (tmp_path / "task-val-digest.labels.pt").write_bytes(pickle.dumps(_Planted()))
+    load = torch.load
+    # (torch 2.4 and 2.5's default)
+    monkeypatch.setattr(torch, "load", lambda *a, weights_only=False, **kw: load(*a, weights_only=weights_only, **kw))
+    with pytest.raises(pickle.UnpicklingError):
+        _Store(n, (3, 4, 4), path)
+    assert _Planted.ran == []
+
+
 def test_the_disk_cache_reads_images_that_changed_again(tiny, tmp_path):
     """Same files, new pixels: the crops are decoded again, not served from the old ones."""
     from PIL import Image
