@@ -1030,7 +1030,13 @@ def _check_layer_tensors(directory: Path, name: str, tensors: dict, G: int,
 def _weights_file(directory: Path, qconfig: dict) -> Path:
     """The one weights file of an unsharded checkpoint (AutoGPTQ named it after
     ``model_file_base_name``)."""
-    for name in (WEIGHTS_FILE, f"{qconfig.get('model_file_base_name') or 'model'}.safetensors"):
+    base = str(qconfig.get("model_file_base_name") or "model")
+    # (the config comes with the checkpoint: "../x" or an absolute path read another file of the
+    # machine as its weights; a base name is a file of the directory)
+    if Path(base).anchor or len(Path(base).parts) != 1 or base in (".", ".."):
+        raise ValueError(f"{directory}: the quantization config's model_file_base_name {base!r} is no file "
+                         f"name of the checkpoint's directory")
+    for name in (WEIGHTS_FILE, f"{base}.safetensors"):
         if (directory / name).is_file():
             return directory / name
     found = sorted(directory.glob("*.safetensors"))

@@ -2379,3 +2379,22 @@ def test_an_index_naming_a_shard_outside_its_directory_is_refused(outside, tmp_p
         "a": "model-00001-of-00001.safetensors"}}))
     assert torch.equal(CheckpointReader(home).get("a"), torch.full((2,), 42.0))
     assert torch.equal(ckpt._load_tensors(home, {})["a"], torch.full((2,), 42.0))
+
+
+@pytest.mark.parametrize("base_name", ["../private/secret", "ABSOLUTE"])
+def test_a_model_file_base_name_outside_the_directory_is_refused(base_name, tmp_path):
+    """AutoGPTQ's model_file_base_name names the weights file of the checkpoint's directory; the
+    config comes with the checkpoint, and "../x" or an absolute path read another .safetensors
+    file of the machine as its weights."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "private").mkdir()
+    save_file({"a": torch.full((2,), 42.0)}, str(tmp_path / "private" / "secret.safetensors"))
+    if base_name == "ABSOLUTE":
+        base_name = str(tmp_path / "private" / "secret")
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match="model_file_base_name .* is no file name of the checkpoint's directory"):
+        ckpt._load_tensors(tmp_path / "ckpt", {"model_file_base_name": base_name})
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "ckpt" / "gptq_model-4bit-16g.safetensors"))
+    tensors = ckpt._load_tensors(tmp_path / "ckpt", {"model_file_base_name": "gptq_model-4bit-16g"})
+    assert torch.equal(tensors["a"], torch.zeros(2))
