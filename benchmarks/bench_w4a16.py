@@ -38,11 +38,13 @@ otherwise) times a few representative cases with the ``benchmark`` fixture.
 """
 
 import argparse
+import json
 import math
 import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -354,13 +356,21 @@ def plot(rows, path, device_name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--plot", help="PNG to write (default: beside --out)")
+    parser.add_argument("--out", help="JSON file to write (required unless --replot)")
+    parser.add_argument("--plot", help="PNG to write (default: beside --out, or --replot's JSON)")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the plot again from a JSON this benchmark "
+                        "wrote (no GPU: a committed run's figure after a change to the plot)")
     parser.add_argument("--shapes", help="K:N pairs, comma separated (default: all)")
     parser.add_argument("--batches", help="M values, comma separated (default: all)")
     parser.add_argument("--groups", help="group sizes, comma separated, -1 per channel")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        plot(result["rows"], args.plot or re.sub(r"\.json$", "", args.replot) + ".png", result["device"])
+        return 0
+    if args.out is None:
+        parser.error("--out is required (or --replot JSON)")
     if no_cuda("bench_w4a16"):
         return 0
 

@@ -301,3 +301,16 @@ def test_w4a16_plot_draws_the_limit_of_its_own_format(tmp_path, monkeypatch, gro
     dashed = [line for line in figures[0].axes[0].get_lines() if line.get_linestyle() == "--"
               and line.get_label().startswith("bytes' limit")]
     assert [line.get_ydata()[0] for line in dashed] == [pytest.approx(2 * K * N / stored)]
+
+
+def test_w4a16_replots_a_committed_run_without_a_gpu(tmp_path):
+    """A committed run's figure is drawn again from its JSON after a change to the plot (the
+    card that measured it is rarely at hand)."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    run = tmp_path / "w4a16-card.json"
+    run.write_text(json.dumps(dict(device="card", rows=[dict(K=64, N=64, M=m, group_size=32, speedup=1.5)
+                                                         for m in (1, 4)])))
+    assert bench_w4a16.main(["--replot", str(run)]) == 0
+    assert (tmp_path / "w4a16-card.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # (neither a run's output nor a JSON to draw)
+        bench_w4a16.main([])
