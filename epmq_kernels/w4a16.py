@@ -1122,7 +1122,11 @@ def _w4a16_dequant_kernel(
                     other=0.0).to(tl.float32)[None, :]
         z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
                     other=0).to(tl.float32)[None, :]
-    w_rows = w_ptr + (local * 8)[:, None] * stride_wk + w_cols[None, :] * stride_wn
+    # (int64: w4a16_dequantize writes a caller's out of k_rows x N, which passes 2^31 elements
+    # for a large head, 256000 x 18432; with int32 offsets its far rows wrapped out of bounds)
+    row_step = tl.cast(stride_wk, tl.int64)
+    w_rows = (w_ptr + (local * 8).to(tl.int64)[:, None] * row_step
+              + w_cols.to(tl.int64)[None, :] * stride_wn)
     for j in tl.static_range(8):
         if GATHER:
             s, z = _row_scale_zero(rows * 8 + j, r_mask, mask, offs_n, g_idx_ptr, group_size,
@@ -1133,7 +1137,7 @@ def _w4a16_dequant_kernel(
         else:
             e = e4
         w = (_code_exact(words, j, e) - z) * s
-        tl.store(w_rows + j * stride_wk, w.to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_rows + j * row_step, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -621,6 +621,27 @@ def test_dequant_kernel_rounds_once(gen, dtype, group_size, g_idx_kind):
                            backend="triton")
 
 
+def test_dequantize_into_an_out_past_2_31_elements(gen):
+    """An out whose rows lie past 2^31 elements from its start (a whole 256000 x 18432 head
+    dequantized, here 8 rows 2^31 / 7 elements apart): int32 offsets wrapped and wrote out of
+    bounds. Only the rows written are touched (the rest of the 4 GiB is never backed)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    K, N = 8, 8
+    qweight, scales, zeros, _ = make_problem(gen, K, N, -1)
+    qweight, scales, zeros = qweight.to(device), scales.to(device), zeros.to(device)
+    row_stride = 2**31 // 7 + 64  # (row 7 starts past 2^31)
+    try:
+        storage = torch.empty(7 * row_stride + N, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError):  # (strict overcommit, or a small GPU)
+        pytest.skip("4 GiB of address space not available")
+    out = storage.as_strided((K, N), (row_stride, 1))
+    out.fill_(float("nan"))
+    got = W.w4a16_dequantize(qweight, scales, zeros, -1, out=out, backend="triton")
+    want = dequantize_int4_weight(qweight, scales, zeros, -1).to(torch.float16)
+    assert torch.equal(got.cpu(), want.cpu())
+    del storage, out, got
+
+
 def test_dqmm_chunks(gen, monkeypatch):
     """K in several chunks (the last one partial), N odd, leading dims; the chunk is bounded by
     CHUNK_K and by DQMM_MAX_CHUNK_BYTES, and the workspace is reused between calls."""
