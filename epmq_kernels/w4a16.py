@@ -1350,13 +1350,19 @@ def _mma_runs(x2, entry, wgmma=False) -> bool:
     per weights; weights first seen inside a CUDA graph's capture, whose zero points were never
     read, go without it), row offsets within int32 and, compiled, Gluon and a GPU of compute
     capability 8.0 or newer (``mma.sync``; wgmma: 9.0 exactly, Hopper's sm_90a, and activation
-    rows contiguous and 16-byte aligned, their stride a multiple of 16)."""
+    rows contiguous and 16-byte aligned, their stride a multiple of 16, and at most
+    MAX_GRID_YZ programs of its least BLOCK_M along the batch: the third grid dimension)."""
     if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
         return False
     if _mma_straddles(entry.G, entry.group):
         return False
     if wgmma and not (x2.stride(1) == 1 and x2.stride(0) % 16 == 0 and x2.data_ptr() % 16 == 0):
         return False  # (cp.async copies 16 bytes: rows contiguous and 16-byte aligned)
+    if wgmma and triton.cdiv(x2.shape[0], _WGMMA_LEAST_BLOCK_M) > MAX_GRID_YZ:
+        # (a bucket's choice serves every larger batch: a config of that BLOCK_M tuned at 8192
+        # rows would be launched on millions, which CUDA refuses; off for every config alike,
+        # so that the choice is remembered under other paths)
+        return False
     if x2.is_cuda:
         capability = torch.cuda.get_device_capability(x2.device)
         if not HAS_GLUON or (capability != (9, 0) if wgmma else capability < (8, 0)):
@@ -1367,8 +1373,8 @@ def _mma_runs(x2, entry, wgmma=False) -> bool:
 def _require_mma(x2, entry, wgmma=False):
     if not _mma_runs(x2, entry, wgmma):
         name, gpu = ("wgmma", "9.0 (Hopper)") if wgmma else ("mma", "8.0 or newer")
-        rows = (", rows contiguous, 16-byte aligned, their stride a multiple of 16 elements"
-                if wgmma else "")
+        rows = (f", rows contiguous, 16-byte aligned, their stride a multiple of 16 elements, "
+                f"at most {MAX_GRID_YZ * _WGMMA_LEAST_BLOCK_M} of them" if wgmma else "")
         raise ValueError(f"the {name} path takes float16 or bfloat16 activations{rows}, static "
                          f"groups of a multiple of 32 inputs and zero points in 0..15, on a GPU "
                          f"of compute capability {gpu}")
@@ -2097,6 +2103,19 @@ def _dequant_launch(qweight, scales, zeros, g_idx_arg, out, k0, rows, group, con
 
 
 INT32_OFFSETS = 2**31
+# CUDA's limit on a grid's second and third dimensions (the first takes 2^31 - 1): the GEMV,
+# mma and wgmma grids put the batch's row blocks on the third
+MAX_GRID_YZ = 65535
+_WGMMA_LEAST_BLOCK_M = min(config["BLOCK_M"] for config in AUTOTUNE_SPACE["wgmma"])
+
+
+def _check_grid(path, grid, M):
+    """A clear error where a grid passes CUDA's limits (a launch would fail with 'invalid
+    argument')."""
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"the {path} path's grid {tuple(grid)} for {M} rows passes CUDA's limit "
+                         f"of {MAX_GRID_YZ} on its second and third dimensions: take another "
+                         f"path (the gemm or dqmm path for large batches)")
 
 
 def _wide_rows(x2, out2, N) -> bool:
@@ -2159,6 +2178,7 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
     one_group = not gather and (G == 1 or group % k_per_split == 0)
     if path == "gemv":
         grid = (triton.cdiv(N, config["BLOCK_N"]), split_k, M)
+        _check_grid(path, grid, M)
         tiles = grid[0] * M
     else:
         tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
@@ -2233,6 +2253,7 @@ def _gluon_plan(path, kernel, entry, config, x2, out2, lead, grid, k_per_split, 
     qweight, scales, zeros, _ = entry.tensors()
     M, K = x2.shape
     N = entry.N
+    _check_grid(path, grid, M)
     split = grid[1] > 1
     if split:
         sums, counters = _split_k_workspace(x2.device, M * N, grid[0] * grid[2])

@@ -995,6 +995,30 @@ def test_wide_row_offsets(gen, path, monkeypatch):
     assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
 
 
+def test_batches_past_the_grid_limit(gen):
+    """The GEMV, mma and wgmma grids put the batch's row blocks on their third dimension, which
+    CUDA limits to 65535 (a launch past it fails with 'invalid argument'). wgmma competes for
+    every batch over 16 and a bucket's choice serves every larger batch: a small layer (256 x
+    256, rows within int32 offsets) on millions of rows must leave it out; forced paths are
+    refused clearly. (Rows by a stride-0 expand: no memory.)"""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
+    row = torch.randn(1, 64, generator=gen).half()
+    least = min(config["BLOCK_M"] for config in AUTOTUNE_SPACE["wgmma"])
+    assert "wgmma" in W._runnable_paths(row.expand(65535 * least, 64), entry)
+    assert "wgmma" not in W._runnable_paths(row.expand(65535 * least + 1, 64), entry)
+    x = row.expand(65535 * 16 + 1, 64)
+    out = torch.empty(1, 40, dtype=torch.float16)  # (never written: refused before any launch)
+    for path, config in (("wgmma", W.INTERPRETER_CONFIG["wgmma"]),
+                         ("mma", dict(W.INTERPRETER_CONFIG["mma"], BLOCK_M=16)),
+                         ("gemv", W.INTERPRETER_CONFIG["gemv"])):
+        with pytest.raises(ValueError, match="limit of 65535"):
+            W._build_plan(entry, path, config, x, out)
+    with pytest.raises(ValueError, match="at most"):
+        w4a16_matmul(row.expand(65535 * least + 1, 64), qweight, scales, zeros, 32,
+                     path="wgmma", backend="triton")
+
+
 def test_activations_read_transposed_past_int32_offsets_are_copied(gen, monkeypatch):
     """Offsets along K are int32 in the kernels: an ``X.T`` of 2^31 / K tokens would wrap them;
     such activations are made contiguous first (the bound lowered here to a small problem)."""
