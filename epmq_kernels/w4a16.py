@@ -2400,6 +2400,8 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
     K = qweight.shape[0] * 8 if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else 8
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    if backend not in ("auto", "triton", "torch"):  # (a misspelt one took the torch path silently)
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     device = qweight.device if isinstance(qweight, torch.Tensor) else "cpu"
     K, N, G = _check_arguments(torch.empty((0, K), dtype=dtype, device=device), qweight, scales,
                                zeros, group_size, g_idx)

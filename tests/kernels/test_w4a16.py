@@ -621,6 +621,15 @@ def test_dequant_kernel_rounds_once(gen, dtype, group_size, g_idx_kind):
                            backend="triton")
 
 
+def test_dequantize_refuses_an_unknown_backend(gen):
+    """A misspelt backend ("Triton", "cuda") took the float64 torch path without a word, as
+    w4a16_matmul and the packing functions refuse it."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    for backend in ("Triton", "cuda", None):
+        with pytest.raises(ValueError, match="backend must be"):
+            W.w4a16_dequantize(qweight, scales, zeros, 32, backend=backend)
+
+
 def test_dequantize_into_an_out_past_2_31_elements(gen):
     """An out whose rows lie past 2^31 elements from its start (a whole 256000 x 18432 head
     dequantized, here 8 rows 2^31 / 7 elements apart): int32 offsets wrapped and wrote out of
