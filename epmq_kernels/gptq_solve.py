@@ -439,6 +439,12 @@ def gptq_solve_triton(
             raise ValueError("out.Q must be a contiguous float32 tensor of W's shape")
         if codes.shape != W.shape or codes.dtype != torch.int32 or not codes.is_contiguous():
             raise ValueError("out.codes must be a contiguous int32 tensor of W's shape")
+        # (the kernel writes them: on another GPU that is an illegal address, or another
+        # device's memory overwritten)
+        given = [("out.Q", Q), ("out.codes", codes)] + [
+            (n, t) for n, t in (("out.scales", out.scales), ("out.zeros", out.zeros))
+            if dynamic and t is not None]
+        check_device(W, *(t for _, t in given), names=["W"] + [n for n, _ in given])
     else:
         Q = torch.empty_like(W)
         codes = torch.empty(d_out, d_in, dtype=torch.int32, device=device)

@@ -611,6 +611,15 @@ def test_more_argument_errors(gen):
                        torch.empty(shape, **n), torch.empty(shape, **n))
         with pytest.raises(ValueError, match="out.scales"):
             gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=bad)
+    # out on another device than W: the kernel wrote through its pointers (a GPU's illegal
+    # address, or another GPU's memory overwritten; here "Cannot copy out of meta tensor")
+    for where in range(4):
+        parts = [torch.empty(8, 32, **n), torch.empty(8, 32, dtype=torch.int32, device=DEVICE),
+                 torch.empty(8, 2, **n), torch.empty(8, 2, **n)]
+        parts[where] = parts[where].to("meta")
+        name = ("out.Q", "out.codes", "out.scales", "out.zeros")[where]
+        with pytest.raises(ValueError, match=f"different devices: .*{name}=meta"):
+            gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(*parts))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
