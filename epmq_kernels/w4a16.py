@@ -840,7 +840,9 @@ def _w4a16_gemv_kernel(
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # (int64: a forced GEMV of several rows whose row offsets, of x, y or the split-K sums, pass
+    # 2^31 read and wrote out of bounds; one scalar, outside the loop)
+    pid_m = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     x_row = x_ptr + pid_m * stride_xm

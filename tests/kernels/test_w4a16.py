@@ -1004,6 +1004,25 @@ def test_wide_row_offsets(gen, path, monkeypatch):
     assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
 
 
+def test_forced_gemv_of_rows_past_2_31(gen):
+    """The GEMV forced on several rows (it takes one row a program) whose row offsets pass 2^31
+    (here 3 rows 2^30 elements apart): ``pid_m * stride`` in int32 wrapped and read out of
+    bounds. Only the rows read are touched (the rest of the 4 GiB is never backed)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    qweight, scales, zeros = qweight.to(device), scales.to(device), zeros.to(device)
+    row_stride = 2**30 + 64
+    try:
+        storage = torch.empty(2 * row_stride + 64, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError):  # (strict overcommit, or a small GPU)
+        pytest.skip("4 GiB of address space not available")
+    x = storage.as_strided((3, 64), (row_stride, 1))
+    x.copy_(torch.randn(3, 64, generator=gen).half())
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, path="gemv", backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+    del storage, x
+
+
 def test_batches_past_the_grid_limit(gen):
     """The GEMV, mma and wgmma grids put the batch's row blocks on their third dimension, which
     CUDA limits to 65535 (a launch past it fails with 'invalid argument'). wgmma competes for
