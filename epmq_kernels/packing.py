@@ -62,9 +62,12 @@ def _pack_int4_kernel(
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     code_ptrs = (codes_ptr + (offs_r[:, None] * 8) * stride_code_pack
                  + offs_c[None, :] * stride_code_other)
+    # (and the step between a word's codes: j * stride in int32 wrapped for codes whose packed
+    # axis has a stride past 2^31 / 7, a view of a larger matrix)
+    code_step = tl.cast(stride_code_pack, tl.int64)
     word = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
     for j in tl.static_range(8):
-        code = tl.load(code_ptrs + j * stride_code_pack, mask=mask, other=0).to(tl.int32)
+        code = tl.load(code_ptrs + j * code_step, mask=mask, other=0).to(tl.int32)
         # The shift by 28 wraps into bit 31 in 32-bit arithmetic: the word's sign is the code's
         # top bit, which is what the int32 checkpoint stores.
         word = word | ((code & 0xF) << (4 * j))
@@ -91,9 +94,10 @@ def _unpack_int4_kernel(
     word = tl.load(word_ptrs, mask=mask, other=0)
     code_ptrs = (codes_ptr + (offs_r[:, None] * 8) * stride_code_pack
                  + offs_c[None, :] * stride_code_other)
+    code_step = tl.cast(stride_code_pack, tl.int64)  # (as in _pack_int4_kernel)
     for j in tl.static_range(8):
         # >> is arithmetic on int32: the mask drops the copies of the sign bit.
-        tl.store(code_ptrs + j * stride_code_pack, (word >> (4 * j)) & 0xF, mask=mask)
+        tl.store(code_ptrs + j * code_step, (word >> (4 * j)) & 0xF, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

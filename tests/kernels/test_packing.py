@@ -152,6 +152,25 @@ def test_offsets_past_2_31_along_the_other_axis(gen):
     del storage, zeros
 
 
+def test_offsets_past_2_31_along_the_packed_axis(gen):
+    """Codes whose packed axis has a stride past 2^31 / 7 (8 rows 2^31 / 7 bytes apart): the
+    step between a word's eight codes, ``j * stride``, wrapped in int32 and read out of
+    bounds. Only the bytes read are touched (the rest of the 2 GiB is never backed)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stride = 2**31 // 7 + 64
+    try:
+        storage = torch.empty(7 * stride + 3, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError):  # (strict overcommit, or a small GPU)
+        pytest.skip("2 GiB of address space not available")
+    values = random_codes(gen, (8, 3), torch.uint8)
+    codes = storage.as_strided((8, 3), (stride, 1))
+    codes.copy_(values)
+    want = pack_int4(values, backend="torch")
+    assert torch.equal(pack_int4(codes, backend="triton").cpu(), want)
+    assert torch.equal(pack_int4_cols(codes.t(), backend="triton").cpu(), want.t())
+    del storage, codes
+
+
 def test_kernels_write_every_element(gen):
     """Outputs pre-filled with a sentinel: every element must be overwritten."""
     sentinel = 0x5A5A5A5A
