@@ -109,10 +109,18 @@ def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = Fa
             H_m.add_(H_k)
 
 
+def _check_xxt_args(H, X):
+    # (H first: a 1-D H failed on H.shape[1] with "tuple index out of range", and a non-square
+    # one was reported as X's fault)
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be a square matrix [d_in, d_in], got {tuple(H.shape)}")
+    if X.dim() != 2 or X.shape[1] != H.shape[0]:
+        raise ValueError(f"X must be [n, {H.shape[0]}] for H {tuple(H.shape)}, got {tuple(X.shape)}")
+
+
 def accumulate_xxt_reference(H, X):
     """In place: ``H += X^T X`` for token rows ``X[n, d_in]``, in H's precision."""
-    if X.dim() != 2 or X.shape[1] != H.shape[0] or H.shape[0] != H.shape[1]:
-        raise ValueError(f"X must be [n, {H.shape[0]}] for H {tuple(H.shape)}, got {tuple(X.shape)}")
+    _check_xxt_args(H, X)
     X = X.to(H.dtype)
     H.addmm_(X.T, X)
     return H
@@ -574,8 +582,7 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
 @on_tensor_device
 def accumulate_xxt_triton(H, X):
     """In place ``H += X^T X`` for token rows ``X[n, d_in]`` (bf16, fp16, fp32 or fp64)."""
-    if X.dim() != 2 or X.shape[1] != H.shape[0] or H.shape[0] != H.shape[1]:
-        raise ValueError(f"X must be [n, {H.shape[0]}] for H {tuple(H.shape)}, got {tuple(X.shape)}")
+    _check_xxt_args(H, X)
     check_device(H, X, names=["H", "X"])
     _check_float_out(H, "H")
     if X.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):

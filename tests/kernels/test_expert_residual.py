@@ -226,6 +226,10 @@ def test_xxt_no_tokens_and_errors(gen):
         accumulate_xxt_triton(H, torch.zeros(4, 16, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="backend"):
         accumulate_xxt(H, rand(gen, 4, 16), backend="numpy")
+    for backend in ("torch", "triton"):  # (a 1-D H failed with "tuple index out of range")
+        for bad in (rand(gen, 16), rand(gen, 16, 17), rand(gen, 1, 16, 16)):
+            with pytest.raises(ValueError, match="H must be a square matrix"):
+                accumulate_xxt(bad, rand(gen, 4, 16), backend=backend)
 
 
 def test_hessian_stats_with_triton_backend(gen):
