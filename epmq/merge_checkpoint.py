@@ -535,10 +535,43 @@ def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
                              f"1e-1 as a string: write 1.0e-1 or 0.1)")
 
 
-def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
+class _SpilledGrams(Sequence):
+    """One weight's Gram matrices, one per model, read from the files each model's were
+    written to when indexed (``merge.regmean`` reads one weight's at a time)."""
+
+    def __init__(self, entries):
+        self.entries = entries  # [(file, key)], one per model
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, k):
+        from safetensors import safe_open
+
+        file, key = self.entries[k]
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _spill(grams: Mapping[str, torch.Tensor], file: Path) -> dict:
+    """Write one model's Gram matrices to ``file`` (a matrix shared by several weights, q/k/v's,
+    once); ``{weight name: its key there}``."""
+    from ._util import save_safetensors
+
+    key_of, unique, keys = {}, {}, {}
+    for name, G in grams.items():
+        keys[name] = key_of.setdefault(id(G), f"g{len(key_of)}")
+        unique[keys[name]] = G
+    save_safetensors({key: G.contiguous() for key, G in unique.items()}, file)
+    return keys
+
+
+def _expert_grams(sources, model_paths, calibration, device, options, spill_dir: Path) -> dict:
     """RegMean's statistics: for each reference tensor name, each model's ``X^T X`` at that
     linear on its own calibration data (the model loaded whole, one at a time); and the names
-    of the weights stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    of the weights stored ``[in, out]`` (GPT-2's ``Conv1D``). Each model's are written to a file
+    in ``spill_dir`` once computed and read back a weight at a time by the merge: held, they grew
+    with layers times models (a 7B Llama's are 44 GB a model in float64)."""
     from .checkpoint_io import renamed, saved_key_renaming
     from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, calibrated
     from .stats import gram_matrices
@@ -574,13 +607,16 @@ def _expert_grams(sources, model_paths, calibration, device, options) -> dict:
                         p.copy_(view[to_reference[on_disk[n]]])
         grams = gram_matrices(model, batches[f"model {k}"])
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
-        per_model.append({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference})
         if k == 0:  # (the models share one architecture)
             transposed = {to_reference[on_disk[n]] for n in merge_lib.conv1d_weights(model)
                           if n in grams and on_disk[n] in to_reference}
         del model
+        file = spill_dir / f"grams-{k}.safetensors"
+        keys = _spill({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference}, file)
+        per_model.append({n: (file, key) for n, key in keys.items()})
+        del grams
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]
-    return {n: [g[n] for g in per_model] for n in shared}, transposed & set(shared)
+    return {n: _SpilledGrams([g[n] for g in per_model]) for n in shared}, transposed & set(shared)
 
 
 def _config(path: Path) -> dict:
@@ -919,11 +955,14 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 # (its parameters checked on no tensors first: merged, they were read only after
                 # every model's statistics, minutes to hours of loading and calibrating)
                 fn([{} for _ in models], {}, **params)
+                spill_dir = tmp / ".regmean-grams"  # (in the output's temporary: gone with it if stopped)
+                spill_dir.mkdir()
                 with loading_bars(progress):
                     grams, transposed = _expert_grams(sources, model_paths, calibration, device,
                                                       dict(samples=samples, seq_len=seq_len,
-                                                           batch_size=batch_size, seed=seed))
+                                                           batch_size=batch_size, seed=seed), spill_dir)
                 fn(sources, grams, transposed=transposed, out=writer, **params)
+                shutil.rmtree(spill_dir)
             else:
                 fn(base_state, sources, out=writer, **params)
             for name in base_only:

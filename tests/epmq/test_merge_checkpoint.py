@@ -687,6 +687,35 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     assert json.loads((out / RECIPE_FILE).read_text())["calibration"] == [str(t) for t in texts]
 
 
+
+def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, monkeypatch):
+    """Each model's Gram matrices are written out once computed and read back a weight at a
+    time: held, they grew with layers times models (a 7B Llama's are 44 GB a model in float64).
+    The files go with the output's temporary; the merge is the one of the matrices in memory."""
+    from epmq.merge_checkpoint import _SpilledGrams
+
+    root, base, experts = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    seen = {}
+    regmean = merge.regmean
+
+    def spying(sources, grams, **kwargs):
+        if grams:
+            seen["lazy"] = all(isinstance(g, _SpilledGrams) for g in grams.values())
+            seen["files"] = sorted({f.name for g in grams.values() for f, _ in g.entries})
+            seen["in_memory"] = {n: [G.clone() for G in g] for n, g in grams.items()}
+        return regmean(sources, grams, **kwargs)
+
+    monkeypatch.setattr(merge, "regmean", spying)
+    out = merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                            progress=False, samples=4, seq_len=16, batch_size=2)
+    assert seen["lazy"] and seen["files"] == ["grams-0.safetensors", "grams-1.safetensors"]
+    assert not list(tmp_path.glob("**/.regmean-grams"))
+    monkeypatch.setattr(merge, "regmean", regmean)
+    want = merge.regmean(experts[:2], seen["in_memory"], alpha=0.9)
+    got = _load(out)
+    assert all(torch.equal(got[name], want[name].to(got[name].dtype)) for name in want)
+
 def test_regmean_of_encoder_decoders_asks_the_model_for_its_decoder_start(tmp_path):
     """RegMean on input/target pairs: mBART (its config's decoder_start_token_id null, which its
     label shift never reads) is merged, not refused for what config.json says; a T5 without one,
