@@ -7,6 +7,8 @@ import torch
 
 from epmq_kernels.hessian_scan import N_NUMBERS, hessian_numbers
 
+from ._util import without_autocast
+
 
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or inf in ``t``: one min/max reduction (NaN propagates through it) instead of the
@@ -100,6 +102,9 @@ def _scan_backend(H: torch.Tensor) -> str:
     return resolve_backend(None, H.device)
 
 
+# (products: under a caller's bf16 autocast, where no solver turned it off first, as in
+# EPMQStats(merged_hessian=) and merge.regmean, their rounding refused most fp32 H as not symmetric)
+@without_autocast
 def _hessian_numbers(H: torch.Tensor) -> torch.Tensor:
     """The numbers :func:`check_hessian` judges ``H`` by, as a float64 device tensor (queued, not
     read): min, max, min of the diagonal, dead diagonal entries, the symmetry gap, ``|H v|`` and

@@ -95,6 +95,27 @@ def test_half_precision_hessians_that_are_symmetric_pass(dtype):
             check_hessian(bad, d)
 
 
+def test_a_callers_autocast_does_not_refuse_a_symmetric_hessian():
+    """The symmetry probes are products: under a caller's autocast (a training script's) they
+    ran in bf16, whose rounding (4e-3) refused most fp32 Gram matrices as "not symmetric" where
+    no decorated solver turned autocast off first: EPMQStats(W, merged_hessian=H), RegMean's
+    grams."""
+    from epmq import EPMQStats, merge
+
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        d = [24, 64, 128][seed % 3]
+        X = torch.randn(3 * d, d, generator=g)
+        H = X.T @ X
+        W = torch.randn(8, d, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            EPMQStats(W, merged_hessian=H)
+            merge.regmean([{"w": W}, {"w": W + 0.1}], {"w": [H, H]})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            traced = check_hessian(H, d)
+        assert traced == check_hessian(H, d)  # (the trace too, as without autocast)
+
+
 def test_a_zero_diagonal_entry_needs_a_zero_row():
     """An input that is always 0 has a zero row and column in X X^T: the solvers drop it as a
     dead column, which is exact only then (before, an indefinite H was solved with a wrong loss)."""
