@@ -444,6 +444,7 @@ class EPMQStats:
         self._dense_only = True
         return False
 
+    @without_autocast  # (run by the reads G_e, c_e and copy too: a caller's autocast made it bf16)
     def _take_owed(self, side: bool = False):
         """Take the low-rank experts' owed product ``(W_0 - W_m) H_e`` (see LowRankExpert) into
         ``G_e``, and ``tr((W_0 - W_m) H_e (W_0 - W_m)^T)`` into ``c_e``; from then on every task

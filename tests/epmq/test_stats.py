@@ -1316,3 +1316,31 @@ def test_a_callers_autocast_changes_no_statistic_and_no_solve(gen):
     assert torch.equal(plain[1], cast[1])
     for a, b in zip(plain[2:], cast[2:]):
         assert torch.equal(a.codes, b.codes) and a.loss == b.loss
+
+
+def test_reading_low_rank_statistics_under_autocast_changes_nothing(gen):
+    """Low-rank experts owe one product, (W_0 - W_m) H_e, until the statistics are read: read as
+    ``G_e`` or ``c_e`` (or copied) under a caller's autocast, it ran in bf16 and G_e differed."""
+    import copy
+
+    W_0 = torch.randn(D_OUT, D_IN, generator=gen)
+    W_m = W_0 + 0.05 * torch.randn(D_OUT, D_IN, generator=gen)
+    experts = [LowRankExpert(W_0, 0.1 * torch.randn(D_OUT, 4, generator=gen), torch.randn(4, D_IN, generator=gen))
+               for _ in range(2)]
+    data = [batches(gen) for _ in experts]
+
+    def stats():
+        s = EPMQStats(W_m, dtype=torch.float32)
+        for W, xs in zip(experts, data):
+            s.begin_task(W)
+            for x in xs:
+                s.add_batch(x)
+            s.end_task()
+        return s
+
+    plain = stats()
+    for read in (lambda s: s.G_e, lambda s: s.c_e, copy.copy):
+        cast = stats()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            read(cast)
+        assert torch.equal(plain.G_e, cast.G_e) and plain.c_e == cast.c_e
