@@ -49,6 +49,11 @@ def _image_processor_config(directory: Path):
     return None, None
 
 
+def _same_in_dtype(mine: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``mine`` is ``base`` as ``mine``'s dtype holds it."""
+    return torch.equal(mine, base.to(mine.dtype))
+
+
 class HFClipBench(ZeroShotImageBench):
     family = "hf_clip"
 
@@ -103,8 +108,10 @@ class HFClipBench(ZeroShotImageBench):
         for task, state in self.experts.items():
             expert = state.reader
             own = ["a classifier (classifier.*)"] if any(k.startswith("classifier.") for k in expert.keys()) else []
+            # (compared in the expert's dtype: a whole CLIPModel saved in float16 holds the base's
+            # projections rounded so, which are not its own)
             own += [key for key in ("visual_projection.weight", "text_projection.weight")
-                    if key in expert and key in base and not torch.equal(expert.get(key), base.get(key))]
+                    if key in expert and key in base and not _same_in_dtype(expert.get(key), base.get(key))]
             if own:
                 warnings.warn(f"the expert of task {task!r} holds {' and '.join(own)} of its own, not used: every "
                               f"model is scored through the base's projection and zero-shot text heads "

@@ -889,11 +889,12 @@ def test_a_folder_image_is_copied_once(tmp_path, monkeypatch):
     image.load()  # (read in full: the file is closed)
 
 
-@pytest.mark.parametrize("own", ["projection", "classifier", "neither"])
+@pytest.mark.parametrize("own", ["projection", "classifier", "neither", "neither, in float16"])
 def test_an_expert_with_a_head_of_its_own_is_said_to_be_scored_without_it(tiny, tmp_path, own):
     """Every model is scored through the base's projection and zero-shot text heads (FusionBench's
     protocol): an expert saved whole with a projection trained apart, or with a classifier of its
-    own (CLIPForImageClassification), was scored without them, and nothing said so."""
+    own (CLIPForImageClassification), was scored without them, and nothing said so. An expert
+    saved whole in float16 holds the base's projections as they are in float16: not its own."""
     import warnings
 
     from safetensors.torch import load_file, save_file
@@ -905,6 +906,10 @@ def test_an_expert_with_a_head_of_its_own_is_said_to_be_scored_without_it(tiny, 
         state = {**{k: v for k, v in base.items() if not k.startswith("vision_model.")},
                  **{f"vision_model.{k}": v for k, v in state.items()}}
         state["visual_projection.weight"] = state["visual_projection.weight"] + 0.1
+    elif own == "neither, in float16":  # (a whole CLIPModel saved in half precision, heads untrained)
+        state = {**{k: v for k, v in base.items() if not k.startswith("vision_model.")},
+                 **{f"vision_model.{k}": v for k, v in state.items()}}
+        state = {k: v.half() for k, v in state.items()}
     elif own == "classifier":
         state["classifier.weight"] = torch.randn(3, state["post_layernorm.weight"].shape[0])
     save_file(state, str(tmp_path / "expert.safetensors"))
@@ -912,8 +917,8 @@ def test_an_expert_with_a_head_of_its_own_is_said_to_be_scored_without_it(tiny, 
         warnings.simplefilter("always")
         _broken(tiny, tmp_path, lambda c: c["tasks"][0].update(expert=str(tmp_path / "expert.safetensors")))()
     said = [str(w.message) for w in caught if "scored through the base's" in str(w.message)]
-    if own == "neither":
-        assert not said
+    if own.startswith("neither"):
+        assert not said, said
     else:
         assert len(said) == 1 and "'alpha'" in said[0]
         assert ("visual_projection.weight" if own == "projection" else "classifier") in said[0]
