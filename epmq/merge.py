@@ -63,7 +63,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ._util import storage_key
+from ._util import storage_key, without_autocast
 from .checks import all_finite, check_finite, check_hessian, check_number, is_int
 
 StateDict = Mapping[str, torch.Tensor]
@@ -219,6 +219,7 @@ def _work_dtype(reference: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()  # (parameters as inputs: no graph kept alive by the result)
+@without_autocast  # (the merges compute in _work_dtype: a caller's autocast ran TSV's and Iso-C's products in bf16)
 def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
