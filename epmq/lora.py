@@ -36,7 +36,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import storage_key
+from ._util import storage_key, without_autocast
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -392,6 +392,7 @@ class LoraExpert(Mapping):
             t = t.to(self.base.dtype(key))
         return t
 
+    @without_autocast  # (B A in float32: a caller's autocast made it bf16, the expert PEFT's no more)
     def __getitem__(self, key: str) -> torch.Tensor:
         W_0 = self._own(key)
         if key not in self._updates:

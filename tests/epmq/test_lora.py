@@ -96,6 +96,17 @@ def test_expert_equals_peft_merge(base_dir, tmp_path, lora):
     assert expert.shape_of("model.layers.1.mlp.down_proj.weight") == (24, 40)
 
 
+def test_a_callers_autocast_changes_no_expert_weight(base_dir, tmp_path):
+    """W_0 + s B A is formed in float32: read under a caller's autocast (a training script's, or
+    quantize_model called inside one) B A ran in bf16, and the expert's updated weights differed
+    from PEFT's merge by ~1e-3, silently (E-PMQ's targets with them)."""
+    reference = make_adapter(base_dir, tmp_path / "adapter", seed=3)
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = {name: expert[name] for name in reference}
+    assert_same_expert(cast, reference)
+
+
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     torch.manual_seed(1)
     base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=24, n_layer=2,
