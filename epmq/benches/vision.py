@@ -115,7 +115,7 @@ class _Store:
             import numpy as np
 
             self.x = torch.from_numpy(np.load(self._file(".npy"), mmap_mode="c"))
-            # (tensors only: torch before 2.6, which setup.py allows, unpickled anything by default,
+            # (tensors only, whatever torch's default: before 2.6 it unpickled anything,
             # running the code of any file put in the cache directory)
             self.y = torch.load(self._file(".labels.pt"), weights_only=True)
             self.complete = True
