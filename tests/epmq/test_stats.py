@@ -20,6 +20,16 @@ def gram(xs):
     return X.T @ X
 
 
+def _streamed(stats, experts, data):
+    """``stats`` with each expert's task streamed batch by batch."""
+    for W, xs in zip(experts, data):
+        stats.begin_task(W)
+        for x in xs:
+            stats.add_batch(x)
+        stats.end_task()
+    return stats
+
+
 def test_hessian_stats(gen):
     xs = batches(gen)
     stats = HessianStats(D_IN, dtype=torch.float64)
@@ -34,12 +44,7 @@ def test_streaming_equals_whole_statistics(gen):
     W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(3)]
     data = [batches(gen, scale=s) for s in (0.5, 1.0, 3.0)]
 
-    streamed = EPMQStats(W_m, dtype=torch.float64)
-    for W, xs in zip(W_k, data):
-        streamed.begin_task(W)
-        for x in xs:
-            streamed.add_batch(x)
-        streamed.end_task()
+    streamed = _streamed(EPMQStats(W_m, dtype=torch.float64), W_k, data)
     whole = EPMQStats(W_m, dtype=torch.float64)
     for W, xs in zip(W_k, data):
         whole.add_task(W, gram(xs))
@@ -1330,13 +1335,7 @@ def test_reading_low_rank_statistics_under_autocast_changes_nothing(gen):
     data = [batches(gen) for _ in experts]
 
     def stats():
-        s = EPMQStats(W_m, dtype=torch.float32)
-        for W, xs in zip(experts, data):
-            s.begin_task(W)
-            for x in xs:
-                s.add_batch(x)
-            s.end_task()
-        return s
+        return _streamed(EPMQStats(W_m, dtype=torch.float32), experts, data)
 
     plain = stats()
     for read in (lambda s: s.G_e, lambda s: s.c_e, copy.copy):
