@@ -1346,21 +1346,22 @@ def _mma_straddles(G, group, kr=1):
     return G > 1 and group % (32 * kr) != 0
 
 
-def _mma_runs(x2, entry, wgmma=False) -> bool:
+def _mma_runs(x2, entry, wgmma=False, bound_rows=True) -> bool:
     """Whether the mma path (``wgmma``: the wgmma path) can run these activations and weights:
     fp16/bf16, static groups of whole 32-input steps, zero points in the 4-bit grid (read once
     per weights; weights first seen inside a CUDA graph's capture, whose zero points were never
     read, go without it), row offsets within int32 and, compiled, Gluon and a GPU of compute
     capability 8.0 or newer (``mma.sync``; wgmma: 9.0 exactly, Hopper's sm_90a, and activation
     rows contiguous and 16-byte aligned, their stride a multiple of 16, and at most
-    MAX_GRID_YZ programs of its least BLOCK_M along the batch: the third grid dimension)."""
+    MAX_GRID_YZ programs of its least BLOCK_M along the batch: the third grid dimension;
+    not ``bound_rows``: a given config's plan, whose own grid ``_check_grid`` bounds)."""
     if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
         return False
     if _mma_straddles(entry.G, entry.group):
         return False
     if wgmma and not (x2.stride(1) == 1 and x2.stride(0) % 16 == 0 and x2.data_ptr() % 16 == 0):
         return False  # (cp.async copies 16 bytes: rows contiguous and 16-byte aligned)
-    if wgmma and triton.cdiv(x2.shape[0], _WGMMA_LEAST_BLOCK_M) > MAX_GRID_YZ:
+    if wgmma and bound_rows and triton.cdiv(x2.shape[0], _WGMMA_LEAST_BLOCK_M) > MAX_GRID_YZ:
         # (a bucket's choice serves every larger batch: a config of that BLOCK_M tuned at 8192
         # rows would be launched on millions, which CUDA refuses; off for every config alike,
         # so that the choice is remembered under other paths)
@@ -1372,11 +1373,12 @@ def _mma_runs(x2, entry, wgmma=False) -> bool:
     return (entry._zeros_in_grid is not None or not _capturing(x2.device)) and entry.zeros_in_grid()
 
 
-def _require_mma(x2, entry, wgmma=False):
-    if not _mma_runs(x2, entry, wgmma):
+def _require_mma(x2, entry, wgmma=False, bound_rows=True):
+    if not _mma_runs(x2, entry, wgmma, bound_rows):
         name, gpu = ("wgmma", "9.0 (Hopper)") if wgmma else ("mma", "8.0 or newer")
-        rows = (f", rows contiguous, 16-byte aligned, their stride a multiple of 16 elements, "
-                f"at most {MAX_GRID_YZ * _WGMMA_LEAST_BLOCK_M} of them" if wgmma else "")
+        rows = (", rows contiguous, 16-byte aligned, their stride a multiple of 16 elements"
+                + (f", at most {MAX_GRID_YZ * _WGMMA_LEAST_BLOCK_M} of them" if bound_rows else "")
+                if wgmma else "")
         raise ValueError(f"the {name} path takes float16 or bfloat16 activations{rows}, static "
                          f"groups of a multiple of 32 inputs and zero points in 0..15, on a GPU "
                          f"of compute capability {gpu}")
@@ -2337,7 +2339,9 @@ def _wgmma_launch_shape(config, M, K, N, G, group, x_dtype, s_dtype):
 
 def _build_wgmma_plan(entry, config, x2, out2, lead):
     """The plan of a wgmma config (:mod:`epmq_kernels.w4a16_wgmma`)."""
-    _require_mma(x2, entry, wgmma=True)
+    # (rows bounded by this config's own grid, in _gluon_plan: by the space's least BLOCK_M, a
+    # forced BLOCK_M = 256 was refused on 4.2M to 16.8M rows, which its grid launches)
+    _require_mma(x2, entry, wgmma=True, bound_rows=False)
     _require_whole_steps("wgmma", config, entry)
     if not INTERPRETED and config["num_warps"] % 4:
         raise ValueError(f"wgmma config {config}: num_warps must be a multiple of 4 (a "

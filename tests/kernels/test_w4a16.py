@@ -1047,6 +1047,24 @@ def test_batches_past_the_grid_limit(gen):
                      path="wgmma", backend="triton")
 
 
+def test_a_forced_wgmma_config_is_bounded_by_its_own_block_m(gen):
+    """A forced wgmma config's rows are bounded by its own BLOCK_M's grid, not the space's least:
+    BLOCK_M = 256 launches at most 65535 x 256 rows, and was refused past 65535 x 64. (Built,
+    not launched; rows by a stride-0 expand.)"""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
+    least = min(config["BLOCK_M"] for config in AUTOTUNE_SPACE["wgmma"])
+    config = max(AUTOTUNE_SPACE["wgmma"], key=lambda c: c["BLOCK_M"])
+    assert config["BLOCK_M"] > least
+    x = torch.randn(1, 64, generator=gen).half().expand(65535 * least + 1, 64)
+    out = torch.empty(1, 40, dtype=torch.float16)
+    plan = W._build_plan(entry, "wgmma", dict(config), x, out)
+    assert plan.launches[0].grid[2] == -(-x.shape[0] // config["BLOCK_M"]) <= W.MAX_GRID_YZ
+    with pytest.raises(ValueError, match="limit of 65535"):  # (past its own: still refused)
+        W._build_plan(entry, "wgmma", dict(config),
+                      x[:1].expand(65535 * config["BLOCK_M"] + 1, 64), out)
+
+
 def test_activations_read_transposed_past_int32_offsets_are_copied(gen, monkeypatch):
     """Offsets along K are int32 in the kernels: an ``X.T`` of 2^31 / K tokens would wrap them;
     such activations are made contiguous first (the bound lowered here to a small problem)."""
