@@ -2582,6 +2582,12 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         else:
             if path in ("mma", "wgmma"):
                 _require_mma(x2, entry, wgmma=path == "wgmma")
+            # (rows past the grid's limit fail every config of these paths alike: tuned, each
+            # plan's clear error was swallowed and 'no candidate config could run' raised)
+            if path == "gemv":  # (a row a program)
+                _check_grid(path, (1, 1, M), M)
+            elif path == "mma":
+                _check_grid(path, (1, 1, triton.cdiv(M, _block_m_for_mma(M))), M)
             path, config = _choose((path,) if path is not None else _runnable_paths(x2, run),
                                    x2, run)
         plan = _build_plan(run, path, config, x2, out2, lead)

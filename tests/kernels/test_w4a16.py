@@ -1065,6 +1065,26 @@ def test_a_forced_wgmma_config_is_bounded_by_its_own_block_m(gen):
                       x[:1].expand(65535 * config["BLOCK_M"] + 1, 64), out)
 
 
+@pytest.mark.parametrize("path", ["gemv", "mma"])
+def test_a_forced_path_past_the_grid_limit_is_refused_before_tuning(gen, tmp_path, monkeypatch, path):
+    """A forced path (no config) past the grid's limit is refused with the limit named: tuned,
+    every config failed its plan and the tuner said only 'no candidate config could run'. (The
+    limit lowered to a small batch; the tuner on, under the interpreter, its timing replaced.)"""
+    import triton
+
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EPMQ_AUTOTUNE", "1")
+    monkeypatch.setattr(W, "_TUNE", True)
+    monkeypatch.setattr(W, "_CHOSEN", {})
+    monkeypatch.setattr(W, "MAX_GRID_YZ", 1)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: (fn(), 1.0)[1])
+    qweight, scales, zeros, _ = make_problem(gen, 1024, 40, 32)
+    x = torch.randn(17, 1024, generator=gen).half()  # (2 row blocks of the mma path's 16)
+    with pytest.raises(ValueError, match="limit of 1 "):
+        w4a16_matmul(x, qweight, scales, zeros, 32, path=path, backend="triton")
+
+
 def test_activations_read_transposed_past_int32_offsets_are_copied(gen, monkeypatch):
     """Offsets along K are int32 in the kernels: an ``X.T`` of 2^31 / K tokens would wrap them;
     such activations are made contiguous first (the bound lowered here to a small problem)."""
