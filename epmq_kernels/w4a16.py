@@ -1361,7 +1361,7 @@ def _mma_runs(x2, entry, wgmma=False, bound_rows=True) -> bool:
         return False
     if wgmma and not (x2.stride(1) == 1 and x2.stride(0) % 16 == 0 and x2.data_ptr() % 16 == 0):
         return False  # (cp.async copies 16 bytes: rows contiguous and 16-byte aligned)
-    if wgmma and bound_rows and triton.cdiv(x2.shape[0], _WGMMA_LEAST_BLOCK_M) > MAX_GRID_YZ:
+    if wgmma and bound_rows and _least_row_blocks("wgmma", x2.shape[0]) > MAX_GRID_YZ:
         # (a bucket's choice serves every larger batch: a config of that BLOCK_M tuned at 8192
         # rows would be launched on millions, which CUDA refuses; off for every config alike,
         # so that the choice is remembered under other paths)
@@ -2113,6 +2113,18 @@ MAX_GRID_YZ = 65535
 _WGMMA_LEAST_BLOCK_M = min(config["BLOCK_M"] for config in AUTOTUNE_SPACE["wgmma"])
 
 
+def _least_row_blocks(path, M):
+    """The fewest programs along the batch (a grid's third dimension) of any config of the GEMV
+    (a row a program), mma or wgmma path for M rows; the other paths' grids are flat."""
+    if path == "gemv":
+        return M
+    if path == "mma":
+        return triton.cdiv(M, _block_m_for_mma(M))
+    if path == "wgmma":
+        return triton.cdiv(M, _WGMMA_LEAST_BLOCK_M)
+    return 1
+
+
 def _check_grid(path, grid, M):
     """A clear error where a grid passes CUDA's limits (a launch would fail with 'invalid
     argument')."""
@@ -2584,10 +2596,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
                 _require_mma(x2, entry, wgmma=path == "wgmma")
             # (rows past the grid's limit fail every config of these paths alike: tuned, each
             # plan's clear error was swallowed and 'no candidate config could run' raised)
-            if path == "gemv":  # (a row a program)
-                _check_grid(path, (1, 1, M), M)
-            elif path == "mma":
-                _check_grid(path, (1, 1, triton.cdiv(M, _block_m_for_mma(M))), M)
+            if path in ("gemv", "mma"):
+                _check_grid(path, (1, 1, _least_row_blocks(path, M)), M)
             path, config = _choose((path,) if path is not None else _runnable_paths(x2, run),
                                    x2, run)
         plan = _build_plan(run, path, config, x2, out2, lead)
