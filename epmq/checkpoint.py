@@ -1277,10 +1277,16 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                 if source is not None:
                     tied[name] = source
 
+    from .walker import keep_call_hooks  # (walker imports this module)
+
     def swap(name, new):
+        # a packed layer (or rebuilt attention) is called as the module it replaces was: the
+        # hooks the caller registered on the model's layers go with it, as in quantize_model
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, new.train(getattr(parent, attr).training))
+        old = getattr(parent, attr)
+        keep_call_hooks(old, new)
+        setattr(parent, attr, new.train(old.training))
 
     # the towers holding quantized layers are rebuilt as the walk rebuilt them (open_clip's
     # attention, GPT-2's Conv1D, fused MoE experts); the others keep their own layout

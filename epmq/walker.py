@@ -762,6 +762,17 @@ def _settings(module: nn.Module) -> str:
                          isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v))))
 
 
+def keep_call_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new``, put in the place of ``old``, takes the forward and backward hooks registered on
+    it (the same dictionaries, so the caller's handles still remove them), but not torch's
+    weight reparametrizations, which compute a ``weight`` from tensors ``new`` does not have."""
+    for key in _CALL_HOOKS:
+        hooks = getattr(old, key)
+        if isinstance(hooks, dict) and any(isinstance(h, _WEIGHT_HOOKS) for h in hooks.values()):
+            hooks = type(hooks)((k, h) for k, h in hooks.items() if not isinstance(h, _WEIGHT_HOOKS))
+        setattr(new, key, hooks)
+
+
 class _Edits:
     """Module replacements made on the user's model, undone if quantization fails."""
 
@@ -787,11 +798,7 @@ class _Edits:
         old = getattr(parent, attr)
         self.log.append((parent, attr, old))
         if keep_hooks:
-            for key in _CALL_HOOKS:
-                hooks = getattr(old, key)
-                if isinstance(hooks, dict) and any(isinstance(h, _WEIGHT_HOOKS) for h in hooks.values()):
-                    hooks = type(hooks)((k, h) for k, h in hooks.items() if not isinstance(h, _WEIGHT_HOOKS))
-                setattr(new, key, hooks)
+            keep_call_hooks(old, new)
             self.capture[new] = self.capture.get(old, (set(), False))  # (its hooks, not the walk's)
         setattr(parent, attr, new.train(old.training))
         return old

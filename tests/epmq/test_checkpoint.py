@@ -124,6 +124,26 @@ def test_load_rejects_another_architecture(gen, tmp_path):
         epmq.load_quantized(tmp_path, fam.fresh())
 
 
+def test_hooks_on_the_layers_load_quantized_replaces_are_kept(gen, tmp_path):
+    """A hook the caller registered on a layer of the model given to load_quantized was
+    dropped without a word when the layer became a QuantLinear; it goes with the layer, as in
+    quantize_model (its handle still removes it)."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    fresh, seen = fam.fresh(), []
+    o_proj = fresh.model.layers[0].self_attn.o_proj
+    handle = o_proj.register_forward_hook(lambda m, args, out: out * 2)
+    pre = fresh.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(1))
+    epmq.load_quantized(tmp_path / "q", fresh)
+    o_proj = fresh.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, epmq.QuantLinear) and list(o_proj._forward_hooks) == [handle.id]
+    hooked = output(fresh, fam.test_item)
+    assert seen == [1]
+    handle.remove(), pre.remove()
+    assert not o_proj._forward_hooks and not fresh.model.layers[0].mlp.up_proj._forward_pre_hooks
+    assert not torch.equal(hooked, output(fresh, fam.test_item))
+
+
 def _wider_llama():
     import transformers
 
