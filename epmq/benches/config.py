@@ -124,6 +124,11 @@ def _str_list(value, where: str) -> Optional[List[str]]:
     return list(value)
 
 
+def _as_clip_tokenizes(name: str) -> str:
+    """``name`` as CLIP's tokenizers read it: lowercased, its whitespace collapsed."""
+    return " ".join(name.split()).lower()
+
+
 def _bool(value, where: str) -> bool:
     if not isinstance(value, bool):
         raise BenchConfigError(f"{where} must be true or false, got {value!r}")
@@ -451,7 +456,10 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
             # (one label's answer or class name given to another: both score the same, so every
             # example of either was predicted as the first, an accuracy with no error said)
             named = getattr(task, key) or []
-            repeated = sorted({v for v in named if named.count(v) > 1})
+            # a class name as CLIP's tokenizers see it (open_clip's and transformers' lowercase
+            # and collapse whitespace): "Cat" and " cat" are one prompt, one text embedding
+            read = [_as_clip_tokenizes(v) for v in named] if key == "classnames" else named
+            repeated = sorted({v for v, k in zip(named, read) if read.count(k) > 1})
             if repeated:
                 raise BenchConfigError(f"{where}.{key} repeats {repeated}: each label needs its own")
         if task.templates is not None:

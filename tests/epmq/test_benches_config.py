@@ -115,6 +115,15 @@ def test_an_answer_given_to_two_labels_is_an_error():
     assert parse_config(config).tasks[0].answers == ["negative", "positive"]
 
 
+def test_class_names_the_tokenizer_reads_alike_are_an_error():
+    """(CLIP's tokenizers lowercase and collapse whitespace: "Cat" and " cat" gave two classes
+    one text embedding, and every image of the second was scored as the first, without an
+    error.)"""
+    with pytest.raises(BenchConfigError, match=r"classnames repeats \[' cat', 'Cat'\]"):
+        parse_config(with_(CLIP, "tasks.0.classnames", ["Cat", "dog", " cat"]))
+    assert parse_config(with_(CLIP, "tasks.0.classnames", ["Cat", "dog"])).tasks[0].classnames == ["Cat", "dog"]
+
+
 def test_bad_task_lists():
     with pytest.raises(BenchConfigError, match="no 'tasks' section"):
         parse_config({"model": CLIP["model"]})
