@@ -43,7 +43,7 @@ from . import merge as merge_lib
 from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, json_files,
-                            local_checkpoint, tie_order)
+                            local_checkpoint, tie_order, weights_in)
 from .checks import device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
@@ -780,6 +780,15 @@ def _untie(reference, sources: list, followers: Mapping, reference_path: Path, m
     return extended, [extended if s is reference else s for s in sources], list(followers)
 
 
+def _what_is_read(path: Path) -> Path:
+    """What a merge input at ``path`` reads, links resolved: a checkpoint directory's weights file
+    (or shard index, as ``CheckpointReader`` picks it), so that the directory and that file named
+    are one input; a file, or a LoRA adapter's directory (the expert it makes), as it is."""
+    if path.is_dir() and not is_lora_adapter(path):
+        path = weights_in(path) or path  # (none: the reader says so)
+    return Path(os.path.realpath(path))
+
+
 def _check_not_an_input(out: Source, inputs: Sequence[tuple]) -> None:
     """ValueError where ``out`` is one of the merge's ``inputs`` (``(what, as given, path)``) or
     holds one: an earlier epmq merge there is replaced by this one (read, then replaced), so
@@ -788,7 +797,7 @@ def _check_not_an_input(out: Source, inputs: Sequence[tuple]) -> None:
     for what, given, path in inputs:
         if path is None:
             continue
-        real = Path(os.path.realpath(path))
+        real = _what_is_read(path)
         if real == target or target in real.parents:
             raise ValueError(f"the output {out} {'is' if real == target else 'holds'} an input of this merge "
                              f"({what}: {given}): writing there "
@@ -800,10 +809,11 @@ def _check_listed_once(models: Sequence[Source], model_paths: Sequence[Path], ba
     """ValueError where a checkpoint is listed twice among ``models`` (as written, or by another
     path to it) or is the base: merged, a second copy counted its task vector twice (a weight the
     config never gave) and the base counted a zero one (Model Stock's t moved)."""
-    base_key = None if base_path is None else os.path.realpath(base_path)
+    # (compared by what is read: base/ and base/model.safetensors are one checkpoint)
+    base_key = None if base_path is None else _what_is_read(base_path)
     seen = {}
     for k, (model, path) in enumerate(zip(models, model_paths)):
-        key = os.path.realpath(path)
+        key = _what_is_read(path)
         if key == base_key:
             raise ValueError(f"model {k} ({model}) is the base ({base}): models are the experts merged into it "
                              f"(mergekit lists the base among its models; epmq merge's own configs do not)")

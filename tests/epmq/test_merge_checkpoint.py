@@ -152,6 +152,23 @@ def test_a_model_listed_twice_or_as_the_base_is_refused(checkpoints, tmp_path, m
         assert not (tmp_path / "x").exists()
 
 
+def test_a_checkpoint_named_by_its_directory_and_by_its_weights_file_is_one_model(checkpoints, tmp_path,
+                                                                                   monkeypatch):
+    """(The check compared paths: e0 and e0/model.safetensors, or base and its shard index, were
+    taken as two models, the expert's task vector counted twice or the base's zero one counted.)"""
+    root, _, _ = checkpoints
+    monkeypatch.chdir(root)
+    for method, models, base, match in (
+            ("ties", ["e0", "e1", "e0/model.safetensors"], "base",
+             r"model 2 \(e0/model\.safetensors\) is model 0 \(e0\) again"),
+            ("average", ["e2/pytorch_model.bin", "e2"], None, r"model 1 \(e2\) is model 0 \(e2/pytorch_model\.bin\) again"),
+            ("model_stock", ["base/model.safetensors.index.json", "e0", "e1"], "base",
+             r"model 0 \(base/model\.safetensors\.index\.json\) is the base")):
+        with pytest.raises(ValueError, match=match):
+            merge_checkpoints(method, models, tmp_path / "x", base=base, progress=False)
+        assert not (tmp_path / "x").exists()
+
+
 def test_regmeans_parameters_are_checked_before_its_statistics(checkpoints, tmp_path, monkeypatch):
     """(alpha: 2 was refused by the merge, after every model had been loaded and run on its
     calibration data.)"""
