@@ -89,6 +89,15 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     for k, H_k in enumerate(hessians):
         if H_k.shape != H_e.shape:
             raise ValueError(f"Hessian {k} is {tuple(H_k.shape)}, H_e {tuple(H_e.shape)}")
+    # H_e and H_m are written while the Hessians are read (FOLD_ARITY of them a pass, in the
+    # kernel): as G in _check_residual_args, sharing memory with what is read is refused
+    for out_name, out in (("H_e", H_e), ("H_m", H_m)):
+        if out is None or not out.numel() or out.is_meta:
+            continue
+        read = [("H_e", H_e)] if out is H_m else []
+        for name, t in read + [(f"Hessian {k}", H_k) for k, H_k in enumerate(hessians)]:
+            if t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                raise ValueError(f"{out_name} must not share memory with {name}: it is written in place")
 
 
 def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = False):

@@ -720,6 +720,23 @@ def test_residual_refuses_g_sharing_memory_with_any_input(gen):
             fn(G, W, G.view(-1).view(d, d), H, 1.0)  # (another view of G's storage)
 
 
+def test_fold_refuses_outputs_sharing_memory_with_what_it_reads(gen):
+    """H_e and H_m are written while the Hessians (and H_e, into H_m) are read: the kernel read
+    a Hessian that was H_e before the pass wrote it (the reference after), and stored H_m over
+    H_e, a silently different fold; refused by both backends, as the residual's G is."""
+    d = 8
+    H_e, H_m, H = (gram(gen, 20, d, torch.float32) for _ in range(3))
+    for fn in (fold_hessians_triton, fold_hessians_reference):
+        for match, args in (("H_e must not share memory with Hessian 1", (H_e, None, [H, H_e])),
+                            ("H_m must not share memory with H_e", (H_e, H_e.view(-1).view(d, d), [H])),
+                            ("H_m must not share memory with Hessian 0", (H_e, H_m, [H_m]))):
+            before = [t.clone() for t in (H_e, H_m, H)]
+            with pytest.raises(ValueError, match=match):
+                fn(*args, [1.0] * len(args[2]))
+            assert all(torch.equal(t, b) for t, b in zip((H_e, H_m, H), before))
+        fn(H_e, H_m, [H, H], [1.0, 2.0])  # (one Hessian twice: read only)
+
+
 def test_xxt_refuses_an_output_without_unit_stride(gen):
     """The kernel writes H with unit stride along its rows: any other layout is refused (a
     transposed view, every other column), not silently written in the wrong places."""
