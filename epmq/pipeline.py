@@ -269,6 +269,7 @@ class Store:
         identity = json.loads(json.dumps(identity, default=str))  # (as it reads back)
         self.identity = identity
         self.data = {"identity": identity, "steps": {}}
+        self.now = {}  # the steps this run has done or reused: its plan's, never an earlier plan's
         theirs = [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
         if theirs and not self.path.exists():  # (report() writes them beside a results.json: not a run's)
             raise ResultsFileError(f"{out_dir} holds {', '.join(theirs)} but no results.json: not a directory epmq "
@@ -333,12 +334,14 @@ class Store:
     def get(self, key: str, params: dict):
         step = self.data["steps"].get(key)
         if step is not None and step.get("params_digest") == _digest(params):
+            self.now[key] = step
             return step
         return None
 
     def put(self, key: str, params: dict, result: dict) -> dict:
         result = dict(result, params=params, params_digest=_digest(params))
         self.data["steps"][key] = result
+        self.now[key] = result
         write_json_atomic(self.path, self.data)
         return result
 
@@ -460,6 +463,7 @@ class Runner:
         done = None if redo else self.store.get(key, params)
         if done is not None:
             self.log(f"[resume] {key}: done before")
+            self._write_table()
             return done
         t0 = time.perf_counter()
         result = fn()
@@ -471,7 +475,18 @@ class Runner:
         result["seconds"] = time.perf_counter() - t0
         self.log(f"{key}: avg val {result.get('val', {}).get('avg', float('nan')):.4f} "
                  f"test {result.get('test', {}).get('avg', float('nan')):.4f} ({result['seconds']:.1f} s)")
-        return self.store.put(key, params, result)
+        result = self.store.put(key, params, result)
+        self._write_table()
+        return result
+
+    def _write_table(self) -> None:
+        """table.md as this run stands: the rows of its plan done so far (report() writes the
+        whole report at its end). A resumed run with another plan, stopped before its report,
+        left the earlier plan's table, its rows beside a results.json that no longer gives them."""
+        now = self.store.now
+        if "base" in now and "experts" in now:
+            results = {"identity": self.store.identity, "steps": now}
+            write_table(self.out, report_text(results, self.plan, list(self.bench.task_names)))
 
     def evaluate(self, model_or_state) -> dict:
         return {"val": self.bench.evaluate(model_or_state, split="val"),
@@ -557,6 +572,7 @@ class Runner:
             best = runs[i]
             self.store.put(_quant_key(mp.label, bits, label), {"chosen_from": [r["params"]["anchor"] for r in runs]},
                            dict(best, chosen_anchor=best["params"]["anchor"]))
+            self._write_table()
 
     def _quantize(self, state, bits, method, targets, anchor, params) -> dict:
         from . import quantize_model, save_quantized
@@ -628,7 +644,8 @@ def _checkpoint_digest(path: Path) -> Optional[str]:
 
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
         identity: Optional[dict] = None) -> dict:
-    """Run ``plan`` on ``bench``, writing ``<out_dir>/results.json``; returns its content.
+    """Run ``plan`` on ``bench``, writing ``<out_dir>/results.json`` (and ``table.md``, the plan's
+    rows as they are done; ``report`` writes the whole report); returns its content.
     ``identity`` (default: ``bench.identity``): what the results depend on; results in
     ``out_dir`` of another identity are not resumed from."""
     return Runner(bench, plan, out_dir, resume=resume, progress=progress, log=log, identity=identity).run()
@@ -822,17 +839,27 @@ def plot_per_task(results: dict, plan: Plan, tasks: list, path) -> None:
     _save(fig, path)
 
 
-def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
-    """Print-ready tables; also writes ``table.md``, ``accuracy.png`` and
-    ``accuracy_per_task.png`` into ``out_dir``."""
+def report_text(results: dict, plan: Plan, tasks: list) -> str:
+    """The table (and the anchor ablation) of ``plan``'s rows in ``results``."""
     text = format_table(table_rows(results, plan), tasks)
     ablation = ablation_rows(results, plan)
     if len(plan.anchors) > 1 and ablation:
         text += "\n\nE-PMQ anchor ablation (chosen on validation):\n" + format_ablation(ablation)
+    return text
+
+
+def write_table(out: Path, text: str) -> None:
+    write_atomic(out / REPORT_FILES[0], lambda tmp: tmp.write_text(text + "\n"))
+
+
+def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:
+    """Print-ready tables; also writes ``table.md``, ``accuracy.png`` and
+    ``accuracy_per_task.png`` into ``out_dir``."""
+    text = report_text(results, plan, tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table, accuracy, per_task = (out / name for name in REPORT_FILES)
-    write_atomic(table, lambda tmp: tmp.write_text(text + "\n"))
+    write_table(out, text)
     plot(results, plan, accuracy)
     plot_per_task(results, plan, tasks, per_task)
     return text

@@ -536,6 +536,28 @@ def test_an_earlier_runs_report_is_set_aside_with_its_results(calls_list, tmp_pa
     assert (tmp_path / f"accuracy.{tag}.png").stat().st_size > 0
 
 
+def test_a_resumed_run_with_another_plan_stopped_before_its_report_shows_only_its_plan(calls_list, tmp_path,
+                                                                                        quiet, monkeypatch):
+    """A changed plan resumes the same bench: stopped before its report, its table.md was the
+    earlier plan's (a w4 row the new plan does not give), though the README says the table shows
+    the plan's. It holds the new plan's rows as they are done, written whole."""
+    first = plan(methods=["rtn"])
+    pipeline.report(pipeline.run(Bench(), first, tmp_path, log=quiet), first, Bench.task_names, tmp_path)
+    assert "TA w4 RTN" in (tmp_path / "table.md").read_text()
+
+    def stopped(self, state, bits, method, targets, anchor, params):
+        if method == "gptq":
+            raise KeyboardInterrupt
+        return {"val": {"avg": 0.5}, "test": {"avg": 0.25}}
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(Bench(), plan(methods=["rtn", "gptq"], bits=[3]), tmp_path, log=quiet)
+    table = (tmp_path / "table.md").read_text()
+    assert "TA w4" not in table and "TA w3 RTN" in table and "Base (zero-shot)" in table
+    assert "results.json" in os.listdir(tmp_path) and not list(tmp_path.glob("*.tmp*"))
+
+
 def test_a_report_stopped_while_written_leaves_the_earlier_files_whole(calls_list, tmp_path, quiet, monkeypatch):
     """The table and plots were written in place: a run stopped in the middle of its report
     (Ctrl-C, a kill, a full disk) left a truncated PNG under the name of the report, the
