@@ -124,9 +124,12 @@ def _str_list(value, where: str) -> Optional[List[str]]:
     return list(value)
 
 
-def _as_clip_tokenizes(name: str) -> str:
-    """``name`` as CLIP's tokenizers read it: lowercased, its whitespace collapsed."""
-    return " ".join(name.split()).lower()
+def repeated_class_names(names: List[str]) -> List[str]:
+    """The names of ``names`` that CLIP's tokenizers read as another's (open_clip's and
+    transformers' lowercase and collapse whitespace: "Cat" and " cat" are one prompt, one text
+    embedding, and every example of either is predicted as the first)."""
+    read = [" ".join(name.split()).lower() for name in names]
+    return sorted({name for name, r in zip(names, read) if read.count(r) > 1})
 
 
 def _bool(value, where: str) -> bool:
@@ -458,8 +461,8 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
             named = getattr(task, key) or []
             # a class name as CLIP's tokenizers see it (open_clip's and transformers' lowercase
             # and collapse whitespace): "Cat" and " cat" are one prompt, one text embedding
-            read = [_as_clip_tokenizes(v) for v in named] if key == "classnames" else named
-            repeated = sorted({v for v, k in zip(named, read) if read.count(k) > 1})
+            repeated = repeated_class_names(named) if key == "classnames" else \
+                sorted({v for v in named if named.count(v) > 1})
             if repeated:
                 raise BenchConfigError(f"{where}.{key} repeats {repeated}: each label needs its own")
         if task.templates is not None:

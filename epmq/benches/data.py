@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..calibration import upright
-from .config import BenchConfigError, DataSpec
+from .config import BenchConfigError, DataSpec, repeated_class_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -281,6 +281,9 @@ def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]
         if names is not None and len(classnames) != len(names):
             raise BenchConfigError(f"{what}: {len(classnames)} classnames given, the data has {len(names)} classes")
         names = list(classnames)
+    elif repeated_class_names(names):  # (the config's own are checked as it is read)
+        raise BenchConfigError(f"{what}: the class names the data gives read alike to CLIP's tokenizers "
+                               f"{repeated_class_names(names)}: list distinct ones in the task's classnames")
     return sources, names
 
 

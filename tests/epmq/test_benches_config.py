@@ -260,6 +260,21 @@ def test_the_tasks_classnames_replace_the_names_the_data_carries(tmp_path):
         open_image_sources("t", spec, ["a", "b", "c"])
 
 
+def test_folder_class_names_the_tokenizer_reads_alike_are_an_error(tmp_path):
+    """Directories 'Cat' and 'cat' (or 'sea_lion' and 'sea lion', read alike once readable) are
+    two labels of one prompt: every example of either was predicted as the first. The task's
+    own distinct classnames serve."""
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import open_image_sources
+
+    _class_folders(tmp_path, ["Cat", "cat", "sea lion", "sea_lion", "dog"])
+    spec = DataSpec(source="folder", root=tmp_path, splits={"train": "train", "val": None, "test": "test"})
+    with pytest.raises(BenchConfigError, match=r"read alike.*\['Cat', 'cat', 'sea lion'\].*classnames"):
+        open_image_sources("pets", spec, None)
+    names = ["big cat", "cat", "sea lion", "seal", "dog"]
+    assert open_image_sources("pets", spec, names)[1] == names
+
+
 @pytest.mark.parametrize("text, shown, kind", [
     ("model: m\nyes: 1\nfoo: 2\n", "'yes'", "bool"),        # YAML 1.1: unquoted yes/no/on/off
     ("model: m\nsub: {1: x, bits: 4}\n", "'1'", "int"),
