@@ -532,6 +532,18 @@ def token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def task_seeds(seed: int, tasks: Iterable[str]) -> dict:
+    """``{task: seed of its draw}``: of one task, ``seed`` itself (a single-task run
+    draws as it did); of several, each task's own, the CRC-32 of ``"{seed}/{task}"`` (as ``epmq run``'s
+    benches derive theirs). With one seed for all, two tasks calibrated from the same files
+    drew the same windows, images or pairs: their statistics were copies of one sample, not
+    independent ones. A task's seed depends on its name, not on the order of the tasks."""
+    tasks = list(tasks)
+    if len(tasks) == 1:
+        return {tasks[0]: seed}
+    return {task: zlib.crc32(f"{seed}/{task}".encode()) for task in tasks}
+
+
 def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[list]:
     """``samples`` of ``items`` drawn at random without replacement (all of them, with a
     warning, if fewer), in batches of ``batch_size``."""

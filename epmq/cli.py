@@ -275,7 +275,8 @@ QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the
   samples: 128                      # calibration windows (of seq_len tokens) or images per task
   seq_len: 512
   batch_size: 8
-  seed: 0                           # the draw of the windows (their offsets), images or pairs
+  seed: 0                           # the draw of the windows (their offsets), images or pairs;
+                                    # of several tasks, each its own (from seed and its name)
   dtype: float16                    # optional: the model's dtype (default: the checkpoint's)
   checkpoint_format: auto           # gptq (v1), gptq_v2, or auto
   max_shard_size: 5GB

@@ -40,7 +40,8 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ._util import loading_bars, read_json_file
-from .calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
+from .calibration import (image_batches, image_files, pair_batches, read_pairs, read_texts, task_seeds,
+                          text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
 from .checks import is_int
@@ -162,7 +163,8 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
     directory = directory if preprocessor_dir is None else preprocessor_dir
-    options = dict(samples=samples, batch_size=batch_size, seed=seed)
+    options = dict(samples=samples, batch_size=batch_size)
+    seeds = task_seeds(seed, calibration)  # (each task its own draw: see task_seeds)
     if modality in ("texts", "pairs"):
         from transformers import AutoTokenizer
 
@@ -173,13 +175,15 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
             read, make = functools.partial(read_texts, tokenizer=tokenizer), text_windows
         else:
             read, make = read_pairs, pair_batches
-        batches = {task: make(read(source), tokenizer, seq_len=seq_len, what=f"calibration[{task!r}]", **options)
+        batches = {task: make(read(source), tokenizer, seq_len=seq_len, seed=seeds[task],
+                              what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     else:
         from transformers import AutoImageProcessor
 
         preprocessor = _preprocessor(AutoImageProcessor, directory, "image processor", bool(calibration))
-        batches = {task: image_batches(image_files(source), preprocessor, what=f"calibration[{task!r}]", **options)
+        batches = {task: image_batches(image_files(source), preprocessor, seed=seeds[task],
+                                       what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     return cls, preprocessor, batches
 
@@ -289,7 +293,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     """Quantize the model at ``model`` and save it to ``out``; returns ``out``.
 
     ``calibration``: task -> text, pair or image file(s) or directory (see
-    ``epmq.calibration``); ``samples`` windows of ``seq_len`` tokens, pairs or images per task. E-PMQ needs an
+    ``epmq.calibration``); ``samples`` windows of ``seq_len`` tokens, pairs or images per task, each
+    task drawn with its own seed (``epmq.calibration.task_seeds(seed, tasks)``). E-PMQ needs an
     expert for every task (``experts``: task -> directory, file or HF hub id; a LoRA adapter
     directory is the expert it makes of ``lora_base``, by default the base its config names:
     ``epmq.lora``). ``dtype``: the

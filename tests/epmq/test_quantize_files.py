@@ -346,6 +346,28 @@ def test_text_windows(files):
         text_windows([""], tok)
 
 
+def test_each_task_draws_its_own_windows(files):
+    """Two tasks calibrated from the same file drew the same windows (one seed for every task):
+    their H_k were one sample twice. Each task now has its own seed (task_seeds), from the
+    seed and its name; a single task keeps the seed itself."""
+    from epmq.quantize_files import calibrated
+
+    tok = transformers.AutoTokenizer.from_pretrained(files / "merged")
+    options = dict(samples=4, seq_len=16, batch_size=4)
+    _, _, two = calibrated(files / "merged", {"math": files / "a.txt", "code": files / "a.txt"}, seed=3, **options)
+    assert not torch.equal(two["math"][0]["input_ids"], two["code"][0]["input_ids"])
+    from epmq.calibration import task_seeds
+
+    seeds = task_seeds(3, ["math", "code"])
+    assert seeds == task_seeds(3, ["code", "math"]) and seeds["math"] != seeds["code"]
+    for task, batches in two.items():  # (what a caller of quantize_model reproduces by hand)
+        want = text_windows(read_texts(files / "a.txt"), tok, seed=seeds[task], **options)
+        assert torch.equal(batches[0]["input_ids"], want[0]["input_ids"])
+    _, _, one = calibrated(files / "merged", {"math": files / "a.txt"}, seed=3, **options)
+    assert torch.equal(one["math"][0]["input_ids"],
+                       text_windows(read_texts(files / "a.txt"), tok, seed=3, **options)[0]["input_ids"])
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_quantize_checkpoint_equals_quantize_model(files, tmp_path, device):
     """(device="cpu": the blocks visit the CPU from CPU memory, the path --device cuda takes.)"""
@@ -359,7 +381,9 @@ def test_quantize_checkpoint_equals_quantize_model(files, tmp_path, device):
     # the same by hand: the merged model, the same windows, quantize_model
     tok = transformers.AutoTokenizer.from_pretrained(root / "merged")
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
-    batches = {t: text_windows(epmq.calibration.read_texts(p), tok, samples=6, seq_len=16, batch_size=4)
+    seeds = epmq.calibration.task_seeds(0, calibration)  # (each task its own draw)
+    batches = {t: text_windows(epmq.calibration.read_texts(p), tok, samples=6, seq_len=16, batch_size=4,
+                               seed=seeds[t])
                for t, p in calibration.items()}
     assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="epmq",
                                  experts=experts, anchor=0.1)
@@ -589,7 +613,8 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
                                    samples=5, batch_size=2, progress=False)
     # by hand: the same five images of each task, the model's own processor, quantize_model
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "merged")
-    batches = {t: image_batches(image_files(p), processor, samples=5, batch_size=2)
+    seeds = epmq.calibration.task_seeds(0, calibration)  # (each task its own draw)
+    batches = {t: image_batches(image_files(p), processor, samples=5, batch_size=2, seed=seeds[t])
                for t, p in calibration.items()}
     assert [b["pixel_values"].shape for b in batches["cars"]] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16)]
     model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "merged")
@@ -685,7 +710,8 @@ def test_t5_from_input_target_pairs(tmp_path):
     out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4", spec=spec, method="epmq",
                                    calibration=calibration, experts=experts, anchor=0.1,
                                    samples=6, seq_len=24, batch_size=4, progress=False)
-    batches = {t: pair_batches(read_pairs(p), tok, samples=6, seq_len=24, batch_size=4)
+    seeds = epmq.calibration.task_seeds(0, calibration)  # (each task its own draw)
+    batches = {t: pair_batches(read_pairs(p), tok, samples=6, seq_len=24, batch_size=4, seed=seeds[t])
                for t, p in calibration.items()}
     first = batches["sst2"][0]
     assert set(first) == {"input_ids", "attention_mask", "labels"}
@@ -693,7 +719,8 @@ def test_t5_from_input_target_pairs(tmp_path):
     # those of batch size 1 (padding used to be counted as tokens)
     assert sum(b["labels"].shape[0] for b in batches["sst2"]) == 6
     assert all(bool((b["labels"] >= 0).all()) and bool(b["attention_mask"].all()) for b in batches["sst2"])
-    single = pair_batches(read_pairs(calibration["sst2"]), tok, samples=6, seq_len=24, batch_size=1)
+    single = pair_batches(read_pairs(calibration["sst2"]), tok, samples=6, seq_len=24, batch_size=1,
+                          seed=seeds["sst2"])
     positions = {bs: [sum(b[k].numel() for b in got) for k in ("input_ids", "labels")]
                  for bs, got in ((4, batches["sst2"]), (1, single))}
     assert positions[4] == positions[1]  # (padded, batches of 4 held more positions)
