@@ -130,6 +130,39 @@ def test_compressed_text_files_read_as_their_inner_kind(tmp_path):
         read_texts(tmp_path / "latin.txt.gz")
 
 
+def test_json_lines_under_json_parsed_as_read(tmp_path):
+    """A .json of JSON Lines (datasets' to_json, the hub's C4 shards c4-train.*.json.gz) was
+    read whole, split into lines beside the text, then parsed: three times its text in memory.
+    Its lines are now parsed as read, to the same records; the other .json forms (a list, a
+    single value, a line that is not JSON) read and fail as before."""
+    import gzip
+    import tracemalloc
+
+    rows = [json.dumps({"text": " ".join(sentences(i, 200)), "url": f"u{i}"}) + "\n" for i in range(300)]
+    (tmp_path / "c4.json").write_text("".join(rows))
+    (tmp_path / "c4.jsonl.gz").write_bytes(gzip.compress("".join(rows).encode()))
+    size = (tmp_path / "c4.json").stat().st_size
+    tracemalloc.start()
+    try:
+        texts = read_texts(tmp_path / "c4.json")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert texts == read_texts(tmp_path / "c4.jsonl.gz")
+    assert peak < 2 * size, (peak, size)  # (read whole: above 3 x size)
+    (tmp_path / "one.json").write_text('{"text": "the cat"}\n')
+    with pytest.raises(ValueError, match="one.json: expected a JSON list"):
+        read_texts(tmp_path / "one.json")
+    (tmp_path / "bad.json").write_text('\n{"text": "the cat"}\n{"text": "a dog",}\n')
+    with pytest.raises(ValueError, match="bad.json:3: not JSON"):
+        read_texts(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text('[\n"the cat",\n{"text": "a dog"}\n]\n')
+    assert read_texts(tmp_path / "list.json") == ["the cat", "a dog"]
+    (tmp_path / "pretty.json").write_text('{\n"text": "the cat"\n}\n')
+    with pytest.raises(ValueError, match="pretty.json: expected a JSON list"):
+        read_texts(tmp_path / "pretty.json")
+
+
 def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
     """A .txt document saved with "\r\n" (or "\r") line ends is read with "\n", compressed or
     not, as it was before compressed files were read; a JSON line's "\r" is no part of it."""
