@@ -301,6 +301,9 @@ def check_reading(options: dict) -> None:
         value = options.get(key, 0)
         if not is_int(value):
             raise ValueError(f"{key} must be an integer, got {value!r}")
+    seed = options.get("seed", 0)
+    if not -2 ** 63 <= seed < 2 ** 64:  # (torch's generators take 64 bits: "Overflow when unpacking long long")
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed}")
 
 
 # what each method does not read (a config switched from epmq to gptq must not keep an anchor
