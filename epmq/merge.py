@@ -49,7 +49,8 @@ the first model where a merge takes none: ``average``, ``slerp``, ``karcher``, `
 ``epmq.merge_checkpoints`` passes a writer that puts them into shards on disk, so a merge of
 large checkpoints holds one shard of the result at a time). Random merges (``dare``, ``della``)
 draw the mask of tensor ``name`` of expert k from ``(seed, name, k)`` alone, so a merge is
-reproducible whatever order or subset of tensors is merged.
+reproducible whatever order or subset of tensors is merged (a transformers module's tensors by
+the names it saves them under: the same masks as its checkpoint's merge).
 """
 
 from __future__ import annotations
@@ -333,6 +334,21 @@ def _generator(seed: int, name: str, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{k}".encode()))
 
 
+def _mask_names(base, experts) -> dict:
+    """``{state-dict name: the name its random masks are drawn under}`` (DARE's, DELLA's): for
+    transformers modules whose ``save_pretrained`` renames tensors (transformers 5 loads ViT's
+    ``encoder.layer.N.attention.attention.query`` as ``layers.N.attention.q_proj``), the name
+    they are saved under, the one ``epmq merge`` reads from their checkpoints; so the same
+    models merged as modules or as checkpoints draw the same masks. Else each name is its own."""
+    module = next((m for m in (base, *experts) if isinstance(m, nn.Module)), None)
+    if module is None:
+        return {}
+    from .checkpoint_io import renamed, saved_key_renaming
+
+    rename = saved_key_renaming(module)
+    return {} if rename is None else renamed(list(module.state_dict()), rename)
+
+
 def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
              weights: Optional[Sequence[float]] = None, zero_vote: int = 0) -> torch.Tensor:
     """One task vector from several (already sparsified) ones, each times its weight (1 by
@@ -485,11 +501,12 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
     _check_choice(convention, CONVENTIONS, "convention")
     if any(kept(k) == 0 for k in range(len(experts))):
         raise ValueError("density must be > 0 for DARE (everything would be dropped)")
+    drawn_as = _mask_names(base, experts)
 
     def sparsify(name, k, tau):
         if kept(k) >= 1:
             return tau
-        keep = torch.rand(tau.shape, generator=_generator(seed, name, k)) < kept(k)
+        keep = torch.rand(tau.shape, generator=_generator(seed, drawn_as.get(name, name), k)) < kept(k)
         masked = torch.where(keep.to(tau.device), tau, 0.0)
         if rescale == "density":
             return masked / kept(k)
@@ -638,6 +655,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
             raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon "
                              f"{'< 1 (as mergekit)' if mergekit else '<= 1'} (or density 1), got density={d}, "
                              f"epsilon={e}" + (f" for expert {k}" if len(experts) > 1 else ""))
+    drawn_as = _mask_names(base, experts)
 
     def sparsify(name, k, tau):
         if kept(k) >= 1:
@@ -654,7 +672,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         n = rows.shape[1]
         rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
         p = kept(k) + spread(k) * (2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank))
-        draw = torch.rand(rows.shape, generator=_generator(seed, name, k)).to(tau.device)
+        draw = torch.rand(rows.shape, generator=_generator(seed, drawn_as.get(name, name), k)).to(tau.device)
         keep = draw < p
         kept_rows = torch.where(keep, rows / p if rescale == "probability" else rows, 0.0)
         masked = kept_rows.reshape(shape).movedim(-1, 1) if channels_last else kept_rows.reshape(shape)

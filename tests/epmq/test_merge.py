@@ -130,6 +130,36 @@ def test_dare():
     assert torch.equal(alone["w"], a["w"])
 
 
+@pytest.mark.parametrize("method, params", [("dare", dict(density=0.5)), ("della", dict(density=0.5, epsilon=0.2))])
+def test_random_masks_of_modules_are_those_of_their_checkpoints(method, params, tmp_path):
+    """A transformers module whose tensors save_pretrained renames (ViT in transformers 5:
+    ``layers.0.attention.q_proj`` saved as ``encoder.layer.0.attention.attention.query``) draws
+    the masks ``epmq merge`` draws from its checkpoint: the same models, the same seed, the same
+    merge either way (the module's names drew other masks)."""
+    import transformers
+
+    from epmq import merge_checkpoints
+    from epmq.checkpoint_io import renamed, saved_key_renaming
+
+    torch.manual_seed(0)
+    base = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                        intermediate_size=64, image_size=16, patch_size=8))
+    assert any(a != b for a, b in renamed(list(base.state_dict()), saved_key_renaming(base)).items())
+    base.save_pretrained(tmp_path / "base")
+    noise, experts = torch.Generator().manual_seed(1), []
+    for k in range(2):
+        expert = transformers.ViTModel(base.config)
+        expert.load_state_dict({n: t + 0.1 * torch.randn(t.shape, generator=noise) for n, t in base.state_dict().items()})
+        expert.save_pretrained(tmp_path / f"e{k}")
+        experts.append(expert)
+    want = getattr(merge, method)(base, experts, seed=3, **params)
+    out = merge_checkpoints(method, [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out", base=tmp_path / "base",
+                            params=dict(params, seed=3), progress=False)
+    got = transformers.ViTModel.from_pretrained(out).state_dict()
+    assert got.keys() == want.keys()
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
+
+
 def test_dare_rescales_kept_entries(gen):
     base = {"w": torch.zeros(4000)}
     tau = torch.randn(4000, generator=gen)
