@@ -466,6 +466,11 @@ def _span(row: torch.Tensor, what: str, b: int) -> Optional[tuple]:
 
 
 _MASKING = ("attention_mask", "decoder_attention_mask", "labels")
+# Keyword arguments of models and blocks that carry a generation cache: never during calibration
+# (RWKV's recurrent ``state``: every block writes its last token into it in place; ``kv_cache``:
+# ChatGLM's; ``cache_params``: Mamba's; ``inference_params``: mamba_ssm's).
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "state", "kv_cache", "cache_params",
+                "inference_params")
 
 
 def _keywords(model, item):
@@ -478,6 +483,15 @@ def _keywords(model, item):
         bound = inspect.signature(model.forward).bind_partial(*item)
     except (TypeError, ValueError):  # (it does not bind: the forward's own error, at the call)
         return item
+    # (GPT-2's forward takes its cache second: a TensorDataset's (ids, mask) gave the mask
+    # as a cache, and the model failed deep inside with "no attribute 'get_seq_length'")
+    cache = next((n for n, (name, value) in enumerate(bound.arguments.items())
+                  if name in CACHE_KWARGS and isinstance(value, torch.Tensor)), None)
+    if cache is not None:
+        name = list(bound.arguments)[cache]
+        raise ValueError(f"the item's element {cache} goes to {type(model).__name__}.forward's {name} (its "
+                         f"positional order): give a dict of its inputs, as {{'input_ids': ids, "
+                         f"'attention_mask': mask}}")
     if not any(name in bound.arguments for name in _MASKING):
         return item
     kinds = {bound.signature.parameters[name].kind for name in bound.arguments}

@@ -98,7 +98,7 @@ from torch import nn
 from . import quant
 from ._util import wrapped_model
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
-from .calibration import token_rows, unpad
+from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming
 from .checks import all_finite, check_number, device_argument, is_int
@@ -120,11 +120,6 @@ SHARE_INPUT_STATISTICS = True
 # memory for a GPU: about eight 4096 x 14336 bf16 weights, a Llama-8B MLP group's for 4 tasks.
 # 0 reads them in line. Results do not depend on it.
 EXPERT_READ_AHEAD_BYTES = 1 << 30
-# Keyword arguments of blocks that carry a generation cache: never during calibration (RWKV's
-# recurrent ``state``: every block writes its last token into it in place; ``kv_cache``: ChatGLM's;
-# ``cache_params``: Mamba's; ``inference_params``: mamba_ssm's).
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "state", "kv_cache", "cache_params",
-                 "inference_params")
 
 
 # --------------------------------------------------------------------------- report

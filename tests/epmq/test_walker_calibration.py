@@ -297,6 +297,25 @@ def test_a_padded_batch_given_positionally_counts_real_tokens(form):
     assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {9}
 
 
+def test_a_positional_item_that_puts_a_tensor_in_a_cache_argument_is_named():
+    """GPT-2's forward takes its cache second (``cache``; ``past_key_values`` in earlier
+    transformers): a TensorDataset's ``(ids, mask)`` gave it the mask as a cache, and the walk
+    failed deep inside ("'Tensor' object has no attribute 'get_seq_length'"). The element and
+    the argument it lands on are named."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with pytest.raises(ValueError, match=r"calibration\['t'\]: the item's element 1 goes to GPT2LMHeadModel"
+                                         r"\.forward's (cache|past_key_values) .*'attention_mask': mask"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [(ids, mask)]}, backend="torch",
+                            progress=False)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [{"input_ids": ids, "attention_mask": mask}]},
+                        backend="torch", progress=False)
+    assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {7}
+
+
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
 def test_a_wrapped_model_sees_the_padding_of_its_batches(wrap):
     """torch.compile's and DataParallel's wrappers take ``*args, **kwargs``: a positional
