@@ -224,6 +224,16 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_seed(seed) -> int:
+    """``seed`` if an integer that torch's generators take (64 bits: past them the first draw
+    failed as "Overflow when unpacking long long"), else a ValueError."""
+    if not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed}")
+    return seed
+
+
 def check_number(value, what: str, minimum: Optional[float] = None) -> float:
     """``value`` as a float, or a ValueError: not a finite number (a bool, a string: YAML reads
     1e-1 as one), or below ``minimum``."""

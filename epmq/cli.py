@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ._util import loading_bars
-from .checks import is_int
+from .checks import check_seed, is_int
 
 EXAMPLES = """examples:
   epmq demo                                  # 3.5-7 min on 2 CPU cores (trains once, cached); a rerun reuses the results
@@ -297,13 +297,11 @@ QUANTIZE_KEYS = {"model", "method", "calibration", "experts", "anchor", "weight_
 
 def check_reading(options: dict) -> None:
     """How calibration data is read (``epmq quantize``, ``epmq merge`` with RegMean): integers."""
-    for key in ("samples", "seq_len", "batch_size", "seed"):
+    for key in ("samples", "seq_len", "batch_size"):
         value = options.get(key, 0)
         if not is_int(value):
             raise ValueError(f"{key} must be an integer, got {value!r}")
-    seed = options.get("seed", 0)
-    if not -2 ** 63 <= seed < 2 ** 64:  # (torch's generators take 64 bits: "Overflow when unpacking long long")
-        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed}")
+    check_seed(options.get("seed", 0))
 
 
 # what each method does not read (a config switched from epmq to gptq must not keep an anchor

@@ -401,6 +401,21 @@ def test_each_task_draws_its_own_windows(files):
                        text_windows(read_texts(files / "a.txt"), tok, seed=3, **options)[0]["input_ids"])
 
 
+@pytest.mark.parametrize("seed", [2 ** 64, -2 ** 63 - 1, 1.5])
+def test_a_seed_torch_cannot_take_is_refused_from_python_too(files, tmp_path, seed):
+    """quantize_checkpoint and calibrated (epmq.merge_checkpoints' RegMean reads through it)
+    with a seed past 64 bits failed at the first draw as "Overflow when unpacking long long";
+    the CLI's check, shared, now names it before anything is loaded."""
+    from epmq.quantize_files import calibrated
+
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        epmq.quantize_checkpoint(files / "merged", tmp_path / "out", spec=epmq.QuantSpec(bits=4),
+                                 method="gptq", calibration={"math": files / "a.txt"}, seq_len=16, seed=seed)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        calibrated(files / "merged", {"math": files / "a.txt"}, seed=seed)
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_quantize_checkpoint_equals_quantize_model(files, tmp_path, device):
     """(device="cpu": the blocks visit the CPU from CPU memory, the path --device cuda takes.)"""
