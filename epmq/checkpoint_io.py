@@ -37,8 +37,10 @@ read when indexed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
+import warnings
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -589,6 +591,115 @@ def renamed(names: Iterable[str], rename: Optional[Callable[[str], str]]) -> Dic
             raise CheckpointError(f"renaming maps both {seen[new]!r} and {name!r} to {new!r}")
         out[name], seen[new] = new, name
     return out
+
+
+class SavedLayout:
+    """Where ``save_pretrained`` puts the tensors of a transformers module that its converters
+    fuse or split: transformers 5 holds a MoE layer's experts fused (Mixtral's, Qwen3-MoE's
+    ``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) and saves them as one
+    matrix per expert and projection (``block_sparse_moe.experts.N.w1.weight [I, H]``, ...), the
+    layout ``epmq merge`` reads. ``group(name)``: the state-dict names converted together with
+    ``name`` (None for a tensor saved whole, renamed at most); ``pieces(names)``: for each saved
+    tensor of that group, its name, its shape and the entries of the module's tensors it holds.
+    Found by transformers' own ``revert_weight_conversion`` applied to tensors of entry indices
+    (concatenations, stacks, transposes alike), one group at a time."""
+
+    def __init__(self, model, converters, shapes: Dict[str, tuple], saved: Dict[str, tuple]):
+        from transformers.core_model_loading import apply_converters, dot_natural_key
+
+        self.model, self.shapes, self.saved = model, shapes, saved
+        groups: Dict[str, List[str]] = {}
+        for name in sorted(shapes, key=dot_natural_key):  # (as revert_weight_conversion groups them)
+            target, pattern = apply_converters(name, converters)
+            if pattern is not None:
+                groups.setdefault(target, []).append(name)
+        self._group = {name: names for names in groups.values() for name in names}
+
+    def group(self, name: str) -> Optional[List[str]]:
+        return self._group.get(name)
+
+    def pieces(self, names: Sequence[str]) -> Optional[list]:
+        """``[(saved name, saved shape, [(module name, where, at)])]``: the saved tensor's flat
+        entries ``where`` (a slice or indices) are the module tensor's flat entries ``at``. None
+        where the saved tensors are not the module's entries each once (a converter that pads,
+        dequantizes, or a renaming that depends on the other keys)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        sizes = [math.prod(self.shapes[n]) for n in names]
+        total = sum(sizes)
+        dtype = torch.int32 if total < 2 ** 31 else torch.int64  # (an index as large as an fp32 tensor)
+        starts = [sum(sizes[:j]) for j in range(len(names))]  # (disjoint ranges: a saved tensor may join several)
+        index = {n: torch.arange(s, s + size, dtype=dtype).view(self.shapes[n])
+                 for n, s, size in zip(names, starts, sizes)}
+        try:
+            saved = revert_weight_conversion(self.model, index)
+        except Exception:  # (a converter that cannot take integer tensors)
+            return None
+        del index
+        seen, count, pieces = torch.zeros(total, dtype=torch.bool), 0, []
+        for key, t in saved.items():
+            if self.saved.get(key) != tuple(t.shape) or t.dtype != dtype:
+                return None
+            v = t.reshape(-1)
+            count += v.numel()
+            seen[v.long()] = True
+            sources = []
+            for n, s, size in zip(names, starts, sizes):
+                inside = (v >= s) & (v < s + size)
+                if bool(inside.all()):
+                    sources.append((n, slice(None), _as_slice(v - s)))
+                elif bool(inside.any()):
+                    where = inside.nonzero().squeeze(1)
+                    sources.append((n, _as_slice(where), _as_slice(v[where] - s)))
+            pieces.append((key, tuple(t.shape), sources))
+        if count != total or not bool(seen.all()):
+            return None
+        return pieces
+
+
+def _as_slice(positions: torch.Tensor):
+    """``positions`` as a slice where they are a run (no index held), else as int64 indices."""
+    n = positions.numel()
+    if n and int(positions[-1]) - int(positions[0]) == n - 1:
+        first = int(positions[0])
+        if torch.equal(positions, torch.arange(first, first + n, dtype=positions.dtype)):
+            return slice(first, first + n)
+    return positions.long()
+
+
+def saved_layout(model: nn.Module) -> Optional[SavedLayout]:
+    """``model``'s ``SavedLayout``, or None where ``save_pretrained`` fuses or splits none of its
+    tensors (not a transformers model, a transformers without converters, a model without them).
+    The converters are those ``revert_weight_conversion`` applies."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, revert_weight_conversion
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    rules = getattr(model, "_weight_conversions", None)
+    if rules is None:  # (as revert_weight_conversion: a model built from a config)
+        try:
+            rules = get_model_conversion_mapping(model, add_legacy=False)
+        except TypeError:
+            return None
+        rules = [t for t in rules if not isinstance(t, PrefixChange)]
+    converters = [t.reverse_transform() for t in rules[::-1]]
+    converters = [t for t in converters if isinstance(t, WeightConverter)]
+    if not converters:
+        return None
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    try:  # the names and shapes save_pretrained writes (meta tensors: nothing allocated)
+        saved = revert_weight_conversion(model, {n: torch.empty(s, device="meta") for n, s in shapes.items()})
+    except Exception as e:  # (a converter that cannot run on meta tensors)
+        warnings.warn(f"the layout save_pretrained writes {type(model).__name__} in could not be found ({e}): its "
+                      f"fused or split tensors are merged as the module holds them, which a merge of its "
+                      f"checkpoint (epmq merge) does not")
+        return None
+    layout = SavedLayout(model, converters, shapes, {n: tuple(t.shape) for n, t in saved.items()})
+    return layout if layout._group else None
 
 
 def parameter_aliases(model: nn.Module) -> List[List[str]]:

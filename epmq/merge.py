@@ -50,7 +50,13 @@ the first model where a merge takes none: ``average``, ``slerp``, ``karcher``, `
 large checkpoints holds one shard of the result at a time). Random merges (``dare``, ``della``)
 draw the mask of tensor ``name`` of expert k from ``(seed, name, k)`` alone, so a merge is
 reproducible whatever order or subset of tensors is merged (a transformers module's tensors by
-the names it saves them under: the same masks as its checkpoint's merge).
+the names it saves them under: the same masks as its checkpoint's merge). A transformers module's
+tensors that ``save_pretrained`` splits or fuses (transformers 5 holds a MoE layer's experts fused,
+``mlp.experts.gate_up_proj [E, 2I, H]``, and saves one matrix per expert and projection) are
+merged as the tensors it saves, under their saved names, and put back in the module's layout:
+the per-tensor steps (ranks, SVDs, cosines, masks) see the checkpoint's matrices, and the same
+models merged as modules or from their checkpoints give the same weights (``regmean``, whose
+grams are the module's linear layers', merges the module's tensors).
 """
 
 from __future__ import annotations
@@ -221,31 +227,30 @@ def _work_dtype(reference: torch.Tensor) -> torch.dtype:
 
 @torch.no_grad()  # (parameters as inputs: no graph kept alive by the result)
 @without_autocast  # (the merges compute in _work_dtype: a caller's autocast ran TSV's and Iso-C's products in bf16)
-def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
+def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as_saved=True):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
     ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again). An
     ``out`` with a ``dtype`` (``ShardWriter``'s) takes the results in it, else in the base's.
     ``tied``: names of one tensor in every input (``_common_aliases``) are merged once, sharing
-    the result."""
+    the result. ``as_saved``: tensors of a transformers module that ``save_pretrained`` splits
+    or fuses (transformers 5's fused MoE experts) are merged as the tensors it saves, each its
+    own ``merge_tensor(saved name, ...)`` (the merge of its checkpoint), and put back in the
+    module's layout."""
+    experts = _listed_experts(experts)
+    layout = _saved_layout(base, experts) if as_saved else None
     base, experts = _inputs(base, experts)
     stored = getattr(out, "dtype", None)
     reference = base if base is not None else experts[0]
     out = {} if out is None else out
     aliases = _common_aliases([reference, *experts]) if tied else {}
     shared = {}  # (the results aliases take: ``out`` may be write-only, a ShardWriter)
-    for name in reference.keys():
-        if name in aliases:  # (one tensor, merged once: DARE's masks drawn per name differed)
-            out[name] = shared[aliases[name]]
-            continue
-        ref, W_0, W_k = _tensors(name, base, experts, lazy)
-        if W_0 is None and W_k is None:
-            out[name] = shared[name] = ref.clone()  # (shared: an integer buffer of several names)
-            continue
+
+    def store(name, ref, merged):
         # straight from the float32 arithmetic to the stored dtype (a rounding to the base's
         # first would wipe out task vectors below its precision, and its overflow would stand)
         dtype = stored or ref.dtype
-        merged = merge_tensor(name, W_0, W_k).to(dtype).detach()
+        merged = merged.to(dtype).detach()
         if not all_finite(merged):
             whose = "the requested dtype" if stored else "the base's dtype"
             raise ValueError(f"merged tensor {name!r} is not finite in {dtype} ({whose}): its values "
@@ -254,9 +259,96 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True):
         out[name] = merged
         if name in aliases.values():
             shared[name] = merged
+
+    done = set()  # (the names merged with an earlier one's saved tensors)
+    for name in reference.keys():
+        if name in done:
+            continue
+        if name in aliases:  # (one tensor, merged once: DARE's masks drawn per name differed)
+            out[name] = shared[aliases[name]]
+            continue
+        group = layout.group(name) if layout is not None else None
+        if group is not None and not any(n in aliases or n in aliases.values() for n in group):
+            pieces = _merge_saved(layout, group, base, experts, merge_tensor, lazy)
+            if pieces is not None:
+                for n, merged in pieces.items():
+                    store(n, reference[n], merged)
+                done.update(pieces)
+                continue
+        ref, W_0, W_k = _tensors(name, base, experts, lazy)
+        if W_0 is None and W_k is None:
+            out[name] = shared[name] = ref.clone()  # (shared: an integer buffer of several names)
+            continue
+        store(name, ref, merge_tensor(name, W_0, W_k))
     if tied:
         _warn_of_untied(reference, aliases, out)
     return out
+
+
+def _saved_layout(base, experts):
+    """The ``checkpoint_io.SavedLayout`` of the first transformers module given, or None."""
+    module = next((m for m in (base, *experts) if isinstance(m, nn.Module)), None)
+    if module is None:
+        return None
+    from .checkpoint_io import saved_layout
+
+    return saved_layout(module)
+
+
+def _merge_saved(layout, names, base, experts, merge_tensor, lazy) -> Optional[dict]:
+    """The module tensors ``names`` (one group of ``layout``) merged as the tensors
+    ``save_pretrained`` makes of them, ``{name: merged}`` in the work dtype: each saved tensor's
+    entries gathered from the inputs, merged by ``merge_tensor`` under its saved name and put
+    back where they came from. The per-tensor statistics (TIES' and Breadcrumbs' ranks, TSV's and
+    Iso-C's SVDs, Model Stock's cosines, DELLA's rows, DARE's masks) are then those of the
+    checkpoint's matrices, not of all experts fused. None (merged whole, as the module holds
+    them) where the tensors are not floating point of one dtype."""
+    reference = base if base is not None else experts[0]
+    refs = {n: reference[n] for n in names}
+    for n, t in refs.items():
+        _a_tensor(n, "base" if base is not None else "expert 0", t)
+    if not all(t.is_floating_point() for t in refs.values()) or len({t.dtype for t in refs.values()}) > 1:
+        return None
+    pieces = layout.pieces(names)
+    if pieces is None:
+        warnings.warn(f"tensors {names[:3]} of the module are saved by save_pretrained in a layout epmq cannot map "
+                      f"them to: merged as the module holds them, their per-tensor statistics (ranks, SVDs, "
+                      f"cosines, masks) differ from the merge of its checkpoint (epmq merge)", stacklevel=4)
+        return None
+    for n, t in refs.items():  # (checked once each, as _tensors does)
+        if base is not None:
+            _checked(n, "base", base[n], t)
+        for k, e in enumerate(experts):
+            _checked(n, _who(e, k), e[n], t)
+    work = _work_dtype(next(iter(refs.values())))
+
+    def on(index, t):  # (the layout's indices are on the CPU)
+        return index if isinstance(index, slice) else index.to(t.device)
+
+    def gather(state, shape, sources):
+        if len(sources) == 1 and isinstance(sources[0][1], slice) and sources[0][1] == slice(None):
+            n, _, at = sources[0]
+            W = state[n]
+            return W.reshape(-1)[on(at, W)].to(work).view(shape)
+        piece = None
+        for n, where, at in sources:
+            W = state[n]
+            if piece is None:
+                piece = torch.empty(math.prod(shape), dtype=work, device=W.device)
+            piece[on(where, piece)] = W.reshape(-1)[on(at, W)].to(work)
+        return piece.view(shape)
+
+    merged = {n: torch.empty(t.numel(), dtype=work, device=t.device) for n, t in refs.items()}
+    for saved_name, shape, sources in pieces:
+        W_0 = None if base is None else gather(base, shape, sources)
+        W_k = _OnDemand(lambda k: gather(experts[k], shape, sources), len(experts))
+        if not lazy:
+            W_k = list(W_k)
+        result = merge_tensor(saved_name, W_0, W_k).reshape(-1)
+        for n, where, at in sources:
+            merged[n][on(at, merged[n])] = result[on(where, result)].to(merged[n].device, work)
+        del W_0, W_k, result
+    return {n: merged[n].view(refs[n].shape) for n in names}
 
 
 def _warn_of_untied(reference, aliases: Mapping, out) -> None:
@@ -554,6 +646,7 @@ def ties(
     _check_choice(merge, ("mean", "sum"), "merge")
     if scale is None:
         scale = 1.0 if merge == "mean" else 0.3
+    experts = _listed_experts(experts)  # (read twice: the thresholds, the merge)
     base_sd, expert_sds = _inputs(base, experts)
     kept = _each(density, "density", len(expert_sds))
     thresholds = (
@@ -574,7 +667,8 @@ def ties(
         # (ranked in float32, as the threshold was: float64 magnitudes by their float32 values)
         return torch.where(tau.abs().float() >= thr, tau, 0.0) if thr is not None else torch.zeros_like(tau)
 
-    return _sparse_merge(base_sd, expert_sds, scale, sparsify, "sign", merge, "ties", out, weights,
+    # (the inputs as given: a transformers module's fused tensors merged as the ones it saves)
+    return _sparse_merge(base, experts, scale, sparsify, "sign", merge, "ties", out, weights,
                          zero_vote=int(convention == "mergekit"))
 
 
@@ -842,7 +936,8 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     directions: ``sin((1 - t) theta) / sin theta a + sin(t theta) / sin theta b``, ``theta`` the
     angle between them; where they are nearly parallel or opposite (``|cos theta| >
     dot_threshold``), or one is 0, it interpolates linearly. ``t`` may be a function of the
-    tensor's name (a schedule over layers).
+    tensor's name (a schedule over layers; a transformers module's fused tensors are merged as
+    the ones it saves, under their saved names, as ``epmq merge`` names them).
     """
     check_number(dot_threshold, "dot_threshold")
 
@@ -1267,4 +1362,5 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         W = torch.linalg.solve(G_sum, B)
         return W if flip else W.T
 
-    return _merge_each(None, experts, merge_tensor, out, lazy=True)
+    # (grams are the module's linear layers': each weight merged as the module holds it)
+    return _merge_each(None, experts, merge_tensor, out, lazy=True, as_saved=False)

@@ -160,6 +160,99 @@ def test_random_masks_of_modules_are_those_of_their_checkpoints(method, params, 
     assert [n for n in want if not torch.equal(got[n], want[n])] == []
 
 
+def _moe_models():
+    """Tiny transformers models whose save_pretrained splits or fuses tensors (transformers 5:
+    Mixtral's and Qwen3-MoE's experts held fused [E, 2I, H], saved one matrix per expert; DINOv2's
+    SwiGLU gate and up projections held apart, saved as one ``weights_in``) and a dense Llama."""
+    import transformers
+
+    attention = dict(num_hidden_layers=1, num_attention_heads=4)
+    return {
+        "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_key_value_heads=2, num_local_experts=2,
+            **attention)),
+        "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, head_dim=8, **attention)),
+        "dinov2_swiglu": lambda: transformers.Dinov2Model(transformers.Dinov2Config(
+            hidden_size=32, image_size=16, patch_size=8, use_swiglu_ffn=True, mlp_ratio=2, **attention)),
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_key_value_heads=2, **attention)),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    """{family: (base, [expert, expert], directory with base/, e0/, e1/ saved)}."""
+    made = {}
+    for family, build in _moe_models().items():
+        root = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        base = build()
+        base.save_pretrained(root / "base")
+        noise, experts = torch.Generator().manual_seed(1), []
+        for k in range(2):
+            expert = build()
+            expert.load_state_dict({n: t + 0.1 * torch.randn(t.shape, generator=noise)
+                                    for n, t in base.state_dict().items()})
+            expert.save_pretrained(root / f"e{k}")
+            experts.append(expert)
+        made[family] = base, experts, root
+    return made
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "dinov2_swiglu", "llama"])
+@pytest.mark.parametrize("method, params", [
+    ("tsv", {}), ("iso_c", {}), ("ties", dict(scope="tensor")), ("model_stock", dict(per_row=True)),
+    ("breadcrumbs", {}), ("della", dict(seed=3)), ("sce", dict(select_topk=0.5)), ("multislerp", {}),
+])
+def test_modules_merge_as_their_checkpoints(saved_moe, family, method, params, tmp_path):
+    """The tensors save_pretrained fuses or splits are merged as it saves them: TSV's and Iso-C's
+    SVDs of each expert's matrix (a fused [E, 2I, H] is not 2-D: it took the plain mean task
+    vector), TIES' and Breadcrumbs' ranks, Model Stock's cosines, DELLA's rows and masks, SCE's
+    selection over each saved matrix, not over all experts fused; the same models merged as
+    modules and from their checkpoints give the same weights, in the module's layout."""
+    from epmq import merge_checkpoints
+
+    base, experts, root = saved_moe[family]
+    want = getattr(merge, method)(base, experts, **params)
+    type(base)(base.config).load_state_dict(want)  # (the module's layout, loadable)
+    out = merge_checkpoints(method, [root / "e0", root / "e1"], tmp_path / "out", base=root / "base",
+                            params=params, progress=False)
+    got = type(base).from_pretrained(out).state_dict()
+    assert got.keys() == want.keys()
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
+
+
+def test_saved_layout_of_fused_experts(saved_moe):
+    """Mixtral's fused experts map to the matrices its checkpoint holds; a dense Llama has none."""
+    from epmq.checkpoint_io import saved_layout
+
+    assert saved_layout(saved_moe["llama"][0]) is None
+    base = saved_moe["mixtral"][0]
+    layout = saved_layout(base)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    (pieces,) = [layout.pieces(layout.group(name))]
+    fused = base.state_dict()[name]  # [E, 2I, H]: expert e's w1 (gate) then w3 (up)
+    for saved, shape, [(source, where, at)] in pieces:
+        e, w = int(saved.split(".experts.")[1].split(".")[0]), saved.split(".")[-2]
+        half = fused.shape[1] // 2
+        assert source == name and shape == (half, fused.shape[2])
+        assert torch.equal(fused.reshape(-1)[at].view(shape), fused[e, :half] if w == "w1" else fused[e, half:])
+
+
+def test_unmappable_saved_layout_warns(saved_moe, monkeypatch):
+    """Where the saved tensors are not the module's entries each once (a converter that pads or
+    dequantizes), the module's tensors are merged as it holds them, said with a warning."""
+    from epmq import checkpoint_io
+
+    base, experts, _ = saved_moe["mixtral"]
+    monkeypatch.setattr(checkpoint_io.SavedLayout, "pieces", lambda self, names: None)
+    with pytest.warns(UserWarning, match="cannot map"):
+        merged = merge.tsv(base, experts)
+    type(base)(base.config).load_state_dict(merged)
+
+
 def test_dare_rescales_kept_entries(gen):
     base = {"w": torch.zeros(4000)}
     tau = torch.randn(4000, generator=gen)
