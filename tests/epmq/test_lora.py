@@ -231,7 +231,14 @@ def test_epmq_quantize_with_adapter_experts(base_dir, tmp_path, capsys, monkeypa
     changed = sum(int((a[k] != b[k]).sum()) for k in a if k.endswith("qweight"))
     assert changed <= 0.01 * words  # (codes at rounding ties of the experts' fp32 tensors)
     for k in a:
-        if a[k].is_floating_point():
+        if k.endswith((".scales", ".qzeros")):
+            # a code flipped at a tie moves the error fed to its output's later groups, and so
+            # their grids (as many as the groups after it); every other as close as fp32 gives
+            off = ~torch.isclose(a[k], b[k], rtol=2e-3, atol=1e-4) if a[k].is_floating_point() else a[k] != b[k]
+            layer = k.rsplit(".", 1)[0] + "."
+            flips = int((a[layer + "qweight"] != b[layer + "qweight"]).sum())
+            assert int(off.sum()) <= flips * (a[k].shape[0] - 1), (k, int(off.sum()), flips)
+        elif a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=1e-4, msg=k)
         elif not k.endswith("qweight"):
             assert torch.equal(a[k], b[k]), k
