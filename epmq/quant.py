@@ -196,19 +196,23 @@ def _lower_inverse(L: torch.Tensor, leaf: int = 256, in_place: bool = False) -> 
     ``in_place``: into ``L``'s own memory (its upper triangle zero), no second ``d^2`` matrix:
     ``B`` is read only after ``A`` and ``C`` are inverted, and then overwritten."""
     out = L if in_place else torch.zeros_like(L)
-
-    def fill(lo, hi):
-        if hi - lo <= leaf:
-            eye = torch.eye(hi - lo, dtype=L.dtype, device=L.device)
-            out[lo:hi, lo:hi] = torch.linalg.solve_triangular(L[lo:hi, lo:hi], eye, upper=False)
-            return
-        mid = (lo + hi) // 2
-        fill(lo, mid)
-        fill(mid, hi)
-        out[mid:hi, lo:mid] = -(out[mid:hi, mid:hi] @ (L[mid:hi, lo:mid] @ out[lo:mid, lo:mid]))
-
-    fill(0, L.shape[0])
+    _fill_lower_inverse(out, L, 0, L.shape[0], leaf)
     return out
+
+
+def _fill_lower_inverse(out: torch.Tensor, L: torch.Tensor, lo: int, hi: int, leaf: int) -> None:
+    """``out[lo:hi, lo:hi] = L[lo:hi, lo:hi]^{-1}`` (``_lower_inverse``'s halving). A module
+    function, not a closure: a recursive closure over ``L`` and ``out`` is a reference cycle
+    (the function, its cell, the function), which kept the solve's float64 d^2 matrix alive
+    after the solve until Python's cycle collector happened to run."""
+    if hi - lo <= leaf:
+        eye = torch.eye(hi - lo, dtype=L.dtype, device=L.device)
+        out[lo:hi, lo:hi] = torch.linalg.solve_triangular(L[lo:hi, lo:hi], eye, upper=False)
+        return
+    mid = (lo + hi) // 2
+    _fill_lower_inverse(out, L, lo, mid, leaf)
+    _fill_lower_inverse(out, L, mid, hi, leaf)
+    out[mid:hi, lo:mid] = -(out[mid:hi, mid:hi] @ (L[mid:hi, lo:mid] @ out[lo:mid, lo:mid]))
 
 
 # GPUs whose float64 runs at half the fp32 rate (P100, V100, A100/A30, H100/H200, B200); the
