@@ -467,10 +467,12 @@ def _span(row: torch.Tensor, what: str, b: int) -> Optional[tuple]:
 
 _MASKING = ("attention_mask", "decoder_attention_mask", "labels")
 # Keyword arguments of models and blocks that carry a generation cache: never during calibration
-# (RWKV's recurrent ``state``: every block writes its last token into it in place; ``kv_cache``:
-# ChatGLM's; ``cache_params``: Mamba's; ``inference_params``: mamba_ssm's).
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "state", "kv_cache", "cache_params",
-                "inference_params")
+# (RWKV's recurrent ``state``: every block writes its last token into it in place; ``layer_state``:
+# FSMT's, whose cross attention then reads the keys and values a first call cached, never calling
+# k_proj and v_proj; ``kv_cache``: ChatGLM's; ``cache_params``: Mamba's; ``inference_params``:
+# mamba_ssm's).
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "layer_state", "state", "kv_cache",
+                "cache_params", "inference_params")
 
 
 def _keywords(model, item):

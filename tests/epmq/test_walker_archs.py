@@ -410,6 +410,30 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     assert_same_statistics(seen, hand)
 
 
+def test_fsmt_decoder_cache_argument_is_kept_out_of_the_walk(gen, monkeypatch):
+    """FSMT's decoder layers take their generation cache as ``layer_state`` (the model makes one
+    whenever ``use_cache``, its config's default): handed to every call of a block, the cross
+    attention read its keys and values from what the first call cached, so its k_proj and v_proj
+    were never called, stayed in full precision and were reported as a path the data does not take."""
+    from test_walker_models import VOCAB, _hf
+
+    torch.manual_seed(0)
+    model = _hf("FSMTForConditionalGeneration", "FSMTConfig", langs=["en", "de"], src_vocab_size=VOCAB,
+                tgt_vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)().eval()
+    items = [{"input_ids": torch.randint(3, VOCAB, (2, 8), generator=gen),
+              "decoder_input_ids": torch.randint(3, VOCAB, (2, 5), generator=gen)} for _ in range(2)]
+    target = "model.decoder.layers.1.encoder_attn.k_proj"
+    hand = hooked_inputs(model, target, items)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, layers=lambda name: name == target,
+                        backend="torch", progress=False)
+    assert model.epmq_report.skipped == []
+    assert isinstance(model.get_submodule(target), epmq.QuantLinear)
+    assert_same_statistics(seen, hand)
+
+
 # (first call's layers, second call's): the second walks modules the first rewrote (GPT-2's
 # Conv1D as nn.Linear, fused MoE experts as linears, open_clip's attention as linears)
 SECOND_CALL = {"gpt2": (r"\.mlp\.", r"\.attn\."), "qwen3_moe": ("self_attn", r"\.mlp\."),
