@@ -30,8 +30,13 @@ from torch import nn
 
 from . import Adapter, Part
 
-# Per experts class: the names of an expert's (gate, up, down) projections in checkpoints.
-PROJECTION_NAMES = {"MixtralExperts": ("w1", "w3", "w2"), "PhimoeExperts": ("w1", "w3", "w2"),
+# Per experts class: the names of an expert's (gate, up, down) projections in checkpoints (those
+# transformers' conversion mapping reads into the fused parameters, and writes back on saving:
+# ``.experts.*.w1.weight`` for Mixtral's and the families that share its layout).
+_W1_W3_W2 = ("w1", "w3", "w2")
+PROJECTION_NAMES = {**{name: _W1_W3_W2 for name in ("MixtralExperts", "PhimoeExperts", "MiniMaxExperts",
+                                                    "MiniMaxM2Experts", "KimiLinearExperts", "Lfm2MoeExperts",
+                                                    "DeepseekV4Experts")},
                     "DbrxExperts": ("w1", "v1", "w2")}
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
