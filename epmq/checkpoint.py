@@ -1262,6 +1262,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     listed = ours["modules"] if ours else _modules_from_tensors(tensors, qconfig)
     tied = ours.get("tied", {}) if ours else {}
     to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
+    # a name the model has kept as it is where its renaming leads to none, as transformers keeps
+    # it (DeepSeek-V4's rule for its attention's ``.norm.`` would take the final model.norm too)
+    own = set(model.state_dict())
+    to_model = {k: k if new not in own and k in own else new for k, new in to_model.items()}
     tensors = {to_model[k]: t for k, t in tensors.items()}
     tied = {to_model[alias]: to_model[source] for alias, source in tied.items()}
     modules = {}

@@ -384,21 +384,22 @@ def test_routers_stay_in_full_precision(arch, router, gen, tmp_path):
 
 # Families whose checkpoints name an expert's projections w1, w3, w2 (transformers' conversion
 # mapping reads ``.experts.*.w1.weight`` into the fused gate_up_proj), beyond Mixtral
-W1_W3_W2_FAMILIES = ["phimoe", "minimax", "kimilinear", "lfm2moe", "minimax_m2"]
+W1_W3_W2_FAMILIES = ["phimoe", "minimax", "kimilinear", "lfm2moe", "minimax_m2", "deepseek_v4"]
 
 
 @pytest.mark.parametrize("family", W1_W3_W2_FAMILIES)
 def test_w1_w3_w2_experts_in_their_checkpoint_naming(family, gen, tmp_path):
     """PhiMoE's checkpoints (and save_pretrained) name an expert's projections w1, w3, w2, as
     Mixtral's: an expert directory is read, and the quantized checkpoint keeps those names. So do
-    MiniMax (M2), Kimi-Linear and LFM2-MoE: their expert directories were refused
+    MiniMax (M2), Kimi-Linear, LFM2-MoE and DeepSeek-V4: their expert directories were refused
     ("has no tensor ...experts.0.gate_proj.weight"), and their checkpoints named the experts
     gate_proj, up_proj, down_proj under the hub's module path, a layout no loader reads."""
     from test_walker_models import _MOE, WIDER, _decoder
 
     torch.manual_seed(0)
-    build = {"minimax_m2": _decoder("MiniMaxM2ForCausalLM", "MiniMaxM2Config", num_local_experts=4, head_dim=8,
-                                    **_MOE)}.get(family) or WIDER[family][0]
+    build = {"minimax_m2": _decoder("MiniMaxM2ForCausalLM", "MiniMaxM2Config", num_local_experts=4, head_dim=8, **_MOE),
+             "deepseek_v4": _decoder("DeepseekV4ForCausalLM", "DeepseekV4Config", n_routed_experts=4,
+                                     moe_intermediate_size=16, head_dim=8, **_MOE)}.get(family) or WIDER[family][0]
     expert = build()
     expert.save_pretrained(tmp_path / "expert")
     model = build().eval()  # (in training mode PhiMoE's router draws random numbers)

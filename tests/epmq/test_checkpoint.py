@@ -314,6 +314,30 @@ def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, 
     torch.testing.assert_close(output(on_cpu0, item), output(model, item), rtol=0, atol=0)
 
 
+def test_a_name_a_loading_rule_would_rename_to_no_tensor_is_kept(tmp_path):
+    """DeepSeek-V4's loading rules rename its attention's ``.norm.`` to ``.kv_norm.``, which also
+    matches the final ``model.norm.weight``; transformers keeps a name whose renaming leads to no
+    tensor of the model where the name itself is one. Renamed regardless, every checkpoint of
+    the model failed to load ("missing tensors ['model.norm.weight'], unexpected tensors
+    ['model.kv_norm.weight']")."""
+    import transformers
+
+    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no DeepseekV4ForCausalLM")
+    config = transformers.DeepseekV4Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    fresh = transformers.DeepseekV4ForCausalLM(config)
+    for loaded in (epmq.load_quantized(tmp_path / "q"), epmq.load_quantized(tmp_path / "q", fresh)):
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_load_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
     """``load_quantized("org/name")``: a GPTQ checkpoint on the HF hub, read from its snapshot in
     the hub's cache (here laid out as the hub lays it out: files are links into blobs/, read
