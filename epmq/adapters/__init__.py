@@ -167,7 +167,7 @@ class Adapter:
         """Which positions of the hidden states of the stack ``prefix`` are tokens of the
         calibration ``item`` (bool ``[B, L]``), or None: all of them. Padded HF batches are cut
         before the walk (``calibration.unpad``); this is for models that pad without a mask."""
-        return None
+        return _hf_text_tower_mask(model, prefix, item)
 
     def hidden_of(self, output):
         return output[0] if isinstance(output, (tuple, list)) else output
@@ -186,6 +186,28 @@ class Adapter:
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r}, block_types={self.block_types})"
 
+
+
+def _hf_text_tower_mask(model: nn.Module, prefix: str, item):
+    """The tokens of a stack inside an open_clip HF text tower (``HFTextEncoder``: the XLM-R,
+    RoBERTa and mT5 CLIPs), or None. Its texts come padded to the context length with the
+    tokenizer's pad id and no ``attention_mask`` (the tower makes it from the pad id), so nothing
+    cuts the padding before the walk; no token attends to those positions and the mean and CLS
+    poolers leave them out: they change nothing the tower returns and are no calibration tokens
+    (open_clip's max pooler reads them, and ``output_tokens`` returns them: no mask there)."""
+    parts = prefix.split(".")
+    owners = (model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, 0, -1))
+    owner = next((m for m in owners if type(m).__name__ == "HFTextEncoder"), None)
+    if (owner is None or getattr(owner, "output_tokens", False)
+            or type(getattr(owner, "pooler", None)).__name__ not in ("MeanPooler", "ClsPooler")):
+        return None
+    from .builtin import _open_clip_text  # (builtin imports this module)
+
+    text = _open_clip_text(item)
+    pad = getattr(getattr(owner, "config", None), "pad_token_id", None)
+    if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point() or pad is None:
+        return None
+    return text != pad
 
 _REGISTRY: list = []
 

@@ -233,6 +233,37 @@ def test_open_clip_text_padding_is_no_token(gen, monkeypatch, targets):
     assert tokens["visual.transformer.resblocks.1.mlp.c_fc"] == 3 * 5  # (4 patches and the class token)
 
 
+@pytest.mark.parametrize("pooler", ["mean_pooler", "cls_pooler"])
+def test_open_clip_hf_text_tower_padding_is_no_token(pooler, gen, monkeypatch, tmp_path):
+    """open_clip's HF text towers (the XLM-R and RoBERTa CLIPs) get their texts padded to the
+    context length with the pad id and no attention_mask: the tower masks them itself. Under the
+    mean and CLS poolers those positions change nothing, and the statistics leave them out, as
+    the README says of padded calibration; they were counted (most of a 77-token context)."""
+    from open_clip.model import CustomTextCLIP
+
+    transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=20, pad_token_id=1)).save_pretrained(tmp_path / "xlmr")
+    torch.manual_seed(0)
+    model = CustomTextCLIP(embed_dim=16, vision_cfg=dict(layers=1, width=32, head_width=8, image_size=16,
+                                                         patch_size=8, mlp_ratio=2.0),
+                           text_cfg=dict(hf_model_name=str(tmp_path / "xlmr"), hf_tokenizer_name=str(tmp_path / "xlmr"),
+                                         hf_proj_type="linear", hf_pooler_type=pooler, hf_model_pretrained=False,
+                                         context_length=8)).eval()
+    text = torch.ones(3, 8, dtype=torch.long)  # (1: the pad id)
+    for b, n in enumerate((3, 8, 5)):
+        text[b, :n] = torch.randint(2, 64, (n,), generator=gen)
+    items = [{"image": torch.randn(3, 3, 16, 16, generator=gen), "text": text}]
+    real = text != 1
+    name = "text.transformer.encoder.layer.0.attention.self.query"
+    X = block_inputs_of(model, name, items).reshape(3, 8, -1)[real]
+    seen = solved_statistics(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": items}, layers=lambda n: n == name,
+                        backend="torch", progress=False)
+    torch.testing.assert_close(seen[name], X.T @ X, rtol=1e-12, atol=1e-10)
+    assert model.epmq_report.layers[0]["n_tokens"] == int(real.sum())
+
+
 def block_inputs_of(model, name, items):
     """The inputs of module ``name`` (float64, tokens x features) in the unquantized model."""
     return torch.cat(hooked_inputs(model, name, items))
