@@ -427,7 +427,8 @@ def _generator(seed: int, name: str, k: int) -> torch.Generator:
 
 
 def _mask_names(base, experts) -> dict:
-    """``{state-dict name: the name its random masks are drawn under}`` (DARE's, DELLA's): for
+    """``{state-dict name: the name its random masks are drawn under}`` (DARE's, DELLA's; the
+    name SLERP's schedule ``t`` is read at): for
     transformers modules whose ``save_pretrained`` renames tensors (transformers 5 loads ViT's
     ``encoder.layer.N.attention.attention.query`` as ``layers.N.attention.q_proj``), the name
     they are saved under, the one ``epmq merge`` reads from their checkpoints; so the same
@@ -936,12 +937,16 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     directions: ``sin((1 - t) theta) / sin theta a + sin(t theta) / sin theta b``, ``theta`` the
     angle between them; where they are nearly parallel or opposite (``|cos theta| >
     dot_threshold``), or one is 0, it interpolates linearly. ``t`` may be a function of the
-    tensor's name (a schedule over layers; a transformers module's fused tensors are merged as
-    the ones it saves, under their saved names, as ``epmq merge`` names them).
+    tensor's name (a schedule over layers; a transformers module's tensors are named as it saves
+    them, as ``epmq merge`` names them: its fused ones are merged as the ones it saves).
     """
     check_number(dot_threshold, "dot_threshold")
+    # (a schedule reads every tensor under its saved name, as the fused ones are merged: read at
+    # the module's names beside them, a filter on either naming missed the other's tensors)
+    named = _mask_names(None, [a, b]) if callable(t) else {}
 
     def merge_tensor(name, W_0, W_k):
+        name = named.get(name, name)
         frac = check_number(t(name) if callable(t) else t, f"t (at {name})")
         A, B = ((W.reshape(-1, 1) if W.dim() < 2 else W.flatten(1)) if per_row else W.reshape(1, -1)
                 for W in W_k)

@@ -241,6 +241,31 @@ def test_saved_layout_of_fused_experts(saved_moe):
         assert torch.equal(fused.reshape(-1)[at].view(shape), fused[e, :half] if w == "w1" else fused[e, half:])
 
 
+@pytest.mark.parametrize("family", ["mixtral", "dinov2_swiglu"])
+def test_a_slerp_schedule_reads_the_names_the_checkpoint_merge_reads(saved_moe, family, tmp_path):
+    """SLERP's ``t`` as a function of the tensor's name (a mergekit filter: the first whose
+    name part the tensor's name holds) read the fused experts under their saved names but the
+    other tensors under the module's (Mixtral's router ``model.layers.0.mlp.gate.weight``,
+    saved as ``...block_sparse_moe.gate.weight``): one schedule, two namings in one model, and
+    the module merge differed from its checkpoints' merge. Every tensor is named as saved."""
+    from epmq import merge_checkpoints
+
+    _, (a, b), root = saved_moe[family]
+    seen = []
+
+    def t(name):  # (a filter on the saved names; the module's own differ in the renamed parts)
+        seen.append(name)
+        return 0.2 if any(part in name for part in ("block_sparse_moe", "encoder.layer.")) else 0.8
+
+    want = merge.slerp(a, b, t=t)
+    module_names = set(seen)
+    seen.clear()
+    out = merge_checkpoints("slerp", [root / "e0", root / "e1"], tmp_path / "out", params={"t": t}, progress=False)
+    assert module_names == set(seen)
+    got = type(a).from_pretrained(out).state_dict()
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
+
+
 def test_unmappable_saved_layout_warns(saved_moe, monkeypatch):
     """Where the saved tensors are not the module's entries each once (a converter that pads or
     dequantizes), the module's tensors are merged as it holds them, said with a warning."""
