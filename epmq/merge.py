@@ -1243,6 +1243,7 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
         if hasattr(base, "dtype_of"):
             return base.dtype_of(name), math.prod(base.shape_of(name))
         t = base[name]
+        _a_tensor(name, "base", t)  # (a meta base failed below as torch's "not on the expected device")
         return t.dtype, t.numel()
 
     sizes = {name: dtype_and_size(name) for name in base.keys() if name not in aliases}

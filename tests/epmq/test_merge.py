@@ -1092,6 +1092,12 @@ def test_weights_given_by_a_generator_and_entries_that_are_not_tensors(gen):
         merge.task_arithmetic(dict(base, x={}), [dict(e, x={}) for e in experts])
     with pytest.raises(ValueError, match="'a' of base is on the meta device"):
         merge.task_arithmetic({k: v.to("meta") for k, v in base.items()}, experts)
+    # (global TIES ranks the task vectors before any tensor is merged: a meta base failed there
+    # as torch's "Tensor on device meta is not on the expected device cpu!")
+    for wrong, match in (({k: v.to("meta") for k, v in base.items()}, "'a' of base is on the meta device"),
+                         (dict(base, x={}), "entry 'x' of base is a dict, not a tensor")):
+        with pytest.raises(ValueError, match=match):
+            merge.ties(wrong, [dict(e, x={}) if "x" in wrong else e for e in experts])
 
 
 def test_regmean_of_gpt2_conv1d_layers(gen):
