@@ -1,6 +1,7 @@
 """Input checks shared by the solvers, the statistics and the merges."""
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -227,11 +228,11 @@ def is_int(value) -> bool:
 def check_seed(seed) -> int:
     """``seed`` if an integer that torch's generators take (64 bits: past them the first draw
     failed as "Overflow when unpacking long long"), else a ValueError."""
-    if not is_int(seed):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # (numpy's integers too)
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not -2 ** 63 <= seed < 2 ** 64:
+    if not -2 ** 63 <= int(seed) < 2 ** 64:
         raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed}")
-    return seed
+    return int(seed)
 
 
 def check_number(value, what: str, minimum: Optional[float] = None) -> float:

@@ -158,7 +158,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     """``(model class, tokenizer or image processor, {task: batches})`` for the checkpoint in
     ``directory`` and each task's calibration files, by what the model's forward takes; the
     tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``)."""
-    check_seed(seed)
+    seed = check_seed(seed)
     cls, encoder_decoder = _model_class(directory, tower)
     modality = _modality(cls, encoder_decoder, tower)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
@@ -314,7 +314,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size)
-    check_seed(seed)
+    seed = check_seed(seed)
     check_output(out)
     if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")

@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -414,6 +415,11 @@ def test_a_seed_torch_cannot_take_is_refused_from_python_too(files, tmp_path, se
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="seed must be an integer"):
         calibrated(files / "merged", {"math": files / "a.txt"}, seed=seed)
+    # (numpy's integers are integers: taken, as before the check)
+    options = dict(samples=2, seq_len=8, batch_size=2)
+    _, _, drawn = calibrated(files / "merged", {"math": files / "a.txt"}, seed=np.int64(3), **options)
+    _, _, same = calibrated(files / "merged", {"math": files / "a.txt"}, seed=3, **options)
+    assert torch.equal(drawn["math"][0]["input_ids"], same["math"][0]["input_ids"])
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
