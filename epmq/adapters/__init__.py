@@ -196,7 +196,8 @@ def _hf_text_tower_mask(model: nn.Module, prefix: str, item):
     poolers leave them out: they change nothing the tower returns and are no calibration tokens
     (open_clip's max pooler reads them, and ``output_tokens`` returns them: no mask there)."""
     parts = prefix.split(".")
-    owners = (model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, 0, -1))
+    # (k = 0: the model itself, a tower quantized alone, as the open_clip adapter's own towers)
+    owners = (model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, -1, -1))
     owner = next((m for m in owners if type(m).__name__ == "HFTextEncoder"), None)
     if (owner is None or getattr(owner, "output_tokens", False)
             or type(getattr(owner, "pooler", None)).__name__ not in ("MeanPooler", "ClsPooler")):

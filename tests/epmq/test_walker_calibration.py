@@ -264,6 +264,36 @@ def test_open_clip_hf_text_tower_padding_is_no_token(pooler, gen, monkeypatch, t
     assert model.epmq_report.layers[0]["n_tokens"] == int(real.sum())
 
 
+def test_open_clip_hf_text_tower_alone_padding_is_no_token(gen, monkeypatch, tmp_path):
+    """An open_clip HF text tower (``HFTextEncoder``) quantized alone, as its texts' model: its
+    pad-id positions are no tokens either (only the towers inside a CLIP were masked: the
+    tower itself, the model, was never looked at, and every pad was counted)."""
+    from open_clip.hf_model import HFTextEncoder
+
+    transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=20, pad_token_id=1)).save_pretrained(tmp_path / "xlmr")
+    torch.manual_seed(0)
+    tower = HFTextEncoder(str(tmp_path / "xlmr"), output_dim=16, proj_type="linear", pooler_type="mean_pooler",
+                          pretrained=False).eval()
+    text = torch.ones(3, 8, dtype=torch.long)  # (1: the pad id)
+    for b, n in enumerate((3, 8, 5)):
+        text[b, :n] = torch.randint(2, 64, (n,), generator=gen)
+    real = text != 1
+    name = "transformer.encoder.layer.0.attention.self.query"
+    hand = []
+    handle = tower.get_submodule(name).register_forward_pre_hook(lambda m, args: hand.append(args[0].double()))
+    with torch.no_grad():
+        tower(text)
+    handle.remove()
+    X = hand[0][real]
+    seen = solved_statistics(monkeypatch)
+    epmq.quantize_model(tower, SPEC, method="gptq", calibration={"t": [text]}, layers=lambda n: n == name,
+                        backend="torch", progress=False)
+    torch.testing.assert_close(seen[name], X.T @ X, rtol=1e-12, atol=1e-10)
+    assert tower.epmq_report.layers[0]["n_tokens"] == int(real.sum())
+
+
 def block_inputs_of(model, name, items):
     """The inputs of module ``name`` (float64, tokens x features) in the unquantized model."""
     return torch.cat(hooked_inputs(model, name, items))
