@@ -36,7 +36,7 @@ from . import Adapter, Part
 _W1_W3_W2 = ("w1", "w3", "w2")
 PROJECTION_NAMES = {**{name: _W1_W3_W2 for name in ("MixtralExperts", "PhimoeExperts", "MiniMaxExperts",
                                                     "MiniMaxM2Experts", "KimiLinearExperts", "Lfm2MoeExperts",
-                                                    "DeepseekV4Experts")},
+                                                    "DeepseekV4Experts", "MistralLarge4TextExperts")},
                     "DbrxExperts": ("w1", "v1", "w2")}
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 

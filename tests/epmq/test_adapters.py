@@ -384,7 +384,7 @@ def test_routers_stay_in_full_precision(arch, router, gen, tmp_path):
 
 # Families whose checkpoints name an expert's projections w1, w3, w2 (transformers' conversion
 # mapping reads ``.experts.*.w1.weight`` into the fused gate_up_proj), beyond Mixtral
-W1_W3_W2_FAMILIES = ["phimoe", "minimax", "kimilinear", "lfm2moe", "minimax_m2", "deepseek_v4"]
+W1_W3_W2_FAMILIES = ["phimoe", "minimax", "kimilinear", "lfm2moe", "minimax_m2", "deepseek_v4", "mistral_large4"]
 
 
 @pytest.mark.parametrize("family", W1_W3_W2_FAMILIES)
@@ -394,12 +394,16 @@ def test_w1_w3_w2_experts_in_their_checkpoint_naming(family, gen, tmp_path):
     MiniMax (M2), Kimi-Linear, LFM2-MoE and DeepSeek-V4: their expert directories were refused
     ("has no tensor ...experts.0.gate_proj.weight"), and their checkpoints named the experts
     gate_proj, up_proj, down_proj under the hub's module path, a layout no loader reads."""
-    from test_walker_models import _MOE, WIDER, _decoder
+    from test_walker_models import _DEEPSEEK, _MOE, WIDER, _decoder
 
     torch.manual_seed(0)
     build = {"minimax_m2": _decoder("MiniMaxM2ForCausalLM", "MiniMaxM2Config", num_local_experts=4, head_dim=8, **_MOE),
              "deepseek_v4": _decoder("DeepseekV4ForCausalLM", "DeepseekV4Config", n_routed_experts=4,
-                                     moe_intermediate_size=16, head_dim=8, **_MOE)}.get(family) or WIDER[family][0]
+                                     moe_intermediate_size=16, head_dim=8, **_MOE),
+             # (Mistral Large 4's text model: its mapping reads .experts.*.w1.weight too)
+             "mistral_large4": _decoder("MistralLarge4TextModel", "MistralLarge4TextConfig", **_DEEPSEEK,
+                                        head_dim=4, index_topk=4, index_head_dim=8, index_n_heads=2)}.get(family) \
+        or WIDER[family][0]
     expert = build()
     expert.save_pretrained(tmp_path / "expert")
     model = build().eval()  # (in training mode PhiMoE's router draws random numbers)
@@ -415,7 +419,8 @@ def test_w1_w3_w2_experts_in_their_checkpoint_naming(family, gen, tmp_path):
     assert not any(".experts.0.gate_proj." in k for k in keys)
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        out = "logits" if family != "mistral_large4" else "last_hidden_state"  # (a base model: no head)
+        assert torch.equal(getattr(loaded(ids), out), getattr(model(ids), out))
 
 
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
