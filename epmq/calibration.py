@@ -487,8 +487,12 @@ def _keywords(model, item):
         return item
     # (GPT-2's forward takes its cache second: a TensorDataset's (ids, mask) gave the mask
     # as a cache, and the model failed deep inside with "no attribute 'get_seq_length'")
+    # (a required parameter is one of the forward's inputs, whatever its name: a policy's
+    # forward(state), PI0's robot state; a generation cache is optional, None by default)
+    params = bound.signature.parameters
     cache = next((n for n, (name, value) in enumerate(bound.arguments.items())
-                  if name in CACHE_KWARGS and isinstance(value, torch.Tensor)), None)
+                  if name in CACHE_KWARGS and isinstance(value, torch.Tensor)
+                  and params[name].default is not inspect.Parameter.empty), None)
     if cache is not None:
         name = list(bound.arguments)[cache]
         raise ValueError(f"the item's element {cache} goes to {type(model).__name__}.forward's {name} (its "

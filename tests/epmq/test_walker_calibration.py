@@ -377,6 +377,40 @@ def test_a_positional_item_that_puts_a_tensor_in_a_cache_argument_is_named():
     assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {7}
 
 
+def test_a_positional_item_for_a_required_input_named_state_is_taken():
+    """A forward whose input is named ``state`` (a policy's ``forward(state)``; transformers'
+    PI0 takes its robot state so) is no cache: a TensorDataset's ``[x]`` was refused as one
+    ("goes to Policy.forward's state ... give a dict ... 'input_ids'"). A cache is optional; a
+    required parameter is one of the forward's inputs."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, h):
+            return h + torch.relu(self.fc(h))
+
+    class Policy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.blocks = nn.Linear(8, 32), nn.ModuleList([Block(), Block()])
+
+        def forward(self, state):
+            h = self.inp(state)
+            for block in self.blocks:
+                h = block(h)
+            return h
+
+    torch.manual_seed(0)
+    model = Policy().eval()
+    x = torch.randn(2, 5, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": list(loader)},
+                        adapter=epmq.Adapter("policy", Block), backend="torch", progress=False)
+    assert {layer["n_tokens"] for layer in model.epmq_report.layers} == {10}
+
+
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
 def test_a_wrapped_model_sees_the_padding_of_its_batches(wrap):
     """torch.compile's and DataParallel's wrappers take ``*args, **kwargs``: a positional
