@@ -86,8 +86,8 @@ class CLIError(Exception):
 def _demo(args) -> int:
     from .demo import default_plan, prepare
 
-    if not 0 <= args.seed < 2 ** 32:  # (the demo draws with seed * 1000 + k: torch's generators take 64 bits)
-        raise CLIError(f"--seed must be from 0 to 2**32 - 1, got {args.seed}")
+    if not abs(args.seed) < 2 ** 32:  # (the demo draws with seed * 1000 + k: torch's generators take 64 bits)
+        raise CLIError(f"--seed must be from -(2**32 - 1) to 2**32 - 1, got {args.seed}")
     torch_threads(args.threads)
     out = Path(args.out)
     check_out_dir(out)

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from ._util import storage_key, without_autocast
-from .checks import all_finite, check_finite, check_hessian, check_number, is_int
+from .checks import all_finite, check_finite, check_hessian, check_number, check_seed, is_int
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -389,11 +389,6 @@ def _check_weights(weights, n: int, *, divide: bool) -> Optional[list]:
     return weights
 
 
-def _check_seed(seed) -> None:
-    if not is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-
-
 def _check_unit(value, what):
     check_number(value, what)
     if not 0.0 <= float(value) <= 1.0:
@@ -589,7 +584,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
     """
     experts = _listed_experts(experts)
     kept = _each(density, "density", len(experts))
-    _check_seed(seed)
+    seed = check_seed(seed)
     _check_choice(rescale, DARE_RESCALES, "rescale")
     _check_choice(convention, CONVENTIONS, "convention")
     if any(kept(k) == 0 for k in range(len(experts))):
@@ -738,7 +733,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     experts = _listed_experts(experts)
     kept = _each(density, "density", len(experts))
     spread = _each(epsilon, "epsilon", len(experts))
-    _check_seed(seed)
+    seed = check_seed(seed)
     _check_choice(rescale, DELLA_RESCALES, "rescale")
     _check_choice(convention, CONVENTIONS, "convention")
     mergekit = convention == "mergekit"

@@ -342,12 +342,19 @@ def test_bad_parameters():
         (lambda: merge.task_arithmetic(base, experts, scale="0.3"), "scale must be a finite"),
         (lambda: merge.ties(base, experts, density="0.2"), "density must be a finite"),
         (lambda: merge.dare(base, experts, seed="1"), "seed must be an int"),
+        (lambda: merge.della(base, experts, seed=2 ** 64), "seed must be an integer from"),
         (lambda: merge.slerp(experts[0], experts[1], t=[0.0, 1.0]), "t .* must be a finite"),
         (lambda: merge.task_arithmetic(base, [experts[0], {**experts[1], "w": experts[1]["w"].to(torch.int8)},
                                               experts[2]]), "expert 1 is torch.int8"),
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+    # (numpy's integers are seeds as the quantizers' are: the same masks as the int's)
+    import numpy as np
+
+    for method in (merge.dare, merge.della):
+        same = method(base, experts, seed=np.int64(3)), method(base, experts, seed=3)
+        assert all(torch.equal(same[0][k], same[1][k]) for k in same[1])
 
 
 def test_regmean_checks_its_gram_matrices():
