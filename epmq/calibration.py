@@ -394,7 +394,13 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
 
 # Tensors along the token axis of the encoder (of the model, for a decoder-only one) and of the
 # decoder of an encoder-decoder; a decoder-only model's labels are on its token axis.
-_ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+# Vision-language models' per-token inputs are on it too, [B, L, ...] as the ids: Mllama's
+# cross_attention_mask (which image each token attends to), Kosmos-2's image_embeds_position_mask,
+# the Qwen-VL family's mm_token_type_ids. Left uncut, a row cut to its real tokens kept them whole:
+# Mllama read the first L_real entries (a left-padded row's real tokens took the pad's zeros, their
+# cross-attention masked out, in silence), Kosmos-2 failed on the shapes.
+_ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                 "cross_attention_mask", "image_embeds_position_mask", "mm_token_type_ids")
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 

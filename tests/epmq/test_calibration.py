@@ -61,6 +61,25 @@ def test_labels_of_a_row_go_with_their_row(gen, encoder_decoder):
         assert torch.equal(torch.cat([p["labels"] for p in parts]), labels)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_vision_language_per_token_inputs_are_cut_with_the_tokens(side, gen):
+    """Mllama's cross_attention_mask [B, L, images, tiles], Kosmos-2's image_embeds_position_mask
+    and the Qwen-VL family's mm_token_type_ids [B, L] are per token: each row's are cut to its real
+    tokens, as its ids are. (They went with their row whole: Mllama reads the first L_real
+    entries, so a left-padded row's real tokens took the pad's zeros and lost their
+    cross-attention in silence; Kosmos-2 failed on the shapes.)"""
+    ids, mask, rows = padded([5, 3], 5, side, gen=gen)
+    per_token = {"cross_attention_mask": mask[:, :, None, None].clone(),
+                 "image_embeds_position_mask": (ids % 2) * mask, "mm_token_type_ids": (ids % 3) * mask}
+    parts = unpad({"input_ids": ids, "attention_mask": mask, **per_token})
+    for b, part in enumerate(parts):
+        where = slice(0, len(rows[b])) if side == "right" else slice(5 - len(rows[b]), 5)
+        assert torch.equal(part["input_ids"][0], rows[b])
+        for key, value in per_token.items():
+            assert torch.equal(part[key][0], value[b, where]), key
+    assert parts[1]["cross_attention_mask"].eq(1).all()  # (the real tokens' images, not the pad's zeros)
+
+
 def test_batches_without_padding_come_back_as_they_are(gen):
     item = {"input_ids": torch.randint(0, 9, (2, 3), generator=gen), "attention_mask": torch.ones(2, 3)}
     assert unpad(item)[0] is item
