@@ -633,7 +633,9 @@ def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
 def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch_size: int = 8,
                   seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer),
-    preprocessed by ``processor`` (e.g. ``AutoImageProcessor``) into ``pixel_values`` batches."""
+    preprocessed by ``processor`` (e.g. ``AutoImageProcessor``) into batches of what it returns:
+    ``pixel_values``, and the inputs that go with them (SigLIP 2's ``pixel_attention_mask`` and
+    ``spatial_shapes``, Pixtral's ``image_sizes``)."""
     from PIL import Image
 
     _check_sizes(samples, batch_size)
@@ -646,7 +648,10 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
                     images.append(rgb_image(upright(image)))
             except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
-        batches.append({"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]})
+        # (every tensor the processor returns, as a pipeline passes them: pixel_values alone left
+        # SigLIP 2's vision tower, whose forward requires its patches' mask and grid, unable to run)
+        out = processor(images=images, return_tensors="pt")
+        batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
     return batches
 
 

@@ -718,6 +718,39 @@ def test_two_tower_models_and_their_vision_tower(tmp_path):
     assert type(loaded).__name__ == "CLIPVisionModel"
 
 
+def test_siglip2_vision_tower_gets_its_patches_mask_and_grid(tmp_path):
+    """SigLIP 2's (NaFlex) processor gives each image's patches with their mask and grid, which
+    its vision tower's forward requires: the calibration batches keep them (pixel_values alone
+    stopped every run with "missing 2 required positional arguments"), and the checkpoint equals
+    quantize_model's on the same batches, images of two sizes padded to one patch count."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    siglip2 = transformers.Siglip2Model(transformers.Siglip2Config(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, num_patches=16)))
+    siglip2.save_pretrained(tmp_path / "siglip2")
+    transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(tmp_path / "siglip2")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "images").mkdir()
+    for i, (h, w) in enumerate([(20, 24), (30, 14), (16, 40), (24, 24)]):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    out = epmq.quantize_checkpoint(tmp_path / "siglip2", tmp_path / "out", spec=spec, method="gptq",
+                                   calibration={"a": tmp_path / "images"}, tower="vision",
+                                   samples=4, batch_size=2, progress=False)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "siglip2")
+    batches = {"a": image_batches(image_files(tmp_path / "images"), processor, samples=4, batch_size=2)}
+    assert set(batches["a"][0]) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
+    assert any(not bool(b["pixel_attention_mask"].all()) for b in batches["a"])  # (padded patches)
+    model = transformers.Siglip2VisionModel.from_pretrained(tmp_path / "siglip2")
+    loaded = assert_quantize_model_equals(out, model, spec, batches, lambda o: o.pooler_output, method="gptq")
+    assert type(loaded).__name__ == "Siglip2VisionModel"
+
+
 @pytest.mark.cuda
 def test_quantize_checkpoint_on_the_gpu(files, tmp_path):
     """The same command with the model on the GPU (Triton statistics and solver): a checkpoint
