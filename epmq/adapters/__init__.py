@@ -48,6 +48,7 @@ from __future__ import annotations
 import re
 import warnings
 
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
@@ -166,8 +167,10 @@ class Adapter:
     def token_mask(self, model: nn.Module, prefix: str, item):
         """Which positions of the hidden states of the stack ``prefix`` are tokens of the
         calibration ``item`` (bool ``[B, L]``), or None: all of them. Padded HF batches are cut
-        before the walk (``calibration.unpad``); this is for models that pad without a mask."""
-        return _hf_text_tower_mask(model, prefix, item)
+        before the walk (``calibration.unpad``); this is for models that pad without a mask,
+        and for padded image patches (SigLIP 2's)."""
+        mask = _hf_text_tower_mask(model, prefix, item)
+        return mask if mask is not None else _padded_patches_mask(model, prefix, item)
 
     def hidden_of(self, output):
         return output[0] if isinstance(output, (tuple, list)) else output
@@ -209,6 +212,25 @@ def _hf_text_tower_mask(model: nn.Module, prefix: str, item):
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.is_floating_point() or pad is None:
         return None
     return text != pad
+
+
+def _padded_patches_mask(model: nn.Module, prefix: str, item):
+    """The real patches of a vision stack's images, or None. SigLIP 2's (NaFlex) processor
+    gives each image as many patches as its aspect ratio fits and pads them to the batch's
+    count, marking the real ones in ``pixel_attention_mask`` ``[B, patches]``: no patch attends
+    to the padded ones and the pooling head leaves them out, so they change nothing the tower
+    returns and are no calibration tokens (they were counted in every statistic). Only in a
+    vision module (a class named so, the stack's owner or the model): a two-tower model's text
+    stack may have as many positions."""
+    mask = item.get("pixel_attention_mask") if isinstance(item, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:  # (Idefics3's is per pixel: [B, N, H, W])
+        return None
+    parts = prefix.split(".")
+    owners = (model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, -1, -1))
+    if not any("Vision" in type(m).__name__ for m in owners):
+        return None
+    return mask != 0
+
 
 _REGISTRY: list = []
 

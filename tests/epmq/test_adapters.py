@@ -922,3 +922,42 @@ def test_linear_subclasses_that_compute_something_else_are_left_whole(gen):
     assert [layer["name"] for layer in model.epmq_report.layers] == ["1.0.same", "1.1.same"]
     assert all(type(block.grouped) is GroupedLinear for block in model[1])
     assert float((model(x).detach() - reference).norm() / reference.norm()) < 0.02
+
+
+def test_siglip2_padded_patches_are_no_calibration_tokens(gen, monkeypatch):
+    """SigLIP 2's processor pads each image's patches to the batch's count (``pixel_attention_mask``
+    marks the real ones); no patch attends to the padded ones and the pooling head leaves them out.
+    The statistics are those of the real patches (every position was counted), as of each image
+    alone; a two-tower model's text stack, of as many positions, is not masked by them."""
+    import transformers
+    from test_walker_models import assert_same_statistics, walked_inputs
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  num_patches=16)
+    model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**vision)).eval()
+    pixels = torch.randn(2, 16, 192, generator=gen)
+    pixels[1, 10:] = 0
+    item = {"pixel_values": pixels, "pixel_attention_mask": torch.tensor([[1] * 16, [1] * 10 + [0] * 6]),
+            "spatial_shapes": torch.tensor([[4, 4], [2, 5]])}
+    target = "encoder.layers.1.self_attn.q_proj"
+    hand = []
+    handle = model.get_submodule(target).register_forward_pre_hook(
+        lambda m, args: hand.append(args[0].detach().reshape(-1, 32).double()))
+    with torch.no_grad():  # each image alone: its real patches only
+        for b, n in ((0, 16), (1, 10)):
+            model(pixel_values=pixels[b:b + 1, :n], pixel_attention_mask=item["pixel_attention_mask"][b:b + 1, :n],
+                  spatial_shapes=item["spatial_shapes"][b:b + 1])
+    handle.remove()
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="gptq", calibration={"a": [item]},
+                        layers=lambda name: name == target, backend="torch", progress=False)
+    assert sum(x.shape[0] for x in seen) == 26
+    assert_same_statistics(seen, hand)
+    two_towers = transformers.Siglip2Model(transformers.Siglip2Config(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4), vision_config=vision))
+    text_item = {"input_ids": torch.zeros(2, 16, dtype=torch.long), **item}
+    mask = epmq.adapters.HF_ENCODERS.token_mask
+    assert mask(two_towers, "text_model.encoder.layers", text_item) is None
+    assert torch.equal(mask(two_towers, "vision_model.encoder.layers", text_item), item["pixel_attention_mask"] != 0)
