@@ -87,6 +87,7 @@ import re
 import sys
 import time
 import warnings
+import zlib
 from contextlib import contextmanager, nullcontext
 from functools import cached_property
 from dataclasses import asdict, dataclass, field
@@ -1158,7 +1159,27 @@ def _to_device(item, device, moved=None):
     return item
 
 
-def _call(model, item, device):
+def _call(model, item, device, seed=None):
+    """``model`` on ``item``; with ``seed``, under the random state that seed gives (the caller's
+    own state kept). Every pass of one calibration item runs with one seed (that of its task and
+    number), so a model that draws random numbers in eval mode draws the same ones in each:
+    ViTMAE shuffles (and masks) its patches by a random draw before its blocks, and the target
+    streams (fp or expert path) saw other patches in another order than the quantized stream, row
+    for row, with nothing said: their cross statistics paired rows of different patches."""
+    if seed is None:
+        return _call_now(model, item, device)
+    devices = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _call_now(model, item, device)
+
+
+def _item_seed(task, n) -> int:
+    """The seed of every pass of item ``n`` of ``task`` (``_call``)."""
+    return zlib.crc32(f"{task}/{n}".encode())
+
+
+def _call_now(model, item, device):
     item = _to_device(item, device)
     if isinstance(item, Mapping):
         return model(**item)
@@ -1759,7 +1780,7 @@ class _Walk:
                         if watch:
                             now["again"] = {}
                         try:
-                            _call(self.model, item, self.model_device)
+                            _call(self.model, item, self.model_device, _item_seed(task, n))
                         except _Stop:
                             pass
                         except torch.OutOfMemoryError:
@@ -1874,7 +1895,7 @@ class _Walk:
                         now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device),
                                    started=False)
                         try:
-                            _call(self.model, item, self.model_device)
+                            _call(self.model, item, self.model_device, _item_seed(task, n))
                         except _Stop:
                             stream.hidden[task][n] = self._here(now["hidden"])
                         else:  # (the entry reached block i + 1 with this item)

@@ -196,6 +196,31 @@ def test_fp_path_gptq_on_the_first_layer_is_plain_gptq(gen):
     _assert_same_layer(model.get_submodule(name), quant.gptq(W, H.H, SPEC, backend="torch"))
 
 
+def test_streams_of_a_model_that_draws_in_eval_mode_see_the_same_draws(gen):
+    """ViTMAE shuffles its patches by a random draw before its blocks, in eval mode too: every
+    pass of an item (each stream's) runs with that item's seed, so the fp path's inputs are the
+    quantized stream's, row for row, and on the first layer the control is plain GPTQ (the target
+    stream saw the patches in another order: its cross statistics paired other patches' rows)."""
+    import transformers
+
+    def vitmae():
+        torch.manual_seed(0)
+        return transformers.ViTMAEModel(transformers.ViTMAEConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+            patch_size=4, mask_ratio=0.0)).eval()
+
+    calibration = {"a": [{"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)} for _ in range(2)]}
+    name = "layers.0.attention.q_proj"
+    packed = {}
+    for targets in ("merged_path", "fp_path"):
+        model = vitmae()
+        epmq.quantize_model(model, SPEC, method="gptq", targets=targets, calibration=calibration, layers=name,
+                            backend="torch", progress=False)
+        packed[targets] = model.get_submodule(name)
+    for field in ("qweight", "scales", "qzeros"):
+        assert torch.equal(getattr(packed["fp_path"], field), getattr(packed["merged_path"], field)), field
+
+
 @pytest.mark.parametrize("arch", list(MOE))
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
 def test_moe_expert_statistics_are_its_routed_tokens(arch, method, gen):
