@@ -1170,7 +1170,11 @@ def _call(model, item, device, seed=None):
         return _call_now(model, item, device)
     devices = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        # (not torch.manual_seed: it seeds every GPU, whose states fork_rng does not restore)
+        torch.random.default_generator.manual_seed(seed)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
         return _call_now(model, item, device)
 
 

@@ -214,8 +214,10 @@ def test_streams_of_a_model_that_draws_in_eval_mode_see_the_same_draws(gen):
     packed = {}
     for targets in ("merged_path", "fp_path"):
         model = vitmae()
+        state = torch.get_rng_state()
         epmq.quantize_model(model, SPEC, method="gptq", targets=targets, calibration=calibration, layers=name,
                             backend="torch", progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # (the caller's draws are its own)
         packed[targets] = model.get_submodule(name)
     for field in ("qweight", "scales", "qzeros"):
         assert torch.equal(getattr(packed["fp_path"], field), getattr(packed["merged_path"], field)), field
