@@ -76,10 +76,15 @@ def _model_class(directory: Path, tower: Optional[str]):
                          f"{transformers.__version__} does not have")
     vlm = {"input_ids", "pixel_values"} <= _forward_takes(cls) and _vision_tower_class(cls) is None
     if tower == "language" and not vlm:
-        raise ValueError(f"tower: language is for a vision-language model (Llava, Qwen2-VL, Mllama, ...), whose "
+        raise ValueError(f"tower: language is for a vision-language model (Llava, Qwen2-VL, Gemma 3, ...), whose "
                          f"language model calibrates on texts; {cls.__name__} is "
                          + ("a two-tower model: tower: vision quantizes its vision tower" if _vision_tower_class(cls)
                             else "not one: leave tower: out"))
+    if tower == "language" and (config.get("text_config") or {}).get("cross_attention_layers"):
+        # (Mllama's: on text alone the model skips them, and the walk calls every block in turn)
+        raise ValueError(f"{cls.__name__}'s language model skips its cross-attention layers on text alone, and "
+                         f"the walk needs every block called: quantize it with epmq.quantize_model on "
+                         f"(image, text) samples, which walks the whole model")
     if tower == "vision":
         vision = _vision_tower_class(cls)
         if vision is None:

@@ -852,6 +852,23 @@ def test_a_vision_language_model_is_sent_to_its_language_model(tmp_path):
                    "tower: language quantizes its language model", tower="vision")
 
 
+def test_mllamas_language_model_alone_is_refused_by_name(tmp_path):
+    """On text alone Mllama skips its cross-attention layers, and the walk calls every block in
+    turn: tower: language failed every run with 'block 2 is called where block 1 is next'. Named
+    up front, with what does quantize it (only the config is read)."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1, 3], pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=16, patch_size=8, max_num_tiles=1, vision_output_dim=96,
+                  intermediate_layers_indices=[0, 1], supported_aspect_ratios=[[1, 1]])
+    config = transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=299)
+    config.architectures = ["MllamaForConditionalGeneration"]
+    config.save_pretrained(tmp_path / "mllama")
+    assert_refused(tmp_path / "mllama", tmp_path, "MllamaForConditionalGeneration's language model skips its "
+                   "cross-attention layers on text alone.*epmq.quantize_model on \\(image, text\\) samples",
+                   tower="language")
+
+
 def test_the_language_model_of_a_vision_language_model(files, tmp_path):
     """tower: language: a VLM's language model quantized from text files, the vision tower and
     projector left in full precision, the processor (tokenizer and image processor) saved beside
