@@ -306,7 +306,17 @@ class LoraExpert(Mapping):
         self._full = {whole.key_for(name) or name: key for name, key in full.items()}
         self._full.update({binding.key_for(name) or whole.key_for(name) or name: key
                            for name, key in base_layers.items()})
-        self._keys = list(dict.fromkeys([*self.base.keys(), *self._full]))
+        # a module saved whole replaces that module alone: PEFT wraps it (modules_to_save:
+        # [embed_tokens] over a tied head) and the modules tied to it keep the base's W_0, which a
+        # base checkpoint stores once, under another name: alias -> the base's key for it
+        # (not an adapted module's saved W_0, base_layer: its update goes to every name of it)
+        # (names of the model, found in the base under its renaming: Gemma 3's hub layout)
+        self._aliases = {}
+        for name, stored in ((name, whole.key_for(name)) for name in full):
+            for other in (order or {}).get(name, ()) if stored is not None else ():
+                if other not in full and whole.key_for(other) is None:
+                    self._aliases[other] = stored
+        self._keys = list(dict.fromkeys([*self.base.keys(), *self._full, *self._aliases]))
 
     def _names_of(self, key: str, order, shared) -> list:
         """``key`` and the base's other names for the same tensor: tied aliases (``tie_order``
@@ -368,18 +378,19 @@ class LoraExpert(Mapping):
         return iter(self._keys)
 
     def __contains__(self, key):
-        return key in self._full or key in self.base
+        return key in self._full or key in self._aliases or key in self.base
 
     def shape_of(self, key: str) -> tuple:
         if key in self._full:
             return self.adapter.shape(self._full[key])
-        return self.base.shape(key)
+        return self.base.shape(self._aliases.get(key, key))
 
     def _own(self, key: str, index=None) -> torch.Tensor:
         """The tensor before any update: the adapter's where it saved one (``modules_to_save``, a
         resized embedding's ``base_layer``), in the base tensor's dtype as PEFT loads it into the
         base model (an adapter trained in fp32 on a bf16 base), else the base's."""
         if key not in self._full:
+            key = self._aliases.get(key, key)  # (a tied alias of a module saved whole: the base's)
             # (a float8 base with its scales beside: W_0 + B A in float8, or a float8 W_0 taken for
             # the weight by E-PMQ's low-rank form, silently; refused as any expert's such tensor)
             why = self.base.quantized_with_scales(key)

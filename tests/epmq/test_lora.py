@@ -318,6 +318,35 @@ def test_a_lora_on_a_tied_head_updates_the_tensor_the_base_stores(tmp_path):
     torch.testing.assert_close(expert["model.embed_tokens.weight"], reference["lm_head.weight"], rtol=1e-6, atol=1e-6)
 
 
+def test_embeddings_saved_whole_over_a_tied_head_leave_the_head_the_bases(tmp_path):
+    """``modules_to_save: [embed_tokens]`` over a base whose head is its embeddings (Qwen3,
+    Gemma, Llama 3.2 1B, ...), as when new tokens are trained: PEFT wraps the embeddings alone,
+    its head keeps the base's W_0, and merge_and_unload() returns them apart. The expert lacked a
+    head, so everything that reads it (a merge, the model it is loaded into) tied the head to
+    the trained embeddings: another model, silently."""
+    torch.manual_seed(4)
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    assert not torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    assert_same_expert(expert, reference)
+    assert expert.shape_of("lm_head.weight") == (64, 24)
+    # a merge of it unties, as the merge of the expert PEFT merges, saved whole
+    peft.PeftModel.from_pretrained(transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "base"),
+                                   tmp_path / "adapter").merge_and_unload().save_pretrained(tmp_path / "full")
+    for model in ("adapter", "full"):
+        epmq.merge_checkpoints("task_arithmetic", [tmp_path / model], tmp_path / f"merged_{model}",
+                               base=tmp_path / "base", params=dict(scale=0.5), progress=False)
+    a, b = (transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / f"merged_{m}").state_dict()
+            for m in ("adapter", "full"))
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_a_lora_on_an_untied_head_leaves_the_embeddings_alone(base_dir, tmp_path):
     """Llama with its own head (tie_word_embeddings=False, as Llama-3-8B or Mistral-7B): the
     head's update is the head's only (transformers' default tie of the head to the embeddings,
