@@ -303,6 +303,18 @@ class LoraExpert(Mapping):
         # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
         # an adapted module's saved W_0 is where its update goes
         whole = Binding(self.base.keys(), names=list(full) + list(base_layers), rename=rename)
+        # a module saved whole under the model's names for tensors its base checkpoint stores in
+        # another layout (transformers 5 fuses Mixtral's experts into mlp.experts.gate_up_proj
+        # from block_sparse_moe.experts.N.w1 and w3): no name of the checkpoint reads it, and
+        # every reader took the base's tensors for the trained ones
+        # (a name the base stores none of, tied to one it stores, is that one: a tied head's)
+        lost = [name for name in full if order is not None and name in order
+                and not any(whole.key_for(n) is not None for n in order[name])]
+        if lost:
+            raise ValueError(f"{what}: it saves {lost[:3]} whole (modules_to_save), which the base "
+                             f"({self.base.description}) stores in another layout (transformers' conversion "
+                             f"of its checkpoint), so no tensor of the expert holds it; merge it with PEFT's "
+                             f"merge_and_unload() and pass the merged checkpoint, or give the base as the model")
         self._full = {whole.key_for(name) or name: key for name, key in full.items()}
         self._full.update({binding.key_for(name) or whole.key_for(name) or name: key
                            for name, key in base_layers.items()})

@@ -727,6 +727,60 @@ def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
         torch.testing.assert_close(expert[key], reference[rename(key)], rtol=1e-6, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("saved", ["embed_tokens", "lm_head"])
+def test_a_module_saved_whole_of_a_tied_vlm_saved_in_its_hub_layout(tmp_path, saved):
+    """Gemma 3 (tied head, ``language_model.model.embed_tokens`` in its checkpoint, PEFT's names
+    ``model.language_model.``): the module saved whole is found under the model's renaming, and
+    the tied one it leaves keeps the base's W_0, as in PEFT's merge."""
+    from epmq.checkpoint_io import key_renaming
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    model.save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.Gemma3ForConditionalGeneration, tmp_path / "base",
+                                tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=[saved])
+    assert not torch.equal(reference["lm_head.weight"], reference["model.language_model.embed_tokens.weight"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    rename = key_renaming(model)
+    assert sorted(rename(key) for key in expert.keys()) == sorted(reference)
+    for key in expert.keys():
+        torch.testing.assert_close(expert[key], reference[rename(key)], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_a_module_saved_whole_that_the_base_stores_in_another_layout_is_refused(tmp_path):
+    """Mixtral's experts with ``modules_to_save: [experts]``: PEFT saves transformers 5's fused
+    ``mlp.experts.gate_up_proj``, which the base checkpoint stores per expert
+    (``block_sparse_moe.experts.N.w1``). The expert held both, and a merge (with a warning
+    that it ignored them) and E-PMQ's targets (silently) took the base's experts for the
+    trained ones."""
+    torch.manual_seed(3)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                        num_experts_per_tok=1, max_position_embeddings=64)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    make_adapter_of(transformers.MixtralForCausalLM, tmp_path / "base", tmp_path / "experts",
+                    target_modules=["q_proj"], modules_to_save=["experts"])
+    with pytest.raises(ValueError, match=r"mlp\.experts\.gate_up_proj.*another layout"):
+        epmq.LoraExpert(tmp_path / "experts", base=tmp_path / "base")
+    # the router saved whole is stored as the model names it, under the checkpoint's renaming
+    reference = make_adapter_of(transformers.MixtralForCausalLM, tmp_path / "base", tmp_path / "router",
+                                target_modules=["q_proj"], modules_to_save=["gate"])
+    expert = epmq.LoraExpert(tmp_path / "router", base=tmp_path / "base")
+    torch.testing.assert_close(expert["model.layers.0.block_sparse_moe.gate.weight"],
+                               reference["model.layers.0.mlp.gate.weight"], rtol=0, atol=0)
+    # (on the base as a module, whose names are the fused ones, the expert is PEFT's)
+    expert = epmq.LoraExpert(tmp_path / "experts",
+                             base=transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base"))
+    reference = _peft_expert(transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "experts")
+    assert torch.equal(expert["model.layers.0.mlp.experts.gate_up_proj"],
+                       reference["model.layers.0.mlp.experts.gate_up_proj"])
+
+
 def test_a_lora_on_torch_multihead_attention_is_refused_by_name(tmp_path):
     """PEFT wraps nn.MultiheadAttention (open_clip's blocks) as one module whose update is its
     in_proj_weight, with its out_proj inside: not a weight update epmq reads; said so, not
