@@ -883,8 +883,13 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     lora_base = None if lora_base is None else local_checkpoint(lora_base)
     base_path = None if base is None else local_checkpoint(base)
     model_paths = [local_checkpoint(m) for m in models]
+    # (adapters merged without a base nor lora_base are read on the bases their configs name:
+    # an output there replaced the base they make their experts of; a hub id's is in the cache)
+    named = [] if base_path is not None or lora_base is not None else [
+        (f"the base of model {k}", b, Path(b)) for k, p in enumerate(model_paths)
+        if is_lora_adapter(p) and (b := named_base(p)) is not None and Path(b).exists()]
     _check_not_an_input(out, [("the base", base, base_path), ("lora_base", lora_base, lora_base)]
-                        + [(f"model {k}", m, p) for k, (m, p) in enumerate(zip(models, model_paths))])
+                        + [(f"model {k}", m, p) for k, (m, p) in enumerate(zip(models, model_paths))] + named)
     _check_listed_once(models, model_paths, base, base_path)
     template = None if chat_template is None else chat_template_of(  # (before the merge's work)
         [p for p in [base_path] if p is not None] + model_paths, chat_template)

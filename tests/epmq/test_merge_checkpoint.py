@@ -138,6 +138,30 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(checkpoints, tmp_path):
     merge_checkpoints("task_arithmetic", [out, root / "e1"], tmp_path / "v2", base=root / "base", progress=False)
 
 
+def test_an_output_that_is_the_base_its_adapters_name_is_refused(checkpoints, tmp_path):
+    """LoRA adapters merged without a base (nor lora_base) are read on the base their configs
+    name: an output there (an earlier epmq merge the adapters were trained on) replaced the
+    adapters' base, as given lora_base it is refused."""
+    peft = pytest.importorskip("peft")
+    root, _, _ = checkpoints
+    merged = tmp_path / "v1"
+    merge_checkpoints("average", [root / "e0", root / "e1"], merged, progress=False)
+    adapters = []
+    for k in range(2):
+        model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(merged),
+                                    peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.1 * torch.randn(p.shape))
+        model.save_pretrained(tmp_path / f"adapter{k}")
+        adapters.append(tmp_path / f"adapter{k}")
+    before = {p.name: p.read_bytes() for p in merged.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"holds an input of this merge \(the base of model 0"):
+        merge_checkpoints("average", adapters, merged, progress=False)
+    assert {p.name: p.read_bytes() for p in merged.iterdir() if p.is_file()} == before
+
+
 def test_a_model_listed_twice_or_as_the_base_is_refused(checkpoints, tmp_path, monkeypatch):
     """(Merged as given: the expert listed twice counted double, a weight the config never gave;
     the base among the models a zero task vector, which moved Model Stock's t.)"""
