@@ -234,6 +234,9 @@ class LoraExpert(Mapping):
             if len(A) != 2 or len(B) != 2:
                 raise ValueError(f"{what}: module {module!r} has a LoRA on a convolution, which epmq "
                                  f"does not read; merge it with PEFT's merge_and_unload()")
+            if B[1] != A[0]:  # (B A needs B's columns as A's rows; else a bare error at a read)
+                raise ValueError(f"{what}: module {module!r} has lora_A of rank {A[0]} and lora_B of rank "
+                                 f"{B[1]}: not one LoRA update (a damaged adapter file)")
             pair["rank"], pair["out_in"] = A[0], (B[0], A[1])  # B A is [out, in]
             pair["shapes"] = {pair["out_in"], pair["out_in"][::-1]}  # W_0's, as B A or its transpose
 

@@ -156,6 +156,25 @@ def test_what_a_weight_update_cannot_express_is_refused(base_dir, tmp_path):
         epmq.LoraExpert(tmp_path / "nameless", base=base_dir)
 
 
+def test_a_pair_whose_ranks_differ_is_refused_when_opened(base_dir, tmp_path):
+    """lora_B [out, r'] with lora_A [r, in], r' != r (a hand-edited or cut adapter; PEFT refuses
+    to load it): accepted, then torch's bare 'mat1 and mat2 shapes cannot be multiplied' at the
+    first read of that layer (in a walk, at its block), naming neither adapter nor module."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=6, target_modules=["q_proj", "embed_tokens"])
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    original = load_file(weights)
+    for side in ("layers.1.self_attn.q_proj.lora_B", "embed_tokens.lora_embedding_B"):
+        tensors = dict(original)
+        key = next(k for k in tensors if side in k)
+        tensors[key] = tensors[key][:, :3].contiguous()
+        save_file(tensors, weights)
+        module = side.rsplit(".", 1)[0]
+        with pytest.raises(ValueError, match=rf"module '.*{module}' has lora_A of rank 4 and lora_B of rank 3"):
+            epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+
+
 def test_merge_of_adapters_equals_merge_of_merged_experts(base_dir, tmp_path):
     """epmq merge with LoRA adapters as the models: the same tensors as with the experts PEFT
     merges, saved as full checkpoints."""
