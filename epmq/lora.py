@@ -279,7 +279,10 @@ class LoraExpert(Mapping):
         shapes = {module: W_0_shape(f"{module}.weight", key) for module, key in found.items()}
         shared = self._storage_names()
         transposed = self._orientations(found, shapes, pairs, skeleton, config)
-        for module, key in found.items():
+        # (in the order of the model's modules, PEFT's merge order: one tensor updated twice, a
+        # tied head's and its embeddings', is rounded to its dtype after each, as PEFT does)
+        place = {} if skeleton is None else {m: i for i, (m, _) in enumerate(skeleton.named_modules())}
+        for module, key in sorted(found.items(), key=lambda item: place.get(item[0], len(place))):
             pair = pairs[module]
             r = pair["rank"]
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)
@@ -430,7 +433,7 @@ class LoraExpert(Mapping):
                 delta = delta.T
             if embedding:  # (PEFT rounds an embedding's update to its dtype before adding it)
                 delta = delta.to(W_0.dtype).float()
-            W = W + delta
+            W = (W + delta).to(W_0.dtype).float()  # (PEFT merges module by module, each rounded)
         return W.to(W_0.dtype)
 
     def low_rank(self, key: str, device=None, bases: Optional[dict] = None):

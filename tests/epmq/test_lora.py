@@ -386,6 +386,20 @@ def test_half_precision_bases_equal_peft_bit_for_bit(tmp_path, dtype):
     assert all(torch.equal(expert[n], W) for n, W in reference.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_tied_head_and_its_embeddings_both_adapted_in_half_precision_equal_peft_bit_for_bit(tmp_path, dtype):
+    """GPT-2's wte and lm_head are one tensor, which PEFT's merge updates twice, module by module
+    (wte first) and rounded to the base's dtype after each; the sum of both updates rounded once
+    differed from it in the last bit of some entries."""
+    torch.manual_seed(7)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+                                 ).to(dtype).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.AutoModelForCausalLM, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=["lm_head", "wte"])
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+    assert torch.equal(expert["transformer.wte.weight"], reference["transformer.wte.weight"])
+
+
 @pytest.mark.parametrize("option", [
     dict(layer_replication=[[0, 1], [0, 1]]),   # the model's layers repeated: another architecture
     dict(alora_invocation_tokens=[5, 6]),       # activated by tokens: PEFT itself cannot merge it
