@@ -399,8 +399,15 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
 # the Qwen-VL family's mm_token_type_ids. Left uncut, a row cut to its real tokens kept them whole:
 # Mllama read the first L_real entries (a left-padded row's real tokens took the pad's zeros, their
 # cross-attention masked out, in silence), Kosmos-2 failed on the shapes.
+# So are text encoders' per-token inputs beside the ids (left whole, the model failed on a padded
+# batch with "the size of tensor a (4) must match the size of tensor b (6)", naming none of them):
+# LayoutLM's bbox [B, L, 4], Longformer's and LED's global_attention_mask, XLM's langs, ERNIE's
+# task_type_ids, RoCBert's shape and pronunciation ids, MarkupLM's xpaths [B, L, depth], and
+# ERNIE 4.5 VL's moe_mm_token_type_ids.
 _ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
-                 "cross_attention_mask", "image_embeds_position_mask", "mm_token_type_ids")
+                 "cross_attention_mask", "image_embeds_position_mask", "mm_token_type_ids",
+                 "bbox", "global_attention_mask", "langs", "task_type_ids", "input_shape_ids",
+                 "input_pronunciation_ids", "xpath_tags_seq", "xpath_subs_seq", "moe_mm_token_type_ids")
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 

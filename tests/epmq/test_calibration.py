@@ -80,6 +80,37 @@ def test_vision_language_per_token_inputs_are_cut_with_the_tokens(side, gen):
     assert parts[1]["cross_attention_mask"].eq(1).all()  # (the real tokens' images, not the pad's zeros)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_text_encoders_per_token_inputs_are_cut_with_the_tokens(side, gen):
+    """LayoutLM's bbox [B, L, 4], Longformer's and LED's global_attention_mask, XLM's langs, ERNIE's
+    task_type_ids, RoCBert's shape and pronunciation ids, MarkupLM's xpaths [B, L, depth] and
+    ERNIE 4.5 VL's moe_mm_token_type_ids are per token: cut with the ids. (They went with their
+    row whole, and the model failed on a padded batch with "the size of tensor a (4) must match
+    the size of tensor b (6)", naming no input.)"""
+    import transformers
+
+    ids, mask, rows = padded([6, 4], 6, side, gen=gen)
+    per_token = {key: torch.randint(0, 9, (2, 6) + tail, generator=gen) for key, tail in (
+        ("bbox", (4,)), ("global_attention_mask", ()), ("langs", ()), ("task_type_ids", ()),
+        ("input_shape_ids", ()), ("input_pronunciation_ids", ()), ("xpath_tags_seq", (3,)),
+        ("xpath_subs_seq", (3,)), ("moe_mm_token_type_ids", ()))}
+    parts = unpad({"input_ids": ids, "attention_mask": mask, **per_token})
+    for b, part in enumerate(parts):
+        where = slice(0, len(rows[b])) if side == "right" else slice(6 - len(rows[b]), 6)
+        for key, value in per_token.items():
+            assert torch.equal(part[key][0], value[b, where]), key
+    torch.manual_seed(0)
+    model = transformers.LayoutLMModel(transformers.LayoutLMConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)).eval()
+    bbox = torch.randint(0, 500, (2, 6, 4), generator=gen)
+    bbox[..., 2:] += bbox[..., :2]
+    with torch.no_grad():
+        for b, part in enumerate(unpad({"input_ids": ids, "attention_mask": mask, "bbox": bbox}, model=model)):
+            where = slice(0, len(rows[b])) if side == "right" else slice(6 - len(rows[b]), 6)
+            alone = model(input_ids=ids[b:b + 1, where], bbox=bbox[b:b + 1, where]).last_hidden_state
+            assert torch.allclose(model(**part).last_hidden_state, alone, atol=1e-6)
+
+
 def test_batches_without_padding_come_back_as_they_are(gen):
     item = {"input_ids": torch.randint(0, 9, (2, 3), generator=gen), "attention_mask": torch.ones(2, 3)}
     assert unpad(item)[0] is item
