@@ -783,9 +783,13 @@ def _untie(reference, sources: list, followers: Mapping, reference_path: Path, m
 def _what_is_read(path: Path) -> Path:
     """What a merge input at ``path`` reads, links resolved: a checkpoint directory's weights file
     (or shard index, as ``CheckpointReader`` picks it), so that the directory and that file named
-    are one input; a file, or a LoRA adapter's directory (the expert it makes), as it is."""
+    are one input; a file, or a LoRA adapter's directory (the expert it makes), as it is. A shard
+    index by its directory: the shards it names are read beside it, and the HF hub cache links
+    alike indexes of two revisions (their shards differ) to one blob."""
     if path.is_dir() and not is_lora_adapter(path):
         path = weights_in(path) or path  # (none: the reader says so)
+    if path.name.endswith(".index.json"):
+        return Path(os.path.realpath(path.parent)) / path.name
     return Path(os.path.realpath(path))
 
 

@@ -193,6 +193,39 @@ def test_a_checkpoint_named_by_its_directory_and_by_its_weights_file_is_one_mode
         assert not (tmp_path / "x").exists()
 
 
+def test_two_revisions_whose_shard_indexes_are_one_cached_file_are_two_models(checkpoints, tmp_path):
+    """The HF hub cache links each snapshot's files to blobs named by their content: two sharded
+    revisions of one repository (training steps, org/name@step-1000) whose indexes are alike link
+    them to one blob, while their shards differ. Resolved through the index's link, they were
+    refused as one model listed twice."""
+    import hashlib
+    import shutil
+
+    root, base, _ = checkpoints
+    blobs, experts, noise = tmp_path / "cache" / "blobs", [], torch.Generator().manual_seed(7)
+    blobs.mkdir(parents=True)
+    model = tiny_llama(0)
+    for k in range(2):
+        expert = perturb(model, noise, scale=0.05)
+        experts.append({n: t.detach().clone() for n, t in expert.state_dict().items()})
+        expert.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
+        snapshot = tmp_path / "cache" / "snapshots" / f"step-{k}"
+        snapshot.mkdir(parents=True)
+        for f in (tmp_path / "saved").iterdir():
+            blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copy(f, blob)
+            (snapshot / f.name).symlink_to(blob)
+        shutil.rmtree(tmp_path / "saved")
+    index = "model.safetensors.index.json"
+    snapshots = [tmp_path / "cache" / "snapshots" / f"step-{k}" for k in range(2)]
+    assert (snapshots[0] / index).resolve() == (snapshots[1] / index).resolve()  # (one blob)
+    out = merge_checkpoints("task_arithmetic", snapshots, tmp_path / "out", base=root / "base",
+                            params={"scale": 0.4}, progress=False)
+    want = merge.task_arithmetic(base, experts, scale=0.4)
+    got = _load(out)
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
+
+
 def test_regmeans_parameters_are_checked_before_its_statistics(checkpoints, tmp_path, monkeypatch):
     """(alpha: 2 was refused by the merge, after every model had been loaded and run on its
     calibration data.)"""
