@@ -58,6 +58,8 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .checks import check_seed
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 PAIR_SUFFIXES = (".jsonl", ".json", ".parquet")
 # a text file may be compressed, as the hub's C4 shards are (c4-train.00000-of-01024.json.gz,
@@ -308,7 +310,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
     eos_text = getattr(tokenizer, "eos_token", None)
     texts = [t for t in texts if t != ""]  # (an empty document adds nothing: see below)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:
         windows = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
         return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
@@ -612,7 +614,7 @@ def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[l
         raise ValueError(f"{what}: none given")
     if len(items) < samples:
         warnings.warn(f"{what}: {len(items)}, fewer than samples={samples}: using all of them")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     chosen = [items[i] for i in torch.randperm(len(items), generator=g)[:samples].tolist()]
     return [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
 

@@ -157,6 +157,27 @@ def test_drawn_items_follow_the_seed():
     assert _drawn(items, 10, 4, 1, "x") != _drawn(items, 10, 4, 2, "x")
 
 
+def test_a_draws_seed_is_checked_as_the_quantizers_and_merges_check_it():
+    """text_windows and the image and pair draws took numpy's integers to torch's generator,
+    which refused them ('an integer is required'), and a seed past 64 bits ended there as
+    'Overflow when unpacking long long'; numpy's integers are ints, the others refused by name."""
+    import numpy as np
+
+    texts = [" ".join(str(i % 50) for i in range(300))]
+
+    def draw(seed):
+        windows = text_windows(texts, WordTokenizer(), samples=6, seq_len=8, batch_size=2, seed=seed)
+        return torch.cat([b["input_ids"] for b in windows])
+
+    assert torch.equal(draw(np.int64(3)), draw(3))
+    assert _drawn(range(100), 10, 4, np.int64(3), "x") == _drawn(range(100), 10, 4, 3, "x")
+    for seed in (2 ** 64, 3.0):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            draw(seed)
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            _drawn(range(100), 10, 4, seed, "x")
+
+
 def test_texts_of_fewer_tokens_than_the_windows_ask_are_warned_of():
     """A 20-token file for 8 windows of 16 tokens: the windows repeat the same tokens (the
     statistics of about one window), as fewer images or pairs than samples are warned of."""
