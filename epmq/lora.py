@@ -282,13 +282,27 @@ class LoraExpert(Mapping):
         # (in the order of the model's modules, PEFT's merge order: one tensor updated twice, a
         # tied head's and its embeddings', is rounded to its dtype after each, as PEFT does)
         place = {} if skeleton is None else {m: i for i, (m, _) in enumerate(skeleton.named_modules())}
+        # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
+        # an adapted module's saved W_0 is where its update goes
+        whole = Binding(self.base.keys(), names=list(full) + list(base_layers), rename=rename)
+        saved = {whole.key_for(name) or name for name in full}
+        untied = set()  # adapted modules tied to a module saved whole
         for module, key in sorted(found.items(), key=lambda item: place.get(item[0], len(place))):
             pair = pairs[module]
             r = pair["rank"]
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)
             # (every name the base has for the tensor: a tied head and its embeddings are one
-            # parameter, which PEFT updates once)
-            for name in self._names_of(key, order, shared):
+            # parameter, which PEFT updates once; but one of them saved whole is wrapped apart,
+            # and the update is the others' alone: modules_to_save: [embed_tokens] beside a LoRA
+            # on the tied lm_head updates the head, on the base's W_0; T5's shared saved whole
+            # leaves its encoder's and decoder's embed_tokens tied to the head)
+            names = self._names_of(key, order, shared)
+            own = f"{module}.weight"
+            group = [*names, *(order or {}).get(key, ()), *(order or {}).get(own, ())]
+            if saved.intersection(group):
+                names = [k for k in dict.fromkeys(whole.key_for(n) or n for n in group) if k not in saved]
+                untied.add(own)
+            for name in names:
                 self._updates.setdefault(name, []).append(
                     (module, pair["A"], pair["B"], a / (math.sqrt(r) if rslora else r), transposed[module],
                      pair["embedding"]))
@@ -306,9 +320,6 @@ class LoraExpert(Mapping):
             raise ValueError(f"{what}: the base ({self.base.description}) has no weight, or none of the "
                              f"update's shape, for the adapted module(s) {missing[:3]}{more}: "
                              f"not the adapter's base model{tied}")
-        # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
-        # an adapted module's saved W_0 is where its update goes
-        whole = Binding(self.base.keys(), names=list(full) + list(base_layers), rename=rename)
         # a module saved whole under the model's names for tensors its base checkpoint stores in
         # another layout (transformers 5 fuses Mixtral's experts into mlp.experts.gate_up_proj
         # from block_sparse_moe.experts.N.w1 and w3): no name of the checkpoint reads it, and
@@ -322,7 +333,7 @@ class LoraExpert(Mapping):
                              f"of its checkpoint), so no tensor of the expert holds it; merge it with PEFT's "
                              f"merge_and_unload() and pass the merged checkpoint, or give the base as the model")
         self._full = {whole.key_for(name) or name: key for name, key in full.items()}
-        self._full.update({binding.key_for(name) or whole.key_for(name) or name: key
+        self._full.update({(None if name in untied else binding.key_for(name)) or whole.key_for(name) or name: key
                            for name, key in base_layers.items()})
         # a module saved whole replaces that module alone: PEFT wraps it (modules_to_save:
         # [embed_tokens] over a tied head) and the modules tied to it keep the base's W_0, which a
@@ -417,6 +428,7 @@ class LoraExpert(Mapping):
                                  f"full-precision base")
             return self.base.get(key, index)
         t = self.adapter.get(self._full[key], index)
+        key = self._aliases.get(key, key)  # (an untied head's saved W_0: the dtype of the base's)
         if key in self.base and t.is_floating_point():
             t = t.to(self.base.dtype(key))
         return t

@@ -366,6 +366,44 @@ def test_embeddings_saved_whole_over_a_tied_head_leave_the_head_the_bases(tmp_pa
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("as_module", [False, True])
+@pytest.mark.parametrize("saved, adapted", [("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")])
+def test_a_lora_on_one_of_a_tied_pair_whose_other_is_saved_whole(tmp_path, saved, adapted, as_module):
+    """A tied head and its embeddings, one saved whole (``modules_to_save``) and the other
+    adapted: PEFT wraps the saved one alone, so the two are apart, and merge_and_unload()
+    updates the adapted module's W_0 only. The update went to the tensor the base stores (the
+    embeddings saved whole took the head's update, the head stayed the base's) or, on a base
+    in memory, to every name of it (the head saved whole took the embeddings' update)."""
+    torch.manual_seed(4)
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=["q_proj", adapted], modules_to_save=[saved])
+    base = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "base") if as_module else tmp_path / "base"
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base)
+    assert_same_expert(expert, reference)
+
+
+@pytest.mark.parametrize("as_module", [False, True])
+def test_a_lora_on_a_tied_t5_head_whose_shared_embeddings_are_saved_whole(tmp_path, as_module):
+    """T5 (v1.0) ties shared, its encoder's and decoder's embed_tokens and lm_head: with shared
+    saved whole, PEFT's merge gives the three others the head's update, and shared the trained
+    copy (bit for bit in bfloat16)."""
+    torch.manual_seed(3)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
+                                   tie_word_embeddings=True)
+    transformers.T5ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    reference = make_adapter_of(transformers.T5ForConditionalGeneration, tmp_path / "base", tmp_path / "adapter",
+                                target_modules=["q", "lm_head"], modules_to_save=["shared"])
+    base = (transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base") if as_module
+            else tmp_path / "base")
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=base)
+    assert set(expert) == set(reference)
+    assert all(torch.equal(expert[n], W) for n, W in reference.items())
+
+
 def test_a_lora_on_an_untied_head_leaves_the_embeddings_alone(base_dir, tmp_path):
     """Llama with its own head (tie_word_embeddings=False, as Llama-3-8B or Mistral-7B): the
     head's update is the head's only (transformers' default tie of the head to the embeddings,
@@ -760,11 +798,13 @@ def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
         torch.testing.assert_close(expert[key], reference[rename(key)], rtol=1e-6, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("adapt_the_other", [False, True])
 @pytest.mark.parametrize("saved", ["embed_tokens", "lm_head"])
-def test_a_module_saved_whole_of_a_tied_vlm_saved_in_its_hub_layout(tmp_path, saved):
+def test_a_module_saved_whole_of_a_tied_vlm_saved_in_its_hub_layout(tmp_path, saved, adapt_the_other):
     """Gemma 3 (tied head, ``language_model.model.embed_tokens`` in its checkpoint, PEFT's names
     ``model.language_model.``): the module saved whole is found under the model's renaming, and
-    the tied one it leaves keeps the base's W_0, as in PEFT's merge."""
+    the tied one it leaves keeps the base's W_0, as in PEFT's merge (with its own update, where
+    the adapter has a LoRA on it)."""
     from epmq.checkpoint_io import key_renaming
 
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -776,7 +816,9 @@ def test_a_module_saved_whole_of_a_tied_vlm_saved_in_its_hub_layout(tmp_path, sa
         text_config=text, vision_config=vision, mm_tokens_per_image=4))
     model.save_pretrained(tmp_path / "base")
     reference = make_adapter_of(transformers.Gemma3ForConditionalGeneration, tmp_path / "base",
-                                tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=[saved])
+                                tmp_path / "adapter", modules_to_save=[saved], target_modules=["q_proj"] + (
+                                    [{"lm_head": "embed_tokens", "embed_tokens": "lm_head"}[saved]]
+                                    if adapt_the_other else []))
     assert not torch.equal(reference["lm_head.weight"], reference["model.language_model.embed_tokens.weight"])
     expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
     rename = key_renaming(model)
