@@ -575,6 +575,7 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     from .checkpoint_io import renamed, saved_key_renaming
     from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, calibrated
     from .stats import gram_matrices
+    from .walker import _input_embeddings
 
     # an adapter's model is its base's, with the expert's tensors (W_0 + s B A) put in
     homes = [source.state.reader.lora.base.path if is_lora_adapter(path) else path
@@ -601,9 +602,20 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         if home != path:
             params = dict(model.named_parameters(remove_duplicate=False))  # (a tied head's too)
             on_disk = renamed(list(params), saved_key_renaming(model))
+            # a tied tensor is written once, by its first name, the input embeddings' where the
+            # model says which they are: an expert with its embeddings saved whole (modules_to_save)
+            # has the base's head beside them, which, written last, left every activation on the
+            # base's embeddings (the head shapes no linear's input)
+            order = list(params)
+            fed = _input_embeddings(model)
+            if fed is not None and fed[0] in params:
+                order.insert(0, order.pop(order.index(fed[0])))
+            written = set()
             with torch.no_grad():
-                for n, p in params.items():
-                    if on_disk[n] in to_reference:
+                for n in order:
+                    p = params[n]
+                    if on_disk[n] in to_reference and id(p) not in written:
+                        written.add(id(p))
                         p.copy_(view[to_reference[on_disk[n]]])
         grams = gram_matrices(model, batches[f"model {k}"])
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key

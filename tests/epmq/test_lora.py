@@ -639,6 +639,41 @@ def test_regmean_of_adapters_equals_regmean_of_merged_experts(base_dir, tmp_path
     assert not torch.allclose(a[name], average, atol=1e-4)
 
 
+def test_regmean_collects_an_adapters_grams_with_its_trained_embeddings_over_a_tied_head(tmp_path, monkeypatch):
+    """``modules_to_save: [embed_tokens]`` over a tied head: the expert has the trained embeddings
+    and the base's head, which RegMean's model (the base's, built tied) holds as one tensor.
+    Both were copied into it, the head last, so every Gram matrix was collected on the base's
+    embeddings, not the expert's (PEFT's merge_and_unload runs the trained ones)."""
+    import epmq.stats
+    from epmq.benches.tiny import WORDS
+
+    torch.manual_seed(4)
+    tok = word_tokenizer(tmp_path / "base")
+    config = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    trained, texts = [], []
+    g = torch.Generator().manual_seed(0)
+    for k in range(2):
+        reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / f"adapter{k}",
+                                    target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+        trained.append(reference["model.embed_tokens.weight"])
+        texts.append(tmp_path / f"t{k}.txt")
+        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    seen, gram_matrices = [], epmq.stats.gram_matrices
+
+    def spying(model, *args, **kwargs):
+        seen.append(model.get_input_embeddings().weight.detach().clone())
+        return gram_matrices(model, *args, **kwargs)
+
+    monkeypatch.setattr(epmq.stats, "gram_matrices", spying)
+    epmq.merge_checkpoints("regmean", [tmp_path / "adapter0", tmp_path / "adapter1"], tmp_path / "out",
+                           calibration=[str(t) for t in texts], params={"alpha": 0.9}, samples=4, seq_len=16,
+                           batch_size=2, progress=False)
+    assert len(seen) == 2 and all(torch.equal(s, t) for s, t in zip(seen, trained))
+
+
 def full_state(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
 
