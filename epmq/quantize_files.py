@@ -85,6 +85,12 @@ def _model_class(directory: Path, tower: Optional[str]):
         raise ValueError(f"{cls.__name__}'s language model skips its cross-attention layers on text alone, and "
                          f"the walk needs every block called: quantize it with epmq.quantize_model on "
                          f"(image, text) samples, which walks the whole model")
+    if tower is None and not vlm and config.get("cross_attention_layers"):
+        # (that language model saved alone, as AutoModelForCausalLM loads a Llama 3.2 Vision: it
+        # failed in the walk, after the model and its calibration texts were read)
+        raise ValueError(f"{cls.__name__} skips its cross-attention layers on text alone, and the walk needs every "
+                         f"block called: quantize the whole vision-language model it was taken from with "
+                         f"epmq.quantize_model on (image, text) samples")
     if tower == "vision":
         vision = _vision_tower_class(cls)
         if vision is None:

@@ -869,6 +869,20 @@ def test_mllamas_language_model_alone_is_refused_by_name(tmp_path):
                    tower="language")
 
 
+def test_mllamas_language_model_saved_alone_is_refused_by_name(tmp_path):
+    """transformers' AutoModelForCausalLM of a Llama 3.2 Vision checkpoint is its language model
+    alone (MllamaForCausalLM, its cross-attention layers kept), which save_pretrained writes as
+    such: epmq quantize of it loaded the model and its calibration texts, and failed in the walk
+    ('block 2 is called where block 1 is next'). Named up front, as tower: language is."""
+    config = transformers.MllamaTextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           cross_attention_layers=[1, 3], pad_token_id=0)
+    config.architectures = ["MllamaForCausalLM"]
+    config.save_pretrained(tmp_path / "text")
+    assert_refused(tmp_path / "text", tmp_path, "MllamaForCausalLM skips its cross-attention layers on text alone"
+                   ".*epmq.quantize_model on \\(image, text\\) samples")
+
+
 def test_the_language_model_of_a_vision_language_model(files, tmp_path):
     """tower: language: a VLM's language model quantized from text files, the vision tower and
     projector left in full precision, the processor (tokenizer and image processor) saved beside
