@@ -410,6 +410,12 @@ _ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
                  "cross_attention_mask", "image_embeds_position_mask", "mm_token_type_ids",
                  "bbox", "global_attention_mask", "langs", "task_type_ids", "input_shape_ids",
                  "input_pronunciation_ids", "xpath_tags_seq", "xpath_subs_seq", "moe_mm_token_type_ids")
+# Names that models give inputs of other shapes too, per token only in the rank given: Idefics'
+# image_attention_mask [B, L, images] (which images each token attends to; left whole, every padded
+# batch failed with "the size of tensor a (4) must match the size of tensor b (6)"), where FLAVA's
+# is per patch [B, patches] and Phi-4's per pixel [B, crops, H, W]. Cut where that rank's leading
+# dims are the mask's [B, L]; else they go with their row.
+_ENCODER_AXIS_OF_RANK = {"image_attention_mask": 3}
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 
@@ -562,6 +568,10 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
                 raise ValueError(f"calibration batch: {key!r} has shape {tuple(value.shape)}, {what} "
                                  f"{tuple(mask.shape)}")
             # (else labels of a row, a class or a vector: cut by row only)
+        if what == "attention_mask":
+            on_axis[-1] += [key for key, rank in _ENCODER_AXIS_OF_RANK.items()
+                            if isinstance(item.get(key), torch.Tensor) and item[key].dim() == rank
+                            and item[key].shape[:2] == mask.shape]
     batches = {}  # real lengths -> rows, in the order met
     for b in range(B):
         spans = [_span(mask[b], what, b) for _, what, mask in sides]

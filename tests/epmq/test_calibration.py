@@ -111,6 +111,38 @@ def test_text_encoders_per_token_inputs_are_cut_with_the_tokens(side, gen):
             assert torch.allclose(model(**part).last_hidden_state, alone, atol=1e-6)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_image_attention_mask_is_cut_where_it_is_per_token(side, gen):
+    """Idefics' image_attention_mask [B, L, images] (which images each token attends to) is per
+    token: cut with the ids (it went with its row whole, and every padded batch failed with "the
+    size of tensor a (4) must match the size of tensor b (6)"). The name's other shapes are no
+    tokens' and go with their row, also where their second dim happens to be L: FLAVA's per patch
+    [B, patches], Phi-4's per pixel [B, crops, H, W]."""
+    import transformers
+
+    ids, mask, rows = padded([6, 4], 6, side, gen=gen)
+    for other in (torch.randint(0, 2, (2, 6), generator=gen), torch.randint(0, 2, (2, 6, 4, 4), generator=gen)):
+        parts = unpad({"input_ids": ids, "attention_mask": mask, "image_attention_mask": other})
+        assert [torch.equal(p["image_attention_mask"][0], other[b]) for b, p in enumerate(parts)] == [True, True]
+    torch.manual_seed(0)
+    model = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        cross_layer_interval=1, additional_vocab_size=0, perceiver_config={"use_resampler": False},
+        vision_config={"embed_dim": 32, "image_size": 16, "patch_size": 8, "num_hidden_layers": 1,
+                       "num_attention_heads": 4, "intermediate_size": 64})).eval()
+    pixels = torch.randn(2, 2, 3, 16, 16, generator=gen)
+    images = torch.randint(0, 2, (2, 6, 2), generator=gen) * mask[..., None]
+    images[..., 0] = mask  # (every real token attends to an image)
+    item = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_attention_mask": images}
+    with torch.no_grad():
+        for b, part in enumerate(unpad(item, model=model)):
+            where = slice(0, len(rows[b])) if side == "right" else slice(6 - len(rows[b]), 6)
+            assert torch.equal(part["image_attention_mask"][0], images[b, where])
+            alone = model(input_ids=ids[b:b + 1, where], pixel_values=pixels[b:b + 1],
+                          image_attention_mask=images[b:b + 1, where]).logits
+            assert torch.allclose(model(**part).logits, alone, atol=1e-5)
+
+
 def test_batches_without_padding_come_back_as_they_are(gen):
     item = {"input_ids": torch.randint(0, 9, (2, 3), generator=gen), "attention_mask": torch.ones(2, 3)}
     assert unpad(item)[0] is item
