@@ -416,7 +416,7 @@ def expert_grams(bench) -> dict:
 
     cached = getattr(bench, "_epmq_expert_grams", None)
     if cached is None:
-        cached = {t: gram_matrices(bench.model(bench.experts[t]), bench.calibration[t])
+        cached = {t: gram_matrices(bench.model(bench.experts[t]), bench.calibration[t], task=t)
                   for t in bench.task_names}
         bench._epmq_expert_grams = cached
     return cached

@@ -679,7 +679,7 @@ class EPMQStats:
 
 
 @torch.no_grad()
-def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
+def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str = "") -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers and GPT-2's
     ``Conv1D`` ones (whose weight is stored ``[in, out]``: ``epmq.merge.regmean`` finds them
     when given the experts as modules, else takes their names as ``transposed=``), those whose
@@ -689,6 +689,10 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     own task's data. A layer whose weight is tied to another tensor (an output head that is
     also the input embedding) is left out: merged as an embedding, it is averaged.
 
+    Each batch's pass runs under the seed the model walker gives item ``n`` of ``task`` (the
+    caller's random state kept): a model that draws random numbers in eval mode (ViTMAE shuffles
+    its patches) has the same Gram matrices on every call, those of the walk's draws for that task.
+
     Linears that read the very same tensors in the first batch (q/k/v, gate/up) have one Gram
     matrix, accumulated once from the second batch on (the same object in the result), as the
     model walker shares their Hessians; a batch in which they stop doing so raises."""
@@ -697,7 +701,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
     from .adapters import find_towers
     from .checkpoint_io import parameter_aliases
     from .calibration import token_rows, unpad
-    from .walker import _call, _encoder_decoder
+    from .walker import _call, _encoder_decoder, _item_seed
 
     device = next(model.parameters()).device
     stats, hooks = {}, []
@@ -748,7 +752,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64) -> dict:
                 mask = adapter.token_mask(model, prefix, item)
                 if mask is not None:
                     masks[prefix] = mask
-            _call(model, item, device)
+            _call(model, item, device, _item_seed(task, n))
             if n == 0:
                 first = {}
                 for name in stats:

@@ -74,6 +74,31 @@ def test_padding_is_no_token_in_a_decoder(gen, monkeypatch):
     torch.testing.assert_close(grams[0], H_1["model.layers.0.self_attn.q_proj"], rtol=1e-12, atol=1e-12)
 
 
+def test_gram_matrices_of_a_model_that_draws_in_eval_mode_are_the_walks(gen, monkeypatch):
+    """ViTMAE shuffles and masks its patches by a random draw in eval mode too: RegMean's Gram pass
+    runs each batch under the seed the walker gives that item of the task, so its Gram matrices
+    do not depend on the caller's random state (which they drew from, and changed), and are the
+    GPTQ statistics of the walk of that task's items."""
+    torch.manual_seed(0)
+    model = transformers.ViTMAEModel(transformers.ViTMAEConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+        patch_size=4, mask_ratio=0.5)).eval()
+    items = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)} for _ in range(2)]
+    name = "layers.0.attention.q_proj"
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        runs.append(gram_matrices(model, items, names=[f"{name}.weight"])[f"{name}.weight"])
+        assert torch.equal(torch.get_rng_state(), state)  # (the caller's draws are its own)
+    assert torch.equal(runs[0], runs[1])
+    G = gram_matrices(model, items, names=[f"{name}.weight"], task="a")[f"{name}.weight"]
+    seen = solved_statistics(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, layers=name, backend="torch",
+                        progress=False)
+    torch.testing.assert_close(G, seen[name], rtol=1e-12, atol=1e-12)
+
+
 def test_padding_is_no_token_in_an_encoder_decoder(gen, monkeypatch):
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                    decoder_start_token_id=0, pad_token_id=0)
