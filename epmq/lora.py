@@ -231,12 +231,20 @@ class LoraExpert(Mapping):
                 has, lacks = ("A", "B") if "A" in pair else ("B", "A")
                 raise ValueError(f"{what}: module {module!r} has lora_{has} but not lora_{lacks}")
             A, B = self.adapter.shape(pair["A"]), self.adapter.shape(pair["B"])
+            # (a convolution's LoRA tensors have 3 to 5 dims: fewer is a damaged adapter file)
+            flat = next((side for side, shape in (("A", A), ("B", B)) if len(shape) < 2), None)
+            if flat is not None:
+                raise ValueError(f"{what}: module {module!r}: its {pair[flat]} has shape "
+                                 f"{tuple(A if flat == 'A' else B)}, no matrix (a damaged adapter file)")
             if len(A) != 2 or len(B) != 2:
                 raise ValueError(f"{what}: module {module!r} has a LoRA on a convolution, which epmq "
                                  f"does not read; merge it with PEFT's merge_and_unload()")
             if B[1] != A[0]:  # (B A needs B's columns as A's rows; else a bare error at a read)
                 raise ValueError(f"{what}: module {module!r} has lora_A of rank {A[0]} and lora_B of rank "
                                  f"{B[1]}: not one LoRA update (a damaged adapter file)")
+            if A[0] == 0:  # (the update is scaled by alpha / r; PEFT refuses r = 0)
+                raise ValueError(f"{what}: module {module!r} has lora_A and lora_B of rank 0 ({pair['A']} "
+                                 f"{tuple(A)}, {pair['B']} {tuple(B)}): no LoRA update (a damaged adapter file)")
             pair["rank"], pair["out_in"] = A[0], (B[0], A[1])  # B A is [out, in]
             pair["shapes"] = {pair["out_in"], pair["out_in"][::-1]}  # W_0's, as B A or its transpose
 

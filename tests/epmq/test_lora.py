@@ -1,6 +1,7 @@
 """Experts given as PEFT LoRA adapters (epmq/lora.py), against PEFT's own merge_and_unload."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,28 @@ def test_a_pair_whose_ranks_differ_is_refused_when_opened(base_dir, tmp_path):
         module = side.rsplit(".", 1)[0]
         with pytest.raises(ValueError, match=rf"module '.*{module}' has lora_A of rank 4 and lora_B of rank 3"):
             epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+
+
+def test_a_pair_of_no_matrices_or_of_rank_0_is_refused_when_opened(base_dir, tmp_path):
+    """A LoRA tensor of one dimension (or none) in a damaged adapter was reported as a LoRA on a
+    convolution (whose tensors have three to five), and lora_A of 0 rows with lora_B of 0 columns
+    (rank 0, which PEFT refuses) ended in a bare ZeroDivisionError: both named by module and tensor."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=6, target_modules=["q_proj"])
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    original = load_file(weights)
+    module = "layers.1.self_attn.q_proj"
+    A = next(k for k in original if f"{module}.lora_A" in k)
+    B = next(k for k in original if f"{module}.lora_B" in k)
+    for key, damaged in ((A, original[A].flatten()), (B, original[B][0, 0])):
+        save_file({**original, key: damaged.contiguous()}, weights)
+        shape = re.escape(str(tuple(damaged.shape)))
+        with pytest.raises(ValueError, match=rf"module '.*{module}': its {re.escape(key)} has shape {shape}, no "):
+            epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
+    save_file({**original, A: original[A][:0].contiguous(), B: original[B][:, :0].contiguous()}, weights)
+    with pytest.raises(ValueError, match=rf"module '.*{module}' has lora_A and lora_B of rank 0"):
+        epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
 
 
 def test_merge_of_adapters_equals_merge_of_merged_experts(base_dir, tmp_path):
