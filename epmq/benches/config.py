@@ -124,11 +124,13 @@ def _str_list(value, where: str) -> Optional[List[str]]:
     return list(value)
 
 
-def repeated_class_names(names: List[str]) -> List[str]:
-    """The names of ``names`` that CLIP's tokenizers read as another's (open_clip's and
+def repeated_class_names(names: List[str], read=None) -> List[str]:
+    """The names of ``names`` that the model's tokenizer reads as another's: ``read(names)``, how
+    it reads each (its token ids); by default as CLIP's own tokenizers do (open_clip's and
     transformers' lowercase and collapse whitespace: "Cat" and " cat" are one prompt, one text
-    embedding, and every example of either is predicted as the first)."""
-    read = [" ".join(name.split()).lower() for name in names]
+    embedding, and every example of either is predicted as the first). open_clip's HFTokenizer
+    over a tokenizer that keeps case (XLM-R, RoBERTa CLIPs) reads "Cat" and "cat" as two."""
+    read = [" ".join(name.split()).lower() for name in names] if read is None else list(read(names))
     return sorted({name for name, r in zip(names, read) if read.count(r) > 1})
 
 
@@ -460,8 +462,11 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
             # example of either was predicted as the first, an accuracy with no error said)
             named = getattr(task, key) or []
             # a class name as CLIP's tokenizers see it (open_clip's and transformers' lowercase
-            # and collapse whitespace): "Cat" and " cat" are one prompt, one text embedding
-            repeated = repeated_class_names(named) if key == "classnames" else \
+            # and collapse whitespace): "Cat" and " cat" are one prompt, one text embedding; an
+            # open_clip model's tokenizer may keep case (HFTokenizer): its bench reads them with it
+            # once it is built, and this reads them as every open_clip tokenizer does
+            spaced = (lambda names: [" ".join(n.split()) for n in names]) if family == "open_clip" else None
+            repeated = repeated_class_names(named, spaced) if key == "classnames" else \
                 sorted({v for v in named if named.count(v) > 1})
             if repeated:
                 raise BenchConfigError(f"{where}.{key} repeats {repeated}: each label needs its own")

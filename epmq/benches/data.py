@@ -237,8 +237,9 @@ def _split_names(spec: DataSpec) -> Dict[str, str]:
     return {s: n for s, n in spec.splits.items() if n is not None}
 
 
-def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]]):
-    """``({split: source}, display class names)`` of an image task."""
+def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]], read=None):
+    """``({split: source}, display class names)`` of an image task; names that ``read`` (the
+    model's tokenizer, ``repeated_class_names``) reads alike are refused."""
     what = f"task {name!r}"
     sources = {}
     if spec.source == "folder":
@@ -281,9 +282,12 @@ def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]
         if names is not None and len(classnames) != len(names):
             raise BenchConfigError(f"{what}: {len(classnames)} classnames given, the data has {len(names)} classes")
         names = list(classnames)
-    elif repeated_class_names(names):  # (the config's own are checked as it is read)
-        raise BenchConfigError(f"{what}: the class names the data gives read alike to CLIP's tokenizers "
-                               f"{repeated_class_names(names)}: list distinct ones in the task's classnames")
+    # (the config's own are checked as it is read, as every tokenizer of the family reads them)
+    repeated = repeated_class_names(names, read)
+    if repeated:
+        whose = "the task's classnames" if classnames is not None else "the class names the data gives"
+        raise BenchConfigError(f"{what}: {whose} read alike to the model's tokenizer {repeated}: list distinct "
+                               f"ones in the task's classnames")
     return sources, names
 
 

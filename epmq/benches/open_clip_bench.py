@@ -137,6 +137,11 @@ class OpenClipBench(ZeroShotImageBench):
         except Exception as e:
             raise BenchConfigError(f"model.tokenizer: cannot load a tokenizer from {tok_dir}: {e}") from e
 
+    def read_class_names(self, names: List[str]) -> list:
+        """Each name as the model's tokenizer reads it, its token ids: an HFTokenizer over XLM-R's or
+        RoBERTa's keeps case ("Cat" and "cat" are two prompts), open_clip's own lowercases."""
+        return [tuple(ids) for ids in self._tokenizer(list(names)).tolist()]
+
     # ----------------------------------------------------------------- text tower
 
     def _encode_texts(self, texts: List[str]) -> torch.Tensor:

@@ -159,7 +159,7 @@ class ZeroShotImageBench(BenchBase):
     def _open_data(self) -> None:
         cfg = self.config
         for t in cfg.tasks:
-            sources, names = open_image_sources(t.name, t.data, t.classnames)
+            sources, names = open_image_sources(t.name, t.data, t.classnames, self.read_class_names)
             self.data[t.name] = make_task_data(
                 t.name, sources, t.data, seed=cfg.seed, calib_samples=cfg.calibration.samples,
                 caps=cfg.eval.max_samples, classnames=names, log=self.log,
@@ -169,6 +169,9 @@ class ZeroShotImageBench(BenchBase):
                      + ", ".join(f"{s} {len(d.splits[s])}" for s in ("train", "val", "test")))
         self._heads: Optional[Dict[str, torch.Tensor]] = None
         self._stores: Dict[Tuple[str, str], _Store] = {}
+
+    # How the model's tokenizer reads class names (``repeated_class_names``): CLIP's rule by default
+    read_class_names = None
 
     # ----------------------------------------------------------------- heads
 

@@ -243,3 +243,31 @@ def test_a_base_whose_image_tower_is_timm(tmp_path):
     assert type(model).__name__ == "TimmModel"
     _quantize_and_serve(bench, model, tmp_path)
     assert model.epmq_report.adapter == "timm" and len(model.epmq_report.layers) == 8
+
+
+def test_class_names_are_read_as_the_models_tokenizer_reads_them(tmp_path):
+    """open_clip's HFTokenizer over a tokenizer that keeps case (XLM-R, RoBERTa CLIPs) reads "Cat"
+    and "cat" as two prompts: the task's classnames were refused as repeats (the rule of CLIP's own
+    tokenizers, which lowercase), every model alike. Names the model's tokenizer reads alike
+    (CLIP's, which lowercases) are refused when the bench is built, naming them."""
+    import copy
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path / "bench"
+    config = write_tiny_open_clip(root, TASKS, classes=3)
+    named = copy.deepcopy(config)
+    named["tasks"][0]["classnames"] = ["Cat", "cat", "dog"]
+    with pytest.raises(BenchConfigError, match=r"task 'alpha'.*read alike.*\['Cat', 'cat'\]"):
+        build_bench(named, base_dir=root, progress=False)  # (the tiny bench's CLIP tokenizer lowercases)
+    letters = "<pad> <s> </s> <unk>".split() + list("CATcatdogs{} .")  # (fewer than the text tower's vocab)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(letters)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(root / "cased")
+    named["model"]["tokenizer"] = "cased"
+    bench = build_bench(named, base_dir=root, progress=False)
+    assert bench.data["alpha"].classnames == ["Cat", "cat", "dog"]
+    heads = bench.heads["alpha"]
+    assert not torch.allclose(heads[0], heads[1])
