@@ -131,7 +131,7 @@ def _chat(messages, where: str, tokenizer, record: dict) -> str:
 def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]:
     """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
     list of either): a ``.txt`` file is one string, a ``.jsonl`` line or an item of a ``.json``
-    list one JSON value."""
+    list one JSON value, as is a ``.json`` file of one object."""
     if isinstance(source, (list, tuple)):
         return [r for s in source for r in _records(s, suffixes, what, kind_error)]
     path = Path(source)
@@ -170,6 +170,10 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
             raise ValueError(f"{path}: not JSON ({e})") from None
         # (JSON Lines under .json: what datasets' Dataset.to_json writes, and reads back)
         return _json_lines(text.split("\n"), path)
+    if isinstance(values, dict):
+        # (one object is one record: a one-row dataset's to_json writes it on one line, JSON Lines
+        # that datasets reads back as that row; an object of columns has no record's fields)
+        return [(str(path), values)]
     if not isinstance(values, list):
         raise ValueError(f"{path}: expected a JSON list of {what}")
     return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
@@ -181,7 +185,8 @@ def _streamed_json_lines(path: Path) -> Optional[List[tuple]]:
     read. Read whole, its text was held, then split into lines beside it, then parsed: about
     three times the text in memory (GBs for a C4 shard's 830 MB), for the same records. None
     where the file is not plainly that (a JSON list, a single value, a line that is not JSON,
-    a file that does not read): it is then read whole, with the results and errors of before."""
+    a file that does not read): it is then read whole, with the results and errors of before
+    (a single object is one record either way)."""
     records, lines = [], _text_lines(path)
     try:
         for i, line in enumerate(lines, 1):

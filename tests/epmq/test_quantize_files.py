@@ -135,7 +135,9 @@ def test_json_lines_under_json_parsed_as_read(tmp_path):
     """A .json of JSON Lines (datasets' to_json, the hub's C4 shards c4-train.*.json.gz) was
     read whole, split into lines beside the text, then parsed: three times its text in memory.
     Its lines are now parsed as read, to the same records; the other .json forms (a list, a
-    single value, a line that is not JSON) read and fail as before."""
+    single value, a line that is not JSON) read and fail as before. One object, on one line (what
+    to_json writes of a one-row dataset, and datasets reads back as that row) or over several, is
+    one record (it was refused as "expected a JSON list"); a single value of another kind is not."""
     import gzip
     import tracemalloc
 
@@ -152,16 +154,22 @@ def test_json_lines_under_json_parsed_as_read(tmp_path):
     assert texts == read_texts(tmp_path / "c4.jsonl.gz")
     assert peak < 2 * size, (peak, size)  # (read whole: above 3 x size)
     (tmp_path / "one.json").write_text('{"text": "the cat"}\n')
-    with pytest.raises(ValueError, match="one.json: expected a JSON list"):
-        read_texts(tmp_path / "one.json")
+    assert read_texts(tmp_path / "one.json") == ["the cat"]
+    (tmp_path / "pair.json").write_text('{"input": "a", "target": "b"}\n')
+    assert read_pairs(tmp_path / "pair.json") == [("a", "b")]
+    (tmp_path / "columns.json").write_text('{"text": ["the cat", "a dog"]}\n')  # (pandas' columns: no text)
+    with pytest.raises(ValueError, match=r"columns.json: expected a string, or an object with a 'text' string"):
+        read_texts(tmp_path / "columns.json")
+    (tmp_path / "number.json").write_text('3\n')
+    with pytest.raises(ValueError, match="number.json: expected a JSON list"):
+        read_texts(tmp_path / "number.json")
     (tmp_path / "bad.json").write_text('\n{"text": "the cat"}\n{"text": "a dog",}\n')
     with pytest.raises(ValueError, match="bad.json:3: not JSON"):
         read_texts(tmp_path / "bad.json")
     (tmp_path / "list.json").write_text('[\n"the cat",\n{"text": "a dog"}\n]\n')
     assert read_texts(tmp_path / "list.json") == ["the cat", "a dog"]
     (tmp_path / "pretty.json").write_text('{\n"text": "the cat"\n}\n')
-    with pytest.raises(ValueError, match="pretty.json: expected a JSON list"):
-        read_texts(tmp_path / "pretty.json")
+    assert read_texts(tmp_path / "pretty.json") == ["the cat"]
 
 
 def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
