@@ -458,6 +458,7 @@ class Runner:
                 log(f"[resume] {type(bench).__name__} has no identity: results in {self.out} are taken "
                     f"as its own by its class and task names (pass identity= to tell benches apart)")
         self.store = Store(self.out, identity, resume, log)
+        self._plots_gone = False
 
     def step(self, key: str, params: dict, fn: Callable[[], dict], *, redo: bool = False) -> dict:
         done = None if redo else self.store.get(key, params)
@@ -487,6 +488,13 @@ class Runner:
         if "base" in now and "experts" in now:
             results = {"identity": self.store.identity, "steps": now}
             write_table(self.out, report_text(results, self.plan, list(self.bench.task_names)))
+            if not self._plots_gone:
+                # the plots an earlier report drew (another plan's bars, stopped before this run's
+                # report, stayed beside this run's table); report() draws this run's. Not redrawn
+                # per step: the demo's two plots take ~3 s to draw on 2 cores, for each of ~100 cells
+                for name in REPORT_FILES[1:]:
+                    (self.out / name).unlink(missing_ok=True)
+                self._plots_gone = True
 
     def evaluate(self, model_or_state) -> dict:
         return {"val": self.bench.evaluate(model_or_state, split="val"),
@@ -645,7 +653,8 @@ def _checkpoint_digest(path: Path) -> Optional[str]:
 def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable = print,
         identity: Optional[dict] = None) -> dict:
     """Run ``plan`` on ``bench``, writing ``<out_dir>/results.json`` (and ``table.md``, the plan's
-    rows as they are done; ``report`` writes the whole report); returns its content.
+    rows as they are done, an earlier report's plots removed; ``report`` writes the whole report);
+    returns its content.
     ``identity`` (default: ``bench.identity``): what the results depend on; results in
     ``out_dir`` of another identity are not resumed from."""
     return Runner(bench, plan, out_dir, resume=resume, progress=progress, log=log, identity=identity).run()

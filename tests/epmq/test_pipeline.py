@@ -558,6 +558,33 @@ def test_a_resumed_run_with_another_plan_stopped_before_its_report_shows_only_it
     assert "results.json" in os.listdir(tmp_path) and not list(tmp_path.glob("*.tmp*"))
 
 
+def test_a_resumed_run_with_another_plan_stopped_before_its_report_leaves_no_earlier_plot(calls_list, tmp_path,
+                                                                                        quiet, monkeypatch):
+    """Its table.md holds the new plan's rows as they are done, but accuracy.png and
+    accuracy_per_task.png stayed the earlier plan's (its w4 bars beside a table of w3 rows) until
+    a report the stopped run never writes. They go with the first table of the run; the report
+    draws them again."""
+    first = plan(methods=["rtn"])
+    pipeline.report(pipeline.run(Bench(), first, tmp_path, log=quiet), first, Bench.task_names, tmp_path)
+    assert all((tmp_path / name).exists() for name in pipeline.REPORT_FILES)
+
+    def stopped(self, state, bits, method, targets, anchor, params):
+        if method == "gptq":
+            raise KeyboardInterrupt
+        return {"val": {"avg": 0.5}, "test": {"avg": 0.25}}
+
+    second = plan(methods=["rtn", "gptq"], bits=[3])
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.Runner, "_quantize", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(Bench(), second, tmp_path, log=quiet)
+    assert "TA w3 RTN" in (tmp_path / "table.md").read_text()
+    assert [name for name in pipeline.REPORT_FILES if (tmp_path / name).exists()] == ["table.md"]
+    # the same run again, to its report: its plots, beside its table
+    pipeline.report(pipeline.run(Bench(), second, tmp_path, log=quiet), second, Bench.task_names, tmp_path)
+    assert all((tmp_path / name).stat().st_size > 0 for name in pipeline.REPORT_FILES)
+
+
 def test_a_report_stopped_while_written_leaves_the_earlier_files_whole(calls_list, tmp_path, quiet, monkeypatch):
     """The table and plots were written in place: a run stopped in the middle of its report
     (Ctrl-C, a kill, a full disk) left a truncated PNG under the name of the report, the
