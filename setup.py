@@ -21,6 +21,8 @@ setup(
     packages=find_packages(include=["epmq", "epmq.*", "epmq_kernels", "epmq_kernels.*"]) + ["epmq.configs"],
     package_dir={"epmq.configs": "configs"},
     package_data={"epmq.configs": ["*.yaml", "files/*.yaml"]},
+    # the command's entry point, which imports the package itself (Ctrl-C during that import)
+    py_modules=["epmq_cli"],
     install_requires=[
         "torch>=2.11",
         "triton>=3.6",
@@ -36,5 +38,5 @@ setup(
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "pyarrow"],
                     "parquet": ["pyarrow"]},
-    entry_points={"console_scripts": ["epmq=epmq.cli:main"]},
+    entry_points={"console_scripts": ["epmq=epmq_cli:main"]},
 )
