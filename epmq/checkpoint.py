@@ -56,8 +56,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import (read_json, read_json_file, remove_stale_temporaries, save_safetensors, storage_key, umask,
-                    wrapped_model)
+from ._util import (read_json, read_json_file, release_freed_memory, remove_stale_temporaries, save_safetensors,
+                    storage_key, umask, wrapped_model)
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
@@ -1450,4 +1450,6 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         if isinstance(cfg, dict):
             model.epmq_open_clip_config = cfg
     bind_save_pretrained(model)
+    del tensors  # (a model given holds copies of them)
+    release_freed_memory()  # (what the load read and converted, freed between the model's tensors)
     return given

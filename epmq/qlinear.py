@@ -44,6 +44,7 @@ from torch.autograd import forward_ad
 
 from epmq_kernels._runtime import version
 
+from ._util import release_freed_memory
 from .checks import is_int
 from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 from .spec import SUPPORTED_BITS
@@ -320,7 +321,7 @@ class QuantLinear(nn.Module):
         """``(packed, scales_and_zeros, group, perm)`` for torch's CPU int4 kernel in ``dtype``,
         or None where the layer's layout does not fit it; built once per set of buffers."""
 
-        def build():
+        def repack():
             K, N = self.in_features, self.out_features
             if N % 16 or K % 32 or K == 0:  # (no inputs: no grid for the kernel)
                 return None
@@ -341,6 +342,13 @@ class QuantLinear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 1)
             scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).to(dtype).contiguous()
             return packed, scales_and_zeros, kernel_group, perm
+
+        def build():
+            plan = repack()
+            # its [K, N] int32 temporaries, freed between the plans the layers keep, stayed in
+            # glibc's heap: a loaded model's first CPU forward left it ~2x the model resident
+            release_freed_memory()
+            return plan
 
         return self._cached(f"_cpu_int4_{str(dtype)[6:]}", build, self.qweight, self.qzeros,
                             self.scales, self.g_idx)

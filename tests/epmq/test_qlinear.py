@@ -546,3 +546,59 @@ def test_a_held_layer_keeps_its_dequantized_weight_until_its_buffers_change(gen)
     layer._hold_dequantized(False)
     assert not any(n.startswith("_held_") for n in layer._derived)
     assert torch.equal(layer(x), x @ changed)
+
+
+def _glibc() -> bool:
+    import ctypes
+    import sys
+
+    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim")
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's heap (malloc_trim)")
+def test_a_loaded_checkpoints_first_cpu_forward_keeps_what_it_builds_not_its_temporaries(tmp_path):
+    """The first CPU forward repacks each layer's codes for torch's int4 kernel, through [K, N]
+    int32 temporaries; glibc kept their freed memory in its heap: a 4-layer Llama (hidden 1024)
+    grew by ~230 MB where the repacked codes and grids it keeps are ~20 MB (a 170M-parameter
+    one: 1.2 GB resident against 1.0 GB once trimmed). Measured in a fresh process, as served."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816,
+                                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                                      tie_word_embeddings=False)
+    config.dtype = torch.float16
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float16).eval()
+    model = epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=128, sym=True), method="rtn",
+                                progress=False)
+    epmq.save_quantized(model, tmp_path / "w4")
+    del model
+    code = f"""if True:
+        import json, torch, epmq
+
+        def resident():
+            return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                        if line.startswith("VmRSS"))
+
+        model = epmq.load_quantized({str(tmp_path / "w4")!r})
+        before = resident()
+        with torch.no_grad():
+            model(torch.randint(0, 1000, (1, 16)))
+        grown = resident() - before
+        kept = sum(t.untyped_storage().nbytes() for m in model.modules() if isinstance(m, epmq.QuantLinear)
+                   for _, _, made in m._derived.values() for t in (made if isinstance(made, tuple) else (made,))
+                   if isinstance(t, torch.Tensor))
+        print(json.dumps({{"grown": grown, "kept": kept}}))"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["kept"] > 10 * 2**20  # (the int4 kernel's path was taken)
+    # (the rest: what torch's first CPU forward allocates for itself, ~15 MB)
+    assert seen["grown"] < seen["kept"] + 64 * 2**20, seen
