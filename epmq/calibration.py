@@ -7,7 +7,9 @@ windows of ``seq_len`` tokens are drawn at random start positions (seeded), then
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``. Texts of more
 than ``FULL_TOKENIZATION_CHARS`` (8 Mi) characters in all are not tokenized whole: each window
 is tokenized from its own seeded random place (``_windows_of_places``), so that a 1 GB file
-costs what its 128 windows do, not minutes and tens of GB.
+costs what its 128 windows do, not minutes and tens of GB; a ``.txt`` file read with
+``read_texts(..., stream=True)`` (as ``epmq quantize`` reads them) is then read where the
+windows are (``TextFile``), never held whole.
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
@@ -128,12 +130,12 @@ def _chat(messages, where: str, tokenizer, record: dict) -> str:
     return text
 
 
-def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]:
+def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool = False) -> List[tuple]:
     """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
-    list of either): a ``.txt`` file is one string, a ``.jsonl`` line or an item of a ``.json``
-    list one JSON value, as is a ``.json`` file of one object."""
+    list of either): a ``.txt`` file is one string (``stream``: a ``TextFile``), a ``.jsonl``
+    line or an item of a ``.json`` list one JSON value, as is a ``.json`` file of one object."""
     if isinstance(source, (list, tuple)):
-        return [r for s in source for r in _records(s, suffixes, what, kind_error)]
+        return [r for s in source for r in _records(s, suffixes, what, kind_error, stream)]
     path = Path(source)
     if path.is_dir():
         saved = next((p.parent for p in sorted(path.rglob("state.json")) if any(p.parent.glob("*.arrow"))), None)
@@ -144,7 +146,7 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
         files = _tree(path, suffixes, compressed=True)
         if not files:
             raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")
-        return [r for f in files for r in _records(f, suffixes, what, kind_error)]
+        return [r for f in files for r in _records(f, suffixes, what, kind_error, stream)]
     if not path.is_file():
         raise FileNotFoundError(f"no calibration {what} at {path}")
     suffix = _kind(path)
@@ -160,6 +162,8 @@ def _records(source, suffixes: tuple, what: str, kind_error: str) -> List[tuple]
         records = _streamed_json_lines(path)
         if records is not None:
             return records
+    if suffix == ".txt" and stream:
+        return [(str(path), TextFile(path))]
     text = "".join(_text_lines(path, whole=True))
     if suffix == ".txt":
         return [(str(path), text)]
@@ -237,10 +241,11 @@ def _kind(path: Path) -> str:
     return Path(path.stem).suffix.lower() if suffix in COMPRESSIONS else suffix
 
 
-def _text_lines(path: Path, whole: bool = False):
+def _text_lines(path: Path, whole: bool = False, chars: int = 0):
     """The lines of a UTF-8 text file (a byte-order mark dropped; lines end at "\\n" only: JSON
     strings may hold U+2028 and the like), decompressed if its name says so, read as they are
-    taken, so that a large JSON Lines file is never held whole; ``whole``: its text as one."""
+    taken, so that a large JSON Lines file is never held whole; ``whole``: its text as one;
+    ``chars``: its text in pieces of that many characters (they join to the whole text)."""
     compression = COMPRESSIONS.get(path.suffix.lower())
     module = None if compression is None else importlib.import_module(compression)
     opened = path.open("rb") if module is None else module.open(path, "rb")
@@ -249,10 +254,13 @@ def _text_lines(path: Path, whole: bool = False):
     damaged = (OSError, EOFError, zlib.error) + ((module.LZMAError,) if compression == "lzma" else ())
     # lines end at "\n" only; a whole text's "\r\n" and "\r" become "\n" (universal newlines,
     # as Path.read_text gave a .txt or .json file before: a Windows-saved text tokenizes as typed)
-    with opened as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None if whole else "\n") as f:
+    with opened as raw, io.TextIOWrapper(raw, encoding="utf-8-sig",
+                                         newline=None if whole or chars else "\n") as f:
         try:
             if whole:
                 yield f.read()
+            elif chars:
+                yield from iter(lambda: f.read(chars), "")
             else:
                 yield from f
         except UnicodeDecodeError as e:
@@ -273,11 +281,86 @@ def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Pa
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=None) -> List[str]:
+# characters a TextFile reads at a time; text it keeps before the place last read (a window's
+# start moves up to 64 characters past its place, to a whitespace: the next window's place may
+# lie before it)
+_READ_CHARS = 1 << 16
+_BEHIND = 256
+
+
+class TextFile:
+    """The document of a ``.txt`` file, read from the file where it is sliced, not held:
+    ``text_windows`` draws windows from it (``len``, ``[a:b]``) and ``text()`` reads it whole.
+    Read whole, a file's bytes, text and newline-translated copy were in memory at once (three
+    times the file) and the text was held while windows that read a few MB of it were drawn.
+    Opening it reads it once (its length, its end), as UTF-8 with universal newlines, as the
+    whole read does. Slices are read forward from where the last one was (a slice at 0, a
+    window running into the document, from the start): in the order of their places,
+    ``text_windows``' windows read a compressed file about once."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        length, self._end, self._tail, spaces = 0, 0, "", ""
+        for piece in _text_lines(self.path, chars=_READ_CHARS):
+            kept = piece.rstrip()
+            if kept:  # (what _ends_with reads: the text's last characters before its trailing whitespace)
+                self._tail, spaces = (self._tail + spaces + kept)[-_BEHIND:], piece[len(kept):][-_BEHIND:]
+                self._end = length + len(kept)
+            else:
+                spaces = (spaces + piece)[-_BEHIND:]
+            length += len(piece)
+        self._length = length
+        self._readers = {}  # from the start, and from the last place
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"TextFile({str(self.path)!r}, {self._length} characters)"
+
+    def text(self) -> str:
+        return "".join(_text_lines(self.path, whole=True))
+
+    def ends_with(self, suffix: str) -> bool:
+        """``text().rstrip().endswith(suffix)``."""
+        if len(suffix) <= len(self._tail) or self._end <= len(self._tail):
+            return self._tail.endswith(suffix)
+        return self[self._end - len(suffix):self._end] == suffix
+
+    def __getitem__(self, item) -> str:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError(f"{self!r} is read by slices [a:b]")
+        a, b, _ = item.indices(self._length)
+        if b <= a:
+            return ""
+        head = a == 0
+        start, text, pieces = self._readers.get(head) or (0, "", None)
+        if pieces is None or a < start:  # (before what is kept: read from the start again)
+            if pieces is not None:
+                pieces.close()
+            start, text, pieces = 0, "", _text_lines(self.path, chars=_READ_CHARS)
+        while True:
+            if not head and a - _BEHIND > start:  # (what no later slice reads)
+                cut = min(a - _BEHIND - start, len(text))
+                start, text = start + cut, text[cut:]
+            if start + len(text) >= b:
+                break
+            piece = next(pieces, "")
+            if not piece:
+                break
+            text += piece
+        self._readers[head] = (start, text, pieces)
+        return text[a - start:b - start]
+
+
+def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=None, *,
+               stream: bool = False) -> List[Union[str, "TextFile"]]:
     """The documents of a text file, a directory of them, or a list of either; ``tokenizer``
-    renders conversations (needed only where there are some)."""
-    return [_text_of(v, where, tokenizer) for where, v in
-            _records(source, TEXT_SUFFIXES, "text", "unknown text file type")]
+    renders conversations (needed only where there are some). ``stream``: each ``.txt`` file as
+    a ``TextFile``, read where ``text_windows`` reads it, not held (``epmq quantize`` reads
+    them so)."""
+    return [v if isinstance(v, TextFile) else _text_of(v, where, tokenizer) for where, v in
+            _records(source, TEXT_SUFFIXES, "text", "unknown text file type", stream)]
 
 
 # Texts of more characters than this (about 2M tokens) are not tokenized whole: each window is
@@ -294,6 +377,8 @@ def _ends_with(text: str, eos_text) -> bool:
     without copying a long text)."""
     if not (isinstance(eos_text, str) and eos_text):
         return False
+    if isinstance(text, TextFile):
+        return text.ends_with(eos_text)
     k = len(text)
     while k and text[k - 1].isspace():
         k -= 1
@@ -314,12 +399,13 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     if not eos:
         warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
     eos_text = getattr(tokenizer, "eos_token", None)
-    texts = [t for t in texts if t != ""]  # (an empty document adds nothing: see below)
+    texts = [t for t in texts if len(t)]  # (an empty document adds nothing: see below)
     g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:
         windows = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
         return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
                 for i in range(0, samples, batch_size)]
+    texts = [t if isinstance(t, str) else t.text() for t in texts]  # (TextFiles: short enough)
     ids: List[int] = []
     content = 0
     for text in texts:
@@ -364,14 +450,16 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
     stream the whole texts make, up to how a tokenizer would have merged across the cuts."""
     ends = torch.cumsum(torch.tensor([len(t) for t in texts], dtype=torch.long), 0)
     places = torch.randint(0, int(ends[-1]), (samples,), generator=g).tolist()
-    windows = []
-    for place in places:
+    windows = [None] * samples
+    # (in the order of their places, each window its own: a TextFile is read forward, about once)
+    for n in sorted(range(samples), key=places.__getitem__):
+        place = places[n]
         i = int(torch.searchsorted(ends, place, right=True))  # (the document holding the character)
         offset = place - (int(ends[i]) - len(texts[i]))
         cut_first = offset > 0
         if cut_first:
-            space = _SPACE.search(texts[i], offset, offset + 64)
-            offset = space.start() if space else offset
+            space = _SPACE.search(texts[i][offset:offset + 64])
+            offset = offset + space.start() if space else offset
         window: List[int] = []
         for _ in range(2 * len(texts) + 1):  # (a document at most twice: fewer tokens than a window)
             text, need = texts[i], seq_len - len(window)
@@ -395,7 +483,7 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
         else:
             raise ValueError(f"{what}: the texts hold {int(ends[-1])} characters and fewer than seq_len={seq_len} "
                              f"tokens")
-        windows.append(window)
+        windows[n] = window
     return torch.tensor(windows, dtype=torch.long)
 
 

@@ -184,7 +184,8 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
         if tower == "language":  # (the checkpoint takes the whole processor: it serves images too)
             preprocessor = _processor(directory) or tokenizer
         if modality == "texts":  # (conversations are rendered by the tokenizer's chat template)
-            read, make = functools.partial(read_texts, tokenizer=tokenizer), text_windows
+            # (a .txt read where its windows are, not held: see calibration.TextFile)
+            read, make = functools.partial(read_texts, tokenizer=tokenizer, stream=True), text_windows
         else:
             read, make = read_pairs, pair_batches
         batches = {task: make(read(source), tokenizer, seq_len=seq_len, seed=seeds[task],

@@ -172,6 +172,66 @@ def test_json_lines_under_json_parsed_as_read(tmp_path):
     assert read_texts(tmp_path / "pretty.json") == ["the cat"]
 
 
+class HashTokenizer:
+    """A word a token, any text (the windows' places cut words anywhere)."""
+    eos_token_id, eos_token = 0, "<eos>"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [0 if w == "<eos>" else 1 + sum(map(ord, w)) % 997 for w in text.split()]}
+
+
+@pytest.mark.filterwarnings("ignore:.*windows overlap")
+def test_a_large_text_file_is_read_where_its_windows_are(tmp_path, monkeypatch):
+    """A .txt document was read whole, its bytes, text and newline-translated copy at once (three
+    times the file in memory: 137 MB for a 46 MB file) and the text held while its windows were
+    drawn, though past FULL_TOKENIZATION_CHARS the windows read ~4 characters a token of it. Read
+    streamed (as epmq quantize reads it), it is counted once and read again where the windows are,
+    in the windows' order: the same windows, compressed or not, across the end of a document."""
+    import gzip
+    import tracemalloc
+
+    from epmq import calibration
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "d\u00e9lta", "\u03b7ta", "<eos>", "zeta", "omega"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) for _ in range(80000)]
+    text = "\ufeff" + "\r\n".join(lines) + "\r\nlast <eos>\r\n \r"
+    (tmp_path / "big.txt").write_bytes(text.encode())
+    (tmp_path / "big.txt.gz").write_bytes(gzip.compress(text.encode(), compresslevel=1))
+    (tmp_path / "small.txt").write_text("omega beta " * 40)
+    size = (tmp_path / "big.txt").stat().st_size
+    for name in ("big.txt", "big.txt.gz"):
+        docs = [tmp_path / name, tmp_path / "small.txt"]
+        whole = read_texts(docs)
+        assert sum(map(len, whole)) > calibration.FULL_TOKENIZATION_CHARS
+        tracemalloc.start()
+        try:
+            streamed = read_texts(docs, stream=True)
+            windows = text_windows(streamed, HashTokenizer(), samples=48, seq_len=64, batch_size=8, seed=5)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < size / 8, (name, peak, size)  # (read whole: above 2 x size)
+        expected = text_windows(whole, HashTokenizer(), samples=48, seq_len=64, batch_size=8, seed=5)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+        assert [len(t) for t in streamed] == [len(t) for t in whole]
+    # windows across the documents' ends (into the next one's start, the last into the first's)
+    (tmp_path / "docs").mkdir()
+    for k in range(6):
+        ending = " <eos>" * (k % 2)
+        (tmp_path / "docs" / f"{k}.txt").write_text("\r\n".join(lines[k * 40:k * 40 + 10 + 15 * k]) + ending)
+    monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", 100)
+    windows, expected = (text_windows(read_texts(tmp_path / "docs", stream=stream), HashTokenizer(), samples=200,
+                                      seq_len=64, seed=5) for stream in (True, False))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+    monkeypatch.undo()
+    # below the limit the texts are tokenized whole, streamed or not
+    small = [tmp_path / "small.txt", tmp_path / "small.txt"]
+    (a,), (b,) = (text_windows(read_texts(small, stream=stream), HashTokenizer(), samples=4, seq_len=8)
+                  for stream in (True, False))
+    assert torch.equal(a["input_ids"], b["input_ids"])
+
+
 def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
     """A .txt document saved with "\r\n" (or "\r") line ends is read with "\n", compressed or
     not, as it was before compressed files were read; a JSON line's "\r" is no part of it."""
