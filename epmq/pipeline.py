@@ -503,45 +503,71 @@ class Runner:
     def run(self) -> dict:
         bench, plan = self.bench, self.plan
         check_merges(plan, len(bench.task_names))  # (before the evaluations, not after them)
+        self._done_before()
         self.step("base", {}, lambda: self.evaluate(bench.base_state))
         self.step("experts", {}, lambda: {"val": bench.expert_accuracies("val"),
                                           "test": bench.expert_accuracies("test")})
         for mp in plan.merges:
-            merge_params = {"method": mp.method, "scales": list(mp.scales), "params": mp.params}
-            merged = self.step(f"merge/{mp.label}", merge_params, lambda mp=mp: self._choose_scale(mp))
+            merged = self.step(f"merge/{mp.label}", _merge_params(mp), lambda mp=mp: self._choose_scale(mp))
             state = merged_state(bench, mp, merged["scale"])
             for bits in plan.bits:
-                for method in plan.methods:
-                    self._quantize_rows(mp, merged["scale"], state, bits, method, plan.method_targets(method),
-                                        LABELS[method])
-                for c in plan.controls:
-                    self._quantize_rows(mp, merged["scale"], state, bits, c.method, c.targets, c.label)
+                for method, targets, label in self._rows():
+                    self._quantize_rows(mp, merged["scale"], state, bits, method, targets, label)
         return self.store.data
+
+    def _rows(self) -> list:
+        """``(method, targets, label)`` of each quantizer row, the plan's methods then its controls."""
+        plan = self.plan
+        return ([(m, plan.method_targets(m), LABELS[m]) for m in plan.methods]
+                + [(c.method, c.targets, c.label) for c in plan.controls])
+
+    def _done_before(self) -> None:
+        """The plan's cells that results.json holds with this plan's parameters, which the run
+        reuses, in the table from its start: it showed only the rows the run had reached, so while
+        a resumed run computed the cells its new plan added (hours at paper scale), and after a
+        stop, the rows it was about to reuse were missing."""
+        plan, get = self.plan, self.store.get
+        if get("base", {}) is None or get("experts", {}) is None:
+            return
+        for mp in plan.merges:
+            merged = get(f"merge/{mp.label}", _merge_params(mp))
+            for bits in plan.bits if merged is not None else []:
+                for method, targets, label in self._rows():
+                    anchors = plan.anchors if method == "epmq" else [None]
+                    done = [get(_quant_key(mp.label, bits, label, a),
+                                self._cell_params(mp, merged["scale"], bits, method, targets, a)) for a in anchors]
+                    if anchors != [None] and None not in done:
+                        get(_quant_key(mp.label, bits, label), {"chosen_from": [r["params"]["anchor"] for r in done]})
+        self._write_table()
 
     def _choose_scale(self, mp: MergePlan) -> dict:
         scale, state, scores = choose_scale(self.bench, mp)
         return dict(self.evaluate(state), scale=scale, val_by_scale=scores)
 
+    def _cell_params(self, mp, scale, bits, method, targets, anchor) -> dict:
+        # the merge this quantizes (its method and parameters: its label alone may stay the
+        # same while they change), then the quantizer
+        params = {"merge": mp.label, "merge_method": mp.method, "merge_params": mp.params,
+                  "scale": scale, "spec": self.plan.spec(bits).to_dict(),
+                  "method": method, "targets": targets, "anchor": anchor,
+                  "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
+        if method == "epmq" and self.plan.residual_precision is not None:
+            # only when set, so that results stored before the option existed still match
+            params["residual_precision"] = self.plan.residual_precision
+        backend = resolve_backend(self.plan.backend, torch.device(getattr(self.bench, "device", "cpu")))
+        if method != "rtn" and (self.plan.backend is not None or backend != "torch"):
+            # the solver's kernels (Triton or torch) round apart, and GPTQ's sequential rounding
+            # carries that on: a backend switched for a comparison, or by moving the model to a
+            # GPU (Triton by default there), must not be served the other's numbers (recorded
+            # where set or Triton, so that results stored before the option existed still match)
+            params["backend"] = backend
+        return params
+
     def _quantize_rows(self, mp, scale, state, bits, method, targets, label):
         anchors = self.plan.anchors if method == "epmq" else [None]
         runs, cells = [], []
         for anchor in anchors:
-            # the merge this quantizes (its method and parameters: its label alone may stay the
-            # same while they change), then the quantizer
-            params = {"merge": mp.label, "merge_method": mp.method, "merge_params": mp.params,
-                      "scale": scale, "spec": self.plan.spec(bits).to_dict(),
-                      "method": method, "targets": targets, "anchor": anchor,
-                      "weight_anchor": self.plan.weight_anchor if method == "epmq" else None}
-            if method == "epmq" and self.plan.residual_precision is not None:
-                # only when set, so that results stored before the option existed still match
-                params["residual_precision"] = self.plan.residual_precision
-            backend = resolve_backend(self.plan.backend, torch.device(getattr(self.bench, "device", "cpu")))
-            if method != "rtn" and (self.plan.backend is not None or backend != "torch"):
-                # the solver's kernels (Triton or torch) round apart, and GPTQ's sequential rounding
-                # carries that on: a backend switched for a comparison, or by moving the model to a
-                # GPU (Triton by default there), must not be served the other's numbers (recorded
-                # where set or Triton, so that results stored before the option existed still match)
-                params["backend"] = backend
+            params = self._cell_params(mp, scale, bits, method, targets, anchor)
             key = _quant_key(mp.label, bits, label, anchor)
             def run(a=anchor, p=params):
                 return self._quantize(state, bits, method, targets, a, p)
@@ -608,6 +634,10 @@ class Runner:
             result["checkpoint"] = str(path)
             result["checkpoint_files"] = _checkpoint_digest(path)
         return result
+
+
+def _merge_params(mp: MergePlan) -> dict:
+    return {"method": mp.method, "scales": list(mp.scales), "params": mp.params}
 
 
 def _quant_key(merge_label: str, bits: int, label: str, anchor: Optional[float] = None) -> str:

@@ -585,6 +585,30 @@ def test_a_resumed_run_with_another_plan_stopped_before_its_report_leaves_no_ear
     assert all((tmp_path / name).stat().st_size > 0 for name in pipeline.REPORT_FILES)
 
 
+def test_a_resumed_runs_table_keeps_the_rows_it_will_reuse(calls_list, tmp_path, quiet, monkeypatch):
+    """A plan that adds a quantizer resumes the earlier run's cells: its first table (after the
+    base and experts) held only the rows reached so far, so while the new cells ran (hours at
+    paper scale), or after a stop, the table lacked the w3 rows results.json holds for this
+    very plan. The cells done before with this plan's parameters are in it from the start."""
+    first = plan(methods=["rtn", "gptq"], bits=[4, 3])
+    pipeline.report(pipeline.run(Bench(), first, tmp_path, log=quiet), first, Bench.task_names, tmp_path)
+
+    def stopped(self, state, bits, method, targets, anchor, params):
+        raise KeyboardInterrupt  # (the first new cell: w4 E-PMQ)
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(Bench(), plan(methods=["rtn", "gptq", "epmq"], bits=[4, 3]), tmp_path, log=quiet)
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"TA w{b} {m}" in table for b in (4, 3) for m in ("RTN", "GPTQ")), table
+    assert "E-PMQ" not in table
+    # a cell of other parameters (another group size) is not the plan's: not in its table
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(Bench(), plan(methods=["rtn", "gptq"], bits=[4, 3], group_size=32), tmp_path, log=quiet)
+    table = (tmp_path / "table.md").read_text()
+    assert "Base (zero-shot)" in table and "TA w3" not in table and "TA w4" not in table
+
+
 def test_a_report_stopped_while_written_leaves_the_earlier_files_whole(calls_list, tmp_path, quiet, monkeypatch):
     """The table and plots were written in place: a run stopped in the middle of its report
     (Ctrl-C, a kill, a full disk) left a truncated PNG under the name of the report, the
