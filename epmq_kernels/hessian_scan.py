@@ -13,8 +13,8 @@ This file holds the torch reference (``hessian_numbers_reference``) and the kern
 (``hessian_numbers_triton``); ``hessian_numbers(..., backend=)`` picks one. Both return the
 numbers as a float64 vector on H's device, not read (each read waits for the device's queue).
 
-Configuration space: ``H`` square, fp16, bf16, fp32 or fp64, unit stride along its rows (any
-row stride); ``vu`` ``[d, 2]`` in fp32 or fp64, the precision of the products and sums.
+Configuration space: ``H`` square, fp16, bf16, fp32 or fp64 (float8 read through fp16), unit
+stride along its rows (any row stride); ``vu`` ``[d, 2]`` in fp32 or fp64, the precision of the products and sums.
 """
 
 import torch
@@ -174,6 +174,11 @@ def hessian_numbers_triton(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     d = H.shape[0]
     if d == 0:
         return hessian_numbers_reference(H, vu)
+    if H.element_size() == 1:
+        # float8 read through fp16, as the reference reads it (every value, NaN and inf kept):
+        # loaded as float8, e4m3 does not compile for sm_80, float8 -> fp64 not at all, and the
+        # interpreter reads a NaN as a number
+        H = H.to(torch.float16)
     if H.stride(1) != 1:
         H = H.contiguous()
     vu = vu.contiguous()
