@@ -125,6 +125,10 @@ def _check_xxt_args(H, X):
         raise ValueError(f"H must be a square matrix [d_in, d_in], got {tuple(H.shape)}")
     if X.dim() != 2 or X.shape[1] != H.shape[0]:
         raise ValueError(f"X must be [n, {H.shape[0]}] for H {tuple(H.shape)}, got {tuple(X.shape)}")
+    # H is written tile by tile while X is read: as G in _check_residual_args
+    if H.numel() and X.numel() and not H.is_meta and \
+            H.untyped_storage().data_ptr() == X.untyped_storage().data_ptr():
+        raise ValueError("H must not share memory with X: it is written in place")
 
 
 def accumulate_xxt_reference(H, X):

@@ -737,6 +737,22 @@ def test_fold_refuses_outputs_sharing_memory_with_what_it_reads(gen):
         fn(H_e, H_m, [H, H], [1.0, 2.0])  # (one Hessian twice: read only)
 
 
+def test_xxt_refuses_activations_sharing_memory_with_h(gen):
+    """H is written tile by tile while X is read: X in H's memory (rows of H, another view of
+    its storage) was read by the kernel after other programs had written H, a silently other
+    H (off by thousands here) where the reference gave X^T X; refused by both backends, as the
+    residual's G and the fold's outputs are."""
+    d = 40
+    H = gram(gen, 20, d, torch.float32)
+    before = H.clone()
+    for fn in (accumulate_xxt_triton, accumulate_xxt_reference):
+        for X in (H, H[:5], H.view(-1)[3 * d:8 * d].view(5, d)):
+            with pytest.raises(ValueError, match="H must not share memory with X"):
+                fn(H, X)
+        assert torch.equal(H, before)
+    fn(H, H[:5].clone())  # (a copy: read only)
+
+
 def test_xxt_refuses_an_output_without_unit_stride(gen):
     """The kernel writes H with unit stride along its rows: any other layout is refused (a
     transposed view, every other column), not silently written in the wrong places."""
