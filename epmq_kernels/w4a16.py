@@ -361,6 +361,12 @@ INTERPRETER_CONFIG = {
 }
 
 PATHS = ("gemv", "splitk", "gemm", "dqmm", "mma", "wgmma")
+# Options a path's configs may leave out (its launch takes a default). With the options of its
+# configs above, they are what a forced config may name; those all its configs have, less
+# these, what it must name (dqmm: CHUNK_K or CHUNK_N too).
+_OPTIONAL = {"gemv": ("HALF2",), "splitk": ("BLOCK_M", "PAIRS", "SWAP_AB", "SCALE_AFTER"),
+             "gemm": ("PAIRS", "SWAP_AB", "SCALE_AFTER"), "mma": ("BLOCK_M", "PREFETCH"),
+             "wgmma": ("SPLIT_K",), "dqmm": ("CHUNK_K", "CHUNK_N", "STREAMS")}
 # Activations the GEMV's HALF2 option takes (bf16 ones converted to fp16 pairs, exactly, per row)
 HALF2_DTYPES = (torch.float16, torch.bfloat16)
 # The autotuner keeps a config only if its result on the tuning call is within this fraction of
@@ -2468,7 +2474,8 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     Keyword-only (tests and benchmarks)
         out: ``[..., N]`` tensor of x's dtype to write into.
         path: force ``"gemv"``, ``"splitk"``, ``"gemm"`` or ``"dqmm"`` instead of choosing by M.
-        config: force a launch config (a dict like those of ``AUTOTUNE_SPACE``).
+        config: force a launch config (a dict like those of ``AUTOTUNE_SPACE`` for the path: an
+            option the path has not, or one missing that it needs, is refused).
         backend: ``"auto"`` (Triton for CUDA tensors, the torch reference for CPU tensors),
             ``"triton"`` (also CPU tensors under TRITON_INTERPRET) or ``"torch"``.
     Returns ``[..., N]`` in x's dtype, accumulated in fp32 (``dqmm``: see the module docstring).
@@ -2531,6 +2538,28 @@ def _overlaps(out, x) -> bool:
             and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
 
 
+def _check_config(path, config):
+    """A clear error where a forced ``config`` names an option ``path`` has not (a misspelt one
+    was run without, silently: a benchmark timed another config) or lacks one it needs (a bare
+    KeyError deep in the plan)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict of launch options, got {type(config).__name__}")
+    configs = [*AUTOTUNE_SPACE[path], INTERPRETER_CONFIG[path]]
+    known = set().union(*configs, _OPTIONAL[path])
+    needed = set.intersection(*(set(c) for c in configs)) - set(_OPTIONAL[path])
+    if config.get("PATH", path) != path:  # (an autotune candidate names its path)
+        raise ValueError(f"config names PATH {config['PATH']!r}, but it is forced on the {path} path")
+    unknown = sorted(set(config) - known - {"PATH"})
+    if unknown:
+        raise ValueError(f"the {path} path has no option {', '.join(unknown)} (config {config}); "
+                         f"its options are {', '.join(sorted(known))}")
+    missing = sorted(needed - set(config))
+    if missing:
+        raise ValueError(f"the {path} path needs {', '.join(missing)} in a forced config, got {config}")
+    if path == "dqmm" and "CHUNK_K" not in config and "CHUNK_N" not in config:
+        raise ValueError(f"the dqmm path needs CHUNK_K or CHUNK_N in a forced config, got {config}")
+
+
 def _check_out(out, x, N):
     lead = x.shape[:-1]
     if (not isinstance(out, torch.Tensor) or out.dtype != x.dtype
@@ -2588,7 +2617,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         keep = not (entry.permuted and ACT_ORDER_REPACK and entry._sorted is None)
         if config is not None:
             path = path or _path_for(M)
-            config = dict(config)
+            _check_config(path, config)
+            config = {k: v for k, v in config.items() if k != "PATH"}
             if path == "splitk" and "BLOCK_M" not in config:
                 config["BLOCK_M"] = _block_m_for_splitk(M)
         else:

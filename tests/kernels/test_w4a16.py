@@ -1149,6 +1149,28 @@ def test_bad_arguments_raise(gen):
         w4a16_matmul(x, qweight, scales, zeros, 32, out=torch.empty(2, 41), backend="triton")
 
 
+def test_a_forced_config_is_checked_against_its_path(gen):
+    """A forced config naming an option its path does not have (a misspelt HALF_2, or a config of
+    another path) was run without it, silently: a benchmark timed another config than the one it
+    reported; one lacking an option the path needs failed deep in the plan as a bare KeyError
+    ('BLOCK_K'). Both refused up front, naming the path and the options."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(1, 64, generator=gen).half()
+    good = dict(W.INTERPRETER_CONFIG["gemv"])
+    cases = [(dict(good, HALF_2=True), "gemv", r"gemv path has no option.*HALF_2"),
+             (dict(W.INTERPRETER_CONFIG["splitk"]), "gemv", r"gemv path has no option.*GROUP_M"),
+             ({k: v for k, v in good.items() if k != "BLOCK_K"}, "gemv", r"gemv path needs.*BLOCK_K"),
+             (dict(BLOCK_N=3), None, r"gemv path needs"),
+             (dict(BLOCK_R=4, BLOCK_N=32, num_warps=4), "dqmm", r"dqmm path needs CHUNK_K or CHUNK_N"),
+             (dict(good, PATH="splitk"), "gemv", r"PATH 'splitk'.*the gemv path")]
+    for config, path, message in cases:
+        with pytest.raises(ValueError, match=message):
+            w4a16_matmul(x, qweight, scales, zeros, 32, path=path, config=config, backend="triton")
+    for config in (good, dict(good, HALF2=True), dict(good, PATH="gemv")):  # (what the space holds)
+        y = w4a16_matmul(x, qweight, scales, zeros, 32, path="gemv", config=config, backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
 def test_reference_refuses_what_the_matmul_refuses(gen):
     """The exported reference and dequantizer (the ground truth users check their weights
     against) refuse the weights ``w4a16_matmul`` refuses, instead of a plausible wrong answer:
