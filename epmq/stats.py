@@ -77,6 +77,7 @@ class HessianStats:
         self.n_tokens = 0
         self.backend = backend
 
+    @torch.no_grad()  # (statistics of values: no autograd graph of each batch kept alive)
     @without_autocast
     def add_batch(self, x: torch.Tensor, what: str = "calibration input") -> None:
         """``what``: the input's name in errors (the walker names the task and the layer)."""
@@ -340,11 +341,13 @@ class EPMQStats:
     # ----------------------------------------------------------------- whole statistics
 
     @without_autocast
+    @torch.no_grad()
     def add_task(self, W_expert, H_expert, weight: Optional[float] = None, name: Optional[str] = None):
         """Fold in task k from its complete ``H_k`` (merged-path targets)."""
         self.add_tasks([W_expert], [H_expert], None if weight is None else [weight],
                        None if name is None else [name])
 
+    @torch.no_grad()
     @without_autocast
     def add_tasks(self, expert_weights, expert_hessians, weights=None, names=None):
         """Fold in several tasks from their complete ``H_k``, as :meth:`add_task` one by one
@@ -531,6 +534,7 @@ class EPMQStats:
     # ----------------------------------------------------------------- streaming
 
     @without_autocast
+    @torch.no_grad()
     def begin_task(self, W_expert, weight: Optional[float] = None, name: Optional[str] = None, *,
                    values_checked: bool = False):
         """Open task k with its expert's weight. ``values_checked``: the caller has checked the
@@ -557,6 +561,7 @@ class EPMQStats:
             H_k = leader._task.H
         self._task = _Task(W, weight, name, H_k, lead=None if leader is None else leader._task)
 
+    @torch.no_grad()  # (statistics of values: no autograd graph of each batch kept alive)
     @without_autocast
     def add_batch(self, x, x_expert=None, x_anchor=None):
         """One batch of the open task's inputs ``x`` at this layer, in the model being quantized.
@@ -614,6 +619,7 @@ class EPMQStats:
             raise ValueError(f"{what} has {X_t.shape[0]} tokens, the inputs {X.shape[0]}")
         return X_t.to(self.dtype)
 
+    @torch.no_grad()
     @without_autocast
     def end_task(self):
         task = self._task
@@ -647,6 +653,7 @@ class EPMQStats:
 
     # ----------------------------------------------------------------- result
 
+    @torch.no_grad()
     @without_autocast
     def finalize(self, join: bool = True):
         """``(H_e, H_m, G_e, G_m)`` once every task is in. ``join=False``: ``G_e`` may still be

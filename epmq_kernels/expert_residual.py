@@ -48,6 +48,7 @@ def check_residual_precision(value, name: str = "input_precision") -> None:
         raise ValueError(f"{name} must be one of {RESIDUAL_PRECISIONS}, got {value!r}")
 
 
+@torch.no_grad()  # (as the kernels: the statistics keep no autograd graph of their inputs)
 def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision: str = "ieee",
                                   read: bool = True):
     """In place ``G += a * D @ H_k`` with ``D = W_k - W_m``, in G's precision.
@@ -100,6 +101,7 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
                 raise ValueError(f"{out_name} must not share memory with {name}: it is written in place")
 
 
+@torch.no_grad()
 def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = False):
     """In place, in H_e's precision and the order given: ``H_e += a_k H_k`` and (``H_m`` not None)
     ``H_m += H_k`` for each Hessian ``H_k`` and weight ``a_k``. ``overwrite``: ``H_e`` starts from
@@ -131,6 +133,7 @@ def _check_xxt_args(H, X):
         raise ValueError("H must not share memory with X: it is written in place")
 
 
+@torch.no_grad()
 def accumulate_xxt_reference(H, X):
     """In place: ``H += X^T X`` for token rows ``X[n, d_in]``, in H's precision."""
     _check_xxt_args(H, X)

@@ -105,6 +105,7 @@ def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blo
             raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
 
 
+@torch.no_grad()  # (no derivative: an nn.Parameter is solved as its values, as by the kernel)
 def gptq_solve_reference(
     W: torch.Tensor,
     Hinv: torch.Tensor,
@@ -387,6 +388,7 @@ def _workspace(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@torch.no_grad()  # (its first trailing update is torch.sub(out=), which autograd refuses)
 @on_tensor_device
 def gptq_solve_triton(
     W: torch.Tensor,

@@ -42,6 +42,7 @@ def _check_numbers_args(H, vu):
                          f"{tuple(vu.shape)} {vu.dtype}")
 
 
+@torch.no_grad()
 def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     """``[lo, hi, min(diag), #(diag == 0), u^T H v - v^T H u, |H v|, tr(H)]`` as float64 on H's
     device: the products in vu's dtype (half-precision ``H`` converted in slabs of 2^24

@@ -39,6 +39,27 @@ def test_hessian_stats(gen):
     assert stats.n_tokens == 3 * 35
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_statistics_keep_no_autograd_graph(gen, backend):
+    """Weights given as Parameters and activations hooked from a forward outside no_grad: each
+    batch's statistics were taken with autograd on the torch backend, so H, H_k and G kept every
+    batch's inputs and their graphs alive (memory growing batch by batch); none kept now."""
+    d_out, d_in = 4, 16
+    W_m = torch.nn.Parameter(torch.randn(d_out, d_in, generator=gen))
+    W_k = torch.nn.Parameter(W_m.detach() + 0.1 * torch.randn(d_out, d_in, generator=gen))
+    hs = HessianStats(d_in, backend=backend)
+    st = EPMQStats(W_m, backend=backend, residual_precision="ieee")
+    st.begin_task(W_k)
+    for _ in range(2):
+        x = (torch.randn(8, d_in, generator=gen) * W_m[0]).detach().requires_grad_()
+        hs.add_batch(x * 1.0)
+        st.add_batch(x * 1.0, x_expert=x * 1.0)
+    st.end_task()
+    st.add_task(W_k, torch.eye(d_in))
+    for t in (hs.H, *st.finalize()[:3]):
+        assert not t.requires_grad and t.grad_fn is None
+
+
 def test_streaming_equals_whole_statistics(gen):
     W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
     W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(3)]

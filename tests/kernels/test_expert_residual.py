@@ -737,6 +737,29 @@ def test_fold_refuses_outputs_sharing_memory_with_what_it_reads(gen):
         fn(H_e, H_m, [H, H], [1.0, 2.0])  # (one Hessian twice: read only)
 
 
+def test_statistics_keep_no_autograd_graph(gen):
+    """Inputs that require a gradient (a layer's weight Parameter, activations hooked from a
+    forward outside no_grad): the torch references folded them into G and H with their autograd
+    graphs, so each accumulation kept its inputs (a whole forward's activations per batch) alive
+    and the statistics required a gradient, where the kernels keep nothing; both keep nothing."""
+    d_out, d_in = 5, 24
+    W_k = rand(gen, d_out, d_in).requires_grad_()
+    W_m = rand(gen, d_out, d_in)
+    X = rand(gen, 9, d_in).requires_grad_()
+    H_k = gram(gen, 20, d_in, torch.float32).requires_grad_()
+    outs = {}
+    for backend in ("torch", "triton"):
+        G, H, H_e = (torch.zeros(*shape, device=DEVICE) for shape in ((d_out, d_in), (d_in, d_in), (d_in, d_in)))
+        accumulate_residual(G, W_k, W_m, H_k, 0.5, backend=backend)
+        accumulate_xxt(H, X, backend=backend)
+        fold_hessians(H_e, None, [H_k], [0.5], backend=backend)
+        for name, t in (("G", G), ("H", H), ("H_e", H_e)):
+            assert not t.requires_grad and t.grad_fn is None, (backend, name)
+        outs[backend] = (G, H, H_e)
+    for a, b in zip(*outs.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_xxt_refuses_activations_sharing_memory_with_h(gen):
     """H is written tile by tile while X is read: X in H's memory (rows of H, another view of
     its storage) was read by the kernel after other programs had written H, a silently other

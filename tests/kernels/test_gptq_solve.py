@@ -331,6 +331,22 @@ def test_argument_errors(gen):
                 solve(W, Hinv, bits=4, sym=False, **{**grid, **bad})
 
 
+def test_inputs_that_require_grad(gen):
+    """W (or Hinv) an nn.Parameter, as a layer's weight is: the kernel's first trailing update
+    (torch.sub(..., out=)) failed with autograd's 'out=... arguments don't support automatic
+    differentiation', naming neither; the reference built an autograd graph of every column's
+    update. Both solve them as plain tensors."""
+    W, R, Hinv, H = make_problem(gen, 8, 48, with_R=True)
+    for R_given in (None, R):
+        for grads in ((True, False), (False, True)):
+            Wp, Hp = (t.clone().requires_grad_(g) for t, g in zip((W, Hinv), grads))
+            kw = dict(bits=4, sym=False, R=R_given, group_size=16, blocksize=16)
+            ref, out = gptq_solve_reference(Wp, Hp, **kw), gptq_solve_triton(Wp, Hp, **kw)
+            for s in (ref, out):
+                assert not s.Q.requires_grad and s.Q.grad_fn is None
+            assert_solves_match(ref, out, W if R_given is None else W + R_given, H)
+
+
 def test_empty_layer(gen):
     W = torch.randn(0, 32, generator=gen).to(DEVICE)
     Hinv = torch.eye(32, device=DEVICE)
