@@ -300,6 +300,7 @@ class TextFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._stat = self._version()  # (before the count: a change while it runs is seen too)
         length, self._end, self._tail, spaces = 0, 0, "", ""
         for piece in _text_lines(self.path, chars=_READ_CHARS):
             kept = piece.rstrip()
@@ -318,7 +319,17 @@ class TextFile:
     def __repr__(self) -> str:
         return f"TextFile({str(self.path)!r}, {self._length} characters)"
 
+    def _version(self) -> tuple:
+        stat = self.path.stat()
+        return stat.st_size, stat.st_mtime_ns
+
+    def _changed(self) -> ValueError:
+        return ValueError(f"{self.path}: changed since it was opened ({self._length} characters then): its windows "
+                          f"would be drawn from places of the text it held then in the text it holds now")
+
     def text(self) -> str:
+        if self._version() != self._stat:
+            raise self._changed()
         return "".join(_text_lines(self.path, whole=True))
 
     def ends_with(self, suffix: str) -> bool:
@@ -338,6 +349,8 @@ class TextFile:
         if pieces is None or a < start:  # (before what is kept: read from the start again)
             if pieces is not None:
                 pieces.close()
+            if self._version() != self._stat:
+                raise self._changed()
             start, text, pieces = 0, "", _text_lines(self.path, chars=_READ_CHARS)
         while True:
             if not head and a - _BEHIND > start:  # (what no later slice reads)
@@ -347,6 +360,8 @@ class TextFile:
                 break
             piece = next(pieces, "")
             if not piece:
+                if start + len(text) != self._length:  # (rewritten in place while it was read)
+                    raise self._changed()
                 break
             text += piece
         self._readers[head] = (start, text, pieces)

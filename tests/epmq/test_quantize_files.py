@@ -232,6 +232,25 @@ def test_a_large_text_file_is_read_where_its_windows_are(tmp_path, monkeypatch):
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
+def test_a_text_file_changed_after_it_was_counted_is_refused(tmp_path, monkeypatch):
+    """A streamed .txt is counted when opened and read again where its windows are: rewritten
+    between the two (shorter, longer, or as long), its windows were drawn from places of the old
+    length in the new text (a file cut short gave windows of its first words again), silently."""
+    import os
+
+    from epmq import calibration
+
+    monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", 100)
+    path = tmp_path / "corpus.txt"
+    for rewritten in ("word " * 20, "other " * 2000, "wore " * 2000):
+        path.write_text("word " * 2000)
+        os.utime(path, ns=(1, 1))
+        (streamed,) = read_texts(path, stream=True)
+        path.write_text(rewritten)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: changed since it was opened")):
+            text_windows([streamed], HashTokenizer(), samples=8, seq_len=8, seed=0)
+
+
 def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
     """A .txt document saved with "\r\n" (or "\r") line ends is read with "\n", compressed or
     not, as it was before compressed files were read; a JSON line's "\r" is no part of it."""
