@@ -319,6 +319,13 @@ class TextFile:
     def __repr__(self) -> str:
         return f"TextFile({str(self.path)!r}, {self._length} characters)"
 
+    def close(self) -> None:
+        """Close its file (a later slice opens it again): the file a slice read is kept open for
+        the next one."""
+        for _, _, pieces in self._readers.values():
+            pieces.close()
+        self._readers = {}
+
     def _version(self) -> tuple:
         stat = self.path.stat()
         return stat.st_size, stat.st_mtime_ns
@@ -466,10 +473,27 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
     ends = torch.cumsum(torch.tensor([len(t) for t in texts], dtype=torch.long), 0)
     places = torch.randint(0, int(ends[-1]), (samples,), generator=g).tolist()
     windows = [None] * samples
+    try:
+        _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, windows, what)
+    finally:
+        for text in texts:
+            if isinstance(text, TextFile):
+                text.close()
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, windows, what) -> None:
+    """``windows[n]``: the window from ``places[n]`` (see ``_windows_of_places``)."""
+    passed = 0  # (documents before this one no later window starts in: their files are closed)
     # (in the order of their places, each window its own: a TextFile is read forward, about once)
-    for n in sorted(range(samples), key=places.__getitem__):
+    for n in sorted(range(len(places)), key=places.__getitem__):
         place = places[n]
         i = int(torch.searchsorted(ends, place, right=True))  # (the document holding the character)
+        # (a window running past the last document reads the first ones again: opened again then)
+        for text in texts[passed:i]:
+            if isinstance(text, TextFile):
+                text.close()
+        passed = i
         offset = place - (int(ends[i]) - len(texts[i]))
         cut_first = offset > 0
         if cut_first:
@@ -499,7 +523,6 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
             raise ValueError(f"{what}: the texts hold {int(ends[-1])} characters and fewer than seq_len={seq_len} "
                              f"tokens")
         windows[n] = window
-    return torch.tensor(windows, dtype=torch.long)
 
 
 # Tensors along the token axis of the encoder (of the model, for a decoder-only one) and of the
