@@ -181,6 +181,7 @@ and ``INTERPRETER_CONFIG`` is used.
 
 import functools
 import math
+import numbers
 import os
 import threading
 import weakref
@@ -2429,7 +2430,12 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
     device = qweight.device if isinstance(qweight, torch.Tensor) else "cpu"
     K, N, G = _check_arguments(torch.empty((0, K), dtype=dtype, device=device), qweight, scales,
                                zeros, group_size, g_idx)
-    k_rows = K - k_first if k_rows is None else k_rows
+    for name, value in (("k_first", k_first), ("k_rows", k_rows)):
+        # (numpy's integers reached the kernel as such: a bare InterpreterError; a float a bare TypeError)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    k_first = int(k_first)
+    k_rows = K - k_first if k_rows is None else int(k_rows)
     if k_first % 8 or k_rows % 8 or k_first < 0 or k_rows < 0 or k_first + k_rows > K:
         raise ValueError(f"rows [{k_first}, {k_first + k_rows}) must be multiples of 8 within "
                          f"[0, {K}]")

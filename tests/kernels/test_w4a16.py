@@ -2176,3 +2176,19 @@ def test_autotune_code_id_of_kernels_imported_from_a_zip(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     where, code = out.stdout.split()
     assert where.startswith(str(archive)) and code == autotune_cache.code_id()
+
+
+def test_dequantize_takes_integer_rows_of_any_kind_and_names_others(gen):
+    """k_first / k_rows as numpy's integers (an index read from an array) ended in a bare
+    InterpreterError inside the kernel, a float or a bool in a bare TypeError or a wrong chunk:
+    numpy's integers are taken as ints, anything else is refused by name."""
+    np = pytest.importorskip("numpy")
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    dense = dequantize_int4_weight(qweight, scales, zeros, 32).to(torch.float16)
+    for backend in ("triton", "torch"):
+        got = W.w4a16_dequantize(qweight, scales, zeros, 32, k_first=np.int64(8), k_rows=np.int32(16),
+                                 backend=backend)
+        assert torch.equal(got, dense[8:24])
+        for bad in (dict(k_first=8.0), dict(k_rows=16.0), dict(k_first=True), dict(k_rows="16")):
+            with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer"):
+                W.w4a16_dequantize(qweight, scales, zeros, 32, backend=backend, **bad)
