@@ -1261,11 +1261,28 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     ours = qconfig.get("epmq")
     listed = ours["modules"] if ours else _modules_from_tensors(tensors, qconfig)
     tied = ours.get("tied", {}) if ours else {}
-    to_model = renamed([*tensors, *tied], key_renaming(model))  # the checkpoint's names -> model's
+    rename = key_renaming(model)
+    to_model = renamed([*tensors, *tied], rename)  # the checkpoint's names -> model's
     # a name the model has kept as it is where its renaming leads to none, as transformers keeps
     # it (DeepSeek-V4's rule for its attention's ``.norm.`` would take the final model.norm too)
     own = set(model.state_dict())
     to_model = {k: k if new not in own and k in own else new for k, new in to_model.items()}
+    # a packed layer's tensors are renamed by rules written for its weight's key, which may name
+    # them otherwise than the module (Inkling 2's hub stores a convolution's weight_proj bare:
+    # 'sconv.weight_proj' -> 'sconv.weight_proj.weight' made its qweight '...weight.qweight');
+    # such a layer takes the module its weight's key leads to
+    own_modules = dict(model.named_modules())
+    for name in listed:
+        key = to_model.get(f"{name}.qweight")
+        if rename is None or key is None or key.removesuffix(".qweight") in own_modules:
+            continue
+        weights = (rename(name), rename(f"{name}.weight"))
+        module = next((w.removesuffix(".weight") for w in weights
+                       if w.endswith(".weight") and w.removesuffix(".weight") in own_modules), None)
+        if module is not None:
+            for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+                if f"{name}.{part}" in to_model:
+                    to_model[f"{name}.{part}"] = f"{module}.{part}"
     tensors = {to_model[k]: t for k, t in tensors.items()}
     tied = {to_model[alias]: to_model[source] for alias, source in tied.items()}
     modules = {}

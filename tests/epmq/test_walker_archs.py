@@ -511,3 +511,26 @@ def test_a_quantized_moe_model_copies_and_pickles(gen, tmp_path):
     for m in again.modules():  # (pickled before layers recorded what quantized them)
         vars(m).pop("quantized_with", None)
     epmq.save_quantized(again, tmp_path / "ckpt")
+
+
+def test_a_packed_layer_its_weights_renaming_rule_names_otherwise_loads_back(gen, tmp_path):
+    """Inkling 2's hub checkpoints store a convolution's weight_proj bare, and transformers'
+    rule for it (``sconv.weight_proj`` -> ``sconv.weight_proj.weight``) renames that layer's
+    packed tensors too (``sconv.weight_proj.qweight`` -> ``sconv.weight_proj.weight.qweight``):
+    no Inkling 2 checkpoint loaded ('quantizes ...sconv.weight_proj.weight, which
+    Inkling2ForCausalLM does not have')."""
+    from test_walker_models import _decoder
+
+    torch.manual_seed(0)
+    model = _decoder("Inkling2ForCausalLM", "Inkling2TextConfig", head_dim=8, swa_num_attention_heads=4,
+                     swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4, n_routed_experts=4,
+                     moe_intermediate_size=16, num_experts_per_tok=2, layer_types=["hybrid_sliding", "hybrid"],
+                     pad_token_id=0, bos_token_id=0, eos_token_id=1)().eval()
+    item = wider_input("ids", gen)
+    epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
+    name = "model.layers.1.self_attn.k_proj.sconv.weight_proj"
+    assert isinstance(model.get_submodule(name), epmq.QuantLinear)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    loaded = epmq.load_quantized(tmp_path / "ckpt")
+    assert isinstance(loaded.get_submodule(name), epmq.QuantLinear)
+    torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
