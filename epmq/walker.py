@@ -1463,6 +1463,7 @@ class _Walk:
                 if key in mapped:  # (its own rows, laid out by its row map as it is read)
                     shape = (source.shape(key)[0], *shape[1:])
                 present[key] = shape
+            self._refuse_converted(source, present)
             source.check(present)
             if self.targets == "expert_path":
                 self._check_held_apart(source)
@@ -1484,6 +1485,31 @@ class _Walk:
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
             self._check_expert_count(source)
+
+    def _refuse_converted(self, source, present) -> None:
+        """A checkpoint holding a tensor the model's loading makes of another (Sarvam-MoE's q, k
+        and v, split from its query_key_value) has no tensor of that name, though it is one of the
+        model's architecture: refused naming the tensor that holds it."""
+        missing = [key for key in present if isinstance(key, str) and source.key_for(key) is None]
+        if not missing or source.reader.path is None:  # (a module or state dict holds the model's names)
+            return
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter
+
+            rules = [t for t in get_model_conversion_mapping(self.model) if isinstance(t, WeightConverter)]
+        except Exception:  # (no transformers model, or a transformers without converters)
+            return
+        keys = list(source.keys())
+        for key in missing:
+            for rule in rules:
+                held = next((p for p in rule.source_patterns if any(re.search(p, k) for k in keys)), None)
+                if held is not None and any(re.search(p, key) for p in rule.target_patterns):
+                    raise ValueError(
+                        f"the expert of task {source.task!r} ({source.description}) holds {key!r} inside its "
+                        f"{held.replace(chr(92), '')} tensors, which transformers converts as it loads the model; "
+                        f"epmq reads a checkpoint tensor by tensor: give this expert loaded "
+                        f"(from_pretrained(...), or its state dict)")
 
     def _check_expert_count(self, source) -> None:
         """Refuse an expert of more routed experts per block than the model (another

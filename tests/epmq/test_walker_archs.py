@@ -534,3 +534,23 @@ def test_a_packed_layer_its_weights_renaming_rule_names_otherwise_loads_back(gen
     loaded = epmq.load_quantized(tmp_path / "ckpt")
     assert isinstance(loaded.get_submodule(name), epmq.QuantLinear)
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
+
+
+def test_an_expert_checkpoint_holding_a_tensor_the_loader_converts_is_refused_by_name(gen, tmp_path):
+    """Sarvam-MoE's checkpoints hold attention's q, k and v as one query_key_value, which
+    transformers splits as it loads the model: an expert saved by save_pretrained was refused as
+    'no tensor ...q_proj.weight: it must be a checkpoint of the merged model's architecture',
+    though it is one; the tensor holding it, and what to give instead, are named."""
+    from test_walker_models import _decoder
+
+    torch.manual_seed(0)
+    base = _decoder("Glm4MoeForCausalLM", "SarvamMoEConfig", head_dim=8, moe_intermediate_size=16, n_routed_experts=4,
+                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                    use_qk_norm=True, pad_token_id=0, bos_token_id=0, eos_token_id=1)().eval()
+    perturb(base, gen).save_pretrained(tmp_path / "expert")
+    items = [wider_input("ids", gen)]
+    with pytest.raises(ValueError, match=r"task 'b' .* holds 'model\.layers\.0\.self_attn\.q_proj\.weight' inside "
+                                         r"its query_key_value .*state dict"):
+        epmq.quantize_model(copy.deepcopy(base), SPEC_4, method="epmq", calibration={"a": items, "b": items},
+                            experts={"a": perturb(base, gen).state_dict(), "b": str(tmp_path / "expert")},
+                            layers=r"self_attn", backend="torch", progress=False)
