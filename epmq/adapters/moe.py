@@ -23,7 +23,9 @@ projection; not one group per expert, which would cost a calibration pass per ex
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ from . import Adapter, Part
 
 # Per experts class: the names of an expert's (gate, up, down) projections in checkpoints (those
 # transformers' conversion mapping reads into the fused parameters, and writes back on saving:
-# ``.experts.*.w1.weight`` for Mixtral's and the families that share its layout).
+# ``.experts.*.w1.weight`` for Mixtral's and the families that share its layout), where the
+# model's own mapping does not say (``saved_names``: no transformers model, experts saved fused).
 _W1_W3_W2 = ("w1", "w3", "w2")
 PROJECTION_NAMES = {**{name: _W1_W3_W2 for name in ("MixtralExperts", "PhimoeExperts", "MiniMaxExperts",
                                                     "MiniMaxM2Experts", "KimiLinearExperts", "Lfm2MoeExperts",
@@ -41,12 +44,59 @@ PROJECTION_NAMES = {**{name: _W1_W3_W2 for name in ("MixtralExperts", "PhimoeExp
 DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
+# the attribute holding, on a fused experts module, the names ``saved_names`` found for it
+SAVED_NAMES = "_epmq_saved_names"
+
+
 def _names(fused: nn.Module) -> tuple:
     """The names of an expert's projections in checkpoints: gate, up, down (Mixtral's w1, w3,
-    w2), or up and down for experts without a gate (Nemotron-H's ``up_proj [E, I, H]``)."""
+    w2), or up and down for experts without a gate (Nemotron-H's ``up_proj [E, I, H]``): those
+    ``saved_names`` found for the module, else its class's."""
+    if fused.__dict__.get(SAVED_NAMES) is not None:
+        return fused.__dict__[SAVED_NAMES]
     if not isinstance(getattr(fused, "gate_up_proj", None), torch.Tensor):
         return DEFAULT_NAMES[1:]
     return PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
+
+
+def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple]:
+    """The names ``save_pretrained`` gives an expert's projections of the fused experts ``name``
+    in ``model`` (gate, up, down, or up and down), found by transformers' own
+    ``revert_weight_conversion`` on meta tensors of the fused parameters, its keys read back as
+    ``from_pretrained`` renames them. The experts class alone does not say: MiniMax-M3's VL model
+    saves its experts as ``.experts.{e}.w1.weight``, its text model, of the same class, fused.
+    None where no tensor per expert is written (fused, stacked by projection), or none of the
+    expected shape; not a transformers model."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    from ..checkpoint_io import key_renaming
+
+    rename = key_renaming(model) or (lambda key: key)
+    gated = isinstance(getattr(fused, "gate_up_proj", None), torch.Tensor)
+    expert = re.compile(re.escape(name) + r"\.0\.(\w+)\.weight")
+    names = []
+    # (one fused parameter at a time: gate and up are the two halves of gate_up_proj, in order)
+    for param, count in ((("gate_up_proj", 2),) if gated else (("up_proj", 1),)) + (("down_proj", 1),):
+        try:
+            saved = revert_weight_conversion(model, {f"{name}.{param}": torch.empty(getattr(fused, param).shape,
+                                                                                   device="meta")})
+        except Exception:  # (a converter that cannot run on meta tensors)
+            return None
+        found = [(m.group(1), tuple(t.shape)) for key, t in saved.items()
+                 if (m := expert.fullmatch(rename(key))) is not None]
+        if len(found) != count:
+            return None
+        names += found
+    parts = _rebuilt_as(fused).parts(fused, 0)
+    if any(saved_shape != (part.take(torch.empty(part.fused_shape, device="meta")).shape)
+           for (_, saved_shape), part in zip(names, parts)):
+        return None  # (held transposed, or otherwise than the linears: read fused)
+    return tuple(n for n, _ in names)
 
 
 class _Expert(nn.Module):
@@ -376,6 +426,8 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
         if not split and type(module).__name__ not in REBUILT_AS and (
                 not is_fused_experts(module) or (known_call_only and not _known_call(module))):
             continue
+        if not split and _rebuilt_as(module).parts.__func__ is LinearExperts.parts.__func__:
+            module.__dict__[SAVED_NAMES] = saved_names(model, name, module)
         experts = (SplitLinears if split else _rebuilt_as(module))(module)
         if not split and not _computes_as(module, experts):
             continue

@@ -423,6 +423,63 @@ def test_w1_w3_w2_experts_in_their_checkpoint_naming(family, gen, tmp_path):
         assert torch.equal(getattr(loaded(ids), out), getattr(model(ids), out))
 
 
+# MiniMax-M3's VL model and text model: one experts class, saved per expert (w1, w3, w2) by the
+# first and fused by the second
+_M3_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, rotary_dim=4, num_local_experts=4, num_experts_per_tok=2,
+                dense_intermediate_size=64, shared_intermediate_size=16, index_n_heads=2, index_head_dim=8,
+                index_block_size=4, index_topk_blocks=2, max_position_embeddings=64,
+                mlp_layer_types=["dense", "sparse"], bos_token_id=0, eos_token_id=1)
+
+
+def _minimax_m3(vl: bool):
+    from test_walker_models import _classes
+
+    if not vl:
+        model, config = _classes("MiniMaxM3VLForCausalLM", "MiniMaxM3VLTextConfig")
+        return model(config(**_M3_TEXT))
+    model, config = _classes("MiniMaxM3SparseForConditionalGeneration", "MiniMaxM3VLConfig")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    return model(config(text_config=_M3_TEXT, vision_config=vision))
+
+
+@pytest.mark.parametrize("family", ["minimax_m3_vl", "minimax_m3_text", "mixtral", "phimoe", "qwen3_moe", "llama4",
+                                    "nemotronh", "dbrx"])
+def test_experts_are_named_as_save_pretrained_writes_them(family, tmp_path):
+    """Each rebuilt expert's projection is read from an expert directory (save_pretrained's) under
+    its own name, or as a slice of the fused tensor the directory holds. The names come from the
+    model's conversion mapping, not the experts class: MiniMax-M3's VL model writes
+    ``block_sparse_moe.experts.{e}.w1.weight`` where its text model, of the same experts class,
+    writes the fused tensors; the VL model's expert directories were refused ("has no tensor
+    ...experts.0.gate_proj.weight, nor ...experts.gate_up_proj holding it")."""
+    from safetensors import safe_open
+    from test_walker_models import MOE, WIDER, build as build_arch
+
+    from epmq.adapters.moe import Part, rebuild_experts
+    from epmq.checkpoint_io import key_renaming
+
+    torch.manual_seed(0)
+    model = {"minimax_m3_vl": lambda: _minimax_m3(True), "minimax_m3_text": lambda: _minimax_m3(False),
+             **{arch: lambda arch=arch: build_arch(arch) for arch in MOE}}.get(family, WIDER.get(family, [None])[0])()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        rename = key_renaming(model) or (lambda key: key)
+        saved = {rename(key) for key in f.keys()}
+
+    class Everything(epmq.Adapter):
+        def block_modules(self, model):
+            return list(model.named_modules())
+
+    parts = [p for p in rebuild_experts(Everything("all"), model, model.set_submodule).values()
+             if isinstance(p, Part)]
+    assert parts
+    missing = [str(p) for p in parts if str(p) not in saved and p.fused not in saved]
+    assert not missing, missing[:3]
+    if family == "minimax_m3_vl":
+        assert all(str(p) in saved and str(p).rsplit(".", 2)[1] in ("w1", "w3", "w2") for p in parts)
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
