@@ -22,6 +22,7 @@ projection; not one group per expert, which would cost a calibration pass per ex
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
@@ -143,6 +144,101 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(d_in, d_out, bias=False, device="meta", dtype=weight.dtype)
     linear.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
     return linear
+
+
+class JoinedLinear(nn.Module):
+    """A linear that checkpoints hold as blocks of rows under names of their own (MiniMax-M3 VL's
+    ``mlp.gate_up_proj``, saved as ``gate_proj`` and ``up_proj``), called as the fused linear was:
+    the blocks' outputs concatenated. The blocks are linears of its owner, under those names, so
+    each is read, quantized and saved as the checkpoints name it."""
+
+    def __init__(self, owner: nn.Module, blocks):
+        super().__init__()
+        # (the owner's children, looked up at each call: the walk replaces them with packed ones)
+        self.__dict__["owner"], self.blocks = owner, tuple(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self.owner, block)(x) for block in self.blocks], dim=-1)
+
+
+def _saved_rows(model: nn.Module, name: str, linear: nn.Linear, rename) -> Optional[list]:
+    """``[(child name, rows)]`` where ``save_pretrained`` writes the linear ``name`` of ``model``
+    as blocks of rows beside it (``{owner}.{child}.weight``, and bias), in order; else None."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    owner = name.rpartition(".")[0]
+    found = []
+    for kind, tensor in (("weight", linear.weight), ("bias", linear.bias)):
+        if tensor is None:
+            continue
+        try:
+            saved = revert_weight_conversion(model, {f"{name}.{kind}": torch.empty(tensor.shape, device="meta")})
+        except Exception:  # (a converter that cannot run on meta tensors)
+            return None
+        block = re.compile(re.escape(owner) + r"\.(\w+)\." + kind)
+        rows = [(m.group(1), t.shape[0]) for key, t in saved.items()
+                if (m := block.fullmatch(rename(key))) is not None and tuple(t.shape[1:]) == tuple(tensor.shape[1:])]
+        if len(rows) < 2 or len(rows) != len(saved) or sum(r for _, r in rows) != tensor.shape[0]:
+            return None
+        if found and rows != found:
+            return None
+        found = rows
+    return found
+
+
+def split_saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
+    """Linears inside ``adapter``'s blocks that ``save_pretrained`` writes as blocks of rows
+    (transformers' conversion mapping fuses them on loading: MiniMax-M3 VL's ``gate_up_proj`` of
+    its dense MLPs and shared experts, saved as ``gate_proj`` and ``up_proj``) held as one
+    ``nn.Linear`` per block, each under its saved name, viewing the fused weight (their owner
+    replaced by a copy holding them, its fused linear a ``JoinedLinear``): an expert directory
+    holds no tensor of the fused name, and engines read the quantized blocks under the saved ones.
+    A checkpoint that holds the fused tensor is read by rows (``Part``)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return {}
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    from ..checkpoint_io import key_renaming, saved_layout
+
+    layout = saved_layout(model)
+    if layout is None:
+        return {}
+    rename = key_renaming(model) or (lambda key: key)
+    split = {}  # owner -> {fused linear's name in it: its blocks}
+    for name, module in list(adapter.block_modules(model)):
+        owner, _, attr = name.rpartition(".")
+        if type(module) is not nn.Linear or not owner or layout.group(f"{name}.weight") is None:
+            continue
+        rows = _saved_rows(model, name, module, rename)
+        if rows is not None and not any(hasattr(model.get_submodule(owner), child) for child, _ in rows):
+            split.setdefault(owner, {})[attr] = rows
+    renames = {}
+    for owner, linears in split.items():
+        old = model.get_submodule(owner)
+        new = copy.copy(old)  # (its own registries: the original is restored whole if the walk fails)
+        new._parameters, new._buffers = dict(old._parameters), dict(old._buffers)
+        new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+        new._modules = {}
+        for attr, module in old._modules.items():
+            if attr not in linears:
+                new._modules[attr] = module
+                continue
+            first = 0
+            for child, rows in linears[attr]:
+                block = _linear(module.weight[first:first + rows])
+                if module.bias is not None:
+                    block.bias = nn.Parameter(module.bias[first:first + rows], requires_grad=module.bias.requires_grad)
+                new._modules[child] = block
+                for kind in ("weight",) + (("bias",) if module.bias is not None else ()):
+                    renames[f"{owner}.{child}.{kind}"] = Part(f"{owner}.{child}.{kind}", f"{owner}.{attr}.{kind}",
+                                                             None, (first, first + rows),
+                                                             getattr(module, kind).shape)
+                first += rows
+            new._modules[attr] = JoinedLinear(new, [child for child, _ in linears[attr]]).train(module.training)
+        swap(owner, new)
+    return renames
 
 
 class LinearExperts(nn.Module):

@@ -480,6 +480,38 @@ def test_experts_are_named_as_save_pretrained_writes_them(family, tmp_path):
         assert all(str(p) in saved and str(p).rsplit(".", 2)[1] in ("w1", "w3", "w2") for p in parts)
 
 
+@pytest.mark.parametrize("given_as", ["directory", "module"])
+def test_linears_saved_split_are_read_and_saved_as_the_checkpoint_splits_them(given_as, gen, tmp_path):
+    """MiniMax-M3 VL's dense MLPs and shared experts hold gate and up as one nn.Linear,
+    ``gate_up_proj``, which its checkpoints (and save_pretrained) split into ``gate_proj`` and
+    ``up_proj``: its expert directories were refused ("has no tensor ...mlp.gate_up_proj.weight").
+    Each is now a linear of its own, read from the expert by its saved name (or by rows of the
+    fused tensor, an expert in memory), quantized, and saved under that name, as engines read it;
+    the quantized checkpoint loads to the same outputs."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    expert = _minimax_m3(True)
+    expert.save_pretrained(tmp_path / "expert")
+    model = _minimax_m3(True).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    source = tmp_path / "expert" if given_as == "directory" else expert
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                        calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False,
+                        layers=r"^(?!model\.vision_tower\.)")
+    mlp = model.model.language_model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, epmq.QuantLinear) and isinstance(mlp.up_proj, epmq.QuantLinear)
+    epmq.save_quantized(model, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for owner in ("layers.0.mlp", "layers.1.block_sparse_moe.shared_experts"):
+        assert {f"language_model.model.{owner}.{p}.qweight" for p in ("gate_proj", "up_proj")} <= keys
+    assert not any("gate_up_proj" in k for k in keys)
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
