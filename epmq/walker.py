@@ -1253,6 +1253,15 @@ class _Walk:
         return tuple(reversed(shape)) if isinstance(self.ckpt(name), Transposed) else tuple(shape)
 
     @staticmethod
+    def _held_as(source, key):
+        """``key``, or, where ``source`` holds it neither under its name nor in the fused tensor,
+        the ``Part`` of the tensor ``save_pretrained`` wrote holding it (``Part.saved``)."""
+        if (isinstance(key, Part) and key.saved is not None and source.key_for(key) is None
+                and source.key_for(key.fused) is None and source.key_for(key.saved.fused) is not None):
+            return key.saved
+        return key
+
+    @staticmethod
     def _fused_in(source, key) -> bool:
         """Whether ``source`` holds the ``Part`` ``key`` only as a slice of its fused tensor (an
         expert in memory, in transformers 5's fused layout; Llama 4's checkpoints, whose fused
@@ -1265,8 +1274,8 @@ class _Walk:
         in its dtype and on its device; ``device``: on that device, in its own dtype).
         ``low_rank``: as a ``LowRankExpert`` on ``device`` where E-PMQ reads it so (``_low_rank_of``:
         its residual then costs one product for all such experts)."""
-        key = self.ckpt(name)
         source = self.experts[task]
+        key = self._held_as(source, self.ckpt(name))
         device = like.device if like is not None else device
         logged = self._reads is not None
         if low_rank:
@@ -1294,8 +1303,8 @@ class _Walk:
         read here, not where the walk first touches them (a safetensors file's tensor is mapped,
         its pages read from disk on first touch): for a GPU walk by a copy to pinned memory (then
         copied to the device without staging), else by touching its pages."""
-        key = self.ckpt(name)
         source = self.experts[task]
+        key = self._held_as(source, self.ckpt(name))
         fused = self._fused_in(source, key)  # (only this expert's rows of the fused tensor are read)
         tensor = source.fetch(key.fused, index=key.where) if fused else source.fetch(key)
         if ahead and tensor.device.type == "cpu":
@@ -1453,6 +1462,7 @@ class _Walk:
             present = {}
             mapped = self._vocabulary_names if source.rows is not None else ()
             for key, shape in needed.items():
+                key = self._held_as(source, key)
                 if self._fused_in(source, key):
                     if source.key_for(key.fused) is None:  # (named as a checkpoint of one tensor per
                         # expert names it: an expert missing there, not the fused tensor it never held)

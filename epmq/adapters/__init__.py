@@ -72,16 +72,19 @@ class Part(str):
     the transpose of a column slice; ``cols`` then takes columns of that transpose, a row slice
     of ``fused[index]`` (DBRX's ``w2``, ``[E * I, H]``: expert e's down projection is the
     transpose of its ``I`` rows). A checkpoint holding the tensor under ``name`` itself holds it
-    as the model does (not transposed)."""
+    as the model does (not transposed). ``saved``: where neither is held, the ``Part`` of the
+    tensor that ``save_pretrained`` writes holding it (Step 3.7's experts: one ``[E, I, H]`` tensor
+    per projection, ``moe.gate_proj.weight``), or None."""
 
-    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False, cols=None):
+    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False, cols=None, saved=None):
         self = super().__new__(cls, name)
         self.fused, self.index, self.rows, self.fused_shape = fused, index, rows, tuple(fused_shape)
-        self.transposed, self.cols = transposed, cols
+        self.transposed, self.cols, self.saved = transposed, cols, saved
         return self
 
     def __getnewargs__(self):  # (copied and pickled whole: a model keeps its walk's names)
-        return str(self), self.fused, self.index, self.rows, self.fused_shape, self.transposed, self.cols
+        return (str(self), self.fused, self.index, self.rows, self.fused_shape, self.transposed, self.cols,
+                self.saved)
 
     @property
     def where(self) -> tuple:

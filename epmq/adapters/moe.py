@@ -100,6 +100,42 @@ def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple
     return tuple(n for n, _ in names)
 
 
+def saved_stacks(model: nn.Module, parts: tuple) -> Optional[list]:
+    """For each of an expert's ``parts`` (gate, up, down: expert 0's, named in ``model``), the name
+    and shape of the tensor ``save_pretrained`` writes holding it where that is one tensor per
+    projection for all experts (``[E, I, H]``: Step 3.7's ``moe.gate_proj.weight`` and
+    ``moe.up_proj.weight``, which its conversion mapping concatenates into ``gate_up_proj``), else
+    None (fused as the module holds it); None where the mapping writes neither."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    from ..checkpoint_io import key_renaming
+
+    rename = key_renaming(model) or (lambda key: key)
+    out = []
+    for param in dict.fromkeys(part.fused for part in parts):
+        mine = [part for part in parts if part.fused == param]
+        try:
+            saved = revert_weight_conversion(model, {param: torch.empty(mine[0].fused_shape, device="meta")})
+        except Exception:  # (a converter that cannot run on meta tensors)
+            return None
+        saved = [(rename(key), tuple(t.shape)) for key, t in saved.items()]
+        if [key for key, _ in saved] == [param]:
+            out += [None] * len(mine)
+            continue
+        # (one tensor per part, in order, each expert's [out, in] stacked: gate and up are the halves)
+        shapes = [(mine[0].fused_shape[0], *part.take(torch.empty(part.fused_shape, device="meta")).shape)
+                  for part in mine]
+        if mine[0].transposed or [shape for _, shape in saved] != shapes:
+            return None
+        out += saved
+    return out if any(out) else None
+
+
 class _Expert(nn.Module):
     """One expert's projections: gate, up and down, or up and down (experts without a gate)."""
 
@@ -528,8 +564,17 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
         if not split and not _computes_as(module, experts):
             continue
         swap(name, experts)
+        # (experts a checkpoint holds neither per expert nor fused: stacked by projection)
+        stacks = None
+        if module.__dict__.get(SAVED_NAMES, ()) is None:
+            stacks = saved_stacks(model, experts.parts(module, 0, f"{name}."))
         for e in range(experts.num_experts):
-            renames.update({str(part): part for part in experts.parts(module, e, f"{name}.")})
+            parts = experts.parts(module, e, f"{name}.")
+            if stacks is not None:
+                parts = tuple(p if s is None else Part(str(p), p.fused, p.index, p.rows, p.fused_shape, p.transposed,
+                                                       p.cols, saved=Part(str(p), s[0], e, None, s[1]))
+                              for p, s in zip(parts, stacks))
+            renames.update({str(part): part for part in parts})
     return renames
 
 

@@ -512,6 +512,47 @@ def test_linears_saved_split_are_read_and_saved_as_the_checkpoint_splits_them(gi
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def _step3p7():
+    from test_walker_models import _classes
+
+    model, config = _classes("Step3p7ForConditionalGeneration", "Step3p7Config")
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, num_local_experts=4, n_routed_experts=4,
+                moe_intermediate_size=16, share_expert_dim=16, max_position_embeddings=64, pad_token_id=0,
+                sliding_window=4, mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14, max_position_embeddings=4)
+    return model(config(text_config=text, vision_config=vision))
+
+
+def test_experts_saved_stacked_by_projection_are_read(gen, tmp_path):
+    """Step 3.7's checkpoints (and save_pretrained) hold a block's experts as one tensor per
+    projection, ``moe.gate_proj.weight [E, I, H]`` and ``moe.up_proj.weight``, which its conversion
+    mapping concatenates into ``mlp.experts.gate_up_proj``: neither one tensor per expert nor the
+    fused one, so its expert directories were refused ("has no tensor ...experts.0.gate_proj.weight,
+    nor ...experts.gate_up_proj holding it"). Each expert's projection is now read from its stack:
+    the walk from the directory gives what the same expert in memory gives, and its checkpoint
+    loads to the same outputs."""
+    torch.manual_seed(0)
+    expert = _step3p7()
+    expert.save_pretrained(tmp_path / "expert")
+    ids = torch.randint(2, 64, (2, 8), generator=gen)
+    out = {}
+    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
+        torch.manual_seed(1)
+        model = _step3p7().eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False,
+                            layers=r"^model\.language_model\.")
+        with torch.no_grad():
+            out[given_as] = model(ids).logits
+    assert torch.equal(out["directory"], out["module"])
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out["module"])
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
