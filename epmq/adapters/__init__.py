@@ -349,12 +349,12 @@ CHECKPOINT_NAMES = "_epmq_checkpoint_names"
 def prepare_towers(model: nn.Module, towers: list, swap: Callable[[str, nn.Module], None]) -> dict:
     """Each tower's ``prepare``: ``{tensor name: checkpoint name}`` of every module rewritten, in
     this call or an earlier one (``checkpoint_names``). ``remember(model, names)`` keeps them."""
-    from .moe import split_saved_linears
+    from .moe import saved_linears
 
     names = checkpoint_names(model)
     for adapter, _ in towers:
         names.update(adapter.prepare(model, swap))
-        names.update(split_saved_linears(adapter, model, swap))
+        names.update({n: part for n, part in saved_linears(adapter, model, swap).items() if n not in names})
     return names
 
 

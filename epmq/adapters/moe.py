@@ -222,25 +222,17 @@ def _saved_rows(model: nn.Module, name: str, linear: nn.Linear, rename) -> Optio
     return found
 
 
-def split_saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
+def split_saved_linears(adapter: Adapter, model: nn.Module, swap, layout) -> dict:
     """Linears inside ``adapter``'s blocks that ``save_pretrained`` writes as blocks of rows
     (transformers' conversion mapping fuses them on loading: MiniMax-M3 VL's ``gate_up_proj`` of
     its dense MLPs and shared experts, saved as ``gate_proj`` and ``up_proj``) held as one
     ``nn.Linear`` per block, each under its saved name, viewing the fused weight (their owner
     replaced by a copy holding them, its fused linear a ``JoinedLinear``): an expert directory
     holds no tensor of the fused name, and engines read the quantized blocks under the saved ones.
-    A checkpoint that holds the fused tensor is read by rows (``Part``)."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return {}
-    if not isinstance(model, PreTrainedModel):
-        return {}
-    from ..checkpoint_io import key_renaming, saved_layout
+    A checkpoint that holds the fused tensor is read by rows (``Part``). ``layout``:
+    ``saved_layout(model)``."""
+    from ..checkpoint_io import key_renaming
 
-    layout = saved_layout(model)
-    if layout is None:
-        return {}
     rename = key_renaming(model) or (lambda key: key)
     split = {}  # owner -> {fused linear's name in it: its blocks}
     for name, module in list(adapter.block_modules(model)):
@@ -274,6 +266,59 @@ def split_saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
                 first += rows
             new._modules[attr] = JoinedLinear(new, [child for child, _ in linears[attr]]).train(module.training)
         swap(owner, new)
+    return renames
+
+
+def saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
+    """``split_saved_linears`` and ``fused_saved_linears`` of a transformers ``model`` whose
+    ``save_pretrained`` fuses or splits tensors: the checkpoint names of the linears it rewrote
+    or reads by rows."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return {}
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    from ..checkpoint_io import saved_layout
+
+    with warnings.catch_warnings():  # (its warning is a merge's: a layout not found leaves the linears as they are)
+        warnings.simplefilter("ignore")
+        layout = saved_layout(model)
+    if layout is None:
+        return {}
+    renames = split_saved_linears(adapter, model, swap, layout)
+    return {**fused_saved_linears(adapter, model, layout), **renames}
+
+
+def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
+    """``{weight name: Part}`` of the linears inside ``adapter``'s blocks that ``save_pretrained``
+    writes as rows of one tensor with others (transformers' conversion mapping splits it on
+    loading: LaraMini's ``linear_attn.in_proj``, rows ``[qkv | z | b | a]``), so that an expert
+    directory, which holds no tensor of their names, is read by rows of that one (found by
+    ``SavedLayout.pieces``, one group of tensors at a time; ``layout``: ``saved_layout(model)``)."""
+    from ..checkpoint_io import key_renaming
+
+    rename = key_renaming(model) or (lambda key: key)
+    linears = {f"{name}.weight": module for name, module in adapter.block_modules(model)
+               if type(module) is nn.Linear}
+    renames, done = {}, set()
+    for weight in linears:
+        group = layout.group(weight)
+        if group is None or weight in done or not all(n in linears for n in group):
+            continue  # (only groups of whole linears' weights: an index as large as a layer's, not its experts')
+        done.update(group)
+        pieces = layout.pieces(group)
+        if pieces is None or len(pieces) != 1:
+            continue
+        (key, shape, sources), = pieces
+        if len(shape) != 2:
+            continue
+        for name, where, at in sources:
+            rows, cols = linears[name].weight.shape
+            whole = at == slice(None) or at == slice(0, rows * cols)
+            if (whole and isinstance(where, slice) and cols == shape[1] and where.start % cols == 0
+                    and where.stop - where.start == rows * cols):
+                renames[name] = Part(name, rename(key), None, (where.start // cols, where.stop // cols), shape)
     return renames
 
 

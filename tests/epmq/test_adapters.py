@@ -553,6 +553,37 @@ def test_experts_saved_stacked_by_projection_are_read(gen, tmp_path):
         assert torch.equal(loaded(ids).logits, out["module"])
 
 
+def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
+    """LaraMini's checkpoints (and save_pretrained) hold a linear-attention layer's four input
+    projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) as rows of one ``linear_attn.in_proj``,
+    which its conversion mapping splits on loading: its expert directories were refused ("has no
+    tensor ...linear_attn.in_proj_qkv.weight"). Each is now read by its rows: the walk from the
+    directory gives what the same expert in memory gives, and its checkpoint loads to the same
+    outputs."""
+    from test_walker_models import _LINEAR_ATTENTION, _MOE, _decoder
+
+    build = _decoder("LaraMiniForCausalLM", "LaraMiniConfig", **_LINEAR_ATTENTION, head_dim=8, num_experts=4,
+                     moe_intermediate_size=16, shared_expert_intermediate_size=16, sliding_window=4, **_MOE)
+    torch.manual_seed(0)
+    expert = build()
+    expert.save_pretrained(tmp_path / "expert")
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    out = {}
+    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
+        torch.manual_seed(1)
+        model = build().eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False)
+        assert isinstance(model.model.layers[0].linear_attn.in_proj_z, epmq.QuantLinear)
+        with torch.no_grad():
+            out[given_as] = model(ids).logits
+    assert torch.equal(out["directory"], out["module"])
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out["module"])
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
