@@ -269,6 +269,15 @@ def split_saved_linears(adapter: Adapter, model: nn.Module, swap, layout) -> dic
     return renames
 
 
+def _transposed(source, shape, held) -> bool:
+    """Whether the saved tensor of ``shape`` whose entries ``source`` gives is the transpose of
+    the module's tensor of shape ``held`` (Ergo's router and shared expert, saved ``[in, out]``)."""
+    _, where, at = source
+    if tuple(shape) != tuple(held)[::-1] or where != slice(None) or not isinstance(at, torch.Tensor):
+        return False
+    return torch.equal(at, torch.arange(at.numel()).view(held).t().reshape(-1))
+
+
 def saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
     """``split_saved_linears`` and ``fused_saved_linears`` of a transformers ``model`` whose
     ``save_pretrained`` fuses or splits tensors: the checkpoint names of the linears it rewrote
@@ -293,8 +302,9 @@ def saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
 def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
     """``{weight name: Part}`` of the linears inside ``adapter``'s blocks that ``save_pretrained``
     writes as rows of one tensor with others (transformers' conversion mapping splits it on
-    loading: LaraMini's ``linear_attn.in_proj``, rows ``[qkv | z | b | a]``), so that an expert
-    directory, which holds no tensor of their names, is read by rows of that one (found by
+    loading: LaraMini's ``linear_attn.in_proj``, rows ``[qkv | z | b | a]``), or transposed under
+    another name (Ergo's ``feed_forward.shared_up_proj``), so that an expert directory, which
+    holds no tensor of their names, is read by rows of that one, or transposed (found by
     ``SavedLayout.pieces``, one group of tensors at a time; ``layout``: ``saved_layout(model)``)."""
     from ..checkpoint_io import key_renaming
 
@@ -312,6 +322,9 @@ def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
             continue
         (key, shape, sources), = pieces
         if len(shape) != 2:
+            continue
+        if len(sources) == 1 and _transposed(sources[0], shape, linears[sources[0][0]].weight.shape):
+            renames[weight] = Part(weight, rename(key), None, None, shape, transposed=True)
             continue
         for name, where, at in sources:
             rows, cols = linears[name].weight.shape

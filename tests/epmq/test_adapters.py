@@ -584,6 +584,36 @@ def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
         assert torch.equal(loaded(ids).logits, out["module"])
 
 
+def test_linears_saved_transposed_under_other_names_are_read(gen, tmp_path):
+    """Ergo's checkpoints (and save_pretrained) hold its shared experts' projections and its
+    router transposed, under names of their own (``feed_forward.shared_up_proj [in, out]``,
+    ``feed_forward.gate_kernel``), which its conversion mapping transposes on loading: its expert
+    directories were refused ("has no tensor ...mlp.shared_experts.up_proj.weight"). They are now
+    read transposed back: the walk from the directory gives what the same expert in memory gives,
+    and its checkpoint loads to the same outputs."""
+    from test_walker_models import WIDER
+
+    build = WIDER["ergo"][0]
+    torch.manual_seed(0)
+    expert = build()
+    expert.save_pretrained(tmp_path / "expert")
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    out = {}
+    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
+        torch.manual_seed(1)
+        model = build().eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False)
+        assert isinstance(model.model.layers[1].mlp.shared_experts.up_proj, epmq.QuantLinear)
+        with torch.no_grad():
+            out[given_as] = model(ids).logits
+    assert torch.equal(out["directory"], out["module"])
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out["module"])
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
