@@ -273,7 +273,7 @@ def _transposed(source, shape, held) -> bool:
     """Whether the saved tensor of ``shape`` whose entries ``source`` gives is the transpose of
     the module's tensor of shape ``held`` (Ergo's router and shared expert, saved ``[in, out]``)."""
     _, where, at = source
-    if tuple(shape) != tuple(held)[::-1] or where != slice(None) or not isinstance(at, torch.Tensor):
+    if tuple(shape) != tuple(held)[::-1] or not isinstance(at, torch.Tensor) or where != slice(None):
         return False
     return torch.equal(at, torch.arange(at.numel()).view(held).t().reshape(-1))
 
@@ -328,10 +328,11 @@ def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
             continue
         for name, where, at in sources:
             rows, cols = linears[name].weight.shape
-            whole = at == slice(None) or at == slice(0, rows * cols)
-            if (whole and isinstance(where, slice) and cols == shape[1] and where.start % cols == 0
-                    and where.stop - where.start == rows * cols):
-                renames[name] = Part(name, rename(key), None, (where.start // cols, where.stop // cols), shape)
+            if not (isinstance(at, slice) and at in (slice(None), slice(0, rows * cols)) and isinstance(where, slice)):
+                continue  # (its entries in another order: a permutation of rows, say)
+            start, stop = (0, shape[0] * shape[1]) if where == slice(None) else (where.start, where.stop)
+            if cols == shape[1] and start % cols == 0 and stop - start == rows * cols:
+                renames[name] = Part(name, rename(key), None, (start // cols, stop // cols), shape)
     return renames
 
 

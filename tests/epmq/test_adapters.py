@@ -1152,3 +1152,27 @@ def test_siglip2_padded_patches_are_no_calibration_tokens(gen, monkeypatch):
     mask = epmq.adapters.HF_ENCODERS.token_mask
     assert mask(two_towers, "text_model.encoder.layers", text_item) is None
     assert torch.equal(mask(two_towers, "vision_model.encoder.layers", text_item), item["pixel_attention_mask"] != 0)
+
+
+def test_a_linear_saved_whole_under_another_name_is_read_there(monkeypatch):
+    """A linear a converter saves whole under another name, its entries in order (one tensor
+    covering it all: ``SavedLayout.pieces`` gives ``slice(None)``), is read there as rows 0 to
+    out; its piece's bounds were taken as numbers, and the walk's preparation ended in
+    "unsupported operand type(s) for %: 'NoneType' and 'int'"."""
+    import epmq.checkpoint_io as io
+    from epmq.adapters.moe import fused_saved_linears
+
+    class Layout:
+        def group(self, name):
+            return [name] if name == "a.lin.weight" else None
+
+        def pieces(self, names):
+            return [("a.saved.weight", (4, 3), [("a.lin.weight", slice(None), slice(None))])]
+
+    class Blocks(epmq.Adapter):
+        def block_modules(self, model):
+            return [("a.lin", nn.Linear(3, 4, bias=False))]
+
+    monkeypatch.setattr(io, "key_renaming", lambda model: None)
+    part = fused_saved_linears(Blocks("b"), None, Layout())["a.lin.weight"]
+    assert (part.fused, part.index, part.rows, part.fused_shape) == ("a.saved.weight", None, (0, 4), (4, 3))
