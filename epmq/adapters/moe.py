@@ -60,14 +60,11 @@ def _names(fused: nn.Module) -> tuple:
     return PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
 
 
-def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple]:
-    """The names ``save_pretrained`` gives an expert's projections of the fused experts ``name``
-    in ``model`` (gate, up, down, or up and down), found by transformers' own
-    ``revert_weight_conversion`` on meta tensors of the fused parameters, its keys read back as
-    ``from_pretrained`` renames them. The experts class alone does not say: MiniMax-M3's VL model
-    saves its experts as ``.experts.{e}.w1.weight``, its text model, of the same class, fused.
-    None where no tensor per expert is written (fused, stacked by projection), or none of the
-    expected shape; not a transformers model."""
+def _saved_as(model: nn.Module, name: str, shape) -> Optional[list]:
+    """``[(name, shape)]`` of the tensors ``save_pretrained`` writes for ``model``'s tensor ``name``
+    of ``shape`` (transformers' own ``revert_weight_conversion`` on a meta tensor), named as
+    ``from_pretrained`` renames them; None for no transformers model, or a converter that cannot
+    run on meta tensors."""
     try:
         from transformers import PreTrainedModel
         from transformers.core_model_loading import revert_weight_conversion
@@ -78,18 +75,30 @@ def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple
     from ..checkpoint_io import key_renaming
 
     rename = key_renaming(model) or (lambda key: key)
+    try:
+        saved = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
+    except Exception:  # (a converter that cannot run on meta tensors)
+        return None
+    return [(rename(key), tuple(t.shape)) for key, t in saved.items()]
+
+
+def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple]:
+    """The names ``save_pretrained`` gives an expert's projections of the fused experts ``name``
+    in ``model`` (gate, up, down, or up and down), found by transformers' own
+    ``revert_weight_conversion`` on meta tensors of the fused parameters, its keys read back as
+    ``from_pretrained`` renames them. The experts class alone does not say: MiniMax-M3's VL model
+    saves its experts as ``.experts.{e}.w1.weight``, its text model, of the same class, fused.
+    None where no tensor per expert is written (fused, stacked by projection), or none of the
+    expected shape; not a transformers model."""
     gated = isinstance(getattr(fused, "gate_up_proj", None), torch.Tensor)
     expert = re.compile(re.escape(name) + r"\.0\.(\w+)\.weight")
     names = []
     # (one fused parameter at a time: gate and up are the two halves of gate_up_proj, in order)
     for param, count in ((("gate_up_proj", 2),) if gated else (("up_proj", 1),)) + (("down_proj", 1),):
-        try:
-            saved = revert_weight_conversion(model, {f"{name}.{param}": torch.empty(getattr(fused, param).shape,
-                                                                                   device="meta")})
-        except Exception:  # (a converter that cannot run on meta tensors)
+        saved = _saved_as(model, f"{name}.{param}", getattr(fused, param).shape)
+        if saved is None:
             return None
-        found = [(m.group(1), tuple(t.shape)) for key, t in saved.items()
-                 if (m := expert.fullmatch(rename(key))) is not None]
+        found = [(m.group(1), shape) for key, shape in saved if (m := expert.fullmatch(key)) is not None]
         if len(found) != count:
             return None
         names += found
@@ -106,24 +115,12 @@ def saved_stacks(model: nn.Module, parts: tuple) -> Optional[list]:
     projection for all experts (``[E, I, H]``: Step 3.7's ``moe.gate_proj.weight`` and
     ``moe.up_proj.weight``, which its conversion mapping concatenates into ``gate_up_proj``), else
     None (fused as the module holds it); None where the mapping writes neither."""
-    try:
-        from transformers import PreTrainedModel
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return None
-    if not isinstance(model, PreTrainedModel):
-        return None
-    from ..checkpoint_io import key_renaming
-
-    rename = key_renaming(model) or (lambda key: key)
     out = []
     for param in dict.fromkeys(part.fused for part in parts):
         mine = [part for part in parts if part.fused == param]
-        try:
-            saved = revert_weight_conversion(model, {param: torch.empty(mine[0].fused_shape, device="meta")})
-        except Exception:  # (a converter that cannot run on meta tensors)
+        saved = _saved_as(model, param, mine[0].fused_shape)
+        if saved is None:
             return None
-        saved = [(rename(key), tuple(t.shape)) for key, t in saved.items()]
         if [key for key, _ in saved] == [param]:
             out += [None] * len(mine)
             continue
