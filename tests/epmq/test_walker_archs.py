@@ -536,21 +536,27 @@ def test_a_packed_layer_its_weights_renaming_rule_names_otherwise_loads_back(gen
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
-def test_an_expert_checkpoint_holding_a_tensor_the_loader_converts_is_refused_by_name(gen, tmp_path):
+def test_an_expert_checkpoint_holding_q_k_v_in_one_tensor_is_read_as_the_loaded_expert(gen, tmp_path):
     """Sarvam-MoE's checkpoints hold attention's q, k and v as one query_key_value, which
     transformers splits as it loads the model: an expert saved by save_pretrained was refused as
     'no tensor ...q_proj.weight: it must be a checkpoint of the merged model's architecture',
-    though it is one; the tensor holding it, and what to give instead, are named."""
+    though it is one. Each linear is read by its rows of the saved tensor: the walk with the
+    expert's directory is the walk with the expert loaded, exactly."""
     from test_walker_models import _decoder
 
     torch.manual_seed(0)
     base = _decoder("Glm4MoeForCausalLM", "SarvamMoEConfig", head_dim=8, moe_intermediate_size=16, n_routed_experts=4,
                     num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                     use_qk_norm=True, pad_token_id=0, bos_token_id=0, eos_token_id=1)().eval()
-    perturb(base, gen).save_pretrained(tmp_path / "expert")
-    items = [wider_input("ids", gen)]
-    with pytest.raises(ValueError, match=r"task 'b' .* holds 'model\.layers\.0\.self_attn\.q_proj\.weight' inside "
-                                         r"its query_key_value .*state dict"):
-        epmq.quantize_model(copy.deepcopy(base), SPEC_4, method="epmq", calibration={"a": items, "b": items},
-                            experts={"a": perturb(base, gen).state_dict(), "b": str(tmp_path / "expert")},
-                            layers=r"self_attn", backend="torch", progress=False)
+    expert, other = perturb(base, gen), perturb(base, gen).state_dict()
+    expert.save_pretrained(tmp_path / "expert")
+    items, item = [wider_input("ids", gen)], wider_input("ids", gen)
+    outputs = []
+    for b in (str(tmp_path / "expert"), expert.state_dict()):
+        model = copy.deepcopy(base)
+        epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items, "b": items},
+                            experts={"a": other, "b": b}, layers=r"self_attn", backend="torch", progress=False)
+        quantized = {layer["name"].rsplit(".", 1)[-1] for layer in model.epmq_report.layers}
+        assert quantized >= {"q_proj", "k_proj", "v_proj"}
+        outputs.append(output(model, item))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
