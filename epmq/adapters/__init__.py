@@ -371,12 +371,19 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision."""
     taken = [name for _, stacks in towers for name, _ in stacks]
+
+    def repeated(module) -> list:
+        # the block types a list repeats, each holding a linear (LeViT's stages: residual layers
+        # with a subsampling attention between them are repeated blocks all the same)
+        kinds = [type(m) for m in module if not isinstance(m, nn.Linear)
+                 and any(isinstance(x, nn.Linear) for x in m.modules())]
+        return sorted({k.__name__ for k in kinds if kinds.count(k) > 1})
+
     others = sorted(
-        f"{name} ({type(module[0]).__name__})"
+        f"{name} ({', '.join(repeated(module))})"
         for name, module in model.named_modules()
         if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
-        and len({type(m) for m in module}) == 1 and not isinstance(module[0], nn.Linear)
-        and any(isinstance(m, nn.Linear) for m in module[0].modules()))
+        and repeated(module))
     if others:
         walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "

@@ -560,3 +560,19 @@ def test_an_expert_checkpoint_holding_q_k_v_in_one_tensor_is_read_as_the_loaded_
         assert quantized >= {"q_proj", "k_proj", "v_proj"}
         outputs.append(output(model, item))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_stacks_of_mixed_blocks_left_in_full_precision_are_warned_about(gen):
+    """LeViT's first stages list residual layers with a subsampling attention between them: the
+    walk quantizes the last stage only (its list is all blocks); the others stay in full
+    precision, which was said of lists of one block type only (15 of 19 linears left silently)."""
+    from test_walker_models import _hf
+
+    model = _hf("LevitForImageClassification", "LevitConfig", image_size=64, hidden_sizes=[32, 48, 64],
+                num_attention_heads=[2, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=3)().eval()
+    calibration = {"a": [{"pixel_values": torch.randn(2, 3, 64, 64, generator=gen)}]}
+    with pytest.warns(UserWarning, match="no adapter knows the blocks at levit.encoder.stages.0.layers") as said:
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, backend="torch", progress=False)
+    said = [str(w.message) for w in said if "no adapter knows" in str(w.message)]
+    assert len(said) == 1 and "levit.encoder.stages.1.layers" in said[0] and "stages.2.layers (" not in said[0]
+    assert {layer["name"].split(".layers.")[0] for layer in model.epmq_report.layers} == {"levit.encoder.stages.2"}
