@@ -525,6 +525,29 @@ def _step3p7():
     return model(config(text_config=text, vision_config=vision))
 
 
+def _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized=None, **kwargs):
+    """The E-PMQ walk of ``build()`` (seed 1) given the expert ``build()`` (seed 0) as its
+    save_pretrained directory gives what it gives with the expert in memory, and its checkpoint
+    loads to the same outputs. ``quantized``: a layer the walk must have quantized."""
+    torch.manual_seed(0)
+    expert = build()
+    expert.save_pretrained(tmp_path / "expert")
+    out = {}
+    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
+        torch.manual_seed(1)
+        model = build().eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False, **kwargs)
+        assert quantized is None or isinstance(model.get_submodule(quantized), epmq.QuantLinear)
+        with torch.no_grad():
+            out[given_as] = model(ids).logits
+    assert torch.equal(out["directory"], out["module"])
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out["module"])
+
+
 def test_experts_saved_stacked_by_projection_are_read(gen, tmp_path):
     """Step 3.7's checkpoints (and save_pretrained) hold a block's experts as one tensor per
     projection, ``moe.gate_proj.weight [E, I, H]`` and ``moe.up_proj.weight``, which its conversion
@@ -533,24 +556,8 @@ def test_experts_saved_stacked_by_projection_are_read(gen, tmp_path):
     nor ...experts.gate_up_proj holding it"). Each expert's projection is now read from its stack:
     the walk from the directory gives what the same expert in memory gives, and its checkpoint
     loads to the same outputs."""
-    torch.manual_seed(0)
-    expert = _step3p7()
-    expert.save_pretrained(tmp_path / "expert")
     ids = torch.randint(2, 64, (2, 8), generator=gen)
-    out = {}
-    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
-        torch.manual_seed(1)
-        model = _step3p7().eval()
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
-                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False,
-                            layers=r"^model\.language_model\.")
-        with torch.no_grad():
-            out[given_as] = model(ids).logits
-    assert torch.equal(out["directory"], out["module"])
-    epmq.save_quantized(model, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, out["module"])
+    _directory_walk_is_the_module_walk(_step3p7, ids, tmp_path, layers=r"^model\.language_model\.")
 
 
 def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
@@ -564,24 +571,8 @@ def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
 
     build = _decoder("LaraMiniForCausalLM", "LaraMiniConfig", **_LINEAR_ATTENTION, head_dim=8, num_experts=4,
                      moe_intermediate_size=16, shared_expert_intermediate_size=16, sliding_window=4, **_MOE)
-    torch.manual_seed(0)
-    expert = build()
-    expert.save_pretrained(tmp_path / "expert")
     ids = torch.randint(0, 64, (2, 8), generator=gen)
-    out = {}
-    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
-        torch.manual_seed(1)
-        model = build().eval()
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
-                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False)
-        assert isinstance(model.model.layers[0].linear_attn.in_proj_z, epmq.QuantLinear)
-        with torch.no_grad():
-            out[given_as] = model(ids).logits
-    assert torch.equal(out["directory"], out["module"])
-    epmq.save_quantized(model, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, out["module"])
+    _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized="model.layers.0.linear_attn.in_proj_z")
 
 
 def test_linears_saved_transposed_under_other_names_are_read(gen, tmp_path):
@@ -594,24 +585,8 @@ def test_linears_saved_transposed_under_other_names_are_read(gen, tmp_path):
     from test_walker_models import WIDER
 
     build = WIDER["ergo"][0]
-    torch.manual_seed(0)
-    expert = build()
-    expert.save_pretrained(tmp_path / "expert")
     ids = torch.randint(0, 64, (2, 8), generator=gen)
-    out = {}
-    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
-        torch.manual_seed(1)
-        model = build().eval()
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
-                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False)
-        assert isinstance(model.model.layers[1].mlp.shared_experts.up_proj, epmq.QuantLinear)
-        with torch.no_grad():
-            out[given_as] = model(ids).logits
-    assert torch.equal(out["directory"], out["module"])
-    epmq.save_quantized(model, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, out["module"])
+    _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized="model.layers.1.mlp.shared_experts.up_proj")
 
 
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
