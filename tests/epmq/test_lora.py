@@ -830,13 +830,8 @@ def test_a_resumed_walk_on_adapters_sees_an_update_below_the_bases_rounding(tmp_
     del base
 
 
-def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
-    """Gemma 3: transformers saves the towers under the hub's names (``language_model.model.``,
-    ``vision_tower.``) and PEFT names them as the loaded model does (``model.language_model.``,
-    ``model.vision_tower.``): each tower found by the model's renaming rules, and the expert
-    equals PEFT's merge tensor for tensor."""
-    from epmq.checkpoint_io import key_renaming
-
+def _gemma3_saved(path):
+    """A tiny Gemma 3 (seed 0), saved by transformers at ``path`` in the hub's layout."""
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
@@ -844,7 +839,18 @@ def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
         text_config=text, vision_config=vision, mm_tokens_per_image=4))
-    model.save_pretrained(tmp_path / "base")
+    model.save_pretrained(path)
+    return model
+
+
+def test_an_adapter_on_both_towers_of_a_vlm_saved_in_its_hub_layout(tmp_path):
+    """Gemma 3: transformers saves the towers under the hub's names (``language_model.model.``,
+    ``vision_tower.``) and PEFT names them as the loaded model does (``model.language_model.``,
+    ``model.vision_tower.``): each tower found by the model's renaming rules, and the expert
+    equals PEFT's merge tensor for tensor."""
+    from epmq.checkpoint_io import key_renaming
+
+    model = _gemma3_saved(tmp_path / "base")
     reference = make_adapter_of(transformers.Gemma3ForConditionalGeneration, tmp_path / "base",
                                 tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
@@ -865,14 +871,7 @@ def test_a_module_saved_whole_of_a_tied_vlm_saved_in_its_hub_layout(tmp_path, sa
     the adapter has a LoRA on it)."""
     from epmq.checkpoint_io import key_renaming
 
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4))
-    model.save_pretrained(tmp_path / "base")
+    model = _gemma3_saved(tmp_path / "base")
     reference = make_adapter_of(transformers.Gemma3ForConditionalGeneration, tmp_path / "base",
                                 tmp_path / "adapter", modules_to_save=[saved], target_modules=["q_proj"] + (
                                     [{"lm_head": "embed_tokens", "embed_tokens": "lm_head"}[saved]]
