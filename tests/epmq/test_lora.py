@@ -345,14 +345,19 @@ def test_gpt2_conv1d_and_linear_layers_in_one_adapter(tmp_path):
     assert_same_expert(epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base"), reference)
 
 
-def test_a_lora_on_a_tied_head_updates_the_tensor_the_base_stores(tmp_path):
-    """Qwen3 with tied embeddings: the base stores embed_tokens only; PEFT's merge changes the one
-    tensor both names hold (by the head's update and the embedding's)."""
+def _tied_qwen3_saved(path):
+    """A tiny Qwen3 with tied embeddings (seed 4), saved at ``path``."""
     torch.manual_seed(4)
     config = transformers.Qwen3Config(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                       tie_word_embeddings=True)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+
+
+def test_a_lora_on_a_tied_head_updates_the_tensor_the_base_stores(tmp_path):
+    """Qwen3 with tied embeddings: the base stores embed_tokens only; PEFT's merge changes the one
+    tensor both names hold (by the head's update and the embedding's)."""
+    _tied_qwen3_saved(tmp_path / "base")
     reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / "adapter",
                                 target_modules=["q_proj", "lm_head", "embed_tokens"])
     expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
@@ -366,11 +371,7 @@ def test_embeddings_saved_whole_over_a_tied_head_leave_the_head_the_bases(tmp_pa
     its head keeps the base's W_0, and merge_and_unload() returns them apart. The expert lacked a
     head, so everything that reads it (a merge, the model it is loaded into) tied the head to
     the trained embeddings: another model, silently."""
-    torch.manual_seed(4)
-    config = transformers.Qwen3Config(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      tie_word_embeddings=True)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    _tied_qwen3_saved(tmp_path / "base")
     reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / "adapter",
                                 target_modules=["q_proj"], modules_to_save=["embed_tokens"])
     assert not torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
@@ -397,11 +398,7 @@ def test_a_lora_on_one_of_a_tied_pair_whose_other_is_saved_whole(tmp_path, saved
     updates the adapted module's W_0 only. The update went to the tensor the base stores (the
     embeddings saved whole took the head's update, the head stayed the base's) or, on a base
     in memory, to every name of it (the head saved whole took the embeddings' update)."""
-    torch.manual_seed(4)
-    config = transformers.Qwen3Config(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      tie_word_embeddings=True)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    _tied_qwen3_saved(tmp_path / "base")
     reference = make_adapter_of(transformers.Qwen3ForCausalLM, tmp_path / "base", tmp_path / "adapter",
                                 target_modules=["q_proj", adapted], modules_to_save=[saved])
     base = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "base") if as_module else tmp_path / "base"
