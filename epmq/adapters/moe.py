@@ -60,11 +60,11 @@ def _names(fused: nn.Module) -> tuple:
     return PROJECTION_NAMES.get(type(fused).__name__, DEFAULT_NAMES)
 
 
-def _saved_as(model: nn.Module, name: str, shape) -> Optional[list]:
+def _saved_as(model: nn.Module, name: str, shape, rename) -> Optional[list]:
     """``[(name, shape)]`` of the tensors ``save_pretrained`` writes for ``model``'s tensor ``name``
     of ``shape`` (transformers' own ``revert_weight_conversion`` on a meta tensor), named as
-    ``from_pretrained`` renames them; None for no transformers model, or a converter that cannot
-    run on meta tensors."""
+    ``from_pretrained`` renames them (``rename``: ``key_renaming(model)``, or None); None for no
+    transformers model, or a converter that cannot run on meta tensors."""
     try:
         from transformers import PreTrainedModel
         from transformers.core_model_loading import revert_weight_conversion
@@ -72,17 +72,14 @@ def _saved_as(model: nn.Module, name: str, shape) -> Optional[list]:
         return None
     if not isinstance(model, PreTrainedModel):
         return None
-    from ..checkpoint_io import key_renaming
-
-    rename = key_renaming(model) or (lambda key: key)
     try:
         saved = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
     except Exception:  # (a converter that cannot run on meta tensors)
         return None
-    return [(rename(key), tuple(t.shape)) for key, t in saved.items()]
+    return [(key if rename is None else rename(key), tuple(t.shape)) for key, t in saved.items()]
 
 
-def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple]:
+def saved_names(model: nn.Module, name: str, fused: nn.Module, rename) -> Optional[tuple]:
     """The names ``save_pretrained`` gives an expert's projections of the fused experts ``name``
     in ``model`` (gate, up, down, or up and down), found by transformers' own
     ``revert_weight_conversion`` on meta tensors of the fused parameters, its keys read back as
@@ -95,7 +92,7 @@ def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple
     names = []
     # (one fused parameter at a time: gate and up are the two halves of gate_up_proj, in order)
     for param, count in ((("gate_up_proj", 2),) if gated else (("up_proj", 1),)) + (("down_proj", 1),):
-        saved = _saved_as(model, f"{name}.{param}", getattr(fused, param).shape)
+        saved = _saved_as(model, f"{name}.{param}", getattr(fused, param).shape, rename)
         if saved is None:
             return None
         found = [(m.group(1), shape) for key, shape in saved if (m := expert.fullmatch(key)) is not None]
@@ -109,7 +106,7 @@ def saved_names(model: nn.Module, name: str, fused: nn.Module) -> Optional[tuple
     return tuple(n for n, _ in names)
 
 
-def saved_stacks(model: nn.Module, parts: tuple) -> Optional[list]:
+def saved_stacks(model: nn.Module, parts: tuple, rename) -> Optional[list]:
     """For each of an expert's ``parts`` (gate, up, down: expert 0's, named in ``model``), the name
     and shape of the tensor ``save_pretrained`` writes holding it where that is one tensor per
     projection for all experts (``[E, I, H]``: Step 3.7's ``moe.gate_proj.weight`` and
@@ -118,7 +115,7 @@ def saved_stacks(model: nn.Module, parts: tuple) -> Optional[list]:
     out = []
     for param in dict.fromkeys(part.fused for part in parts):
         mine = [part for part in parts if part.fused == param]
-        saved = _saved_as(model, param, mine[0].fused_shape)
+        saved = _saved_as(model, param, mine[0].fused_shape, rename)
         if saved is None:
             return None
         if [key for key, _ in saved] == [param]:
@@ -608,14 +605,16 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
     """Fused experts inside ``adapter``'s blocks rebuilt as ``LinearExperts`` (or the class
     ``REBUILT_AS`` names; JetMoE's as ``SplitLinears``); ``known_call_only``: only those whose
     call it is known to take."""
-    renames = {}
+    from ..checkpoint_io import key_renaming
+
+    renames, rename = {}, key_renaming(model)  # (the model's rules, found once, not per fused tensor)
     for name, module in list(adapter.block_modules(model)):
         split = is_split_experts(module)
         if not split and type(module).__name__ not in REBUILT_AS and (
                 not is_fused_experts(module) or (known_call_only and not _known_call(module))):
             continue
         if not split and _rebuilt_as(module).parts.__func__ is LinearExperts.parts.__func__:
-            module.__dict__[SAVED_NAMES] = saved_names(model, name, module)
+            module.__dict__[SAVED_NAMES] = saved_names(model, name, module, rename)
         experts = (SplitLinears if split else _rebuilt_as(module))(module)
         if not split and not _computes_as(module, experts):
             continue
@@ -623,7 +622,7 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
         # (experts a checkpoint holds neither per expert nor fused: stacked by projection)
         stacks = None
         if module.__dict__.get(SAVED_NAMES, ()) is None:
-            stacks = saved_stacks(model, experts.parts(module, 0, f"{name}."))
+            stacks = saved_stacks(model, experts.parts(module, 0, f"{name}."), rename)
         for e in range(experts.num_experts):
             parts = experts.parts(module, e, f"{name}.")
             if stacks is not None:
