@@ -61,7 +61,10 @@ def _config_json(directory: Path) -> dict:
     return read_json_file(path) if path.is_file() else {}
 
 
-def _model_class(directory: Path, tower: Optional[str]):
+def _model_class(directory: Path, tower: Optional[str], walked: bool = True):
+    """``(model class, encoder-decoder)`` of the checkpoint (``tower``'s); ``walked``: its blocks
+    are walked on the calibration (not for RTN, which reads none: Mllama's language model is
+    refused only where the walk needs its cross-attention layers called)."""
     import transformers
 
     if not (directory / "config.json").is_file():
@@ -80,12 +83,12 @@ def _model_class(directory: Path, tower: Optional[str]):
                          f"language model calibrates on texts; {cls.__name__} is "
                          + ("a two-tower model: tower: vision quantizes its vision tower" if _vision_tower_class(cls)
                             else "not one: leave tower: out"))
-    if tower == "language" and (config.get("text_config") or {}).get("cross_attention_layers"):
+    if walked and tower == "language" and (config.get("text_config") or {}).get("cross_attention_layers"):
         # (Mllama's: on text alone the model skips them, and the walk calls every block in turn)
         raise ValueError(f"{cls.__name__}'s language model skips its cross-attention layers on text alone, and "
                          f"the walk needs every block called: quantize it with epmq.quantize_model on "
                          f"(image, text) samples, which walks the whole model")
-    if tower is None and not vlm and config.get("cross_attention_layers"):
+    if walked and tower is None and not vlm and config.get("cross_attention_layers"):
         # (that language model saved alone, as AutoModelForCausalLM loads a Llama 3.2 Vision: it
         # failed in the walk, after the model and its calibration texts were read)
         raise ValueError(f"{cls.__name__} skips its cross-attention layers on text alone, and the walk needs every "
@@ -165,12 +168,13 @@ PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_c
 
 def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: int = 128,
                seq_len: int = 512, batch_size: int = 8, seed: int = 0, tower: Optional[str] = None,
-               preprocessor_dir: Optional[Path] = None):
+               preprocessor_dir: Optional[Path] = None, walked: bool = True):
     """``(model class, tokenizer or image processor, {task: batches})`` for the checkpoint in
     ``directory`` and each task's calibration files, by what the model's forward takes; the
-    tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``)."""
+    tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``);
+    ``walked``: the model's blocks are walked on them (``_model_class``)."""
     seed = check_seed(seed)
-    cls, encoder_decoder = _model_class(directory, tower)
+    cls, encoder_decoder = _model_class(directory, tower, walked)
     modality = _modality(cls, encoder_decoder, tower)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
@@ -340,7 +344,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         _check_architectures(directory, list(local.values()), [f"of task {t!r} ({p})" for t, p in local.items()],
                              experts=True)
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
-                                            batch_size=batch_size, seed=seed, tower=tower)
+                                            batch_size=batch_size, seed=seed, tower=tower,
+                                            walked=method != "rtn")
     with loading_bars(progress):
         net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()

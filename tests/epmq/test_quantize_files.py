@@ -1003,6 +1003,27 @@ def test_mllamas_language_model_saved_alone_is_refused_by_name(tmp_path):
                    ".*epmq.quantize_model on \\(image, text\\) samples")
 
 
+def test_rtn_of_mllamas_language_model_is_not_refused(tmp_path):
+    """RTN walks no block (it reads no calibration): Mllama's language model, saved alone or as
+    tower: language of the whole model, is quantized by it as before the walk's refusal of them."""
+    text = transformers.MllamaTextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         cross_attention_layers=[1, 3], pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=16, patch_size=8, max_num_tiles=1, vision_output_dim=96,
+                  intermediate_layers_indices=[0, 1], supported_aspect_ratios=[[1, 1]])
+    torch.manual_seed(0)
+    transformers.MllamaForCausalLM(text).save_pretrained(tmp_path / "text")
+    transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+        text_config=text.to_dict(), vision_config=vision, image_token_index=299)).save_pretrained(tmp_path / "mllama")
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    for source, tower in ((tmp_path / "text", None), (tmp_path / "mllama", "language")):
+        out = tmp_path / f"out-{source.name}"
+        epmq.quantize_checkpoint(source, out, spec=spec, method="rtn", tower=tower, progress=False)
+        layers = [r["name"] for r in json.loads((out / REPORT_FILE).read_text())["layers"]]
+        assert any(".cross_attn." in name for name in layers) and any(".self_attn." in name for name in layers)
+
+
 def test_the_language_model_of_a_vision_language_model(files, tmp_path):
     """tower: language: a VLM's language model quantized from text files, the vision tower and
     projector left in full precision, the processor (tokenizer and image processor) saved beside
