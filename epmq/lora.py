@@ -288,14 +288,18 @@ class LoraExpert(Mapping):
         shared = self._storage_names()
         transposed = self._orientations(found, shapes, pairs, skeleton, config)
         # (in the order of the model's modules, PEFT's merge order: one tensor updated twice, a
-        # tied head's and its embeddings', is rounded to its dtype after each, as PEFT does)
+        # tied head's and its embeddings', is rounded to its dtype after each, as PEFT does; where
+        # no model is built, a base state dict's order, the model's too: the adapter file's names
+        # sort GPT-2's lm_head before its wte)
         place = {} if skeleton is None else {m: i for i, (m, _) in enumerate(skeleton.named_modules())}
+        stored = {k: i for i, k in enumerate(self.base.keys())}
         # full tensors are the module's own (a trained copy of a tied head unties it, as in PEFT);
         # an adapted module's saved W_0 is where its update goes
         whole = Binding(self.base.keys(), names=list(full) + list(base_layers), rename=rename)
         saved = {whole.key_for(name) or name for name in full}
         untied = set()  # adapted modules tied to a module saved whole
-        for module, key in sorted(found.items(), key=lambda item: place.get(item[0], len(place))):
+        for module, key in sorted(found.items(), key=lambda item: (place.get(item[0], len(place)),
+                                                                   stored.get(item[1], len(stored)))):
             pair = pairs[module]
             r = pair["rank"]
             a = next((alpha_pattern[p] for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), alpha)

@@ -456,6 +456,12 @@ def test_a_tied_head_and_its_embeddings_both_adapted_in_half_precision_equal_pef
                                 target_modules=["lm_head", "wte"])
     expert = epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
     assert torch.equal(expert["transformer.wte.weight"], reference["transformer.wte.weight"])
+    # a base given as a state dict (no modules to say their order: the state dict's, the model's,
+    # not the adapter file's, whose names sort lm_head first)
+    state = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    expert = epmq.LoraExpert(tmp_path / "adapter", base=state)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(expert[name], reference["transformer.wte.weight"]), name
 
 
 @pytest.mark.parametrize("option", [
