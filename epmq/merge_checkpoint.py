@@ -593,7 +593,9 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     per_model = []
     for k, (view, path, home, files) in enumerate(zip(sources, model_paths, homes, calibration)):
         own = next((p for p in (path, home) if p in with_preprocessor), with_preprocessor[0])
-        cls, _, batches = calibrated(home, {f"model {k}": files}, preprocessor_dir=own, **options)
+        # (one forward of each batch, no walk: layers that no input reaches, as Mllama's
+        # cross-attention on texts, have zero Gram matrices, and RegMean averages them)
+        cls, _, batches = calibrated(home, {f"model {k}": files}, preprocessor_dir=own, walked=False, **options)
         model = cls.from_pretrained(home, dtype=torch.float32).eval()
         _check_decoder_start(model, batches, home)  # (named before its activations are collected)
         if device is not None:

@@ -736,6 +736,34 @@ def _regmean_sources(root, tmp_path):
     return models, texts
 
 
+def test_regmean_of_mllamas_language_models_is_not_refused_as_a_walk(tmp_path):
+    """RegMean's Gram pass is one forward of each batch, not the quantizer's walk: Mllama's
+    language models (MllamaForCausalLM experts) are merged, their cross-attention layers, which
+    no text reaches, at the average (their Gram matrices are zero), as before the walk's refusal
+    of them, which said to quantize the vision-language model."""
+    from epmq.benches.tiny import WORDS
+
+    config = transformers.MllamaTextConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3],
+                                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    g = torch.Generator().manual_seed(0)
+    models, texts = [], []
+    for k in range(2):
+        torch.manual_seed(k)
+        transformers.MllamaForCausalLM(config).save_pretrained(tmp_path / f"e{k}")
+        models.append(tmp_path / f"e{k}")
+        texts.append(tmp_path / f"t{k}.txt")
+        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    word_tokenizer(models[0])
+    out = merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                            params={"alpha": 0.9}, samples=4, seq_len=16, batch_size=2, progress=False)
+    got, *experts = [transformers.MllamaForCausalLM.from_pretrained(p).state_dict() for p in (out, *models)]
+    average = merge.average(experts)
+    cross = "model.layers.1.cross_attn.q_proj.weight"
+    torch.testing.assert_close(got[cross], average[cross], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], average["model.layers.0.mlp.up_proj.weight"])
+
+
 def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     """RegMean from the shell: each model's Gram matrices on its own task's texts (the
     tokenizer of whichever model directory has one), then the closed-form merge."""
