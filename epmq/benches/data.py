@@ -301,7 +301,7 @@ def open_text_sources(name: str, spec: DataSpec, fields: Sequence[str]):
             if not path.is_file():
                 raise BenchConfigError(f"{what}: missing data split {split!r}: no file {path}")
             records = []
-            with open(path) as f:
+            with open(path, encoding="utf-8-sig") as f:  # (UTF-8, a BOM or none, whatever the locale)
                 for line_no, line in enumerate(f, 1):
                     if line.strip():
                         try:

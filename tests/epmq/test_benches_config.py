@@ -1,6 +1,7 @@
 """The bench config schema: defaults, per-task overrides, and a clear error for every bad config."""
 
 import copy
+import json
 import importlib.util
 
 import pytest
@@ -307,3 +308,31 @@ def test_a_task_named_avg_is_refused():
               "tasks": [{"name": "a", "expert": "e"}, {"name": "avg", "expert": "f"}]}
     with pytest.raises(BenchConfigError, match="a task may not be named 'avg'"):
         parse_config(config)
+
+
+def test_jsonl_text_tasks_are_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """A task's .jsonl is UTF-8 (what datasets' to_json and json.dumps(ensure_ascii=False) write), with or
+    without a BOM (Windows editors' "UTF-8"); read with the locale's encoding, a BOM failed as 'line 1 is not
+    JSON' and a cp1252 locale read 'café' as 'cafÃ©', silently."""
+    import io
+
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import open_text_sources
+
+    rows = [{"sentence": "café naïve – ok", "label": 1}, {"sentence": "plain", "label": 0}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # (a BOM)
+    (tmp_path / "test.jsonl").write_bytes(text.encode("utf-8"))
+    real_open = open
+
+    def latin_locale_open(file, mode="r", *args, **kwargs):  # what open() does under a cp1252 locale
+        if "b" not in mode and "encoding" not in kwargs and not args:
+            kwargs["encoding"] = "cp1252"
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", latin_locale_open)
+    monkeypatch.setattr(io, "open", latin_locale_open)
+    spec = DataSpec(source="jsonl", root=tmp_path, splits={"train": "train", "test": "test"})
+    sources = open_text_sources("t", spec, ["sentence"])
+    for split in sources.values():
+        assert [split[i] for i in range(len(split))] == rows
