@@ -99,7 +99,7 @@ def read_json(path: Path, *, strict: bool = False):
     interrupted run). ``strict``: only a missing file counts as missing; other read errors (too
     many open files, an unreachable disk), which say nothing of the file, raise."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):  # (UnicodeDecodeError and JSONDecodeError included)
         return None
     except OSError:
@@ -112,7 +112,7 @@ def read_json_file(path: Path):
     """The JSON value in ``path``, a file that exists; a ValueError naming it where it is not
     JSON (a config whose checks would be skipped if it were taken as missing)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 

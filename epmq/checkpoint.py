@@ -164,7 +164,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             writer[name] = t
         writer.finish()
         for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         if extras is not None:
             extras(tmp)
         else:  # (a model load_quantized built: its checkpoint's tokenizer, which the write would drop)
@@ -630,7 +630,7 @@ class ShardWriter:
             part.rename(self.directory / name)
             weight_map.update(dict.fromkeys(names, name))
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def is_quantized(directory: Path) -> bool:
@@ -639,7 +639,7 @@ def is_quantized(directory: Path) -> bool:
     if (directory / CONFIG_FILE).is_file():
         return True
     try:
-        config = json.loads((directory / HF_CONFIG_FILE).read_text())
+        config = json.loads((directory / HF_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and bool(config.get("quantization_config"))
@@ -776,7 +776,7 @@ def _unchanged(path: Path, recorded) -> bool:
 def _write_manifest(directory: Path) -> None:
     files = {p.name: _signature(p) if p.is_file() else {"tree": _tree_signature(p)}
              for p in directory.iterdir() if not p.is_symlink() and (p.is_file() or p.is_dir())}
-    (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1) + "\n")
+    (directory / MANIFEST_FILE).write_text(json.dumps(files, indent=1) + "\n", encoding="utf-8")
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -1153,7 +1153,7 @@ def _empty_open_clip_model(directory: Path) -> nn.Module:
 
     path = directory / OPEN_CLIP_CONFIG_FILE
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
         model_cfg = dict(cfg["model_cfg"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is no open_clip config (a model_cfg): {e}") from None

@@ -366,7 +366,7 @@ def _quantize(args) -> int:
                                   resume=not args.fresh, progress=not args.quiet, **options)
     except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
         raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
-    resumed = json.loads((Path(out) / REPORT_FILE).read_text()).get("resumed")
+    resumed = json.loads((Path(out) / REPORT_FILE).read_text(encoding="utf-8")).get("resumed")
     print(f"quantized {config['model']} with {config['method']} ({spec.bits}-bit) into {out} "
           f"in {time.perf_counter() - t0:.1f} s"
           + (f" ({len(resumed)} blocks loaded from the interrupted run)" if resumed else ""))

@@ -70,7 +70,7 @@ def named_revision(adapter) -> Optional[str]:
 
 def _config_string(adapter, key: str) -> Optional[str]:
     try:
-        value = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get(key)
+        value = json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) and value else None
@@ -92,7 +92,7 @@ _PLAIN_INIT = (True, False, "gaussian", "eva", "orthogonal")
 def _config(directory: Path) -> dict:
     where = directory / ADAPTER_CONFIG
     try:
-        config = json.loads(where.read_text())
+        config = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{where}: not a readable adapter config ({e})") from e
     if not isinstance(config, dict):

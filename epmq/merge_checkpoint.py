@@ -228,7 +228,8 @@ def _check_untie(path: Path, followers: Mapping, why: str) -> None:
 
     directory = path if path.is_dir() else path.parent
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(_untied(read_json_file(directory / "config.json"))))
+        (Path(tmp) / "config.json").write_text(json.dumps(_untied(read_json_file(directory / "config.json"))),
+                                               encoding="utf-8")
         skeleton = model_skeleton(Path(tmp))
         order = {} if skeleton is None else tie_order(skeleton, own_checkpoint=True)
     still = [n for n in followers if skeleton is None or len(order.get(n, [n])) > 1]
@@ -369,11 +370,11 @@ def _save_tokenizer(tokenizer, target: Path) -> None:
     tokenizer.save_pretrained(target)
     config = target / "tokenizer_config.json"
     if config.is_file():
-        content = json.loads(config.read_text())
+        content = json.loads(config.read_text(encoding="utf-8"))
         if isinstance(content, dict) and {"is_local", "local_files_only"} & set(content):
             for key in ("is_local", "local_files_only"):
                 content.pop(key, None)
-            config.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+            config.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None:
@@ -391,12 +392,12 @@ def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None
     _save_tokenizer(tokenizer, target)
     config = target / "config.json"
     if config.is_file():
-        content = json.loads(config.read_text())
+        content = json.loads(config.read_text(encoding="utf-8"))
         scopes = [content] + [v for v in content.values() if isinstance(v, dict) and "vocab_size" in v]
         for scope in scopes:
             if "vocab_size" in scope:
                 scope["vocab_size"] = vocabulary.rows
-        config.write_text(json.dumps(content, indent=2) + "\n")
+        config.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def _model_card(recipe: dict) -> str:
@@ -443,11 +444,11 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
         shutil.copy2(entry, target / entry.name)
     config = target / "config.json"
     if dtype is not None and config.is_file():
-        content = json.loads(config.read_text())
+        content = json.loads(config.read_text(encoding="utf-8"))
         content["dtype"] = dtype
         if "torch_dtype" in content:
             content["torch_dtype"] = dtype
-        config.write_text(json.dumps(content, indent=2) + "\n")
+        config.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def check_chat_template(chat_template) -> None:
@@ -1008,7 +1009,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             _copy_companions(companions, tmp, dtype)
             if untied and (tmp / "config.json").is_file():  # (as PEFT's merge_and_unload unties a trained head)
                 (tmp / "config.json").write_text(
-                    json.dumps(_untied(read_json_file(tmp / "config.json")), indent=2) + "\n")
+                    json.dumps(_untied(read_json_file(tmp / "config.json")), indent=2) + "\n", encoding="utf-8")
             if vocabulary is not None:
                 _write_vocabulary(vocabulary, tmp, template)
             elif template is not None:
@@ -1025,10 +1026,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 recipe.update(files_from=str(files_from))
             if calibration is not None:
                 recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
-            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n", encoding="utf-8")
             card = out / "README.md"
             if not card.is_file() or CARD_MARK in card.read_text(errors="replace"):
-                (tmp / "README.md").write_text(_model_card(recipe))  # else the user's is carried over
+                (tmp / "README.md").write_text(_model_card(recipe), encoding="utf-8")  # else the user's is carried over
     finally:
         bar.close()
     return out

@@ -273,7 +273,7 @@ def num_layers(model: str) -> int:
     config_file = json_files(model) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{model} has no config.json stating its layer count, which a gradient or slices need")
-    counts = set(_layer_counts(json.loads(config_file.read_text())).values())
+    counts = set(_layer_counts(json.loads(config_file.read_text(encoding="utf-8"))).values())
     if len(counts) != 1:
         raise ValueError(f"{model}'s config.json states {'no' if not counts else 'several'} layer counts "
                          f"{sorted(counts) if counts else ''}: a gradient over layers is ambiguous")

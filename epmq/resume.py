@@ -289,7 +289,7 @@ def _lock(directory: Path, walk: bool = True) -> str:
     key = str(directory.resolve())
     held = _HELD.get(key)
     if held is None:
-        handle = open(directory / LOCK_FILE, "a+")
+        handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
         try:
             if os.name == "nt":
                 import msvcrt

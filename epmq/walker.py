@@ -180,7 +180,7 @@ class QuantReport:
         return asdict(self)
 
     def to_json(self, path) -> None:
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)
 
     def __repr__(self):

@@ -64,7 +64,7 @@ class HFClipBench(ZeroShotImageBench):
         self.base_dir = self._resolve(config.model.base, "model.base", "model", config.model.revision)
         if not (self.base_dir / "config.json").is_file():
             raise BenchConfigError(f"model.base: no config.json in {self.base_dir}: not a HF model directory")
-        model_type = json.loads((self.base_dir / "config.json").read_text()).get("model_type")
+        model_type = json.loads((self.base_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
         if model_type != "clip":
             raise BenchConfigError(f"model.base ({self.base_dir}) is a {model_type!r} model, not a CLIPModel "
                                    f"(expert checkpoints go in the tasks' expert)")
@@ -123,7 +123,8 @@ class HFClipBench(ZeroShotImageBench):
         if file is not None and file.name == "processor_config.json":
             # (the image processor alone: the whole processor names a tokenizer the vision tower's
             # checkpoint lacks, and AutoProcessor failed on it)
-            (Path(directory) / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+            (Path(directory) / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n",
+                                                                    encoding="utf-8")
         elif file is not None:
             shutil.copy2(file, Path(directory) / file.name)
 

@@ -88,7 +88,7 @@ class OpenClipBench(ZeroShotImageBench):
         try:
             if name.startswith("local-dir:"):
                 path = Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG_FILE
-                model_cfg = json.loads(path.read_text())["model_cfg"]
+                model_cfg = json.loads(path.read_text(encoding="utf-8"))["model_cfg"]
             elif name.startswith("hf-hub:"):
                 from open_clip.factory import _get_hf_config
 
@@ -106,7 +106,8 @@ class OpenClipBench(ZeroShotImageBench):
     def save_extras(self, directory) -> None:
         """The vision tower's open_clip config: ``epmq.load_quantized(dir)`` builds it from it."""
         if self._serving_config is not None:
-            (Path(directory) / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(self._serving_config, indent=1))
+            (Path(directory) / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(self._serving_config, indent=1),
+                                                                  encoding="utf-8")
 
     def _model_name(self, base: str) -> str:
         if base.startswith(("hf-hub:", "local-dir:")):

@@ -56,7 +56,7 @@ def _write_config(root: Path, model: dict, experts: Dict[str, str], data: dict, 
         "data": data,
         "eval": evaluation,
     }
-    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return config
 
 
@@ -129,8 +129,8 @@ def write_tiny_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, classes: 
             for name, ks in shards.items():
                 save_file({k: state[k] for k in ks}, str(d / name), metadata={"format": "pt"})
             index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
-            (d / "model.safetensors.index.json").write_text(json.dumps(index))
-            (d / "config.json").write_text(json.dumps(expert.config.to_dict()))
+            (d / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+            (d / "config.json").write_text(json.dumps(expert.config.to_dict()), encoding="utf-8")
         experts[task] = f"experts/{task}"
     _images(root / "data", tasks, classes, per_split, (20, 24), gen)
     return _write_config(root, {"family": "hf_clip", "base": "base", "device": "cpu"}, experts,
@@ -175,7 +175,8 @@ def write_tiny_open_clip(root, tasks: Sequence[str] = ("alpha", "beta"), *, clas
         clip = CLIP(**model_cfg).eval()
     base = root / "base"
     base.mkdir(parents=True, exist_ok=True)
-    (base / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    (base / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}),
+                                               encoding="utf-8")
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(base / "open_clip_model.safetensors"))
     experts = {}
     (root / "experts").mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,7 @@ def _glue_jsonl(root: Path, tasks: Sequence[str], per_split: Dict[str, int], gen
         d = root / "data" / task
         d.mkdir(parents=True, exist_ok=True)
         for split, n in per_split.items():
-            with open(d / f"{split}.jsonl", "w") as f:
+            with open(d / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for i in range(n):
                     ex = {k: sentence() for k in fields}
                     if task == "stsb":

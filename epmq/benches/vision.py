@@ -146,7 +146,7 @@ class _Store:
             torch.save(self.y, labels)
             os.replace(self._tmp, self._file(".npy"))  # (the map stays this store's: the same file)
             os.replace(labels, self._file(".labels.pt"))
-            self._file(".done").write_text(f"{len(self.y)} images\n")
+            self._file(".done").write_text(f"{len(self.y)} images\n", encoding="utf-8")
         self.complete = True
 
 

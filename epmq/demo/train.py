@@ -296,7 +296,7 @@ def _read_meta(path: Path) -> dict:
     """``meta.json`` (timings and what the artifacts are: written again by the next training);
     {} where it is missing or damaged."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except ValueError:  # (JSONDecodeError, UnicodeDecodeError)

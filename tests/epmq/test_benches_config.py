@@ -326,7 +326,7 @@ def test_jsonl_text_tasks_are_read_as_utf8_whatever_the_locale(tmp_path, monkeyp
     real_open = open
 
     def latin_locale_open(file, mode="r", *args, **kwargs):  # what open() does under a cp1252 locale
-        if "b" not in mode and "encoding" not in kwargs and not args:
+        if "b" not in mode and kwargs.get("encoding", "locale") == "locale" and not args:
             kwargs["encoding"] = "cp1252"
         return real_open(file, mode, *args, **kwargs)
 

@@ -1436,3 +1436,37 @@ def test_a_merges_dtype_is_written_under_both_names_a_config_uses(tmp_path):
     _copy_companions(tmp_path / "src", tmp_path / "out", "bfloat16")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+
+
+def test_companion_files_are_read_and_written_as_utf8_whatever_the_locale(checkpoints, tmp_path, monkeypatch):
+    """config.json and tokenizer_config.json are UTF-8 (transformers writes labels and chat templates
+    unescaped); the merge rewrote them read with the locale's encoding: under cp1252 (Windows) a
+    label 'café' came out 'cafÃ©' where dtype was set, silently."""
+    import io
+
+    root, base, experts = checkpoints
+    source = tmp_path / "base"
+    source.mkdir()
+    for entry in root.joinpath("base").iterdir():
+        (source / entry.name).write_bytes(entry.read_bytes())
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config["id2label"], config["label2id"] = {"0": "café", "1": "日本"}, {"café": 0, "日本": 1}
+    (source / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    real_open = open
+
+    def cp1252_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):  # open() under a cp1252 locale
+        if "b" not in mode and encoding in (None, "locale"):  # (pathlib passes "locale")
+            encoding = "cp1252"
+        return real_open(file, mode, buffering, encoding, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", cp1252_open)
+    monkeypatch.setattr(io, "open", cp1252_open)
+    try:
+        out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "out", base=source,
+                                dtype="bfloat16", progress=False)
+    except UnicodeError:
+        out = None
+    monkeypatch.undo()
+    assert out is not None, "the merge failed to read or write a UTF-8 file"
+    written = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert written["id2label"] == {"0": "café", "1": "日本"} and written["dtype"] == "bfloat16"
