@@ -5,24 +5,35 @@
     result = epmq.quant.epmq(W_merged, expert_weights, expert_hessians, spec)
 """
 
-from epmq_kernels import _runtime  # noqa: F401  (Triton's interpreter switch, before any kernel)
-
-from . import merge, quant, stats
-from .quant import QuantResult
-from .spec import QuantSpec
-from .stats import EPMQStats, HessianStats, LowRankExpert
+import sys
 
 __all__ = ["QuantSpec", "QuantResult", "EPMQStats", "HessianStats", "LowRankExpert", "merge", "quant", "stats"]
 __version__ = "0.1.0"
 
-# Whole models: walk, packed layers, checkpoints (issue 5)
-from .adapters import Adapter, register_adapter  # noqa: E402
-from .checkpoint import load_quantized, save_quantized  # noqa: E402
-from .lora import LoraExpert  # noqa: E402
-from .merge_checkpoint import merge_checkpoints  # noqa: E402
-from .quantize_files import quantize_checkpoint  # noqa: E402
-from .qlinear import QuantLinear  # noqa: E402
-from .walker import QuantReport, quantize_model  # noqa: E402
+# `python -m epmq` imports this package (torch, transformers, Triton: seconds) before its __main__
+# runs, out of reach of epmq_cli's catch of Ctrl-C while starting: caught here while python -m
+# looks for the module (sys.argv[0] is "-m" then); any other import of epmq keeps its interrupt
+try:
+    from epmq_kernels import _runtime  # noqa: F401  (Triton's interpreter switch, before any kernel)
+
+    from . import merge, quant, stats
+    from .quant import QuantResult
+    from .spec import QuantSpec
+    from .stats import EPMQStats, HessianStats, LowRankExpert
+
+    # Whole models: walk, packed layers, checkpoints (issue 5)
+    from .adapters import Adapter, register_adapter
+    from .checkpoint import load_quantized, save_quantized
+    from .lora import LoraExpert
+    from .merge_checkpoint import merge_checkpoints
+    from .quantize_files import quantize_checkpoint
+    from .qlinear import QuantLinear
+    from .walker import QuantReport, quantize_model
+except KeyboardInterrupt:
+    if sys.argv[:1] != ["-m"]:
+        raise
+    print("\nepmq: interrupted while starting; nothing was done", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __all__ += [
     "quantize_model", "QuantReport", "QuantLinear", "save_quantized", "load_quantized",

@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # (the package's own imports are caught in its __init__)
+    print("\nepmq: interrupted while starting; nothing was done", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

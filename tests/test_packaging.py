@@ -97,3 +97,26 @@ def test_ctrl_c_while_the_command_starts_ends_it_in_one_line(lib, tmp_path):
     assert done.returncode == 130, done.stderr
     assert done.stderr.split() == "epmq: interrupted while starting; nothing was done".split()
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_python_m_epmq_starts_ends_it_in_one_line(lib, tmp_path):
+    """`python -m epmq` imports the package (torch, transformers, Triton) before its __main__ runs,
+    so epmq_cli's catch is not on that path: Ctrl-C there ended in a traceback of torch's imports."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    # Ctrl-C pressed while torch is imported, set before python -m looks for epmq
+    (hooks / "sitecustomize.py").write_text("""if True:
+        import sys
+
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, Interrupt())""")
+    done = subprocess.run([sys.executable, "-m", "epmq", "merge", "merge.yaml", "out"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=f"{hooks}{os.pathsep}{lib}"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.split() == "epmq: interrupted while starting; nothing was done".split()
+    assert not (tmp_path / "out").exists()
