@@ -95,6 +95,7 @@ class HFClipBench(ZeroShotImageBench):
             self.prep = prep_from_processor_config(processor, image_size)
         else:
             self.prep = ImagePrep(resize=image_size, crop=(image_size, image_size))
+        self._loaded_tokenizer = None
         self._open_experts(prefixes=("vision_model.",))
         self._say_unused_heads(reader)
         self._open_data()
@@ -130,16 +131,31 @@ class HFClipBench(ZeroShotImageBench):
 
     # ----------------------------------------------------------------- text tower
 
-    def _encode_texts(self, texts: List[str]) -> torch.Tensor:
-        if self._text is None:
-            from transformers import AutoTokenizer, CLIPModel
+    @property
+    def _tokenizer(self):
+        """The base's tokenizer, or model.tokenizer's, loaded once (the class names are read with it
+        as the data is opened)."""
+        if self._loaded_tokenizer is None:
+            from transformers import AutoTokenizer
 
             tok_source = self.config.model.tokenizer
             tok_dir = self.base_dir if tok_source is None else self._resolve(tok_source, "model.tokenizer", "tokenizer")
             try:
-                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+                self._loaded_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             except Exception as e:
                 raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
+        return self._loaded_tokenizer
+
+    def read_class_names(self, names: List[str]) -> list:
+        """Each name as the model's tokenizer reads it, its token ids: CLIP's lowercases ("Cat" and
+        "cat" are one prompt), one that keeps case (model.tokenizer: XLM-R's, RoBERTa's) reads two."""
+        return [tuple(ids) for ids in self._tokenizer(list(names))["input_ids"]]
+
+    def _encode_texts(self, texts: List[str]) -> torch.Tensor:
+        if self._text is None:
+            from transformers import CLIPModel
+
+            tokenizer = self._tokenizer
             with loading_bars(self.progress):  # (transformers' bar, silent with progress=False)
                 clip = CLIPModel.from_pretrained(self.base_dir, dtype=torch.float32).eval()
             self._text = (tokenizer, clip.text_model.to(self.device), clip.text_projection.to(self.device))

@@ -462,10 +462,10 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
             # example of either was predicted as the first, an accuracy with no error said)
             named = getattr(task, key) or []
             # a class name as CLIP's tokenizers see it (open_clip's and transformers' lowercase
-            # and collapse whitespace): "Cat" and " cat" are one prompt, one text embedding; an
-            # open_clip model's tokenizer may keep case (HFTokenizer): its bench reads them with it
-            # once it is built, and this reads them as every open_clip tokenizer does
-            spaced = (lambda names: [" ".join(n.split()) for n in names]) if family == "open_clip" else None
+            # and collapse whitespace): "Cat" and " cat" are one prompt, one text embedding; a
+            # model's tokenizer may keep case (open_clip's HFTokenizer, hf_clip's model.tokenizer):
+            # its bench reads them with it once it is built, and this as every tokenizer does
+            spaced = (lambda names: [" ".join(n.split()) for n in names]) if family in IMAGE_FAMILIES else None
             repeated = repeated_class_names(named, spaced) if key == "classnames" else \
                 sorted({v for v in named if named.count(v) > 1})
             if repeated:
