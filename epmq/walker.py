@@ -76,6 +76,7 @@ from the next (``epmq.resume``; bit-identical to an uninterrupted walk).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -1168,13 +1169,18 @@ def _call(model, item, device, seed=None):
     for row, with nothing said: their cross statistics paired rows of different patches."""
     if seed is None:
         return _call_now(model, item, device)
-    devices = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    # the model's accelerator's generator too, whichever it is (CUDA, XPU, Apple's MPS: a model
+    # there draws from its own), forked and seeded alone
+    kind = device.type if isinstance(device, torch.device) and device.type not in ("cpu", "meta") else None
+    devices = [device] if kind is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=kind):
         # (not torch.manual_seed: it seeds every GPU, whose states fork_rng does not restore)
         torch.random.default_generator.manual_seed(seed)
-        for d in devices:
-            with torch.cuda.device(d):
-                torch.cuda.manual_seed(seed)
+        if kind is not None:
+            accelerator = torch.get_device_module(kind)
+            # (manual_seed seeds the current device; MPS has one, and no device context)
+            with accelerator.device(device) if hasattr(accelerator, "device") else contextlib.nullcontext():
+                accelerator.manual_seed(seed)
         return _call_now(model, item, device)
 
 

@@ -620,3 +620,28 @@ def test_a_linear_called_more_often_than_the_probe_saw_is_warned_of():
                             calibration={"t": items}, backend="torch", progress=False)
     said = [str(w.message) for w in caught if "more than on the items the walk probed" in str(w.message)]
     assert len(said) == 1 and "layers.0.a was called 2 times on item 1 of task 't'" in said[0]
+
+
+@pytest.mark.parametrize("kind", ["xpu", "mps"])
+def test_an_items_passes_draw_alike_on_any_accelerator(monkeypatch, kind):
+    """Every pass of one calibration item runs under its seed, on the model's device too: only CUDA's
+    generator was seeded, so a model on an XPU or Apple's MPS that draws in eval mode (ViTMAE) drew
+    other numbers in each pass (its streams paired rows of other patches). Here the accelerator's
+    generator is a CPU one standing in for it; the caller's state of it is kept."""
+    accelerator = torch.Generator().manual_seed(123)
+    module = getattr(torch, kind)
+    monkeypatch.setattr(module, "get_rng_state", lambda device=kind: accelerator.get_state())
+    monkeypatch.setattr(module, "set_rng_state", lambda state, device=kind: accelerator.set_state(state))
+    monkeypatch.setattr(module, "manual_seed", lambda seed: accelerator.manual_seed(seed) and None)
+    if hasattr(module, "device"):
+        monkeypatch.setattr(module, "device", lambda device: contextlib.nullcontext())
+
+    class Draws(nn.Module):
+        def forward(self):
+            return torch.rand(4, generator=accelerator)
+
+    state = accelerator.get_state()
+    device = torch.device(kind, 0)
+    draws = [walker._call(Draws(), {}, device, walker._item_seed("a", 0)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(accelerator.get_state(), state)
