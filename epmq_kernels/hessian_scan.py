@@ -67,8 +67,11 @@ def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)
     lo, hi, diag_min, dead, gap, trace = (t.to(dtype).to(torch.float64) for t in (
         lo, hi, diag.min(), (diag == 0).sum(), uHv - vHu, diag.sum()))
-    # |H v| in float64: its square neither underflows nor overflows (as in the kernel)
-    Hv_norm = torch.linalg.vector_norm(H_vu[:, 0].double())
+    # |H v| in float64, over its largest entry: its square neither underflows nor overflows, for
+    # a float64 H too (as in the kernel; torch squares as they are, 0 below ~1e-154, inf above 1e154)
+    Hv = H_vu[:, 0].double()
+    top = Hv.abs().max()
+    Hv_norm = torch.where((top > 0) & (top < float("inf")), top * torch.linalg.vector_norm(Hv / top), top)
     return torch.stack([lo, hi, diag_min, dead, gap, Hv_norm, trace])
 
 
@@ -120,10 +123,13 @@ def _scan_kernel(
     tl.store(out + 3, tl.sum(tl.where(r_ok & (diag == 0), 1.0, 0.0), axis=0).to(ty))
     tl.store(out + 4, tl.sum(u_r * Hv_r, axis=0))
     tl.store(out + 5, tl.sum(v_r * Hu_r, axis=0))
-    # |H v| of the rows: squares in float64, which neither underflows nor overflows for a
-    # float32 H v (a scaled Gram matrix, 1e-30 X X^T, must pass the symmetry test it feeds)
+    # |H v| of the rows: squares in float64 over the largest, which neither underflow nor
+    # overflow for any H v, float64's too (a scaled Gram matrix, 1e-30 X X^T in float32, 1e-200 X X^T
+    # in float64, must pass the symmetry test it feeds)
     Hv_64 = Hv_r.to(tl.float64)
-    tl.store(out + 6, tl.sqrt(tl.sum(Hv_64 * Hv_64, axis=0)).to(ty))
+    top = tl.max(tl.abs(Hv_64), axis=0)
+    Hv_s = Hv_64 / tl.where(top > 0, top, 1.0)
+    tl.store(out + 6, tl.where(top < float("inf"), top * tl.sqrt(tl.sum(Hv_s * Hv_s, axis=0)), top).to(ty))
     tl.store(out + 7, tl.sum(diag, axis=0))
     tl.store(out + 8, tl.max(tl.max(nan, axis=1), axis=0).to(ty))
 
@@ -141,6 +147,13 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     Hv_sq = tl.zeros([BLOCK], tl.float64)
     trace = tl.zeros([BLOCK], ty)
     nan = tl.zeros([BLOCK], ty)
+    # (the programs' |H v| summed in squares over the largest: see _scan_kernel)
+    Hv_top = tl.zeros([BLOCK], tl.float64)
+    for p0 in range(0, n_programs, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        Hv_top = tl.maximum(Hv_top, tl.load(partial + p * N_PARTIAL + 6, mask=p < n_programs, other=0.0).to(tl.float64))
+    top = tl.max(Hv_top, axis=0)
+    Hv_scale = tl.where(top > 0, top, 1.0)
     for p0 in range(0, n_programs, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
         ok = p < n_programs
@@ -151,7 +164,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
         dead += tl.load(row + 3, mask=ok, other=0.0)
         uHv += tl.load(row + 4, mask=ok, other=0.0)
         vHu += tl.load(row + 5, mask=ok, other=0.0)
-        Hv_p = tl.load(row + 6, mask=ok, other=0.0).to(tl.float64)  # (each program's |H v|)
+        Hv_p = tl.load(row + 6, mask=ok, other=0.0).to(tl.float64) / Hv_scale  # (each program's |H v|)
         Hv_sq += Hv_p * Hv_p
         trace += tl.load(row + 7, mask=ok, other=0.0)
         nan = tl.maximum(nan, tl.load(row + 8, mask=ok, other=0.0))
@@ -162,7 +175,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     tl.store(numbers + 2, tl.min(dmin, axis=0).to(tl.float64))
     tl.store(numbers + 3, tl.sum(dead, axis=0).to(tl.float64))
     tl.store(numbers + 4, (tl.sum(uHv, axis=0) - tl.sum(vHu, axis=0)).to(tl.float64))
-    tl.store(numbers + 5, tl.sqrt(tl.sum(Hv_sq, axis=0)))
+    tl.store(numbers + 5, tl.where(top < float("inf"), Hv_scale * tl.sqrt(tl.sum(Hv_sq, axis=0)), top))
     tl.store(numbers + 6, tl.sum(trace, axis=0).to(tl.float64))
 
 

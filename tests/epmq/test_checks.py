@@ -79,6 +79,24 @@ def test_the_symmetry_test_is_scale_free(scale):
         check_hessian((bad * scale).float(), d)
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-160, 1e160, 1e200, 1e300])
+def test_the_symmetry_test_of_a_float64_hessian_is_scale_free(scale):
+    """As above in float64, where |H v|'s square, in float64 too, underflowed to 0 below ~1e-154 x
+    (a symmetric H refused as 'not symmetric') and overflowed to inf above ~1e154 x (any H
+    accepted)."""
+    g = torch.Generator().manual_seed(7)
+    d = 37
+    X = torch.randn(80, d, generator=g, dtype=torch.float64) * (0.5 + torch.rand(d, generator=g, dtype=torch.float64))
+    H = X.T @ X
+    for seed in range(4):  # (other probe orders: the gap of a symmetric H is rounding, of either sign)
+        perm = torch.randperm(d, generator=torch.Generator().manual_seed(seed))
+        check_hessian(H[perm][:, perm] * scale, d)
+    bad = H.clone()
+    bad[0, 1:] += 50.0  # row 0 changed, column 0 not
+    with pytest.raises(ValueError, match="H is not symmetric"):
+        check_hessian(bad * scale, d)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_hessians_that_are_symmetric_pass(dtype):
     """(Checked in fp32: bf16 products' rounding, 4e-3, rejected a third of these.)"""

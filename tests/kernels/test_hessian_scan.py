@@ -92,6 +92,19 @@ def test_numbers_of_matrices_that_are_not_gram(gen, defect, monkeypatch):
         assert_numbers_close(got, want, H, vu)
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_the_norm_of_a_float64_hessian_of_any_scale(gen, scale, monkeypatch):
+    """|H v| of a float64 H far from 1: its squares, in float64, were 0 (1e-200 X X^T, which the
+    checks then refused as not symmetric) or inf; the programs' shares reduced in several steps."""
+    monkeypatch.setattr(hs, "_FINISH_BLOCK", 2)
+    d = 45
+    H = gram(gen, d, torch.float64)
+    vu = probes(gen, d, torch.float64)
+    unscaled = float(torch.linalg.vector_norm(H.double() @ vu[:, 0].double()))
+    for numbers in (hessian_numbers_triton(H * scale, vu), hessian_numbers_reference(H * scale, vu)):
+        assert float(numbers[5]) / scale == pytest.approx(unscaled, rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("vdt", [torch.float32, torch.float64])
 def test_numbers_of_float8_hessians(gen, dtype, vdt):
