@@ -25,7 +25,25 @@ from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, devi
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
+def _check_real(t, name):
+    # (complex: the kernels ended in a bare KeyError on the dtype's name, and the reference dropped
+    # the imaginary part with no more than torch's warning; the statistics are real)
+    if t.is_complex():
+        raise ValueError(f"{name} must be real, got {t.dtype}")
+
+
+def _check_sum(t, name):
+    # (a sum updated in place: an integer one failed in torch on the float weight, a bool or
+    # float8 one on an operation torch has not for it; the kernels take fp32 and fp64 alone)
+    if not t.is_floating_point() or t.element_size() == 1:
+        raise ValueError(f"{name} must be floating point (fp16, bf16, fp32 or fp64): it is a sum updated in "
+                         f"place, got {t.dtype}")
+
+
 def _check_residual_args(G, W_k, W_m, H_k):
+    _check_sum(G, "G")
+    for name, t in (("W_k", W_k), ("W_m", W_m), ("H_k", H_k)):
+        _check_real(t, name)
     if G.dim() != 2:
         raise ValueError(f"G must be 2-D [out, in], got {tuple(G.shape)}")
     d_out, d_in = G.shape
@@ -78,6 +96,7 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
 
 
 def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
+    _check_sum(H_e, "H_e")
     if H_e.dim() != 2 or H_e.shape[0] != H_e.shape[1]:
         raise ValueError(f"H_e must be a square matrix, got {tuple(H_e.shape)}")
     if overwrite and H_m is not None:
@@ -88,6 +107,7 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     if len(hessians) != len(weights):
         raise ValueError(f"{len(hessians)} Hessians but {len(weights)} weights")
     for k, H_k in enumerate(hessians):
+        _check_real(H_k, f"Hessian {k}")
         if H_k.shape != H_e.shape:
             raise ValueError(f"Hessian {k} is {tuple(H_k.shape)}, H_e {tuple(H_e.shape)}")
     # H_e and H_m are written while the Hessians are read (FOLD_ARITY of them a pass, in the
@@ -115,6 +135,8 @@ def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = Fa
         else:
             H_e.zero_()
     for H_k, a in zip(hessians[start:], weights[start:]):
+        if H_k.element_size() == 1:  # (float8, which torch promotes with nothing: as the kernel reads it)
+            H_k = H_k.to(H_e.dtype)
         H_e.add_(H_k, alpha=float(a))
         if H_m is not None:
             H_m.add_(H_k)
@@ -123,6 +145,8 @@ def fold_hessians_reference(H_e, H_m, hessians, weights, *, overwrite: bool = Fa
 def _check_xxt_args(H, X):
     # (H first: a 1-D H failed on H.shape[1] with "tuple index out of range", and a non-square
     # one was reported as X's fault)
+    _check_sum(H, "H")
+    _check_real(X, "X")
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square matrix [d_in, d_in], got {tuple(H.shape)}")
     if X.dim() != 2 or X.shape[1] != H.shape[0]:

@@ -844,3 +844,55 @@ def test_kernels_refuse_tensors_on_two_devices(gen):
         accumulate_residual_triton(G, W, W.clone(), torch.zeros(16, 16, device=meta), 1.0)
     with pytest.raises(ValueError, match="different devices.*Hinv=meta"):
         gptq_solve_triton(W, torch.zeros(16, 16, device=meta), bits=4, sym=False, group_size=8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_operands_are_refused_by_name(gen, backend, dtype):
+    """A complex weight, Hessian or activation ended the kernels in a bare KeyError ('complex64',
+    the name of a dtype table's missing entry), and the torch reference dropped its imaginary
+    part with no more than torch's warning: the statistics are real, a complex operand is refused."""
+    d_out, d_in = 8, 16
+    W, H = rand(gen, d_out, d_in), gram(gen, 20, d_in, torch.float32).to(DEVICE)
+    for name in ("W_k", "W_m", "H_k"):
+        args = dict(W_k=W, W_m=W.clone(), H_k=H)
+        args[name] = args[name].to(dtype)
+        with pytest.raises(ValueError, match=f"{name} must be real, got torch.{str(dtype)[6:]}"):
+            accumulate_residual(torch.zeros(d_out, d_in, device=DEVICE), **args, a=1.0, backend=backend)
+    with pytest.raises(ValueError, match=f"Hessian 1 must be real, got torch.{str(dtype)[6:]}"):
+        fold_hessians(torch.zeros(d_in, d_in, device=DEVICE), None, [H, H.to(dtype)], [1.0, 1.0], backend=backend)
+    with pytest.raises(ValueError, match=f"X must be real, got torch.{str(dtype)[6:]}"):
+        accumulate_xxt(torch.zeros(d_in, d_in, device=DEVICE), rand(gen, 5, d_in).to(dtype), backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, torch.complex64])
+def test_the_references_outputs_must_be_floating_point(gen, dtype):
+    """G, H_e, H_m and H are sums the torch reference updates in place: an integer one ended in
+    'For integral input tensors, argument alpha must not be a floating point number', a bool or
+    float8 one in a bare NotImplementedError or a promotion error (the kernels refused them by name)."""
+    d_out, d_in = 8, 16
+    W, H = rand(gen, d_out, d_in), gram(gen, 20, d_in, torch.float32).to(DEVICE)
+    out = torch.zeros(d_out, d_in, device=DEVICE).to(dtype)
+    with pytest.raises(ValueError, match=f"G must be floating point.*got torch.{str(dtype)[6:]}"):
+        accumulate_residual(out, W, W.clone(), H, 1.0, backend="torch")
+    square = torch.zeros(d_in, d_in, device=DEVICE).to(dtype)
+    with pytest.raises(ValueError, match=f"H_e must be floating point.*got torch.{str(dtype)[6:]}"):
+        fold_hessians(square, None, [H], [0.5], backend="torch")
+    with pytest.raises(ValueError, match=f"H must be floating point.*got torch.{str(dtype)[6:]}"):
+        accumulate_xxt(square, rand(gen, 5, d_in), backend="torch")
+
+
+def test_float8_hessians_are_folded_by_both_backends(gen):
+    """The fold kernel reads a float8 Hessian (converted in registers); the torch reference ended in
+    'Promotion for Float8 Types is not supported'. It reads one as the kernel does."""
+    d = 16
+    hessians = [gram(gen, 20, d, torch.float32).to(DEVICE).div(20).to(torch.float8_e4m3fn) for _ in range(2)]
+    got = {}
+    for backend in ("torch", "triton"):
+        H_e, H_m = torch.zeros(d, d, device=DEVICE), torch.zeros(d, d, device=DEVICE)
+        fold_hessians(H_e, H_m, hessians, [0.5, 0.25], backend=backend)
+        got[backend] = H_e, H_m
+    want = 0.5 * hessians[0].float() + 0.25 * hessians[1].float()
+    torch.testing.assert_close(got["torch"][0], want)
+    torch.testing.assert_close(got["triton"][0], want)
+    torch.testing.assert_close(got["torch"][1], hessians[0].float() + hessians[1].float())
