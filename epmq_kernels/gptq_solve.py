@@ -75,6 +75,10 @@ def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blo
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise ValueError(f"group_size must be an int (-1 or 0 for a static grid), got {group_size!r}")
+    # (complex: solved as its real part, silently, by the reference's float() and the kernel's loads)
+    for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros)):
+        if t is not None and t.is_complex():
+            raise ValueError(f"{name} must be real, got {t.dtype}")
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
     d_out, d_in = W.shape

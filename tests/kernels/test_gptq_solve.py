@@ -668,3 +668,20 @@ def test_a_nan_stays_nan_as_in_the_reference(gen):
         # depends on the signs, so only that NaN comes)
         out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, group_size=16)
         assert bool(torch.isnan(out.Q[0, 3:]).all() if W_bad is W else torch.isnan(out.Q).any())
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_complex_operands_are_refused_by_name(gen, solve):
+    """A complex W, R or Hinv was solved as its real part, silently (torch's warning at most, none
+    from the kernel): refused, naming the tensor."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    R = 0.01 * torch.randn(W.shape, generator=gen).to(W.device)
+    for name in ("W", "R", "Hinv"):
+        args = dict(W=W, R=R, Hinv=Hinv)
+        args[name] = args[name].to(torch.complex64)
+        with pytest.raises(ValueError, match=f"{name} must be real, got torch.complex64"):
+            solve(args["W"], args["Hinv"], R=args["R"], bits=4, sym=False, group_size=16)
+    grid = static_grid(W, 4, False, 16)
+    for name in ("scales", "zeros"):
+        with pytest.raises(ValueError, match=f"{name} must be real, got torch.complex64"):
+            solve(W, Hinv, bits=4, sym=False, **dict(grid, **{name: grid[name].to(torch.complex64)}))
