@@ -148,8 +148,11 @@ def ieee_fp32_matmul():
 def tf32_round(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero
     (``cvt.rna.tf32.f32``), returned as fp32."""
-    bits = x.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    x = x.float()
+    rounded = ((x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    # a NaN stays NaN (a TF32 one), as the conversion leaves it: the carry took one whose payload
+    # lies in the low 13 bits to inf, one with all its payload bits set to 0.0
+    return rounded.masked_fill_(torch.isnan(x), float("nan"))
 
 
 def tf32_truncate(x: torch.Tensor) -> torch.Tensor:

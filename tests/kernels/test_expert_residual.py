@@ -142,6 +142,21 @@ def test_tf32_round():
     assert torch.equal(tf32_round(t), t)
 
 
+def test_tf32_round_of_values_that_are_not_finite():
+    """A NaN stays NaN, as cvt.rna.tf32.f32 leaves it: one whose payload is in the low 13 bits
+    alone became inf, one with every payload bit set 0.0 or -0.0 (the carry ran out of its bits),
+    so the TF32 emulation of a product of such weights was finite, silently. inf stays inf, and
+    what rounds past TF32's largest is inf."""
+    nans = torch.tensor([0x7F800001, 0x7F801FFF, 0x7FFFFFFF, -1, 0x7FC00000, -0x400000], dtype=torch.int32)
+    assert torch.isnan(nans.view(torch.float32)).all()
+    assert torch.isnan(tf32_round(nans.view(torch.float32))).all()
+    big = torch.tensor([0x7F7FF000, 0x7F7FEFFF], dtype=torch.int32).view(torch.float32)  # (the midpoint past
+    x = torch.cat([torch.tensor([float("inf"), -float("inf")]), big, -big])             # TF32's largest, below)
+    lim = torch.tensor([0x7F7FE000], dtype=torch.int32).view(torch.float32).item()
+    want = torch.tensor([float("inf"), -float("inf"), float("inf"), lim, -float("inf"), -lim])
+    assert torch.equal(tf32_round(x), want)
+
+
 def tf32_bound(W_k, W_m, H_k):
     """Elementwise bound on a TF32 product's deviation from the exact ``D H_k``: each operand
     rounded by at most 2**-10 of itself (covers rounding to nearest and truncation), products
