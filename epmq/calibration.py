@@ -536,17 +536,23 @@ def _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, window
 # batch with "the size of tensor a (4) must match the size of tensor b (6)", naming none of them):
 # LayoutLM's bbox [B, L, 4], Longformer's and LED's global_attention_mask, XLM's langs, ERNIE's
 # task_type_ids, RoCBert's shape and pronunciation ids, MarkupLM's xpaths [B, L, depth], and
-# ERNIE 4.5 VL's moe_mm_token_type_ids.
+# ERNIE 4.5 VL's moe_mm_token_type_ids. ESM C's sequence_id (each token's chain, -1 its padding) too:
+# it marks the padding where no attention_mask is given (_masks).
 _ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
                  "cross_attention_mask", "image_embeds_position_mask", "mm_token_type_ids",
                  "bbox", "global_attention_mask", "langs", "task_type_ids", "input_shape_ids",
-                 "input_pronunciation_ids", "xpath_tags_seq", "xpath_subs_seq", "moe_mm_token_type_ids")
+                 "input_pronunciation_ids", "xpath_tags_seq", "xpath_subs_seq", "moe_mm_token_type_ids",
+                 "sequence_id")
 # Names that models give inputs of other shapes too, per token only in the rank given: Idefics'
 # image_attention_mask [B, L, images] (which images each token attends to; left whole, every padded
 # batch failed with "the size of tensor a (4) must match the size of tensor b (6)"), where FLAVA's
 # is per patch [B, patches] and Phi-4's per pixel [B, crops, H, W]. Cut where that rank's leading
 # dims are the mask's [B, L]; else they go with their row.
-_ENCODER_AXIS_OF_RANK = {"image_attention_mask": 3}
+# Audio encoders' inputs beside a mask of their samples or frames: Wav2Vec2's (HuBERT's, WavLM's)
+# input_values [B, samples], Speech2Text's and Wav2Vec2-BERT's input_features [B, frames, features]
+# (left whole, each row ran its padded samples, whose frames every Hessian counted, in silence);
+# Whisper's input_features [B, mels, frames] go with their row, its encoder reads them all.
+_ENCODER_AXIS_OF_RANK = {"image_attention_mask": 3, "input_values": 2, "input_features": 3}
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 
@@ -555,8 +561,12 @@ def _masks(item: Mapping, encoder_decoder: bool) -> list:
     """``[(keys on the axis, what the mask is, bool mask [B, L])]`` of a model-input dict."""
     sides = []
     mask = item.get("attention_mask")
+    chains = item.get("sequence_id")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         sides.append((_ENCODER_AXIS + (() if encoder_decoder else ("labels",)), "attention_mask", mask != 0))
+    elif isinstance(chains, torch.Tensor) and chains.dim() == 2 and not chains.is_floating_point():
+        # (ESM C: its padding is sequence_id -1, and given that, its forward ignores attention_mask)
+        sides.append((_ENCODER_AXIS + (() if encoder_decoder else ("labels",)), "sequence_id", chains >= 0))
     if not encoder_decoder:
         return sides
     mask, labels = item.get("decoder_attention_mask"), item.get("labels")
@@ -699,7 +709,7 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
                 raise ValueError(f"calibration batch: {key!r} has shape {tuple(value.shape)}, {what} "
                                  f"{tuple(mask.shape)}")
             # (else labels of a row, a class or a vector: cut by row only)
-        if what == "attention_mask":
+        if what in ("attention_mask", "sequence_id"):
             on_axis[-1] += [key for key, rank in _ENCODER_AXIS_OF_RANK.items()
                             if isinstance(item.get(key), torch.Tensor) and item[key].dim() == rank
                             and item[key].shape[:2] == mask.shape]

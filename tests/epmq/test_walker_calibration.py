@@ -645,3 +645,50 @@ def test_an_items_passes_draw_alike_on_any_accelerator(monkeypatch, kind):
     draws = [walker._call(Draws(), {}, device, walker._item_seed("a", 0)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
     assert torch.equal(accelerator.get_state(), state)
+
+
+def _grams_of_padded_and_single(model, singles, batch, name):
+    """The Gram matrix of ``name`` (RegMean's statistics, the walk's Hessian) over the items one by
+    one, and over them as one padded batch."""
+    return [gram_matrices(model, items, names=[name])[name] for items in (singles, [batch])]
+
+
+def test_padding_of_a_protein_lm_given_by_its_sequence_id_is_no_token(gen):
+    """ESM C takes its chains' padding as sequence_id -1 (its forward then ignores attention_mask):
+    a batch of it with no attention_mask had its pad tokens counted in every Hessian, silently, and
+    with one its sequence_id went uncut beside the cut tokens."""
+    config = transformers.EsmcConfig(vocab_size=33, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, pad_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.EsmcForMaskedLM(config).eval()
+    rows = [torch.randint(4, 30, (n,), generator=gen) for n in (5, 8, 3)]
+    singles = [{"input_ids": r[None]} for r in rows]
+    ids, mask = padded(rows, "right", 1)
+    chains = torch.where(mask.bool(), 0, -1)
+    name = "esmc.layers.0.mlp.down_proj.weight"
+    for batch in ({"input_ids": ids, "sequence_id": chains},
+                  {"input_ids": ids, "attention_mask": mask, "sequence_id": chains}):
+        single, batched = _grams_of_padded_and_single(model, singles, batch, name)
+        torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+
+
+def test_padded_audio_samples_are_no_tokens(gen):
+    """A padded batch of raw audio (Wav2Vec2's input_values [B, samples] beside an attention_mask
+    of the samples) had its mask cut and its samples not: each row ran its padded samples, whose
+    frames were counted in every Hessian of the encoder, silently. Cut as tokens are."""
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(config).eval()
+    waves = [torch.randn(n, generator=gen) for n in (400, 640, 520)]  # (each its own batch once cut)
+    singles = [{"input_values": w[None], "attention_mask": torch.ones(1, len(w), dtype=torch.long)} for w in waves]
+    values = torch.zeros(len(waves), 640)
+    mask = torch.zeros(len(waves), 640, dtype=torch.long)
+    for b, w in enumerate(waves):
+        values[b, :len(w)], mask[b, :len(w)] = w, 1
+    name = "encoder.layers.0.feed_forward.intermediate_dense.weight"
+    single, batched = _grams_of_padded_and_single(model, singles, {"input_values": values, "attention_mask": mask},
+                                                  name)
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
