@@ -8,7 +8,8 @@ finds them by structure and checks what it relies on:
 * the stacks: the outermost ``ModuleList``s (or ``Sequential``s) of modules whose class names
   end in ``Layer`` or ``Block`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
   ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``), each holding a
-  linear layer;
+  linear layer; in a model with none, the outermost lists of two or more modules of one class,
+  each holding a linear layer (Wav2Vec2's ``Wav2Vec2EncoderLayerStableLayerNorm``);
 * while the walker records a stack's inputs, the stand-ins call the real blocks
   (``runs_blocks``), so every block is recorded with what the model gives it at that depth,
   keyword arguments the model takes from an earlier block's outputs included (T5's position
@@ -60,6 +61,26 @@ def _routes(block: nn.Module) -> bool:
                for name, m in block.named_modules())
 
 
+def _outermost(model: nn.Module, is_stack) -> list:
+    """``[(name, list)]`` of the lists of ``model`` that ``is_stack(name, list)``, none inside another."""
+    found = []
+    for name, module in model.named_modules():
+        if (isinstance(module, _LISTS) and is_stack(name, module)
+                and not any(name.startswith(f"{outer}.") for outer, _ in found)):
+            found.append((name, module))
+    return found
+
+
+def _repeats_one_module(name: str, module) -> bool:
+    """Whether a list holds two or more modules of one class, each holding a linear (not linears
+    themselves, nor routed experts)."""
+    kinds = {type(m) for m in module}
+    return (len(module) > 1 and len(kinds) == 1
+            and not isinstance(module[0], (_LISTS, nn.Linear, nn.MultiheadAttention))
+            and type(module[0]).__name__ != "Conv1D" and name.rpartition(".")[2] != "experts"
+            and all(_holds_linear(m) for m in module))
+
+
 class AutoAdapter(MoEAdapter):
     """Blocks found by structure, called as the model calls them (see the module docstring)."""
 
@@ -76,12 +97,12 @@ class AutoAdapter(MoEAdapter):
                 and _holds_linear(module))
 
     def stacks(self, model: nn.Module) -> list:
-        found = []
-        for name, module in model.named_modules():
-            if (isinstance(module, _LISTS) and len(module) and all(self.is_block(b) for b in module)
-                    and not any(name.startswith(f"{outer}.") for outer, _ in found)):
-                found.append((name, module))
-        return found
+        found = _outermost(model, lambda name, module: len(module) and all(self.is_block(b) for b in module))
+        # where no block is named so, lists repeating one module that holds linears (Wav2Vec2's,
+        # HuBERT's and WavLM's large encoders repeat a Wav2Vec2EncoderLayerStableLayerNorm, which
+        # no adapter found): only then, as other lists of repeated modules beside named blocks
+        # (detection heads, BLT's cross-attention) are no blocks to walk one by one
+        return found or _outermost(model, _repeats_one_module)
 
     def routes(self, stacks) -> bool:
         return any(_routes(block) for _, blocks in stacks for block in blocks)

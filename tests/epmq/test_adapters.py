@@ -133,9 +133,10 @@ class ToyAdapter(epmq.Adapter):
 
 def test_register_an_adapter_for_a_new_family(gen, tmp_path, monkeypatch):
     monkeypatch.setattr(epmq.adapters, "_REGISTRY", list(epmq.adapters._REGISTRY))
-    with pytest.raises(ValueError, match=r"no epmq adapter knows ToyNet.*body \(ScaledUnit\)"):
-        epmq.quantize_model(ToyNet(), epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    # (unregistered, its repeated ScaledUnits are found by structure, AUTO's fallback)
+    assert [a.name for a, _ in epmq.adapters.find_towers(ToyNet())] == ["auto"]
     epmq.register_adapter(ToyAdapter("toy", block_types=("ScaledUnit",)))
+    assert [a.name for a, _ in epmq.adapters.find_towers(ToyNet())] == ["toy"]
 
     torch.manual_seed(0)
     model = ToyNet().eval()

@@ -600,3 +600,31 @@ def test_calls_counted_as_the_model_makes_them(gen, monkeypatch):
                                          r"argument of block 0 at 'layers', after that block's call"):
         epmq.quantize_model(_Counter().eval(), SPEC, method="gptq", calibration={"a": [torch.randn(4, 8)]},
                             backend="torch", progress=False)
+
+
+def test_repeated_blocks_named_otherwise_are_found_by_structure(gen):
+    """Wav2Vec2's, HuBERT's and WavLM's large encoders (do_stable_layer_norm) repeat a
+    Wav2Vec2EncoderLayerStableLayerNorm, whose name ends in neither Layer nor Block: no adapter
+    found any block ('no epmq adapter knows Wav2Vec2Model'). Where no block is named so, a list
+    of two or more modules of one class holding linears is a stack; lists of one-off or
+    linear-free modules (its convolutional feature encoder) are not."""
+    import transformers
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(config).eval()
+    assert [(a.name, [n for n, _ in s]) for a, s in find_towers(model)] == [("auto", ["encoder.layers"])]
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.layers"))
+    calibration = {"a": [{"input_values": torch.randn(2, 640, generator=gen)}]}
+    epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert model.epmq_report.adapter == "auto"
+    assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == 12
+    heads = nn.Module()
+    heads.one = nn.ModuleList([ScaledUnit(4)])  # (one module: nothing repeated)
+    heads.mixed = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.LayerNorm(4))])
+    assert AUTO.stacks(heads) == []
+    heads.units = nn.ModuleList([ScaledUnit(4) for _ in range(2)])
+    assert [n for n, _ in AUTO.stacks(heads)] == ["units"]

@@ -343,8 +343,11 @@ class Residual(nn.Module):
 
 
 def test_unknown_model_says_how_to_add_an_adapter():
-    with pytest.raises(ValueError, match=r"no epmq adapter knows Net.*layers \(Residual\).*register_adapter"):
-        epmq.quantize_model(Net(Residual), SPEC, method="rtn", progress=False)
+    """(A list repeating Residual is walked by AUTO, found by structure: one of two kinds is not.)"""
+    model = Net(Residual)
+    model.layers[1] = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"no epmq adapter knows Net.*layers \(Residual, Sequential\).*register_"):
+        epmq.quantize_model(model, SPEC, method="rtn", progress=False)
 
 
 def test_a_convolutional_network_is_told_it_has_nothing_to_quantize():
