@@ -1171,17 +1171,30 @@ def _call(model, item, device, seed=None):
         return _call_now(model, item, device)
     # the model's accelerator's generator too, whichever it is (CUDA, XPU, Apple's MPS: a model
     # there draws from its own), forked and seeded alone
-    kind = device.type if isinstance(device, torch.device) and device.type not in ("cpu", "meta") else None
+    accelerator = _generator_module(device)
+    kind = device.type if accelerator is not None else None
     devices = [device] if kind is not None else []
     with torch.random.fork_rng(devices=devices, device_type=kind):
         # (not torch.manual_seed: it seeds every GPU, whose states fork_rng does not restore)
         torch.random.default_generator.manual_seed(seed)
         if kind is not None:
-            accelerator = torch.get_device_module(kind)
             # (manual_seed seeds the current device; MPS has one, and no device context)
             with accelerator.device(device) if hasattr(accelerator, "device") else contextlib.nullcontext():
                 accelerator.manual_seed(seed)
         return _call_now(model, item, device)
+
+
+def _generator_module(device):
+    """torch's module of ``device``'s generators (``torch.cuda``, ``torch.xpu``, ``torch.mps``), or
+    None: a CPU, or a device torch registers no such module for (XLA, HPU without theirs), whose
+    draws the CPU's seed is all that is given."""
+    if not isinstance(device, torch.device) or device.type in ("cpu", "meta"):
+        return None
+    try:
+        module = torch.get_device_module(device.type)
+    except RuntimeError:
+        return None
+    return module if all(hasattr(module, f) for f in ("get_rng_state", "set_rng_state", "manual_seed")) else None
 
 
 def _item_seed(task, n) -> int:

@@ -647,6 +647,19 @@ def test_an_items_passes_draw_alike_on_any_accelerator(monkeypatch, kind):
     assert torch.equal(accelerator.get_state(), state)
 
 
+def test_an_item_on_a_device_torch_has_no_module_for_runs_seeded_on_the_cpu():
+    """A device whose generator torch does not know (XLA, HPU without their module registered) is
+    not forked: the pass runs under the CPU's seed, as before, rather than failing."""
+
+    class Draws(nn.Module):
+        def forward(self):
+            return torch.rand(4)
+
+    device = torch.device("xla", 0)
+    draws = [walker._call(Draws(), {}, device, walker._item_seed("a", 0)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+
+
 def _grams_of_padded_and_single(model, singles, batch, name):
     """The Gram matrix of ``name`` (RegMean's statistics, the walk's Hessian) over the items one by
     one, and over them as one padded batch."""
