@@ -576,6 +576,32 @@ def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
     _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized="model.layers.0.linear_attn.in_proj_z")
 
 
+def test_biases_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
+    """DINOv2's SwiGLU MLP (its giant model's) holds gate_proj and up_proj, weights and biases,
+    that its checkpoints (and save_pretrained) hold as rows of one ``mlp.weights_in``: the weights
+    were read by their rows, the biases not, so the expert path (which runs each expert's blocks
+    with every tensor of theirs) refused its expert directories ("holds
+    'encoder.layer.0.mlp.gate_proj.bias' inside its mlp.weights_in.bias tensors"). The biases are
+    read by their rows too: the walk from the directory gives what the same expert in memory gives."""
+    from test_walker_models import _hf
+
+    torch.manual_seed(0)
+    expert = _hf("Dinov2Model", "Dinov2Config", image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=64, use_swiglu_ffn=True)().eval()
+    expert.save_pretrained(tmp_path / "expert")
+    items = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)}]
+    out = {}
+    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
+        torch.manual_seed(1)
+        model = type(expert)(expert.config).eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration={"t": items},
+                            experts={"t": source}, targets="expert_path", backend="torch", progress=False)
+        assert isinstance(model.encoder.layer[0].mlp.gate_proj, epmq.QuantLinear)
+        with torch.no_grad():
+            out[given_as] = model(**items[0]).last_hidden_state
+    assert torch.equal(out["directory"], out["module"])
+
+
 def test_linears_saved_transposed_under_other_names_are_read(gen, tmp_path):
     """Ergo's checkpoints (and save_pretrained) hold its shared experts' projections and its
     router transposed, under names of their own (``feed_forward.shared_up_proj [in, out]``,
