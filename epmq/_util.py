@@ -13,7 +13,7 @@ import sys
 import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -48,11 +48,24 @@ def _malloc_trim():
     return trim
 
 
-def release_freed_memory() -> None:
+# Bytes of temporaries freed between trims of the heap (``release_freed_memory(freed=)``): what
+# may stay resident, at most, for one trim per that many bytes
+TRIM_EVERY = 32 << 20
+_untrimmed = [0]  # (freed since the last trim)
+
+
+def release_freed_memory(freed: Optional[int] = None) -> None:
     """Hand the pages of freed memory in the C heap back to the system (glibc's
-    ``malloc_trim(0)``, a few ms on a GB heap; nothing where the C library has none). glibc keeps
-    freed blocks below one still in use in its heap: temporaries of many MB freed between the
-    tensors a model keeps stayed resident, as if the model were that much larger."""
+    ``malloc_trim(0)``; nothing where the C library has none). glibc keeps freed blocks below one
+    still in use in its heap: temporaries of many MB freed between the tensors a model keeps
+    stayed resident, as if the model were that much larger. ``freed``: the bytes of temporaries
+    just freed, the heap trimmed once they add up to ``TRIM_EVERY`` since the last trim: a trim
+    scans the whole heap (tens of ms on a GB one), too slow after each of thousands of layers."""
+    if freed is not None:
+        _untrimmed[0] += freed
+        if _untrimmed[0] < TRIM_EVERY:
+            return
+    _untrimmed[0] = 0
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -345,9 +345,10 @@ class QuantLinear(nn.Module):
 
         def build():
             plan = repack()
-            # its [K, N] int32 temporaries, freed between the plans the layers keep, stayed in
-            # glibc's heap: a loaded model's first CPU forward left it ~2x the model resident
-            release_freed_memory()
+            # its [K, N] int32 temporaries (the codes, and their transpose), freed between the
+            # plans the layers keep, stayed in glibc's heap: a loaded model's first CPU forward
+            # left it ~2x the model resident
+            release_freed_memory(freed=2 * 4 * self.in_features * self.out_features)
             return plan
 
         return self._cached(f"_cpu_int4_{str(dtype)[6:]}", build, self.qweight, self.qzeros,

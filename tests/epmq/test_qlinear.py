@@ -602,3 +602,25 @@ def test_a_loaded_checkpoints_first_cpu_forward_keeps_what_it_builds_not_its_tem
     assert seen["kept"] > 10 * 2**20  # (the int4 kernel's path was taken)
     # (the rest: what torch's first CPU forward allocates for itself, ~15 MB)
     assert seen["grown"] < seen["kept"] + 64 * 2**20, seen
+
+
+def test_a_first_cpu_forward_of_many_small_layers_trims_the_heap_once_their_temporaries_add_up(gen, monkeypatch):
+    """The heap was trimmed after each layer's repack for torch's int4 kernel, and a trim scans
+    the whole heap (tens of ms on a GB heap): the first forward of 2000 layers [512, 512] took
+    32 s where it took 6 s untrimmed, slower the more layers (a MoE's experts: thousands per
+    model). Trimmed once the freed temporaries add up to ``TRIM_EVERY`` bytes, not per layer."""
+    from epmq import _util, qlinear
+
+    if qlinear._cpu_int4_mm is None:
+        pytest.skip("no CPU int4 kernel in this torch")
+    trims = []
+    monkeypatch.setattr(_util, "_malloc_trim", lambda: trims.append)
+    result = solve(epmq.QuantSpec(bits=4, group_size=128), gen, d_out=32, d_in=256)
+    layers = [epmq.QuantLinear.from_result(result, None).bfloat16() for _ in range(40)]
+    x = torch.randn(2, 256, generator=gen).bfloat16()
+    for layer in layers:
+        assert layer._cpu_int4(torch.bfloat16) is not None
+        layer(x)
+    # (40 layers' [256, 32] int32 temporaries: far fewer bytes than call for a trim)
+    assert len(trims) <= 1, len(trims)
+    assert 40 * 2 * 256 * 32 * 4 < _util.TRIM_EVERY
