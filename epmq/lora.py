@@ -144,6 +144,38 @@ def model_skeleton(base) -> Optional[nn.Module]:
         return None
 
 
+def _saved_converted(skeleton, modules) -> dict:
+    """``{module: [the checkpoint tensors holding its weight]}`` for those of ``modules`` whose
+    weight ``save_pretrained`` writes converted (Sarvam-MoE's q_proj, k_proj and v_proj as rows of
+    one query_key_value), as a base checkpoint of ``skeleton``'s holds them: not under the
+    module's name. Empty without a skeleton, or a model that converts none."""
+    if skeleton is None or not modules:
+        return {}
+    import warnings
+
+    from .checkpoint_io import saved_layout
+
+    with warnings.catch_warnings():  # (its warning is a merge's)
+        warnings.simplefilter("ignore")
+        layout = saved_layout(skeleton)
+    if layout is None:
+        return {}
+    from transformers.core_model_loading import revert_weight_conversion
+
+    found = {}
+    for module in modules:
+        group = layout.group(f"{module}.weight")
+        if group is None:
+            continue
+        try:
+            saved = revert_weight_conversion(skeleton, {n: torch.empty(layout.shapes[n], device="meta")
+                                                        for n in group})
+        except Exception:  # (a converter that cannot run on meta tensors)
+            continue
+        found[module] = list(saved)
+    return found
+
+
 def checkpoint_ties(reader) -> dict:
     """The tensors the checkpoint ``reader`` reads ties by its own config.json: name -> the
     other names of the same tensor (``tie_order`` with ``own_checkpoint``: under
@@ -324,6 +356,15 @@ class LoraExpert(Mapping):
             raise ValueError(f"{what}: module {mha[0]!r} has a LoRA on torch's nn.MultiheadAttention (its "
                              f"in_proj_weight, or the out_proj inside it), which epmq does not read; merge it "
                              f"with PEFT's merge_and_unload()")
+        converted = _saved_converted(skeleton, missing)
+        if converted:  # (the base is the adapter's: its checkpoint holds those weights otherwise)
+            module, held = next(iter(converted.items()))
+            more = f" and {len(converted) - 1} more" if len(converted) > 1 else ""
+            raise ValueError(f"{what}: the base ({self.base.description}) holds the weight of the adapted module "
+                             f"{module!r}{more} inside {', '.join(held)}, which transformers converts as it loads "
+                             f"the model; epmq reads a base checkpoint tensor by tensor: merge the adapter with PEFT's "
+                             f"merge_and_unload(), or in Python give base= the base loaded (from_pretrained(...)), "
+                             f"or its state dict")
         if missing:
             more = " ..." if len(missing) > 3 else ""
             tied = "" if skeleton is not None else (
