@@ -24,6 +24,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def _aminmax(t: torch.Tensor) -> tuple:
     """``torch.aminmax`` of a non-empty floating-point ``t`` (device tensors, NaN propagated)."""
+    t = t.detach()  # (its values: a Parameter's read with autograd on warned as it became a float)
     if t.element_size() == 1:  # (float8: no aminmax; every value, NaN and inf kept, fits fp16)
         t = t.to(torch.float16)
     return torch.aminmax(t)

@@ -60,6 +60,18 @@ def test_statistics_keep_no_autograd_graph(gen, backend):
         assert not t.requires_grad and t.grad_fn is None
 
 
+def test_statistics_of_a_parameter_check_its_values_without_autograds_warning(gen):
+    """EPMQStats given a layer's weight as a Parameter checked its values (no NaN or inf) with
+    autograd on: torch's "Converting a tensor with requires_grad=True to a scalar may lead to
+    unexpected behavior" was printed for each layer; the values are read detached."""
+    import warnings
+
+    W_m = torch.nn.Parameter(torch.randn(4, 16, generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EPMQStats(W_m, backend="torch")
+
+
 def test_streaming_equals_whole_statistics(gen):
     W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
     W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(3)]
