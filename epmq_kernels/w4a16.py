@@ -2550,6 +2550,8 @@ def _check_config(path, config):
     KeyError deep in the plan)."""
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict of launch options, got {type(config).__name__}")
+    if path not in PATHS:  # (a PATH the config names)
+        raise ValueError(f"config names PATH {path!r}, not one of {PATHS}")
     configs = [*AUTOTUNE_SPACE[path], INTERPRETER_CONFIG[path]]
     known = set().union(*configs, _OPTIONAL[path])
     needed = set.intersection(*(set(c) for c in configs)) - set(_OPTIONAL[path])
@@ -2622,7 +2624,8 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         # (a sort wanted but not made, for want of memory: no plan kept, the next call retries)
         keep = not (entry.permuted and ACT_ORDER_REPACK and entry._sorted is None)
         if config is not None:
-            path = path or _path_for(M)
+            # (an autotune candidate names its path: there, not the one M would choose)
+            path = path or (config.get("PATH") if isinstance(config, dict) else None) or _path_for(M)
             _check_config(path, config)
             config = {k: v for k, v in config.items() if k != "PATH"}
             if path == "splitk" and "BLOCK_M" not in config:

@@ -1171,6 +1171,21 @@ def test_a_forced_config_is_checked_against_its_path(gen):
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
 
 
+def test_a_config_naming_its_path_runs_on_that_path(gen):
+    """An autotune candidate names its path (``PATH``, as ``explain``'s timings list them): given
+    as config without path=, it was refused where the path chosen by M differed ("config names
+    PATH 'splitk', but it is forced on the gemv path", no path having been forced); it runs on
+    the path it names."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(1, 64, generator=gen).half()
+    assert W._path_for(1) != "splitk"
+    config = dict(W.INTERPRETER_CONFIG["splitk"], PATH="splitk")
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, config=config, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+    with pytest.raises(ValueError, match=r"config names PATH 'fast', not one of"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, config=dict(config, PATH="fast"), backend="triton")
+
+
 def test_reference_refuses_what_the_matmul_refuses(gen):
     """The exported reference and dequantizer (the ground truth users check their weights
     against) refuse the weights ``w4a16_matmul`` refuses, instead of a plausible wrong answer:
