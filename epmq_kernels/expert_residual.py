@@ -10,8 +10,8 @@ and keeps the fastest. This file holds the torch references and the Triton kerne
 ``accumulate_residual`` / ``accumulate_xxt`` with ``backend=`` pick one.
 
 Configuration space: ``G``/``H`` in fp32 (the GPU statistics) or fp64 (the CPU statistics);
-weights in any float dtype (converted to ``G``'s in registers); activations in bf16, fp16, fp32
-or fp64; any shapes (tiles are masked at the edges).
+weights in any float dtype (converted to ``G``'s in registers; float8, and float8 Hessians, read
+through fp16); activations in bf16, fp16, fp32 or fp64; any shapes (tiles are masked at the edges).
 """
 
 import torch
@@ -38,6 +38,12 @@ def _check_sum(t, name):
     if not t.is_floating_point() or t.element_size() == 1:
         raise ValueError(f"{name} must be floating point (fp16, bf16, fp32 or fp64): it is a sum updated in "
                          f"place, got {t.dtype}")
+
+
+def _read_fp8(t: torch.Tensor) -> torch.Tensor:
+    """A float8 operand read through fp16, exactly, as the references read it: loaded as float8,
+    e4m3 does not compile for sm_80, and the interpreter reads a NaN as a number."""
+    return t.to(torch.float16) if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def _check_residual_args(G, W_k, W_m, H_k):
@@ -571,7 +577,7 @@ def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
     if not G.is_contiguous():
         raise ValueError("G must be contiguous (it is updated in place)")
     given = (W_k, W_m, H_k)
-    W_k, W_m, H_k = W_k.contiguous(), W_m.contiguous(), H_k.contiguous()
+    W_k, W_m, H_k = (_read_fp8(t).contiguous() for t in given)
     precision = "ieee" if G.dtype == torch.float64 else input_precision
     config = _residual_config(G, W_k, W_m, H_k, precision)
     copied = any(t is not g for t, g in zip((W_k, W_m, H_k), given))
@@ -610,7 +616,7 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
     n = H_e.numel()
     BLOCK, warps = _FOLD_BLOCK
     for start in range(0, len(hessians), FOLD_ARITY):
-        chunk = [H.contiguous() for H in hessians[start:start + FOLD_ARITY]]
+        chunk = [_read_fp8(H).contiguous() for H in hessians[start:start + FOLD_ARITY]]
         a = device_values(weights[start:start + FOLD_ARITY], H_e.dtype, H_e.device)
         pad = chunk + [chunk[0]] * (FOLD_ARITY - len(chunk))  # (unread pointers)
         _fold_kernel[(triton.cdiv(n, BLOCK),)](

@@ -911,3 +911,34 @@ def test_float8_hessians_are_folded_by_both_backends(gen):
     torch.testing.assert_close(got["torch"][0], want)
     torch.testing.assert_close(got["triton"][0], want)
     torch.testing.assert_close(got["torch"][1], hessians[0].float() + hessians[1].float())
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_operands_are_read_through_fp16_as_the_references_read_them(gen, fp8):
+    """As the Hessian check's kernel (f666523), the residual and the fold loaded float8 operands
+    as float8: e4m3 does not compile for sm_80, and the interpreter read a NaN as a number (the
+    residual's G came out finite where the reference's had the NaN; the fold gave 240 for a NaN
+    entry times 0.5), while the fold's reference failed on torch's bare 'Promotion for Float8
+    Types is not supported'. Read through fp16, NaN included: the two backends agree."""
+    d_out, d_in = 8, 32
+    W_k = torch.randn(d_out, d_in, generator=gen, device=DEVICE).to(fp8)
+    W_m = torch.randn(d_out, d_in, generator=gen, device=DEVICE)
+    H_k = torch.randn(d_in, d_in, generator=gen, device=DEVICE).to(fp8)
+    H_k[1, 2] = float("nan")
+    start = torch.randn(d_out, d_in, generator=gen, device=DEVICE)
+    G_ref, G_tri = start.clone(), start.clone()
+    accumulate_residual_reference(G_ref, W_k, W_m, H_k, 0.5)
+    accumulate_residual_triton(G_tri, W_k, W_m, H_k, 0.5)
+    assert torch.equal(G_ref.isnan(), G_tri.isnan()) and G_ref.isnan().any()
+    ok = ~G_ref.isnan()
+    torch.testing.assert_close(G_tri[ok], G_ref[ok], rtol=1e-5, atol=1e-5)
+    hessians = [H_k, torch.randn(d_in, d_in, generator=gen, device=DEVICE).to(fp8)]
+    start = torch.randn(d_in, d_in, generator=gen, device=DEVICE)
+    outs = []
+    for fold in (fold_hessians_reference, fold_hessians_triton):
+        H_e, H_m = start.clone(), start.clone()
+        fold(H_e, H_m, hessians, [0.5, 2.0])
+        outs.append((H_e, H_m))
+    for ref, tri in zip(*outs):
+        assert ref[1, 2].isnan() and tri[1, 2].isnan()
+        torch.testing.assert_close(tri, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
