@@ -888,7 +888,8 @@ def report_text(results: dict, plan: Plan, tasks: list) -> str:
 
 
 def write_table(out: Path, text: str) -> None:
-    write_atomic(out / REPORT_FILES[0], lambda tmp: tmp.write_text(text + "\n"))
+    # (UTF-8 whatever the locale: task names may be of any script)
+    write_atomic(out / REPORT_FILES[0], lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
 
 
 def report(results: dict, plan: Plan, tasks: list, out_dir) -> str:

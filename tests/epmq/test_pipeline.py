@@ -756,3 +756,31 @@ def test_the_two_plots_draw_each_series_in_one_colour(calls_list, tmp_path, quie
     shared = set(colours[0]) & set(colours[1])
     assert {"RTN", "GPTQ", "E-PMQ", "experts"} <= shared
     assert {k: colours[0][k] for k in shared} == {k: colours[1][k] for k in shared}
+
+
+def test_the_table_is_written_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """table.md was written in the locale's encoding: under cp1252 (Windows) a task named in
+    another script (a config's '日本語' task) ended the run's report in UnicodeEncodeError, and
+    'café' was written as cp1252 bytes no UTF-8 reader reads."""
+    import io
+
+    real_open = open
+
+    def cp1252_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):  # open() under a cp1252 locale
+        if "b" not in mode and encoding in (None, "locale"):  # (pathlib passes "locale")
+            encoding = "cp1252"
+        return real_open(file, mode, buffering, encoding, *args, **kwargs)
+
+    rows = [("Base (zero-shot)", {"日本語": 0.5, "café": 0.25, "avg": 0.375})]
+    text = pipeline.format_table(rows, ["日本語", "café"])
+    monkeypatch.setattr("builtins.open", cp1252_open)
+    monkeypatch.setattr(io, "open", cp1252_open)
+    try:
+        pipeline.write_table(tmp_path, text)
+    except UnicodeError as e:
+        failed = e
+    else:
+        failed = None
+    monkeypatch.undo()
+    assert failed is None, f"table.md was not written: {failed}"
+    assert (tmp_path / "table.md").read_text(encoding="utf-8") == text + "\n"
