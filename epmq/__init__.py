@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 # `python -m epmq` imports this package (torch, transformers, Triton: seconds) before its __main__
 # runs, out of reach of epmq_cli's catch of Ctrl-C while starting: caught here while python -m
-# looks for the module (sys.argv[0] is "-m" then); any other import of epmq keeps its interrupt
+# looks for the module (sys.argv[0] is "-m" then) and that module is epmq's; any other import of
+# epmq keeps its interrupt (`python -m tool` whose package imports epmq: the tool's to handle)
 try:
     from epmq_kernels import _runtime  # noqa: F401  (Triton's interpreter switch, before any kernel)
 
@@ -30,7 +31,9 @@ try:
     from .qlinear import QuantLinear
     from .walker import QuantReport, quantize_model
 except KeyboardInterrupt:
-    if sys.argv[:1] != ["-m"]:
+    _argv = getattr(sys, "orig_argv", [])
+    _module = next((a[2:] or b for a, b in zip(_argv, _argv[1:] + [""]) if a.startswith("-m")), "")
+    if sys.argv[:1] != ["-m"] or _module.partition(".")[0] != "epmq":
         raise
     print("\nepmq: interrupted while starting; nothing was done", file=sys.stderr)
     raise SystemExit(130) from None

@@ -120,3 +120,33 @@ def test_ctrl_c_while_python_m_epmq_starts_ends_it_in_one_line(lib, tmp_path):
     assert done.returncode == 130, done.stderr
     assert done.stderr.split() == "epmq: interrupted while starting; nothing was done".split()
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_another_python_m_tool_imports_epmq_stays_its_own(lib, tmp_path):
+    """The catch above is for `python -m epmq` alone: a tool run as `python -m tool` whose package
+    imports epmq had Ctrl-C there turned into 'epmq: interrupted while starting' and exit 130, its
+    own handling of KeyboardInterrupt never reached."""
+    hooks = tmp_path / "hooks"
+    (hooks / "tool").mkdir(parents=True)
+    (hooks / "sitecustomize.py").write_text("""if True:
+        import sys
+
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, Interrupt())""")
+    (hooks / "tool" / "__init__.py").write_text("""if True:
+        import sys
+
+        try:
+            import epmq  # noqa: F401
+        except KeyboardInterrupt:
+            print("tool: stopped", file=sys.stderr)
+            sys.exit(3)""")
+    (hooks / "tool" / "__main__.py").write_text("")
+    done = subprocess.run([sys.executable, "-m", "tool"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=f"{hooks}{os.pathsep}{lib}"), capture_output=True,
+                          text=True, timeout=300)
+    assert (done.returncode, done.stderr.strip()) == (3, "tool: stopped")
