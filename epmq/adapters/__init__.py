@@ -316,7 +316,7 @@ def find_towers(model: nn.Module, adapter=None) -> list:
             raise TypeError(f"adapter must be an epmq.Adapter (or a list of them), got {type(a).__name__}")
         stacks = find_adapter(model, a).stacks(model)
         if a is AUTO:
-            stacks = [(name, blocks) for name, blocks in stacks if not any(_nested(name, t) for t in owner)]
+            stacks = AUTO.stacks_beside(model, owner)
             if not stacks:
                 raise ValueError(f"epmq.adapters.AUTO finds no blocks in {type(model).__name__} that the other "
                                  f"adapters given do not walk")

@@ -41,7 +41,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import _LISTS
+from . import _LISTS, _nested
 from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention
 from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
 
@@ -103,6 +103,15 @@ class AutoAdapter(MoEAdapter):
         # no adapter found): only then, as other lists of repeated modules beside named blocks
         # (detection heads, BLT's cross-attention) are no blocks to walk one by one
         return found or _outermost(model, _repeats_one_module)
+
+    def stacks_beside(self, model: nn.Module, taken) -> list:
+        """The stacks AUTO walks beside other adapters' at ``taken`` (``adapter=[..., AUTO]``): its
+        own that none of them holds; where they hold them all, the lists repeating one module that
+        holds linears that they leave (Wav2Vec2's large encoder beside a GPT-2 decoder, which
+        ``warn_other_towers`` tells to walk so)."""
+        found = [(name, blocks) for name, blocks in self.stacks(model) if not any(_nested(name, t) for t in taken)]
+        return found or [(name, blocks) for name, blocks in _outermost(model, _repeats_one_module)
+                         if not any(_nested(name, t) for t in taken)]
 
     def routes(self, stacks) -> bool:
         return any(_routes(block) for _, blocks in stacks for block in blocks)

@@ -628,3 +628,43 @@ def test_repeated_blocks_named_otherwise_are_found_by_structure(gen):
     assert AUTO.stacks(heads) == []
     heads.units = nn.ModuleList([ScaledUnit(4) for _ in range(2)])
     assert [n for n, _ in AUTO.stacks(heads)] == ["units"]
+
+
+def test_a_tower_of_blocks_named_otherwise_beside_a_known_one_is_walked_when_auto_is_asked_for(gen):
+    """A speech encoder-decoder of Wav2Vec2's large encoder and GPT-2: the walk warns that the
+    encoder's layers stay in full precision and says to give adapter=[..., AUTO]; that was refused
+    as 'AUTO finds no blocks ... that the other adapters given do not walk', AUTO's only named
+    blocks (GPT2Block) being GPT-2's. Where the others walk all its named ones, AUTO takes the
+    lists repeating one module that holds linears that they leave."""
+    import warnings
+
+    import transformers
+
+    encoder = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12)
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0, add_cross_attention=True, is_decoder=True)
+    config = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 0, 0
+    torch.manual_seed(0)
+    model = transformers.SpeechEncoderDecoderModel(config).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.adapters.warn_other_towers(model, find_towers(model))
+    assert any("encoder.encoder.layers" in str(w.message) and "epmq.adapters.AUTO" in str(w.message) for w in caught)
+    towers = find_towers(model, adapter=[epmq.adapters.GPT2, AUTO])
+    assert [(a.name, [n for n, _ in s]) for a, s in towers] == [
+        ("hf-gpt2", ["decoder.transformer.h"]), ("auto", ["encoder.encoder.layers"])]
+    linears = sorted(n for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and n.startswith("encoder.encoder.layers"))
+    calibration = {"a": [{"input_values": torch.randn(2, 640, generator=gen),
+                          "decoder_input_ids": torch.randint(1, 64, (2, 5), generator=gen)}]}
+    epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=[epmq.adapters.GPT2, AUTO])
+    walked = {e["name"] for e in model.epmq_report.layers}
+    assert set(linears) <= walked and len(linears) == 12
+    assert any(n.startswith("decoder.transformer.h.") for n in walked)
+    # (alone, AUTO still walks the named blocks only: the others are not blocks beside them)
+    assert [n for n, _ in AUTO.stacks(model)] == ["decoder.transformer.h"]
