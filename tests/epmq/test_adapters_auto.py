@@ -668,3 +668,27 @@ def test_a_tower_of_blocks_named_otherwise_beside_a_known_one_is_walked_when_aut
     assert any(n.startswith("decoder.transformer.h.") for n in walked)
     # (alone, AUTO still walks the named blocks only: the others are not blocks beside them)
     assert [n for n, _ in AUTO.stacks(model)] == ["decoder.transformer.h"]
+
+
+@pytest.mark.parametrize("family", ["XLM", "Flaubert"])
+def test_xlm_keeps_its_layers_in_lists_of_attentions_and_of_feed_forwards_which_are_walked(gen, family):
+    """XLM (and FlauBERT, its French model) keeps no list of blocks: layer i is attentions[i],
+    layer_norm1[i], ffns[i], layer_norm2[i], each list its own. It was refused ('no epmq adapter
+    knows XLMWithLMHeadModel'); its lists of attentions and of feed-forward layers repeat one
+    module holding linears, which AUTO walks, each module's inputs taken from the model."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(vocab_size=50, emb_dim=32, n_layers=2, n_heads=4)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}WithLMHeadModel")(config).eval()
+    assert [(a.name, [n for n, _ in s]) for a, s in find_towers(model)] == [
+        ("auto", ["transformer.attentions", "transformer.ffns"])]
+    ids = torch.randint(0, 50, (2, 8), generator=gen)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                        calibration={"a": [{"input_ids": ids}]}, backend="torch", progress=False)
+    assert len(model.epmq_report.layers) == 12  # (q, k, v, out and lin1, lin2 of each of 2 layers)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - want).norm() < 0.01 * want.norm()
