@@ -291,6 +291,14 @@ def open_image_sources(name: str, spec: DataSpec, classnames: Optional[List[str]
     return sources, names
 
 
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def open_text_sources(name: str, spec: DataSpec, fields: Sequence[str]):
     """``{split: source}`` of a text task (examples are dicts with ``fields`` and ``label``)."""
     what = f"task {name!r}"
@@ -301,13 +309,21 @@ def open_text_sources(name: str, spec: DataSpec, fields: Sequence[str]):
             if not path.is_file():
                 raise BenchConfigError(f"{what}: missing data split {split!r}: no file {path}")
             records = []
-            with open(path, encoding="utf-8-sig") as f:  # (UTF-8, a BOM or none, whatever the locale)
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise BenchConfigError(f"{what}: {path} line {line_no} is not JSON: {e}") from e
+            try:
+                with open(path, encoding="utf-8-sig") as f:  # (UTF-8, a BOM or none, whatever the locale)
+                    for line_no, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                records.append(json.loads(line))
+                            except json.JSONDecodeError as e:
+                                raise BenchConfigError(f"{what}: {path} line {line_no} is not JSON: {e}") from e
+            except UnicodeDecodeError as e:
+                # (decoded in chunks: the error's position is the chunk's; the line is found in the bytes,
+                # where no UTF-8 character spans a newline)
+                line_no = next(n for n, raw in enumerate(path.read_bytes().split(b"\n"), 1)
+                               if not _decodes(raw))
+                raise BenchConfigError(f"{what}: {path} line {line_no} is not UTF-8 text ({e.reason}): "
+                                       f"save it as UTF-8") from e
             source = Records(records)
             columns = set(records[0]) if records else set()
 

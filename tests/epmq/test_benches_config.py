@@ -337,3 +337,17 @@ def test_jsonl_text_tasks_are_read_as_utf8_whatever_the_locale(tmp_path, monkeyp
     sources = open_text_sources("t", spec, ["sentence"])
     for split in sources.values():
         assert [split[i] for i in range(len(split))] == rows
+
+
+def test_a_jsonl_that_is_not_utf8_is_named(tmp_path):
+    """A task's .jsonl saved in another encoding (cp1252's 'café', as Windows' Notepad did) ended
+    the bench's opening in a bare UnicodeDecodeError naming neither the file nor the line."""
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import open_text_sources
+
+    (tmp_path / "train.jsonl").write_bytes(b'{"sentence": "plain", "label": 0}\n'
+                                           + '{"sentence": "café", "label": 1}\n'.encode("cp1252"))
+    (tmp_path / "test.jsonl").write_bytes(b'{"sentence": "plain", "label": 0}\n')
+    spec = DataSpec(source="jsonl", root=tmp_path, splits={"train": "train", "test": "test"})
+    with pytest.raises(BenchConfigError, match=r"train\.jsonl line 2 is not UTF-8 text.*save it as UTF-8"):
+        open_text_sources("t", spec, ["sentence"])
