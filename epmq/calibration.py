@@ -552,7 +552,10 @@ _ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 # input_values [B, samples], Speech2Text's and Wav2Vec2-BERT's input_features [B, frames, features]
 # (left whole, each row ran its padded samples, whose frames every Hessian counted, in silence);
 # Whisper's input_features [B, mels, frames] go with their row, its encoder reads them all.
+# Only where no text comes beside them: an audio LM's attention_mask is its text's (Qwen2-Audio's
+# input_features [B, 128 mels, frames] go with their row, which texts of 128 tokens cut by the mels).
 _ENCODER_AXIS_OF_RANK = {"image_attention_mask": 3, "input_values": 2, "input_features": 3}
+_AUDIO_INPUTS = ("input_values", "input_features")
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 
@@ -710,8 +713,10 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
                                  f"{tuple(mask.shape)}")
             # (else labels of a row, a class or a vector: cut by row only)
         if what in ("attention_mask", "sequence_id"):
+            text = any(item.get(k) is not None for k in ("input_ids", "inputs_embeds"))
             on_axis[-1] += [key for key, rank in _ENCODER_AXIS_OF_RANK.items()
-                            if isinstance(item.get(key), torch.Tensor) and item[key].dim() == rank
+                            if not (text and key in _AUDIO_INPUTS)
+                            and isinstance(item.get(key), torch.Tensor) and item[key].dim() == rank
                             and item[key].shape[:2] == mask.shape]
     batches = {}  # real lengths -> rows, in the order met
     for b in range(B):

@@ -705,3 +705,24 @@ def test_padded_audio_samples_are_no_tokens(gen):
     single, batched = _grams_of_padded_and_single(model, singles, {"input_values": values, "attention_mask": mask},
                                                   name)
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+
+
+def test_an_audio_lms_features_are_not_cut_by_its_texts_mask(gen):
+    """In an audio LM's batch (Qwen2-Audio's, Granite Speech's) attention_mask is the text's; its
+    input_features ([B, mels, frames] or [B, frames, features]) went with their row, until the
+    audio encoders' cut (8904e7d) took them as cut by any attention_mask of their leading shape:
+    texts padded to as many tokens as the features have mels (Qwen2-Audio's 128) or frames had
+    the audio cut to each text's length. Beside the text's ids they go with their row."""
+    from epmq.calibration import unpad
+
+    ids = torch.randint(5, 50, (2, 16), generator=gen)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    features = torch.randn(2, 16, 30, generator=gen)  # (16 mels of 30 frames, or 16 frames of 30 features)
+    parts = unpad({"input_ids": ids, "attention_mask": mask, "input_features": features})
+    assert sorted(p["input_ids"].shape[1] for p in parts) == [11, 16]
+    for p in parts:
+        assert p["input_features"].shape[1:] == (16, 30)
+    # (an audio encoder's own mask still cuts them: Speech2Text's frames)
+    parts = unpad({"attention_mask": mask, "input_features": features})
+    assert sorted(p["input_features"].shape[1] for p in parts) == [11, 16]
