@@ -347,7 +347,9 @@ def quantize_options(config: dict):
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
                    dtype=options.get("dtype"), tower=options.get("tower"),
                    checkpoint_format=options.get("checkpoint_format", "auto"),
-                   max_shard_size=options.get("max_shard_size", "5GB"))
+                   max_shard_size=options.get("max_shard_size", "5GB"),
+                   targets=options.get("targets", "merged_path"),
+                   residual_precision=options.get("residual_precision"))
     return spec, options
 
 

@@ -49,7 +49,8 @@ from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
 from .spec import QuantSpec
-from .walker import METHODS, _selector, quantize_model
+from .walker import METHODS, TARGETS, _selector, quantize_model
+from epmq_kernels.expert_residual import check_residual_precision
 
 REPORT_FILE = "epmq_report.json"
 TOWERS = ("vision", "language")
@@ -260,9 +261,18 @@ def _check_positions(directory: Path, seq_len: int) -> None:
 def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                    experts: Optional[Mapping[str, object]], *, dtype: Optional[str] = None,
                    tower: Optional[str] = None, checkpoint_format: str = "auto",
-                   max_shard_size="5GB") -> None:
+                   max_shard_size="5GB", targets: str = "merged_path",
+                   residual_precision: Optional[str] = None) -> None:
     """Raise ValueError for a quantization ``quantize_checkpoint`` cannot run, before anything
     is read (the format and shard size too: a typo there must not wait for the walk)."""
+    # (quantize_model checks these too, but only once the model is loaded and every task's files
+    # tokenized: minutes for a large model before a misspelt expert-path was refused)
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if method == "gptq" and targets == "expert_path":
+        raise ValueError("targets='expert_path' needs experts: use method='epmq'")
+    if residual_precision is not None:
+        check_residual_precision(residual_precision, "residual_precision")
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
     _bytes(max_shard_size)
@@ -329,7 +339,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     ``percdamp``, ``true_sequential`` and ``residual_precision``: as ``epmq.quantize_model``'s.
     """
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
-                   max_shard_size=max_shard_size)
+                   max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
     check_output(out)
     if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):

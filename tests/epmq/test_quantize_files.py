@@ -961,6 +961,30 @@ def test_an_output_directory_of_the_user_is_refused_before_the_walk(files, tmp_p
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "mine.resume").exists()
 
 
+def test_a_misspelt_target_path_or_residual_precision_is_refused_before_the_model_is_read(files, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Not after the model is loaded and every task's files tokenized (minutes for a large model):
+    at once, as a misspelt checkpoint_format is."""
+    import epmq.quantize_files
+
+    root = files
+    monkeypatch.setattr(epmq.quantize_files, "calibrated", lambda *a, **k: pytest.fail("the calibration was read"))
+    config = tmp_path / "q.yaml"
+    base = dict(model=str(root / "merged"), method="epmq", bits=4, group_size=16, experts={"a": str(root / "expert0")},
+                calibration={"a": str(root / "a.txt")}, samples=2, seq_len=8)
+    for change, match in [(dict(targets="expert-path"), "targets must be one of .*got 'expert-path'"),
+                          (dict(targets="expert_path", method="gptq", experts=None),
+                           "targets='expert_path' needs experts: use method='epmq'"),
+                          (dict(residual_precision="bf16"), "residual_precision must be one of .*got 'bf16'")]:
+        config.write_text(yaml.safe_dump({k: v for k, v in {**base, **change}.items() if v is not None}))
+        assert main(["quantize", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+        assert re.search(match, capsys.readouterr().err)
+        assert not (tmp_path / "x").exists() and not (tmp_path / "x.resume").exists()
+    with pytest.raises(ValueError, match="targets must be one of"):
+        epmq.quantize_checkpoint(root / "merged", tmp_path / "x", spec=epmq.QuantSpec(), method="gptq",
+                                 calibration={"a": root / "a.txt"}, targets="fp-path")
+
+
 def test_a_vision_language_model_is_sent_to_its_language_model(tmp_path):
     """epmq quantize calibrates on texts or on images; a VLM takes both, and has no vision-tower
     class for tower: vision: both errors say what does quantize it."""
