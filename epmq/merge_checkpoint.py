@@ -42,8 +42,8 @@ import torch
 from . import merge as merge_lib
 from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
-from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, json_files,
-                            local_checkpoint, tie_order, weights_in)
+from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
+                            json_files, local_checkpoint, tie_order, weights_in)
 from .checks import device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
@@ -405,7 +405,13 @@ def _model_card(recipe: dict) -> str:
     import yaml
 
     sources = ([recipe["base"]] if recipe["base"] else []) + recipe["models"]
-    meta = yaml.safe_dump({"base_model": sources, "tags": ["merge", "epmq"]}, sort_keys=False)
+    # the hub refuses a commit whose README names anything but model ids there (a local path, an
+    # org/name@revision): the hub models only, by their id; the recipe below names every source
+    hub_ids = [ref[0] for source in map(str, sources) if not Path(source).expanduser().exists()
+               and (ref := hub_reference(source)) is not None and not Path(ref[0]).expanduser().exists()]
+    hub_ids = list(dict.fromkeys(hub_ids))
+    meta = yaml.safe_dump({**({"base_model": hub_ids} if hub_ids else {}), "tags": ["merge", "epmq"]},
+                          sort_keys=False)
     return (f"---\n{meta}---\n{CARD_MARK}\n\n# Merged with epmq ({recipe['method']})\n\n"
             f"This model merges {len(recipe['models'])} models"
             f"{' into the base ' + recipe['base'] if recipe['base'] else ''} with "

@@ -74,7 +74,7 @@ def test_merged_checkpoint_equals_the_in_memory_merge(checkpoints, tmp_path, met
     assert transformers.AutoTokenizer.from_pretrained(out)("a b").input_ids
     assert not (out / "tf_model.h5").exists()  # the base's weights in another format
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model:") and method in card and "tags:" in card
+    assert card.startswith("---\ntags:") and method in card  # (no base_model: local sources, no hub ids)
 
 
 def test_karcher_checkpoints(checkpoints, tmp_path):
@@ -440,6 +440,34 @@ def test_sources_by_hub_id_downloaded_bring_the_chat_template(checkpoints, tmp_p
     out = merge_checkpoints("task_arithmetic", ["org/e0", root / "e1"], "out", base="org/base",
                             params={"scale": 0.4}, progress=False)
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == template
+
+
+def test_the_model_cards_base_model_names_hub_models_only(checkpoints, tmp_path, monkeypatch):
+    """The hub refuses a commit whose README's base_model holds anything but model ids (HTTP 400,
+    '"base_model" with value ... is not valid'): a merge of local checkpoints could not be
+    uploaded as written. It names the sources that are hub models, without a revision (the
+    recipe keeps every source as given)."""
+    import shutil
+
+    import huggingface_hub
+    import yaml
+
+    root, base, experts = checkpoints
+    remote = {"org/base": root / "base", "org/e0": root / "e0"}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_download(remote, tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "e2", tmp_path / "ckpt" / "e2")  # (a local path that reads like org/name)
+
+    def metadata(out):
+        card = (out / "README.md").read_text()
+        return yaml.safe_load(card.split("---\n")[1])
+
+    out = merge_checkpoints("task_arithmetic", ["org/e0@v1", root / "e1", "ckpt/e2"], "out", base="org/base",
+                            progress=False)
+    assert metadata(out) == {"base_model": ["org/base", "org/e0"], "tags": ["merge", "epmq"]}
+    assert json.loads((out / RECIPE_FILE).read_text())["models"] == ["org/e0@v1", str(root / "e1"), "ckpt/e2"]
+    out = merge_checkpoints("task_arithmetic", [root / "e1", "ckpt/e2"], "local", base=root / "base", progress=False)
+    assert metadata(out) == {"tags": ["merge", "epmq"]}
 
 
 def hub_download(remote: dict, cache):
