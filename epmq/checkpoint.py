@@ -61,7 +61,7 @@ from ._util import (read_json, read_json_file, release_freed_memory, remove_stal
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
-from .checks import all_finite, is_int
+from .checks import all_finite, device_argument, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, g_idx_problem, in_order_g_idx
 
@@ -1244,6 +1244,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     ``directory``: a local directory, or an HF hub id (``org/name``, ``org/name@revision``) that
     is none, read from its snapshot in the hub's cache (downloaded there once, never written to).
     """
+    # (a device it cannot load onto was reported as the safetensors file not read, or torch's bare
+    # error: said of the device, before anything is read or fetched)
+    device = device_argument(device)
     # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
     # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
     directory = local_checkpoint(directory, directory=True)

@@ -124,6 +124,21 @@ def test_load_rejects_another_architecture(gen, tmp_path):
         epmq.load_quantized(tmp_path, fam.fresh())
 
 
+def test_a_device_it_cannot_load_onto_is_named_not_the_checkpoint(gen, tmp_path):
+    """device="cuda" without a GPU was reported as 'cannot read .../model.safetensors: RuntimeError:
+    Found no NVIDIA driver', the checkpoint blamed; a misspelt device was torch's bare RuntimeError.
+    Said of the device, as quantize_model and the commands say it, before anything is read."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    cases = [("bogus", "device must name a torch device .*got 'bogus'"),
+             ("meta", "device='meta' holds no values to compute with")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "device='cuda', but torch sees no CUDA device here"))
+    for device, match in cases:
+        with pytest.raises(ValueError, match=match):
+            epmq.load_quantized(tmp_path / "q", device=device)
+
+
 def test_hooks_on_the_layers_load_quantized_replaces_are_kept(gen, tmp_path):
     """A hook the caller registered on a layer of the model given to load_quantized was
     dropped without a word when the layer became a QuantLinear; it goes with the layer, as in
