@@ -295,41 +295,42 @@ def saved_linears(adapter: Adapter, model: nn.Module, swap) -> dict:
 
 
 def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
-    """``{weight or bias name: Part}`` of the linears inside ``adapter``'s blocks that
+    """``{tensor name: Part}`` of the linears inside ``adapter``'s blocks whose weights (and biases)
     ``save_pretrained`` writes as rows of one tensor with others (transformers' conversion mapping
-    splits it on loading: LaraMini's ``linear_attn.in_proj``, rows ``[qkv | z | b | a]``; DINOv2's
-    SwiGLU ``mlp.weights_in``, weight and bias), or transposed under another name (Ergo's
-    ``feed_forward.shared_up_proj``), so that an expert directory, which holds no tensor of their
-    names, is read by rows of that one, or transposed (found by ``SavedLayout.pieces``, one group
-    of tensors at a time; ``layout``: ``saved_layout(model)``)."""
+    splits it on loading: LaraMini's ``linear_attn.in_proj``, rows ``[qkv | z | b | a]``; GTE's
+    ``attention.qkv_proj``, weight and bias), or transposed under
+    another name (Ergo's ``feed_forward.shared_up_proj``), so that an expert directory, which
+    holds no tensor of their names, is read by rows of that one, or transposed (found by
+    ``SavedLayout.pieces``, one group of tensors at a time; ``layout``: ``saved_layout(model)``)."""
     from ..checkpoint_io import key_renaming
 
     rename = key_renaming(model) or (lambda key: key)
-    # (biases too: the expert path runs the expert's blocks with every tensor of theirs)
-    tensors = {f"{name}.{kind}": getattr(module, kind) for name, module in adapter.block_modules(model)
-               if type(module) is nn.Linear for kind in ("weight", "bias") if getattr(module, kind) is not None}
+    # (their biases too: GTE's q, k, v biases are rows of the one attention.qkv_proj.bias, which a
+    # walk of the expert's path reads)
+    held = {f"{name}.{kind}": tuple(tensor.shape) for name, module in adapter.block_modules(model)
+            if type(module) is nn.Linear
+            for kind, tensor in (("weight", module.weight), ("bias", module.bias)) if tensor is not None}
     renames, done = {}, set()
-    for tensor in tensors:
+    for tensor in held:
         group = layout.group(tensor)
-        if group is None or tensor in done or not all(n in tensors for n in group):
+        if group is None or tensor in done or not all(n in held for n in group):
             continue  # (only groups of whole linears' tensors: an index as large as a layer's, not its experts')
         done.update(group)
         pieces = layout.pieces(group)
         if pieces is None or len(pieces) != 1:
             continue
         (key, shape, sources), = pieces
-        if len(shape) != tensors[sources[0][0]].dim():
+        if len(shape) != len(held[tensor]):
             continue
-        if len(sources) == 1 and len(shape) == 2 and _transposed(sources[0], shape, tensors[sources[0][0]].shape):
+        if len(shape) == 2 and len(sources) == 1 and _transposed(sources[0], shape, held[sources[0][0]]):
             renames[tensor] = Part(tensor, rename(key), None, None, shape, transposed=True)
             continue
         for name, where, at in sources:
-            held = tuple(tensors[name].shape)
-            size, cols = math.prod(held), math.prod(held[1:])  # (a bias: one entry per row)
-            if not (isinstance(at, slice) and at in (slice(None), slice(0, size)) and isinstance(where, slice)):
+            rows, cols = held[name][0], math.prod(held[name][1:])
+            if not (isinstance(at, slice) and at in (slice(None), slice(0, rows * cols)) and isinstance(where, slice)):
                 continue  # (its entries in another order: a permutation of rows, say)
             start, stop = (0, math.prod(shape)) if where == slice(None) else (where.start, where.stop)
-            if held[1:] == tuple(shape[1:]) and start % cols == 0 and stop - start == size:
+            if cols == math.prod(shape[1:]) and start % cols == 0 and stop - start == rows * cols:
                 renames[name] = Part(name, rename(key), None, (start // cols, stop // cols), shape)
     return renames
 

@@ -526,10 +526,12 @@ def _step3p7():
     return model(config(text_config=text, vision_config=vision))
 
 
-def _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized=None, **kwargs):
+def _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized=None, output="logits", **kwargs):
     """The E-PMQ walk of ``build()`` (seed 1) given the expert ``build()`` (seed 0) as its
     save_pretrained directory gives what it gives with the expert in memory, and its checkpoint
-    loads to the same outputs. ``quantized``: a layer the walk must have quantized."""
+    loads to the same outputs. ``quantized``: a layer the walk must have quantized; ``ids``: the
+    input ids, or the calibration item; ``output``: the output compared."""
+    batch = ids if isinstance(ids, dict) else dict(input_ids=ids)
     torch.manual_seed(0)
     expert = build()
     expert.save_pretrained(tmp_path / "expert")
@@ -538,15 +540,15 @@ def _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized=None, **k
         torch.manual_seed(1)
         model = build().eval()
         epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
-                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False, **kwargs)
+                            calibration={"t": [batch]}, experts={"t": source}, progress=False, **kwargs)
         assert quantized is None or isinstance(model.get_submodule(quantized), epmq.QuantLinear)
         with torch.no_grad():
-            out[given_as] = model(ids).logits
+            out[given_as] = getattr(model(**batch), output)
     assert torch.equal(out["directory"], out["module"])
     epmq.save_quantized(model, tmp_path / "q")
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, out["module"])
+        assert torch.equal(getattr(loaded(**batch), output), out["module"])
 
 
 def test_experts_saved_stacked_by_projection_are_read(gen, tmp_path):
@@ -614,6 +616,41 @@ def test_linears_saved_transposed_under_other_names_are_read(gen, tmp_path):
     build = WIDER["ergo"][0]
     ids = torch.randint(0, 64, (2, 8), generator=gen)
     _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized="model.layers.1.mlp.shared_experts.up_proj")
+
+
+_ENCODER = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+
+
+def _tipsv2():
+    from test_walker_models import _classes
+
+    model, config = _classes("Tipsv2Model", "Tipsv2Config")
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14,
+                  use_swiglu_ffn=True)
+    return model(config(text_config=_ENCODER, vision_config=vision))
+
+
+@pytest.mark.parametrize("family", ["GteForMaskedLM", "JinaEmbeddingsV3ForMaskedLM", "Tipsv2Model"])
+def test_biases_saved_as_rows_of_one_tensor_are_read_by_rows(family, gen, tmp_path):
+    """GTE's, Jina Embeddings v3's and TIPSv2's checkpoints (and save_pretrained) hold q, k and v
+    with their biases as rows of one tensor, weight and bias (``attention.qkv_proj``,
+    ``mixer.Wqkv``, ``attn.in_proj_weight`` and ``in_proj_bias``; TIPSv2's vision MLP's gate and
+    up as ``mlp.w12``), which their conversion mappings split on loading. The weights were read by
+    rows but not the biases, so an expert_path walk, which runs the expert's blocks whole, refused
+    their expert directories ("holds '...q_proj.bias' inside its attention.qkv_proj tensors"). The
+    biases are read by their rows too: the walk from the directory gives what the same expert in
+    memory gives."""
+    from test_walker_models import _decoder
+
+    if family == "Tipsv2Model":
+        build, output = _tipsv2, "logits_per_image"
+        ids = dict(input_ids=torch.randint(2, 64, (2, 8), generator=gen),
+                   pixel_values=torch.randn(2, 3, 28, 28, generator=gen))
+    else:
+        build, output = _decoder(family, family.replace("ForMaskedLM", "Config"), **_ENCODER), "logits"
+        ids = torch.randint(2, 64, (2, 8), generator=gen)
+    _directory_walk_is_the_module_walk(build, ids, tmp_path, output=output, targets="expert_path")
 
 
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
