@@ -74,17 +74,20 @@ class Part(str):
     transpose of its ``I`` rows). A checkpoint holding the tensor under ``name`` itself holds it
     as the model does (not transposed). ``saved``: where neither is held, the ``Part`` of the
     tensor that ``save_pretrained`` writes holding it (Step 3.7's experts: one ``[E, I, H]`` tensor
-    per projection, ``moe.gate_proj.weight``), or None."""
+    per projection, ``moe.gate_proj.weight``), or None. ``order``: the slice holds the tensor's
+    rows in another order, its row ``order[i]`` being the tensor's row ``i`` (Step 3.7's vision q
+    and k, saved for interleaved rotary pairs, which its loading permutes to halves), or None."""
 
-    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False, cols=None, saved=None):
+    def __new__(cls, name, fused, index, rows, fused_shape, transposed=False, cols=None, saved=None, order=None):
         self = super().__new__(cls, name)
         self.fused, self.index, self.rows, self.fused_shape = fused, index, rows, tuple(fused_shape)
         self.transposed, self.cols, self.saved = transposed, cols, saved
+        self.order = None if order is None else tuple(order)
         return self
 
     def __getnewargs__(self):  # (copied and pickled whole: a model keeps its walk's names)
         return (str(self), self.fused, self.index, self.rows, self.fused_shape, self.transposed, self.cols,
-                self.saved)
+                self.saved, self.order)
 
     @property
     def where(self) -> tuple:
@@ -94,9 +97,11 @@ class Part(str):
         return where if self.index is None else (self.index, *where)
 
     def take(self, fused, read: bool = False):
-        """This part of ``fused`` (a view); ``read``: ``fused`` is ``fused[self.where]`` already."""
+        """This part of ``fused`` (a view, a copy where ``order`` is given); ``read``: ``fused`` is
+        ``fused[self.where]`` already."""
         part = fused if read else fused[self.where]
-        return part.t() if self.transposed else part
+        part = part.t() if self.transposed else part
+        return part if self.order is None else part[torch.tensor(self.order, device=part.device)]
 
 
 class Adapter:

@@ -327,12 +327,32 @@ def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
             continue
         for name, where, at in sources:
             rows, cols = held[name][0], math.prod(held[name][1:])
-            if not (isinstance(at, slice) and at in (slice(None), slice(0, rows * cols)) and isinstance(where, slice)):
-                continue  # (its entries in another order: a permutation of rows, say)
+            if not isinstance(where, slice):
+                continue
+            order = None
+            if isinstance(at, torch.Tensor):  # (its rows in another order: rotary q and k, saved interleaved)
+                order = _row_order(at, rows, cols)
+                if order is None:
+                    continue  # (its entries in another order than its rows')
+            elif at not in (slice(None), slice(0, rows * cols)):
+                continue
             start, stop = (0, math.prod(shape)) if where == slice(None) else (where.start, where.stop)
             if cols == math.prod(shape[1:]) and start % cols == 0 and stop - start == rows * cols:
-                renames[name] = Part(name, rename(key), None, (start // cols, stop // cols), shape)
+                renames[name] = Part(name, rename(key), None, (start // cols, stop // cols), shape, order=order)
     return renames
+
+
+def _row_order(at: torch.Tensor, rows: int, cols: int) -> Optional[list]:
+    """Where ``at`` (a module tensor's flat entries, as a saved run of ``rows`` rows of ``cols``
+    holds them) is its rows in another order: for each of the tensor's rows, the saved row holding
+    it (``Part.order``); else None."""
+    if at.numel() != rows * cols:
+        return None
+    held = at.view(rows, cols)
+    first = held[:, 0]
+    if not torch.equal(held, first[:, None] + torch.arange(cols, dtype=at.dtype)) or bool((first % cols).any()):
+        return None
+    return torch.argsort(first // cols).tolist()
 
 
 class LinearExperts(nn.Module):

@@ -653,6 +653,50 @@ def test_biases_saved_as_rows_of_one_tensor_are_read_by_rows(family, gen, tmp_pa
     _directory_walk_is_the_module_walk(build, ids, tmp_path, output=output, targets="expert_path")
 
 
+def _mistral_large4():
+    from test_walker_models import _DEEPSEEK, _classes
+
+    model, config = _classes("MistralLarge4ForConditionalGeneration", "MistralLarge4Config")
+    text = dict(_ENCODER, vocab_size=300, head_dim=4, index_topk=4, index_head_dim=8, index_n_heads=2,
+                model_type="mistral_large4_text", **_DEEPSEEK)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, head_dim=8, model_type="pixtral")
+    return model(config(text_config=text, vision_config=vision, image_token_index=299, spatial_merge_size=2))
+
+
+def _step3p7_vision():
+    from test_walker_models import _classes
+
+    model, config = _classes("Step3p7VisionModel", "Step3p7VisionConfig")
+    return model(config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=28, patch_size=14, max_position_embeddings=4))
+
+
+@pytest.mark.parametrize("family", ["step3p7_vision", "mistral_large4"])
+def test_linears_saved_with_their_rows_permuted_are_read_in_the_models_order(family, gen, tmp_path):
+    """Step 3.7's and Mistral Large 4's vision towers' checkpoints (and save_pretrained) hold q and
+    k (Step 3.7's as rows of one ``attn.in_proj_weight`` and ``in_proj_bias``, Mistral Large 4's
+    as ``attention.wq``) with each head's rows in the interleaved order of rotary pairs, which
+    their conversion mappings permute (``PermuteForRope``) to the halves the model rotates: their
+    expert directories were refused ("holds '...k_proj.weight' inside its attn.in_proj_weight
+    tensors"). Their rows are now read in the model's order, the permutation found by
+    transformers' own reverse conversion: the walk from the directory gives what the same expert
+    in memory gives (Step 3.7's on the expert's path: its biases too), and its checkpoint loads to
+    the same outputs."""
+    if family == "step3p7_vision":
+        batch = dict(pixel_values=torch.randn(2, 3, 28, 28, generator=gen))
+        _directory_walk_is_the_module_walk(_step3p7_vision, batch, tmp_path, quantized="layers.1.self_attn.q_proj",
+                                           output="last_hidden_state", targets="expert_path")
+    else:
+        ids = torch.randint(0, 290, (1, 12), generator=gen)
+        ids[0, 1:5] = 299  # (a 32 x 32 image: 4 tokens, Pixtral's patches merged 2 x 2)
+        batch = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32, generator=gen),
+                     image_sizes=torch.tensor([[32, 32]]))
+        with pytest.warns(UserWarning, match="no adapter knows the blocks at model.language_model.layers"):
+            _directory_walk_is_the_module_walk(_mistral_large4, batch, tmp_path,
+                                               quantized="model.vision_tower.transformer.layers.1.attention.k_proj")
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
