@@ -75,8 +75,9 @@ class Part(str):
     as the model does (not transposed). ``saved``: where neither is held, the ``Part`` of the
     tensor that ``save_pretrained`` writes holding it (Step 3.7's experts: one ``[E, I, H]`` tensor
     per projection, ``moe.gate_proj.weight``), or None. ``order``: the slice holds the tensor's
-    rows in another order, its row ``order[i]`` being the tensor's row ``i`` (Step 3.7's vision q
-    and k, saved for interleaved rotary pairs, which its loading permutes to halves), or None."""
+    rows in another order, or among others, its row ``order[i]`` being the tensor's row ``i``
+    (Step 3.7's vision q and k, saved for interleaved rotary pairs, which its loading permutes to
+    halves; Inkling's gate and up, interleaved in one tensor), or None."""
 
     def __new__(cls, name, fused, index, rows, fused_shape, transposed=False, cols=None, saved=None, order=None):
         self = super().__new__(cls, name)

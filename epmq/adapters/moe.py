@@ -327,32 +327,37 @@ def fused_saved_linears(adapter: Adapter, model: nn.Module, layout) -> dict:
             continue
         for name, where, at in sources:
             rows, cols = held[name][0], math.prod(held[name][1:])
-            if not isinstance(where, slice):
+            if cols != math.prod(shape[1:]):
                 continue
-            order = None
-            if isinstance(at, torch.Tensor):  # (its rows in another order: rotary q and k, saved interleaved)
-                order = _row_order(at, rows, cols)
-                if order is None:
-                    continue  # (its entries in another order than its rows')
-            elif at not in (slice(None), slice(0, rows * cols)):
-                continue
-            start, stop = (0, math.prod(shape)) if where == slice(None) else (where.start, where.stop)
-            if cols == math.prod(shape[1:]) and start % cols == 0 and stop - start == rows * cols:
-                renames[name] = Part(name, rename(key), None, (start // cols, stop // cols), shape, order=order)
+            span = _rows_held(where, at, rows, cols, math.prod(shape))
+            if span is not None:
+                renames[name] = Part(name, rename(key), None, span[0], shape, order=span[1])
     return renames
 
 
-def _row_order(at: torch.Tensor, rows: int, cols: int) -> Optional[list]:
-    """Where ``at`` (a module tensor's flat entries, as a saved run of ``rows`` rows of ``cols``
-    holds them) is its rows in another order: for each of the tensor's rows, the saved row holding
-    it (``Part.order``); else None."""
-    if at.numel() != rows * cols:
+def _rows_held(where, at, rows: int, cols: int, total: int) -> Optional[tuple]:
+    """``(rows, order)`` for ``Part`` where a saved tensor's flat entries ``where`` (of ``total``,
+    rows of ``cols``) are a module tensor's flat entries ``at`` (``SavedLayout.pieces``) row by
+    row: the saved rows it spans, and for each of its rows the one of them holding it, None where
+    they hold it in order. Its rows in another order (Step 3.7's vision q and k, saved for
+    interleaved rotary pairs) or among others' (Inkling's gate and up, interleaved in
+    ``mlp.w13_dn``: each reads both's rows) are read so. None where its entries are not whole rows."""
+    def positions(index, n):
+        return torch.arange(*index.indices(n)) if isinstance(index, slice) else index
+
+    saved, entries = positions(where, total), positions(at, rows * cols)
+    if saved.numel() != rows * cols:
         return None
-    held = at.view(rows, cols)
+    held = torch.empty(rows * cols, dtype=torch.long)
+    held[entries] = saved.long()  # (the saved entry holding each of the tensor's entries)
+    held = held.view(rows, cols)
     first = held[:, 0]
-    if not torch.equal(held, first[:, None] + torch.arange(cols, dtype=at.dtype)) or bool((first % cols).any()):
+    if bool((first % cols).any()) or not torch.equal(held, first[:, None] + torch.arange(cols)):
         return None
-    return torch.argsort(first // cols).tolist()
+    first = first // cols
+    start, stop = int(first.min()), int(first.max()) + 1
+    in_order = stop - start == rows and torch.equal(first, torch.arange(start, stop))
+    return (start, stop), None if in_order else (first - start).tolist()
 
 
 class LinearExperts(nn.Module):

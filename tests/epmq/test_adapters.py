@@ -698,6 +698,30 @@ def test_linears_saved_with_their_rows_permuted_are_read_in_the_models_order(fam
                                                quantized="model.vision_tower.transformer.layers.1.attention.k_proj")
 
 
+def _inkling():
+    from test_walker_models import _classes
+
+    model, config = _classes("InklingForConditionalGeneration", "InklingConfig")
+    text = dict(_ENCODER, num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                swa_head_dim=8, sliding_window_size=4, d_rel=4, rel_extent=8, mlp_layer_types=["dense", "dense"],
+                pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    return model(config(text_config=text, audio_config=dict(text_hidden_size=32),
+                        vision_config=dict(text_hidden_size=32, hidden_size=32, num_hidden_layers=1,
+                                           num_attention_heads=4, patch_size=8)))
+
+
+def test_linears_saved_with_their_rows_interleaved_are_read_by_their_rows(gen, tmp_path):
+    """Inkling's checkpoints (and save_pretrained) hold a dense MLP's gate and up as one
+    ``mlp.w13_dn``, their rows interleaved (gate's first row, up's, gate's second, ...), which its
+    conversion mapping splits on loading (``Interleave``, ``Chunk``): its expert directories were
+    refused ("holds '...mlp.gate_proj.weight' inside its mlp.w13_dn.weight tensors"). Each is now
+    read by its rows of that one: the walk from the directory gives what the same expert in memory
+    gives, and its checkpoint loads to the same outputs."""
+    ids = torch.randint(2, 64, (2, 8), generator=gen)
+    _directory_walk_is_the_module_walk(_inkling, ids, tmp_path, quantized="model.language_model.layers.1.mlp.up_proj",
+                                       targets="expert_path", layers=r"^model\.language_model\.")
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
