@@ -108,11 +108,13 @@ def saved_names(model: nn.Module, name: str, fused: nn.Module, rename) -> Option
 
 
 def saved_stacks(model: nn.Module, parts: tuple, rename) -> Optional[list]:
-    """For each of an expert's ``parts`` (gate, up, down: expert 0's, named in ``model``), the name
-    and shape of the tensor ``save_pretrained`` writes holding it where that is one tensor per
-    projection for all experts (``[E, I, H]``: Step 3.7's ``moe.gate_proj.weight`` and
-    ``moe.up_proj.weight``, which its conversion mapping concatenates into ``gate_up_proj``), else
-    None (fused as the module holds it); None where the mapping writes neither."""
+    """For each of an expert's ``parts`` (gate, up, down: expert 0's, named in ``model``), the name,
+    shape, rows and row order (``Part``'s) of the tensor ``save_pretrained`` writes holding it
+    where that is one tensor per projection for all experts (``[E, I, H]``: Step 3.7's
+    ``moe.gate_proj.weight`` and ``moe.up_proj.weight``, which its conversion mapping concatenates
+    into ``gate_up_proj``), or the fused tensor under another name, each expert's rows in another
+    order (Inkling's ``experts.w13_weight``, gate's and up's rows interleaved), else None (fused
+    as the module holds it); None where the mapping writes none of these."""
     out = []
     for param in dict.fromkeys(part.fused for part in parts):
         mine = [part for part in parts if part.fused == param]
@@ -122,13 +124,49 @@ def saved_stacks(model: nn.Module, parts: tuple, rename) -> Optional[list]:
         if [key for key, _ in saved] == [param]:
             out += [None] * len(mine)
             continue
+        if len(saved) == 1 and saved[0][1] == mine[0].fused_shape and not mine[0].transposed:
+            held = _stacked_rows(model, param, mine[0].fused_shape)
+            if held is None:
+                return None
+            if torch.equal(held, torch.arange(len(held))):  # (renamed alone: read under the model's name)
+                out += [None] * len(mine)
+                continue
+            position = torch.argsort(held)  # (the saved row holding each of the module's rows)
+            for part in mine:
+                rows = position[slice(*part.rows) if part.rows is not None else slice(None)]
+                start, stop = int(rows.min()), int(rows.max()) + 1
+                in_order = stop - start == len(rows) and torch.equal(rows, torch.arange(start, stop))
+                out.append((*saved[0], (start, stop), None if in_order else (rows - start).tolist()))
+            continue
         # (one tensor per part, in order, each expert's [out, in] stacked: gate and up are the halves)
         shapes = [(mine[0].fused_shape[0], *part.take(torch.empty(part.fused_shape, device="meta")).shape)
                   for part in mine]
         if mine[0].transposed or [shape for _, shape in saved] != shapes:
             return None
-        out += saved
+        out += [(key, shape, None, None) for key, shape in saved]
     return out if any(out) else None
+
+
+def _stacked_rows(model: nn.Module, name: str, shape) -> Optional[torch.Tensor]:
+    """For ``model``'s fused experts tensor ``name`` of ``shape`` (``[E, R, ...]``) saved as one
+    tensor of that shape, the module's row each saved row of an expert holds (transformers' own
+    ``revert_weight_conversion`` on an index of each expert's rows, one column: not an index as
+    large as the experts); None where the saved tensor is not every expert's rows alike reordered."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    experts, rows = shape[0], shape[1]
+    index = torch.arange(experts * rows).view(experts, rows, 1)
+    try:
+        saved = list(revert_weight_conversion(model, {name: index}).values())
+    except Exception:  # (a converter that cannot take integer tensors, or one column)
+        return None
+    if len(saved) != 1 or tuple(saved[0].shape) != (experts, rows, 1):
+        return None
+    held = saved[0][:, :, 0]
+    if (not torch.equal(held, held[:1] + rows * torch.arange(experts)[:, None])
+            or not torch.equal(held[0].sort().values, torch.arange(rows))):
+        return None
+    return held[0]
 
 
 class _Expert(nn.Module):
@@ -657,7 +695,7 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
             parts = experts.parts(module, e, f"{name}.")
             if stacks is not None:
                 parts = tuple(p if s is None else Part(str(p), p.fused, p.index, p.rows, p.fused_shape, p.transposed,
-                                                       p.cols, saved=Part(str(p), s[0], e, None, s[1]))
+                                                       p.cols, saved=Part(str(p), s[0], e, s[2], s[1], order=s[3]))
                               for p, s in zip(parts, stacks))
             renames.update({str(part): part for part in parts})
     return renames

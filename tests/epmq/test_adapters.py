@@ -698,12 +698,13 @@ def test_linears_saved_with_their_rows_permuted_are_read_in_the_models_order(fam
                                                quantized="model.vision_tower.transformer.layers.1.attention.k_proj")
 
 
-def _inkling():
+def _inkling(mlp="dense"):
     from test_walker_models import _classes
 
     model, config = _classes("InklingForConditionalGeneration", "InklingConfig")
     text = dict(_ENCODER, num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
-                swa_head_dim=8, sliding_window_size=4, d_rel=4, rel_extent=8, mlp_layer_types=["dense", "dense"],
+                swa_head_dim=8, sliding_window_size=4, d_rel=4, rel_extent=8, mlp_layer_types=["dense", mlp],
+                moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                 pad_token_id=0, bos_token_id=0, eos_token_id=1)
     return model(config(text_config=text, audio_config=dict(text_hidden_size=32),
                         vision_config=dict(text_hidden_size=32, hidden_size=32, num_hidden_layers=1,
@@ -720,6 +721,21 @@ def test_linears_saved_with_their_rows_interleaved_are_read_by_their_rows(gen, t
     ids = torch.randint(2, 64, (2, 8), generator=gen)
     _directory_walk_is_the_module_walk(_inkling, ids, tmp_path, quantized="model.language_model.layers.1.mlp.up_proj",
                                        targets="expert_path", layers=r"^model\.language_model\.")
+
+
+def test_experts_saved_with_their_rows_interleaved_are_read_by_their_rows(gen, tmp_path):
+    """Inkling's checkpoints (and save_pretrained) hold a block's experts' gate and up as one
+    ``mlp.experts.w13_weight [E, 2I, H]``, each expert's rows interleaved (gate's first row, up's,
+    ...), which its conversion mapping interleaves back into ``gate_up_proj`` on loading: its
+    expert directories were refused as of another architecture ("has no tensor
+    ...experts.0.gate_proj.weight, nor ...experts.gate_up_proj holding it: it must be a
+    checkpoint of the merged model's architecture"). Each expert's gate and up are now read by
+    their rows of that one: the walk from the directory gives what the same expert in memory
+    gives, and its checkpoint loads to the same outputs."""
+    ids = torch.randint(2, 64, (2, 8), generator=gen)
+    _directory_walk_is_the_module_walk(lambda: _inkling("sparse"), ids, tmp_path,
+                                       quantized="model.language_model.layers.1.mlp.experts.1.up_proj",
+                                       layers=r"^model\.language_model\.")
 
 
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
