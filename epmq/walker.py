@@ -1271,14 +1271,43 @@ class _Walk:
         """The shape a model tensor has in the experts' checkpoints."""
         return tuple(reversed(shape)) if isinstance(self.ckpt(name), Transposed) else tuple(shape)
 
-    @staticmethod
-    def _held_as(source, key):
+    def _held_as(self, source, key):
         """``key``, or, where ``source`` holds it neither under its name nor in the fused tensor,
-        the ``Part`` of the tensor ``save_pretrained`` wrote holding it (``Part.saved``)."""
-        if (isinstance(key, Part) and key.saved is not None and source.key_for(key) is None
-                and source.key_for(key.fused) is None and source.key_for(key.saved.fused) is not None):
+        the ``Part`` of the tensor ``save_pretrained`` wrote holding it (``Part.saved``); where it
+        holds the fused experts transposed (dims 1 and 2) and the model's loading transposes them
+        (Qwen3-VL-MoE's hub checkpoints: ``gate_up_proj [E, H, 2I]``), its ``Part`` of that."""
+        if not isinstance(key, Part) or source.key_for(key) is not None:
+            return key
+        if (key.saved is not None and source.key_for(key.fused) is None
+                and source.key_for(key.saved.fused) is not None):
             return key.saved
+        if key.index is not None and len(key.fused_shape) == 3 and source.key_for(key.fused) is not None:
+            shape = (key.fused_shape[0], key.fused_shape[2], key.fused_shape[1])
+            if (shape != key.fused_shape and tuple(source.shape(key.fused)) == shape
+                    and self._loads_transposed(key.fused)):
+                return Part(str(key), key.fused, key.index, key.rows, shape, not key.transposed, key.cols)
         return key
+
+    def _loads_transposed(self, name: str) -> bool:
+        """Whether the model's conversion mapping transposes its checkpoint tensor ``name``'s last two
+        dims as it loads it (found once per name)."""
+        found = self.__dict__.setdefault("_transposed_on_load", {})
+        if name not in found:
+            found[name] = False
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+                from transformers.core_model_loading import Transpose, WeightConverter
+
+                rules = get_model_conversion_mapping(self.model)
+            except Exception:  # (no transformers model, or a transformers without converters)
+                rules, Transpose, WeightConverter = [], (), ()
+            for rule in rules:
+                if (isinstance(rule, WeightConverter) and len(rule.operations) == 1
+                        and isinstance(rule.operations[0], Transpose)
+                        and {rule.operations[0].dim0 % 3, rule.operations[0].dim1 % 3} == {1, 2}
+                        and any(re.search(p, name) for p in rule.source_patterns)):
+                    found[name] = True
+        return found[name]
 
     @staticmethod
     def _fused_in(source, key) -> bool:

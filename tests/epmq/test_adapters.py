@@ -738,6 +738,52 @@ def test_experts_saved_with_their_rows_interleaved_are_read_by_their_rows(gen, t
                                        layers=r"^model\.language_model\.")
 
 
+def _qwen3_vl_moe():
+    from test_walker_models import _classes
+
+    model, config = _classes("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig")
+    text = dict(_ENCODER, vocab_size=300, num_key_value_heads=2, head_dim=8, pad_token_id=0, num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=8, decoder_sparse_step=1,
+                rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=32, deepstack_visual_indexes=[0],
+                  num_position_embeddings=16)
+    return model(config(vision_config=vision, text_config=text, image_token_id=299, video_token_id=296,
+                        vision_start_token_id=297, vision_end_token_id=298))
+
+
+def test_fused_experts_a_checkpoint_holds_transposed_are_read_as_transformers_loads_them(gen, tmp_path):
+    """Qwen3-VL-MoE's hub checkpoints (and every expert fine-tuned with transformers 4) hold the
+    fused experts transposed, ``experts.gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]``,
+    which its conversion mapping transposes on loading (``Transpose(1, 2, check_dims=True)``):
+    such an expert directory, which transformers loads, was refused as of another architecture
+    ("tensor ...experts.gate_up_proj has shape (4, 32, 16), the merged model's has (4, 16, 32);
+    experts must share the merged model's architecture"). It is read transposed back: the walk
+    gives what the same expert in memory gives."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    expert = _qwen3_vl_moe()
+    expert.save_pretrained(tmp_path / "expert")
+    weights = tmp_path / "expert" / "model.safetensors"
+    held = {k: t.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else t
+            for k, t in load_file(weights).items()}
+    save_file(held, weights, metadata={"format": "pt"})
+    ids = torch.randint(2, 290, (2, 8), generator=gen)
+    out = {}
+    for given_as, source in (("directory", tmp_path / "expert"), ("module", expert)):
+        torch.manual_seed(1)
+        model = _qwen3_vl_moe().eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"t": [dict(input_ids=ids)]}, experts={"t": source}, progress=False,
+                            layers=r"^model\.language_model\.")
+        assert isinstance(model.get_submodule("model.language_model.layers.1.mlp.experts.2.down_proj"),
+                          epmq.QuantLinear)
+        with torch.no_grad():
+            out[given_as] = model(input_ids=ids).logits
+    assert torch.equal(out["directory"], out["module"])
+
+
 def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
     """Gate and up are rows of one fused gate_up_proj: each reads its own rows, so an E-PMQ walk
     reads every element of the experts' fused tensors once per task, not twice."""
