@@ -1030,3 +1030,27 @@ def test_an_adapter_on_a_base_saved_with_its_modules_weights_converted_is_refuse
     assert "not the adapter's base model" not in str(said.value), said.value
     base = type(base).from_pretrained(tmp_path / "base")
     assert "model.layers.0.self_attn.q_proj.weight" in epmq.LoraExpert(tmp_path / "adapter", base=base).keys()
+
+
+def test_a_base_checkpoint_holding_an_adapted_linear_inside_a_converted_tensor_is_refused_by_name(tmp_path):
+    """A LoRA adapter on q_proj of a model whose checkpoints hold q, k and v as rows of one tensor
+    that transformers splits (and permutes) on loading (Step 3.7's vision tower:
+    ``attn.in_proj_weight``), read over that base's directory, was refused as "not the adapter's
+    base model", though it is; refused naming the tensor holding the module and what to give
+    instead (the base loaded)."""
+    import transformers
+
+    if not hasattr(transformers, "Step3p7VisionModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Step3p7VisionModel")
+    peft = pytest.importorskip("peft")
+    config = transformers.Step3p7VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=4, image_size=28, patch_size=14,
+                                              max_position_embeddings=4)
+    torch.manual_seed(0)
+    base = transformers.Step3p7VisionModel(config)
+    base.save_pretrained(tmp_path / "base")
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    adapted.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"adapted module 'layers\.0\.self_attn\.q_proj' inside "
+                                         r".*attn\.in_proj_weight.*base= the base loaded"):
+        epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
