@@ -627,8 +627,11 @@ class SavedLayout:
 
         sizes = [math.prod(self.shapes[n]) for n in names]
         total = sum(sizes)
-        dtype = torch.int32 if total < 2 ** 31 else torch.int64  # (an index as large as an fp32 tensor)
         starts = [sum(sizes[:j]) for j in range(len(names))]  # (disjoint ranges: a saved tensor may join several)
+        views = self._view_pieces(names, sizes, starts)
+        if views is not None:
+            return views
+        dtype = torch.int32 if total < 2 ** 31 else torch.int64  # (an index as large as an fp32 tensor)
         index = {n: torch.arange(s, s + size, dtype=dtype).view(self.shapes[n])
                  for n, s, size in zip(names, starts, sizes)}
         try:
@@ -655,6 +658,88 @@ class SavedLayout:
         if count != total or not bool(seen.all()):
             return None
         return pieces
+
+    def _view_pieces(self, names, sizes, starts) -> Optional[list]:
+        """``pieces`` found without an entry held, where every saved tensor is a view of the
+        module's entries (chunks, unbinds, transposes, renames: Mixtral's and Qwen3-MoE's experts):
+        the names' tensors are meta views of one flat meta tensor, converted with their copies
+        (``contiguous``, ``clone``) left views, so each saved tensor's offset and strides say which
+        entries it holds. An index of entries was 8 bytes an entry of the group at its peak (12.9 GB
+        for Mixtral-8x22B's gate_up_proj, every layer). None where a saved tensor is not such a
+        view (a concatenation: a new tensor), the entries are not each once, or a converter fails."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        total = sum(sizes)
+        flat = torch.empty(total, dtype=torch.int64, device="meta")
+        index = {n: flat[s:s + size].view(self.shapes[n]) for n, s, size in zip(names, starts, sizes)}
+        try:
+            with _CopiesAsViews(flat):
+                saved = revert_weight_conversion(self.model, index)
+        except Exception:
+            return None
+        runs, strided, pieces = [], [], []
+        for key, t in saved.items():
+            if (self.saved.get(key) != tuple(t.shape) or t.dtype != flat.dtype
+                    or (t is not flat and t._base is not flat)):
+                return None
+            if t.is_contiguous():
+                a, b = t.storage_offset(), t.storage_offset() + t.numel()
+                runs.append((a, b))
+                sources = []
+                for n, s, size in zip(names, starts, sizes):
+                    lo, hi = max(a, s), min(b, s + size)
+                    if lo < hi:
+                        where = slice(None) if (lo, hi) == (a, b) else slice(lo - a, hi - a)
+                        sources.append((n, where, slice(lo - s, hi - s)))
+                pieces.append((key, tuple(t.shape), sources))
+                continue
+            # (a transposed view: its entries' places, as many as the piece has)
+            span = 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride())) if t.numel() else 0
+            v = torch.arange(t.storage_offset(), t.storage_offset() + span).as_strided(t.shape, t.stride())
+            v = v.reshape(-1)
+            strided.append(v)
+            sources = []
+            for n, s, size in zip(names, starts, sizes):
+                inside = (v >= s) & (v < s + size)
+                if bool(inside.all()):
+                    sources.append((n, slice(None), _as_slice(v - s)))
+                elif bool(inside.any()):
+                    where = inside.nonzero().squeeze(1)
+                    sources.append((n, _as_slice(where), _as_slice(v[where] - s)))
+            pieces.append((key, tuple(t.shape), sources))
+        count = sum(b - a for a, b in runs) + sum(v.numel() for v in strided)
+        if count != total:
+            return None
+        if strided:  # (each entry once: marked)
+            seen = torch.zeros(total, dtype=torch.bool)
+            for a, b in runs:
+                seen[a:b] = True
+            for v in strided:
+                seen[v] = True
+            return pieces if bool(seen.all()) else None
+        end = 0
+        for a, b in sorted(runs):  # (runs as many entries as the group's: each once where they meet end to end)
+            if a != end:
+                return None
+            end = b
+        return pieces
+
+
+class _CopiesAsViews(torch.overrides.TorchFunctionMode):
+    """``contiguous`` and ``clone`` of a view of ``flat`` give the view itself: the entries a
+    copy holds are the view's, which its offset and strides keep saying (``SavedLayout``)."""
+
+    def __init__(self, flat: torch.Tensor):
+        super().__init__()
+        self.flat = flat
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.contiguous, torch.Tensor.clone, torch.clone) and args:
+            t = args[0]
+            if isinstance(t, torch.Tensor) and (t is self.flat or t._base is self.flat):
+                return t
+        return func(*args, **kwargs)
 
 
 def _as_slice(positions: torch.Tensor):

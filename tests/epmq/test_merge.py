@@ -241,6 +241,46 @@ def test_saved_layout_of_fused_experts(saved_moe):
         assert torch.equal(fused.reshape(-1)[at].view(shape), fused[e, :half] if w == "w1" else fused[e, half:])
 
 
+class _LargestCPUTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes one CPU tensor made inside it holds (views counted by their storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
+
+
+def test_saved_layout_of_fused_experts_holds_no_index_of_their_entries():
+    """Mixtral's fused experts (every MoE whose save_pretrained chunks and unbinds them) are
+    mapped to their saved matrices without an index of their entries: one was made of every
+    entry of the group (gate_up_proj [E, 2I, H]) with its copies, 8 bytes an entry at its peak,
+    12.9 GB for each layer of Mixtral-8x22B, where the pieces are ranges of the fused tensor."""
+    import transformers
+
+    from epmq.checkpoint_io import saved_layout
+
+    with torch.device("meta"):  # (shapes alone: no weight is read)
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=64, hidden_size=256, intermediate_size=512, num_key_value_heads=2, num_local_experts=8,
+            num_hidden_layers=1, num_attention_heads=4))
+    layout = saved_layout(model)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    with _LargestCPUTensor() as largest:
+        pieces = layout.pieces(layout.group(name))
+    assert largest.bytes < 8 * 512 * 256  # (not one piece's index, let alone the group's)
+    half = 512 * 256
+    assert {saved: (shape, sources) for saved, shape, sources in pieces} == {
+        f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight":
+            ((512, 256), [(name, slice(None), slice((2 * e + j) * half, (2 * e + j + 1) * half))])
+        for e in range(8) for j, w in enumerate(("w1", "w3"))}
+
+
 @pytest.mark.parametrize("family", ["mixtral", "dinov2_swiglu"])
 def test_a_slerp_schedule_reads_the_names_the_checkpoint_merge_reads(saved_moe, family, tmp_path):
     """SLERP's ``t`` as a function of the tensor's name (a mergekit filter: the first whose
