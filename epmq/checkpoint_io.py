@@ -575,6 +575,38 @@ def _renaming(model, saving):
     return rename
 
 
+@contextlib.contextmanager
+def conversions_found_once(model: nn.Module, rules: Optional[list] = None):
+    """Inside it, transformers' ``revert_weight_conversion(model, ...)`` uses ``rules`` (default:
+    found here, as it finds them) where ``model`` holds none (``_weight_conversions``, which
+    ``from_pretrained`` sets): it found them again at every call, walking every module of the
+    model, so one call per layer's tensor (experts rebuilt, merged as saved) took time quadratic
+    in the layers (Qwen3-235B-A22B's 94 MoE layers: 45 s to rebuild its experts)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:
+        rules = None
+    else:
+        if not isinstance(model, PreTrainedModel) or getattr(model, "_weight_conversions", None) is not None:
+            rules = None
+        elif rules is None:
+            try:  # (as revert_weight_conversion finds them for a model built from a config)
+                rules = [t for t in get_model_conversion_mapping(model, add_legacy=False)
+                         if not isinstance(t, PrefixChange)]
+            except Exception:  # (a transformers without the option: left to find them itself)
+                rules = None
+    if not rules:  # (none: revert_weight_conversion returns the state as given)
+        yield
+        return
+    model.__dict__["_weight_conversions"] = rules
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_weight_conversions", None)
+
+
 def natural_order(names: Iterable[str]) -> List[str]:
     """``names`` sorted as transformers walks a state dict (dotted parts, numbers as numbers)."""
     return sorted(names, key=lambda name: [(0, int(p), "") if p.isdigit() else (1, 0, p)
@@ -604,10 +636,11 @@ class SavedLayout:
     Found by transformers' own ``revert_weight_conversion`` applied to tensors of entry indices
     (concatenations, stacks, transposes alike), one group at a time."""
 
-    def __init__(self, model, converters, shapes: Dict[str, tuple], saved: Dict[str, tuple]):
+    def __init__(self, model, converters, shapes: Dict[str, tuple], saved: Dict[str, tuple], rules=None):
         from transformers.core_model_loading import apply_converters, dot_natural_key
 
         self.model, self.shapes, self.saved = model, shapes, saved
+        self.rules = rules  # (the model's conversion mapping: found once, see conversions_found_once)
         groups: Dict[str, List[str]] = {}
         for name in sorted(shapes, key=dot_natural_key):  # (as revert_weight_conversion groups them)
             target, pattern = apply_converters(name, converters)
@@ -635,7 +668,8 @@ class SavedLayout:
         index = {n: torch.arange(s, s + size, dtype=dtype).view(self.shapes[n])
                  for n, s, size in zip(names, starts, sizes)}
         try:
-            saved = revert_weight_conversion(self.model, index)
+            with conversions_found_once(self.model, self.rules):
+                saved = revert_weight_conversion(self.model, index)
         except Exception:  # (a converter that cannot take integer tensors)
             return None
         del index
@@ -673,7 +707,7 @@ class SavedLayout:
         flat = torch.empty(total, dtype=torch.int64, device="meta")
         index = {n: flat[s:s + size].view(self.shapes[n]) for n, s, size in zip(names, starts, sizes)}
         try:
-            with _CopiesAsViews(flat):
+            with _CopiesAsViews(flat), conversions_found_once(self.model, self.rules):
                 saved = revert_weight_conversion(self.model, index)
         except Exception:
             return None
@@ -777,13 +811,14 @@ def saved_layout(model: nn.Module) -> Optional[SavedLayout]:
         return None
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     try:  # the names and shapes save_pretrained writes (meta tensors: nothing allocated)
-        saved = revert_weight_conversion(model, {n: torch.empty(s, device="meta") for n, s in shapes.items()})
+        with conversions_found_once(model, rules):
+            saved = revert_weight_conversion(model, {n: torch.empty(s, device="meta") for n, s in shapes.items()})
     except Exception as e:  # (a converter that cannot run on meta tensors)
         warnings.warn(f"the layout save_pretrained writes {type(model).__name__} in could not be found ({e}): its "
                       f"fused or split tensors are merged as the module holds them, which a merge of its "
                       f"checkpoint (epmq merge) does not")
         return None
-    layout = SavedLayout(model, converters, shapes, {n: tuple(t.shape) for n, t in saved.items()})
+    layout = SavedLayout(model, converters, shapes, {n: tuple(t.shape) for n, t in saved.items()}, rules)
     return layout if layout._group else None
 
 

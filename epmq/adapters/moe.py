@@ -673,31 +673,33 @@ def rebuild_experts(adapter: Adapter, model: nn.Module, swap, known_call_only: b
     """Fused experts inside ``adapter``'s blocks rebuilt as ``LinearExperts`` (or the class
     ``REBUILT_AS`` names; JetMoE's as ``SplitLinears``); ``known_call_only``: only those whose
     call it is known to take."""
-    from ..checkpoint_io import key_renaming
+    from ..checkpoint_io import conversions_found_once, key_renaming
 
     renames, rename = {}, key_renaming(model)  # (the model's rules, found once, not per fused tensor)
-    for name, module in list(adapter.block_modules(model)):
-        split = is_split_experts(module)
-        if not split and type(module).__name__ not in REBUILT_AS and (
-                not is_fused_experts(module) or (known_call_only and not _known_call(module))):
-            continue
-        if not split and _rebuilt_as(module).parts.__func__ is LinearExperts.parts.__func__:
-            module.__dict__[SAVED_NAMES] = saved_names(model, name, module, rename)
-        experts = (SplitLinears if split else _rebuilt_as(module))(module)
-        if not split and not _computes_as(module, experts):
-            continue
-        swap(name, experts)
-        # (experts a checkpoint holds neither per expert nor fused: stacked by projection)
-        stacks = None
-        if module.__dict__.get(SAVED_NAMES, ()) is None:
-            stacks = saved_stacks(model, experts.parts(module, 0, f"{name}."), rename)
-        for e in range(experts.num_experts):
-            parts = experts.parts(module, e, f"{name}.")
-            if stacks is not None:
-                parts = tuple(p if s is None else Part(str(p), p.fused, p.index, p.rows, p.fused_shape, p.transposed,
-                                                       p.cols, saved=Part(str(p), s[0], e, s[2], s[1], order=s[3]))
-                              for p, s in zip(parts, stacks))
-            renames.update({str(part): part for part in parts})
+    with conversions_found_once(model):  # (transformers' mapping, found once: not per fused tensor)
+        for name, module in list(adapter.block_modules(model)):
+            split = is_split_experts(module)
+            if not split and type(module).__name__ not in REBUILT_AS and (
+                    not is_fused_experts(module) or (known_call_only and not _known_call(module))):
+                continue
+            if not split and _rebuilt_as(module).parts.__func__ is LinearExperts.parts.__func__:
+                module.__dict__[SAVED_NAMES] = saved_names(model, name, module, rename)
+            experts = (SplitLinears if split else _rebuilt_as(module))(module)
+            if not split and not _computes_as(module, experts):
+                continue
+            swap(name, experts)
+            # (experts a checkpoint holds neither per expert nor fused: stacked by projection)
+            stacks = None
+            if module.__dict__.get(SAVED_NAMES, ()) is None:
+                stacks = saved_stacks(model, experts.parts(module, 0, f"{name}."), rename)
+            for e in range(experts.num_experts):
+                parts = experts.parts(module, e, f"{name}.")
+                if stacks is not None:
+                    parts = tuple(p if s is None else Part(str(p), p.fused, p.index, p.rows, p.fused_shape,
+                                                           p.transposed, p.cols,
+                                                           saved=Part(str(p), s[0], e, s[2], s[1], order=s[3]))
+                                  for p, s in zip(parts, stacks))
+                renames.update({str(part): part for part in parts})
     return renames
 
 

@@ -481,6 +481,35 @@ def test_experts_are_named_as_save_pretrained_writes_them(family, tmp_path):
         assert all(str(p) in saved and str(p).rsplit(".", 2)[1] in ("w1", "w3", "w2") for p in parts)
 
 
+def test_the_conversion_mapping_is_found_once_not_per_layer(monkeypatch):
+    """transformers finds a model's conversion mapping (walking every module) at each
+    ``revert_weight_conversion`` of a model ``from_pretrained`` did not load; asked per MoE layer
+    (rebuilding its experts) and per group of fused tensors (merging them as saved), the work
+    grew with the square of the layers (Qwen3-235B-A22B's 94 layers: 45 s to rebuild its
+    experts, 21 s now). Found once for each, whatever the number of layers."""
+    import transformers
+    import transformers.conversion_mapping as mapping
+
+    from epmq.adapters import find_adapter
+
+    found = mapping.get_model_conversion_mapping
+    calls = []
+    monkeypatch.setattr(mapping, "get_model_conversion_mapping", lambda *a, **k: calls.append(1) or found(*a, **k))
+
+    def counted(layers):
+        config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_local_experts=2,
+                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+        base, expert = transformers.MixtralForCausalLM(config), transformers.MixtralForCausalLM(config)
+        calls.clear()
+        epmq.merge.average([base, expert])
+        merging = len(calls)
+        calls.clear()
+        find_adapter(base).prepare(base, base.set_submodule)
+        return merging, len(calls)
+
+    assert counted(1) == counted(4)
+
+
 @pytest.mark.parametrize("given_as", ["directory", "module"])
 def test_linears_saved_split_are_read_and_saved_as_the_checkpoint_splits_them(given_as, gen, tmp_path):
     """MiniMax-M3 VL's dense MLPs and shared experts hold gate and up as one nn.Linear,
