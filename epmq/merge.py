@@ -896,7 +896,12 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
                 return tau.reshape(-1, tau.shape[-1])
             return _rows(tau) if per_row else tau.reshape(1, -1)
 
-        taus = [vectors(W_k[k] - W_0) for k in range(K)]
+        taus, total = [], None
+        for k in range(K):  # (each expert read once: its task vector, and into the mean as _mean sums it)
+            W = W_k[k]
+            taus.append(vectors(W - W_0))
+            total = W.clone() if total is None else total.add_(W)
+        del W
         norms = [tau.norm(dim=1) for tau in taus]
         # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
         # depend on the task vectors' size)
@@ -918,7 +923,7 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
         else:
             t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
         del taus
-        return t * _mean(W_k) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
+        return t * total.div_(K) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
 
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
@@ -1205,20 +1210,34 @@ def _kth_largest_rank(magnitudes: Callable[[], Iterable[torch.Tensor]], k: int) 
     values: one pass counts the high 16 bits, a second the low 16 bits inside the high bucket
     that holds the k-th value. ``magnitudes()`` yields the tensors anew for each pass.
     """
+    return _kth_largest_ranks(lambda: ((0, m) for m in magnitudes()), [k])[0]
+
+
+def _kth_largest_ranks(magnitudes: Callable[[], Iterable[tuple]], ks: Sequence[Optional[int]]) -> list:
+    """``_kth_largest_rank`` of several sets of values in the same two passes: ``magnitudes()``
+    yields ``(j, tensor)``, values of set j, whose ``ks[j]``-th largest is found (None: none,
+    its values not asked for)."""
 
     def bits(m):
         return m.float().contiguous().view(torch.int32).reshape(-1)
 
-    counts = torch.zeros(65536, dtype=torch.int64)
-    for m in magnitudes():
-        counts += torch.bincount((bits(m) >> 16).cpu(), minlength=65536)
-    hi, rank = _bucket_of_kth(counts, k)
-    counts = torch.zeros(65536, dtype=torch.int64)
-    for m in magnitudes():
+    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64) for k in ks]
+    for j, m in magnitudes():
+        counts[j] += torch.bincount((bits(m) >> 16).cpu(), minlength=65536)
+    high = [None if k is None else _bucket_of_kth(c, k) for c, k in zip(counts, ks)]
+    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64) for k in ks]
+    for j, m in magnitudes():
         b = bits(m)
-        counts += torch.bincount((b[(b >> 16) == hi] & 0xFFFF).cpu(), minlength=65536)
-    lo, _ = _bucket_of_kth(counts, rank)
-    return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32))
+        counts[j] += torch.bincount((b[(b >> 16) == high[j][0]] & 0xFFFF).cpu(), minlength=65536)
+    found = []
+    for c, h in zip(counts, high):
+        if h is None:
+            found.append(None)
+            continue
+        hi, rank = h
+        lo, _ = _bucket_of_kth(c, rank)
+        found.append(float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)))
+    return found
 
 
 def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -1232,7 +1251,8 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
 @torch.no_grad()
 def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float]) -> list:
     """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
-    its entries kept), streamed twice."""
+    its entries kept), streamed twice, every expert's in the same passes: each pass reads the
+    base once (it was read twice per expert, 2K + 1 times with the merge's)."""
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
     def dtype_and_size(name):  # (a lazy checkpoint's from its header, not a read of it all)
         if hasattr(base, "dtype_of"):
@@ -1245,14 +1265,18 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     names = [name for name, (dtype, _) in sizes.items() if dtype.is_floating_point]
     n = sum(sizes[name][1] for name in names)
 
-    def task_vector(k):
+    ranks = [min(int(round(density(k) * n)), n) or None for k in range(len(experts))]  # (as _kth_largest)
+
+    def task_vectors():
         for name in names:
             W_0 = base[name]  # (a lazy state reads anew at each index)
-            W_k = _checked(name, _who(experts[k], k), experts[k][name], W_0)
             work = _work_dtype(W_0)
-            yield (W_k.to(work) - W_0.to(work)).abs()
+            for k, expert in enumerate(experts):
+                if ranks[k] is not None:  # (one expert's task vector at a time)
+                    W_k = _checked(name, _who(expert, k), expert[name], W_0)
+                    yield k, (W_k.to(work) - W_0.to(work)).abs()
 
-    return [_kth_largest(lambda k=k: task_vector(k), n, density(k)) for k in range(len(experts))]
+    return _kth_largest_ranks(task_vectors, ranks)
 
 
 def conv1d_weights(model: nn.Module) -> set:

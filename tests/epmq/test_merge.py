@@ -72,6 +72,31 @@ def test_task_vectors_past_the_memory_limit_are_made_one_at_a_time(method, kw, g
     assert [c.reads for c in counted] == [{"w": 2 if sign else 1, "b": 1}] * 3
 
 
+@pytest.mark.parametrize("K", [2, 4])
+def test_global_ties_and_model_stock_read_each_input_a_fixed_number_of_times(K, gen):
+    """Global TIES found each expert's threshold in two passes of its own over the model, each
+    reading the base again: a lazy checkpoint's base was read 2K + 1 times (17 reads of the whole
+    model for 8 experts). Model Stock read each expert's tensor twice (its task vector, then
+    the mean). Now TIES reads the base and each expert 3 times (two passes for every threshold,
+    the merge), whatever K, with the same thresholds; Model Stock reads each tensor once."""
+    base = {"w": torch.randn(40, 24, generator=gen), "b": torch.randn(24, generator=gen)}
+    experts = [{n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in base.items()} for _ in range(K)]
+    densities = [0.2, 0.0, 0.5, 1.0][:K]  # (one trimmed to nothing: no threshold, no read for it)
+    counted_base, counted = Counted(base), [Counted(e) for e in experts]
+    thresholds = merge._global_thresholds(counted_base, counted, lambda k: densities[k])
+    n = sum(t.numel() for t in base.values())
+    assert thresholds == [merge._kth_largest(lambda k=k: [(experts[k][m] - base[m]).abs() for m in base], n,
+                                             densities[k]) for k in range(K)]
+    assert counted_base.reads == {"w": 3, "b": 3}  # (one for its size: a lazy checkpoint's header says it)
+    assert [c.reads for c in counted] == [{} if d == 0 else {"w": 2, "b": 2} for d in densities]
+    counted_base, counted = Counted(base), [Counted(e) for e in experts]
+    merge.ties(counted_base, counted, density=0.3)
+    assert [counted_base.reads, *(c.reads for c in counted)] == [{"w": 4, "b": 4}] + [{"w": 3, "b": 3}] * K
+    counted_base, counted = Counted(base), [Counted(e) for e in experts]
+    merge.model_stock(counted_base, counted)
+    assert [counted_base.reads, *(c.reads for c in counted)] == [{"w": 1, "b": 1}] * (K + 1)
+
+
 def test_ties_tensor_scope_by_hand():
     base, experts = hand_models()
     # k = 3 of 6 per expert in "w": thresholds 2, 2 and 1; entry 1 has trimmed values +2 and -2,
