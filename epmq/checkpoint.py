@@ -1363,11 +1363,16 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                 f"{info['in_features']}->{info['out_features']} linear"
             )
         if id(old) not in made:
-            made[id(old)] = QuantLinear(
+            # (a model built on meta takes the checkpoint's tensors (assign): its packed layers on
+            # meta too, where zero-filled buffers of them all, as large as the checkpoint, were
+            # made on the device and dropped at the load)
+            made[id(old)] = new = QuantLinear(
                 info["in_features"], info["out_features"], bits=info["bits"], group_size=info["group_size"],
                 bias=info["bias"], dtype=(empty and (_layer_dtype(info) or dtype)) or old.weight.dtype,
-                device=device if empty else old.weight.device,
+                device="meta" if empty else old.weight.device,
             )
+            if empty:  # (the one buffer no checkpoint holds: the dtype the layer reports)
+                new._dtype_probe = torch.empty(0, dtype=new._dtype_probe.dtype, device=device)
         replacements[name] = made[id(old)]
     for name, new in replacements.items():
         swap(name, new)
