@@ -117,7 +117,9 @@ def test_cpu_int4_kernel_path(spec, dtype, gen):
         ref = x.double() @ exact[0].t() + exact[1]
         dense = (x @ layer._weight_kn(dtype) + bias.to(dtype)).double()
         err, err_dense = (float((v - ref).abs().max() / ref.abs().max()) for v in (y.double(), dense))
-        assert err <= 2 * err_dense + 1e-3, (err, err_dense)
+        # (no less than half an ulp of the largest output: the dense product's error is a draw too,
+        # at times a third of what it reaches on other inputs, where the kernel's is not)
+        assert err <= 2 * max(err_dense, torch.finfo(dtype).eps / 2) + 1e-3, (err, err_dense)
     # more rows than the kernel pays for, and fp32: the dequantized product, unchanged
     x = torch.randn(qlinear.CPU_INT4_MAX_ROWS + 1, 1024, generator=gen).to(dtype)
     assert torch.equal(layer(x), x @ layer._weight_kn(dtype) + bias.to(dtype))
