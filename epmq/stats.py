@@ -52,7 +52,7 @@ from epmq_kernels.expert_residual import (
 )
 
 from ._util import without_autocast
-from .checks import all_finite, check_experts, check_hessian, check_weight
+from .checks import all_finite, check_experts, check_hessian, check_weight, is_int
 
 # E-PMQ's residual products on the side stream (see the module's docstring); EPMQ_SIDE_STREAM=0
 # keeps them on the current stream (benchmarks/bench_solver.py times both).
@@ -73,6 +73,14 @@ class HessianStats:
     """Running ``H = sum X^T X`` of a layer's inputs."""
 
     def __init__(self, d_in: int, *, device=None, dtype=torch.float32, backend: str = "torch"):
+        if not is_int(d_in) or d_in <= 0:
+            raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+        if dtype not in (torch.float32, torch.float64):
+            # (float16 lost each x^2 below diag H's spacing and overflowed at 65504; integers
+            # truncated every product: as EPMQStats's accumulators)
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (H's accumulator), got {dtype}")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
         self.H = torch.zeros(d_in, d_in, device=device, dtype=dtype)
         self.n_tokens = 0
         self.backend = backend

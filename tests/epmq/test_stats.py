@@ -39,6 +39,22 @@ def test_hessian_stats(gen):
     assert stats.n_tokens == 3 * 35
 
 
+def test_hessian_stats_refuses_what_cannot_hold_H(gen):
+    """HessianStats(d_in, dtype=torch.float16) summed X^T X in float16 (past a few thousand
+    tokens each x^2 is below the spacing of diag H, and the trace overflows at 65504), and an
+    integer dtype truncated every product, both silently; a d_in of -1 or "32" ended in torch's
+    bare errors from zeros(), and a misspelt backend was only refused at the first batch."""
+    X = torch.randn(4, D_IN, generator=gen)
+    for dtype in (torch.float16, torch.bfloat16, torch.int32):
+        with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64"):
+            HessianStats(D_IN, dtype=dtype).add_batch(X)
+    for d_in in (-1, 0, "32", 32.0, True):
+        with pytest.raises(ValueError, match=f"d_in must be a positive integer, got {d_in!r}"):
+            HessianStats(d_in)
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton', got 'Triton'"):
+        HessianStats(D_IN, backend="Triton")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_statistics_keep_no_autograd_graph(gen, backend):
     """Weights given as Parameters and activations hooked from a forward outside no_grad: each
