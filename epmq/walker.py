@@ -1876,9 +1876,11 @@ class _Walk:
                         except Exception as e:
                             if now["past"]:  # (what runs after the stack only had to call it or not)
                                 pass
-                            elif isinstance(e, (RuntimeError, IndexError, TypeError, NotImplementedError)):
-                                # (token ids past the vocabulary, float ids, other widths or dtypes:
-                                # the model's own error, named as the calibration's)
+                            elif (isinstance(e, (RuntimeError, IndexError, TypeError, NotImplementedError))
+                                  or isinstance(e, ValueError) and not now["started"]):
+                                # (token ids past the vocabulary, float ids, other widths or dtypes,
+                                # a misspelt input's name before any block: the model's own error,
+                                # named as the calibration's; a block's ValueErrors are epmq's own)
                                 raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
                                                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
                                                  f"{_meta_hint(self.model, e)}") from e

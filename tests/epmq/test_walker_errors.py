@@ -100,6 +100,12 @@ def test_method_arguments(gen):
     # calibration the model cannot run: named as the calibration's
     with pytest.raises(ValueError, match=r"calibration\['.*'\] item 0: the model cannot run it \(IndexError"):
         quantize(fam, model, calibration={t: [torch.full((1, 4), 10**4)] for t in fam.tasks})
+    # a misspelt input's name, or another modality's input: the model's own ValueError (transformers'
+    # "You must specify exactly one of input_ids or inputs_embeds") came bare, naming no item
+    for item in (dict(input_idz=torch.zeros(1, 4, dtype=torch.long)), dict(pixel_values=torch.randn(1, 3, 8, 8))):
+        with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model cannot run it \(ValueError: "
+                                             r"You must specify exactly one of input_ids or inputs_embeds"):
+            quantize(fam, model, method="gptq", experts=None, calibration={"a": [item]})
     # inputs_embeds bypass the embedding: the first block's failure, and items that disagree, too
     width = model.config.hidden_size
     for embeds, match in ((torch.randn(1, 4, width, dtype=torch.float64), r"item 0: the block 'model.layers.0' "
