@@ -97,6 +97,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
     max_shard_bytes = _bytes(max_shard_size)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module quantized by epmq.quantize_model, got "
+                        f"{type(model).__name__}")
     model = wrapped_model(model)  # (torch.compile's or DataParallel's wrapper: the model's own names)
     # every name of a layer shared by several (ALBERT's shared blocks): each is converted
     layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)}

@@ -84,6 +84,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -257,6 +258,11 @@ def quantize_model(
     t0 = time.perf_counter()
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be an epmq.QuantSpec, got {type(spec).__name__}")
+    if not isinstance(model, nn.Module):
+        hint = (": a checkpoint on disk is quantized by epmq.quantize_checkpoint, or loaded first "
+                "(transformers' from_pretrained)" if isinstance(model, (str, os.PathLike)) else "")
+        raise TypeError(f"model must be a torch nn.Module (the model itself, not its state dict), "
+                        f"got {type(model).__name__}{hint}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if targets not in TARGETS:

@@ -33,6 +33,19 @@ def quantize(fam, model, **kw):
     return epmq.quantize_model(model, SPEC, **args)
 
 
+def test_a_model_that_is_no_module_is_named(tmp_path):
+    """A checkpoint's path, its state dict or None given as the model ended in a bare
+    "'str' object has no attribute 'named_modules'" (quantize_model) or the same of the state
+    dict (save_quantized); refused naming the argument, the path with the function that reads it."""
+    for model in (str(tmp_path), {"w": torch.zeros(2, 2)}, None):
+        with pytest.raises(TypeError, match=r"model must be a torch nn.Module .*got "
+                                            + ("str.*quantize_checkpoint" if isinstance(model, str) else "")):
+            epmq.quantize_model(model, SPEC, method="rtn", progress=False)
+        with pytest.raises(TypeError, match=r"model must be a torch nn.Module .*quantized by epmq.quantize_model"):
+            epmq.save_quantized(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_expert_of_another_shape_names_the_tensor(gen, tmp_path):
     fam = Family("llama", gen)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
