@@ -615,6 +615,19 @@ def test_load_without_a_model_needs_a_transformers_config(gen, tmp_path):
         epmq.load_quantized(tmp_path / "llama", fam.fresh(), device="cpu")
 
 
+def test_a_device_to_load_onto_that_is_not_there_is_refused(gen, tmp_path, monkeypatch):
+    """device="gpu" ended in torch's bare list of device types; "cuda" on a machine without one and
+    "meta" were said as the weights file's fault ("cannot read .../model.safetensors: Found no
+    NVIDIA driver", "device meta is invalid"): refused naming the argument, as quantize_model does."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, match in (("gpu", "device must name a torch device"), ("cuda", "torch sees no CUDA device"),
+                          ("meta", "device='meta' holds no values")):
+        with pytest.raises(ValueError, match=match):
+            epmq.load_quantized(tmp_path / "q", device=device)
+
+
 @pytest.mark.cuda
 def test_cuda_load_without_a_model_onto_the_gpu(gen, tmp_path):
     fam, model = quantized(gen)
