@@ -585,6 +585,18 @@ class EPMQStats:
         X = _tokens(x, d_in, f"calibration input of {task.name}").to(self.H_e.device, self.dtype)
         if task.n_tokens and (x_expert is None) != (task.G is None):
             raise ValueError(f"{task.name}: give x_expert for every batch of a task or for none")
+        # (every input is checked before any statistic takes the batch: a refused call adds
+        # nothing, so the same batch given again, put right, is counted once)
+        if x_expert is not None:
+            X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
+        if x_anchor is not None:
+            if not self.own_H_m:
+                raise ValueError("x_anchor needs the merged Hessian accumulated here, not given")
+            if self.G_m is None and (self.task_weights or task.n_tokens):
+                raise ValueError("give x_anchor for every batch of every task or for none")
+            X_a = self._target_tokens(x_anchor, X, "x_anchor")
+        elif self.G_m is not None:
+            raise ValueError("give x_anchor for every batch of every task or for none")
         if self.inputs_of is None:
             accumulate_xxt(task.H, X, backend=self.backend)
         task.n_tokens += X.shape[0]
@@ -595,25 +607,17 @@ class EPMQStats:
                 # (asymmetric targets need the dense W_k, and the owed product must not count
                 # this task's H_k: taken now, H_e without it; the task goes on dense)
                 self._take_owed()
-            X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
             T = X_t @ task.W.to(self.dtype).T - X @ W_m.T
             if task.G is None:
                 task.G = torch.zeros_like(self._G_e)
             task.G.addmm_(T.T, X)
             task.c += float(T.pow(2).sum())
         if x_anchor is not None:
-            if not self.own_H_m:
-                raise ValueError("x_anchor needs the merged Hessian accumulated here, not given")
             if self.G_m is None:
-                if self.task_weights or task.n_tokens > X.shape[0]:
-                    raise ValueError("give x_anchor for every batch of every task or for none")
                 self.G_m = torch.zeros_like(self._G_e)
-            X_a = self._target_tokens(x_anchor, X, "x_anchor")
             T_m = (X_a - X) @ W_m.T
             self.G_m.addmm_(T_m.T, X)
             self.c_m += float(T_m.pow(2).sum())
-        elif self.G_m is not None:
-            raise ValueError("give x_anchor for every batch of every task or for none")
 
     def _W_m(self):
         """``W_merged`` in the statistics' dtype, converted once."""

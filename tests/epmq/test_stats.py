@@ -271,6 +271,32 @@ def test_asymmetric_reported_terms(gen, percdamp):
         res.info["mu_effective"] * float((Q - W_m).pow(2).sum()), rel=1e-6)
 
 
+def test_a_batch_refused_adds_nothing(gen):
+    """add_batch folded x into H_k before it read x_expert and x_anchor: one of another width or
+    token count was refused with the batch already counted, so the same batch given again, put
+    right, was counted twice (H_m twice its Gram matrix, silently), or refused as "give x_expert
+    for every batch of a task or for none". A refused batch now leaves the statistics as they were."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    W_k = W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    x, xt, xa = batches(gen, n_batches=3)
+    once = EPMQStats(W_m, dtype=torch.float64)
+    once.begin_task(W_k)
+    once.add_batch(x, x_expert=xt, x_anchor=xa)
+    once.end_task()
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    stats.begin_task(W_k)
+    for bad, match in ((dict(x_expert=xt[:, :, :-1]), "x_expert of task 0 must have last dimension"),
+                       (dict(x_expert=xt[:-1]), "x_expert of task 0 has 28 tokens, the inputs 35"),
+                       (dict(x_expert=xt, x_anchor=xa[:-1]), "x_anchor has 28 tokens, the inputs 35")):
+        with pytest.raises(ValueError, match=match):
+            stats.add_batch(x, **{"x_expert": xt, "x_anchor": xa, **bad})
+    stats.add_batch(x, x_expert=xt, x_anchor=xa)
+    stats.end_task()
+    for a, b in zip(stats.finalize(), once.finalize()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert stats.task_tokens == once.task_tokens == [35] and stats.c_e == once.c_e
+
+
 def test_fp_path_control_is_asymmetric_gptq(gen):
     """GPTQ with full-precision-path targets: W* = W_m X~ X^T (X X^T)^{-1}."""
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
