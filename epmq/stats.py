@@ -339,6 +339,10 @@ class EPMQStats:
             raise ValueError(f"{name} has no calibration data (tr(H_k) = 0)")
         if weight is None:
             return 1.0 / trace
+        return self._given_weight(weight, name)
+
+    @staticmethod
+    def _given_weight(weight, name) -> float:
         if isinstance(weight, (bool, str)):  # (float() takes both: True as 1, "2" as 2)
             raise ValueError(f"task weight of {name} must be a number, got {weight!r}")
         weight = float(weight)
@@ -553,6 +557,8 @@ class EPMQStats:
         name = name or f"task {self._tasks_done}"
         low_rank = isinstance(W_expert, LowRankExpert)
         self._check_expert(W_expert, name, values=not values_checked)
+        if weight is not None:  # (now, not at end_task: after every batch of the task was streamed)
+            self._given_weight(weight, name)
         leader = self.inputs_of
         if leader is not None and (leader._task is None or leader._tasks_done != self._tasks_done):
             raise RuntimeError(f"{name}: begin the task on the layer whose inputs these are "

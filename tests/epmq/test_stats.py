@@ -297,6 +297,21 @@ def test_a_batch_refused_adds_nothing(gen):
     assert stats.task_tokens == once.task_tokens == [35] and stats.c_e == once.c_e
 
 
+def test_a_task_weight_is_refused_when_the_task_begins(gen):
+    """begin_task(W_k, weight=-2) (or NaN, "1", True) was taken, and refused only at end_task,
+    after every batch of the task had been streamed, the task then lost."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    stats = EPMQStats(W_m, dtype=torch.float64)
+    for weight, match in ((-2, "must be finite and >= 0, got -2"), (float("nan"), "must be finite and >= 0, got nan"),
+                          ("1", "must be a number, got '1'"), (True, "must be a number, got True")):
+        with pytest.raises(ValueError, match=f"task weight of task 0 {match}"):
+            stats.begin_task(W_m + 0.1, weight=weight)
+    stats.begin_task(W_m + 0.1, weight=2.0)  # (none of them left a task open)
+    stats.add_batch(batches(gen)[0])
+    stats.end_task()
+    assert stats.task_weights == [2.0]
+
+
 def test_fp_path_control_is_asymmetric_gptq(gen):
     """GPTQ with full-precision-path targets: W* = W_m X~ X^T (X X^T)^{-1}."""
     W_m = torch.randn(D_OUT, D_IN, generator=gen)
@@ -484,11 +499,8 @@ def test_task_weights_must_be_finite_and_non_negative(gen):
         stats = EPMQStats(W_m, dtype=torch.float64)
         with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):
             stats.add_task(W_m + 0.1, H, weight=bad, name="t")
-        stats = EPMQStats(W_m, dtype=torch.float64)
-        stats.begin_task(W_m + 0.1, weight=bad, name="t")
-        stats.add_batch(batches(gen)[0])
-        with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):
-            stats.end_task()
+        with pytest.raises(ValueError, match="task weight of t must be finite and >= 0"):  # (not at end_task)
+            EPMQStats(W_m, dtype=torch.float64).begin_task(W_m + 0.1, weight=bad, name="t")
     for bad in (True, "2"):  # (float() read them as 1 and 2)
         with pytest.raises(ValueError, match="task weight of t must be a number"):
             EPMQStats(W_m, dtype=torch.float64).add_task(W_m + 0.1, H, weight=bad, name="t")
