@@ -84,6 +84,13 @@ def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blo
     d_out, d_in = W.shape
     if Hinv.shape != (d_in, d_in):
         raise ValueError(f"Hinv must be [{d_in}, {d_in}] for W {tuple(W.shape)}, got {tuple(Hinv.shape)}")
+    # The solver reads Hinv's upper triangle alone: the lower factor (torch.linalg.cholesky's
+    # default) ran as a diagonal Hinv, no error fed forward, and H^{-1} itself as another matrix,
+    # silently. Both have a nonzero first column below the diagonal or first subdiagonal, which
+    # the upper factor has zero (views: O(d_in) reads, no d_in^2 copy).
+    if d_in > 1 and not Hinv.is_meta and bool(Hinv[1:, 0].any() | Hinv.diagonal(-1).any()):
+        raise ValueError("Hinv must be the upper Cholesky factor of H^{-1} (torch.linalg.cholesky(H_inv, "
+                         "upper=True)); it has nonzeros below its diagonal: a lower factor, or H^{-1} itself")
     if R is not None and R.shape != W.shape:
         raise ValueError(f"R must have W's shape {tuple(W.shape)}, got {tuple(R.shape)}")
     if bits not in (2, 3, 4, 8):

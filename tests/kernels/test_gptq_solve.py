@@ -638,6 +638,21 @@ def test_more_argument_errors(gen):
             gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(*parts))
 
 
+def test_a_lower_factor_or_the_whole_inverse_is_refused(gen):
+    """Hinv is the upper Cholesky factor of H^{-1}, and the solver reads its upper triangle alone:
+    torch.linalg.cholesky's default, the lower factor, ran as a diagonal Hinv (every column rounded
+    with no error fed forward: silently not GPTQ), and H^{-1} itself as another matrix; refused."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(damped(H))).float().to(DEVICE)
+    for bad in (torch.linalg.cholesky(H_inv.double()).float(), H_inv):
+        for solve in (gptq_solve_triton, gptq_solve_reference):
+            with pytest.raises(ValueError, match=r"Hinv must be the upper Cholesky factor of H\^\{-1\}"):
+                solve(W, bad, bits=4, sym=False, group_size=16)
+    diagonal = torch.diag(Hinv.diagonal())  # (uncorrelated inputs: both factors are diagonal)
+    ref = gptq_solve_reference(W, diagonal, bits=4, sym=False, group_size=16)
+    assert torch.equal(gptq_solve_triton(W, diagonal, bits=4, sym=False, group_size=16).codes, ref.codes)
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
 def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
     """Interpreted, the kernel's arithmetic is the reference's operation for operation
