@@ -417,6 +417,9 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     see ``_windows_of_places``.
     """
     _check_sizes(samples, batch_size, seq_len)
+    if isinstance(texts, (str, bytes)):  # (iterated, each character was a document, EOS between them)
+        raise TypeError(f"texts must be an iterable of documents (a list of str), got one "
+                        f"{type(texts).__name__}: give [text]")
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if not eos:
         warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
@@ -804,6 +807,9 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
     from PIL import Image
 
     _check_sizes(samples, batch_size)
+    if isinstance(files, (str, Path)):  # (a str's characters were drawn as files: "cannot read image /")
+        raise TypeError(f"files must be a list of image files, got one {type(files).__name__} {str(files)!r}: "
+                        f"give epmq.calibration.image_files({str(files)!r})")
     batches = []
     for chunk in _drawn(files, samples, batch_size, seed, f"{what}: images"):
         images = []
@@ -884,6 +890,10 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
     ``{"input_ids", "attention_mask", "labels"}`` batches of at most ``batch_size`` pairs of the
     same token lengths (nothing padded: see the module docstring)."""
     _check_sizes(samples, batch_size, seq_len)
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
+        # (its two texts, drawn as pairs, ended in "too many values to unpack")
+        raise TypeError(f"pairs must be a sequence of (input, target) pairs, got one pair "
+                        f"({pairs[0][:40]!r}, {pairs[1][:40]!r}): give [pair]")
     (chosen,) = _drawn(pairs, samples, samples, seed, f"{what}: input/target pairs")
     inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
     targets = tokenizer(text_target=[p[1] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]

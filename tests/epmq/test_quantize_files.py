@@ -15,7 +15,7 @@ import yaml
 
 import epmq
 from epmq.benches.tiny import WORDS, perturb, word_tokenizer
-from epmq.calibration import image_batches, image_files, read_pairs, read_texts, text_windows
+from epmq.calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
 from epmq.cli import main
 from epmq.quantize_files import REPORT_FILE
 
@@ -498,6 +498,27 @@ def test_text_windows(files):
     assert len(short) == 1 and short[0]["input_ids"].shape == (1, 3)
     with pytest.raises(ValueError, match="no tokens"):
         text_windows([""], tok)
+
+
+def test_one_source_given_whole_is_refused(files):
+    """text_windows(text, tok) with the text itself (a str, not a list of documents) read each
+    character as a document: windows of single letters between EOS tokens ('</s> t </s> h </s>
+    e'), silently; pair_batches(("in", "out"), tok) ended in a bare 'too many values to unpack'."""
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    text = " ".join(sentences(3, 30))
+    for texts in (text, text.encode()):
+        with pytest.raises(TypeError, match=r"texts must be an iterable of documents \(a list of str\), got one "
+                                            + type(texts).__name__ + r": give \[text\]"):
+            text_windows(texts, tok, samples=2, seq_len=12)
+    with pytest.raises(TypeError, match=r"pairs must be a sequence of \(input, target\) pairs, got one pair "
+                                        r"\('the cat', 'a dog'\): give \[pair\]"):
+        pair_batches(("the cat", "a dog"), tok, samples=2, seq_len=12)
+    # (image_batches given the directory: a str's characters drawn as files, "cannot read image /",
+    # a Path a bare "'PosixPath' object is not iterable")
+    for files in (str(files), files):
+        with pytest.raises(TypeError, match=r"files must be a list of image files, got one .*: "
+                                            r"give epmq.calibration.image_files\("):
+            image_batches(files, None, samples=2)
 
 
 def test_each_task_draws_its_own_windows(files):
