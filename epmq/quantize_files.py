@@ -306,6 +306,20 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
         raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
 
 
+def _check_outside_calibration(out, calibration) -> None:
+    """A ValueError where ``out`` is inside (or is) a task's calibration directory: the checkpoint's
+    JSON files, and its resume records while it runs, would be that directory's documents in the
+    next run, which then fails on them (the resume of an interrupted run too)."""
+    where = Path(os.path.realpath(out))
+    for task, sources in (calibration or {}).items():
+        for source in sources if isinstance(sources, (list, tuple)) else [sources]:
+            folder = Path(os.path.realpath(source))
+            if folder.is_dir() and (where == folder or folder in where.parents):
+                raise ValueError(f"the output {out} is inside the calibration directory {source} of task {task!r}: "
+                                 f"its files, and its resume records while it runs, would be read as that task's "
+                                 f"documents by the next run (a resumed one too); write it elsewhere")
+
+
 def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,
                         calibration: Optional[Mapping[str, object]] = None, method: str = "epmq",
                         experts: Optional[Mapping[str, object]] = None, anchor: float = 1.0,
@@ -341,6 +355,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
+    _check_outside_calibration(out, calibration)
     check_output(out)
     if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")

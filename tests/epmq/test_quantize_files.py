@@ -563,6 +563,23 @@ def test_a_seed_torch_cannot_take_is_refused_from_python_too(files, tmp_path, se
     assert torch.equal(drawn["math"][0]["input_ids"], same["math"][0]["input_ids"])
 
 
+def test_an_output_inside_a_calibration_directory_is_refused(files, tmp_path):
+    """An output written inside a task's calibration directory was taken: its config.json and
+    tokenizer files (and OUT.resume's records while it ran) were then that directory's documents,
+    so the same command again, or the resume of an interrupted run, failed on them ('.../q/config.json:
+    expected a string, or an object with a 'text' string'); refused before anything is read."""
+    data = tmp_path / "data"
+    (data / "math").mkdir(parents=True)
+    shutil.copy(files / "a.txt", data / "math" / "a.txt")
+    for out in (data / "q", data / "math" / "q", data / "math"):
+        with pytest.raises(ValueError, match=f"the output {re.escape(str(out))} is inside the calibration "
+                                             f"directory {re.escape(str(data))} of task 'math'"):
+            epmq.quantize_checkpoint(files / "merged", out, spec=epmq.QuantSpec(bits=4, group_size=16),
+                                     method="gptq", calibration={"math": [files / "b.jsonl", data]},
+                                     samples=2, seq_len=16, progress=False)
+        assert not (data / "q").exists() and not (data / "q.resume").exists()
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_quantize_checkpoint_equals_quantize_model(files, tmp_path, device):
     """(device="cpu": the blocks visit the CPU from CPU memory, the path --device cuda takes.)"""
@@ -825,10 +842,11 @@ def test_clip_vision_tower_from_image_folders(tmp_path):
 
 def assert_refused(source, tmp_path, match, **kwargs):
     """``quantize_checkpoint`` of the checkpoint ``source`` stops with ``match`` before it reads
-    any calibration (the calibration given is a directory of nothing)."""
+    any calibration (the calibration given is a directory of nothing, beside the output)."""
+    (tmp_path / "nothing").mkdir(exist_ok=True)
     with pytest.raises(ValueError, match=match):
         epmq.quantize_checkpoint(source, tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=-1),
-                                 method="gptq", calibration={"a": tmp_path}, progress=False, **kwargs)
+                                 method="gptq", calibration={"a": tmp_path / "nothing"}, progress=False, **kwargs)
 
 
 def test_two_tower_models_and_their_vision_tower(tmp_path):
