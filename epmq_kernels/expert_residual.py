@@ -14,6 +14,9 @@ weights in any float dtype (converted to ``G``'s in registers; float8, and float
 through fp16); activations in bf16, fp16, fp32 or fp64; any shapes (tiles are masked at the edges).
 """
 
+import math
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -66,6 +69,16 @@ def _check_residual_args(G, W_k, W_m, H_k):
             raise ValueError(f"G must not share memory with {name}: it is written in place")
 
 
+def _check_scalar(value, name: str) -> None:
+    """A ValueError unless ``value`` (a task's weight) is a finite number: float() took NaN and
+    inf, which made G or H_e non-finite silently, and a YAML string or a bool as its number. A
+    tensor is taken unread (reading a device scalar would wait for the device)."""
+    if isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_residual_precision(value, name: str = "input_precision") -> None:
     """A clear error unless ``value`` is one of RESIDUAL_PRECISIONS (``name``: the argument)."""
     if value not in RESIDUAL_PRECISIONS:
@@ -87,6 +100,7 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     G's device (no wait for the device until it is read).
     """
     _check_residual_args(G, W_k, W_m, H_k)
+    _check_scalar(a, "a")
     check_residual_precision(input_precision)
     D = W_k.to(G.dtype) - W_m.to(G.dtype)
     if input_precision == "tf32":
@@ -112,6 +126,9 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
                          f"{tuple(H_m.shape)} {H_m.dtype}")
     if len(hessians) != len(weights):
         raise ValueError(f"{len(hessians)} Hessians but {len(weights)} weights")
+    if not isinstance(weights, torch.Tensor):
+        for k, a in enumerate(weights):
+            _check_scalar(a, f"weights[{k}]")
     for k, H_k in enumerate(hessians):
         _check_real(H_k, f"Hessian {k}")
         if H_k.shape != H_e.shape:
@@ -571,6 +588,7 @@ def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
     first call) and ``(launch, operands, copied)``: ``launch()`` enqueues the product and returns
     the trace as a float64 scalar tensor; ``copied``: an operand was made contiguous by a copy."""
     _check_residual_args(G, W_k, W_m, H_k)
+    _check_scalar(a, "a")
     check_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     _check_float_out(G, "G")
     check_residual_precision(input_precision)

@@ -7,6 +7,8 @@ run from the same start. Tolerances are fp32 (or fp64) rounding of a sum over ``
 terms in another order.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -200,6 +202,25 @@ def test_residual_argument_errors(gen):
     for fn in (accumulate_residual_triton, accumulate_residual_reference):
         with pytest.raises(ValueError, match="G must not share memory with W_k"):
             fn(G, G, W, torch.eye(16, device=DEVICE), 1.0)
+
+
+def test_a_task_weight_that_is_no_finite_number_is_refused(gen):
+    """The residual's a and the fold's weights were taken as float(a): NaN or inf made G, H_e
+    non-finite silently, and a YAML string ("0.5") or a bool passed as its number; refused by
+    both backends, G and H_e left as they were. (A device scalar is taken unread.)"""
+    G, H_e = torch.zeros(8, 16, device=DEVICE), torch.zeros(16, 16, device=DEVICE)
+    W_k, W_m, H = rand(gen, 8, 16), rand(gen, 8, 16), torch.eye(16, device=DEVICE)
+    for bad in (float("nan"), float("inf"), "0.5", True, None):
+        for fn in (accumulate_residual_triton, accumulate_residual_reference):
+            with pytest.raises(ValueError, match=f"a must be a finite number, got {re.escape(repr(bad))}"):
+                fn(G, W_k, W_m, H, bad)
+        for fn in (fold_hessians_triton, fold_hessians_reference):
+            with pytest.raises(ValueError, match=f"weights\\[1\\] must be a finite number, got {re.escape(repr(bad))}"):
+                fn(H_e, None, [H, H], [1.0, bad])
+    assert not G.any() and not H_e.any()
+    accumulate_residual_reference(G, W_k, W_m, H, torch.tensor(0.5, device=DEVICE))
+    fold_hessians_reference(H_e, None, [H], torch.tensor([0.5], device=DEVICE))
+    assert bool(G.any()) and bool(H_e.any())
 
 
 # --------------------------------------------------------------------------- X^T X
