@@ -14,7 +14,8 @@ windows are (``TextFile``), never held whole.
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
 an HF hub dataset; needs pyarrow), or a directory tree of them (sorted by path; suffixes in any
-case; hidden files and folders skipped). All but ``.parquet`` may be compressed: ``.gz``,
+case; hidden files and folders skipped; of a tree whose files name splits, as an HF hub
+dataset's snapshot does, the train split: ``_train_split``). All but ``.parquet`` may be compressed: ``.gz``,
 ``.bz2`` or ``.xz`` after their suffix (the hub's C4 shards, GPTQ's calibration set, are
 ``.json.gz``). UTF-8, with or without a byte-order mark. A value is a document in one of the
 forms TRL's SFTTrainer trains on, so an expert's own fine-tuning files calibrate its task as
@@ -275,10 +276,54 @@ def _text_lines(path: Path, whole: bool = False, chars: int = 0):
 def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Path]:
     """The files under ``directory`` with one of ``suffixes`` (any case; where ``compressed``,
     also behind a compression suffix: see ``_kind``), sorted, skipping hidden files and folders
-    (``.ipynb_checkpoints``, ``.git``)."""
+    (``.ipynb_checkpoints``, ``.git``); of a tree whose files name splits, the train split's
+    (``_train_split``)."""
     kind = _kind if compressed else (lambda p: p.suffix.lower())
-    return sorted(p for p in directory.rglob("*") if kind(p) in suffixes and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    return _train_split(directory, sorted(
+        p for p in directory.rglob("*") if kind(p) in suffixes and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)))
+
+
+# the words that name a split in a file's or folder's name, as datasets' load_dataset finds an HF
+# hub dataset's splits (train-00000-of-00001.parquet, data/validation/, c4-validation.*.json.gz)
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}
+_SPLIT_OF_WORD = {word: split for split, words in SPLIT_WORDS.items() for word in words}
+
+
+def _split_of(relative: Path) -> Optional[str]:
+    """The split a file's path names, its own name first, then its folders' from the innermost."""
+    for part in reversed(relative.parts):
+        split = next((_SPLIT_OF_WORD[w] for w in re.split(r"[-._ ]", part.lower()) if w in _SPLIT_OF_WORD), None)
+        if split is not None:
+            return split
+    return None
+
+
+def _train_split(directory: Path, files: List[Path]) -> List[Path]:
+    """``files`` of ``directory``, or of a tree whose files name splits (an HF dataset's snapshot:
+    data/train-*.parquet beside validation-* and test-*, with the repo's requirements.txt) the
+    train split's, with a warning naming the files left out: read whole, the evaluation splits and
+    stray files were calibrated on too. Splits without a train split are refused: which to read
+    is the user's choice. A directory given below the split's name (data/train/) is read whole."""
+    splits = {}
+    for f in files:
+        splits.setdefault(_split_of(f.relative_to(directory)), []).append(f)
+    named = sorted((s for s in splits if s is not None), key=lambda s: (s != "train", s))
+    if not named or (len(named) == 1 and None not in splits and named != ["train"]):
+        return files  # (no split named, or all of one: as given)
+    shown = ", ".join(named)
+    if "train" not in splits:
+        raise ValueError(f"{directory}: files of the splits {shown} and no train split: give one split's folder "
+                         f"or files (as {splits[named[0]][0]}) to calibrate on")
+    left = [f for f in files if f not in splits["train"]]
+    if left:
+        listed = ", ".join(str(f.relative_to(directory)) for f in left[:8]) + (", ..." if len(left) > 8 else "")
+        n = len(splits["train"])
+        warnings.warn(f"{directory}: files of the splits {shown}: calibrating on train ({n} file{'s' * (n > 1)}), "
+                      f"leaving out the {len(left)} other{'s' * (len(left) > 1)} ({listed}); give a split's folder "
+                      f"or files to calibrate on it")
+    return splits["train"]
 
 
 # characters a TextFile reads at a time; text it keeps before the place last read (a window's

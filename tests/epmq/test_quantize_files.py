@@ -113,7 +113,8 @@ def test_compressed_text_files_read_as_their_inner_kind(tmp_path):
 
     d = tmp_path / "c4"
     d.mkdir()
-    with gzip.open(d / "c4-train.00000-of-01024.json.gz", "wt", encoding="utf-8") as f:
+    # (a shard named so: beside c4-train.*, the others of no split are left out, as a snapshot's)
+    with gzip.open(d / "c4.00000-of-01024.json.gz", "wt", encoding="utf-8") as f:
         f.write("".join(json.dumps({"text": f"doc {i}", "url": "u"}) + "\n" for i in range(3)))
     (d / "b.TXT.bz2").write_bytes(bz2.compress("\ufeffthe cat".encode("utf-8")))
     (d / "c.jsonl.xz").write_bytes(lzma.compress(b'"a dog"\n'))
@@ -1466,3 +1467,45 @@ def test_e_pmq_experts_without_calibration_files_are_named():
     check_quantize("epmq", {"a": "a.txt"}, {"a": "x"})
     with pytest.raises(ValueError, match="method 'gptq' takes no experts"):  # (not ignored: E-PMQ was meant)
         check_quantize("gptq", {"a": "a.txt"}, {"a": "x"})
+
+
+def test_a_dataset_snapshot_calibrates_on_its_train_split(tmp_path):
+    """An HF hub dataset's snapshot holds its splits side by side (data/train-*.parquet,
+    validation-*, test-*, or train/, test/ folders) with the repo's own files (requirements.txt):
+    read whole, every split and the stray .txt went into calibration, in silence. Where files
+    name a split, the train split is read, the others left out with a warning naming them; with
+    no train split among several, refused naming them and how to pick one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    snap = tmp_path / "snapshot"
+    (snap / "data").mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        pq.write_table(pa.table({"text": [f"{split} 0", f"{split} 1"]}),
+                       snap / "data" / f"{split}-00000-of-00001.parquet")
+    (snap / "README.md").write_text("---\nlicense: mit\n---\n")
+    (snap / "requirements.txt").write_text("datasets\n")
+    (snap / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    with pytest.warns(UserWarning, match=r"snapshot: files of the splits train, test, validation: calibrating on "
+                                         r"train \(1 file\).*test-00000-of-00001.parquet.*requirements.txt"):
+        assert read_texts(snap) == ["train 0", "train 1"]
+    pairs = tmp_path / "pairs"
+    for split in ("train", "dev"):
+        (pairs / split).mkdir(parents=True)
+        (pairs / split / "a.jsonl").write_text(json.dumps({"input": split, "target": "t"}) + "\n")
+    with pytest.warns(UserWarning, match="calibrating on train"):
+        assert read_pairs(pairs) == [("train", "t")]
+    shutil.rmtree(pairs / "train")
+    (pairs / "test").mkdir()
+    (pairs / "test" / "a.jsonl").write_text(json.dumps({"input": "test", "target": "t"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs: files of the splits test, validation and no train split: give "
+                                         r"one split's folder or files"):
+        read_pairs(pairs)
+    images = tmp_path / "images"
+    for split in ("train", "val"):
+        (images / split / "cat").mkdir(parents=True)
+        (images / split / "cat" / "x.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="calibrating on train"):
+        assert image_files(images) == [images / "train" / "cat" / "x.png"]
+    assert read_texts(snap / "data" / "test-00000-of-00001.parquet") == ["test 0", "test 1"]  # (a file: as given)
+    assert image_files(images / "val") == [images / "val" / "cat" / "x.png"]  # (a split's folder: all of it)
