@@ -464,6 +464,11 @@ def _symmetric(layer: QuantLinear) -> bool:
     return bool((layer.zeros() == 2 ** (layer.bits - 1)).all())
 
 
+class ServingWarning(UserWarning):
+    """A saved checkpoint that some serving engine cannot load or serves wrong (``_serving_warnings``):
+    a category of its own, so that a caller saving many (``epmq run``'s) can say each once."""
+
+
 def _serving_warnings(layers, qconfig, split) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
@@ -476,18 +481,18 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"SGLang load fused with them (q/k/v_proj as qkv_proj, gate/up_proj as gate_up_proj) are "
             f"quantized: "
             f"vLLM refuses the checkpoint ('Detected some but not all shards ... are quantized'). "
-            f"Quantize all of q/k/v (and gate/up) or none of them (quantize_model(layers=...))")
+            f"Quantize all of q/k/v (and gate/up) or none of them (quantize_model(layers=...))", ServingWarning)
     if moe:
         warnings.warn(
             f"{len(moe)} blocks' routed experts (first: {moe[0]}) are quantized in part (some experts or "
             f"projections left in full precision): vLLM and SGLang build a block's experts as one FusedMoE "
             f"module of one precision and cannot load the others. Quantize all of a block's experts or none "
-            f"of them (quantize_model(layers=...))")
+            f"of them (quantize_model(layers=...))", ServingWarning)
     if qconfig["desc_act"]:
         warnings.warn(
             "act-order without static groups (permuted g_idx, desc_act: true): vLLM >= 0.34 refuses "
             "desc_act=True GPTQ checkpoints, and SGLang's CPU path cannot run them; quantize with "
-            "QuantSpec(act_order=True, static_groups=True) (g_idx stays k // group_size)")
+            "QuantSpec(act_order=True, static_groups=True) (g_idx stays k // group_size)", ServingWarning)
     reasons = []
     low = sorted({m.bits for m in layers.values() if m.bits not in (4, 8)})
     if low:
@@ -501,7 +506,7 @@ def _serving_warnings(layers, qconfig, split) -> None:
         reasons.append(asym + "; vLLM and SGLang (GPTQ Marlin) serve only symmetric 4- or 8-bit "
                        "checkpoints (QuantSpec(sym=True) for them)")
     if reasons:
-        warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons))
+        warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose
     # transform_cpu replaces qzeros by zeros: a grid off the midpoint is served silently wrong
     # (transformers loads through it too; logits 1.09 off on a tiny Llama, argmax 2% equal)
@@ -511,7 +516,7 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"{len(off_midpoint)} 4-bit per-channel layers (first: {off_midpoint[0]}) have asymmetric grids: "
             f"on the CPU, GPTQModel (and transformers through it) serves them with TorchFusedLinear, which "
             f"drops the zero points, so its outputs are wrong (epmq.load_quantized serves them right). For "
-            f"GPTQModel on the CPU quantize with QuantSpec(sym=True) or a group size of 32 to 256")
+            f"GPTQModel on the CPU quantize with QuantSpec(sym=True) or a group size of 32 to 256", ServingWarning)
     odd = [name for name, m in layers.items() if (m.in_features * m.bits) % 32 or (m.out_features * m.bits) % 32]
     if odd:
         m = layers[odd[0]]
@@ -521,7 +526,7 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"width whose codes fill no whole 32-bit words (at {m.bits} bits, a multiple of {whole} values): "
             f"epmq pads them and epmq.load_quantized loads them, but GPTQModel and transformers (buffers of "
             f"width * bits / 32 words) and vLLM (widths a multiple of its pack factor) cannot. Exclude "
-            f"them (layers=) to serve the checkpoint elsewhere")
+            f"them (layers=) to serve the checkpoint elsewhere", ServingWarning)
 
 
 # the fields of a quantize_model call a checkpoint records per layer where the calls differ
@@ -544,7 +549,7 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
         warnings.warn(
             f"the quantized layers mix bit widths / group sizes {sorted(kinds)}; the gptq config "
             f"holds one, so engines other than epmq.load_quantized (which reads each layer's "
-            f"own, saved under 'epmq') will refuse the checkpoint"
+            f"own, saved under 'epmq') will refuse the checkpoint", ServingWarning
         )
     # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
     # midpoint, unless a call said its grids are asymmetric (then it is not claimed)

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -459,6 +460,7 @@ class Runner:
                     f"as its own by its class and task names (pass identity= to tell benches apart)")
         self.store = Store(self.out, identity, resume, log)
         self._plots_gone = False
+        self._serving_said = set()  # (the engine warnings of the run's checkpoints said so far)
 
     def step(self, key: str, params: dict, fn: Callable[[], dict], *, redo: bool = False) -> dict:
         done = None if redo else self.store.get(key, params)
@@ -630,10 +632,28 @@ class Runner:
             name = "-".join(str(v) for v in (params["merge"], f"w{bits}", method, targets, anchor) if v is not None)
             path = self.out / "checkpoints" / name
             # (save_extras is optional in the protocol; written into the checkpoint atomically)
-            save_quantized(model, path, extras=getattr(bench, "save_extras", None))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                save_quantized(model, path, extras=getattr(bench, "save_extras", None))
+            self._say_serving(caught, path)
             result["checkpoint"] = str(path)
             result["checkpoint_files"] = _checkpoint_digest(path)
         return result
+
+
+    def _say_serving(self, caught, path: Path) -> None:
+        """The warnings of saving checkpoint ``path``, its engine warnings in the log, each once a
+        run: every checkpoint of a run is alike to engines, and they were warned for each (~80
+        lines of a demo, --quiet too); the others warned as they came."""
+        from .checkpoint import ServingWarning
+
+        for w in caught:
+            if not issubclass(w.category, ServingWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            elif str(w.message) not in self._serving_said:
+                self._serving_said.add(str(w.message))
+                self.log(f"[checkpoint] {path.relative_to(self.out)}: {w.message} (said once for the run's "
+                         f"checkpoints)")
 
 
 def _merge_params(mp: MergePlan) -> dict:

@@ -636,3 +636,26 @@ def test_python_dash_m_epmq_is_the_command():
 
     done = subprocess.run([sys.executable, "-m", "epmq", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage: epmq" in done.stdout
+
+
+def test_engine_warnings_of_a_runs_checkpoints_quiet_with_it_and_said_once(tiny_config, tmp_path, capsys):
+    """Each checkpoint `epmq run` (and the demo) saves warned which engines cannot serve it, the
+    same two warnings for every one (~80 lines of a demo), --quiet or not; --quiet says none,
+    a run without it each once, naming the checkpoint it is of."""
+    import warnings
+
+    config = yaml.safe_load(tiny_config.read_text())
+    config["quantize"] = {**config["quantize"], "methods": ["rtn", "gptq"], "bits": [4], "controls": []}
+    del config["quantize"]["anchors"]
+    path = write(tiny_config.parent, config, "asym.yaml")
+    said = []
+    for quiet in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args = ["run", str(path), "--out", str(tmp_path / f"out-{quiet}")] + ["--quiet"] * quiet
+            assert main(args) == 0
+        text = capsys.readouterr().out + "\n".join(str(w.message) for w in caught)
+        said.append([text.count(what) for what in ("engines that cannot serve this checkpoint",
+                                                   "asymmetric grids: on the CPU")])
+    assert said == [[0, 0], [1, 1]]
+    assert "checkpoints/TA-w4-rtn" in text
