@@ -604,6 +604,12 @@ _ENCODER_AXIS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 # input_features [B, 128 mels, frames] go with their row, which texts of 128 tokens cut by the mels).
 _ENCODER_AXIS_OF_RANK = {"image_attention_mask": 3, "input_values": 2, "input_features": 3}
 _AUDIO_INPUTS = ("input_values", "input_features")
+# Audio models' per-frame inputs: Wav2Vec2ForPreTraining's (HuBERT's, WavLM's, ...) mask_time_indices
+# [B, frames] and sampled_negative_indices [B, frames, negatives]. Beside a mask of the frames they are
+# on its axis; beside input_values [B, samples] cut to a row's real samples, each row keeps the
+# frames the model makes of those (_frames): left whole, the padded batch's frames met the cut row's
+# fewer ones in "The shape of the mask [1, 63] at index 1 does not match ... [1, 39, 32]".
+_FRAME_INPUTS = ("mask_time_indices", "sampled_negative_indices")
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 
@@ -748,6 +754,7 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
                              f"row per sequence ({B}), so the batch cannot be cut into rows without "
                              f"padding; give batches without padding")
     on_axis = []  # per side: the keys to cut
+    frames_of = []  # per-frame keys of cut input_values: cut to the frames of a row's samples
     for keys, what, mask in sides:
         on_axis.append([])
         for key in keys:
@@ -766,12 +773,32 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
                             if not (text and key in _AUDIO_INPUTS)
                             and isinstance(item.get(key), torch.Tensor) and item[key].dim() == rank
                             and item[key].shape[:2] == mask.shape]
+            per_frame = [key for key in _FRAME_INPUTS if isinstance(item.get(key), torch.Tensor)
+                         and item[key].dim() >= 2]
+            on_axis[-1] += [key for key in per_frame if item[key].shape[:2] == mask.shape]
+            if "input_values" in on_axis[-1]:
+                frames_of += [key for key in per_frame if item[key].shape[:2] != mask.shape]
+    for key in frames_of:
+        samples = item["input_values"].shape[1]
+        if _frames(model, samples) != item[key].shape[1]:
+            whose = ("unknown: unpad(..., model=)" if model is None
+                     else f"{_frames(model, samples)} by {type(model).__name__}")
+            raise ValueError(f"calibration batch with padding: {key!r} {tuple(item[key].shape)} is not per frame "
+                             f"of input_values {tuple(item['input_values'].shape)} (their frames {whose}), so it "
+                             f"cannot be cut with the samples; give batches without padding")
     batches = {}  # real lengths -> rows, in the order met
     for b in range(B):
         spans = [_span(mask[b], what, b) for _, what, mask in sides]
         if None in spans:
             continue
         cut = {key: span for keys, span in zip(on_axis, spans) for key in keys}
+        for key in frames_of:
+            start, stop = cut["input_values"]
+            if start > 0:  # (the padded row's frames are not the real samples' shifted: unaligned)
+                raise ValueError(f"calibration batch: input_values of row {b} padded at the start, beside "
+                                 f"{key!r} of its frames, which do not line up with its real samples' frames; "
+                                 f"pad at the end, as the model's feature extractor does")
+            cut[key] = (0, _frames(model, stop - start))
         row = {}
         for key, value in item.items():
             if isinstance(value, torch.Tensor):
@@ -788,6 +815,19 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
         for part in parts:
             part["decoder_input_ids"] = derive(labels=part["labels"].clone())
     return parts
+
+
+def _frames(model, samples: int) -> Optional[int]:
+    """The frames an audio model's feature extractor makes of ``samples`` samples (its adapter's
+    pooling aside: per-frame inputs are read before it); None where the model does not say."""
+    lengths = getattr(model, "_get_feat_extract_output_lengths", None)
+    if not callable(lengths):
+        return None
+    try:
+        options = {"add_adapter": False} if "add_adapter" in inspect.signature(lengths).parameters else {}
+        return int(lengths(torch.tensor(samples), **options))
+    except Exception:  # noqa: BLE001 (a model's own function that fails: it does not say)
+        return None
 
 
 def token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -726,3 +726,66 @@ def test_an_audio_lms_features_are_not_cut_by_its_texts_mask(gen):
     # (an audio encoder's own mask still cuts them: Speech2Text's frames)
     parts = unpad({"attention_mask": mask, "input_features": features})
     assert sorted(p["input_features"].shape[1] for p in parts) == [11, 16]
+
+
+def test_padded_audio_cuts_its_per_frame_inputs_with_its_samples(gen):
+    """Wav2Vec2ForPreTraining takes mask_time_indices [B, frames] (which frames it masks) beside
+    input_values [B, samples]: a padded batch had its samples cut and its frames not, and the
+    walk ended in a shape error. Each row's frames are cut with its samples (the model's frames
+    of its real samples), as the row alone gives them."""
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12, proj_codevector_dim=16,
+        codevector_dim=16, num_codevectors_per_group=8, num_codevector_groups=2, mask_time_length=2)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForPreTraining(config).eval()
+    lengths = (400, 640, 520)
+    frames = [int(model._get_feat_extract_output_lengths(n)) for n in lengths]
+    waves = [torch.randn(n, generator=gen) for n in lengths]
+    masked = torch.from_numpy(_compute_mask_indices((len(lengths), max(frames)), 0.3, 2, min_masks=1))
+    for b, f in enumerate(frames):
+        masked[b, f:] = False
+    values = torch.zeros(len(waves), max(lengths))
+    mask = torch.zeros(len(waves), max(lengths), dtype=torch.long)
+    for b, w in enumerate(waves):
+        values[b, :len(w)], mask[b, :len(w)] = w, 1
+    singles = [{"input_values": w[None], "attention_mask": torch.ones(1, len(w), dtype=torch.long),
+                "mask_time_indices": masked[b:b + 1, :frames[b]]} for b, w in enumerate(waves)]
+    batch = {"input_values": values, "attention_mask": mask, "mask_time_indices": masked}
+    name = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight"
+    single, batched = _grams_of_padded_and_single(model, singles, batch, name)
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+    from epmq.calibration import unpad
+
+    with pytest.raises(ValueError, match=r"'mask_time_indices' \(3, 63\) is not per frame of input_values "
+                                         r"\(3, 640\) \(their frames unknown"):
+        unpad(batch)
+    with pytest.raises(ValueError, match="input_values of row 0 padded at the start, beside 'mask_time_indices'"):
+        unpad(dict(batch, attention_mask=mask.flip(1)), model=model)
+
+
+def test_padded_audio_features_cut_their_per_frame_inputs_with_their_mask(gen):
+    """Wav2Vec2-BERT's mask_time_indices [B, frames] beside input_features [B, frames, dims] and a
+    mask of the frames: the features were cut and the frames not ('The shape of the mask [1, 9] at
+    index 1 does not match the shape of the indexed tensor [1, 5, 32]'); on the mask's axis, cut."""
+    config = transformers.Wav2Vec2BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        feature_projection_input_dim=16, output_hidden_size=32, vocab_size=12, conv_depthwise_kernel_size=3,
+        position_embeddings_type=None)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2BertModel(config).eval()
+    lengths = (5, 9, 7)
+    features = torch.zeros(len(lengths), max(lengths), 16)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    masked = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        features[b, :n], mask[b, :n], masked[b, 1] = torch.randn(n, 16, generator=gen), 1, True
+    singles = [{"input_features": features[b:b + 1, :n], "attention_mask": mask[b:b + 1, :n],
+                "mask_time_indices": masked[b:b + 1, :n]} for b, n in enumerate(lengths)]
+    batch = {"input_features": features, "attention_mask": mask, "mask_time_indices": masked}
+    name = "encoder.layers.0.ffn1.intermediate_dense.weight"
+    single, batched = _grams_of_padded_and_single(model, singles, batch, name)
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
