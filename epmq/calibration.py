@@ -304,14 +304,16 @@ def _train_split(directory: Path, files: List[Path]) -> List[Path]:
     """``files`` of ``directory``, or of a tree whose files name splits (an HF dataset's snapshot:
     data/train-*.parquet beside validation-* and test-*, with the repo's requirements.txt) the
     train split's, with a warning naming the files left out: read whole, the evaluation splits and
-    stray files were calibrated on too. Splits without a train split are refused: which to read
-    is the user's choice. A directory given below the split's name (data/train/) is read whole."""
+    stray files were calibrated on too. Several splits without a train split are refused: which
+    to read is the user's choice. A directory given below the split's name (data/train/) is read whole."""
     splits = {}
     for f in files:
         splits.setdefault(_split_of(f.relative_to(directory)), []).append(f)
     named = sorted((s for s in splits if s is not None), key=lambda s: (s != "train", s))
-    if not named or (len(named) == 1 and None not in splits and named != ["train"]):
-        return files  # (no split named, or all of one: as given)
+    if not named or (len(named) == 1 and named != ["train"]):
+        # (no split named, or one other than train: a user's documents, 'dev_notes.txt' beside
+        # 'chapter1.txt', name no snapshot's splits: as given)
+        return files
     shown = ", ".join(named)
     if "train" not in splits:
         raise ValueError(f"{directory}: files of the splits {shown} and no train split: give one split's folder "

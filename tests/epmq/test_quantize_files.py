@@ -6,6 +6,7 @@ import random
 import re
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -1509,3 +1510,10 @@ def test_a_dataset_snapshot_calibrates_on_its_train_split(tmp_path):
         assert image_files(images) == [images / "train" / "cat" / "x.png"]
     assert read_texts(snap / "data" / "test-00000-of-00001.parquet") == ["test 0", "test 1"]  # (a file: as given)
     assert image_files(images / "val") == [images / "val" / "cat" / "x.png"]  # (a split's folder: all of it)
+    docs = tmp_path / "docs"  # (one word of one split among a user's documents: no snapshot, read whole)
+    docs.mkdir()
+    (docs / "chapter1.txt").write_text("one")
+    (docs / "dev_notes.txt").write_text("two")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(read_texts(docs)) == ["one", "two"]
