@@ -607,7 +607,7 @@ def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
     _directory_walk_is_the_module_walk(build, ids, tmp_path, quantized="model.layers.0.linear_attn.in_proj_z")
 
 
-def test_biases_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
+def test_a_swiglu_mlps_biases_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
     """DINOv2's SwiGLU MLP (its giant model's) holds gate_proj and up_proj, weights and biases,
     that its checkpoints (and save_pretrained) hold as rows of one ``mlp.weights_in``: the weights
     were read by their rows, the biases not, so the expert path (which runs each expert's blocks
