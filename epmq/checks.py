@@ -249,7 +249,8 @@ def check_number(value, what: str, minimum: Optional[float] = None) -> float:
 
 def device_argument(device) -> Optional[torch.device]:
     """A ``device=`` argument as a ``torch.device`` (None stays None), or a clear error: not a
-    device, CUDA where torch sees none, or meta (which holds no values to compute with)."""
+    device, CUDA where torch sees none (or a GPU past those it sees), or meta (which holds no
+    values to compute with)."""
     if device is None:
         return None
     try:
@@ -258,6 +259,12 @@ def device_argument(device) -> Optional[torch.device]:
         raise ValueError(f"device must name a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # (an ordinal past the GPUs failed where the device was first used: a checkpoint's read
+        # was blamed for torch's 'invalid device ordinal')
+        count = torch.cuda.device_count()
+        raise ValueError(f"device={str(device)!r}, but torch sees {count} CUDA device{'s' * (count != 1)} here "
+                         f"({', '.join(f'cuda:{i}' for i in range(count))})")
     if device.type == "meta":
         raise ValueError("device='meta' holds no values to compute with: name a real device")
     return device

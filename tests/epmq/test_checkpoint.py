@@ -139,6 +139,18 @@ def test_a_device_it_cannot_load_onto_is_named_not_the_checkpoint(gen, tmp_path)
             epmq.load_quantized(tmp_path / "q", device=device)
 
 
+def test_a_cuda_device_past_those_torch_sees_is_named_not_the_checkpoint(gen, tmp_path, monkeypatch):
+    """device="cuda:1" on a machine of one GPU passed the device check and failed in the read, the
+    checkpoint blamed ('cannot read .../model.safetensors: ... invalid device ordinal'), as
+    device="cuda" without a GPU did: said of the device, with the devices torch sees."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1', but torch sees 1 CUDA device here \(cuda:0\)"):
+        epmq.load_quantized(tmp_path / "q", device="cuda:1")
+
+
 def test_hooks_on_the_layers_load_quantized_replaces_are_kept(gen, tmp_path):
     """A hook the caller registered on a layer of the model given to load_quantized was
     dropped without a word when the layer became a QuantLinear; it goes with the layer, as in
