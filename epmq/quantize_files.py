@@ -169,14 +169,18 @@ PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_c
 
 def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: int = 128,
                seq_len: int = 512, batch_size: int = 8, seed: int = 0, tower: Optional[str] = None,
-               preprocessor_dir: Optional[Path] = None, walked: bool = True):
+               preprocessor_dir: Optional[Path] = None, walked: bool = True, out=None):
     """``(model class, tokenizer or image processor, {task: batches})`` for the checkpoint in
     ``directory`` and each task's calibration files, by what the model's forward takes; the
     tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``);
-    ``walked``: the model's blocks are walked on them (``_model_class``)."""
+    ``walked``: the model's blocks are walked on them (``_model_class``); ``out``: the output,
+    refused inside a directory of texts or pairs (``_check_outside_calibration``)."""
     seed = check_seed(seed)
     cls, encoder_decoder = _model_class(directory, tower, walked)
     modality = _modality(cls, encoder_decoder, tower)
+    if out is not None and modality != "images":
+        # (an image folder's reader takes none of the checkpoint's files: its output may lie there)
+        _check_outside_calibration(out, calibration)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
     directory = directory if preprocessor_dir is None else preprocessor_dir
@@ -355,7 +359,6 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
-    _check_outside_calibration(out, calibration)
     check_output(out)
     if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
@@ -370,7 +373,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                              experts=True)
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
                                             batch_size=batch_size, seed=seed, tower=tower,
-                                            walked=method != "rtn")
+                                            walked=method != "rtn", out=out)
     with loading_bars(progress):
         net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()

@@ -574,12 +574,33 @@ def test_an_output_inside_a_calibration_directory_is_refused(files, tmp_path):
     (data / "math").mkdir(parents=True)
     shutil.copy(files / "a.txt", data / "math" / "a.txt")
     for out in (data / "q", data / "math" / "q", data / "math"):
-        with pytest.raises(ValueError, match=f"the output {re.escape(str(out))} is inside the calibration "
-                                             f"directory {re.escape(str(data))} of task 'math'"):
+        # (the directory itself, the user's, is refused by the output's own check, which comes first)
+        match = (f"{re.escape(str(out))} exists and is not an epmq checkpoint" if out == data / "math" else
+                 f"the output {re.escape(str(out))} is inside the calibration directory {re.escape(str(data))} "
+                 f"of task 'math'")
+        with pytest.raises(ValueError, match=match):
             epmq.quantize_checkpoint(files / "merged", out, spec=epmq.QuantSpec(bits=4, group_size=16),
                                      method="gptq", calibration={"math": [files / "b.jsonl", data]},
                                      samples=2, seq_len=16, progress=False)
         assert not (data / "q").exists() and not (data / "q.resume").exists()
+
+
+def test_an_output_inside_an_image_folder_is_taken(tmp_path):
+    """The refusal of an output inside a calibration directory is for the files of the checkpoint
+    that directory's reader takes (config.json, tokenizer files as texts): an image folder's reader
+    takes none of them, and a vision model's output in it (images/, out images/q) was refused all the
+    same; it is written, and the same command again calibrates on the same images."""
+    _clip_vision(0).save_pretrained(tmp_path / "merged")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "merged")
+    _write_images(tmp_path / "images" / "cars", 3, seed=0)
+    calibration = {"cars": tmp_path / "images"}
+    files = image_files(tmp_path / "images")
+    for _ in range(2):
+        out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "images" / "q", method="gptq",
+                                       spec=epmq.QuantSpec(bits=4, group_size=-1), calibration=calibration,
+                                       samples=2, batch_size=2, progress=False)
+        assert (out / "preprocessor_config.json").is_file() and image_files(tmp_path / "images") == files
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
