@@ -301,18 +301,19 @@ def _split_of(relative: Path) -> Optional[str]:
 
 
 def _train_split(directory: Path, files: List[Path]) -> List[Path]:
-    """``files`` of ``directory``, or of a tree whose files name splits (an HF dataset's snapshot:
-    data/train-*.parquet beside validation-* and test-*, with the repo's requirements.txt) the
-    train split's, with a warning naming the files left out: read whole, the evaluation splits and
-    stray files were calibrated on too. Several splits without a train split are refused: which
-    to read is the user's choice. A directory given below the split's name (data/train/) is read whole."""
+    """``files`` of ``directory``, or of a tree whose files name two splits or more (an HF
+    dataset's snapshot: data/train-*.parquet beside validation-* and test-*, with the repo's
+    requirements.txt) the train split's, with a warning naming the files left out: read whole,
+    the evaluation splits and stray files were calibrated on too. Several splits without a train
+    split are refused: which to read is the user's choice. A directory given below the split's
+    name (data/train/) is read whole."""
     splits = {}
     for f in files:
         splits.setdefault(_split_of(f.relative_to(directory)), []).append(f)
     named = sorted((s for s in splits if s is not None), key=lambda s: (s != "train", s))
-    if not named or (len(named) == 1 and named != ["train"]):
-        # (no split named, or one other than train: a user's documents, 'dev_notes.txt' beside
-        # 'chapter1.txt', name no snapshot's splits: as given)
+    if len(named) < 2:
+        # (no split named, or one: a user's documents, 'dev_notes.txt' or 'training_notes.txt'
+        # beside 'chapter1.txt', name no snapshot's splits: as given)
         return files
     shown = ", ".join(named)
     if "train" not in splits:

@@ -1535,6 +1535,10 @@ def test_a_dataset_snapshot_calibrates_on_its_train_split(tmp_path):
     docs.mkdir()
     (docs / "chapter1.txt").write_text("one")
     (docs / "dev_notes.txt").write_text("two")
+    (docs / "training_notes.txt").write_text("three")  # (one of each: train and validation)
+    with pytest.warns(UserWarning, match="calibrating on train"):
+        assert read_texts(docs) == ["three"]
+    (docs / "dev_notes.txt").unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sorted(read_texts(docs)) == ["one", "two"]
+        assert sorted(read_texts(docs)) == ["one", "three"]
