@@ -575,6 +575,27 @@ def _renaming(model, saving):
     return rename
 
 
+def loads_transposed(model: nn.Module) -> Callable[[str], bool]:
+    """Whether ``model``'s conversion mapping transposes a checkpoint tensor's dims 1 and 2 as it
+    loads it, by the tensor's checkpoint key: Qwen3-VL-MoE's fused experts, which transformers 4
+    saved ``gate_up_proj [E, H, 2I]`` and transformers 5 holds and saves ``[E, 2I, H]``
+    (``Transpose(1, 2, check_dims=True)``: either is loaded). False for every key of a model
+    without such a rule (not a transformers model, a transformers without converters)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Transpose, WeightConverter
+
+        rules = get_model_conversion_mapping(model)
+    except Exception:
+        return lambda key: False
+    patterns = [p for rule in rules
+                if isinstance(rule, WeightConverter) and len(rule.operations) == 1
+                and isinstance(rule.operations[0], Transpose)
+                and {rule.operations[0].dim0 % 3, rule.operations[0].dim1 % 3} == {1, 2}
+                for p in rule.source_patterns]
+    return lambda key: any(re.search(p, key) for p in patterns)
+
+
 @contextlib.contextmanager
 def conversions_found_once(model: nn.Module, rules: Optional[list] = None):
     """Inside it, transformers' ``revert_weight_conversion(model, ...)`` uses ``rules`` (default:
@@ -869,6 +890,7 @@ class LazyStateDict(Mapping):
         self._keys = dict(keys)  # model name -> checkpoint key
         self.dtype = dtype
         self.description = description or reader.description
+        self._transposed = set()  # (names read with dims 1 and 2 swapped: read_transposed)
         for name, key in self._keys.items():  # (before a cast to ``dtype`` hides what they are)
             why = reader.quantized_with_scales(key)
             if why is not None:
@@ -876,6 +898,8 @@ class LazyStateDict(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self.reader.get(self._keys[name])
+        if name in self._transposed:
+            t = t.transpose(1, 2)
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
         return t
@@ -897,11 +921,17 @@ class LazyStateDict(Mapping):
         key that equals the tensor it is tied to: one tensor, as from_pretrained ties them)."""
         self._keys[name] = self._keys[other]
 
+    def read_transposed(self, name: str) -> None:
+        """Read ``name`` with its dims 1 and 2 swapped from now on (a checkpoint holding it as
+        transformers 4 saved it, which the model's loading transposes: ``loads_transposed``)."""
+        self._transposed.add(name)
+
     def shape_of(self, name: str) -> tuple:
         """Tensor ``name``'s shape, from the checkpoint without reading the tensor
         (``CheckpointReader.shape`` of a reader over this state dict asks here: indexing would
         read every tensor the walk checks, a second read of a whole expert)."""
-        return tuple(self.reader.shape(self._keys[name]))
+        shape = tuple(self.reader.shape(self._keys[name]))
+        return (shape[0], shape[2], shape[1], *shape[3:]) if name in self._transposed else shape
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype indexing gives tensor ``name`` (``dtype`` where it casts), without reading

@@ -136,7 +136,12 @@ def _a_tensor(name: str, who: str, t) -> None:
 def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     _a_tensor(name, who, t)
     if t.shape != reference.shape:
-        raise ValueError(f"tensor {name!r}: {who} has shape {tuple(t.shape)}, expected {tuple(reference.shape)}")
+        r = tuple(reference.shape)
+        swapped = (t.dim() == 3 and tuple(t.shape) == (r[0], r[2], r[1])
+                   and "; its dims 1 and 2 swapped: fused experts saved transposed, as transformers 4 saved them "
+                       "(Qwen3-VL-MoE's hub checkpoints)? load it with from_pretrained and re-save it with "
+                       "transformers 5, or merge the checkpoints with epmq.merge_checkpoints, which reads both")
+        raise ValueError(f"tensor {name!r}: {who} has shape {tuple(t.shape)}, expected {r}{swapped or ''}")
     if t.is_floating_point() != reference.is_floating_point():
         raise ValueError(f"tensor {name!r}: {who} is {t.dtype}, the reference {reference.dtype} (an "
                          f"integer-quantized checkpoint? merge full-precision weights)")

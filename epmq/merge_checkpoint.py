@@ -13,7 +13,9 @@ what ``save_pretrained`` writes: the same tensor names as the sources, ``model.s
 directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
 with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. The models' tensors
 are found under the base's names (one prefix rewrite per model: ``CLIPVisionModel`` checkpoints
-of transformers 4 and 5 differ by ``vision_model.``); tensors of the base that the models lack
+of transformers 4 and 5 differ by ``vision_model.``; Qwen3-VL-MoE's fused experts, which
+transformers 4 saved transposed, are read in the layout of the checkpoint whose config the output
+carries); tensors of the base that the models lack
 are copied from the base and tensors of a model the base lacks are ignored, each with a
 warning: FusionBench's CLIP experts are ``CLIPVisionModel`` checkpoints fine-tuned from the
 vision tower of a ``CLIPModel`` base, and the merge of their towers keeps the base's text tower
@@ -43,7 +45,7 @@ from . import merge as merge_lib
 from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
-                            json_files, local_checkpoint, tie_order, weights_in)
+                            json_files, loads_transposed, local_checkpoint, tie_order, weights_in)
 from .checks import device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
@@ -801,6 +803,35 @@ def _untie(reference, sources: list, followers: Mapping, reference_path: Path, m
     return extended, [extended if s is reference else s for s in sources], list(followers)
 
 
+def _read_in_one_layout(names: list, layout: LazyStateDict, states: list, paths: list) -> None:
+    """Every model's tensors ``names`` read in the layout the checkpoint ``layout`` holds them in
+    (the one whose config.json the output carries), where a model holds one with its dims 1 and 2
+    swapped and the models' conversion mapping transposes it on loading (``loads_transposed``):
+    Qwen3-VL-MoE's hub checkpoints hold the fused experts as transformers 4 saved them,
+    ``experts.gate_up_proj [E, H, 2I]``, experts saved by transformers 5 as its model holds them,
+    ``[E, 2I, H]``; transformers loads both. The output keeps ``layout``'s, which the transformers
+    version of its config loads. ``paths``: checkpoints to build the model (on meta) from, the
+    first that builds; only where some tensor is held swapped."""
+    swapped = {}
+    for name in names:
+        want = tuple(layout.shape_of(name))
+        if len(want) == 3 and want[1] != want[2]:
+            held = [s for s in {id(s): s for s in states}.values()
+                    if s is not layout and tuple(s.shape_of(name)) == (want[0], want[2], want[1])]
+            if held:
+                swapped[name] = held
+    if not swapped:
+        return
+    skeleton = next((m for m in (model_skeleton(p) for p in paths if p is not None) if m is not None), None)
+    if skeleton is None:
+        return  # (the merge names the shapes that differ)
+    transposed_on_loading = loads_transposed(skeleton)
+    for name, held in swapped.items():
+        if transposed_on_loading(name):
+            for state in held:
+                state.read_transposed(name)
+
+
 def _what_is_read(path: Path) -> Path:
     """What a merge input at ``path`` reads, links resolved: a checkpoint directory's weights file
     (or shard index, as ``CheckpointReader`` picks it), so that the directory and that file named
@@ -978,6 +1009,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     written_key = reference_key if vocabulary is None else own_key
     _check_output_tokenizer(template, vocabulary.tokenizer if vocabulary is not None else tokenizers.get(reference_key),
                             tokenizers, written_key)
+    layout = base_state if reference_key == "base" else sources[reference_key]
+    layout_path = base_path if reference_key == "base" else model_paths[reference_key]
+    _read_in_one_layout(list(reference), layout.state, [s.state for s in [base_state, *sources] if s is not None],
+                        [layout_path, base_path, *model_paths, lora_base])
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",

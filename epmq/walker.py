@@ -103,7 +103,7 @@ from ._util import wrapped_model
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
-from .checkpoint_io import ignored_on_load, key_renaming
+from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
@@ -1296,23 +1296,12 @@ class _Walk:
 
     def _loads_transposed(self, name: str) -> bool:
         """Whether the model's conversion mapping transposes its checkpoint tensor ``name``'s last two
-        dims as it loads it (found once per name)."""
+        dims as it loads it (``checkpoint_io.loads_transposed``, found once per name)."""
         found = self.__dict__.setdefault("_transposed_on_load", {})
         if name not in found:
-            found[name] = False
-            try:
-                from transformers.conversion_mapping import get_model_conversion_mapping
-                from transformers.core_model_loading import Transpose, WeightConverter
-
-                rules = get_model_conversion_mapping(self.model)
-            except Exception:  # (no transformers model, or a transformers without converters)
-                rules, Transpose, WeightConverter = [], (), ()
-            for rule in rules:
-                if (isinstance(rule, WeightConverter) and len(rule.operations) == 1
-                        and isinstance(rule.operations[0], Transpose)
-                        and {rule.operations[0].dim0 % 3, rule.operations[0].dim1 % 3} == {1, 2}
-                        and any(re.search(p, name) for p in rule.source_patterns)):
-                    found[name] = True
+            if "_loads_transposed_rule" not in self.__dict__:
+                self.__dict__["_loads_transposed_rule"] = loads_transposed(self.model)
+            found[name] = self.__dict__["_loads_transposed_rule"](name)
         return found[name]
 
     @staticmethod

@@ -1462,3 +1462,14 @@ def test_karcher_refuses_one_model_given_for_the_list():
             merge.karcher(one)
     merged = merge.karcher(m for m in (layers, layers))  # (a generator of models is a list)
     assert set(merged) == set(layers.state_dict())
+
+
+def test_fused_experts_a_state_holds_transposed_are_refused_saying_so():
+    """An expert's fused experts held transposed (``gate_up_proj [E, H, 2I]``, as transformers 4
+    saved Qwen3-VL-MoE's) were refused naming the two shapes alone; the error says the dims are
+    swapped and how to give the expert in the base's layout."""
+    base = {"mlp.experts.gate_up_proj": torch.zeros(4, 16, 32)}
+    expert = {"mlp.experts.gate_up_proj": torch.zeros(4, 32, 16)}
+    with pytest.raises(ValueError, match=r"has shape \(4, 32, 16\), expected \(4, 16, 32\); its dims 1 and 2 "
+                                         r"swapped: fused experts saved transposed.*re-save it with transformers 5"):
+        merge.task_arithmetic(base, [expert])

@@ -1498,3 +1498,46 @@ def test_companion_files_are_read_and_written_as_utf8_whatever_the_locale(checkp
     assert out is not None, "the merge failed to read or write a UTF-8 file"
     written = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert written["id2label"] == {"0": "café", "1": "日本"} and written["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("held_transposed, files_from", [("base", None), ("e0", None), ("e0", "e0")])
+def test_fused_experts_one_model_holds_transposed_merge_in_the_layout_of_the_written_config(
+        tmp_path, held_transposed, files_from):
+    """Qwen3-VL-MoE's hub checkpoints (and experts fine-tuned with transformers 4) hold the fused
+    experts transposed, ``experts.gate_up_proj [E, H, 2I]``, which its conversion mapping
+    transposes on loading; transformers 5 saves them as its model holds them, ``[E, 2I, H]``.
+    transformers loads both, but their merge was refused ("tensor '...experts.down_proj': model 0
+    has shape (4, 32, 8), expected (4, 8, 32)"). Each model is read in the layout of the checkpoint
+    whose config the output carries, and the output is written in it: the merge of the models as
+    transformers loads them."""
+    from safetensors.torch import load_file, save_file
+    from test_adapters import _qwen3_vl_moe
+
+    torch.manual_seed(0)
+    base = _qwen3_vl_moe()
+    base.save_pretrained(tmp_path / "base")
+    noise, experts = torch.Generator().manual_seed(1), []
+    for k in range(2):
+        expert = perturb(base, noise, scale=0.05)
+        expert.save_pretrained(tmp_path / f"e{k}")
+        experts.append(expert.state_dict())
+    fused = ("experts.gate_up_proj", "experts.down_proj")
+    held = tmp_path / held_transposed  # (as transformers 4 saved it)
+    weights = load_file(held / "model.safetensors")
+    save_file({k: t.transpose(1, 2).contiguous() if k.endswith(fused) else t for k, t in weights.items()},
+              held / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((held / "config.json").read_text())
+    (held / "config.json").write_text(json.dumps(dict(config, transformers_version="4.57.1")))
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                            base=tmp_path / "base", files_from=None if files_from is None else tmp_path / files_from,
+                            progress=False)
+    written = tmp_path / (files_from or "base")
+    saved, layout = load_file(out / "model.safetensors"), load_file(written / "model.safetensors")
+    assert {k: t.shape for k, t in saved.items()} == {k: t.shape for k, t in layout.items()}
+    assert json.loads((out / "config.json").read_text())["transformers_version"] == \
+        json.loads((written / "config.json").read_text())["transformers_version"]
+    want = merge.task_arithmetic(base.state_dict(), experts)
+    got = type(base).from_pretrained(out).state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
