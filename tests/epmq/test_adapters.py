@@ -380,7 +380,10 @@ def test_routers_stay_in_full_precision(arch, router, gen, tmp_path):
     assert not any(name.endswith(rel) for name in want for rel in listed)
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        # (within float32's rounding, not bit for bit: LongCat's mixture summed 3e-8 apart in the
+        # loaded model on some draws of the whole file, EPMQ_TEST_SEED=1823339465; a router loaded
+        # quantized routes tokens elsewhere, orders of magnitude off)
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
 # Families whose checkpoints name an expert's projections w1, w3, w2 (transformers' conversion
