@@ -70,7 +70,12 @@ def effective_blocksize(blocksize: int, group_size: int) -> int:
     return max(d for d in range(1, blocksize + 1) if group_size % d == 0)
 
 
-def check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize):
+def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize):
+    # (sym='no' from a YAML or CLI is truthy: it ran symmetric; bits=4.0 passed as 4, silently)
+    if not isinstance(sym, bool):
+        raise ValueError(f"sym must be a bool, got {sym!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bits must be an int (2, 3, 4 or 8), got {bits!r}")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -131,7 +136,7 @@ def gptq_solve_reference(
     blocksize: int = 128,
 ) -> SolveOut:
     """The blocked GPTQ loop in float32 torch: the reference the Triton kernel must match."""
-    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize)
+    check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
     maxq = 2**bits - 1
     W = W.float().clone() if R is None else W.float() + R.float()
     Hinv = Hinv.float().contiguous()  # (as the kernel reads it: CPU products' sums follow the layout)
@@ -423,7 +428,7 @@ def gptq_solve_triton(
     ``out``: preallocated ``SolveOut`` to write into (``Q`` and ``codes``; ``scales`` and
     ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests.
     """
-    check_solve_args(W, Hinv, bits, R, group_size, scales, zeros, col_group, blocksize)
+    check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
     tensors, names = [W, Hinv], ["W", "Hinv"]
     for name, t in (("R", R), ("scales", scales), ("zeros", zeros), ("col_group", col_group)):
         if t is not None:

@@ -700,3 +700,16 @@ def test_complex_operands_are_refused_by_name(gen, solve):
     for name in ("scales", "zeros"):
         with pytest.raises(ValueError, match=f"{name} must be real, got torch.complex64"):
             solve(W, Hinv, bits=4, sym=False, **dict(grid, **{name: grid[name].to(torch.complex64)}))
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_sym_and_bits_of_another_type_are_refused_by_name(gen, solve):
+    """sym='no' (a truthy string, as from a YAML or CLI) ran symmetric, and bits=4.0 passed as 4,
+    silently: sym must be a bool and bits an int (a bool is not taken as bits)."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    for sym in ("no", 0, None):
+        with pytest.raises(ValueError, match=f"sym must be a bool, got {sym!r}"):
+            solve(W, Hinv, bits=4, sym=sym, group_size=16)
+    for bits in (4.0, True, "4"):
+        with pytest.raises(ValueError, match=f"bits must be an int .*got {bits!r}"):
+            solve(W, Hinv, bits=bits, sym=False, group_size=16)
