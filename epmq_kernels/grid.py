@@ -20,6 +20,12 @@ def find_params(W: torch.Tensor, bits: int, sym: bool):
 
     Both are float32 ``[rows]``; ``zero`` holds integers.
     """
+    # (bits=0 made every scale inf, 3.5 a grid of 10.3 levels, True one of 1 bit; sym='no' is
+    # truthy: all silently. float32 counts the codes exactly to 2**24: 16 bits are the most)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int from 1 to 16, got {bits!r}")
+    if not isinstance(sym, bool):
+        raise ValueError(f"sym must be a bool, got {sym!r}")
     maxq = 2**bits - 1
     W = W.float()
     xmin = W.amin(dim=1).clamp(max=0)

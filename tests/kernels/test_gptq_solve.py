@@ -713,3 +713,17 @@ def test_sym_and_bits_of_another_type_are_refused_by_name(gen, solve):
     for bits in (4.0, True, "4"):
         with pytest.raises(ValueError, match=f"bits must be an int .*got {bits!r}"):
             solve(W, Hinv, bits=bits, sym=False, group_size=16)
+
+
+def test_find_params_refuses_a_bit_width_that_makes_no_grid():
+    """bits=0 made maxq 0 and every scale inf (codes 0, weights NaN), bits=3.5 a grid of 10.3
+    levels, bits=True one of 1 bit, and sym='no' a symmetric grid, all silently: refused by name."""
+    from epmq_kernels.grid import find_group_params
+    W = torch.randn(4, 16)
+    for bits in (0, -1, 3.5, 4.0, True, 17):
+        with pytest.raises(ValueError, match=f"bits must be an int from 1 to 16, got {bits!r}"):
+            find_params(W, bits, False)
+        with pytest.raises(ValueError, match="bits must be an int"):
+            find_group_params(W, 8, bits, False)
+    with pytest.raises(ValueError, match="sym must be a bool, got 'no'"):
+        find_params(W, 4, "no")
