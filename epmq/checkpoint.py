@@ -61,7 +61,7 @@ from ._util import (read_json, read_json_file, release_freed_memory, remove_stal
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
-from .checks import all_finite, device_argument, is_int
+from .checks import all_finite, check_path, device_argument, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, g_idx_problem, in_order_g_idx
 
@@ -94,6 +94,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     it, a model ``load_quantized`` built gets the tokenizer and processor files of the
     checkpoint it was loaded from.
     """
+    check_path(directory, "directory")
     if checkpoint_format not in FORMATS + ("auto",):
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
     max_shard_bytes = _bytes(max_shard_size)
@@ -1258,6 +1259,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
     # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
     device = device_argument(device)  # (else "gpu" failed in torch, "cuda" where none is as the file's fault)
+    check_path(directory, "directory")
     directory = local_checkpoint(directory, directory=True)
     qconfig = _read_qconfig(directory)
     checkpoint_format = qconfig["checkpoint_format"]

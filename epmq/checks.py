@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import os
 from typing import Optional
 
 import torch
@@ -245,6 +246,14 @@ def check_number(value, what: str, minimum: Optional[float] = None) -> float:
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")
     return float(value)
+
+
+def check_path(value, what: str) -> None:
+    """A TypeError naming ``what`` unless ``value`` is a path (``str`` or ``os.PathLike``): None
+    or a number ended in pathlib's bare 'expected str, bytes or os.PathLike object', naming no
+    argument (save_quantized's after converting every layer)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
 
 
 def device_argument(device) -> Optional[torch.device]:

@@ -46,7 +46,7 @@ from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, loads_transposed, local_checkpoint, tie_order, weights_in)
-from .checks import device_argument
+from .checks import check_path, device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
@@ -924,6 +924,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     (mergekit's linear merge averages its ``base_model`` as one of the models and writes its
     files).
     """
+    check_path(out, "out")
     models = [models] if isinstance(models, (str, Path)) else list(models)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,

@@ -44,7 +44,7 @@ from .calibration import (image_batches, image_files, pair_batches, read_pairs, 
                           text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
-from .checks import check_seed, is_int
+from .checks import check_path, check_seed, is_int
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
@@ -359,6 +359,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
+    check_path(out, "out")
     check_output(out)
     if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):
         raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")

@@ -2511,3 +2511,18 @@ def test_a_model_file_base_name_outside_the_directory_is_refused(base_name, tmp_
     save_file({"a": torch.zeros(2)}, str(tmp_path / "ckpt" / "gptq_model-4bit-16g.safetensors"))
     tensors = ckpt._load_tensors(tmp_path / "ckpt", {"model_file_base_name": "gptq_model-4bit-16g"})
     assert torch.equal(tensors["a"], torch.zeros(2))
+
+
+def test_a_directory_that_is_no_path_is_refused_by_name(gen, tmp_path):
+    """save_quantized(model, None) (after converting every layer), load_quantized(None) and
+    quantize_checkpoint(model, None) ended in pathlib's or os's bare 'expected str, bytes or
+    os.PathLike object, not NoneType', naming no argument; refused naming it."""
+    fam, model = quantized(gen)
+    for bad in (None, 3, ["q"]):
+        with pytest.raises(TypeError, match=f"directory must be a path .*got {type(bad).__name__}"):
+            epmq.save_quantized(model, bad)
+        with pytest.raises(TypeError, match=f"directory must be a path .*got {type(bad).__name__}"):
+            epmq.load_quantized(bad)
+        with pytest.raises(TypeError, match=f"out must be a path .*got {type(bad).__name__}"):
+            epmq.quantize_checkpoint(tmp_path, bad, spec=epmq.QuantSpec(bits=4), method="rtn", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -138,6 +138,15 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(checkpoints, tmp_path):
     merge_checkpoints("task_arithmetic", [out, root / "e1"], tmp_path / "v2", base=root / "base", progress=False)
 
 
+def test_an_output_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
+    """out=None (or a number) ended in os's bare 'expected str, bytes or os.PathLike object, not
+    NoneType', naming no argument; refused naming it, before anything is read."""
+    root, _, _ = checkpoints
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=f"out must be a path .*got {type(bad).__name__}"):
+            merge_checkpoints("average", [root / "e0", root / "e1"], bad, progress=False)
+
+
 def test_an_output_that_is_the_base_its_adapters_name_is_refused(checkpoints, tmp_path):
     """LoRA adapters merged without a base (nor lora_base) are read on the base their configs
     name: an output there (an earlier epmq merge the adapters were trained on) replaced the
