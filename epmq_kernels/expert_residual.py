@@ -45,8 +45,12 @@ def _check_sum(t, name):
 
 def _read_fp8(t: torch.Tensor) -> torch.Tensor:
     """A float8 operand read through fp16, exactly, as the references read it: loaded as float8,
-    e4m3 does not compile for sm_80, and the interpreter reads a NaN as a number."""
-    return t.to(torch.float16) if t.is_floating_point() and t.element_size() == 1 else t
+    e4m3 does not compile for sm_80, and the interpreter reads a NaN as a number. e8m0fnu's
+    powers of two (2^-127 to 2^127) are past fp16's range (2^20 became inf, 2^-30 zero): read
+    through fp32, which holds them all."""
+    if not t.is_floating_point() or t.element_size() != 1:
+        return t
+    return t.to(torch.float32 if t.dtype == torch.float8_e8m0fnu else torch.float16)
 
 
 def _check_residual_args(G, W_k, W_m, H_k):

@@ -963,3 +963,30 @@ def test_float8_operands_are_read_through_fp16_as_the_references_read_them(gen, 
     for ref, tri in zip(*outs):
         assert ref[1, 2].isnan() and tri[1, 2].isnan()
         torch.testing.assert_close(tri, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_float8_e8m0_operands_are_read_exactly_by_both_backends(gen):
+    """float8_e8m0fnu holds powers of two from 2^-127 to 2^127, which fp16 does not: read through
+    fp16 as the other float8 are, 2^20 became inf and 2^-30 zero in the kernels' operands, so the
+    residual's G and the fold's H_e were inf or NaN (or lost a term) where the references, which
+    convert it to G's precision, were finite. Read through fp32: both backends agree."""
+    d_out, d_in = 8, 16
+    e8m0 = torch.float8_e8m0fnu
+    powers = 2.0 ** torch.randint(-30, 21, (d_in, d_in), generator=gen).float()
+    powers[0, 0], powers[1, 1] = 2.0**20, 2.0**-30
+    H_k = powers.to(DEVICE).to(e8m0)
+    W_k = (2.0 ** torch.randint(-30, 21, (d_out, d_in), generator=gen).float()).to(DEVICE).to(e8m0)
+    W_m = torch.zeros(d_out, d_in, device=DEVICE)
+    G_ref, G_tri = torch.zeros(d_out, d_in, device=DEVICE), torch.zeros(d_out, d_in, device=DEVICE)
+    accumulate_residual_reference(G_ref, W_k, W_m, H_k, 1e-12)
+    accumulate_residual_triton(G_tri, W_k, W_m, H_k, 1e-12)
+    assert bool(torch.isfinite(G_ref).all())
+    torch.testing.assert_close(G_tri, G_ref, rtol=1e-5, atol=0)
+    outs = []
+    for fold in (fold_hessians_reference, fold_hessians_triton):
+        H_e, H_m = torch.zeros(d_in, d_in, device=DEVICE), torch.zeros(d_in, d_in, device=DEVICE)
+        fold(H_e, H_m, [H_k], [0.5])
+        outs.append((H_e, H_m))
+    for ref, tri in zip(*outs):
+        assert torch.equal(ref, H_k.float()) or torch.equal(ref, 0.5 * H_k.float())
+        assert torch.equal(tri, ref)
