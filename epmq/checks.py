@@ -3,7 +3,8 @@
 import math
 import numbers
 import os
-from typing import Optional
+from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 
@@ -254,6 +255,22 @@ def check_path(value, what: str) -> None:
     argument (save_quantized's after converting every layer)."""
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
+
+
+def check_outside_calibration(out, calibration: Mapping[str, object], *, resumed: bool = False) -> None:
+    """A ValueError where ``out`` is inside (or is) a calibration directory of ``calibration``
+    (whose -> a path or a list of them: quantize's tasks, RegMean's models): the checkpoint's files
+    (and, ``resumed``, its resume records while it runs) would be that directory's documents in
+    the next run, which then fails on them (the resume of an interrupted run too)."""
+    where = Path(os.path.realpath(out))
+    records = ", and its resume records while it runs," if resumed else ""
+    for whose, sources in calibration.items():
+        for source in sources if isinstance(sources, (list, tuple)) else [sources]:
+            folder = Path(os.path.realpath(source))
+            if folder.is_dir() and (where == folder or folder in where.parents):
+                raise ValueError(f"the output {out} is inside the calibration directory {source} of {whose}: "
+                                 f"its files{records} would be read as calibration documents of {whose} by the "
+                                 f"next run{' (a resumed one too)' if resumed else ''}; write it elsewhere")
 
 
 def device_argument(device) -> Optional[torch.device]:

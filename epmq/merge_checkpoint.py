@@ -46,7 +46,7 @@ from ._util import loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, loads_transposed, local_checkpoint, tie_order, weights_in)
-from .checks import check_path, device_argument
+from .checks import check_outside_calibration, check_path, device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
@@ -929,6 +929,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
                 pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)
+    # (RegMean's output inside a model's calibration directory: its files that model's documents next time)
+    check_outside_calibration(out, {f"model {k}": files for k, files in enumerate(calibration or ())})
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)

@@ -44,7 +44,7 @@ from .calibration import (image_batches, image_files, pair_batches, read_pairs, 
                           text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
-from .checks import check_path, check_seed, is_int
+from .checks import check_outside_calibration, check_path, check_seed, is_int
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
@@ -174,13 +174,14 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     ``directory`` and each task's calibration files, by what the model's forward takes; the
     tokenizer or image processor comes from ``preprocessor_dir`` (default ``directory``);
     ``walked``: the model's blocks are walked on them (``_model_class``); ``out``: the output,
-    refused inside a directory of texts or pairs (``_check_outside_calibration``)."""
+    refused inside a directory of texts or pairs (``check_outside_calibration``)."""
     seed = check_seed(seed)
     cls, encoder_decoder = _model_class(directory, tower, walked)
     modality = _modality(cls, encoder_decoder, tower)
     if out is not None and modality != "images":
         # (an image folder's reader takes none of the checkpoint's files: its output may lie there)
-        _check_outside_calibration(out, calibration)
+        check_outside_calibration(out, {f"task {t!r}": sources for t, sources in (calibration or {}).items()},
+                                  resumed=True)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
     directory = directory if preprocessor_dir is None else preprocessor_dir
@@ -308,20 +309,6 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                              f"{sorted(tasks - with_expert)}, experts without files {sorted(with_expert - tasks)}")
     elif experts:
         raise ValueError(f"method {method!r} takes no experts (only 'epmq' does)")
-
-
-def _check_outside_calibration(out, calibration) -> None:
-    """A ValueError where ``out`` is inside (or is) a task's calibration directory: the checkpoint's
-    JSON files, and its resume records while it runs, would be that directory's documents in the
-    next run, which then fails on them (the resume of an interrupted run too)."""
-    where = Path(os.path.realpath(out))
-    for task, sources in (calibration or {}).items():
-        for source in sources if isinstance(sources, (list, tuple)) else [sources]:
-            folder = Path(os.path.realpath(source))
-            if folder.is_dir() and (where == folder or folder in where.parents):
-                raise ValueError(f"the output {out} is inside the calibration directory {source} of task {task!r}: "
-                                 f"its files, and its resume records while it runs, would be read as that task's "
-                                 f"documents by the next run (a resumed one too); write it elsewhere")
 
 
 def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec: QuantSpec,

@@ -827,6 +827,23 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
 
 
 
+def test_regmean_output_inside_a_models_calibration_directory_is_refused(checkpoints, tmp_path):
+    """A RegMean output written inside a model's calibration directory (calibration=[data/, ...],
+    out data/merged) was taken: its config.json, tokenizer and model card were then that model's
+    documents, read by the same command again; refused before anything is read, as quantize's."""
+    root, _, _ = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    texts[0].rename(data / "t0.txt")
+    for out in (data / "merged", data / "sub" / "merged"):
+        with pytest.raises(ValueError, match=f"the output {re.escape(str(out))} is inside the calibration "
+                                             f"directory {re.escape(str(data))} of model 0"):
+            merge_checkpoints("regmean", models, out, calibration=[[texts[1], data], texts[1]],
+                              samples=2, seq_len=16, progress=False)
+    assert sorted(p.name for p in data.rglob("*")) == ["sub", "t0.txt"]
+
+
 def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, monkeypatch):
     """Each model's Gram matrices are written out once computed and read back a weight at a
     time: held, they grew with layers times models (a 7B Llama's are 44 GB a model in float64).
