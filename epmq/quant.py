@@ -28,7 +28,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -627,6 +627,13 @@ def epmq(
     """
     if not isinstance(W_merged, torch.Tensor):
         check_weight(W_merged, "W_merged")  # (raises; EPMQStats checks a tensor's values)
+    # (a dict was read as its keys, refused as 'expert 0 ... got str'; one tensor as its rows)
+    for name, given in (("expert_weights", expert_weights), ("expert_hessians", expert_hessians),
+                        ("task_weights", task_weights)):
+        if isinstance(given, (Mapping, str, bytes)) or isinstance(given, torch.Tensor) and name != "task_weights":
+            raise ValueError(f"{name} must be a list (sequence), one per expert in the same order, got "
+                             f"{type(given).__name__}" + (" (give list(d.values()))" if isinstance(given, Mapping)
+                                                          else ""))
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
     if not expert_weights:
         raise ValueError("expert_weights is empty: E-PMQ needs at least one expert")

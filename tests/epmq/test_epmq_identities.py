@@ -209,6 +209,21 @@ def test_bad_inputs(gen, change, match):
         quant.epmq(W_m, W_k, H_k, SPEC)
 
 
+def test_experts_given_as_a_mapping_or_one_tensor_are_refused_as_not_a_list(gen):
+    """Dicts of task -> W_k, H_k were read as their keys, refused as 'expert weight of expert 0 must
+    be a 2-D tensor [out, in], got str'; one W_k tensor as its rows ('8 expert weights but 16
+    expert Hessians'): refused naming the argument and the list it must be."""
+    W_m, W_k, H_k = draw(gen)
+    named = lambda ts: {f"task{k}": t for k, t in enumerate(ts)}  # noqa: E731
+    for weights, hessians, name in ((named(W_k), H_k, "expert_weights"), (W_k, named(H_k), "expert_hessians"),
+                                    (W_k[0], H_k[:1], "expert_weights"), (W_k[:1], H_k[0], "expert_hessians")):
+        got = type(weights if name == "expert_weights" else hessians).__name__
+        with pytest.raises(ValueError, match=f"{name} must be a list .*one per expert.*got {got}"):
+            quant.epmq(W_m, weights, hessians, SPEC)
+    with pytest.raises(ValueError, match="task_weights must be a list .*one per expert.*got dict"):
+        quant.epmq(W_m, W_k, H_k, SPEC, task_weights=named([1.0] * len(W_k)))
+
+
 def test_bad_anchor(gen):
     W_m, W_k, H_k = draw(gen)
     with pytest.raises(ValueError, match="anchor"):
