@@ -27,8 +27,9 @@ def all_finite(t: torch.Tensor) -> bool:
 def _aminmax(t: torch.Tensor) -> tuple:
     """``torch.aminmax`` of a non-empty floating-point ``t`` (device tensors, NaN propagated)."""
     t = t.detach()  # (its values: a Parameter's read with autograd on warned as it became a float)
-    if t.element_size() == 1:  # (float8: no aminmax; every value, NaN and inf kept, fits fp16)
-        t = t.to(torch.float16)
+    if t.element_size() == 1:  # (float8: no aminmax; every value, NaN and inf kept, fits fp16,
+        # but e8m0's powers of two to 2^127 fit fp32 alone: 2^20 was inf, refused as non-finite)
+        t = t.to(torch.float32 if t.dtype == torch.float8_e8m0fnu else torch.float16)
     return torch.aminmax(t)
 
 

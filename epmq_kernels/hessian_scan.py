@@ -43,6 +43,12 @@ def _check_numbers_args(H, vu):
 
 
 @torch.no_grad()
+def _read_fp8(H: torch.Tensor) -> torch.Tensor:
+    """A float8 ``H`` through fp16, which holds every value of e4m3 and e5m2 (NaN and inf kept);
+    e8m0fnu's powers of two (2^-127 to 2^127) through fp32: in fp16 2^20 became inf, 2^-30 zero."""
+    return H.to(torch.float32 if H.dtype == torch.float8_e8m0fnu else torch.float16)
+
+
 def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     """``[lo, hi, min(diag), #(diag == 0), u^T H v - v^T H u, |H v|, tr(H)]`` as float64 on H's
     device: the products in vu's dtype (half-precision ``H`` converted in slabs of 2^24
@@ -52,7 +58,7 @@ def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor
     if d_in == 0:  # (no entry: the numbers of an empty sum, the range 0)
         return torch.zeros(N_NUMBERS, dtype=torch.float64, device=H.device)
     if H.element_size() == 1:  # (float8: torch reduces none; fp16 holds each value, NaN and inf)
-        H = H.to(torch.float16)
+        H = _read_fp8(H)
     diag = torch.diagonal(H)
     dtype = vu.dtype
     if H.dtype == dtype:
@@ -192,7 +198,7 @@ def hessian_numbers_triton(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
         # float8 read through fp16, as the reference reads it (every value, NaN and inf kept):
         # loaded as float8, e4m3 does not compile for sm_80, float8 -> fp64 not at all, and the
         # interpreter reads a NaN as a number
-        H = H.to(torch.float16)
+        H = _read_fp8(H)
     if H.stride(1) != 1:
         H = H.contiguous()
     vu = vu.contiguous()

@@ -211,3 +211,21 @@ def test_float8_hessians_and_expert_weights_are_checked_not_crashed_on():
             check_hessian((-2 * torch.eye(8)).to(dtype), 8)
         W = torch.ones(4, 8).to(dtype)
         assert check_experts([W], [H], (4, 8), ["e0"]) == [16.0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float8_e8m0_values_past_fp16_are_read_as_they_are(backend):
+    """float8_e8m0fnu holds powers of two from 2^-127 to 2^127, read through fp16 as the other
+    float8 are: 2^20 became inf, so such a weight or Hessian was refused as 'non-finite values
+    (NaN or inf)', and 2^-30 on a diagonal became 0 (a dead column). Read through fp32."""
+    from epmq.checks import all_finite
+    from epmq_kernels.hessian_scan import hessian_numbers
+
+    e8m0 = torch.float8_e8m0fnu
+    assert all_finite(torch.tensor([2.0**20, 2.0**-30]).to(e8m0))
+    assert not all_finite(torch.tensor([float("nan"), 1.0]).to(e8m0))
+    check_weight(torch.full((4, 8), 2.0**20).to(e8m0), "W")
+    H = torch.diag(2.0 ** torch.tensor([20.0, -30.0, 0.0, 3.0])).to(e8m0)
+    vu = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got, want = hessian_numbers(H, vu, backend=backend), hessian_numbers(H.float(), vu, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
