@@ -701,15 +701,7 @@ class SavedLayout:
             v = t.reshape(-1)
             count += v.numel()
             seen[v.long()] = True
-            sources = []
-            for n, s, size in zip(names, starts, sizes):
-                inside = (v >= s) & (v < s + size)
-                if bool(inside.all()):
-                    sources.append((n, slice(None), _as_slice(v - s)))
-                elif bool(inside.any()):
-                    where = inside.nonzero().squeeze(1)
-                    sources.append((n, _as_slice(where), _as_slice(v[where] - s)))
-            pieces.append((key, tuple(t.shape), sources))
+            pieces.append((key, tuple(t.shape), _sources(v, names, starts, sizes)))
         if count != total or not bool(seen.all()):
             return None
         return pieces
@@ -753,15 +745,7 @@ class SavedLayout:
             v = torch.arange(t.storage_offset(), t.storage_offset() + span).as_strided(t.shape, t.stride())
             v = v.reshape(-1)
             strided.append(v)
-            sources = []
-            for n, s, size in zip(names, starts, sizes):
-                inside = (v >= s) & (v < s + size)
-                if bool(inside.all()):
-                    sources.append((n, slice(None), _as_slice(v - s)))
-                elif bool(inside.any()):
-                    where = inside.nonzero().squeeze(1)
-                    sources.append((n, _as_slice(where), _as_slice(v[where] - s)))
-            pieces.append((key, tuple(t.shape), sources))
+            pieces.append((key, tuple(t.shape), _sources(v, names, starts, sizes)))
         count = sum(b - a for a, b in runs) + sum(v.numel() for v in strided)
         if count != total:
             return None
@@ -795,6 +779,20 @@ class _CopiesAsViews(torch.overrides.TorchFunctionMode):
             if isinstance(t, torch.Tensor) and (t is self.flat or t._base is self.flat):
                 return t
         return func(*args, **kwargs)
+
+
+def _sources(v: torch.Tensor, names, starts, sizes) -> list:
+    """``(name, where, at)`` of the names' tensors whose entries ``v`` (a saved tensor's entries'
+    places in the group, flat) holds: ``where`` its entries from that tensor, ``at`` their places in it."""
+    sources = []
+    for n, s, size in zip(names, starts, sizes):
+        inside = (v >= s) & (v < s + size)
+        if bool(inside.all()):
+            sources.append((n, slice(None), _as_slice(v - s)))
+        elif bool(inside.any()):
+            where = inside.nonzero().squeeze(1)
+            sources.append((n, _as_slice(where), _as_slice(v[where] - s)))
+    return sources
 
 
 def _as_slice(positions: torch.Tensor):

@@ -99,12 +99,9 @@ def test_ctrl_c_while_the_command_starts_ends_it_in_one_line(lib, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_while_python_m_epmq_starts_ends_it_in_one_line(lib, tmp_path):
-    """`python -m epmq` imports the package (torch, transformers, Triton) before its __main__ runs,
-    so epmq_cli's catch is not on that path: Ctrl-C there ended in a traceback of torch's imports."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    # Ctrl-C pressed while torch is imported, set before python -m looks for epmq
+def _interrupt_torchs_import(hooks):
+    """A sitecustomize.py in ``hooks`` that presses Ctrl-C as torch is imported, set before
+    ``python -m`` looks for its module."""
     (hooks / "sitecustomize.py").write_text("""if True:
         import sys
 
@@ -114,6 +111,14 @@ def test_ctrl_c_while_python_m_epmq_starts_ends_it_in_one_line(lib, tmp_path):
                     raise KeyboardInterrupt
 
         sys.meta_path.insert(0, Interrupt())""")
+
+
+def test_ctrl_c_while_python_m_epmq_starts_ends_it_in_one_line(lib, tmp_path):
+    """`python -m epmq` imports the package (torch, transformers, Triton) before its __main__ runs,
+    so epmq_cli's catch is not on that path: Ctrl-C there ended in a traceback of torch's imports."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    _interrupt_torchs_import(hooks)
     done = subprocess.run([sys.executable, "-m", "epmq", "merge", "merge.yaml", "out"], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=f"{hooks}{os.pathsep}{lib}"), capture_output=True,
                           text=True, timeout=300)
@@ -128,15 +133,7 @@ def test_ctrl_c_while_another_python_m_tool_imports_epmq_stays_its_own(lib, tmp_
     own handling of KeyboardInterrupt never reached."""
     hooks = tmp_path / "hooks"
     (hooks / "tool").mkdir(parents=True)
-    (hooks / "sitecustomize.py").write_text("""if True:
-        import sys
-
-        class Interrupt:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch":
-                    raise KeyboardInterrupt
-
-        sys.meta_path.insert(0, Interrupt())""")
+    _interrupt_torchs_import(hooks)
     (hooks / "tool" / "__init__.py").write_text("""if True:
         import sys
 
