@@ -575,14 +575,15 @@ def _spill(grams: Mapping[str, torch.Tensor], file: Path) -> dict:
     return keys
 
 
-def _expert_grams(sources, model_paths, calibration, device, options, spill_dir: Path) -> dict:
+def _expert_grams(sources, model_paths, calibration, device, options, spill_dir: Path, out) -> dict:
     """RegMean's statistics: for each reference tensor name, each model's ``X^T X`` at that
     linear on its own calibration data (the model loaded whole, one at a time); and the names
     of the weights stored ``[in, out]`` (GPT-2's ``Conv1D``). Each model's are written to a file
     in ``spill_dir`` once computed and read back a weight at a time by the merge: held, they grew
-    with layers times models (a 7B Llama's are 44 GB a model in float64)."""
+    with layers times models (a 7B Llama's are 44 GB a model in float64). ``out``: the output,
+    refused inside a model's directory of texts or pairs (``check_outside_calibration``)."""
     from .checkpoint_io import renamed, saved_key_renaming
-    from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, calibrated
+    from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, _modality, _model_class, calibrated
     from .stats import gram_matrices
     from .walker import _input_embeddings
 
@@ -592,6 +593,11 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     if not all(h is not None and h.is_dir() for h in homes):
         raise ValueError("regmean: every model must be a checkpoint directory, or a LoRA adapter whose "
                          "base is one (its config builds the model whose activations are collected)")
+    for k, (home, files) in enumerate(zip(homes, calibration)):
+        # (the output inside a model's directory of texts or pairs: its config.json, tokenizer files and
+        # model card that model's documents next time; an image folder's reader takes none of them)
+        if _modality(*_model_class(home, None, walked=False)) != "images":
+            check_outside_calibration(out, {f"model {k}": files})
     # experts saved without their tokenizer use another model's (they share the base's)
     with_preprocessor = [p for p in [*model_paths, *homes] if any((p / f).is_file() for f in PREPROCESSOR_FILES)]
     if not with_preprocessor:
@@ -929,8 +935,6 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
                 pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)
-    # (RegMean's output inside a model's calibration directory: its files that model's documents next time)
-    check_outside_calibration(out, {f"model {k}": files for k, files in enumerate(calibration or ())})
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)
@@ -1038,7 +1042,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 with loading_bars(progress):
                     grams, transposed = _expert_grams(sources, model_paths, calibration, device,
                                                       dict(samples=samples, seq_len=seq_len,
-                                                           batch_size=batch_size, seed=seed), spill_dir)
+                                                           batch_size=batch_size, seed=seed), spill_dir, out)
                 fn(sources, grams, transposed=transposed, out=writer, **params)
                 shutil.rmtree(spill_dir)
             else:

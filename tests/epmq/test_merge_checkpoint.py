@@ -844,6 +844,38 @@ def test_regmean_output_inside_a_models_calibration_directory_is_refused(checkpo
     assert sorted(p.name for p in data.rglob("*")) == ["sub", "t0.txt"]
 
 
+def test_regmean_output_inside_a_models_image_folder_is_taken(tmp_path):
+    """The image reader takes none of the merged checkpoint's files (config.json,
+    preprocessor_config.json, safetensors, model card): RegMean of vision towers may write its
+    output inside a model's image folder, as quantize may (ea39033), and the next run reads the
+    same images (an output inside a directory of texts is refused, as the test above checks)."""
+    from PIL import Image
+
+    from epmq.calibration import image_files
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  image_size=16, patch_size=8)
+    g = torch.Generator().manual_seed(0)
+    models, folders = [], []
+    for k in range(2):
+        torch.manual_seed(k)
+        transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).save_pretrained(tmp_path / f"m{k}")
+        models.append(tmp_path / f"m{k}")
+        folders.append(tmp_path / f"images{k}")
+        folders[-1].mkdir()
+        for i in range(2):
+            pixels = (torch.rand(18, 18, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folders[-1] / f"{i}.png")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(models[0])
+    options = dict(calibration=[str(f) for f in folders], samples=2, batch_size=2, progress=False)
+    elsewhere = merge_checkpoints("regmean", models, tmp_path / "out", **options)
+    inside = merge_checkpoints("regmean", models, folders[0] / "merged", **options)
+    want, got = [transformers.CLIPVisionModel.from_pretrained(p).state_dict() for p in (elsewhere, inside)]
+    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert image_files(folders[0]) == sorted(folders[0].glob("*.png"))
+
+
 def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, monkeypatch):
     """Each model's Gram matrices are written out once computed and read back a weight at a
     time: held, they grew with layers times models (a 7B Llama's are 44 GB a model in float64).
