@@ -627,13 +627,17 @@ def epmq(
     """
     if not isinstance(W_merged, torch.Tensor):
         check_weight(W_merged, "W_merged")  # (raises; EPMQStats checks a tensor's values)
-    # (a dict was read as its keys, refused as 'expert 0 ... got str'; one tensor as its rows)
+    # (a dict was read as its keys, refused as 'expert 0 ... got str'; one tensor as its rows. A
+    # 3-D tensor is a stack, one per expert along dim 0, as list() reads it)
     for name, given in (("expert_weights", expert_weights), ("expert_hessians", expert_hessians),
                         ("task_weights", task_weights)):
-        if isinstance(given, (Mapping, str, bytes)) or isinstance(given, torch.Tensor) and name != "task_weights":
+        one_tensor = isinstance(given, torch.Tensor) and name != "task_weights" and given.dim() != 3
+        if isinstance(given, (Mapping, str, bytes)) or one_tensor:
             raise ValueError(f"{name} must be a list (sequence), one per expert in the same order, got "
-                             f"{type(given).__name__}" + (" (give list(d.values()))" if isinstance(given, Mapping)
-                                                          else ""))
+                             + type(given).__name__
+                             + (f" of shape {tuple(given.shape)} (a stack of 3 dims, experts first, is taken)"
+                                if one_tensor else "")
+                             + (" (give list(d.values()))" if isinstance(given, Mapping) else ""))
     expert_weights, expert_hessians = list(expert_weights), list(expert_hessians)
     if not expert_weights:
         raise ValueError("expert_weights is empty: E-PMQ needs at least one expert")

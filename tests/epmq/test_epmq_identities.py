@@ -224,6 +224,17 @@ def test_experts_given_as_a_mapping_or_one_tensor_are_refused_as_not_a_list(gen)
         quant.epmq(W_m, W_k, H_k, SPEC, task_weights=named([1.0] * len(W_k)))
 
 
+def test_experts_stacked_in_one_tensor_each_are_one_per_expert_along_dim_0(gen):
+    """``W_k`` stacked ``[K, out, in]`` and ``H_k`` ``[K, d_in, d_in]`` (as experts are held
+    fused) are one per expert along dim 0, as before the refusal of a tensor (c03ba88) made them
+    'expert_weights must be a list': the result of their lists; a 2-D one is still refused."""
+    W_m, W_k, H_k = draw(gen)
+    want = quant.epmq(W_m, W_k, H_k, SPEC)
+    got = quant.epmq(W_m, torch.stack(W_k), torch.stack(H_k), SPEC)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    with pytest.raises(ValueError, match=r"expert_weights must be a list .*got Tensor of shape \(\d+, \d+\)"):
+        quant.epmq(W_m, W_k[0], H_k[:1], SPEC)
+
 def test_bad_anchor(gen):
     W_m, W_k, H_k = draw(gen)
     with pytest.raises(ValueError, match="anchor"):
