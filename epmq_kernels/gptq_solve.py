@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import _runtime
 from ._runtime import check_device, ieee_fp32_matmul, on_tensor_device
-from .grid import dequantize, find_params, quantize_codes
+from .grid import dequantize, find_params, is_bits, is_flag, quantize_codes
 
 
 class SolveOut(NamedTuple):
@@ -72,9 +72,9 @@ def effective_blocksize(blocksize: int, group_size: int) -> int:
 
 def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize):
     # (sym='no' from a YAML or CLI is truthy: it ran symmetric; bits=4.0 passed as 4, silently)
-    if not isinstance(sym, bool):
+    if not is_flag(sym):  # (numpy's np.True_ is one)
         raise ValueError(f"sym must be a bool, got {sym!r}")
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if not is_bits(bits):  # (numpy's integers are)
         raise ValueError(f"bits must be an int (2, 3, 4 or 8), got {bits!r}")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
@@ -137,6 +137,7 @@ def gptq_solve_reference(
 ) -> SolveOut:
     """The blocked GPTQ loop in float32 torch: the reference the Triton kernel must match."""
     check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
+    bits, sym = int(bits), bool(sym)  # (numpy's, as Python's: what the kernel is specialised on)
     maxq = 2**bits - 1
     W = W.float().clone() if R is None else W.float() + R.float()
     Hinv = Hinv.float().contiguous()  # (as the kernel reads it: CPU products' sums follow the layout)
@@ -429,6 +430,7 @@ def gptq_solve_triton(
     ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests.
     """
     check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
+    bits, sym = int(bits), bool(sym)  # (numpy's, as Python's: what the kernel is specialised on)
     tensors, names = [W, Hinv], ["W", "Hinv"]
     for name, t in (("R", R), ("scales", scales), ("zeros", zeros), ("col_group", col_group)):
         if t is not None:

@@ -10,9 +10,21 @@ does one whose range is too small for a normal fp32 scale (below ``maxq * 2**-12
 Rounding is half-to-even (``torch.round``), which the kernels reproduce.
 """
 
+import numbers
+
 import torch
 
 TINY = 2.0**-126  # the least normal float32: smaller scales are subnormal (or 0)
+
+
+def is_bits(value) -> bool:
+    """An integer bit width: Python's or numpy's (``np.int64(4)``), not a bool, float or str."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_flag(value) -> bool:
+    """``True`` or ``False``, numpy's ``np.True_`` too (arrays' values): not a truthy ``'no'`` or an int."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
 
 
 def find_params(W: torch.Tensor, bits: int, sym: bool):
@@ -22,10 +34,11 @@ def find_params(W: torch.Tensor, bits: int, sym: bool):
     """
     # (bits=0 made every scale inf, 3.5 a grid of 10.3 levels, True one of 1 bit; sym='no' is
     # truthy: all silently. float32 counts the codes exactly to 2**24: 16 bits are the most)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+    if not is_bits(bits) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an int from 1 to 16, got {bits!r}")
-    if not isinstance(sym, bool):
+    if not is_flag(sym):
         raise ValueError(f"sym must be a bool, got {sym!r}")
+    bits, sym = int(bits), bool(sym)
     maxq = 2**bits - 1
     W = W.float()
     xmin = W.amin(dim=1).clamp(max=0)

@@ -727,3 +727,20 @@ def test_find_params_refuses_a_bit_width_that_makes_no_grid():
             find_group_params(W, 8, bits, False)
     with pytest.raises(ValueError, match="sym must be a bool, got 'no'"):
         find_params(W, 4, "no")
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_numpys_bools_and_integers_are_taken_as_sym_and_bits(gen, solve):
+    """np.True_ and np.int64(4) (a sweep's values drawn from numpy arrays) ran as True and 4
+    until sym and bits were checked (1195d87, 0690597), then were refused as 'sym must be a bool'
+    and 'bits must be an int': the codes and grid of Python's True and 4, by the solver and
+    find_params alike."""
+    import numpy as np
+
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    for sym in (True, False):
+        want = solve(W, Hinv, bits=4, sym=sym, group_size=16)
+        got = solve(W, Hinv, bits=np.int64(4), sym=np.bool_(sym), group_size=16)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert all(torch.equal(a, b) for a, b in zip(find_params(W, np.int32(3), np.bool_(sym)),
+                                                      find_params(W, 3, sym)))
