@@ -13,6 +13,7 @@ from torch import nn
 import epmq
 from epmq.adapters import AUTO, find_towers
 from test_adapters import ToyAdapter, ToyNet, ScaledUnit
+from test_walker_calibration import tiny_wav2vec2_large
 from test_walker_models import WIDER, build, inputs, wider_input
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
@@ -610,10 +611,7 @@ def test_repeated_blocks_named_otherwise_are_found_by_structure(gen):
     linear-free modules (its convolutional feature encoder) are not."""
     import transformers
 
-    config = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
-        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12)
+    config = tiny_wav2vec2_large()
     torch.manual_seed(0)
     model = transformers.Wav2Vec2Model(config).eval()
     assert [(a.name, [n for n, _ in s]) for a, s in find_towers(model)] == [("auto", ["encoder.layers"])]
@@ -640,10 +638,7 @@ def test_a_tower_of_blocks_named_otherwise_beside_a_known_one_is_walked_when_aut
 
     import transformers
 
-    encoder = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
-        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12)
+    encoder = tiny_wav2vec2_large()
     decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
                                       eos_token_id=0, add_cross_attention=True, is_decoder=True)
     config = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)

@@ -685,14 +685,20 @@ def test_padding_of_a_protein_lm_given_by_its_sequence_id_is_no_token(gen):
         torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
 
 
+def tiny_wav2vec2_large(**more):
+    """A tiny Wav2Vec2 config of the large encoders' kind (do_stable_layer_norm: blocks named
+    Wav2Vec2EncoderLayerStableLayerNorm), its convolutions making 3 frames of 640 samples."""
+    return transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12, **more)
+
+
 def test_padded_audio_samples_are_no_tokens(gen):
     """A padded batch of raw audio (Wav2Vec2's input_values [B, samples] beside an attention_mask
     of the samples) had its mask cut and its samples not: each row ran its padded samples, whose
     frames were counted in every Hessian of the encoder, silently. Cut as tokens are."""
-    config = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
-        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12)
+    config = tiny_wav2vec2_large()
     torch.manual_seed(0)
     model = transformers.Wav2Vec2Model(config).eval()
     waves = [torch.randn(n, generator=gen) for n in (400, 640, 520)]  # (each its own batch once cut)
@@ -735,11 +741,8 @@ def test_padded_audio_cuts_its_per_frame_inputs_with_its_samples(gen):
     of its real samples), as the row alone gives them."""
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
-    config = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
-        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=12, proj_codevector_dim=16,
-        codevector_dim=16, num_codevectors_per_group=8, num_codevector_groups=2, mask_time_length=2)
+    config = tiny_wav2vec2_large(proj_codevector_dim=16, codevector_dim=16, num_codevectors_per_group=8,
+                                 num_codevector_groups=2, mask_time_length=2)
     torch.manual_seed(0)
     model = transformers.Wav2Vec2ForPreTraining(config).eval()
     lengths = (400, 640, 520)
