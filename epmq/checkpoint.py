@@ -1258,7 +1258,6 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     device = device_argument(device)
     # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
     # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
-    device = device_argument(device)  # (else "gpu" failed in torch, "cuda" where none is as the file's fault)
     check_path(directory, "directory")
     directory = local_checkpoint(directory, directory=True)
     qconfig = _read_qconfig(directory)
