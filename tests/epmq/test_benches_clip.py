@@ -924,24 +924,30 @@ def test_an_expert_with_a_head_of_its_own_is_said_to_be_scored_without_it(tiny, 
         assert ("visual_projection.weight" if own == "projection" else "classifier") in said[0]
 
 
+def save_cased_letters_tokenizer(directory):
+    """A tokenizer that keeps case (one token a letter, fewer than the tiny text towers' vocab),
+    saved to ``directory``: the benches' class names "Cat" and "cat" are two names to it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    letters = "<pad> <s> </s> <unk>".split() + list("CATcatdogs{} .")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(letters)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(directory)
+
+
 def test_class_names_are_read_as_the_models_tokenizer_reads_them(tiny, tmp_path):
     """A tokenizer that keeps case (model.tokenizer: XLM-R's, RoBERTa's) reads "Cat" and "cat" as two
     prompts: the task's classnames were refused as repeats by CLIP's rule (lowercased) whatever the
     tokenizer. Names the model's tokenizer reads alike (CLIP's, which lowercases) are refused when
     the bench is built, naming them."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root, config = tiny
     named = json.loads(json.dumps(config))
     named["tasks"][0]["classnames"] = ["Cat", "cat", "dog"]
     with pytest.raises(BenchConfigError, match=r"task 'alpha'.*read alike.*\['Cat', 'cat'\]"):
         build_bench(named, base_dir=root, progress=False)  # (the tiny base's CLIP tokenizer lowercases)
-    letters = "<pad> <s> </s> <unk>".split() + list("CATcatdogs{} .")  # (fewer than the text tower's vocab)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(letters)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "cased")
+    save_cased_letters_tokenizer(tmp_path / "cased")
     named["model"]["tokenizer"] = str(tmp_path / "cased")
     # (the name first: this tokenizer adds no end token, so the text tower pools the first position)
     named["tasks"][0]["templates"] = ["{} ."]

@@ -252,8 +252,7 @@ def test_class_names_are_read_as_the_models_tokenizer_reads_them(tmp_path):
     (CLIP's, which lowercases) are refused when the bench is built, naming them."""
     import copy
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from test_benches_clip import save_cased_letters_tokenizer
 
     root = tmp_path / "bench"
     config = write_tiny_open_clip(root, TASKS, classes=3)
@@ -261,11 +260,7 @@ def test_class_names_are_read_as_the_models_tokenizer_reads_them(tmp_path):
     named["tasks"][0]["classnames"] = ["Cat", "cat", "dog"]
     with pytest.raises(BenchConfigError, match=r"task 'alpha'.*read alike.*\['Cat', 'cat'\]"):
         build_bench(named, base_dir=root, progress=False)  # (the tiny bench's CLIP tokenizer lowercases)
-    letters = "<pad> <s> </s> <unk>".split() + list("CATcatdogs{} .")  # (fewer than the text tower's vocab)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(letters)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "cased")
+    save_cased_letters_tokenizer(root / "cased")
     named["model"]["tokenizer"] = "cased"
     bench = build_bench(named, base_dir=root, progress=False)
     assert bench.data["alpha"].classnames == ["Cat", "cat", "dog"]
