@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .checks import is_int
+from epmq_kernels.grid import is_bits, is_flag
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -27,16 +27,21 @@ class QuantSpec:
     static_groups: bool = False
 
     def __post_init__(self):
-        if not is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+        # (numpy's integers and bools are taken, a sweep's values read from arrays, and held as
+        # Python's: the spec's dict is written to JSON, which has no np.int64)
+        if not is_bits(self.bits) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if not is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
+        if not is_bits(self.group_size) or (self.group_size != -1 and self.group_size <= 0):  # (an integer, as bits)
             raise ValueError(
                 f"group_size must be -1 (per output channel) or a positive integer, "
                 f"got {self.group_size!r}"
             )
         for name in ("sym", "act_order", "static_groups"):
-            if not isinstance(getattr(self, name), bool):  # (YAML's 'no' would be a truthy string)
+            if not is_flag(getattr(self, name)):  # (YAML's 'no' would be a truthy string)
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, kind in (("bits", int), ("group_size", int), ("sym", bool), ("act_order", bool),
+                           ("static_groups", bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
     @property
     def maxq(self) -> int:

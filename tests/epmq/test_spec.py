@@ -35,3 +35,23 @@ def test_flags_must_be_booleans(flag, value):
     with pytest.raises(ValueError, match=f"{flag} must be True or False"):
         QuantSpec(**{flag: value})
 
+
+
+def test_numpys_integers_and_bools_are_taken_as_pythons():
+    """A sweep's values read from numpy arrays (bits=np.int64(4), sym=np.True_), which gptq_solve
+    and find_params take since 57de0a5, were refused as 'bits must be one of (2, 3, 4, 8)'; taken,
+    and held as Python's int and bool (the spec's dict is written to quantize_config.json)."""
+    import json
+
+    import numpy as np
+
+    spec = QuantSpec(bits=np.int64(4), group_size=np.int32(128), sym=np.True_, act_order=np.bool_(False),
+                     static_groups=np.False_)
+    assert spec == QuantSpec(bits=4, group_size=128, sym=True)
+    assert [type(v) for v in spec.to_dict().values()] == [int, int, bool, bool, bool]
+    assert json.loads(json.dumps(spec.to_dict())) == QuantSpec(bits=4, group_size=128, sym=True).to_dict()
+    for bad in (np.float64(4.0), np.bool_(True)):
+        with pytest.raises(ValueError, match="bits"):
+            QuantSpec(bits=bad)
+    with pytest.raises(ValueError, match="sym must be True or False"):
+        QuantSpec(sym=np.int64(1))
