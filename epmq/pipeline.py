@@ -632,10 +632,12 @@ class Runner:
             name = "-".join(str(v) for v in (params["merge"], f"w{bits}", method, targets, anchor) if v is not None)
             path = self.out / "checkpoints" / name
             # (save_extras is optional in the protocol; written into the checkpoint atomically)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                save_quantized(model, path, extras=getattr(bench, "save_extras", None))
-            self._say_serving(caught, path)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    save_quantized(model, path, extras=getattr(bench, "save_extras", None))
+            finally:  # (a save that raised, a full disk, said what it had warned of too)
+                self._say_serving(caught, path)
             result["checkpoint"] = str(path)
             result["checkpoint_files"] = _checkpoint_digest(path)
         return result

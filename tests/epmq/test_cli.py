@@ -659,3 +659,30 @@ def test_engine_warnings_of_a_runs_checkpoints_quiet_with_it_and_said_once(tiny_
                                                    "asymmetric grids: on the CPU")])
     assert said == [[0, 0], [1, 1]]
     assert "checkpoints/TA-w4-rtn" in text
+
+
+def test_engine_warnings_of_a_checkpoint_whose_save_failed_are_said(tiny_config, tmp_path, capsys, monkeypatch):
+    """A run's save_quantized that raised (a full disk) lost the warnings it had given before, the
+    serving warnings of the checkpoint among them, caught for the log and never said: they are
+    said, in the log as for a saved checkpoint, and the save's error reported as it was."""
+    import warnings
+
+    from epmq import checkpoint
+
+    config = yaml.safe_load(tiny_config.read_text())
+    config["quantize"] = {**config["quantize"], "methods": ["rtn"], "bits": [4], "controls": []}
+    del config["quantize"]["anchors"]
+    path = write(tiny_config.parent, config, "asym-full-disk.yaml")
+
+    def full_disk(tensors, where):
+        warnings.warn("a warning of the save itself")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_tensors", full_disk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert "No space left on device" in err
+    assert "engines that cannot serve this checkpoint" in out and "checkpoints/TA-w4-rtn" in out
+    assert "a warning of the save itself" in [str(w.message) for w in caught]
