@@ -94,8 +94,12 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
     # silently. Both have a nonzero first column below the diagonal or first subdiagonal, which
     # the upper factor has zero (views: O(d_in) reads, no d_in^2 copy).
     if d_in > 1 and not Hinv.is_meta and bool(Hinv[1:, 0].any() | Hinv.diagonal(-1).any()):
+        # (scipy.linalg.cho_factor leaves H^{-1}'s own entries there, which no check of O(d_in)
+        # tells from H^{-1} itself: its upper triangle is the factor)
         raise ValueError("Hinv must be the upper Cholesky factor of H^{-1} (torch.linalg.cholesky(H_inv, "
-                         "upper=True)); it has nonzeros below its diagonal: a lower factor, or H^{-1} itself")
+                         "upper=True)); it has nonzeros below its diagonal: a lower factor, or H^{-1} itself, "
+                         "or scipy.linalg.cho_factor's output, whose upper triangle alone is the factor "
+                         "(give torch.triu of it)")
     if R is not None and R.shape != W.shape:
         raise ValueError(f"R must have W's shape {tuple(W.shape)}, got {tuple(R.shape)}")
     if bits not in (2, 3, 4, 8):

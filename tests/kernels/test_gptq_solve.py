@@ -744,3 +744,18 @@ def test_numpys_bools_and_integers_are_taken_as_sym_and_bits(gen, solve):
         assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
         assert all(torch.equal(a, b) for a, b in zip(find_params(W, np.int32(3), np.bool_(sym)),
                                                       find_params(W, 3, sym)))
+
+
+def test_a_factor_with_other_values_below_its_diagonal_is_told_to_take_its_upper_triangle(gen):
+    """scipy.linalg.cho_factor(H_inv) returns the upper factor with H_inv's own entries left below
+    the diagonal: the solver reads the upper triangle alone, so it would run right, but that
+    matrix cannot be told from H^{-1} itself, and the refusal said only 'a lower factor, or H^{-1}
+    itself'. It says to take the upper triangle (torch.triu), which then solves as the factor."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(damped(H))).float().to(DEVICE)
+    cho_factor = Hinv + torch.tril(H_inv, -1)  # (as scipy's cho_factor(H_inv, lower=False) leaves it)
+    for solve in (gptq_solve_triton, gptq_solve_reference):
+        with pytest.raises(ValueError, match=r"cho_factor.*torch\.triu"):
+            solve(W, cho_factor, bits=4, sym=False, group_size=16)
+        got = solve(W, torch.triu(cho_factor), bits=4, sym=False, group_size=16)
+        assert torch.equal(got.codes, solve(W, Hinv, bits=4, sym=False, group_size=16).codes)
