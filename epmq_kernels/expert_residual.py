@@ -11,7 +11,8 @@ and keeps the fastest. This file holds the torch references and the Triton kerne
 
 Configuration space: ``G``/``H`` in fp32 (the GPU statistics) or fp64 (the CPU statistics);
 weights in any float dtype (converted to ``G``'s in registers; float8, and float8 Hessians, read
-through fp16); activations in bf16, fp16, fp32 or fp64; any shapes (tiles are masked at the edges).
+through fp16); activations in bf16, fp16, fp32, fp64 or float8 (read as the weights); any shapes
+(tiles are masked at the edges).
 """
 
 import math
@@ -174,6 +175,10 @@ def _check_xxt_args(H, X):
     # one was reported as X's fault)
     _check_sum(H, "H")
     _check_real(X, "X")
+    # (integer or bool X, token ids for activations, was summed as numbers by the reference and
+    # refused by the kernel: both refuse it)
+    if not X.is_floating_point():
+        raise ValueError(f"X must be floating point (activations), got {X.dtype}")
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square matrix [d_in, d_in], got {tuple(H.shape)}")
     if X.dim() != 2 or X.shape[1] != H.shape[0]:
@@ -649,10 +654,11 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
 
 @on_tensor_device
 def accumulate_xxt_triton(H, X):
-    """In place ``H += X^T X`` for token rows ``X[n, d_in]`` (bf16, fp16, fp32 or fp64)."""
+    """In place ``H += X^T X`` for token rows ``X[n, d_in]`` (bf16, fp16, fp32, fp64 or float8)."""
     _check_xxt_args(H, X)
     check_device(H, X, names=["H", "X"])
     _check_float_out(H, "H")
+    X = _read_fp8(X)  # (float8 activations, which the reference takes: read exactly, as the weights)
     if X.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"X must be bf16, fp16, fp32 or fp64, got {X.dtype}")
     n, d = X.shape

@@ -990,3 +990,37 @@ def test_float8_e8m0_operands_are_read_exactly_by_both_backends(gen):
     for ref, tri in zip(*outs):
         assert torch.equal(ref, H_k.float()) or torch.equal(ref, 0.5 * H_k.float())
         assert torch.equal(tri, ref)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu])
+def test_float8_activations_are_taken_by_both_backends(gen, fp8):
+    """The torch reference took float8 activations X (converted to H's precision) and the Triton
+    launcher refused them ('X must be bf16, fp16, fp32 or fp64'), so HessianStats' backend decided
+    whether a float8 model's statistics ran; both take them, read exactly (e8m0's powers of two
+    included), and agree."""
+    d, n = 24, 9
+    if fp8 == torch.float8_e8m0fnu:
+        X = 2.0 ** torch.randint(-20, 21, (n, d), generator=gen).float()
+    else:
+        X = torch.randn(n, d, generator=gen)
+    X = X.to(DEVICE).to(fp8)
+    for h_dtype in (torch.float32, torch.float64):
+        H_ref, H_tri = torch.zeros(d, d, device=DEVICE, dtype=h_dtype), torch.zeros(d, d, device=DEVICE, dtype=h_dtype)
+        accumulate_xxt(H_ref, X, backend="torch")
+        accumulate_xxt(H_tri, X, backend="triton")
+        want = X.double().T @ X.double()
+        assert bool(torch.isfinite(H_ref).all())
+        torch.testing.assert_close(H_ref.double(), want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(H_tri, H_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_activations_are_refused_by_both_backends(gen, dtype):
+    """Integer or bool X (token ids given for activations) was summed as numbers by the torch
+    reference, silently, and refused by the Triton launcher; refused by both, naming X."""
+    X = torch.randint(0, 2, (5, 16), generator=gen).to(DEVICE).to(dtype)
+    for backend in ("torch", "triton"):
+        H = torch.zeros(16, 16, device=DEVICE)
+        with pytest.raises(ValueError, match=f"X must be floating point.*got torch.{str(dtype)[6:]}"):
+            accumulate_xxt(H, X, backend=backend)
+        assert not H.any()
