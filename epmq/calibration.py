@@ -300,21 +300,36 @@ def _split_of(relative: Path) -> Optional[str]:
     return None
 
 
+# datasets' info files of a dataset's repo or save (its features, splits, sizes): metadata, never
+# documents (read as such, a snapshot's dataset_infos.json failed as "expected a string, or an
+# object with a 'text' string")
+DATASET_METADATA = ("dataset_infos.json", "dataset_info.json", "dataset_dict.json")
+# a data file named as the hub names a split's shards (train-00000-of-00001.parquet)
+_SHARD = re.compile(r"-\d{5}-of-\d{5}(\.|$)")
+
+
 def _train_split(directory: Path, files: List[Path]) -> List[Path]:
     """``files`` of ``directory``, or of a tree whose files name two splits or more (an HF
     dataset's snapshot: data/train-*.parquet beside validation-* and test-*, with the repo's
-    requirements.txt) the train split's, with a warning naming the files left out: read whole,
-    the evaluation splits and stray files were calibrated on too. Several splits without a train
-    split are refused: which to read is the user's choice. A directory given below the split's
-    name (data/train/) is read whole."""
+    requirements.txt) or its train split as the hub names its shards (train-00000-of-00001.parquet,
+    a snapshot of one split) the train split's, with a warning naming the files left out: read
+    whole, the evaluation splits and stray files were calibrated on too. Several splits without a
+    train split are refused: which to read is the user's choice. A directory given below the
+    split's name (data/train/) is read whole. datasets' info files are left out of any, warned."""
     splits = {}
     for f in files:
         splits.setdefault(_split_of(f.relative_to(directory)), []).append(f)
     named = sorted((s for s in splits if s is not None), key=lambda s: (s != "train", s))
-    if len(named) < 2:
+    shards = any(_SHARD.search(f.name) for f in splits.get("train", []))
+    if len(named) < 2 and not shards:
         # (no split named, or one: a user's documents, 'dev_notes.txt' or 'training_notes.txt'
         # beside 'chapter1.txt', name no snapshot's splits: as given)
-        return files
+        metadata = [f for f in files if f.name.lower() in DATASET_METADATA]
+        if metadata:
+            listed = ", ".join(str(f.relative_to(directory)) for f in metadata)
+            warnings.warn(f"{directory}: leaving out {listed}, a dataset's metadata (datasets' info files), "
+                          f"not documents")
+        return [f for f in files if f not in metadata]
     shown = ", ".join(named)
     if "train" not in splits:
         raise ValueError(f"{directory}: files of the splits {shown} and no train split: give one split's folder "
@@ -323,9 +338,9 @@ def _train_split(directory: Path, files: List[Path]) -> List[Path]:
     if left:
         listed = ", ".join(str(f.relative_to(directory)) for f in left[:8]) + (", ..." if len(left) > 8 else "")
         n = len(splits["train"])
-        warnings.warn(f"{directory}: files of the splits {shown}: calibrating on train ({n} file{'s' * (n > 1)}), "
-                      f"leaving out the {len(left)} other{'s' * (len(left) > 1)} ({listed}); give a split's folder "
-                      f"or files to calibrate on it")
+        warnings.warn(f"{directory}: files of the split{'s' * (len(named) > 1)} {shown}: calibrating on train "
+                      f"({n} file{'s' * (n > 1)}), leaving out the {len(left)} other{'s' * (len(left) > 1)} "
+                      f"({listed}); give a split's folder or files to calibrate on it")
     return splits["train"]
 
 

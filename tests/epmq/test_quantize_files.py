@@ -1542,3 +1542,37 @@ def test_a_dataset_snapshot_calibrates_on_its_train_split(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(read_texts(docs)) == ["one", "three"]
+
+
+def test_a_snapshot_of_one_split_leaves_its_metadata_and_stray_files_out(tmp_path):
+    """An HF hub dataset of a train split alone (data/train-00000-of-00001.parquet) beside its
+    dataset_infos.json, its card and the repo's LICENSE.txt named one split, so it was read as a
+    user's documents, whole: the info file failed the read ('dataset_infos.json: expected a
+    string, or an object with a 'text' string'), and without it the license was calibrated on,
+    in silence. datasets' info files are metadata, never documents; a split named as the hub
+    names its shards makes a snapshot of that split, read with the others left out, warned."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    snap = tmp_path / "snapshot"
+    (snap / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["train 0", "train 1"]}), snap / "data" / "train-00000-of-00001.parquet")
+    (snap / "dataset_infos.json").write_text(json.dumps({"default": {"splits": {"train": {"num_examples": 2}}}}))
+    (snap / "README.md").write_text("---\nlicense: mit\n---\n")
+    (snap / "LICENSE.txt").write_text("MIT License\n")
+    with pytest.warns(UserWarning, match=r"snapshot: files of the split train: calibrating on train \(1 file\), "
+                                         r"leaving out the 2 others \(LICENSE.txt, dataset_infos.json\)"):
+        assert read_texts(snap) == ["train 0", "train 1"]
+    with pytest.warns(UserWarning, match="calibrating on train"):
+        assert read_texts(snap, stream=True) == ["train 0", "train 1"]
+    docs = tmp_path / "docs"  # (a user's documents beside an info file: read, the info file left out)
+    docs.mkdir()
+    (docs / "chapter1.txt").write_text("one")
+    (docs / "training_notes.txt").write_text("two")
+    (docs / "dataset_info.json").write_text(json.dumps({"description": "my notes"}))
+    with pytest.warns(UserWarning, match=r"docs: leaving out dataset_info.json, a dataset's metadata"):
+        assert sorted(read_texts(docs)) == ["one", "two"]
+    (docs / "dataset_info.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(read_texts(docs)) == ["one", "two"]
