@@ -280,7 +280,8 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
     raise ValueError(
         f"no epmq adapter knows {type(model).__name__}: it has no ModuleList of a known block type "
         f"({', '.join(known)}), nor of modules named *Layer or *Block holding linears, nor one repeating a "
-        f"module that holds linears (epmq.adapters.AUTO); its ModuleLists are: {', '.join(lists) or 'none'}. "
+        f"module that holds linears, nor one of a single module holding linears (epmq.adapters.AUTO); its "
+        f"ModuleLists are: {', '.join(lists) or 'none'}. "
         f"Register one: epmq.register_adapter(epmq.Adapter('name', block_types=('YourBlock',))) "
         f"(see epmq/adapters/__init__.py)"
     )

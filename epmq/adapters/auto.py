@@ -9,7 +9,8 @@ finds them by structure and checks what it relies on:
   end in ``Layer`` or ``Block`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
   ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``), each holding a
   linear layer; in a model with none, the outermost lists of two or more modules of one class,
-  each holding a linear layer (Wav2Vec2's ``Wav2Vec2EncoderLayerStableLayerNorm``);
+  each holding a linear layer (Wav2Vec2's ``Wav2Vec2EncoderLayerStableLayerNorm``), and in one
+  with none of those either, the lists of one such module (a model of one layer);
 * while the walker records a stack's inputs, the stand-ins call the real blocks
   (``runs_blocks``), so every block is recorded with what the model gives it at that depth,
   keyword arguments the model takes from an earlier block's outputs included (T5's position
@@ -71,14 +72,21 @@ def _outermost(model: nn.Module, is_stack) -> list:
     return found
 
 
-def _repeats_one_module(name: str, module) -> bool:
-    """Whether a list holds two or more modules of one class, each holding a linear (not linears
-    themselves, nor routed experts)."""
+def _repeats_one_module(name: str, module, fewest: int = 2) -> bool:
+    """Whether a list holds ``fewest`` or more modules of one class, each holding a linear (not
+    linears themselves, nor routed experts)."""
     kinds = {type(m) for m in module}
-    return (len(module) > 1 and len(kinds) == 1
+    return (len(module) >= fewest and len(kinds) == 1
             and not isinstance(module[0], (_LISTS, nn.Linear, nn.MultiheadAttention))
             and type(module[0]).__name__ != "Conv1D" and name.rpartition(".")[2] != "experts"
             and all(_holds_linear(m) for m in module))
+
+
+def _one_layer_lists(model: nn.Module) -> list:
+    """The outermost lists of one module holding linears: where no list repeats one, a model of
+    one layer (a tiny or distilled Wav2Vec2 large encoder: its one Wav2Vec2EncoderLayerStableLayerNorm
+    was refused as known to no adapter, where two are walked)."""
+    return _outermost(model, lambda name, module: _repeats_one_module(name, module, fewest=1))
 
 
 class AutoAdapter(MoEAdapter):
@@ -102,7 +110,7 @@ class AutoAdapter(MoEAdapter):
         # HuBERT's and WavLM's large encoders repeat a Wav2Vec2EncoderLayerStableLayerNorm, which
         # no adapter found): only then, as other lists of repeated modules beside named blocks
         # (detection heads, BLT's cross-attention) are no blocks to walk one by one
-        return found or _outermost(model, _repeats_one_module)
+        return found or _outermost(model, _repeats_one_module) or _one_layer_lists(model)
 
     def stacks_beside(self, model: nn.Module, taken) -> list:
         """The stacks AUTO walks beside other adapters' at ``taken`` (``adapter=[..., AUTO]``): its
@@ -111,7 +119,8 @@ class AutoAdapter(MoEAdapter):
         ``warn_other_towers`` tells to walk so)."""
         found = [(name, blocks) for name, blocks in self.stacks(model) if not any(_nested(name, t) for t in taken)]
         return found or [(name, blocks) for name, blocks in _outermost(model, _repeats_one_module)
-                         if not any(_nested(name, t) for t in taken)]
+                         if not any(_nested(name, t) for t in taken)] or [
+            (name, blocks) for name, blocks in _one_layer_lists(model) if not any(_nested(name, t) for t in taken)]
 
     def routes(self, stacks) -> bool:
         return any(_routes(block) for _, blocks in stacks for block in blocks)

@@ -621,11 +621,36 @@ def test_repeated_blocks_named_otherwise_are_found_by_structure(gen):
     assert model.epmq_report.adapter == "auto"
     assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == 12
     heads = nn.Module()
-    heads.one = nn.ModuleList([ScaledUnit(4)])  # (one module: nothing repeated)
     heads.mixed = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.LayerNorm(4))])
     assert AUTO.stacks(heads) == []
+    heads.one = nn.ModuleList([ScaledUnit(4)])  # (one module: a model of one layer, where nothing repeats)
+    assert [n for n, _ in AUTO.stacks(heads)] == ["one"]
     heads.units = nn.ModuleList([ScaledUnit(4) for _ in range(2)])
     assert [n for n, _ in AUTO.stacks(heads)] == ["units"]
+
+
+def test_a_one_layer_encoder_of_blocks_named_otherwise_is_walked(gen):
+    """A one-layer Wav2Vec2 large encoder (a tiny or distilled model of do_stable_layer_norm) was
+    refused as 'no epmq adapter knows Wav2Vec2Model', where the same model of two layers is walked:
+    its list holds one Wav2Vec2EncoderLayerStableLayerNorm, which repeats nothing. Where no list
+    repeats a module, a list of one module holding linears is a stack, alone or beside GPT-2."""
+    import transformers
+
+    config = tiny_wav2vec2_large()
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(config).eval()
+    assert [(a.name, [n for n, _ in s]) for a, s in find_towers(model)] == [("auto", ["encoder.layers"])]
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.layers"))
+    calibration = {"a": [{"input_values": torch.randn(2, 640, generator=gen)}]}
+    epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == 6
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0, add_cross_attention=True, is_decoder=True)
+    both = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(config, decoder)
+    towers = find_towers(transformers.SpeechEncoderDecoderModel(both), adapter=[epmq.adapters.GPT2, AUTO])
+    assert [(a.name, [n for n, _ in s]) for a, s in towers] == [
+        ("hf-gpt2", ["decoder.transformer.h"]), ("auto", ["encoder.encoder.layers"])]
 
 
 def test_a_tower_of_blocks_named_otherwise_beside_a_known_one_is_walked_when_auto_is_asked_for(gen):
