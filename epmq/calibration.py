@@ -760,6 +760,8 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
     derive = None
     if encoder_decoder:
         item, derive = _without_derived_decoder_inputs(item, model)
+    if item.get("attention_mask") is None:
+        _warn_of_unmasked_audio_padding(item, model)
     sides = _masks(item, encoder_decoder)
     if all(bool(mask.all()) for _, _, mask in sides):
         return [item]
@@ -833,6 +835,41 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
         for part in parts:
             part["decoder_input_ids"] = derive(labels=part["labels"].clone())
     return parts
+
+
+def _warn_of_unmasked_audio_padding(item: Mapping, model) -> None:
+    """Warn where raw audio (``input_values [B, samples]``, no text) comes without a mask and its
+    rows end (or begin) in runs of one value of different lengths, as a feature extractor that
+    returns no mask pads a batch (wav2vec2-base's and its kind's, return_attention_mask=False:
+    padding_value, or with do_normalize the constant the row's padding normalizes to). Their
+    frames are counted in every statistic: the model's own forward attends them too, and no mask
+    says for certain which samples are padding (a clip may end in silence), so they are not cut."""
+    values = item.get("input_values")
+    if (not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point()
+            or values.shape[0] < 2 or values.shape[1] < 2
+            or any(item.get(k) is not None for k in ("input_ids", "inputs_embeds"))):
+        return
+    samples = values.shape[1]
+    positions = torch.arange(samples, device=values.device)
+    extra = 0
+    for rows in (values, values.flip(1)):  # (padded at the end, or at the start)
+        # each row's run of its last value: the samples after the last that differs from it
+        differs = rows != rows[:, -1:]
+        last = torch.where(differs, positions, -1).amax(1)
+        runs = samples - 1 - last
+        extra = max(extra, int(runs.max() - runs.min()))
+    frames = _frames(model, samples)
+    if frames is not None and extra > 0:
+        padded = frames > _frames(model, samples - extra)
+    else:
+        padded = extra > 1
+    if padded:
+        warnings.warn("calibration batch: input_values without attention_mask whose rows end in runs of one value "
+                      "of different lengths, as a feature extractor pads a batch when it returns no mask: the "
+                      "padded samples' frames are counted in every statistic (as the model attends them without "
+                      "a mask), and the result depends on the batch; give the mask (feature_extractor(..., "
+                      "return_attention_mask=True)), by which each row is cut to its own samples, or one clip a "
+                      "batch")
 
 
 def _frames(model, samples: int) -> Optional[int]:

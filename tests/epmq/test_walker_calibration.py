@@ -713,6 +713,38 @@ def test_padded_audio_samples_are_no_tokens(gen):
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_audio_padded_without_a_mask_is_warned_of(gen, normalize):
+    """The feature extractors of wav2vec2-base and its kind (return_attention_mask=False) pad a
+    batch of clips with no mask: padding_value, or with do_normalize the constant it normalizes
+    to. Nothing marked them, so the padded samples' frames were counted in every statistic, in
+    silence, the result depending on the batch. They cannot be told from samples for certain (the
+    model's own forward attends them too): warned, with how to give the mask that cuts them."""
+    import warnings
+
+    from epmq.calibration import unpad
+
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(tiny_wav2vec2_large()).eval()
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=normalize)
+    waves = [torch.randn(n, generator=gen).numpy() for n in (400, 640, 520)]
+    batch = dict(extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt"))
+    assert set(batch) == {"input_values"}
+    with pytest.warns(UserWarning, match=r"input_values without attention_mask.*end in runs of one value.*"
+                                         r"counted in every statistic.*return_attention_mask=True"):
+        assert unpad(batch, model=model) == [batch]
+    with pytest.warns(UserWarning, match="input_values without attention_mask"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [batch]}, backend="torch",
+                            progress=False)
+    with warnings.catch_warnings():  # (clips of one length, one clip, or the mask: nothing to say)
+        warnings.simplefilter("error")
+        assert len(unpad(dict(extractor([w[:400] for w in waves], sampling_rate=16000, return_tensors="pt")),
+                         model=model)) == 1
+        assert len(unpad(dict(extractor(waves[:1], sampling_rate=16000, return_tensors="pt")), model=model)) == 1
+        masked = extractor(waves, sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="pt")
+        assert sorted(p["input_values"].shape[1] for p in unpad(dict(masked), model=model)) == [400, 520, 640]
+
+
 def test_an_audio_lms_features_are_not_cut_by_its_texts_mask(gen):
     """In an audio LM's batch (Qwen2-Audio's, Granite Speech's) attention_mask is the text's; its
     input_features ([B, mels, frames] or [B, frames, features]) went with their row, until the
