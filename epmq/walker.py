@@ -1553,16 +1553,27 @@ class _Walk:
             rules = [t for t in get_model_conversion_mapping(self.model) if isinstance(t, WeightConverter)]
         except Exception:  # (no transformers model, or a transformers without converters)
             return
-        keys = list(source.keys())
+        # each rule's source pattern the checkpoint holds, found in one pass over its keys (found
+        # again for every missing tensor, 50k keys took 0.1 s a tensor: an expert lacking thousands, minutes)
+        patterns = list(dict.fromkeys(p for rule in rules for p in rule.source_patterns))
+        held = set()
+        for k in source.keys():
+            held.update(p for p in patterns if p not in held and re.search(p, k))
+            if len(held) == len(patterns):
+                break
+        converted = []
         for key in missing:
-            for rule in rules:
-                held = next((p for p in rule.source_patterns if any(re.search(p, k) for k in keys)), None)
-                if held is not None and any(re.search(p, key) for p in rule.target_patterns):
-                    raise ValueError(
-                        f"the expert of task {source.task!r} ({source.description}) holds {key!r} inside its "
-                        f"{held.replace(chr(92), '')} tensors, which transformers converts as it loads the model; "
-                        f"epmq reads a checkpoint tensor by tensor: give this expert loaded "
-                        f"(from_pretrained(...), or its state dict)")
+            rule = next((rule for rule in rules if any(p in held for p in rule.source_patterns)
+                         and any(re.search(p, key) for p in rule.target_patterns)), None)
+            if rule is not None:
+                converted.append((key, next(p for p in rule.source_patterns if p in held)))
+        if converted:
+            (key, pattern), more = converted[0], len(converted) - 1
+            raise ValueError(
+                f"the expert of task {source.task!r} ({source.description}) holds {key!r} inside its "
+                f"{pattern.replace(chr(92), '')} tensors{f' (and {more} more tensors so)' if more else ''}, which "
+                f"transformers converts as it loads the model; epmq reads a checkpoint tensor by tensor: give "
+                f"this expert loaded (from_pretrained(...), or its state dict)")
 
     def _check_expert_count(self, source) -> None:
         """Refuse an expert of more routed experts per block than the model (another

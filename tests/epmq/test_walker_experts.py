@@ -677,3 +677,49 @@ def test_a_data_parallel_model_says_which_tensor_feeds_its_blocks(gen):
                             experts={"a": expert}, targets="expert_path", backend="torch", progress=False)
     want, got = models[0].state_dict(), models[1].module.state_dict()
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_converted_tensors_are_looked_for_once_over_the_checkpoints_keys(tmp_path, monkeypatch):
+    """The walk's check for tensors an expert holds converted (``_Walk._refuse_converted``) looked
+    for each conversion rule's source tensors across every checkpoint key again for each tensor
+    the expert lacks: 50k keys took 0.1 s per missing tensor, minutes for an expert of another
+    architecture lacking thousands, before it was refused. The keys are scanned once; each missing
+    tensor costs a match of the rules' targets. A refusal says how many tensors are held so."""
+    import re
+    import types
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    from epmq import walker
+
+    model = build("qwen3_moe")
+    rules = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)]
+    targets = sum(len(rule.target_patterns) for rule in rules)
+    save_file({f"model.layers.{i // 50}.other.{i % 50}.weight": torch.zeros(1) for i in range(3000)},
+              tmp_path / "model.safetensors")
+    expert = ExpertWeights(str(tmp_path), task="a")
+    calls = [0]
+
+    def search(pattern, string):
+        calls[0] += 1
+        return re.search(pattern, string)
+
+    monkeypatch.setattr(walker, "re", types.SimpleNamespace(search=search))
+    counts = {}
+    for lacking in (4, 400):
+        calls[0] = 0
+        present = {f"model.layers.{i}.mlp.experts.{i}.up_proj.weight": (16, 32) for i in range(lacking)}
+        walker._Walk._refuse_converted(types.SimpleNamespace(model=model), expert, present)
+        counts[lacking] = calls[0]
+    assert counts[400] - counts[4] <= 396 * targets, counts
+
+    held = {f"model.layers.{i}.mlp.experts.{e}.{p}.weight": torch.zeros(1)
+            for i in range(2) for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")}
+    save_file(held, tmp_path / "model.safetensors")
+    expert = ExpertWeights(str(tmp_path), task="a")
+    present = {f"model.layers.{i}.mlp.experts.{p}": (4, 32, 32)
+               for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    with pytest.raises(ValueError, match=r"holds 'model.layers.0.mlp.experts.gate_up_proj' inside its "
+                                         r"mlp.experts.\*.gate_proj.weight tensors \(and 3 more tensors so\)"):
+        walker._Walk._refuse_converted(types.SimpleNamespace(model=model), expert, present)
