@@ -883,24 +883,42 @@ class LazyStateDict(Mapping):
     """A state dict in the model's naming whose tensors are read from a checkpoint when indexed."""
 
     def __init__(self, reader: CheckpointReader, keys: Dict[str, str], *, dtype: Optional[torch.dtype] = None,
-                 description: str = ""):
+                 description: str = "", joined: Optional[Mapping[str, tuple]] = None):
         self.reader = reader
         self._keys = dict(keys)  # model name -> checkpoint key
+        # model name -> (its shape, [(checkpoint key, where, at)]): a tensor the model's loading
+        # makes of parts of checkpoint tensors (``saved_pieces``); its "key" is its own name
+        self._joined = dict(joined or {})
+        self._keys.update({name: name for name in self._joined})
         self.dtype = dtype
         self.description = description or reader.description
         self._transposed = set()  # (names read with dims 1 and 2 swapped: read_transposed)
-        for name, key in self._keys.items():  # (before a cast to ``dtype`` hides what they are)
+        checked = [(name, key) for name, key in self._keys.items() if name not in self._joined]
+        checked += [(name, key) for name, (_, pieces) in self._joined.items() for key, _, _ in pieces]
+        for name, key in checked:  # (before a cast to ``dtype`` hides what they are)
             why = reader.quantized_with_scales(key)
             if why is not None:
                 raise reader.error(f"{self.description}: tensor {name!r} {why}; give the full-precision checkpoint")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self.reader.get(self._keys[name])
+        t = self._join(name) if name in self._joined else self.reader.get(self._keys[name])
         if name in self._transposed:
             t = t.transpose(1, 2)
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
         return t
+
+    def _join(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` made of the checkpoint tensors' entries that hold it, as from_pretrained
+        makes it (one read of each)."""
+        shape, pieces = self._joined[name]
+        out = None
+        for key, where, at in pieces:
+            t = self.reader.get(key)
+            if out is None:
+                out = torch.empty(math.prod(shape), dtype=t.dtype)
+            out[at] = t.reshape(-1)[where].to(out.dtype)
+        return out.view(shape)
 
     def __iter__(self):
         return iter(self._keys)
@@ -912,6 +930,8 @@ class LazyStateDict(Mapping):
         return name in self._keys
 
     def checkpoint_key(self, name: str) -> str:
+        """The checkpoint key tensor ``name`` is read from (its own name where it is made of
+        several: no other name's)."""
         return self._keys[name]
 
     def read_as(self, name: str, other: str) -> None:
@@ -928,13 +948,15 @@ class LazyStateDict(Mapping):
         """Tensor ``name``'s shape, from the checkpoint without reading the tensor
         (``CheckpointReader.shape`` of a reader over this state dict asks here: indexing would
         read every tensor the walk checks, a second read of a whole expert)."""
+        if name in self._joined:
+            return tuple(self._joined[name][0])
         shape = tuple(self.reader.shape(self._keys[name]))
         return (shape[0], shape[2], shape[1], *shape[3:]) if name in self._transposed else shape
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype indexing gives tensor ``name`` (``dtype`` where it casts), without reading
         it from a safetensors file."""
-        stored = self.reader.dtype(self._keys[name])
+        stored = self.reader.dtype(self._joined[name][1][0][0] if name in self._joined else self._keys[name])
         return self.dtype if self.dtype is not None and stored.is_floating_point else stored
 
     def __repr__(self):
@@ -943,12 +965,15 @@ class LazyStateDict(Mapping):
 
 def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: str,
          shapes: Optional[Mapping[str, tuple]] = None, dtype: Optional[torch.dtype] = None,
-         prefixes: Iterable[str] = (), rename: Optional[Callable[[str], str]] = None) -> LazyStateDict:
+         prefixes: Iterable[str] = (), rename: Optional[Callable[[str], str]] = None,
+         model: Optional[nn.Module] = None) -> LazyStateDict:
     """A ``LazyStateDict`` with the model's names (the keys of ``order``, see ``tie_order``).
 
     The names are found under one prefix rewrite (``Binding``; ``prefixes`` are tried too, and
-    keys also under ``rename``, see ``key_renaming``). Raises ``reader.error`` for tensors the
-    checkpoint lacks or whose shape differs from ``shapes`` (the model's)."""
+    keys also under ``rename``, see ``key_renaming``); with ``model``, a name no key holds is made
+    of the checkpoint tensors ``save_pretrained`` writes it as (``saved_pieces``). Raises
+    ``reader.error`` for tensors the checkpoint lacks or whose shape differs from ``shapes`` (the
+    model's)."""
     names = list(order)
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
     binding.refuse_ambiguity(lambda message: reader.error(f"{what} ({reader.path}) {message}"))
@@ -959,6 +984,8 @@ def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: 
             missing.append(n)
         else:
             mapping[n] = key
+    joined = saved_pieces(reader, model, missing, prefixes) if missing and model is not None else {}
+    missing = [n for n in missing if n not in joined]
     if missing:
         raise reader.error(
             f"{what} ({reader.path}) lacks {len(missing)} of the model's {len(names)} tensors, e.g. "
@@ -972,7 +999,43 @@ def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: 
                     f"{what} ({reader.path}): tensor {n!r} has shape {tuple(got)}, the model's is {want}: "
                     f"is it a checkpoint of this architecture?"
                 )
-    return LazyStateDict(reader, mapping, dtype=dtype, description=f"{what} at {reader.path}")
+    return LazyStateDict(reader, mapping, dtype=dtype, description=f"{what} at {reader.path}", joined=joined)
+
+
+def saved_pieces(reader: CheckpointReader, model: nn.Module, names: Sequence[str],
+                 prefixes: Iterable[str] = ()) -> Dict[str, tuple]:
+    """``{name: (shape, [(checkpoint key, where, at)])}`` for the tensors ``names`` of ``model``
+    that no checkpoint key holds but ``save_pretrained`` writes as parts of others (transformers
+    5 holds a Mixtral's experts fused, ``mlp.experts.gate_up_proj [E, 2I, H]``, and saves one
+    matrix per expert, ``block_sparse_moe.experts.N.w1.weight``, which from_pretrained fuses): the
+    checkpoint tensor's flat entries ``where`` are the tensor's flat entries ``at``
+    (``SavedLayout.pieces``). Only groups whose every saved tensor the checkpoint holds, in its
+    saved shape."""
+    with warnings.catch_warnings():  # (a layout not found: the names stay missing, said so)
+        warnings.simplefilter("ignore")
+        layout = saved_layout(model)
+    if layout is None:
+        return {}
+    wanted, found, done = set(names), {}, set()
+    for name in names:
+        group = layout.group(name)
+        if group is None or name in done:
+            continue
+        done.update(group)
+        pieces = layout.pieces(group)
+        if pieces is None:
+            continue
+        keys = Binding(reader.keys(), names=[key for key, _, _ in pieces], prefixes=prefixes)
+        held = {n: [] for n in group}
+        for key, shape, sources in pieces:
+            stored = keys.key_for(key)
+            if stored is None or tuple(reader.shape(stored)) != tuple(shape):
+                break
+            for n, where, at in sources:
+                held[n].append((stored, where, at))
+        else:
+            found.update((n, (layout.shapes[n], held[n])) for n in group if n in wanted)
+    return found
 
 
 def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype] = None,
@@ -990,7 +1053,8 @@ def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype
     # ties it only where it equals the embeddings), one left out is the tensor it is tied to
     order = {name: list(dict.fromkeys([name, *names])) for name, names in tie_order(model).items()}
     rename = key_renaming(model)
-    state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename)
+    state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename,
+                 model=model)
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
     ignored = ignored_on_load(model)  # (no block of it)
     for name, stack in model.named_modules():

@@ -274,3 +274,44 @@ def test_a_random_merge_of_tied_checkpoints_saved_with_both_names_draws_one_mask
                             base=root / "base", params={"density": 0.5, "seed": 1}, progress=False)
     written = load_file(str(out / "model.safetensors"))
     assert torch.equal(bench.model(merged).model.embed_tokens.weight, written["model.embed_tokens.weight"])
+
+
+def test_a_moe_model_whose_experts_transformers_saves_one_matrix_each_is_read(tmp_path):
+    """transformers 5 holds a Mixtral's experts fused (``mlp.experts.gate_up_proj [E, 2I, H]``) and
+    saves them one matrix per expert (``block_sparse_moe.experts.N.w1.weight``): the bench refused
+    every MoE base and expert so saved ('lacks 4 of the model's ... tensors, e.g.
+    [...experts.gate_up_proj', ...]: is it a checkpoint of this architecture?'), the docstring's
+    "and their MoE variants" included. The fused tensors are made of the saved ones as
+    from_pretrained makes them: each state equals the model it was saved from, exactly."""
+    import transformers
+
+    from epmq.benches.tiny import _start, _text_bench, perturb, word_tokenizer
+
+    root, per_split, gen = _start(tmp_path, None, {"train": 12, "validation": 6}, 0)
+    tok = word_tokenizer(root / "base")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    config = _text_bench(root, "hf_causal_lm", model, ("sst2",), per_split, gen)
+    expert = perturb(model, torch.Generator().manual_seed(1))
+    expert.save_pretrained(root / "experts" / "sst2")  # (one whose tensors are known here)
+    bench = build_bench(config, base_dir=root, progress=False)
+    fused = "model.layers.1.mlp.experts.gate_up_proj"
+    assert fused in bench.base_state
+    for state, want in ((bench.base_state, model), (bench.experts["sst2"], expert)):
+        assert set(state) == set(want.state_dict())
+        for name, t in want.state_dict().items():
+            assert state.shape_of(name) == tuple(t.shape) and torch.equal(state[name], t), name
+    merged = task_arithmetic(bench.base_state, [bench.experts["sst2"]], scale=1.0)
+    torch.testing.assert_close(merged[fused], expert.state_dict()[fused])
+    import epmq
+    from epmq.spec import QuantSpec
+
+    quantized = bench.model(merged)
+    epmq.quantize_model(quantized, QuantSpec(bits=8, group_size=16), method="epmq", calibration=bench.calibration,
+                        experts=dict(bench.experts), progress=False)
+    assert any(".experts." in layer["name"] for layer in quantized.epmq_report.layers)
+    acc = bench.evaluate(quantized, "test")
+    assert set(acc) == {"sst2", "avg"}
