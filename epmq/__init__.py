@@ -31,9 +31,25 @@ try:
     from .qlinear import QuantLinear
     from .walker import QuantReport, quantize_model
 except KeyboardInterrupt:
-    _argv = getattr(sys, "orig_argv", [])
-    _module = next((a[2:] or b for a, b in zip(_argv, _argv[1:] + [""]) if a.startswith("-m")), "")
-    if sys.argv[:1] != ["-m"] or _module.partition(".")[0] != "epmq":
+    def _module_run(argv) -> str:
+        """The module ``python -m`` runs, read from the interpreter's arguments as it reads them:
+        one-letter options cluster (``python -um epmq``, unbuffered), -W and -X take a value."""
+        args = iter(argv[1:])
+        for arg in args:
+            if arg == "--check-hash-based-pycs":
+                next(args, None)
+            elif arg[:1] != "-" or arg in ("-", "--"):
+                return ""  # (a script, or stdin)
+            elif not arg.startswith("--"):
+                for at, letter in enumerate(arg[1:], 2):
+                    if letter in "cmWX":  # (their value: the rest of the cluster, or the next argument)
+                        value = arg[at:] or next(args, "")
+                        if letter in "cm":
+                            return value if letter == "m" else ""
+                        break
+        return ""
+
+    if sys.argv[:1] != ["-m"] or _module_run(getattr(sys, "orig_argv", [])).partition(".")[0] != "epmq":
         raise
     print("\nepmq: interrupted while starting; nothing was done", file=sys.stderr)
     raise SystemExit(130) from None

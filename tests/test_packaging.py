@@ -127,7 +127,23 @@ def test_ctrl_c_while_python_m_epmq_starts_ends_it_in_one_line(lib, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_while_another_python_m_tool_imports_epmq_stays_its_own(lib, tmp_path):
+@pytest.mark.parametrize("options", [["-um"], ["-u", "-Bm"], ["-W", "ignore", "-qm"]])
+def test_ctrl_c_while_python_m_epmq_starts_behind_other_options_ends_it_in_one_line(lib, tmp_path, options):
+    """The interpreter's one-letter options cluster with -m (`python -um epmq`, unbuffered): the
+    module run was looked for only after an argument "-m...", so Ctrl-C there ended in the
+    traceback of torch's imports as before 1575311."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    _interrupt_torchs_import(hooks)
+    done = subprocess.run([sys.executable, *options, "epmq", "merge", "merge.yaml", "out"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=f"{hooks}{os.pathsep}{lib}"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.split() == "epmq: interrupted while starting; nothing was done".split()
+
+
+@pytest.mark.parametrize("options", [["-m"], ["-um"]])
+def test_ctrl_c_while_another_python_m_tool_imports_epmq_stays_its_own(lib, tmp_path, options):
     """The catch above is for `python -m epmq` alone: a tool run as `python -m tool` whose package
     imports epmq had Ctrl-C there turned into 'epmq: interrupted while starting' and exit 130, its
     own handling of KeyboardInterrupt never reached."""
@@ -143,7 +159,7 @@ def test_ctrl_c_while_another_python_m_tool_imports_epmq_stays_its_own(lib, tmp_
             print("tool: stopped", file=sys.stderr)
             sys.exit(3)""")
     (hooks / "tool" / "__main__.py").write_text("")
-    done = subprocess.run([sys.executable, "-m", "tool"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, *options, "tool"], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=f"{hooks}{os.pathsep}{lib}"), capture_output=True,
                           text=True, timeout=300)
     assert (done.returncode, done.stderr.strip()) == (3, "tool: stopped")
