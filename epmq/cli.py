@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import os
 import subprocess
@@ -609,6 +610,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # (stdout is in the locale's encoding, strict: cp1252 where Windows redirects it to a log, and
+    # a path or task name in another script ended a finished command in UnicodeEncodeError; such
+    # characters are escaped, as Python's stderr escapes them, the caller's stream restored after)
+    console = sys.stdout if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict" else None
+    if console is not None:
+        console.reconfigure(errors="backslashreplace")
     try:
         with loading_bars(not getattr(args, "quiet", False)):  # (transformers' bars too)
             return args.func(args)
@@ -626,6 +633,9 @@ def main(argv=None) -> int:
                     else "nothing was kept to resume from: a rerun starts over")
         print(f"\nepmq {args.command}: interrupted; {then}", file=sys.stderr)
         return 130
+    finally:
+        if console is not None:
+            console.reconfigure(errors="strict")
 
 
 if __name__ == "__main__":

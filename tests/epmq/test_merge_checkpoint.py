@@ -1,7 +1,9 @@
 """Merging checkpoints on disk: epmq.merge_checkpoints and ``epmq merge``."""
 
+import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -308,6 +310,26 @@ def test_cli_paths_under_home(checkpoints, tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump(dict(method="task_arithmetic", base="~/base", models=["~/e0", "~/e1"])))
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
     got, want = _load(tmp_path / "out"), merge.task_arithmetic(base, experts[:2])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_cli_says_a_path_its_console_cannot_encode_without_failing_after_the_merge(checkpoints, tmp_path,
+                                                                                    monkeypatch):
+    """epmq's output went to a stdout in the locale's encoding (cp1252 where Windows redirects it to a
+    log), strict: a merge into a directory named in another script (a user's home 'Иван') was
+    written, and then its one line ended the command in UnicodeEncodeError, exit 1. Said escaped."""
+    root, base, experts = checkpoints
+    config = tmp_path / "ta.yaml"
+    config.write_text(yaml.safe_dump(dict(method="task_arithmetic", base=str(root / "base"),
+                                          models=[str(root / "e0"), str(root / "e1")])))
+    console = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", console)
+    assert main(["merge", str(config), str(tmp_path / "Иван" / "out"), "--quiet"]) == 0
+    console.flush()
+    said = console.buffer.getvalue().decode("cp1252")
+    assert "merged 2 models" in said and "\\u0418" in said, said
+    assert console.errors == "strict"  # (as it was given: a caller's stream is left as it was)
+    got, want = _load(tmp_path / "Иван" / "out"), merge.task_arithmetic(base, experts[:2])
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
