@@ -276,8 +276,8 @@ def check_outside_calibration(out, calibration: Mapping[str, object], *, resumed
 
 def device_argument(device) -> Optional[torch.device]:
     """A ``device=`` argument as a ``torch.device`` (None stays None), or a clear error: not a
-    device, CUDA where torch sees none (or a GPU past those it sees), or meta (which holds no
-    values to compute with)."""
+    device, CUDA where torch sees none (or a GPU past those it sees), another backend torch cannot
+    use here (mps, xpu), or meta (which holds no values to compute with)."""
     if device is None:
         return None
     try:
@@ -294,4 +294,12 @@ def device_argument(device) -> Optional[torch.device]:
                          f"({', '.join(f'cuda:{i}' for i in range(count))})")
     if device.type == "meta":
         raise ValueError("device='meta' holds no values to compute with: name a real device")
+    if device.type not in ("cpu", "cuda"):
+        # (mps or xpu where torch has none failed where the device was first used: a checkpoint's
+        # read was blamed for torch's 'not linked with support for mps devices')
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:
+            raise ValueError(f"device={str(device)!r}, but torch cannot use it here ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
     return device

@@ -640,6 +640,19 @@ def test_a_device_to_load_onto_that_is_not_there_is_refused(gen, tmp_path, monke
             epmq.load_quantized(tmp_path / "q", device=device)
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available() or torch.xpu.is_available(), reason="an MPS or XPU device")
+def test_a_device_of_another_backend_that_is_not_there_is_refused(gen, tmp_path):
+    """device="mps" or "xpu" where torch has none passed the device check (which knew CUDA's) and
+    was said as the weights file's fault ("cannot read .../model.safetensors: RuntimeError: PyTorch
+    is not linked with support for mps devices"): refused up front, naming the device."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    for device in ("mps", "xpu"):
+        with pytest.raises(ValueError, match=f"device='{device}', but torch cannot use it here") as e:
+            epmq.load_quantized(tmp_path / "q", device=device)
+        assert "model.safetensors" not in str(e.value)
+
+
 @pytest.mark.cuda
 def test_cuda_load_without_a_model_onto_the_gpu(gen, tmp_path):
     fam, model = quantized(gen)
