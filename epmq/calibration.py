@@ -628,6 +628,10 @@ _AUDIO_INPUTS = ("input_values", "input_features")
 # frames the model makes of those (_frames): left whole, the padded batch's frames met the cut row's
 # fewer ones in "The shape of the mask [1, 63] at index 1 does not match ... [1, 39, 32]".
 _FRAME_INPUTS = ("mask_time_indices", "sampled_negative_indices")
+# Per-frame inputs whose values are frames too: sampled_negative_indices index the batch's frames
+# flattened (row b's offset by b * frames, as _sample_negative_indices gives them). Cut with their
+# frames alone, a row past the first pointed past its own: 'index 123 is out of bounds ... size 63'.
+_FLAT_FRAME_INDICES = ("sampled_negative_indices",)
 _DECODER_AXIS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
                  "decoder_inputs_embeds", "labels")
 
@@ -825,11 +829,16 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
                 value = value[b:b + 1]
                 if key in cut:
                     value = value[:, cut[key][0]:cut[key][1]]
+                    if key in _FLAT_FRAME_INDICES:
+                        masked = cut.get("mask_time_indices")  # (the frames whose negatives the loss reads)
+                        used = None if masked is None else item["mask_time_indices"][b:b + 1, masked[0]:masked[1]]
+                        value = _own_frames(value, key, b, b * item[key].shape[1] + cut[key][0], used)
             row[key] = value
         batches.setdefault(tuple(stop - start for start, stop in spans), []).append(row)
     if not batches:
         raise ValueError("calibration batch: every row is padding")
-    parts = [{key: torch.cat([r[key] for r in rows]) if isinstance(rows[0][key], torch.Tensor) else rows[0][key]
+    parts = [{key: torch.cat([r[key] + i * r[key].shape[1] if key in _FLAT_FRAME_INDICES and key in cut else r[key]
+                              for i, r in enumerate(rows)]) if isinstance(rows[0][key], torch.Tensor) else rows[0][key]
               for key in rows[0]} for rows in batches.values()]
     if derive is not None:  # (given, not left to the forward: FSMT's shifts the encoder's ids)
         for part in parts:
@@ -870,6 +879,20 @@ def _warn_of_unmasked_audio_padding(item: Mapping, model) -> None:
                       "a mask), and the result depends on the batch; give the mask (feature_extractor(..., "
                       "return_attention_mask=True)), by which each row is cut to its own samples, or one clip a "
                       "batch")
+
+
+def _own_frames(value: torch.Tensor, key: str, b: int, first: int, used: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row ``b``'s ``value`` of ``key`` (indices of the padded batch's frames flattened, its own
+    from ``first``, cut to its real frames) as indices of its own frames; those the model's loss
+    reads (at the frames ``used`` marks, mask_time_indices; all without it) must point into them."""
+    value = value - first
+    outside = (value < 0) | (value >= value.shape[1])
+    read = outside if used is None else outside & used.to(torch.bool).reshape(*used.shape, *[1] * (value.dim() - 2))
+    if bool(read.any()):
+        raise ValueError(f"calibration batch with padding: {key!r} of row {b} points to padded frames (or "
+                         f"another row's), which its real samples do not make; draw the negatives among each "
+                         f"row's real frames (_sample_negative_indices(..., mask_time_indices=the frames' mask))")
+    return value.masked_fill(outside, 0)  # (unused there: in range, as the row alone has them)
 
 
 def _frames(model, samples: int) -> Optional[int]:

@@ -802,6 +802,54 @@ def test_padded_audio_cuts_its_per_frame_inputs_with_its_samples(gen):
         unpad(dict(batch, attention_mask=mask.flip(1)), model=model)
 
 
+def test_padded_audio_cuts_its_sampled_negatives_as_indices_of_the_rows_frames(gen):
+    """Wav2Vec2ForPreTraining's sampled_negative_indices [B, frames, negatives] are indices into the
+    batch's frames flattened (row b's offset by b * frames, as _sample_negative_indices gives them):
+    cut with the frames but not offset, row 1's pointed past its own frames and gram_matrices ended in
+    torch's 'index 123 is out of bounds for dimension 0 with size 63'. Each row's are its own frames'
+    indices again, offset by its place among the rows of its length; negatives drawn from padded
+    frames are refused by name."""
+    import numpy as np
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+    from epmq.calibration import unpad
+
+    config = tiny_wav2vec2_large(proj_codevector_dim=16, codevector_dim=16, num_codevectors_per_group=8,
+                                 num_codevector_groups=2, mask_time_length=2, num_negatives=3)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForPreTraining(config).eval()
+    lengths = (400, 640, 520, 400)  # (rows 0 and 3 batched together once cut)
+    frames = [int(model._get_feat_extract_output_lengths(n)) for n in lengths]
+    L = max(frames)
+    waves = [torch.randn(n, generator=gen) for n in lengths]
+    np.random.seed(0)
+    real = np.arange(L)[None, :] < np.array(frames)[:, None]
+    masked = _compute_mask_indices((len(lengths), L), 0.3, 2, min_masks=1) & real
+    negatives = torch.from_numpy(_sample_negative_indices((len(lengths), L), 3, mask_time_indices=real)).long()
+    values = torch.zeros(len(waves), max(lengths))
+    mask = torch.zeros(len(waves), max(lengths), dtype=torch.long)
+    for b, w in enumerate(waves):
+        values[b, :len(w)], mask[b, :len(w)] = w, 1
+    own = [negatives[b:b + 1, :frames[b]] - b * L for b in range(len(waves))]  # (each row's own frames')
+    singles = [{"input_values": torch.stack([waves[b] for b in rows]),
+                "attention_mask": torch.ones(len(rows), lengths[rows[0]], dtype=torch.long),
+                "mask_time_indices": torch.from_numpy(masked[rows, :frames[rows[0]]]),
+                "sampled_negative_indices": torch.cat([own[b] + i * frames[b] for i, b in enumerate(rows)])}
+               for rows in ([0, 3], [1], [2])]  # (the rows as they were given unpadded)
+    batch = {"input_values": values, "attention_mask": mask, "mask_time_indices": torch.from_numpy(masked),
+             "sampled_negative_indices": negatives}
+    parts = unpad(batch, model=model)
+    assert [p["input_values"].shape[0] for p in parts] == [2, 1, 1]
+    for part, single in zip(parts, singles):
+        torch.testing.assert_close(part["sampled_negative_indices"], single["sampled_negative_indices"])
+    name = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight"
+    single, batched = _grams_of_padded_and_single(model, singles, batch, name)
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+    anywhere = torch.from_numpy(_sample_negative_indices((len(lengths), L), 3, mask_time_indices=masked | ~real))
+    with pytest.raises(ValueError, match=r"'sampled_negative_indices' of row \d+ points to padded frames"):
+        unpad(dict(batch, sampled_negative_indices=anywhere.long()), model=model)
+
+
 def test_padded_audio_features_cut_their_per_frame_inputs_with_their_mask(gen):
     """Wav2Vec2-BERT's mask_time_indices [B, frames] beside input_features [B, frames, dims] and a
     mask of the frames: the features were cut and the frames not ('The shape of the mask [1, 9] at
