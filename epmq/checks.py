@@ -250,12 +250,14 @@ def check_number(value, what: str, minimum: Optional[float] = None) -> float:
     return float(value)
 
 
-def check_path(value, what: str) -> None:
+def check_path(value, what: str, hint: str = "") -> None:
     """A TypeError naming ``what`` unless ``value`` is a path (``str`` or ``os.PathLike``): None
     or a number ended in pathlib's bare 'expected str, bytes or os.PathLike object', naming no
     argument (save_quantized's after converting every layer)."""
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
+        # (what was given, where it says itself in a few characters: not a state dict's tensors)
+        shown = f" {value!r}" if value is None or isinstance(value, (bool, int, float, bytes)) else ""
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}{shown}{hint}")
 
 
 def check_outside_calibration(out, calibration: Mapping[str, object], *, resumed: bool = False) -> None:

@@ -932,6 +932,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     """
     check_path(out, "out")
     models = [models] if isinstance(models, (str, Path)) else list(models)
+    for what, given in [*((f"models[{k}]", m) for k, m in enumerate(models)), ("base", base), ("lora_base", lora_base)]:
+        if given is not None or what.startswith("models"):  # (an unset one: pathlib's bare TypeError)
+            check_path(given, what)
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
                 pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)

@@ -346,6 +346,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
+    check_path(model, "model", ": a model in memory is quantized by epmq.quantize_model"
+               if isinstance(model, torch.nn.Module) else "")
     check_path(out, "out")
     check_output(out)
     if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):

@@ -2539,3 +2539,16 @@ def test_a_directory_that_is_no_path_is_refused_by_name(gen, tmp_path):
         with pytest.raises(TypeError, match=f"out must be a path .*got {type(bad).__name__}"):
             epmq.quantize_checkpoint(tmp_path, bad, spec=epmq.QuantSpec(bits=4), method="rtn", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_to_quantize_that_is_no_path_is_refused_by_name(gen, tmp_path):
+    """quantize_checkpoint(None, out) (an unset variable) ended in pathlib's bare 'expected str,
+    bytes or os.PathLike object, not NoneType' (out was checked, 4f85862), and a model in memory
+    given to it the same; refused naming model, a module pointed to epmq.quantize_model."""
+    fam, model = quantized(gen)
+    spec = epmq.QuantSpec(bits=4)
+    for bad in (None, 3, model):
+        with pytest.raises(TypeError, match=f"model must be a path .*got {type(bad).__name__}") as e:
+            epmq.quantize_checkpoint(bad, tmp_path / "q", spec=spec, method="rtn", progress=False)
+    assert "epmq.quantize_model" in str(e.value) and len(str(e.value)) < 300
+    assert list(tmp_path.iterdir()) == []

@@ -149,6 +149,23 @@ def test_an_output_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
             merge_checkpoints("average", [root / "e0", root / "e1"], bad, progress=False)
 
 
+def test_an_input_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
+    """A model, the base or lora_base given as None (an unset variable) or a number ended in
+    pathlib's bare 'expected str, bytes or os.PathLike object, not NoneType', naming none of them
+    (out was checked, 4f85862); refused naming the argument, before anything is read."""
+    root, _, _ = checkpoints
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=f"models\\[1\\] must be a path .*got {type(bad).__name__}"):
+            merge_checkpoints("average", [root / "e0", bad], tmp_path / "a", progress=False)
+    with pytest.raises(TypeError, match="base must be a path .*got int 3"):
+        merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "b", base=3, progress=False)
+    with pytest.raises(TypeError, match="lora_base must be a path .*got int 3"):
+        merge_checkpoints("average", [root / "e0", root / "e1"], tmp_path / "c", lora_base=3, progress=False)
+    with pytest.raises(TypeError, match="models\\[0\\] must be a path .*got dict$"):  # (not its tensors' repr)
+        merge_checkpoints("average", [{"w": torch.zeros(1000)}, root / "e1"], tmp_path / "d", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_an_output_that_is_the_base_its_adapters_name_is_refused(checkpoints, tmp_path):
     """LoRA adapters merged without a base (nor lora_base) are read on the base their configs
     name: an output there (an earlier epmq merge the adapters were trained on) replaced the
