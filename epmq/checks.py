@@ -241,8 +241,9 @@ def check_seed(seed) -> int:
 
 def check_number(value, what: str, minimum: Optional[float] = None) -> float:
     """``value`` as a float, or a ValueError: not a finite number (a bool, a string: YAML reads
-    1e-1 as one), or below ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    1e-1 as one), or below ``minimum``. numpy's numbers are taken (a sweep's values read from
+    arrays: np.float32 and np.int64 are no Python float or int), as the float they are."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         hint = " (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if isinstance(value, str) else ""
         raise ValueError(f"{what} must be a finite number, got {value!r}{hint}")
     if minimum is not None and value < minimum:

@@ -279,6 +279,9 @@ def quantize_model(
         raise ValueError(f"method={method!r} needs calibration data: a mapping task name -> inputs")
     for value, what in ((anchor, "anchor"), (weight_anchor, "weight_anchor"), (percdamp, "percdamp")):
         check_number(value, what, 0)
+    # (numpy's numbers, a sweep's, held as Python's: the report and quantize_config.json are JSON)
+    anchor, weight_anchor, percdamp = (v if isinstance(v, (int, float)) else float(v)
+                                       for v in (anchor, weight_anchor, percdamp))
     if not is_int(blocksize) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     if method == "rtn":  # (the walks resolve it; RTN would ignore a misspelt one)

@@ -1473,3 +1473,35 @@ def test_fused_experts_a_state_holds_transposed_are_refused_saying_so():
     with pytest.raises(ValueError, match=r"has shape \(4, 32, 16\), expected \(4, 16, 32\); its dims 1 and 2 "
                                          r"swapped: fused experts saved transposed.*re-save it with transformers 5"):
         merge.task_arithmetic(base, [expert])
+
+
+def test_numpys_numbers_are_taken_as_pythons():
+    """A sweep's values read from numpy arrays: np.float64 (a float) was taken, but np.float32 and
+    numpy's integers were refused ('density must be a finite number, got np.float32(0.5)',
+    'max_iter must be an int >= 0, got np.int64(3)'); each merges as the Python number does."""
+    import numpy as np
+
+    base, experts = hand_models()
+    base = {k: v for k, v in base.items() if k != "ids"}
+    experts = [{k: v for k, v in e.items() if k != "ids"} for e in experts]
+    f32 = np.float32
+    calls = [
+        (merge.task_arithmetic, dict(scale=f32(0.25), weights=[f32(0.5), np.int64(1), f32(2)])),
+        (merge.dare, dict(scale=f32(0.5), density=f32(0.5), seed=3)),
+        (merge.ties, dict(density=f32(0.5), scale=np.int32(1))),
+        (merge.breadcrumbs, dict(density=f32(0.75), gamma=f32(0.125))),
+        (merge.della, dict(density=f32(0.625), epsilon=f32(0.125))),
+        (merge.tsv, dict(rank_fraction=f32(0.5))),
+        (merge.nearswap, dict(t=f32(0.5))),
+        (merge.ram_plus, dict(r=f32(0.25), alpha=f32(0.5))),
+    ]
+    for method, params in calls:
+        python = {k: [float(x) if isinstance(x, np.floating) else int(x) for x in v] if isinstance(v, list)
+                  else float(v) if isinstance(v, np.floating) else int(v) for k, v in params.items()}
+        experts_of = experts[:1] if method is merge.nearswap else experts
+        got, want = method(base, experts_of, **params), method(base, experts_of, **python)
+        assert all(torch.equal(got[k], want[k]) for k in want), method.__name__
+    got, want = merge.slerp(experts[0], experts[1], t=f32(0.25)), merge.slerp(experts[0], experts[1], t=0.25)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    got, want = merge.karcher(experts, max_iter=np.int64(3), tol=f32(0)), merge.karcher(experts, max_iter=3, tol=0.0)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -918,3 +918,22 @@ def test_a_calibration_item_with_a_filled_generation_cache_is_named(gen):
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     epmq.quantize_model(model, SPEC, method="gptq", progress=False,
                         calibration={"a": [{"input_ids": ids, "past_key_values": DynamicCache()}]})
+
+
+def test_numpys_numbers_as_anchors_are_written_as_json(gen, tmp_path):
+    """A sweep's anchor, weight_anchor and percdamp read from numpy arrays (np.float32, np.int64),
+    which check_number takes, were kept as they came in the walk's report, so its JSON (the
+    report file, the checkpoint's quantize_config.json) failed after the whole walk ('Object of
+    type float32 is not JSON serializable'); held as Python's numbers, the same codes."""
+    import json
+
+    import numpy as np
+
+    fam = Family("llama", gen)
+    got = quantize(fam, fam.merged(), anchor=np.float32(0.5), weight_anchor=np.int64(0), percdamp=np.float32(0.25))
+    want = quantize(fam, fam.merged(), anchor=0.5, weight_anchor=0, percdamp=float(np.float32(0.25)))
+    assert json.loads(json.dumps(got.epmq_report.to_dict()))["anchor"] == 0.5
+    got.epmq_report.to_json(tmp_path / "report.json")
+    epmq.save_quantized(got, tmp_path / "q")
+    codes = {k: v for k, v in want.state_dict().items() if k.endswith("qweight")}
+    assert codes and all(torch.equal(got.state_dict()[k], v) for k, v in codes.items())
