@@ -53,6 +53,7 @@ import importlib
 import inspect
 import io
 import json
+import numbers
 import re
 import warnings
 import zlib
@@ -73,6 +74,10 @@ COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_k
 
 
 def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> None:
+    # (2.0 or '2' ended in torch's bare randint() or a '<' TypeError; True drew batches of 1, silently)
+    for name, value in (("samples", samples), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if samples < 1 or batch_size < 1 or (seq_len is not None and seq_len < 2):
         rule, got = ("", "") if seq_len is None else (" and seq_len >= 2", f", seq_len={seq_len}")
         raise ValueError(f"samples and batch_size must be >= 1{rule}, got samples={samples}, "

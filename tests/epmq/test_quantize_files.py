@@ -1576,3 +1576,27 @@ def test_a_snapshot_of_one_split_leaves_its_metadata_and_stray_files_out(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(read_texts(docs)) == ["one", "two"]
+
+
+@pytest.mark.parametrize("size", [dict(samples=2.0), dict(seq_len=8.5), dict(batch_size=True), dict(samples="2")])
+def test_sizes_that_are_no_integers_are_refused_from_python_too(files, tmp_path, size):
+    """quantize_checkpoint (and text_windows, pair_batches, image_batches) given samples=2.0 or
+    seq_len=8.5 ended in torch's bare 'randint() received an invalid combination of arguments',
+    samples='2' in "'<' not supported between instances of 'str' and 'int'", and batch_size=True
+    ran as batches of 1, silently (the CLI's check_reading refused them all); refused naming the
+    argument, before the model is loaded."""
+    name, value = next(iter(size.items()))
+    match = rf"{name} must be an integer, got {re.escape(repr(value))}"
+    options = dict(dict(samples=2, seq_len=8, batch_size=2), **size)
+    with pytest.raises(ValueError, match=match):
+        epmq.quantize_checkpoint(files / "merged", tmp_path / "out", spec=epmq.QuantSpec(bits=4), method="gptq",
+                                 calibration={"math": files / "a.txt"}, **options)
+    assert not (tmp_path / "out").exists()
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    with pytest.raises(ValueError, match=match):
+        text_windows(sentences(3, 30), tok, **options)
+    with pytest.raises(ValueError, match=match):
+        pair_batches([("the cat", "a dog")] * 4, tok, **options)
+    if name != "seq_len":
+        with pytest.raises(ValueError, match=match):
+            image_batches([tmp_path / "a.png"], None, **{k: v for k, v in options.items() if k != "seq_len"})
