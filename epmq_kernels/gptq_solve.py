@@ -76,9 +76,9 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         raise ValueError(f"sym must be a bool, got {sym!r}")
     if not is_bits(bits):  # (numpy's integers are)
         raise ValueError(f"bits must be an int (2, 3, 4 or 8), got {bits!r}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+    if not is_bits(blocksize) or blocksize <= 0:  # (an integer as bits are: numpy's too)
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
+    if not is_bits(group_size):
         raise ValueError(f"group_size must be an int (-1 or 0 for a static grid), got {group_size!r}")
     # (complex: solved as its real part, silently, by the reference's float() and the kernel's loads)
     for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros)):
@@ -141,7 +141,8 @@ def gptq_solve_reference(
 ) -> SolveOut:
     """The blocked GPTQ loop in float32 torch: the reference the Triton kernel must match."""
     check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
-    bits, sym = int(bits), bool(sym)  # (numpy's, as Python's: what the kernel is specialised on)
+    # (numpy's, as Python's: what the kernel is specialised on)
+    bits, sym, group_size, blocksize = int(bits), bool(sym), int(group_size), int(blocksize)
     maxq = 2**bits - 1
     W = W.float().clone() if R is None else W.float() + R.float()
     Hinv = Hinv.float().contiguous()  # (as the kernel reads it: CPU products' sums follow the layout)
@@ -434,7 +435,8 @@ def gptq_solve_triton(
     ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests.
     """
     check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
-    bits, sym = int(bits), bool(sym)  # (numpy's, as Python's: what the kernel is specialised on)
+    # (numpy's, as Python's: what the kernel is specialised on)
+    bits, sym, group_size, blocksize = int(bits), bool(sym), int(group_size), int(blocksize)
     tensors, names = [W, Hinv], ["W", "Hinv"]
     for name, t in (("R", R), ("scales", scales), ("zeros", zeros), ("col_group", col_group)):
         if t is not None:

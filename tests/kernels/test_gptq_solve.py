@@ -759,3 +759,19 @@ def test_a_factor_with_other_values_below_its_diagonal_is_told_to_take_its_upper
             solve(W, cho_factor, bits=4, sym=False, group_size=16)
         got = solve(W, torch.triu(cho_factor), bits=4, sym=False, group_size=16)
         assert torch.equal(got.codes, solve(W, Hinv, bits=4, sym=False, group_size=16).codes)
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_numpys_integers_are_taken_as_group_size_and_blocksize(gen, solve):
+    """57de0a5 took numpy's bits and sym (a sweep's values read from arrays), but group_size and
+    blocksize of the same sweep were refused as 'group_size must be an int ..., got np.int64(16)';
+    taken as Python's, the same codes (a float or bool still refused)."""
+    import numpy as np
+
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    want = solve(W, Hinv, bits=4, sym=False, group_size=16, blocksize=8)
+    got = solve(W, Hinv, bits=4, sym=False, group_size=np.int64(16), blocksize=np.int32(8))
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    for bad in (dict(group_size=16.0), dict(group_size=np.float64(16)), dict(blocksize=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            solve(W, Hinv, bits=4, sym=False, **dict(dict(group_size=16), **bad))
