@@ -13,9 +13,16 @@ every open_clip ``ResidualAttentionBlock`` but the cross-attention blocks of CoC
 whose ``LinearCrossAttention`` holds the three row blocks of ``in_proj_weight`` as ``q_proj``,
 ``k_proj`` and ``v_proj``: the query reads the text, the key and value the image tokens, so
 each projection has its own input (and Hessian).
+
+WavLM's attention keeps ``nn.Linear`` projections but hands their weights to torch's
+``F.multi_head_attention_forward`` (``torch_multi_head_self_attention``) rather than calling
+them, so the walk never saw them called: ``call_projections`` has it call them, the same math.
 """
 
 from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -153,3 +160,39 @@ def _float_mask(attn_mask, key_padding_mask, N, H, L, S, dtype):
         pad = additive(key_padding_mask).view(N, 1, 1, S)
         mask = pad if mask is None else mask + pad
     return mask
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def hands_weights_to_torch(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention that hands its projections' weights to
+    ``F.multi_head_attention_forward`` instead of calling them (WavLM's ``WavLMAttention``), not
+    yet made to call them."""
+    method = getattr(module, "torch_multi_head_self_attention", None)
+    return (callable(method) and not isinstance(method, functools.partial)
+            and all(isinstance(getattr(module, p, None), nn.Linear) for p in PROJECTIONS)
+            and isinstance(getattr(module, "num_heads", None), int))
+
+
+def call_projections(attention: nn.Module) -> None:
+    """Make WavLM's ``attention`` call its q, k, v and out projections (so that they are seen,
+    quantized, and read packed) where it handed their weights to ``F.multi_head_attention_forward``:
+    the same math (q k^T / sqrt(d) plus the gated position bias and the key padding, softmax,
+    dropout in training, the heads' mean as the attention weights), to float rounding. A partial
+    of a function here, not a bound method: it deep-copies and pickles with the module."""
+    attention.torch_multi_head_self_attention = functools.partial(_self_attention_on_projections, attention)
+
+
+def _self_attention_on_projections(attention, hidden_states, attention_mask, gated_position_bias):
+    N, L, _ = hidden_states.shape
+    H = attention.num_heads
+    D = attention.embed_dim // H
+    q, k, v = (getattr(attention, p)(hidden_states).view(N, L, H, D).transpose(1, 2) for p in PROJECTIONS[:3])
+    padding = attention_mask.ne(1) if attention_mask is not None else None
+    # (_attend reads these of an nn.MultiheadAttention; [N, L, E] in and out)
+    shape = SimpleNamespace(dropout=attention.dropout, training=attention.training, out_proj=attention.out_proj,
+                            batch_first=True)
+    out, weights = _attend(shape, q, k, v, gated_position_bias, padding, True, True, False, False)
+    # (as WavLM's: torch's weights averaged over the heads, broadcast back to each head)
+    return out, weights[:, None].broadcast_to(weights.shape[:1] + (H,) + weights.shape[1:])

@@ -26,7 +26,9 @@ Projections held otherwise than in an ``nn.Linear`` are rebuilt as the built-in 
 them: fused mixture-of-experts parameters in transformers' usual layout as one linear per expert
 (``MOE_DECODERS``), GPT-2's ``Conv1D`` as ``nn.Linear`` (``GPT2``), ``nn.MultiheadAttention`` as
 q, k and v linears (``LinearCrossAttention``, as in CoCa's decoder), EVA's q/v-bias attention in
-its ``qkv(x) + bias`` form (``TIMM``). Other fused experts stay in full precision, named by the
+its ``qkv(x) + bias`` form (``TIMM``); WavLM's attention, which hands its projections' weights to
+``F.multi_head_attention_forward``, is made to call them (``attention.call_projections``). Other
+fused experts stay in full precision, named by the
 walker's warning.
 
 ``find_towers`` falls back on ``AUTO`` only for a model in which no registered adapter finds any
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 from . import _LISTS, _nested
+from .attention import call_projections, hands_weights_to_torch
 from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention
 from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
 
@@ -133,6 +136,8 @@ class AutoAdapter(MoEAdapter):
             # (as cross-attention: whether a block calls it on one tensor is not known before)
             if isinstance(module, nn.MultiheadAttention):
                 renames.update(swap_cross_attention(name, module, swap))
+            elif hands_weights_to_torch(module):  # (WavLM's: its projections were never called)
+                call_projections(module)
         for encoder in model.modules():
             if isinstance(encoder, nn.TransformerEncoder) and not all(
                     isinstance(getattr(layer, "self_attn", None), nn.MultiheadAttention) for layer in encoder.layers):

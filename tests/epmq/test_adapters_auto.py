@@ -653,6 +653,64 @@ def test_a_one_layer_encoder_of_blocks_named_otherwise_is_walked(gen):
         ("hf-gpt2", ["decoder.transformer.h"]), ("auto", ["encoder.encoder.layers"])]
 
 
+@pytest.mark.parametrize("stable", [False, True])
+def test_wavlms_attention_projections_handed_to_torch_as_weights_are_quantized(gen, tmp_path, stable):
+    """WavLM's attention hands its q, k, v and out projections' weights to torch's
+    F.multi_head_attention_forward instead of calling them: the walk saw them never called and
+    left 8 of its 14 linears in full precision (warned), the attention's weights all. Its attention
+    calls them, the same math (outputs and attention weights within float32's rounding): all are
+    quantized, and the checkpoint loads back so."""
+    import warnings
+
+    import transformers
+
+    from epmq.adapters.attention import call_projections, hands_weights_to_torch
+
+    config = transformers.WavLMConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        vocab_size=12, num_buckets=16, max_bucket_distance=32, feat_extract_norm="layer" if stable else "group",
+        do_stable_layer_norm=stable)
+    torch.manual_seed(0)
+    model = transformers.WavLMModel(config).eval()
+    values = torch.randn(2, 640, generator=gen)
+    mask = torch.ones(2, 640, dtype=torch.long)
+    mask[1, 500:] = 0
+    with torch.no_grad():
+        before = model(values, attention_mask=mask, output_attentions=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=-1), method="gptq", backend="torch",
+                            calibration={"a": [{"input_values": values}]}, progress=False)
+    linears = sorted(n for n, m in transformers.WavLMModel(config).named_modules()
+                     if isinstance(m, nn.Linear) and n.startswith("encoder.layers"))
+    assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == 14
+    with torch.no_grad():
+        after = model(values, attention_mask=mask, output_attentions=True)
+    # (8 bits of every attention weight: near the float model's outputs and attention weights)
+    error = (after.last_hidden_state - before.last_hidden_state).abs().max()
+    assert error < 0.05 * before.last_hidden_state.abs().max()
+    for a, b in zip(after.attentions, before.attentions):
+        assert a.shape == b.shape and (a - b).abs().max() < 0.05
+    # (the attention as it calls its projections: torch's, to float32's rounding)
+    torch.manual_seed(0)
+    fp = transformers.WavLMModel(config).eval()
+    rebuilt = copy.deepcopy(fp)
+    attentions = [m for m in rebuilt.modules() if hands_weights_to_torch(m)]
+    assert len(attentions) == 2
+    for attention in attentions:
+        call_projections(attention)
+    with torch.no_grad():
+        expected, got = (m(values, attention_mask=mask, output_attentions=True) for m in (fp, rebuilt))
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    epmq.save_quantized(model, tmp_path / "wavlm")
+    fresh = epmq.load_quantized(tmp_path / "wavlm", transformers.WavLMModel(config).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(values, attention_mask=mask).last_hidden_state, after.last_hidden_state)
+
+
 def test_a_tower_of_blocks_named_otherwise_beside_a_known_one_is_walked_when_auto_is_asked_for(gen):
     """A speech encoder-decoder of Wav2Vec2's large encoder and GPT-2: the walk warns that the
     encoder's layers stay in full precision and says to give adapter=[..., AUTO]; that was refused
