@@ -724,6 +724,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     from torch import nn
 
     from .adapters import find_towers
+    from .adapters.attention import call_projections, hands_weights_to_torch
     from .checkpoint_io import parameter_aliases
     from .calibration import token_rows, unpad
     from .walker import _call, _encoder_decoder, _item_seed
@@ -766,7 +767,12 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
                          f"{' among the names given' if names else ''}")
     was_training = model.training
     model.eval()
+    # (WavLM's attention hands its projections' weights to torch, never calling them: their Gram
+    # matrices came back zero, and RegMean averaged them; it calls them for the passes)
+    handing = [m for m in model.modules() if hands_weights_to_torch(m)]
     try:
+        for attention in handing:
+            call_projections(attention)
         parts = (part for item in batches
                  for part in unpad(item, encoder_decoder=_encoder_decoder(model), model=model))
         for n, item in enumerate(parts):
@@ -793,6 +799,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     finally:
         for h in hooks:
             h.remove()
+        for attention in handing:
+            vars(attention).pop("torch_multi_head_self_attention", None)
         model.train(was_training)
         keep.clear()
     if not any(s.n_tokens for s in stats.values()):

@@ -1093,6 +1093,47 @@ def test_gram_matrices_when_linears_stop_sharing_their_input(gen):
         gram_matrices(Toggle(), batches)
 
 
+def test_gram_matrices_of_wavlms_attention_projections_are_their_inputs(gen):
+    """WavLM's attention hands its q, k, v and out projections' weights to torch's
+    F.multi_head_attention_forward rather than calling them: gram_matrices saw them never called,
+    and their Gram matrices came back zero, in silence, so RegMean averaged the attentions of
+    WavLM experts. They are called during the passes (the model left as it was): q, k and v's is
+    the Gram matrix of the attention's input, out's of the heads' outputs it projects."""
+    import copy
+
+    import transformers
+
+    from epmq.adapters.attention import call_projections
+    from epmq.stats import gram_matrices
+
+    config = transformers.WavLMConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        vocab_size=12, num_buckets=16, max_bucket_distance=32)
+    torch.manual_seed(0)
+    model = transformers.WavLMModel(config).eval()
+    batches = [{"input_values": torch.randn(2, 640, generator=gen)}]
+    attention = model.encoder.layers[0].attention
+    seen = {}
+    handles = [attention.register_forward_pre_hook(lambda m, args, kwargs: seen.update(h=args[0]), with_kwargs=True)]
+    rebuilt = copy.deepcopy(model)
+    call_projections(rebuilt.encoder.layers[0].attention)
+    handles.append(rebuilt.encoder.layers[0].attention.out_proj.register_forward_pre_hook(
+        lambda m, args: seen.update(context=args[0])))
+    with torch.no_grad():
+        rebuilt(**batches[0])
+    grams = gram_matrices(model, batches)
+    for h in handles:
+        h.remove()
+    X = seen["h"].reshape(-1, 32).double()
+    prefix = "encoder.layers.0.attention."
+    for name in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(grams[f"{prefix}{name}.weight"], X.T @ X)
+    Y = seen["context"].reshape(-1, 32).double()
+    torch.testing.assert_close(grams[f"{prefix}out_proj.weight"], Y.T @ Y, rtol=1e-5, atol=1e-5)
+    assert "torch_multi_head_self_attention" not in vars(attention)  # (the model as it was)
+
+
 def test_weights_scale_each_task_vector_and_its_vote(gen):
     base = {"w": torch.randn(4, 30, generator=gen)}
     taus = [torch.randn(4, 30, generator=gen) for _ in range(3)]
