@@ -158,7 +158,10 @@ def tf32_round(x: torch.Tensor) -> torch.Tensor:
 def tf32_truncate(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` cut to TF32 (the low 13 mantissa bits dropped): what a tensor core may read of
     an fp32 operand, the worse of the two conversions; the emulations of a TF32 product use it."""
-    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    x = x.float()
+    cut = (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    # a NaN stays NaN, as in tf32_round: one whose payload lies in the low 13 bits alone lost it (inf)
+    return cut.masked_fill_(torch.isnan(x), float("nan"))
 
 
 def _tf32_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

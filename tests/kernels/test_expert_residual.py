@@ -848,6 +848,18 @@ def test_tf32_truncate():
     assert ((t - r).abs() < 2.0**-10 * r.abs()).all()
 
 
+def test_tf32_truncate_keeps_nan_and_inf():
+    """A NaN stays NaN, as tf32_round keeps it (082cecb): one whose payload lies in the low 13 bits
+    alone lost it and became inf, so a truncated NaN operand gave an emulated product of inf."""
+    from epmq_kernels._runtime import tf32_truncate
+
+    nans = torch.tensor([0x7F800001, 0x7F801FFF, -0x7FE001, 0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32)
+    assert torch.isnan(nans.view(torch.float32)).all()
+    assert torch.isnan(tf32_truncate(nans.view(torch.float32))).all()
+    inf = torch.tensor([float("inf"), -float("inf")])
+    assert torch.equal(tf32_truncate(inf), inf)
+
+
 def test_fp32_matmul_restores_the_tf32_switch():
     """The solver's and the residual's product settings never leak into the caller's (also
     after an exception)."""
