@@ -1058,11 +1058,16 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
     ``{"input_ids", "attention_mask", "labels"}`` batches of at most ``batch_size`` pairs of the
     same token lengths (nothing padded: see the module docstring)."""
     _check_sizes(samples, batch_size, seq_len)
-    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
-        # (its two texts, drawn as pairs, ended in "too many values to unpack")
+    if isinstance(pairs, (tuple, list)) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
+        # (its two texts, drawn as pairs, ended in "too many values to unpack"; a list, as JSON reads a pair)
         raise TypeError(f"pairs must be a sequence of (input, target) pairs, got one pair "
                         f"({pairs[0][:40]!r}, {pairs[1][:40]!r}): give [pair]")
     (chosen,) = _drawn(pairs, samples, samples, seed, f"{what}: input/target pairs")
+    for p in chosen:
+        # (a text of two characters ran as the pair of its letters, silently; others as a bare unpacking error)
+        if isinstance(p, str) or not (isinstance(p, Sequence) and len(p) == 2 and all(isinstance(t, str) for t in p)):
+            raise TypeError(f"pairs must hold (input, target) pairs of texts, got the item {type(p).__name__} "
+                            f"{str(p)[:80]!r}")
     inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
     targets = tokenizer(text_target=[p[1] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
     by_lengths = {}  # (input length, target length) -> pairs, in the order drawn

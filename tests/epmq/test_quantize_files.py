@@ -523,6 +523,22 @@ def test_one_source_given_whole_is_refused(files):
             image_batches(files, None, samples=2)
 
 
+def test_one_pair_given_as_a_list_is_refused(files):
+    """pair_batches(["the cat", "a dog"], tok), one pair as JSON reads it (a list), was refused only
+    as a tuple (7a37a90): its texts were drawn as pairs and it ended in the bare 'too many values to
+    unpack', and texts of two characters ran as pairs of their letters, silently; an item drawn that
+    is no (input, target) pair of texts is refused naming it."""
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    with pytest.raises(TypeError, match=r"pairs must be a sequence of \(input, target\) pairs, got one pair "
+                                        r"\('the cat', 'a dog'\): give \[pair\]"):
+        pair_batches(["the cat", "a dog"], tok, samples=2, seq_len=12)
+    for pairs in (["ab", "cd", "ef"], [("the cat", "a dog"), "ab"], [("the cat", "a dog", "a bird")]):
+        with pytest.raises(TypeError, match=r"pairs must hold \(input, target\) pairs of texts, got the item"):
+            pair_batches(pairs, tok, samples=3, seq_len=12)
+    batches = pair_batches([["the cat", "a dog"], ("a bird", "the fish")], tok, samples=2, seq_len=12)
+    assert sum(len(b["input_ids"]) for b in batches) == 2
+
+
 def test_each_task_draws_its_own_windows(files):
     """Two tasks calibrated from the same file drew the same windows (one seed for every task):
     their H_k were one sample twice. Each task now has its own seed (task_seeds), from the
