@@ -35,6 +35,7 @@ run. ``G_e``, ``c_e`` and ``finalize`` make the reading stream wait for them (``
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -52,7 +53,7 @@ from epmq_kernels.expert_residual import (
 )
 
 from ._util import without_autocast
-from .checks import all_finite, check_experts, check_hessian, check_weight, is_int
+from .checks import all_finite, check_experts, check_hessian, check_weight
 
 # E-PMQ's residual products on the side stream (see the module's docstring); EPMQ_SIDE_STREAM=0
 # keeps them on the current stream (benchmarks/bench_solver.py times both).
@@ -73,8 +74,9 @@ class HessianStats:
     """Running ``H = sum X^T X`` of a layer's inputs."""
 
     def __init__(self, d_in: int, *, device=None, dtype=torch.float32, backend: str = "torch"):
-        if not is_int(d_in) or d_in <= 0:
+        if not isinstance(d_in, numbers.Integral) or isinstance(d_in, bool) or d_in <= 0:  # (numpy's too)
             raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+        d_in = int(d_in)
         if dtype not in (torch.float32, torch.float64):
             # (float16 lost each x^2 below diag H's spacing and overflowed at 65504; integers
             # truncated every product: as EPMQStats's accumulators)

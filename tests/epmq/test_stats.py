@@ -55,6 +55,21 @@ def test_hessian_stats_refuses_what_cannot_hold_H(gen):
         HessianStats(D_IN, backend="Triton")
 
 
+def test_hessian_stats_take_numpys_integer_width(gen):
+    """Since 28db0c2 HessianStats(np.int64(32)) (a width read from a numpy array or config),
+    which torch.zeros had taken, was refused as 'd_in must be a positive integer, got
+    np.int64(32)'; taken as the int it is."""
+    import numpy as np
+
+    X = torch.randn(5, D_IN, generator=gen)
+    stats, want = HessianStats(np.int64(D_IN)), HessianStats(D_IN)
+    stats.add_batch(X)
+    want.add_batch(X)
+    assert torch.equal(stats.H, want.H) and stats.H.shape == (D_IN, D_IN)
+    with pytest.raises(ValueError, match="d_in must be a positive integer"):
+        HessianStats(np.float64(D_IN))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_statistics_keep_no_autograd_graph(gen, backend):
     """Weights given as Parameters and activations hooked from a forward outside no_grad: each
