@@ -1052,6 +1052,15 @@ def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tup
     return pairs
 
 
+def _is_pair(p) -> bool:
+    """Whether ``p`` is an (input, target) pair of texts: a tuple, a list (as JSON reads one), or a
+    row of a numpy array (``df[["input", "target"]].values``); not a text, which also has a length."""
+    try:
+        return not isinstance(p, (str, bytes, Mapping)) and len(p) == 2 and all(isinstance(p[i], str) for i in (0, 1))
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
 def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_len: int = 512,
                  batch_size: int = 8, seed: int = 0, what: str = "calibration") -> List[dict]:
     """``samples`` of ``pairs`` drawn at random (all of them, with a warning, if fewer) as
@@ -1065,7 +1074,7 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
     (chosen,) = _drawn(pairs, samples, samples, seed, f"{what}: input/target pairs")
     for p in chosen:
         # (a text of two characters ran as the pair of its letters, silently; others as a bare unpacking error)
-        if isinstance(p, str) or not (isinstance(p, Sequence) and len(p) == 2 and all(isinstance(t, str) for t in p)):
+        if not _is_pair(p):
             raise TypeError(f"pairs must hold (input, target) pairs of texts, got the item {type(p).__name__} "
                             f"{str(p)[:80]!r}")
     inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]

@@ -535,8 +535,12 @@ def test_one_pair_given_as_a_list_is_refused(files):
     for pairs in (["ab", "cd", "ef"], [("the cat", "a dog"), "ab"], [("the cat", "a dog", "a bird")]):
         with pytest.raises(TypeError, match=r"pairs must hold \(input, target\) pairs of texts, got the item"):
             pair_batches(pairs, tok, samples=3, seq_len=12)
-    batches = pair_batches([["the cat", "a dog"], ("a bird", "the fish")], tok, samples=2, seq_len=12)
-    assert sum(len(b["input_ids"]) for b in batches) == 2
+    import numpy as np
+
+    rows = np.array([["the cat", "a dog"], ["a bird", "the fish"]], dtype=object)  # (a DataFrame's .values)
+    for pairs in ([["the cat", "a dog"], ("a bird", "the fish")], rows):
+        batches = pair_batches(pairs, tok, samples=2, seq_len=12)
+        assert sum(len(b["input_ids"]) for b in batches) == 2
 
 
 def test_each_task_draws_its_own_windows(files):
