@@ -54,6 +54,7 @@ import inspect
 import io
 import json
 import numbers
+import os
 import re
 import warnings
 import zlib
@@ -485,6 +486,10 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     see ``_windows_of_places``.
     """
     _check_sizes(samples, batch_size, seq_len)
+    if isinstance(texts, os.PathLike) or isinstance(texts, str) and os.path.exists(texts):
+        # (a Path failed as 'not iterable'; a str path was told to give [text], the path's characters)
+        raise TypeError(f"texts must be an iterable of documents (a list of str), got the path {str(texts)!r}: "
+                        f"give epmq.calibration.read_texts({str(texts)!r})")
     if isinstance(texts, (str, bytes)):  # (iterated, each character was a document, EOS between them)
         raise TypeError(f"texts must be an iterable of documents (a list of str), got one "
                         f"{type(texts).__name__}: give [text]")

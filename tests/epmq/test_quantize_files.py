@@ -523,6 +523,18 @@ def test_one_source_given_whole_is_refused(files):
             image_batches(files, None, samples=2)
 
 
+def test_a_file_given_to_text_windows_is_pointed_to_read_texts(files, tmp_path):
+    """text_windows(path, tok) with the documents' file (a Path) ended in a bare "'PosixPath'
+    object is not iterable", and as a str was told to 'give [text]', which calibrated on the path's
+    own characters; both refused pointing to read_texts, which reads the file."""
+    tok = transformers.AutoTokenizer.from_pretrained(files / "base")
+    (tmp_path / "docs.txt").write_text(" ".join(sentences(3, 30)))
+    for path in (tmp_path / "docs.txt", str(tmp_path / "docs.txt")):
+        with pytest.raises(TypeError, match=r"texts must be an iterable of documents .*got the path .*docs.txt': "
+                                            r"give epmq.calibration.read_texts\("):
+            text_windows(path, tok, samples=2, seq_len=12)
+
+
 def test_one_pair_given_as_a_list_is_refused(files):
     """pair_batches(["the cat", "a dog"], tok), one pair as JSON reads it (a list), was refused only
     as a tuple (7a37a90): its texts were drawn as pairs and it ended in the bare 'too many values to
