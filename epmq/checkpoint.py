@@ -1256,6 +1256,11 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # (a device it cannot load onto was reported as the safetensors file not read, or torch's bare
     # error: said of the device, before anything is read or fetched)
     device = device_argument(device)
+    if model is not None and not isinstance(model, nn.Module):  # (a bare AttributeError on .parameters)
+        hint = (": the model is built from the checkpoint's config with model=None"
+                if isinstance(model, (str, os.PathLike)) else "")
+        raise TypeError(f"model must be a torch nn.Module of the checkpoint's architecture (or None), got "
+                        f"{type(model).__name__}{hint}")
     # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
     # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
     check_path(directory, "directory")

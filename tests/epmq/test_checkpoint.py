@@ -2552,3 +2552,16 @@ def test_a_model_to_quantize_that_is_no_path_is_refused_by_name(gen, tmp_path):
             epmq.quantize_checkpoint(bad, tmp_path / "q", spec=spec, method="rtn", progress=False)
     assert "epmq.quantize_model" in str(e.value) and len(str(e.value)) < 300
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_to_load_into_that_is_no_module_is_refused_by_name(gen, tmp_path):
+    """load_quantized(directory, model=...) given the base model's path, its state dict or a number
+    (f3c0d33 refused them as quantize_model's and save_quantized's model) ended in a bare
+    AttributeError ("'str' object has no attribute 'parameters'"); refused naming model, before
+    anything is read, a path pointed to model=None, which builds the model from the checkpoint."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    for bad in (str(tmp_path / "q"), {"w": torch.zeros(3)}, 3):
+        with pytest.raises(TypeError, match=f"model must be a torch nn.Module .*got {type(bad).__name__}") as e:
+            epmq.load_quantized(tmp_path / "q", model=bad)
+        assert ("model=None" in str(e.value)) == isinstance(bad, str)
