@@ -44,7 +44,7 @@ from .calibration import (image_batches, image_files, pair_batches, read_pairs, 
                           text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
-from .checks import check_outside_calibration, check_path, check_seed, is_int
+from .checks import check_outside_calibration, check_path, check_seed, device_argument, is_int
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
@@ -346,6 +346,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_quantize(method, calibration, experts, dtype=dtype, tower=tower, checkpoint_format=checkpoint_format,
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
+    device_argument(device)  # (else refused by quantize_model once the model was read and calibrated)
     check_path(model, "model", ": a model in memory is quantized by epmq.quantize_model"
                if isinstance(model, torch.nn.Module) else "")
     check_path(out, "out")

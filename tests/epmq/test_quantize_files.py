@@ -1181,6 +1181,27 @@ def test_the_language_model_of_a_vision_language_model(files, tmp_path):
                                  calibration={"a": files / "a.txt"}, tower="text")
 
 
+def test_a_device_to_quantize_on_that_is_not_there_is_refused_before_the_model_is_read(files, tmp_path,
+                                                                                       monkeypatch):
+    """quantize_checkpoint(device="gpu") (or "cuda" with none, "meta") was refused only by
+    quantize_model, after the whole model had been loaded and its calibration read (minutes for a
+    large one), where load_quantized and merge_checkpoints refuse it up front (c09cbd8); refused
+    before anything is read, naming the device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def read(*args, **kwargs):
+        raise AssertionError("the model was read before its device was checked")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", read)
+    for device, match in (("gpu", "device must name a torch device"), ("cuda", "torch sees no CUDA device"),
+                          ("meta", "device='meta' holds no values")):
+        with pytest.raises(ValueError, match=match):
+            epmq.quantize_checkpoint(files / "merged", tmp_path / "out", spec=epmq.QuantSpec(bits=4), method="gptq",
+                                     calibration={"math": files / "a.txt"}, seq_len=16, device=device,
+                                     progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_directory_without_config_json_is_named(files, tmp_path):
     """An empty directory, bare weights, an open_clip checkpoint: no config.json to build a
     transformers model from, said so (it was 'AutoModelForCausalLM: its forward takes neither
