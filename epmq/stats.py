@@ -51,6 +51,7 @@ from epmq_kernels.expert_residual import (
     check_residual_precision,
     fold_hessians,
 )
+from epmq_kernels.grid import is_flag
 
 from ._util import without_autocast
 from .checks import all_finite, check_experts, check_hessian, check_weight
@@ -216,6 +217,15 @@ class EPMQStats:
             # (float16's range: a task's tr(H_k) past 65504, a few thousand tokens, overflowed)
             raise ValueError(f"dtype must be torch.float32 or torch.float64 (the statistics' "
                              f"accumulators), got {dtype}")
+        # (as HessianStats: a misspelt backend was taken until the first batch or fold, a task
+        # half begun; side_stream='no' from a YAML is truthy)
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        if not is_flag(side_stream):
+            raise ValueError(f"side_stream must be True or False, got {side_stream!r}")
+        if inputs_of is not None and not isinstance(inputs_of, EPMQStats):
+            raise TypeError(f"inputs_of must be the EPMQStats of the layer whose inputs this one shares, "
+                            f"got {type(inputs_of).__name__}")
         self.W_merged = W_merged
         d_out, d_in = W_merged.shape
         kw = dict(device=W_merged.device, dtype=dtype)

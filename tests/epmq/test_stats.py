@@ -1447,3 +1447,21 @@ def test_reading_low_rank_statistics_under_autocast_changes_nothing(gen):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             read(cast)
         assert torch.equal(plain.G_e, cast.G_e) and plain.c_e == cast.c_e
+
+
+def test_epmq_stats_refuses_a_misspelt_backend_or_a_side_stream_that_is_no_bool(gen):
+    """EPMQStats(W, backend='Triton') was taken until the first batch (after begin_task: a
+    streamed task half begun) or the first fold, as HessianStats' was before 28db0c2;
+    side_stream='no' (a YAML's quoted no) was truthy: the residuals ran on a side stream; and
+    inputs_of given the other layer's weight ended in "'Tensor' object has no attribute
+    'inputs_of'". Each refused when built, naming the argument."""
+    W = torch.randn(D_OUT, D_IN, generator=gen)
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton', got 'Triton'"):
+        EPMQStats(W, backend="Triton")
+    with pytest.raises(ValueError, match="side_stream must be True or False, got 'no'"):
+        EPMQStats(W, side_stream="no")
+    with pytest.raises(TypeError, match="inputs_of must be the EPMQStats of the layer .* got Tensor"):
+        EPMQStats(W, inputs_of=W)
+    import numpy as np
+
+    assert EPMQStats(W, side_stream=np.False_).side_stream is False
