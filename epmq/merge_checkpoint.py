@@ -402,6 +402,15 @@ def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None
         config.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
+def _json_value(value):
+    """A recipe's value JSON has no type for: numpy's numbers (a sweep's parameters, which the
+    checks take) as the Python number they are, not str()'s string, which the same recipe given
+    again is refused for; anything else (a Path) as its string."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
 def _model_card(recipe: dict) -> str:
     """A README whose metadata the HF hub reads (``base_model``, ``tags``), with the recipe."""
     import yaml
@@ -418,7 +427,7 @@ def _model_card(recipe: dict) -> str:
             f"This model merges {len(recipe['models'])} models"
             f"{' into the base ' + recipe['base'] if recipe['base'] else ''} with "
             f"`epmq.merge.{recipe['method']}`. The recipe (`{RECIPE_FILE}`):\n\n"
-            f"```json\n{json.dumps(recipe, indent=2, default=str)}\n```\n")
+            f"```json\n{json.dumps(recipe, indent=2, default=_json_value)}\n```\n")
 
 
 # weights in other frameworks' formats (hub repositories often hold TF / Flax / ONNX copies)
@@ -1077,7 +1086,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 recipe.update(files_from=str(files_from))
             if calibration is not None:
                 recipe.update(calibration=calibration, samples=samples, seq_len=seq_len, seed=seed)
-            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n", encoding="utf-8")
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=_json_value) + "\n", encoding="utf-8")
             card = out / "README.md"
             if not card.is_file() or CARD_MARK in card.read_text(errors="replace"):
                 (tmp / "README.md").write_text(_model_card(recipe), encoding="utf-8")  # else the user's is carried over

@@ -1638,3 +1638,21 @@ def test_fused_experts_one_model_holds_transposed_merge_in_the_layout_of_the_wri
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_numpys_numbers_are_recorded_in_the_recipe_as_numbers(checkpoints, tmp_path):
+    """A sweep's parameters read from numpy arrays (check_number takes them) were written into
+    epmq_merge.json by str(), as strings ("scale": "0.25", "seed": "3"), which the same recipe
+    given again refuses ('params.scale is the string ...'); written as the numbers they are."""
+    import numpy as np
+
+    root, base, experts = checkpoints
+    params = dict(scale=np.float32(0.25), density=np.float64(0.5), seed=np.int64(3),
+                  weights=[np.float32(1), np.int32(2)])
+    out = merge_checkpoints("dare", [root / "e0", root / "e1"], tmp_path / "out", base=root / "base",
+                            params=params, progress=False)
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["params"] == dict(scale=0.25, density=0.5, seed=3, weights=[1.0, 2])
+    want = merge.dare(base, experts[:2], **params)
+    got = _load(out)
+    assert all(torch.equal(got[name], want[name]) for name in want)
