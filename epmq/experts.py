@@ -17,6 +17,7 @@ and tied tensors may be found under any of their aliases.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -65,6 +66,9 @@ class ExpertWeights:
         self.reader = CheckpointReader(source, f"the expert of task {task!r}")
         self.description = self.reader.description
         self._binding = Binding(self.reader.keys())  # the identity until ``bind``
+        # model name -> (its shape, [(checkpoint key, where, at)]): a tensor the model's loading
+        # makes of parts of checkpoint tensors (``join``), read under its own name
+        self._joined = {}
 
     def close(self) -> None:
         self.reader.close()
@@ -95,8 +99,20 @@ class ExpertWeights:
             lambda message: ValueError(f"the expert of task {self.task!r} ({self.description}) {message}"))
 
     def key_for(self, name: str) -> Optional[str]:
-        """The checkpoint key holding the model tensor ``name`` (or one of its aliases)."""
-        return self._binding.key_for(name)
+        """The checkpoint key holding the model tensor ``name`` (or one of its aliases); ``name``
+        itself where it is made of parts of others (``join``)."""
+        key = self._binding.key_for(name)
+        return name if key is None and name in self._joined else key
+
+    def join(self, joined: Mapping[str, tuple]) -> None:
+        """Read each model tensor of ``joined`` (``checkpoint_io.saved_pieces``: its shape, and the
+        checkpoint tensors' entries that are its entries) as made of those parts, as the model's
+        loading makes it (OLMo-hybrid's conv1d of q_conv1d, k_conv1d and v_conv1d)."""
+        self._joined.update(joined)
+
+    def joined_keys(self) -> set:
+        """The checkpoint keys read as parts of other tensors (``join``)."""
+        return {key for _, pieces in self._joined.values() for key, _, _ in pieces}
 
     def _require(self, name: str) -> str:
         key = self.key_for(name)
@@ -110,7 +126,10 @@ class ExpertWeights:
     # ----------------------------------------------------------------- access
 
     def shape(self, name: str) -> tuple:
-        return self.reader.shape(self._require(name))
+        key = self._require(name)
+        if key in self._joined and key not in self.reader:
+            return tuple(self._joined[key][0])
+        return self.reader.shape(key)
 
     def check(self, expected: Mapping[str, tuple]) -> None:
         """Every tensor ``name -> shape`` of ``expected`` exists here with that shape."""
@@ -128,14 +147,17 @@ class ExpertWeights:
         its values unchecked (``check_values``); an integer tensor is refused (a quantized
         checkpoint's codes, a bitsandbytes int8 ``weight``: a cast would take them for weights)."""
         key = self._require(name)
-        tensor = self.reader.get(key, index)
+        joined = key in self._joined and key not in self.reader
+        tensor = self._join(key, index) if joined else self.reader.get(key, index)
         if tensor.is_meta:  # (a module built on the meta device, init_empty_weights, never loaded:
             # torch's "Cannot copy out of meta tensor" named neither the expert nor the tensor)
             raise ValueError(
                 f"the expert of task {self.task!r} ({self.description}): tensor {name!r} is on the meta "
                 f"device (its weights were never loaded): load them first"
             )
-        why = self.reader.quantized_with_scales(key, tensor.dtype)
+        parts = [k for k, _, _ in self._joined[key][1]] if joined else [key]
+        why = next((w for k in parts for w in [self.reader.quantized_with_scales(k, None if joined else tensor.dtype)]
+                    if w is not None), None)
         if why is not None:
             raise ValueError(
                 f"the expert of task {self.task!r} ({self.description}): tensor {name!r} {why}. Experts must be "
@@ -148,6 +170,18 @@ class ExpertWeights:
                 f"full-precision checkpoints of the merged model's architecture"
             )
         return tensor
+
+    def _join(self, name: str, index=None) -> torch.Tensor:
+        """Tensor ``name`` made of its parts (``join``; one read of each), ``[index]`` of it."""
+        shape, pieces = self._joined[name]
+        out = None
+        for key, where, at in pieces:
+            t = self.reader.get(key)
+            if out is None:
+                out = torch.empty(math.prod(shape), dtype=t.dtype)
+            out[at] = t.reshape(-1)[where].to(out.dtype)
+        out = out.view(shape)
+        return out if index is None else out[index]
 
     def check_values(self, name: str, tensor: torch.Tensor) -> None:
         """A clear error where ``tensor``, read for ``name``, holds NaN or inf."""

@@ -103,7 +103,7 @@ from ._util import wrapped_model
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
-from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
+from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed, saved_pieces
 from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
@@ -1519,6 +1519,7 @@ class _Walk:
                 if key in mapped:  # (its own rows, laid out by its row map as it is read)
                     shape = (source.shape(key)[0], *shape[1:])
                 present[key] = shape
+            self._join_saved(source, present)
             self._refuse_converted(source, present)
             source.check(present)
             if self.targets == "expert_path":
@@ -1541,6 +1542,21 @@ class _Walk:
                                      f"{stack.prefix!r} than the merged model's {n}: it must be a checkpoint of "
                                      f"the merged model's architecture")
             self._check_expert_count(source)
+
+    @staticmethod
+    def _join_saved(source, present) -> None:
+        """Where an expert directory holds a tensor the walk reads as parts of other tensors that
+        the model's loading joins (OLMo-hybrid's linear_attn.conv1d, saved as q_conv1d, k_conv1d
+        and v_conv1d), the expert reads it made of them (``checkpoint_io.saved_pieces``, by the
+        layout save_pretrained writes the expert's own model in: a skeleton from its config)."""
+        from .lora import model_skeleton
+
+        missing = [key for key in present if type(key) is str and source.key_for(key) is None]
+        if not missing or source.reader.path is None or source.reader.lora is not None:
+            return
+        skeleton = model_skeleton(source.reader.path)
+        if skeleton is not None:
+            source.join(saved_pieces(source.reader, skeleton, missing))
 
     def _refuse_converted(self, source, present) -> None:
         """A checkpoint holding a tensor the model's loading makes of another (Sarvam-MoE's q, k
@@ -1652,7 +1668,7 @@ class _Walk:
         float tensors of more than one value count, less what transformers itself drops on load
         (old checkpoints' per-layer rotary inv_freq, position_ids, GPT-2's masked_bias): those are
         buffers, not weights."""
-        used = {source.key_for(name) for name in present}
+        used = {source.key_for(name) for name in present} | source.joined_keys()
         prefixes = set()
         for stack in self.stacks:
             for i, block in enumerate(stack.blocks):

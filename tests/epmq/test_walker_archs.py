@@ -3,6 +3,7 @@ bits, save, load into a fresh model, and compare outputs."""
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -576,3 +577,62 @@ def test_stacks_of_mixed_blocks_left_in_full_precision_are_warned_about(gen):
     said = [str(w.message) for w in said if "no adapter knows" in str(w.message)]
     assert len(said) == 1 and "levit.encoder.stages.1.layers" in said[0] and "stages.2.layers (" not in said[0]
     assert {layer["name"].split(".layers.")[0] for layer in model.epmq_report.layers} == {"levit.encoder.stages.2"}
+
+
+def test_an_expert_checkpoint_holding_a_tensor_in_parts_is_read_as_the_loaded_expert(gen, tmp_path):
+    """OLMo-hybrid's checkpoints hold each linear attention's short convolution as three tensors
+    (linear_attn.q_conv1d, k_conv1d, v_conv1d), which transformers concatenates into one conv1d
+    as it loads the model: the expert path refused such an expert directory ('holds
+    ...linear_attn.conv1d.weight inside its linear_attn.q_conv1d.weight tensors ...: give this
+    expert loaded'). The tensor is made of its parts as transformers makes it: the walk with the
+    expert's directory is the walk with the expert loaded, exactly."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    base = WIDER["olmohybrid"][0]().eval()
+    expert, other = perturb(base, gen), perturb(base, gen).state_dict()
+    expert.save_pretrained(tmp_path / "expert")
+    with safe_open(str(tmp_path / "expert" / "model.safetensors"), "pt") as saved:
+        assert "model.layers.0.linear_attn.q_conv1d.weight" in saved.keys()
+    items, item = [wider_input("ids", gen)], wider_input("ids", gen)
+    outputs = []
+    for b in (str(tmp_path / "expert"), expert.state_dict()):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # (no part taken for a tensor the model lacks)
+            epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items, "b": items},
+                                experts={"a": other, "b": b}, targets="expert_path", backend="torch",
+                                progress=False)
+        outputs.append(output(model, item))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_an_expert_checkpoint_holding_its_embeddings_in_two_tensors_is_read_as_the_loaded_expert(gen, tmp_path):
+    """Molmo2's text model saves its token embeddings as wte.embedding and wte.new_embedding (the
+    added tokens' rows), which transformers concatenates into embed_tokens as it loads the model:
+    the expert path refused such an expert directory ('holds 'embed_tokens.weight' inside its
+    wte.embedding tensors ...: give this expert loaded'). The embeddings are made of the two as
+    transformers makes them: the walk with the directory is the walk with the expert loaded."""
+    import transformers
+
+    if not hasattr(transformers, "Molmo2TextModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Molmo2TextModel")
+    torch.manual_seed(0)
+    base = transformers.Molmo2TextModel(transformers.Molmo2TextConfig(
+        hidden_size=32, num_hidden_layers=2, vocab_size=60, additional_vocab_size=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, head_dim=8, max_position_embeddings=64)).eval()
+    expert, other = perturb(base, gen), perturb(base, gen).state_dict()
+    expert.save_pretrained(tmp_path / "expert")
+    items = [{"input_ids": torch.randint(0, 64, (2, 8), generator=gen)}]
+    item = {"input_ids": torch.randint(0, 64, (2, 8), generator=gen)}
+    outputs = []
+    for b in (str(tmp_path / "expert"), expert.state_dict()):
+        model = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items, "b": items},
+                                experts={"a": other, "b": b}, targets="expert_path", backend="torch",
+                                progress=False)
+        with torch.no_grad():
+            outputs.append(model(**item).last_hidden_state)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
