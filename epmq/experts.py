@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_reference, hub_snapshot
+from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_reference, hub_snapshot, saved_pieces
 from .checks import all_finite
 
 
@@ -104,11 +104,23 @@ class ExpertWeights:
         key = self._binding.key_for(name)
         return name if key is None and name in self._joined else key
 
-    def join(self, joined: Mapping[str, tuple]) -> None:
-        """Read each model tensor of ``joined`` (``checkpoint_io.saved_pieces``: its shape, and the
-        checkpoint tensors' entries that are its entries) as made of those parts, as the model's
-        loading makes it (OLMo-hybrid's conv1d of q_conv1d, k_conv1d and v_conv1d)."""
-        self._joined.update(joined)
+    def join_saved(self, names: Iterable[str]) -> None:
+        """Read each of the model tensors ``names`` that no key holds but that ``save_pretrained``
+        writes as parts of other tensors (OLMo-hybrid's linear_attn.conv1d, as q_conv1d, k_conv1d
+        and v_conv1d) made of those parts, as the model's loading makes it
+        (``checkpoint_io.saved_pieces``, by the layout of the model this checkpoint's config
+        builds, its names found under the prefix rewrite ``bind`` chose: a base model's walk reads
+        its causal LM's directory)."""
+        from .lora import model_skeleton
+
+        if self.reader.path is None or self.reader.lora is not None:  # (a module or state dict: the model's names)
+            return
+        strip, add = self._binding.rewrite
+        stored = {add + n[len(strip):]: n for n in names if n.startswith(strip) and self.key_for(n) is None}
+        skeleton = model_skeleton(self.reader.path) if stored else None
+        if skeleton is not None:
+            found = saved_pieces(self.reader, skeleton, list(stored))
+            self._joined.update((stored[n], pieces) for n, pieces in found.items())
 
     def joined_keys(self) -> set:
         """The checkpoint keys read as parts of other tensors (``join``)."""

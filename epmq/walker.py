@@ -103,7 +103,7 @@ from ._util import wrapped_model
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
-from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed, saved_pieces
+from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument, is_int
 from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
@@ -1547,16 +1547,10 @@ class _Walk:
     def _join_saved(source, present) -> None:
         """Where an expert directory holds a tensor the walk reads as parts of other tensors that
         the model's loading joins (OLMo-hybrid's linear_attn.conv1d, saved as q_conv1d, k_conv1d
-        and v_conv1d), the expert reads it made of them (``checkpoint_io.saved_pieces``, by the
-        layout save_pretrained writes the expert's own model in: a skeleton from its config)."""
-        from .lora import model_skeleton
-
+        and v_conv1d), the expert reads it made of them (``ExpertWeights.join_saved``)."""
         missing = [key for key in present if type(key) is str and source.key_for(key) is None]
-        if not missing or source.reader.path is None or source.reader.lora is not None:
-            return
-        skeleton = model_skeleton(source.reader.path)
-        if skeleton is not None:
-            source.join(saved_pieces(source.reader, skeleton, missing))
+        if missing:
+            source.join_saved(missing)
 
     def _refuse_converted(self, source, present) -> None:
         """A checkpoint holding a tensor the model's loading makes of another (Sarvam-MoE's q, k

@@ -636,3 +636,24 @@ def test_an_expert_checkpoint_holding_its_embeddings_in_two_tensors_is_read_as_t
         with torch.no_grad():
             outputs.append(model(**item).last_hidden_state)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_a_base_models_walk_reads_a_tensor_in_parts_from_its_causal_lms_expert_directory(gen, tmp_path):
+    """The expert path reads a base model's tensors from a directory of its causal LM (their names
+    one prefix apart): OLMo-hybrid's conv1d, saved in three parts, was looked for under the base
+    model's name only, and the directory refused ('holds 'layers.0.linear_attn.conv1d.weight'
+    inside its linear_attn.q_conv1d.weight tensors'); found under the same prefix as the others."""
+    torch.manual_seed(0)
+    full = WIDER["olmohybrid"][0]().eval()
+    expert = perturb(full, gen)
+    expert.save_pretrained(tmp_path / "expert")
+    base, other = full.model, perturb(full.model, gen).state_dict()
+    items = [{"input_ids": wider_input("ids", gen)["input_ids"]}]
+    outputs = []
+    for b in (str(tmp_path / "expert"), expert.model.state_dict()):
+        model = copy.deepcopy(base)
+        epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items, "b": items},
+                            experts={"a": other, "b": b}, targets="expert_path", backend="torch", progress=False)
+        with torch.no_grad():
+            outputs.append(model(**items[0]).last_hidden_state)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
