@@ -25,7 +25,8 @@ from . import _runtime  # noqa: F401  (sets TRITON_INTERPRET before the kernels 
 from ._runtime import check_device, on_tensor_device
 
 N_NUMBERS = 7  # lo, hi, min of the diagonal, zero diagonal entries, symmetry gap, |H v|, trace
-_N_PARTIAL = 9  # per program: the seven's shares, with u^T H v and v^T H u apart, and a NaN flag
+_N_PARTIAL = 10  # per program: the seven's shares, with u^T H v and v^T H u apart, a NaN flag, and the
+# largest |(H v)_i| of its rows, its |H v| held over it (in fp32 a program's |H v| of entries near 1e37 is inf)
 # (BLOCK_R rows a program, BLOCK_C columns a step, num_warps) by the products' dtype: fp64's
 # 16 rows spilled (255 registers on sm_90)
 _SCAN_TILE = {torch.float32: (16, 128, 4), torch.float64: (8, 128, 4)}
@@ -131,11 +132,13 @@ def _scan_kernel(
     tl.store(out + 5, tl.sum(v_r * Hu_r, axis=0))
     # |H v| of the rows: squares in float64 over the largest, which neither underflow nor
     # overflow for any H v, float64's too (a scaled Gram matrix, 1e-30 X X^T in float32, 1e-200 X X^T
-    # in float64, must pass the symmetry test it feeds)
+    # in float64, must pass the symmetry test it feeds); stored as the largest and the norm over it
+    # (1 to sqrt(BLOCK_R)), which the products' dtype holds where the norm itself may overflow it
     Hv_64 = Hv_r.to(tl.float64)
     top = tl.max(tl.abs(Hv_64), axis=0)
-    Hv_s = Hv_64 / tl.where(top > 0, top, 1.0)
-    tl.store(out + 6, tl.where(top < float("inf"), top * tl.sqrt(tl.sum(Hv_s * Hv_s, axis=0)), top).to(ty))
+    Hv_s = Hv_64 / tl.where((top > 0) & (top < float("inf")), top, 1.0)
+    tl.store(out + 6, tl.sqrt(tl.sum(Hv_s * Hv_s, axis=0)).to(ty))
+    tl.store(out + 9, top.to(ty))
     tl.store(out + 7, tl.sum(diag, axis=0))
     tl.store(out + 8, tl.max(tl.max(nan, axis=1), axis=0).to(ty))
 
@@ -157,7 +160,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     Hv_top = tl.zeros([BLOCK], tl.float64)
     for p0 in range(0, n_programs, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        Hv_top = tl.maximum(Hv_top, tl.load(partial + p * N_PARTIAL + 6, mask=p < n_programs, other=0.0).to(tl.float64))
+        Hv_top = tl.maximum(Hv_top, tl.load(partial + p * N_PARTIAL + 9, mask=p < n_programs, other=0.0).to(tl.float64))
     top = tl.max(Hv_top, axis=0)
     Hv_scale = tl.where(top > 0, top, 1.0)
     for p0 in range(0, n_programs, BLOCK):
@@ -170,7 +173,9 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
         dead += tl.load(row + 3, mask=ok, other=0.0)
         uHv += tl.load(row + 4, mask=ok, other=0.0)
         vHu += tl.load(row + 5, mask=ok, other=0.0)
-        Hv_p = tl.load(row + 6, mask=ok, other=0.0).to(tl.float64) / Hv_scale  # (each program's |H v|)
+        # (each program's |H v|, its largest over the largest of all times its norm over its own)
+        Hv_p = tl.load(row + 9, mask=ok, other=0.0).to(tl.float64) / Hv_scale * tl.load(
+            row + 6, mask=ok, other=0.0).to(tl.float64)
         Hv_sq += Hv_p * Hv_p
         trace += tl.load(row + 7, mask=ok, other=0.0)
         nan = tl.maximum(nan, tl.load(row + 8, mask=ok, other=0.0))

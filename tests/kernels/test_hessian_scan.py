@@ -105,6 +105,33 @@ def test_the_norm_of_a_float64_hessian_of_any_scale(gen, scale, monkeypatch):
         assert float(numbers[5]) / scale == pytest.approx(unscaled, rel=1e-12)
 
 
+def test_the_norm_of_a_float32_hessian_near_its_largest(monkeypatch):
+    """|H v| of a float32 H whose entries lie near 1e37: a program's share of it (16 rows of
+    |(H v)_i| up to 1.1e38) was stored in fp32, inf, where the reference's is 5.6e38 (float64),
+    so the symmetry gap, inf, was held against an infinite bound and a lopsided H passed the checks
+    by the kernel while the reference's refused it."""
+    import epmq.checks
+
+    monkeypatch.setattr(hs, "_FINISH_BLOCK", 2)
+    d = 32
+    vu = epmq.checks._probes(torch.zeros(d, d, device=DEVICE))[0]
+    v, u = vu[:, 0].double(), vu[:, 1].double()
+    # c w w^T with w orthogonal to u (u^T H v and v^T H u are A's alone), A lopsided
+    w = torch.ones(d, dtype=torch.float64, device=DEVICE)
+    w -= (w @ u) / (u @ u) * u
+    c = 1e38 / float((w @ v).abs() * w.abs().max())
+    gen = torch.Generator().manual_seed(0)
+    A = 1e36 * torch.randn(d, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    H = (c * torch.outer(w, w) + A).float()
+    want = hessian_numbers_reference(H, vu)
+    assert 3.4e38 < float(want[5]) < float("inf")
+    assert float(hessian_numbers_triton(H, vu)[5]) == pytest.approx(float(want[5]), rel=1e-6)
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(epmq.checks, "_scan_backend", lambda H: backend)
+        with pytest.raises(ValueError, match="H is not symmetric"):
+            epmq.checks.check_hessian(H, d)
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("vdt", [torch.float32, torch.float64])
 def test_numbers_of_float8_hessians(gen, dtype, vdt):
