@@ -1178,19 +1178,35 @@ def _call(model, item, device, seed=None):
     for row, with nothing said: their cross statistics paired rows of different patches."""
     if seed is None:
         return _call_now(model, item, device)
-    # the model's accelerator's generator too, whichever it is (CUDA, XPU, Apple's MPS: a model
-    # there draws from its own), forked and seeded alone
-    accelerator = _generator_module(device)
-    kind = device.type if accelerator is not None else None
-    devices = [device] if kind is not None else []
-    with torch.random.fork_rng(devices=devices, device_type=kind):
+    # the generator of every accelerator the model lies on too, whichever it is (CUDA, XPU, Apple's
+    # MPS: a model there draws from its own; one spread over GPUs by a device_map, or with a block
+    # offloaded to one, draws from each), each forked and seeded alone
+    kinds = {}
+    for on in _model_devices(model, device):
+        accelerator = _generator_module(on)
+        if accelerator is not None:
+            kinds.setdefault(on.type, (accelerator, []))[1].append(on)
+    with contextlib.ExitStack() as forks:
+        for kind, (_, devices) in kinds.items():
+            forks.enter_context(torch.random.fork_rng(devices=devices, device_type=kind))
+        if not kinds:
+            forks.enter_context(torch.random.fork_rng(devices=[]))
         # (not torch.manual_seed: it seeds every GPU, whose states fork_rng does not restore)
         torch.random.default_generator.manual_seed(seed)
-        if kind is not None:
-            # (manual_seed seeds the current device; MPS has one, and no device context)
-            with accelerator.device(device) if hasattr(accelerator, "device") else contextlib.nullcontext():
-                accelerator.manual_seed(seed)
+        for accelerator, devices in kinds.values():
+            for on in devices:
+                # (manual_seed seeds the current device; MPS has one, and no device context)
+                with accelerator.device(on) if hasattr(accelerator, "device") else contextlib.nullcontext():
+                    accelerator.manual_seed(seed)
         return _call_now(model, item, device)
+
+
+def _model_devices(model, device) -> list:
+    """``device`` and every other device ``model``'s parameters and buffers lie on, each once."""
+    devices = {device: None}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        devices.setdefault(t.device, None)
+    return list(devices)
 
 
 def _generator_module(device):

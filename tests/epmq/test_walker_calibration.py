@@ -4,6 +4,7 @@ whose inputs at a layer are all zero."""
 
 import contextlib
 import copy
+import types
 
 import pytest
 import torch
@@ -645,6 +646,48 @@ def test_an_items_passes_draw_alike_on_any_accelerator(monkeypatch, kind):
     draws = [walker._call(Draws(), {}, device, walker._item_seed("a", 0)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
     assert torch.equal(accelerator.get_state(), state)
+
+
+def test_an_items_passes_draw_alike_on_every_device_of_a_spread_model(monkeypatch):
+    """A model spread over several accelerators (device_map over two GPUs, a block offloaded to
+    one) draws on each from that device's generator: only the first parameter's device was seeded,
+    so the other's draws differed in each pass of one item. Here two XPUs' generators are CPU ones
+    standing in for them, the parameters' devices faked; the caller's states of both are kept."""
+    generators = {i: torch.Generator().manual_seed(100 + i) for i in (0, 1)}
+    current = [0]
+
+    def index(device):
+        return current[0] if device is None else torch.device(device).index
+
+    monkeypatch.setattr(torch.xpu, "get_rng_state", lambda device=None: generators[index(device)].get_state())
+    monkeypatch.setattr(torch.xpu, "set_rng_state",
+                        lambda state, device=None: generators[index(device)].set_state(state))
+    monkeypatch.setattr(torch.xpu, "manual_seed", lambda seed: generators[current[0]].manual_seed(seed) and None)
+
+    @contextlib.contextmanager
+    def on(device):
+        saved, current[0] = current[0], torch.device(device).index
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(torch.xpu, "device", on)
+
+    class Spread(nn.Module):
+        def parameters(self, recurse=True):
+            return iter([types.SimpleNamespace(device=torch.device("xpu", i)) for i in (0, 1)])
+
+        def buffers(self, recurse=True):
+            return iter([])
+
+        def forward(self):
+            return torch.cat([torch.rand(4, generator=generators[i]) for i in (0, 1)])
+
+    states = [g.get_state() for g in generators.values()]
+    draws = [walker._call(Spread(), {}, torch.device("xpu", 0), walker._item_seed("a", 0)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(generators.values(), states))
 
 
 def test_an_item_on_a_device_torch_has_no_module_for_runs_seeded_on_the_cpu():
