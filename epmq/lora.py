@@ -176,6 +176,23 @@ def _saved_converted(skeleton, modules) -> dict:
     return found
 
 
+def _maybe_converted(base, module, out_in, bound) -> list:
+    """The tensors of ``base`` (a reader with no model to say its layout: a checkpoint's state
+    dict) that may hold ``module``'s weight ``out_in`` converted (q, k and v as rows of one
+    tensor): matrices of its layer (its name up to the layer's number) that no adapted module
+    took, sharing a dimension with the weight, of another shape."""
+    parts = module.split(".")
+    layer = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 2)
+    prefix = ".".join(parts[:layer + 1]) + "."
+    found = []
+    for key in base.keys():
+        if key.startswith(prefix) and key not in bound:
+            shape = tuple(base.shape(key))
+            if len(shape) == 2 and shape not in (out_in, out_in[::-1]) and set(shape) & set(out_in):
+                found.append(key)
+    return found
+
+
 def checkpoint_ties(reader) -> dict:
     """The tensors the checkpoint ``reader`` reads ties by its own config.json: name -> the
     other names of the same tensor (``tie_order`` with ``own_checkpoint``: under
@@ -365,6 +382,20 @@ class LoraExpert(Mapping):
                              f"the model; epmq reads a base checkpoint tensor by tensor: merge the adapter with PEFT's "
                              f"merge_and_unload(), or in Python give base= the base loaded (from_pretrained(...)), "
                              f"or its state dict")
+        if missing and skeleton is None:
+            # (a checkpoint's own tensors given, no model saying how transformers converts them)
+            bound = set(found.values())
+            absent = [m for m in missing if binding.key_for(f"{m}.weight") is None]
+            held = next(([m, h] for m in absent
+                         if (h := _maybe_converted(self.base, m, pairs[m]["out_in"], bound))), None)
+            if held is not None:
+                module, held = held
+                more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+                raise ValueError(f"{what}: the base ({self.base.description}) has no tensor {module}.weight{more}, "
+                                 f"which the adapter updates, and its layer holds {held[:3]}: a checkpoint's tensors "
+                                 f"may hold the module's weight inside another tensor, which transformers converts as "
+                                 f"it loads the model (or it is not the adapter's base): give base= the base loaded "
+                                 f"(from_pretrained(...)), or its state_dict()")
         if missing:
             more = " ..." if len(missing) > 3 else ""
             tied = "" if skeleton is not None else (

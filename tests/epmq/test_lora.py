@@ -1032,6 +1032,33 @@ def test_an_adapter_on_a_base_saved_with_its_modules_weights_converted_is_refuse
     assert "model.layers.0.self_attn.q_proj.weight" in epmq.LoraExpert(tmp_path / "adapter", base=base).keys()
 
 
+def test_an_adapter_on_a_base_checkpoints_state_dict_holding_its_modules_converted_says_so(tmp_path):
+    """The base given as its checkpoint's tensors (safetensors' load_file), which hold Sarvam-MoE's
+    q_proj as rows of attention.query_key_value: no config says the model, so nothing said that the
+    tensors lie converted, and the refusal said "not the adapter's base model", though it is.
+    Refused naming the modules whose tensors are missing and the layer's tensors that may hold them,
+    and what to give instead (the base loaded, or its state_dict())."""
+    import safetensors.torch
+
+    from test_walker_models import _decoder
+
+    torch.manual_seed(0)
+    base = _decoder("Glm4MoeForCausalLM", "SarvamMoEConfig", head_dim=8, moe_intermediate_size=16, n_routed_experts=4,
+                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                    use_qk_norm=True, pad_token_id=0, bos_token_id=0, eos_token_id=1)().eval()
+    base.save_pretrained(tmp_path / "base")
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    saved = safetensors.torch.load_file(tmp_path / "base" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no tensor model\.layers\.0\.self_attn\.q_proj\.weight.*"
+                                         r"'model\.layers\.0\.attention\.query_key_value\.weight'.*"
+                                         r"converts as it loads.*base= the base loaded") as said:
+        epmq.LoraExpert(tmp_path / "adapter", base=saved)
+    assert "not the adapter's base model" not in str(said.value), said.value
+    loaded = type(base).from_pretrained(tmp_path / "base").state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight" in epmq.LoraExpert(tmp_path / "adapter", base=loaded).keys()
+
+
 def test_a_base_checkpoint_holding_an_adapted_linear_inside_a_converted_tensor_is_refused_by_name(tmp_path):
     """A LoRA adapter on q_proj of a model whose checkpoints hold q, k and v as rows of one tensor
     that transformers splits (and permutes) on loading (Step 3.7's vision tower:
