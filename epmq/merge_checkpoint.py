@@ -37,7 +37,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -940,6 +940,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     files).
     """
     check_path(out, "out")
+    if not isinstance(models, (str, Path, Iterable)):  # (None: "'NoneType' object is not iterable")
+        raise TypeError(f"models must be a list of paths (checkpoint directories or HF hub ids), got "
+                        f"{type(models).__name__}")
     models = [models] if isinstance(models, (str, Path)) else list(models)
     for what, given in [*((f"models[{k}]", m) for k, m in enumerate(models)), ("base", base), ("lora_base", lora_base)]:
         if given is not None or what.startswith("models"):  # (an unset one: pathlib's bare TypeError)

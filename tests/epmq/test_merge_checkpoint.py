@@ -150,7 +150,7 @@ def test_an_output_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
 
 
 def test_an_input_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
-    """A model, the base or lora_base given as None (an unset variable) or a number ended in
+    """models, a model, the base or lora_base given as None (an unset variable) or a number ended in
     pathlib's bare 'expected str, bytes or os.PathLike object, not NoneType', naming none of them
     (out was checked, 4f85862); refused naming the argument, before anything is read."""
     root, _, _ = checkpoints
@@ -161,6 +161,9 @@ def test_an_input_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
         merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "b", base=3, progress=False)
     with pytest.raises(TypeError, match="lora_base must be a path .*got int 3"):
         merge_checkpoints("average", [root / "e0", root / "e1"], tmp_path / "c", lora_base=3, progress=False)
+    for bad in (None, 3):  # (no list at all: "'NoneType' object is not iterable")
+        with pytest.raises(TypeError, match=f"models must be a list of paths .*got {type(bad).__name__}"):
+            merge_checkpoints("average", bad, tmp_path / "e", progress=False)
     with pytest.raises(TypeError, match="models\\[0\\] must be a path .*got dict$"):  # (not its tensors' repr)
         merge_checkpoints("average", [{"w": torch.zeros(1000)}, root / "e1"], tmp_path / "d", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
