@@ -113,11 +113,13 @@ class ExpertWeights:
         its causal LM's directory)."""
         from .lora import model_skeleton
 
-        if self.reader.path is None or self.reader.lora is not None:  # (a module or state dict: the model's names)
+        lora = self.reader.lora  # (a LoRA adapter: its base's checkpoint, whose keys it reads)
+        home = lora.base.path if lora is not None else self.reader.path
+        if home is None:  # (a module or state dict: the model's names)
             return
         strip, add = self._binding.rewrite
         stored = {add + n[len(strip):]: n for n in names if n.startswith(strip) and self.key_for(n) is None}
-        skeleton = model_skeleton(self.reader.path) if stored else None
+        skeleton = model_skeleton(home) if stored else None
         if skeleton is not None:
             found = saved_pieces(self.reader, skeleton, list(stored))
             self._joined.update((stored[n], pieces) for n, pieces in found.items())

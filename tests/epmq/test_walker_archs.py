@@ -657,3 +657,33 @@ def test_a_base_models_walk_reads_a_tensor_in_parts_from_its_causal_lms_expert_d
         with torch.no_grad():
             outputs.append(model(**items[0]).last_hidden_state)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_a_lora_adapter_on_a_base_directory_holding_a_tensor_in_parts_is_read_as_its_expert(gen, tmp_path):
+    """A LoRA adapter read over OLMo-hybrid's base directory, whose conv1d is saved in three parts
+    (q_conv1d, k_conv1d, v_conv1d), was refused by the expert path as 'has no tensor
+    'model.layers.0.linear_attn.conv1d.weight': it must be a checkpoint of the merged model's
+    architecture', though it is one; the parts are read from the base's checkpoint, and the walk
+    with the adapter is the walk with the expert PEFT merges of it, exactly."""
+    import transformers
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = WIDER["olmohybrid"][0]().eval()
+    base.save_pretrained(tmp_path / "base")
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    for name, p in adapted.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    adapted.save_pretrained(tmp_path / "adapter")
+    expert = {k: v.clone() for k, v in adapted.merge_and_unload().state_dict().items()}
+    other = perturb(base, gen).state_dict()
+    items = [{"input_ids": wider_input("ids", gen)["input_ids"]}]
+    outputs = []
+    for b in (str(tmp_path / "adapter"), expert):
+        model = copy.deepcopy(base)
+        epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items, "b": items},
+                            experts={"a": other, "b": b}, targets="expert_path", backend="torch", progress=False)
+        outputs.append(output(model, items[0]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
