@@ -384,13 +384,21 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
         # with a subsampling attention between them are repeated blocks all the same)
         kinds = [type(m) for m in module if not isinstance(m, nn.Linear)
                  and any(isinstance(x, nn.Linear) for x in m.modules())]
+        if len(module) == 1 and not isinstance(module[0], _LISTS):
+            # (a list of one such block: a tower of one layer, as a tiny or distilled Wav2Vec2
+            # large encoder's beside GPT-2, which stayed in full precision unsaid)
+            return [k.__name__ for k in kinds]
         return sorted({k.__name__ for k in kinds if kinds.count(k) > 1})
 
-    others = sorted(
-        f"{name} ({', '.join(repeated(module))})"
-        for name, module in model.named_modules()
-        if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
-        and repeated(module))
+    named = []
+    for name, module in model.named_modules():
+        if (isinstance(module, _LISTS) and len(module) and not any(_nested(name, t) for t in taken)
+                and repeated(module)):
+            if len(module) == 1 and (name.rpartition(".")[2] == "experts"
+                                     or any(name.startswith(f"{n}.") for n in named)):
+                continue  # (one expert, or a block's own list inside a tower named already)
+            named.append(name)
+    others = sorted(f"{name} ({', '.join(repeated(model.get_submodule(name)))})" for name in named)
     if others:
         walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "

@@ -653,6 +653,29 @@ def test_a_one_layer_encoder_of_blocks_named_otherwise_is_walked(gen):
         ("hf-gpt2", ["decoder.transformer.h"]), ("auto", ["encoder.encoder.layers"])]
 
 
+def test_a_one_layer_tower_no_adapter_walks_is_warned_of(gen):
+    """Beside GPT-2, a Wav2Vec2 large encoder's layers stay in full precision unless AUTO is asked
+    for, as the walk's warning says; of one layer, that warning said nothing (it named lists of two
+    or more), and the encoder stayed in full precision in silence. A list of one module holding
+    linears is named too."""
+    import warnings
+
+    import transformers
+
+    encoder = tiny_wav2vec2_large()
+    encoder.num_hidden_layers = 1
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0, add_cross_attention=True, is_decoder=True)
+    config = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    model = transformers.SpeechEncoderDecoderModel(config).eval()
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at encoder\.encoder\.layers "
+                                         r"\(Wav2Vec2EncoderLayerStableLayerNorm\), which stay in full precision"):
+        epmq.adapters.warn_other_towers(model, find_towers(model))
+    with warnings.catch_warnings():  # (walked beside GPT-2: nothing left)
+        warnings.simplefilter("error")
+        epmq.adapters.warn_other_towers(model, find_towers(model, adapter=[epmq.adapters.GPT2, AUTO]))
+
+
 @pytest.mark.parametrize("stable", [False, True])
 def test_wavlms_attention_projections_handed_to_torch_as_weights_are_quantized(gen, tmp_path, stable):
     """WavLM's attention hands its q, k, v and out projections' weights to torch's
