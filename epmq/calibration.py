@@ -317,20 +317,22 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}(\.|$)")
 def _train_split(directory: Path, files: List[Path]) -> List[Path]:
     """``files`` of ``directory``, or of a tree whose files name two splits or more (an HF
     dataset's snapshot: data/train-*.parquet beside validation-* and test-*, with the repo's
-    requirements.txt) or its train split as the hub names its shards (train-00000-of-00001.parquet,
-    a snapshot of one split) the train split's, with a warning naming the files left out: read
-    whole, the evaluation splits and stray files were calibrated on too. Several splits without a
+    requirements.txt) or a train split as the hub names its shards (train-00000-of-00001.parquet)
+    or beside datasets' info files (dataset_infos.json: a snapshot of one split) the train
+    split's, with a warning naming the files left out: read whole, the evaluation splits and
+    stray files were calibrated on too. Several splits without a
     train split are refused: which to read is the user's choice. A directory given below the
     split's name (data/train/) is read whole. datasets' info files are left out of any, warned."""
     splits = {}
     for f in files:
         splits.setdefault(_split_of(f.relative_to(directory)), []).append(f)
     named = sorted((s for s in splits if s is not None), key=lambda s: (s != "train", s))
-    shards = any(_SHARD.search(f.name) for f in splits.get("train", []))
-    if len(named) < 2 and not shards:
+    metadata = [f for f in files if f.name.lower() in DATASET_METADATA]
+    # (a train split beside datasets' info files, or sharded as the hub shards it, is a snapshot's)
+    snapshot = "train" in splits and (metadata or any(_SHARD.search(f.name) for f in splits["train"]))
+    if len(named) < 2 and not snapshot:
         # (no split named, or one: a user's documents, 'dev_notes.txt' or 'training_notes.txt'
         # beside 'chapter1.txt', name no snapshot's splits: as given)
-        metadata = [f for f in files if f.name.lower() in DATASET_METADATA]
         if metadata:
             listed = ", ".join(str(f.relative_to(directory)) for f in metadata)
             warnings.warn(f"{directory}: leaving out {listed}, a dataset's metadata (datasets' info files), "

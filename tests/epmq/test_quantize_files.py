@@ -1618,17 +1618,26 @@ def test_a_snapshot_of_one_split_leaves_its_metadata_and_stray_files_out(tmp_pat
         assert read_texts(snap) == ["train 0", "train 1"]
     with pytest.warns(UserWarning, match="calibrating on train"):
         assert read_texts(snap, stream=True) == ["train 0", "train 1"]
+    old = tmp_path / "older"  # (an older repo: its split's file unsharded, the info file says it is one)
+    old.mkdir()
+    (old / "train.jsonl").write_text(json.dumps({"text": "train 0"}) + "\n")
+    (old / "dataset_infos.json").write_text(json.dumps({"default": {"splits": {"train": {"num_examples": 1}}}}))
+    (old / "LICENSE.txt").write_text("MIT License\n")
+    with pytest.warns(UserWarning, match=r"files of the split train: calibrating on train \(1 file\), leaving out "
+                                         r"the 2 others \(LICENSE.txt, dataset_infos.json\)"):
+        assert read_texts(old) == ["train 0"]
     docs = tmp_path / "docs"  # (a user's documents beside an info file: read, the info file left out)
     docs.mkdir()
     (docs / "chapter1.txt").write_text("one")
-    (docs / "training_notes.txt").write_text("two")
+    (docs / "notes.txt").write_text("two")
     (docs / "dataset_info.json").write_text(json.dumps({"description": "my notes"}))
     with pytest.warns(UserWarning, match=r"docs: leaving out dataset_info.json, a dataset's metadata"):
         assert sorted(read_texts(docs)) == ["one", "two"]
     (docs / "dataset_info.json").unlink()
+    (docs / "training_notes.txt").write_text("three")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sorted(read_texts(docs)) == ["one", "two"]
+        assert sorted(read_texts(docs)) == ["one", "three", "two"]
 
 
 @pytest.mark.parametrize("size", [dict(samples=2.0), dict(seq_len=8.5), dict(batch_size=True), dict(samples="2")])
