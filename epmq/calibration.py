@@ -310,8 +310,10 @@ def _split_of(relative: Path) -> Optional[str]:
 # documents (read as such, a snapshot's dataset_infos.json failed as "expected a string, or an
 # object with a 'text' string")
 DATASET_METADATA = ("dataset_infos.json", "dataset_info.json", "dataset_dict.json")
-# a data file named as the hub names a split's shards (train-00000-of-00001.parquet)
-_SHARD = re.compile(r"-\d{5}-of-\d{5}(\.|$)")
+# a data file named as the hub names a split's shards (train-00000-of-00001.parquet, with a hash
+# after them in its parquet conversions: train-00000-of-00001-5c5b9b5c.parquet; C4's
+# c4-train.00000-of-01024.json.gz)
+_SHARD = re.compile(r"[-._]\d{5}-of-\d{5}(?!\d)")
 
 
 def _train_split(directory: Path, files: List[Path]) -> List[Path]:

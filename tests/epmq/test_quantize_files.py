@@ -1618,6 +1618,13 @@ def test_a_snapshot_of_one_split_leaves_its_metadata_and_stray_files_out(tmp_pat
         assert read_texts(snap) == ["train 0", "train 1"]
     with pytest.warns(UserWarning, match="calibrating on train"):
         assert read_texts(snap, stream=True) == ["train 0", "train 1"]
+    # (the hub's parquet conversions name shards with a hash after them, C4 with a dot before)
+    for shard in ("train-00000-of-00001-5c5b9b5c6c6b1a2e.parquet", "c4-train.00000-of-01024.parquet"):
+        (snap / "dataset_infos.json").unlink(missing_ok=True)
+        next((snap / "data").iterdir()).rename(snap / "data" / shard)
+        with pytest.warns(UserWarning, match=r"calibrating on train \(1 file\), leaving out the 1 other "
+                                             r"\(LICENSE.txt\)"):
+            assert read_texts(snap) == ["train 0", "train 1"]
     old = tmp_path / "older"  # (an older repo: its split's file unsharded, the info file says it is one)
     old.mkdir()
     (old / "train.jsonl").write_text(json.dumps({"text": "train 0"}) + "\n")
