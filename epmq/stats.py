@@ -65,6 +65,10 @@ def _tokens(x: torch.Tensor, d_in: int, what: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.shape[-1] != d_in:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what} must have last dimension {d_in}, got {shape}")
+    # (integer or bool inputs, token ids for activations, were summed as numbers and a complex
+    # one's imaginary part dropped, silently: the statistics are of real activations)
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be real floating point (activations), got {x.dtype}")
     X = x.reshape(-1, d_in)
     if not all_finite(X):
         raise ValueError(f"{what} has non-finite values (NaN or inf)")

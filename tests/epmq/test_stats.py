@@ -1465,3 +1465,23 @@ def test_epmq_stats_refuses_a_misspelt_backend_or_a_side_stream_that_is_no_bool(
     import numpy as np
 
     assert EPMQStats(W, side_stream=np.False_).side_stream is False
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_inputs_that_are_no_real_floats_are_refused_by_name(gen, dtype):
+    """EPMQStats.add_batch converted integer or bool inputs (token ids given for activations) to
+    its dtype and summed them, silently, and dropped a complex input's imaginary part with no
+    more than torch's warning, where HessianStats refused them (as accumulate_xxt's X); the
+    inputs, x_expert and x_anchor alike, are refused naming the task, the batch adding nothing."""
+    W = torch.randn(D_OUT, D_IN, generator=gen)
+    x = torch.randn(5, D_IN, generator=gen)
+    bad = (x > 0).to(dtype) if dtype == torch.bool else (x * 3).to(dtype)
+    stats = EPMQStats(W)
+    stats.begin_task(W + 0.1, name="math")
+    for args in ((bad,), (x, bad), (x, None, bad)):
+        with pytest.raises(ValueError, match=rf"(calibration input of math|x_expert of math|x_anchor) must be "
+                                             rf"real floating point .*got {dtype}"):
+            stats.add_batch(*args)
+    assert stats._task.n_tokens == 0 and not stats._task.H.any()
+    with pytest.raises(ValueError, match=rf"calibration input must be real floating point .*got {dtype}"):
+        HessianStats(D_IN).add_batch(bad)
