@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import shutil
 import warnings
@@ -211,6 +212,21 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     return cls, preprocessor, batches
 
 
+def _broken_json(directory: Path) -> Optional[str]:
+    """Which JSON file of ``directory`` is empty or no JSON (an interrupted copy or download),
+    said as ``'PATH is empty'``: transformers' JSONDecodeError names no file. None where all read."""
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            if path.stat().st_size == 0:
+                return f"{path} is empty"
+            read_json_file(path)
+        except ValueError as e:  # ('PATH is not valid JSON: ...')
+            return str(e)
+        except OSError:  # (unreadable: not what this says)
+            continue
+    return None
+
+
 def _preprocessor(auto, directory: Path, what: str, needed: bool):
     """The checkpoint's tokenizer or image processor; where it has none that loads, a ValueError
     naming the directory if calibration data must be read with it, else (RTN) None, with a
@@ -218,7 +234,9 @@ def _preprocessor(auto, directory: Path, what: str, needed: bool):
     try:
         return auto.from_pretrained(directory)
     except Exception as e:  # (transformers raises OSError, ValueError, TypeError, ... by the files)
-        message = (f"{directory} has no {what} that loads ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        cause = ((isinstance(e, json.JSONDecodeError) and _broken_json(directory))
+                 or f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        message = (f"{directory} has no {what} that loads ({cause}); "
                    f"it reads the calibration data: copy the base model's {what} files "
                    f"({', '.join(PREPROCESSOR_FILES)}, ...) into it")
         if needed:

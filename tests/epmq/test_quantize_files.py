@@ -1669,3 +1669,18 @@ def test_sizes_that_are_no_integers_are_refused_from_python_too(files, tmp_path,
     if name != "seq_len":
         with pytest.raises(ValueError, match=match):
             image_batches([tmp_path / "a.png"], None, **{k: v for k, v in options.items() if k != "seq_len"})
+
+
+@pytest.mark.parametrize("name, content, said", [("tokenizer.json", "", "is empty"),
+                                                 ("tokenizer_config.json", "{", "is not valid JSON")])
+def test_a_tokenizer_file_cut_short_is_named(files, tmp_path, name, content, said):
+    """A 0-byte or cut tokenizer file (an interrupted copy or download) was refused as 'merged
+    has no tokenizer that loads (JSONDecodeError: Expecting value: line 1 column 1 (char 0))',
+    naming the directory and not which of its files; the file is named."""
+    model = tmp_path / "model"
+    shutil.copytree(files / "merged", model)
+    (model / name).write_text(content)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(model))} has no tokenizer that loads "
+                                         rf"\({re.escape(str(model / name))} {said}"):
+        epmq.quantize_checkpoint(model, tmp_path / "out", spec=epmq.QuantSpec(bits=4), method="gptq",
+                                 calibration={"math": files / "a.txt"}, samples=2, seq_len=8, batch_size=2)
