@@ -46,6 +46,8 @@ def check_weight(W: torch.Tensor, name: str = "W", values: bool = True) -> None:
         raise ValueError(f"{name} must be a 2-D tensor [out, in], got {shape}")
     if not W.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {W.dtype}")
+    if values:
+        _check_not_meta(W, name)
     if values and W.numel():
         lo, hi = _value_range(W)
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -64,12 +66,20 @@ def _check_float32_range(lo: float, hi: float, name: str) -> None:
                          f"{max(-lo, hi):.3g}, at most {_WEIGHT_MAX:.3g}: a row's range must fit float32)")
 
 
+def _check_not_meta(t: torch.Tensor, name: str) -> None:
+    # (a model built or loaded without its weights: its values were first read as torch's bare
+    # 'Tensor.item() cannot be called on meta tensors' or 'META device type not an accelerator')
+    if t.is_meta and t.numel():  # (an empty one has none to read: its other errors are said)
+        raise ValueError(f"{name} is on the meta device (no values): load its weights")
+
+
 def _check_hessian_shape(H, d_in: int, name: str) -> None:
     if not isinstance(H, torch.Tensor) or H.shape != (d_in, d_in):
         shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(f"{name} must be [{d_in}, {d_in}] to match the weight's input width, got {shape}")
     if not H.is_floating_point():
         raise ValueError(f"{name} must be floating point (a Gram matrix X X^T), got {H.dtype}")
+    _check_not_meta(H, name)
 
 
 _PROBES = {}  # (d_in, device, dtype) -> the fixed random vectors [v, u] of _hessian_numbers
@@ -182,9 +192,9 @@ def check_experts(weights, hessians, shape, names, then=None) -> list:
     queued, pending = [], None  # (name, H or None, numbers on the device); the first host error
     for W, H, name in zip(weights, hessians, names):
         what = f"expert weight of {name}"
-        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point() or (W.is_meta and W.numel()):
             try:
-                check_weight(W, what)  # (raises: not a 2-D floating-point tensor)
+                check_weight(W, what)  # (raises: not a 2-D floating-point tensor, or on meta)
             except ValueError as error:
                 pending = error
                 break

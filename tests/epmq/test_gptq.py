@@ -652,3 +652,23 @@ def test_a_loss_beyond_float32s_squares_is_measured(gen):
         result = quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), backend=backend)
         E = (result.weight - result.target).double()
         assert result.loss == pytest.approx(float(torch.trace(E @ H.double() @ E.T)), rel=1e-5)
+
+
+def test_tensors_on_the_meta_device_are_named(gen):
+    """A layer's weight or Hessian left on the meta device (a model built or loaded without its
+    weights) ended in torch's bare 'Tensor.item() cannot be called on meta tensors' or 'META
+    device type not an accelerator' in rtn, gptq and epmq; refused naming the tensor, as
+    epmq.merge and quantize_model refuse meta weights."""
+    W = torch.randn(8, 32, generator=gen)
+    X = torch.randn(64, 32, generator=gen)
+    H = X.T @ X
+    spec = QuantSpec(bits=4, group_size=16)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    for call, name in [(lambda: quant.rtn(meta(W), spec), "W"),
+                       (lambda: quant.gptq(meta(W), H, spec), "W"),
+                       (lambda: quant.gptq(W, meta(H), spec), "H"),
+                       (lambda: quant.epmq(meta(W), [W], [H], spec), "W_merged"),
+                       (lambda: quant.epmq(W, [W, meta(W)], [H, H], spec), "expert weight of expert 1"),
+                       (lambda: quant.epmq(W, [W], [meta(H)], spec), "Hessian of expert 0|expert 0's Hessian")]:
+        with pytest.raises(ValueError, match=rf"({name}) is on the meta device \(no values\)"):
+            call()
