@@ -85,12 +85,13 @@ def _check_hessian_shape(H, d_in: int, name: str) -> None:
 _PROBES = {}  # (d_in, device, dtype) -> the fixed random vectors [v, u] of _hessian_numbers
 
 
-def _probes(H: torch.Tensor) -> tuple:
+def _probes(H: torch.Tensor, dtype=None) -> tuple:
     """``([v, u] as [d_in, 2], |u|)`` for ``H``: fixed random vectors (seed 0) in the dtype H's
-    products are taken in (half precision in fp32), made once per width, device and dtype (a
-    few of them are kept: each layer width of a model has its own)."""
+    products are taken in (half precision in fp32; ``dtype`` if given), made once per width,
+    device and dtype (a few of them are kept: each layer width of a model has its own)."""
     d_in, device = H.shape[0], H.device
-    dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
+    if dtype is None:
+        dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     key = (d_in, str(device), dtype)
     hit = _PROBES.get(key)
     if hit is None:
@@ -145,6 +146,12 @@ def _judge_hessian(H: torch.Tensor, numbers, name: str) -> float:
     u_norm = _probes(H)[1]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    if not (math.isfinite(gap) and math.isfinite(Hv_norm)) and H.dtype != torch.float64:
+        # entries near float32's largest: the products overflowed it (the gap inf - inf, which no
+        # bound refuses, or inf one side alone, a Gram matrix refused), so they are taken again
+        # in float64 (the trace stays H's dtype's sum, as the solvers take it)
+        vu, u_norm = _probes(H, torch.float64)
+        gap, Hv_norm = hessian_numbers(H, vu).tolist()[4:6]
     if diag_min < 0:
         raise ValueError(f"{name} has negative diagonal entries: not a Gram matrix X X^T")
     # A Gram matrix's zero diagonal entry (an input that is always 0) has a zero row: the

@@ -79,6 +79,25 @@ def test_the_symmetry_test_is_scale_free(scale):
         check_hessian((bad * scale).float(), d)
 
 
+def test_the_symmetry_test_of_a_float32_hessian_near_its_largest():
+    """A float32 H of entries near 1e38, whose products with the probes overflow float32: the gap
+    u^T H v - v^T H u was inf - inf, NaN, which no bound refuses, so a lopsided H passed (and GPTQ
+    read one of its triangles as the whole, silently), or inf on one side alone, and a Gram
+    matrix was refused as not symmetric. Such an H is judged by its products in float64."""
+    g = torch.Generator().manual_seed(7)
+    d = 37
+    X = torch.randn(80, d, generator=g, dtype=torch.float64) * (0.5 + torch.rand(d, generator=g, dtype=torch.float64))
+    H = X.T @ X
+    H = H * (1e38 / H.abs().max())
+    vu = epmq.checks._probes(H.float())[0]
+    assert not torch.isfinite((H.float() @ vu).sum(dim=0)).all()  # (as the float32 check took them)
+    check_hessian(H.float(), d)
+    bad = H.clone()
+    bad[0, 1:] *= -1  # row 0 changed, column 0 not
+    with pytest.raises(ValueError, match="H is not symmetric"):
+        check_hessian(bad.float(), d)
+
+
 @pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-160, 1e160, 1e200, 1e300])
 def test_the_symmetry_test_of_a_float64_hessian_is_scale_free(scale):
     """As above in float64, where |H v|'s square, in float64 too, underflowed to 0 below ~1e-154 x
