@@ -1169,7 +1169,7 @@ def _to_device(item, device, moved=None):
     return item
 
 
-def _call(model, item, device, seed=None):
+def _call(model, item, device, seed=None, devices=None):
     """``model`` on ``item``; with ``seed``, under the random state that seed gives (the caller's
     own state kept). Every pass of one calibration item runs with one seed (that of its task and
     number), so a model that draws random numbers in eval mode draws the same ones in each:
@@ -1180,9 +1180,10 @@ def _call(model, item, device, seed=None):
         return _call_now(model, item, device)
     # the generator of every accelerator the model lies on too, whichever it is (CUDA, XPU, Apple's
     # MPS: a model there draws from its own; one spread over GPUs by a device_map, or with a block
-    # offloaded to one, draws from each), each forked and seeded alone
+    # offloaded to one, draws from each), each forked and seeded alone (``devices``: those, found
+    # once by the caller: a model of thousands of parameters makes the search cost per item)
     kinds = {}
-    for on in _model_devices(model, device):
+    for on in _model_devices(model, device) if devices is None else devices:
         accelerator = _generator_module(on)
         if accelerator is not None:
             kinds.setdefault(on.type, (accelerator, []))[1].append(on)
@@ -1264,6 +1265,8 @@ class _Walk:
         self.model_device = next(model.parameters()).device
         self.offload = device is not None
         self.device = torch.device(device) if self.offload else self.model_device
+        # (every device the model's passes draw on: its own, and the one a block visits)
+        self.seeded_devices = list(dict.fromkeys(_model_devices(model, self.model_device) + [self.device]))
         # statistics in float64 on the CPU (cheap there), float32 on a GPU, as quant.epmq does
         self.stats_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.stats_backend = quant.resolve_backend(backend, self.device)
@@ -1903,7 +1906,7 @@ class _Walk:
                         if watch:
                             now["again"] = {}
                         try:
-                            _call(self.model, item, self.model_device, _item_seed(task, n))
+                            _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             pass
                         except torch.OutOfMemoryError:
@@ -2020,7 +2023,7 @@ class _Walk:
                         now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device),
                                    started=False)
                         try:
-                            _call(self.model, item, self.model_device, _item_seed(task, n))
+                            _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             stream.hidden[task][n] = self._here(now["hidden"])
                         else:  # (the entry reached block i + 1 with this item)
