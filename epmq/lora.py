@@ -180,13 +180,19 @@ def _maybe_converted(base, module, out_in, bound) -> list:
     """The tensors of ``base`` (a reader with no model to say its layout: a checkpoint's state
     dict) that may hold ``module``'s weight ``out_in`` converted (q, k and v as rows of one
     tensor): matrices of its layer (its name up to the layer's number) that no adapted module
-    took, sharing a dimension with the weight, of another shape."""
+    took, sharing a dimension with the weight, of another shape; none where the base holds
+    tensors under the module's parent (it names that module as the model does: the weight is
+    missing, not converted). PEFT's own tensors are left out."""
     parts = module.split(".")
     layer = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 2)
-    prefix = ".".join(parts[:layer + 1]) + "."
+    prefix, parent = ".".join(parts[:layer + 1]) + ".", ".".join(parts[:-1]) + "."
+    keys = [k for k in base.keys() if k.startswith(prefix) and not any(
+        peft in k for peft in (".lora_", ".base_layer.", ".modules_to_save.", ".original_module."))]
+    if any(k.startswith(parent) for k in keys):
+        return []
     found = []
-    for key in base.keys():
-        if key.startswith(prefix) and key not in bound:
+    for key in keys:
+        if key not in bound:
             shape = tuple(base.shape(key))
             if len(shape) == 2 and shape not in (out_in, out_in[::-1]) and set(shape) & set(out_in):
                 found.append(key)

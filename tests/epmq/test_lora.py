@@ -1055,6 +1055,9 @@ def test_an_adapter_on_a_base_checkpoints_state_dict_holding_its_modules_convert
                                          r"converts as it loads.*base= the base loaded") as said:
         epmq.LoraExpert(tmp_path / "adapter", base=saved)
     assert "not the adapter's base model" not in str(said.value), said.value
+    with pytest.raises(ValueError) as said:  # (the model PEFT wrapped: its LoRA tensors hold no weight)
+        epmq.LoraExpert(tmp_path / "adapter", base=base.state_dict())
+    assert ".lora_" not in str(said.value) and ".base_layer." not in str(said.value), said.value
     loaded = type(base).from_pretrained(tmp_path / "base").state_dict()
     assert "model.layers.0.self_attn.q_proj.weight" in epmq.LoraExpert(tmp_path / "adapter", base=loaded).keys()
 
