@@ -25,18 +25,23 @@ import math
 
 import torch
 
+from epmq_kernels.grid import is_bits
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def packed_length(length: int, bits: int) -> int:
     """Number of int32 words that hold ``length`` codes of ``bits`` bits."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     return -(-length * bits // 32)
 
 
-def _check_bits(bits):
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+def _check_bits(bits) -> int:
+    """``bits`` as Python's int (numpy's integers taken, a sweep's values read from arrays), else
+    a ValueError."""
+    if not is_bits(bits) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
 
 
 # the dtypes torch.aminmax takes (pack_rows' range check)
@@ -58,7 +63,7 @@ def _period_positions(bits: int) -> list:
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[K, N]`` (values in ``0 .. 2**bits - 1``) along K into int32 words
     ``[ceil(K * bits / 32), N]``."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
         raise ValueError(f"codes must be a 2-D integer tensor, got {getattr(codes, 'shape', type(codes))}")
     if codes.is_floating_point() or codes.is_complex():
@@ -91,7 +96,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 words ``[W, N]`` -> int32 codes ``[length, N]``."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.dim() != 2 or packed.dtype != torch.int32:
         raise ValueError(f"packed must be a 2-D int32 tensor, got {getattr(packed, 'dtype', type(packed))}")
     if packed.shape[0] != packed_length(length, bits):

@@ -43,9 +43,9 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from epmq_kernels._runtime import version
+from epmq_kernels.grid import is_bits
 
 from ._util import release_freed_memory
-from .checks import is_int
 from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 from .spec import SUPPORTED_BITS
 
@@ -128,13 +128,16 @@ class QuantLinear(nn.Module):
         device=None,
     ):
         super().__init__()
-        if not is_int(bits) or bits not in SUPPORTED_BITS:
+        # (numpy's integers are taken, as QuantSpec takes them, and held as Python's: the
+        # layer's fields go to the checkpoint's JSON)
+        if not is_bits(bits) or bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
         for value, what in ((in_features, "in_features"), (out_features, "out_features")):
-            if not is_int(value) or value < 0:
+            if not is_bits(value) or value < 0:  # (an integer, as bits)
                 raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
-        if not is_int(group_size) or (group_size != -1 and group_size <= 0):
+        if not is_bits(group_size) or (group_size != -1 and group_size <= 0):
             raise ValueError(f"group_size must be -1 or a positive integer, got {group_size!r}")
+        bits, group_size, in_features, out_features = map(int, (bits, group_size, in_features, out_features))
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         K, N = in_features, out_features

@@ -83,6 +83,24 @@ def test_bad_input():
         pack_rows(torch.full((8, 2), 16).to(torch.uint16), 4)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_numpy_integer_bits_pack_as_the_int(bits, gen):
+    """A width read from a numpy array (np.int64(4)) is the width it is, as grid.is_bits takes it."""
+    import numpy as np
+
+    codes = torch.randint(0, 2**bits, (40, 3), generator=gen)
+    for width in (np.int64(bits), np.int32(bits), np.uint8(bits)):
+        packed = pack_rows(codes, width)
+        assert torch.equal(packed, pack_rows(codes, bits))
+        assert packed_length(40, width) == packed_length(40, bits) and type(packed_length(40, width)) is int
+        assert torch.equal(unpack_rows(packed, width, 40), codes.int())
+        assert torch.equal(unpack_cols(pack_cols(codes.t(), width), width, 40), codes.t().int())
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_rows(codes, np.int64(5))
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_rows(codes, np.float64(bits))
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16])
 def test_codes_of_every_integer_dtype(dtype, gen):
     codes = torch.randint(0, 16, (24, 5), generator=gen)

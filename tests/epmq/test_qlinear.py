@@ -217,6 +217,27 @@ def test_constructor_checks():
         epmq.QuantLinear(64, 8, bits=4, group_size=16)(torch.zeros(2, 32))
 
 
+def test_numpy_integers_are_taken_as_the_ints(gen):
+    """bits, group_size and the widths read from numpy arrays (a sweep's np.int64(4)), which
+    QuantSpec takes, build the layer the Python ints build, and are held as them."""
+    import numpy as np
+
+    for bits in (2, 3, 4, 8):
+        layer = epmq.QuantLinear(np.int64(64), np.int32(24), bits=np.int64(bits), group_size=np.int64(16))
+        twin = epmq.QuantLinear(64, 24, bits=bits, group_size=16)
+        assert (layer.bits, layer.group_size, layer.in_features, layer.out_features) == (bits, 16, 64, 24)
+        assert all(type(v) is int for v in (layer.bits, layer.group_size, layer.in_features, layer.out_features))
+        assert layer.state_dict().keys() == twin.state_dict().keys()
+        assert all(layer.state_dict()[k].shape == v.shape for k, v in twin.state_dict().items())
+        assert repr(layer) == repr(twin)
+    assert epmq.QuantLinear(64, 8, bits=np.int64(4), group_size=np.int64(-1)).group_size == -1
+    for bits in (np.int64(5), np.float64(4.0), np.True_):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            epmq.QuantLinear(64, 8, bits=bits, group_size=16)
+    with pytest.raises(ValueError, match="group_size must be -1 or a positive integer"):
+        epmq.QuantLinear(64, 8, bits=4, group_size=np.float64(16))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("act_order", [False, True])
 def test_cuda_w4a16_path_matches_the_torch_path(act_order, gen):
