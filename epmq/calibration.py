@@ -881,9 +881,13 @@ def _warn_of_unmasked_audio_padding(item: Mapping, model) -> None:
         last = torch.where(differs, positions, -1).amax(1)
         runs = samples - 1 - last
         extra = max(extra, int(runs.max() - runs.min()))
-    frames = _frames(model, samples)
-    if frames is not None and extra > 0:
-        padded = frames > _frames(model, samples - extra)
+    # (the model's frames, or its audio encoder's: a SpeechEncoderDecoderModel's are its Wav2Vec2's)
+    frames_of = next((m for m in ([model] + list(model.modules()) if isinstance(model, torch.nn.Module) else [model])
+                      if _frames(m, samples) is not None), None)
+    if frames_of is not None:
+        # padding counted is a frame of its own: a few equal samples ending a 16-bit clip (a quiet
+        # recording's noise floor) did not pad it, one sample past a frame's edge warned
+        padded = extra > 0 and _frames(frames_of, extra) >= 1
     else:
         padded = extra > 1
     if padded:

@@ -915,3 +915,43 @@ def test_padded_audio_features_cut_their_per_frame_inputs_with_their_mask(gen):
     name = "encoder.layers.0.ffn1.intermediate_dense.weight"
     single, batched = _grams_of_padded_and_single(model, singles, batch, name)
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-10)
+
+
+def test_audio_whose_rows_end_in_a_few_equal_samples_is_not_warned_of_as_padded(gen):
+    """16-bit clips of one length (crops, no padding) often end in two or three equal samples (a
+    quiet recording's noise floor of a few steps). The no-mask padding warning took any such
+    difference for padding: with wav2vec2's convolutions at a length one sample past a frame's
+    edge (16400), one equal sample more in one row warned, and where the model's frames are its
+    encoder's (a SpeechEncoderDecoderModel) two more did, at any length. Padding is warned of
+    where the run one row has past the others makes a frame of its own; a feature extractor's
+    padding still is."""
+    import warnings
+
+    from epmq.calibration import unpad
+
+    conv = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, conv_dim=(8,) * 7,
+                num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=12)
+    torch.manual_seed(0)
+    wav2vec2 = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**conv)).eval()
+    decoder = transformers.BertConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=16, is_decoder=True, add_cross_attention=True)
+    speech = transformers.SpeechEncoderDecoderModel(
+        encoder=wav2vec2, decoder=transformers.BertLMHeadModel(decoder)).eval()
+
+    def clips(n, equal):
+        values = torch.round(torch.randn(2, n, generator=gen) * 8) / 32768
+        values[0, n - 1 - equal:] = values[0, n - 1 - equal]  # (its last sample and `equal` more alike)
+        values[1, -1] = values[1, -2] + 1 / 32768
+        return {"input_values": values}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(unpad(clips(16400, 1), model=wav2vec2)) == 1
+        assert len(unpad({**clips(16000, 2), "decoder_input_ids": torch.ones(2, 3, dtype=torch.long)},
+                         model=speech, encoder_decoder=True)) == 1
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=False)
+    waves = [torch.randn(n, generator=gen).numpy() for n in (16000, 12000)]
+    batch = dict(extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt"))
+    for model, more in ((wav2vec2, {}), (speech, {"decoder_input_ids": torch.ones(2, 3, dtype=torch.long)})):
+        with pytest.warns(UserWarning, match="input_values without attention_mask"):
+            unpad({**batch, **more}, model=model, encoder_decoder=bool(more))
