@@ -104,7 +104,7 @@ from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, re
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
-from .checks import all_finite, check_number, device_argument, is_int
+from .checks import all_finite, check_number, device_argument
 from .experts import ExpertWeights, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
 from .read_ahead import ReadAhead
@@ -113,6 +113,7 @@ from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
 from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
+from epmq_kernels.grid import is_bits
 
 METHODS = ("epmq", "gptq", "rtn")
 TARGETS = ("merged_path", "expert_path", "fp_path")
@@ -282,8 +283,9 @@ def quantize_model(
     # (numpy's numbers, a sweep's, held as Python's: the report and quantize_config.json are JSON)
     anchor, weight_anchor, percdamp = (v if isinstance(v, (int, float)) else float(v)
                                        for v in (anchor, weight_anchor, percdamp))
-    if not is_int(blocksize) or blocksize <= 0:
+    if not is_bits(blocksize) or blocksize <= 0:  # (an integer as gptq_solve takes it: numpy's too)
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
+    blocksize = int(blocksize)
     if method == "rtn":  # (the walks resolve it; RTN would ignore a misspelt one)
         quant.resolve_backend(backend, torch.device("cpu"))
     check_residual_precision(residual_precision, "residual_precision")

@@ -937,3 +937,21 @@ def test_numpys_numbers_as_anchors_are_written_as_json(gen, tmp_path):
     epmq.save_quantized(got, tmp_path / "q")
     codes = {k: v for k, v in want.state_dict().items() if k.endswith("qweight")}
     assert codes and all(torch.equal(got.state_dict()[k], v) for k, v in codes.items())
+
+
+def test_a_numpy_blocksize_is_taken_as_the_solver_takes_it(gen, tmp_path):
+    """A sweep's blocksize read from a numpy array (np.int64(8)), which gptq_solve takes since
+    dfc8433 and beside which quantize_model takes the sweep's anchors (b451bdb), was refused by
+    quantize_model as 'blocksize must be a positive integer, got np.int64(8)'; taken, the same
+    codes as blocksize=8, and the report's JSON written."""
+    import numpy as np
+
+    fam = Family("llama", gen)
+    got = quantize(fam, fam.merged(), blocksize=np.int64(8))
+    want = quantize(fam, fam.merged(), blocksize=8)
+    got.epmq_report.to_json(tmp_path / "report.json")
+    codes = {k: v for k, v in want.state_dict().items() if k.endswith("qweight")}
+    assert codes and all(torch.equal(got.state_dict()[k], v) for k, v in codes.items())
+    for bad in (8.0, True, np.float32(8)):
+        with pytest.raises(ValueError, match="blocksize must be a positive integer"):
+            quantize(fam, fam.merged(), blocksize=bad)
