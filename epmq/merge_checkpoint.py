@@ -405,9 +405,10 @@ def _write_vocabulary(vocabulary, target: Path, template: Optional[str]) -> None
 def _json_value(value):
     """A recipe's value JSON has no type for: numpy's numbers (a sweep's parameters, which the
     checks take) as the Python number they are, not str()'s string, which the same recipe given
-    again is refused for; anything else (a Path) as its string."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        return value.item()
+    again is refused for, and their arrays (weights as read) as lists; anything else (a Path) as
+    its string."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()  # (.item() of an array of weights failed once the merge was done)
     return str(value)
 
 

@@ -1659,3 +1659,21 @@ def test_numpys_numbers_are_recorded_in_the_recipe_as_numbers(checkpoints, tmp_p
     want = merge.dare(base, experts[:2], **params)
     got = _load(out)
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_numpy_arrays_of_weights_are_recorded_in_the_recipe_as_lists(checkpoints, tmp_path):
+    """A sweep's weights given as the numpy array they were read as (np.array([1.0, 2.0]), which
+    the merge takes as it takes a list) were merged and then ended the run as 'can only convert
+    an array of size 1 to a Python scalar' while the recipe was written (acf6bcb's .item() of
+    any numpy value), the merge lost; written as the list of numbers it is."""
+    import numpy as np
+
+    root, base, experts = checkpoints
+    out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "out", base=root / "base",
+                            params=dict(scale=np.float32(0.5), weights=np.array([1.0, 2.0], dtype=np.float32)),
+                            progress=False)
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["params"] == dict(scale=0.5, weights=[1.0, 2.0])
+    want = merge.task_arithmetic(base, experts[:2], scale=0.5, weights=[1.0, 2.0])
+    got = _load(out)
+    assert all(torch.equal(got[name], want[name]) for name in want)
