@@ -647,6 +647,7 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         grams = gram_matrices(model, batches[f"model {k}"])
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
         if k == 0:  # (the models share one architecture)
+            _warn_averaged_matrices(model, grams)
             transposed = {to_reference[on_disk[n]] for n in merge_lib.conv1d_weights(model)
                           if n in grams and on_disk[n] in to_reference}
         del model
@@ -656,6 +657,34 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         del grams
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]
     return {n: _SpilledGrams([g[n] for g in per_model]) for n in shared}, transposed & set(shared)
+
+
+def _warn_averaged_matrices(model, grams) -> None:
+    """Warn of the weight matrices in ``model``'s blocks that RegMean has no Gram matrix for,
+    being no linear layer (fused MoE experts, which transformers 5 holds as 3-D parameters, and
+    their routers): merged by their plain average, most of a mixture-of-experts model's weights,
+    which nothing else would say."""
+    from torch import nn
+
+    from .adapters import find_towers
+
+    try:
+        stacks = [(prefix, blocks) for _, tower in find_towers(model) for prefix, blocks in tower]
+    except ValueError:  # (blocks no adapter knows)
+        return
+    layers = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    left = []
+    for prefix, blocks in stacks:
+        for i, block in enumerate(blocks):
+            for rel, module in block.named_modules():
+                for name, p in module.named_parameters(recurse=False):
+                    full = f"{prefix}.{i}.{rel + '.' if rel else ''}{name}"
+                    if p.dim() >= 2 and p.is_floating_point() and not isinstance(module, layers) and full not in grams:
+                        left.append(f"{full} {tuple(p.shape)}")
+    if left:
+        warnings.warn(f"regmean: {len(left)} weight matrices of the blocks are no linear layer whose inputs it "
+                      f"collects (e.g. {', '.join(left[:3])}; fused experts and routers of a mixture of experts): "
+                      f"they have no Gram matrix and are merged by their plain average")
 
 
 def _config(path: Path) -> dict:
