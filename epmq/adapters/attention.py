@@ -109,6 +109,68 @@ class LinearCrossAttention(_LinearAttention):
                        unbatched)
 
 
+class LinearInProjAttention(nn.Module):
+    """open_clip's own ``Attention`` (the attention of its ``CustomResidualAttentionBlock``: qk_norm,
+    scaled cosine attention, per-head scales, an inner norm) on an ``nn.Linear`` ``in_proj``
+    holding its ``in_proj_weight`` and ``in_proj_bias``, which it applies by ``F.linear``; its other
+    modules and parameters are taken as they are, and its math kept, op for op (bit for bit)."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        w, b = attention.in_proj_weight, attention.in_proj_bias
+        self.in_proj = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        self.in_proj.weight = w
+        if b is not None:
+            self.in_proj.bias = b
+        for name, value in vars(attention).items():  # (its sizes and switches)
+            if not name.startswith("_") and name not in ("training", "in_proj_bias"):
+                setattr(self, name, value)
+        for name, p in attention._parameters.items():  # (logit_scale, head_scale: None where off)
+            if name not in ("in_proj_weight", "in_proj_bias"):
+                self.register_parameter(name, p)
+        for name, module in attention._modules.items():
+            self.add_module(name, module)
+        self.train(attention.training)
+
+    def forward(self, x, attn_mask=None):
+        N, L, C = x.shape
+        q, k, v = (t.reshape(N, L, self.num_heads, -1).transpose(1, 2) for t in self.in_proj(x).chunk(3, dim=-1))
+        if attn_mask is not None:
+            attn_mask = attn_mask.reshape(N, self.num_heads, L, L) if attn_mask.ndim == 3 else attn_mask
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(attn_mask, float("-inf"))
+            else:
+                attn_mask = attn_mask.to(dtype=q.dtype)
+        if self.logit_scale is not None:  # (scaled cosine attention)
+            attn = torch.bmm(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-1, -2))
+            attn = attn * torch.clamp(self.logit_scale, max=self.logit_scale_max).exp()
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            x = torch.bmm(self.attn_drop(attn.softmax(dim=-1)), v)
+        else:
+            q, k = self.ln_q(q), self.ln_k(k)
+            if self.use_fsdpa:
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                   dropout_p=self.attn_drop.p if self.training else 0.0)
+            else:
+                attn = torch.bmm(q * self.scale, k.transpose(-1, -2))
+                if attn_mask is not None:
+                    attn += attn_mask
+                x = torch.bmm(self.attn_drop(attn.softmax(dim=-1)), v)
+        if self.head_scale is not None:
+            x = x * self.head_scale
+        x = self.ln_inner(x.transpose(1, 2).reshape(N, L, C))
+        return self.out_drop(self.out_proj(x))
+
+
+def applies_in_proj_weight(module: nn.Module) -> bool:
+    """Whether ``module`` is open_clip's own ``Attention``, whose q, k and v projection is a
+    parameter ``in_proj_weight`` applied by ``F.linear`` (no ``nn.MultiheadAttention``)."""
+    kind = type(module)
+    return (kind.__name__ == "Attention" and kind.__module__.startswith("open_clip")
+            and isinstance(getattr(module, "in_proj_weight", None), nn.Parameter))
+
+
 def _batch_first(x, batch_first):
     """``x`` as ``[N, L, E]``, and whether it came unbatched (``[L, E]``)."""
     x = x.transpose(0, 1) if batch_first is False and x.dim() == 3 else x

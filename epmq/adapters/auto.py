@@ -25,7 +25,8 @@ finds them by structure and checks what it relies on:
 Projections held otherwise than in an ``nn.Linear`` are rebuilt as the built-in adapters rebuild
 them: fused mixture-of-experts parameters in transformers' usual layout as one linear per expert
 (``MOE_DECODERS``), GPT-2's ``Conv1D`` as ``nn.Linear`` (``GPT2``), ``nn.MultiheadAttention`` as
-q, k and v linears (``LinearCrossAttention``, as in CoCa's decoder), EVA's q/v-bias attention in
+q, k and v linears (``LinearCrossAttention``, as in CoCa's decoder), open_clip's own ``Attention`` on
+an ``nn.Linear`` ``in_proj`` (``LinearInProjAttention``, as ``OPEN_CLIP``), EVA's q/v-bias attention in
 its ``qkv(x) + bias`` form (``TIMM``); WavLM's attention, which hands its projections' weights to
 ``F.multi_head_attention_forward``, is made to call them (``attention.call_projections``). Other
 fused experts stay in full precision, named by the
@@ -45,8 +46,8 @@ import torch
 from torch import nn
 
 from . import _LISTS, _nested
-from .attention import call_projections, hands_weights_to_torch
-from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention
+from .attention import applies_in_proj_weight, call_projections, hands_weights_to_torch
+from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention, swap_in_proj_attention
 from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
 
 # the class-name endings of the blocks AUTO walks (heads, projectors, experts, stages: not blocks)
@@ -138,6 +139,8 @@ class AutoAdapter(MoEAdapter):
                 renames.update(swap_cross_attention(name, module, swap))
             elif hands_weights_to_torch(module):  # (WavLM's: its projections were never called)
                 call_projections(module)
+            elif applies_in_proj_weight(module):  # (open_clip's custom blocks' attention)
+                renames.update(swap_in_proj_attention(name, module, swap))
         for encoder in model.modules():
             if isinstance(encoder, nn.TransformerEncoder) and not all(
                     isinstance(getattr(layer, "self_attn", None), nn.MultiheadAttention) for layer in encoder.layers):

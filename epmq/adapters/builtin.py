@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import Adapter, Part, Transposed
-from .attention import LinearCrossAttention, LinearMultiheadAttention
+from .attention import LinearCrossAttention, LinearInProjAttention, LinearMultiheadAttention, applies_in_proj_weight
 
 
 class OpenClipAdapter(Adapter):
@@ -15,15 +15,20 @@ class OpenClipAdapter(Adapter):
     ``CoCa`` (its towers and captioning decoder): ``ResidualAttentionBlock``s, whose
     ``nn.MultiheadAttention`` is rebuilt on ``nn.Linear`` (``LinearMultiheadAttention``; in the
     cross-attention blocks of CoCa's decoder ``LinearCrossAttention``, its q, k and v
-    projections row blocks of ``in_proj_weight``)."""
+    projections row blocks of ``in_proj_weight``); ``CustomResidualAttentionBlock``s (qk_norm,
+    scaled cosine attention, ...), whose open_clip ``Attention`` applies its ``in_proj_weight`` by
+    ``F.linear``, on an ``nn.Linear`` as well (``LinearInProjAttention``)."""
 
     def prepare(self, model, swap):
         renames = {}
         for stack_name, blocks in self.stacks(model):
             for i, block in enumerate(blocks):
+                name = f"{stack_name}.{i}.attn"
+                if applies_in_proj_weight(block.attn):
+                    renames.update(swap_in_proj_attention(name, block.attn, swap))
+                    continue
                 if not isinstance(block.attn, nn.MultiheadAttention):
                     continue
-                name = f"{stack_name}.{i}.attn"
                 if _cross_attention(block):
                     renames.update(swap_cross_attention(name, block.attn, swap))
                 else:
@@ -65,6 +70,14 @@ def swap_cross_attention(name: str, mha: nn.MultiheadAttention, swap) -> dict:
                 renames[f"{name}.{projection}.{kind}"] = Part(
                     f"{name}.{projection}.{kind}", f"{name}.in_proj_{kind}", None, (j * E, (j + 1) * E), fused.shape)
     return renames
+
+
+def swap_in_proj_attention(name: str, attention: nn.Module, swap) -> dict:
+    """open_clip's ``Attention`` (at ``name``) replaced by a ``LinearInProjAttention``; its
+    checkpoint names."""
+    swap(name, LinearInProjAttention(attention))
+    return {f"{name}.in_proj.{kind}": f"{name}.in_proj_{kind}" for kind in ("weight", "bias")
+            if getattr(attention, f"in_proj_{kind}") is not None}
 
 
 def _cross_attention(block) -> bool:
@@ -125,7 +138,7 @@ class SwinAdapter(Adapter):
         return {name: m for name, m in super().linears(block).items() if "continuous_position_bias_mlp" not in name}
 
 
-OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock",))
+OPEN_CLIP = OpenClipAdapter("open_clip", block_types=("ResidualAttentionBlock", "CustomResidualAttentionBlock"))
 CLIP_HF = Adapter("hf-clip", block_types=("CLIPEncoderLayer",))
 T5 = T5Adapter("hf-t5", block_types=("T5Block", "MT5Block"))
 LONGT5 = LongT5Adapter("hf-longt5", block_types=("LongT5Block",))

@@ -1,5 +1,7 @@
 """Adapters: the attention rewrite for open_clip, and adding a family through the registry."""
 
+import warnings
+
 from types import SimpleNamespace
 
 import pytest
@@ -91,6 +93,88 @@ def test_open_clip_rewrite_names_the_original_tensors():
     renames = epmq.adapters.OPEN_CLIP.prepare(model, lambda name, new: swaps.append(name))
     assert swaps == ["transformer.resblocks.0.attn", "transformer.resblocks.1.attn"]
     assert renames["transformer.resblocks.1.attn.in_proj.weight"] == "transformer.resblocks.1.attn.in_proj_weight"
+
+
+@pytest.mark.parametrize("kind", ["plain", "qk_norm", "scale_heads and inner norm", "no bias"])
+@pytest.mark.parametrize("mask", [None, "float", "bool", "per-head"])
+def test_open_clip_custom_attention_on_a_linear_computes_what_open_clips_computes(kind, mask, gen):
+    """open_clip's ``Attention`` (its ``CustomResidualAttentionBlock``'s: qk_norm, per-head scales,
+    ...) applies ``in_proj_weight`` by ``F.linear``; rebuilt, an ``nn.Linear`` holding
+    the same tensors, it gives open_clip's output bit for bit."""
+    from open_clip.transformer import Attention
+
+    from epmq.adapters.attention import LinearInProjAttention
+
+    E, H, N, L = 32, 4, 3, 6
+    # (not scaled_cosine: open_clip 3.3's own forward of it fails, torch.bmm on [N, H, L, D])
+    options = {"plain": {}, "qk_norm": {"qk_norm": True},
+               "scale_heads and inner norm": {"scale_heads": True, "inner_norm": True},
+               "no bias": {"qkv_bias": False}}[kind]
+    attention = Attention(E, H, **options).eval()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(N, L, E, generator=gen)
+    attn_mask = {None: None, "float": torch.full((L, L), float("-inf")).triu(1),
+                 "bool": torch.ones(L, L, dtype=torch.bool).triu(1),
+                 "per-head": torch.randn(N * H, L, L, generator=gen)}[mask]
+    with torch.no_grad():
+        want = attention(x, attn_mask=attn_mask)
+        linear = LinearInProjAttention(attention)
+        got = linear(x, attn_mask=attn_mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert isinstance(linear.in_proj, nn.Linear) and linear.in_proj.weight is attention.in_proj_weight
+    assert not any(p.dim() == 2 for name, p in linear.named_parameters(recurse=False))
+
+
+def _custom_open_clip(model_class, vision_custom, text_custom):
+    """A tiny open_clip model whose towers' blocks are ``CustomResidualAttentionBlock``s where
+    asked (qk_norm in the vision tower; per-head scales, an inner norm and a norm in the MLP in the
+    text tower)."""
+    import open_clip.model
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16, "patch_size": 8,
+                          "qk_norm": vision_custom},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2,
+                        "scale_heads": text_custom, "scale_attn_inner": text_custom, "scale_fc": text_custom}}
+
+    def make():
+        torch.manual_seed(0)
+        return getattr(open_clip.model, model_class)(**cfg).eval()
+    return make
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("model_class, vision_custom, text_custom", [
+    ("CLIP", False, True), ("CLIP", True, False), ("CLIP", True, True), ("CustomTextCLIP", False, True)])
+def test_open_clip_custom_blocks_are_quantized_whole_and_load_back(model_class, vision_custom, text_custom, method,
+                                                                   gen, tmp_path):
+    """A tower of open_clip ``CustomResidualAttentionBlock``s (qk_norm, per-head scales) was left
+    in full precision beside a plain one (no adapter knew its blocks), and walked alone kept its
+    attention's ``in_proj_weight`` in full precision; every projection is quantized, the model
+    close to the float one, and its checkpoint loads back the same."""
+    make = _custom_open_clip(model_class, vision_custom, text_custom)
+    clip, reference = make(), make()
+    image = torch.randn(2, 3, 16, 16, generator=gen)
+    text = torch.randint(1, 48, (2, 8), generator=gen)
+    text[:, -1] = 49
+    calibration = {"task": [{"image": image, "text": text}]} if method == "gptq" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method=method, calibration=calibration,
+                            progress=False)
+    fp = [name for name, p in clip.named_parameters() if p.dim() == 2 and ".resblocks." in name]
+    assert fp == []
+    with torch.no_grad():
+        got, want = clip(image, text), reference(image, text)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05)
+    epmq.save_quantized(clip, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", make())
+    with torch.no_grad():
+        for g, w in zip(loaded(image, text), got):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- a new family
