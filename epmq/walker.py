@@ -124,6 +124,11 @@ SHARE_INPUT_STATISTICS = True
 # memory for a GPU: about eight 4096 x 14336 bf16 weights, a Llama-8B MLP group's for 4 tasks.
 # 0 reads them in line. Results do not depend on it.
 EXPERT_READ_AHEAD_BYTES = 1 << 30
+# Bytes of a group's statistics held at once: a group past it (a MoE block's stage of experts,
+# a Hessian each: Qwen3-235B's 128 gate/up projections of 4096 inputs held 34 GB with E-PMQ's
+# three Hessians each) is solved in chunks of linears, each chunk's statistics taken (a partial
+# pass over the block per item again) and solved before the next one's. Results do not depend on it.
+EXPERT_STATISTICS_BYTES = 8 << 30
 
 
 # --------------------------------------------------------------------------- report
@@ -2122,6 +2127,7 @@ class _Walk:
             self._reads = None if self.log is None else {}
             groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter, first=i == 0)
                               if stack.chosen[i] else ([], {}))
+            groups = self._chunked(block, groups, leader, stack.loops)
             self._plan_reads(prefix, groups)
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
@@ -2265,6 +2271,47 @@ class _Walk:
                 shared = rel in reads and SHARE_INPUT_STATISTICS
                 leader[rel] = first.setdefault(tuple(reads[rel]), rel) if shared else rel
         return groups, leader
+
+    def _chunked(self, block, groups, leader, loops) -> list:
+        """``groups``, each whose statistics would take more than ``EXPERT_STATISTICS_BYTES`` cut
+        into consecutive chunks of linears, solved (and swapped in) one after the other. Only
+        where no linear of a group reads what another of it computes in the same pass, so that
+        the chunks' statistics are the group's, bit for bit: groups of one stage (MoE experts)
+        or one input tensor (true sequential), a block called once per item and each linear once
+        in it (a second call's inputs would come from the chunks already quantized). A chunk
+        ends only where no linear after it shares a Hessian with one before it."""
+        if not self.true_sequential or loops > 1:
+            return groups
+        chunked = []
+        for group in groups:
+            if any(self.calls.get(rel, 1) > 1 for rel in group):
+                chunked.append(group)
+                continue
+            at = {rel: j for j, rel in enumerate(group)}
+            # (the first linear whose Hessian each suffix of the group reads: a cut before j is
+            # allowed where it is j's or later)
+            first_read = [len(group)] * (len(group) + 1)
+            for j in range(len(group) - 1, -1, -1):
+                first_read[j] = min(first_read[j + 1], at[leader[group[j]]])
+            chunks, held = [[]], 0
+            for j, rel in enumerate(group):
+                size = self._stats_bytes(block.get_submodule(rel), leader[rel] == rel)
+                if chunks[-1] and held + size > EXPERT_STATISTICS_BYTES and first_read[j] >= j:
+                    chunks.append([])
+                    held = 0
+                chunks[-1].append(rel)
+                held += size
+            chunked += chunks
+        return chunked
+
+    def _stats_bytes(self, linear, leads: bool) -> int:
+        """About the bytes of ``linear``'s statistics (``_new_stats``): the Hessians its group's
+        first reader of the input holds (GPTQ's H; E-PMQ's H_e, H_m and a task's H_k), E-PMQ's
+        G_e and the task's expert weight of each linear."""
+        d_out, d_in = linear.weight.shape
+        gptq = self.method == "gptq" and self.t is None
+        hessians = (1 if gptq else 3) * d_in * d_in if leads else 0
+        return (hessians + (0 if gptq else 2 * d_out * d_in)) * self.stats_dtype.itemsize
 
     def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
