@@ -275,7 +275,7 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
             continue
         group = layout.group(name) if layout is not None else None
         if group is not None and not any(n in aliases or n in aliases.values() for n in group):
-            pieces = _merge_saved(layout, group, base, experts, merge_tensor, lazy)
+            pieces = _merge_saved(layout, group, base, experts, merge_tensor, lazy, stored)
             if pieces is not None:
                 for n, merged in pieces.items():
                     store(n, reference[n], merged)
@@ -301,14 +301,16 @@ def _saved_layout(base, experts):
     return saved_layout(module)
 
 
-def _merge_saved(layout, names, base, experts, merge_tensor, lazy) -> Optional[dict]:
+def _merge_saved(layout, names, base, experts, merge_tensor, lazy, stored=None) -> Optional[dict]:
     """The module tensors ``names`` (one group of ``layout``) merged as the tensors
-    ``save_pretrained`` makes of them, ``{name: merged}`` in the work dtype: each saved tensor's
-    entries gathered from the inputs, merged by ``merge_tensor`` under its saved name and put
-    back where they came from. The per-tensor statistics (TIES' and Breadcrumbs' ranks, TSV's and
-    Iso-C's SVDs, Model Stock's cosines, DELLA's rows, DARE's masks) are then those of the
-    checkpoint's matrices, not of all experts fused. None (merged whole, as the module holds
-    them) where the tensors are not floating point of one dtype."""
+    ``save_pretrained`` makes of them, ``{name: merged}`` in ``stored`` (else each one's own
+    dtype): each saved tensor's entries gathered from the inputs, merged by ``merge_tensor``
+    under its saved name and cast as they are put back where they came from (a group held in
+    the work dtype whole was twice a bf16 MoE layer's experts, 6.4 GB for a Qwen3-235B layer's
+    gate_up_proj; a cast is elementwise: the same values). The per-tensor statistics (TIES' and
+    Breadcrumbs' ranks, TSV's and Iso-C's SVDs, Model Stock's cosines, DELLA's rows, DARE's
+    masks) are then those of the checkpoint's matrices, not of all experts fused. None (merged
+    whole, as the module holds them) where the tensors are not floating point of one dtype."""
     reference = base if base is not None else experts[0]
     refs = {n: reference[n] for n in names}
     for n, t in refs.items():
@@ -344,7 +346,7 @@ def _merge_saved(layout, names, base, experts, merge_tensor, lazy) -> Optional[d
             piece[on(where, piece)] = W.reshape(-1)[on(at, W)].to(work)
         return piece.view(shape)
 
-    merged = {n: torch.empty(t.numel(), dtype=work, device=t.device) for n, t in refs.items()}
+    merged = {n: torch.empty(t.numel(), dtype=stored or t.dtype, device=t.device) for n, t in refs.items()}
     for saved_name, shape, sources in pieces:
         W_0 = None if base is None else gather(base, shape, sources)
         W_k = _OnDemand(lambda k: gather(experts[k], shape, sources), len(experts))
@@ -352,7 +354,7 @@ def _merge_saved(layout, names, base, experts, merge_tensor, lazy) -> Optional[d
             W_k = list(W_k)
         result = merge_tensor(saved_name, W_0, W_k).reshape(-1)
         for n, where, at in sources:
-            merged[n][on(at, merged[n])] = result[on(where, result)].to(merged[n].device, work)
+            merged[n][on(at, merged[n])] = result[on(where, result)].to(merged[n].device, merged[n].dtype)
         del W_0, W_k, result
     return {n: merged[n].view(refs[n].shape) for n in names}
 

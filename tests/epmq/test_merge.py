@@ -306,6 +306,31 @@ def test_saved_layout_of_fused_experts_holds_no_index_of_their_entries():
         for e in range(8) for j, w in enumerate(("w1", "w3"))}
 
 
+def test_fused_experts_of_modules_are_merged_without_a_float32_copy_of_the_group():
+    """A module's fused experts (gate_up_proj [E, 2I, H], merged as the matrices save_pretrained
+    writes) were put back into one float32 tensor of the whole group, then cast to the stored
+    dtype: twice a bf16 model's experts of a layer at once (6.4 GB for a Qwen3-235B layer's
+    gate_up_proj). Each saved matrix's result is cast as it is put back: no tensor larger than
+    the stored one, and the same values as the whole tensor merged in float32 and cast."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                         num_key_value_heads=2, num_experts=64, num_experts_per_tok=2, head_dim=8,
+                                         num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    base, *experts = (transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16) for _ in range(3))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    stored_bytes = base.state_dict()[name].numel() * 2  # (bf16)
+    with _LargestCPUTensor() as largest:
+        got = merge.task_arithmetic(base, experts, scale=0.3)
+    assert got[name].dtype == torch.bfloat16
+    assert largest.bytes <= stored_bytes, (largest.bytes, stored_bytes)
+    # (plain state dicts carry no layout: merged whole, in float32, then cast)
+    want = merge.task_arithmetic(dict(base.state_dict()), [dict(e.state_dict()) for e in experts], scale=0.3)
+    assert got.keys() == want.keys()
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
+
+
 @pytest.mark.parametrize("family", ["mixtral", "dinov2_swiglu"])
 def test_a_slerp_schedule_reads_the_names_the_checkpoint_merge_reads(saved_moe, family, tmp_path):
     """SLERP's ``t`` as a function of the tensor's name (a mergekit filter: the first whose
