@@ -45,6 +45,7 @@ model calls them.
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 
@@ -399,13 +400,37 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
                 continue  # (one expert, or a block's own list inside a tower named already)
             named.append(name)
     others = sorted(f"{name} ({', '.join(repeated(model.get_submodule(name)))})" for name in named)
+    walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
+    pools = [f"{name} ({', '.join(linears)})" for name, linears in _torch_attention_outside(model, taken)]
+    if pools:
+        warnings.warn(f"{type(model).__name__}: the linears of {', '.join(pools)} stay in full precision: the "
+                      f"module hands their weights to F.multi_head_attention_forward, outside the lists of "
+                      f"blocks the walk quantizes (walked: {walked})")
     if others:
-        walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
                       f"in full precision (walked: {walked}); to quantize them too, walk them with "
                       f"epmq.adapters.AUTO (adapter=[the adapters above, epmq.adapters.AUTO], with calibration "
                       f"that reaches them) or register an adapter: "
                       f"epmq.register_adapter(epmq.Adapter(name, block_types=...))")
+
+
+def _torch_attention_outside(model: nn.Module, taken: list) -> list:
+    """``[(name, [linear names])]`` of the modules outside the stacks ``taken`` that hand their own
+    linears' weights to ``F.multi_head_attention_forward`` instead of calling them (open_clip's and
+    OpenAI CLIP's ``AttentionPool2d``, the ResNet image towers' pooling: q, k, v and c projections)."""
+    found = []
+    for name, module in model.named_modules():
+        linears = [n for n, m in module.named_children() if isinstance(m, nn.Linear)]
+        if (not linears or isinstance(module, nn.MultiheadAttention)
+                or any(_nested(name, t) for t in taken)):
+            continue
+        try:
+            source = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):  # (no source to read: a compiled or dynamically made class)
+            continue
+        if "multi_head_attention_forward" in source:
+            found.append((name, linears))
+    return found
 
 
 from .builtin import (BART, CLIP_HF, DEBERTA_V2, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5, OPEN_CLIP,  # noqa: E402

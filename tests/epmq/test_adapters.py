@@ -177,6 +177,37 @@ def test_open_clip_custom_blocks_are_quantized_whole_and_load_back(model_class, 
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def test_open_clip_resnet_attention_pool_left_in_full_precision_is_warned_of(gen, tmp_path):
+    """An open_clip ModifiedResNet's (RN50's) attention pool hands its q, k, v and c projections'
+    weights to ``F.multi_head_attention_forward``, outside any list of blocks: they stayed in full
+    precision (a third of RN50's image tower) without a word. The warning names them; the text
+    tower is quantized, and the checkpoint loads back the same."""
+    from open_clip.model import CLIP
+
+    def make():
+        torch.manual_seed(0)
+        return CLIP(embed_dim=16, vision_cfg={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8, "image_size": 64},
+                    text_cfg={"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2}).eval()
+
+    clip, reference = make(), make()
+    image, text = torch.randn(2, 3, 64, 64, generator=gen), torch.randint(1, 48, (2, 8), generator=gen)
+    text[:, -1] = 49
+    with pytest.warns(UserWarning, match=r"visual\.attnpool \(k_proj, q_proj, v_proj, c_proj\) stay in full precision"):
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                            calibration={"task": [{"image": image, "text": text}]}, progress=False)
+    assert isinstance(clip.visual.attnpool.q_proj, nn.Linear)
+    assert not any(isinstance(m, nn.Linear) for m in clip.transformer.modules())
+    with torch.no_grad():
+        got, want = clip(image, text), reference(image, text)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05)
+    epmq.save_quantized(clip, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", make())
+    with torch.no_grad():
+        for g, w in zip(loaded(image, text), got):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- a new family
 
 
