@@ -357,12 +357,19 @@ CHECKPOINT_NAMES = "_epmq_checkpoint_names"
 def prepare_towers(model: nn.Module, towers: list, swap: Callable[[str, nn.Module], None]) -> dict:
     """Each tower's ``prepare``: ``{tensor name: checkpoint name}`` of every module rewritten, in
     this call or an earlier one (``checkpoint_names``). ``remember(model, names)`` keeps them."""
+    from .attention import call_projections, hands_weights_to_torch
     from .moe import saved_linears
 
     names = checkpoint_names(model)
-    for adapter, _ in towers:
+    for adapter, stacks in towers:
         names.update(adapter.prepare(model, swap))
         names.update({n: part for n, part in saved_linears(adapter, model, swap).items() if n not in names})
+        # WavLM's attention, in whichever tower's blocks, calls its projections: done by AUTO's
+        # prepare in its own stacks alone, a large encoder's beside GPT-2 (adapter=[GPT2, AUTO])
+        # left them in full precision, and RTN's packed ones were read as weights, NaN
+        for attention in [m for _, blocks in stacks for block in blocks for m in block.modules()
+                          if hands_weights_to_torch(m)]:
+            call_projections(attention)
     return names
 
 

@@ -28,7 +28,8 @@ them: fused mixture-of-experts parameters in transformers' usual layout as one l
 q, k and v linears (``LinearCrossAttention``, as in CoCa's decoder), open_clip's own ``Attention`` on
 an ``nn.Linear`` ``in_proj`` (``LinearInProjAttention``, as ``OPEN_CLIP``), EVA's q/v-bias attention in
 its ``qkv(x) + bias`` form (``TIMM``); WavLM's attention, which hands its projections' weights to
-``F.multi_head_attention_forward``, is made to call them (``attention.call_projections``). Other
+``F.multi_head_attention_forward``, is made to call them (``attention.call_projections``, by
+``prepare_towers`` in every tower's blocks). Other
 fused experts stay in full precision, named by the
 walker's warning.
 
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from . import _LISTS, _nested
-from .attention import applies_in_proj_weight, call_projections, hands_weights_to_torch
+from .attention import applies_in_proj_weight
 from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention, swap_in_proj_attention
 from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
 
@@ -137,8 +138,6 @@ class AutoAdapter(MoEAdapter):
             # (as cross-attention: whether a block calls it on one tensor is not known before)
             if isinstance(module, nn.MultiheadAttention):
                 renames.update(swap_cross_attention(name, module, swap))
-            elif hands_weights_to_torch(module):  # (WavLM's: its projections were never called)
-                call_projections(module)
             elif applies_in_proj_weight(module):  # (open_clip's custom blocks' attention)
                 renames.update(swap_in_proj_attention(name, module, swap))
         for encoder in model.modules():

@@ -793,3 +793,49 @@ def test_xlm_keeps_its_layers_in_lists_of_attentions_and_of_feed_forwards_which_
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert (got - want).norm() < 0.01 * want.norm()
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_wavlm_large_attention_beside_a_known_tower_calls_its_projections(gen, tmp_path, method):
+    """60e764c made WavLM's attention call its projections in the blocks of AUTO's own stacks,
+    but a WavLM large encoder (WavLMEncoderLayerStableLayerNorm) beside GPT-2 is walked by
+    adapter=[GPT2, AUTO] from the lists AUTO takes beside others, which it did not prepare: GPTQ
+    left 8 of its 14 linears in full precision (warned), and RTN packed them while the attention
+    still read their weights, the meta stand-ins, so the model's logits were NaN. Every tower's
+    blocks are prepared so: all quantized, the outputs near the float model's, and loaded back."""
+    import warnings
+
+    import transformers
+
+    config = transformers.WavLMConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        vocab_size=12, num_buckets=16, max_bucket_distance=32, feat_extract_norm="layer", do_stable_layer_norm=True)
+    decoder = transformers.GPT2Config(vocab_size=12, n_embd=32, n_layer=1, n_head=4, add_cross_attention=True,
+                                      is_decoder=True, bos_token_id=0, eos_token_id=0)
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.SpeechEncoderDecoderModel(
+            encoder=transformers.WavLMModel(config), decoder=transformers.GPT2LMHeadModel(decoder)).eval()
+
+    model = build()
+    item = {"input_values": torch.randn(1, 640, generator=gen), "decoder_input_ids": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        before = model(**item).logits
+    adapter = [epmq.adapters.GPT2, AUTO]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never called")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=-1), method=method, backend="torch",
+                            calibration={"a": [item]}, adapter=adapter, progress=False)
+    linears = sorted(n for n, m in build().named_modules()
+                     if isinstance(m, nn.Linear) and n.startswith("encoder.encoder.layers"))
+    assert len(linears) == 14
+    assert sorted(e["name"] for e in model.epmq_report.layers if e["name"].startswith("encoder.")) == linears
+    with torch.no_grad():
+        after = model(**item).logits
+    assert torch.isfinite(after).all() and (after - before).abs().max() < 0.05 * before.abs().max()
+    epmq.save_quantized(model, tmp_path / "q")
+    fresh = epmq.load_quantized(tmp_path / "q", build(), adapter=adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**item).logits, after)
