@@ -38,6 +38,10 @@ def find_params(W: torch.Tensor, bits: int, sym: bool):
         raise ValueError(f"bits must be an int from 1 to 16, got {bits!r}")
     if not is_flag(sym):
         raise ValueError(f"sym must be a bool, got {sym!r}")
+    # (a 1-D W ended in torch's bare 'Dimension out of range'; a 3-D one gave grids of its
+    # middle axis, silently)
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D [rows, cols], got shape {tuple(W.shape)}")
     bits, sym = int(bits), bool(sym)
     maxq = 2**bits - 1
     W = W.float()

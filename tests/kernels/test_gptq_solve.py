@@ -291,6 +291,14 @@ def test_groups_of_subnormal_weights_get_the_unit_range(gen):
         run_both(W, Hinv, H, bits=bits, sym=sym, blocksize=32, **static_grid(W, bits, sym, 16))
 
 
+def test_find_params_refuses_a_weight_that_is_not_rows_by_columns():
+    """find_params of a 1-D W (one row given flat) ended in torch's bare 'Dimension out of
+    range', and a 3-D one gave a [rows, cols] 'scale' of its middle axis' ranges, silently."""
+    for W in (torch.randn(8), torch.randn(2, 3, 4), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"W must be 2-D \[rows, cols\]"):
+            find_params(W, 4, False)
+
+
 # --------------------------------------------------------------------------- dispatch and checks
 
 
