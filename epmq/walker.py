@@ -99,7 +99,7 @@ import torch
 from torch import nn
 
 from . import quant
-from ._util import wrapped_model
+from ._util import wrapped_model, write_atomic
 from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
@@ -188,8 +188,12 @@ class QuantReport:
         return asdict(self)
 
     def to_json(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        # (written into the file it truncated, a value JSON cannot hold or a kill left it cut)
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=1)
+
+        write_atomic(path, write)
 
     def __repr__(self):
         total = sum(layer["loss"] for layer in self.layers)

@@ -33,6 +33,21 @@ def quantize(fam, model, **kw):
     return epmq.quantize_model(model, SPEC, **args)
 
 
+def test_a_report_that_cannot_be_written_leaves_the_old_file_whole(tmp_path):
+    """QuantReport.to_json wrote into the file it had truncated, so a value JSON cannot hold (or
+    a kill, a full disk) left the report cut where the old one had been: it is written beside
+    and renamed over it, the old file whole until the new one is."""
+    from epmq.walker import QuantReport
+
+    path = tmp_path / "report.json"
+    QuantReport("gptq", "merged_path", {"bits": 4}, "llama", ["a"]).to_json(path)
+    before = path.read_text()
+    bad = QuantReport("gptq", "merged_path", {"bits": 4}, "llama", ["a"], layers=[{"loss": object()}])
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        bad.to_json(path)
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
 def test_a_model_that_is_no_module_is_named(tmp_path):
     """A checkpoint's path, its state dict or None given as the model ended in a bare
     "'str' object has no attribute 'named_modules'" (quantize_model) or the same of the state
