@@ -469,6 +469,27 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
         config.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
+def _check_companions(source: Path) -> None:
+    """A ValueError naming a JSON file ``_copy_companions`` would carry that is empty or no JSON
+    (an interrupted copy or download of a tokenizer.json): the merge wrote it into its output,
+    whose tokenizer then did not load, after all its work."""
+    if not source.is_dir():
+        if not (source.parent / "config.json").is_file():
+            return  # (no files are copied: warned as they are)
+        source = source.parent
+    for entry in sorted(source.glob("*.json")):
+        if (entry.name.startswith(".") or not entry.is_file() or entry.name.endswith(WEIGHT_SUFFIXES)
+                or entry.name == RECIPE_FILE):
+            continue
+        try:
+            if entry.stat().st_size == 0:
+                raise ValueError(f"{entry} is empty")
+            read_json_file(entry)
+        except ValueError as e:
+            raise ValueError(f"{e} (an interrupted copy or download?): the merged model carries this file "
+                             f"and would not load; copy it again") from None
+
+
 def check_chat_template(chat_template) -> None:
     """ValueError unless ``chat_template`` is Jinja text or "auto"."""
     if not isinstance(chat_template, str) or (chat_template != "auto" and "{" not in chat_template):
@@ -1065,6 +1086,11 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     layout_path = base_path if reference_key == "base" else model_paths[reference_key]
     _read_in_one_layout(list(reference), layout.state, [s.state for s in [base_state, *sources] if s is not None],
                         [layout_path, base_path, *model_paths, lora_base])
+    companions = base_path if reference_key == "base" else model_paths[reference_key]
+    lora = sources[0].state.reader.lora
+    if base_path is None and files_from is None and lora is not None and lora.base.path is not None:
+        companions = lora.base.path  # adapters merged without a base: their base's files
+    _check_companions(companions)  # (before the merge's work)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(reference) + len(base_only) + len(tied), desc=f"merge {method}", unit="tensor",
@@ -1095,10 +1121,6 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             for name in base_only:
                 writer[name] = base_state.state[name]
             writer.finish()
-            companions = base_path if reference_key == "base" else model_paths[reference_key]
-            lora = sources[0].state.reader.lora
-            if base_path is None and files_from is None and lora is not None and lora.base.path is not None:
-                companions = lora.base.path  # adapters merged without a base: their base's files
             _copy_companions(companions, tmp, dtype)
             if untied and (tmp / "config.json").is_file():  # (as PEFT's merge_and_unload unties a trained head)
                 (tmp / "config.json").write_text(

@@ -1701,3 +1701,20 @@ def test_numpy_arrays_of_weights_are_recorded_in_the_recipe_as_lists(checkpoints
     want = merge.task_arithmetic(base, experts[:2], scale=0.5, weights=[1.0, 2.0])
     got = _load(out)
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"version": "1.0", "model": {"vocab": {"a": '])
+def test_a_base_whose_tokenizer_file_is_cut_is_refused_before_the_merge(checkpoints, tmp_path, content):
+    """A base whose tokenizer.json is 0 bytes or cut (an interrupted copy or download) was
+    merged in silence and the broken file copied into the output, which then failed to load
+    its tokenizer; refused before the merge, naming the file."""
+    import shutil
+
+    root, _, _ = checkpoints
+    base = tmp_path / "base"
+    shutil.copytree(root / "base", base)
+    (base / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(base / "tokenizer.json")) + " is (empty|not valid JSON)"):
+        merge_checkpoints("ties", [root / "e0", root / "e1"], tmp_path / "out", base=base,
+                          params={"density": 0.5}, progress=False)
+    assert not (tmp_path / "out").exists()
