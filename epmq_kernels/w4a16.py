@@ -1152,6 +1152,16 @@ def _w4a16_dequant_kernel(
 # ----------------------------------------------------------------------------------------------
 # Torch reference
 # ----------------------------------------------------------------------------------------------
+def _as_group_size(group_size):
+    """numpy's integers (a size read from a config array, which the grid and the solver take) as
+    Python's int, before the plan caches key on it and the kernels take it as a constant; a
+    float, bool or anything else is left for :func:`_check_arguments` to refuse by name."""
+    if type(group_size) is not int and isinstance(group_size, numbers.Integral) \
+            and not isinstance(group_size, bool):
+        return int(group_size)
+    return group_size
+
+
 def _row_groups(K, group_size, g_idx, device):
     if g_idx is not None:
         return g_idx.to(device=device, dtype=torch.long)
@@ -1177,6 +1187,7 @@ def _check_weights(qweight, scales, zeros, group_size, g_idx):
 def dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx=None, dtype=torch.float64):
     """The dense weight ``W [K, N] = (q - z[g(k)]) * s[g(k)]`` in ``dtype`` (reference only:
     the kernels never build it). Its arguments are checked as :func:`w4a16_matmul`'s are."""
+    group_size = _as_group_size(group_size)
     _check_weights(qweight, scales, zeros, group_size, g_idx)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
@@ -1192,6 +1203,7 @@ def w4a16_matmul_reference(x, qweight, scales, zeros, group_size, g_idx=None, *,
                            dtype=torch.float64):
     """``x @ W`` with W dequantized in ``dtype`` (float64 by default) and x converted to it:
     the ground truth the kernels are tested against. Returns ``dtype``, shape ``[..., N]``."""
+    group_size = _as_group_size(group_size)
     K = _check_weights(qweight, scales, zeros, group_size, g_idx)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -2391,6 +2403,7 @@ def w4a16_plan(x, qweight, scales, zeros, group_size, g_idx=None):
     rejected as wrong, and whether act-order weights run on their sorted codes
     (``act_order_sorted``; then the rest describes the sorted problem). For benchmarks and
     logs."""
+    group_size = _as_group_size(group_size)
     K, N, G = _check_arguments(x, qweight, scales, zeros, group_size, g_idx)
     entry = _entry_for(qweight, scales, zeros, g_idx, group_size, K, N, G)
     x2 = x.reshape(-1, K)
@@ -2422,6 +2435,7 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
     """Rows ``k_first .. k_first + k_rows`` of the dense weight ``(q - z) * s`` in ``dtype``
     (each element rounded once), by the dqmm path's chunk kernel (CUDA tensors, or CPU tensors
     under TRITON_INTERPRET with ``backend="triton"``) or by the torch reference."""
+    group_size = _as_group_size(group_size)
     K = qweight.shape[0] * 8 if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else 8
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
@@ -2498,6 +2512,8 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     same tensors (unchanged: same objects, data pointers and versions) and activations of the
     same shape, strides and dtype reuse the launch plan of the first (see "Host overhead").
     """
+    if type(group_size) is not int:
+        group_size = _as_group_size(group_size)
     if out is not None and _overlaps(out, x):
         # the kernels would write y while other programs still read x: into a new tensor
         # first, as torch.mm(a, b, out=a) does

@@ -2207,3 +2207,25 @@ def test_dequantize_takes_integer_rows_of_any_kind_and_names_others(gen):
         for bad in (dict(k_first=8.0), dict(k_rows=16.0), dict(k_first=True), dict(k_rows="16")):
             with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer"):
                 W.w4a16_dequantize(qweight, scales, zeros, 32, backend=backend, **bad)
+
+
+def test_group_size_may_be_a_numpy_integer(gen):
+    """group_size=np.int64(32) (a size read from a checkpoint's config array), which the grid
+    and the solver take (grid.is_bits), was refused by every entry point as 'group_size must be
+    an int'; it is taken as the int it is, by both backends, with the same result as 32."""
+    np = pytest.importorskip("numpy")
+    qweight, scales, zeros, g_idx = make_problem(gen, 64, 40, 32, "permuted")
+    x = torch.randn(3, 64, generator=gen).to(torch.float16)
+    dense = dequantize_int4_weight(qweight, scales, zeros, 32, g_idx)
+    for gs in (np.int64(32), np.int32(32)):
+        assert torch.equal(dequantize_int4_weight(qweight, scales, zeros, gs, g_idx), dense)
+        assert torch.equal(w4a16_matmul_reference(x, qweight, scales, zeros, gs, g_idx),
+                           w4a16_matmul_reference(x, qweight, scales, zeros, 32, g_idx))
+        for backend in ("triton", "torch"):
+            want = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, backend=backend)
+            assert torch.equal(w4a16_matmul(x, qweight, scales, zeros, gs, g_idx, backend=backend), want)
+            assert torch.equal(W.w4a16_dequantize(qweight, scales, zeros, gs, g_idx, backend=backend),
+                               W.w4a16_dequantize(qweight, scales, zeros, 32, g_idx, backend=backend))
+    for bad in (np.float64(32), np.True_):
+        with pytest.raises(ValueError, match="group_size must be an int"):
+            w4a16_matmul(x, qweight, scales, zeros, bad, g_idx)
