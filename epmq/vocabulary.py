@@ -25,6 +25,7 @@ that the output tokenizer lacks is added to it. MODEL is one of the sources as g
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import torch
+
+from ._util import read_json_file
 
 SOURCES = ("base", "union")
 
@@ -86,6 +89,19 @@ def load_tokenizer(path: Path):
     directory = path if path.is_dir() else path.parent
     try:
         return transformers.AutoTokenizer.from_pretrained(directory)
+    except json.JSONDecodeError as e:
+        # (a tokenizer file empty or cut, an interrupted copy or download, is no model without a
+        # tokenizer: taken as one, its rows were laid out by another model's tokens)
+        for file in sorted(directory.glob("*.json")):
+            if file.is_file() and file.stat().st_size == 0:
+                raise ValueError(f"{file} is empty: the tokenizer of {directory} does not load (copy it again)")
+            try:
+                read_json_file(file)
+            except ValueError as bad:
+                raise ValueError(f"{bad}: the tokenizer of {directory} does not load (copy it again)") from None
+            except OSError:
+                continue
+        raise ValueError(f"the tokenizer of {directory} does not load: {e}") from None
     except Exception:  # (as mergekit: a model without a tokenizer has the base's)
         return None
 

@@ -718,3 +718,26 @@ def test_ids_with_no_token_are_refused():
     tok = _stub_tokenizer({"a": 0, "b": 2})  # (no token at id 1)
     with pytest.raises(ValueError, match="ids run to 2 for 2 tokens"):
         build_vocabulary("base", {"b": tok}, {"b": 3})
+
+
+@pytest.mark.parametrize("content", [b"", b'{"version": "1.0", "model": {"vocab": {"w0": '])
+def test_an_expert_whose_tokenizer_file_is_cut_is_named(models, tmp_path, content):
+    """An expert whose tokenizer.json is 0 bytes or cut (an interrupted copy or download) was
+    taken as one without a tokenizer (load_tokenizer's None: the base's tokens), so its rows were
+    laid out by another model's tokens, or its own checked against none; refused naming the file."""
+    import shutil
+
+    from epmq.vocabulary import load_tokenizer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(models["plain"], plain)
+    (plain / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=f"{plain / 'tokenizer.json'} is (empty|not valid JSON)"):
+        load_tokenizer(plain)
+    with pytest.raises(ValueError, match=f"{plain / 'tokenizer.json'} is (empty|not valid JSON)"):
+        merge_checkpoints("average", [models["chat"], plain], tmp_path / "out", tokenizer_source="union",
+                          progress=False)
+    assert not (tmp_path / "out").exists()
+    (plain / "tokenizer.json").unlink()  # (no tokenizer at all: the base's, as mergekit takes it)
+    (plain / "tokenizer_config.json").unlink()
+    assert load_tokenizer(plain) is None
