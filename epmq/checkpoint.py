@@ -145,6 +145,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
     qconfig["epmq"] = ours
     _serving_warnings(layers, qconfig, split)
+    _stacked_experts_warning(model, layers, to_disk)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
@@ -528,6 +529,26 @@ def _serving_warnings(layers, qconfig, split) -> None:
             f"epmq pads them and epmq.load_quantized loads them, but GPTQModel and transformers (buffers of "
             f"width * bits / 32 words) and vLLM (widths a multiple of its pack factor) cannot. Exclude "
             f"them (layers=) to serve the checkpoint elsewhere", ServingWarning)
+
+
+def _stacked_experts_warning(model, layers, to_disk) -> None:
+    """A ServingWarning where quantized experts come from tensors the family's own checkpoints
+    stack by projection (Step 3.7's ``moe.gate_proj.weight [E, I, H]``: ``Part.saved`` of an
+    expert's index): they are saved per expert under the module's names, which load_quantized
+    reads but engines that load the stacked layout alone (vLLM's Step 3) do not."""
+    stacked = {}
+    for name, key in checkpoint_names(model).items():
+        saved, owner = getattr(key, "saved", None), name.rpartition(".")[0]
+        if saved is not None and saved.index is not None and owner in layers:
+            stacked.setdefault(saved.fused, (saved, to_disk[f"{owner}.qweight"].removesuffix(".qweight")))
+    if stacked:
+        saved, first = next(iter(stacked.values()))
+        on_disk = renamed([saved.fused], saved_key_renaming(model))[saved.fused]
+        warnings.warn(
+            f"quantized experts of {len(stacked)} tensors the family's own checkpoints hold stacked by "
+            f"projection (first: {on_disk} {list(saved.fused_shape)}) are saved per expert under the module's "
+            f"names (first: {first}): epmq.load_quantized reads them, but engines that load only the stacked "
+            f"layout do not (vLLM's Step 3 loader reads moe.*_proj.weight, not GPTQ experts)", ServingWarning)
 
 
 # the fields of a quantize_model call a checkpoint records per layer where the calls differ

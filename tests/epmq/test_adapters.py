@@ -710,6 +710,22 @@ def test_experts_saved_stacked_by_projection_are_read(gen, tmp_path):
     _directory_walk_is_the_module_walk(_step3p7, ids, tmp_path, layers=r"^model\.language_model\.")
 
 
+
+def test_experts_saved_per_expert_from_a_stacked_family_are_warned_of(tmp_path):
+    """A quantized Step 3.7 (its own checkpoints stack a block's experts by projection,
+    ``moe.gate_proj.weight [E, I, H]``) is saved per expert under the module's names
+    (``mlp.experts.{e}.gate_proj``), which load_quantized reads but vLLM's Step 3 loader (stacked
+    ``moe.*_proj.weight`` only) does not: it was saved in silence; a ServingWarning names both."""
+    from epmq.checkpoint import ServingWarning
+
+    torch.manual_seed(0)
+    model = _step3p7().eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False,
+                        layers=r"^model\.language_model\.")
+    with pytest.warns(ServingWarning, match=r"stacked by projection \(first: model\.layers\.1\.moe\.gate_proj\.weight"
+                                            r"[^)]*\).*per expert.*model\.layers\.1\.mlp\.experts\.0\.gate_proj.*vLLM"):
+        epmq.save_quantized(model, tmp_path / "q")
+
 def test_linears_saved_as_rows_of_one_tensor_are_read_by_rows(gen, tmp_path):
     """LaraMini's checkpoints (and save_pretrained) hold a linear-attention layer's four input
     projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) as rows of one ``linear_attn.in_proj``,
