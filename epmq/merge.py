@@ -1288,10 +1288,16 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
 
 
 def conv1d_weights(model: nn.Module) -> set:
-    """The names of ``model``'s weights stored ``[in, out]`` (GPT-2's ``Conv1D``): RegMean's
-    ``transposed=`` for experts given as state dicts."""
-    return {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if type(module).__name__ == "Conv1D"}
+    """The names of ``model``'s weights stored ``[in, out]`` (GPT-2's ``Conv1D``; fused MoE experts
+    holding each expert transposed): RegMean's ``transposed=`` for experts given as state dicts."""
+    from .adapters.moe import _rebuilt_as, is_fused_experts
+
+    conv1d = {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+              if type(module).__name__ == "Conv1D"}
+    # (fused experts holding each expert's weight transposed: gpt-oss's and Llama 4's [E, in, out])
+    return conv1d | {f"{name}.{param}" for name, module in model.named_modules()
+                     if is_fused_experts(module) and _rebuilt_as(module).transposed
+                     for param in ("gate_up_proj", "up_proj", "down_proj") if hasattr(module, param)}
 
 
 def _square(W: torch.Tensor) -> bool:
@@ -1361,10 +1367,28 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         if name not in grams:
             return _mean(W_k)
         G_k = list(grams[name])
+        if len(G_k) == len(W_k) and W_k[0].dim() == 3:
+            # a mixture of experts' fused experts ([E, out, in]; [E, in, out] transposed) and their
+            # [E, in, in] Gram matrices: each expert merged by its own
+            W_k = [W for W in W_k]  # (read once each)
+            for k, G in enumerate(G_k):
+                if G.dim() != 3 or G.shape[0] != W_k[0].shape[0]:
+                    raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}: a fused weight of shape "
+                                     f"{tuple(W_k[0].shape)} takes one Gram matrix per expert, "
+                                     f"({W_k[0].shape[0]}, in, in)")
+            unseen = [e for e in range(W_k[0].shape[0]) if not any(G[e].any() for G in G_k)]
+            if unseen:
+                warnings.warn(f"regmean: experts {unseen} of {name} were routed no calibration token by any model "
+                              f"(their Gram matrices are zero): merged by their plain average")
+            return torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
+                                for e in range(W_k[0].shape[0])])
         if len(G_k) != len(W_k) or W_k[0].dim() != 2:
             raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert) "
                              f"of a 2-D weight, got {len(G_k)} for shape {tuple(W_k[0].shape)}")
-        flip = name in transposed  # (W_k as [in, out] below)
+        return solve(name, W_k, G_k)
+
+    def solve(name, W_k, G_k):
+        flip = name.partition("[")[0] in transposed  # (W_k as [in, out] below)
         W_k = [W if flip else W.T for W in W_k]  # (read once each: W_k reads on demand)
         d_in = W_k[0].shape[0]
         G_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=W_k[0].device)

@@ -665,7 +665,8 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                     if on_disk[n] in to_reference and id(p) not in written:
                         written.add(id(p))
                         p.copy_(view[to_reference[on_disk[n]]])
-        grams = gram_matrices(model, batches[f"model {k}"])
+        # (fused experts' under the fused name and each expert's: a checkpoint holds either)
+        grams = gram_matrices(model, batches[f"model {k}"], each_expert=True)
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
         if k == 0:  # (the models share one architecture)
             _warn_averaged_matrices(model, grams)

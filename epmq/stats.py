@@ -720,7 +720,8 @@ class EPMQStats:
 
 
 @torch.no_grad()
-def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str = "") -> dict:
+def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str = "",
+                  each_expert: bool = False) -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers and GPT-2's
     ``Conv1D`` ones (whose weight is stored ``[in, out]``: ``epmq.merge.regmean`` finds them
     when given the experts as modules, else takes their names as ``transposed=``), those whose
@@ -736,14 +737,22 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
 
     Linears that read the very same tensors in the first batch (q/k/v, gate/up) have one Gram
     matrix, accumulated once from the second batch on (the same object in the result), as the
-    model walker shares their Hessians; a batch in which they stop doing so raises."""
+    model walker shares their Hessians; a batch in which they stop doing so raises.
+
+    A mixture of experts' fused experts (transformers 5's ``experts.gate_up_proj [E, 2I, H]``
+    and ``down_proj``, 3-D parameters no ``nn.Linear`` holds) are called, for the passes, as the
+    walker rebuilds them, one ``nn.Linear`` per expert taking the tokens routed to it: each fused
+    parameter's entry stacks its experts' Gram matrices, ``[E, in, in]`` (an expert no token
+    reached: zeros), those of the inputs each expert's projections see in the model's forward.
+    ``each_expert``: each expert's projections have theirs too, ``[in, in]``, under the names
+    checkpoints saved one matrix per expert give them (``experts.{e}.gate_proj.weight``)."""
     from torch import nn
 
-    from .adapters import find_towers
+    from .adapters.moe import MoEAdapter, rebuild_experts
     from .adapters.attention import call_projections, hands_weights_to_torch
     from .checkpoint_io import parameter_aliases
     from .calibration import token_rows, unpad
-    from .walker import _call, _encoder_decoder, _item_seed
+    from .walker import _call, _encoder_decoder, _item_seed, keep_call_hooks
 
     device = next(model.parameters()).device
     stats, hooks = {}, []
@@ -751,10 +760,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     owner = {}  # name -> the name whose statistics it shares (decided after the first batch)
     # the positions of a stack's hidden states that are tokens, as the walk counts them (open_clip
     # text towers: up to the end token), for the current batch
-    try:
-        stacks = [(adapter, prefix) for adapter, tower in find_towers(model) for prefix, _ in tower]
-    except ValueError:  # (blocks no adapter knows: every position counts)
-        stacks = []
+    stacks = [(adapter, prefix) for adapter, tower in stacks_of(model) for prefix, _ in tower]
     masks = {}
 
     def hook(name):
@@ -770,11 +776,31 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         return fn
 
     tied = {name for names in parameter_aliases(model) if len(names) > 1 for name in names}
+    # fused experts as one linear per expert (views of the fused parameters), put back after the
+    # passes
+    swapped = []
+
+    def swap(name, new):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        keep_call_hooks(old, new)
+        swapped.append((parent, attr, old, new))
+        setattr(parent, attr, new.train(old.training))
+
+    rebuilt = set()
+    for adapter, _ in stacks_of(model):
+        rebuilt.update(rebuild_experts(adapter, model, swap, not isinstance(adapter, MoEAdapter)).values())
+    # (experts whose linears take another slice than one expert's rows of a 3-D parameter, DBRX's,
+    # keep no Gram matrix: averaged, as before)
+    expert_parts = {str(part): part for part in rebuilt
+             if str(part).endswith(".weight") and part.index is not None and part.cols is None and part.order is None
+             and part.fused not in tied and (names is None or part.fused in names)}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"
-        if ((isinstance(module, nn.Linear) or conv1d) and weight not in tied
-                and (names is None or weight in names)):
+        if ((isinstance(module, nn.Linear) or conv1d) and weight not in tied and weight not in rebuilt
+                and (names is None or weight in names) or weight in expert_parts):
             d_in = module.weight.shape[0] if conv1d else module.in_features
             stats[weight] = HessianStats(d_in, device="cpu", dtype=dtype)
             hooks.append(module.register_forward_pre_hook(hook(weight)))
@@ -817,8 +843,33 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             h.remove()
         for attention in handing:
             vars(attention).pop("torch_multi_head_self_attention", None)
+        for parent, attr, old, new in reversed(swapped):
+            setattr(parent, attr, old.train(new.training))
         model.train(was_training)
         keep.clear()
     if not any(s.n_tokens for s in stats.values()):
         raise ValueError("no calibration batch reached the model's linear layers")
-    return {n: stats[owner.get(n, n)].H for n in stats}
+    grams = {n: stats[owner.get(n, n)].H for n in stats}
+    experts = {}  # fused parameter -> {expert: its Gram matrix}
+    for n, part in expert_parts.items():
+        G = grams.pop(n)
+        same = experts.setdefault(part.fused, {}).setdefault(part.index, G)
+        if same is not G and not torch.equal(same, G):  # (gate and up read the same tokens)
+            raise RuntimeError(f"the projections of expert {part.index} of {part.fused} read other inputs: "
+                               f"one Gram matrix per expert does not hold them")
+    for fused, per_expert in experts.items():
+        grams[fused] = torch.stack([per_expert[e] for e in range(len(per_expert))])
+    if each_expert:  # (views of the stack, one per expert: its projections share it)
+        views = {(fused, e): grams[fused][e] for fused, per_expert in experts.items() for e in per_expert}
+        grams.update({n: views[part.fused, part.index] for n, part in expert_parts.items()})
+    return grams
+
+
+def stacks_of(model) -> list:
+    """``find_towers(model)``, or [] where no adapter knows its blocks."""
+    from .adapters import find_towers
+
+    try:
+        return find_towers(model)
+    except ValueError:  # (blocks no adapter knows)
+        return []

@@ -1571,3 +1571,115 @@ def test_numpys_numbers_are_taken_as_pythons():
     assert all(torch.equal(got[k], want[k]) for k in want)
     got, want = merge.karcher(experts, max_iter=np.int64(3), tol=f32(0)), merge.karcher(experts, max_iter=3, tol=0.0)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _routed_moe(family, seed):
+    """A tiny mixture of experts of two layers, 4 experts of which each token takes 2."""
+    import transformers
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_experts_per_tok=2)
+    if family == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **shape)).eval()
+    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        moe_intermediate_size=16, num_experts=4, head_dim=8, **shape)).eval()
+
+
+def _token_batches(seed, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 64, (2, 7), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_gram_matrices_of_fused_experts_are_each_experts_routed_inputs(family):
+    """transformers 5 holds a mixture's experts fused (gate_up_proj [E, 2I, H], down_proj [E, H, I])
+    outside any nn.Linear: each fused parameter's Gram matrices are its experts', [E, in, in], each
+    X_e^T X_e of the tokens routed to expert e, exactly what that expert's linear sees in the
+    forward of the model rebuilt one linear per expert."""
+    import copy
+
+    from epmq.adapters.moe import MOE_DECODERS, rebuild_experts
+    from epmq.stats import HessianStats, gram_matrices
+
+    model, batches = _routed_moe(family, 0), _token_batches(1)
+    rebuilt = copy.deepcopy(model)
+    rebuild_experts(MOE_DECODERS, rebuilt,
+                    lambda name, new: setattr(rebuilt.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2],
+                                              new))
+    want, hooks = {}, []
+    for i, layer in enumerate(rebuilt.model.layers):
+        for e in range(4):
+            *first, down = layer.mlp.experts[e].projections()
+            for param, linear in (("gate_up_proj", first[0]), ("down_proj", down)):
+                stats = want[f"model.layers.{i}.mlp.experts.{param}", e] = HessianStats(linear.in_features,
+                                                                                          dtype=torch.float64)
+                hooks.append(linear.register_forward_pre_hook(lambda m, args, s=stats: s.add_batch(args[0].double())))
+    with torch.no_grad():
+        for batch in batches:
+            rebuilt(**batch)
+    grams = gram_matrices(model, batches)
+    assert not any(".experts.0." in n for n in grams)  # (the model's own names: the fused parameters')
+    for (name, e), stats in want.items():
+        assert grams[name].shape == (4, *stats.H.shape)
+        assert torch.equal(grams[name][e], stats.H), (name, e)
+    assert sum(s.n_tokens for (n, _), s in want.items() if n.endswith("0.mlp.experts.down_proj")) == 2 * 2 * 7 * 3
+    # the model is left as it was: its fused experts, which compute what they did
+    assert type(model.model.layers[0].mlp.experts).__name__.endswith("Experts")
+    assert "gate_up_proj" in dict(model.model.layers[0].mlp.experts.named_parameters())
+
+
+def _regmean_by_hand(W_k, G_k, alpha=0.9):
+    """RegMean's closed form for one [out, in] weight, as its paper writes it (float64)."""
+    G_k = [alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G)) for G in G_k]
+    G_sum = sum(G_k)
+    ridge = 1e-8 * float(torch.diagonal(G_sum).mean()) or 1.0
+    mean = sum(W.double() for W in W_k) / len(W_k)
+    A = G_sum + ridge * torch.eye(G_sum.shape[0], dtype=torch.float64)
+    B = sum(G @ W.double().T for W, G in zip(W_k, G_k)) + ridge * mean.T
+    return torch.linalg.solve(A, B).T
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_regmean_merges_fused_experts_each_by_its_own_gram_matrices(family):
+    """Each expert of a fused parameter is merged by RegMean on its own experts' Gram matrices
+    (not averaged): W_e = (sum_k W_k,e G_k,e)(sum_k G_k,e)^-1."""
+    from epmq.stats import gram_matrices
+
+    models = [_routed_moe(family, k) for k in range(2)]
+    grams = [gram_matrices(m, _token_batches(10 + k)) for k, m in enumerate(models)]
+    merged = merge.regmean([m.state_dict() for m in models], {n: [g[n] for g in grams] for n in grams[0]})
+    for param in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.1.mlp.experts.{param}"
+        W_k = [m.state_dict()[name] for m in models]
+        for e in range(4):
+            want = _regmean_by_hand([W[e] for W in W_k], [g[name][e] for g in grams])
+            torch.testing.assert_close(merged[name][e].double(), want, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(merged[name], (W_k[0] + W_k[1]) / 2, atol=1e-4)
+
+
+def test_regmean_of_an_expert_no_token_reached_is_the_average_and_said():
+    """An expert the router gives no calibration token in any model has zero Gram matrices:
+    merged by the plain average, with a warning naming it."""
+    from epmq.stats import gram_matrices
+
+    models = [_routed_moe("qwen3_moe", k) for k in range(2)]
+    for m in models:
+        router = m.model.layers[0].mlp.gate
+
+        def never_3(hidden_states, router=router):  # (Qwen3-MoE's router, expert 3 left out)
+            logits = nn.functional.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
+            logits[:, 3] = float("-inf")
+            top, index = torch.topk(logits.float().softmax(-1), router.top_k, dim=-1)
+            return logits, (top / top.sum(-1, keepdim=True)).to(logits.dtype), index
+
+        router.forward = never_3
+    grams = [gram_matrices(m, _token_batches(20 + k)) for k, m in enumerate(models)]
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not any(g[name][3].any() for g in grams) and all(g[name][2].any() for g in grams)
+    with pytest.warns(UserWarning, match=r"regmean: experts \[3\] of model\.layers\.0\.mlp\.experts\.gate_up_proj "
+                                         r"were routed no calibration token.*plain average"):
+        merged = merge.regmean([m.state_dict() for m in models], {n: [g[n] for g in grams] for n in grams[0]})
+    W_k = [m.state_dict()[name] for m in models]
+    torch.testing.assert_close(merged[name][3], (W_k[0][3] + W_k[1][3]) / 2)
+    assert not torch.allclose(merged[name][0], (W_k[0][0] + W_k[1][0]) / 2, atol=1e-4)

@@ -843,28 +843,41 @@ def test_regmean_of_mllamas_language_models_is_not_refused_as_a_walk(tmp_path):
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], average["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_regmean_of_fused_moe_experts_says_they_are_averaged(tmp_path):
-    """RegMean collects inputs at linear layers: a Qwen3-MoE's experts, held fused in 3-D
-    parameters by transformers 5 (and its router), get no Gram matrix and are merged by their
-    plain average, most of a real MoE's weights: said, naming them, not silently."""
+def test_regmean_of_fused_moe_experts_merges_each_expert(tmp_path, monkeypatch):
+    """A Qwen3-MoE's experts, held fused in 3-D parameters by transformers 5, are merged by RegMean
+    expert by expert, each on the Gram matrices of the tokens routed to it in each model (they
+    were averaged); its router, no linear layer, has no Gram matrix and is averaged: said, naming it."""
+    import epmq.stats
     from epmq.benches.tiny import WORDS
 
     config = transformers.Qwen3MoeConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
                                          num_experts_per_tok=2, moe_intermediate_size=16, pad_token_id=0)
     g = torch.Generator().manual_seed(0)
-    models, texts = [], []
+    models, texts, experts = [], [], []
     for k in range(2):
         torch.manual_seed(k)
-        transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / f"e{k}")
+        experts.append(transformers.Qwen3MoeForCausalLM(config))
+        experts[-1].save_pretrained(tmp_path / f"e{k}")
         models.append(tmp_path / f"e{k}")
         texts.append(tmp_path / f"t{k}.txt")
         texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
     word_tokenizer(models[0])
-    with pytest.warns(UserWarning, match=r"regmean: .*no linear layer.*model\.layers\.0\.mlp\.experts\.gate_up_proj "
-                                         r"\(4, 32, 32\).*plain average"):
+    seen, gram_matrices = [], epmq.stats.gram_matrices
+    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
+    with pytest.warns(UserWarning, match=r"regmean: 2 weight matrices .*no linear layer.*model\.layers\.0\.mlp\.gate"
+                                         r"\.weight \(4, 32\).*plain average"):
         merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
                           samples=4, seq_len=16, batch_size=2, progress=False)
+    got = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    # (RegMean of the experts' state dicts on the Gram matrices each model gave, per expert: test_merge's checks)
+    want = merge.regmean([e.state_dict() for e in experts], {n: [grams[n] for grams in seen] for n in seen[0]
+                                                                 if n in experts[0].state_dict()})
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        W_k = [e.state_dict()[name] for e in experts]
+        assert seen[0][name].shape == (4, *W_k[0].shape[2:], W_k[0].shape[2])
+        torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(got[name], (W_k[0] + W_k[1]) / 2, atol=1e-4)
 
 
 def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
