@@ -744,6 +744,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     walker rebuilds them, one ``nn.Linear`` per expert taking the tokens routed to it: each fused
     parameter's entry stacks its experts' Gram matrices, ``[E, in, in]`` (an expert no token
     reached: zeros), those of the inputs each expert's projections see in the model's forward.
+    A module of the blocks that applies a 2-D weight of its own by ``F.linear`` (their routers,
+    ``mlp.gate.weight [E, H]``) has the Gram matrix of that call's inputs.
     ``each_expert``: each expert's projections have theirs too, ``[in, in]``, under the names
     checkpoints saved one matrix per expert give them (``experts.{e}.gate_proj.weight``)."""
     from torch import nn
@@ -758,9 +760,10 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     stats, hooks = {}, []
     reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive
     owner = {}  # name -> the name whose statistics it shares (decided after the first batch)
+    towers = stacks_of(model)
+    stacks = [(adapter, prefix) for adapter, tower in towers for prefix, _ in tower]
     # the positions of a stack's hidden states that are tokens, as the walk counts them (open_clip
     # text towers: up to the end token), for the current batch
-    stacks = [(adapter, prefix) for adapter, tower in stacks_of(model) for prefix, _ in tower]
     masks = {}
 
     def hook(name):
@@ -789,13 +792,13 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         setattr(parent, attr, new.train(old.training))
 
     rebuilt = set()
-    for adapter, _ in stacks_of(model):
+    for adapter, _ in towers:
         rebuilt.update(rebuild_experts(adapter, model, swap, not isinstance(adapter, MoEAdapter)).values())
     # (experts whose linears take another slice than one expert's rows of a 3-D parameter, DBRX's,
     # keep no Gram matrix: averaged, as before)
     expert_parts = {str(part): part for part in rebuilt
-             if str(part).endswith(".weight") and part.index is not None and part.cols is None and part.order is None
-             and part.fused not in tied and (names is None or part.fused in names)}
+                    if str(part).endswith(".weight") and part.index is not None and part.cols is None
+                    and part.order is None and part.fused not in tied and (names is None or part.fused in names)}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"
@@ -804,6 +807,34 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             d_in = module.weight.shape[0] if conv1d else module.in_features
             stats[weight] = HessianStats(d_in, device="cpu", dtype=dtype)
             hooks.append(module.register_forward_pre_hook(hook(weight)))
+    # modules of the blocks that apply a 2-D weight of their own by F.linear, no nn.Linear
+    # (transformers 5's MoE routers, Qwen3MoeTopKRouter's weight [E, H]): the inputs of that call
+    applied, routers = {}, set()  # id(weight) -> its HessianStats; their names
+    for _, tower in towers:
+        for prefix, blocks in tower:
+            for i, block in enumerate(blocks):
+                for rel, module in block.named_modules():
+                    w, weight = module._parameters.get("weight"), f"{prefix}.{i}.{rel + '.' if rel else ''}weight"
+                    if (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
+                            and not isinstance(module, (nn.Linear, nn.Embedding)) and type(module).__name__ != "Conv1D"
+                            and weight not in stats and weight not in tied and (names is None or weight in names)):
+                        stats[weight] = applied[id(w)] = HessianStats(w.shape[1], device="cpu", dtype=dtype)
+                        routers.add(weight)
+                        hooks.append(module.register_forward_pre_hook(lambda m, args: capture.__enter__() and None))
+                        hooks.append(module.register_forward_hook(
+                            lambda m, args, out: capture.__exit__(None, None, None) and None, always_call=True))
+
+    class Capture(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is nn.functional.linear:
+                x, w = (list(args) + [kwargs.get("input"), kwargs.get("weight")][len(args):])[:2]
+                if id(w) in applied:
+                    applied[id(w)].add_batch(x.detach().reshape(-1, x.shape[-1]).to("cpu", dtype),
+                                             what="calibration input of a router")
+            return func(*args, **kwargs)
+
+    capture = Capture()
     if not stats:
         raise ValueError(f"{type(model).__name__} has no linear layer (untied nn.Linear or Conv1D)"
                          f"{' among the names given' if names else ''}")
@@ -849,7 +880,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         keep.clear()
     if not any(s.n_tokens for s in stats.values()):
         raise ValueError("no calibration batch reached the model's linear layers")
-    grams = {n: stats[owner.get(n, n)].H for n in stats}
+    # (a module that never applied its weight by F.linear has none: averaged)
+    grams = {n: stats[owner.get(n, n)].H for n in stats if n not in routers or stats[n].n_tokens}
     experts = {}  # fused parameter -> {expert: its Gram matrix}
     for n, part in expert_parts.items():
         G = grams.pop(n)

@@ -1683,3 +1683,32 @@ def test_regmean_of_an_expert_no_token_reached_is_the_average_and_said():
     W_k = [m.state_dict()[name] for m in models]
     torch.testing.assert_close(merged[name][3], (W_k[0][3] + W_k[1][3]) / 2)
     assert not torch.allclose(merged[name][0], (W_k[0][0] + W_k[1][0]) / 2, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_gram_matrices_of_moe_routers_are_of_their_inputs(family):
+    """transformers 5's routers (Qwen3MoeTopKRouter, MixtralTopKRouter) hold their weight [E, H]
+    outside any nn.Linear and apply it by F.linear: their Gram matrix is that of the block's hidden
+    states they route (all tokens), exactly, and RegMean merges them by it."""
+    from epmq.stats import HessianStats, gram_matrices
+
+    models = [_routed_moe(family, k) for k in range(2)]
+    want, hooks = {}, []
+    for i, layer in enumerate(models[0].model.layers):
+        stats = want[f"model.layers.{i}.mlp.gate.weight"] = HessianStats(32, dtype=torch.float64)
+        hooks.append(layer.mlp.gate.register_forward_pre_hook(
+            lambda m, args, s=stats: s.add_batch(args[0].reshape(-1, 32).double())))
+    with torch.no_grad():
+        for batch in _token_batches(10):
+            models[0](**batch)
+    for h in hooks:
+        h.remove()
+    grams = [gram_matrices(m, _token_batches(10 + k)) for k, m in enumerate(models)]
+    for name, stats in want.items():
+        assert stats.n_tokens == 3 * 2 * 7
+        assert torch.equal(grams[0][name], stats.H), name
+    merged = merge.regmean([m.state_dict() for m in models], {n: [g[n] for g in grams] for n in grams[0]})
+    name = "model.layers.1.mlp.gate.weight"
+    W_k = [m.state_dict()[name] for m in models]
+    torch.testing.assert_close(merged[name].double(), _regmean_by_hand(W_k, [g[name] for g in grams]),
+                               atol=1e-5, rtol=1e-4)
