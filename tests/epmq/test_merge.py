@@ -1,5 +1,6 @@
 """Merges against results computed by hand."""
 
+import warnings
 import zlib
 
 import pytest
@@ -1712,3 +1713,38 @@ def test_gram_matrices_of_moe_routers_are_of_their_inputs(family):
     W_k = [m.state_dict()[name] for m in models]
     torch.testing.assert_close(merged[name].double(), _regmean_by_hand(W_k, [g[name] for g in grams]),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_regmean_merges_experts_stored_transposed_each_by_its_own_gram_matrices():
+    """gpt-oss holds each expert transposed (gate_up_proj [E, H, 2I], gate and up interleaved
+    columns; down_proj [E, I, H]), here square per expert: merged as [in, out], whether the experts
+    are given as modules or as state dicts with transposed=conv1d_weights(model)."""
+    import transformers
+
+    from epmq.stats import gram_matrices
+
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        models.append(transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention"])).eval())
+        with torch.no_grad():
+            for p in models[-1].parameters():
+                p.normal_(0, 0.05)  # (its experts start at zero)
+    grams = [gram_matrices(m, _token_batches(30 + k, n=6)) for k, m in enumerate(models)]
+    by_name = {n: [g[n] for g in grams] for n in grams[0]}
+    transposed = merge.conv1d_weights(models[0])
+    assert transposed == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (an expert the few tokens may leave unrouted)
+        merged = [merge.regmean(models, by_name),
+                  merge.regmean([m.state_dict() for m in models], by_name, transposed=transposed)]
+    for name in sorted(transposed):
+        W_k = [m.state_dict()[name] for m in models]
+        for e in range(4):
+            if any(g[e].any() for g in by_name[name]):
+                want = _regmean_by_hand([W[e].T for W in W_k], [g[e] for g in by_name[name]]).T
+                for got in merged:
+                    torch.testing.assert_close(got[name][e].double(), want, atol=1e-5, rtol=1e-4)
