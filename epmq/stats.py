@@ -889,10 +889,12 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         if same is not G and not torch.equal(same, G):  # (gate and up read the same tokens)
             raise RuntimeError(f"the projections of expert {part.index} of {part.fused} read other inputs: "
                                f"one Gram matrix per expert does not hold them")
-    for fused, per_expert in experts.items():
-        grams[fused] = torch.stack([per_expert[e] for e in range(len(per_expert))])
+    stats.clear()  # (each expert's matrix freed once stacked: not all of them twice at once)
+    for fused in list(experts):
+        per_expert = experts.pop(fused)
+        grams[fused] = torch.stack([per_expert.pop(e) for e in range(len(per_expert))])
     if each_expert:  # (views of the stack, one per expert: its projections share it)
-        views = {(fused, e): grams[fused][e] for fused, per_expert in experts.items() for e in per_expert}
+        views = {(part.fused, part.index): grams[part.fused][part.index] for part in expert_parts.values()}
         grams.update({n: views[part.fused, part.index] for n, part in expert_parts.items()})
     return grams
 
