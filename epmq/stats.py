@@ -835,6 +835,14 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             return func(*args, **kwargs)
 
     capture = Capture()
+    # an expert's gate and up projections (its parts of one fused parameter) read its tokens, one
+    # tensor: shared from the start, as the first batch cannot tell it of an expert it routes nothing to
+    leaders = {}
+    for n in stats:  # (in the modules' order: gate leads)
+        if n in expert_parts:
+            leader = leaders.setdefault((expert_parts[n].fused, expert_parts[n].index), n)
+            if leader != n:
+                owner[n] = leader
     if not stats:
         raise ValueError(f"{type(model).__name__} has no linear layer (untied nn.Linear or Conv1D)"
                          f"{' among the names given' if names else ''}")
@@ -860,7 +868,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             if n == 0:
                 first = {}
                 for name in stats:
-                    if name in reads:
+                    if name in reads and name not in owner:
                         leader = first.setdefault(tuple(reads[name]), name)
                         if leader != name:
                             owner[name] = leader

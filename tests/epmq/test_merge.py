@@ -1748,3 +1748,21 @@ def test_regmean_merges_experts_stored_transposed_each_by_its_own_gram_matrices(
                 want = _regmean_by_hand([W[e].T for W in W_k], [g[e] for g in by_name[name]]).T
                 for got in merged:
                     torch.testing.assert_close(got[name][e].double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_gram_matrices_of_an_experts_gate_and_up_are_taken_once(monkeypatch):
+    """An expert's gate and up projections read its tokens, one tensor: one Gram matrix for both,
+    accumulated once, also for an expert the first batch routed no token to (they were two,
+    each accumulated: twice the memory and the work of a mixture's largest matrices)."""
+    from epmq import stats as stats_mod
+
+    model = _routed_moe("qwen3_moe", 0)
+    batches = [{"input_ids": torch.tensor([[5]])}, *_token_batches(40)]  # (one token: 2 experts of 4)
+    calls = []
+    add_batch = stats_mod.HessianStats.add_batch
+    monkeypatch.setattr(stats_mod.HessianStats, "add_batch",
+                        lambda self, x, what="": calls.append(what) or add_batch(self, x, what))
+    grams = stats_mod.gram_matrices(model, batches)
+    assert any(".experts.3.gate_proj" in c for c in calls) and any(".experts.3.down_proj" in c for c in calls)
+    assert not [c for c in calls if ".up_proj" in c]
+    assert all(grams[f"model.layers.{i}.mlp.experts.gate_up_proj"].any(dim=(1, 2)).all() for i in range(2))
