@@ -665,8 +665,16 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                     if on_disk[n] in to_reference and id(p) not in written:
                         written.add(id(p))
                         p.copy_(view[to_reference[on_disk[n]]])
+        if k == 0:  # (the models share one architecture)
+            fits = _fused_expert_gram_bytes(model) <= EXPERT_GRAM_BYTES
+            if not fits:
+                warnings.warn(f"regmean: the Gram matrices of {type(model).__name__}'s fused experts, one per expert, "
+                              f"would take {_fused_expert_gram_bytes(model) / 2**30:.1f} GiB a model in float64 "
+                              f"(over epmq.merge_checkpoint.EXPERT_GRAM_BYTES, "
+                              f"{EXPERT_GRAM_BYTES / 2**30:.1f} GiB): the experts are merged by their plain "
+                              f"average; raise it to merge them by RegMean where memory allows")
         # (fused experts' under the fused name and each expert's: a checkpoint holds either)
-        grams = gram_matrices(model, batches[f"model {k}"], each_expert=True)
+        grams = gram_matrices(model, batches[f"model {k}"], each_expert=True, experts=fits)
         on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
         if k == 0:  # (the models share one architecture)
             _warn_averaged_matrices(model, grams)
@@ -679,6 +687,26 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         del grams
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]
     return {n: _SpilledGrams([g[n] for g in per_model]) for n in shared}, transposed & set(shared)
+
+
+# the most memory one model's per-expert Gram matrices of fused experts may take (held at once,
+# as each model's are, and ~E times its dense layers': Mixtral-8x7B's are ~450 GB); over it the
+# experts are averaged, warned
+EXPERT_GRAM_BYTES = 32 * 2**30
+
+
+def _fused_expert_gram_bytes(model) -> int:
+    """Bytes of the float64 Gram matrices, one per expert and input, of ``model``'s fused experts."""
+    from .adapters.moe import _rebuilt_as, is_fused_experts
+
+    total = 0
+    for module in model.modules():
+        if is_fused_experts(module):
+            flip = _rebuilt_as(module).transposed  # ([E, in, out])
+            for W in (getattr(module, p, None) for p in ("gate_up_proj", "up_proj", "down_proj")):
+                if isinstance(W, torch.Tensor) and W.dim() == 3:
+                    total += W.shape[0] * W.shape[1 if flip else 2] ** 2 * 8
+    return total
 
 
 def _warn_averaged_matrices(model, grams) -> None:

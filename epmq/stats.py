@@ -721,7 +721,7 @@ class EPMQStats:
 
 @torch.no_grad()
 def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str = "",
-                  each_expert: bool = False) -> dict:
+                  each_expert: bool = False, experts: bool = True) -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers and GPT-2's
     ``Conv1D`` ones (whose weight is stored ``[in, out]``: ``epmq.merge.regmean`` finds them
     when given the experts as modules, else takes their names as ``transposed=``), those whose
@@ -747,7 +747,9 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     A module of the blocks that applies a 2-D weight of its own by ``F.linear`` (their routers,
     ``mlp.gate.weight [E, H]``) has the Gram matrix of that call's inputs.
     ``each_expert``: each expert's projections have theirs too, ``[in, in]``, under the names
-    checkpoints saved one matrix per expert give them (``experts.{e}.gate_proj.weight``)."""
+    checkpoints saved one matrix per expert give them (``experts.{e}.gate_proj.weight``).
+    ``experts=False``: fused experts are left as they are, with no Gram matrix (where one per
+    expert would not fit in memory)."""
     from torch import nn
 
     from .adapters.moe import MoEAdapter, rebuild_experts
@@ -792,7 +794,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         setattr(parent, attr, new.train(old.training))
 
     rebuilt = set()
-    for adapter, _ in towers:
+    for adapter, _ in (towers if experts else []):
         rebuilt.update(rebuild_experts(adapter, model, swap, not isinstance(adapter, MoEAdapter)).values())
     # (experts whose linears take another slice than one expert's rows of a 3-D parameter, DBRX's,
     # keep no Gram matrix: averaged, as before)

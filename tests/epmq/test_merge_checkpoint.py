@@ -844,11 +844,9 @@ def test_regmean_of_mllamas_language_models_is_not_refused_as_a_walk(tmp_path):
     assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], average["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_regmean_of_fused_moe_experts_merges_each_expert(tmp_path, monkeypatch):
-    """A Qwen3-MoE's experts, held fused in 3-D parameters by transformers 5, are merged by RegMean
-    expert by expert, each on the Gram matrices of the tokens routed to it in each model, and its
-    routers (weights applied by F.linear, no nn.Linear) on their inputs' (they were averaged)."""
-    import epmq.stats
+def two_qwen3_moe_experts(tmp_path):
+    """Two tiny Qwen3-MoE experts saved (a word tokenizer beside the first), each with a text of
+    its own: (directories, texts, models)."""
     from epmq.benches.tiny import WORDS
 
     config = transformers.Qwen3MoeConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -864,6 +862,39 @@ def test_regmean_of_fused_moe_experts_merges_each_expert(tmp_path, monkeypatch):
         texts.append(tmp_path / f"t{k}.txt")
         texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
     word_tokenizer(models[0])
+    return models, texts, experts
+
+
+def test_regmean_of_fused_experts_over_the_memory_budget_averages_them(tmp_path, monkeypatch):
+    """One model's Gram matrices of fused experts, one per expert, are held at once (~450 GB for
+    Mixtral-8x7B in float64, where its dense layers' take ~9 GB): over
+    epmq.merge_checkpoint.EXPERT_GRAM_BYTES the experts are averaged, said with the size, and the
+    other matrices merged by RegMean as before."""
+    import epmq.merge_checkpoint
+
+    models, texts, experts = two_qwen3_moe_experts(tmp_path)
+    # (2 layers x 4 experts x (32^2 + 16^2) inputs' Gram matrices x 8 bytes)
+    assert epmq.merge_checkpoint._fused_expert_gram_bytes(experts[0]) == 2 * 4 * (32 * 32 + 16 * 16) * 8
+    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 2 * 4 * (32 * 32 + 16 * 16) * 8 - 1)
+    with pytest.warns(UserWarning, match=r"regmean: the Gram matrices of Qwen3MoeForCausalLM's fused experts, one "
+                                         r"per expert, would take 0\.0 GiB .*plain average"):
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    got = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        W_k = [e.state_dict()[name] for e in experts]
+        torch.testing.assert_close(got[name], (W_k[0] + W_k[1]) / 2)
+    name = "model.layers.0.self_attn.q_proj.weight"  # (RegMean still)
+    assert not torch.allclose(got[name], (experts[0].state_dict()[name] + experts[1].state_dict()[name]) / 2)
+
+
+def test_regmean_of_fused_moe_experts_merges_each_expert(tmp_path, monkeypatch):
+    """A Qwen3-MoE's experts, held fused in 3-D parameters by transformers 5, are merged by RegMean
+    expert by expert, each on the Gram matrices of the tokens routed to it in each model, and its
+    routers (weights applied by F.linear, no nn.Linear) on their inputs' (they were averaged)."""
+    import epmq.stats
+
+    models, texts, experts = two_qwen3_moe_experts(tmp_path)
     seen, gram_matrices = [], epmq.stats.gram_matrices
     monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
     with warnings.catch_warnings(record=True) as caught:
