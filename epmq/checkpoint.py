@@ -59,6 +59,7 @@ from torch import nn
 from ._util import (read_json, read_json_file, release_freed_memory, remove_stale_temporaries, save_safetensors,
                     storage_key, umask, wrapped_model)
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
+from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
 from .checks import all_finite, check_path, device_argument, is_int
@@ -1356,6 +1357,12 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                   if any(name.startswith(f"{stack}.") for stack, _ in stacks for name in modules)]
     prepared = prepare_towers(model, towers, swap)
     remember(model, prepared)
+    # WavLM's attention whose projections are loaded packed calls them, whichever tower holds it:
+    # by default no registered adapter's (a WavLM large encoder walked by AUTO beside GPT-2), it
+    # handed their weights, the meta stand-ins, to torch, and every logit was NaN
+    for name, attention in model.named_modules():
+        if hands_weights_to_torch(attention) and any(f"{name}.{p}" in modules for p in PROJECTIONS):
+            call_projections(attention)
     # a rebuilt module whose tower was saved unprepared (open_clip's text tower beside a quantized
     # vision tower) holds its tensors under their own names: in_proj_weight for in_proj.weight
     for name, key in prepared.items():
