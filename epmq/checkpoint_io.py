@@ -909,16 +909,7 @@ class LazyStateDict(Mapping):
         return t
 
     def _join(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` made of the checkpoint tensors' entries that hold it, as from_pretrained
-        makes it (one read of each)."""
-        shape, pieces = self._joined[name]
-        out = None
-        for key, where, at in pieces:
-            t = self.reader.get(key)
-            if out is None:
-                out = torch.empty(math.prod(shape), dtype=t.dtype)
-            out[at] = t.reshape(-1)[where].to(out.dtype)
-        return out.view(shape)
+        return joined_tensor(self.reader, *self._joined[name])
 
     def __iter__(self):
         return iter(self._keys)
@@ -1000,6 +991,19 @@ def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: 
                     f"is it a checkpoint of this architecture?"
                 )
     return LazyStateDict(reader, mapping, dtype=dtype, description=f"{what} at {reader.path}", joined=joined)
+
+
+def joined_tensor(reader: CheckpointReader, shape: Sequence[int], pieces: Sequence[tuple]) -> torch.Tensor:
+    """The tensor of ``shape`` made of the checkpoint tensors' entries that hold it
+    (``saved_pieces``' ``[(checkpoint key, where, at)]``), as from_pretrained makes it: one read
+    of each."""
+    out = None
+    for key, where, at in pieces:
+        t = reader.get(key)
+        if out is None:
+            out = torch.empty(math.prod(shape), dtype=t.dtype)
+        out[at] = t.reshape(-1)[where].to(out.dtype)
+    return out.view(tuple(shape))
 
 
 def saved_pieces(reader: CheckpointReader, model: nn.Module, names: Sequence[str],

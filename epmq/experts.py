@@ -17,7 +17,6 @@ and tied tensors may be found under any of their aliases.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -25,7 +24,8 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from .checkpoint_io import Binding, CheckpointError, CheckpointReader, hub_reference, hub_snapshot, saved_pieces
+from .checkpoint_io import (Binding, CheckpointError, CheckpointReader, hub_reference, hub_snapshot,
+                            joined_tensor, saved_pieces)
 from .checks import all_finite
 
 
@@ -187,14 +187,7 @@ class ExpertWeights:
 
     def _join(self, name: str, index=None) -> torch.Tensor:
         """Tensor ``name`` made of its parts (``join``; one read of each), ``[index]`` of it."""
-        shape, pieces = self._joined[name]
-        out = None
-        for key, where, at in pieces:
-            t = self.reader.get(key)
-            if out is None:
-                out = torch.empty(math.prod(shape), dtype=t.dtype)
-            out[at] = t.reshape(-1)[where].to(out.dtype)
-        out = out.view(shape)
+        out = joined_tensor(self.reader, *self._joined[name])
         return out if index is None else out[index]
 
     def check_values(self, name: str, tensor: torch.Tensor) -> None:
