@@ -370,6 +370,13 @@ def prepare_towers(model: nn.Module, towers: list, swap: Callable[[str, nn.Modul
         for attention in [m for _, blocks in stacks for block in blocks for m in block.modules()
                           if hands_weights_to_torch(m)]:
             call_projections(attention)
+        # AUTO's attentions on linears in the stacks it walks, not only its own: beside GPT-2
+        # (stacks_beside) those are lists the others leave, whose in_proj_weight stayed unquantized
+        swap_attention = getattr(adapter, "swap_attention", None)
+        if swap_attention is not None:
+            names.update(swap_attention([(f"{stack}.{i}.{rel}", module) for stack, blocks in stacks
+                                         for i, block in enumerate(blocks) for rel, module in block.named_modules()],
+                                        swap))
     return names
 
 

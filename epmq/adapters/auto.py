@@ -134,12 +134,7 @@ class AutoAdapter(MoEAdapter):
         separate_qv_bias(self, model)
         renames = swap_conv1d(self, model, swap)
         renames.update(rebuild_experts(self, model, swap, known_call_only=True))
-        for name, module in list(self.block_modules(model)):
-            # (as cross-attention: whether a block calls it on one tensor is not known before)
-            if isinstance(module, nn.MultiheadAttention):
-                renames.update(swap_cross_attention(name, module, swap))
-            elif applies_in_proj_weight(module):  # (open_clip's custom blocks' attention)
-                renames.update(swap_in_proj_attention(name, module, swap))
+        renames.update(self.swap_attention(list(self.block_modules(model)), swap))
         for encoder in model.modules():
             if isinstance(encoder, nn.TransformerEncoder) and not all(
                     isinstance(getattr(layer, "self_attn", None), nn.MultiheadAttention) for layer in encoder.layers):
@@ -147,6 +142,21 @@ class AutoAdapter(MoEAdapter):
                 # in_proj_weight the rebuilt attention no longer has; off, padded positions are
                 # computed (not zeros) and the others are the same
                 encoder.use_nested_tensor = False
+        return renames
+
+    def swap_attention(self, modules, swap) -> dict:
+        """The attentions among ``modules`` (``[(name, module)]``) that apply their projections'
+        weights themselves rebuilt on linears: ``nn.MultiheadAttention`` (``LinearCrossAttention``)
+        and open_clip's ``Attention`` (``LinearInProjAttention``); their checkpoint names. Also
+        called by ``prepare_towers`` on the stacks AUTO walks beside other adapters, which are not
+        its own (``stacks_beside``)."""
+        renames = {}
+        for name, module in modules:
+            # (as cross-attention: whether a block calls it on one tensor is not known before)
+            if isinstance(module, nn.MultiheadAttention):
+                renames.update(swap_cross_attention(name, module, swap))
+            elif applies_in_proj_weight(module):  # (open_clip's custom blocks' attention)
+                renames.update(swap_in_proj_attention(name, module, swap))
         return renames
 
     def returned(self, block: nn.Module, hidden: torch.Tensor, output) -> str:

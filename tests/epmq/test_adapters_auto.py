@@ -5,9 +5,11 @@ written for, it quantizes bit for bit as they do; on models no adapter lists, it
 any family (tests/epmq/test_walker_archs.py, ``WIDER``); what it cannot walk it refuses."""
 
 import copy
+import warnings
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import epmq
@@ -842,3 +844,44 @@ def test_wavlm_large_attention_beside_a_known_tower_calls_its_projections(gen, t
                   epmq.load_quantized(tmp_path / "q", build()), epmq.load_quantized(tmp_path / "q")):
         with torch.no_grad():
             torch.testing.assert_close(fresh(**item).logits, after)
+
+
+def test_auto_beside_gpt2_rebuilds_the_multihead_attention_of_the_stacks_it_walks():
+    """AUTO beside GPT-2 (adapter=[GPT2, AUTO]) walks the lists repeating one module the others
+    leave (blocks whose class names say nothing of layers); its prepare rebuilt the
+    nn.MultiheadAttention of its own stacks alone (GPT-2's), so those blocks' in_proj_weight
+    stayed in full precision. Every walked tower's attention is rebuilt on linears."""
+
+    class Unit(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+            self.fc = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, 32)
+            self.units = nn.ModuleList([Unit(32) for _ in range(2)])
+            self.decoder = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0))
+
+        def forward(self, input_ids):
+            h = self.embed(input_ids)
+            for unit in self.units:
+                h = unit(h)
+            return self.decoder(inputs_embeds=h).logits
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no matrix left outside a linear)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn",
+                            adapter=[epmq.adapters.GPT2, epmq.adapters.AUTO], progress=False)
+    for i in range(2):
+        assert not isinstance(model.units[i].attn, nn.MultiheadAttention)
+        assert not any(p.ndim == 2 for p in model.units[i].parameters())  # (every matrix packed)
+    assert torch.isfinite(model(torch.randint(0, 64, (2, 8)))).all()
