@@ -222,6 +222,10 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # (tests/epmq/test_walker_towers.py)
     "Idefics3EncoderLayer", "SmolVLMEncoderLayer", "InternVLVisionLayer", "PixtralAttentionLayer",
     "Qwen3VLVisionBlock",
+    # LeViT's stages: residual layers, and in the first stages a subsampling attention after them
+    # (a block of the stage's list that maps its hidden states to the next stage's fewer, wider
+    # ones; AUTO, which takes *Layer and *Block lists, left those stages in full precision)
+    "LevitResidualLayer", "LevitAttentionSubsample",
 ))
 
 

@@ -208,6 +208,43 @@ def test_open_clip_resnet_attention_pool_left_in_full_precision_is_warned_of(gen
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def _tiny_levit():
+    """LeViT of three stages, a subsampling attention closing each of the first two."""
+    import transformers
+
+    config = transformers.LevitConfig(image_size=32, patch_size=16, hidden_sizes=[16, 24, 32],
+                                      num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
+                                      down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 3, 4, 2, 2]])
+
+    def make():
+        torch.manual_seed(0)
+        return transformers.LevitForImageClassification(config).eval()
+    return make
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_levit_stages_are_all_walked_and_load_back(method, gen, tmp_path):
+    """LeViT's first stages hold a subsampling attention (LevitAttentionSubsample) after their
+    residual layers: AUTO took only the last stage, and the others stayed in full precision
+    (warned). Every stage's linears are quantized, the logits close to the float model's, and the
+    checkpoint loads back the same."""
+    make = _tiny_levit()
+    model, reference = make(), make()
+    images = [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(2)]
+    calibration = {"task": [{"pixel_values": x} for x in images]} if method == "gptq" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=8), method=method, calibration=calibration,
+                            progress=False)
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".stages." in n] == []
+    with torch.no_grad():
+        got, want = model(images[0]).logits, reference(images[0]).logits
+    assert (got - want).norm() < 0.05 * want.norm()
+    epmq.save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(images[0]).logits, got, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- a new family
 
 
