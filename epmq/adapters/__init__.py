@@ -414,6 +414,12 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
                 continue  # (one expert, or a block's own list inside a tower named already)
             named.append(name)
     others = sorted(f"{name} ({', '.join(repeated(model.get_submodule(name)))})" for name in named)
+    # (a stack's every module must be a block: a list with others between its blocks, LeViT's
+    # stages' subsampling attention, is walked only by an adapter naming all its kinds)
+    mixed = [(name, tuple(sorted({type(m).__name__ for m in module})))
+             for name, module in model.named_modules()
+             if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
+             and repeated(module) and len({type(m) for m in module}) > len(repeated(module))]
     walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
     pools = [f"{name} ({', '.join(linears)})" for name, linears in _torch_attention_outside(model, taken)]
     if pools:
@@ -421,11 +427,16 @@ def warn_other_towers(model: nn.Module, towers: list) -> None:
                       f"module hands their weights to F.multi_head_attention_forward, outside the lists of "
                       f"blocks the walk quantizes (walked: {walked})")
     if others:
+        mixed_names = {name for name, _ in mixed}
+        remedy = [] if all(o.split(" (")[0] in mixed_names for o in others) else [
+            "to quantize them too, walk them with epmq.adapters.AUTO (adapter=[the adapters above, "
+            "epmq.adapters.AUTO], with calibration that reaches them) or register an adapter: "
+            "epmq.register_adapter(epmq.Adapter(name, block_types=...))"]
+        remedy += [f"{name} holds other modules between its blocks, which AUTO takes for no stack: walk it with "
+                   f"an adapter naming every kind it holds, adapter=[..., epmq.Adapter(name, block_types={kinds!r})]"
+                   for name, kinds in mixed]
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
-                      f"in full precision (walked: {walked}); to quantize them too, walk them with "
-                      f"epmq.adapters.AUTO (adapter=[the adapters above, epmq.adapters.AUTO], with calibration "
-                      f"that reaches them) or register an adapter: "
-                      f"epmq.register_adapter(epmq.Adapter(name, block_types=...))")
+                      f"in full precision (walked: {walked}); " + "; ".join(remedy))
 
 
 def _torch_attention_outside(model: nn.Module, taken: list) -> list:

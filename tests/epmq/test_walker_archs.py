@@ -609,6 +609,23 @@ def test_stacks_of_mixed_blocks_left_in_full_precision_are_warned_about(gen):
     assert {layer["name"].rsplit(".", 2)[0] for layer in model.epmq_report.layers} == {"stages.1"}
 
 
+def test_a_stack_of_mixed_blocks_is_walked_as_the_warning_says(gen):
+    """The warning told to walk such a list with epmq.adapters.AUTO, which had walked the model and
+    takes no list holding a module that is no *Layer or *Block (as a registered adapter naming only
+    the repeated kind takes none): it names every kind the list holds, and an adapter of those
+    walks it."""
+    model = _Stages().eval()
+    calibration = {"a": [torch.randn(2, 4, 32, generator=gen)]}
+    with pytest.warns(UserWarning, match="no adapter knows the blocks at stages.0 ") as said:
+        epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
+    said = next(str(w.message) for w in said if "no adapter knows" in str(w.message))
+    assert "block_types=('_ResidualLayer', '_Squeeze')" in said
+    model = _Stages().eval()
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=epmq.Adapter("stages", block_types=("_ResidualLayer", "_Squeeze")))
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
 def test_an_expert_checkpoint_holding_a_tensor_in_parts_is_read_as_the_loaded_expert(gen, tmp_path):
     """OLMo-hybrid's checkpoints hold each linear attention's short convolution as three tensors
     (linear_attn.q_conv1d, k_conv1d, v_conv1d), which transformers concatenates into one conv1d
