@@ -6,8 +6,9 @@ or find the blocks by name and trust that each block takes the output of the one
 finds them by structure and checks what it relies on:
 
 * the stacks: the outermost ``ModuleList``s (or ``Sequential``s) of modules whose class names
-  end in ``Layer`` or ``Block`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
-  ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``), each holding a
+  end in ``Layer``, ``Block`` or ``CrossAttention`` (transformers' ``*DecoderLayer``, ``*EncoderLayer``,
+  ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``; BLT's lists of
+  ``BltCrossAttention`` beside its layers), each holding a
   linear layer; in a model with none, the outermost lists of two or more modules of one class,
   each holding a linear layer (Wav2Vec2's ``Wav2Vec2EncoderLayerStableLayerNorm``), and in one
   with none of those either, the lists of one such module (a model of one layer);
@@ -51,8 +52,10 @@ from .attention import applies_in_proj_weight
 from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention, swap_in_proj_attention
 from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
 
-# the class-name endings of the blocks AUTO walks (heads, projectors, experts, stages: not blocks)
-BLOCK_SUFFIXES = ("Layer", "Block")
+# the class-name endings of the blocks AUTO walks (heads, projectors, experts, stages: not blocks);
+# a list of cross-attentions beside a list of layers is a stack too (BLT's local encoder and decoder
+# call theirs between their layers: left out, they stayed in full precision)
+BLOCK_SUFFIXES = ("Layer", "Block", "CrossAttention")
 
 
 def _holds_linear(module: nn.Module) -> bool:
@@ -114,7 +117,7 @@ class AutoAdapter(MoEAdapter):
         # where no block is named so, lists repeating one module that holds linears (Wav2Vec2's,
         # HuBERT's and WavLM's large encoders repeat a Wav2Vec2EncoderLayerStableLayerNorm, which
         # no adapter found): only then, as other lists of repeated modules beside named blocks
-        # (detection heads, BLT's cross-attention) are no blocks to walk one by one
+        # (detection heads) are no blocks to walk one by one
         return found or _outermost(model, _repeats_one_module) or _one_layer_lists(model)
 
     def stacks_beside(self, model: nn.Module, taken) -> list:

@@ -885,3 +885,46 @@ def test_auto_beside_gpt2_rebuilds_the_multihead_attention_of_the_stacks_it_walk
         assert not isinstance(model.units[i].attn, nn.MultiheadAttention)
         assert not any(p.ndim == 2 for p in model.units[i].parameters())  # (every matrix packed)
     assert torch.isfinite(model(torch.randint(0, 64, (2, 8)))).all()
+
+
+def _tiny_blt():
+    """BLT: a local encoder and decoder of byte layers, each with a list of cross-attentions
+    (between bytes and patches: the encoder's one after its layers, the decoder's before each
+    layer), a global transformer over the patches, and the entropy model that cuts them."""
+    import transformers
+
+    sub = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BltConfig(
+        vocab_size=64, max_position_embeddings=64, patch_size=4, cross_attn_k=2, encoder_hash_byte_group_vocab=64,
+        patcher_config=sub, encoder_config=dict(sub, hidden_size_global=32, cross_attn_all_layers=False),
+        decoder_config=dict(sub, hidden_size_global=32, cross_attn_all_layers=True), global_config=sub)
+
+    def make():
+        torch.manual_seed(0)
+        return transformers.BltForCausalLM(config).eval()
+    return make
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_blt_cross_attention_layers_are_walked(gen, tmp_path, method):
+    """BLT's local encoder and decoder keep their cross-attentions (BltCrossAttention, no *Layer
+    or *Block) in lists beside their layers: AUTO walked the layers and left the cross-attentions
+    in full precision (warned). Each list of them is walked as a stack, the logits close to the
+    float model's, and the checkpoint loads back the same."""
+    import warnings
+
+    make = _tiny_blt()
+    model, reference = make(), make()
+    items = [{"input_ids": torch.randint(0, 64, (2, 16), generator=gen), "use_cache": False} for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method=method, progress=False,
+                            calibration={"task": items[:2]} if method == "gptq" else None)
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "cross_attn_layers" in n] == []
+    with torch.no_grad():
+        got, want = model(**items[2]).logits, reference(**items[2]).logits
+    assert (got - want).norm() < 0.05 * want.norm()
+    epmq.save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**items[2]).logits, got, rtol=0, atol=0)
