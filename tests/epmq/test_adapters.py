@@ -145,6 +145,20 @@ def _custom_open_clip(model_class, vision_custom, text_custom):
     return make
 
 
+def close_and_loaded_back(clip, reference, make, inputs, tmp_path):
+    """The quantized open_clip model's image and text features close to the float one's, and
+    its checkpoint loaded into ``make()`` giving them exactly."""
+    with torch.no_grad():
+        got, want = clip(*inputs), reference(*inputs)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05)
+    epmq.save_quantized(clip, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", make())
+    with torch.no_grad():
+        for g, w in zip(loaded(*inputs), got):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("model_class, vision_custom, text_custom", [
     ("CLIP", False, True), ("CLIP", True, False), ("CLIP", True, True), ("CustomTextCLIP", False, True)])
@@ -166,15 +180,7 @@ def test_open_clip_custom_blocks_are_quantized_whole_and_load_back(model_class, 
                             progress=False)
     fp = [name for name, p in clip.named_parameters() if p.dim() == 2 and ".resblocks." in name]
     assert fp == []
-    with torch.no_grad():
-        got, want = clip(image, text), reference(image, text)
-    for g, w in zip(got[:2], want[:2]):
-        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05)
-    epmq.save_quantized(clip, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q", make())
-    with torch.no_grad():
-        for g, w in zip(loaded(image, text), got):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    close_and_loaded_back(clip, reference, make, (image, text), tmp_path)
 
 
 def test_open_clip_resnet_attention_pool_left_in_full_precision_is_warned_of(gen, tmp_path):
@@ -197,15 +203,7 @@ def test_open_clip_resnet_attention_pool_left_in_full_precision_is_warned_of(gen
                             calibration={"task": [{"image": image, "text": text}]}, progress=False)
     assert isinstance(clip.visual.attnpool.q_proj, nn.Linear)
     assert not any(isinstance(m, nn.Linear) for m in clip.transformer.modules())
-    with torch.no_grad():
-        got, want = clip(image, text), reference(image, text)
-    for g, w in zip(got[:2], want[:2]):
-        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05)
-    epmq.save_quantized(clip, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q", make())
-    with torch.no_grad():
-        for g, w in zip(loaded(image, text), got):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    close_and_loaded_back(clip, reference, make, (image, text), tmp_path)
 
 
 def _tiny_levit():
