@@ -362,6 +362,11 @@ def prepare_towers(model: nn.Module, towers: list, swap: Callable[[str, nn.Modul
 
     names = checkpoint_names(model)
     for adapter, stacks in towers:
+        # AUTO beside other adapters walks lists they leave (stacks_beside), not its own stacks
+        # (GPT-2's, beside it): its prepare rewrites the blocks it walks, whose EVA attention read
+        # its packed qkv's weight (NaN) and whose Conv1D and in_proj_weight stayed in full precision
+        walking = getattr(adapter, "walking", None)
+        adapter = adapter if walking is None else walking(stacks)
         names.update(adapter.prepare(model, swap))
         names.update({n: part for n, part in saved_linears(adapter, model, swap).items() if n not in names})
         # WavLM's attention, in whichever tower's blocks, calls its projections: done by AUTO's
@@ -370,13 +375,6 @@ def prepare_towers(model: nn.Module, towers: list, swap: Callable[[str, nn.Modul
         for attention in [m for _, blocks in stacks for block in blocks for m in block.modules()
                           if hands_weights_to_torch(m)]:
             call_projections(attention)
-        # AUTO's attentions on linears in the stacks it walks, not only its own: beside GPT-2
-        # (stacks_beside) those are lists the others leave, whose in_proj_weight stayed unquantized
-        swap_attention = getattr(adapter, "swap_attention", None)
-        if swap_attention is not None:
-            names.update(swap_attention([(f"{stack}.{i}.{rel}", module) for stack, blocks in stacks
-                                         for i, block in enumerate(blocks) for rel, module in block.named_modules()],
-                                        swap))
     return names
 
 

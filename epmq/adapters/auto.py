@@ -42,6 +42,7 @@ stacks the others leave); ``adapter=epmq.adapters.AUTO`` alone walks every stack
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -130,6 +131,13 @@ class AutoAdapter(MoEAdapter):
                          if not any(_nested(name, t) for t in taken)] or [
             (name, blocks) for name, blocks in _one_layer_lists(model) if not any(_nested(name, t) for t in taken)]
 
+    def walking(self, stacks) -> "AutoAdapter":
+        """AUTO whose stacks are ``stacks``, those ``find_towers`` gave it (beside other adapters:
+        ``stacks_beside``, not its own), for ``prepare_towers``: it prepares the blocks it walks."""
+        walking = copy.copy(self)
+        walking.stacks = lambda model: list(stacks)
+        return walking
+
     def routes(self, stacks) -> bool:
         return any(_routes(block) for _, blocks in stacks for block in blocks)
 
@@ -150,9 +158,7 @@ class AutoAdapter(MoEAdapter):
     def swap_attention(self, modules, swap) -> dict:
         """The attentions among ``modules`` (``[(name, module)]``) that apply their projections'
         weights themselves rebuilt on linears: ``nn.MultiheadAttention`` (``LinearCrossAttention``)
-        and open_clip's ``Attention`` (``LinearInProjAttention``); their checkpoint names. Also
-        called by ``prepare_towers`` on the stacks AUTO walks beside other adapters, which are not
-        its own (``stacks_beside``)."""
+        and open_clip's ``Attention`` (``LinearInProjAttention``); their checkpoint names."""
         renames = {}
         for name, module in modules:
             # (as cross-attention: whether a block calls it on one tensor is not known before)

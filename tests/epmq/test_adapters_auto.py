@@ -928,3 +928,57 @@ def test_blt_cross_attention_layers_are_walked(gen, tmp_path, method):
     epmq.save_quantized(model, tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**items[2]).logits, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["eva_attention", "conv1d"])
+def test_auto_beside_gpt2_prepares_every_stack_it_walks(inner, gen, tmp_path):
+    """AUTO beside GPT-2 (adapter=[GPT2, AUTO]) walks the lists repeating one module the others
+    leave, but its prepare rewrote the modules of its own stacks alone (GPT-2's): an EVA attention
+    with a q/v bias in those lists kept applying qkv.weight in F.linear, which the packed layer no
+    longer has, and a GPT-2 Conv1D stayed in full precision. Every stack AUTO walks is prepared as
+    its own: quantized, the logits close to the float model's, and loaded back the same."""
+    from timm.models.eva import EvaAttention
+    from transformers.pytorch_utils import Conv1D
+
+    class Unit(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.mix = (EvaAttention(d, 4, num_prefix_tokens=0, scale_norm=False) if inner == "eva_attention"
+                        else Conv1D(d, d))
+            self.fc = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.fc(self.mix(x))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, 32)
+            self.units = nn.ModuleList([Unit(32) for _ in range(2)])
+            self.decoder = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0))
+
+        def forward(self, input_ids):
+            h = self.embed(input_ids)
+            for unit in self.units:
+                h = unit(h)
+            return self.decoder(inputs_embeds=h).logits
+
+    def build():
+        torch.manual_seed(0)
+        return Model().eval()
+
+    model, reference, adapter = build(), build(), [epmq.adapters.GPT2, epmq.adapters.AUTO]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no matrix left outside a linear)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn",
+                            adapter=adapter, progress=False)
+    for i in range(2):
+        assert not any(p.ndim == 2 for p in model.units[i].parameters())  # (every matrix packed)
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    with torch.no_grad():
+        got, want = model(ids), reference(ids)
+    assert (got - want).norm() < 0.05 * want.norm()
+    epmq.save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q", build(), adapter=adapter)(ids), got)
