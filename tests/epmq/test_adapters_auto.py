@@ -605,23 +605,30 @@ def test_calls_counted_as_the_model_makes_them(gen, monkeypatch):
                             backend="torch", progress=False)
 
 
-def test_repeated_blocks_named_otherwise_are_found_by_structure(gen):
-    """Wav2Vec2's, HuBERT's and WavLM's large encoders (do_stable_layer_norm) repeat a
-    Wav2Vec2EncoderLayerStableLayerNorm, whose name ends in neither Layer nor Block: no adapter
-    found any block ('no epmq adapter knows Wav2Vec2Model'). Where no block is named so, a list
-    of two or more modules of one class holding linears is a stack; lists of one-off or
-    linear-free modules (its convolutional feature encoder) are not."""
+def _walked_by_auto(config, gen, n_linears):
+    """A Wav2Vec2 large encoder of ``config``, found by AUTO as one stack (encoder.layers) and
+    quantized by GPTQ: each of its ``n_linears`` linears in the report."""
     import transformers
 
-    config = tiny_wav2vec2_large()
     torch.manual_seed(0)
     model = transformers.Wav2Vec2Model(config).eval()
     assert [(a.name, [n for n, _ in s]) for a, s in find_towers(model)] == [("auto", ["encoder.layers"])]
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.layers"))
     calibration = {"a": [{"input_values": torch.randn(2, 640, generator=gen)}]}
     epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
+    assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == n_linears
+    return model
+
+
+def test_repeated_blocks_named_otherwise_are_found_by_structure(gen):
+    """Wav2Vec2's, HuBERT's and WavLM's large encoders (do_stable_layer_norm) repeat a
+    Wav2Vec2EncoderLayerStableLayerNorm, whose name ends in neither Layer nor Block: no adapter
+    found any block ('no epmq adapter knows Wav2Vec2Model'). Where no block is named so, a list
+    of two or more modules of one class holding linears is a stack; lists of one-off or
+    linear-free modules (its convolutional feature encoder) are not."""
+    config = tiny_wav2vec2_large()
+    model = _walked_by_auto(config, gen, 12)
     assert model.epmq_report.adapter == "auto"
-    assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == 12
     heads = nn.Module()
     heads.mixed = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.LayerNorm(4))])
     assert AUTO.stacks(heads) == []
@@ -640,13 +647,7 @@ def test_a_one_layer_encoder_of_blocks_named_otherwise_is_walked(gen):
 
     config = tiny_wav2vec2_large()
     config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2Model(config).eval()
-    assert [(a.name, [n for n, _ in s]) for a, s in find_towers(model)] == [("auto", ["encoder.layers"])]
-    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.layers"))
-    calibration = {"a": [{"input_values": torch.randn(2, 640, generator=gen)}]}
-    epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False)
-    assert sorted(e["name"] for e in model.epmq_report.layers) == linears and len(linears) == 6
+    _walked_by_auto(config, gen, 6)
     decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
                                       eos_token_id=0, add_cross_attention=True, is_decoder=True)
     both = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(config, decoder)

@@ -1010,12 +1010,9 @@ def test_a_tensor_an_adapter_saves_whole_is_not_shared_as_the_bases(base_dir, tm
             assert torch.equal(expert.low_rank(name, bases=bases).W_0, expert[name])
 
 
-def test_an_adapter_on_a_base_saved_with_its_modules_weights_converted_is_refused_naming_the_conversion(tmp_path):
-    """Sarvam-MoE's checkpoints (and save_pretrained) hold attention's q, k and v as rows of one
-    query_key_value, which transformers splits as it loads the model: a LoRA on q_proj over the
-    base's directory was refused as "the base has no weight ... for the adapted module(s) ...:
-    not the adapter's base model", though it is. Refused naming the tensor that holds the weight
-    and what to give instead: the base loaded (then read as the adapter's base)."""
+def _sarvam_base_and_q_proj_adapter(tmp_path):
+    """A tiny Sarvam-MoE saved at tmp_path/base (its checkpoint holds q_proj as rows of
+    attention.query_key_value) and a LoRA on its q_proj at tmp_path/adapter; the base model."""
     from test_walker_models import _decoder
 
     torch.manual_seed(0)
@@ -1025,6 +1022,16 @@ def test_an_adapter_on_a_base_saved_with_its_modules_weights_converted_is_refuse
     base.save_pretrained(tmp_path / "base")
     peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(
         tmp_path / "adapter")
+    return base
+
+
+def test_an_adapter_on_a_base_saved_with_its_modules_weights_converted_is_refused_naming_the_conversion(tmp_path):
+    """Sarvam-MoE's checkpoints (and save_pretrained) hold attention's q, k and v as rows of one
+    query_key_value, which transformers splits as it loads the model: a LoRA on q_proj over the
+    base's directory was refused as "the base has no weight ... for the adapted module(s) ...:
+    not the adapter's base model", though it is. Refused naming the tensor that holds the weight
+    and what to give instead: the base loaded (then read as the adapter's base)."""
+    base = _sarvam_base_and_q_proj_adapter(tmp_path)
     with pytest.raises(ValueError, match=r"query_key_value.*as it loads the model.*base= the base loaded") as said:
         epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
     assert "not the adapter's base model" not in str(said.value), said.value
@@ -1040,15 +1047,7 @@ def test_an_adapter_on_a_base_checkpoints_state_dict_holding_its_modules_convert
     and what to give instead (the base loaded, or its state_dict())."""
     import safetensors.torch
 
-    from test_walker_models import _decoder
-
-    torch.manual_seed(0)
-    base = _decoder("Glm4MoeForCausalLM", "SarvamMoEConfig", head_dim=8, moe_intermediate_size=16, n_routed_experts=4,
-                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                    use_qk_norm=True, pad_token_id=0, bos_token_id=0, eos_token_id=1)().eval()
-    base.save_pretrained(tmp_path / "base")
-    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(
-        tmp_path / "adapter")
+    base = _sarvam_base_and_q_proj_adapter(tmp_path)
     saved = safetensors.torch.load_file(tmp_path / "base" / "model.safetensors")
     with pytest.raises(ValueError, match=r"no tensor model\.layers\.0\.self_attn\.q_proj\.weight.*"
                                          r"'model\.layers\.0\.attention\.query_key_value\.weight'.*"
