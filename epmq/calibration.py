@@ -53,7 +53,6 @@ import importlib
 import inspect
 import io
 import json
-import numbers
 import os
 import re
 import warnings
@@ -62,6 +61,8 @@ from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
+
+from epmq_kernels.grid import is_integer
 
 from .checks import check_seed
 
@@ -77,7 +78,7 @@ COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_k
 def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> None:
     # (2.0 or '2' ended in torch's bare randint() or a '<' TypeError; True drew batches of 1, silently)
     for name, value in (("samples", samples), ("batch_size", batch_size), ("seq_len", seq_len)):
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+        if value is not None and not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     if samples < 1 or batch_size < 1 or (seq_len is not None and seq_len < 2):
         rule, got = ("", "") if seq_len is None else (" and seq_len >= 2", f", seq_len={seq_len}")

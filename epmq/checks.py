@@ -8,6 +8,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from epmq_kernels.grid import is_integer
 from epmq_kernels.hessian_scan import N_NUMBERS, hessian_numbers
 
 from ._util import without_autocast
@@ -249,7 +250,7 @@ def is_int(value) -> bool:
 def check_seed(seed) -> int:
     """``seed`` if an integer that torch's generators take (64 bits: past them the first draw
     failed as "Overflow when unpacking long long"), else a ValueError."""
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # (numpy's integers too)
+    if not is_integer(seed):  # (numpy's integers too)
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not -2 ** 63 <= int(seed) < 2 ** 64:
         raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed}")

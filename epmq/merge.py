@@ -62,7 +62,6 @@ grams are the module's linear layers', merges the module's tensors).
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import warnings
 import zlib
@@ -70,6 +69,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+
+from epmq_kernels.grid import is_integer
 
 from ._util import storage_key, without_autocast
 from .checks import all_finite, check_finite, check_hessian, check_number, check_seed
@@ -1070,7 +1071,7 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
     ``sum_k alpha_k theta_k / sin theta_k (u_k - cos theta_k m)``, stopping where it is below
     ``tol``), scaled by the mean of the models' norms; zero tensors (norm <= ``tol``) take no
     part in the direction. mergekit 0.1.5's ``karcher`` step for step."""
-    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 0:
+    if not is_integer(max_iter) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")  # (numpy's integers are)
     max_iter, tol = int(max_iter), check_number(tol, "tol", 0)
 

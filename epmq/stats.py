@@ -35,7 +35,6 @@ run. ``G_e``, ``c_e`` and ``finalize`` make the reading stream wait for them (``
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Optional
 
@@ -51,7 +50,7 @@ from epmq_kernels.expert_residual import (
     check_residual_precision,
     fold_hessians,
 )
-from epmq_kernels.grid import is_flag
+from epmq_kernels.grid import is_flag, is_integer
 
 from ._util import without_autocast
 from .checks import all_finite, check_experts, check_hessian, check_weight
@@ -79,7 +78,7 @@ class HessianStats:
     """Running ``H = sum X^T X`` of a layer's inputs."""
 
     def __init__(self, d_in: int, *, device=None, dtype=torch.float32, backend: str = "torch"):
-        if not isinstance(d_in, numbers.Integral) or isinstance(d_in, bool) or d_in <= 0:  # (numpy's too)
+        if not is_integer(d_in) or d_in <= 0:  # (numpy's too)
             raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
         d_in = int(d_in)
         if dtype not in (torch.float32, torch.float64):

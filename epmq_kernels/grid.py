@@ -17,9 +17,13 @@ import torch
 TINY = 2.0**-126  # the least normal float32: smaller scales are subnormal (or 0)
 
 
-def is_bits(value) -> bool:
-    """An integer bit width: Python's or numpy's (``np.int64(4)``), not a bool, float or str."""
+def is_integer(value) -> bool:
+    """An integer: Python's or numpy's (``np.int64(4)``, a sweep's value read from an array), not a
+    bool, float or str. Bit widths, sizes, counts and seeds are checked by it."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+is_bits = is_integer  # (a bit width is an integer as any other; its name at its callers)
 
 
 def is_flag(value) -> bool:

@@ -181,7 +181,6 @@ and ``INTERPRETER_CONFIG`` is used.
 
 import functools
 import math
-import numbers
 import os
 import threading
 import weakref
@@ -193,6 +192,7 @@ import triton.language as tl
 
 from ._runtime import INTERPRETED, check_device, on_tensor_device, side_stream, version
 from ._gluon import HAS_GLUON
+from .grid import is_integer
 from .packing import pack_int4, unpack_int4
 from . import autotune_cache
 from .w4a16_mma import _w4a16_mma_kernel
@@ -1156,8 +1156,7 @@ def _as_group_size(group_size):
     """numpy's integers (a size read from a config array, which the grid and the solver take) as
     Python's int, before the plan caches key on it and the kernels take it as a constant; a
     float, bool or anything else is left for :func:`_check_arguments` to refuse by name."""
-    if type(group_size) is not int and isinstance(group_size, numbers.Integral) \
-            and not isinstance(group_size, bool):
+    if type(group_size) is not int and is_integer(group_size):
         return int(group_size)
     return group_size
 
@@ -2446,7 +2445,7 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
                                zeros, group_size, g_idx)
     for name, value in (("k_first", k_first), ("k_rows", k_rows)):
         # (numpy's integers reached the kernel as such: a bare InterpreterError; a float a bare TypeError)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        if value is not None and not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     k_first = int(k_first)
     k_rows = K - k_first if k_rows is None else int(k_rows)
