@@ -19,6 +19,7 @@ Merge scales and E-PMQ anchors are chosen on the validation split, never on test
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -632,12 +633,19 @@ class Runner:
             name = "-".join(str(v) for v in (params["merge"], f"w{bits}", method, targets, anchor) if v is not None)
             path = self.out / "checkpoints" / name
             # (save_extras is optional in the protocol; written into the checkpoint atomically)
+            caught = []
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     save_quantized(model, path, extras=getattr(bench, "save_extras", None))
-            finally:  # (a save that raised, a full disk, said what it had warned of too)
-                self._say_serving(caught, path)
+            except BaseException:
+                # (a save that raised, a full disk, says what it had warned of too, but its error is
+                # the one raised: a warning made an error (-W error), or a log on that full disk,
+                # raised from a finally had replaced it)
+                with contextlib.suppress(Exception):
+                    self._say_serving(caught, path)
+                raise
+            self._say_serving(caught, path)
             result["checkpoint"] = str(path)
             result["checkpoint_files"] = _checkpoint_digest(path)
         return result

@@ -686,3 +686,28 @@ def test_engine_warnings_of_a_checkpoint_whose_save_failed_are_said(tiny_config,
     assert "No space left on device" in err
     assert "engines that cannot serve this checkpoint" in out and "checkpoints/TA-w4-rtn" in out
     assert "a warning of the save itself" in [str(w.message) for w in caught]
+
+
+def test_a_failed_checkpoint_save_ends_in_its_own_error_not_a_warning_said_after_it(tiny_config, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A run's save that warned and then failed (a full disk) had its warnings said again in a
+    `finally`: under -W error (or a log on the same full disk) that raised instead, and the run
+    ended in the warning, the disk's error lost."""
+    import errno
+    import warnings
+
+    import epmq
+
+    def full_disk(model, path, **kwargs):
+        warnings.warn("a warning of the save before its failure", UserWarning)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(epmq, "save_quantized", full_disk)
+    config = yaml.safe_load(tiny_config.read_text())
+    config["quantize"] = {**config["quantize"], "methods": ["rtn"], "bits": [4], "controls": []}
+    del config["quantize"]["anchors"]
+    path = write(tiny_config.parent, config, "full_disk.yaml")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="a warning of the save before its failure")
+        code = main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code != 0 and "OSError: [Errno 28] No space left on device" in capsys.readouterr().err
