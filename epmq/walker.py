@@ -304,8 +304,9 @@ def quantize_model(
         _check_tasks(calibration, experts)
 
     towers = find_towers(model, adapter)
-    if adapter is None:
-        warn_other_towers(model, towers)
+    # (adapter= given too: Llama 4's vision encoder beside adapter=MOE_DECODERS, RN50's attention
+    # pool beside adapter=OPEN_CLIP stayed in full precision without a word)
+    warn_other_towers(model, towers, chosen=adapter is not None)
     adapter_names = "+".join(a.name for a, _ in towers)
     if len(towers) > 1 and method != "rtn" and targets != "merged_path":
         raise ValueError(

@@ -387,10 +387,14 @@ def remember(model: nn.Module, names: dict) -> None:
     model.__dict__[CHECKPOINT_NAMES] = dict(names)
 
 
-def warn_other_towers(model: nn.Module, towers: list) -> None:
+def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
-    encoder layers): they stay in full precision."""
+    encoder layers): they stay in full precision. ``chosen``: ``towers`` are those ``adapter=``
+    named, and the stacks a registered adapter knows were left by choice (LLaVA's CLIP tower beside
+    ``adapter=HF_DECODERS``): not named; those none knows, and attention pools, are."""
     taken = [name for _, stacks in towers for name, _ in stacks]
+    if chosen:
+        taken += [name for candidate in _REGISTRY for name, _ in candidate.stacks(model)]
 
     def repeated(module) -> list:
         # the block types a list repeats, each holding a linear (LeViT's stages: residual layers

@@ -1544,3 +1544,19 @@ def test_a_linear_saved_whole_under_another_name_is_read_there(monkeypatch):
     monkeypatch.setattr(io, "key_renaming", lambda model: None)
     part = fused_saved_linears(Blocks("b"), None, Layout())["a.lin.weight"]
     assert (part.fused, part.index, part.rows, part.fused_shape) == ("a.saved.weight", None, (0, 4), (4, 3))
+
+
+def test_open_clip_resnet_attention_pool_is_warned_of_when_adapter_is_given():
+    """The attention pool's projections (RN50's visual.attnpool) were warned of by the default
+    walk alone: adapter=OPEN_CLIP quantized the text tower and left a third of the image tower in
+    full precision without a word."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, vision_cfg={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8, "image_size": 64},
+                text_cfg={"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2}).eval()
+    with pytest.warns(UserWarning, match=r"visual\.attnpool \(k_proj, q_proj, v_proj, c_proj\) stay in full precision"):
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False,
+                            adapter=epmq.adapters.OPEN_CLIP)
+    assert isinstance(clip.visual.attnpool.q_proj, nn.Linear)
+

@@ -1,6 +1,8 @@
 """Models with more than one tower (vision-language models, encoder-decoders of two families):
 the walk, what it leaves behind, and their checkpoints."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -357,3 +359,32 @@ def assert_both_towers_walked_and_served(model, towers, tmp_path, item, adapter=
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**item).logits, model(**item).logits, rtol=1e-5, atol=1e-5)
+
+
+def tiny_llama4_vlm(seed=0):
+    """Llama 4: a vision encoder no adapter lists (Llama4VisionEncoderLayer) and an MoE language model."""
+    torch.manual_seed(seed)
+    vision = transformers.Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=16, patch_size=8, vision_output_dim=32,
+                                             projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
+    text = transformers.Llama4TextConfig(vocab_size=300, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1)
+    config = transformers.Llama4Config(vision_config=vision, text_config=text, image_token_index=299)
+    return transformers.Llama4ForConditionalGeneration(config).eval()
+
+
+def test_a_tower_no_adapter_knows_is_warned_of_when_adapter_names_the_others():
+    """adapter= walks the towers it names; blocks no adapter knows (Llama 4's vision encoder) were
+    warned of by the default walk alone, so adapter=MOE_DECODERS left them in full precision without
+    a word. They are named; a tower another adapter knows (LLaVA's CLIP beside adapter=HF_DECODERS)
+    is left by choice, unwarned."""
+    spec = epmq.QuantSpec(bits=8, group_size=16)
+    for adapter in (None, epmq.adapters.MOE_DECODERS):
+        with pytest.warns(UserWarning, match=r"no adapter knows the blocks at vision_model\.model\.layers "
+                                             r"\(Llama4VisionEncoderLayer\), which stay in full precision"):
+            epmq.quantize_model(tiny_llama4_vlm(), spec, method="rtn", progress=False, adapter=adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(tiny_llava(), spec, method="rtn", progress=False, adapter=epmq.adapters.HF_DECODERS)
+
