@@ -1560,3 +1560,18 @@ def test_open_clip_resnet_attention_pool_is_warned_of_when_adapter_is_given():
                             adapter=epmq.adapters.OPEN_CLIP)
     assert isinstance(clip.visual.attnpool.q_proj, nn.Linear)
 
+
+def test_open_clip_resnet_image_tower_alone_is_refused_naming_its_attention_pool():
+    """An open_clip ResNet image tower quantized alone (RN50's ModifiedResNet: convolutions, and
+    linears only in its attention pool) was refused with the list of every block type epmq knows
+    and 'Register one: epmq.register_adapter(...)', which cannot help: the pool is outside any list
+    of blocks. The refusal names the pool and its linears."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, vision_cfg={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8, "image_size": 64},
+                text_cfg={"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2}).eval()
+    with pytest.raises(ValueError, match=r"ModifiedResNet: its linear layers are those of attnpool \(k_proj, "
+                                         r"q_proj, v_proj, c_proj\).*F\.multi_head_attention_forward") as refused:
+        epmq.quantize_model(clip.visual, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    assert "register_adapter" not in str(refused.value)
