@@ -388,3 +388,71 @@ def test_a_tower_no_adapter_knows_is_warned_of_when_adapter_names_the_others():
         warnings.simplefilter("error")
         epmq.quantize_model(tiny_llava(), spec, method="rtn", progress=False, adapter=epmq.adapters.HF_DECODERS)
 
+
+def tiny_llava_moe(seed=0):
+    """LLaVA whose language model is a Qwen3-MoE (fused experts: gate_up_proj [E, 2I, H], down_proj)."""
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8, projection_dim=32)
+    text = transformers.Qwen3MoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                       num_experts_per_tok=2, moe_intermediate_size=16)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=299,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_fused_experts_auto_walks_beside_another_tower_are_quantized_as_their_own_adapter_does(method, gen, tmp_path):
+    """A VLM whose MoE language model AUTO walks beside CLIP's tower (adapter=[CLIP_HF, AUTO]):
+    its fused experts are rebuilt (AUTO's prepare, on the stacks it walks beside the others), every
+    expert packed bit for bit as the default walk (CLIP_HF + MOE_DECODERS) packs it, the routers
+    left in full precision, and the checkpoint loads back the same by default and with the adapters."""
+    adapter = [epmq.adapters.CLIP_HF, epmq.adapters.AUTO]
+    items = llava_inputs(3, gen)
+    calibration = {"a": items[:2]} if method == "gptq" else None
+    walked = {}
+    for name, given in (("default", None), ("auto", adapter)):
+        model = tiny_llava_moe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no matrix left outside a linear, no tower left)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method=method, calibration=calibration,
+                                backend="torch", progress=False, adapter=given)
+        walked[name] = model
+    default, auto = walked["default"], walked["auto"]
+    assert auto.epmq_report.adapter == "hf-clip+auto"
+    packed = [{n: m for n, m in model.named_modules() if isinstance(m, epmq.QuantLinear)} for model in (default, auto)]
+    assert packed[0].keys() == packed[1].keys()
+    assert sum(".experts." in n for n in packed[1]) == 2 * 4 * 3  # (2 layers, 4 experts, gate, up, down)
+    for name, m in packed[0].items():
+        assert torch.equal(m.qweight, packed[1][name].qweight) and torch.equal(m.scales, packed[1][name].scales), name
+    fp = [n for n, p in auto.named_parameters() if p.dim() >= 2 and ".layers." in n]
+    assert fp == [f"model.language_model.layers.{i}.mlp.gate.weight" for i in range(2)]  # (the routers)
+    with torch.no_grad():
+        want = auto(**items[2]).logits
+        torch.testing.assert_close(default(**items[2]).logits, want, rtol=0, atol=0)
+    epmq.save_quantized(auto, tmp_path / "q")
+    for loaded in (epmq.load_quantized(tmp_path / "q"), epmq.load_quantized(tmp_path / "q", tiny_llava_moe(),
+                                                                              adapter=adapter)):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**items[2]).logits, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("adapter", [None, "clip+auto"])
+def test_a_failed_walk_leaves_every_tower_as_it_was_prepared_or_not(adapter, gen):
+    """The walk prepares every tower before it calibrates (the fused experts rebuilt as linears,
+    by MOE_DECODERS or by AUTO beside CLIP); a walk that then fails (an item the model cannot run)
+    leaves the model as it found it: its modules, their settings and its outputs, and no names of
+    a preparation remembered."""
+    adapter = [epmq.adapters.CLIP_HF, epmq.adapters.AUTO] if adapter else None
+    model, fresh = tiny_llava_moe(), tiny_llava_moe()
+    item = llava_inputs(1, gen)[0]
+    broken = dict(item, pixel_values=torch.randn(1, 3, 24, 24, generator=gen))
+    with pytest.raises(ValueError, match="the model cannot run it"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration={"a": [broken]},
+                            backend="torch", progress=False, adapter=adapter)
+    assert [(n, type(m)) for n, m in model.named_modules()] == [(n, type(m)) for n, m in fresh.named_modules()]
+    assert epmq.adapters.checkpoint_names(model) == {}
+    assert not hasattr(model, "epmq_report")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**item).logits, fresh(**item).logits, rtol=0, atol=0)
