@@ -54,11 +54,12 @@ Relative paths are relative to ``base_dir`` (the YAML file's directory).
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..checks import is_int
+from epmq_kernels.grid import is_flag, is_integer
 
 FAMILIES = ("hf_clip", "open_clip", "hf_t5", "hf_causal_lm")
 TEXT_FAMILIES = ("hf_t5", "hf_causal_lm")
@@ -97,9 +98,9 @@ def _check_keys(d: Mapping, allowed, where: str) -> None:
 def _int(value, where: str, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
     if value is None and allow_none:
         return None
-    if not is_int(value) or value < minimum:
+    if not is_integer(value) or value < minimum:  # (numpy's too: a sweep's values read from arrays)
         raise BenchConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)  # (held as Python's: the bench's identity is JSON)
 
 
 def _choice(value, choices, where: str) -> str:
@@ -135,9 +136,9 @@ def repeated_class_names(names: List[str], read=None) -> List[str]:
 
 
 def _bool(value, where: str) -> bool:
-    if not isinstance(value, bool):
+    if not is_flag(value):  # (np.True_ too)
         raise BenchConfigError(f"{where} must be true or false, got {value!r}")
-    return value
+    return bool(value)
 
 
 # --------------------------------------------------------------------------- sections
@@ -251,7 +252,7 @@ class EvalSpec:
         d = _mapping(raw, "eval")
         _check_keys(d, cls.KEYS, "eval")
         caps = d.get("max_samples", {})
-        if caps is None or isinstance(caps, int):  # one cap for both splits
+        if caps is None or is_integer(caps):  # one cap for both splits
             caps = {"val": caps, "test": caps}
         caps = _mapping(caps, "eval.max_samples")
         _check_keys(caps, ("val", "test"), "eval.max_samples")
@@ -365,6 +366,10 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
             raise BenchConfigError(f"{where}.root is missing: the local directory of the task's {source} data")
 
     val_size = merged.get("val_size", 0.1)
+    if is_integer(val_size):  # (numpy's counts and fractions too, held as Python's)
+        val_size = int(val_size)
+    elif isinstance(val_size, numbers.Real) and not is_flag(val_size):
+        val_size = float(val_size)
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size <= 0 or (
         isinstance(val_size, float) and val_size >= 1 and not float(val_size).is_integer()
     ):
@@ -477,8 +482,9 @@ def parse_config(config: Mapping[str, Any], *, base_dir=".") -> BenchConfig:
         tasks.append(task)
 
     seed = config.get("seed", 0)
-    if not is_int(seed):
+    if not is_integer(seed):  # (numpy's too, held as Python's)
         raise BenchConfigError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
     return BenchConfig(
         model=model,
         tasks=tasks,

@@ -58,6 +58,40 @@ def test_shared_data_section_and_task_overrides(tmp_path):
     assert cfg.eval.max_samples == {"val": 100, "test": 100}
 
 
+def test_a_sweeps_numpy_values_are_taken_as_the_python_ones(tmp_path):
+    """A sweep's config built from numpy arrays (seeds from np.arange, sizes from a grid) was
+    refused as 'seed must be an integer, got np.int64(1)' ('eval.max_samples must be a mapping'
+    for one cap, 'val_size must be a fraction' for a count, 'model.offline must be true or false'
+    for np.False_), where quantize_model and the calibration draws take numpy's numbers; they
+    are the config the Python numbers make, held as Python's (the bench's identity is JSON)."""
+    import numpy as np
+
+    def raw(n, flag):
+        return {"model": {"family": "hf_clip", "base": "b", "offline": flag(False)},
+                "tasks": {"x": {"expert": "e/x"}},
+                "data": {"root": "shared", "val_size": n(50), "max_input_tokens": n(64),
+                         "calibration": {"samples": n(7), "batch_size": n(3)}},
+                "eval": {"max_samples": n(100), "batch_size": n(16), "num_workers": n(0), "max_new_tokens": n(4)},
+                "seed": n(1)}
+
+    want = parse_config(raw(int, bool), base_dir=tmp_path)
+    for n in (np.int64, np.int32, np.uint16):
+        got = parse_config(raw(n, np.bool_), base_dir=tmp_path)
+        assert got == want
+        for value in (got.seed, got.calibration.samples, got.calibration.batch_size, got.max_input_tokens,
+                      got.eval.batch_size, got.eval.num_workers, got.eval.max_new_tokens,
+                      *got.eval.max_samples.values(), got.tasks[0].data.val_size):
+            assert type(value) is int
+        assert type(got.model.offline) is bool
+    fraction = parse_config(with_(CLIP, "tasks.0.data.val_size", np.float32(0.25))).tasks[0].data.val_size
+    assert type(fraction) is float and fraction == 0.25
+    # (a float where a count goes, and a bool where a number goes, still refused)
+    with pytest.raises(BenchConfigError, match="seed must be an integer"):
+        parse_config(with_(CLIP, "seed", np.float64(1.0)))
+    with pytest.raises(BenchConfigError, match="eval.batch_size must be an integer"):
+        parse_config(with_(CLIP, "eval.batch_size", np.True_))
+
+
 def test_a_task_own_data_beats_the_shared_section(tmp_path):
     raw = {"model": {"family": "hf_t5", "base": "b"}, "data": {"path": "org/glue-copy"},
            "tasks": [{"name": "rte", "expert": "e", "data": {"root": "local/rte"}}, {"name": "cola", "expert": "e"}]}
