@@ -56,6 +56,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from epmq_kernels.grid import is_integer
+
 from ._util import (read_json, read_json_file, release_freed_memory, remove_stale_temporaries, save_safetensors,
                     storage_key, umask, wrapped_model)
 from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
@@ -258,8 +260,9 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def _bytes(size) -> int:
     """``size`` (an int, or a string like "5GB" or "500MiB", as transformers writes them) in
     bytes."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
+    if not (is_integer(size) or isinstance(size, str)):  # (numpy's integers too, as transformers takes them)
         raise ValueError(f"max_shard_size must be a number of bytes or a string like '5GB', got {size!r}")
+    size = size if isinstance(size, str) else int(size)
     if isinstance(size, str):
         text = size.strip().upper().replace(" ", "")
         digits = text.rstrip("KMGTIB")

@@ -1064,6 +1064,22 @@ def test_shard_sizes(size, want):
     assert ckpt._bytes(size) == want
 
 
+def test_a_shard_size_of_numpy_is_the_same_size(gen, tmp_path):
+    """max_shard_size=np.int64(4000) (a sweep's, or one read from an array) was refused as 'must be
+    a number of bytes or a string like '5GB'', where transformers' save_pretrained takes it;
+    the same shards as 4000 (np.bool_ and floats still refused)."""
+    import numpy as np
+
+    assert ckpt._bytes(np.int64(4000)) == 4000 and type(ckpt._bytes(np.uint32(4000))) is int
+    _, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "int", max_shard_size=4000)
+    epmq.save_quantized(model, tmp_path / "np", max_shard_size=np.int64(4000))
+    assert sorted(os.listdir(tmp_path / "np")) == sorted(os.listdir(tmp_path / "int"))
+    for size in (np.True_, np.float64(4000.5)):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            ckpt._bytes(size)
+
+
 @pytest.mark.parametrize("size", ["5 parsecs", "GB", 0, -1, True, 1.5, None, "inf", "1e400GB", "nan"])
 def test_bad_shard_sizes(size, gen, tmp_path):
     _, model = quantized(gen)
