@@ -52,6 +52,7 @@ from .resume import hold, records
 from .spec import QuantSpec
 from .walker import METHODS, TARGETS, _selector, quantize_model
 from epmq_kernels.expert_residual import check_residual_precision
+from epmq_kernels.grid import is_flag
 
 REPORT_FILE = "epmq_report.json"
 TOWERS = ("vision", "language")
@@ -365,6 +366,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
     device_argument(device)  # (else refused by quantize_model once the model was read and calibrated)
+    if not is_flag(true_sequential):  # (as quantize_model refuses it: 'no' is truthy)
+        raise ValueError(f"true_sequential must be True or False, got {true_sequential!r}")
     check_path(model, "model", ": a model in memory is quantized by epmq.quantize_model"
                if isinstance(model, torch.nn.Module) else "")
     check_path(out, "out")

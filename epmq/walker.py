@@ -113,7 +113,7 @@ from .spec import QuantSpec
 from .stats import EPMQStats, HessianStats
 from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
-from epmq_kernels.grid import is_bits
+from epmq_kernels.grid import is_bits, is_flag
 
 METHODS = ("epmq", "gptq", "rtn")
 TARGETS = ("merged_path", "expert_path", "fp_path")
@@ -295,6 +295,11 @@ def quantize_model(
     if not is_bits(blocksize) or blocksize <= 0:  # (an integer as gptq_solve takes it: numpy's too)
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     blocksize = int(blocksize)
+    # ('no' is truthy: it ran true sequential, silently, as the CLI refuses it; np.False_ ran, and
+    # the report's JSON failed after the walk)
+    if not is_flag(true_sequential):
+        raise ValueError(f"true_sequential must be True or False, got {true_sequential!r}")
+    true_sequential = bool(true_sequential)
     if method == "rtn":  # (the walks resolve it; RTN would ignore a misspelt one)
         quant.resolve_backend(backend, torch.device("cpu"))
     check_residual_precision(residual_precision, "residual_precision")

@@ -597,6 +597,16 @@ def test_a_seed_torch_cannot_take_is_refused_from_python_too(files, tmp_path, se
     assert torch.equal(drawn["math"][0]["input_ids"], same["math"][0]["input_ids"])
 
 
+def test_true_sequential_is_a_flag_before_anything_is_read(tmp_path):
+    """quantize_checkpoint(true_sequential="no") ran the walk true sequential (a truthy string),
+    silently; np.False_ walked and then lost the walk where the report's JSON was written. The
+    CLI's check, made by quantize_model too, is made before the model is read (none here)."""
+    with pytest.raises(ValueError, match="true_sequential must be True or False, got 'no'"):
+        epmq.quantize_checkpoint(tmp_path / "no-model", tmp_path / "out", spec=epmq.QuantSpec(bits=4),
+                                 method="gptq", calibration={"a": tmp_path / "a.txt"}, true_sequential="no")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_inside_a_calibration_directory_is_refused(files, tmp_path):
     """An output written inside a task's calibration directory was taken: its config.json and
     tokenizer files (and OUT.resume's records while it ran) were then that directory's documents,

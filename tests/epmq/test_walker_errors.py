@@ -970,3 +970,26 @@ def test_a_numpy_blocksize_is_taken_as_the_solver_takes_it(gen, tmp_path):
     for bad in (8.0, True, np.float32(8)):
         with pytest.raises(ValueError, match="blocksize must be a positive integer"):
             quantize(fam, fam.merged(), blocksize=bad)
+
+
+def test_true_sequential_is_a_flag_as_the_cli_checks_it(gen, tmp_path):
+    """quantize_model(true_sequential="no") (the CLI refuses it) ran true sequential, the string
+    being truthy, and said 'no' in its report, silently; np.False_ (a sweep's, read from an
+    array) ran one pass but its report failed to be written after the walk ('Object of type
+    bool is not JSON serializable': quantize_checkpoint lost the walk so). A string or an int is
+    refused before the walk, naming it; numpy's bools are the walk Python's give, held as them."""
+    import numpy as np
+
+    fam = Family("llama", gen)
+    got = quantize(fam, fam.merged(), true_sequential=np.False_)
+    want = quantize(fam, fam.merged(), true_sequential=False)
+    assert got.epmq_report.true_sequential is False
+    got.epmq_report.to_json(tmp_path / "report.json")
+    codes = {k: v for k, v in want.state_dict().items() if k.endswith("qweight")}
+    assert codes and all(torch.equal(got.state_dict()[k], v) for k, v in codes.items())
+    for bad in ("no", "False", 0, None):
+        model = fam.merged()
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="true_sequential must be True or False"):
+            quantize(fam, model, true_sequential=bad)
+        assert_untouched(model, before)
