@@ -1364,6 +1364,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             raise ValueError(f"grams[{n!r}]: the tensor is tied to {tied[0]!r} (one storage), which RegMean "
                              f"would leave at the average: leave it out of grams (it is averaged)")
 
+    unheard = []  # (the models whose Gram matrix of a weight is zero, the weight's name)
+
     def merge_tensor(name, W_0, W_k):
         if name not in grams:
             return _mean(W_k)
@@ -1394,16 +1396,21 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         d_in = W_k[0].shape[0]
         G_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=W_k[0].device)
         B = torch.zeros(d_in, W_k[0].shape[1], dtype=torch.float64, device=W_k[0].device)
+        silent = []
         for k, (W, G) in enumerate(zip(W_k, G_k)):
             if tuple(G.shape) != (d_in, d_in):
                 hint = ("; a weight stored [in, out], as GPT-2's Conv1D? name it in transposed="
                         if not flip and tuple(G.shape) == (W.shape[1],) * 2 else "")
                 raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}, expected ({d_in}, {d_in}){hint}")
             check_hessian(G, d_in, f"grams[{name!r}][{k}]")
+            if not G.any():
+                silent.append(k)
             G = G.to(W.device, torch.float64)
             G = alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
             G_sum += G
             B += G @ W.to(torch.float64)
+        if 0 < len(silent) < len(G_k):
+            unheard.append((silent, name))
         ridge = 1e-8 * float(torch.diagonal(G_sum).mean()) or 1.0
         G_sum += ridge * torch.eye(d_in, dtype=torch.float64, device=G_sum.device)
         B += ridge * _mean(W_k).to(torch.float64)
@@ -1421,4 +1428,17 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         return W if flip else W.T
 
     # (grams are the module's linear layers': each weight merged as the module holds it)
-    return _merge_each(None, experts, merge_tensor, out, lazy=True, as_saved=False)
+    out = _merge_each(None, experts, merge_tensor, out, lazy=True, as_saved=False)
+    if unheard:
+        # (an expert one model's router never picks for its task: RegMean's fit has nothing of
+        # that model there, and the merged expert is the others', which nothing else would say)
+        def said(ks, name):
+            fused, _, e = name.partition("[")
+            return f"model{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}'s " + (
+                f"expert {e[:-1]} of {fused}" if e else name)
+
+        warnings.warn(f"regmean: {len(unheard)} weights had no calibration input in one model or more (their Gram "
+                      f"matrices zero: {'; '.join(said(ks, n) for ks, n in unheard[:3])}"
+                      f"{'; ...' if len(unheard) > 3 else ''}): each is RegMean's merge of the other models' alone "
+                      f"(a model that sent no token there has no say in it)")
+    return out

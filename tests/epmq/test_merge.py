@@ -1766,3 +1766,36 @@ def test_gram_matrices_of_an_experts_gate_and_up_are_taken_once(monkeypatch):
     assert any(".experts.3.gate_proj" in c for c in calls) and any(".experts.3.down_proj" in c for c in calls)
     assert not [c for c in calls if ".up_proj" in c]
     assert all(grams[f"model.layers.{i}.mlp.experts.gate_up_proj"].any(dim=(1, 2)).all() for i in range(2))
+
+
+def _never_routes_to_3(model):
+    """``model``'s first router (Qwen3-MoE's) never gives expert 3 a token."""
+    router = model.model.layers[0].mlp.gate
+
+    def never_3(hidden_states, router=router):
+        logits = nn.functional.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
+        logits[:, 3] = float("-inf")
+        top, index = torch.topk(logits.float().softmax(-1), router.top_k, dim=-1)
+        return logits, (top / top.sum(-1, keepdim=True)).to(logits.dtype), index
+
+    router.forward = never_3
+
+
+def test_regmean_of_an_expert_one_model_routes_no_token_to_says_so():
+    """An expert one model's router gives no calibration token while another's does has a zero Gram
+    matrix in that model: RegMean gives that model's expert no say (the merge is the others'), which
+    was done in silence; a warning names the model, the expert and what was done."""
+    from epmq.stats import gram_matrices
+
+    models = [_routed_moe("qwen3_moe", k) for k in range(2)]
+    _never_routes_to_3(models[1])
+    grams = [gram_matrices(m, _token_batches(20 + k)) for k, m in enumerate(models)]
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert grams[0][name][3].any() and not grams[1][name][3].any()
+    with pytest.warns(UserWarning, match=r"regmean: .*no calibration input in one model .*model 1's expert 3 of "
+                                         r"model\.layers\.0\.mlp\.experts\.gate_up_proj.*other models' alone"):
+        merged = merge.regmean([m.state_dict() for m in models], {n: [g[n] for g in grams] for n in grams[0]})
+    W_k = [m.state_dict()[name] for m in models]
+    want = _regmean_by_hand([W[3] for W in W_k], [g[name][3] for g in grams])
+    torch.testing.assert_close(merged[name][3].double(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged[name][3], W_k[0][3], atol=1e-4, rtol=1e-3)  # (model 0's expert)
