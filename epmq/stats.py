@@ -823,17 +823,30 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
                         routers.add(weight)
                         hooks.append(module.register_forward_pre_hook(lambda m, args: capture.__enter__() and None))
                         hooks.append(module.register_forward_hook(
-                            lambda m, args, out: capture.__exit__(None, None, None) and None, always_call=True))
+                            lambda m, args, out: (capture.__exit__(None, None, None), casts.clear()) and None,
+                            always_call=True))
+    # a copy of such a weight made in the module's forward (DeepSeek-V3's router applies
+    # self.weight.type(torch.float32): a copy in a bf16 model) -> its weight's statistics; the
+    # copies kept alive until the forward ends, so no other tensor takes their ids
+    casts = {}
+    cast_methods = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.double,
+                    torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.contiguous}
 
     class Capture(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func is nn.functional.linear:
                 x, w = (list(args) + [kwargs.get("input"), kwargs.get("weight")][len(args):])[:2]
-                if id(w) in applied:
-                    applied[id(w)].add_batch(x.detach().reshape(-1, x.shape[-1]).to("cpu", dtype),
-                                             what="calibration input of a router")
-            return func(*args, **kwargs)
+                stats_of = applied.get(id(w)) or casts.get(id(w), (None,))[0]
+                if stats_of is not None:
+                    stats_of.add_batch(x.detach().reshape(-1, x.shape[-1]).to("cpu", dtype),
+                                       what="calibration input of a router")
+            out = func(*args, **kwargs)
+            if func in cast_methods and args and isinstance(out, torch.Tensor) and out is not args[0]:
+                stats_of = applied.get(id(args[0])) or casts.get(id(args[0]), (None,))[0]
+                if stats_of is not None and out.shape == args[0].shape:
+                    casts[id(out)] = (stats_of, out)
+            return out
 
     capture = Capture()
     # an expert's gate and up projections (its parts of one fused parameter) read its tokens, one

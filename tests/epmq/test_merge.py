@@ -1799,3 +1799,31 @@ def test_regmean_of_an_expert_one_model_routes_no_token_to_says_so():
     want = _regmean_by_hand([W[3] for W in W_k], [g[name][3] for g in grams])
     torch.testing.assert_close(merged[name][3].double(), want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(merged[name][3], W_k[0][3], atol=1e-4, rtol=1e-3)  # (model 0's expert)
+
+
+def test_gram_matrices_of_a_router_that_casts_its_weight_are_of_its_inputs():
+    """DeepSeek-V3's router (GLM-4.5's, dots.llm1's, ...) applies its weight cast to float32,
+    F.linear(x.float(), self.weight.type(torch.float32)): of a bf16 model the weight F.linear saw was a
+    copy, so the router had no Gram matrix and RegMean averaged it, in silence; it has the Gram
+    matrix of the hidden states it routes, as in float32."""
+    import transformers
+
+    from epmq.stats import HessianStats, gram_matrices
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8)
+    model = transformers.DeepseekV3ForCausalLM(config).eval().to(torch.bfloat16)
+    name, router = "model.layers.1.mlp.gate.weight", model.model.layers[1].mlp.gate
+    want = HessianStats(32, dtype=torch.float64)
+    hook = router.register_forward_pre_hook(lambda m, args: want.add_batch(args[0].reshape(-1, 32).double()))
+    with torch.no_grad():
+        for batch in _token_batches(50):
+            model(**batch)
+    hook.remove()
+    grams = gram_matrices(model, _token_batches(50))
+    assert name in grams and want.n_tokens == 3 * 2 * 7
+    assert torch.equal(grams[name], want.H)
