@@ -1365,6 +1365,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
                              f"would leave at the average: leave it out of grams (it is averaged)")
 
     unheard = []  # (the models whose Gram matrix of a weight is zero, the weight's name)
+    unreached = []  # (weights whose Gram matrices are all zero, fused experts' said apart)
 
     def merge_tensor(name, W_0, W_k):
         if name not in grams:
@@ -1411,6 +1412,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             B += G @ W.to(torch.float64)
         if 0 < len(silent) < len(G_k):
             unheard.append((silent, name))
+        elif silent and "[" not in name:
+            unreached.append(name)
         ridge = 1e-8 * float(torch.diagonal(G_sum).mean()) or 1.0
         G_sum += ridge * torch.eye(d_in, dtype=torch.float64, device=G_sum.device)
         B += ridge * _mean(W_k).to(torch.float64)
@@ -1429,6 +1432,10 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
 
     # (grams are the module's linear layers': each weight merged as the module holds it)
     out = _merge_each(None, experts, merge_tensor, out, lazy=True, as_saved=False)
+    if unreached:  # (an expert saved one matrix per expert that no router picks, a layer no input reaches)
+        warnings.warn(f"regmean: {len(unreached)} weights had no calibration input in any model (their Gram matrices "
+                      f"zero: {', '.join(unreached[:3])}{', ...' if len(unreached) > 3 else ''}): merged by their "
+                      f"plain average")
     if unheard:
         # (an expert one model's router never picks for its task: RegMean's fit has nothing of
         # that model there, and the merged expert is the others', which nothing else would say)

@@ -1765,3 +1765,33 @@ def test_a_base_whose_tokenizer_file_is_cut_is_refused_before_the_merge(checkpoi
         merge_checkpoints("ties", [root / "e0", root / "e1"], tmp_path / "out", base=base,
                           params={"density": 0.5}, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_regmean_of_an_expert_no_model_routes_a_token_to_is_averaged_and_said(tmp_path, monkeypatch):
+    """transformers 5 saves a Qwen3-MoE's experts one matrix per expert (experts.3.gate_proj.weight),
+    which merge_checkpoints merges by their own Gram matrices: an expert no model's router gave a
+    calibration token was averaged in silence there (the README says it is warned of); a warning
+    names its matrices and says they are averaged."""
+    import epmq.stats
+
+    models, texts, experts = two_qwen3_moe_experts(tmp_path)
+    gram_matrices = epmq.stats.gram_matrices
+
+    def never_3(*args, **kwargs):  # (as a router that never picks expert 3 of layer 0 would give them)
+        grams = gram_matrices(*args, **kwargs)
+        for param in ("gate_up_proj", "down_proj"):
+            grams[f"model.layers.0.mlp.experts.{param}"][3].zero_()  # (the per-expert entries view it)
+        return grams
+
+    monkeypatch.setattr(epmq.stats, "gram_matrices", never_3)
+    unreached = r"model\.layers\.0\.mlp\.experts\.3\.(gate|up|down)_proj\.weight"
+    with pytest.warns(UserWarning, match=rf"regmean: 3 weights had no calibration input in any model .*{unreached}"
+                                         r".*plain average"):
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    got = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    W_k = [e.state_dict()[name] for e in experts]
+    torch.testing.assert_close(got[name][3], (W_k[0][3] + W_k[1][3]) / 2)
+    assert not torch.allclose(got[name][2], (W_k[0][2] + W_k[1][2]) / 2, atol=1e-4)
+
