@@ -1295,10 +1295,12 @@ def conv1d_weights(model: nn.Module) -> set:
 
     conv1d = {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
               if type(module).__name__ == "Conv1D"}
-    # (fused experts holding each expert's weight transposed: gpt-oss's and Llama 4's [E, in, out])
+    # (fused experts holding each expert's weight transposed: gpt-oss's and Llama 4's [E, in, out];
+    # DBRX's w2 [E * I, H], each expert's I rows its down projection's [in, out])
     return conv1d | {f"{name}.{param}" for name, module in model.named_modules()
                      if is_fused_experts(module) and _rebuilt_as(module).transposed
-                     for param in ("gate_up_proj", "up_proj", "down_proj") if hasattr(module, param)}
+                     for param in ("gate_up_proj", "up_proj", "down_proj") if hasattr(module, param)} | {
+        f"{name}.mlp.w2" for name, module in model.named_modules() if type(module).__name__ == "DbrxExperts"}
 
 
 def _square(W: torch.Tensor) -> bool:
@@ -1371,6 +1373,11 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         if name not in grams:
             return _mean(W_k)
         G_k = list(grams[name])
+        # (DBRX's experts: [E * I, H] with [E, in, in] Gram matrices, expert e's rows e*I:(e+1)*I)
+        rows_of = (G_k[0].shape[0] if len(G_k) == len(W_k) and W_k[0].dim() == 2 and G_k[0].dim() == 3
+                   and W_k[0].shape[0] % G_k[0].shape[0] == 0 else None)
+        if rows_of:
+            W_k = [W.reshape(rows_of, -1, W.shape[-1]) for W in W_k]  # (read once each)
         if len(G_k) == len(W_k) and W_k[0].dim() == 3:
             # a mixture of experts' fused experts ([E, out, in]; [E, in, out] transposed) and their
             # [E, in, in] Gram matrices: each expert merged by its own
@@ -1384,8 +1391,9 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             if unseen:
                 warnings.warn(f"regmean: experts {unseen} of {name} were routed no calibration token by any model "
                               f"(their Gram matrices are zero): merged by their plain average")
-            return torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
-                                for e in range(W_k[0].shape[0])])
+            merged = torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
+                                  for e in range(W_k[0].shape[0])])
+            return merged.reshape(-1, merged.shape[-1]) if rows_of else merged
         if len(G_k) != len(W_k) or W_k[0].dim() != 2:
             raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert) "
                              f"of a 2-D weight, got {len(G_k)} for shape {tuple(W_k[0].shape)}")

@@ -696,7 +696,8 @@ EXPERT_GRAM_BYTES = 32 * 2**30
 
 
 def _fused_expert_gram_bytes(model) -> int:
-    """Bytes of the float64 Gram matrices, one per expert and input, of ``model``'s fused experts."""
+    """Bytes of the float64 Gram matrices, one per expert and input, of ``model``'s fused experts
+    (DBRX's too)."""
     from .adapters.moe import _rebuilt_as, is_fused_experts
 
     total = 0
@@ -706,6 +707,8 @@ def _fused_expert_gram_bytes(model) -> int:
             for W in (getattr(module, p, None) for p in ("gate_up_proj", "up_proj", "down_proj")):
                 if isinstance(W, torch.Tensor) and W.dim() == 3:
                     total += W.shape[0] * W.shape[1 if flip else 2] ** 2 * 8
+        elif type(module).__name__ == "DbrxExperts":  # (w1 and v1 [E * I, H] one matrix per expert, w2 one)
+            total += module.num_experts * (module.hidden_size ** 2 + module.ffn_hidden_size ** 2) * 8
     return total
 
 

@@ -795,11 +795,11 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     rebuilt = set()
     for adapter, _ in (towers if experts else []):
         rebuilt.update(rebuild_experts(adapter, model, swap, not isinstance(adapter, MoEAdapter)).values())
-    # (experts whose linears take another slice than one expert's rows of a 3-D parameter, DBRX's,
-    # keep no Gram matrix: averaged, as before)
-    expert_parts = {str(part): part for part in rebuilt
-                    if str(part).endswith(".weight") and part.index is not None and part.cols is None
-                    and part.order is None and part.fused not in tied and (names is None or part.fused in names)}
+    # name -> the expert (of its fused parameter) whose projection it is: one expert's rows of a 3-D
+    # parameter, or one expert's block of rows of DBRX's [E * I, H] ones (w2's read transposed)
+    expert_of = {str(part): _expert_of(part) for part in rebuilt
+                 if str(part).endswith(".weight") and part.fused not in tied and (names is None or part.fused in names)}
+    expert_parts = {n: part for part in rebuilt if expert_of.get(n := str(part)) is not None}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"
@@ -854,7 +854,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     leaders = {}
     for n in stats:  # (in the modules' order: gate leads)
         if n in expert_parts:
-            leader = leaders.setdefault((expert_parts[n].fused, expert_parts[n].index), n)
+            leader = leaders.setdefault((_reads(expert_parts[n]), expert_of[n]), n)
             if leader != n:
                 owner[n] = leader
     if not stats:
@@ -907,18 +907,45 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     experts = {}  # fused parameter -> {expert: its Gram matrix}
     for n, part in expert_parts.items():
         G = grams.pop(n)
-        same = experts.setdefault(part.fused, {}).setdefault(part.index, G)
+        same = experts.setdefault(part.fused, {}).setdefault(expert_of[n], G)
         if same is not G and not torch.equal(same, G):  # (gate and up read the same tokens)
-            raise RuntimeError(f"the projections of expert {part.index} of {part.fused} read other inputs: "
+            raise RuntimeError(f"the projections of expert {expert_of[n]} of {part.fused} read other inputs: "
                                f"one Gram matrix per expert does not hold them")
     stats.clear()  # (each expert's matrix freed once stacked: not all of them twice at once)
+    stacked = {}  # (DBRX's w1 and v1 read one matrix per expert: one stack of them)
     for fused in list(experts):
         per_expert = experts.pop(fused)
-        grams[fused] = torch.stack([per_expert.pop(e) for e in range(len(per_expert))])
+        ids = tuple(id(per_expert[e]) for e in range(len(per_expert)))
+        grams[fused] = stacked.get(ids)
+        if grams[fused] is None:
+            grams[fused] = stacked[ids] = torch.stack([per_expert.pop(e) for e in range(len(per_expert))])
     if each_expert:  # (views of the stack, one per expert: its projections share it)
-        views = {(part.fused, part.index): grams[part.fused][part.index] for part in expert_parts.values()}
-        grams.update({n: views[part.fused, part.index] for n, part in expert_parts.items()})
+        views = {(part.fused, expert_of[n]): grams[part.fused][expert_of[n]] for n, part in expert_parts.items()}
+        grams.update({n: views[part.fused, expert_of[n]] for n, part in expert_parts.items()})
     return grams
+
+
+def _expert_of(part):
+    """The expert whose projection the fused-experts ``Part`` is (``epmq.adapters.moe``'s):
+    its index in a 3-D parameter, or of a 2-D ``[E * I, H]`` one (DBRX's), its block of ``I``
+    rows (``cols`` where read transposed); None for any other slice (rows reordered)."""
+    if part.order is not None:
+        return None
+    if part.index is not None:
+        return part.index if part.cols is None else None
+    block = part.cols if part.transposed else part.rows
+    other = part.rows if part.transposed else part.cols
+    if len(part.fused_shape) != 2 or block is None or other is not None:
+        return None
+    width = block[1] - block[0]
+    return block[0] // width if width > 0 and block[0] % width == 0 and part.fused_shape[0] % width == 0 else None
+
+
+def _reads(part):
+    """What an expert's projection ``part`` reads, alike for the projections reading one tensor:
+    its fused parameter (gate and up of gate_up_proj), or of DBRX's, its module and whether it is
+    read transposed (w1 and v1 read the expert's tokens, w2 their product)."""
+    return part.fused if part.index is not None else (part.fused.rpartition(".")[0], part.transposed)
 
 
 def stacks_of(model) -> list:

@@ -1827,3 +1827,65 @@ def test_gram_matrices_of_a_router_that_casts_its_weight_are_of_its_inputs():
     grams = gram_matrices(model, _token_batches(50))
     assert name in grams and want.n_tokens == 3 * 2 * 7
     assert torch.equal(grams[name], want.H)
+
+
+def _dbrx(seed):
+    """A tiny DBRX of two blocks, 4 experts of which each token takes 2: its experts held as three
+    [E * I, H] matrices (mlp.w1, mlp.v1; mlp.w2 each expert's down projection transposed)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.DbrxForCausalLM(transformers.DbrxConfig(
+        vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))).eval()
+
+
+def test_regmean_merges_dbrxs_experts_each_by_its_own_gram_matrices():
+    """DBRX holds its experts as rows of three [E * I, H] matrices, outside any nn.Linear: they had
+    no Gram matrix and RegMean averaged them (warned by merge_checkpoints); each now has its
+    experts' Gram matrices [E, in, in] of the tokens routed to each, and each expert's rows are
+    merged by RegMean on them (w2's as [in, out]), as modules and as state dicts."""
+    import copy
+
+    from epmq.adapters import AUTO
+    from epmq.adapters.moe import rebuild_experts
+    from epmq.stats import HessianStats, gram_matrices
+
+    models, batches = [_dbrx(k) for k in range(2)], [_token_batches(60 + k) for k in range(2)]
+    rebuilt = copy.deepcopy(models[0])
+    rebuild_experts(AUTO, rebuilt, lambda name, new: setattr(rebuilt.get_submodule(name.rpartition(".")[0]),
+                                                             name.rpartition(".")[2], new))
+    want, hooks = {}, []
+    for e in range(4):
+        w1, _, w2 = rebuilt.transformer.blocks[1].ffn.experts[e].projections()
+        for param, linear in (("w1", w1), ("w2", w2)):
+            stats = want[param, e] = HessianStats(linear.in_features, dtype=torch.float64)
+            hooks.append(linear.register_forward_pre_hook(lambda m, args, s=stats: s.add_batch(args[0].double())))
+    with torch.no_grad():
+        for batch in batches[0]:
+            rebuilt(**batch)
+    grams = [gram_matrices(m, b) for m, b in zip(models, batches)]
+    prefix = "transformer.blocks.1.ffn.experts.mlp"
+    for (param, e), stats in want.items():
+        assert grams[0][f"{prefix}.{param}"].shape == (4, *stats.H.shape)
+        assert torch.equal(grams[0][f"{prefix}.{param}"][e], stats.H), (param, e)
+    assert torch.equal(grams[0][f"{prefix}.v1"], grams[0][f"{prefix}.w1"])
+    by_name = {n: [g[n] for g in grams] for n in grams[0]}
+    transposed = merge.conv1d_weights(models[0])
+    assert {f"{prefix}.w2", "transformer.blocks.0.ffn.experts.mlp.w2"} <= transposed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (an expert the few tokens may leave unrouted)
+        merged = [merge.regmean(models, by_name),
+                  merge.regmean([m.state_dict() for m in models], by_name, transposed=transposed)]
+    for param in ("w1", "v1", "w2"):
+        name = f"{prefix}.{param}"
+        W_k = [m.state_dict()[name].view(4, 16, 32) for m in models]
+        for e in range(4):
+            if any(g[e].any() for g in by_name[name]):
+                flip = (lambda W: W.T) if param == "w2" else (lambda W: W)
+                want_e = flip(_regmean_by_hand([flip(W[e]) for W in W_k], [g[e] for g in by_name[name]]))
+                for got in merged:
+                    assert got[name].shape == (64, 32)
+                    torch.testing.assert_close(got[name].view(4, 16, 32)[e].double(), want_e, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(merged[0][name], (W_k[0] + W_k[1]).view(64, 32) / 2, atol=1e-4)

@@ -1795,3 +1795,44 @@ def test_regmean_of_an_expert_no_model_routes_a_token_to_is_averaged_and_said(tm
     torch.testing.assert_close(got[name][3], (W_k[0][3] + W_k[1][3]) / 2)
     assert not torch.allclose(got[name][2], (W_k[0][2] + W_k[1][2]) / 2, atol=1e-4)
 
+
+def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
+    """DBRX's checkpoints hold its experts as three [E * I, H] matrices (ffn.experts.mlp.w1, v1, w2),
+    which merge_checkpoints averaged, warned as matrices of no linear layer; each expert's rows are
+    merged by RegMean on the Gram matrix of the tokens routed to it (w2's as [in, out])."""
+    import epmq.merge_checkpoint
+    import epmq.stats
+    from epmq.benches.tiny import WORDS
+
+    config = transformers.DbrxConfig(vocab_size=128, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                                     attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                                     ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2),
+                                     pad_token_id=0)
+    g = torch.Generator().manual_seed(0)
+    models, texts, experts = [], [], []
+    for k in range(2):
+        torch.manual_seed(k)
+        experts.append(transformers.DbrxForCausalLM(config).eval())
+        experts[-1].save_pretrained(tmp_path / f"e{k}")
+        models.append(tmp_path / f"e{k}")
+        texts.append(tmp_path / f"t{k}.txt")
+        texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
+    word_tokenizer(models[0])
+    # (2 layers x 4 experts x (32^2, w1's and v1's one, + 16^2) x 8 bytes: within the budget, counted)
+    assert epmq.merge_checkpoint._fused_expert_gram_bytes(experts[0]) == 2 * 4 * (32 * 32 + 16 * 16) * 8
+    seen, gram_matrices = [], epmq.stats.gram_matrices
+    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    assert not [w for w in caught if "no linear layer" in str(w.message)]
+    got = transformers.DbrxForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    want = merge.regmean([e.state_dict() for e in experts], {n: [grams[n] for grams in seen] for n in seen[0]
+                                                                 if n in experts[0].state_dict()},
+                         transposed=merge.conv1d_weights(experts[0]))
+    for name in ("transformer.blocks.0.ffn.experts.mlp.w1", "transformer.blocks.1.ffn.experts.mlp.w2"):
+        W_k = [e.state_dict()[name] for e in experts]
+        assert seen[0][name].shape[0] == 4
+        torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(got[name], (W_k[0] + W_k[1]) / 2, atol=1e-4)
