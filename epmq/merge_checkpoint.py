@@ -615,7 +615,7 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     refused inside a model's directory of texts or pairs (``check_outside_calibration``)."""
     from .checkpoint_io import renamed, saved_key_renaming
     from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, _modality, _model_class, calibrated
-    from .stats import gram_matrices
+    from .stats import gram_matrices, rebuilt_experts
     from .walker import _input_embeddings
 
     # an adapter's model is its base's, with the expert's tensors (W_0 + s B A) put in
@@ -666,50 +666,92 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                         written.add(id(p))
                         p.copy_(view[to_reference[on_disk[n]]])
         if k == 0:  # (the models share one architecture)
-            fits = _fused_expert_gram_bytes(model) <= EXPERT_GRAM_BYTES
-            if not fits:
-                warnings.warn(f"regmean: the Gram matrices of {type(model).__name__}'s fused experts, one per expert, "
-                              f"would take {_fused_expert_gram_bytes(model) / 2**30:.1f} GiB a model in float64 "
-                              f"(over epmq.merge_checkpoint.EXPERT_GRAM_BYTES, "
-                              f"{EXPERT_GRAM_BYTES / 2**30:.1f} GiB): the experts are merged by their plain "
-                              f"average; raise it to merge them by RegMean where memory allows")
-        # (fused experts' under the fused name and each expert's: a checkpoint holds either)
-        grams = gram_matrices(model, batches[f"model {k}"], each_expert=True, experts=fits)
-        on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
-        if k == 0:  # (the models share one architecture)
-            _warn_averaged_matrices(model, grams)
-            transposed = {to_reference[on_disk[n]] for n in merge_lib.conv1d_weights(model)
-                          if n in grams and on_disk[n] in to_reference}
+            sizes = _fused_expert_gram_sizes(model)
+            # over the budget, the experts' matrices are collected a few fused parameters at a time,
+            # a calibration pass each (after one for the other matrices), spilled in between
+            if sum(sizes.values()) > EXPERT_GRAM_BYTES:  # (those the passes call one linear per expert)
+                called = rebuilt_experts(model)
+                sizes = {n: size for n, size in sizes.items() if n in called}
+            runs = [dict(experts=True)] if sum(sizes.values()) <= EXPERT_GRAM_BYTES else [
+                dict(experts=False), *(dict(names=set(chunk)) for chunk in _chunks(sizes, EXPERT_GRAM_BYTES))]
+            alone = [n for n, size in sizes.items() if size > EXPERT_GRAM_BYTES]
+            if alone:
+                warnings.warn(f"regmean: the Gram matrices of {len(alone)} of {type(model).__name__}'s fused expert "
+                              f"parameters, one per expert, would take up to {max(sizes.values()) / 2**30:.1f} GiB "
+                              f"each in float64 (over epmq.merge_checkpoint.EXPERT_GRAM_BYTES, "
+                              f"{EXPERT_GRAM_BYTES / 2**30:.1f} GiB; e.g. {alone[0]}): those experts are merged "
+                              f"by their plain average; raise it to merge them by RegMean where memory allows")
+            seen, transposed = set(), set()
+        entries = {}
+        for c, run in enumerate(runs):
+            # (fused experts' under the fused name and each expert's: a checkpoint holds either)
+            grams = gram_matrices(model, batches[f"model {k}"], each_expert=True, **run)
+            on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
+            if k == 0:  # (the models share one architecture)
+                seen.update(grams)
+                transposed |= {to_reference[on_disk[n]] for n in merge_lib.conv1d_weights(model)
+                               if n in grams and on_disk[n] in to_reference}
+            file = spill_dir / (f"grams-{k}.safetensors" if len(runs) == 1 else f"grams-{k}-{c}.safetensors")
+            keys = _spill({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference}, file)
+            entries.update({n: (file, key) for n, key in keys.items()})
+            del grams
+        if k == 0:
+            _warn_averaged_matrices(model, seen)
         del model
-        file = spill_dir / f"grams-{k}.safetensors"
-        keys = _spill({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference}, file)
-        per_model.append({n: (file, key) for n, key in keys.items()})
-        del grams
+        per_model.append(entries)
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]
     return {n: _SpilledGrams([g[n] for g in per_model]) for n in shared}, transposed & set(shared)
 
 
-# the most memory one model's per-expert Gram matrices of fused experts may take (held at once,
-# as each model's are, and ~E times its dense layers': Mixtral-8x7B's are ~450 GB); over it the
-# experts are averaged, warned
+# the most memory one model's per-expert Gram matrices of fused experts may take at once (~E
+# times its dense layers': Mixtral-8x7B's are ~450 GB); over it they are collected a few fused
+# parameters at a time, a calibration pass each, and a fused parameter whose own matrices pass it
+# (a DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB) is averaged, warned
 EXPERT_GRAM_BYTES = 32 * 2**30
 
 
-def _fused_expert_gram_bytes(model) -> int:
-    """Bytes of the float64 Gram matrices, one per expert and input, of ``model``'s fused experts
-    (DBRX's too)."""
+def _fused_expert_gram_sizes(model) -> dict:
+    """``{fused parameter: bytes}`` of the float64 Gram matrices, one per expert and input, of
+    ``model``'s fused experts (DBRX's too: w1's and v1's one stack, counted under w1), in order."""
     from .adapters.moe import _rebuilt_as, is_fused_experts
 
-    total = 0
-    for module in model.modules():
+    sizes = {}
+    for name, module in model.named_modules():
         if is_fused_experts(module):
             flip = _rebuilt_as(module).transposed  # ([E, in, out])
-            for W in (getattr(module, p, None) for p in ("gate_up_proj", "up_proj", "down_proj")):
+            for p in ("gate_up_proj", "up_proj", "down_proj"):
+                W = getattr(module, p, None)
                 if isinstance(W, torch.Tensor) and W.dim() == 3:
-                    total += W.shape[0] * W.shape[1 if flip else 2] ** 2 * 8
-        elif type(module).__name__ == "DbrxExperts":  # (w1 and v1 [E * I, H] one matrix per expert, w2 one)
-            total += module.num_experts * (module.hidden_size ** 2 + module.ffn_hidden_size ** 2) * 8
-    return total
+                    sizes[f"{name}.{p}"] = W.shape[0] * W.shape[1 if flip else 2] ** 2 * 8
+        elif type(module).__name__ == "DbrxExperts":
+            sizes[f"{name}.mlp.w1"] = module.num_experts * module.hidden_size ** 2 * 8
+            sizes[f"{name}.mlp.v1"] = 0  # (w1's)
+            sizes[f"{name}.mlp.w2"] = module.num_experts * module.ffn_hidden_size ** 2 * 8
+    return sizes
+
+
+def _fused_expert_gram_bytes(model) -> int:
+    """Bytes of the float64 Gram matrices, one per expert and input, of ``model``'s fused experts."""
+    return sum(_fused_expert_gram_sizes(model).values())
+
+
+def _chunks(sizes: Mapping[str, int], budget: int) -> list:
+    """The names of ``sizes`` in consecutive chunks of at most ``budget`` bytes (DBRX's v1 with its
+    w1, whose stack it shares); those over it alone are left out."""
+    chunks, used = [], budget + 1
+    for name, size in sizes.items():
+        if name.endswith(".mlp.v1"):
+            if chunks and chunks[-1][-1] == name[:-len("v1")] + "w1":
+                chunks[-1].append(name)
+            continue
+        if size > budget:
+            continue
+        if used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks
 
 
 def _warn_averaged_matrices(model, grams) -> None:

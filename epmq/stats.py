@@ -900,7 +900,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             setattr(parent, attr, old.train(new.training))
         model.train(was_training)
         keep.clear()
-    if not any(s.n_tokens for s in stats.values()):
+    if not any(s.n_tokens for s in stats.values()) and len(expert_parts) < len(stats):
+        # (experts alone, named: none routed a token is zeros, as any expert no token reached)
         raise ValueError("no calibration batch reached the model's linear layers")
     # (a module that never applied its weight by F.linear has none: averaged)
     grams = {n: stats[owner.get(n, n)].H for n in stats if n not in routers or stats[n].n_tokens}
@@ -946,6 +947,17 @@ def _reads(part):
     its fused parameter (gate and up of gate_up_proj), or of DBRX's, its module and whether it is
     read transposed (w1 and v1 read the expert's tokens, w2 their product)."""
     return part.fused if part.index is not None else (part.fused.rpartition(".")[0], part.transposed)
+
+
+def rebuilt_experts(model) -> set:
+    """The fused expert parameters of ``model`` that ``gram_matrices`` gives Gram matrices, one per
+    expert (those it calls as one linear per expert: ``epmq.adapters.moe.rebuild_experts``)."""
+    from .adapters.moe import MoEAdapter, rebuild_experts
+
+    return {part.fused for adapter, _ in stacks_of(model)
+            for part in rebuild_experts(adapter, model, lambda name, new: None,
+                                        not isinstance(adapter, MoEAdapter)).values()
+            if str(part).endswith(".weight") and _expert_of(part) is not None}
 
 
 def stacks_of(model) -> list:

@@ -866,18 +866,17 @@ def two_qwen3_moe_experts(tmp_path):
 
 
 def test_regmean_of_fused_experts_over_the_memory_budget_averages_them(tmp_path, monkeypatch):
-    """One model's Gram matrices of fused experts, one per expert, are held at once (~450 GB for
-    Mixtral-8x7B in float64, where its dense layers' take ~9 GB): over
-    epmq.merge_checkpoint.EXPERT_GRAM_BYTES the experts are averaged, said with the size, and the
-    other matrices merged by RegMean as before."""
+    """One fused parameter's Gram matrices, one per expert, are held at once (a layer of
+    DeepSeek-V3's 256 experts: 105 GB in float64): those over epmq.merge_checkpoint.EXPERT_GRAM_BYTES
+    alone are averaged, said with the size, and the other matrices merged by RegMean as before."""
     import epmq.merge_checkpoint
 
     models, texts, experts = two_qwen3_moe_experts(tmp_path)
     # (2 layers x 4 experts x (32^2 + 16^2) inputs' Gram matrices x 8 bytes)
     assert epmq.merge_checkpoint._fused_expert_gram_bytes(experts[0]) == 2 * 4 * (32 * 32 + 16 * 16) * 8
-    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 2 * 4 * (32 * 32 + 16 * 16) * 8 - 1)
-    with pytest.warns(UserWarning, match=r"regmean: the Gram matrices of Qwen3MoeForCausalLM's fused experts, one "
-                                         r"per expert, would take 0\.0 GiB .*plain average"):
+    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 4 * 16 * 16 * 8 - 1)  # (below a down_proj's)
+    with pytest.warns(UserWarning, match=r"regmean: the Gram matrices of 4 of Qwen3MoeForCausalLM's fused expert "
+                                         r"parameters, one per expert, would take up to 0\.0 GiB .*plain average"):
         merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
                           samples=4, seq_len=16, batch_size=2, progress=False)
     got = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").state_dict()
@@ -1836,3 +1835,45 @@ def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
         assert seen[0][name].shape[0] == 4
         torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-4)
         assert not torch.allclose(got[name], (W_k[0] + W_k[1]) / 2, atol=1e-4)
+
+
+def test_regmean_of_fused_experts_over_the_memory_budget_collects_them_a_few_at_a_time(tmp_path, monkeypatch):
+    """Over epmq.merge_checkpoint.EXPERT_GRAM_BYTES one model's per-expert Gram matrices were not
+    collected at all, and every expert averaged (Mixtral-8x7B's ~450 GB against 32 GiB): they are
+    collected a few fused parameters at a time, one calibration pass each within the budget, spilled
+    between, and the experts merged by RegMean as with the budget unbounded."""
+    import epmq.merge_checkpoint
+    import epmq.stats
+
+    models, texts, experts = two_qwen3_moe_experts(tmp_path)
+    seen, gram_matrices = [], epmq.stats.gram_matrices
+    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
+    merge_checkpoints("regmean", models, tmp_path / "whole", calibration=[str(t) for t in texts],
+                      samples=4, seq_len=16, batch_size=2, progress=False)
+    assert len(seen) == 2
+    seen.clear()
+    # (one layer's experts: 4 x (32^2 + 16^2) x 8 bytes; the model's are twice that)
+    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 4 * (32 * 32 + 16 * 16) * 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    assert not [w for w in caught if "plain average" in str(w.message)]
+    assert len(seen) == 2 * 3  # (per model: the other matrices, then each layer's experts)
+    assert all(sum(G.numel() * 8 for n, G in grams.items() if G.dim() == 3) <= 4 * (32 * 32 + 16 * 16) * 8
+               for grams in seen)
+    got, want = (transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("out", "whole"))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_fused_expert_parameters_are_collected_in_chunks_within_the_budget():
+    """The chunks of fused parameters whose Gram matrices are collected in one pass: consecutive,
+    each within the budget, DBRX's v1 with its w1 (one stack, counted under w1), and a parameter
+    over the budget alone (with its v1) in none."""
+    from epmq.merge_checkpoint import _chunks
+
+    sizes = {"a.gate_up_proj": 4, "a.down_proj": 2, "b.gate_up_proj": 4, "b.down_proj": 2,
+             "c.mlp.w1": 9, "c.mlp.v1": 0, "c.mlp.w2": 1, "d.mlp.w1": 3, "d.mlp.v1": 0, "d.mlp.w2": 1}
+    assert _chunks(sizes, 6) == [["a.gate_up_proj", "a.down_proj"], ["b.gate_up_proj", "b.down_proj"],
+                                 ["c.mlp.w2", "d.mlp.w1", "d.mlp.v1", "d.mlp.w2"]]
+    assert _chunks(sizes, 100) == [list(sizes)]
