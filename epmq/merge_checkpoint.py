@@ -712,12 +712,15 @@ EXPERT_GRAM_BYTES = 32 * 2**30
 
 def _fused_expert_gram_sizes(model) -> dict:
     """``{fused parameter: bytes}`` of the float64 Gram matrices, one per expert and input, of
-    ``model``'s fused experts (DBRX's too: w1's and v1's one stack, counted under w1), in order."""
-    from .adapters.moe import _rebuilt_as, is_fused_experts
+    ``model``'s fused experts (DBRX's too: w1's and v1's one stack, counted under w1; JetMoE's one
+    ``weight [E, out, in]``), in order."""
+    from .adapters.moe import _rebuilt_as, is_fused_experts, is_split_experts
 
     sizes = {}
     for name, module in model.named_modules():
-        if is_fused_experts(module):
+        if is_split_experts(module):
+            sizes[f"{name}.weight"] = module.weight.shape[0] * module.weight.shape[2] ** 2 * 8
+        elif is_fused_experts(module):
             flip = _rebuilt_as(module).transposed  # ([E, in, out])
             for p in ("gate_up_proj", "up_proj", "down_proj"):
                 W = getattr(module, p, None)

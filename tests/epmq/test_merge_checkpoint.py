@@ -1877,3 +1877,23 @@ def test_fused_expert_parameters_are_collected_in_chunks_within_the_budget():
     assert _chunks(sizes, 6) == [["a.gate_up_proj", "a.down_proj"], ["b.gate_up_proj", "b.down_proj"],
                                  ["c.mlp.w2", "d.mlp.w1", "d.mlp.v1", "d.mlp.w2"]]
     assert _chunks(sizes, 100) == [list(sizes)]
+
+
+def test_jetmoes_experts_count_in_the_gram_budget():
+    """JetMoE holds its attention's and MLP's experts each as one weight [E, out, in], which RegMean's
+    passes call one linear per expert (a Gram matrix per expert, ~55 GB a model for JetMoE-8B's), but
+    epmq.merge_checkpoint.EXPERT_GRAM_BYTES counted none of them: they were collected whole whatever
+    the budget; each counts, and is collected in the chunk that holds it."""
+    from epmq.merge_checkpoint import _fused_expert_gram_sizes
+    from epmq.stats import gram_matrices
+
+    model = transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, kv_channels=8, num_local_experts=4, pad_token_id=0, bos_token_id=0,
+        eos_token_id=1)).eval()
+    sizes = _fused_expert_gram_sizes(model)
+    grams = gram_matrices(model, [{"input_ids": torch.randint(0, 64, (2, 7))}])
+    stacks = {n: G.numel() * 8 for n, G in grams.items() if G.dim() == 3}
+    assert sizes == stacks and len(sizes) == 2 * 4
+    name = "model.layers.1.mlp.output_linear.weight"
+    assert list(gram_matrices(model, [{"input_ids": torch.randint(0, 64, (2, 7))}], names={name})) == [name]
