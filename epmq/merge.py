@@ -1350,6 +1350,27 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
                              f"state dicts may store [in, out]: say which are, transposed="
                              f"epmq.merge.conv1d_weights(model) for GPT-2, transposed=() where they are "
                              f"nn.Linear weights [out, in] (GPT-BigCode), or give the experts as modules")
+    # (one module's fused experts are all held transposed or none: its gate_up_proj named alone, as
+    # its shape refusal names it, left a square down_proj merged as its transpose's fit)
+    fused = {}
+    for n in grams:
+        module, _, param = n.rpartition(".")
+        if param in ("gate_up_proj", "up_proj", "down_proj"):
+            fused.setdefault(module, []).append(n)
+    if not told and not modules:
+        # a down_proj square per expert fits its grams either way round (gpt-oss's [E, I, H], I == H,
+        # held transposed; Qwen3-MoE's of the same name not): its gate_up_proj's shape says which,
+        # [E, H, 2I] beside a transposed down_proj [E, I, H], [E, 2I, H] beside [E, H, I]
+        for module, names in fused.items():
+            if {f"{module}.gate_up_proj", f"{module}.down_proj"} <= set(names) <= set(experts[0]):
+                (_, a, b), (_, c, d) = (experts[0][f"{module}.{p}"].shape for p in ("gate_up_proj", "down_proj"))
+                if b == 2 * c and a == d:
+                    transposed.update(names)
+    for names in fused.values():
+        said = [n for n in names if n in transposed]
+        if said and len(said) < len(names):
+            raise ValueError(f"transposed= names {said[0]} but not {next(n for n in names if n not in transposed)}, "
+                             f"fused experts of one module (held transposed alike): name both, or neither")
     unknown = sorted(n for n in [*grams, *transposed] if n not in experts[0])
     if unknown:  # (else those layers would silently be averaged)
         raise ValueError(f"grams or transposed name tensors the experts do not have: {unknown[:5]}")

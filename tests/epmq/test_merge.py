@@ -1889,3 +1889,48 @@ def test_regmean_merges_dbrxs_experts_each_by_its_own_gram_matrices():
                     assert got[name].shape == (64, 32)
                     torch.testing.assert_close(got[name].view(4, 16, 32)[e].double(), want_e, atol=1e-5, rtol=1e-4)
         assert not torch.allclose(merged[0][name], (W_k[0] + W_k[1]).view(64, 32) / 2, atol=1e-4)
+
+
+def test_regmean_of_square_fused_experts_in_state_dicts_is_read_by_their_gate_up_proj():
+    """gpt-oss holds each expert transposed, and its down_proj is square per expert ([E, I, H] with
+    I == H: 2880 both): given as state dicts with transposed= naming the gate_up_proj alone (as the
+    refusal of its shape says), its down_proj was merged as [out, in], the transpose of each expert's
+    fit, in silence (Qwen3-MoE's experts.down_proj, of the same name, is [out, in]); without
+    transposed= the layout is read from the gate_up_proj's shape beside it, and a transposed= naming
+    one of a module's fused experts alone is refused."""
+    import transformers
+
+    from epmq.stats import gram_matrices
+
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        models.append(transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention"])).eval())
+        with torch.no_grad():
+            for p in models[-1].parameters():
+                p.normal_(0, 0.05)
+    grams = [gram_matrices(m, _token_batches(70 + k, n=6)) for k, m in enumerate(models)]
+    by_name = {n: [g[n] for g in grams] for n in grams[0]}
+    states = [m.state_dict() for m in models]
+    with pytest.raises(ValueError, match=r"transposed= names model\.layers\.0\.mlp\.experts\.gate_up_proj but not "
+                                         r"model\.layers\.0\.mlp\.experts\.down_proj"):
+        merge.regmean(states, by_name, transposed={"model.layers.0.mlp.experts.gate_up_proj"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = merge.regmean(models, by_name)
+        for got in (merge.regmean(states, by_name), merge.regmean(states, by_name,
+                                                                  transposed=merge.conv1d_weights(models[0]))):
+            for name in ("model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"):
+                torch.testing.assert_close(got[name], want[name])
+    # (Qwen3-MoE's, [out, in], square per expert here: read so)
+    models = [_routed_moe("qwen3_moe", k) for k in range(2)]
+    assert models[0].model.layers[0].mlp.experts.gate_up_proj.shape[1:] == (32, 32)
+    grams = [gram_matrices(m, _token_batches(10 + k)) for k, m in enumerate(models)]
+    by_name = {n: [g[n] for g in grams] for n in grams[0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = merge.regmean([m.state_dict() for m in models], by_name), merge.regmean(models, by_name)
+    assert all(torch.equal(got[n], want[n]) for n in want)
