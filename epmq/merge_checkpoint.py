@@ -1078,6 +1078,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
                 pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)
+    pad_to_multiple_of = check_tokenizer_source(tokenizer_source, pad_to_multiple_of)  # (numpy's: the recipe's JSON)
     params = dict(params or {})
     device = device_argument(device)
     fn = getattr(merge_lib, method)

@@ -34,21 +34,26 @@ from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import torch
 
+from epmq_kernels.grid import is_integer
+
 from ._util import read_json_file
 
 SOURCES = ("base", "union")
 
 
-def check_tokenizer_source(source, pad_to_multiple_of=None) -> None:
-    """ValueError unless ``source`` is one of ``SOURCES`` (or None, with no padding)."""
+def check_tokenizer_source(source, pad_to_multiple_of=None) -> Optional[int]:
+    """ValueError unless ``source`` is one of ``SOURCES`` (or None, with no padding); the padding
+    multiple as a Python int (numpy's would reach config.json and the recipe)."""
     if source is not None and source not in SOURCES:
         raise ValueError(f"tokenizer_source must be one of {', '.join(SOURCES)}, got {source!r} (another "
                          f"model's tokenizer: give that model as the base)")
     if pad_to_multiple_of is not None:
         if source is None:
             raise ValueError("pad_to_multiple_of pads the vocabulary tokenizer_source lays out: give one")
-        if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+        if not is_integer(pad_to_multiple_of) or pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+        return int(pad_to_multiple_of)
+    return None
 
 
 def check_tokens(tokens) -> None:
@@ -211,7 +216,7 @@ def build_vocabulary(source: str, tokenizers: Mapping[Hashable, object], rows: M
     first model); ``rows``: each model's embedding rows (tokens at or past them are padding
     ids its embeddings have no row for, and are left out). ``base``: the base's key, if any.
     ``tokens``: rows named token by token (module docstring), their models found by ``key_of``."""
-    check_tokenizer_source(source, pad_to_multiple_of)
+    pad_to_multiple_of = check_tokenizer_source(source, pad_to_multiple_of)
     check_tokens(tokens)
     keys = list(tokenizers)
     reference = tokenizers[keys[0]]

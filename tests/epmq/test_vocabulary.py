@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -10,7 +11,7 @@ import yaml
 from epmq import merge_checkpoints
 from epmq.benches.tiny import word_level_tokenizer
 from epmq.cli import main
-from epmq.vocabulary import Vocabulary, build_vocabulary, vocabulary_names
+from epmq.vocabulary import Vocabulary, build_vocabulary, check_tokenizer_source, vocabulary_names
 
 WORDS = [f"w{i}" for i in range(24)]
 
@@ -741,3 +742,17 @@ def test_an_expert_whose_tokenizer_file_is_cut_is_named(models, tmp_path, conten
     (plain / "tokenizer.json").unlink()  # (no tokenizer at all: the base's, as mergekit takes it)
     (plain / "tokenizer_config.json").unlink()
     assert load_tokenizer(plain) is None
+
+
+def test_pad_to_multiple_of_of_numpy_is_taken(models, tmp_path):
+    """A padding multiple from a sweep's array (np.int64) was refused as 'must be a positive
+    integer', though numpy's integers are taken for every other size; it pads as 4 does and the
+    config and recipe say Python ints."""
+    out = merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m", base=models["base"],
+                            params=dict(scale=1.0), tokenizer_source="union", pad_to_multiple_of=np.int64(4),
+                            progress=False)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 28
+    recipe = [json.loads(f.read_text()) for f in out.glob("*.json") if "pad_to_multiple_of" in f.read_text()]
+    assert recipe and all(r.get("pad_to_multiple_of", 4) == 4 for r in recipe)
+    with pytest.raises(ValueError, match="positive integer"):
+        check_tokenizer_source("union", np.float64(4.0))
