@@ -79,6 +79,8 @@ class _View(Mapping):
         if self.aligned is not None and name in self.aligned[0].names:
             t = self.aligned[0].get(self.aligned[1], name)
         else:
+            if self.aligned is not None:  # (the merges go name by name: the laid-out ones are done)
+                self.aligned[0].let_go()
             t = self.state[name]
         return t if self.device is None else t.to(self.device)
 

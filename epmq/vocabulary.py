@@ -401,3 +401,9 @@ class Aligner:
                 self._aligned = self.vocabulary.align({k: self.read(s, name) for k, s in self.states.items()}, name)
             self._name = name
         return self._aligned[key]
+
+    def let_go(self) -> None:
+        """Drop the tensors laid out for the last name: a merge that has gone on to another
+        tensor reads them no more (held to the end, a union merge of a 70B's three experts kept
+        four embeddings, GBs, through every layer's merge)."""
+        self._name, self._aligned = None, {}

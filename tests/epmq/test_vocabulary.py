@@ -146,6 +146,37 @@ def test_merging_experts_with_added_tokens(models, tmp_path, source):
     assert recipe["tokenizer_source"] == source
 
 
+def test_laid_out_embeddings_are_let_go_after_their_merge(models, tmp_path, monkeypatch):
+    """Every model's laid-out embeddings (and head) are held while that tensor is merged, not
+    through the merge of the layers after it: a 70B union merge of three experts held four
+    embeddings (GBs) to the end."""
+    import gc
+    import weakref
+
+    from epmq import checkpoint, vocabulary
+
+    made, seen = [], {}
+    align, put = vocabulary.Vocabulary.align, checkpoint.ShardWriter.__setitem__
+
+    def counted(self, tensors, *args, **kwargs):
+        out = align(self, tensors, *args, **kwargs)
+        made.extend(weakref.ref(t) for t in out.values())
+        return out
+
+    def written(self, name, t):
+        gc.collect()
+        seen[name] = sum(r() is not None for r in made)
+        return put(self, name, t)
+
+    monkeypatch.setattr(vocabulary.Vocabulary, "align", counted)
+    monkeypatch.setattr(checkpoint.ShardWriter, "__setitem__", written)
+    merge_checkpoints("task_arithmetic", [models["chat"], models["tool"]], tmp_path / "m", base=models["base"],
+                      tokenizer_source="union", progress=False)
+    assert seen["model.embed_tokens.weight"] == 3  # (the base's and both experts', for the merge of it)
+    layers = {n: k for n, k in seen.items() if n.startswith("model.layers.")}
+    assert layers and not any(layers.values()), layers
+
+
 def test_different_vocabularies_without_a_source(models, tmp_path):
     """Without tokenizer_source, embeddings of other sizes are refused naming the remedy, and
     tokenizers that give one row different tokens are warned about."""
