@@ -227,12 +227,21 @@ def _parquet_rows(path: Path) -> List[dict]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+    import pyarrow as pa
+
+    # a row group at a time: read as one table, the whole column was in Arrow's memory beside the
+    # Python strings made of it (twice the text at the peak), and Arrow's pool kept its pages
+    rows = []
     try:
-        names = pq.read_schema(path).names
-        table = pq.read_table(path, columns=[c for c in COLUMNS if c in names] or None)
+        with pq.ParquetFile(path) as file:
+            columns = [c for c in COLUMNS if c in file.schema_arrow.names] or None
+            for group in range(file.num_row_groups):
+                rows += file.read_row_group(group, columns=columns).to_pylist()
     except Exception as e:  # (pyarrow's errors for a damaged or foreign file)
         raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
-    return table.to_pylist()
+    finally:
+        pa.default_memory_pool().release_unused()  # (its freed pages back to the system: held, for the whole run)
+    return rows
 
 
 def _json(text: str, where: str):
