@@ -955,3 +955,29 @@ def test_audio_whose_rows_end_in_a_few_equal_samples_is_not_warned_of_as_padded(
     for model, more in ((wav2vec2, {}), (speech, {"decoder_input_ids": torch.ones(2, 3, dtype=torch.long)})):
         with pytest.warns(UserWarning, match="input_values without attention_mask"):
             unpad({**batch, **more}, model=model, encoder_decoder=bool(more))
+
+
+def test_audio_with_a_clip_of_digital_silence_is_not_warned_of_as_padded(gen):
+    """A batch of clips of one length (no padding) holding a clip of digital silence (all zeros: a
+    muted channel, a silent stretch cut from a recording) was warned of as padded without a mask:
+    its run of one value, the whole clip, was taken for padding. A row of one value throughout
+    says nothing of padding; the other rows still do (a padded clip beside it is warned of)."""
+    import warnings
+
+    from epmq.calibration import unpad
+
+    conv = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, conv_dim=(8,) * 7,
+                num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=12)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**conv)).eval()
+    for normalize in (False, True):
+        extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=normalize)
+        silent, loud = torch.zeros(16000).numpy(), torch.randn(16000, generator=gen).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            batch = dict(extractor([silent, loud], sampling_rate=16000, return_tensors="pt"))
+            assert unpad(batch, model=model) == [batch]
+        batch = dict(extractor([silent, loud, loud[:12000]], sampling_rate=16000, padding=True, return_tensors="pt"))
+        with pytest.warns(UserWarning, match="input_values without attention_mask"):
+            unpad(batch, model=model)
+
