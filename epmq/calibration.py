@@ -1,5 +1,5 @@
 """Calibration batches from the user's own files: texts for language models, images for
-vision towers.
+vision towers, audio for speech encoders.
 
 Texts follow GPTQ's recipe (the reference quantizes with 128 random windows of 2048 tokens of C4): each
 task's documents are tokenized, joined with the tokenizer's EOS between them, and ``samples``
@@ -45,6 +45,10 @@ orientation (as transformers' ``load_image`` does), converted to RGB (``rgb_imag
 transparency onto white, as transformers does; 16-bit images scaled to 8 bits, which
 transformers clips) and preprocessed by the model's own image processor into
 ``{"pixel_values"}`` batches.
+
+Audio: ``samples`` WAV files drawn at random (seeded) from a directory tree or a list of files,
+read as mono float samples at the feature extractor's rate (``read_audio``) and batched by the
+model's own feature extractor with the mask of each clip's samples (``audio_batches``).
 """
 
 from __future__ import annotations
@@ -1018,6 +1022,94 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
         # (every tensor the processor returns, as a pipeline passes them: pixel_values alone left
         # SigLIP 2's vision tower, whose forward requires its patches' mask and grid, unable to run)
         out = processor(images=images, return_tensors="pt")
+        batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+    return batches
+
+
+AUDIO_SUFFIXES = (".wav",)
+# audio files scipy does not read (soundfile, torchaudio, librosa: none is a dependency): named, not skipped in silence
+_OTHER_AUDIO_SUFFIXES = (".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aiff", ".aif")
+
+
+def audio_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
+    """The audio (WAV) files of a directory tree (sorted; an HF hub dataset snapshot's train
+    split, as ``_tree`` takes it), a file, or a list of either."""
+    if isinstance(source, (list, tuple)):
+        return [f for s in source for f in audio_files(s)]
+    path = Path(source)
+    other = "convert them to .wav (ffmpeg -i clip.flac clip.wav): epmq reads WAV with scipy"
+    if path.is_dir():
+        files = _tree(path, AUDIO_SUFFIXES)
+        if not files:
+            others = _tree(path, _OTHER_AUDIO_SUFFIXES)
+            raise ValueError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) under the directory"
+                             + (f"; it holds {len(others)} of other formats ({others[0]}, ...): {other}"
+                                if others else ""))
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration audio at {path}")
+    if path.suffix.lower() not in AUDIO_SUFFIXES:
+        raise ValueError(f"{path}: not a WAV file ({', '.join(AUDIO_SUFFIXES)})"
+                         + (f": {other}" if path.suffix.lower() in _OTHER_AUDIO_SUFFIXES else ""))
+    return [path]
+
+
+def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibration"):
+    """The samples of the WAV file ``path`` as a float32 numpy array at ``sampling_rate``: PCM
+    integers scaled to [-1, 1), channels averaged to mono (as librosa and transformers' pipelines
+    load audio), resampled (polyphase, scipy) where the file's rate is another."""
+    import numpy as np
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
+
+    try:
+        rate, samples = wavfile.read(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}: cannot read audio {path}: {e}") from e
+    if samples.dtype == np.uint8:  # (8-bit WAV is unsigned, centred on 128)
+        samples = (samples.astype(np.float32) - 128.0) / 128.0
+    elif np.issubdtype(samples.dtype, np.integer):  # (24-bit is read as int32, left-justified)
+        samples = samples.astype(np.float32) / float(-np.iinfo(samples.dtype).min)
+    samples = samples.astype(np.float32)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    if samples.size == 0:
+        raise ValueError(f"{what}: audio {path} holds no samples")
+    if rate != sampling_rate:
+        step = np.gcd(int(rate), int(sampling_rate))
+        samples = resample_poly(samples, sampling_rate // step, rate // step).astype(np.float32)
+    return samples
+
+
+def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch_size: int = 8,
+                  seed: int = 0, what: str = "calibration") -> List[dict]:
+    """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer), read at
+    the rate of ``extractor`` (e.g. ``AutoFeatureExtractor``'s, or a processor's) and turned by it
+    into batches of what it returns: ``input_values`` (Wav2Vec2, HuBERT, WavLM) or ``input_features``
+    (Whisper, Wav2Vec2-BERT), with the mask of the clips' samples or frames where it gives one, by
+    which ``unpad`` cuts each clip to its own (a batch of clips of other lengths is padded)."""
+    _check_sizes(samples, batch_size)
+    if isinstance(files, (str, Path)):
+        raise TypeError(f"files must be a list of audio files, got one {type(files).__name__} {str(files)!r}: "
+                        f"give epmq.calibration.audio_files({str(files)!r})")
+    extractor = getattr(extractor, "feature_extractor", extractor)  # (a processor's: Wav2Vec2Processor)
+    rate = getattr(extractor, "sampling_rate", None)
+    if not is_integer(rate):
+        raise ValueError(f"{what}: the feature extractor {type(extractor).__name__} names no sampling_rate to read "
+                         f"the audio at")
+    options = {}
+    if "attention_mask" in getattr(extractor, "model_input_names", ()):
+        # (wav2vec2-base's extractor returns none by default: its padding would be counted, see unpad)
+        options["return_attention_mask"] = True
+    call = inspect.signature(extractor.__call__).parameters
+    if "padding" in call and call["padding"].default is False:
+        # (clips of other lengths in one batch: padded to the longest, the mask marks it; Whisper's
+        # pads to its 30 s by default, which its encoder requires)
+        options["padding"] = True
+    batches = []
+    for chunk in _drawn(files, samples, batch_size, seed, f"{what}: audio files"):
+        clips = [read_audio(f, rate, what) for f in chunk]
+        out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
         batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
     return batches
 

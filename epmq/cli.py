@@ -253,15 +253,16 @@ QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the
 ~ is your home; examples in configs/files/):
 
   model: merged/ties                # the (merged) model: a causal LM, an encoder-decoder
-                                    # (T5, BART) or a vision tower (CLIPVisionModel, ViT, ...):
-                                    # directory or HF hub id
+                                    # (T5, BART), a vision tower (CLIPVisionModel, ViT, ...) or a
+                                    # speech encoder (Wav2Vec2, HuBERT, WavLM): directory or hub id
   method: epmq                      # rtn, gptq or epmq
   calibration:                      # task -> texts (.txt / .jsonl / .json / .parquet; .gz too) for a
                                     # language model ({"text"}, {"messages"} through the chat
                                     # template, {"prompt", "completion"}: the task's fine-tuning
                                     # file), {"input", "target"} pairs (.jsonl / .json /
                                     # .parquet) for an encoder-decoder, images (a folder tree)
-                                    # for a vision tower
+                                    # for a vision tower, .wav files (a folder tree) for a
+                                    # speech encoder
     math: data/math.jsonl
     code: data/code.txt
   experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task (a checkpoint,
@@ -275,7 +276,7 @@ QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the
   static_groups: false
   anchor: 0.1                       # E-PMQ's lam (default 1.0); weight_anchor: its mu (default 0);
                                     # targets: merged_path (default), expert_path or fp_path
-  samples: 128                      # calibration windows (of seq_len tokens) or images per task
+  samples: 128                      # calibration windows (of seq_len tokens), images or clips per task
   seq_len: 512
   batch_size: 8
   seed: 0                           # the draw of the windows (their offsets), images or pairs;
@@ -581,10 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "save_pretrained would (safetensors, config and tokenizer of the base).",
                  MERGE_CONFIG, "where the arithmetic runs")
     file_command("quantize", _quantize, "quantize a checkpoint with calibration texts or images",
-                 "Quantize the causal LM, encoder-decoder or vision tower a YAML config names (RTN, GPTQ "
-                 "or E-PMQ with its experts) on the config's calibration texts, input/target pairs or "
-                 "images and write a GPTQ checkpoint "
-                 "with its tokenizer or image processor.",
+                 "Quantize the causal LM, encoder-decoder, vision tower or speech encoder a YAML config names "
+                 "(RTN, GPTQ or E-PMQ with its experts) on the config's calibration texts, input/target pairs, "
+                 "images or WAV files and write a GPTQ checkpoint "
+                 "with its tokenizer, image processor or feature extractor.",
                  QUANTIZE_CONFIG, "where the blocks are quantized, one at a time (the model stays in "
                  "CPU memory)")
     sub.choices["quantize"].add_argument(

@@ -13,7 +13,9 @@ calibration batches (``epmq.calibration``):
 * language models (their forward takes ``input_ids``): texts, as GPTQ-style windows of tokens;
 * encoder-decoders (T5, FLAN-T5, mT5, BART): input/target text pairs, the targets as labels;
 * vision towers (``pixel_values``, e.g. ``CLIPVisionModel``, ViT, DINOv2, SigLIP's): images,
-  preprocessed by the checkpoint's own image processor (``preprocessor_config.json``).
+  preprocessed by the checkpoint's own image processor (``preprocessor_config.json``);
+* speech encoders (``input_values`` or ``input_features``: Wav2Vec2, HuBERT, WavLM, Whisper's
+  audio classifier): WAV files, batched by the checkpoint's own feature extractor.
 
 ``epmq.quantize_model`` quantizes it block by block and ``epmq.save_quantized`` writes the
 result with the tokenizer or image processor beside it: a GPTQ checkpoint that
@@ -41,8 +43,8 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ._util import loading_bars, read_json_file
-from .calibration import (image_batches, image_files, pair_batches, read_pairs, read_texts, task_seeds,
-                          text_windows)
+from .calibration import (audio_batches, audio_files, image_batches, image_files, pair_batches, read_pairs,
+                          read_texts, task_seeds, text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
 from .checks import check_outside_calibration, check_path, check_seed, device_argument, is_int
@@ -56,6 +58,7 @@ from epmq_kernels.grid import is_flag
 
 REPORT_FILE = "epmq_report.json"
 TOWERS = ("vision", "language")
+AUDIO_INPUTS = ("input_values", "input_features")
 
 
 def _config_json(directory: Path) -> dict:
@@ -163,7 +166,10 @@ def _modality(cls, encoder_decoder: bool, tower: Optional[str] = None) -> str:
         return "images"
     if "input_ids" in takes:
         return "pairs" if encoder_decoder else "texts"
-    raise ValueError(f"{cls.__name__}: its forward takes neither input_ids nor pixel_values")
+    if takes & set(AUDIO_INPUTS):  # (Wav2Vec2, HuBERT, WavLM; Whisper's, Wav2Vec2-BERT's features)
+        return "audio"
+    raise ValueError(f"{cls.__name__}: its forward takes none of input_ids, pixel_values, "
+                     f"{', '.join(AUDIO_INPUTS)}")
 
 
 PREPROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -180,8 +186,8 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     seed = check_seed(seed)
     cls, encoder_decoder = _model_class(directory, tower, walked)
     modality = _modality(cls, encoder_decoder, tower)
-    if out is not None and modality != "images":
-        # (an image folder's reader takes none of the checkpoint's files: its output may lie there)
+    if out is not None and modality not in ("images", "audio"):
+        # (an image or audio folder's reader takes none of the checkpoint's files: its output may lie there)
         check_outside_calibration(out, {f"task {t!r}": sources for t, sources in (calibration or {}).items()},
                                   resumed=True)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
@@ -202,6 +208,15 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
             read, make = read_pairs, pair_batches
         batches = {task: make(read(source), tokenizer, seq_len=seq_len, seed=seeds[task],
                               what=f"calibration[{task!r}]", **options)
+                   for task, source in calibration.items()}
+    elif modality == "audio":
+        if encoder_decoder and calibration:
+            raise ValueError(f"{cls.__name__} is an encoder-decoder whose decoder reads transcripts, which audio "
+                             f"files do not hold: quantize it with epmq.quantize_model on (input_features or "
+                             f"input_values, labels) samples, or with method: rtn")
+        preprocessor = _audio_processor(directory, bool(calibration))
+        batches = {task: audio_batches(audio_files(source), preprocessor, seed=seeds[task],
+                                       what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     else:
         from transformers import AutoImageProcessor
@@ -244,6 +259,21 @@ def _preprocessor(auto, directory: Path, what: str, needed: bool):
             raise ValueError(message) from e
         warnings.warn(message.replace("it reads the calibration data", "the checkpoint is written without one"))
         return None
+
+
+def _audio_processor(directory: Path, needed: bool):
+    """An audio checkpoint's processor (its feature extractor with a CTC model's tokenizer, which
+    the checkpoint is served with), else its feature extractor (``_preprocessor``)."""
+    from transformers import AutoFeatureExtractor, AutoProcessor
+
+    # (only beside a tokenizer's files: without them transformers 5 makes Whisper's processor an
+    # empty tokenizer of one token, which would be written beside the checkpoint)
+    if any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        try:
+            return AutoProcessor.from_pretrained(directory)
+        except Exception:  # noqa: BLE001 (one that does not load: the feature extractor alone, or its error)
+            pass
+    return _preprocessor(AutoFeatureExtractor, directory, "feature extractor", needed)
 
 
 def _processor(directory: Path):
@@ -320,7 +350,7 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
         raise ValueError(f"tower must be 'vision' (the vision tower of a two-tower model) or 'language' (the "
                          f"language model of a vision-language model), got {tower!r}")
     if not calibration and method != "rtn":
-        raise ValueError(f"method {method!r} needs calibration files: task -> text or image file(s)")
+        raise ValueError(f"method {method!r} needs calibration files: task -> text, image or audio file(s)")
     if method == "epmq":
         tasks, with_expert = set(calibration), set(experts or {})
         if tasks != with_expert:

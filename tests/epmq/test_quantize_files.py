@@ -1694,3 +1694,98 @@ def test_a_tokenizer_file_cut_short_is_named(files, tmp_path, name, content, sai
                                          rf"\({re.escape(str(model / name))} {said}"):
         epmq.quantize_checkpoint(model, tmp_path / "out", spec=epmq.QuantSpec(bits=4), method="gptq",
                                  calibration={"math": files / "a.txt"}, samples=2, seq_len=8, batch_size=2)
+
+
+def _tiny_wav2vec2_ctc(seed):
+    torch.manual_seed(seed)
+    return transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        vocab_size=12)).eval()
+
+
+def _write_clips(directory, lengths, rate, seed):
+    """16-bit PCM WAV files (a stereo one among them) of the given lengths in samples."""
+    from scipy.io import wavfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(lengths):
+        shape = (n, 2) if i == 1 else (n,)
+        wavfile.write(directory / f"clip{i}.wav", rate, (rng.standard_normal(shape) * 3000).astype(np.int16))
+
+
+def test_audio_model_from_wav_folders(tmp_path):
+    """epmq quantize of an audio model (Wav2Vec2ForCTC, whose forward takes input_values) was
+    refused as taking 'neither input_ids nor pixel_values', RTN (which reads no data) too; its
+    tasks' WAV files are read (mono, resampled to the feature extractor's rate) and batched by its
+    own feature extractor with their mask, the same as quantize_model on those batches."""
+    from epmq.calibration import audio_batches, audio_files
+
+    _tiny_wav2vec2_ctc(0).save_pretrained(tmp_path / "merged")
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False)
+    extractor.save_pretrained(tmp_path / "merged")
+    letters = "<pad> <s> </s> <unk> | a b c d e f g".split()  # (the CTC head's 12)
+    (tmp_path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(letters)}))
+    transformers.Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json")).save_pretrained(tmp_path / "merged")
+    experts, noise = {}, torch.Generator().manual_seed(1)
+    for k, task in enumerate(("asr", "kws")):
+        perturb(_tiny_wav2vec2_ctc(0), noise, scale=0.1).save_pretrained(tmp_path / task)
+        experts[task] = tmp_path / task
+        _write_clips(tmp_path / "audio" / task, (1600, 2400, 1200, 2000, 1600), 8000 if k else 16000, seed=k)
+    calibration = {t: tmp_path / "audio" / t for t in experts}
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4", spec=spec, method="epmq",
+                                   calibration=calibration, experts=experts, anchor=0.1,
+                                   samples=4, batch_size=2, progress=False)
+    seeds = epmq.calibration.task_seeds(0, calibration)
+    batches = {t: audio_batches(audio_files(p), extractor, samples=4, batch_size=2, seed=seeds[t])
+               for t, p in calibration.items()}
+    first = batches["asr"][0]
+    assert set(first) == {"input_values", "attention_mask"} and first["input_values"].shape[0] == 2
+    # (the 8 kHz task resampled to 16 kHz: twice its samples)
+    assert max(int(b["attention_mask"].sum(1).max()) for b in batches["kws"]) in (4000, 4800)
+    model = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path / "merged")
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="epmq",
+                                 experts=experts, anchor=0.1)
+    # (served with its processor: the feature extractor and the CTC model's tokenizer)
+    assert type(transformers.AutoProcessor.from_pretrained(out)).__name__ == "Wav2Vec2Processor"
+    rtn = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "rtn", spec=spec, method="rtn", progress=False)
+    assert type(transformers.AutoProcessor.from_pretrained(rtn)).__name__ == "Wav2Vec2Processor"
+    (tmp_path / "flac").mkdir()
+    (tmp_path / "flac" / "a.flac").write_bytes(b"fLaC")
+    with pytest.raises(ValueError, match=r"no audio files \(.wav\) under the directory.*a.flac"):
+        audio_files(tmp_path / "flac")
+
+
+def test_whisper_audio_classifier_from_wav_folders_and_its_seq2seq_refused(tmp_path):
+    """Whisper's encoder (WhisperForAudioClassification, input_features padded to its window by its
+    own feature extractor) is calibrated from WAV files as quantize_model is on those batches; the
+    encoder-decoder, whose decoder reads transcripts the files do not hold, is refused by name for
+    GPTQ and quantized by RTN without a tokenizer made up for it (transformers 5's processor of a
+    directory without one is an empty tokenizer)."""
+    from epmq.calibration import audio_batches, audio_files
+
+    config = transformers.WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=16, max_source_positions=20, max_target_positions=16,
+        vocab_size=50, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        classifier_proj_size=8)
+    extractor = transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=1, hop_length=400)  # (40 frames)
+    torch.manual_seed(0)
+    for name, cls in (("cls", transformers.WhisperForAudioClassification),
+                      ("seq2seq", transformers.WhisperForConditionalGeneration)):
+        cls(config).save_pretrained(tmp_path / name)
+        extractor.save_pretrained(tmp_path / name)
+    _write_clips(tmp_path / "audio", (8000, 12000, 20000), 16000, seed=0)
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    out = epmq.quantize_checkpoint(tmp_path / "cls", tmp_path / "w4", spec=spec, method="gptq",
+                                   calibration={"a": tmp_path / "audio"}, samples=3, batch_size=2, progress=False)
+    batches = {"a": audio_batches(audio_files(tmp_path / "audio"), extractor, samples=3, batch_size=2)}
+    assert batches["a"][0]["input_features"].shape == (2, 16, 40)
+    model = transformers.WhisperForAudioClassification.from_pretrained(tmp_path / "cls")
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="gptq")
+    assert_refused(tmp_path / "seq2seq", tmp_path, "WhisperForConditionalGeneration is an encoder-decoder whose "
+                                                   "decoder reads transcripts")
+    rtn = epmq.quantize_checkpoint(tmp_path / "seq2seq", tmp_path / "rtn", spec=spec, method="rtn", progress=False)
+    assert (rtn / "preprocessor_config.json").is_file() and not (rtn / "tokenizer.json").exists()
