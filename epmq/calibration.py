@@ -48,7 +48,8 @@ transformers clips) and preprocessed by the model's own image processor into
 
 Audio: ``samples`` WAV files drawn at random (seeded) from a directory tree or a list of files,
 read as mono float samples at the feature extractor's rate (``read_audio``) and batched by the
-model's own feature extractor with the mask of each clip's samples (``audio_batches``).
+model's own feature extractor with the mask of each clip's samples (``audio_batches``); a clip
+longer than ``MAX_CLIP_SECONDS`` (30) is cut to a window of it at a seeded place.
 """
 
 from __future__ import annotations
@@ -1027,6 +1028,8 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 
 
 AUDIO_SUFFIXES = (".wav",)
+# the longest calibration clip, in seconds (Whisper's window): a longer one is cut to a window of it
+MAX_CLIP_SECONDS = 30.0
 # audio files scipy does not read (soundfile, torchaudio, librosa: none is a dependency): named, not skipped in silence
 _OTHER_AUDIO_SUFFIXES = (".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aiff", ".aif")
 
@@ -1082,12 +1085,13 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
 
 
 def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch_size: int = 8,
-                  seed: int = 0, what: str = "calibration") -> List[dict]:
+                  seed: int = 0, what: str = "calibration", max_seconds: float = MAX_CLIP_SECONDS) -> List[dict]:
     """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer), read at
     the rate of ``extractor`` (e.g. ``AutoFeatureExtractor``'s, or a processor's) and turned by it
     into batches of what it returns: ``input_values`` (Wav2Vec2, HuBERT, WavLM) or ``input_features``
     (Whisper, Wav2Vec2-BERT), with the mask of the clips' samples or frames where it gives one, by
-    which ``unpad`` cuts each clip to its own (a batch of clips of other lengths is padded)."""
+    which ``unpad`` cuts each clip to its own (a batch of clips of other lengths is padded). A clip
+    longer than ``max_seconds`` is cut to a window of that length at a seeded place in it."""
     _check_sizes(samples, batch_size)
     if isinstance(files, (str, Path)):
         raise TypeError(f"files must be a list of audio files, got one {type(files).__name__} {str(files)!r}: "
@@ -1106,9 +1110,17 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
         # (clips of other lengths in one batch: padded to the longest, the mask marks it; Whisper's
         # pads to its 30 s by default, which its encoder requires)
         options["padding"] = True
+    # (a long recording run whole, an hour of it, made wav2vec2 180,000 frames: its attention's
+    # memory is their square; images are resized, texts cut to seq_len)
+    longest = max(1, int(max_seconds * rate))
+    g = torch.Generator().manual_seed(check_seed(seed))
     batches = []
     for chunk in _drawn(files, samples, batch_size, seed, f"{what}: audio files"):
         clips = [read_audio(f, rate, what) for f in chunk]
+        for i, clip in enumerate(clips):
+            if len(clip) > longest:
+                start = int(torch.randint(len(clip) - longest + 1, (1,), generator=g))
+                clips[i] = clip[start:start + longest]
         out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
         batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
     return batches

@@ -1789,3 +1789,28 @@ def test_whisper_audio_classifier_from_wav_folders_and_its_seq2seq_refused(tmp_p
                                                    "decoder reads transcripts")
     rtn = epmq.quantize_checkpoint(tmp_path / "seq2seq", tmp_path / "rtn", spec=spec, method="rtn", progress=False)
     assert (rtn / "preprocessor_config.json").is_file() and not (rtn / "tokenizer.json").exists()
+
+
+def test_long_audio_is_cut_to_a_window_of_its_own(tmp_path):
+    """A long recording (an audiobook chapter, a meeting) was run whole: an hour at 16 kHz makes
+    wav2vec2 180,000 frames, whose attention alone needs terabytes, where images are resized and
+    texts cut to seq_len. A clip past max_seconds (30 s, Whisper's window) is cut to a window of
+    that length at a seeded place in it, the same for the same seed; shorter ones are whole."""
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    rate = 8000
+    extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=rate, do_normalize=False)
+    samples = (np.random.default_rng(0).standard_normal(40 * rate) * 3000).astype(np.int16)
+    wavfile.write(tmp_path / "long.wav", rate, samples)
+    wavfile.write(tmp_path / "short.wav", rate, samples[:rate])
+    values = [audio_batches([tmp_path / "long.wav"], extractor, samples=1, seed=seed)[0]["input_values"][0]
+              for seed in (0, 0, 1)]
+    assert values[0].shape == (30 * rate,)
+    whole = torch.from_numpy(samples.astype(np.float32) / 32768)
+    assert any(torch.equal(values[0], whole[start:start + 30 * rate])
+               for start in torch.nonzero(whole[:10 * rate + 1] == values[0][0]).flatten().tolist())
+    assert torch.equal(values[0], values[1]) and not torch.equal(values[0], values[2])
+    short = audio_batches([tmp_path / "short.wav"], extractor, samples=1, max_seconds=0.5)[0]["input_values"]
+    assert short.shape == (1, rate // 2)
