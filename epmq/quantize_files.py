@@ -419,6 +419,10 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     with loading_bars(progress):
         net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
+    # (a feature extractor's float32 clips met a bf16 model's convolutions: 'expected scalar type
+    # Float but found BFloat16', every item refused; transformers' pipelines give them in its dtype)
+    batches = {task: [{k: v.to(net.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                       for k, v in item.items()} for item in items] for task, items in batches.items()}
     _check_decoder_start(net, batches, directory)
     if tower == "language":
         layers = _within(net, net.get_decoder(), layers)

@@ -1814,3 +1814,24 @@ def test_long_audio_is_cut_to_a_window_of_its_own(tmp_path):
     assert torch.equal(values[0], values[1]) and not torch.equal(values[0], values[2])
     short = audio_batches([tmp_path / "short.wav"], extractor, samples=1, max_seconds=0.5)[0]["input_values"]
     assert short.shape == (1, rate // 2)
+
+
+def test_audio_model_quantized_in_another_dtype_gets_its_clips_in_it(tmp_path):
+    """With dtype: bfloat16 (or float16) the feature extractor's float32 input_values met the
+    model's bf16 convolutions and every item was refused: 'the model cannot run it (RuntimeError:
+    expected scalar type Float but found BFloat16)'. The batches' floating tensors are given in the
+    model's dtype, as transformers' audio pipelines give them."""
+    from epmq.calibration import audio_batches, audio_files
+
+    _tiny_wav2vec2_ctc(0).save_pretrained(tmp_path / "merged")
+    extractor = transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True)
+    extractor.save_pretrained(tmp_path / "merged")
+    _write_clips(tmp_path / "audio", (1600, 2400, 1200), 16000, seed=0)
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4", spec=spec, method="gptq",
+                                   calibration={"a": tmp_path / "audio"}, samples=3, batch_size=2,
+                                   dtype="bfloat16", progress=False)
+    batches = {"a": [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}
+                     for b in audio_batches(audio_files(tmp_path / "audio"), extractor, samples=3, batch_size=2)]}
+    model = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
+    assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="gptq")
