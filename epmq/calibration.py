@@ -748,7 +748,8 @@ CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "lay
 def _keywords(model, item):
     """A positional item (``(input_ids, attention_mask)``, as a ``DataLoader`` of a
     ``TensorDataset`` yields it) as keyword arguments of ``model``'s forward where that names a
-    mask among them, so that its padding is seen; else the item as it is."""
+    mask (or raw audio's ``input_values``) among them, so that its padding is seen; else the item
+    as it is."""
     if model is None or not isinstance(item, (tuple, list)):
         return item
     try:
@@ -768,7 +769,9 @@ def _keywords(model, item):
         raise ValueError(f"the item's element {cache} goes to {type(model).__name__}.forward's {name} (its "
                          f"positional order): give a dict of its inputs, as {{'input_ids': ids, "
                          f"'attention_mask': mask}}")
-    if not any(name in bound.arguments for name in _MASKING):
+    # (raw audio too: padded clips without a mask, (input_values,) from a TensorDataset, are warned of
+    # by name: _warn_of_unmasked_audio_padding)
+    if not any(name in bound.arguments for name in _MASKING + ("input_values",)):
         return item
     kinds = {bound.signature.parameters[name].kind for name in bound.arguments}
     if kinds - {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}:

@@ -981,3 +981,23 @@ def test_audio_with_a_clip_of_digital_silence_is_not_warned_of_as_padded(gen):
         with pytest.warns(UserWarning, match="input_values without attention_mask"):
             unpad(batch, model=model)
 
+
+def test_audio_padded_without_a_mask_given_positionally_is_warned_of(gen):
+    """A batch of padded clips given positionally, as a DataLoader of a TensorDataset of the
+    feature extractor's input_values yields it ((values,)), had no word of its padding: the item
+    was read by its forward's names only where it passed a mask. input_values are read by name
+    too, so the padding is warned of as in a dict."""
+    from epmq.calibration import unpad
+
+    conv = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, conv_dim=(8,) * 7,
+                num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=12)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**conv)).eval()
+    extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=False)
+    waves = [torch.randn(n, generator=gen).numpy() for n in (16000, 12000)]
+    values = extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt")["input_values"]
+    for item in ((values,), [values]):
+        with pytest.warns(UserWarning, match="input_values without attention_mask"):
+            (part,) = unpad(item, model=model)
+        assert torch.equal(part["input_values"], values)
+
