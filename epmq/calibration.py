@@ -848,6 +848,15 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
         if None in spans:
             continue
         cut = {key: span for keys, span in zip(on_axis, spans) for key in keys}
+        if "input_values" in cut and item["input_values"].dim() == 2:
+            # a clip too short for a frame (a truncated file) has no token, as a row of padding:
+            # alone, the model's convolutions cannot run it (the padded batch ran it)
+            samples = cut["input_values"][1] - cut["input_values"][0]
+            framer = _framer(model, samples)
+            if framer is not None and _frames(framer, samples) < 1:
+                warnings.warn(f"calibration batch: row {b} of input_values: its {samples} samples make no frame of "
+                              f"{type(framer).__name__}, which its convolutions cannot run alone; left out")
+                continue
         for key in frames_of:
             start, stop = cut["input_values"]
             if start > 0:  # (the padded row's frames are not the real samples' shifted: unaligned)
@@ -904,9 +913,7 @@ def _warn_of_unmasked_audio_padding(item: Mapping, model) -> None:
         last = torch.where(differs, positions, -1).amax(1)
         runs = samples - 1 - last
         extra = max(extra, int(runs.max() - runs.min()))
-    # (the model's frames, or its audio encoder's: a SpeechEncoderDecoderModel's are its Wav2Vec2's)
-    frames_of = next((m for m in ([model] + list(model.modules()) if isinstance(model, torch.nn.Module) else [model])
-                      if _frames(m, samples) is not None), None)
+    frames_of = _framer(model, samples)
     if frames_of is not None:
         # padding counted is a frame of its own: a few equal samples ending a 16-bit clip (a quiet
         # recording's noise floor) did not pad it, one sample past a frame's edge warned
@@ -934,6 +941,13 @@ def _own_frames(value: torch.Tensor, key: str, b: int, first: int, used: Optiona
                          f"another row's), which its real samples do not make; draw the negatives among each "
                          f"row's real frames (_sample_negative_indices(..., mask_time_indices=the frames' mask))")
     return value.masked_fill(outside, 0)  # (unused there: in range, as the row alone has them)
+
+
+def _framer(model, samples: int):
+    """The module whose frames ``_frames`` gives for ``samples`` samples: the model, or its audio
+    encoder (a SpeechEncoderDecoderModel's are its Wav2Vec2's); None where none says."""
+    return next((m for m in ([model] + list(model.modules()) if isinstance(model, torch.nn.Module) else [model])
+                 if _frames(m, samples) is not None), None)
 
 
 def _frames(model, samples: int) -> Optional[int]:

@@ -1001,3 +1001,28 @@ def test_audio_padded_without_a_mask_given_positionally_is_warned_of(gen):
             (part,) = unpad(item, model=model)
         assert torch.equal(part["input_values"], values)
 
+
+def test_padded_audio_drops_a_clip_too_short_to_make_a_frame(gen):
+    """A padded batch (with its mask) that the model runs, holding a clip too short for a frame (300
+    samples, 19 ms: a truncated file), was cut into that clip alone, which the convolutions cannot
+    run: the walk refused the batch ('the model cannot run it (RuntimeError: ... Kernel size can't
+    be greater than actual input size)'). Such a row has no frame, as a row of padding has no
+    token: dropped, with a warning naming it; the other rows are the batch's statistics."""
+    from epmq.calibration import unpad
+
+    conv = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, conv_dim=(8,) * 7,
+                num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=12)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**conv)).eval()
+    extractor = transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True)
+    waves = [torch.randn(n, generator=gen).numpy() for n in (16000, 300, 12000)]
+    batch = dict(extractor(waves, sampling_rate=16000, padding=True, return_tensors="pt"))
+    with pytest.warns(UserWarning, match=r"row 1 of input_values: its 300 samples make no frame of Wav2Vec2Model"):
+        parts = unpad(batch, model=model)
+    assert sorted(p["input_values"].shape[1] for p in parts) == [12000, 16000]
+    rest = dict(extractor([waves[0], waves[2]], sampling_rate=16000, padding=True, return_tensors="pt"))
+    name = "encoder.layers.0.feed_forward.intermediate_dense.weight"
+    with pytest.warns(UserWarning, match="make no frame"):
+        dropped, kept = _grams_of_padded_and_single(model, [rest], batch, name)
+    torch.testing.assert_close(dropped, kept, rtol=1e-10, atol=1e-10)
+
