@@ -60,6 +60,7 @@ import io
 import json
 import os
 import re
+import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -1084,7 +1085,7 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
 
     try:
         rate, samples = wavfile.read(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, struct.error) as e:  # (a cut header: struct.error)
         raise ValueError(f"{what}: cannot read audio {path}: {e}") from e
     if samples.dtype == np.uint8:  # (8-bit WAV is unsigned, centred on 128)
         samples = (samples.astype(np.float32) - 128.0) / 128.0

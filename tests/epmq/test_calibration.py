@@ -367,7 +367,6 @@ def test_drawn_items_are_samples_in_batches():
         assert sorted(i for b in _drawn(range(5), 10, 4, 0, "x") for i in b) == list(range(5))
 
 
-
 def test_parquet_texts_are_read_a_row_group_at_a_time(tmp_path):
     """A ``.parquet`` file's rows are turned into texts a row group at a time: read as one table,
     the whole text column was in Arrow's memory beside the Python strings made of it (a hub
@@ -390,3 +389,32 @@ def test_parquet_texts_are_read_a_row_group_at_a_time(tmp_path):
     rows, chars, peak = map(int, done.stdout.split())
     assert (rows, chars) == (len(texts), sum(map(len, texts)))
     assert 0 < peak < chars / 4, (peak, chars)
+
+
+def test_read_audio_scales_mixes_and_resamples_as_pipelines_load_audio(tmp_path):
+    """WAV files as transformers' pipelines load them (librosa): PCM integers scaled to [-1, 1)
+    (8-bit unsigned, centred on 128), channels averaged to mono, and resampled to the feature
+    extractor's rate; an empty or damaged file is refused naming it."""
+    import numpy as np
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    rng = np.random.default_rng(0)
+    stereo = (rng.standard_normal((800, 2)) * 3000).astype(np.int16)
+    wavfile.write(tmp_path / "stereo.wav", 16000, stereo)
+    np.testing.assert_allclose(read_audio(tmp_path / "stereo.wav", 16000), stereo.astype(np.float64).mean(1) / 32768,
+                               rtol=1e-6)
+    wavfile.write(tmp_path / "u8.wav", 16000, np.array([0, 128, 255], dtype=np.uint8))
+    np.testing.assert_allclose(read_audio(tmp_path / "u8.wav", 16000), [-1.0, 0.0, 127 / 128])
+    tone = np.sin(2 * np.pi * 440 * np.arange(8000) / 8000 * 0.25).astype(np.float32)  # (a 110 Hz tone at 8 kHz)
+    wavfile.write(tmp_path / "8k.wav", 8000, tone)
+    up = read_audio(tmp_path / "8k.wav", 16000)
+    assert up.dtype == np.float32 and len(up) == 16000
+    np.testing.assert_allclose(up[4000:12000:2], tone[2000:6000], atol=1e-3)  # (the same tone, twice the samples)
+    (tmp_path / "cut.wav").write_bytes(b"RIFF\x00\x00")
+    with pytest.raises(ValueError, match="cannot read audio .*cut.wav"):
+        read_audio(tmp_path / "cut.wav", 16000)
+    wavfile.write(tmp_path / "empty.wav", 16000, np.zeros(0, dtype=np.int16))
+    with pytest.raises(ValueError, match="empty.wav holds no samples"):
+        read_audio(tmp_path / "empty.wav", 16000)
