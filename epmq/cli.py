@@ -3,7 +3,7 @@
     epmq demo                 the embedded 8-task benchmark (trains once, cached; then quantizes)
     epmq run CONFIG.yaml      a whole experiment from a config (merge, quantize, evaluate)
     epmq merge CONFIG.yaml OUT   merge checkpoints into a checkpoint (no evaluation)
-    epmq quantize CONFIG.yaml OUT   quantize a checkpoint with calibration texts or images
+    epmq quantize CONFIG.yaml OUT   quantize a checkpoint with calibration texts, images or audio
     epmq bench                the kernel benchmarks on a CUDA GPU
 
 ``demo`` and ``run`` write ``results.json``, ``table.md`` and ``accuracy.png`` into their output
@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "Merge the checkpoints a YAML config names and write the merged model as "
                  "save_pretrained would (safetensors, config and tokenizer of the base).",
                  MERGE_CONFIG, "where the arithmetic runs")
-    file_command("quantize", _quantize, "quantize a checkpoint with calibration texts or images",
+    file_command("quantize", _quantize, "quantize a checkpoint with calibration texts, images or audio",
                  "Quantize the causal LM, encoder-decoder, vision tower or speech encoder a YAML config names "
                  "(RTN, GPTQ or E-PMQ with its experts) on the config's calibration texts, input/target pairs, "
                  "images or WAV files and write a GPTQ checkpoint "
