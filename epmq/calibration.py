@@ -1063,9 +1063,14 @@ def audio_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
         files = _tree(path, AUDIO_SUFFIXES)
         if not files:
             others = _tree(path, _OTHER_AUDIO_SUFFIXES)
+            # (an HF hub audio dataset's snapshot: its clips are encoded bytes in a column of its parquet files)
+            tables = [] if others else _tree(path, (".parquet", ".arrow"))
             raise ValueError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) under the directory"
                              + (f"; it holds {len(others)} of other formats ({others[0]}, ...): {other}"
-                                if others else ""))
+                                if others else "")
+                             + (f"; it holds {len(tables)} {tables[0].suffix} file(s) ({tables[0]}, ...), an HF hub "
+                                f"dataset's, whose audio column epmq does not decode: write its clips out as .wav "
+                                f"(datasets' Audio feature, soundfile) and give their folder" if tables else ""))
         return files
     if not path.is_file():
         raise FileNotFoundError(f"no calibration audio at {path}")

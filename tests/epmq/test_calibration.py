@@ -418,3 +418,16 @@ def test_read_audio_scales_mixes_and_resamples_as_pipelines_load_audio(tmp_path)
     wavfile.write(tmp_path / "empty.wav", 16000, np.zeros(0, dtype=np.int16))
     with pytest.raises(ValueError, match="empty.wav holds no samples"):
         read_audio(tmp_path / "empty.wav", 16000)
+
+
+def test_audio_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
+    """An HF hub audio dataset's snapshot keeps its clips inside .parquet files (an audio column of
+    encoded bytes): given as a task's directory it was refused as holding 'no audio files (.wav)',
+    which said nothing of the files it does hold; they are named, with what to do."""
+    from epmq.calibration import audio_files
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"no audio files \(.wav\) under the directory; it holds 1 \.parquet "
+                                         r"file.*train-00000-of-00001.parquet.*write its clips out as \.wav"):
+        audio_files(tmp_path)
