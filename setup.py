@@ -35,6 +35,7 @@ setup(
         "scikit-learn",
         "matplotlib",
         "pillow",  # calibration images
+        "scipy",  # calibration audio (WAV files, resampling)
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "pyarrow"],
                     "parquet": ["pyarrow"]},
