@@ -81,7 +81,8 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs", "input", "target")
 
 
-def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> None:
+def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -> tuple:
+    """The sizes as Python ints (numpy's small ones overflowed in the arithmetic on them)."""
     # (2.0 or '2' ended in torch's bare randint() or a '<' TypeError; True drew batches of 1, silently)
     for name, value in (("samples", samples), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value is not None and not is_integer(value):
@@ -90,6 +91,7 @@ def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -
         rule, got = ("", "") if seq_len is None else (" and seq_len >= 2", f", seq_len={seq_len}")
         raise ValueError(f"samples and batch_size must be >= 1{rule}, got samples={samples}, "
                          f"batch_size={batch_size}{got}")
+    return int(samples), int(batch_size), None if seq_len is None else int(seq_len)
 
 
 TEXT_FORMS = ("a string, or an object with a 'text' string, 'messages' (a conversation), or 'prompt' "
@@ -505,7 +507,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     Texts of more than ``FULL_TOKENIZATION_CHARS`` characters in all are not tokenized whole:
     see ``_windows_of_places``.
     """
-    _check_sizes(samples, batch_size, seq_len)
+    samples, batch_size, seq_len = _check_sizes(samples, batch_size, seq_len)
     if isinstance(texts, os.PathLike) or isinstance(texts, str) and os.path.exists(texts):
         # (a Path failed as 'not iterable'; a str path was told to give [text], the path's characters)
         raise TypeError(f"texts must be an iterable of documents (a list of str), got the path {str(texts)!r}: "
@@ -1025,7 +1027,7 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
     ``spatial_shapes``, Pixtral's ``image_sizes``)."""
     from PIL import Image
 
-    _check_sizes(samples, batch_size)
+    samples, batch_size, _ = _check_sizes(samples, batch_size)
     if isinstance(files, (str, Path)):  # (a str's characters were drawn as files: "cannot read image /")
         raise TypeError(f"files must be a list of image files, got one {type(files).__name__} {str(files)!r}: "
                         f"give epmq.calibration.image_files({str(files)!r})")
@@ -1115,7 +1117,7 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     (Whisper, Wav2Vec2-BERT), with the mask of the clips' samples or frames where it gives one, by
     which ``unpad`` cuts each clip to its own (a batch of clips of other lengths is padded). A clip
     longer than ``max_seconds`` is cut to a window of that length at a seeded place in it."""
-    _check_sizes(samples, batch_size)
+    samples, batch_size, _ = _check_sizes(samples, batch_size)
     if isinstance(files, (str, Path)):
         raise TypeError(f"files must be a list of audio files, got one {type(files).__name__} {str(files)!r}: "
                         f"give epmq.calibration.audio_files({str(files)!r})")
@@ -1221,7 +1223,7 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
     """``samples`` of ``pairs`` drawn at random (all of them, with a warning, if fewer) as
     ``{"input_ids", "attention_mask", "labels"}`` batches of at most ``batch_size`` pairs of the
     same token lengths (nothing padded: see the module docstring)."""
-    _check_sizes(samples, batch_size, seq_len)
+    samples, batch_size, seq_len = _check_sizes(samples, batch_size, seq_len)
     if isinstance(pairs, (tuple, list)) and len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
         # (its two texts, drawn as pairs, ended in "too many values to unpack"; a list, as JSON reads a pair)
         raise TypeError(f"pairs must be a sequence of (input, target) pairs, got one pair "

@@ -215,6 +215,23 @@ def test_a_draws_seed_is_checked_as_the_quantizers_and_merges_check_it():
             _drawn(range(100), 10, 4, seed, "x")
 
 
+def test_sizes_of_numpy_draw_as_python_ints_do():
+    """Numpy's integers for the sizes were checked but kept: a seq_len of np.int8 (a sweep's
+    array of small widths) overflowed in numpy's arithmetic ('Python integer 301 out of bounds
+    for int8'); they draw as the same Python ints."""
+    import numpy as np
+
+    texts = [" ".join(str(i % 50) for i in range(3000))]
+
+    def draw(samples, seq_len, batch_size):
+        windows = text_windows(texts, WordTokenizer(), samples=samples, seq_len=seq_len, batch_size=batch_size, seed=0)
+        return [b["input_ids"] for b in windows]
+
+    ours, theirs = draw(np.int8(3), np.int8(120), np.int8(2)), draw(3, 120, 2)
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert _drawn(range(100), np.int8(10), np.int8(4), 1, "x") == _drawn(range(100), 10, 4, 1, "x")
+
+
 def test_texts_of_fewer_tokens_than_the_windows_ask_are_warned_of():
     """A 20-token file for 8 windows of 16 tokens: the windows repeat the same tokens (the
     statistics of about one window), as fewer images or pairs than samples are warned of."""
