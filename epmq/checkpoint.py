@@ -885,9 +885,13 @@ def _replaceable(directory: Path, marker: str = CONFIG_FILE) -> bool:
     return isinstance(config, dict) and isinstance(config.get("epmq"), dict)
 
 
-# what tokenizers', processors' and hub repositories' save_pretrained write beside a model
+# what tokenizers', processors' and hub repositories' save_pretrained write beside a model (the
+# tokenizers' own files too: Marian's source.spm and target.spm, DeBERTa-v2's spm.model, Whisper's
+# normalizer.json; a video-capable processor's config, Qwen2-VL's): a folder of them alone was refused
 _SERVED_WITH = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|merges|spiece|sentencepiece.*"
+                          r"|source\.spm|target\.spm|target_vocab|spm|spm_char|normalizer"
                           r"|chat_template|generation_config|preprocessor_config|processor_config"
+                          r"|video_preprocessor_config|audio_tokenizer_config"
                           r"|README|\.gitattributes|\.DS_Store)(\.[A-Za-z0-9]+)*")
 _SERVED_WITH_FOLDERS = ("additional_chat_templates",)  # (tokenizers' save_pretrained, transformers >= 4.54)
 

@@ -1676,6 +1676,32 @@ def test_save_pretrained_into_a_folder_holding_the_tokenizer_saved_first(tmp_pat
         assert sorted(p.name for p in kept.iterdir()) == sorted(["tokenizer.json", other.rstrip("/")]), held
 
 
+# what the tokenizers and processors of transformers 5.25 save beside tokenizer.json besides the
+# names every family shares: Marian's SentencePiece models, DeBERTa-v2/v3's, SpeechT5's, Whisper's
+# English spelling normalizer, a video-capable processor's (Qwen2-VL's) and an audio tokenizer's config
+OTHER_SERVED_WITH = ("source.spm", "target.spm", "target_vocab.json", "spm.model", "spm_char.model",
+                     "normalizer.json", "video_preprocessor_config.json", "audio_tokenizer_config.json")
+
+
+def test_every_file_a_tokenizer_or_processor_saves_counts_as_one(tmp_path):
+    """``tokenizer.save_pretrained(d); epmq.save_quantized(model, d)`` of a Marian, DeBERTa-v3 or
+    Whisper tokenizer, or a Qwen2-VL processor, was refused ("exists and is not an epmq checkpoint"):
+    the files those save besides tokenizer.json were not known as a tokenizer's; and a model
+    load_quantized built from a checkpoint holding them dropped them when saved elsewhere."""
+    model = _llama(0)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    served = {name: f'"{name}"' for name in ("tokenizer.json", *OTHER_SERVED_WITH)}
+    directory = tmp_path / "d"
+    directory.mkdir()
+    for name, text in served.items():
+        (directory / name).write_text(text)
+    epmq.save_quantized(model, directory)
+    assert {name: (directory / name).read_text() for name in served} == served
+    loaded = epmq.load_quantized(directory)
+    epmq.save_quantized(loaded, tmp_path / "copy")
+    assert {name: (tmp_path / "copy" / name).read_text() for name in served} == served
+
+
 def test_save_pretrained_of_a_model_with_peft_adapters_is_transformers_own(tmp_path, monkeypatch):
     """Adapters loaded through transformers (``model.add_adapter``): its save_pretrained writes
     them alone, in PEFT's format, which is what is asked for; passed on, not refused."""
