@@ -76,6 +76,7 @@ from the next (``epmq.resume``; bit-identical to an uninterrupted walk).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import functools
@@ -87,6 +88,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 import warnings
 import zlib
@@ -146,9 +148,10 @@ class QuantReport:
     n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
     ("cpu (out of GPU memory)"); hessian_of, only for a linear that read the same tensor as an
     earlier one: that linear's name (their Hessian was accumulated and factored once, for it).
-    ``skipped``: linears the calibration never reached (not called at all: left in full
-    precision). ``unreached``: quantized linears whose calibration inputs were all zero or that
-    no token was routed to (an MoE expert): rounded to nearest. ``resumed``: blocks loaded
+    ``skipped``: linears the calibration never reached, or whose weight the blocks' code reads
+    without a call (Mamba's dt_proj; by RTN too): left in full precision. ``unreached``:
+    quantized linears whose calibration inputs were all zero or that no token was routed to (an
+    MoE expert): rounded to nearest. ``resumed``: blocks loaded
     from ``resume_dir`` (done by an earlier, interrupted call) instead of solved. ``replayed``:
     stacks whose model changes the hidden states between their blocks, whose inputs were
     therefore taken from a pass of the model per block (slower; see the module docstring).
@@ -341,6 +344,7 @@ def quantize_model(
             modes = {m: m.training for m in model.modules()}
             model.eval()
             stacks, tied, routers = _plan(model, towers, layers)
+            read = _take_weights_read(stacks)
             _refuse_adapter_layers(stacks)
             if method != "rtn" and targets != "merged_path":
                 _warn_quantized_elsewhere(model, targets)
@@ -356,6 +360,7 @@ def quantize_model(
                 weight_anchor=weight_anchor if method == "epmq" else None,
                 true_sequential=None if method == "rtn" else true_sequential,
                 routers=routers,
+                skipped=read,
             )
             if method == "rtn":
                 _rtn(stacks, spec, edits, report, progress, device)
@@ -397,11 +402,14 @@ def quantize_model(
             f"(RTN's grid). First: {', '.join(report.unreached[:3])}; all in epmq_report.unreached"
         )
     if report.skipped:
+        why = ("have their weight read without a call by the model's code (as Jamba's and Mamba's "
+               "dt_proj: self.dt_proj.weight @ x), which no packed layer can stand in for"
+               if method == "rtn" else
+               "were never called on the calibration data (a path it does not take, as cross-attention "
+               "without encoder inputs, or a weight read without a call, as Jamba's dt_proj)")
         warnings.warn(
-            f"{len(report.skipped)} linear(s) in the blocks were never called on the calibration data "
-            f"(a path it does not take, as cross-attention without encoder inputs, or a weight read "
-            f"without a call, as Jamba's dt_proj), so they stay in full precision. First: "
-            f"{', '.join(report.skipped[:3])}; all in epmq_report.skipped"
+            f"{len(report.skipped)} linear(s) in the blocks {why}, so they stay in full precision. "
+            f"First: {', '.join(report.skipped[:3])}; all in epmq_report.skipped"
         )
     remember(model, renames)
     # (a model quantized in several calls, a VLM's towers one by one, keeps every call's report)
@@ -616,6 +624,197 @@ def _plan(model, towers, layers) -> tuple:
         raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
                          + ("; its blocks' linears are already quantized (QuantLinear)" if done else ""))
     return stacks, tied, routers
+
+
+# what a tensor's attributes say of it without its values: the packed layer's stand-in weight
+# (QuantLinear.weight, data-less) answers these, as T5 reads wo.weight.dtype
+_TENSOR_METADATA = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_meta", "is_cuda", "requires_grad",
+                              "size", "dim", "numel", "nelement", "element_size", "is_floating_point"})
+# calls that ask what an object is, not what it holds (T5: isinstance(self.wo.weight, torch.Tensor))
+_INSPECTING = frozenset({"isinstance", "hasattr", "getattr", "type", "callable", "id"})
+# the calls a branch's condition may make to be decided from the module's own settings
+_DECIDING = {"isinstance": isinstance, "hasattr": hasattr, "getattr": getattr, "len": len, "callable": callable}
+# methods that build or initialize a module, not what its forward computes
+_SETUP_METHODS = frozenset({"__init__", "reset_parameters", "_init_weights", "init_weights"})
+_UNDECIDED = object()
+_CLASS_TREES: dict = {}
+
+
+def _class_trees(cls) -> list:
+    """``(parsed source, the globals it was written in)`` of ``cls`` and its bases that have a
+    source (not nn.Module's), parsed once a class."""
+    trees = _CLASS_TREES.get(cls)
+    if trees is None:
+        trees = []
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object):
+                continue
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            except Exception:  # (no file, a class made at run time, a source inspect cannot place)
+                continue
+            trees.append((tree, vars(sys.modules[klass.__module__]) if klass.__module__ in sys.modules else {}))
+        _CLASS_TREES[cls] = trees
+    return trees
+
+
+def _self_path(node) -> Optional[tuple]:
+    """``("mamba", "dt_proj")`` of ``self.mamba.dt_proj``; None for any other expression."""
+    path = []
+    while isinstance(node, ast.Attribute):
+        path.append(node.attr)
+        node = node.value
+    return tuple(reversed(path)) if path and isinstance(node, ast.Name) and node.id == "self" else None
+
+
+class _WeightReads(ast.NodeVisitor):
+    """The attribute paths ``p`` of ``self.<p>.weight`` that the code of ``module``'s class uses as
+    values (``paths``), and those of the modules it calls (``self.<p>(...)``: ``called``), on the
+    paths its own settings take: a branch whose condition they decide
+    (``if self.pretraining_tp > 1 and self.slow_but_exact``, BLOOM's; ``if self.training and ...``,
+    the fused training kernels' of Mamba-family mixers, the module in eval mode;
+    ``if hasattr(self.config, "_is_quantized")``, Jamba's) is followed the way they decide it, one
+    that depends on the inputs both ways."""
+
+    def __init__(self, module, scope):
+        self.module, self.scope, self.paths, self.called = module, scope, set(), set()
+
+    def value(self, node):
+        """``node``'s value where the module's attributes and constants decide it, else _UNDECIDED."""
+        try:
+            if isinstance(node, ast.Constant):
+                return node.value
+            if isinstance(node, ast.Name):
+                return self.module if node.id == "self" else self.scope.get(node.id, _UNDECIDED)
+            if isinstance(node, ast.Attribute):
+                owner = self.value(node.value)
+                return _UNDECIDED if owner is _UNDECIDED else getattr(owner, node.attr)
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+                truth = self.truth(node.operand)
+                return _UNDECIDED if truth is None else not truth
+            if isinstance(node, ast.BoolOp):
+                truths = [self.truth(v) for v in node.values]
+                settles = isinstance(node.op, ast.Or)  # (what one operand settles the whole to)
+                return settles if settles in truths else (not settles if None not in truths else _UNDECIDED)
+            if isinstance(node, ast.Compare):
+                left = self.value(node.left)
+                for op, right in zip(node.ops, map(self.value, node.comparators)):
+                    if left is _UNDECIDED or right is _UNDECIDED:
+                        return _UNDECIDED
+                    holds = _COMPARISONS[type(op)](left, right)
+                    if not isinstance(holds, bool):  # (a tensor's elementwise comparison)
+                        return _UNDECIDED
+                    if not holds:
+                        return False
+                    left = right
+                return True
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _DECIDING
+                    and node.func.id not in self.scope and not node.keywords):
+                args = [self.value(a) for a in node.args]
+                return _UNDECIDED if _UNDECIDED in args else _DECIDING[node.func.id](*args)
+        except Exception:  # (an attribute it lacks, a comparison of other types: not decided)
+            return _UNDECIDED
+        return _UNDECIDED
+
+    def truth(self, node):
+        value = self.value(node)
+        if value is _UNDECIDED or isinstance(value, torch.Tensor):
+            return None
+        try:
+            return bool(value)
+        except Exception:
+            return None
+
+    def visit_FunctionDef(self, node):
+        # (nor a method the module's own attribute stands in for: WavLM's attention made to call
+        # its projections, epmq.adapters.attention.call_projections)
+        if node.name not in _SETUP_METHODS and node.name not in vars(self.module):
+            self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_If(self, node):
+        self.visit(node.test)
+        truth = self.truth(node.test)
+        for statement in (node.body if truth is not False else []) + (node.orelse if truth is not True else []):
+            self.visit(statement)
+
+    def visit_IfExp(self, node):
+        self.visit(node.test)
+        truth = self.truth(node.test)
+        for branch in ([node.body] if truth is not False else []) + ([node.orelse] if truth is not True else []):
+            self.visit(branch)
+
+    def visit_Call(self, node):
+        called = _self_path(node.func)
+        if called:
+            self.called.add(called[:-1] if called[-1] == "forward" else called)
+        if isinstance(node.func, ast.Name) and node.func.id in _INSPECTING:
+            for arg in node.args:  # (what the weight is, not what it holds)
+                weight = isinstance(arg, ast.Attribute) and arg.attr == "weight"
+                self.visit(arg.value if weight else arg)
+            for keyword in node.keywords:
+                self.visit(keyword)
+            return
+        self.generic_visit(node)
+
+    def visit_Attribute(self, node):
+        if node.attr in _TENSOR_METADATA and isinstance(node.value, ast.Attribute) and node.value.attr == "weight":
+            self.visit(node.value.value)  # (its dtype, shape or device: the stand-in has them)
+            return
+        path = _self_path(node.value) if node.attr == "weight" else None
+        if path:
+            self.paths.add(path)
+        self.generic_visit(node)
+
+
+_COMPARISONS = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
+                ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+                ast.Is: lambda a, b: a is b, ast.IsNot: lambda a, b: a is not b,
+                ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+
+
+def _weight_reads(module, seen: dict) -> tuple:
+    """``(paths, called)`` of ``_WeightReads`` over ``module``'s class code (its bases' too), once a
+    module (``seen``)."""
+    found = seen.get(id(module))
+    if found is None:
+        found = seen[id(module)] = set(), set()
+        for tree, scope in _class_trees(type(module)):
+            visitor = _WeightReads(module, scope)
+            visitor.visit(tree)
+            found[0].update(visitor.paths)
+            found[1].update(visitor.called)
+    return found
+
+
+def _take_weights_read(stacks) -> list:
+    """Take out of the stacks the linears whose weight the module holding them reads as a tensor of
+    values and the blocks' code never calls (Jamba's, Mamba's and Falcon-Mamba's mixers:
+    ``self.dt_proj.weight @ time_step``), and return their names. A packed layer has no such
+    tensor, only a data-less stand-in, which torch multiplies into garbage without a word; the
+    walks see no call of such a layer and leave it, but RTN runs no forward and would pack it. The
+    blocks' classes are read (their source), as no forward can be run without inputs. (A linear
+    called there too is left to the calibration, as before: Reformer's LSH attention calls
+    query_key, and reads its weight on a cached path.)"""
+    read, seen = [], {}
+    for stack in stacks:
+        for i, block in enumerate(stack.blocks):
+            keep = []
+            for rel in stack.chosen[i]:
+                parts = rel.split(".")
+                found = [(tuple(parts[k:]), _weight_reads(block.get_submodule(".".join(parts[:k])), seen))
+                         for k in range(len(parts))]
+                # (read by the module that holds it; not by one further out reaching in, as
+                # nn.TransformerEncoderLayer's fast path does self.self_attn.out_proj.weight, which
+                # the attention AUTO rebuilds turns off)
+                if (found[-1][0] in found[-1][1][0]
+                        and not any(path in called for path, (_, called) in found)):
+                    read.append(f"{stack.prefix}.{i}.{rel}")
+                else:
+                    keep.append(rel)
+            stack.chosen[i] = keep
+    return read
 
 
 def _share_tied(model, tied, edits, report) -> None:

@@ -368,6 +368,47 @@ def test_wider_families_quantize_save_load(arch, gen, tmp_path, recwarn):
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
 
 
+def with_dequantized_linears(model):
+    """A copy of ``model`` whose packed layers are ``nn.Linear``s holding their dequantized weights:
+    what the quantized model computes, with no packed layer for the model's code to misread."""
+    reference = copy.deepcopy(model)
+    for name, layer in list(reference.named_modules()):
+        if isinstance(layer, epmq.QuantLinear):
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            linear.weight.data.copy_(layer.dequantize(torch.float32))
+            if layer.bias is not None:
+                linear.bias.data.copy_(layer.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(reference.get_submodule(parent), attr, linear)
+    return reference
+
+
+@pytest.mark.parametrize("arch", ["jamba", "mamba", "falconmamba"])
+def test_rtn_leaves_linears_whose_weight_the_model_reads_in_full_precision(arch, gen, tmp_path):
+    """Jamba's, Mamba's and Falcon-Mamba's mixers multiply by ``dt_proj.weight`` without calling
+    the layer: RTN, which runs no forward to see it, packed it all the same, and the mixer read the
+    packed layer's data-less stand-in (NaN or garbage logits, silently). It is left in full precision,
+    said and reported as the walks report it; the model computes what its dequantized weights give,
+    and its checkpoint loads back the same."""
+    build_model, kind = WIDER[arch]
+    torch.manual_seed(0)
+    model = build_model().eval()
+    with pytest.warns(UserWarning, match="weight read without a call") as said:
+        epmq.quantize_model(model, SPEC_4, method="rtn", progress=False)
+    skipped = model.epmq_report.skipped
+    assert skipped and all(name.endswith(".dt_proj") for name in skipped)
+    assert all(type(model.get_submodule(name)) is torch.nn.Linear for name in skipped)
+    assert any(skipped[0] in str(w.message) for w in said)
+    assert sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) == len(model.epmq_report.layers) > 0
+    item = wider_input(kind, gen)
+    got = output(model, item)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, output(with_dequantized_linears(model), item), rtol=1e-4, atol=1e-5)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    loaded = epmq.load_quantized(tmp_path / "ckpt")
+    torch.testing.assert_close(output(loaded, item), got, rtol=0, atol=0)
+
+
 def test_fused_experts_an_adapter_leaves_alone_are_warned_about(gen):
     """A plain Adapter on an MoE decoder: the routers (nn.Linear subclasses returning top-k) are
     left alone, and the fused 3-D experts it cannot quantize are named in a warning."""

@@ -1,12 +1,14 @@
 """Bad input gets a clear error, and a failed quantization leaves the model as it was."""
 
 import ast
+import copy
 import re
 
 import pytest
 import torch
 import transformers
 from torch import nn
+from torch.nn import functional as F
 
 import epmq
 from epmq import quant
@@ -993,3 +995,56 @@ def test_true_sequential_is_a_flag_as_the_cli_checks_it(gen, tmp_path):
         with pytest.raises(ValueError, match="true_sequential must be True or False"):
             quantize(fam, model, true_sequential=bad)
         assert_untouched(model, before)
+
+
+class ReadingMixer(nn.Module):
+    """``out(dt.weight @ up(x))``, as Mamba's mixer multiplies by ``dt_proj.weight``; ``gate``'s
+    weight read by F.linear where the module's own setting says so, else the layer called; a read
+    in training mode only, of the weight's dtype, and in isinstance, which a packed layer serves."""
+
+    def __init__(self, fused=False):
+        super().__init__()
+        self.fused = fused
+        self.up, self.gate, self.dt, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        if self.training and x.shape[0] > 0:
+            return F.linear(x, self.out.weight)
+        if isinstance(self.up.weight, torch.Tensor) and x.dtype != self.up.weight.dtype:
+            x = x.to(self.up.weight.dtype)
+        h = F.linear(self.up(x), self.gate.weight) if self.fused else self.gate(self.up(x))
+        return self.out((self.dt.weight @ h.T).T)
+
+
+class FusedReadingMixer(ReadingMixer):
+    def __init__(self):
+        super().__init__(fused=True)
+
+
+@pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"])])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_linears_whose_weight_a_block_reads_without_a_call_stay_in_full_precision(block_type, read, method):
+    """What the blocks' code reads as a weight tensor and never calls stays a linear (RTN, which runs
+    no forward, packed it, and the product read the packed layer's data-less stand-in: garbage);
+    what it calls, or reads only for its dtype or in training mode, is packed."""
+    torch.manual_seed(0)
+    model = Net(block_type).eval()
+    x = torch.randn(4, 16)
+    kw = dict(calibration={"task": [x]}) if method == "gptq" else {}
+    with pytest.warns(UserWarning, match="stay in full precision"):
+        epmq.quantize_model(model, SPEC, method=method, progress=False,
+                            adapter=epmq.Adapter("mixers", block_types=(block_type,)), **kw)
+    left = [f"layers.{i}.{rel}" for i in range(2) for rel in read]
+    assert sorted(model.epmq_report.skipped) == sorted(left)
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in left)
+    packed = [name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear)]
+    assert len(packed) == 2 * (4 - len(read)) == len(model.epmq_report.layers)
+    reference = copy.deepcopy(model)  # (its packed layers as linears of their dequantized weights)
+    for name in packed:
+        parent, _, attr = name.rpartition(".")
+        linear = nn.Linear(16, 16)
+        linear.weight.data.copy_(model.get_submodule(name).dequantize())
+        linear.bias.data.copy_(model.get_submodule(name).bias)
+        setattr(reference.get_submodule(parent), attr, linear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
