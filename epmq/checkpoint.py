@@ -60,7 +60,7 @@ from epmq_kernels.grid import is_integer
 
 from ._util import (read_json, read_json_file, release_freed_memory, remove_stale_temporaries, save_safetensors,
                     storage_key, umask, wrapped_model)
-from .adapters import Transposed, checkpoint_names, find_towers, prepare_towers, remember
+from .adapters import AUTO, Transposed, checkpoint_names, find_towers, prepare_towers, remember
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
@@ -1360,8 +1360,15 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # attention, GPT-2's Conv1D, fused MoE experts); the others keep their own layout
     towers = find_towers(model, adapter)
     if adapter is None:
+        held = [stack for _, stacks in towers for stack, _ in stacks]
         towers = [(a, stacks) for a, stacks in towers
                   if any(name.startswith(f"{stack}.") for stack, _ in stacks for name in modules)]
+        # layers in stacks no registered adapter takes were walked by AUTO beside them (adapter=[...,
+        # AUTO], as the default walk's warning says): its rebuilt experts were refused as missing
+        if any(not any(name.startswith(f"{stack}.") for stack in held) for name in modules):
+            beside = [(stack, blocks) for stack, blocks in AUTO.stacks_beside(model, held)
+                      if any(name.startswith(f"{stack}.") for name in modules)]
+            towers += [(AUTO, beside)] if beside else []
     prepared = prepare_towers(model, towers, swap)
     remember(model, prepared)
     # WavLM's attention whose projections are loaded packed calls them, whichever tower holds it:

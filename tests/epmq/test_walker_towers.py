@@ -456,3 +456,37 @@ def test_a_failed_walk_leaves_every_tower_as_it_was_prepared_or_not(adapter, gen
     assert not hasattr(model, "epmq_report")
     with torch.no_grad():
         torch.testing.assert_close(model(**item).logits, fresh(**item).logits, rtol=0, atol=0)
+
+
+def tiny_aria(seed=0):
+    """Aria: an Idefics3-style vision tower (HF_ENCODERS) and a MoE language model no adapter lists,
+    its experts fused (AUTO rebuilds them as linears)."""
+    torch.manual_seed(seed)
+    return transformers.AriaForConditionalGeneration(transformers.AriaConfig(
+        vision_config=_VISION, text_config=dict(_TEXT, moe_intermediate_size=16, moe_num_experts=4, moe_topk=2,
+                                                moe_num_shared_experts=1),
+        projector_patch_to_query_dict={4: 2}, image_token_index=299)).eval()
+
+
+def aria_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 290, (1, 12), generator=gen)
+        ids[0, 1:3] = 299  # the projector's 2 queries for the image's 4 patches
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16, generator=gen),
+                        pixel_mask=torch.ones(1, 16, 16, dtype=torch.bool)))
+    return out
+
+
+def test_a_tower_walked_by_auto_beside_a_known_one_loads_back(gen, tmp_path):
+    """Aria's language model, walked by AUTO beside the vision tower's adapter as the warning of
+    the default walk says (adapter=[HF_ENCODERS, AUTO]), has its fused experts saved as linears:
+    load_quantized (default adapter) rebuilt only the registered adapters' towers and refused the
+    checkpoint ('quantizes ...experts.0.gate_proj, which AriaForConditionalGeneration does not have')."""
+    model = tiny_aria()
+    with pytest.warns(UserWarning, match="AriaTextDecoderLayer.*epmq.adapters.AUTO"):
+        epmq.quantize_model(tiny_aria(), SPEC_4, method="rtn", progress=False)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": aria_inputs(2, gen)}, progress=False,
+                        adapter=[epmq.adapters.HF_ENCODERS, epmq.adapters.AUTO])
+    assert_both_towers_walked_and_served(model, ("model.vision_tower.encoder.layers", "model.language_model.layers"),
+                                         tmp_path, aria_inputs(1, gen)[0], adapter="hf-encoder+auto")
