@@ -277,26 +277,40 @@ def test_more_vision_language_models(name, gen, tmp_path):
     assert_both_towers_walked_and_served(model, (vision, language), tmp_path, test)
 
 
-def test_llama_3_2_vision_no_adapter_lists_is_walked_by_auto(gen, tmp_path):
-    """Mllama (Llama 3.2 Vision), of which no adapter lists a block: ``AUTO`` walks its local and
-    global vision encoders and its language model, whose cross-attention layers read the image
-    features among their keyword arguments; 8 bits near the float logits, and it loads back."""
+def tiny_mllama(seed=0):
+    """Mllama (Llama 3.2 Vision): local and global vision encoders, whose local layers' outputs at
+    intermediate_layers_indices go with the global output to the language model's cross-attention
+    layers."""
     text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, cross_attention_layers=[1, 3], rope_scaling={"rope_type": "default"},
                 pad_token_id=0)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
                   image_size=16, patch_size=8, max_num_tiles=1, vision_output_dim=96, intermediate_layers_indices=[0, 1],
                   supported_aspect_ratios=[[1, 1]])
-    torch.manual_seed(0)
-    model = transformers.MllamaForConditionalGeneration(
+    torch.manual_seed(seed)
+    return transformers.MllamaForConditionalGeneration(
         transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=299)).eval()
 
-    def item():
+
+def mllama_inputs(n, gen):
+    out = []
+    for _ in range(n):
         ids = torch.randint(1, 290, (1, 10), generator=gen)
         ids[0, 1] = 299
-        return dict(input_ids=ids, pixel_values=torch.randn(1, 1, 1, 3, 16, 16, generator=gen),
-                    aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1]]]),
-                    cross_attention_mask=torch.ones(1, 10, 1, 1, dtype=torch.long))
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 1, 1, 3, 16, 16, generator=gen),
+                        aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1]]]),
+                        cross_attention_mask=torch.ones(1, 10, 1, 1, dtype=torch.long)))
+    return out
+
+
+def test_llama_3_2_vision_no_adapter_lists_is_walked_by_auto(gen, tmp_path):
+    """Mllama (Llama 3.2 Vision), of which no adapter lists a block: ``AUTO`` walks its local and
+    global vision encoders and its language model, whose cross-attention layers read the image
+    features among their keyword arguments; 8 bits near the float logits, and it loads back."""
+    model = tiny_mllama()
+
+    def item():
+        return mllama_inputs(1, gen)[0]
 
     test = item()
     with torch.no_grad():
@@ -309,6 +323,35 @@ def test_llama_3_2_vision_no_adapter_lists_is_walked_by_auto(gen, tmp_path):
     assert_both_towers_walked_and_served(model, ("model.vision_model.transformer.layers",
                                                  "model.vision_model.global_transformer.layers",
                                                  "model.language_model.layers"), tmp_path, test, adapter="auto")
+
+
+def test_auto_runs_the_vision_tower_a_language_model_reads_within(gen, monkeypatch):
+    """AUTO walks every family's stacks, and stood in for the stacks before the one it calibrates
+    with replayers of their final outputs, whose other blocks return their inputs: Mllama's
+    cross-attention layers, which read the local encoder's inner layers, had their k and v
+    statistics taken from the embeddings there, silently; LLaVA walked by adapter=AUTO, whose
+    image features are a vision layer's hidden states, which no stand-in reports, ended in
+    'calibration['a'] item 0: the model cannot run it (IndexError: tuple index out of range)'."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model, items = tiny_mllama(), mllama_inputs(2, gen)
+    target = "model.language_model.layers.1.cross_attn.k_proj"
+    vision = "model.vision_model.transformer.layers.0.mlp.fc2"
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, layers=lambda n: n in (target, vision),
+                        progress=False)
+    monkeypatch.undo()
+    assert model.epmq_report.adapter == "auto"
+    # the target's inputs as the model with its quantized vision layer gives them (the vision fc2's are 64 wide)
+    assert_same_statistics([x for x in seen if x.shape[-1] == 32], hooked_inputs(model, target, items))
+
+    model, item = tiny_llava(), llava_inputs(1, gen)[0]
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": llava_inputs(2, gen)}, progress=False,
+                        adapter=epmq.adapters.AUTO)
+    for tower in ("model.vision_tower", "model.language_model"):
+        assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
+    with torch.no_grad():
+        assert torch.isfinite(model(**item).logits).all()
 
 
 def tiny_qwen3_vl(seed=0):
