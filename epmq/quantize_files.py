@@ -43,6 +43,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ._util import loading_bars, read_json_file
+from .adapters import AUTO, find_towers
 from .calibration import (audio_batches, audio_files, image_batches, image_files, pair_batches, read_pairs,
                           read_texts, task_seeds, text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
@@ -424,15 +425,22 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     batches = {task: [{k: v.to(net.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                        for k, v in item.items()} for item in items] for task, items in batches.items()}
     _check_decoder_start(net, batches, directory)
+    adapter = None
     if tower == "language":
-        layers = _within(net, net.get_decoder(), layers)
+        decoder = net.get_decoder()
+        layers = _within(net, decoder, layers)
+        # a language model no registered adapter walks beside a vision tower one does (Aria's) is
+        # AUTO's, which the default takes only where no adapter finds blocks: nothing was selected
+        prefix = next(name for name, m in net.named_modules() if m is decoder) + "."
+        if not any(stack.startswith(prefix) for _, stacks in find_towers(net) for stack, _ in stacks):
+            adapter = AUTO
     out = Path(os.path.abspath(out))  # ("." has no name to write beside)
     resume_dir = None if method == "rtn" else resume_dir_for(out)
     # the resume directory is held from here to its removal: no other run takes it meanwhile
     with hold(resume_dir, fresh=not resume) if resume_dir is not None else contextlib.nullcontext():
         # the model stays in CPU memory; its blocks visit ``device`` one at a time
         try:
-            quantize_model(net, spec, method=method, calibration=batches or None,
+            quantize_model(net, spec, method=method, calibration=batches or None, adapter=adapter,
                            experts={t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None,
                            anchor=anchor, weight_anchor=weight_anchor, targets=targets, device=device,
                            layers=layers, percdamp=percdamp, true_sequential=true_sequential,

@@ -1152,6 +1152,29 @@ def test_rtn_of_mllamas_language_model_is_not_refused(tmp_path):
         assert any(".cross_attn." in name for name in layers) and any(".self_attn." in name for name in layers)
 
 
+def test_tower_language_of_a_language_model_no_adapter_lists(tmp_path):
+    """tower: language of Aria, whose vision tower an adapter walks (HF_ENCODERS) and whose MoE
+    language model none lists: the default walk left the language model to no adapter, and the run
+    was refused as 'no layer of AriaForConditionalGeneration is selected for quantization
+    (layers=<function _within.<locals>.<lambda> at 0x...>)'; AUTO walks it, fused experts rebuilt,
+    the same as quantize_model with AUTO on the language model's layers, and it loads back."""
+    from test_walker_towers import aria_inputs, tiny_aria
+
+    tiny_aria().save_pretrained(tmp_path / "aria")
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    out = epmq.quantize_checkpoint(tmp_path / "aria", tmp_path / "w4", spec=spec, method="rtn", tower="language",
+                                   progress=False)
+    layers = [r["name"] for r in json.loads((out / REPORT_FILE).read_text())["layers"]]
+    assert layers and all(name.startswith("model.language_model.layers.") for name in layers)
+    assert any(".mlp.experts.3.down_proj" in name for name in layers)
+    model = tiny_aria()
+    epmq.quantize_model(model, spec, method="rtn", adapter=epmq.adapters.AUTO, progress=False,
+                        layers="^model.language_model.")
+    item = aria_inputs(1, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(out)(**item).logits, model(**item).logits)
+
+
 def test_the_language_model_of_a_vision_language_model(files, tmp_path):
     """tower: language: a VLM's language model quantized from text files, the vision tower and
     projector left in full precision, the processor (tokenizer and image processor) saved beside
