@@ -60,7 +60,7 @@ from epmq_kernels.grid import is_integer
 
 from ._util import (read_json, read_json_file, release_freed_memory, remove_stale_temporaries, save_safetensors,
                     storage_key, umask, wrapped_model)
-from .adapters import AUTO, Transposed, checkpoint_names, find_towers, prepare_towers, remember
+from .adapters import Transposed, auto_beside, checkpoint_names, find_towers, prepare_towers, remember
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
@@ -376,6 +376,9 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     except (ValueError, TypeError):  # (no registered adapter walks it: nothing is known of its blocks)
         return {}, []
     quantized = {id(m) for m in layers.values()}
+    # a tower AUTO walked beside the default's (Aria's language model): its linears left in full
+    # precision were named in no rule, and engines built them as GPTQ layers
+    towers += auto_beside(model, towers, lambda _, blocks: any(id(m) in quantized for b in blocks for m in b.modules()))
     found = []  # (disk prefix, disk rel, block index, quantized) of the linears in the stacks holding quantized ones
     routing = set()  # those of them that are routers (JetMoE's sits among its experts: not an expert)
     for adapter, stacks in towers:
@@ -1358,7 +1361,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
 
     # the towers holding quantized layers are rebuilt as the walk rebuilt them (open_clip's
     # attention, GPT-2's Conv1D, fused MoE experts); the others keep their own layout
-    towers = find_towers(model, adapter)
+    towers = all_towers = find_towers(model, adapter)
     if adapter is None:
         held = [stack for _, stacks in towers for stack, _ in stacks]
         towers = [(a, stacks) for a, stacks in towers
@@ -1366,9 +1369,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         # layers in stacks no registered adapter takes were walked by AUTO beside them (adapter=[...,
         # AUTO], as the default walk's warning says): its rebuilt experts were refused as missing
         if any(not any(name.startswith(f"{stack}.") for stack in held) for name in modules):
-            beside = [(stack, blocks) for stack, blocks in AUTO.stacks_beside(model, held)
-                      if any(name.startswith(f"{stack}.") for name in modules)]
-            towers += [(AUTO, beside)] if beside else []
+            towers += auto_beside(model, all_towers,
+                                  lambda stack, _: any(name.startswith(f"{stack}.") for name in modules))
     prepared = prepare_towers(model, towers, swap)
     remember(model, prepared)
     # WavLM's attention whose projections are loaded packed calls them, whichever tower holds it:

@@ -347,6 +347,16 @@ def find_towers(model: nn.Module, adapter=None) -> list:
     return _named_stacks(model, towers)
 
 
+def auto_beside(model: nn.Module, towers: list, holds: Callable[[str, nn.Module], bool]) -> list:
+    """``[(AUTO, stacks)]`` of the stacks AUTO takes beside ``towers`` (those ``find_towers(model)``
+    gives) for which ``holds(name, blocks)``, or ``[]``: where a walk took them (adapter=[..., AUTO],
+    or AUTO alone beside a tower a registered adapter finds) they hold quantized layers that no tower
+    of the default holds (Aria's language model beside its vision tower)."""
+    taken = [name for _, stacks in towers for name, _ in stacks]
+    found = [(name, blocks) for name, blocks in AUTO.stacks_beside(model, taken) if holds(name, blocks)]
+    return [(AUTO, found)] if found else []
+
+
 def _named_stacks(model: nn.Module, towers: list) -> list:
     """``towers``, unless a stack is the model itself (an ``nn.Sequential`` of blocks): its
     layers would have no names of their own to report, resume or save them under."""

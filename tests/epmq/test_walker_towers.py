@@ -533,3 +533,28 @@ def test_a_tower_walked_by_auto_beside_a_known_one_loads_back(gen, tmp_path):
                         adapter=[epmq.adapters.HF_ENCODERS, epmq.adapters.AUTO])
     assert_both_towers_walked_and_served(model, ("model.vision_tower.encoder.layers", "model.language_model.layers"),
                                          tmp_path, aria_inputs(1, gen)[0], adapter="hf-encoder+auto")
+
+
+def test_a_tower_walked_by_auto_has_its_full_precision_linears_named_for_engines(gen, tmp_path):
+    """Aria's language model walked by AUTO beside its vision tower's adapter, its o_proj left in
+    full precision (layers=): the rules that tell engines to build it unquantized (GPTQModel's
+    ``dynamic``, ``modules_in_block_to_quantize``) were found from the default adapters' towers, the
+    vision tower's alone, so none was written and engines would build every o_proj as a GPTQ layer."""
+    import json
+    import re
+
+    model = tiny_aria()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False,
+                        adapter=[epmq.adapters.HF_ENCODERS, epmq.adapters.AUTO],
+                        layers=lambda n: not n.endswith("o_proj"))
+    epmq.save_quantized(model, tmp_path / "q")
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    rules = [rule.removeprefix("-:") for rule in q.get("dynamic", {})]
+    for i in range(2):  # (the checkpoint's names: language_model.model.layers, as the hub's Aria)
+        assert any(re.match(rule, f"language_model.model.layers.{i}.self_attn.o_proj") for rule in rules)
+        assert not any(re.match(rule, f"language_model.model.layers.{i}.self_attn.q_proj") for rule in rules)
+    assert "self_attn.o_proj" not in sum(q["modules_in_block_to_quantize"], [])
+    item = aria_inputs(1, gen)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**item).logits, model(**item).logits)
+
