@@ -580,15 +580,18 @@ class _Stack:
     rounds: int = 1
 
 
-def _one_family(earlier: _Stack, stack: _Stack) -> bool:
+def _one_family(earlier: _Stack, stack: _Stack, quantized: bool = True) -> bool:
     """Whether ``stack`` reads of ``earlier`` its final output alone (T5's decoder of its encoder),
     so that the walk may replay that output in place of running ``earlier``'s blocks. AUTO takes
     every family's stacks: a VLM's language model there reads its vision tower's inner hidden
     states (Mllama's intermediate layers, LLaVA's vision_feature_layer), which a replayer's blocks
-    leave as their inputs, so stacks of other blocks than its own are other families."""
+    leave as their inputs, so on the ``quantized`` (q) stream stacks of other blocks than its own
+    run, the model's own. A target stream's earlier stacks are its own path's (the full-precision
+    or expert encoder of an M2M-100's decoder), which the model's blocks are not: replayed."""
     if earlier.adapter is not stack.adapter:
         return False
-    return not stack.adapter.runs_blocks or {type(b) for b in earlier.blocks} == {type(b) for b in stack.blocks}
+    return (not quantized or not stack.adapter.runs_blocks
+            or {type(b) for b in earlier.blocks} == {type(b) for b in stack.blocks})
 
 
 def _plan(model, towers, layers) -> tuple:
@@ -2207,7 +2210,7 @@ class _Walk:
             for t in range(s + 1):
                 # a tower of another family runs its own (quantized) blocks: the next may read any
                 # of their outputs (LLaVA's image features are the vision tower's hidden states)
-                if t < s and (not _one_family(self.stacks[t], stack) or t in self.interleaved):
+                if t < s and (not _one_family(self.stacks[t], stack, stream is self.q) or t in self.interleaved):
                     continue
                 blocks = self.stacks[t].blocks
                 for j, block in enumerate(blocks):

@@ -558,3 +558,34 @@ def test_a_tower_walked_by_auto_has_its_full_precision_linears_named_for_engines
     with torch.no_grad():
         torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**item).logits, model(**item).logits)
 
+
+def test_an_encoder_decoder_walked_by_auto_keeps_its_target_stream(gen, monkeypatch):
+    """An encoder-decoder AUTO walks whose encoder and decoder layers are of two classes (M2M-100):
+    the decoder reads the encoder's final output alone, which the target stream replays from its
+    own path; fp_path targets of the decoder's cross-attention are the full-precision model's
+    encoder states, not the quantized encoder's (the stream ran the quantized encoder blocks since
+    the walk ran other classes' stacks, silently)."""
+    import copy
+
+    from epmq.stats import EPMQStats
+    from test_walker_models import assert_same_statistics, hooked_inputs
+
+    torch.manual_seed(0)
+    model = transformers.M2M100ForConditionalGeneration(transformers.M2M100Config(
+        vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    fp = copy.deepcopy(model)
+    items = {t: [dict(input_ids=torch.randint(4, 290, (1, 10), generator=gen),
+                      decoder_input_ids=torch.randint(4, 290, (1, 6), generator=gen)) for _ in range(2)] for t in "ab"}
+    experts = {t: {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+               for t in "ab"}
+    target = "model.decoder.layers.1.encoder_attn.k_proj"
+    seen, add_batch = [], EPMQStats.add_batch
+    monkeypatch.setattr(EPMQStats, "add_batch", lambda self, x, x_expert=None, x_anchor=None: seen.append(
+        (self, x_expert.double())) or add_batch(self, x, x_expert, x_anchor))
+    epmq.quantize_model(model, SPEC_4, method="epmq", calibration=items, experts=experts, targets="fp_path",
+                        layers=lambda n: n.startswith("model.encoder.") or n == target, progress=False)
+    assert model.epmq_report.adapter == "auto"
+    last = seen[-1][0]  # (the target's statistics, taken last: k and v share them)
+    assert_same_statistics([x for stats, x in seen if stats is last],
+                           hooked_inputs(fp, target, [item for t in "ab" for item in items[t]]))
