@@ -316,9 +316,10 @@ def quantize_model(
     # pool beside adapter=OPEN_CLIP stayed in full precision without a word)
     warn_other_towers(model, towers, chosen=adapter is not None)
     adapter_names = "+".join(a.name for a, _ in towers)
-    if len(towers) > 1 and method != "rtn" and targets != "merged_path":
+    families = _families(model, towers, layers)
+    if len(families) > 1 and method != "rtn" and targets != "merged_path":
         raise ValueError(
-            f"targets={targets!r} across towers of different families ({adapter_names}) is not "
+            f"targets={targets!r} across towers of different families ({'+'.join(families)}) is not "
             f"supported: a tower may read the inner outputs of the one before (a VLM's image "
             f"features), which the target stream does not replay; use targets='merged_path', or walk "
             f"one tower a call (adapter=)"
@@ -578,6 +579,30 @@ class _Stack:
     # several layers a group): solved on the first round's inputs; what it hands the stacks after
     # it has been through every round of its quantized blocks (_more_rounds)
     rounds: int = 1
+
+
+def _families(model, towers, layers=None) -> list:
+    """The families of ``towers`` for the target streams, which replay only a tower's final output:
+    one per adapter, and AUTO's (an adapter that runs its blocks) in a language model that takes a
+    tower's features at its image or audio tokens one per kind of stack (Mllama's vision encoders,
+    its language model), as such a language model may read the tower's inner outputs (the streams
+    went on with the tower's input in their place, silently, or ended in an IndexError). An
+    encoder-decoder's decoder reads its encoder's last output (M2M-100's layers of two classes), and
+    the towers of a dual encoder their own inputs (ChineseCLIP's). Stacks ``layers`` selects no
+    linear of are not walked (a language model walked alone: the model runs its tower itself)."""
+    config = getattr(model, "config", None)
+    joined = not getattr(config, "is_encoder_decoder", False) and any(
+        getattr(config, key, None) is not None
+        for key in ("image_token_id", "image_token_index", "audio_token_id", "audio_token_index"))
+    families = []
+    for adapter, stacks in towers:
+        select = _selector(layers)
+        kinds = [sorted({type(b).__name__ for b in blocks}) for prefix, blocks in stacks
+                 if any(select(f"{prefix}.{i}.{rel}") for i, b in enumerate(blocks) for rel in adapter.linears(b))] if (
+            adapter.runs_blocks and joined) else [[]]
+        families += [f"{adapter.name}: {'/'.join(kind)}" if kind else adapter.name
+                     for kind in dict.fromkeys(tuple(kind) for kind in kinds)]
+    return families
 
 
 def _one_family(earlier: _Stack, stack: _Stack, quantized: bool = True) -> bool:

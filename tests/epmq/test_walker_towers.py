@@ -589,3 +589,24 @@ def test_an_encoder_decoder_walked_by_auto_keeps_its_target_stream(gen, monkeypa
     last = seen[-1][0]  # (the target's statistics, taken last: k and v share them)
     assert_same_statistics([x for stats, x in seen if stats is last],
                            hooked_inputs(fp, target, [item for t in "ab" for item in items[t]]))
+
+
+@pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
+def test_target_streams_stay_within_a_family_walked_by_auto(targets, gen):
+    """Mllama, which AUTO walks by default, and LLaVA walked by adapter=AUTO: one adapter, but a
+    vision tower and a language model reading its inner outputs, which the target stream does
+    not replay (Mllama's cross-attention targets were taken from the vision encoder's input in
+    place of its intermediate layers, silently; LLaVA ended in the model's IndexError): refused
+    as across the families of a VLM walked by two adapters."""
+    for model, items, adapter in ((tiny_mllama(), mllama_inputs(2, gen), None),
+                                  (tiny_llava(), llava_inputs(2, gen), epmq.adapters.AUTO)):
+        experts = {"a": {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                         for k, v in model.state_dict().items()}}
+        with pytest.raises(ValueError, match="across towers of different families"):
+            epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items}, experts=experts,
+                                targets=targets, adapter=adapter, progress=False)
+        # (the language model alone is one family: the model runs its vision tower itself)
+        epmq.quantize_model(model, SPEC_4, method="epmq", calibration={"a": items}, experts=experts,
+                            targets=targets, adapter=adapter, layers="^model.language_model.", progress=False)
+        assert linears(model, "model.language_model", epmq.QuantLinear)
+
