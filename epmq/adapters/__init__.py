@@ -418,7 +418,10 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
     def repeated(module) -> list:
         # the block types a list repeats, each holding a linear (LeViT's stages: residual layers
         # with a subsampling attention between them are repeated blocks all the same)
+        # (patch mergers and projectors, each called once on what a tower hands the language model,
+        # are no blocks: Qwen3-VL's DeepStack mergers were warned of, and AUTO, told to walk them, refused them)
         kinds = [type(m) for m in module if not isinstance(m, nn.Linear)
+                 and not type(m).__name__.endswith(("Merger", "Projector"))
                  and any(isinstance(x, nn.Linear) for x in m.modules())]
         if len(module) == 1 and not isinstance(module[0], _LISTS):
             # (a list of one such block: a tower of one layer, as a tiny or distilled Wav2Vec2

@@ -610,3 +610,11 @@ def test_target_streams_stay_within_a_family_walked_by_auto(targets, gen):
                             targets=targets, adapter=adapter, layers="^model.language_model.", progress=False)
         assert linears(model, "model.language_model", epmq.QuantLinear)
 
+
+def test_qwen3_vl_deepstack_mergers_are_no_blocks_left_unwalked(recwarn):
+    """Qwen3-VL's DeepStack mergers (a list of patch mergers, each called once on a vision block's
+    output for the language model, as LLaVA's projector is) were warned of as blocks no adapter
+    walks, to be walked by AUTO, which refuses them ('return shape (8, 32) for hidden states of
+    shape (32, 32)'): every Qwen3-VL walk warned so; they are no blocks, as projectors are not."""
+    epmq.quantize_model(tiny_qwen3_vl(), SPEC_4, method="rtn", progress=False)
+    assert not [w for w in recwarn if "deepstack_merger_list" in str(w.message)]
