@@ -126,7 +126,9 @@ def _scan_kernel(
     out = partial + pid * N_PARTIAL
     tl.store(out + 0, tl.min(tl.min(lo, axis=1), axis=0))
     tl.store(out + 1, tl.max(tl.max(hi, axis=1), axis=0))
-    tl.store(out + 2, tl.min(tl.where(r_ok, diag, float("inf")), axis=0))
+    # (NaN where the program's diagonal has one, as torch's min: min and minimum skip it)
+    diag_nan = tl.max(tl.where(r_ok & (diag != diag), 1, 0), axis=0) > 0
+    tl.store(out + 2, tl.where(diag_nan, float("nan"), tl.min(tl.where(r_ok, diag, float("inf")), axis=0)))
     tl.store(out + 3, tl.sum(tl.where(r_ok & (diag == 0), 1.0, 0.0), axis=0).to(ty))
     tl.store(out + 4, tl.sum(u_r * Hv_r, axis=0))
     tl.store(out + 5, tl.sum(v_r * Hu_r, axis=0))
@@ -150,6 +152,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     lo = tl.full([BLOCK], float("inf"), ty)
     hi = tl.full([BLOCK], float("-inf"), ty)
     dmin = tl.full([BLOCK], float("inf"), ty)
+    dmin_nan = tl.zeros([BLOCK], ty)  # (a NaN on the diagonal: the minimum NaN, as the reference's)
     dead = tl.zeros([BLOCK], ty)
     uHv = tl.zeros([BLOCK], ty)
     vHu = tl.zeros([BLOCK], ty)
@@ -169,7 +172,9 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
         row = partial + p * N_PARTIAL
         lo = tl.minimum(lo, tl.load(row + 0, mask=ok, other=float("inf")))
         hi = tl.maximum(hi, tl.load(row + 1, mask=ok, other=float("-inf")))
-        dmin = tl.minimum(dmin, tl.load(row + 2, mask=ok, other=float("inf")))
+        dmin_p = tl.load(row + 2, mask=ok, other=float("inf"))
+        dmin = tl.minimum(dmin, dmin_p)
+        dmin_nan = tl.maximum(dmin_nan, (dmin_p != dmin_p).to(ty))
         dead += tl.load(row + 3, mask=ok, other=0.0)
         uHv += tl.load(row + 4, mask=ok, other=0.0)
         vHu += tl.load(row + 5, mask=ok, other=0.0)
@@ -183,7 +188,7 @@ def _finish_kernel(partial, numbers, n_programs, N_PARTIAL: tl.constexpr, BLOCK:
     # (NaN where H has one, whatever min and max made of it: the checks' first test)
     tl.store(numbers + 0, tl.where(has_nan, float("nan"), tl.min(lo, axis=0)).to(tl.float64))
     tl.store(numbers + 1, tl.where(has_nan, float("nan"), tl.max(hi, axis=0)).to(tl.float64))
-    tl.store(numbers + 2, tl.min(dmin, axis=0).to(tl.float64))
+    tl.store(numbers + 2, tl.where(tl.max(dmin_nan, axis=0) > 0, float("nan"), tl.min(dmin, axis=0)).to(tl.float64))
     tl.store(numbers + 3, tl.sum(dead, axis=0).to(tl.float64))
     tl.store(numbers + 4, (tl.sum(uHv, axis=0) - tl.sum(vHu, axis=0)).to(tl.float64))
     tl.store(numbers + 5, tl.where(top < float("inf"), Hv_scale * tl.sqrt(tl.sum(Hv_sq, axis=0)), top))

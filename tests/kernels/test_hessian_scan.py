@@ -214,3 +214,19 @@ def test_cuda_numbers_of_a_layer_sized_hessian(gen):
             bad = H.clone()
             bad[i, j] = float("nan")
             assert torch.isnan(hessian_numbers_triton(bad, vu)[:2]).all()
+
+
+@pytest.mark.parametrize("d", [1, 17, 45, 130])
+def test_a_nan_on_the_diagonal_gives_the_references_diagonal_numbers(gen, d, monkeypatch):
+    """A NaN on the diagonal made the kernel's minimum of the diagonal the minimum of the
+    others (or inf: the NaN alone in its program), where the reference's is NaN; the trace NaN
+    in both, the dead count of the zeros beside it."""
+    monkeypatch.setattr(hs, "_FINISH_BLOCK", 2)
+    H = gram(gen, d, torch.float32, dead=[0] if d > 1 else [])
+    i = int(torch.randint(0, d, (1,), generator=gen))
+    H[i, i] = float("nan")
+    vu = probes(gen, d, torch.float32)
+    got, want = hessian_numbers_triton(H, vu).tolist(), hessian_numbers_reference(H, vu).tolist()
+    assert want[2] != want[2] and want[6] != want[6]
+    assert got[2] != got[2], got
+    assert got[6] != got[6] and got[3] == want[3], got
