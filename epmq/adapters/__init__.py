@@ -331,6 +331,8 @@ def find_towers(model: nn.Module, adapter=None) -> list:
     for a in sorted(chosen, key=lambda a: a is AUTO):
         if not isinstance(a, Adapter):
             raise TypeError(f"adapter must be an epmq.Adapter (or a list of them), got {type(a).__name__}")
+        if any(t is a for t, _ in towers):  # (a repeat walks nothing more: a slip in the list)
+            raise ValueError(f"adapter= lists {a.name!r} twice: give each tower's adapter once")
         stacks = find_adapter(model, a).stacks(model)
         if a is AUTO:
             stacks = AUTO.stacks_beside(model, owner)

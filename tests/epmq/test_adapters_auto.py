@@ -953,3 +953,13 @@ def test_auto_beside_gpt2_prepares_every_stack_it_walks(inner, gen, tmp_path):
     epmq.save_quantized(model, tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(epmq.load_quantized(tmp_path / "q", build(), adapter=adapter)(ids), got)
+
+
+@pytest.mark.parametrize("twice", ["auto", "hf-decoder"])
+def test_an_adapter_listed_twice_is_refused_by_name(twice):
+    """adapter=[AUTO, AUTO] was refused as AUTO finding 'no blocks ... that the other adapters
+    given do not walk' (there is no other), [HF_DECODERS, HF_DECODERS, AUTO] as two adapters of one
+    name walking one stack; a repeat walks nothing more, so it is refused naming the adapter."""
+    adapter = AUTO if twice == "auto" else epmq.adapters.HF_DECODERS
+    with pytest.raises(ValueError, match=rf"adapter= lists {twice!r} twice"):
+        find_towers(ToyVLM(), [adapter, AUTO, adapter] if twice != "auto" else [AUTO, AUTO])
