@@ -39,6 +39,7 @@ from ._util import (changed_keys, read_json, remove_stale_temporaries, temporary
 from .checks import check_number, resolve_backend
 from .spec import QuantSpec
 from epmq_kernels.expert_residual import check_residual_precision
+from epmq_kernels.grid import is_flag
 
 # method of epmq.merge -> its label in tables; the merges of one base and N experts
 MERGE_LABELS = {
@@ -140,8 +141,10 @@ class Plan:
         if not self.methods and not self.controls:
             raise ValueError("quantize.methods and quantize.controls are both empty: nothing to quantize with")
         for name in ("save_checkpoints", "sym", "act_order", "static_groups"):
-            if not isinstance(getattr(self, name), bool):
+            if not is_flag(getattr(self, name)):
                 raise ValueError(f"quantize.{name} must be true or false, got {getattr(self, name)!r}")
+            # (numpy's held as Python's: a row's identity is JSON, np.True_ there the string 'True')
+            setattr(self, name, bool(getattr(self, name)))
         repeated = sorted({b for b in self.bits if self.bits.count(b) > 1})
         if repeated:
             raise ValueError(f"quantize.bits repeats {repeated}: each width is one row of the table")

@@ -167,6 +167,20 @@ def test_bad_plans_raise(kw, message):
         Plan(**kw)
 
 
+def test_numpys_bools_are_taken_as_pythons():
+    """sym=np.True_ (a sweep's flag from an array, as QuantSpec, quantize_model and the bench
+    configs take) was refused as 'quantize.sym must be true or false, got np.True_'; taken and
+    held as Python's bools, so a row's identity (JSON) is the one true and false give."""
+    import numpy as np
+
+    flags = dict(sym=True, act_order=True, static_groups=False, save_checkpoints=False)
+    p, want = plan(**{k: np.bool_(v) for k, v in flags.items()}), plan(**flags)
+    assert all(type(getattr(p, k)) is bool for k in flags)
+    assert p == want and p.spec(4) == want.spec(4)
+    with pytest.raises(ValueError, match="quantize.sym must be true or false, got np.int64"):
+        plan(sym=np.int64(1))
+
+
 def test_fp_path_targets_with_the_default_control_is_a_plan():
     """E-PMQ fp-path beside the default control (GPTQ fp-path): the GPTQ row of methods runs
     merged-path, so no two rows are one computation (refused as 'two quantizer rows')."""
