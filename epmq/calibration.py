@@ -1110,13 +1110,16 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
 
 
 def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch_size: int = 8,
-                  seed: int = 0, what: str = "calibration", max_seconds: float = MAX_CLIP_SECONDS) -> List[dict]:
+                  seed: int = 0, what: str = "calibration", max_seconds: float = MAX_CLIP_SECONDS,
+                  model=None) -> List[dict]:
     """``samples`` of ``files`` drawn at random (all of them, with a warning, if fewer), read at
     the rate of ``extractor`` (e.g. ``AutoFeatureExtractor``'s, or a processor's) and turned by it
     into batches of what it returns: ``input_values`` (Wav2Vec2, HuBERT, WavLM) or ``input_features``
     (Whisper, Wav2Vec2-BERT), with the mask of the clips' samples or frames where it gives one, by
     which ``unpad`` cuts each clip to its own (a batch of clips of other lengths is padded). A clip
-    longer than ``max_seconds`` is cut to a window of that length at a seeded place in it."""
+    longer than ``max_seconds`` is cut to a window of that length at a seeded place in it.
+    ``model`` (or what says its frames: ``_get_feat_extract_output_lengths``): a clip too short
+    for one frame of it, which its convolutions cannot run alone, is left out with a warning."""
     samples, batch_size, _ = _check_sizes(samples, batch_size)
     if isinstance(files, (str, Path)):
         raise TypeError(f"files must be a list of audio files, got one {type(files).__name__} {str(files)!r}: "
@@ -1139,15 +1142,30 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     # memory is their square; images are resized, texts cut to seq_len)
     longest = max(1, int(max_seconds * rate))
     g = torch.Generator().manual_seed(check_seed(seed))
-    batches = []
+    framer = None if model is None else _framer(model, longest)
+    batches, frameless = [], []
     for chunk in _drawn(files, samples, batch_size, seed, f"{what}: audio files"):
         clips = [read_audio(f, rate, what) for f in chunk]
         for i, clip in enumerate(clips):
             if len(clip) > longest:
                 start = int(torch.randint(len(clip) - longest + 1, (1,), generator=g))
                 clips[i] = clip[start:start + longest]
+        if framer is not None:
+            # (a truncated file alone, or beside clips of its length: a batch without padding, which
+            # unpad cannot cut, and the walk refused it as an item the model cannot run, naming no file)
+            short = {i for i, c in enumerate(clips) if (n := _frames(framer, len(c))) is not None and n < 1}
+            for i in sorted(short):
+                warnings.warn(f"{what}: audio {chunk[i]}: its {len(clips[i])} samples make no frame of "
+                              f"{type(framer).__name__}, which its convolutions cannot run alone; left out")
+            frameless += [chunk[i] for i in sorted(short)]
+            clips = [c for i, c in enumerate(clips) if i not in short]
+            if not clips:
+                continue
         out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
         batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+    if not batches and frameless:
+        raise ValueError(f"{what}: every audio file drawn is too short for one frame of {type(framer).__name__}: "
+                         f"{', '.join(map(str, frameless))}")
     return batches
 
 

@@ -193,7 +193,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
                                   resumed=True)
     if calibration and modality in ("texts", "pairs"):  # (RTN reads no windows)
         _check_positions(directory, seq_len)
-    directory = directory if preprocessor_dir is None else preprocessor_dir
+    model_dir, directory = directory, directory if preprocessor_dir is None else preprocessor_dir
     options = dict(samples=samples, batch_size=batch_size)
     seeds = task_seeds(seed, calibration)  # (each task its own draw: see task_seeds)
     if modality in ("texts", "pairs"):
@@ -216,8 +216,9 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
                              f"files do not hold: quantize it with epmq.quantize_model on (input_features or "
                              f"input_values, labels) samples, or with method: rtn")
         preprocessor = _audio_processor(directory, bool(calibration))
+        frames = _feature_encoder(cls, model_dir) if calibration else None
         batches = {task: audio_batches(audio_files(source), preprocessor, seed=seeds[task],
-                                       what=f"calibration[{task!r}]", **options)
+                                       what=f"calibration[{task!r}]", model=frames, **options)
                    for task, source in calibration.items()}
     else:
         from transformers import AutoImageProcessor
@@ -227,6 +228,19 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
                                        what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     return cls, preprocessor, batches
+
+
+def _feature_encoder(cls, directory: Path):
+    """What says the frames ``cls``'s convolutions make of a clip, before the model is read: its
+    ``_get_feat_extract_output_lengths`` on its config alone (a stand-in of its class's name, for
+    ``audio_batches``); None where the class has none."""
+    lengths = getattr(cls, "_get_feat_extract_output_lengths", None)
+    if not callable(lengths):
+        return None
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return type(cls.__name__, (), {"config": config, "_get_feat_extract_output_lengths": lengths})()
 
 
 def _broken_json(directory: Path) -> Optional[str]:

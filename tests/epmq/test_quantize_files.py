@@ -1839,6 +1839,33 @@ def test_long_audio_is_cut_to_a_window_of_its_own(tmp_path):
     assert short.shape == (1, rate // 2)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_clip_too_short_for_a_frame_is_named_by_its_file(tmp_path, batch_size):
+    """A clip too short for one frame of the model's convolutions (15 samples: a truncated file)
+    drawn alone, or beside clips of its own length (no padding, so unpad has no mask to cut by),
+    ended the run in 'calibration['a'] item N: the model cannot run it (RuntimeError: ...
+    Kernel size can't be greater than actual input size)', which names no file. It is left out
+    with a warning naming the file, as unpad leaves out such a row of a padded batch; a task whose
+    every clip is such is refused, naming its files."""
+    _tiny_wav2vec2_ctc(0).save_pretrained(tmp_path / "merged")
+    transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(tmp_path / "merged")
+    _write_clips(tmp_path / "audio", (1600, 15, 15, 2400), 16000, seed=0)
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    with pytest.warns(UserWarning, match=r"calibration\['a'\]: audio .*clip1\.wav: its 15 samples make no frame "
+                                         r"of Wav2Vec2ForCTC.*left out"):
+        out = epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4", spec=spec, method="gptq",
+                                       calibration={"a": tmp_path / "audio"}, samples=4, batch_size=batch_size,
+                                       progress=False)
+    assert (out / "config.json").is_file()
+    _write_clips(tmp_path / "short", (15, 12), 16000, seed=0)
+    with pytest.warns(UserWarning, match="make no frame"), pytest.raises(
+            ValueError, match=r"calibration\['a'\]: every audio file drawn is too short for one frame of "
+                              r"Wav2Vec2ForCTC.*clip0\.wav.*clip1\.wav"):
+        epmq.quantize_checkpoint(tmp_path / "merged", tmp_path / "w4s", spec=spec, method="gptq",
+                                 calibration={"a": tmp_path / "short"}, samples=2, batch_size=batch_size,
+                                 progress=False)
+
+
 def test_audio_model_quantized_in_another_dtype_gets_its_clips_in_it(tmp_path):
     """With dtype: bfloat16 (or float16) the feature extractor's float32 input_values met the
     model's bf16 convolutions and every item was refused: 'the model cannot run it (RuntimeError:
