@@ -751,7 +751,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     expert would not fit in memory)."""
     from torch import nn
 
-    from .adapters.moe import MoEAdapter, rebuild_experts
+    from .adapters.moe import rebuild_experts
     from .adapters.attention import call_projections, hands_weights_to_torch
     from .checkpoint_io import parameter_aliases
     from .calibration import token_rows, unpad
@@ -794,7 +794,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
 
     rebuilt = set()
     for adapter, _ in (towers if experts else []):
-        rebuilt.update(rebuild_experts(adapter, model, swap, not isinstance(adapter, MoEAdapter)).values())
+        rebuilt.update(rebuild_experts(adapter, model, swap, _known_call_only(adapter)).values())
     # name -> the expert (of its fused parameter) whose projection it is: one expert's rows of a 3-D
     # parameter, or one expert's block of rows of DBRX's [E * I, H] ones (w2's read transposed)
     expert_of = {str(part): _expert_of(part) for part in rebuilt
@@ -952,12 +952,23 @@ def _reads(part):
 def rebuilt_experts(model) -> set:
     """The fused expert parameters of ``model`` that ``gram_matrices`` gives Gram matrices, one per
     expert (those it calls as one linear per expert: ``epmq.adapters.moe.rebuild_experts``)."""
-    from .adapters.moe import MoEAdapter, rebuild_experts
+    from .adapters.moe import rebuild_experts
 
     return {part.fused for adapter, _ in stacks_of(model)
             for part in rebuild_experts(adapter, model, lambda name, new: None,
-                                        not isinstance(adapter, MoEAdapter)).values()
+                                        _known_call_only(adapter)).values()
             if str(part).endswith(".weight") and _expert_of(part) is not None}
+
+
+def _known_call_only(adapter) -> bool:
+    """``rebuild_experts``' ``known_call_only`` for ``adapter``'s blocks, as its walk rebuilds
+    them: the MoE adapters' experts of any call their rebuilt linears compute, AUTO's (a
+    ``MoEAdapter`` too) and the others' of transformers' usual call alone; one called otherwise
+    (by keywords of its own) would meet the linears' (hidden_states, top_k_index, top_k_weights)."""
+    from .adapters.auto import AutoAdapter
+    from .adapters.moe import MoEAdapter
+
+    return not isinstance(adapter, MoEAdapter) or isinstance(adapter, AutoAdapter)
 
 
 def stacks_of(model) -> list:

@@ -1934,3 +1934,70 @@ def test_regmean_of_square_fused_experts_in_state_dicts_is_read_by_their_gate_up
         warnings.simplefilter("ignore")
         got, want = merge.regmean([m.state_dict() for m in models], by_name), merge.regmean(models, by_name)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+class _KeywordExperts(nn.Module):
+    """Fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) of a family no adapter
+    lists, whose forward is the usual one under other names, called by its block by keyword."""
+
+    def __init__(self, gen, E=3, H=8, inner=6):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * inner, H, generator=gen) / 3)
+        self.down_proj = nn.Parameter(torch.randn(E, H, inner, generator=gen) / 3)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x, expert_ids, weights):
+        out = torch.zeros_like(x)
+        for e in range(self.down_proj.shape[0]):
+            token, slot = torch.where(expert_ids == e)
+            gate, up = (x[token] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            y = (self.act_fn(gate) * up) @ self.down_proj[e].T
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+class _RoutedLayer(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.router = nn.Linear(8, 3, bias=False)
+        self.experts = _KeywordExperts(gen)
+
+    def forward(self, h):
+        h = h + self.proj(h)
+        weights, expert_ids = self.router(h).softmax(-1).topk(2, dim=-1)
+        return h + self.experts(x=h, expert_ids=expert_ids, weights=weights)
+
+
+class _RoutedNet(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.layers = nn.ModuleList([_RoutedLayer(gen) for _ in range(2)])
+
+    def forward(self, h):
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_gram_matrices_leave_fused_experts_auto_leaves_fused(gen):
+    """AUTO (a family no adapter lists) rebuilds only fused experts of transformers' usual call,
+    and leaves others fused; gram_matrices rebuilt AUTO's of any call that one test passed, so
+    experts of the usual call under other names, called by keyword, met the rebuilt linears'
+    (hidden_states, top_k_index, top_k_weights) and RegMean's statistics ended in 'got an
+    unexpected keyword argument'. They are left fused, as the walk leaves them: no Gram matrix of
+    their own (RegMean averages them, warned), the other linears' as before."""
+    from epmq.adapters import AUTO, find_towers
+    from epmq.stats import gram_matrices, rebuilt_experts
+
+    model = _RoutedNet(gen).eval()
+    assert [a for a, _ in find_towers(model)] == [AUTO]
+    batches = [torch.randn(5, 8, generator=gen) for _ in range(2)]
+    want = model(batches[0])
+    grams = gram_matrices(model, batches)
+    assert not rebuilt_experts(model)
+    assert not any("experts" in name for name in grams)
+    assert {"layers.0.proj.weight", "layers.1.router.weight"} <= set(grams)
+    X = torch.cat(batches).double()
+    torch.testing.assert_close(grams["layers.0.proj.weight"], X.T @ X)
+    torch.testing.assert_close(model(batches[0]), want)  # (put back as it was)
