@@ -628,8 +628,8 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                          "base is one (its config builds the model whose activations are collected)")
     for k, (home, files) in enumerate(zip(homes, calibration)):
         # (the output inside a model's directory of texts or pairs: its config.json, tokenizer files and
-        # model card that model's documents next time; an image folder's reader takes none of them)
-        if _modality(*_model_class(home, None, walked=False)) != "images":
+        # model card that model's documents next time; an image or audio folder's reader takes none of them)
+        if _modality(*_model_class(home, None, walked=False)) not in ("images", "audio"):
             check_outside_calibration(out, {f"model {k}": files})
     # experts saved without their tokenizer use another model's (they share the base's)
     with_preprocessor = [p for p in [*model_paths, *homes] if any((p / f).is_file() for f in PREPROCESSOR_FILES)]

@@ -988,6 +988,29 @@ def test_regmean_output_inside_a_models_image_folder_is_taken(tmp_path):
     assert image_files(folders[0]) == sorted(folders[0].glob("*.png"))
 
 
+def test_regmean_output_inside_a_models_audio_folder_is_taken(tmp_path):
+    """RegMean of speech encoders (Wav2Vec2ForCTC) calibrated on folders of WAV files refused an
+    output inside a model's folder, saying its files would be read as calibration documents: the
+    audio reader takes .wav files alone (none of the merged checkpoint's), as quantize lets its
+    output lie there; the merge is the one written elsewhere, and the next run reads the same clips."""
+    from epmq.calibration import audio_files
+    from test_quantize_files import _tiny_wav2vec2_ctc, _write_clips
+
+    models, folders = [], []
+    for k in range(2):
+        _tiny_wav2vec2_ctc(k).save_pretrained(tmp_path / f"m{k}")
+        models.append(tmp_path / f"m{k}")
+        folders.append(tmp_path / f"audio{k}")
+        _write_clips(folders[-1], (1600, 2400, 1200, 2000), 16000, seed=k)
+    transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(models[0])
+    options = dict(calibration=[str(f) for f in folders], samples=4, batch_size=2, progress=False)
+    elsewhere = merge_checkpoints("regmean", models, tmp_path / "out", **options)
+    inside = merge_checkpoints("regmean", models, folders[0] / "merged", **options)
+    want, got = [transformers.Wav2Vec2ForCTC.from_pretrained(p).state_dict() for p in (elsewhere, inside)]
+    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert audio_files(folders[0]) == sorted(folders[0].glob("*.wav"))
+
+
 def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, monkeypatch):
     """Each model's Gram matrices are written out once computed and read back a weight at a
     time: held, they grew with layers times models (a 7B Llama's are 44 GB a model in float64).
