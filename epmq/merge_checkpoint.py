@@ -629,7 +629,15 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     for k, (home, files) in enumerate(zip(homes, calibration)):
         # (the output inside a model's directory of texts or pairs: its config.json, tokenizer files and
         # model card that model's documents next time; an image or audio folder's reader takes none of them)
-        if _modality(*_model_class(home, None, walked=False)) not in ("images", "audio"):
+        cls, encoder_decoder = _model_class(home, None, walked=False)
+        modality = _modality(cls, encoder_decoder)
+        if modality == "audio" and encoder_decoder:  # (quantize's refusal said 'or with method: rtn')
+            raise ValueError(f"regmean: {cls.__name__} (model {k}) is an encoder-decoder whose decoder reads "
+                             f"transcripts, which audio files do not hold, and its decoder's Gram matrices need "
+                             f"them: merge it with epmq.merge.regmean on the Gram matrices of (input_features or "
+                             f"input_values, labels) batches (epmq.stats.gram_matrices), or by a method that reads "
+                             f"no data (average, task_arithmetic, ties)")
+        if modality not in ("images", "audio"):
             check_outside_calibration(out, {f"model {k}": files})
     # experts saved without their tokenizer use another model's (they share the base's)
     with_preprocessor = [p for p in [*model_paths, *homes] if any((p / f).is_file() for f in PREPROCESSOR_FILES)]

@@ -1011,6 +1011,33 @@ def test_regmean_output_inside_a_models_audio_folder_is_taken(tmp_path):
     assert audio_files(folders[0]) == sorted(folders[0].glob("*.wav"))
 
 
+def test_regmean_of_an_audio_encoder_decoder_is_refused_for_a_merge(tmp_path):
+    """RegMean of Whisper encoder-decoders calibrated on WAV folders was refused with quantize's
+    remedy ('quantize it with epmq.quantize_model ..., or with method: rtn'), which no merge has:
+    refused as a merge, naming RegMean and what it needs (the decoder's transcripts), before any
+    model is read."""
+    from test_quantize_files import _write_clips
+
+    config = transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=16, max_source_positions=20, max_target_positions=16,
+        vocab_size=50, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        transformers.WhisperForConditionalGeneration(config).save_pretrained(tmp_path / f"m{k}")
+        models.append(tmp_path / f"m{k}")
+    transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=1, hop_length=400).save_pretrained(models[0])
+    _write_clips(tmp_path / "audio", (8000, 12000), 16000, seed=0)
+    with pytest.raises(ValueError) as refused:
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(tmp_path / "audio")] * 2,
+                          samples=2, batch_size=2, progress=False)
+    assert re.match(r"regmean: WhisperForConditionalGeneration \(model 0\) is an encoder-decoder whose decoder "
+                    r"reads transcripts, which audio files do not hold", str(refused.value))
+    assert "method: rtn" not in str(refused.value) and "quantize" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, monkeypatch):
     """Each model's Gram matrices are written out once computed and read back a weight at a
     time: held, they grew with layers times models (a 7B Llama's are 44 GB a model in float64).
