@@ -211,7 +211,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
                               what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
     elif modality == "audio":
-        if encoder_decoder and calibration:
+        if encoder_decoder and calibration and walked:  # (RTN reads none: a sweep's calibration beside it is taken)
             raise ValueError(f"{cls.__name__} is an encoder-decoder whose decoder reads transcripts, which audio "
                              f"files do not hold: quantize it with epmq.quantize_model on (input_features or "
                              f"input_values, labels) samples, or with method: rtn")

@@ -1814,6 +1814,32 @@ def test_whisper_audio_classifier_from_wav_folders_and_its_seq2seq_refused(tmp_p
     assert (rtn / "preprocessor_config.json").is_file() and not (rtn / "tokenizer.json").exists()
 
 
+def test_rtn_of_an_audio_encoder_decoder_takes_the_calibration_it_does_not_read(tmp_path):
+    """RTN of Whisper's encoder-decoder given the calibration of a sweep's other methods (the same
+    dict for rtn, gptq and epmq) was refused as an encoder-decoder whose decoder reads transcripts,
+    its remedy 'or with method: rtn', the method given; RTN reads no data: the checkpoint is the one
+    written without calibration. GPTQ is still refused so."""
+    from safetensors.torch import load_file
+
+    config = transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=16, max_source_positions=20, max_target_positions=16,
+        vocab_size=50, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(tmp_path / "seq2seq")
+    transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=1, hop_length=400).save_pretrained(
+        tmp_path / "seq2seq")
+    _write_clips(tmp_path / "audio", (8000, 12000), 16000, seed=0)
+    spec = epmq.QuantSpec(bits=4, group_size=-1)
+    given = epmq.quantize_checkpoint(tmp_path / "seq2seq", tmp_path / "given", spec=spec, method="rtn",
+                                     calibration={"a": tmp_path / "audio"}, samples=2, batch_size=2, progress=False)
+    bare = epmq.quantize_checkpoint(tmp_path / "seq2seq", tmp_path / "bare", spec=spec, method="rtn", progress=False)
+    got, want = (load_file(next(p.glob("*.safetensors"))) for p in (given, bare))
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert_refused(tmp_path / "seq2seq", tmp_path, "WhisperForConditionalGeneration is an encoder-decoder whose "
+                                                   "decoder reads transcripts")
+
+
 def test_long_audio_is_cut_to_a_window_of_its_own(tmp_path):
     """A long recording (an audiobook chapter, a meeting) was run whole: an hour at 16 kHz makes
     wav2vec2 180,000 frames, whose attention alone needs terabytes, where images are resized and
