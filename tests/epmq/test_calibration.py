@@ -437,6 +437,31 @@ def test_read_audio_scales_mixes_and_resamples_as_pipelines_load_audio(tmp_path)
         read_audio(tmp_path / "empty.wav", 16000)
 
 
+def test_a_long_recording_is_cut_before_it_is_converted_and_resampled(tmp_path, monkeypatch):
+    """A recording past max_seconds was read whole, turned to float32, mixed to mono and resampled
+    before its window was cut: 10 minutes at 44.1 kHz stereo (106 MB on disk) took 583 MB above
+    the start at the peak for its 30 s, an hour's 3.5 GB. The window is cut from the file's own
+    samples (192 MB); it is the recording's 30 s, at the feature extractor's rate."""
+    import numpy as np
+    import scipy.signal
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    rate, fed = 8000, []
+    tone = np.sin(2 * np.pi * 110 * np.arange(40 * rate) / rate)  # (a 110 Hz tone: any window looks the same)
+    wavfile.write(tmp_path / "long.wav", rate, (np.stack([tone, tone], 1) * 16000).astype(np.int16))
+    resample = scipy.signal.resample_poly
+    monkeypatch.setattr(scipy.signal, "resample_poly", lambda x, *a, **kw: fed.append(len(x)) or resample(x, *a, **kw))
+    extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False)
+    values = audio_batches([tmp_path / "long.wav"], extractor, samples=1, max_seconds=30)[0]["input_values"][0]
+    assert values.shape == (30 * 16000,)
+    assert fed and max(fed) <= 30 * rate + 1, fed  # (the window's samples, not the recording's 40 s)
+    # (a window of the tone, at 16 kHz: one period is 16000 / 110 samples, and its amplitude is the tone's)
+    assert abs(float(values[1000:-1000].abs().max()) - 16000 / 32768) < 1e-2
+
+
 def test_audio_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
     """An HF hub audio dataset's snapshot keeps its clips inside .parquet files (an audio column of
     encoded bytes): given as a task's directory it was refused as holding 'no audio files (.wav)',
