@@ -803,6 +803,16 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
         _warn_of_unmasked_audio_padding(item, model)
     sides = _masks(item, encoder_decoder)
     if all(bool(mask.all()) for _, _, mask in sides):
+        values = item.get("input_values")
+        if isinstance(values, torch.Tensor) and values.dim() == 2:
+            # clips too short for a frame alone in their batch (or of one length): no frame, as a
+            # batch of padding no token, which the model's convolutions cannot run (the walk refused
+            # the whole calibration on it, where a padded batch left the row out)
+            framer = _framer(model, values.shape[1])
+            if framer is not None and _frames(framer, values.shape[1]) < 1:
+                warnings.warn(f"calibration batch: input_values of {values.shape[1]} samples make no frame of "
+                              f"{type(framer).__name__}, which its convolutions cannot run; left out")
+                return []
         return [item]
     B = sides[0][2].shape[0]
     for key, value in item.items():
