@@ -1715,24 +1715,28 @@ def test_gram_matrices_of_moe_routers_are_of_their_inputs(family):
                                atol=1e-5, rtol=1e-4)
 
 
+def _tiny_gpt_oss(seed, intermediate_size):
+    """A one-layer gpt-oss of 4 experts whose weights are drawn (its experts start at zero)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
 def test_regmean_merges_experts_stored_transposed_each_by_its_own_gram_matrices():
     """gpt-oss holds each expert transposed (gate_up_proj [E, H, 2I], gate and up interleaved
     columns; down_proj [E, I, H]), here square per expert: merged as [in, out], whether the experts
     are given as modules or as state dicts with transposed=conv1d_weights(model)."""
-    import transformers
-
     from epmq.stats import gram_matrices
 
-    models = []
-    for k in range(2):
-        torch.manual_seed(k)
-        models.append(transformers.GptOssForCausalLM(transformers.GptOssConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-            layer_types=["full_attention"])).eval())
-        with torch.no_grad():
-            for p in models[-1].parameters():
-                p.normal_(0, 0.05)  # (its experts start at zero)
+    models = [_tiny_gpt_oss(k, intermediate_size=16) for k in range(2)]
     grams = [gram_matrices(m, _token_batches(30 + k, n=6)) for k, m in enumerate(models)]
     by_name = {n: [g[n] for g in grams] for n in grams[0]}
     transposed = merge.conv1d_weights(models[0])
@@ -1898,20 +1902,9 @@ def test_regmean_of_square_fused_experts_in_state_dicts_is_read_by_their_gate_up
     fit, in silence (Qwen3-MoE's experts.down_proj, of the same name, is [out, in]); without
     transposed= the layout is read from the gate_up_proj's shape beside it, and a transposed= naming
     one of a module's fused experts alone is refused."""
-    import transformers
-
     from epmq.stats import gram_matrices
 
-    models = []
-    for k in range(2):
-        torch.manual_seed(k)
-        models.append(transformers.GptOssForCausalLM(transformers.GptOssConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-            layer_types=["full_attention"])).eval())
-        with torch.no_grad():
-            for p in models[-1].parameters():
-                p.normal_(0, 0.05)
+    models = [_tiny_gpt_oss(k, intermediate_size=32) for k in range(2)]
     grams = [gram_matrices(m, _token_batches(70 + k, n=6)) for k, m in enumerate(models)]
     by_name = {n: [g[n] for g in grams] for n in grams[0]}
     states = [m.state_dict() for m in models]

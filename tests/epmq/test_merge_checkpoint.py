@@ -956,6 +956,15 @@ def test_regmean_output_inside_a_models_calibration_directory_is_refused(checkpo
     assert sorted(p.name for p in data.rglob("*")) == ["sub", "t0.txt"]
 
 
+def assert_merged_inside_as_elsewhere(models, folders, tmp_path, cls, samples):
+    """RegMean calibrated on ``folders`` writes into the first of them the merge it writes elsewhere."""
+    options = dict(calibration=[str(f) for f in folders], samples=samples, batch_size=2, progress=False)
+    elsewhere = merge_checkpoints("regmean", models, tmp_path / "out", **options)
+    inside = merge_checkpoints("regmean", models, folders[0] / "merged", **options)
+    want, got = [cls.from_pretrained(p).state_dict() for p in (elsewhere, inside)]
+    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_regmean_output_inside_a_models_image_folder_is_taken(tmp_path):
     """The image reader takes none of the merged checkpoint's files (config.json,
     preprocessor_config.json, safetensors, model card): RegMean of vision towers may write its
@@ -980,11 +989,7 @@ def test_regmean_output_inside_a_models_image_folder_is_taken(tmp_path):
             Image.fromarray(pixels).save(folders[-1] / f"{i}.png")
     transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
                                     ).save_pretrained(models[0])
-    options = dict(calibration=[str(f) for f in folders], samples=2, batch_size=2, progress=False)
-    elsewhere = merge_checkpoints("regmean", models, tmp_path / "out", **options)
-    inside = merge_checkpoints("regmean", models, folders[0] / "merged", **options)
-    want, got = [transformers.CLIPVisionModel.from_pretrained(p).state_dict() for p in (elsewhere, inside)]
-    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert_merged_inside_as_elsewhere(models, folders, tmp_path, transformers.CLIPVisionModel, samples=2)
     assert image_files(folders[0]) == sorted(folders[0].glob("*.png"))
 
 
@@ -1003,11 +1008,7 @@ def test_regmean_output_inside_a_models_audio_folder_is_taken(tmp_path):
         folders.append(tmp_path / f"audio{k}")
         _write_clips(folders[-1], (1600, 2400, 1200, 2000), 16000, seed=k)
     transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(models[0])
-    options = dict(calibration=[str(f) for f in folders], samples=4, batch_size=2, progress=False)
-    elsewhere = merge_checkpoints("regmean", models, tmp_path / "out", **options)
-    inside = merge_checkpoints("regmean", models, folders[0] / "merged", **options)
-    want, got = [transformers.Wav2Vec2ForCTC.from_pretrained(p).state_dict() for p in (elsewhere, inside)]
-    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert_merged_inside_as_elsewhere(models, folders, tmp_path, transformers.Wav2Vec2ForCTC, samples=4)
     assert audio_files(folders[0]) == sorted(folders[0].glob("*.wav"))
 
 
