@@ -887,19 +887,31 @@ def test_regmean_of_fused_experts_over_the_memory_budget_averages_them(tmp_path,
     assert not torch.allclose(got[name], (experts[0].state_dict()[name] + experts[1].state_dict()[name]) / 2)
 
 
+def recording_grams(monkeypatch) -> list:
+    """Where the Gram matrices merge_checkpoints' RegMean collects go, a dict a gram_matrices call."""
+    import epmq.stats
+
+    seen, gram_matrices = [], epmq.stats.gram_matrices
+    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
+    return seen
+
+
+def regmean_warnings(models, texts, out) -> list:
+    """The warnings of RegMean of ``models`` calibrated on the ``texts`` files, written to ``out``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_checkpoints("regmean", models, out, calibration=[str(t) for t in texts],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    return caught
+
+
 def test_regmean_of_fused_moe_experts_merges_each_expert(tmp_path, monkeypatch):
     """A Qwen3-MoE's experts, held fused in 3-D parameters by transformers 5, are merged by RegMean
     expert by expert, each on the Gram matrices of the tokens routed to it in each model, and its
     routers (weights applied by F.linear, no nn.Linear) on their inputs' (they were averaged)."""
-    import epmq.stats
-
     models, texts, experts = two_qwen3_moe_experts(tmp_path)
-    seen, gram_matrices = [], epmq.stats.gram_matrices
-    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
-                          samples=4, seq_len=16, batch_size=2, progress=False)
+    seen = recording_grams(monkeypatch)
+    caught = regmean_warnings(models, texts, tmp_path / "out")
     assert not [w for w in caught if "no linear layer" in str(w.message) or "no calibration token" in str(w.message)]
     got = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     # (RegMean of the experts' state dicts on the Gram matrices each model gave, per expert: test_merge's checks)
@@ -1870,12 +1882,8 @@ def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
     word_tokenizer(models[0])
     # (2 layers x 4 experts x (32^2, w1's and v1's one, + 16^2) x 8 bytes: within the budget, counted)
     assert epmq.merge_checkpoint._fused_expert_gram_bytes(experts[0]) == 2 * 4 * (32 * 32 + 16 * 16) * 8
-    seen, gram_matrices = [], epmq.stats.gram_matrices
-    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
-                          samples=4, seq_len=16, batch_size=2, progress=False)
+    seen = recording_grams(monkeypatch)
+    caught = regmean_warnings(models, texts, tmp_path / "out")
     assert not [w for w in caught if "no linear layer" in str(w.message)]
     got = transformers.DbrxForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     want = merge.regmean([e.state_dict() for e in experts], {n: [grams[n] for grams in seen] for n in seen[0]
@@ -1897,18 +1905,14 @@ def test_regmean_of_fused_experts_over_the_memory_budget_collects_them_a_few_at_
     import epmq.stats
 
     models, texts, experts = two_qwen3_moe_experts(tmp_path)
-    seen, gram_matrices = [], epmq.stats.gram_matrices
-    monkeypatch.setattr(epmq.stats, "gram_matrices", lambda *a, **kw: seen.append(gram_matrices(*a, **kw)) or seen[-1])
+    seen = recording_grams(monkeypatch)
     merge_checkpoints("regmean", models, tmp_path / "whole", calibration=[str(t) for t in texts],
                       samples=4, seq_len=16, batch_size=2, progress=False)
     assert len(seen) == 2
     seen.clear()
     # (one layer's experts: 4 x (32^2 + 16^2) x 8 bytes; the model's are twice that)
     monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 4 * (32 * 32 + 16 * 16) * 8)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
-                          samples=4, seq_len=16, batch_size=2, progress=False)
+    caught = regmean_warnings(models, texts, tmp_path / "out")
     assert not [w for w in caught if "plain average" in str(w.message)]
     assert len(seen) == 2 * 3  # (per model: the other matrices, then each layer's experts)
     assert all(sum(G.numel() * 8 for n, G in grams.items() if G.dim() == 3) <= 4 * (32 * 32 + 16 * 16) * 8
