@@ -222,6 +222,12 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # (tests/epmq/test_walker_towers.py)
     "Idefics3EncoderLayer", "SmolVLMEncoderLayer", "InternVLVisionLayer", "PixtralAttentionLayer",
     "Qwen3VLVisionBlock",
+    # BLIP-2's and InstructBLIP's vision towers and Q-Formers (the query tokens' layers, which take the
+    # vision tower's output as encoder_hidden_states, every cross_attention_frequency-th with a
+    # cross-attention), Idefics2's vision tower and perceiver resampler (latents attending to the
+    # tower's output, its context)
+    "Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer", "InstructBlipQFormerLayer",
+    "Idefics2EncoderLayer", "Idefics2PerceiverLayer",
     # LeViT's stages: residual layers, and in the first stages a subsampling attention after them
     # (a block of the stage's list that maps its hidden states to the next stage's fewer, wider
     # ones; AUTO, which takes *Layer and *Block lists, left those stages in full precision)

@@ -618,3 +618,57 @@ def test_qwen3_vl_deepstack_mergers_are_no_blocks_left_unwalked(recwarn):
     shape (32, 32)'): every Qwen3-VL walk warned so; they are no blocks, as projectors are not."""
     epmq.quantize_model(tiny_qwen3_vl(), SPEC_4, method="rtn", progress=False)
     assert not [w for w in recwarn if "deepstack_merger_list" in str(w.message)]
+
+
+_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                encoder_hidden_size=32)
+# (BLIP's vision towers are initialized with a std of 1e-10 by default: weights of one value to a grid)
+_BLIP_VISION = dict(_VISION, initializer_range=0.02)
+# VLM -> (model class, config, other inputs, towers), 4 image tokens of 16 x 16 images
+TOWERS_ONCE_IN_FULL_PRECISION = {
+    "blip2": ("Blip2ForConditionalGeneration", lambda: transformers.Blip2Config(
+        vision_config=_BLIP_VISION, qformer_config=_QFORMER, text_config=dict(_TEXT, model_type="llama"),
+        num_query_tokens=4, image_token_index=299), (1, 3, 16, 16), lambda gen: {},
+        ("vision_model.encoder.layers", "qformer.encoder.layer", "language_model.model.layers")),
+    "instructblip": ("InstructBlipForConditionalGeneration", lambda: transformers.InstructBlipConfig(
+        vision_config=_BLIP_VISION, qformer_config=_QFORMER, text_config=dict(_TEXT, model_type="llama"),
+        num_query_tokens=4, image_token_index=299), (1, 3, 16, 16),
+        lambda gen: dict(qformer_input_ids=torch.randint(0, 300, (1, 5), generator=gen)),
+        ("vision_model.encoder.layers", "qformer.encoder.layer", "language_model.model.layers")),
+    "idefics2": ("Idefics2ForConditionalGeneration", lambda: transformers.Idefics2Config(
+        vision_config=_VISION, text_config=dict(_TEXT, model_type="llama"), image_token_id=299,
+        perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
+                              resampler_head_dim=8, num_key_value_heads=2)), (1, 1, 3, 16, 16), lambda gen: {},
+        ("model.vision_model.encoder.layers", "model.connector.perceiver_resampler.layers", "model.text_model.layers")),
+}
+
+
+@pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
+def test_blip_and_idefics2_towers_are_walked_by_default(name, gen, tmp_path):
+    """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
+    resampler: no adapter listed their blocks, so the default walk left them in full precision with
+    a warning, where LLaVA's and Idefics3's towers are quantized. Walked in one call with the
+    language model, near the float outputs, and the checkpoint loads back."""
+    model_class, config, shape, other, towers = TOWERS_ONCE_IN_FULL_PRECISION[name]
+
+    def item():
+        ids = torch.randint(0, 290, (1, 12), generator=gen)
+        ids[0, 1:5] = 299
+        return dict(input_ids=ids, pixel_values=torch.randn(*shape, generator=gen), **other(gen))
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config()).eval()
+    test = item()
+    with torch.no_grad():
+        reference = model(**test).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                            calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
+                            progress=False)
+    left = [str(w.message) for w in caught if "full precision" in str(w.message)]
+    assert not left, left
+    with torch.no_grad():
+        y = model(**test).logits
+    assert (y - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(model, towers, tmp_path, test)
