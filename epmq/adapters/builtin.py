@@ -228,6 +228,9 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # tower's output, its context)
     "Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer", "InstructBlipQFormerLayer",
     "Idefics2EncoderLayer", "Idefics2PerceiverLayer",
+    # Florence-2's DaViT stages: a list of blocks per stage, on [B, C, H, W] feature maps (a
+    # convolution between stages), each block a windowed spatial and a channel attention
+    "Florence2VisionBlock",
     # LeViT's stages: residual layers, and in the first stages a subsampling attention after them
     # (a block of the stage's list that maps its hidden states to the next stage's fewer, wider
     # ones; AUTO, which takes *Layer and *Block lists, left those stages in full precision)

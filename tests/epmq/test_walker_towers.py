@@ -640,20 +640,32 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
         perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
                               resampler_head_dim=8, num_key_value_heads=2)), (1, 1, 3, 16, 16), lambda gen: {},
         ("model.vision_model.encoder.layers", "model.connector.perceiver_resampler.layers", "model.text_model.layers")),
+    # two DaViT stages (16 x 16 pixels to 2 x 2 features: 4 image tokens and a temporal one), BART
+    "florence2": ("Florence2ForConditionalGeneration", lambda: transformers.Florence2Config(
+        vision_config=dict(depths=(2, 2), patch_size=(7, 3), patch_stride=(4, 2), patch_padding=(3, 1),
+                           patch_prenorm=(False, True), embed_dim=(16, 32), num_heads=(2, 4), num_groups=(2, 4),
+                           window_size=2, projection_dim=32, drop_path_rate=0.0),
+        text_config=dict(model_type="bart", vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2,
+                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                         decoder_ffn_dim=64, max_position_embeddings=64), image_token_id=299), (1, 3, 16, 16),
+        lambda gen: dict(decoder_input_ids=torch.randint(0, 290, (1, 6), generator=gen)),
+        ("model.vision_tower.blocks.0", "model.vision_tower.blocks.1", "model.language_model.encoder.layers",
+         "model.language_model.decoder.layers")),
 }
+_TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
 
 
 @pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
-def test_blip_and_idefics2_towers_are_walked_by_default(name, gen, tmp_path):
+def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
-    resampler: no adapter listed their blocks, so the default walk left them in full precision with
-    a warning, where LLaVA's and Idefics3's towers are quantized. Walked in one call with the
-    language model, near the float outputs, and the checkpoint loads back."""
+    resampler, Florence-2's DaViT stages: no adapter listed their blocks, so the default walk left
+    them in full precision with a warning, where LLaVA's and Idefics3's towers are quantized. Walked
+    in one call with the language model, near the float outputs, and the checkpoint loads back."""
     model_class, config, shape, other, towers = TOWERS_ONCE_IN_FULL_PRECISION[name]
 
     def item():
         ids = torch.randint(0, 290, (1, 12), generator=gen)
-        ids[0, 1:5] = 299
+        ids[0, 1:5 + (name == "florence2")] = 299
         return dict(input_ids=ids, pixel_values=torch.randn(*shape, generator=gen), **other(gen))
 
     torch.manual_seed(0)
@@ -671,4 +683,5 @@ def test_blip_and_idefics2_towers_are_walked_by_default(name, gen, tmp_path):
     with torch.no_grad():
         y = model(**test).logits
     assert (y - reference).norm() / reference.norm() < 0.02
-    assert_both_towers_walked_and_served(model, towers, tmp_path, test)
+    assert_both_towers_walked_and_served(model, towers, tmp_path, test,
+                                         adapter=_TOWER_ADAPTERS.get(name, "hf-decoder+hf-encoder"))
