@@ -595,11 +595,14 @@ def _families(model, towers, layers=None) -> list:
         getattr(config, key, None) is not None
         for key in ("image_token_id", "image_token_index", "audio_token_id", "audio_token_index"))
     families = []
+    select = _selector(layers)
     for adapter, stacks in towers:
-        select = _selector(layers)
         kinds = [sorted({type(b).__name__ for b in blocks}) for prefix, blocks in stacks
-                 if any(select(f"{prefix}.{i}.{rel}") for i, b in enumerate(blocks) for rel in adapter.linears(b))] if (
-            adapter.runs_blocks and joined) else [[]]
+                 if any(select(f"{prefix}.{i}.{rel}") for i, b in enumerate(blocks) for rel in adapter.linears(b))]
+        # (a tower none of whose linears is selected is not walked, whatever its adapter: LLaVA's
+        # vision tower beside its language model selected alone is run by the model itself)
+        if kinds and not (adapter.runs_blocks and joined):
+            kinds = [[]]
         families += [f"{adapter.name}: {'/'.join(kind)}" if kind else adapter.name
                      for kind in dict.fromkeys(tuple(kind) for kind in kinds)]
     return families

@@ -611,6 +611,28 @@ def test_target_streams_stay_within_a_family_walked_by_auto(targets, gen):
         assert linears(model, "model.language_model", epmq.QuantLinear)
 
 
+@pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
+def test_target_streams_of_a_language_model_selected_alone_by_layers(targets, gen):
+    """LLaVA's default walk (a vision tower's adapter and the language model's) with layers=
+    selecting the language model alone walks one family (the model runs its full-precision tower
+    itself), as adapter=HF_DECODERS and AUTO do: it was refused as across 'hf-clip+hf-decoder',
+    the tower's adapter counted though none of its linears was selected."""
+    model, items = tiny_llava(), llava_inputs(2, gen)
+    experts = {"a": {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                     for k, v in model.state_dict().items()}}
+    alone = tiny_llava()
+    options = dict(method="epmq", calibration={"a": items}, experts=experts, targets=targets, progress=False,
+                   layers="^model.language_model.")
+    epmq.quantize_model(model, SPEC_4, **options)
+    epmq.quantize_model(alone, SPEC_4, adapter=epmq.adapters.HF_DECODERS, **options)
+    assert linears(model, "model.language_model", epmq.QuantLinear)
+    assert not linears(model, "model.vision_tower", epmq.QuantLinear)
+    quantized, walked_alone = model.state_dict(), alone.state_dict()
+    assert quantized.keys() == walked_alone.keys()
+    for name, tensor in quantized.items():
+        torch.testing.assert_close(tensor, walked_alone[name], rtol=0, atol=0, msg=name)
+
+
 def test_qwen3_vl_deepstack_mergers_are_no_blocks_left_unwalked(recwarn):
     """Qwen3-VL's DeepStack mergers (a list of patch mergers, each called once on a vision block's
     output for the language model, as LLaVA's projector is) were warned of as blocks no adapter
