@@ -143,7 +143,7 @@ def test_one_tower_by_adapter(gen, tmp_path):
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**texts[0]).logits, model(**texts[0]).logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="both walk the blocks"):
+    with pytest.raises(ValueError, match="lists 'hf-decoder' twice"):
         epmq.quantize_model(tiny_llava(), SPEC_4, method="rtn", progress=False,
                             adapter=[epmq.adapters.HF_DECODERS, epmq.adapters.HF_DECODERS])
 
