@@ -890,9 +890,13 @@ def _replaceable(directory: Path, marker: str = CONFIG_FILE) -> bool:
 
 # what tokenizers', processors' and hub repositories' save_pretrained write beside a model (the
 # tokenizers' own files too: Marian's source.spm and target.spm, DeBERTa-v2's spm.model, Whisper's
-# normalizer.json; a video-capable processor's config, Qwen2-VL's): a folder of them alone was refused
+# normalizer.json; a video-capable processor's config, Qwen2-VL's; FSMT's vocab-src.json and
+# vocab-tgt.json, LUKE's entity_vocab.json, PhoBERT's bpe.codes, BARTpho's dict.txt, ProphetNet's
+# prophetnet.tokenizer, GPT-NeoX-Japanese's emoji.json, RoCBert's and MyT5's tables): a folder of them alone was refused
 _SERVED_WITH = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|merges|spiece|sentencepiece.*"
                           r"|source\.spm|target\.spm|target_vocab|spm|spm_char|normalizer"
+                          r"|vocab-src|vocab-tgt|entity_vocab|bpe\.codes|dict\.txt|prophetnet\.tokenizer|emoji"
+                          r"|word_shape|word_pronunciation|byte_maps"
                           r"|chat_template|generation_config|preprocessor_config|processor_config"
                           r"|video_preprocessor_config|audio_tokenizer_config"
                           r"|README|\.gitattributes|\.DS_Store)(\.[A-Za-z0-9]+)*")

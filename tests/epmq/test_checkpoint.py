@@ -1678,9 +1678,14 @@ def test_save_pretrained_into_a_folder_holding_the_tokenizer_saved_first(tmp_pat
 
 # what the tokenizers and processors of transformers 5.25 save beside tokenizer.json besides the
 # names every family shares: Marian's SentencePiece models, DeBERTa-v2/v3's, SpeechT5's, Whisper's
-# English spelling normalizer, a video-capable processor's (Qwen2-VL's) and an audio tokenizer's config
+# English spelling normalizer, a video-capable processor's (Qwen2-VL's) and an audio tokenizer's config;
+# FSMT's two vocabularies, LUKE's and mLUKE's entity vocabulary, PhoBERT's and BERTweet's BPE codes,
+# BARTpho's dictionary, ProphetNet's vocabulary, GPT-NeoX-Japanese's emoji, RoCBert's and MyT5's tables
 OTHER_SERVED_WITH = ("source.spm", "target.spm", "target_vocab.json", "spm.model", "spm_char.model",
-                     "normalizer.json", "video_preprocessor_config.json", "audio_tokenizer_config.json")
+                     "normalizer.json", "video_preprocessor_config.json", "audio_tokenizer_config.json",
+                     "vocab-src.json", "vocab-tgt.json", "entity_vocab.json", "bpe.codes", "dict.txt",
+                     "prophetnet.tokenizer", "emoji.json", "word_shape.json", "word_pronunciation.json",
+                     "byte_maps.json")
 
 
 def test_every_file_a_tokenizer_or_processor_saves_counts_as_one(tmp_path):
