@@ -70,7 +70,7 @@ import torch
 
 from epmq_kernels.grid import is_integer
 
-from .checks import check_seed
+from .checks import check_number, check_seed
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 PAIR_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -1158,7 +1158,12 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
         options["padding"] = True
     # (a long recording run whole, an hour of it, made wav2vec2 180,000 frames: its attention's
     # memory is their square; images are resized, texts cut to seq_len)
-    longest = max(1, int(max_seconds * rate))
+    # (NaN ended in int()'s bare error, '30' was repeated by the rate, and 0 or a negative cut every
+    # clip to one sample, silently)
+    longest = int(check_number(max_seconds, f"{what}: max_seconds", 0) * rate)
+    if longest < 1:
+        raise ValueError(f"{what}: max_seconds must be at least one sample at {rate} Hz "
+                         f"({1 / rate:g} s), got {max_seconds!r}")
     g = torch.Generator().manual_seed(check_seed(seed))
     framer = None if model is None else _framer(model, longest)
     batches, frameless = [], []

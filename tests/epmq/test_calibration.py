@@ -473,3 +473,21 @@ def test_audio_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"no audio files \(.wav\) under the directory; it holds 1 \.parquet "
                                          r"file.*train-00000-of-00001.parquet.*write its clips out as \.wav"):
         audio_files(tmp_path)
+
+
+@pytest.mark.parametrize("max_seconds", [float("nan"), float("inf"), -1.0, 0, 1e-9, "30", True])
+def test_audio_batches_refuses_a_max_seconds_that_is_no_length(tmp_path, max_seconds):
+    """max_seconds was not checked: NaN and inf ended in int()'s bare 'cannot convert float NaN to
+    integer', a string ('30' from a YAML or a command line) was repeated by the rate into a number
+    past int()'s digits, and 0, a negative or a length under one sample cut every clip to one
+    sample, silently. Refused, naming max_seconds."""
+    import numpy as np
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    wavfile.write(tmp_path / "a.wav", 16000, (np.ones(1600) * 1000).astype(np.int16))
+    extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False)
+    with pytest.raises(ValueError, match="max_seconds must be"):
+        audio_batches([tmp_path / "a.wav"], extractor, samples=1, max_seconds=max_seconds)
