@@ -370,7 +370,8 @@ def _data_spec(family: str, task_name: str, glue_task: Optional[str], shared: di
         val_size = int(val_size)
     elif isinstance(val_size, numbers.Real) and not is_flag(val_size):
         val_size = float(val_size)
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size <= 0 or (
+    # (not val_size > 0: NaN passes every comparison, and the hold-out ended in int()'s bare error)
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or not val_size > 0 or (
         isinstance(val_size, float) and val_size >= 1 and not float(val_size).is_integer()
     ):
         raise BenchConfigError(f"{where}.val_size must be a fraction in (0, 1) or a count >= 1, got {val_size!r}")

@@ -123,6 +123,9 @@ def test_t5_defaults_to_glue():
     ("tasks.0.data.splits", {"test": "train"}, "train and test both name the split 'train'"),
     ("tasks.0.data.source", "jsonl", "jsonl holds text"),
     ("tasks.0.data.val_size", 0, "val_size must be"),
+    # (NaN passed every comparison and the bench ended in int()'s bare 'cannot convert float NaN to integer')
+    ("tasks.0.data.val_size", float("nan"), "val_size must be a fraction in (0, 1) or a count >= 1, got nan"),
+    ("tasks.0.data.val_size", float("inf"), "val_size must be"),
     ("tasks.0.templates", ["no placeholder"], "exactly one '{}'"),
     ("tasks.0.answers", ["yes", "no"], "answers do not apply to the hf_clip family"),
     ("tasks.0.classnames", ["cat", "dog", "cat"], "task 'a'.classnames repeats ['cat']: each label needs its own"),
