@@ -642,9 +642,12 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     # experts saved without their tokenizer use another model's (they share the base's)
     with_preprocessor = [p for p in [*model_paths, *homes] if any((p / f).is_file() for f in PREPROCESSOR_FILES)]
     if not with_preprocessor:
-        raise ValueError(f"regmean: no model directory holds a tokenizer or image processor to "
-                         f"prepare the calibration data with: copy the base model's tokenizer or image processor "
-                         f"files ({', '.join(PREPROCESSOR_FILES)}, ...) into one of "
+        # (what the models' calibration is read with: audio asked for 'a tokenizer or image processor')
+        what, files = {"images": ("image processor", ("preprocessor_config.json",)),
+                       "audio": ("feature extractor", ("preprocessor_config.json",))}.get(
+                           modality, ("tokenizer", ("tokenizer.json", "tokenizer_config.json")))
+        raise ValueError(f"regmean: no model directory holds a {what} to prepare the calibration {modality} "
+                         f"with: copy the base model's {what} files ({', '.join(files)}, ...) into one of "
                          f"{', '.join(str(p) for p in model_paths)}")
     per_model = []
     for k, (view, path, home, files) in enumerate(zip(sources, model_paths, homes, calibration)):

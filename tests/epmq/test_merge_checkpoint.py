@@ -1119,10 +1119,29 @@ def test_regmean_without_a_tokenizer_says_where_to_put_one(checkpoints, tmp_path
     models, texts = _regmean_sources(root, tmp_path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (models[0] / f).unlink()
-    with pytest.raises(ValueError, match=r"copy the base model.s tokenizer or image processor "
+    with pytest.raises(ValueError, match=r"copy the base model.s tokenizer "
                                          r"files \(tokenizer\.json.*into one of .*m0"):
         merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
                           samples=4, seq_len=16, batch_size=2, progress=False)
+
+
+def test_regmean_of_speech_encoders_without_a_feature_extractor_names_it(tmp_path):
+    """Speech encoders (Wav2Vec2ForCTC) saved without their feature extractor: the error asked for
+    'a tokenizer or image processor', neither of which reads WAV files; it names the feature
+    extractor and its preprocessor_config.json."""
+    from test_quantize_files import _tiny_wav2vec2_ctc, _write_clips
+
+    models, folders = [], []
+    for k in range(2):
+        _tiny_wav2vec2_ctc(k).save_pretrained(tmp_path / f"m{k}")
+        models.append(tmp_path / f"m{k}")
+        folders.append(tmp_path / f"audio{k}")
+        _write_clips(folders[-1], (1600, 2400), 16000, seed=k)
+    with pytest.raises(ValueError, match=r"no model directory holds a feature extractor to prepare the "
+                                         r"calibration audio with: copy the base model.s feature extractor "
+                                         r"files \(preprocessor_config\.json.*into one of .*m0"):
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(f) for f in folders],
+                          samples=2, batch_size=2, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:.*is a weights file with no config.json")
