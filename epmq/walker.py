@@ -663,7 +663,19 @@ def _plan(model, towers, layers) -> tuple:
             stack.chosen[i] = keep
     if not stacks:
         done = any(isinstance(m, QuantLinear) for m in model.modules())
-        raise ValueError(f"no layer of {type(model).__name__} is selected for quantization (layers={layers!r})"
+        # (a predicate's repr, '<function <lambda> at 0x...>', said neither what it was asked of nor where)
+        asked = [f"{prefix}.{i}.{rel}" for adapter, tower in towers for prefix, blocks in tower
+                 for i, block in enumerate(blocks) for rel in adapter.linears(block)
+                 if rel not in adapter.routers(block)]
+        prefixes = ", ".join(dict.fromkeys(prefix for _, tower in towers for prefix, _ in tower)) or "none"
+        if layers is None or not asked:
+            why = f"the blocks at {prefixes} hold no linear to quantize"
+        else:
+            name = getattr(layers, "__qualname__", "")
+            what = (f"layers={getattr(layers, 'pattern', layers)!r} matches" if isinstance(layers, (str, re.Pattern))
+                    else f"the layers= predicate{'' if '<lambda>' in name or not name else ' ' + name} selects")
+            why = f"{what} none of the {len(asked)} linears of the blocks at {prefixes} (e.g. {asked[0]})"
+        raise ValueError(f"no layer of {type(model).__name__} is selected for quantization: {why}"
                          + ("; its blocks' linears are already quantized (QuantLinear)" if done else ""))
     return stacks, tied, routers
 

@@ -117,6 +117,15 @@ def test_method_arguments(gen):
         quantize(fam, model, layers="nothing-matches")
     with pytest.raises(ValueError, match="no layer .* is selected"):  # (a compiled pattern is one too)
         quantize(fam, model, layers=re.compile("nothing-matches"))
+    # (a predicate's error printed its repr, 'layers=<function <lambda> at 0x7f...>', and named no
+    # linear it was asked of: which stacks were considered, and a name it refused)
+    with pytest.raises(ValueError, match=r"the layers= predicate selects none of the \d+ linears of the blocks at "
+                                         r"model\.layers \(e\.g\. model\.layers\.0\.self_attn\.q_proj\)") as e:
+        quantize(fam, model, layers=lambda name: False)
+    assert "<function" not in str(e.value)
+    with pytest.raises(ValueError, match=r"layers='nothing-matches' matches none of the \d+ linears of the blocks at "
+                                         r"model\.layers \(e\.g\. model\.layers\.0\.self_attn\.q_proj\)"):
+        quantize(fam, model, layers="nothing-matches")
     with pytest.raises(ValueError, match="residual_precision must be one of"):
         quantize(fam, model, residual_precision="fp16")
     for bad in (dict(anchor=float("inf")), dict(weight_anchor=float("nan")), dict(percdamp=float("inf")),
