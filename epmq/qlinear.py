@@ -374,6 +374,19 @@ class QuantLinear(nn.Module):
             (self.out_features, self.in_features), dtype=self._dtype_probe.dtype, device="meta"
         )
 
+    def __setattr__(self, name, value):
+        # (transformers' tie_weights sets the output embeddings' weight to the input embeddings' where
+        # the config ties them: on a packed head nn.Module refused it as a bare "KeyError: attribute
+        # 'weight' already exists")
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}({self.extra_repr()}) is packed: its weight cannot be set or tied to "
+                f"another tensor (transformers' tie_weights and resize_token_embeddings tie an lm_head to the "
+                f"input embeddings where the config says tie_word_embeddings); a packed head is its own, not "
+                f"the embeddings: set model.config.tie_word_embeddings = False, or replace the layer with an "
+                f"nn.Linear of its dequantize()")
+        super().__setattr__(name, value)
+
     # ----------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

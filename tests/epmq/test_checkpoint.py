@@ -1534,6 +1534,31 @@ def test_a_peer_checkpoint_with_a_quantized_lm_head(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_a_packed_head_of_a_tied_config_is_not_tied_by_transformers_with_a_bare_error(tmp_path):
+    """A peer's checkpoint with lm_head packed (GPTQModel's lm_head=True) of a config that ties it
+    (tie_word_embeddings=True): it loads untied, its own head, but model.tie_weights() (which
+    scripts call after editing a config, and resize_token_embeddings calls) ended in nn.Module's
+    bare "KeyError: attribute 'weight' already exists"; refused naming the packed layer and why."""
+    from epmq.walker import _quant_linear
+
+    model = _llama(0, tie_word_embeddings=True)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), epmq.QuantSpec(bits=4, group_size=16)),
+                                  model.lm_head)
+    epmq.save_quantized(model, tmp_path / "q")
+    _as_foreign(tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with pytest.raises(AttributeError, match=r"QuantLinear\(in_features=32, out_features=64, bits=4.*\) is packed: "
+                                             r"its weight cannot be set or tied to another tensor.*"
+                                             r"tie_word_embeddings = False"):
+        loaded.tie_weights()
+    loaded.config.tie_word_embeddings = False  # (what the error says: the packed head is the model's own)
+    loaded.tie_weights()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_a_compiled_model_saves_and_loads_under_its_own_names(tmp_path):
     model = _llama(1)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
