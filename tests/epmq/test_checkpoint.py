@@ -1516,18 +1516,24 @@ def test_a_model_loaded_and_run_under_inference_mode(gen, tmp_path):
         assert torch.isfinite(output(again, x)).all()
 
 
+def _peer_checkpoint_with_a_packed_head(tmp_path, tie_word_embeddings):
+    """A Llama RTN-quantized with its lm_head packed too, saved as a peer writes it (GPTQModel's
+    lm_head=True), and the model load_quantized builds of it."""
+    from epmq.walker import _quant_linear
+
+    model = _llama(0, tie_word_embeddings=tie_word_embeddings)
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    epmq.quantize_model(model, spec, method="rtn", progress=False)
+    model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), spec), model.lm_head)
+    epmq.save_quantized(model, tmp_path / "q")
+    _as_foreign(tmp_path / "q")
+    return model, epmq.load_quantized(tmp_path / "q")
+
+
 def test_a_peer_checkpoint_with_a_quantized_lm_head(tmp_path):
     """GPTQModel's QuantizeConfig(lm_head=True) stores lm_head packed and no lm_head.weight: the
     head transformers ties by default (_tied_weights_keys) is not tied to the embeddings then."""
-    from epmq.walker import _quant_linear
-
-    model = _llama(0, tie_word_embeddings=False)
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
-    model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), epmq.QuantSpec(bits=4, group_size=16)),
-                                  model.lm_head)
-    epmq.save_quantized(model, tmp_path / "q")
-    _as_foreign(tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q")
+    model, loaded = _peer_checkpoint_with_a_packed_head(tmp_path, tie_word_embeddings=False)
     assert isinstance(loaded.lm_head, epmq.QuantLinear)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
@@ -1539,15 +1545,7 @@ def test_a_packed_head_of_a_tied_config_is_not_tied_by_transformers_with_a_bare_
     (tie_word_embeddings=True): it loads untied, its own head, but model.tie_weights() (which
     scripts call after editing a config, and resize_token_embeddings calls) ended in nn.Module's
     bare "KeyError: attribute 'weight' already exists"; refused naming the packed layer and why."""
-    from epmq.walker import _quant_linear
-
-    model = _llama(0, tie_word_embeddings=True)
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
-    model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), epmq.QuantSpec(bits=4, group_size=16)),
-                                  model.lm_head)
-    epmq.save_quantized(model, tmp_path / "q")
-    _as_foreign(tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q")
+    model, loaded = _peer_checkpoint_with_a_packed_head(tmp_path, tie_word_embeddings=True)
     with pytest.raises(AttributeError, match=r"QuantLinear\(in_features=32, out_features=64, bits=4.*\) is packed: "
                                              r"its weight cannot be set or tied to another tensor.*"
                                              r"tie_word_embeddings = False"):
