@@ -808,8 +808,7 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
             # clips too short for a frame alone in their batch (or of one length): no frame, as a
             # batch of padding no token, which the model's convolutions cannot run (the walk refused
             # the whole calibration on it, where a padded batch left the row out)
-            framer = _framer(model, values.shape[1])
-            if framer is not None and _frames(framer, values.shape[1]) < 1:
+            if (framer := _frameless(model, values.shape[1])) is not None:
                 warnings.warn(f"calibration batch: input_values of {values.shape[1]} samples make no frame of "
                               f"{type(framer).__name__}, which its convolutions cannot run; left out")
                 return []
@@ -865,8 +864,7 @@ def unpad(item, *, encoder_decoder: bool = False, model=None) -> list:
             # a clip too short for a frame (a truncated file) has no token, as a row of padding:
             # alone, the model's convolutions cannot run it (the padded batch ran it)
             samples = cut["input_values"][1] - cut["input_values"][0]
-            framer = _framer(model, samples)
-            if framer is not None and _frames(framer, samples) < 1:
+            if (framer := _frameless(model, samples)) is not None:
                 warnings.warn(f"calibration batch: row {b} of input_values: its {samples} samples make no frame of "
                               f"{type(framer).__name__}, which its convolutions cannot run alone; left out")
                 continue
@@ -961,6 +959,13 @@ def _framer(model, samples: int):
     encoder (a SpeechEncoderDecoderModel's are its Wav2Vec2's); None where none says."""
     return next((m for m in ([model] + list(model.modules()) if isinstance(model, torch.nn.Module) else [model])
                  if _frames(m, samples) is not None), None)
+
+
+def _frameless(model, samples: int):
+    """The module of ``model`` whose convolutions make no frame of ``samples`` samples (a clip too
+    short for them, which they cannot run alone); None where it makes one, or none says."""
+    framer = _framer(model, samples)
+    return framer if framer is not None and _frames(framer, samples) < 1 else None
 
 
 def _frames(model, samples: int) -> Optional[int]:
