@@ -130,6 +130,13 @@ def read_json_file(path: Path):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def check_json_file(path: Path) -> None:
+    """A ValueError naming ``path`` where it is empty or not JSON (an interrupted copy or download)."""
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    read_json_file(path)
+
+
 def changed_keys(before: dict, after: dict) -> list:
     """The keys whose values differ between two mappings (present in only one included)."""
     return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -42,7 +42,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import merge as merge_lib
-from ._util import loading_bars, read_json_file
+from ._util import check_json_file, loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, loads_transposed, local_checkpoint, tie_order, weights_in)
@@ -484,9 +484,7 @@ def _check_companions(source: Path) -> None:
                 or entry.name == RECIPE_FILE):
             continue
         try:
-            if entry.stat().st_size == 0:
-                raise ValueError(f"{entry} is empty")
-            read_json_file(entry)
+            check_json_file(entry)
         except ValueError as e:
             raise ValueError(f"{e} (an interrupted copy or download?): the merged model carries this file "
                              f"and would not load; copy it again") from None

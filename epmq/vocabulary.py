@@ -36,7 +36,7 @@ import torch
 
 from epmq_kernels.grid import is_integer
 
-from ._util import read_json_file
+from ._util import check_json_file
 
 SOURCES = ("base", "union")
 
@@ -98,10 +98,8 @@ def load_tokenizer(path: Path):
         # (a tokenizer file empty or cut, an interrupted copy or download, is no model without a
         # tokenizer: taken as one, its rows were laid out by another model's tokens)
         for file in sorted(directory.glob("*.json")):
-            if file.is_file() and file.stat().st_size == 0:
-                raise ValueError(f"{file} is empty: the tokenizer of {directory} does not load (copy it again)")
             try:
-                read_json_file(file)
+                check_json_file(file)
             except ValueError as bad:
                 raise ValueError(f"{bad}: the tokenizer of {directory} does not load (copy it again)") from None
             except OSError:
