@@ -1165,10 +1165,16 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     # memory is their square; images are resized, texts cut to seq_len)
     # (NaN ended in int()'s bare error, '30' was repeated by the rate, and 0 or a negative cut every
     # clip to one sample, silently)
-    longest = int(check_number(max_seconds, f"{what}: max_seconds", 0) * rate)
+    longest = check_number(max_seconds, f"{what}: max_seconds", 0) * rate
     if longest < 1:
         raise ValueError(f"{what}: max_seconds must be at least one sample at {rate} Hz "
                          f"({1 / rate:g} s), got {max_seconds!r}")
+    # (1.7e308 s made int() an infinity, and past int64's samples the model's frames overflowed
+    # torch, so a clip too short for one frame was no longer left out)
+    if longest >= 2 ** 63:
+        raise ValueError(f"{what}: max_seconds must be at most {(2 ** 63 - 1) / rate:g} s (int64's samples at "
+                         f"{rate} Hz), got {max_seconds!r}")
+    longest = int(longest)
     g = torch.Generator().manual_seed(check_seed(seed))
     framer = None if model is None else _framer(model, longest)
     batches, frameless = [], []

@@ -475,12 +475,15 @@ def test_audio_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
         audio_files(tmp_path)
 
 
-@pytest.mark.parametrize("max_seconds", [float("nan"), float("inf"), -1.0, 0, 1e-9, "30", True])
+@pytest.mark.parametrize("max_seconds", [float("nan"), float("inf"), -1.0, 0, 1e-9, "30", True, 1e15, 1.7e308])
 def test_audio_batches_refuses_a_max_seconds_that_is_no_length(tmp_path, max_seconds):
     """max_seconds was not checked: NaN and inf ended in int()'s bare 'cannot convert float NaN to
     integer', a string ('30' from a YAML or a command line) was repeated by the rate into a number
     past int()'s digits, and 0, a negative or a length under one sample cut every clip to one
-    sample, silently. Refused, naming max_seconds."""
+    sample, silently. Refused, naming max_seconds. So is one of more samples than an int64 holds:
+    1.7e308 s ended in int()'s bare 'cannot convert float infinity to integer', and 1e15 s (1.6e19
+    samples) was taken, but the model's frames of it overflowed torch's int64, so a clip too short
+    for one frame was no longer left out."""
     import numpy as np
     import transformers
     from scipy.io import wavfile
