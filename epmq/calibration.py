@@ -1121,7 +1121,12 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
         samples = (samples.astype(np.float32) - 128.0) / 128.0
     elif np.issubdtype(samples.dtype, np.integer):  # (24-bit is read as int32, left-justified)
         samples = samples.astype(np.float32) / float(-np.iinfo(samples.dtype).min)
-    samples = samples.astype(np.float32)
+    else:  # (a float WAV's NaN or inf made every Hessian of its batch NaN, silently)
+        samples = samples.astype(np.float32)
+        bad = samples.size - int(np.count_nonzero(np.isfinite(samples)))
+        if bad:
+            raise ValueError(f"{what}: audio {path} holds {bad} sample{'s' * (bad > 1)} that "
+                             f"{'are' if bad > 1 else 'is'} not a finite number (NaN or inf)")
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
     if samples.size == 0:

@@ -494,3 +494,19 @@ def test_audio_batches_refuses_a_max_seconds_that_is_no_length(tmp_path, max_sec
     extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False)
     with pytest.raises(ValueError, match="max_seconds must be"):
         audio_batches([tmp_path / "a.wav"], extractor, samples=1, max_seconds=max_seconds)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_read_audio_refuses_a_float_wav_holding_samples_that_are_no_number(tmp_path, bad):
+    """A float WAV (a DAW's or a model's export) holding NaN or inf samples was read as they were,
+    so every Hessian of a batch with it was NaN, silently; refused naming the file."""
+    import numpy as np
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    wavfile.write(tmp_path / "clip.wav", 16000, np.array([0.1, bad, -0.2, 0.0], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"audio .*clip\.wav holds 1 sample that is not a finite number"):
+        read_audio(tmp_path / "clip.wav", 16000)
+    wavfile.write(tmp_path / "fine.wav", 16000, np.array([0.1, 0.3, -0.2, 0.0], dtype=np.float32))
+    np.testing.assert_allclose(read_audio(tmp_path / "fine.wav", 16000), [0.1, 0.3, -0.2, 0.0])
