@@ -1157,6 +1157,9 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     if not is_integer(rate):
         raise ValueError(f"{what}: the feature extractor {type(extractor).__name__} names no sampling_rate to read "
                          f"the audio at")
+    if rate < 1:  # (0 ended in a bare ZeroDivisionError, a negative one was blamed on max_seconds)
+        raise ValueError(f"{what}: the feature extractor {type(extractor).__name__}'s sampling_rate must be a "
+                         f"positive number of samples a second, got {rate}")
     options = {}
     if "attention_mask" in getattr(extractor, "model_input_names", ()):
         # (wav2vec2-base's extractor returns none by default: its padding would be counted, see unpad)

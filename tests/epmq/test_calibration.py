@@ -510,3 +510,23 @@ def test_read_audio_refuses_a_float_wav_holding_samples_that_are_no_number(tmp_p
         read_audio(tmp_path / "clip.wav", 16000)
     wavfile.write(tmp_path / "fine.wav", 16000, np.array([0.1, 0.3, -0.2, 0.0], dtype=np.float32))
     np.testing.assert_allclose(read_audio(tmp_path / "fine.wav", 16000), [0.1, 0.3, -0.2, 0.0])
+
+
+@pytest.mark.parametrize("rate", [0, -16000])
+def test_audio_batches_refuses_a_feature_extractor_rate_that_is_no_rate(tmp_path, rate):
+    """A feature extractor whose sampling_rate is 0 (a preprocessor_config.json written wrong) ended
+    in Python's bare 'ZeroDivisionError: division by zero', and a negative one was refused as a
+    max_seconds 'at least one sample at -16000 Hz (-6.25e-05 s)', the max_seconds given being fine;
+    refused naming the extractor's sampling_rate."""
+    import numpy as np
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    wavfile.write(tmp_path / "a.wav", 16000, (np.ones(1600) * 1000).astype(np.int16))
+    extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False)
+    extractor.sampling_rate = rate
+    with pytest.raises(ValueError, match=rf"Wav2Vec2FeatureExtractor's sampling_rate must be a positive number of "
+                                         rf"samples a second, got {rate}"):
+        audio_batches([tmp_path / "a.wav"], extractor, samples=1)
