@@ -1111,6 +1111,8 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
         rate, samples = wavfile.read(path)
     except (OSError, ValueError, EOFError, struct.error) as e:  # (a cut header: struct.error)
         raise ValueError(f"{what}: cannot read audio {path}: {e}") from e
+    if rate < 1:  # (a damaged header: resampling it ended in scipy's bare 'up and down must be >= 1')
+        raise ValueError(f"{what}: cannot read audio {path}: its header says {rate} samples a second")
     own = None if longest is None else -(-longest * int(rate) // int(sampling_rate))  # (in the file's samples)
     if own is not None and len(samples) > own:
         # cut from the file's own samples: converted, mixed and resampled whole, 10 minutes at 44.1 kHz

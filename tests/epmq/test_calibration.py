@@ -530,3 +530,16 @@ def test_audio_batches_refuses_a_feature_extractor_rate_that_is_no_rate(tmp_path
     with pytest.raises(ValueError, match=rf"Wav2Vec2FeatureExtractor's sampling_rate must be a positive number of "
                                          rf"samples a second, got {rate}"):
         audio_batches([tmp_path / "a.wav"], extractor, samples=1)
+
+
+def test_read_audio_refuses_a_wav_whose_header_says_a_rate_of_zero(tmp_path):
+    """A WAV whose header says 0 samples a second (a damaged header) ended in scipy's bare
+    'up and down must be >= 1' from resampling it, naming no file; refused naming the file."""
+    import numpy as np
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    wavfile.write(tmp_path / "zero.wav", 0, (np.ones(100) * 1000).astype(np.int16))
+    with pytest.raises(ValueError, match=r"cannot read audio .*zero\.wav: its header says 0 samples a second"):
+        read_audio(tmp_path / "zero.wav", 16000)
