@@ -1065,60 +1065,106 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 AUDIO_SUFFIXES = (".wav",)
 # the longest calibration clip, in seconds (Whisper's window): a longer one is cut to a window of it
 MAX_CLIP_SECONDS = 30.0
-# audio files scipy does not read (soundfile, torchaudio, librosa: none is a dependency): named, not skipped in silence
-_OTHER_AUDIO_SUFFIXES = (".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aiff", ".aif")
+# audio read with soundfile (libsndfile) where it is installed: no dependency of epmq, which reads WAV with scipy
+SOUNDFILE_SUFFIXES = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc")
+# audio files neither reads: named, not skipped in silence
+_OTHER_AUDIO_SUFFIXES = SOUNDFILE_SUFFIXES + (".m4a", ".aac", ".wma")
+
+
+def _soundfile():
+    """The soundfile module, or None where it is not installed (or its libsndfile is missing)."""
+    try:
+        import soundfile
+    except (ImportError, OSError):
+        return None
+    return soundfile
+
+
+def _unreadable_audio(files: List[Path]) -> str:
+    """What to do of audio ``files`` that neither scipy nor an installed soundfile reads."""
+    if any(f.suffix.lower() in SOUNDFILE_SUFFIXES for f in files):
+        return (f"epmq reads {', '.join(SOUNDFILE_SUFFIXES)} with soundfile, which is not installed: "
+                f"pip install soundfile, or convert them to .wav (ffmpeg -i clip.flac clip.wav)")
+    return (f"convert them to .wav (ffmpeg -i clip{files[0].suffix} clip.wav): epmq reads WAV with scipy, "
+            f"{', '.join(SOUNDFILE_SUFFIXES)} with soundfile")
 
 
 def audio_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
-    """The audio (WAV) files of a directory tree (sorted; an HF hub dataset snapshot's train
-    split, as ``_tree`` takes it), a file, or a list of either."""
+    """The audio files of a directory tree (sorted; an HF hub dataset snapshot's train split, as
+    ``_tree`` takes it), a file, or a list of either: WAV, and soundfile's formats (FLAC, OGG,
+    MP3, AIFF) where it is installed; a file of another audio format is refused by name."""
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in audio_files(s)]
     path = Path(source)
-    other = "convert them to .wav (ffmpeg -i clip.flac clip.wav): epmq reads WAV with scipy"
+    readable = AUDIO_SUFFIXES + (SOUNDFILE_SUFFIXES if _soundfile() is not None else ())
     if path.is_dir():
-        files = _tree(path, AUDIO_SUFFIXES)
+        files = _tree(path, readable)
+        # (beside WAV files they were left out in silence, the calibration the WAV files' alone)
+        others = _tree(path, tuple(s for s in _OTHER_AUDIO_SUFFIXES if s not in readable))
+        if others:
+            raise ValueError(f"{path}: {len(others)} audio file(s) under the directory ({others[0]}, ...) are of a "
+                             f"format epmq does not read"
+                             + (f" beside its {len(files)} it reads" if files else "")
+                             + f": {_unreadable_audio(others)}")
         if not files:
-            others = _tree(path, _OTHER_AUDIO_SUFFIXES)
             # (an HF hub audio dataset's snapshot: its clips are encoded bytes in a column of its parquet files)
-            tables = [] if others else _tree(path, (".parquet", ".arrow"))
-            raise ValueError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) under the directory"
-                             + (f"; it holds {len(others)} of other formats ({others[0]}, ...): {other}"
-                                if others else "")
+            tables = _tree(path, (".parquet", ".arrow"))
+            raise ValueError(f"{path}: no audio files ({', '.join(readable)}) under the directory"
                              + (f"; it holds {len(tables)} {tables[0].suffix} file(s) ({tables[0]}, ...), an HF hub "
                                 f"dataset's, whose audio column epmq does not decode: write its clips out as .wav "
                                 f"(datasets' Audio feature, soundfile) and give their folder" if tables else ""))
         return files
     if not path.is_file():
         raise FileNotFoundError(f"no calibration audio at {path}")
-    if path.suffix.lower() not in AUDIO_SUFFIXES:
-        raise ValueError(f"{path}: not a WAV file ({', '.join(AUDIO_SUFFIXES)})"
-                         + (f": {other}" if path.suffix.lower() in _OTHER_AUDIO_SUFFIXES else ""))
+    if path.suffix.lower() not in readable:
+        raise ValueError(f"{path}: not an audio file epmq reads ({', '.join(readable)})"
+                         + (f": {_unreadable_audio([path])}" if path.suffix.lower() in _OTHER_AUDIO_SUFFIXES else ""))
     return [path]
 
 
 def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibration",
                longest: Optional[int] = None, generator: Optional[torch.Generator] = None):
-    """The samples of the WAV file ``path`` as a float32 numpy array at ``sampling_rate``: PCM
-    integers scaled to [-1, 1), channels averaged to mono (as librosa and transformers' pipelines
-    load audio), resampled (polyphase, scipy) where the file's rate is another. ``longest``: a
-    recording past that many samples gives a window of them, at a place ``generator`` draws."""
+    """The samples of the audio file ``path`` (WAV, read with scipy; FLAC, OGG, MP3, AIFF with
+    soundfile) as a float32 numpy array at ``sampling_rate``: PCM integers scaled to [-1, 1),
+    channels averaged to mono (as librosa and transformers' pipelines load audio), resampled
+    (polyphase, scipy) where the file's rate is another. ``longest``: a recording past that many
+    samples gives a window of them, at a place ``generator`` draws."""
     import numpy as np
     from scipy.io import wavfile
     from scipy.signal import resample_poly
 
+    soundfile = None
+    if Path(path).suffix.lower() in SOUNDFILE_SUFFIXES:
+        soundfile = _soundfile()
+        if soundfile is None:
+            raise ValueError(f"{what}: cannot read audio {path}: {_unreadable_audio([Path(path)])}")
+    # (soundfile's LibsndfileError is a RuntimeError)
+    errors = (OSError, ValueError, EOFError, struct.error, RuntimeError)
     try:
-        rate, samples = wavfile.read(path)
-    except (OSError, ValueError, EOFError, struct.error) as e:  # (a cut header: struct.error)
+        if soundfile is None:
+            rate, samples = wavfile.read(path)
+            length = len(samples)
+        else:  # (its frames, read where the window is)
+            info = soundfile.info(str(path))
+            rate, length = info.samplerate, info.frames
+    except errors as e:  # (a cut header: struct.error)
         raise ValueError(f"{what}: cannot read audio {path}: {e}") from e
     if rate < 1:  # (a damaged header: resampling it ended in scipy's bare 'up and down must be >= 1')
         raise ValueError(f"{what}: cannot read audio {path}: its header says {rate} samples a second")
     own = None if longest is None else -(-longest * int(rate) // int(sampling_rate))  # (in the file's samples)
-    if own is not None and len(samples) > own:
+    start, stop = 0, length
+    if own is not None and length > own:
         # cut from the file's own samples: converted, mixed and resampled whole, 10 minutes at 44.1 kHz
         # stereo (106 MB) took 583 MB at the peak for its 30 s (3.5 GB an hour's), cut first 192 MB
-        start = int(torch.randint(len(samples) - own + 1, (1,), generator=generator))
-        samples = samples[start:start + own]
+        start = int(torch.randint(length - own + 1, (1,), generator=generator))
+        stop = start + own
+    if soundfile is None:
+        samples = samples[start:stop]
+    else:
+        try:  # (float32 scaled to [-1, 1) by soundfile, as the WAV integers below)
+            samples, _ = soundfile.read(str(path), start=start, stop=stop, dtype="float32", always_2d=False)
+        except errors as e:
+            raise ValueError(f"{what}: cannot read audio {path}: {e}") from e
     if samples.dtype == np.uint8:  # (8-bit WAV is unsigned, centred on 128)
         samples = (samples.astype(np.float32) - 128.0) / 128.0
     elif np.issubdtype(samples.dtype, np.integer):  # (24-bit is read as int32, left-justified)

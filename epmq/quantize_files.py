@@ -15,7 +15,8 @@ calibration batches (``epmq.calibration``):
 * vision towers (``pixel_values``, e.g. ``CLIPVisionModel``, ViT, DINOv2, SigLIP's): images,
   preprocessed by the checkpoint's own image processor (``preprocessor_config.json``);
 * speech encoders (``input_values`` or ``input_features``: Wav2Vec2, HuBERT, WavLM, Whisper's
-  audio classifier): WAV files, batched by the checkpoint's own feature extractor.
+  audio classifier): WAV files (FLAC, OGG, MP3, AIFF with soundfile), batched by the checkpoint's
+  own feature extractor.
 
 ``epmq.quantize_model`` quantizes it block by block and ``epmq.save_quantized`` writes the
 result with the tokenizer or image processor beside it: a GPTQ checkpoint that

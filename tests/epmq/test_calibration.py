@@ -470,7 +470,7 @@ def test_audio_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match=r"no audio files \(.wav\) under the directory; it holds 1 \.parquet "
+    with pytest.raises(ValueError, match=r"no audio files \(\.wav[^)]*\) under the directory; it holds 1 \.parquet "
                                          r"file.*train-00000-of-00001.parquet.*write its clips out as \.wav"):
         audio_files(tmp_path)
 
@@ -543,3 +543,68 @@ def test_read_audio_refuses_a_wav_whose_header_says_a_rate_of_zero(tmp_path):
     wavfile.write(tmp_path / "zero.wav", 0, (np.ones(100) * 1000).astype(np.int16))
     with pytest.raises(ValueError, match=r"cannot read audio .*zero\.wav: its header says 0 samples a second"):
         read_audio(tmp_path / "zero.wav", 16000)
+
+
+class _SoundFile:
+    """A stand-in of soundfile (not installed here) reading the WAV bytes a test writes under a
+    .flac name, as soundfile reads a FLAC: info's samplerate and frames, read's float32 samples of
+    [start, stop) scaled to [-1, 1), mono as one dimension. ``read`` records the frames it gives."""
+
+    def __init__(self):
+        self.read_frames = []
+
+    def info(self, path):
+        from types import SimpleNamespace
+
+        from scipy.io import wavfile
+
+        rate, samples = wavfile.read(path)
+        return SimpleNamespace(samplerate=rate, frames=len(samples), channels=1 if samples.ndim == 1 else 2)
+
+    def read(self, path, start=0, stop=None, dtype="float64", always_2d=False):
+        import numpy as np
+        from scipy.io import wavfile
+
+        rate, samples = wavfile.read(path)
+        samples = samples[start:stop]
+        self.read_frames.append(len(samples))
+        return (samples / np.float32(32768)).astype(dtype), rate
+
+
+def test_flac_and_other_formats_are_read_with_soundfile_where_it_is_installed(tmp_path, monkeypatch):
+    """Only .wav was read: a folder of FLAC clips was refused, and one of WAV and FLAC clips gave
+    its WAV alone, the FLAC left out in silence. With soundfile installed its formats are read
+    (scaled, mixed, resampled and cut as WAV is: only the window's frames are read); without it,
+    they are refused naming the file and the package, and formats it cannot read naming the file."""
+    import sys
+
+    import numpy as np
+    import torch
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_files, read_audio
+
+    rng = np.random.default_rng(0)
+    stereo = (rng.standard_normal((8000, 2)) * 3000).astype(np.int16)
+    (tmp_path / "d").mkdir()
+    wavfile.write(tmp_path / "d" / "a.wav", 8000, stereo)
+    wavfile.write(tmp_path / "d" / "b.flac", 8000, stereo)  # (WAV bytes, which the stand-in reads)
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # (not installed: import soundfile raises ImportError)
+    with pytest.raises(ValueError, match=r"b\.flac.*soundfile.*pip install soundfile"):
+        audio_files(tmp_path / "d")
+    with pytest.raises(ValueError, match=r"b\.flac.*soundfile.*pip install soundfile"):
+        audio_files(tmp_path / "d" / "b.flac")
+    with pytest.raises(ValueError, match=r"cannot read audio .*b\.flac.*pip install soundfile"):
+        read_audio(tmp_path / "d" / "b.flac", 16000)
+    soundfile = _SoundFile()
+    monkeypatch.setitem(sys.modules, "soundfile", soundfile)
+    assert audio_files(tmp_path / "d") == [tmp_path / "d" / "a.wav", tmp_path / "d" / "b.flac"]
+    np.testing.assert_array_equal(read_audio(tmp_path / "d" / "b.flac", 16000),
+                                  read_audio(tmp_path / "d" / "a.wav", 16000))
+    windows = [read_audio(tmp_path / "d" / name, 16000, longest=4000, generator=torch.Generator().manual_seed(3))
+               for name in ("a.wav", "b.flac")]
+    np.testing.assert_array_equal(*windows)
+    assert len(windows[0]) == 4000 and soundfile.read_frames[-1] == 2000  # (the window's 0.25 s at 8 kHz)
+    (tmp_path / "d" / "c.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
+    with pytest.raises(ValueError, match=r"c\.m4a.*convert them to \.wav"):
+        audio_files(tmp_path / "d")
