@@ -1208,7 +1208,7 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     if rate < 1:  # (0 ended in a bare ZeroDivisionError, a negative one was blamed on max_seconds)
         raise ValueError(f"{what}: the feature extractor {type(extractor).__name__}'s sampling_rate must be a "
                          f"positive number of samples a second, got {rate}")
-    options = {}
+    options, window = {}, None
     if "attention_mask" in getattr(extractor, "model_input_names", ()):
         # (wav2vec2-base's extractor returns none by default: its padding would be counted, see unpad)
         options["return_attention_mask"] = True
@@ -1217,6 +1217,10 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
         # (clips of other lengths in one batch: padded to the longest, the mask marks it; Whisper's
         # pads to its 30 s by default, which its encoder requires)
         options["padding"] = True
+    elif "padding" in call and call["padding"].default == "max_length" and not options:
+        # (Whisper's: every clip padded to its 30 s, which its encoder requires, with no mask to cut them by)
+        window = getattr(extractor, "n_samples", None)
+        window = window if is_integer(window) and window > 0 else None
     # (a long recording run whole, an hour of it, made wav2vec2 180,000 frames: its attention's
     # memory is their square; images are resized, texts cut to seq_len)
     # (NaN ended in int()'s bare error, '30' was repeated by the rate, and 0 or a negative cut every
@@ -1233,7 +1237,7 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     longest = int(longest)
     g = torch.Generator().manual_seed(check_seed(seed))
     framer = None if model is None else _framer(model, longest)
-    batches, frameless = [], []
+    batches, frameless, held = [], [], []
     for chunk in _drawn(files, samples, batch_size, seed, f"{what}: audio files"):
         clips = [read_audio(f, rate, what, longest, g) for f in chunk]
         if framer is not None:
@@ -1249,6 +1253,13 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
                 continue
         out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
         batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+        held += [min(len(c), window or 0) for c in clips]
+    if window and sum(held) < len(held) * window / 2:
+        # (a draw of 1 s clips was calibrated on 97% padding, in silence: no mask cuts it)
+        n, share = len(held), 1 - sum(held) / (len(held) * window)
+        warnings.warn(f"{what}: the {n} clip{'s' * (n > 1)} drawn hold{'s' * (n == 1)} {sum(held) / rate:g} s of "
+                      f"audio, which {type(extractor).__name__} pads each to its {window / rate:g} s: {share:.0%} of "
+                      f"the frames calibrated on are padding; give clips near {window / rate:g} s (short ones joined)")
     if not batches and frameless:
         raise ValueError(f"{what}: every audio file drawn is too short for one frame of {type(framer).__name__}: "
                          f"{', '.join(map(str, frameless))}")

@@ -608,3 +608,30 @@ def test_flac_and_other_formats_are_read_with_soundfile_where_it_is_installed(tm
     (tmp_path / "d" / "c.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
     with pytest.raises(ValueError, match=r"c\.m4a.*convert them to \.wav"):
         audio_files(tmp_path / "d")
+
+
+def test_clips_a_feature_extractor_pads_to_its_window_are_warned_of_when_mostly_padding(tmp_path):
+    """Whisper's feature extractor pads every clip to its 30 s (padding='max_length', which its
+    encoder requires), and its features have no mask to cut them by: a draw of 1 s clips (speech
+    commands) was calibrated on 97% padding, in silence. Warned, with the share, where the clips
+    drawn hold less than half of the window they are padded to; clips near it are not."""
+    import warnings
+
+    import numpy as np
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    rng = np.random.default_rng(0)
+    for name, seconds in (("short.wav", 1), ("long.wav", 25)):
+        wavfile.write(tmp_path / name, 16000, (rng.standard_normal(seconds * 16000) * 3000).astype(np.int16))
+    extractor = transformers.WhisperFeatureExtractor()
+    with pytest.warns(UserWarning, match=r"calibration: the 1 clip drawn holds 1 s of audio, which "
+                                         r"WhisperFeatureExtractor pads each to its 30 s: 97% of the frames "
+                                         r"calibrated on are padding"):
+        batches = audio_batches([tmp_path / "short.wav"], extractor, samples=1)
+    assert batches[0]["input_features"].shape == (1, 80, 3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audio_batches([tmp_path / "long.wav"], extractor, samples=1)
