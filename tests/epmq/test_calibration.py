@@ -635,3 +635,30 @@ def test_clips_a_feature_extractor_pads_to_its_window_are_warned_of_when_mostly_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         audio_batches([tmp_path / "long.wav"], extractor, samples=1)
+
+
+def test_a_long_wav_is_not_read_whole_for_its_window(tmp_path):
+    """read_audio read a WAV file whole (scipy) before cutting its window: an hour's recording at
+    44.1 kHz stereo took its 635 MB in memory for 30 s of it. The file is mapped and only the
+    window's samples are read (a 24-bit file, which scipy cannot map, is still read whole), the
+    same window as before."""
+    import tracemalloc
+
+    import numpy as np
+    import scipy.signal  # noqa: F401 (imported by read_audio: not counted in its peak)
+    import torch
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    samples = (np.random.default_rng(0).standard_normal((16000 * 60, 2)) * 3000).astype(np.int16)  # (3.8 MB)
+    wavfile.write(tmp_path / "long.wav", 16000, samples)
+    tracemalloc.start()
+    try:
+        window = read_audio(tmp_path / "long.wav", 16000, longest=16000, generator=torch.Generator().manual_seed(0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < samples.nbytes / 8, (peak, samples.nbytes)
+    start = int(torch.randint(len(samples) - 16000 + 1, (1,), generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_allclose(window, samples[start:start + 16000].astype(np.float64).mean(1) / 32768, rtol=1e-6)
