@@ -261,8 +261,8 @@ QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the
                                     # template, {"prompt", "completion"}: the task's fine-tuning
                                     # file), {"input", "target"} pairs (.jsonl / .json /
                                     # .parquet) for an encoder-decoder, images (a folder tree)
-                                    # for a vision tower, .wav files (a folder tree) for a
-                                    # speech encoder
+                                    # for a vision tower, .wav files (a folder tree; .flac,
+                                    # .ogg, .mp3 with soundfile) for a speech encoder
     math: data/math.jsonl
     code: data/code.txt
   experts: {math: ckpt/math, code: ckpt/code}   # E-PMQ only: one expert per task (a checkpoint,
@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     file_command("quantize", _quantize, "quantize a checkpoint with calibration texts, images or audio",
                  "Quantize the causal LM, encoder-decoder, vision tower or speech encoder a YAML config names "
                  "(RTN, GPTQ or E-PMQ with its experts) on the config's calibration texts, input/target pairs, "
-                 "images or WAV files and write a GPTQ checkpoint "
+                 "images or audio files (WAV; FLAC, OGG, MP3 with soundfile) and write a GPTQ checkpoint "
                  "with its tokenizer, image processor or feature extractor.",
                  QUANTIZE_CONFIG, "where the blocks are quantized, one at a time (the model stays in "
                  "CPU memory)")
