@@ -37,7 +37,7 @@ setup(
         "pillow",  # calibration images
         "scipy",  # calibration audio (WAV files, resampling)
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "pyarrow"],
-                    "parquet": ["pyarrow"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21", "pyarrow", "soundfile"],
+                    "parquet": ["pyarrow"], "audio": ["soundfile"]},
     entry_points={"console_scripts": ["epmq=epmq_cli:main"]},
 )

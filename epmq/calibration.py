@@ -1065,7 +1065,7 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 AUDIO_SUFFIXES = (".wav",)
 # the longest calibration clip, in seconds (Whisper's window): a longer one is cut to a window of it
 MAX_CLIP_SECONDS = 30.0
-# audio read with soundfile (libsndfile) where it is installed: no dependency of epmq, which reads WAV with scipy
+# audio read with soundfile (libsndfile) where it is installed (the extra "epmq[audio]"); WAV is read with scipy
 SOUNDFILE_SUFFIXES = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc")
 # audio files neither reads: named, not skipped in silence
 _OTHER_AUDIO_SUFFIXES = SOUNDFILE_SUFFIXES + (".m4a", ".aac", ".wma")

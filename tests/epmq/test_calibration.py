@@ -610,6 +610,29 @@ def test_flac_and_other_formats_are_read_with_soundfile_where_it_is_installed(tm
         audio_files(tmp_path / "d")
 
 
+def test_flac_written_by_the_real_soundfile_reads_as_the_same_samples_in_wav(tmp_path):
+    """The stand-in above reads WAV bytes; this writes a lossless FLAC with soundfile itself (the
+    test extra installs it) and reads it back as the WAV of the same samples reads: scaled,
+    mixed to mono, resampled, and its window cut at the same place."""
+    soundfile = pytest.importorskip("soundfile")
+    import numpy as np
+    import torch
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_files, read_audio
+
+    stereo = (np.random.default_rng(1).standard_normal((22050, 2)) * 3000).astype(np.int16)
+    wavfile.write(tmp_path / "a.wav", 22050, stereo)
+    soundfile.write(tmp_path / "b.flac", stereo, 22050, subtype="PCM_16")
+    assert audio_files(tmp_path) == [tmp_path / "a.wav", tmp_path / "b.flac"]
+    wav, flac = (read_audio(tmp_path / name, 16000) for name in ("a.wav", "b.flac"))
+    assert flac.dtype == np.float32 and flac.shape == wav.shape == (16000,)
+    np.testing.assert_allclose(flac, wav, atol=1e-6)
+    windows = [read_audio(tmp_path / name, 16000, longest=4000, generator=torch.Generator().manual_seed(5))
+               for name in ("a.wav", "b.flac")]
+    np.testing.assert_allclose(*windows, atol=1e-6)
+
+
 def test_clips_a_feature_extractor_pads_to_its_window_are_warned_of_when_mostly_padding(tmp_path):
     """Whisper's feature extractor pads every clip to its 30 s (padding='max_length', which its
     encoder requires), and its features have no mask to cut them by: a draw of 1 s clips (speech
