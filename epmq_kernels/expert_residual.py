@@ -54,6 +54,17 @@ def _read_fp8(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32 if t.dtype == torch.float8_e8m0fnu else torch.float16)
 
 
+def _read_for(t: torch.Tensor, dtype) -> torch.Tensor:
+    """An operand as the kernels read it for sums in ``dtype``: float8 as :func:`_read_fp8`, and a
+    16-bit one of an fp64 sum through fp32 (exact): its tiles converted to fp64 inside the product
+    do not compile for sm_80 or sm_90 (Triton's MMAv2 operand lowering asserts; a conversion
+    through fp32 in the kernel is folded into the same one)."""
+    t = _read_fp8(t)
+    if dtype == torch.float64 and t.element_size() == 2:
+        t = t.float()
+    return t
+
+
 def _check_residual_args(G, W_k, W_m, H_k):
     _check_sum(G, "G")
     for name, t in (("W_k", W_k), ("W_m", W_m), ("H_k", H_k)):
@@ -604,7 +615,7 @@ def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
     if not G.is_contiguous():
         raise ValueError("G must be contiguous (it is updated in place)")
     given = (W_k, W_m, H_k)
-    W_k, W_m, H_k = (_read_fp8(t).contiguous() for t in given)
+    W_k, W_m, H_k = (_read_for(t, G.dtype).contiguous() for t in given)
     precision = "ieee" if G.dtype == torch.float64 else input_precision
     config = _residual_config(G, W_k, W_m, H_k, precision)
     copied = any(t is not g for t, g in zip((W_k, W_m, H_k), given))
@@ -658,7 +669,9 @@ def accumulate_xxt_triton(H, X):
     _check_xxt_args(H, X)
     check_device(H, X, names=["H", "X"])
     _check_float_out(H, "H")
-    X = _read_fp8(X)  # (float8 activations, which the reference takes: read exactly, as the weights)
+    # (float8 activations, which the reference takes: read exactly, as the weights; 16-bit ones of an fp64 H
+    # through fp32)
+    X = _read_for(X, H.dtype)
     if X.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"X must be bf16, fp16, fp32 or fp64, got {X.dtype}")
     n, d = X.shape

@@ -738,6 +738,68 @@ def test_split_kernel_compiles_for_one_input():
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
+class _Launches:
+    """A kernel whose launches are recorded (the arguments its launcher gives), then run."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, dict(kwargs)))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _compile_as_launched(launches):
+    """A script compiling each ``(name, calls)`` of ``launches`` (kernels of
+    epmq_kernels.expert_residual) for sm_90 as each call launched it: its tensors' dtypes, its
+    integers, its constants and options."""
+    lines = ["import sys", "sys.path.insert(0, 'tests/kernels')", "import torch, triton.language",
+             "from gpu_compile import compile_sm90", "import epmq_kernels.expert_residual as er"]
+
+    def literal(v):
+        return f"torch.empty(64, dtype={v.dtype})" if isinstance(v, torch.Tensor) else repr(v)
+
+    for name, calls in launches:
+        for args, kwargs in calls:
+            warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages", 1)
+            constexprs = ", ".join(f"{k}={literal(v)}" for k, v in kwargs.items())
+            lines.append(f"compile_sm90(er.{name}, [{', '.join(map(literal, args))}], "
+                         f"dict({constexprs}), {warps}, {stages})")
+    return "\n".join(lines + ["print('compiled')"])
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_fp64_sums_of_16_bit_operands_compile_for_gpus(gen, monkeypatch):
+    """An fp64 H of bf16, fp16 or float8 activations (a bf16 model's, into HessianStats of
+    dtype float64) and an fp64 G of bf16 or fp16 expert weights or Hessian were launched with
+    the 16-bit tiles converted to fp64 inside the product, which sm_90 does not compile (Triton's
+    MMAv2 operand lowering asserts: 'PassManager::run failed'): compiled as launched."""
+    import epmq_kernels.expert_residual as er
+
+    xxt, residual = _Launches(er._xxt_kernel), _Launches(er._residual_kernel)
+    monkeypatch.setattr(er, "_xxt_kernel", xxt)
+    monkeypatch.setattr(er, "_residual_kernel", residual)
+    for x_dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        X = rand(gen, 5, 40).to(x_dtype)
+        H = accumulate_xxt_triton(torch.zeros(40, 40, dtype=torch.float64, device=DEVICE), X)
+        torch.testing.assert_close(H, accumulate_xxt_reference(torch.zeros_like(H), X), rtol=1e-12, atol=1e-12)
+    for w_dtype, h_dtype in ((torch.bfloat16, torch.float64), (torch.float16, torch.float64),
+                             (torch.float64, torch.bfloat16)):
+        G = torch.zeros(24, 40, dtype=torch.float64, device=DEVICE)
+        W_k, W_m, H_k = rand(gen, 24, 40).to(w_dtype), rand(gen, 24, 40).to(w_dtype), rand(gen, 40, 40)
+        accumulate_residual_triton(G, W_k, W_m, H_k.to(h_dtype), 0.5)
+        G_ref = torch.zeros_like(G)
+        accumulate_residual_reference(G_ref, W_k, W_m, H_k.to(h_dtype), 0.5)
+        torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
+    assert len(xxt.calls) == 3 and len(residual.calls) == 3
+    proc = run_compile_script(_compile_as_launched([("_xxt_kernel", xxt.calls),
+                                                    ("_residual_kernel", residual.calls)]), timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- aliasing, strides, devices
 
 
