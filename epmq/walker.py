@@ -102,7 +102,8 @@ from torch import nn
 
 from . import quant
 from ._util import wrapped_model, write_atomic
-from .adapters import Adapter, Part, Transposed, find_towers, prepare_towers, remember, warn_other_towers
+from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, prepare_towers, remember,
+                       warn_other_towers)
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
@@ -339,7 +340,7 @@ def quantize_model(
         # (under a caller's inference_mode too: the walk tracks in-place writes by version
         # counters, which inference tensors lack)
         with torch.inference_mode(False), torch.no_grad():
-            renames = prepare_towers(model, towers, edits.swap)
+            renames = _prepare_walked(model, towers, layers, edits)
             # (after prepare, whose new modules, open_clip's attention projections, take the
             # modes of those they replace: restored with the rest at the end)
             modes = {m: m.training for m in model.modules()}
@@ -620,6 +621,25 @@ def _one_family(earlier: _Stack, stack: _Stack, quantized: bool = True) -> bool:
         return False
     return (not quantized or not stack.adapter.runs_blocks
             or {type(b) for b in earlier.blocks} == {type(b) for b in stack.blocks})
+
+
+def _prepare_walked(model, towers, layers, edits) -> dict:
+    """``prepare_towers`` of the towers ``layers`` selects a linear of, as prepared (a fused expert's
+    linears have names only then); a tower it leaves out is put back as it was, its own layout, as
+    ``load_quantized`` rebuilds only the towers holding quantized layers (an MoE language model beside
+    a vision tower selected alone had its experts rebuilt, saved one linear per expert, and refused
+    when loaded)."""
+    select = _selector(layers)
+    names = checkpoint_names(model)
+    for adapter, stacks in towers:
+        mark = len(edits.log)
+        prepared = prepare_towers(model, [(adapter, stacks)], edits.swap)
+        if any(select(f"{prefix}.{i}.{rel}") for prefix, blocks in stacks for i, block in enumerate(blocks)
+               for rel in adapter.linears(block) if rel not in adapter.routers(block)):
+            names.update(prepared)
+        else:
+            edits.undo(mark, [block for _, blocks in stacks for block in blocks])
+    return names
 
 
 def _plan(model, towers, layers) -> tuple:
@@ -1098,6 +1118,19 @@ class _Edits:
             for key, hook in list(module._forward_hooks.items()):
                 if key not in hooks and getattr(hook, "__module__", "").startswith("transformers."):
                     del module._forward_hooks[key]
+
+    def undo(self, mark: int, blocks: list) -> None:
+        """Undo the replacements made since the log held ``mark`` of them, and the settings
+        changed on the modules of ``blocks`` (EVA's separate q/v bias, WavLM's called projections)."""
+        for parent, attr, old in reversed(self.log[mark:]):
+            setattr(parent, attr, old)
+        del self.log[mark:]
+        inside = {m for block in blocks for m in block.modules()}
+        for module, _, _, attributes in self.states:
+            if module in inside:
+                for name in [k for k, _ in _attributes(module) if k not in attributes]:
+                    delattr(module, name)
+                module.__dict__.update(attributes)
 
     def rollback(self) -> None:
         for parent, attr, old in reversed(self.log):

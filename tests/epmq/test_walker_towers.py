@@ -707,3 +707,24 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
     assert (y - reference).norm() / reference.norm() < 0.02
     assert_both_towers_walked_and_served(model, towers, tmp_path, test,
                                          adapter=_TOWER_ADAPTERS.get(name, "hf-decoder+hf-encoder"))
+
+
+def test_a_tower_layers_leaves_out_keeps_its_own_layout(gen, tmp_path):
+    """LLaVA with a Qwen3-MoE language model, its vision tower alone selected by layers=: the walk
+    prepared every tower, so the language model's fused experts were rebuilt as one full-precision
+    linear per expert, saved so, and load_quantized (which rebuilds only the towers holding
+    quantized layers) refused the checkpoint ('does not fit ...: missing tensors [...gate_up_proj']).
+    A tower with no selected linear is left as it was: its experts fused, and the checkpoint loads back."""
+    model, fresh = tiny_llava_moe(), tiny_llava_moe()
+    items = llava_inputs(3, gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration={"a": items[:2]},
+                        backend="torch", progress=False, layers="^model.vision_tower.")
+    assert linears(model, "model.vision_tower", epmq.QuantLinear)
+    language = "model.language_model"
+    assert ([(n, type(m)) for n, m in model.named_modules() if n.startswith(language)]
+            == [(n, type(m)) for n, m in fresh.named_modules() if n.startswith(language)])
+    assert not any(n.startswith(language) for n in epmq.adapters.checkpoint_names(model))
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**items[2]).logits, model(**items[2]).logits, rtol=0, atol=0)
