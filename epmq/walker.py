@@ -113,7 +113,7 @@ from .qlinear import QuantLinear, common_quant_config
 from .read_ahead import ReadAhead
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
 from .spec import QuantSpec
-from .stats import EPMQStats, HessianStats
+from .stats import EPMQStats, HessianStats, stacks_of
 from epmq_kernels._runtime import version
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, check_residual_precision
 from epmq_kernels.grid import is_bits, is_flag
@@ -323,7 +323,8 @@ def quantize_model(
             f"targets={targets!r} across towers of different families ({'+'.join(families)}) is not "
             f"supported: a tower may read the inner outputs of the one before (a VLM's image "
             f"features), which the target stream does not replay; use targets='merged_path', or walk "
-            f"one tower a call (adapter=)"
+            f"one tower a call (adapter=), the later tower first: a call's target stream runs the towers "
+            f"earlier calls quantized as they are"
         )
     routing = [a.name for a, stacks in towers if a.routes(stacks)]
     if routing and method != "rtn" and targets != "merged_path":
@@ -349,7 +350,7 @@ def quantize_model(
             read = _take_weights_read(stacks)
             _refuse_adapter_layers(stacks)
             if method != "rtn" and targets != "merged_path":
-                _warn_quantized_elsewhere(model, targets)
+                _warn_quantized_elsewhere(model, targets, len(_families(model, stacks_of(model), every=True)) > 1)
             _check_finite(model, stacks)
             _warn_unquantized_matrices(stacks)
             report = QuantReport(
@@ -582,7 +583,7 @@ class _Stack:
     rounds: int = 1
 
 
-def _families(model, towers, layers=None) -> list:
+def _families(model, towers, layers=None, every: bool = False) -> list:
     """The families of ``towers`` for the target streams, which replay only a tower's final output:
     one per adapter, and AUTO's (an adapter that runs its blocks) in a language model that takes a
     tower's features at its image or audio tokens one per kind of stack (Mllama's vision encoders,
@@ -590,7 +591,8 @@ def _families(model, towers, layers=None) -> list:
     went on with the tower's input in their place, silently, or ended in an IndexError). An
     encoder-decoder's decoder reads its encoder's last output (M2M-100's layers of two classes), and
     the towers of a dual encoder their own inputs (ChineseCLIP's). Stacks ``layers`` selects no
-    linear of are not walked (a language model walked alone: the model runs its tower itself)."""
+    linear of are not walked (a language model walked alone: the model runs its tower itself);
+    ``every``: each stack counts, its linears quantized already or not (the model's families)."""
     config = getattr(model, "config", None)
     joined = not getattr(config, "is_encoder_decoder", False) and any(
         getattr(config, key, None) is not None
@@ -599,7 +601,8 @@ def _families(model, towers, layers=None) -> list:
     select = _selector(layers)
     for adapter, stacks in towers:
         kinds = [sorted({type(b).__name__ for b in blocks}) for prefix, blocks in stacks
-                 if any(select(f"{prefix}.{i}.{rel}") for i, b in enumerate(blocks) for rel in adapter.linears(b))]
+                 if every or any(select(f"{prefix}.{i}.{rel}") for i, b in enumerate(blocks)
+                                 for rel in adapter.linears(b))]
         # (a tower none of whose linears is selected is not walked, whatever its adapter: LLaVA's
         # vision tower beside its language model selected alone is run by the model itself)
         if kinds and not (adapter.runs_blocks and joined):
@@ -903,14 +906,19 @@ def _share_tied(model, tied, edits, report) -> None:
             report.tied[name] = first
 
 
-def _warn_quantized_elsewhere(model, targets) -> None:
+def _warn_quantized_elsewhere(model, targets, families: bool = False) -> None:
     """The target stream runs the model's layers outside the walked blocks as they are: where an
-    earlier call quantized them (another tower), its targets are not the full-precision model's."""
+    earlier call quantized them (another tower), its targets are not the full-precision model's.
+    ``families``: the model's towers are of several families, whose walk in one call these targets
+    are refused for (the remedy was that call)."""
     done = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     if done:
+        remedy = (f"quantize this tower before them (the walk of every tower in one call takes "
+                  f"targets={targets!r} within one family's towers only)" if families
+                  else "quantize every tower in one call (adapter=None)")
         warnings.warn(f"targets={targets!r}: {len(done)} layers were quantized by an earlier call (e.g. "
                       f"{done[0]}), and the target stream runs them quantized; to have it run the "
-                      f"full-precision model, quantize every tower in one call (adapter=None)")
+                      f"full-precision model, {remedy}")
 
 
 def _check_finite(model, stacks):

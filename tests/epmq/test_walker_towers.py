@@ -110,19 +110,24 @@ def test_every_tower_in_one_call_by_default(gen, tmp_path):
 def test_target_streams_stay_within_a_family(targets, gen):
     """The target stream replays an earlier stack's final output only, which a VLM's language
     model does not read (its image features are inner hidden states): refused across families;
-    a second call's target stream runs the first call's quantized tower, and says so."""
+    a second call's target stream runs the first call's quantized tower, and says so. The warning's
+    remedy was the walk of every tower in one call (adapter=None), the one refused: it says to
+    quantize the later tower first, as the refusal does."""
     model = tiny_llava()
     state = model.state_dict()
     experts = {"a": {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
                      for k, v in state.items()}}
     calibration = {"a": llava_inputs(2, gen)}
     options = dict(method="epmq", calibration=calibration, experts=experts, targets=targets, progress=False)
-    with pytest.raises(ValueError, match="across towers of different families"):
+    with pytest.raises(ValueError, match=r"across towers of different families .* walk one tower a call "
+                                         r"\(adapter=\), the later tower first"):
         epmq.quantize_model(model, SPEC_4, **options)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, progress=False,
                         adapter=epmq.adapters.CLIP_HF)
-    with pytest.warns(UserWarning, match="quantized by an earlier call"):
+    with pytest.warns(UserWarning, match="quantized by an earlier call") as said:
         epmq.quantize_model(model, SPEC_4, adapter=epmq.adapters.HF_DECODERS, **options)
+    said = [str(w.message) for w in said if "earlier call" in str(w.message)]
+    assert "adapter=None" not in said[0] and "quantize this tower before them" in said[0], said
     with torch.no_grad():
         assert torch.isfinite(model(**llava_inputs(1, gen)[0]).logits).all()
 
