@@ -646,9 +646,8 @@ def _prepare_walked(model, towers, layers, edits) -> dict:
 
 
 def _plan(model, towers, layers) -> tuple:
-    """The stacks to walk, in the order their modules are registered (the order of the forward
-    pass in every family we know: a VLM's vision tower before its language model, T5's encoder
-    before its decoder); and the tied linears, ``{name: the name of the linear whose weight and
+    """The stacks to walk, in the order their modules are registered (the walk takes them in the
+    order the forward reaches them: ``_Walk._in_forward_order``); and the tied linears, ``{name: the name of the linear whose weight and
     bias it holds}``, left out of the stacks (``_share_tied``); and the routers
     (``Adapter.routers``), left out too."""
     select = _selector(layers)
@@ -1578,6 +1577,7 @@ class _Walk:
         self.device = torch.device(device) if self.offload else self.model_device
         # (every device the model's passes draw on: its own, and the one a block visits)
         self.seeded_devices = list(dict.fromkeys(_model_devices(model, self.model_device) + [self.device]))
+        self._in_forward_order()
         # statistics in float64 on the CPU (cheap there), float32 on a GPU, as quant.epmq does
         self.stats_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.stats_backend = quant.resolve_backend(backend, self.device)
@@ -1600,6 +1600,38 @@ class _Walk:
         self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
+
+    def _in_forward_order(self) -> None:
+        """The stacks in the order the model's forward reaches them, as the first calibration item
+        runs (stopped at the last stack's first block): a model may register its language model
+        before the tower it reads (Kosmos-2, Dots3, Hunyuan-VL), whose walk then calibrated the
+        language model on the full-precision tower's features and quantized the tower after it.
+        Stacks the item does not reach keep their place after the others (the probes name them)."""
+        if len(self.stacks) < 2:
+            return
+        reached = []
+
+        def first_call(s):
+            def hook(module, args):
+                if s not in reached:
+                    reached.append(s)
+                if len(reached) == len(self.stacks):
+                    raise _Stop
+            return hook
+
+        hooks = [stack.blocks[0].register_forward_pre_hook(first_call(s)) for s, stack in enumerate(self.stacks)]
+        task, items = next(iter(self.calibration.items()))
+        try:
+            _call(self.model, items[0], self.model_device, _item_seed(task, 0), self.seeded_devices)
+        except _Stop:
+            pass
+        except Exception:  # (an item the model cannot run: the probes say so, by task and item)
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        order = reached + [s for s in range(len(self.stacks)) if s not in reached]
+        self.stacks = [self.stacks[s] for s in order]
 
     def ckpt(self, name: str) -> str:
         """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it; a

@@ -733,3 +733,44 @@ def test_a_tower_layers_leaves_out_keeps_its_own_layout(gen, tmp_path):
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**items[2]).logits, model(**items[2]).logits, rtol=0, atol=0)
+
+
+def tiny_kosmos2(seed=0):
+    """Kosmos-2: its text model registered before its vision tower, which its forward runs first."""
+    torch.manual_seed(seed)
+    config = transformers.Kosmos2Config(
+        text_config=dict(vocab_size=300, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8), latent_query_num=4)
+    return transformers.Kosmos2ForConditionalGeneration(config).eval()
+
+
+def kosmos2_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        mask = torch.zeros(1, 12, dtype=torch.bool)
+        mask[0, 1:5] = True  # (the 4 latent queries' image embeddings)
+        out.append(dict(input_ids=torch.randint(3, 290, (1, 12), generator=gen),
+                        pixel_values=torch.randn(1, 3, 16, 16, generator=gen), image_embeds_position_mask=mask))
+    return out
+
+
+def test_towers_are_walked_in_the_order_the_forward_reaches_them(gen):
+    """Kosmos-2 registers its text model before its vision tower: the walk took the stacks in the
+    modules' order, so the language model was calibrated on the full-precision tower's image
+    features, and the tower quantized after it, silently. The stacks are walked in the order the
+    forward reaches them: the one call packs what the tower's walk and then the language model's,
+    on the quantized tower's features, pack."""
+    items = kosmos2_inputs(2, gen)
+    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False)
+    one, two = tiny_kosmos2(), tiny_kosmos2()
+    epmq.quantize_model(one, SPEC_4, **options)
+    assert one.epmq_report.layers[0]["name"].startswith("vision_model.")
+    epmq.quantize_model(two, SPEC_4, layers="^vision_model.", **options)
+    epmq.quantize_model(two, SPEC_4, layers="^text_model.", **options)
+    packed = {n: m for n, m in two.named_modules() if isinstance(m, epmq.QuantLinear)}
+    assert packed.keys() == {n for n, m in one.named_modules() if isinstance(m, epmq.QuantLinear)}
+    for name, m in one.named_modules():
+        if isinstance(m, epmq.QuantLinear):
+            assert torch.equal(m.qweight, packed[name].qweight) and torch.equal(m.scales, packed[name].scales), name
