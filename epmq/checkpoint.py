@@ -153,6 +153,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
         config = json.loads(hf.to_json_string(use_diff=False))
+        if qconfig.get("lm_head"):
+            config = _untied_head(hf, config)
         config["architectures"] = [type(model).__name__]  # as save_pretrained writes them
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if dtype is not None:
@@ -466,6 +468,30 @@ def _quantized_head(model, layers) -> bool:
         with contextlib.suppress(Exception):
             head = model.get_output_embeddings()
     return any(m is head or name.rpartition(".")[2] == "lm_head" for name, m in layers.items())
+
+
+def _untied_head(hf, config: dict) -> dict:
+    """``config`` saying ``tie_word_embeddings: false`` where it ties the head, which is packed: vLLM
+    skips every ``lm_head.*`` tensor of a tied config (the head the embeddings, the packed one dropped)
+    and transformers ties it again. Set at each level the class reads it (LLaVA's and Gemma 3's text
+    config too); left as it is where the class reads more from it (T5 forces the tie, and takes a saved
+    false for T5 v1.1's unscaled decoder outputs)."""
+    untied = json.loads(json.dumps(config))
+    for c in [untied, *(v for v in untied.values() if isinstance(v, dict))]:
+        if c.get("tie_word_embeddings") is True:
+            c["tie_word_embeddings"] = False
+
+    def rest(c):
+        return {k: rest(v) if isinstance(v, dict) else v for k, v in c.items() if k != "tie_word_embeddings"}
+
+    try:
+        reread = type(hf).from_dict(untied)
+    except Exception:  # (a config class that cannot take it back: the model's own, as it was)
+        return config
+    if getattr(reread, "tie_word_embeddings", False) or rest(json.loads(reread.to_json_string(use_diff=False))) \
+            != rest(config):
+        return config
+    return untied
 
 
 def _symmetric(layer: QuantLinear) -> bool:

@@ -1527,6 +1527,9 @@ def _peer_checkpoint_with_a_packed_head(tmp_path, tie_word_embeddings):
     model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), spec), model.lm_head)
     epmq.save_quantized(model, tmp_path / "q")
     _as_foreign(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["tie_word_embeddings"] = tie_word_embeddings  # (the peer writes the model's config as it is)
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     return model, epmq.load_quantized(tmp_path / "q")
 
 
@@ -1555,6 +1558,51 @@ def test_a_packed_head_of_a_tied_config_is_not_tied_by_transformers_with_a_bare_
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_packed_head_of_a_tied_config_is_saved_untied(tmp_path):
+    """A packed lm_head of a config that ties it (a peer's lm_head=True checkpoint, saved again) was
+    written with tie_word_embeddings: true, which vLLM reads as 'skip lm_head.*' (the head tied to the
+    embeddings, its packed tensors dropped) and transformers as a head to tie (tie_weights refused on
+    our QuantLinear); the saved config says false, at every level the class reads it (LLaVA's text
+    config too), and the checkpoint loads back with the head's own logits."""
+    import transformers
+    from test_walker_towers import tiny_llava
+
+    from epmq.walker import _quant_linear
+
+    model, _ = _peer_checkpoint_with_a_packed_head(tmp_path, tie_word_embeddings=True)
+    assert model.config.tie_word_embeddings
+    epmq.save_quantized(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is False
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "ours")
+    assert not config.tie_word_embeddings
+    config.quantization_config = None  # (the class as transformers builds it: nothing tied to the head)
+    assert transformers.LlamaForCausalLM(config).get_expanded_tied_weights_keys(all_submodels=True) == {}
+    loaded = epmq.load_quantized(tmp_path / "ours")
+    loaded.tie_weights()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+    vlm = tiny_llava()
+    vlm.config.tie_word_embeddings = vlm.config.text_config.tie_word_embeddings = True
+    vlm.tie_weights()
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    epmq.quantize_model(vlm, spec, method="rtn", progress=False)
+    vlm.lm_head = _quant_linear(epmq.quant.rtn(vlm.lm_head.weight.detach(), spec), vlm.lm_head)
+    epmq.save_quantized(vlm, tmp_path / "vlm")
+    saved = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False and saved["text_config"]["tie_word_embeddings"] is False
+    assert not transformers.AutoConfig.from_pretrained(tmp_path / "vlm").tie_word_embeddings
+    assert vlm.config.tie_word_embeddings  # (the model's own config is left as it is)
+
+
+def test_an_unpacked_head_of_a_tied_config_stays_tied(tmp_path):
+    model = _llama(0, tie_word_embeddings=True)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_a_compiled_model_saves_and_loads_under_its_own_names(tmp_path):
