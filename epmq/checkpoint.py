@@ -239,10 +239,46 @@ class _SavePretrained:
             save_quantized(model, save_directory, max_shard_size=max_shard_size)
 
 
+class _ResizeTokenEmbeddings:
+    """``resize_token_embeddings`` of a transformers model holding ``QuantLinear`` layers: refuses
+    a vocabulary its packed head does not have before anything changes. transformers' own resizes
+    the embeddings first and then fails on the head (not an ``nn.Linear``), leaving a model whose
+    embeddings and logits differ in size. Bound and held as ``_SavePretrained``."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    def __reduce__(self):
+        return type(self), (self._model(),)
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model this resize_token_embeddings was bound to no longer exists")
+        # (the class's own arguments passed on as given: IBert's takes new_num_tokens alone)
+        new_num_tokens = args[0] if args else kwargs.get("new_num_tokens")
+        pad_to_multiple_of = args[1] if len(args) > 1 else kwargs.get("pad_to_multiple_of")
+        head = model.get_output_embeddings()
+        if isinstance(head, QuantLinear) and (new_num_tokens is not None or pad_to_multiple_of is not None):
+            n = new_num_tokens
+            if n is None:
+                n = model.get_input_embeddings().weight.shape[0]
+            if is_int(pad_to_multiple_of) and pad_to_multiple_of > 0:  # (as transformers rounds it)
+                n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+            if n != head.out_features:
+                name = next((k for k, m in model.named_modules() if m is head), "the output projection")
+                raise ValueError(
+                    f"{name} is packed ({type(head).__name__}({head.extra_repr()})): its {head.out_features} rows "
+                    f"cannot be resized to {n} tokens, and the embeddings were left as they are. Resize the "
+                    f"float model before quantizing it, or replace the head with an nn.Linear of its dequantize()")
+        return type(model).resize_token_embeddings(model, *args, **kwargs)
+
+
 def bind_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write ``save_quantized``'s checkpoint, where ``model`` (or
     the model a ``torch.compile`` wrapper holds) is a transformers ``PreTrainedModel`` holding
-    ``QuantLinear`` layers. Other modules (open_clip's) are left as they are: they have no
+    ``QuantLinear`` layers, and ``model.resize_token_embeddings`` refuse to resize a packed head
+    before it resizes the embeddings. Other modules (open_clip's) are left as they are: they have no
     ``save_pretrained``; nor is the class touched, so models never quantized keep their own.
     (Under DataParallel too: ``model.module.save_pretrained`` is what its user calls.)"""
     model = wrapped_model(model)
@@ -253,6 +289,7 @@ def bind_save_pretrained(model: nn.Module) -> None:
         return
     # (an instance attribute: found before the class's method, by the compiled wrapper's lookup too)
     model.save_pretrained = _SavePretrained(model)
+    model.resize_token_embeddings = _ResizeTokenEmbeddings(model)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

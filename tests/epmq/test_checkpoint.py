@@ -1598,6 +1598,45 @@ def test_a_packed_head_of_a_tied_config_is_saved_untied(tmp_path):
     assert vlm.config.tie_word_embeddings  # (the model's own config is left as it is)
 
 
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_resizing_the_vocabulary_of_a_packed_head_changes_nothing_before_it_is_refused(tie_word_embeddings, tmp_path):
+    """resize_token_embeddings of a model whose lm_head is packed (a peer's lm_head=True checkpoint)
+    resized the embeddings to 80 rows, then ended in transformers' 'Old language model head is of type
+    QuantLinear, which is not an instance of Linear': a model of 80 embeddings and 64 logits, its config
+    still 64. Refused before anything changes, naming the packed head and the sizes."""
+    model, loaded = _peer_checkpoint_with_a_packed_head(tmp_path, tie_word_embeddings=tie_word_embeddings)
+    embeddings = loaded.model.embed_tokens
+    before = embeddings.weight.detach().clone()
+    for kw in (dict(new_num_tokens=80), dict(new_num_tokens=60), dict(pad_to_multiple_of=48)):
+        with pytest.raises(ValueError, match=r"lm_head is packed \(QuantLinear\(in_features=32, out_features=64, "
+                                             r"bits=4.*\)\): its 64 rows cannot be resized to "
+                                             rf"{kw.get('new_num_tokens', 96)} tokens"):
+            loaded.resize_token_embeddings(**kw)
+        assert loaded.model.embed_tokens is embeddings and torch.equal(embeddings.weight, before)
+        assert loaded.config.vocab_size == 64 and loaded.lm_head.out_features == 64
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    if not tie_word_embeddings:  # (the vocabulary it has: nothing to resize, as transformers does it)
+        assert loaded.resize_token_embeddings(64, pad_to_multiple_of=32) is embeddings
+    plain = _llama(0)
+    epmq.quantize_model(plain, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    assert plain.resize_token_embeddings(80, mean_resizing=False).weight.shape == (80, 32)
+    assert plain.lm_head.weight.shape == (80, 32) and plain.config.vocab_size == 80
+    import transformers
+
+    class OneArgument(transformers.LlamaForCausalLM):  # (as IBert's: its own takes new_num_tokens alone)
+        def resize_token_embeddings(self, new_num_tokens=None):
+            return super().resize_token_embeddings(new_num_tokens, mean_resizing=False)
+
+    torch.manual_seed(0)
+    plain = OneArgument(_llama(0).config).eval()
+    epmq.quantize_model(plain, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    assert plain.resize_token_embeddings(72).weight.shape == (72, 32) and plain.config.vocab_size == 72
+    with pytest.raises(TypeError, match="mean_resizing"):  # (its own signature, not one epmq supposes)
+        plain.resize_token_embeddings(80, mean_resizing=False)
+
+
 def test_an_unpacked_head_of_a_tied_config_stays_tied(tmp_path):
     model = _llama(0, tie_word_embeddings=True)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
