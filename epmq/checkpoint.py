@@ -960,6 +960,9 @@ _SERVED_WITH = re.compile(r"(tokenizer.*|special_tokens_map|added_tokens|vocab|m
                           r"|source\.spm|target\.spm|target_vocab|spm|spm_char|normalizer"
                           r"|vocab-src|vocab-tgt|entity_vocab|bpe\.codes|dict\.txt|prophetnet\.tokenizer|emoji"
                           r"|word_shape|word_pronunciation|byte_maps"
+                          # Mistral's native vocabulary (any *tekken*.json, as transformers finds it), a legacy
+                          # tiktoken model: transformers 5 builds tokenizers of both
+                          r"|\w*tekken\w*|tiktoken"
                           r"|chat_template|generation_config|preprocessor_config|processor_config"
                           r"|video_preprocessor_config|audio_tokenizer_config"
                           r"|README|\.gitattributes|\.DS_Store)(\.[A-Za-z0-9]+)*")

@@ -1795,7 +1795,10 @@ OTHER_SERVED_WITH = ("source.spm", "target.spm", "target_vocab.json", "spm.model
                      "normalizer.json", "video_preprocessor_config.json", "audio_tokenizer_config.json",
                      "vocab-src.json", "vocab-tgt.json", "entity_vocab.json", "bpe.codes", "dict.txt",
                      "prophetnet.tokenizer", "emoji.json", "word_shape.json", "word_pronunciation.json",
-                     "byte_maps.json")
+                     "byte_maps.json",
+                     # Mistral's native vocabulary (save_pretrained(save_format="mistral"), which transformers and
+                     # vLLM's tokenizer_mode="mistral" read; a dated one too) and a legacy tiktoken model
+                     "tekken.json", "tekken_240911.json", "tiktoken.model")
 
 
 def test_every_file_a_tokenizer_or_processor_saves_counts_as_one(tmp_path):
