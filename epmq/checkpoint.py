@@ -147,7 +147,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
     qconfig["epmq"] = ours
-    _serving_warnings(layers, qconfig, split)
+    _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)])
     _stacked_experts_warning(model, layers, to_disk)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
@@ -541,10 +541,10 @@ class ServingWarning(UserWarning):
     a category of its own, so that a caller saving many (``epmq run``'s) can say each once."""
 
 
-def _serving_warnings(layers, qconfig, split) -> None:
+def _serving_warnings(layers, qconfig, split, experts) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
-    ``_partial_fields`` returns it."""
+    ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     split = [name for name in split if not name.endswith(" (MoE)")]
     if split:
@@ -566,17 +566,26 @@ def _serving_warnings(layers, qconfig, split) -> None:
             "desc_act=True GPTQ checkpoints, and SGLang's CPU path cannot run them; quantize with "
             "QuantSpec(act_order=True, static_groups=True) (g_idx stays k // group_size)", ServingWarning)
     reasons = []
+    if not qconfig["sym"] and qconfig["checkpoint_format"] == "gptq":
+        reasons.append("asymmetric grids (sym: false) in the v1 'gptq' format: GPTQModel refuses them (save with "
+                       "checkpoint_format='gptq_v2' for it)")
+    # GPTQ Marlin takes (4 or 8 bits, sym); vLLM and SGLang take other configs to their plain GPTQ kernel
+    # (gptq_gemm: 2, 3, 4, 8 bits, zero points read, v1 or v2), which has no routed experts: vLLM builds
+    # them with MoE WNA16 (4 or 8 bits, told sym: true, so it drops their zero points), SGLang refuses them
     low = sorted({m.bits for m in layers.values() if m.bits not in (4, 8)})
-    if low:
-        reasons.append(f"{'/'.join(map(str, low))}-bit layers: vLLM and SGLang (GPTQ Marlin) serve only "
-                       f"4- or 8-bit symmetric checkpoints (QuantSpec(bits=4 or 8, sym=True) for them)")
-    if not qconfig["sym"]:
-        asym = "asymmetric grids: the config says sym: false"
-        if qconfig["checkpoint_format"] == "gptq":
-            asym += "; GPTQModel refuses asymmetric checkpoints in the v1 'gptq' format (save with " \
-                    "checkpoint_format='gptq_v2' for it)"
-        reasons.append(asym + "; vLLM and SGLang (GPTQ Marlin) serve only symmetric 4- or 8-bit "
-                       "checkpoints (QuantSpec(sym=True) for them)")
+    off_marlin = [f"{'/'.join(map(str, low))}-bit layers"] * bool(low) + ["asymmetric grids"] * (not qconfig["sym"])
+    if off_marlin and experts:
+        reasons.append(
+            f"{' and '.join(off_marlin)}, which take vLLM and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "
+            f"with routed experts (first: {experts[0]}) quantized: vLLM builds those with its MoE WNA16 kernel, "
+            f"which takes 4 or 8 bits only and reads GPTQ experts as symmetric (asymmetric ones served wrong, their "
+            f"zero points dropped), and SGLang refuses them (QuantSpec(bits=4 or 8, sym=True) for them)")
+    elif off_marlin:
+        warnings.warn(
+            f"{' and '.join(off_marlin)}: vLLM and SGLang serve this checkpoint on their plain GPTQ kernel "
+            f"(gptq_gemm), not on GPTQ Marlin, which takes 4- or 8-bit symmetric grids only: slower"
+            f"{' (and vLLM logs its 4-bit gptq_gemm as buggy)' if 4 in {m.bits for m in layers.values()} else ''}; "
+            f"QuantSpec(bits=4 or 8, sym=True) for Marlin", ServingWarning)
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose

@@ -910,7 +910,7 @@ def test_the_config_describes_every_layer(gen, tmp_path):
                         progress=False)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers="mlp",
                         progress=False)
-    with pytest.warns(UserWarning, match="asymmetric grids: the config says sym: false"):
+    with pytest.warns(UserWarning, match="asymmetric grids: vLLM and SGLang serve this checkpoint on their plain"):
         epmq.save_quantized(model, tmp_path / "q")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["sym"] is False
     model = fam.merged()
@@ -2118,9 +2118,9 @@ def test_asymmetric_4bit_per_channel_is_warned_of_gptqmodel_on_cpu(bits, group_s
         assert "sym=True" in said[0]
 
 
-@pytest.mark.parametrize("bits, sym, engines", [(4, False, ["asymmetric", "GPTQModel", "vLLM"]),
-                                                (3, True, ["3-bit", "vLLM", "SGLang"]),
-                                                (2, False, ["2-bit", "asymmetric", "vLLM"]),
+@pytest.mark.parametrize("bits, sym, engines", [(4, False, ["asymmetric", "GPTQModel"]),
+                                                (3, True, None),
+                                                (2, False, None),
                                                 (8, True, None)])
 def test_one_warning_names_the_engines_that_cannot_serve(bits, sym, engines, tmp_path):
     import warnings
@@ -2135,8 +2135,48 @@ def test_one_warning_names_the_engines_that_cannot_serve(bits, sym, engines, tmp
         assert not said
         return
     assert len(said) == 1 and all(e in said[0] for e in engines)
-    if bits == 2:  # (GPTQModel reads asymmetric v2 files)
-        assert "refuses asymmetric" not in said[0]
+
+
+@pytest.mark.parametrize("bits, sym", [(3, True), (2, True), (2, False), (4, False)])
+def test_a_dense_model_off_marlin_is_served_by_the_plain_gptq_kernel(bits, sym, tmp_path):
+    """2/3-bit and asymmetric GPTQ linears were warned of as what vLLM and SGLang 'cannot serve', where
+    both take a config Marlin cannot to their plain GPTQ kernel (gptq_gemm: 2, 3, 4, 8 bits, zero points
+    read, v1 or v2): no engine is said to refuse it (GPTQModel reads v2 files); one warning says it is
+    served off Marlin, slower, and what Marlin takes."""
+    import warnings
+
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=32, sym=sym), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    said = [str(w.message) for w in record]
+    assert not [m for m in said if "cannot serve" in m]
+    slower = [m for m in said if "plain GPTQ kernel" in m]
+    assert len(slower) == 1 and "vLLM and SGLang" in slower[0] and "QuantSpec(bits=4 or 8, sym=True)" in slower[0]
+    assert (f"{bits}-bit layers" in slower[0]) == (bits != 4) and ("asymmetric" in slower[0]) == (not sym)
+    epmq.quantize_model(model := _tiny_llama(), epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn",
+                        progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "marlin")
+    assert not [w for w in record if "plain GPTQ kernel" in str(w.message)]
+
+
+@pytest.mark.parametrize("bits, sym, why", [(4, False, "zero points dropped"), (3, True, "4 or 8 bits only")])
+def test_routed_experts_off_marlin_are_named_as_what_vllm_and_sglang_cannot_serve(bits, sym, why, tmp_path):
+    """Off Marlin, vLLM builds a block's routed experts with its MoE WNA16 kernel (4 or 8 bits, GPTQ
+    experts read as symmetric) and SGLang refuses them: said, naming the first expert layer."""
+    import warnings
+
+    model = build("qwen3_moe")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=16, sym=sym), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    said = [str(w.message) for w in record if "cannot serve" in str(w.message)]
+    assert len(said) == 1 and "routed experts (first: model.layers.0.mlp.experts.0.gate_proj)" in said[0]
+    assert why in said[0] and "SGLang" in said[0] and "QuantSpec(bits=4 or 8, sym=True)" in said[0]
 
 
 @pytest.mark.parametrize("bits, inter, want", [(3, 128, 0), (3, 80, 6), (4, 128, 0), (4, 100, 6), (2, 104, 6),
