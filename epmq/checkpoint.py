@@ -173,6 +173,13 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         for name, t in tensors.items():
             writer[name] = t
         writer.finish()
+        # classes a checkpoint's own code defines (trust_remote_code): config.json's auto_map names their
+        # files, without which transformers and engines cannot read the checkpoint; as save_pretrained does
+        for obj in (hf, model):
+            if getattr(type(obj), "_auto_class", None) is not None:
+                from transformers.dynamic_module_utils import custom_object_save
+
+                custom_object_save(obj, tmp, config=files.get(HF_CONFIG_FILE))
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         if extras is not None:

@@ -1637,6 +1637,50 @@ def test_resizing_the_vocabulary_of_a_packed_head_changes_nothing_before_it_is_r
         plain.resize_token_embeddings(80, mean_resizing=False)
 
 
+def _remote_code_llama(directory):
+    """A model of a class a checkpoint's own code defines (trust_remote_code, config.json's auto_map):
+    a Llama under another name, built as AutoModelForCausalLM builds such a model."""
+    import transformers
+
+    directory.mkdir()
+    (directory / "configuration_mini.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass MiniConfig(LlamaConfig):\n    model_type = 'mini-remote'\n")
+    (directory / "modeling_mini.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_mini import MiniConfig\n\n\n"
+        "class MiniForCausalLM(LlamaForCausalLM):\n    config_class = MiniConfig\n")
+    config = _llama(0).config.to_dict()
+    config.update(model_type="mini-remote", architectures=["MiniForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_mini.MiniConfig",
+                            "AutoModelForCausalLM": "modeling_mini.MiniForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True).eval()
+
+
+def test_a_remote_code_model_is_saved_with_its_code(tmp_path):
+    """A model whose classes its checkpoint's code defines (trust_remote_code) was saved with config.json's
+    auto_map naming configuration_mini.py and modeling_mini.py but neither file, so transformers (and
+    engines reading remote code) could not read the checkpoint: 'does not appear to have a file named
+    configuration_mini.py'. Written as save_pretrained writes them; the checkpoint loads back."""
+    import transformers
+
+    model = _remote_code_llama(tmp_path / "src")
+    assert type(model).__name__ == "MiniForCausalLM" and type(model)._auto_class is not None
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    for name in ("configuration_mini.py", "modeling_mini.py"):
+        assert (tmp_path / "q" / name).read_text() == (tmp_path / "src" / name).read_text()
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "q", trust_remote_code=True)
+    assert type(config).__name__ == "MiniConfig" and config.quantization_config["bits"] == 4
+    loaded = epmq.load_quantized(tmp_path / "q", _remote_code_llama(tmp_path / "fresh"))
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    epmq.save_quantized(loaded, tmp_path / "again")  # (a model load_quantized filled: its code too)
+    assert (tmp_path / "again" / "modeling_mini.py").is_file()
+
+
 def test_an_unpacked_head_of_a_tied_config_stays_tied(tmp_path):
     model = _llama(0, tie_word_embeddings=True)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
