@@ -1308,7 +1308,19 @@ def _empty_hf_model(directory: Path) -> nn.Module:
                          f"{OPEN_CLIP_CONFIG_FILE}: pass load_quantized a fresh instance of the model's "
                          f"architecture")
     import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    # (AutoConfig would ask on a terminal whether to run the checkpoint's code, reading the answer from
+    # stdin, and then ask for a trust_remote_code=True that load_quantized does not take)
+    content = read_json(directory / HF_CONFIG_FILE)
+    if isinstance(content, dict) and isinstance(content.get("auto_map"), dict) \
+            and content.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{directory / HF_CONFIG_FILE} names classes its own code defines (model_type "
+            f"{content.get('model_type')!r}, auto_map: {', '.join(content['auto_map'])}), which epmq does not run: "
+            f"build the model with transformers (AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("
+            f"directory, trust_remote_code=True), trust_remote_code=True), or the auto class the model's is) and "
+            f"pass it: load_quantized(directory, model)")
     config = transformers.AutoConfig.from_pretrained(directory)
     names = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, names[0], None) if names else None

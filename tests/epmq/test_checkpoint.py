@@ -1681,6 +1681,25 @@ def test_a_remote_code_model_is_saved_with_its_code(tmp_path):
     assert (tmp_path / "again" / "modeling_mini.py").is_file()
 
 
+def test_a_remote_code_checkpoint_loaded_without_its_model_is_refused_by_name(tmp_path, monkeypatch):
+    """load_quantized(d) of a checkpoint whose config.json names its own code (auto_map, a model_type
+    transformers does not know) ended in transformers asking 'Do you wish to run the custom code? [y/N]'
+    on a terminal (waiting for an answer) and then 'Please pass the argument trust_remote_code=True',
+    which load_quantized does not take; refused before any code is read, with how to pass the model."""
+    import io
+    import sys
+
+    model = _remote_code_llama(tmp_path / "src")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # (an answer to a prompt: none is asked)
+    with pytest.raises(ValueError, match=r"config\.json names classes its own code defines \(model_type "
+                                         r"'mini-remote', auto_map: AutoConfig, AutoModelForCausalLM\).*"
+                                         r"trust_remote_code=True.*load_quantized\(directory, model\)"):
+        epmq.load_quantized(tmp_path / "q")
+    assert sys.stdin.read() == "y\n"
+
+
 def test_an_unpacked_head_of_a_tied_config_stays_tied(tmp_path):
     model = _llama(0, tie_word_embeddings=True)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
