@@ -1394,31 +1394,33 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         if name not in grams:
             return _mean(W_k)
         G_k = list(grams[name])
-        # (DBRX's experts: [E * I, H] with [E, in, in] Gram matrices, expert e's rows e*I:(e+1)*I)
-        rows_of = (G_k[0].shape[0] if len(G_k) == len(W_k) and W_k[0].dim() == 2 and G_k[0].dim() == 3
-                   and W_k[0].shape[0] % G_k[0].shape[0] == 0 else None)
-        if rows_of:
-            W_k = [W.reshape(rows_of, -1, W.shape[-1]) for W in W_k]  # (read once each)
-        if len(G_k) == len(W_k) and W_k[0].dim() == 3:
-            # a mixture of experts' fused experts ([E, out, in]; [E, in, out] transposed) and their
-            # [E, in, in] Gram matrices: each expert merged by its own
-            W_k = [W for W in W_k]  # (read once each)
-            for k, G in enumerate(G_k):
-                if G.dim() != 3 or G.shape[0] != W_k[0].shape[0]:
-                    raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}: a fused weight of shape "
-                                     f"{tuple(W_k[0].shape)} takes one Gram matrix per expert, "
-                                     f"({W_k[0].shape[0]}, in, in)")
-            unseen = [e for e in range(W_k[0].shape[0]) if not any(G[e].any() for G in G_k)]
-            if unseen:
-                warnings.warn(f"regmean: experts {unseen} of {name} were routed no calibration token by any model "
-                              f"(their Gram matrices are zero): merged by their plain average")
-            merged = torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
-                                  for e in range(W_k[0].shape[0])])
-            return merged.reshape(-1, merged.shape[-1]) if rows_of else merged
-        if len(G_k) != len(W_k) or W_k[0].dim() != 2:
+        one_each = len(G_k) == len(W_k)
+        if one_each and W_k[0].dim() == 2 and G_k[0].dim() == 3 and W_k[0].shape[0] % G_k[0].shape[0] == 0:
+            # (DBRX's experts: [E * I, H] with [E, in, in] Gram matrices, expert e's rows e*I:(e+1)*I)
+            merged = merge_experts(name, [W.reshape(G_k[0].shape[0], -1, W.shape[-1]) for W in W_k], G_k)
+            return merged.reshape(-1, merged.shape[-1])
+        if one_each and W_k[0].dim() == 3:
+            return merge_experts(name, W_k, G_k)
+        if not one_each or W_k[0].dim() != 2:
             raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert) "
                              f"of a 2-D weight, got {len(G_k)} for shape {tuple(W_k[0].shape)}")
         return solve(name, W_k, G_k)
+
+    def merge_experts(name, W_k, G_k):
+        # a mixture of experts' fused experts ([E, out, in]; [E, in, out] transposed) and their
+        # [E, in, in] Gram matrices: each expert merged by its own
+        W_k = [W for W in W_k]  # (read once each)
+        for k, G in enumerate(G_k):
+            if G.dim() != 3 or G.shape[0] != W_k[0].shape[0]:
+                raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}: a fused weight of shape "
+                                 f"{tuple(W_k[0].shape)} takes one Gram matrix per expert, "
+                                 f"({W_k[0].shape[0]}, in, in)")
+        unseen = [e for e in range(W_k[0].shape[0]) if not any(G[e].any() for G in G_k)]
+        if unseen:
+            warnings.warn(f"regmean: experts {unseen} of {name} were routed no calibration token by any model "
+                          f"(their Gram matrices are zero): merged by their plain average")
+        return torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
+                            for e in range(W_k[0].shape[0])])
 
     def solve(name, W_k, G_k):
         flip = name.partition("[")[0] in transposed  # (W_k as [in, out] below)
