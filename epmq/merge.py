@@ -1389,6 +1389,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
 
     unheard = []  # (the models whose Gram matrix of a weight is zero, the weight's name)
     unreached = []  # (weights whose Gram matrices are all zero, fused experts' said apart)
+    unrouted = []  # (those of one fused weight's experts)
 
     def merge_tensor(name, W_0, W_k):
         if name not in grams:
@@ -1408,19 +1409,22 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
 
     def merge_experts(name, W_k, G_k):
         # a mixture of experts' fused experts ([E, out, in]; [E, in, out] transposed) and their
-        # [E, in, in] Gram matrices: each expert merged by its own
+        # [E, in, in] Gram matrices: each expert merged by its own. G_k[k][e] is read once, as the
+        # expert is solved (merge_checkpoints' read from disk: one expert's matrix a model at a time)
         W_k = [W for W in W_k]  # (read once each)
         for k, G in enumerate(G_k):
             if G.dim() != 3 or G.shape[0] != W_k[0].shape[0]:
                 raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}: a fused weight of shape "
                                  f"{tuple(W_k[0].shape)} takes one Gram matrix per expert, "
                                  f"({W_k[0].shape[0]}, in, in)")
-        unseen = [e for e in range(W_k[0].shape[0]) if not any(G[e].any() for G in G_k)]
-        if unseen:
-            warnings.warn(f"regmean: experts {unseen} of {name} were routed no calibration token by any model "
-                          f"(their Gram matrices are zero): merged by their plain average")
-        return torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
-                            for e in range(W_k[0].shape[0])])
+        unrouted.clear()
+        merged = torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
+                              for e in range(W_k[0].shape[0])])
+        if unrouted:
+            warnings.warn(f"regmean: experts {[int(n[len(name) + 1:-1]) for n in unrouted]} of {name} were routed "
+                          f"no calibration token by any model (their Gram matrices are zero): merged by their "
+                          f"plain average")
+        return merged
 
     def solve(name, W_k, G_k):
         flip = name.partition("[")[0] in transposed  # (W_k as [in, out] below)
@@ -1443,8 +1447,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             B += G @ W.to(torch.float64)
         if 0 < len(silent) < len(G_k):
             unheard.append((silent, name))
-        elif silent and "[" not in name:
-            unreached.append(name)
+        elif silent:  # (a fused expert's said by merge_experts)
+            (unrouted if "[" in name else unreached).append(name)
         ridge = 1e-8 * float(torch.diagonal(G_sum).mean()) or 1.0
         G_sum += ridge * torch.eye(d_in, dtype=torch.float64, device=G_sum.device)
         B += ridge * _mean(W_k).to(torch.float64)

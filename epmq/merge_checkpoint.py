@@ -577,7 +577,8 @@ def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
 
 class _SpilledGrams(Sequence):
     """One weight's Gram matrices, one per model, read from the files each model's were
-    written to when indexed (``merge.regmean`` reads one weight's at a time)."""
+    written to when indexed (``merge.regmean`` reads one weight's at a time); fused experts'
+    ``[E, in, in]`` one expert's matrix at a time (``_SpilledExperts``)."""
 
     def __init__(self, entries):
         self.entries = entries  # [(file, key)], one per model
@@ -590,7 +591,36 @@ class _SpilledGrams(Sequence):
 
         file, key = self.entries[k]
         with safe_open(str(file), framework="pt") as f:
+            if len(f.get_slice(key).get_shape()) == 3:
+                return _SpilledExperts(file, key)
             return f.get_tensor(key)
+
+
+class _SpilledExperts:
+    """One model's Gram matrices of a fused experts parameter, ``[E, in, in]`` in ``file``: expert
+    ``e``'s read when indexed. Read whole, each model's were held at once by the merge of one fused
+    weight (gpt-oss-120b's: 8.5 GB a model in float64), where it solves one expert at a time."""
+
+    def __init__(self, file, key):
+        from safetensors import safe_open
+
+        self.file, self.key = file, key
+        with safe_open(str(file), framework="pt") as f:
+            self.shape = torch.Size(f.get_slice(key).get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if not 0 <= e < self.shape[0]:
+            raise IndexError(f"expert {e} of {self.shape[0]}")
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_slice(self.key)[e]
 
 
 def _spill(grams: Mapping[str, torch.Tensor], file: Path) -> dict:

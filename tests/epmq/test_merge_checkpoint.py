@@ -1877,12 +1877,9 @@ def test_regmean_of_an_expert_no_model_routes_a_token_to_is_averaged_and_said(tm
     assert not torch.allclose(got[name][2], (W_k[0][2] + W_k[1][2]) / 2, atol=1e-4)
 
 
-def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
-    """DBRX's checkpoints hold its experts as three [E * I, H] matrices (ffn.experts.mlp.w1, v1, w2),
-    which merge_checkpoints averaged, warned as matrices of no linear layer; each expert's rows are
-    merged by RegMean on the Gram matrix of the tokens routed to it (w2's as [in, out])."""
-    import epmq.merge_checkpoint
-    import epmq.stats
+def two_dbrx_experts(tmp_path):
+    """Two tiny DBRX experts saved (a word tokenizer beside the first), each with a text of its own:
+    (directories, texts, models)."""
     from epmq.benches.tiny import WORDS
 
     config = transformers.DbrxConfig(vocab_size=128, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
@@ -1899,6 +1896,16 @@ def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
         texts.append(tmp_path / f"t{k}.txt")
         texts[-1].write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (300,), generator=g)))
     word_tokenizer(models[0])
+    return models, texts, experts
+
+
+def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
+    """DBRX's checkpoints hold its experts as three [E * I, H] matrices (ffn.experts.mlp.w1, v1, w2),
+    which merge_checkpoints averaged, warned as matrices of no linear layer; each expert's rows are
+    merged by RegMean on the Gram matrix of the tokens routed to it (w2's as [in, out])."""
+    import epmq.merge_checkpoint
+
+    models, texts, experts = two_dbrx_experts(tmp_path)
     # (2 layers x 4 experts x (32^2, w1's and v1's one, + 16^2) x 8 bytes: within the budget, counted)
     assert epmq.merge_checkpoint._fused_expert_gram_bytes(experts[0]) == 2 * 4 * (32 * 32 + 16 * 16) * 8
     seen = recording_grams(monkeypatch)
@@ -1913,6 +1920,64 @@ def test_regmean_of_dbrx_checkpoints_merges_each_expert(tmp_path, monkeypatch):
         assert seen[0][name].shape[0] == 4
         torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-4)
         assert not torch.allclose(got[name], (W_k[0] + W_k[1]) / 2, atol=1e-4)
+
+
+def spilled_reads(monkeypatch) -> list:
+    """The shapes of the tensors merge_checkpoints' RegMean reads back from its spilled Gram matrices."""
+    import safetensors
+
+    shapes, safe_open = [], safetensors.safe_open
+
+    class Recorded:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, key):
+            shapes.append(tuple((t := self.f.get_tensor(key)).shape))
+            return t
+
+        def get_slice(self, key):
+            whole = self.f.get_slice(key)
+
+            class Slice:
+                get_shape = whole.get_shape
+
+                def __getitem__(self, index):
+                    shapes.append(tuple((t := whole[index]).shape))
+                    return t
+
+            return Slice()
+
+    monkeypatch.setattr(safetensors, "safe_open", lambda file, *args, **kwargs: (
+        Recorded(safe_open(file, *args, **kwargs)) if ".regmean-grams" in str(file) else
+        safe_open(file, *args, **kwargs)))
+    return shapes
+
+
+def test_regmean_of_fused_experts_reads_one_experts_gram_matrix_at_a_time(tmp_path, monkeypatch):
+    """The merge of a checkpoint's fused experts (DBRX's [E * I, H], gpt-oss's [E, H, 2I]) read each
+    model's Gram matrices of the weight whole from the spill, [E, in, in], all models' held at once
+    (gpt-oss-120b's: 8.5 GB a model in float64) to solve one expert at a time: each expert's are read
+    as it is solved, [in, in], and the merge is the same."""
+    models, texts, experts = two_dbrx_experts(tmp_path)
+    seen = recording_grams(monkeypatch)
+    shapes = spilled_reads(monkeypatch)
+    regmean_warnings(models, texts, tmp_path / "out")
+    assert shapes and all(len(shape) == 2 for shape in shapes)
+    assert shapes.count((16, 16)) == 2 * 2 * 4  # (w2's: 2 models x 2 layers x 4 experts, once each)
+    got = transformers.DbrxForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    want = merge.regmean([e.state_dict() for e in experts], {n: [grams[n] for grams in seen] for n in seen[0]
+                                                                 if n in experts[0].state_dict()},
+                         transposed=merge.conv1d_weights(experts[0]))
+    for name in ("transformer.blocks.0.ffn.experts.mlp.w1", "transformer.blocks.1.ffn.experts.mlp.w2"):
+        torch.testing.assert_close(got[name], want[name].float(), atol=1e-5, rtol=1e-4)
 
 
 def test_regmean_of_fused_experts_over_the_memory_budget_collects_them_a_few_at_a_time(tmp_path, monkeypatch):
