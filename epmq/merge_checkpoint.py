@@ -581,7 +581,7 @@ class _SpilledGrams(Sequence):
     ``[E, in, in]`` one expert's matrix at a time (``_SpilledExperts``)."""
 
     def __init__(self, entries):
-        self.entries = entries  # [(file, key)], one per model
+        self.entries = entries  # [[(file, key)]], one list per model (fused experts': a few experts each)
 
     def __len__(self):
         return len(self.entries)
@@ -589,24 +589,28 @@ class _SpilledGrams(Sequence):
     def __getitem__(self, k):
         from safetensors import safe_open
 
-        file, key = self.entries[k]
+        (file, key), *more = self.entries[k]
         with safe_open(str(file), framework="pt") as f:
-            if len(f.get_slice(key).get_shape()) == 3:
-                return _SpilledExperts(file, key)
+            if more or len(f.get_slice(key).get_shape()) == 3:
+                return _SpilledExperts(self.entries[k])
             return f.get_tensor(key)
 
 
 class _SpilledExperts:
-    """One model's Gram matrices of a fused experts parameter, ``[E, in, in]`` in ``file``: expert
-    ``e``'s read when indexed. Read whole, each model's were held at once by the merge of one fused
-    weight (gpt-oss-120b's: 8.5 GB a model in float64), where it solves one expert at a time."""
+    """One model's Gram matrices of a fused experts parameter, ``[E, in, in]`` in ``parts``, the
+    ``(file, key)`` of each stack of consecutive experts: expert ``e``'s read when indexed. Read
+    whole, each model's were held at once by the merge of one fused weight (gpt-oss-120b's: 8.5 GB a
+    model in float64), where it solves one expert at a time."""
 
-    def __init__(self, file, key):
+    def __init__(self, parts):
         from safetensors import safe_open
 
-        self.file, self.key = file, key
-        with safe_open(str(file), framework="pt") as f:
-            self.shape = torch.Size(f.get_slice(key).get_shape())
+        self.parts = []  # [(file, key, experts)]
+        for file, key in parts:
+            with safe_open(str(file), framework="pt") as f:
+                shape = f.get_slice(key).get_shape()
+            self.parts.append((file, key, shape[0]))
+        self.shape = torch.Size([sum(n for *_, n in self.parts), *shape[1:]])
 
     def dim(self) -> int:
         return len(self.shape)
@@ -619,8 +623,11 @@ class _SpilledExperts:
 
         if not 0 <= e < self.shape[0]:
             raise IndexError(f"expert {e} of {self.shape[0]}")
-        with safe_open(str(self.file), framework="pt") as f:
-            return f.get_slice(self.key)[e]
+        for file, key, n in self.parts:
+            if e < n:
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_slice(key)[e]
+            e -= n
 
 
 def _spill(grams: Mapping[str, torch.Tensor], file: Path) -> dict:
@@ -707,21 +714,27 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                         written.add(id(p))
                         p.copy_(view[to_reference[on_disk[n]]])
         if k == 0:  # (the models share one architecture)
-            sizes = _fused_expert_gram_sizes(model)
+            shapes = _fused_expert_gram_shapes(model)
+            sizes = {n: experts * d_in ** 2 * 8 for n, (experts, d_in) in shapes.items()}
             # over the budget, the experts' matrices are collected a few fused parameters at a time,
-            # a calibration pass each (after one for the other matrices), spilled in between
+            # a calibration pass each (after one for the other matrices), spilled in between; a
+            # parameter whose own pass it, a few of its experts at a time
             if sum(sizes.values()) > EXPERT_GRAM_BYTES:  # (those the passes call one linear per expert)
                 called = rebuilt_experts(model)
                 sizes = {n: size for n, size in sizes.items() if n in called}
+                shapes = {n: shape for n, shape in shapes.items() if n in called}
             runs = [dict(experts=True)] if sum(sizes.values()) <= EXPERT_GRAM_BYTES else [
-                dict(experts=False), *(dict(names=set(chunk)) for chunk in _chunks(sizes, EXPERT_GRAM_BYTES))]
-            alone = [n for n, size in sizes.items() if size > EXPERT_GRAM_BYTES]
+                dict(experts=False), *(dict(names=set(chunk)) for chunk in _chunks(sizes, EXPERT_GRAM_BYTES)),
+                *(dict(names=names, expert_range=experts)
+                  for names, experts in _expert_chunks(shapes, EXPERT_GRAM_BYTES))]
+            alone = [n for n, (_, d_in) in shapes.items() if d_in ** 2 * 8 > EXPERT_GRAM_BYTES]
             if alone:
-                warnings.warn(f"regmean: the Gram matrices of {len(alone)} of {type(model).__name__}'s fused expert "
-                              f"parameters, one per expert, would take up to {max(sizes.values()) / 2**30:.1f} GiB "
-                              f"each in float64 (over epmq.merge_checkpoint.EXPERT_GRAM_BYTES, "
-                              f"{EXPERT_GRAM_BYTES / 2**30:.1f} GiB; e.g. {alone[0]}): those experts are merged "
-                              f"by their plain average; raise it to merge them by RegMean where memory allows")
+                warnings.warn(f"regmean: the Gram matrix of one expert of {len(alone)} of {type(model).__name__}'s "
+                              f"fused expert parameters would take up to "
+                              f"{max(shapes[n][1] ** 2 * 8 for n in alone) / 2**30:.1f} GiB in float64 (over "
+                              f"epmq.merge_checkpoint.EXPERT_GRAM_BYTES, {EXPERT_GRAM_BYTES / 2**30:.1f} GiB; e.g. "
+                              f"{alone[0]}): those experts are merged by their plain average; raise it to merge them "
+                              f"by RegMean where memory allows")
             seen, transposed = set(), set()
         entries = {}
         for c, run in enumerate(runs):
@@ -734,7 +747,8 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                                if n in grams and on_disk[n] in to_reference}
             file = spill_dir / (f"grams-{k}.safetensors" if len(runs) == 1 else f"grams-{k}-{c}.safetensors")
             keys = _spill({to_reference[on_disk[n]]: G for n, G in grams.items() if on_disk[n] in to_reference}, file)
-            entries.update({n: (file, key) for n, key in keys.items()})
+            for n, key in keys.items():  # (a fused parameter's: a few experts' in each of its runs)
+                entries.setdefault(n, []).append((file, key))
             del grams
         if k == 0:
             _warn_averaged_matrices(model, seen)
@@ -746,32 +760,39 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
 
 # the most memory one model's per-expert Gram matrices of fused experts may take at once (~E
 # times its dense layers': Mixtral-8x7B's are ~450 GB); over it they are collected a few fused
-# parameters at a time, a calibration pass each, and a fused parameter whose own matrices pass it
-# (a DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB) is averaged, warned
+# parameters at a time, a calibration pass each, a fused parameter whose own matrices pass it (a
+# DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB) a few of its experts at a
+# time, and one whose single expert's matrix passes it is averaged, warned
 EXPERT_GRAM_BYTES = 32 * 2**30
 
 
-def _fused_expert_gram_sizes(model) -> dict:
-    """``{fused parameter: bytes}`` of the float64 Gram matrices, one per expert and input, of
-    ``model``'s fused experts (DBRX's too: w1's and v1's one stack, counted under w1; JetMoE's one
-    ``weight [E, out, in]``), in order."""
+def _fused_expert_gram_shapes(model) -> dict:
+    """``{fused parameter: (experts, inputs)}`` of ``model``'s fused experts, whose Gram matrices
+    are one ``[inputs, inputs]`` per expert (DBRX's too: w1's and v1's one stack, counted under w1,
+    v1's of no inputs; JetMoE's one ``weight [E, out, in]``), in order."""
     from .adapters.moe import _rebuilt_as, is_fused_experts, is_split_experts
 
-    sizes = {}
+    shapes = {}
     for name, module in model.named_modules():
         if is_split_experts(module):
-            sizes[f"{name}.weight"] = module.weight.shape[0] * module.weight.shape[2] ** 2 * 8
+            shapes[f"{name}.weight"] = module.weight.shape[0], module.weight.shape[2]
         elif is_fused_experts(module):
             flip = _rebuilt_as(module).transposed  # ([E, in, out])
             for p in ("gate_up_proj", "up_proj", "down_proj"):
                 W = getattr(module, p, None)
                 if isinstance(W, torch.Tensor) and W.dim() == 3:
-                    sizes[f"{name}.{p}"] = W.shape[0] * W.shape[1 if flip else 2] ** 2 * 8
+                    shapes[f"{name}.{p}"] = W.shape[0], W.shape[1 if flip else 2]
         elif type(module).__name__ == "DbrxExperts":
-            sizes[f"{name}.mlp.w1"] = module.num_experts * module.hidden_size ** 2 * 8
-            sizes[f"{name}.mlp.v1"] = 0  # (w1's)
-            sizes[f"{name}.mlp.w2"] = module.num_experts * module.ffn_hidden_size ** 2 * 8
-    return sizes
+            shapes[f"{name}.mlp.w1"] = module.num_experts, module.hidden_size
+            shapes[f"{name}.mlp.v1"] = module.num_experts, 0  # (w1's)
+            shapes[f"{name}.mlp.w2"] = module.num_experts, module.ffn_hidden_size
+    return shapes
+
+
+def _fused_expert_gram_sizes(model) -> dict:
+    """``{fused parameter: bytes}`` of the float64 Gram matrices, one per expert and input, of
+    ``model``'s fused experts (``_fused_expert_gram_shapes``), in order."""
+    return {n: experts * d_in ** 2 * 8 for n, (experts, d_in) in _fused_expert_gram_shapes(model).items()}
 
 
 def _fused_expert_gram_bytes(model) -> int:
@@ -795,6 +816,21 @@ def _chunks(sizes: Mapping[str, int], budget: int) -> list:
             used = 0
         chunks[-1].append(name)
         used += size
+    return chunks
+
+
+def _expert_chunks(shapes: Mapping[str, tuple], budget: int) -> list:
+    """``(names, experts)`` of each pass collecting the Gram matrices of a fused parameter (of
+    ``_fused_expert_gram_shapes``) over ``budget`` alone: a range of its experts whose fit in it
+    (DBRX's v1 with its w1); none for one whose single expert's pass it."""
+    chunks = []
+    for name, (experts, d_in) in shapes.items():
+        each = d_in ** 2 * 8
+        if name.endswith(".mlp.v1") or experts * each <= budget or each > budget:
+            continue
+        names = {name, name[:-len("w1")] + "v1"} & set(shapes) if name.endswith(".mlp.w1") else {name}
+        step = budget // each
+        chunks += [(names, range(e, min(e + step, experts))) for e in range(0, experts, step)]
     return chunks
 
 

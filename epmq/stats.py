@@ -720,7 +720,7 @@ class EPMQStats:
 
 @torch.no_grad()
 def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str = "",
-                  each_expert: bool = False, experts: bool = True) -> dict:
+                  each_expert: bool = False, experts: bool = True, expert_range: Optional[range] = None) -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers and GPT-2's
     ``Conv1D`` ones (whose weight is stored ``[in, out]``: ``epmq.merge.regmean`` finds them
     when given the experts as modules, else takes their names as ``transposed=``), those whose
@@ -748,7 +748,9 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     ``each_expert``: each expert's projections have theirs too, ``[in, in]``, under the names
     checkpoints saved one matrix per expert give them (``experts.{e}.gate_proj.weight``).
     ``experts=False``: fused experts are left as they are, with no Gram matrix (where one per
-    expert would not fit in memory)."""
+    expert would not fit in memory). ``expert_range``: of each fused parameter, the Gram matrices of
+    those experts alone, stacked ``[len(expert_range), in, in]`` (where one parameter's would not fit:
+    its experts a few at a time)."""
     from torch import nn
 
     from .adapters.moe import rebuild_experts
@@ -757,6 +759,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     from .calibration import token_rows, unpad
     from .walker import _call, _encoder_decoder, _item_seed, keep_call_hooks
 
+    if expert_range is not None and (not isinstance(expert_range, range) or expert_range.step != 1):
+        raise ValueError(f"expert_range must be a range of consecutive experts, got {expert_range!r}")
     device = next(model.parameters()).device
     stats, hooks = {}, []
     reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive
@@ -799,7 +803,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     # parameter, or one expert's block of rows of DBRX's [E * I, H] ones (w2's read transposed)
     expert_of = {str(part): _expert_of(part) for part in rebuilt
                  if str(part).endswith(".weight") and part.fused not in tied and (names is None or part.fused in names)}
-    expert_parts = {n: part for part in rebuilt if expert_of.get(n := str(part)) is not None}
+    expert_parts = {n: part for part in rebuilt if expert_of.get(n := str(part)) is not None
+                    and (expert_range is None or expert_of[n] in expert_range)}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"
@@ -916,12 +921,14 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     stacked = {}  # (DBRX's w1 and v1 read one matrix per expert: one stack of them)
     for fused in list(experts):
         per_expert = experts.pop(fused)
-        ids = tuple(id(per_expert[e]) for e in range(len(per_expert)))
+        ids = tuple(id(per_expert[e]) for e in sorted(per_expert))
         grams[fused] = stacked.get(ids)
         if grams[fused] is None:
-            grams[fused] = stacked[ids] = torch.stack([per_expert.pop(e) for e in range(len(per_expert))])
+            grams[fused] = stacked[ids] = torch.stack([per_expert.pop(e) for e in sorted(per_expert)])
+    first = expert_range.start if expert_range is not None else 0  # (the stacks' expert 0)
     if each_expert:  # (views of the stack, one per expert: its projections share it)
-        views = {(part.fused, expert_of[n]): grams[part.fused][expert_of[n]] for n, part in expert_parts.items()}
+        views = {(part.fused, expert_of[n]): grams[part.fused][expert_of[n] - first]
+                 for n, part in expert_parts.items()}
         grams.update({n: views[part.fused, expert_of[n]] for n, part in expert_parts.items()})
     return grams
 

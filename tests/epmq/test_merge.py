@@ -1630,6 +1630,25 @@ def test_gram_matrices_of_fused_experts_are_each_experts_routed_inputs(family):
     assert "gate_up_proj" in dict(model.model.layers[0].mlp.experts.named_parameters())
 
 
+def test_gram_matrices_of_a_range_of_experts_are_those_of_the_whole_stack():
+    """expert_range= (merge_checkpoints' passes over a fused parameter too large for memory): the
+    stack of those experts' Gram matrices, each the one the whole stack holds, and the per-expert
+    names of those experts alone; a range that is not consecutive experts is refused."""
+    from epmq.stats import gram_matrices
+
+    model, batches = _routed_moe("qwen3_moe", 0), _token_batches(1)
+    whole = gram_matrices(model, batches, each_expert=True)
+    part = gram_matrices(model, batches, each_expert=True, expert_range=range(1, 3))
+    name = "model.layers.1.mlp.experts.down_proj"
+    assert part[name].shape == (2, 16, 16)
+    assert torch.equal(part[name], whole[name][1:3])
+    experts = {n for n in part if ".experts." in n and n.split(".experts.")[1][0].isdigit()}
+    assert {n.split(".experts.")[1].split(".")[0] for n in experts} == {"1", "2"}
+    assert all(torch.equal(part[n], whole[n]) for n in experts)
+    with pytest.raises(ValueError, match="expert_range must be a range of consecutive experts, got range\\(0, 4, 2\\)"):
+        gram_matrices(model, batches, expert_range=range(0, 4, 2))
+
+
 def _regmean_by_hand(W_k, G_k, alpha=0.9):
     """RegMean's closed form for one [out, in] weight, as its paper writes it (float64)."""
     G_k = [alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G)) for G in G_k]

@@ -866,25 +866,25 @@ def two_qwen3_moe_experts(tmp_path):
 
 
 def test_regmean_of_fused_experts_over_the_memory_budget_averages_them(tmp_path, monkeypatch):
-    """One fused parameter's Gram matrices, one per expert, are held at once (a layer of
-    DeepSeek-V3's 256 experts: 105 GB in float64): those over epmq.merge_checkpoint.EXPERT_GRAM_BYTES
-    alone are averaged, said with the size, and the other matrices merged by RegMean as before."""
+    """One expert's Gram matrix of a fused parameter is held at once: a parameter whose single
+    expert's passes epmq.merge_checkpoint.EXPERT_GRAM_BYTES is averaged, said with the size, and the
+    other matrices merged by RegMean as before."""
     import epmq.merge_checkpoint
 
     models, texts, experts = two_qwen3_moe_experts(tmp_path)
     # (2 layers x 4 experts x (32^2 + 16^2) inputs' Gram matrices x 8 bytes)
     assert epmq.merge_checkpoint._fused_expert_gram_bytes(experts[0]) == 2 * 4 * (32 * 32 + 16 * 16) * 8
-    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 4 * 16 * 16 * 8 - 1)  # (below a down_proj's)
-    with pytest.warns(UserWarning, match=r"regmean: the Gram matrices of 4 of Qwen3MoeForCausalLM's fused expert "
-                                         r"parameters, one per expert, would take up to 0\.0 GiB .*plain average"):
+    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 32 * 32 * 8 - 1)  # (below a gate_up's expert)
+    with pytest.warns(UserWarning, match=r"regmean: the Gram matrix of one expert of 2 of Qwen3MoeForCausalLM's "
+                                         r"fused expert parameters would take up to 0\.0 GiB .*plain average"):
         merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(t) for t in texts],
                           samples=4, seq_len=16, batch_size=2, progress=False)
     got = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
-        W_k = [e.state_dict()[name] for e in experts]
-        torch.testing.assert_close(got[name], (W_k[0] + W_k[1]) / 2)
-    name = "model.layers.0.self_attn.q_proj.weight"  # (RegMean still)
-    assert not torch.allclose(got[name], (experts[0].state_dict()[name] + experts[1].state_dict()[name]) / 2)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    W_k = [e.state_dict()[name] for e in experts]
+    torch.testing.assert_close(got[name], (W_k[0] + W_k[1]) / 2)
+    for name in ("model.layers.1.mlp.experts.down_proj", "model.layers.0.self_attn.q_proj.weight"):  # (RegMean)
+        assert not torch.allclose(got[name], (experts[0].state_dict()[name] + experts[1].state_dict()[name]) / 2)
 
 
 def recording_grams(monkeypatch) -> list:
@@ -1065,7 +1065,7 @@ def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, m
     def spying(sources, grams, **kwargs):
         if grams:
             seen["lazy"] = all(isinstance(g, _SpilledGrams) for g in grams.values())
-            seen["files"] = sorted({f.name for g in grams.values() for f, _ in g.entries})
+            seen["files"] = sorted({f.name for g in grams.values() for parts in g.entries for f, _ in parts})
             seen["in_memory"] = {n: [G.clone() for G in g] for n, g in grams.items()}
         return regmean(sources, grams, **kwargs)
 
@@ -2003,6 +2003,49 @@ def test_regmean_of_fused_experts_over_the_memory_budget_collects_them_a_few_at_
                for grams in seen)
     got, want = (transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("out", "whole"))
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "dbrx"])
+def test_regmean_of_a_fused_parameter_over_the_memory_budget_alone_collects_a_few_experts_at_a_time(
+        family, tmp_path, monkeypatch):
+    """A fused parameter whose Gram matrices, one per expert, alone passed epmq.merge_checkpoint.
+    EXPERT_GRAM_BYTES (a DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB) was
+    averaged, every expert of it, whatever memory a few of them take: they are collected a few
+    experts at a time, a calibration pass each within the budget, and merged by RegMean as with the
+    budget unbounded (Qwen3-MoE's checkpoints hold a matrix per expert, DBRX's fused ones)."""
+    import epmq.merge_checkpoint
+
+    models, texts, experts = (two_qwen3_moe_experts if family == "qwen3_moe" else two_dbrx_experts)(tmp_path)
+    cls = type(experts[0])
+    seen = recording_grams(monkeypatch)
+    merge_checkpoints("regmean", models, tmp_path / "whole", calibration=[str(t) for t in texts],
+                      samples=4, seq_len=16, batch_size=2, progress=False)
+    seen.clear()
+    budget = 3 * 32 * 32 * 8  # (3 of a gate_up_proj's or w1's 4 experts; a down_proj's or w2's 4 x 16^2 x 8 within it)
+    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", budget)
+    caught = regmean_warnings(models, texts, tmp_path / "out")
+    assert not [w for w in caught if "plain average" in str(w.message)]
+    # (DBRX's w1 and v1 one stack)
+    assert all(sum({id(G): G.numel() * 8 for G in grams.values() if G.dim() == 3}.values()) <= budget for grams in seen)
+    stacks = [G.shape[0] for grams in seen for n, G in grams.items() if n.endswith(("gate_up_proj", "mlp.w1"))]
+    assert stacks == [3, 1, 3, 1] * 2  # (per model: each layer's experts 0-2, then 3)
+    got, want = (cls.from_pretrained(tmp_path / d).state_dict() for d in ("out", "whole"))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_fused_experts_are_collected_a_few_at_a_time_where_one_parameters_pass_the_budget():
+    """The passes of a fused parameter over the budget alone: consecutive experts within it, DBRX's
+    v1 with its w1 (one stack, counted under w1); none for a parameter within the budget or one whose
+    single expert's pass it."""
+    from epmq.merge_checkpoint import _expert_chunks
+
+    shapes = {"a.gate_up_proj": (5, 2), "a.down_proj": (2, 2), "b.mlp.w1": (3, 1), "b.mlp.v1": (3, 0),
+              "b.mlp.w2": (3, 4)}
+    assert _expert_chunks(shapes, 2 * 2 * 2 * 8) == [({"a.gate_up_proj"}, range(0, 2)),
+                                                     ({"a.gate_up_proj"}, range(2, 4)),
+                                                     ({"a.gate_up_proj"}, range(4, 5))]
+    w1 = {"b.mlp.w1", "b.mlp.v1"}
+    assert _expert_chunks(shapes, 8) == [(w1, range(0, 1)), (w1, range(1, 2)), (w1, range(2, 3))]
 
 
 def test_fused_expert_parameters_are_collected_in_chunks_within_the_budget():
