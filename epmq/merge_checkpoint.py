@@ -716,17 +716,15 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         if k == 0:  # (the models share one architecture)
             shapes = _fused_expert_gram_shapes(model)
             sizes = {n: experts * d_in ** 2 * 8 for n, (experts, d_in) in shapes.items()}
-            # over the budget, the experts' matrices are collected a few fused parameters at a time,
-            # a calibration pass each (after one for the other matrices), spilled in between; a
-            # parameter whose own pass it, a few of its experts at a time
+            # over the budget, the experts' matrices are collected a few fused parameters' experts at a
+            # time, a calibration pass each (the first's with the other matrices), spilled in between
             if sum(sizes.values()) > EXPERT_GRAM_BYTES:  # (those the passes call one linear per expert)
                 called = rebuilt_experts(model)
-                sizes = {n: size for n, size in sizes.items() if n in called}
                 shapes = {n: shape for n, shape in shapes.items() if n in called}
-            runs = [dict(experts=True)] if sum(sizes.values()) <= EXPERT_GRAM_BYTES else [
-                dict(experts=False), *(dict(names=set(chunk)) for chunk in _chunks(sizes, EXPERT_GRAM_BYTES)),
-                *(dict(names=names, expert_range=experts)
-                  for names, experts in _expert_chunks(shapes, EXPERT_GRAM_BYTES))]
+                sizes = {n: size for n, size in sizes.items() if n in called}
+            chunks = _chunks(shapes, EXPERT_GRAM_BYTES) if sum(sizes.values()) > EXPERT_GRAM_BYTES else [True]
+            runs = [dict(experts=chunks[0] if chunks else False), *(dict(names=set(chunk), experts=chunk)
+                                                                    for chunk in chunks[1:])]
             alone = [n for n, (_, d_in) in shapes.items() if d_in ** 2 * 8 > EXPERT_GRAM_BYTES]
             if alone:
                 warnings.warn(f"regmean: the Gram matrix of one expert of {len(alone)} of {type(model).__name__}'s "
@@ -760,9 +758,9 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
 
 # the most memory one model's per-expert Gram matrices of fused experts may take at once (~E
 # times its dense layers': Mixtral-8x7B's are ~450 GB); over it they are collected a few fused
-# parameters at a time, a calibration pass each, a fused parameter whose own matrices pass it (a
-# DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB) a few of its experts at a
-# time, and one whose single expert's matrix passes it is averaged, warned
+# parameters' experts at a time, a calibration pass each (a fused parameter whose own matrices pass
+# it, a DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB, across passes), and
+# one whose single expert's matrix passes it is averaged, warned
 EXPERT_GRAM_BYTES = 32 * 2**30
 
 
@@ -800,37 +798,27 @@ def _fused_expert_gram_bytes(model) -> int:
     return sum(_fused_expert_gram_sizes(model).values())
 
 
-def _chunks(sizes: Mapping[str, int], budget: int) -> list:
-    """The names of ``sizes`` in consecutive chunks of at most ``budget`` bytes (DBRX's v1 with its
-    w1, whose stack it shares); those over it alone are left out."""
-    chunks, used = [], budget + 1
-    for name, size in sizes.items():
-        if name.endswith(".mlp.v1"):
-            if chunks and chunks[-1][-1] == name[:-len("v1")] + "w1":
-                chunks[-1].append(name)
-            continue
-        if size > budget:
-            continue
-        if used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(name)
-        used += size
-    return chunks
-
-
-def _expert_chunks(shapes: Mapping[str, tuple], budget: int) -> list:
-    """``(names, experts)`` of each pass collecting the Gram matrices of a fused parameter (of
-    ``_fused_expert_gram_shapes``) over ``budget`` alone: a range of its experts whose fit in it
-    (DBRX's v1 with its w1); none for one whose single expert's pass it."""
-    chunks = []
+def _chunks(shapes: Mapping[str, tuple], budget: int) -> list:
+    """The fused parameters (of ``_fused_expert_gram_shapes``) whose Gram matrices are collected in
+    one pass, each with the range of its experts there: ``[{name: experts}]``, each chunk within
+    ``budget`` bytes, filled in order (a parameter over what is left of one goes on in the next,
+    so the passes are as few as the budget allows), DBRX's v1 with its w1 (one stack, counted under
+    w1); a parameter whose single expert's matrix passes the budget in none."""
+    chunks, room = [], 0
     for name, (experts, d_in) in shapes.items():
         each = d_in ** 2 * 8
-        if name.endswith(".mlp.v1") or experts * each <= budget or each > budget:
+        if name.endswith(".mlp.v1") or each > budget:
             continue
-        names = {name, name[:-len("w1")] + "v1"} & set(shapes) if name.endswith(".mlp.w1") else {name}
-        step = budget // each
-        chunks += [(names, range(e, min(e + step, experts))) for e in range(0, experts, step)]
+        v1 = name[:-len("w1")] + "v1" if name.endswith(".mlp.w1") else None
+        e = 0
+        while e < experts:
+            if room < each:
+                chunks.append({})
+                room = budget
+            n = min(experts - e, room // each)
+            chunks[-1].update({p: range(e, e + n) for p in (name, v1) if p in shapes})
+            room -= n * each
+            e += n
     return chunks
 
 

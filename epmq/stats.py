@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -720,7 +720,7 @@ class EPMQStats:
 
 @torch.no_grad()
 def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str = "",
-                  each_expert: bool = False, experts: bool = True, expert_range: Optional[range] = None) -> dict:
+                  each_expert: bool = False, experts=True) -> dict:
     """``{weight name: X^T X}`` of the inputs of ``model``'s ``nn.Linear`` layers and GPT-2's
     ``Conv1D`` ones (whose weight is stored ``[in, out]``: ``epmq.merge.regmean`` finds them
     when given the experts as modules, else takes their names as ``transposed=``), those whose
@@ -748,9 +748,9 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     ``each_expert``: each expert's projections have theirs too, ``[in, in]``, under the names
     checkpoints saved one matrix per expert give them (``experts.{e}.gate_proj.weight``).
     ``experts=False``: fused experts are left as they are, with no Gram matrix (where one per
-    expert would not fit in memory). ``expert_range``: of each fused parameter, the Gram matrices of
-    those experts alone, stacked ``[len(expert_range), in, in]`` (where one parameter's would not fit:
-    its experts a few at a time)."""
+    expert would not fit in memory); a mapping ``{fused parameter: range of its experts}``: those
+    parameters' alone, of the experts in their ranges, stacked ``[len(range), in, in]`` (the others
+    left as they are: where all would not fit, a few at a time, ``merge_checkpoint``'s passes)."""
     from torch import nn
 
     from .adapters.moe import rebuild_experts
@@ -759,8 +759,13 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     from .calibration import token_rows, unpad
     from .walker import _call, _encoder_decoder, _item_seed, keep_call_hooks
 
-    if expert_range is not None and (not isinstance(expert_range, range) or expert_range.step != 1):
-        raise ValueError(f"expert_range must be a range of consecutive experts, got {expert_range!r}")
+    chosen = dict(experts) if isinstance(experts, Mapping) else None  # fused parameter -> its experts here
+    for fused, ranged in (chosen or {}).items():
+        if not isinstance(ranged, range) or ranged.step != 1:
+            raise ValueError(f"experts[{fused!r}] must be a range of consecutive experts, got {ranged!r}")
+    if chosen and set(chosen) - rebuilt_experts(model):
+        raise ValueError(f"experts= names {sorted(set(chosen) - rebuilt_experts(model))[:3]}, no fused expert "
+                         f"parameter of {type(model).__name__} that the passes call one linear per expert")
     device = next(model.parameters()).device
     stats, hooks = {}, []
     reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive
@@ -802,9 +807,10 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     # name -> the expert (of its fused parameter) whose projection it is: one expert's rows of a 3-D
     # parameter, or one expert's block of rows of DBRX's [E * I, H] ones (w2's read transposed)
     expert_of = {str(part): _expert_of(part) for part in rebuilt
-                 if str(part).endswith(".weight") and part.fused not in tied and (names is None or part.fused in names)}
+                 if str(part).endswith(".weight") and part.fused not in tied and (names is None or part.fused in names)
+                 and (chosen is None or part.fused in chosen)}
     expert_parts = {n: part for part in rebuilt if expert_of.get(n := str(part)) is not None
-                    and (expert_range is None or expert_of[n] in expert_range)}
+                    and (chosen is None or expert_of[n] in chosen[part.fused])}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"
@@ -925,9 +931,9 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         grams[fused] = stacked.get(ids)
         if grams[fused] is None:
             grams[fused] = stacked[ids] = torch.stack([per_expert.pop(e) for e in sorted(per_expert)])
-    first = expert_range.start if expert_range is not None else 0  # (the stacks' expert 0)
-    if each_expert:  # (views of the stack, one per expert: its projections share it)
-        views = {(part.fused, expert_of[n]): grams[part.fused][expert_of[n] - first]
+    if each_expert:  # (views of the stack, one per expert: its projections share it; its first the range's)
+        first = {part.fused: chosen[part.fused].start if chosen else 0 for part in expert_parts.values()}
+        views = {(part.fused, expert_of[n]): grams[part.fused][expert_of[n] - first[part.fused]]
                  for n, part in expert_parts.items()}
         grams.update({n: views[part.fused, expert_of[n]] for n, part in expert_parts.items()})
     return grams

@@ -1631,22 +1631,27 @@ def test_gram_matrices_of_fused_experts_are_each_experts_routed_inputs(family):
 
 
 def test_gram_matrices_of_a_range_of_experts_are_those_of_the_whole_stack():
-    """expert_range= (merge_checkpoints' passes over a fused parameter too large for memory): the
-    stack of those experts' Gram matrices, each the one the whole stack holds, and the per-expert
-    names of those experts alone; a range that is not consecutive experts is refused."""
+    """experts={fused parameter: range} (merge_checkpoints' passes where every expert's would not fit
+    in memory): the stack of those experts' Gram matrices, each the one the whole stack holds, the
+    per-expert names of those experts alone, the other fused parameters left out and the linears'
+    as before; a range that is not consecutive experts, or a name no fused parameter's, is refused."""
     from epmq.stats import gram_matrices
 
     model, batches = _routed_moe("qwen3_moe", 0), _token_batches(1)
     whole = gram_matrices(model, batches, each_expert=True)
-    part = gram_matrices(model, batches, each_expert=True, expert_range=range(1, 3))
     name = "model.layers.1.mlp.experts.down_proj"
+    part = gram_matrices(model, batches, each_expert=True, experts={name: range(1, 3)})
     assert part[name].shape == (2, 16, 16)
     assert torch.equal(part[name], whole[name][1:3])
-    experts = {n for n in part if ".experts." in n and n.split(".experts.")[1][0].isdigit()}
-    assert {n.split(".experts.")[1].split(".")[0] for n in experts} == {"1", "2"}
+    experts = {n for n in part if ".experts." in n and n != name}
+    assert experts == {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in (1, 2)}
     assert all(torch.equal(part[n], whole[n]) for n in experts)
-    with pytest.raises(ValueError, match="expert_range must be a range of consecutive experts, got range\\(0, 4, 2\\)"):
-        gram_matrices(model, batches, expert_range=range(0, 4, 2))
+    linears = {n for n in whole if ".experts." not in n}
+    assert linears <= set(part) and all(torch.equal(part[n], whole[n]) for n in linears)
+    with pytest.raises(ValueError, match="must be a range of consecutive experts, got range\\(0, 4, 2\\)"):
+        gram_matrices(model, batches, experts={name: range(0, 4, 2)})
+    with pytest.raises(ValueError, match="experts= names \\['model.layers.1.mlp.experts'\\], no fused expert"):
+        gram_matrices(model, batches, experts={"model.layers.1.mlp.experts": range(0, 2)})
 
 
 def _regmean_by_hand(W_k, G_k, alpha=0.9):

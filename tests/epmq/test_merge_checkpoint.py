@@ -1998,7 +1998,7 @@ def test_regmean_of_fused_experts_over_the_memory_budget_collects_them_a_few_at_
     monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 4 * (32 * 32 + 16 * 16) * 8)
     caught = regmean_warnings(models, texts, tmp_path / "out")
     assert not [w for w in caught if "plain average" in str(w.message)]
-    assert len(seen) == 2 * 3  # (per model: the other matrices, then each layer's experts)
+    assert len(seen) == 2 * 2  # (per model: layer 0's experts with the other matrices, then layer 1's)
     assert all(sum(G.numel() * 8 for n, G in grams.items() if G.dim() == 3) <= 4 * (32 * 32 + 16 * 16) * 8
                for grams in seen)
     got, want = (transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("out", "whole"))
@@ -2027,38 +2027,31 @@ def test_regmean_of_a_fused_parameter_over_the_memory_budget_alone_collects_a_fe
     assert not [w for w in caught if "plain average" in str(w.message)]
     # (DBRX's w1 and v1 one stack)
     assert all(sum({id(G): G.numel() * 8 for G in grams.values() if G.dim() == 3}.values()) <= budget for grams in seen)
+    # (per model 2 x 4 x (32^2 + 16^2) x 8 bytes, in 4 passes filled in order, the first with the other matrices:
+    # gate_up_proj 0's experts 0-2; its expert 3, down_proj 0, gate_up_proj 1's expert 0; its 1-3; down_proj 1)
+    assert len(seen) == 2 * 4
     stacks = [G.shape[0] for grams in seen for n, G in grams.items() if n.endswith(("gate_up_proj", "mlp.w1"))]
-    assert stacks == [3, 1, 3, 1] * 2  # (per model: each layer's experts 0-2, then 3)
+    assert stacks == [3, 1, 1, 3] * 2
     got, want = (cls.from_pretrained(tmp_path / d).state_dict() for d in ("out", "whole"))
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
-def test_fused_experts_are_collected_a_few_at_a_time_where_one_parameters_pass_the_budget():
-    """The passes of a fused parameter over the budget alone: consecutive experts within it, DBRX's
-    v1 with its w1 (one stack, counted under w1); none for a parameter within the budget or one whose
-    single expert's pass it."""
-    from epmq.merge_checkpoint import _expert_chunks
-
-    shapes = {"a.gate_up_proj": (5, 2), "a.down_proj": (2, 2), "b.mlp.w1": (3, 1), "b.mlp.v1": (3, 0),
-              "b.mlp.w2": (3, 4)}
-    assert _expert_chunks(shapes, 2 * 2 * 2 * 8) == [({"a.gate_up_proj"}, range(0, 2)),
-                                                     ({"a.gate_up_proj"}, range(2, 4)),
-                                                     ({"a.gate_up_proj"}, range(4, 5))]
-    w1 = {"b.mlp.w1", "b.mlp.v1"}
-    assert _expert_chunks(shapes, 8) == [(w1, range(0, 1)), (w1, range(1, 2)), (w1, range(2, 3))]
-
-
 def test_fused_expert_parameters_are_collected_in_chunks_within_the_budget():
-    """The chunks of fused parameters whose Gram matrices are collected in one pass: consecutive,
-    each within the budget, DBRX's v1 with its w1 (one stack, counted under w1), and a parameter
-    over the budget alone (with its v1) in none."""
+    """The fused parameters whose Gram matrices are collected in one pass, each with the range of its
+    experts there: each chunk within the budget, filled in order (a parameter over what is left of
+    one goes on in the next: as few passes as the budget allows), DBRX's v1 with its w1 (one stack,
+    counted under w1), a parameter whose single expert's matrix passes the budget (with its v1) in none."""
     from epmq.merge_checkpoint import _chunks
 
-    sizes = {"a.gate_up_proj": 4, "a.down_proj": 2, "b.gate_up_proj": 4, "b.down_proj": 2,
-             "c.mlp.w1": 9, "c.mlp.v1": 0, "c.mlp.w2": 1, "d.mlp.w1": 3, "d.mlp.v1": 0, "d.mlp.w2": 1}
-    assert _chunks(sizes, 6) == [["a.gate_up_proj", "a.down_proj"], ["b.gate_up_proj", "b.down_proj"],
-                                 ["c.mlp.w2", "d.mlp.w1", "d.mlp.v1", "d.mlp.w2"]]
-    assert _chunks(sizes, 100) == [list(sizes)]
+    # ({name: (experts, inputs)}: an expert's matrix inputs^2 x 8 bytes, 32 of a.gate_up_proj's)
+    shapes = {"a.gate_up_proj": (5, 2), "a.down_proj": (2, 2), "b.mlp.w1": (3, 1), "b.mlp.v1": (3, 0),
+              "b.mlp.w2": (3, 4)}
+    w1 = range(0, 3)
+    assert _chunks(shapes, 64) == [{"a.gate_up_proj": range(0, 2)}, {"a.gate_up_proj": range(2, 4)},
+                                   {"a.gate_up_proj": range(4, 5), "a.down_proj": range(0, 1)},
+                                   {"a.down_proj": range(1, 2), "b.mlp.w1": w1, "b.mlp.v1": w1}]
+    assert _chunks(shapes, 1000) == [{"a.gate_up_proj": range(0, 5), "a.down_proj": range(0, 2), "b.mlp.w1": w1,
+                                      "b.mlp.v1": w1, "b.mlp.w2": w1}]
 
 
 def test_jetmoes_experts_count_in_the_gram_budget():
