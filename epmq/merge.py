@@ -1394,7 +1394,14 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
     def merge_tensor(name, W_0, W_k):
         if name not in grams:
             return _mean(W_k)
+        if not isinstance(grams[name], Iterable) or isinstance(grams[name], (str, bytes, Mapping)):
+            raise ValueError(f"grams[{name!r}] is a {type(grams[name]).__name__}: give one Gram matrix per expert, "
+                             f"in the experts' order")
         G_k = list(grams[name])
+        for k, G in enumerate(G_k):  # (tensors, or merge_checkpoints' read per expert: what has dim and shape)
+            if not (hasattr(G, "dim") and hasattr(G, "shape")):
+                raise ValueError(f"grams[{name!r}][{k}] is a {type(G).__name__}, not a tensor"
+                                 f"{' (torch.from_numpy)' if hasattr(G, 'ndim') else ''}")
         one_each = len(G_k) == len(W_k)
         if one_each and W_k[0].dim() == 2 and G_k[0].dim() == 3 and W_k[0].shape[0] % G_k[0].shape[0] == 0:
             # (DBRX's experts: [E * I, H] with [E, in, in] Gram matrices, expert e's rows e*I:(e+1)*I)
@@ -1402,9 +1409,12 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             return merged.reshape(-1, merged.shape[-1])
         if one_each and W_k[0].dim() == 3:
             return merge_experts(name, W_k, G_k)
-        if not one_each or W_k[0].dim() != 2:
-            raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert) "
-                             f"of a 2-D weight, got {len(G_k)} for shape {tuple(W_k[0].shape)}")
+        if W_k[0].dim() not in (2, 3):
+            raise ValueError(f"grams[{name!r}]: {name} has shape {tuple(W_k[0].shape)}, no linear layer's weight "
+                             f"[out, in] (nor fused experts' [E, out, in]), which alone RegMean fits to inputs: "
+                             f"leave it out of grams (it is averaged)")
+        if not one_each:
+            raise ValueError(f"grams[{name!r}]: expected {len(W_k)} Gram matrices (one per expert), got {len(G_k)}")
         return solve(name, W_k, G_k)
 
     def merge_experts(name, W_k, G_k):

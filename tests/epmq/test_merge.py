@@ -1053,6 +1053,27 @@ def test_regmean_bad_grams(gen):
     assert torch.isfinite(merged["w"]).all()
 
 
+def test_regmean_grams_of_no_linear_weight_or_no_tensors_are_named(gen):
+    """Grams given for a bias, or as numpy arrays or None, ended in 'expected 2 Gram matrices (one per
+    expert) of a 2-D weight, got 2' (two given) or in Python's bare AttributeError ('numpy.ndarray'
+    object has no attribute 'dim') and TypeError; each is refused naming the entry and what it is."""
+    experts = [{"w": torch.randn(3, 4, generator=gen), "b": torch.randn(3, generator=gen)} for _ in range(2)]
+    G = torch.eye(4)
+    with pytest.raises(ValueError, match=r"grams\['b'\]: b has shape \(3,\), no linear layer's weight \[out, in\] "
+                                         r"\(nor fused experts' \[E, out, in\]\).*leave it out of grams"):
+        merge.regmean(experts, {"b": [torch.eye(3), torch.eye(3)]})
+    with pytest.raises(ValueError, match=r"grams\['w'\]\[1\] is a ndarray, not a tensor"):
+        merge.regmean(experts, {"w": [G, G.numpy()]})
+    with pytest.raises(ValueError, match=r"grams\['w'\]\[0\] is a NoneType, not a tensor"):
+        merge.regmean(experts, {"w": [None, G]})
+    with pytest.raises(ValueError, match=r"grams\['w'\] is a NoneType: give one Gram matrix per expert"):
+        merge.regmean(experts, {"w": None})
+    # (a fused weight's count still said as a count)
+    fused = [{"e": torch.randn(2, 3, 4, generator=gen)} for _ in range(2)]
+    with pytest.raises(ValueError, match=r"grams\['e'\]: expected 2 Gram matrices \(one per expert\), got 3$"):
+        merge.regmean(fused, {"e": [torch.eye(4).expand(2, 4, 4)] * 3})
+
+
 def test_gram_matrices_by_hand(gen):
     from epmq.stats import gram_matrices
 
