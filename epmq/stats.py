@@ -759,6 +759,15 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     from .calibration import token_rows, unpad
     from .walker import _call, _encoder_decoder, _item_seed, keep_call_hooks
 
+    if isinstance(names, str):  # (read by substrings: '0.weight' took '10.weight' too)
+        raise TypeError("names must be a collection of weight names, not one string")
+    if names is not None:  # (one left out in silence: RegMean averaged that layer)
+        names = set(names)
+        unknown = sorted(names - {n for n, _ in model.named_parameters(remove_duplicate=False)})
+        if unknown:
+            raise ValueError(f"names {unknown[:3]}{' ...' if len(unknown) > 3 else ''} are no parameter of "
+                             f"{type(model).__name__} (no linear layer's weight: a module's name without "
+                             f"'.weight', or a typo?)")
     chosen = dict(experts) if isinstance(experts, Mapping) else None  # fused parameter -> its experts here
     for fused, ranged in (chosen or {}).items():
         if not isinstance(ranged, range) or ranged.step != 1:

@@ -1092,6 +1092,21 @@ def test_gram_matrices_by_hand(gen):
         gram_matrices(model, [])
 
 
+def test_gram_matrices_of_names_the_model_does_not_have_are_refused(gen):
+    """names= holding a name of no parameter (a module's name without '.weight', a typo) beside real
+    ones left that layer out in silence, and RegMean averaged it; one string was read by substrings
+    ('0.weight' took '10.weight' too). Both are refused, naming what is wrong."""
+    from epmq.stats import gram_matrices
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(11)])
+    batches = [torch.randn(5, 4, generator=gen)]
+    with pytest.raises(ValueError, match=r"names \['2'\] are no parameter of Sequential \(no linear layer's weight"):
+        gram_matrices(model, batches, names={"0.weight", "2"})
+    with pytest.raises(TypeError, match="names must be a collection of weight names, not one string"):
+        gram_matrices(model, batches, names="0.weight")
+    assert set(gram_matrices(model, batches, names=["10.weight"])) == {"10.weight"}
+
+
 def test_gram_matrices_of_linears_on_one_input_are_taken_once(gen, monkeypatch):
     """q, k and v read one tensor: one Gram matrix for the three (the same values as each alone,
     the same object), accumulated once per batch after the first; o reads another."""
