@@ -1437,7 +1437,11 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         return merged
 
     def solve(name, W_k, G_k):
-        flip = name.partition("[")[0] in transposed  # (W_k as [in, out] below)
+        fused, _, e = name.partition("[")  # (a fused weight's expert: 'name[e]')
+        flip = fused in transposed  # (W_k as [in, out] below)
+
+        def entry(k):  # (as grams is indexed: a fused weight's expert e at grams[name][k][e])
+            return f"grams[{fused!r}][{k}]" + (f"[{e}" if e else "")
         W_k = [W if flip else W.T for W in W_k]  # (read once each: W_k reads on demand)
         d_in = W_k[0].shape[0]
         G_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=W_k[0].device)
@@ -1447,8 +1451,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             if tuple(G.shape) != (d_in, d_in):
                 hint = ("; a weight stored [in, out], as GPT-2's Conv1D? name it in transposed="
                         if not flip and tuple(G.shape) == (W.shape[1],) * 2 else "")
-                raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}, expected ({d_in}, {d_in}){hint}")
-            check_hessian(G, d_in, f"grams[{name!r}][{k}]")
+                raise ValueError(f"{entry(k)} has shape {tuple(G.shape)}, expected ({d_in}, {d_in}){hint}")
+            check_hessian(G, d_in, entry(k))
             if not G.any():
                 silent.append(k)
             G = G.to(W.device, torch.float64)
@@ -1470,8 +1474,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         # directions mean they are no Gram matrices, and the solve would leave the experts' span)
         eigenvalues = torch.linalg.eigvalsh(G_sum)
         if float(eigenvalues[0]) < -1e-6 * float(eigenvalues[-1]):
-            raise ValueError(f"grams[{name!r}]: their sum is not positive semidefinite (eigenvalue "
-                             f"{float(eigenvalues[0]):.3g}): they are not Gram matrices X^T X")
+            raise ValueError(f"grams[{fused!r}]{f' of expert {e[:-1]}' if e else ''}: their sum is not positive "
+                             f"semidefinite (eigenvalue {float(eigenvalues[0]):.3g}): they are not Gram matrices X^T X")
         W = torch.linalg.solve(G_sum, B)
         return W if flip else W.T
 

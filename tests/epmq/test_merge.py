@@ -1074,6 +1074,25 @@ def test_regmean_grams_of_no_linear_weight_or_no_tensors_are_named(gen):
         merge.regmean(fused, {"e": [torch.eye(4).expand(2, 4, 4)] * 3})
 
 
+def test_regmean_names_a_fused_weights_bad_gram_matrix_as_grams_is_indexed(gen):
+    """A fused weight's bad Gram matrix of one expert was named grams['...down_proj[2]'][1], a key
+    grams has not; it is named grams['...down_proj'][1][2], the entry to look at."""
+    experts = [{"m.experts.down_proj": torch.randn(3, 5, 4, generator=gen)} for _ in range(2)]
+    grams = [torch.eye(4).repeat(3, 1, 1) for _ in range(2)]
+    grams[1][2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^grams\['m\.experts\.down_proj'\]\[1\]\[2\] has non-finite values"):
+        merge.regmean(experts, {"m.experts.down_proj": grams})
+    grams[1] = torch.eye(5).repeat(3, 1, 1)
+    with pytest.raises(ValueError, match=r"^grams\['m\.experts\.down_proj'\]\[1\]\[0\] has shape \(5, 5\), "
+                                         r"expected \(4, 4\)"):
+        merge.regmean(experts, {"m.experts.down_proj": grams})
+    indefinite = torch.tensor([[1.0, 3.0, 0, 0], [3.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    grams = [torch.stack([torch.eye(4), indefinite, torch.eye(4)]) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^grams\['m\.experts\.down_proj'\] of expert 1: their sum is not "
+                                         r"positive semidefinite"):
+        merge.regmean(experts, {"m.experts.down_proj": grams})
+
+
 def test_gram_matrices_by_hand(gen):
     from epmq.stats import gram_matrices
 
