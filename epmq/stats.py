@@ -820,13 +820,36 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
                  and (chosen is None or part.fused in chosen)}
     expert_parts = {n: part for part in rebuilt if expert_of.get(n := str(part)) is not None
                     and (chosen is None or expert_of[n] in chosen[part.fused])}
+    # an expert's gate and up projections (its parts of one fused parameter) read its tokens, one
+    # tensor: shared from the start, as the first batch cannot tell it of an expert it routes nothing
+    # to, and one matrix made (each of theirs took a gate_up_proj's matrices twice, past the budget)
+    leaders = {}
+    # and the experts' matrices of what they read (a fused parameter; DBRX's w1 and v1 one) are views
+    # of one stack [experts, in, in] from the start (stacked after the passes, each parameter's were
+    # twice its size at once)
+    in_stack, stack_of = {}, {}  # what the experts' projections read -> its experts, in order; its stack
+    for n, part in expert_parts.items():
+        in_stack.setdefault(_reads(part), set()).add(expert_of[n])
+    in_stack = {key: sorted(experts_in) for key, experts_in in in_stack.items()}
     for module_name, module in model.named_modules():
         weight = f"{module_name}.weight" if module_name else "weight"
         conv1d = type(module).__name__ == "Conv1D"
         if ((isinstance(module, nn.Linear) or conv1d) and weight not in tied and weight not in rebuilt
                 and (names is None or weight in names) or weight in expert_parts):
             d_in = module.weight.shape[0] if conv1d else module.in_features
-            stats[weight] = HessianStats(d_in, device="cpu", dtype=dtype)
+            key = _reads(expert_parts[weight]) if weight in expert_parts else None
+            if key is not None:  # (in the modules' order: gate leads)
+                leader = leaders.setdefault((key, expert_of[weight]), weight)
+                if leader != weight:
+                    owner[weight] = leader
+            if weight in owner:
+                stats[weight] = stats[owner[weight]]
+            else:
+                stats[weight] = HessianStats(d_in, device="cpu", dtype=dtype)
+                if key is not None:
+                    if key not in stack_of:
+                        stack_of[key] = torch.zeros(len(in_stack[key]), d_in, d_in, dtype=dtype)
+                    stats[weight].H = stack_of[key][in_stack[key].index(expert_of[weight])]
             hooks.append(module.register_forward_pre_hook(hook(weight)))
     # modules of the blocks that apply a 2-D weight of their own by F.linear, no nn.Linear
     # (transformers 5's MoE routers, Qwen3MoeTopKRouter's weight [E, H]): the inputs of that call
@@ -869,14 +892,6 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             return out
 
     capture = Capture()
-    # an expert's gate and up projections (its parts of one fused parameter) read its tokens, one
-    # tensor: shared from the start, as the first batch cannot tell it of an expert it routes nothing to
-    leaders = {}
-    for n in stats:  # (in the modules' order: gate leads)
-        if n in expert_parts:
-            leader = leaders.setdefault((_reads(expert_parts[n]), expert_of[n]), n)
-            if leader != n:
-                owner[n] = leader
     if not stats:
         raise ValueError(f"{type(model).__name__} has no linear layer (untied nn.Linear or Conv1D)"
                          f"{' among the names given' if names else ''}")
@@ -925,26 +940,15 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
         raise ValueError("no calibration batch reached the model's linear layers")
     # (a module that never applied its weight by F.linear has none: averaged)
     grams = {n: stats[owner.get(n, n)].H for n in stats if n not in routers or stats[n].n_tokens}
-    experts = {}  # fused parameter -> {expert: its Gram matrix}
-    for n, part in expert_parts.items():
-        G = grams.pop(n)
-        same = experts.setdefault(part.fused, {}).setdefault(expert_of[n], G)
-        if same is not G and not torch.equal(same, G):  # (gate and up read the same tokens)
-            raise RuntimeError(f"the projections of expert {expert_of[n]} of {part.fused} read other inputs: "
-                               f"one Gram matrix per expert does not hold them")
-    stats.clear()  # (each expert's matrix freed once stacked: not all of them twice at once)
-    stacked = {}  # (DBRX's w1 and v1 read one matrix per expert: one stack of them)
-    for fused in list(experts):
-        per_expert = experts.pop(fused)
-        ids = tuple(id(per_expert[e]) for e in sorted(per_expert))
-        grams[fused] = stacked.get(ids)
-        if grams[fused] is None:
-            grams[fused] = stacked[ids] = torch.stack([per_expert.pop(e) for e in sorted(per_expert)])
-    if each_expert:  # (views of the stack, one per expert: its projections share it; its first the range's)
-        first = {part.fused: chosen[part.fused].start if chosen else 0 for part in expert_parts.values()}
-        views = {(part.fused, expert_of[n]): grams[part.fused][expert_of[n] - first[part.fused]]
-                 for n, part in expert_parts.items()}
-        grams.update({n: views[part.fused, expert_of[n]] for n, part in expert_parts.items()})
+    for n, part in expert_parts.items():  # (each expert's matrix a view of its parameter's stack)
+        del grams[n]
+        if grams.setdefault(part.fused, stack_of[_reads(part)]) is not stack_of[_reads(part)]:
+            raise RuntimeError(f"the projections of the experts of {part.fused} read other inputs: one Gram "
+                               f"matrix per expert does not hold them")
+    stats.clear()
+    if each_expert:  # (views of the stack, one per expert: its projections share it)
+        views = {(key, e): stack_of[key][i] for key, experts_in in in_stack.items() for i, e in enumerate(experts_in)}
+        grams.update({n: views[_reads(part), expert_of[n]] for n, part in expert_parts.items()})
     return grams
 
 

@@ -1709,6 +1709,34 @@ def test_gram_matrices_of_a_range_of_experts_are_those_of_the_whole_stack():
         gram_matrices(model, batches, experts={"model.layers.1.mlp.experts": range(0, 2)})
 
 
+def test_gram_matrices_of_fused_experts_are_stacked_without_a_second_copy(tmp_path):
+    """A fused parameter's Gram matrices, one per expert, took twice their size at once: an expert's
+    gate and up projections (one gate_up_proj) each had a matrix made, one never written, and after the
+    passes they were stacked by torch.stack of them all (merge_checkpoints' pass of a DeepSeek-V3
+    gate_up_proj's experts within EXPERT_GRAM_BYTES: twice the budget). Each expert's matrix is a
+    view of its parameter's stack from the start. The CPU allocator's peak, from the profiler."""
+    import json
+
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    from epmq.stats import gram_matrices
+
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=8)).eval()
+    name = "model.layers.0.mlp.experts.gate_up_proj"  # (16 experts x 256^2 x 8 bytes: 8 MiB)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        grams = gram_matrices(model, [{"input_ids": torch.randint(0, 64, (4, 32))}], names={name})
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    allocated = [e["args"]["Total Allocated"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+                 if e.get("name") == "[memory]"]
+    stack = grams[name].numel() * 8
+    assert grams[name].shape == (16, 256, 256)
+    assert max(allocated) - allocated[0] < 1.5 * stack, (max(allocated) - allocated[0]) / stack
+
+
 def _regmean_by_hand(W_k, G_k, alpha=0.9):
     """RegMean's closed form for one [out, in] weight, as its paper writes it (float64)."""
     G_k = [alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G)) for G in G_k]
