@@ -1428,8 +1428,10 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
                                  f"{tuple(W_k[0].shape)} takes one Gram matrix per expert, "
                                  f"({W_k[0].shape[0]}, in, in)")
         unrouted.clear()
-        merged = torch.stack([solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
-                              for e in range(W_k[0].shape[0])])
+        # (each expert written in as solved: a list of them stacked was the float64 weight twice)
+        merged = torch.empty(W_k[0].shape, dtype=torch.float64, device=W_k[0].device)
+        for e in range(W_k[0].shape[0]):
+            merged[e] = solve(f"{name}[{e}]", [W[e] for W in W_k], [G[e] for G in G_k])
         if unrouted:
             warnings.warn(f"regmean: experts {[int(n[len(name) + 1:-1]) for n in unrouted]} of {name} were routed "
                           f"no calibration token by any model (their Gram matrices are zero): merged by their "

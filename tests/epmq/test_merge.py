@@ -1074,6 +1074,31 @@ def test_regmean_grams_of_no_linear_weight_or_no_tensors_are_named(gen):
         merge.regmean(fused, {"e": [torch.eye(4).expand(2, 4, 4)] * 3})
 
 
+def test_regmean_of_fused_experts_holds_one_merged_copy(gen, tmp_path):
+    """The merge of a fused weight solved each expert in float64 into a list and stacked it, two
+    float64 copies of the weight at once (gpt-oss-120b's gate_up_proj: 34 GB for a 4 GB bf16
+    weight); each expert is written into the merged weight as it is solved. The CPU allocator's
+    peak over the merge, from the profiler, against the float64 weight's size (its conversion to the
+    experts' float32 after: half of it more)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    E, d_out, d_in = 32, 128, 64
+    experts = [{"m.experts.down_proj": torch.randn(E, d_out, d_in, generator=gen)} for _ in range(2)]
+    grams = {"m.experts.down_proj": [torch.eye(d_in, dtype=torch.float64).repeat(E, 1, 1) * (k + 1)
+                                     for k in range(2)]}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        merged = merge.regmean(experts, grams)["m.experts.down_proj"]
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    allocated = [e["args"]["Total Allocated"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+                 if e.get("name") == "[memory]"]
+    size = E * d_out * d_in * 8
+    assert (max(allocated) - allocated[0]) / size < 1.75
+    # (G_k = k I: the weighted average, (1 W_0 + 2 W_1) / 3)
+    torch.testing.assert_close(merged, (experts[0]["m.experts.down_proj"] + 2 * experts[1]["m.experts.down_proj"]) / 3)
+
+
 def test_regmean_names_a_fused_weights_bad_gram_matrix_as_grams_is_indexed(gen):
     """A fused weight's bad Gram matrix of one expert was named grams['...down_proj[2]'][1], a key
     grams has not; it is named grams['...down_proj'][1][2], the entry to look at."""
