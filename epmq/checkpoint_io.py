@@ -14,8 +14,9 @@ tensor of a checkpoint by its own key and reads one when asked:
 
 Safetensors files are opened with ``safe_open`` and read tensor by tensor; torch pickles are
 memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used (one in
-the legacy, pre-1.6 format, which cannot be, is read whole); the shards of an index are opened
-when one of their tensors is first asked for. Every tensor leaves
+the legacy, pre-1.6 format, which torch cannot map, has its tensors' bytes copied out of the
+mapped file when each is read: ``_LegacyPickle``); the shards of an index are opened when one of
+their tensors is first asked for. Every tensor leaves
 a store through ``_read_tensor`` (tests count what is alive through it).
 
 Checkpoint names rarely match the model's exactly: a transformers 4 CLIP checkpoint has a
@@ -40,6 +41,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import warnings
 import zipfile
 from collections import defaultdict
@@ -233,7 +235,7 @@ def _read_tensor(store, key: str, index=None) -> torch.Tensor:
         return store.get_tensor(key) if hasattr(store, "get_tensor") else store[key]
     if hasattr(store, "get_slice"):
         return store.get_slice(key)[index]
-    if hasattr(store, "part"):  # (a LoraExpert)
+    if hasattr(store, "part"):  # (a LoraExpert, a legacy torch pickle's tensors)
         return store.part(key, index)
     return store[key][index]
 
@@ -249,6 +251,104 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 _SAFETENSORS_DTYPES.update({code: getattr(torch, name) for code, name in (
     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"), ("F8_E8M0", "float8_e8m0fnu"))
     if hasattr(torch, name)})
+
+
+class _LegacyPickle:
+    """A torch pickle in the legacy (pre-1.6, non-zip) format, its tensors read from the file one
+    at a time. ``torch.load`` cannot memory-map it and reads it whole: a merge or walk of K such
+    experts held all K. The format is pickles (magic number, protocol, system info, the object
+    whose tensors name their storages by key, the storages' keys in the order written), then
+    each storage's element count (int64) and bytes. ``state``: the object, its tensors on the
+    meta device; ``read`` gives one's values."""
+
+    def __init__(self, file: Path):
+        from torch import _weights_only_unpickler as safe  # (what torch.load(weights_only=True) runs)
+
+        with open(file, "rb") as f:
+            magic, protocol, system = (safe.load(f, encoding="utf-8") for _ in range(3))
+            little = isinstance(system, Mapping) and system.get("little_endian")
+            if magic != torch.serialization.MAGIC_NUMBER or protocol != torch.serialization.PROTOCOL_VERSION or (
+                    little != (sys.byteorder == "little")):
+                raise ValueError("not a legacy torch pickle of this machine's byte order")
+            roots, self._at = {}, {}  # key -> (dtype, numel); id(meta storage) -> (key, byte offset in it)
+            self._held = []  # (the meta storages, so that their ids stay theirs)
+
+            def storage(pid):
+                _, kind, key, _, numel, view = pid  # ("storage", type, key, location, numel, view)
+                key, dtype = str(key), kind.dtype
+                roots.setdefault(key, (dtype, numel))
+                offset, size = (0, numel) if view is None else view[1:]
+                untyped = torch.UntypedStorage(size * dtype.itemsize, device="meta")
+                self._held.append(untyped)
+                self._at[id(untyped)] = (key, offset * dtype.itemsize)
+                return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+            unpickler = safe.Unpickler(f, encoding="utf-8")
+            unpickler.persistent_load = storage
+            self.state = unpickler.load()
+            keys = safe.load(f, encoding="utf-8")
+            self._data, position, end = {}, f.tell(), os.fstat(f.fileno()).st_size
+            for key in map(str, keys):
+                dtype, numel = roots[key]
+                f.seek(position)
+                written = int.from_bytes(f.read(8), sys.byteorder, signed=True)
+                if written != numel:
+                    raise ValueError(f"storage {key} holds {written} elements where its tensors say {numel}")
+                self._data[key] = position + 8
+                position += 8 + numel * dtype.itemsize
+            if position > end:
+                raise ValueError(f"its storages end at byte {position}, past the file's {end}")
+        self._file = torch.from_file(str(file), shared=False, size=end, dtype=torch.uint8)  # (mapped, private)
+
+    def read(self, meta: torch.Tensor) -> torch.Tensor:
+        """The values of ``meta`` (a tensor of ``state``): its bytes copied out of the file (a
+        storage's bytes lie at any offset, not aligned to its dtype)."""
+        key, offset = self._at[id(meta.untyped_storage())]
+        size = meta.element_size()
+        extent = 1 + sum((n - 1) * s for n, s in zip(meta.shape, meta.stride())) if meta.numel() else 0
+        start = self._data[key] + offset + meta.storage_offset() * size
+        values = self._file[start:start + extent * size].clone().view(meta.dtype)
+        return values.as_strided(meta.shape, meta.stride())
+
+
+def _legacy_pickle(file: Path) -> Optional[_LegacyPickle]:
+    """``file`` (a torch pickle in the legacy format) read tensor by tensor, or None where its
+    layout is not the one ``_LegacyPickle`` knows: it is then read whole by ``torch.load``, with
+    a warning naming it and its size."""
+    try:
+        return _LegacyPickle(file)
+    except Exception as e:
+        warnings.warn(f"{file} is a torch pickle in the legacy (pre-1.6) format that could not be read tensor by "
+                      f"tensor ({type(e).__name__}: {e}): it is read whole, {file.stat().st_size / 2**20:.1f} MB "
+                      f"held until it is closed; re-save it with torch.save (or as safetensors) to read it lazily")
+        return None
+
+
+class _LegacyTensors(Mapping):
+    """The tensors ``meta`` (name -> meta tensor of ``legacy.state``) of a legacy torch pickle,
+    each read from its file when indexed."""
+
+    def __init__(self, legacy: _LegacyPickle, meta: Mapping[str, torch.Tensor]):
+        self.legacy, self.meta = legacy, dict(meta)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.legacy.read(self.meta[key])
+
+    def part(self, key: str, index) -> torch.Tensor:
+        """``self[key][index]``, only its bytes read (one expert of a fused MoE tensor)."""
+        return self.legacy.read(self.meta[key][index])
+
+    def __iter__(self):
+        return iter(self.meta)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def shape_of(self, key: str) -> tuple:
+        return tuple(self.meta[key].shape)
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        return self.meta[key].dtype
 
 
 # the names of the scales a quantized checkpoint stores beside a weight ``<key>`` (``<key><suffix>``)
@@ -321,9 +421,11 @@ class CheckpointReader:
                 except Exception as e:  # (SafetensorError: truncated or not safetensors)
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
             else:
-                try:  # (mapped where torch can: a legacy, pre-1.6 pickle is no zip file and is read whole)
-                    state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
-                                       weights_only=True)
+                try:  # (mapped: torch.load cannot map a legacy, pre-1.6 pickle, which is no zip file)
+                    legacy = None if zipfile.is_zipfile(file) else _legacy_pickle(file)
+                    state = (legacy.state if legacy is not None else
+                             torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
+                                        weights_only=True))
                 except Exception as e:
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
                 for wrapper in _WRAPPERS:
@@ -337,6 +439,8 @@ class CheckpointReader:
                 if not isinstance(state, Mapping):
                     raise self.error(f"{self.what}: {file} does not hold a state dict")
                 handle = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+                if legacy is not None:
+                    handle = _LegacyTensors(legacy, handle)
                 if not handle:
                     raise self.error(f"{self.what}: {file} holds no tensors at its top level (its keys: "
                                      f"{sorted(map(str, state))[:8]}): save the model's state dict itself")
@@ -363,6 +467,8 @@ class CheckpointReader:
         """Tensor ``key``'s dtype, without reading it from a file."""
         handle = self._open(self._where[key])
         with self._listed(handle, key):
+            if hasattr(handle, "dtype_of"):  # (a legacy torch pickle's: from its pickle)
+                return handle.dtype_of(key)
             if hasattr(handle, "get_slice"):
                 known = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
                 if known is not None:

@@ -2072,3 +2072,74 @@ def test_jetmoes_experts_count_in_the_gram_budget():
     assert sizes == stacks and len(sizes) == 2 * 4
     name = "model.layers.1.mlp.output_linear.weight"
     assert list(gram_matrices(model, [{"input_ids": torch.randint(0, 64, (2, 7))}], names={name})) == [name]
+
+
+def test_experts_in_the_legacy_torch_format_merge_as_the_zip_format_does(checkpoints, tmp_path):
+    """``.bin`` experts written before torch 1.6 (``_use_new_zipfile_serialization=False``), bare
+    and wrapped (``{"state_dict": ...}``, a tied head sharing the embeddings' storage, a view into
+    a larger storage), merge into the tensors the same experts in the zip format give."""
+    root, base, experts = checkpoints
+    for k, expert in enumerate(experts):
+        state = dict(expert)
+        if k == 1:  # (a view of another storage: the tensor at an offset into it)
+            name = "model.layers.0.mlp.up_proj.weight"
+            whole = torch.cat([torch.zeros(7), state[name].reshape(-1)])
+            state[name] = whole[7:].view_as(state[name])
+        for kind, zipped in (("zip", True), ("legacy", False)):
+            (tmp_path / kind / f"e{k}").mkdir(parents=True)
+            torch.save({"state_dict": state, "epoch": 3} if k == 2 else state,
+                       tmp_path / kind / f"e{k}" / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
+    outputs = {}
+    for kind in ("zip", "legacy"):
+        out = merge_checkpoints("ties", [str(tmp_path / kind / f"e{k}") for k in range(3)], tmp_path / f"out_{kind}",
+                                base=str(root / "base"), params={"density": 0.3}, progress=False)
+        outputs[kind] = _load(out)
+    for name, t in outputs["zip"].items():
+        assert torch.equal(outputs["legacy"][name], t), name
+
+
+def test_experts_in_the_legacy_torch_format_are_not_held_whole_during_a_merge(tmp_path):
+    """In a process of its own, RssAnon as each merged tensor is written: three experts of 64 MB
+    in the legacy torch format (which torch.load cannot memory-map) were each read whole and held
+    to the end of the merge; read tensor by tensor from the file, the merge holds less than one
+    expert, as it does with the same experts in the zip format."""
+    import os
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    noise = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(512, 256, generator=noise) for i in range(128)}
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    for k in range(3):
+        (tmp_path / f"e{k}").mkdir()
+        torch.save({n: t + 0.01 * torch.randn(t.shape, generator=noise) for n, t in base.items()},
+                   tmp_path / f"e{k}" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    expert_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    code = f"""if True:
+        import json, epmq, epmq.checkpoint
+
+        def anonymous():
+            return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                        if line.startswith("RssAnon"))
+
+        seen, write = [], epmq.checkpoint.ShardWriter.__setitem__
+
+        def record(self, name, t):
+            seen.append(anonymous())
+            return write(self, name, t)
+
+        epmq.checkpoint.ShardWriter.__setitem__ = record
+        before = anonymous()
+        epmq.merge_checkpoints("task_arithmetic", [{str(tmp_path)!r} + f"/e{{k}}" for k in range(3)],
+                               {str(tmp_path / "out")!r}, base={str(tmp_path / "base")!r}, max_shard_size="8MB",
+                               progress=False)
+        print(json.dumps({{"grown": max(seen) - before}}))"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    grown = json.loads(done.stdout.splitlines()[-1])["grown"]
+    assert grown < expert_bytes, (grown, expert_bytes)

@@ -459,15 +459,40 @@ def test_a_damaged_shard_index_is_named(index, tmp_path):
         ExpertWeights(str(tmp_path / "e"), task="t")
 
 
-def test_a_torch_pickle_in_the_legacy_format_is_read(tmp_path):
-    """A ``.bin`` written before torch 1.6 (or with ``_use_new_zipfile_serialization=False``)
-    cannot be memory-mapped: it is read whole, as torch and transformers read it, not refused."""
-    model = build("llama")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_torch_pickle_in_the_legacy_format_is_read(dtype, tmp_path):
+    """A ``.bin`` written before torch 1.6 (or with ``_use_new_zipfile_serialization=False``),
+    which torch.load cannot memory-map, is read (tensor by tensor), not refused."""
+    model = build("llama").to(dtype)
     torch.save(model.state_dict(), tmp_path / "e.bin", _use_new_zipfile_serialization=False)
     expert = ExpertWeights(str(tmp_path / "e.bin"), task="t")
     expert.bind(_names(model))
     for name, t in model.state_dict().items():
+        assert expert.reader.dtype(name) == dtype and expert.shape(name) == tuple(t.shape)
         assert torch.equal(expert.read(name), t)
+    name = "model.layers.0.mlp.down_proj.weight"  # (a part of a tensor alone: one fused MoE expert's)
+    part = expert.read(name, index=slice(3, 5))
+    assert torch.equal(part, model.state_dict()[name][3:5]) and part.untyped_storage().nbytes() == part.nbytes
+    expert.close()
+
+
+def test_a_legacy_torch_pickle_of_a_layout_not_known_is_read_whole_and_said_so(tmp_path, monkeypatch):
+    """Where the legacy file's layout is not the one read tensor by tensor, torch.load reads it
+    whole, as before, and a warning names the file, its size and the remedy."""
+    import epmq.checkpoint_io
+
+    def unknown(file):
+        raise ValueError("an unknown layout")
+
+    model = build("llama")
+    torch.save(model.state_dict(), tmp_path / "e.bin", _use_new_zipfile_serialization=False)
+    monkeypatch.setattr(epmq.checkpoint_io, "_LegacyPickle", unknown)
+    with pytest.warns(UserWarning, match=r"e\.bin is a torch pickle in the legacy .*an unknown layout.*read whole, "
+                                         r"[\d.]+ MB held .*re-save it with torch\.save"):
+        expert = ExpertWeights(str(tmp_path / "e.bin"), task="t")
+    expert.bind(_names(model))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(expert.read(name), model.state_dict()[name])
     expert.close()
 
 
