@@ -7,9 +7,9 @@ windows of ``seq_len`` tokens are drawn at random start positions (seeded), then
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``. Texts of more
 than ``FULL_TOKENIZATION_CHARS`` (8 Mi) characters in all are not tokenized whole: each window
 is tokenized from its own seeded random place (``_windows_of_places``), so that a 1 GB file
-costs what its 128 windows do, not minutes and tens of GB; a ``.txt`` file read with
-``read_texts(..., stream=True)`` (as ``epmq quantize`` reads them) is then read where the
-windows are (``TextFile``), never held whole.
+costs what its 128 windows do, not minutes and tens of GB; a ``.txt`` file and JSON Lines
+read with ``read_texts(..., stream=True)`` (as ``epmq quantize`` reads them) are then read where
+the windows are (``TextFile``, ``JsonLines``), never held whole.
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
@@ -146,12 +146,14 @@ def _chat(messages, where: str, tokenizer, record: dict) -> str:
     return text
 
 
-def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool = False) -> List[tuple]:
+def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool = False,
+             tokenizer=None) -> List[tuple]:
     """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
     list of either): a ``.txt`` file is one string (``stream``: a ``TextFile``), a ``.jsonl``
-    line or an item of a ``.json`` list one JSON value, as is a ``.json`` file of one object."""
+    line or an item of a ``.json`` list one JSON value, as is a ``.json`` file of one object
+    (``stream``: JSON Lines' texts as ``JsonLine`` documents, rendered by ``tokenizer``)."""
     if isinstance(source, (list, tuple)):
-        return [r for s in source for r in _records(s, suffixes, what, kind_error, stream)]
+        return [r for s in source for r in _records(s, suffixes, what, kind_error, stream, tokenizer)]
     path = Path(source)
     if path.is_dir():
         saved = next((p.parent for p in sorted(path.rglob("state.json")) if any(p.parent.glob("*.arrow"))), None)
@@ -162,7 +164,7 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
         files = _tree(path, suffixes, compressed=True)
         if not files:
             raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")
-        return [r for f in files for r in _records(f, suffixes, what, kind_error, stream)]
+        return [r for f in files for r in _records(f, suffixes, what, kind_error, stream, tokenizer)]
     if not path.is_file():
         raise FileNotFoundError(f"no calibration {what} at {path}")
     suffix = _kind(path)
@@ -172,6 +174,11 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
                          f"{'/'.join(COMPRESSIONS)}-compressed), not {shown!r}")
     if suffix == ".parquet":
         return [(f"{path}:row {i}", row) for i, row in enumerate(_parquet_rows(path))]
+    if suffix in (".jsonl", ".json") and stream:  # (JSON Lines read where the windows are: JsonLines)
+        documents = JsonLines(path, tokenizer, strict=suffix == ".jsonl").documents
+        if documents is not None:
+            where = str(path)  # (one string for them all: a document is read by its line)
+            return [(where, d) for d in documents]
     if suffix == ".jsonl":
         return _json_lines(_text_lines(path), path)
     if suffix == ".json":  # (JSON Lines under .json: parsed as read, see _streamed_json_lines)
@@ -466,14 +473,125 @@ class TextFile:
         return text[a - start:b - start]
 
 
+class JsonLines:
+    """The texts of a file of JSON Lines (``.jsonl``, or under ``.json``: datasets' ``to_json``,
+    the hub's C4 shards ``c4-train.*.json.gz``), each read from the file where it is used, not
+    held: ``documents``, one ``JsonLine`` a record. Held, every record's text was in memory
+    while windows that read a few MB of them were drawn (2.4 times the file at the peak).
+    Opening it reads it once, each record parsed and rendered (``_text_of``, conversations by
+    ``tokenizer``'s chat template) for its length, then let go. A record is read again by
+    reading the file on from the last one read (in the order of ``text_windows``' places: about
+    once), the last ``_KEPT`` kept. ``strict`` (``.jsonl``): a line that is not JSON is refused,
+    by its line; else (``.json``) ``documents`` is None where the file is not plainly JSON Lines
+    (a JSON list, a single value, a line that is not JSON), to be read whole."""
+
+    _KEPT = 64
+
+    def __init__(self, path: Path, tokenizer=None, *, strict: bool = True):
+        self.path, self.tokenizer = Path(path), tokenizer
+        self._stat = self._version()  # (before the count: a change while it runs is seen too)
+        self.documents, self._lines, self._at, self._kept = [], None, 0, {}
+        lines = _text_lines(self.path)
+        try:
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                if not strict and not self.documents and line.lstrip().startswith("["):
+                    self.documents = None  # (a JSON list)
+                    return
+                where = f"{self.path}:{i}"
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if not strict:
+                        self.documents = None
+                        return
+                    raise ValueError(f"{where}: not JSON ({e})") from None
+                self.documents.append(JsonLine(self, i, len(_text_of(value, where, tokenizer))))
+        finally:
+            lines.close()
+        if not strict and len(self.documents) < 2:  # (one value: the whole file's, as read whole)
+            self.documents = None
+
+    def _version(self) -> tuple:
+        stat = self.path.stat()
+        return stat.st_size, stat.st_mtime_ns
+
+    def _changed(self) -> ValueError:
+        return ValueError(f"{self.path}: changed since it was opened ({len(self.documents)} texts then): its windows "
+                          f"would be drawn from places of the texts it held then in the texts it holds now")
+
+    def text(self, document: "JsonLine") -> str:
+        """The text of ``document`` (one of ``documents``)."""
+        text = self._kept.get(document.line)
+        if text is not None:
+            return text
+        if self._lines is None or document.line <= self._at:  # (before what was read: from the start again)
+            self.close()
+            if self._version() != self._stat:
+                raise self._changed()
+            self._lines, self._at = _text_lines(self.path), 0
+        for line in self._lines:
+            self._at += 1
+            if self._at == document.line:
+                where = f"{self.path}:{self._at}"
+                text = _text_of(_json(line, where), where, self.tokenizer)
+                if len(text) != len(document):
+                    raise self._changed()
+                self._kept[document.line] = text
+                if len(self._kept) > self._KEPT:
+                    del self._kept[next(iter(self._kept))]
+                return text
+        raise self._changed()
+
+    def close(self) -> None:
+        """Close its file (a later read opens it again) and let go of the texts kept."""
+        if self._lines is not None:
+            self._lines.close()
+        self._lines, self._at, self._kept = None, 0, {}
+
+
+class JsonLine:
+    """One record's text of a ``JsonLines`` file, read where it is sliced (``len``, ``[a:b]``;
+    ``text()`` whole)."""
+
+    __slots__ = ("file", "line", "_length")
+
+    def __init__(self, file: JsonLines, line: int, length: int):
+        self.file, self.line, self._length = file, line, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"JsonLine({str(self.file.path)!r}, line {self.line}, {self._length} characters)"
+
+    def text(self) -> str:
+        return self.file.text(self)
+
+    def __getitem__(self, item) -> str:
+        return self.text()[item]
+
+    def ends_with(self, suffix: str) -> bool:
+        """``text().rstrip().endswith(suffix)``."""
+        return _ends_with(self.text(), suffix)
+
+    def of_file(self, other) -> bool:
+        """Whether ``other`` is a text of this one's file."""
+        return isinstance(other, JsonLine) and other.file is self.file
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=None, *,
                stream: bool = False) -> List[Union[str, "TextFile"]]:
     """The documents of a text file, a directory of them, or a list of either; ``tokenizer``
     renders conversations (needed only where there are some). ``stream``: each ``.txt`` file as
-    a ``TextFile``, read where ``text_windows`` reads it, not held (``epmq quantize`` reads
-    them so)."""
-    return [v if isinstance(v, TextFile) else _text_of(v, where, tokenizer) for where, v in
-            _records(source, TEXT_SUFFIXES, "text", "unknown text file type", stream)]
+    a ``TextFile`` and each JSON Lines record as a ``JsonLine``, read where ``text_windows``
+    reads them, not held (``epmq quantize`` reads them so)."""
+    return [v if isinstance(v, (TextFile, JsonLine)) else _text_of(v, where, tokenizer) for where, v in
+            _records(source, TEXT_SUFFIXES, "text", "unknown text file type", stream, tokenizer)]
 
 
 # Texts of more characters than this (about 2M tokens) are not tokenized whole: each window is
@@ -490,7 +608,7 @@ def _ends_with(text: str, eos_text) -> bool:
     without copying a long text)."""
     if not (isinstance(eos_text, str) and eos_text):
         return False
-    if isinstance(text, TextFile):
+    if isinstance(text, (TextFile, JsonLine)):
         return text.ends_with(eos_text)
     k = len(text)
     while k and text[k - 1].isspace():
@@ -525,7 +643,10 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         windows = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
         return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
                 for i in range(0, samples, batch_size)]
-    texts = [t if isinstance(t, str) else t.text() for t in texts]  # (TextFiles: short enough)
+    try:
+        texts = [t if isinstance(t, str) else t.text() for t in texts]  # (TextFiles, JsonLines: short enough)
+    finally:
+        _close(texts)
     ids: List[int] = []
     content = 0
     for text in texts:
@@ -574,10 +695,15 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
     try:
         _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, windows, what)
     finally:
-        for text in texts:
-            if isinstance(text, TextFile):
-                text.close()
+        _close(texts)
     return torch.tensor(windows, dtype=torch.long)
+
+
+def _close(texts) -> None:
+    """Close the files of the streamed documents among ``texts``."""
+    for text in texts:
+        if isinstance(text, (TextFile, JsonLine)):
+            text.close()
 
 
 def _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, windows, what) -> None:
@@ -588,8 +714,8 @@ def _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, window
         place = places[n]
         i = int(torch.searchsorted(ends, place, right=True))  # (the document holding the character)
         # (a window running past the last document reads the first ones again: opened again then)
-        for text in texts[passed:i]:
-            if isinstance(text, TextFile):
+        for text in texts[passed:i]:  # (a JSON Lines file read on, in the window's document: kept open)
+            if isinstance(text, TextFile) or isinstance(text, JsonLine) and not text.of_file(texts[i]):
                 text.close()
         passed = i
         offset = place - (int(ends[i]) - len(texts[i]))

@@ -234,6 +234,58 @@ def test_a_large_text_file_is_read_where_its_windows_are(tmp_path, monkeypatch):
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
+@pytest.mark.filterwarnings("ignore:.*windows overlap")
+def test_a_large_json_lines_file_is_read_where_its_windows_are(tmp_path, monkeypatch):
+    """A .jsonl file (or JSON Lines under .json.gz, the hub's C4 shards) had every record parsed and
+    its text held while the windows were drawn (a 16 MB file: 40 MB at the peak, traced; 1.6 MB streamed),
+    though past FULL_TOKENIZATION_CHARS the windows read ~4 characters a token of it. Read
+    streamed (as epmq quantize reads it), each document is counted once and read again where the
+    windows are: the same windows, compressed or not, across the ends of documents."""
+    import gzip
+    import tracemalloc
+
+    from epmq import calibration
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "d\u00e9lta", "\u03b7ta", "<eos>", "zeta", "omega"]
+    records = []
+    for k in range(8000):  # (of about 1800 characters, C4's mean is 2200)
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 600)))
+        records.append({"prompt": text[:20], "completion": text[20:]} if k % 3 == 0 else {"text": text, "id": k})
+    body = "\n".join(json.dumps(r) for r in records) + "\n\n"
+    (tmp_path / "big.jsonl").write_text(body)
+    (tmp_path / "c4-train.json.gz").write_bytes(gzip.compress(body.encode(), compresslevel=1))
+    size = (tmp_path / "big.jsonl").stat().st_size
+    for name in ("big.jsonl", "c4-train.json.gz"):
+        whole = read_texts(tmp_path / name)
+        assert sum(map(len, whole)) > calibration.FULL_TOKENIZATION_CHARS
+        tracemalloc.start()
+        try:
+            streamed = read_texts(tmp_path / name, stream=True)
+            windows = text_windows(streamed, HashTokenizer(), samples=48, seq_len=64, batch_size=8, seed=5)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < size / 4, (name, peak, size)
+        expected = text_windows(whole, HashTokenizer(), samples=48, seq_len=64, batch_size=8, seed=5)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+        assert [len(t) for t in streamed] == [len(t) for t in whole]
+    # windows across the documents' ends (into the next one's, the last into the first's), and
+    # below the limit the texts tokenized whole
+    few = [{"text": " ".join(words[k % 8:]) * (k + 1) + " <eos>" * (k % 2)} for k in range(12)]
+    (tmp_path / "few.jsonl").write_text("\n".join(map(json.dumps, few)))
+    for limit in (100, calibration.FULL_TOKENIZATION_CHARS):
+        monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", limit)
+        windows, expected = (text_windows(read_texts(tmp_path / "few.jsonl", stream=stream), HashTokenizer(),
+                                          samples=200, seq_len=16, seed=5) for stream in (True, False))
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+    # rewritten between its count and its windows: refused, not windows of places in other texts
+    streamed = read_texts(tmp_path / "few.jsonl", stream=True)
+    (tmp_path / "few.jsonl").write_text("\n".join(json.dumps({"text": "other " * 50}) for _ in range(12)))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'few.jsonl'}: changed since it was opened")):
+        text_windows(streamed, HashTokenizer(), samples=8, seq_len=8, seed=0)
+
+
 def test_a_text_file_changed_after_it_was_counted_is_refused(tmp_path, monkeypatch):
     """A streamed .txt is counted when opened and read again where its windows are: rewritten
     between the two (shorter, longer, or as long), its windows were drawn from places of the old
