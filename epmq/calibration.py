@@ -7,9 +7,10 @@ windows of ``seq_len`` tokens are drawn at random start positions (seeded), then
 ``{"input_ids", "attention_mask"}`` model inputs for ``epmq.quantize_model``. Texts of more
 than ``FULL_TOKENIZATION_CHARS`` (8 Mi) characters in all are not tokenized whole: each window
 is tokenized from its own seeded random place (``_windows_of_places``), so that a 1 GB file
-costs what its 128 windows do, not minutes and tens of GB; a ``.txt`` file and JSON Lines
-read with ``read_texts(..., stream=True)`` (as ``epmq quantize`` reads them) are then read where
-the windows are (``TextFile``, ``JsonLines``), never held whole.
+costs what its 128 windows do, not minutes and tens of GB; a ``.txt`` file, JSON Lines and
+``.parquet`` rows read with ``read_texts(..., stream=True)`` (as ``epmq quantize`` reads them)
+are then read where the windows are (``TextFile``, ``JsonLines``, ``ParquetRows``), never held
+whole.
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
@@ -151,7 +152,8 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
     """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
     list of either): a ``.txt`` file is one string (``stream``: a ``TextFile``), a ``.jsonl``
     line or an item of a ``.json`` list one JSON value, as is a ``.json`` file of one object
-    (``stream``: JSON Lines' texts as ``JsonLine`` documents, rendered by ``tokenizer``)."""
+    (``stream``: the texts of JSON Lines and .parquet rows as ``TextRecord`` documents, rendered by
+    ``tokenizer``)."""
     if isinstance(source, (list, tuple)):
         return [r for s in source for r in _records(s, suffixes, what, kind_error, stream, tokenizer)]
     path = Path(source)
@@ -172,13 +174,14 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
         shown = "".join(path.suffixes[-2:]) if path.suffix.lower() in COMPRESSIONS else path.suffix
         raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}; all but .parquet also "
                          f"{'/'.join(COMPRESSIONS)}-compressed), not {shown!r}")
+    if suffix in (".jsonl", ".json", ".parquet") and stream:  # (read where the windows are: JsonLines)
+        opened = ParquetRows(path, tokenizer) if suffix == ".parquet" else JsonLines(path, tokenizer,
+                                                                                     strict=suffix == ".jsonl")
+        if opened.documents is not None:
+            where = str(path)  # (one string for them all: a document is read by its position)
+            return [(where, d) for d in opened.documents]
     if suffix == ".parquet":
         return [(f"{path}:row {i}", row) for i, row in enumerate(_parquet_rows(path))]
-    if suffix in (".jsonl", ".json") and stream:  # (JSON Lines read where the windows are: JsonLines)
-        documents = JsonLines(path, tokenizer, strict=suffix == ".jsonl").documents
-        if documents is not None:
-            where = str(path)  # (one string for them all: a document is read by its line)
-            return [(where, d) for d in documents]
     if suffix == ".jsonl":
         return _json_lines(_text_lines(path), path)
     if suffix == ".json":  # (JSON Lines under .json: parsed as read, see _streamed_json_lines)
@@ -238,25 +241,37 @@ def _json_lines(lines: Iterable[str], path: Path) -> List[tuple]:
 def _parquet_rows(path: Path) -> List[dict]:
     """The rows of a ``.parquet`` file (an HF hub dataset's files), as dicts of the COLUMNS it has
     (all its columns if none: the error then shows a row)."""
+    return list(_parquet_row_stream(path))
+
+
+def _parquet_row_stream(path: Path):
+    """``_parquet_rows``, a row group at a time as they are taken."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
     import pyarrow as pa
 
+    def unreadable(e: Exception) -> ValueError:  # (pyarrow's errors for a damaged or foreign file)
+        return ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})")
+
     # a row group at a time: read as one table, the whole column was in Arrow's memory beside the
     # Python strings made of it (twice the text at the peak), and Arrow's pool kept its pages
-    rows = []
     try:
-        with pq.ParquetFile(path) as file:
+        try:
+            file = pq.ParquetFile(path)
             columns = [c for c in COLUMNS if c in file.schema_arrow.names] or None
+        except Exception as e:
+            raise unreadable(e) from None
+        with file:
             for group in range(file.num_row_groups):
-                rows += file.read_row_group(group, columns=columns).to_pylist()
-    except Exception as e:  # (pyarrow's errors for a damaged or foreign file)
-        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
+                try:
+                    rows = file.read_row_group(group, columns=columns).to_pylist()
+                except Exception as e:
+                    raise unreadable(e) from None
+                yield from rows
     finally:
         pa.default_memory_pool().release_unused()  # (its freed pages back to the system: held, for the whole run)
-    return rows
 
 
 def _json(text: str, where: str):
@@ -476,42 +491,48 @@ class TextFile:
 class JsonLines:
     """The texts of a file of JSON Lines (``.jsonl``, or under ``.json``: datasets' ``to_json``,
     the hub's C4 shards ``c4-train.*.json.gz``), each read from the file where it is used, not
-    held: ``documents``, one ``JsonLine`` a record. Held, every record's text was in memory
+    held: ``documents``, one ``TextRecord`` a record. Held, every record's text was in memory
     while windows that read a few MB of them were drawn (2.4 times the file at the peak).
     Opening it reads it once, each record parsed and rendered (``_text_of``, conversations by
     ``tokenizer``'s chat template) for its length, then let go. A record is read again by
     reading the file on from the last one read (in the order of ``text_windows``' places: about
-    once), the last ``_KEPT`` kept. ``strict`` (``.jsonl``): a line that is not JSON is refused,
-    by its line; else (``.json``) ``documents`` is None where the file is not plainly JSON Lines
-    (a JSON list, a single value, a line that is not JSON), to be read whole."""
+    once), the last ``_KEPT`` kept. ``strict`` (``.jsonl``): a record that is not JSON or no
+    text is refused, by its line; else (``.json``) ``documents`` is None where the file is not
+    plainly JSON Lines of texts (a JSON list, a single value, a line that is not JSON), to be
+    read whole, with the results and errors of a whole read."""
 
     _KEPT = 64
 
     def __init__(self, path: Path, tokenizer=None, *, strict: bool = True):
         self.path, self.tokenizer = Path(path), tokenizer
         self._stat = self._version()  # (before the count: a change while it runs is seen too)
-        self.documents, self._lines, self._at, self._kept = [], None, 0, {}
+        self.documents, self._reader, self._at, self._kept = [], None, -1, {}
+        records = self._records()
+        try:
+            for position, value in records:
+                self.documents.append(TextRecord(self, position, len(_text_of(value, self._where(position),
+                                                                              tokenizer))))
+        except ValueError:
+            if strict:
+                raise
+            self.documents = None
+        finally:
+            records.close()
+        if not strict and self.documents is not None and len(self.documents) < 2:
+            self.documents = None  # (one value: the whole file's, as read whole)
+
+    def _records(self):
+        """``(position, value)`` of each record, in the file's order."""
         lines = _text_lines(self.path)
         try:
             for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                if not strict and not self.documents and line.lstrip().startswith("["):
-                    self.documents = None  # (a JSON list)
-                    return
-                where = f"{self.path}:{i}"
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if not strict:
-                        self.documents = None
-                        return
-                    raise ValueError(f"{where}: not JSON ({e})") from None
-                self.documents.append(JsonLine(self, i, len(_text_of(value, where, tokenizer))))
+                if line.strip():
+                    yield i, _json(line, self._where(i))
         finally:
             lines.close()
-        if not strict and len(self.documents) < 2:  # (one value: the whole file's, as read whole)
-            self.documents = None
+
+    def _where(self, position: int) -> str:
+        return f"{self.path}:{position}"
 
     def _version(self) -> tuple:
         stat = self.path.stat()
@@ -521,24 +542,22 @@ class JsonLines:
         return ValueError(f"{self.path}: changed since it was opened ({len(self.documents)} texts then): its windows "
                           f"would be drawn from places of the texts it held then in the texts it holds now")
 
-    def text(self, document: "JsonLine") -> str:
+    def text(self, document: "TextRecord") -> str:
         """The text of ``document`` (one of ``documents``)."""
-        text = self._kept.get(document.line)
+        text = self._kept.get(document.position)
         if text is not None:
             return text
-        if self._lines is None or document.line <= self._at:  # (before what was read: from the start again)
+        if self._reader is None or document.position <= self._at:  # (before what was read: from the start again)
             self.close()
             if self._version() != self._stat:
                 raise self._changed()
-            self._lines, self._at = _text_lines(self.path), 0
-        for line in self._lines:
-            self._at += 1
-            if self._at == document.line:
-                where = f"{self.path}:{self._at}"
-                text = _text_of(_json(line, where), where, self.tokenizer)
+            self._reader = self._records()
+        for self._at, value in self._reader:
+            if self._at == document.position:
+                text = _text_of(value, self._where(self._at), self.tokenizer)
                 if len(text) != len(document):
                     raise self._changed()
-                self._kept[document.line] = text
+                self._kept[document.position] = text
                 if len(self._kept) > self._KEPT:
                     del self._kept[next(iter(self._kept))]
                 return text
@@ -546,25 +565,41 @@ class JsonLines:
 
     def close(self) -> None:
         """Close its file (a later read opens it again) and let go of the texts kept."""
-        if self._lines is not None:
-            self._lines.close()
-        self._lines, self._at, self._kept = None, 0, {}
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._at, self._kept = None, -1, {}
 
 
-class JsonLine:
-    """One record's text of a ``JsonLines`` file, read where it is sliced (``len``, ``[a:b]``;
-    ``text()`` whole)."""
+class ParquetRows(JsonLines):
+    """The texts of a ``.parquet`` file's rows (an HF hub dataset's files), read as JSON Lines'
+    are (``JsonLines``), a row group at a time: held, the rows were all Python objects (2.3
+    times their texts at the peak, beside Arrow's own)."""
 
-    __slots__ = ("file", "line", "_length")
+    def _records(self):
+        rows = _parquet_row_stream(self.path)
+        try:
+            yield from enumerate(rows)
+        finally:
+            rows.close()
 
-    def __init__(self, file: JsonLines, line: int, length: int):
-        self.file, self.line, self._length = file, line, length
+    def _where(self, position: int) -> str:
+        return f"{self.path}:row {position}"
+
+
+class TextRecord:
+    """One record's text of a ``JsonLines`` (or ``ParquetRows``) file, read where it is sliced
+    (``len``, ``[a:b]``; ``text()`` whole)."""
+
+    __slots__ = ("file", "position", "_length")
+
+    def __init__(self, file: JsonLines, position: int, length: int):
+        self.file, self.position, self._length = file, position, length
 
     def __len__(self) -> int:
         return self._length
 
     def __repr__(self) -> str:
-        return f"JsonLine({str(self.file.path)!r}, line {self.line}, {self._length} characters)"
+        return f"TextRecord({self.file._where(self.position)!r}, {self._length} characters)"
 
     def text(self) -> str:
         return self.file.text(self)
@@ -578,7 +613,7 @@ class JsonLine:
 
     def of_file(self, other) -> bool:
         """Whether ``other`` is a text of this one's file."""
-        return isinstance(other, JsonLine) and other.file is self.file
+        return isinstance(other, TextRecord) and other.file is self.file
 
     def close(self) -> None:
         self.file.close()
@@ -588,9 +623,9 @@ def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=N
                stream: bool = False) -> List[Union[str, "TextFile"]]:
     """The documents of a text file, a directory of them, or a list of either; ``tokenizer``
     renders conversations (needed only where there are some). ``stream``: each ``.txt`` file as
-    a ``TextFile`` and each JSON Lines record as a ``JsonLine``, read where ``text_windows``
+    a ``TextFile`` and each JSON Lines record or .parquet row as a ``TextRecord``, read where ``text_windows``
     reads them, not held (``epmq quantize`` reads them so)."""
-    return [v if isinstance(v, (TextFile, JsonLine)) else _text_of(v, where, tokenizer) for where, v in
+    return [v if isinstance(v, (TextFile, TextRecord)) else _text_of(v, where, tokenizer) for where, v in
             _records(source, TEXT_SUFFIXES, "text", "unknown text file type", stream, tokenizer)]
 
 
@@ -608,7 +643,7 @@ def _ends_with(text: str, eos_text) -> bool:
     without copying a long text)."""
     if not (isinstance(eos_text, str) and eos_text):
         return False
-    if isinstance(text, (TextFile, JsonLine)):
+    if isinstance(text, (TextFile, TextRecord)):
         return text.ends_with(eos_text)
     k = len(text)
     while k and text[k - 1].isspace():
@@ -702,7 +737,7 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
 def _close(texts) -> None:
     """Close the files of the streamed documents among ``texts``."""
     for text in texts:
-        if isinstance(text, (TextFile, JsonLine)):
+        if isinstance(text, (TextFile, TextRecord)):
             text.close()
 
 
@@ -715,7 +750,7 @@ def _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, window
         i = int(torch.searchsorted(ends, place, right=True))  # (the document holding the character)
         # (a window running past the last document reads the first ones again: opened again then)
         for text in texts[passed:i]:  # (a JSON Lines file read on, in the window's document: kept open)
-            if isinstance(text, TextFile) or isinstance(text, JsonLine) and not text.of_file(texts[i]):
+            if isinstance(text, TextFile) or isinstance(text, TextRecord) and not text.of_file(texts[i]):
                 text.close()
         passed = i
         offset = place - (int(ends[i]) - len(texts[i]))
