@@ -437,6 +437,10 @@ def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
     tok.chat_template = CHAT_TEMPLATE
     rendered = "<s>user : the cat </s>assistant : a dog </s>"
     assert read_texts(tmp_path / "sft.jsonl", tokenizer=tok) == ["one", rendered, "the cat", rendered]
+    # (streamed, as epmq quantize reads them: rendered the same where the windows read them)
+    streamed = read_texts(tmp_path / "sft.jsonl", tokenizer=tok, stream=True)
+    assert [t.text() for t in streamed] == ["one", rendered, "the cat", rendered]
+    streamed[0].close()
     # BOS and EOS reach the windows as the model's special tokens (the roles are words this
     # tokenizer does not know); a document that ends with EOS gets no second one between it and
     # the next (the model never saw two in fine-tuning)
@@ -449,8 +453,11 @@ def test_texts_in_the_forms_fine_tuning_files_take(files, tmp_path):
                  tools=[{"name": "cat"}], chat_template_kwargs={"short": True})
     (tmp_path / "tools.json").write_text(json.dumps(tools) + "\n" + json.dumps({"text": "a dog"}) + "\n")
     tok.chat_template = TOOL_TEMPLATE
-    assert read_texts(tmp_path / "tools.json", tokenizer=tok) == [  # (JSON Lines under .json, as datasets writes)
-        "<s>system : cat user : short the cat </s>assistant : short dog ( ) </s>", "a dog"]
+    for stream in (False, True):  # (JSON Lines under .json, as datasets writes)
+        texts = read_texts(tmp_path / "tools.json", tokenizer=tok, stream=stream)
+        assert [t if isinstance(t, str) else t.text() for t in texts] == [
+            "<s>system : cat user : short the cat </s>assistant : short dog ( ) </s>", "a dog"]
+    texts[0].close()
     tok.chat_template = CHAT_TEMPLATE
     (tmp_path / "one.jsonl").write_text(json.dumps({"messages": chat}))
     with pytest.raises(ValueError, match=r"one.jsonl:1: a conversation is rendered by the tokenizer's chat "
