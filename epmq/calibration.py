@@ -560,14 +560,20 @@ class JsonLines:
                 self._kept[document.position] = text
                 if len(self._kept) > self._KEPT:
                     del self._kept[next(iter(self._kept))]
+                if document is self.documents[-1]:  # (nothing after it: a directory of files read whole
+                    self._stop()  # in turn held them all open, up to the system's limit)
                 return text
         raise self._changed()
 
-    def close(self) -> None:
-        """Close its file (a later read opens it again) and let go of the texts kept."""
+    def _stop(self) -> None:
         if self._reader is not None:
             self._reader.close()
-        self._reader, self._at, self._kept = None, -1, {}
+        self._reader, self._at = None, -1
+
+    def close(self) -> None:
+        """Close its file (a later read opens it again) and let go of the texts kept."""
+        self._stop()
+        self._kept = {}
 
 
 class ParquetRows(JsonLines):
@@ -678,10 +684,11 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         windows = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
         return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
                 for i in range(0, samples, batch_size)]
+    streamed = texts
     try:
         texts = [t if isinstance(t, str) else t.text() for t in texts]  # (TextFiles, JsonLines: short enough)
     finally:
-        _close(texts)
+        _close(streamed)
     ids: List[int] = []
     content = 0
     for text in texts:

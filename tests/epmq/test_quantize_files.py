@@ -381,6 +381,41 @@ def test_streamed_text_files_are_closed_once_their_windows_are_read(tmp_path, mo
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
 
 
+@pytest.mark.filterwarnings("ignore:.*windows overlap")
+@pytest.mark.parametrize("limit", [100, None])
+def test_streamed_json_lines_files_are_closed_once_read(limit, tmp_path, monkeypatch):
+    """A streamed .jsonl file whose texts were all read (below FULL_TOKENIZATION_CHARS, each read
+    whole in turn) stayed open to the end of text_windows: a directory of many such files held
+    one open file each, as streamed .txt files once did, up to the system's limit of open files.
+    A file is closed once its last text is read, or a window has passed it."""
+    import os
+
+    from epmq import calibration
+
+    if limit is not None:
+        monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", limit)
+    for k in range(300):
+        (tmp_path / f"{k:04d}.jsonl").write_text("\n".join(json.dumps({"text": f"document {k} {j} " + "word " * 8})
+                                                           for j in range(2)))
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("counts open files in /proc")
+    opened = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    streamed, whole = read_texts(tmp_path, stream=True), read_texts(tmp_path)
+    before, most = opened(), 0
+
+    class Counting(HashTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            nonlocal most
+            most = max(most, opened())
+            return super().__call__(text)
+
+    windows = text_windows(streamed, Counting(), samples=256, seq_len=16, seed=3)
+    assert opened() == before
+    assert most - before < 16, most - before
+    expected = text_windows(whole, HashTokenizer(), samples=256, seq_len=16, seed=3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+
+
 def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
     """A .txt document saved with "\r\n" (or "\r") line ends is read with "\n", compressed or
     not, as it was before compressed files were read; a JSON line's "\r" is no part of it."""
