@@ -734,13 +734,32 @@ def _class_trees(cls) -> list:
     return trees
 
 
-def _self_path(node) -> Optional[tuple]:
-    """``("mamba", "dt_proj")`` of ``self.mamba.dt_proj``; None for any other expression."""
+def _self_path(node, roots=None) -> Optional[tuple]:
+    """``("mamba", "dt_proj")`` of ``self.mamba.dt_proj``; None for any other expression. ``roots``
+    maps names to the paths they stand for (a helper's parameter ``layer`` handed ``self.dt_proj``:
+    ``layer.weight``'s is ``("dt_proj", "weight")``)."""
+    roots = {"self": ()} if roots is None else roots
     path = []
     while isinstance(node, ast.Attribute):
         path.append(node.attr)
         node = node.value
-    return tuple(reversed(path)) if path and isinstance(node, ast.Name) and node.id == "self" else None
+    if isinstance(node, ast.Name) and node.id in roots and (path or roots[node.id]):
+        return roots[node.id] + tuple(reversed(path))
+    return None
+
+
+_HELPER_TREES: dict = {}
+
+
+def _helper_tree(function) -> Optional[ast.AST]:
+    """The parsed source of a function the blocks' code calls (None where it has none), once a function."""
+    if function not in _HELPER_TREES:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+            _HELPER_TREES[function] = tree if isinstance(tree, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+        except Exception:  # (a builtin, a source inspect cannot place)
+            _HELPER_TREES[function] = None
+    return _HELPER_TREES[function]
 
 
 class _WeightReads(ast.NodeVisitor):
@@ -750,10 +769,17 @@ class _WeightReads(ast.NodeVisitor):
     (``if self.pretraining_tp > 1 and self.slow_but_exact``, BLOOM's; ``if self.training and ...``,
     the fused training kernels' of Mamba-family mixers, the module in eval mode;
     ``if hasattr(self.config, "_is_quantized")``, Jamba's) is followed the way they decide it, one
-    that depends on the inputs both ways."""
+    that depends on the inputs both ways. A function the code hands a module to (``f(self.dt_proj, x)``,
+    ``self._mix(h, layer=self.gate)``) is read too, its parameters standing for what they were handed,
+    as ``x @ layer.weight.T`` there reads the weight as surely as in the class."""
 
-    def __init__(self, module, scope):
+    def __init__(self, module, scope, roots=None, followed=None):
         self.module, self.scope, self.paths, self.called = module, scope, set(), set()
+        self.roots = {"self": ()} if roots is None else roots
+        self.followed = set() if followed is None else followed  # (helpers read, with what they were handed)
+
+    def path(self, node):
+        return _self_path(node, self.roots)
 
     def value(self, node):
         """``node``'s value where the module's attributes and constants decide it, else _UNDECIDED."""
@@ -761,7 +787,9 @@ class _WeightReads(ast.NodeVisitor):
             if isinstance(node, ast.Constant):
                 return node.value
             if isinstance(node, ast.Name):
-                return self.module if node.id == "self" else self.scope.get(node.id, _UNDECIDED)
+                if node.id in self.roots:
+                    return functools.reduce(getattr, self.roots[node.id], self.module)
+                return self.scope.get(node.id, _UNDECIDED)
             if isinstance(node, ast.Attribute):
                 owner = self.value(node.value)
                 return _UNDECIDED if owner is _UNDECIDED else getattr(owner, node.attr)
@@ -821,8 +849,43 @@ class _WeightReads(ast.NodeVisitor):
         for branch in ([node.body] if truth is not False else []) + ([node.orelse] if truth is not True else []):
             self.visit(branch)
 
+    def follow(self, node):
+        """Read the helper ``node`` calls where it is handed a module (``self.<p>``, or ``self``)."""
+        function = self.value(node.func)
+        handed = list(node.args)
+        if inspect.ismethod(function):  # (self.<method>(...): its first parameter is what it is bound to)
+            owner = node.func.value if isinstance(node.func, ast.Attribute) else None
+            handed.insert(0, owner)
+            function = function.__func__
+        if not inspect.isfunction(function) or any(isinstance(arg, ast.Starred) for arg in handed):
+            return
+        try:
+            bound = inspect.signature(function).bind_partial(
+                *handed, **{k.arg: k.value for k in node.keywords if k.arg is not None}).arguments
+        except (TypeError, ValueError):
+            return
+        roots = {}
+        for name, arg in bound.items():
+            path = self.path(arg) if isinstance(arg, ast.AST) else None
+            if path is not None or (isinstance(arg, ast.Name) and arg.id in self.roots):
+                path = self.roots[arg.id] if path is None else path
+                if isinstance(self.value(arg), nn.Module):
+                    roots[name] = path
+        key = (function, tuple(sorted(roots.items())))
+        if not roots or key in self.followed or len(self.followed) > 64:
+            return
+        self.followed.add(key)
+        tree = _helper_tree(function)
+        if tree is not None:
+            helper = _WeightReads(self.module, function.__globals__, roots, self.followed)
+            for statement in tree.body:
+                helper.visit(statement)
+            self.paths |= helper.paths
+            self.called |= helper.called
+
     def visit_Call(self, node):
-        called = _self_path(node.func)
+        self.follow(node)
+        called = self.path(node.func)
         if called:
             self.called.add(called[:-1] if called[-1] == "forward" else called)
         if isinstance(node.func, ast.Name) and node.func.id in _INSPECTING:
@@ -838,7 +901,7 @@ class _WeightReads(ast.NodeVisitor):
         if node.attr in _TENSOR_METADATA and isinstance(node.value, ast.Attribute) and node.value.attr == "weight":
             self.visit(node.value.value)  # (its dtype, shape or device: the stand-in has them)
             return
-        path = _self_path(node.value) if node.attr == "weight" else None
+        path = self.path(node.value) if node.attr == "weight" else None
         if path:
             self.paths.add(path)
         self.generic_visit(node)

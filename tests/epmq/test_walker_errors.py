@@ -1030,7 +1030,36 @@ class FusedReadingMixer(ReadingMixer):
         super().__init__(fused=True)
 
 
-@pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"])])
+def _called(layer, h):
+    return layer(h)
+
+
+def _scanned(layer, h):
+    return _product(h, layer)
+
+
+def _product(h, mixer):
+    return (mixer.weight @ h.T).T
+
+
+class HelperReadingMixer(nn.Module):
+    """ReadingMixer's reads made by helpers the forward hands its layers to: ``gate``'s weight by a
+    method (``self._gated(h, layer=self.gate)``), ``dt``'s by a module-level function through
+    another; ``up`` called by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.dt, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def _gated(self, h, layer):
+        return F.linear(h, layer.weight) if not self.training else h
+
+    def forward(self, x):
+        return self.out(_scanned(self.dt, self._gated(_called(self.up, x), layer=self.gate)))
+
+
+@pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
+                                              (HelperReadingMixer, ["gate", "dt"])])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_linears_whose_weight_a_block_reads_without_a_call_stay_in_full_precision(block_type, read, method):
     """What the blocks' code reads as a weight tensor and never calls stays a linear (RTN, which runs
