@@ -136,16 +136,18 @@ class BlockLog:
     """The resume directory of one walk (see the module docstring). Held by one walk at a time
     (a lock on ``walk.lock``, let go by ``close`` or when the process ends)."""
 
-    def __init__(self, directory, identity: dict):
+    def __init__(self, directory, identity: dict, left_out: Iterable = ()):
+        # (left_out: the linears of the blocks the walk leaves in full precision whatever the
+        # calibration, whose weight the blocks' code reads without a call: Mamba's dt_proj)
         self.directory = Path(directory)
         self._lock = _lock(self.directory)
         try:
-            self._open(identity)
+            self._open(identity, set(left_out))
         except BaseException:
             self.close()
             raise
 
-    def _open(self, identity: dict) -> None:
+    def _open(self, identity: dict, left_out: set) -> None:
         remove_stale_temporaries(self.directory, "*")  # (a killed walk's half-written files)
         identity = json.loads(json.dumps(dict(identity, format=FORMAT), default=str))
         # every record carries this: blocks of another walk are refused even where walk.json,
@@ -157,12 +159,16 @@ class BlockLog:
         changed = [] if saved is None else changed_keys(saved, identity)
         done = records(self.directory)
         if changed and done:
-            details = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
+            then, now = (_linears(d.get("blocks")) for d in (saved, identity))
+            details = "; ".join(_walked(then, now) if k == "blocks" and then is not None and now is not None else
+                                f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
                                 for k in changed)
-            raise ValueError(
-                f"resume_dir {self.directory} holds blocks of another walk ({details}): "
-                f"resume with the same arguments, or use an empty directory"
-            )
+            remedy = "resume with the same arguments, or use an empty directory"
+            if "blocks" in changed and then is not None and now is not None and now <= then and then - now <= left_out:
+                remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "
+                          "the blocks' code (as Mamba's dt_proj: self.dt_proj.weight @ x), where the epmq that "
+                          "wrote the directory walked them: its blocks cannot be reused, use an empty directory")
+            raise ValueError(f"resume_dir {self.directory} holds blocks of another walk ({details}): {remedy}")
         if changed or (saved is None and (not done or self.identity in _identities(done))):
             # (no block done yet, nothing to protect; or walk.json lost, and a block says it is
             # this walk's: another walk, refused block by block, must not claim the directory)
@@ -249,6 +255,26 @@ class BlockLog:
         body = json.loads(json.dumps(dict(report, digest=digest, identity=self.identity, layers=meta,
                                           tensors=tensor_digest(sorted(tensors.items()))), default=str))
         write_json_atomic(record_path, dict(body, check=_check(body)))
+
+
+def _linears(blocks) -> Optional[set]:
+    """The full names of the linears in a walk identity's ``blocks`` (``[[prefix, [[rel, ...] a
+    block]], ...]``); None where it is not that."""
+    try:
+        return {f"{prefix}.{i}.{rel}" for prefix, chosen in blocks for i, rels in enumerate(chosen) for rel in rels}
+    except (TypeError, ValueError):
+        return None
+
+
+def _walked(then: set, now: set, limit: int = 3) -> str:
+    """Which linears a walk's blocks held then and not now, and now and not then."""
+    said = []
+    for names, when in ((then - now, "then, not now"), (now - then, "now, not then")):
+        if names:
+            names = sorted(names)
+            more = f" ({len(names)} in all)" if len(names) > limit else ""
+            said.append(f"linears walked {when}: {', '.join(names[:limit])}{more}")
+    return "blocks: " + ("; ".join(said) or "the same linears in another layout")
 
 
 def records(directory: Path) -> list:

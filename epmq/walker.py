@@ -1662,7 +1662,7 @@ class _Walk:
         self._previous = ""  # the digest of the block walked last (``_block_digest``)
         self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
-        self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity())
+        self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity(), left_out=report.skipped)
 
     def _in_forward_order(self) -> None:
         """The stacks in the order the model's forward reaches them, as the first calibration item

@@ -572,3 +572,49 @@ def test_a_damaged_block_s_files_are_removed(tmp_path):
         assert resume.records(tmp_path) == [] and not (tmp_path / "block.0.safetensors").exists()
     finally:
         log.close()
+
+
+class DtMixer(torch.nn.Module):
+    """``out(dt.weight @ up(x))``: Mamba's mixer multiplies by ``dt_proj.weight`` so."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.dt, self.out = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        return self.out((self.dt.weight @ self.up(x).T).T)
+
+
+class DtNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([DtMixer(), DtMixer()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_directory_of_a_walk_that_walked_linears_read_without_a_call_is_refused_clearly(tmp_path, monkeypatch):
+    """A resume directory of an epmq before linears whose weight the blocks' code reads without a
+    call (Mamba's dt_proj) were left out of the walk lists them among its blocks' linears: refused,
+    naming those linears and why, and saying to use an empty directory (not 'the same arguments',
+    which the caller gave); an empty one walks as before."""
+    torch.manual_seed(0)
+    model = DtNet().eval()
+    kw = dict(method="gptq", calibration={"a": [torch.randn(4, 16)]}, progress=False,
+              adapter=epmq.Adapter("mixers", block_types=(DtMixer,)))
+    with monkeypatch.context() as m:
+        m.setattr(walker, "_take_weights_read", lambda stacks: [])  # (the walk of the epmq before)
+        interrupt_at(m, 1)
+        with pytest.raises(Interrupt):
+            epmq.quantize_model(DtNet().eval(), SPEC, resume_dir=tmp_path, **kw)
+    with pytest.raises(ValueError) as refused:
+        epmq.quantize_model(model, SPEC, resume_dir=tmp_path, **kw)
+    message = str(refused.value)
+    assert "layers.0.dt, layers.1.dt" in message and "read without a call" in message
+    assert "use an empty directory" in message and "same arguments" not in message
+    with pytest.warns(UserWarning, match="stay in full precision"):
+        epmq.quantize_model(model, SPEC, resume_dir=tmp_path / "empty", **kw)
+    assert sorted(model.epmq_report.skipped) == ["layers.0.dt", "layers.1.dt"]
