@@ -50,6 +50,9 @@ _REFUSED = {  # key pattern -> what it is
     r".+trainable_tokens_delta.*": "trainable token deltas (trainable_token_indices)",
 }
 
+# the names of PEFT's LoRA layers' own tensors, in a model it has wrapped (``.default``) or as saved
+_PEFT_LAYER = re.compile(r"(^|\.)(base_layer|lora_(embedding_)?[AB]|modules_to_save|original_module)(\.|$)")
+
 
 def is_lora_adapter(path) -> bool:
     """Whether ``path`` is a directory holding a PEFT adapter."""
@@ -249,6 +252,13 @@ class LoraExpert(Mapping):
                 raise FileNotFoundError(f"{what}: its base model {str(base)!r} ({where}) is not found ({e}); "
                                         f"give the base: {_GIVE_BASE}") from e
         self.base = CheckpointReader(base, f"the base model of {what}")
+        # (the model the adapter was trained in, its LoRA layers in place: W_0 under base_layer,
+        # the update maybe merged into it by merge_adapter(); no name of it is the base's own)
+        wrapped = next((k for k in self.base.keys() if _PEFT_LAYER.search(k)), None)
+        if wrapped is not None:
+            raise ValueError(f"{what}: the base ({self.base.description}) is a model PEFT has wrapped (its tensor "
+                             f"{wrapped!r} is a LoRA layer's), not the base model: give the base as it was before "
+                             f"get_peft_model (its checkpoint directory, or the model loaded from it)")
         # (what tells adapters of one base apart from others': its files, or the object given,
         # kept so that its id is not another's)
         self._base_given = base

@@ -479,6 +479,26 @@ def test_adapter_options_that_are_not_a_plain_update_are_refused(base_dir, tmp_p
         epmq.LoraExpert(tmp_path / "adapter", base=base_dir)
 
 
+@pytest.mark.parametrize("given", ["peft model", "its state dict", "merged in place", "saved"])
+def test_a_base_peft_has_wrapped_is_refused_naming_what_to_give(base_dir, tmp_path, given):
+    """The model PEFT trained the adapter in (get_peft_model's, its LoRA layers in place: W_0 under
+    ``base_layer``, maybe with the update merged in by merge_adapter()) given as the base was
+    refused as 'not the adapter's base model', which it is; refused as a base PEFT has wrapped,
+    naming a tensor of it and what to give."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=8)
+    wrapped = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                  peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    if given == "merged in place":
+        wrapped.merge_adapter()
+    if given == "saved":
+        wrapped.get_base_model().save_pretrained(tmp_path / "wrapped")
+    base = {"its state dict": wrapped.state_dict(), "saved": tmp_path / "wrapped"}.get(given, wrapped)
+    with pytest.raises(ValueError, match=r"PEFT has wrapped .*(base_layer|lora_A).*give the base .*before "
+                                         r"get_peft_model") as refused:
+        epmq.LoraExpert(tmp_path / "adapter", base=base)
+    assert "not the adapter's base model" not in str(refused.value)
+
+
 def test_part_of_a_base_tensor_no_update_touches_is_read_alone(base_dir, tmp_path, monkeypatch):
     """One expert's rows of a base's fused MoE tensor (Llama 4's hub layout), read through a LoRA
     expert: only those rows leave the base checkpoint."""
@@ -1054,9 +1074,9 @@ def test_an_adapter_on_a_base_checkpoints_state_dict_holding_its_modules_convert
                                          r"converts as it loads.*base= the base loaded") as said:
         epmq.LoraExpert(tmp_path / "adapter", base=saved)
     assert "not the adapter's base model" not in str(said.value), said.value
-    with pytest.raises(ValueError) as said:  # (the model PEFT wrapped: its LoRA tensors hold no weight)
+    with pytest.raises(ValueError, match="PEFT has wrapped") as said:  # (its LoRA tensors hold no weight)
         epmq.LoraExpert(tmp_path / "adapter", base=base.state_dict())
-    assert ".lora_" not in str(said.value) and ".base_layer." not in str(said.value), said.value
+    assert "its layer holds" not in str(said.value), said.value
     loaded = type(base).from_pretrained(tmp_path / "base").state_dict()
     assert "model.layers.0.self_attn.q_proj.weight" in epmq.LoraExpert(tmp_path / "adapter", base=loaded).keys()
 
