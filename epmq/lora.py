@@ -259,6 +259,12 @@ class LoraExpert(Mapping):
             raise ValueError(f"{what}: the base ({self.base.description}) is a model PEFT has wrapped (its tensor "
                              f"{wrapped!r} is a LoRA layer's), not the base model: give the base as it was before "
                              f"get_peft_model (its checkpoint directory, or the model loaded from it)")
+        # (QLoRA on a GPTQ or AWQ model, an epmq checkpoint: its layers hold codes, no W_0 to update)
+        packed = next((k for k in self.base.keys() if k.endswith(".qweight")), None)
+        if packed is not None:
+            raise ValueError(f"{what}: the base ({self.base.description}) is a quantized model (its tensor "
+                             f"{packed!r} holds packed codes, no weight the update can be added to): give the "
+                             f"full-precision base")
         # (what tells adapters of one base apart from others': its files, or the object given,
         # kept so that its id is not another's)
         self._base_given = base

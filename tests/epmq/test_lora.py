@@ -499,6 +499,21 @@ def test_a_base_peft_has_wrapped_is_refused_naming_what_to_give(base_dir, tmp_pa
     assert "not the adapter's base model" not in str(refused.value)
 
 
+@pytest.mark.parametrize("as_module", [False, True])
+def test_a_quantized_base_is_refused_naming_it_so(base_dir, tmp_path, as_module):
+    """An adapter trained on a quantized base (QLoRA on a GPTQ model), or an epmq checkpoint given
+    as the base, was refused as 'has no weight ... not the adapter's base model': its layers hold
+    packed codes (qweight), no weight; refused as a quantized base, naming a packed tensor and
+    to give the full-precision base."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=9)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=8), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "quantized")
+    with pytest.raises(ValueError, match=r"a quantized model .*qweight.*give the full-precision base") as refused:
+        epmq.LoraExpert(tmp_path / "adapter", base=model if as_module else tmp_path / "quantized")
+    assert "not the adapter's base model" not in str(refused.value)
+
+
 def test_part_of_a_base_tensor_no_update_touches_is_read_alone(base_dir, tmp_path, monkeypatch):
     """One expert's rows of a base's fused MoE tensor (Llama 4's hub layout), read through a LoRA
     expert: only those rows leave the base checkpoint."""
