@@ -833,9 +833,51 @@ class _WeightReads(ast.NodeVisitor):
         # (nor a method the module's own attribute stands in for: WavLM's attention made to call
         # its projections, epmq.adapters.attention.call_projections)
         if node.name not in _SETUP_METHODS and node.name not in vars(self.module):
+            roots = self.roots
+            self.roots = dict(roots)  # (the local names it binds are its own)
             self.generic_visit(node)
+            self.roots = roots
 
     visit_AsyncFunctionDef = visit_FunctionDef
+
+    def bind(self, target, value) -> None:
+        """A local name bound to a module (``dt = self.dt_proj``) stands for it; rebound, no more."""
+        if isinstance(target, ast.Name):
+            path = self.path(value) if isinstance(value, ast.Attribute) else (
+                self.roots.get(value.id) if isinstance(value, ast.Name) else None)
+            if path is not None and isinstance(self.value(value), nn.Module):
+                self.roots[target.id] = path
+            else:
+                self.roots.pop(target.id, None)
+        elif (isinstance(target, (ast.Tuple, ast.List)) and isinstance(value, (ast.Tuple, ast.List))
+              and len(target.elts) == len(value.elts)):
+            for t, v in zip(target.elts, value.elts):
+                self.bind(t, v)
+        else:
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name):
+                    self.roots.pop(name.id, None)
+
+    def visit_Assign(self, node):
+        self.generic_visit(node)
+        for target in node.targets:
+            self.bind(target, node.value)
+
+    def visit_For(self, node):
+        """A loop over modules (``for layer in (self.q, self.k)``, over a ModuleList) is read once
+        for each, its name standing for it."""
+        self.visit(node.iter)
+        items = node.iter.elts if isinstance(node.iter, (ast.Tuple, ast.List)) else None
+        held = self.value(node.iter) if items is None else None
+        path = self.path(node.iter) if isinstance(held, (nn.ModuleList, nn.Sequential)) else None
+        if path is not None:
+            items = [ast.Attribute(value=node.iter, attr=name) for name in held._modules]
+        for item in items or [ast.Constant(None)]:  # (over anything else: no module known)
+            self.bind(node.target, item)
+            for statement in node.body:
+                self.visit(statement)
+        for statement in node.orelse:
+            self.visit(statement)
 
     def visit_If(self, node):
         self.visit(node.test)
@@ -946,8 +988,10 @@ def _take_weights_read(stacks) -> list:
                          for k in range(len(parts))]
                 # (read by the module that holds it; not by one further out reaching in, as
                 # nn.TransformerEncoderLayer's fast path does self.self_attn.out_proj.weight, which
-                # the attention AUTO rebuilds turns off)
-                if (found[-1][0] in found[-1][1][0]
+                # the attention AUTO rebuilds turns off; a list of modules holds none, its owner does)
+                holder = max(k for k in range(len(parts)) if k == 0 or not isinstance(
+                    block.get_submodule(".".join(parts[:k])), (nn.ModuleList, nn.ModuleDict)))
+                if (found[holder][0] in found[holder][1][0]
                         and not any(path in called for path, (_, called) in found)):
                     read.append(f"{stack.prefix}.{i}.{rel}")
                 else:

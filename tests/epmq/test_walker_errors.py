@@ -1058,8 +1058,25 @@ class HelperReadingMixer(nn.Module):
         return self.out(_scanned(self.dt, self._gated(_called(self.up, x), layer=self.gate)))
 
 
+class AliasReadingMixer(nn.Module):
+    """ReadingMixer's reads of layers named by local names: ``dt = self.dt``, and ``gates.0`` in a
+    loop over a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.dt, self.out = (nn.Linear(16, 16) for _ in range(3))
+        self.gates = nn.ModuleList([nn.Linear(16, 16)])
+
+    def forward(self, x):
+        h, dt = self.up(x), self.dt
+        for layer in self.gates:
+            h = F.linear(h, layer.weight)
+        return self.out((dt.weight @ h.T).T)
+
+
 @pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
-                                              (HelperReadingMixer, ["gate", "dt"])])
+                                              (HelperReadingMixer, ["gate", "dt"]),
+                                              (AliasReadingMixer, ["gates.0", "dt"])])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_linears_whose_weight_a_block_reads_without_a_call_stay_in_full_precision(block_type, read, method):
     """What the blocks' code reads as a weight tensor and never calls stays a linear (RTN, which runs
