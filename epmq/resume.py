@@ -161,8 +161,7 @@ class BlockLog:
         if changed and done:
             then, now = (_linears(d.get("blocks")) for d in (saved, identity))
             details = "; ".join(_walked(then, now) if k == "blocks" and then is not None and now is not None else
-                                f"{k}: {_short(saved.get(k))} then, {_short(identity.get(k))} now"
-                                for k in changed)
+                                _differs(k, saved.get(k), identity.get(k)) for k in changed)
             remedy = "resume with the same arguments, or use an empty directory"
             if "blocks" in changed and then is not None and now is not None and now <= then and then - now <= left_out:
                 remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "
@@ -255,6 +254,17 @@ class BlockLog:
         body = json.loads(json.dumps(dict(report, digest=digest, identity=self.identity, layers=meta,
                                           tensors=tensor_digest(sorted(tensors.items()))), default=str))
         write_json_atomic(record_path, dict(body, check=_check(body)))
+
+
+def _differs(key: str, then, now, limit: int = 4) -> str:
+    """What differs in identity entry ``key``: of a mapping (a config, the versions), its entries
+    that differ."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        keys = changed_keys(then, now)
+        more = f" ({len(keys)} in all)" if len(keys) > limit else ""
+        said = (f"{key}.{k}: {_short(then.get(k))} then, {_short(now.get(k))} now" for k in keys[:limit])
+        return "; ".join(said) + more
+    return f"{key}: {_short(then)} then, {_short(now)} now"
 
 
 def _linears(blocks) -> Optional[set]:
