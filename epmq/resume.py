@@ -163,6 +163,10 @@ class BlockLog:
             details = "; ".join(_walked(then, now) if k == "blocks" and then is not None and now is not None else
                                 _differs(k, saved.get(k), identity.get(k)) for k in changed)
             remedy = "resume with the same arguments, or use an empty directory"
+            if set(changed) <= _CODE:
+                remedy = ("it was written by other code (the versions of torch, triton, transformers, open_clip "
+                          "or epmq, or what epmq's statistics count), whose blocks this one cannot take: resume "
+                          "with that code, or use an empty directory")
             if "blocks" in changed and then is not None and now is not None and now <= then and then - now <= left_out:
                 remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "
                           "the blocks' code (as Mamba's dt_proj: self.dt_proj.weight @ x), where the epmq that "
@@ -254,6 +258,10 @@ class BlockLog:
         body = json.loads(json.dumps(dict(report, digest=digest, identity=self.identity, layers=meta,
                                           tensors=tensor_digest(sorted(tensors.items()))), default=str))
         write_json_atomic(record_path, dict(body, check=_check(body)))
+
+
+# the identity entries that the code sets, not the walk's arguments, data or model
+_CODE = {"versions", "statistics", "format", "share_input_statistics"}
 
 
 def _differs(key: str, then, now, limit: int = 4) -> str:

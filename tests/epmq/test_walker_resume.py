@@ -125,6 +125,25 @@ def test_a_directory_of_other_statistics_rules_is_refused(gen, tmp_path, monkeyp
                             experts=fam.experts, resume_dir=tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("patch", ["versions", "statistics"])
+def test_a_directory_of_other_code_says_so(patch, gen, tmp_path, monkeypatch):
+    """A directory an interrupted walk wrote before torch (or transformers, epmq) was upgraded, or
+    before epmq changed what its statistics count, was refused with 'resume with the same
+    arguments', which the caller gave; the error says the code differs and what to do."""
+    fam = Family("llama", gen)
+    with monkeypatch.context() as m:
+        if patch == "versions":
+            versions = walker._versions()
+            m.setattr(walker, "_versions", lambda: dict(versions, torch="2.0.0"))
+        else:
+            m.setattr(walker, "STATISTICS_RULES", "padding counted")
+        _interrupted(fam, tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match=f"another walk .*{patch}.*other code") as refused:
+        epmq.quantize_model(fam.merged(), SPEC, method="epmq", calibration=fam.calibration,
+                            experts=fam.experts, resume_dir=tmp_path, progress=False)
+    assert "same arguments" not in str(refused.value) and "use an empty directory" in str(refused.value)
+
+
 @pytest.mark.parametrize("which", ["merged", "expert"])
 def test_other_weights_are_refused(which, gen, tmp_path, monkeypatch):
     fam = Family("llama", gen)
