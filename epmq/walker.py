@@ -348,6 +348,8 @@ def quantize_model(
             model.eval()
             stacks, tied, routers = _plan(model, towers, layers)
             read = _take_weights_read(stacks)
+            if method == "rtn":
+                _warn_unread(stacks)
             _refuse_adapter_layers(stacks)
             if method != "rtn" and targets != "merged_path":
                 _warn_quantized_elsewhere(model, targets, len(_families(model, stacks_of(model), every=True)) > 1)
@@ -714,6 +716,7 @@ _DECIDING = {"isinstance": isinstance, "hasattr": hasattr, "getattr": getattr, "
 _SETUP_METHODS = frozenset({"__init__", "reset_parameters", "_init_weights", "init_weights"})
 _UNDECIDED = object()
 _CLASS_TREES: dict = {}
+_CLASS_UNREAD: dict = {}  # class -> the classes of its bases whose source is not found
 
 
 def _class_trees(cls) -> list:
@@ -721,17 +724,43 @@ def _class_trees(cls) -> list:
     source (not nn.Module's), parsed once a class."""
     trees = _CLASS_TREES.get(cls)
     if trees is None:
-        trees = []
+        trees, unread = [], []
         for klass in cls.__mro__:
             if klass in (nn.Module, object):
                 continue
             try:
                 tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
             except Exception:  # (no file, a class made at run time, a source inspect cannot place)
+                unread.append(klass)
                 continue
             trees.append((tree, vars(sys.modules[klass.__module__]) if klass.__module__ in sys.modules else {}))
-        _CLASS_TREES[cls] = trees
+        _CLASS_TREES[cls], _CLASS_UNREAD[cls] = trees, unread
     return trees
+
+
+def _warn_unread(stacks) -> None:
+    """RTN leaves a linear whose weight the code reads without a call in full precision
+    (``_take_weights_read``), which it finds in the classes' source: say which classes holding the
+    linears it packs have none (one defined in a notebook, whose ``__main__`` has no file, or by
+    exec), whose reads it cannot see."""
+    unread = {}
+    for stack in stacks:
+        for i, block in enumerate(stack.blocks):
+            for rel in stack.chosen[i]:
+                parts = rel.split(".")
+                for k in range(len(parts)):
+                    cls = type(block.get_submodule(".".join(parts[:k])))
+                    _class_trees(cls)
+                    unread.update(dict.fromkeys(_CLASS_UNREAD[cls]))
+    if unread:
+        names = [klass.__qualname__ for klass in unread]
+        warnings.warn(
+            f"RTN cannot read the code of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} (no source "
+            f"file: a class defined in a notebook or by exec), so it cannot see whether it uses a linear's "
+            f"weight without calling the layer (as Mamba's mixers use dt_proj's), which no packed layer can "
+            f"stand in for; their linears are packed. Where the code does, quantize with method='gptq' (its "
+            f"walk leaves a linear it never sees called in full precision), or keep the linear out with layers="
+        )
 
 
 def _self_path(node, roots=None) -> Optional[tuple]:

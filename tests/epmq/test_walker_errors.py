@@ -1074,6 +1074,25 @@ class AliasReadingMixer(nn.Module):
         return self.out((dt.weight @ h.T).T)
 
 
+def test_rtn_of_blocks_whose_code_it_cannot_read_says_so():
+    """A block class with no source file (defined in a notebook, whose __main__ has none, or by exec)
+    hides from RTN's reading whether its code uses a linear's weight without calling it, as this
+    one does dt's: RTN packed it with no word, and the model computed garbage; RTN says that it
+    cannot read the class, naming it, and what sees such a read (a walk: method='gptq')."""
+    namespace = {"nn": nn, "__name__": "notebook"}
+    exec("class NotebookMixer(nn.Module):\n"
+         "    def __init__(self):\n"
+         "        super().__init__()\n"
+         "        self.up, self.dt = nn.Linear(16, 16), nn.Linear(16, 16)\n"
+         "    def forward(self, x):\n"
+         "        return (self.dt.weight @ self.up(x).T).T\n", namespace)
+    block_type = namespace["NotebookMixer"]
+    model = Net(block_type).eval()
+    with pytest.warns(UserWarning, match=r"cannot read the code of NotebookMixer .*method='gptq'"):
+        epmq.quantize_model(model, SPEC, method="rtn", progress=False,
+                            adapter=epmq.Adapter("mixers", block_types=(block_type,)))
+
+
 @pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
                                               (HelperReadingMixer, ["gate", "dt"]),
                                               (AliasReadingMixer, ["gates.0", "dt"])])
