@@ -167,7 +167,7 @@ class BlockLog:
                 remedy = ("it was written by other code (the versions of torch, triton, transformers, open_clip "
                           "or epmq, or what epmq's statistics count), whose blocks this one cannot take: resume "
                           "with that code, or use an empty directory")
-            if "blocks" in changed and then is not None and now is not None and now <= then and then - now <= left_out:
+            if "blocks" in changed and then is not None and now is not None and now < then and then - now <= left_out:
                 remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "
                           "the blocks' code (as Mamba's dt_proj: self.dt_proj.weight @ x), where the epmq that "
                           "wrote the directory walked them: its blocks cannot be reused, use an empty directory")

@@ -639,3 +639,16 @@ def test_a_directory_of_a_walk_that_walked_linears_read_without_a_call_is_refuse
     with pytest.warns(UserWarning, match="stay in full precision"):
         epmq.quantize_model(model, SPEC, resume_dir=tmp_path / "empty", **kw)
     assert sorted(model.epmq_report.skipped) == ["layers.0.dt", "layers.1.dt"]
+
+
+def test_blocks_of_the_same_linears_in_another_order_are_not_said_to_be_left_out(tmp_path):
+    """Blocks that list the same linears in another order are another walk's, said so, and the
+    linears a walk leaves out (read without a call) are not named as what differs."""
+    from epmq import resume
+
+    log = resume.BlockLog(tmp_path, {"blocks": [["layers", [["up", "out"]]]]})
+    log.save("layers.0", "d", {}, entries=[], skipped=[], unreached=[])
+    log.close()
+    with pytest.raises(ValueError, match="the same linears in another layout.*same arguments") as refused:
+        resume.BlockLog(tmp_path, {"blocks": [["layers", [["out", "up"]]]]}, left_out=["layers.0.dt"])
+    assert "without a call" not in str(refused.value)
