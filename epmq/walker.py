@@ -806,6 +806,7 @@ class _WeightReads(ast.NodeVisitor):
         self.module, self.scope, self.paths, self.called = module, scope, set(), set()
         self.roots = {"self": ()} if roots is None else roots
         self.followed = set() if followed is None else followed  # (helpers read, with what they were handed)
+        self.defs, self.inside = {}, False  # (the functions defined in the function read, by name)
 
     def path(self, node):
         return _self_path(node, self.roots)
@@ -861,11 +862,13 @@ class _WeightReads(ast.NodeVisitor):
     def visit_FunctionDef(self, node):
         # (nor a method the module's own attribute stands in for: WavLM's attention made to call
         # its projections, epmq.adapters.attention.call_projections)
+        if self.inside:
+            self.defs[node.name] = node
         if node.name not in _SETUP_METHODS and node.name not in vars(self.module):
-            roots = self.roots
-            self.roots = dict(roots)  # (the local names it binds are its own)
+            roots, defs, inside = self.roots, self.defs, self.inside
+            self.roots, self.defs, self.inside = dict(roots), dict(defs), True  # (the names it binds are its own)
             self.generic_visit(node)
-            self.roots = roots
+            self.roots, self.defs, self.inside = roots, defs, inside
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -921,20 +924,32 @@ class _WeightReads(ast.NodeVisitor):
             self.visit(branch)
 
     def follow(self, node):
-        """Read the helper ``node`` calls where it is handed a module (``self.<p>``, or ``self``)."""
-        function = self.value(node.func)
+        """Read the helper ``node`` calls where it is handed a module (``self.<p>``, or ``self``): a
+        function of the code's globals, a method, or one defined in the function that calls it."""
         handed = list(node.args)
-        if inspect.ismethod(function):  # (self.<method>(...): its first parameter is what it is bound to)
-            owner = node.func.value if isinstance(node.func, ast.Attribute) else None
-            handed.insert(0, owner)
-            function = function.__func__
-        if not inspect.isfunction(function) or any(isinstance(arg, ast.Starred) for arg in handed):
-            return
-        try:
-            bound = inspect.signature(function).bind_partial(
-                *handed, **{k.arg: k.value for k in node.keywords if k.arg is not None}).arguments
-        except (TypeError, ValueError):
-            return
+        keywords = {k.arg: k.value for k in node.keywords if k.arg is not None}
+        local = self.defs.get(node.func.id) if isinstance(node.func, ast.Name) else None
+        if local is not None:  # (its closure sees the names around it, but those its parameters take)
+            params = [a.arg for a in (*local.args.posonlyargs, *local.args.args)]
+            if any(isinstance(arg, ast.Starred) for arg in handed) or len(handed) > len(params):
+                return
+            bound = {**dict(zip(params, handed)), **keywords}
+            own = {a.arg for a in ast.walk(local.args) if isinstance(a, ast.arg)}
+            tree, scope, which = local, self.scope, id(local)
+            around = {k: v for k, v in self.roots.items() if k not in own}
+        else:
+            function = self.value(node.func)
+            if inspect.ismethod(function):  # (self.<method>(...): its first parameter is what it is bound to)
+                owner = node.func.value if isinstance(node.func, ast.Attribute) else None
+                handed.insert(0, owner)
+                function = function.__func__
+            if not inspect.isfunction(function) or any(isinstance(arg, ast.Starred) for arg in handed):
+                return
+            try:
+                bound = inspect.signature(function).bind_partial(*handed, **keywords).arguments
+            except (TypeError, ValueError):
+                return
+            tree, scope, which, around = _helper_tree(function), function.__globals__, function, {}
         roots = {}
         for name, arg in bound.items():
             path = self.path(arg) if isinstance(arg, ast.AST) else None
@@ -942,13 +957,14 @@ class _WeightReads(ast.NodeVisitor):
                 path = self.roots[arg.id] if path is None else path
                 if isinstance(self.value(arg), nn.Module):
                     roots[name] = path
-        key = (function, tuple(sorted(roots.items())))
+        key = (which, tuple(sorted(roots.items())))
         if not roots or key in self.followed or len(self.followed) > 64:
             return
         self.followed.add(key)
-        tree = _helper_tree(function)
         if tree is not None:
-            helper = _WeightReads(self.module, function.__globals__, roots, self.followed)
+            helper = _WeightReads(self.module, scope, {**around, **roots}, self.followed)
+            if local is not None:
+                helper.defs, helper.inside = dict(self.defs), True
             for statement in tree.body:
                 helper.visit(statement)
             self.paths |= helper.paths

@@ -1093,8 +1093,23 @@ def test_rtn_of_blocks_whose_code_it_cannot_read_says_so():
                             adapter=epmq.Adapter("mixers", block_types=(block_type,)))
 
 
+class ClosureReadingMixer(nn.Module):
+    """ReadingMixer's reads made by a function its forward defines, handed ``gate`` and ``dt``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.dt, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        def scan(layer, h):
+            return (layer.weight @ h.T).T
+
+        return self.out(scan(self.dt, scan(h=self.up(x), layer=self.gate)))
+
+
 @pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
                                               (HelperReadingMixer, ["gate", "dt"]),
+                                              (ClosureReadingMixer, ["gate", "dt"]),
                                               (AliasReadingMixer, ["gates.0", "dt"])])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_linears_whose_weight_a_block_reads_without_a_call_stay_in_full_precision(block_type, read, method):
