@@ -382,11 +382,7 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(device)
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
     started = time.perf_counter()
-
-    copy_gbps = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s, "
-          f"L2 {l2_bytes / 2**20:.0f} MiB", flush=True)
-    packing = bench_packing(device, gen)
+    copy_gbps, packing = None, []  # (what a run stopped before measuring them writes)
 
     def result_of(rows, failures, partial):
         return dict(
@@ -408,8 +404,14 @@ def main(argv=None):
         latest.update(rows=rows, failures=failures)
         write_json(args.out, result_of(rows, failures, True))
 
+    # caught from the start: stopped while it measures the copy bandwidth or the packing (the
+    # first seconds of the step, longer on a busy card), the run still writes a JSON
     raise_on_sigterm()
     try:
+        copy_gbps = copy_bandwidth(device)
+        print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s, "
+              f"L2 {l2_bytes / 2**20:.0f} MiB", flush=True)
+        packing = bench_packing(device, gen)
         rows, failures = bench_matmul(device, gen, [s for s in shapes if s in GOAL_SHAPES],
                                       batches, groups, copy_gbps, l2_bytes, on_row=on_row)
         # bf16 activations (bf16 models) at the batch-1 and batch-16 targets, against bf16

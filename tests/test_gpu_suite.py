@@ -314,3 +314,44 @@ def test_w4a16_replots_a_committed_run_without_a_gpu(tmp_path):
     assert (tmp_path / "w4a16-card.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # (neither a run's output nor a JSON to draw)
         bench_w4a16.main([])
+
+
+@pytest.mark.parametrize("stopped_in", ["copy_bandwidth", "bench_packing"])
+def test_w4a16_benchmark_stopped_before_its_rows_writes_what_it_has(tmp_path, monkeypatch, stopped_in):
+    """The suite's timeout (SIGTERM) during the copy-bandwidth or packing measurements, which
+    run before the matmul rows, killed the run before it had caught the signal: no JSON, no
+    plot, no summary. It writes them (no row, partial) and exits 124, as stopped later."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    real_generator = torch.Generator
+    monkeypatch.setattr(bench_w4a16, "no_cuda", lambda script: False)
+    monkeypatch.setattr(bench_w4a16, "device_info", lambda device: dict(device="cpu"))
+    monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=1 << 20))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "cpu")
+    monkeypatch.setattr(bench_w4a16, "copy_bandwidth", lambda device: 100.0)
+    monkeypatch.setattr(bench_w4a16, "bench_packing", lambda device, gen: [])
+
+    def timed_out(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # (delivered at the next bytecode boundary)
+            pass
+        raise AssertionError("SIGTERM did not raise")
+
+    monkeypatch.setattr(bench_w4a16, stopped_in, timed_out)
+
+    def uncaught(signum, frame):
+        raise RuntimeError("SIGTERM reached the benchmark before it caught it: the run is killed")
+
+    previous = signal.signal(signal.SIGTERM, uncaught)
+    try:
+        rc = bench_w4a16.main(["--out", str(tmp_path / "w4a16.json")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 124
+    result = json.loads((tmp_path / "w4a16.json").read_text())
+    assert result["partial"] is True and result["rows"] == [] and result["failures"] == 0
+    assert (tmp_path / "w4a16.png").stat().st_size > 0
