@@ -1373,33 +1373,55 @@ def _mma_runs(x2, entry, wgmma=False, bound_rows=True) -> bool:
     rows contiguous and 16-byte aligned, their stride a multiple of 16, and at most
     MAX_GRID_YZ programs of its least BLOCK_M along the batch: the third grid dimension;
     not ``bound_rows``: a given config's plan, whose own grid ``_check_grid`` bounds)."""
-    if x2.dtype not in MMA_DTYPES or entry.permuted or _wide_rows(x2, x2, entry.N):
-        return False
+    return next(_mma_refusals(x2, entry, wgmma, bound_rows), None) is None
+
+
+def _mma_refusals(x2, entry, wgmma=False, bound_rows=True):
+    """What keeps :func:`_mma_runs` false, one phrase a requirement that fails, in the order
+    checked (a generator: ``_mma_runs`` stops at the first, and reads no zero points after a
+    failed check)."""
+    if x2.dtype not in MMA_DTYPES:
+        yield f"activations of {x2.dtype} (it takes float16 or bfloat16)"
+    if entry.permuted:
+        yield "act-order groups (a permuted g_idx; it takes static groups)"
+    if _wide_rows(x2, x2, entry.N):
+        yield (f"{x2.shape[0]} rows of stride {x2.stride(0)} and {entry.N} outputs, whose row "
+               f"offsets pass int32")
     if _mma_straddles(entry.G, entry.group):
-        return False
+        yield f"groups of {entry.group} inputs, not a multiple of 32 (its step)"
     if wgmma and not (x2.stride(1) == 1 and x2.stride(0) % 16 == 0 and x2.data_ptr() % 16 == 0):
-        return False  # (cp.async copies 16 bytes: rows contiguous and 16-byte aligned)
+        # (cp.async copies 16 bytes: rows contiguous and 16-byte aligned)
+        off = ([f"activation rows not contiguous (strides {tuple(x2.stride())})"] * (x2.stride(1) != 1)
+               + [f"a row stride of {x2.stride(0)} elements"] * (x2.stride(0) % 16 != 0)
+               + [f"activations {x2.data_ptr() % 16} bytes past a 16-byte boundary"] * (x2.data_ptr() % 16 != 0))
+        yield (f"{', '.join(off)} (it takes rows contiguous, 16-byte aligned, their stride a multiple of "
+               f"16 elements)")
     if wgmma and bound_rows and _least_row_blocks("wgmma", x2.shape[0]) > MAX_GRID_YZ:
         # (a bucket's choice serves every larger batch: a config of that BLOCK_M tuned at 8192
         # rows would be launched on millions, which CUDA refuses; off for every config alike,
         # so that the choice is remembered under other paths)
-        return False
+        yield f"{x2.shape[0]} rows (it takes at most {MAX_GRID_YZ * _WGMMA_LEAST_BLOCK_M})"
     if x2.is_cuda:
         capability = torch.cuda.get_device_capability(x2.device)
-        if not HAS_GLUON or (capability != (9, 0) if wgmma else capability < (8, 0)):
-            return False
-    return (entry._zeros_in_grid is not None or not _capturing(x2.device)) and entry.zeros_in_grid()
+        if not HAS_GLUON:
+            yield "a Triton without Gluon"
+        if (capability != (9, 0)) if wgmma else (capability < (8, 0)):
+            yield (f"a GPU of compute capability {capability[0]}.{capability[1]} (it takes "
+                   f"{'9.0, Hopper' if wgmma else '8.0 or newer'})")
+    if entry._zeros_in_grid is None and _capturing(x2.device):
+        yield ("zero points not yet read (weights first seen inside a CUDA graph's capture, which "
+               "a read of the device would break; run them once before capturing)")
+    elif not entry.zeros_in_grid():
+        lo, hi = torch.aminmax(entry.tensors()[2].to(torch.int32))
+        yield f"zero points in {int(lo)}..{int(hi)} (it takes zero points in 0..15, the 4-bit grid)"
 
 
 def _require_mma(x2, entry, wgmma=False, bound_rows=True):
-    if not _mma_runs(x2, entry, wgmma, bound_rows):
-        name, gpu = ("wgmma", "9.0 (Hopper)") if wgmma else ("mma", "8.0 or newer")
-        rows = (", rows contiguous, 16-byte aligned, their stride a multiple of 16 elements"
-                + (f", at most {MAX_GRID_YZ * _WGMMA_LEAST_BLOCK_M} of them" if bound_rows else "")
-                if wgmma else "")
-        raise ValueError(f"the {name} path takes float16 or bfloat16 activations{rows}, static "
-                         f"groups of a multiple of 32 inputs and zero points in 0..15, on a GPU "
-                         f"of compute capability {gpu}")
+    failed = list(_mma_refusals(x2, entry, wgmma, bound_rows))
+    if failed:
+        name = "wgmma" if wgmma else "mma"
+        raise ValueError(f"the {name} path cannot run these activations and weights: "
+                         + "; ".join(failed))
 
 
 def _m_bucket(paths, M):

@@ -406,16 +406,24 @@ def test_act_order_inside_a_capture(gen, monkeypatch):
 def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
     """fp32 activations, permuted groups, zero points outside the 4-bit grid and groups that
     are not whole 32-input steps (or not whole steps of a forced config): a clear error when
-    forced (the autotuner never offers them)."""
+    forced (the autotuner never offers them), naming what failed, not every requirement."""
     qweight, scales, zeros, perm = make_problem(gen, 64, 40, 32, "permuted")
     x = torch.randn(2, 64, generator=gen).half()
-    cases = [(x.float(), zeros, 32, None), (x, zeros, 32, perm), (x, zeros + 16, 32, None)]
-    for xs, zs, group, g_idx in cases:
-        with pytest.raises(ValueError, match=f"the {path} path takes float16 or bfloat16"):
+    fp32, act_order, zeros_out = ("activations of torch.float32", "act-order groups",
+                                  "zero points in 16..31")
+    cases = [((x.float(), zeros, 32, None), {fp32}), ((x, zeros, 32, perm), {act_order}),
+             ((x, zeros + 16, 32, None), {zeros_out}),
+             ((x.float(), zeros + 16, 32, perm), {fp32, act_order, zeros_out})]
+    for (xs, zs, group, g_idx), failed in cases:
+        with pytest.raises(ValueError, match=f"the {path} path cannot run") as error:
             w4a16_matmul(xs, qweight, scales, zs, group, g_idx, path=path, backend="triton")
+        said = {r for r in (fp32, act_order, zeros_out) if r in str(error.value)}
+        assert said == failed and ("float16 or bfloat16" in str(error.value)) == (fp32 in failed), \
+            str(error.value)
     q16, s16, z16, _ = make_problem(gen, 64, 40, 16)
-    with pytest.raises(ValueError, match="static groups of a multiple of 32 inputs"):
+    with pytest.raises(ValueError, match="groups of 16 inputs, not a multiple of 32") as error:
         w4a16_matmul(x, q16, s16, z16, 16, path=path, backend="triton")
+    assert "float16" not in str(error.value) and "zero points" not in str(error.value)
     assert W._candidates(path, 2, 64, 4, 16, False) == []
     q64, s64, z64, _ = make_problem(gen, 128, 40, 64)
     x128 = torch.randn(2, 128, generator=gen).half()
@@ -432,14 +440,15 @@ def test_wgmma_takes_aligned_rows_and_three_stages(gen):
     qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
     base = torch.randn(40, 96, generator=gen).half()
     aligned = base[:20, :64]  # (row stride 96)
-    cases = [base[:, :64].T.contiguous().T[:20],  # (column-major)
-             base[:20, 4:68],  # (rows 8 bytes off)
-             torch.randn(20, 72, generator=gen).half()[:, :64]]  # (row stride 72)
-    for x in cases:
+    cases = [(base[:, :64].T.contiguous().T[:20], "activation rows not contiguous"),  # (column-major)
+             (base[:20, 4:68], "activations 8 bytes past a 16-byte boundary"),  # (rows 8 bytes off)
+             (torch.randn(20, 72, generator=gen).half()[:, :64], "a row stride of 72 elements")]
+    for x, failed in cases:
         entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
         assert "wgmma" not in W._runnable_paths(x, entry)
-        with pytest.raises(ValueError, match="rows contiguous, 16-byte aligned"):
+        with pytest.raises(ValueError, match="rows contiguous, 16-byte aligned") as error:
             w4a16_matmul(x, qweight, scales, zeros, 32, path="wgmma", backend="triton")
+        assert failed in str(error.value), str(error.value)
     entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
     assert "wgmma" in W._runnable_paths(aligned, entry)
     y = w4a16_matmul(aligned, qweight, scales, zeros, 32, path="wgmma", backend="triton")
