@@ -4,9 +4,10 @@ A row ``w`` of a group is stored as codes ``q = clamp(round(w / scale) + zero, 0
 read back as ``(q - zero) * scale``. Asymmetric grids span ``[min(w, 0), max(w, 0)]``: the range
 always contains 0, so ``zero`` is an integer in ``[0, maxq]`` and packs into ``bits`` bits like
 the codes. Symmetric grids span ``[-a, a]`` with ``a = max|w|`` and ``zero = 2**(bits-1)``.
-A row that is all zeros gets the range ``[-1, 1]`` so that its scale is finite and positive; so
-does one whose range is too small for a normal fp32 scale (below ``maxq * 2**-126``, 3.5e-38 at
-2 bits to 3e-36 at 8: zeros and subnormal or near-subnormal weights): they round to 0 there.
+A row that is all zeros (or has no columns) gets the range ``[-1, 1]`` so that its scale is
+finite and positive; so does one whose range is too small for a normal fp32 scale (below
+``maxq * 2**-126``, 3.5e-38 at 2 bits to 3e-36 at 8: zeros and subnormal or near-subnormal
+weights): they round to 0 there.
 Rounding is half-to-even (``torch.round``), which the kernels reproduce.
 """
 
@@ -49,6 +50,10 @@ def find_params(W: torch.Tensor, bits: int, sym: bool):
     bits, sym = int(bits), bool(sym)
     maxq = 2**bits - 1
     W = W.float()
+    if W.shape[1] == 0:
+        # (a row with no weight spans [min(w, 0), max(w, 0)] = [0, 0], an all-zero row's range,
+        # where amin and amax of no value ended in torch's bare error)
+        W = W.new_zeros(W.shape[0], 1)
     xmin = W.amin(dim=1).clamp(max=0)
     xmax = W.amax(dim=1).clamp(min=0)
     if sym:

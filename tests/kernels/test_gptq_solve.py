@@ -291,6 +291,19 @@ def test_groups_of_subnormal_weights_get_the_unit_range(gen):
         run_both(W, Hinv, H, bits=bits, sym=sym, blocksize=32, **static_grid(W, bits, sym, 16))
 
 
+def test_find_params_of_rows_with_no_columns_is_the_unit_range():
+    """A W with no columns ended in torch's bare 'amin(): Expected reduction dim 1 to have
+    non-zero size'. A row with no weight spans [min(w, 0), max(w, 0)] = [0, 0], as an all-zero
+    row does: the unit range, one grid a row (none for no rows)."""
+    for bits, sym in ((4, False), (4, True), (8, False)):
+        scale, zero = find_params(torch.zeros(3, 0, dtype=torch.float16), bits, sym)
+        unit_scale, unit_zero = find_params(torch.zeros(3, 1), bits, sym)
+        assert torch.equal(scale, unit_scale) and torch.equal(zero, unit_zero)
+        assert scale.dtype == zero.dtype == torch.float32
+        scale, zero = find_params(torch.zeros(0, 0), bits, sym)
+        assert scale.shape == zero.shape == (0,)
+
+
 def test_find_params_refuses_a_weight_that_is_not_rows_by_columns():
     """find_params of a 1-D W (one row given flat) ended in torch's bare 'Dimension out of
     range', and a 3-D one gave a [rows, cols] 'scale' of its middle axis' ranges, silently."""
