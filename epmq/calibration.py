@@ -1233,6 +1233,9 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
 AUDIO_SUFFIXES = (".wav",)
 # the longest calibration clip, in seconds (Whisper's window): a longer one is cut to a window of it
 MAX_CLIP_SECONDS = 30.0
+# the step of Kaldi's filter bank (torchaudio's fbank default), at which an extractor that names no
+# hop_length frames its clips: AST's, whose max_length counts these frames
+KALDI_FRAME_SHIFT_MS = 10
 # audio read with soundfile (libsndfile) where it is installed (the extra "epmq[audio]"); WAV is read with scipy
 SOUNDFILE_SUFFIXES = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc")
 # audio files neither reads: named, not skipped in silence
@@ -1393,6 +1396,11 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
         # (Whisper's: every clip padded to its 30 s, which its encoder requires, with no mask to cut them by)
         window = getattr(extractor, "n_samples", None)
         window = window if is_integer(window) and window > 0 else None
+    elif "padding" not in call and is_integer(getattr(extractor, "max_length", None)) and extractor.max_length > 0:
+        # (AST's: every clip's filter bank padded or cut to its max_length frames, 10.24 s, by itself)
+        hop = getattr(extractor, "hop_length", None)
+        hop = hop if is_integer(hop) and hop > 0 else max(1, rate * KALDI_FRAME_SHIFT_MS // 1000)
+        window = extractor.max_length * hop
     # (a long recording run whole, an hour of it, made wav2vec2 180,000 frames: its attention's
     # memory is their square; images are resized, texts cut to seq_len)
     # (NaN ended in int()'s bare error, '30' was repeated by the rate, and 0 or a negative cut every
@@ -1425,6 +1433,8 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
                 continue
         out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
         batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+        if "attention_mask" in out:  # (then unpad cuts each clip to its own frames: no padding counts)
+            window = None
         held += [min(len(c), window or 0) for c in clips]
     if window and sum(held) < len(held) * window / 2:
         # (a draw of 1 s clips was calibrated on 97% padding, in silence: no mask cuts it)

@@ -660,6 +660,33 @@ def test_clips_a_feature_extractor_pads_to_its_window_are_warned_of_when_mostly_
         audio_batches([tmp_path / "long.wav"], extractor, samples=1)
 
 
+def test_clips_an_ast_extractor_pads_to_its_frames_are_warned_of_when_mostly_padding(tmp_path):
+    """AST's feature extractor pads (or cuts) every clip's filter bank to its max_length frames,
+    a frame every 10 ms (1024: 10.24 s), with no mask, as Whisper's pads to its 30 s, but only
+    Whisper's was warned of: 1 s clips calibrated on 90% padding, in silence. Its window is read
+    from the extractor's max_length and rate (a tiny one here: 100 frames, 1 s at 16 kHz)."""
+    import warnings
+
+    import numpy as np
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    rng = np.random.default_rng(0)
+    for name, seconds in (("short.wav", 0.2), ("long.wav", 3)):
+        wavfile.write(tmp_path / name, 16000, (rng.standard_normal(int(seconds * 16000)) * 3000).astype(np.int16))
+    extractor = transformers.ASTFeatureExtractor(max_length=100, num_mel_bins=16)
+    with pytest.warns(UserWarning, match=r"calibration: the 1 clip drawn holds 0.2 s of audio, which "
+                                         r"ASTFeatureExtractor pads each to its 1 s: 80% of the frames "
+                                         r"calibrated on are padding"):
+        batches = audio_batches([tmp_path / "short.wav"], extractor, samples=1)
+    assert batches[0]["input_values"].shape == (1, 100, 16) and "attention_mask" not in batches[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audio_batches([tmp_path / "long.wav"], extractor, samples=1)
+
+
 def test_a_long_wav_is_not_read_whole_for_its_window(tmp_path):
     """read_audio read a WAV file whole (scipy) before cutting its window: an hour's recording at
     44.1 kHz stereo took its 635 MB in memory for 30 s of it. The file is mapped and only the
