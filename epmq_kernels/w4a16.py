@@ -1412,8 +1412,11 @@ def _mma_refusals(x2, entry, wgmma=False, bound_rows=True):
         yield ("zero points not yet read (weights first seen inside a CUDA graph's capture, which "
                "a read of the device would break; run them once before capturing)")
     elif not entry.zeros_in_grid():
-        lo, hi = torch.aminmax(entry.tensors()[2].to(torch.int32))
-        yield f"zero points in {int(lo)}..{int(hi)} (it takes zero points in 0..15, the 4-bit grid)"
+        span = "outside 0..15"
+        if not _capturing(x2.device):  # (their range read from the device: not inside a capture)
+            lo, hi = torch.aminmax(entry.tensors()[2].to(torch.int32))
+            span = f"in {int(lo)}..{int(hi)}"
+        yield f"zero points {span} (it takes zero points in 0..15, the 4-bit grid)"
 
 
 def _require_mma(x2, entry, wgmma=False, bound_rows=True):

@@ -433,6 +433,21 @@ def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
         w4a16_matmul(x128, q64, s64, z64, 64, path=path, config=config, backend="triton")
 
 
+def test_mma_refused_inside_a_capture_reads_no_zero_points(gen, monkeypatch):
+    """Forced on zero points outside the 4-bit grid inside a CUDA graph's capture (stood in for on
+    the CPU), the refusal names them without reading their range from the device, which would
+    break the capture."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(2, 64, generator=gen).half()
+    zeros = zeros + 16
+    with pytest.raises(ValueError, match=r"zero points in 16\.\.31"):  # (read outside: its range)
+        w4a16_matmul(x, qweight, scales, zeros, 32, path="mma", backend="triton")
+    monkeypatch.setattr(W, "_capturing", lambda device: True)
+    monkeypatch.setattr(torch, "aminmax", lambda *args, **kwargs: pytest.fail("read inside the capture"))
+    with pytest.raises(ValueError, match=r"zero points outside 0\.\.15 \(it takes"):
+        w4a16_matmul(x, qweight, scales, zeros, 32, path="mma", backend="triton")
+
+
 def test_wgmma_takes_aligned_rows_and_three_stages(gen):
     """cp.async copies 16 bytes: activations transposed, with rows 8 bytes off alignment or a
     row stride that is not a multiple of 16 are not the wgmma path's (the autotuner leaves it
