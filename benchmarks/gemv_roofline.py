@@ -221,11 +221,14 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) or 50 * 2**20
     started = time.perf_counter()
-    copy_gbps = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     rows = []
     slug = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name().lower()).strip("-")
     path = os.path.join(args.out, f"gemv-roofline-{slug}.json")
+    # (written before the first measurement, partial: stopped by the suite's time limit before its
+    # first shape was done, the run left no JSON at all, or the previous run's as if it were this one's)
+    write_json(path, dict(**device_info(device), copy_bandwidth_gbps=None, rows=rows, wall_s=0.0, partial=True))
+    copy_gbps = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     for K, N in shapes:
         n = copies_to_defeat_l2(K * N // 2, l2_bytes)
         weights = [make_weights(K, N, -1, device, gen) for _ in range(n)]

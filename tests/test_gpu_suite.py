@@ -355,3 +355,32 @@ def test_w4a16_benchmark_stopped_before_its_rows_writes_what_it_has(tmp_path, mo
     result = json.loads((tmp_path / "w4a16.json").read_text())
     assert result["partial"] is True and result["rows"] == [] and result["failures"] == 0
     assert (tmp_path / "w4a16.png").stat().st_size > 0
+
+
+def test_gemv_probe_stopped_before_its_first_shape_leaves_this_runs_json(tmp_path, monkeypatch):
+    """The GEMV probe wrote its JSON only once a shape was done: killed at the suite's limit
+    (30 s) before that, it left none, or the previous run's, read as this one's. It writes a
+    partial one (no row) before it measures anything."""
+    from types import SimpleNamespace
+
+    gemv_roofline, common, bench_w4a16 = _imported("benchmarks", "gemv_roofline", "_common", "bench_w4a16")
+    real_generator = torch.Generator
+    monkeypatch.setattr(common, "no_cuda", lambda script: False)
+    monkeypatch.setattr(common, "device_info", lambda device: dict(device="cpu"))
+    monkeypatch.setattr(gemv_roofline, "run_check", lambda device: None)
+    monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=1 << 20))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "cpu")
+
+    class Killed(BaseException):
+        """(SIGKILL, 10 s after the SIGTERM this script does not catch)"""
+
+    def killed(device):
+        raise Killed
+
+    monkeypatch.setattr(bench_w4a16, "copy_bandwidth", killed)
+    (tmp_path / "gemv-roofline-cpu.json").write_text(json.dumps(dict(device="cpu", rows=[{"K": 1}], partial=False)))
+    with pytest.raises(Killed):
+        gemv_roofline.main(["--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gemv-roofline-cpu.json").read_text())
+    assert result["partial"] is True and result["rows"] == []
