@@ -2612,7 +2612,9 @@ def _check_out(out, x, N):
     lead = x.shape[:-1]
     if (not isinstance(out, torch.Tensor) or out.dtype != x.dtype
             or tuple(out.shape) != (*lead, N) or out.device != x.device):
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on {x.device}")
+        given = (f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+                 else f"a {type(out).__module__}.{type(out).__qualname__}")
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on {x.device}, got {given}")
 
 
 @on_tensor_device

@@ -2089,6 +2089,19 @@ def test_out_on_another_device_is_refused(gen, backend):
                      backend=backend)
 
 
+def test_a_wrong_out_is_refused_naming_what_it_is(gen):
+    """An out of the wrong dtype, shape or device was refused with what it must be alone ('out
+    must be a torch.float16 tensor of shape (3, 40) on cpu'), what was given left to find."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(3, 64, generator=gen).half()
+    for out, given in ((torch.empty(3, 40), "got a torch.float32 tensor of shape (3, 40) on cpu"),
+                       (torch.empty(40, 3, dtype=torch.float16), "got a torch.float16 tensor of shape (40, 3)"),
+                       (x.new_empty(3, 40).numpy(), "got a numpy.ndarray")):
+        with pytest.raises(ValueError, match=r"out must be a torch.float16 tensor of shape \(3, 40\) on cpu") as error:
+            w4a16_matmul(x, qweight, scales, zeros, 32, out=out, backend="triton")
+        assert given in str(error.value), str(error.value)
+
+
 def test_autotune_caches_follow_the_cache_directory(tmp_path, monkeypatch):
     """cache_for: one cache per directory (EPMQ_CACHE_DIR changed in a process starts another),
     with ``~`` expanded."""
