@@ -2989,16 +2989,20 @@ class _Walk:
         return t_out
 
     def _solve(self, linear, stats, name, factors=None):
+        # (the solver's refusals, a Hessian it cannot factor or scale, name no layer: this one's)
         try:
-            return self._solve_with(linear.weight.detach(), stats, dict(self.solver, factors=factors))
-        except torch.cuda.OutOfMemoryError:
-            pass  # (outside the handler, so that the failed attempt's tensors can be freed)
-        # A layer the GPU cannot hold next to the model is solved on the CPU: the same math in
-        # the torch reference, slower, instead of losing the whole run (GPTQModel does the same).
-        torch.cuda.empty_cache()
-        warnings.warn(f"out of GPU memory solving {name}: solving this layer on the CPU")
-        result = self._solve_with(linear.weight.detach().cpu(), _on_cpu(stats),
-                                  dict(self.solver, backend="torch"))
+            try:
+                return self._solve_with(linear.weight.detach(), stats, dict(self.solver, factors=factors))
+            except torch.cuda.OutOfMemoryError:
+                pass  # (outside the handler, so that the failed attempt's tensors can be freed)
+            # A layer the GPU cannot hold next to the model is solved on the CPU: the same math in
+            # the torch reference, slower, instead of losing the whole run (GPTQModel does the same).
+            torch.cuda.empty_cache()
+            warnings.warn(f"out of GPU memory solving {name}: solving this layer on the CPU")
+            result = self._solve_with(linear.weight.detach().cpu(), _on_cpu(stats),
+                                      dict(self.solver, backend="torch"))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
         result.info["solved_on"] = "cpu (out of GPU memory)"
         return result
 

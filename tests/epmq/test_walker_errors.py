@@ -311,6 +311,22 @@ def test_non_finite_merged_weight_names_the_layer(gen):
     assert_untouched(model, before)
 
 
+def test_a_layer_the_solver_refuses_is_named(gen):
+    """Block 1's MLP sees inputs of order 1e-27 (its norm's weight): GPTQ's Hessian of them,
+    accumulated in float64, has a mean diagonal below the solver's range, and the solver's
+    refusal ('the Hessian's mean diagonal 4.79e-53 is outside ...') named none of the model's
+    linears; it names the layer, and the model is left as it was. (E-PMQ's Hessian, each task
+    weighted by 1 / tr(H_k), is scale free and solves.)"""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.fill_(1e-27)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.(gate|up)_proj: the Hessian's mean diagonal"):
+        quantize(fam, model, method="gptq", experts=None)
+    assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_non_finite_expert_mid_walk_rolls_everything_back(gen, device):
     """open_clip: the attention rewrite is undone too, and the model computes as before (also
