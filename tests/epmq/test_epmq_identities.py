@@ -152,6 +152,64 @@ def test_identity_3_single_expert_is_gptq_of_expert(gen):
     assert res.loss == pytest.approx(a * ref.loss, rel=1e-3)
 
 
+# the grids the limits below must keep: act-order's (static and dynamic), symmetric, 2 and 8 bits,
+# and a group size that does not divide d_in = 48
+LIMIT_SPECS = [QuantSpec(bits=4, group_size=16, act_order=True),
+               QuantSpec(bits=3, group_size=20, act_order=True, static_groups=True),
+               QuantSpec(bits=2, group_size=-1, sym=True, act_order=True),
+               QuantSpec(bits=8, group_size=20, sym=True)]
+
+
+@pytest.mark.parametrize("spec", LIMIT_SPECS, ids=str)
+def test_identity_2_large_anchor_keeps_act_order_and_the_grid(gen, spec):
+    """lam -> inf: GPTQ of W_m with H_m in the same column order (act-order sorts E-PMQ's H,
+    whose diagonal is then lam's H_m's) and on the same grid."""
+    W_m, W_k, H_k = draw(gen)
+    res = quant.epmq(W_m, W_k, H_k, spec, anchor=1e9, weight_anchor=0.0)
+    ref = quant.gptq(W_m, sum(H_k), spec)
+    if spec.act_order:
+        assert torch.equal(res.perm, ref.perm)
+    assert torch.equal(res.g_idx, ref.g_idx)
+    assert (res.codes == ref.codes).float().mean() > 0.995
+    assert res.loss == pytest.approx(res.info["lam_effective"] * ref.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("spec", [SPEC] + LIMIT_SPECS, ids=str)
+@pytest.mark.parametrize("anchor", [0.0, 0.5, 3.0])
+def test_identity_3_single_expert_with_an_anchor_is_gptq_of_the_blend(gen, spec, anchor):
+    """K = 1, H_m = H_1 (the default), mu = 0: lam' = anchor a_1, so H = a_1 (1 + anchor) H_1 and
+    W* = (W_1 + anchor W_m) / (1 + anchor): E-PMQ is GPTQ of that blend with H_1 (identity 3 at
+    anchor 0), in H_1's act-order, its loss (1 + anchor) a_1 times GPTQ's."""
+    W_m, W_k, H_k = draw(gen, K=1, n=400)
+    res = quant.epmq(W_m, W_k, H_k, spec, anchor=anchor, weight_anchor=0.0, percdamp=0.0)
+    blend = (W_k[0].double() + anchor * W_m.double()) / (1 + anchor)
+    torch.testing.assert_close(res.target.double(), blend, rtol=0, atol=2e-4)
+    ref = quant.gptq(blend.float(), H_k[0], spec, percdamp=0.0)
+    if spec.act_order:
+        assert torch.equal(res.perm, ref.perm)
+    assert (res.codes == ref.codes).float().mean() > 0.995
+    a = 1 / float(torch.trace(H_k[0].double()))
+    assert res.info["lam_effective"] == pytest.approx(anchor * a, rel=1e-9)
+    assert res.loss == pytest.approx((1 + anchor) * a * ref.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("spec", [SPEC] + LIMIT_SPECS, ids=str)
+def test_identity_2_large_weight_anchor_is_rtn_on_the_solvers_groups(gen, spec):
+    """mu -> inf: H tends to a multiple of I, no error is fed forward, and E-PMQ rounds W_m to
+    nearest. Act-order still sorts H's diagonal (mu plus the experts' H, which break the tie), so
+    with dynamic groups the groups are formed in that order, as g_idx says: it is round-to-
+    nearest of W_m's columns in the processing order (RTN's own groups where there is no
+    act-order, or the grid is static)."""
+    W_m, W_k, H_k = draw(gen)
+    res = quant.epmq(W_m, W_k, H_k, spec, anchor=0.0, weight_anchor=1e9)
+    perm = res.perm if spec.act_order and not spec.static_groups else torch.arange(W_m.shape[1])
+    rtn = quant.rtn(W_m[:, perm], spec)
+    codes = torch.empty_like(rtn.codes)
+    codes[:, perm] = rtn.codes
+    assert (res.codes == codes).float().mean() > 0.995
+    torch.testing.assert_close(res.target, W_m, rtol=0, atol=1e-6 * float(W_m.abs().max()))
+
+
 def test_identity_4_epmq_beats_gptq_on_most_draws(gen):
     """E-PMQ's objective below GPTQ-on-W_m's in the large majority of random problems."""
     wins, draws = 0, 30
