@@ -437,6 +437,15 @@ def _round_target(
     # rescaled. With no live column the value is immaterial: 1, as before.
     live = ~dead
     mean_diag = float(diag[live].mean()) if bool(live.any()) else 0.0
+    shift = 0
+    if G is None and mean_diag and not HESSIAN_SCALE[0] <= mean_diag <= HESSIAN_SCALE[1]:
+        # GPTQ's codes do not depend on H's scale, but the solver's fp32 factor does: such an H
+        # (inputs of order 1e-27, behind a norm of tiny weight) is solved scaled by a power of
+        # two, exactly, its loss and damping scaled back below. (E-PMQ's H is scale free: 1/tr(H_k))
+        shift = math.frexp(mean_diag)[1]
+        H = H64 = H64 * 2.0 ** (-shift // 2) * 2.0 ** (-shift - (-shift // 2))  # (each factor finite)
+        diag = torch.diagonal(H64)
+        mean_diag = math.ldexp(mean_diag, -shift)
     if any_dead:
         diag[dead] = mean_diag or 1.0
     cached = None if factors is None else factors.get(H64, dead, spec.act_order, percdamp)
@@ -529,6 +538,7 @@ def _round_target(
         loss = _objective(F, H, dtype=torch.float64 if overflowed or _fp64_is_fast(device) else torch.float32)
         del F
     del F_p
+    loss, damp = math.ldexp(loss, shift), math.ldexp(damp, shift)
     if any_dead:
         out = _round_dead(out, target_p, dead_p, grid.get("col_group"), group_size, spec.bits,
                           spec.sym)
