@@ -735,8 +735,8 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     its patches) has the same Gram matrices on every call, those of the walk's draws for that task.
 
     Linears that read the very same tensors in the first batch (q/k/v, gate/up) have one Gram
-    matrix, accumulated once from the second batch on (the same object in the result), as the
-    model walker shares their Hessians; a batch in which they stop doing so raises.
+    matrix, made and accumulated once (the same object in the result), as the model walker shares
+    their Hessians; a batch in which they stop doing so raises.
 
     A mixture of experts' fused experts (transformers 5's ``experts.gate_up_proj [E, 2I, H]``
     and ``down_proj``, 3-D parameters no ``nn.Linear`` holds) are called, for the passes, as the
@@ -779,21 +779,55 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     stats, hooks = {}, []
     reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive
     owner = {}  # name -> the name whose statistics it shares (decided after the first batch)
+    # the first batch: a linear's matrix is made at its first call unless it reads what one read before
+    # it (q/k/v, gate/up), whose matrix it follows while its reads are the first part of that one's,
+    # its inputs kept (each linear's made at once, a 7B Llama's held 57 GB of float64 until the
+    # call ended where the shared ones are 44 GB)
+    d_ins, first_reader, following, held = {}, {}, {}, {}  # held: name -> (input, its version, mask)
     towers = stacks_of(model)
     stacks = [(adapter, prefix) for adapter, tower in towers for prefix, _ in tower]
     # the positions of a stack's hidden states that are tokens, as the walk counts them (open_clip
     # text towers: up to the end token), for the current batch
     masks = {}
 
+    def add(name, x, mask):
+        stats[name].add_batch(token_rows(x.detach(), mask).to("cpu", dtype), what=f"calibration input of {name}")
+
+    def make(name):
+        """``name``'s own matrix, of the inputs it read while following another's."""
+        stats[name] = HessianStats(d_ins[name], device="cpu", dtype=dtype)
+        for x, read_as, mask in held.pop(name, []):
+            if version(x) != read_as:
+                raise RuntimeError(f"{name} read the same tensor as {following[name]} in the first calibration "
+                                   f"batch, which the model changed in place before {name}'s reads parted from "
+                                   f"{following[name]}'s: its Gram matrix cannot be taken from that tensor")
+            add(name, x, mask)
+        following.pop(name, None)
+
+    def unread():
+        """Zeros for the linears no batch called yet (the first batch reached none of them)."""
+        for name in stats:
+            if stats[name] is None:
+                stats[name] = HessianStats(d_ins[name], device="cpu", dtype=dtype)
+
     def hook(name):
         def fn(module, args):
             x = args[0]
             keep.append(x)
-            reads.setdefault(name, []).append((id(x), version(x)))
+            read = (id(x), version(x))
+            reads.setdefault(name, []).append(read)
+            mask = next((m for prefix, m in masks.items() if name.startswith(prefix + ".")), None)
+            if stats[name] is None:  # (the first batch)
+                leader = following.get(name, first_reader.get(read) if len(reads[name]) == 1 else None)
+                if leader is not None and reads[leader][:len(reads[name])] == reads[name]:
+                    following[name] = leader
+                    held.setdefault(name, []).append((x, read[1], mask))
+                    return
+                make(name)
+                if len(reads[name]) == 1:
+                    first_reader.setdefault(read, name)
             if owner.get(name, name) == name:
-                mask = next((m for prefix, m in masks.items() if name.startswith(prefix + ".")), None)
-                stats[name].add_batch(token_rows(x.detach(), mask).to("cpu", dtype),
-                                      what=f"calibration input of {name}")
+                add(name, x, mask)
 
         return fn
 
@@ -842,14 +876,16 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
                 leader = leaders.setdefault((key, expert_of[weight]), weight)
                 if leader != weight:
                     owner[weight] = leader
+            d_ins[weight] = d_in
             if weight in owner:
                 stats[weight] = stats[owner[weight]]
+            elif key is None:
+                stats[weight] = None  # (made in the first batch, or after it where not called)
             else:
                 stats[weight] = HessianStats(d_in, device="cpu", dtype=dtype)
-                if key is not None:
-                    if key not in stack_of:
-                        stack_of[key] = torch.zeros(len(in_stack[key]), d_in, d_in, dtype=dtype)
-                    stats[weight].H = stack_of[key][in_stack[key].index(expert_of[weight])]
+                if key not in stack_of:
+                    stack_of[key] = torch.zeros(len(in_stack[key]), d_in, d_in, dtype=dtype)
+                stats[weight].H = stack_of[key][in_stack[key].index(expert_of[weight])]
             hooks.append(module.register_forward_pre_hook(hook(weight)))
     # modules of the blocks that apply a 2-D weight of their own by F.linear, no nn.Linear
     # (transformers 5's MoE routers, Qwen3MoeTopKRouter's weight [E, H]): the inputs of that call
@@ -918,9 +954,18 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
                 first = {}
                 for name in stats:
                     if name in reads and name not in owner:
-                        leader = first.setdefault(tuple(reads[name]), name)
-                        if leader != name:
+                        first.setdefault(tuple(reads[name]), []).append(name)
+                for alike in first.values():  # (one made already where any made theirs)
+                    leader = next((name for name in alike if stats[name] is not None), alike[0])
+                    if stats[leader] is None:
+                        make(leader)
+                    for name in alike:
+                        if name != leader:
                             owner[name] = leader
+                            if stats[name] is None:
+                                stats[name] = stats[leader]
+                held.clear()
+                unread()
             for name, leader in owner.items():
                 if reads.get(name) != reads.get(leader):
                     raise RuntimeError(f"{name} read the same tensors as {leader} in the first "
@@ -935,9 +980,11 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
             setattr(parent, attr, old.train(new.training))
         model.train(was_training)
         keep.clear()
-    if not any(s.n_tokens for s in stats.values()) and len(expert_parts) < len(stats):
+        held.clear()
+    if not any(s is not None and s.n_tokens for s in stats.values()) and len(expert_parts) < len(stats):
         # (experts alone, named: none routed a token is zeros, as any expert no token reached)
         raise ValueError("no calibration batch reached the model's linear layers")
+    unread()
     # (a module that never applied its weight by F.linear has none: averaged)
     grams = {n: stats[owner.get(n, n)].H for n in stats if n not in routers or stats[n].n_tokens}
     for n, part in expert_parts.items():  # (each expert's matrix a view of its parameter's stack)
