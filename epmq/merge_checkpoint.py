@@ -748,8 +748,9 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
             for n, key in keys.items():  # (a fused parameter's: a few experts' in each of its runs)
                 entries.setdefault(n, []).append((file, key))
             del grams
-        if k == 0:
-            _warn_averaged_matrices(model, seen)
+        if k == 0:  # (those averaged over the budget, DBRX's v1 with its w1, were warned of above, with their size)
+            over = {*alone, *(n[:-len("w1")] + "v1" for n in alone if n.endswith(".mlp.w1"))}
+            _warn_averaged_matrices(model, seen | over)
         del model
         per_model.append(entries)
     shared = [n for n in per_model[0] if all(n in g for g in per_model)]

@@ -887,6 +887,20 @@ def test_regmean_of_fused_experts_over_the_memory_budget_averages_them(tmp_path,
         assert not torch.allclose(got[name], (experts[0].state_dict()[name] + experts[1].state_dict()[name]) / 2)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "dbrx"])
+def test_regmean_of_fused_experts_over_the_memory_budget_is_warned_of_once(tmp_path, monkeypatch, family):
+    """A fused parameter averaged because one expert's Gram matrix passes epmq.merge_checkpoint.
+    EXPERT_GRAM_BYTES was warned of with its size, then a second time as a weight matrix 'no linear
+    layer' (which it is not: its experts are called as linears); it is warned of once, with its
+    size (DBRX's v1 with its w1, one stack), and no matrix is left for the other warning."""
+    import epmq.merge_checkpoint
+
+    models, texts, _ = (two_qwen3_moe_experts if family == "qwen3_moe" else two_dbrx_experts)(tmp_path)
+    monkeypatch.setattr(epmq.merge_checkpoint, "EXPERT_GRAM_BYTES", 32 * 32 * 8 - 1)  # (below an expert of H inputs)
+    caught = [str(w.message) for w in regmean_warnings(models, texts, tmp_path / "out")]
+    assert len([m for m in caught if "would take up to" in m]) == 1, caught
+    assert not [m for m in caught if "no linear layer" in m], caught
+
 def recording_grams(monkeypatch) -> list:
     """Where the Gram matrices merge_checkpoints' RegMean collects go, a dict a gram_matrices call."""
     import epmq.stats
