@@ -775,6 +775,17 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     if chosen and set(chosen) - rebuilt_experts(model):
         raise ValueError(f"experts= names {sorted(set(chosen) - rebuilt_experts(model))[:3]}, no fused expert "
                          f"parameter of {type(model).__name__} that the passes call one linear per expert")
+    # (DBRX's w1 and v1 read the experts' tokens, one stack: of other ranges, it held both's experts,
+    # w1's entry and v1's indexed by neither's range)
+    ranged = {}
+    for adapter, _ in (stacks_of(model) if chosen else []):
+        for part in rebuild_experts(adapter, model, lambda name, new: None, _known_call_only(adapter)).values():
+            if part.fused in chosen and str(part).endswith(".weight") and _expert_of(part) is not None:
+                ranged.setdefault(_reads(part), {})[part.fused] = chosen[part.fused]
+    for by_fused in ranged.values():
+        if len(set(by_fused.values())) > 1:
+            raise ValueError(f"experts= gives {' and '.join(f'{n} {r!r}' for n, r in by_fused.items())}: they read "
+                             f"the same tokens and share one stack of Gram matrices, so take one range of experts")
     device = next(model.parameters()).device
     stats, hooks = {}, []
     reads, keep = {}, []  # this batch: name -> (id, version) of each input; the inputs, alive

@@ -2030,6 +2030,22 @@ def _dbrx(seed):
         ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))).eval()
 
 
+def test_gram_matrices_of_dbrxs_w1_and_v1_take_one_range_of_experts():
+    """DBRX's w1 and v1 read the experts' tokens and share one stack of Gram matrices: given other
+    ranges of experts (experts={w1: range(0, 2), v1: range(2, 4)}), both came back as one stack of
+    all four experts, w1's entry [4, in, in] and v1's expert 0 that of expert 2's rows in silence;
+    refused, naming both parameters and their ranges. The same range is that of the whole stack."""
+    from epmq.stats import gram_matrices
+
+    model, batches = _dbrx(0), _token_batches(1)
+    w1, v1 = "transformer.blocks.1.ffn.experts.mlp.w1", "transformer.blocks.1.ffn.experts.mlp.v1"
+    with pytest.raises(ValueError, match=r"experts= gives .*mlp\.w1 range\(0, 2\) and .*mlp\.v1 range\(2, 4\): they "
+                                         r"read the same tokens and share one stack of Gram matrices"):
+        gram_matrices(model, batches, experts={w1: range(0, 2), v1: range(2, 4)})
+    whole = gram_matrices(model, batches)
+    part = gram_matrices(model, batches, experts={w1: range(2, 4), v1: range(2, 4)})
+    assert part[w1] is part[v1] and torch.equal(part[w1], whole[w1][2:4])
+
 def test_regmean_merges_dbrxs_experts_each_by_its_own_gram_matrices():
     """DBRX holds its experts as rows of three [E * I, H] matrices, outside any nn.Linear: they had
     no Gram matrix and RegMean averaged them (warned by merge_checkpoints); each now has its
