@@ -777,11 +777,17 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
                          f"parameter of {type(model).__name__} that the passes call one linear per expert")
     # (DBRX's w1 and v1 read the experts' tokens, one stack: of other ranges, it held both's experts,
     # w1's entry and v1's indexed by neither's range)
-    ranged = {}
+    # (a range past the experts gave the stack of those it holds, its first not its range's first)
+    ranged, count = {}, {}
     for adapter, _ in (stacks_of(model) if chosen else []):
         for part in rebuild_experts(adapter, model, lambda name, new: None, _known_call_only(adapter)).values():
             if part.fused in chosen and str(part).endswith(".weight") and _expert_of(part) is not None:
                 ranged.setdefault(_reads(part), {})[part.fused] = chosen[part.fused]
+                count[part.fused] = max(count.get(part.fused, 0), _expert_of(part) + 1)
+    for fused, n in count.items():
+        if not 0 <= chosen[fused].start < chosen[fused].stop <= n:
+            raise ValueError(f"experts[{fused!r}] must be a range within its {n} experts (0 to {n - 1}), "
+                             f"got {chosen[fused]!r}")
     for by_fused in ranged.values():
         if len(set(by_fused.values())) > 1:
             raise ValueError(f"experts= gives {' and '.join(f'{n} {r!r}' for n, r in by_fused.items())}: they read "

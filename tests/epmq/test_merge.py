@@ -1787,6 +1787,22 @@ def test_gram_matrices_of_a_range_of_experts_are_those_of_the_whole_stack():
         gram_matrices(model, batches, experts={"model.layers.1.mlp.experts": range(0, 2)})
 
 
+def test_gram_matrices_of_a_range_past_the_experts_are_refused():
+    """experts={fused parameter: range} reaching past the parameter's experts (range(2, 10) of 4, range(-2, 2))
+    came back as the stack of the experts it holds, [2, in, in] where the range says 8 and 4, its first
+    matrix expert 0's where range(-2, 2) says -2, in silence; refused naming the parameter, the range and
+    its number of experts."""
+    import re
+
+    from epmq.stats import gram_matrices
+
+    model, batches = _routed_moe("qwen3_moe", 0), _token_batches(1)
+    name = "model.layers.1.mlp.experts.down_proj"
+    for outside in (range(2, 10), range(-2, 2), range(1, 1)):
+        with pytest.raises(ValueError, match=re.escape(f"experts[{name!r}] must be a range within its 4 experts "
+                                                       f"(0 to 3), got {outside!r}")):
+            gram_matrices(model, batches, experts={name: outside})
+
 def test_gram_matrices_of_fused_experts_are_stacked_without_a_second_copy(tmp_path):
     """A fused parameter's Gram matrices, one per expert, took twice their size at once: an expert's
     gate and up projections (one gate_up_proj) each had a matrix made, one never written, and after the
