@@ -348,24 +348,15 @@ def test_a_text_file_changed_after_it_was_counted_is_refused(tmp_path, monkeypat
             text_windows([streamed], HashTokenizer(), samples=8, seq_len=8, seed=0)
 
 
-@pytest.mark.filterwarnings("ignore:.*windows overlap")
-def test_streamed_text_files_are_closed_once_their_windows_are_read(tmp_path, monkeypatch):
-    """Each streamed .txt a window read kept its file open (a reader for the next window), up to
-    the end of text_windows and after it: a directory of many short documents held one open file
-    each (1236 for 1024 windows of 2000 files) and failed on the system's limit of open files
-    (256 on macOS, 1024 on most Linux) with "Too many open files". The documents the windows have
-    passed are closed, and all of them at the end."""
+def _assert_streamed_windows_hold_few_files(folder, samples):
+    """Windows of ``folder``'s documents streamed hold few files open while they are drawn and none
+    after, and are the windows of the documents read whole."""
     import os
 
-    from epmq import calibration
-
-    monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", 100)
-    for k in range(400):
-        (tmp_path / f"{k:04d}.txt").write_text(f"document {k} " + "word " * 30)
-    opened = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("counts open files in /proc")
-    streamed, whole = read_texts(tmp_path, stream=True), read_texts(tmp_path)
+    opened = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    streamed, whole = read_texts(folder, stream=True), read_texts(folder)
     before, most = opened(), 0
 
     class Counting(HashTokenizer):
@@ -374,11 +365,26 @@ def test_streamed_text_files_are_closed_once_their_windows_are_read(tmp_path, mo
             most = max(most, opened())
             return super().__call__(text)
 
-    windows = text_windows(streamed, Counting(), samples=512, seq_len=16, seed=3)
+    windows = text_windows(streamed, Counting(), samples=samples, seq_len=16, seed=3)
     assert opened() == before
     assert most - before < 16, most - before
-    expected = text_windows(whole, HashTokenizer(), samples=512, seq_len=16, seed=3)
+    expected = text_windows(whole, HashTokenizer(), samples=samples, seq_len=16, seed=3)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+
+
+@pytest.mark.filterwarnings("ignore:.*windows overlap")
+def test_streamed_text_files_are_closed_once_their_windows_are_read(tmp_path, monkeypatch):
+    """Each streamed .txt a window read kept its file open (a reader for the next window), up to
+    the end of text_windows and after it: a directory of many short documents held one open file
+    each (1236 for 1024 windows of 2000 files) and failed on the system's limit of open files
+    (256 on macOS, 1024 on most Linux) with "Too many open files". The documents the windows have
+    passed are closed, and all of them at the end."""
+    from epmq import calibration
+
+    monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", 100)
+    for k in range(400):
+        (tmp_path / f"{k:04d}.txt").write_text(f"document {k} " + "word " * 30)
+    _assert_streamed_windows_hold_few_files(tmp_path, samples=512)
 
 
 @pytest.mark.filterwarnings("ignore:.*windows overlap")
@@ -388,8 +394,6 @@ def test_streamed_json_lines_files_are_closed_once_read(limit, tmp_path, monkeyp
     whole in turn) stayed open to the end of text_windows: a directory of many such files held
     one open file each, as streamed .txt files once did, up to the system's limit of open files.
     A file is closed once its last text is read, or a window has passed it."""
-    import os
-
     from epmq import calibration
 
     if limit is not None:
@@ -397,23 +401,7 @@ def test_streamed_json_lines_files_are_closed_once_read(limit, tmp_path, monkeyp
     for k in range(300):
         (tmp_path / f"{k:04d}.jsonl").write_text("\n".join(json.dumps({"text": f"document {k} {j} " + "word " * 8})
                                                            for j in range(2)))
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("counts open files in /proc")
-    opened = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
-    streamed, whole = read_texts(tmp_path, stream=True), read_texts(tmp_path)
-    before, most = opened(), 0
-
-    class Counting(HashTokenizer):
-        def __call__(self, text, add_special_tokens=False):
-            nonlocal most
-            most = max(most, opened())
-            return super().__call__(text)
-
-    windows = text_windows(streamed, Counting(), samples=256, seq_len=16, seed=3)
-    assert opened() == before
-    assert most - before < 16, most - before
-    expected = text_windows(whole, HashTokenizer(), samples=256, seq_len=16, seed=3)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(windows, expected))
+    _assert_streamed_windows_hold_few_files(tmp_path, samples=256)
 
 
 def test_text_files_of_windows_line_ends_read_as_typed(tmp_path):
