@@ -2536,6 +2536,92 @@ def test_renamed_refuses_two_names_renamed_alike():
         renamed(["b.w", "a.w"], lambda n: "c.w")
 
 
+def _moe_names(layers=50, experts=256):
+    """A DeepSeek-V3-like checkpoint's tensor names: ~77k at 50 layers of 256 experts, FP8 scales beside."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for layer in range(layers):
+        names += [f"model.layers.{layer}.{m}.weight" for m in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.o_proj", "mlp.gate")]
+        names += [f"model.layers.{layer}.mlp.experts.{e}.{p}.{t}" for e in range(experts)
+                  for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "weight_scale_inv")]
+    return names
+
+
+@pytest.fixture
+def bindings_checked(monkeypatch):
+    """Every ``Binding`` made checks its rewrites' coverage against a lookup of every name under
+    every rewrite (``_lookup``, as it finds a name afterwards); yields the list of bindings made."""
+    from epmq.checkpoint_io import Binding
+
+    made, coverage = [], Binding._coverage
+
+    def checked(self, rewrites, names, fits):
+        scores = coverage(self, rewrites, names, fits)
+        every = {r: sum(k is not None and (fits is None or fits(n, self.original[k]))
+                        for n, k in ((n, self._lookup(n, r)) for n in names)) for r in rewrites}
+        assert scores == every
+        made.append(self)
+        return scores
+
+    monkeypatch.setattr(Binding, "_coverage", checked)
+    return made
+
+
+def test_binding_finds_what_a_lookup_under_every_rewrite_finds(bindings_checked):
+    """``Binding`` counts each rewrite's names in one pass (a lookup of 77k names under ~100
+    rewrites took seconds, per expert opened): the counts, and so the rewrite chosen and the
+    copies spotted, are those of a lookup of every name under every rewrite."""
+    from epmq.checkpoint_io import Binding
+
+    model = ["visual.conv1.weight", "visual.blocks.0.attn.weight", "visual.blocks.1.attn.weight",
+             "visual.ln.weight", "logit_scale"]
+    tied = {"lm_head.weight": ["model.embed_tokens.weight", "lm_head.weight"],
+            "model.embed_tokens.weight": ["model.embed_tokens.weight", "lm_head.weight"],
+            "model.layers.0.mlp.weight": ["model.layers.0.mlp.weight"]}
+    cases = [  # (keys, Binding's arguments, the rewrite, key_for of the first name)
+        (model, dict(names=model), ("", ""), "visual.conv1.weight"),
+        (["module." + n for n in model], dict(names=model), ("", "module."), "module.visual.conv1.weight"),
+        ([n.removeprefix("visual.") for n in model], dict(names=model), ("visual.", ""), "conv1.weight"),
+        (["module." + n.removeprefix("visual.") for n in model], dict(names=model), ("visual.", "module."),
+         "module.conv1.weight"),
+        # a full CLIP checkpoint: the text tower unprefixed beside the visual one (the identity wins ties)
+        (model + ["conv1.weight", "ln.weight"], dict(names=model), ("", ""), "visual.conv1.weight"),
+        (["base_" + n for n in model], dict(names=model, prefixes=["base_"]), ("", "base_"),
+         "base_visual.conv1.weight"),
+        (["model.lm_head.weight", "model.model.layers.0.mlp.weight"], dict(order=tied), ("", "model."),
+         "model.lm_head.weight"),
+        (["m." + n.upper() for n in model], dict(names=model, rename=str.lower), ("", "m."),
+         "m.VISUAL.CONV1.WEIGHT"),
+        # the blocks' own keys do not fit (their shape): the copy of four whose do is found
+        (model + ["ema." + n for n in model[:4]], dict(names=model, fits=lambda n, k: not k.startswith("visual.b")),
+         ("", "ema."), "ema.visual.conv1.weight"),
+    ]
+    for keys, kwargs, rewrite, key in cases:
+        binding = Binding(keys, **kwargs)
+        assert (binding.rewrite, binding.key_for(binding._names[0]), binding.ambiguous()) == (rewrite, key, [])
+    copies = Binding(["model." + n for n in model] + ["ema_model.module." + n for n in model], names=model)
+    assert copies.ambiguous() == [("", "ema_model.module."), ("", "model.")]
+    assert len(bindings_checked) == len(cases) + 1
+
+
+def test_binding_of_an_moe_checkpoint_of_77k_tensors(bindings_checked):
+    """A DeepSeek-V3-like index of 77k names: found under a DDP ``module.``, and two copies of it
+    refused naming both, each as a lookup under every rewrite finds them."""
+    from epmq.checkpoint_io import Binding, CheckpointError
+
+    names = _moe_names()
+    assert len(names) > 77_000
+    order = {n: [n] for n in names}
+    binding = Binding(["module." + n for n in names], order)
+    assert binding.rewrite == ("", "module.") and not binding.ambiguous()
+    assert binding.key_for(names[-1]) == "module." + names[-1]
+    copies = Binding(["model." + n for n in names] + ["ema." + n for n in names], order)
+    with pytest.raises(CheckpointError, match=r"several copies \('model.embed_tokens.weight' is both "
+                                              r"'ema.model.embed_tokens.weight' and 'model.model.embed"):
+        copies.refuse_ambiguity(CheckpointError)
+    assert len(bindings_checked) == 2
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_a_checkpoint_gets_the_modes_the_umask_gives(gen, tmp_path, umask):
     """A server running as another user reads what a 022 umask allows (safetensors itself
