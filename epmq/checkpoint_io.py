@@ -540,12 +540,15 @@ class Binding:
     under its renamed name; ``key_for`` returns the key itself. ``fits(name, key)``: whether a
     key found for a name may hold it (e.g. its shape); only those count. Two rewrites that find
     as many names in different keys are two copies of the model (``ambiguous``): callers refuse
-    them (``refuse_ambiguity``) rather than take one by the order of their names."""
+    them (``refuse_ambiguity``) rather than take one by the order of their names. ``leads``:
+    ``_leads`` of these keys for (at least) the ``_rests`` of ``names``, found once for several
+    bindings of one checkpoint (else here)."""
 
     def __init__(self, keys: Iterable[str], order: Optional[Mapping[str, Sequence[str]]] = None,
                  names: Optional[Iterable[str]] = None, prefixes: Iterable[str] = (),
                  rename: Optional[Callable[[str], str]] = None,
-                 fits: Optional[Callable[[str, str], bool]] = None):
+                 fits: Optional[Callable[[str, str], bool]] = None,
+                 leads: Optional[Mapping[str, Iterable[str]]] = None):
         keys = list(keys)
         self.original = {k: k for k in keys}  # a name looked up -> the checkpoint's key
         if rename is not None:
@@ -554,26 +557,12 @@ class Binding:
         self.keys = set(self.original)
         self.order = dict(order or {})
         names = list(self.order if names is None else names)
-        # long names are unlikely to end other keys by chance; the first ones are the model's own
-        probe = list(dict.fromkeys(names[:16] + sorted(names, key=len, reverse=True)[:8]))
-        candidates = {("", "")} | {("", p) for p in prefixes}
-        # strip a leading part of the model's names, add the checkpoint's extra leading part, or
-        # both (a DDP-wrapped tower saved alone: "module.conv1.weight" for "visual.conv1.weight"):
-        # every rest of a probed name (the name, or it less its first one or two parts where two
-        # are left: "weight" alone ends every key) that ends a key gives the key's part before it
-        # to add
-        rests = {}  # rest of a probed name -> the parts stripped to reach it
-        for name in probe:
-            parts = name.split(".")
-            candidates.update((".".join(parts[:j]) + ".", "") for j in range(1, len(parts)))
-            for j in range(max(1, min(3, len(parts) - 1))):
-                rests.setdefault(".".join(parts[j:]), set()).add(".".join(parts[:j]) + "." if j else "")
-        for key in self.keys:
-            i = key.find(".")
-            while i >= 0:
-                for strip in rests.get(key[i + 1:], ()):
-                    candidates.add((strip, key[:i + 1]))
-                i = key.find(".", i + 1)
+        strips, rests = self._rests(names)
+        candidates = {("", "")} | {("", p) for p in prefixes} | {(strip, "") for strip in strips}
+        if leads is None:
+            leads = _leads(self.keys, rests)
+        for rest, stripped in rests.items():
+            candidates.update((strip, lead) for lead in leads.get(rest, ()) for strip in stripped)
 
         # max() keeps the first of equals: the identity goes first, so it wins ties (a full
         # CLIP checkpoint also holds names of the text tower unprefixed)
@@ -583,6 +572,25 @@ class Binding:
         # every rewrite that finds as many (a caller may refuse to choose among them)
         self.equals = [r for r in ordered if scores[r] == scores[self.rewrite]] if scores[self.rewrite] else []
         self._names = names
+
+    @staticmethod
+    def _rests(names: Sequence[str]) -> Tuple[set, Dict[str, set]]:
+        """The leading parts of probed ``names`` to strip, and ``{rest: the parts stripped to
+        reach it}``: a key that a rest ends (``_leads``) gives the key's part before it to add."""
+        # long names are unlikely to end other keys by chance; the first ones are the model's own
+        probe = list(dict.fromkeys(names[:16] + sorted(names, key=len, reverse=True)[:8]))
+        # strip a leading part of the model's names, add the checkpoint's extra leading part, or
+        # both (a DDP-wrapped tower saved alone: "module.conv1.weight" for "visual.conv1.weight"):
+        # every rest of a probed name (the name, or it less its first one or two parts where two
+        # are left: "weight" alone ends every key) that ends a key gives the key's part before it
+        # to add
+        strips, rests = set(), {}  # rest of a probed name -> the parts stripped to reach it
+        for name in probe:
+            parts = name.split(".")
+            strips.update(".".join(parts[:j]) + "." for j in range(1, len(parts)))
+            for j in range(max(1, min(3, len(parts) - 1))):
+                rests.setdefault(".".join(parts[j:]), set()).add(".".join(parts[:j]) + "." if j else "")
+        return strips, rests
 
     def _coverage(self, rewrites: Sequence[Rewrite], names: Sequence[str],
                   fits: Optional[Callable[[str, str], bool]]) -> Dict[Rewrite, int]:
@@ -659,6 +667,19 @@ class Binding:
     def key_for(self, name: str) -> Optional[str]:
         """The checkpoint key holding the model tensor ``name`` (or one of its aliases), or None."""
         return self._key(name, self.rewrite)
+
+
+def _leads(keys: Iterable[str], rests: Iterable[str]) -> Dict[str, set]:
+    """``{rest: the leading parts of keys it ends}`` (``model.`` of ``model.a.b`` for ``a.b``),
+    for the ``rests`` some key ends: one scan of the keys, at their dots."""
+    rests, leads = set(rests), {}
+    for key in keys:
+        i = key.find(".")
+        while i >= 0:
+            if key[i + 1:] in rests:
+                leads.setdefault(key[i + 1:], set()).add(key[:i + 1])
+            i = key.find(".", i + 1)
+    return leads
 
 
 def _stems(parts: Iterable[str]) -> set:
@@ -1160,16 +1181,21 @@ def saved_pieces(reader: CheckpointReader, model: nn.Module, names: Sequence[str
         layout = saved_layout(model)
     if layout is None:
         return {}
-    wanted, found, done = set(names), {}, set()
+    wanted, found, done, groups = set(names), {}, set(), []
     for name in names:
         group = layout.group(name)
         if group is None or name in done:
             continue
         done.update(group)
         pieces = layout.pieces(group)
-        if pieces is None:
-            continue
-        keys = Binding(reader.keys(), names=[key for key, _, _ in pieces], prefixes=prefixes)
+        if pieces is not None:
+            groups.append((group, pieces))
+    # the checkpoint's keys scanned once for every group's names: a scan a group (two a MoE layer)
+    # took time quadratic in the layers (Qwen3-30B-A3B's 48 layers of 128 experts: 13 s an expert)
+    checkpoint = list(reader.keys())
+    leads = _leads(checkpoint, {rest for _, pieces in groups for rest in Binding._rests([k for k, _, _ in pieces])[1]})
+    for group, pieces in groups:
+        keys = Binding(checkpoint, names=[key for key, _, _ in pieces], prefixes=prefixes, leads=leads)
         held = {n: [] for n in group}
         for key, shape, sources in pieces:
             stored = keys.key_for(key)

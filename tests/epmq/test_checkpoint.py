@@ -2622,6 +2622,37 @@ def test_binding_of_an_moe_checkpoint_of_77k_tensors(bindings_checked):
     assert len(bindings_checked) == 2
 
 
+def test_fused_experts_of_a_checkpoint_saved_per_expert_are_found_in_one_scan_of_its_keys(
+        tmp_path, monkeypatch, bindings_checked):
+    """A transformers 5 MoE (experts fused) read from the layout save_pretrained writes (one matrix
+    per expert) finds each layer's pieces with the checkpoint's keys scanned once, not once a layer
+    (Qwen3-30B-A3B's 48 layers of 128 experts: 13 s an expert opened), the same tensors."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from epmq import checkpoint_io
+
+    scans = []
+    keys = checkpoint_io.CheckpointReader.keys
+    monkeypatch.setattr(checkpoint_io.CheckpointReader, "keys", lambda self: scans.append(1) or keys(self))
+    counted = {}
+    for layers in (2, 4):
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            vocab_size=32, hidden_size=8, intermediate_size=8, moe_intermediate_size=4, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=4, num_experts_per_tok=2))
+        model.save_pretrained(tmp_path / str(layers))
+        saved = load_file(tmp_path / str(layers) / "model.safetensors")
+        assert "model.layers.0.mlp.experts.3.down_proj.weight" in saved
+        scans.clear()
+        state = checkpoint_io.open_state(tmp_path / str(layers), model, what="expert")
+        counted[layers] = len(scans)
+        assert state.keys() == model.state_dict().keys()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(state[name], tensor), name
+    assert counted[2] == counted[4]
+    assert bindings_checked
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_a_checkpoint_gets_the_modes_the_umask_gives(gen, tmp_path, umask):
     """A server running as another user reads what a 022 umask allows (safetensors itself
