@@ -1118,16 +1118,17 @@ class LazyStateDict(Mapping):
 def bind(reader: CheckpointReader, order: Mapping[str, Sequence[str]], *, what: str,
          shapes: Optional[Mapping[str, tuple]] = None, dtype: Optional[torch.dtype] = None,
          prefixes: Iterable[str] = (), rename: Optional[Callable[[str], str]] = None,
-         model: Optional[nn.Module] = None) -> LazyStateDict:
+         model: Optional[nn.Module] = None, binding: Optional[Binding] = None) -> LazyStateDict:
     """A ``LazyStateDict`` with the model's names (the keys of ``order``, see ``tie_order``).
 
     The names are found under one prefix rewrite (``Binding``; ``prefixes`` are tried too, and
     keys also under ``rename``, see ``key_renaming``); with ``model``, a name no key holds is made
     of the checkpoint tensors ``save_pretrained`` writes it as (``saved_pieces``). Raises
     ``reader.error`` for tensors the checkpoint lacks or whose shape differs from ``shapes`` (the
-    model's)."""
+    model's). ``binding``: the ``Binding`` of these arguments, where the caller has made it."""
     names = list(order)
-    binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
+    if binding is None:
+        binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
     binding.refuse_ambiguity(lambda message: reader.error(f"{what} ({reader.path}) {message}"))
     mapping, missing = {}, []
     for n in names:
@@ -1223,9 +1224,10 @@ def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype
     # ties it only where it equals the embeddings), one left out is the tensor it is tied to
     order = {name: list(dict.fromkeys([name, *names])) for name, names in tie_order(model).items()}
     rename = key_renaming(model)
-    state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename,
-                 model=model)
+    # (one binding for both: each matches every key, seconds for an MoE checkpoint's 77k)
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
+    state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename,
+                 model=model, binding=binding)
     ignored = ignored_on_load(model)  # (no block of it)
     for name, stack in model.named_modules():
         if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack):

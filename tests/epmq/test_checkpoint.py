@@ -2653,6 +2653,28 @@ def test_fused_experts_of_a_checkpoint_saved_per_expert_are_found_in_one_scan_of
     assert bindings_checked
 
 
+def test_open_state_matches_the_checkpoint_keys_once(tmp_path, monkeypatch):
+    """``open_state`` matched every checkpoint key to the model's names twice (``bind``'s Binding,
+    then the same again for blocks past the model's), seconds an expert of an MoE checkpoint of
+    77k tensors: once, the same tensors."""
+    import transformers
+
+    from epmq import checkpoint_io
+
+    made = []
+    init = checkpoint_io.Binding.__init__
+    monkeypatch.setattr(checkpoint_io.Binding, "__init__", lambda self, *a, **k: made.append(1) or init(self, *a, **k))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1))
+    model.save_pretrained(tmp_path)
+    state = checkpoint_io.open_state(tmp_path, model, what="expert")
+    assert len(made) == 1
+    assert state.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_a_checkpoint_gets_the_modes_the_umask_gives(gen, tmp_path, umask):
     """A server running as another user reads what a 022 umask allows (safetensors itself
