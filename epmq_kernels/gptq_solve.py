@@ -13,8 +13,9 @@ Grids:
   dynamic  ``group_size > 0``: the parameters of group ``g`` (processing columns
            ``[g*gs, (g+1)*gs)``) are found from the error-corrected weights when the group starts.
 
-With dynamic groups the block size is aligned to the group size (``effective_blocksize``) so
-that a group always starts with every earlier column's error already applied to it; the
+With dynamic groups the blocks are aligned to the groups (``effective_blocksize``, a group
+larger than the block cut into blocks of near-equal width: ``block_starts``) so that a group
+always starts with every earlier column's error already applied to it; the
 blocked loop then computes exactly what the unblocked column loop of the paper computes.
 
 This file holds the torch reference (``gptq_solve_reference``) and the fused Triton solver
@@ -62,12 +63,25 @@ def solved_loss(out: SolveOut) -> float:
 
 
 def effective_blocksize(blocksize: int, group_size: int) -> int:
-    """Block size used with dynamic groups: groups must not start inside a block and run past it."""
+    """Block size used with dynamic groups: groups must not start inside a block and run past it.
+
+    A group larger than the block is cut into ``ceil(group_size / blocksize)`` blocks of this
+    near-equal width (the last of a group narrower): a largest divisor of the group size would
+    be 1 for 131 or 257 with blocks of 128, a launch and a trailing product per column."""
     if group_size <= 0:
         return blocksize
     if group_size <= blocksize:
         return (blocksize // group_size) * group_size
-    return max(d for d in range(1, blocksize + 1) if group_size % d == 0)
+    return -(-group_size // -(-group_size // blocksize))
+
+
+def block_starts(d_in: int, blocksize: int, group_size: int) -> list:
+    """First column of each block: every ``effective_blocksize`` columns, from each group's
+    start where groups are larger than the block, so that each group starts a block."""
+    B = effective_blocksize(blocksize, group_size)
+    if group_size <= blocksize:
+        return list(range(0, d_in, B))
+    return [a + k for a in range(0, d_in, group_size) for k in range(0, min(group_size, d_in - a), B)]
 
 
 def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize):
@@ -154,13 +168,13 @@ def gptq_solve_reference(
         zeros = torch.empty_like(scales)
     else:
         scales, zeros = scales.float(), zeros.float()
-    B = effective_blocksize(blocksize, group_size)
+    starts = block_starts(d_in, blocksize, group_size)
 
     Q = torch.empty_like(W)
     codes = torch.empty(d_out, d_in, dtype=torch.int32, device=W.device)
-    err_sq = torch.empty(d_out, triton.cdiv(d_in, B), dtype=torch.float32, device=W.device)
-    for i1 in range(0, d_in, B):
-        i2 = min(i1 + B, d_in)
+    err_sq = torch.empty(d_out, len(starts), dtype=torch.float32, device=W.device)
+    for b, i1 in enumerate(starts):
+        i2 = starts[b + 1] if b + 1 < len(starts) else d_in
         # the block is held transposed, a column of W a contiguous row of W1t: the per-column
         # work then runs on contiguous memory (the arithmetic is the same, element for element)
         W1t = W[:, i1:i2].T.contiguous()
@@ -188,7 +202,7 @@ def gptq_solve_reference(
             Err1t[i] = err
         Q[:, i1:i2] = Q1t.T
         codes[:, i1:i2] = codes1t.T
-        err_sq[:, i1 // B] = (Err1t * Err1t).sum(0)
+        err_sq[:, b] = (Err1t * Err1t).sum(0)
         W[:, i2:] -= Err1t.T.contiguous() @ Hinv[i1:i2, i2:]
     return SolveOut(Q, codes, scales, zeros, err_sq)
 
@@ -249,7 +263,7 @@ def _gptq_block_kernel(
     # so that the offsets within it, below B d_in, fit 32 bits for any layer width
     Q,  # fp32 [d_out, d_in] out: dequantized weights
     codes,  # int32 [d_out, d_in] out
-    Err,  # fp32 [d_out, err_stride] out: the block's scaled errors
+    Err,  # fp32 [d_out, nb] out: the block's scaled errors
     ErrSq,  # fp32 [d_out, n_blocks] out: per row, the block's sum of squared scaled errors
     scales,  # fp32 [d_out, n_groups]: in for a static grid, out for dynamic groups
     zeros,  # fp32 [d_out, n_groups]: likewise
@@ -260,7 +274,7 @@ def _gptq_block_kernel(
     nb,  # columns in the block
     n_groups,
     group_size,
-    err_stride,  # (the block size B)
+    block,  # the block's index (a column of ErrSq)
     n_blocks,
     HAS_R: tl.constexpr,
     DYNAMIC: tl.constexpr,
@@ -354,7 +368,7 @@ def _gptq_block_kernel(
         err = tl.math.div_rn(w - Qj, tl.zeros([BLOCK_ROWS], tl.float32) + d)
         tl.store(codes + row_off + j, q.to(tl.int32), mask=row_ok)
         tl.store(Q + row_off + j, Qj, mask=row_ok)
-        tl.store(Err + rows64 * err_stride + i, err, mask=row_ok)
+        tl.store(Err + rows64 * nb + i, err, mask=row_ok)
         err_sq = err_sq + err * err
         Wt = Wt - err[:, None] * h[None, :]
         h = h_next
@@ -362,7 +376,7 @@ def _gptq_block_kernel(
         if not DYNAMIC:
             scale = scale_next
             zero = zero_next
-    tl.store(ErrSq + rows64 * n_blocks + i1 // err_stride, err_sq, mask=row_ok)
+    tl.store(ErrSq + rows64 * n_blocks + block, err_sq, mask=row_ok)
 
 
 @triton.jit
@@ -496,16 +510,19 @@ def gptq_solve_triton(
     block_rows, warps_default = solver_launch_config(d_out, block_cols, device, block_rows)
     num_warps = num_warps or warps_default
     grid = (triton.cdiv(d_out, block_rows),)
-    Err = _workspace((d_out, B), torch.float32, device)
-    n_blocks = triton.cdiv(d_in, B)
+    # (one block's errors, contiguous [d_out, i2 - i1], as the reference's product reads them)
+    Err_flat = _workspace((d_out * B,), torch.float32, device)
+    starts = block_starts(d_in, blocksize, group_size)
+    n_blocks = len(starts)
     err_sq = _workspace((d_out, n_blocks), torch.float32, device)
     work = _workspace((d_out, d_in), torch.float32, device) if d_in > B else None
     # torch divides by a Python scalar on the CPU but multiplies by its fp32 reciprocal on CUDA
     maxq_rcp = float(torch.tensor(1.0 / maxq, dtype=torch.float32))
 
     with ieee_fp32_matmul():
-        for i1 in range(0, d_in, B):
-            i2 = min(i1 + B, d_in)
+        for block, i1 in enumerate(starts):
+            i2 = starts[block + 1] if block + 1 < n_blocks else d_in
+            Err = Err_flat[: d_out * (i2 - i1)].view(d_out, i2 - i1)
             first = i1 == 0
             src = W if first else work
             spans = dynamic and group_size > B
@@ -536,7 +553,7 @@ def gptq_solve_triton(
                 i2 - i1,
                 n_groups,
                 group_size if dynamic else 1,
-                B,
+                block,
                 n_blocks,
                 HAS_R=first and R is not None,
                 DYNAMIC=dynamic,
@@ -552,7 +569,7 @@ def gptq_solve_triton(
             )
             if i2 == d_in:
                 break
-            P = Err @ Hinv[i1:i2, i2:]  # every block but the last is full: Err is [d_out, i2 - i1]
+            P = Err @ Hinv[i1:i2, i2:]
             if not first:
                 work[:, i2:] -= P
             elif R is None:

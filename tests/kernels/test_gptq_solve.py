@@ -612,6 +612,28 @@ def test_groups_never_straddle_a_block(gen):
         assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
 
 
+@pytest.mark.parametrize("group_size,blocksize,n_blocks", [(17, 16, 12), (37, 16, 8)])
+def test_group_sizes_with_no_divisor_that_fits_the_block_keep_real_blocks(gen, group_size, blocksize, n_blocks):
+    """A group size over the block with no divisor but 1 up to it (131 or 257 with blocks of
+    128; 17 or 37 with 16 here) ran in blocks of one column: a launch and a trailing product per
+    column. Each group is cut into ceil(group_size / blocksize) blocks of near-equal width
+    (17: 9 + 8; 37: 13 + 13 + 11; the last, shorter group in the same widths), so every group
+    still starts a block; both backends agree, and the solve is the column loop's (blocks of
+    one) to the rounding of the trailing products."""
+    assert effective_blocksize(128, 131) == 66 and effective_blocksize(128, 257) == 86
+    W, R, Hinv, H = make_problem(gen, with_R=True)
+    T = W + R
+    kw = dict(bits=4, sym=False, R=R, group_size=group_size)
+    ref, out = run_both(W, Hinv, H, blocksize=blocksize, **kw)
+    assert ref.err_sq.shape == out.err_sq.shape == (D_OUT, n_blocks)  # one column a block
+    col = gptq_solve_reference(W, Hinv, blocksize=1, **kw)
+    step = (col.codes - ref.codes).abs()
+    assert int(step.max()) <= 1 and float((step > 0).double().mean()) <= MAX_CODE_MISMATCH
+    torch.testing.assert_close(ref.scales, col.scales, rtol=1e-5, atol=0)
+    loss_col = layer_loss(col.Q, T, H)
+    assert abs(layer_loss(ref.Q, T, H) - loss_col) <= 1e-4 * loss_col
+
+
 def test_static_zero_points_may_be_maxq(gen):
     """A static grid's zero points may be any integer in [0, maxq], maxq included (the zero
     point of a group whose weights are all negative)."""
