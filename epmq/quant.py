@@ -260,6 +260,9 @@ def _info(H):
 
 
 HESSIAN_SCALE = (1e-50, 1e50)  # the mean diagonals _factor takes (Hinv's entries fit fp32's 1e+-38)
+# E-PMQ's G = sum_k a_k D_k H_k is of H's scale and rounded to float32 as well: task weights of
+# 2^-140 (H ~ 1e-44) flushed it to subnormals (13% of codes moved), 2^140 overflowed it
+EPMQ_HESSIAN_SCALE = (2.0**-64, 2.0**64)
 
 
 def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None):
@@ -392,6 +395,11 @@ def _round_dead(out, target_p, dead_p, col_group, group_size, bits, sym):
     return out._replace(Q=Q, codes=codes)
 
 
+def _times_power_of_two(A: torch.Tensor, e: int) -> torch.Tensor:
+    """``A * 2^e``, exact where the result is normal: in two factors, each of them finite."""
+    return A * 2.0 ** (e // 2) * 2.0 ** (e - e // 2)
+
+
 def _round_target(
     W_base: torch.Tensor,
     H: torch.Tensor,
@@ -438,12 +446,15 @@ def _round_target(
     live = ~dead
     mean_diag = float(diag[live].mean()) if bool(live.any()) else 0.0
     shift = 0
-    if G is None and mean_diag and not HESSIAN_SCALE[0] <= mean_diag <= HESSIAN_SCALE[1]:
+    lo, hi = HESSIAN_SCALE if G is None else EPMQ_HESSIAN_SCALE
+    if mean_diag and not lo <= mean_diag <= hi:
         # GPTQ's codes do not depend on H's scale, but the solver's fp32 factor does: such an H
-        # (inputs of order 1e-27, behind a norm of tiny weight) is solved scaled by a power of
-        # two, exactly, its loss and damping scaled back below. (E-PMQ's H is scale free: 1/tr(H_k))
-        shift = math.frexp(mean_diag)[1]
-        H = H64 = H64 * 2.0 ** (-shift // 2) * 2.0 ** (-shift - (-shift // 2))  # (each factor finite)
+        # (inputs of order 1e-27, behind a norm of tiny weight; E-PMQ's of task weights of 1e-60
+        # or an anchor of 1e300) is solved scaled by a power of two, exactly, its loss and damping
+        # scaled back below. E-PMQ's G is scaled with it: R = G H~^{-1} is the same. (An even
+        # power, whose square root is one too: the fp32 factor and R are those of H itself.)
+        shift = 2 * (math.frexp(mean_diag)[1] // 2)
+        H = H64 = _times_power_of_two(H64, -shift)
         diag = torch.diagonal(H64)
         mean_diag = math.ldexp(mean_diag, -shift)
     if any_dead:
@@ -475,6 +486,8 @@ def _round_target(
         # half their cost on the CPU and far less on GPUs without fast float64 (L4, A10, RTX:
         # 1/32 to 1/64 of the fp32 rate)
         G = G() if callable(G) else G
+        if shift:  # (in float64, before float32 would flush or overflow it)
+            G = _times_power_of_two(G.double(), -shift)
         G_p = G.float() if perm is None else G.float()[:, perm]
         R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True, mm=mm), Hinv32, mm=mm)
         if not all_finite(R_p):  # (each expert finite, their products in float32 not: W_0 + U V)

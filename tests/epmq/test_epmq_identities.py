@@ -1,5 +1,7 @@
 """The identities of EPMQ_MATH.md, each checked against quantities computed here in float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -120,6 +122,37 @@ def test_identity_1_no_rounding_returns_target(gen, monkeypatch):
 def test_identity_2_large_anchor_is_gptq_of_merged(gen):
     W_m, W_k, H_k = draw(gen)
     res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=1e9, weight_anchor=0.0)
+    ref = quant.gptq(W_m, sum(H_k), SPEC)
+    assert (res.codes == ref.codes).float().mean() > 0.995
+    assert res.loss == pytest.approx(res.info["lam_effective"] * ref.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("shift", [-200, -140, 140, 200])
+@pytest.mark.parametrize("anchor, weight_anchor", [(1.0, 0.0), (0.3, 0.2)])
+def test_task_weights_of_any_scale_are_solved_as_scaled_ones(gen, shift, anchor, weight_anchor):
+    """R = G H^-1 does not depend on the scale of the task weights (H and G scale with them,
+    the anchors being relative), but task weights of 2^-200 (or 2^200) made H's mean diagonal
+    fall outside [1e-50, 1e50], and E-PMQ was refused with 'scale it' though the caller had
+    given no Hessian of that scale; at 2^-140 G was flushed to float32's subnormals (13% of
+    codes moved, silently), at 2^140 it overflowed ('the experts' weights ... overflow'). H and
+    G are scaled together by a power of two: the codes and target of the given weights'
+    problem, its loss, damping and terms scaled back."""
+    W_m, W_k, H_k = draw(gen)
+    weights = [0.5 / float(torch.trace(H)) for H in H_k]
+    kw = dict(anchor=anchor, weight_anchor=weight_anchor)
+    ref = quant.epmq(W_m, W_k, H_k, SPEC, task_weights=weights, **kw)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[math.ldexp(a, shift) for a in weights], **kw)
+    assert (res.codes == ref.codes).float().mean() > 0.999
+    torch.testing.assert_close(res.target, ref.target, rtol=1e-5, atol=1e-6)
+    for name in ("loss", "damp", "expert_loss", "anchor_loss", "weight_anchor_loss"):
+        assert getattr(res, name) == pytest.approx(math.ldexp(getattr(ref, name), shift), rel=1e-4), name
+
+
+def test_a_huge_anchor_is_solved_as_gptq_of_merged(gen):
+    """An anchor of 1e300 (lam -> inf taken literally) made H's mean diagonal 1e298, refused
+    with 'scale it', naming neither the anchor nor the Hessian's source: it is GPTQ of W_m."""
+    W_m, W_k, H_k = draw(gen)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=1e300, weight_anchor=0.0)
     ref = quant.gptq(W_m, sum(H_k), SPEC)
     assert (res.codes == ref.codes).float().mean() > 0.995
     assert res.loss == pytest.approx(res.info["lam_effective"] * ref.loss, rel=1e-3)
