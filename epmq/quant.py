@@ -706,6 +706,22 @@ def _fp32_floor(backend: str, residual_precision: str) -> str:
     return "tf32x3" if residual_precision == "tf32x3" else "bf16x3"
 
 
+MAX_EFFECTIVE_ANCHOR = 1e300  # lam' and mu': H and the terms weighed by them must fit float64
+
+
+def _effective_anchor(anchor: float, s: float, by: float, name: str, ratio: str) -> float:
+    """``anchor * s / by``: an anchor given relative to the expert term, as the objective weighs it.
+
+    One near float's largest (1e308, for lam -> inf) overflowed, in ``anchor * s``, in ``H`` or in
+    the mean of its diagonal, and was refused as an unnamed 'weights[1]' or a Hessian to scale."""
+    value = anchor * s / by
+    if not value <= MAX_EFFECTIVE_ANCHOR:
+        raise ValueError(f"{name} {anchor:g} (times {ratio} = {s / by:.3g}) weighs its term past "
+                         f"{MAX_EFFECTIVE_ANCHOR:g}, where E-PMQ's Hessian and loss overflow float64: give a smaller "
+                         f"one (an anchor of 1e9 already gives that limit's solve, to rounding)")
+    return value
+
+
 @torch.no_grad()
 @without_autocast
 def epmq_from_stats(
@@ -735,8 +751,8 @@ def epmq_from_stats(
     if anchor > 0 and trace_m == 0:
         warnings.warn("the merged path's Hessian is zero (no calibration input reached this layer on "
                       "it): E-PMQ goes on without the anchor term")
-    lam = anchor * s / trace_m if anchor > 0 and trace_m > 0 else 0.0
-    mu = weight_anchor * s / d_in
+    lam = _effective_anchor(anchor, s, trace_m, "anchor", "tr(H_e) / tr(H_m)") if anchor > 0 and trace_m > 0 else 0.0
+    mu = _effective_anchor(weight_anchor, s, d_in, "weight_anchor", "tr(H_e) / d_in")
     backend = resolve_backend(backend, W_m.device)
     # (into one float64 matrix, never the statistics' own H_e: at 14336 inputs each d_in^2
     # float64 temporary is 1.6 GB; on the Triton backend in one pass over H_e and H_m)

@@ -158,6 +158,20 @@ def test_a_huge_anchor_is_solved_as_gptq_of_merged(gen):
     assert res.loss == pytest.approx(res.info["lam_effective"] * ref.loss, rel=1e-3)
 
 
+def test_anchors_near_floats_largest_are_refused_by_name(gen):
+    """An anchor (or weight anchor) of 1e308, float's largest order (lam -> inf taken literally),
+    overflowed in anchor * s, in H or in its mean diagonal, and was refused as 'weights[1] must
+    be a finite number, got inf' (or 'the Hessian's mean diagonal inf ...: scale it'), naming
+    neither; refused naming the argument. (Anchors whose lam' fits are solved: 1e300 above.)"""
+    W_m, W_k, H_k = draw(gen)
+    for kw in (dict(anchor=1e308), dict(anchor=1e300, task_weights=[1e10] * 3), dict(weight_anchor=1e308)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"^{name} {kw[name]:g}".replace("+", r"\+") + " .* overflow float64"):
+            quant.epmq(W_m, W_k, H_k, SPEC, **{"anchor": 0.0, **kw})
+    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.0, weight_anchor=1e290)
+    assert (res.codes == quant.rtn(W_m, SPEC).codes).float().mean() > 0.995
+
+
 def test_identity_2_experts_equal_merged(gen):
     W_m, _, H_k = draw(gen)
     res = quant.epmq(W_m, [W_m.clone() for _ in H_k], H_k, SPEC, anchor=0.7, weight_anchor=0.2)
