@@ -218,6 +218,9 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # Qwen2-VL's vision tower: the patches of every image in one [tokens, width] sequence, with
     # their boundaries (cu_seqlens) and rotary tables as kwargs
     "Qwen2VLVisionBlock", "Qwen2_5_VLVisionBlock",
+    # EXAONE 4.5's vision tower: Qwen2.5-VL's windowed blocks, its attention's q, k and v in one qkv
+    # of fewer key/value heads
+    "Exaone4_5_VisionBlock",
     # the vision towers of Idefics3, SmolVLM, InternVL and Mistral 3 (Pixtral)
     # (tests/epmq/test_walker_towers.py)
     "Idefics3EncoderLayer", "SmolVLMEncoderLayer", "InternVLVisionLayer", "PixtralAttentionLayer",

@@ -678,6 +678,16 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
         lambda gen: dict(decoder_input_ids=torch.randint(0, 290, (1, 6), generator=gen)),
         ("model.vision_tower.blocks.0", "model.vision_tower.blocks.1", "model.language_model.encoder.layers",
          "model.language_model.decoder.layers")),
+    # Qwen2.5-VL's windowed vision blocks (a window's 4 patches, the second block over the image's 16),
+    # their qkv of 2 key/value heads: an image of 4 x 4 patches, merged 2 x 2 to 4 tokens
+    "exaone4_5": ("Exaone4_5_ForConditionalGeneration", lambda: transformers.Exaone4_5_Config(
+        vision_config=dict(depth=2, hidden_size=32, num_heads=4, num_key_value_heads=2, patch_size=2,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, intermediate_size=64,
+                           out_hidden_size=32, window_size=4, fullatt_block_indexes=[1]),
+        text_config=dict(_TEXT, model_type="exaone4", max_position_embeddings=64, pad_token_id=0),
+        image_token_id=299, video_token_id=296), (16, 3 * 2 * 2 * 2),
+        lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
+        ("model.visual.blocks", "model.language_model.layers")),
 }
 _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
 
@@ -685,9 +695,10 @@ _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
 @pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
 def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
-    resampler, Florence-2's DaViT stages: no adapter listed their blocks, so the default walk left
-    them in full precision with a warning, where LLaVA's and Idefics3's towers are quantized. Walked
-    in one call with the language model, near the float outputs, and the checkpoint loads back."""
+    resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower: no adapter listed their blocks,
+    so the default walk left them in full precision with a warning, where LLaVA's and Idefics3's
+    towers are quantized. Walked in one call with the language model, near the float outputs, and
+    the checkpoint loads back."""
     model_class, config, shape, other, towers = TOWERS_ONCE_IN_FULL_PRECISION[name]
 
     def item():
