@@ -209,9 +209,22 @@ TIMM = TimmAdapter("timm", block_types=tuple(
     f"timm.models.vision_transformer.{name}"
     for name in ("Block", "ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock", "DiffParallelScalingBlock"))
     + ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm"))
+class EncoderAdapter(Adapter):
+    """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
+    tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the
+    prompt tokens and the image's, two streams) no adapter lists, and a default walk taking the ViT
+    here would leave them in full precision."""
+
+    def stacks(self, model):
+        stacks = super().stacks(model)
+        if any(type(m).__name__ == "SamTwoWayAttentionBlock" for m in model.modules()):
+            stacks = [(name, blocks) for name, blocks in stacks if type(blocks[0]).__name__ != "SamVisionLayer"]
+        return stacks
+
+
 # Encoders whose layers take the hidden states and the attention mask (text) or nothing else
 # (images): BERT-style text encoders (GLUE experts) and ViT-style image encoders.
-HF_ENCODERS = Adapter("hf-encoder", block_types=(
+HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "BertLayer", "RobertaLayer", "ViTLayer", "Dinov2Layer", "SiglipEncoderLayer",
     "XLMRobertaLayer", "ElectraLayer", "ModernBertEncoderLayer", "DeiTLayer", "BeitLayer",
     "Siglip2EncoderLayer",
@@ -234,6 +247,9 @@ HF_ENCODERS = Adapter("hf-encoder", block_types=(
     # Florence-2's DaViT stages: a list of blocks per stage, on [B, C, H, W] feature maps (a
     # convolution between stages), each block a windowed spatial and a channel attention
     "Florence2VisionBlock",
+    # SAM's ViT (DeepSeek-VL hybrid's high-resolution tower): blocks on [B, H, W, C] patch grids, most
+    # attending within windows; their relative position tables stay in full precision
+    "SamVisionLayer",
     # LeViT's stages: residual layers, and in the first stages a subsampling attention after them
     # (a block of the stage's list that maps its hidden states to the next stage's fewer, wider
     # ones; AUTO, which takes *Layer and *Block lists, left those stages in full precision)

@@ -688,6 +688,17 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
         image_token_id=299, video_token_id=296), (16, 3 * 2 * 2 * 2),
         lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
         ("model.visual.blocks", "model.language_model.layers")),
+    # a SigLIP tower (4 image tokens) beside SAM's ViT on a 32 x 32 image (a 4 x 4 grid of patches, 2 x 2
+    # windows, the second block global)
+    "deepseek_vl_hybrid": ("DeepseekVLHybridForConditionalGeneration", lambda: transformers.DeepseekVLHybridConfig(
+        text_config=dict(_TEXT, model_type="llama"), vision_config=dict(_VISION, model_type="siglip_vision_model"),
+        high_res_vision_config=dict(model_type="sam_vision_model", hidden_size=32, output_channels=8,
+                                    num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                                    window_size=2, global_attn_indexes=[1], mlp_dim=64, initializer_range=0.02),
+        image_token_id=299), (1, 3, 16, 16),
+        lambda gen: dict(high_res_pixel_values=torch.randn(1, 3, 32, 32, generator=gen)),
+        ("model.high_res_vision_model.vision_encoder.layers", "model.vision_model.encoder.layers",
+         "model.language_model.layers")),
 }
 _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
 
@@ -695,10 +706,10 @@ _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
 @pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
 def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
-    resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower: no adapter listed their blocks,
-    so the default walk left them in full precision with a warning, where LLaVA's and Idefics3's
-    towers are quantized. Walked in one call with the language model, near the float outputs, and
-    the checkpoint loads back."""
+    resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower, DeepSeek-VL hybrid's SAM tower:
+    no adapter listed their blocks, so the default walk left them in full precision with a warning,
+    where LLaVA's and Idefics3's towers are quantized. Walked in one call with the language model,
+    near the float outputs, and the checkpoint loads back."""
     model_class, config, shape, other, towers = TOWERS_ONCE_IN_FULL_PRECISION[name]
 
     def item():
@@ -723,6 +734,27 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
     assert (y - reference).norm() / reference.norm() < 0.02
     assert_both_towers_walked_and_served(model, towers, tmp_path, test,
                                          adapter=_TOWER_ADAPTERS.get(name, "hf-decoder+hf-encoder"))
+
+
+def test_sam_is_still_walked_whole_by_auto(gen):
+    """SAM's ViT blocks, which HF_ENCODERS takes beside other towers (DeepSeek-VL hybrid's), are
+    left to AUTO in SAM's own model: taken there, the mask decoder's two-way blocks, which no adapter
+    lists, would be left in full precision by the default walk."""
+    torch.manual_seed(0)
+    model = transformers.SamModel(transformers.SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=8, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, window_size=2, global_attn_indexes=[1], mlp_dim=64,
+                           num_pos_feats=4),
+        prompt_encoder_config=dict(hidden_size=8, image_size=32, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_dim=16,
+                                 iou_head_hidden_dim=16))).eval()
+    items = [dict(pixel_values=torch.randn(1, 3, 32, 32, generator=gen),
+                  input_points=32 * torch.rand(1, 1, 1, 2, generator=gen)) for _ in range(2)]
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=8), method="gptq", calibration={"a": items},
+                        progress=False)
+    assert model.epmq_report.adapter == "auto"
+    for tower in ("vision_encoder.layers", "mask_decoder.transformer.layers"):
+        assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
 
 
 def test_a_tower_layers_leaves_out_keeps_its_own_layout(gen, tmp_path):
