@@ -208,7 +208,11 @@ def separate_qv_bias(adapter: Adapter, model: nn.Module) -> None:
 TIMM = TimmAdapter("timm", block_types=tuple(
     f"timm.models.vision_transformer.{name}"
     for name in ("Block", "ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock", "DiffParallelScalingBlock"))
-    + ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm"))
+    + ("timm.models.eva.EvaBlock", "timm.models.eva.EvaBlockPostNorm",
+       # FastViT's attention stages (FastVLM's tower, MobileCLIP's image towers): blocks on [B, C, H, W]
+       # feature maps whose attention's qkv and proj are its linears (its MLP, 1 x 1 convolutions, and
+       # the RepMixer stages before them stay in full precision)
+       "timm.models.fastvit.AttentionBlock"))
 class EncoderAdapter(Adapter):
     """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
     tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the

@@ -736,6 +736,110 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
                                          adapter=_TOWER_ADAPTERS.get(name, "hf-decoder+hf-encoder"))
 
 
+def epmq_tiny_fastvit(pretrained=False, **options):
+    """timm's FastViT: three RepMixer stages (convolutions alone), then an attention stage of 2 blocks
+    (64 wide, 2 heads of 32), a 64 x 64 image to 2 x 2 features. Its convolutions drawn to keep the
+    features' scale (timm's and transformers' inits shrink them to ~1e-20 by the last stage) and its
+    layer scales at 1 (1e-5: the attention a rounding error of the features)."""
+    from functools import partial
+
+    from timm.models.fastvit import FastVit, RepConditionalPosEnc
+
+    options = {k: v for k, v in options.items() if not k.startswith("pretrained_") and k != "cache_dir"}
+    model = FastVit(layers=(1, 1, 1, 2), embed_dims=(32, 32, 32, 64), token_mixers=("repmixer",) * 3 + ("attention",),
+                    pos_embs=(None, None, None, partial(RepConditionalPosEnc, spatial_shape=(7, 7))),
+                    layer_scale_init_value=1.0, **options)
+    model.pretrained_cfg = model.default_cfg = {}  # (timm's builder sets them; open_clip reads them)
+    return model
+
+
+def _fastvit_scaled(tower):
+    for m in tower.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=(2 / m.weight[0].numel()) ** 0.5)
+    return tower
+
+
+def _register_fastvit():
+    """``epmq_tiny_fastvit`` in timm's registry: what FastVLM's and open_clip's configs name."""
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_fastvit"):
+        register_model(epmq_tiny_fastvit)
+
+
+def tiny_fastvlm(seed=0):
+    """FastVLM: a FastViT tower (timm's, through TimmWrapper) and a Qwen2 language model."""
+    _register_fastvit()
+    torch.manual_seed(seed)
+    model = transformers.FastVlmForConditionalGeneration(transformers.FastVlmConfig(
+        text_config=dict(_TEXT, model_type="qwen2"), image_token_id=299,
+        vision_config=dict(model_type="timm_wrapper", architecture="epmq_tiny_fastvit", do_pooling=False,
+                           hidden_size=128))).eval()
+    _fastvit_scaled(model.model.vision_tower)
+    return model, model.model.vision_tower, "model.vision_tower.timm_model.stages.3.blocks"
+
+
+def tiny_mobileclip(seed=0):
+    """open_clip's MobileCLIP: a FastViT image tower (timm's) and open_clip's text tower."""
+    from open_clip.model import CustomTextCLIP
+
+    _register_fastvit()
+    torch.manual_seed(seed)
+    model = CustomTextCLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_fastvit", image_size=64,
+                                                         timm_model_pretrained=False, timm_pool="avg", timm_proj=None),
+                           text_cfg=dict(context_length=8, vocab_size=300, width=32, heads=4, layers=2, mlp_ratio=2.0,
+                                         no_causal_mask=True)).eval()
+    _fastvit_scaled(model.visual)
+    return model, model.visual, "visual.trunk.stages.3.blocks"
+
+
+@pytest.mark.parametrize("name", ["fastvlm", "mobileclip"])
+def test_fastvit_attention_stages_are_walked_by_default(name, gen, tmp_path):
+    """FastViT's attention stages (FastVLM's vision tower; MobileCLIP's image tower, beside open_clip's
+    text tower) were left in full precision with a warning, no adapter listing timm's FastViT
+    AttentionBlock: the TIMM adapter walks them with the other tower in one call, the image tower
+    near its float features at 8 bits, and the checkpoint loads back the same."""
+    build = tiny_fastvlm if name == "fastvlm" else tiny_mobileclip
+    model, tower, stages = build()
+
+    def item():
+        pixels = torch.randn(1, 3, 64, 64, generator=gen)
+        if name == "mobileclip":
+            return pixels, torch.randint(1, 299, (1, 8), generator=gen)
+        ids = torch.randint(0, 290, (1, 12), generator=gen)
+        ids[0, 1:5] = 299
+        return dict(input_ids=ids, pixel_values=pixels)
+
+    def run(m, x):
+        return m(*x)[:2] if name == "mobileclip" else (m(**x).logits,)
+
+    def features(x):
+        pixels = x[0] if name == "mobileclip" else x["pixel_values"]
+        return tower(pixels) if name == "mobileclip" else tower(pixels).last_hidden_state
+
+    test = item()
+    with torch.no_grad():
+        reference = features(test)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                            calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
+                            progress=False)
+    left = [str(w.message) for w in caught if "full precision" in str(w.message)]
+    assert not left, left
+    assert model.epmq_report.adapter == ("hf-decoder+timm" if name == "fastvlm" else "open_clip+timm")
+    assert linears(model, stages, epmq.QuantLinear) and not linears(model, stages, torch.nn.Linear)
+    with torch.no_grad():
+        y = features(test)
+    assert (y - reference).norm() / reference.norm() < 0.01
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", None if name == "fastvlm" else build(seed=1)[0])
+    with torch.no_grad():
+        for a, b in zip(run(loaded, test), run(model, test)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_sam_is_still_walked_whole_by_auto(gen):
     """SAM's ViT blocks, which HF_ENCODERS takes beside other towers (DeepSeek-VL hybrid's), are
     left to AUTO in SAM's own model: taken there, the mask decoder's two-way blocks, which no adapter
