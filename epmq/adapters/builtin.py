@@ -248,6 +248,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # tower's output, its context)
     "Blip2EncoderLayer", "Blip2QFormerLayer", "InstructBlipEncoderLayer", "InstructBlipQFormerLayer",
     "Idefics2EncoderLayer", "Idefics2PerceiverLayer",
+    # InstructBLIP-Video's (InstructBLIP's, on each frame), Janus's SigLIP and Qianfan-OCR's InternViT
+    "InstructBlipVideoEncoderLayer", "InstructBlipVideoQFormerLayer", "JanusVisionEncoderLayer",
+    "QianfanOCRVisionLayer",
     # Florence-2's DaViT stages: a list of blocks per stage, on [B, C, H, W] feature maps (a
     # convolution between stages), each block a windowed spatial and a channel attention
     "Florence2VisionBlock",

@@ -699,22 +699,44 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
         lambda gen: dict(high_res_pixel_values=torch.randn(1, 3, 32, 32, generator=gen)),
         ("model.high_res_vision_model.vision_encoder.layers", "model.vision_model.encoder.layers",
          "model.language_model.layers")),
+    # InstructBLIP's towers on each frame of a video (one frame: 4 query tokens)
+    "instructblipvideo": ("InstructBlipVideoForConditionalGeneration", lambda: transformers.InstructBlipVideoConfig(
+        vision_config=_BLIP_VISION, qformer_config=_QFORMER, text_config=dict(_TEXT, model_type="llama"),
+        num_query_tokens=4, video_token_index=299), (1, 1, 3, 16, 16),
+        lambda gen: dict(qformer_input_ids=torch.randint(0, 300, (1, 5), generator=gen)),
+        ("vision_model.encoder.layers", "qformer.encoder.layer", "language_model.model.layers")),
+    # Janus's SigLIP tower (its VQ model, for image generation, not called on understanding)
+    "janus": ("JanusForConditionalGeneration", lambda: transformers.JanusConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8,
+                           projection_dim=32, depth=1, num_image_tokens=4, mlp_ratio=2.0),
+        text_config=dict(_TEXT, model_type="llama"), image_token_id=299,
+        vq_config=dict(embed_dim=8, num_embeddings=16, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
+                       num_res_blocks=1, projection_dim=32, image_token_embed_dim=32, num_patches=2,
+                       num_hidden_layers=1, attn_resolutions=[])), (1, 3, 16, 16), lambda gen: {},
+        ("model.vision_model.encoder.layers", "model.language_model.layers")),
+    # Qianfan-OCR's InternViT (2 x 2 patches pixel-shuffled to 1 image token) and Qwen3
+    "qianfan_ocr": ("QianfanOCRForConditionalGeneration", lambda: transformers.QianfanOCRConfig(
+        vision_config=dict(_VISION, image_size=[16, 16], patch_size=[8, 8], drop_path_rate=0.0),
+        text_config=dict(_TEXT, model_type="qwen3"), image_token_id=299, downsample_ratio=0.5), (1, 3, 16, 16),
+        lambda gen: {}, ("model.vision_tower.layers", "model.language_model.layers")),
 }
 _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
+_IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
 
 
 @pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
 def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
-    resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower, DeepSeek-VL hybrid's SAM tower:
-    no adapter listed their blocks, so the default walk left them in full precision with a warning,
-    where LLaVA's and Idefics3's towers are quantized. Walked in one call with the language model,
-    near the float outputs, and the checkpoint loads back."""
+    resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower, DeepSeek-VL hybrid's SAM tower,
+    InstructBLIP-Video's, Janus's and Qianfan-OCR's towers: no adapter listed their blocks, so the
+    default walk left them in full precision with a warning, where LLaVA's and Idefics3's towers are
+    quantized. Walked in one call with the language model, near the float outputs, and the
+    checkpoint loads back."""
     model_class, config, shape, other, towers = TOWERS_ONCE_IN_FULL_PRECISION[name]
 
     def item():
         ids = torch.randint(0, 290, (1, 12), generator=gen)
-        ids[0, 1:5 + (name == "florence2")] = 299
+        ids[0, 1:1 + _IMAGE_TOKENS.get(name, 4)] = 299
         return dict(input_ids=ids, pixel_values=torch.randn(*shape, generator=gen), **other(gen))
 
     torch.manual_seed(0)
