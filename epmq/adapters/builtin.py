@@ -251,6 +251,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # InstructBLIP-Video's (InstructBLIP's, on each frame), Janus's SigLIP and Qianfan-OCR's InternViT
     "InstructBlipVideoEncoderLayer", "InstructBlipVideoQFormerLayer", "JanusVisionEncoderLayer",
     "QianfanOCRVisionLayer",
+    # GOT-OCR 2's (and PP-Chart2Table's) SAM-style ViT, LLaVA-OneVision-1.5's Qwen2-VL-style tower,
+    # Ovis 2's visual tokenizer's ViT
+    "GotOcr2VisionLayer", "LlavaOnevision15VisionBlock", "Ovis2VisionEncoderLayer",
     # Florence-2's DaViT stages: a list of blocks per stage, on [B, C, H, W] feature maps (a
     # convolution between stages), each block a windowed spatial and a channel attention
     "Florence2VisionBlock",

@@ -719,6 +719,29 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
         vision_config=dict(_VISION, image_size=[16, 16], patch_size=[8, 8], drop_path_rate=0.0),
         text_config=dict(_TEXT, model_type="qwen3"), image_token_id=299, downsample_ratio=0.5), (1, 3, 16, 16),
         lambda gen: {}, ("model.vision_tower.layers", "model.language_model.layers")),
+    # GOT-OCR 2's SAM-style ViT (an 8 x 8 grid of patches, 4 x 4 windows, the second block global; its
+    # projector's strided convolutions make 2 x 2 image tokens)
+    "got_ocr2": ("GotOcr2ForConditionalGeneration", lambda: transformers.GotOcr2Config(
+        vision_config=dict(hidden_size=32, output_channels=8, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                           initializer_range=0.02),
+        text_config=dict(_TEXT, model_type="qwen2"), image_token_index=299), (1, 3, 64, 64), lambda gen: {},
+        ("model.vision_tower.layers", "model.language_model.layers")),
+    # LLaVA-OneVision-1.5's tower: Qwen2-VL's packed patches (4 x 4, merged 2 x 2 to 4 tokens)
+    "llava_onevision1_5": ("LlavaOnevision15ForConditionalGeneration", lambda: transformers.LlavaOnevision15Config(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2,
+                           spatial_merge_size=2, out_hidden_size=32),
+        text_config=dict(_TEXT, model_type="qwen3"), image_token_id=299, video_token_id=296,
+        vision_start_token_id=297, vision_end_token_id=298), (16, 3 * 2 * 2),
+        lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
+        ("model.visual.blocks", "model.language_model.layers")),
+    # Ovis 2's visual tokenizer (its ViT's 4 patches, each a distribution over 64 visual words)
+    "ovis2": ("Ovis2ForConditionalGeneration", lambda: transformers.Ovis2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8, vocab_size=64, hidden_stride=1),
+        text_config=dict(_TEXT, model_type="qwen2"), image_token_id=299, vocab_size=300, hidden_size=32,
+        visual_indicator_token_ids=[290, 291, 292, 293, 294]), (1, 3, 16, 16), lambda gen: {},
+        ("model.vision_tower.transformer.encoder.layers", "model.language_model.layers")),
 }
 _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
 _IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
@@ -728,7 +751,8 @@ _IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
 def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
     resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower, DeepSeek-VL hybrid's SAM tower,
-    InstructBLIP-Video's, Janus's and Qianfan-OCR's towers: no adapter listed their blocks, so the
+    InstructBLIP-Video's, Janus's, Qianfan-OCR's, GOT-OCR 2's, LLaVA-OneVision-1.5's and Ovis 2's
+    towers: no adapter listed their blocks, so the
     default walk left them in full precision with a warning, where LLaVA's and Idefics3's towers are
     quantized. Walked in one call with the language model, near the float outputs, and the
     checkpoint loads back."""
