@@ -254,6 +254,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # GOT-OCR 2's (and PP-Chart2Table's) SAM-style ViT, LLaVA-OneVision-1.5's Qwen2-VL-style tower,
     # Ovis 2's visual tokenizer's ViT
     "GotOcr2VisionLayer", "LlavaOnevision15VisionBlock", "Ovis2VisionEncoderLayer",
+    # packed patches of every image in one sequence with their boundaries (cu_seqlens) and rotary
+    # tables, as Qwen2-VL's: VideoLLaMA 3's, Ovis 2.5's and Kimi K2.5's towers
+    "VideoLlama3VisionEncoderLayer", "Ovis2_5VisionEncoderLayer", "Kimi_K25VisionEncoderLayer",
     # Florence-2's DaViT stages: a list of blocks per stage, on [B, C, H, W] feature maps (a
     # convolution between stages), each block a windowed spatial and a channel attention
     "Florence2VisionBlock",

@@ -651,6 +651,18 @@ _QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 encoder_hidden_size=32)
 # (BLIP's vision towers are initialized with a std of 1e-10 by default: weights of one value to a grid)
 _BLIP_VISION = dict(_VISION, initializer_range=0.02)
+def _kimi_k25_config():
+    from test_walker_models import _DEEPSEEK
+
+    text = dict({k: v for k, v in _TEXT.items() if k != "head_dim"}, model_type="deepseek_v3",
+                **dict(_DEEPSEEK, num_key_value_heads=4))  # (multi-head latent attention: its own head dims)
+    return transformers.Kimi_K25Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=2, pos_emb_height=8, pos_emb_width=8),
+        text_config=text, projection_hidden_size=32, image_token_id=299, video_token_id=296,
+        vision_start_token_id=297, vision_end_token_id=298)
+
+
 # VLM -> (model class, config, other inputs, towers), 4 image tokens of 16 x 16 images
 TOWERS_ONCE_IN_FULL_PRECISION = {
     "blip2": ("Blip2ForConditionalGeneration", lambda: transformers.Blip2Config(
@@ -742,17 +754,38 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
         text_config=dict(_TEXT, model_type="qwen2"), image_token_id=299, vocab_size=300, hidden_size=32,
         visual_indicator_token_ids=[290, 291, 292, 293, 294]), (1, 3, 16, 16), lambda gen: {},
         ("model.vision_tower.transformer.encoder.layers", "model.language_model.layers")),
+    # packed 4 x 4 patches of one image (its grid as a kwarg), 4 image tokens: VideoLLaMA 3's tower (merged
+    # 2 x 2 by image_merge_sizes), Ovis 2.5's visual tokenizer (between its image start and end tokens),
+    # Kimi K2.5's MoonViT beside a DeepSeek-V3 MoE language model
+    "video_llama_3": ("VideoLlama3ForConditionalGeneration", lambda: transformers.VideoLlama3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=2),
+        text_config=dict(_TEXT, model_type="qwen2"), image_token_id=299, video_token_id=296), (16, 3 * 2 * 2),
+        lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]]), image_merge_sizes=torch.tensor([2])),
+        ("model.vision_model.encoder.layers", "model.language_model.layers")),
+    "ovis2_5": ("Ovis2_5ForConditionalGeneration", lambda: transformers.Ovis2_5Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=2, image_size=8, window_size=4, vocab_size=68, num_visual_indicator_tokens=4,
+                           max_position_embeddings=64),
+        text_config=dict(_TEXT, model_type="qwen3"), image_token_id=299, video_token_id=296,
+        image_start_token_id=290, image_end_token_id=291, video_start_token_id=292, video_end_token_id=293),
+        (16, 3 * 2 * 2), lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
+        ("model.vision_tower.layers", "model.language_model.layers")),
+    "kimi_k25": ("Kimi_K25ForConditionalGeneration", lambda: _kimi_k25_config(), (16, 3, 2, 2),
+        lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
+        ("model.vision_tower.layers", "model.language_model.layers")),
 }
-_TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder"}
+_TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder", "kimi_k25": "hf-moe-decoder+hf-encoder"}
 _IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
+_IMAGE_BOUNDS = {"ovis2_5": (290, 291)}  # (the tokens an image's must lie between)
 
 
 @pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
 def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
     resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower, DeepSeek-VL hybrid's SAM tower,
-    InstructBLIP-Video's, Janus's, Qianfan-OCR's, GOT-OCR 2's, LLaVA-OneVision-1.5's and Ovis 2's
-    towers: no adapter listed their blocks, so the
+    InstructBLIP-Video's, Janus's, Qianfan-OCR's, GOT-OCR 2's, LLaVA-OneVision-1.5's, Ovis 2's, Ovis
+    2.5's, VideoLLaMA 3's and Kimi K2.5's towers: no adapter listed their blocks, so the
     default walk left them in full precision with a warning, where LLaVA's and Idefics3's towers are
     quantized. Walked in one call with the language model, near the float outputs, and the
     checkpoint loads back."""
@@ -761,6 +794,8 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
     def item():
         ids = torch.randint(0, 290, (1, 12), generator=gen)
         ids[0, 1:1 + _IMAGE_TOKENS.get(name, 4)] = 299
+        if name in _IMAGE_BOUNDS:
+            ids[0, 0], ids[0, 1 + _IMAGE_TOKENS.get(name, 4)] = _IMAGE_BOUNDS[name]
         return dict(input_ids=ids, pixel_values=torch.randn(*shape, generator=gen), **other(gen))
 
     torch.manual_seed(0)
