@@ -183,6 +183,9 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     # Qwen3-VL's language model: image features added to the hidden states after its first
     # layers (DeepStack), so each layer's input is taken from the model (the walker's replay)
     "Qwen3VLTextDecoderLayer",
+    # HyperCLOVAX (HyperCLOVAX-Vision's language model, beside its Qwen2.5-VL vision tower, which a
+    # default walk took alone: AUTO, which walks the model alone, is no default beside another adapter)
+    "HyperCLOVAXDecoderLayer",
 ))
 # timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
 # of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the

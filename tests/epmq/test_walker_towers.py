@@ -774,6 +774,15 @@ TOWERS_ONCE_IN_FULL_PRECISION = {
     "kimi_k25": ("Kimi_K25ForConditionalGeneration", lambda: _kimi_k25_config(), (16, 3, 2, 2),
         lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
         ("model.vision_tower.layers", "model.language_model.layers")),
+    # HyperCLOVAX-Vision: its Qwen2.5-VL tower was walked, its HyperCLOVAX language model left whole
+    "hyperclovax_vision_v2": ("HyperCLOVAXVisionV2ForConditionalGeneration",
+                              lambda: transformers.HyperCLOVAXVisionV2Config(
+        vision_config=dict(depth=2, hidden_size=32, num_heads=4, patch_size=2, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, intermediate_size=64, out_hidden_size=32,
+                           window_size=8, fullatt_block_indexes=[1]),
+        text_config=dict(_TEXT, model_type="hyperclovax"), image_token_id=299, video_token_id=296),
+        (16, 3 * 2 * 2 * 2), lambda gen: dict(image_grid_thw=torch.tensor([[1, 4, 4]])),
+        ("model.vision_model.blocks", "model.language_model.layers")),
 }
 _TOWER_ADAPTERS = {"florence2": "hf-bart+hf-encoder", "kimi_k25": "hf-moe-decoder+hf-encoder"}
 _IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
@@ -785,7 +794,8 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
     resampler, Florence-2's DaViT stages, EXAONE 4.5's vision tower, DeepSeek-VL hybrid's SAM tower,
     InstructBLIP-Video's, Janus's, Qianfan-OCR's, GOT-OCR 2's, LLaVA-OneVision-1.5's, Ovis 2's, Ovis
-    2.5's, VideoLLaMA 3's and Kimi K2.5's towers: no adapter listed their blocks, so the
+    2.5's, VideoLLaMA 3's and Kimi K2.5's towers, HyperCLOVAX-Vision's language model: no adapter listed
+    their blocks, so the
     default walk left them in full precision with a warning, where LLaVA's and Idefics3's towers are
     quantized. Walked in one call with the language model, near the float outputs, and the
     checkpoint loads back."""
