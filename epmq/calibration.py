@@ -10,7 +10,8 @@ is tokenized from its own seeded random place (``_windows_of_places``), so that 
 costs what its 128 windows do, not minutes and tens of GB; a ``.txt`` file, JSON Lines and
 ``.parquet`` rows read with ``read_texts(..., stream=True)`` (as ``epmq quantize`` reads them)
 are then read where the windows are (``TextFile``, ``JsonLines``, ``ParquetRows``), never held
-whole.
+whole; input/target pairs read with ``read_pairs(..., stream=True)`` are read again only where
+``pair_batches`` draws them (``PairLines``, ``ParquetPairs``).
 
 Files: ``.txt`` (the whole file is one document), ``.jsonl`` (one JSON value a line), ``.json``
 (a list of such values), ``.parquet`` (one value a row, an object of its columns: the files of
@@ -148,14 +149,14 @@ def _chat(messages, where: str, tokenizer, record: dict) -> str:
 
 
 def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool = False,
-             tokenizer=None) -> List[tuple]:
+             tokenizer=None, pairs: bool = False) -> List[tuple]:
     """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
     list of either): a ``.txt`` file is one string (``stream``: a ``TextFile``), a ``.jsonl``
     line or an item of a ``.json`` list one JSON value, as is a ``.json`` file of one object
     (``stream``: the texts of JSON Lines and .parquet rows as ``TextRecord`` documents, rendered by
-    ``tokenizer``)."""
+    ``tokenizer``; ``pairs``: their input/target pairs as ``PairRecord`` ones)."""
     if isinstance(source, (list, tuple)):
-        return [r for s in source for r in _records(s, suffixes, what, kind_error, stream, tokenizer)]
+        return [r for s in source for r in _records(s, suffixes, what, kind_error, stream, tokenizer, pairs)]
     path = Path(source)
     if path.is_dir():
         saved = next((p.parent for p in sorted(path.rglob("state.json")) if any(p.parent.glob("*.arrow"))), None)
@@ -166,7 +167,7 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
         files = _tree(path, suffixes, compressed=True)
         if not files:
             raise ValueError(f"{path}: no {', '.join(suffixes)} files of {what} in the directory")
-        return [r for f in files for r in _records(f, suffixes, what, kind_error, stream, tokenizer)]
+        return [r for f in files for r in _records(f, suffixes, what, kind_error, stream, tokenizer, pairs)]
     if not path.is_file():
         raise FileNotFoundError(f"no calibration {what} at {path}")
     suffix = _kind(path)
@@ -175,8 +176,8 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
         raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}; all but .parquet also "
                          f"{'/'.join(COMPRESSIONS)}-compressed), not {shown!r}")
     if suffix in (".jsonl", ".json", ".parquet") and stream:  # (read where the windows are: JsonLines)
-        opened = ParquetRows(path, tokenizer) if suffix == ".parquet" else JsonLines(path, tokenizer,
-                                                                                     strict=suffix == ".jsonl")
+        lines, rows = (PairLines, ParquetPairs) if pairs else (JsonLines, ParquetRows)
+        opened = rows(path, tokenizer) if suffix == ".parquet" else lines(path, tokenizer, strict=suffix == ".jsonl")
         if opened.documents is not None:
             where = str(path)  # (one string for them all: a document is read by its position)
             return [(where, d) for d in opened.documents]
@@ -510,8 +511,7 @@ class JsonLines:
         records = self._records()
         try:
             for position, value in records:
-                self.documents.append(TextRecord(self, position, len(_text_of(value, self._where(position),
-                                                                              tokenizer))))
+                self.documents.append(self._document(position, value))
         except ValueError:
             if strict:
                 raise
@@ -520,6 +520,9 @@ class JsonLines:
             records.close()
         if not strict and self.documents is not None and len(self.documents) < 2:
             self.documents = None  # (one value: the whole file's, as read whole)
+
+    def _document(self, position: int, value) -> "TextRecord":
+        return TextRecord(self, position, len(_text_of(value, self._where(position), self.tokenizer)))
 
     def _records(self):
         """``(position, value)`` of each record, in the file's order."""
@@ -1490,20 +1493,93 @@ def rgb_image(image):
 PAIR_KEYS = (("input", "target"), ("prompt", "completion"))
 
 
-def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[tuple]:
+def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]], *,
+               stream: bool = False) -> List[Union[tuple, "PairRecord"]]:
     """``(input, target)`` texts of ``.jsonl`` / ``.json`` files (objects with both fields, or
-    ``prompt`` and ``completion``) or ``.parquet`` rows, a directory of them, or a list of either."""
-    pairs = []
-    for where, v in _records(source, PAIR_SUFFIXES, "input/target pairs",
-                             "an encoder-decoder calibrates on input/target pairs: a file of "
-                             "objects with 'input' and 'target' texts"):
-        pair = next(((v[a], v[b]) for a, b in PAIR_KEYS if isinstance(v, dict)
-                     and isinstance(v.get(a), str) and isinstance(v.get(b), str)), None)
-        if pair is None:
-            raise ValueError(f"{where}: expected an object with 'input' and 'target' strings (or 'prompt' "
-                             f"and 'completion'), got {str(v)[:80]!r}")
-        pairs.append(pair)
-    return pairs
+    ``prompt`` and ``completion``) or ``.parquet`` rows, a directory of them, or a list of either.
+    ``stream``: each JSON Lines record or .parquet row as a ``PairRecord``, checked, then read again
+    where ``pair_batches`` draws it, not held (``epmq quantize`` reads them so)."""
+    return [v if isinstance(v, PairRecord) else _pair_of(v, where) for where, v in
+            _records(source, PAIR_SUFFIXES, "input/target pairs", "an encoder-decoder calibrates on input/target "
+                     "pairs: a file of objects with 'input' and 'target' texts", stream, pairs=True)]
+
+
+def _pair_of(v, where: str) -> tuple:
+    """The ``(input, target)`` texts of the record ``v``."""
+    pair = next(((v[a], v[b]) for a, b in PAIR_KEYS if isinstance(v, dict)
+                 and isinstance(v.get(a), str) and isinstance(v.get(b), str)), None)
+    if pair is None:
+        raise ValueError(f"{where}: expected an object with 'input' and 'target' strings (or 'prompt' "
+                         f"and 'completion'), got {str(v)[:80]!r}")
+    return pair
+
+
+class PairLines(JsonLines):
+    """The input/target pairs of a file of JSON Lines, read as ``JsonLines`` reads texts:
+    ``documents``, one ``PairRecord`` a pair. Held, every pair was in memory while
+    ``pair_batches`` drew ``samples`` of them (1.3 times the file, 2.2 at the peak). Opening it
+    reads it once, each record checked to be a pair, then let go; the drawn pairs are read again
+    in one pass through the file (``read``)."""
+
+    def _document(self, position: int, value) -> "PairRecord":
+        _pair_of(value, self._where(position))
+        return PairRecord(self, position)
+
+    def _changed(self) -> ValueError:
+        return ValueError(f"{self.path}: changed since it was opened ({len(self.documents)} pairs then): its pairs "
+                          f"would be drawn from places of the pairs it held then in the pairs it holds now")
+
+    def read(self, positions: Iterable[int]) -> dict:
+        """``{position: (input, target)}`` of the records at ``positions``, in one pass through the
+        file (up to the last of them), which is closed after it."""
+        wanted, found = set(positions), {}
+        if self._version() != self._stat:
+            raise self._changed()
+        records = self._records()
+        try:
+            for position, value in records:
+                if position in wanted:
+                    found[position] = _pair_of(value, self._where(position))
+                    if len(found) == len(wanted):
+                        return found
+        finally:
+            records.close()
+        raise self._changed()  # (a record counted is no longer there)
+
+
+class ParquetPairs(PairLines, ParquetRows):
+    """The input/target pairs of a ``.parquet`` file's rows, read as ``PairLines`` reads JSON Lines'."""
+
+
+class PairRecord:
+    """One input/target pair of a ``PairLines`` (or ``ParquetPairs``) file, read where it is used:
+    ``[0]`` its input, ``[1]`` its target, each a pass through the file up to it (``pair_batches``
+    reads those it draws together: ``_read_drawn``)."""
+
+    __slots__ = ("file", "position")
+
+    def __init__(self, file: PairLines, position: int):
+        self.file, self.position = file, position
+
+    def __len__(self) -> int:
+        return 2
+
+    def __repr__(self) -> str:
+        return f"PairRecord({self.file._where(self.position)!r})"
+
+    def __getitem__(self, item) -> str:
+        return self.file.read([self.position])[self.position][item]
+
+
+def _read_drawn(chosen: list) -> list:
+    """``chosen`` with its streamed pairs (``PairRecord``) read, each file's in one pass through it
+    (read one by one, each pair was a pass through its file up to it)."""
+    positions = {}
+    for p in chosen:
+        if isinstance(p, PairRecord):
+            positions.setdefault(p.file, []).append(p.position)
+    read = {file: file.read(at) for file, at in positions.items()}
+    return [read[p.file][p.position] if isinstance(p, PairRecord) else p for p in chosen]
 
 
 def _is_pair(p) -> bool:
@@ -1526,6 +1602,7 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
         raise TypeError(f"pairs must be a sequence of (input, target) pairs, got one pair "
                         f"({pairs[0][:40]!r}, {pairs[1][:40]!r}): give [pair]")
     (chosen,) = _drawn(pairs, samples, samples, seed, f"{what}: input/target pairs")
+    chosen = _read_drawn(chosen)
     for p in chosen:
         # (a text of two characters ran as the pair of its letters, silently; others as a bare unpacking error)
         if not _is_pair(p):

@@ -207,7 +207,8 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
             # (a .txt read where its windows are, not held: see calibration.TextFile)
             read, make = functools.partial(read_texts, tokenizer=tokenizer, stream=True), text_windows
         else:
-            read, make = read_pairs, pair_batches
+            # (a pair read where it is drawn, not held: see calibration.PairLines)
+            read, make = functools.partial(read_pairs, stream=True), pair_batches
         batches = {task: make(read(source), tokenizer, seq_len=seq_len, seed=seeds[task],
                               what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}

@@ -1423,6 +1423,93 @@ def test_pairs_of_one_input_length_and_other_target_lengths_are_batched_apart(tm
     assert len(batches) == 3
 
 
+def test_a_large_pairs_file_is_read_where_its_pairs_are_drawn(tmp_path, monkeypatch):
+    """An encoder-decoder's .jsonl of input/target pairs (or JSON Lines under .json.gz, or .parquet
+    rows) had every pair parsed and held while epmq quantize drew its `samples` of them (this 7.5 MB
+    file of 8000 pairs: 12.6 MB traced at the peak for 128 pairs drawn; 1.4 MB streamed). Read streamed
+    (as epmq quantize reads it),
+    each pair is counted once and the drawn ones read again, in file order, each file once: the
+    same batches, the files closed, a file rewritten in between refused."""
+    import gzip
+    import os
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from epmq import calibration
+    from epmq.benches.tiny import t5_tokenizer
+    from epmq.quantize_files import calibrated
+
+    tok = t5_tokenizer(tmp_path / "t5")
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=len(tok), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, dropout_rate=0.0,
+        decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "t5")
+    rng = random.Random(0)
+    records = []
+    for k in range(8000):
+        x = " ".join(rng.choice(WORDS) for _ in range(rng.randint(100, 300)))
+        y = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+        records.append({"prompt": x, "completion": y} if k % 3 == 0 else {"input": x, "target": y, "id": k})
+    body = "\n".join(json.dumps(r) for r in records) + "\n\n"
+    (tmp_path / "big.jsonl").write_text(body)
+    (tmp_path / "train.json.gz").write_bytes(gzip.compress(body.encode(), compresslevel=1))
+    pq.write_table(pa.table({"input": [r.get("input", r.get("prompt")) for r in records],
+                             "target": [r.get("target", r.get("completion")) for r in records]}),
+                   tmp_path / "train.parquet", row_group_size=500)
+    size = (tmp_path / "big.jsonl").stat().st_size
+    options = dict(samples=128, seq_len=32, batch_size=8, seed=5)
+    for name in ("big.jsonl", "train.json.gz", "train.parquet"):
+        whole = read_pairs(tmp_path / name)
+        tracemalloc.start()
+        try:
+            streamed = read_pairs(tmp_path / name, stream=True)
+            batches = pair_batches(streamed, tok, **options)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < size / 3, (name, peak, size)  # (read whole: 1.5 x size and more)
+        expected = pair_batches(whole, tok, **options)
+        assert len(batches) == len(expected) and all(
+            b.keys() == e.keys() and all(torch.equal(b[k], e[k]) for k in b) for b, e in zip(batches, expected))
+        assert len(streamed) == len(whole) and tuple(streamed[7]) == whole[7]
+    # epmq quantize reads them so
+    tracemalloc.start()
+    try:
+        _, _, batches = calibrated(tmp_path / "t5", {"t": tmp_path / "big.jsonl"}, **options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 3, peak
+    assert all(torch.equal(b["labels"], e["labels"]) for b, e in zip(batches["t"], expected))
+    # the pairs drawn are read in one pass through the file, not one a pair
+    opened, text_lines = [], calibration._text_lines
+    monkeypatch.setattr(calibration, "_text_lines",
+                        lambda path, *a, **k: opened.append(path) or text_lines(path, *a, **k))
+    streamed = read_pairs(tmp_path / "big.jsonl", stream=True)
+    opened.clear()
+    pair_batches(streamed, tok, **options)
+    assert opened == [tmp_path / "big.jsonl"]
+    monkeypatch.undo()
+    # a directory of many files: none left open
+    (tmp_path / "many").mkdir()
+    for k in range(300):
+        (tmp_path / "many" / f"{k:04d}.jsonl").write_text("\n".join(json.dumps(r) for r in records[2 * k:2 * k + 2]))
+    if os.path.isdir("/proc/self/fd"):
+        before = len(os.listdir("/proc/self/fd"))
+        streamed = read_pairs(tmp_path / "many", stream=True)
+        batches = pair_batches(streamed, tok, **options)
+        assert len(os.listdir("/proc/self/fd")) == before
+        expected = pair_batches(read_pairs(tmp_path / "many"), tok, **options)
+        assert all(torch.equal(b["input_ids"], e["input_ids"]) for b, e in zip(batches, expected))
+    # rewritten between its count and the draw: refused, not other pairs at the places counted
+    path = tmp_path / "many" / "0000.jsonl"
+    streamed = read_pairs(path, stream=True)
+    path.write_text(json.dumps({"input": "other", "target": "pair"}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: changed since it was opened")):
+        pair_batches(streamed, tok, samples=2, seq_len=8)
+
+
 def test_a_pair_of_no_target_tokens_is_named(tmp_path):
     """A tokenizer that adds no end-of-sequence token makes an empty target no tokens at all:
     labels of no position crashed the walk with argmax's IndexError, naming neither the pair nor
