@@ -286,6 +286,10 @@ DEBERTA_V2 = DebertaV2Adapter("hf-deberta-v2", block_types=("DebertaV2Layer",))
 BART = Adapter("hf-bart", block_types=(
     "BartEncoderLayer", "BartDecoderLayer", "MBartEncoderLayer", "MBartDecoderLayer",
     "PegasusEncoderLayer", "PegasusDecoderLayer", "WhisperEncoderLayer", "WhisperDecoderLayer",
+    # T5Gemma 2's text encoder and decoder (beside its SigLIP tower, which a default walk took alone):
+    # the decoder's merged attention applies its k_proj and v_proj to its own hidden states and to the
+    # encoder's output, both calls in their statistics
+    "T5Gemma2EncoderLayer", "T5Gemma2DecoderLayer",
 ))
 
 

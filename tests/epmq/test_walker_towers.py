@@ -1012,3 +1012,65 @@ def test_towers_are_walked_in_the_order_the_forward_reaches_them(gen):
     for name, m in one.named_modules():
         if isinstance(m, epmq.QuantLinear):
             assert torch.equal(m.qweight, packed[name].qweight) and torch.equal(m.scales, packed[name].scales), name
+
+
+def tiny_t5gemma2(seed=0):
+    """T5Gemma 2: a SigLIP tower (4 image tokens of a 16 x 16 image), a text encoder and a decoder whose
+    merged attention attends to its own tokens and the encoder's output with one k_proj and v_proj."""
+    torch.manual_seed(seed)
+    text = dict(_TEXT, query_pre_attn_scalar=8, sliding_window=4, max_position_embeddings=64)
+    config = transformers.T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=dict(_VISION, model_type="siglip_vision_model"),
+                     mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298, image_token_index=299),
+        decoder=dict(text), image_token_index=299, eoi_token_index=298)
+    model = transformers.T5Gemma2ForConditionalGeneration(config).eval()
+    # (its image projection is initialized to zeros: no image would reach the logits)
+    torch.nn.init.normal_(model.model.encoder.multi_modal_projector.mm_input_projection_weight, std=0.2)
+    return model
+
+
+def t5gemma2_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 290, (1, 12), generator=gen)
+        ids[0, 1:5] = 299
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16, generator=gen),
+                        decoder_input_ids=torch.randint(1, 290, (1, 8), generator=gen)))
+    return out
+
+
+def test_t5gemma2_text_encoder_and_decoder_are_walked_beside_its_vision_tower(gen, tmp_path, monkeypatch):
+    """T5Gemma 2's default walk took its SigLIP tower alone and left its text encoder and decoder (most
+    of its weights) in full precision with a warning. Every tower is walked in one call, near the float
+    logits (the image reaching them), and the checkpoint loads back; the decoder's k_proj and v_proj,
+    which its merged attention applies to its own tokens and to the encoder's output, are calibrated
+    on both, as a plain forward gives them."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = tiny_t5gemma2()
+    calibration = {"a": t5gemma2_inputs(4, gen), "b": t5gemma2_inputs(4, gen)}
+    test = t5gemma2_inputs(1, gen)[0]
+    with torch.no_grad():
+        reference = model(**test).logits
+        other_image = model(**dict(test, pixel_values=torch.randn(1, 3, 16, 16, generator=gen))).logits
+    assert (other_image - reference).norm() > 0.1 * reference.norm()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration=calibration,
+                            progress=False)
+    left = [str(w.message) for w in caught if "full precision" in str(w.message)]
+    assert not left, left
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.05
+    assert_both_towers_walked_and_served(
+        model, ("model.encoder.vision_tower.encoder.layers", "model.encoder.text_model.layers",
+                "model.decoder.layers"), tmp_path, test, adapter="hf-bart+hf-encoder")
+
+    model, items = tiny_t5gemma2(), calibration["a"]
+    target = "model.decoder.layers.1.self_attn.k_proj"
+    hand = hooked_inputs(model, target, items)
+    assert sum(len(x) for x in hand) == 4 * (8 + 12)  # (its decoder's tokens and the encoder's)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
