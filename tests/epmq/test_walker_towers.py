@@ -789,6 +789,17 @@ _IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
 _IMAGE_BOUNDS = {"ovis2_5": (290, 291)}  # (the tokens an image's must lie between)
 
 
+def quantize_leaving_no_tower(model, item):
+    """GPTQ at 8 bits on two tasks of two items each, warning of no stack left in full precision."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                            calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
+                            progress=False)
+    left = [str(w.message) for w in caught if "full precision" in str(w.message)]
+    assert not left, left
+
+
 @pytest.mark.parametrize("name", TOWERS_ONCE_IN_FULL_PRECISION)
 def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
     """BLIP-2's and InstructBLIP's vision towers and Q-Formers, Idefics2's vision tower and perceiver
@@ -813,13 +824,7 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
     test = item()
     with torch.no_grad():
         reference = model(**test).logits
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
-                            calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
-                            progress=False)
-    left = [str(w.message) for w in caught if "full precision" in str(w.message)]
-    assert not left, left
+    quantize_leaving_no_tower(model, item)
     with torch.no_grad():
         y = model(**test).logits
     assert (y - reference).norm() / reference.norm() < 0.02
@@ -912,13 +917,7 @@ def test_fastvit_attention_stages_are_walked_by_default(name, gen, tmp_path):
     test = item()
     with torch.no_grad():
         reference = features(test)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
-                            calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
-                            progress=False)
-    left = [str(w.message) for w in caught if "full precision" in str(w.message)]
-    assert not left, left
+    quantize_leaving_no_tower(model, item)
     assert model.epmq_report.adapter == ("hf-decoder+timm" if name == "fastvlm" else "open_clip+timm")
     assert linears(model, stages, epmq.QuantLinear) and not linears(model, stages, torch.nn.Linear)
     with torch.no_grad():
