@@ -50,6 +50,11 @@ _REFUSED = {  # key pattern -> what it is
     r".+trainable_tokens_delta.*": "trainable token deltas (trainable_token_indices)",
 }
 
+# the tensors bitsandbytes saves beside a quantized weight: Linear4bit's QuantState under
+# ``weight.`` (its weight two codes a byte), Linear8bitLt's row scales and layout (its weight int8
+# codes of the weight's shape, which an update would be added to in silence)
+_BITSANDBYTES_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map"
+                                 r"|quant_state\.bitsandbytes__(nf4|fp4))$|\.(SCB|weight_format)$")
 # the names of PEFT's LoRA layers' own tensors, in a model it has wrapped (``.default``) or as saved
 _PEFT_LAYER = re.compile(r"(^|\.)(base_layer|lora_(embedding_)?[AB]|modules_to_save|original_module)(\.|$)")
 
@@ -265,6 +270,11 @@ class LoraExpert(Mapping):
             raise ValueError(f"{what}: the base ({self.base.description}) is a quantized model (its tensor "
                              f"{packed!r} holds packed codes, no weight the update can be added to): give the "
                              f"full-precision base")
+        bnb = next((k for k in self.base.keys() if _BITSANDBYTES_STATE.search(k)), None)
+        if bnb is not None:
+            raise ValueError(f"{what}: the base ({self.base.description}) is a model quantized by bitsandbytes "
+                             f"(its tensor {bnb!r} is the quantization state of a 4-bit or int8 weight, which "
+                             f"holds codes, no weight the update can be added to): give the full-precision base")
         # (what tells adapters of one base apart from others': its files, or the object given,
         # kept so that its id is not another's)
         self._base_given = base

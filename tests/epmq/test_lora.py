@@ -514,6 +514,56 @@ def test_a_quantized_base_is_refused_naming_it_so(base_dir, tmp_path, as_module)
     assert "not the adapter's base model" not in str(refused.value)
 
 
+def bitsandbytes_checkpoint(base_dir, out, layout):
+    """``base_dir``'s checkpoint with its blocks' linears as transformers saves a model bitsandbytes
+    quantized (random codes): Linear4bit's ``weight`` packed two codes a byte, its QuantState beside
+    it under ``weight.`` (double quantization adds the nested ones); Linear8bitLt's int8 ``weight`` of
+    the same shape, its row scales ``SCB`` and ``weight_format``."""
+    import safetensors.torch
+
+    out.mkdir()
+    (out / "config.json").write_text((base_dir / "config.json").read_text())
+    state = {}
+    for key, W in safetensors.torch.load_file(base_dir / "model.safetensors").items():
+        if ".layers." not in key or not key.endswith("_proj.weight"):
+            state[key] = W
+        elif layout == "int8":
+            state[key] = torch.randint(-127, 128, W.shape, dtype=torch.int8)
+            state[key.removesuffix("weight") + "SCB"] = torch.rand(W.shape[0])
+            state[key.removesuffix("weight") + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        else:
+            kind, nested = layout.split("-") if "-" in layout else (layout, None)
+            blocks = W.numel() // 64
+            state[key] = torch.randint(0, 256, (W.numel() // 2, 1), dtype=torch.uint8)
+            state[key + ".absmax"] = (torch.randint(0, 256, (blocks,), dtype=torch.uint8) if nested
+                                      else torch.rand(blocks))
+            state[key + ".quant_map"] = torch.rand(16)
+            if nested:
+                state[key + ".nested_absmax"] = torch.rand(1)
+                state[key + ".nested_quant_map"] = torch.rand(256)
+            quant_state = {"quant_type": kind, "blocksize": 64, "dtype": "float32", "shape": list(W.shape)}
+            state[f"{key}.quant_state.bitsandbytes__{kind}"] = torch.tensor(
+                list(json.dumps(quant_state).encode()), dtype=torch.uint8)
+    safetensors.torch.save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["nf4", "fp4-nested", "int8"])
+def test_a_bitsandbytes_base_is_refused_naming_it_so(base_dir, tmp_path, layout):
+    """A base saved bitsandbytes-quantized (a QLoRA's base saved as loaded) given to a LoRA: a
+    4-bit one was refused as 'has no weight, or none of the update's shape ... not the adapter's
+    base model' (its weight two codes a byte), an 8-bit one taken, W_0 + B A added to its int8
+    codes and read back as int8 codes, in silence; refused as a quantized base, naming the tensor
+    of bitsandbytes' state and asking for the full-precision base."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=9)
+    base = bitsandbytes_checkpoint(base_dir, tmp_path / "bnb", layout)
+    state = r"SCB|weight_format" if layout == "int8" else r"absmax|quant_map|quant_state"
+    with pytest.raises(ValueError, match=rf"quantized by bitsandbytes .*\.({state})'.*give the full-precision "
+                                         rf"base") as refused:
+        epmq.LoraExpert(tmp_path / "adapter", base=base)
+    assert "not the adapter's base model" not in str(refused.value)
+
+
 def test_part_of_a_base_tensor_no_update_touches_is_read_alone(base_dir, tmp_path, monkeypatch):
     """One expert's rows of a base's fused MoE tensor (Llama 4's hub layout), read through a LoRA
     expert: only those rows leave the base checkpoint."""
