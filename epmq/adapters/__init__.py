@@ -45,8 +45,10 @@ model calls them.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 import warnings
 
 from collections.abc import Mapping
@@ -412,7 +414,8 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision. ``chosen``: ``towers`` are those ``adapter=``
     named, and the stacks a registered adapter knows were left by choice (LLaVA's CLIP tower beside
-    ``adapter=HF_DECODERS``): not named; those none knows, and attention pools, are."""
+    ``adapter=HF_DECODERS``): not named; those none knows, and attention pools, are (not a projector's
+    list, nor heads each called on an input of its own: no stacks)."""
     taken = [name for _, stacks in towers for name, _ in stacks]
     if chosen:
         taken += [name for candidate in _REGISTRY for name, _ in candidate.stacks(model)]
@@ -431,10 +434,18 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
             return [k.__name__ for k in kinds]
         return sorted({k.__name__ for k in kinds if kinds.count(k) > 1})
 
+    def stack(name) -> bool:
+        # (a projector's own list, MiniCPM-V's merger.mlp of DownsampleMLPs, is kept in full precision
+        # as every projector; parallel heads, SAM's output_hypernetworks_mlps, hand no block's outputs
+        # to the next: AUTO, or an adapter naming them, refuses them, so neither is told to be walked)
+        owner, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner)
+        return not (type(owner).__name__.endswith(("Merger", "Projector")) or _apart(owner, attr))
+
     named = []
     for name, module in model.named_modules():
         if (isinstance(module, _LISTS) and len(module) and not any(_nested(name, t) for t in taken)
-                and repeated(module)):
+                and repeated(module) and stack(name)):
             if len(module) == 1 and (name.rpartition(".")[2] == "experts"
                                      or any(name.startswith(f"{n}.") for n in named)):
                 continue  # (one expert, or a block's own list inside a tower named already)
@@ -445,7 +456,7 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
     mixed = [(name, tuple(sorted({type(m).__name__ for m in module})))
              for name, module in model.named_modules()
              if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
-             and repeated(module) and len({type(m) for m in module}) > len(repeated(module))]
+             and repeated(module) and len({type(m) for m in module}) > len(repeated(module)) and stack(name)]
     walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
     pools = [f"{name} ({', '.join(linears)})" for name, linears in _torch_attention_outside(model, taken)]
     if pools:
@@ -463,6 +474,48 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
                    for name, kinds in mixed]
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
                       f"in full precision (walked: {walked}); " + "; ".join(remedy))
+
+
+def _apart(owner: nn.Module, attr: str) -> bool:
+    """Whether ``owner``'s forward calls the modules of its list ``attr`` each on an input of its own
+    (``self.heads[i](x[:, i])``, or ``m = self.heads[i]`` then ``m(x[:, i])``: SAM's hypernetwork
+    MLPs, one per mask token) or all on one input (``[head(x) for head in self.heads]``), as heads,
+    not one after another as blocks; False where its source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(owner).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+
+    def listed(node) -> bool:  # self.<attr>
+        return (isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name)
+                and node.value.id == "self")
+
+    def names(node) -> set:
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+    # names bound to one module of the list by its index: m = self.<attr>[i] -> i
+    indexed = {node.targets[0].id: node.value.slice for node in ast.walk(tree)
+               if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+               and isinstance(node.value, ast.Subscript) and listed(node.value.value)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ListComp, ast.GeneratorExp, ast.SetComp)) and not any(
+                isinstance(n, ast.NamedExpr) for n in ast.walk(node.elt)):  # (x := block(x): one after another)
+            for loop in node.generators:
+                called = {c.func.id for c in ast.walk(node.elt) if isinstance(c, ast.Call)
+                          and isinstance(c.func, ast.Name)}
+                if any(listed(n) for n in ast.walk(loop.iter)) and called & names(loop.target):
+                    return True
+        if isinstance(node, ast.Call) and node.args:
+            f = node.func
+            index = (f.slice if isinstance(f, ast.Subscript) and listed(f.value)
+                     else indexed.get(f.id) if isinstance(f, ast.Name) else None)
+            # (its first input a part taken by the module's own index: a block's first is what the
+            # block before it returned, the rest, a layer's cache or head mask, may be indexed so)
+            first = node.args[0]
+            if (index is not None and names(index) and isinstance(first, ast.Subscript)
+                    and names(index) & names(first.slice)):
+                return True
+    return False
 
 
 def _torch_attention_outside(model: nn.Module, taken: list) -> list:

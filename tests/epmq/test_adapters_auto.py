@@ -963,3 +963,81 @@ def test_an_adapter_listed_twice_is_refused_by_name(twice):
     adapter = AUTO if twice == "auto" else epmq.adapters.HF_DECODERS
     with pytest.raises(ValueError, match=rf"adapter= lists {twice!r} twice"):
         find_towers(ToyVLM(), [adapter, AUTO, adapter] if twice != "auto" else [AUTO, AUTO])
+
+
+class _Head(nn.Module):
+    def __init__(self, width, out):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, out)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Heads(nn.Module):
+    """Heads each reading its own input (``[:, i]``) or all one input (a comprehension)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.heads = nn.ModuleList(_Head(8, 3) for _ in range(3))
+
+    def forward(self, x):
+        if self.how == "indexed":
+            outputs = []
+            for i in range(len(self.heads)):
+                head = self.heads[i]
+                outputs += [head(x[:, i, :])]
+            return torch.stack(outputs, dim=1)
+        return torch.stack([head(x) for head in self.heads], dim=1)
+
+
+class _Stack(_Heads):
+    def forward(self, x):
+        for block in self.heads:  # (a stack: one block's outputs the next one's inputs)
+            x = block(x)
+        return x
+
+
+def tiny_sam():
+    return transformers.SamModel(transformers.SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=8, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, window_size=2, global_attn_indexes=[1], mlp_dim=64,
+                           num_pos_feats=4),
+        prompt_encoder_config=dict(hidden_size=8, image_size=32, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_dim=16,
+                                 iou_head_hidden_dim=16))).eval()
+
+
+def tiny_minicpm_ocr(merger_times):
+    text = dict(model_type="qwen3_5_text", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
+                linear_key_head_dim=8, linear_value_head_dim=8)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+                  image_size=56)
+    config = transformers.MiniCPMOcrConfig(text_config=text, vision_config=vision, insert_layer_id=0,
+                                           merger_times=merger_times)
+    return transformers.MiniCPMOcrForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("model", ["sam", "minicpm-ocr", "minicpm-ocr merged twice", "indexed", "comprehension"])
+def test_parallel_heads_and_projectors_are_not_told_to_be_walked_as_blocks(model):
+    """SAM's mask decoder's hypernetwork MLPs (output_hypernetworks_mlps: one SamFeedForward per mask
+    token, each on its own token) and MiniCPM-OCR's projector into the language model (merger.mlp,
+    its DownsampleMLPs) were warned of as blocks no adapter knows, 'walk them with
+    epmq.adapters.AUTO', the walk's own adapter: neither is a stack of blocks that hand their outputs
+    on (a walk of the heads would feed head 0's outputs to head 1), and projectors are kept in full
+    precision as every other model's. Nothing is said of them; a stack of the same blocks called
+    one after another still is warned of."""
+    torch.manual_seed(0)
+    built = {"sam": tiny_sam, "minicpm-ocr": lambda: tiny_minicpm_ocr(1),
+             "minicpm-ocr merged twice": lambda: tiny_minicpm_ocr(2)}.get(model, lambda: _Heads(model))()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.adapters.warn_other_towers(built, [] if isinstance(built, _Heads) else find_towers(built))
+    said = " ".join(str(w.message) for w in caught if "no adapter knows" in str(w.message))
+    assert not any(name in said for name in ("output_hypernetworks_mlps", "merger", "heads")), said
+    stack = _Stack("stack")
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at heads \(_Head\)"):
+        epmq.adapters.warn_other_towers(stack, [])
