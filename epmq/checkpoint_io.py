@@ -353,6 +353,9 @@ class _LegacyTensors(Mapping):
 
 # the names of the scales a quantized checkpoint stores beside a weight ``<key>`` (``<key><suffix>``)
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
+# what bitsandbytes saves beside a quantized ``<module>.weight``: Linear4bit's QuantState under
+# ``weight.`` (the weight two codes a byte), Linear8bitLt's row scales ``<module>.SCB``
+BITSANDBYTES_STATE = (".absmax", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
 class CheckpointReader:
@@ -481,17 +484,22 @@ class CheckpointReader:
     def quantized_with_scales(self, key: str, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Why tensor ``key`` is no weight but a quantized checkpoint's, else None: one-byte values
         (float8, int8) with their scales stored beside them, under ``key`` + ``_scale_inv``
-        (transformers' fine-grained FP8) or ``_scale`` (compressed-tensors'). Cast alone to a
+        (transformers' fine-grained FP8) or ``_scale`` (compressed-tensors'), or bitsandbytes' state
+        (``BITSANDBYTES_STATE``: its 4-bit codes, of another shape, or int8 ones). Cast alone to a
         compute dtype, they are the weight divided by its scales, taken for the weight silently;
         every path that reads weights (``LazyStateDict``, ``epmq.experts.ExpertWeights``, a LoRA
         expert's base in ``epmq.lora.LoraExpert``) asks here. ``dtype``: the tensor's, where it
         is read already (else its header's)."""
         scale = next((f"{key}{s}" for s in SCALE_SUFFIXES if f"{key}{s}" in self), None)
-        if scale is None:  # (no dtype asked: a LoRA expert's would form the update)
+        bnb = next((k for k in [f"{key}{s}" for s in BITSANDBYTES_STATE] + [f"{key.removesuffix('weight')}SCB"]
+                    if key.endswith("weight") and k in self), None)
+        if scale is None and bnb is None:  # (no dtype asked: a LoRA expert's would form the update)
             return None
         dtype = dtype if dtype is not None else self.dtype(key)
         if dtype.itemsize != 1:
             return None
+        if scale is None:
+            return f"is stored as {dtype} with bitsandbytes' quantization state in {bnb!r}: a quantized checkpoint"
         return f"is stored as {dtype} with its scales in {scale!r}: a quantized checkpoint"
 
     def get(self, key: str, index=None) -> torch.Tensor:

@@ -149,6 +149,14 @@ class ExpertWeights:
         """Every tensor ``name -> shape`` of ``expected`` exists here with that shape."""
         for name, shape in expected.items():
             got = self.shape(name)
+            key = self._require(name)
+            # (bitsandbytes' 4-bit weight, two codes a byte, is of another shape: not another architecture)
+            why = None if key in self._joined and key not in self.reader else self.reader.quantized_with_scales(key)
+            if tuple(got) != tuple(shape) and why is not None:
+                raise ValueError(
+                    f"the expert of task {self.task!r} ({self.description}): tensor {name!r} {why}. Experts must be "
+                    f"full-precision checkpoints of the merged model's architecture"
+                )
             if tuple(got) != tuple(shape):
                 raise ValueError(
                     f"the expert of task {self.task!r} ({self.description}): tensor {name!r} has "

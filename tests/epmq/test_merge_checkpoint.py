@@ -1438,6 +1438,29 @@ def test_an_fp8_model_with_its_scales_beside_is_refused_without_a_config(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*is a weights file with no config.json")
+@pytest.mark.parametrize("layout", ["nf4", "int8"])
+def test_a_bitsandbytes_model_is_refused_without_a_config(tmp_path, layout):
+    """A model saved quantized by bitsandbytes with no config.json to say so: a 4-bit one (two codes
+    a byte) was refused as 'model 0 ... has shape (64, 1), expected (8, 16)', an int8 one as an
+    integer checkpoint; both are refused naming the tensor of bitsandbytes' state beside the weight."""
+    from safetensors.torch import save_file
+    save_file({"l.weight": torch.randn(8, 16)}, tmp_path / "base.safetensors")
+    if layout == "int8":
+        state = {"l.weight": torch.randint(-127, 128, (8, 16), dtype=torch.int8), "l.SCB": torch.rand(8)}
+        beside = "l.SCB"
+    else:
+        state = {"l.weight": torch.randint(0, 256, (64, 1), dtype=torch.uint8), "l.weight.absmax": torch.rand(2),
+                 "l.weight.quant_map": torch.rand(16)}
+        beside = "l.weight.absmax"
+    save_file(state, tmp_path / "e0.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor 'l.weight' is stored as torch.u?int8 with bitsandbytes' "
+                                         rf"quantization state in '{beside}': a quantized checkpoint"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "e0.safetensors"], tmp_path / "out",
+                          base=tmp_path / "base.safetensors", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def _tiny_causal_lm(family, tie, seed, noise=0.0):
     """A tiny Llama or Qwen2 (one layer), its weights moved by ``noise``."""
     torch.manual_seed(0)  # (one base, of which the others are fine-tunes)

@@ -566,6 +566,38 @@ def test_an_fp8_expert_weight_with_its_scales_beside_is_refused_by_name(targets,
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("layout", ["nf4", "int8"])
+def test_a_bitsandbytes_expert_is_refused_as_quantized(layout, gen, tmp_path):
+    """An expert saved quantized by bitsandbytes: a 4-bit one (its weight two codes a byte, [numel / 2,
+    1] in uint8, its QuantState beside under ``weight.``) was refused as 'has shape (512, 1), the
+    merged model's has (32, 32); experts must share the merged model's architecture', an int8 one
+    (``SCB`` beside) as 'stored as torch.int8, not as floating point: is it a quantized checkpoint?';
+    both are refused naming the tensor of bitsandbytes' state beside the weight."""
+    fam = Family("llama", gen)
+    state = {k: v.contiguous() for k, v in fam.experts["dtd"].state_dict().items()}
+    name = "model.layers.1.self_attn.o_proj.weight"
+    W = state[name]
+    if layout == "int8":
+        state[name] = torch.randint(-127, 128, W.shape, dtype=torch.int8)
+        state[name.removesuffix("weight") + "SCB"] = torch.rand(W.shape[0])
+        beside = name.removesuffix("weight") + "SCB"
+    else:
+        state[name] = torch.randint(0, 256, (W.numel() // 2, 1), dtype=torch.uint8)
+        state[name + ".absmax"] = torch.rand(W.numel() // 64)
+        state[name + ".quant_map"] = torch.rand(16)
+        state[name + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(b'{"quant_type": "nf4"}'),
+                                                                      dtype=torch.uint8)
+        beside = name + ".absmax"
+    save_file(state, str(tmp_path / "dtd.safetensors"))
+    model = fam.merged()
+    experts = dict(fam.experts, dtd=str(tmp_path / "dtd.safetensors"))
+    with pytest.raises(ValueError, match=rf"task 'dtd'.*tensor '{name}' is stored as torch.u?int8 with "
+                                         rf"bitsandbytes' quantization state in '{beside}'"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration=fam.calibration, experts=experts, progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_an_expert_of_another_patch_size_is_warned_of():
     """A ViT-B/16 expert given for a ViT-B/32 merge (FusionBench names both
     ``tanganke/clip-vit-base-patch{16,32}_<task>``): every block matrix fits, only the patch and
