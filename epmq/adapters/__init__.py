@@ -435,12 +435,15 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
         return sorted({k.__name__ for k in kinds if kinds.count(k) > 1})
 
     def stack(name) -> bool:
-        # (a projector's own list, MiniCPM-V's merger.mlp of DownsampleMLPs, is kept in full precision
-        # as every projector; parallel heads, SAM's output_hypernetworks_mlps, hand no block's outputs
-        # to the next: AUTO, or an adapter naming them, refuses them, so neither is told to be walked)
+        # (a projector's own list of MLPs, MiniCPM-V's merger.mlp of DownsampleMLPs, is kept in full
+        # precision as every projector, its layers of attention (Fun-ASR-Nano's) are a stack; parallel
+        # heads, SAM's output_hypernetworks_mlps, hand no block's outputs to the next: AUTO, or an
+        # adapter naming them, refuses them, so neither is told to be walked)
         owner, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner)
-        return not (type(owner).__name__.endswith(("Merger", "Projector")) or _apart(owner, attr))
+        mlps = not any("Attention" in type(m).__name__ or isinstance(m, nn.MultiheadAttention)
+                       for m in owner.get_submodule(attr).modules())
+        return not ((mlps and type(owner).__name__.endswith(("Merger", "Projector"))) or _apart(owner, attr))
 
     named = []
     for name, module in model.named_modules():

@@ -1041,3 +1041,22 @@ def test_parallel_heads_and_projectors_are_not_told_to_be_walked_as_blocks(model
     stack = _Stack("stack")
     with pytest.warns(UserWarning, match=r"no adapter knows the blocks at heads \(_Head\)"):
         epmq.adapters.warn_other_towers(stack, [])
+
+
+def test_a_projectors_stack_of_attention_blocks_is_still_warned_of():
+    """Fun-ASR-Nano's projector into the language model holds a stack of encoder layers (attention
+    and MLP, called one after another): unlike a projector's MLPs it is warned of, left in full
+    precision by the default walk."""
+    torch.manual_seed(0)
+    config = transformers.FunAsrNanoConfig(
+        audio_config=dict(model_type="fun_asr_nano_encoder", num_mel_bins=8, hidden_size=32, num_attention_heads=2,
+                          intermediate_size=48, num_hidden_layers=4, num_stacked_frames=2,
+                          num_timestamp_prediction_layers=1, fsmn_kernel_size=3),
+        adaptor_config=dict(hidden_size=32, num_attention_heads=2, intermediate_size=8, num_hidden_layers=2,
+                            projector_hidden_size=48),
+        text_config=dict(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model = transformers.FunAsrNanoForConditionalGeneration(config).eval()
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at .*model\.multi_modal_projector\.layers "
+                                         r"\(FunAsrNanoEncoderLayer\)"):
+        epmq.adapters.warn_other_towers(model, find_towers(model))
