@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import epmq
+from test_adapters_auto import tiny_sam
 
 SPEC_4 = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -935,13 +936,7 @@ def test_sam_is_still_walked_whole_by_auto(gen):
     left to AUTO in SAM's own model: taken there, the mask decoder's two-way blocks, which no adapter
     lists, would be left in full precision by the default walk."""
     torch.manual_seed(0)
-    model = transformers.SamModel(transformers.SamConfig(
-        vision_config=dict(hidden_size=32, output_channels=8, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, window_size=2, global_attn_indexes=[1], mlp_dim=64,
-                           num_pos_feats=4),
-        prompt_encoder_config=dict(hidden_size=8, image_size=32, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_dim=16,
-                                 iou_head_hidden_dim=16))).eval()
+    model = tiny_sam()
     items = [dict(pixel_values=torch.randn(1, 3, 32, 32, generator=gen),
                   input_points=32 * torch.rand(1, 1, 1, 2, generator=gen)) for _ in range(2)]
     epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=8), method="gptq", calibration={"a": items},
