@@ -402,6 +402,12 @@ _READ_CHARS = 1 << 16
 _BEHIND = 256
 
 
+def _file_version(path: Path) -> tuple:
+    """What tells a file rewritten since it was opened: its size and modification time."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 class TextFile:
     """The document of a ``.txt`` file, read from the file where it is sliced, not held:
     ``text_windows`` draws windows from it (``len``, ``[a:b]``) and ``text()`` reads it whole.
@@ -441,8 +447,7 @@ class TextFile:
         self._readers = {}
 
     def _version(self) -> tuple:
-        stat = self.path.stat()
-        return stat.st_size, stat.st_mtime_ns
+        return _file_version(self.path)
 
     def _changed(self) -> ValueError:
         return ValueError(f"{self.path}: changed since it was opened ({self._length} characters then): its windows "
@@ -538,8 +543,7 @@ class JsonLines:
         return f"{self.path}:{position}"
 
     def _version(self) -> tuple:
-        stat = self.path.stat()
-        return stat.st_size, stat.st_mtime_ns
+        return _file_version(self.path)
 
     def _changed(self) -> ValueError:
         return ValueError(f"{self.path}: changed since it was opened ({len(self.documents)} texts then): its windows "
