@@ -142,8 +142,13 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     ours = qconfig.pop("epmq")  # (the engines' fields first, as other writers order them)
     partial, split = _partial_fields(model, layers, to_disk)
     qconfig.update(partial)
-    if _quantized_head(model, layers):
+    head = _quantized_head(model, layers)
+    if head is not None:
         qconfig["lm_head"] = True
+        if "modules_in_block_to_quantize" in qconfig:
+            # vLLM builds the head quantized only where this list, once written, names it (else a
+            # float head, and the packed tensors fail its load)
+            qconfig["modules_in_block_to_quantize"].append([names[head]])
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
     qconfig["epmq"] = ours
@@ -504,14 +509,14 @@ def _fused_splits(found) -> list:
             if len({q for _, q in members}) > 1 for rel, q in members if not q]
 
 
-def _quantized_head(model, layers) -> bool:
-    """Whether the output projection is a ``QuantLinear``: engines build a quantized head only
-    when the config says ``lm_head: true``, and otherwise look for its ``weight``."""
+def _quantized_head(model, layers) -> Optional[str]:
+    """The name of the output projection where it is a ``QuantLinear`` (else None): engines build a
+    quantized head only when the config says ``lm_head: true``, and otherwise look for its ``weight``."""
     head = None
     if hasattr(model, "get_output_embeddings"):
         with contextlib.suppress(Exception):
             head = model.get_output_embeddings()
-    return any(m is head or name.rpartition(".")[2] == "lm_head" for name, m in layers.items())
+    return next((name for name, m in layers.items() if m is head or name.rpartition(".")[2] == "lm_head"), None)
 
 
 def _untied_head(hf, config: dict) -> dict:

@@ -2283,6 +2283,27 @@ def test_a_quantized_lm_head_is_declared(tmp_path):
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
 
 
+def test_a_quantized_lm_head_of_a_model_quantized_in_part_is_listed_for_vllm(tmp_path):
+    """vLLM builds the head quantized only where ``modules_in_block_to_quantize`` (when written: a
+    model quantized in part) names it (``is_layer_gptq_quantized``: any listed name inside the
+    head's, "lm_head"); else it builds a float head, finds no ``lm_head.weight`` and fails on the
+    packed tensors. The packed head is listed; epmq loads the checkpoint as saved."""
+    from epmq.quant import rtn
+
+    model = _tiny_llama()
+    spec = epmq.QuantSpec(bits=4, group_size=32, sym=True)
+    epmq.quantize_model(model, spec, method="rtn", layers=r"model\.layers\.1\.", progress=False)
+    model.lm_head = epmq.QuantLinear.from_result(rtn(model.lm_head.weight.detach(), spec))
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        listed = sum(q["modules_in_block_to_quantize"], [])
+        assert q["lm_head"] is True and any(name in "lm_head" for name in listed)
+    loaded = epmq.load_quantized(tmp_path / "q")
+    assert isinstance(loaded.lm_head, epmq.QuantLinear)
+    x = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- open_clip towers left whole
 
 
