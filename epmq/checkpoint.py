@@ -827,7 +827,9 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
                 os.chmod(path, 0o666 & ~mask)
         _write_manifest(tmp)
         _carry_over(directory, tmp)
-        for path in tmp.iterdir():
+        # (folders' files too, a tokenizer's additional_chat_templates/: the old checkpoint is deleted
+        # once swapped, and a power loss must find them whole; each folder after its files)
+        for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if not path.is_symlink():
                 _fsync(path)
         _fsync(tmp)

@@ -1167,6 +1167,29 @@ def test_crash_before_the_swap_keeps_the_previous_checkpoint(two_models, monkeyp
     assert_previous_checkpoint_intact(fam, old, directory, before)
 
 
+def test_every_file_of_the_new_checkpoint_is_fsynced_before_the_swap(two_models, monkeypatch):
+    """A tokenizer's additional_chat_templates/ (transformers >= 4.54, written by extras) is part of
+    what a crash after the swap must find whole: its files are fsynced before the swap, as the
+    top-level ones are (they were not: a power loss could leave them empty in the new checkpoint,
+    the old one already deleted)."""
+    fam, old, new, directory = two_models
+    synced, swapped = [], []
+    real_fsync, real_replace = ckpt._fsync, ckpt._replace_dir
+    monkeypatch.setattr(ckpt, "_fsync", lambda path: synced.append(path) or real_fsync(path))
+    monkeypatch.setattr(ckpt, "_replace_dir", lambda a, b: swapped.append((a, list(synced))) or real_replace(a, b))
+
+    def extras(tmp):
+        (tmp / "additional_chat_templates").mkdir()
+        (tmp / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+
+    epmq.save_quantized(new, directory, extras=extras)
+    tmp, before_swap = swapped[0]
+    before_swap = {p.relative_to(tmp).as_posix() for p in before_swap if tmp in p.parents}
+    for name in ("model.safetensors", "additional_chat_templates", "additional_chat_templates/tool_use.jinja"):
+        assert name in before_swap, name
+    assert (directory / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
+
+
 def test_swap_replaces_the_checkpoint(two_models):
     fam, old, new, directory = two_models
     epmq.save_quantized(new, directory)
