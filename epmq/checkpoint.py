@@ -494,6 +494,18 @@ def _partial_fields(model, layers, to_disk) -> tuple:
             rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(rel)}$")
         else:
             rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(rel)}$" for i in left]
+    # vLLM takes a linear for quantized where any name listed lies inside its own (a fused qkv_proj by its
+    # q/k/v names), and builds towers left whole with the same config: a name of theirs holding a
+    # block's (LLaVA's vision tower's self_attn.q_proj) had GPTQ layers built for its float weights. The
+    # names are then listed whole (vLLM maps them to its own, as it maps these lists)
+    listed = [rel for group in groups for rel in group]
+    full = [to_disk.get(f"{name}.weight", f"{name}.weight").rpartition(".")[0] for name, m in model.named_modules()
+            if isinstance(m, nn.Linear)]
+    if any(rel in name for name in full if not any(re.match(r, name) for r in rules) for rel in listed):
+        packed = {(stack, i, rel) for stack, rel, i, q in found if q}
+        blocks = dict.fromkeys((stack, i) for stack, _, i, q in found if q)
+        groups = [whole for stack, i in blocks for group in groups
+                  if (whole := [f"{stack}.{i}.{rel}" for rel in group if (stack, i, rel) in packed])]
     fields = {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}
     return fields, _fused_splits(found) + mixed
 

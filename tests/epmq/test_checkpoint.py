@@ -2090,6 +2090,36 @@ def test_partially_quantized_blocks_list_what_engines_must_build(tmp_path):
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
 
 
+def test_a_vlms_language_model_quantized_in_part_lists_no_name_of_its_float_vision_tower(tmp_path):
+    """vLLM takes a linear for quantized where any name of ``modules_in_block_to_quantize`` lies
+    inside its name (``is_layer_gptq_quantized``; a fused qkv_proj by its q/k/v names), and LLaVA's
+    vision tower is built with the checkpoint's quantization config too: a language model quantized
+    in part listed 'self_attn.q_proj', which lies in the full-precision vision tower's
+    'model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj', so vLLM built the tower's
+    attention as GPTQ layers and could not load its weights. The names are listed whole there."""
+    from test_walker_towers import tiny_llava
+
+    vlm = tiny_llava()
+    epmq.quantize_model(vlm, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn",
+                        layers=r"language_model\.layers\.\d+\.(self_attn|mlp\.(gate|up)_proj)", progress=False)
+    epmq.save_quantized(vlm, tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))  # (the names on disk, as vLLM's)
+    packed = [key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")]
+    full = [key.removesuffix(".weight") for key, t in tensors.items()
+            if key.endswith(".weight") and t.dim() == 2 and "embed" not in key]
+    assert any("vision_tower." in name for name in full) and any("language_model." in name for name in full)
+    for q in _qconfigs(tmp_path / "q"):
+        listed = sum(q["modules_in_block_to_quantize"], [])
+        assert [name for name in full if any(entry in name for entry in listed)] == []
+        assert all(any(entry in name for entry in listed) for name in packed)
+    ids = torch.randint(0, 290, (1, 12))
+    ids[0, 1:5] = 299
+    item = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**item).logits, vlm(**item).logits,
+                                   rtol=0, atol=0)
+
+
 def test_a_block_left_whole_gets_one_rule(tmp_path, recwarn):
     """A whole block in full precision: one rule for all of it (it also matches vLLM's fused
     names), and no split-group warning; a fully quantized model writes neither field."""
