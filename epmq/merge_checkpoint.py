@@ -465,10 +465,20 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
     config = target / "config.json"
     if dtype is not None and config.is_file():
         content = json.loads(config.read_text(encoding="utf-8"))
+        if content.get("dtype") == dtype and content.get("torch_dtype", dtype) == dtype:
+            return  # (said already: the file as it came)
         content["dtype"] = dtype
         if "torch_dtype" in content:
             content["torch_dtype"] = dtype
         config.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+def _written_dtype(state, names) -> Optional[str]:
+    """The name (``DTYPES``') of the one floating dtype of the tensors ``names`` of ``state``
+    (from its header), which a merge without ``dtype`` writes them in; None where they have
+    several (the config copied then says what it says)."""
+    dtypes = {dtype for dtype in map(state.dtype_of, names) if dtype.is_floating_point}
+    return next((name for name, dtype in DTYPES.items() if {dtype} == dtypes), None)
 
 
 def _check_companions(source: Path) -> None:
@@ -1217,6 +1227,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             base_state = _View(base_state.state, device, merged)
             sources = [_View(s.state, device, merged, s.label) for s in sources]
     reference = base_state if base_state is not None else sources[0]
+    written_state = reference.state  # (whose dtypes the merged and copied tensors keep)
     keys = {**{str(m): k for k, m in enumerate(models)}, **({str(base): "base"} if base is not None else {})}
     vocabulary, tokenizers = _lay_out_vocabulary(tokenizer_source, pad_to_multiple_of, base_state, sources,
                                                  base_path, model_paths, lora_base, base_only, tokens, keys.get)
@@ -1265,7 +1276,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             for name in base_only:
                 writer[name] = base_state.state[name]
             writer.finish()
-            _copy_companions(companions, tmp, dtype)
+            # (without dtype, the tensors keep the base's, else the first model's: a config copied from another model
+            # (files_from) said that one's, and from_pretrained loads by what it says; their own is left as it is)
+            _copy_companions(companions, tmp, dtype if dtype is not None or reference_key == own_key
+                             else _written_dtype(written_state, list(written_state)))
             if untied and (tmp / "config.json").is_file():  # (as PEFT's merge_and_unload unties a trained head)
                 (tmp / "config.json").write_text(
                     json.dumps(_untied(read_json_file(tmp / "config.json")), indent=2) + "\n", encoding="utf-8")

@@ -673,6 +673,25 @@ def test_files_from_names_the_model_whose_files_the_output_carries(checkpoints, 
         merge_checkpoints("average", models, tmp_path / "out2", files_from=root / "e1", progress=False)
 
 
+def test_the_written_config_says_the_dtype_of_the_written_tensors(checkpoints, tmp_path):
+    """Without dtype= the merged tensors take the base's dtype; the config carried from another
+    model (files_from, mergekit's linear with a base) said that model's, and from_pretrained, which
+    loads by it, read float32 merged weights as bfloat16."""
+    from safetensors import safe_open
+
+    root, _, _ = checkpoints
+    transformers.AutoModelForCausalLM.from_pretrained(root / "e1").to(torch.bfloat16).save_pretrained(tmp_path / "b")
+    models = [root / "e0", tmp_path / "b"]
+    out = merge_checkpoints("task_arithmetic", models, tmp_path / "out", base=root / "base",
+                            files_from=tmp_path / "b", progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+    out = merge_checkpoints("average", [tmp_path / "b", root / "e0"], tmp_path / "avg", progress=False)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # (the first model's)
+
+
 def test_a_base_given_as_its_weights_file_still_gives_a_loadable_model(checkpoints, tmp_path):
     root, _, _ = checkpoints
     (tmp_path / "b").mkdir()
