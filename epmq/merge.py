@@ -603,7 +603,8 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
     def sparsify(name, k, tau):
         if kept(k) >= 1:
             return tau
-        keep = torch.rand(tau.shape, generator=_generator(seed, drawn_as.get(name, name), k)) < kept(k)
+        # (drawn on the CPU, the generator's, whatever torch's default device: set_default_device("cuda") failed)
+        keep = torch.rand(tau.shape, generator=_generator(seed, drawn_as.get(name, name), k), device="cpu") < kept(k)
         masked = torch.where(keep.to(tau.device), tau, 0.0)
         if rescale == "density":
             return masked / kept(k)
@@ -771,7 +772,8 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         n = rows.shape[1]
         rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
         p = kept(k) + spread(k) * (2 * rank / (n - 1) - 1 if n > 1 else torch.zeros_like(rank))
-        draw = torch.rand(rows.shape, generator=_generator(seed, drawn_as.get(name, name), k)).to(tau.device)
+        draw = torch.rand(rows.shape, generator=_generator(seed, drawn_as.get(name, name), k),
+                          device="cpu").to(tau.device)
         keep = draw < p
         kept_rows = torch.where(keep, rows / p if rescale == "probability" else rows, 0.0)
         masked = kept_rows.reshape(shape).movedim(-1, 1) if channels_last else kept_rows.reshape(shape)
@@ -1031,7 +1033,9 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
 
     def mean_on_sphere(name, vectors):
         flat = vectors.view(len(vectors), -1)
-        w = torch.tensor([1.0] * len(vectors) if weights is None else weights, dtype=vectors.dtype)
+        # (on the vectors' device, not torch's default: a [K, 1] on another device is refused, not broadcast)
+        w = torch.tensor([1.0] * len(vectors) if weights is None else weights, dtype=vectors.dtype,
+                         device=vectors.device)
         if normalize_weights:
             w = w / w.sum()
         norms = torch.norm(flat, dim=-1, keepdim=True)
@@ -1195,7 +1199,8 @@ def arcee_fusion(base, experts, *, out=None):
         q = torch.softmax(W_0, dim=-1) + 1e-8
         importance = (W_1 - W_0).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
         ordered = torch.sort(importance.reshape(-1)).values
-        q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+        quartiles = torch.tensor([0.25, 0.5, 0.75], device=ordered.device)
+        q1, median, q3 = ordered[(quartiles * (ordered.numel() - 1)).long()]
         keep = (importance >= median + 1.5 * (q3 - q1)).to(W_0.dtype)
         return W_0 + (W_1 - W_0) * keep
 
@@ -1230,11 +1235,12 @@ def _kth_largest_ranks(magnitudes: Callable[[], Iterable[tuple]], ks: Sequence[O
     def bits(m):
         return m.float().contiguous().view(torch.int32).reshape(-1)
 
-    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64) for k in ks]
+    # (counted on the CPU, whatever torch's default device)
+    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64, device="cpu") for k in ks]
     for j, m in magnitudes():
         counts[j] += torch.bincount((bits(m) >> 16).cpu(), minlength=65536)
     high = [None if k is None else _bucket_of_kth(c, k) for c, k in zip(counts, ks)]
-    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64) for k in ks]
+    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64, device="cpu") for k in ks]
     for j, m in magnitudes():
         b = bits(m)
         counts[j] += torch.bincount((b[(b >> 16) == high[j][0]] & 0xFFFF).cpu(), minlength=65536)
@@ -1245,7 +1251,7 @@ def _kth_largest_ranks(magnitudes: Callable[[], Iterable[tuple]], ks: Sequence[O
             continue
         hi, rank = h
         lo, _ = _bucket_of_kth(c, rank)
-        found.append(float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)))
+        found.append(float(torch.tensor([(hi << 16) | lo], dtype=torch.int32, device="cpu").view(torch.float32)))
     return found
 
 

@@ -916,6 +916,26 @@ def test_a_callers_autocast_changes_no_merge(gen, method):
     assert torch.equal(plain["w"], cast["w"])
 
 
+@pytest.mark.parametrize("method, kw", [
+    ("multislerp", {"weights": [1.0, 0.5, 2.0]}), ("dare", {"density": 0.5}), ("della", {}), ("ties", {}),
+    ("ties", {"scope": "tensor"}), ("breadcrumbs", {}), ("arcee_fusion", {}),
+])
+def test_torchs_default_device_changes_no_merge(gen, method, kw):
+    """Under torch.set_default_device("cuda") (a script's), tensors made without a device went to
+    it: multislerp's weights beside the vectors, DARE's and DELLA's draws from a CPU generator, the
+    TIES and Breadcrumbs counts of magnitudes, arcee_fusion's quartiles, and the merge failed
+    (multislerp of CUDA experts did without it: merge_checkpoints(device="cuda")). The meta
+    device stands for a GPU here: made there, they fail as beside a CUDA tensor."""
+    W_0 = torch.randn(16, 12, generator=gen)
+    base = {"w": W_0, "b": torch.randn(12, generator=gen)}
+    experts = [{n: W + 0.1 * torch.randn(W.shape, generator=gen) for n, W in base.items()}
+               for _ in range(1 if method == "arcee_fusion" else 3)]
+    plain = getattr(merge, method)(base, experts, **kw)
+    with torch.device("meta"):
+        elsewhere = getattr(merge, method)(base, experts, **kw)
+    assert all(torch.equal(plain[n], elsewhere[n]) for n in base)
+
+
 # --------------------------------------------------------------------------- Model Stock, SLERP, weights
 
 

@@ -802,7 +802,8 @@ def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("tsv", {}), ("dare", {"density": 0.5})])
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("tsv", {}), ("dare", {"density": 0.5}),
+                                           ("multislerp", {"weights": [1.0, 0.5, 2.0]})])
 def test_merge_on_the_gpu_equals_the_cpu(checkpoints, tmp_path, method, params):
     root, _, _ = checkpoints
     models = [root / "e0", root / "e1", root / "e2"]
