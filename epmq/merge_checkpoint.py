@@ -46,7 +46,7 @@ from ._util import check_json_file, loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, loads_transposed, local_checkpoint, tie_order, weights_in)
-from .checks import check_outside_calibration, check_path, device_argument
+from .checks import all_finite, check_outside_calibration, check_path, device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
@@ -1274,7 +1274,13 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
             else:
                 fn(base_state, sources, out=writer, **params)
             for name in base_only:
-                writer[name] = base_state.state[name]
+                t = base_state.state[name]
+                # (cast by the writer: the merged tensors are checked as they are made, these were written inf)
+                if dtype is not None and all_finite(t) and not all_finite(t.to(DTYPES[dtype])):
+                    raise ValueError(f"tensor {name!r} of the base (copied: not every model has it) is not finite in "
+                                     f"{DTYPES[dtype]} (the requested dtype): its values pass the dtype's range; "
+                                     f"merge into float32 or bfloat16")
+                writer[name] = t
             writer.finish()
             # (without dtype, the tensors keep the base's, else the first model's: a config copied from another model
             # (files_from) said that one's, and from_pretrained loads by what it says; their own is left as it is)

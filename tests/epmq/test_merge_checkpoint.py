@@ -1215,6 +1215,25 @@ def test_a_requested_dtype_takes_the_float32_arithmetic_not_the_bases_rounding(t
     assert load_file(out / "model.safetensors")["w"].tolist() == (60000 + 2 * tau).tolist()
 
 
+def test_a_copied_tensor_the_requested_dtype_cannot_hold_is_refused(tmp_path):
+    """dtype="float16" refused a merged tensor past fp16's range, but a tensor of the base the
+    models lack (copied: a CLIPModel base's text tower) was cast by the writer and written as inf,
+    in silence; it is refused as the merged ones are, naming it."""
+    from safetensors.torch import load_file, save_file
+    save_file({"w": torch.ones(4), "extra": torch.full((3,), 1e5)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.full((4,), 2.0)}, tmp_path / "e0.safetensors")
+    args = ("task_arithmetic", [tmp_path / "e0.safetensors"])
+    with pytest.warns(UserWarning, match="copied from the base"), \
+            pytest.raises(ValueError, match=r"'extra' of the base \(copied.*not finite in torch.float16"):
+        merge_checkpoints(*args, tmp_path / "f16", base=tmp_path / "base.safetensors", dtype="float16",
+                          progress=False)
+    assert not (tmp_path / "f16").exists()
+    with pytest.warns(UserWarning, match="copied from the base"):
+        out = merge_checkpoints(*args, tmp_path / "bf16", base=tmp_path / "base.safetensors", dtype="bfloat16",
+                                progress=False)
+    assert load_file(out / "model.safetensors")["extra"].tolist() == [99840.0] * 3  # (1e5 in bf16)
+
+
 def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
     """The PyTorch tutorials' {"model_state_dict": ...} is read; a file with no tensors at its
     top level, a shard index listing a tensor its shard lacks and two copies of the model are
