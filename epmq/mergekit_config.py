@@ -505,6 +505,8 @@ def _translate_method(config: Mapping, layers, tokenizers, vocabulary: dict) -> 
                          "only for DARE and DELLA")
     # (an out_dtype written empty, null, is mergekit's "none given": the output is then in dtype)
     dtype = config.get("out_dtype") or config.get("dtype")
+    if isinstance(dtype, str) and dtype.startswith("torch."):  # (as mergekit reads it: torch.bfloat16 is bfloat16)
+        dtype = dtype[len("torch."):]
 
     if method == "slerp":
         models = [m for m, _ in sources]

@@ -186,6 +186,9 @@ def test_the_base_among_the_models_slerp_and_dtypes():
     assert from_mergekit(config)["dtype"] == "bfloat16"
     assert from_mergekit(dict(config, out_dtype="float16"))["dtype"] == "float16"
     assert from_mergekit(dict(config, out_dtype=None))["dtype"] == "bfloat16"  # (`out_dtype:` left empty)
+    # (mergekit reads its dtypes with torch.'s prefix too: 'torch.bfloat16' was refused as no dtype)
+    assert from_mergekit(dict(config, dtype="torch.bfloat16"))["dtype"] == "bfloat16"
+    assert from_mergekit(dict(config, out_dtype="torch.float16"))["dtype"] == "float16"
     assert from_mergekit(gta("ties", {"lambda": "5e-1"}))["params"]["scale"] == 0.5  # (YAML's string)
     with pytest.warns(UserWarning, match="task_arithmetic: density is not read"):  # (as mergekit: ignored)
         assert "density" not in from_mergekit(gta("task_arithmetic", None, [{"weight": 1, "density": 0.3},
