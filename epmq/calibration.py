@@ -1324,7 +1324,18 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
                 rate, samples = wavfile.read(path, mmap=True)
             except (ValueError, OSError):  # (24-bit samples, which scipy cannot map, a filesystem that maps
                 # none, or a damaged file: its own error)
-                rate, samples = wavfile.read(path)
+                # (scipy warns of a file cut short, 'Reached EOF prematurely ...', naming none of a draw's files)
+                with warnings.catch_warnings(record=True) as said:
+                    warnings.simplefilter("always", wavfile.WavFileWarning)
+                    rate, samples = wavfile.read(path)
+                for w in said:
+                    if not issubclass(w.category, wavfile.WavFileWarning):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                    elif "EOF" in str(w.message):
+                        warnings.warn(f"{what}: audio {path} is cut short ({w.message}): read as the "
+                                      f"{len(samples)} samples it holds")
+                    else:
+                        warnings.warn(f"{what}: audio {path}: {w.message}")
             length = len(samples)
         else:  # (its frames, read where the window is)
             info = soundfile.info(str(path))

@@ -712,3 +712,29 @@ def test_a_long_wav_is_not_read_whole_for_its_window(tmp_path):
     assert peak < samples.nbytes / 8, (peak, samples.nbytes)
     start = int(torch.randint(len(samples) - 16000 + 1, (1,), generator=torch.Generator().manual_seed(0)))
     np.testing.assert_allclose(window, samples[start:start + 16000].astype(np.float64).mean(1) / 32768, rtol=1e-6)
+
+
+def test_read_audio_names_the_file_of_a_truncated_wav(tmp_path):
+    """A WAV cut short (a copy interrupted: its header says more samples than the file holds) was
+    read with scipy's bare 'Reached EOF prematurely; finished at ... bytes, expected ... bytes from
+    header', naming no file, among a draw of 128; the warning names the file and what was read."""
+    import warnings
+
+    import numpy as np
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    wavfile.write(tmp_path / "whole.wav", 16000, (np.ones(1600) * 1000).astype(np.int16))
+    data = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:44 + 2 * 800])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = read_audio(tmp_path / "cut.wav", 16000)
+    assert len(samples) == 800
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "cut.wav" in messages[0] and "cut short" in messages[0] and "the 800 samples it holds" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(read_audio(tmp_path / "whole.wav", 16000)) == 1600
