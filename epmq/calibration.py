@@ -1243,6 +1243,9 @@ MAX_CLIP_SECONDS = 30.0
 # the step of Kaldi's filter bank (torchaudio's fbank default), at which an extractor that names no
 # hop_length frames its clips: AST's, whose max_length counts these frames
 KALDI_FRAME_SHIFT_MS = 10
+# a float clip's largest |sample| past which it is warned of: full scale is 1, a resampler's overshoot
+# passes it a little, integer samples written as floats (int16's up to 32767) by far
+FLOAT_AUDIO_PEAK = 2.0
 # audio read with soundfile (libsndfile) where it is installed (the extra "epmq[audio]"); WAV is read with scipy
 SOUNDFILE_SUFFIXES = (".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc")
 # audio files neither reads: named, not skipped in silence
@@ -1368,6 +1371,11 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
         if bad:
             raise ValueError(f"{what}: audio {path} holds {bad} sample{'s' * (bad > 1)} that "
                              f"{'are' if bad > 1 else 'is'} not a finite number (NaN or inf)")
+        peak = float(np.abs(samples).max()) if samples.size else 0.0
+        if peak > FLOAT_AUDIO_PEAK:  # (PCM integers written as floats: read so, Whisper's log-mel ~90 dB too loud)
+            warnings.warn(f"{what}: audio {path}: its float samples reach {peak:g}, where full scale is 1 (float "
+                          f"audio is read as it is, expected in [-1, 1]): integer samples written as floats? "
+                          f"divide them by 32768 (16-bit) or write them as integers")
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
     if samples.size == 0:

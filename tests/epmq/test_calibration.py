@@ -738,3 +738,27 @@ def test_read_audio_names_the_file_of_a_truncated_wav(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(read_audio(tmp_path / "whole.wav", 16000)) == 1600
+
+
+def test_read_audio_warns_of_a_float_wav_far_past_full_scale(tmp_path):
+    """A float WAV holding its PCM integers as floats (int16 samples cast to float32 and written:
+    a peak of 30000 where full scale is 1) was read as it was, in silence, so Whisper's log-mel
+    features and every Hessian of its clips were those of audio 90 dB too loud; it is read as
+    pipelines read it, with a warning naming the file, its peak and the scale expected. A float
+    WAV a little past full scale (a resampler's overshoot) is read in silence."""
+    import warnings
+
+    import numpy as np
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    loud = (np.sin(np.arange(1600) / 5.0) * 30000).astype(np.float32)
+    wavfile.write(tmp_path / "loud.wav", 16000, loud)
+    with pytest.warns(UserWarning, match=r"audio .*loud\.wav: its float samples reach 3\d{4}(\.\d+)?, .*\[-1, 1\]"):
+        samples = read_audio(tmp_path / "loud.wav", 16000)
+    np.testing.assert_array_equal(samples, loud)
+    wavfile.write(tmp_path / "over.wav", 16000, np.array([0.5, 1.05, -1.02, 0.0], dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(read_audio(tmp_path / "over.wav", 16000), [0.5, 1.05, -1.02, 0.0])
