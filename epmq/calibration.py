@@ -326,9 +326,19 @@ def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Pa
     (``.ipynb_checkpoints``, ``.git``); of a tree whose files name splits, the train split's
     (``_train_split``)."""
     kind = _kind if compressed else (lambda p: p.suffix.lower())
-    return _train_split(directory, sorted(
-        p for p in directory.rglob("*") if kind(p) in suffixes and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)))
+    found, walked = [], set()
+    # (rglob does not follow symlinked folders: class folders linked in, as ImageFolder layouts are
+    # often made, were skipped in silence; each real folder is walked once, a link back up is not)
+    for root, folders, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            folders[:] = []
+            continue
+        walked.add(real)
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        found += [p for name in names if not name.startswith(".")
+                  and kind(p := Path(root) / name) in suffixes and p.is_file()]
+    return _train_split(directory, sorted(found))
 
 
 # the words that name a split in a file's or folder's name, as datasets' load_dataset finds an HF

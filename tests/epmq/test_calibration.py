@@ -762,3 +762,37 @@ def test_read_audio_warns_of_a_float_wav_far_past_full_scale(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_allclose(read_audio(tmp_path / "over.wav", 16000), [0.5, 1.05, -1.02, 0.0])
+
+
+def test_calibration_trees_follow_symlinked_folders(tmp_path):
+    """A calibration folder whose class folders are symlinks (ln -s /data/imagenet/n01440764
+    calib/, as ImageFolder layouts are often made) had them skipped: pathlib's rglob does not
+    follow them, so a tree of symlinked folders alone was refused as holding 'no image files',
+    and one beside a real folder was calibrated on the real one's images alone, in silence. They
+    are followed, as torchvision's ImageFolder follows them, each folder read once (a link back
+    to a folder above is not walked again), the files named by their path under the folder."""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.calibration import image_files, read_texts
+
+    store = tmp_path / "store"
+    for name in ("cats", "dogs"):
+        (store / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(store / name / f"{name}1.png")
+    tree = tmp_path / "calib"
+    (tree / "birds").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tree / "birds" / "birds1.png")
+    (tree / "cats").symlink_to(store / "cats", target_is_directory=True)
+    (tree / "birds" / "up").symlink_to(tree, target_is_directory=True)  # (a cycle)
+    assert image_files(tree) == [tree / "birds" / "birds1.png", tree / "cats" / "cats1.png"]
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "dogs").symlink_to(store / "dogs", target_is_directory=True)
+    assert image_files(links) == [links / "dogs" / "dogs1.png"]
+    texts = tmp_path / "texts"
+    (store / "docs").mkdir()
+    (store / "docs" / "a.txt").write_text("one doc")
+    texts.mkdir()
+    (texts / "docs").symlink_to(store / "docs", target_is_directory=True)
+    assert read_texts(texts) == ["one doc"]
