@@ -311,6 +311,25 @@ def _processor(directory: Path):
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
 
 
+# model types whose position ids start past the padding index (fairseq's make_positions: RoBERTa's
+# 514 positions hold 512 tokens), and that index where the model fixes it whatever pad_token_id says
+PADDING_OFFSET_POSITIONS = {"roberta": None, "xlm-roberta": None, "xlm-roberta-xl": None, "camembert": None,
+                            "data2vec-text": None, "roberta-prelayernorm": None, "ibert": None, "longformer": None,
+                            "luke": None, "xmod": None, "markuplm": None, "lilt": None, "layoutlmv3": None,
+                            "esm": None, "mpnet": 1}
+
+
+def _positions_before_the_first(config: dict) -> int:
+    """How many of a config's position embeddings no token gets: RoBERTa's first, padding_idx + 1."""
+    if config.get("model_type") not in PADDING_OFFSET_POSITIONS:
+        return 0
+    if config.get("position_embedding_type", "absolute") != "absolute":  # (ESM-2's rotary: no table)
+        return 0
+    pad = PADDING_OFFSET_POSITIONS[config["model_type"]]
+    pad = config.get("pad_token_id", 1) if pad is None else pad
+    return pad + 1 if isinstance(pad, int) and pad >= 0 else 0
+
+
 def _check_positions(directory: Path, seq_len: int) -> None:
     """A ValueError if ``seq_len`` exceeds the model's positions: GPT-2 would fail in its
     embedding, a rotary model would calibrate on windows longer than it was trained on."""
@@ -322,7 +341,8 @@ def _check_positions(directory: Path, seq_len: int) -> None:
     configs = [config] + nested
     # T5's configs (t5-small's, FLAN-T5's: "n_positions": 512) keep a length no table bounds: the
     # positions are relative, log-bucketed past relative_attention_max_distance, any length runs
-    limits = [c[k] for c in configs for k in POSITION_LIMITS if isinstance(c.get(k), int) and c[k] > 0
+    limits = [c[k] - _positions_before_the_first(c) for c in configs for k in POSITION_LIMITS
+              if isinstance(c.get(k), int) and c[k] > 0
               and not (k == "n_positions" and "relative_attention_num_buckets" in c)]
     if limits and seq_len > min(limits):
         raise ValueError(f"seq_len={seq_len} is longer than the model's {min(limits)} positions "

@@ -1632,6 +1632,38 @@ def test_seq_len_may_equal_the_models_positions(tmp_path):
         _check_positions(tmp_path, 65)
 
 
+def test_seq_len_is_bounded_by_robertas_positions_past_its_padding_index(tmp_path):
+    """RoBERTa (XLM-R, CamemBERT, MPNet, ...) numbers its positions from pad_token_id + 1, so of
+    its max_position_embeddings (514) 512 are a window's: windows of 513 or 514 tokens passed the
+    check and every item was refused with 'the model cannot run it (RuntimeError: index 514 is out
+    of bounds for dimension 1 with size 514)', the length never named; refused as longer than the
+    model's positions, and a window of the positions left runs."""
+    from epmq.quantize_files import _check_positions
+
+    for model_type, pad, usable in (("roberta", 1, 512), ("xlm-roberta", 1, 512), ("camembert", 1, 512),
+                                    ("mpnet", 0, 512), ("roberta", 0, 513)):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "max_position_embeddings": 514,
+                                                          "pad_token_id": pad}))
+        _check_positions(tmp_path, usable)
+        with pytest.raises(ValueError, match=f"seq_len={usable + 1} is longer than the model's {usable} positions"):
+            _check_positions(tmp_path, usable + 1)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "esm", "max_position_embeddings": 514,
+                                                      "pad_token_id": 1, "position_embedding_type": "rotary"}))
+    _check_positions(tmp_path, 514)  # (ESM-2's rotary positions: no table)
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=18, pad_token_id=1)).save_pretrained(tmp_path / "roberta")
+    word_tokenizer(tmp_path / "roberta")
+    (tmp_path / "a.txt").write_text("\n".join(sentences(1, 20)))
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    with pytest.raises(ValueError, match="seq_len=17 is longer than the model's 16 positions"):
+        epmq.quantize_checkpoint(tmp_path / "roberta", tmp_path / "out", spec=spec, method="gptq",
+                                 calibration={"a": tmp_path / "a.txt"}, samples=2, seq_len=17, progress=False)
+    epmq.quantize_checkpoint(tmp_path / "roberta", tmp_path / "out", spec=spec, method="gptq",
+                             calibration={"a": tmp_path / "a.txt"}, samples=2, seq_len=16, progress=False)
+
+
 def test_t5s_n_positions_bounds_no_calibration_length(tmp_path):
     """T5 and FLAN-T5's hub configs say "n_positions": 512, which the model never reads (its
     positions are relative buckets): longer input/target pairs were refused as longer than the
