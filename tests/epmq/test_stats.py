@@ -269,6 +269,28 @@ def test_asymmetric_targets(gen):
     assert stats.c_e == pytest.approx(c)
 
 
+def test_asymmetric_targets_in_float32_keep_a_small_residual(gen):
+    """W_k X~ - W_m X, for an expert near the merge seeing inputs near the quantized path's (a
+    fine-tune's task vector, an early layer), is small against W_m X: formed as the difference of
+    the two fp32 products it kept their rounding, ~6e-8 |W_m X|, and G_e was off by 1e-3 of
+    itself where the two differ by 1e-4 (the merged path's G_e, from W_k - W_m, by 1e-7). Formed
+    from the differences, it is as good as the merged path's."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = W_m + 1e-4 * torch.randn(D_OUT, D_IN, generator=gen)
+    xs = batches(gen, scale=10.0)
+    xts = [x + 1e-3 * torch.randn(x.shape, generator=gen) for x in xs]
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    stats.begin_task(W_k, weight=1.0)
+    for x, xt in zip(xs, xts):
+        stats.add_batch(x, x_expert=xt)
+    stats.end_task()
+    X, X_t = (torch.cat([x.reshape(-1, D_IN) for x in z]).double() for z in (xs, xts))
+    T = X_t @ W_k.double().T - X @ W_m.double().T
+    G = T.T @ X
+    assert float((stats.G_e.double() - G).norm() / G.norm()) < 1e-5
+    assert stats.c_e == pytest.approx(float(T.pow(2).sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("percdamp", [0.0, 0.01])
 def test_asymmetric_reported_terms(gen, percdamp):
     """The reported expert and anchor terms are the objective's, straight from the tokens,
