@@ -32,7 +32,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from epmq_kernels._runtime import fp32_mm, ieee_mm, split_once
+from epmq_kernels._runtime import fp32_mm, ieee_fp32_matmul, ieee_mm, split_once
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, fold_hessians
 from epmq_kernels.gptq_solve import gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, find_params, quantize_codes
@@ -230,6 +230,7 @@ def _fp64_is_fast(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) in FP64_FAST_CAPABILITIES
 
 
+@ieee_fp32_matmul()  # (its products: TF32's would make the factor, and its check, ~5e-4 off)
 def _factor_fp32(H: torch.Tensor, damp: float):
     """``Hinv`` as ``_factor`` defines it, factored in fp32 after Jacobi scaling (unit diagonal,
     so its accuracy follows the scaled Hessian's condition number, not the spread of the

@@ -623,25 +623,26 @@ class EPMQStats:
         task.n_tokens += X.shape[0]
         if x_expert is not None or x_anchor is not None:  # (the merged path needs no W_m here)
             W_m = self._W_m()
-        if x_expert is not None:
-            if isinstance(task.W, LowRankExpert):
-                # (asymmetric targets need the dense W_k, and the owed product must not count
-                # this task's H_k: taken now, H_e without it; the task goes on dense)
-                self._take_owed()
-            # T = W_k x~ - W_m x as (W_k - W_m) x~ + W_m (x~ - x): both small where the expert is
-            # near the merge and x~ near x, which the difference of the two products rounded away
-            # (fp32: its error ~6e-8 |W_m x|, 1e-3 of G_e where they differ by 1e-4)
-            T = X_t @ (task.W.to(self.dtype) - W_m).T + (X_t - X) @ W_m.T
-            if task.G is None:
-                task.G = torch.zeros_like(self._G_e)
-            task.G.addmm_(T.T, X)
-            task.c += float(T.pow(2).sum())
-        if x_anchor is not None:
-            if self.G_m is None:
-                self.G_m = torch.zeros_like(self._G_e)
-            T_m = (X_a - X) @ W_m.T
-            self.G_m.addmm_(T_m.T, X)
-            self.c_m += float(T_m.pow(2).sum())
+        with ieee_fp32_matmul():  # (whatever the caller set for TF32, as every product of the statistics)
+            if x_expert is not None:
+                if isinstance(task.W, LowRankExpert):
+                    # (asymmetric targets need the dense W_k, and the owed product must not count
+                    # this task's H_k: taken now, H_e without it; the task goes on dense)
+                    self._take_owed()
+                # T = W_k x~ - W_m x as (W_k - W_m) x~ + W_m (x~ - x): both small where the expert is
+                # near the merge and x~ near x, which the difference of the two products rounded away
+                # (fp32: its error ~6e-8 |W_m x|, 1e-3 of G_e where they differ by 1e-4)
+                T = X_t @ (task.W.to(self.dtype) - W_m).T + (X_t - X) @ W_m.T
+                if task.G is None:
+                    task.G = torch.zeros_like(self._G_e)
+                task.G.addmm_(T.T, X)
+                task.c += float(T.pow(2).sum())
+            if x_anchor is not None:
+                if self.G_m is None:
+                    self.G_m = torch.zeros_like(self._G_e)
+                T_m = (X_a - X) @ W_m.T
+                self.G_m.addmm_(T_m.T, X)
+                self.c_m += float(T_m.pow(2).sum())
 
     def _W_m(self):
         """``W_merged`` in the statistics' dtype, converted once."""

@@ -25,7 +25,7 @@ import triton.language as tl
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
 from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, device_values, fp32_matmul,
-                       on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
+                       ieee_fp32_matmul, on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
@@ -125,7 +125,8 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     elif input_precision == "bf16x3":
         P = bf16x3_mm(W_k.float() - W_m.float(), H_k.float(), mm=bf16_mm_emulated).to(G.dtype)
     else:
-        P = D @ H_k.to(G.dtype)
+        with ieee_fp32_matmul():  # (whatever the caller set for TF32: accumulate_residual's promise)
+            P = D @ H_k.to(G.dtype)
     G.add_(P, alpha=float(a))
     trace = (P * D).sum().double()
     return float(trace) if read else trace
@@ -202,10 +203,11 @@ def _check_xxt_args(H, X):
 
 @torch.no_grad()
 def accumulate_xxt_reference(H, X):
-    """In place: ``H += X^T X`` for token rows ``X[n, d_in]``, in H's precision."""
+    """In place: ``H += X^T X`` for token rows ``X[n, d_in]``, in H's precision (TF32 off)."""
     _check_xxt_args(H, X)
     X = X.to(H.dtype)
-    H.addmm_(X.T, X)
+    with ieee_fp32_matmul():  # (whatever the caller set: GPTQ's H in TF32 is off by ~5e-4)
+        H.addmm_(X.T, X)
     return H
 
 

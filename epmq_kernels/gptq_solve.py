@@ -203,7 +203,8 @@ def gptq_solve_reference(
         Q[:, i1:i2] = Q1t.T
         codes[:, i1:i2] = codes1t.T
         err_sq[:, b] = (Err1t * Err1t).sum(0)
-        W[:, i2:] -= Err1t.T.contiguous() @ Hinv[i1:i2, i2:]
+        with ieee_fp32_matmul():  # (whatever the caller set for TF32, as the kernel's launcher)
+            W[:, i2:] -= Err1t.T.contiguous() @ Hinv[i1:i2, i2:]
     return SolveOut(Q, codes, scales, zeros, err_sq)
 
 

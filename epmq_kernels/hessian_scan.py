@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime  # noqa: F401  (sets TRITON_INTERPRET before the kernels are decorated)
-from ._runtime import check_device, on_tensor_device
+from ._runtime import check_device, ieee_fp32_matmul, on_tensor_device
 
 N_NUMBERS = 7  # lo, hi, min of the diagonal, zero diagonal entries, symmetry gap, |H v|, trace
 _N_PARTIAL = 10  # per program: the seven's shares, with u^T H v and v^T H u apart, a NaN flag, and the
@@ -62,13 +62,14 @@ def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor
         H = _read_fp8(H)
     diag = torch.diagonal(H)
     dtype = vu.dtype
-    if H.dtype == dtype:
-        H_vu = H @ vu  # (both vectors in one pass over H)
-    else:
-        H_vu = torch.empty(d_in, 2, dtype=dtype, device=H.device)
-        rows = max(1, (1 << 24) // max(1, d_in))
-        for r in range(0, d_in, rows):
-            H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
+    with ieee_fp32_matmul():  # (TF32's rounding, ~5e-4 of H v, would read as H not symmetric)
+        if H.dtype == dtype:
+            H_vu = H @ vu  # (both vectors in one pass over H)
+        else:
+            H_vu = torch.empty(d_in, 2, dtype=dtype, device=H.device)
+            rows = max(1, (1 << 24) // max(1, d_in))
+            for r in range(0, d_in, rows):
+                H_vu[r:r + rows] = H[r:r + rows].to(dtype) @ vu
     # [u^T H v, v^T H u]: the columns of vu swapped, times H_vu, summed down
     uHv, vHu = (vu.flip(1) * H_vu).sum(dim=0)
     lo, hi = torch.aminmax(H)  # (NaN propagates through both)

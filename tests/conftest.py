@@ -29,6 +29,33 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
+_PRODUCTS = {torch.mm, torch.matmul, torch.addmm, torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.addmm,
+             torch.Tensor.addmm_, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+
+
+@pytest.fixture
+def tf32_products():
+    """The caller's TF32 switch on (``torch.set_float32_matmul_precision("high")``), and the list
+    of the float32 matrix products run with it on, by name: on a GPU those run on TF32's 10-bit
+    mantissas (the CPU has no TF32, so it is the switch that is watched)."""
+    seen = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if (func in _PRODUCTS and torch.backends.cuda.matmul.allow_tf32
+                    and any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args)):
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with Watch():
+            yield seen
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")

@@ -693,3 +693,18 @@ def test_tensors_on_the_meta_device_are_named(gen):
                        (lambda: quant.epmq(W, [W], [meta(H)], spec), "Hessian of expert 0|expert 0's Hessian")]:
         with pytest.raises(ValueError, match=rf"({name}) is on the meta device \(no values\)"):
             call()
+
+
+def test_solver_products_are_ieee_fp32_whatever_the_tf32_switch(gen, tf32_products):
+    """EPMQ_MATH.md: no TF32 in the solver's products. With the caller's TF32 switch on, the torch
+    backend's trailing updates Err @ Hinv (on a GPU with backend="torch") and the fp32 factor of
+    GPUs with slow float64 (its inverse by halving, and the check that was to catch a bad one)
+    ran as TF32; GPTQ and E-PMQ on every backend are IEEE fp32 now."""
+    W = torch.randn(8, 40, generator=gen)
+    X = torch.randn(64, 40, generator=gen, dtype=torch.float64)
+    H = X.T @ X
+    spec = QuantSpec(bits=4, group_size=8, act_order=True)
+    quant.gptq(W, H, spec, blocksize=16, backend="torch")
+    quant.epmq(W, [W + 0.1], [H], spec, blocksize=16, backend="torch")
+    assert quant._factor_fp32(H, 0.01 * float(H.diagonal().mean())) is not None
+    assert tf32_products == []

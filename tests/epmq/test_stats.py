@@ -291,6 +291,26 @@ def test_asymmetric_targets_in_float32_keep_a_small_residual(gen):
     assert stats.c_e == pytest.approx(float(T.pow(2).sum()), rel=1e-5)
 
 
+def test_statistics_products_are_ieee_fp32_whatever_the_tf32_switch(gen, tf32_products):
+    """With TF32 switched on by the caller (set_float32_matmul_precision("high"), common in
+    training scripts), the torch backend's X^T X and (W_k - W_m) H_k (which its docstring says
+    run with TF32 off), the asymmetric targets' and anchor's products on every backend, and the
+    Hessian check's probes ran on a GPU as TF32 (operands cut to 10 mantissa bits: ~5e-4 of each
+    product where IEEE fp32 leaves ~1e-7), where the Triton kernels and the solver are IEEE fp32;
+    all are now."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen)
+    x = torch.randn(9, D_IN, generator=gen)
+    HessianStats(D_IN).add_batch(x)
+    EPMQStats(W_m).add_task(W_k, gram([x]).float())
+    stats = EPMQStats(W_m)
+    stats.begin_task(W_k)
+    stats.add_batch(x, x_expert=x + 0.1, x_anchor=x - 0.1)
+    stats.end_task()
+    stats.finalize()
+    assert tf32_products == []
+
+
 @pytest.mark.parametrize("percdamp", [0.0, 0.01])
 def test_asymmetric_reported_terms(gen, percdamp):
     """The reported expert and anchor terms are the objective's, straight from the tokens,
