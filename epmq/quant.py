@@ -746,6 +746,12 @@ def epmq_from_stats(
     d_in = W_m.shape[1]
     # (both traces in one read: each read waits for the device's queue)
     s, trace_m = torch.stack([torch.diagonal(H_e).sum(), torch.diagonal(H_m).sum()]).tolist()
+    for trace, what, or_else in ((s, "H_e = sum_k a_k H_k", "give smaller task weights (the codes depend on "
+                                  "their ratios alone)"), (trace_m, "H_m = sum_k H_k", "scale the inputs")):
+        if not math.isfinite(trace):  # (else refused as an anchor, even of 0, times inf)
+            weights = ", ".join(f"{a:.3g}" for a in stats.task_weights)
+            raise ValueError(f"the statistics' {what} overflowed {stats.dtype} (its trace is {trace}; task weights "
+                             f"[{weights}]): accumulate them in torch.float64 (EPMQStats(dtype=)), or {or_else}")
     if s == 0:  # (task weights of 0: no expert term, and the anchors, relative to it, vanish too)
         raise ValueError("the expert term is zero (task_weights all 0): E-PMQ would be round-to-nearest "
                          "with a loss of 0; give positive task weights")

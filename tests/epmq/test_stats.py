@@ -1527,3 +1527,20 @@ def test_inputs_that_are_no_real_floats_are_refused_by_name(gen, dtype):
     assert stats._task.n_tokens == 0 and not stats._task.H.any()
     with pytest.raises(ValueError, match=rf"calibration input must be real floating point .*got {dtype}"):
         HessianStats(D_IN).add_batch(bad)
+
+
+@pytest.mark.parametrize("anchor", [0.0, 0.5])
+def test_task_weights_overflowing_float32_statistics_are_named(gen, anchor):
+    """Task weights whose a_k H_k passes float32's largest (2^120 on a Hessian of trace 1e4: the
+    GPU's statistics, which quant.epmq uses there too) made H_e inf, and E-PMQ was refused as
+    'weight_anchor 0 (times tr(H_e) / d_in = inf) weighs its term past 1e+300' (or 'anchor ...'),
+    naming an anchor of 0 or one of 0.5; refused naming the task weights and the statistics'
+    dtype."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    x = torch.randn(40, D_IN, generator=gen)
+    stats.add_tasks([W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)],
+                    [gram([x]).float()] * 2, [2.0**120, 1.0])
+    with pytest.raises(ValueError, match=r"^the statistics' H_e = sum_k a_k H_k overflowed torch.float32 .*"
+                                         r"task weights \[1.33e\+36, 1\]"):
+        quant.epmq_from_stats(stats, QuantSpec(bits=4, group_size=16), anchor=anchor)
