@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -672,10 +673,21 @@ def epmq(
     if task_weights is not None and len(task_weights) != len(expert_weights):
         raise ValueError(f"{len(task_weights)} task_weights for {len(expert_weights)} experts")
     backend = resolve_backend(backend, W_merged.device)
+    dtype = _statistics_dtype(W_merged.device)
+    shift, given = 0, task_weights
+    if (dtype == torch.float32 and task_weights is not None
+            and all(isinstance(a, numbers.Real) and not isinstance(a, bool) and 0 <= a < math.inf for a in given)
+            and max(given) > 0):
+        # float32 statistics flush a_k H_k to subnormals or zeros from task weights near 2^-140 and
+        # overflow it from 2^120, where float64's solve them: the weights are scaled by an even
+        # power of two, their largest near 1 (exactly: H and G scale together, R = G H^-1 and the
+        # codes depend on the weights' ratios alone), and the result's scale given back below
+        shift = 2 * (math.frexp(max(given))[1] // 2)
+        task_weights = [math.ldexp(float(a), -shift) for a in given]
     stats = EPMQStats(
         W_merged,
         merged_hessian=merged_hessian,
-        dtype=torch.float64 if W_merged.device.type == "cpu" else torch.float32,
+        dtype=dtype,
         backend=backend,
         residual_precision=residual_precision,
         side_stream=True,  # (the caller's tensors are not written to until this returns)
@@ -683,7 +695,7 @@ def epmq(
     try:
         stats.add_tasks(expert_weights, expert_hessians, task_weights,
                         [f"expert {k}" for k in range(len(expert_weights))])
-        return epmq_from_stats(
+        result = epmq_from_stats(
             stats,
             spec,
             anchor=anchor,
@@ -694,6 +706,18 @@ def epmq(
         )
     finally:
         stats.join()  # (on an error too: the products read the caller's tensors)
+    if shift:
+        for name in ("loss", "damp", "expert_loss", "anchor_loss", "weight_anchor_loss"):
+            setattr(result, name, math.ldexp(getattr(result, name), shift))
+        result.info.update(lam_effective=math.ldexp(result.info["lam_effective"], shift),
+                           mu_effective=math.ldexp(result.info["mu_effective"], shift),
+                           task_weights=[float(a) for a in given])
+    return result
+
+
+def _statistics_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of ``epmq``'s statistics: float64 on the CPU, float32 on a GPU."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def _fp32_floor(backend: str, residual_precision: str) -> str:

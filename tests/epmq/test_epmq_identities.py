@@ -148,6 +148,28 @@ def test_task_weights_of_any_scale_are_solved_as_scaled_ones(gen, shift, anchor,
         assert getattr(res, name) == pytest.approx(math.ldexp(getattr(ref, name), shift), rel=1e-4), name
 
 
+@pytest.mark.parametrize("shift", [-200, -146, 130, 200])
+def test_task_weights_of_any_scale_in_float32_statistics(gen, monkeypatch, shift):
+    """As above, with the float32 statistics quant.epmq keeps on a GPU: a_k H_k of task weights
+    of 2^-146 fell to float32's subnormals (codes moved, silently), 2^-200 to zeros ('the expert
+    term is zero (task_weights all 0)'), and 2^130 or 2^200 overflowed (refused naming the
+    anchor or the task weights); the weights are scaled by a power of two before they are
+    folded, the results scaled back."""
+    monkeypatch.setattr(quant, "_statistics_dtype", lambda device: torch.float32)
+    W_m, W_k, H_k = draw(gen)
+    weights = [0.5 / float(torch.trace(H)) for H in H_k]
+    ref = quant.epmq(W_m, W_k, H_k, SPEC, task_weights=weights, anchor=0.3, weight_anchor=0.2)
+    res = quant.epmq(W_m, W_k, H_k, SPEC, task_weights=[math.ldexp(a, shift) for a in weights], anchor=0.3,
+                     weight_anchor=0.2)
+    assert torch.equal(res.codes, ref.codes)
+    torch.testing.assert_close(res.target, ref.target, rtol=1e-5, atol=1e-6)
+    for name in ("loss", "damp", "expert_loss", "anchor_loss", "weight_anchor_loss"):
+        assert getattr(res, name) == pytest.approx(math.ldexp(getattr(ref, name), shift), rel=1e-4), name
+    for name in ("lam_effective", "mu_effective"):
+        assert res.info[name] == pytest.approx(math.ldexp(ref.info[name], shift), rel=1e-6), name
+    assert res.info["task_weights"] == [math.ldexp(a, shift) for a in weights]
+
+
 def test_a_huge_anchor_is_solved_as_gptq_of_merged(gen):
     """An anchor of 1e300 (lam -> inf taken literally) made H's mean diagonal 1e298, refused
     with 'scale it', naming neither the anchor nor the Hessian's source: it is GPTQ of W_m."""
