@@ -153,7 +153,8 @@ class LowRankExpert:
         """``W_0 + U V`` in ``dtype`` (on ``device``, default ``W_0``'s)."""
         device = self.W_0.device if device is None else device
         W = self.W_0.to(device=device, dtype=dtype, copy=True)
-        return W.addmm_(self.U.to(device=device, dtype=dtype), self.V.to(device=device, dtype=dtype))
+        with ieee_fp32_matmul():  # (whatever the caller set: TF32 is ~5e-4 off U V, what E-PMQ's residual is of)
+            return W.addmm_(self.U.to(device=device, dtype=dtype), self.V.to(device=device, dtype=dtype))
 
     def check_values(self, name: str, parts=("W_0", "U", "V")) -> None:
         """A clear error where one of ``parts`` has a NaN or inf."""

@@ -1544,3 +1544,15 @@ def test_task_weights_overflowing_float32_statistics_are_named(gen, anchor):
     with pytest.raises(ValueError, match=r"^the statistics' H_e = sum_k a_k H_k overflowed torch.float32 .*"
                                          r"task weights \[1.33e\+36, 1\]"):
         quant.epmq_from_stats(stats, QuantSpec(bits=4, group_size=16), anchor=anchor)
+
+
+def test_low_rank_experts_made_dense_are_ieee_fp32_whatever_the_tf32_switch(gen, tf32_products):
+    """A LoRA expert taken dense (beside a dense expert, or with asymmetric targets) was formed
+    as W_0 + U V by one fp32 product that ran as TF32 on a GPU with the caller's switch on: ~5e-4
+    of the update U V, the very part E-PMQ's residual is made of; it runs with TF32 off."""
+    W_0 = torch.randn(D_OUT, D_IN, generator=gen)
+    lora = LowRankExpert(W_0, torch.randn(D_OUT, 4, generator=gen), torch.randn(4, D_IN, generator=gen))
+    lora.dense()
+    stats = EPMQStats(W_0 + 0.01, dtype=torch.float32)
+    stats.add_tasks([W_0 + 0.1, lora], [torch.eye(D_IN), 2 * torch.eye(D_IN)])
+    assert tf32_products == []
