@@ -151,7 +151,7 @@ def _checked(name: str, who: str, t: torch.Tensor, reference: torch.Tensor) -> t
     return t
 
 
-# The task vectors of one tensor held at once up to this many bytes (fp32); a larger tensor's
+# The task vectors of one tensor held at once up to this many bytes (in the work dtype); a larger tensor's
 # are made one at a time, when needed (the sign vote makes each twice: slower, memory flat in K).
 HOLD_BYTES = 1 << 30
 
@@ -503,7 +503,7 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
 
     def merge_tensor(name, W_0, W_k):
         taus = _OnDemand(lambda k: sparsify(name, k, W_k[k] - W_0), len(W_k))
-        if 4 * W_0.numel() * len(W_k) <= HOLD_BYTES:
+        if W_0.element_size() * W_0.numel() * len(W_k) <= HOLD_BYTES:  # (float64's: 8 bytes an entry)
             taus = list(taus)  # (each made once)
         return W_0 + scale * _combine(taus, consensus, merge, weights, zero_vote)
 

@@ -73,6 +73,19 @@ def test_task_vectors_past_the_memory_limit_are_made_one_at_a_time(method, kw, g
     assert [c.reads for c in counted] == [{"w": 2 if sign else 1, "b": 1}] * 3
 
 
+def test_float64_task_vectors_count_their_own_bytes_against_the_memory_limit(gen, monkeypatch):
+    """HOLD_BYTES counted 4 bytes an entry whatever the dtype, so a float64 tensor's K task
+    vectors were held at twice the limit; they count 8 and are made on demand past it."""
+    base = {"w": torch.randn(40, 24, generator=gen, dtype=torch.float64)}
+    experts = [{"w": base["w"] + 0.1 * torch.randn(40, 24, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    held = merge.ties(base, experts, scope="tensor")
+    monkeypatch.setattr(merge, "HOLD_BYTES", 4 * 40 * 24 * 3)  # (float32's would be held, float64's not)
+    counted = [Counted(e) for e in experts]
+    streamed = merge.ties(base, counted, scope="tensor")
+    assert torch.equal(streamed["w"], held["w"])
+    assert [c.reads for c in counted] == [{"w": 2}] * 3  # (the sign vote's second pass)
+
+
 @pytest.mark.parametrize("K", [2, 4])
 def test_global_ties_and_model_stock_read_each_input_a_fixed_number_of_times(K, gen):
     """Global TIES found each expert's threshold in two passes of its own over the model, each
