@@ -379,8 +379,17 @@ def _warn_of_untied(reference, aliases: Mapping, out) -> None:
                       f"load_state_dict into the tied base keeps one value for both", stacklevel=4)
 
 
+def _array_values(value):
+    """A numpy array or torch tensor of per-expert values (a sweep's row) as the list of its values
+    (a 0-d one as its number), taken and checked as a list is; anything else as it is."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "ndim"):
+        return value.tolist()  # (iterated, a tensor gave 0-d tensors, which no check takes for numbers)
+    return value
+
+
 def _listed(weights):
     """``weights`` as a list once (a generator would be used up by the first tensor)."""
+    weights = _array_values(weights)
     return list(weights) if isinstance(weights, Iterable) and not isinstance(weights, (str, bytes)) else weights
 
 
@@ -405,7 +414,8 @@ def _check_unit(value, what):
 
 
 def _each(value, what: str, n: int) -> Callable[[int], float]:
-    """A parameter in [0, 1] given once or once per expert (a list of ``n``): expert k's."""
+    """A parameter in [0, 1] given once or once per expert (a list of ``n``, or an array): expert k's."""
+    value = _array_values(value)
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{what} has {len(value)} values for {n} experts: give one, or one per expert")

@@ -2244,3 +2244,37 @@ def test_gram_matrices_leave_fused_experts_auto_leaves_fused(gen):
     X = torch.cat(batches).double()
     torch.testing.assert_close(grams["layers.0.proj.weight"], X.T @ X)
     torch.testing.assert_close(model(batches[0]), want)  # (put back as it was)
+
+
+def test_per_expert_values_given_as_arrays_are_taken_as_lists():
+    """Per-expert densities given as a numpy array or a torch tensor (a sweep's row) were refused as
+    'density must be a finite number, got array([0.5, 0.75, 0.25])', and weights as a tensor as
+    'each weight must be a finite number, got tensor(0.5000)'; each merges as the list of its values
+    does, with the same checks of their count and values."""
+    import numpy as np
+
+    base, experts = hand_models()
+    base = {k: v for k, v in base.items() if k != "ids"}
+    experts = [{k: v for k, v in e.items() if k != "ids"} for e in experts]
+    listed = [0.5, 0.75, 0.25]
+    for array in (np.array(listed), np.array(listed, dtype=np.float32), torch.tensor(listed)):
+        for method, params in [(merge.ties, dict(density=array, weights=array)),
+                               (merge.dare, dict(density=array, seed=3)),
+                               (merge.breadcrumbs, dict(density=array, gamma=array / 8)),
+                               (merge.della, dict(density=array, epsilon=array / 4)),
+                               (merge.task_arithmetic, dict(weights=array))]:
+            python = {k: [float(x) for x in v.tolist()] for k, v in params.items() if k != "seed"}
+            got, want = method(base, experts, **params), method(base, experts, **{**params, **python})
+            assert all(torch.equal(got[k], want[k]) for k in want), (method.__name__, type(array))
+        got, want = merge.average(experts, weights=array), merge.average(experts, weights=listed)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="density has 2 values for 3 experts"):
+        merge.ties(base, experts, density=np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"density must be a finite number, got nan"):
+        merge.ties(base, experts, density=torch.tensor([0.5, float("nan"), 0.5]))
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\], got 2.0"):
+        merge.dare(base, experts, density=np.array([0.5, 2.0, 0.5]))
+    with pytest.raises(ValueError, match=r"each weight must be a finite number, got inf"):
+        merge.task_arithmetic(base, experts, weights=torch.tensor([1.0, float("inf"), 1.0]))
+    with pytest.raises(ValueError, match=r"weights must give one number per expert \(3\)"):
+        merge.task_arithmetic(base, experts, weights=np.array([1.0, 1.0]))
