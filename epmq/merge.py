@@ -899,7 +899,9 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
     -1 / (2K - 1)``; peers (mergekit, FusionBench) apply it unclamped, and agree above that.
     Where it is 0/0 (unit task vectors summing to 0: two scalars of opposite signs) the base is
     kept. ``convention="mergekit"``: mergekit 0.1.5's, ``t`` unclamped, the norms' product
-    floored at 1e-6 in the cosines, the base kept where ``|1 + (K - 1) cos| < 1e-6``.
+    floored at 1e-6 in the cosines, the base kept where ``|1 + (K - 1) cos| < 1e-6`` (every
+    pair's cosine made as mergekit makes it, the K task vectors of a tensor held at once; epmq's
+    holds a few tensors whatever K).
     """
     _needs_base(base, "model_stock")
     _check_choice(convention, CONVENTIONS, "convention")
@@ -917,33 +919,44 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
                 return tau.reshape(-1, tau.shape[-1])
             return _rows(tau) if per_row else tau.reshape(1, -1)
 
-        taus, total = [], None
-        for k in range(K):  # (each expert read once: its task vector, and into the mean as _mean sums it)
-            W = W_k[k]
-            taus.append(vectors(W - W_0))
-            total = W.clone() if total is None else total.add_(W)
-        del W
-        norms = [tau.norm(dim=1) for tau in taus]
-        # (a zero task vector has cosine 0; no floor on the norms, which would make the cosine
-        # depend on the task vectors' size)
-        if convention == "mergekit":
+        if convention == "mergekit":  # (its floored norms' product does not split into the pairs' directions)
+            taus, total = [], None
+            for k in range(K):  # (each expert read once: its task vector, and into the mean as _mean sums it)
+                W = W_k[k]
+                taus.append(vectors(W - W_0))
+                total = W.clone() if total is None else total.add_(W)
+            del W
+            norms = [tau.norm(dim=1) for tau in taus]
             cosines = [((taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
                        for i in range(K) for j in range(i + 1, K)]
+            del taus
+            cos = torch.stack(cosines).mean(0)
+            singular = (1 + (K - 1) * cos).abs() < 1e-6
+            t = torch.where(singular, 0.0, K * cos / torch.where(singular, 1.0, 1 + (K - 1) * cos))
         else:
-            cosines = [torch.where(norms[i] * norms[j] > 0, (taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]), 0.0)
-                       .clamp(-1, 1) for i in range(K) for j in range(i + 1, K)]
-        cos = torch.stack(cosines).mean(0)
-        denominator = 1 + (K - 1) * cos  # (>= 0: K unit vectors' sum has a norm)
-        if convention == "mergekit":
-            singular = denominator.abs() < 1e-6
-            t = torch.where(singular, 0.0, K * cos / torch.where(singular, 1.0, denominator))
-        else:
+            # with u_k = tau_k / |tau_k| (0 for a zero task vector: cosine 0; no floor on the norms,
+            # which would make the cosine depend on the task vectors' size), the pairs' cosines sum to
+            # (|sum_k u_k|^2 - m) / 2, m the nonzero u_k: one pass, sum_k u_k and sum_k W_k held
+            # whatever K (the K task vectors held for every pair grew with K)
+            directions, total, m = None, None, 0
+            for k in range(K):  # (each expert read once)
+                W = W_k[k]
+                tau = vectors(W - W_0)
+                norm = tau.norm(dim=1, keepdim=True)
+                m = m + (norm[:, 0] > 0)
+                u = tau.div_(torch.where(norm > 0, norm, 1.0))
+                directions = u if directions is None else directions.add_(u)
+                total = W.clone() if total is None else total.add_(W)
+                del W, tau, u
+            spread = directions.square().sum(1)
+            del directions
+            cos = (spread - m) / (K * (K - 1))
+            denominator = (K - m + spread) / K  # (1 + (K - 1) cos, >= 0 as written: 0 where the u_k sum to 0)
             t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), 0.0).clamp(-1, 1)
         if last:
             t = t.reshape(*W_0.shape[:-1], 1)
         else:
             t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
-        del taus
         return t * total.div_(K) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
 
     return _merge_each(base, experts, merge_tensor, out, lazy=True)

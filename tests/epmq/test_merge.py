@@ -978,6 +978,70 @@ def test_model_stock_by_hand(gen):
         torch.testing.assert_close(rows[r], one)
 
 
+def _model_stock_pairwise(W_0, W_k, per_row=False):
+    """Model Stock from its definition, every pair's cosine (0 where either task vector is 0)."""
+    K = len(W_k)
+    taus = [(W - W_0).reshape(W_0.shape[0], -1) if per_row else (W - W_0).reshape(1, -1) for W in W_k]
+    norms = [tau.norm(dim=1) for tau in taus]
+    cos = torch.stack([torch.where(norms[i] * norms[j] > 0, (taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]), 0.0)
+                       for i in range(K) for j in range(i + 1, K)]).mean(0)
+    denominator = 1 + (K - 1) * cos
+    t = torch.where(denominator > 0, K * cos / denominator.clamp(min=1e-30), 0.0).clamp(-1, 1)
+    t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row else t.reshape(())
+    return t * sum(W_k) / K + (1 - t) * W_0
+
+
+@pytest.mark.parametrize("K", [2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_stock_agrees_with_every_pairs_cosine(K, dtype, gen):
+    """Model Stock's mean cosine, found in one pass over the experts (each read once, the sums of the
+    task vectors and of their directions kept), is the mean of every pair's to rounding: task vectors
+    near each other, apart, zero (a tensor an expert left as it was; rows of one per_row)."""
+    W_0 = torch.randn(12, 20, generator=gen, dtype=dtype)
+    shared = torch.randn(12, 20, generator=gen, dtype=dtype)
+    for spread in (0.1, 1.0, 10.0):
+        taus = [shared + spread * torch.randn(12, 20, generator=gen, dtype=dtype) for _ in range(K)]
+        taus[0] = torch.zeros_like(W_0)  # (an expert that did not change the tensor)
+        taus[-1][3:5] = 0  # (rows it did not change)
+        W_k = [W_0 + tau for tau in taus]
+        for per_row in (False, True):
+            got = merge.model_stock({"w": W_0}, [{"w": W} for W in W_k], per_row=per_row)["w"]
+            assert got.dtype == dtype
+            want = _model_stock_pairwise(W_0, W_k, per_row)
+            torch.testing.assert_close(got, want)  # (the dtype's own tolerances)
+    # two scalars of opposite signs: unit vectors summing to 0, t 0/0, the base kept
+    got = merge.model_stock({"w": T([1.0], dtype=dtype)}, [{"w": T([1.5], dtype=dtype)}, {"w": T([0.25], dtype=dtype)}])
+    assert torch.equal(got["w"], T([1.0], dtype=dtype))
+
+
+def _cpu_peak_bytes(fn, tmp_path):
+    """The CPU allocator's most bytes allocated while ``fn`` ran, past those held when it began (the profiler's)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+              if e.get("name") == "[memory]"]
+    return max(e["Total Allocated"] for e in events) - (events[0]["Total Allocated"] - events[0]["Bytes"])
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_model_stock_holds_the_same_memory_whatever_the_number_of_experts(per_row, gen, tmp_path):
+    """Model Stock held the K task vectors of a tensor at once for their pairs' cosines, so its peak
+    grew with K (8 experts: 4.5 times the tensor more than 2), where the README says the task-vector
+    merges' stops growing with K; the mean cosine is made from the sums of the task vectors'
+    directions in one pass, a few tensors held whatever K (the allocator's peak, from the profiler)."""
+    W_0 = torch.randn(256, 256, generator=gen)
+    experts = [{"w": W_0 + 0.1 * torch.randn(256, 256, generator=gen)} for _ in range(8)]
+    peaks = {K: _cpu_peak_bytes(lambda K=K: merge.model_stock({"w": W_0}, experts[:K], per_row=per_row), tmp_path)
+             for K in (2, 8)}
+    tensor = W_0.numel() * 4
+    assert peaks[8] <= peaks[2] + tensor / 4, {K: p / tensor for K, p in peaks.items()}
+
+
 def test_slerp(gen):
     a = {"w": T([[1.0, 0.0], [0.0, 2.0]]), "ids": T([1, 2])}
     b = {"w": T([[0.0, 1.0], [0.0, -2.0]]), "ids": T([3, 4])}
