@@ -56,7 +56,10 @@ tensors that ``save_pretrained`` splits or fuses (transformers 5 holds a MoE lay
 merged as the tensors it saves, under their saved names, and put back in the module's layout:
 the per-tensor steps (ranks, SVDs, cosines, masks) see the checkpoint's matrices, and the same
 models merged as modules or from their checkpoints give the same weights (``regmean``, whose
-grams are the module's linear layers', merges the module's tensors).
+grams are the module's linear layers', merges the module's tensors). State dicts given as plain
+dicts holding such fused experts (by transformers 5's names) are merged as given, each a tensor,
+with a warning from the merges whose statistics are per tensor: the dicts do not say whether
+``save_pretrained`` cuts them (Mixtral's) or not (Qwen3-VL-MoE's).
 """
 
 from __future__ import annotations
@@ -292,6 +295,31 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
     return out
 
 
+# transformers 5's names of a MoE layer's experts held fused, one 3-D tensor [E, ., .] a projection
+_FUSED_EXPERTS = re.compile(r"(^|\.)experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
+
+
+def _warn_of_fused_experts(base, experts: list, statistic: Optional[str], stacklevel: int = 3) -> None:
+    """Warn where state dicts held in memory (no module: no layout says how ``save_pretrained``
+    cuts them) hold a MoE layer's experts fused, by transformers 5's names: a merge with
+    per-tensor statistics takes them over all the layer's experts at once, where the modules (and
+    a checkpoint of one matrix per expert, Mixtral's, Qwen3-MoE's) are merged expert by expert.
+    The dicts do not say which (Qwen3-VL-MoE's checkpoints hold them fused, merged so by epmq
+    merge): merged as given. Lazy checkpoint states are merged as their checkpoints hold them.
+    ``statistic``: what the merge takes over a whole tensor (None: nothing, no warning)."""
+    states = [base, *experts] if base is not None else experts
+    if statistic is None or not states or not all(isinstance(state, dict) for state in states):
+        return
+    fused = [name for name, t in dict.items(states[0])
+             if _FUSED_EXPERTS.search(name) and isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point()]
+    if fused:
+        warnings.warn(f"tensors {fused[:3]} ({len(fused)} in all) are a MoE layer's experts fused in one 3-D tensor "
+                      f"(transformers 5's names): each is merged as one tensor, {statistic} over all its experts "
+                      f"at once, where a model whose save_pretrained writes one matrix per expert (Mixtral, "
+                      f"Qwen3-MoE) is merged expert by expert as its modules or checkpoints (epmq merge); give the "
+                      f"models as modules to merge them as their checkpoints are", stacklevel=stacklevel)
+
+
 def _saved_layout(base, experts):
     """The ``checkpoint_io.SavedLayout`` of the first transformers module given, or None."""
     module = next((m for m in (base, *experts) if isinstance(m, nn.Module)), None)
@@ -502,7 +530,8 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
     return torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
 
 
-def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None, zero_vote=0):
+def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None, zero_vote=0,
+                  statistic=None):
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     weights = _listed(weights)
@@ -517,6 +546,8 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
             taus = list(taus)  # (each made once)
         return W_0 + scale * _combine(taus, consensus, merge, weights, zero_vote)
 
+    experts = _listed_experts(experts)
+    _warn_of_fused_experts(base, experts, statistic, stacklevel=4)
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
@@ -621,7 +652,8 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
         return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights,
-                         zero_vote=int(convention == "mergekit"))
+                         zero_vote=int(convention == "mergekit"),
+                         statistic="its L1 norm rescaled" if rescale == "l1" else None)
 
 
 def ties(
@@ -685,7 +717,8 @@ def ties(
 
     # (the inputs as given: a transformers module's fused tensors merged as the ones it saves)
     return _sparse_merge(base, experts, scale, sparsify, "sign", merge, "ties", out, weights,
-                         zero_vote=int(convention == "mergekit"))
+                         zero_vote=int(convention == "mergekit"),
+                         statistic="its entries ranked" if scope == "tensor" else None)
 
 
 def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
@@ -724,7 +757,7 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out, weights,
-                         zero_vote=int(convention == "mergekit"))
+                         zero_vote=int(convention == "mergekit"), statistic="its entries ranked")
 
 
 DELLA_RESCALES = ("probability", "l1", None)
@@ -790,7 +823,8 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
         return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,
-                         zero_vote=int(convention == "mergekit"))
+                         zero_vote=int(convention == "mergekit"),
+                         statistic="its rows ranked")
 
 
 def sce(base, experts, select_topk: float = 1.0, *, out=None):
@@ -804,6 +838,8 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None):
     order, as its; no scale or per-model weight)."""
     _needs_base(base, "sce")
     _check_unit(select_topk, "select_topk")
+    experts = _listed_experts(experts)
+    _warn_of_fused_experts(base, experts, "its entries selected and weighted")
 
     def merge_tensor(name, W_0, W_k):
         taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
@@ -848,6 +884,8 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
     check_number(scale, "scale")
     if rank_fraction is not None and not 0 < check_number(rank_fraction, "rank_fraction") <= 1:
         raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+    experts = _listed_experts(experts)
+    _warn_of_fused_experts(base, experts, "not a matrix: no SVD, the mean task vector taken")
 
     def merge_tensor(name, W_0, W_k):
         if W_0.dim() != 2:  # (the mean task vector, made one at a time)
@@ -876,6 +914,8 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
     """
     _needs_base(base, "iso_c")
     check_number(scale, "scale")
+    experts = _listed_experts(experts)
+    _warn_of_fused_experts(base, experts, "not a matrix: no SVD, the mean task vector taken")
 
     def merge_tensor(name, W_0, W_k):
         tau_sum = W_k[0] - W_0  # (one task vector at a time: a stack would hold K)
@@ -905,6 +945,8 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
     """
     _needs_base(base, "model_stock")
     _check_choice(convention, CONVENTIONS, "convention")
+    experts = _listed_experts(experts)
+    _warn_of_fused_experts(base, experts, "its cosines taken")
 
     def merge_tensor(name, W_0, W_k):
         K = len(W_k)

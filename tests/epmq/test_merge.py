@@ -2342,3 +2342,36 @@ def test_per_expert_values_given_as_arrays_are_taken_as_lists():
         merge.task_arithmetic(base, experts, weights=torch.tensor([1.0, float("inf"), 1.0]))
     with pytest.raises(ValueError, match=r"weights must give one number per expert \(3\)"):
         merge.task_arithmetic(base, experts, weights=np.array([1.0, 1.0]))
+
+
+def test_fused_experts_in_plain_state_dicts_are_warned_of(gen):
+    """A transformers 5 MoE's state dicts (its experts fused, mlp.experts.gate_up_proj [E, 2I, H])
+    given as plain dicts were merged by TSV-Merge and Iso-C with the mean task vector (no SVD: not
+    a matrix) and by Model Stock, TIES per tensor, Breadcrumbs, DELLA, SCE and DARE's L1 rescaling
+    with their statistics over all E experts at once, in silence, where the modules (and a
+    checkpoint of one matrix per expert) are merged expert by expert. The dicts alone do not say
+    which layout save_pretrained writes (Qwen3-VL-MoE's checkpoints hold them fused too): merged as
+    before, with a warning naming the tensor and the way to merge them expert by expert."""
+    def models():
+        base = {"model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 8, 6, generator=gen),
+                "model.layers.0.mlp.experts.down_proj": torch.randn(4, 6, 4, generator=gen),
+                "conv.weight": torch.randn(3, 2, 2, 2, generator=gen), "w": torch.randn(5, 6, generator=gen)}
+        return base, [{n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in base.items()} for _ in range(3)]
+
+    base, experts = models()
+    for method, params in [(merge.tsv, {}), (merge.iso_c, {}), (merge.model_stock, {}),
+                           (merge.ties, dict(scope="tensor")), (merge.breadcrumbs, {}), (merge.della, {}),
+                           (merge.sce, dict(select_topk=0.5)), (merge.dare, dict(rescale="l1"))]:
+        with pytest.warns(UserWarning, match=r"'model.layers.0.mlp.experts.gate_up_proj'.* a MoE layer's experts "
+                                             r"fused .*give the models as modules"):
+            got = method(base, experts, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = method(base, experts, **params)
+        assert all(torch.equal(got[n], want[n]) for n in want)  # (merged as before)
+    with warnings.catch_warnings():  # (elementwise merges, global ranks, other 3-D tensors: nothing to say)
+        warnings.simplefilter("error")
+        for method, params in [(merge.task_arithmetic, {}), (merge.ties, {}), (merge.dare, dict(seed=1))]:
+            method(base, experts, **params)
+        plain = {n: t for n, t in base.items() if ".experts." not in n}
+        merge.tsv(plain, [{n: e[n] for n in plain} for e in experts])
