@@ -257,7 +257,8 @@ def _parquet_row_stream(path: Path):
         return ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})")
 
     # a row group at a time: read as one table, the whole column was in Arrow's memory beside the
-    # Python strings made of it (twice the text at the peak), and Arrow's pool kept its pages
+    # Python strings made of it (twice the text at the peak), and Arrow's pool kept its pages; one
+    # thread, as Arrow's threads decode ahead and held about twice the memory on 2 cores
     try:
         try:
             file = pq.ParquetFile(path)
@@ -267,7 +268,7 @@ def _parquet_row_stream(path: Path):
         with file:
             for group in range(file.num_row_groups):
                 try:
-                    rows = file.read_row_group(group, columns=columns).to_pylist()
+                    rows = file.read_row_group(group, columns=columns, use_threads=False).to_pylist()
                 except Exception as e:
                     raise unreadable(e) from None
                 yield from rows

@@ -855,7 +855,8 @@ def test_statistics_keep_no_autograd_graph(gen):
             assert not t.requires_grad and t.grad_fn is None, (backend, name)
         outs[backend] = (G, H, H_e)
     for a, b in zip(*outs.values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # (H_k's entries reach hundreds: fp32 sums agree to their scale, not to 1e-5 absolute)
+        assert_update_close(a, b, torch.zeros_like(b), 1e-5)
 
 
 def test_xxt_refuses_activations_sharing_memory_with_h(gen):
