@@ -270,6 +270,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # (a block of the stage's list that maps its hidden states to the next stage's fewer, wider
     # ones; AUTO, which takes *Layer and *Block lists, left those stages in full precision)
     "LevitResidualLayer", "LevitAttentionSubsample",
+    # Fun-ASR-Nano's SAN-M audio encoder (its first layer on the stacked frames, no residual; the FSMN's
+    # depthwise convolution stays in full precision) and its projector's adaptor layers, the same class
+    "FunAsrNanoEncoderLayer",
 ))
 
 

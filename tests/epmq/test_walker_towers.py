@@ -1072,3 +1072,43 @@ def test_t5gemma2_text_encoder_and_decoder_are_walked_beside_its_vision_tower(ge
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, progress=False,
                         layers=lambda name: name == target)
     assert_same_statistics(seen, hand)
+
+
+def tiny_fun_asr_nano(seed=0):
+    """Fun-ASR-Nano: a SAN-M audio encoder (its first layer on the stacked frames, 8 wide, the rest on
+    32), a projector whose adaptor layers are the encoder's (no FSMN), and a Qwen3 language model."""
+    torch.manual_seed(seed)
+    config = transformers.FunAsrNanoConfig(
+        audio_config=dict(num_mel_bins=4, num_stacked_frames=2, hidden_size=32, num_attention_heads=4,
+                          intermediate_size=64, num_hidden_layers=3, num_timestamp_prediction_layers=1,
+                          max_position_embeddings=64, fsmn_kernel_size=3, hidden_dropout=0.0, attention_dropout=0.0),
+        adaptor_config=dict(hidden_size=32, intermediate_size=8, num_attention_heads=4, num_hidden_layers=2,
+                            projector_hidden_size=32),
+        text_config=dict(_TEXT, model_type="qwen3"), audio_token_id=299)
+    return transformers.FunAsrNanoForConditionalGeneration(config).eval()
+
+
+def fun_asr_nano_item(gen, frames=6):
+    ids = torch.randint(0, 290, (1, 12), generator=gen)
+    ids[0, 1:1 + frames] = 299
+    return dict(input_ids=ids, input_features=torch.randn(1, frames, 8, generator=gen),
+                input_features_mask=torch.ones(1, frames, dtype=torch.long))
+
+
+def test_fun_asr_nano_audio_tower_and_adaptor_are_walked_beside_its_language_model(gen, tmp_path):
+    """Fun-ASR-Nano's default walk quantized its Qwen3 language model and left its audio encoder and its
+    projector's adaptor layers (FunAsrNanoEncoderLayer, attention and MLP called one after another) in
+    full precision with a warning. Every tower is walked in one call, near the float logits (the audio
+    reaching them), and the checkpoint loads back."""
+    model = tiny_fun_asr_nano()
+    test = fun_asr_nano_item(gen)
+    with torch.no_grad():
+        reference = model(**test).logits
+        other_audio = model(**dict(test, input_features=torch.randn(1, 6, 8, generator=gen))).logits
+    assert (other_audio - reference).norm() > 0.1 * reference.norm()
+    quantize_leaving_no_tower(model, lambda: fun_asr_nano_item(gen))
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(
+        model, ("model.audio_tower.layers", "model.multi_modal_projector.layers", "model.language_model.layers"),
+        tmp_path, test)
