@@ -186,6 +186,10 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     # HyperCLOVAX (HyperCLOVAX-Vision's language model, beside its Qwen2.5-VL vision tower, which a
     # default walk took alone: AUTO, which walks the model alone, is no default beside another adapter)
     "HyperCLOVAXDecoderLayer",
+    # Granite 4 Vision's Granite language model (its projectors' features added to the image tokens'
+    # hidden states before some layers, DeepStack as Qwen3-VL's), beside its CLIP tower and Q-Formers,
+    # which a default walk took alone
+    "Granite4VisionTextDecoderLayer",
 ))
 # timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
 # of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the

@@ -1112,3 +1112,60 @@ def test_fun_asr_nano_audio_tower_and_adaptor_are_walked_beside_its_language_mod
     assert_both_towers_walked_and_served(
         model, ("model.audio_tower.layers", "model.multi_modal_projector.layers", "model.language_model.layers"),
         tmp_path, test)
+
+
+def tiny_granite4_vision(seed=0):
+    """Granite 4 Vision: a CLIP tower (a 16 x 16 image and one 16 x 16 tile, 4 x 4 patches each), five
+    window Q-Former projectors (one layer each: 2 x 2 tokens a tile, 10 image tokens with the newlines)
+    whose features are added to the image tokens' hidden states before language layers 0 to 4
+    (DeepStack), and a Granite language model."""
+    torch.manual_seed(seed)
+    config = transformers.Granite4VisionConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=16, patch_size=4),
+        text_config={k: v for k, v in dict(_TEXT, num_hidden_layers=5).items() if k != "head_dim"},
+        qformer_config=dict(intermediate_size=64, num_hidden_layers=1, cross_attention_frequency=1,
+                            use_qformer_text_input=False, max_position_embeddings=64),
+        image_token_index=299, image_grid_pinpoints=[[16, 16]], downsample_rate="1/2", deepstack_layer_map=[[1, 0]],
+        spatial_target_layers=[1, 2, 3, 4], projector_dropout=0.0)
+    return transformers.Granite4VisionForConditionalGeneration(config).eval()
+
+
+def granite4_vision_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 290, (1, 16), generator=gen)
+        ids[0, 1:11] = 299
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 2, 3, 16, 16, generator=gen),
+                        image_sizes=torch.tensor([[16, 16]])))
+    return out
+
+
+def test_granite4_vision_language_model_is_walked_beside_its_vision_tower(gen, tmp_path, monkeypatch):
+    """Granite 4 Vision's default walk quantized its CLIP tower and its projectors' Q-Former layers and
+    left its whole Granite language model (model.language_model.layers, Granite4VisionTextDecoderLayer:
+    most of the weights) in full precision with a warning. Every tower is walked in one call, near the
+    float logits, and the checkpoint loads back; a language layer after DeepStack's additions gets,
+    as its statistics, exactly the inputs of a plain forward."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = tiny_granite4_vision()
+    calibration = granite4_vision_inputs(4, gen)
+    test = granite4_vision_inputs(1, gen)[0]
+    with torch.no_grad():
+        reference = model(**test).logits
+    quantize_leaving_no_tower(model, iter(calibration).__next__)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(
+        model, ("model.vision_tower.encoder.layers", "model.language_model.layers",
+                "model.spatial_projectors.3.qformer.encoder.layer"), tmp_path, test,
+        adapter="hf-clip+hf-decoder+hf-encoder")
+
+    model = tiny_granite4_vision()
+    target = "model.language_model.layers.3.mlp.up_proj"
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
