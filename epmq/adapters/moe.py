@@ -792,3 +792,22 @@ MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     # hybrids: Qwen3-Next (gated DeltaNet and attention layers), Granite 4 (Mamba 2 and attention)
     "Qwen3NextDecoderLayer", "GraniteMoeHybridDecoderLayer",
 ))
+
+
+class DsaMoEAdapter(MoEAdapter):
+    """MoE decoder layers with DeepSeek sparse attention whose ``"shared"`` layers attend to the
+    tokens the indexer of a layer before them chose: each returns ``(hidden, top-k indices)``, handed
+    to the next as ``prev_topk_indices`` (a stand-in hands None, which such a layer refuses). Layers
+    reusing an earlier layer's latent KV read it from the ``shared_kv_states`` of the call, which that
+    layer's own run in the walk writes."""
+
+    def passthrough(self, hidden):
+        return hidden, None
+
+    def next_kwargs(self, kwargs, output):
+        return dict(kwargs, prev_topk_indices=output[1])
+
+
+# Mistral Large 4's language model, beside its Pixtral tower (which a default walk took alone: AUTO,
+# which walks the language model alone, is no default beside another adapter)
+DSA_MOE_DECODERS = DsaMoEAdapter("hf-dsa-moe-decoder", block_types=("MistralLarge4TextDecoderLayer",))

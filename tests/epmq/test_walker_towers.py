@@ -1169,3 +1169,65 @@ def test_granite4_vision_language_model_is_walked_beside_its_vision_tower(gen, t
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
                         layers=lambda name: name == target)
     assert_same_statistics(seen, hand)
+
+
+def tiny_mistral_large4(seed=0, index_topk=4):
+    """Mistral Large 4: a Pixtral tower (a 32 x 32 image: 4 tokens) and a DeepSeek-style MoE language
+    model (a dense layer, then routed experts) whose sparse attention shares its work between layers:
+    layers 1 and 3 reuse the latent KV of layers 0 and 2 (shared_kv_states) and the top-k tokens the
+    layer before them chose (handed on as prev_topk_indices); layers 2 and 3 use no rotary."""
+    from test_walker_models import _DEEPSEEK
+
+    torch.manual_seed(seed)
+    text = dict(_TEXT, num_hidden_layers=4, head_dim=4, index_topk=index_topk, index_head_dim=8, index_n_heads=2,
+                max_position_embeddings=64, model_type="mistral_large4_text", kv_source_layers=[0, 0, 2, 2],
+                index_topk_pattern="FSFS", no_rope_layers=[1, 1, 0, 0],
+                **dict(_DEEPSEEK, num_key_value_heads=4, first_k_dense_replace=1))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, head_dim=8, model_type="pixtral")
+    return transformers.MistralLarge4ForConditionalGeneration(transformers.MistralLarge4Config(
+        text_config=text, vision_config=vision, image_token_index=299, spatial_merge_size=2)).eval()
+
+
+def mistral_large4_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 290, (1, 12), generator=gen)
+        ids[0, 1:5] = 299
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32, generator=gen),
+                        image_sizes=torch.tensor([[32, 32]])))
+    return out
+
+
+def test_mistral_large4_language_model_is_walked_beside_its_vision_tower(gen, tmp_path, monkeypatch):
+    """Mistral Large 4's default walk quantized its Pixtral tower and left its whole MoE language model
+    (model.language_model.layers, MistralLarge4TextDecoderLayer: nearly all of its weights) in full
+    precision with a warning. Every tower is walked in one call, near the float logits (every token
+    kept by the indexer: a top-k of 4 of 12 tokens flips with any rounding), and the checkpoint loads
+    back; the layers that reuse the KV and top-k tokens of those before them get, as their
+    statistics, exactly the inputs of a plain forward."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = tiny_mistral_large4(index_topk=64)
+    calibration = mistral_large4_inputs(4, gen)
+    test = mistral_large4_inputs(1, gen)[0]
+    with torch.no_grad():
+        reference = model(**test).logits
+    quantize_leaving_no_tower(model, iter(calibration).__next__)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    model = tiny_mistral_large4()
+    quantize_leaving_no_tower(model, iter(calibration).__next__)
+    assert_both_towers_walked_and_served(
+        model, ("model.vision_tower.transformer.layers", "model.language_model.layers"), tmp_path, test,
+        adapter="hf-dsa-moe-decoder+hf-encoder")
+
+    for target in ("model.language_model.layers.1.self_attn.q_proj", "model.language_model.layers.3.self_attn.o_proj"):
+        model = tiny_mistral_large4()
+        hand = hooked_inputs(model, target, calibration)
+        seen = walked_inputs(monkeypatch)
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                            layers=lambda name: name == target)
+        assert_same_statistics(seen, hand)
+        monkeypatch.undo()
+
