@@ -1471,6 +1471,32 @@ def _bind(block, args, kwargs):
     return hidden, named
 
 
+def _refuse_filled_cache(stack, block, args, kwargs) -> None:
+    """Refuse ``stack`` where the model hands its first block a cache holding tokens (PI05's action
+    expert attends to the KV cache its VLM filled with the prefix): the walk calls every block
+    without a cache, so their attention would miss those tokens, the masks made for them would not
+    fit (torch's bare shape error deep inside) or, where they did, the statistics would be wrong."""
+    signature = inspect.signature(block.forward)
+    try:
+        bound = signature.bind(*args, **kwargs).arguments
+    except TypeError:  # (_bind says what is wrong with the call)
+        return
+    for p in signature.parameters.values():
+        if p.kind == p.VAR_KEYWORD:
+            bound.update(bound.pop(p.name, {}))
+    for key in _CACHE_KWARGS:
+        cache = bound.get(key)
+        if _holds_tokens(cache):
+            held = (f" of {cache.get_seq_length()} tokens" if callable(getattr(cache, "get_seq_length", None))
+                    else "")
+            raise ValueError(
+                f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed a {key}{held} that the model "
+                f"filled before them (PI05's action expert attends to the KV cache its VLM filled with the prefix): "
+                f"the walk calls each block without a cache and cannot replay it, so their inputs would not be "
+                f"those of the model; leave them out (walk the other towers: the default walk, adapter= without "
+                f"the one taking them, or layers=), and they stay in full precision")
+
+
 def _check_hidden(stack, hidden):
     """Every calibration item's input to ``stack``'s first block: floating, of one dtype and
     width (``inputs_embeds`` given by hand bypass the model's embedding, and its checks)."""
@@ -2274,6 +2300,8 @@ class _Walk:
 
         def recorder(j, block):
             def fn(*args, **kwargs):
+                if j == 0 and not now["past"]:
+                    _refuse_filled_cache(stack, block, args, kwargs)
                 hidden, named = _bind(block, args, kwargs)
                 if now["past"]:  # (called again after the last block: weights shared across depth)
                     now["again"][j] = now["again"].get(j, 1) + 1

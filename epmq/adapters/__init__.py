@@ -410,6 +410,14 @@ def remember(model: nn.Module, names: dict) -> None:
     model.__dict__[CHECKPOINT_NAMES] = dict(names)
 
 
+# Blocks no walk can take, and why: warned of with the reason, not told to be walked by AUTO, which
+# refuses them (the walker: "are handed a cache ... that the model filled before them")
+UNWALKABLE = {
+    "PI05DecoderLayer": "PI05's action expert attends to the KV cache its VLM fills with the prefix, and the walk "
+                        "calls each block without a cache: it cannot replay that cache to calibrate them",
+}
+
+
 def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (Llama 4's vision
     encoder layers): they stay in full precision. ``chosen``: ``towers`` are those ``adapter=``
@@ -453,6 +461,8 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
                                      or any(name.startswith(f"{n}.") for n in named)):
                 continue  # (one expert, or a block's own list inside a tower named already)
             named.append(name)
+    unwalkable = [name for name in named if all(k in UNWALKABLE for k in repeated(model.get_submodule(name)))]
+    named = [name for name in named if name not in unwalkable]
     others = sorted(f"{name} ({', '.join(repeated(model.get_submodule(name)))})" for name in named)
     # (a stack's every module must be a block: a list with others between its blocks, LeViT's
     # stages' subsampling attention, is walked only by an adapter naming all its kinds)
@@ -466,6 +476,10 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
         warnings.warn(f"{type(model).__name__}: the linears of {', '.join(pools)} stay in full precision: the "
                       f"module hands their weights to F.multi_head_attention_forward, outside the lists of "
                       f"blocks the walk quantizes (walked: {walked})")
+    for name in unwalkable:
+        kinds = repeated(model.get_submodule(name))
+        warnings.warn(f"{type(model).__name__}: the blocks at {name} ({', '.join(kinds)}) stay in full precision: "
+                      f"{'; '.join(UNWALKABLE[k] for k in kinds)} (walked: {walked})")
     if others:
         mixed_names = {name for name, _ in mixed}
         remedy = [] if all(o.split(" (")[0] in mixed_names for o in others) else [

@@ -1231,3 +1231,51 @@ def test_mistral_large4_language_model_is_walked_beside_its_vision_tower(gen, tm
         assert_same_statistics(seen, hand)
         monkeypatch.undo()
 
+
+def tiny_pi05(seed=0):
+    """PI05: a PaliGemma VLM (a SigLIP tower, 4 image tokens, and Gemma) whose KV cache of the prefix
+    the action expert's layers attend to, with 4 noisy actions of 6 dimensions (its adaptive norms'
+    gates, zero at init, drawn so that its layers' outputs reach the predicted velocity)."""
+    torch.manual_seed(seed)
+    gemma = dict(_TEXT, model_type="gemma", num_key_value_heads=1)
+    model = transformers.PI05ForConditionalGeneration(transformers.PI05Config(
+        vlm_config=dict(model_type="paligemma", text_config=gemma, projection_dim=32, image_token_id=299,
+                        vision_config=dict(_VISION, model_type="siglip_vision_model", vision_use_head=False)),
+        dit_config=gemma, chunk_size=4, max_action_dim=6)).eval()
+    for name, p in model.named_parameters():
+        if "dense" in name or "action_out_proj" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def pi05_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 290, (1, 10), generator=gen)
+        ids[0, :4] = 299
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 1, 3, 16, 16, generator=gen),
+                        pixel_attention_mask=torch.ones(1, 1, dtype=torch.bool),
+                        attention_mask=torch.ones(1, 10, dtype=torch.long), noise=torch.randn(1, 4, 6, generator=gen),
+                        timestep=torch.full((1,), 0.5)))
+    return out
+
+
+def test_pi05_action_expert_reading_the_vlms_cache_is_said_to_stay_in_full_precision(gen):
+    """PI05's action expert (model.dit.layers) attends to the KV cache its VLM fills with the prefix.
+    The default walk warned of it as blocks no adapter knows, to be walked with epmq.adapters.AUTO,
+    and AUTO, told so, refused them with torch's bare 'The size of tensor a (4) must match the size of
+    tensor b (14)' (the walk calls blocks without a cache, the mask made for the cache's tokens does
+    not fit). The warning says why they stay in full precision and advises nothing that fails; a walk
+    of them is refused naming the cache and its tokens."""
+    model, calibration = tiny_pi05(), {"a": pi05_inputs(2, gen)}
+    with pytest.warns(UserWarning, match=r"model\.dit\.layers \(PI05DecoderLayer\) stay in full precision: .*KV "
+                                         r"cache") as caught:
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration=calibration,
+                            progress=False)
+    assert not [w for w in caught if "AUTO" in str(w.message)]
+    assert model.epmq_report.adapter == "hf-decoder+hf-encoder"
+    model = tiny_pi05()
+    adapters = [epmq.adapters.HF_DECODERS, epmq.adapters.HF_ENCODERS, epmq.adapters.AUTO]
+    with pytest.raises(ValueError, match=r"the blocks at 'model\.dit\.layers' \(auto\) are handed a cache of 10 "
+                                         r"tokens that the model filled before them"):
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, adapter=adapters, progress=False)
