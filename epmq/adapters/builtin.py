@@ -297,6 +297,9 @@ BART = Adapter("hf-bart", block_types=(
     # the decoder's merged attention applies its k_proj and v_proj to its own hidden states and to the
     # encoder's output, both calls in their statistics
     "T5Gemma2EncoderLayer", "T5Gemma2DecoderLayer",
+    # Whisper-style audio encoders beside a language model (which a default walk took alone):
+    # Qwen2-Audio's and Voxtral's
+    "Qwen2AudioEncoderLayer", "VoxtralEncoderLayer",
 ))
 
 

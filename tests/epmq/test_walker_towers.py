@@ -1279,3 +1279,44 @@ def test_pi05_action_expert_reading_the_vlms_cache_is_said_to_stay_in_full_preci
     with pytest.raises(ValueError, match=r"the blocks at 'model\.dit\.layers' \(auto\) are handed a cache of 10 "
                                          r"tokens that the model filled before them"):
         epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, adapter=adapters, progress=False)
+
+
+_AUDIO = dict(num_mel_bins=8, max_source_positions=8)  # (16 frames of 8 mel bins: 4 audio tokens)
+# audio-language model -> (model class, config, audio tower's inputs besides its features)
+AUDIO_TOWERS_ONCE_IN_FULL_PRECISION = {
+    "qwen2_audio": ("Qwen2AudioForConditionalGeneration", lambda: transformers.Qwen2AudioConfig(
+        audio_config=dict(_AUDIO, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64),
+        text_config=dict(_TEXT, model_type="qwen2"), audio_token_index=299),
+        dict(feature_attention_mask=torch.ones(1, 16, dtype=torch.long))),
+    "voxtral": ("VoxtralForConditionalGeneration", lambda: transformers.VoxtralConfig(
+        audio_config=dict(_AUDIO, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          num_key_value_heads=4),
+        text_config=dict(_TEXT, model_type="llama"), audio_token_id=299), {}),
+}
+
+
+@pytest.mark.parametrize("name", AUDIO_TOWERS_ONCE_IN_FULL_PRECISION)
+def test_audio_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path):
+    """Qwen2-Audio's and Voxtral's Whisper-style audio encoders (Qwen2AudioEncoderLayer,
+    VoxtralEncoderLayer) were left in full precision with a warning beside the quantized language
+    model, where Whisper's own encoder is walked. Both towers are walked in one call, near the float
+    logits (the audio reaching them), and the checkpoint loads back."""
+    model_class, config, other = AUDIO_TOWERS_ONCE_IN_FULL_PRECISION[name]
+
+    def item():
+        ids = torch.randint(0, 290, (1, 12), generator=gen)
+        ids[0, 1:5] = 299
+        return dict(input_ids=ids, input_features=torch.randn(1, 8, 16, generator=gen), **other)
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config()).eval()
+    test = item()
+    with torch.no_grad():
+        reference = model(**test).logits
+        other_audio = model(**dict(test, input_features=torch.randn(1, 8, 16, generator=gen))).logits
+    assert (other_audio - reference).norm() > 0.1 * reference.norm()
+    quantize_leaving_no_tower(model, item)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(model, ("model.audio_tower.layers", "model.language_model.layers"),
+                                         tmp_path, test, adapter="hf-bart+hf-decoder")
