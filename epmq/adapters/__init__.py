@@ -463,7 +463,12 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
             named.append(name)
     unwalkable = [name for name in named if all(k in UNWALKABLE for k in repeated(model.get_submodule(name)))]
     named = [name for name in named if name not in unwalkable]
-    others = sorted(f"{name} ({', '.join(repeated(model.get_submodule(name)))})" for name in named)
+    # (a list inside one named already, VibeVoice's ConvNext layers in each of its downsampling
+    # stages, is part of that one's count and of its remedy, not a stack of its own beside it)
+    inner = {name: sorted({k for n in named if n.startswith(f"{name}.") for k in repeated(model.get_submodule(n))})
+             for name in named}
+    named = sorted(name for name in named if not any(name.startswith(f"{o}.") for o in named))
+    others = [f"{name} ({', '.join(repeated(model.get_submodule(name)))})" for name in named]
     # (a stack's every module must be a block: a list with others between its blocks, LeViT's
     # stages' subsampling attention, is walked only by an adapter naming all its kinds)
     mixed = [(name, tuple(sorted({type(m).__name__ for m in module})))
@@ -482,15 +487,73 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
                       f"{'; '.join(UNWALKABLE[k] for k in kinds)} (walked: {walked})")
     if others:
         mixed_names = {name for name, _ in mixed}
-        remedy = [] if all(o.split(" (")[0] in mixed_names for o in others) else [
-            "to quantize them too, walk them with epmq.adapters.AUTO (adapter=[the adapters above, "
-            "epmq.adapters.AUTO], with calibration that reaches them) or register an adapter: "
-            "epmq.register_adapter(epmq.Adapter(name, block_types=...))"]
+        sizes = "; ".join(f"{name}: {_size(model, name)}" for name in named)
+        walk = [name for name in named if name not in mixed_names]
+        remedy = _walk_remedy(model, towers, walk, {name: repeated(model.get_submodule(name)) for name in walk},
+                              inner) if walk else []
         remedy += [f"{name} holds other modules between its blocks, which AUTO takes for no stack: walk it with "
                    f"an adapter naming every kind it holds, adapter=[..., epmq.Adapter(name, block_types={kinds!r})]"
                    for name, kinds in mixed]
         warnings.warn(f"{type(model).__name__}: no adapter knows the blocks at {', '.join(others)}, which stay "
-                      f"in full precision (walked: {walked}); " + "; ".join(remedy))
+                      f"in full precision ({sizes}; walked: {walked}); " + "; ".join(remedy))
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _size(model: nn.Module, name: str) -> str:
+    """How much of ``model`` the list ``name`` is: its blocks, its linears and their share of the
+    model's linear weights (what a user weighs before walking a tower left in full precision)."""
+    linears = [m for m in model.get_submodule(name).modules() if _is_projection(m)]
+    total = sum(m.weight.numel() for m in model.modules() if _is_projection(m))
+    share = sum(m.weight.numel() for m in linears) / max(total, 1)
+    share = f"{share:.0%}" if share >= 0.005 or not share else "under 1%"
+    return f"{len(model.get_submodule(name))} blocks, {len(linears)} linears, {share} of the linear weights"
+
+
+def _expression(adapter: Adapter) -> str:
+    """How a user names ``adapter`` in ``adapter=``: its name in ``epmq.adapters``, or the adapter
+    they registered."""
+    held = next((f"epmq.adapters.{name}" for name in __all__ if globals().get(name) is adapter), None)
+    return held or f"<your adapter {adapter.name!r}>"
+
+
+def _walk_remedy(model: nn.Module, towers: list, named: list, kinds: dict, inner: dict) -> list:
+    """How to walk the stacks ``named`` (their block types ``kinds``, the types of the lists inside
+    their blocks ``inner``) beside ``towers``: the ``adapter=`` list that walks them, for those that
+    ``AUTO`` takes beside the others (as ``find_towers`` gives it), and the adapter to register."""
+    adapters = [a for a, _ in towers]
+    given = f"adapter=[{', '.join(_expression(a) for a in adapters + [AUTO])}]"
+    try:
+        auto = [] if AUTO in adapters else [n for a, stacks in find_towers(model, adapters + [AUTO]) if a is AUTO
+                                             for n, _ in stacks]
+    except ValueError:  # (AUTO finds nothing beside them)
+        auto = []
+    # (AUTO may take the lists inside a stack named, where the stack's own blocks are named otherwise)
+    by_auto = [name for name in named if any(_nested(name, n) for n in auto)]
+    rest = [name for name in named if name not in by_auto]
+    remedy = []
+    if by_auto:
+        also = [name for name in auto if not any(_nested(name, n) for n in named)]
+        remedy.append(
+            f"to quantize {'them' if not rest else 'those at ' + ', '.join(by_auto)} too, walk them with "
+            f"epmq.adapters.AUTO beside the adapters that walked the rest, with calibration that reaches them: {given}"
+            + (f" (it walks {', '.join(also)} too)" if also else ""))
+    # (a stack whose blocks hold lists of blocks of their own, VibeVoice's downsampling stages: registered,
+    # both its blocks and theirs would be stacks one inside the other, so the adapter names theirs)
+    register = rest or named
+    nesting = [name for name in register if inner.get(name)]
+    types = tuple(sorted({k for name in register for k in (inner.get(name) or kinds[name])}))
+    lead = ("or register an adapter for them" if not rest else
+            f"those at {', '.join(rest)} AUTO does not take beside them: register an adapter for them" if by_auto
+            else "to quantize them too, register an adapter for them")
+    whole = [name for name in nesting if name in auto]
+    remedy.append(f"{lead}: epmq.register_adapter(epmq.Adapter('name', block_types={types!r}))"
+                  + (f" (at {', '.join(nesting)}, the blocks of the lists inside the blocks"
+                     + (f"; AUTO takes those at {', '.join(whole)} whole, and refuses them where they change the "
+                        f"shape of their input" if whole else "") + ")" if nesting else ""))
+    return remedy
 
 
 def _apart(owner: nn.Module, attr: str) -> bool:

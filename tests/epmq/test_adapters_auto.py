@@ -376,7 +376,7 @@ def test_an_unknown_tower_beside_a_known_one_is_walked_when_auto_is_asked_for(ge
                          for _ in range(2)]}
     spec = epmq.QuantSpec(bits=8, group_size=16)
     model = copy.deepcopy(base)
-    with pytest.warns(UserWarning, match=r"blocks at vision \(PatchBlock\).*adapter=\[the adapters above, "
+    with pytest.warns(UserWarning, match=r"blocks at vision \(PatchBlock\).*adapter=\[epmq\.adapters\.HF_DECODERS, "
                                          r"epmq\.adapters\.AUTO\]"):
         epmq.quantize_model(model, spec, method="gptq", calibration=calibration, backend="torch", progress=False)
     assert not any(name.startswith("vision.") for name in _packed(model))
@@ -1060,3 +1060,108 @@ def test_a_projectors_stack_of_attention_blocks_is_still_warned_of():
     with pytest.warns(UserWarning, match=r"no adapter knows the blocks at .*model\.multi_modal_projector\.layers "
                                          r"\(FunAsrNanoEncoderLayer\)"):
         epmq.adapters.warn_other_towers(model, [t for t in find_towers(model) if t[0] is not epmq.adapters.HF_ENCODERS])
+
+
+def tiny_qwen2_audio(seed=0):
+    """Qwen2-Audio: an audio tower no adapter lists (Qwen2AudioEncoderLayer) and a Qwen2 language model."""
+    torch.manual_seed(seed)
+    audio = dict(num_mel_bins=8, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48,
+                 max_source_positions=16)
+    text = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=63)
+    return transformers.Qwen2AudioForConditionalGeneration(config).eval()
+
+
+def _left_warnings(model, towers, chosen=False) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.adapters.warn_other_towers(model, towers, chosen=chosen)
+    return [str(w.message) for w in caught if "no adapter knows" in str(w.message)]
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_the_warning_of_a_tower_left_in_full_precision_counts_it_and_gives_the_adapters_that_walk_it(chosen):
+    """Qwen2-Audio's audio tower beside its known language model: the warning named the stack and its
+    class, not how much of the model it is, and told to give 'adapter=[the adapters above,
+    epmq.adapters.AUTO]', the adapters above named as 'hf-decoder' (epmq.adapters.HF_DECODERS), no
+    argument to pass. It counts the tower's blocks and linears and their share of the linears'
+    weights, and gives the adapter= that walks it; that argument takes the tower, and nothing is
+    left to warn of."""
+    model = tiny_qwen2_audio()
+    towers = find_towers(model, epmq.adapters.HF_DECODERS if chosen else None)
+    said = _left_warnings(model, towers, chosen)
+    assert len(said) == 1, said
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    tower = [m for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.startswith("model.audio_tower.layers.")]
+    share = sum(m.weight.numel() for m in tower) / sum(m.weight.numel() for m in linears)
+    assert "blocks at model.audio_tower.layers (Qwen2AudioEncoderLayer), which stay in full precision" in said[0]
+    assert f"(model.audio_tower.layers: 2 blocks, {len(tower)} linears, {share:.0%} of the linear weights" in said[0]
+    assert "the adapters above" not in said[0]
+    remedy = "adapter=[epmq.adapters.HF_DECODERS, epmq.adapters.AUTO]"
+    assert remedy in said[0] and "block_types=('Qwen2AudioEncoderLayer',)" in said[0], said[0]
+    both = find_towers(model, eval(remedy.partition("=")[2]))
+    assert [(a.name, [n for n, _ in s]) for a, s in both] == [
+        ("hf-decoder", ["model.language_model.layers"]), ("auto", ["model.audio_tower.layers"])]
+    assert _left_warnings(model, both, chosen=True) == []
+
+
+class DownsampleLayer(nn.Module):
+    """A hierarchical tower's stage: a projection to a narrower width, then blocks of that width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.down = nn.Linear(2 * width, width)
+        self.blocks = nn.ModuleList([PatchBlock(width) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.down(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ToyHierarchicalVLM(ToyVLM):
+    """ToyVLM whose image tower narrows stage by stage (VibeVoice's tokenizers' downsampling stages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Linear(12, 64)
+        self.vision = nn.ModuleList([DownsampleLayer(32), DownsampleLayer(16)])
+        self.project = nn.Linear(16, 32)
+
+    def forward(self, pixels, input_ids):
+        v = self.patches(pixels)
+        for stage in self.vision:
+            v = stage(v)
+        text = self.lm.get_input_embeddings()(input_ids)
+        return self.lm(inputs_embeds=torch.cat([self.project(v), text], dim=1)).logits
+
+
+def test_the_warning_of_a_tower_of_nested_stacks_names_it_once_and_the_blocks_that_walk_it(gen):
+    """A tower whose stages narrow their input, each then running blocks of its own (VibeVoice's
+    tokenizers): the warning named the stages' list and each stage's list of blocks beside it, three
+    stacks where the walk would take one, and told to walk them with AUTO, which takes the stages
+    and refuses them (their outputs are not of their inputs' shape). It names the tower once, with
+    every linear in it, and the adapter to register names the blocks inside the stages; given, that
+    adapter walks them, beside the language model, and AUTO's refusal is as the warning says."""
+    model = ToyHierarchicalVLM().eval()
+    said = _left_warnings(model, find_towers(model))
+    assert len(said) == 1, said
+    assert "blocks at vision (DownsampleLayer), which stay" in said[0] and "vision.0.blocks" not in said[0], said[0]
+    assert "(vision: 2 blocks, 10 linears, " in said[0], said[0]
+    assert "adapter=[epmq.adapters.HF_DECODERS, epmq.adapters.AUTO]; or register an adapter for them" in said[0]
+    assert ("block_types=('PatchBlock',))) (at vision, the blocks of the lists inside the blocks; AUTO takes those at "
+            "vision whole, and refuses them where they change the shape of their input)") in said[0], said[0]
+    calibration = {"a": [(torch.randn(2, 4, 12, generator=gen), torch.randint(3, 64, (2, 6), generator=gen))]}
+    with pytest.raises(ValueError, match=r"its blocks \(DownsampleLayer\) return shape \(2, 4, 32\) for hidden states "
+                                         r"of shape \(2, 4, 64\)"):
+        epmq.quantize_model(copy.deepcopy(model), SPEC, method="gptq", calibration=calibration, backend="torch",
+                            progress=False, adapter=[epmq.adapters.HF_DECODERS, AUTO])
+    registered = epmq.Adapter("patch", block_types=("PatchBlock",))
+    epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, backend="torch", progress=False,
+                        adapter=[epmq.adapters.HF_DECODERS, registered])
+    assert {n.rpartition(".")[0] for n in _packed(model) if n.startswith("vision.")} == {
+        f"vision.{s}.blocks.{b}" for s in range(2) for b in range(2)}
+
