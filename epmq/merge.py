@@ -4,10 +4,12 @@ Iso-C, Model Stock, SLERP and (weighted) averaging.
 Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as state dicts (any
 ``Mapping`` of name -> tensor, including lazy ones that read a tensor from disk when indexed) or
 ``nn.Module``s, and returns a new state dict. Work goes tensor by tensor: at any time one tensor
-of the base and of every expert is in memory, plus the result. The task-vector merges and
-``average`` read the experts' tensors one at a time instead; a tensor whose K task vectors would
-pass ``HOLD_BYTES`` is merged holding a few tensors whatever K (an 8B model's embedding is 2.1
-GB in fp32), the sign election making each task vector twice (its expert read twice).
+of the base and of every expert is in memory, plus the result. The task-vector merges (but
+``sce``, ``ram`` and ``ram_plus``, which follow mergekit over the K task vectors held at once,
+as ``model_stock(convention="mergekit")`` does) and ``average`` read the experts' tensors one at a
+time instead; a tensor whose K task vectors would pass ``HOLD_BYTES`` is merged holding a few
+tensors whatever K (an 8B model's embedding is 2.1 GB in fp32), the sign election making each
+task vector twice (its expert read twice).
 
 With task vectors ``tau_k = W_k - W_0`` (task_arithmetic, ties, dare, breadcrumbs and della also
 take ``weights``, one per expert, multiplying each ``tau_k`` before it is combined, as
