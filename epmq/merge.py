@@ -301,14 +301,16 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
 _FUSED_EXPERTS = re.compile(r"(^|\.)experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
 
 
-def _warn_of_fused_experts(base, experts: list, statistic: Optional[str], stacklevel: int = 3) -> None:
+def _warn_of_fused_experts(base, experts: list, statistic: Optional[str], stacklevel: int = 3,
+                           at_once: bool = True) -> None:
     """Warn where state dicts held in memory (no module: no layout says how ``save_pretrained``
     cuts them) hold a MoE layer's experts fused, by transformers 5's names: a merge with
     per-tensor statistics takes them over all the layer's experts at once, where the modules (and
     a checkpoint of one matrix per expert, Mixtral's, Qwen3-MoE's) are merged expert by expert.
     The dicts do not say which (Qwen3-VL-MoE's checkpoints hold them fused, merged so by epmq
     merge): merged as given. Lazy checkpoint states are merged as their checkpoints hold them.
-    ``statistic``: what the merge takes over a whole tensor (None: nothing, no warning)."""
+    ``statistic``: what the merge takes over a whole tensor (None: nothing, no warning); ``at_once``
+    False: over each expert's matrix whole, as ``statistic`` says (not over all the experts)."""
     states = [base, *experts] if base is not None else experts
     if statistic is None or not states or not all(isinstance(state, dict) for state in states):
         return
@@ -316,10 +318,11 @@ def _warn_of_fused_experts(base, experts: list, statistic: Optional[str], stackl
              if _FUSED_EXPERTS.search(name) and isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point()]
     if fused:
         warnings.warn(f"tensors {fused[:3]} ({len(fused)} in all) are a MoE layer's experts fused in one 3-D tensor "
-                      f"(transformers 5's names): each is merged as one tensor, {statistic} over all its experts "
-                      f"at once, where a model whose save_pretrained writes one matrix per expert (Mixtral, "
-                      f"Qwen3-MoE) is merged expert by expert as its modules or checkpoints (epmq merge); give the "
-                      f"models as modules to merge them as their checkpoints are", stacklevel=stacklevel)
+                      f"(transformers 5's names): each is merged as one tensor, {statistic}"
+                      f"{' over all its experts at once' if at_once else ''}, where a model whose save_pretrained "
+                      f"writes one matrix per expert (Mixtral, Qwen3-MoE) is merged expert by expert as its modules "
+                      f"or checkpoints (epmq merge); give the models as modules to merge them as their checkpoints are",
+                      stacklevel=stacklevel)
 
 
 def _saved_layout(base, experts):
@@ -1019,6 +1022,9 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     them, as ``epmq merge`` names them: its fused ones are merged as the ones it saves).
     """
     check_number(dot_threshold, "dot_threshold")
+    per_expert = "per_row taking each expert's whole matrix as a row (an angle each), not its rows"
+    _warn_of_fused_experts(None, [a, b], per_expert if per_row else "the angle between the models taken",
+                           at_once=not per_row)
     # (a schedule reads every tensor under its saved name, as the fused ones are merged: read at
     # the module's names beside them, a filter on either naming missed the other's tensors)
     named = _mask_names(None, [a, b]) if callable(t) else {}
@@ -1058,6 +1064,9 @@ def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool
         raise ValueError(f"nuslerp interpolates two experts, got {len(experts)}")
     total = sum(weights)
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    # (rows along the last dimension are each expert's matrix's rows: no warning)
+    if flatten or row_wise:
+        _warn_of_fused_experts(base, experts, "the angle between the vectors taken")
 
     def unit(x):
         return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
@@ -1097,6 +1106,7 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
     experts = _listed_experts(experts)
     weights = _check_weights(_listed(weights), len(experts), divide=normalize_weights)
     check_number(eps, "eps", 0)
+    _warn_of_fused_experts(base, experts, "their norms and directions taken")
 
     def mean_on_sphere(name, vectors):
         flat = vectors.view(len(vectors), -1)
@@ -1145,6 +1155,8 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
     if not is_integer(max_iter) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")  # (numpy's integers are)
     max_iter, tol = int(max_iter), check_number(tol, "tol", 0)
+    models = _listed_experts(models)
+    _warn_of_fused_experts(None, models, "their norms and directions taken")
 
     def merge_tensor(name, W_0, W_k):
         tensors = [W_k[k] for k in range(len(W_k))]
@@ -1182,7 +1194,7 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
         return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
 
     # (one model given for the list was iterated: an nn.Sequential's layers merged as models)
-    return _merge_each(None, _listed_experts(models), merge_tensor, out)
+    return _merge_each(None, models, merge_tensor, out)
 
 
 def nearswap(base, experts, t: float = 0.001, *, out=None):
@@ -1227,6 +1239,9 @@ def _ram(base, experts, r, alpha, epsilon, method, out):
     _needs_base(base, method)
     r, alpha, epsilon = (check_number(r, "r", 0), check_number(alpha, "alpha", 0),
                          check_number(epsilon, "epsilon", 0))
+    experts = _listed_experts(experts)
+    if r:  # (RAM's entries alone: each expert's matrix's)
+        _warn_of_fused_experts(base, experts, "each expert's overlap counted", stacklevel=4)
 
     def merge_tensor(name, W_0, W_k):
         taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
@@ -1257,6 +1272,7 @@ def arcee_fusion(base, experts, *, out=None):
     _needs_base(base, "arcee_fusion")
     if len(experts) != 1:
         raise ValueError(f"arcee_fusion fuses one expert into the base, got {len(experts)}")
+    _warn_of_fused_experts(base, experts, "its importances' quartiles taken")
 
     def merge_tensor(name, W_0, W_k):
         W_1 = W_k[0]

@@ -2423,3 +2423,33 @@ def test_fused_experts_in_plain_state_dicts_are_warned_of(gen):
             method(base, experts, **params)
         plain = {n: t for n, t in base.items() if ".experts." not in n}
         merge.tsv(plain, [{n: e[n] for n in plain} for e in experts])
+
+
+def test_fused_experts_in_plain_state_dicts_are_warned_of_by_the_spherical_and_mergekit_merges(gen):
+    """The same state dicts of fused experts given to SLERP (its angle), NuSLERP (flattened or row-wise),
+    Multi-SLERP and Karcher (their norms and directions), Arcee Fusion (its importances' quartiles) and
+    RAM+ (each expert's overlap counted) took those over all E experts at once, in silence, where the
+    modules are merged expert by expert; warned of as the other merges' are, merged as before."""
+    base = {"model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 8, 6, generator=gen),
+            "model.layers.0.mlp.experts.down_proj": torch.randn(4, 6, 4, generator=gen),
+            "w": torch.randn(5, 6, generator=gen)}
+    experts = [{n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in base.items()} for _ in range(3)]
+    for method, args, params in [
+            (merge.slerp, experts[:2], {}), (merge.slerp, experts[:2], dict(per_row=True)),
+            (merge.nuslerp, (base, experts[:2]), {}), (merge.nuslerp, (None, experts[:2]), dict(row_wise=True,
+                                                                                                  flatten=False)),
+            (merge.multislerp, (base, experts), {}), (merge.karcher, (experts,), {}),
+            (merge.arcee_fusion, (base, experts[:1]), {}), (merge.ram_plus, (base, experts), {})]:
+        with pytest.warns(UserWarning, match=r"'model.layers.0.mlp.experts.gate_up_proj'.* a MoE layer's experts "
+                                             r"fused .*give the models as modules"):
+            got = method(*args, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = method(*args, **params)
+        assert all(torch.equal(got[n], want[n]) for n in want), method  # (merged as before)
+    with warnings.catch_warnings():  # (rows along the last dimension, entries alone: those of each expert's matrix)
+        warnings.simplefilter("error")
+        merge.nuslerp(base, experts[:2], flatten=False)
+        merge.ram(base, experts)
+        merge.ram_plus(base, experts, r=0)
+        merge.nearswap(base, experts[:1])
