@@ -776,6 +776,14 @@ def epmq_from_stats(
             weights = ", ".join(f"{a:.3g}" for a in stats.task_weights)
             raise ValueError(f"the statistics' {what} overflowed {stats.dtype} (its trace is {trace}; task weights "
                              f"[{weights}]): accumulate them in torch.float64 (EPMQStats(dtype=)), or {or_else}")
+    if s / d_in < torch.finfo(stats.dtype).tiny and any(a > 0 for a in stats.task_weights):
+        # a_k H_k fell to the dtype's subnormals (or zeros) as it was folded: its entries kept a few bits or none,
+        # and the codes moved from those of the same weights scaled up (quant.epmq scales them so itself)
+        weights = ", ".join(f"{a:.3g}" for a in stats.task_weights)
+        raise ValueError(f"the statistics' H_e = sum_k a_k H_k is below {stats.dtype}'s normal range (its mean "
+                         f"diagonal is {s / d_in:.3g}; task weights [{weights}]): its entries were flushed to "
+                         f"subnormals as they were folded; give larger task weights (the codes depend on their "
+                         f"ratios alone), or accumulate in torch.float64 (EPMQStats(dtype=))")
     if s == 0:  # (task weights of 0: no expert term, and the anchors, relative to it, vanish too)
         raise ValueError("the expert term is zero (task_weights all 0): E-PMQ would be round-to-nearest "
                          "with a loss of 0; give positive task weights")

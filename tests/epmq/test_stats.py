@@ -1556,3 +1556,31 @@ def test_low_rank_experts_made_dense_are_ieee_fp32_whatever_the_tf32_switch(gen,
     stats = EPMQStats(W_0 + 0.01, dtype=torch.float32)
     stats.add_tasks([W_0 + 0.1, lora], [torch.eye(D_IN), 2 * torch.eye(D_IN)])
     assert tf32_products == []
+
+
+@pytest.mark.parametrize("shift", [-149, -140])
+def test_task_weights_flushing_float32_statistics_are_named(gen, shift):
+    """Task weights so small that a_k H_k falls to float32's subnormals (2^-140 on a Hessian of
+    trace 1e4; 2^-149, float32's least) were folded into EPMQStats(dtype=torch.float32) used
+    directly, in silence, and E-PMQ solved the flushed statistics (codes moved from those of the
+    same weights scaled by a power of two, which quant.epmq itself makes); refused naming the
+    task weights and the statistics' dtype. One such weight beside weights of 1 is below their
+    rounding anyway: solved."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    x = 10 * torch.randn(40, D_IN, generator=gen)
+    experts = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    stats.add_tasks(experts, [gram([x]).float()] * 2, [2.0**shift] * 2)
+    with pytest.raises(ValueError, match=r"^the statistics' H_e = sum_k a_k H_k is below torch.float32's normal "
+                                         rf"range .*task weights \[{2.0**shift:.3g}, {2.0**shift:.3g}\]"):
+        quant.epmq_from_stats(stats, QuantSpec(bits=4, group_size=16))
+    streamed = EPMQStats(W_m, dtype=torch.float32)  # (streamed: begin_task, add_batch, end_task)
+    for W_k in experts:
+        streamed.begin_task(W_k, weight=2.0**shift)
+        streamed.add_batch(x)
+        streamed.end_task()
+    with pytest.raises(ValueError, match=r"^the statistics' H_e = sum_k a_k H_k is below torch.float32's normal"):
+        quant.epmq_from_stats(streamed, QuantSpec(bits=4, group_size=16))
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    stats.add_tasks(experts, [gram([x]).float()] * 2, [2.0**shift, 1.0])
+    quant.epmq_from_stats(stats, QuantSpec(bits=4, group_size=16))
