@@ -44,8 +44,8 @@ the user's own that are padded are split by :func:`unpad` (``quantize_model`` an
 Images: ``samples`` files drawn at random (seeded) from a directory tree (an ImageFolder layout
 with class subfolders works as it is) or a list of files, turned upright by their EXIF
 orientation (as transformers' ``load_image`` does), converted to RGB (``rgb_image``:
-transparency onto white, as transformers does; 16-bit images scaled to 8 bits, which
-transformers clips) and preprocessed by the model's own image processor into
+transparency onto white, as transformers does; 16-bit images scaled to 8 bits by 65535, which
+transformers clips, in either mode Pillow opens them in) and preprocessed by the model's own image processor into
 ``{"pixel_values"}`` batches.
 
 Audio: ``samples`` WAV files drawn at random (seeded) from a directory tree or a list of files,
@@ -1506,14 +1506,23 @@ def upright(image):
 
 def rgb_image(image):
     """``image`` in RGB: transparency composited onto white, not dropped (as transformers'
-    ``convert_rgb``); 16- and 32-bit greyscale scaled to 8 bits (PIL's ``convert``, which
-    transformers' processors use, clips it at 255: a 16-bit image all but white)."""
+    ``convert_rgb``); 16- and 32-bit greyscale scaled to 8 bits by their format's range (PIL's
+    ``convert``, which transformers' processors use, clips it at 255: a 16-bit image all but
+    white): 16-bit data by 65535, whether it opens as ``I;16`` (a 16-bit PNG) or as 32-bit ``I``
+    (converted, as loaders do, or a TIFF of 32-bit integers holding 16-bit data), ``I`` data past
+    16 bits by int32's largest (negatives as 0); float (``F``) images, of no fixed range, by their
+    own maximum. ``La`` (premultiplied alpha) as its ``LA``."""
     from PIL import Image
     import numpy as np
 
+    if image.mode == "La":  # (premultiplied alpha, which Pillow converts to nothing but LA)
+        image = image.convert("LA")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if image.mode == "F":
+            top = max(float(values.max()), 1.0)
+        else:  # (a dark image stays dark: scaled by its own maximum, it came out bright)
+            top = 65535.0 if image.mode.startswith("I;16") or float(values.max()) <= 65535 else 2.0**31 - 1
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     # (transformers' rule: an alpha band, or a transparent colour or palette index of any mode, a
     # greyscale or RGB PNG's tRNS chunk included; the benches' ImagePrep does not look at info)

@@ -2156,3 +2156,38 @@ def test_audio_model_quantized_in_another_dtype_gets_its_clips_in_it(tmp_path):
                      for b in audio_batches(audio_files(tmp_path / "audio"), extractor, samples=3, batch_size=2)]}
     model = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
     assert_quantize_model_equals(out, model, spec, batches, lambda o: o.logits, method="gptq")
+
+
+def test_dark_16_bit_images_stay_dark_whatever_mode_they_open_in(tmp_path):
+    """A 32-bit greyscale image ('I': a 16-bit PNG converted, as loaders do, or a TIFF of 32-bit integers) was
+    scaled by its own maximum, so a dark one came out bright (a ramp to 6553 of 65535 read as one to 255);
+    16-bit data is scaled by 65535 in every mode it comes in (the 'I;16' a 16-bit PNG opens as, or 'I'), as
+    its 8-bit counterpart reads, and 'I' data past 16 bits by int32's range. An 'La' image (luminance and
+    premultiplied alpha: Pillow converts it to nothing but 'LA') was refused as 'conversion from La to L not
+    supported'; it is composited onto white as its 'LA' is."""
+    from PIL import Image
+
+    from epmq.calibration import rgb_image
+
+    class Pixels:  # (a processor handing back the RGB images it is given)
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.stack([torch.from_numpy(np.asarray(i).copy()) for i in images])}
+
+    dark = np.linspace(0, 6553, 20 * 20).reshape(20, 20)
+    Image.fromarray(dark.astype(np.uint16)).save(tmp_path / "dark16.png")
+    Image.fromarray(dark.astype(np.int32)).save(tmp_path / "dark32.tiff")
+    Image.fromarray((dark / 257).round().astype(np.uint8)).save(tmp_path / "dark8.png")
+    with Image.open(tmp_path / "dark16.png") as image:
+        assert image.mode == "I;16"
+        converted = rgb_image(image.convert("I"))
+    want = image_batches([tmp_path / "dark8.png"], Pixels(), samples=1)[0]["pixel_values"]
+    assert int(want.max()) == 25
+    for f in ("dark16.png", "dark32.tiff"):
+        got = image_batches([tmp_path / f], Pixels(), samples=1)[0]["pixel_values"]
+        assert (got.int() - want.int()).abs().max() <= 1, f
+    assert (torch.from_numpy(np.asarray(converted)).int() - want[0].int()).abs().max() <= 1
+    wide = Image.fromarray(np.array([[0, 2**30, 2**31 - 1]], dtype=np.int32))
+    assert np.asarray(rgb_image(wide))[0, :, 0].tolist() == [0, 128, 255]
+    la = Image.new("LA", (4, 4), (100, 128)).convert("La")
+    assert la.mode == "La"
+    assert np.array_equal(np.asarray(rgb_image(la)), np.asarray(rgb_image(la.convert("LA"))))
