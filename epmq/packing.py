@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from epmq_kernels.grid import is_bits
+from epmq_kernels.grid import is_bits, is_integer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -99,6 +99,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     bits = _check_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.dim() != 2 or packed.dtype != torch.int32:
         raise ValueError(f"packed must be a 2-D int32 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    # (8.0, a width read from JSON, ended in the bare 'slice indices must be integers'; -1 with no
+    # words gave no codes)
+    if not is_integer(length) or length < 0:
+        raise ValueError(f"length must be a count of codes (a non-negative int), got {length!r}")
+    length = int(length)
     if packed.shape[0] != packed_length(length, bits):
         raise ValueError(
             f"{length} codes of {bits} bits take {packed_length(length, bits)} words, "

@@ -124,3 +124,18 @@ def test_every_length_round_trips_through_the_stream(bits, gen):
     # unpacking reads only the stream's bits: any word values, the sign bit's copies masked off
     words = torch.full((packed_length(40, bits), 2), -1, dtype=torch.int32)
     assert torch.equal(unpack_rows(words, bits, 40), torch.full((40, 2), 2**bits - 1, dtype=torch.int32))
+
+
+def test_a_length_that_is_no_count_is_refused():
+    """unpack_rows / unpack_cols with a length of 8.0 (a width read from a JSON config as a
+    float) or '8' ended in Python's bare 'slice indices must be integers' or "bad operand type
+    for unary -: 'str'", and -1 with no words returned no codes; refused, naming the length.
+    NumPy's integers are counts."""
+    import numpy as np
+
+    words = pack_rows(torch.ones(8, 3, dtype=torch.int32), 4)
+    for length in (8.0, "8", -1, None, True):
+        for unpack, packed in ((unpack_rows, words), (unpack_cols, words.t())):
+            with pytest.raises(ValueError, match=f"length must be a count of codes .*got {length!r}"):
+                unpack(packed if length != -1 else packed[:0], 4, length)
+    assert torch.equal(unpack_rows(words, 4, np.int64(8)), torch.ones(8, 3, dtype=torch.int32))
