@@ -140,7 +140,8 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes ``[G, N]`` along N (the ``qzeros`` layout): ``[G, ceil(N * bits / 32)]``."""
-    return pack_rows(codes.t(), bits).t().contiguous()
+    # (a list or NumPy array ended in "object has no attribute 't'": pack_rows names the codes)
+    return pack_rows(codes.t() if isinstance(codes, torch.Tensor) else codes, bits).t().contiguous()
 
 
 def unpack_cols(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:

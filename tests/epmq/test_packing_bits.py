@@ -139,3 +139,15 @@ def test_a_length_that_is_no_count_is_refused():
             with pytest.raises(ValueError, match=f"length must be a count of codes .*got {length!r}"):
                 unpack(packed if length != -1 else packed[:0], 4, length)
     assert torch.equal(unpack_rows(words, 4, np.int64(8)), torch.ones(8, 3, dtype=torch.int32))
+
+
+def test_pack_cols_of_no_tensor_is_refused_as_pack_rows_refuses_it():
+    """pack_cols of a list or a NumPy array (zero points read from a JSON or an .npz) ended in
+    Python's bare "'list' object has no attribute 't'", where pack_rows names the codes."""
+    import numpy as np
+
+    for codes in ([[1, 2, 3, 4, 5, 6, 7, 8]], np.ones((1, 8), dtype=np.int32)):
+        with pytest.raises(ValueError, match="codes must be a 2-D integer tensor"):
+            pack_cols(codes, 4)
+        with pytest.raises(ValueError, match="codes must be a 2-D integer tensor"):
+            pack_rows(codes, 4)
