@@ -130,6 +130,10 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
             )
         if col_group.shape != (d_in,):
             raise ValueError(f"col_group must be [{d_in}], got {tuple(col_group.shape)}")
+        # (a float one's 0.5 or 1.7 ran as groups 0 and 1, truncated by int() and the kernel's
+        # int32 load; a bool one as groups 0 and 1: silently)
+        if col_group.is_floating_point() or col_group.is_complex() or col_group.dtype == torch.bool:
+            raise ValueError(f"col_group must be an integer tensor of group indices, got {col_group.dtype}")
         if d_in and (int(col_group.min()) < 0 or int(col_group.max()) >= scales.shape[1]):
             raise ValueError(f"col_group out of range [0, {scales.shape[1]})")
         maxq = 2**bits - 1

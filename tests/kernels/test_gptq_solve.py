@@ -746,6 +746,20 @@ def test_complex_operands_are_refused_by_name(gen, solve):
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_col_group_of_no_integer_dtype_is_refused(gen, solve):
+    """A float col_group (group indices read as a float array) was taken: 0.5 or 1.7 truncated to
+    groups 0 and 1 by both backends (int() and the kernel's int32 load), a bool one read as
+    groups 0 and 1, silently; refused, naming its dtype."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    grid = static_grid(W, 4, False, 16)
+    for col_group in (grid["col_group"] + 0.5, grid["col_group"].float(), grid["col_group"] > 0):
+        with pytest.raises(ValueError, match=f"col_group must be an integer tensor .*got {col_group.dtype}"):
+            solve(W, Hinv, bits=4, sym=False, **dict(grid, col_group=col_group))
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # (any integers are taken)
+        solve(W, Hinv, bits=4, sym=False, **dict(grid, col_group=grid["col_group"].to(dtype)))
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_sym_and_bits_of_another_type_are_refused_by_name(gen, solve):
     """sym='no' (a truthy string, as from a YAML or CLI) ran symmetric, and bits=4.0 passed as 4,
     silently: sym must be a bool and bits an int (a bool is not taken as bits)."""
