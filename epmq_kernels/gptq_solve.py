@@ -94,6 +94,11 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if not is_bits(group_size):
         raise ValueError(f"group_size must be an int (-1 or 0 for a static grid), got {group_size!r}")
+    # (a NumPy array or a list ended in Python's bare "object has no attribute 'is_complex'")
+    for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros),
+                    ("col_group", col_group)):
+        if not (t is None and name not in ("W", "Hinv")) and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     # (complex: solved as its real part, silently, by the reference's float() and the kernel's loads)
     for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros)):
         if t is not None and t.is_complex():
@@ -479,6 +484,8 @@ def gptq_solve_triton(
     block_cols = triton.next_power_of_2(B)
 
     if out is not None:
+        if not isinstance(out, SolveOut):  # (a plain tuple ended in "'tuple' object has no attribute 'Q'")
+            raise ValueError(f"out must be a SolveOut (Q, codes, scales, zeros), got {type(out).__name__}")
         Q, codes = out.Q, out.codes
         if Q.shape != W.shape or Q.dtype != torch.float32 or not Q.is_contiguous():
             raise ValueError("out.Q must be a contiguous float32 tensor of W's shape")

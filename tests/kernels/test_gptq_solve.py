@@ -746,6 +746,21 @@ def test_complex_operands_are_refused_by_name(gen, solve):
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_operands_that_are_no_tensor_are_refused_by_name(gen, solve):
+    """A NumPy array or a list for W, Hinv, R, scales, zeros or col_group ended in Python's bare
+    "'numpy.ndarray' object has no attribute 'is_complex'" (col_group's: 'shape'); refused,
+    naming the argument and what it is."""
+    W, R, Hinv, H = make_problem(gen, 8, 32, with_R=True)
+    grid = static_grid(W, 4, False, 16)
+    args = dict(W=W, Hinv=Hinv, R=R, **grid)
+    for name in args:
+        for bad in (args[name].cpu().numpy(), args[name].tolist()):
+            given = dict(args, **{name: bad})
+            with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got {type(bad).__name__}"):
+                solve(given.pop("W"), given.pop("Hinv"), bits=4, sym=False, group_size=-1, **given)
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_a_col_group_of_no_integer_dtype_is_refused(gen, solve):
     """A float col_group (group indices read as a float array) was taken: 0.5 or 1.7 truncated to
     groups 0 and 1 by both backends (int() and the kernel's int32 load), a bool one read as
