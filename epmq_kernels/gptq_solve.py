@@ -502,11 +502,15 @@ def gptq_solve_triton(
         codes = torch.empty(d_out, d_in, dtype=torch.int32, device=device)
     if dynamic:
         n_groups = triton.cdiv(d_in, group_size)
-        if out is not None and out.scales is not None:
+        if out is not None and (out.scales is not None or out.zeros is not None):
             scales, zeros = out.scales, out.zeros
-            for t in (scales, zeros):
-                if t.shape != (d_out, n_groups) or t.dtype != torch.float32 or not t.is_contiguous():
-                    raise ValueError(f"out.scales/out.zeros must be contiguous float32 [{d_out}, {n_groups}]")
+            for t in (scales, zeros):  # (one of them None ended in "'NoneType' object has no attribute 'shape'")
+                if (not isinstance(t, torch.Tensor) or t.shape != (d_out, n_groups) or t.dtype != torch.float32
+                        or not t.is_contiguous()):
+                    given = "None" if t is None else (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
+                                                      else type(t).__name__)
+                    raise ValueError(f"out.scales/out.zeros must be contiguous float32 [{d_out}, {n_groups}], "
+                                     f"got {given}")
         else:
             scales = torch.empty(d_out, n_groups, dtype=torch.float32, device=device)
             zeros = torch.empty_like(scales)
@@ -517,10 +521,15 @@ def gptq_solve_triton(
         zeros = zeros.float().contiguous()
         col_group_i32 = col_group.to(torch.int32).contiguous()
 
-    if block_rows is not None and (block_rows < 1 or block_rows & (block_rows - 1)):
-        raise ValueError(f"block_rows must be a power of two, got {block_rows}")
+    # (numpy's integers, a sweep's values read from an array, reached the kernel as such: the
+    # interpreter's bare "cannot convert 4 of type <class 'numpy.int64'> to tensor"; num_warps=0
+    # ran the default silently)
+    for name, value in (("block_rows", block_rows), ("num_warps", num_warps)):
+        if value is not None and (not is_bits(value) or value < 1 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two, got {value!r}")
+    block_rows = None if block_rows is None else int(block_rows)
     block_rows, warps_default = solver_launch_config(d_out, block_cols, device, block_rows)
-    num_warps = num_warps or warps_default
+    num_warps = warps_default if num_warps is None else int(num_warps)
     grid = (triton.cdiv(d_out, block_rows),)
     # (one block's errors, contiguous [d_out, i2 - i1], as the reference's product reads them)
     Err_flat = _workspace((d_out * B,), torch.float32, device)

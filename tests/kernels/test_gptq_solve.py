@@ -745,6 +745,21 @@ def test_complex_operands_are_refused_by_name(gen, solve):
             solve(W, Hinv, bits=4, sym=False, **dict(grid, **{name: grid[name].to(torch.complex64)}))
 
 
+def test_an_out_of_another_kind_or_with_half_a_grid_is_refused(gen):
+    """out= as a plain tuple (Q, codes, scales, zeros) ended in Python's bare "'tuple' object has
+    no attribute 'Q'", and a SolveOut with out.scales but no out.zeros (dynamic groups) in
+    "'NoneType' object has no attribute 'shape'"; both refused, saying what out must hold."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    n = dict(dtype=torch.float32, device=DEVICE)
+    Q, codes = torch.empty(8, 32, **n), torch.empty(8, 32, dtype=torch.int32, device=DEVICE)
+    grid = torch.empty(8, 2, **n)
+    with pytest.raises(ValueError, match="out must be a SolveOut .*got tuple"):
+        gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=(Q, codes, grid, grid.clone()))
+    for scales, zeros in ((grid, None), (None, grid)):
+        with pytest.raises(ValueError, match=r"out.scales/out.zeros must be contiguous float32 \[8, 2\].*got None"):
+            gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(Q, codes, scales, zeros))
+
+
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_operands_that_are_no_tensor_are_refused_by_name(gen, solve):
     """A NumPy array or a list for W, Hinv, R, scales, zeros or col_group ended in Python's bare
