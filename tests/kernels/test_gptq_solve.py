@@ -745,6 +745,26 @@ def test_complex_operands_are_refused_by_name(gen, solve):
             solve(W, Hinv, bits=4, sym=False, **dict(grid, **{name: grid[name].to(torch.complex64)}))
 
 
+def test_launch_overrides_from_a_sweep_are_taken_or_refused_by_name(gen):
+    """block_rows and num_warps (the benchmarks' sweep of the launch): NumPy's 4 (a sweep read
+    from an array) ended in the interpreter's bare "cannot convert 4 of type <class
+    'numpy.int64'> to tensor", 4.0 in "unsupported operand type(s) for &", and num_warps=0 ran
+    the default warps silently (3 failed only compiled, in Triton's assertion); NumPy's integers are taken as
+    Python's, the rest refused by name."""
+    np = pytest.importorskip("numpy")
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    kw = dict(bits=4, sym=False, group_size=16)
+    want = gptq_solve_triton(W, Hinv, block_rows=4, num_warps=1, **kw)
+    got = gptq_solve_triton(W, Hinv, block_rows=np.int64(4), num_warps=np.int32(1), **kw)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.Q, want.Q)
+    for block_rows in (4.0, "4", True):
+        with pytest.raises(ValueError, match=f"block_rows must be a power of two, got {block_rows!r}"):
+            gptq_solve_triton(W, Hinv, block_rows=block_rows, **kw)
+    for num_warps in (0, 3, 2.0):
+        with pytest.raises(ValueError, match=f"num_warps must be a power of two, got {num_warps!r}"):
+            gptq_solve_triton(W, Hinv, num_warps=num_warps, **kw)
+
+
 def test_an_out_of_another_kind_or_with_half_a_grid_is_refused(gen):
     """out= as a plain tuple (Q, codes, scales, zeros) ended in Python's bare "'tuple' object has
     no attribute 'Q'", and a SolveOut with out.scales but no out.zeros (dynamic groups) in
