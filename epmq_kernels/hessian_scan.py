@@ -34,6 +34,11 @@ _FINISH_BLOCK = 256
 
 
 def _check_numbers_args(H, vu):
+    # (a NumPy H ended in "object has no attribute 'dim'"; a NumPy vu of the right shape and
+    # dtype was refused as 'must be float64, got (5, 2) float64')
+    for name, t in (("H", H), ("vu", vu)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square matrix, got {tuple(H.shape)}")
     if not H.is_floating_point():

@@ -230,3 +230,17 @@ def test_a_nan_on_the_diagonal_gives_the_references_diagonal_numbers(gen, d, mon
     assert want[2] != want[2] and want[6] != want[6]
     assert got[2] != got[2], got
     assert got[6] != got[6] and got[3] == want[3], got
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_operands_that_are_no_tensor_are_refused_by_name(backend):
+    """H as a NumPy array or a list ended in Python's bare "'numpy.ndarray' object has no
+    attribute 'dim'", and vu as a NumPy array of the right shape and dtype in 'vu must be [5, 2]
+    float32 or float64, got (5, 2) float64'; refused, naming the argument and its type."""
+    H = torch.eye(5, dtype=torch.float64, device=DEVICE)
+    vu = torch.zeros(5, 2, dtype=torch.float64, device=DEVICE)
+    for bad in (H.cpu().numpy(), H.tolist()):
+        with pytest.raises(ValueError, match=f"H must be a torch.Tensor, got {type(bad).__name__}"):
+            hessian_numbers(bad, vu, backend=backend)
+    with pytest.raises(ValueError, match="vu must be a torch.Tensor, got ndarray"):
+        hessian_numbers(H, vu.cpu().numpy(), backend=backend)
