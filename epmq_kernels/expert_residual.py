@@ -29,9 +29,16 @@ from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, devi
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
+def _check_tensor(t, name):
+    # (a NumPy array or a list ended in "object has no attribute 'is_complex'")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def _check_real(t, name):
     # (complex: the kernels ended in a bare KeyError on the dtype's name, and the reference dropped
     # the imaginary part with no more than torch's warning; the statistics are real)
+    _check_tensor(t, name)
     if t.is_complex():
         raise ValueError(f"{name} must be real, got {t.dtype}")
 
@@ -39,6 +46,7 @@ def _check_real(t, name):
 def _check_sum(t, name):
     # (a sum updated in place: an integer one failed in torch on the float weight, a bool or
     # float8 one on an operation torch has not for it; the kernels take fp32 and fp64 alone)
+    _check_tensor(t, name)
     if not t.is_floating_point() or t.element_size() == 1:
         raise ValueError(f"{name} must be floating point (fp16, bf16, fp32 or fp64): it is a sum updated in "
                          f"place, got {t.dtype}")

@@ -1099,3 +1099,24 @@ def test_integer_activations_are_refused_by_both_backends(gen, dtype):
         with pytest.raises(ValueError, match=f"X must be floating point.*got torch.{str(dtype)[6:]}"):
             accumulate_xxt(H, X, backend=backend)
         assert not H.any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_operands_that_are_no_tensor_are_refused_by_name(backend):
+    """A NumPy array (or a list) for an operand of accumulate_residual, accumulate_xxt or
+    fold_hessians ended in Python's bare "'numpy.ndarray' object has no attribute 'is_complex'"
+    (or 'is_floating_point'); refused, naming the operand and its type."""
+    np = pytest.importorskip("numpy")
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    G, W, H = torch.zeros(4, 6, **f64), torch.ones(4, 6, **f64), torch.eye(6, **f64)
+    operands = dict(G=G, W_k=W, W_m=W, H_k=H)
+    for name in operands:
+        for bad in (operands[name].cpu().numpy(), operands[name].tolist()):
+            args = dict(operands, **{name: bad})
+            with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got {type(bad).__name__}"):
+                accumulate_residual(*args.values(), 0.5, backend=backend)
+    for name, H_, X in (("H", H.cpu().numpy(), W), ("X", H.clone(), np.ones((4, 6)))):
+        with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got ndarray"):
+            accumulate_xxt(H_, X, backend=backend)
+    with pytest.raises(ValueError, match="Hessian 0 must be a torch.Tensor, got ndarray"):
+        fold_hessians(H.clone(), None, [np.eye(6)], [1.0], backend=backend, overwrite=True)
