@@ -2481,7 +2481,7 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
         out = torch.empty((k_rows, N), dtype=dtype, device=device)
     elif (not isinstance(out, torch.Tensor) or out.dtype != dtype
           or tuple(out.shape) != (k_rows, N) or out.device != qweight.device):
-        raise ValueError(f"out must be a {dtype} tensor of shape {(k_rows, N)} on {device}")
+        raise ValueError(f"out must be a {dtype} tensor of shape {(k_rows, N)} on {device}, got {_given(out)}")
     use_triton = backend == "triton" or (backend == "auto" and qweight.is_cuda and not INTERPRETED)
     group = K if group_size == -1 else group_size
     if not use_triton:
@@ -2608,13 +2608,18 @@ def _check_config(path, config):
         raise ValueError(f"the dqmm path needs CHUNK_K or CHUNK_N in a forced config, got {config}")
 
 
+def _given(out) -> str:
+    """What an out= refused was, for its error (the wrong dtype, shape or device, or no tensor)."""
+    if isinstance(out, torch.Tensor):
+        return f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}"
+    return f"a {type(out).__module__}.{type(out).__qualname__}"
+
+
 def _check_out(out, x, N):
     lead = x.shape[:-1]
     if (not isinstance(out, torch.Tensor) or out.dtype != x.dtype
             or tuple(out.shape) != (*lead, N) or out.device != x.device):
-        given = (f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
-                 else f"a {type(out).__module__}.{type(out).__qualname__}")
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on {x.device}, got {given}")
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(*lead, N)} on {x.device}, got {_given(out)}")
 
 
 @on_tensor_device

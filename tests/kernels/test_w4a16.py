@@ -2102,6 +2102,21 @@ def test_a_wrong_out_is_refused_naming_what_it_is(gen):
         assert given in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_wrong_dequantize_out_is_refused_naming_what_it_is(gen, backend):
+    """w4a16_dequantize's out of the wrong dtype, shape or device was refused with what it must
+    be alone ('out must be a torch.float16 tensor of shape (64, 40) on cpu'), what was given left
+    to find, as w4a16_matmul's was."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    for out, given in ((torch.empty(64, 40), "got a torch.float32 tensor of shape (64, 40) on cpu"),
+                       (torch.empty(40, 64, dtype=torch.float16), "got a torch.float16 tensor of shape (40, 64)"),
+                       (torch.empty(64, 40, dtype=torch.float16, device="meta"), "on meta"),
+                       (torch.empty(64, 40, dtype=torch.float16).numpy(), "got a numpy.ndarray")):
+        with pytest.raises(ValueError, match=r"out must be a torch.float16 tensor of shape \(64, 40\) on cpu") as error:
+            W.w4a16_dequantize(qweight, scales, zeros, 32, out=out, backend=backend)
+        assert given in str(error.value), str(error.value)
+
+
 def test_autotune_caches_follow_the_cache_directory(tmp_path, monkeypatch):
     """cache_for: one cache per directory (EPMQ_CACHE_DIR changed in a process starts another),
     with ``~`` expanded."""
