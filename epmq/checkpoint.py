@@ -141,7 +141,10 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     qconfig = _quantize_config(model, layers, names, checkpoint_format, tied)
     ours = qconfig.pop("epmq")  # (the engines' fields first, as other writers order them)
     partial, split = _partial_fields(model, layers, to_disk)
+    overrides = qconfig.pop("dynamic", {})
     qconfig.update(partial)
+    if overrides:  # (after the -: rules: engines take the first rule whose regex matches a module's name)
+        qconfig["dynamic"] = {**qconfig.get("dynamic", {}), **overrides}
     head = _quantized_head(model, layers)
     if head is not None:
         qconfig["lm_head"] = True
@@ -510,6 +513,66 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     return fields, _fused_splits(found) + mixed
 
 
+# the names vLLM and SGLang give the linears they load as one (their packed_modules_mapping)
+_FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+# a block's index in a regex of a name (the first number between dots)
+_ESCAPED_INDEX = re.compile(r"\\\.(\d+)\\\.")
+
+
+def _dynamic_rules(layers, names, base) -> dict:
+    """``dynamic`` ``+:`` rules giving the bits and group size of the layers quantized otherwise than
+    ``base`` (the config's), under their names on disk (``names``: GPTQModel matches those) and under
+    the names vLLM and SGLang build them by: one module of q/k/v_proj (``qkv_proj``) and of
+    gate/up_proj (``gate_up_proj``), and a block's routed experts one ``FusedMoE`` named
+    ``<...>.experts``. Such a module whose linears differ is warned of (the engines build it at one
+    width) and its linears get rules of their own. Blocks alike share a rule (``layers\\.(?:1|3)\\.``)."""
+    units = {}  # (regex, name) of a module as engines build it -> {its linear's name on disk: (bits, group)}
+    for name, m in layers.items():
+        disk = names[name]
+        parent, _, last = disk.rpartition(".")
+        if _experts_of(disk) is not None:
+            unit = rf"{re.escape(_experts_of(disk))}(?:\.|$)", _experts_of(disk)
+        elif last in _FUSED_NAMES and parent:
+            siblings = [p for p, fused in _FUSED_NAMES.items() if fused == _FUSED_NAMES[last]]
+            unit = (rf"{re.escape(parent)}\.(?:{'|'.join([*siblings, _FUSED_NAMES[last]])})$",
+                    f"{parent}.{_FUSED_NAMES[last]}")
+        else:
+            unit = rf"{re.escape(disk)}$", disk
+        units.setdefault(unit, {})[disk] = (m.bits, m.group_size)
+    rules, split = {}, []
+    for (unit, module), members in units.items():
+        kinds = set(members.values())
+        if len(kinds) == 1:
+            rules[unit] = kinds.pop()
+            continue
+        split.append(f"{module} ({', '.join(f'{n}: {b}-bit, group {g}' for n, (b, g) in members.items())})")
+        rules.update({rf"{re.escape(disk)}$": kind for disk, kind in members.items()})
+    if split:
+        warnings.warn(
+            f"{len(split)} modules that vLLM and SGLang build as one (q/k/v_proj as qkv_proj, gate/up_proj as "
+            f"gate_up_proj, a block's routed experts as one FusedMoE) hold linears of other bit widths / group "
+            f"sizes (first: {split[0]}): the engines build each at one and cannot load the others; GPTQModel, "
+            f"which loads them apart, follows the config's dynamic rules. Quantize the linears of each alike "
+            f"(quantize_model(layers=...))", ServingWarning)
+    # the same rule in several blocks: one rule of their indices (listed: a \d+ would also match
+    # blocks whose linears another rule's regex names, as a qkv_proj's names q_proj)
+    alike = {}  # (regex with its block index left out, kind) -> the indices
+    for regex, kind in rules.items():
+        found = _ESCAPED_INDEX.search(regex)
+        if kind != base:
+            shape = _ESCAPED_INDEX.sub(lambda _: r"\.{}\.", regex, count=1)
+            alike.setdefault((shape, kind), []).append(found.group(1) if found else None)
+    dynamic = {}
+    for (shape, (bits, group_size)), indices in alike.items():
+        if None in indices:  # (no block index: the name itself)
+            regex = shape
+        else:
+            regex = shape.replace("{}", indices[0] if len(indices) == 1 else f"(?:{'|'.join(indices)})", 1)
+        dynamic[f"+:{regex}"] = {"bits": bits, "group_size": group_size}
+    return dynamic
+
+
 def _fused_splits(found) -> list:
     """The blocks' linears that vLLM loads fused with others of another precision."""
     shards = {}
@@ -560,6 +623,10 @@ def _symmetric(layer: QuantLinear) -> bool:
     return bool((layer.zeros() == 2 ** (layer.bits - 1)).all())
 
 
+# the group sizes GPTQ Marlin takes (vLLM's and SGLang's MARLIN_SUPPORTED_GROUP_SIZES)
+MARLIN_GROUPS = (-1, 32, 64, 128)
+
+
 class ServingWarning(UserWarning):
     """A saved checkpoint that some serving engine cannot load or serves wrong (``_serving_warnings``):
     a category of its own, so that a caller saving many (``epmq run``'s) can say each once."""
@@ -598,12 +665,27 @@ def _serving_warnings(layers, qconfig, split, experts) -> None:
     # them with MoE WNA16 (4 or 8 bits, told sym: true, so it drops their zero points), SGLang refuses them
     low = sorted({m.bits for m in layers.values() if m.bits not in (4, 8)})
     off_marlin = [f"{'/'.join(map(str, low))}-bit layers"] * bool(low) + ["asymmetric grids"] * (not qconfig["sym"])
+    # vLLM and SGLang pick GPTQ Marlin by the config's own bits, sym and group size, then build each
+    # layer with its dynamic override (override_config), refusing one Marlin does not take
+    marlin_refused = list(dict.fromkeys(
+        (o["bits"], o["group_size"]) for rule, o in qconfig.get("dynamic", {}).items() if rule.startswith("+:")
+        and (o["bits"] not in (4, 8) or o["group_size"] not in MARLIN_GROUPS)))
+    if not (qconfig["sym"] and qconfig["bits"] in (4, 8) and qconfig["group_size"] in MARLIN_GROUPS):
+        marlin_refused = []
     if off_marlin and experts:
         reasons.append(
             f"{' and '.join(off_marlin)}, which take vLLM and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "
             f"with routed experts (first: {experts[0]}) quantized: vLLM builds those with its MoE WNA16 kernel, "
             f"which takes 4 or 8 bits only and reads GPTQ experts as symmetric (asymmetric ones served wrong, their "
             f"zero points dropped), and SGLang refuses them (QuantSpec(bits=4 or 8, sym=True) for them)")
+    elif marlin_refused:
+        warnings.warn(
+            f"the config's {qconfig['bits']}-bit symmetric grids in groups of {qconfig['group_size']} make vLLM and "
+            f"SGLang pick GPTQ Marlin for the whole checkpoint, and its dynamic rules then give layers "
+            f"{', '.join(f'bits={o[0]}, group_size={o[1]}' for o in marlin_refused)}, which Marlin refuses "
+            f"('Unsupported quantization config'): serve it with quantization='gptq' (their plain GPTQ kernel, "
+            f"which takes every layer), or quantize those layers at 4 or 8 bits in groups of 32, 64 or 128",
+            ServingWarning)
     elif off_marlin:
         warnings.warn(
             f"{' and '.join(off_marlin)}: vLLM and SGLang serve this checkpoint on their plain GPTQ kernel "
@@ -668,14 +750,12 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     # options) are None in info and written per layer
     mixed = [field for field in _CALL_RECORD if info[field] is None
              and any(r.get(field) is not None for r in records.values())]
-    first = next(iter(layers.values()))
-    kinds = {(m.bits, m.group_size) for m in layers.values()}
-    if len(kinds) > 1:  # (quantize_model called on parts of the model with other specs)
-        warnings.warn(
-            f"the quantized layers mix bit widths / group sizes {sorted(kinds)}; the gptq config "
-            f"holds one, so engines other than epmq.load_quantized (which reads each layer's "
-            f"own, saved under 'epmq') will refuse the checkpoint", ServingWarning
-        )
+    # the config's bits and group size: the most layers' (the first layer's where as many have
+    # others); layers of other ones (quantize_model called on parts of the model with other specs)
+    # get ``dynamic`` rules, which GPTQModel, vLLM and SGLang read per module
+    kinds = [(m.bits, m.group_size) for m in layers.values()]
+    base = max(dict.fromkeys(kinds), key=kinds.count)
+    dynamic = _dynamic_rules(layers, names, base)
     # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
     # midpoint, unless a call said its grids are asymmetric (then it is not claimed)
     sym = info["sym"] is not False and all(_symmetric(m) for m in layers.values())
@@ -689,12 +769,13 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     return {
         "quant_method": "gptq",
         # the layers' own (the last quantize_model call's spec may cover only some of them)
-        "bits": first.bits,
-        "group_size": first.group_size,
+        "bits": base[0],
+        "group_size": base[1],
         # desc_act tells loaders to honour g_idx: only needed when it is not k // group_size
         "desc_act": not static,
         "sym": sym,
         **calls,
+        **({"dynamic": dynamic} if dynamic else {}),
         "checkpoint_format": checkpoint_format,
         "model_file_base_name": "model",
         "epmq": {

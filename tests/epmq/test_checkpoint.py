@@ -903,7 +903,7 @@ def test_a_single_weights_file_is_read_before_a_stale_index(gen, tmp_path):
 
 def test_the_config_describes_every_layer(gen, tmp_path):
     """sym tells engines to ignore qzeros: it is written only if every layer's grid is
-    symmetric; layers of other bit widths are warned about (the config holds one)."""
+    symmetric; layers of other bit widths get dynamic rules (the config holds one)."""
     fam = Family("llama", gen, n_samples=1)
     model = fam.merged()
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", layers="self_attn",
@@ -918,8 +918,11 @@ def test_the_config_describes_every_layer(gen, tmp_path):
                         progress=False)
     epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=-1), method="rtn", layers="mlp",
                         progress=False)
-    with pytest.warns(UserWarning, match="mix bit widths / group sizes"):
-        epmq.save_quantized(model, tmp_path / "mixed")
+    epmq.save_quantized(model, tmp_path / "mixed")
+    for q in _qconfigs(tmp_path / "mixed"):
+        for name, m in model.named_modules():
+            if isinstance(m, epmq.QuantLinear):
+                assert _rule_settings(q, name) == (m.bits, m.group_size), name
     loaded = epmq.load_quantized(tmp_path / "mixed")
     torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
 
@@ -2032,9 +2035,9 @@ def test_a_tied_weight_with_biases_of_its_own_is_packed_per_use(gen):
     assert model.epmq_report.tied == {}
 
 
-def test_a_layer_of_one_group_keeps_the_checkpoints_group_size(tmp_path, recwarn):
+def test_a_layer_of_one_group_keeps_the_checkpoints_group_size(tmp_path):
     """A peer's group_size=32 checkpoint where q_proj has 32 inputs (one group): read back as
-    group_size 32, not per channel, so saving it again warns of no mix of group sizes."""
+    group_size 32, not per channel, so saving it again writes no rule for another group size."""
     model = _llama(5)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
     epmq.save_quantized(model, tmp_path / "q")
@@ -2042,7 +2045,7 @@ def test_a_layer_of_one_group_keeps_the_checkpoints_group_size(tmp_path, recwarn
     loaded = epmq.load_quantized(tmp_path / "q")
     assert {m.group_size for m in loaded.modules() if isinstance(m, epmq.QuantLinear)} == {32}
     epmq.save_quantized(loaded, tmp_path / "again")
-    assert not [w for w in recwarn if "mix" in str(w.message)]
+    assert all("dynamic" not in q for q in _qconfigs(tmp_path / "again"))
 
 
 # --------------------------------------------------------------------------- serving engines
@@ -3041,3 +3044,134 @@ def test_a_model_to_load_into_that_is_no_module_is_refused_by_name(gen, tmp_path
         with pytest.raises(TypeError, match=f"model must be a torch nn.Module .*got {type(bad).__name__}") as e:
             epmq.load_quantized(tmp_path / "q", model=bad)
         assert ("model=None" in str(e.value)) == isinstance(bad, str)
+
+
+def _rule_settings(q, prefix):
+    """``(bits, group_size)`` an engine builds the module ``prefix`` with from the config's ``dynamic``
+    rules, read as vLLM's ``get_dynamic_override`` and GPTQModel's ``dynamic_get`` read them (the first
+    rule whose regex ``re.match``-es the name decides; ``-:`` ones: not quantized, None)."""
+    import re
+
+    for rule, override in q.get("dynamic", {}).items():
+        if re.match(rule[2:] if rule[:2] in ("-:", "+:") else rule, prefix):
+            if rule.startswith("-:"):
+                return None
+            return override.get("bits", q["bits"]), override.get("group_size", q["group_size"])
+    return q["bits"], q["group_size"]
+
+
+def _vllm_names(arch):
+    """The names vLLM gives the quantized modules of our tiny models, each with the checkpoint's
+    names it loads into it (``packed_modules_mapping``: qkv_proj <- q/k/v_proj, gate_up_proj <-
+    gate/up_proj; Qwen3-MoE's experts one ``FusedMoE`` named ``...mlp.experts``; LLaVA's language
+    model under ``language_model.model.``)."""
+    lead = {"llama": "model.layers", "qwen3_moe": "model.layers", "llava": "language_model.model.layers"}[arch]
+    names = {}
+    for i in range(2):
+        block = f"{lead}.{i}"
+        names[f"{block}.self_attn.qkv_proj"] = [f"{block}.self_attn.{p}_proj" for p in "qkv"]
+        names[f"{block}.self_attn.o_proj"] = [f"{block}.self_attn.o_proj"]
+        if arch == "qwen3_moe":
+            names[f"{block}.mlp.experts"] = [f"{block}.mlp.experts.{e}.{p}_proj" for e in range(4)
+                                             for p in ("gate", "up", "down")]
+        else:
+            names[f"{block}.mlp.gate_up_proj"] = [f"{block}.mlp.gate_proj", f"{block}.mlp.up_proj"]
+            names[f"{block}.mlp.down_proj"] = [f"{block}.mlp.down_proj"]
+    return names
+
+
+def _mixed_model(arch):
+    """``arch``'s tiny model, its block 1 quantized at 8 bits in groups of 32 (the experts' 16 inputs:
+    one group) and the rest at 4 bits in groups of 16, as two quantize_model calls leave it."""
+    from test_walker_towers import tiny_llava
+
+    model = {"llama": _tiny_llama, "qwen3_moe": lambda: build("qwen3_moe"), "llava": tiny_llava}[arch]()
+    block1 = r"^model\.(language_model\.)?layers\.1\."
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=32, sym=True), method="rtn", layers=block1,
+                        progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "llava"])
+def test_layers_of_other_bits_get_dynamic_rules_that_engines_match(arch, tmp_path, recwarn):
+    """A model quantized at mixed bit widths / group sizes (block 1 at 8 bits) was only warned of
+    ('engines ... will refuse the checkpoint'): its config held the first layer's bits, and GPTQModel
+    and vLLM built every layer at them. ``dynamic`` ``+:`` rules give the other layers' bits and group
+    size under both the checkpoint's names (GPTQModel) and vLLM's fused ones (qkv_proj, gate_up_proj,
+    a block's experts); a reader following them recovers every layer's weights."""
+    model = _mixed_model(arch)
+    epmq.save_quantized(model, tmp_path / "q")
+    assert not [w for w in recwarn if "mix bit widths" in str(w.message) or "fuse" in str(w.message)]
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    on_disk = {key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")}
+    config = _qconfigs(tmp_path / "q")
+    modules = config[1]["epmq"]["modules"]
+    for q in config:
+        assert (q["bits"], q["group_size"]) == (4, 16)
+        fused = _vllm_names(arch)
+        assert set(sum(fused.values(), [])) <= on_disk
+        for name, shards in fused.items():
+            assert {_rule_settings(q, name)} == {(modules[s]["bits"], modules[s]["group_size"]) for s in shards}, name
+        if arch == "llava":  # (the vision tower, at the base config's bits, as vLLM names it and as saved)
+            for name in ("vision_tower.vision_model.encoder.layers.1.self_attn.qkv_proj",
+                         "vision_tower.vision_model.encoder.layers.1.mlp.fc1",
+                         "vision_tower.encoder.layers.1.mlp.fc1"):
+                assert _rule_settings(q, name) == (4, 16)
+        for name in on_disk:
+            bits, group_size = _rule_settings(q, name)
+            assert (bits, group_size) == (modules[name]["bits"], modules[name]["group_size"]), name
+            qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+            K = qweight.shape[0] * 32 // bits
+            assert tensors[f"{name}.g_idx"].tolist() == [k // (K if group_size == -1 else group_size)
+                                                         for k in range(K)]
+            W = independent_dequantize(tensors, dict(bits=bits, in_features=K, out_features=scales.shape[1]),
+                                       name, q["checkpoint_format"])
+            in_model = name if arch != "llava" else "model." + name.replace("language_model.model.", "language_model.")
+            assert torch.equal(W, model.get_submodule(in_model).dequantize())
+
+
+@pytest.mark.parametrize("arch,other,module", [
+    ("llama", r"layers\.0\.self_attn\.q_proj", "model.layers.0.self_attn.qkv_proj"),
+    ("qwen3_moe", r"layers\.0\.mlp\.experts\.0\.", "model.layers.0.mlp.experts")])
+def test_linears_engines_load_as_one_at_other_bits_are_warned_of(arch, other, module, tmp_path):
+    """q_proj at 8 bits beside k/v_proj at 4 (or one expert of a block's FusedMoE): vLLM and SGLang
+    build them as one module of one width and cannot load the others, which save_quantized says,
+    naming it; each linear still gets its own rule (GPTQModel loads them apart)."""
+    model = {"llama": _tiny_llama, "qwen3_moe": lambda: build("qwen3_moe")}[arch]()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=32, sym=True), method="rtn", layers=other,
+                        progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    with pytest.warns(UserWarning, match="build as one") as record:
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "build as one" in str(w.message)]
+    assert len(said) == 1 and f"first: {module} (" in said[0]
+    for q in _qconfigs(tmp_path / "q"):
+        for name, m in model.named_modules():
+            if isinstance(m, epmq.QuantLinear):
+                assert _rule_settings(q, name) == (m.bits, m.group_size), name
+
+
+def test_layers_gptq_marlin_cannot_take_under_a_marlin_config_are_warned_of(tmp_path, recwarn):
+    """The config's own 4-bit symmetric groups of 32 make vLLM and SGLang pick GPTQ Marlin for the
+    whole checkpoint, and its dynamic rules then give block 1 3 bits, which Marlin refuses
+    ('Unsupported quantization config: bits=3, sym=True'); said, with quantization='gptq' to serve it,
+    and not 'served on their plain GPTQ kernel', which they would not pick by themselves."""
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=32, sym=True), method="rtn",
+                        layers=r"layers\.1\.", progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in recwarn if "Marlin" in str(w.message)]
+    assert len(said) == 1 and "quantization='gptq'" in said[0] and "bits=3" in said[0]
+    q = _qconfigs(tmp_path / "q")[0]
+    assert (q["bits"], q["group_size"], q["sym"]) == (4, 32, True)
+    assert _rule_settings(q, "model.layers.1.mlp.gate_up_proj") == (3, 32)
+    recwarn.clear()
+    model = _tiny_llama()  # (a 4-bit config of groups of 16: plain GPTQ for all, as the warning said)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=16, sym=True), method="rtn",
+                        layers=r"layers\.1\.", progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "plain")
+    said = [str(w.message) for w in recwarn if "Marlin" in str(w.message)]
+    assert len(said) == 1 and "plain GPTQ kernel" in said[0]
