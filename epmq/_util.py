@@ -186,9 +186,9 @@ def temporary_beside(path: Path, unique: bool = False) -> Path:
 
 
 def write_atomic(path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary beside ``path``, synced to disk, then renamed over it:
-    ``path`` always holds the old file or the whole new one (a write stopped by Ctrl-C, a kill,
-    a full disk or a power loss leaves no truncated file under its name)."""
+    """``write(tmp)`` into a temporary beside ``path``, synced to disk, then renamed over it, the
+    rename synced: ``path`` always holds the old file or the whole new one (a write stopped by
+    Ctrl-C, a kill, a full disk or a power loss leaves no truncated file under its name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, glob.escape(path.name))
@@ -201,6 +201,14 @@ def write_atomic(path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # the rename is an entry of the directory, which is synced too: else a power loss may leave the old
+    # file under the name (or none), the new one synced but unnamed
+    if os.name != "nt":  # (where a directory cannot be opened to be synced)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -1035,6 +1035,25 @@ def test_a_killed_json_writes_temporary_is_removed_by_the_next(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1}
     assert not stale.exists() and live.exists() and other.exists()
 
+def test_an_atomic_write_syncs_its_directory_after_the_rename(tmp_path, monkeypatch):
+    """write_atomic (results.json of ``epmq run``, a resumable walk's records, the report) synced the
+    new file and renamed it over the old one, but not the directory holding the rename: after a power
+    loss the name could still point at the old file, or at none where there was none. The directory
+    is synced after the rename."""
+    from epmq import _util
+
+    synced, fsync = [], os.fsync
+
+    def recording(fd):
+        synced.append((os.path.realpath(f"/proc/self/fd/{fd}"), (tmp_path / "out" / "r.json").exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    _util.write_json_atomic(tmp_path / "out" / "r.json", {"a": 1})
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == {"a": 1}
+    assert synced[-1] == (os.path.realpath(tmp_path / "out"), True)
+
+
 def test_saving_into_the_working_directory(gen, tmp_path, monkeypatch):
     _, model = quantized(gen)
     (tmp_path / "here").mkdir()
