@@ -1284,6 +1284,29 @@ def _group_size_of(name: str, K: int, G: int, config_group: int) -> int:
     raise ValueError(f"{name}: scales for {G} groups of {K} inputs: no group size gives that")
 
 
+def _dynamic_override(qconfig: dict, name: str) -> dict:
+    """The bits and group size the config's ``dynamic`` rules give the layer ``name``, as GPTQModel and
+    vLLM read them (the first rule whose regex matches the name from its start; {} for none, or a
+    ``-:`` rule's)."""
+    rules = qconfig.get("dynamic") or {}
+    for rule, override in (rules.items() if isinstance(rules, dict) else ()):
+        try:
+            found = isinstance(rule, str) and re.match(rule[2:] if rule[:2] in ("-:", "+:") else rule, name)
+        except re.error as e:
+            raise ValueError(f"the quantization config's dynamic rule {rule!r} is no regular expression: {e}") \
+                from None
+        if not found:
+            continue
+        said = {key: override[key] for key in ("bits", "group_size")
+                if not rule.startswith("-:") and isinstance(override, dict) and key in override}
+        if "bits" in said and (not is_int(said["bits"]) or said["bits"] not in SUPPORTED_BITS) \
+                or "group_size" in said and not is_int(said["group_size"]):
+            raise ValueError(f"the quantization config's dynamic rule {rule!r} gives {name} {said}: bits must be one "
+                             f"of {SUPPORTED_BITS} and group_size an integer")
+        return said
+    return {}
+
+
 def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
     """A checkpoint written by another tool lists no modules: every ``X.qweight`` is one, read
     off its tensors (``g_idx [K]``, ``qweight [K * bits / 32, N]``, ``scales [G, N]``), so that
@@ -1303,20 +1326,22 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
             t = tensors.get(f"{name}.{part}")
             if t is not None and t.dim() != layout.count(",") + 1:
                 raise ValueError(f"{name}.{part} is {tuple(t.shape)}: a packed layer's {part} is {layout}")
+        # (a layer a dynamic rule gives other bits or groups: the rule's, as engines read it)
+        said = {**qconfig, **_dynamic_override(qconfig, name)}
         g_idx = tensors.get(f"{name}.g_idx")
-        K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // qconfig["bits"]
+        K = g_idx.numel() if g_idx is not None else qweight.shape[0] * 32 // said["bits"]
         N = qweight.shape[1]
         # the bit width whose packing of K inputs (and N zero points) the words fit; a width
         # that fills no whole words is padded (epmq writes ceil(K * bits / 32) words), so two
         # widths may fit: the config's first
         qzeros = tensors.get(f"{name}.qzeros")
-        fit = [b for b in dict.fromkeys([qconfig.get("bits"), *SUPPORTED_BITS]) if b in SUPPORTED_BITS
+        fit = [b for b in dict.fromkeys([said.get("bits"), *SUPPORTED_BITS]) if b in SUPPORTED_BITS
                and packed_length(K, b) == qweight.shape[0]
                and (qzeros is None or packed_length(N, b) == qzeros.shape[1])]
         if not fit:
             raise ValueError(f"{name}: qweight {tuple(qweight.shape)} packs no whole bit width for {K} inputs")
         bits = fit[0]
-        group_size = _group_size_of(name, K, tensors[f"{name}.scales"].shape[0], qconfig.get("group_size", -1))
+        group_size = _group_size_of(name, K, tensors[f"{name}.scales"].shape[0], said.get("group_size", -1))
         modules[name] = dict(in_features=K, out_features=N, bits=bits, group_size=group_size,
                              bias=f"{name}.bias" in tensors)
     return modules

@@ -3194,3 +3194,30 @@ def test_layers_gptq_marlin_cannot_take_under_a_marlin_config_are_warned_of(tmp_
     epmq.save_quantized(model, tmp_path / "plain")
     said = [str(w.message) for w in recwarn if "Marlin" in str(w.message)]
     assert len(said) == 1 and "plain GPTQ kernel" in said[0]
+
+
+def test_a_peers_checkpoint_whose_dynamic_rules_give_other_bits_loads_without_g_idx(tmp_path):
+    """A checkpoint of another writer (no epmq section) whose ``dynamic`` rules give block 1 8 bits in
+    groups of 32, and no g_idx (the inputs counted off the packed words): the words were counted at the
+    config's 4 bits and the layer refused ('qweight (32, 64) packs no whole bit width for 256 inputs');
+    each layer's inputs, bits and groups are read at the bits its rule gives, as engines read them."""
+    model = _mixed_model("llama")
+    epmq.save_quantized(model, tmp_path / "q")
+    _as_foreign(tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    ckpt._write_tensors({k: t for k, t in tensors.items() if not k.endswith(".g_idx")},
+                        tmp_path / "q" / "model.safetensors")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    for name, m in model.named_modules():
+        if isinstance(m, epmq.QuantLinear):
+            assert (loaded.get_submodule(name).bits, loaded.get_submodule(name).group_size) == (m.bits, m.group_size)
+    x = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    for rules, message in (({r"+:model\.layers\.1\.": {"bits": 5}}, r"gives model\.layers\.1\..*bits must be one of"),
+                           ({"+:model.layers.(1": {"bits": 8}}, r"'\+:model\.layers\.\(1' is no regular expression")):
+        for name in ("quantize_config.json", "config.json"):
+            config = json.loads((tmp_path / "q" / name).read_text())
+            config.get("quantization_config", config)["dynamic"] = rules
+            (tmp_path / "q" / name).write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            epmq.load_quantized(tmp_path / "q")
