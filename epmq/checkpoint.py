@@ -520,6 +520,22 @@ _FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"
 _ESCAPED_INDEX = re.compile(r"\\\.(\d+)\\\.")
 
 
+def _engine_name(name: str) -> str:
+    """A regex of ``name`` on disk that also matches the name vLLM loads it under, which its rules are
+    matched against: its VLMs' hf_to_vllm_mapper moves the language model's leading ``model.``
+    (Qwen3-VL's and LLaVA's ``model.language_model.`` -> ``language_model.model.``, Qwen2.5-VL's
+    ``model.`` -> ``language_model.model.``, ``lm_head`` -> ``language_model.lm_head``) and drops a
+    tower's (``model.visual.`` -> ``visual.``)."""
+    swapped = r"(?:model\.language_model\.|language_model\.model\.)"  # (either way: transformers' names too)
+    for lead, regex in (("model.language_model.", swapped), ("language_model.model.", swapped),
+                        ("model.", r"(?:language_model\.)?(?:model\.)?"),
+                        ("language_model.lm_head", r"(?:language_model\.)?lm_head"),
+                        ("lm_head", r"(?:language_model\.)?lm_head")):
+        if name.startswith(lead):
+            return regex + re.escape(name[len(lead):])
+    return re.escape(name)
+
+
 def _dynamic_rules(layers, names, base) -> dict:
     """``dynamic`` ``+:`` rules giving the bits and group size of the layers quantized otherwise than
     ``base`` (the config's), under their names on disk (``names``: GPTQModel matches those) and under
@@ -532,13 +548,13 @@ def _dynamic_rules(layers, names, base) -> dict:
         disk = names[name]
         parent, _, last = disk.rpartition(".")
         if _experts_of(disk) is not None:
-            unit = rf"{re.escape(_experts_of(disk))}(?:\.|$)", _experts_of(disk)
+            unit = rf"{_engine_name(_experts_of(disk))}(?:\.|$)", _experts_of(disk)
         elif last in _FUSED_NAMES and parent:
             siblings = [p for p, fused in _FUSED_NAMES.items() if fused == _FUSED_NAMES[last]]
-            unit = (rf"{re.escape(parent)}\.(?:{'|'.join([*siblings, _FUSED_NAMES[last]])})$",
+            unit = (rf"{_engine_name(parent)}\.(?:{'|'.join([*siblings, _FUSED_NAMES[last]])})$",
                     f"{parent}.{_FUSED_NAMES[last]}")
         else:
-            unit = rf"{re.escape(disk)}$", disk
+            unit = rf"{_engine_name(disk)}$", disk
         units.setdefault(unit, {})[disk] = (m.bits, m.group_size)
     rules, split = {}, []
     for (unit, module), members in units.items():
@@ -547,7 +563,7 @@ def _dynamic_rules(layers, names, base) -> dict:
             rules[unit] = kinds.pop()
             continue
         split.append(f"{module} ({', '.join(f'{n}: {b}-bit, group {g}' for n, (b, g) in members.items())})")
-        rules.update({rf"{re.escape(disk)}$": kind for disk, kind in members.items()})
+        rules.update({rf"{_engine_name(disk)}$": kind for disk, kind in members.items()})
     if split:
         warnings.warn(
             f"{len(split)} modules that vLLM and SGLang build as one (q/k/v_proj as qkv_proj, gate/up_proj as "

@@ -3221,3 +3221,30 @@ def test_a_peers_checkpoint_whose_dynamic_rules_give_other_bits_loads_without_g_
             (tmp_path / "q" / name).write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message):
             epmq.load_quantized(tmp_path / "q")
+
+
+@pytest.mark.parametrize("version", ["2.5", "3"])
+def test_dynamic_rules_of_a_vlm_match_the_names_vllm_loads_its_language_model_under(version, tmp_path):
+    """vLLM loads Qwen2.5-VL's language model, saved as ``model.layers.*``, and Qwen3-VL's, saved as
+    ``model.language_model.layers.*``, under ``language_model.model.layers.*`` (their hf_to_vllm_mapper)
+    and matches the dynamic rules against those names, which the rules of the saved names missed: the
+    8-bit block was built at the config's 4 bits. The rules match both (and the vision tower's
+    ``visual.blocks.*``, as vLLM names it, keeps the config's)."""
+    from test_walker_towers import tiny_qwen2_vl, tiny_qwen3_vl
+
+    model = tiny_qwen2_vl("2.5") if version == "2.5" else tiny_qwen3_vl()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=32, sym=True), method="rtn",
+                        layers=r"language_model\.layers\.1\.", progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    modules = _qconfigs(tmp_path / "q")[1]["epmq"]["modules"]
+    lead = "model.layers" if version == "2.5" else "model.language_model.layers"
+    assert f"{lead}.1.self_attn.q_proj" in modules
+    for q in _qconfigs(tmp_path / "q"):
+        for i, kind in ((0, (4, 16)), (1, (8, 32))):
+            for vllm in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                assert _rule_settings(q, f"language_model.model.layers.{i}.{vllm}") == kind, vllm
+            for saved in ("self_attn.q_proj", "mlp.down_proj"):
+                assert _rule_settings(q, f"{lead}.{i}.{saved}") == kind
+        assert _rule_settings(q, "visual.blocks.1.attn.qkv") == (4, 16)
+        assert _rule_settings(q, "visual.blocks.1.attn.proj") == (4, 16)
