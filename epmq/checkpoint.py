@@ -521,19 +521,20 @@ _ESCAPED_INDEX = re.compile(r"\\\.(\d+)\\\.")
 
 
 def _engine_name(name: str) -> str:
-    """A regex of ``name`` on disk that also matches the name vLLM loads it under, which its rules are
-    matched against: its VLMs' hf_to_vllm_mapper moves the language model's leading ``model.``
+    """A regex of ``name`` on disk that also matches the names engines match rules against: vLLM's VLMs
+    load a checkpoint through an hf_to_vllm_mapper that moves the language model's leading ``model.``
     (Qwen3-VL's and LLaVA's ``model.language_model.`` -> ``language_model.model.``, Qwen2.5-VL's
     ``model.`` -> ``language_model.model.``, ``lm_head`` -> ``language_model.lm_head``) and drops a
-    tower's (``model.visual.`` -> ``visual.``)."""
-    swapped = r"(?:model\.language_model\.|language_model\.model\.)"  # (either way: transformers' names too)
+    tower's (``model.visual.`` -> ``visual.``), and GPTQModel matches transformers' module names
+    (Qwen2.5-VL's ``model.language_model.layers``, LLaVA's ``model.vision_tower``)."""
+    swapped = r"(?:model\.language_model\.|language_model\.model\.)"
     for lead, regex in (("model.language_model.", swapped), ("language_model.model.", swapped),
-                        ("model.", r"(?:language_model\.)?(?:model\.)?"),
+                        ("model.", r"(?:model\.language_model\.|language_model\.model\.|model\.)?"),
                         ("language_model.lm_head", r"(?:language_model\.)?lm_head"),
                         ("lm_head", r"(?:language_model\.)?lm_head")):
         if name.startswith(lead):
             return regex + re.escape(name[len(lead):])
-    return re.escape(name)
+    return r"(?:model\.)?" + re.escape(name)
 
 
 def _dynamic_rules(layers, names, base) -> dict:

@@ -3148,6 +3148,7 @@ def test_layers_of_other_bits_get_dynamic_rules_that_engines_match(arch, tmp_pat
                                        name, q["checkpoint_format"])
             in_model = name if arch != "llava" else "model." + name.replace("language_model.model.", "language_model.")
             assert torch.equal(W, model.get_submodule(in_model).dequantize())
+            assert _rule_settings(q, in_model) == (bits, group_size)  # (transformers' name: GPTQModel's)
 
 
 @pytest.mark.parametrize("arch,other,module", [
@@ -3228,8 +3229,9 @@ def test_dynamic_rules_of_a_vlm_match_the_names_vllm_loads_its_language_model_un
     """vLLM loads Qwen2.5-VL's language model, saved as ``model.layers.*``, and Qwen3-VL's, saved as
     ``model.language_model.layers.*``, under ``language_model.model.layers.*`` (their hf_to_vllm_mapper)
     and matches the dynamic rules against those names, which the rules of the saved names missed: the
-    8-bit block was built at the config's 4 bits. The rules match both (and the vision tower's
-    ``visual.blocks.*``, as vLLM names it, keeps the config's)."""
+    8-bit block was built at the config's 4 bits (by GPTQModel too, which matches transformers' names,
+    Qwen2.5-VL's ``model.language_model.layers.*``). The rules match all of them (and the vision
+    tower's ``visual.blocks.*``, as vLLM names it, keeps the config's)."""
     from test_walker_towers import tiny_qwen2_vl, tiny_qwen3_vl
 
     model = tiny_qwen2_vl("2.5") if version == "2.5" else tiny_qwen3_vl()
@@ -3248,3 +3250,6 @@ def test_dynamic_rules_of_a_vlm_match_the_names_vllm_loads_its_language_model_un
                 assert _rule_settings(q, f"{lead}.{i}.{saved}") == kind
         assert _rule_settings(q, "visual.blocks.1.attn.qkv") == (4, 16)
         assert _rule_settings(q, "visual.blocks.1.attn.proj") == (4, 16)
+        for name, m in model.named_modules():  # (transformers' names, which GPTQModel matches them against)
+            if isinstance(m, epmq.QuantLinear):
+                assert _rule_settings(q, name) == (m.bits, m.group_size), name
