@@ -452,6 +452,7 @@ def _partial_fields(model, layers, to_disk) -> tuple:
                         routing.add(found[-1][:3])
     if all(q for *_, q in found):
         return {}, []
+    composite = _composite(model)
     rels = list(dict.fromkeys(rel for _, rel, _, q in found if q))
     # groups of the linears that read one input (as GPTQModel lists them); transformers and
     # vLLM only flatten the list and match names ending in them
@@ -470,10 +471,10 @@ def _partial_fields(model, layers, to_disk) -> tuple:
         by_block.setdefault((stack, i), []).append(q)
         by_rel.setdefault((stack, rel), []).append((i, q))
     # a block left whole: one rule for all of it, which also matches the fused names vLLM
-    # gives its layers (qkv_proj)
+    # gives its layers (qkv_proj); each rule matches the names engines load a VLM's layers under too
     whole = {key for key, qs in by_block.items() if not any(qs)}
     for stack, i in sorted(whole):
-        rules.append(rf"{re.escape(stack)}\.{i}\.")
+        rules.append(rf"{_engine_name(stack, composite)}\.{i}\.")
     # vLLM and SGLang choose a block's experts' precision by the FusedMoE module's name alone
     # (``<experts>``), which the rules per projection below do not match: experts left in full
     # precision need a rule of their own, or the engines build them quantized and fail to load them
@@ -486,17 +487,17 @@ def _partial_fields(model, layers, to_disk) -> tuple:
         left = [i for i, qs in blocks.items() if qs == {False} and (stack, i) not in whole]
         mixed += [f"{stack}.{i}.{module} (MoE)" for i, qs in blocks.items() if len(qs) > 1]
         if left and len(left) == len(blocks):
-            rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(module)}$")
+            rules.append(rf"{_engine_name(stack, composite)}\.\d+\.{re.escape(module)}$")
         else:
-            rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(module)}$" for i in left]
+            rules += [rf"{_engine_name(stack, composite)}\.{i}\.{re.escape(module)}$" for i in left]
     for (stack, rel), entries in by_rel.items():
         left = [i for i, q in entries if not q and (stack, i) not in whole]
         if not left:
             continue
         if len(left) == len(entries):
-            rules.append(rf"{re.escape(stack)}\.\d+\.{re.escape(rel)}$")
+            rules.append(rf"{_engine_name(stack, composite)}\.\d+\.{re.escape(rel)}$")
         else:
-            rules += [rf"{re.escape(stack)}\.{i}\.{re.escape(rel)}$" for i in left]
+            rules += [rf"{_engine_name(stack, composite)}\.{i}\.{re.escape(rel)}$" for i in left]
     # vLLM takes a linear for quantized where any name listed lies inside its own (a fused qkv_proj by its
     # q/k/v names), and builds towers left whole with the same config: a name of theirs holding a
     # block's (LLaVA's vision tower's self_attn.q_proj) had GPTQ layers built for its float weights. The
@@ -520,13 +521,22 @@ _FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"
 _ESCAPED_INDEX = re.compile(r"\\\.(\d+)\\\.")
 
 
-def _engine_name(name: str) -> str:
-    """A regex of ``name`` on disk that also matches the names engines match rules against: vLLM's VLMs
-    load a checkpoint through an hf_to_vllm_mapper that moves the language model's leading ``model.``
-    (Qwen3-VL's and LLaVA's ``model.language_model.`` -> ``language_model.model.``, Qwen2.5-VL's
-    ``model.`` -> ``language_model.model.``, ``lm_head`` -> ``language_model.lm_head``) and drops a
+def _composite(model) -> bool:
+    """A transformers model of several configs (a VLM's text and vision configs): one whose names engines
+    may load under others (``_engine_name``)."""
+    return bool(getattr(getattr(model, "config", None), "sub_configs", None))
+
+
+def _engine_name(name: str, composite: bool) -> str:
+    """A regex of ``name`` on disk; for a ``composite`` model's, one that also matches the names engines
+    match rules against: vLLM's VLMs load a checkpoint through an hf_to_vllm_mapper that moves the
+    language model's leading ``model.`` (Qwen3-VL's and LLaVA's ``model.language_model.`` ->
+    ``language_model.model.``, Qwen2.5-VL's ``model.`` -> ``language_model.model.``, ``lm_head`` ->
+    ``language_model.lm_head``) and drops a
     tower's (``model.visual.`` -> ``visual.``), and GPTQModel matches transformers' module names
     (Qwen2.5-VL's ``model.language_model.layers``, LLaVA's ``model.vision_tower``)."""
+    if not composite:
+        return re.escape(name)
     swapped = r"(?:model\.language_model\.|language_model\.model\.)"
     for lead, regex in (("model.language_model.", swapped), ("language_model.model.", swapped),
                         ("model.", r"(?:model\.language_model\.|language_model\.model\.|model\.)?"),
@@ -537,7 +547,7 @@ def _engine_name(name: str) -> str:
     return r"(?:model\.)?" + re.escape(name)
 
 
-def _dynamic_rules(layers, names, base) -> dict:
+def _dynamic_rules(layers, names, base, composite) -> dict:
     """``dynamic`` ``+:`` rules giving the bits and group size of the layers quantized otherwise than
     ``base`` (the config's), under their names on disk (``names``: GPTQModel matches those) and under
     the names vLLM and SGLang build them by: one module of q/k/v_proj (``qkv_proj``) and of
@@ -549,13 +559,13 @@ def _dynamic_rules(layers, names, base) -> dict:
         disk = names[name]
         parent, _, last = disk.rpartition(".")
         if _experts_of(disk) is not None:
-            unit = rf"{_engine_name(_experts_of(disk))}(?:\.|$)", _experts_of(disk)
+            unit = rf"{_engine_name(_experts_of(disk), composite)}(?:\.|$)", _experts_of(disk)
         elif last in _FUSED_NAMES and parent:
             siblings = [p for p, fused in _FUSED_NAMES.items() if fused == _FUSED_NAMES[last]]
-            unit = (rf"{_engine_name(parent)}\.(?:{'|'.join([*siblings, _FUSED_NAMES[last]])})$",
+            unit = (rf"{_engine_name(parent, composite)}\.(?:{'|'.join([*siblings, _FUSED_NAMES[last]])})$",
                     f"{parent}.{_FUSED_NAMES[last]}")
         else:
-            unit = rf"{_engine_name(disk)}$", disk
+            unit = rf"{_engine_name(disk, composite)}$", disk
         units.setdefault(unit, {})[disk] = (m.bits, m.group_size)
     rules, split = {}, []
     for (unit, module), members in units.items():
@@ -564,7 +574,7 @@ def _dynamic_rules(layers, names, base) -> dict:
             rules[unit] = kinds.pop()
             continue
         split.append(f"{module} ({', '.join(f'{n}: {b}-bit, group {g}' for n, (b, g) in members.items())})")
-        rules.update({rf"{_engine_name(disk)}$": kind for disk, kind in members.items()})
+        rules.update({rf"{_engine_name(disk, composite)}$": kind for disk, kind in members.items()})
     if split:
         warnings.warn(
             f"{len(split)} modules that vLLM and SGLang build as one (q/k/v_proj as qkv_proj, gate/up_proj as "
@@ -772,7 +782,7 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     # get ``dynamic`` rules, which GPTQModel, vLLM and SGLang read per module
     kinds = [(m.bits, m.group_size) for m in layers.values()]
     base = max(dict.fromkeys(kinds), key=kinds.count)
-    dynamic = _dynamic_rules(layers, names, base)
+    dynamic = _dynamic_rules(layers, names, base, _composite(model))
     # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
     # midpoint, unless a call said its grids are asymmetric (then it is not claimed)
     sym = info["sym"] is not False and all(_symmetric(m) for m in layers.values())

@@ -3253,3 +3253,22 @@ def test_dynamic_rules_of_a_vlm_match_the_names_vllm_loads_its_language_model_un
         for name, m in model.named_modules():  # (transformers' names, which GPTQModel matches them against)
             if isinstance(m, epmq.QuantLinear):
                 assert _rule_settings(q, name) == (m.bits, m.group_size), name
+
+
+def test_a_vlms_linears_left_in_full_precision_are_named_as_engines_name_them(tmp_path):
+    """Qwen2.5-VL's language model quantized in part: the ``-:`` rules named its float linears as
+    saved (``model.layers.1.mlp.down_proj``), which neither vLLM (``language_model.model.layers...``,
+    its hf_to_vllm_mapper's) nor GPTQModel through transformers (``model.language_model.layers...``)
+    matched, so they built those linears as GPTQ layers and failed on their float weights."""
+    from test_walker_towers import tiny_qwen2_vl
+
+    model = tiny_qwen2_vl("2.5")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False,
+                        layers=lambda n: "language_model" in n and n != "model.language_model.layers.1.mlp.down_proj")
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        rules = list(q["dynamic"])
+        for lead in ("language_model.model.layers", "model.language_model.layers", "model.layers"):
+            assert _vllm_builds_unquantized(rules, f"{lead}.1.mlp.down_proj")
+            assert not _vllm_builds_unquantized(rules, f"{lead}.0.mlp.down_proj")
+            assert not _vllm_builds_unquantized(rules, f"{lead}.1.mlp.gate_up_proj")
