@@ -616,7 +616,8 @@ class EPMQStats:
                 raise ValueError("x_anchor needs the merged Hessian accumulated here, not given")
             if self.G_m is None and (self.task_weights or task.n_tokens):
                 raise ValueError("give x_anchor for every batch of every task or for none")
-            X_a = self._target_tokens(x_anchor, X, "x_anchor")
+            # (the fp path's anchor sees the targets' own inputs: one W_m (X~ - X) serves both)
+            X_a = X_t if x_anchor is x_expert else self._target_tokens(x_anchor, X, "x_anchor")
         elif self.G_m is not None:
             raise ValueError("give x_anchor for every batch of every task or for none")
         if self.inputs_of is None:
@@ -625,6 +626,7 @@ class EPMQStats:
         if x_expert is not None or x_anchor is not None:  # (the merged path needs no W_m here)
             W_m = self._W_m()
         with ieee_fp32_matmul():  # (whatever the caller set for TF32, as every product of the statistics)
+            T_m = None if x_anchor is None else (X_a - X) @ W_m.T
             if x_expert is not None:
                 if isinstance(task.W, LowRankExpert):
                     # (asymmetric targets need the dense W_k, and the owed product must not count
@@ -633,7 +635,7 @@ class EPMQStats:
                 # T = W_k x~ - W_m x as (W_k - W_m) x~ + W_m (x~ - x): both small where the expert is
                 # near the merge and x~ near x, which the difference of the two products rounded away
                 # (fp32: its error ~6e-8 |W_m x|, 1e-3 of G_e where they differ by 1e-4)
-                T = X_t @ (task.W.to(self.dtype) - W_m).T + (X_t - X) @ W_m.T
+                T = X_t @ (task.W.to(self.dtype) - W_m).T + (T_m if x_anchor is x_expert else (X_t - X) @ W_m.T)
                 if task.G is None:
                     task.G = torch.zeros_like(self._G_e)
                 task.G.addmm_(T.T, X)
@@ -641,7 +643,6 @@ class EPMQStats:
             if x_anchor is not None:
                 if self.G_m is None:
                     self.G_m = torch.zeros_like(self._G_e)
-                T_m = (X_a - X) @ W_m.T
                 self.G_m.addmm_(T_m.T, X)
                 self.c_m += float(T_m.pow(2).sum())
 

@@ -1584,3 +1584,50 @@ def test_task_weights_flushing_float32_statistics_are_named(gen, shift):
     stats = EPMQStats(W_m, dtype=torch.float32)
     stats.add_tasks(experts, [gram([x]).float()] * 2, [2.0**shift, 1.0])
     quant.epmq_from_stats(stats, QuantSpec(bits=4, group_size=16))
+
+
+class _Products(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products (mm, addmm, bmm) run inside it."""
+
+    PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+                torch.ops.aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fp_path_anchor_shares_the_targets_product(gen, dtype):
+    """fp-path targets hand the same inputs as x_expert and x_anchor (the full-precision merged
+    path's): W_m (X~ - X), the anchor's T_m, is the second half of the target's T as well, and
+    was formed twice per batch and layer (5 products of tokens x d_in x d_out where 4 do). Formed
+    once, the statistics are bit for bit those of the two products."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen)
+    xs = batches(gen)
+    xts = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs]
+    stats = EPMQStats(W_m, dtype=dtype)
+    stats.begin_task(W_k, weight=1.0)
+    with _Products() as products:
+        for x, xt in zip(xs, xts):
+            stats.add_batch(x, x_expert=xt, x_anchor=xt)
+    stats.end_task()
+    assert products.n == 4 * len(xs) + len(xs)  # (4 of the targets and anchor, X^T X)
+    G, G_m, c, c_m = (torch.zeros(D_OUT, D_IN, dtype=dtype), torch.zeros(D_OUT, D_IN, dtype=dtype), 0.0, 0.0)
+    W, Wm = W_k.to(dtype), W_m.to(dtype)
+    for x, xt in zip(xs, xts):  # (the products as they were formed, twice)
+        X, X_t = x.reshape(-1, D_IN).to(dtype), xt.reshape(-1, D_IN).to(dtype)
+        T = X_t @ (W - Wm).T + (X_t - X) @ Wm.T
+        G.addmm_(T.T, X)
+        c += float(T.pow(2).sum())
+        T_m = (X_t - X) @ Wm.T
+        G_m.addmm_(T_m.T, X)
+        c_m += float(T_m.pow(2).sum())
+    a = stats.task_weights[0]
+    assert torch.equal(stats.G_e, torch.zeros_like(G).add_(G, alpha=a)) and stats.c_e == a * c
+    assert torch.equal(stats.G_m, G_m) and stats.c_m == c_m
