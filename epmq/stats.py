@@ -635,7 +635,10 @@ class EPMQStats:
                 # T = W_k x~ - W_m x as (W_k - W_m) x~ + W_m (x~ - x): both small where the expert is
                 # near the merge and x~ near x, which the difference of the two products rounded away
                 # (fp32: its error ~6e-8 |W_m x|, 1e-3 of G_e where they differ by 1e-4)
-                T = X_t @ (task.W.to(self.dtype) - W_m).T + (T_m if x_anchor is x_expert else (X_t - X) @ W_m.T)
+                T = T_m if x_anchor is x_expert else (X_t - X) @ W_m.T
+                if task.W is not self.W_merged:  # (the merge as its own target, GPTQ's fp-path control:
+                    # W_k - W_m is zero, and so is its product)
+                    T = X_t @ (task.W.to(self.dtype) - W_m).T + T
                 if task.G is None:
                     task.G = torch.zeros_like(self._G_e)
                 task.G.addmm_(T.T, X)

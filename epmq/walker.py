@@ -2931,7 +2931,7 @@ class _Walk:
             def begin(rel):
                 checked = False
                 if self.method == "gptq":  # fp_path control: the targets are W_m x_fp
-                    W_k, weight = linears[rel].weight.detach(), 1.0
+                    W_k, weight = stats[rel].W_merged, 1.0  # (itself: no product of W_k - W_m = 0)
                 elif target is not None and self.targets == "expert_path":
                     W_k, weight = target.get_submodule(rel).weight.detach(), None
                 else:

@@ -1631,3 +1631,28 @@ def test_fp_path_anchor_shares_the_targets_product(gen, dtype):
     a = stats.task_weights[0]
     assert torch.equal(stats.G_e, torch.zeros_like(G).add_(G, alpha=a)) and stats.c_e == a * c
     assert torch.equal(stats.G_m, G_m) and stats.c_m == c_m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merged_weight_as_its_own_target_takes_no_product_of_zero(gen, dtype):
+    """GPTQ's fp-path control is E-PMQ of one task whose expert is the merged weight itself (the
+    walker's method='gptq', targets='fp_path'): W_k - W_m is zero, and X~ (W_k - W_m)^T was a
+    product of zeros per batch and layer, one of three; the statistics are bit for bit those of
+    the three products."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    xs = batches(gen)
+    xts = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs]
+    stats = EPMQStats(W_m, dtype=dtype)
+    stats.begin_task(stats.W_merged, weight=1.0)
+    with _Products() as products:
+        for x, xt in zip(xs, xts):
+            stats.add_batch(x, x_expert=xt)
+    stats.end_task()
+    assert products.n == 2 * len(xs) + len(xs)  # (T and its G, X^T X)
+    G, c, Wm = torch.zeros(D_OUT, D_IN, dtype=dtype), 0.0, W_m.to(dtype)
+    for x, xt in zip(xs, xts):
+        X, X_t = x.reshape(-1, D_IN).to(dtype), xt.reshape(-1, D_IN).to(dtype)
+        T = X_t @ (Wm - Wm).T + (X_t - X) @ Wm.T
+        G.addmm_(T.T, X)
+        c += float(T.pow(2).sum())
+    assert torch.equal(stats.G_e, torch.zeros_like(G).add_(G, alpha=1.0)) and stats.c_e == c
