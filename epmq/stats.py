@@ -265,7 +265,7 @@ class EPMQStats:
         self.G_m = None
         self._c_e = 0.0
         self._c_e_unread = []  # (a_k, tr(D_k H_k D_k^T) as a device scalar), read at c_e
-        self.c_m = 0.0
+        self._c_m = 0.0  # (a device scalar once a batch has added to it, read at c_m)
         self.task_weights: list[float] = []
         self.task_names: list[str] = []
         self.empty_tasks: list[str] = []  # streamed tasks whose inputs here were all zero
@@ -332,6 +332,11 @@ class EPMQStats:
             self._c_e += float(torch.stack([a * trace.to(device) for a, trace in self._c_e_unread]).sum())
             self._c_e_unread = []
         return self._c_e
+
+    @property
+    def c_m(self) -> float:
+        """The asymmetric anchor's constant ``tr(T_m T_m^T)`` (EPMQ_MATH.md)."""
+        return float(self._c_m)
 
     @property
     def _tasks_done(self) -> int:
@@ -642,12 +647,14 @@ class EPMQStats:
                 if task.G is None:
                     task.G = torch.zeros_like(self._G_e)
                 task.G.addmm_(T.T, X)
-                task.c += float(T.pow(2).sum())
+                # (summed on the device, read with the task's trace at end_task: no wait per batch)
+                task.c = task.c + T.pow(2).sum().double()
             if x_anchor is not None:
                 if self.G_m is None:
                     self.G_m = torch.zeros_like(self._G_e)
                 self.G_m.addmm_(T_m.T, X)
-                self.c_m += float(T_m.pow(2).sum())
+                self._c_m = self._c_m + T_m.pow(2).sum().double()  # (read at c_m; a new tensor: a
+                # shallow copy of these statistics keeps its own)
 
     def _W_m(self):
         """``W_merged`` in the statistics' dtype, converted once."""
@@ -681,7 +688,11 @@ class EPMQStats:
         self.task_tokens = self.task_tokens + [task.n_tokens]  # (a shallow copy keeps its own)
         # (one read for both uses: a Gram matrix's diagonal is >= 0, so it is all zero exactly
         # where its sum is 0; each read waits for the device's queue, once per task and layer)
-        trace = float(torch.diagonal(task.H).sum())
+        trace = torch.diagonal(task.H).sum()
+        if isinstance(task.c, torch.Tensor):  # (the asymmetric targets' constant: in the same read)
+            trace, task.c = torch.stack([trace.double(), task.c]).tolist()
+        else:
+            trace = float(trace)
         if trace == 0:
             # Tokens that were all zero at this layer (a norm's zero weight, a gated branch): the
             # task's H_k and its G_k = T_k X_k^T are zero, so whatever its weight it adds nothing

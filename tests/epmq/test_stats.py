@@ -1,5 +1,6 @@
 """Streaming statistics: batch by batch they must equal the statistics of the whole data."""
 
+import copy
 import math
 
 import pytest
@@ -1656,3 +1657,44 @@ def test_merged_weight_as_its_own_target_takes_no_product_of_zero(gen, dtype):
         G.addmm_(T.T, X)
         c += float(T.pow(2).sum())
     assert torch.equal(stats.G_e, torch.zeros_like(G).add_(G, alpha=1.0)) and stats.c_e == c
+
+
+def test_asymmetric_batches_read_nothing_back(gen):
+    """Expert-path and fp-path targets (x_expert, x_anchor) read each batch's sum of squared
+    targets back as a float, per batch and layer (two reads a batch on the fp path, after the
+    products), each waiting on a GPU for the device's queue to drain in the walk's innermost loop;
+    they stay on the device until the task ends (read with its trace) and c_m until it is read, the
+    same floats. A batch reads what its inputs' checks read, nothing more."""
+    from epmq.checks import all_finite
+
+    with _Reads() as check:
+        all_finite(torch.ones(3))
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = [W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen) for _ in range(2)]
+    data = [batches(gen, n_batches=4) for _ in range(2)]
+    shifted = [[x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs] for xs in data]
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    c, c_m, per_task = 0.0, 0.0, []
+    for W, xs, ts in zip(W_k, data, shifted):
+        stats.begin_task(W)
+        with _Reads() as counter:
+            for x, t in zip(xs, ts):
+                stats.add_batch(x, x_expert=t, x_anchor=t)
+        assert counter.n == 2 * check.n * len(xs)  # (x's and x_expert's checks of values)
+        with _Reads() as counter:
+            stats.end_task()
+        assert counter.n <= 1  # (the trace's read, as the merged path's)
+        c_k = 0.0
+        for x, t in zip(xs, ts):  # (the floats as they were read and summed, batch by batch)
+            X, X_t, Wd = x.reshape(-1, D_IN), t.reshape(-1, D_IN), W - W_m
+            T_m = (X_t - X) @ W_m.T
+            c_k += float((X_t @ Wd.T + T_m).pow(2).sum())
+            c_m += float(T_m.pow(2).sum())
+        per_task.append(c_k)
+    for a, c_k in zip(stats.task_weights, per_task):
+        c += a * c_k
+    assert stats.c_e == c and stats.c_m == c_m
+    copied = copy.copy(stats)  # (a copy keeps its own c_m, as it kept the float)
+    stats.begin_task(W_k[0])
+    stats.add_batch(data[0][0], x_expert=shifted[0][0], x_anchor=shifted[0][0])
+    assert copied.c_m == c_m < stats.c_m
