@@ -277,6 +277,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # Fun-ASR-Nano's SAN-M audio encoder (its first layer on the stacked frames, no residual; the FSMN's
     # depthwise convolution stays in full precision) and its projector's adaptor layers, the same class
     "FunAsrNanoEncoderLayer",
+    # Qwen3-ASR's Whisper-style audio encoder: the frames of every window in one [tokens, width]
+    # sequence with their boundaries (cu_seqlens), as Qwen2-VL's patches
+    "Qwen3ASRAudioEncoderLayer",
 ))
 
 

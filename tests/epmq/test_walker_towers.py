@@ -1320,3 +1320,53 @@ def test_audio_towers_once_left_in_full_precision_are_walked_by_default(name, ge
         assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
     assert_both_towers_walked_and_served(model, ("model.audio_tower.layers", "model.language_model.layers"),
                                          tmp_path, test, adapter="hf-bart+hf-decoder")
+
+
+def _qwen3_asr_item(gen):
+    ids = torch.randint(0, 290, (1, 20), generator=gen)
+    ids[0, 1:14] = 299  # (100 frames, one window of n_window * 2: 13 audio tokens)
+    return dict(input_ids=ids, input_features=torch.randn(1, 8, 100, generator=gen),
+                input_features_mask=torch.ones(1, 100, dtype=torch.long))
+
+
+# speech model -> (model class, config, a calibration item, its audio (changed to see the audio reach the
+# logits), towers, adapter, a layer of a later block whose inputs are checked against a plain forward's)
+SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
+    "qwen3_asr": ("Qwen3ASRForConditionalGeneration", lambda: transformers.Qwen3ASRConfig(
+        audio_config=dict(num_mel_bins=8, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                          downsample_hidden_size=4, output_dim=32, initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="qwen3"), audio_token_id=299, pad_token_id=0, eos_token_id=1),
+        _qwen3_asr_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
+        "hf-decoder+hf-encoder", "model.audio_tower.layers.1.fc1"),
+}
+
+
+@pytest.mark.parametrize("name", SPEECH_TOWERS_ONCE_IN_FULL_PRECISION)
+def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
+    """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
+    sequence with their boundaries) was left in full precision with a warning beside the quantized
+    language model. Every tower is walked in one call, near the float logits (the audio reaching
+    them), a later audio layer's statistics those of a plain forward, and the checkpoint loads back."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model_class, config, item, audio, towers, adapter, target = SPEECH_TOWERS_ONCE_IN_FULL_PRECISION[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config()).eval()
+    test = item(gen)
+    with torch.no_grad():
+        reference = model(**test).logits
+        other_audio = model(**dict(test, **{audio: torch.randn(test[audio].shape, generator=gen)})).logits
+    assert (other_audio - reference).norm() > 0.1 * reference.norm()
+    quantize_leaving_no_tower(model, lambda: item(gen))
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(model, towers, tmp_path, test, adapter=adapter)
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config()).eval()
+    calibration = [item(gen) for _ in range(3)]
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
