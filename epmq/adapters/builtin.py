@@ -280,6 +280,8 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # Qwen3-ASR's Whisper-style audio encoder: the frames of every window in one [tokens, width]
     # sequence with their boundaries (cu_seqlens), as Qwen2-VL's patches
     "Qwen3ASRAudioEncoderLayer",
+    # GLM-ASR's Whisper-style audio encoder, its attention rotary (its tables a kwarg, as Qwen2-VL's)
+    "GlmAsrEncoderLayer",
 ))
 
 

@@ -1329,6 +1329,13 @@ def _qwen3_asr_item(gen):
                 input_features_mask=torch.ones(1, 100, dtype=torch.long))
 
 
+def _glm_asr_item(gen):
+    ids = torch.randint(0, 290, (1, 12), generator=gen)
+    ids[0, 1:5] = 299  # (32 frames, halved by the stem, 4 a token)
+    return dict(input_ids=ids, input_features=torch.randn(1, 8, 32, generator=gen),
+                input_features_mask=torch.ones(1, 32, dtype=torch.long))
+
+
 # speech model -> (model class, config, a calibration item, its audio (changed to see the audio reach the
 # logits), towers, adapter, a layer of a later block whose inputs are checked against a plain forward's)
 SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
@@ -1338,15 +1345,22 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         text_config=dict(_TEXT, model_type="qwen3"), audio_token_id=299, pad_token_id=0, eos_token_id=1),
         _qwen3_asr_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
         "hf-decoder+hf-encoder", "model.audio_tower.layers.1.fc1"),
+    "glm_asr": ("GlmAsrForConditionalGeneration", lambda: transformers.GlmAsrConfig(
+        audio_config=dict(num_mel_bins=8, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="llama"), audio_token_id=299),
+        _glm_asr_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
+        "hf-decoder+hf-encoder", "model.audio_tower.layers.1.mlp.fc1"),
 }
 
 
 @pytest.mark.parametrize("name", SPEECH_TOWERS_ONCE_IN_FULL_PRECISION)
 def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
     """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
-    sequence with their boundaries) was left in full precision with a warning beside the quantized
-    language model. Every tower is walked in one call, near the float logits (the audio reaching
-    them), a later audio layer's statistics those of a plain forward, and the checkpoint loads back."""
+    sequence with their boundaries) and GLM-ASR's (GlmAsrEncoderLayer, rotary) were left in full
+    precision with a warning beside the quantized language model. Every tower is walked in one call,
+    near the float logits (the audio reaching them), a later audio layer's statistics those of a plain
+    forward, and the checkpoint loads back."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     model_class, config, item, audio, towers, adapter, target = SPEECH_TOWERS_ONCE_IN_FULL_PRECISION[name]
