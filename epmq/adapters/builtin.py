@@ -282,6 +282,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "Qwen3ASRAudioEncoderLayer",
     # GLM-ASR's Whisper-style audio encoder, its attention rotary (its tables a kwarg, as Qwen2-VL's)
     "GlmAsrEncoderLayer",
+    # Granite Speech's Conformer blocks (their convolution module's 1 x 1 and depthwise convolutions stay in
+    # full precision; the CTC self-conditioning added to the middle block's output is replayed between blocks)
+    "GraniteSpeechConformerBlock",
 ))
 
 

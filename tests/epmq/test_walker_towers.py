@@ -1336,6 +1336,12 @@ def _glm_asr_item(gen):
                 input_features_mask=torch.ones(1, 32, dtype=torch.long))
 
 
+def _granite_speech_item(gen):
+    ids = torch.randint(0, 290, (1, 12), generator=gen)
+    ids[0, 1:5] = 299  # (8 frames: 2 windows of 4, each 2 query tokens)
+    return dict(input_ids=ids, input_features=torch.randn(1, 8, 8, generator=gen))
+
+
 # speech model -> (model class, config, a calibration item, its audio (changed to see the audio reach the
 # logits), towers, adapter, a layer of a later block whose inputs are checked against a plain forward's)
 SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
@@ -1351,14 +1357,26 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         text_config=dict(_TEXT, model_type="llama"), audio_token_id=299),
         _glm_asr_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
         "hf-decoder+hf-encoder", "model.audio_tower.layers.1.mlp.fc1"),
+    # (4 Conformer blocks: the CTC self-conditioning is added to the second's output, before the third)
+    "granite_speech": ("GraniteSpeechForConditionalGeneration", lambda: transformers.GraniteSpeechConfig(
+        encoder_config=dict(input_dim=8, num_layers=4, hidden_dim=32, feedforward_mult=2, num_heads=4, dim_head=8,
+                            output_dim=6, context_size=4, max_pos_emb=8, dropout=0.0, conv_kernel_size=3),
+        projector_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                              encoder_hidden_size=32, cross_attention_frequency=1, initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="granite"), audio_token_index=299, window_size=4, downsample_rate=2,
+        has_lora_adapter=False),
+        _granite_speech_item, "input_features",
+        ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
+        "hf-decoder+hf-encoder", "model.encoder.layers.2.ff1.up_proj"),
 }
 
 
 @pytest.mark.parametrize("name", SPEECH_TOWERS_ONCE_IN_FULL_PRECISION)
 def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
     """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
-    sequence with their boundaries) and GLM-ASR's (GlmAsrEncoderLayer, rotary) were left in full
-    precision with a warning beside the quantized language model. Every tower is walked in one call,
+    sequence with their boundaries), GLM-ASR's (GlmAsrEncoderLayer, rotary) and Granite Speech's
+    Conformer blocks (GraniteSpeechConformerBlock, the CTC self-conditioning added between two of them)
+    were left in full precision with a warning beside the quantized language model. Every tower is walked in one call,
     near the float logits (the audio reaching them), a later audio layer's statistics those of a plain
     forward, and the checkpoint loads back."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
