@@ -282,9 +282,14 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "Qwen3ASRAudioEncoderLayer",
     # GLM-ASR's Whisper-style audio encoder, its attention rotary (its tables a kwarg, as Qwen2-VL's)
     "GlmAsrEncoderLayer",
-    # Granite Speech's Conformer blocks (their convolution module's 1 x 1 and depthwise convolutions stay in
-    # full precision; the CTC self-conditioning added to the middle block's output is replayed between blocks)
-    "GraniteSpeechConformerBlock",
+))
+# Granite Speech's and Granite Speech Plus's Conformer blocks (their convolution module's 1 x 1 and depthwise
+# convolutions stay in full precision; the CTC self-conditioning added to the middle block's output is
+# replayed between blocks). A family of their own: Plus's encoder hands its projector's Q-Former (HF_ENCODERS)
+# inner blocks' outputs beside its last (cat_hidden_layers), which the walk replaying the Conformer's last
+# output to a later stack of its family would not give it; another family's quantized blocks run instead.
+CONFORMERS = EncoderAdapter("hf-conformer", block_types=(
+    "GraniteSpeechConformerBlock", "GraniteSpeechPlusConformerBlock",
 ))
 
 

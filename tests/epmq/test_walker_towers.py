@@ -1367,7 +1367,18 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         has_lora_adapter=False),
         _granite_speech_item, "input_features",
         ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
-        "hf-decoder+hf-encoder", "model.encoder.layers.2.ff1.up_proj"),
+        "hf-decoder+hf-encoder+hf-conformer", "model.encoder.layers.2.ff1.up_proj"),
+    "granite_speech_plus": ("GraniteSpeechPlusForConditionalGeneration", lambda: transformers.GraniteSpeechPlusConfig(
+        encoder_config=dict(input_dim=8, num_layers=4, hidden_dim=32, feedforward_mult=3, num_heads=4, dim_head=8,
+                            output_dim=6, context_size=4, max_pos_emb=8, dropout=0.0, conv_kernel_size=3,
+                            cat_hidden_layers=[1]),
+        projector_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                              encoder_hidden_size=64, cross_attention_frequency=1, initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="granite"), audio_token_index=299, window_size=4, downsample_rate=2,
+        has_lora_adapter=False),
+        _granite_speech_item, "input_features",
+        ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
+        "hf-decoder+hf-encoder+hf-conformer", "model.encoder.layers.2.ff1.up_proj"),
 }
 
 
@@ -1375,7 +1386,7 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
 def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
     """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
     sequence with their boundaries), GLM-ASR's (GlmAsrEncoderLayer, rotary) and Granite Speech's
-    Conformer blocks (GraniteSpeechConformerBlock, the CTC self-conditioning added between two of them)
+    and Granite Speech Plus's Conformer blocks (the CTC self-conditioning added between two of them)
     were left in full precision with a warning beside the quantized language model. Every tower is walked in one call,
     near the float logits (the audio reaching them), a later audio layer's statistics those of a plain
     forward, and the checkpoint loads back."""
@@ -1402,3 +1413,26 @@ def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, g
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
                         layers=lambda name: name == target)
     assert_same_statistics(seen, hand)
+
+
+def test_granite_speech_plus_qformer_reads_the_quantized_conformers_inner_outputs(gen, monkeypatch):
+    """Granite Speech Plus's encoder hands its projector's Q-Former the outputs of inner Conformer blocks
+    (cat_hidden_layers) beside its last: the Q-Former's cross-attention is calibrated on what the
+    quantized Conformer gives, as a plain forward of the quantized model gives it (the walk replaying
+    the Conformer's last output alone would hand it the inner blocks' inputs)."""
+    from test_walker_models import assert_same_statistics, hooked_inputs
+
+    from epmq.stats import HessianStats
+
+    model_class, config, item, *_ = SPEECH_TOWERS_ONCE_IN_FULL_PRECISION["granite_speech_plus"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config()).eval()
+    target = "model.projector.qformer.encoder.layer.0.crossattention.attention.key"
+    calibration = [item(gen) for _ in range(3)]
+    seen, add_batch = [], HessianStats.add_batch
+    # (the encoder's output, two blocks' outputs side by side, is the only input 64 wide)
+    monkeypatch.setattr(HessianStats, "add_batch", lambda self, x, **kw: (
+        seen.append(x.double()) if x.shape[-1] == 64 else None) or add_batch(self, x, **kw))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target or name.startswith("model.encoder.layers"))
+    assert_same_statistics(seen, hooked_inputs(model, target, calibration))
