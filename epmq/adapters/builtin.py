@@ -282,6 +282,8 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "Qwen3ASRAudioEncoderLayer",
     # GLM-ASR's Whisper-style audio encoder, its attention rotary (its tables a kwarg, as Qwen2-VL's)
     "GlmAsrEncoderLayer",
+    # Omnilingual ASR's wav2vec 2-style encoder (pre-norm layers on the waveform's convolutional frames)
+    "OmniASREncoderLayer",
 ))
 # Granite Speech's and Granite Speech Plus's Conformer blocks (their convolution module's 1 x 1 and depthwise
 # convolutions stay in full precision; the CTC self-conditioning added to the middle block's output is

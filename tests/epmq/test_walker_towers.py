@@ -1342,6 +1342,12 @@ def _granite_speech_item(gen):
     return dict(input_ids=ids, input_features=torch.randn(1, 8, 8, generator=gen))
 
 
+def _omniasr_item(gen):
+    ids = torch.randint(0, 290, (1, 12), generator=gen)
+    ids[0, 1:5] = 299  # (32 samples: 8 frames, then 4)
+    return dict(input_ids=ids, input_values=torch.randn(1, 1, 32, generator=gen))
+
+
 # speech model -> (model class, config, a calibration item, its audio (changed to see the audio reach the
 # logits), towers, adapter, a layer of a later block whose inputs are checked against a plain forward's)
 SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
@@ -1379,17 +1385,25 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         _granite_speech_item, "input_features",
         ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
         "hf-decoder+hf-encoder+hf-conformer", "model.encoder.layers.2.ff1.up_proj"),
+    "omniasr": ("OmniASRForConditionalGeneration", lambda: transformers.OmniASRConfig(
+        audio_config=dict(hidden_size=32, conv_dim=(16, 16), conv_kernel=(4, 2), conv_stride=(4, 2),
+                          num_attention_heads=4, num_hidden_layers=2, num_conv_pos_embeddings=4,
+                          num_conv_pos_embedding_groups=2, intermediate_size=64, hidden_dropout=0.0, layerdrop=0.0,
+                          activation_dropout=0.0, initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="llama"), audio_token_id=299, initializer_range=0.3),
+        _omniasr_item, "input_values", ("model.audio_tower.layers", "model.language_model.layers"),
+        "hf-decoder+hf-encoder", "model.audio_tower.layers.1.feed_forward.intermediate_dense"),
 }
 
 
 @pytest.mark.parametrize("name", SPEECH_TOWERS_ONCE_IN_FULL_PRECISION)
 def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
     """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
-    sequence with their boundaries), GLM-ASR's (GlmAsrEncoderLayer, rotary) and Granite Speech's
-    and Granite Speech Plus's Conformer blocks (the CTC self-conditioning added between two of them)
-    were left in full precision with a warning beside the quantized language model. Every tower is walked in one call,
-    near the float logits (the audio reaching them), a later audio layer's statistics those of a plain
-    forward, and the checkpoint loads back."""
+    sequence with their boundaries), GLM-ASR's (GlmAsrEncoderLayer, rotary), OmniASR's (wav2vec
+    2-style) and Granite Speech's and Granite Speech Plus's Conformer blocks (the CTC self-conditioning
+    added between two of them) were left in full precision with a warning beside the quantized language
+    model. Every tower is walked in one call, near the float logits (the audio reaching them), a later
+    audio layer's statistics those of a plain forward, and the checkpoint loads back."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     model_class, config, item, audio, towers, adapter, target = SPEECH_TOWERS_ONCE_IN_FULL_PRECISION[name]
