@@ -1348,6 +1348,14 @@ def _omniasr_item(gen):
     return dict(input_ids=ids, input_values=torch.randn(1, 1, 32, generator=gen))
 
 
+def _moss_item(gen):
+    ids = torch.randint(0, 290, (1, 12), generator=gen)
+    ids[0, 1:5] = 299  # (one window of 16 frames: 8 positions, merged 2 a token)
+    return dict(input_ids=ids, input_features=torch.randn(1, 8, 16, generator=gen),
+                input_features_mask=torch.ones(1, 16, dtype=torch.long),
+                padding_mask=torch.ones(1, 160, dtype=torch.long))
+
+
 # speech model -> (model class, config, a calibration item, its audio (changed to see the audio reach the
 # logits), towers, adapter, a layer of a later block whose inputs are checked against a plain forward's)
 SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
@@ -1393,6 +1401,13 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         text_config=dict(_TEXT, model_type="llama"), audio_token_id=299, initializer_range=0.3),
         _omniasr_item, "input_values", ("model.audio_tower.layers", "model.language_model.layers"),
         "hf-decoder+hf-encoder", "model.audio_tower.layers.1.feed_forward.intermediate_dense"),
+    "moss_transcribe_diarize": ("MossTranscribeDiarizeForConditionalGeneration",
+                                lambda: transformers.MossTranscribeDiarizeConfig(
+        audio_config=dict(num_mel_bins=8, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          hidden_size=32, max_source_positions=8, initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="qwen3"), audio_token_id=299, audio_merge_size=2, audio_chunk_size=160),
+        _moss_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
+        "hf-bart+hf-decoder", "model.audio_tower.layers.1.fc1"),
 }
 
 
@@ -1400,10 +1415,11 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
 def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
     """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
     sequence with their boundaries), GLM-ASR's (GlmAsrEncoderLayer, rotary), OmniASR's (wav2vec
-    2-style) and Granite Speech's and Granite Speech Plus's Conformer blocks (the CTC self-conditioning
-    added between two of them) were left in full precision with a warning beside the quantized language
-    model. Every tower is walked in one call, near the float logits (the audio reaching them), a later
-    audio layer's statistics those of a plain forward, and the checkpoint loads back."""
+    2-style), MOSS-Transcribe-Diarize's (Whisper-style) and Granite Speech's and Granite Speech Plus's
+    Conformer blocks (the CTC self-conditioning added between two of them) were left in full precision
+    with a warning beside the quantized language model. Every tower is walked in one call, near the
+    float logits (the audio reaching them), a later audio layer's statistics those of a plain forward,
+    and the checkpoint loads back."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     model_class, config, item, audio, towers, adapter, target = SPEECH_TOWERS_ONCE_IN_FULL_PRECISION[name]
