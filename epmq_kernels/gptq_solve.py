@@ -94,6 +94,8 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if not is_bits(group_size):
         raise ValueError(f"group_size must be an int (-1 or 0 for a static grid), got {group_size!r}")
+    if group_size < -1:  # (-2, a width's sign slip, was solved as a static grid, silently)
+        raise ValueError(f"group_size must be positive, or -1 or 0 for a static grid, got {group_size}")
     # (a NumPy array or a list ended in Python's bare "object has no attribute 'is_complex'")
     for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros),
                     ("col_group", col_group)):

@@ -661,6 +661,8 @@ def test_more_argument_errors(gen):
         for group_size in (True, 16.0):
             with pytest.raises(ValueError, match="group_size must be an int"):
                 solve(W, Hinv, bits=4, sym=False, group_size=group_size)
+        with pytest.raises(ValueError, match="group_size must be positive, or -1 or 0 for a static grid, got -2"):
+            solve(W, Hinv, bits=4, sym=False, **{**grid, "group_size": -2})
     for block_rows in (3, 6, 0):
         with pytest.raises(ValueError, match="block_rows must be a power of two"):
             gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, block_rows=block_rows)
