@@ -37,11 +37,12 @@ def run_compile_script(script: str, timeout: float) -> subprocess.CompletedProce
 # Helpers for the scripts above (imported inside them: ``from gpu_compile import ...`` with this
 # directory on sys.path, Triton's interpreter off). No GPU needed.
 # ----------------------------------------------------------------------------------------------
-def compile_sm90(fn, args, constexprs, num_warps, num_stages, capability=90):
+def compile_sm90(fn, args, constexprs, num_warps, num_stages, capability=90, **options):
     """``fn`` (a Triton or a Gluon kernel) compiled by Triton's NVIDIA backend for sm_90 (or
     ``capability``), specialised like a real launch with ``args`` (the non-constexpr arguments
     in order: tensors stand for pointers; integers equal to 1 become constants unless the
-    kernel says ``do_not_specialize``) and ``constexprs`` (by name)."""
+    kernel says ``do_not_specialize``) and ``constexprs`` (by name); ``options``: further
+    compile options of the launch (``enable_fp_fusion``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
@@ -69,7 +70,7 @@ def compile_sm90(fn, args, constexprs, num_warps, num_stages, capability=90):
         from triton.experimental.gluon._runtime import GluonASTSource as source
     return triton.compile(source(fn, signature, constants, attrs),
                           target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **options))
 
 
 def resource_usage(compiled) -> dict:
@@ -152,3 +153,64 @@ def loop_body(sass: str) -> list:
         if m:
             body.append(m.group(1))
     return body
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling kernels as their launchers launch them: the launches are recorded on the CPU (under
+# Triton's interpreter), then compiled in a subprocess with the specialisations a real launch
+# makes of the same arguments (integers equal to 1 made constants, 16-byte divisibility of the
+# pointers and of the integers), which hand-written signatures of all-i32 arguments never see.
+# ----------------------------------------------------------------------------------------------
+class Launches:
+    """A kernel whose launches are recorded (the arguments its launcher gives), then run; set in
+    the launcher's module in place of the kernel (``monkeypatch.setattr``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, dict(kwargs)))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _literal(v) -> str:
+    """Python source for a stand-in of a launch's argument ``v`` that Triton specialises as it
+    does ``v``: a tensor of its dtype, 16-byte aligned where ``v`` is (a view one element into
+    its storage where not); a Triton dtype by name; anything else as itself."""
+    import torch
+    import triton.language as tl
+
+    if isinstance(v, torch.Tensor):
+        aligned = v.data_ptr() % 16 == 0
+        return f"torch.empty(80, dtype={v.dtype})" + ("" if aligned else "[1:]")
+    if isinstance(v, tl.dtype):
+        return f"triton.language.{v.name}" if hasattr(tl, v.name) else f"triton.language.dtype({v.name!r})"
+    return repr(v)
+
+
+def compile_as_launched(module: str, launches, capabilities=(90, 80), constexprs=None) -> str:
+    """A script compiling each ``(name, calls)`` of ``launches`` (kernels of ``module``, its
+    calls a ``Launches``'s) for each of ``capabilities`` as each call launched it: its tensors'
+    dtypes and alignment, its integers, its constants and options; the same launch once.
+    ``constexprs``: a kernel's name to the constants to compile in place of those recorded (what
+    a launcher sets from the device, e.g. a CUDA-only rounding)."""
+    lines = ["import sys", "sys.path.insert(0, 'tests/kernels')", "import torch, triton, triton.language",
+             "from gpu_compile import compile_sm90", f"import {module} as m"]
+    seen = set()
+    for name, calls in launches:
+        for args, kwargs in calls:
+            kwargs = dict(kwargs, **(constexprs or {}).get(name, {}))
+            warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 1)
+            options = {k: kwargs.pop(k) for k in ("enable_fp_fusion",) if k in kwargs}
+            for cap in capabilities:
+                line = (f"compile_sm90(m.{name}, [{', '.join(map(_literal, args))}], "
+                        f"dict({', '.join(f'{k}={_literal(v)}' for k, v in kwargs.items())}), {warps}, "
+                        f"{stages}, capability={cap}, **{options!r})")
+                if line not in seen:
+                    seen.add(line)
+                    lines.append(f"print({line[:200]!r}, flush=True)")
+                    lines.append(line)
+    return "\n".join(lines + ["print('compiled')"])

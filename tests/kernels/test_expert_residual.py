@@ -25,7 +25,7 @@ from epmq_kernels.expert_residual import (
     fold_hessians_triton,
     tf32_round,
 )
-from gpu_compile import ptxas_available, run_compile_script
+from gpu_compile import Launches, compile_as_launched, ptxas_available, run_compile_script
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = {torch.float32: 2e-6, torch.float64: 1e-13}
@@ -738,39 +738,6 @@ def test_split_kernel_compiles_for_one_input():
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
-class _Launches:
-    """A kernel whose launches are recorded (the arguments its launcher gives), then run."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append((args, dict(kwargs)))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def _compile_as_launched(launches):
-    """A script compiling each ``(name, calls)`` of ``launches`` (kernels of
-    epmq_kernels.expert_residual) for sm_90 as each call launched it: its tensors' dtypes, its
-    integers, its constants and options."""
-    lines = ["import sys", "sys.path.insert(0, 'tests/kernels')", "import torch, triton.language",
-             "from gpu_compile import compile_sm90", "import epmq_kernels.expert_residual as er"]
-
-    def literal(v):
-        return f"torch.empty(64, dtype={v.dtype})" if isinstance(v, torch.Tensor) else repr(v)
-
-    for name, calls in launches:
-        for args, kwargs in calls:
-            warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages", 1)
-            constexprs = ", ".join(f"{k}={literal(v)}" for k, v in kwargs.items())
-            lines.append(f"compile_sm90(er.{name}, [{', '.join(map(literal, args))}], "
-                         f"dict({constexprs}), {warps}, {stages})")
-    return "\n".join(lines + ["print('compiled')"])
-
-
 @pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_fp64_sums_of_16_bit_operands_compile_for_gpus(gen, monkeypatch):
     """An fp64 H of bf16, fp16 or float8 activations (a bf16 model's, into HessianStats of
@@ -779,7 +746,7 @@ def test_fp64_sums_of_16_bit_operands_compile_for_gpus(gen, monkeypatch):
     MMAv2 operand lowering asserts: 'PassManager::run failed'): compiled as launched."""
     import epmq_kernels.expert_residual as er
 
-    xxt, residual = _Launches(er._xxt_kernel), _Launches(er._residual_kernel)
+    xxt, residual = Launches(er._xxt_kernel), Launches(er._residual_kernel)
     monkeypatch.setattr(er, "_xxt_kernel", xxt)
     monkeypatch.setattr(er, "_residual_kernel", residual)
     for x_dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
@@ -795,9 +762,9 @@ def test_fp64_sums_of_16_bit_operands_compile_for_gpus(gen, monkeypatch):
         accumulate_residual_reference(G_ref, W_k, W_m, H_k.to(h_dtype), 0.5)
         torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
     assert len(xxt.calls) == 3 and len(residual.calls) == 3
-    proc = run_compile_script(_compile_as_launched([("_xxt_kernel", xxt.calls),
-                                                    ("_residual_kernel", residual.calls)]), timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    proc = run_compile_script(compile_as_launched("epmq_kernels.expert_residual", [("_xxt_kernel", xxt.calls),
+                                                  ("_residual_kernel", residual.calls)]), timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- aliasing, strides, devices

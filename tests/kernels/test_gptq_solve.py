@@ -28,7 +28,7 @@ from epmq_kernels.gptq_solve import (
     solved_loss,
 )
 from epmq_kernels.grid import find_params
-from gpu_compile import ptxas_available, run_compile_script
+from gpu_compile import Launches, compile_as_launched, ptxas_available, run_compile_script
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 D_OUT, D_IN = 37, 96  # neither a multiple of any row tile nor of the blocks below
@@ -544,6 +544,53 @@ print("compiled")
 def test_solver_compiles_for_gpus():
     proc = run_compile_script(_COMPILE_SOLVER, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# (d_out, d_in, grid, bits, sym, with R, block_rows, blocksize): odd widths (one column, a block
+# of one column at the end, 131 and 300 over blocks of 128), groups of 1, 32, 131 (spanning
+# blocks), static and per channel, one row and eight a program, with R and without
+_AS_LAUNCHED = [
+    (1, 1, "channel", 4, False, True, 1, 128),
+    (3, 17, 1, 2, True, False, 1, 128),
+    (3, 17, "channel", 8, True, True, 2, 16),
+    (9, 131, 32, 4, False, True, 8, 128),
+    (9, 131, 131, 2, True, False, 1, 128),
+    (9, 300, 131, 8, False, True, 8, 128),
+    (5, 300, "static", 4, False, True, 8, 128),
+    (5, 131, "static", 2, True, False, 1, 128),
+    (1, 17, "channel", 8, False, True, 1, 16),
+    (9, 300, "channel", 2, True, True, 8, 128),
+]
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_solver_compiles_as_launched(gen, monkeypatch):
+    """The compile test above hands the kernel all-i32 signatures; a launch specialises its
+    integers (one column, one row, a single group or block: constants) and the 16-byte
+    divisibility of its pointers and sizes. The launches the solver really makes of odd shapes,
+    every grid, 2, 4 and 8 bits, R and 1 to 8 rows a program, compiled for sm_90 and sm_80 as
+    launched (one warp and the fp32 reciprocal's scale, as on a GPU)."""
+    import epmq_kernels.gptq_solve as gs
+
+    block, update = Launches(gs._gptq_block_kernel), Launches(gs._target_minus_update_kernel)
+    monkeypatch.setattr(gs, "_gptq_block_kernel", block)
+    monkeypatch.setattr(gs, "_target_minus_update_kernel", update)
+    for d_out, d_in, grid, bits, sym, with_R, rows, blocksize in _AS_LAUNCHED:
+        W, R, Hinv, H = make_problem(gen, d_out, d_in, n_tokens=64, with_R=with_R)
+        kw = dict(bits=bits, sym=sym, R=R, blocksize=blocksize)
+        if grid in ("static", "channel"):
+            kw.update(static_grid(W if R is None else W + R, bits, sym, 32 if grid == "static" else -1))
+        else:
+            kw.update(group_size=grid)
+        ref = gptq_solve_reference(W, Hinv, **kw)
+        out = gptq_solve_triton(W, Hinv, block_rows=rows, num_warps=1, **kw)
+        assert torch.equal(out.codes, ref.codes), (d_out, d_in, grid)
+    assert block.calls and update.calls
+    script = compile_as_launched("epmq_kernels.gptq_solve",
+                                 [("_gptq_block_kernel", block.calls), ("_target_minus_update_kernel", update.calls)],
+                                 constexprs=dict(_gptq_block_kernel=dict(SCALE_BY_RCP=True)))
+    proc = run_compile_script(script, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- grid details
