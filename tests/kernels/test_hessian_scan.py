@@ -7,7 +7,7 @@ import torch
 import epmq_kernels.hessian_scan as hs
 from epmq_kernels.hessian_scan import (N_NUMBERS, hessian_numbers, hessian_numbers_reference,
                                        hessian_numbers_triton)
-from gpu_compile import ptxas_available, run_compile_script
+from gpu_compile import Launches, compile_as_launched, ptxas_available, run_compile_script
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -198,6 +198,35 @@ print("compiled")
 def test_scan_kernels_compile_for_gpus():
     proc = run_compile_script(_COMPILE, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_scan_kernels_compile_as_launched(gen, monkeypatch):
+    """The compile test above hands the kernels all-i32 signatures; a launch specialises its
+    integers (d = 1, a row stride of 1, one program: constants) and the 16-byte divisibility of
+    its pointers and sizes. The launches hessian_numbers_triton makes of one input, 16, 17 and
+    130, of every H dtype (float8 read through fp16), fp32 and fp64 probes, and of H a view of a
+    larger matrix (its rows strided, its start not 16-byte aligned), compiled for sm_90 and
+    sm_80 as launched."""
+    scan, finish = Launches(hs._scan_kernel), Launches(hs._finish_kernel)
+    monkeypatch.setattr(hs, "_scan_kernel", scan)
+    monkeypatch.setattr(hs, "_finish_kernel", finish)
+    cases = [(d, dtype, vdt) for d in (1, 16, 17, 130) for dtype, vdt in (
+        (torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32))]
+    cases += [(17, torch.float16, torch.float32), (16, torch.float8_e4m3fn, torch.float64),
+              (1, torch.float16, torch.float64)]
+    for d, dtype, vdt in cases:
+        H, vu = gram(gen, d, dtype), torch.randn(d, 2, generator=gen, dtype=torch.float64).to(DEVICE, vdt)
+        assert_numbers_close(hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu),
+                             H.to(torch.float16) if dtype.itemsize == 1 else H, vu)
+    for d in (1, 17):  # (H[1:, 1:] of a [d + 1, d + 1] matrix: rows of stride d + 1, 4 bytes in)
+        H = gram(gen, d + 1, torch.float32)[1:, 1:]
+        vu = torch.randn(d, 2, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32)
+        assert_numbers_close(hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu), H, vu)
+    proc = run_compile_script(compile_as_launched("epmq_kernels.hessian_scan", [("_scan_kernel", scan.calls),
+                                                                                ("_finish_kernel", finish.calls)]),
+                              timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
 @pytest.mark.cuda
