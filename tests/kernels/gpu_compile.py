@@ -162,16 +162,18 @@ def loop_body(sass: str) -> list:
 # pointers and of the integers), which hand-written signatures of all-i32 arguments never see.
 # ----------------------------------------------------------------------------------------------
 class Launches:
-    """A kernel whose launches are recorded (the arguments its launcher gives), then run; set in
-    the launcher's module in place of the kernel (``monkeypatch.setattr``)."""
+    """A kernel whose launches are recorded (the arguments its launcher gives), then run (not
+    ``run``: recorded only, as where the launcher is told it runs compiled, its arguments those
+    of a GPU's launch, which the interpreter may not take); set in the launcher's module in place
+    of the kernel (``monkeypatch.setattr``)."""
 
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
+    def __init__(self, kernel, run=True):
+        self.kernel, self.calls, self.run = kernel, [], run
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls.append((args, dict(kwargs)))
-            return self.kernel[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs) if self.run else None
 
         return launch
 
@@ -191,26 +193,45 @@ def _literal(v) -> str:
     return repr(v)
 
 
+def compile_launch(fn, args, kwargs, capability):
+    """``fn`` compiled for ``capability`` as a launch ``fn[grid](*args, **kwargs)`` compiles it:
+    positional arguments the kernel declares constexpr taken as its constants, ``num_warps``,
+    ``num_stages`` and ``enable_fp_fusion`` as options (the backend's defaults where absent)."""
+    constexprs, values = dict(kwargs), []
+    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in constexprs}
+    for param, value in zip(fn.params, args):
+        if param.is_constexpr:
+            constexprs[param.name] = value
+        else:
+            values.append(value)
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    warps = options.pop("num_warps", CUDAOptions.num_warps)
+    stages = options.pop("num_stages", CUDAOptions.num_stages)
+    return compile_sm90(fn, values, constexprs, warps, stages, capability=capability, **options)
+
+
 def compile_as_launched(module: str, launches, capabilities=(90, 80), constexprs=None) -> str:
     """A script compiling each ``(name, calls)`` of ``launches`` (kernels of ``module``, its
     calls a ``Launches``'s) for each of ``capabilities`` as each call launched it: its tensors'
     dtypes and alignment, its integers, its constants and options; the same launch once.
     ``constexprs``: a kernel's name to the constants to compile in place of those recorded (what
-    a launcher sets from the device, e.g. a CUDA-only rounding)."""
+    a launcher sets from the device, e.g. a CUDA-only rounding), or a function of the name and a
+    call's ``(args, kwargs)`` giving the call as a GPU would launch it."""
     lines = ["import sys", "sys.path.insert(0, 'tests/kernels')", "import torch, triton, triton.language",
-             "from gpu_compile import compile_sm90", f"import {module} as m"]
+             "from gpu_compile import compile_launch", f"import {module} as m"]
     seen = set()
     for name, calls in launches:
         for args, kwargs in calls:
-            kwargs = dict(kwargs, **(constexprs or {}).get(name, {}))
-            warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 1)
-            options = {k: kwargs.pop(k) for k in ("enable_fp_fusion",) if k in kwargs}
+            if callable(constexprs):
+                args, kwargs = constexprs(name, args, kwargs)
+            else:
+                kwargs = dict(kwargs, **(constexprs or {}).get(name, {}))
             for cap in capabilities:
-                line = (f"compile_sm90(m.{name}, [{', '.join(map(_literal, args))}], "
-                        f"dict({', '.join(f'{k}={_literal(v)}' for k, v in kwargs.items())}), {warps}, "
-                        f"{stages}, capability={cap}, **{options!r})")
+                line = (f"compile_launch(m.{name}, [{', '.join(map(_literal, args))}], "
+                        f"dict({', '.join(f'{k}={_literal(v)}' for k, v in kwargs.items())}), {cap})")
                 if line not in seen:
                     seen.add(line)
-                    lines.append(f"print({line[:200]!r}, flush=True)")
+                    lines.append(f"print({line[:300]!r}, flush=True)")
                     lines.append(line)
     return "\n".join(lines + ["print('compiled')"])

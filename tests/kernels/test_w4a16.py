@@ -25,7 +25,7 @@ from epmq_kernels.w4a16 import (
     w4a16_matmul,
     w4a16_matmul_reference,
 )
-from gpu_compile import run_compile_script
+from gpu_compile import Launches, compile_as_launched, ptxas_available, run_compile_script
 
 # Relative to |x| @ |W|: the output rounding (2^-11 fp16, 2^-8 bf16) plus the weight rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -1574,6 +1574,63 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         assert compile_sm90(kernel, args, constexprs, warps, stages, capability=80).asm["cubin"]
         print("mma sm_80 ok")
 """)
+
+
+# (M, K, N, group_size, g_idx kind, dtype, x a view one element into a wider matrix): one row
+# and 16 (the mma path's), 33 (splitk or wgmma), 65 (gemm or wgmma) and 256 (dqmm too); K and N
+# of no power of two (K = 136: 17 packed rows), N = 1 (strides of 1: constants), per channel,
+# groups of 32 and 64, act-order; fp16, bf16 and fp32 activations, and unaligned ones
+_W4A16_AS_LAUNCHED = [
+    (1, 136, 37, -1, None, torch.float16, False),
+    (1, 256, 40, 32, None, torch.bfloat16, False),
+    (1, 136, 37, -1, None, torch.float32, False),
+    (1, 64, 1, -1, None, torch.float16, False),
+    (1, 128, 37, 32, "permuted", torch.float16, False),
+    (16, 192, 37, 64, None, torch.float16, False),
+    (16, 136, 40, -1, None, torch.bfloat16, True),
+    (33, 192, 40, 32, None, torch.float16, False),
+    (65, 136, 37, -1, None, torch.bfloat16, False),
+    (256, 192, 37, 32, None, torch.float16, False),
+]
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_kernels_compile_as_launched(gen, monkeypatch):
+    """The compile tests above hand the kernels the report's shapes (K = N = 4096); a launch
+    specialises its integers (N = 1, one group, one K slice, strides of 1: constants) and the
+    16-byte divisibility of its pointers, sizes and strides. The launches w4a16_matmul makes for
+    a GPU (recorded with the module told it runs compiled: inline PTX, bf16 arithmetic) on
+    every path _paths_for offers these rows, the first config the autotuner would try of each
+    (and the last, up to 16 rows), compiled for sm_90 and sm_80 (wgmma: sm_90 alone, Hopper's)."""
+    names = ("_w4a16_gemv_kernel", "_w4a16_dot_kernel", "_w4a16_dequant_kernel", "_w4a16_mma_kernel",
+             "_w4a16_wgmma_kernel")
+    launches = {name: Launches(getattr(W, name), run=False) for name in names}
+    for name, launch in launches.items():
+        monkeypatch.setattr(W, name, launch)
+    monkeypatch.setattr(W, "INTERPRETED", False)
+    seen = set()
+    for M, K, N, group, kind, dtype, shifted in _W4A16_AS_LAUNCHED:
+        qweight, scales, zeros, g_idx = make_problem(gen, K, N, group, kind)
+        x = torch.randn(M, K + shifted, generator=gen).to(dtype)[:, int(shifted):]
+        G = 1 if group == -1 else K // group
+        for path in W._paths_for(M):
+            configs = W._candidates(path, M, K, G, group if group > 0 else K, kind == "permuted", dtype, N)
+            # (the last config too where the batch is small: the GEMV's HALF2 ones, mma's widest)
+            for config in configs[:1] + (configs[-1:] if M <= 16 else []):
+                try:
+                    W.w4a16_matmul(x, qweight, scales, zeros, group, g_idx, path=path, config=config,
+                                   backend="triton")
+                except ValueError as error:  # (a path these activations cannot take: refused, not launched)
+                    assert "cannot run" in str(error), (path, config, error)
+                    continue
+                seen.add(path)
+    assert seen == {"gemv", "splitk", "mma", "wgmma", "gemm", "dqmm"}, seen
+    sm90 = [(name, launches[name].calls) for name in names if name == "_w4a16_wgmma_kernel"]
+    both = [(name, launches[name].calls) for name in names if name != "_w4a16_wgmma_kernel"]
+    script = compile_as_launched("epmq_kernels.w4a16", both)
+    script += "\n" + compile_as_launched("epmq_kernels.w4a16", sm90, capabilities=(90,))
+    proc = run_compile_script(script, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.count("compiled") == 2, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
 class _StandInCompiled:
