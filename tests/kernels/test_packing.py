@@ -14,6 +14,8 @@ from epmq_kernels.packing import (
     unpack_int4_cols,
 )
 
+from gpu_compile import Launches, compile_as_launched, ptxas_available, run_compile_script
+
 BACKENDS = ["torch", "triton"]
 
 
@@ -278,3 +280,35 @@ def test_packed_words_must_be_2d(backend):
         for unpack in (unpack_int4, unpack_int4_cols):
             with pytest.raises(ValueError, match="2-D"):
                 unpack(words, backend=backend)
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_kernels_compile_as_launched(gen, monkeypatch):
+    """The compile test of w4a16 packs one 1024 x 4096 matrix of int32 codes; a launch
+    specialises its integers (one word or one column, strides of 1: constants) and the 16-byte
+    divisibility of its pointers and sizes, and reads codes of every dtype. The launches both
+    layouts make of odd shapes, every codes dtype and strided, unaligned views, compiled for
+    sm_90 and sm_80 as launched (with the compiled tiles)."""
+    import epmq_kernels.packing as P
+
+    pack, unpack = Launches(P._pack_int4_kernel), Launches(P._unpack_int4_kernel)
+    monkeypatch.setattr(P, "_pack_int4_kernel", pack)
+    monkeypatch.setattr(P, "_unpack_int4_kernel", unpack)
+    cases = [((8, 1), dtype) for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)]
+    cases += [((136, 37), torch.int32), ((1, 8), torch.uint8), ((5, 136), torch.int64)]
+    for shape, dtype in cases:
+        for along_cols in (False, True):
+            if shape[along_cols] % 8:
+                continue
+            codes = random_codes(gen, shape, dtype)
+            pack_fn, unpack_fn = (pack_int4_cols, unpack_int4_cols) if along_cols else (pack_int4, unpack_int4)
+            words = pack_fn(codes, backend="triton")
+            assert torch.equal(unpack_fn(words, backend="triton"), codes.to(torch.int32))
+    wide = random_codes(gen, (17, 137), torch.int32)  # (a transposed view, one element in: unaligned)
+    codes = wide[1:, 1:].t()
+    assert torch.equal(unpack_int4(pack_int4(codes, backend="triton"), backend="triton"), codes)
+    tiles = dict(BLOCK_R=P._BLOCK_R, BLOCK_C=P._BLOCK_C)
+    proc = run_compile_script(compile_as_launched("epmq_kernels.packing", [
+        ("_pack_int4_kernel", pack.calls), ("_unpack_int4_kernel", unpack.calls)],
+        constexprs=dict(_pack_int4_kernel=tiles, _unpack_int4_kernel=tiles)), timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
