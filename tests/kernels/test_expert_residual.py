@@ -767,6 +767,56 @@ def test_fp64_sums_of_16_bit_operands_compile_for_gpus(gen, monkeypatch):
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
+def _xxt_as_on_a_gpu(name, args, kwargs):
+    # (interpreted, bf16 tiles enter the product as fp32: the interpreter's tl.dot mishandles
+    # bf16; a GPU's launch takes them as bf16)
+    import triton.language as tl
+
+    if name == "_xxt_kernel" and args[1].dtype == torch.bfloat16:
+        kwargs = dict(kwargs, DOT_DTYPE=tl.bfloat16)
+    return args, kwargs
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_fold_and_xxt_kernels_compile_as_launched(gen, monkeypatch):
+    """The compile test above hands _fold_kernel its size as i64 and _xxt_kernel all-i32 sizes;
+    a launch passes n as i32 below 2^31 and specialises integers of 1 (one input, one token, a
+    1 x 1 Hessian: n, d and the strides constants) and the 16-byte divisibility of its pointers
+    and sizes. The launches fold_hessians_triton (1 to 5 Hessians of every dtype, with H_m and
+    without, overwritten or not) and accumulate_xxt_triton (1, 17 and 40 inputs, every
+    activation dtype, fp32 and fp64 H) make, compiled for sm_90 and sm_80 as launched."""
+    import epmq_kernels.expert_residual as er
+
+    fold, xxt = Launches(er._fold_kernel), Launches(er._xxt_kernel)
+    monkeypatch.setattr(er, "_fold_kernel", fold)
+    monkeypatch.setattr(er, "_xxt_kernel", xxt)
+    for d, e_dtype, h_dtypes, with_m, overwrite in (
+            (1, torch.float32, [torch.float32], True, False),
+            (1, torch.float64, [torch.bfloat16, torch.float64], False, True),
+            (17, torch.float32, [torch.float16, torch.float8_e4m3fn, torch.float64], False, True),
+            (40, torch.float32, [torch.float32] * 5, False, False),
+            (40, torch.float64, [torch.float32, torch.bfloat16, torch.float16, torch.float64], True, False)):
+        hessians = [rand(gen, d, d).to(dt) for dt in h_dtypes]
+        weights = [0.5 + k for k in range(len(hessians))]
+        H_e, H_m = rand(gen, d, d).to(e_dtype), rand(gen, d, d).to(e_dtype) if with_m else None
+        want_e, want_m = H_e.clone(), None if H_m is None else H_m.clone()
+        fold_hessians_reference(want_e, want_m, hessians, weights, overwrite=overwrite)
+        fold_hessians_triton(H_e, H_m, hessians, weights, overwrite=overwrite)
+        torch.testing.assert_close(H_e, want_e, rtol=1e-6, atol=1e-6)
+    for n, d in ((1, 1), (5, 17), (3, 40)):
+        for h_dtype in (torch.float32, torch.float64):
+            for x_dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+                if h_dtype == torch.float32 and x_dtype == torch.float64:
+                    continue
+                X = rand(gen, n, d).to(x_dtype)
+                H = accumulate_xxt_triton(torch.zeros(d, d, dtype=h_dtype, device=DEVICE), X)
+                torch.testing.assert_close(H, accumulate_xxt_reference(torch.zeros_like(H), X),
+                                           rtol=1e-5, atol=1e-5)
+    proc = run_compile_script(compile_as_launched("epmq_kernels.expert_residual", [
+        ("_fold_kernel", fold.calls), ("_xxt_kernel", xxt.calls)], constexprs=_xxt_as_on_a_gpu), timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- aliasing, strides, devices
 
 
