@@ -791,6 +791,9 @@ MOE_DECODERS = MoEAdapter("hf-moe-decoder", block_types=(
     "GraniteMoeSharedDecoderLayer", "GptOssDecoderLayer",
     # hybrids: Qwen3-Next (gated DeltaNet and attention layers), Granite 4 (Mamba 2 and attention)
     "Qwen3NextDecoderLayer", "GraniteMoeHybridDecoderLayer",
+    # Aria's language model (experts stored transposed, a shared expert), beside its vision tower, which
+    # a default walk took alone (AUTO, which walks the language model alone, is no default beside another)
+    "AriaTextDecoderLayer",
 ))
 
 

@@ -500,7 +500,7 @@ WIDER = {
     "pegasus": (_hf("PegasusForConditionalGeneration", "PegasusConfig", **_ENCDEC, pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0), "pairs"),
     # walked by epmq.adapters.AUTO: no adapter lists them (state-space, RNN and BitNet layers, a
-    # biomedical GPT, MoE with transposed fused experts)
+    # biomedical GPT, MoE with transposed fused experts), and AriaText, whose layers MOE_DECODERS now lists
     **{name.lower(): (_decoder(f"{name}ForCausalLM", f"{name}Config", pad_token_id=0, bos_token_id=0,
                                eos_token_id=1, **options), "ids")
        for name, options in {

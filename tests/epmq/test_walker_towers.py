@@ -528,18 +528,46 @@ def aria_inputs(n, gen):
 
 
 def test_a_tower_walked_by_auto_beside_a_known_one_loads_back(gen, tmp_path):
-    """Aria's language model, walked by AUTO beside the vision tower's adapter as the warning of
-    the default walk says (adapter=[HF_ENCODERS, AUTO]), has its fused experts saved as linears:
-    load_quantized (default adapter) rebuilt only the registered adapters' towers and refused the
-    checkpoint ('quantizes ...experts.0.gate_proj, which AriaForConditionalGeneration does not have')."""
+    """Aria's language model, walked by AUTO beside the vision tower's adapter (adapter=[HF_ENCODERS,
+    AUTO], as the default walk's warning said before MOE_DECODERS listed its layers), has its fused
+    experts saved as linears: load_quantized (default adapter) rebuilt only the registered adapters'
+    towers and refused the checkpoint ('quantizes ...experts.0.gate_proj, which
+    AriaForConditionalGeneration does not have')."""
     model = tiny_aria()
-    with pytest.warns(UserWarning, match="AriaTextDecoderLayer.*epmq.adapters.AUTO"):
-        epmq.quantize_model(tiny_aria(), SPEC_4, method="rtn", progress=False)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": aria_inputs(2, gen)}, progress=False,
                         adapter=[epmq.adapters.HF_ENCODERS, epmq.adapters.AUTO])
     assert_both_towers_walked_and_served(model, ("model.vision_tower.encoder.layers", "model.language_model.layers"),
                                          tmp_path, aria_inputs(1, gen)[0], adapter="hf-encoder+auto")
 
+
+
+def test_aria_language_model_is_walked_beside_its_vision_tower(gen, tmp_path, monkeypatch):
+    """Aria's default walk quantized its vision tower and left its whole MoE language model
+    (model.language_model.layers, AriaTextDecoderLayer: nearly all of a real Aria's weights) in full
+    precision with a warning. Both towers are walked in one call, near the float logits, the fused
+    experts packed one linear per expert, and the checkpoint loads back; a later language layer gets,
+    as its statistics, exactly the inputs of a plain forward."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = tiny_aria()
+    calibration = aria_inputs(4, gen)
+    test = aria_inputs(1, gen)[0]
+    with torch.no_grad():
+        reference = model(**test).logits
+    quantize_leaving_no_tower(model, iter(calibration).__next__)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    assert linears(model, "model.language_model.layers.1.mlp.experts.3", epmq.QuantLinear)
+    assert_both_towers_walked_and_served(model, ("model.vision_tower.encoder.layers", "model.language_model.layers"),
+                                         tmp_path, test, adapter="hf-moe-decoder+hf-encoder")
+
+    model = tiny_aria()
+    target = "model.language_model.layers.1.self_attn.q_proj"
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
 
 def test_a_tower_walked_by_auto_has_its_full_precision_linears_named_for_engines(gen, tmp_path):
     """Aria's language model walked by AUTO beside its vision tower's adapter, its o_proj left in
