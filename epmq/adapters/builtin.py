@@ -224,7 +224,13 @@ class EncoderAdapter(Adapter):
     """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
     tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the
     prompt tokens and the image's, two streams) no adapter lists, and a default walk taking the ViT
-    here would leave them in full precision."""
+    here would leave them in full precision. ``TUPLE_BLOCKS`` return ``(hidden, ...)``, whose encoder
+    takes ``[0]`` of what a stand-in returns."""
+
+    TUPLE_BLOCKS = ("Llama4VisionEncoderLayer",)
+
+    def passthrough_of(self, block, hidden):
+        return (hidden,) if type(block).__name__ in self.TUPLE_BLOCKS else hidden
 
     def stacks(self, model):
         stacks = super().stacks(model)
@@ -284,6 +290,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "GlmAsrEncoderLayer",
     # Omnilingual ASR's wav2vec 2-style encoder (pre-norm layers on the waveform's convolutional frames)
     "OmniASREncoderLayer",
+    # Llama 4's vision encoder (2-D rotary tables as a kwarg; its layers return a 1-tuple), beside its MoE
+    # language model, which a default walk took alone
+    "Llama4VisionEncoderLayer",
 ))
 # Granite Speech's and Granite Speech Plus's Conformer blocks (their convolution module's 1 x 1 and depthwise
 # convolutions stay in full precision; the CTC self-conditioning added to the middle block's output is

@@ -1006,9 +1006,11 @@ def test_an_experts_rows_of_a_fused_tensor_are_read_once(gen, monkeypatch):
 
 
 def test_a_vlm_tower_no_adapter_knows_is_named(gen):
-    """Llama 4's VLM: the text decoder is walked; its vision encoder's layers, which no adapter
-    knows, are named in a warning rather than left in full precision silently."""
+    """Llama 4's VLM, its vision encoder's layers of a class no adapter knows (UnlistedVisionLayer:
+    HF_ENCODERS lists Llama 4's own): the text decoder is walked; the vision layers are named in a
+    warning rather than left in full precision silently."""
     import transformers
+    from test_walker_towers import UnlistedVisionLayer
 
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -1019,7 +1021,10 @@ def test_a_vlm_tower_no_adapter_knows_is_named(gen):
     torch.manual_seed(0)
     model = transformers.Llama4ForConditionalGeneration(
         transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=63)).eval()
-    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at vision_model\.model\.layers \(Llama4VisionEncoderLayer\)"):
+    for layer in model.vision_model.model.layers:
+        layer.__class__ = UnlistedVisionLayer
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at vision_model\.model\.layers "
+                                         r"\(UnlistedVisionLayer\)"):
         epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
 
 

@@ -410,29 +410,82 @@ def assert_both_towers_walked_and_served(model, towers, tmp_path, item, adapter=
         torch.testing.assert_close(loaded(**item).logits, model(**item).logits, rtol=1e-5, atol=1e-5)
 
 
-def tiny_llama4_vlm(seed=0):
-    """Llama 4: a vision encoder no adapter lists (Llama4VisionEncoderLayer) and an MoE language model."""
+class UnlistedVisionLayer(transformers.models.llama4.modeling_llama4.Llama4VisionEncoderLayer):
+    """Llama 4's vision encoder layer under a name no adapter lists (HF_ENCODERS lists Llama 4's own),
+    standing for the next VLM's tower."""
+
+
+def tiny_llama4_vlm(seed=0, unlisted=False):
+    """Llama 4: a vision encoder (a 16 x 16 image: 4 patches, shuffled into 1 image token) and an MoE
+    language model; ``unlisted``: its vision layers of a class no adapter lists (UnlistedVisionLayer)."""
     torch.manual_seed(seed)
-    vision = transformers.Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vision = transformers.Llama4VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, image_size=16, patch_size=8, vision_output_dim=32,
                                              projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
     text = transformers.Llama4TextConfig(vocab_size=300, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                          num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1)
     config = transformers.Llama4Config(vision_config=vision, text_config=text, image_token_index=299)
-    return transformers.Llama4ForConditionalGeneration(config).eval()
+    model = transformers.Llama4ForConditionalGeneration(config).eval()
+    for layer in model.vision_model.model.layers if unlisted else ():
+        layer.__class__ = UnlistedVisionLayer
+    return model
+
+
+def llama4_inputs(n, gen):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 290, (1, 12), generator=gen)
+        ids[0, 1] = 299
+        out.append(dict(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16, generator=gen)))
+    return out
+
+
+def test_llama4_vision_encoder_is_walked_beside_its_language_model(gen, tmp_path, monkeypatch):
+    """Llama 4's default walk quantized its MoE language model and left its vision encoder
+    (vision_model.model.layers, Llama4VisionEncoderLayer, whose layers return a 1-tuple) in full
+    precision with a warning. Both towers are walked in one call, near the float logits, and the
+    checkpoint loads back; the second vision layer gets, as its statistics, exactly the inputs of a
+    plain forward, handed on from the first as the model hands it (the layers' stand-ins return a
+    1-tuple too: no pass of the model replayed per layer)."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    model = tiny_llama4_vlm()
+    calibration = llama4_inputs(4, gen)
+    test = llama4_inputs(1, gen)[0]
+    with torch.no_grad():
+        reference = model(**test).logits
+        other_image = model(**dict(test, pixel_values=torch.randn(1, 3, 16, 16, generator=gen))).logits
+    assert (other_image - reference).norm() > 0.05 * reference.norm()
+    quantize_leaving_no_tower(model, iter(calibration).__next__)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(model, ("vision_model.model.layers", "language_model.model.layers"),
+                                         tmp_path, test, adapter="hf-moe-decoder+hf-encoder")
+
+    model = tiny_llama4_vlm()
+    target = "vision_model.model.layers.1.self_attn.q_proj"
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    replayed, replay_next = [], epmq.walker._Walk._replay_next
+    monkeypatch.setattr(epmq.walker._Walk, "_replay_next",
+                        lambda self, s, *args: replayed.append(self.stacks[s].prefix) or replay_next(self, s, *args))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
+    assert "vision_model.model.layers" not in replayed
 
 
 def test_a_tower_no_adapter_knows_is_warned_of_when_adapter_names_the_others():
-    """adapter= walks the towers it names; blocks no adapter knows (Llama 4's vision encoder) were
-    warned of by the default walk alone, so adapter=MOE_DECODERS left them in full precision without
-    a word. They are named; a tower another adapter knows (LLaVA's CLIP beside adapter=HF_DECODERS)
-    is left by choice, unwarned."""
+    """adapter= walks the towers it names; blocks no adapter knows (Llama 4's vision encoder under a
+    class no adapter lists) were warned of by the default walk alone, so adapter=MOE_DECODERS left them
+    in full precision without a word. They are named; a tower another adapter knows (LLaVA's CLIP
+    beside adapter=HF_DECODERS) is left by choice, unwarned."""
     spec = epmq.QuantSpec(bits=8, group_size=16)
     for adapter in (None, epmq.adapters.MOE_DECODERS):
         with pytest.warns(UserWarning, match=r"no adapter knows the blocks at vision_model\.model\.layers "
-                                             r"\(Llama4VisionEncoderLayer\), which stay in full precision"):
-            epmq.quantize_model(tiny_llama4_vlm(), spec, method="rtn", progress=False, adapter=adapter)
+                                             r"\(UnlistedVisionLayer\), which stay in full precision"):
+            epmq.quantize_model(tiny_llama4_vlm(unlisted=True), spec, method="rtn", progress=False, adapter=adapter)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         epmq.quantize_model(tiny_llava(), spec, method="rtn", progress=False, adapter=epmq.adapters.HF_DECODERS)
