@@ -190,6 +190,9 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     # hidden states before some layers, DeepStack as Qwen3-VL's), beside its CLIP tower and Q-Formers,
     # which a default walk took alone
     "Granite4VisionTextDecoderLayer",
+    # Emu3's language model, over text and image tokens (AUTO, which a default walk was, took its VQ-VAE's
+    # attention lists too, and its decoder's, run only to draw generated images, no forward reaches)
+    "Emu3DecoderLayer",
 ))
 # timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
 # of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the

@@ -593,7 +593,6 @@ def test_a_tower_walked_by_auto_beside_a_known_one_loads_back(gen, tmp_path):
                                          tmp_path, aria_inputs(1, gen)[0], adapter="hf-encoder+auto")
 
 
-
 def test_aria_language_model_is_walked_beside_its_vision_tower(gen, tmp_path, monkeypatch):
     """Aria's default walk quantized its vision tower and left its whole MoE language model
     (model.language_model.layers, AriaTextDecoderLayer: nearly all of a real Aria's weights) in full
@@ -1519,6 +1518,44 @@ def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, g
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config()).eval()
     calibration = [item(gen) for _ in range(3)]
+
+
+def tiny_emu3(seed=0):
+    """Emu3: a Llama-style language model over text and image tokens, and the VQ-VAE that makes an
+    image's tokens (its encoder's and decoder's attention lists at the coarser level, Emu3VQVAEAttentionBlock:
+    the decoder's run only to draw generated images)."""
+    torch.manual_seed(seed)
+    vq = dict(codebook_size=16, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2],
+              num_res_blocks=1, attn_resolutions=[1], hidden_size=32, num_attention_heads=1,
+              temporal_downsample_factor=1)
+    text = dict(_TEXT, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vocabulary = {"<image>": 299, **{f"<|visual token {i:06d}|>": 200 + i for i in range(16)}}
+    return transformers.Emu3ForConditionalGeneration(transformers.Emu3Config(
+        vq_config=vq, text_config=text, vocabulary_map=vocabulary)).eval()
+
+
+def test_emu3_language_model_is_walked_by_default(gen, tmp_path, monkeypatch):
+    """Emu3's default walk (no adapter listed its decoder layers) was AUTO's, which took its VQ-VAE's
+    attention lists too, and every calibration was refused as never reaching
+    'model.vqmodel.encoder.down_block.down.1.attn' (the decoder's never run by a forward). The
+    language model is walked from text, near the float logits, a later layer's statistics those
+    of a plain forward, the checkpoint loads back; the VQ-VAE stays in full precision."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    calibration = [dict(input_ids=torch.randint(3, 200, (1, 12), generator=gen)) for _ in range(5)]
+    model = tiny_emu3()
+    with torch.no_grad():
+        reference = model(**calibration[4]).logits
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                        calibration={"a": calibration[:2], "b": calibration[2:4]}, progress=False)
+    with torch.no_grad():
+        assert (model(**calibration[4]).logits - reference).norm() / reference.norm() < 0.02
+    assert not linears(model, "model.vqmodel", epmq.QuantLinear)
+    assert_both_towers_walked_and_served(model, ("model.text_model.layers",), tmp_path, calibration[4],
+                                         adapter="hf-decoder")
+
+    model = tiny_emu3()
+    target = "model.text_model.layers.1.mlp.up_proj"
     hand = hooked_inputs(model, target, calibration)
     seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
@@ -1547,3 +1584,5 @@ def test_granite_speech_plus_qformer_reads_the_quantized_conformers_inner_output
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
                         layers=lambda name: name == target or name.startswith("model.encoder.layers"))
     assert_same_statistics(seen, hooked_inputs(model, target, calibration))
+
+
