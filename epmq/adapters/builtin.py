@@ -296,6 +296,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # Llama 4's vision encoder (2-D rotary tables as a kwarg; its layers return a 1-tuple), beside its MoE
     # language model, which a default walk took alone
     "Llama4VisionEncoderLayer",
+    # Wav2Vec2's encoder (base and large: do_stable_layer_norm), alone or beside a SpeechEncoderDecoder's
+    # decoder, which a default walk took alone (AUTO walked the encoder only where no adapter knew a block)
+    "Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm",
 ))
 # Granite Speech's and Granite Speech Plus's Conformer blocks (their convolution module's 1 x 1 and depthwise
 # convolutions stay in full precision; the CTC self-conditioning added to the middle block's output is

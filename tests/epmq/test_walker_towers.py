@@ -1518,6 +1518,11 @@ def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, g
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config()).eval()
     calibration = [item(gen) for _ in range(3)]
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
 
 
 def tiny_emu3(seed=0):
@@ -1586,3 +1591,50 @@ def test_granite_speech_plus_qformer_reads_the_quantized_conformers_inner_output
     assert_same_statistics(seen, hooked_inputs(model, target, calibration))
 
 
+def tiny_speech_encoder_decoder(stable, seed=0):
+    """A speech encoder-decoder: Wav2Vec2's encoder (``stable``: a large one's, do_stable_layer_norm)
+    and GPT-2 with cross-attention."""
+    from test_walker_calibration import tiny_wav2vec2_large
+
+    encoder = tiny_wav2vec2_large()
+    encoder.do_stable_layer_norm, encoder.feat_extract_norm = stable, "layer" if stable else "group"
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0, add_cross_attention=True, is_decoder=True)
+    config = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 0, 0
+    torch.manual_seed(seed)
+    return transformers.SpeechEncoderDecoderModel(config).eval()
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_speech_encoder_decoder_wav2vec2_encoder_is_walked_beside_its_decoder(stable, gen, tmp_path, monkeypatch):
+    """A SpeechEncoderDecoder's default walk quantized its GPT-2 decoder and left its Wav2Vec2 encoder
+    (encoder.encoder.layers: Wav2Vec2EncoderLayer, or a large one's Wav2Vec2EncoderLayerStableLayerNorm)
+    in full precision with a warning, though every calibration item runs it. Both towers are walked in
+    one call, near the float logits, and the checkpoint loads back; the second encoder layer gets, as
+    its statistics, exactly the inputs of a plain forward, handed on from the first as the model hands
+    it (no pass of the model replayed per layer)."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    calibration = [dict(input_values=torch.randn(1, 640, generator=gen),
+                        decoder_input_ids=torch.randint(1, 64, (1, 6), generator=gen)) for _ in range(5)]
+    model = tiny_speech_encoder_decoder(stable)
+    with torch.no_grad():
+        reference = model(**calibration[4]).logits
+    quantize_leaving_no_tower(model, iter(calibration).__next__)
+    with torch.no_grad():
+        assert (model(**calibration[4]).logits - reference).norm() / reference.norm() < 0.02
+    assert_both_towers_walked_and_served(model, ("encoder.encoder.layers", "decoder.transformer.h"), tmp_path,
+                                         calibration[4], adapter="hf-gpt2+hf-encoder")
+
+    model = tiny_speech_encoder_decoder(stable)
+    target = "encoder.encoder.layers.1.attention.q_proj"
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    replayed, replay_next = [], epmq.walker._Walk._replay_next
+    monkeypatch.setattr(epmq.walker._Walk, "_replay_next",
+                        lambda self, s, *args: replayed.append(self.stacks[s].prefix) or replay_next(self, s, *args))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
+    assert "encoder.encoder.layers" not in replayed
