@@ -415,6 +415,18 @@ class UnlistedVisionLayer(transformers.models.llama4.modeling_llama4.Llama4Visio
     standing for the next VLM's tower."""
 
 
+def assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch):
+    """The walk's statistics of ``target`` (the one linear quantized) are exactly the inputs a plain
+    forward of the float model hands it, whatever the towers and replays before it."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
+
+
 def tiny_llama4_vlm(seed=0, unlisted=False):
     """Llama 4: a vision encoder (a 16 x 16 image: 4 patches, shuffled into 1 image token) and an MoE
     language model; ``unlisted``: its vision layers of a class no adapter lists (UnlistedVisionLayer)."""
@@ -599,8 +611,6 @@ def test_aria_language_model_is_walked_beside_its_vision_tower(gen, tmp_path, mo
     precision with a warning. Both towers are walked in one call, near the float logits, the fused
     experts packed one linear per expert, and the checkpoint loads back; a later language layer gets,
     as its statistics, exactly the inputs of a plain forward."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     model = tiny_aria()
     calibration = aria_inputs(4, gen)
     test = aria_inputs(1, gen)[0]
@@ -615,11 +625,8 @@ def test_aria_language_model_is_walked_beside_its_vision_tower(gen, tmp_path, mo
 
     model = tiny_aria()
     target = "model.language_model.layers.1.self_attn.q_proj"
-    hand = hooked_inputs(model, target, calibration)
-    seen = walked_inputs(monkeypatch)
-    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                        layers=lambda name: name == target)
-    assert_same_statistics(seen, hand)
+    assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
+
 
 def test_a_tower_walked_by_auto_has_its_full_precision_linears_named_for_engines(gen, tmp_path):
     """Aria's language model walked by AUTO beside its vision tower's adapter, its o_proj left in
@@ -1227,8 +1234,6 @@ def test_granite4_vision_language_model_is_walked_beside_its_vision_tower(gen, t
     most of the weights) in full precision with a warning. Every tower is walked in one call, near the
     float logits, and the checkpoint loads back; a language layer after DeepStack's additions gets,
     as its statistics, exactly the inputs of a plain forward."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     model = tiny_granite4_vision()
     calibration = granite4_vision_inputs(4, gen)
     test = granite4_vision_inputs(1, gen)[0]
@@ -1244,11 +1249,7 @@ def test_granite4_vision_language_model_is_walked_beside_its_vision_tower(gen, t
 
     model = tiny_granite4_vision()
     target = "model.language_model.layers.3.mlp.up_proj"
-    hand = hooked_inputs(model, target, calibration)
-    seen = walked_inputs(monkeypatch)
-    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                        layers=lambda name: name == target)
-    assert_same_statistics(seen, hand)
+    assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
 
 
 def tiny_mistral_large4(seed=0, index_topk=4):
@@ -1286,8 +1287,6 @@ def test_mistral_large4_language_model_is_walked_beside_its_vision_tower(gen, tm
     kept by the indexer: a top-k of 4 of 12 tokens flips with any rounding), and the checkpoint loads
     back; the layers that reuse the KV and top-k tokens of those before them get, as their
     statistics, exactly the inputs of a plain forward."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     model = tiny_mistral_large4(index_topk=64)
     calibration = mistral_large4_inputs(4, gen)
     test = mistral_large4_inputs(1, gen)[0]
@@ -1304,11 +1303,7 @@ def test_mistral_large4_language_model_is_walked_beside_its_vision_tower(gen, tm
 
     for target in ("model.language_model.layers.1.self_attn.q_proj", "model.language_model.layers.3.self_attn.o_proj"):
         model = tiny_mistral_large4()
-        hand = hooked_inputs(model, target, calibration)
-        seen = walked_inputs(monkeypatch)
-        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                            layers=lambda name: name == target)
-        assert_same_statistics(seen, hand)
+        assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
         monkeypatch.undo()
 
 
@@ -1500,8 +1495,6 @@ def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, g
     with a warning beside the quantized language model. Every tower is walked in one call, near the
     float logits (the audio reaching them), a later audio layer's statistics those of a plain forward,
     and the checkpoint loads back."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     model_class, config, item, audio, towers, adapter, target = SPEECH_TOWERS_ONCE_IN_FULL_PRECISION[name]
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config()).eval()
@@ -1518,11 +1511,7 @@ def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, g
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config()).eval()
     calibration = [item(gen) for _ in range(3)]
-    hand = hooked_inputs(model, target, calibration)
-    seen = walked_inputs(monkeypatch)
-    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                        layers=lambda name: name == target)
-    assert_same_statistics(seen, hand)
+    assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
 
 
 def tiny_emu3(seed=0):
@@ -1545,8 +1534,6 @@ def test_emu3_language_model_is_walked_by_default(gen, tmp_path, monkeypatch):
     'model.vqmodel.encoder.down_block.down.1.attn' (the decoder's never run by a forward). The
     language model is walked from text, near the float logits, a later layer's statistics those
     of a plain forward, the checkpoint loads back; the VQ-VAE stays in full precision."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     calibration = [dict(input_ids=torch.randint(3, 200, (1, 12), generator=gen)) for _ in range(5)]
     model = tiny_emu3()
     with torch.no_grad():
@@ -1561,11 +1548,7 @@ def test_emu3_language_model_is_walked_by_default(gen, tmp_path, monkeypatch):
 
     model = tiny_emu3()
     target = "model.text_model.layers.1.mlp.up_proj"
-    hand = hooked_inputs(model, target, calibration)
-    seen = walked_inputs(monkeypatch)
-    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                        layers=lambda name: name == target)
-    assert_same_statistics(seen, hand)
+    assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
 
 
 def test_granite_speech_plus_qformer_reads_the_quantized_conformers_inner_outputs(gen, monkeypatch):
