@@ -415,16 +415,21 @@ class UnlistedVisionLayer(transformers.models.llama4.modeling_llama4.Llama4Visio
     standing for the next VLM's tower."""
 
 
-def assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch):
+def assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch) -> list:
     """The walk's statistics of ``target`` (the one linear quantized) are exactly the inputs a plain
-    forward of the float model hands it, whatever the towers and replays before it."""
+    forward of the float model hands it, whatever the towers and replays before it; returns the
+    stacks whose outputs the walk replayed a pass of the model for."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     hand = hooked_inputs(model, target, calibration)
     seen = walked_inputs(monkeypatch)
+    replayed, replay_next = [], epmq.walker._Walk._replay_next
+    monkeypatch.setattr(epmq.walker._Walk, "_replay_next",
+                        lambda self, s, *args: replayed.append(self.stacks[s].prefix) or replay_next(self, s, *args))
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
                         layers=lambda name: name == target)
     assert_same_statistics(seen, hand)
+    return replayed
 
 
 def tiny_llama4_vlm(seed=0, unlisted=False):
@@ -460,8 +465,6 @@ def test_llama4_vision_encoder_is_walked_beside_its_language_model(gen, tmp_path
     checkpoint loads back; the second vision layer gets, as its statistics, exactly the inputs of a
     plain forward, handed on from the first as the model hands it (the layers' stand-ins return a
     1-tuple too: no pass of the model replayed per layer)."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     model = tiny_llama4_vlm()
     calibration = llama4_inputs(4, gen)
     test = llama4_inputs(1, gen)[0]
@@ -477,15 +480,7 @@ def test_llama4_vision_encoder_is_walked_beside_its_language_model(gen, tmp_path
 
     model = tiny_llama4_vlm()
     target = "vision_model.model.layers.1.self_attn.q_proj"
-    hand = hooked_inputs(model, target, calibration)
-    seen = walked_inputs(monkeypatch)
-    replayed, replay_next = [], epmq.walker._Walk._replay_next
-    monkeypatch.setattr(epmq.walker._Walk, "_replay_next",
-                        lambda self, s, *args: replayed.append(self.stacks[s].prefix) or replay_next(self, s, *args))
-    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                        layers=lambda name: name == target)
-    assert_same_statistics(seen, hand)
-    assert "vision_model.model.layers" not in replayed
+    assert "vision_model.model.layers" not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
 
 
 def test_a_tower_no_adapter_knows_is_warned_of_when_adapter_names_the_others():
@@ -1597,8 +1592,6 @@ def test_speech_encoder_decoder_wav2vec2_encoder_is_walked_beside_its_decoder(st
     one call, near the float logits, and the checkpoint loads back; the second encoder layer gets, as
     its statistics, exactly the inputs of a plain forward, handed on from the first as the model hands
     it (no pass of the model replayed per layer)."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
     calibration = [dict(input_values=torch.randn(1, 640, generator=gen),
                         decoder_input_ids=torch.randint(1, 64, (1, 6), generator=gen)) for _ in range(5)]
     model = tiny_speech_encoder_decoder(stable)
@@ -1612,12 +1605,4 @@ def test_speech_encoder_decoder_wav2vec2_encoder_is_walked_beside_its_decoder(st
 
     model = tiny_speech_encoder_decoder(stable)
     target = "encoder.encoder.layers.1.attention.q_proj"
-    hand = hooked_inputs(model, target, calibration)
-    seen = walked_inputs(monkeypatch)
-    replayed, replay_next = [], epmq.walker._Walk._replay_next
-    monkeypatch.setattr(epmq.walker._Walk, "_replay_next",
-                        lambda self, s, *args: replayed.append(self.stacks[s].prefix) or replay_next(self, s, *args))
-    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
-                        layers=lambda name: name == target)
-    assert_same_statistics(seen, hand)
-    assert "encoder.encoder.layers" not in replayed
+    assert "encoder.encoder.layers" not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
