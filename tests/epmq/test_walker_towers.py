@@ -1421,6 +1421,26 @@ def _moss_item(gen):
                 padding_mask=torch.ones(1, 160, dtype=torch.long))
 
 
+def _granite_speech_config(kind, encoder, encoder_hidden_size):
+    """A tiny Granite Speech (or Plus) config: 4 Conformer blocks (``encoder``: what differs), a
+    one-layer Q-Former projector reading ``encoder_hidden_size`` wide inputs, and a Granite LM."""
+    return kind(
+        encoder_config=dict(input_dim=8, num_layers=4, hidden_dim=32, num_heads=4, dim_head=8, output_dim=6,
+                            context_size=4, max_pos_emb=8, dropout=0.0, conv_kernel_size=3, **encoder),
+        projector_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                              encoder_hidden_size=encoder_hidden_size, cross_attention_frequency=1,
+                              initializer_range=0.3),
+        text_config=dict(_TEXT, model_type="granite"), audio_token_index=299, window_size=4, downsample_rate=2,
+        has_lora_adapter=False)
+
+
+# Granite Speech's (and Plus's) item, audio, towers, adapter and checked layer
+_GRANITE_SPEECH_WALK = (
+    _granite_speech_item, "input_features",
+    ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
+    "hf-decoder+hf-encoder+hf-conformer", "model.encoder.layers.2.ff1.up_proj")
+
+
 # speech model -> (model class, config, a calibration item, its audio (changed to see the audio reach the
 # logits), towers, adapter, a layer of a later block whose inputs are checked against a plain forward's)
 SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
@@ -1437,27 +1457,13 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         _glm_asr_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
         "hf-decoder+hf-encoder", "model.audio_tower.layers.1.mlp.fc1"),
     # (4 Conformer blocks: the CTC self-conditioning is added to the second's output, before the third)
-    "granite_speech": ("GraniteSpeechForConditionalGeneration", lambda: transformers.GraniteSpeechConfig(
-        encoder_config=dict(input_dim=8, num_layers=4, hidden_dim=32, feedforward_mult=2, num_heads=4, dim_head=8,
-                            output_dim=6, context_size=4, max_pos_emb=8, dropout=0.0, conv_kernel_size=3),
-        projector_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                              encoder_hidden_size=32, cross_attention_frequency=1, initializer_range=0.3),
-        text_config=dict(_TEXT, model_type="granite"), audio_token_index=299, window_size=4, downsample_rate=2,
-        has_lora_adapter=False),
-        _granite_speech_item, "input_features",
-        ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
-        "hf-decoder+hf-encoder+hf-conformer", "model.encoder.layers.2.ff1.up_proj"),
-    "granite_speech_plus": ("GraniteSpeechPlusForConditionalGeneration", lambda: transformers.GraniteSpeechPlusConfig(
-        encoder_config=dict(input_dim=8, num_layers=4, hidden_dim=32, feedforward_mult=3, num_heads=4, dim_head=8,
-                            output_dim=6, context_size=4, max_pos_emb=8, dropout=0.0, conv_kernel_size=3,
-                            cat_hidden_layers=[1]),
-        projector_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                              encoder_hidden_size=64, cross_attention_frequency=1, initializer_range=0.3),
-        text_config=dict(_TEXT, model_type="granite"), audio_token_index=299, window_size=4, downsample_rate=2,
-        has_lora_adapter=False),
-        _granite_speech_item, "input_features",
-        ("model.encoder.layers", "model.projector.qformer.encoder.layer", "model.language_model.layers"),
-        "hf-decoder+hf-encoder+hf-conformer", "model.encoder.layers.2.ff1.up_proj"),
+    "granite_speech": ("GraniteSpeechForConditionalGeneration", lambda: _granite_speech_config(
+        transformers.GraniteSpeechConfig, dict(feedforward_mult=2), encoder_hidden_size=32),
+        *_GRANITE_SPEECH_WALK),
+    # (the Q-Former reading the second block's output beside the last: inputs twice as wide)
+    "granite_speech_plus": ("GraniteSpeechPlusForConditionalGeneration", lambda: _granite_speech_config(
+        transformers.GraniteSpeechPlusConfig, dict(feedforward_mult=3, cat_hidden_layers=[1]), encoder_hidden_size=64),
+        *_GRANITE_SPEECH_WALK),
     "omniasr": ("OmniASRForConditionalGeneration", lambda: transformers.OmniASRConfig(
         audio_config=dict(hidden_size=32, conv_dim=(16, 16), conv_kernel=(4, 2), conv_stride=(4, 2),
                           num_attention_heads=4, num_hidden_layers=2, num_conv_pos_embeddings=4,
