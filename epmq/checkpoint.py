@@ -152,6 +152,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
             # vLLM builds the head quantized only where this list, once written, names it (else a
             # float head, and the packed tensors fail its load)
             qconfig["modules_in_block_to_quantize"].append([names[head]])
+    qconfig.update(_optimum_fields(model, layers, qconfig))
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
     qconfig["epmq"] = ours
@@ -609,6 +610,34 @@ def _fused_splits(found) -> list:
             shards.setdefault((stack, i, rel.rpartition(".")[0], id(group)), []).append((rel, q))
     return [f"{stack}.{i}.{rel}" for (stack, i, _, _), members in shards.items()
             if len({q for _, q in members}) > 1 for rel, q in members if not q]
+
+
+def _optimum_fields(model, layers, qconfig) -> dict:
+    """``block_name_to_quantize``, and ``modules_in_block_to_quantize`` where it is needed, so that
+    transformers' GPTQ loader (optimum's ``convert_model``) builds the packed layers and no other as GPTQ
+    layers: it takes the linears (``nn.Linear``, ``Conv1D``, ``Conv2d``) whose module names start with
+    the block name, then those ending in a listed name. Unsaid, the block name is guessed from a few
+    decoder layouts, which missed T5's ``encoder.block`` and ``decoder.block`` (the load refused) and
+    LLaVA's vision tower (its packed layers built as float linears, left randomly initialised)."""
+    names = [name.split(".") for name in layers]
+    common = os.path.commonprefix(names)
+    # cut before the first block index: every block of a stack shares the name ("" for T5's two stacks)
+    depth = next((i for i, part in enumerate(common) if part.isdigit()), len(common))
+    fields = {"block_name_to_quantize": ".".join(common[:depth])}
+
+    linears = [name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)
+               or type(m) in (nn.Linear, nn.Conv2d) or type(m).__name__ == "Conv1D"]
+    under = {name for name in linears if name.startswith(fields["block_name_to_quantize"])}
+    if "modules_in_block_to_quantize" not in qconfig and under != set(layers):
+        # other linears under the prefix (T5's lm_head, LLaVA's projector): the packed layers' names
+        # past their block index (lm_head's whole), as the rules of a model quantized in part name them
+        rels = [".".join(part[next((i + 1 for i, p in enumerate(part) if p.isdigit()), 0):]) for part in names]
+        # whole where a float linear's name holds one of them (a packed head beside LLaVA's language model:
+        # its float vision tower's self_attn.q_proj), as optimum (ending in it) and vLLM (holding it) match
+        if any(rel in name for name in under.difference(layers) for rel in rels):
+            rels = list(layers)
+        fields["modules_in_block_to_quantize"] = [list(dict.fromkeys(rels))]
+    return fields
 
 
 def _quantized_head(model, layers) -> Optional[str]:

@@ -82,7 +82,7 @@ def test_configs_in_the_hf_gptq_format(gen, tmp_path):
     assert hf["quantization_config"] == {
         "quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": False, "sym": False,
         "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq",
-        "model_file_base_name": "model",
+        "model_file_base_name": "model", "block_name_to_quantize": "model.layers",
     }
     config = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
     assert config["epmq"]["method"] == "gptq" and len(config["epmq"]["modules"]) == 14
@@ -2140,6 +2140,51 @@ def test_a_vlms_language_model_quantized_in_part_lists_no_name_of_its_float_visi
     with torch.no_grad():
         torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**item).logits, vlm(**item).logits,
                                    rtol=0, atol=0)
+
+
+def _optimum_builds(q, model):
+    """The linears transformers' GPTQ loader builds as GPTQ layers (optimum's convert_model): every
+    nn.Linear, Conv1D and Conv2d whose name starts with ``block_name_to_quantize`` (guessed from a few
+    decoder layouts where it is unsaid: ``transformer.h``, ``model.layers``, ``model.language_model.layers``
+    ...), kept where it ends with a name of ``modules_in_block_to_quantize`` when that is written."""
+    block = q.get("block_name_to_quantize")
+    assert block is not None, "no block_name_to_quantize: the loader guesses one decoder layout's"
+    listed = sum(q.get("modules_in_block_to_quantize") or [], [])
+    return sorted(name for name, m in model.named_modules()
+                  if type(m) in (torch.nn.Linear, torch.nn.Conv2d) or type(m).__name__ == "Conv1D"
+                  if name.startswith(block) and (not listed or any(name.endswith(e) for e in listed)))
+
+
+@pytest.mark.parametrize("arch", ["t5", "llava", "llama", "llava_text_and_head"])
+def test_transformers_gptq_loader_builds_every_packed_layer_and_no_other(arch, tmp_path):
+    """transformers' GPTQ loader (optimum) builds the linears under one block prefix as GPTQ layers,
+    guessed from decoder layouts where the config names none: none fits T5's encoder.block and
+    decoder.block (the load was refused, 'Block pattern could not be match'), and LLaVA's guess,
+    model.language_model.layers, left its quantized vision tower as float linears without weights
+    (randomly initialised). The config names the prefix all packed layers share, and where other
+    linears lie under it (T5's lm_head, LLaVA's projector and patch convolution) the packed ones: whole
+    where a float linear ends in a packed one's name past its block (a packed head beside LLaVA's language
+    model: the prefix is all of it, and its float vision tower has a self_attn.q_proj too)."""
+    from test_walker_towers import tiny_llava
+
+    from epmq.walker import _quant_linear
+
+    model = {"t5": lambda: build("t5"), "llava": tiny_llava, "llama": _tiny_llama,
+             "llava_text_and_head": tiny_llava}[arch]()
+    fresh = copy.deepcopy(model)  # (the float model transformers builds before the GPTQ layers)
+    spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
+    epmq.quantize_model(model, spec, method="rtn", progress=False,
+                        layers=r"model\.language_model\." if arch == "llava_text_and_head" else None)
+    if arch == "llava_text_and_head":
+        model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), spec), model.lm_head)
+    packed = sorted(name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear))
+    assert packed and (arch != "llava" or any("vision_tower" in name for name in packed))
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        assert _optimum_builds(q, fresh) == packed
+    loaded = epmq.load_quantized(tmp_path / "q")
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_a_block_left_whole_gets_one_rule(tmp_path, recwarn):
