@@ -1692,8 +1692,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             # whole words pads with zero codes (3 bits, 48 inputs: 5 words, read as 53): the
             # model's count fits them (codes past it that are not all zero: another layer's)
             info["in_features"] = old.in_features
+            # (the group size a dynamic rule gives the layer, as its inputs were counted by: the config's
+            # may give as many groups of them, 16 where the rule says 20 for 48 inputs)
             info["group_size"] = _group_size_of(name, old.in_features, tensors[f"{name}.scales"].shape[0],
-                                                qconfig.get("group_size", -1))
+                                                {**qconfig, **_dynamic_override(qconfig, name)}.get("group_size", -1))
         shape = (info["in_features"], info["out_features"])
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != shape:
             raise ValueError(

@@ -2933,6 +2933,38 @@ def test_peer_checkpoints_without_g_idx_of_one_group_or_of_padded_words():
                 epmq.load_quantized(directory, Stack(narrow).eval())
 
 
+def test_a_peer_layer_of_padded_words_takes_its_dynamic_rules_group_size(tmp_path):
+    """A layer a dynamic rule gives its own group size, of a width that fills no whole words (3 bits, 48
+    inputs in groups of 20: 5 words, read as 53 inputs), written without g_idx: its inputs are the model's
+    48, and its groups the rule's 20; the config's 16, which gives as many groups of 48 inputs, was
+    taken, and the layer dequantized in groups of 16 (outputs off)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 32)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    model = Stack(Block()).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=16), method="rtn", layers=lambda n: n.endswith("up"),
+                        progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=20), method="rtn", progress=False)
+    with pytest.warns(UserWarning, match="fill no whole 32-bit words"):
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq")
+    _drop_g_idx(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / ckpt.CONFIG_FILE).read_text())
+    assert config["group_size"] == 16 and list(config["dynamic"].values()) == [{"bits": 3, "group_size": 20}]
+    loaded = epmq.load_quantized(tmp_path / "q", Stack(Block()).eval())
+    down = [m for name, m in loaded.named_modules() if name.endswith("down")][0]
+    assert (down.in_features, down.group_size) == (48, 20)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_a_checkpoint_without_its_manifest_is_replaced_whole(gen, tmp_path):
     """A checkpoint epmq wrote before the manifest existed (or copied without its dot-files):
     the new write's files stand (its tokenizer, not the old one; no warning), and none of the
