@@ -809,7 +809,47 @@ class _WeightReads(ast.NodeVisitor):
         self.defs, self.inside = {}, False  # (the functions defined in the function read, by name)
 
     def path(self, node):
-        return _self_path(node, self.roots)
+        """``_self_path``'s, and a module named otherwise where the module's settings decide which:
+        ``getattr(self, "dt_proj")``, ``self._modules["dt_proj"]``, ``self.gates[-1]`` (a ModuleList's,
+        a Sequential's or a ModuleDict's item)."""
+        path = self._path(node)
+        return path or None  # (not self itself)
+
+    def _path(self, node) -> Optional[tuple]:
+        if isinstance(node, ast.Name):
+            return self.roots.get(node.id)
+        if isinstance(node, ast.Attribute):
+            owner = self._path(node.value)
+            return None if owner is None else owner + (node.attr,)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and node.func.id not in self.scope and len(node.args) == 2 and not node.keywords):
+            owner, name = self._path(node.args[0]), self.value(node.args[1])
+            return owner + (name,) if owner is not None and isinstance(name, str) else None
+        if isinstance(node, ast.Subscript):
+            owner, key = self._path(node.value), self.value(node.slice)
+            if owner is None:
+                return None
+            if owner[-1:] == ("_modules",):
+                return owner[:-1] + (key,) if isinstance(key, str) else None
+            held = self.value(node.value)
+            if isinstance(held, nn.ModuleDict) and isinstance(key, str) and key in held:
+                return owner + (key,)
+            if (isinstance(held, (nn.ModuleList, nn.Sequential)) and isinstance(key, int)
+                    and not isinstance(key, bool) and -len(held) <= key < len(held)):
+                return owner + (list(held._modules)[key],)
+        return None
+
+    def every_path(self, node) -> list:
+        """``[path(node)]``, or where ``node`` is an item of a list of modules by an index the inputs
+        decide (``self.dt_projs[i]``), every item's: the code may take any of them."""
+        path = self.path(node)
+        if path is not None:
+            return [path]
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Slice):
+            owner, held = self.path(node.value), self.value(node.value)
+            if owner is not None and isinstance(held, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+                return [owner + (name,) for name in held._modules]
+        return []
 
     def value(self, node):
         """``node``'s value where the module's attributes and constants decide it, else _UNDECIDED."""
@@ -823,9 +863,15 @@ class _WeightReads(ast.NodeVisitor):
             if isinstance(node, ast.Attribute):
                 owner = self.value(node.value)
                 return _UNDECIDED if owner is _UNDECIDED else getattr(owner, node.attr)
+            if isinstance(node, ast.Subscript):  # (self._modules["dt"], self.gates[0])
+                path = self.path(node)
+                return _UNDECIDED if path is None else functools.reduce(getattr, path, self.module)
             if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
                 truth = self.truth(node.operand)
                 return _UNDECIDED if truth is None else not truth
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):  # (self.gates[-1])
+                operand = self.value(node.operand)
+                return operand if operand is _UNDECIDED else -operand
             if isinstance(node, ast.BoolOp):
                 truths = [self.truth(v) for v in node.values]
                 settles = isinstance(node.op, ast.Or)  # (what one operand settles the whole to)
@@ -875,7 +921,7 @@ class _WeightReads(ast.NodeVisitor):
     def bind(self, target, value) -> None:
         """A local name bound to a module (``dt = self.dt_proj``) stands for it; rebound, no more."""
         if isinstance(target, ast.Name):
-            path = self.path(value) if isinstance(value, ast.Attribute) else (
+            path = self.path(value) if isinstance(value, (ast.Attribute, ast.Subscript, ast.Call)) else (
                 self.roots.get(value.id) if isinstance(value, ast.Name) else None)
             if path is not None and isinstance(self.value(value), nn.Module):
                 self.roots[target.id] = path
@@ -894,6 +940,14 @@ class _WeightReads(ast.NodeVisitor):
         self.generic_visit(node)
         for target in node.targets:
             self.bind(target, node.value)
+            if isinstance(target, ast.Name) and self.inside:
+                # (a lambda bound to a name is read where it is called, as a function defined there)
+                lam = node.value
+                if isinstance(lam, ast.Lambda):
+                    self.defs[target.id] = ast.FunctionDef(name=target.id, args=lam.args, body=[ast.Return(lam.body)],
+                                                           decorator_list=[], returns=None, type_params=[])
+                else:
+                    self.defs.pop(target.id, None)
 
     def visit_For(self, node):
         """A loop over modules (``for layer in (self.q, self.k)``, over a ModuleList) is read once
@@ -972,8 +1026,7 @@ class _WeightReads(ast.NodeVisitor):
 
     def visit_Call(self, node):
         self.follow(node)
-        called = self.path(node.func)
-        if called:
+        for called in self.every_path(node.func):
             self.called.add(called[:-1] if called[-1] == "forward" else called)
         if isinstance(node.func, ast.Name) and node.func.id in _INSPECTING:
             for arg in node.args:  # (what the weight is, not what it holds)
@@ -988,9 +1041,8 @@ class _WeightReads(ast.NodeVisitor):
         if node.attr in _TENSOR_METADATA and isinstance(node.value, ast.Attribute) and node.value.attr == "weight":
             self.visit(node.value.value)  # (its dtype, shape or device: the stand-in has them)
             return
-        path = self.path(node.value) if node.attr == "weight" else None
-        if path:
-            self.paths.add(path)
+        if node.attr == "weight":
+            self.paths.update(self.every_path(node.value))
         self.generic_visit(node)
 
 

@@ -1136,7 +1136,36 @@ class ClosureReadingMixer(nn.Module):
         return self.out(scan(self.dt, scan(h=self.up(x), layer=self.gate)))
 
 
+class NamedReadingMixer(nn.Module):
+    """ReadingMixer's reads of layers named as other than ``self.<name>``: ``self._modules["gate"]``
+    and ``getattr(self, "dt")``; ``up`` called as ``self._modules["up"]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.dt, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        h = F.linear(self._modules["up"](x), self._modules["gate"].weight)
+        return self.out((getattr(self, "dt").weight @ h.T).T)
+
+
+class LambdaReadingMixer(nn.Module):
+    """ReadingMixer's reads made by a lambda its forward binds, handed ``dt`` and the last of a
+    ModuleList by its index."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.dt, self.out = (nn.Linear(16, 16) for _ in range(3))
+        self.gates = nn.ModuleList([nn.Linear(16, 16)])
+
+    def forward(self, x):
+        scan = lambda layer, h: (layer.weight @ h.T).T  # noqa: E731
+        return self.out(scan(self.dt, scan(self.gates[-1], self.up(x))))
+
+
 @pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
+                                              (NamedReadingMixer, ["gate", "dt"]),
+                                              (LambdaReadingMixer, ["gates.0", "dt"]),
                                               (HelperReadingMixer, ["gate", "dt"]),
                                               (ClosureReadingMixer, ["gate", "dt"]),
                                               (AliasReadingMixer, ["gates.0", "dt"])])
