@@ -949,21 +949,66 @@ class _WeightReads(ast.NodeVisitor):
                 else:
                     self.defs.pop(target.id, None)
 
+    def items(self, node) -> Optional[list]:
+        """What a loop over ``node`` binds its target to, where the module's settings say: the
+        modules of a tuple or list of them, of a ModuleList or Sequential, of ``.children()`` or a
+        ModuleDict's ``.values()``, ``(name, module)`` of ``.items()`` and ``.named_children()``,
+        ``(i, module)`` of ``enumerate`` over any of these; None for anything else."""
+        if isinstance(node, (ast.Tuple, ast.List)):
+            return list(node.elts)
+        if isinstance(node, ast.Call) and not node.keywords:
+            f = node.func
+            if isinstance(f, ast.Name) and f.id not in self.scope and len(node.args) == 1:
+                inner = self.items(node.args[0]) if f.id in ("enumerate", "reversed", "list", "tuple", "iter") else None
+                if f.id == "enumerate" and inner is not None:
+                    return [ast.Tuple(elts=[ast.Constant(i), item], ctx=ast.Load()) for i, item in enumerate(inner)]
+                return None if inner is None else inner[::-1] if f.id == "reversed" else inner
+            held = self.value(f.value) if isinstance(f, ast.Attribute) and not node.args else None
+            if isinstance(held, nn.Module) and self._path(f.value) is not None and (
+                    f.attr in ("children", "named_children")
+                    or isinstance(held, nn.ModuleDict) and f.attr in ("values", "items")):
+                names = [name for name, module in held._modules.items() if module is not None]
+                items = [ast.Attribute(value=f.value, attr=name, ctx=ast.Load()) for name in names]
+                if f.attr in ("items", "named_children"):
+                    items = [ast.Tuple(elts=[ast.Constant(n), item], ctx=ast.Load()) for n, item in zip(names, items)]
+                return items
+            return None
+        held = self.value(node)
+        if isinstance(held, (nn.ModuleList, nn.Sequential)) and self.path(node) is not None:
+            return [ast.Attribute(value=node, attr=name, ctx=ast.Load()) for name in held._modules]
+        return None
+
     def visit_For(self, node):
         """A loop over modules (``for layer in (self.q, self.k)``, over a ModuleList) is read once
         for each, its name standing for it."""
         self.visit(node.iter)
-        items = node.iter.elts if isinstance(node.iter, (ast.Tuple, ast.List)) else None
-        held = self.value(node.iter) if items is None else None
-        path = self.path(node.iter) if isinstance(held, (nn.ModuleList, nn.Sequential)) else None
-        if path is not None:
-            items = [ast.Attribute(value=node.iter, attr=name) for name in held._modules]
-        for item in items or [ast.Constant(None)]:  # (over anything else: no module known)
+        for item in self.items(node.iter) or [ast.Constant(None)]:  # (over anything else: no module known)
             self.bind(node.target, item)
             for statement in node.body:
                 self.visit(statement)
         for statement in node.orelse:
             self.visit(statement)
+
+    def visit_ListComp(self, node):
+        """A comprehension over modules (``torch.stack([e.weight for e in self.experts])``) is read
+        as a loop: once for each, its name standing for it (in the comprehension alone)."""
+        roots = dict(self.roots)
+        self._comprehend(node, node.generators)
+        self.roots = roots
+
+    visit_SetComp = visit_GeneratorExp = visit_DictComp = visit_ListComp
+
+    def _comprehend(self, node, generators) -> None:
+        if not generators:
+            for part in (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,):
+                self.visit(part)
+            return
+        self.visit(generators[0].iter)
+        for item in self.items(generators[0].iter) or [ast.Constant(None)]:
+            self.bind(generators[0].target, item)
+            for condition in generators[0].ifs:
+                self.visit(condition)
+            self._comprehend(node, generators[1:])
 
     def visit_If(self, node):
         self.visit(node.test)

@@ -1163,7 +1163,40 @@ class LambdaReadingMixer(nn.Module):
         return self.out(scan(self.dt, scan(self.gates[-1], self.up(x))))
 
 
+class LoopedReadingMixer(nn.Module):
+    """ReadingMixer's reads of layers a loop takes from ``enumerate`` over a ModuleList and a
+    comprehension from a ModuleDict's ``items()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.out = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.gates, self.dts = nn.ModuleList([nn.Linear(16, 16)]), nn.ModuleDict({"dt": nn.Linear(16, 16)})
+
+    def forward(self, x):
+        h = self.up(x)
+        for i, layer in enumerate(self.gates):
+            h = F.linear(h, layer.weight)
+        dt = sum(layer.weight for name, layer in self.dts.items())
+        return self.out((dt @ h.T).T)
+
+
+class StackingReadingMixer(nn.Module):
+    """ReadingMixer's reads of a ModuleList's layers stacked by a list comprehension, as an MoE's
+    experts may be run as one batched product."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.out = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.gates = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+
+    def forward(self, x):
+        W = torch.stack([layer.weight for layer in self.gates])
+        return self.out(torch.einsum("goi,ni->no", W, self.up(x)))
+
+
 @pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
+                                              (LoopedReadingMixer, ["gates.0", "dts.dt"]),
+                                              (StackingReadingMixer, ["gates.0", "gates.1"]),
                                               (NamedReadingMixer, ["gate", "dt"]),
                                               (LambdaReadingMixer, ["gates.0", "dt"]),
                                               (HelperReadingMixer, ["gate", "dt"]),
