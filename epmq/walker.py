@@ -1069,22 +1069,39 @@ class _WeightReads(ast.NodeVisitor):
             self.paths |= helper.paths
             self.called |= helper.called
 
+    def weight_of(self, node):
+        """``X`` of ``X.weight`` and of ``getattr(X, "weight")`` (with a default or not), else None."""
+        if isinstance(node, ast.Attribute) and node.attr == "weight":
+            return node.value
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and node.func.id not in self.scope and len(node.args) in (2, 3) and not node.keywords
+                and self.value(node.args[1]) == "weight"):
+            return node.args[0]
+        return None
+
     def visit_Call(self, node):
         self.follow(node)
         for called in self.every_path(node.func):
             self.called.add(called[:-1] if called[-1] == "forward" else called)
+        owner = self.weight_of(node)
+        if owner is not None:  # (getattr(self.dt, "weight"): self.dt.weight)
+            self.paths.update(self.every_path(owner))
+            for arg in (owner, *node.args[2:]):
+                self.visit(arg)
+            return
         if isinstance(node.func, ast.Name) and node.func.id in _INSPECTING:
             for arg in node.args:  # (what the weight is, not what it holds)
-                weight = isinstance(arg, ast.Attribute) and arg.attr == "weight"
-                self.visit(arg.value if weight else arg)
+                owner = self.weight_of(arg)
+                self.visit(arg if owner is None else owner)
             for keyword in node.keywords:
                 self.visit(keyword)
             return
         self.generic_visit(node)
 
     def visit_Attribute(self, node):
-        if node.attr in _TENSOR_METADATA and isinstance(node.value, ast.Attribute) and node.value.attr == "weight":
-            self.visit(node.value.value)  # (its dtype, shape or device: the stand-in has them)
+        owner = self.weight_of(node.value) if node.attr in _TENSOR_METADATA else None
+        if owner is not None:
+            self.visit(owner)  # (its dtype, shape or device: the stand-in has them)
             return
         if node.attr == "weight":
             self.paths.update(self.every_path(node.value))

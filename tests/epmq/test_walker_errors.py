@@ -1194,7 +1194,21 @@ class StackingReadingMixer(nn.Module):
         return self.out(torch.einsum("goi,ni->no", W, self.up(x)))
 
 
+class GetattrReadingMixer(nn.Module):
+    """ReadingMixer's reads of weights taken by ``getattr(layer, "weight")`` (with a default too);
+    ``up``'s for its dtype alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.dt, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        h = F.linear(self.up(x.to(getattr(self.up, "weight").dtype)), getattr(self.gate, "weight"))
+        return self.out((getattr(self.dt, "weight", None) @ h.T).T)
+
+
 @pytest.mark.parametrize("block_type, read", [(ReadingMixer, ["dt"]), (FusedReadingMixer, ["gate", "dt"]),
+                                              (GetattrReadingMixer, ["gate", "dt"]),
                                               (LoopedReadingMixer, ["gates.0", "dts.dt"]),
                                               (StackingReadingMixer, ["gates.0", "gates.1"]),
                                               (NamedReadingMixer, ["gate", "dt"]),
