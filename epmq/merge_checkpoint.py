@@ -724,7 +724,7 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                         written.add(id(p))
                         p.copy_(view[to_reference[on_disk[n]]])
         if k == 0:  # (the models share one architecture)
-            shapes = _fused_expert_gram_shapes(model)
+            shapes = fused = _fused_expert_gram_shapes(model)
             sizes = {n: experts * d_in ** 2 * 8 for n, (experts, d_in) in shapes.items()}
             # over the budget, the experts' matrices are collected a few fused parameters' experts at a
             # time, a calibration pass each (the first's with the other matrices), spilled in between
@@ -735,6 +735,15 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
             chunks = _chunks(shapes, EXPERT_GRAM_BYTES) if sum(sizes.values()) > EXPERT_GRAM_BYTES else [True]
             runs = [dict(experts=chunks[0] if chunks else False), *(dict(names=set(chunk), experts=chunk)
                                                                     for chunk in chunks[1:])]
+            # the other matrices (linears', routers') over GRAM_BYTES: a few layers' a pass (a 70B Llama's
+            # are ~650 GB a model in float64), the first's with the first experts' (named: names= takes them)
+            dense = _gram_sizes(model, fused)
+            if sum(dense.values()) > GRAM_BYTES:
+                parts = _dense_chunks(dense, GRAM_BYTES)
+                first = runs[0]["experts"]
+                runs[0] = dict(names=set(parts[0]) | (set(fused) if first is True else set(first or ())),
+                               experts=first)
+                runs[1:1] = [dict(names=set(part), experts=False) for part in parts[1:]]
             alone = [n for n, (_, d_in) in shapes.items() if d_in ** 2 * 8 > EXPERT_GRAM_BYTES]
             if alone:
                 warnings.warn(f"regmean: the Gram matrix of one expert of {len(alone)} of {type(model).__name__}'s "
@@ -773,6 +782,51 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
 # it, a DeepSeek-V3 layer's gate_up_proj, 256 experts of 7168 inputs: 105 GB, across passes), and
 # one whose single expert's matrix passes it is averaged, warned
 EXPERT_GRAM_BYTES = 32 * 2**30
+
+
+# the most memory one model's Gram matrices of its linears (and routers), fused experts' apart, may
+# take at once (a 7B Llama's 44 GB, a 70B's ~650 GB); over it they are collected a few layers at a
+# time, a calibration pass each (the same matrices: the same batches, each under its seed)
+GRAM_BYTES = 32 * 2**30
+
+
+def _gram_sizes(model, fused) -> dict:
+    """``{weight: bytes}`` of the float64 Gram matrices ``gram_matrices`` collects for ``model``'s
+    weights but its fused experts' (``fused``), ``[in, in]`` each, in order: its untied linears'
+    (``Conv1D``'s, stored ``[in, out]``, too) and the other 2-D weights of its blocks (routers);
+    linears that turn out to read one tensor (q/k/v) counted apart, as the first batch alone tells
+    them. (A pass given names of none of them, embeddings or a tied head alone, is refused.)"""
+    from torch import nn
+
+    from .checkpoint_io import parameter_aliases
+    from .stats import stacks_of
+
+    tied = {name for names in parameter_aliases(model) if len(names) > 1 for name in names}
+    in_blocks = {f"{prefix}.{i}.{rel}" if rel else f"{prefix}.{i}" for _, tower in stacks_of(model)
+                 for prefix, blocks in tower for i, block in enumerate(blocks) for rel, _ in block.named_modules()}
+    sizes, left = {}, {*fused, *tied}
+    for module_name, module in model.named_modules():
+        conv1d = type(module).__name__ == "Conv1D"
+        W = module._parameters.get("weight")
+        name = f"{module_name}.weight" if module_name else "weight"
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point() or name in left:
+            continue
+        if isinstance(module, nn.Linear) or conv1d or module_name in in_blocks and not isinstance(module, nn.Embedding):
+            sizes[name] = (W.shape[0] if conv1d else W.shape[1]) ** 2 * 8
+    return sizes
+
+
+def _dense_chunks(sizes: Mapping[str, int], budget: int) -> list:
+    """``sizes`` (of ``_gram_sizes``) cut in order into lists of names each within ``budget`` bytes
+    (one over it alone in its own)."""
+    chunks, room = [], 0
+    for name, size in sizes.items():
+        if not chunks or size > room:
+            chunks.append([])
+            room = budget
+        chunks[-1].append(name)
+        room -= size
+    return chunks
 
 
 def _fused_expert_gram_shapes(model) -> dict:
@@ -1119,8 +1173,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     RegMean (``method="regmean"``) needs data: ``calibration`` gives each model's own task files,
     in the models' order (texts, input/target pairs or images, as ``epmq quantize`` reads them,
     with ``samples``, ``seq_len``, ``batch_size`` and ``seed``); each model is loaded whole in
-    turn to collect ``X^T X`` at its linears, all kept until the merge (float64: 8 d_in^2 bytes
-    per linear and model, 9 MB for a ViT-B layer's MLP input).
+    turn to collect ``X^T X`` at its linears, written to disk until the merge (float64: 8 d_in^2
+    bytes per linear and model, 9 MB for a ViT-B layer's MLP input), in one calibration pass
+    where a model's fit in ``GRAM_BYTES`` (32 GiB), else a few layers' a pass.
 
     Models that are LoRA adapters (``epmq.lora``) are the experts they make of ``base``; merged
     without one (average, slerp, karcher, ...), of ``lora_base``, by default the base their configs name.

@@ -1113,6 +1113,36 @@ def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, m
     got = _load(out)
     assert all(torch.equal(got[name], want[name].to(got[name].dtype)) for name in want)
 
+@pytest.mark.parametrize("share", [3, None])
+def test_regmeans_statistics_past_the_budget_are_collected_a_few_layers_a_pass(checkpoints, tmp_path, monkeypatch,
+                                                                             share):
+    """One model's Gram matrices were collected in one calibration pass, all held until it ended
+    whatever their size (a 7B Llama's 44 GB in float64, a 70B's ~650 GB): past
+    epmq.merge_checkpoint.GRAM_BYTES they are collected a few layers at a time, a pass each within
+    it, and the merge is the one of a single pass (``share``: the budget a share of the matrices;
+    None: below any, a matrix a pass, no pass of weights that have none: embeddings, a tied head)."""
+    import epmq.merge_checkpoint
+
+    root, _, _ = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    options = dict(calibration=[str(t) for t in texts], samples=4, seq_len=16, batch_size=2, progress=False)
+    seen = recording_grams(monkeypatch)
+
+    def held(grams):  # (bytes of the matrices a pass returns, one shared by q/k/v once)
+        return sum({id(G): G.numel() * G.element_size() for G in grams.values()}.values())
+
+    merge_checkpoints("regmean", models, tmp_path / "whole", **options)
+    assert len(seen) == 2
+    names, budget = set(seen[0]), held(seen[0]) // share if share else 1
+    seen.clear()
+    monkeypatch.setattr(epmq.merge_checkpoint, "GRAM_BYTES", budget, raising=False)
+    merge_checkpoints("regmean", models, tmp_path / "out", **options)
+    assert len(seen) > 2 and all(held(grams) <= max(budget, 8 * 48 ** 2) for grams in seen), [held(g) for g in seen]
+    assert set().union(*seen[:len(seen) // 2]) == names  # (model 0's passes: every matrix of the single one)
+    got, want = _load(tmp_path / "out"), _load(tmp_path / "whole")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_regmean_of_encoder_decoders_asks_the_model_for_its_decoder_start(tmp_path):
     """RegMean on input/target pairs: mBART (its config's decoder_start_token_id null, which its
     label shift never reads) is merged, not refused for what config.json says; a T5 without one,
