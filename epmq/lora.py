@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -462,6 +463,54 @@ class LoraExpert(Mapping):
                 if other not in full and whole.key_for(other) is None:
                     self._aliases[other] = stored
         self._keys = list(dict.fromkeys([*self.base.keys(), *self._full, *self._aliases]))
+        if not named:
+            self._warn_if_update_in_base()
+
+    @without_autocast
+    def _warn_if_update_in_base(self) -> None:
+        """Warn where the base given holds the adapter's update already (PEFT's merge_and_unload()
+        saved and given as the base: W_0 + 2 s B A, the update twice, in silence), told by the base
+        the adapter's config names where it is on this machine: the given base's weight of an
+        adapted module less the named base's is the update (to rounding: a bf16 merge's is noisy)."""
+        from .checkpoint_io import CheckpointError, CheckpointReader, hub_reference, hub_snapshot
+
+        named = named_base(self.directory)
+        path = None if named is None else Path(named)
+        if path is not None and not path.exists():
+            reference = hub_reference(named)
+            try:  # (the hub's cache alone: nothing is fetched for a check)
+                path = None if reference is None else hub_snapshot(
+                    reference[0], revision=reference[1] or named_revision(self.directory), offline=True)
+            except CheckpointError:
+                path = None
+        if path is None or (self.base.path is not None and Path(self.base.path).resolve() == path.resolve()):
+            return
+        try:
+            reference = CheckpointReader(path, f"the base named by {self.directory}")
+        except (CheckpointError, OSError, ValueError):
+            return
+        try:
+            key = next((k for k in self._updates if k not in self._full and k in reference
+                        and reference.shape(k) == self.base.shape(k)), None)
+            if key is None:
+                return
+            update = 0
+            for _, key_A, key_B, s, transposed, _ in self._updates[key]:
+                delta = s * (self.adapter.get(key_B).float() @ self.adapter.get(key_A).float())
+                update = update + (delta.T if transposed else delta)
+            held = self.base.get(key).float() - reference.get(key).float()
+        finally:
+            reference.close()
+        norm, held_norm = float(torch.linalg.vector_norm(update)), float(torch.linalg.vector_norm(held))
+        if norm == 0 or held_norm == 0:
+            return
+        along = float((held * update).sum())  # (the update's share of the difference, and its alignment)
+        if 0.5 < along / norm ** 2 < 1.5 and along / (norm * held_norm) > 0.2:
+            warnings.warn(f"{self.description}: the base given already holds this adapter's update (its {key!r} "
+                          f"less that of {named}, the base the adapter's config names, is {along / norm ** 2:.2f} "
+                          f"times s B A): a model the adapter was merged into (PEFT's merge_and_unload()) given "
+                          f"as the base, the update is applied twice; give the base the adapter was trained on "
+                          f"({named}), or the merged model alone as the expert")
 
     def _names_of(self, key: str, order, shared) -> list:
         """``key`` and the base's other names for the same tensor: tied aliases (``tie_order``

@@ -564,6 +564,30 @@ def test_a_bitsandbytes_base_is_refused_naming_it_so(base_dir, tmp_path, layout)
     assert "not the adapter's base model" not in str(refused.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_base_that_already_holds_the_update_is_warned_of(base_dir, tmp_path, dtype):
+    """The model PEFT's merge_and_unload() made of the adapter, saved and given as its base, was
+    taken: the expert held the update twice (W_0 + 2 s B A), in silence. Against the base the
+    adapter's config names, found here, the given base's weight is seen to hold the update, and
+    a warning says so; the base it was trained on, or another model, is taken as before."""
+    import warnings
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=3)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    merged = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    for given in (tmp_path / "merged", merged.state_dict()):
+        with pytest.warns(UserWarning, match=r"the base given already holds this adapter's update .*"
+                                             r"merge_and_unload\(\).*applied twice"):
+            epmq.LoraExpert(tmp_path / "adapter", base=given)
+    tiny_llama(5).save_pretrained(tmp_path / "other")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for given in (base_dir, tmp_path / "other",
+                      transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).state_dict()):
+            epmq.LoraExpert(tmp_path / "adapter", base=given)
+
+
 def test_part_of_a_base_tensor_no_update_touches_is_read_alone(base_dir, tmp_path, monkeypatch):
     """One expert's rows of a base's fused MoE tensor (Llama 4's hub layout), read through a LoRA
     expert: only those rows leave the base checkpoint."""
