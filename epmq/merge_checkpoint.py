@@ -661,7 +661,8 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
     with layers times models (a 7B Llama's are 44 GB a model in float64). ``out``: the output,
     refused inside a model's directory of texts or pairs (``check_outside_calibration``)."""
     from .checkpoint_io import renamed, saved_key_renaming
-    from .quantize_files import PREPROCESSOR_FILES, _check_decoder_start, _modality, _model_class, calibrated
+    from .quantize_files import (PREPROCESSOR_FILES, _check_decoder_start, _forward_takes, _modality, _model_class,
+                                 _vision_tower_class, calibrated)
     from .stats import gram_matrices, rebuilt_experts
     from .walker import _input_embeddings
 
@@ -675,6 +676,15 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         # (the output inside a model's directory of texts or pairs: its config.json, tokenizer files and
         # model card that model's documents next time; an image or audio folder's reader takes none of them)
         cls, encoder_decoder = _model_class(home, None, walked=False)
+        if {"input_ids", "pixel_values"} <= _forward_takes(cls):  # (quantize's refusal said 'tower: ...')
+            tower = _vision_tower_class(cls)
+            raise ValueError(f"regmean: {cls.__name__} (model {k}) takes both texts and images, and RegMean of "
+                             f"checkpoints reads one kind of calibration data a model: merge it with "
+                             f"epmq.merge.regmean on the Gram matrices of (input_ids, pixel_values) batches "
+                             f"(epmq.stats.gram_matrices), "
+                             + (f"its vision tower's checkpoints ({tower.__name__}) calibrated on images, "
+                                if tower is not None else "")
+                             + "or by a method that reads no data (average, task_arithmetic, ties)")
         modality = _modality(cls, encoder_decoder)
         if modality == "audio" and encoder_decoder:  # (quantize's refusal said 'or with method: rtn')
             raise ValueError(f"regmean: {cls.__name__} (model {k}) is an encoder-decoder whose decoder reads "

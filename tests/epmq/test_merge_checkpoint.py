@@ -1143,6 +1143,33 @@ def test_regmeans_statistics_past_the_budget_are_collected_a_few_layers_a_pass(c
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+@pytest.mark.parametrize("family", ["llava", "clip"])
+def test_regmean_of_a_model_of_texts_and_images_is_refused_as_a_merge(tmp_path, family):
+    """RegMean of vision-language checkpoints (LLaVA) or two-tower ones (CLIPModel) was refused with
+    epmq quantize's remedies ('tower: language quantizes its language model', 'quantize its vision
+    tower (tower: vision ...)'), which no merge takes (epmq merge refuses a tower: key); refused as
+    RegMean's, naming the model and what merges it, before any model is read."""
+    from test_walker_towers import tiny_llava
+
+    for k in range(2):
+        if family == "llava":
+            tiny_llava(k).save_pretrained(tmp_path / f"e{k}")
+        else:
+            torch.manual_seed(k)
+            transformers.CLIPModel(transformers.CLIPConfig(
+                text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=16),
+                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=16, patch_size=8), projection_dim=16)).save_pretrained(tmp_path / f"e{k}")
+        (tmp_path / f"t{k}.txt").write_text("a b c " * 50)
+    with pytest.raises(ValueError, match=r"regmean: (Llava|CLIP)\w+ \(model 0\) takes both texts and images.*"
+                                         r"epmq\.merge\.regmean.*gram_matrices") as refused:
+        merge_checkpoints("regmean", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                          calibration=[str(tmp_path / "t0.txt"), str(tmp_path / "t1.txt")], progress=False)
+    assert "tower:" not in str(refused.value) and "epmq quantize" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_regmean_of_encoder_decoders_asks_the_model_for_its_decoder_start(tmp_path):
     """RegMean on input/target pairs: mBART (its config's decoder_start_token_id null, which its
     label shift never reads) is merged, not refused for what config.json says; a T5 without one,
