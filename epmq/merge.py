@@ -1392,6 +1392,24 @@ def conv1d_weights(model: nn.Module) -> set:
         f"{name}.mlp.w2" for name, module in model.named_modules() if type(module).__name__ == "DbrxExperts"}
 
 
+class _Checked(Sequence):
+    """RegMean's Gram matrices of weight ``name`` (one per expert), each checked to be a tensor as
+    it is read (tensors, or merge_checkpoints' read per expert: what has dim and shape)."""
+
+    def __init__(self, name: str, grams: Sequence):
+        self.name, self.grams = name, grams
+
+    def __len__(self):
+        return len(self.grams)
+
+    def __getitem__(self, k):
+        G = self.grams[k]
+        if not (hasattr(G, "dim") and hasattr(G, "shape")):
+            raise ValueError(f"grams[{self.name!r}][{k}] is a {type(G).__name__}, not a tensor"
+                             f"{' (torch.from_numpy)' if hasattr(G, 'ndim') else ''}")
+        return G
+
+
 def _square(W: torch.Tensor) -> bool:
     return W.dim() == 2 and W.shape[0] == W.shape[1]
 
@@ -1486,11 +1504,10 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         if not isinstance(grams[name], Iterable) or isinstance(grams[name], (str, bytes, Mapping)):
             raise ValueError(f"grams[{name!r}] is a {type(grams[name]).__name__}: give one Gram matrix per expert, "
                              f"in the experts' order")
-        G_k = list(grams[name])
-        for k, G in enumerate(G_k):  # (tensors, or merge_checkpoints' read per expert: what has dim and shape)
-            if not (hasattr(G, "dim") and hasattr(G, "shape")):
-                raise ValueError(f"grams[{name!r}][{k}] is a {type(G).__name__}, not a tensor"
-                                 f"{' (torch.from_numpy)' if hasattr(G, 'ndim') else ''}")
+        # (a sequence indexed as each is summed: merge_checkpoints' reads one model's matrix from disk a time,
+        # where a list of them held every model's at once)
+        G_k = grams[name] if isinstance(grams[name], Sequence) else list(grams[name])
+        G_k = _Checked(name, G_k)
         one_each = len(G_k) == len(W_k)
         if one_each and W_k[0].dim() == 2 and G_k[0].dim() == 3 and W_k[0].shape[0] % G_k[0].shape[0] == 0:
             # (DBRX's experts: [E * I, H] with [E, in, in] Gram matrices, expert e's rows e*I:(e+1)*I)
@@ -1511,6 +1528,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         # [E, in, in] Gram matrices: each expert merged by its own. G_k[k][e] is read once, as the
         # expert is solved (merge_checkpoints' read from disk: one expert's matrix a model at a time)
         W_k = [W for W in W_k]  # (read once each)
+        G_k = list(G_k)  # (merge_checkpoints': views of a file, an expert's matrix read as it is solved)
         for k, G in enumerate(G_k):
             if G.dim() != 3 or G.shape[0] != W_k[0].shape[0]:
                 raise ValueError(f"grams[{name!r}][{k}] has shape {tuple(G.shape)}: a fused weight of shape "
@@ -1538,7 +1556,8 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         G_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=W_k[0].device)
         B = torch.zeros(d_in, W_k[0].shape[1], dtype=torch.float64, device=W_k[0].device)
         silent = []
-        for k, (W, G) in enumerate(zip(W_k, G_k)):
+        for k, W in enumerate(W_k):
+            G = G_k[k]  # (indexed, not zipped: the pair zip made of the last one held it through the next read)
             if tuple(G.shape) != (d_in, d_in):
                 hint = ("; a weight stored [in, out], as GPT-2's Conv1D? name it in transposed="
                         if not flip and tuple(G.shape) == (W.shape[1],) * 2 else "")
@@ -1550,6 +1569,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
             G = alpha * G + (1 - alpha) * torch.diag(torch.diagonal(G))
             G_sum += G
             B += G @ W.to(torch.float64)
+            del G  # (gone before the next model's is read)
         if 0 < len(silent) < len(G_k):
             unheard.append((silent, name))
         elif silent:  # (a fused expert's said by merge_experts)
