@@ -176,6 +176,10 @@ class _Task:
         self.G = None  # scratch for asymmetric targets
         self.c = 0.0
         self.n_tokens = 0
+        # the batch's inputs, checked and converted: [(tensor, its version, converted)], for the
+        # layers that share them (``left`` of them still to take it)
+        self.shared = None
+        self.left = 0
 
 
 class EPMQStats:
@@ -251,6 +255,7 @@ class EPMQStats:
                     f"this one's {(d_in, W_merged.device, dtype)}"
                 )
             self.H_e, self.H_m, self.own_H_m = inputs_of.H_e, inputs_of.H_m, inputs_of.own_H_m
+            inputs_of._sharers += 1
         else:
             self.H_e = torch.zeros(d_in, d_in, **kw)
             self.own_H_m = merged_hessian is None
@@ -260,6 +265,7 @@ class EPMQStats:
                 check_hessian(merged_hessian, d_in, "merged_hessian")
                 self.H_m = merged_hessian.to(**kw)
         self._G_e = torch.zeros(d_out, d_in, **kw)
+        self._sharers = 0  # layers whose inputs_of these statistics are
         self.side_stream = bool(side_stream)
         self._side_done = None  # (device, event) of the last residual product on the side stream
         self.G_m = None
@@ -609,13 +615,16 @@ class EPMQStats:
         if task is None:
             raise RuntimeError("add_batch() outside a task: call begin_task() first")
         d_in = self.W_merged.shape[1]
-        X = _tokens(x, d_in, f"calibration input of {task.name}").to(self.H_e.device, self.dtype)
+        X = self._taken(x, lambda: _tokens(x, d_in, f"calibration input of {task.name}").to(self.H_e.device,
+                                                                                           self.dtype))
         if task.n_tokens and (x_expert is None) != (task.G is None):
             raise ValueError(f"{task.name}: give x_expert for every batch of a task or for none")
         # (every input is checked before any statistic takes the batch: a refused call adds
         # nothing, so the same batch given again, put right, is counted once)
         if x_expert is not None:
-            X_t = self._target_tokens(x_expert, X, f"x_expert of {task.name}")
+            X_t = self._taken(x_expert, lambda: self._target_tokens(x_expert, X, f"x_expert of {task.name}"))
+            if X_t.shape != X.shape:  # (taken from the leading layer, given other inputs here)
+                raise ValueError(f"x_expert of {task.name} has {X_t.shape[0]} tokens, the inputs {X.shape[0]}")
         if x_anchor is not None:
             if not self.own_H_m:
                 raise ValueError("x_anchor needs the merged Hessian accumulated here, not given")
@@ -625,6 +634,17 @@ class EPMQStats:
             X_a = X_t if x_anchor is x_expert else self._target_tokens(x_anchor, X, "x_anchor")
         elif self.G_m is not None:
             raise ValueError("give x_anchor for every batch of every task or for none")
+        # Layers on the same inputs (q, k, v) are given the same tensors: each checked them (on a
+        # GPU a reduction and a wait for the device) and converted them, once per layer. Those
+        # after the first take its copies, held until the last of them has.
+        if self.inputs_of is None and self._sharers:
+            given = [(x, X), (x_expert, None if x_expert is None else X_t)]
+            task.shared = [(t, version(t), converted) for t, converted in given if t is not None]
+            task.left = self._sharers
+        elif task.lead is not None and task.lead.shared is not None:
+            task.lead.left -= 1
+            if task.lead.left <= 0:
+                task.lead.shared = None
         if self.inputs_of is None:
             accumulate_xxt(task.H, X, backend=self.backend)
         task.n_tokens += X.shape[0]
@@ -662,6 +682,17 @@ class EPMQStats:
             self._W_m_cast = self.W_merged.to(self.dtype)
         return self._W_m_cast
 
+    def _taken(self, t, convert):
+        """``convert()`` of the input ``t``, or the copy the layer whose inputs these are took of
+        the same tensor in this batch (checked; unchanged since, by its version)."""
+        lead = self._task.lead
+        seen = version(t) if isinstance(t, torch.Tensor) else None
+        if lead is not None and lead.shared is not None and seen is not None:
+            for source, then, converted in lead.shared:
+                if source is t and then == seen:
+                    return converted
+        return convert()
+
     def _target_tokens(self, x_t, X, what):
         X_t = _tokens(x_t, X.shape[1], what).to(self.H_e.device)
         if X_t.shape != X.shape:
@@ -675,6 +706,7 @@ class EPMQStats:
         if task is None:
             raise RuntimeError("end_task() without begin_task()")
         self._task = None
+        task.shared = None  # (the last batch's copies, had a sharing layer not taken them)
         if task.n_tokens == 0:
             raise ValueError(f"{task.name} has no calibration data (no batch was added)")
         if task.lead is not None and task.lead.n_tokens != task.n_tokens:

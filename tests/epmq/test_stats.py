@@ -225,6 +225,59 @@ def test_a_layer_sharing_inputs_must_see_the_same_tokens(gen):
         v.end_task()
 
 
+@pytest.mark.parametrize("targets", ["merged", "expert", "fp"])
+def test_layers_sharing_inputs_check_and_convert_a_shared_batch_once(gen, monkeypatch, targets):
+    """q, k and v given one batch (the walker hands them the same tensors) each checked its
+    values for NaN (on a GPU a reduction and a wait for the device) and converted it to the
+    statistics' dtype: three checks and copies of one input, three of its targets. The layers
+    after the first take the first's checked copy of the same tensor (unchanged since: its
+    version), bit for bit what they formed themselves; a tensor written in between is theirs."""
+    import epmq.stats
+
+    W = [torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) for _ in range(3)]
+    E = [w + 0.1 * torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in W]
+    xs = batches(gen)
+    shifted = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs]
+    checked = []
+    all_finite = epmq.stats.all_finite
+    monkeypatch.setattr(epmq.stats, "all_finite", lambda t: checked.append(t) or all_finite(t))
+
+    def stream(copies):
+        q = EPMQStats(W[0], dtype=torch.float64)
+        layers = [q] + [EPMQStats(w, dtype=torch.float64, inputs_of=q) for w in W[1:]]
+        for stats, e in zip(layers, E):
+            stats.begin_task(e)
+        for x, s in zip(xs, shifted):
+            for j, stats in enumerate(layers):
+                x_j, s_j = (x.clone(), s.clone()) if copies and j else (x, s)
+                x_t = None if targets == "merged" else s_j
+                stats.add_batch(x_j, x_expert=x_t, x_anchor=x_t if targets == "fp" else None)
+        for stats in layers:
+            stats.end_task()
+        return layers
+
+    shared = stream(copies=False)
+    inputs = 1 if targets == "merged" else 2
+    assert len(checked) == inputs * len(xs)
+    checked.clear()
+    apart = stream(copies=True)
+    assert len(checked) == 3 * inputs * len(xs)
+    for a, b in zip(shared, apart):
+        for u, v in zip(a.finalize(), b.finalize()):
+            assert (u is None and v is None) or torch.equal(u, v)
+        assert (a.c_e, a.c_m, a.task_weights) == (b.c_e, b.c_m, b.task_weights)
+    # (a batch written in place after the first layer took it is read again, and checked)
+    q = EPMQStats(W[0], dtype=torch.float64)
+    k = EPMQStats(W[1], dtype=torch.float64, inputs_of=q)
+    q.begin_task(E[0])
+    k.begin_task(E[1])
+    x = xs[0].clone()
+    q.add_batch(x)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        k.add_batch(x)
+
+
 def test_a_shallow_copy_keeps_its_own_constant(gen):
     """(From a review) the residuals' constants wait on the device in a list: a copy taken
     before more tasks are folded in keeps the value it had."""
