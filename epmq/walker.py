@@ -2697,7 +2697,12 @@ class _Walk:
                     self._block(s, i, block)
                     bar.update()
                 for stream in filter(None, (self.q, self.t)):
-                    stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
+                    # (read by a later stack of its family alone, whose replayers return them, and by
+                    # the rounds: a tower of another family is run by the model, and its outputs for
+                    # every item were held on the walk's device through the rest of the walk)
+                    if stack.rounds > 1 or any(_one_family(stack, later, stream is self.q)
+                                               for later in self.stacks[s + 1:]):
+                        stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
                 if stack.rounds > 1:
                     self._more_rounds(s)
 

@@ -271,3 +271,49 @@ def test_peak_memory_of_a_stage_of_experts_is_bounded_by_the_statistics_budget()
     grown = json.loads(done.stdout.splitlines()[-1])["grown"]
     hessians = E * H * H * 8  # the gate and up projections' (shared) Hessians, float64
     assert grown < hessians / 2, (grown, hessians)
+
+
+def test_a_towers_last_outputs_are_not_kept_through_a_tower_of_another_family(gen, monkeypatch):
+    """Each stack's last outputs of every calibration item were kept to the end of the walk, for
+    a later stack of its family that replays them (T5's decoder of its encoder); a VLM's language
+    model is of another family (the model runs its quantized vision tower itself), so the vision
+    tower's outputs, its patches for every item on the walk's device, were held through the whole
+    language model's walk for nothing. Kept where a later stack replays them, and there alone."""
+    import gc
+
+    from test_walker_towers import llava_inputs, tiny_llava
+    from test_walker_models import Family
+
+    def alive_while(model, last, later, **options):
+        """The outputs of block ``last`` made while its stack was walked, alive when the first
+        block of ``later`` is quantized."""
+        made, alive, walking = [], [], {"later": False}
+
+        def keep(module, args, output):
+            if not walking["later"]:
+                made.append(weakref.ref(output[0] if isinstance(output, tuple) else output))
+
+        quantize_block = epmq.walker._Walk._quantize_block
+
+        def watch(self, s, i, block):
+            if block is model.get_submodule(later) and not walking["later"]:
+                walking["later"] = True
+                gc.collect()
+                alive.append(sum(ref() is not None for ref in made))
+            return quantize_block(self, s, i, block)
+
+        handle = model.get_submodule(last).register_forward_hook(keep)
+        with monkeypatch.context() as m:
+            m.setattr(epmq.walker._Walk, "_quantize_block", watch)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), progress=False, **options)
+        handle.remove()
+        return made, alive
+
+    made, alive = alive_while(tiny_llava(), "model.vision_tower.encoder.layers.1", "model.language_model.layers.0",
+                              method="gptq", calibration={"a": llava_inputs(2, gen), "b": llava_inputs(2, gen)})
+    assert made and alive == [0]
+    # (an encoder-decoder's decoder replays its encoder's: kept)
+    fam = Family("t5", gen)
+    made, alive = alive_while(fam.merged(), "encoder.block.1", "decoder.block.0", method="epmq",
+                              targets="expert_path", calibration=fam.calibration, experts=fam.experts)
+    assert alive and alive[0] >= 2 * sum(map(len, fam.calibration.values()))  # (both streams')
