@@ -1744,6 +1744,21 @@ def _chained(hidden, passed) -> bool:
             and torch.equal(hidden.to(before.device), before))
 
 
+def _token_positions(mask, device):
+    """``mask`` (``Adapter.token_mask``, bool ``[B, L]``, or None) with the indices of its tokens
+    on ``device``, found once per item: ``_token_rows`` takes a linear's input's rows by them, where
+    ``x[mask]`` at each call copied the mask to the device and counted its tokens there (a boolean
+    index: on a GPU a wait for the device, per linear, call and pass over the block)."""
+    return None if mask is None else (mask, tuple(i.to(device) for i in mask.nonzero(as_tuple=True)))
+
+
+def _token_rows(x: torch.Tensor, positions) -> torch.Tensor:
+    """``token_rows(x, mask)`` of ``positions`` (``_token_positions``): the same rows."""
+    if positions is None or x.shape[:-1] != positions[0].shape:
+        return token_rows(x, None)
+    return x[tuple(i.to(x.device) for i in positions[1])]
+
+
 def _to_device(item, device, moved=None):
     """``item`` (tensors, nested in dicts, lists, tuples) on ``device``; a tensor that appears
     more than once (T5's encoder states, in every decoder block's kwargs) is moved once."""
@@ -1848,7 +1863,7 @@ class _Stream:
         self.hidden = {}  # task -> [hidden states]
         self.kwargs = {}  # task -> [kwargs of the current block]
         self.recorded = {}  # task -> [[kwargs of each block of the stack, as recorded]]
-        self.masks = {}  # task -> [which positions are tokens (bool [B, L]), or None: all]
+        self.masks = {}  # task -> [which positions are tokens (_token_positions), or None: all]
         self.finals = {}  # stack index -> task -> [output hidden states of the stack]
 
 
@@ -2574,7 +2589,8 @@ class _Walk:
                             self._count_repeats(stack, now, task, n)
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))
-                        masks.append(stack.adapter.token_mask(self.model, stack.prefix, item))
+                        masks.append(_token_positions(stack.adapter.token_mask(self.model, stack.prefix, item),
+                                                      self.device))
                 stream.hidden[task] = hidden
                 stream.recorded[task] = recorded
                 stream.masks[task] = masks
@@ -2952,8 +2968,9 @@ class _Walk:
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
         when ``full`` (otherwise the pass stops once every one of them has been called). A linear
         that shares its leader's input gets the leader's tensor (checked to be the same).
-        ``mask``: the positions that are tokens (``Adapter.token_mask``), for inputs of that
-        ``[B, L]`` shape. ``taken``: each linear's count of captured calls, added to."""
+        ``mask``: the positions that are tokens (``Adapter.token_mask`` with their indices:
+        ``_token_positions``), for inputs of that ``[B, L]`` shape. ``taken``: each linear's count
+        of captured calls, added to."""
         calls = {rel: [] for rel in rels}  # (input, its version) of every call
         inputs = {rel: [] for rel in rels}  # copies taken at the call (the block may write the
         # tensor in place afterwards)
@@ -2964,7 +2981,7 @@ class _Walk:
                 x = args[0] if args else kw["input"]
                 calls[rel].append((x, version(x)))
                 if leader[rel] == rel:
-                    rows = token_rows(x.detach(), mask)
+                    rows = _token_rows(x.detach(), mask)
                     same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
                     inputs[rel].append(rows.clone() if same else rows)  # (one copy either way)
                 if len(calls[rel]) >= self.calls.get(rel, 1):  # (a linear called twice: both)

@@ -1055,3 +1055,44 @@ def test_a_batch_of_clips_too_short_to_make_a_frame_is_left_out(gen):
         out[name] = quantized.state_dict()
     for name in ("with", "both"):
         assert all(torch.equal(out[name][n], out["others"][n]) for n in out["others"]), name
+
+
+@pytest.mark.parametrize("targets", ["merged_path", "fp_path"])
+def test_open_clip_text_tokens_are_found_once_per_item(gen, monkeypatch, targets):
+    """The text tower's token mask was copied to the device and applied as a boolean index at
+    every call of a linear that leads its input, in every pass over every block (on a GPU each a
+    wait for the device to count the tokens): found once per item and stream, the rows taken by
+    their indices, the statistics bit for bit the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from test_walker_models import build
+
+    text = torch.zeros(3, 8, dtype=torch.long)
+    for b, n in enumerate((3, 8, 5)):
+        text[b, :n - 1] = torch.randint(1, 60, (n - 1,), generator=gen)
+        text[b, n - 1] = 63  # the end token: the largest id
+    items = [{"image": torch.randn(3, 3, 16, 16, generator=gen), "text": text},
+             {"image": torch.randn(3, 3, 16, 16, generator=gen), "text": text.flip(0)}]
+    real = [torch.arange(8)[None, :] < torch.tensor(n)[:, None] for n in ([3, 8, 5], [5, 8, 3])]
+    selections = []
+
+    class Selections(TorchDispatchMode):  # (boolean selections by a [3, 8] mask: the tokens counted)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.nonzero.default or func is torch.ops.aten.index.Tensor:
+                masks = args[:1] if func is torch.ops.aten.nonzero.default else args[1]
+                if any(m is not None and m.dtype == torch.bool and m.shape == (3, 8) for m in masks):
+                    selections.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model = build("open_clip_clip")
+    X_text = torch.cat([block_inputs_of(model, "transformer.resblocks.0.attn", [item]).reshape(3, 8, -1)[r]
+                        for item, r in zip(items, real)])
+    seen = solved_statistics(monkeypatch)
+    with Selections():
+        epmq.quantize_model(model, SPEC, method="gptq", targets=targets, calibration={"t": items},
+                            backend="torch", progress=False)
+    streams = 1 if targets == "merged_path" else 2
+    assert len(selections) == streams * len(items)
+    H = seen["transformer.resblocks.0.attn.in_proj"]
+    H = H if torch.is_tensor(H) else H[1]
+    torch.testing.assert_close(H, X_text.T @ X_text, rtol=1e-12, atol=1e-10)
