@@ -3032,6 +3032,7 @@ class _Walk:
             target = self._target_block(template, prefix, task)
             for n in range(len(items)):
                 outputs[task, n] = _looped(stack, target, self.t.hidden[task][n], self.t.kwargs[task][n])
+                self.t.hidden[task][n] = None  # (as _solve_group lets it go)
         return outputs
 
     def _new_stats(self, linear, inputs_of=None):
@@ -3094,6 +3095,9 @@ class _Walk:
                                                  full_target or again, leader, self.t.masks[task][n])
                         if t_out is not None and not again:
                             t_out[task, n] = out
+                            # (its input, read for the last time: held, every item's input and output
+                            # were the stream twice over until the block's end hands the outputs on)
+                            self.t.hidden[task][n] = None
                         t_hidden = adapter.hidden_of(out) if again else None
                     hidden = adapter.hidden_of(output) if again else None
                     for rel, x in xs.items():

@@ -317,3 +317,37 @@ def test_a_towers_last_outputs_are_not_kept_through_a_tower_of_another_family(ge
     made, alive = alive_while(fam.merged(), "encoder.block.1", "decoder.block.0", method="epmq",
                               targets="expert_path", calibration=fam.calibration, experts=fam.experts)
     assert alive and alive[0] >= 2 * sum(map(len, fam.calibration.values()))  # (both streams')
+
+
+@pytest.mark.parametrize("targets", ["expert_path", "fp_path"])
+def test_a_target_streams_inputs_are_let_go_as_its_outputs_are_made(targets, gen, monkeypatch):
+    """The target stream (the experts' path, the full-precision one) ran each block's last pass
+    item by item and kept the outputs until every item's was made, each item's input still held:
+    the stream's hidden states twice over at once on the walk's device (the quantized stream hands
+    each output on as it is made). An input is let go once its output is made."""
+    import gc
+
+    from test_walker_models import Family
+
+    fam = Family("llama", gen)
+    model = fam.merged()
+    blocks = list(model.model.layers)
+    state = {"refs": [], "left": 0}
+    held = []  # per block: the other items' inputs alive as its last item's output is made
+    capture = epmq.walker._Walk._capture
+
+    def spy(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
+        if full and not any(block is b for b in blocks):  # (the target block's last pass)
+            if not state["left"]:
+                every = [h for items in self.t.hidden.values() for h in items]
+                state.update(refs=[weakref.ref(h) for h in every], left=len(every))
+            state["left"] -= 1
+            if not state["left"]:
+                gc.collect()
+                held.append(sum(r() is not None and r() is not hidden for r in state["refs"]))
+        return capture(self, block, hidden, kwargs, rels, full, leader, mask, taken)
+
+    monkeypatch.setattr(epmq.walker._Walk, "_capture", spy)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
+                        calibration=fam.calibration, experts=fam.experts, backend="torch", progress=False)
+    assert held == [0] * len(blocks)
