@@ -1906,6 +1906,7 @@ class _Walk:
         self._previous = ""  # the digest of the block walked last (``_block_digest``)
         self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
+        self._values_checked = set()  # (task, tensor name) of the expert reads checked for NaN
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity(), left_out=report.skipped)
 
     def _in_forward_order(self) -> None:
@@ -2008,7 +2009,10 @@ class _Walk:
         if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging;
             # any other copy waits for its data, as a device-to-host copy must be read)
             tensor = tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
-        source.check_values(key.fused if self._fused_in(source, key) else key, tensor)
+        if (task, name) not in self._values_checked:  # (the expert path reads a block again for
+            # each group of its linears: the same bytes, each check a pass and a wait on a GPU)
+            source.check_values(key.fused if self._fused_in(source, key) else key, tensor)
+            self._values_checked.add((task, name))
         self.expert_read_seconds += time.perf_counter() - t0
         return tensor if like is None else tensor.to(dtype=like.dtype).contiguous()
 

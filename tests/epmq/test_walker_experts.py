@@ -811,3 +811,30 @@ def test_converted_tensors_are_looked_for_once_over_the_checkpoints_keys(tmp_pat
     with pytest.raises(ValueError, match=r"holds 'model.layers.0.mlp.experts.gate_up_proj' inside its "
                                          r"mlp.experts.\*.gate_proj.weight tensors \(and 3 more tensors so\)"):
         walker._Walk._refuse_converted(types.SimpleNamespace(model=model), expert, present)
+
+
+def test_the_expert_path_checks_each_expert_tensor_once(gen, monkeypatch):
+    """The expert path reads each expert's block again for every group of its linears (their
+    targets' inputs are captured group by group, one expert block held at a time): each read was
+    checked for NaN again (a pass over the tensor and, on a GPU, a wait for the device), 4 checks
+    of every tensor of a Llama block per task where its bytes are the same. Checked once; a
+    non-finite tensor still refused, named."""
+    from collections import Counter
+
+    fam = Family("llama", gen)
+    checked = Counter()
+    check = ExpertWeights.check_values
+    monkeypatch.setattr(ExpertWeights, "check_values",
+                        lambda self, name, t: checked.update([(self.task, str(name))]) or check(self, name, t))
+    options = dict(method="epmq", targets="expert_path", calibration=fam.calibration, backend="torch",
+                   progress=False)
+    epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), experts=fam.experts, **options)
+    blocks = [name for name in checked if ".layers." in name[1]]
+    assert len(blocks) == len(fam.experts) * sum(1 for n in fam.base.state_dict() if ".layers." in n)
+    assert set(checked.values()) == {1}
+    bad = {task: expert.state_dict() for task, expert in fam.experts.items()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    bad["dtd"][name] = bad["dtd"][name].clone()
+    bad["dtd"][name][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"task 'dtd'.*down_proj.*non-finite"):
+        epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), experts=bad, **options)
