@@ -146,6 +146,8 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
         raise ValueError(f"H_e must be a square matrix, got {tuple(H_e.shape)}")
     if overwrite and H_m is not None:
         raise ValueError("overwrite folds into H_e alone: H_m must be None")
+    if H_m is not None:  # (an ndarray was refused as unlike H_e's dtype, a list ended in "no attribute 'shape'")
+        _check_tensor(H_m, "H_m")
     if H_m is not None and (H_m.shape != H_e.shape or H_m.dtype != H_e.dtype):
         raise ValueError(f"H_m must be {tuple(H_e.shape)} {H_e.dtype} like H_e, got "
                          f"{tuple(H_m.shape)} {H_m.dtype}")

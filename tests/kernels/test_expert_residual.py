@@ -1138,3 +1138,10 @@ def test_operands_that_are_no_tensor_are_refused_by_name(backend):
             accumulate_xxt(H_, X, backend=backend)
     with pytest.raises(ValueError, match="Hessian 0 must be a torch.Tensor, got ndarray"):
         fold_hessians(H.clone(), None, [np.eye(6)], [1.0], backend=backend, overwrite=True)
+    # (H_m: an ndarray was refused as 'H_m must be (6, 6) torch.float64 like H_e, got (6, 6) float64', a list
+    # ended in "'list' object has no attribute 'shape'")
+    for bad in (H.cpu().numpy(), H.tolist()):
+        H_e = H.clone()
+        with pytest.raises(ValueError, match=f"H_m must be a torch.Tensor, got {type(bad).__name__}"):
+            fold_hessians(H_e, bad, [H], [1.0], backend=backend)
+        assert torch.equal(H_e, H)
