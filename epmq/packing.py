@@ -71,7 +71,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     K, N = codes.shape
     # (torch has no min or max of uint16..uint64 or bool tensors: those are checked as int64)
     q = codes if codes.dtype in _ORDERED_DTYPES else codes.to(torch.int64)
-    if q.numel():
+    if q.numel() and not q.is_meta:  # (meta codes have no values to check: words of their shape)
         low, high = torch.aminmax(q)
         if int(low) < 0 or int(high) >= 2**bits:
             raise ValueError(f"{bits}-bit codes must lie in 0..{2**bits - 1}, got [{int(low)}, {int(high)}]")

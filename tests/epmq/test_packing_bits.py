@@ -151,3 +151,18 @@ def test_pack_cols_of_no_tensor_is_refused_as_pack_rows_refuses_it():
             pack_cols(codes, 4)
         with pytest.raises(ValueError, match="codes must be a 2-D integer tensor"):
             pack_rows(codes, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_on_the_meta_device_pack_to_words_of_their_shape(bits):
+    """Codes on the meta device (a layer built without memory, init_empty_weights, or a shape traced) ended
+    in torch's bare 'Tensor.item() cannot be called on meta tensors' at the range check: they have no values
+    to check, and pack (and unpack) to meta words of the shape real codes would."""
+    K, N = 70, 24
+    meta = torch.empty(K, N, dtype=torch.int32, device="meta")
+    real = torch.zeros(K, N, dtype=torch.int32)
+    for pack, codes, want in ((pack_rows, meta, pack_rows(real, bits)), (pack_cols, meta, pack_cols(real, bits))):
+        words = pack(codes, bits)
+        assert words.is_meta and words.shape == want.shape and words.dtype == torch.int32
+    assert unpack_rows(pack_rows(meta, bits), bits, K).shape == (K, N)
+    assert unpack_cols(pack_cols(meta, bits), bits, N).shape == (K, N)

@@ -204,6 +204,16 @@ def test_empty(backend):
     assert unpack_int4(torch.zeros((2, 0), dtype=torch.int32), backend=backend).shape == (16, 0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_codes_on_the_meta_device_pack_to_words_of_their_shape(backend):
+    """Codes on the meta device (a layer built without memory, or a shape traced) ended in torch's bare
+    'Tensor.item() cannot be called on meta tensors' at the range check: they have no values to check."""
+    codes = torch.empty((16, 24), dtype=torch.int32, device="meta")
+    for pack, shape in ((pack_int4, (2, 24)), (pack_int4_cols, (16, 3))):
+        words = pack(codes, backend=backend)
+        assert words.is_meta and words.shape == shape and words.dtype == torch.int32
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------
