@@ -45,8 +45,8 @@ Images: ``samples`` files drawn at random (seeded) from a directory tree (an Ima
 with class subfolders works as it is) or a list of files, turned upright by their EXIF
 orientation (as transformers' ``load_image`` does), converted to RGB (``rgb_image``:
 transparency onto white, as transformers does; 16-bit images scaled to 8 bits by 65535, which
-transformers clips, in either mode Pillow opens them in) and preprocessed by the model's own image processor into
-``{"pixel_values"}`` batches.
+transformers clips, in either mode Pillow opens them in; float images read on [0, 1]) and preprocessed
+by the model's own image processor into ``{"pixel_values"}`` batches.
 
 Audio: ``samples`` WAV files drawn at random (seeded) from a directory tree or a list of files,
 read as mono float samples at the feature extractor's rate (``read_audio``) and batched by the
@@ -1241,6 +1241,8 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
                     images.append(rgb_image(upright(image)))
             except (OSError, Image.DecompressionBombError) as e:
                 raise ValueError(f"{what}: cannot read image {f}: {e}") from e
+            except ValueError as e:  # (rgb_image's: values off a float image's scale)
+                raise ValueError(f"{what}: image {f}: {e}") from e
         # (every tensor the processor returns, as a pipeline passes them: pixel_values alone left
         # SigLIP 2's vision tower, whose forward requires its patches' mask and grid, unable to run)
         out = processor(images=images, return_tensors="pt")
@@ -1510,8 +1512,9 @@ def rgb_image(image):
     ``convert``, which transformers' processors use, clips it at 255: a 16-bit image all but
     white): 16-bit data by 65535, whether it opens as ``I;16`` (a 16-bit PNG) or as 32-bit ``I``
     (converted, as loaders do, or a TIFF of 32-bit integers holding 16-bit data), ``I`` data past
-    16 bits by int32's largest (negatives as 0); float (``F``) images, of no fixed range, by their
-    own maximum. ``La`` (premultiplied alpha) as its ``LA``."""
+    16 bits by int32's largest (negatives as 0); float (``F``) images on [0, 1] (0 black, 1 white), the
+    scale of float image data, one with values off it (past half an 8-bit step) or not finite refused.
+    ``La`` (premultiplied alpha) as its ``LA``."""
     from PIL import Image
     import numpy as np
 
@@ -1520,7 +1523,16 @@ def rgb_image(image):
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
-            top = max(float(values.max()), 1.0)
+            # (scaled by its own maximum past 1, two images of one dataset were read on two scales: 0.5 as
+            # 128 in one, 85 in another whose brightest value was 1.5; a 0..255 one came out white)
+            top = 1.0
+            if not np.isfinite(values).all():
+                raise ValueError("a float (F) image holds values that are not a finite number (NaN or inf)")
+            low, high = float(values.min()), float(values.max())
+            if low < -0.5 / 255 or high > 1 + 0.5 / 255:
+                raise ValueError(f"a float (F) image holds values in [{low:g}, {high:g}], where float images are "
+                                 f"read on [0, 1] (0 black, 1 white): scale it to [0, 1], or write it as 8- or "
+                                 f"16-bit integers")
         else:  # (a dark image stays dark: scaled by its own maximum, it came out bright)
             top = 65535.0 if image.mode.startswith("I;16") or float(values.max()) <= 65535 else 2.0**31 - 1
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))

@@ -981,6 +981,35 @@ def test_images_converted_as_the_image_processor_converts_them(tmp_path):
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def test_float_images_are_read_on_one_scale_and_refused_off_it(tmp_path):
+    """A float ('F') image, of no fixed range, was scaled by its own maximum where that passed 1: of one
+    dataset's images, a value 0.5 read 128 in one whose brightest pixel was 1 and 85 in one whose was 1.5, and a
+    dark image on Pillow's 0..255 scale (values to 100) came out white. Float images are read on [0, 1] (0
+    black, 1 white), the scale of float image data, whatever the image's own maximum; one with values off
+    it (past half an 8-bit step) or not finite is refused, naming the file and its range."""
+    from PIL import Image
+
+    class Pixels:  # (a processor handing back the RGB images it is given)
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.stack([torch.from_numpy(np.asarray(i).copy()) for i in images])}
+
+    def write(name, values):
+        Image.fromarray(np.asarray(values, dtype=np.float32).reshape(1, -1)).save(tmp_path / name)
+        return tmp_path / name
+
+    def read(f):
+        return image_batches([f], Pixels(), samples=1)[0]["pixel_values"][0, 0, :, 0].tolist()
+
+    assert read(write("dim.tiff", [0.0, 0.25, 0.5])) == [0, 64, 128]
+    assert read(write("full.tiff", [0.0, 0.5, 1.0, 1.001])) == [0, 128, 255, 255]  # (1.001: within half a step)
+    for name, values, got in (("over.tiff", [0.0, 0.5, 1.5], r"\[0, 1\.5\]"),
+                              ("bytes.tiff", [0.0, 50.0, 100.0], r"\[0, 100\]"),
+                              ("negative.tiff", [-0.5, 0.5], r"\[-0\.5, 0\.5\]"),
+                              ("nan.tiff", [0.0, float("nan")], "not a finite number")):
+        with pytest.raises(ValueError, match=f"image .*{name}: .*{got}"):
+            read(write(name, values))
+
+
 def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     """A phone's JPEG is stored sideways with an EXIF orientation: calibrated upright, as
     transformers' load_image (pipelines) reads it, not sideways."""
