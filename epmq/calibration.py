@@ -699,21 +699,24 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     texts = [t for t in texts if len(t)]  # (an empty document adds nothing: see below)
     g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:
-        windows = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
+        windows, documents = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
+        _warn_of_unknown_tokens(windows, documents, texts, tokenizer, eos, what)
         return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
                 for i in range(0, samples, batch_size)]
-    streamed = texts
+    streamed = named = texts
     try:
         texts = [t if isinstance(t, str) else t.text() for t in texts]  # (TextFiles, JsonLines: short enough)
     finally:
         _close(streamed)
     ids: List[int] = []
-    content = 0
-    for text in texts:
+    content, firsts, of = 0, [], []  # (where each document's tokens start in the stream, and which it is)
+    for k, text in enumerate(texts):
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not tokens:  # (an empty document, as a blank line of wikitext's rows: no second EOS in a row)
             continue
         content += len(tokens)
+        firsts.append(len(ids))
+        of.append(k)
         # a conversation the chat template rendered may end with EOS already: ChatML's (Qwen's,
         # Phi's) ends each turn with its EOS and a newline, "<|im_end|>\n", which a second EOS
         # after it would turn into a sequence the model never saw
@@ -732,15 +735,18 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
                       f"{len(stream) / seq_len:.1f} windows' worth of distinct ones)")
     starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=g)
     windows = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    documents = [of[int(i)] for i in torch.searchsorted(torch.tensor(firsts), starts, right=True) - 1]
+    _warn_of_unknown_tokens(windows, documents, named, tokenizer, eos, what)
     return [{"input_ids": windows[i:i + batch_size],
              "attention_mask": torch.ones_like(windows[i:i + batch_size])}
             for i in range(0, samples, batch_size)]
 
 
 def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples: int, seq_len: int,
-                       g: torch.Generator, what: str) -> torch.Tensor:
+                       g: torch.Generator, what: str) -> tuple:
     """``[samples, seq_len]`` windows of long texts, each tokenized from its own place, so that
-    the cost is that of the windows (about ``samples * seq_len`` tokens), not of the texts.
+    the cost is that of the windows (about ``samples * seq_len`` tokens), not of the texts; and
+    the document each starts in.
 
     Each window starts at a character drawn uniformly (seeded) from the texts joined in a
     cycle (the last document followed by the first, as by any other), moved to the next
@@ -756,7 +762,43 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
         _draw_windows(texts, tokenizer, eos, eos_text, seq_len, places, ends, windows, what)
     finally:
         _close(texts)
-    return torch.tensor(windows, dtype=torch.long)
+    documents = torch.searchsorted(ends, torch.tensor(places, dtype=torch.long), right=True).tolist()
+    return torch.tensor(windows, dtype=torch.long), documents
+
+
+# The share of the windows' tokens that are the tokenizer's unknown (or padding) token past which
+# they are warned of: texts in a script its vocabulary lacks become windows of <unk> alone
+UNKNOWN_TOKENS_SHARE = 0.1
+
+
+def _warn_of_unknown_tokens(windows: torch.Tensor, documents: list, texts, tokenizer, eos: list, what: str) -> None:
+    """Warn where more than ``UNKNOWN_TOKENS_SHARE`` of ``windows``' tokens are the tokenizer's
+    unknown or padding token (not its EOS, which separates the documents), naming the documents
+    (``documents[n]``: the one window ``n`` starts in) of the windows mostly made of them."""
+    # (a T5 or word-level tokenizer given Chinese: every window <unk>, one token's statistics, in silence)
+    unknown = {getattr(tokenizer, a, None) for a in ("unk_token_id", "pad_token_id")} - {None} - set(eos)
+    unknown = [t for t in unknown if is_integer(t)]
+    if not unknown or not windows.numel():
+        return
+    hit = torch.isin(windows, torch.tensor(unknown, dtype=windows.dtype))
+    share = float(hit.double().mean())
+    if share <= UNKNOWN_TOKENS_SHARE:
+        return
+    per_window = hit.double().mean(1).tolist()
+
+    def name(k):
+        text = texts[k]
+        if isinstance(text, TextFile):
+            return str(text.path)
+        return text.file._where(text.position) if isinstance(text, TextRecord) else f"document {k}"
+
+    mostly = list(dict.fromkeys(name(documents[n]) for n in sorted(range(len(documents)), key=lambda n: -per_window[n])
+                                if per_window[n] > 0.5))
+    where = (f", the windows mostly of them drawn from {', '.join(mostly[:3])}{', ...' if len(mostly) > 3 else ''}"
+             if mostly else "")
+    warnings.warn(f"{what}: {share:.0%} of the {windows.numel()} tokens of the windows are the tokenizer's unknown or "
+                  f"padding token{where}: text in a language or script its vocabulary lacks? Their statistics are "
+                  f"those of that one token; calibrate on texts the tokenizer reads")
 
 
 def _close(texts) -> None:

@@ -140,6 +140,14 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     return float(trace) if read else trace
 
 
+def _length(values):
+    """``len(values)``, or None where it has none (a number, a 0-d tensor, a generator)."""
+    try:
+        return len(values)
+    except TypeError:
+        return None
+
+
 def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     _check_sum(H_e, "H_e")
     if H_e.dim() != 2 or H_e.shape[0] != H_e.shape[1]:
@@ -151,6 +159,14 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     if H_m is not None and (H_m.shape != H_e.shape or H_m.dtype != H_e.dtype):
         raise ValueError(f"H_m must be {tuple(H_e.shape)} {H_e.dtype} like H_e, got "
                          f"{tuple(H_m.shape)} {H_m.dtype}")
+    # (one weight or one Hessian for the lists of them ended in "object of type 'float' has no len()" or
+    # "len() of a 0-d tensor"; a 2-D tensor's rows were taken as Hessians, refused as 'Hessian 0 is (d,)')
+    if _length(hessians) is None or getattr(hessians, "ndim", 3) != 3:
+        got = f"one {tuple(hessians.shape)} tensor" if hasattr(hessians, "shape") else type(hessians).__name__
+        raise ValueError(f"hessians must be a sequence of Hessians (a list, or a [K, d, d] tensor), got {got}")
+    if _length(weights) is None or getattr(weights, "ndim", 1) != 1 or isinstance(weights, (str, bytes)):
+        got = f"a {weights.ndim}-d tensor" if hasattr(weights, "ndim") else type(weights).__name__
+        raise ValueError(f"weights must be a sequence of the Hessians' weights (a list, or a 1-D tensor), got {got}")
     if len(hessians) != len(weights):
         raise ValueError(f"{len(hessians)} Hessians but {len(weights)} weights")
     if not isinstance(weights, torch.Tensor):

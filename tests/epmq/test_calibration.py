@@ -796,3 +796,34 @@ def test_calibration_trees_follow_symlinked_folders(tmp_path):
     texts.mkdir()
     (texts / "docs").symlink_to(store / "docs", target_is_directory=True)
     assert read_texts(texts) == ["one doc"]
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_windows_of_tokens_the_tokenizer_does_not_know_are_warned_of_by_their_file(tmp_path, monkeypatch, whole):
+    """Texts the tokenizer has no tokens for (another language or script than its vocabulary's: a word-level or
+    T5 tokenizer on Chinese) became windows of <unk> alone, one token's statistics calibrated on in silence; the
+    share of such tokens is warned of, naming the files the windows of them are drawn from. Windows of known
+    words are not warned of."""
+    import warnings
+
+    import epmq.calibration as calibration
+    from epmq.benches.tiny import WORDS, word_tokenizer
+    from epmq.calibration import read_texts
+
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    if not whole:  # (the texts tokenized only where the windows are)
+        monkeypatch.setattr(calibration, "FULL_TOKENIZATION_CHARS", 100)
+    g = torch.Generator().manual_seed(0)
+    english = " ".join(WORDS[int(i)] for i in torch.randint(0, 20, (3000,), generator=g))
+    (tmp_path / "en.txt").write_text(english, encoding="utf-8")
+    (tmp_path / "zh.txt").write_text(" ".join(["猫坐在垫子上", "电影很好看"] * 1500), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text_windows(read_texts(tmp_path / "en.txt", stream=True), tokenizer, samples=8, seq_len=32)
+    for files, share in (([tmp_path / "zh.txt"], "100%"), ([tmp_path / "en.txt", tmp_path / "zh.txt"], None)):
+        with pytest.warns(UserWarning, match=r"calibration: (\d+)% of the 256 tokens of the windows are the "
+                                             r"tokenizer's unknown or padding token.*zh\.txt") as said:
+            text_windows(read_texts(files, stream=True), tokenizer, samples=8, seq_len=32)
+        (w,) = [w for w in said if "unknown" in str(w.message)]
+        assert "en.txt" not in str(w.message)
+        assert share is None or f" {share} of" in str(w.message)

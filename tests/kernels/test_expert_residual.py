@@ -1138,6 +1138,16 @@ def test_operands_that_are_no_tensor_are_refused_by_name(backend):
             accumulate_xxt(H_, X, backend=backend)
     with pytest.raises(ValueError, match="Hessian 0 must be a torch.Tensor, got ndarray"):
         fold_hessians(H.clone(), None, [np.eye(6)], [1.0], backend=backend, overwrite=True)
+    # (one weight or one Hessian for the lists of them ended in "object of type 'float' has no len()" or "len() of
+    # a 0-d tensor", one 2-D Hessian's rows read as Hessians: 'Hessian 0 is (6,), H_e (6, 6)')
+    for hessians, weights, bad in (([H], 0.5, "weights must be a sequence .*got float"),
+                                   ([H], torch.tensor(0.5), r"weights must be a sequence .*got a 0-d tensor"),
+                                   ([H], (a for a in [0.5]), "weights must be a sequence .*got generator"),
+                                   (H, [1.0] * 6, r"hessians must be a sequence .*got one \(6, 6\) tensor")):
+        H_e = H.clone()
+        with pytest.raises(ValueError, match=bad):
+            fold_hessians(H_e, None, hessians, weights, backend=backend)
+        assert torch.equal(H_e, H)
     # (H_m: an ndarray was refused as 'H_m must be (6, 6) torch.float64 like H_e, got (6, 6) float64', a list
     # ended in "'list' object has no attribute 'shape'")
     for bad in (H.cpu().numpy(), H.tolist()):
