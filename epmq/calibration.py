@@ -768,7 +768,7 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
 
 # The share of the windows' tokens that are the tokenizer's unknown (or padding) token past which
 # they are warned of: texts in a script its vocabulary lacks become windows of <unk> alone
-UNKNOWN_TOKENS_SHARE = 0.1
+UNKNOWN_TOKENS_SHARE = 0.25
 
 
 def _warn_of_unknown_tokens(windows: torch.Tensor, documents: list, texts, tokenizer, eos: list, what: str) -> None:
