@@ -696,6 +696,12 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     if not eos:
         warnings.warn(f"{what}: the tokenizer has no EOS token: the documents are joined without a separator")
     eos_text = getattr(tokenizer, "eos_token", None)
+    texts = list(texts)
+    for k, text in enumerate(texts):  # (a dataset's row ended in "'dict' object has no attribute 'text'")
+        if not isinstance(text, (str, TextFile, TextRecord)):
+            raise TypeError(f"texts[{k}] must be a document (a str), got {type(text).__name__} {str(text)[:60]!r}"
+                            + (": give its text (row['text']), or read files with epmq.calibration.read_texts, "
+                               "which renders records" if isinstance(text, Mapping) else ""))
     texts = [t for t in texts if len(t)]  # (an empty document adds nothing: see below)
     g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:

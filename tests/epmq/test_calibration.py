@@ -827,3 +827,15 @@ def test_windows_of_tokens_the_tokenizer_does_not_know_are_warned_of_by_their_fi
         (w,) = [w for w in said if "unknown" in str(w.message)]
         assert "en.txt" not in str(w.message)
         assert share is None or f" {share} of" in str(w.message)
+
+
+def test_documents_that_are_no_text_are_refused_by_their_place():
+    """A document that is no str (a dataset's row, {"text": ...}, as a user's own loop gives them; None; bytes;
+    a list of words) ended in "'dict' object has no attribute 'text'" or "object of type 'NoneType' has no
+    len()", naming neither the document nor what a document must be; refused by its place and type."""
+    for texts, got in ((["4 5", {"text": "6 7"}], r"texts\[1\] must be a document \(a str\), got dict .*read_texts"),
+                       (["4 5", None], r"texts\[1\] must be a document \(a str\), got NoneType"),
+                       ([b"4 5"], r"texts\[0\] must be a document \(a str\), got bytes"),
+                       ((t for t in [["4", "5"]]), r"texts\[0\] must be a document \(a str\), got list")):
+        with pytest.raises(TypeError, match=got):
+            text_windows(texts, WordTokenizer(), samples=1, seq_len=2)
