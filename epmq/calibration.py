@@ -706,7 +706,8 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:
         windows, documents = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
-        _warn_of_unknown_tokens(windows, documents, texts, tokenizer, eos, what)
+        _warn_of_unknown_tokens(windows.tolist(), [_document_name(texts[k], k) for k in documents], tokenizer, eos,
+                                what)
         return [{"input_ids": windows[i:i + batch_size], "attention_mask": torch.ones_like(windows[i:i + batch_size])}
                 for i in range(0, samples, batch_size)]
     streamed = named = texts
@@ -742,7 +743,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
     starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=g)
     windows = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
     documents = [of[int(i)] for i in torch.searchsorted(torch.tensor(firsts), starts, right=True) - 1]
-    _warn_of_unknown_tokens(windows, documents, named, tokenizer, eos, what)
+    _warn_of_unknown_tokens(windows.tolist(), [_document_name(named[k], k) for k in documents], tokenizer, eos, what)
     return [{"input_ids": windows[i:i + batch_size],
              "attention_mask": torch.ones_like(windows[i:i + batch_size])}
             for i in range(0, samples, batch_size)]
@@ -777,32 +778,30 @@ def _windows_of_places(texts: List[str], tokenizer, eos: list, eos_text, samples
 UNKNOWN_TOKENS_SHARE = 0.25
 
 
-def _warn_of_unknown_tokens(windows: torch.Tensor, documents: list, texts, tokenizer, eos: list, what: str) -> None:
-    """Warn where more than ``UNKNOWN_TOKENS_SHARE`` of ``windows``' tokens are the tokenizer's
-    unknown or padding token (not its EOS, which separates the documents), naming the documents
-    (``documents[n]``: the one window ``n`` starts in) of the windows mostly made of them."""
+def _document_name(text, k: int) -> str:
+    """Where the document ``texts[k]`` is: its file, its record, or its place."""
+    if isinstance(text, TextFile):
+        return str(text.path)
+    return text.file._where(text.position) if isinstance(text, TextRecord) else f"document {k}"
+
+
+def _warn_of_unknown_tokens(rows: list, names: list, tokenizer, eos: list, what: str, kind: str = "windows") -> None:
+    """Warn where more than ``UNKNOWN_TOKENS_SHARE`` of the tokens of ``rows`` (lists of ids: the
+    windows, or the pairs' inputs and targets) are the tokenizer's unknown or padding token (not
+    its EOS, which separates the documents), naming (``names[n]``: where row ``n`` is drawn from)
+    the rows mostly made of them."""
     # (a T5 or word-level tokenizer given Chinese: every window <unk>, one token's statistics, in silence)
     unknown = {getattr(tokenizer, a, None) for a in ("unk_token_id", "pad_token_id")} - {None} - set(eos)
-    unknown = [t for t in unknown if is_integer(t)]
-    if not unknown or not windows.numel():
+    unknown = {int(t) for t in unknown if is_integer(t)}
+    hits = [sum(t in unknown for t in row) for row in rows]
+    total = sum(map(len, rows))
+    if not unknown or not total or sum(hits) <= UNKNOWN_TOKENS_SHARE * total:
         return
-    hit = torch.isin(windows, torch.tensor(unknown, dtype=windows.dtype))
-    share = float(hit.double().mean())
-    if share <= UNKNOWN_TOKENS_SHARE:
-        return
-    per_window = hit.double().mean(1).tolist()
-
-    def name(k):
-        text = texts[k]
-        if isinstance(text, TextFile):
-            return str(text.path)
-        return text.file._where(text.position) if isinstance(text, TextRecord) else f"document {k}"
-
-    mostly = list(dict.fromkeys(name(documents[n]) for n in sorted(range(len(documents)), key=lambda n: -per_window[n])
-                                if per_window[n] > 0.5))
-    where = (f", the windows mostly of them drawn from {', '.join(mostly[:3])}{', ...' if len(mostly) > 3 else ''}"
+    order = sorted(range(len(rows)), key=lambda n: -hits[n] / max(len(rows[n]), 1))
+    mostly = list(dict.fromkeys(names[n] for n in order if hits[n] > len(rows[n]) / 2))
+    where = (f", the {kind} mostly of them drawn from {', '.join(mostly[:3])}{', ...' if len(mostly) > 3 else ''}"
              if mostly else "")
-    warnings.warn(f"{what}: {share:.0%} of the {windows.numel()} tokens of the windows are the tokenizer's unknown or "
+    warnings.warn(f"{what}: {sum(hits) / total:.0%} of the {total} tokens of the {kind} are the tokenizer's unknown or "
                   f"padding token{where}: text in a language or script its vocabulary lacks? Their statistics are "
                   f"those of that one token; calibrate on texts the tokenizer reads")
 
@@ -1705,6 +1704,7 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
         raise TypeError(f"pairs must be a sequence of (input, target) pairs, got one pair "
                         f"({pairs[0][:40]!r}, {pairs[1][:40]!r}): give [pair]")
     (chosen,) = _drawn(pairs, samples, samples, seed, f"{what}: input/target pairs")
+    names = [p.file._where(p.position) if isinstance(p, PairRecord) else None for p in chosen]
     chosen = _read_drawn(chosen)
     for p in chosen:
         # (a text of two characters ran as the pair of its letters, silently; others as a bare unpacking error)
@@ -1720,6 +1720,10 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
             raise ValueError(f"{what}: the pair {source[:40]!r} -> {target[:40]!r}: its {side} is no tokens (the "
                              f"tokenizer adds no end-of-sequence token), nothing for the model to read; drop the pair")
         by_lengths.setdefault((len(x), len(y)), []).append((x, y))
+    eos = [] if getattr(tokenizer, "eos_token_id", None) is None else [tokenizer.eos_token_id]
+    _warn_of_unknown_tokens([x + y for x, y in zip(inputs, targets)],
+                            [n or f"the pair {p[0][:40]!r} -> {p[1][:40]!r}" for n, p in zip(names, chosen)],
+                            tokenizer, eos, what, "pairs")
     batches = []
     for group in by_lengths.values():
         for i in range(0, len(group), batch_size):

@@ -839,3 +839,28 @@ def test_documents_that_are_no_text_are_refused_by_their_place():
                        ((t for t in [["4", "5"]]), r"texts\[0\] must be a document \(a str\), got list")):
         with pytest.raises(TypeError, match=got):
             text_windows(texts, WordTokenizer(), samples=1, seq_len=2)
+
+
+def test_pairs_of_tokens_the_tokenizer_does_not_know_are_warned_of_by_their_record(tmp_path):
+    """As texts' windows: input/target pairs the tokenizer has no tokens for (T5's vocabulary given Chinese)
+    were <unk> alone, calibrated on in silence; warned of with their share, naming the records."""
+    import json
+    import warnings
+
+    from epmq.benches.tiny import word_tokenizer
+    from epmq.calibration import pair_batches, read_pairs
+
+    tokenizer = word_tokenizer(tmp_path / "tok")
+    lines = [{"input": "the cat sat on the mat", "target": "a dog ran"}] * 6
+    (tmp_path / "en.jsonl").write_text("\n".join(map(json.dumps, lines)), encoding="utf-8")
+    (tmp_path / "zh.jsonl").write_text(json.dumps({"input": "猫 坐 在 垫子 上", "target": "狗 跑"}), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pair_batches(read_pairs(tmp_path / "en.jsonl", stream=True), tokenizer, samples=6, seq_len=16)
+        pair_batches(read_pairs([tmp_path / "en.jsonl", tmp_path / "zh.jsonl"], stream=True), tokenizer, samples=7,
+                     seq_len=16)  # (one pair of seven: a sixth of the tokens)
+    with pytest.warns(UserWarning, match=r"100% of the 7 tokens of the pairs are the tokenizer's unknown or padding "
+                                         r"token, the pairs mostly of them drawn from .*zh\.jsonl:1"):
+        pair_batches(read_pairs(tmp_path / "zh.jsonl", stream=True), tokenizer, samples=1, seq_len=16)
+    with pytest.warns(UserWarning, match=r"100% of the 3 tokens .* drawn from the pair '猫 坐' -> '狗'"):
+        pair_batches([("猫 坐", "狗")], tokenizer, samples=1, seq_len=16)
