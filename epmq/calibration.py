@@ -60,6 +60,7 @@ import importlib
 import inspect
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -1463,6 +1464,11 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
                         f"give epmq.calibration.audio_files({str(files)!r})")
     extractor = getattr(extractor, "feature_extractor", extractor)  # (a processor's: Wav2Vec2Processor)
     rate = getattr(extractor, "sampling_rate", None)
+    if isinstance(rate, float) and math.isfinite(rate):  # (16000.0 was refused as naming no rate)
+        if not rate.is_integer():
+            raise ValueError(f"{what}: the feature extractor {type(extractor).__name__}'s sampling_rate must be a "
+                             f"whole number of samples a second, got {rate!r}")
+        rate = int(rate)
     if not is_integer(rate):
         raise ValueError(f"{what}: the feature extractor {type(extractor).__name__} names no sampling_rate to read "
                          f"the audio at")

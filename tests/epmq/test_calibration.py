@@ -532,6 +532,28 @@ def test_audio_batches_refuses_a_feature_extractor_rate_that_is_no_rate(tmp_path
         audio_batches([tmp_path / "a.wav"], extractor, samples=1)
 
 
+def test_audio_batches_reads_a_whole_float_rate_as_its_integer(tmp_path):
+    """A feature extractor whose sampling_rate is a float (16000.0: a preprocessor_config.json written by a
+    tool that writes numbers so) was refused as 'the feature extractor ... names no sampling_rate to read the
+    audio at', where it names one; read at 16000 as 16000 is, a rate that is no whole number refused naming it."""
+    import numpy as np
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    wavfile.write(tmp_path / "a.wav", 8000, (np.sin(np.arange(800) / 5) * 1000).astype(np.int16))
+    extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False)
+    (want,) = audio_batches([tmp_path / "a.wav"], extractor, samples=1)
+    extractor.sampling_rate = 16000.0
+    (got,) = audio_batches([tmp_path / "a.wav"], extractor, samples=1)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    extractor.sampling_rate = 16000.5
+    with pytest.raises(ValueError, match=r"Wav2Vec2FeatureExtractor's sampling_rate must be a whole number of "
+                                         r"samples a second, got 16000\.5"):
+        audio_batches([tmp_path / "a.wav"], extractor, samples=1)
+
+
 def test_read_audio_refuses_a_wav_whose_header_says_a_rate_of_zero(tmp_path):
     """A WAV whose header says 0 samples a second (a damaged header) ended in scipy's bare
     'up and down must be >= 1' from resampling it, naming no file; refused naming the file."""
