@@ -98,6 +98,11 @@ def _check_scalar(value, name: str) -> None:
     inf, which made G or H_e non-finite silently, and a YAML string or a bool as its number. A
     tensor is taken unread (reading a device scalar would wait for the device)."""
     if isinstance(value, torch.Tensor):
+        # (its shape and dtype, unread: two values ended in torch's bare 'only one element tensors can be
+        # converted to Python scalars', a complex one's imaginary part was dropped)
+        if value.numel() != 1 or value.is_complex():
+            got = "complex" if value.numel() == 1 else f"of {value.numel()} values"
+            raise ValueError(f"{name} must be a finite number, got a tensor {got} ({tuple(value.shape)} {value.dtype})")
         return
     if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

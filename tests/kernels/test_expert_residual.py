@@ -1148,6 +1148,17 @@ def test_operands_that_are_no_tensor_are_refused_by_name(backend):
         with pytest.raises(ValueError, match=bad):
             fold_hessians(H_e, None, hessians, weights, backend=backend)
         assert torch.equal(H_e, H)
+    # (a weight that is a tensor of two values ended in torch's bare 'only one element tensors can be converted to
+    # Python scalars', a complex one had its imaginary part dropped)
+    for bad, said in ((torch.tensor([0.5, 0.25]), r"of 2 values"), (torch.tensor(0.5 + 1j), "complex")):
+        G_ = G.clone()
+        with pytest.raises(ValueError, match=rf"a must be a finite number.*{said}"):
+            accumulate_residual(G_, W, W * 0, H, bad, backend=backend)
+        assert not G_.any()
+        H_e = H.clone()
+        with pytest.raises(ValueError, match=rf"weights\[1\] must be a finite number.*{said}"):
+            fold_hessians(H_e, None, [H, H], [0.5, bad], backend=backend)
+        assert torch.equal(H_e, H)
     # (H_m: an ndarray was refused as 'H_m must be (6, 6) torch.float64 like H_e, got (6, 6) float64', a list
     # ended in "'list' object has no attribute 'shape'")
     for bad in (H.cpu().numpy(), H.tolist()):
