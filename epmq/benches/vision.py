@@ -35,7 +35,7 @@ from .._util import device_of, dtype_of, remove_stale_temporaries, temporary_bes
 from ..calibration import rgb_image
 from .common import BenchBase, default_cache_dir, files_fingerprint
 from .config import BenchConfigError
-from .data import Split, make_task_data, open_image_sources
+from .data import FolderImages, Split, make_task_data, open_image_sources
 from .prompts import image_templates
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -102,7 +102,12 @@ class _Images(Dataset):
 
     def __getitem__(self, k):
         image, label = self.split[k]
-        return self.prep.uint8(image), int(label)
+        try:
+            return self.prep.uint8(image), int(label)
+        except ValueError as e:  # (rgb_image's, a float image off [0, 1]: named among the split's thousands)
+            i, source = self.split.indices[k], self.split.source
+            where = source.items[i][0] if isinstance(source, FolderImages) else f"example {i}"
+            raise ValueError(f"{self.split.name} split: {where}: {e}") from e
 
 
 class _Store:

@@ -572,6 +572,25 @@ def test_a_16_bit_image_gets_the_pixels_epmq_quantize_calibrates_on():
     assert torch.equal(got.reshape(want.shape), want) and want[0, 0, 1] == 64
 
 
+def test_a_float_image_off_its_scale_is_refused_naming_its_file(tmp_path):
+    """A float ('F') image is read on [0, 1], as calibration reads it; one off it is refused, the bench's error
+    naming its file among the split's thousands (rgb_image's alone named none)."""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages, Split
+    from epmq.benches.vision import ImagePrep, _Images
+
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32)).save(tmp_path / "cat" / "a.tiff")
+    Image.fromarray(np.array([[0.0, 50.0], [100.0, 200.0]], dtype=np.float32)).save(tmp_path / "cat" / "b.tiff")
+    images = _Images(Split(FolderImages(tmp_path, ["cat"], "test"), [0, 1], "test"), ImagePrep(resize=2, crop=(2, 2)))
+    pixels, label = images[0]
+    assert pixels.reshape(3, 2, 2)[0].tolist() == [[0, 128], [255, 64]] and label == 0
+    with pytest.raises(ValueError, match=r"test split: .*cat/b\.tiff: a float \(F\) image holds values in \[0, 200\]"):
+        images[1]
+
+
 def test_calibration_eval_caps_and_templates_come_from_the_config(tiny):
     root, config = tiny
     config = dict(config, eval=dict(config["eval"], max_samples={"val": 1, "test": 2}),
