@@ -1375,6 +1375,12 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
     from scipy.io import wavfile
     from scipy.signal import resample_poly
 
+    # (0 ended in scipy's bare 'up and down must be >= 1', 22050.5 was read at a rate of its own making)
+    if isinstance(sampling_rate, float) and math.isfinite(sampling_rate) and sampling_rate.is_integer():
+        sampling_rate = int(sampling_rate)
+    if not is_integer(sampling_rate) or sampling_rate < 1:
+        raise ValueError(f"{what}: sampling_rate must be a positive whole number of samples a second, got "
+                         f"{sampling_rate!r}")
     soundfile = None
     if Path(path).suffix.lower() in SOUNDFILE_SUFFIXES:
         soundfile = _soundfile()

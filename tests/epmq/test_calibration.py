@@ -2,6 +2,7 @@
 together."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -552,6 +553,23 @@ def test_audio_batches_reads_a_whole_float_rate_as_its_integer(tmp_path):
     with pytest.raises(ValueError, match=r"Wav2Vec2FeatureExtractor's sampling_rate must be a whole number of "
                                          r"samples a second, got 16000\.5"):
         audio_batches([tmp_path / "a.wav"], extractor, samples=1)
+
+
+def test_read_audio_refuses_a_rate_to_read_at_that_is_no_rate(tmp_path):
+    """read_audio's sampling_rate of 0 or a negative one ended in scipy's bare 'up and down must be >= 1', a
+    string in numpy's "ufunc 'floor_divide' not supported", and 22050.5 was read at a rate of its own making in
+    silence; refused naming it, a whole float (16000.0) read as its integer."""
+    import numpy as np
+    from scipy.io import wavfile
+
+    from epmq.calibration import read_audio
+
+    wavfile.write(tmp_path / "a.wav", 8000, (np.sin(np.arange(800) / 5) * 1000).astype(np.int16))
+    np.testing.assert_array_equal(read_audio(tmp_path / "a.wav", 16000.0), read_audio(tmp_path / "a.wav", 16000))
+    for rate in (0, -16000, "16000", 22050.5, float("nan"), True):
+        with pytest.raises(ValueError, match=rf"sampling_rate must be a positive whole number of samples a second, "
+                                             rf"got {re.escape(repr(rate))}"):
+            read_audio(tmp_path / "a.wav", rate)
 
 
 def test_read_audio_refuses_a_wav_whose_header_says_a_rate_of_zero(tmp_path):
