@@ -1294,8 +1294,20 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
         # (every tensor the processor returns, as a pipeline passes them: pixel_values alone left
         # SigLIP 2's vision tower, whose forward requires its patches' mask and grid, unable to run)
         out = processor(images=images, return_tensors="pt")
-        batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+        batches.append(_tensors_of(out, processor, "image processor", what))
     return batches
+
+
+def _tensors_of(out: Mapping, preprocessor, kind: str, what: str) -> dict:
+    """The tensors of a preprocessor's output ``out``: a batch's inputs; refused where there are none
+    (a list of arrays, given back by one that does not stack its images or clips, was dropped: every
+    batch {}, the model run on no input)."""
+    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        given = ", ".join(f"{k}: {type(v).__name__}" for k, v in out.items()) or "nothing"
+        raise ValueError(f"{what}: the {kind} {type(preprocessor).__name__} gave no tensors ({given}) for "
+                         f"return_tensors='pt': give one that returns the model's inputs as torch tensors")
+    return tensors
 
 
 AUDIO_SUFFIXES = (".wav",)
@@ -1530,7 +1542,7 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
             if not clips:
                 continue
         out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
-        batches.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+        batches.append(_tensors_of(out, extractor, "feature extractor", what))
         if "attention_mask" in out:  # (then unpad cuts each clip to its own frames: no padding counts)
             window = None
         held += [min(len(c), window or 0) for c in clips]

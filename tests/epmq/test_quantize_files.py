@@ -1010,6 +1010,22 @@ def test_float_images_are_read_on_one_scale_and_refused_off_it(tmp_path):
             read(write(name, values))
 
 
+def test_a_processor_that_returns_no_tensors_is_refused_by_name(tmp_path):
+    """An image processor that gives its pixel values as a list of arrays (one that ignores return_tensors='pt',
+    or images of other sizes it cannot stack) made every calibration batch {}: its values were dropped as no
+    tensors, in silence, and the walk ran the model on no input; refused naming the processor and what it gave."""
+    from PIL import Image
+
+    class Listed:
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": [np.asarray(i) for i in images]}
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"calibration: the image processor Listed gave no tensors \(pixel_values: "
+                                         r"list\)"):
+        image_batches([tmp_path / "a.png"], Listed(), samples=1)
+
+
 def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     """A phone's JPEG is stored sideways with an EXIF orientation: calibrated upright, as
     transformers' load_image (pipelines) reads it, not sideways."""
