@@ -1573,7 +1573,10 @@ def upright(image):
     try:
         return ImageOps.exif_transpose(image)
     except (SyntaxError, struct.error) as e:
-        warnings.warn(f"an image's EXIF cannot be read ({e}): taken as stored, not turned by its orientation")
+        # (its file named, as Pillow keeps it: of a folder's thousands, the warning named none)
+        name = getattr(image, "filename", None)
+        whose = f"{name}'s" if isinstance(name, (str, os.PathLike)) and str(name) else "an image's"
+        warnings.warn(f"{whose} EXIF cannot be read ({e}): taken as stored, not turned by its orientation")
         return image.copy()
 
 

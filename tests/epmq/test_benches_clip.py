@@ -851,7 +851,8 @@ def test_bench_images_are_turned_upright_as_calibrations_are(tmp_path):
 def test_an_image_of_unreadable_exif_is_read_as_stored(tmp_path):
     """A PNG whose eXIf chunk is damaged: Pillow's EXIF reading raises SyntaxError ('not a TIFF
     file'), which stopped the bench at that image once upright() read every image's EXIF (the
-    pixels were read before); it is taken as stored, with a warning."""
+    pixels were read before); it is taken as stored, with a warning naming its file (it named none)."""
+    import io
     import struct
     import zlib
 
@@ -859,6 +860,7 @@ def test_an_image_of_unreadable_exif_is_read_as_stored(tmp_path):
     from PIL import Image
 
     from epmq.benches.data import FolderImages
+    from epmq.calibration import image_batches, upright
 
     pixels = np.zeros((16, 32, 3), dtype=np.uint8)
     pixels[:, :16] = 255
@@ -870,9 +872,15 @@ def test_an_image_of_unreadable_exif_is_read_as_stored(tmp_path):
              + struct.pack(">I", zlib.crc32(b"eXIf" + payload) & 0xFFFFFFFF))
     at = data.index(b"IDAT") - 4
     (tmp_path / "a" / "photo.png").write_bytes(data[:at] + chunk + data[at:])
-    with pytest.warns(UserWarning, match="EXIF cannot be read"):
+    with pytest.warns(UserWarning, match=r"a[/\\]photo\.png's EXIF cannot be read"):  # (its file named: of thousands)
         got, label = FolderImages(tmp_path, ["a"], "test")[0]
     assert label == 0 and np.array_equal(np.asarray(got), pixels)
+    with pytest.warns(UserWarning, match=r"a[/\\]photo\.png's EXIF cannot be read"):  # (as calibration reads it)
+        image_batches([tmp_path / "a" / "photo.png"], lambda images, return_tensors: {"pixel_values": torch.zeros(1)},
+                      samples=1)
+    with pytest.warns(UserWarning, match=r"an image's EXIF cannot be read"):  # (no file: bytes of a dataset's row)
+        with Image.open(io.BytesIO((tmp_path / "a" / "photo.png").read_bytes())) as image:
+            upright(image)
 
 
 def test_hidden_folders_are_no_classes(tmp_path):
