@@ -34,8 +34,10 @@ _CHILD = textwrap.dedent(r'''
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    # (one head at least: a model under 128 wide, a quick check of the script, had none)
+    heads = max(1, HIDDEN // 128)
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                         num_attention_heads=HIDDEN // 128, num_key_value_heads=max(1, HIDDEN // 512),
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
                          vocab_size=2048, max_position_embeddings=TOKENS)
     merged = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)

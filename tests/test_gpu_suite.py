@@ -384,3 +384,15 @@ def test_gemv_probe_stopped_before_its_first_shape_leaves_this_runs_json(tmp_pat
         gemv_roofline.main(["--out", str(tmp_path)])
     result = json.loads((tmp_path / "gemv-roofline-cpu.json").read_text())
     assert result["partial"] is True and result["rows"] == []
+
+
+def test_walker_times_runs_a_model_narrower_than_one_head(tmp_path):
+    """``walker_times.py --hidden 64`` (a quick check of the script, as bench_walker's CPU run
+    takes hidden 64) gave its Llama ``hidden // 128 = 0`` attention heads: the child ended in
+    transformers' bare 'integer division or modulo by zero' and the run in 'the child ... failed'."""
+    walker_times, = _imported("benchmarks", "walker_times")
+    out = tmp_path / "walker-times.json"
+    assert walker_times.main(["--hidden", "64", "--intermediate", "128", "--layers", "1", "--tokens", "16",
+                              "--samples", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["same_model"] and set(result["current"]["walk_s"]) == {"gptq", "epmq"}
