@@ -19,11 +19,17 @@ CARD="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.
 SLUG="$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
 # everything printed also goes to a log beside the results (the caller may see only the tail)
 exec > >(tee "$RESULTS/gpu-suite-$SLUG.log") 2>&1
+# bash does not wait for a process substitution: without this the log's last lines may still be
+# in tee when the caller collects $RESULTS
+TEE_PID=$!
+trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null || true' EXIT
 
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
 nvidia-smi -L || true
 "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+# the CUDA tests build models of transformers' classes: an image with an older one fails them
+"$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' || echo "warning: transformers is missing"
 
 # Dependencies the card's image may lack (open_clip_torch, which the walker's tests build
 # models with): wheels carried in .whl/ (see benchmarks/README.md) are installed beside it.

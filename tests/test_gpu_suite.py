@@ -396,3 +396,30 @@ def test_walker_times_runs_a_model_narrower_than_one_head(tmp_path):
                               "--samples", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["same_model"] and set(result["current"]["walk_s"]) == {"gptq", "epmq"}
+
+
+def test_gpu_suite_log_is_whole_when_the_suite_returns(tmp_path):
+    """The suite's log is written by a ``tee`` in a process substitution, which bash does not wait
+    for: when tee lagged (a busy host), the caller collecting the results found the log cut short
+    or not yet there. A tee slowed by a second stands in for the busy host; every Python the
+    suite starts is a stub that succeeds, so only the suite's own plumbing runs."""
+    import os
+    import shutil
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python-stub").write_text("#!/bin/sh\necho stub \"$@\"\n")
+    (bin_dir / "tee").write_text(f"#!/bin/sh\nsleep 1\nexec {shutil.which('tee')} \"$@\"\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
+           "PYTHON": str(bin_dir / "python-stub")}
+    # to a file, as a caller that does not wait for every writer of a pipe to close it sees it
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        rc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], env=env, cwd=tmp_path,
+                            stdout=stdout, stderr=subprocess.STDOUT, timeout=60).returncode
+    logs = list(out.glob("gpu-suite-*.log"))
+    assert len(logs) == 1, (rc, (tmp_path / "stdout.txt").read_text())
+    assert "== all steps passed" in logs[0].read_text()
