@@ -299,6 +299,12 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # Wav2Vec2's encoder (base and large: do_stable_layer_norm), alone or beside a SpeechEncoderDecoder's
     # decoder, which a default walk took alone (AUTO walked the encoder only where no adapter knew a block)
     "Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm",
+    # and the encoders of its convention (the hidden states and the mask; base and large) a SpeechEncoderDecoder
+    # holds as well, whose default walk took the decoder alone: HuBERT, UniSpeech, UniSpeech-SAT, Data2Vec-Audio,
+    # SEW (its layers between the squeezing and the upsampling) and SEW-D (its relative positions a kwarg)
+    "HubertEncoderLayer", "HubertEncoderLayerStableLayerNorm", "UniSpeechEncoderLayer",
+    "UniSpeechEncoderLayerStableLayerNorm", "UniSpeechSatEncoderLayer", "UniSpeechSatEncoderLayerStableLayerNorm",
+    "Data2VecAudioEncoderLayer", "SEWEncoderLayer", "SEWDLayer",
 ))
 # Granite Speech's and Granite Speech Plus's Conformer blocks (their convolution module's 1 x 1 and depthwise
 # convolutions stay in full precision; the CTC self-conditioning added to the middle block's output is

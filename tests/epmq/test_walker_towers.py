@@ -1570,12 +1570,15 @@ def test_granite_speech_plus_qformer_reads_the_quantized_conformers_inner_output
     assert_same_statistics(seen, hooked_inputs(model, target, calibration))
 
 
-def tiny_speech_encoder_decoder(stable, seed=0):
-    """A speech encoder-decoder: Wav2Vec2's encoder (``stable``: a large one's, do_stable_layer_norm)
-    and GPT-2 with cross-attention."""
+def tiny_speech_encoder_decoder(stable, seed=0, family="Wav2Vec2"):
+    """A speech encoder-decoder: ``family``'s encoder (Wav2Vec2's by default; ``stable``: a large one's,
+    do_stable_layer_norm) and GPT-2 with cross-attention."""
     from test_walker_calibration import tiny_wav2vec2_large
 
     encoder = tiny_wav2vec2_large()
+    if family != "Wav2Vec2":
+        encoder = getattr(transformers, f"{family}Config")(**{k: v for k, v in encoder.to_dict().items()
+                                                             if k not in ("model_type", "architectures")})
     encoder.do_stable_layer_norm, encoder.feat_extract_norm = stable, "layer" if stable else "group"
     decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
                                       eos_token_id=0, add_cross_attention=True, is_decoder=True)
@@ -1603,3 +1606,35 @@ def test_speech_encoder_decoder_wav2vec2_encoder_is_walked_beside_its_decoder(st
     model = tiny_speech_encoder_decoder(stable)
     target = "encoder.encoder.layers.1.attention.q_proj"
     assert "encoder.encoder.layers" not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
+
+
+# the other encoders of Wav2Vec2's convention a SpeechEncoderDecoder holds: (family, large), the stack
+# and the layer whose statistics are those of a plain forward
+_SPEECH_ENCODERS = {
+    "hubert": ("Hubert", False), "hubert-large": ("Hubert", True), "unispeech": ("UniSpeech", False),
+    "unispeech-large": ("UniSpeech", True), "unispeech-sat": ("UniSpeechSat", False),
+    "unispeech-sat-large": ("UniSpeechSat", True), "data2vec-audio": ("Data2VecAudio", False),
+    "sew": ("SEW", False), "sew-d": ("SEWD", False),
+}
+
+
+@pytest.mark.parametrize("name", _SPEECH_ENCODERS)
+def test_speech_encoder_decoder_encoders_of_wav2vec2s_kind_are_walked_beside_its_decoder(name, gen, tmp_path,
+                                                                                           monkeypatch):
+    """A SpeechEncoderDecoder's default walk quantized its GPT-2 decoder and left a HuBERT, UniSpeech,
+    UniSpeech-SAT, Data2Vec-Audio, SEW or SEW-D encoder (base or large) in full precision with a warning,
+    as it did Wav2Vec2's until fb022ac, though every calibration item runs it. Both towers are walked in
+    one call, near the float logits, and the checkpoint loads back; the second encoder layer gets, as its
+    statistics, exactly the inputs of a plain forward (no pass of the model replayed per layer)."""
+    family, stable = _SPEECH_ENCODERS[name]
+    stack = "encoder.encoder.encoder.layer" if family == "SEWD" else "encoder.encoder.layers"
+    calibration = [dict(input_values=torch.randn(1, 640, generator=gen),
+                        decoder_input_ids=torch.randint(1, 64, (1, 6), generator=gen)) for _ in range(5)]
+    model = tiny_speech_encoder_decoder(stable, family=family)
+    quantize_leaving_no_tower(model, iter(calibration).__next__, near=calibration[4])
+    assert_both_towers_walked_and_served(model, (stack, "decoder.transformer.h"), tmp_path, calibration[4],
+                                         adapter="hf-gpt2+hf-encoder")
+
+    model = tiny_speech_encoder_decoder(stable, family=family)
+    target = f"{stack}.1.attention.self.query_proj" if family == "SEWD" else f"{stack}.1.attention.q_proj"
+    assert stack not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
