@@ -618,17 +618,17 @@ def _torch_attention_outside(model: nn.Module, taken: list) -> list:
 
 
 from .builtin import (BART, CLIP_HF, CONFORMERS, DEBERTA_V2, GPT2, HF_DECODERS, HF_ENCODERS, LONGT5,  # noqa: E402
-                      OPEN_CLIP, SWIN, T5, TIMM)
+                      OPEN_CLIP, SWIN, T5, TIMM, WAVLM)
 from .moe import DSA_MOE_DECODERS, MOE_DECODERS  # noqa: E402
 from .auto import AUTO  # noqa: E402
 
 for _adapter in (OPEN_CLIP, CLIP_HF, T5, LONGT5, BART, GPT2, HF_DECODERS, MOE_DECODERS, DSA_MOE_DECODERS, HF_ENCODERS,
-                 CONFORMERS, DEBERTA_V2, SWIN, TIMM):
+                 CONFORMERS, WAVLM, DEBERTA_V2, SWIN, TIMM):
     register_adapter(_adapter, first=False)
 
 __all__ = ["Adapter", "Transposed", "Part", "register_adapter", "find_adapter", "find_towers", "OPEN_CLIP",
            "CLIP_HF", "T5", "LONGT5", "BART", "SWIN", "TIMM", "GPT2", "HF_DECODERS", "MOE_DECODERS", "DSA_MOE_DECODERS",
-           "HF_ENCODERS", "CONFORMERS", "DEBERTA_V2", "AUTO", "routers"]
+           "HF_ENCODERS", "CONFORMERS", "WAVLM", "DEBERTA_V2", "AUTO", "routers"]
 
 
 # the class names of the modules that choose experts (DBRX's ``DbrxRouter``, JetMoE's

@@ -10,7 +10,7 @@ finds them by structure and checks what it relies on:
   ``*Block``; timm's and open_clip's blocks; torch's ``TransformerEncoderLayer``; BLT's lists of
   ``BltCrossAttention`` beside its layers), each holding a
   linear layer; in a model with none, the outermost lists of two or more modules of one class,
-  each holding a linear layer (WavLM's ``WavLMEncoderLayerStableLayerNorm``), and in one
+  each holding a linear layer (XLM's lists of attentions and of feed-forward layers), and in one
   with none of those either, the lists of one such module (a model of one layer);
 * while the walker records a stack's inputs, the stand-ins call the real blocks
   (``runs_blocks``), so every block is recorded with what the model gives it at that depth,
@@ -115,8 +115,8 @@ class AutoAdapter(MoEAdapter):
 
     def stacks(self, model: nn.Module) -> list:
         found = _outermost(model, lambda name, module: len(module) and all(self.is_block(b) for b in module))
-        # where no block is named so, lists repeating one module that holds linears (WavLM's large
-        # encoder repeats a WavLMEncoderLayerStableLayerNorm, which no adapter found): only
+        # where no block is named so, lists repeating one module that holds linears (XLM's attentions
+        # and feed-forward layers, a large speech encoder's *EncoderLayerStableLayerNorm no adapter lists): only
         # then, as other lists of repeated modules beside named blocks
         # (detection heads) are no blocks to walk one by one
         return found or _outermost(model, _repeats_one_module) or _one_layer_lists(model)
@@ -124,7 +124,7 @@ class AutoAdapter(MoEAdapter):
     def stacks_beside(self, model: nn.Module, taken) -> list:
         """The stacks AUTO walks beside other adapters' at ``taken`` (``adapter=[..., AUTO]``): its
         own that none of them holds; where they hold them all, the lists repeating one module that
-        holds linears that they leave (WavLM's large encoder beside a GPT-2 decoder, which
+        holds linears that they leave (a large speech encoder no adapter lists beside a GPT-2 decoder, which
         ``warn_other_towers`` tells to walk so)."""
         found = [(name, blocks) for name, blocks in self.stacks(model) if not any(_nested(name, t) for t in taken)]
         return found or [(name, blocks) for name, blocks in _outermost(model, _repeats_one_module)

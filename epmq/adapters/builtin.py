@@ -306,6 +306,23 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "UniSpeechEncoderLayerStableLayerNorm", "UniSpeechSatEncoderLayer", "UniSpeechSatEncoderLayerStableLayerNorm",
     "Data2VecAudioEncoderLayer", "SEWEncoderLayer", "SEWDLayer",
 ))
+
+
+class WavLMAdapter(EncoderAdapter):
+    """HF WavLM's encoder (base and large): its first layer computes the relative position bias (its
+    attention alone holds the buckets' table) and every layer returns ``(hidden, bias)``, the next
+    taking that bias (a later layer called without it has no table to compute one from)."""
+
+    def passthrough_of(self, block, hidden):
+        return hidden, None
+
+    def next_kwargs(self, kwargs, output):
+        return dict(kwargs, position_bias=output[1])
+
+
+# WavLM's encoder, alone or beside a SpeechEncoderDecoder's decoder, which a default walk took alone (AUTO
+# walked it only where no adapter knew a block); its attention is made to call its projections (prepare_towers)
+WAVLM = WavLMAdapter("hf-wavlm", block_types=("WavLMEncoderLayer", "WavLMEncoderLayerStableLayerNorm"))
 # Granite Speech's and Granite Speech Plus's Conformer blocks (their convolution module's 1 x 1 and depthwise
 # convolutions stay in full precision; the CTC self-conditioning added to the middle block's output is
 # replayed between blocks). A family of their own: Plus's encoder hands its projector's Q-Former (HF_ENCODERS)

@@ -1638,3 +1638,25 @@ def test_speech_encoder_decoder_encoders_of_wav2vec2s_kind_are_walked_beside_its
     model = tiny_speech_encoder_decoder(stable, family=family)
     target = f"{stack}.1.attention.self.query_proj" if family == "SEWD" else f"{stack}.1.attention.q_proj"
     assert stack not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_speech_encoder_decoder_wavlm_encoder_is_walked_with_its_first_layers_position_bias(stable, gen, tmp_path,
+                                                                                           monkeypatch):
+    """A SpeechEncoderDecoder's default walk left its WavLM encoder (WavLMEncoderLayer, or a large one's
+    WavLMEncoderLayerStableLayerNorm) in full precision with a warning. Its first layer computes the
+    relative position bias (its attention alone holds the buckets' table) and returns it beside the
+    hidden states, for every later layer to take: a walk calling layer 1 without it fails (no table)
+    or, handed another, calibrates it on other attention. Both towers are walked in one call, near the
+    float logits, and the checkpoint loads back; the second layer's statistics (its feed-forward's:
+    after the biased attention) are exactly the inputs of a plain forward."""
+    calibration = [dict(input_values=torch.randn(1, 640, generator=gen),
+                        decoder_input_ids=torch.randint(1, 64, (1, 6), generator=gen)) for _ in range(5)]
+    model = tiny_speech_encoder_decoder(stable, family="WavLM")
+    quantize_leaving_no_tower(model, iter(calibration).__next__, near=calibration[4])
+    assert_both_towers_walked_and_served(model, ("encoder.encoder.layers", "decoder.transformer.h"), tmp_path,
+                                         calibration[4], adapter="hf-gpt2+hf-wavlm")
+
+    model = tiny_speech_encoder_decoder(stable, family="WavLM")
+    target = "encoder.encoder.layers.1.feed_forward.intermediate_dense"
+    assert "encoder.encoder.layers" not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
