@@ -305,6 +305,10 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     "HubertEncoderLayer", "HubertEncoderLayerStableLayerNorm", "UniSpeechEncoderLayer",
     "UniSpeechEncoderLayerStableLayerNorm", "UniSpeechSatEncoderLayer", "UniSpeechSatEncoderLayerStableLayerNorm",
     "Data2VecAudioEncoderLayer", "SEWEncoderLayer", "SEWDLayer",
+    # Wav2Vec2-Conformer's and Wav2Vec2-BERT's Conformer layers (their relative or rotary position tables a kwarg,
+    # the same at every depth; the convolution module's depthwise convolution stays in full precision), and
+    # Wav2Vec2-BERT's adapter layers after them (each pooling the frames by its stride, as LeViT's subsampling)
+    "Wav2Vec2ConformerEncoderLayer", "Wav2Vec2BertEncoderLayer", "Wav2Vec2BertAdapterLayer",
 ))
 
 

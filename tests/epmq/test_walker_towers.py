@@ -1660,3 +1660,76 @@ def test_speech_encoder_decoder_wavlm_encoder_is_walked_with_its_first_layers_po
     model = tiny_speech_encoder_decoder(stable, family="WavLM")
     target = "encoder.encoder.layers.1.feed_forward.intermediate_dense"
     assert "encoder.encoder.layers" not in assert_walk_sees_a_plain_forward(model, target, calibration, monkeypatch)
+
+
+def _conformer_speech_config(name):
+    """A tiny Wav2Vec2-Conformer (its positions ``relative`` or ``rotary``: 640 samples, 63 frames) or
+    Wav2Vec2-BERT config (40 frames of 16 features; ``adapter``: its adapter's 2 layers pooling them)."""
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=12,
+                  conv_depthwise_kernel_size=3, max_source_positions=256)
+    if name.startswith("conformer"):
+        return transformers.Wav2Vec2ConformerConfig(
+            **common, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=2, position_embeddings_type=name.partition("-")[2])
+    return transformers.Wav2Vec2BertConfig(
+        **common, feature_projection_input_dim=16, position_embeddings_type="rotary" if "adapter" in name else
+        "relative_key", add_adapter="adapter" in name, num_adapter_layers=2, adapter_kernel_size=3, adapter_stride=2)
+
+
+def _conformer_speech_input(name, gen):
+    if name.startswith("conformer"):
+        return dict(input_values=torch.randn(1, 640, generator=gen))
+    return dict(input_features=torch.randn(1, 40, 16, generator=gen))
+
+
+@pytest.mark.parametrize("name", ["conformer-relative", "conformer-rotary", "bert", "bert-adapter"])
+def test_speech_encoder_decoder_conformer_encoders_are_walked_beside_its_decoder(name, gen, tmp_path, monkeypatch):
+    """A SpeechEncoderDecoder's default walk left its Wav2Vec2-Conformer or Wav2Vec2-BERT encoder
+    (Wav2Vec2ConformerEncoderLayer, Wav2Vec2BertEncoderLayer: 37-39% of the tiny model's linear weights,
+    and Wav2Vec2-BERT's adapter layers) in full precision with a warning, though every calibration item
+    runs it. Both towers are walked in one call, near the float logits, and the checkpoint loads back;
+    the second encoder layer's statistics are exactly the inputs of a plain forward."""
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0,
+                                      eos_token_id=0, add_cross_attention=True, is_decoder=True)
+    config = transformers.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(_conformer_speech_config(name),
+                                                                                   decoder)
+    config.decoder_start_token_id, config.pad_token_id = 0, 0
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.SpeechEncoderDecoderModel(config).eval()
+
+    calibration = [dict(_conformer_speech_input(name, gen),
+                        decoder_input_ids=torch.randint(1, 64, (1, 6), generator=gen)) for _ in range(5)]
+    model = build()
+    quantize_leaving_no_tower(model, iter(calibration).__next__, near=calibration[4])
+    towers = ("encoder.encoder.layers", "decoder.transformer.h") + (("encoder.adapter.layers",) if "adapter" in name
+                                                                    else ())
+    assert_both_towers_walked_and_served(model, towers, tmp_path, calibration[4], adapter="hf-gpt2+hf-encoder")
+
+    target = "encoder.encoder.layers.1.ffn1.intermediate_dense"
+    assert "encoder.encoder.layers" not in assert_walk_sees_a_plain_forward(build(), target, calibration, monkeypatch)
+
+
+def test_wav2vec2_bert_ctc_with_its_adapter_is_walked(gen, monkeypatch):
+    """A Wav2Vec2-BERT CTC model with its adapter (add_adapter, as w2v-BERT 2.0's CTC fine-tunes) was
+    refused ('the blocks at 'wav2vec2_bert.adapter.layers' (auto) are not blocks the walker can quantize
+    one by one': each pools the frames by its stride). Its encoder and adapter layers are walked, near
+    the float logits; the second adapter layer's statistics are those of a plain forward."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.Wav2Vec2BertForCTC(_conformer_speech_config("bert-adapter")).eval()
+
+    model, item = build(), lambda: _conformer_speech_input("bert", gen)
+    quantize_leaving_no_tower(model, item, near=item())
+    for stack in ("wav2vec2_bert.encoder.layers", "wav2vec2_bert.adapter.layers"):
+        assert linears(model, stack, epmq.QuantLinear) and not linears(model, stack, torch.nn.Linear)
+    model, target = build(), "wav2vec2_bert.adapter.layers.1.ffn.intermediate_dense"
+    calibration = [item() for _ in range(3)]
+    hand = hooked_inputs(model, target, calibration)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
+                        layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
