@@ -334,6 +334,9 @@ WAVLM = WavLMAdapter("hf-wavlm", block_types=("WavLMEncoderLayer", "WavLMEncoder
 # output to a later stack of its family would not give it; another family's quantized blocks run instead.
 CONFORMERS = EncoderAdapter("hf-conformer", block_types=(
     "GraniteSpeechConformerBlock", "GraniteSpeechPlusConformerBlock",
+    # Granite Speech 5's (its CTC model's), the first blocks pooling the frames by 2 (AUTO refused blocks that
+    # change their input's shape), the CTC self-conditioning after the middle block replayed as Granite Speech's
+    "GraniteSpeech5EncoderBlock", "GraniteSpeech5EncoderSubsamplingBlock",
 ))
 
 

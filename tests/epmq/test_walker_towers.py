@@ -1733,3 +1733,33 @@ def test_wav2vec2_bert_ctc_with_its_adapter_is_walked(gen, monkeypatch):
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False,
                         layers=lambda name: name == target)
     assert_same_statistics(seen, hand)
+
+
+def tiny_granite_speech5_ctc():
+    """Granite Speech 5's CTC model: 4 Conformer blocks, the first two subsampling the frames by 2, the
+    mid-layer CTC posteriors fed back into the hidden states after the second (self-conditioning)."""
+    encoder = transformers.GraniteSpeech5EncoderConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_mel_bins=8,
+        context_size=4, max_position_embeddings=8, conv_kernel_size=3, subsample_layers=[0, 1])
+    torch.manual_seed(0)
+    return transformers.GraniteSpeech5ForCTC(transformers.GraniteSpeech5CTCConfig(encoder_config=encoder,
+                                                                                   vocab_size=16)).eval()
+
+
+def test_granite_speech5_ctc_conformer_is_walked(gen, tmp_path, monkeypatch):
+    """Granite Speech 5's CTC model was refused by GPTQ and E-PMQ ('the blocks at 'encoder.layers' (auto)
+    are not blocks the walker can quantize one by one: its blocks (GraniteSpeech5EncoderSubsamplingBlock)
+    return shape (1, 16, 32) for hidden states of shape (1, 32, 32)'), its first blocks pooling the frames
+    by 2. CONFORMERS walks its blocks, near the float logits, the blocks after the CTC self-conditioning
+    calibrated on a plain forward's inputs, and the checkpoint loads back the same."""
+    item = lambda: dict(input_features=torch.randn(1, 32, 32, generator=gen))  # noqa: E731
+    model, test = tiny_granite_speech5_ctc(), item()
+    quantize_leaving_no_tower(model, item, near=test)
+    assert model.epmq_report.adapter == "hf-conformer"
+    assert linears(model, "encoder.layers", epmq.QuantLinear) and not linears(model, "encoder.layers", torch.nn.Linear)
+    epmq.save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**test).logits, model(**test).logits,
+                                   rtol=1e-5, atol=1e-5)
+    for target in ("encoder.layers.1.feed_forward1.linear1", "encoder.layers.3.self_attn.q_proj"):
+        assert_walk_sees_a_plain_forward(tiny_granite_speech5_ctc(), target, [item() for _ in range(3)], monkeypatch)
