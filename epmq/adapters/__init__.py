@@ -419,8 +419,8 @@ UNWALKABLE = {
 
 
 def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> None:
-    """Say which stacks of repeated blocks holding linears no adapter walks (Audio Flamingo 3's
-    audio tower): they stay in full precision. ``chosen``: ``towers`` are those ``adapter=``
+    """Say which stacks of repeated blocks holding linears no adapter walks (a tower of a model
+    newer than the adapters' lists): they stay in full precision. ``chosen``: ``towers`` are those ``adapter=``
     named, and the stacks a registered adapter knows were left by choice (LLaVA's CLIP tower beside
     ``adapter=HF_DECODERS``): not named; those none knows, and attention pools, are (not a projector's
     list, nor heads each called on an input of its own: no stacks)."""

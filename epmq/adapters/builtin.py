@@ -358,8 +358,8 @@ BART = Adapter("hf-bart", block_types=(
     # encoder's output, both calls in their statistics
     "T5Gemma2EncoderLayer", "T5Gemma2DecoderLayer",
     # Whisper-style audio encoders beside a language model (which a default walk took alone):
-    # Qwen2-Audio's, Voxtral's and MOSS-Transcribe-Diarize's
-    "Qwen2AudioEncoderLayer", "VoxtralEncoderLayer", "MossTranscribeDiarizeAudioLayer",
+    # Qwen2-Audio's, Voxtral's and MOSS-Transcribe-Diarize's, Audio Flamingo 3's (Music Flamingo's too)
+    "Qwen2AudioEncoderLayer", "VoxtralEncoderLayer", "MossTranscribeDiarizeAudioLayer", "AudioFlamingo3EncoderLayer",
 ))
 
 

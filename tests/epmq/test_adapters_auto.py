@@ -1190,7 +1190,7 @@ def test_the_warning_of_a_tower_of_nested_stacks_names_it_once_and_the_blocks_th
 
 def test_a_tower_no_adapter_knows_is_left_to_the_warning_by_default_as_text_calibration_never_reaches_it(gen):
     """Why the default walk does not hand AUTO the stacks the registered adapters leave (Qwen2-Audio's
-    audio tower, as Audio Flamingo 3's, Llama 4's vision encoder): calibrated on
+    audio tower under a name no adapter lists, as Audio Flamingo 3's was): calibrated on
     text alone, as a language model is, the default walk quantizes the language model and warns of
     the tower; AUTO beside it is refused, the tower never reached. Asked for, AUTO walks it on
     calibration that reaches it (test_an_unknown_tower_beside_a_known_one_is_walked_when_auto_is_asked_for)."""

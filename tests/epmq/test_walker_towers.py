@@ -1421,6 +1421,19 @@ def _moss_item(gen):
                 padding_mask=torch.ones(1, 160, dtype=torch.long))
 
 
+def _audio_flamingo_item(gen, bounds=False):
+    ids = torch.randint(0, 290, (1, 12), generator=gen)
+    ids[0, 1:5] = 299  # (16 frames, halved by the stem and by the pooling after the layers: 4 tokens)
+    if bounds:  # (Music Flamingo's audio start and end tokens, which its time rotary reads)
+        ids[0, 0], ids[0, 5] = 297, 298
+    return dict(input_ids=ids, input_features=torch.randn(1, 16, 16, generator=gen),
+                input_features_mask=torch.ones(1, 16, dtype=torch.long))
+
+
+_AUDIO_FLAMINGO_ENCODER = dict(model_type="audioflamingo3_encoder", num_mel_bins=16, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, hidden_size=32, max_source_positions=8)
+
+
 def _granite_speech_config(kind, encoder, encoder_hidden_size):
     """A tiny Granite Speech (or Plus) config: 4 Conformer blocks (``encoder``: what differs), a
     one-layer Q-Former projector reading ``encoder_hidden_size`` wide inputs, and a Granite LM."""
@@ -1479,6 +1492,17 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
         text_config=dict(_TEXT, model_type="qwen3"), audio_token_id=299, audio_merge_size=2, audio_chunk_size=160),
         _moss_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
         "hf-bart+hf-decoder", "model.audio_tower.layers.1.fc1"),
+    "audio_flamingo3": ("AudioFlamingo3ForConditionalGeneration", lambda: transformers.AudioFlamingo3Config(
+        audio_config=_AUDIO_FLAMINGO_ENCODER, text_config=dict(_TEXT, model_type="qwen2"), audio_token_id=299),
+        _audio_flamingo_item, "input_features", ("model.audio_tower.layers", "model.language_model.layers"),
+        "hf-bart+hf-decoder", "model.audio_tower.layers.1.fc1"),
+    # (Audio Flamingo 3's encoder, its output turned by a rotary of the audio's time)
+    "music_flamingo": ("MusicFlamingoForConditionalGeneration", lambda: transformers.MusicFlamingoConfig(
+        audio_config=dict(_AUDIO_FLAMINGO_ENCODER), text_config=dict(_TEXT, model_type="qwen2"), audio_token_id=299,
+        audio_bos_token_id=297, audio_eos_token_id=298),
+        lambda gen: _audio_flamingo_item(gen, bounds=True), "input_features",
+        ("model.audio_tower.layers", "model.language_model.layers"), "hf-bart+hf-decoder",
+        "model.audio_tower.layers.1.fc1"),
 }
 
 
@@ -1486,8 +1510,9 @@ SPEECH_TOWERS_ONCE_IN_FULL_PRECISION = {
 def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, gen, tmp_path, monkeypatch):
     """Qwen3-ASR's audio encoder (Qwen3ASRAudioEncoderLayer: its windows' frames packed in one
     sequence with their boundaries), GLM-ASR's (GlmAsrEncoderLayer, rotary), OmniASR's (wav2vec
-    2-style), MOSS-Transcribe-Diarize's (Whisper-style) and Granite Speech's and Granite Speech Plus's
-    Conformer blocks (the CTC self-conditioning added between two of them) were left in full precision
+    2-style), MOSS-Transcribe-Diarize's, Audio Flamingo 3's and Music Flamingo's (Whisper-style) and Granite
+    Speech's and Granite Speech Plus's Conformer blocks (the CTC self-conditioning added between two of them)
+    were left in full precision
     with a warning beside the quantized language model. Every tower is walked in one call, near the
     float logits (the audio reaching them), a later audio layer's statistics those of a plain forward,
     and the checkpoint loads back."""
