@@ -1678,6 +1678,34 @@ def _run_block(stack, j, block, hidden, named):
     return output
 
 
+def _refuse_stand_in(stack, called, error):
+    """Where the model failed after a stand-in of ``stack``'s blocks returned (``called``: its block,
+    input and arguments), refused naming why if the block returns more than the stand-in does
+    (WavLM's layers return ``(hidden, position bias)``, which the model unpacks: a plain ``Adapter``
+    registered for them, as the warning of towers left in full precision offers, ended in the
+    model's bare 'not enough values to unpack')."""
+    j, block, hidden, named = called
+
+    def kind(output):
+        return f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list)) else "a tensor"
+
+    try:
+        with torch.no_grad():
+            real = block(hidden, **named)
+    except Exception:  # (the block itself fails: nothing to tell of its stand-in)
+        return
+    given = stack.adapter.passthrough_of(block, hidden)
+    # (more outputs than the stand-in's: what the model takes of them after the block is missing)
+    if isinstance(real, (tuple, list)) and len(real) > (len(given) if isinstance(given, (tuple, list)) else 1):
+        first_line = str(error).splitlines()[0][:300] if str(error) else ""
+        raise ValueError(
+            f"the blocks at {stack.prefix!r} ({stack.adapter.name}) return {kind(real)} (block {j}: "
+            f"{type(block).__name__}) where the adapter's stand-ins return {kind(given)}, and the model failed on "
+            f"that ({type(error).__name__}: {first_line}): give the adapter a passthrough_of returning what they "
+            f"return (and a next_kwargs handing on what a later block takes of it, as epmq.adapters.WAVLM's "
+            f"position bias), or walk them with epmq.adapters.AUTO, which runs them") from error
+
+
 _LISTED_EXPERT = re.compile(r"^(.*\bexperts\.)([^.]+)((?:\..+)?)$")  # (an expert may be a linear itself)
 
 
@@ -2450,6 +2478,7 @@ class _Walk:
                         f"their order: block {j} is called where block {now['next']} is next (a model that "
                         f"skips, repeats or reorders its blocks cannot be quantized block by block)")
                 now["next"] = j + 1
+                now["called"] = j, block, hidden, named
                 now["kwargs"][j] = named
                 now["versions"][j] = _versions_of(named, version)  # (None: an inference tensor keeps no count)
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
@@ -2558,7 +2587,7 @@ class _Walk:
                         # was called again, goes on past the last block: the calls after it are counted)
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
-                                   hidden=None, next=0, started=False, watch=watch, past=False)
+                                   hidden=None, next=0, started=False, watch=watch, past=False, called=None)
                         if watch:
                             now["again"] = {}
                         try:
@@ -2568,6 +2597,8 @@ class _Walk:
                         except torch.OutOfMemoryError:
                             raise
                         except Exception as e:
+                            if not now["past"] and now["called"] is not None and not stack.adapter.runs_blocks:
+                                _refuse_stand_in(stack, now["called"], e)
                             if now["past"]:  # (what runs after the stack only had to call it or not)
                                 pass
                             elif (isinstance(e, (RuntimeError, IndexError, TypeError, NotImplementedError))
