@@ -435,6 +435,7 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     # precision were named in no rule, and engines built them as GPTQ layers
     towers += auto_beside(model, towers, lambda _, blocks: any(id(m) in quantized for b in blocks for m in b.modules()))
     found = []  # (disk prefix, disk rel, block index, quantized) of the linears in the stacks holding quantized ones
+    module_names = {}  # (disk prefix, block index, disk rel) -> the module's name in the model (transformers')
     routing = set()  # those of them that are routers (JetMoE's sits among its experts: not an expert)
     for adapter, stacks in towers:
         for prefix, blocks in stacks:
@@ -449,6 +450,7 @@ def _partial_fields(model, layers, to_disk) -> tuple:
                     key = f"{prefix}.{i}.{rel}.{'qweight' if isinstance(m, QuantLinear) else 'weight'}"
                     disk = to_disk.get(key, key).rpartition(".")[0]
                     found.append((*_disk_rel(disk, prefix, i, rel), i, id(m) in quantized))
+                    module_names[found[-1][0], i, found[-1][1]] = f"{prefix}.{i}.{rel}"
                     if rel in routers:
                         routing.add(found[-1][:3])
     if all(q for *_, q in found):
@@ -502,15 +504,23 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     # vLLM takes a linear for quantized where any name listed lies inside its own (a fused qkv_proj by its
     # q/k/v names), and builds towers left whole with the same config: a name of theirs holding a
     # block's (LLaVA's vision tower's self_attn.q_proj) had GPTQ layers built for its float weights. The
-    # names are then listed whole (vLLM maps them to its own, as it maps these lists)
+    # names are then listed whole (vLLM maps them to its own, as it maps these lists).
+    # transformers' GPTQ loader (optimum) ignores the rules: it builds every linear under the block name ending
+    # in a listed name as a GPTQ layer (one left in full precision in some blocks: layers.1.mlp.down_proj, a
+    # block left whole), so then too; and it matches transformers' module names, listed beside those on disk
+    # (LLaVA's model.language_model.layers... saved as language_model.model.layers...)
     listed = [rel for group in groups for rel in group]
+    floats = [name for name, m in model.named_modules()
+              if type(m) in (nn.Linear, nn.Conv2d) or type(m).__name__ == "Conv1D"]
     full = [to_disk.get(f"{name}.weight", f"{name}.weight").rpartition(".")[0] for name, m in model.named_modules()
             if isinstance(m, nn.Linear)]
-    if any(rel in name for name in full if not any(re.match(r, name) for r in rules) for rel in listed):
+    if any(rel in name for name in full if not any(re.match(r, name) for r in rules) for rel in listed) \
+            or any(name.endswith(rel) for name in floats for rel in listed):
         packed = {(stack, i, rel) for stack, rel, i, q in found if q}
         blocks = dict.fromkeys((stack, i) for stack, _, i, q in found if q)
-        groups = [whole for stack, i in blocks for group in groups
-                  if (whole := [f"{stack}.{i}.{rel}" for rel in group if (stack, i, rel) in packed])]
+        groups = [list(dict.fromkeys(whole)) for stack, i in blocks for group in groups
+                  if (whole := [n for rel in group if (stack, i, rel) in packed
+                                for n in (f"{stack}.{i}.{rel}", module_names[stack, i, rel])])]
     fields = {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}
     return fields, _fused_splits(found) + mixed
 

@@ -2096,8 +2096,10 @@ def test_partially_quantized_blocks_list_what_engines_must_build(tmp_path):
         epmq.save_quantized(model, tmp_path / "q")
     assert len([w for w in record if "vLLM refuses" in str(w.message)]) == 1
     for q in _qconfigs(tmp_path / "q"):
-        assert q["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                                                     ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+        # whole names: transformers (optimum) ignores the rules, and built layers.1's float down_proj as GPTQ
+        groups = [["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+        assert q["modules_in_block_to_quantize"] == [[f"model.layers.{i}.{rel}" for rel in group] for i in (0, 1)
+                                                     for group in groups + [["mlp.down_proj"]] * (i == 0)]
         assert q["dynamic"] == {r"-:model\.layers\.\d+\.self_attn\.k_proj$": {},
                                 r"-:model\.layers\.1\.mlp\.down_proj$": {}}
         assert "lm_head" not in q
@@ -2187,6 +2189,29 @@ def test_transformers_gptq_loader_builds_every_packed_layer_and_no_other(arch, t
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", ["one_block_float", "block_left_whole", "llava_in_part"])
+def test_transformers_gptq_loader_builds_no_float_linear_of_a_model_quantized_in_part(case, tmp_path):
+    """transformers' GPTQ loader (optimum's convert_model) ignores ``dynamic``: it builds every linear under
+    ``block_name_to_quantize`` ending in a listed name as a GPTQ layer. A linear packed in some blocks and
+    left in full precision in others (layers.1.mlp.down_proj; a block left whole) was listed by its name in
+    the block, so it was built as a GPTQ layer in every block and its float weights were not loaded; a LLaVA
+    quantized in part listed whole names as saved (language_model.model.layers...), which no module name of
+    transformers' (model.language_model.layers...) ends in, so no GPTQ layer was built at all."""
+    from test_walker_towers import tiny_llava
+
+    model = tiny_llava() if case == "llava_in_part" else _tiny_llama()
+    fresh = copy.deepcopy(model)  # (the float model transformers builds before the GPTQ layers)
+    layers = {"one_block_float": lambda n: n != "model.layers.1.mlp.down_proj",
+              "block_left_whole": r"model\.layers\.1\.",
+              "llava_in_part": r"language_model\.layers\.\d+\.(self_attn|mlp\.(gate|up)_proj)"}[case]
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers=layers,
+                        progress=False)
+    packed = sorted(name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear))
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        assert _optimum_builds(q, fresh) == packed
+
+
 def test_a_block_left_whole_gets_one_rule(tmp_path, recwarn):
     """A whole block in full precision: one rule for all of it (it also matches vLLM's fused
     names), and no split-group warning; a fully quantized model writes neither field."""
@@ -2196,9 +2221,9 @@ def test_a_block_left_whole_gets_one_rule(tmp_path, recwarn):
     epmq.save_quantized(model, tmp_path / "q")
     for q in _qconfigs(tmp_path / "q"):
         assert q["dynamic"] == {r"-:model\.layers\.0\.": {}}
-        assert sum(q["modules_in_block_to_quantize"], []) == [
+        assert sum(q["modules_in_block_to_quantize"], []) == [f"model.layers.1.{rel}" for rel in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     assert not [w for w in recwarn if "shards" in str(w.message) or "engines" in str(w.message)]
     model = _tiny_llama()
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False)
