@@ -150,8 +150,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         qconfig["lm_head"] = True
         if "modules_in_block_to_quantize" in qconfig:
             # vLLM builds the head quantized only where this list, once written, names it (else a
-            # float head, and the packed tensors fail its load)
-            qconfig["modules_in_block_to_quantize"].append([names[head]])
+            # float head, and the packed tensors fail its load); transformers' (optimum) by its module name
+            # (LLaVA's lm_head, saved as language_model.lm_head)
+            qconfig["modules_in_block_to_quantize"].append(list(dict.fromkeys([names[head], head])))
     qconfig.update(_optimum_fields(model, layers, qconfig))
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]

@@ -2189,23 +2189,28 @@ def test_transformers_gptq_loader_builds_every_packed_layer_and_no_other(arch, t
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["one_block_float", "block_left_whole", "llava_in_part"])
+@pytest.mark.parametrize("case", ["one_block_float", "block_left_whole", "llava_in_part", "llava_in_part_and_head"])
 def test_transformers_gptq_loader_builds_no_float_linear_of_a_model_quantized_in_part(case, tmp_path):
     """transformers' GPTQ loader (optimum's convert_model) ignores ``dynamic``: it builds every linear under
     ``block_name_to_quantize`` ending in a listed name as a GPTQ layer. A linear packed in some blocks and
     left in full precision in others (layers.1.mlp.down_proj; a block left whole) was listed by its name in
     the block, so it was built as a GPTQ layer in every block and its float weights were not loaded; a LLaVA
     quantized in part listed whole names as saved (language_model.model.layers...), which no module name of
-    transformers' (model.language_model.layers...) ends in, so no GPTQ layer was built at all."""
+    transformers' (model.language_model.layers...) ends in, so no GPTQ layer was built at all; its packed head
+    beside it was listed as saved (language_model.lm_head), and built as a float linear left unloaded."""
     from test_walker_towers import tiny_llava
 
-    model = tiny_llava() if case == "llava_in_part" else _tiny_llama()
+    from epmq.walker import _quant_linear
+
+    model = tiny_llava() if case.startswith("llava") else _tiny_llama()
     fresh = copy.deepcopy(model)  # (the float model transformers builds before the GPTQ layers)
     layers = {"one_block_float": lambda n: n != "model.layers.1.mlp.down_proj",
               "block_left_whole": r"model\.layers\.1\.",
-              "llava_in_part": r"language_model\.layers\.\d+\.(self_attn|mlp\.(gate|up)_proj)"}[case]
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers=layers,
-                        progress=False)
+              "llava_in_part": r"language_model\.layers\.\d+\.(self_attn|mlp\.(gate|up)_proj)"}
+    spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
+    epmq.quantize_model(model, spec, method="rtn", layers=layers[case.removesuffix("_and_head")], progress=False)
+    if case.endswith("_and_head"):
+        model.lm_head = _quant_linear(epmq.quant.rtn(model.lm_head.weight.detach(), spec), model.lm_head)
     packed = sorted(name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear))
     epmq.save_quantized(model, tmp_path / "q")
     for q in _qconfigs(tmp_path / "q"):
