@@ -761,6 +761,17 @@ def _serving_warnings(layers, qconfig, split, experts) -> None:
             f"QuantSpec(bits=4 or 8, sym=True) for Marlin", ServingWarning)
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
+    # optimum's convert_model, which transformers' GPTQ loader builds the layers with, reads no dynamic rule
+    base = (qconfig["bits"], qconfig["group_size"])
+    other = {name: m for name, m in layers.items() if (m.bits, m.group_size) != base}
+    if other:
+        name, m = next(iter(other.items()))
+        warnings.warn(
+            f"{len(other)} layers (first: {name}, bits={m.bits}, group_size={m.group_size}) are quantized otherwise "
+            f"than the config's bits={qconfig['bits']}, group_size={qconfig['group_size']}: transformers' "
+            f"from_pretrained builds GPTQ layers through optimum, which reads no dynamic rule, builds every layer at "
+            f"the config's and cannot load theirs; GPTQModel.load, vLLM and SGLang follow the rules. For "
+            f"transformers, quantize every layer alike", ServingWarning)
     # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose
     # transform_cpu replaces qzeros by zeros: a grid off the midpoint is served silently wrong
     # (transformers loads through it too; logits 1.09 off on a tiny Llama, argmax 2% equal)

@@ -3258,6 +3258,23 @@ def test_layers_of_other_bits_get_dynamic_rules_that_engines_match(arch, tmp_pat
             assert _rule_settings(q, in_model) == (bits, group_size)  # (transformers' name: GPTQModel's)
 
 
+def test_layers_of_other_bits_are_said_to_defeat_transformers_loader(tmp_path, recwarn):
+    """transformers' from_pretrained loads GPTQ checkpoints through optimum's convert_model, which reads no
+    ``dynamic`` rule: it builds every layer at the config's bits and group size, so block 1's 8-bit layers
+    are built as 4-bit ones and their tensors fail to load. The warnings named only vLLM, SGLang and
+    GPTQModel; the one of transformers is said once, naming a layer it builds wrong, and not for a
+    checkpoint of one width."""
+    model = _mixed_model("llama")
+    epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in recwarn if "from_pretrained" in str(w.message)]
+    assert len(said) == 1 and "model.layers.1." in said[0] and "bits=8, group_size=32" in said[0], said
+    recwarn.clear()
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "one")
+    assert not [w for w in recwarn if "from_pretrained" in str(w.message)]
+
+
 @pytest.mark.parametrize("arch,other,module", [
     ("llama", r"layers\.0\.self_attn\.q_proj", "model.layers.0.self_attn.qkv_proj"),
     ("qwen3_moe", r"layers\.0\.mlp\.experts\.0\.", "model.layers.0.mlp.experts")])
