@@ -62,6 +62,7 @@ from ._util import (read_json, read_json_file, release_freed_memory, remove_stal
                     storage_key, umask, wrapped_model)
 from .adapters import Transposed, auto_beside, checkpoint_names, find_towers, prepare_towers, remember
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
+from .adapters.moe import LinearExperts
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
 from .checks import all_finite, check_path, device_argument, is_int
@@ -157,7 +158,10 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
     qconfig["epmq"] = ours
-    _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)])
+    # the experts transformers holds fused (stacked tensors), rebuilt as linears for the walk
+    fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
+             for rel, q in m.named_modules() if isinstance(q, QuantLinear)]
+    _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused)
     _stacked_experts_warning(model, layers, to_disk)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
@@ -699,10 +703,11 @@ class ServingWarning(UserWarning):
     a category of its own, so that a caller saving many (``epmq run``'s) can say each once."""
 
 
-def _serving_warnings(layers, qconfig, split, experts) -> None:
+def _serving_warnings(layers, qconfig, split, experts, fused=()) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
-    ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk."""
+    ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk,
+    ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names)."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     split = [name for name in split if not name.endswith(" (MoE)")]
     if split:
@@ -772,6 +777,13 @@ def _serving_warnings(layers, qconfig, split, experts) -> None:
             f"from_pretrained builds GPTQ layers through optimum, which reads no dynamic rule, builds every layer at "
             f"the config's and cannot load theirs; GPTQModel.load, vLLM and SGLang follow the rules. For "
             f"transformers, quantize every layer alike", ServingWarning)
+    if fused:
+        # (optimum builds nn.Linear, Conv1D and Conv2d modules only: the fused experts' stacked tensors are none)
+        warnings.warn(
+            f"{len(fused)} routed experts' layers (first: {fused[0]}) belong to experts that transformers holds "
+            f"as stacked tensors, one per projection: its from_pretrained builds GPTQ layers through optimum, "
+            f"which finds no linear there to build, and cannot load their packed tensors; serve it with "
+            f"GPTQModel.load, vLLM or SGLang", ServingWarning)
     # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose
     # transform_cpu replaces qzeros by zeros: a grid off the midpoint is served silently wrong
     # (transformers loads through it too; logits 1.09 off on a tiny Llama, argmax 2% equal)
