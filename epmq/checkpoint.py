@@ -161,7 +161,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     # the experts transformers holds fused (stacked tensors), rebuilt as linears for the walk
     fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
              for rel, q in m.named_modules() if isinstance(q, QuantLinear)]
-    _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused)
+    _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
+                      _built_as_linear_subclasses(model, layers))
     _stacked_experts_warning(model, layers, to_disk)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
@@ -703,11 +704,32 @@ class ServingWarning(UserWarning):
     a category of its own, so that a caller saving many (``epmq run``'s) can say each once."""
 
 
-def _serving_warnings(layers, qconfig, split, experts, fused=()) -> None:
+def _built_as_linear_subclasses(model, layers) -> dict:
+    """``{packed layer: class}`` of the layers whose modules transformers builds as subclasses of nn.Linear
+    (Falcon's FalconLinear), which optimum's convert_model does not take for linears (it checks the exact
+    type). Found by building the model's class on the meta device, only where its module defines one."""
+    import inspect
+
+    source, config = sys.modules.get(type(model).__module__), getattr(model, "config", None)
+    if source is None or config is None or not any(
+            inspect.isclass(c) and issubclass(c, nn.Linear) and c is not nn.Linear for c in vars(source).values()):
+        return {}
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception:  # (a class that cannot be built from its config alone: nothing is known)
+        return {}
+    modules = dict(fresh.named_modules(remove_duplicate=False))
+    return {name: type(modules[name]).__name__ for name in layers
+            if isinstance(modules.get(name), nn.Linear) and type(modules[name]) is not nn.Linear}
+
+
+def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
     ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk,
-    ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names)."""
+    ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
+    ``subclassed`` as ``_built_as_linear_subclasses`` returns it."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     split = [name for name in split if not name.endswith(" (MoE)")]
     if split:
@@ -784,6 +806,13 @@ def _serving_warnings(layers, qconfig, split, experts, fused=()) -> None:
             f"as stacked tensors, one per projection: its from_pretrained builds GPTQ layers through optimum, "
             f"which finds no linear there to build, and cannot load their packed tensors; serve it with "
             f"GPTQModel.load, vLLM or SGLang", ServingWarning)
+    if subclassed:
+        name, cls = next(iter(subclassed.items()))
+        warnings.warn(
+            f"{len(subclassed)} layers (first: {name}, {cls}) are built by transformers as subclasses of nn.Linear: "
+            f"its from_pretrained builds GPTQ layers through optimum, which takes nn.Linear itself only, so it "
+            f"builds none there and cannot load their packed tensors; serve it with GPTQModel.load or vLLM",
+            ServingWarning)
     # GPTQModel 7.7 on the CPU runs 4-bit per-channel layers with TorchFusedLinear only, whose
     # transform_cpu replaces qzeros by zeros: a grid off the midpoint is served silently wrong
     # (transformers loads through it too; logits 1.09 off on a tiny Llama, argmax 2% equal)

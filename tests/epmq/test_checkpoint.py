@@ -3296,6 +3296,26 @@ def test_routed_experts_fused_in_transformers_are_said_to_defeat_its_loader(arch
     assert not [w for w in recwarn if "from_pretrained" in str(w.message)]
 
 
+def test_layers_transformers_builds_as_linear_subclasses_are_said_to_defeat_its_loader(tmp_path, recwarn):
+    """optimum's convert_model takes a module for an nn.Linear by its exact type (skipping subclasses, the
+    MoE routers among them): Falcon's projections are FalconLinear, so transformers' from_pretrained builds
+    none of them as GPTQ layers and cannot load their packed tensors, which save_quantized did not say.
+    Said once, naming a layer and its class; Llama's plain linears do not make it said."""
+    model = build("falcon")
+    fresh = copy.deepcopy(model)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    packed = [name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear)]
+    assert packed and not set(packed) & set(_optimum_builds(_qconfigs(tmp_path / "q")[0], fresh))
+    said = [str(w.message) for w in recwarn if "from_pretrained" in str(w.message)]
+    assert len(said) == 1 and f"first: {packed[0]}, FalconLinear" in said[0], said
+    recwarn.clear()
+    model = _tiny_llama()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "dense")
+    assert not [w for w in recwarn if "from_pretrained" in str(w.message)]
+
+
 @pytest.mark.parametrize("arch,other,module", [
     ("llama", r"layers\.0\.self_attn\.q_proj", "model.layers.0.self_attn.qkv_proj"),
     ("qwen3_moe", r"layers\.0\.mlp\.experts\.0\.", "model.layers.0.mlp.experts")])
