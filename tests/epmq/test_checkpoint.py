@@ -2189,7 +2189,8 @@ def test_transformers_gptq_loader_builds_every_packed_layer_and_no_other(arch, t
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["one_block_float", "block_left_whole", "llava_in_part", "llava_in_part_and_head"])
+@pytest.mark.parametrize("case", ["one_block_float", "block_left_whole", "bert_ffn", "llava_in_part",
+                                  "llava_in_part_and_head"])
 def test_transformers_gptq_loader_builds_no_float_linear_of_a_model_quantized_in_part(case, tmp_path):
     """transformers' GPTQ loader (optimum's convert_model) ignores ``dynamic``: it builds every linear under
     ``block_name_to_quantize`` ending in a listed name as a GPTQ layer. A linear packed in some blocks and
@@ -2202,10 +2203,13 @@ def test_transformers_gptq_loader_builds_no_float_linear_of_a_model_quantized_in
 
     from epmq.walker import _quant_linear
 
-    model = tiny_llava() if case.startswith("llava") else _tiny_llama()
+    model = tiny_llava() if case.startswith("llava") else build("bert") if case == "bert_ffn" else _tiny_llama()
     fresh = copy.deepcopy(model)  # (the float model transformers builds before the GPTQ layers)
     layers = {"one_block_float": lambda n: n != "model.layers.1.mlp.down_proj",
               "block_left_whole": r"model\.layers\.1\.",
+              # (the float attention.output.dense ends in the packed output.dense)
+              "bert_ffn": lambda n: n.endswith("intermediate.dense") or n.endswith("layer.0.output.dense")
+              or n.endswith("layer.1.output.dense"),
               "llava_in_part": r"language_model\.layers\.\d+\.(self_attn|mlp\.(gate|up)_proj)"}
     spec = epmq.QuantSpec(bits=4, group_size=16, sym=True)
     epmq.quantize_model(model, spec, method="rtn", layers=layers[case.removesuffix("_and_head")], progress=False)
