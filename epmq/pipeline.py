@@ -436,14 +436,20 @@ def _val(avg: float) -> float:
 
 def choose_scale(bench, plan: MergePlan):
     """``(scale, merged state, {scale: val avg})``: the scale of ``plan.scales`` whose merge has
-    the best average accuracy on the validation split (never test); ties go to the first."""
-    best, scores = None, {}
-    for s in plan.scales:
+    the best average accuracy on the validation split (never test); ties go to the first.
+    One merged model is held at a time: the best one's scale is kept, and it is merged again
+    unless it was the last (keeping its state held two while the next was merged)."""
+    best, scores, state = None, {}, None
+    for i, s in enumerate(plan.scales):
+        state = None  # (the last candidate's, dropped before the next is made)
         state = merged_state(bench, plan, s)
         scores[str(s)] = bench.evaluate(state, split="val")["avg"]
         if best is None or _val(scores[str(s)]) > _val(best[0]):
-            best = (scores[str(s)], s, state)
-    return best[1], best[2], scores
+            best = (scores[str(s)], s, i)
+    if best[2] != len(plan.scales) - 1:
+        state = None
+        state = merged_state(bench, plan, best[1])
+    return best[1], state, scores
 
 
 class Runner:

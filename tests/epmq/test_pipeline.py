@@ -798,3 +798,34 @@ def test_the_table_is_written_as_utf8_whatever_the_locale(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert failed is None, f"table.md was not written: {failed}"
     assert (tmp_path / "table.md").read_text(encoding="utf-8") == text + "\n"
+
+
+def test_choose_scale_holds_one_merged_model_at_a_time(monkeypatch):
+    """``choose_scale`` kept the best scale's merged state while it merged the next candidate:
+    two merged models at once (a 7B's 28 GB in fp32, twice), where the best one's scale is all
+    it needs to keep."""
+    import gc
+    import weakref
+
+    class State(dict):
+        __hash__ = object.__hash__  # (a WeakSet's member)
+
+    live, held = weakref.WeakSet(), []
+
+    def merged(bench, plan, scale):
+        gc.collect()
+        held.append(len(live))  # (merged states alive as another is made)
+        state = State(scale=scale)
+        live.add(state)
+        return state
+
+    class Scored(Bench):
+        def evaluate(self, state, split="test"):
+            avg = {0.1: 0.5, 0.3: 0.7, 0.5: 0.6}[state["scale"]]
+            return {"a": avg, "b": avg, "avg": avg}
+
+    monkeypatch.setattr(pipeline, "merged_state", merged)
+    scale, state, scores = pipeline.choose_scale(Scored(), MergePlan("task_arithmetic", scales=[0.1, 0.3, 0.5]))
+    assert scale == 0.3 and state["scale"] == 0.3
+    assert scores == {"0.1": 0.5, "0.3": 0.7, "0.5": 0.6}
+    assert max(held) == 0, f"merged states alive as the next was made: {held}"
