@@ -653,13 +653,17 @@ def _spill(grams: Mapping[str, torch.Tensor], file: Path) -> dict:
     return keys
 
 
-def _expert_grams(sources, model_paths, calibration, device, options, spill_dir: Path, out) -> dict:
+def _expert_grams(sources, model_paths, calibration, device, options, spill_dir: Path, out,
+                  progress: bool = False) -> dict:
     """RegMean's statistics: for each reference tensor name, each model's ``X^T X`` at that
     linear on its own calibration data (the model loaded whole, one at a time); and the names
     of the weights stored ``[in, out]`` (GPT-2's ``Conv1D``). Each model's are written to a file
     in ``spill_dir`` once computed and read back a weight at a time by the merge: held, they grew
     with layers times models (a 7B Llama's are 44 GB a model in float64). ``out``: the output,
-    refused inside a model's directory of texts or pairs (``check_outside_calibration``)."""
+    refused inside a model's directory of texts or pairs (``check_outside_calibration``).
+    ``progress``: a bar of each pass's batches."""
+    from tqdm.auto import tqdm
+
     from .checkpoint_io import renamed, saved_key_renaming
     from .quantize_files import (PREPROCESSOR_FILES, _check_decoder_start, _forward_takes, _modality, _model_class,
                                  _vision_tower_class, calibrated)
@@ -766,7 +770,11 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         entries = {}
         for c, run in enumerate(runs):
             # (fused experts' under the fused name and each expert's: a checkpoint holds either)
-            grams = gram_matrices(model, batches[f"model {k}"], each_expert=True, **run)
+            # (the merge's own bar stands at its first tensor meanwhile: a pass is minutes to hours at 7B)
+            passes = f" (pass {c + 1} of {len(runs)})" if len(runs) > 1 else ""
+            items = tqdm(batches[f"model {k}"], desc=f"regmean: model {k}'s Gram matrices{passes}", unit="batch",
+                         leave=False, disable=not progress)
+            grams = gram_matrices(model, items, each_expert=True, **run)
             on_disk = renamed(list(grams), saved_key_renaming(model))  # model name -> checkpoint key
             if k == 0:  # (the models share one architecture)
                 seen.update(grams)
@@ -1333,7 +1341,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                 with loading_bars(progress):
                     grams, transposed = _expert_grams(sources, model_paths, calibration, device,
                                                       dict(samples=samples, seq_len=seq_len,
-                                                           batch_size=batch_size, seed=seed), spill_dir, out)
+                                                           batch_size=batch_size, seed=seed), spill_dir, out,
+                                                      progress=progress)
                 fn(sources, grams, transposed=transposed, out=writer, **params)
                 shutil.rmtree(spill_dir)
             else:

@@ -985,6 +985,21 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
 
 
 
+def test_regmeans_calibration_passes_show_their_progress(checkpoints, tmp_path, capsys):
+    """RegMean's Gram passes (each model loaded and run on its calibration batches: minutes to
+    hours a model at 7B) showed no progress: the merge's bar stood at its first tensor, its
+    estimate taken from them; each model's pass has its bar of batches (none with progress off)."""
+    root, base, experts = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    options = dict(calibration=[str(t) for t in texts], samples=4, seq_len=16, batch_size=2)
+    merge_checkpoints("regmean", models, tmp_path / "out", progress=True, **options)
+    err = capsys.readouterr().err
+    for k in range(2):
+        assert re.search(rf"regmean: model {k}'s Gram matrices:.*\b0/2 \[", err), err
+    merge_checkpoints("regmean", models, tmp_path / "quiet", progress=False, **options)
+    assert "Gram matrices" not in capsys.readouterr().err
+
+
 def test_regmean_output_inside_a_models_calibration_directory_is_refused(checkpoints, tmp_path):
     """A RegMean output written inside a model's calibration directory (calibration=[data/, ...],
     out data/merged) was taken: its config.json, tokenizer and model card were then that model's
