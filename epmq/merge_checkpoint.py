@@ -708,12 +708,18 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
         raise ValueError(f"regmean: no model directory holds a {what} to prepare the calibration {modality} "
                          f"with: copy the base model's {what} files ({', '.join(files)}, ...) into one of "
                          f"{', '.join(str(p) for p in model_paths)}")
-    per_model = []
-    for k, (view, path, home, files) in enumerate(zip(sources, model_paths, homes, calibration)):
+    # every model's batches read before the first pass, as epmq quantize reads its tasks': a later
+    # model's missing or unreadable file was found after the passes of those before it (hours at 7B)
+    prepared = []
+    for k, (path, home, files) in enumerate(zip(model_paths, homes, calibration)):
         own = next((p for p in (path, home) if p in with_preprocessor), with_preprocessor[0])
         # (one forward of each batch, no walk: layers that no input reaches, as Mllama's
         # cross-attention on texts, have zero Gram matrices, and RegMean averages them)
         cls, _, batches = calibrated(home, {f"model {k}": files}, preprocessor_dir=own, walked=False, **options)
+        prepared.append((cls, batches))
+    per_model = []
+    for k, (view, path, home, (cls, batches)) in enumerate(zip(sources, model_paths, homes, prepared)):
+        prepared[k] = None  # (its batches dropped with its pass)
         model = cls.from_pretrained(home, dtype=torch.float32).eval()
         _check_decoder_start(model, batches, home)  # (named before its activations are collected)
         if device is not None:

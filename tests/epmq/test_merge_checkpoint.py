@@ -1000,6 +1000,29 @@ def test_regmeans_calibration_passes_show_their_progress(checkpoints, tmp_path, 
     assert "Gram matrices" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("second, error", [("missing.txt", "no calibration text at"),
+                                           ("bad.jsonl", "expected a string, or an object")])
+def test_a_later_models_calibration_files_are_read_before_the_first_models_pass(checkpoints, tmp_path,
+                                                                                monkeypatch, second, error):
+    """RegMean read each model's calibration files only when its turn came: a missing or
+    unreadable file of the second model was found after the first model's whole Gram pass
+    (hours at 7B); every model's are read before any pass, as epmq quantize reads its tasks'."""
+    from epmq import stats
+
+    root, base, experts = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"foo": 1}\n')
+    passes = []
+    gram_matrices = stats.gram_matrices
+    monkeypatch.setattr(stats, "gram_matrices",
+                        lambda model, *a, **k: passes.append(1) or gram_matrices(model, *a, **k))
+    with pytest.raises((ValueError, OSError), match=error):
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(texts[0]), str(tmp_path / second)],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    assert passes == [], "the first model's Gram pass ran before the second model's files were read"
+    assert not (tmp_path / "out").exists()
+
+
 def test_regmean_output_inside_a_models_calibration_directory_is_refused(checkpoints, tmp_path):
     """A RegMean output written inside a model's calibration directory (calibration=[data/, ...],
     out data/merged) was taken: its config.json, tokenizer and model card were then that model's
