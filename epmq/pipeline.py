@@ -439,17 +439,23 @@ def choose_scale(bench, plan: MergePlan):
     the best average accuracy on the validation split (never test); ties go to the first.
     One merged model is held at a time: the best one's scale is kept, and it is merged again
     unless it was the last (keeping its state held two while the next was merged)."""
+    return _choose_scale(bench, plan)[:3]
+
+
+def _choose_scale(bench, plan: MergePlan):
+    """``choose_scale``'s answer and the chosen merge's validation accuracies (``evaluate``'s)."""
     best, scores, state = None, {}, None
     for i, s in enumerate(plan.scales):
         state = None  # (the last candidate's, dropped before the next is made)
         state = merged_state(bench, plan, s)
-        scores[str(s)] = bench.evaluate(state, split="val")["avg"]
+        val = bench.evaluate(state, split="val")
+        scores[str(s)] = val["avg"]
         if best is None or _val(scores[str(s)]) > _val(best[0]):
-            best = (scores[str(s)], s, i)
+            best = (scores[str(s)], s, i, val)
     if best[2] != len(plan.scales) - 1:
         state = None
         state = merged_state(bench, plan, best[1])
-    return best[1], state, scores
+    return best[1], state, scores, best[3]
 
 
 class Runner:
@@ -553,8 +559,9 @@ class Runner:
         self._write_table()
 
     def _choose_scale(self, mp: MergePlan) -> dict:
-        scale, state, scores = choose_scale(self.bench, mp)
-        return dict(self.evaluate(state), scale=scale, val_by_scale=scores)
+        scale, state, scores, val = _choose_scale(self.bench, mp)
+        # (its validation accuracies are those it was chosen by: evaluated again, a whole pass a merge)
+        return dict(val=val, test=self.bench.evaluate(state, split="test"), scale=scale, val_by_scale=scores)
 
     def _cell_params(self, mp, scale, bits, method, targets, anchor) -> dict:
         # the merge this quantizes (its method and parameters: its label alone may stay the

@@ -829,3 +829,23 @@ def test_choose_scale_holds_one_merged_model_at_a_time(monkeypatch):
     assert scale == 0.3 and state["scale"] == 0.3
     assert scores == {"0.1": 0.5, "0.3": 0.7, "0.5": 0.6}
     assert max(held) == 0, f"merged states alive as the next was made: {held}"
+
+
+def test_the_chosen_scales_validation_is_evaluated_once(calls_list, tmp_path, quiet):
+    """The merge step evaluated the chosen scale's merge on validation twice: once to choose it,
+    then again with its test evaluation (one whole pass over the validation split per merge,
+    minutes at paper scale); its first is kept."""
+    evaluations = []
+
+    class Counted(Bench):
+        def evaluate(self, state, split="test"):
+            if state is not self.base_state:
+                evaluations.append(split)
+            return super().evaluate(state, split)
+
+    for scales in ([0.3], [0.3, 0.5, 0.7]):
+        evaluations.clear()
+        results = pipeline.run(Counted(), plan(merges=[MergePlan("task_arithmetic", scales=scales)], methods=["rtn"]),
+                               tmp_path / str(len(scales)), log=quiet)
+        assert evaluations.count("val") == len(scales) and evaluations.count("test") == 1, evaluations
+        assert results["steps"]["merge/TA"]["val"] == {"a": 0.5, "b": 0.5, "avg": 0.5}
