@@ -50,6 +50,7 @@ from .calibration import (audio_batches, audio_files, image_batches, image_files
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
 from .checks import check_outside_calibration, check_path, check_seed, device_argument, is_int
+from .experts import ExpertWeights
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, records
@@ -453,6 +454,11 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
                                             batch_size=batch_size, seed=seed, tower=tower,
                                             walked=method != "rtn", out=out)
+    # each expert opened as the walk opens it, before the model loads: one holding no weights, or a
+    # path to no checkpoint, was named once the model had loaded (minutes at 70B)
+    sources = {t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None
+    for task, source in (sources or {}).items():
+        ExpertWeights(source, task=task).close()
     with loading_bars(progress):
         net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
     net.eval()
@@ -477,7 +483,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         # the model stays in CPU memory; its blocks visit ``device`` one at a time
         try:
             quantize_model(net, spec, method=method, calibration=batches or None, adapter=adapter,
-                           experts={t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None,
+                           experts=sources,
                            anchor=anchor, weight_anchor=weight_anchor, targets=targets, device=device,
                            layers=layers, percdamp=percdamp, true_sequential=true_sequential,
                            **({} if residual_precision is None else {"residual_precision": residual_precision}),

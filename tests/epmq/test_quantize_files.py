@@ -877,6 +877,26 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         assert not (tmp_path / "x").exists() and not (tmp_path / "x.resume").exists()
 
 
+def test_an_expert_that_cannot_be_read_is_named_before_the_model_loads(files, tmp_path, monkeypatch):
+    """An expert directory holding no weights (or a path that is no checkpoint) was found once the
+    merged model had loaded (minutes at 70B), when the walk opened it; it is named before."""
+    root = files
+    (tmp_path / "empty").mkdir()
+    loaded = []
+    from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(cls) or from_pretrained(cls, *a, **k)))
+    for bad, error in ((tmp_path / "empty", "the expert of task 'b'.*no weights in"),
+                       (root / "a.txt", "the expert of task 'b'.*unknown checkpoint file type")):
+        with pytest.raises(ValueError, match=error):
+            epmq.quantize_checkpoint(root / "merged", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=16),
+                                     method="epmq", calibration={"a": str(root / "a.txt"), "b": str(root / "a.txt")},
+                                     experts={"a": str(root / "expert0"), "b": str(bad)}, samples=2, seq_len=16,
+                                     batch_size=2, progress=False)
+        assert loaded == [], f"the model loaded before the expert of task 'b' ({bad}) was read"
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkeypatch):
     """Ctrl-C in the second block: the first is kept in OUT.resume, the same command loads it
     and writes the checkpoint an uninterrupted run writes (OUT.resume then removed); --fresh
