@@ -414,14 +414,19 @@ def check_merges(plan: Plan, n_experts: int) -> None:
             raise ValueError(f"merge {mp.label}: {e}") from e
 
 
-def expert_grams(bench) -> dict:
+def expert_grams(bench, progress: bool = False) -> dict:
     """task -> ``{linear weight name: X^T X}`` of the task's expert on the task's calibration
-    inputs (RegMean's statistics), computed once per bench."""
+    inputs (RegMean's statistics), computed once per bench; ``progress``: a bar of each task's
+    batches."""
+    from tqdm.auto import tqdm
+
     from .stats import gram_matrices
 
     cached = getattr(bench, "_epmq_expert_grams", None)
     if cached is None:
-        cached = {t: gram_matrices(bench.model(bench.experts[t]), bench.calibration[t], task=t)
+        cached = {t: gram_matrices(bench.model(bench.experts[t]),
+                                   tqdm(bench.calibration[t], desc=f"regmean: task {t}'s Gram matrices",
+                                        unit="batch", leave=False, disable=not progress), task=t)
                   for t in bench.task_names}
         bench._epmq_expert_grams = cached
     return cached
@@ -526,6 +531,8 @@ class Runner:
         self.step("experts", {}, lambda: {"val": bench.expert_accuracies("val"),
                                           "test": bench.expert_accuracies("test")})
         for mp in plan.merges:
+            if mp.method == "regmean":  # (its passes, a task each, shown as they run; a resumed merge's too)
+                expert_grams(bench, progress=self.progress)
             merged = self.step(f"merge/{mp.label}", _merge_params(mp), lambda mp=mp: self._choose_scale(mp))
             state = merged_state(bench, mp, merged["scale"])
             for bits in plan.bits:

@@ -849,3 +849,28 @@ def test_the_chosen_scales_validation_is_evaluated_once(calls_list, tmp_path, qu
                                tmp_path / str(len(scales)), log=quiet)
         assert evaluations.count("val") == len(scales) and evaluations.count("test") == 1, evaluations
         assert results["steps"]["merge/TA"]["val"] == {"a": 0.5, "b": 0.5, "avg": 0.5}
+
+
+def test_regmeans_calibration_passes_in_a_run_show_their_progress(calls_list, tmp_path, quiet, capsys):
+    """A run's RegMean merge collected each expert's Gram matrices on its task's calibration
+    batches (a pass a task) with no progress shown; each task's pass has its bar, none when
+    the run is quiet."""
+
+    class Linear(Bench):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.base_state = {"weight": torch.randn(4, 4, generator=g)}
+            self.experts = {t: {"weight": self.base_state["weight"] + torch.randn(4, 4, generator=g)}
+                            for t in self.task_names}
+            self.calibration = {t: [torch.randn(3, 4, generator=g) for _ in range(2)] for t in self.task_names}
+
+        def model(self, state):
+            net = torch.nn.Linear(4, 4, bias=False)
+            net.load_state_dict(state)
+            return net
+
+    regmean = plan(merges=[MergePlan("regmean", scales=[0.3])], methods=["rtn"])
+    for progress in (True, False):
+        pipeline.run(Linear(), regmean, tmp_path / str(progress), progress=progress, log=quiet)
+        err = capsys.readouterr().err
+        assert all((f"regmean: task {t}'s Gram matrices" in err) == progress for t in Bench.task_names), err
