@@ -89,6 +89,11 @@ class MergePlan:
         self.label = self.label or MERGE_LABELS[self.method]
         if not isinstance(self.label, str):
             raise ValueError(f"merge {self.method}: label must be a string, got {self.label!r}")
+        if "/" in self.label or "\\" in self.label:
+            # (it names the checkpoint folders, checkpoints/<label>-w4-...: subfolders, or past the
+            # run's directory for '../', where no --fresh sets them aside)
+            raise ValueError(f"merge {self.method}: label {self.label!r} names its checkpoint folders: "
+                             f"give one without '/' or '\\'")
 
 
 @dataclass

@@ -3,6 +3,7 @@ validation, what the table and the report say (the quantizer replaced by a recor
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -874,3 +875,12 @@ def test_regmeans_calibration_passes_in_a_run_show_their_progress(calls_list, tm
         pipeline.run(Linear(), regmean, tmp_path / str(progress), progress=progress, log=quiet)
         err = capsys.readouterr().err
         assert all((f"regmean: task {t}'s Gram matrices" in err) == progress for t in Bench.task_names), err
+
+
+@pytest.mark.parametrize("label", ["TA/0.3", "../TA", "TA\\0.3"])
+def test_a_merge_label_that_is_no_folder_name_is_refused(label, tmp_path, quiet):
+    """A merge's label names its checkpoint folders (checkpoints/<label>-w4-...): one holding a
+    path separator wrote them into subfolders, or past the run's directory ('../TA'), where no
+    --fresh sets them aside and a later run's replace them; refused, naming the label."""
+    with pytest.raises(ValueError, match=re.escape(repr(label))):
+        Plan.from_config([{"method": "task_arithmetic", "label": label}], None)
