@@ -281,10 +281,16 @@ class Store:
         self.data = {"identity": identity, "steps": {}}
         self.now = {}  # the steps this run has done or reused: its plan's, never an earlier plan's
         theirs = [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+        # (a run writes its checkpoints after its results.json: a folder of them without it is the user's,
+        # whose files the run's were written among, and moved aside with them by a later --fresh)
+        checkpoints = Path(out_dir) / "checkpoints"
+        if checkpoints.is_dir() and any(not (p.name.startswith(".") and ".tmp-" in p.name)  # (a run's temporaries)
+                                        for p in checkpoints.iterdir()):
+            theirs.append("checkpoints/")
         if theirs and not self.path.exists():  # (report() writes them beside a results.json: not a run's)
             raise ResultsFileError(f"{out_dir} holds {', '.join(theirs)} but no results.json: not a directory epmq "
-                                   f"run writes into, and the report would replace them; give another output "
-                                   f"directory or move them")
+                                   f"run writes into, and the run's report and checkpoints would replace or mix "
+                                   f"with them; give another output directory or move them")
         if self.path.exists():
             old = read_json(self.path, strict=True)  # (an unreadable disk raises as itself)
             # (epmq writes it atomically: damaged by something else; a JSON object without epmq's

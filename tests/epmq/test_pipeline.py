@@ -258,6 +258,23 @@ def test_a_users_table_without_results_is_not_overwritten(calls_list, tmp_path, 
     assert (tmp_path / "table.md").read_text() == "mine"
 
 
+def test_a_users_checkpoints_folder_without_results_is_not_written_into(calls_list, tmp_path, quiet):
+    """An output directory holding a checkpoints/ folder of the user's (their experts, epmq run
+    --out . in a project) and no results.json was taken: the run's checkpoints were written among
+    them, and the next --fresh (or changed bench) moved the whole folder, theirs included, to
+    checkpoints.before-<time>, away from where their config names them; refused as a table.md is."""
+    mine = tmp_path / "checkpoints" / "expert_a"
+    mine.mkdir(parents=True)
+    (mine / "model.safetensors").write_bytes(b"the user's expert")
+    with pytest.raises(ValueError, match="holds checkpoints/ but no results.json"):
+        pipeline.run(Bench(), plan(), tmp_path, log=quiet)
+    assert (mine / "model.safetensors").read_bytes() == b"the user's expert"
+    assert not (tmp_path / "results.json").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "checkpoints").mkdir()  # (an empty one holds nothing to mix with)
+    pipeline.run(Bench(), plan(), tmp_path / "empty", log=quiet)
+
+
 @pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("content", ['{"st', '{"results": {"acc": 0.9}}', '{"identity": {}, "steps": [1]}'])
 def test_a_damaged_results_file_is_refused_not_overwritten(calls_list, tmp_path, quiet, fresh, content):
