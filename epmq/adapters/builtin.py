@@ -227,8 +227,9 @@ class EncoderAdapter(Adapter):
     """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
     tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the
     prompt tokens and the image's, two streams) no adapter lists, and a default walk taking the ViT
-    here would leave them in full precision. ``TUPLE_BLOCKS`` return ``(hidden, ...)``, whose encoder
-    takes ``[0]`` of what a stand-in returns."""
+    here would leave them in full precision. M2M-100's encoder likewise: taken as a text tower
+    (NLLB-CLIP's), not beside its own decoder, which AUTO walks with it. ``TUPLE_BLOCKS`` return
+    ``(hidden, ...)``, whose encoder takes ``[0]`` of what a stand-in returns."""
 
     TUPLE_BLOCKS = ("Llama4VisionEncoderLayer",)
 
@@ -237,8 +238,10 @@ class EncoderAdapter(Adapter):
 
     def stacks(self, model):
         stacks = super().stacks(model)
-        if any(type(m).__name__ == "SamTwoWayAttentionBlock" for m in model.modules()):
-            stacks = [(name, blocks) for name, blocks in stacks if type(blocks[0]).__name__ != "SamVisionLayer"]
+        for whole, taken in (("SamTwoWayAttentionBlock", "SamVisionLayer"),
+                             ("M2M100DecoderLayer", "M2M100EncoderLayer")):
+            if any(type(m).__name__ == whole for m in model.modules()):
+                stacks = [(name, blocks) for name, blocks in stacks if type(blocks[0]).__name__ != taken]
         return stacks
 
 
@@ -309,6 +312,9 @@ HF_ENCODERS = EncoderAdapter("hf-encoder", block_types=(
     # the same at every depth; the convolution module's depthwise convolution stays in full precision), and
     # Wav2Vec2-BERT's adapter layers after them (each pooling the frames by its stride, as LeViT's subsampling)
     "Wav2Vec2ConformerEncoderLayer", "Wav2Vec2BertEncoderLayer", "Wav2Vec2BertAdapterLayer",
+    # NLLB's (M2M-100's) encoder as open_clip's NLLB-CLIP text tower, beside its image tower, which a default
+    # walk took alone
+    "M2M100EncoderLayer",
 ))
 
 

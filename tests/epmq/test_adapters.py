@@ -183,6 +183,46 @@ def test_open_clip_custom_blocks_are_quantized_whole_and_load_back(model_class, 
     close_and_loaded_back(clip, reference, make, (image, text), tmp_path)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nllb_clip_text_tower_is_quantized_beside_the_image_tower(method, gen, tmp_path):
+    """NLLB-CLIP (open_clip's nllb-clip-*: an HF text tower, NLLB's M2M-100 encoder, beside the
+    image tower) had its whole text encoder (text.transformer.layers, M2M100EncoderLayer) left in
+    full precision with a warning while the image tower was quantized; both towers are walked in
+    one call, the features close to the float model's, and the checkpoint loads back the same."""
+    import transformers
+    from open_clip.model import CustomTextCLIP
+
+    transformers.M2M100Model(transformers.M2M100Config(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=20,
+        pad_token_id=1)).save_pretrained(tmp_path / "nllb")
+
+    def make():
+        torch.manual_seed(0)
+        return CustomTextCLIP(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16,
+                                                            patch_size=8, mlp_ratio=2.0),
+                              text_cfg=dict(hf_model_name=str(tmp_path / "nllb"),
+                                            hf_tokenizer_name=str(tmp_path / "nllb"), hf_proj_type="linear",
+                                            hf_pooler_type="cls_pooler", hf_model_pretrained=False,
+                                            context_length=8)).eval()
+
+    clip, reference = make(), make()
+    image = torch.randn(2, 3, 16, 16, generator=gen)
+    text = torch.ones(2, 8, dtype=torch.long)  # (1: the pad id)
+    text[0, :5], text[1] = torch.randint(2, 64, (5,), generator=gen), torch.randint(2, 64, (8,), generator=gen)
+    calibration = {"task": [{"image": image, "text": text}]} if method == "gptq" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method=method, calibration=calibration,
+                            progress=False)
+    assert [n for n, m in clip.named_modules() if isinstance(m, nn.Linear) and ".layers." in n] == []
+    assert clip.epmq_report.adapter == "open_clip+hf-encoder"
+    if method == "gptq":  # (the pad-id positions no tokens, as in the other HF text towers)
+        tokens = {e["name"]: e["n_tokens"] for e in clip.epmq_report.layers}
+        assert tokens["text.transformer.layers.1.fc1"] == 5 + 8
+    close_and_loaded_back(clip, reference, make, (image, text), tmp_path)
+
+
 def test_open_clip_resnet_attention_pool_left_in_full_precision_is_warned_of(gen, tmp_path):
     """An open_clip ModifiedResNet's (RN50's) attention pool hands its q, k, v and c projections'
     weights to ``F.multi_head_attention_forward``, outside any list of blocks: they stayed in full
