@@ -222,7 +222,11 @@ TIMM = TimmAdapter("timm", block_types=tuple(
        # FastViT's attention stages (FastVLM's tower, MobileCLIP's image towers): blocks on [B, C, H, W]
        # feature maps whose attention's qkv and proj are its linears (its MLP, 1 x 1 convolutions, and
        # the RepMixer stages before them stay in full precision)
-       "timm.models.fastvit.AttentionBlock"))
+       "timm.models.fastvit.AttentionBlock",
+       # ConvNeXt's stages (open_clip's convnext_* image towers): blocks on [B, C, H, W] feature maps whose
+       # MLP's fc1 and fc2 are its linears, on channels last (the depthwise convolution stays in full
+       # precision; conv_mlp's 1 x 1 convolutions hold no linear)
+       "timm.models.convnext.ConvNeXtBlock"))
 class EncoderAdapter(Adapter):
     """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
     tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the

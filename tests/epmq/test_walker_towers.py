@@ -1018,6 +1018,62 @@ def test_fastvit_attention_stages_are_walked_by_default(name, gen, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def epmq_tiny_convnext(pretrained=False, **options):
+    """timm's ConvNeXt: four stages of one block (16 to 32 channels; a 32 x 32 image to 1 x 1 features),
+    its layer scales at 1 (1e-6: the blocks a rounding error of the features)."""
+    from timm.models.convnext import ConvNeXt
+
+    options = {k: v for k, v in options.items() if not k.startswith("pretrained_") and k != "cache_dir"}
+    model = ConvNeXt(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), ls_init_value=1.0, **options)
+    model.pretrained_cfg = model.default_cfg = {}  # (timm's builder sets them; open_clip reads them)
+    return model
+
+
+def tiny_convnext_clip(seed=0):
+    """open_clip's ConvNeXt CLIP (convnext_*: timm's ConvNeXt as the image tower, pooled and projected
+    by open_clip, as its configs build it) and open_clip's text tower."""
+    from open_clip.model import CLIP
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_convnext"):
+        register_model(epmq_tiny_convnext)
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_convnext", timm_model_pretrained=False,
+                                              timm_pool="", timm_proj="linear", timm_drop_path=0.1, image_size=32),
+                text_cfg=dict(context_length=8, vocab_size=300, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+
+
+def test_open_clip_convnext_image_tower_is_walked_by_default(gen, tmp_path, monkeypatch):
+    """open_clip's ConvNeXt CLIPs (convnext_base to convnext_xxlarge) had their whole image tower's
+    blocks (visual.trunk.stages.N.blocks, timm's ConvNeXtBlock: their MLPs' linears, nearly all of the
+    tower's weights) left in full precision with a warning while the text tower was quantized; TIMM
+    lists the block, so both towers are walked in one call (the depthwise convolutions stay in full
+    precision), a later stage's statistics those of a plain forward, the image features near the
+    float ones, and the checkpoint loads back the same."""
+    model = tiny_convnext_clip()
+
+    def item():
+        return dict(image=torch.randn(1, 3, 32, 32, generator=gen), text=torch.randint(1, 299, (1, 8), generator=gen))
+
+    test = item()
+    with torch.no_grad():
+        reference = model.visual(test["image"])
+    quantize_leaving_no_tower(model, item)
+    assert model.epmq_report.adapter == "open_clip+timm"
+    for i in range(4):
+        stage = f"visual.trunk.stages.{i}.blocks"
+        assert linears(model, stage, epmq.QuantLinear) and not linears(model, stage, torch.nn.Linear)
+    with torch.no_grad():
+        assert (model.visual(test["image"]) - reference).norm() / reference.norm() < 0.02
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", tiny_convnext_clip(seed=1))
+    with torch.no_grad():
+        for a, b in zip(loaded(**test)[:2], model(**test)[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_walk_sees_a_plain_forward(tiny_convnext_clip(), "visual.trunk.stages.2.blocks.0.mlp.fc1",
+                                     [item() for _ in range(2)], monkeypatch)
+
+
 def test_sam_is_still_walked_whole_by_auto(gen):
     """SAM's ViT blocks, which HF_ENCODERS takes beside other towers (DeepSeek-VL hybrid's), are
     left to AUTO in SAM's own model: taken there, the mask decoder's two-way blocks, which no adapter
