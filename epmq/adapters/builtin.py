@@ -226,7 +226,10 @@ TIMM = TimmAdapter("timm", block_types=tuple(
        # ConvNeXt's stages (open_clip's convnext_* image towers): blocks on [B, C, H, W] feature maps whose
        # MLP's fc1 and fc2 are its linears, on channels last (the depthwise convolution stays in full
        # precision; conv_mlp's 1 x 1 convolutions hold no linear)
-       "timm.models.convnext.ConvNeXtBlock"))
+       "timm.models.convnext.ConvNeXtBlock",
+       # Swin's stages (open_clip's swin_base_patch4_window7_224): windowed attention blocks on [B, H, W, C]
+       # patch grids (the patch merging that opens a stage stays in full precision)
+       "timm.models.swin_transformer.SwinTransformerBlock"))
 class EncoderAdapter(Adapter):
     """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
     tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the

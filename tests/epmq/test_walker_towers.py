@@ -1074,6 +1074,59 @@ def test_open_clip_convnext_image_tower_is_walked_by_default(gen, tmp_path, monk
                                      [item() for _ in range(2)], monkeypatch)
 
 
+def epmq_tiny_swin(pretrained=False, **options):
+    """timm's Swin: four stages of one block (16 to 128 channels, 1 to 8 heads), a 32 x 32 image in 4 x 4
+    patches, windows of 2 x 2 (the second and later stages merging patches before their blocks)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    options = {k: v for k, v in options.items() if not k.startswith("pretrained_") and k != "cache_dir"}
+    model = SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                            window_size=2, **options)
+    model.pretrained_cfg = model.default_cfg = {}  # (timm's builder sets them; open_clip reads them)
+    return model
+
+
+def test_open_clip_swin_image_tower_is_walked_by_default(gen, tmp_path, monkeypatch):
+    """open_clip's swin_base_patch4_window7_224 (timm's Swin as the image tower) had its image blocks
+    (visual.trunk.layers.N.blocks, SwinTransformerBlock) left in full precision with a warning while the
+    text tower was quantized; TIMM lists the block, so both towers are walked in one call (the patch
+    merging between stages stays in full precision), a later stage's statistics those of a plain
+    forward, the image features near the float ones, and the checkpoint loads back the same."""
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_swin"):
+        register_model(epmq_tiny_swin)
+
+    def build(seed=0):
+        from open_clip.model import CLIP
+
+        torch.manual_seed(seed)
+        return CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_swin", timm_model_pretrained=False,
+                                                  timm_pool="", timm_proj="linear", image_size=32),
+                    text_cfg=dict(context_length=8, vocab_size=300, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+
+    def item():
+        return dict(image=torch.randn(1, 3, 32, 32, generator=gen), text=torch.randint(1, 299, (1, 8), generator=gen))
+
+    model, test = build(), item()
+    with torch.no_grad():
+        reference = model.visual(test["image"])
+    quantize_leaving_no_tower(model, item)
+    assert model.epmq_report.adapter == "open_clip+timm"
+    for i in range(4):
+        stage = f"visual.trunk.layers.{i}.blocks"
+        assert linears(model, stage, epmq.QuantLinear) and not linears(model, stage, torch.nn.Linear)
+    with torch.no_grad():
+        assert (model.visual(test["image"]) - reference).norm() / reference.norm() < 0.02
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q", build(seed=1))
+    with torch.no_grad():
+        for a, b in zip(loaded(**test)[:2], model(**test)[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_walk_sees_a_plain_forward(build(), "visual.trunk.layers.2.blocks.0.mlp.fc1", [item() for _ in range(2)],
+                                     monkeypatch)
+
+
 def test_sam_is_still_walked_whole_by_auto(gen):
     """SAM's ViT blocks, which HF_ENCODERS takes beside other towers (DeepSeek-VL hybrid's), are
     left to AUTO in SAM's own model: taken there, the mask decoder's two-way blocks, which no adapter
