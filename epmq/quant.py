@@ -124,11 +124,15 @@ def _block_edges(d: int) -> list:
 MEASURE_LOSS_BELOW = 1 / 8
 
 
-def _objective(E: torch.Tensor, H: torch.Tensor, mm=ieee_mm, dtype=torch.float32) -> float:
+def _objective(E: torch.Tensor, H: torch.Tensor, mm=ieee_mm, dtype=torch.float32, shift: int = 0) -> float:
     """``tr(E H E^T) = <H, E^T E>`` for a symmetric ``H``: the blocks of the symmetric ``E^T E``
     on and right of the diagonal, each off-diagonal one counted twice (56% of the work of
     ``E @ H``). Products in float32 by ``mm`` (the value is a report, not an input to the
-    solver), or in float64 (``dtype``), sums in float64."""
+    solver), or in float64 (``dtype``), sums in float64. ``shift``: ``H`` is taken as
+    ``2^-shift H`` (exactly) and the value scaled back, for an ``H`` past float32's range
+    (``_fp32_shift``)."""
+    if shift:
+        H = _times_power_of_two(H.double(), -shift)
     E, H = E.to(dtype), H.to(dtype)
     mm = torch.matmul if dtype == torch.float64 else mm
     edges = _block_edges(H.shape[0])
@@ -141,7 +145,14 @@ def _objective(E: torch.Tensor, H: torch.Tensor, mm=ieee_mm, dtype=torch.float32
         w = b - a
         total += torch.sum(P[:, :w] * H[a:b, a:b], dtype=torch.float64)
         total += 2 * torch.sum(P[:, w:] * H[a:b, b:], dtype=torch.float64)
-    return float(total)
+    return math.ldexp(float(total), shift)
+
+
+def _fp32_shift(mean_diag: float) -> int:
+    """The even power of two that brings a Hessian of this mean diagonal into EPMQ_HESSIAN_SCALE,
+    where float32 holds it (0 where it is there already, or zero): ``_objective``'s ``shift``."""
+    lo, hi = EPMQ_HESSIAN_SCALE
+    return 2 * (math.frexp(mean_diag)[1] // 2) if mean_diag and not lo <= mean_diag <= hi else 0
 
 
 def _unpermute(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -844,7 +855,9 @@ def epmq_from_stats(
         if mu:
             weight_anchor_term = float(E.double().pow(2).sum())
         if lam:
-            anchor_term = _objective(E, H_m, mm)
+            # (H_m is not weighed by a_k: inputs of order 1e-23 or 1e21 put it past float32's range,
+            # flushed to zero or overflowed in the product, where the solve scales H)
+            anchor_term = _objective(E, H_m, mm, shift=_fp32_shift(trace_m / d_in))
             if G_m is not None:
                 anchor_term += -2 * float((E.double() * G_m.double()).sum()) + stats.c_m
     result.anchor_loss = lam * anchor_term
@@ -855,7 +868,8 @@ def epmq_from_stats(
         # of large ones, off by about 4e-6 of the total (the solver's fp32 loss; 4% at anchor
         # 1e6): taken by its own product then, so it is off by 4e-5 of itself at most (not
         # always: the product costs 56% of a solve's, and anchors up to ~3 never need it)
-        result.expert_loss = (_objective(E, H_e, mm) - 2 * float((E.double() * G_e.double()).sum())
+        result.expert_loss = (_objective(E, H_e, mm, shift=_fp32_shift(s / d_in))
+                              - 2 * float((E.double() * G_e.double()).sum())
                               + stats.c_e)
     result.info.update(
         lam_effective=lam,

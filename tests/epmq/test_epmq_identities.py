@@ -778,3 +778,27 @@ def test_expert_term_when_the_experts_are_met_exactly(gen, K, n, percdamp):
         a, H_m, lam, mu, _ = effective(W_m, H_k, 0.0, 0.0)
         expert, _, _ = L_terms(res.weight, W_m, W_k, H_k, a, H_m, lam, mu)
         assert res.expert_loss == pytest.approx(expert, rel=1e-6)
+
+
+@pytest.mark.parametrize("shift", [-150, 140])
+@pytest.mark.parametrize("anchor, weight_anchor, task_weights", [(0.5, 0.1, None), (1e4, 0.0, (0.2, 1.0, 3.0))])
+def test_hessians_beyond_float32_report_the_terms_of_scaled_ones(gen, shift, anchor, weight_anchor, task_weights):
+    """Calibration inputs of order 1e-23 or 1e21 (H_k of 2^-150 or 2^140, past float32's range: a
+    layer behind a norm of tiny or huge weight) are solved as scaled ones, their codes and loss
+    those of the scaled problem, but the anchor term (and, where anchors dominate, the expert
+    term) was taken by a float32 product of H_m (H_e), flushed to zero (the anchor term reported
+    0, the expert term taking its share) or overflowed (both NaN). a_k = 1 / tr(H_k) and lam' =
+    anchor s / tr(H_m) make every term independent of H's scale; given task weights scale the
+    expert and anchor terms by 2^shift."""
+    W_m, W_k, H_k = draw(gen)
+    if task_weights is not None:
+        task_weights = [t / float(torch.trace(H.double())) for t, H in zip(task_weights, H_k)]
+    kw = dict(anchor=anchor, weight_anchor=weight_anchor)
+    ref = quant.epmq(W_m, W_k, H_k, SPEC, task_weights=task_weights, **kw)
+    two = torch.tensor(float(shift), dtype=torch.float64)
+    scaled = [torch.ldexp(H.double(), two) for H in H_k]
+    res = quant.epmq(W_m, W_k, scaled, SPEC, task_weights=task_weights, **kw)
+    assert torch.equal(res.codes, ref.codes)
+    scale = 1.0 if task_weights is None else math.ldexp(1.0, shift)
+    for name in ("loss", "expert_loss", "anchor_loss", "weight_anchor_loss"):
+        assert getattr(res, name) == pytest.approx(scale * getattr(ref, name), rel=1e-4, abs=0), name
