@@ -172,8 +172,7 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
     check_weight(W)
     d_out, d_in = W.shape
     _check_spec(spec)
-    if H is not None:
-        check_hessian(H, d_in)
+    trace = check_hessian(H, d_in) if H is not None else 0.0
     target = W.detach().float()
     group_size = max(d_in, 1) if spec.group_size == -1 else spec.group_size  # (1: no inputs)
     scales, zeros = find_group_params(target, group_size, spec.bits, spec.sym)
@@ -182,7 +181,9 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, H: Optional[torch.Tensor] = None) -
     q = quantize_codes(target, scale, zero, spec.maxq)
     weight = dequantize(q, scale, zero)
     E = weight - target
-    loss = _objective(E, H) if H is not None else float(E.double().pow(2).sum())
+    # (an H past float32's range, which GPTQ solves scaled, taken scaled: else 0 or NaN)
+    loss = (_objective(E, H, shift=_fp32_shift(trace / max(d_in, 1))) if H is not None
+            else float(E.double().pow(2).sum()))
     return QuantResult(
         weight=weight,
         codes=q.to(torch.int32),

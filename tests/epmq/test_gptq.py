@@ -445,6 +445,19 @@ def test_rtn_refuses_weights_whose_grid_would_overflow(sym):
         quant.rtn(W, QuantSpec(bits=4, group_size=-1, sym=sym))
 
 
+@pytest.mark.parametrize("shift", [-150, -200, 140, 900])
+def test_rtn_loss_of_a_hessian_past_float32s_range(gen, shift):
+    """RTN's loss under H, the baseline GPTQ's is set beside, was a float32 product of H: one of
+    inputs of order 1e-23 (H of 2^-150, which GPTQ solves) came out 2% low, of 2^-200 as 0, of
+    2^140 as NaN. It is the loss of the scaled H, scaled back."""
+    W, H = random_problem(gen, dead=3)
+    spec = QuantSpec(bits=4, group_size=16)
+    ref = quant.rtn(W, spec, H=H.double())
+    res = quant.rtn(W, spec, H=torch.ldexp(H.double(), torch.tensor(float(shift), dtype=torch.float64)))
+    assert torch.equal(res.codes, ref.codes)
+    assert res.loss == pytest.approx(math.ldexp(ref.loss, shift), rel=1e-6, abs=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_a_group_size_not_dividing_the_width_leaves_a_shorter_last_group(gen, method):
     """64 columns in groups of 48: groups [0, 48) and [48, 64), the second's grid from its own 16
