@@ -275,7 +275,10 @@ def _info(H):
 
 HESSIAN_SCALE = (1e-50, 1e50)  # the mean diagonals _factor takes (Hinv's entries fit fp32's 1e+-38)
 # E-PMQ's G = sum_k a_k D_k H_k is of H's scale and rounded to float32 as well: task weights of
-# 2^-140 (H ~ 1e-44) flushed it to subnormals (13% of codes moved), 2^140 overflowed it
+# 2^-140 (H ~ 1e-44) flushed it to subnormals (13% of codes moved), 2^140 overflowed it. So is
+# GPTQ's H where float64 is slow (the fp32 factor, a low-rank H's measured loss): one of 2^-150
+# was read as subnormals there (its loss 1.3% low, 12.6 times too high of 8 tokens): both are
+# solved scaled into this range
 EPMQ_HESSIAN_SCALE = (2.0**-64, 2.0**64)
 
 
@@ -460,7 +463,7 @@ def _round_target(
     live = ~dead
     mean_diag = float(diag[live].mean()) if bool(live.any()) else 0.0
     shift = 0
-    lo, hi = HESSIAN_SCALE if G is None else EPMQ_HESSIAN_SCALE
+    lo, hi = EPMQ_HESSIAN_SCALE  # (float32's: the factor and the loss may be taken in it)
     if mean_diag and not lo <= mean_diag <= hi:
         # GPTQ's codes do not depend on H's scale, but the solver's fp32 factor does: such an H
         # (inputs of order 1e-27, behind a norm of tiny weight; E-PMQ's of task weights of 1e-60
