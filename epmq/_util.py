@@ -166,13 +166,27 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+# the temporaries this process made: one of its pid that it did not make is a killed process's (a
+# container restarted after a preemption runs the same command under the same pid)
+_OWN_TEMPORARIES = set()
+
+
+def own_temporary(path: Path) -> Path:
+    """``path``, a temporary this process makes, kept from ``remove_stale_temporaries``."""
+    _OWN_TEMPORARIES.add(os.path.abspath(path))
+    return path
+
+
 def remove_stale_temporaries(parent: Path, name: str) -> None:
     """Delete the temporaries ``.<name>.tmp-<pid>[-...]`` (files or directories) that a killed
     write to ``parent/name`` left behind; those of live processes are kept. ``name`` may be a
     glob pattern."""
     for path in Path(parent).glob(f".{name}.tmp-*"):
         pid = path.name.rpartition(".tmp-")[2].partition("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        if not pid.isdigit():
+            continue
+        if (os.path.abspath(path) not in _OWN_TEMPORARIES if int(pid) == os.getpid()
+                else not process_alive(int(pid))):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -182,7 +196,8 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
 def temporary_beside(path: Path, unique: bool = False) -> Path:
     """The temporary ``.<name>.tmp-<pid>`` beside ``path``, which ``remove_stale_temporaries``
     removes once its process is gone; ``unique``: with a random part too (several at once)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}" + (f"-{uuid.uuid4().hex[:8]}" if unique else ""))
+    suffix = f"-{uuid.uuid4().hex[:8]}" if unique else ""
+    return own_temporary(path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}"))
 
 
 def write_atomic(path, write: Callable[[Path], None]) -> None:

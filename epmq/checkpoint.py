@@ -58,8 +58,8 @@ from torch import nn
 
 from epmq_kernels.grid import is_integer
 
-from ._util import (read_json, read_json_file, release_freed_memory, remove_stale_temporaries, save_safetensors,
-                    storage_key, umask, wrapped_model)
+from ._util import (own_temporary, read_json, read_json_file, release_freed_memory, remove_stale_temporaries,
+                    save_safetensors, storage_key, umask, wrapped_model)
 from .adapters import Transposed, auto_beside, checkpoint_names, find_towers, prepare_towers, remember
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
 from .adapters.moe import LinearExperts
@@ -1029,7 +1029,7 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(parent, glob.escape(directory.name))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent))
+    tmp = own_temporary(Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent)))
     try:
         mask = umask()
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would become the checkpoint's mode

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._util import device_of, dtype_of, remove_stale_temporaries, temporary_beside
+from .._util import device_of, dtype_of, own_temporary, remove_stale_temporaries, temporary_beside
 from ..calibration import rgb_image
 from .common import BenchBase, default_cache_dir, files_fingerprint
 from .config import BenchConfigError
@@ -147,7 +147,7 @@ class _Store:
     def finish(self):
         if self.path is not None:
             self._mm.flush()
-            labels = self._tmp.with_name(self._tmp.name.replace(".npy.tmp-", ".labels.pt.tmp-"))
+            labels = own_temporary(self._tmp.with_name(self._tmp.name.replace(".npy.tmp-", ".labels.pt.tmp-")))
             torch.save(self.y, labels)
             os.replace(self._tmp, self._file(".npy"))  # (the map stays this store's: the same file)
             os.replace(labels, self._file(".labels.pt"))

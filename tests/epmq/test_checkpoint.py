@@ -1019,6 +1019,17 @@ def test_a_killed_writes_temporary_is_removed_by_the_next(two_models, monkeypatc
     assert not stale.exists() and live.exists()
 
 
+def test_a_killed_writes_temporary_of_this_process_s_pid_is_removed_by_the_next(two_models):
+    """A container restarted after a kill (a preempted job) runs the same command under the same
+    pid: the killed save's temporary (a whole checkpoint) bears this process's pid, which is not
+    the one that made it, and was kept by every later run of that pid."""
+    fam, old, new, directory = two_models
+    killed = directory.parent / f".{directory.name}.tmp-{os.getpid()}-abc"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"partial")
+    epmq.save_quantized(new, directory)
+    assert not killed.exists()
+
 
 def test_a_killed_json_writes_temporary_is_removed_by_the_next(tmp_path):
     """(results.json of ``epmq run``, block records of a resumable walk)"""
