@@ -162,7 +162,7 @@ class BlockLog:
             then, now = (_linears(d.get("blocks")) for d in (saved, identity))
             details = "; ".join(_walked(then, now) if k == "blocks" and then is not None and now is not None else
                                 _differs(k, saved.get(k), identity.get(k)) for k in changed)
-            remedy = "resume with the same arguments, or use an empty directory"
+            remedy = "resume with the same arguments, model and calibration data, or use an empty directory"
             if set(changed) <= _CODE:
                 remedy = ("it was written by other code (the versions of torch, triton, transformers, open_clip "
                           "or epmq, or what epmq's statistics count), whose blocks this one cannot take: resume "
@@ -264,9 +264,23 @@ class BlockLog:
 _CODE = {"versions", "statistics", "format", "share_input_statistics"}
 
 
+# the identity entries that are digests, and what of: two hashes say nothing to the user
+_DIGESTS = {
+    "outside": "the model's tensors outside the blocks (embeddings, final norm, head), in values or dtype",
+    "buffers": "the model's buffers (a rotary embedding's inv_freq), in values or dtype",
+    "modules": "the modules' settings (a norm's eps, an attention's scaling) or structure",
+    "calibration": "the calibration data (its texts or images, samples, lengths, seed or batches)",
+    "experts_outside": "the experts' tensors outside the blocks (embeddings, final norm, head)",
+}
+
+
 def _differs(key: str, then, now, limit: int = 4) -> str:
     """What differs in identity entry ``key``: of a mapping (a config, the versions), its entries
-    that differ."""
+    that differ; of a digest, what it is of (of each expert's: the tasks whose differ)."""
+    if key in _DIGESTS:
+        tasks = changed_keys(then, now) if isinstance(then, dict) and isinstance(now, dict) else []
+        which = f" (tasks {', '.join(map(repr, tasks[:limit]))}{', ...' if len(tasks) > limit else ''})"
+        return f"{key}: {_DIGESTS[key]} differ{which if tasks else ''}"
     if isinstance(then, dict) and isinstance(now, dict):
         keys = changed_keys(then, now)
         more = f" ({len(keys)} in all)" if len(keys) > limit else ""

@@ -4,6 +4,7 @@ directory written by another walk (arguments, data or weights) is refused, by na
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -190,6 +191,31 @@ def test_another_configuration_of_the_same_weights_is_refused(change, gen, tmp_p
     with pytest.raises(ValueError, match=f"another walk.*{match}"):
         epmq.quantize_model(model, SPEC, method="epmq", calibration=fam.calibration,
                             experts=fam.experts, resume_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("change,message", [
+    ("embeddings", r"outside: the model's tensors outside the blocks \(embeddings, final norm, head\)"),
+    ("dtype", r"outside: the model's tensors outside the blocks .*in values or dtype"),
+    ("data", r"calibration: the calibration data"),
+])
+def test_a_digest_that_differs_is_said_as_what_it_is_of(change, message, gen, tmp_path, monkeypatch):
+    """A model whose embeddings changed (merged again into its directory) or loaded in another
+    dtype, or other calibration data, was refused naming two hashes ('outside: 'e2712...' then,
+    '757b3...' now'); what differs is said."""
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    model, calibration = fam.merged(), fam.calibration
+    if change == "embeddings":
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(1.01)
+    elif change == "dtype":
+        model.to(torch.bfloat16)
+    else:
+        calibration = {t: [x.flip(-1) for x in items] for t, items in calibration.items()}
+    with pytest.raises(ValueError, match=f"another walk.*{message}") as refused:
+        epmq.quantize_model(model, SPEC, method="epmq", calibration=calibration, experts=fam.experts,
+                            resume_dir=tmp_path, progress=False)
+    assert not re.search(r"[0-9a-f]{32}", str(refused.value)), str(refused.value)
 
 
 def test_a_block_after_one_solved_again_from_other_weights_is_not_reused(gen, tmp_path):
