@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,6 +115,12 @@ def data_digest(item) -> str:
     def visit(x):
         if isinstance(x, torch.Tensor):
             h.update(tensor_digest([("", x)]).encode())
+        elif isinstance(x, np.ndarray):  # (by its values: its repr leaves out all but the ends of one past 1000)
+            if x.dtype == object:
+                h.update(f"ndarray{x.shape}".encode())
+                visit(x.reshape(-1).tolist())
+            else:
+                h.update(f"ndarray|{x.dtype.str}|{x.shape}|".encode() + np.ascontiguousarray(x).tobytes())
         elif isinstance(x, Mapping):
             h.update(b"{")
             for k, v in x.items():

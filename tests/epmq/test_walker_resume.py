@@ -603,6 +603,25 @@ def test_digests_depend_on_names_and_keys():
     assert data_digest([{"input_ids": ids}]) == data_digest([{"input_ids": ids.clone()}])
 
 
+def test_calibration_arrays_are_digested_whole():
+    """Calibration items of numpy arrays (a model whose forward takes them: torch.as_tensor(x))
+    were digested by their repr, which numpy cuts to its first and last values past 1000: data
+    differing in between was the same calibration, and a resume_dir of the other data resumed,
+    its blocks mixed into the walk without a word."""
+    import numpy as np
+
+    from epmq.resume import data_digest
+
+    a = np.random.default_rng(0).standard_normal((4, 64, 16)).astype(np.float32)
+    b = a.copy()
+    b[2, 30, 5] += 3.0
+    assert data_digest([a]) != data_digest([b])
+    assert data_digest([a]) != data_digest([a.astype(np.float64)])
+    assert data_digest([a]) != data_digest([a.reshape(4, 16, 64)])
+    assert data_digest([a]) == data_digest([a.copy()]) == data_digest([np.asfortranarray(a)])
+    assert data_digest([np.array(["x", 1], dtype=object)]) != data_digest([np.array(["y", 1], dtype=object)])
+
+
 def test_a_damaged_block_s_files_are_removed(tmp_path):
     """A damaged block is deleted when found, so that it no longer counts as done: a walk
     stopped before solving it again leaves a directory of no block (``records``), which
