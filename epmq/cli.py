@@ -369,12 +369,29 @@ def _quantize(args) -> int:
         out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
                                   resume=not args.fresh, progress=not args.quiet, **options)
     except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
-        raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
+        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise CLIError(message + _blocks_kept(args.out, message)) from e
     resumed = json.loads((Path(out) / REPORT_FILE).read_text(encoding="utf-8")).get("resumed")
     print(f"quantized {config['model']} with {config['method']} ({spec.bits}-bit) into {out} "
           f"in {time.perf_counter() - t0:.1f} s"
           + (f" ({len(resumed)} blocks loaded from the interrupted run)" if resumed else ""))
     return 0
+
+
+def _blocks_kept(out, message: str) -> str:
+    """What a failed quantization into ``out`` kept in OUT.resume (a full disk, a NaN in a late
+    block: the blocks done need not be solved again, and a user freeing space might delete them)."""
+    from .quantize_files import resume_dir_for
+    from .resume import records
+
+    kept = resume_dir_for(Path(os.path.abspath(out)))
+    if message.startswith(f"resume_dir {kept}") or not kept.is_dir():  # (refused: its own remedy)
+        return ""
+    n = len(records(kept))
+    if not n:
+        return ""
+    blocks = "1 block done is" if n == 1 else f"{n} blocks done are"
+    return f"\n{blocks} kept in {kept}: a rerun with the same settings (without --fresh) resumes from them"
 
 
 # --------------------------------------------------------------------------- run

@@ -952,6 +952,44 @@ def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkey
     assert json.loads((out / REPORT_FILE).read_text())["resumed"] == [] and not partial.exists()
 
 
+def test_cli_says_the_blocks_a_failed_quantization_kept(files, tmp_path, capsys, monkeypatch):
+    """A disk that filled up in the second block (or any error past the first) ended in the bare
+    OSError, naming a file in OUT.resume, with nothing said of the block kept there (Ctrl-C's
+    message says the same command resumes): a user freeing space might delete hours of blocks.
+    The error says how many blocks are kept and that a rerun with the same settings resumes; a
+    refused resume_dir, or a walk that kept none, says nothing of it."""
+    import errno
+
+    from epmq import resume
+
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(files / "merged"), method="gptq",
+                                          calibration={"a": str(files / "a.txt")}, bits=4, group_size=16,
+                                          samples=4, seq_len=16, batch_size=2)))
+    out, partial = tmp_path / "w4", tmp_path / "w4.resume"
+    save = resume.save_safetensors
+
+    def full(tensors, path, metadata=None):
+        if "layers.1" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(tensors, path, metadata)
+
+    with monkeypatch.context() as m:
+        m.setattr(resume, "save_safetensors", full)
+        assert main(["quantize", str(config), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert f"1 block done is kept in {partial}: a rerun with the same settings (without --fresh) resumes" in err, err
+    with monkeypatch.context() as m:  # (no block kept: nothing said)
+        m.setattr(resume, "save_safetensors", lambda *a, **k: full({}, "layers.1"))
+        assert main(["quantize", str(config), str(tmp_path / "other"), "--quiet"]) == 2
+    assert "kept in" not in capsys.readouterr().err
+    config.write_text(config.read_text().replace("bits: 4", "bits: 3"))  # (refused: its own remedy)
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "another walk" in err and "kept in" not in err
+
+
 # --------------------------------------------------------------------------- vision towers
 
 
