@@ -53,7 +53,7 @@ from .checks import check_outside_calibration, check_path, check_seed, device_ar
 from .experts import ExpertWeights
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
-from .resume import hold, records
+from .resume import hold, records, remove
 from .spec import QuantSpec
 from .walker import METHODS, TARGETS, _selector, quantize_model
 from epmq_kernels.expert_residual import check_residual_precision
@@ -507,9 +507,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
         saved = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
                                extras=extras)
         if resume_dir is not None and os.name != "nt":  # (Windows: once the lock file is closed)
-            shutil.rmtree(resume_dir, ignore_errors=True)
+            remove(resume_dir)
     if resume_dir is not None and os.name == "nt":
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        remove(resume_dir)
     return saved
 
 

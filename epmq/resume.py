@@ -321,6 +321,27 @@ def records(directory: Path) -> list:
     return [p for p in Path(directory).glob("*.json") if p.name != IDENTITY_FILE]
 
 
+def remove(directory) -> None:
+    """Delete the resume directory of a walk whose result is saved. A link (the directory put on
+    another disk) is not ours to empty whole, as ``hold(fresh=True)`` does not: the files walks
+    write are deleted where it points (block records and their tensors, ``walk.json``,
+    ``walk.lock``, killed writes' temporaries), then the link."""
+    directory = Path(directory)
+    if not directory.is_symlink():
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        remove_stale_temporaries(directory, "*")
+        for record in records(directory):
+            body = read_json(record)
+            if isinstance(body, dict) and {"identity", "check"} <= body.keys():
+                record.with_suffix(".safetensors").unlink(missing_ok=True)
+                record.unlink()
+        for name in (IDENTITY_FILE, LOCK_FILE):
+            (directory / name).unlink(missing_ok=True)
+        directory.unlink()
+
+
 def _identities(paths) -> set:
     """The walk identities the block records at ``paths`` carry (damaged ones: none)."""
     found = set()

@@ -2,6 +2,7 @@
 epmq.quantize_checkpoint and ``epmq quantize`` (after ``epmq merge``)."""
 
 import json
+import os
 import random
 import re
 import shutil
@@ -950,6 +951,42 @@ def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkey
     (partial / "walk.json").write_text("{}")  # a stale directory: --fresh discards it
     assert main(["quantize", str(config), str(tmp_path / "w4"), "--quiet", "--fresh"]) == 0
     assert json.loads((out / REPORT_FILE).read_text())["resumed"] == [] and not partial.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_cli_removes_a_linked_resume_directory_s_blocks_once_done(files, tmp_path, capsys, monkeypatch):
+    """OUT.resume a link to another disk (fast scratch beside an output on a network disk): the
+    clean-up after the checkpoint was written (shutil.rmtree, which refuses a link) failed without
+    a word, so every block (a whole quantized model) stayed there, and the next command into OUT
+    with other settings was refused as another walk's. The walk's files are removed from it, and
+    the link (as --fresh does); a file of the user's there is kept."""
+    from epmq import walker
+
+    config = tmp_path / "q.yaml"
+    base = dict(model=str(files / "merged"), method="gptq", calibration={"a": str(files / "a.txt")},
+                bits=4, group_size=16, samples=4, seq_len=16, batch_size=2)
+    config.write_text(yaml.safe_dump(base))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "notes.json").write_text("{}")
+    out, partial = tmp_path / "w4", tmp_path / "w4.resume"
+    partial.symlink_to(scratch)
+    quantize_block = walker._Walk._quantize_block
+    with monkeypatch.context() as m:
+        def interrupted(self, s, i, block):
+            if i == 1:
+                raise KeyboardInterrupt
+            return quantize_block(self, s, i, block)
+
+        m.setattr(walker._Walk, "_quantize_block", interrupted)
+        assert main(["quantize", str(config), str(out), "--quiet"]) == 130
+    assert (scratch / "model.layers.0.json").is_file()
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 0
+    assert "(1 blocks loaded from the interrupted run)" in capsys.readouterr().out
+    assert not os.path.lexists(partial)
+    assert sorted(p.name for p in scratch.iterdir()) == ["notes.json"]
+    config.write_text(yaml.safe_dump({**base, "bits": 3}))  # (another walk: nothing left to refuse it)
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 0
 
 
 def test_cli_says_the_blocks_a_failed_quantization_kept(files, tmp_path, capsys, monkeypatch):
