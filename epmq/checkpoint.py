@@ -431,7 +431,8 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     them vLLM, SGLang, GPTQModel and transformers build every linear of every block as a GPTQ
     layer, and then refuse the checkpoint, crash, or serve garbage. Returns ``(fields, split)``,
     ``split`` the linears left in full precision beside quantized ones vLLM loads fused with them,
-    and routed experts of one block of which some are quantized and some not (``"<experts> (MoE)"``)."""
+    routed experts of one block of which some are quantized and some not (``"<experts> (MoE)"``), and a block's
+    experts left in full precision (``"<experts> (MoE float)"``)."""
     try:
         towers = find_towers(model)
     except (ValueError, TypeError):  # (no registered adapter walks it: nothing is known of its blocks)
@@ -495,6 +496,8 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     for (stack, module), blocks in experts.items():
         left = [i for i, qs in blocks.items() if qs == {False} and (stack, i) not in whole]
         mixed += [f"{stack}.{i}.{module} (MoE)" for i, qs in blocks.items() if len(qs) > 1]
+        # (those the rules keep in full precision on GPTQ Marlin only: vLLM's plain GPTQ path reads no rule for them)
+        mixed += [f"{stack}.{i}.{module} (MoE float)" for i, qs in blocks.items() if qs == {False}]
         if left and len(left) == len(blocks):
             rules.append(rf"{_engine_name(stack, composite)}\.\d+\.{re.escape(module)}$")
         else:
@@ -731,7 +734,8 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
     ``subclassed`` as ``_built_as_linear_subclasses`` returns it."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
-    split = [name for name in split if not name.endswith(" (MoE)")]
+    float_experts = [name.removesuffix(" (MoE float)") for name in split if name.endswith(" (MoE float)")]
+    split = [name for name in split if not name.endswith((" (MoE)", " (MoE float)"))]
     if split:
         warnings.warn(
             f"{len(split)} linears (first: {split[0]}) are left unquantized while others that vLLM and "
@@ -766,6 +770,16 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
         and (o["bits"] not in (4, 8) or o["group_size"] not in MARLIN_GROUPS)))
     if not (qconfig["sym"] and qconfig["bits"] in (4, 8) and qconfig["group_size"] in MARLIN_GROUPS):
         marlin_refused = []
+    # vLLM's GPTQConfig hands every FusedMoE to MoE WNA16 built from the config's bits alone, no dynamic
+    # rule nor skipped module read (MoeWNA16Config.get_quant_method): experts the -: rules keep in full
+    # precision are built quantized there, and their float weights are not loaded
+    if off_marlin and float_experts:
+        reasons.append(
+            f"{' and '.join(off_marlin)}, which take vLLM off GPTQ Marlin onto its plain GPTQ kernel, with routed "
+            f"experts left in full precision (first: {float_experts[0]}): vLLM builds every block's experts there "
+            f"with its MoE WNA16 kernel, which reads no dynamic rule (the -: rule that keeps them in full precision "
+            f"on Marlin), so it builds them quantized and cannot load their float weights (QuantSpec(bits=4 or 8, "
+            f"sym=True) for Marlin, or quantize the experts too)")
     if off_marlin and experts:
         reasons.append(
             f"{' and '.join(off_marlin)}, which take vLLM and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "

@@ -2280,6 +2280,35 @@ def test_moe_experts_left_in_full_precision_are_named_as_vllm_builds_them(layers
     torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(x).logits, model(x).logits, rtol=0, atol=0)
 
 
+def _vllm_plain_gptq_builds_experts_quantized(qconfig):
+    """vLLM's plain GPTQ path (GPTQConfig.get_quant_method, taken where GPTQ Marlin is not: sym false, 2/3 bits)
+    hands every FusedMoE to MoeWNA16Config.from_config({quant_method, bits, group_size, sym: True, lm_head})
+    whose get_quant_method skips only modules_to_not_convert, [] for GPTQ: no dynamic rule is read
+    (vllm-project/vllm moe_wna16.py at ca3fff65bc7d65026d67c76b678aa667615bb710; gptq.py's FusedMoE branch)."""
+    return not (qconfig["sym"] and qconfig["bits"] in (4, 8))
+
+
+@pytest.mark.parametrize("bits, sym", [(4, False), (3, True), (4, True)])
+def test_moe_experts_left_in_full_precision_off_marlin_are_warned_of(bits, sym, tmp_path):
+    """Off GPTQ Marlin (the default asymmetric grids; 2/3 bits) vLLM builds every block's experts with
+    MoE WNA16, which reads no dynamic rule: the ``-:...mlp\\.experts$`` rule that keeps them in full
+    precision on Marlin is not read there, and their float weights fail to load; save_quantized says so,
+    naming the first block's experts (on Marlin the rule holds: nothing said)."""
+    import warnings
+
+    model = build("qwen3_moe")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=16, sym=sym), method="rtn", layers="self_attn",
+                        progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    q = _qconfigs(tmp_path / "q")[0]
+    said = [str(w.message) for w in record if "MoE WNA16" in str(w.message) and "full precision" in str(w.message)]
+    assert len(said) == _vllm_plain_gptq_builds_experts_quantized(q)
+    if said:
+        assert "model.layers.0.mlp.experts" in said[0] and "dynamic" in said[0] and "vLLM" in said[0]
+
+
 @pytest.mark.parametrize("layers", [r"experts\.0\.", r"down_proj"])
 def test_moe_experts_of_mixed_precision_in_one_block_are_warned_of(layers, tmp_path):
     """Some of a block's routed experts (or projections) quantized and others not: vLLM builds all
