@@ -773,26 +773,34 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # vLLM's GPTQConfig hands every FusedMoE to MoE WNA16 built from the config's bits alone, no dynamic
     # rule nor skipped module read (MoeWNA16Config.get_quant_method): experts the -: rules keep in full
     # precision are built quantized there, and their float weights are not loaded
-    if off_marlin and float_experts:
+    if off_marlin and float_experts and not marlin_refused:
         reasons.append(
             f"{' and '.join(off_marlin)}, which take vLLM off GPTQ Marlin onto its plain GPTQ kernel, with routed "
             f"experts left in full precision (first: {float_experts[0]}): vLLM builds every block's experts there "
             f"with its MoE WNA16 kernel, which reads no dynamic rule (the -: rule that keeps them in full precision "
             f"on Marlin), so it builds them quantized and cannot load their float weights (QuantSpec(bits=4 or 8, "
             f"sym=True) for Marlin, or quantize the experts too)")
-    if off_marlin and experts:
+    # (a config Marlin takes keeps vLLM and SGLang on it: its rules' other layers are refused, not served off it)
+    if off_marlin and experts and not marlin_refused:
         reasons.append(
             f"{' and '.join(off_marlin)}, which take vLLM and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "
             f"with routed experts (first: {experts[0]}) quantized: vLLM builds those with its MoE WNA16 kernel, "
             f"which takes 4 or 8 bits only and reads GPTQ experts as symmetric (asymmetric ones served wrong, their "
             f"zero points dropped), and SGLang refuses them (QuantSpec(bits=4 or 8, sym=True) for them)")
     elif marlin_refused:
+        # vLLM's plain GPTQ path builds every FusedMoE with MoE WNA16 at the config's bits, reading no rule
+        ruled = [name for name, m in layers.items() if _experts_of(name) is not None
+                 and (m.bits, m.group_size) != (qconfig["bits"], qconfig["group_size"])]
+        caveat = "" if not ruled else (
+            f" but routed experts: vLLM builds those with MoE WNA16 at the config's bits, which reads no dynamic "
+            f"rule, so the experts ruled otherwise (first: {ruled[0]}) load there neither")
         warnings.warn(
             f"the config's {qconfig['bits']}-bit symmetric grids in groups of {qconfig['group_size']} make vLLM and "
             f"SGLang pick GPTQ Marlin for the whole checkpoint, and its dynamic rules then give layers "
             f"{', '.join(f'bits={o[0]}, group_size={o[1]}' for o in marlin_refused)}, which Marlin refuses "
             f"('Unsupported quantization config'): serve it with quantization='gptq' (their plain GPTQ kernel, "
-            f"which takes every layer), or quantize those layers at 4 or 8 bits in groups of 32, 64 or 128",
+            f"which takes every layer{caveat}"
+            f"), or quantize those layers at 4 or 8 bits in groups of 32, 64 or 128",
             ServingWarning)
     elif off_marlin:
         warnings.warn(

@@ -3406,6 +3406,22 @@ def test_layers_gptq_marlin_cannot_take_under_a_marlin_config_are_warned_of(tmp_
     assert len(said) == 1 and "plain GPTQ kernel" in said[0]
 
 
+def test_routed_experts_gptq_marlin_cannot_take_are_not_offered_vllms_plain_gptq(tmp_path, recwarn):
+    """Block 1 at 3 bits under a 4-bit symmetric config of groups of 32 (GPTQ Marlin, which refuses the rule's
+    3 bits): quantization='gptq' was offered as serving every layer, but vLLM's plain GPTQ path hands every
+    FusedMoE to MoE WNA16 built from the config's bits alone, reading no dynamic rule (gptq.py's FusedMoE branch,
+    MoeWNA16Config.from_config at vllm-project/vllm ca3fff65bc7d65026d67c76b678aa667615bb710), so block 1's
+    3-bit experts load there neither; the warning says so, naming them."""
+    model = build("qwen3_moe")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=32, sym=True), method="rtn",
+                        layers=r"layers\.1\.", progress=False)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in recwarn if "Marlin refuses" in str(w.message)]
+    assert len(said) == 1 and "quantization='gptq'" in said[0]
+    assert "MoE WNA16" in said[0] and "model.layers.1.mlp.experts." in said[0]
+
+
 def test_a_peers_checkpoint_whose_dynamic_rules_give_other_bits_loads_without_g_idx(tmp_path):
     """A checkpoint of another writer (no epmq section) whose ``dynamic`` rules give block 1 8 bits in
     groups of 32, and no g_idx (the inputs counted off the packed words): the words were counted at the
