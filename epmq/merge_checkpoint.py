@@ -45,7 +45,7 @@ from . import merge as merge_lib
 from ._util import check_json_file, loading_bars, read_json_file
 from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
-                            json_files, loads_transposed, local_checkpoint, tie_order, weights_in)
+                            json_files, key_renaming, loads_transposed, local_checkpoint, tie_order, weights_in)
 from .checks import all_finite, check_outside_calibration, check_path, device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
@@ -244,19 +244,25 @@ def _check_untie(path: Path, followers: Mapping, why: str) -> None:
                          f"base whose head is untied")
 
 
-def _open(path: Path, what: str, device, names=None, lora_base=None) -> Mapping:
+def _open(path: Path, what: str, device, names=None, lora_base=None, rename=None) -> Mapping:
     """A checkpoint as a lazy state dict; with ``names`` (the reference's), under those names:
     its keys are found under one prefix rewrite (``checkpoint_io.Binding``: transformers 5
     saves ``CLIPVisionModel`` without the ``vision_model.`` that 4.x and ``CLIPModel`` write),
     and the tensors of its own that no name reaches are ignored, with a warning. A name the
     checkpoint does not store but ties, by its own config, to one it does (the head of an
-    expert with tied embeddings, saved without it) is that tensor. A LoRA adapter is the whole
-    expert on ``lora_base`` (default: the base its config names)."""
+    expert with tied embeddings, saved without it) is that tensor. ``rename``: the reference
+    model's loading renames (``key_renaming``); a name and a key that it renames alike are one
+    tensor (LLaVA saved as ``language_model.model.*`` and as its modules' ``model.language_model.*``,
+    which from_pretrained loads alike). A LoRA adapter is the whole expert on ``lora_base``
+    (default: the base its config names)."""
     reader = CheckpointReader(open_expert(path, lora_base), what)
     if names is None:
         return _View(LazyStateDict(reader, {key: key for key in reader.keys()}), device, label=what)
     own = checkpoint_ties(reader)  # (its own name first: a raw save stores a tied head beside its source)
-    binding = Binding(reader.keys(), {n: [n, *own[n]] for n in names if n in own}, names=names)
+    order = {n: [n, *own.get(n, ())] for n in names}
+    if rename is not None:
+        order = {n: list(dict.fromkeys([*aliases, *map(rename, aliases)])) for n, aliases in order.items()}
+    binding = Binding(reader.keys(), {n: a for n, a in order.items() if len(a) > 1}, names=names, rename=rename)
     binding.refuse_ambiguity(lambda message: ValueError(f"{what} {message}"))
     found = {n: binding.key_for(n) for n in names}
     found = {n: k for n, k in found.items() if k is not None}
@@ -1265,9 +1271,13 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     # for in the other models too: one that holds its own (a trained head) unties the merge
     followers = _tied_followers(reference)
     names = list(reference) + [n for n in followers if n not in reference]
+    # (the other models may hold its tensors in another naming its architecture loads: LLaVA's two)
+    skeleton = model_skeleton(reference_path)  # (None without a config: transformers is then not imported)
+    rename = None if skeleton is None else key_renaming(skeleton)
     for k in range(len(sources), len(models)):
         path, source = model_paths[k], models[k]
-        sources.append(_open(path, f"model {k} ({source})", device, names, lora_base=base_path or lora_base))
+        sources.append(_open(path, f"model {k} ({source})", device, names, lora_base=base_path or lora_base,
+                             rename=rename))
         if not len(sources[-1]):
             raise ValueError(f"model {k} ({source}) has none of the {'base' if base else 'first model'}'s "
                              f"tensors: not the same architecture")

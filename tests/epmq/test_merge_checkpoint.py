@@ -2346,3 +2346,39 @@ def test_experts_in_the_legacy_torch_format_are_not_held_whole_during_a_merge(tm
     assert done.returncode == 0, done.stderr
     grown = json.loads(done.stdout.splitlines()[-1])["grown"]
     assert grown < expert_bytes, (grown, expert_bytes)
+
+
+@pytest.mark.parametrize("base_naming", ["saved", "in_memory"])
+def test_llava_checkpoints_in_either_naming_are_merged_together(tmp_path, base_naming):
+    """LLaVA's checkpoints are on the hub in two namings: transformers' save_pretrained writes
+    ``language_model.model.*`` (pre-4.52 and 5.x), transformers 4.52-4.57 wrote its modules' own,
+    ``model.language_model.*``; from_pretrained loads both. A merge of the two namings merges
+    every tensor, as the models load."""
+    from safetensors.torch import save_file
+    from test_walker_towers import tiny_llava
+
+    def save(model, directory, in_memory):
+        if not in_memory:
+            return model.save_pretrained(directory)
+        directory.mkdir()
+        model.config.architectures = [type(model).__name__]  # (as save_pretrained writes it)
+        model.config.save_pretrained(directory)
+        save_file({n: t.contiguous() for n, t in model.state_dict().items()}, directory / "model.safetensors",
+                  metadata={"format": "pt"})
+
+    save(tiny_llava(0), tmp_path / "base", base_naming == "in_memory")
+    for k in range(2):  # (one in each naming)
+        save(tiny_llava(k + 1), tmp_path / f"e{k}", k == 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no tensor ignored, none copied from the base alone)
+        out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                                base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+
+    def load(path):
+        return transformers.LlavaForConditionalGeneration.from_pretrained(path).state_dict()
+
+    base, got = load(tmp_path / "base"), load(out)
+    experts = [load(tmp_path / f"e{k}") for k in range(2)]
+    for name in base:
+        want = base[name] + sum(e[name] - base[name] for e in experts)
+        assert torch.allclose(got[name], want, atol=1e-6), name
