@@ -1001,15 +1001,53 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
         mine = _layer_counts(config)
         if same[-1]:
             _check_layer_counts(mine, theirs, what_of(source), ref_name, goal)
+            _check_reading(config, reference, what_of(source), ref_name, goal, experts)
         elif kind and other and other in towers:  # (a tower of the reference: its own config's counts)
             _check_layer_counts(_layer_counts(config, nested=False),
                                 _layer_counts(_tower_config(reference, other), nested=False),
                                 what_of(source), f"{ref_name}'s {other} tower", goal)
+            _check_reading(config, _tower_config(reference, other), what_of(source), f"{ref_name}'s {other} tower",
+                           goal, experts, nested=False)
         elif kind and other and kind in other_towers:  # (the reference is a tower of it)
             _check_layer_counts(_layer_counts(_tower_config(config, kind), nested=False),
                                 _layer_counts(reference, nested=False), f"{what_of(source)}'s {kind} tower",
                                 ref_name, goal)
+            _check_reading(_tower_config(config, kind), reference, f"{what_of(source)}'s {kind} tower", ref_name,
+                           goal, experts, nested=False)
     return same
+
+
+# config.json's fields by which weights of the same shapes compute other things: their rows split
+# into other heads, another activation (refused, as another layer count), or positions turned by
+# another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
+READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "hidden_act",
+           "hidden_activation", "activation_function")
+POSITIONS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
+
+
+def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
+    """``{field: value}`` of ``fields`` that ``config`` spells out (not None), at its top and, where
+    ``nested``, in its towers' configs (``text_config.num_attention_heads``)."""
+    scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
+                             if nested else {})}
+    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in fields
+            if c.get(field) is not None}
+
+
+def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
+                   nested: bool = True) -> None:
+    for fields, refuse in ((READ_AS, True), (POSITIONS, False)):
+        mine, theirs = _config_fields(config, fields, nested), _config_fields(reference, fields, nested)
+        differ = sorted(f for f in mine.keys() & theirs.keys() if mine[f] != theirs[f])  # (both spell out)
+        if not differ:
+            continue
+        given = {f: mine[f] for f in differ}, {f: theirs[f] for f in differ}
+        if refuse:
+            raise ValueError(f"{what} reads its weights as {given[0]}, the {ref_name} as {given[1]} (config.json): "
+                             f"{goal.format('configuration')}")
+        warnings.warn(f"{what} computes its positions with {given[0]}, the {ref_name} with {given[1]} (config.json): "
+                      + ("its weights are run as the model's config says" if experts else
+                         "the merged weights are run as the config the output carries says"))
 
 
 def _tower_config(config: dict, model_type: str) -> dict:

@@ -298,9 +298,10 @@ def test_bad_merges_raise_before_writing(checkpoints, tmp_path):
         assert not (tmp_path / "x").exists()
     # a checkpoint of another architecture: the merge's shape check, naming the model as given
     # (not epmq.merge's "expert 1"), nothing written
+    # (its heads as wide as the base's: another head_dim is refused from config.json before any read)
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2))
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=f"model 1 \\({re.escape(str(tmp_path / 'other'))}\\) has shape"):
         merge_checkpoints("task_arithmetic", [root / "e0", tmp_path / "other"], tmp_path / "x",
@@ -2382,3 +2383,36 @@ def test_llava_checkpoints_in_either_naming_are_merged_together(tmp_path, base_n
     for name in base:
         want = base[name] + sum(e[name] - base[name] for e in experts)
         assert torch.allclose(got[name], want, atol=1e-6), name
+
+
+def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_of(tmp_path):
+    """Weights of the same shapes under another head count or activation mean other things (the
+    rows split into other heads): refused, as another layer count is. Another RoPE (a long-context
+    fine-tune's rope_theta) is warned of: the output carries one config's. Fields that do not
+    change what the weights compute (the name a model was loaded from, its dtype) are neither."""
+    def save(name, **config):
+        model = tiny_llama(1)
+        model.config.update(config)
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    plain = save("plain")
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"model \S*heads reads its weights as \{'head_dim': 4, "
+                                         r"'num_attention_heads': 8, 'num_key_value_heads': 4\}, the base as "
+                                         r"\{'head_dim': 8, 'num_attention_heads': 4, 'num_key_value_heads': 2\} "
+                                         r"\(config.json\): merge models of one configuration"):
+        merge_checkpoints("task_arithmetic", [plain, save("heads", num_attention_heads=8, num_key_value_heads=4,
+                                                           head_dim=4)], tmp_path / "out", **merge)
+    with pytest.raises(ValueError, match=r"'hidden_act': 'gelu'.*'hidden_act': 'silu'"):
+        merge_checkpoints("task_arithmetic", [plain, save("gelu", hidden_act="gelu")], tmp_path / "out", **merge)
+    with pytest.warns(UserWarning, match=r"model \S*rope computes its positions with \{'rope_parameters': "
+                                         r"\{'rope_theta': 500000.0, 'rope_type': 'default'\}\}, the base with "
+                                         r"\{'rope_parameters': \{'rope_theta': 10000.0"):
+        merge_checkpoints("task_arithmetic", [plain, save("rope", rope_parameters={
+            "rope_theta": 500000.0, "rope_type": "default"})], tmp_path / "out", **merge)
+    renamed = save("renamed", _name_or_path="someone/expert", dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", [plain, renamed], tmp_path / "out2", **merge)
