@@ -15,8 +15,9 @@ tensor of a checkpoint by its own key and reads one when asked:
 Safetensors files are opened with ``safe_open`` and read tensor by tensor; torch pickles are
 memory-mapped (``torch.load(mmap=True)``), so pages are read only when a tensor is used (one in
 the legacy, pre-1.6 format, which torch cannot map, has its tensors' bytes copied out of the
-mapped file when each is read: ``_LegacyPickle``); the shards of an index are opened when one of
-their tensors is first asked for. Every tensor leaves
+mapped file when each is read: ``_LegacyPickle``); an index's safetensors shards are opened at
+once (their headers list what they hold, as transformers reads it, listed in the index or not),
+its torch pickles when one of their tensors is first asked for. Every tensor leaves
 a store through ``_read_tensor`` (tests count what is alive through it).
 
 Checkpoint names rarely match the model's exactly: a transformers 4 CLIP checkpoint has a
@@ -407,6 +408,14 @@ class CheckpointReader:
             missing = sorted(str(f) for f in shards.values() if not f.is_file())
             if missing:
                 raise error(f"{what}: shard(s) listed in {path.name} are missing: {missing[:3]}")
+            # transformers reads every tensor of the shards an index names, listed or not (an index
+            # written before a tensor was added, or edited by hand): one left out was left out of a
+            # merge's output, loaded randomly initialised. A safetensors shard's header says what it
+            # holds (a torch pickle's is read by unpickling it, a legacy one's whole: not those)
+            for shard in sorted(set(shards.values())):
+                if shard.suffix == ".safetensors":
+                    for key in self._open(shard).keys():
+                        self._where.setdefault(key, shard)
             self.description = str(self.path)
         elif path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
             self._where = dict.fromkeys(self._open(path).keys(), path)

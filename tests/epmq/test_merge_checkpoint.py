@@ -2416,3 +2416,24 @@ def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_o
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         merge_checkpoints("task_arithmetic", [plain, renamed], tmp_path / "out2", **merge)
+
+
+def test_a_tensor_a_shard_holds_that_its_index_leaves_out_is_read_as_from_pretrained_reads_it(tmp_path):
+    """transformers reads every tensor of the shards an index names, listed in its weight_map or
+    not (an index written before a tensor was added, or edited by hand); a merge whose base's
+    index left one out wrote an output without it, loaded randomly initialised."""
+    name = "model.layers.1.mlp.up_proj.weight"
+    for k, where in enumerate(["base", "e0", "e1"]):
+        tiny_llama(k).save_pretrained(tmp_path / where, max_shard_size="20KB")
+    for where in ["base", "e1"]:
+        index = json.loads((tmp_path / where / "model.safetensors.index.json").read_text())
+        del index["weight_map"][name]
+        (tmp_path / where / "model.safetensors.index.json").write_text(json.dumps(index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no tensor ignored)
+        out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                                base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    base, e0, e1 = (_load(tmp_path / where)[name] for where in ["base", "e0", "e1"])
+    assert torch.allclose(model.state_dict()[name], base + (e0 - base) + (e1 - base), atol=1e-6)
