@@ -1030,8 +1030,16 @@ def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
     ``nested``, in its towers' configs (``text_config.num_attention_heads``)."""
     scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
                              if nested else {})}
-    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in fields
-            if c.get(field) is not None}
+    found = {}
+    for scope, c in scopes.items():
+        rope = c.get("rope_parameters")
+        for field in fields:
+            value = c.get(field)
+            if value is None and field == "rope_theta" and isinstance(rope, dict):
+                value = rope.get("rope_theta")  # (where transformers 5 writes a 4.x config's rope_theta)
+            if value is not None:
+                found[f"{scope}.{field}".lstrip(".")] = value
+    return found
 
 
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
@@ -1039,6 +1047,8 @@ def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal
     for fields, refuse in ((READ_AS, True), (POSITIONS, False)):
         mine, theirs = _config_fields(config, fields, nested), _config_fields(reference, fields, nested)
         differ = sorted(f for f in mine.keys() & theirs.keys() if mine[f] != theirs[f])  # (both spell out)
+        # (a theta read from rope_parameters, where both give those: said once, as they are written)
+        differ = [f for f in differ if not (f.endswith("rope_theta") and f"{f[:-len('theta')]}parameters" in differ)]
         if not differ:
             continue
         given = {f: mine[f] for f in differ}, {f: theirs[f] for f in differ}

@@ -2437,3 +2437,22 @@ def test_a_tensor_a_shard_holds_that_its_index_leaves_out_is_read_as_from_pretra
     assert not info["missing_keys"]
     base, e0, e1 = (_load(tmp_path / where)[name] for where in ["base", "e0", "e1"])
     assert torch.allclose(model.state_dict()[name], base + (e0 - base) + (e1 - base), atol=1e-6)
+
+
+def test_another_rope_theta_is_warned_of_where_transformers_4_and_5_write_it_apart(tmp_path):
+    """A hub base's config.json written by transformers 4 gives ``rope_theta`` at its top; an expert
+    fine-tuned and saved by transformers 5 gives it in ``rope_parameters`` (its own reading of the
+    4.x field): a long-context expert's other theta is warned of all the same."""
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]  # (as transformers 4 wrote it)
+    config["rope_scaling"] = None
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    for k, theta in enumerate([10000.0, 500000.0]):
+        expert = tiny_llama(k + 1)
+        expert.config.rope_parameters = {"rope_theta": theta, "rope_type": "default"}
+        expert.save_pretrained(tmp_path / f"e{k}")
+    with pytest.warns(UserWarning, match=r"model \S*e1 computes its positions with \{.*'rope_theta': 500000.0\}, the "
+                                         r"base with \{'rope_theta': 10000.0\}"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                          base=tmp_path / "base", progress=False)
