@@ -970,14 +970,16 @@ def _model_type(config: dict) -> tuple:
     return config.get("model_type"), towers
 
 
-def _check_architectures(base_path, model_paths, models, *, experts: bool = False) -> list:
+def _check_architectures(base_path, model_paths, models, *, experts: bool = False,
+                         reference: Optional[dict] = None) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
     checkpoints refused. Returns, per model, whether it is known to be of the reference's own
     architecture (then it must hold every tensor the others share with the reference).
     ``experts``: the models are E-PMQ's experts of the model ``base_path`` to quantize (the
-    messages say so)."""
+    messages say so). ``reference``: the reference's config (a model in memory's), in place of
+    ``base_path``'s config.json."""
     ref_name = "model" if experts else ("base" if base_path else "first model")
     what_of = (lambda source: f"the expert {source}") if experts else (lambda source: f"model {source}")
     goal = "E-PMQ's experts must be of the model's {}" if experts else "merge models of one {}"
@@ -987,7 +989,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
         if not is_lora_adapter(path) and is_quantized(path if path.is_dir() else path.parent):
             raise ValueError(f"{what} is a quantized checkpoint (quantization_config in its config.json, or a "
                              f"quantize_config.json): {'give' if experts else 'merge'} the full-precision models")
-    reference = _config(base_path if base_path is not None else model_paths[0])
+    if reference is None:
+        reference = _config(base_path if base_path is not None else model_paths[0])
     kind, towers = _model_type(reference)
     theirs = _layer_counts(reference)
     same = []

@@ -374,6 +374,7 @@ def quantize_model(
                     if targets == "expert_path":  # (experts numbering the tokens otherwise: their row maps)
                         experts = on_model_vocabulary(model, experts)
                     sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
+                    _check_expert_configs(model, sources)
                 walk = _Walk(
                     model, stacks, renames, spec, method, targets, calibration, sources,
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
@@ -517,6 +518,20 @@ def _holds_tokens(cache) -> bool:
     return isinstance(cache, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.numel()
                                                     for layer in cache if isinstance(layer, (tuple, list))
                                                     for t in layer)
+
+
+def _check_expert_configs(model, sources) -> None:
+    """Expert checkpoints whose config.json reads the same-shaped weights otherwise than the
+    model's config (other heads, activation, layer count; another architecture) are refused, as
+    ``epmq quantize`` and the merges refuse them: they were walked in silence as the model's."""
+    config = getattr(model, "config", None)
+    paths = {task: s.reader.path for task, s in sources.items() if s.reader.path is not None}
+    if not paths or not callable(getattr(config, "to_dict", None)):  # (modules and state dicts have no config)
+        return
+    from .merge_checkpoint import _check_architectures
+
+    _check_architectures(None, list(paths.values()), [f"of task {t!r} ({p})" for t, p in paths.items()],
+                         experts=True, reference=config.to_dict())
 
 
 def _check_tasks(calibration, experts):

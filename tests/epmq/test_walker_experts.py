@@ -838,3 +838,30 @@ def test_the_expert_path_checks_each_expert_tensor_once(gen, monkeypatch):
     bad["dtd"][name][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"task 'dtd'.*down_proj.*non-finite"):
         epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=4, group_size=16), experts=bad, **options)
+
+
+def test_an_expert_path_of_another_head_count_is_refused_by_quantize_model(tmp_path):
+    """An expert checkpoint whose config.json splits the same-shaped weights into other heads was
+    walked in silence as if of the model's heads (epmq quantize and the merges refuse it): the
+    in-memory API compares an expert path's config with the model's as they do."""
+    import transformers
+
+    def llama(seed, heads):  # (q, k, v and o 32x32 whatever the heads: head_dim 32 // heads)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+            num_key_value_heads=heads)).eval()
+
+    llama(1, heads=2).save_pretrained(tmp_path / "other")
+    llama(2, heads=4).save_pretrained(tmp_path / "own")
+    calibration = {"a": [torch.randint(0, 64, (2, 8))]}
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    model = llama(0, heads=4)
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*other.* reads its weights as \{.*"
+                                         r"'num_attention_heads': 2.*\}, the model as \{.*'num_attention_heads': 4"):
+        epmq.quantize_model(model, spec, method="epmq", calibration=calibration,
+                            experts={"a": str(tmp_path / "other")}, backend="torch", progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    # (one of the model's configuration is walked)
+    epmq.quantize_model(model, spec, method="epmq", calibration=calibration,
+                        experts={"a": str(tmp_path / "own")}, backend="torch", progress=False)
