@@ -356,6 +356,8 @@ def quantize_options(config: dict):
 
 
 def _quantize(args) -> int:
+    import torch
+
     from .quantize_files import REPORT_FILE, quantize_checkpoint
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
@@ -368,9 +370,16 @@ def _quantize(args) -> int:
         spec, options = quantize_options(config)
         out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
                                   resume=not args.fresh, progress=not args.quiet, **options)
-    except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
+    # (OSError: a disk that fills up, a directory not writable; OutOfMemoryError: a GPU a late block
+    # outgrew, a RuntimeError, which would end in a traceback saying nothing of the blocks kept)
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:
         message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         raise CLIError(message + _blocks_kept(args.out, message)) from e
+    except Exception as e:  # (another error keeps its traceback: the blocks kept said beneath it)
+        kept = _blocks_kept(args.out, str(e))
+        if kept:
+            e.add_note(kept.lstrip("\n"))
+        raise
     resumed = json.loads((Path(out) / REPORT_FILE).read_text(encoding="utf-8")).get("resumed")
     print(f"quantized {config['model']} with {config['method']} ({spec.bits}-bit) into {out} "
           f"in {time.perf_counter() - t0:.1f} s"

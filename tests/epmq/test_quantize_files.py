@@ -1027,6 +1027,41 @@ def test_cli_says_the_blocks_a_failed_quantization_kept(files, tmp_path, capsys,
     assert "another walk" in err and "kept in" not in err
 
 
+def test_cli_says_the_blocks_kept_when_the_device_runs_out_of_memory(files, tmp_path, capsys, monkeypatch):
+    """A GPU out of memory in a late block (torch.OutOfMemoryError, a RuntimeError) ended in a
+    traceback with nothing said of the blocks kept in OUT.resume, which a disk that filled up
+    says: it is said as that is, the blocks kept named; another error keeps its traceback, with
+    the blocks kept said beneath it."""
+    from epmq import walker
+
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(files / "merged"), method="gptq",
+                                          calibration={"a": str(files / "a.txt")}, bits=4, group_size=16,
+                                          samples=4, seq_len=16, batch_size=2)))
+    out, partial = tmp_path / "w4", tmp_path / "w4.resume"
+    solve = walker._Walk._solve
+
+    def failing(error):
+        def solve_or_fail(self, linear, stats, name, factors=None):
+            if ".layers.1." in name:
+                raise error
+            return solve(self, linear, stats, name, factors)
+        return solve_or_fail
+
+    with monkeypatch.context() as m:
+        m.setattr(walker._Walk, "_solve", failing(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
+        assert main(["quantize", str(config), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "OutOfMemoryError: CUDA out of memory" in err, err
+    assert f"1 block done is kept in {partial}: a rerun with the same settings (without --fresh) resumes" in err, err
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="a bug") as raised:
+        m.setattr(walker._Walk, "_solve", failing(RuntimeError("a bug")))
+        main(["quantize", str(config), str(out), "--quiet"])
+    assert any(f"1 block done is kept in {partial}" in note for note in raised.value.__notes__)
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 0  # (resumed)
+    assert "(1 blocks loaded from the interrupted run)" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- vision towers
 
 
