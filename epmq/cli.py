@@ -15,6 +15,7 @@ until then, so it resumes too. ``bench`` writes the benchmark JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -96,27 +97,28 @@ def _demo(args) -> int:
 
     check_out_dir(Path(args.cache_dir) if args.cache_dir is not None else default_cache_root(), "cache directory",
                   writable=False)
-    t0 = time.perf_counter()
-    try:
-        bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
-    except OSError as e:  # (a cache directory not writable, a disk that fills up: as run says them)
-        raise CLIError(f"{type(e).__name__}: {e}") from e
-    plan = default_plan(quick=args.quick)
-    from .resume import tensor_digest
+    with holding(out):
+        t0 = time.perf_counter()
+        try:
+            bench = prepare(cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
+        except OSError as e:  # (a cache directory not writable, a disk that fills up: as run says them)
+            raise CLIError(f"{type(e).__name__}: {e}") from e
+        plan = default_plan(quick=args.quick)
+        from .resume import tensor_digest
 
-    # the trained models themselves, by content: the folder's name is the configuration's hash,
-    # and another machine's or torch's training of it (a cache cleared, another EPMQ_CACHE_DIR)
-    # holds other weights, whose results must not be resumed from the first's. (Not by the
-    # files' times: two demos training one cache at once write the same weights twice.)
-    models = tensor_digest(
-        [(f"base.{k}", v) for k, v in sorted(bench.base_state.items())]
-        + [(f"{t}.{k}", v) for t in bench.task_names for k, v in sorted(bench.experts[t].items())]
-        + [(f"heads.{t}", bench.heads[t]) for t in bench.task_names]
-        + [(f"splits.{k}", v) for k, v in sorted(bench.splits.items())])
-    identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name, "models": models}
-    results = _run_pipeline(bench, plan, out, identity, args)
-    _finish(results, plan, bench.task_names, out, t0)
-    return 0
+        # the trained models themselves, by content: the folder's name is the configuration's hash,
+        # and another machine's or torch's training of it (a cache cleared, another EPMQ_CACHE_DIR)
+        # holds other weights, whose results must not be resumed from the first's. (Not by the
+        # files' times: two demos training one cache at once write the same weights twice.)
+        models = tensor_digest(
+            [(f"base.{k}", v) for k, v in sorted(bench.base_state.items())]
+            + [(f"{t}.{k}", v) for t in bench.task_names for k, v in sorted(bench.experts[t].items())]
+            + [(f"heads.{t}", bench.heads[t]) for t in bench.task_names]
+            + [(f"splits.{k}", v) for k, v in sorted(bench.splits.items())])
+        identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name, "models": models}
+        results = _run_pipeline(bench, plan, out, identity, args)
+        _finish(results, plan, bench.task_names, out, t0)
+        return 0
 
 
 # --------------------------------------------------------------------------- merge
@@ -434,23 +436,24 @@ def _run(args) -> int:
     if not out.is_absolute() and args.out is None and output.get("dir"):
         out = config_path.parent / out
     check_out_dir(out)
-    t0 = time.perf_counter()
-    try:
-        bench = build_bench(config, base_dir=config_path.parent, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as e:
-        raise CLIError(f"{config_path}: {e}") from None
-    identity = getattr(bench, "identity", None) or {
-        "config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
-    try:  # (the merges' parameters against the tasks' count: one line, not a traceback)
-        pipeline.check_merges(plan, len(bench.task_names))
-    except ValueError as e:
-        raise CLIError(f"{config_path}: {e}") from None
-    try:
-        results = _run_pipeline(bench, plan, out, identity, args)
-    except BenchConfigError as e:  # data problems found when a split is first read
-        raise CLIError(f"{config_path}: {e}") from None
-    _finish(results, plan, bench.task_names, out, t0)
-    return 0
+    with holding(out):
+        t0 = time.perf_counter()
+        try:
+            bench = build_bench(config, base_dir=config_path.parent, progress=not args.quiet)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"{config_path}: {e}") from None
+        identity = getattr(bench, "identity", None) or {
+            "config": {k: config.get(k) for k in ("seed", "model", "tasks", "data", "eval")}}
+        try:  # (the merges' parameters against the tasks' count: one line, not a traceback)
+            pipeline.check_merges(plan, len(bench.task_names))
+        except ValueError as e:
+            raise CLIError(f"{config_path}: {e}") from None
+        try:
+            results = _run_pipeline(bench, plan, out, identity, args)
+        except BenchConfigError as e:  # data problems found when a split is first read
+            raise CLIError(f"{config_path}: {e}") from None
+        _finish(results, plan, bench.task_names, out, t0)
+        return 0
 
 
 # --------------------------------------------------------------------------- bench
@@ -497,6 +500,24 @@ def torch_threads(n):
         import torch
 
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def holding(out: Path):
+    """One run at a time in ``out`` (``epmq run``, ``epmq demo``), held from before the bench is
+    built (the demo's training, minutes) to the report's end: another is refused at its start,
+    naming the process that holds it (``resume.hold_run``)."""
+    from .resume import hold_run
+
+    held = hold_run(out, run=False)
+    try:
+        held.__enter__()
+    except (ValueError, OSError) as e:  # (OSError: the directory cannot be made)
+        raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from None
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)
 
 
 def _run_pipeline(bench, plan, out: Path, identity: dict, args) -> dict:

@@ -750,8 +750,12 @@ def run(bench, plan: Plan, out_dir, *, resume=True, progress=True, log: Callable
     rows as they are done, an earlier report's plots removed; ``report`` writes the whole report);
     returns its content.
     ``identity`` (default: ``bench.identity``): what the results depend on; results in
-    ``out_dir`` of another identity are not resumed from."""
-    return Runner(bench, plan, out_dir, resume=resume, progress=progress, log=log, identity=identity).run()
+    ``out_dir`` of another identity are not resumed from. One run at a time in ``out_dir``:
+    ValueError, naming the process, where another holds it (``resume.hold_run``)."""
+    from .resume import hold_run
+
+    with hold_run(Path(out_dir).absolute()):
+        return Runner(bench, plan, out_dir, resume=resume, progress=progress, log=log, identity=identity).run()
 
 
 # --------------------------------------------------------------------------- reporting

@@ -46,6 +46,8 @@ from .qlinear import QuantLinear
 
 IDENTITY_FILE = "walk.json"
 LOCK_FILE = "walk.lock"
+# one run at a time in an output directory of ``epmq run``, ``epmq demo`` and ``pipeline.run`` (``hold_run``)
+RUN_LOCK_FILE = ".epmq-run.lock"
 FORMAT = 2  # 2: records carry the walk's identity and a checksum
 
 
@@ -357,29 +359,41 @@ def _check(body: dict) -> str:
     return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-_HELD = {}  # resume directory -> {"file": its lock file, "holders": in this process, "walk": one walks it}
+_HELD = {}  # locked directory -> {"file": its lock file, "holders": in this process, "walk": one walks it}
+# (its lock file, what the directory is to the user, who uses it) of a resume directory, of a run's
+_WALK = (LOCK_FILE, "resume_dir", "walk")
+_RUN = (RUN_LOCK_FILE, "output directory", "epmq run")
 
 
-def _in_use(directory) -> ValueError:
-    return ValueError(f"resume_dir {directory} is in use by another walk (it holds {LOCK_FILE}): "
+def _in_use(directory, kind=_WALK) -> ValueError:
+    file, what, user = kind
+    try:  # (the holder writes its process id there once it holds it)
+        pid = (Path(directory) / file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):  # (Windows: a locked file cannot be read)
+        pid = ""
+    holder = f"process {pid}" if pid.isdigit() else "it"
+    return ValueError(f"{what} {directory} is in use by another {user} ({holder} holds {file}): "
                       f"wait for it to end, or use another directory")
 
 
-def _lock(directory: Path, walk: bool = True) -> str:
+def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
     """An exclusive lock on ``directory`` (created if need be) for this process, and in it for
     one walk at a time (``walk``; ``hold`` takes it around a walk without walking it);
-    ValueError if it is in use. Returns the key ``_unlock`` takes."""
+    ValueError if it is in use. ``kind``: that of a resume directory, or of a run's (``_RUN``).
+    Returns the key ``_unlock`` takes. The lock goes with its process (a killed one holds nothing)."""
+    file, what, _ = kind
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"resume_dir {directory} exists and is not a directory")
+        raise ValueError(f"{what} {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
     held = _HELD.get(key)
     if held is None:
-        handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+        handle = open(directory / file, "a+", encoding="utf-8")
         try:
             if os.name == "nt":
                 import msvcrt
 
+                handle.seek(0)  # (its first byte, whatever the holder's process id made the file's end)
                 msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
             else:
                 import fcntl
@@ -387,10 +401,15 @@ def _lock(directory: Path, walk: bool = True) -> str:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise _in_use(directory) from None
+            raise _in_use(directory, kind) from None
+        with contextlib.suppress(OSError):  # (only to name the holder: a dead one's is written over)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
         held = _HELD[key] = {"file": handle, "holders": 0, "walk": False}
     elif walk and held["walk"]:
-        raise _in_use(directory)
+        raise _in_use(directory, kind)
     held["holders"] += 1
     held["walk"] = held["walk"] or walk
     return key
@@ -403,6 +422,20 @@ def _unlock(key: str, walk: bool = True) -> None:
     if not held["holders"]:
         held["file"].close()
         del _HELD[key]
+
+
+@contextlib.contextmanager
+def hold_run(directory, *, run: bool = True):
+    """Hold ``directory``, the output directory of a run (``pipeline.run``, ``epmq run``, ``epmq
+    demo``), for one run at a time: another process's, or another in this process (``run``; False:
+    around a run without running it, as the command line holds it from its start), is refused
+    naming the process. Two runs in one directory each wrote results.json over the other's, and
+    one's clean-up of its unchosen anchors took checkpoints away from the other."""
+    key = _lock(Path(directory), walk=run, kind=_RUN)
+    try:
+        yield
+    finally:
+        _unlock(key, walk=run)
 
 
 @contextlib.contextmanager

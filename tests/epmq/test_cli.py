@@ -1,6 +1,7 @@
 """The ``epmq`` command line: arguments, errors that say what to fix, resume after interruption."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -579,6 +580,46 @@ def test_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, ca
         args = [command] + ([str(path)] if command == "run" else []) + ["--out", str(tmp_path / out), "--quiet"]
         assert main(args) == 2
         assert f"{locked} is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a process waiting on its stdin: POSIX pipes")
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_a_second_run_into_a_directory_in_use_is_refused_at_its_start(tmp_path, capsys, monkeypatch, command):
+    """Two runs into one directory had no lock: results.json ended as whichever wrote last, and one's
+    clean-up of unchosen anchors took checkpoints from the other. The second is refused before its
+    bench is built (the demo's training), in one line naming the directory and the first's process;
+    the directory is free again once that process has ended."""
+    import subprocess
+    import sys
+
+    import epmq.benches
+
+    def never(*args, **kwargs):
+        raise AssertionError("built a bench for an output directory another run holds")
+
+    monkeypatch.setattr(epmq.benches, "build_bench", never)
+    monkeypatch.setattr(epmq.demo, "prepare", never)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"},
+                                    "tasks": [{"name": "a", "expert": "e"}]}))
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom epmq.resume import hold_run\nwith hold_run(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    sys.stdin.readline()\n", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(epmq.__file__).parents[1]),
+                                                                       os.environ.get("PYTHONPATH")]))))
+    args = [command] + ([str(path)] if command == "run" else []) + ["--out", str(out), "--quiet"]
+    try:
+        assert first.stdout.readline().strip() == "held"
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"output directory {out} is in use by another epmq run (process {first.pid} " in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    finally:
+        first.communicate("\n")
+    with pytest.raises(AssertionError, match="another run holds"):  # (free: on to building the bench)
+        main(args)
 
 
 def test_run_into_a_directory_of_another_tools_results(tiny_config, tmp_path, capsys):

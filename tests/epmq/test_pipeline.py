@@ -11,6 +11,7 @@ import torch
 
 from epmq import pipeline
 from epmq.pipeline import MergePlan, Plan
+from epmq.resume import RUN_LOCK_FILE
 
 
 class Bench:
@@ -662,7 +663,7 @@ def test_a_report_stopped_while_written_leaves_the_earlier_files_whole(calls_lis
         with pytest.raises(KeyboardInterrupt):
             pipeline.report(results, p, Bench.task_names, tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in pipeline.REPORT_FILES} == before
-    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(["results.json", *pipeline.REPORT_FILES])
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(["results.json", RUN_LOCK_FILE, *pipeline.REPORT_FILES])
     pipeline.report(results, p, Bench.task_names, tmp_path)  # (the same command again: the report)
     assert {name: (tmp_path / name).read_bytes() for name in pipeline.REPORT_FILES} == before
 
@@ -901,3 +902,79 @@ def test_a_merge_label_that_is_no_folder_name_is_refused(label, tmp_path, quiet)
     --fresh sets them aside and a later run's replace them; refused, naming the label."""
     with pytest.raises(ValueError, match=re.escape(repr(label))):
         Plan.from_config([{"method": "task_arithmetic", "label": label}], None)
+
+
+# a first run into sys.argv[1], stopped in its base's evaluation until a line comes on its stdin, then
+# interrupted there (as ^C would)
+FIRST_RUN = """
+import sys
+import torch
+from epmq import pipeline
+from epmq.pipeline import MergePlan, Plan
+
+class Waiting:
+    task_names = ["a", "b"]
+    base_state = {"w": torch.zeros(4, 4)}
+    experts = {t: {"w": torch.ones(4, 4)} for t in task_names}
+    calibration = {t: [] for t in task_names}
+
+    def evaluate(self, state, split="test"):
+        print("running", flush=True)
+        sys.stdin.readline()
+        raise KeyboardInterrupt
+
+plan = Plan(merges=[MergePlan("task_arithmetic", scales=[0.3])], methods=["rtn"], bits=[4], anchors=[0.1],
+            controls=[], save_checkpoints=False)
+pipeline.run(Waiting(), plan, sys.argv[1], log=lambda msg: None)
+"""
+
+
+def first_run(out):
+    """A run into ``out`` in another process, under way (in its base's evaluation) once this returns."""
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", FIRST_RUN, str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+                                 str(Path(pipeline.__file__).parents[1]), os.environ.get("PYTHONPATH")]))))
+    assert other.stdout.readline().strip() == "running"
+    return other
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a process stopped in its evaluation: POSIX pipes")
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_process(calls_list, tmp_path, quiet):
+    """Two runs into one directory: results.json ended as whichever wrote last, and one's clean-up of
+    unchosen anchors renamed checkpoints the other used. The second is refused at its start, naming
+    the directory and the first's process; once the first has ended (interrupted, or killed: its lock
+    goes with it), the directory is free."""
+    for end in ("interrupted", "killed"):
+        out = tmp_path / end
+        other = first_run(out)
+        try:
+            with pytest.raises(ValueError) as refused:
+                pipeline.run(Named("second", 0.7), plan(), out, log=quiet)
+            assert str(out) in str(refused.value) and f"process {other.pid}" in str(refused.value)
+            assert not calls_list and not (out / "results.json").exists()
+        finally:
+            if end == "interrupted":
+                other.communicate("\n")
+            else:
+                other.kill()
+                other.wait()
+        results = pipeline.run(Named("second", 0.7), plan(), out, log=quiet)
+        assert results["steps"]["base"]["test"]["avg"] == 0.7 and calls_list
+        calls_list.clear()
+
+
+def test_a_run_ended_by_an_error_lets_go_of_its_directory(calls_list, tmp_path, quiet, monkeypatch):
+    """An error or ^C in a run leaves its output directory free for the next run, in this process too."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Runner, "_quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(Bench(), plan(), tmp_path, log=quiet)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline.Runner, "_quantize", lambda self, *args: {"val": {"avg": 0.5}, "test": {"avg": 0.5}})
+    assert "quant/TA/w4/RTN" in pipeline.run(Bench(), plan(), tmp_path, log=quiet)["steps"]
