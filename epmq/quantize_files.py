@@ -440,46 +440,55 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                if isinstance(model, torch.nn.Module) else "")
     check_path(out, "out")
     check_output(out)
-    if lora_base is not None and not any(adapter_directory(p) is not None for p in (experts or {}).values()):
-        raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
-    directory = local_checkpoint(model, directory=True)
-    if is_quantized(directory):
-        raise ValueError(f"{model} is a quantized checkpoint ({CONFIG_FILE}, or quantization_config in its "
-                         f"config.json): give the full-precision model")
-    if experts:  # (as epmq merge checks its models: names and shapes alike say nothing of it)
-        # (by hub id too: the snapshot is fetched here, as reading the expert would)
-        local = {t: here for t, p in experts.items() if (here := local_checkpoint_or_none(p)) is not None}
-        _check_architectures(directory, list(local.values()), [f"of task {t!r} ({p})" for t, p in local.items()],
-                             experts=True)
-    cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples, seq_len=seq_len,
-                                            batch_size=batch_size, seed=seed, tower=tower,
-                                            walked=method != "rtn", out=out)
-    # each expert opened as the walk opens it, before the model loads: one holding no weights, or a
-    # path to no checkpoint, was named once the model had loaded (minutes at 70B)
-    sources = {t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None
-    for task, source in (sources or {}).items():
-        ExpertWeights(source, task=task).close()
-    with loading_bars(progress):
-        net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
-    net.eval()
-    # (a feature extractor's float32 clips met a bf16 model's convolutions: 'expected scalar type
-    # Float but found BFloat16', every item refused; transformers' pipelines give them in its dtype)
-    batches = {task: [{k: v.to(net.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                       for k, v in item.items()} for item in items] for task, items in batches.items()}
-    _check_decoder_start(net, batches, directory)
-    adapter = None
-    if tower == "language":
-        decoder = net.get_decoder()
-        layers = _within(net, decoder, layers)
-        # a language model no registered adapter walks beside a vision tower one does (Aria's) is
-        # AUTO's, which the default takes only where no adapter finds blocks: nothing was selected
-        prefix = next(name for name, m in net.named_modules() if m is decoder) + "."
-        if not any(stack.startswith(prefix) for _, stacks in find_towers(net) for stack, _ in stacks):
-            adapter = AUTO
-    out = Path(os.path.abspath(out))  # ("." has no name to write beside)
-    resume_dir = None if method == "rtn" else resume_dir_for(out)
-    # the resume directory is held from here to its removal: no other run takes it meanwhile
+    resume_dir = None if method == "rtn" else resume_dir_for(Path(os.path.abspath(out)))
+    # the resume directory is held from here to its removal: no other run takes it meanwhile, and a
+    # second run into OUT is refused at its start, not once it has read its calibration and loaded the
+    # model (minutes and a model's memory at 70B)
     with hold(resume_dir, fresh=not resume) if resume_dir is not None else contextlib.nullcontext():
+        try:
+            if lora_base is not None and not any(adapter_directory(p) is not None
+                                                 for p in (experts or {}).values()):
+                raise ValueError("lora_base is the base model of LoRA adapter experts; no expert is an adapter")
+            directory = local_checkpoint(model, directory=True)
+            if is_quantized(directory):
+                raise ValueError(f"{model} is a quantized checkpoint ({CONFIG_FILE}, or quantization_config in "
+                                 f"its config.json): give the full-precision model")
+            if experts:  # (as epmq merge checks its models: names and shapes alike say nothing of it)
+                # (by hub id too: the snapshot is fetched here, as reading the expert would)
+                local = {t: here for t, p in experts.items()
+                         if (here := local_checkpoint_or_none(p)) is not None}
+                _check_architectures(directory, list(local.values()),
+                                     [f"of task {t!r} ({p})" for t, p in local.items()], experts=True)
+            cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples,
+                                                    seq_len=seq_len, batch_size=batch_size, seed=seed, tower=tower,
+                                                    walked=method != "rtn", out=out)
+            # each expert opened as the walk opens it, before the model loads: one holding no weights, or a
+            # path to no checkpoint, was named once the model had loaded (minutes at 70B)
+            sources = {t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None
+            for task, source in (sources or {}).items():
+                ExpertWeights(source, task=task).close()
+            with loading_bars(progress):
+                net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
+            net.eval()
+            # (a feature extractor's float32 clips met a bf16 model's convolutions: 'expected scalar type
+            # Float but found BFloat16', every item refused; transformers' pipelines give them in its dtype)
+            batches = {task: [{k: v.to(net.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                               else v for k, v in item.items()} for item in items]
+                       for task, items in batches.items()}
+            _check_decoder_start(net, batches, directory)
+            adapter = None
+            if tower == "language":
+                decoder = net.get_decoder()
+                layers = _within(net, decoder, layers)
+                # a language model no registered adapter walks beside a vision tower one does (Aria's) is
+                # AUTO's, which the default takes only where no adapter finds blocks: nothing was selected
+                prefix = next(name for name, m in net.named_modules() if m is decoder) + "."
+                if not any(stack.startswith(prefix) for _, stacks in find_towers(net) for stack, _ in stacks):
+                    adapter = AUTO
+        except BaseException:  # (stopped before the walk: no block kept, no OUT.resume left)
+            _drop_if_no_block(resume_dir)
+            raise
+        out = Path(os.path.abspath(out))  # ("." has no name to write beside)
         # the model stays in CPU memory; its blocks visit ``device`` one at a time
         try:
             quantize_model(net, spec, method=method, calibration=batches or None, adapter=adapter,

@@ -484,6 +484,56 @@ def test_epmq_quantize_refuses_a_resume_directory_another_process_holds(gen, tmp
         other.wait()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_epmq_quantize_is_refused_a_held_resume_directory_before_it_loads_the_model(gen, tmp_path, monkeypatch):
+    """A second epmq quantize into one OUT was refused only once it had read its calibration and loaded
+    the model (minutes and a model's memory at 70B), where OUT.resume was taken; it is taken first, and
+    a run stopped before its first block (here: the model cannot load) leaves no OUT.resume behind."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from epmq.benches.tiny import word_tokenizer
+    from epmq.quantize_files import quantize_checkpoint
+
+    fam = Family("llama", gen)
+    fam.merged().save_pretrained(tmp_path / "model")
+    word_tokenizer(tmp_path / "model")
+    (tmp_path / "a.txt").write_text("the cat sat on the mat .\n" * 20)
+    loads = []
+    real = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loads.append(cls.__name__)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    held = tmp_path / "out.resume"
+    held.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.readline()"), str(held / "walk.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    kwargs = dict(spec=epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                  calibration={"a": str(tmp_path / "a.txt")}, samples=2, seq_len=8, progress=False)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="in use by another walk"):
+            quantize_checkpoint(str(tmp_path / "model"), tmp_path / "out", **kwargs)
+        assert not loads
+    finally:
+        other.communicate("\n")
+
+    def cannot_load(cls, *args, **kwargs):
+        raise OSError("the disk is gone")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(cannot_load))
+    with pytest.raises(OSError, match="the disk is gone"):
+        quantize_checkpoint(str(tmp_path / "model"), tmp_path / "other", **kwargs)
+    assert not (tmp_path / "other.resume").exists() and not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(weight_anchor=0.5), "weight_anchor"),
     (dict(percdamp=0.05), "percdamp"),
