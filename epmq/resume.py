@@ -26,6 +26,7 @@ open files) raises and keeps the block. One walk at a time holds a directory (``
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -399,9 +400,14 @@ def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
                 import fcntl
 
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise _in_use(directory, kind) from None
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):  # (held: Windows' EACCES)
+                handle.close()
+                raise _in_use(directory, kind) from None
+            # a file system without locks (NFS without its lock daemon: ENOLCK; FUSE: EOPNOTSUPP) holds
+            # none, and was said to be in use, for good: unlocked, as it was before the lock
+            warnings.warn(f"{what} {directory}: {file} cannot be locked ({e.strerror or e}): another "
+                          f"{kind[2]} into it at the same time is not refused", stacklevel=2)
         with contextlib.suppress(OSError):  # (only to name the holder: a dead one's is written over)
             handle.seek(0)
             handle.truncate()

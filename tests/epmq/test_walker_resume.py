@@ -747,3 +747,35 @@ def test_blocks_of_the_same_linears_in_another_order_are_not_said_to_be_left_out
     with pytest.raises(ValueError, match="the same linears in another layout.*same arguments") as refused:
         resume.BlockLog(tmp_path, {"blocks": [["layers", [["out", "up"]]]]}, left_out=["layers.0.dt"])
     assert "without a call" not in str(refused.value)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_a_file_system_without_locks_is_not_taken_for_a_directory_in_use(tmp_path, monkeypatch):
+    """flock fails on a file system that has no locks (NFS without its lock daemon: ENOLCK; some FUSE
+    mounts: EOPNOTSUPP), where no other process holds anything: every epmq quantize (GPTQ, E-PMQ) and
+    run was refused as 'in use by another walk', however often run again. It goes on unlocked, with a
+    warning naming the file; a lock held (EWOULDBLOCK) is refused as before."""
+    import errno
+    import fcntl
+
+    from epmq import resume
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=f"{resume.LOCK_FILE} cannot be locked.*No locks available"):
+        with resume.hold(tmp_path / "walk"):
+            pass
+    with pytest.warns(UserWarning, match=f"{resume.RUN_LOCK_FILE} cannot be locked"):
+        with resume.hold_run(tmp_path / "run"):
+            pass
+    assert not resume._HELD
+
+    def held(fd, operation):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(ValueError, match="in use by another walk"):
+        with resume.hold(tmp_path / "walk"):
+            pass
