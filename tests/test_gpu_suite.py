@@ -423,3 +423,19 @@ def test_gpu_suite_log_is_whole_when_the_suite_returns(tmp_path):
     logs = list(out.glob("gpu-suite-*.log"))
     assert len(logs) == 1, (rc, (tmp_path / "stdout.txt").read_text())
     assert "== all steps passed" in logs[0].read_text()
+
+
+@pytest.mark.parametrize("hidden", [32, 448])
+def test_cli_end_to_end_builds_a_model_that_runs_at_any_width(tmp_path, hidden):
+    """``cli_end_to_end.py --hidden 32`` gave its Llama ``hidden // 64 = 0`` attention heads
+    (transformers' bare 'integer division or modulo by zero'), and ``--hidden 448`` 7 heads with
+    ``448 // 192 = 2`` key-value heads, which the first forward refused as torch's bare 'Number of
+    heads in key and value must divide the number of heads in query'."""
+    import transformers
+
+    cli_end_to_end, = _imported("benchmarks", "cli_end_to_end")
+    cli_end_to_end.write_inputs(tmp_path, 1, hidden)
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        logits = base(input_ids=torch.arange(8)[None]).logits
+    assert logits.shape == (1, 8, 32000) and torch.isfinite(logits).all()
