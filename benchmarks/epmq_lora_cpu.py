@@ -22,6 +22,7 @@ tokens of calibration per task.
 
 import argparse
 import copy
+import math
 import os
 import platform
 import sys
@@ -128,9 +129,12 @@ def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    # (key-value heads that divide the heads: 576 wide has 9 heads, not 2's multiple; the same heads
+    # at every width that ran before)
+    heads = max(1, hidden // 64)
     base = LlamaForCausalLM(LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+        num_attention_heads=heads, num_key_value_heads=math.gcd(heads, max(1, hidden // 256)),
         vocab_size=2048, max_position_embeddings=256)).eval()
     g = torch.Generator().manual_seed(4)
     with tempfile.TemporaryDirectory() as tmp:

@@ -439,3 +439,25 @@ def test_cli_end_to_end_builds_a_model_that_runs_at_any_width(tmp_path, hidden):
     with torch.no_grad():
         logits = base(input_ids=torch.arange(8)[None]).logits
     assert logits.shape == (1, 8, 32000) and torch.isfinite(logits).all()
+
+
+def test_epmq_lora_cpu_walks_a_llama_whose_heads_are_odd(monkeypatch):
+    """``epmq_lora_cpu.py --walk 576:...`` gave its Llama 9 attention heads and ``576 // 256 = 2``
+    key-value heads, and the walk ended in torch's bare 'Number of heads in key and value must
+    divide the number of heads in query' (the model it builds is run here, not walked)."""
+    epmq_lora_cpu, = _imported("benchmarks", "epmq_lora_cpu")
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def record(base, directory, tasks, rank):
+        built.append(base)
+        raise Built
+
+    monkeypatch.setattr(epmq_lora_cpu, "adapters_and_merge", record)
+    with pytest.raises(Built):
+        epmq_lora_cpu.measure_walks(576, 64, 1, n_experts=1, rank=2, repeats=1)
+    with torch.no_grad():
+        logits = built[0](input_ids=torch.arange(8)[None]).logits
+    assert torch.isfinite(logits).all()
