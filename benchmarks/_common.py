@@ -52,6 +52,15 @@ def write_json(path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path, text: str) -> None:
+    """``text`` to ``path``, atomically as write_json: a run killed while writing (the suite's
+    timeout) leaves the previous file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def peer_version(script: str, python: str, distribution: str, env=None):
     """The version of ``distribution`` (also the module's name) that the interpreter ``python``
     imports, or None after saying on stderr why the peer cannot run (the caller exits 2)."""

@@ -63,7 +63,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pytest_marks,  # noqa: E402
-                     raise_on_sigterm, save_figure, write_json)
+                     raise_on_sigterm, save_figure, write_json, write_text)
 from epmq import quant  # noqa: E402
 from epmq import stats as epmq_stats  # noqa: E402
 from epmq.spec import QuantSpec  # noqa: E402
@@ -471,8 +471,7 @@ def main(argv=None):
                 print("bench_solver: the time limit stopped the layer profile (results written)",
                       flush=True)
                 return 124
-            with open(profile_path, "w") as f:
-                f.write("\n".join(tables))
+            write_text(profile_path, "\n".join(tables))
             print(f"wrote {profile_path} ({len(tables)} shapes) at {time.perf_counter() - started:.0f} s",
                   flush=True)
     return 124 if partial else (1 if bad else 0)

@@ -461,3 +461,40 @@ def test_epmq_lora_cpu_walks_a_llama_whose_heads_are_odd(monkeypatch):
     with torch.no_grad():
         logits = built[0](input_ids=torch.arange(8)[None]).logits
     assert torch.isfinite(logits).all()
+
+
+def test_solver_layer_profile_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
+    """bench_solver wrote its JSON and plot atomically but its layer profile
+    (epmq-layer-profile-<card>.txt) in place: killed while writing it (the suite's timeout), the
+    previous run's profile was left cut short. The run here is the CPU's, its rows stood in."""
+    import builtins
+
+    bench_solver, profile = _imported("benchmarks", "bench_solver", "profile_epmq_layer")
+    for name, value in dict(no_cuda=lambda script: False, raise_on_sigterm=lambda: None, plot=lambda *a: None,
+                            device_info=lambda device: dict(device="test card"),
+                            bench_shape=lambda *a, **k: []).items():
+        monkeypatch.setattr(bench_solver, name, value)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test Card")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(profile, "profile_tables", lambda shapes, **kw: f"== E-PMQ {shapes[0]}\n" + "row\n" * 50)
+    path = tmp_path / "epmq-layer-profile-test-card.txt"
+    argv = ["--out", str(tmp_path), "--shapes", "16:64", "--no-sweep", "--profile-if-under", "1e9"]
+    assert bench_solver.main(argv) == 0
+    before = path.read_text()
+    assert before.count("== E-PMQ") == 3
+    real_open = builtins.open
+
+    def killed(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).startswith(str(path)):
+            f.write("== E-PMQ (4096, ")
+            f.close()
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(builtins, "open", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench_solver.main(argv)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert path.read_text() == before
