@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write_json  # noqa: E402
+from _common import pyplot, save_figure, write_json  # noqa: E402
 
 from epmq import QuantSpec, quantize_model  # noqa: E402
 from epmq.demo import prepare  # noqa: E402
@@ -66,10 +66,7 @@ def quantized(bench, merged, bits, method, experts, anchors):
 
 
 def plot(rows, bits, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [r["merge"] for r in rows]
     series = [("fp32", [r["fp32_test"] for r in rows])]
     for b in bits:
@@ -90,9 +87,8 @@ def plot(rows, bits, path):
     ax.set_ylim(max(0, min(30, 10 * math.floor((lowest - 5) / 10))), 100)
     # beside the axes: inside ("best"), it sat on the experts' line near the top
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title("Merges on the demo benchmark (scales and anchors chosen on validation)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # (atomically: stopped while plotting, the previous run's plot is left whole)
+    save_figure(fig, path, "Merges on the demo benchmark (scales and anchors chosen on validation)")
 
 
 def main(argv=None):

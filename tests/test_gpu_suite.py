@@ -209,6 +209,15 @@ def _merge_rows(values):
             for i, (fp32, gptq, epmq) in enumerate(values)]
 
 
+def _recorded(figures):
+    """A ``Figure.savefig`` that keeps the figure in ``figures`` and writes an empty file (the
+    plot's temporary, which save_figure renames)."""
+    def savefig(fig, fname, *args, **kwargs):
+        figures.append(fig)
+        open(fname, "wb").close()
+    return savefig
+
+
 def test_merge_methods_plot_shows_accuracies_below_thirty(tmp_path, monkeypatch):
     """The plot's axis started at 30%: a quantized row below it (2-bit GPTQ, ~14%) had no bar
     at all, as if it had not run."""
@@ -216,7 +225,7 @@ def test_merge_methods_plot_shows_accuracies_below_thirty(tmp_path, monkeypatch)
 
     demo, = _imported("benchmarks", "merge_methods_demo")
     figures = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _recorded(figures))
     demo.plot(_merge_rows([(71.6, 14.0, 41.0), (72.5, 75.0, 77.0)]), [4], str(tmp_path / "m.png"))
     (ax,) = figures[0].axes
     assert ax.get_ylim()[0] <= 14.0 - 2
@@ -231,10 +240,13 @@ def test_merge_methods_plot_legend_leaves_the_experts_line_visible(tmp_path, mon
 
     demo, = _imported("benchmarks", "merge_methods_demo")
     figures = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _recorded(figures))
     demo.plot(_merge_rows([(71.6, 71.9, 77.5), (72.5, 72.3, 76.8), (77.5, 75.6, 77.0)]), [4, 3][:1],
               str(tmp_path / "m.png"))
     fig = figures[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # (closed once saved: drawn again on a canvas of its own)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     (ax,) = fig.axes
@@ -498,3 +510,26 @@ def test_solver_layer_profile_stopped_while_written_leaves_the_previous_one(tmp_
         bench_solver.main(argv)
     monkeypatch.setattr(builtins, "open", real_open)
     assert path.read_text() == before
+
+
+def test_merge_methods_plot_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
+    """merge_methods_demo.py wrote its JSON atomically but its PNG in place (fig.savefig on the
+    path, not _common.save_figure): stopped while plotting (Ctrl-C at the end of a 4-minute run),
+    the previous run's plot, committed under benchmarks/results, was left truncated."""
+    import matplotlib.figure
+
+    demo, = _imported("benchmarks", "merge_methods_demo")
+    path = tmp_path / "merge-methods-demo-cpu.png"
+    demo.plot(_merge_rows([(71.6, 71.9, 77.5)]), [4], str(path))
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def killed(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.plot(_merge_rows([(72.5, 72.3, 76.8)]), [4], str(path))
+    assert path.read_bytes() == before
