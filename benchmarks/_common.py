@@ -61,6 +61,17 @@ def write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def demo_run(script: str, argv, bench) -> dict:
+    """What a result on the demo benchmark was measured with: the command as run (``argv``, or
+    the command line's), the demo's seed and its trained models' cache entry (another machine's
+    training moves the demo's cells), the machine and torch."""
+    return dict(command=" ".join(["python", "benchmarks/" + os.path.basename(script),
+                                  *(sys.argv[1:] if argv is None else argv)]),
+                seed=bench.seed, cache=bench.cache_dir.name,
+                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads())
+
+
 def peer_version(script: str, python: str, distribution: str, env=None):
     """The version of ``distribution`` (also the module's name) that the interpreter ``python``
     imports, or None after saying on stderr why the peer cannot run (the caller exits 2)."""

@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write_json  # noqa: E402
+from _common import demo_run, write_json  # noqa: E402
 
 from epmq import QuantSpec, quantize_model  # noqa: E402
 from epmq.demo import prepare  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv=None):
                              test=round(best["test"], 1), runs=runs))
             print(f"{mp.method:16s} w{bits}: E-PMQ fp-path {best['test']:.1f} "
                   f"(anchor {best['anchor']:g}, chosen on val)", flush=True)
-    write_json(args.out, dict(command="python benchmarks/demo_epmq_fp_path.py", rows=rows))
+    write_json(args.out, dict(**demo_run(__file__, argv, bench), rows=rows))
     return 0
 
 

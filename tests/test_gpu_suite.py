@@ -533,3 +533,49 @@ def test_merge_methods_plot_stopped_while_written_leaves_the_previous_one(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         demo.plot(_merge_rows([(72.5, 72.3, 76.8)]), [4], str(path))
     assert path.read_bytes() == before
+
+
+class _DemoBench:
+    """``epmq.demo.prepare()``'s bench as the demo's benchmark scripts read it, its models stood
+    in (the demo trains its own for minutes), each evaluation a number of its own."""
+    task_names = ["a", "b"]
+    seed = 0
+    cache_dir = Path("/cache/demo/0123abcd")
+    calibration = {}
+
+    def __init__(self):
+        self.experts = {t: {} for t in self.task_names}
+        self.evaluations = 0
+
+    def model(self, merged):
+        return torch.nn.Linear(2, 2)
+
+    def evaluate(self, model, split):
+        self.evaluations += 1
+        return {"avg": self.evaluations / 1000, **{t: self.evaluations / 1000 for t in self.task_names}}
+
+    def expert_accuracies(self, split):
+        return {"avg": 0.9}
+
+
+def _stood_in_demo(monkeypatch, script):
+    module, = _imported("benchmarks", script)
+    bench = _DemoBench()
+    monkeypatch.setattr(module, "prepare", lambda: bench)
+    monkeypatch.setattr(module, "choose_scale", lambda bench, mp: (mp.scales[0], {}, {mp.scales[0]: 0.5}))
+    monkeypatch.setattr(module, "quantize_model", lambda *a, **k: None)
+    return module
+
+
+def test_demo_epmq_fp_path_json_records_the_command_it_ran(tmp_path, monkeypatch):
+    """The JSON said ``python benchmarks/demo_epmq_fp_path.py`` whatever was run: a ``--bits 2``
+    run's rows were recorded as the default 4, 3 and 2 bits' command; and no seed, trained
+    models' cache entry or machine (a fresh cache moves the demo's cells, README says)."""
+    demo_fp_path = _stood_in_demo(monkeypatch, "demo_epmq_fp_path")
+    out = tmp_path / "fp-path.json"
+    assert demo_fp_path.main(["--bits", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == f"python benchmarks/demo_epmq_fp_path.py --bits 2 --out {out}"
+    assert {r["bits"] for r in result["rows"]} == {2}
+    assert result["seed"] == 0 and result["cache"] == "0123abcd"
+    assert result["torch"] == torch.__version__ and "cores" in result["machine"]
