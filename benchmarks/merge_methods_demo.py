@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import pyplot, save_figure, write_json  # noqa: E402
+from _common import demo_run, pyplot, save_figure, write_json  # noqa: E402
 
 from epmq import QuantSpec, quantize_model  # noqa: E402
 from epmq.demo import prepare  # noqa: E402
@@ -124,8 +124,8 @@ def main(argv=None):
                       f"E-PMQ {row['quantized'][f'w{b}']['epmq']['test']:.1f}" for b in bits)
         print(f"{mp.label:12s} scale {scale:<5g} fp32 {row['fp32_test']:.1f}  {q}  "
               f"({seconds:.2f} s a merge)", flush=True)
-    write_json(args.out, dict(command="python benchmarks/merge_methods_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                              experts_test=experts_test, bits=bits, anchors=anchors, rows=rows))
+    write_json(args.out, dict(**demo_run(__file__, argv, bench), experts_test=experts_test, bits=bits,
+                              anchors=anchors, rows=rows))
     plot(rows, bits, os.path.splitext(args.out)[0] + ".png")
     return 0
 

@@ -579,3 +579,18 @@ def test_demo_epmq_fp_path_json_records_the_command_it_ran(tmp_path, monkeypatch
     assert {r["bits"] for r in result["rows"]} == {2}
     assert result["seed"] == 0 and result["cache"] == "0123abcd"
     assert result["torch"] == torch.__version__ and "cores" in result["machine"]
+
+
+def test_merge_methods_demo_json_records_seed_cache_and_machine(tmp_path, monkeypatch):
+    """merge_methods_demo's JSON named the command alone (with a trailing space where it had no
+    arguments): not the demo's seed, its trained models' cache entry (a fresh cache moves the
+    demo's cells, README says) or the machine the table was measured on."""
+    demo = _stood_in_demo(monkeypatch, "merge_methods_demo")
+    out = tmp_path / "merges.json"
+    assert demo.main(["--merges", "TIES", "--bits", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == f"python benchmarks/merge_methods_demo.py --merges TIES --bits 4 --out {out}"
+    assert [r["merge"] for r in result["rows"]] == ["TIES"]
+    assert result["seed"] == 0 and result["cache"] == "0123abcd"
+    assert result["torch"] == torch.__version__ and "cores" in result["machine"]
+    assert (tmp_path / "merges.png").read_bytes().startswith(b"\x89PNG")
