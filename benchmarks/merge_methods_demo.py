@@ -102,6 +102,11 @@ def main(argv=None):
     bits = [int(b) for b in args.bits.split(",") if b]
     anchors = [float(a) for a in args.anchors.split(",")]
     chosen = [m for m in MERGES if not args.merges or m.label in args.merges.split(",")]
+    # (before the demo's training: a label misspelt ran the others alone, or none, as if asked)
+    unknown = [m for m in args.merges.split(",") if m and m not in {mp.label for mp in MERGES}]
+    if unknown or not chosen:
+        parser.error(f"--merges {args.merges!r}: no merge labelled {', '.join(map(repr, unknown)) or 'so'}; "
+                     f"the labels are {', '.join(mp.label for mp in MERGES)}")
     bench = prepare()
     experts = {t: bench.experts[t] for t in bench.task_names}
     experts_test = round(100 * bench.expert_accuracies("test")["avg"], 1)

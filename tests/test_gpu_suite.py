@@ -594,3 +594,18 @@ def test_merge_methods_demo_json_records_seed_cache_and_machine(tmp_path, monkey
     assert result["seed"] == 0 and result["cache"] == "0123abcd"
     assert result["torch"] == torch.__version__ and "cores" in result["machine"]
     assert (tmp_path / "merges.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_merge_methods_demo_refuses_a_merge_label_it_has_not(tmp_path, monkeypatch, capsys):
+    """``--merges TSV,Iso-C`` (the label is TSV-M) ran Iso-C alone and wrote its JSON as if that
+    were what was asked; ``--merges TSV`` alone ran no merge, after the demo's training, and ended
+    in a bare IndexError at the plot. Refused before any work, naming the label and the labels."""
+    demo = _stood_in_demo(monkeypatch, "merge_methods_demo")
+    monkeypatch.setattr(demo, "prepare", lambda: pytest.fail("prepared the demo for a label it has not"))
+    out = tmp_path / "merges.json"
+    for merges in ("TSV,Iso-C", "TSV"):
+        with pytest.raises(SystemExit):
+            demo.main(["--merges", merges, "--out", str(out)])
+        error = capsys.readouterr().err
+        assert "'TSV'" in error and "TSV-M" in error and "Iso-C" in error
+    assert not out.exists()
