@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parse_pairs, write_json  # noqa: E402
+from _common import parse_pairs, write_json, write_text  # noqa: E402
 from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
@@ -187,9 +187,9 @@ def main(argv=None):
                   torch=torch.__version__, seconds=round(time.perf_counter() - started, 1),
                   rows=rows)
     write_json(args.out, result)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"`{result['command']}` (CPU, torch {torch.__version__}, "
-                f"{result['seconds']} s)\n\n{text}\n")
+    # (atomically, as the JSON: stopped while writing, the previous table is left whole)
+    write_text(os.path.splitext(args.out)[0] + ".md", f"`{result['command']}` (CPU, torch {torch.__version__}, "
+                                                      f"{result['seconds']} s)\n\n{text}\n")
     return 0
 
 

@@ -609,3 +609,33 @@ def test_merge_methods_demo_refuses_a_merge_label_it_has_not(tmp_path, monkeypat
         error = capsys.readouterr().err
         assert "'TSV'" in error and "TSV-M" in error and "Iso-C" in error
     assert not out.exists()
+
+
+def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
+    """residual_precision_study.py wrote its JSON atomically but its table
+    (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
+    previous run's table was left cut short."""
+    import builtins
+
+    study, = _imported("benchmarks", "residual_precision_study")
+    out = tmp_path / "residual-precision-cpu.json"
+    argv = ["--shapes", "8:64", "--bits", "4", "--anchors", "0", "--group-size", "32", "--out", str(out)]
+    assert study.main(argv) == 0
+    table = tmp_path / "residual-precision-cpu.md"
+    before = table.read_text()
+    assert "| 8x64 | 4 |" in before
+    real_open = builtins.open
+
+    def killed(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).startswith(str(table)):
+            f.write("`python benchm")
+            f.close()
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(builtins, "open", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(argv)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert table.read_text() == before
