@@ -250,6 +250,12 @@ def main():
 
     from tqdm.auto import tqdm
 
+    # (before any child: a type misspelt, or of another task, was run and recorded as an
+    # architecture whose tiny config does not fit, "KeyError: 'lama'")
+    unknown = [t for t in args.only or [] if t not in classes(args.task)]
+    if unknown:
+        parser.error(f"--only: {', '.join(map(repr, unknown))} is no model type of --task {args.task} "
+                     f"(transformers' {TASKS[args.task][0]})")
     rows = {}
     for model_type in tqdm(args.only or list(classes(args.task)), unit="model"):
         t0 = time.perf_counter()

@@ -639,3 +639,20 @@ def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(
         study.main(argv)
     monkeypatch.setattr(builtins, "open", real_open)
     assert table.read_text() == before
+
+
+def test_family_sweep_refuses_a_model_type_its_task_has_not(tmp_path, monkeypatch, capsys):
+    """``family_sweep.py --only llama lama`` ran 'lama' in a child of its own (42 s on 2 cores)
+    and recorded it as an architecture whose tiny config does not fit ('config' stage,
+    "KeyError: 'lama'"), counted in the summary with the real ones; ``--task masked-lm --only
+    llama`` (a causal LM) the same. Refused before any child, naming the type and the task."""
+    family_sweep, = _imported("benchmarks", "family_sweep")
+    monkeypatch.setattr(family_sweep.subprocess, "run", lambda *a, **k: pytest.fail("ran a child"))
+    out = tmp_path / "sweep.json"
+    for args in (["--only", "llama", "lama"], ["--task", "masked-lm", "--only", "llama"]):
+        monkeypatch.setattr("sys.argv", ["family_sweep.py", *args, "--out", str(out)])
+        with pytest.raises(SystemExit):
+            family_sweep.main()
+        error = capsys.readouterr().err
+        assert repr(args[-1]) in error and ("causal-lm" if "lama" in args else "masked-lm") in error
+    assert not out.exists()
