@@ -32,6 +32,7 @@ layer) makes of the walk's ratio to GPTQ (``epmq_lora_over_gptq``).
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -48,9 +49,11 @@ def build(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(1, args.hidden // 128)
+    # (key-value heads that divide the heads: 1152 wide has 9 heads, not 2's multiple; the same
+    # heads at every width that ran before)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 4), vocab_size=8192,
+                         num_key_value_heads=math.gcd(heads, max(1, heads // 4)), vocab_size=8192,
                          max_position_embeddings=args.tokens)
     torch.manual_seed(0)
     with torch.device(device):  # random init where it is fast

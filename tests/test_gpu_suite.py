@@ -656,3 +656,28 @@ def test_family_sweep_refuses_a_model_type_its_task_has_not(tmp_path, monkeypatc
         error = capsys.readouterr().err
         assert repr(args[-1]) in error and ("causal-lm" if "lama" in args else "masked-lm") in error
     assert not out.exists()
+
+
+def test_bench_walker_builds_a_llama_whose_heads_are_odd():
+    """``bench_walker.py --hidden 1152`` (Gemma 3 1B's width) gave its Llama 9 attention heads
+    and ``9 // 4 = 2`` key-value heads, and the walk's first block ended in torch's bare 'Number
+    of heads in key and value must divide the number of heads in query'."""
+    import argparse
+
+    bench_walker, = _imported("benchmarks", "bench_walker")
+    args = argparse.Namespace(hidden=1152, intermediate=64, layers=1, tasks=1, tokens=8, samples=1)
+    model, experts, calibration = bench_walker.build(args, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=calibration["task0"][0]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_walker_times_runs_a_llama_whose_heads_are_odd(tmp_path):
+    """``walker_times.py --hidden 1152``: 9 heads and ``9 // 4 = 2`` key-value heads, and the
+    child ended in 'the block ... cannot run on its input' over torch's bare 'Number of heads
+    in key and value must divide ...', the run in 'the child ... failed'."""
+    walker_times, = _imported("benchmarks", "walker_times")
+    out = tmp_path / "walker-times.json"
+    assert walker_times.main(["--hidden", "1152", "--intermediate", "64", "--layers", "1", "--tokens", "8",
+                              "--samples", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["same_model"]
