@@ -1050,28 +1050,32 @@ def test_open_clip_convnext_image_tower_is_walked_by_default(gen, tmp_path, monk
     lists the block, so both towers are walked in one call (the depthwise convolutions stay in full
     precision), a later stage's statistics those of a plain forward, the image features near the
     float ones, and the checkpoint loads back the same."""
-    model = tiny_convnext_clip()
+    assert_timm_image_tower_walked(tiny_convnext_clip, "visual.trunk.stages", gen, tmp_path, monkeypatch)
 
+
+def assert_timm_image_tower_walked(build, stages, gen, tmp_path, monkeypatch):
+    """An open_clip CLIP of ``build(seed=)`` with a timm image tower of four stages at ``stages``: both
+    towers walked in one call, every stage's blocks packed, the image features within 2% of the float
+    ones, the checkpoint loading back the same, and a later stage's statistics those of a plain forward."""
     def item():
         return dict(image=torch.randn(1, 3, 32, 32, generator=gen), text=torch.randint(1, 299, (1, 8), generator=gen))
 
-    test = item()
+    model, test = build(), item()
     with torch.no_grad():
         reference = model.visual(test["image"])
     quantize_leaving_no_tower(model, item)
     assert model.epmq_report.adapter == "open_clip+timm"
     for i in range(4):
-        stage = f"visual.trunk.stages.{i}.blocks"
+        stage = f"{stages}.{i}.blocks"
         assert linears(model, stage, epmq.QuantLinear) and not linears(model, stage, torch.nn.Linear)
     with torch.no_grad():
         assert (model.visual(test["image"]) - reference).norm() / reference.norm() < 0.02
     epmq.save_quantized(model, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q", tiny_convnext_clip(seed=1))
+    loaded = epmq.load_quantized(tmp_path / "q", build(seed=1))
     with torch.no_grad():
         for a, b in zip(loaded(**test)[:2], model(**test)[:2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert_walk_sees_a_plain_forward(tiny_convnext_clip(), "visual.trunk.stages.2.blocks.0.mlp.fc1",
-                                     [item() for _ in range(2)], monkeypatch)
+    assert_walk_sees_a_plain_forward(build(), f"{stages}.2.blocks.0.mlp.fc1", [item() for _ in range(2)], monkeypatch)
 
 
 def epmq_tiny_swin(pretrained=False, **options):
@@ -1105,26 +1109,7 @@ def test_open_clip_swin_image_tower_is_walked_by_default(gen, tmp_path, monkeypa
                                                   timm_pool="", timm_proj="linear", image_size=32),
                     text_cfg=dict(context_length=8, vocab_size=300, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
 
-    def item():
-        return dict(image=torch.randn(1, 3, 32, 32, generator=gen), text=torch.randint(1, 299, (1, 8), generator=gen))
-
-    model, test = build(), item()
-    with torch.no_grad():
-        reference = model.visual(test["image"])
-    quantize_leaving_no_tower(model, item)
-    assert model.epmq_report.adapter == "open_clip+timm"
-    for i in range(4):
-        stage = f"visual.trunk.layers.{i}.blocks"
-        assert linears(model, stage, epmq.QuantLinear) and not linears(model, stage, torch.nn.Linear)
-    with torch.no_grad():
-        assert (model.visual(test["image"]) - reference).norm() / reference.norm() < 0.02
-    epmq.save_quantized(model, tmp_path / "q")
-    loaded = epmq.load_quantized(tmp_path / "q", build(seed=1))
-    with torch.no_grad():
-        for a, b in zip(loaded(**test)[:2], model(**test)[:2]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert_walk_sees_a_plain_forward(build(), "visual.trunk.layers.2.blocks.0.mlp.fc1", [item() for _ in range(2)],
-                                     monkeypatch)
+    assert_timm_image_tower_walked(build, "visual.trunk.layers", gen, tmp_path, monkeypatch)
 
 
 def test_sam_is_still_walked_whole_by_auto(gen):
