@@ -479,8 +479,6 @@ def test_solver_layer_profile_stopped_while_written_leaves_the_previous_one(tmp_
     """bench_solver wrote its JSON and plot atomically but its layer profile
     (epmq-layer-profile-<card>.txt) in place: killed while writing it (the suite's timeout), the
     previous run's profile was left cut short. The run here is the CPU's, its rows stood in."""
-    import builtins
-
     bench_solver, profile = _imported("benchmarks", "bench_solver", "profile_epmq_layer")
     for name, value in dict(no_cuda=lambda script: False, raise_on_sigterm=lambda: None, plot=lambda *a: None,
                             device_info=lambda device: dict(device="test card"),
@@ -495,21 +493,7 @@ def test_solver_layer_profile_stopped_while_written_leaves_the_previous_one(tmp_
     assert bench_solver.main(argv) == 0
     before = path.read_text()
     assert before.count("== E-PMQ") == 3
-    real_open = builtins.open
-
-    def killed(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        if "w" in mode and str(file).startswith(str(path)):
-            f.write("== E-PMQ (4096, ")
-            f.close()
-            raise KeyboardInterrupt
-        return f
-
-    monkeypatch.setattr(builtins, "open", killed)
-    with pytest.raises(KeyboardInterrupt):
-        bench_solver.main(argv)
-    monkeypatch.setattr(builtins, "open", real_open)
-    assert path.read_text() == before
+    assert_a_kill_while_written_leaves(path, before, "== E-PMQ (4096, ", lambda: bench_solver.main(argv), monkeypatch)
 
 
 def test_merge_methods_plot_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
@@ -615,8 +599,6 @@ def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
     previous run's table was left cut short."""
-    import builtins
-
     study, = _imported("benchmarks", "residual_precision_study")
     out = tmp_path / "residual-precision-cpu.json"
     argv = ["--shapes", "8:64", "--bits", "4", "--anchors", "0", "--group-size", "32", "--out", str(out)]
@@ -624,21 +606,7 @@ def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(
     table = tmp_path / "residual-precision-cpu.md"
     before = table.read_text()
     assert "| 8x64 | 4 |" in before
-    real_open = builtins.open
-
-    def killed(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        if "w" in mode and str(file).startswith(str(table)):
-            f.write("`python benchm")
-            f.close()
-            raise KeyboardInterrupt
-        return f
-
-    monkeypatch.setattr(builtins, "open", killed)
-    with pytest.raises(KeyboardInterrupt):
-        study.main(argv)
-    monkeypatch.setattr(builtins, "open", real_open)
-    assert table.read_text() == before
+    assert_a_kill_while_written_leaves(table, before, "`python benchm", lambda: study.main(argv), monkeypatch)
 
 
 def test_family_sweep_refuses_a_model_type_its_task_has_not(tmp_path, monkeypatch, capsys):
@@ -681,3 +649,25 @@ def test_walker_times_runs_a_llama_whose_heads_are_odd(tmp_path):
     assert walker_times.main(["--hidden", "1152", "--intermediate", "64", "--layers", "1", "--tokens", "8",
                               "--samples", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["same_model"]
+
+
+def assert_a_kill_while_written_leaves(path, before, partial, run, monkeypatch):
+    """``run()`` stopped (^C) as it has written ``partial`` to a file opened at ``path`` (or a temporary
+    beside it named after it) leaves ``path`` holding ``before``."""
+    import builtins
+
+    real_open = builtins.open
+
+    def killed(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).startswith(str(path)):
+            f.write(partial)
+            f.close()
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(builtins, "open", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert path.read_text() == before
