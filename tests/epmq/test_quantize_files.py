@@ -898,12 +898,26 @@ def test_an_expert_that_cannot_be_read_is_named_before_the_model_loads(files, tm
         assert not (tmp_path / "out").exists()
 
 
+def _quantize_stopped_in_block(at, argv, monkeypatch):
+    """The exit status of ``main(argv)`` (an ``epmq quantize``) stopped by ^C as it reaches block ``at``."""
+    from epmq import walker
+
+    quantize_block = walker._Walk._quantize_block
+
+    def interrupted(self, s, i, block):
+        if i >= at:
+            raise KeyboardInterrupt
+        return quantize_block(self, s, i, block)
+
+    with monkeypatch.context() as m:
+        m.setattr(walker._Walk, "_quantize_block", interrupted)
+        return main(argv)
+
+
 def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkeypatch):
     """Ctrl-C in the second block: the first is kept in OUT.resume, the same command loads it
     and writes the checkpoint an uninterrupted run writes (OUT.resume then removed); --fresh
     and other settings start over or are refused."""
-    from epmq import walker
-
     root = files
     config = tmp_path / "q.yaml"
     base = dict(model=str(root / "merged"), method="epmq", calibration={"a": str(root / "a.txt")},
@@ -912,23 +926,12 @@ def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkey
     config.write_text(yaml.safe_dump(base))
     assert main(["quantize", str(config), str(tmp_path / "ref"), "--quiet"]) == 0
     out, partial = tmp_path / "w4", tmp_path / "w4.resume"
-    quantize_block = walker._Walk._quantize_block
-    with monkeypatch.context() as m:
-        def interrupted(self, s, i, block):
-            if i == 1:
-                raise KeyboardInterrupt
-            return quantize_block(self, s, i, block)
-
-        m.setattr(walker._Walk, "_quantize_block", interrupted)
-        assert main(["quantize", str(config), str(out), "--quiet"]) == 130
+    assert _quantize_stopped_in_block(1, ["quantize", str(config), str(out), "--quiet"], monkeypatch) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not out.exists() and (partial / "model.layers.0.json").is_file()
-    with monkeypatch.context() as m:  # (stopped in its first block: nothing kept, nothing to resume)
-        def at_once(self, s, i, block):
-            raise KeyboardInterrupt
-
-        m.setattr(walker._Walk, "_quantize_block", at_once)
-        assert main(["quantize", str(config), str(tmp_path / "other"), "--quiet"]) == 130
+    # (stopped in its first block: nothing kept, nothing to resume)
+    assert _quantize_stopped_in_block(0, ["quantize", str(config), str(tmp_path / "other"), "--quiet"],
+                                      monkeypatch) == 130
     assert "nothing was kept to resume from: a rerun starts over" in capsys.readouterr().err
 
     config.write_text(yaml.safe_dump({**base, "anchor": 0.5}))
@@ -960,8 +963,6 @@ def test_cli_removes_a_linked_resume_directory_s_blocks_once_done(files, tmp_pat
     a word, so every block (a whole quantized model) stayed there, and the next command into OUT
     with other settings was refused as another walk's. The walk's files are removed from it, and
     the link (as --fresh does); a file of the user's there is kept."""
-    from epmq import walker
-
     config = tmp_path / "q.yaml"
     base = dict(model=str(files / "merged"), method="gptq", calibration={"a": str(files / "a.txt")},
                 bits=4, group_size=16, samples=4, seq_len=16, batch_size=2)
@@ -971,15 +972,7 @@ def test_cli_removes_a_linked_resume_directory_s_blocks_once_done(files, tmp_pat
     (scratch / "notes.json").write_text("{}")
     out, partial = tmp_path / "w4", tmp_path / "w4.resume"
     partial.symlink_to(scratch)
-    quantize_block = walker._Walk._quantize_block
-    with monkeypatch.context() as m:
-        def interrupted(self, s, i, block):
-            if i == 1:
-                raise KeyboardInterrupt
-            return quantize_block(self, s, i, block)
-
-        m.setattr(walker._Walk, "_quantize_block", interrupted)
-        assert main(["quantize", str(config), str(out), "--quiet"]) == 130
+    assert _quantize_stopped_in_block(1, ["quantize", str(config), str(out), "--quiet"], monkeypatch) == 130
     assert (scratch / "model.layers.0.json").is_file()
     assert main(["quantize", str(config), str(out), "--quiet"]) == 0
     assert "(1 blocks loaded from the interrupted run)" in capsys.readouterr().out
