@@ -2972,37 +2972,38 @@ def _drop_g_idx(directory, desc_act=None):
               metadata={"format": "pt"})
 
 
+class PaddedWordsBlock(torch.nn.Module):
+    """A residual MLP of 32 -> 48 -> 32: 48 inputs fill no whole 32-bit words at 3 bits."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
 def test_peer_checkpoints_without_g_idx_of_one_group_or_of_padded_words():
     """Act-order per channel (one group: any order of the inputs gives the same g_idx, early
     GPTQ-for-LLaMa --act-order exports) loads; and a layer whose inputs fill no whole words at
     its width (3 bits, 48 inputs: 5 words, which alone read as 53 inputs) takes the model's 48."""
     import tempfile
 
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 32)
-
-        def forward(self, x):
-            return x + self.down(torch.relu(self.up(x)))
-
     x = torch.randn(4, 32)
     for spec, method, desc_act in ((epmq.QuantSpec(bits=3, group_size=-1), "rtn", None),
                                    (epmq.QuantSpec(bits=4, group_size=-1, act_order=True), "gptq", True)):
         torch.manual_seed(0)
-        model = Stack(Block()).eval()
+        model = Stack(PaddedWordsBlock()).eval()
         epmq.quantize_model(model, spec, method=method, calibration={"t": [torch.randn(8, 32)]}
                             if method == "gptq" else None, backend="torch", progress=False)
         directory = Path(tempfile.mkdtemp()) / "q"
         epmq.save_quantized(model, directory, checkpoint_format="gptq")
         _drop_g_idx(directory, desc_act)
-        loaded = epmq.load_quantized(directory, Stack(Block()).eval())
+        loaded = epmq.load_quantized(directory, Stack(PaddedWordsBlock()).eval())
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
         if spec.bits == 3:  # (a narrower layer of the same words: its codes past 44 are not padding)
-            narrow = Block()
-            narrow.up, narrow.down = nn.Linear(32, 44), nn.Linear(44, 32)
+            narrow = PaddedWordsBlock()
+            narrow.up, narrow.down = torch.nn.Linear(32, 44), torch.nn.Linear(44, 32)
             with pytest.raises(ValueError, match="in_features=44.* the checkpoint has a 53->32"):
                 epmq.load_quantized(directory, Stack(narrow).eval())
 
@@ -3012,18 +3013,8 @@ def test_a_peer_layer_of_padded_words_takes_its_dynamic_rules_group_size(tmp_pat
     inputs in groups of 20: 5 words, read as 53 inputs), written without g_idx: its inputs are the model's
     48, and its groups the rule's 20; the config's 16, which gives as many groups of 48 inputs, was
     taken, and the layer dequantized in groups of 16 (outputs off)."""
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up, self.down = nn.Linear(32, 48), nn.Linear(48, 32)
-
-        def forward(self, x):
-            return x + self.down(torch.relu(self.up(x)))
-
     torch.manual_seed(0)
-    model = Stack(Block()).eval()
+    model = Stack(PaddedWordsBlock()).eval()
     epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=16), method="rtn", layers=lambda n: n.endswith("up"),
                         progress=False)
     epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=20), method="rtn", progress=False)
@@ -3032,7 +3023,7 @@ def test_a_peer_layer_of_padded_words_takes_its_dynamic_rules_group_size(tmp_pat
     _drop_g_idx(tmp_path / "q")
     config = json.loads((tmp_path / "q" / ckpt.CONFIG_FILE).read_text())
     assert config["group_size"] == 16 and list(config["dynamic"].values()) == [{"bits": 3, "group_size": 20}]
-    loaded = epmq.load_quantized(tmp_path / "q", Stack(Block()).eval())
+    loaded = epmq.load_quantized(tmp_path / "q", Stack(PaddedWordsBlock()).eval())
     down = [m for name, m in loaded.named_modules() if name.endswith("down")][0]
     assert (down.in_features, down.group_size) == (48, 20)
     x = torch.randn(4, 32)
