@@ -18,7 +18,6 @@ instructions rather than memory (an H200 issues about 33 T lane-instructions a s
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from gpu_compile import compile_sm90, resource_usage  # noqa: E402
+from _common import write_json  # noqa: E402
 
 # The problem every W4A16 config is compiled for: a 4096 x 4096 layer, group 128 (per channel
 # where stated). Integer arguments specialise only on ==1 and divisibility by 16, so the SASS is
@@ -267,8 +267,7 @@ def main(argv=None):
         cases += residual_cases(args.all)
     rows = report(cases)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
+        write_json(args.json, dict(triton=triton.__version__, rows=rows))
     return 0
 
 

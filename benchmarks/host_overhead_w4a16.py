@@ -29,6 +29,8 @@ import subprocess
 import sys
 import textwrap
 
+from _common import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHILD = textwrap.dedent(r'''
@@ -251,8 +253,7 @@ def main(argv=None):
                   f"{r['launches_per_call']:.2f} launches/call "
                   f"(torch.empty alone {r['torch_empty_us']:.2f} us)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq_kernels._runtime import ieee_fp32_matmul  # noqa: E402
+from _common import write_text  # noqa: E402
 
 
 def _tables(d_out, d_in, n_experts, precisions, rows, dev):
@@ -86,8 +87,7 @@ def main(argv=None):
     text = profile_tables(precisions=tuple(args.precision or ["ieee"]))
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_text(args.out, text)
     return 0
 
 

@@ -671,3 +671,29 @@ def assert_a_kill_while_written_leaves(path, before, partial, run, monkeypatch):
         run()
     monkeypatch.setattr(builtins, "open", real_open)
     assert path.read_text() == before
+
+
+@pytest.mark.parametrize("script", ["compile_report", "host_overhead_w4a16", "profile_epmq_layer"])
+def test_kernel_reports_stopped_while_written_leave_the_previous_one(script, tmp_path, monkeypatch):
+    """compile_report's and host_overhead_w4a16's --json and profile_epmq_layer's --out were written in
+    place: stopped while writing (a timeout, ^C), the previous report was left cut short. Their
+    measurements (compiles, timed children, a CUDA profile) stand in as fixed rows here."""
+    module, = _imported("benchmarks", script)
+    path = tmp_path / "report"
+    if script == "compile_report":
+        monkeypatch.setattr(module, "w4a16_cases", lambda full: [])
+        monkeypatch.setattr(module, "residual_cases", lambda full: [])
+        monkeypatch.setattr(module, "report", lambda cases: [{"kernel": "stood in"}])
+        argv = ["--json", str(path)]
+    elif script == "host_overhead_w4a16":
+        monkeypatch.setattr(module, "run_child", lambda source, calls, tmp, smoke=False: {
+            "triton": "stood in", "results": {}})
+        argv = ["--json", str(path)]
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(module, "profile_tables", lambda **kwargs: "== E-PMQ stood in\n")
+        argv = ["--out", str(path)]
+    assert module.main(argv) == 0
+    before = path.read_text()
+    assert "stood in" in before
+    assert_a_kill_while_written_leaves(path, before, "{\n \"tri", lambda: module.main(argv), monkeypatch)
