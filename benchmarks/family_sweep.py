@@ -240,7 +240,7 @@ def main():
     parser.add_argument("--only", nargs="*", help="model types (default: all)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--out", help="default: benchmarks/results/family_sweep_cpu.json for causal LMs, "
-                                      "family_sweep_<task>_cpu.json for the others")
+                                      "family_sweep_<task>_cpu.json for the others (.only.json with --only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one model type, in this process
     args = parser.parse_args()
     if args.child:
@@ -275,9 +275,11 @@ def main():
             key = "ok (auto)" if row["adapter"] == "auto" else "ok (built-in adapter)"
         stages[key] = stages.get(key, 0) + 1
     summary = {"task": args.task, "transformers": transformers.__version__, "model_types": len(rows),
-               "stages": stages}
+               "stages": stages, "only": args.only, "command": " ".join(["python", *sys.argv])}
     print(json.dumps(summary, indent=1))
     out = args.out or os.path.join("benchmarks", "results", TASKS[args.task][1])
+    if args.only and not args.out:  # (a quick check of a few types left the committed sweep of all as theirs)
+        out = out[:-len(".json")] + ".only.json"
     write_json(out, {"summary": summary, "rows": rows})
 
 

@@ -626,6 +626,27 @@ def test_family_sweep_refuses_a_model_type_its_task_has_not(tmp_path, monkeypatc
     assert not out.exists()
 
 
+def test_family_sweep_of_a_few_types_leaves_the_committed_sweep_of_all(tmp_path, monkeypatch):
+    """``family_sweep.py --only llama`` with the default --out overwrote the committed sweep of every
+    model type (benchmarks/results/family_sweep_cpu.json) with one row, its summary read as a whole
+    sweep's and recording neither the types asked for nor the command. Written beside it
+    (family_sweep_cpu.only.json), the types and the command recorded."""
+    import types
+
+    family_sweep, = _imported("benchmarks", "family_sweep")
+    row = types.SimpleNamespace(stdout='{"stage": "ok", "adapter": "auto"}\n', stderr="")
+    monkeypatch.setattr(family_sweep.subprocess, "run", lambda *a, **k: row)
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "family_sweep_cpu.json").write_text("the committed sweep")
+    monkeypatch.setattr("sys.argv", ["family_sweep.py", "--only", "llama"])
+    family_sweep.main()
+    assert (results / "family_sweep_cpu.json").read_text() == "the committed sweep"
+    summary = json.loads((results / "family_sweep_cpu.only.json").read_text())["summary"]
+    assert summary["only"] == ["llama"] and summary["command"].endswith("family_sweep.py --only llama")
+
+
 def test_bench_walker_builds_a_llama_whose_heads_are_odd():
     """``bench_walker.py --hidden 1152`` (Gemma 3 1B's width) gave its Llama 9 attention heads
     and ``9 // 4 = 2`` key-value heads, and the walk's first block ended in torch's bare 'Number
