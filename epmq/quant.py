@@ -462,15 +462,13 @@ def _round_target(
     # rescaled. With no live column the value is immaterial: 1, as before.
     live = ~dead
     mean_diag = float(diag[live].mean()) if bool(live.any()) else 0.0
-    shift = 0
-    lo, hi = EPMQ_HESSIAN_SCALE  # (float32's: the factor and the loss may be taken in it)
-    if mean_diag and not lo <= mean_diag <= hi:
+    shift = _fp32_shift(mean_diag)  # (into float32's range: the factor and the loss may be taken in it)
+    if shift:
         # GPTQ's codes do not depend on H's scale, but the solver's fp32 factor does: such an H
         # (inputs of order 1e-27, behind a norm of tiny weight; E-PMQ's of task weights of 1e-60
         # or an anchor of 1e300) is solved scaled by a power of two, exactly, its loss and damping
         # scaled back below. E-PMQ's G is scaled with it: R = G H~^{-1} is the same. (An even
         # power, whose square root is one too: the fp32 factor and R are those of H itself.)
-        shift = 2 * (math.frexp(mean_diag)[1] // 2)
         H = H64 = _times_power_of_two(H64, -shift)
         diag = torch.diagonal(H64)
         mean_diag = math.ldexp(mean_diag, -shift)
