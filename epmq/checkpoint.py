@@ -763,6 +763,8 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # them with MoE WNA16 (4 or 8 bits, told sym: true, so it drops their zero points), SGLang refuses them
     low = sorted({m.bits for m in layers.values() if m.bits not in (4, 8)})
     off_marlin = [f"{'/'.join(map(str, low))}-bit layers"] * bool(low) + ["asymmetric grids"] * (not qconfig["sym"])
+    # (is_gptq_marlin_compatible checks the config's group size too: MARLIN_SUPPORTED_GROUP_SIZES)
+    off_marlin += [f"groups of {qconfig['group_size']}"] * (qconfig["group_size"] not in MARLIN_GROUPS)
     # vLLM and SGLang pick GPTQ Marlin by the config's own bits, sym and group size, then build each
     # layer with its dynamic override (override_config), refusing one Marlin does not take
     marlin_refused = list(dict.fromkeys(
@@ -779,14 +781,15 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"experts left in full precision (first: {float_experts[0]}): vLLM builds every block's experts there "
             f"with its MoE WNA16 kernel, which reads no dynamic rule (the -: rule that keeps them in full precision "
             f"on Marlin), so it builds them quantized and cannot load their float weights (QuantSpec(bits=4 or 8, "
-            f"sym=True) for Marlin, or quantize the experts too)")
+            f"sym=True) in groups of 32, 64 or 128 for Marlin, or quantize the experts too)")
     # (a config Marlin takes keeps vLLM and SGLang on it: its rules' other layers are refused, not served off it)
     if off_marlin and experts and not marlin_refused:
         reasons.append(
             f"{' and '.join(off_marlin)}, which take vLLM and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "
             f"with routed experts (first: {experts[0]}) quantized: vLLM builds those with its MoE WNA16 kernel, "
             f"which takes 4 or 8 bits only and reads GPTQ experts as symmetric (asymmetric ones served wrong, their "
-            f"zero points dropped), and SGLang refuses them (QuantSpec(bits=4 or 8, sym=True) for them)")
+            f"zero points dropped), and SGLang refuses them (QuantSpec(bits=4 or 8, sym=True) in groups "
+            f"of 32, 64 or 128 for them)")
     elif marlin_refused:
         # vLLM's plain GPTQ path builds every FusedMoE with MoE WNA16 at the config's bits, reading no rule
         ruled = [name for name, m in layers.items() if _experts_of(name) is not None
@@ -805,9 +808,10 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     elif off_marlin:
         warnings.warn(
             f"{' and '.join(off_marlin)}: vLLM and SGLang serve this checkpoint on their plain GPTQ kernel "
-            f"(gptq_gemm), not on GPTQ Marlin, which takes 4- or 8-bit symmetric grids only: slower"
+            f"(gptq_gemm), not on GPTQ Marlin, which takes 4- or 8-bit symmetric grids in groups of 32, 64 or 128 "
+            f"(or per channel) only: slower"
             f"{' (and vLLM logs its 4-bit gptq_gemm as buggy)' if 4 in {m.bits for m in layers.values()} else ''}; "
-            f"QuantSpec(bits=4 or 8, sym=True) for Marlin", ServingWarning)
+            f"QuantSpec(bits=4 or 8, sym=True) in groups of 32, 64 or 128 for Marlin", ServingWarning)
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # optimum's convert_model, which transformers' GPTQ loader builds the layers with, reads no dynamic rule

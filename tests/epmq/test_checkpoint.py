@@ -910,7 +910,8 @@ def test_the_config_describes_every_layer(gen, tmp_path):
                         progress=False)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers="mlp",
                         progress=False)
-    with pytest.warns(UserWarning, match="asymmetric grids: vLLM and SGLang serve this checkpoint on their plain"):
+    with pytest.warns(UserWarning,
+                      match="asymmetric grids and groups of 16: vLLM and SGLang serve this checkpoint on their plain"):
         epmq.save_quantized(model, tmp_path / "q")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["sym"] is False
     model = fam.merged()
@@ -2285,7 +2286,7 @@ def _vllm_plain_gptq_builds_experts_quantized(qconfig):
     hands every FusedMoE to MoeWNA16Config.from_config({quant_method, bits, group_size, sym: True, lm_head})
     whose get_quant_method skips only modules_to_not_convert, [] for GPTQ: no dynamic rule is read
     (vllm-project/vllm moe_wna16.py at ca3fff65bc7d65026d67c76b678aa667615bb710; gptq.py's FusedMoE branch)."""
-    return not (qconfig["sym"] and qconfig["bits"] in (4, 8))
+    return not (qconfig["sym"] and qconfig["bits"] in (4, 8) and qconfig["group_size"] in (-1, 32, 64, 128))
 
 
 @pytest.mark.parametrize("bits, sym", [(4, False), (3, True), (4, True)])
@@ -2418,6 +2419,32 @@ def test_a_dense_model_off_marlin_is_served_by_the_plain_gptq_kernel(bits, sym, 
         warnings.simplefilter("always")
         epmq.save_quantized(model, tmp_path / "marlin")
     assert not [w for w in record if "plain GPTQ kernel" in str(w.message)]
+
+
+@pytest.mark.parametrize("group_size", [16, 256])
+def test_a_group_size_marlin_does_not_take_is_off_marlin(group_size, tmp_path):
+    """vLLM and SGLang pick GPTQ Marlin for 4- or 8-bit symmetric grids in groups of 32, 64 or 128 or per
+    channel only (is_gptq_marlin_compatible: check_marlin_supported's MARLIN_SUPPORTED_GROUP_SIZES); other
+    groups go to the plain GPTQ path, which builds routed experts with MoE WNA16 and reads no dynamic rule.
+    Symmetric 4-bit groups of 16 or 256 were taken for Marlin: no word that a dense model is served off it,
+    nor that an MoE's experts left in full precision by a -: rule are built quantized there."""
+    import warnings
+
+    model = _tiny_llama(256, 512)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=group_size, sym=True), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "dense")
+    slower = [str(w.message) for w in record if "plain GPTQ kernel" in str(w.message)]
+    assert len(slower) == 1 and f"groups of {group_size}" in slower[0] and "groups of 32, 64 or 128" in slower[0]
+    model = build("qwen3_moe")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=group_size, sym=True), method="rtn",
+                        layers="self_attn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "moe")
+    said = [str(w.message) for w in record if "MoE WNA16" in str(w.message) and "full precision" in str(w.message)]
+    assert len(said) == 1 and f"groups of {group_size}" in said[0] and "model.layers.0.mlp.experts" in said[0]
 
 
 @pytest.mark.parametrize("bits, sym, why", [(4, False, "zero points dropped"), (3, True, "4 or 8 bits only")])
@@ -3263,7 +3290,9 @@ def test_layers_of_other_bits_get_dynamic_rules_that_engines_match(arch, tmp_pat
     a block's experts); a reader following them recovers every layer's weights."""
     model = _mixed_model(arch)
     epmq.save_quantized(model, tmp_path / "q")
-    assert not [w for w in recwarn if "mix bit widths" in str(w.message) or "fuse" in str(w.message)]
+    # (not 'fuse': groups of 16 take vLLM and SGLang off Marlin, and 'SGLang refuses' the experts there)
+    assert not [w for w in recwarn
+                if any(said in str(w.message) for said in ("mix bit widths", "build as one", "fused with"))]
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     on_disk = {key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")}
     config = _qconfigs(tmp_path / "q")
