@@ -162,7 +162,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
              for rel, q in m.named_modules() if isinstance(q, QuantLinear)]
     _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
-                      _built_as_linear_subclasses(model, layers))
+                      _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk))
     _stacked_experts_warning(model, layers, to_disk)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
@@ -413,6 +413,35 @@ _ROUTED_EXPERT = re.compile(r"^(.*\bexperts)\.[^.]+\.")
 def _experts_of(rel: str):
     match = _ROUTED_EXPERT.match(rel)
     return match.group(1) if match else None
+
+
+# an expert's projection as vLLM's FusedMoE loads it (its expert_params_mapping): gate/up (w1/w3) take the
+# hidden states to the intermediate width, down (w2) back
+_TO_INTERMEDIATE, _TO_HIDDEN = {"gate_proj", "up_proj", "w1", "w3"}, {"down_proj", "w2"}
+
+
+def _expert_widths(model, layers, to_disk) -> dict:
+    """``{a block's routed experts (the FusedMoE name on disk): (hidden widths, intermediate widths, the
+    (bits, group_size) of those quantized)}`` from their projections, quantized or in full precision."""
+    units = {}
+    for name, m in model.named_modules():
+        if name in layers:
+            key, kind = f"{name}.qweight", (m.bits, m.group_size)
+        elif type(m) is nn.Linear:
+            key, kind = f"{name}.weight", None
+        else:
+            continue
+        disk = to_disk.get(key, key).rpartition(".")[0]
+        unit, last = _experts_of(disk), disk.rpartition(".")[2]
+        if unit is None or last not in _TO_INTERMEDIATE | _TO_HIDDEN:
+            continue
+        hidden, inter, kinds = units.setdefault(unit, (set(), set(), set()))
+        h, i = (m.in_features, m.out_features) if last in _TO_INTERMEDIATE else (m.out_features, m.in_features)
+        hidden.add(h)
+        inter.add(i)
+        if kind is not None:
+            kinds.add(kind)
+    return units
 
 
 def _disk_rel(disk: str, stack: str, i: int, rel: str) -> tuple:
@@ -727,12 +756,12 @@ def _built_as_linear_subclasses(model, layers) -> dict:
             if isinstance(modules.get(name), nn.Linear) and type(modules[name]) is not nn.Linear}
 
 
-def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None) -> None:
+def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None, expert_widths=None) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
     ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk,
     ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
-    ``subclassed`` as ``_built_as_linear_subclasses`` returns it."""
+    ``subclassed`` as ``_built_as_linear_subclasses`` returns it, ``expert_widths`` as ``_expert_widths``."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     float_experts = [name.removesuffix(" (MoE float)") for name in split if name.endswith(" (MoE float)")]
     split = [name for name in split if not name.endswith((" (MoE)", " (MoE float)"))]
@@ -812,6 +841,29 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"(or per channel) only: slower"
             f"{' (and vLLM logs its 4-bit gptq_gemm as buggy)' if 4 in {m.bits for m in layers.values()} else ''}; "
             f"QuantSpec(bits=4 or 8, sym=True) in groups of 32, 64 or 128 for Marlin", ServingWarning)
+    # on GPTQ Marlin, vLLM builds a block's experts with MoE Marlin only where their widths fit it
+    # (check_moe_marlin_supports_layer; the intermediate width is the one per tensor-parallel rank), else with
+    # MoE WNA16 from the config alone (GPTQMarlinConfig.get_quant_method), which reads no dynamic rule: experts
+    # a rule keeps in full precision or quantizes otherwise are built at the config's bits and fail to load
+    base = (qconfig["bits"], qconfig["group_size"])
+    step = max(64, qconfig["group_size"])
+    unfit = {unit: (hidden, inter) for unit, (hidden, inter, kinds) in (expert_widths or {}).items()
+             if any(h % 128 for h in hidden) or any(i % step for i in inter)}
+    ruled = [(unit, kind) for unit in unfit for kind in sorted(expert_widths[unit][2] - {base})]
+    floats = [unit for unit in float_experts if unit in unfit]
+    if not off_marlin and not marlin_refused and (ruled or floats):
+        unit = floats[0] if floats else ruled[0][0]
+        hidden, inter = (min(w) for w in unfit[unit])
+        which = [f"left in full precision (first: {floats[0]})"] if floats else []
+        if ruled:
+            which.append(f"given {ruled[0][1][0]} bits in groups of {ruled[0][1][1]} (first: {ruled[0][0]})")
+        reasons.append(
+            f"routed experts {' and '.join(which)} by dynamic rules, of widths vLLM's MoE Marlin does not take "
+            f"({unit}: {hidden} wide, intermediate {inter}; it takes a hidden width that is a multiple of 128 and "
+            f"an intermediate width, on each tensor-parallel rank, that is a multiple of {step}): vLLM builds those "
+            f"blocks' experts with "
+            f"MoE WNA16 from the config's {base[0]} bits in groups of {base[1]}, which reads no dynamic rule, and "
+            f"cannot load them (quantize the routed experts as the config says)")
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # optimum's convert_model, which transformers' GPTQ loader builds the layers with, reads no dynamic rule

@@ -2447,6 +2447,45 @@ def test_a_group_size_marlin_does_not_take_is_off_marlin(group_size, tmp_path):
     assert len(said) == 1 and f"groups of {group_size}" in said[0] and "model.layers.0.mlp.experts" in said[0]
 
 
+def _qwen3_moe(hidden, inter):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=inter,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2)).eval()
+
+
+@pytest.mark.parametrize("hidden, inter, off", [(128, 64, False), (128, 96, True), (64, 64, True)])
+@pytest.mark.parametrize("ruled", ["float", "8-bit"])
+def test_experts_of_widths_moe_marlin_refuses_follow_no_rule(hidden, inter, off, ruled, tmp_path):
+    """On GPTQ Marlin (4-bit symmetric groups of 32) vLLM builds a block's experts with MoE Marlin only where
+    the hidden width is a multiple of 128 and the intermediate one of max(64, group_size)
+    (check_moe_marlin_supports_layer); other experts it builds with MoE WNA16 from the config alone
+    (GPTQMarlinConfig.get_quant_method), which reads no dynamic rule: experts a rule keeps in full precision
+    or gives 8 bits are built at the config's 4 bits and fail to load. Nothing was said of it."""
+    import warnings
+
+    model = _qwen3_moe(hidden, inter)
+    spec = epmq.QuantSpec(bits=4, group_size=32, sym=True)
+    if ruled == "float":
+        epmq.quantize_model(model, spec, method="rtn", layers="self_attn", progress=False)
+    else:
+        epmq.quantize_model(model, spec, method="rtn", layers=r"self_attn|layers\.0\.", progress=False)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=32, sym=True), method="rtn",
+                            layers=r"layers\.1\.mlp\.experts", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "MoE Marlin" in str(w.message)]
+    assert len(said) == off
+    if off:
+        first = "model.layers.0.mlp.experts" if ruled == "float" else "model.layers.1.mlp.experts"
+        assert first in said[0] and "MoE WNA16" in said[0] and f"{hidden} wide, intermediate {inter}" in said[0]
+        assert ("full precision" if ruled == "float" else "8 bits") in said[0]
+
+
 @pytest.mark.parametrize("bits, sym, why", [(4, False, "zero points dropped"), (3, True, "4 or 8 bits only")])
 def test_routed_experts_off_marlin_are_named_as_what_vllm_and_sglang_cannot_serve(bits, sym, why, tmp_path):
     """Off Marlin, vLLM builds a block's routed experts with its MoE WNA16 kernel (4 or 8 bits, GPTQ
