@@ -164,6 +164,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
                       _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk))
     _stacked_experts_warning(model, layers, to_disk)
+    _main_input_warning(model)
     files = {CONFIG_FILE: qconfig}
     hf = getattr(model, "config", None)
     if hf is not None and hasattr(hf, "to_json_string"):
@@ -931,6 +932,20 @@ def _stacked_experts_warning(model, layers, to_disk) -> None:
             f"projection (first: {on_disk} {list(saved.fused_shape)}) are saved per expert under the module's "
             f"names (first: {first}): epmq.load_quantized reads them, but engines that load only the stacked "
             f"layout do not (vLLM's Step 3 loader reads moe.*_proj.weight, not GPTQ experts)", ServingWarning)
+
+
+def _main_input_warning(model) -> None:
+    """A ServingWarning where transformers' GPTQ loader refuses the model's class: GptqHfQuantizer's
+    ``_process_model_before_weight_loading`` refuses, quantized checkpoint or not, every model whose
+    ``main_input_name`` is not ``input_ids`` (a ViT's pixel_values, Whisper's input_features)."""
+    transformers = sys.modules.get("transformers")
+    main = getattr(type(model), "main_input_name", None)
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel) or main in (None, "input_ids"):
+        return
+    warnings.warn(
+        f"transformers' from_pretrained cannot load this checkpoint: its GPTQ loader refuses every model whose "
+        f"main input is not input_ids ({type(model).__name__}'s is {main}), 'We can only quantize pure text "
+        f"model.', a quantized one too; epmq.load_quantized serves it", ServingWarning)
 
 
 # the fields of a quantize_model call a checkpoint records per layer where the calls differ

@@ -3361,6 +3361,29 @@ def test_layers_of_other_bits_get_dynamic_rules_that_engines_match(arch, tmp_pat
             assert _rule_settings(q, in_model) == (bits, group_size)  # (transformers' name: GPTQModel's)
 
 
+@pytest.mark.parametrize("arch, main_input", [("vit", "pixel_values"), ("dinov2", "pixel_values"), ("llama", None)])
+def test_a_model_whose_main_input_is_no_text_is_said_to_defeat_transformers_loader(arch, main_input, tmp_path):
+    """transformers' GPTQ loader (GptqHfQuantizer._process_model_before_weight_loading) refuses, quantized or
+    not, any model whose class's main_input_name is not input_ids ('We can only quantize pure text model.'):
+    a quantized ViT's checkpoint was saved without a word that from_pretrained cannot load it."""
+    import warnings
+
+    model = build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "pure text model" in str(w.message)]
+    assert len(said) == (main_input is not None)
+    if said:
+        assert f"{type(model).__name__}'s is {main_input}" in said[0] and "epmq.load_quantized" in said[0]
+        assert issubclass(next(w.category for w in record if "pure text model" in str(w.message)),
+                          ckpt.ServingWarning)
+        item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]  # (what the warning offers serves it)
+        torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "q"), item), output(model, item),
+                                   rtol=0, atol=0)
+
+
 def test_layers_of_other_bits_are_said_to_defeat_transformers_loader(tmp_path, recwarn):
     """transformers' from_pretrained loads GPTQ checkpoints through optimum's convert_model, which reads no
     ``dynamic`` rule: it builds every layer at the config's bits and group size, so block 1's 8-bit layers
