@@ -162,7 +162,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
              for rel, q in m.named_modules() if isinstance(q, QuantLinear)]
     _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
-                      _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk))
+                      _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk),
+                      getattr(getattr(model, "config", None), "model_type", None) in _ROUTER_ON_INPUT)
     _stacked_experts_warning(model, layers, to_disk)
     _main_input_warning(model)
     files = {CONFIG_FILE: qconfig}
@@ -416,6 +417,9 @@ def _experts_of(rel: str):
     return match.group(1) if match else None
 
 
+# the families whose experts vLLM builds as a FusedMoE that weights the tokens by the router before the experts
+# (apply_router_weight_on_input: Llama 4's), which MoE Marlin does not take
+_ROUTER_ON_INPUT = ("llama4", "llama4_text")
 # an expert's projection as vLLM's FusedMoE loads it (its expert_params_mapping): gate/up (w1/w3) take the
 # hidden states to the intermediate width, down (w2) back
 _TO_INTERMEDIATE, _TO_HIDDEN = {"gate_proj", "up_proj", "w1", "w3"}, {"down_proj", "w2"}
@@ -757,12 +761,14 @@ def _built_as_linear_subclasses(model, layers) -> dict:
             if isinstance(modules.get(name), nn.Linear) and type(modules[name]) is not nn.Linear}
 
 
-def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None, expert_widths=None) -> None:
+def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None, expert_widths=None,
+                      router_on_input=False) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
     ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk,
     ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
-    ``subclassed`` as ``_built_as_linear_subclasses`` returns it, ``expert_widths`` as ``_expert_widths``."""
+    ``subclassed`` as ``_built_as_linear_subclasses`` returns it, ``expert_widths`` as ``_expert_widths``,
+    ``router_on_input`` whether vLLM builds the experts weighting the tokens by the router first (Llama 4)."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     float_experts = [name.removesuffix(" (MoE float)") for name in split if name.endswith(" (MoE float)")]
     split = [name for name in split if not name.endswith((" (MoE)", " (MoE float)"))]
@@ -849,7 +855,7 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     base = (qconfig["bits"], qconfig["group_size"])
     step = max(64, qconfig["group_size"])
     unfit = {unit: (hidden, inter) for unit, (hidden, inter, kinds) in (expert_widths or {}).items()
-             if any(h % 128 for h in hidden) or any(i % step for i in inter)}
+             if router_on_input or any(h % 128 for h in hidden) or any(i % step for i in inter)}
     ruled = [(unit, kind) for unit in unfit for kind in sorted(expert_widths[unit][2] - {base})]
     floats = [unit for unit in float_experts if unit in unfit]
     if not off_marlin and not marlin_refused and (ruled or floats):
@@ -858,11 +864,13 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
         which = [f"left in full precision (first: {floats[0]})"] if floats else []
         if ruled:
             which.append(f"given {ruled[0][1][0]} bits in groups of {ruled[0][1][1]} (first: {ruled[0][0]})")
+        why = ("of a family whose experts vLLM weights by the router before them (apply_router_weight_on_input), "
+               "which vLLM's MoE Marlin does not take" if router_on_input else
+               f"of widths vLLM's MoE Marlin does not take ({unit}: {hidden} wide, intermediate {inter}; it takes a "
+               f"hidden width that is a multiple of 128 and an intermediate width, on each tensor-parallel rank, "
+               f"that is a multiple of {step})")
         reasons.append(
-            f"routed experts {' and '.join(which)} by dynamic rules, of widths vLLM's MoE Marlin does not take "
-            f"({unit}: {hidden} wide, intermediate {inter}; it takes a hidden width that is a multiple of 128 and "
-            f"an intermediate width, on each tensor-parallel rank, that is a multiple of {step}): vLLM builds those "
-            f"blocks' experts with "
+            f"routed experts {' and '.join(which)} by dynamic rules, {why}: vLLM builds those blocks' experts with "
             f"MoE WNA16 from the config's {base[0]} bits in groups of {base[1]}, which reads no dynamic rule, and "
             f"cannot load them (quantize the routed experts as the config says)")
     if reasons:

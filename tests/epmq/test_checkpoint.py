@@ -2486,6 +2486,30 @@ def test_experts_of_widths_moe_marlin_refuses_follow_no_rule(hidden, inter, off,
         assert ("full precision" if ruled == "float" else "8 bits") in said[0]
 
 
+def test_llama4_experts_follow_no_rule_on_marlin_whatever_their_widths(tmp_path):
+    """vLLM's Llama 4 builds its experts' FusedMoE with apply_router_weight_on_input=True, which MoE Marlin does
+    not take (check_moe_marlin_supports_layer), so on GPTQ Marlin they go to MoE WNA16, which reads no dynamic
+    rule, at widths MoE Marlin takes too (128 wide, intermediate 64): experts a -: rule keeps in full precision
+    are built quantized and fail to load. Nothing was said of it."""
+    import warnings
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=64, intermediate_size_mlp=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1)).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", layers="self_attn",
+                        progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "MoE Marlin" in str(w.message)]
+    assert len(said) == 1 and "apply_router_weight_on_input" in said[0]
+    assert "model.layers.0.feed_forward.experts" in said[0] and "full precision" in said[0]
+
+
 @pytest.mark.parametrize("bits, sym, why", [(4, False, "zero points dropped"), (3, True, "4 or 8 bits only")])
 def test_routed_experts_off_marlin_are_named_as_what_vllm_and_sglang_cannot_serve(bits, sym, why, tmp_path):
     """Off Marlin, vLLM builds a block's routed experts with its MoE WNA16 kernel (4 or 8 bits, GPTQ
