@@ -563,7 +563,8 @@ def _partial_fields(model, layers, to_disk) -> tuple:
         blocks = dict.fromkeys((stack, i) for stack, _, i, q in found if q)
         groups = [list(dict.fromkeys(whole)) for stack, i in blocks for group in groups
                   if (whole := [n for rel in group if (stack, i, rel) in packed
-                                for n in (f"{stack}.{i}.{rel}", module_names[stack, i, rel])])]
+                                for n in (f"{stack}.{i}.{rel}", module_names[stack, i, rel],
+                                          *_vllm_tower_names(f"{stack}.{i}.{rel}", composite))])]
     fields = {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}
     return fields, _fused_splits(found) + mixed
 
@@ -579,6 +580,17 @@ def _composite(model) -> bool:
     """A transformers model of several configs (a VLM's text and vision configs): one whose names engines
     may load under others (``_engine_name``)."""
     return bool(getattr(getattr(model, "config", None), "sub_configs", None))
+
+
+# a CLIP or SigLIP vision tower's name as transformers 5 holds and saves it, without the tower's own vision_model
+# level (LLaVA's vision_tower.encoder.layers...), which vLLM's CLIPVisionModel and SiglipVisionModel keep
+_TOWER_LEVEL_DROPPED = re.compile(r"^(?:model\.)?vision_tower\.(?=encoder\.)")
+
+
+def _vllm_tower_names(name: str, composite: bool) -> list:
+    """``name`` as vLLM names the module where it lies in such a tower (``vision_tower.vision_model.encoder...``)."""
+    return [_TOWER_LEVEL_DROPPED.sub("vision_tower.vision_model.", name)] * bool(
+        composite and _TOWER_LEVEL_DROPPED.match(name))
 
 
 def _engine_name(name: str, composite: bool) -> str:
@@ -597,8 +609,13 @@ def _engine_name(name: str, composite: bool) -> str:
                         ("language_model.lm_head", r"(?:language_model\.)?lm_head"),
                         ("lm_head", r"(?:language_model\.)?lm_head")):
         if name.startswith(lead):
-            return regex + re.escape(name[len(lead):])
-    return r"(?:model\.)?" + re.escape(name)
+            regex += re.escape(name[len(lead):])
+            break
+    else:
+        regex = r"(?:model\.)?" + re.escape(name)
+    if _TOWER_LEVEL_DROPPED.match(name):  # (vLLM's CLIPVisionModel keeps the tower's vision_model level)
+        regex = regex.replace(r"vision_tower\.encoder\.", r"vision_tower\.(?:vision_model\.)?encoder\.", 1)
+    return regex
 
 
 def _dynamic_rules(layers, names, base, composite) -> dict:

@@ -3331,6 +3331,42 @@ def _vllm_names(arch):
     return names
 
 
+def _vllm_builds_quantized(q, prefix, fused=("q_proj", "k_proj", "v_proj")):
+    """vLLM's choice for a linear module ``prefix`` (gptq_utils.get_linear_quant_method): not where a -: rule
+    re.match-es it, else where a name of modules_in_block_to_quantize (flattened) lies inside its shards'."""
+    import re
+
+    if any(re.match(r[2:], prefix) for r in q.get("dynamic", {}) if r.startswith("-:")):
+        return False
+    listed = sum(q.get("modules_in_block_to_quantize", []), [])
+    parent, _, last = prefix.rpartition(".")
+    shards = [f"{parent}.{p}" for p in fused] if last == "qkv_proj" else [prefix]
+    return all(any(name in shard for name in listed) for shard in shards)
+
+
+def test_a_llava_vision_tower_in_part_is_named_as_vllm_builds_it(tmp_path):
+    """transformers 5 holds and saves LLaVA's CLIP tower without its vision_model level (vision_tower.encoder...),
+    which vLLM's CLIPVisionModel keeps (vision_tower.vision_model.encoder.layers.N.self_attn.qkv_proj): the
+    tower's block 1 quantized and block 0 left in full precision were listed and ruled by the saved names
+    alone, inside none of vLLM's, so vLLM built block 1 in full precision and could not load its packed
+    tensors. The rules and lists name vLLM's modules too."""
+    from test_walker_towers import llava_inputs, tiny_llava
+
+    model = tiny_llava()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False,
+                        layers=r"model\.language_model\.|vision_tower\.encoder\.layers\.1\.")
+    epmq.save_quantized(model, tmp_path / "q")
+    for q in _qconfigs(tmp_path / "q"):
+        for i, quantized in ((0, False), (1, True)):
+            for rel in ("self_attn.qkv_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+                name = f"vision_tower.vision_model.encoder.layers.{i}.{rel}"
+                assert _vllm_builds_quantized(q, name) == quantized, name
+        for rel in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.down_proj"):
+            assert _vllm_builds_quantized(q, f"language_model.model.layers.1.{rel}")
+    item = llava_inputs(1, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "q"), item), output(model, item), rtol=0, atol=0)
+
+
 def _mixed_model(arch):
     """``arch``'s tiny model, its block 1 quantized at 8 bits in groups of 32 (the experts' 16 inputs:
     one group) and the rest at 4 bits in groups of 16, as two quantize_model calls leave it."""
