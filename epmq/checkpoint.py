@@ -519,9 +519,10 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     whole = {key for key, qs in by_block.items() if not any(qs)}
     for stack, i in sorted(whole):
         rules.append(rf"{_engine_name(stack, composite)}\.{i}\.")
-    # vLLM and SGLang choose a block's experts' precision by the FusedMoE module's name alone
-    # (``<experts>``), which the rules per projection below do not match: experts left in full
-    # precision need a rule of their own, or the engines build them quantized and fail to load them
+    # vLLM chooses a block's experts' precision by the FusedMoE module's name alone (``<experts>``),
+    # which the rules per projection below do not match: experts left in full precision need a rule
+    # of their own, or it builds them quantized and fails to load them (SGLang reads no rule for
+    # them: _serving_warnings says so)
     experts = {}
     for stack, rel, i, q in found:
         if _experts_of(rel) is not None and (stack, rel, i) not in routing:
@@ -890,6 +891,17 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"routed experts {' and '.join(which)} by dynamic rules, {why}: vLLM builds those blocks' experts with "
             f"MoE WNA16 from the config's {base[0]} bits in groups of {base[1]}, which reads no dynamic rule, and "
             f"cannot load them (quantize the routed experts as the config says)")
+    # SGLang builds every FusedMoE on GPTQ Marlin with its Marlin MoE method from the config alone, whatever
+    # their widths (GPTQMarlinConfig.get_quant_method); only its other layers read the dynamic rules
+    ruled = [(unit, kind) for unit, (_, _, kinds) in (expert_widths or {}).items() for kind in sorted(kinds - {base})]
+    if not off_marlin and not marlin_refused and (float_experts or ruled):
+        which = [f"left in full precision (first: {float_experts[0]})"] if float_experts else []
+        if ruled:
+            which.append(f"given {ruled[0][1][0]} bits in groups of {ruled[0][1][1]} (first: {ruled[0][0]})")
+        reasons.append(
+            f"routed experts {' and '.join(which)} by dynamic rules: SGLang builds every block's experts on GPTQ "
+            f"Marlin from the config's {base[0]} bits in groups of {base[1]}, reading no dynamic rule for them (its "
+            f"other layers follow the rules), and cannot load them (quantize the routed experts as the config says)")
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # optimum's convert_model, which transformers' GPTQ loader builds the layers with, reads no dynamic rule
@@ -901,7 +913,8 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"{len(other)} layers (first: {name}, bits={m.bits}, group_size={m.group_size}) are quantized otherwise "
             f"than the config's bits={qconfig['bits']}, group_size={qconfig['group_size']}: transformers' "
             f"from_pretrained builds GPTQ layers through optimum, which reads no dynamic rule, builds every layer at "
-            f"the config's and cannot load theirs; GPTQModel.load, vLLM and SGLang follow the rules. For "
+            f"the config's and cannot load theirs; GPTQModel.load and vLLM follow the rules (SGLang but for routed "
+            f"experts). For "
             f"transformers, quantize every layer alike", ServingWarning)
     if fused:
         # (optimum builds nn.Linear, Conv1D and Conv2d modules only: the fused experts' stacked tensors are none)

@@ -2486,6 +2486,36 @@ def test_experts_of_widths_moe_marlin_refuses_follow_no_rule(hidden, inter, off,
         assert ("full precision" if ruled == "float" else "8 bits") in said[0]
 
 
+@pytest.mark.parametrize("ruled", ["float", "8-bit", None])
+def test_sglang_builds_experts_on_marlin_from_the_config_alone(ruled, tmp_path):
+    """SGLang's GPTQMarlinConfig.get_quant_method builds every FusedMoE with its Marlin MoE method from the
+    config's bits and group size, whatever the widths, reading no dynamic rule (its linears follow the rules):
+    routed experts a -: rule keeps in full precision, or a + rule gives 8 bits, are built at the config's 4 bits
+    and fail to load there, at widths vLLM's MoE Marlin takes (no warning of vLLM's). Nothing was said of it."""
+    import warnings
+
+    model = _qwen3_moe(128, 64)
+    spec = epmq.QuantSpec(bits=4, group_size=32, sym=True)
+    if ruled == "float":
+        epmq.quantize_model(model, spec, method="rtn", layers="self_attn", progress=False)
+    elif ruled == "8-bit":
+        epmq.quantize_model(model, spec, method="rtn", layers=r"self_attn|layers\.0\.", progress=False)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=32, sym=True), method="rtn",
+                            layers=r"layers\.1\.mlp\.experts", progress=False)
+    else:
+        epmq.quantize_model(model, spec, method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in record if "SGLang builds" in str(w.message)]
+    assert len(said) == (ruled is not None)
+    if ruled is not None:
+        first = "model.layers.0.mlp.experts" if ruled == "float" else "model.layers.1.mlp.experts"
+        assert first in said[0] and "4 bits in groups of 32" in said[0]
+        assert ("full precision" if ruled == "float" else "8 bits") in said[0]
+    assert not any("MoE Marlin" in str(w.message) for w in record)
+
+
 def test_llama4_experts_follow_no_rule_on_marlin_whatever_their_widths(tmp_path):
     """vLLM's Llama 4 builds its experts' FusedMoE with apply_router_weight_on_input=True, which MoE Marlin does
     not take (check_moe_marlin_supports_layer), so on GPTQ Marlin they go to MoE WNA16, which reads no dynamic
