@@ -1377,12 +1377,13 @@ def audio_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
 
 
 def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibration",
-               longest: Optional[int] = None, generator: Optional[torch.Generator] = None):
+               longest: Optional[int] = None, generator: Optional[torch.Generator] = None, empty: bool = False):
     """The samples of the audio file ``path`` (WAV, read with scipy; FLAC, OGG, MP3, AIFF with
     soundfile) as a float32 numpy array at ``sampling_rate``: PCM integers scaled to [-1, 1),
     channels averaged to mono (as librosa and transformers' pipelines load audio), resampled
     (polyphase, scipy) where the file's rate is another. ``longest``: a recording past that many
-    samples gives a window of them, at a place ``generator`` draws."""
+    samples gives a window of them, at a place ``generator`` draws. A file of no samples is
+    refused, or, with ``empty``, gives none (a draw leaves it out, as a clip too short for a frame)."""
     import numpy as np
     from scipy.io import wavfile
     from scipy.signal import resample_poly
@@ -1458,6 +1459,8 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
     if samples.size == 0:
+        if empty:
+            return samples.astype(np.float32)
         raise ValueError(f"{what}: audio {path} holds no samples")
     if rate != sampling_rate:
         step = np.gcd(int(rate), int(sampling_rate))
@@ -1529,18 +1532,24 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
     framer = None if model is None else _framer(model, longest)
     batches, frameless, held = [], [], []
     for chunk in _drawn(files, samples, batch_size, seed, f"{what}: audio files"):
-        clips = [read_audio(f, rate, what, longest, g) for f in chunk]
+        # (an empty file, a recording that failed, stopped the whole calibration where one of a sample,
+        # as unusable, was left out: both are, by their file)
+        clips = [read_audio(f, rate, what, longest, g, empty=True) for f in chunk]
+        short = {i for i, c in enumerate(clips) if not len(c)}
+        for i in sorted(short):
+            warnings.warn(f"{what}: audio {chunk[i]}: it holds no samples; left out")
         if framer is not None:
             # (a truncated file alone, or beside clips of its length: a batch without padding, which
             # unpad cannot cut, and the walk refused it as an item the model cannot run, naming no file)
-            short = {i for i, c in enumerate(clips) if (n := _frames(framer, len(c))) is not None and n < 1}
-            for i in sorted(short):
-                warnings.warn(f"{what}: audio {chunk[i]}: its {len(clips[i])} samples make no frame of "
-                              f"{type(framer).__name__}, which its convolutions cannot run alone; left out")
-            frameless += [chunk[i] for i in sorted(short)]
-            clips = [c for i, c in enumerate(clips) if i not in short]
-            if not clips:
-                continue
+            for i, c in enumerate(clips):
+                if i not in short and (n := _frames(framer, len(c))) is not None and n < 1:
+                    short.add(i)
+                    warnings.warn(f"{what}: audio {chunk[i]}: its {len(c)} samples make no frame of "
+                                  f"{type(framer).__name__}, which its convolutions cannot run alone; left out")
+        frameless += [chunk[i] for i in sorted(short)]
+        clips = [c for i, c in enumerate(clips) if i not in short]
+        if not clips:
+            continue
         out = extractor(clips, sampling_rate=rate, return_tensors="pt", **options)
         batches.append(_tensors_of(out, extractor, "feature extractor", what))
         if "attention_mask" in out:  # (then unpad cuts each clip to its own frames: no padding counts)
@@ -1553,8 +1562,10 @@ def audio_batches(files: Sequence[Path], extractor, *, samples: int = 128, batch
                       f"audio, which {type(extractor).__name__} pads each to its {window / rate:g} s: {share:.0%} of "
                       f"the frames calibrated on are padding; give clips near {window / rate:g} s (short ones joined)")
     if not batches and frameless:
-        raise ValueError(f"{what}: every audio file drawn is too short for one frame of {type(framer).__name__}: "
-                         f"{', '.join(map(str, frameless))}")
+        raise ValueError(f"{what}: every audio file drawn "
+                         + ("holds no samples" if framer is None else f"is too short for one frame of "
+                                                                      f"{type(framer).__name__}")
+                         + f": {', '.join(map(str, frameless))}")
     return batches
 
 

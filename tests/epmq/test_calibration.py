@@ -904,3 +904,39 @@ def test_pairs_of_tokens_the_tokenizer_does_not_know_are_warned_of_by_their_reco
         pair_batches(read_pairs(tmp_path / "zh.jsonl", stream=True), tokenizer, samples=1, seq_len=16)
     with pytest.warns(UserWarning, match=r"100% of the 3 tokens .* drawn from the pair '猫 坐' -> '狗'"):
         pair_batches([("猫 坐", "狗")], tokenizer, samples=1, seq_len=16)
+
+
+@pytest.mark.parametrize("framed", [True, False])
+def test_an_empty_wav_is_left_out_by_its_file_as_a_clip_too_short_for_a_frame(tmp_path, framed):
+    """A WAV of no samples (a recording that failed) stopped the whole calibration ('holds no samples')
+    where a clip of 1 sample, as unusable, was left out with a warning (README: one too short for a frame
+    of the model left out, warned by its file). Both are left out, named, the rest calibrated on as read
+    alone; a draw of nothing but such files is refused naming them."""
+    import numpy as np
+    import transformers
+    from scipy.io import wavfile
+
+    from epmq.calibration import audio_batches
+
+    rng = np.random.default_rng(0)
+    clip = (rng.standard_normal(1600) * 3000).astype(np.int16)
+    wavfile.write(tmp_path / "empty.wav", 16000, np.zeros(0, dtype=np.int16))
+    wavfile.write(tmp_path / "one.wav", 16000, clip[:1])
+    wavfile.write(tmp_path / "clip.wav", 16000, clip)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2))
+    extractor = transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True)
+    files = [tmp_path / "empty.wav", tmp_path / "clip.wav"] + [tmp_path / "one.wav"] * framed
+    with pytest.warns(UserWarning) as said:
+        (batch,) = audio_batches(files, extractor, samples=3, batch_size=3, model=model if framed else None)
+    left_out = sorted(Path(f).name for w in said for f in files if f"audio {f}:" in str(w.message)
+                      and "left out" in str(w.message))
+    assert left_out == sorted(f.name for f in files if f.name != "clip.wav")
+    values = clip.astype(np.float64) / 32768
+    want = (values - values.mean()) / np.sqrt(values.var() + 1e-7)  # (the extractor's zero-mean, unit-variance)
+    np.testing.assert_allclose(batch["input_values"].numpy(), want[None], atol=1e-5)
+    with pytest.warns(UserWarning, match="left out"), pytest.raises(ValueError, match=r"every audio file drawn .*"
+                                                                                      r"empty\.wav"):
+        audio_batches([tmp_path / "empty.wav"] + [tmp_path / "one.wav"] * framed, extractor, samples=2,
+                      model=model if framed else None)
