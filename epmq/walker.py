@@ -1542,6 +1542,10 @@ class _Stop(Exception):
     """Raised by a stand-in or hook to end a forward pass once what it needs is recorded."""
 
 
+class _StandInRefused(ValueError):
+    """An adapter's stand-ins refused from inside the model's forward pass: not the model's own error."""
+
+
 class _Interleaved(Exception):
     """An earlier stack of the family was called after the stack being entered had begun."""
 
@@ -1693,12 +1697,22 @@ def _run_block(stack, j, block, hidden, named):
     return output
 
 
-def _refuse_stand_in(stack, called, error):
+def _cut_from(value, output) -> bool:
+    """Whether ``value`` is a part of the tensor ``output`` (a view of it of another shape): what a model
+    took apart of a stand-in's tensor where the block returns a tuple."""
+    return (isinstance(value, torch.Tensor) and isinstance(output, torch.Tensor)
+            and value.layout == output.layout == torch.strided and not value.is_nested and not output.is_nested
+            and value.shape != output.shape and output.device.type != "meta"
+            and output.untyped_storage().data_ptr() != 0
+            and value.untyped_storage().data_ptr() == output.untyped_storage().data_ptr())
+
+
+def _refuse_stand_in(stack, called, error, taken: Optional[str] = None):
     """Where the model failed after a stand-in of ``stack``'s blocks returned (``called``: its block,
-    input and arguments), refused naming why if the block returns more than the stand-in does
-    (WavLM's layers return ``(hidden, position bias)``, which the model unpacks: a plain ``Adapter``
-    registered for them, as the warning of towers left in full precision offers, ended in the
-    model's bare 'not enough values to unpack')."""
+    input and arguments), or ``taken`` a part of what it returned as a later block's argument, refused
+    naming why if the block returns more than the stand-in does (WavLM's layers return ``(hidden,
+    position bias)``, which the model unpacks: a plain ``Adapter`` registered for them, as the warning
+    of towers left in full precision offers, ended in the model's bare 'not enough values to unpack')."""
     j, block, hidden, named = called
 
     def kind(output):
@@ -1713,12 +1727,13 @@ def _refuse_stand_in(stack, called, error):
     # (more outputs than the stand-in's: what the model takes of them after the block is missing)
     if isinstance(real, (tuple, list)) and len(real) > (len(given) if isinstance(given, (tuple, list)) else 1):
         first_line = str(error).splitlines()[0][:300] if str(error) else ""
-        raise ValueError(
+        raise _StandInRefused(
             f"the blocks at {stack.prefix!r} ({stack.adapter.name}) return {kind(real)} (block {j}: "
-            f"{type(block).__name__}) where the adapter's stand-ins return {kind(given)}, and the model failed on "
-            f"that ({type(error).__name__}: {first_line}): give the adapter a passthrough_of returning what they "
-            f"return (and a next_kwargs handing on what a later block takes of it, as epmq.adapters.WAVLM's "
-            f"position bias), or walk them with epmq.adapters.AUTO, which runs them") from error
+            f"{type(block).__name__}) where the adapter's stand-ins return {kind(given)}, and the model "
+            + (f"took {taken} out of that" if taken else f"failed on that ({type(error).__name__}: {first_line})")
+            + ": give the adapter a passthrough_of returning what they return (and a next_kwargs handing on what a "
+              "later block takes of it, as epmq.adapters.WAVLM's position bias), or walk them with "
+              "epmq.adapters.AUTO, which runs them") from error
 
 
 _LISTED_EXPERT = re.compile(r"^(.*\bexperts\.)([^.]+)((?:\..+)?)$")  # (an expert may be a linear itself)
@@ -2493,6 +2508,13 @@ class _Walk:
                         f"their order: block {j} is called where block {now['next']} is next (a model that "
                         f"skips, repeats or reorders its blocks cannot be quantized block by block)")
                 now["next"] = j + 1
+                if j and not stack.adapter.runs_blocks and now["called"] is not None:
+                    # (WavLM's encoder unpacks (hidden, position bias): a stand-in's tensor of a batch of 2
+                    # unpacked into its rows, the second handed on as the bias, the walk's error torch's at
+                    # a later block, bare)
+                    cut = [name for name, value in named.items() if _cut_from(value, now["output"])]
+                    if cut:
+                        _refuse_stand_in(stack, now["called"], None, taken=f"block {j}'s {', '.join(cut)}")
                 now["called"] = j, block, hidden, named
                 now["kwargs"][j] = named
                 now["versions"][j] = _versions_of(named, version)  # (None: an inference tensor keeps no count)
@@ -2609,7 +2631,7 @@ class _Walk:
                             _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             pass
-                        except torch.OutOfMemoryError:
+                        except (torch.OutOfMemoryError, _StandInRefused):
                             raise
                         except Exception as e:
                             if not now["past"] and now["called"] is not None and not stack.adapter.runs_blocks:

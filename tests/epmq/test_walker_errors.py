@@ -1244,18 +1244,21 @@ def test_linears_whose_weight_a_block_reads_without_a_call_stay_in_full_precisio
         torch.testing.assert_close(model(x), reference(x))
 
 
-def test_a_registered_adapter_whose_stand_ins_return_less_than_its_blocks_is_refused_naming_why(gen):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_registered_adapter_whose_stand_ins_return_less_than_its_blocks_is_refused_naming_why(gen, batch):
     """WavLM's layers return (hidden, position bias), which its encoder unpacks. An epmq.Adapter registered
     for them, as the warning of a tower left in full precision offers, stood in for them with the hidden
-    states alone, and the walk ended in the model's bare 'not enough values to unpack (expected 2, got 1)'.
+    states alone, and the walk ended in the model's bare 'not enough values to unpack (expected 2, got 1)';
+    with a batch of 2 the stand-in's tensor unpacked into its two rows, the second handed to the next block
+    as its position bias, and the walk ended at block 1 in torch's bare "shape '[-1, 63, 63]' is invalid".
     Refused naming the blocks, what they return, what the stand-ins return and the remedy."""
     from test_walker_towers import tiny_speech_encoder_decoder
 
     model = tiny_speech_encoder_decoder(False, family="WavLM")
-    item = dict(input_values=torch.randn(1, 640, generator=gen), decoder_input_ids=torch.randint(1, 64, (1, 6),
-                                                                                                 generator=gen))
+    item = dict(input_values=torch.randn(batch, 640, generator=gen),
+                decoder_input_ids=torch.randint(1, 64, (batch, 6), generator=gen))
     with pytest.raises(ValueError, match=r"the blocks at 'encoder\.encoder\.layers' \(mine\) return a tuple of 2 "
                                          r"\(block 0: WavLMEncoderLayer\) where the adapter's stand-ins return a "
-                                         r"tensor, and the model failed on that .*passthrough_of.*adapters\.AUTO"):
+                                         r"tensor, and the model .*passthrough_of.*adapters\.AUTO"):
         epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration={"a": [item]},
                             progress=False, adapter=[epmq.adapters.GPT2, epmq.Adapter("mine", ("WavLMEncoderLayer",))])
