@@ -149,6 +149,15 @@ def _chat(messages, where: str, tokenizer, record: dict) -> str:
     return text
 
 
+def _path(source, what: str) -> Path:
+    """``source`` as a path; '' refused: ``Path('')`` is the current directory, whose files were read
+    as the calibration, in silence (a YAML ``cars: ''``, an unset variable: ``os.environ.get("CARS", "")``)."""
+    if isinstance(source, str) and not source:
+        raise ValueError(f"calibration {what}: an empty path ('') given, which reads as the current directory: "
+                         f"give the file(s) or directory ('.' for the current one)")
+    return Path(source)
+
+
 def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool = False,
              tokenizer=None, pairs: bool = False) -> List[tuple]:
     """``(where, value)`` of every record of ``source`` (a file, a directory of such files, or a
@@ -158,7 +167,7 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
     ``tokenizer``; ``pairs``: their input/target pairs as ``PairRecord`` ones)."""
     if isinstance(source, (list, tuple)):
         return [r for s in source for r in _records(s, suffixes, what, kind_error, stream, tokenizer, pairs)]
-    path = Path(source)
+    path = _path(source, what)
     if path.is_dir():
         saved = next((p.parent for p in sorted(path.rglob("state.json")) if any(p.parent.glob("*.arrow"))), None)
         if saved is not None:  # (else its dataset_info.json was read as data: "expected a JSON list")
@@ -1255,7 +1264,7 @@ def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
     """The image files of a directory tree (sorted), a file, or a list of either."""
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in image_files(s)]
-    path = Path(source)
+    path = _path(source, "images")
     if path.is_dir():
         files = _tree(path, IMAGE_SUFFIXES)
         if not files:
@@ -1349,7 +1358,7 @@ def audio_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
     MP3, AIFF) where it is installed; a file of another audio format is refused by name."""
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in audio_files(s)]
-    path = Path(source)
+    path = _path(source, "audio")
     readable = AUDIO_SUFFIXES + (SOUNDFILE_SUFFIXES if _soundfile() is not None else ())
     if path.is_dir():
         files = _tree(path, readable)

@@ -382,6 +382,10 @@ def check_quantize(method: str, calibration: Optional[Mapping[str, object]],
                 for v in files.values()):
             what = "file(s) or a directory" if name == "calibration" else "a checkpoint path or hub id"
             raise ValueError(f"{name} must map each task to {what}, got {files!r}")
+        for task, given in files.items():  # (Path('') is the current directory: its files were read in silence)
+            if any(isinstance(v, str) and not v for v in (given if isinstance(given, (list, tuple)) else [given])):
+                raise ValueError(f"{name}[{task!r}] holds an empty path (''), which reads as the current directory: "
+                                 f"give the task's {'file(s) or directory' if several else 'checkpoint'}")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tower not in (None,) + TOWERS:

@@ -940,3 +940,28 @@ def test_an_empty_wav_is_left_out_by_its_file_as_a_clip_too_short_for_a_frame(tm
                                                                                       r"empty\.wav"):
         audio_batches([tmp_path / "empty.wav"] + [tmp_path / "one.wav"] * framed, extractor, samples=2,
                       model=model if framed else None)
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    """A calibration source given as '' (a YAML "cars: ''", an unset variable: os.environ.get("CARS", ""))
+    is Path('.'), and the images, clips or texts under the current directory (a project's plots,
+    requirements.txt, tokenizer.json) were read as the task's calibration, in silence. Refused, naming it;
+    epmq quantize's check names the task, before anything is read. ('.' is the current directory, as asked.)"""
+    from PIL import Image
+
+    from epmq.calibration import audio_files, image_files, read_pairs, read_texts
+    from epmq.quantize_files import check_quantize
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "plot.png")
+    (tmp_path / "clip.wav").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("a b c", encoding="utf-8")
+    (tmp_path / "pairs.jsonl").write_text('{"input": "a", "target": "b"}\n', encoding="utf-8")
+    for read in (image_files, audio_files, read_texts, read_pairs):
+        for empty in ("", [""]):
+            with pytest.raises(ValueError, match="an empty path"):
+                read(empty)
+    assert image_files(".") == [Path("plot.png")]
+    for given in ({"dtd": "dtd", "cars": ""}, {"cars": ["dtd", ""]}):
+        with pytest.raises(ValueError, match=r"calibration\['cars'\] holds an empty path"):
+            check_quantize("gptq", given, None)
