@@ -1257,7 +1257,10 @@ def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[l
     return [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# (Pillow's formats image datasets come in: torchvision's ImageFolder reads .ppm and .pgm, a browser saves
+# JPEGs as .jfif; left out, a folder of them was refused as holding no images)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".pbm", ".pnm")
 
 
 def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:

@@ -28,10 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..calibration import upright
+from ..calibration import IMAGE_SUFFIXES, upright
 from .config import BenchConfigError, DataSpec, repeated_class_names
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def generator(seed: int, *parts: str) -> torch.Generator:

@@ -965,3 +965,29 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, mo
     for given in ({"dtd": "dtd", "cars": ""}, {"cars": ["dtd", ""]}):
         with pytest.raises(ValueError, match=r"calibration\['cars'\] holds an empty path"):
             check_quantize("gptq", given, None)
+
+
+def test_netpbm_and_jfif_images_are_read_as_torchvisions_image_folder_reads_them(tmp_path):
+    """A task's folder of .pgm or .ppm images (a greyscale face or satellite set, as torchvision's ImageFolder and
+    Pillow read them) was refused as holding 'no image files', and beside .png ones they were left out in silence;
+    so were JPEGs named .jfif or .jpe (a browser's saves). They are read, converted to RGB as any other image."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from epmq.calibration import image_batches, image_files
+
+    rng = np.random.default_rng(0)
+    grey, colour = rng.integers(0, 256, (12, 10), dtype=np.uint8), rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "face.pgm")
+    Image.fromarray(colour).save(tmp_path / "field.ppm")
+    Image.fromarray(colour).save(tmp_path / "photo.jfif", format="JPEG")
+    Image.fromarray(colour).save(tmp_path / "photo2.JPE", format="JPEG")
+    Image.fromarray(colour).save(tmp_path / "plain.png")
+    assert [f.name for f in image_files(tmp_path)] == ["face.pgm", "field.ppm", "photo.jfif", "photo2.JPE",
+                                                       "plain.png"]
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    for name, pixels in (("face.pgm", np.stack([grey] * 3, -1)), ("field.ppm", colour)):
+        (batch,) = image_batches([tmp_path / name], processor, samples=1)
+        want = processor(images=[Image.fromarray(pixels)], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(batch["pixel_values"], want)
