@@ -1263,20 +1263,37 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".webp", ".g
                   ".pbm", ".pnm")
 
 
+# photo formats Pillow reads only with a plugin (pillow-heif) or a build with their library (AVIF's): read where
+# it does, else named, not left out in silence (a phone's .heic photos beside its .jpg ones)
+_PLUGIN_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl")
+
+
 def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
-    """The image files of a directory tree (sorted), a file, or a list of either."""
+    """The image files of a directory tree (sorted), a file, or a list of either; one of a format
+    Pillow does not read here (HEIC without pillow-heif) is refused by name."""
+    from PIL import Image
+
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in image_files(s)]
     path = _path(source, "images")
+    opened = Image.registered_extensions()  # (the plugins registered: pillow-heif's register_heif_opener too)
+    readable = IMAGE_SUFFIXES + tuple(s for s in _PLUGIN_IMAGE_SUFFIXES if Image.OPEN.get(opened.get(s)))
     if path.is_dir():
-        files = _tree(path, IMAGE_SUFFIXES)
+        files = _tree(path, readable)
+        others = _tree(path, tuple(s for s in _PLUGIN_IMAGE_SUFFIXES if s not in readable))
+        if others:
+            raise ValueError(f"{path}: {len(others)} image file(s) under the directory ({others[0]}, ...) are of a "
+                             f"format epmq does not read" + (f" beside its {len(files)} it reads" if files else "")
+                             + f": Pillow reads {others[0].suffix.lower()} only with a plugin (pillow-heif: HEIC, "
+                             f"HEIF) or a build with its library (AVIF, JPEG XL); install it, or convert them to .png "
+                             f"or .jpg")
         if not files:
-            raise ValueError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) under the directory")
+            raise ValueError(f"{path}: no image files ({', '.join(readable)}) under the directory")
         return files
     if not path.is_file():
         raise FileNotFoundError(f"no calibration images at {path}")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if path.suffix.lower() not in readable:
+        raise ValueError(f"{path}: not an image file epmq reads ({', '.join(readable)})")
     return [path]
 
 

@@ -991,3 +991,24 @@ def test_netpbm_and_jfif_images_are_read_as_torchvisions_image_folder_reads_them
         (batch,) = image_batches([tmp_path / name], processor, samples=1)
         want = processor(images=[Image.fromarray(pixels)], return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(batch["pixel_values"], want)
+
+
+def test_image_files_of_formats_not_read_are_named_not_left_out_in_silence(tmp_path):
+    """A phone's photos exported as .heic (or .heif, .jxl) beside .jpg ones were left out in silence, the
+    calibration the .jpg ones' alone (audio's other formats are named); named, with what to do. .avif, which
+    Pillow reads where built with libavif, is read there."""
+    import numpy as np
+    from PIL import Image, features
+
+    from epmq.calibration import image_files
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
+    (tmp_path / "trip").mkdir()
+    (tmp_path / "trip" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(ValueError, match=r"1 image file\(s\) under the directory \(.*IMG_0001\.HEIC, \.\.\.\) are "
+                                         r"of a format epmq does not read beside its 1 it reads.*convert them"):
+        image_files(tmp_path)
+    (tmp_path / "trip" / "IMG_0001.HEIC").unlink()
+    if features.check("avif"):
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "trip" / "a.avif")
+        assert [f.name for f in image_files(tmp_path)] == ["plain.png", "a.avif"]
