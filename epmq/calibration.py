@@ -1288,7 +1288,13 @@ def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
                              f"HEIF) or a build with its library (AVIF, JPEG XL); install it, or convert them to .png "
                              f"or .jpg")
         if not files:
-            raise ValueError(f"{path}: no image files ({', '.join(readable)}) under the directory")
+            # (an HF hub image dataset's snapshot: its images are encoded bytes in a column of its parquet files)
+            tables = _tree(path, (".parquet", ".arrow"))
+            raise ValueError(f"{path}: no image files ({', '.join(readable)}) under the directory"
+                             + (f"; it holds {len(tables)} {tables[0].suffix} file(s) ({tables[0]}, ...), an HF hub "
+                                f"dataset's, whose image column epmq does not decode: write its images out as .png "
+                                f"(datasets' Image feature gives PIL images: image.save) and give their folder"
+                                if tables else ""))
         return files
     if not path.is_file():
         raise FileNotFoundError(f"no calibration images at {path}")

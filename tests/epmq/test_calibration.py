@@ -1012,3 +1012,16 @@ def test_image_files_of_formats_not_read_are_named_not_left_out_in_silence(tmp_p
     if features.check("avif"):
         Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "trip" / "a.avif")
         assert [f.name for f in image_files(tmp_path)] == ["plain.png", "a.avif"]
+
+
+def test_image_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
+    """An HF hub image dataset's snapshot (cifar10's plain_text/train-*.parquet, FusionBench's tasks) keeps its
+    images inside .parquet files: given as a task's directory it was refused as holding 'no image files', which
+    said nothing of the files it holds, where audio's snapshot is named; named, with what to do."""
+    from epmq.calibration import image_files
+
+    (tmp_path / "plain_text").mkdir()
+    (tmp_path / "plain_text" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"no image files \(\.png[^)]*\) under the directory; it holds 1 \.parquet "
+                                         r"file.*train-00000-of-00001.parquet.*write its images out"):
+        image_files(tmp_path)
