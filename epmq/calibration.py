@@ -1438,22 +1438,33 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
     errors = (OSError, ValueError, EOFError, struct.error, RuntimeError)
     try:
         if soundfile is None:
-            try:  # (mapped: read whole, an hour at 44.1 kHz stereo took 635 MB for a 30 s window)
-                rate, samples = wavfile.read(path, mmap=True)
-            except (ValueError, OSError):  # (24-bit samples, which scipy cannot map, a filesystem that maps
-                # none, or a damaged file: its own error)
-                # (scipy warns of a file cut short, 'Reached EOF prematurely ...', naming none of a draw's files)
-                with warnings.catch_warnings(record=True) as said:
-                    warnings.simplefilter("always", wavfile.WavFileWarning)
-                    rate, samples = wavfile.read(path)
-                for w in said:
-                    if not issubclass(w.category, wavfile.WavFileWarning):
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-                    elif "EOF" in str(w.message):
-                        warnings.warn(f"{what}: audio {path} is cut short ({w.message}): read as the "
-                                      f"{len(samples)} samples it holds")
-                    else:
-                        warnings.warn(f"{what}: audio {path}: {w.message}")
+            try:
+                try:  # (mapped: read whole, an hour at 44.1 kHz stereo took 635 MB for a 30 s window)
+                    rate, samples = wavfile.read(path, mmap=True)
+                except (ValueError, OSError):  # (24-bit samples, which scipy cannot map, a filesystem that maps
+                    # none, or a damaged file: its own error)
+                    # (scipy warns of a file cut short, 'Reached EOF prematurely ...', naming none of a draw's files)
+                    with warnings.catch_warnings(record=True) as said:
+                        warnings.simplefilter("always", wavfile.WavFileWarning)
+                        rate, samples = wavfile.read(path)
+                    for w in said:
+                        if not issubclass(w.category, wavfile.WavFileWarning):
+                            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                        elif "EOF" in str(w.message):
+                            warnings.warn(f"{what}: audio {path} is cut short ({w.message}): read as the "
+                                          f"{len(samples)} samples it holds")
+                        else:
+                            warnings.warn(f"{what}: audio {path}: {w.message}")
+            except ValueError as e:
+                # (a WAV of an encoding scipy does not decode, telephone speech's mu-law or A-law, ADPCM, was
+                # refused as scipy's 'Unknown wave file format': soundfile reads it where installed)
+                if not str(e).startswith("Unknown wave file format"):
+                    raise
+                soundfile = _soundfile()
+                if soundfile is None:
+                    raise ValueError(f"{e}: pip install soundfile, which reads it, or convert it to PCM (ffmpeg -i "
+                                     f"{Path(path).name} -c:a pcm_s16le pcm.wav)") from e
+        if soundfile is None:
             length = len(samples)
         else:  # (its frames, read where the window is)
             info = soundfile.info(str(path))

@@ -1025,3 +1025,50 @@ def test_image_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"no image files \(\.png[^)]*\) under the directory; it holds 1 \.parquet "
                                          r"file.*train-00000-of-00001.parquet.*write its images out"):
         image_files(tmp_path)
+
+
+def _wav_data_chunk(path):
+    """The bytes of a WAV file's data chunk."""
+    import struct
+
+    raw, at = Path(path).read_bytes(), 12
+    while at < len(raw):
+        tag, size = raw[at:at + 4], struct.unpack("<I", raw[at + 4:at + 8])[0]
+        if tag == b"data":
+            return raw[at + 8:at + 8 + size]
+        at += 8 + size + size % 2
+    raise AssertionError(f"{path}: no data chunk")
+
+
+def test_a_mu_law_wav_is_read_with_soundfile_and_named_without_it(tmp_path, monkeypatch):
+    """A WAV of G.711 mu-law or A-law samples (telephone speech) or ADPCM was refused with scipy's
+    'Unknown wave file format: MULAW. Supported formats: PCM, IEEE_FLOAT', though soundfile, installed
+    (epmq[audio]) for FLAC and the rest, reads it; read with it, as the 16-bit PCM its codes stand for,
+    and, without soundfile, refused naming the file and what to do."""
+    soundfile = pytest.importorskip("soundfile")
+    import numpy as np
+
+    from epmq.calibration import audio_batches, read_audio
+
+    tone = 0.5 * np.sin(2 * np.pi * 300 * np.arange(4000) / 8000)
+    soundfile.write(tmp_path / "call.wav", tone, 8000, subtype="ULAW")
+    codes = ~np.frombuffer(_wav_data_chunk(tmp_path / "call.wav"), dtype=np.uint8)  # (G.711: stored inverted)
+    exponent, mantissa = (codes >> 4) & 7, (codes & 15).astype(np.int32)
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    want = np.where(codes & 0x80, -magnitude, magnitude) / 32768
+    np.testing.assert_allclose(read_audio(tmp_path / "call.wav", 8000), want, atol=1e-7)
+    assert np.abs(want - tone).max() < 0.02  # (the tone itself, to mu-law's steps)
+    soundfile.write(tmp_path / "alaw.wav", tone, 8000, subtype="ALAW")
+    np.testing.assert_allclose(read_audio(tmp_path / "alaw.wav", 16000)[::2], tone, atol=0.03)  # (resampled)
+    (batch,) = audio_batches([tmp_path / "call.wav"], _raw_extractor(8000), samples=1)
+    np.testing.assert_allclose(batch["input_values"][0].numpy(), want, atol=1e-7)
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # (soundfile not installed)
+    with pytest.raises(ValueError, match=r"cannot read audio .*call\.wav: Unknown wave file format: MULAW.*"
+                                         r"pip install soundfile.*or convert it to PCM"):
+        read_audio(tmp_path / "call.wav", 8000)
+
+
+def _raw_extractor(rate):
+    import transformers
+
+    return transformers.Wav2Vec2FeatureExtractor(sampling_rate=rate, do_normalize=False)
