@@ -712,7 +712,7 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
             raise TypeError(f"texts[{k}] must be a document (a str), got {type(text).__name__} {str(text)[:60]!r}"
                             + (": give its text (row['text']), or read files with epmq.calibration.read_texts, "
                                "which renders records" if isinstance(text, Mapping) else ""))
-    texts = [t for t in texts if len(t)]  # (an empty document adds nothing: see below)
+    given, texts = texts, [t for t in texts if len(t)]  # (an empty document adds nothing: see below)
     g = torch.Generator().manual_seed(check_seed(seed))  # (numpy's integers as ints; past 64 bits named)
     if sum(map(len, texts)) > FULL_TOKENIZATION_CHARS:
         windows, documents = _windows_of_places(texts, tokenizer, eos, eos_text, samples, seq_len, g, what)
@@ -739,8 +739,12 @@ def text_windows(texts: Iterable[str], tokenizer, *, samples: int = 128, seq_len
         # after it would turn into a sequence the model never saw
         ends = bool(eos) and (tokens[-1:] == eos or _ends_with(text, eos_text))
         ids += tokens + ([] if ends else eos)
-    if not content:
-        raise ValueError(f"{what}: the texts have no tokens")
+    if not content:  # (named: of a task's files, which wrote nothing)
+        names = ", ".join(_document_name(t, k) for k, t in enumerate(given[:3])) + ", ..." * (len(given) > 3)
+        raise ValueError(f"{what}: the texts have no tokens: "
+                         + (f"its {len(given)} document{'s' * (len(given) > 1)} ({names}) "
+                            f"{'are' if len(given) > 1 else 'is'} empty or blank" if given
+                            else "no documents were given"))
     stream = torch.tensor(ids, dtype=torch.long)
     if len(stream) < seq_len:
         warnings.warn(f"{what}: the texts hold {len(stream)} tokens, fewer than seq_len={seq_len}: "

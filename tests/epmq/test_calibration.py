@@ -1072,3 +1072,22 @@ def _raw_extractor(rate):
     import transformers
 
     return transformers.Wav2Vec2FeatureExtractor(sampling_rate=rate, do_normalize=False)
+
+
+def test_texts_of_no_tokens_are_refused_naming_their_documents(tmp_path):
+    """A task whose files are empty or blank (an export that wrote nothing, a JSON Lines file of empty
+    texts) was refused as "calibration['math']: the texts have no tokens", naming none of them; the
+    documents are named, by file or record."""
+    from epmq.calibration import read_texts
+
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "blank.txt").write_text(" \n\n ", encoding="utf-8")
+    (tmp_path / "rows.jsonl").write_text('{"text": ""}\n{"text": "  "}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"calibration\['math'\]: the texts have no tokens: its 2 documents "
+                                         r"\(.*blank\.txt, .*empty\.txt\) are empty or blank"):
+        text_windows(read_texts([tmp_path / "blank.txt", tmp_path / "empty.txt"], stream=True), WordTokenizer(),
+                     samples=1, seq_len=2, what="calibration['math']")
+    with pytest.raises(ValueError, match=r"its 2 documents \(.*rows\.jsonl:1, .*rows\.jsonl:2\) are empty"):
+        text_windows(read_texts(tmp_path / "rows.jsonl", stream=True), WordTokenizer(), samples=1, seq_len=2)
+    with pytest.raises(ValueError, match=r"the texts have no tokens: no documents were given"):
+        text_windows([], WordTokenizer(), samples=1, seq_len=2)
