@@ -264,7 +264,8 @@ def _parquet_row_stream(path: Path):
     import pyarrow as pa
 
     def unreadable(e: Exception) -> ValueError:  # (pyarrow's errors for a damaged or foreign file)
-        return ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})")
+        return _lfs_pointer(path) or ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: "
+                                                f"{str(e)[:200]})")
 
     # a row group at a time: read as one table, the whole column was in Arrow's memory beside the
     # Python strings made of it (twice the text at the peak), and Arrow's pool kept its pages; one
@@ -300,11 +301,32 @@ def _kind(path: Path) -> str:
     return Path(path.stem).suffix.lower() if suffix in COMPRESSIONS else suffix
 
 
+# what a Git LFS pointer starts with: a dataset cloned without git-lfs (or before git lfs pull) holds these
+# in place of its files
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
+
+def _lfs_pointer(path: Path, what: str = "") -> Optional[ValueError]:
+    """The error to raise where ``path`` is a Git LFS pointer, not the file it stands for (a .txt one was
+    calibrated on as a document, in silence; an image's or a clip's refused as no image or audio); else None."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_LFS_POINTER)) != _LFS_POINTER:
+                return None
+    except OSError:
+        return None
+    return ValueError(f"{what}{': ' * bool(what)}{path}: a Git LFS pointer, not the file it stands for (cloned "
+                      f"without git-lfs?): fetch the files (git lfs pull, or huggingface-cli download for a hub repo)")
+
+
 def _text_lines(path: Path, whole: bool = False, chars: int = 0):
     """The lines of a UTF-8 text file (a byte-order mark dropped; lines end at "\\n" only: JSON
     strings may hold U+2028 and the like), decompressed if its name says so, read as they are
     taken, so that a large JSON Lines file is never held whole; ``whole``: its text as one;
     ``chars``: its text in pieces of that many characters (they join to the whole text)."""
+    pointer = _lfs_pointer(path)
+    if pointer is not None:
+        raise pointer
     compression = COMPRESSIONS.get(path.suffix.lower())
     module = None if compression is None else importlib.import_module(compression)
     opened = path.open("rb") if module is None else module.open(path, "rb")
@@ -1327,7 +1349,7 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
                 with Image.open(f) as image:
                     images.append(rgb_image(upright(image)))
             except (OSError, Image.DecompressionBombError) as e:
-                raise ValueError(f"{what}: cannot read image {f}: {e}") from e
+                raise (_lfs_pointer(f, what) or ValueError(f"{what}: cannot read image {f}: {e}")) from e
             except ValueError as e:  # (rgb_image's: values off a float image's scale)
                 raise ValueError(f"{what}: image {f}: {e}") from e
         # (every tensor the processor returns, as a pipeline passes them: pixel_values alone left
@@ -1474,7 +1496,7 @@ def read_audio(path: Union[str, Path], sampling_rate: int, what: str = "calibrat
             info = soundfile.info(str(path))
             rate, length = info.samplerate, info.frames
     except errors as e:  # (a cut header: struct.error)
-        raise ValueError(f"{what}: cannot read audio {path}: {e}") from e
+        raise (_lfs_pointer(path, what) or ValueError(f"{what}: cannot read audio {path}: {e}")) from e
     if rate < 1:  # (a damaged header: resampling it ended in scipy's bare 'up and down must be >= 1')
         raise ValueError(f"{what}: cannot read audio {path}: its header says {rate} samples a second")
     own = None if longest is None else -(-longest * int(rate) // int(sampling_rate))  # (in the file's samples)

@@ -1091,3 +1091,25 @@ def test_texts_of_no_tokens_are_refused_naming_their_documents(tmp_path):
         text_windows(read_texts(tmp_path / "rows.jsonl", stream=True), WordTokenizer(), samples=1, seq_len=2)
     with pytest.raises(ValueError, match=r"the texts have no tokens: no documents were given"):
         text_windows([], WordTokenizer(), samples=1, seq_len=2)
+
+
+def test_git_lfs_pointers_are_refused_as_such_not_read_as_the_files(tmp_path):
+    """A dataset cloned without git-lfs (or before git lfs pull) holds pointers in place of its files: a .txt
+    pointer was calibrated on as a document ('version https://git-lfs.github.com/spec/v1 oid sha256:...'), in
+    silence, and an image's or a clip's was refused as 'cannot identify image file' or scipy's 'File format
+    b'vers' not understood'. Each is refused naming the file as a pointer, with the remedy."""
+    from epmq.calibration import audio_batches, image_batches, read_texts
+
+    pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daa"
+               "a5e2ca24d17e2393\nsize 12345\n")
+    for name in ("notes.txt", "rows.jsonl", "table.parquet", "photo.png", "clip.wav"):
+        (tmp_path / name).write_text(pointer, encoding="utf-8")
+    (tmp_path / "real.txt").write_text("4 5 6 7", encoding="utf-8")
+    for name in ("notes.txt", "rows.jsonl", "table.parquet"):
+        with pytest.raises(ValueError, match=rf"{name}: a Git LFS pointer, not the file.*git lfs pull"):
+            text_windows(read_texts([tmp_path / "real.txt", tmp_path / name], stream=True), WordTokenizer(),
+                         samples=1, seq_len=2)
+    with pytest.raises(ValueError, match=r"^calibration: .*photo\.png: a Git LFS pointer, not the file.*git lfs pull"):
+        image_batches([tmp_path / "photo.png"], None, samples=1)
+    with pytest.raises(ValueError, match=r"^calibration: .*clip\.wav: a Git LFS pointer, not the file.*git lfs pull"):
+        audio_batches([tmp_path / "clip.wav"], _raw_extractor(16000), samples=1)
