@@ -359,7 +359,7 @@ def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Pa
     (``.ipynb_checkpoints``, ``.git``); of a tree whose files name splits, the train split's
     (``_train_split``)."""
     kind = _kind if compressed else (lambda p: p.suffix.lower())
-    found, walked = [], set()
+    found, walked, dangling = [], set(), []
     # (rglob does not follow symlinked folders: class folders linked in, as ImageFolder layouts are
     # often made, were skipped in silence; each real folder is walked once, a link back up is not)
     for root, folders, names in os.walk(directory, followlinks=True):
@@ -371,6 +371,14 @@ def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Pa
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         found += [p for name in names if not name.startswith(".")
                   and kind(p := Path(root) / name) in suffixes and p.is_file()]
+        # (a git-annex or DVC checkout whose content was not fetched: its links were left out in silence)
+        dangling += [p for name in names if not name.startswith(".")
+                     and kind(p := Path(root) / name) in suffixes and p.is_symlink() and not p.exists()]
+    if dangling:
+        shown = ", ".join(map(str, sorted(dangling)[:3])) + ", ..." * (len(dangling) > 3)
+        raise ValueError(f"{directory}: {len(dangling)} file(s) under the directory ({shown}) are links to nothing: "
+                         f"a git-annex (DataLad) or DVC checkout whose content was not fetched? (git annex get, "
+                         f"datalad get, dvc pull), or remove the links")
     return _train_split(directory, sorted(found))
 
 

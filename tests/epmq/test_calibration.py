@@ -1113,3 +1113,22 @@ def test_git_lfs_pointers_are_refused_as_such_not_read_as_the_files(tmp_path):
         image_batches([tmp_path / "photo.png"], None, samples=1)
     with pytest.raises(ValueError, match=r"^calibration: .*clip\.wav: a Git LFS pointer, not the file.*git lfs pull"):
         audio_batches([tmp_path / "clip.wav"], _raw_extractor(16000), samples=1)
+
+
+def test_links_to_nothing_in_a_tasks_folder_are_named_not_left_out(tmp_path):
+    """A git-annex (DataLad) or DVC checkout whose content was not fetched holds links to nothing: they
+    were left out in silence (a task's calibration of the few clips fetched), and a folder of nothing
+    else was refused as holding 'no image files', though ls lists them. They are named, with the remedy."""
+    import os
+
+    from PIL import Image
+
+    from epmq.calibration import audio_files, image_files, read_texts
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "fetched.png")
+    for name in ("missing.png", "missing.wav", "missing.txt"):
+        os.symlink(tmp_path / ".git" / "annex" / "objects" / name, tmp_path / name)
+    for read, name in ((image_files, "missing.png"), (audio_files, "missing.wav"), (read_texts, "missing.txt")):
+        with pytest.raises(ValueError, match=rf"1 file\(s\) under the directory \(.*{name}\) are links to nothing: "
+                                             r".*git annex get"):
+            read(tmp_path)
