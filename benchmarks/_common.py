@@ -6,6 +6,7 @@ Imported as ``_common`` (``benchmarks/`` is on ``sys.path`` both when a script r
 """
 
 import json
+import math
 import os
 import platform
 import sys
@@ -139,6 +140,15 @@ def tiny_decoder(seed, *, vocab_size, hidden_size, intermediate_size, arch="llam
     return getattr(transformers, model_class)(config).eval()
 
 
+def attention_heads(hidden: int, head_width: int, group: int) -> tuple:
+    """``(heads, key-value heads)`` of a random-init model ``hidden`` wide: one head per
+    ``head_width`` (one at least: a model narrower than a head, a quick check of a script, had
+    none) and one key-value head per ``group`` heads, made to divide the heads (1152 wide in
+    heads of 128 is 9 heads, not 2's multiple)."""
+    heads = max(1, hidden // head_width)
+    return heads, math.gcd(heads, max(1, heads // group))
+
+
 def write_experts(root, make_model, experts, *, shared=0.0, fallback_scale=0.02):
     """A base ``make_model(0)`` and experts saved as HF checkpoints under ``root``; returns the
     base's path and the experts'. Expert k is the base plus a task vector of relative size
@@ -183,11 +193,13 @@ def summarize(rows) -> dict:
 
 
 # A child process that imports the package from SRC (a revision's sources, or this checkout)
-# ahead of any editable install of another one; the code that follows prints "RESULT {json}".
+# ahead of any editable install of another one, and this module as ``_common`` (a revision's
+# sources hold the package alone); the code that follows prints "RESULT {json}".
 CHILD_PRELUDE = """
 import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 sys.path.insert(0, SRC)
+sys.path.append(BENCHMARKS)
 import epmq
 assert epmq.__file__.startswith(SRC), epmq.__file__
 """
@@ -213,7 +225,8 @@ def run_child(body: str, src: str, **constants) -> dict:
     interpreter; its ``RESULT`` line, parsed."""
     import subprocess
 
-    head = "".join(f"{name} = {value!r}\n" for name, value in dict(SRC=src, **constants).items())
+    constants = dict(SRC=src, BENCHMARKS=os.path.dirname(os.path.abspath(__file__)), **constants)
+    head = "".join(f"{name} = {value!r}\n" for name, value in constants.items())
     proc = subprocess.run([sys.executable, "-c", head + CHILD_PRELUDE + body], capture_output=True,
                           text=True)
     for line in proc.stdout.splitlines():

@@ -32,7 +32,6 @@ layer) makes of the walk's ratio to GPTQ (``epmq_lora_over_gptq``).
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -41,19 +40,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import device_info, no_cuda, write_json  # noqa: E402
+from _common import attention_heads, device_info, no_cuda, write_json  # noqa: E402
 
 
 def build(args, device):
     """The merged model (bf16, CPU memory), the experts' state dicts and the calibration."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    heads = max(1, args.hidden // 128)
-    # (key-value heads that divide the heads: 1152 wide has 9 heads, not 2's multiple; the same
-    # heads at every width that ran before)
+    heads, kv_heads = attention_heads(args.hidden, 128, 4)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=heads,
-                         num_key_value_heads=math.gcd(heads, max(1, heads // 4)), vocab_size=8192,
+                         num_key_value_heads=kv_heads, vocab_size=8192,
                          max_position_embeddings=args.tokens)
     torch.manual_seed(0)
     with torch.device(device):  # random init where it is fast

@@ -14,7 +14,6 @@ task). With ``--python`` naming an interpreter where GPTQModel is installed, tha
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write_json  # noqa: E402
+from _common import attention_heads, write_json  # noqa: E402
 
 PEER = """
 import sys, torch
@@ -45,12 +44,10 @@ def write_inputs(root: Path, layers: int, hidden: int):
 
     from epmq.benches.tiny import WORDS, word_tokenizer
 
-    # (one head at least, and key-value heads that divide them: 448 wide has 7 heads, not 2's multiple;
-    # the same heads at every width that ran before)
-    heads = max(1, hidden // 64)
+    heads, kv_heads = attention_heads(hidden, 64, 3)
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=8 * hidden // 3,
                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=math.gcd(heads, max(1, hidden // 192)),
+                                      num_key_value_heads=kv_heads,
                                       max_position_embeddings=1024)
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)

@@ -22,7 +22,6 @@ tokens of calibration per task.
 
 import argparse
 import copy
-import math
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import parse_pairs, write_json  # noqa: E402
+from _common import attention_heads, parse_pairs, write_json  # noqa: E402
 from bench_solver import BLOCKSIZE, SPEC, make_layer, make_lora_experts  # noqa: E402
 from epmq import quant  # noqa: E402
 
@@ -129,12 +128,10 @@ def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # (key-value heads that divide the heads: 576 wide has 9 heads, not 2's multiple; the same heads
-    # at every width that ran before)
-    heads = max(1, hidden // 64)
+    heads, kv_heads = attention_heads(hidden, 64, 4)
     base = LlamaForCausalLM(LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=math.gcd(heads, max(1, hidden // 256)),
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
         vocab_size=2048, max_position_embeddings=256)).eval()
     g = torch.Generator().manual_seed(4)
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,16 +29,15 @@ from _common import (  # noqa: E402
 )
 
 _CHILD = textwrap.dedent(r'''
-    import copy, hashlib, json, math, time
+    import copy, hashlib, json, time
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from _common import attention_heads
 
     torch.manual_seed(0)
-    # (one head at least: a model under 128 wide, a quick check of the script, had none; key-value
-    # heads that divide them: 1152 wide has 9 heads, not 2's multiple)
-    heads = max(1, HIDDEN // 128)
+    heads, kv_heads = attention_heads(HIDDEN, 128, 4)
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-                         num_attention_heads=heads, num_key_value_heads=math.gcd(heads, max(1, heads // 4)),
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
                          vocab_size=2048, max_position_embeddings=TOKENS)
     merged = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)

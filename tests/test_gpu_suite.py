@@ -718,3 +718,56 @@ def test_kernel_reports_stopped_while_written_leave_the_previous_one(script, tmp
     before = path.read_text()
     assert "stood in" in before
     assert_a_kill_while_written_leaves(path, before, "{\n \"tri", lambda: module.main(argv), monkeypatch)
+
+
+def test_benchmark_models_take_their_heads_from_one_rule(tmp_path, monkeypatch):
+    """bench_walker, walker_times, cli_end_to_end and epmq_lora_cpu each wrote their own head rule
+    (three of them mended one by one for widths whose heads a rule got wrong): their models' heads
+    are _common.attention_heads', one head at least and key-value heads that divide them."""
+    import argparse
+
+    common, = _imported("benchmarks", "_common")
+    assert common.attention_heads(32, 64, 3) == (1, 1)
+    assert common.attention_heads(1152, 128, 4) == (9, 1)
+    assert common.attention_heads(4096, 128, 4) == (32, 8)  # bench_walker's default model
+    assert common.attention_heads(768, 64, 3) == (12, 4)  # cli_end_to_end's
+    bench_walker, cli_end_to_end, epmq_lora_cpu = _imported(
+        "benchmarks", "bench_walker", "cli_end_to_end", "epmq_lora_cpu")
+    asked = []
+
+    def one_rule(hidden, head_width, group):
+        asked.append(hidden)
+        return 2, 1
+
+    for module in (bench_walker, cli_end_to_end, epmq_lora_cpu):
+        monkeypatch.setattr(module, "attention_heads", one_rule)
+    args = argparse.Namespace(hidden=64, intermediate=64, layers=1, tasks=1, tokens=8, samples=1)
+    model, _, _ = bench_walker.build(args, "cpu")
+    cli_end_to_end.write_inputs(tmp_path, 1, 48)
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def record(base, directory, tasks, rank):
+        built.append(base)
+        raise Built
+
+    monkeypatch.setattr(epmq_lora_cpu, "adapters_and_merge", record)
+    with pytest.raises(Built):
+        epmq_lora_cpu.measure_walks(40, 64, 1, n_experts=1, rank=2, repeats=1)
+    configs = [model.config, json.loads((tmp_path / "base" / "config.json").read_text()), built[0].config]
+    assert asked == [64, 48, 40]
+    for config in configs:
+        config = config if isinstance(config, dict) else config.to_dict()
+        assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)
+
+
+def test_a_benchmark_child_imports_common():
+    """walker_times' child (run by _common.run_child from this checkout or a revision's sources)
+    had not benchmarks/ on its path, so it wrote its own head rule where it could not import
+    _common's; the child imports _common, and still the package from its sources."""
+    common, = _imported("benchmarks", "_common")
+    body = ("import json\nfrom _common import attention_heads\n"
+            "print('RESULT ' + json.dumps(attention_heads(1152, 128, 4)))\n")
+    assert common.run_child(body, str(ROOT)) == [9, 1]
