@@ -23,6 +23,39 @@ def parse_pairs(text, default):
     return [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
 
 
+def bit_widths(text: str) -> list:
+    """``--bits`` ("4,3,2") as an argparse type: widths QuantSpec takes, said on the command line
+    (not by the first quantize, after the demo's minutes of training)."""
+    import argparse
+
+    from epmq.spec import SUPPORTED_BITS
+
+    widths = []
+    for item in filter(None, text.split(",")):
+        if not item.strip().isdigit() or int(item) not in SUPPORTED_BITS:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a bit width of {SUPPORTED_BITS}")
+        widths.append(int(item))
+    if not widths:
+        raise argparse.ArgumentTypeError(f"{text!r} names no bit width (of {SUPPORTED_BITS})")
+    return widths
+
+
+def anchor_list(text: str) -> list:
+    """``--anchors`` ("0,0.1") as an argparse type: E-PMQ's anchors (lam), finite and >= 0 as
+    quantize_model takes them."""
+    import argparse
+
+    anchors = []
+    for item in text.split(","):
+        try:
+            anchors.append(float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
+        if not math.isfinite(anchors[-1]) or anchors[-1] < 0:
+            raise argparse.ArgumentTypeError(f"{item} is not an anchor (a finite number >= 0)")
+    return anchors
+
+
 def no_cuda(script: str) -> bool:
     """True (and says so) when there is no CUDA device to time on."""
     if torch.cuda.is_available():

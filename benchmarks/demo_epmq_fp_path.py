@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import demo_run, write_json  # noqa: E402
+from _common import bit_widths, demo_run, write_json  # noqa: E402
 
 from epmq import QuantSpec, quantize_model  # noqa: E402
 from epmq.demo import prepare  # noqa: E402
@@ -30,7 +30,7 @@ MERGES = [MergePlan("task_arithmetic", DEFAULT_SCALES["task_arithmetic"]),
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument("--bits", type=bit_widths, default="4,3,2")
     parser.add_argument("--out", default="benchmarks/results/demo-epmq-fp-path-cpu.json")
     args = parser.parse_args(argv)
     bench = prepare()
@@ -38,7 +38,7 @@ def main(argv=None):
     rows = []
     for mp in MERGES:
         scale, merged, _ = choose_scale(bench, mp)
-        for bits in [int(b) for b in args.bits.split(",")]:
+        for bits in args.bits:
             runs = []
             for anchor in ANCHORS:
                 model = bench.model(merged)

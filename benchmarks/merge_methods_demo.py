@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import demo_run, pyplot, save_figure, write_json  # noqa: E402
+from _common import anchor_list, bit_widths, demo_run, pyplot, save_figure, write_json  # noqa: E402
 
 from epmq import QuantSpec, quantize_model  # noqa: E402
 from epmq.demo import prepare  # noqa: E402
@@ -93,14 +93,13 @@ def plot(rows, bits, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--bits", type=bit_widths, default="4,3")
     parser.add_argument("--out", default="benchmarks/results/merge-methods-demo-cpu.json")
     parser.add_argument("--merges", default="", help="labels to run, e.g. TSV-M,Iso-C (default all)")
-    parser.add_argument("--anchors", default=",".join(str(a) for a in ANCHORS),
+    parser.add_argument("--anchors", type=anchor_list, default=",".join(str(a) for a in ANCHORS),
                         help="E-PMQ's anchors to choose among on validation")
     args = parser.parse_args(argv)
-    bits = [int(b) for b in args.bits.split(",") if b]
-    anchors = [float(a) for a in args.anchors.split(",")]
+    bits, anchors = args.bits, args.anchors
     chosen = [m for m in MERGES if not args.merges or m.label in args.merges.split(",")]
     # (before the demo's training: a label misspelt ran the others alone, or none, as if asked)
     unknown = [m for m in args.merges.split(",") if m and m not in {mp.label for mp in MERGES}]

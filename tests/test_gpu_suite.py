@@ -595,6 +595,31 @@ def test_merge_methods_demo_refuses_a_merge_label_it_has_not(tmp_path, monkeypat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("script, option, value, said", [
+    (script, option, value, said)
+    for script in ("merge_methods_demo", "demo_epmq_fp_path", "residual_precision_study")
+    for option, value, said in [("--bits", "4,x", "'x'"), ("--bits", "9", "9"), ("--bits", "0", "0"),
+                                ("--bits", ",", "no bit width"), ("--anchors", "0.1,a", "'a'"),
+                                ("--anchors", "-1", "-1"), ("--anchors", "nan", "nan")]
+    if (script, option) != ("demo_epmq_fp_path", "--anchors")])  # (it takes the demo's anchors)
+def test_demo_benchmarks_refuse_bits_and_anchors_they_cannot_run(script, option, value, said, monkeypatch, capsys):
+    """``--bits 4,x`` or ``--anchors 0.1,a`` ended in a bare 'ValueError: invalid literal for int()'
+    (could not convert string to float), and ``--bits 9`` or ``--anchors -1`` in quantize_model's
+    refusal after the demo's minutes of training and the first merge's scale chosen; refused on
+    the command line, naming the option and the value."""
+    module = _stood_in_demo(monkeypatch, script) if script != "residual_precision_study" else \
+        _imported("benchmarks", script)[0]
+    if script != "residual_precision_study":
+        monkeypatch.setattr(module, "prepare", lambda: pytest.fail("prepared the demo for arguments it refuses"))
+    else:
+        monkeypatch.setattr(module, "study", lambda *a: pytest.fail("studied arguments it refuses"))
+    with pytest.raises(SystemExit) as stop:
+        module.main([f"{option}={value}", "--out", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and said in error, error
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
