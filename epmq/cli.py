@@ -509,15 +509,12 @@ def holding(out: Path):
     naming the process that holds it (``resume.hold_run``)."""
     from .resume import hold_run
 
-    held = hold_run(out, run=False)
-    try:
-        held.__enter__()
-    except (ValueError, OSError) as e:  # (OSError: the directory cannot be made)
-        raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from None
-    try:
+    with contextlib.ExitStack() as held:
+        try:  # (taking the hold alone: the run's own ValueError or OSError is not said as the hold's)
+            held.enter_context(hold_run(out, run=False))
+        except (ValueError, OSError) as e:  # (OSError: the directory cannot be made)
+            raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from None
         yield
-    finally:
-        held.__exit__(None, None, None)
 
 
 def _run_pipeline(bench, plan, out: Path, identity: dict, args) -> dict:
