@@ -49,7 +49,7 @@ from .calibration import (audio_batches, audio_files, image_batches, image_files
                           read_texts, task_seeds, text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
-from .checks import check_outside_calibration, check_path, check_seed, device_argument, is_int
+from .checks import check_number, check_outside_calibration, check_path, check_seed, device_argument, is_int
 from .experts import ExpertWeights
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
@@ -438,6 +438,11 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                    max_shard_size=max_shard_size, targets=targets, residual_precision=residual_precision)
     seed = check_seed(seed)
     device_argument(device)  # (else refused by quantize_model once the model was read and calibrated)
+    # (these too, and the expression's compiling: quantize_model refused them once the model was loaded
+    # and every task's files tokenized, minutes for a large model)
+    for value, what in ((anchor, "anchor"), (weight_anchor, "weight_anchor"), (percdamp, "percdamp")):
+        check_number(value, what, 0)
+    _selector(layers)
     if not is_flag(true_sequential):  # (as quantize_model refuses it: 'no' is truthy)
         raise ValueError(f"true_sequential must be True or False, got {true_sequential!r}")
     check_path(model, "model", ": a model in memory is quantized by epmq.quantize_model"

@@ -1382,6 +1382,32 @@ def test_a_misspelt_target_path_or_residual_precision_is_refused_before_the_mode
                                  calibration={"a": root / "a.txt"}, targets="fp-path")
 
 
+def test_layers_anchors_and_damping_that_cannot_run_are_refused_before_the_model_is_read(files, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """epmq quantize's layers: "(" (a regular expression that does not compile), and
+    quantize_checkpoint's anchor=-1, weight_anchor=nan or percdamp=-1 (which epmq quantize checks
+    itself), were refused by quantize_model, once the model was loaded and every task's files
+    tokenized (minutes for a large model); at once, naming the argument."""
+    import epmq.quantize_files
+
+    monkeypatch.setattr(epmq.quantize_files, "calibrated", lambda *a, **k: pytest.fail("the calibration was read"))
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(files / "merged"), method="gptq", bits=4, group_size=16,
+                                          calibration={"a": str(files / "a.txt")}, samples=2, seq_len=8,
+                                          layers="(")))
+    assert main(["quantize", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+    assert "layers='(' is not a regular expression" in capsys.readouterr().err
+    for change, match in [(dict(layers="mlp|("), "layers='mlp\\|\\(' is not a regular expression"),
+                          (dict(anchor=-1), "anchor must be >= 0, got -1"),
+                          (dict(weight_anchor=float("nan")), "weight_anchor must be a finite number, got nan"),
+                          (dict(percdamp=-1, method="gptq", experts=None), "percdamp must be >= 0, got -1")]:
+        options = {**dict(method="epmq", experts={"a": files / "expert0"}), **change}
+        with pytest.raises(ValueError, match=match):
+            epmq.quantize_checkpoint(files / "merged", tmp_path / "x", spec=epmq.QuantSpec(4, 16),
+                                     calibration={"a": files / "a.txt"}, seq_len=8, progress=False, **options)
+    assert list(tmp_path.iterdir()) == [config]
+
+
 def test_a_vision_language_model_is_sent_to_its_language_model(tmp_path):
     """epmq quantize calibrates on texts or on images; a VLM takes both, and has no vision-tower
     class for tower: vision: both errors say what does quantize it."""
