@@ -16,11 +16,25 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 
-def parse_pairs(text, default):
-    """``"a:b,c:d"`` -> ``[(a, b), (c, d)]`` (ints); ``default`` when ``text`` is empty."""
-    if not text:
-        return default
-    return [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
+def int_tuples(form: str):
+    """An argparse type of ``"a:b,c:d"`` -> ``[(a, b), (c, d)]``: positive ints, as many to an item
+    as ``form`` ("d_out:d_in") names, said on the command line (a shape of one number, or 768x3072,
+    ended in a bare ValueError where the shapes were reached: after a run's probes, or its timings
+    of other shapes)."""
+    import argparse
+
+    size = len(form.split(":"))
+
+    def parse(text):
+        items = []
+        for item in filter(None, text.split(",")):
+            values = item.split(":")
+            if len(values) != size or not all(v.strip().isdigit() and int(v) > 0 for v in values):
+                raise argparse.ArgumentTypeError(f"{item!r} is not {form} (positive integers)")
+            items.append(tuple(int(v) for v in values))
+        return items
+
+    return parse
 
 
 def bit_widths(text: str) -> list:

@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pytest_marks,  # noqa: E402
+from _common import (Terminated, device_info, int_tuples, no_cuda, pyplot, pytest_marks,  # noqa: E402
                      raise_on_sigterm, save_figure, write_json, write_text)
 from epmq import quant  # noqa: E402
 from epmq import stats as epmq_stats  # noqa: E402
@@ -365,7 +365,8 @@ def plot(rows, path, device_name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for solver-<card>.json/.png")
-    parser.add_argument("--shapes", help="d_out:d_in pairs, comma separated (default: all)")
+    parser.add_argument("--shapes", type=int_tuples("d_out:d_in"),
+                        help="d_out:d_in pairs, comma separated (default: all)")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="after this many seconds, skip the remaining eager baselines")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
@@ -379,7 +380,7 @@ def main(argv=None):
 
     started = time.perf_counter()
     deadline = started + args.budget_s
-    shapes = parse_pairs(args.shapes, SHAPES)
+    shapes = args.shapes or SHAPES
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

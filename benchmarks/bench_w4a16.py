@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import (Terminated, device_info, no_cuda, parse_pairs, pyplot, pytest_marks,  # noqa: E402
+from _common import (Terminated, device_info, int_tuples, no_cuda, pyplot, pytest_marks,  # noqa: E402
                      raise_on_sigterm, save_figure, write_json)
 from epmq_kernels.packing import (  # noqa: E402
     pack_int4,
@@ -360,7 +360,7 @@ def main(argv=None):
     parser.add_argument("--plot", help="PNG to write (default: beside --out, or --replot's JSON)")
     parser.add_argument("--replot", metavar="JSON", help="only draw the plot again from a JSON this benchmark "
                         "wrote (no GPU: a committed run's figure after a change to the plot)")
-    parser.add_argument("--shapes", help="K:N pairs, comma separated (default: all)")
+    parser.add_argument("--shapes", type=int_tuples("K:N"), help="K:N pairs, comma separated (default: all)")
     parser.add_argument("--batches", help="M values, comma separated (default: all)")
     parser.add_argument("--groups", help="group sizes, comma separated, -1 per channel")
     parser.add_argument("--seed", type=int, default=0)
@@ -374,7 +374,7 @@ def main(argv=None):
     if no_cuda("bench_w4a16"):
         return 0
 
-    shapes = parse_pairs(args.shapes, SHAPES)
+    shapes = args.shapes or SHAPES
     batches = [int(v) for v in args.batches.split(",")] if args.batches else BATCHES
     groups = [int(v) for v in args.groups.split(",")] if args.groups else GROUPS
     device = torch.device("cuda")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import attention_heads, parse_pairs, write_json  # noqa: E402
+from _common import attention_heads, int_tuples, write_json  # noqa: E402
 from bench_solver import BLOCKSIZE, SPEC, make_layer, make_lora_experts  # noqa: E402
 from epmq import quant  # noqa: E402
 
@@ -179,16 +179,18 @@ def measure_walks(hidden, intermediate, layers, n_experts, rank, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="768:3072,1024:4096", help="d_out:d_in, comma separated")
+    parser.add_argument("--shapes", type=int_tuples("d_out:d_in"), default="768:3072,1024:4096",
+                        help="d_out:d_in, comma separated")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--walk", default="", help="HIDDEN:INTERMEDIATE:LAYERS of a Llama walk too")
+    parser.add_argument("--walk", type=int_tuples("HIDDEN:INTERMEDIATE:LAYERS"), default="",
+                        help="HIDDEN:INTERMEDIATE:LAYERS of a Llama walk too (comma separated: walks)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "epmq-lora-cpu.json"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
     rows = []
-    for d_out, d_in in parse_pairs(args.shapes, []):
+    for d_out, d_in in args.shapes:
         rows.append(measure(d_out, d_in, args.experts, args.rank, args.repeats))
         r = rows[-1]
         print(f"{r['shape']:10s} GPTQ {r['gptq_s']:.2f} s; E-PMQ, {r['experts']} LoRA experts of rank "
@@ -196,8 +198,7 @@ def main(argv=None):
               f"{r['epmq_dense_s']:.2f} s ({r['dense_ratio']:.2f}x); codes equal {r['codes_equal']:.5f}, "
               f"loss ratio {r['loss_ratio']:.8f}", flush=True)
     walks = []
-    if args.walk:
-        hidden, intermediate, layers = (int(v) for v in args.walk.split(":"))
+    for hidden, intermediate, layers in args.walk:
         walks.append(measure_walks(hidden, intermediate, layers, args.experts, args.rank, args.repeats))
         w = walks[-1]
         print(f"{w['walk']}: GPTQ {w['gptq_s']:.1f} s; E-PMQ on {w['experts']} adapters {w['epmq_lora_s']:.1f} s "

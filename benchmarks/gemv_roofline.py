@@ -200,15 +200,17 @@ def run_check(device):
 
 
 def main(argv=None):
+    from _common import int_tuples
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--shapes", help="K:N pairs, comma separated")
+    parser.add_argument("--shapes", type=int_tuples("K:N"), help="K:N pairs, comma separated")
     parser.add_argument("--check", action="store_true", help="only check the probes (small shapes)")
     args = parser.parse_args(argv)
     if args.check:
         run_check(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         return 0
-    from _common import device_info, no_cuda, parse_pairs, write_json
+    from _common import device_info, no_cuda, write_json
     from bench_w4a16 import copies_to_defeat_l2, copy_bandwidth, graph_ms, make_weights
 
     from epmq_kernels.w4a16 import dequantize_int4_weight, w4a16_matmul, w4a16_plan
@@ -217,7 +219,7 @@ def main(argv=None):
         return 0
     device = torch.device("cuda")
     run_check(device)
-    shapes = parse_pairs(args.shapes, SHAPES)
+    shapes = args.shapes or SHAPES
     gen = torch.Generator(device=device).manual_seed(0)
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) or 50 * 2**20
     started = time.perf_counter()

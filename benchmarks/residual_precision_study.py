@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import anchor_list, bit_widths, parse_pairs, write_json, write_text  # noqa: E402
+from _common import anchor_list, bit_widths, int_tuples, write_json, write_text  # noqa: E402
 from bench_layer_solvers import layer  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
@@ -163,7 +163,8 @@ def table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default="", help="d_out:d_in,... (default 768:3072,3072:768)")
+    parser.add_argument("--shapes", type=int_tuples("d_out:d_in"), default="",
+                        help="d_out:d_in,... (default 768:3072,3072:768)")
     parser.add_argument("--bits", type=bit_widths, default="4,2")
     parser.add_argument("--anchors", type=anchor_list, default="0,0.1")
     parser.add_argument("--group-size", type=int, default=128)
@@ -171,7 +172,7 @@ def main(argv=None):
                         help="experts' distance from the merge, relative to the weights' scale")
     parser.add_argument("--out", default="benchmarks/results/residual-precision-cpu.json")
     args = parser.parse_args(argv)
-    shapes = parse_pairs(args.shapes, [(768, 3072), (3072, 768)])
+    shapes = args.shapes or [(768, 3072), (3072, 768)]
     bits, anchors = args.bits, args.anchors
     started = time.perf_counter()
     rows = []

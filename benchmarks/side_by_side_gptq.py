@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parse_pairs, write_json  # noqa: E402
+from _common import int_tuples, write_json  # noqa: E402
 
 from epmq import QuantSpec, quant  # noqa: E402
 
@@ -93,7 +93,8 @@ def loss(Q, W, H):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference-dir", required=True, help="a checkout of IST-DASLab/gptq")
-    parser.add_argument("--shapes", default="", help="d_out:d_in,... (default 768:3072,3072:768)")
+    parser.add_argument("--shapes", type=int_tuples("d_out:d_in"), default="",
+                        help="d_out:d_in,... (default 768:3072,3072:768)")
     parser.add_argument("--out", default="benchmarks/results/gptq-side-by-side-cpu.json")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.reference_dir, "gptq.py")):
@@ -107,7 +108,7 @@ def main(argv=None):
         import gptq as module  # noqa: E402  (the reference's gptq.py, which star-imports quant.py)
 
     rows, grid_rows = [], []
-    for d_out, d_in in parse_pairs(args.shapes, [(768, 3072), (3072, 768)]):
+    for d_out, d_in in args.shapes or [(768, 3072), (3072, 768)]:
         W, H = layer(d_out, d_in)
         for bits, group_size, sym, act_order, static_groups in CONFIGS:
             spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,

@@ -620,6 +620,30 @@ def test_demo_benchmarks_refuse_bits_and_anchors_they_cannot_run(script, option,
     assert f"argument {option}" in error and said in error, error
 
 
+@pytest.mark.parametrize("script, argv, option, said", [
+    (script, [f"--shapes={shapes}"] + extra, "--shapes", said)
+    for script, extra in [("bench_solver", []), ("bench_w4a16", ["--out", "/nonexistent/w.json"]),
+                          ("gemv_roofline", []), ("side_by_side_gptq", ["--reference-dir", "/nonexistent"]),
+                          ("residual_precision_study", []), ("epmq_lora_cpu", [])]
+    for shapes, said in [("768x3072", "'768x3072'"), ("768", "'768'"), ("768:3072:5", "'768:3072:5'"),
+                         ("0:768", "'0:768'")]
+] + [("epmq_lora_cpu", ["--shapes=", "--walk=576:64"], "--walk", "'576:64'")])
+def test_benchmarks_refuse_shapes_they_cannot_take(script, argv, option, said, monkeypatch, capsys):
+    """``--shapes 768x3072`` ended in a bare 'invalid literal for int()', ``--shapes 768`` in 'not
+    enough values to unpack' (where a GPU benchmark got to them: after its probes' check), and
+    epmq_lora_cpu's ``--walk 576:64`` so after every layer shape was timed (minutes); refused on
+    the command line, naming the option and the value."""
+    module, = _imported("benchmarks", script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if script == "epmq_lora_cpu":
+        monkeypatch.setattr(module, "measure", lambda *a: pytest.fail("timed shapes before the arguments' check"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and said in error, error
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
