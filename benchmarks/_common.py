@@ -16,6 +16,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 
+def positive_int(text: str) -> int:
+    """An argparse type of a count that must be one at least (rounds, repeats: none of them ended, after
+    the run's setup, in a bare IndexError of the median of no rounds, or a NameError of no walk)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def int_tuples(form: str):
     """An argparse type of ``"a:b,c:d"`` -> ``[(a, b), (c, d)]``: positive ints, as many to an item
     as ``form`` ("d_out:d_in") names, said on the command line (a shape of one number, or 768x3072,

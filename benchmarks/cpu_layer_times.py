@@ -26,7 +26,7 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    checkout_revision, median_of, run_child, versions_side_by_side, write_json,
+    checkout_revision, median_of, positive_int, run_child, versions_side_by_side, write_json,
 )
 
 _CHILD = textwrap.dedent(r'''
@@ -78,7 +78,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", help="git revision to measure as well, in the same run")
     parser.add_argument("--d", type=int, default=4096, help="layer width (default 4096)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="alternating rounds (default 1)")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import attention_heads, int_tuples, write_json  # noqa: E402
+from _common import attention_heads, int_tuples, positive_int, write_json  # noqa: E402
 from bench_solver import BLOCKSIZE, SPEC, make_layer, make_lora_experts  # noqa: E402
 from epmq import quant  # noqa: E402
 
@@ -183,7 +183,7 @@ def main(argv=None):
                         help="d_out:d_in, comma separated")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--walk", type=int_tuples("HIDDEN:INTERMEDIATE:LAYERS"), default="",
                         help="HIDDEN:INTERMEDIATE:LAYERS of a Llama walk too (comma separated: walks)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "epmq-lora-cpu.json"))

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import device_info, write_json  # noqa: E402
+from _common import device_info, positive_int, write_json  # noqa: E402
 from epmq.resume import tensor_digest  # noqa: E402
 from bench_walker import build  # noqa: E402
 
@@ -71,7 +71,7 @@ def main():
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args()

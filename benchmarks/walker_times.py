@@ -25,7 +25,7 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    checkout_revision, median_of, run_child, versions_side_by_side, write_json,
+    checkout_revision, median_of, positive_int, run_child, versions_side_by_side, write_json,
 )
 
 _CHILD = textwrap.dedent(r'''
@@ -77,8 +77,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--samples", type=int, default=4, help="sequences per task")
-    parser.add_argument("--repeats", type=int, default=1, help="walks per child (best kept)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="walks per child (best kept)")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="alternating rounds")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
     shape = dict(HIDDEN=args.hidden, INTERMEDIATE=args.intermediate, LAYERS=args.layers,

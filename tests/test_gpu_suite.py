@@ -644,6 +644,30 @@ def test_benchmarks_refuse_shapes_they_cannot_take(script, argv, option, said, m
     assert f"argument {option}" in error and said in error, error
 
 
+@pytest.mark.parametrize("script, option", [("walker_times", "--rounds"), ("walker_times", "--repeats"),
+                                            ("cpu_layer_times", "--rounds"), ("epmq_lora_cpu", "--repeats"),
+                                            ("expert_read_ahead", "--rounds")])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_benchmarks_refuse_no_rounds_or_repeats(script, option, value, monkeypatch, capsys):
+    """``--rounds 0`` ended, after its setup, in a bare 'IndexError: list index out of range' (the
+    median of no rounds), walker_times' ``--repeats 0`` in 'the child ... failed' over "NameError: name
+    'model' is not defined", epmq_lora_cpu's in "'NoneType' object has no attribute 'codes'"; refused
+    on the command line, naming the option."""
+    import sys
+
+    module, = _imported("benchmarks", script)
+    for slow in ("versions_side_by_side", "measure", "build"):
+        if hasattr(module, slow):
+            monkeypatch.setattr(module, slow, lambda *a, **k: pytest.fail("ran before the arguments' check"))
+    argv = [f"{option}={value}", "--out", "/nonexistent/never-written.json"]
+    monkeypatch.setattr(sys, "argv", [script] + argv)
+    with pytest.raises(SystemExit) as stop:
+        module.main() if script == "expert_read_ahead" else module.main(argv)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}: {value} is not a positive integer" in error, error
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
