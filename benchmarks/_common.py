@@ -30,6 +30,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_list(what: str, also=()):
+    """An argparse type of ``"1,16"`` -> ``[1, 16]``: positive ints, or one of ``also`` (-1: a
+    group size's per channel), said on the command line (else a bare ValueError once the card was
+    found, or a ZeroDivisionError after the first measurements)."""
+    import argparse
+
+    def parse(text):
+        items = []
+        for item in filter(None, text.split(",")):
+            try:
+                value = int(item)
+            except ValueError:
+                value = 0
+            if value < 1 and value not in also:
+                raise argparse.ArgumentTypeError(f"{item!r} is not {what}")
+            items.append(value)
+        return items
+
+    return parse
+
+
 def int_tuples(form: str):
     """An argparse type of ``"a:b,c:d"`` -> ``[(a, b), (c, d)]``: positive ints, as many to an item
     as ``form`` ("d_out:d_in") names, said on the command line (a shape of one number, or 768x3072,

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import (Terminated, device_info, int_tuples, no_cuda, pyplot, pytest_marks,  # noqa: E402
+from _common import (Terminated, device_info, int_list, int_tuples, no_cuda, pyplot, pytest_marks,  # noqa: E402
                      raise_on_sigterm, save_figure, write_json)
 from epmq_kernels.packing import (  # noqa: E402
     pack_int4,
@@ -361,8 +361,9 @@ def main(argv=None):
     parser.add_argument("--replot", metavar="JSON", help="only draw the plot again from a JSON this benchmark "
                         "wrote (no GPU: a committed run's figure after a change to the plot)")
     parser.add_argument("--shapes", type=int_tuples("K:N"), help="K:N pairs, comma separated (default: all)")
-    parser.add_argument("--batches", help="M values, comma separated (default: all)")
-    parser.add_argument("--groups", help="group sizes, comma separated, -1 per channel")
+    parser.add_argument("--batches", type=int_list("a batch (M >= 1)"), help="M values, comma separated (default: all)")
+    parser.add_argument("--groups", type=int_list("a group size (>= 1, or -1: per channel)", also=(-1,)),
+                        help="group sizes, comma separated, -1 per channel")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.replot:
@@ -375,8 +376,8 @@ def main(argv=None):
         return 0
 
     shapes = args.shapes or SHAPES
-    batches = [int(v) for v in args.batches.split(",")] if args.batches else BATCHES
-    groups = [int(v) for v in args.groups.split(",")] if args.groups else GROUPS
+    batches = args.batches or BATCHES
+    groups = args.groups or GROUPS
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     props = torch.cuda.get_device_properties(device)

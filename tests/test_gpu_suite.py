@@ -668,6 +668,23 @@ def test_benchmarks_refuse_no_rounds_or_repeats(script, option, value, monkeypat
     assert f"argument {option}: {value} is not a positive integer" in error, error
 
 
+@pytest.mark.parametrize("option, value, said", [("--batches", "1,x", "'x'"), ("--batches", "0", "'0'"),
+                                                ("--groups", "128,0", "'0'"), ("--groups", "-2", "'-2'"),
+                                                ("--groups", "12 8", "'12 8'")])
+def test_w4a16_benchmark_refuses_batches_and_groups_it_cannot_run(option, value, said, monkeypatch, capsys):
+    """``--batches 1,x`` or ``--groups 128,0`` ended in a bare 'invalid literal for int()' once the card
+    was found, or a ZeroDivisionError in the first case's bytes after the copy bandwidth and packing
+    were measured; refused on the command line, naming the option and the value."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        bench_w4a16.main(["--out", "/nonexistent/w.json", f"{option}={value}"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and said in error, error
+    assert bench_w4a16.main(["--out", "/nonexistent/w.json", "--batches", "1,16", "--groups", "128,-1"]) == 0
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
