@@ -208,6 +208,26 @@ TINY_DECODERS = {
 }
 
 
+def list_of(check, what: str):
+    """An argparse type of comma-separated items (returned as a list of them), each of which
+    ``check(item)`` takes: one it refuses (a ValueError or KeyError) said on the command line,
+    naming it (a misspelt architecture ended in a bare KeyError after every case of the ones
+    before it)."""
+    import argparse
+
+    def parse(text):
+        items = text.split(",")
+        for item in items:
+            try:
+                check(item)
+            except (ValueError, KeyError) as e:
+                why = f": {e}" if isinstance(e, ValueError) and str(e) else ""
+                raise argparse.ArgumentTypeError(f"{item!r} is not {what}{why}") from None
+        return items
+
+    return parse
+
+
 def tiny_decoder(seed, *, vocab_size, hidden_size, intermediate_size, arch="llama", layers=2):
     """A random-init decoder-only LM of ``layers`` layers (HF transformers; a Llama unless
     ``arch`` names another of TINY_DECODERS) in eval mode, for the CPU side-by-sides."""

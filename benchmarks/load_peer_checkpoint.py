@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TINY_DECODERS, peer_version, write_json  # noqa: E402
+from _common import TINY_DECODERS, list_of, peer_version, write_json  # noqa: E402
 from serve_with_gptqmodel import DTYPES, LOADERS, VOCAB, tiny_model  # noqa: E402
 
 import epmq  # noqa: E402
@@ -72,12 +72,22 @@ def resave(model, directory, checkpoint_format) -> dict:
     return dict(resaved_tensors=len(keys), resaved_identical=not differ, resaved_differing=differ[:4])
 
 
+def case_bits(case):
+    """The bits of ``bits[s][a]``; a ValueError for bits GPTQModel and epmq do not write."""
+    bits = int(case.rstrip("sa"))
+    if bits not in (2, 3, 4, 8):
+        raise ValueError("bits must be one of (2, 3, 4, 8)")
+    return bits
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", required=True, help="the interpreter that has gptqmodel installed")
-    parser.add_argument("--archs", default="llama,qwen3,qwen3_moe,mixtral",
+    parser.add_argument("--archs", type=list_of(TINY_DECODERS.__getitem__, "a family of TINY_DECODERS"),
+                        default="llama,qwen3,qwen3_moe,mixtral",
                         help=f"comma separated, of {', '.join(TINY_DECODERS)}")
-    parser.add_argument("--cases", default="4,4s,4a,8,3,3s,3a,2,2s", help="bits[s][a], comma separated")
+    parser.add_argument("--cases", type=list_of(case_bits, "a case"), default="4,4s,4a,8,3,3s,3a,2,2s",
+                        help="bits[s][a], comma separated")
     parser.add_argument("--out", default="benchmarks/results/load-gptqmodel-checkpoints-cpu.json")
     args = parser.parse_args(argv)
     version = peer_version("load_peer_checkpoint", args.python, "gptqmodel")
@@ -88,12 +98,12 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as root:
         torch.save(tokens, os.path.join(root, "tokens.pt"))
-        for arch in args.archs.split(","):
+        for arch in args.archs:
             source = os.path.join(root, f"{arch}-fp")
             tiny_model(0, arch).save_pretrained(source)
             word_tokenizer(Path(source))
-            for case in args.cases.split(","):
-                bits, sym, desc_act = int(case.rstrip("sa")), "s" in case, "a" in case
+            for case in args.cases:
+                bits, sym, desc_act = case_bits(case), "s" in case, "a" in case
                 directory = os.path.join(root, f"{arch}-{case}")
                 loader = "gptqmodel" if arch in ("qwen3_moe", "mixtral") else "transformers"
                 row = dict(arch=arch, bits=bits, sym=sym, desc_act=desc_act, group_size=32, peer_loader=loader,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TINY_DECODERS, peer_version, write_json  # noqa: E402
+from _common import TINY_DECODERS, list_of, peer_version, write_json  # noqa: E402
 from serve_with_gptqmodel import VOCAB, tiny_model  # noqa: E402
 
 import epmq  # noqa: E402
@@ -122,12 +122,23 @@ def parse_case(case):
                 group_size=-1 if "g" in flags else 32), fmt or "auto"
 
 
+def checked_case(case):
+    """A ValueError for a case epmq cannot quantize or write (its bits, its format)."""
+    from epmq.checkpoint import FORMATS
+
+    options, fmt = parse_case(case)
+    epmq.QuantSpec(**options)
+    if fmt not in FORMATS + ("auto",):
+        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--python", required=True, help="the interpreter that has gptqmodel installed")
-    parser.add_argument("--archs", default="llama", help=f"comma separated, of {', '.join(TINY_DECODERS)}")
-    parser.add_argument("--cases", default="2,2s,2a,2at,2g,2:gptq_v2,3,3s,3a,3at,3g,3sa,3:gptq_v2,"
-                                           "4at,4g,4sg,4sat,8at,8g,8sa,8s")
+    parser.add_argument("--archs", type=list_of(TINY_DECODERS.__getitem__, "a family of TINY_DECODERS"),
+                        default="llama", help=f"comma separated, of {', '.join(TINY_DECODERS)}")
+    parser.add_argument("--cases", type=list_of(checked_case, "a case"),
+                        default="2,2s,2a,2at,2g,2:gptq_v2,3,3s,3a,3at,3g,3sa,3:gptq_v2,4at,4g,4sg,4sat,8at,8g,8sa,8s")
     parser.add_argument("--out", default="benchmarks/results/peer-reads-ours-cpu.json")
     args = parser.parse_args(argv)
     version = peer_version("peer_reads_ours", args.python, "gptqmodel")
@@ -139,8 +150,8 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as root:
         torch.save(tokens, os.path.join(root, "tokens.pt"))
-        for arch in args.archs.split(","):
-            for case in args.cases.split(","):
+        for arch in args.archs:
+            for case in args.cases:
                 options, fmt = parse_case(case)
                 model = tiny_model(0, arch)
                 epmq.quantize_model(model, epmq.QuantSpec(**options), method="gptq", calibration=calibration,

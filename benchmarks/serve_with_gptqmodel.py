@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import TINY_DECODERS, peer_version, tiny_decoder, write_json  # noqa: E402
+from _common import TINY_DECODERS, list_of, peer_version, tiny_decoder, write_json  # noqa: E402
 
 import epmq  # noqa: E402
 from epmq import merge  # noqa: E402
@@ -104,11 +104,25 @@ LOADERS = {  # a script each: load the directory, save its logits and GPTQModel'
 DTYPES = {"transformers": torch.float32, "gptqmodel": torch.float16}
 
 
+def parse_case(case):
+    """``bits[a][s][:checkpoint_format]`` -> ``(QuantSpec, format)``; a ValueError for a case epmq
+    cannot write."""
+    from epmq.checkpoint import FORMATS
+
+    bits, _, fmt = case.partition(":")
+    act_order, sym = "a" in bits, "s" in bits
+    bits, fmt = int(bits.rstrip("as")), fmt or "auto"
+    if fmt not in FORMATS + ("auto",):
+        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}")
+    return epmq.QuantSpec(bits=bits, group_size=32, act_order=act_order, sym=sym), fmt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", default="llama",
-                        help=f"comma separated, of {', '.join(TINY_DECODERS)}")
-    parser.add_argument("--cases", default="4,4:gptq_v2,4a,3,2,8",
+    parser.add_argument("--archs", type=list_of(TINY_DECODERS.__getitem__, "a family of TINY_DECODERS"),
+                        default="llama", help=f"comma separated, of {', '.join(TINY_DECODERS)}")
+    parser.add_argument("--cases", type=list_of(parse_case, "a case"),
+                        default="4,4:gptq_v2,4a,3,2,8",
                         help="bits[a][s][:checkpoint_format], comma separated (a: act-order, "
                              "s: symmetric; format default: auto)")
     parser.add_argument("--loader", choices=sorted(LOADERS), default="transformers")
@@ -126,14 +140,11 @@ def main(argv=None):
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     with tempfile.TemporaryDirectory() as root:
         torch.save(tokens, os.path.join(root, "tokens.pt"))
-        for arch, case in [(a, c) for a in args.archs.split(",") for c in args.cases.split(",")]:
-            bits, _, fmt = case.partition(":")
-            act_order, sym = "a" in bits, "s" in bits
-            bits, fmt = int(bits.rstrip("as")), fmt or "auto"
+        for arch, case in [(a, c) for a in args.archs for c in args.cases]:
+            spec, fmt = parse_case(case)
             model, experts, calibration = merged_family(arch)
             with torch.no_grad():
                 fp_logits = model(tokens).logits.float()
-            spec = epmq.QuantSpec(bits=bits, group_size=32, act_order=act_order, sym=sym)
             epmq.quantize_model(model, spec, method="epmq",
                                 calibration=calibration, experts=experts, anchor=0.1,
                                 backend="torch", progress=False)
@@ -148,8 +159,8 @@ def main(argv=None):
             peer = subprocess.run([args.python, "-c", LOADERS[args.loader], directory,
                                    os.path.join(root, "tokens.pt"), out],
                                   capture_output=True, text=True)
-            row = dict(arch=arch, loader=args.loader, dtype=str(DTYPES[args.loader])[6:], bits=bits,
-                       group_size=32, act_order=act_order, sym=sym, desc_act=qconfig.get("desc_act"),
+            row = dict(arch=arch, loader=args.loader, dtype=str(DTYPES[args.loader])[6:], bits=spec.bits,
+                       group_size=32, act_order=spec.act_order, sym=spec.sym, desc_act=qconfig.get("desc_act"),
                        checkpoint_format=qconfig.get("checkpoint_format"),
                        loaded=peer.returncode == 0)
             if peer.returncode == 0:

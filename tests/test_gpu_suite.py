@@ -685,6 +685,29 @@ def test_w4a16_benchmark_refuses_batches_and_groups_it_cannot_run(option, value,
     assert bench_w4a16.main(["--out", "/nonexistent/w.json", "--batches", "1,16", "--groups", "128,-1"]) == 0
 
 
+@pytest.mark.parametrize("script, option, value, said", [
+    (script, "--archs", "llama,lama", "'lama'")
+    for script in ("load_peer_checkpoint", "peer_reads_ours", "serve_with_gptqmodel")
+] + [(script, "--cases", value, f"'{value}'")
+     for script in ("load_peer_checkpoint", "peer_reads_ours", "serve_with_gptqmodel") for value in ("4x", "5")])
+def test_peer_benchmarks_refuse_architectures_and_cases_they_have_not(script, option, value, said, monkeypatch,
+                                                                     capsys):
+    """``--archs llama,lama`` ran every llama case (GPTQModel's quantizing, loading, a subprocess
+    each) and then ended in a bare KeyError: 'lama'; ``--cases 4x`` in a bare 'invalid literal for
+    int()', ``--cases 5`` in QuantSpec's refusal or a row of GPTQModel's, after the cases before it.
+    Refused on the command line, naming the option and the value."""
+    module, = _imported("benchmarks", script)
+    monkeypatch.setattr(module, "peer_version", lambda *a, **k: "stood in")
+    for slow in ("tiny_model", "merged_family"):
+        monkeypatch.setattr(module, slow, lambda *a, **k: pytest.fail("ran before the arguments' check"),
+                            raising=False)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--python", "python", f"{option}={value}", "--out", "/nonexistent/never-written.json"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and said in error, error
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
