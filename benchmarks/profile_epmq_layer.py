@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from epmq import QuantSpec, quant  # noqa: E402
 from epmq_kernels._runtime import ieee_fp32_matmul  # noqa: E402
+from epmq_kernels.expert_residual import RESIDUAL_PRECISIONS  # noqa: E402
 from _common import write_text  # noqa: E402
 
 
@@ -78,7 +79,8 @@ def profile_tables(shapes=((4096, 4096),), n_experts=8, precisions=("ieee",), ro
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--precision", action="append", help="residual precision (repeatable)")
+    parser.add_argument("--precision", action="append", choices=RESIDUAL_PRECISIONS,
+                        help="residual precision (repeatable)")
     parser.add_argument("--out", help="write the tables here as well as to stdout")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -708,6 +708,20 @@ def test_peer_benchmarks_refuse_architectures_and_cases_they_have_not(script, op
     assert f"argument {option}" in error and said in error, error
 
 
+def test_layer_profile_refuses_a_residual_precision_it_has_not(monkeypatch, capsys):
+    """``profile_epmq_layer.py --precision bf16`` (bf16x3 is the name) ended, on a card, in the
+    solver's ValueError traceback once the first shape's statistics were formed; refused on the
+    command line, naming the option and the precisions there are."""
+    profile, = _imported("benchmarks", "profile_epmq_layer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(profile, "profile_tables", lambda **kwargs: pytest.fail("profiled a precision it has not"))
+    with pytest.raises(SystemExit) as stop:
+        profile.main(["--precision", "ieee", "--precision", "bf16"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --precision" in error and "'bf16'" in error and "bf16x3" in error, error
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
