@@ -136,8 +136,9 @@ def write_json(path, result: dict) -> None:
 
 
 def write_text(path, text: str) -> None:
-    """``text`` to ``path``, atomically as write_json: a run killed while writing (the suite's
-    timeout) leaves the previous file."""
+    """``text`` to ``path`` (its directory created as needed, as write_json's), atomically as
+    write_json: a run killed while writing (the suite's timeout) leaves the previous file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)

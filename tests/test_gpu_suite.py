@@ -722,6 +722,18 @@ def test_layer_profile_refuses_a_residual_precision_it_has_not(monkeypatch, caps
     assert "argument --precision" in error and "'bf16'" in error and "bf16x3" in error, error
 
 
+def test_layer_profile_into_a_folder_not_yet_made(tmp_path, monkeypatch):
+    """``profile_epmq_layer.py --out runs/h100/profile.txt`` (a folder not yet made) ended, after
+    the whole profile on the card, in a bare FileNotFoundError, its tables on stdout alone, where
+    the benchmarks' JSON (write_json) makes its folder; write_text makes it too."""
+    profile, = _imported("benchmarks", "profile_epmq_layer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(profile, "profile_tables", lambda **kwargs: "== E-PMQ stood in\n")
+    out = tmp_path / "runs" / "h100" / "profile.txt"
+    assert profile.main(["--out", str(out)]) == 0
+    assert out.read_text() == "== E-PMQ stood in\n"
+
+
 def test_residual_precision_table_stopped_while_written_leaves_the_previous_one(tmp_path, monkeypatch):
     """residual_precision_study.py wrote its JSON atomically but its table
     (residual-precision-cpu.md, which README cites) in place: stopped while writing it, the
