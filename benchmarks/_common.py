@@ -397,6 +397,7 @@ def save_figure(fig, path, title: str) -> None:
     fig.tight_layout()
     tmp = f"{path}.tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (as write_json's: --plot elsewhere)
         fig.savefig(tmp, dpi=120, format="png")  # (the format: the temporary's name does not say it)
         os.replace(tmp, path)
     finally:

@@ -328,6 +328,19 @@ def test_w4a16_replots_a_committed_run_without_a_gpu(tmp_path):
         bench_w4a16.main([])
 
 
+def test_w4a16_plot_into_a_folder_not_yet_made(tmp_path):
+    """``bench_w4a16.py --out results/h100.json --plot figures/h100.png`` (a folder not yet made)
+    ended, after every case was timed, in a bare FileNotFoundError where the JSON makes its folder;
+    save_figure makes it too (drawn here from a run's JSON, as --replot does)."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    run = tmp_path / "w4a16-card.json"
+    run.write_text(json.dumps(dict(device="card", rows=[dict(K=64, N=64, M=m, group_size=32, speedup=1.5)
+                                                         for m in (1, 4)])))
+    figure = tmp_path / "figures" / "h100.png"
+    assert bench_w4a16.main(["--replot", str(run), "--plot", str(figure)]) == 0
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("stopped_in", ["copy_bandwidth", "bench_packing"])
 def test_w4a16_benchmark_stopped_before_its_rows_writes_what_it_has(tmp_path, monkeypatch, stopped_in):
     """The suite's timeout (SIGTERM) during the copy-bandwidth or packing measurements, which
