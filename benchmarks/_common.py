@@ -128,21 +128,17 @@ def device_info(device) -> dict:
 def write_json(path, result: dict) -> None:
     """``result`` to ``path`` (its directory created as needed), atomically: a run killed while
     writing leaves the previous file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(result, indent=1))
 
 
 def write_text(path, text: str) -> None:
     """``text`` to ``path`` (its directory created as needed, as write_json's), atomically as
     write_json: a run killed while writing (the suite's timeout) leaves the previous file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from epmq._util import write_atomic
+
+    # (write_atomic's temporary names its process: two runs writing one result at once each rename a
+    # whole file of their own, where a shared ``<path>.tmp`` let one rename the other's half-written)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def demo_run(script: str, argv, bench) -> dict:
@@ -395,11 +391,11 @@ def save_figure(fig, path, title: str) -> None:
     was left truncated over the previous run's), and closed."""
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp"
+    from epmq._util import write_atomic
+
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (as write_json's: --plot elsewhere)
-        fig.savefig(tmp, dpi=120, format="png")  # (the format: the temporary's name does not say it)
-        os.replace(tmp, path)
+        # (the format: the temporary's name does not say it)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         pyplot().close(fig)
 

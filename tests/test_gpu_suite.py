@@ -281,6 +281,24 @@ def test_a_benchmark_plot_stopped_while_written_leaves_the_previous_one(tmp_path
     assert path.read_bytes() == before
 
 
+def test_a_result_written_while_another_run_writes_it_keeps_their_temporaries_apart(tmp_path):
+    """write_json, write_text and save_figure wrote every run's temporary as ``<path>.tmp``: a second run
+    writing the same result (two suites into one results folder) truncated the first's half-written
+    temporary, which the first then renamed into place whole-looking but the second's or cut short."""
+    common, = _imported("benchmarks", "_common")
+    for name, write in [("r.json", lambda p: common.write_json(p, dict(a=1))),
+                        ("r.txt", lambda p: common.write_text(p, "whole")),
+                        ("r.png", lambda p: common.save_figure(common.pyplot().subplots()[0], p, "t"))]:
+        path = tmp_path / name
+        theirs = tmp_path / f"{name}.tmp"
+        theirs.write_text("another run's, half-written")
+        write(str(path))
+        assert theirs.read_text() == "another run's, half-written"
+        assert path.exists() and path.stat().st_size > 0
+    assert json.loads((tmp_path / "r.json").read_text()) == dict(a=1)
+    assert (tmp_path / "r.txt").read_text() == "whole"
+
+
 def test_w4a16_plot_marks_a_wrong_result(tmp_path, monkeypatch):
     """A case whose product failed its check was drawn as every other: a fast, wrong kernel
     read as a speedup in the PNG."""
