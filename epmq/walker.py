@@ -61,7 +61,9 @@ what makes a Llama block's q/k/v and gate/up cost one Hessian each; results are 
 expert at a time (expert_path: one block of one expert, plus that expert's non-block tensors
 while its stream enters a stack), never K models. On the merged and fp paths each expert
 weight is read exactly once; the expert path re-reads an expert's block once per group
-(groups must be the outer loop, and holding K expert blocks would cost K times the memory).
+(groups must be the outer loop, and holding K expert blocks would cost K times the memory),
+each pass before the last group's as far as it runs (``LAZY_EXPERT_BLOCKS``: a Llama block's
+MLP read twice, its down_proj once).
 There, E-PMQ reads them ahead of the walk in a background thread (``epmq.read_ahead``; into
 pinned memory for a GPU), in the order the block's groups will take them, up to
 ``EXPERT_READ_AHEAD_BYTES`` held at once: the file reads and the copies' staging overlap the
@@ -132,6 +134,10 @@ EXPERT_READ_AHEAD_BYTES = 1 << 30
 # three Hessians each) is solved in chunks of linears, each chunk's statistics taken (a partial
 # pass over the block per item again) and solved before the next one's. Results do not depend on it.
 EXPERT_STATISTICS_BYTES = 8 << 30
+# The expert path's passes of a block before its last group read an expert's tensors module by
+# module as the pass calls them (``_Walk._expert_block``), not the whole block. Off only to compare
+# against (the results are the same).
+LAZY_EXPERT_BLOCKS = True
 
 
 # --------------------------------------------------------------------------- report
@@ -1965,6 +1971,8 @@ class _Walk:
         self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
         self._values_checked = set()  # (task, tensor name) of the expert reads checked for NaN
+        self._unread = {}  # id -> (name, tensor) of the target block's tensors a lazy read left unread
+        self._lazily = LAZY_EXPERT_BLOCKS  # (off for the rest of the walk once a block read ahead of its calls)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity(), left_out=report.skipped)
 
     def _in_forward_order(self) -> None:
@@ -2475,11 +2483,53 @@ class _Walk:
             for tensor, data in reversed(saved):
                 tensor.data = data
 
-    def _expert_block(self, template, prefix, task):
-        """``template`` (a copy of the block) with every tensor read from expert ``task``."""
+    def _expert_block(self, template, prefix, task, lazily=False):
+        """``template`` (a copy of the block) with every tensor read from expert ``task``;
+        ``lazily``: each module's own tensors read as a pass calls it (or its weight is taken:
+        ``_read_unread``), the others left unread, empty, so that a pass stopped at a group's
+        linears reads none after them. (An empty tensor fails any op that uses it: a block that
+        uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
+        self._unread = {}
+        lazily = lazily and self._lazily
         for rel, tensor in _expert_tensors(template):
-            tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
+            if lazily:  # (a tensor of two names read under the last, as below)
+                self._unread[id(tensor)] = f"{prefix}.{rel}", tensor
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            else:
+                tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
+        if lazily and not getattr(template, "_epmq_reads_on_call", False):
+            template._epmq_reads_on_call = True  # (the template is the block's: hooked once)
+            for module in template.modules():
+                own = [id(t) for t in itertools.chain(module._parameters.values(), module._buffers.values())
+                       if t is not None]
+                if own:
+                    module.register_forward_pre_hook(lambda m, args, own=own: self._read_unread(own))
+        self._unread_task = task
         return template
+
+    def _read_unread(self, ids) -> None:
+        """The target block's tensors ``ids`` (those a lazy ``_expert_block`` left unread) read."""
+        for i in ids:
+            if i in self._unread:  # (left unread where the read fails: read again, failing as it did)
+                name, tensor = self._unread[i]
+                tensor.data = self._read_expert(self._unread_task, name, like=tensor)
+                del self._unread[i]
+
+    def _capture_target(self, target, *args):
+        """``_capture`` of the target block; one lazily read that fails with tensors unread (a block
+        that uses a module's tensors before calling it: nn.MultiheadAttention's out_proj, or an
+        expert tensor the walk refuses, whose read fails again here) is read whole and run again,
+        and the rest of the walk reads expert blocks whole."""
+        try:
+            return self._capture(target, *args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if not self._unread:
+                raise
+        self._lazily = False
+        self._read_unread(list(self._unread))
+        return self._capture(target, *args)
 
     # ----------------------------------------------------------------- stack entry
 
@@ -3093,9 +3143,9 @@ class _Walk:
                 out[rel] = xs[0] if len(xs) == 1 else torch.cat(xs)
         return out, output
 
-    def _target_block(self, template, prefix, task):
+    def _target_block(self, template, prefix, task, lazily=False):
         if self.targets == "expert_path":
-            return self._expert_block(template, prefix, task)
+            return self._expert_block(template, prefix, task, lazily)
         return template
 
     def _run_targets(self, stack, template, prefix):
@@ -3133,7 +3183,9 @@ class _Walk:
         # LoRA experts of one base read its tensors once for the group (LoraExpert.low_rank)
         self._bases, self._base_prints = {}, {}
         for task, items in self.calibration.items():
-            target = self._target_block(template, prefix, task) if self.t is not None else None
+            # (a pass of a group before the last may stop before the block's end: read as far as it runs)
+            target = (self._target_block(template, prefix, task, lazily=not full_target)
+                      if self.t is not None else None)
             begun = set()  # a task begins at a linear with its first tokens there (MoE experts
             # may get none from a task)
 
@@ -3142,7 +3194,9 @@ class _Walk:
                 if self.method == "gptq":  # fp_path control: the targets are W_m x_fp
                     W_k, weight = stats[rel].W_merged, 1.0  # (itself: no product of W_k - W_m = 0)
                 elif target is not None and self.targets == "expert_path":
-                    W_k, weight = target.get_submodule(rel).weight.detach(), None
+                    W_k = target.get_submodule(rel).weight
+                    self._read_unread([id(W_k)])  # (a linear the target pass did not call)
+                    W_k, weight = W_k.detach(), None
                 else:
                     # (on the solve's device: read there and its values checked there, by the
                     # reader: the statistics check its shape only)
@@ -3163,8 +3217,8 @@ class _Walk:
                                                self.q.masks[task][n], self._captured.setdefault((task, n), {}))
                     x_t = None
                     if target is not None:
-                        x_t, out = self._capture(target, t_hidden, self.t.kwargs[task][n], group,
-                                                 full_target or again, leader, self.t.masks[task][n])
+                        x_t, out = self._capture_target(target, t_hidden, self.t.kwargs[task][n], group,
+                                                        full_target or again, leader, self.t.masks[task][n])
                         if t_out is not None and not again:
                             t_out[task, n] = out
                             # (its input, read for the last time: held, every item's input and output

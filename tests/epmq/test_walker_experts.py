@@ -865,3 +865,63 @@ def test_an_expert_path_of_another_head_count_is_refused_by_quantize_model(tmp_p
     # (one of the model's configuration is walked)
     epmq.quantize_model(model, spec, method="epmq", calibration=calibration,
                         experts={"a": str(tmp_path / "own")}, backend="torch", progress=False)
+
+
+@pytest.mark.parametrize("reads_ahead", [False, True])
+def test_the_expert_path_reads_an_expert_block_as_far_as_each_group_runs_it(reads_ahead, gen, tmp_path,
+                                                                               monkeypatch):
+    """The expert path runs each expert's block once per group of its linears, one expert block held
+    at a time, and read the whole block from its file each time: a Llama block's every tensor 4 times
+    per expert, its MLP's (most of the bytes) too where the passes of the attention's groups stop
+    before the MLP. A pass reads a module's tensors as it reaches it: down_proj once, the MLP's other
+    tensors twice; the quantized model bit for bit the one of whole-block reads. A block whose
+    forward reads a later module's weight before calling it (``reads_ahead``) is read whole, the same
+    model again."""
+    from collections import Counter
+
+    import epmq.walker as walker
+    from epmq import checkpoint_io
+
+    fam = Family("llama", gen)
+    experts = {}
+    for task, expert in fam.experts.items():
+        save_file({k: v.contiguous() for k, v in expert.state_dict().items()}, str(tmp_path / f"{task}.safetensors"))
+        experts[task] = str(tmp_path / f"{task}.safetensors")
+    if reads_ahead:  # (scales its input by the MLP's norm before the attention runs)
+        layer = type(fam.merged().model.layers[0])
+        forward = layer.forward
+        monkeypatch.setattr(layer, "forward", lambda self, hidden_states, *a, **kw: forward(
+            self, hidden_states * (1 + 1e-3 * self.post_attention_layernorm.weight), *a, **kw))
+    reads = Counter()
+    get = checkpoint_io.CheckpointReader.get
+
+    def counted(self, key, index=None):
+        reads[self.path, key] += 1
+        return get(self, key, index)
+
+    models = {}
+    for lazily in (False, True):
+        reads.clear()
+        with monkeypatch.context() as m:
+            m.setattr(walker, "LAZY_EXPERT_BLOCKS", lazily)
+            m.setattr(checkpoint_io.CheckpointReader, "get", counted)
+            model = fam.merged()
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=fam.calibration, experts=experts, backend="torch", progress=False)
+        models[lazily] = model.state_dict()
+        per_tensor = {}  # tensor of block 1 (its end) -> its reads per expert
+        for (path, key), n in reads.items():
+            if key.startswith("model.layers.1."):
+                per_tensor.setdefault(key.rpartition("layers.1.")[2], set()).add(n)
+        assert len(per_tensor) == 9 and {n for (_, key), n in reads.items() if ".layers." not in key} == {1}
+        if lazily and not reads_ahead:
+            assert per_tensor == {"input_layernorm.weight": {4}, "self_attn.q_proj.weight": {4},
+                                  "self_attn.k_proj.weight": {4}, "self_attn.v_proj.weight": {4},
+                                  "self_attn.o_proj.weight": {3}, "post_attention_layernorm.weight": {2},
+                                  "mlp.gate_proj.weight": {2}, "mlp.up_proj.weight": {2},
+                                  "mlp.down_proj.weight": {1}}
+        else:
+            assert all(n == {4} for n in per_tensor.values()), per_tensor
+    assert models[True].keys() == models[False].keys()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
