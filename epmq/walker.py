@@ -63,7 +63,7 @@ while its stream enters a stack), never K models. On the merged and fp paths eac
 weight is read exactly once; the expert path re-reads an expert's block once per group
 (groups must be the outer loop, and holding K expert blocks would cost K times the memory),
 each pass before the last group's as far as it runs (``LAZY_EXPERT_BLOCKS``: a Llama block's
-MLP read twice, its down_proj once).
+MLP read twice, its down_proj once); the block of a single expert is read once.
 There, E-PMQ reads them ahead of the walk in a background thread (``epmq.read_ahead``; into
 pinned memory for a GPU), in the order the block's groups will take them, up to
 ``EXPERT_READ_AHEAD_BYTES`` held at once: the file reads and the copies' staging overlap the
@@ -2489,14 +2489,20 @@ class _Walk:
         ``_read_unread``), the others left unread, empty, so that a pass stopped at a group's
         linears reads none after them. (An empty tensor fails any op that uses it: a block that
         uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
-        self._unread = {}
         lazily = lazily and self._lazily
+        if getattr(template, "_epmq_expert", None) == task:  # (one expert: its block holds what the
+            # passes of the groups before read of it, the rest unread)
+            if not lazily:
+                self._read_unread(list(self._unread))
+            return template
+        self._unread = {}
         for rel, tensor in _expert_tensors(template):
             if lazily:  # (a tensor of two names read under the last, as below)
                 self._unread[id(tensor)] = f"{prefix}.{rel}", tensor
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             else:
                 tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
+        template._epmq_expert = task
         if lazily and not getattr(template, "_epmq_reads_on_call", False):
             template._epmq_reads_on_call = True  # (the template is the block's: hooked once)
             for module in template.modules():

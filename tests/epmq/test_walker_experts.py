@@ -925,3 +925,34 @@ def test_the_expert_path_reads_an_expert_block_as_far_as_each_group_runs_it(read
     assert models[True].keys() == models[False].keys()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
+
+
+def test_the_expert_path_of_one_expert_reads_its_block_once(gen, tmp_path, monkeypatch):
+    """One expert (E-PMQ toward a single fine-tune): the target block holds its tensors from one group
+    to the next, and the walk read them again for every group of the block's linears (a Llama block's
+    attention 4 times). Each tensor of its block is read once; the model the same as of whole-block reads."""
+    from collections import Counter
+
+    import epmq.walker as walker
+    from epmq import checkpoint_io
+
+    fam = Family("llama", gen, tasks=["cars"])
+    path = str(tmp_path / "cars.safetensors")
+    save_file({k: v.contiguous() for k, v in fam.experts["cars"].state_dict().items()}, path)
+    reads = Counter()
+    get = checkpoint_io.CheckpointReader.get
+    monkeypatch.setattr(checkpoint_io.CheckpointReader, "get",
+                        lambda self, key, index=None: reads.update([key]) or get(self, key, index))
+    models = {}
+    for lazily in (False, True):
+        reads.clear()
+        with monkeypatch.context() as m:
+            m.setattr(walker, "LAZY_EXPERT_BLOCKS", lazily)
+            model = fam.merged()
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=fam.calibration, experts={"cars": path},
+                                backend="torch", progress=False)
+        assert len(reads) == len(fam.base.state_dict()) and set(reads.values()) == {1}, reads
+        models[lazily] = model.state_dict()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
