@@ -2224,6 +2224,7 @@ class _Walk:
         self.shapes = {names[0]: tuple(t.shape) for t, names in by_id.values()}
 
     def _bind_experts(self):
+        self._apart = {}  # task -> name -> the model's shape of its tensors outside the blocks of other shapes
         needed = {}
         for stack in self.stacks:
             for i, block in enumerate(stack.blocks):
@@ -2260,8 +2261,12 @@ class _Walk:
                 present[key] = shape
             self._join_saved(source, present)
             self._refuse_converted(source, present)
+            if self.targets == "expert_path":  # (not refused here: where the expert stream runs them)
+                self._apart[source.task] = {name: present.pop(name) for name in self._outside_apart(source, present)}
             source.check(present)
             if self.targets == "expert_path":
+                if self._apart[source.task]:
+                    self._warn_of_other_shapes_outside(source)
                 self._check_held_apart(source)
                 self._warn_of_extra_block_tensors(source, present)
             else:
@@ -2461,14 +2466,32 @@ class _Walk:
                     f"epmq.vocabulary.rows_by_token(...)); the default targets ('merged_path') read no "
                     f"embeddings")
 
+    def _outside_apart(self, source, present) -> list:
+        """The tensors outside the blocks that expert ``source`` holds in other shapes than the
+        model's (``present``: the shapes it was checked for), weights and not a quantized
+        checkpoint's: a classification head of the expert's own classes, which runs after the
+        blocks and which no target reaches, or another configuration's (position embeddings of
+        another image size), refused where a pass of its stream runs it (``_expert_outside``)."""
+        return [name for name in (names[0] for _, names in self.outside)
+                if name in present and source.key_for(name) is not None
+                and tuple(source.shape(name)) != tuple(present[name])
+                and source.reader.quantized_with_scales(source.key_for(name)) is None]
+
     @contextmanager
     def _expert_outside(self, task):
-        """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's."""
+        """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's;
+        those of other shapes than the model's (``_outside_apart``) left empty: a pass that runs
+        one fails, and is refused, naming it."""
         saved = []
         source = self.experts[task]
         mapped = self._vocabulary_names if source.rows is not None else ()
+        apart = self._apart.get(task, {})
         try:
             for tensor, names in self.outside:
+                if names[0] in apart:
+                    saved.append((tensor, tensor.data))
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                    continue
                 new = source.read(names[0], like=tensor)
                 if names[0] in mapped:  # (the merged model's rows for the tokens the expert lacks)
                     rows = source.rows.to(tensor.device)
@@ -2478,7 +2501,19 @@ class _Walk:
                     new = laid_out
                 saved.append((tensor, tensor.data))
                 tensor.data = new
-            yield
+            try:
+                yield
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                if not apart:
+                    raise
+                other = "; ".join(f"{name} {tuple(source.shape(name))} for {shape}" for name, shape in apart.items())
+                raise ValueError(f"the expert of task {task!r} ({source.description}) has tensors outside the blocks "
+                                 f"of other shapes than the merged model's ({other}), and targets='expert_path' "
+                                 f"runs them in place of the model's: experts must share the merged model's "
+                                 f"configuration (running it without them failed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
         finally:
             for tensor, data in reversed(saved):
                 tensor.data = data

@@ -956,3 +956,41 @@ def test_the_expert_path_of_one_expert_reads_its_block_once(gen, tmp_path, monke
         models[lazily] = model.state_dict()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
+
+
+def test_experts_with_heads_of_their_own_classes_are_walked_on_the_expert_path(gen):
+    """Image classifiers fine-tuned on their own datasets (task arithmetic's setting) each hold a head
+    of their own classes. The expert path refused them ('tensor classifier.weight has shape (10, 32),
+    the merged model's has (5, 32); experts must share the merged model's architecture') though the
+    head runs after the blocks and no target reaches it: walked, as with heads of the merged model's
+    shape, bit for bit, and warned of; an expert whose other-shaped tensor its stream runs (position
+    embeddings of another image size) is still refused, naming it."""
+    import transformers
+
+    def vit(labels, seed, image_size=16):
+        torch.manual_seed(seed)
+        config = transformers.ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_labels=labels)
+        return transformers.ViTForImageClassification(config).eval()
+
+    calibration = {t: [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)] for t in ("a", "b")}
+
+    def quantized(experts):
+        model = vit(5, 0)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                            calibration=calibration, experts=experts, backend="torch", progress=False)
+        return model.state_dict()
+
+    own = {"a": vit(10, 1), "b": vit(7, 2)}
+    with pytest.warns(UserWarning, match=r"task 'a'.*classifier.weight \(10, 32\) for \(5, 32\)"):
+        walked = quantized(own)
+    same = {}
+    for task, expert in own.items():  # (their heads of the merged model's shape, their blocks as they are)
+        same[task] = {k: v for k, v in expert.state_dict().items() if not k.startswith("classifier.")}
+        same[task].update({k: torch.zeros_like(v) for k, v in vit(5, 0).state_dict().items()
+                           if k.startswith("classifier.")})
+    for k, v in quantized(same).items():
+        assert torch.equal(walked[k], v), k
+    larger = dict(own, b=vit(7, 2, image_size=24))  # (9 + 1 position embeddings where the model has 4 + 1)
+    with pytest.raises(ValueError, match=r"task 'b'.*vit.embeddings.position_embeddings.*\(1, 10, 32\).*\(1, 5, 32\)"):
+        quantized(larger)
