@@ -476,11 +476,19 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
              if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
              and repeated(module) and len({type(m) for m in module}) > len(repeated(module)) and stack(name)]
     walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
-    pools = [f"{name} ({', '.join(linears)})" for name, linears in _torch_attention_outside(model, taken)]
+    torch_pools = _torch_attention_outside(model, taken)
+    pools = [f"{name} ({', '.join(linears)})" for name, linears in torch_pools]
     if pools:
         warnings.warn(f"{type(model).__name__}: the linears of {', '.join(pools)} stay in full precision: the "
                       f"module hands their weights to F.multi_head_attention_forward, outside the lists of "
                       f"blocks the walk quantizes (walked: {walked})")
+    # (the lists named below are warned of whole, their attention with them)
+    unsaid = taken + named + unwalkable + [name for name, _ in mixed] + [name for name, _ in torch_pools]
+    pools = [f"{name} ({', '.join(linears)})" for name, linears in _attention_pools_outside(model, unsaid)]
+    if pools:
+        warnings.warn(f"{type(model).__name__}: the linears of {', '.join(pools)} stay in full precision: an "
+                      f"attention pool after the blocks, outside the lists of blocks the walk quantizes "
+                      f"(walked: {walked})")
     for name in unwalkable:
         kinds = repeated(model.get_submodule(name))
         warnings.warn(f"{type(model).__name__}: the blocks at {name} ({', '.join(kinds)}) stay in full precision: "
@@ -613,6 +621,35 @@ def _torch_attention_outside(model: nn.Module, taken: list) -> list:
         except (OSError, TypeError):  # (no source to read: a compiled or dynamically made class)
             continue
         if "multi_head_attention_forward" in source:
+            found.append((name, linears))
+    return found
+
+
+# The attention pools of open_clip's and timm's image towers, after their blocks (a learned query attending to every
+# token; their output the image features): open_clip's AttentionalPooler (CoCa), timm's AttentionPoolLatent (the MAP
+# heads of SigLIP and PE-Core), AttentionPool2d and RotAttentionPool2d. (HF's *MultiheadAttentionPoolingHead is left
+# unsaid: a VLM's SigLIP tower computes it, and its language model reads the hidden states instead.)
+_ATTENTION_POOL = re.compile(r"Attention\w*Pool|AttnPool")
+
+
+def _attention_pools_outside(model: nn.Module, taken: list) -> list:
+    """``[(name, [linear names])]`` of the open_clip and timm attention pools outside the modules
+    ``taken`` and the linears inside them, an ``nn.MultiheadAttention``'s projection weights among
+    them: a block's worth of weights after the blocks, which the walk never reaches."""
+    found = []
+    for name, module in model.named_modules():
+        kind = type(module)
+        if (any(_nested(name, t) for t in taken) or not _ATTENTION_POOL.search(kind.__name__)
+                or kind.__module__.partition(".")[0] not in ("open_clip", "timm")):
+            continue
+        linears = []
+        for rel, m in module.named_modules():
+            if isinstance(m, nn.MultiheadAttention):
+                linears += [f"{rel}.{p}" for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                            if getattr(m, p, None) is not None]
+            elif isinstance(m, nn.Linear):
+                linears.append(rel)
+        if linears:
             found.append((name, linears))
     return found
 

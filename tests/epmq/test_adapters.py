@@ -1590,6 +1590,55 @@ def test_a_linear_saved_whole_under_another_name_is_read_there(monkeypatch):
     assert (part.fused, part.index, part.rows, part.fused_shape) == ("a.saved.weight", None, (0, 4), (4, 3))
 
 
+def _attention_pooled(kind):
+    """A tiny open_clip model whose attention pool sits after its image tower's blocks, the pool's name
+    and its linears: CoCa (its image tower's AttentionalPooler, an nn.MultiheadAttention reading keys
+    64 wide into queries 32 wide, as coca_ViT-L-14's 1024 into 768), and a CLIP on a timm ViT pooled by
+    its MAP head (timm_pool 'map', timm_proj 'none', as ViT-*-SigLIP* are: AttentionPoolLatent, as
+    PE-Core-*'s)."""
+    torch.manual_seed(0)
+    if kind == "coca":
+        from open_clip.coca_model import CoCa
+
+        from test_walker_models import COCA_CFG
+
+        model = CoCa(**dict(COCA_CFG, vision_cfg=dict(COCA_CFG["vision_cfg"], width=64)))
+        with torch.no_grad():  # (open_clip leaves the decoder's projection uninitialised: torch.empty)
+            model.text_decoder.text_projection.normal_(std=32**-0.5)
+        return (model.eval(), "visual.attn_pool",
+                ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.out_proj"])
+    if kind == "siglip-map":
+        from open_clip.model import CLIP
+
+        from test_walker_models import TIMM_CLIP_CFG, _register_timm_model
+
+        _register_timm_model()
+        vision = dict(TIMM_CLIP_CFG["vision_cfg"], timm_pool="map", timm_proj="none")
+        model = CLIP(**dict(TIMM_CLIP_CFG, embed_dim=32, vision_cfg=vision))
+        return model.eval(), "visual.trunk.attn_pool", ["q", "kv", "proj", "mlp.fc1", "mlp.fc2"]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["coca", "siglip-map"])
+def test_attention_pools_after_the_blocks_left_in_full_precision_are_warned_of(kind, gen):
+    """The attention pool after an image tower's blocks (CoCa's attn_pool, the MAP head of open_clip's
+    SigLIP and PE-Core image towers: q/k/v, output and MLP projections, a block's worth of weights)
+    stayed in full precision without a word, where RN50's attention pool is named in a warning; it is
+    named with its linears, which are all that is left in full precision."""
+    model, pool, names = _attention_pooled(kind)
+    text = torch.randint(1, 60, (2, 8), generator=gen)
+    text[:, -1] = 63
+    item = {"image": torch.randn(2, 3, 16, 16, generator=gen), "text": text}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                            calibration={"task": [item]}, progress=False)
+    said = [str(w.message) for w in said if "stay in full precision" in str(w.message)]
+    assert len(said) == 1 and f" {pool} ({', '.join(names)}) stay in full precision" in said[0], said
+    left = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+    assert left and all(f"{n}.".startswith(f"{pool}.") for n in left), left
+
+
 def test_open_clip_resnet_attention_pool_is_warned_of_when_adapter_is_given():
     """The attention pool's projections (RN50's visual.attnpool) were warned of by the default
     walk alone: adapter=OPEN_CLIP quantized the text tower and left a third of the image tower in
