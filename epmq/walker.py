@@ -632,6 +632,12 @@ def _families(model, towers, layers=None, every: bool = False) -> list:
             kinds = [[]]
         families += [f"{adapter.name}: {'/'.join(kind)}" if kind else adapter.name
                      for kind in dict.fromkeys(tuple(kind) for kind in kinds)]
+    # (open_clip's dual encoders run each tower on its own input, the image or the text, whatever their adapters:
+    # its text tower beside timm's image tower, as ViT-*-SigLIP*, PE-Core-* and EVA02-* build them, reads nothing
+    # of the other; CoCa's decoder reads the image tower's tokens)
+    if len(families) > 1 and type(model).__name__ in ("CLIP", "CustomTextCLIP") and (
+            type(model).__module__.partition(".")[0] == "open_clip"):
+        families = ["+".join(families)]
     return families
 
 

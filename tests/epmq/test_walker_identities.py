@@ -85,9 +85,8 @@ def _assert_same_layer(q, expected):
 def test_walk_statistics_match_hand_made(arch, method, targets, gen):
     if arch in MOE:
         targets = "merged_path"  # the target's router may choose other experts (an error there)
-    if arch in ("open_clip_timm", "open_clip_coca"):
-        # (towers of two families; CoCa's decoder interleaving two stacks: refused for other targets,
-        # tests/epmq/test_walker_errors.py; timm_* walk alone)
+    if arch == "open_clip_coca":
+        # (CoCa's decoder interleaving two stacks: refused for other targets, tests/epmq/test_walker_errors.py)
         targets = "merged_path"
     fam = Family(arch, gen)
     model = fam.merged()

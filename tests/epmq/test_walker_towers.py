@@ -133,6 +133,32 @@ def test_target_streams_stay_within_a_family(targets, gen):
         assert torch.isfinite(model(**llava_inputs(1, gen)[0]).logits).all()
 
 
+@pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
+def test_target_streams_of_an_open_clip_dual_encoder_on_a_timm_image_tower(targets, gen):
+    """An open_clip CLIP on a timm image tower (ViT-*-SigLIP*, PE-Core-*, EVA02-*: open_clip's text tower
+    beside timm's) was refused fp_path and expert_path as 'across towers of different families', though
+    each tower reads its own input alone; walked in one call, each tower's codes are those of walking it
+    alone (the image tower, then the text tower), bit for bit."""
+    from test_walker_models import build, inputs
+
+    calibration = {"a": inputs("open_clip_timm", 2, gen)}
+    experts = {"a": {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                     for k, v in build("open_clip_timm").state_dict().items()}}
+    options = dict(method="epmq", calibration=calibration, experts=experts, targets=targets, progress=False)
+    model = build("open_clip_timm")
+    epmq.quantize_model(model, SPEC_4, **options)
+    assert model.epmq_report.adapter == "open_clip+timm"
+    for tower in ("visual.trunk.blocks", "transformer.resblocks"):
+        assert linears(model, tower, epmq.QuantLinear) and not linears(model, tower, torch.nn.Linear)
+    apart = build("open_clip_timm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the second call's: the image tower quantized by the first)
+        for adapter in (epmq.adapters.TIMM, epmq.adapters.OPEN_CLIP):
+            epmq.quantize_model(apart, SPEC_4, adapter=adapter, **options)
+    got, want = model.state_dict(), apart.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
 def test_one_tower_by_adapter(gen, tmp_path):
     """adapter= walks one tower (the language model from text alone); the default with inputs
     that never reach the other tower says how to choose."""
