@@ -206,6 +206,11 @@ class TimmAdapter(Adapter):
         separate_qv_bias(self, model)
         return {}
 
+    def linears(self, block):
+        # (the relative-position ViTs' rel_pos.mlp maps a fixed table of 2-D offsets to the attention bias, as Swin
+        # V2's continuous_position_bias_mlp does: 2 inputs wide, a width no serving engine's packing takes)
+        return {name: m for name, m in super().linears(block).items() if ".rel_pos.mlp." not in f".{name}"}
+
 
 def separate_qv_bias(adapter: Adapter, model: nn.Module) -> None:
     """timm's EVA attention with a q/v bias in ``adapter``'s blocks switched to ``qkv(x) + bias``."""
@@ -229,7 +234,10 @@ TIMM = TimmAdapter("timm", block_types=tuple(
        "timm.models.convnext.ConvNeXtBlock",
        # Swin's stages (open_clip's swin_base_patch4_window7_224): windowed attention blocks on [B, H, W, C]
        # patch grids (the patch merging that opens a stage stays in full precision)
-       "timm.models.swin_transformer.SwinTransformerBlock"))
+       "timm.models.swin_transformer.SwinTransformerBlock",
+       # the relative-position ViTs (vit_relpos_*, vit_srelpos_*), their bias MLPs in full precision (linears)
+       "timm.models.vision_transformer_relpos.RelPosBlock",
+       "timm.models.vision_transformer_relpos.ResPostRelPosBlock"))
 class EncoderAdapter(Adapter):
     """HF encoders. SAM's ViT is taken beside other towers (DeepSeek-VL hybrid's high-resolution
     tower), not in SAM's own model, which AUTO walks whole: its mask decoder's two-way blocks (the

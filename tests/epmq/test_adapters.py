@@ -1668,3 +1668,75 @@ def test_open_clip_resnet_image_tower_alone_is_refused_naming_its_attention_pool
                                          r"q_proj, v_proj, c_proj\).*F\.multi_head_attention_forward") as refused:
         epmq.quantize_model(clip.visual, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
     assert "register_adapter" not in str(refused.value)
+
+
+@pytest.mark.parametrize("block", ["RelPosBlock", "ResPostRelPosBlock"])
+def test_timm_relative_position_vit_keeps_its_bias_mlp_in_full_precision(block, gen, tmp_path):
+    """timm's ViTs of relative-position MLPs (vit_relpos_*, vit_srelpos_*: RelPosBlock, ResPostRelPosBlock)
+    were walked by AUTO, which packed each attention's rel_pos.mlp, a map of the fixed table of 2-D offsets
+    to the attention bias (2 inputs wide): the checkpoint was refused by GPTQModel, transformers and vLLM
+    (a width filling no whole 32-bit words, warned of at the save) for layers that are no projection of
+    the hidden states. TIMM walks them, the bias MLP in full precision as Swin V2's is, every other block
+    linear packed, the output near the float one, and the checkpoint loads back the same."""
+    from timm.models import vision_transformer_relpos as relpos
+
+    def make():
+        torch.manual_seed(0)
+        return relpos.VisionTransformerRelPos(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                                              mlp_ratio=2.0, num_classes=0, rel_pos_type="mlp", init_values=1.0,
+                                              block_fn=getattr(relpos, block)).eval()
+
+    model, pixels = make(), [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(3)]
+    assert type(model.blocks[0]).__name__ == block
+    with torch.no_grad():
+        reference = model(pixels[0])
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                        calibration={"task": pixels[1:]}, progress=False)
+    assert model.epmq_report.adapter == "timm"
+    left = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    assert left == [f"blocks.{i}.attn.rel_pos.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2")]
+    assert sum(isinstance(m, epmq.QuantLinear) for m in model.modules()) == 8  # qkv, proj, fc1, fc2 of 2 blocks
+    with torch.no_grad():
+        got = model(pixels[0])
+    assert (got - reference).norm() / reference.norm() < 0.02
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    assert not [w for w in said if "32-bit words" in str(w.message)]
+    loaded = epmq.load_quantized(tmp_path / "q", make())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels[0]), got, rtol=0, atol=0)
+
+
+def epmq_tiny_relpos(pretrained=False, **options):
+    """timm's ViT of relative-position MLPs with a class token (vit_relpos_medium_patch16_cls_224's layout):
+    hidden 32, 2 blocks, 16 x 16 images."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    options = {k: v for k, v in options.items() if not k.startswith("pretrained_") and k != "cache_dir"}
+    model = VisionTransformerRelPos(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
+                                    class_token=True, global_pool="token", fc_norm=False, init_values=1.0, **options)
+    model.pretrained_cfg = model.default_cfg = {}  # (timm's builder sets them; open_clip reads them)
+    return model
+
+
+def test_open_clip_relative_position_image_tower_is_walked_by_default(gen):
+    """open_clip's vit_relpos_medium_patch16_cls_224 CLIP (timm's RelPosBlocks as the image tower) had its
+    image blocks left in full precision with a warning while the text tower was quantized; both towers
+    are walked in one call, the bias MLPs alone in full precision in the image blocks, unwarned."""
+    from open_clip.model import CLIP
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_relpos"):
+        register_model(epmq_tiny_relpos)
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_relpos", timm_model_pretrained=False,
+                                              timm_pool="", timm_proj="linear", image_size=16),
+                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    assert not [w for w in said if "full precision" in str(w.message)], [str(w.message) for w in said]
+    assert clip.epmq_report.adapter == "open_clip+timm"
+    left = sorted(n for n, m in clip.visual.trunk.blocks.named_modules() if type(m) is nn.Linear)
+    assert left == [f"{i}.attn.rel_pos.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2")]
