@@ -460,6 +460,10 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
             if len(module) == 1 and (name.rpartition(".")[2] == "experts"
                                      or any(name.startswith(f"{n}.") for n in named)):
                 continue  # (one expert, or a block's own list inside a tower named already)
+            if len(module) == 1 and _is_attention_pool(module[0]):
+                # (open_clip's timm_pool 'abs_attn' head, a Sequential of the pool alone: named below as a pool,
+                # which AUTO refuses, changing the shape of its input, and no adapter could walk)
+                continue
             named.append(name)
     unwalkable = [name for name in named if all(k in UNWALKABLE for k in repeated(model.get_submodule(name)))]
     named = [name for name in named if name not in unwalkable]
@@ -632,15 +636,18 @@ def _torch_attention_outside(model: nn.Module, taken: list) -> list:
 _ATTENTION_POOL = re.compile(r"Attention\w*Pool|AttnPool")
 
 
+def _is_attention_pool(module: nn.Module) -> bool:
+    kind = type(module)
+    return bool(_ATTENTION_POOL.search(kind.__name__)) and kind.__module__.partition(".")[0] in ("open_clip", "timm")
+
+
 def _attention_pools_outside(model: nn.Module, taken: list) -> list:
     """``[(name, [linear names])]`` of the open_clip and timm attention pools outside the modules
     ``taken`` and the linears inside them, an ``nn.MultiheadAttention``'s projection weights among
     them: a block's worth of weights after the blocks, which the walk never reaches."""
     found = []
     for name, module in model.named_modules():
-        kind = type(module)
-        if (any(_nested(name, t) for t in taken) or not _ATTENTION_POOL.search(kind.__name__)
-                or kind.__module__.partition(".")[0] not in ("open_clip", "timm")):
+        if any(_nested(name, t) for t in taken) or not _is_attention_pool(module):
             continue
         linears = []
         for rel, m in module.named_modules():

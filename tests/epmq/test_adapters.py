@@ -1639,6 +1639,46 @@ def test_attention_pools_after_the_blocks_left_in_full_precision_are_warned_of(k
     assert left and all(f"{n}.".startswith(f"{pool}.") for n in left), left
 
 
+def epmq_tiny_resnet(pretrained=False, **options):
+    """timm's ResNet of four BasicBlocks (64 to 512 channels; a 32 x 32 image to 1 x 1 features)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    options = {k: v for k, v in options.items() if not k.startswith("pretrained_") and k != "cache_dir"}
+    model = ResNet(block=BasicBlock, layers=[1, 1, 1, 1], **options)
+    model.pretrained_cfg = model.default_cfg = {"pool_size": (1, 1)}  # (timm's builder sets them; open_clip reads)
+    return model
+
+
+@pytest.mark.parametrize("pool", ["abs_attn", "rot_attn"])
+def test_open_clip_timm_resnet_attention_pool_is_warned_of_as_one(pool, gen):
+    """An open_clip CLIP on a timm ResNet pooled by timm_pool 'abs_attn' or 'rot_attn' (timm's
+    AttentionPool2d, RotAttentionPool2d in visual.head, a Sequential of it alone) was warned of as
+    blocks no adapter knows, told to be walked by adapter=[OPEN_CLIP, AUTO], which refused them ('not
+    blocks the walker can quantize one by one'), or by an adapter to register, which cannot help; it is
+    named as an attention pool after the blocks, with its linears, and no walk is offered."""
+    from open_clip.model import CLIP
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_resnet"):
+        register_model(epmq_tiny_resnet)
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_resnet", timm_model_pretrained=False,
+                                              timm_pool=pool, timm_proj="", image_size=32),
+                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    said = [str(w.message) for w in said if "full precision" in str(w.message)]
+    assert len(said) == 1 and "visual.head.pool (qkv, proj) stay in full precision: an attention pool" in said[0], said
+    assert "AUTO" not in said[0] and "register_adapter" not in said[0]
+    text = torch.randint(1, 60, (2, 8), generator=gen)
+    text[:, -1] = 63
+    with pytest.raises(ValueError, match="not blocks the walker can quantize one by one"):
+        epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="gptq", progress=False,
+                            calibration={"a": [{"image": torch.randn(2, 3, 32, 32, generator=gen), "text": text}]},
+                            adapter=[epmq.adapters.OPEN_CLIP, epmq.adapters.AUTO])
+
+
 def test_open_clip_resnet_attention_pool_is_warned_of_when_adapter_is_given():
     """The attention pool's projections (RN50's visual.attnpool) were warned of by the default
     walk alone: adapter=OPEN_CLIP quantized the text tower and left a third of the image tower in
