@@ -1262,3 +1262,25 @@ def test_a_registered_adapter_whose_stand_ins_return_less_than_its_blocks_is_ref
                                          r"tensor, and the model .*passthrough_of.*adapters\.AUTO"):
         epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration={"a": [item]},
                             progress=False, adapter=[epmq.adapters.GPT2, epmq.Adapter("mine", ("WavLMEncoderLayer",))])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_blocks_of_a_sequential_named_otherwise_than_by_index_are_refused_naming_them(method, gen):
+    """torchvision's ViT holds its blocks in an nn.Sequential built from an OrderedDict (encoder.layers.
+    encoder_layer_0, ...), which AUTO walks: the walk, naming a block by its index, ended in torch's bare
+    "Sequential has no attribute `0`". It is refused before any block is touched, naming the list and its
+    blocks' names, and the renumbering it names walks the model."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    pixels = [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)]
+    options = dict(method=method, calibration={"a": pixels} if method == "gptq" else None, progress=False)
+    with pytest.raises(ValueError, match=r"'encoder\.layers' are named encoder_layer_0, encoder_layer_1 .*"
+                                         r"model\.encoder\.layers = nn\.Sequential\(\*model\.encoder\.layers\)"):
+        epmq.quantize_model(model, SPEC, **options)
+    assert all(type(m) is not epmq.QuantLinear for m in model.modules())
+    model.encoder.layers = nn.Sequential(*model.encoder.layers)
+    epmq.quantize_model(model, SPEC, **options)
+    assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12  # q, k, v, out, 2 MLP
