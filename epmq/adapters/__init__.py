@@ -272,14 +272,17 @@ def find_adapter(model: nn.Module, adapter: Optional[Adapter] = None) -> Adapter
             f"no epmq adapter knows {type(model).__name__}: it holds "
             f"{'no linear layer' if not linears else f'one linear layer ({linears[0]})'}, and epmq quantizes "
             f"the linear layers of repeated blocks (transformers'); a convolutional network has none to quantize")
-    pools = _torch_attention_outside(model, [])
+    handed = _torch_attention_outside(model, [])
+    # (and timm's, open_clip's timm_pool 'abs_attn' and 'rot_attn', which call their linears)
+    pools = handed + _attention_pools_outside(model, [name for name, _ in handed])
     if set(linears) <= {f"{name}.{linear}" if name else linear for name, names in pools for linear in names}:
         # (an open_clip ResNet image tower, RN50's ModifiedResNet: convolutions and an attention pool,
         # which no adapter could take, so the list of block types and how to register one misled)
         held = ", ".join(f"{name or '<root>'} ({', '.join(names)})" for name, names in pools)
         raise ValueError(
             f"no epmq adapter knows {type(model).__name__}: its linear layers are those of {held}, an attention "
-            f"pool that hands their weights to F.multi_head_attention_forward outside any list of blocks, and "
+            f"pool {'that hands their weights to F.multi_head_attention_forward ' if handed else ''}outside any list "
+            f"of blocks, and "
             f"epmq quantizes the linear layers of repeated blocks: this convolutional network has none to quantize")
     known = sorted({getattr(t, "__name__", t) for a in _REGISTRY for t in a.block_types})
     lists = sorted(

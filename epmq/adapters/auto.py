@@ -48,7 +48,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import _LISTS, _nested
+from . import _LISTS, _is_attention_pool, _nested
 from .attention import applies_in_proj_weight
 from .builtin import separate_qv_bias, swap_conv1d, swap_cross_attention, swap_in_proj_attention
 from .moe import MoEAdapter, is_fused_experts, is_split_experts, rebuild_experts
@@ -95,7 +95,10 @@ def _one_layer_lists(model: nn.Module) -> list:
     """The outermost lists of one module holding linears: where no list repeats one, a model of
     one layer (a tiny or distilled Wav2Vec2 large encoder: its one Wav2Vec2EncoderLayerStableLayerNorm
     was refused as known to no adapter, where two are walked)."""
-    return _outermost(model, lambda name, module: _repeats_one_module(name, module, fewest=1))
+    # (not an attention pool alone in its list, open_clip's timm_pool 'abs_attn' head: it changes the shape of its
+    # input, a block of no walk)
+    return _outermost(model, lambda name, module: _repeats_one_module(name, module, fewest=1)
+                      and not _is_attention_pool(module[0]))
 
 
 class AutoAdapter(MoEAdapter):

@@ -1655,7 +1655,7 @@ def test_open_clip_timm_resnet_attention_pool_is_warned_of_as_one(pool, gen):
     AttentionPool2d, RotAttentionPool2d in visual.head, a Sequential of it alone) was warned of as
     blocks no adapter knows, told to be walked by adapter=[OPEN_CLIP, AUTO], which refused them ('not
     blocks the walker can quantize one by one'), or by an adapter to register, which cannot help; it is
-    named as an attention pool after the blocks, with its linears, and no walk is offered."""
+    named as an attention pool after the blocks, with its linears, and no walk is offered (AUTO takes none)."""
     from open_clip.model import CLIP
     from timm.models import is_model, register_model
 
@@ -1673,10 +1673,33 @@ def test_open_clip_timm_resnet_attention_pool_is_warned_of_as_one(pool, gen):
     assert "AUTO" not in said[0] and "register_adapter" not in said[0]
     text = torch.randint(1, 60, (2, 8), generator=gen)
     text[:, -1] = 63
-    with pytest.raises(ValueError, match=r"'visual\.head' are named pool"):
+    with pytest.raises(ValueError, match="AUTO finds no blocks in CLIP that the other adapters given do not walk"):
         epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="gptq", progress=False,
                             calibration={"a": [{"image": torch.randn(2, 3, 32, 32, generator=gen), "text": text}]},
                             adapter=[epmq.adapters.OPEN_CLIP, epmq.adapters.AUTO])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_open_clip_timm_resnet_image_tower_alone_is_refused_naming_its_attention_pool(method, gen):
+    """An open_clip timm ResNet image tower pooled by timm_pool 'abs_attn' quantized alone (convolutions,
+    and linears only in its attention pool, visual.head.pool) was taken by AUTO as a list of one block:
+    RTN ended in the bare "Sequential has no attribute `0`", GPTQ in 'not blocks the walker can quantize
+    one by one' and how to register an adapter. The refusal names the pool and its linears, as RN50's."""
+    from open_clip.model import CLIP
+    from timm.models import is_model, register_model
+
+    if not is_model("epmq_tiny_resnet"):
+        register_model(epmq_tiny_resnet)
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_resnet", timm_model_pretrained=False,
+                                              timm_pool="abs_attn", timm_proj="", image_size=32),
+                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+    calibration = {"a": [torch.randn(2, 3, 32, 32, generator=gen)]} if method == "gptq" else None
+    with pytest.raises(ValueError, match=r"TimmModel: its linear layers are those of head\.pool \(qkv, proj\), an "
+                                         r"attention pool") as refused:
+        epmq.quantize_model(clip.visual, epmq.QuantSpec(bits=8, group_size=16), method=method,
+                            calibration=calibration, progress=False)
+    assert "register_adapter" not in str(refused.value) and "multi_head_attention_forward" not in str(refused.value)
 
 
 def test_open_clip_resnet_attention_pool_is_warned_of_when_adapter_is_given():
