@@ -1025,7 +1025,6 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "hidden_act",
            "hidden_activation", "activation_function")
-POSITIONS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
 
 
 def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
@@ -1033,25 +1032,67 @@ def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
     ``nested``, in its towers' configs (``text_config.num_attention_heads``)."""
     scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
                              if nested else {})}
-    found = {}
-    for scope, c in scopes.items():
-        rope = c.get("rope_parameters")
-        for field in fields:
-            value = c.get(field)
-            if value is None and field == "rope_theta" and isinstance(rope, dict):
-                value = rope.get("rope_theta")  # (where transformers 5 writes a 4.x config's rope_theta)
-            if value is not None:
-                found[f"{scope}.{field}".lstrip(".")] = value
-    return found
+    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in fields
+            if c.get(field) is not None}
+
+
+def _rope(config: dict) -> Optional[dict]:
+    """``config``'s RoPE as transformers 5 reads it (``rope_parameters``, keys sorted), from either
+    version's fields: 4.x wrote ``rope_theta`` and ``partial_rotary_factor`` at the top and the
+    scaling apart, as ``rope_scaling`` (its kind as ``type`` or ``rope_type``); 5.x writes them all in
+    ``rope_parameters``, per layer type where layers turn positions apart. None where it gives none."""
+    given = config.get("rope_scaling") or config.get("rope_parameters")
+    if not isinstance(given, dict):
+        if config.get("rope_theta") is None:
+            return None
+        given = {}
+
+    def standard(parameters: dict) -> dict:
+        parameters = dict(parameters)
+        parameters.setdefault("rope_type", parameters.pop("type", "default"))  # (the 4.x name, popped either way)
+        if parameters["rope_type"] == "mrope":  # (Qwen2-VL's 4.x name of its default, as 5.x reads it)
+            parameters["rope_type"] = "default"
+        for field in ("rope_theta", "partial_rotary_factor"):
+            if config.get(field) is not None:
+                parameters.setdefault(field, config[field])
+        return dict(sorted(parameters.items()))
+
+    if given and all(isinstance(v, dict) or v is None for v in given.values()):  # (per layer type)
+        return {kind: standard(v) if v is not None else None for kind, v in sorted(given.items())}
+    return standard(given)
+
+
+def _ropes_differ(mine: dict, theirs: dict) -> bool:
+    """Whether two ``_rope``s turn positions otherwise, by the fields both give (a field one leaves
+    out is its model's default, which the config does not say); per layer type where both give those."""
+    def per_type(rope):
+        return "rope_type" not in rope  # (a flat one has it: _rope fills it in)
+
+    if per_type(mine) != per_type(theirs):
+        return False  # (a 4.x config's one RoPE and 5.x's per layer type: read apart by the model's class)
+    if per_type(mine):
+        return any(_ropes_differ(mine[k], theirs[k]) for k in mine.keys() & theirs.keys()
+                   if mine[k] is not None and theirs[k] is not None)
+    return any(mine[f] != theirs[f] for f in mine.keys() & theirs.keys())
+
+
+def _ropes(config: dict, nested: bool) -> dict:
+    """``{"rope_parameters": _rope}`` of ``config`` and, where ``nested``, of its towers' configs."""
+    scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
+                             if nested else {})}
+    return {f"{scope}.rope_parameters".lstrip("."): rope for scope, c in scopes.items()
+            if (rope := _rope(c)) is not None}
 
 
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
                    nested: bool = True) -> None:
-    for fields, refuse in ((READ_AS, True), (POSITIONS, False)):
-        mine, theirs = _config_fields(config, fields, nested), _config_fields(reference, fields, nested)
-        differ = sorted(f for f in mine.keys() & theirs.keys() if mine[f] != theirs[f])  # (both spell out)
-        # (a theta read from rope_parameters, where both give those: said once, as they are written)
-        differ = [f for f in differ if not (f.endswith("rope_theta") and f"{f[:-len('theta')]}parameters" in differ)]
+    for refuse in (True, False):
+        if refuse:
+            mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
+            differ = sorted(f for f in mine.keys() & theirs.keys() if mine[f] != theirs[f])  # (both spell out)
+        else:  # (RoPE as transformers 5 reads either version's fields: 4.x's rope_scaling is 5.x's rope_parameters)
+            mine, theirs = _ropes(config, nested), _ropes(reference, nested)
+            differ = sorted(f for f in mine.keys() & theirs.keys() if _ropes_differ(mine[f], theirs[f]))
         if not differ:
             continue
         given = {f: mine[f] for f in differ}, {f: theirs[f] for f in differ}

@@ -2452,7 +2452,49 @@ def test_another_rope_theta_is_warned_of_where_transformers_4_and_5_write_it_apa
         expert = tiny_llama(k + 1)
         expert.config.rope_parameters = {"rope_theta": theta, "rope_type": "default"}
         expert.save_pretrained(tmp_path / f"e{k}")
-    with pytest.warns(UserWarning, match=r"model \S*e1 computes its positions with \{.*'rope_theta': 500000.0\}, the "
-                                         r"base with \{'rope_theta': 10000.0\}"):
+    with pytest.warns(UserWarning, match=r"model \S*e1 computes its positions with \{'rope_parameters': \{'rope_"
+                                         r"theta': 500000.0, 'rope_type': 'default'\}\}, the base with \{'rope_param"
+                                         r"eters': \{'rope_theta': 10000.0, 'rope_type': 'default'\}\}"):
         merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
                           base=tmp_path / "base", progress=False)
+
+
+def test_another_rope_scaling_is_warned_of_where_transformers_4_and_5_write_it_apart(tmp_path):
+    """transformers 4 wrote a RoPE's scaling as ``rope_scaling`` beside ``rope_theta`` (``type`` or
+    ``rope_type``); transformers 5 writes both in ``rope_parameters``, which it reads the 4.x fields
+    into. A base of one writing and an expert of the other were compared on no common field: a
+    long-context expert's scaling (linear, factor 4) was merged in silence. The same RoPE written
+    either way is not warned of."""
+    def base(**rope):
+        tiny_llama(0).save_pretrained(tmp_path / "base")
+        config = json.loads((tmp_path / "base" / "config.json").read_text())
+        del config["rope_parameters"]
+        config.update(rope)  # (as transformers 4 wrote it)
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+
+    def expert(k, **rope_parameters):
+        model = tiny_llama(k + 1)
+        model.config.rope_parameters = rope_parameters
+        model.save_pretrained(tmp_path / f"e{k}")
+        return tmp_path / f"e{k}"
+
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    base(rope_theta=10000.0, rope_scaling=None)
+    plain = expert(0, rope_theta=10000.0, rope_type="default")
+    long = expert(1, rope_theta=10000.0, rope_type="linear", factor=4.0)
+    with pytest.warns(UserWarning, match=r"model \S*e1 computes its positions with \{'rope_parameters': \{'factor': "
+                                         r"4.0, 'rope_theta': 10000.0, 'rope_type': 'linear'\}\}, the base with "
+                                         r"\{'rope_parameters': \{'rope_theta': 10000.0, 'rope_type': 'default'\}\}"):
+        merge_checkpoints("task_arithmetic", [plain, long], tmp_path / "out", **merge)
+    base(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    with pytest.warns(UserWarning, match=r"model \S*e0 computes its positions with \{'rope_parameters': \{'rope_theta'"
+                                         r": 10000.0, 'rope_type': 'default'\}\}, the base with \{'rope_parameters': "
+                                         r"\{'factor': 4.0, 'rope_theta': 10000.0, 'rope_type': 'linear'\}\}"):
+        merge_checkpoints("task_arithmetic", [plain, long], tmp_path / "out2", **merge)
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    base(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **llama3}, partial_rotary_factor=0.5)
+    same = [expert(k, rope_theta=500000.0, rope_type="llama3", partial_rotary_factor=0.5, **llama3)
+            for k in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (one RoPE, written as each version writes it)
+        merge_checkpoints("task_arithmetic", same, tmp_path / "out3", **merge)
