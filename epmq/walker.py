@@ -542,12 +542,15 @@ def _check_expert_configs(model, sources) -> None:
     model's config (other heads, activation, layer count; another architecture) are refused, as
     ``epmq quantize`` and the merges refuse them: they were walked in silence as the model's."""
     config = getattr(model, "config", None)
-    paths = {task: s.reader.path for task, s in sources.items() if s.reader.path is not None}
+    # (a LoRA adapter's expert is W_0 + (alpha/r) B A on its base, whose config is the one to compare)
+    paths = {task: (s.reader.path, str(s.reader.path)) if s.reader.lora is None
+             else (s.reader.lora.base.path, s.description) for task, s in sources.items()}
+    paths = {task: path for task, path in paths.items() if path[0] is not None}
     if not paths or not callable(getattr(config, "to_dict", None)):  # (modules and state dicts have no config)
         return
     from .merge_checkpoint import _check_architectures
 
-    _check_architectures(None, list(paths.values()), [f"of task {t!r} ({p})" for t, p in paths.items()],
+    _check_architectures(None, [p for p, _ in paths.values()], [f"of task {t!r} ({d})" for t, (_, d) in paths.items()],
                          experts=True, reference=config.to_dict())
 
 

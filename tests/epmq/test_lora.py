@@ -1192,3 +1192,33 @@ def test_a_base_checkpoint_holding_an_adapted_linear_inside_a_converted_tensor_i
     with pytest.raises(ValueError, match=r"adapted module 'layers\.0\.self_attn\.q_proj' inside "
                                          r".*attn\.in_proj_weight.*base= the base loaded"):
         epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
+
+
+def test_an_adapter_whose_base_reads_the_weights_otherwise_is_refused_by_quantize_model(tmp_path):
+    """An expert checkpoint whose config.json splits the same-shaped weights into other heads is
+    refused by quantize_model; a LoRA adapter's expert is W_0 + (alpha/r) B A on its base, whose
+    config was never compared (the adapter's reader has no path): an adapter of a base of other
+    heads was walked in silence as if of the model's. Its base's config is compared, given by path
+    or as a LoraExpert, and an adapter of the model's own base is walked."""
+    def llama(seed, heads):  # (q, k, v and o 24x24 whatever the heads: head_dim 24 // heads)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=heads,
+            num_key_value_heads=heads, max_position_embeddings=64))
+
+    llama(0, heads=2).save_pretrained(tmp_path / "other")
+    llama(0, heads=4).save_pretrained(tmp_path / "own")
+    make_adapter(tmp_path / "other", tmp_path / "adapter-other", seed=1)
+    make_adapter(tmp_path / "own", tmp_path / "adapter-own", seed=2)
+    calibration = {"a": [torch.randint(0, 96, (2, 8))]}
+    spec = epmq.QuantSpec(bits=4, group_size=8)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "own")
+    for expert in [str(tmp_path / "adapter-other"), epmq.LoraExpert(tmp_path / "adapter-other")]:
+        with pytest.raises(ValueError, match=r"the expert of task 'a' \(LoRA adapter \S*adapter-other on \S*other"
+                                             r".*\) reads its weights as \{.*'num_attention_heads': 2.*\}, the model "
+                                             r"as \{.*'num_attention_heads': 4"):
+            epmq.quantize_model(model, spec, method="epmq", calibration=calibration, experts={"a": expert},
+                                progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    epmq.quantize_model(model, spec, method="epmq", calibration=calibration,
+                        experts={"a": str(tmp_path / "adapter-own")}, progress=False)
