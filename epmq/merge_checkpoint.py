@@ -971,7 +971,7 @@ def _model_type(config: dict) -> tuple:
 
 
 def _check_architectures(base_path, model_paths, models, *, experts: bool = False,
-                         reference: Optional[dict] = None) -> list:
+                         reference: Optional[dict] = None, warn: bool = True) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
@@ -979,7 +979,7 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     architecture (then it must hold every tensor the others share with the reference).
     ``experts``: the models are E-PMQ's experts of the model ``base_path`` to quantize (the
     messages say so). ``reference``: the reference's config (a model in memory's), in place of
-    ``base_path``'s config.json."""
+    ``base_path``'s config.json. ``warn``: another RoPE is warned of (else only refusals)."""
     ref_name = "model" if experts else ("base" if base_path else "first model")
     what_of = (lambda source: f"the expert {source}") if experts else (lambda source: f"model {source}")
     goal = "E-PMQ's experts must be of the model's {}" if experts else "merge models of one {}"
@@ -1004,19 +1004,19 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
         mine = _layer_counts(config)
         if same[-1]:
             _check_layer_counts(mine, theirs, what_of(source), ref_name, goal)
-            _check_reading(config, reference, what_of(source), ref_name, goal, experts)
+            _check_reading(config, reference, what_of(source), ref_name, goal, experts, warn=warn)
         elif kind and other and other in towers:  # (a tower of the reference: its own config's counts)
             _check_layer_counts(_layer_counts(config, nested=False),
                                 _layer_counts(_tower_config(reference, other), nested=False),
                                 what_of(source), f"{ref_name}'s {other} tower", goal)
             _check_reading(config, _tower_config(reference, other), what_of(source), f"{ref_name}'s {other} tower",
-                           goal, experts, nested=False)
+                           goal, experts, nested=False, warn=warn)
         elif kind and other and kind in other_towers:  # (the reference is a tower of it)
             _check_layer_counts(_layer_counts(_tower_config(config, kind), nested=False),
                                 _layer_counts(reference, nested=False), f"{what_of(source)}'s {kind} tower",
                                 ref_name, goal)
             _check_reading(_tower_config(config, kind), reference, f"{what_of(source)}'s {kind} tower", ref_name,
-                           goal, experts, nested=False)
+                           goal, experts, nested=False, warn=warn)
     return same
 
 
@@ -1085,8 +1085,8 @@ def _ropes(config: dict, nested: bool) -> dict:
 
 
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
-                   nested: bool = True) -> None:
-    for refuse in (True, False):
+                   nested: bool = True, warn: bool = True) -> None:
+    for refuse in (True, False) if warn else (True,):
         if refuse:
             mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
             differ = sorted(f for f in mine.keys() & theirs.keys() if mine[f] != theirs[f])  # (both spell out)

@@ -466,8 +466,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                 # (by hub id too: the snapshot is fetched here, as reading the expert would)
                 local = {t: here for t, p in experts.items()
                          if (here := local_checkpoint_or_none(p)) is not None}
+                # (another RoPE is warned of by quantize_model's check of the model as loaded: once)
                 _check_architectures(directory, list(local.values()),
-                                     [f"of task {t!r} ({p})" for t, p in local.items()], experts=True)
+                                     [f"of task {t!r} ({p})" for t, p in local.items()], experts=True, warn=False)
             cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples,
                                                     seq_len=seq_len, batch_size=batch_size, seed=seed, tower=tower,
                                                     walked=method != "rtn", out=out)

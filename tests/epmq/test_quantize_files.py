@@ -2385,3 +2385,38 @@ def test_dark_16_bit_images_stay_dark_whatever_mode_they_open_in(tmp_path):
     la = Image.new("LA", (4, 4), (100, 128)).convert("La")
     assert la.mode == "La"
     assert np.array_equal(np.asarray(rgb_image(la)), np.asarray(rgb_image(la.convert("LA"))))
+
+
+def test_an_expert_of_another_rope_is_warned_of_once(files, tmp_path, monkeypatch):
+    """quantize_checkpoint compares the experts' configs with the model's config.json before the
+    model loads, and quantize_model compares them with the model's config again: an expert of
+    another RoPE (a long-context fine-tune's rope_theta) was warned of twice, in two wordings where
+    the expert was given by hub id or a config written by transformers 4 (its path, the model's
+    RoPE as the file and as transformers read it). It is warned of once; another head count is still
+    refused before the model loads."""
+    root = files
+    shutil.copytree(root / "expert1", tmp_path / "long")
+    config = json.loads((tmp_path / "long" / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "default"}
+    (tmp_path / "long" / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        epmq.quantize_checkpoint(root / "merged", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=16),
+                                 method="epmq", calibration={"a": str(root / "a.txt"), "b": str(root / "a.txt")},
+                                 experts={"a": str(root / "expert0"), "b": str(tmp_path / "long")}, samples=2,
+                                 seq_len=16, batch_size=2, progress=False)
+    said = [str(n.message) for n in notes if "computes its positions" in str(n.message)]
+    assert len(said) == 1 and re.search(r"the expert of task 'b' \(\S*long\) computes its positions with .*"
+                                        r"'rope_theta': 500000.0.*, the model with .*'rope_theta': 10000.0", said[0])
+    config.update(num_attention_heads=8, num_key_value_heads=4, head_dim=4)  # (the same shapes)
+    (tmp_path / "long" / "config.json").write_text(json.dumps(config))
+    loaded = []
+    from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(cls) or from_pretrained(cls, *a, **k)))
+    with pytest.raises(ValueError, match=r"the expert of task 'b' \(\S*long\) reads its weights as \{'head_dim': 4"):
+        epmq.quantize_checkpoint(root / "merged", tmp_path / "out2", spec=epmq.QuantSpec(bits=4, group_size=16),
+                                 method="epmq", calibration={"a": str(root / "a.txt"), "b": str(root / "a.txt")},
+                                 experts={"a": str(root / "expert0"), "b": str(tmp_path / "long")}, samples=2,
+                                 seq_len=16, batch_size=2, progress=False)
+    assert loaded == []
