@@ -411,11 +411,11 @@ class CheckpointReader:
             # transformers reads every tensor of the shards an index names, listed or not (an index
             # written before a tensor was added, or edited by hand): one left out was left out of a
             # merge's output, loaded randomly initialised. A safetensors shard's header says what it
-            # holds (a torch pickle's is read by unpickling it, a legacy one's whole: not those)
+            # holds, a torch pickle's structure does (memory-mapped, a legacy one's read tensor by
+            # tensor: its values are not read here), as transformers reads its .bin shards
             for shard in sorted(set(shards.values())):
-                if shard.suffix == ".safetensors":
-                    for key in self._open(shard).keys():
-                        self._where.setdefault(key, shard)
+                for key in self._open(shard).keys():
+                    self._where.setdefault(key, shard)
             self.description = str(self.path)
         elif path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
             self._where = dict.fromkeys(self._open(path).keys(), path)

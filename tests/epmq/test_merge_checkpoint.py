@@ -2498,3 +2498,33 @@ def test_another_rope_scaling_is_warned_of_where_transformers_4_and_5_write_it_a
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (one RoPE, written as each version writes it)
         merge_checkpoints("task_arithmetic", same, tmp_path / "out3", **merge)
+
+
+def test_a_tensor_a_torch_shard_holds_that_its_index_leaves_out_is_read_as_from_pretrained_reads_it(tmp_path):
+    """As with safetensors shards: transformers reads every tensor of the .bin shards
+    pytorch_model.bin.index.json names (an older hub repository's), listed in its weight_map or
+    not; a merge whose base's index left one out wrote an output without it, and an expert's was
+    refused as a partial checkpoint."""
+    name = "model.layers.1.mlp.up_proj.weight"
+    for k, where in enumerate(["base", "e0", "e1"]):
+        model = tiny_llama(k)
+        (tmp_path / where).mkdir()
+        state, weight_map = model.state_dict(), {}
+        names = list(state)
+        for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+            shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+            torch.save({n: state[n] for n in part}, tmp_path / where / shard)
+            weight_map.update(dict.fromkeys(part, shard))
+        if where != "e0":
+            del weight_map[name]
+        (tmp_path / where / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {},
+                                                                                  "weight_map": weight_map}))
+        model.config.save_pretrained(tmp_path / where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no tensor ignored)
+        out = merge_checkpoints("task_arithmetic", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "out",
+                                base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    base, e0, e1 = (tiny_llama(k).state_dict()[name] for k in range(3))
+    assert torch.allclose(model.state_dict()[name], base + (e0 - base) + (e1 - base), atol=1e-6)
