@@ -1048,7 +1048,7 @@ def _rope(config: dict) -> Optional[dict]:
         given = {}
 
     def standard(parameters: dict) -> dict:
-        parameters = dict(parameters)
+        parameters = {k: v for k, v in parameters.items() if v is not None}  # (None: the default, as unwritten)
         parameters.setdefault("rope_type", parameters.pop("type", "default"))  # (the 4.x name, popped either way)
         if parameters["rope_type"] == "mrope":  # (Qwen2-VL's 4.x name of its default, as 5.x reads it)
             parameters["rope_type"] = "default"

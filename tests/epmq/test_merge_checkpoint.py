@@ -2498,6 +2498,12 @@ def test_another_rope_scaling_is_warned_of_where_transformers_4_and_5_write_it_a
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (one RoPE, written as each version writes it)
         merge_checkpoints("task_arithmetic", same, tmp_path / "out3", **merge)
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 16}
+    base(rope_theta=10000.0, rope_scaling={"type": "yarn", "beta_fast": None, **yarn})  # (None: yarn's default)
+    same = [expert(k, rope_theta=10000.0, rope_type="yarn", beta_fast=32.0, **yarn) for k in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", same, tmp_path / "out4", **merge)
 
 
 def test_a_tensor_a_torch_shard_holds_that_its_index_leaves_out_is_read_as_from_pretrained_reads_it(tmp_path):
