@@ -971,7 +971,8 @@ def _model_type(config: dict) -> tuple:
 
 
 def _check_architectures(base_path, model_paths, models, *, experts: bool = False,
-                         reference: Optional[dict] = None, warn: bool = True) -> list:
+                         reference: Optional[dict] = None, warn: bool = True,
+                         configs: Optional[Sequence[Optional[dict]]] = None) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
@@ -979,12 +980,13 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     architecture (then it must hold every tensor the others share with the reference).
     ``experts``: the models are E-PMQ's experts of the model ``base_path`` to quantize (the
     messages say so). ``reference``: the reference's config (a model in memory's), in place of
-    ``base_path``'s config.json. ``warn``: another RoPE is warned of (else only refusals)."""
+    ``base_path``'s config.json. ``warn``: another RoPE is warned of (else only refusals). ``configs``:
+    per model, its config (a module's) in place of its path's config.json, or None."""
     ref_name = "model" if experts else ("base" if base_path else "first model")
     what_of = (lambda source: f"the expert {source}") if experts else (lambda source: f"model {source}")
     goal = "E-PMQ's experts must be of the model's {}" if experts else "merge models of one {}"
     named = [*([(base_path, f"the {ref_name}")] if base_path is not None else []),
-             *((path, what_of(source)) for path, source in zip(model_paths, models))]
+             *((path, what_of(source)) for path, source in zip(model_paths, models) if path is not None)]
     for path, what in named:
         if not is_lora_adapter(path) and is_quantized(path if path.is_dir() else path.parent):
             raise ValueError(f"{what} is a quantized checkpoint (quantization_config in its config.json, or a "
@@ -994,8 +996,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     kind, towers = _model_type(reference)
     theirs = _layer_counts(reference)
     same = []
-    for path, source in zip(model_paths, models):
-        config = _config(path)
+    for path, source, given in zip(model_paths, models, configs or [None] * len(models)):
+        config = given if given is not None else _config(path)
         other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
             raise ValueError(f"{what_of(source)} is a {other!r} checkpoint, the {ref_name} a {kind!r} one "

@@ -110,7 +110,7 @@ from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument
-from .experts import ExpertWeights, on_model_vocabulary
+from .experts import ExpertWeights, OnVocabulary, on_model_vocabulary
 from .qlinear import QuantLinear, common_quant_config
 from .read_ahead import ReadAhead
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
@@ -391,7 +391,7 @@ def quantize_model(
                     if targets == "expert_path":  # (experts numbering the tokens otherwise: their row maps)
                         experts = on_model_vocabulary(model, experts)
                     sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
-                    _check_expert_configs(model, sources)
+                    _check_expert_configs(model, sources, experts)
                 walk = _Walk(
                     model, stacks, renames, spec, method, targets, calibration, sources,
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
@@ -537,21 +537,34 @@ def _holds_tokens(cache) -> bool:
                                                     for t in layer)
 
 
-def _check_expert_configs(model, sources) -> None:
-    """Expert checkpoints whose config.json reads the same-shaped weights otherwise than the
-    model's config (other heads, activation, layer count; another architecture) are refused, as
-    ``epmq quantize`` and the merges refuse them: they were walked in silence as the model's."""
+def _config_of(module) -> Optional[dict]:
+    """A transformers module's config, as its config.json says it (None: no such module)."""
+    config = getattr(module, "config", None) if isinstance(module, nn.Module) else None
+    return config.to_dict() if callable(getattr(config, "to_dict", None)) else None
+
+
+def _check_expert_configs(model, sources, experts) -> None:
+    """Experts (checkpoints, or transformers modules) whose config reads the same-shaped weights
+    otherwise than the model's config (other heads, activation, layer count; another architecture)
+    are refused, as ``epmq quantize`` and the merges refuse them: they were walked in silence as the
+    model's."""
     config = getattr(model, "config", None)
-    # (a LoRA adapter's expert is W_0 + (alpha/r) B A on its base, whose config is the one to compare)
-    paths = {task: (s.reader.path, str(s.reader.path)) if s.reader.lora is None
-             else (s.reader.lora.base.path, s.description) for task, s in sources.items()}
-    paths = {task: path for task, path in paths.items() if path[0] is not None}
-    if not paths or not callable(getattr(config, "to_dict", None)):  # (modules and state dicts have no config)
+    found = {}  # task -> (its path, its config in place of the path's, its description)
+    for task, s in sources.items():
+        given = experts[task].source if isinstance(experts[task], OnVocabulary) else experts[task]
+        if s.reader.lora is not None:  # (W_0 + (alpha/r) B A on its base, whose config is the one to compare)
+            lora = s.reader.lora
+            found[task] = (lora.base.path, None if lora.base.path else _config_of(lora._base_given), s.description)
+        else:
+            found[task] = (s.reader.path, _config_of(given), str(s.reader.path) if s.reader.path else s.description)
+    found = {task: f for task, f in found.items() if f[0] is not None or f[1] is not None}
+    if not found or not callable(getattr(config, "to_dict", None)):  # (state dicts, plain modules: no config)
         return
     from .merge_checkpoint import _check_architectures
 
-    _check_architectures(None, [p for p, _ in paths.values()], [f"of task {t!r} ({d})" for t, (_, d) in paths.items()],
-                         experts=True, reference=config.to_dict())
+    tasks = list(found)
+    _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
+                         experts=True, reference=config.to_dict(), configs=[found[t][1] for t in tasks])
 
 
 def _check_tasks(calibration, experts):

@@ -1219,6 +1219,12 @@ def test_an_adapter_whose_base_reads_the_weights_otherwise_is_refused_by_quantiz
                                              r"as \{.*'num_attention_heads': 4"):
             epmq.quantize_model(model, spec, method="epmq", calibration=calibration, experts={"a": expert},
                                 progress=False)
+    on_module = epmq.LoraExpert(tmp_path / "adapter-other",
+                                base=transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"the expert of task 'a' \(LoRA adapter \S*adapter-other on module "
+                                         r"LlamaForCausalLM\) reads its weights as \{.*'num_attention_heads': 2"):
+        epmq.quantize_model(model, spec, method="epmq", calibration=calibration, experts={"a": on_module},
+                            progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     epmq.quantize_model(model, spec, method="epmq", calibration=calibration,
                         experts={"a": str(tmp_path / "adapter-own")}, progress=False)

@@ -170,6 +170,10 @@ def test_method_arguments(gen):
     deeper = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**dict(model.config.to_dict(), num_hidden_layers=3)))
     with pytest.raises(ValueError, match="has more blocks at 'model.layers' than the merged model's 2"):
+        quantize(fam, model, experts=dict(fam.experts, **{fam.tasks[0]: deeper.state_dict()}))
+    # (the module, by its config, before any tensor is read)
+    with pytest.raises(ValueError, match=r"counts its layers as \{'num_hidden_layers': 3\}, the model as "
+                                         r"\{'num_hidden_layers': 2\}"):
         quantize(fam, model, experts=dict(fam.experts, **{fam.tasks[0]: deeper}))
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     quantize(fam, model, method="rtn", experts=None, calibration=None)

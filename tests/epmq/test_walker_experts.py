@@ -994,3 +994,29 @@ def test_experts_with_heads_of_their_own_classes_are_walked_on_the_expert_path(g
     larger = dict(own, b=vit(7, 2, image_size=24))  # (9 + 1 position embeddings where the model has 4 + 1)
     with pytest.raises(ValueError, match=r"task 'b'.*vit.embeddings.position_embeddings.*\(1, 10, 32\).*\(1, 5, 32\)"):
         quantized(larger)
+
+
+def test_an_expert_module_of_another_head_count_is_refused_by_quantize_model(tmp_path):
+    """An expert given as a transformers module (the in-memory API's own form) whose config splits
+    the same-shaped weights into other heads was walked in silence as if of the model's heads,
+    where the same expert given as its checkpoint path is refused: its config is compared too."""
+    import transformers
+
+    def llama(seed, heads):  # (q, k, v and o 32x32 whatever the heads: head_dim 32 // heads)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+            num_key_value_heads=heads)).eval()
+
+    calibration = {"a": [torch.randint(0, 64, (2, 8))]}
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    model = llama(0, heads=4)
+    for targets in ["merged_path", "expert_path"]:
+        with pytest.raises(ValueError, match=r"the expert of task 'a' \(module LlamaForCausalLM\) reads its weights "
+                                             r"as \{.*'num_attention_heads': 2.*\}, the model as \{.*"
+                                             r"'num_attention_heads': 4"):
+            epmq.quantize_model(model, spec, method="epmq", calibration=calibration, experts={"a": llama(1, heads=2)},
+                                targets=targets, backend="torch", progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    epmq.quantize_model(model, spec, method="epmq", calibration=calibration, experts={"a": llama(2, heads=4)},
+                        backend="torch", progress=False)
