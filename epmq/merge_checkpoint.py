@@ -1052,7 +1052,9 @@ def _rope(config: dict) -> Optional[dict]:
     def standard(parameters: dict) -> dict:
         parameters = {k: v for k, v in parameters.items() if v is not None}  # (None: the default, as unwritten)
         parameters.setdefault("rope_type", parameters.pop("type", "default"))  # (the 4.x name, popped either way)
-        if parameters["rope_type"] == "mrope":  # (Qwen2-VL's 4.x name of its default, as 5.x reads it)
+        # (a model's own default, by other names: Qwen2-VL's 4.x mrope, which 5.x reads as default, and
+        # "axial", which 5.x writes for a default of the classes that turn positions by axes: Qwen3-VL's vision)
+        if parameters["rope_type"] in ("mrope", "axial"):
             parameters["rope_type"] = "default"
         for field in ("rope_theta", "partial_rotary_factor"):
             if config.get(field) is not None:

@@ -2459,6 +2459,21 @@ def test_another_rope_theta_is_warned_of_where_transformers_4_and_5_write_it_apa
                           base=tmp_path / "base", progress=False)
 
 
+def test_a_default_rope_under_its_other_names_is_the_same_rope():
+    """transformers 5 writes the default RoPE of the classes that turn positions by axes (Qwen3-VL's
+    vision tower) as "axial", and reads Qwen2-VL's 4.x "mrope" as default: a 4.x config of either
+    and a 5.x one of the same model turn positions alike (the tower a config.json gives is compared
+    with the model's config as transformers 5 writes it)."""
+    from epmq.merge_checkpoint import _rope, _ropes_differ
+
+    five = _rope({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}})
+    assert not _ropes_differ(_rope({"rope_theta": 10000.0}), five)
+    mrope = _rope({"rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}})
+    assert not _ropes_differ(mrope, _rope({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                               "mrope_section": [1, 1, 2]}}))
+    assert _ropes_differ(_rope({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}), five)
+
+
 def test_another_rope_scaling_is_warned_of_where_transformers_4_and_5_write_it_apart(tmp_path):
     """transformers 4 wrote a RoPE's scaling as ``rope_scaling`` beside ``rope_theta`` (``type`` or
     ``rope_type``); transformers 5 writes both in ``rope_parameters``, which it reads the 4.x fields
