@@ -68,6 +68,7 @@ from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_r
 from .checks import all_finite, check_path, device_argument, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, g_idx_problem, in_order_g_idx
+from .resume import hold_output
 
 FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
@@ -1157,32 +1158,35 @@ def atomic_directory(directory: Path, *, marker: str = CONFIG_FILE):
     ``directory`` is untouched. An existing ``directory`` is only replaced if it is empty or
     holds ``marker`` (a checkpoint epmq wrote)."""
     directory = check_output(directory, marker=marker)
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(parent, glob.escape(directory.name))
-    tmp = own_temporary(Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent)))
-    try:
-        mask = umask()
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would become the checkpoint's mode
-        yield tmp
-        for path in tmp.iterdir():  # safetensors >= 0.8 writes 0600: a server running as
-            if path.is_file() and not path.is_symlink():  # another user could not read it
-                os.chmod(path, 0o666 & ~mask)
-        _write_manifest(tmp)
-        _carry_over(directory, tmp)
-        # (folders' files too, a tokenizer's additional_chat_templates/: the old checkpoint is deleted
-        # once swapped, and a power loss must find them whole; each folder after its files)
-        for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if not path.is_symlink():
-                _fsync(path)
-        _fsync(tmp)
-        cwd = _working_directory()
-        _replace_dir(tmp, directory)
-        _fsync(parent)
-        _follow_into(cwd, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # (another process's write into it is refused: each replaced the other's, and one's _carry_over
+    # read the directory the other was replacing)
+    with hold_output(directory, job=False):
+        parent = directory.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent, glob.escape(directory.name))
+        tmp = own_temporary(Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=parent)))
+        try:
+            mask = umask()
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would become the checkpoint's mode
+            yield tmp
+            for path in tmp.iterdir():  # safetensors >= 0.8 writes 0600: a server running as
+                if path.is_file() and not path.is_symlink():  # another user could not read it
+                    os.chmod(path, 0o666 & ~mask)
+            _write_manifest(tmp)
+            _carry_over(directory, tmp)
+            # (folders' files too, a tokenizer's additional_chat_templates/: the old checkpoint is deleted
+            # once swapped, and a power loss must find them whole; each folder after its files)
+            for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if not path.is_symlink():
+                    _fsync(path)
+            _fsync(tmp)
+            cwd = _working_directory()
+            _replace_dir(tmp, directory)
+            _fsync(parent)
+            _follow_into(cwd, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _working_directory() -> Optional[Path]:

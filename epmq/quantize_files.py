@@ -53,7 +53,7 @@ from .checks import check_number, check_outside_calibration, check_path, check_s
 from .experts import ExpertWeights
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
-from .resume import hold, records, remove
+from .resume import hold, hold_output, records, remove
 from .spec import QuantSpec
 from .walker import METHODS, TARGETS, _selector, quantize_model
 from epmq_kernels.expert_residual import check_residual_precision
@@ -450,10 +450,10 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     check_path(out, "out")
     check_output(out)
     resume_dir = None if method == "rtn" else resume_dir_for(Path(os.path.abspath(out)))
-    # the resume directory is held from here to its removal: no other run takes it meanwhile, and a
-    # second run into OUT is refused at its start, not once it has read its calibration and loaded the
-    # model (minutes and a model's memory at 70B)
-    with hold(resume_dir, fresh=not resume) if resume_dir is not None else contextlib.nullcontext():
+    # OUT (RTN's too: it keeps no resume directory) and the resume directory are held from here to the
+    # latter's removal: no other run takes them meanwhile, and a second run into OUT is refused at its
+    # start, not once it has read its calibration and loaded the model (minutes and a model's memory at 70B)
+    with hold_output(out), hold(resume_dir, fresh=not resume) if resume_dir is not None else contextlib.nullcontext():
         try:
             if lora_base is not None and not any(adapter_directory(p) is not None
                                                  for p in (experts or {}).values()):

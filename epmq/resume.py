@@ -366,15 +366,40 @@ _WALK = (LOCK_FILE, "resume_dir", "walk")
 _RUN = (RUN_LOCK_FILE, "output directory", "epmq run")
 
 
-def _in_use(directory, kind=_WALK) -> ValueError:
+def _in_use(directory, kind=_WALK, lock: Optional[Path] = None) -> ValueError:
     file, what, user = kind
+    lock = Path(directory) / file if lock is None else lock
     try:  # (the holder writes its process id there once it holds it)
-        pid = (Path(directory) / file).read_text(encoding="utf-8").strip()
+        pid = lock.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):  # (Windows: a locked file cannot be read)
         pid = ""
     holder = f"process {pid}" if pid.isdigit() else "it"
     return ValueError(f"{what} {directory} is in use by another {user} ({holder} holds {file}): "
                       f"wait for it to end, or use another directory")
+
+
+def _flock(handle, refused, what: str, user: str) -> None:
+    """An exclusive lock on the open file ``handle`` (on Windows its first byte); the ValueError
+    ``refused()`` where another holds it. A file system without locks only warns (``what``, the
+    file's holder to the user, and ``user``, who is not refused then)."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(0)  # (its first byte, whatever the holder's process id made the file's end)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):  # (held: Windows' EACCES)
+            handle.close()
+            raise refused() from None
+        # a file system without locks (NFS without its lock daemon: ENOLCK; FUSE: EOPNOTSUPP) holds
+        # none, and was said to be in use, for good: unlocked, as it was before the lock
+        warnings.warn(f"{what}: {Path(handle.name).name} cannot be locked ({e.strerror or e}): another "
+                      f"{user} into it at the same time is not refused", stacklevel=3)
 
 
 def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
@@ -390,29 +415,8 @@ def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
     held = _HELD.get(key)
     if held is None:
         handle = open(directory / file, "a+", encoding="utf-8")
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                handle.seek(0)  # (its first byte, whatever the holder's process id made the file's end)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):  # (held: Windows' EACCES)
-                handle.close()
-                raise _in_use(directory, kind) from None
-            # a file system without locks (NFS without its lock daemon: ENOLCK; FUSE: EOPNOTSUPP) holds
-            # none, and was said to be in use, for good: unlocked, as it was before the lock
-            warnings.warn(f"{what} {directory}: {file} cannot be locked ({e.strerror or e}): another "
-                          f"{kind[2]} into it at the same time is not refused", stacklevel=2)
-        with contextlib.suppress(OSError):  # (only to name the holder: a dead one's is written over)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+        _flock(handle, lambda: _in_use(directory, kind), f"{what} {directory}", kind[2])
+        _name_holder(handle)
         held = _HELD[key] = {"file": handle, "holders": 0, "walk": False}
     elif walk and held["walk"]:
         raise _in_use(directory, kind)
@@ -421,13 +425,81 @@ def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
     return key
 
 
+def _name_holder(handle) -> None:
+    with contextlib.suppress(OSError):  # (only to name the holder: a dead one's is written over)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+
+
 def _unlock(key: str, walk: bool = True) -> None:
     held = _HELD[key]
     held["holders"] -= 1
     held["walk"] = held["walk"] and not walk
     if not held["holders"]:
+        removed = held.get("removed")
+        if removed is not None and os.name != "nt":  # (removed while held: no other holds it meanwhile)
+            removed.unlink(missing_ok=True)
         held["file"].close()
+        if removed is not None and os.name == "nt":  # (an open file cannot be removed there)
+            with contextlib.suppress(OSError):
+                removed.unlink(missing_ok=True)
         del _HELD[key]
+
+
+def _output_directory(directory) -> Path:
+    """Where a checkpoint written to ``directory`` goes (a link's target), as ``check_output`` says."""
+    directory = Path(os.path.abspath(directory))
+    return directory.resolve() if directory.is_symlink() else directory
+
+
+def output_lock_file(directory) -> Path:
+    """The lock file ``hold_output`` takes for the checkpoint directory ``directory``: beside it
+    (the directory itself is replaced by the write), beside a link's target (where it is written)."""
+    directory = _output_directory(directory)
+    return directory.with_name(f".{directory.name}.epmq-lock")
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def hold_output(directory, *, job: bool = True):
+    """Hold the checkpoint directory ``directory`` for one write at a time: an ``epmq merge`` or
+    ``epmq quantize`` (``merge_checkpoints``, ``quantize_checkpoint``: ``job``) from its start, a
+    save (``atomic_directory``; not ``job``: within this process's job, if any) while it writes.
+    Another process's is refused naming the process and the lock file (``output_lock_file``), which
+    is removed when let go. Two writes into one directory each replaced the other's checkpoint, and
+    one's copy of the files a user keeps beside it ended in FileNotFoundError where the other had
+    just replaced the directory."""
+    directory, lock = _output_directory(directory), output_lock_file(directory)
+    kind = (str(lock), "output directory", "epmq merge or quantize")  # (the file named whole: beside it)
+    key = str(lock)
+    held = _HELD.get(key)
+    if held is None:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(lock, "a+", encoding="utf-8")
+            _flock(handle, lambda: _in_use(directory, kind, lock), f"output directory {directory}", kind[2])
+            # (a holder letting go removes the file: one opened before that is locked in vain)
+            if os.name == "nt" or _same_file(handle, lock):
+                break
+            handle.close()
+        _name_holder(handle)
+        held = _HELD[key] = {"file": handle, "holders": 0, "walk": False, "removed": lock}
+    elif job and held["walk"]:
+        raise _in_use(directory, kind, lock)
+    held["holders"] += 1
+    held["walk"] = held["walk"] or job
+    try:
+        yield
+    finally:
+        _unlock(key, walk=job)
 
 
 @contextlib.contextmanager

@@ -622,6 +622,57 @@ def test_a_second_run_into_a_directory_in_use_is_refused_at_its_start(tmp_path, 
         main(args)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="a process waiting on its stdin: POSIX pipes")
+@pytest.mark.parametrize("command, config", [
+    ("merge", {"method": "ties", "base": "b", "models": ["e0", "e1"]}),
+    ("quantize", {"model": "m", "method": "rtn", "bits": 4}),
+    ("quantize", {"model": "m", "method": "gptq", "bits": 4, "calibration": {"a": "a.txt"}}),
+])
+def test_a_second_merge_or_quantize_into_an_out_in_use_is_refused_at_its_start(tmp_path, capsys, monkeypatch,
+                                                                                command, config):
+    """epmq merge took no lock on OUT, nor epmq quantize with RTN (GPTQ and E-PMQ hold OUT.resume): two
+    into one OUT each replaced the other's checkpoint, and one's copy of the files kept beside it read
+    the directory the other was replacing. The second is refused before any model is read, in one line
+    naming OUT, the first's process and the lock file; OUT is free again once the first has let go."""
+    import subprocess
+    import sys
+
+    import epmq.merge_checkpoint
+    import epmq.quantize_files
+
+    def never(*args, **kwargs):
+        raise AssertionError("read a model for an output directory another process writes")
+
+    monkeypatch.setattr(epmq.merge_checkpoint, "merge_checkpoints", never)
+    monkeypatch.setattr(epmq.quantize_files, "local_checkpoint", never)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("calibration text")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom epmq.resume import hold_output\nwith hold_output(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    sys.stdin.readline()\n", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(epmq.__file__).parents[1]),
+                                                                       os.environ.get("PYTHONPATH")]))))
+    args = [command, str(path), str(out), "--quiet"]
+    lock = tmp_path / ".out.epmq-lock"
+    try:
+        assert first.stdout.readline().strip() == "held"
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert (f"output directory {out} is in use by another epmq merge or quantize (process {first.pid} "
+                f"holds {lock})") in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    finally:
+        first.communicate("\n")
+    assert not lock.exists()  # (let go: the lock file is gone with it)
+    with pytest.raises(AssertionError, match="another process writes"):  # (free: on to reading the model)
+        main(args)
+    assert not lock.exists() and not (tmp_path / "out.resume").exists()
+
+
 def test_run_into_a_directory_of_another_tools_results(tiny_config, tmp_path, capsys):
     """Its results.json (a JSON object, without epmq's steps) used to be written over."""
     out = tmp_path / "theirs"

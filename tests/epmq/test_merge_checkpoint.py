@@ -418,6 +418,7 @@ def test_cli(checkpoints, tmp_path, capsys):
         params=dict(density=0.2, scale=0.7))))
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
     assert "merged 2 models with ties" in capsys.readouterr().out
+    assert not (tmp_path / ".out.epmq-lock").exists()  # (OUT's lock let go with its file)
     got = _load(tmp_path / "out")
     want = merge.ties(base, experts[:2], density=0.2, scale=0.7)
     assert all(torch.equal(got[n], want[n]) for n in want)

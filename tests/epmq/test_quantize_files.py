@@ -829,6 +829,7 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
     config.write_text(yaml.safe_dump(dict(rtn, method="rtn", bits=4, group_size=16)))
     assert main(["quantize", str(config), str(tmp_path / "rtn"), "--quiet"]) == 0
     assert not (tmp_path / "rtn.resume").exists()
+    assert not list(tmp_path.glob(".*epmq-lock"))  # (OUT's lock, RTN's too, let go with its file)
     for method in ("rtn", "gptq"):  # into the current directory, "." (its resume directory beside it)
         here = tmp_path / f"here_{method}"
         here.mkdir()
@@ -876,6 +877,7 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert re.search(match, err), err
         assert not (tmp_path / "x").exists() and not (tmp_path / "x.resume").exists()
+        assert not (tmp_path / ".x.epmq-lock").exists()
 
 
 def test_an_expert_that_cannot_be_read_is_named_before_the_model_loads(files, tmp_path, monkeypatch):

@@ -640,6 +640,45 @@ def test_hold_fresh_empties_the_directory_but_keeps_its_lock(tmp_path):
         assert (tmp_path / "model.layers.0.json").is_file()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_hold_output_is_one_write_at_a_time_and_leaves_no_lock(tmp_path):
+    """``hold_output``: one job (a merge or quantize) at a time in a checkpoint directory, a save
+    within it taken; another open of the lock file (as another process) is refused while it is held.
+    Let go, the lock file is gone, and a handle opened before that locks a removed file in vain: the
+    next hold is not refused by it. A link's target is held, whichever name is given."""
+    import fcntl
+
+    from epmq import resume
+
+    out = tmp_path / "out"
+    lock = resume.output_lock_file(out)
+    assert lock == tmp_path / ".out.epmq-lock"
+    with resume.hold_output(out):
+        with resume.hold_output(out, job=False):  # (the save within the job)
+            pass
+        with pytest.raises(ValueError, match=f"output directory {out} is in use by another epmq merge or quantize "
+                                             f"\\(process {os.getpid()} holds {lock}\\)"):
+            with resume.hold_output(out):
+                pass
+        stale = open(lock, "a+")  # (another process's open, just before the holder lets go)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(stale.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not lock.exists() and not out.exists() and str(lock) not in resume._HELD
+    try:
+        fcntl.flock(stale.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the removed file's lock)
+        with resume.hold_output(out):
+            assert lock.exists()
+    finally:
+        stale.close()
+    assert not lock.exists()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with resume.hold_output(tmp_path / "link"):
+        with pytest.raises(ValueError, match="is in use"), resume.hold_output(tmp_path / "target"):
+            pass
+    assert not resume.output_lock_file(tmp_path / "target").exists()
+
+
 def test_digests_depend_on_names_and_keys():
     """What a resumed walk compares: tensors of the same values under other names (an expert's
     q_proj and k_proj swapped), and calibration data under other keys, are other inputs."""
