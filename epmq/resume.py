@@ -10,9 +10,10 @@ through them, so every later block sees the inputs it would have seen: the resul
 bit-identical to an uninterrupted walk (tested).
 
 Nothing stale is reused silently: ``walk.json`` holds what the result depends on (method,
-grid, anchors, solver settings, device type, the calibration data's digest, the blocks'
-layout, the model's config, attention implementation, buffers and module settings, plain
-attributes included, the versions of the code), and each block's record the digest of that
+grid, anchors, solver settings, device type, torch's float arithmetic there where not its
+default (TF32), the calibration data's digest, the blocks' layout, the model's config,
+attention implementation, buffers and module settings, plain attributes included, the versions
+of the code), and each block's record the digest of that
 identity (so a lost ``walk.json`` does not let another walk's blocks in: nor does another walk
 then claim the directory) and of the weights it was solved from (the merged block and, for
 E-PMQ, the experts' tensors it read: their fingerprints taken from the reads the solve made, so
@@ -177,6 +178,10 @@ class BlockLog:
                 remedy = ("it was written by other code (the versions of torch, triton, transformers, open_clip "
                           "or epmq, or what epmq's statistics count), whose blocks this one cannot take: resume "
                           "with that code, or use an empty directory")
+            if changed == ["precision"]:
+                remedy = ("the blocks done were computed under other settings of torch's float arithmetic (TF32, "
+                          "reduced-precision reductions: torch.set_float32_matmul_precision, torch.backends): "
+                          "resume under those, or use an empty directory")
             if "blocks" in changed and then is not None and now is not None and now < then and then - now <= left_out:
                 remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "
                           "the blocks' code (as Mamba's dt_proj: self.dt_proj.weight @ x), where the epmq that "
@@ -291,10 +296,14 @@ def _differs(key: str, then, now, limit: int = 4) -> str:
         tasks = changed_keys(then, now) if isinstance(then, dict) and isinstance(now, dict) else []
         which = f" (tasks {', '.join(map(repr, tasks[:limit]))}{', ...' if len(tasks) > limit else ''})"
         return f"{key}: {_DIGESTS[key]} differ{which if tasks else ''}"
+    if key == "precision":  # (torch's defaults are recorded as nothing)
+        then, now = then or {}, now or {}
     if isinstance(then, dict) and isinstance(now, dict):
         keys = changed_keys(then, now)
         more = f" ({len(keys)} in all)" if len(keys) > limit else ""
-        said = (f"{key}.{k}: {_short(then.get(k))} then, {_short(now.get(k))} now" for k in keys[:limit])
+        missing = "torch's default" if key == "precision" else "None"
+        said = (f"{key}.{k}: {_short(then[k]) if k in then else missing} then, "
+                f"{_short(now[k]) if k in now else missing} now" for k in keys[:limit])
         return "; ".join(said) + more
     return f"{key}: {_short(then)} then, {_short(now)} now"
 

@@ -1344,6 +1344,33 @@ def _versions() -> dict:
                 epmq=__version__)
 
 
+# torch's settings of its float arithmetic on a device that a user may change (a training script's
+# TF32), and their defaults: (name, how read, default)
+_PRECISION = {
+    "cuda": (("float32_matmul_precision", torch.get_float32_matmul_precision, "highest"),
+             ("cudnn.allow_tf32", lambda: torch.backends.cudnn.allow_tf32, True),
+             ("matmul.allow_fp16_reduced_precision_reduction",
+              lambda: torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, True),
+             ("matmul.allow_bf16_reduced_precision_reduction",
+              lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, True),
+             ("matmul.allow_fp16_accumulation",
+              lambda: getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False), False)),
+    # (oneDNN's fp32 products in bf16 or TF32, on CPUs that have them: "none" takes the default, IEEE)
+    "cpu": (("mkldnn.matmul.fp32_precision",
+             lambda: getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none").replace("none", "ieee"), "ieee"),
+            ("mkldnn.conv.fp32_precision",
+             lambda: getattr(torch.backends.mkldnn.conv, "fp32_precision", "none").replace("none", "ieee"), "ieee")),
+}
+
+
+def _float_precision(device: torch.device) -> dict:
+    """The settings of torch's float arithmetic on ``device`` that differ from its defaults. The
+    statistics and solves are IEEE fp32 whatever they say, but the blocks' forward, which makes the
+    inputs every later block is solved from, runs under them: blocks done under other settings are
+    another walk's. (Defaults are left out: a directory written before this was recorded resumes.)"""
+    return {name: value for name, read, default in _PRECISION.get(device.type, ()) if (value := read()) != default}
+
+
 # what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
 # are installed
 CAPTURE_MARK = "_output_capturing_hooks_installed"
@@ -2157,6 +2184,7 @@ class _Walk:
             blocksize=int(self.solver["blocksize"]),
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
+            **({"precision": precision} if (precision := _float_precision(self.device)) else {}),
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the

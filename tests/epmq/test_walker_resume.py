@@ -115,6 +115,40 @@ def test_other_arguments_are_refused(change, message, gen, tmp_path, monkeypatch
                             experts=fam.experts, resume_dir=tmp_path, progress=False, **change)
 
 
+@pytest.mark.parametrize("then, now", [("ieee", "bf16"), ("bf16", "none")])
+def test_a_walk_resumed_under_another_float32_precision_is_refused(then, now, gen, tmp_path, monkeypatch):
+    """The blocks' forward (the inputs every later block is solved from) runs under the precision a
+    user set for torch's float32 products (TF32 on a GPU, ``torch.set_float32_matmul_precision``; on
+    a CPU, oneDNN's bf16), which the walk's identity did not record: a walk stopped under one and
+    resumed under another took the first's blocks beside the second's in silence, the result that
+    of neither. It is refused, naming the setting; torch's defaults are recorded as nothing, so a
+    directory written before it was recorded resumes."""
+    fam = Family("llama", gen)
+    matmul = torch.backends.mkldnn.matmul
+    with monkeypatch.context() as m:
+        m.setattr(matmul, "fp32_precision", then)
+        _interrupted(fam, tmp_path, monkeypatch)
+    monkeypatch.setattr(matmul, "fp32_precision", now)
+    with pytest.raises(ValueError, match="another walk.*precision.*mkldnn.matmul.fp32_precision.*bf16"):
+        run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    monkeypatch.setattr(matmul, "fp32_precision", then)
+    assert run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path).epmq_report.resumed
+
+
+def test_the_float32_precision_recorded_is_the_walk_device_s(monkeypatch):
+    """On a GPU, TF32 (``torch.set_float32_matmul_precision("high")``, cuDNN's) and reduced-precision
+    reductions; on a CPU, oneDNN's; torch's defaults recorded as nothing."""
+    assert walker._float_precision(torch.device("cuda")) == walker._float_precision(torch.device("cpu")) == {}
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        assert walker._float_precision(torch.device("cuda")) == {"float32_matmul_precision": "high",
+                                                                 "cudnn.allow_tf32": False}
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_a_directory_of_other_statistics_rules_is_refused(gen, tmp_path, monkeypatch):
     """The package version does not move with each commit: what the statistics count is named."""
     fam = Family("llama", gen)
