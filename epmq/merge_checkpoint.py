@@ -43,7 +43,8 @@ import torch
 
 from . import merge as merge_lib
 from ._util import check_json_file, loading_bars, read_json_file
-from .checkpoint import MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, is_quantized
+from .checkpoint import (MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, check_output,
+                         is_quantized)
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, key_renaming, loads_transposed, local_checkpoint, tie_order, weights_in)
 from .checks import all_finite, check_outside_calibration, check_path, device_argument
@@ -1335,6 +1336,9 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
                 pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)
+    # (an output epmq may not replace, the user's folder or a quantized checkpoint, is refused here, as
+    # quantize_checkpoint refuses one at its start: the write refused it after every model's read and merge)
+    check_output(out, marker=RECIPE_FILE)
     pad_to_multiple_of = check_tokenizer_source(tokenizer_source, pad_to_multiple_of)  # (numpy's: the recipe's JSON)
     params = dict(params or {})
     device = device_argument(device)

@@ -141,6 +141,30 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(checkpoints, tmp_path):
     merge_checkpoints("task_arithmetic", [out, root / "e1"], tmp_path / "v2", base=root / "base", progress=False)
 
 
+def test_an_output_epmq_may_not_replace_is_refused_before_any_model_is_read(checkpoints, tmp_path, monkeypatch):
+    """A directory of the user's, or epmq quantize's checkpoint, given as out was refused only when
+    the merge was written: after every model was read and merged (RegMean: after calibrating each),
+    as epmq quantize refuses one at its start. Refused before any model is opened."""
+    import epmq.merge_checkpoint
+
+    root, _, _ = checkpoints
+
+    def never(*args, **kwargs):
+        raise AssertionError("read a model for an output that cannot be replaced")
+
+    monkeypatch.setattr(epmq.merge_checkpoint, "_open", never)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "w4").mkdir()
+    (tmp_path / "w4" / "quantize_config.json").write_text("{}")
+    (tmp_path / "w4" / ".epmq_files.json").write_text("{}")
+    for out, what in (("mine", "is not an epmq checkpoint"), ("w4", "holds a quantized checkpoint")):
+        with pytest.raises(ValueError, match=f"exists and {what}.*refusing to replace it"):
+            merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / out, base=root / "base",
+                              progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_an_output_that_is_no_path_is_refused_by_name(checkpoints, tmp_path):
     """out=None (or a number) ended in os's bare 'expected str, bytes or os.PathLike object, not
     NoneType', naming no argument; refused naming it, before anything is read."""
