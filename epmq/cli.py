@@ -400,10 +400,11 @@ def _blocks_kept(out, message: str) -> str:
     """What a failed quantization into ``out`` kept in OUT.resume (a full disk, a NaN in a late
     block: the blocks done need not be solved again, and a user freeing space might delete them)."""
     from .quantize_files import resume_dir_for
-    from .resume import records
+    from .resume import output_lock_file, records
 
     kept = resume_dir_for(Path(os.path.abspath(out)))
-    if message.startswith(f"resume_dir {kept}") or not kept.is_dir():  # (refused: its own remedy)
+    # (refused: its own remedy; OUT in use: the blocks there are the other run's, which it goes on with)
+    if message.startswith(f"resume_dir {kept}") or str(output_lock_file(out)) in message or not kept.is_dir():
         return ""
     n = len(records(kept))
     if not n:
