@@ -343,15 +343,21 @@ def remove(directory) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         return
     with contextlib.suppress(OSError):
-        remove_stale_temporaries(directory, "*")
-        for record in records(directory):
-            body = read_json(record)
-            if isinstance(body, dict) and {"identity", "check"} <= body.keys():
-                record.with_suffix(".safetensors").unlink(missing_ok=True)
-                record.unlink()
-        for name in (IDENTITY_FILE, LOCK_FILE):
-            (directory / name).unlink(missing_ok=True)
+        _remove_walk_files(directory)
+        (directory / LOCK_FILE).unlink(missing_ok=True)
         directory.unlink()
+
+
+def _remove_walk_files(directory: Path) -> None:
+    """The files walks write in ``directory`` (block records and their tensors, ``walk.json``,
+    killed writes' temporaries), not its lock nor a file of the user's."""
+    remove_stale_temporaries(directory, "*")
+    for record in records(directory):
+        body = read_json(record)
+        if isinstance(body, dict) and {"identity", "check"} <= body.keys():
+            record.with_suffix(".safetensors").unlink(missing_ok=True)
+            record.unlink()
+    (directory / IDENTITY_FILE).unlink(missing_ok=True)
 
 
 def _identities(paths) -> set:
@@ -528,13 +534,18 @@ def hold_run(directory, *, run: bool = True):
 @contextlib.contextmanager
 def hold(directory, *, fresh: bool = False):
     """Hold the resume directory ``directory`` for a whole job (walk, save, clean-up), so that no
-    other process takes it in between; ``fresh``: empty it first (under the lock)."""
+    other process takes it in between; ``fresh``: empty it first (under the lock). A link (the
+    blocks put on a scratch disk) is kept, and of where it points only the walks' files are removed,
+    as ``remove`` removes them: unlinked, the new walk went to the output's disk, the earlier one's
+    blocks left on the scratch disk for good."""
     directory = Path(directory)
-    if fresh and (directory.is_symlink() or (directory.exists() and not directory.is_dir())):
-        directory.unlink()  # (a link: not ours to empty)
+    if fresh and not directory.is_dir() and (directory.is_symlink() or directory.exists()):
+        directory.unlink()  # (a file, or a link to none: not a directory to go on in)
     key = _lock(directory, walk=False)
     try:
-        if fresh:
+        if fresh and directory.is_symlink():
+            _remove_walk_files(directory)
+        elif fresh:
             for entry in directory.iterdir():
                 if entry.name != LOCK_FILE:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

@@ -964,7 +964,7 @@ def test_cli_removes_a_linked_resume_directory_s_blocks_once_done(files, tmp_pat
     clean-up after the checkpoint was written (shutil.rmtree, which refuses a link) failed without
     a word, so every block (a whole quantized model) stayed there, and the next command into OUT
     with other settings was refused as another walk's. The walk's files are removed from it, and
-    the link (as --fresh does); a file of the user's there is kept."""
+    then the link; a file of the user's there is kept."""
     config = tmp_path / "q.yaml"
     base = dict(model=str(files / "merged"), method="gptq", calibration={"a": str(files / "a.txt")},
                 bits=4, group_size=16, samples=4, seq_len=16, batch_size=2)

@@ -674,6 +674,32 @@ def test_hold_fresh_empties_the_directory_but_keeps_its_lock(tmp_path):
         assert (tmp_path / "model.layers.0.json").is_file()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="symlinks")
+def test_hold_fresh_of_a_link_empties_the_walk_where_it_points_and_keeps_the_link(tmp_path):
+    """OUT.resume made a link to a scratch disk (as ``remove`` takes it): ``epmq quantize --fresh``
+    removed the link and walked into a new directory on the output's disk, the earlier walk's blocks
+    (a whole model's, at worst) left on the scratch disk for good. Its walk's files are removed there,
+    the link and the user's files kept."""
+    from epmq import resume
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    body = {"identity": "i", "digest": "d", "layers": {}, "tensors": "t"}
+    (scratch / "model.layers.0.json").write_text(json.dumps(dict(body, check=resume._check(body))))
+    (scratch / "model.layers.0.safetensors").write_bytes(b"x")
+    (scratch / "walk.json").write_text("{}")
+    (scratch / "notes.txt").write_text("mine")
+    link = tmp_path / "out.resume"
+    link.symlink_to(scratch)
+    with resume.hold(link, fresh=True) as held:
+        assert link.is_symlink() and held == link
+        assert sorted(p.name for p in scratch.iterdir()) == sorted(["notes.txt", resume.LOCK_FILE])
+    dangling = tmp_path / "gone.resume"  # (a link to a scratch disk since emptied: a directory of its own)
+    dangling.symlink_to(tmp_path / "nowhere")
+    with resume.hold(dangling, fresh=True):
+        assert dangling.is_dir() and not dangling.is_symlink()
+
+
 @pytest.mark.skipif(os.name == "nt", reason="flock")
 def test_hold_output_is_one_write_at_a_time_and_leaves_no_lock(tmp_path):
     """``hold_output``: one job (a merge or quantize) at a time in a checkpoint directory, a save
