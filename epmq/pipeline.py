@@ -490,6 +490,13 @@ class Runner:
             if resume:
                 log(f"[resume] {type(bench).__name__} has no identity: results in {self.out} are taken "
                     f"as its own by its class and task names (pass identity= to tell benches apart)")
+        from .walker import _float_precision
+
+        # every cell's forward runs under torch's float arithmetic (TF32): a run under other settings is
+        # another's (torch's defaults recorded as nothing: results stored before this was recorded match)
+        precision = _float_precision(torch.device(getattr(bench, "device", "cpu")))
+        if precision:
+            identity = dict(identity, precision=precision)
         self.store = Store(self.out, identity, resume, log)
         self._plots_gone = False
         self._serving_said = set()  # (the engine warnings of the run's checkpoints said so far)

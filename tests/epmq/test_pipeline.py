@@ -382,6 +382,26 @@ def test_a_bench_is_resumed_only_from_its_own_results(calls_list, tmp_path):
     assert any("has no identity" in line for line in logs)
 
 
+def test_a_run_under_other_float32_settings_is_started_over(calls_list, tmp_path, monkeypatch):
+    """Every cell's forward (the quantizers' calibration, the evaluations) runs under the precision a
+    user set for torch's float32 products (TF32 on a GPU; on a CPU, oneDNN's bf16), which the run's
+    identity did not hold: a run stopped under one and resumed under another tabled the first's cells
+    beside the second's in silence. It starts over (the earlier results kept aside, as for another
+    bench); under torch's defaults nothing is recorded, so results stored before resume."""
+    logs = []
+    with monkeypatch.context() as m:
+        m.setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")
+        pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert calls_list
+    calls_list.clear()
+    pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert calls_list, "a cell of the bf16 run was reused"
+    assert any("starting over" in line and "'precision'" in line for line in logs), logs
+    calls_list.clear()
+    pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert not calls_list and "precision" not in json.loads((tmp_path / "results.json").read_text())["identity"]
+
+
 @pytest.mark.parametrize("merges, bits", [(1, [4, 2]), (1, [4]), (2, [8, 4, 3, 2])])
 def test_the_plots_legends_fit_in_their_figures(calls_list, tmp_path, quiet, monkeypatch, merges, bits):
     """Every legend entry is drawn inside the saved figure and below the panels: one row of the
