@@ -496,7 +496,11 @@ def hold_output(directory, *, job: bool = True):
     kind = (str(lock), "output directory", "epmq merge or quantize")  # (the file named whole: beside it)
     key = str(lock)
     held = _HELD.get(key)
+    # (the folders made for the lock file, deepest first: removed with it where left empty, as by a
+    # command refused before it wrote anything, which left OUT's folders behind)
+    made = []
     if held is None:
+        made = list(itertools.takewhile(lambda folder: not folder.exists(), (lock.parent, *lock.parent.parents)))
         lock.parent.mkdir(parents=True, exist_ok=True)
         while True:
             handle = open(lock, "a+", encoding="utf-8")
@@ -515,6 +519,9 @@ def hold_output(directory, *, job: bool = True):
         yield
     finally:
         _unlock(key, walk=job)
+        for folder in made if key not in _HELD else ():
+            with contextlib.suppress(OSError):  # (not empty: OUT was written there, or another's files)
+                folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -443,6 +443,12 @@ def test_cli(checkpoints, tmp_path, capsys):
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
     assert "merged 2 models with ties" in capsys.readouterr().out
     assert not (tmp_path / ".out.epmq-lock").exists()  # (OUT's lock let go with its file)
+    # a merge refused leaves nothing, nor the folders OUT would have been made in
+    config2 = tmp_path / "missing.yaml"
+    config2.write_text(yaml.safe_dump(dict(method="ties", base=str(root / "base"),
+                                           models=[str(root / "e0"), str(tmp_path / "nowhere")])))
+    assert main(["merge", str(config2), str(tmp_path / "new" / "deep" / "out"), "--quiet"]) == 2
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "new").exists()
     got = _load(tmp_path / "out")
     want = merge.ties(base, experts[:2], density=0.2, scale=0.7)
     assert all(torch.equal(got[n], want[n]) for n in want)
