@@ -634,9 +634,10 @@ def _torch_attention_outside(model: nn.Module, taken: list) -> list:
 
 # The attention pools of open_clip's and timm's image towers, after their blocks (a learned query attending to every
 # token; their output the image features): open_clip's AttentionalPooler (CoCa), timm's AttentionPoolLatent (the MAP
-# heads of SigLIP and PE-Core), AttentionPool2d and RotAttentionPool2d. (HF's *MultiheadAttentionPoolingHead is left
-# unsaid: a VLM's SigLIP tower computes it, and its language model reads the hidden states instead.)
+# heads of SigLIP and PE-Core), AttentionPool2d and RotAttentionPool2d. (HF's *AttentionPoolingHead, SigLIP's,
+# SigLIP 2's, AIMv2's, only where the model returns its output: see _pooled_output_returned.)
 _ATTENTION_POOL = re.compile(r"Attention\w*Pool|AttnPool")
+_HF_POOLING_HEAD = re.compile(r"AttentionPoolingHead$")
 
 
 def _is_attention_pool(module: nn.Module) -> bool:
@@ -644,13 +645,49 @@ def _is_attention_pool(module: nn.Module) -> bool:
     return bool(_ATTENTION_POOL.search(kind.__name__)) and kind.__module__.partition(".")[0] in ("open_clip", "timm")
 
 
+def _is_hf_pooling_head(module: nn.Module) -> bool:
+    kind = type(module)
+    return bool(_HF_POOLING_HEAD.search(kind.__name__)) and kind.__module__.partition(".")[0] == "transformers"
+
+
+def _pooled_output_returned(model: nn.Module, name: str) -> bool:
+    """Whether what ``model`` returns holds the output of the HF pooling head ``name``: ``model`` holds
+    the head itself (a SiglipVisionModel's ``pooler_output``), or its forward reads the ``pooler_output``
+    of its child that holds it (SiglipModel's image embeddings). A VLM's SigLIP tower, deeper, computes
+    the head but its language model reads the hidden states, and SiglipForImageClassification averages
+    them: there the head's output is never read, and naming it would be noise."""
+    owner = name.rpartition(".")[0]
+    if not owner:
+        return True
+    if "." in owner:
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(model).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+
+    def called(node) -> bool:  # self.<owner>(...)
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == owner
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+
+    # names bound to the owner's outputs: outputs = self.<owner>(...) (annotated or not)
+    bound = {node.targets[0].id if isinstance(node, ast.Assign) else node.target.id for node in ast.walk(tree)
+             if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                 or isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)) and called(node.value)}
+    return any(isinstance(node, ast.Attribute) and node.attr == "pooler_output"
+               and (called(node.value) or isinstance(node.value, ast.Name) and node.value.id in bound)
+               for node in ast.walk(tree))
+
+
 def _attention_pools_outside(model: nn.Module, taken: list) -> list:
-    """``[(name, [linear names])]`` of the open_clip and timm attention pools outside the modules
-    ``taken`` and the linears inside them, an ``nn.MultiheadAttention``'s projection weights among
-    them: a block's worth of weights after the blocks, which the walk never reaches."""
+    """``[(name, [linear names])]`` of the open_clip and timm attention pools (and HF's pooling heads
+    whose output ``model`` returns) outside the modules ``taken`` and the linears inside them, an
+    ``nn.MultiheadAttention``'s projection weights among them: a block's worth of weights after the
+    blocks, which the walk never reaches."""
     found = []
     for name, module in model.named_modules():
-        if any(_nested(name, t) for t in taken) or not _is_attention_pool(module):
+        if any(_nested(name, t) for t in taken) or not (
+                _is_attention_pool(module) or _is_hf_pooling_head(module) and _pooled_output_returned(model, name)):
             continue
         linears = []
         for rel, m in module.named_modules():

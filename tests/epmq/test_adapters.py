@@ -1639,6 +1639,78 @@ def test_attention_pools_after_the_blocks_left_in_full_precision_are_warned_of(k
     assert left and all(f"{n}.".startswith(f"{pool}.") for n in left), left
 
 
+_HF_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                  patch_size=8)
+_HF_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_SIGLIP_HEAD = ["attention.in_proj_weight", "attention.out_proj", "mlp.fc1", "mlp.fc2"]
+
+
+def _hf_pooled(kind):
+    """A tiny transformers model holding a SigLIP-like attention-pooling head after its image tower's
+    blocks, the head's name and its linears (None where the head's output is not what the model returns)."""
+    import transformers
+
+    torch.manual_seed(0)
+    siglip2 = dict(_HF_VISION, num_patches=4)
+    del siglip2["image_size"]
+    made = {
+        "siglip_vision": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**_HF_VISION)),
+        "siglip": lambda: transformers.SiglipModel(transformers.SiglipConfig(vision_config=_HF_VISION,
+                                                                             text_config=_HF_TEXT)),
+        "siglip2_vision": lambda: transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**siglip2)),
+        "siglip2": lambda: transformers.Siglip2Model(transformers.Siglip2Config(vision_config=siglip2,
+                                                                                text_config=_HF_TEXT)),
+        "aimv2_vision": lambda: transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**_HF_VISION)),
+        # the head computed, its output unread: the classifier averages the tokens, a VLM reads the hidden states
+        "siglip_classifier": lambda: transformers.SiglipForImageClassification(transformers.SiglipConfig(
+            vision_config=_HF_VISION, text_config=_HF_TEXT, num_labels=3)),
+        "llava_siglip": lambda: transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+            vision_config=dict(_HF_VISION, model_type="siglip_vision_model"),
+            text_config=dict(_HF_TEXT, model_type="llama", vocab_size=300), image_token_id=299)),
+    }
+    heads = {"siglip_vision": ("head", _SIGLIP_HEAD), "siglip": ("vision_model.head", _SIGLIP_HEAD),
+             "siglip2_vision": ("head", _SIGLIP_HEAD), "siglip2": ("vision_model.head", _SIGLIP_HEAD),
+             "aimv2_vision": ("head", ["k_proj", "v_proj", "output_proj"])}
+    return made[kind]().eval(), heads.get(kind)
+
+
+@pytest.mark.parametrize("kind", ["siglip_vision", "siglip", "siglip2_vision", "siglip2", "aimv2_vision",
+                                  "siglip_classifier", "llava_siglip"])
+def test_hf_attention_pooling_head_is_warned_of_where_the_model_returns_its_output(kind):
+    """HF SigLIP's attention-pooling head (SigLIP 2's, AIMv2's) after a standalone SiglipVisionModel's or
+    SiglipModel's blocks, whose output is the image features the model returns, stayed in full precision
+    without a word, where open_clip's and timm's attention pools are named; it is named with its linears
+    there, and not where the model never reads it (SiglipForImageClassification averages the tokens, a
+    VLM's language model reads the hidden states)."""
+    model, head = _hf_pooled(kind)
+    assert any(n.rpartition(".")[2] == "head" and "Pooling" in type(m).__name__ for n, m in model.named_modules())
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        epmq.adapters.warn_other_towers(model, epmq.adapters.find_towers(model))
+    said = [str(w.message) for w in said if "attention pool" in str(w.message)]
+    if head is None:
+        assert not said, said
+    else:
+        name, linears = head
+        assert len(said) == 1 and f" {name} ({', '.join(linears)}) stay in full precision" in said[0], said
+
+
+def test_siglip_vision_model_head_is_all_left_in_full_precision_and_warned_of(gen):
+    """Quantizing a standalone SiglipVisionModel names its attention-pooling head once, and the head's
+    linears are all that is left in full precision."""
+    model, (name, linears) = _hf_pooled("siglip_vision")
+    calibration = {"task": [{"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)}]}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration=calibration,
+                            progress=False)
+    said = [str(w.message) for w in said if "stay in full precision" in str(w.message)]
+    assert len(said) == 1 and f" {name} ({', '.join(linears)}) stay in full precision" in said[0], said
+    left = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+    assert left and all(f"{n}.".startswith(f"{name}.") for n in left), left
+
+
 def epmq_tiny_resnet(pretrained=False, **options):
     """timm's ResNet of four BasicBlocks (64 to 512 channels; a 32 x 32 image to 1 x 1 features)."""
     from timm.models.resnet import BasicBlock, ResNet
