@@ -546,8 +546,8 @@ def hold(directory, *, fresh: bool = False):
     as ``remove`` removes them: unlinked, the new walk went to the output's disk, the earlier one's
     blocks left on the scratch disk for good."""
     directory = Path(directory)
-    if fresh and not directory.is_dir() and (directory.is_symlink() or directory.exists()):
-        directory.unlink()  # (a file, or a link to none: not a directory to go on in)
+    if fresh and directory.is_symlink() and not directory.exists():
+        directory.unlink()  # (a link to none: not a directory to go on in; a file is the user's, refused by _lock)
     key = _lock(directory, walk=False)
     try:
         if fresh and directory.is_symlink():

@@ -948,10 +948,12 @@ def test_cli_resumes_an_interrupted_quantization(files, tmp_path, capsys, monkey
     assert all(torch.equal(ref.get(k), got.get(k)) for k in ref.keys())
     assert json.loads((out / REPORT_FILE).read_text())["resumed"] == ["model.layers.0"]
 
-    partial.write_text("")  # not a directory: refused, and --fresh removes it
-    assert main(["quantize", str(config), str(out), "--quiet"]) == 2
-    assert "is not a directory" in capsys.readouterr().err
-    assert main(["quantize", str(config), str(out), "--quiet", "--fresh"]) == 0
+    partial.write_text("mine")  # not a directory (a file of the user's): refused, --fresh too, and kept
+    for fresh in ([], ["--fresh"]):
+        assert main(["quantize", str(config), str(out), "--quiet", *fresh]) == 2
+        assert f"resume_dir {partial} exists and is not a directory" in capsys.readouterr().err
+    assert partial.read_text() == "mine"
+    partial.unlink()
     partial.mkdir()
     (partial / "walk.json").write_text("{}")  # a stale directory: --fresh discards it
     assert main(["quantize", str(config), str(tmp_path / "w4"), "--quiet", "--fresh"]) == 0

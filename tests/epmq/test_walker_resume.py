@@ -700,6 +700,22 @@ def test_hold_fresh_of_a_link_empties_the_walk_where_it_points_and_keeps_the_lin
         assert dangling.is_dir() and not dangling.is_symlink()
 
 
+def test_hold_fresh_refuses_a_file_of_the_user_s_under_the_resume_directory_s_name(tmp_path):
+    """``epmq quantize --fresh`` with a file named OUT.resume (the user's, not a walk's directory)
+    deleted it; it is refused naming it, as without ``fresh``, and kept. A link to a file too."""
+    from epmq import resume
+
+    mine = tmp_path / "out.resume"
+    mine.write_text("mine")
+    link = tmp_path / "link.resume"
+    link.symlink_to(mine)
+    for path in (mine, link):
+        with pytest.raises(ValueError, match=f"resume_dir {re.escape(str(path))} exists and is not a directory"):
+            with resume.hold(path, fresh=True):
+                pass
+    assert mine.read_text() == "mine" and link.is_symlink()
+
+
 @pytest.mark.skipif(os.name == "nt", reason="flock")
 def test_hold_output_is_one_write_at_a_time_and_leaves_no_lock(tmp_path):
     """``hold_output``: one job (a merge or quantize) at a time in a checkpoint directory, a save
