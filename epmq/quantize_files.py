@@ -36,7 +36,6 @@ import functools
 import inspect
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -585,9 +584,10 @@ def _within(model, module, layers: Optional[str]):
 
 
 def _drop_if_no_block(resume_dir) -> None:
-    """A walk that stopped before its first block leaves nothing worth keeping."""
+    """A walk that stopped before its first block leaves nothing worth keeping (of its own: a user's
+    files in the directory are kept, and it with them)."""
     if resume_dir is not None and resume_dir.is_dir() and not resume_dir.is_symlink() and not records(resume_dir):
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        remove(resume_dir)
 
 
 def resume_dir_for(out: Path) -> Path:

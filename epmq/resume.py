@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -334,18 +333,15 @@ def records(directory: Path) -> list:
 
 
 def remove(directory) -> None:
-    """Delete the resume directory of a walk whose result is saved. A link (the directory put on
-    another disk) is not ours to empty whole, as ``hold(fresh=True)`` does not: the files walks
-    write are deleted where it points (block records and their tensors, ``walk.json``,
-    ``walk.lock``, killed writes' temporaries), then the link."""
+    """Delete the resume directory of a walk whose result is saved. It is not ours to empty whole
+    (a scratch disk mounted there, a link to one, a user's notes), as ``hold(fresh=True)`` does
+    not: the files walks write are deleted (block records and their tensors, ``walk.json``,
+    ``walk.lock``, killed writes' temporaries), then a link, or the directory if nothing is left."""
     directory = Path(directory)
-    if not directory.is_symlink():
-        shutil.rmtree(directory, ignore_errors=True)
-        return
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # (a directory the user's files are left in stays)
         _remove_walk_files(directory)
         (directory / LOCK_FILE).unlink(missing_ok=True)
-        directory.unlink()
+        directory.unlink() if directory.is_symlink() else directory.rmdir()
 
 
 def _remove_walk_files(directory: Path) -> None:
@@ -541,21 +537,17 @@ def hold_run(directory, *, run: bool = True):
 @contextlib.contextmanager
 def hold(directory, *, fresh: bool = False):
     """Hold the resume directory ``directory`` for a whole job (walk, save, clean-up), so that no
-    other process takes it in between; ``fresh``: empty it first (under the lock). A link (the
-    blocks put on a scratch disk) is kept, and of where it points only the walks' files are removed,
-    as ``remove`` removes them: unlinked, the new walk went to the output's disk, the earlier one's
-    blocks left on the scratch disk for good."""
+    other process takes it in between; ``fresh``: remove the walks' files first (under the lock), as
+    ``remove`` removes them, a user's kept. A link (the blocks put on a scratch disk) is kept:
+    unlinked, the new walk went to the output's disk, the earlier one's blocks left on the scratch
+    disk for good."""
     directory = Path(directory)
     if fresh and directory.is_symlink() and not directory.exists():
         directory.unlink()  # (a link to none: not a directory to go on in; a file is the user's, refused by _lock)
     key = _lock(directory, walk=False)
     try:
-        if fresh and directory.is_symlink():
+        if fresh:
             _remove_walk_files(directory)
-        elif fresh:
-            for entry in directory.iterdir():
-                if entry.name != LOCK_FILE:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         yield directory
     finally:
         _unlock(key, walk=False)

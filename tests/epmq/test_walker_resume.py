@@ -657,21 +657,67 @@ def test_a_block_s_tensors_are_on_disk_before_its_record(tmp_path, monkeypatch):
         assert any(str(names[i][1]).startswith(".block.0.safetensors.tmp") for i in synced), names
 
 
-def test_hold_fresh_empties_the_directory_but_keeps_its_lock(tmp_path):
-    """``hold(fresh=True)`` (``epmq quantize --fresh``, ``resume=False``) discards the blocks an
-    earlier walk left: nothing of them is resumed."""
+def _walk_files(directory):
+    """A walk's files in ``directory`` (a block's record and tensors, walk.json), and two of the user's."""
     from epmq import resume
 
-    (tmp_path / "model.layers.0.json").write_text("{}")
-    (tmp_path / "model.layers.0.safetensors").write_bytes(b"x")
-    (tmp_path / "walk.json").write_text("{}")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "f").write_text("")
+    body = {"identity": "i", "digest": "d", "layers": {}, "tensors": "t"}
+    (directory / "model.layers.0.json").write_text(json.dumps(dict(body, check=resume._check(body))))
+    (directory / "model.layers.0.safetensors").write_bytes(b"x")
+    (directory / "walk.json").write_text("{}")
+    (directory / "notes.txt").write_text("mine")
+    (directory / "sub").mkdir()
+    (directory / "sub" / "f").write_text("mine")
+
+
+def test_hold_fresh_empties_the_walk_but_keeps_its_lock_and_the_user_s_files(tmp_path):
+    """``hold(fresh=True)`` (``epmq quantize --fresh``, ``resume=False``) discards the blocks an
+    earlier walk left: nothing of them is resumed. It deleted every file and folder in OUT.resume,
+    a user's too (a scratch disk mounted there, notes kept with the blocks); only the walk's go, as
+    where OUT.resume is a link."""
+    from epmq import resume
+
+    _walk_files(tmp_path)
     with resume.hold(tmp_path, fresh=True) as held:
-        assert sorted(p.name for p in held.iterdir()) == [resume.LOCK_FILE]
+        assert sorted(p.name for p in held.iterdir()) == sorted([resume.LOCK_FILE, "notes.txt", "sub"])
+    assert (tmp_path / "sub" / "f").read_text() == "mine"
     (tmp_path / "model.layers.0.json").write_text("{}")
     with resume.hold(tmp_path):  # (not fresh: kept)
         assert (tmp_path / "model.layers.0.json").is_file()
+
+
+def test_removing_a_resume_directory_keeps_the_user_s_files(tmp_path):
+    """Once the checkpoint was written (``remove``), or the command stopped before its first block
+    (``_drop_if_no_block``), OUT.resume was deleted whole (shutil.rmtree), a user's files in it too;
+    the walk's files are removed, and the directory where nothing else is left in it."""
+    from epmq import resume
+    from epmq.quantize_files import _drop_if_no_block
+
+    walk = tmp_path / "out.resume"
+    walk.mkdir()
+    _walk_files(walk)
+    with resume.hold(walk):
+        resume.remove(walk)
+    assert sorted(p.name for p in walk.iterdir()) == ["notes.txt", "sub"]
+    (walk / "walk.json").write_text("{}")
+    with resume.hold(walk):
+        _drop_if_no_block(walk)
+    assert sorted(p.name for p in walk.iterdir()) == ["notes.txt", "sub"]
+    (walk / "notes.txt").unlink()
+    (walk / "sub" / "f").unlink()
+    (walk / "sub").rmdir()
+    walk.rmdir()
+    for clean_up in (resume.remove, _drop_if_no_block):  # (nothing of the user's: the directory goes)
+        walk.mkdir()
+        _walk_files(walk)
+        for mine in ("notes.txt", "sub/f", "sub"):
+            (walk / mine).unlink() if mine != "sub" else (walk / mine).rmdir()
+        if clean_up is _drop_if_no_block:
+            for block in walk.glob("model.layers.0.*"):
+                block.unlink()
+        with resume.hold(walk):
+            clean_up(walk)
+        assert not walk.exists()
 
 
 @pytest.mark.skipif(os.name == "nt", reason="symlinks")
