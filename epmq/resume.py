@@ -11,9 +11,9 @@ bit-identical to an uninterrupted walk (tested).
 
 Nothing stale is reused silently: ``walk.json`` holds what the result depends on (method,
 grid, anchors, solver settings, device type, torch's float arithmetic there where not its
-default (TF32), the calibration data's digest, the blocks' layout, the model's config,
-attention implementation, buffers and module settings, plain attributes included, the versions
-of the code), and each block's record the digest of that
+default (TF32, scaled_dot_product_attention's kernels), the calibration data's digest, the
+blocks' layout, the model's config, attention implementation, buffers and module settings, plain
+attributes included, the versions of the code), and each block's record the digest of that
 identity (so a lost ``walk.json`` does not let another walk's blocks in: nor does another walk
 then claim the directory) and of the weights it was solved from (the merged block and, for
 E-PMQ, the experts' tensors it read: their fingerprints taken from the reads the solve made, so
@@ -179,7 +179,9 @@ class BlockLog:
                           "with that code, or use an empty directory")
             if changed == ["precision"]:
                 remedy = ("the blocks done were computed under other settings of torch's float arithmetic (TF32, "
-                          "reduced-precision reductions: torch.set_float32_matmul_precision, torch.backends): "
+                          "reduced-precision reductions: torch.set_float32_matmul_precision, torch.backends; "
+                          "scaled_dot_product_attention's kernels: torch.backends.cuda.enable_flash_sdp and the "
+                          "others): "
                           "resume under those, or use an empty directory")
             if "blocks" in changed and then is not None and now is not None and now < then and then - now <= left_out:
                 remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "

@@ -1344,6 +1344,19 @@ def _versions() -> dict:
                 epmq=__version__)
 
 
+# which kernels scaled_dot_product_attention may choose (flash and math on a CPU too), and whether its
+# math kernel reduces fp16/bf16 in their precision: each changes the attention's outputs
+_SDP = {"flash": ("flash_sdp_enabled", True), "mem_efficient": ("mem_efficient_sdp_enabled", True),
+        "math": ("math_sdp_enabled", True), "cudnn": ("cudnn_sdp_enabled", True),
+        "fp16_bf16_reduction_math": ("fp16_bf16_reduction_math_sdp_allowed", False)}
+
+
+def _sdp(*names) -> tuple:
+    # (an older torch without a setting: read as its default)
+    return tuple((f"sdp.{n}", lambda read=read, default=default: getattr(torch.backends.cuda, read, lambda: default)(),
+                  default) for n in names for read, default in [_SDP[n]])
+
+
 # torch's settings of its float arithmetic on a device that a user may change (a training script's
 # TF32), and their defaults: (name, how read, default)
 _PRECISION = {
@@ -1354,12 +1367,14 @@ _PRECISION = {
              ("matmul.allow_bf16_reduced_precision_reduction",
               lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, True),
              ("matmul.allow_fp16_accumulation",
-              lambda: getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False), False)),
+              lambda: getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False), False),
+             *_sdp(*_SDP)),
     # (oneDNN's fp32 products in bf16 or TF32, on CPUs that have them: "none" takes the default, IEEE)
     "cpu": (("mkldnn.matmul.fp32_precision",
              lambda: getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none").replace("none", "ieee"), "ieee"),
             ("mkldnn.conv.fp32_precision",
-             lambda: getattr(torch.backends.mkldnn.conv, "fp32_precision", "none").replace("none", "ieee"), "ieee")),
+             lambda: getattr(torch.backends.mkldnn.conv, "fp32_precision", "none").replace("none", "ieee"), "ieee"),
+            *_sdp("flash", "math", "fp16_bf16_reduction_math")),
 }
 
 

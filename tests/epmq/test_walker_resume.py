@@ -149,6 +149,44 @@ def test_the_float32_precision_recorded_is_the_walk_device_s(monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 
+@pytest.fixture
+def sdp_flags():
+    """torch's scaled_dot_product_attention settings, restored after the test (they are global)."""
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+              cuda.cudnn_sdp_enabled(), cuda.fp16_bf16_reduction_math_sdp_allowed())
+    yield cuda
+    for set_, value in zip((cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_math_sdp,
+                            cuda.enable_cudnn_sdp, cuda.allow_fp16_bf16_reduction_math_sdp), before):
+        set_(value)
+
+
+def test_a_walk_resumed_under_other_attention_kernels_is_refused(gen, tmp_path, monkeypatch, sdp_flags):
+    """Which kernels scaled_dot_product_attention may choose (torch.backends.cuda.enable_flash_sdp and
+    the others; on a CPU flash and math too) and whether its math kernel reduces fp16/bf16 in their
+    precision change the blocks' attention outputs, every later block's inputs; the walk's identity
+    left them out, so a walk stopped under one and resumed under another took the first's blocks in
+    silence. They are recorded as TF32 is, torch's defaults as nothing."""
+    fam = Family("llama", gen)
+    sdp_flags.enable_flash_sdp(False)
+    _interrupted(fam, tmp_path, monkeypatch)
+    sdp_flags.enable_flash_sdp(True)
+    with pytest.raises(ValueError, match="another walk.*precision.*sdp.flash: False then, torch's default now"):
+        run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+
+
+def test_the_attention_kernels_recorded_are_the_walk_device_s(sdp_flags):
+    assert walker._float_precision(torch.device("cuda")) == walker._float_precision(torch.device("cpu")) == {}
+    sdp_flags.enable_flash_sdp(False)
+    sdp_flags.enable_mem_efficient_sdp(False)
+    sdp_flags.enable_cudnn_sdp(False)
+    sdp_flags.allow_fp16_bf16_reduction_math_sdp(True)
+    assert walker._float_precision(torch.device("cuda")) == {
+        "sdp.flash": False, "sdp.mem_efficient": False, "sdp.cudnn": False, "sdp.fp16_bf16_reduction_math": True}
+    # (a CPU has flash and math kernels only)
+    assert walker._float_precision(torch.device("cpu")) == {"sdp.flash": False, "sdp.fp16_bf16_reduction_math": True}
+
+
 def test_a_directory_of_other_statistics_rules_is_refused(gen, tmp_path, monkeypatch):
     """The package version does not move with each commit: what the statistics count is named."""
     fam = Family("llama", gen)
