@@ -474,6 +474,11 @@ def output_lock_file(directory) -> Path:
     return directory.with_name(f".{directory.name}.epmq-lock")
 
 
+# opens of an output's lock file before it is refused: each retry follows a holder letting go (racing
+# ones a few at most); a file system whose fstat and stat never agree would retry for ever
+_LOCK_TRIES = 20
+
+
 def _same_file(handle, path: Path) -> bool:
     try:
         return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
@@ -500,13 +505,18 @@ def hold_output(directory, *, job: bool = True):
     if held is None:
         made = list(itertools.takewhile(lambda folder: not folder.exists(), (lock.parent, *lock.parent.parents)))
         lock.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        for _ in range(_LOCK_TRIES):
             handle = open(lock, "a+", encoding="utf-8")
             _flock(handle, lambda: _in_use(directory, kind, lock), f"output directory {directory}", kind[2])
             # (a holder letting go removes the file: one opened before that is locked in vain)
             if os.name == "nt" or _same_file(handle, lock):
                 break
             handle.close()
+        else:
+            raise ValueError(f"output directory {directory}: its lock file {lock} was replaced each time it was "
+                             f"opened ({_LOCK_TRIES} times): the file system does not keep a file's identity "
+                             f"(os.fstat and os.stat disagree), so no write into it can be held alone; write the "
+                             f"checkpoint on another disk")
         _name_holder(handle)
         held = _HELD[key] = {"file": handle, "holders": 0, "walk": False, "removed": lock}
     elif job and held["walk"]:

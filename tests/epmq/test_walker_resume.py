@@ -839,6 +839,31 @@ def test_hold_output_is_one_write_at_a_time_and_leaves_no_lock(tmp_path):
     assert not resume.output_lock_file(tmp_path / "target").exists()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_hold_output_on_a_file_system_whose_opens_are_never_the_file_there_is_refused(tmp_path, monkeypatch):
+    """``hold_output`` opened its lock file again until the open was the file at its path (a holder
+    letting go removes it), with no end: on a file system where fstat and stat never agree (inode
+    numbers that change between calls) epmq merge and quantize hung at their start. A few tries, then
+    refused naming the lock file."""
+    from epmq import resume
+
+    opens = []
+
+    def never(handle, path):
+        opens.append(path)
+        if len(opens) > 10_000:  # (the loop without end: failed, not hung)
+            raise AssertionError("hold_output retries without end")
+        return False
+
+    monkeypatch.setattr(resume, "_same_file", never)
+    out = tmp_path / "out"
+    lock = resume.output_lock_file(out)
+    with pytest.raises(ValueError, match=f"output directory {out}: its lock file {lock} was replaced .* times"):
+        with resume.hold_output(out):
+            pass
+    assert len(opens) == resume._LOCK_TRIES and str(lock) not in resume._HELD and not out.exists()
+
+
 def test_digests_depend_on_names_and_keys():
     """What a resumed walk compares: tensors of the same values under other names (an expert's
     q_proj and k_proj swapped), and calibration data under other keys, are other inputs."""
