@@ -423,6 +423,9 @@ def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
     file, what, _ = kind
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what} {directory} exists and is not a directory")
+    if directory.is_symlink() and not directory.exists():  # (a scratch disk not mounted: not made here)
+        raise ValueError(f"{what} {directory} is a link to {os.readlink(directory)}, which does not exist: "
+                         f"mount or make it, or remove the link")
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
     held = _HELD.get(key)

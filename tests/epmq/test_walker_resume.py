@@ -800,6 +800,22 @@ def test_hold_fresh_refuses_a_file_of_the_user_s_under_the_resume_directory_s_na
     assert mine.read_text() == "mine" and link.is_symlink()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="symlinks")
+def test_a_resume_directory_linked_to_nothing_is_refused_naming_the_link(tmp_path):
+    """OUT.resume (or quantize_model's resume_dir) a link to a scratch disk not mounted: the walk
+    ended in a bare 'FileExistsError: [Errno 17] File exists'; refused naming the link and where it
+    points (``--fresh`` replaces it with a directory, as before)."""
+    from epmq import resume
+
+    link = tmp_path / "out.resume"
+    link.symlink_to(tmp_path / "scratch" / "blocks")
+    pattern = f"resume_dir {re.escape(str(link))} is a link to {re.escape(str(tmp_path / 'scratch' / 'blocks'))}"
+    with pytest.raises(ValueError, match=pattern + ", which does not exist"):
+        with resume.hold(link):
+            pass
+    assert link.is_symlink()
+
+
 @pytest.mark.skipif(os.name == "nt", reason="flock")
 def test_hold_output_is_one_write_at_a_time_and_leaves_no_lock(tmp_path):
     """``hold_output``: one job (a merge or quantize) at a time in a checkpoint directory, a save
