@@ -193,7 +193,10 @@ class Plan:
         if not self.anchors:
             raise ValueError(f"anchors must be a non-empty list of values >= 0, got {self.anchors}")
         for b in self.bits:
-            self.spec(b)  # validates bits and group size early, with QuantSpec's message
+            try:
+                self.spec(b)  # validates bits and group size early, with QuantSpec's message
+            except ValueError as e:  # (which names its field, not the config's key it came from)
+                raise ValueError(f"quantize.{e}") from None
 
     def method_targets(self, method: str) -> str:
         """The targets a row of ``methods`` quantizes with: ``targets`` for E-PMQ, merged-path

@@ -100,7 +100,8 @@ def test_run_missing_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(quantize={**c["quantize"], "bits": [5]}), "bits must be one of"),
+        (lambda c: c.update(quantize={**c["quantize"], "bits": [5]}), "quantize.bits must be one of"),
+        (lambda c: c.update(quantize={**c["quantize"], "group_size": 0}), "quantize.group_size must be -1"),
         (lambda c: c.update(merge=[{"method": "magic"}]), "unknown merge method 'magic'"),
         (lambda c: c.update(quantize={**c["quantize"], "methods": ["awq"]}), "unknown quantization method 'awq'"),
         (lambda c: c.update(quantize={**c["quantize"], "groupsize": 32}), "unknown keys \\['groupsize'\\]"),
