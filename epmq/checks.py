@@ -262,7 +262,15 @@ def check_number(value, what: str, minimum: Optional[float] = None) -> float:
     1e-1 as one), or below ``minimum``. numpy's numbers are taken (a sweep's values read from
     arrays: np.float32 and np.int64 are no Python float or int), as the float they are."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        hint = " (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if isinstance(value, str) else ""
+        hint = ""
+        if isinstance(value, str):
+            try:
+                read = float(value)
+            except ValueError:
+                read = None
+            # (YAML reads nan and inf as strings too, which no writing of 1e-1 mends)
+            hint = (" (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if read is None or math.isfinite(read)
+                    else " (NaN and inf are not numbers it can take: give a finite one)")
         raise ValueError(f"{what} must be a finite number, got {value!r}{hint}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")

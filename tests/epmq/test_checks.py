@@ -248,3 +248,18 @@ def test_float8_e8m0_values_past_fp16_are_read_as_they_are(backend):
     vu = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got, want = hessian_numbers(H, vu, backend=backend), hessian_numbers(H.float(), vu, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity"])
+def test_a_string_nan_or_inf_is_refused_with_a_hint_that_fits(value):
+    """YAML reads ``anchors: [nan]`` as the string 'nan' (its NaN is .nan): the error's hint was
+    'YAML reads 1e-1 as a string: write 1.0e-1 or 0.1', which no writing of NaN or inf mends."""
+    from epmq.checks import check_number
+
+    with pytest.raises(ValueError) as error:
+        check_number(value, "quantize.anchors: each anchor", minimum=0.0)
+    message = str(error.value)
+    assert f"each anchor must be a finite number, got {value!r}" in message
+    assert "1e-1" not in message and "NaN and inf" in message
+    with pytest.raises(ValueError, match=r"got '1e-1' \(YAML reads 1e-1 as a string: write 1.0e-1 or 0.1\)"):
+        check_number("1e-1", "quantize.anchors: each anchor")

@@ -112,6 +112,7 @@ def test_run_missing_config(tmp_path, capsys):
         (lambda c: c["tasks"][1].update(expert="does/not/exist/here.safetensors"), "does/not/exist"),
         (lambda c: c.update(quantize={**c["quantize"], "anchors": [float("nan")]}), "each anchor must be a finite"),
         (lambda c: c.update(quantize={**c["quantize"], "anchors": ["1e-1"]}), "YAML reads 1e-1 as a string"),
+        (lambda c: c.update(quantize={**c["quantize"], "anchors": ["nan"]}), "got 'nan' \\(NaN and inf"),
         (lambda c: c.update(quantize={**c["quantize"], "anchors": 0.1}), "quantize.anchors must be a list"),
         (lambda c: c.update(quantize={**c["quantize"], "anchors": [0.1, 0.1]}), "repeats a value"),
         (lambda c: c.update(quantize={**c["quantize"], "weight_anchor": -1}), "weight_anchor must be >= 0"),
