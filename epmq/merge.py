@@ -459,6 +459,14 @@ def _each(value, what: str, n: int) -> Callable[[int], float]:
     return lambda k: float(value)
 
 
+def _check_some_kept(kept: Callable[[int], float], n: int, what: str, method: str) -> None:
+    """A ValueError where ``kept`` (:func:`_each`'s) is 0 for each of the ``n`` experts: every task
+    vector dropped, the merge was the base, said nowhere (one expert's 0 leaves that one out)."""
+    if all(kept(k) == 0 for k in range(n)):
+        raise ValueError(f"{what} is 0 for every expert: {method} would drop every task vector and return "
+                         f"the base; give a {what} > 0")
+
+
 def _check_choice(value, allowed, what):
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -702,6 +710,7 @@ def ties(
     experts = _listed_experts(experts)  # (read twice: the thresholds, the merge)
     base_sd, expert_sds = _inputs(base, experts)
     kept = _each(density, "density", len(expert_sds))
+    _check_some_kept(kept, len(expert_sds), "density", "TIES")
     thresholds = (
         _global_thresholds(base_sd, expert_sds, kept) if scope == "global" else None
     )
@@ -741,6 +750,7 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
     """
     experts = _listed_experts(experts)
     kept, outliers = _each(density, "density", len(experts)), _each(gamma, "gamma", len(experts))
+    _check_some_kept(kept, len(experts), "density", "Breadcrumbs")
     _check_choice(convention, CONVENTIONS, "convention")
 
     def sparsify(name, k, tau):
@@ -791,6 +801,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     experts = _listed_experts(experts)
     kept = _each(density, "density", len(experts))
     spread = _each(epsilon, "epsilon", len(experts))
+    _check_some_kept(kept, len(experts), "density", "DELLA")
     seed = check_seed(seed)
     _check_choice(rescale, DELLA_RESCALES, "rescale")
     _check_choice(convention, CONVENTIONS, "convention")
@@ -844,6 +855,7 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None):
     _needs_base(base, "sce")
     _check_unit(select_topk, "select_topk")
     experts = _listed_experts(experts)
+    _check_some_kept(lambda k: float(select_topk), len(experts), "select_topk", "SCE")
     _warn_of_fused_experts(base, experts, "its entries selected and weighted")
 
     def merge_tensor(name, W_0, W_k):

@@ -138,9 +138,9 @@ def test_ties_defaults_and_limits():
     out = merge.ties(base, experts, density=1.0, scope="tensor")
     torch.testing.assert_close(out["w"][3], T(2.0))  # +2, +2, 0: zeros are not counted
     torch.testing.assert_close(out["w"][0], T(2.0))  # +3, -3, +1 -> sign +, mean of 3 and 1
-    # density 0 keeps nothing: the base
-    out = merge.ties(base, experts, density=0.0)
-    torch.testing.assert_close(out["w"], base["w"])
+    # density 0 keeps nothing: the base, refused (as DARE's)
+    with pytest.raises(ValueError, match="density is 0 for every expert"):
+        merge.ties(base, experts, density=0.0)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.37, 0.5, 1.0])
@@ -2453,3 +2453,24 @@ def test_fused_experts_in_plain_state_dicts_are_warned_of_by_the_spherical_and_m
         merge.ram(base, experts)
         merge.ram_plus(base, experts, r=0)
         merge.nearswap(base, experts[:1])
+
+
+def test_a_density_of_0_for_every_expert_is_refused_not_merged_into_the_base():
+    """TIES, Breadcrumbs, DELLA (mergekit's convention) and SCE at density (select_topk) 0 dropped
+    every task vector: the merge returned the base, said nowhere (DARE refused it). One expert's 0
+    among others' (mergekit's per-model density) still leaves that expert out."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 8, generator=g)}
+    experts = [{"w": base["w"] + torch.randn(8, 8, generator=g)} for _ in range(2)]
+    for call, what in [
+        (lambda: merge.ties(base, experts, density=0.0), "density"),
+        (lambda: merge.ties(base, experts, density=[0.0, 0.0], scope="tensor", convention="mergekit"), "density"),
+        (lambda: merge.breadcrumbs(base, experts, density=0.0), "density"),
+        (lambda: merge.della(base, experts, density=0.0, epsilon=0.0, convention="mergekit"), "density"),
+        (lambda: merge.sce(base, experts, select_topk=0.0), "select_topk"),
+    ]:
+        with pytest.raises(ValueError, match=f"{what} is 0 for every expert: .* the base"):
+            call()
+    one_left_out = merge.ties(base, experts, density=[0.0, 0.5])
+    assert not torch.equal(one_left_out["w"], base["w"])
+
