@@ -1044,6 +1044,8 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     def merge_tensor(name, W_0, W_k):
         name = named.get(name, name)
         frac = check_number(t(name) if callable(t) else t, f"t (at {name})")
+        if not 0 <= frac <= 1:  # (past a or b the arc runs on, into a model that is neither)
+            raise ValueError(f"t (at {name}) must be in [0, 1] (a at 0, b at 1: slerp interpolates), got {frac}")
         A, B = ((W.reshape(-1, 1) if W.dim() < 2 else W.flatten(1)) if per_row else W.reshape(1, -1)
                 for W in W_k)
         norm_a, norm_b = (X.norm(dim=1, keepdim=True) for X in (A, B))

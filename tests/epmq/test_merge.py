@@ -2474,3 +2474,14 @@ def test_a_density_of_0_for_every_expert_is_refused_not_merged_into_the_base():
     one_left_out = merge.ties(base, experts, density=[0.0, 0.5])
     assert not torch.equal(one_left_out["w"], base["w"])
 
+
+@pytest.mark.parametrize("t", [-0.5, 1.5])
+def test_slerp_refuses_a_t_outside_0_to_1(t):
+    """SLERP interpolates from a (t = 0) to b (t = 1), as its docstring says; t = 1.5 ran the arc
+    on past b (sin((1 - t) theta) < 0) into a model that is neither, without a word."""
+    g = torch.Generator().manual_seed(0)
+    a, b = {"w": torch.randn(4, 4, generator=g)}, {"w": torch.randn(4, 4, generator=g)}
+    with pytest.raises(ValueError, match=rf"t \(at w\) must be in \[0, 1\].*got {t}"):
+        merge.slerp(a, b, t=t)
+    with pytest.raises(ValueError, match=r"t \(at w\) must be in \[0, 1\]"):
+        merge.slerp(a, b, t=lambda name: t)
