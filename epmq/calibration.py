@@ -1362,7 +1362,20 @@ def image_batches(files: Sequence[Path], processor, *, samples: int = 128, batch
                 raise ValueError(f"{what}: image {f}: {e}") from e
         # (every tensor the processor returns, as a pipeline passes them: pixel_values alone left
         # SigLIP 2's vision tower, whose forward requires its patches' mask and grid, unable to run)
-        out = processor(images=images, return_tensors="pt")
+        try:
+            out = processor(images=images, return_tensors="pt")
+        except (ValueError, RuntimeError, IndexError) as e:
+            # (its words name no image: Qwen2-VL's 'absolute aspect ratio must be smaller than 200' of one
+            # strip among a task's files; each is tried alone to name the one it cannot take)
+            for f, image in zip(chunk, images):
+                try:
+                    processor(images=[image], return_tensors="pt")
+                except (ValueError, RuntimeError, IndexError) as alone:
+                    raise ValueError(f"{what}: the image processor {type(processor).__name__} cannot take image "
+                                     f"{f}: {alone}") from alone
+            raise ValueError(f"{what}: the image processor {type(processor).__name__} cannot take the images "
+                             f"{', '.join(map(str, chunk[:3]))}{', ...' if len(chunk) > 3 else ''} together: "
+                             f"{e}") from e
         batches.append(_tensors_of(out, processor, "image processor", what))
     return batches
 

@@ -1132,3 +1132,22 @@ def test_links_to_nothing_in_a_tasks_folder_are_named_not_left_out(tmp_path):
         with pytest.raises(ValueError, match=rf"1 file\(s\) under the directory \(.*{name}\) are links to nothing: "
                                              r".*git annex get"):
             read(tmp_path)
+
+
+def test_an_image_the_image_processor_fails_on_is_named_by_its_file(tmp_path):
+    """Qwen2-VL's processor refuses an image of aspect ratio past 200 (a panorama strip, a scanned
+    receipt): image_batches ended in its bare 'absolute aspect ratio must be smaller than 200',
+    naming none of the task's files; the error names the image's file, the processor's words kept."""
+    import transformers
+    from PIL import Image
+
+    from epmq.calibration import image_batches
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "square.png")
+    Image.new("RGB", (1000, 3), (10, 20, 30)).save(tmp_path / "strip.png")
+    processor = transformers.Qwen2VLImageProcessor()
+    with pytest.raises(ValueError, match=r"cars: the image processor Qwen2VLImageProcessor cannot take image "
+                                         r".*strip\.png: absolute aspect ratio must be smaller than 200"):
+        image_batches([tmp_path / "square.png", tmp_path / "strip.png"], processor, samples=2, batch_size=2,
+                      what="cars")
+
