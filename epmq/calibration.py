@@ -185,6 +185,10 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
         shown = "".join(path.suffixes[-2:]) if path.suffix.lower() in COMPRESSIONS else path.suffix
         raise ValueError(f"{path}: {kind_error} ({', '.join(suffixes)}; all but .parquet also "
                          f"{'/'.join(COMPRESSIONS)}-compressed), not {shown!r}")
+    if suffix in (".jsonl", ".json") and _blank(path):
+        # (an export that wrote nothing: a .json's stopped the run as 'not JSON', a .jsonl's was left out unsaid)
+        warnings.warn(f"{path}: empty (no {what} in it): left out")
+        return []
     if suffix in (".jsonl", ".json", ".parquet") and stream:  # (read where the windows are: JsonLines)
         lines, rows = (PairLines, ParquetPairs) if pairs else (JsonLines, ParquetRows)
         opened = rows(path, tokenizer) if suffix == ".parquet" else lines(path, tokenizer, strict=suffix == ".jsonl")
@@ -218,6 +222,16 @@ def _records(source, suffixes: tuple, what: str, kind_error: str, stream: bool =
     if not isinstance(values, list):
         raise ValueError(f"{path}: expected a JSON list of {what}")
     return [(f"{path}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _blank(path: Path) -> bool:
+    """Whether the text file ``path`` holds nothing but whitespace (read in pieces up to the first
+    other character: a .json of one line is not read whole for it)."""
+    pieces = _text_lines(path, chars=1 << 16)
+    try:
+        return all(not piece.strip() for piece in pieces)
+    finally:
+        pieces.close()
 
 
 def _streamed_json_lines(path: Path) -> Optional[List[tuple]]:

@@ -1151,3 +1151,29 @@ def test_an_image_the_image_processor_fails_on_is_named_by_its_file(tmp_path):
         image_batches([tmp_path / "square.png", tmp_path / "strip.png"], processor, samples=2, batch_size=2,
                       what="cars")
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_json_file_among_a_tasks_files_is_left_out_by_name_as_an_empty_jsonl_is(tmp_path, stream):
+    """An empty (0-byte) .json among a task's files (an export that wrote nothing) stopped the run as
+    'not JSON (Expecting value: line 1 column 1 (char 0))', where an empty .jsonl was left out; each is left
+    out with a warning naming it, the other files read."""
+    import warnings
+
+    from epmq.calibration import read_pairs, read_texts
+
+    texts, pairs = tmp_path / "texts", tmp_path / "pairs"
+    for folder in (texts, pairs):
+        folder.mkdir()
+        (folder / "empty.json").write_bytes(b"")
+        (folder / "blank.jsonl").write_text("\n \n", encoding="utf-8")
+    (texts / "rows.jsonl").write_text('{"text": "a b c"}\n{"text": "d e f"}\n', encoding="utf-8")
+    (pairs / "rows.jsonl").write_text('{"input": "a b", "target": "c"}\n', encoding="utf-8")
+    for read, folder, want in ((read_texts, texts, ["a b c", "d e f"]), (read_pairs, pairs, [("a b", "c")])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = read(folder, stream=stream)
+        assert [tuple(p) if read is read_pairs else (p if isinstance(p, str) else p.text()) for p in got] == want
+        said = [str(w.message) for w in caught]
+        for name in ("empty.json", "blank.jsonl"):
+            assert any(f"{folder / name}: empty" in message and "left out" in message for message in said), said
+
