@@ -1746,9 +1746,15 @@ def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]], *,
     ``prompt`` and ``completion``) or ``.parquet`` rows, a directory of them, or a list of either.
     ``stream``: each JSON Lines record or .parquet row as a ``PairRecord``, checked, then read again
     where ``pair_batches`` draws it, not held (``epmq quantize`` reads them so)."""
-    return [v if isinstance(v, PairRecord) else _pair_of(v, where) for where, v in
-            _records(source, PAIR_SUFFIXES, "input/target pairs", "an encoder-decoder calibrates on input/target "
-                     "pairs: a file of objects with 'input' and 'target' texts", stream, pairs=True)]
+    pairs = [v if isinstance(v, PairRecord) else _pair_of(v, where) for where, v in
+             _records(source, PAIR_SUFFIXES, "input/target pairs", "an encoder-decoder calibrates on input/target "
+                      "pairs: a file of objects with 'input' and 'target' texts", stream, pairs=True)]
+    if not pairs:  # (said by pair_batches as the task's 'input/target pairs: none given', the files unnamed)
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        shown = ", ".join(map(str, sources[:3])) + (", ..." if len(sources) > 3 else "")
+        raise ValueError(f"no input/target pairs in {shown}: its files hold none" if sources
+                         else "no input/target pairs: no files given")
+    return pairs
 
 
 def _pair_of(v, where: str) -> tuple:

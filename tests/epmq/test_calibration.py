@@ -1177,3 +1177,13 @@ def test_an_empty_json_file_among_a_tasks_files_is_left_out_by_name_as_an_empty_
         for name in ("empty.json", "blank.jsonl"):
             assert any(f"{folder / name}: empty" in message and "left out" in message for message in said), said
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_pairs_file_of_no_pairs_is_named(tmp_path, stream):
+    """A task's pairs file that is empty (an export that wrote nothing) was refused by pair_batches as
+    "calibration['math']: input/target pairs: none given", naming the task but not the file it read."""
+    from epmq.calibration import read_pairs
+
+    (tmp_path / "pairs.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no input/target pairs in .*pairs\.jsonl"):
+        read_pairs(tmp_path / "pairs.jsonl", stream=stream)
