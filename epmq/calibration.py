@@ -703,8 +703,10 @@ def read_texts(source: Union[str, Path, Sequence[Union[str, Path]]], tokenizer=N
     renders conversations (needed only where there are some). ``stream``: each ``.txt`` file as
     a ``TextFile`` and each JSON Lines record or .parquet row as a ``TextRecord``, read where ``text_windows``
     reads them, not held (``epmq quantize`` reads them so)."""
-    return [v if isinstance(v, (TextFile, TextRecord)) else _text_of(v, where, tokenizer) for where, v in
-            _records(source, TEXT_SUFFIXES, "text", "unknown text file type", stream, tokenizer)]
+    texts = [v if isinstance(v, (TextFile, TextRecord)) else _text_of(v, where, tokenizer) for where, v in
+             _records(source, TEXT_SUFFIXES, "text", "unknown text file type", stream, tokenizer)]
+    # (said by text_windows as the task's 'the texts have no tokens: no documents were given', the files unnamed)
+    return _some_of(texts, source, "texts")
 
 
 # Texts of more characters than this (about 2M tokens) are not tokenized whole: each window is
@@ -1749,12 +1751,17 @@ def read_pairs(source: Union[str, Path, Sequence[Union[str, Path]]], *,
     pairs = [v if isinstance(v, PairRecord) else _pair_of(v, where) for where, v in
              _records(source, PAIR_SUFFIXES, "input/target pairs", "an encoder-decoder calibrates on input/target "
                       "pairs: a file of objects with 'input' and 'target' texts", stream, pairs=True)]
-    if not pairs:  # (said by pair_batches as the task's 'input/target pairs: none given', the files unnamed)
+    # (said by pair_batches as the task's 'input/target pairs: none given', the files unnamed)
+    return _some_of(pairs, source, "input/target pairs")
+
+
+def _some_of(records: list, source, what: str) -> list:
+    """``records`` read from ``source``, or a ValueError naming its files where there are none."""
+    if not records:
         sources = source if isinstance(source, (list, tuple)) else [source]
         shown = ", ".join(map(str, sources[:3])) + (", ..." if len(sources) > 3 else "")
-        raise ValueError(f"no input/target pairs in {shown}: its files hold none" if sources
-                         else "no input/target pairs: no files given")
-    return pairs
+        raise ValueError(f"no {what} in {shown}: its files hold none" if sources else f"no {what}: no files given")
+    return records
 
 
 def _pair_of(v, where: str) -> tuple:

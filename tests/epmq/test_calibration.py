@@ -1187,3 +1187,14 @@ def test_a_pairs_file_of_no_pairs_is_named(tmp_path, stream):
     (tmp_path / "pairs.jsonl").write_bytes(b"")
     with pytest.raises(ValueError, match=r"no input/target pairs in .*pairs\.jsonl"):
         read_pairs(tmp_path / "pairs.jsonl", stream=stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_text_file_of_no_documents_is_named(tmp_path, stream):
+    """A task's .jsonl that holds no records (an export that wrote nothing) was refused by text_windows
+    as "calibration['math']: the texts have no tokens: no documents were given", naming no file read."""
+    from epmq.calibration import read_texts
+
+    (tmp_path / "rows.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no texts in .*rows\.jsonl: its files hold none"):
+        read_texts(tmp_path / "rows.jsonl", stream=stream)
