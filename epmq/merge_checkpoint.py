@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 import warnings
@@ -585,11 +586,13 @@ def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
             raise ValueError(f"params.{name} must be true or false, got {value!r}")
         if isinstance(value, str):
             try:
-                float(value)
+                read = float(value)
             except ValueError:
                 continue
-            raise ValueError(f"params.{name} is the string {value!r}, not a number (YAML reads "
-                             f"1e-1 as a string: write 1.0e-1 or 0.1)")
+            # (YAML reads nan and inf as strings too, which no writing of 1e-1 mends)
+            raise ValueError(f"params.{name} is the string {value!r}, not a number " + (
+                "(YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if math.isfinite(read)
+                else "(NaN and inf are not numbers it can take: give a finite one)"))
 
 
 class _SpilledGrams(Sequence):

@@ -1016,7 +1016,6 @@ def test_regmean_from_each_models_calibration_texts(checkpoints, tmp_path):
     assert json.loads((out / RECIPE_FILE).read_text())["calibration"] == [str(t) for t in texts]
 
 
-
 def test_regmeans_calibration_passes_show_their_progress(checkpoints, tmp_path, capsys):
     """RegMean's Gram passes (each model loaded and run on its calibration batches: minutes to
     hours a model at 7B) showed no progress: the merge's bar stood at its first tensor, its
@@ -2580,3 +2579,18 @@ def test_a_tensor_a_torch_shard_holds_that_its_index_leaves_out_is_read_as_from_
     assert not info["missing_keys"]
     base, e0, e1 = (tiny_llama(k).state_dict()[name] for k in range(3))
     assert torch.allclose(model.state_dict()[name], base + (e0 - base) + (e1 - base), atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_merge_params_nan_or_inf_as_a_string_get_a_hint_that_fits(value):
+    """YAML reads ``t: nan`` (and inf) as a string: it was refused with the hint 'YAML reads 1e-1 as a
+    string: write 1.0e-1 or 0.1', which no writing of NaN or inf mends."""
+    from epmq.merge_checkpoint import check_merge_params
+
+    with pytest.raises(ValueError) as error:
+        check_merge_params("slerp", {"t": value})
+    message = str(error.value)
+    assert f"params.t is the string {value!r}" in message
+    assert "1e-1" not in message and "NaN and inf" in message
+    with pytest.raises(ValueError, match=r"params.t is the string '1e-1', not a number \(YAML reads 1e-1"):
+        check_merge_params("slerp", {"t": "1e-1"})
