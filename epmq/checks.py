@@ -267,10 +267,10 @@ def check_number(value, what: str, minimum: Optional[float] = None) -> float:
             try:
                 read = float(value)
             except ValueError:
-                read = None
+                read = None  # (a word, not a number YAML misread: no hint fits)
             # (YAML reads nan and inf as strings too, which no writing of 1e-1 mends)
-            hint = (" (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)" if read is None or math.isfinite(read)
-                    else " (NaN and inf are not numbers it can take: give a finite one)")
+            hint = ("" if read is None else " (YAML reads 1e-1 as a string: write 1.0e-1 or 0.1)"
+                    if math.isfinite(read) else " (NaN and inf are not numbers it can take: give a finite one)")
         raise ValueError(f"{what} must be a finite number, got {value!r}{hint}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be >= {minimum:g}, got {value!r}")

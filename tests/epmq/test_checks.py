@@ -263,3 +263,13 @@ def test_a_string_nan_or_inf_is_refused_with_a_hint_that_fits(value):
     assert "1e-1" not in message and "NaN and inf" in message
     with pytest.raises(ValueError, match=r"got '1e-1' \(YAML reads 1e-1 as a string: write 1.0e-1 or 0.1\)"):
         check_number("1e-1", "quantize.anchors: each anchor")
+
+
+def test_a_word_for_a_number_gets_no_hint_about_writing_1e_1():
+    """density: high (a word, not a number YAML misread) was refused with the hint 'YAML reads 1e-1 as a
+    string: write 1.0e-1 or 0.1', which has nothing to do with it."""
+    from epmq.checks import check_number
+
+    with pytest.raises(ValueError) as error:
+        check_number("high", "density")
+    assert str(error.value) == "density must be a finite number, got 'high'"
