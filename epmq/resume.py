@@ -266,7 +266,7 @@ class BlockLog:
         tensors_path, record_path = self._paths(prefix)
         tensors = {f"{rel}.{k}": v.detach().cpu().contiguous()
                    for rel, layer in layers.items() for k, v in layer.state_dict().items()}
-        write_atomic(tensors_path, lambda tmp: save_safetensors(tensors, tmp))
+        write_atomic(tensors_path, lambda tmp: save_safetensors(tensors, tmp, metadata=_BLOCK_MARK))
         meta = {rel: dict(in_features=layer.in_features, out_features=layer.out_features,
                           bits=layer.bits, group_size=layer.group_size, bias=layer.bias is not None,
                           dtype=str(layer.weight.dtype).removeprefix("torch."))
@@ -355,7 +355,26 @@ def _remove_walk_files(directory: Path) -> None:
         if isinstance(body, dict) and {"identity", "check"} <= body.keys():
             record.with_suffix(".safetensors").unlink(missing_ok=True)
             record.unlink()
+    # (a walk killed between a block's tensors and its record left them without one: marked ours)
+    for tensors in directory.glob("*.safetensors"):
+        if _walk_tensors(tensors):
+            tensors.unlink()
     (directory / IDENTITY_FILE).unlink(missing_ok=True)
+
+
+# the metadata a block's tensors are written with: what tells a walk's file from a user's, record or not
+_BLOCK_MARK = {"epmq": "resume block"}
+
+
+def _walk_tensors(path: Path) -> bool:
+    """Whether ``path`` holds a walk's block tensors (by their metadata; a file not safetensors: no)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}) == _BLOCK_MARK
+    except Exception:  # (not safetensors, truncated, unreadable: none of ours to delete)
+        return False
 
 
 def _identities(paths) -> set:

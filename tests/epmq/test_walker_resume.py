@@ -724,6 +724,30 @@ def test_hold_fresh_empties_the_walk_but_keeps_its_lock_and_the_user_s_files(tmp
         assert (tmp_path / "model.layers.0.json").is_file()
 
 
+def test_a_block_s_tensors_left_without_their_record_are_removed_with_the_walk(tmp_path):
+    """A walk killed between a block's tensors and its record left ``{block}.safetensors`` with no
+    record: clean-up (``remove``, ``--fresh``) could not tell it from a user's file and kept it, and
+    OUT.resume stayed behind a finished quantize; the walk marks its tensors' files as its own."""
+    from epmq import resume
+
+    for clean_up in ("remove", "fresh"):
+        walk = tmp_path / clean_up
+        walk.mkdir()
+        log = resume.BlockLog(walk, {"a": 1})
+        log.save("model.layers.0", "digest", {"proj": epmq.QuantLinear(32, 8, bits=4, group_size=16)}, entries=[])
+        log.close()
+        (walk / "model.layers.0.json").unlink()  # (killed before the record)
+        epmq._util.save_safetensors({"w": torch.zeros(2)}, walk / "users.safetensors")
+        if clean_up == "remove":
+            with resume.hold(walk):
+                resume.remove(walk)
+        else:
+            with resume.hold(walk, fresh=True):
+                pass
+        left = sorted(p.name for p in walk.iterdir() if p.name != resume.LOCK_FILE)
+        assert left == ["users.safetensors"]
+
+
 def test_removing_a_resume_directory_keeps_the_user_s_files(tmp_path):
     """Once the checkpoint was written (``remove``), or the command stopped before its first block
     (``_drop_if_no_block``), OUT.resume was deleted whole (shutil.rmtree), a user's files in it too;
