@@ -5,8 +5,8 @@ Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as stat
 ``Mapping`` of name -> tensor, including lazy ones that read a tensor from disk when indexed) or
 ``nn.Module``s, and returns a new state dict. Work goes tensor by tensor: at any time one tensor
 of the base and of every expert is in memory, plus the result. The task-vector merges (but
-``sce``, ``ram`` and ``ram_plus``, which follow mergekit over the K task vectors held at once,
-as ``model_stock(convention="mergekit")`` does) and ``average`` read the experts' tensors one at a
+``sce``, which follows mergekit over the K task vectors held at once, as
+``model_stock(convention="mergekit")`` does) and ``average`` read the experts' tensors one at a
 time instead; a tensor whose K task vectors would pass ``HOLD_BYTES`` is merged holding a few
 tensors whatever K (an 8B model's embedding is 2.1 GB in fp32), the sign election making each
 task vector twice (its expert read twice).
@@ -1258,20 +1258,31 @@ def _ram(base, experts, r, alpha, epsilon, method, out):
         _warn_of_fused_experts(base, experts, "each expert's overlap counted", stacklevel=4)
 
     def merge_tensor(name, W_0, W_k):
-        taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
-        changed = taus.abs() > epsilon
-        c = changed.sum(dim=0)  # (how many experts changed each entry)
+        # two passes over the task vectors, one held at a time (a stack of K, with its masks and
+        # products, grew with K): the count of experts changing each entry, then each expert's
+        # share (its rho_k needs only the count and its own changes)
+        taus = _OnDemand(lambda k: W_k[k] - W_0, len(W_k))
+        if W_0.element_size() * W_0.numel() * len(W_k) <= HOLD_BYTES:
+            taus = list(taus)  # (each made once)
+        c = torch.zeros(W_0.shape, dtype=torch.int32, device=W_0.device)  # (how many experts changed each entry)
+        for k in range(len(taus)):
+            c += taus[k].abs() > epsilon
         lone, shared = c == 1, c > 1
-        kept = taus * changed
-        own = kept * lone
-        if r:
-            rows = changed.reshape(len(taus), -1)
-            rho = ((rows & shared.reshape(1, -1)).sum(dim=1)
-                   / (rows & lone.reshape(1, -1)).sum(dim=1).clamp(min=epsilon))
-            own = own * (1 + r * rho.clamp(min=0, max=alpha)).reshape(-1, *([1] * W_0.dim()))
-        return W_0 + (own + kept * shared / c.clamp(min=1)).sum(dim=0)
+        divisor = c.clamp(min=1)
+        total = torch.zeros_like(W_0)
+        for k in range(len(taus)):
+            tau = taus[k]
+            changed = tau.abs() > epsilon
+            kept = tau * changed
+            own = kept * lone
+            if r:
+                rho = (changed & shared).sum() / (changed & lone).sum().clamp(min=epsilon)
+                own = own * (1 + r * rho.clamp(min=0, max=alpha))
+            total += own + kept * shared / divisor
+            del tau, changed, kept, own
+        return W_0 + total
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
 def arcee_fusion(base, experts, *, out=None):
