@@ -1122,42 +1122,51 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
     check_number(eps, "eps", 0)
     _warn_of_fused_experts(base, experts, "their norms and directions taken")
 
-    def mean_on_sphere(name, vectors):
-        flat = vectors.view(len(vectors), -1)
+    def mean_on_sphere(name, vectors, reference):
+        # one vector held at a time (a stack of K, its unit vectors and tangents, grew with K): the
+        # weighted sum of the unit vectors, M, and the norms are all the steps take
         # (on the vectors' device, not torch's default: a [K, 1] on another device is refused, not broadcast)
-        w = torch.tensor([1.0] * len(vectors) if weights is None else weights, dtype=vectors.dtype,
-                         device=vectors.device)
+        w = torch.tensor([1.0] * len(vectors) if weights is None else weights, dtype=reference.dtype,
+                         device=reference.device)
         if normalize_weights:
             w = w / w.sum()
-        norms = torch.norm(flat, dim=-1, keepdim=True)
-        unit = flat / (norms + eps)
-        mean = (unit * w.view(-1, 1)).sum(0)
+        norms, mean = [], None
+        for k in range(len(vectors)):
+            flat = vectors[k].reshape(-1)
+            norm = torch.norm(flat)
+            norms.append(norm)
+            unit = flat / (norm + eps) * w[k]
+            mean = unit if mean is None else mean.add_(unit)
+            del flat, unit
+        norms = torch.stack(norms)
         mean_norm = torch.norm(mean)
         if mean_norm < eps and bool((norms < eps).all()):
             # (no expert moved this tensor: the base, or the zero vectors themselves; mergekit raises)
-            return torch.zeros_like(vectors[0])
+            return torch.zeros_like(reference)
         if mean_norm < eps:
             if len(vectors) != 2:
                 raise ValueError(f"multislerp: the weighted mean of the experts' directions is 0 at {name!r} "
                                  f"(opposite vectors with weights that balance): give other weights")
-            return (vectors[0] * w[0] + vectors[1] * w[1]).view(vectors.shape[1:])
+            return vectors[0] * w[0] + vectors[1] * w[1]
+        # the unit vectors' parts orthogonal to m = M / |M|, averaged with the weights: sum_k w_k (u_k -
+        # (u_k . m) m) = M - (M . m) m, 0 but for rounding (mergekit's tangent step moves by that rounding)
+        g = mean - torch.dot(mean, mean / mean_norm) * (mean / mean_norm)
         mean = mean / mean_norm
-        tangent = unit - (unit * mean).sum(-1, keepdim=True) * mean
-        g = (tangent * w.view(-1, 1)).sum(0)
         g_norm = torch.norm(g) + eps
         result = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
-        return (result * (norms.squeeze(-1) * w).sum()).view(vectors.shape[1:])
+        return (result * (norms * w).sum()).view(reference.shape)
 
     def merge_tensor(name, W_0, W_k):
         if len(W_k) == 1:  # (a copy: W_k[0] may be the expert's own float32 tensor)
             return W_k[0].clone()
-        vectors = torch.stack([W_k[k] for k in range(len(W_k))])
-        if W_0 is not None:
-            vectors -= W_0
-        result = mean_on_sphere(name, vectors)
+        reference = W_k[0] if W_0 is None else W_0
+        vectors = W_k if W_0 is None else _OnDemand(lambda k: W_k[k] - W_0, len(W_k))
+        if reference.element_size() * reference.numel() * len(W_k) <= HOLD_BYTES:
+            vectors = list(vectors)  # (each made once)
+        result = mean_on_sphere(name, vectors, reference)
         return result if W_0 is None else result + W_0
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
 def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
