@@ -5,8 +5,8 @@ Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as stat
 ``Mapping`` of name -> tensor, including lazy ones that read a tensor from disk when indexed) or
 ``nn.Module``s, and returns a new state dict. Work goes tensor by tensor: at any time one tensor
 of the base and of every expert is in memory, plus the result. The task-vector merges (but
-``sce``, which follows mergekit over the K task vectors held at once, as
-``model_stock(convention="mergekit")`` does) and ``average`` read the experts' tensors one at a
+``model_stock(convention="mergekit")``, which follows mergekit over the K task vectors held at
+once) and ``average`` read the experts' tensors one at a
 time instead; a tensor whose K task vectors would pass ``HOLD_BYTES`` is merged holding a few
 tensors whatever K (an 8B model's embedding is 2.1 GB in fp32), the sign election making each
 task vector twice (its expert read twice).
@@ -859,22 +859,53 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None):
     _warn_of_fused_experts(base, experts, "its entries selected and weighted")
 
     def merge_tensor(name, W_0, W_k):
-        taus = torch.stack([W_k[k] - W_0 for k in range(len(W_k))])
-        if select_topk < 1:
-            variance = taus.var(dim=0, unbiased=False)
-            k = int(torch.count_nonzero(variance) * select_topk)
+        # passes over the task vectors, one held at a time (a stack of K, with its masks and products,
+        # grew with K): their sum and variance (Welford's: an entry every expert changed alike has 0,
+        # as torch.var gives it), each one's mean square of the selection, then the weighted sums
+        K = len(W_k)
+        taus = _OnDemand(lambda k: W_k[k] - W_0, K)
+        if W_0.element_size() * W_0.numel() * K <= HOLD_BYTES:
+            taus = list(taus)  # (each made once)
+        select = select_topk < 1
+        total = torch.zeros_like(W_0)
+        mean, spread = (torch.zeros_like(W_0), torch.zeros_like(W_0)) if select else (None, None)
+        energy = []
+        for k in range(K):
+            tau = taus[k]
+            total += tau
+            if select:
+                delta = tau - mean
+                mean += delta / (k + 1)
+                spread += delta * (tau - mean)
+            else:
+                energy.append(tau.square().mean())
+            del tau
+        selected = None
+        if select:
+            variance = spread.div_(K)
+            del mean
+            n = int(torch.count_nonzero(variance) * select_topk)
             selected = torch.zeros_like(variance)
-            if k:
-                selected.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
-            taus = taus * selected
-        agree = taus.sign() == torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0)
-        energy = taus.square().reshape(len(taus), -1).mean(dim=1)
-        total = float(energy.sum())
-        weights = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(energy))
-        weights = weights.reshape(-1, *([1] * W_0.dim())) * agree
-        return W_0 + (taus * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+            if n:
+                selected.view(-1)[torch.topk(variance.abs().view(-1), k=n, largest=True).indices] = 1
+            del variance, spread
+            total *= selected  # (the sum of the selected entries)
+            energy = [(taus[k] * selected).square().mean() for k in range(K)]
+        sign = torch.where(total >= 0, 1.0, -1.0)
+        del total
+        energy = torch.stack(energy)
+        whole = float(energy.sum())
+        weights = energy / whole if abs(whole) >= 1e-6 else torch.full_like(energy, 1 / K)
+        merged, weight = torch.zeros_like(W_0), torch.zeros_like(W_0)
+        for k in range(K):
+            tau = taus[k] if selected is None else taus[k] * selected
+            w = weights[k] * (tau.sign() == sign)
+            merged += tau * w
+            weight += w
+            del tau, w
+        return W_0 + merged / weight.clamp(min=1e-6)
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:
