@@ -1213,31 +1213,37 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
     _warn_of_fused_experts(None, models, "their norms and directions taken")
 
     def merge_tensor(name, W_0, W_k):
-        tensors = [W_k[k] for k in range(len(W_k))]
-        if len(tensors) == 1:  # (a copy: it may be the model's own float32 tensor)
-            return tensors[0].clone()
+        if len(W_k) == 1:  # (a copy: it may be the model's own float32 tensor)
+            return W_k[0].clone()
+        # past HOLD_BYTES the models' tensors (and their unit vectors) are made anew at each step, one at
+        # a time: the same steps, each model read once a step (a list of K grew with K)
+        held = W_k[0].element_size() * W_k[0].numel() * len(W_k) <= HOLD_BYTES
+        tensors = list(W_k) if held else W_k
         alphas = [1.0 / len(tensors)] * len(tensors)
-        norms = [torch.linalg.vector_norm(t) for t in tensors]
-        units = [torch.zeros_like(t) if float(n) == 0.0 else t / n for t, n in zip(tensors, norms)]
+        norms = [torch.linalg.vector_norm(tensors[k]) for k in range(len(tensors))]
         valid = [k for k, n in enumerate(norms) if float(n) > tol]
-        if not valid:
-            return sum(t * 0 for t in tensors)
+        if not valid:  # (every tensor 0, or within tol of it)
+            return torch.zeros_like(tensors[0])
         total = sum(alphas[k] for k in valid)
         weights = [alphas[k] / total for k in valid]
-        units = [units[k] for k in valid]
-        mean = torch.zeros_like(units[0])
-        for alpha, unit in zip(weights, units):
-            mean += alpha * unit
+        units = _OnDemand(lambda i: tensors[valid[i]] / norms[valid[i]], len(valid))
+        if held:
+            units = list(units)
+        mean = torch.zeros_like(tensors[valid[0]])
+        for i, alpha in enumerate(weights):
+            mean += alpha * units[i]
         mean_norm = torch.linalg.vector_norm(mean)
         mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
         for _ in range(max_iter):
             tangent = torch.zeros_like(mean)
-            for alpha, unit in zip(weights, units):
+            for i, alpha in enumerate(weights):
+                unit = units[i]
                 cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
                 theta = torch.arccos(cos)
                 if float(theta) < tol:
                     continue
                 tangent += alpha * (theta / torch.sin(theta)) * (unit - cos * mean)
+                del unit
             step = torch.linalg.vector_norm(tangent)
             if float(step) < tol:
                 break
@@ -1248,7 +1254,7 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
         return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
 
     # (one model given for the list was iterated: an nn.Sequential's layers merged as models)
-    return _merge_each(None, models, merge_tensor, out)
+    return _merge_each(None, models, merge_tensor, out, lazy=True)
 
 
 def nearswap(base, experts, t: float = 0.001, *, out=None):
