@@ -4,12 +4,11 @@ Iso-C, Model Stock, SLERP and (weighted) averaging.
 Every merge takes the pretrained ``base`` and the fine-tuned ``experts`` as state dicts (any
 ``Mapping`` of name -> tensor, including lazy ones that read a tensor from disk when indexed) or
 ``nn.Module``s, and returns a new state dict. Work goes tensor by tensor: at any time one tensor
-of the base and of every expert is in memory, plus the result. The task-vector merges (but
-``model_stock(convention="mergekit")``, which follows mergekit over the K task vectors held at
-once) and ``average`` read the experts' tensors one at a
-time instead; a tensor whose K task vectors would pass ``HOLD_BYTES`` is merged holding a few
-tensors whatever K (an 8B model's embedding is 2.1 GB in fp32), the sign election making each
-task vector twice (its expert read twice).
+of the base and of every expert is in memory, plus the result. The task-vector merges, ``multislerp``,
+``karcher`` and ``average`` read the experts' tensors one at a time instead; a tensor whose K
+task vectors would pass ``HOLD_BYTES`` is merged holding a few tensors whatever K (an 8B model's
+embedding is 2.1 GB in fp32), the sign election making each task vector twice (its expert read
+twice; ``model_stock(convention="mergekit")``'s pairs K (K + 1) / 2 times in all).
 
 With task vectors ``tau_k = W_k - W_0`` (task_arithmetic, ties, dare, breadcrumbs and della also
 take ``weights``, one per expert, multiplying each ``tau_k`` before it is combined, as
@@ -988,8 +987,8 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
     Where it is 0/0 (unit task vectors summing to 0: two scalars of opposite signs) the base is
     kept. ``convention="mergekit"``: mergekit 0.1.5's, ``t`` unclamped, the norms' product
     floored at 1e-6 in the cosines, the base kept where ``|1 + (K - 1) cos| < 1e-6`` (every
-    pair's cosine made as mergekit makes it, the K task vectors of a tensor held at once; epmq's
-    holds a few tensors whatever K).
+    pair's cosine made as mergekit makes it: past ``HOLD_BYTES`` each pair's task vectors are made
+    anew, two at a time; epmq's convention takes one pass).
     """
     _needs_base(base, "model_stock")
     _check_choice(convention, CONVENTIONS, "convention")
@@ -1010,15 +1009,24 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
             return _rows(tau) if per_row else tau.reshape(1, -1)
 
         if convention == "mergekit":  # (its floored norms' product does not split into the pairs' directions)
-            taus, total = [], None
+            held = W_0.element_size() * W_0.numel() * K <= HOLD_BYTES
+            taus, norms, total = [], [], None
             for k in range(K):  # (each expert read once: its task vector, and into the mean as _mean sums it)
                 W = W_k[k]
-                taus.append(vectors(W - W_0))
+                tau = vectors(W - W_0)
+                norms.append(tau.norm(dim=1))
+                if held:
+                    taus.append(tau)
                 total = W.clone() if total is None else total.add_(W)
-            del W
-            norms = [tau.norm(dim=1) for tau in taus]
-            cosines = [((taus[i] * taus[j]).sum(1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-                       for i in range(K) for j in range(i + 1, K)]
+                del W, tau
+            if not held:  # (each pair's task vectors made anew, two held at a time: K (K + 1) / 2 reads)
+                taus = _OnDemand(lambda k: vectors(W_k[k] - W_0), K)
+            cosines = []
+            for i in range(K):
+                tau = taus[i]
+                cosines += [((tau * taus[j]).sum(1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                            for j in range(i + 1, K)]
+                del tau
             del taus
             cos = torch.stack(cosines).mean(0)
             singular = (1 + (K - 1) * cos).abs() < 1e-6
