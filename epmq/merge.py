@@ -1298,7 +1298,8 @@ def ram_plus(base, experts, r: float = 0.1, alpha: float = 0.2, epsilon: float =
     scaled by ``1 + r min(alpha, rho_k)``, ``rho_k`` the number of its changed entries that
     others changed too over the number only it changed, counted per tensor: an expert whose
     changes mostly overlap others' has its own ones amplified, as the shared ones are averaged
-    down. mergekit 0.1.5's ``ramplus_tl``, step for step."""
+    down. mergekit 0.1.5's ``ramplus_tl``, step for step (but that an expert with no lone change in
+    a tensor has none to scale, where mergekit's 0 / 0 at ``epsilon=0`` makes the tensor NaN)."""
     return _ram(base, experts, r, alpha, epsilon, "ram_plus", out)
 
 
@@ -1329,8 +1330,9 @@ def _ram(base, experts, r, alpha, epsilon, method, out):
             changed = tau.abs() > epsilon
             kept = tau * changed
             own = kept * lone
-            if r:
-                rho = (changed & shared).sum() / (changed & lone).sum().clamp(min=epsilon)
+            alone = (changed & lone).sum() if r else 0
+            if alone:  # (no lone change, none to scale: its 0 / 0 at epsilon=0 made the tensor NaN)
+                rho = (changed & shared).sum() / alone.clamp(min=epsilon)
                 own = own * (1 + r * rho.clamp(min=0, max=alpha))
             total += own + kept * shared / divisor
             del tau, changed, kept, own

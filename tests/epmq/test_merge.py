@@ -883,6 +883,22 @@ def test_ram_keeps_lone_changes_whole_and_averages_shared_ones():
         merge.ram(None, experts)
 
 
+def test_ram_plus_with_epsilon_0_merges_an_expert_that_left_a_tensor_unchanged(gen):
+    """RAM+ with epsilon=0 (every nonzero change counted) of an expert that left a tensor as the base
+    (a frozen layer) divided its no shared by its no lone changes, 0/0, and the NaN scale of its (no)
+    lone changes made the tensor NaN: refused as 'not finite ... its values pass the dtype's range'.
+    An expert with no lone change has none to scale: the merge is RAM+ of the others' changes."""
+    W_0 = torch.randn(3, 4, generator=gen)
+    changed = [{"w": W_0 + torch.randn(3, 4, generator=gen)} for _ in range(2)]
+    changed[1]["w"][0] = W_0[0]  # (expert 0's changes there lone, scaled)
+    out = merge.ram_plus({"w": W_0}, [*changed, {"w": W_0.clone()}], r=0.5, alpha=0.4, epsilon=0.0)["w"]
+    torch.testing.assert_close(out, merge.ram_plus({"w": W_0}, changed, r=0.5, alpha=0.4, epsilon=0.0)["w"])
+    taus = [e["w"] - W_0 for e in changed]
+    want = W_0 + (taus[0] + taus[1]) / 2
+    want[0] = W_0[0] + (1 + 0.5 * 0.4) * taus[0][0]  # (rho_0 = 8 shared / 4 lone, clamped to alpha)
+    torch.testing.assert_close(out, want)
+
+
 def test_arcee_fusion_keeps_the_outlying_changes():
     """Arcee Fusion: the expert's change is kept where |tau| KL(row) passes median + 1.5 IQR
     of those importances, dropped elsewhere."""
