@@ -1248,12 +1248,12 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
                 unit = units[i]
                 cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
                 theta = torch.arccos(cos)
-                if float(theta) < tol:
+                if float(theta) < tol or float(theta) == 0.0:  # (on the mean: no tangent, 0 / 0 at tol=0)
                     continue
                 tangent += alpha * (theta / torch.sin(theta)) * (unit - cos * mean)
                 del unit
             step = torch.linalg.vector_norm(tangent)
-            if float(step) < tol:
+            if float(step) < tol or float(step) == 0.0:  # (converged: no step, 0 / 0 at tol=0)
                 break
             mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
             length = torch.linalg.vector_norm(mean)

@@ -845,6 +845,20 @@ def test_karcher_by_its_geometry():
         merge.karcher([a, b], max_iter=2.5)
 
 
+def test_karcher_with_tol_0_of_a_model_on_the_mean(gen):
+    """Karcher with tol=0 (no step skipped) of two equal models, or of a model and a zero one, divided
+    its tangent by its length 0 (and that of a unit vector on the mean, theta / sin theta, was 0 / 0):
+    the tensor NaN, refused as 'not finite ... its values pass the dtype's range'; a unit on the mean
+    has no tangent, and a step of none ends the walk."""
+    a, b = ({"w": torch.randn(3, 4, generator=gen)} for _ in range(2))
+    torch.testing.assert_close(merge.karcher([a, a], tol=0.0)["w"], a["w"])
+    torch.testing.assert_close(merge.karcher([a, {"w": torch.zeros(3, 4)}], tol=0.0)["w"], a["w"] / 2)
+    on_the_mean = merge.karcher([a, {"w": a["w"] * (1 + 2 ** -20)}, {"w": 2 * a["w"]}], tol=0.0)["w"]
+    torch.testing.assert_close(on_the_mean, a["w"] * (4 + 2 ** -20) / 3)  # (theta 0 at the first step)
+    torch.testing.assert_close(merge.karcher([a, b], tol=0.0, max_iter=50)["w"],
+                               merge.karcher([a, b], tol=1e-12, max_iter=50)["w"])
+
+
 def test_nearswap_by_its_definition():
     """NearSwap: entries within t of the expert's take its value, the others move by t toward it."""
     base = {"w": torch.tensor([0.0, 0.0, 0.0, 1.0])}
