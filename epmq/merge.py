@@ -1174,15 +1174,16 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
             flat = vectors[k].reshape(-1)
             norm = torch.norm(flat)
             norms.append(norm)
-            unit = flat / (norm + eps) * w[k]
+            # (a zero vector has no direction: its unit 0, as at eps > 0, not 0 / 0 at eps=0)
+            unit = flat / torch.where(norm + eps > 0, norm + eps, 1.0) * w[k]
             mean = unit if mean is None else mean.add_(unit)
             del flat, unit
         norms = torch.stack(norms)
         mean_norm = torch.norm(mean)
-        if mean_norm < eps and bool((norms < eps).all()):
+        if (mean_norm < eps or mean_norm == 0) and bool(((norms < eps) | (norms == 0)).all()):
             # (no expert moved this tensor: the base, or the zero vectors themselves; mergekit raises)
             return torch.zeros_like(reference)
-        if mean_norm < eps:
+        if mean_norm < eps or mean_norm == 0:
             if len(vectors) != 2:
                 raise ValueError(f"multislerp: the weighted mean of the experts' directions is 0 at {name!r} "
                                  f"(opposite vectors with weights that balance): give other weights")
@@ -1192,7 +1193,7 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
         g = mean - torch.dot(mean, mean / mean_norm) * (mean / mean_norm)
         mean = mean / mean_norm
         g_norm = torch.norm(g) + eps
-        result = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
+        result = mean * torch.cos(g_norm) + g * torch.where(g_norm > 0, torch.sin(g_norm) / g_norm, 1.0)
         return (result * (norms * w).sum()).view(reference.shape)
 
     def merge_tensor(name, W_0, W_k):

@@ -807,6 +807,17 @@ def test_multislerp_by_its_geometry():
     assert torch.equal(merge.multislerp(base, [base, base, base])["w"], base["w"])
 
 
+def test_multislerp_with_eps_0_of_an_expert_equal_to_the_base(gen):
+    """Multi-SLERP with eps=0 of task vectors one of which is 0 (an expert equal to the base, a frozen
+    layer) divided it by its norm 0, and of a tensor no expert changed divided their mean by its norm
+    0: the tensor NaN, refused as 'not finite ... its values pass the dtype's range'; a zero vector
+    has no direction (its unit vector 0, as at eps > 0), and a tensor no expert changed keeps the base."""
+    base = {"w": torch.randn(3, 4, generator=gen)}
+    experts = [{"w": base["w"] + torch.randn(3, 4, generator=gen)} for _ in range(2)] + [{"w": base["w"].clone()}]
+    torch.testing.assert_close(merge.multislerp(base, experts, eps=0.0)["w"], merge.multislerp(base, experts)["w"])
+    assert torch.equal(merge.multislerp(base, [base, base, base], eps=0.0)["w"], base["w"])
+
+
 def test_multislerp_is_mergekits_steps_on_the_stacked_vectors(gen):
     """Multi-SLERP made from the norms and the weighted sum of the unit vectors, one task vector at a
     time, is mergekit's steps on all K stacked (the tangent step from the mean included), in float64:
