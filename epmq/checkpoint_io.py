@@ -413,9 +413,30 @@ class CheckpointReader:
             # merge's output, loaded randomly initialised. A safetensors shard's header says what it
             # holds, a torch pickle's structure does (memory-mapped, a legacy one's read tensor by
             # tensor: its values are not read here), as transformers reads its .bin shards
+            holders: Dict[str, list] = {}  # key -> the shards holding it
             for shard in sorted(set(shards.values())):
                 for key in self._open(shard).keys():
-                    self._where.setdefault(key, shard)
+                    holders.setdefault(key, []).append(shard)
+            moved = []  # (key, the shard listed, the one holding it)
+            for key, held in holders.items():
+                listed = self._where.get(key)
+                if listed in held:
+                    continue
+                # listed in a shard without it (an index edited by hand, shards re-split), which
+                # transformers reads from the shard holding it; held by two, either may be the tensor
+                if len(held) > 1:
+                    where = f"lists tensor {key!r} in {listed.name}, which does not hold it, and" if listed else \
+                        f"does not list tensor {key!r}, and"
+                    raise error(f"{what}: {path} {where} both {held[0].name} and {held[1].name} do: remove "
+                                f"the copy that is not the model's")
+                if listed is not None:
+                    moved.append((key, listed, held[0]))
+                self._where[key] = held[0]
+            if moved:
+                warnings.warn(f"{what}: {path} lists {len(moved)} tensor(s) in a shard that does not hold them, "
+                              f"read from the shard that does (as transformers reads them): "
+                              + "; ".join(f"lists tensor {key!r} in {listed.name}, which does not hold it: it is "
+                                          f"read from {held.name}, which does" for key, listed, held in moved[:3]))
             self.description = str(self.path)
         elif path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
             self._where = dict.fromkeys(self._open(path).keys(), path)

@@ -1398,6 +1398,8 @@ def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
     errors naming the problem, from the API and the CLI alike."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     root, base, experts = checkpoints
     torch.save({"epoch": 2, "model_state_dict": experts[0], "optimizer_state_dict": {}}, tmp_path / "tut.pt")
     out = merge_checkpoints("task_arithmetic", [tmp_path / "tut.pt", root / "e1"], tmp_path / "m",
@@ -1409,11 +1411,14 @@ def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
     with pytest.raises(ValueError, match=no_tensors):
         merge_checkpoints("task_arithmetic", [tmp_path / "odd.pt"], tmp_path / "m2", base=root / "base",
                           progress=False)
-    # a stale index: a tensor listed in a shard that does not hold it
+    # a stale index: a tensor listed in a shard that does not hold it, nor does any other
     shutil.copytree(root / "base", tmp_path / "stale")
     index_file = tmp_path / "stale" / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
     name, shard = next(iter(index["weight_map"].items()))
+    tensors = load_file(tmp_path / "stale" / shard)
+    del tensors[name]
+    save_file(tensors, tmp_path / "stale" / shard, metadata={"format": "pt"})
     index["weight_map"][name] = next(s for s in index["weight_map"].values() if s != shard)
     index_file.write_text(json.dumps(index))
     recipe = tmp_path / "stale.yaml"
@@ -1428,6 +1433,51 @@ def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
     torch.save({"state_dict": two}, tmp_path / "two.ckpt")
     with pytest.raises(ValueError, match=r"model 0 .* several copies \('.*' is both 'ema\..*' and 'model\."):
         merge_checkpoints("task_arithmetic", [tmp_path / "two.ckpt"], tmp_path / "m4", base=root / "base",
+                          progress=False)
+
+
+def test_an_index_listing_a_tensor_in_another_shard_reads_it_from_the_shard_holding_it(checkpoints, tmp_path):
+    """An index that lists a tensor in a shard without it, another shard holding it (a hub
+    repository's index edited by hand, shards re-split): from_pretrained reads every shard's
+    tensors, so the tensor is read from the shard holding it, with a warning naming it and both
+    shards; held by two shards, which one is the tensor is unknown: refused naming both."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, base, experts = checkpoints
+    shutil.copytree(root / "base", tmp_path / "moved")
+    index_file = tmp_path / "moved" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3
+    name = "model.layers.1.mlp.up_proj.weight"
+    held = index["weight_map"][name]
+    listed = next(s for s in shards if s != held)
+    index["weight_map"][name] = listed
+    index_file.write_text(json.dumps(index))
+    assert torch.equal(_load(tmp_path / "moved")[name], base[name])  # (as transformers reads it)
+    with pytest.warns(UserWarning, match=rf"lists tensor {re.escape(repr(name))} in {listed}, which does not "
+                                         rf"hold it: it is read from {held}, which does"):
+        out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m", base=tmp_path / "moved",
+                                progress=False)
+    want = merge.task_arithmetic(base, experts[:2])
+    assert all(torch.equal(t, want[n]) for n, t in _load(out).items())
+    # a third shard holds it too: two copies, of which the index names neither
+    other = next(s for s in shards if s not in (held, listed))
+    tensors = load_file(tmp_path / "moved" / other)
+    save_file({**tensors, name: torch.zeros_like(base[name])}, tmp_path / "moved" / other, metadata={"format": "pt"})
+    first, second = sorted((held, other))
+    with pytest.raises(ValueError, match=rf"lists tensor {re.escape(repr(name))} in {listed}, which does not hold "
+                                         rf"it, and both {first} and {second} do"):
+        merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m2", base=tmp_path / "moved",
+                          progress=False)
+    assert not (tmp_path / "m2").exists()
+    del index["weight_map"][name]  # (listed nowhere, held twice)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"does not list tensor {re.escape(repr(name))}, and both {first} and "
+                                         rf"{second} do"):
+        merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m2", base=tmp_path / "moved",
                           progress=False)
 
 
