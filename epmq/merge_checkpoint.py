@@ -34,11 +34,12 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import operator
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -1029,8 +1030,31 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # config.json's fields by which weights of the same shapes compute other things: their rows split
 # into other heads, another activation (refused, as another layer count), or positions turned by
 # another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
-READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "hidden_act",
+READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads", "hidden_act",
            "hidden_activation", "activation_function")
+
+# other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
+# and n_layer, T5's num_heads and num_layers, MPT's n_heads and n_layers; old Falcon configs' n_head):
+# a config spelling one is compared with another spelling it otherwise
+SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads", "n_heads": "num_attention_heads",
+             "n_layer": "num_hidden_layers", "num_layers": "num_hidden_layers", "n_layers": "num_hidden_layers"}
+
+
+def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list:
+    """The pairs (my key, their key) of ``scope.field`` keys that name one field (each spelled
+    as its config spells it: a scope spelling two spellings of one field keeps them apart) and
+    whose values ``differ``."""
+    def common(fields: dict) -> dict:  # (scope, the field's name to compare by) -> its key
+        by = {}  # (scope, the field's common name) -> the keys spelling it
+        for key in fields:
+            scope, _, field = key.rpartition(".")
+            by.setdefault((scope, SPELLINGS.get(field, field)), []).append(key)
+        return {(scope, key.rpartition(".")[2]) if len(keys) > 1 else (scope, field): key
+                for (scope, field), keys in by.items() for key in keys}
+
+    mine_by, theirs_by = common(mine), common(theirs)
+    return sorted((mine_by[k], theirs_by[k]) for k in mine_by.keys() & theirs_by.keys()
+                  if differ(mine[mine_by[k]], theirs[theirs_by[k]]))
 
 
 def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
@@ -1097,13 +1121,13 @@ def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal
     for refuse in (True, False) if warn else (True,):
         if refuse:
             mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
-            differ = sorted(f for f in mine.keys() & theirs.keys() if mine[f] != theirs[f])  # (both spell out)
+            differ = _differing(mine, theirs)  # (both spell out)
         else:  # (RoPE as transformers 5 reads either version's fields: 4.x's rope_scaling is 5.x's rope_parameters)
             mine, theirs = _ropes(config, nested), _ropes(reference, nested)
-            differ = sorted(f for f in mine.keys() & theirs.keys() if _ropes_differ(mine[f], theirs[f]))
+            differ = _differing(mine, theirs, _ropes_differ)
         if not differ:
             continue
-        given = {f: mine[f] for f in differ}, {f: theirs[f] for f in differ}
+        given = {m: mine[m] for m, _ in differ}, {t: theirs[t] for _, t in differ}
         if refuse:
             raise ValueError(f"{what} reads its weights as {given[0]}, the {ref_name} as {given[1]} (config.json): "
                              f"{goal.format('configuration')}")
@@ -1117,15 +1141,15 @@ def _tower_config(config: dict, model_type: str) -> dict:
 
 
 def _check_layer_counts(mine: dict, theirs: dict, what: str, ref_name: str, goal: str) -> None:
-    differ = {field for field in mine.keys() & theirs.keys() if mine[field] != theirs[field]}
+    differ = _differing(mine, theirs)
     if differ:  # (the fields both configs spell out: writers differ in which they write)
-        raise ValueError(f"{what} counts its layers as {({f: mine[f] for f in sorted(differ)})}, the "
-                         f"{ref_name} as {({f: theirs[f] for f in sorted(differ)})} "
+        raise ValueError(f"{what} counts its layers as {({m: mine[m] for m, _ in differ})}, the "
+                         f"{ref_name} as {({t: theirs[t] for _, t in differ})} "
                          f"(config.json): {goal.format('configuration')}")
 
 
 # config.json's fields (at its top or in a tower's config) that count a model's layers
-LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layers", "encoder_layers",
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers", "encoder_layers",
                 "decoder_layers")
 
 

@@ -2465,6 +2465,38 @@ def test_llava_checkpoints_in_either_naming_are_merged_together(tmp_path, base_n
         assert torch.allclose(got[name], want, atol=1e-6), name
 
 
+def test_configs_spelling_one_field_otherwise_are_compared(tmp_path):
+    """GPT-2's config.json spells its heads and layers n_head and n_layer, which transformers also
+    reads as num_attention_heads and num_hidden_layers (its attribute_map; a config written by
+    hand or by another tool, old Falcon's): an expert of other heads or layers spelled the other
+    way was never compared, merged in silence; refused naming each config's spelling."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+
+    def save(name, **fields):
+        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / name)
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        for field in ("n_head", "n_layer"):
+            written.pop(field)
+        (tmp_path / name / "config.json").write_text(json.dumps({**written, **fields}))
+        return tmp_path / name
+
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"model \S*heads reads its weights as \{'num_attention_heads': 2\}, the base "
+                                         r"as \{'n_head': 4\} \(config.json\)"):
+        merge_checkpoints("task_arithmetic", [save("heads", num_attention_heads=2, num_hidden_layers=2)],
+                          tmp_path / "out", **merge)
+    with pytest.raises(ValueError, match=r"model \S*deep counts its layers as \{'num_hidden_layers': 3\}, the base "
+                                         r"as \{'n_layer': 2\}"):
+        merge_checkpoints("task_arithmetic", [save("deep", num_attention_heads=4, num_hidden_layers=3)],
+                          tmp_path / "out", **merge)
+    same = save("same", num_attention_heads=4, num_hidden_layers=2)  # (the base's, spelled otherwise)
+    assert transformers.AutoConfig.from_pretrained(same).n_head == 4
+    merge_checkpoints("task_arithmetic", [same], tmp_path / "out", **merge)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_of(tmp_path):
     """Weights of the same shapes under another head count or activation mean other things (the
     rows split into other heads): refused, as another layer count is. Another RoPE (a long-context
