@@ -203,10 +203,8 @@ def _check_paths(config: dict, keys, where) -> None:
 
 
 def _merge(args) -> int:
-    from .checkpoint import check_output
-    from .merge_checkpoint import RECIPE_FILE, merge_checkpoints
+    from .merge_checkpoint import merge_checkpoints
     from .mergekit_config import from_mergekit, is_mergekit
-    from .resume import hold_output
 
     config = _load_yaml(Path(args.config), MERGE_CONFIG)
     if is_mergekit(config):
@@ -240,15 +238,11 @@ def _merge(args) -> int:
                                        "chat_template", "tokenizer_source", "pad_to_multiple_of", "tokens",
                                        "files_from")
                 if k in config}
-        # (OUT held from before the models are read: a second merge into it is refused at its start, as a
-        # second epmq quantize is, not when it writes, after the merge's work; checked first, as quantize
-        # checks it, so that an OUT under a file is said so, not met making the lock file beside it)
-        check_output(args.out, marker=RECIPE_FILE)
-        with hold_output(args.out):
-            out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
-                                    params=config.get("params"), dtype=config.get("dtype"),
-                                    max_shard_size=config.get("max_shard_size", "5GB"),
-                                    device=args.device, progress=not args.quiet, **data)
+        # (OUT is held by merge_checkpoints from before the models are read, as quantize_checkpoint holds it)
+        out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
+                                params=config.get("params"), dtype=config.get("dtype"),
+                                max_shard_size=config.get("max_shard_size", "5GB"),
+                                device=args.device, progress=not args.quiet, **data)
     except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
         raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
     print(f"merged {len(models)} models with {config['method']} into {out} "

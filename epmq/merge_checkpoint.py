@@ -52,6 +52,7 @@ from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, 
 from .checks import all_finite, check_outside_calibration, check_path, device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
+from .resume import hold_output
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
                          vocabulary_columns, vocabulary_names)
 
@@ -1353,6 +1354,30 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     files).
     """
     check_path(out, "out")
+    # (an output epmq may not replace, the user's folder or a quantized checkpoint, is refused here, as
+    # quantize_checkpoint refuses one at its start: the write refused it after every model's read and merge)
+    check_output(out, marker=RECIPE_FILE)
+    # (OUT held from before any model is read, as epmq merge and quantize_checkpoint hold it: a second merge
+    # into it, held by the write alone, was refused after its whole merge, RegMean's calibration included)
+    with hold_output(out):
+        return _merge_held(method, models, out, base=base, params=params, dtype=dtype, max_shard_size=max_shard_size,
+                           device=device, calibration=calibration, samples=samples, seq_len=seq_len,
+                           batch_size=batch_size, seed=seed, lora_base=lora_base, chat_template=chat_template,
+                           tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of, tokens=tokens,
+                           files_from=files_from, progress=progress)
+
+
+def _merge_held(method: str, models: Sequence[Source], out: Source, *,
+               base: Optional[Source] = None, params: Optional[dict] = None,
+               dtype: Optional[str] = None, max_shard_size="5GB", device=None,
+               calibration: Optional[Sequence] = None, samples: int = 128,
+               seq_len: int = 512, batch_size: int = 8, seed: int = 0,
+               lora_base: Optional[Source] = None, chat_template: Optional[str] = None,
+               tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
+               tokens: Optional[Mapping[str, Mapping]] = None, files_from: Optional[Source] = None,
+               progress: bool = True) -> Path:
+    """``merge_checkpoints``' work, OUT held."""
+    check_path(out, "out")
     if not isinstance(models, (str, Path, Iterable)):  # (None: "'NoneType' object is not iterable")
         raise TypeError(f"models must be a list of paths (checkpoint directories or HF hub ids), got "
                         f"{type(models).__name__}")
@@ -1363,9 +1388,6 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     check_merge(method, models, base=base, params=params, dtype=dtype, calibration=calibration,
                 chat_template=chat_template, tokenizer_source=tokenizer_source,
                 pad_to_multiple_of=pad_to_multiple_of, tokens=tokens, files_from=files_from)
-    # (an output epmq may not replace, the user's folder or a quantized checkpoint, is refused here, as
-    # quantize_checkpoint refuses one at its start: the write refused it after every model's read and merge)
-    check_output(out, marker=RECIPE_FILE)
     pad_to_multiple_of = check_tokenizer_source(tokenizer_source, pad_to_multiple_of)  # (numpy's: the recipe's JSON)
     params = dict(params or {})
     device = device_argument(device)

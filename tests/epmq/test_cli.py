@@ -645,7 +645,7 @@ def test_a_second_merge_or_quantize_into_an_out_in_use_is_refused_at_its_start(t
     def never(*args, **kwargs):
         raise AssertionError("read a model for an output directory another process writes")
 
-    monkeypatch.setattr(epmq.merge_checkpoint, "merge_checkpoints", never)
+    monkeypatch.setattr(epmq.merge_checkpoint, "local_checkpoint", never)
     monkeypatch.setattr(epmq.quantize_files, "local_checkpoint", never)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.txt").write_text("calibration text")
