@@ -138,7 +138,11 @@ def write_text(path, text: str) -> None:
 
     # (write_atomic's temporary names its process: two runs writing one result at once each rename a
     # whole file of their own, where a shared ``<path>.tmp`` let one rename the other's half-written)
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
 
 
 def demo_run(script: str, argv, bench) -> dict:

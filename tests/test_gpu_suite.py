@@ -851,7 +851,7 @@ def assert_a_kill_while_written_leaves(path, before, partial, run, monkeypatch):
 
     def killed(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        if "w" in mode and str(file).startswith(str(path)):
+        if "w" in mode and str(file).startswith((str(path), str(path.parent / f".{path.name}.tmp"))):
             f.write(partial)
             f.close()
             raise KeyboardInterrupt
