@@ -448,6 +448,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                if isinstance(model, torch.nn.Module) else "")
     check_path(out, "out")
     check_output(out)
+    _check_calibration_paths(calibration)
     resume_dir = None if method == "rtn" else resume_dir_for(Path(os.path.abspath(out)))
     # OUT (RTN's too: it keeps no resume directory) and the resume directory are held from here to the
     # latter's removal: no other run takes them meanwhile, and a second run into OUT is refused at its
@@ -529,6 +530,18 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         remove(resume_dir)
     return saved
+
+
+def _check_calibration_paths(calibration: Optional[Mapping[str, object]]) -> None:
+    """A ValueError naming every calibration path (with its task) that is no file or directory,
+    before any is read: each task's files are read in turn, so a typo in the last task's path was
+    refused once the earlier tasks' files were read and tokenized (minutes on large corpora), and a
+    second typo only on the next run."""
+    missing = [f"{p} (task {task!r}{', a link to nothing' if Path(p).is_symlink() else ''})"
+               for task, given in (calibration or {}).items()
+               for p in (given if isinstance(given, (list, tuple)) else [given]) if not os.path.exists(p)]
+    if missing:
+        raise ValueError(f"no calibration file or directory at {len(missing)} path(s): {'; '.join(missing)}")
 
 
 def _check_decoder_start(net, batches: Mapping[str, list], directory: Path) -> None:

@@ -843,7 +843,7 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
     cases = [
         (dict(method="epmq"), "tasks without an expert \\['a'\\]"),
         (dict(experts={"a": str(root / "expert0")}), "method gptq does not read experts"),
-        (dict(calibration={"a": str(root / "missing.txt")}), "no calibration text"),
+        (dict(calibration={"a": str(root / "missing.txt")}), "no calibration file or directory at 1 path.*missing.txt"),
         (dict(bits=5), "bits"),
         (dict(calibraton={}), "unknown keys \\['calibraton'\\]"),
         (dict(model=str(root / "nowhere")), "no checkpoint directory"),
@@ -2424,3 +2424,28 @@ def test_an_expert_of_another_rope_is_warned_of_once(files, tmp_path, monkeypatc
                                  experts={"a": str(root / "expert0"), "b": str(tmp_path / "long")}, samples=2,
                                  seq_len=16, batch_size=2, progress=False)
     assert loaded == []
+
+
+def test_every_missing_calibration_path_is_named_before_any_task_is_read(files, tmp_path, capsys, monkeypatch):
+    """A typo in the last task's path was refused only once the earlier tasks' files were read and
+    tokenized (minutes on large corpora), and a second typo only on the next run; every missing
+    path is named at once, by its task, before anything is read."""
+    import epmq.quantize_files
+
+    root = files
+    monkeypatch.setattr(epmq.quantize_files, "calibrated", lambda *a, **k: pytest.fail("the calibration was read"))
+    calibration = {"a": str(root / "a.txt"), "b": [str(root / "b.jsonl"), str(root / "b2.jsonl")],
+                   "c": str(root / "c_texts")}
+    with pytest.raises(ValueError) as raised:
+        epmq.quantize_checkpoint(root / "merged", tmp_path / "x", spec=epmq.QuantSpec(), method="gptq",
+                                 calibration=calibration, samples=2, seq_len=8, progress=False)
+    message = str(raised.value)
+    assert "b2.jsonl" in message and "c_texts" in message and "'b'" in message and "'c'" in message, message
+    assert "a.txt" not in message and "b.jsonl" not in message, message
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.resume").exists()
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(root / "merged"), method="gptq", calibration=calibration,
+                                          samples=2, seq_len=8)))
+    assert main(["quantize", str(config), str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "b2.jsonl" in err and "c_texts" in err, err
