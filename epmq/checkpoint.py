@@ -73,6 +73,7 @@ from .resume import hold_output
 FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_WEIGHTS_FILE, TORCH_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"  # (read, never written)
 CONFIG_FILE = "quantize_config.json"
 MERGE_RECIPE_FILE = "epmq_merge.json"  # what epmq merge writes beside its checkpoint
 HF_CONFIG_FILE = "config.json"
@@ -1521,10 +1522,16 @@ def _weights_file(directory: Path, qconfig: dict) -> Path:
         if (directory / name).is_file():
             return directory / name
     found = sorted(directory.glob("*.safetensors"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}, and "
-                                f"{len(found)} other .safetensors files")
-    return found[0]
+    if len(found) == 1:
+        return found[0]
+    # torch's pickle, as AutoGPTQ writes it with use_safetensors=False (its default in early releases) and
+    # transformers with safe_serialization=False: by name only (training_args.bin is no weights file)
+    for name in (TORCH_WEIGHTS_FILE, f"{base}.bin"):
+        if not found and (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}, and {len(found)} other "
+                            f".safetensors files" + ("" if found else f" (nor {TORCH_WEIGHTS_FILE}, {base}.bin or "
+                                                                      f"{TORCH_INDEX_FILE})"))
 
 
 def _group_size_of(name: str, K: int, G: int, config_group: int) -> int:
@@ -1612,6 +1619,11 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
 
     def read(file: Path) -> dict:
         try:
+            if file.suffix == ".bin":  # (weights_only: a checkpoint's pickle runs no code of its own)
+                tensors = torch.load(file, map_location=device, weights_only=True)
+                if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
+                    raise ValueError("not a state dict (tensor name -> tensor)")
+                return tensors
             return load_file(str(file), device=device)
         except FileNotFoundError:
             raise
@@ -1619,6 +1631,8 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
             raise ValueError(f"cannot read {file}: {type(e).__name__}: {e}") from e
 
     index = directory / INDEX_FILE
+    if not index.is_file() and not any(directory.glob("*.safetensors")) and (directory / TORCH_INDEX_FILE).is_file():
+        index = directory / TORCH_INDEX_FILE  # (transformers' shards of safe_serialization=False)
     if not index.is_file() or (directory / WEIGHTS_FILE).is_file():
         return read(_weights_file(directory, qconfig))
     weight_map = shard_weight_map(index)

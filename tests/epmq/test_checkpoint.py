@@ -664,11 +664,14 @@ def test_cuda_load_without_a_model_onto_the_gpu(gen, tmp_path):
                                rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch,layout", [("llama", "autogptq"), ("gemma", "hf_config_only")])
+@pytest.mark.parametrize("arch,layout", [("llama", "autogptq"), ("llama", "autogptq_bin"), ("gemma", "hf_config_only"),
+                                         ("gemma", "hf_bin_shards")])
 def test_gptq_checkpoints_of_other_tools_load(arch, layout, tmp_path):
     """No ``epmq`` section: every ``qweight`` is a layer, shapes from the tensors. AutoGPTQ's
-    layout (a ``model_file_base_name`` file, no quant_method or checkpoint_format: v1);
-    transformers' (the GPTQ config only in config.json). Gemma ties its head to the embedding,
+    layout (a ``model_file_base_name`` file, no quant_method or checkpoint_format: v1; saved with
+    use_safetensors=False: a torch .bin, refused as holding 'no model.safetensors'); transformers'
+    (the GPTQ config only in config.json; a save with safe_serialization=False: pytorch_model.bin
+    shards). Gemma ties its head to the embedding,
     stored once: found through the model's own tying."""
     model = build(arch)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
@@ -676,7 +679,7 @@ def test_gptq_checkpoints_of_other_tools_load(arch, layout, tmp_path):
     q = tmp_path / "q"
     qconfig = json.loads((q / "quantize_config.json").read_text())
     del qconfig["epmq"]
-    if layout == "autogptq":
+    if layout.startswith("autogptq"):
         for key in ("quant_method", "checkpoint_format"):
             del qconfig[key]
         qconfig["model_file_base_name"] = "gptq_model-4bit-16g"
@@ -684,6 +687,23 @@ def test_gptq_checkpoints_of_other_tools_load(arch, layout, tmp_path):
         (q / "quantize_config.json").write_text(json.dumps(qconfig))
     else:
         (q / "quantize_config.json").unlink()
+    if layout.endswith("bin"):  # (with a trainer's pickle beside it, which is no weights file)
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(q / "gptq_model-4bit-16g.safetensors")), q / "gptq_model-4bit-16g.bin")
+        (q / "gptq_model-4bit-16g.safetensors").unlink()
+        torch.save({"args": [1, 2]}, q / "training_args.bin")
+    elif layout.endswith("bin_shards"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(q / "model.safetensors"))
+        (q / "model.safetensors").unlink()
+        names = sorted(tensors)
+        shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for shard, held in shards.items():
+            torch.save({n: tensors[n] for n in held}, q / shard)
+        (q / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {n: shard for shard, held in shards.items() for n in held}}))
     item = inputs(arch, 1, torch.Generator().manual_seed(0))[0]
     for fresh in (None, build(arch, seed=1)):
         loaded = epmq.load_quantized(q, fresh)
