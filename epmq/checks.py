@@ -287,6 +287,18 @@ def check_path(value, what: str, hint: str = "") -> None:
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}{shown}{hint}")
 
 
+def check_calibration_paths(calibration: Mapping[str, object]) -> None:
+    """A ValueError naming every path of ``calibration`` (whose -> a path or a list of them:
+    quantize's tasks, RegMean's models) that is no file or directory, before any is read: each
+    one's files are read in turn, so a typo in the last one's path was refused once those before
+    it were read and tokenized (minutes on large corpora), and a second typo only on the next run."""
+    missing = [f"{p} ({whose}{', a link to nothing' if Path(p).is_symlink() else ''})"
+               for whose, sources in calibration.items()
+               for p in (sources if isinstance(sources, (list, tuple)) else [sources]) if not os.path.exists(p)]
+    if missing:
+        raise ValueError(f"no calibration file or directory at {len(missing)} path(s): {'; '.join(missing)}")
+
+
 def check_outside_calibration(out, calibration: Mapping[str, object], *, resumed: bool = False) -> None:
     """A ValueError where ``out`` is inside (or is) a calibration directory of ``calibration``
     (whose -> a path or a list of them: quantize's tasks, RegMean's models): the checkpoint's files

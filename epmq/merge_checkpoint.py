@@ -49,7 +49,7 @@ from .checkpoint import (MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes
                          is_quantized)
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, key_renaming, loads_transposed, local_checkpoint, tie_order, weights_in)
-from .checks import all_finite, check_outside_calibration, check_path, device_argument
+from .checks import all_finite, check_calibration_paths, check_outside_calibration, check_path, device_argument
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .resume import hold_output
@@ -1501,6 +1501,8 @@ def _merge_held(method: str, models: Sequence[Source], out: Source, *,
                 # (its parameters checked on no tensors first: merged, they were read only after
                 # every model's statistics, minutes to hours of loading and calibrating)
                 fn([{} for _ in models], {}, **params)
+                # (each model's files were read in turn: a later model's typo found after them)
+                check_calibration_paths({f"model {k}": files for k, files in enumerate(calibration)})
                 spill_dir = tmp / ".regmean-grams"  # (in the output's temporary: gone with it if stopped)
                 spill_dir.mkdir()
                 with loading_bars(progress):

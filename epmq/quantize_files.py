@@ -48,7 +48,8 @@ from .calibration import (audio_batches, audio_files, image_batches, image_files
                           read_texts, task_seeds, text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
-from .checks import check_number, check_outside_calibration, check_path, check_seed, device_argument, is_int
+from .checks import (check_calibration_paths, check_number, check_outside_calibration, check_path, check_seed,
+                     device_argument, is_int)
 from .experts import ExpertWeights
 from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
@@ -448,7 +449,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                if isinstance(model, torch.nn.Module) else "")
     check_path(out, "out")
     check_output(out)
-    _check_calibration_paths(calibration)
+    check_calibration_paths({f"task {t!r}": files for t, files in (calibration or {}).items()})
     resume_dir = None if method == "rtn" else resume_dir_for(Path(os.path.abspath(out)))
     # OUT (RTN's too: it keeps no resume directory) and the resume directory are held from here to the
     # latter's removal: no other run takes them meanwhile, and a second run into OUT is refused at its
@@ -530,18 +531,6 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         remove(resume_dir)
     return saved
-
-
-def _check_calibration_paths(calibration: Optional[Mapping[str, object]]) -> None:
-    """A ValueError naming every calibration path (with its task) that is no file or directory,
-    before any is read: each task's files are read in turn, so a typo in the last task's path was
-    refused once the earlier tasks' files were read and tokenized (minutes on large corpora), and a
-    second typo only on the next run."""
-    missing = [f"{p} (task {task!r}{', a link to nothing' if Path(p).is_symlink() else ''})"
-               for task, given in (calibration or {}).items()
-               for p in (given if isinstance(given, (list, tuple)) else [given]) if not os.path.exists(p)]
-    if missing:
-        raise ValueError(f"no calibration file or directory at {len(missing)} path(s): {'; '.join(missing)}")
 
 
 def _check_decoder_start(net, batches: Mapping[str, list], directory: Path) -> None:

@@ -1067,7 +1067,7 @@ def test_regmeans_calibration_passes_show_their_progress(checkpoints, tmp_path, 
     assert "Gram matrices" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("second, error", [("missing.txt", "no calibration text at"),
+@pytest.mark.parametrize("second, error", [("missing.txt", "no calibration file or directory at 1 path"),
                                            ("bad.jsonl", "expected a string, or an object")])
 def test_a_later_models_calibration_files_are_read_before_the_first_models_pass(checkpoints, tmp_path,
                                                                                 monkeypatch, second, error):
@@ -1087,6 +1087,25 @@ def test_a_later_models_calibration_files_are_read_before_the_first_models_pass(
         merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(texts[0]), str(tmp_path / second)],
                           samples=4, seq_len=16, batch_size=2, progress=False)
     assert passes == [], "the first model's Gram pass ran before the second model's files were read"
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_models_missing_calibration_path_is_named_before_any_is_read(checkpoints, tmp_path, monkeypatch):
+    """RegMean read each model's calibration files in turn: a misspelt path of the last model was
+    refused once the files of those before it were read and tokenized, and a second typo only on
+    the next run; every missing path is named at once, by its model, before any file is read."""
+    import epmq.quantize_files
+
+    root, base, experts = checkpoints
+    models, texts = _regmean_sources(root, tmp_path)
+    monkeypatch.setattr(epmq.quantize_files, "calibrated", lambda *a, **k: pytest.fail("the calibration was read"))
+    with pytest.raises(ValueError) as raised:
+        merge_checkpoints("regmean", models, tmp_path / "out",
+                          calibration=[[str(texts[0]), str(tmp_path / "typo0.txt")], str(tmp_path / "typo1")],
+                          samples=4, seq_len=16, batch_size=2, progress=False)
+    message = str(raised.value)
+    assert "typo0.txt (model 0)" in message and "typo1 (model 1)" in message, message
+    assert str(texts[0]) not in message
     assert not (tmp_path / "out").exists()
 
 
