@@ -1636,6 +1636,12 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
     if not index.is_file() or (directory / WEIGHTS_FILE).is_file():
         return read(_weights_file(directory, qconfig))
     weight_map = shard_weight_map(index)
+    # (each shard read in turn: the first missing one was met after those before it were read,
+    # as safetensors' bare 'No such file or directory', naming no index)
+    missing = sorted(str(directory / f) for f in set(weight_map.values()) if not (directory / f).is_file())
+    if missing:
+        raise FileNotFoundError(f"{directory}: shard(s) listed in {index} are missing: {missing[:5]} (a download "
+                                f"cut short, or shards deleted)")
     tensors = {}
     for name in sorted(set(weight_map.values())):
         tensors.update(read(directory / name))

@@ -3252,6 +3252,13 @@ def test_an_index_whose_shards_lack_a_tensor_or_a_shard_is_refused(tmp_path):
     (tmp_path / ckpt.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="shard.* listed in model.safetensors.index.json are missing"):
         CheckpointReader(tmp_path)
+    # load_quantized's read too, before any shard is read (it read those before the missing one,
+    # then ended in safetensors' bare 'No such file or directory', naming no index)
+    index["weight_map"]["c"] = "model-00003-of-00003.safetensors"
+    (tmp_path / ckpt.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match=r"shard\(s\) listed in .*model.safetensors.index.json are missing: "
+                                                r"\[.*model-00002-of-00002.safetensors.*model-00003-of-00003"):
+        ckpt._load_tensors(tmp_path, {})
 
 
 @pytest.mark.parametrize("outside", ["../private/secret.safetensors", "sub/../../private/secret.safetensors",
