@@ -3351,6 +3351,13 @@ class _Walk:
                             if leader[rel] == rel:
                                 stats[rel].add_batch(x, what=f"calibration input of task {task!r} at {prefix}.{rel}")
                         else:
+                            if x_t is not None and rel not in x_t:
+                                raise ValueError(
+                                    f"targets='expert_path': at {prefix}.{rel}, the quantized model's pass calls "
+                                    f"the linear on calibration item {n} of task {task!r} and the expert's "
+                                    f"pass does not (a block whose calls depend on its input or weights: a "
+                                    f"branch, or routing its adapter does not declare), so E-PMQ has no "
+                                    f"expert input for it; use targets='merged_path'")
                             if rel not in begun:
                                 begin(rel)
                             x_target = None if x_t is None else x_t[rel]

@@ -257,7 +257,6 @@ def test_meta_devices_and_weights_are_refused(gen):
         quantize(fam, fam.merged().to("meta"), method="gptq", experts=None)
 
 
-
 def test_a_buffer_left_on_the_meta_device_is_named(gen):
     """A model built under ``torch.device("meta")`` and loaded with ``load_state_dict(assign=
     True)``: its non-persistent buffers (rotary ``inv_freq``) are in no state dict and stay on
@@ -807,7 +806,6 @@ def test_a_non_finite_tensor_outside_the_linears_is_named_not_blamed_on_the_data
         quantize(fam, model, method="gptq", experts=None)
 
 
-
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true_sequential):
@@ -1288,3 +1286,34 @@ def test_blocks_of_a_sequential_named_otherwise_than_by_index_are_refused_naming
     model.encoder.layers = nn.Sequential(*model.encoder.layers)
     epmq.quantize_model(model, SPEC, **options)
     assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12  # q, k, v, out, 2 MLP
+
+
+class _Branch(nn.Module):
+    """``b`` runs only on inputs of positive mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        return y + self.b(y) if bool(x.mean() > 0) else y
+
+
+def test_a_linear_the_experts_pass_does_not_call_is_named_on_the_expert_path(gen):
+    """A block whose calls depend on its input (a branch a plain Adapter does not know as routing):
+    the expert's block 0 turns its stream negative, so block 1 of the expert's pass skips ``b``, which
+    the quantized model's pass calls; E-PMQ has no target for it there. Refused naming the linear, the
+    task and the remedy, where it ended in a bare KeyError: 'b'; the model left as it was."""
+    torch.manual_seed(0)
+    net = Net(_Branch)
+    expert = {k: v.clone() for k, v in net.state_dict().items()}
+    expert["layers.0.a.bias"] -= 10.0  # (its block 0's output, block 1's input, negative)
+    calibration = {"task": [torch.randn(4, 16, generator=gen).abs() + 1]}
+    before = snapshot(net)
+    said = r"layers\.1\.b, .*task 'task' and the expert's pass does not.*targets='merged_path'"
+    with pytest.raises(ValueError, match=said):
+        epmq.quantize_model(net, SPEC, method="epmq", targets="expert_path", calibration=calibration,
+                            experts={"task": expert}, backend="torch", progress=False,
+                            adapter=epmq.Adapter("branch", block_types=(_Branch,)))
+    assert_untouched(net, before)
