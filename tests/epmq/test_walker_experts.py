@@ -1020,3 +1020,66 @@ def test_an_expert_module_of_another_head_count_is_refused_by_quantize_model(tmp
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     epmq.quantize_model(model, spec, method="epmq", calibration=calibration, experts={"a": llama(2, heads=4)},
                         backend="torch", progress=False)
+
+
+# (families of every kind the walker runs: decoders, encoders, encoder-decoders, vision and audio towers,
+# open_clip and timm; mamba's mixer reads its weights without calling its linears, so it is read whole)
+_LAZY_FAMILIES = ["llama", "gemma3", "phi3", "falcon", "bloom", "mpt", "gptj", "bert", "deberta_v2",
+                  "vit", "dinov2", "hf_clip", "t5", "whisper", "open_clip_clip", "timm_vit_registers", "mamba"]
+
+
+@pytest.mark.parametrize("arch", _LAZY_FAMILIES)
+def test_an_expert_block_read_as_each_pass_runs_it_gives_the_model_of_whole_reads(arch, gen, tmp_path, monkeypatch):
+    """The expert path's passes before a block's last group leave its tensors unread, empty, until a
+    module is called: a block that used an unread tensor in an op that takes an empty one (torch.cat
+    leaves a 1-D one out; a size-1 dimension broadcasts) would solve toward a silently wrong target.
+    Experts saved as checkpoints, every quantized tensor the same bit for bit as with whole reads,
+    with fewer reads where the block runs each module it uses."""
+    import copy
+    from collections import Counter
+
+    import epmq.walker as walker
+    from epmq import checkpoint_io
+    from test_walker_models import WIDER, perturb, tiny_timm_vit, wider_input
+
+    if arch == "timm_vit_registers":  # (a class token and register tokens before the patches)
+        torch.manual_seed(0)
+        base = tiny_timm_vit(reg_tokens=2).eval()
+        experts = {t: perturb(base, gen) for t in ("a", "b")}
+        calibration = {t: [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)] for t in experts}
+    elif arch in WIDER:
+        build_model, kind = WIDER[arch]
+        torch.manual_seed(0)
+        base = build_model().eval()
+        experts = {t: perturb(base, gen) for t in ("a", "b")}
+        calibration = {t: [wider_input(kind, gen) for _ in range(2)] for t in experts}
+    else:
+        fam = Family(arch, gen, tasks=("a", "b"))
+        base, experts, calibration = fam.merged(), fam.experts, fam.calibration
+    paths = {}
+    for task, expert in experts.items():
+        paths[task] = str(tmp_path / f"{task}.safetensors")
+        save_file({k: v.detach().clone().contiguous() for k, v in expert.state_dict().items()}, paths[task])
+    reads = Counter()
+    get = checkpoint_io.CheckpointReader.get
+
+    def counted(self, key, index=None):
+        reads[key] += 1
+        return get(self, key, index)
+
+    models, n_reads = {}, {}
+    for lazily in (False, True):
+        reads.clear()
+        with monkeypatch.context() as m, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.setattr(walker, "LAZY_EXPERT_BLOCKS", lazily)
+            m.setattr(checkpoint_io.CheckpointReader, "get", counted)
+            model = copy.deepcopy(base)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=calibration, experts=paths, backend="torch", progress=False)
+        models[lazily], n_reads[lazily] = model.state_dict(), sum(reads.values())
+    assert models[True].keys() == models[False].keys()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
+    if arch != "mamba":
+        assert n_reads[True] < n_reads[False], n_reads
