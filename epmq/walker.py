@@ -1623,6 +1623,24 @@ class _Stop(Exception):
     """Raised by a stand-in or hook to end a forward pass once what it needs is recorded."""
 
 
+class _Unread(torch.overrides.TorchFunctionMode):
+    """Refuses any use of the tensors ``unread`` (id -> (name, tensor)) that a lazy
+    ``_Walk._expert_block`` left empty: an op that takes an empty tensor without a word (a sum is
+    0, torch.cat leaves a 1-D one out) would give the pass a silently wrong target."""
+
+    def __init__(self, unread):
+        super().__init__()
+        self.unread = unread
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in itertools.chain(args, kwargs.values()):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor) and id(t) in self.unread:
+                    raise RuntimeError(f"{self.unread[id(t)][0]} used before its module was called")
+        return func(*args, **kwargs)
+
+
 class _StandInRefused(ValueError):
     """An adapter's stand-ins refused from inside the model's forward pass: not the model's own error."""
 
@@ -2598,8 +2616,8 @@ class _Walk:
         """``template`` (a copy of the block) with every tensor read from expert ``task``;
         ``lazily``: each module's own tensors read as a pass calls it (or its weight is taken:
         ``_read_unread``), the others left unread, empty, so that a pass stopped at a group's
-        linears reads none after them. (An empty tensor fails any op that uses it: a block that
-        uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
+        linears reads none after them. (The pass refuses any use of an unread one, ``_Unread``: a
+        block that uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
         lazily = lazily and self._lazily
         if getattr(template, "_epmq_expert", None) == task:  # (one expert: its block holds what the
             # passes of the groups before read of it, the rest unread)
@@ -2628,9 +2646,12 @@ class _Walk:
         """The target block's tensors ``ids`` (those a lazy ``_expert_block`` left unread) read."""
         for i in ids:
             if i in self._unread:  # (left unread where the read fails: read again, failing as it did)
-                name, tensor = self._unread[i]
-                tensor.data = self._read_expert(self._unread_task, name, like=tensor)
-                del self._unread[i]
+                name, tensor = self._unread.pop(i)  # (before it is read: _Unread refuses its use)
+                try:
+                    tensor.data = self._read_expert(self._unread_task, name, like=tensor)
+                except BaseException:
+                    self._unread[i] = name, tensor
+                    raise
 
     def _capture_target(self, target, *args):
         """``_capture`` of the target block; one lazily read that fails with tensors unread (a block
@@ -2638,7 +2659,8 @@ class _Walk:
         expert tensor the walk refuses, whose read fails again here) is read whole and run again,
         and the rest of the walk reads expert blocks whole."""
         try:
-            return self._capture(target, *args)
+            with _Unread(self._unread) if self._unread else nullcontext():
+                return self._capture(target, *args)
         except torch.OutOfMemoryError:
             raise
         except Exception:

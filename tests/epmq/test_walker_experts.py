@@ -1083,3 +1083,46 @@ def test_an_expert_block_read_as_each_pass_runs_it_gives_the_model_of_whole_read
         assert torch.equal(models[True][k], v), k
     if arch != "mamba":
         assert n_reads[True] < n_reads[False], n_reads
+
+
+def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_path(gen):
+    """A block that scales its input by a sum of its norm's weight before it calls the norm: the
+    passes of the expert path's groups before the last left the norm's weight empty, and its sum is
+    0 without a word, so ``a``'s targets were those of an unscaled input, every layer of both blocks
+    solved toward them. Its use is refused in the pass, which reads the block whole: the model of
+    whole reads, bit for bit."""
+    import copy
+
+    from torch import nn
+
+    import epmq.walker as walker
+    from test_walker_errors import Net
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.norm = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16)
+
+        def forward(self, x):
+            y = x * (1 + self.norm.weight.sum())
+            y = y + self.a(y)
+            return y + self.c(self.norm(y))
+
+    torch.manual_seed(0)
+    net = Net(Block)
+    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
+               for t in ("a", "b")}
+    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
+    models = {}
+    for lazily in (False, True):
+        walker_lazily, walker.LAZY_EXPERT_BLOCKS = walker.LAZY_EXPERT_BLOCKS, lazily
+        try:
+            model = copy.deepcopy(net)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=calibration, experts=experts, backend="torch", progress=False,
+                                adapter=epmq.Adapter("scaled", block_types=(Block,)))
+        finally:
+            walker.LAZY_EXPERT_BLOCKS = walker_lazily
+        models[lazily] = model.state_dict()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
