@@ -31,6 +31,7 @@ records the recipe (method, parameters, sources). The directory is written atomi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -1308,6 +1309,22 @@ def _check_listed_once(models: Sequence[Source], model_paths: Sequence[Path], ba
         seen[key] = k
 
 
+def _holding_out(merge):
+    """``merge`` (``merge_checkpoints``' work) with OUT checked and held before any model is read."""
+    @functools.wraps(merge)
+    def held(method, models, out, **options):
+        check_path(out, "out")
+        # (an output epmq may not replace, the user's folder or a quantized checkpoint, is refused here, as
+        # quantize_checkpoint refuses one at its start: the write refused it after every model's read and merge)
+        check_output(out, marker=RECIPE_FILE)
+        # (OUT held from before any model is read, as epmq merge and quantize_checkpoint hold it: a second merge
+        # into it, held by the write alone, was refused after its whole merge, RegMean's calibration included)
+        with hold_output(out):
+            return merge(method, models, out, **options)
+    return held
+
+
+@_holding_out
 def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                       base: Optional[Source] = None, params: Optional[dict] = None,
                       dtype: Optional[str] = None, max_shard_size="5GB", device=None,
@@ -1353,31 +1370,6 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     (mergekit's linear merge averages its ``base_model`` as one of the models and writes its
     files).
     """
-    check_path(out, "out")
-    # (an output epmq may not replace, the user's folder or a quantized checkpoint, is refused here, as
-    # quantize_checkpoint refuses one at its start: the write refused it after every model's read and merge)
-    check_output(out, marker=RECIPE_FILE)
-    # (OUT held from before any model is read, as epmq merge and quantize_checkpoint hold it: a second merge
-    # into it, held by the write alone, was refused after its whole merge, RegMean's calibration included)
-    with hold_output(out):
-        return _merge_held(method, models, out, base=base, params=params, dtype=dtype, max_shard_size=max_shard_size,
-                           device=device, calibration=calibration, samples=samples, seq_len=seq_len,
-                           batch_size=batch_size, seed=seed, lora_base=lora_base, chat_template=chat_template,
-                           tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of, tokens=tokens,
-                           files_from=files_from, progress=progress)
-
-
-def _merge_held(method: str, models: Sequence[Source], out: Source, *,
-               base: Optional[Source] = None, params: Optional[dict] = None,
-               dtype: Optional[str] = None, max_shard_size="5GB", device=None,
-               calibration: Optional[Sequence] = None, samples: int = 128,
-               seq_len: int = 512, batch_size: int = 8, seed: int = 0,
-               lora_base: Optional[Source] = None, chat_template: Optional[str] = None,
-               tokenizer_source: Optional[str] = None, pad_to_multiple_of: Optional[int] = None,
-               tokens: Optional[Mapping[str, Mapping]] = None, files_from: Optional[Source] = None,
-               progress: bool = True) -> Path:
-    """``merge_checkpoints``' work, OUT held."""
-    check_path(out, "out")
     if not isinstance(models, (str, Path, Iterable)):  # (None: "'NoneType' object is not iterable")
         raise TypeError(f"models must be a list of paths (checkpoint directories or HF hub ids), got "
                         f"{type(models).__name__}")
