@@ -484,11 +484,8 @@ def test_cli_end_to_end_builds_a_model_that_runs_at_any_width(tmp_path, hidden):
     assert logits.shape == (1, 8, 32000) and torch.isfinite(logits).all()
 
 
-def test_epmq_lora_cpu_walks_a_llama_whose_heads_are_odd(monkeypatch):
-    """``epmq_lora_cpu.py --walk 576:...`` gave its Llama 9 attention heads and ``576 // 256 = 2``
-    key-value heads, and the walk ended in torch's bare 'Number of heads in key and value must
-    divide the number of heads in query' (the model it builds is run here, not walked)."""
-    epmq_lora_cpu, = _imported("benchmarks", "epmq_lora_cpu")
+def _lora_cpu_base(epmq_lora_cpu, monkeypatch, hidden):
+    """The base model ``epmq_lora_cpu.measure_walks`` builds at width ``hidden`` (stopped there)."""
     built = []
 
     class Built(Exception):
@@ -500,7 +497,16 @@ def test_epmq_lora_cpu_walks_a_llama_whose_heads_are_odd(monkeypatch):
 
     monkeypatch.setattr(epmq_lora_cpu, "adapters_and_merge", record)
     with pytest.raises(Built):
-        epmq_lora_cpu.measure_walks(576, 64, 1, n_experts=1, rank=2, repeats=1)
+        epmq_lora_cpu.measure_walks(hidden, 64, 1, n_experts=1, rank=2, repeats=1)
+    return built[0]
+
+
+def test_epmq_lora_cpu_walks_a_llama_whose_heads_are_odd(monkeypatch):
+    """``epmq_lora_cpu.py --walk 576:...`` gave its Llama 9 attention heads and ``576 // 256 = 2``
+    key-value heads, and the walk ended in torch's bare 'Number of heads in key and value must
+    divide the number of heads in query' (the model it builds is run here, not walked)."""
+    epmq_lora_cpu, = _imported("benchmarks", "epmq_lora_cpu")
+    built = [_lora_cpu_base(epmq_lora_cpu, monkeypatch, 576)]
     with torch.no_grad():
         logits = built[0](input_ids=torch.arange(8)[None]).logits
     assert torch.isfinite(logits).all()
@@ -914,18 +920,7 @@ def test_benchmark_models_take_their_heads_from_one_rule(tmp_path, monkeypatch):
     args = argparse.Namespace(hidden=64, intermediate=64, layers=1, tasks=1, tokens=8, samples=1)
     model, _, _ = bench_walker.build(args, "cpu")
     cli_end_to_end.write_inputs(tmp_path, 1, 48)
-    built = []
-
-    class Built(Exception):
-        pass
-
-    def record(base, directory, tasks, rank):
-        built.append(base)
-        raise Built
-
-    monkeypatch.setattr(epmq_lora_cpu, "adapters_and_merge", record)
-    with pytest.raises(Built):
-        epmq_lora_cpu.measure_walks(40, 64, 1, n_experts=1, rank=2, repeats=1)
+    built = [_lora_cpu_base(epmq_lora_cpu, monkeypatch, 40)]
     configs = [model.config, json.loads((tmp_path / "base" / "config.json").read_text()), built[0].config]
     assert asked == [64, 48, 40]
     for config in configs:
