@@ -904,6 +904,21 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"routed experts {' and '.join(which)} by dynamic rules: SGLang builds every block's experts on GPTQ "
             f"Marlin from the config's {base[0]} bits in groups of {base[1]}, reading no dynamic rule for them (its "
             f"other layers follow the rules), and cannot load them (quantize the routed experts as the config says)")
+    # vLLM hands MoE WNA16 every block's experts off GPTQ Marlin, and on it those MoE Marlin does not take, at the
+    # config's bits and group size; its MoeWNA16Method (moe_wna16.py) builds neither 8 bits, for which it asserts
+    # group_size == -1 (since vllm-project/vllm#42647), nor per-channel scales, which its create_weights sizes as
+    # ceil(width / -1) < 0 (vllm-project/vllm#52715)
+    wna16 = [unit for unit, (_, _, kinds) in (expert_widths or {}).items()
+             if base in kinds and (off_marlin or unit in unfit)]
+    if wna16 and not marlin_refused and (base[0] == 8 or (base[0] == 4 and base[1] == -1)):
+        hidden, inter = (min(w) for w in expert_widths[wna16[0]][:2])
+        how = ("off GPTQ Marlin" if off_marlin else "weighted by the router before them, which MoE Marlin does not "
+               "take" if router_on_input else f"{hidden} wide, intermediate {inter}, which MoE Marlin does not take")
+        reasons.append(
+            f"routed experts (first: {wna16[0]}) that vLLM builds with its MoE WNA16 kernel ({how}) at the config's "
+            f"{base[0]} bits {'per channel' if base[1] == -1 else f'in groups of {base[1]}'}: MoE WNA16 takes 8-bit "
+            f"experts per channel only (an assertion) and fails on per-channel ones (a negative scale shape), so it "
+            f"cannot build them (a config of 4 bits in groups of 32, 64 or 128 builds there)")
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # optimum's convert_model, which transformers' GPTQ loader builds the layers with, reads no dynamic rule

@@ -2536,6 +2536,32 @@ def test_sglang_builds_experts_on_marlin_from_the_config_alone(ruled, tmp_path):
     assert not any("MoE Marlin" in str(w.message) for w in record)
 
 
+@pytest.mark.parametrize("hidden, inter, bits, group_size, sym, warned", [
+    (128, 96, 8, 32, True, True), (128, 96, 4, -1, True, True), (128, 96, 4, 32, True, False),
+    (128, 64, 8, 32, True, False), (128, 64, 8, 32, False, True), (128, 64, 4, -1, False, True),
+    (128, 64, 4, 32, False, False)])
+def test_experts_moe_wna16_cannot_build_at_8_bits_or_per_channel(hidden, inter, bits, group_size, sym, warned,
+                                                                 tmp_path):
+    """vLLM builds a block's experts with MoE WNA16 off GPTQ Marlin (asymmetric grids here) and, on it, where their
+    widths do not fit MoE Marlin (intermediate 96), at the config's bits and group size; its MoeWNA16Method asserts
+    group_size == -1 for 8 bits and sizes per-channel scales negative (ceil(width / -1)), so 8-bit experts and
+    per-channel ones fail to build there, quantized as the config says. Nothing was said of it."""
+    import warnings
+
+    model = _qwen3_moe(hidden, inter)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=group_size, sym=sym), method="rtn",
+                        progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    said = [str(w.message) for w in record if "MoE WNA16 takes 8-bit experts" in str(w.message)]
+    assert len(said) == warned
+    if warned:
+        groups = "per channel" if group_size == -1 else f"in groups of {group_size}"
+        assert "model.layers.0.mlp.experts" in said[0] and f"config's {bits} bits {groups}" in said[0]
+        assert ("off GPTQ Marlin" if not sym else f"{hidden} wide, intermediate {inter}") in said[0]
+
+
 def test_llama4_experts_follow_no_rule_on_marlin_whatever_their_widths(tmp_path):
     """vLLM's Llama 4 builds its experts' FusedMoE with apply_router_weight_on_input=True, which MoE Marlin does
     not take (check_moe_marlin_supports_layer), so on GPTQ Marlin they go to MoE WNA16, which reads no dynamic
