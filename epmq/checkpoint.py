@@ -165,7 +165,8 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
              for rel, q in m.named_modules() if isinstance(q, QuantLinear)]
     _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
                       _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk),
-                      getattr(getattr(model, "config", None), "model_type", None) in _ROUTER_ON_INPUT)
+                      getattr(getattr(model, "config", None), "model_type", None) in _ROUTER_ON_INPUT,
+                      _hidden_activation(model))
     _stacked_experts_warning(model, layers, to_disk)
     _main_input_warning(model)
     files = {CONFIG_FILE: qconfig}
@@ -449,6 +450,16 @@ def _expert_widths(model, layers, to_disk) -> dict:
         if kind is not None:
             kinds.add(kind)
     return units
+
+
+def _hidden_activation(model) -> Optional[str]:
+    """The activation a transformers config names for the model's MLPs, experts included (``hidden_act``, Gemma's
+    ``hidden_activation``; a VLM's text config's), which engines build the experts with; None where it names none."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return name if isinstance(name, str) else None
 
 
 def _disk_rel(disk: str, stack: str, i: int, rel: str) -> tuple:
@@ -782,13 +793,14 @@ def _built_as_linear_subclasses(model, layers) -> dict:
 
 
 def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None, expert_widths=None,
-                      router_on_input=False) -> None:
+                      router_on_input=False, activation=None) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
     ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk,
     ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
     ``subclassed`` as ``_built_as_linear_subclasses`` returns it, ``expert_widths`` as ``_expert_widths``,
-    ``router_on_input`` whether vLLM builds the experts weighting the tokens by the router first (Llama 4)."""
+    ``router_on_input`` whether vLLM builds the experts weighting the tokens by the router first (Llama 4),
+    ``activation`` the one the model's config names for its MLPs (``_hidden_activation``)."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     float_experts = [name.removesuffix(" (MoE float)") for name in split if name.endswith(" (MoE float)")]
     split = [name for name in split if not name.endswith((" (MoE)", " (MoE float)"))]
@@ -919,6 +931,15 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"{base[0]} bits {'per channel' if base[1] == -1 else f'in groups of {base[1]}'}: MoE WNA16 takes 8-bit "
             f"experts per channel only (an assertion) and fails on per-channel ones (a negative scale shape), so it "
             f"cannot build them (a config of 4 bits in groups of 32, 64 or 128 builds there)")
+    # SGLang's Marlin MoE runner, which its GPTQ Marlin builds every FusedMoE with, asserts a gated SiLU or SiTU
+    # (moe_runner/marlin.py) and then applies a gated SiLU only (fused_marlin_moe.py): Gemma 4's experts, built with
+    # activation="gelu" (gemma4_causal.py), load and then fail (vLLM's MoE Marlin applies GELU too:
+    # fused_moe/activation.py, apply_moe_activation_supported)
+    if not off_marlin and experts and str(activation).startswith("gelu"):
+        reasons.append(
+            f"routed experts of a GELU activation ({activation}; first: {_experts_of(experts[0])}): SGLang builds "
+            f"them on GPTQ Marlin with its Marlin MoE runner, which runs gated SiLU experts only, so the first "
+            f"forward fails")
     if reasons:
         warnings.warn("engines that cannot serve this checkpoint: " + "; ".join(reasons), ServingWarning)
     # optimum's convert_model, which transformers' GPTQ loader builds the layers with, reads no dynamic rule

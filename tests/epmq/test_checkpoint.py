@@ -2562,6 +2562,28 @@ def test_experts_moe_wna16_cannot_build_at_8_bits_or_per_channel(hidden, inter, 
         assert ("off GPTQ Marlin" if not sym else f"{hidden} wide, intermediate {inter}") in said[0]
 
 
+@pytest.mark.parametrize("arch, sym, warned", [("gemma4", True, True), ("gemma4", False, False),
+                                                ("qwen3_moe", True, False)])
+def test_sglang_marlin_moe_runs_no_gelu_experts(arch, sym, warned, tmp_path):
+    """SGLang builds every FusedMoE on GPTQ Marlin (symmetric grids) with its Marlin MoE runner, which runs a gated
+    SiLU only: Gemma 4's GELU experts (gelu_pytorch_tanh) load and fail at the first forward. Nothing was said of
+    it; off Marlin (asymmetric grids) SGLang refuses the experts already, and SiLU experts (Qwen3-MoE) run."""
+    import warnings
+
+    from test_walker_models import WIDER
+
+    torch.manual_seed(0)
+    model = WIDER["gemma4"][0]().eval() if arch == "gemma4" else build(arch)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=-1, sym=sym), method="rtn", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    said = [str(w.message) for w in record if "Marlin MoE runner" in str(w.message)]
+    assert len(said) == warned
+    if warned:
+        assert "GELU activation (gelu_pytorch_tanh; first: model.layers.0.experts)" in said[0]
+
+
 def test_llama4_experts_follow_no_rule_on_marlin_whatever_their_widths(tmp_path):
     """vLLM's Llama 4 builds its experts' FusedMoE with apply_router_weight_on_input=True, which MoE Marlin does
     not take (check_moe_marlin_supports_layer), so on GPTQ Marlin they go to MoE WNA16, which reads no dynamic
