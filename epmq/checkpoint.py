@@ -883,9 +883,11 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # on GPTQ Marlin, vLLM builds a block's experts with MoE Marlin only where their widths fit it
     # (check_moe_marlin_supports_layer; the intermediate width is the one per tensor-parallel rank), else with
     # MoE WNA16 from the config alone (GPTQMarlinConfig.get_quant_method), which reads no dynamic rule: experts
-    # a rule keeps in full precision or quantizes otherwise are built at the config's bits and fail to load
+    # a rule keeps in full precision or quantizes otherwise are built at the config's bits and fail to load.
+    # Without act-order it pads the intermediate width to Marlin's tiles, which then need only hold whole groups
+    # (allow_tile_padding, since vllm-project/vllm#45703); with it, the width must be a multiple of max(64, group)
     base = (qconfig["bits"], qconfig["group_size"])
-    step = max(64, qconfig["group_size"])
+    step = max(64, qconfig["group_size"]) if qconfig["desc_act"] else max(1, qconfig["group_size"])
     unfit = {unit: (hidden, inter) for unit, (hidden, inter, kinds) in (expert_widths or {}).items()
              if router_on_input or any(h % 128 for h in hidden) or any(i % step for i in inter)}
     ruled = [(unit, kind) for unit in unfit for kind in sorted(expert_widths[unit][2] - {base})]
@@ -899,8 +901,10 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
         why = ("of a family whose experts vLLM weights by the router before them (apply_router_weight_on_input), "
                "which vLLM's MoE Marlin does not take" if router_on_input else
                f"of widths vLLM's MoE Marlin does not take ({unit}: {hidden} wide, intermediate {inter}; it takes a "
-               f"hidden width that is a multiple of 128 and an intermediate width, on each tensor-parallel rank, "
-               f"that is a multiple of {step})")
+               f"hidden width that is a multiple of 128 and "
+               + (f"an intermediate width, on each tensor-parallel rank, that is a multiple of {step}"
+                  f"{' (act-order)' if qconfig['desc_act'] else ' (whole groups)'})" if step > 1 else
+                  "any intermediate width)"))
         reasons.append(
             f"routed experts {' and '.join(which)} by dynamic rules, {why}: vLLM builds those blocks' experts with "
             f"MoE WNA16 from the config's {base[0]} bits in groups of {base[1]}, which reads no dynamic rule, and "

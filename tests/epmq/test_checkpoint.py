@@ -2477,14 +2477,14 @@ def _qwen3_moe(hidden, inter):
         num_experts_per_tok=2)).eval()
 
 
-@pytest.mark.parametrize("hidden, inter, off", [(128, 64, False), (128, 96, True), (64, 64, True)])
+@pytest.mark.parametrize("hidden, inter, off", [(128, 64, False), (128, 96, False), (128, 48, True), (64, 64, True)])
 @pytest.mark.parametrize("ruled", ["float", "8-bit"])
 def test_experts_of_widths_moe_marlin_refuses_follow_no_rule(hidden, inter, off, ruled, tmp_path):
     """On GPTQ Marlin (4-bit symmetric groups of 32) vLLM builds a block's experts with MoE Marlin only where
-    the hidden width is a multiple of 128 and the intermediate one of max(64, group_size)
-    (check_moe_marlin_supports_layer); other experts it builds with MoE WNA16 from the config alone
-    (GPTQMarlinConfig.get_quant_method), which reads no dynamic rule: experts a rule keeps in full precision
-    or gives 8 bits are built at the config's 4 bits and fail to load. Nothing was said of it."""
+    the hidden width is a multiple of 128 and the intermediate one holds whole groups (check_moe_marlin_supports_layer;
+    without act-order it pads it to Marlin's tiles: 96 was taken for unfit); other experts it builds with MoE WNA16
+    from the config alone (GPTQMarlinConfig.get_quant_method), which reads no dynamic rule: experts a rule keeps in
+    full precision or gives 8 bits are built at the config's 4 bits and fail to load. Nothing was said of it."""
     import warnings
 
     model = _qwen3_moe(hidden, inter)
@@ -2537,15 +2537,16 @@ def test_sglang_builds_experts_on_marlin_from_the_config_alone(ruled, tmp_path):
 
 
 @pytest.mark.parametrize("hidden, inter, bits, group_size, sym, warned", [
-    (128, 96, 8, 32, True, True), (128, 96, 4, -1, True, True), (128, 96, 4, 32, True, False),
-    (128, 64, 8, 32, True, False), (128, 64, 8, 32, False, True), (128, 64, 4, -1, False, True),
-    (128, 64, 4, 32, False, False)])
+    (128, 48, 8, 32, True, True), (64, 64, 4, -1, True, True), (128, 48, 4, 32, True, False),
+    (128, 64, 8, 32, True, False), (128, 96, 8, 32, True, False), (128, 64, 8, 32, False, True),
+    (128, 64, 4, -1, False, True), (128, 64, 4, 32, False, False)])
 def test_experts_moe_wna16_cannot_build_at_8_bits_or_per_channel(hidden, inter, bits, group_size, sym, warned,
                                                                  tmp_path):
     """vLLM builds a block's experts with MoE WNA16 off GPTQ Marlin (asymmetric grids here) and, on it, where their
-    widths do not fit MoE Marlin (intermediate 96), at the config's bits and group size; its MoeWNA16Method asserts
-    group_size == -1 for 8 bits and sizes per-channel scales negative (ceil(width / -1)), so 8-bit experts and
-    per-channel ones fail to build there, quantized as the config says. Nothing was said of it."""
+    widths do not fit MoE Marlin (intermediate 48 in groups of 32, hidden 64), at the config's bits and group size;
+    its MoeWNA16Method asserts group_size == -1 for 8 bits and sizes per-channel scales negative (ceil(width / -1)),
+    so 8-bit experts and per-channel ones fail to build there, quantized as the config says. Nothing was said of
+    it; intermediate 96, which MoE Marlin pads to its tiles, keeps them on it."""
     import warnings
 
     model = _qwen3_moe(hidden, inter)
