@@ -1623,21 +1623,54 @@ class _Stop(Exception):
     """Raised by a stand-in or hook to end a forward pass once what it needs is recorded."""
 
 
-class _Unread(torch.overrides.TorchFunctionMode):
-    """Refuses any use of the tensors ``unread`` (id -> (name, tensor)) that a lazy
-    ``_Walk._expert_block`` left empty: an op that takes an empty tensor without a word (a sum is
-    0, torch.cat leaves a 1-D one out) would give the pass a silently wrong target."""
+class _Unread(RuntimeError):
+    """A pass used an expert tensor a lazy ``_Walk._expert_block`` left unread: it is read whole."""
 
-    def __init__(self, unread):
+
+class _Apart(ValueError):
+    """A pass of an expert's stream used a tensor of it outside the blocks of another shape than the
+    merged model's (``_Walk._expert_outside``): refused."""
+
+
+class _Placeholders(torch.overrides.TorchFunctionMode):
+    """The empty tensors the expert stream's passes hold in place of an expert's (``held``: id ->
+    (name, tensor, refusal, why)), whose use, while the mode is entered, raises ``refusal(why)``: an op
+    that takes an empty tensor without a word (a sum is 0, torch.cat leaves a 1-D one out, a size-1
+    dimension broadcasts to 0) would give the pass a silently wrong answer. What a placeholder keeps
+    of its tensor (dtype, device) may be read."""
+
+    _KEPT = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__,
+                       torch.Tensor.is_floating_point})
+
+    def __init__(self):
         super().__init__()
-        self.unread = unread
+        self.held = {}
+
+    def hold(self, name, tensor, refusal, why) -> None:
+        """``tensor`` emptied (its dtype and device kept), its use refused."""
+        self.held[id(tensor)] = name, tensor, refusal, why
+        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+    def release(self, i) -> tuple:
+        """``(name, tensor)`` of the placeholder of id ``i``, no longer refused (its data the caller's to set)."""
+        return self.held.pop(i)[:2]
+
+    def held_as(self, refusal) -> list:
+        return [i for i, (_, _, held_as, _) in self.held.items() if held_as is refusal]
+
+    def _held_in(self, values):
+        for value in values:
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor) and id(t) in self.held:
+                    return self.held[id(t)]
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for value in itertools.chain(args, kwargs.values()):
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, torch.Tensor) and id(t) in self.unread:
-                    raise RuntimeError(f"{self.unread[id(t)][0]} used before its module was called")
+        found = self._held_in(args) or self._held_in(kwargs.values())
+        if found is not None and func not in self._KEPT:
+            _, _, refusal, why = found
+            raise refusal(why)
         return func(*args, **kwargs)
 
 
@@ -2064,7 +2097,7 @@ class _Walk:
         self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
         self._values_checked = set()  # (task, tensor name) of the expert reads checked for NaN
-        self._unread = {}  # id -> (name, tensor) of the target block's tensors a lazy read left unread
+        self._placeholders = _Placeholders()  # expert tensors a pass of the expert stream holds empty
         self._lazily = LAZY_EXPERT_BLOCKS  # (off for the rest of the walk once a block read ahead of its calls)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity(), left_out=report.skipped)
 
@@ -2574,17 +2607,25 @@ class _Walk:
     @contextmanager
     def _expert_outside(self, task):
         """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's;
-        those of other shapes than the model's (``_outside_apart``) left empty: a pass that runs
-        one fails, and is refused, naming it."""
-        saved = []
+        those of other shapes than the model's (``_outside_apart``) held empty: a pass that uses
+        one is refused, naming it (``_Placeholders``)."""
+        saved, held = [], []
         source = self.experts[task]
         mapped = self._vocabulary_names if source.rows is not None else ()
         apart = self._apart.get(task, {})
         try:
             for tensor, names in self.outside:
+                saved.append((tensor, tensor.data))
                 if names[0] in apart:
-                    saved.append((tensor, tensor.data))
-                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                    held.append(id(tensor))
+                    self._placeholders.hold(
+                        names[0], tensor, _Apart,
+                        f"the expert of task {task!r} ({source.description}) holds {names[0]} of shape "
+                        f"{tuple(source.shape(names[0]))}, the merged model's {tuple(apart[names[0]])}, and "
+                        f"targets='expert_path' runs it in place of the model's, which its stream's passes use "
+                        f"before or between the blocks: experts must share the merged model's configuration "
+                        f"(a tensor of another shape is left out only where its stream never runs it: a "
+                        f"classification head of the expert's own classes, after the blocks)")
                     continue
                 new = source.read(names[0], like=tensor)
                 if names[0] in mapped:  # (the merged model's rows for the tokens the expert lacks)
@@ -2593,22 +2634,12 @@ class _Walk:
                     laid_out = tensor.detach().clone()
                     laid_out[have] = new[rows[have]]
                     new = laid_out
-                saved.append((tensor, tensor.data))
                 tensor.data = new
-            try:
+            with self._placeholders if held else nullcontext():
                 yield
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:
-                if not apart:
-                    raise
-                other = "; ".join(f"{name} {tuple(source.shape(name))} for {shape}" for name, shape in apart.items())
-                raise ValueError(f"the expert of task {task!r} ({source.description}) has tensors outside the blocks "
-                                 f"of other shapes than the merged model's ({other}), and targets='expert_path' "
-                                 f"runs them in place of the model's: experts must share the merged model's "
-                                 f"configuration (running it without them failed: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
         finally:
+            for i in held:
+                self._placeholders.release(i)
             for tensor, data in reversed(saved):
                 tensor.data = data
 
@@ -2616,19 +2647,19 @@ class _Walk:
         """``template`` (a copy of the block) with every tensor read from expert ``task``;
         ``lazily``: each module's own tensors read as a pass calls it (or its weight is taken:
         ``_read_unread``), the others left unread, empty, so that a pass stopped at a group's
-        linears reads none after them. (The pass refuses any use of an unread one, ``_Unread``: a
-        block that uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
+        linears reads none after them. (The pass refuses any use of an unread one, ``_Placeholders``:
+        a block that uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
         lazily = lazily and self._lazily
         if getattr(template, "_epmq_expert", None) == task:  # (one expert: its block holds what the
             # passes of the groups before read of it, the rest unread)
             if not lazily:
-                self._read_unread(list(self._unread))
+                self._read_unread(self._placeholders.held_as(_Unread))
             return template
-        self._unread = {}
+        for i in self._placeholders.held_as(_Unread):  # (the block before's, or another expert's)
+            self._placeholders.release(i)
         for rel, tensor in _expert_tensors(template):
             if lazily:  # (a tensor of two names read under the last, as below)
-                self._unread[id(tensor)] = f"{prefix}.{rel}", tensor
-                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                self._hold_unread(f"{prefix}.{rel}", tensor)
             else:
                 tensor.data = self._read_expert(task, f"{prefix}.{rel}", like=tensor)
         template._epmq_expert = task
@@ -2642,15 +2673,18 @@ class _Walk:
         self._unread_task = task
         return template
 
+    def _hold_unread(self, name, tensor) -> None:
+        self._placeholders.hold(name, tensor, _Unread, f"{name} used before its module was called")
+
     def _read_unread(self, ids) -> None:
         """The target block's tensors ``ids`` (those a lazy ``_expert_block`` left unread) read."""
         for i in ids:
-            if i in self._unread:  # (left unread where the read fails: read again, failing as it did)
-                name, tensor = self._unread.pop(i)  # (before it is read: _Unread refuses its use)
+            if i in self._placeholders.held:  # (left unread where the read fails: read again, failing as it did)
+                name, tensor = self._placeholders.release(i)  # (before it is read: its use is refused)
                 try:
                     tensor.data = self._read_expert(self._unread_task, name, like=tensor)
                 except BaseException:
-                    self._unread[i] = name, tensor
+                    self._hold_unread(name, tensor)
                     raise
 
     def _capture_target(self, target, *args):
@@ -2659,15 +2693,15 @@ class _Walk:
         expert tensor the walk refuses, whose read fails again here) is read whole and run again,
         and the rest of the walk reads expert blocks whole."""
         try:
-            with _Unread(self._unread) if self._unread else nullcontext():
+            with self._placeholders if self._placeholders.held else nullcontext():
                 return self._capture(target, *args)
         except torch.OutOfMemoryError:
             raise
         except Exception:
-            if not self._unread:
+            if not self._placeholders.held_as(_Unread):
                 raise
         self._lazily = False
-        self._read_unread(list(self._unread))
+        self._read_unread(self._placeholders.held_as(_Unread))
         return self._capture(target, *args)
 
     # ----------------------------------------------------------------- stack entry
@@ -2820,7 +2854,7 @@ class _Walk:
                             _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             pass
-                        except (torch.OutOfMemoryError, _StandInRefused):
+                        except (torch.OutOfMemoryError, _StandInRefused, _Apart):
                             raise
                         except Exception as e:
                             if not now["past"] and now["called"] is not None and not stack.adapter.runs_blocks:

@@ -1126,3 +1126,48 @@ def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_pa
         models[lazily] = model.state_dict()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
+
+
+class _Gained(torch.nn.Module):
+    """Two blocks of ``_TinyBlock`` on an input scaled by a sum of a gain outside them (``summed``;
+    else cast to the gain's dtype)."""
+
+    def __init__(self, gains=32, summed=True):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.zeros(gains))
+        self.layers = torch.nn.ModuleList([_TinyBlock(), _TinyBlock()])
+        self.summed = summed
+
+    def forward(self, x):
+        x = x * (1 + self.gain.sum()) if self.summed else x.to(self.gain.dtype)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(gen):
+    """The expert path left an expert's tensor outside the blocks of another shape than the merged
+    model's empty in its stream's passes, refused only where a pass failed on it: a gain summed
+    before the blocks (an empty sum is 0) gave the stream of task 'b' an unscaled input, every layer
+    solved toward it, without a word. Its use is refused, naming the tensor, the task and why; a
+    model that reads only its dtype (which the empty tensor in its place keeps) is walked."""
+    torch.manual_seed(0)
+    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in _Gained(gains).state_dict().items()}
+               for t, gains in (("a", 32), ("b", 16))}
+    calibration = {t: [torch.randn(8, 32, generator=gen)] for t in experts}
+
+    def quantize(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (warned of as the experts are bound)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=calibration, experts=experts, backend="torch", progress=False,
+                                adapter=epmq.Adapter("tiny", block_types=(_TinyBlock,)))
+
+    model = _Gained()
+    with pytest.raises(ValueError, match=r"the expert of task 'b' .*gain of shape \(16,\).* the merged model's \(32,\)"
+                                         r".*runs it in place of the model's"):
+        quantize(model)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    model = _Gained(summed=False)
+    quantize(model)
+    assert all(isinstance(block.fc1, epmq.QuantLinear) for block in model.layers)
