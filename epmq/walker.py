@@ -1636,8 +1636,10 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
     """The empty tensors the expert stream's passes hold in place of an expert's (``held``: id ->
     (name, tensor, refusal, why)), whose use, while the mode is entered, raises ``refusal(why)``: an op
     that takes an empty tensor without a word (a sum is 0, torch.cat leaves a 1-D one out, a size-1
-    dimension broadcasts to 0) would give the pass a silently wrong answer. What a placeholder keeps
-    of its tensor (dtype, device) may be read."""
+    dimension broadcasts to 0) would give the pass a silently wrong answer. They are looked for inside
+    lists, tuples and dicts too: a torch function written in Python runs its body with the mode off,
+    so a tensor it takes nested is used there unseen. What a placeholder keeps of its tensor (dtype,
+    device) may be read."""
 
     _KEPT = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__,
                        torch.Tensor.is_floating_point})
@@ -1660,9 +1662,13 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
 
     def _held_in(self, values):
         for value in values:
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, torch.Tensor) and id(t) in self.held:
-                    return self.held[id(t)]
+            if isinstance(value, torch.Tensor):
+                if id(value) in self.held:
+                    return self.held[id(value)]
+            elif isinstance(value, (list, tuple, dict)):
+                found = self._held_in(value.values() if isinstance(value, dict) else value)
+                if found is not None:
+                    return found
         return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -1085,12 +1085,23 @@ def test_an_expert_block_read_as_each_pass_runs_it_gives_the_model_of_whole_read
         assert n_reads[True] < n_reads[False], n_reads
 
 
-def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_path(gen):
+def _scaled(x, gains):
+    """``x`` times one plus the sum of ``gains`` (a dict of tensors, or a list of tuples of them): a
+    torch function written in Python, whose body runs with the torch function modes off."""
+    if torch.overrides.has_torch_function((x,)):
+        return torch.overrides.handle_torch_function(_scaled, (x,), x, gains)
+    leaves = gains.values() if isinstance(gains, dict) else [g for group in gains for g in group]
+    return x * (1 + sum(g.sum() for g in leaves))
+
+
+@pytest.mark.parametrize("taken", ["summed", "in a dict", "in a list of tuples"])
+def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_path(taken, gen):
     """A block that scales its input by a sum of its norm's weight before it calls the norm: the
     passes of the expert path's groups before the last left the norm's weight empty, and its sum is
     0 without a word, so ``a``'s targets were those of an unscaled input, every layer of both blocks
     solved toward them. Its use is refused in the pass, which reads the block whole: the model of
-    whole reads, bit for bit."""
+    whole reads, bit for bit. The weight handed to a torch function inside a dict or a nested list
+    was not looked for, and its sum in there was 0 again."""
     import copy
 
     from torch import nn
@@ -1104,7 +1115,11 @@ def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_pa
             self.a, self.c, self.norm = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16)
 
         def forward(self, x):
-            y = x * (1 + self.norm.weight.sum())
+            w = self.norm.weight
+            if taken == "summed":
+                y = x * (1 + w.sum())
+            else:
+                y = _scaled(x, {"norm": w} if taken == "in a dict" else [(w,)])
             y = y + self.a(y)
             return y + self.c(self.norm(y))
 
