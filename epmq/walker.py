@@ -2104,6 +2104,7 @@ class _Walk:
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
         self._values_checked = set()  # (task, tensor name) of the expert reads checked for NaN
         self._placeholders = _Placeholders()  # expert tensors a pass of the expert stream holds empty
+        self._outside_values = {}  # id of a tensor outside the blocks -> the expert's values it holds (_expert_outside)
         self._lazily = LAZY_EXPERT_BLOCKS  # (off for the rest of the walk once a block read ahead of its calls)
         self.log = None if resume_dir is None else BlockLog(resume_dir, self._identity(), left_out=report.skipped)
 
@@ -2641,13 +2642,29 @@ class _Walk:
                     laid_out[have] = new[rows[have]]
                     new = laid_out
                 tensor.data = new
+                self._outside_values[id(tensor)] = new
             with self._placeholders if held else nullcontext():
                 yield
         finally:
+            self._outside_values = {}
             for i in held:
                 self._placeholders.release(i)
             for tensor, data in reversed(saved):
                 tensor.data = data
+
+    def _expert_values(self, named) -> dict:
+        """A block call's keyword arguments ``named`` with the model's tensors outside the blocks that
+        it hands to the block as they are (in a list or tuple too) replaced by the expert's values they
+        hold in an expert stream's pass (``_expert_outside``): recorded as the tensors themselves, they
+        held the merged model's values again when the stream's block passes ran."""
+        def own(value):
+            if isinstance(value, torch.Tensor):
+                return self._outside_values.get(id(value), value)
+            if type(value) in (list, tuple) and any(id(t) in self._outside_values for t in value):
+                return type(value)(own(t) for t in value)
+            return value
+
+        return {name: own(value) for name, value in named.items()} if self._outside_values else named
 
     def _expert_block(self, template, prefix, task, lazily=False):
         """``template`` (a copy of the block) with every tensor read from expert ``task``;
@@ -2723,6 +2740,7 @@ class _Walk:
                 if j == 0 and not now["past"]:
                     _refuse_filled_cache(stack, block, args, kwargs)
                 hidden, named = _bind(block, args, kwargs)
+                named = self._expert_values(named)
                 if now["past"]:  # (called again after the last block: weights shared across depth)
                     now["again"][j] = now["again"].get(j, 1) + 1
                     now["chain"] &= _chained(hidden, now["passed"]) and _same_arguments(named, now["kwargs"][j])

@@ -1186,3 +1186,49 @@ def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(
     model = _Gained(summed=False)
     quantize(model)
     assert all(isinstance(block.fc1, epmq.QuantLinear) for block in model.layers)
+
+
+def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_stream(gen):
+    """A model that hands a tensor of its own outside the blocks (a shift) to every block as an
+    argument: the expert stream's entry recorded the tensor itself, which held the merged model's
+    values again once the entry was over, so each expert's blocks ran on the merged model's shift,
+    without a word. They run on the expert's: the model that of one handing on a computed copy."""
+    import copy
+
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x, shift):
+            return x + self.fc(x + shift)
+
+    class Shifted(nn.Module):
+        def __init__(self, as_is):
+            super().__init__()
+            self.shift, self.as_is = nn.Parameter(torch.zeros(16)), as_is
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            shift = self.shift if self.as_is else self.shift + 0
+            for layer in self.layers:
+                x = layer(x, shift=shift)
+            return x
+
+    torch.manual_seed(0)
+    net = Shifted(as_is=True)
+    experts = {t: {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
+               for t in ("a", "b")}
+    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
+    models = {}
+    for as_is in (True, False):
+        model = copy.deepcopy(net)
+        model.as_is = as_is
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                            calibration=calibration, experts=experts, backend="torch", progress=False,
+                            adapter=epmq.Adapter("shifted", block_types=(Block,)))
+        models[as_is] = model.state_dict()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
