@@ -925,7 +925,9 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
     ``min(d_out, d_in)``, as with ``rank_fraction`` above ``1 / K``, they cannot all be
     orthonormal and the polar factor is the nearest partial isometry) and add
     ``scale * U_o diag(S) V_o^T`` to the base. Other tensors (biases, norms, convolutions) take
-    the mean task vector, scaled.
+    the mean task vector, scaled. Triplets past a task vector's numerical rank (``torch.linalg.matrix_rank``'s
+    tolerance), whose singular vectors the SVD picks at will, are left out: an expert equal to the
+    base adds none.
     """
     _needs_base(base, "tsv")
     check_number(scale, "scale")
@@ -942,8 +944,14 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
         Us, Ss, Vhs = [], [], []
         for k in range(len(W_k)):  # (copies of the kept triplets: a slice would keep all of U, Vh)
             U, S, Vh = torch.linalg.svd(W_k[k] - W_0, full_matrices=False)
-            Us.append(U[:, :r].clone()), Ss.append(S[:r].clone()), Vhs.append(Vh[:r].clone())
+            # past a task vector's numerical rank (matrix_rank's tolerance; all of a zero one's) the
+            # singular vectors are whatever completion the SVD picks: orthogonalised with the others',
+            # they would turn those, for no singular value of their own
+            rank = int((S[:r] > S[0] * max(W_0.shape) * torch.finfo(S.dtype).eps).sum()) if S.numel() else 0
+            Us.append(U[:, :rank].clone()), Ss.append(S[:rank].clone()), Vhs.append(Vh[:rank].clone())
             del U, S, Vh
+        if not sum(len(S) for S in Ss):  # (every expert equal to the base here)
+            return W_0.clone()
         U_o = _polar(torch.cat(Us, dim=1))
         Vh_o = _polar(torch.cat(Vhs, dim=0).T).T
         return W_0 + scale * (U_o * torch.cat(Ss)) @ Vh_o

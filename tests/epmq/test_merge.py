@@ -947,9 +947,8 @@ def test_arcee_fusion_keeps_the_outlying_changes():
 
 
 def _orthogonal_task_vectors(gen, d_out=12, d_in=10):
-    """Rank-3 task vectors on disjoint row and column blocks (orthogonal singular subspaces).
-    Their rank is TSV's share, 10 // 3: a smaller rank would hand TSV singular vectors of
-    singular value 0, arbitrary directions that its orthogonalisation would mix in."""
+    """Rank-3 task vectors on disjoint row and column blocks (orthogonal singular subspaces),
+    their rank TSV's share, 10 // 3."""
     taus = []
     for k in range(3):
         tau = torch.zeros(d_out, d_in)
@@ -980,6 +979,28 @@ def test_tsv_identities(gen):
     out = merge.tsv({"w": W_0}, [{"w": W_0 + t} for t in taus], scale=1.0)["w"]
     kept = torch.cat([torch.linalg.svdvals(t)[:5] for t in taus]).sort(descending=True).values
     torch.testing.assert_close(torch.linalg.svdvals(out - W_0), kept, atol=1e-4, rtol=1e-4)
+
+
+def test_tsv_leaves_out_the_arbitrary_singular_vectors_of_zero_singular_values(gen):
+    """The singular vectors of a zero singular value (all of an expert equal to the base's, the
+    rank a low-rank task vector lacks) are any orthonormal completion the SVD picks: stacked with
+    the others', the orthogonalisation turned the others' directions by them (the merge of one
+    task vector and a zero one was not that task vector's top triplets, and varied by device).
+    They are left out: an expert equal to the base adds nothing, low-rank ones on orthogonal
+    subspaces merge as Task Arithmetic, and every expert equal to the base gives the base."""
+    W_0 = torch.randn(12, 10, generator=gen)
+    tau = torch.randn(12, 10, generator=gen)
+    U, S, Vh = torch.linalg.svd(tau, full_matrices=False)
+    out = merge.tsv({"w": W_0}, [{"w": W_0 + tau}, {"w": W_0.clone()}])["w"]  # (each its 5 triplets)
+    torch.testing.assert_close(out, W_0 + (U[:, :5] * S[:5]) @ Vh[:5], atol=1e-5, rtol=1e-5)
+    # rank 2 each of a share of 3: no singular vectors of 0 mixed in
+    low = []
+    for t in _orthogonal_task_vectors(gen):
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        low.append((u[:, :2] * s[:2]) @ vh[:2])
+    out = merge.tsv({"w": W_0}, [{"w": W_0 + t} for t in low])["w"]
+    torch.testing.assert_close(out, W_0 + sum(low), atol=1e-5, rtol=1e-5)
+    assert torch.equal(merge.tsv({"w": W_0}, [{"w": W_0.clone()}] * 3)["w"], W_0)
 
 
 def test_iso_c_flattens_the_spectrum(gen):
