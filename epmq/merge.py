@@ -1113,8 +1113,9 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
 def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool = False,
             flatten: bool = True, *, out=None):
     """mergekit's NuSLERP: spherical interpolation of two experts (``base=None``) or of their task
-    vectors (added to ``base``) at ``t = w_1 / (w_0 + w_1)`` (0.5 where the weights sum below
-    1e-6), without normalizing: ``(sin((1 - t) theta) v_0 + sin(t theta) v_1) / sin theta``,
+    vectors (added to ``base``) at ``t = w_1 / (w_0 + w_1)`` (weights >= 0 of a sum of 1e-6 or
+    more, where mergekit takes 0.5 below it and goes past the experts for a negative one), without
+    normalizing: ``(sin((1 - t) theta) v_0 + sin(t theta) v_1) / sin theta``,
     ``theta`` the angle between ``v_0`` and ``v_1``, linear where they are parallel or opposite
     to 1e-16 in ``1 - cos^2``. The vectors are each tensor whole (``flatten``, the default),
     else its rows along the last dimension, or along the first (``row_wise``: a matrix's
@@ -1124,7 +1125,13 @@ def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool
     if len(experts) != 2:
         raise ValueError(f"nuslerp interpolates two experts, got {len(experts)}")
     total = sum(weights)
-    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    if abs(total) < 1e-6:  # (mergekit takes t = 0.5 there: weights 1 and -1 gave the midpoint)
+        raise ValueError(f"nuslerp's weights {weights} sum to {total:g}: t = w_1 / (w_0 + w_1) has no value; "
+                         f"give weights of a positive sum (they are relative: 1 and 3 is t = 0.75)")
+    if min(weights) < 0:
+        raise ValueError(f"nuslerp's weights must be >= 0 (t = w_1 / (w_0 + w_1) in [0, 1]: past an expert the "
+                         f"arc runs on, into a model that is neither), got {weights}")
+    t = weights[1] / total
     # (rows along the last dimension are each expert's matrix's rows: no warning)
     if flatten or row_wise:
         _warn_of_fused_experts(base, experts, "the angle between the vectors taken")
@@ -1283,7 +1290,9 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
     _needs_base(base, "nearswap")
     if len(experts) != 1:
         raise ValueError(f"nearswap moves the base toward one expert, got {len(experts)}")
-    t = check_number(t, "t", 0)
+    if check_number(t, "nearswap's t") <= 0:  # (at 0 every entry stays the base's, as mergekit returns it)
+        raise ValueError(f"nearswap's t must be > 0 (entries within t of the expert take its value), got {t}")
+    t = float(t)
 
     def merge_tensor(name, W_0, W_k):
         W_1 = W_k[0]

@@ -767,7 +767,6 @@ def test_nuslerp_by_its_geometry(gen):
     torch.testing.assert_close(half, 2 ** 0.5 * (e[0:1] + e[1:2]))
     assert float(half.norm()) == pytest.approx(2.0)
     torch.testing.assert_close(merge.nuslerp(None, [a, b], weights=[0.0, 2.0])["w"], b["w"])
-    torch.testing.assert_close(merge.nuslerp(None, [a, b], weights=[1.0, -1.0])["w"], half)  # (sum 0: t 0.5)
     parallel = merge.nuslerp(None, [a, {"w": 6 * e[0:1]}], weights=[1.0, 3.0])["w"]
     torch.testing.assert_close(parallel, 5 * e[0:1])  # (linear: 0.25 * 2 + 0.75 * 6)
     base = {"w": torch.full((1, 4), 7.0)}
@@ -783,6 +782,24 @@ def test_nuslerp_by_its_geometry(gen):
         torch.testing.assert_close(cols[:, c], merge.nuslerp(None, [{"w": A[:, c]}, {"w": B[:, c]}])["w"])
     with pytest.raises(ValueError, match="two experts"):
         merge.nuslerp(None, [a, b, a])
+
+
+def test_nuslerp_and_nearswap_refuse_parameters_out_of_their_range():
+    """NuSLERP's weights summing to 0 took t = 0.5 (mergekit's fallback: weights 1 and -1 gave
+    the midpoint), a negative one put t past [0, 1] (on the arc beyond an expert, a model that is
+    neither); NearSwap's t = 0 returned the base. Each is an error naming the parameter."""
+    e = torch.eye(4)
+    a, b = {"w": 2 * e[0:1]}, {"w": 2 * e[1:2]}
+    for weights in ([1.0, -1.0], [0.0, 0.0], [1e-7, 0.0]):
+        with pytest.raises(ValueError, match=r"nuslerp's weights .* sum to .*: t = w_1 / \(w_0 \+ w_1\)"):
+            merge.nuslerp(None, [a, b], weights=weights)
+    for weights in ([-0.5, 1.5], [2.0, -1.0]):
+        with pytest.raises(ValueError, match=r"nuslerp's weights must be >= 0 .* in \[0, 1\]"):
+            merge.nuslerp({"w": torch.zeros(1, 4)}, [a, b], weights=weights)
+    torch.testing.assert_close(merge.nuslerp(None, [a, b], weights=[3.0, 0.0])["w"], a["w"])
+    for t in (0.0, -1e-3):
+        with pytest.raises(ValueError, match=r"nearswap's t must be > 0"):
+            merge.nearswap({"w": torch.zeros(4)}, [{"w": torch.ones(4)}], t=t)
 
 
 def test_multislerp_by_its_geometry():
