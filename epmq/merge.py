@@ -1285,7 +1285,8 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
     """mergekit's NearSwap: the base's entries move to the one expert's where the two are close,
     ``W = w W_1 + (1 - w) W_0`` with ``w = min(1, t / max(|W_1 - W_0|, 1e-6))`` entry by entry:
     entries that differ by less than ``t`` take the expert's value, the others move by ``t``
-    toward it. mergekit 0.1.5's ``nearswap`` step for step."""
+    toward it. mergekit 0.1.5's ``nearswap`` step for step, but that an entry equal in both stays
+    it bit for bit (mergekit's is an ulp off where t is below 1e-6)."""
     experts = _listed_experts(experts)
     _needs_base(base, "nearswap")
     if len(experts) != 1:
@@ -1297,7 +1298,9 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
     def merge_tensor(name, W_0, W_k):
         W_1 = W_k[0]
         w = (t / torch.abs(W_0 - W_1).clamp(min=1e-6)).clamp(min=0, max=1)
-        return w * W_1 + (1 - w) * W_0
+        # (an entry the expert left alone stays the base's: w W_1 + (1 - w) W_0 rounds it off by an ulp
+        # where w < 1 there, t below 1e-6; elsewhere mergekit's arithmetic, its tensors bit for bit)
+        return torch.where(W_1 == W_0, W_0, w * W_1 + (1 - w) * W_0)
 
     return _merge_each(base, experts, merge_tensor, out)
 

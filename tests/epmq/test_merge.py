@@ -897,6 +897,15 @@ def test_nearswap_by_its_definition():
         merge.nearswap(base, [expert, expert])
 
 
+def test_nearswap_of_an_expert_equal_to_the_base_is_the_base(gen):
+    """Entries the expert left at the base's stay the base's bit for bit whatever t: below t =
+    1e-6 their weight is under 1, and w W_1 + (1 - w) W_0 (mergekit's arithmetic) rounded them
+    off by an ulp."""
+    W_0 = torch.randn(8, 6, generator=gen)
+    for t in (1e-7, 3e-7, 1e-3):
+        assert torch.equal(merge.nearswap({"w": W_0}, [{"w": W_0.clone()}], t=t)["w"], W_0)
+
+
 def test_ram_keeps_lone_changes_whole_and_averages_shared_ones():
     """RAM: an entry one expert changed takes that change whole, one several changed takes their
     mean, one none changed (|tau| <= epsilon) keeps the base; RAM+ scales each expert's lone
