@@ -855,6 +855,9 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None):
     _check_unit(select_topk, "select_topk")
     experts = _listed_experts(experts)
     _check_some_kept(lambda k: float(select_topk), len(experts), "select_topk", "SCE")
+    if select_topk < 1 and len(experts) < 2:  # (one task vector varies nowhere: nothing selected, the base)
+        raise ValueError(f"SCE's select_topk < 1 selects the entries where the experts' task vectors vary: it "
+                         f"needs two experts or more, got {len(experts)} (select_topk=1 merges one as it is)")
     _warn_of_fused_experts(base, experts, "its entries selected and weighted")
 
     def merge_tensor(name, W_0, W_k):

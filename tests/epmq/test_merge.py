@@ -757,6 +757,17 @@ def test_sce_by_its_definition(gen):
         merge.sce(None, taus)
 
 
+def test_sce_selection_of_one_expert_is_refused(gen):
+    """SCE selects the entries whose task vectors vary most across the experts: one expert's
+    vary nowhere, nothing was selected, and the merge returned the base, said nowhere. Without
+    selection one expert is its own merge."""
+    W_0 = torch.randn(4, 5, generator=gen)
+    expert = {"w": W_0 + torch.randn(4, 5, generator=gen)}
+    with pytest.raises(ValueError, match=r"select_topk < 1 .* two experts or more, got 1"):
+        merge.sce({"w": W_0}, [expert], select_topk=0.5)
+    torch.testing.assert_close(merge.sce({"w": W_0}, [expert])["w"], expert["w"])
+
+
 def test_nuslerp_by_its_geometry(gen):
     """NuSLERP: t = w_1 / (w_0 + w_1); on the great circle between the two (unnormalized)
     vectors, so orthogonal vectors of one length keep it; linear where they are parallel; of
