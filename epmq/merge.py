@@ -1083,7 +1083,7 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
     tensor's name (a schedule over layers; a transformers module's tensors are named as it saves
     them, as ``epmq merge`` names them: its fused ones are merged as the ones it saves).
     """
-    check_number(dot_threshold, "dot_threshold")
+    check_number(dot_threshold, "dot_threshold", 0)  # (below 0 every tensor passed it: linear, silently)
     per_expert = "per_row taking each expert's whole matrix as a row (an angle each), not its rows"
     _warn_of_fused_experts(None, [a, b], per_expert if per_row else "the angle between the models taken",
                            at_once=not per_row)

@@ -1620,6 +1620,9 @@ def test_slerp_of_parallel_tensors_at_any_threshold(gen):
     a = {"w": torch.randn(4, 6, generator=gen)}
     for threshold in (0.9995, 1.0, 1.5):
         torch.testing.assert_close(merge.slerp(a, a, 0.5, dot_threshold=threshold)["w"], a["w"])
+    # (below 0 every |cos theta| passes it: each tensor interpolated linearly, no slerp at all)
+    with pytest.raises(ValueError, match="dot_threshold must be >= 0, got -0.5"):
+        merge.slerp(a, {"w": torch.randn(4, 6, generator=gen)}, 0.5, dot_threshold=-0.5)
 
 
 def test_model_stock_does_not_depend_on_the_task_vectors_size(gen):
