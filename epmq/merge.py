@@ -917,6 +917,13 @@ def _polar(A: torch.Tensor) -> torch.Tensor:
     return P @ Qh
 
 
+def _numerical_rank(S: torch.Tensor, shape) -> int:
+    """How many of the descending singular values ``S`` of a matrix of ``shape`` are above rounding
+    (``torch.linalg.matrix_rank``'s tolerance): past them the singular vectors are any orthonormal
+    completion the SVD picks (all of a zero matrix's), different by device and library."""
+    return int((S > S[0] * max(shape) * torch.finfo(S.dtype).eps).sum()) if S.numel() else 0
+
+
 def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None, *, out=None):
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors").
 
@@ -947,10 +954,9 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
         Us, Ss, Vhs = [], [], []
         for k in range(len(W_k)):  # (copies of the kept triplets: a slice would keep all of U, Vh)
             U, S, Vh = torch.linalg.svd(W_k[k] - W_0, full_matrices=False)
-            # past a task vector's numerical rank (matrix_rank's tolerance; all of a zero one's) the
-            # singular vectors are whatever completion the SVD picks: orthogonalised with the others',
-            # they would turn those, for no singular value of their own
-            rank = int((S[:r] > S[0] * max(W_0.shape) * torch.finfo(S.dtype).eps).sum()) if S.numel() else 0
+            # past the numerical rank (all of a zero task vector's) the singular vectors are whatever completion
+            # the SVD picks: orthogonalised with the others', they would turn those, for no singular value
+            rank = min(r, _numerical_rank(S, W_0.shape))
             Us.append(U[:, :rank].clone()), Ss.append(S[:rank].clone()), Vhs.append(Vh[:rank].clone())
             del U, S, Vh
         if not sum(len(S) for S in Ss):  # (every expert equal to the base here)
@@ -967,8 +973,9 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
 
     For every matrix: the SVD ``U S V^T`` of the summed task vectors, with every singular value
     replaced by their mean, ``W_0 + scale * mean(S) U V^T`` (a flat spectrum, so that no task's
-    directions are dwarfed by the dominant ones). Other tensors take the mean task vector,
-    scaled.
+    directions are dwarfed by the dominant ones). The directions past the sum's numerical rank
+    (a sum of low-rank task vectors: LoRA experts'), whose singular vectors the SVD picks at will,
+    are left out. Other tensors take the mean task vector, scaled.
     """
     _needs_base(base, "iso_c")
     check_number(scale, "scale")
@@ -982,7 +989,10 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
         if W_0.dim() != 2:
             return W_0 + scale / len(W_k) * tau_sum
         U, S, Vh = torch.linalg.svd(tau_sum, full_matrices=False)
-        return W_0 + scale * S.mean() * (U @ Vh)
+        # (the mean over every singular value, as the paper's; the directions past the sum's rank, a low-rank
+        # (LoRA) sum's, are arbitrary and given none: the mean value on them was a full-rank update of noise)
+        rank = _numerical_rank(S, tau_sum.shape)
+        return W_0 + scale * S.mean() * (U[:, :rank] @ Vh[:rank])
 
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 

@@ -1056,6 +1056,19 @@ def test_iso_c_flattens_the_spectrum(gen):
     torch.testing.assert_close(out["b"], torch.full((3,), 0.5))
 
 
+def test_iso_c_of_a_low_rank_sum_stays_in_its_span(gen):
+    """Iso-C gives every singular direction of the summed task vectors the mean singular value:
+    past the sum's numerical rank (LoRA experts', rank 2 here) the directions are whatever
+    orthonormal completion the SVD picks, and took that value too, a full-rank update of
+    arbitrary directions (varying by device). They are left out: the update is the mean singular
+    value times the sum's own singular vectors."""
+    W_0 = torch.randn(12, 10, generator=gen)
+    loras = [torch.randn(12, 1, generator=gen) @ torch.randn(1, 10, generator=gen) for _ in range(2)]
+    out = merge.iso_c({"w": W_0}, [{"w": W_0 + t} for t in loras], scale=0.5)["w"]
+    U, S, Vh = torch.linalg.svd(sum(loras))
+    torch.testing.assert_close(out, W_0 + 0.5 * S.mean() * U[:, :2] @ Vh[:2], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["tsv", "iso_c"])
 def test_a_callers_autocast_changes_no_merge(gen, method):
     """The merges compute in float32 (float64 for float64 tensors): under a caller's autocast (a
