@@ -1014,12 +1014,12 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
     _needs_base(base, "model_stock")
     _check_choice(convention, CONVENTIONS, "convention")
     experts = _listed_experts(experts)
+    if len(experts) < 2:  # (before any tensor is written out: one expert has no angle to another)
+        raise ValueError(f"model_stock needs at least two experts, got {len(experts)}")
     _warn_of_fused_experts(base, experts, "its cosines taken")
 
     def merge_tensor(name, W_0, W_k):
         K = len(W_k)
-        if K < 2:
-            raise ValueError(f"model_stock needs at least two experts, got {K}")
         # (mergekit's rows of a tensor of more dimensions, a convolution or fused MoE experts: along
         # its last dimension; epmq's: each output channel whole)
         last = per_row and convention == "mergekit" and W_0.dim() > 2

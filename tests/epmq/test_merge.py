@@ -1284,8 +1284,10 @@ def test_bad_parameters_of_the_newer_merges():
         merge.della(base, experts, density=0.1, epsilon=0.2)
     with pytest.raises(ValueError, match="rank_fraction"):
         merge.tsv(base, experts, rank_fraction=0.0)
+    written = {}  # (refused before any tensor is merged: "ids", not floating point, came first)
     with pytest.raises(ValueError, match="at least two experts"):
-        merge.model_stock(base, experts[:1])
+        merge.model_stock({"ids": base["ids"], **base}, experts[:1], out=written)
+    assert written == {}
     for fn in (merge.breadcrumbs, merge.della, merge.tsv, merge.iso_c, merge.model_stock):
         with pytest.raises(ValueError, match="needs the base"):
             fn(None, experts)
