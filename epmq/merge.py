@@ -559,6 +559,9 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
         return W_0 + scale * _combine(taus, consensus, merge, weights, zero_vote)
 
     experts = _listed_experts(experts)
+    # (checked before any tensor is merged: _combine's check came at the first float tensor, after the
+    # ones before it were written out, and never where there is none)
+    weights = _check_weights(weights, len(experts), divide=consensus is None and merge == "mean")
     _warn_of_fused_experts(base, experts, statistic, stacklevel=4)
     return _merge_each(base, experts, merge_tensor, out, lazy=True)
 
@@ -602,10 +605,11 @@ def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
-    weights = _listed(weights)
+    experts = _listed_experts(experts)
+    weights = _check_weights(_listed(weights), len(experts), divide=True)  # (before any tensor is written)
 
     def merge_tensor(name, W_0, W_k):  # (the experts read one at a time)
-        w = [1.0] * len(W_k) if weights is None else _check_weights(weights, len(W_k), divide=True)
+        w = [1.0] * len(W_k) if weights is None else weights
         total = W_k[0].mul(w[0])
         for k in range(1, len(W_k)):
             total.add_(W_k[k], alpha=w[k])
@@ -710,6 +714,7 @@ def ties(
     base_sd, expert_sds = _inputs(base, experts)
     kept = _each(density, "density", len(expert_sds))
     _check_some_kept(kept, len(expert_sds), "density", "TIES")
+    weights = _check_weights(_listed(weights), len(expert_sds), divide=False)  # (before the thresholds' pass)
     thresholds = (
         _global_thresholds(base_sd, expert_sds, kept) if scope == "global" else None
     )

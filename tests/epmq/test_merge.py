@@ -1266,6 +1266,27 @@ def test_slerp(gen):
     torch.testing.assert_close(out["q"], y)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "breadcrumbs", "della", "average"])
+def test_weights_are_checked_before_any_tensor_is_written(method):
+    """Per-expert weights of the wrong length (or a zero sum to divide by) were refused at the first
+    float tensor, after the tensors before it were written to out (a shard writer's), and never
+    for a model of no float tensor; refused before any."""
+    base, experts = hand_models()
+    first = {"ids": base["ids"], **base}  # (not floating point: merged first)
+    for weights, match in (([1.0, 2.0], "one number per expert"), ([1.0, -1.0, 0.0], "sum to 0")):
+        if match == "sum to 0" and method != "average":
+            continue  # (a sum divides only the mean)
+        written = {}
+        with pytest.raises(ValueError, match=match):
+            if method == "average":
+                merge.average(experts, weights=weights, out=written)
+            else:
+                getattr(merge, method)(first, experts, weights=weights, out=written)
+        assert written == {}
+    with pytest.raises(ValueError, match="one number per expert"):
+        merge.task_arithmetic({"ids": base["ids"]}, [{"ids": e["ids"]} for e in experts], weights=[1.0])
+
+
 def test_weighted_average():
     base, experts = hand_models()
     out = merge.average(experts, weights=[1.0, 0.0, 3.0])
