@@ -1139,7 +1139,8 @@ def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool
     else its rows along the last dimension, or along the first (``row_wise``: a matrix's
     columns). mergekit 0.1.5's ``nuslerp`` step for step."""
     experts = _listed_experts(experts)
-    weights = _check_weights(_listed(weights), 2, divide=False)
+    # (None: equal, as every merge taking weights reads it; sum(None) failed as a bare TypeError)
+    weights = _check_weights(_listed(weights), 2, divide=False) or [1.0, 1.0]
     if len(experts) != 2:
         raise ValueError(f"nuslerp interpolates two experts, got {len(experts)}")
     total = sum(weights)

@@ -778,6 +778,7 @@ def test_nuslerp_by_its_geometry(gen):
     torch.testing.assert_close(half, 2 ** 0.5 * (e[0:1] + e[1:2]))
     assert float(half.norm()) == pytest.approx(2.0)
     torch.testing.assert_close(merge.nuslerp(None, [a, b], weights=[0.0, 2.0])["w"], b["w"])
+    assert torch.equal(merge.nuslerp(None, [a, b], weights=None)["w"], half)  # (as the other merges: equal)
     parallel = merge.nuslerp(None, [a, {"w": 6 * e[0:1]}], weights=[1.0, 3.0])["w"]
     torch.testing.assert_close(parallel, 5 * e[0:1])  # (linear: 0.25 * 2 + 0.75 * 6)
     base = {"w": torch.full((1, 4), 7.0)}
