@@ -2217,7 +2217,7 @@ def test_regmean_of_an_expert_no_token_reached_is_the_average_and_said():
 def test_gram_matrices_of_moe_routers_are_of_their_inputs(family):
     """transformers 5's routers (Qwen3MoeTopKRouter, MixtralTopKRouter) hold their weight [E, H]
     outside any nn.Linear and apply it by F.linear: their Gram matrix is that of the block's hidden
-    states they route (all tokens), exactly, and RegMean merges them by it."""
+    states they route (all tokens), exactly in the first layer, and RegMean merges them by it."""
     from epmq.stats import HessianStats, gram_matrices
 
     models = [_routed_moe(family, k) for k in range(2)]
@@ -2234,7 +2234,11 @@ def test_gram_matrices_of_moe_routers_are_of_their_inputs(family):
     grams = [gram_matrices(m, _token_batches(10 + k)) for k, m in enumerate(models)]
     for name, stats in want.items():
         assert stats.n_tokens == 3 * 2 * 7
-        assert torch.equal(grams[0][name], stats.H), name
+        if name.startswith("model.layers.0."):
+            assert torch.equal(grams[0][name], stats.H), name
+        else:  # (the passes run fused experts one linear each: later layers' inputs differ by float rounding,
+            # by how much depends on the CPU and its thread count)
+            torch.testing.assert_close(grams[0][name], stats.H, rtol=1e-6, atol=1e-5, msg=name)
     merged = merge.regmean([m.state_dict() for m in models], {n: [g[n] for g in grams] for n in grams[0]})
     name = "model.layers.1.mlp.gate.weight"
     W_k = [m.state_dict()[name] for m in models]
