@@ -46,6 +46,7 @@ from epmq_kernels._runtime import version
 from epmq_kernels.grid import is_bits
 
 from ._util import release_freed_memory
+from .checks import all_finite
 from .packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 from .spec import SUPPORTED_BITS
 
@@ -288,19 +289,69 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # checked before anything is copied: copy_ casts, so float codes were truncated, a float32
+        # scale past float16's range became inf and a float g_idx some group, and the loaded buffers
+        # could no longer tell a corrupt or mismatched checkpoint; a layer refused is left as it was
+        given = {name: state_dict[prefix + name] for name in self._buffers if prefix + name in state_dict}
+        problems = self._state_problems(given, assign=local_metadata.get("assign_to_params_buffers", False))
+        if problems:
+            error_msgs.extend(prefix + problem for problem in problems)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derived = {}
-        if prefix + "g_idx" in state_dict and not self.g_idx.is_meta:
-            problem = g_idx_problem(self.g_idx, self.scales.shape[0], f"{prefix}scales")
-            if problem is not None:
-                error_msgs.append(prefix + problem)
         # Inference tensors (buffers made under torch.inference_mode) have no version counter,
         # so the caches keyed on them (here and the kernel's launch plans) cannot see the copy
         # just made into them: new tensor objects over the same memory retire those entries.
         for name, buf in self._buffers.items():
             if buf is not None and buf.is_inference():
                 self._buffers[name] = buf.detach()
+
+    def _state_problems(self, given: dict, assign: bool) -> list:
+        """Why the tensors ``given`` (buffer name -> tensor, those a state dict holds) cannot be this
+        layer's, each naming its tensor; empty where they can. ``assign``: they replace the buffers
+        (``load_state_dict(assign=True)``) and keep their dtypes, rather than being cast into them."""
+        # (not tensors, or a bias the layer has not: torch's own errors)
+        given = {name: t for name, t in given.items()
+                 if isinstance(t, torch.Tensor) and self._buffers[name] is not None}
+        layout = (f"the layer ({self.in_features}->{self.out_features}, {self.bits} bits, group_size "
+                  f"{self.group_size})")
+        problems = [f"{name} is {tuple(t.shape)}, but {layout} holds {tuple(self._buffers[name].shape)}: "
+                    f"a checkpoint of other bits, group_size or features"
+                    for name, t in given.items() if t.shape != self._buffers[name].shape]
+        if problems:
+            return problems
+        for name in ("qweight", "qzeros"):
+            if name in given and given[name].dtype != torch.int32:
+                problems.append(f"{name} must be int32 (packed words), got {given[name].dtype}")
+        scales = given.get("scales")
+        if scales is not None and not scales.is_floating_point():
+            problems.append(f"scales must be floating-point, got {scales.dtype}")
+        g_idx = given.get("g_idx")
+        if g_idx is not None and not g_idx.is_meta and not _is_fake(g_idx):
+            problem = g_idx_problem(g_idx, self.scales.shape[0], "scales")
+            if problem is not None:
+                problems.append(problem)
+        if problems:
+            return problems
+        if scales is not None and not scales.is_meta and not _is_fake(scales):
+            held = scales if assign else scales.to(self.scales.dtype)
+            if not all_finite(held):
+                problems.append("scales must be finite, got NaN or inf" if not all_finite(scales) else
+                                f"scales up to {float(scales.abs().max()):.3g} overflow {str(held.dtype)[6:]}, "
+                                f"the layer's scale dtype")
+        # the packed words' bits past the last code (K * bits or N * bits not a multiple of 32) are
+        # zero as written: set, the words hold more codes than this layer has features
+        for name, length, words in (("qweight", self.in_features, lambda w: w[-1]),
+                                    ("qzeros", self.out_features, lambda w: w[:, -1])):
+            packed = given.get(name)
+            used = length * self.bits % 32
+            if packed is not None and used and not packed.is_meta and not _is_fake(packed):
+                if bool((words(packed) & -(1 << used)).any()):
+                    problems.append(f"{name} has bits set past its {length} codes of {self.bits} bits (the "
+                                    f"padding of its last words): a checkpoint of more "
+                                    f"{'inputs' if name == 'qweight' else 'outputs'} or other bits")
+        return problems
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

@@ -423,6 +423,66 @@ def test_load_state_dict_refuses_g_idx_outside_the_grid(gen, bad):
         epmq.QuantLinear(256, 256, bits=4, group_size=32, bias=False).load_state_dict(state)
 
 
+def _set(name, index, value):
+    def change(state):
+        state[name] = state[name].clone()
+        state[name][index] = value
+    return change
+
+
+def _cast(name, dtype, times=1):
+    def change(state):
+        state[name] = (state[name] * times).to(dtype)
+    return change
+
+
+# (3 bits, 48 inputs and 20 outputs: the last words of qweight and qzeros end in 16 and 4 padding bits)
+CORRUPT_STATES = {
+    "NaN scale": (_set("scales", (0, 0), float("nan")), r"scales must be finite, got NaN or inf"),
+    "inf scale": (_set("scales", (2, 19), float("inf")), r"scales must be finite, got NaN or inf"),
+    "integer scales": (_cast("scales", torch.int32), r"scales must be floating-point, got torch.int32"),
+    "float codes": (_cast("qweight", torch.float32), r"qweight must be int32 \(packed words\), got torch.float32"),
+    "int64 zeros": (_cast("qzeros", torch.int64), r"qzeros must be int32 \(packed words\), got torch.int64"),
+    "float g_idx": (_cast("g_idx", torch.float32), r"g_idx must be integers, got torch.float32"),
+    "g_idx past the groups": (_set("g_idx", 7, 3), r"g_idx holds groups in \[0, 3\], outside the 3 groups"),
+    "a 49th input's code": (_set("qweight", (4, 0), 1 << 16), r"qweight has bits set past its 48 codes of 3 bits"),
+    "a 21st output's zero": (_set("qzeros", (1, 1), 1 << 30), r"qzeros has bits set past its 20 codes of 3 bits"),
+    "groups of 24": (lambda state: state.update(scales=state["scales"][:2]),
+                     r"scales is \(2, 20\), but the layer \(48->20, 3 bits, group_size 16\) holds \(3, 20\)"),
+}
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
+@pytest.mark.parametrize("corruption", CORRUPT_STATES)
+def test_load_state_dict_refuses_corrupt_or_mismatched_tensors(gen, corruption, assign):
+    """copy_ casts and does not look at values: float codes were truncated into the words, a float
+    g_idx rounded to some group, NaN scales loaded, and codes for more features than the layer has
+    read as its own; each is refused, naming the tensor, and the layer is left as it was."""
+    change, message = CORRUPT_STATES[corruption]
+    state = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=3, group_size=16), gen, d_out=20,
+                                               d_in=48)).state_dict()
+    change(state)
+    model = torch.nn.Sequential(epmq.QuantLinear(48, 20, bits=3, group_size=16, bias=False))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"\t0\." + message):
+        model.load_state_dict({f"0.{name}": t for name, t in state.items()}, assign=assign)
+    assert all(torch.equal(t, before[name]) and t.dtype == before[name].dtype
+               for name, t in model.state_dict().items())
+
+
+def test_load_state_dict_refuses_float16_overflow_of_float32_scales(gen):
+    """A float32 scale past float16's range became inf in the layer's float16 scales; assigned
+    (``assign=True``), the scales keep the file's float32 and are taken."""
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen))
+    state = dict(layer.state_dict(), scales=layer.scales.float())
+    state["scales"][0, 0] = 1e5
+    with pytest.raises(RuntimeError, match=r"scales up to 1e\+05 overflow float16, the layer's scale dtype"):
+        epmq.QuantLinear(64, 24, bits=4, group_size=16, bias=False).load_state_dict(state)
+    fresh = epmq.QuantLinear(64, 24, bits=4, group_size=16, bias=False, device="meta")
+    fresh.load_state_dict(state, assign=True)
+    assert fresh.scales.dtype == torch.float32 and torch.equal(fresh.scales, state["scales"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_load_state_dict_into_inference_tensors_is_seen(gen, dtype):
     """Buffers made under torch.inference_mode have no version counter: a load_state_dict into
