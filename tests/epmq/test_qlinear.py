@@ -707,3 +707,88 @@ def test_a_first_cpu_forward_of_many_small_layers_trims_the_heap_once_their_temp
     # (40 layers' [256, 32] int32 temporaries: far fewer bytes than call for a trim)
     assert len(trims) <= 1, len(trims)
     assert 40 * 2 * 256 * 32 * 4 < _util.TRIM_EVERY
+
+
+def _tiny_packed_model(gen, dtype=torch.float32):
+    """norm -> up (32->48) -> ReLU -> down (48->8), the linears packed (PEFT needs a parameter to
+    place the model: the norm)."""
+    from torch import nn
+
+    model = nn.Sequential()
+    model.add_module("norm", nn.LayerNorm(32))
+    model.add_module("up", epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen, 48, 32),
+                                                        torch.randn(48, generator=gen)))
+    model.add_module("act", nn.ReLU())
+    model.add_module("down", epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=3, group_size=16), gen, 8, 48),
+                                                          torch.randn(8, generator=gen)))
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_peft_lora_trains_on_packed_layers_and_merges(gen, dtype, tmp_path):
+    """PEFT has no dispatcher for QuantLinear (get_peft_model failed on it): with_quant_linear
+    registers one. The adapters train over the frozen packed layers; a merge is the dequantized
+    weight plus the update in an nn.Linear, unmerge gives the packed layer back as it was."""
+    peft = pytest.importorskip("peft")
+    from epmq.peft_lora import with_quant_linear
+
+    model = _tiny_packed_model(gen, dtype)
+    packed = {name: t.clone() for name, t in model.state_dict().items() if not name.startswith("norm")}
+    x, target = torch.randn(64, 32, generator=gen).to(dtype), torch.randn(64, 8, generator=gen)
+    config = with_quant_linear(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
+    lora = peft.get_peft_model(model, config)
+    assert sorted(n for n, p in lora.named_parameters() if p.requires_grad) == sorted(
+        f"base_model.model.{layer}.lora_{ab}.default.weight" for layer in ("up", "down") for ab in "AB")
+    optimizer = torch.optim.Adam([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = (lora(x).float() - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    up = lora.base_model.model.up
+    assert all(torch.equal(t, packed[name]) for name, t in model.state_dict().items() if name in packed)
+    with torch.no_grad():
+        trained = lora(x)
+        lora.save_pretrained(tmp_path)
+        # (bf16: W + B A rounded once more, as PEFT's merge into an nn.Linear of bf16 rounds it)
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
+
+        def off(y):
+            return float((y.float() - trained.float()).abs().max() / trained.float().abs().max())
+
+        with lora.disable_adapter():  # (what a merge that lost the update would give)
+            assert off(lora(x)) > 4 * tol
+        up.merge()
+        assert type(up.get_base_layer()) is torch.nn.Linear and up.get_base_layer().weight.dtype == dtype
+        assert up.merged_adapters == ["default"]
+        assert off(lora(x)) < tol
+        up.unmerge()
+        assert isinstance(up.get_base_layer(), epmq.QuantLinear)
+        assert torch.equal(lora(x), trained)
+        merged = lora.merge_and_unload()
+        assert [type(merged.up), type(merged.down)] == [torch.nn.Linear] * 2
+        assert off(merged(x)) < tol
+        # the adapter saved: loaded onto the packed model again (the config registered again, as
+        # PEFT's custom modules are not saved with it)
+        config = with_quant_linear(peft.LoraConfig.from_pretrained(tmp_path))
+        fresh = _tiny_packed_model(gen, dtype)
+        fresh.load_state_dict({**packed, **{n: t for n, t in model.state_dict().items() if n.startswith("norm")}})
+        loaded = peft.PeftModel.from_pretrained(fresh, tmp_path, config=config)
+        assert torch.equal(loaded(x), trained)
+
+
+def test_peft_lora_variants_that_read_the_base_weight_are_refused(gen):
+    """DoRA and PiSSA-like initialisations read the base weight, which a QuantLinear holds packed
+    (its .weight a data-less stand-in)."""
+    peft = pytest.importorskip("peft")
+    from epmq.peft_lora import with_quant_linear
+
+    for settings, message in ((dict(use_dora=True), "DoraLinearVariant is not supported on a QuantLinear"),
+                              (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' reads the base weight"),
+                              (dict(init_lora_weights="olora"), "init_lora_weights='olora' reads the base weight")):
+        config = with_quant_linear(peft.LoraConfig(r=2, target_modules=["up"], **settings))
+        with pytest.raises(ValueError, match=message):
+            peft.get_peft_model(_tiny_packed_model(gen), config)
