@@ -817,3 +817,26 @@ def test_peft_lora_variants_that_read_the_base_weight_are_refused(gen):
         config = with_quant_linear(peft.LoraConfig(r=2, target_modules=["up"], **settings))
         with pytest.raises(ValueError, match=message):
             peft.get_peft_model(_tiny_packed_model(gen), config)
+
+
+def test_peft_lora_a_refused_merge_leaves_the_packed_layer(gen):
+    """The merge swaps in a dense copy before PEFT's own merge into it: one that PEFT refuses
+    (a safe merge of NaNs) puts the packed layer back."""
+    peft = pytest.importorskip("peft")
+    from epmq.peft_lora import with_quant_linear
+
+    lora = peft.get_peft_model(_tiny_packed_model(gen), with_quant_linear(peft.LoraConfig(r=2, target_modules=["up"])))
+    up = lora.base_model.model.up
+    packed = up.get_base_layer()
+    with torch.no_grad():
+        up.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        up.merge(safe_merge=True)
+    assert up.get_base_layer() is packed and not up.merged
+    with torch.no_grad():
+        up.lora_B["default"].weight.zero_()
+    up.merge()
+    assert type(up.get_base_layer()) is torch.nn.Linear
+    torch.testing.assert_close(up.get_base_layer().weight, packed.dequantize(), rtol=0, atol=0)
+    up.unmerge()
+    assert up.get_base_layer() is packed
