@@ -766,6 +766,13 @@ def _symmetric(layer: QuantLinear) -> bool:
 # the group sizes GPTQ Marlin takes (vLLM's and SGLang's MARLIN_SUPPORTED_GROUP_SIZES)
 MARLIN_GROUPS = (-1, 32, 64, 128)
 
+# vLLM's GPTQ consolidation removed its plain GPTQ path (gptq.py, gptq_gemm): quant_method "gptq" and
+# quantization='gptq' both map to AutoGPTQConfig (auto_gptq.py), whose override_quantization_method claims every
+# GPTQ checkpoint, whose __init__ takes (bits, sym) of (4, True) or (8, True) only ('Unsupported quantization
+# config'), and whose linear method then refuses groups off MARLIN_SUPPORTED_GROUP_SIZES (verify_marlin_supported);
+# 2/3 bits are left to the opt-in Humming kernels (quantization='humming'; vllm-project/vllm#45051)
+VLLM_MARLIN_ONLY = "vLLM since its GPTQ consolidation (vllm-project/vllm#38288, mid-2026)"
+
 
 class ServingWarning(UserWarning):
     """A saved checkpoint that some serving engine cannot load or serves wrong (``_serving_warnings``):
@@ -826,9 +833,10 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     if not qconfig["sym"] and qconfig["checkpoint_format"] == "gptq":
         reasons.append("asymmetric grids (sym: false) in the v1 'gptq' format: GPTQModel refuses them (save with "
                        "checkpoint_format='gptq_v2' for it)")
-    # GPTQ Marlin takes (4 or 8 bits, sym); vLLM and SGLang take other configs to their plain GPTQ kernel
-    # (gptq_gemm: 2, 3, 4, 8 bits, zero points read, v1 or v2), which has no routed experts: vLLM builds
-    # them with MoE WNA16 (4 or 8 bits, told sym: true, so it drops their zero points), SGLang refuses them
+    # GPTQ Marlin takes (4 or 8 bits, sym); SGLang and vLLM before VLLM_MARLIN_ONLY take other configs to their
+    # plain GPTQ kernel (gptq_gemm: 2, 3, 4, 8 bits, zero points read, v1 or v2), which has no routed experts: that
+    # vLLM builds them with MoE WNA16 (4 or 8 bits, told sym: true, so it drops their zero points), SGLang refuses
+    # them; the newer vLLM refuses the checkpoint
     low = sorted({m.bits for m in layers.values() if m.bits not in (4, 8)})
     off_marlin = [f"{'/'.join(map(str, low))}-bit layers"] * bool(low) + ["asymmetric grids"] * (not qconfig["sym"])
     # (is_gptq_marlin_compatible checks the config's group size too: MARLIN_SUPPORTED_GROUP_SIZES)
@@ -845,7 +853,8 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # precision are built quantized there, and their float weights are not loaded
     if off_marlin and float_experts and not marlin_refused:
         reasons.append(
-            f"{' and '.join(off_marlin)}, which take vLLM off GPTQ Marlin onto its plain GPTQ kernel, with routed "
+            f"{' and '.join(off_marlin)}, which {VLLM_MARLIN_ONLY} refuses and which take older vLLM off GPTQ "
+            f"Marlin onto its plain GPTQ kernel, with routed "
             f"experts left in full precision (first: {float_experts[0]}): vLLM builds every block's experts there "
             f"with its MoE WNA16 kernel, which reads no dynamic rule (the -: rule that keeps them in full precision "
             f"on Marlin), so it builds them quantized and cannot load their float weights (QuantSpec(bits=4 or 8, "
@@ -853,8 +862,9 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # (a config Marlin takes keeps vLLM and SGLang on it: its rules' other layers are refused, not served off it)
     if off_marlin and experts and not marlin_refused:
         reasons.append(
-            f"{' and '.join(off_marlin)}, which take vLLM and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "
-            f"with routed experts (first: {experts[0]}) quantized: vLLM builds those with its MoE WNA16 kernel, "
+            f"{' and '.join(off_marlin)}, which {VLLM_MARLIN_ONLY} refuses outright and which take older vLLM "
+            f"and SGLang off GPTQ Marlin onto their plain GPTQ kernel, "
+            f"with routed experts (first: {experts[0]}) quantized: older vLLM builds those with its MoE WNA16 kernel, "
             f"which takes 4 or 8 bits only and reads GPTQ experts as symmetric (asymmetric ones served wrong, their "
             f"zero points dropped), and SGLang refuses them (QuantSpec(bits=4 or 8, sym=True) in groups "
             f"of 32, 64 or 128 for them)")
@@ -871,11 +881,14 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"{', '.join(f'bits={o[0]}, group_size={o[1]}' for o in marlin_refused)}, which Marlin refuses "
             f"('Unsupported quantization config'): serve it with quantization='gptq' (their plain GPTQ kernel, "
             f"which takes every layer{caveat}"
-            f"), or quantize those layers at 4 or 8 bits in groups of 32, 64 or 128",
+            f"; not on {VLLM_MARLIN_ONLY}, where 'gptq' is GPTQ Marlin too), or quantize those layers at 4 or 8 "
+            f"bits in groups of 32, 64 or 128",
             ServingWarning)
     elif off_marlin:
         warnings.warn(
-            f"{' and '.join(off_marlin)}: vLLM and SGLang serve this checkpoint on their plain GPTQ kernel "
+            f"{' and '.join(off_marlin)}: {VLLM_MARLIN_ONLY} refuses this checkpoint (its one GPTQ path is GPTQ "
+            f"Marlin: 'Unsupported quantization config', or 'Marlin does not support group_size'); older "
+            f"vLLM and SGLang serve it on their plain GPTQ kernel "
             f"(gptq_gemm), not on GPTQ Marlin, which takes 4- or 8-bit symmetric grids in groups of 32, 64 or 128 "
             f"(or per channel) only: slower"
             f"{' (and vLLM logs its 4-bit gptq_gemm as buggy)' if 4 in {m.bits for m in layers.values()} else ''}; "

@@ -931,7 +931,7 @@ def test_the_config_describes_every_layer(gen, tmp_path):
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16, sym=True), method="rtn", layers="mlp",
                         progress=False)
     with pytest.warns(UserWarning,
-                      match="asymmetric grids and groups of 16: vLLM and SGLang serve this checkpoint on their plain"):
+                      match="asymmetric grids and groups of 16: vLLM since .* refuses .* older vLLM and SGLang serve"):
         epmq.save_quantized(model, tmp_path / "q")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["sym"] is False
     model = fam.merged()
@@ -2439,6 +2439,34 @@ def test_a_dense_model_off_marlin_is_served_by_the_plain_gptq_kernel(bits, sym, 
         warnings.simplefilter("always")
         epmq.save_quantized(model, tmp_path / "marlin")
     assert not [w for w in record if "plain GPTQ kernel" in str(w.message)]
+
+
+@pytest.mark.parametrize("family, spec, partial", [
+    ("llama", epmq.QuantSpec(bits=3, group_size=32, sym=True), None),
+    ("llama", epmq.QuantSpec(bits=4, group_size=32, sym=False), None),
+    ("llama", epmq.QuantSpec(bits=4, group_size=16, sym=True), None),
+    ("qwen3_moe", epmq.QuantSpec(bits=4, group_size=16, sym=False), None),
+    ("llama", epmq.QuantSpec(bits=4, group_size=32, sym=True), r"layers\.1\."),
+])
+def test_warnings_of_vllms_plain_gptq_path_say_the_newest_vllm_has_none(family, spec, partial, tmp_path, recwarn):
+    """vLLM's GPTQ consolidation (vllm-project/vllm#38288) removed its plain GPTQ path: quant_method "gptq" and
+    quantization='gptq' map to AutoGPTQConfig, which takes 4- or 8-bit symmetric grids only and verifies Marlin's
+    group sizes (auto_gptq.py at 055e47c28003156421365af985d676fc921cb075). The warnings that sent 2/3-bit,
+    asymmetric and odd-group checkpoints to vLLM's gptq_gemm (slower; experts on MoE WNA16), or offered
+    quantization='gptq' for layers Marlin refuses, said nothing of the newer vLLM refusing them: now each names it,
+    and keeps the older vLLM's path."""
+    model = _tiny_llama() if family == "llama" else build(family)
+    if partial:  # (block 1 at 3 bits under the config's Marlin 4 bits: Marlin refuses the rule's layers)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=32, sym=True), method="rtn", layers=partial,
+                            progress=False)
+    epmq.quantize_model(model, spec, method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q", checkpoint_format="gptq_v2")
+    said = [str(w.message) for w in recwarn if "plain GPTQ kernel" in str(w.message)]
+    assert len(said) == 1 and "vllm-project/vllm#38288" in said[0]
+    if partial:
+        assert "quantization='gptq'" in said[0] and "'gptq' is GPTQ Marlin too" in said[0]
+    else:
+        assert "refuses" in said[0] and "older vLLM" in said[0]
 
 
 @pytest.mark.parametrize("group_size", [16, 256])
