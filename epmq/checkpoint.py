@@ -923,7 +923,8 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"MoE WNA16 from the config's {base[0]} bits in groups of {base[1]}, which reads no dynamic rule, and "
             f"cannot load them (quantize the routed experts as the config says)")
     # SGLang builds every FusedMoE on GPTQ Marlin with its Marlin MoE method from the config alone, whatever
-    # their widths (GPTQMarlinConfig.get_quant_method); only its other layers read the dynamic rules
+    # their widths (GPTQMarlinConfig.get_quant_method: no width check, no fallback); only its other layers read
+    # the dynamic rules
     ruled = [(unit, kind) for unit, (_, _, kinds) in (expert_widths or {}).items() for kind in sorted(kinds - {base})]
     if not off_marlin and not marlin_refused and (float_experts or ruled):
         which = [f"left in full precision (first: {float_experts[0]})"] if float_experts else []
@@ -933,6 +934,21 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"routed experts {' and '.join(which)} by dynamic rules: SGLang builds every block's experts on GPTQ "
             f"Marlin from the config's {base[0]} bits in groups of {base[1]}, reading no dynamic rule for them (its "
             f"other layers follow the rules), and cannot load them (quantize the routed experts as the config says)")
+    # and its Marlin MoE kernel pads nothing: its thread tiles (sgl-kernel csrc/moe/marlin_moe_wna16/ops.cu,
+    # small_ and large_batch_thread_configs, is_valid_config) span 64 or 128 of a GEMM's k and 128 or 256 of its n,
+    # which must divide them; gate_up's k is the hidden width and n twice the intermediate one, down's the other way
+    # round, so the hidden width must be a multiple of 128 and the intermediate one, per tensor-parallel rank, of 64
+    # ('Invalid thread config' at the first forward otherwise)
+    untiled = [unit for unit, (hidden, inter, kinds) in (expert_widths or {}).items()
+               if kinds and (any(h % 128 for h in hidden) or any(i % 64 for i in inter))]
+    if not off_marlin and not marlin_refused and untiled:
+        hidden, inter = (min((n for n in w if n % tile), default=min(w))
+                         for w, tile in zip(expert_widths[untiled[0]][:2], (128, 64)))
+        reasons.append(
+            f"routed experts (first: {untiled[0]}: {hidden} wide, intermediate {inter}) that SGLang builds with its "
+            f"Marlin MoE kernel whatever their widths, which pads none and takes a hidden width that is a multiple "
+            f"of 128 and an intermediate width, on each tensor-parallel rank, that is a multiple of 64: the first "
+            f"forward fails ('Invalid thread config')")
     # vLLM hands MoE WNA16 every block's experts off GPTQ Marlin, and on it those MoE Marlin does not take, at the
     # config's bits and group size; its MoeWNA16Method (moe_wna16.py) builds neither 8 bits, for which it asserts
     # group_size == -1 (since vllm-project/vllm#42647), nor per-channel scales, which its create_weights sizes as

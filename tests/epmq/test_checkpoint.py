@@ -2505,6 +2505,26 @@ def _qwen3_moe(hidden, inter):
         num_experts_per_tok=2)).eval()
 
 
+@pytest.mark.parametrize("hidden, inter, untiled", [(128, 64, False), (128, 128, False), (128, 96, True),
+                                                     (64, 64, True), (192, 64, True)])
+def test_experts_of_widths_sglangs_marlin_moe_kernel_cannot_tile_are_warned_of(hidden, inter, untiled, tmp_path,
+                                                                               recwarn):
+    """SGLang builds every block's quantized experts on GPTQ Marlin with its Marlin MoE kernel, checking no width
+    and padding none, and the kernel's thread tiles (sgl-kernel csrc/moe/marlin_moe_wna16/ops.cu at
+    65cf1ed0b8b1cec4c51690b3294f3d2367e09ef8: thread_k 64 or 128, thread_n 128 or 256, is_valid_config) need a
+    hidden width that is a multiple of 128 and an intermediate one of 64, else 'Invalid thread config' at the first
+    forward (a GPT-OSS-sized hidden width of 2880, reported). Such experts were saved in silence, as taken
+    'whatever their widths' (vLLM pads an intermediate width of 96 to its tiles): now said, naming the block."""
+    model = _qwen3_moe(hidden, inter)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    said = [str(w.message) for w in recwarn if "Invalid thread config" in str(w.message)]
+    assert len(said) == untiled
+    if untiled:
+        assert "SGLang" in said[0] and "model.layers.0.mlp.experts" in said[0]
+        assert f"{hidden} wide, intermediate {inter}" in said[0]
+
+
 @pytest.mark.parametrize("hidden, inter, off", [(128, 64, False), (128, 96, False), (128, 48, True), (64, 64, True)])
 @pytest.mark.parametrize("ruled", ["float", "8-bit"])
 def test_experts_of_widths_moe_marlin_refuses_follow_no_rule(hidden, inter, off, ruled, tmp_path):
