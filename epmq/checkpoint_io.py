@@ -421,6 +421,8 @@ class CheckpointReader:
             for key, held in holders.items():
                 listed = self._where.get(key)
                 if listed in held:
+                    if len(held) > 1:
+                        self._check_copies_alike(key, held, listed)
                     continue
                 # listed in a shard without it (an index edited by hand, shards re-split), which
                 # transformers reads from the shard holding it; held by two, either may be the tensor
@@ -443,6 +445,22 @@ class CheckpointReader:
             self.description = str(path)
         else:
             raise error(f"{what}: unknown checkpoint file type {path.suffix!r}: {path}")
+
+    def _check_copies_alike(self, key: str, held: list, listed: Path) -> None:
+        """Several shards hold ``key``, the index lists it in ``listed``: transformers reads every
+        shard, in the order of their names, each copy replacing the one before, so it loads the last
+        shard's copy whichever the index lists; copies that differ are refused (the merge would read
+        one tensor and from_pretrained of the same checkpoint another), alike ones read as listed."""
+        want = _read_tensor(self._open(listed), key)
+        for shard in held:
+            if shard == listed:
+                continue
+            copy = _read_tensor(self._open(shard), key)
+            if copy.dtype != want.dtype or copy.shape != want.shape or not torch.equal(copy, want):
+                raise self.error(f"{self.what}: {self.path} lists tensor {key!r} in {listed.name}, and "
+                                 f"{shard.name} holds another copy of it that differs (from_pretrained reads "
+                                 f"{held[-1].name}'s, the last shard it reads): remove the copy that is not "
+                                 f"the model's")
 
     def _open(self, file: Path):
         handle = self._stores.get(file)

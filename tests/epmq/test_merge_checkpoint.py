@@ -1536,6 +1536,44 @@ def test_an_index_listing_a_tensor_in_another_shard_reads_it_from_the_shard_hold
                           progress=False)
 
 
+def test_a_listed_tensor_another_shard_holds_a_differing_copy_of_is_refused(checkpoints, tmp_path):
+    """An index listing a tensor in a shard that holds it while another shard holds a copy too (shards
+    re-split by hand, a tensor appended to the wrong one): from_pretrained reads every shard in name
+    order, the last copy winning, whichever the index lists; the listed copy was merged in silence,
+    another tensor than the checkpoint loads. Copies that differ are refused naming both shards; an
+    identical copy is the same tensor either way, merged as listed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, base, experts = checkpoints
+    shutil.copytree(root / "base", tmp_path / "twice")
+    index = json.loads((tmp_path / "twice" / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+    listed = index["weight_map"][name]
+    other = next(s for s in sorted(set(index["weight_map"].values())) if s != listed)
+
+    def copy_into_other(tensor):
+        tensors = load_file(root / "base" / other)
+        save_file({**tensors, name: tensor}, tmp_path / "twice" / other, metadata={"format": "pt"})
+
+    copy_into_other(base[name].clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m", base=tmp_path / "twice",
+                                progress=False)
+    want = merge.task_arithmetic(base, experts[:2])
+    assert all(torch.equal(t, want[n]) for n, t in _load(out).items())
+    copy_into_other(base[name] + 1)
+    last = max(listed, other)
+    assert torch.equal(_load(tmp_path / "twice")[name], base[name] + (1 if last == other else 0))
+    with pytest.raises(ValueError, match=rf"lists tensor {re.escape(repr(name))} in {listed}, and {other} holds "
+                                         rf"another copy of it that differs \(from_pretrained reads {last}'s"):
+        merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m2", base=tmp_path / "twice",
+                          progress=False)
+    assert not (tmp_path / "m2").exists()
+
+
 def test_a_tied_head_the_bases_raw_state_dict_stores_takes_the_merged_embeddings(tmp_path):
     """A tied base saved by torch.save(model.state_dict()) (lm_head beside the embeddings),
     experts by save_pretrained (the embeddings alone): the head is the merged embeddings, not the
