@@ -1032,14 +1032,25 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # config.json's fields by which weights of the same shapes compute other things: their rows split
 # into other heads, another activation (refused, as another layer count), or positions turned by
 # another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
-READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads", "hidden_act",
-           "hidden_activation", "activation_function")
+READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
+           "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
+           "encoder_num_attention_heads", "decoder_num_attention_heads", "num_kv_heads", "n_head_kv",
+           "num_attention_groups", "multi_query_group_num", "decoder_num_key_value_heads", "kv_channels", "d_kv",
+           "attention_head_dim", "hidden_act", "hidden_activation", "activation_function", "decoder_hidden_act")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
-# and n_layer, T5's num_heads and num_layers, MPT's n_heads and n_layers; old Falcon configs' n_head):
-# a config spelling one is compared with another spelling it otherwise
+# and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
+# vision attention_heads, the Qwen-VL vision towers' depth; Falcon's num_kv_heads, old Falcon configs'
+# n_head and n_head_kv): a config spelling one is compared with another spelling it otherwise.
+# (An encoder-decoder's encoder_/decoder_ fields are each compared as spelled: transformers maps
+# num_attention_heads to BART's encoder heads, num_key_value_heads to Whisper's.)
 SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads", "n_heads": "num_attention_heads",
-             "n_layer": "num_hidden_layers", "num_layers": "num_hidden_layers", "n_layers": "num_hidden_layers"}
+             "attention_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads", "n_head_kv": "num_key_value_heads",
+             "num_attention_groups": "num_key_value_heads", "multi_query_group_num": "num_key_value_heads",
+             "kv_channels": "head_dim", "d_kv": "head_dim", "attention_head_dim": "head_dim",
+             "n_layer": "num_hidden_layers", "num_layers": "num_hidden_layers", "n_layers": "num_hidden_layers",
+             "depth": "num_hidden_layers"}
 
 
 def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list:
@@ -1151,8 +1162,8 @@ def _check_layer_counts(mine: dict, theirs: dict, what: str, ref_name: str, goal
 
 
 # config.json's fields (at its top or in a tower's config) that count a model's layers
-LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_decoder_layers", "encoder_layers",
-                "decoder_layers")
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "num_decoder_layers",
+                "encoder_layers", "decoder_layers", "decoder_num_hidden_layers")
 
 
 def _layer_counts(config: dict, nested: bool = True) -> dict:

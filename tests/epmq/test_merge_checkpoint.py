@@ -2590,6 +2590,40 @@ def test_configs_spelling_one_field_otherwise_are_compared(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("mine, theirs, said", [
+    # (the Qwen-VL vision towers' depth, XGLM's and Mllama's vision attention_heads, T5's d_kv, Falcon's
+    # num_kv_heads and old n_head_kv, each against itself and the spelling transformers maps it to)
+    ({"vision_config": {"model_type": "v", "depth": 4}}, {"vision_config": {"model_type": "v", "depth": 2}},
+     r"counts its layers as \{'vision_config.depth': 4\}, the model as \{'vision_config.depth': 2\}"),
+    ({"vision_config": {"model_type": "v", "num_hidden_layers": 4}},
+     {"vision_config": {"model_type": "v", "depth": 2}},
+     r"counts its layers as \{'vision_config.num_hidden_layers': 4\}, the model as \{'vision_config.depth': 2\}"),
+    ({"attention_heads": 4}, {"attention_heads": 2}, r"\{'attention_heads': 4\}, the model as \{'attention_"),
+    ({"attention_heads": 4}, {"num_attention_heads": 2}, r"\{'attention_heads': 4\}, the model as \{'num_atten"),
+    ({"encoder_attention_heads": 4, "decoder_attention_heads": 4},
+     {"encoder_attention_heads": 4, "decoder_attention_heads": 2},
+     r"\{'decoder_attention_heads': 4\}, the model as \{'decoder_attention_heads': 2\}"),
+    ({"d_kv": 8}, {"d_kv": 16}, r"\{'d_kv': 8\}, the model as \{'d_kv': 16\}"),
+    ({"num_kv_heads": 1}, {"n_head_kv": 2}, r"\{'num_kv_heads': 1\}, the model as \{'n_head_kv': 2\}"),
+    ({"num_kv_heads": 1}, {"num_key_value_heads": 2}, r"\{'num_kv_heads': 1\}, the model as \{'num_key_value"),
+])
+def test_head_and_layer_fields_of_every_spelling_are_compared(mine, theirs, said):
+    """The fields that split a model's rows into heads or count its layers go by other names in
+    other families (encoder-decoders' encoder_/decoder_attention_heads, the Qwen-VL vision towers'
+    depth, XGLM's attention_heads, T5's d_kv, Falcon's num_kv_heads): an expert of other heads or
+    layers spelled so was never compared, walked and merged as the model's; refused naming both."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def check(config, reference):
+        _check_architectures(None, [None], ["x"], experts=True, reference={"model_type": "m", **reference},
+                             configs=[{"model_type": "m", **config}])
+
+    with pytest.raises(ValueError, match=said):
+        check(mine, theirs)
+    check(mine, mine)
+    check(theirs, theirs)
+
+
 def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_of(tmp_path):
     """Weights of the same shapes under another head count or activation mean other things (the
     rows split into other heads): refused, as another layer count is. Another RoPE (a long-context
