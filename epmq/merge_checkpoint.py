@@ -1030,13 +1030,25 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 
 
 # config.json's fields by which weights of the same shapes compute other things: their rows split
-# into other heads, another activation (refused, as another layer count), or positions turned by
-# another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
+# into other heads, another activation, logits capped or scaled otherwise (Gemma 2's softcapping and
+# query scale, Granite's and Cohere's multipliers), another residual form (GPT-NeoX's and Falcon's
+# parallel attention, Falcon's ALiBi), a mixture of experts routing tokens to another number of
+# experts or weighing them otherwise (refused, as another layer count); or positions turned by another
+# RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
            "encoder_num_attention_heads", "decoder_num_attention_heads", "num_kv_heads", "n_head_kv",
            "num_attention_groups", "multi_query_group_num", "decoder_num_key_value_heads", "kv_channels", "d_kv",
-           "attention_head_dim", "hidden_act", "hidden_activation", "activation_function", "decoder_hidden_act")
+           "attention_head_dim", "hidden_act", "hidden_activation", "activation_function", "decoder_hidden_act",
+           "activation", "feed_forward_proj", "projector_hidden_act", "attn_logit_softcapping",
+           "final_logit_softcapping", "query_pre_attn_scalar", "embedding_multiplier", "residual_multiplier",
+           "attention_multiplier", "logits_scaling", "logit_scale", "scale_embedding", "use_parallel_residual",
+           "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group",
+           "topk_group", "topk_method", "scoring_func")
+
+# fields whose None turns what they do off (no softcapping), where others' None stands for their
+# model's default (num_key_value_heads: as many as the heads): written None, they are compared
+OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
@@ -1071,12 +1083,12 @@ def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list
 
 
 def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
-    """``{field: value}`` of ``fields`` that ``config`` spells out (not None), at its top and, where
-    ``nested``, in its towers' configs (``text_config.num_attention_heads``)."""
+    """``{field: value}`` of ``fields`` that ``config`` spells out (not None, but for ``OFF_WHEN_NONE``), at
+    its top and, where ``nested``, in its towers' configs (``text_config.num_attention_heads``)."""
     scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
                              if nested else {})}
     return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in fields
-            if c.get(field) is not None}
+            if c.get(field) is not None or (field in OFF_WHEN_NONE and field in c)}
 
 
 def _rope(config: dict) -> Optional[dict]:

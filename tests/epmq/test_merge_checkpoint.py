@@ -2624,6 +2624,48 @@ def test_head_and_layer_fields_of_every_spelling_are_compared(mine, theirs, said
     check(theirs, theirs)
 
 
+@pytest.mark.parametrize("field, mine, theirs", [
+    ("final_logit_softcapping", 30.0, None), ("attn_logit_softcapping", 50.0, 30.0), ("query_pre_attn_scalar", 64, 256),
+    ("logits_scaling", 8.0, 1.0), ("logit_scale", 0.125, 0.0625), ("use_parallel_residual", False, True),
+    ("parallel_attn", False, True), ("alibi", True, False), ("activation", "relu", "gelu"),
+    ("feed_forward_proj", "gated-silu", "gated-gelu"), ("projector_hidden_act", "relu", "gelu"),
+    ("num_experts_per_tok", 4, 2), ("norm_topk_prob", True, False), ("routed_scaling_factor", 1.0, 2.5),
+])
+def test_fields_that_change_what_the_weights_compute_are_compared(field, mine, theirs):
+    """Capped or scaled logits (Gemma 2's softcapping and query scale, Granite's and Cohere's logit
+    scales), another residual form (GPT-NeoX's and Falcon's parallel attention), Falcon's ALiBi and
+    activation, T5's gated activation, a mixture of experts routing to other experts: weights of
+    the same shapes computing other things, walked and merged as the model's in silence; refused as
+    other heads are. A softcapping written None is none (not its model's default): compared too."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def check(value, reference):
+        _check_architectures(None, [None], ["x"], experts=True, reference={"model_type": "m", field: reference},
+                             configs=[{"model_type": "m", field: value}])
+
+    with pytest.raises(ValueError, match=rf"reads its weights as \{{'{field}': {re.escape(repr(mine))}\}}, "
+                                         rf"the model as \{{'{field}': {re.escape(repr(theirs))}\}}"):
+        check(mine, theirs)
+    check(mine, mine)
+    _check_architectures(None, [None], ["x"], experts=True, reference={"model_type": "m"},
+                         configs=[{"model_type": "m", field: mine}])  # (unwritten: its default, unknown here)
+
+
+def test_a_gemma2_expert_of_other_softcapping_is_refused(tmp_path):
+    """A Gemma 2 fine-tuned without logit softcapping (final_logit_softcapping: null, as for
+    flash-attention training) beside a base that caps its logits at 30: merged in silence."""
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    for name, softcap in (("base", 30.0), ("capped", 30.0), ("uncapped", None)):
+        transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **config, final_logit_softcapping=softcap)).save_pretrained(tmp_path / name)
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"model \S*uncapped reads its weights as \{'final_logit_softcapping': None\}, "
+                                         r"the base as \{'final_logit_softcapping': 30.0\}"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "capped", tmp_path / "uncapped"], tmp_path / "out", **merge)
+    merge_checkpoints("task_arithmetic", [tmp_path / "capped"], tmp_path / "out", **merge)
+
+
 def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_of(tmp_path):
     """Weights of the same shapes under another head count or activation mean other things (the
     rows split into other heads): refused, as another layer count is. Another RoPE (a long-context
