@@ -1046,9 +1046,9 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group",
            "topk_group", "topk_method", "scoring_func")
 
-# fields whose None turns what they do off (no softcapping), where others' None stands for their
-# model's default (num_key_value_heads: as many as the heads): written None, they are compared
-OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping")
+# fields whose None turns what they do off (no softcapping, no sliding window), where others' None
+# stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
+OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
@@ -1143,22 +1143,41 @@ def _ropes(config: dict, nested: bool) -> dict:
 
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
                    nested: bool = True, warn: bool = True) -> None:
-    for refuse in (True, False) if warn else (True,):
-        if refuse:
-            mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
-            differ = _differing(mine, theirs)  # (both spell out)
-        else:  # (RoPE as transformers 5 reads either version's fields: 4.x's rope_scaling is 5.x's rope_parameters)
-            mine, theirs = _ropes(config, nested), _ropes(reference, nested)
-            differ = _differing(mine, theirs, _ropes_differ)
-        if not differ:
-            continue
-        given = {m: mine[m] for m, _ in differ}, {t: theirs[t] for _, t in differ}
-        if refuse:
-            raise ValueError(f"{what} reads its weights as {given[0]}, the {ref_name} as {given[1]} (config.json): "
-                             f"{goal.format('configuration')}")
-        warnings.warn(f"{what} computes its positions with {given[0]}, the {ref_name} with {given[1]} (config.json): "
-                      + ("its weights are run as the model's config says" if experts else
-                         "the merged weights are run as the config the output carries says"))
+    mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
+    differ = _differing(mine, theirs)  # (both spell out)
+    if differ:
+        raise ValueError(f"{what} reads its weights as {({m: mine[m] for m, _ in differ})}, the {ref_name} as "
+                         f"{({t: theirs[t] for _, t in differ})} (config.json): {goal.format('configuration')}")
+    if not warn:
+        return
+    # (RoPE as transformers 5 reads either version's fields: 4.x's rope_scaling is 5.x's rope_parameters)
+    for how, mine, theirs, differ_by in (
+            ("computes its positions with", _ropes(config, nested), _ropes(reference, nested), _ropes_differ),
+            ("runs its weights with", _config_fields(_windowed(config), RUN_WITH, nested),
+             _config_fields(_windowed(reference), RUN_WITH, nested), operator.ne)):
+        differ = _differing(mine, theirs, differ_by)
+        if differ:
+            warnings.warn(f"{what} {how} {({m: mine[m] for m, _ in differ})}, the {ref_name} with "
+                          f"{({t: theirs[t] for _, t in differ})} (config.json): "
+                          + ("its weights are run as the model's config says" if experts else
+                             "the merged weights are run as the config the output carries says"))
+
+
+# config.json's fields by which the same weights compute a little otherwise, or otherwise on long
+# inputs alone: another norm epsilon (Llama 2's hub config went from 1e-6 to 1e-5, its fine-tunes
+# carry either), another sliding window or layers attending through it (a long-context fine-tune's):
+# warned of, as another RoPE is
+RUN_WITH = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon", "sliding_window",
+            "layer_types")
+
+
+def _windowed(config: dict) -> dict:
+    """``config`` with, in each scope that turns its sliding window off (Qwen2's use_sliding_window:
+    false, beside the sliding_window it would use), that window None, as transformers 5 reads it."""
+    def window(c: dict) -> dict:
+        return {**c, "sliding_window": None} if c.get("use_sliding_window") is False and "sliding_window" in c else c
+
+    return {k: window(v) if isinstance(v, dict) else v for k, v in window(config).items()}
 
 
 def _tower_config(config: dict, model_type: str) -> dict:

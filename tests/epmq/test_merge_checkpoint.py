@@ -2699,6 +2699,56 @@ def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_o
         merge_checkpoints("task_arithmetic", [plain, renamed], tmp_path / "out2", **merge)
 
 
+@pytest.mark.parametrize("mine, theirs, said", [
+    ({"rms_norm_eps": 1e-5}, {"rms_norm_eps": 1e-6}, r"\{'rms_norm_eps': 1e-05\}, the model with \{'rms_norm_eps'"),
+    ({"text_config": {"model_type": "t", "layer_norm_eps": 1e-5}},
+     {"text_config": {"model_type": "t", "layer_norm_eps": 1e-6}}, r"\{'text_config.layer_norm_eps': 1e-05\}"),
+    ({"sliding_window": None}, {"sliding_window": 4096}, r"\{'sliding_window': None\}, the model with "
+                                                         r"\{'sliding_window': 4096\}"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, {"use_sliding_window": False, "sliding_window": 4096},
+     r"\{'sliding_window': 4096\}, the model with \{'sliding_window': None\}"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, {"layer_types": ["full_attention"] * 2},
+     r"\{'layer_types': \['sliding_attention', 'full_attention'\]\}"),
+])
+def test_another_norm_epsilon_or_sliding_window_is_warned_of(mine, theirs, said):
+    """Another norm epsilon (Llama 2's hub config went from 1e-6 to 1e-5: its fine-tunes carry
+    either) or sliding window (Mistral 7B v0.1's 4096, v0.2's none) changes what the same weights
+    compute, a little or on long inputs alone: warned of as another RoPE is, where nothing was said.
+    A window the config turns off (Qwen2's use_sliding_window: false) is none, whichever it gives."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def check(config, reference):
+        _check_architectures(None, [None], ["x"], experts=True, reference={"model_type": "m", **reference},
+                             configs=[{"model_type": "m", **config}])
+
+    with pytest.warns(UserWarning, match=r"the expert x runs its weights with " + said):
+        check(mine, theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(mine, mine)
+        check({"use_sliding_window": False, "sliding_window": 32768},
+              {"use_sliding_window": False, "sliding_window": 131072})
+        check({"rms_norm_eps": 1e-5}, {})  # (unwritten: its default, unknown here)
+
+
+def test_a_mistral_expert_without_the_bases_sliding_window_is_warned_of(tmp_path):
+    """A merge of Mistral 7B v0.1 (sliding_window 4096) and a fine-tune of v0.2 (none): the output
+    attends as the base's config says, which nothing said."""
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    for name, window in (("base", 4096), ("windowed", 4096), ("whole", None)):
+        transformers.MistralForCausalLM(transformers.MistralConfig(
+            **config, sliding_window=window)).save_pretrained(tmp_path / name)
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.warns(UserWarning, match=r"model \S*whole runs its weights with \{'sliding_window': None\}, the base "
+                                         r"with \{'sliding_window': 4096\} \(config.json\): the merged weights are run "
+                                         r"as the config the output carries says"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "windowed", tmp_path / "whole"], tmp_path / "out", **merge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", [tmp_path / "windowed"], tmp_path / "out2", **merge)
+
+
 def test_a_tensor_a_shard_holds_that_its_index_leaves_out_is_read_as_from_pretrained_reads_it(tmp_path):
     """transformers reads every tensor of the shards an index names, listed in its weight_map or
     not (an index written before a tensor was added, or edited by hand); a merge whose base's
