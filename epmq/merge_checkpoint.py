@@ -46,8 +46,8 @@ import torch
 
 from . import merge as merge_lib
 from ._util import check_json_file, loading_bars, read_json_file
-from .checkpoint import (MERGE_RECIPE_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, atomic_directory, check_output,
-                         is_quantized)
+from .checkpoint import (MERGE_RECIPE_FILE, OPEN_CLIP_CONFIG_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes,
+                         atomic_directory, check_output, is_quantized)
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, key_renaming, loads_transposed, local_checkpoint, tie_order, weights_in)
 from .checks import all_finite, check_calibration_paths, check_outside_calibration, check_path, device_argument
@@ -966,9 +966,30 @@ def _config(path: Path) -> dict:
         return _config(home) if home.is_dir() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
-        return {}
+        open_clip = config.with_name(OPEN_CLIP_CONFIG_FILE)
+        return _open_clip_config(read_json_file(open_clip)) if open_clip.is_file() else {}
     content = read_json_file(config)
     return content if isinstance(content, dict) else {}
+
+
+# open_clip's defaults of the fields compared (its CLIPVisionCfg's and CLIPTextCfg's), which its
+# configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's gives true
+OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64}, "text_cfg": {"heads": 8}}
+
+
+def _open_clip_config(content) -> dict:
+    """An open_clip_config.json's ``model_cfg`` in config.json's terms, open_clip's defaults filled
+    in: ``model_type`` open_clip, its towers' configs with theirs (``vision_cfg``, ``text_cfg``), so
+    that its activation (QuickGELU), heads and layers are compared as a HF model's. {} where it
+    gives no model_cfg."""
+    model_cfg = content.get("model_cfg") if isinstance(content, dict) else None
+    if not isinstance(model_cfg, dict):
+        return {}
+    config = {"model_type": "open_clip", "quick_gelu": OPEN_CLIP_DEFAULTS["quick_gelu"], **model_cfg}
+    for tower in ("vision_cfg", "text_cfg"):
+        if isinstance(model_cfg.get(tower), dict):
+            config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS[tower], **model_cfg[tower]}
+    return config
 
 
 def _model_type(config: dict) -> tuple:
@@ -1008,7 +1029,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
         other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
             raise ValueError(f"{what_of(source)} is a {other!r} checkpoint, the {ref_name} a {kind!r} one "
-                             f"(config.json's model_type): {goal.format('architecture')}")
+                             f"(config.json's model_type; an open_clip_config.json's is open_clip): "
+                             f"{goal.format('architecture')}")
         same.append(bool(kind) and other == kind)
         mine = _layer_counts(config)
         if same[-1]:
@@ -1039,12 +1061,12 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
            "encoder_num_attention_heads", "decoder_num_attention_heads", "num_kv_heads", "n_head_kv",
            "num_attention_groups", "multi_query_group_num", "decoder_num_key_value_heads", "kv_channels", "d_kv",
-           "attention_head_dim", "hidden_act", "hidden_activation", "activation_function", "decoder_hidden_act",
-           "activation", "feed_forward_proj", "projector_hidden_act", "attn_logit_softcapping",
-           "final_logit_softcapping", "query_pre_attn_scalar", "embedding_multiplier", "residual_multiplier",
-           "attention_multiplier", "logits_scaling", "logit_scale", "scale_embedding", "use_parallel_residual",
-           "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor", "n_group",
-           "topk_group", "topk_method", "scoring_func")
+           "attention_head_dim", "heads", "head_width", "hidden_act", "hidden_activation", "activation_function",
+           "decoder_hidden_act", "activation", "quick_gelu", "feed_forward_proj", "projector_hidden_act",
+           "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "embedding_multiplier",
+           "residual_multiplier", "attention_multiplier", "logits_scaling", "logit_scale", "scale_embedding",
+           "use_parallel_residual", "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob",
+           "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func")
 
 # fields whose None turns what they do off (no softcapping, no sliding window), where others' None
 # stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
@@ -1053,7 +1075,8 @@ OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_w
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
 # vision attention_heads, the Qwen-VL vision towers' depth; Falcon's num_kv_heads, old Falcon configs'
-# n_head and n_head_kv): a config spelling one is compared with another spelling it otherwise.
+# n_head and n_head_kv; open_clip's heads, head_width and layers): a config spelling one is compared
+# with another spelling it otherwise.
 # (An encoder-decoder's encoder_/decoder_ fields are each compared as spelled: transformers maps
 # num_attention_heads to BART's encoder heads, num_key_value_heads to Whisper's.)
 SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads", "n_heads": "num_attention_heads",
@@ -1062,7 +1085,8 @@ SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads"
              "num_attention_groups": "num_key_value_heads", "multi_query_group_num": "num_key_value_heads",
              "kv_channels": "head_dim", "d_kv": "head_dim", "attention_head_dim": "head_dim",
              "n_layer": "num_hidden_layers", "num_layers": "num_hidden_layers", "n_layers": "num_hidden_layers",
-             "depth": "num_hidden_layers"}
+             "depth": "num_hidden_layers", "heads": "num_attention_heads", "head_width": "head_dim",
+             "layers": "num_hidden_layers"}
 
 
 def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list:
@@ -1193,7 +1217,7 @@ def _check_layer_counts(mine: dict, theirs: dict, what: str, ref_name: str, goal
 
 
 # config.json's fields (at its top or in a tower's config) that count a model's layers
-LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "num_decoder_layers",
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "layers", "num_decoder_layers",
                 "encoder_layers", "decoder_layers", "decoder_num_hidden_layers")
 
 

@@ -2666,6 +2666,48 @@ def test_a_gemma2_expert_of_other_softcapping_is_refused(tmp_path):
     merge_checkpoints("task_arithmetic", [tmp_path / "capped"], tmp_path / "out", **merge)
 
 
+def test_open_clip_checkpoints_whose_configs_read_the_weights_otherwise_are_refused(tmp_path):
+    """open_clip's hub and local-dir checkpoints carry open_clip_config.json, no config.json: nothing
+    was compared, so a fine-tune of ViT-B-32-quickgelu (QuickGELU; its config gives quick_gelu: true)
+    merged beside a ViT-B-32 base (GELU; its config leaves quick_gelu out) or an expert of other
+    heads went through in silence. Their model_cfg is compared as a config.json's, open_clip's
+    defaults filled in."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 4, "layers": 2}}
+
+    def save(name, **changes):
+        cfg = json.loads(json.dumps(model_cfg))
+        for key, value in changes.items():
+            *tower, field = key.split(".")
+            (cfg[tower[0]] if tower else cfg)[field] = value
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+        save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
+                  str(tmp_path / name / "open_clip_model.safetensors"))
+        return tmp_path / name
+
+    save("base")
+    plain = save("plain")
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"model \S*quickgelu reads its weights as \{'quick_gelu': True\}, the base as "
+                                         r"\{'quick_gelu': False\}"):
+        merge_checkpoints("task_arithmetic", [plain, save("quickgelu", quick_gelu=True)], tmp_path / "out", **merge)
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.head_width': 16\}, the base as \{'vision_cfg.head_width': 8"):
+        merge_checkpoints("task_arithmetic", [plain, save("wide", **{"vision_cfg.head_width": 16})], tmp_path / "out",
+                          **merge)
+    with pytest.raises(ValueError, match=r"\{'text_cfg.heads': 8\}, the base as \{'text_cfg.heads': 4"):
+        merge_checkpoints("task_arithmetic", [plain, save("heads", **{"text_cfg.heads": 8})], tmp_path / "out",
+                          **merge)
+    same = save("same", quick_gelu=False)  # (open_clip's default, written out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", [plain, same], tmp_path / "out", **merge)
+
+
 def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_of(tmp_path):
     """Weights of the same shapes under another head count or activation mean other things (the
     rows split into other heads): refused, as another layer count is. Another RoPE (a long-context
