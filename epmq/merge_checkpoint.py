@@ -953,8 +953,9 @@ def _warn_averaged_matrices(model, grams) -> None:
 
 
 def _config(path: Path) -> dict:
-    """A checkpoint's ``config.json`` ({} if none); of a LoRA adapter, its base's (the one its
-    config names: a local checkpoint, or an HF hub id's, at the revision the adapter records)."""
+    """A checkpoint's ``config.json`` ({} if none; open_clip's open_clip_config.json as
+    ``_open_clip_config`` reads it); of a LoRA adapter, its base's (the one its config names: a
+    local checkpoint, or an HF hub id's, at the revision the adapter records)."""
     if is_lora_adapter(path):
         named = named_base(path)
         if named is None:
@@ -970,6 +971,18 @@ def _config(path: Path) -> dict:
         return _open_clip_config(read_json_file(open_clip)) if open_clip.is_file() else {}
     content = read_json_file(config)
     return content if isinstance(content, dict) else {}
+
+
+def _timm_read(config: dict) -> dict:
+    """``config`` as timm builds its model, where it is timm's (its ``architecture`` a name: timm's
+    hub config.json, transformers' TimmWrapper's): its ``model_args`` at its top, its architecture the
+    model_type where it gives none; the global_pool beside them, which says what the exported model
+    pooled and which loading it does not read, left out. Another config as it is."""
+    if not isinstance(config.get("architecture"), str):
+        return config
+    model_args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    return {"model_type": config["architecture"],
+            **{k: v for k, v in config.items() if k not in ("global_pool", "model_args")}, **model_args}
 
 
 # open_clip's defaults of the fields compared (its CLIPVisionCfg's and CLIPTextCfg's), which its
@@ -1021,16 +1034,17 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
                              f"quantize_config.json): {'give' if experts else 'merge'} the full-precision models")
     if reference is None:
         reference = _config(base_path if base_path is not None else model_paths[0])
+    reference = _timm_read(reference)
     kind, towers = _model_type(reference)
     theirs = _layer_counts(reference)
     same = []
     for path, source, given in zip(model_paths, models, configs or [None] * len(models)):
-        config = given if given is not None else _config(path)
+        config = _timm_read(given if given is not None else _config(path))
         other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
             raise ValueError(f"{what_of(source)} is a {other!r} checkpoint, the {ref_name} a {kind!r} one "
-                             f"(config.json's model_type; an open_clip_config.json's is open_clip): "
-                             f"{goal.format('architecture')}")
+                             f"(config.json's model_type, timm's architecture; an open_clip_config.json's is "
+                             f"open_clip): {goal.format('architecture')}")
         same.append(bool(kind) and other == kind)
         mine = _layer_counts(config)
         if same[-1]:
@@ -1055,7 +1069,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # into other heads, another activation, logits capped or scaled otherwise (Gemma 2's softcapping and
 # query scale, Granite's and Cohere's multipliers), another residual form (GPT-NeoX's and Falcon's
 # parallel attention, Falcon's ALiBi), a mixture of experts routing tokens to another number of
-# experts or weighing them otherwise (refused, as another layer count); or positions turned by another
+# experts or weighing them otherwise, timm's model pooling its tokens otherwise (its global_pool: the
+# class token or their mean) (refused, as another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
@@ -1066,7 +1081,7 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "embedding_multiplier",
            "residual_multiplier", "attention_multiplier", "logits_scaling", "logit_scale", "scale_embedding",
            "use_parallel_residual", "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob",
-           "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func")
+           "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "act_layer", "global_pool")
 
 # fields whose None turns what they do off (no softcapping, no sliding window), where others' None
 # stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

@@ -2708,6 +2708,50 @@ def test_open_clip_checkpoints_whose_configs_read_the_weights_otherwise_are_refu
         merge_checkpoints("task_arithmetic", [plain, same], tmp_path / "out", **merge)
 
 
+def test_timm_checkpoints_whose_configs_build_another_model_are_refused(tmp_path):
+    """timm's hub checkpoints (save_for_hf: config.json giving its architecture and model_args, no
+    model_type) were compared on nothing: a fine-tune pooling its tokens' mean (global_pool avg)
+    merged beside a base reading its class token, or one of another architecture. Refused naming
+    both; the global_pool beside model_args (what the exported model pooled, which loading does not
+    read) is not compared, nor is a TimmWrapper config's."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    def save(name, architecture="vit_tiny_patch16_224", **args):
+        model = timm.create_model(architecture, pretrained=False, **{
+            **dict(img_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=3), **args})
+        save_for_hf(model, tmp_path / name)
+        return tmp_path / name
+
+    save("base")
+    plain = save("plain")
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"model \S*avg reads its weights as \{'global_pool': 'avg'\}, the base as "
+                                         r"\{'global_pool': 'token'\}"):
+        merge_checkpoints("task_arithmetic", [plain, save("avg", global_pool="avg")], tmp_path / "out", **merge)
+    with pytest.raises(ValueError, match=r"model \S*quick is a 'vit_base_patch16_clip_quickgelu_224' checkpoint, the "
+                                         r"base a 'vit_tiny_patch16_224' one"):
+        merge_checkpoints("task_arithmetic", [plain, save("quick", "vit_base_patch16_clip_quickgelu_224",
+                                                          pre_norm=False)], tmp_path / "out", **merge)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "global_pool": "avg"}))  # (informational)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", [plain], tmp_path / "out", **merge)
+    # transformers' TimmWrapper builds timm's model alike, from the same fields beside its model_type
+    from epmq.merge_checkpoint import _check_architectures
+
+    def wrapper(pooled, built):
+        return {"model_type": "timm_wrapper", "architecture": "vit_tiny_patch16_224", "global_pool": pooled,
+                "model_args": {"global_pool": built}}
+
+    _check_architectures(None, [None], ["x"], experts=True, reference=wrapper("token", "token"),
+                         configs=[wrapper("avg", "token")])
+    with pytest.raises(ValueError, match=r"\{'global_pool': 'avg'\}, the model as \{'global_pool': 'token'\}"):
+        _check_architectures(None, [None], ["x"], experts=True, reference=wrapper("token", "token"),
+                             configs=[wrapper("avg", "avg")])
+
+
 def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_of(tmp_path):
     """Weights of the same shapes under another head count or activation mean other things (the
     rows split into other heads): refused, as another layer count is. Another RoPE (a long-context
