@@ -1130,14 +1130,20 @@ def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
             if c.get(field) is not None or (field in OFF_WHEN_NONE and field in c)}
 
 
+# the RoPE fields transformers 4 wrote at a config's top, by each spelling transformers 5 reads into
+# rope_parameters (GPT-NeoX's rotary_emb_base and rotary_pct)
+ROPE_SPELLINGS = {"rope_theta": ("rope_theta", "rotary_emb_base"),
+                  "partial_rotary_factor": ("partial_rotary_factor", "rotary_pct")}
+
+
 def _rope(config: dict) -> Optional[dict]:
     """``config``'s RoPE as transformers 5 reads it (``rope_parameters``, keys sorted), from either
-    version's fields: 4.x wrote ``rope_theta`` and ``partial_rotary_factor`` at the top and the
-    scaling apart, as ``rope_scaling`` (its kind as ``type`` or ``rope_type``); 5.x writes them all in
+    version's fields: 4.x wrote ``rope_theta`` and ``partial_rotary_factor`` (``ROPE_SPELLINGS``) at the
+    top and the scaling apart, as ``rope_scaling`` (its kind as ``type`` or ``rope_type``); 5.x writes them all in
     ``rope_parameters``, per layer type where layers turn positions apart. None where it gives none."""
     given = config.get("rope_scaling") or config.get("rope_parameters")
     if not isinstance(given, dict):
-        if config.get("rope_theta") is None:
+        if all(config.get(s) is None for spellings in ROPE_SPELLINGS.values() for s in spellings):
             return None
         given = {}
 
@@ -1148,9 +1154,10 @@ def _rope(config: dict) -> Optional[dict]:
         # "axial", which 5.x writes for a default of the classes that turn positions by axes: Qwen3-VL's vision)
         if parameters["rope_type"] in ("mrope", "axial"):
             parameters["rope_type"] = "default"
-        for field in ("rope_theta", "partial_rotary_factor"):
-            if config.get(field) is not None:
-                parameters.setdefault(field, config[field])
+        for field, spellings in ROPE_SPELLINGS.items():
+            written = next((config[s] for s in spellings if config.get(s) is not None), None)
+            if written is not None:
+                parameters.setdefault(field, written)
         return dict(sorted(parameters.items()))
 
     if given and all(isinstance(v, dict) or v is None for v in given.values()):  # (per layer type)

@@ -2891,6 +2891,33 @@ def test_a_default_rope_under_its_other_names_is_the_same_rope():
     assert _ropes_differ(_rope({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}), five)
 
 
+def test_gpt_neox_rope_fields_of_transformers_4_are_read_as_transformers_5_reads_them(tmp_path):
+    """transformers 4 wrote GPT-NeoX's (Pythia's) RoPE as rotary_emb_base and rotary_pct, which 5
+    reads into rope_parameters' rope_theta and partial_rotary_factor: a 4.x expert of another base
+    (a long-context fine-tune's) beside a 5.x base gave no RoPE to compare, merged in silence."""
+    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "base")
+    base = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert base["rope_parameters"] == {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
+
+    def four(name, theta):
+        transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / name)
+        written = {k: v for k, v in base.items() if k != "rope_parameters"}
+        (tmp_path / name / "config.json").write_text(json.dumps({**written, "rotary_emb_base": theta,
+                                                                 "rotary_pct": 0.25}))
+        assert transformers.AutoConfig.from_pretrained(tmp_path / name).rope_parameters["rope_theta"] == theta
+        return tmp_path / name
+
+    merge = dict(base=tmp_path / "base", params={"scale": 1.0}, progress=False)
+    with pytest.warns(UserWarning, match=r"model \S*long computes its positions with \{'rope_parameters': \{'partial_"
+                                         r"rotary_factor': 0.25, 'rope_theta': 1000000, 'rope_type': 'default'\}\}"):
+        merge_checkpoints("task_arithmetic", [four("long", 1000000)], tmp_path / "out", **merge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", [four("same", 10000)], tmp_path / "out2", **merge)
+
+
 def test_another_rope_scaling_is_warned_of_where_transformers_4_and_5_write_it_apart(tmp_path):
     """transformers 4 wrote a RoPE's scaling as ``rope_scaling`` beside ``rope_theta`` (``type`` or
     ``rope_type``); transformers 5 writes both in ``rope_parameters``, which it reads the 4.x fields
