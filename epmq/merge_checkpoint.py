@@ -1081,7 +1081,8 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "embedding_multiplier",
            "residual_multiplier", "attention_multiplier", "logits_scaling", "logit_scale", "scale_embedding",
            "use_parallel_residual", "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob",
-           "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "act_layer", "global_pool")
+           "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
+           "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool")
 
 # fields whose None turns what they do off (no softcapping, no sliding window), where others' None
 # stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
@@ -1090,8 +1091,8 @@ OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_w
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
 # vision attention_heads, the Qwen-VL vision towers' depth; Falcon's num_kv_heads, old Falcon configs'
-# n_head and n_head_kv; open_clip's heads, head_width and layers): a config spelling one is compared
-# with another spelling it otherwise.
+# n_head and n_head_kv; open_clip's heads, head_width and layers; ERNIE's and Hunyuan's experts per
+# token, RecurrentGemma's window): a config spelling one is compared with another spelling it otherwise.
 # (An encoder-decoder's encoder_/decoder_ fields are each compared as spelled: transformers maps
 # num_attention_heads to BART's encoder heads, num_key_value_heads to Whisper's.)
 SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads", "n_heads": "num_attention_heads",
@@ -1101,7 +1102,11 @@ SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads"
              "kv_channels": "head_dim", "d_kv": "head_dim", "attention_head_dim": "head_dim",
              "n_layer": "num_hidden_layers", "num_layers": "num_hidden_layers", "n_layers": "num_hidden_layers",
              "depth": "num_hidden_layers", "heads": "num_attention_heads", "head_width": "head_dim",
-             "layers": "num_hidden_layers"}
+             "layers": "num_hidden_layers",
+             "moe_k": "num_experts_per_tok", "moe_topk": "num_experts_per_tok", "moe_top_k": "num_experts_per_tok",
+             "num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob",
+             "sliding_window_size": "sliding_window", "attention_window_size": "sliding_window",
+             "local_attention_window": "sliding_window"}
 
 
 def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list:
@@ -1214,7 +1219,7 @@ def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal
 # carry either), another sliding window or layers attending through it (a long-context fine-tune's):
 # warned of, as another RoPE is
 RUN_WITH = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon", "sliding_window",
-            "layer_types")
+            "sliding_window_size", "attention_window_size", "local_attention_window", "layer_types")
 
 
 def _windowed(config: dict) -> dict:

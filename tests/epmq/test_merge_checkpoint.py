@@ -2606,12 +2606,15 @@ def test_configs_spelling_one_field_otherwise_are_compared(tmp_path):
     ({"d_kv": 8}, {"d_kv": 16}, r"\{'d_kv': 8\}, the model as \{'d_kv': 16\}"),
     ({"num_kv_heads": 1}, {"n_head_kv": 2}, r"\{'num_kv_heads': 1\}, the model as \{'n_head_kv': 2\}"),
     ({"num_kv_heads": 1}, {"num_key_value_heads": 2}, r"\{'num_kv_heads': 1\}, the model as \{'num_key_value"),
+    ({"moe_k": 8}, {"num_experts_per_tok": 6}, r"\{'moe_k': 8\}, the model as \{'num_experts_per_tok': 6\}"),
+    ({"moe_topk": [2]}, {"moe_topk": [1]}, r"\{'moe_topk': \[2\]\}, the model as \{'moe_topk': \[1\]\}"),
 ])
 def test_head_and_layer_fields_of_every_spelling_are_compared(mine, theirs, said):
     """The fields that split a model's rows into heads or count its layers go by other names in
     other families (encoder-decoders' encoder_/decoder_attention_heads, the Qwen-VL vision towers'
-    depth, XGLM's attention_heads, T5's d_kv, Falcon's num_kv_heads): an expert of other heads or
-    layers spelled so was never compared, walked and merged as the model's; refused naming both."""
+    depth, XGLM's attention_heads, T5's d_kv, Falcon's num_kv_heads; ERNIE's and Hunyuan's experts per
+    token): an expert of other heads, layers or routing spelled so was never compared, walked and
+    merged as the model's; refused naming both."""
     from epmq.merge_checkpoint import _check_architectures
 
     def check(config, reference):
@@ -2793,6 +2796,8 @@ def test_models_whose_configs_read_the_weights_otherwise_are_refused_or_warned_o
                                                          r"\{'sliding_window': 4096\}"),
     ({"use_sliding_window": True, "sliding_window": 4096}, {"use_sliding_window": False, "sliding_window": 4096},
      r"\{'sliding_window': 4096\}, the model with \{'sliding_window': None\}"),
+    ({"attention_window_size": 2048}, {"sliding_window": 4096}, r"\{'attention_window_size': 2048\}, the model "
+                                                                  r"with \{'sliding_window': 4096\}"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, {"layer_types": ["full_attention"] * 2},
      r"\{'layer_types': \['sliding_attention', 'full_attention'\]\}"),
 ])
