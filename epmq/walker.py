@@ -129,6 +129,11 @@ SHARE_INPUT_STATISTICS = True
 # memory for a GPU: about eight 4096 x 14336 bf16 weights, a Llama-8B MLP group's for 4 tasks.
 # 0 reads them in line. Results do not depend on it.
 EXPERT_READ_AHEAD_BYTES = 1 << 30
+# Bytes of the experts' tensors outside the blocks (embeddings, norms, DeBERTa-v2's convolution)
+# kept between the target stream's passes of a stack whose model changes the hidden states
+# between blocks (``_replay_next``: one pass a block and task, each of which read them all again).
+# Tasks past it are read each pass. Results do not depend on it.
+EXPERT_OUTSIDE_KEPT_BYTES = 1 << 30
 # Bytes of a group's statistics held at once: a group past it (a MoE block's stage of experts,
 # a Hessian each: Qwen3-235B's 128 gate/up projections of 4096 inputs held 34 GB with E-PMQ's
 # three Hessians each) is solved in chunks of linears, each chunk's statistics taken (a partial
@@ -2101,6 +2106,7 @@ class _Walk:
         self._base_prints = None  # (and their fingerprints, for the resume log)
         self._previous = ""  # the digest of the block walked last (``_block_digest``)
         self._ahead = ReadAhead(EXPERT_READ_AHEAD_BYTES)  # the experts' weights, read in the background
+        self._outside_kept = {}  # task -> name -> its tensor outside the blocks, kept by _expert_outside
         self.expert_read_seconds = 0.0  # (QuantReport.expert_read_seconds)
         self._values_checked = set()  # (task, tensor name) of the expert reads checked for NaN
         self._placeholders = _Placeholders()  # expert tensors a pass of the expert stream holds empty
@@ -2612,14 +2618,18 @@ class _Walk:
                 and source.reader.quantized_with_scales(source.key_for(name)) is None]
 
     @contextmanager
-    def _expert_outside(self, task):
+    def _expert_outside(self, task, keep=False):
         """Expert ``task``'s non-block tensors (embeddings, norms, ...) in place of the model's;
         those of other shapes than the model's (``_outside_apart``) held empty: a pass that uses
-        one is refused, naming it (``_Placeholders``)."""
+        one is refused, naming it (``_Placeholders``). ``keep``: what is read is kept for the task's
+        next pass (within EXPERT_OUTSIDE_KEPT_BYTES, until ``_forget_outside``), unless the pass wrote
+        one of them in place: a fresh read would not hold what it wrote."""
         saved, held = [], []
         source = self.experts[task]
         mapped = self._vocabulary_names if source.rows is not None else ()
         apart = self._apart.get(task, {})
+        kept = self._outside_kept.get(task, {})
+        read = {}
         try:
             for tensor, names in self.outside:
                 saved.append((tensor, tensor.data))
@@ -2634,17 +2644,27 @@ class _Walk:
                         f"(a tensor of another shape is left out only where its stream never runs it: a "
                         f"classification head of the expert's own classes, after the blocks)")
                     continue
-                new = source.read(names[0], like=tensor)
-                if names[0] in mapped:  # (the merged model's rows for the tokens the expert lacks)
-                    rows = source.rows.to(tensor.device)
-                    have = rows >= 0
-                    laid_out = tensor.detach().clone()
-                    laid_out[have] = new[rows[have]]
-                    new = laid_out
+                new = kept.get(names[0])
+                if new is None:
+                    new = source.read(names[0], like=tensor)
+                    if names[0] in mapped:  # (the merged model's rows for the tokens the expert lacks)
+                        rows = source.rows.to(tensor.device)
+                        have = rows >= 0
+                        laid_out = tensor.detach().clone()
+                        laid_out[have] = new[rows[have]]
+                        new = laid_out
                 tensor.data = new
                 self._outside_values[id(tensor)] = new
+                read[names[0]] = new
+            versions = [version(tensor) for tensor, _ in saved]  # (after the swaps, which count as writes)
             with self._placeholders if held else nullcontext():
                 yield
+            if None in versions or versions != [version(tensor) for tensor, _ in saved]:
+                self._outside_kept.pop(task, None)  # (written in place, or an inference tensor: no count)
+            elif keep and task not in self._outside_kept and sum(
+                    t.numel() * t.element_size() for named in (*self._outside_kept.values(), read)
+                    for t in named.values()) <= EXPERT_OUTSIDE_KEPT_BYTES:
+                self._outside_kept[task] = read
         finally:
             self._outside_values = {}
             for i in held:
@@ -2665,6 +2685,10 @@ class _Walk:
             return value
 
         return {name: own(value) for name, value in named.items()} if self._outside_values else named
+
+    def _forget_outside(self) -> None:
+        """Let go of the experts' tensors ``_expert_outside`` kept."""
+        self._outside_kept.clear()
 
     def _expert_block(self, template, prefix, task, lazily=False):
         """``template`` (a copy of the block) with every tensor read from expert ``task``;
@@ -2990,7 +3014,7 @@ class _Walk:
 
         with self._stand_ins(s, stream, now, stand_in):
             for task, items in self.calibration.items():
-                with self._expert_outside(task) if stream.experts else nullcontext():
+                with self._expert_outside(task, keep=True) if stream.experts else nullcontext():
                     for n, item in enumerate(items):
                         now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device),
                                    started=False)
@@ -3031,6 +3055,7 @@ class _Walk:
                     bar.set_postfix_str(f"{stack.prefix}.{i}")
                     self._block(s, i, block)
                     bar.update()
+                self._forget_outside()
                 for stream in filter(None, (self.q, self.t)):
                     # (read by a later stack of its family alone, whose replayers return them, and by
                     # the rounds: a tower of another family is run by the model, and its outputs for

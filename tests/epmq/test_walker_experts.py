@@ -292,6 +292,8 @@ def _fetch_threads(monkeypatch):
 
 @pytest.mark.parametrize("arch,targets", [("llama", "merged_path"), ("qwen3_moe", "merged_path"),
                                           ("llama", "fp_path")])
+
+
 def test_the_read_ahead_reads_in_the_background_and_changes_nothing(arch, targets, gen, tmp_path,
                                                                     monkeypatch):
     """Experts in files: their linear weights are read by the read-ahead's thread while the walk
@@ -451,6 +453,8 @@ def test_an_expert_given_as_a_lazy_state_dict_is_read_once(gen, tmp_path, monkey
 
 @pytest.mark.parametrize("index", ['{"metadata": {}, "weight_map": {"model.embed', '{"metadata": {}}', '[]',
                                    '{"weight_map": ["model-00001-of-00002.safetensors"]}'])
+
+
 def test_a_damaged_shard_index_is_named(index, tmp_path):
     """A shard index cut short (an interrupted download) or without its weight map: the error
     names the expert and the index, not a bare JSONDecodeError or KeyError."""
@@ -1232,3 +1236,103 @@ def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_st
         models[as_is] = model.state_dict()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
+
+
+def _outside_reads(monkeypatch, names):
+    """The reads of each of ``names`` from the experts, by name, as the walk makes them."""
+    from collections import Counter
+
+    reads, read = Counter(), ExpertWeights.read
+
+    def counted(self, name, **kw):
+        if name in names:
+            reads[name] += 1
+        return read(self, name, **kw)
+
+    monkeypatch.setattr(ExpertWeights, "read", counted)
+    return reads
+
+
+def test_a_replayed_stack_reads_each_expert_s_tensors_outside_the_blocks_once_for_its_passes(gen, monkeypatch):
+    """DeBERTa-v2-xlarge mixes a convolution of its embeddings into the first layer's output, so
+    the expert path takes each block's input from a pass of the expert's model (``_replay_next``),
+    whose tensors outside the blocks (embeddings, the convolution) were read anew for every block
+    and task: 24 reads of a 128k-token embedding per expert for xlarge's 24 layers. They are kept
+    between a stack's passes (one read for the stack's entry, one for its passes), the model bit for
+    bit the one of fresh reads."""
+    import copy
+
+    import epmq.walker as walker
+    from test_walker_models import VOCAB, _hf, perturb, wider_input
+
+    layers = 3
+    torch.manual_seed(0)
+    base = _hf("DebertaV2Model", "DebertaV2Config", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=layers, num_attention_heads=4, conv_kernel_size=3)().eval()
+    experts = {t: perturb(base, gen) for t in ("a", "b")}
+    calibration = {t: [wider_input("masked_ids", gen) for _ in range(2)] for t in experts}
+    outside = [name for name in base.state_dict() if not name.startswith("encoder.layer.")]
+    models = []
+    # (kept, then read each pass: tasks x (the stack's entry + the first pass, or a pass after each
+    # block but the last))
+    for kept, passes in ((True, 2), (False, layers)):
+        with monkeypatch.context() as m, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not kept:
+                m.setattr(walker, "EXPERT_OUTSIDE_KEPT_BYTES", 0)
+            reads = _outside_reads(m, outside)
+            model = epmq.quantize_model(copy.deepcopy(base), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                                        targets="expert_path", calibration=calibration, experts=experts,
+                                        backend="torch", progress=False)
+        assert model.epmq_report.replayed == ["encoder.layer"]
+        assert "encoder.conv.conv.weight" in reads
+        assert reads == {name: len(experts) * passes for name in outside}
+        models.append(model.state_dict())
+    assert all(torch.equal(models[1][k], v) for k, v in models[0].items())
+
+
+class _Stepped(torch.nn.Module):
+    """Three residual blocks, a counter outside them that each forward advances in place and adds
+    after every block (so the walk replays the model between blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        from test_walker_errors import Residual
+
+        self.layers = torch.nn.ModuleList([Residual() for _ in range(3)])
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x):
+        self.step.add_(1.0)
+        for layer in self.layers:
+            x = layer(x) + self.step
+        return x
+
+
+def test_an_expert_s_tensor_outside_the_blocks_written_by_a_pass_is_read_again(tmp_path, monkeypatch):
+    """A pass that writes an expert's tensor outside the blocks in place (a step counter) leaves
+    what a fresh read would not hold: it is not kept for the next pass, the model bit for bit the
+    one of fresh reads."""
+    import epmq.walker as walker
+    from test_walker_errors import Residual
+
+    calibration = {"task": [torch.randn(4, 16) for _ in range(2)], "other": [torch.randn(4, 16) for _ in range(2)]}
+    states, reads = {}, {}
+    for budget in (walker.EXPERT_OUTSIDE_KEPT_BYTES, 0):
+        torch.manual_seed(0)
+        model = _Stepped()
+        experts = {t: str(tmp_path / f"{t}.safetensors") for t in calibration}
+        for j, (t, path) in enumerate(experts.items()):
+            # (in float64: each read converts it to the model's float32, a fresh copy)
+            save_file({k: v.double() + 0.01 * (1 + j) for k, v in model.state_dict().items()}, path)
+        with monkeypatch.context() as m:
+            m.setattr(walker, "EXPERT_OUTSIDE_KEPT_BYTES", budget)
+            reads[budget] = _outside_reads(m, {"step"})
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=calibration, experts=experts, progress=False,
+                                adapter=epmq.Adapter("blocks", block_types=(Residual,)))
+        assert model.epmq_report.replayed == ["layers"]
+        states[budget] = model.state_dict()
+    assert all(torch.equal(states[0][k], v) for k, v in states[walker.EXPERT_OUTSIDE_KEPT_BYTES].items())
+    # (the stack's entry and a pass after blocks 0 and 1)
+    assert reads[0] == reads[walker.EXPERT_OUTSIDE_KEPT_BYTES] == {"step": len(calibration) * 3}
