@@ -11,7 +11,8 @@ bit-identical to an uninterrupted walk (tested).
 
 Nothing stale is reused silently: ``walk.json`` holds what the result depends on (method,
 grid, anchors, solver settings, device type, torch's float arithmetic there where not its
-default (TF32, scaled_dot_product_attention's kernels), the calibration data's digest, the
+default (TF32, scaled_dot_product_attention's kernels), the hardware (on a CPU torch's thread
+count and instruction set, on a GPU its model and SM count), the calibration data's digest, the
 blocks' layout, the model's config, attention implementation, buffers and module settings, plain
 attributes included, the versions of the code), and each block's record the digest of that
 identity (so a lost ``walk.json`` does not let another walk's blocks in: nor does another walk
@@ -183,6 +184,15 @@ class BlockLog:
                           "scaled_dot_product_attention's kernels: torch.backends.cuda.enable_flash_sdp and the "
                           "others): "
                           "resume under those, or use an empty directory")
+            if changed == ["machine"]:
+                remedy = ("the blocks done were computed on other hardware, whose float arithmetic differs bit for "
+                          "bit: on a CPU, with another number of torch's threads (torch.set_num_threads, epmq's "
+                          "--threads, OMP_NUM_THREADS), which changes the order of its reductions, or another "
+                          "instruction set; on a GPU, on another model: resume with those, or use an empty directory")
+                if "machine" not in saved:
+                    remedy = ("it was written by an epmq that did not record the hardware its blocks were computed "
+                              "on (torch's CPU threads, the GPU model), on which they depend bit for bit: resume "
+                              "with that epmq, or use an empty directory")
             if "blocks" in changed and then is not None and now is not None and now < then and then - now <= left_out:
                 remedy = ("this epmq leaves those linears in full precision, their weight read without a call by "
                           "the blocks' code (as Mamba's dt_proj: self.dt_proj.weight @ x), where the epmq that "

@@ -1391,6 +1391,21 @@ def _float_precision(device: torch.device) -> dict:
     return {name: value for name, read, default in _PRECISION.get(device.type, ()) if (value := read()) != default}
 
 
+def _machine(device: torch.device) -> dict:
+    """What the walk's float arithmetic on ``device`` depends on, bit for bit, beyond torch's
+    settings (``_float_precision``). On a CPU: torch's thread count (1 and 2 threads factor one
+    4096-wide Hessian differently: MKL splits its reductions by thread; a full ``sum`` of 2^20
+    floats differs too) and the instruction set ATen's kernels run on (the width of their
+    vectorized reductions). On a GPU: its model and number of SMs, which cuBLAS chooses its
+    kernels by (its results are reproducible only on GPUs of one architecture and SM count)."""
+    if device.type == "cpu":
+        return {"threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability()}
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return {"gpu": properties.name, "sms": properties.multi_processor_count}
+    return {}
+
+
 # what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
 # are installed
 CAPTURE_MARK = "_output_capturing_hooks_installed"
@@ -2264,6 +2279,7 @@ class _Walk:
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
             **({"precision": precision} if (precision := _float_precision(self.device)) else {}),
+            machine=_machine(self.device),
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the

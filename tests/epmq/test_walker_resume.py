@@ -149,6 +149,50 @@ def test_the_float32_precision_recorded_is_the_walk_device_s(monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 
+def test_a_walk_resumed_with_another_thread_count_is_refused(gen, tmp_path, monkeypatch):
+    """On a CPU, torch's thread count changes the walk's float arithmetic bit for bit (1 and 2
+    threads factor one 4096-wide Hessian differently, and GPTQ's scales with it), which the walk's
+    identity did not record: a walk stopped under one and resumed under another took the first's
+    blocks beside the second's in silence, the model that of neither. It is refused, naming the
+    count and how to set it."""
+    fam = Family("llama", gen)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "get_num_threads", lambda: 2)
+        _interrupted(fam, tmp_path, monkeypatch)
+    assert torch.get_num_threads() == 1  # (the tests' own: conftest)
+    with pytest.raises(ValueError, match=r"another walk \(machine\.threads: 2 then, 1 now\).*torch\.set_num_threads"):
+        run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path).epmq_report.resumed
+
+
+def test_the_machine_recorded_is_the_walk_device_s(monkeypatch):
+    """On a CPU torch's threads and ATen's instruction set; on a GPU its model and SM count."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name="NVIDIA H100 PCIe", multi_processor_count=114))
+    assert walker._machine(torch.device("cuda")) == {"gpu": "NVIDIA H100 PCIe", "sms": 114}
+    assert walker._machine(torch.device("cpu")) == {"threads": torch.get_num_threads(),
+                                                    "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+@pytest.mark.parametrize("then, message", [
+    ({"gpu": "NVIDIA H100 80GB HBM3", "sms": 132}, r"machine\.gpu: 'NVIDIA H100 80GB HBM3' then, 'NVIDIA H100 PCIe' "
+                                                   r"now; machine\.sms: 132 then, 114 now\).*on another model"),
+    (None, r"machine: None then, .*did not record the hardware"),
+])
+def test_blocks_done_on_another_gpu_or_unrecorded_hardware_are_refused(then, message, tmp_path):
+    from epmq.resume import BlockLog
+
+    identity = {"method": "gptq"}
+    log = BlockLog(tmp_path, identity if then is None else dict(identity, machine=then))
+    log.save("layers.0", "digest", {})
+    log.close()
+    with pytest.raises(ValueError, match=f"another walk \\({message}"):
+        BlockLog(tmp_path, dict(identity, machine={"gpu": "NVIDIA H100 PCIe", "sms": 114}))
+
+
 @pytest.fixture
 def sdp_flags():
     """torch's scaled_dot_product_attention settings, restored after the test (they are global)."""
