@@ -330,11 +330,16 @@ def quantize_model(
         # (the walk names, swaps and saves a block as {name}.{i}; a tower layers= leaves out is not walked)
         if keys != [str(i) for i in range(len(keys))] and any(
                 select(f"{name}.{key}.{rel}") for key, block in zip(keys, blocks) for rel in tower.linears(block)):
+            # (E-PMQ reads each expert's tensors by the model's names: the experts numbered too, or
+            # the renumbered model's walk was refused in turn, an expert lacking {name}.0's tensors)
+            experts_too = (f", and the experts' alike (a module as the model; a state dict's or checkpoint's "
+                           f"keys {name}.{keys[0]}.* as {name}.0.*, ...)" if method == "epmq" else "")
             raise ValueError(
                 f"the blocks of {name!r} are named {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''} (an "
                 f"nn.Sequential built from an OrderedDict, as torchvision's ViT's encoder.layers), and the walk names "
-                f"a block by its index: number them before the walk, model.{name} = nn.Sequential(*model.{name}) "
-                f"(its checkpoint then names them {name}.0, {name}.1, ...: load it into a model numbered alike)")
+                f"a block by its index: number them before the walk, model.{name} = nn.Sequential(*model.{name})"
+                f"{experts_too} (its checkpoint then names them {name}.0, {name}.1, ...: load it into a model "
+                f"numbered alike)")
     # (adapter= given too: Llama 4's vision encoder beside adapter=MOE_DECODERS, RN50's attention
     # pool beside adapter=OPEN_CLIP stayed in full precision without a word)
     warn_other_towers(model, towers, chosen=adapter is not None)

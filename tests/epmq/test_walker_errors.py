@@ -1288,6 +1288,30 @@ def test_blocks_of_a_sequential_named_otherwise_than_by_index_are_refused_naming
     assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12  # q, k, v, out, 2 MLP
 
 
+def test_e_pmq_refused_blocks_named_otherwise_than_by_index_says_to_number_the_experts_too(gen):
+    """E-PMQ reads each expert's tensors by the model's names: the model renumbered as the refusal
+    said, its walk was refused in turn, an expert lacking encoder.layers.0's tensors. The refusal
+    says to number the experts alike, and doing so walks the model. (The walk itself checks the
+    order: its stack entry refuses blocks not called once each in their order.)"""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    experts = {t: {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+               for t in ("a", "b")}
+    calibration = {t: [torch.randn(2, 3, 16, 16, generator=gen)] for t in experts}
+    options = dict(method="epmq", calibration=calibration, progress=False)
+    with pytest.raises(ValueError, match=r"nn\.Sequential\(\*model\.encoder\.layers\), and the experts' alike .*"
+                                         r"keys encoder\.layers\.encoder_layer_0\.\* as encoder\.layers\.0\.\*"):
+        epmq.quantize_model(model, SPEC, experts=experts, **options)
+    model.encoder.layers = nn.Sequential(*model.encoder.layers)
+    numbered = {t: {k.replace("encoder.layers.encoder_layer_", "encoder.layers."): v for k, v in state.items()}
+                for t, state in experts.items()}
+    epmq.quantize_model(model, SPEC, experts=numbered, **options)
+    assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12
+
+
 class _Branch(nn.Module):
     """``b`` runs only on inputs of positive mean."""
 
