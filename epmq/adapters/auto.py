@@ -185,7 +185,11 @@ class AutoAdapter(MoEAdapter):
 
     def passthrough_of(self, block, hidden):
         kind, n = self._returned.get(block, (None, 0))
-        return kind([hidden, *[None] * (n - 1)]) if kind else hidden
+        if not kind:
+            return hidden
+        fields = [hidden, *[None] * (n - 1)]
+        # (a named tuple, Reformer's ReformerOutput, takes its fields one by one, not as a list)
+        return kind._make(fields) if hasattr(kind, "_make") else kind(fields)
 
 
 AUTO = AutoAdapter()

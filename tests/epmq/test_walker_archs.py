@@ -454,6 +454,33 @@ def test_wider_families_replay_what_the_model_computes(arch, gen, monkeypatch):
     assert_same_statistics(seen, hand)
 
 
+def test_a_reformer_of_more_than_two_layers_is_walked_on_what_its_blocks_get(gen, monkeypatch):
+    """Reformer's layers return a named tuple (hidden states, attention output, ...), and the model
+    hands each layer the attention output by keyword: the walk replays the model after each block,
+    the blocks before it stand-ins returning that tuple with the hidden states alone. A named tuple
+    is built from its fields, not from one list: from a third layer on (Reformer models have 6 to
+    12) the walk ended in a bare "ReformerOutput.__new__() missing 3 required positional
+    arguments". The last block's first linear gets exactly what a plain forward gives it."""
+    from epmq.calibration import unpad
+    from test_walker_models import VOCAB, _hf
+
+    torch.manual_seed(0)
+    model = _hf("ReformerModelWithLMHead", "ReformerConfig", vocab_size=VOCAB, hidden_size=32, attention_head_size=8,
+                num_attention_heads=4, feed_forward_size=64, attn_layers=["local", "lsh", "local"],
+                axial_pos_embds_dim=[16, 16], axial_pos_shape=[8, 8], is_decoder=True, hash_seed=0, pad_token_id=0,
+                eos_token_id=1)().eval()
+    calibration = {"a": [wider_input("ids", gen) for _ in range(2)]}
+    items = [part for item in calibration["a"] for part in unpad(item)]
+    prefix, blocks = find_adapter(model).stacks(model)[-1]
+    target = f"{prefix}.2.{next(iter(find_adapter(model).linears(blocks[2])))}"
+    hand = hooked_inputs(model, target, items)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration=calibration, layers=lambda name: name == target,
+                        backend="torch", progress=False)
+    assert model.epmq_report.replayed == ["reformer.encoder.layers"]
+    assert_same_statistics(seen, hand)
+
+
 def test_fsmt_decoder_cache_argument_is_kept_out_of_the_walk(gen, monkeypatch):
     """FSMT's decoder layers take their generation cache as ``layer_state`` (the model makes one
     whenever ``use_cache``, its config's default): handed to every call of a block, the cross
