@@ -802,7 +802,8 @@ def _built_as_linear_subclasses(model, layers) -> dict:
 def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None, expert_widths=None,
                       router_on_input=False, activation=None) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
-    fix (the engines' sources: vLLM 0.34, SGLang 0.5, GPTQModel); ``split`` as
+    fix (the engines' sources: vLLM's main as stored at 055e47c28003156421365af985d676fc921cb075, SGLang 0.5,
+    GPTQModel); ``split`` as
     ``_partial_fields`` returns it, ``experts`` the quantized routed experts' names on disk,
     ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
     ``subclassed`` as ``_built_as_linear_subclasses`` returns it, ``expert_widths`` as ``_expert_widths``,
@@ -824,11 +825,6 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"projections left in full precision): vLLM and SGLang build a block's experts as one FusedMoE "
             f"module of one precision and cannot load the others. Quantize all of a block's experts or none "
             f"of them (quantize_model(layers=...))", ServingWarning)
-    if qconfig["desc_act"]:
-        warnings.warn(
-            "act-order without static groups (permuted g_idx, desc_act: true): vLLM >= 0.34 refuses "
-            "desc_act=True GPTQ checkpoints, and SGLang's CPU path cannot run them; quantize with "
-            "QuantSpec(act_order=True, static_groups=True) (g_idx stays k // group_size)", ServingWarning)
     reasons = []
     if not qconfig["sym"] and qconfig["checkpoint_format"] == "gptq":
         reasons.append("asymmetric grids (sym: false) in the v1 'gptq' format: GPTQModel refuses them (save with "
@@ -964,6 +960,24 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"{base[0]} bits {'per channel' if base[1] == -1 else f'in groups of {base[1]}'}: MoE WNA16 takes 8-bit "
             f"experts per channel only (an assertion) and fails on per-channel ones (a negative scale shape), so it "
             f"cannot build them (a config of 4 bits in groups of 32, 64 or 128 builds there)")
+    # vLLM's AutoGPTQConfig (auto_gptq.py at vllm-project/vllm 055e47c28003156421365af985d676fc921cb075) takes
+    # desc_act: GPTQ Marlin and MoE Marlin read g_idx (padding no width to their tiles). MoE WNA16 reads none
+    # (moe_wna16_weight_loader skips g_idx), so the experts vLLM builds there get the scales of group k // group_size,
+    # not their own; older vLLM's plain GPTQ path built its experts there too. vllm-project/vllm#54809 (merged
+    # 2026-09, after that source) then removed act-order from vLLM ("we ignore g_idx now", RFC #48148); its
+    # opt-in Humming kernels assert desc_act false, and on ROCm only its Exllama kernel, in float16, reads g_idx
+    if qconfig["desc_act"]:
+        dropped = "" if not wna16 or marlin_refused else (
+            f"; routed experts it builds with MoE WNA16 (first: {wna16[0]}: "
+            + ("off GPTQ Marlin" if off_marlin else "weighted by the router first, which MoE Marlin does not take"
+               if router_on_input else "widths MoE Marlin does not take with act-order")
+            + ") lose theirs there, which reads no g_idx: each column is served with the scales of group "
+            "k // group_size")
+        warnings.warn(
+            f"act-order without static groups (permuted g_idx, desc_act: true): vLLM reads g_idx on its (MoE) "
+            f"Marlin kernels only{dropped}; vLLM since vllm-project/vllm#54809, which removed act-order, reads no "
+            f"g_idx, and SGLang's CPU path cannot run them; quantize with QuantSpec(act_order=True, "
+            f"static_groups=True) (g_idx stays k // group_size)", ServingWarning)
     # SGLang's Marlin MoE runner, which its GPTQ Marlin builds every FusedMoE with, asserts a gated SiLU or SiTU
     # (moe_runner/marlin.py) and then applies a gated SiLU only (fused_marlin_moe.py): Gemma 4's experts, built with
     # activation="gelu" (gemma4_causal.py), load and then fail (vLLM's MoE Marlin applies GELU too:

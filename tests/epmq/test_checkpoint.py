@@ -2359,6 +2359,10 @@ def test_a_router_among_the_experts_is_not_an_expert_left_in_full_precision(tmp_
 
 
 def test_act_order_without_static_groups_warns_of_vllm(tmp_path):
+    """Permuted g_idx (desc_act: true): vLLM's AutoGPTQConfig takes desc_act and its Marlin kernels read g_idx
+    (auto_gptq.py at vllm-project/vllm 055e47c28003156421365af985d676fc921cb075; no vLLM release refused it,
+    and there is no vLLM 0.34), but vllm-project/vllm#54809 then removed act-order from vLLM: the warning names
+    that PR, and static groups as the fix."""
     fam = Family("llama", torch.Generator().manual_seed(0), n_samples=1)
     for static in (False, True):
         model = fam.merged()
@@ -2370,10 +2374,33 @@ def test_act_order_without_static_groups_warns_of_vllm(tmp_path):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             epmq.save_quantized(model, tmp_path / str(static))
-        said = [str(w.message) for w in record if "desc_act=True" in str(w.message)]
+        said = [str(w.message) for w in record if "desc_act: true" in str(w.message)]
         assert len(said) == (0 if static else 1)
         if said:
-            assert "vLLM >= 0.34" in said[0] and "static_groups=True" in said[0]
+            assert "vllm-project/vllm#54809" in said[0] and "static_groups=True" in said[0]
+            assert "0.34" not in said[0] and "MoE WNA16" not in said[0]
+
+
+@pytest.mark.parametrize("inter, dropped", [(96, True), (128, False)])
+def test_act_order_experts_vllm_builds_with_moe_wna16_are_said_to_lose_g_idx(gen, inter, dropped, tmp_path):
+    """With act-order vLLM's MoE Marlin pads no width, so experts whose intermediate width is no multiple of
+    max(64, group) go to MoE WNA16 (AutoGPTQConfig.get_quant_method), whose weight loader skips g_idx
+    (moe_wna16.py, moe_wna16_weight_loader): a 4-bit grouped block loads there without error and is served with
+    the scales of group k // group_size. The act-order warning was the same for every checkpoint; it now names
+    the first such block."""
+    import warnings
+
+    model = _qwen3_moe(128, inter)
+    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True, act_order=True), method="gptq",
+                        calibration=calibration, backend="torch", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    assert _qconfigs(tmp_path / "q")[0]["desc_act"] is True
+    said = [str(w.message) for w in record if "desc_act: true" in str(w.message)]
+    assert len(said) == 1 and "vllm-project/vllm#54809" in said[0]
+    assert ("MoE WNA16 (first: model.layers.0.mlp.experts" in said[0]) == dropped, said[0]
 
 
 @pytest.mark.parametrize("bits, group_size, sym, warned", [(4, -1, False, True), (4, -1, True, False),
