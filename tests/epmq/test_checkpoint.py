@@ -2305,7 +2305,8 @@ def _vllm_plain_gptq_builds_experts_quantized(qconfig):
     """vLLM's plain GPTQ path (GPTQConfig.get_quant_method, taken where GPTQ Marlin is not: sym false, 2/3 bits)
     hands every FusedMoE to MoeWNA16Config.from_config({quant_method, bits, group_size, sym: True, lm_head})
     whose get_quant_method skips only modules_to_not_convert, [] for GPTQ: no dynamic rule is read
-    (vllm-project/vllm moe_wna16.py at ca3fff65bc7d65026d67c76b678aa667615bb710; gptq.py's FusedMoE branch)."""
+    (vllm-project/vllm moe_wna16.py at ca3fff65bc7d65026d67c76b678aa667615bb710; gptq.py's FusedMoE branch). This
+    is vLLM before its GPTQ consolidation (vllm-project/vllm#38288), which removed that plain GPTQ path."""
     return not (qconfig["sym"] and qconfig["bits"] in (4, 8) and qconfig["group_size"] in (-1, 32, 64, 128))
 
 
@@ -3715,8 +3716,9 @@ def test_routed_experts_gptq_marlin_cannot_take_are_not_offered_vllms_plain_gptq
     """Block 1 at 3 bits under a 4-bit symmetric config of groups of 32 (GPTQ Marlin, which refuses the rule's
     3 bits): quantization='gptq' was offered as serving every layer, but vLLM's plain GPTQ path hands every
     FusedMoE to MoE WNA16 built from the config's bits alone, reading no dynamic rule (gptq.py's FusedMoE branch,
-    MoeWNA16Config.from_config at vllm-project/vllm ca3fff65bc7d65026d67c76b678aa667615bb710), so block 1's
-    3-bit experts load there neither; the warning says so, naming them."""
+    MoeWNA16Config.from_config at vllm-project/vllm ca3fff65bc7d65026d67c76b678aa667615bb710: vLLM before its GPTQ
+    consolidation, vllm-project/vllm#38288, which removed that path), so block 1's 3-bit experts load there neither;
+    the warning says so, naming them."""
     model = build("qwen3_moe")
     epmq.quantize_model(model, epmq.QuantSpec(bits=3, group_size=32, sym=True), method="rtn",
                         layers=r"layers\.1\.", progress=False)
