@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.autograd import forward_ad
+from torch.utils import _pytree as pytree
 
 from epmq_kernels._runtime import version
 from epmq_kernels.grid import is_bits
@@ -107,6 +108,62 @@ def g_idx_problem(g_idx: torch.Tensor, G: int, grid: str) -> Optional[str]:
         if lo < 0 or hi >= G:
             return f"g_idx holds groups in [{lo}, {hi}], outside the {G} groups of {grid}"
     return None
+
+
+class PackedWeight(torch.Tensor):
+    """``QuantLinear.weight``: a tensor that holds no values of its own, with the original weight's
+    shape ``[out, in]``, the dtype the layer stands in for and its codes' device, which model code
+    reads without a product (T5 casts activations to ``wo.weight.dtype``; code that places a
+    tensor on ``proj.weight.device`` got the meta device, and failed on it). Any op on it takes
+    the weight dequantized for that op: a block that calls a layer and multiplies by its weight
+    too (a tied projection) gets the packed weight both times, where the data-less stand-in this
+    replaces was multiplied into garbage without a word or ended in a bare meta-device error.
+    Writes into it change nothing, with a warning naming the layer."""
+
+    @staticmethod
+    def __new__(cls, layer: "QuantLinear"):
+        weight = torch.Tensor._make_wrapper_subclass(
+            cls, (layer.out_features, layer.in_features), dtype=layer._dtype_probe.dtype, device=layer.qweight.device
+        )
+        weight.layer = layer
+        return weight
+
+    # (torch's functions reach __torch_dispatch__ as aten ops, each with the tensors it reads)
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, PackedWeight):
+                # (dropped, as the meta stand-in's were, not refused: RWKV divides its layers' weights
+                # in place when first run in eval mode, and a checkpoint the walk quantized, in eval
+                # mode, holds them divided already)
+                warnings.warn(
+                    f"{func.__name__} into the weight of QuantLinear({value.layer.extra_repr()}) is dropped: "
+                    f"the layer is packed, its weight the dequantized codes; write its buffers (qweight, "
+                    f"qzeros, scales), or replace it with an nn.Linear of its dequantize()")
+                return value
+
+        def read(t):
+            return t.layer._read_weight(t.dtype) if isinstance(t, PackedWeight) else t
+
+        return func(*pytree.tree_map(read, args), **pytree.tree_map(read, kwargs))
+
+    # (what torch does not dispatch for a tensor subclass: the values, dequantized)
+    def numpy(self, *, force=False):
+        return self.layer._read_weight(self.dtype).numpy(force=force)
+
+    def tolist(self):
+        return self.layer._read_weight(self.dtype).tolist()
+
+    def __deepcopy__(self, memo):
+        return self.layer._read_weight(self.dtype)
+
+    def __repr__(self):
+        return (f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}) of "
+                f"QuantLinear({self.layer.extra_repr()})")
 
 
 class QuantLinear(nn.Module):
@@ -415,15 +472,20 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A data-less (``meta``) stand-in with the original weight's shape and dtype.
+        """The weight ``[out, in]`` as model code reads it: its shape, dtype and device at once,
+        its values dequantized at each read (``PackedWeight``). ``dequantize()`` makes them once."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # (the compiler cannot trace the making of a tensor subclass: the weight itself, its
+            # dequantization dropped from the graph where only its dtype or shape is read)
+            return self._read_weight(self._dtype_probe.dtype)
+        return PackedWeight(self)
 
-        Model code inspects ``.weight`` of its linears: T5 casts activations to
-        ``wo.weight.dtype``, open_clip reads ``mlp.c_fc.weight.dtype``. Use ``dequantize()``
-        for the values.
-        """
-        return torch.empty(
-            (self.out_features, self.in_features), dtype=self._dtype_probe.dtype, device="meta"
-        )
+    def _read_weight(self, dtype) -> torch.Tensor:
+        """The weight ``[out, in]`` in ``dtype`` for a read of ``weight``."""
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or self.qweight.is_meta
+                or _is_fake(self.qweight)):
+            return self._traced_weight_kn(dtype).t()
+        return self.dequantize(dtype)
 
     def __setattr__(self, name, value):
         # (transformers' tie_weights sets the output embeddings' weight to the input embeddings' where
@@ -522,10 +584,14 @@ class QuantLinear(nn.Module):
             zeros = self.zeros().to(torch.uint8)
             y = w4a16_matmul_op(x, self.qweight, self.scales, zeros, self.group_size, self.g_idx)
         else:
-            g = self.g_idx.long()
-            z, s = self.zeros().to(x.dtype), self.scales.to(x.dtype)
-            y = x @ self.codes().to(x.dtype).sub(z[g]).mul(s[g])
+            y = x @ self._traced_weight_kn(x.dtype)
         return y
+
+    def _traced_weight_kn(self, dtype) -> torch.Tensor:
+        """The weight ``[K, N]`` by a gather on ``g_idx``: no caches, no branch on the buffers' values."""
+        g = self.g_idx.long()
+        z, s = self.zeros().to(dtype), self.scales.to(dtype)
+        return self.codes().to(dtype).sub(z[g]).mul(s[g])
 
     def extra_repr(self) -> str:
         return (

@@ -436,7 +436,8 @@ def quantize_model(
         )
     if report.skipped:
         why = ("have their weight read without a call by the model's code (as Jamba's and Mamba's "
-               "dt_proj: self.dt_proj.weight @ x), which no packed layer can stand in for"
+               "dt_proj: self.dt_proj.weight @ x), which a packed layer serves only by dequantizing its "
+               "whole weight at each read"
                if method == "rtn" else
                "were never called on the calibration data (a path it does not take, as cross-attention "
                "without encoder inputs, or a weight read without a call, as Jamba's dt_proj)")
@@ -768,8 +769,8 @@ def _plan(model, towers, layers) -> tuple:
     return stacks, tied, routers
 
 
-# what a tensor's attributes say of it without its values: the packed layer's stand-in weight
-# (QuantLinear.weight, data-less) answers these, as T5 reads wo.weight.dtype
+# what a tensor's attributes say of it without its values: the packed layer's weight
+# (QuantLinear.weight, a PackedWeight) answers these without dequantizing, as T5 reads wo.weight.dtype
 _TENSOR_METADATA = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_meta", "is_cuda", "requires_grad",
                               "size", "dim", "numel", "nelement", "element_size", "is_floating_point"})
 # calls that ask what an object is, not what it holds (T5: isinstance(self.wo.weight, torch.Tensor))
@@ -821,8 +822,9 @@ def _warn_unread(stacks) -> None:
         warnings.warn(
             f"RTN cannot read the code of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} (no source "
             f"file: a class defined in a notebook or by exec), so it cannot see whether it uses a linear's "
-            f"weight without calling the layer (as Mamba's mixers use dt_proj's), which no packed layer can "
-            f"stand in for; their linears are packed. Where the code does, quantize with method='gptq' (its "
+            f"weight without calling the layer (as Mamba's mixers use dt_proj's), which a packed layer serves "
+            f"only by dequantizing its whole weight at each read; their linears are packed. Where the code does, "
+            f"quantize with method='gptq' (its "
             f"walk leaves a linear it never sees called in full precision), or keep the linear out with layers="
         )
 
@@ -1195,12 +1197,12 @@ def _weight_reads(module, seen: dict) -> tuple:
 def _take_weights_read(stacks) -> list:
     """Take out of the stacks the linears whose weight the module holding them reads as a tensor of
     values and the blocks' code never calls (Jamba's, Mamba's and Falcon-Mamba's mixers:
-    ``self.dt_proj.weight @ time_step``), and return their names. A packed layer has no such
-    tensor, only a data-less stand-in, which torch multiplies into garbage without a word; the
-    walks see no call of such a layer and leave it, but RTN runs no forward and would pack it. The
-    blocks' classes are read (their source), as no forward can be run without inputs. (A linear
-    called there too is left to the calibration, as before: Reformer's LSH attention calls
-    query_key, and reads its weight on a cached path.)"""
+    ``self.dt_proj.weight @ time_step``), and return their names. A packed layer serves such a
+    read only by dequantizing its whole weight at each one (``PackedWeight``); the walks see no
+    call of such a layer and leave it, but RTN runs no forward and would pack it. The blocks'
+    classes are read (their source), as no forward can be run without inputs. (A linear called
+    there too is packed, its reads served dequantized: Reformer's LSH attention calls query_key,
+    and reads its weight on a cached path.)"""
     read, seen = [], {}
     for stack in stacks:
         for i, block in enumerate(stack.blocks):

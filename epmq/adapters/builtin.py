@@ -199,7 +199,8 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
 # rotary table as a keyword argument. Qualified names: ``Block`` alone is too common a name.
 class TimmAdapter(Adapter):
     """timm's vision transformers. EVA's attention with a q/v bias adds it in ``F.linear`` on
-    ``qkv.weight``, which no quantized layer could replace: it is switched to timm's own
+    ``qkv.weight``, never calling the layer (no walk would see its inputs, and a packed one would be
+    dequantized whole at each read): it is switched to timm's own
     equivalent form, ``qkv(x) + bias`` (``qkv_bias_separate``), which calls the linear."""
 
     def prepare(self, model, swap):

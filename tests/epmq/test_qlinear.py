@@ -194,10 +194,51 @@ def test_dequantize_follows_in_place_changes_of_the_grid(gen):
 def test_no_bias_and_weight_stand_in(gen):
     layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=8, group_size=-1), gen, method="rtn"))
     assert layer.bias is None and "bias" not in layer.state_dict()
-    # model code reads .weight's dtype (T5, open_clip): a data-less stand-in that follows .to()
-    assert layer.weight.shape == (24, 64) and layer.weight.device.type == "meta"
+    # model code reads .weight's dtype (T5, open_clip): the stand-in's, which follows .to()
+    assert layer.weight.shape == (24, 64) and layer.weight.device == layer.qweight.device
     assert layer.weight.dtype == torch.float32
     assert layer.half().weight.dtype == torch.float16
+
+
+class CalledAndRead(torch.nn.Module):
+    """Calls ``q`` and reads its weight: the device to put its input on, and its values (a tied
+    projection back, ``q.weight`` transposed)."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x):
+        h = self.q(x.to(self.q.weight.device, self.q.weight.dtype))
+        return h @ self.q.weight + torch.einsum("oi,ni->no", self.q.weight, x)[..., :1]
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[5]], ids=str)
+def test_the_weight_reads_as_the_dequantized_weight_on_the_layers_device(spec, gen):
+    """Model code that reads a packed layer's weight (its device, or its values beside a call of the
+    layer) got a data-less meta tensor: x.to(q.weight.device) moved the input to the meta device, the
+    call then ended in a bare "not on the expected device meta" error, and a product with the weight
+    was garbage without a word. Its metadata is the layer's, its values the dequantized weight, eager
+    and compiled; writes into it are dropped (as before), with a warning naming the layer."""
+    layer = epmq.QuantLinear.from_result(solve(spec, gen), torch.randn(24, generator=gen))
+    linear = torch.nn.Linear(64, 24)
+    linear.weight.data.copy_(layer.dequantize())
+    linear.bias.data.copy_(layer.bias)
+    x = torch.randn(5, 64, generator=gen)
+    want = CalledAndRead(linear)(x)
+    torch.testing.assert_close(CalledAndRead(layer)(x), want)
+    torch.testing.assert_close(torch.compile(CalledAndRead(layer), fullgraph=True, backend="eager")(x), want)
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor) and not weight.is_meta and weight.ndim == 2 and weight.numel() == 24 * 64
+    assert torch.equal(weight.T, layer.dequantize().T) and torch.equal(weight.double(), layer.dequantize(torch.float64))
+    assert torch.equal(torch.empty(24, 64).copy_(weight), layer.dequantize())  # (read, not written)
+    # (what torch does not dispatch for a tensor subclass)
+    assert torch.equal(copy.deepcopy(weight), layer.dequantize()) and weight.tolist() == layer.dequantize().tolist()
+    assert (weight.numpy() == layer.dequantize().numpy()).all()
+    for write in (lambda: weight.mul_(2), lambda: weight.copy_(torch.zeros(24, 64)), lambda: weight.zero_()):
+        with pytest.warns(UserWarning, match=r"into the weight of QuantLinear\(in_features=64.* is dropped"):
+            write()
+    assert torch.equal(layer.weight.double(), layer.dequantize(torch.float64))
 
 
 def test_constructor_checks():

@@ -1235,15 +1235,53 @@ def test_linears_whose_weight_a_block_reads_without_a_call_stay_in_full_precisio
     assert all(type(model.get_submodule(name)) is nn.Linear for name in left)
     packed = [name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear)]
     assert len(packed) == 2 * (4 - len(read)) == len(model.epmq_report.layers)
-    reference = copy.deepcopy(model)  # (its packed layers as linears of their dequantized weights)
-    for name in packed:
-        parent, _, attr = name.rpartition(".")
-        linear = nn.Linear(16, 16)
-        linear.weight.data.copy_(model.get_submodule(name).dequantize())
-        linear.bias.data.copy_(model.get_submodule(name).bias)
-        setattr(reference.get_submodule(parent), attr, linear)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x))
+        torch.testing.assert_close(model(x), as_linears(model)(x))
+
+
+def as_linears(model):
+    """A copy of ``model`` with its packed layers as linears of their dequantized weights."""
+    reference = copy.deepcopy(model)
+    for name, layer in model.named_modules():
+        if isinstance(layer, epmq.QuantLinear):
+            parent, _, attr = name.rpartition(".")
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            linear.weight.data.copy_(layer.dequantize())
+            if layer.bias is not None:
+                linear.bias.data.copy_(layer.bias)
+            setattr(reference.get_submodule(parent), attr, linear)
+    return reference
+
+
+class TiedMixer(nn.Module):
+    """Calls ``q`` and reads its weight as values too, a projection tied to it (``q.weight``
+    transposed), and for the device to put its input on."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.out = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.q(x.to(self.q.weight.device))
+        return self.out(F.linear(h, self.q.weight.T))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_linear_a_block_calls_and_reads_the_weight_of_is_packed_and_read_dequantized(method, gen):
+    """A linear the block calls and whose weight it reads too was packed, and the read took the
+    packed layer's meta stand-in: x.to(q.weight.device) put the input on the meta device (a bare
+    "not on the expected device meta" error, in the walk's next pass), and the tied product was
+    garbage without a word. It is packed, and the read takes its dequantized weight."""
+    model = Net(TiedMixer).eval()
+    x = torch.randn(4, 16, generator=gen)
+    kw = dict(calibration={"task": [x]}) if method == "gptq" else {}
+    epmq.quantize_model(model, SPEC, method=method, progress=False,
+                        adapter=epmq.Adapter("mixers", block_types=(TiedMixer,)), **kw)
+    assert not model.epmq_report.skipped
+    assert all(isinstance(model.get_submodule(f"layers.{i}.{rel}"), epmq.QuantLinear)
+               for i in range(2) for rel in ("q", "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), as_linears(model)(x))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
