@@ -101,6 +101,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import quant
 from ._util import wrapped_model, write_atomic
@@ -2697,15 +2698,16 @@ class _Walk:
 
     def _expert_values(self, named) -> dict:
         """A block call's keyword arguments ``named`` with the model's tensors outside the blocks that
-        it hands to the block as they are (in a list or tuple too) replaced by the expert's values they
-        hold in an expert stream's pass (``_expert_outside``): recorded as the tensors themselves, they
-        held the merged model's values again when the stream's block passes ran."""
+        it hands to the block as they are (in lists, tuples, dicts, named tuples too) replaced by the
+        expert's values they hold in an expert stream's pass (``_expert_outside``): recorded as the
+        tensors themselves, they held the merged model's values again when the stream's block passes
+        ran. An argument holding none is kept as it is (the same object: ``_same_arguments``)."""
         def own(value):
-            if isinstance(value, torch.Tensor):
-                return self._outside_values.get(id(value), value)
-            if type(value) in (list, tuple) and any(id(t) in self._outside_values for t in value):
-                return type(value)(own(t) for t in value)
-            return value
+            leaves, spec = tree_flatten(value)
+            if not any(id(t) in self._outside_values for t in leaves if isinstance(t, torch.Tensor)):
+                return value
+            return tree_unflatten([self._outside_values.get(id(t), t) if isinstance(t, torch.Tensor) else t
+                                   for t in leaves], spec)
 
         return {name: own(value) for name, value in named.items()} if self._outside_values else named
 

@@ -2,6 +2,7 @@
 
 import sys
 import warnings
+from collections import namedtuple
 
 import pytest
 import torch
@@ -1192,14 +1193,27 @@ def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(
     assert all(isinstance(block.fc1, epmq.QuantLinear) for block in model.layers)
 
 
-def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_stream(gen):
+_Shift = namedtuple("_Shift", "by")
+
+
+@pytest.mark.parametrize("handed", ["as it is", "in a list", "in a dict", "in a named tuple"])
+def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_stream(handed, gen):
     """A model that hands a tensor of its own outside the blocks (a shift) to every block as an
     argument: the expert stream's entry recorded the tensor itself, which held the merged model's
     values again once the entry was over, so each expert's blocks ran on the merged model's shift,
-    without a word. They run on the expert's: the model that of one handing on a computed copy."""
+    without a word. They run on the expert's: the model that of one handing on a computed copy.
+    Handed inside a dict or a named tuple, it was recorded as the model's tensor still."""
     import copy
 
     from torch import nn
+
+    def wrap(shift):
+        return {"as it is": shift, "in a list": [shift], "in a dict": {"by": shift},
+                "in a named tuple": _Shift(shift)}[handed]
+
+    def unwrap(shift):
+        return {"as it is": lambda: shift, "in a list": lambda: shift[0], "in a dict": lambda: shift["by"],
+                "in a named tuple": lambda: shift.by}[handed]()
 
     class Block(nn.Module):
         def __init__(self):
@@ -1207,7 +1221,7 @@ def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_st
             self.fc = nn.Linear(16, 16)
 
         def forward(self, x, shift):
-            return x + self.fc(x + shift)
+            return x + self.fc(x + unwrap(shift))
 
     class Shifted(nn.Module):
         def __init__(self, as_is):
@@ -1216,7 +1230,7 @@ def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_st
             self.layers = nn.ModuleList([Block(), Block()])
 
         def forward(self, x):
-            shift = self.shift if self.as_is else self.shift + 0
+            shift = wrap(self.shift if self.as_is else self.shift + 0)
             for layer in self.layers:
                 x = layer(x, shift=shift)
             return x
