@@ -1699,12 +1699,17 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
                     return found
         return None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        found = self._held_in(args) or self._held_in(kwargs.values())
-        if found is not None and func not in self._KEPT:
+    def refuse_in(self, values) -> None:
+        """Raises the refusal of the first placeholder among ``values`` (nested in lists, tuples, dicts)."""
+        found = self._held_in(values)
+        if found is not None:
             _, _, refusal, why = found
             raise refusal(why)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self._KEPT:
+            self.refuse_in(itertools.chain(args, kwargs.values()))
         return func(*args, **kwargs)
 
 
@@ -2701,7 +2706,11 @@ class _Walk:
         it hands to the block as they are (in lists, tuples, dicts, named tuples too) replaced by the
         expert's values they hold in an expert stream's pass (``_expert_outside``): recorded as the
         tensors themselves, they held the merged model's values again when the stream's block passes
-        ran. An argument holding none is kept as it is (the same object: ``_same_arguments``)."""
+        ran. An argument holding none is kept as it is (the same object: ``_same_arguments``). One of
+        another shape than the model's, held empty (``_expert_outside``), is refused: recorded, it held
+        the merged model's values in those passes too, and only a use of it in this one was refused."""
+        self._placeholders.refuse_in(named.values())
+
         def own(value):
             leaves, spec = tree_flatten(value)
             if not any(id(t) in self._outside_values for t in leaves if isinstance(t, torch.Tensor)):

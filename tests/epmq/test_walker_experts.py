@@ -1194,9 +1194,42 @@ def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(
 
 
 _Shift = namedtuple("_Shift", "by")
+_HANDED = {"as it is": (lambda t: t, lambda t: t), "in a list": (lambda t: [t], lambda t: t[0]),
+           "in a dict": (lambda t: {"by": t}, lambda t: t["by"]), "in a named tuple": (_Shift, lambda t: t.by)}
 
 
-@pytest.mark.parametrize("handed", ["as it is", "in a list", "in a dict", "in a named tuple"])
+class _ShiftBlock(torch.nn.Module):
+    def __init__(self, handed):
+        super().__init__()
+        self.fc, self.handed = torch.nn.Linear(16, 16), handed
+
+    def forward(self, x, shift):
+        return x + self.fc(x + _HANDED[self.handed][1](shift)[:16])
+
+
+class _Shifted(torch.nn.Module):
+    """Two ``_ShiftBlock``s, each handed the model's ``shift`` (``width`` wide) ``handed`` as one of
+    ``_HANDED``: the tensor itself (``as_is``) or a computed copy."""
+
+    def __init__(self, handed, as_is=True, width=16):
+        super().__init__()
+        self.shift, self.handed, self.as_is = torch.nn.Parameter(torch.zeros(width)), handed, as_is
+        self.layers = torch.nn.ModuleList([_ShiftBlock(handed), _ShiftBlock(handed)])
+
+    def forward(self, x):
+        shift = _HANDED[self.handed][0](self.shift if self.as_is else self.shift + 0)
+        for layer in self.layers:
+            x = layer(x, shift=shift)
+        return x
+
+
+def _quantize_shifted(model, experts, calibration):
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                        calibration=calibration, experts=experts, backend="torch", progress=False,
+                        adapter=epmq.Adapter("shifted", block_types=(_ShiftBlock,)))
+
+
+@pytest.mark.parametrize("handed", list(_HANDED))
 def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_stream(handed, gen):
     """A model that hands a tensor of its own outside the blocks (a shift) to every block as an
     argument: the expert stream's entry recorded the tensor itself, which held the merged model's
@@ -1205,38 +1238,8 @@ def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_st
     Handed inside a dict or a named tuple, it was recorded as the model's tensor still."""
     import copy
 
-    from torch import nn
-
-    def wrap(shift):
-        return {"as it is": shift, "in a list": [shift], "in a dict": {"by": shift},
-                "in a named tuple": _Shift(shift)}[handed]
-
-    def unwrap(shift):
-        return {"as it is": lambda: shift, "in a list": lambda: shift[0], "in a dict": lambda: shift["by"],
-                "in a named tuple": lambda: shift.by}[handed]()
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(16, 16)
-
-        def forward(self, x, shift):
-            return x + self.fc(x + unwrap(shift))
-
-    class Shifted(nn.Module):
-        def __init__(self, as_is):
-            super().__init__()
-            self.shift, self.as_is = nn.Parameter(torch.zeros(16)), as_is
-            self.layers = nn.ModuleList([Block(), Block()])
-
-        def forward(self, x):
-            shift = wrap(self.shift if self.as_is else self.shift + 0)
-            for layer in self.layers:
-                x = layer(x, shift=shift)
-            return x
-
     torch.manual_seed(0)
-    net = Shifted(as_is=True)
+    net = _Shifted(handed)
     experts = {t: {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
                for t in ("a", "b")}
     calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
@@ -1244,9 +1247,7 @@ def test_an_expert_tensor_the_model_hands_to_its_blocks_is_the_experts_in_its_st
     for as_is in (True, False):
         model = copy.deepcopy(net)
         model.as_is = as_is
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
-                            calibration=calibration, experts=experts, backend="torch", progress=False,
-                            adapter=epmq.Adapter("shifted", block_types=(Block,)))
+        _quantize_shifted(model, experts, calibration)
         models[as_is] = model.state_dict()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
@@ -1350,3 +1351,22 @@ def test_an_expert_s_tensor_outside_the_blocks_written_by_a_pass_is_read_again(t
     assert all(torch.equal(states[0][k], v) for k, v in states[walker.EXPERT_OUTSIDE_KEPT_BYTES].items())
     # (the stack's entry and a pass after blocks 0 and 1)
     assert reads[0] == reads[walker.EXPERT_OUTSIDE_KEPT_BYTES] == {"step": len(calibration) * 3}
+
+
+@pytest.mark.parametrize("handed", list(_HANDED))
+def test_an_expert_tensor_of_another_shape_the_model_hands_to_its_blocks_is_refused(handed, gen):
+    """The same shift of another shape in expert 'b' (a block takes its first 16): held empty in the
+    entry, it was recorded so inside a dict, its use there unseen, and held the merged model's values
+    again when the stream's block passes ran: every layer solved toward the merged model's shift for
+    'b', without a word. It is refused, however the model hands it on."""
+    experts = {t: {k: v + 0.5 * torch.randn(v.shape, generator=gen)
+                   for k, v in _Shifted(handed, width=width).state_dict().items()}
+               for t, width in (("a", 16), ("b", 24))}
+    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
+    model = _Shifted(handed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (warned of as the experts are bound)
+        with pytest.raises(ValueError, match=r"the expert of task 'b' .*shift of shape \(24,\).* the merged model's "
+                                             r"\(16,\)"):
+            _quantize_shifted(model, experts, calibration)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
