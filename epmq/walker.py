@@ -1655,9 +1655,12 @@ class _Unread(RuntimeError):
     """A pass used an expert tensor a lazy ``_Walk._expert_block`` left unread: it is read whole."""
 
 
-class _Apart(ValueError):
-    """A pass of an expert's stream used a tensor of it outside the blocks of another shape than the
-    merged model's (``_Walk._expert_outside``): refused."""
+class ExpertShapeError(ValueError):
+    """An expert holds a tensor outside the blocks (an embedding, a norm, a gain) of another shape than
+    the merged model's, which ``targets='expert_path'`` would run in place of the model's: a pass of
+    the expert's stream used it (``_Walk._expert_outside``), so the expert is of another configuration.
+    Public by name (``epmq.ExpertShapeError``): it is what the user's traceback shows, and the stack
+    entry passes it on as it is, not as the calibration's failure."""
 
 
 class _Placeholders(torch.overrides.TorchFunctionMode):
@@ -2665,13 +2668,13 @@ class _Walk:
                 if names[0] in apart:
                     held.append(id(tensor))
                     self._placeholders.hold(
-                        names[0], tensor, _Apart,
+                        names[0], tensor, ExpertShapeError,
                         f"the expert of task {task!r} ({source.description}) holds {names[0]} of shape "
                         f"{tuple(source.shape(names[0]))}, the merged model's {tuple(apart[names[0]])}, and "
                         f"targets='expert_path' runs it in place of the model's, which its stream's passes use "
-                        f"before or between the blocks: experts must share the merged model's configuration "
-                        f"(a tensor of another shape is left out only where its stream never runs it: a "
-                        f"classification head of the expert's own classes, after the blocks)")
+                        f"(before, between or as an argument of the blocks): experts must share the merged "
+                        f"model's configuration (a tensor of another shape is left out only where its stream "
+                        f"never runs it: a classification head of the expert's own classes, after the blocks)")
                     continue
                 new = kept.get(names[0])
                 if new is None:
@@ -2936,7 +2939,7 @@ class _Walk:
                             _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             pass
-                        except (torch.OutOfMemoryError, _StandInRefused, _Apart):
+                        except (torch.OutOfMemoryError, _StandInRefused, ExpertShapeError):
                             raise
                         except Exception as e:
                             if not now["past"] and now["called"] is not None and not stack.adapter.runs_blocks:

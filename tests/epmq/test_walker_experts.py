@@ -1165,6 +1165,18 @@ class _Gained(torch.nn.Module):
         return x
 
 
+def _check_said(refusal):
+    """The refusal of an expert's tensor of another shape as the user's traceback shows it: under a
+    public name (it read ``epmq.walker._Apart``, a private class), the walk's message itself, not the
+    calibration's failure wrapped around it."""
+    import traceback
+
+    assert isinstance(refusal, epmq.ExpertShapeError) and isinstance(refusal, ValueError)
+    said = traceback.format_exception_only(type(refusal), refusal)[-1]
+    assert said.startswith("epmq.walker.ExpertShapeError: the expert of task 'b' "), said
+    assert refusal.__cause__ is None
+
+
 def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(gen):
     """The expert path left an expert's tensor outside the blocks of another shape than the merged
     model's empty in its stream's passes, refused only where a pass failed on it: a gain summed
@@ -1185,8 +1197,9 @@ def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(
 
     model = _Gained()
     with pytest.raises(ValueError, match=r"the expert of task 'b' .*gain of shape \(16,\).* the merged model's \(32,\)"
-                                         r".*runs it in place of the model's"):
+                                         r".*runs it in place of the model's") as refused:
         quantize(model)
+    _check_said(refused.value)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     model = _Gained(summed=False)
     quantize(model)
@@ -1367,6 +1380,7 @@ def test_an_expert_tensor_of_another_shape_the_model_hands_to_its_blocks_is_refu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (warned of as the experts are bound)
         with pytest.raises(ValueError, match=r"the expert of task 'b' .*shift of shape \(24,\).* the merged model's "
-                                             r"\(16,\)"):
+                                             r"\(16,\)") as refused:
             _quantize_shifted(model, experts, calibration)
+    _check_said(refused.value)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
