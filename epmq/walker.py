@@ -2732,8 +2732,10 @@ class _Walk:
         ``lazily``: each module's own tensors read as a pass calls it (or its weight is taken:
         ``_read_unread``), the others left unread, empty, so that a pass stopped at a group's
         linears reads none after them. (The pass refuses any use of an unread one, ``_Placeholders``:
-        a block that uses a module's tensors before calling it is read whole, ``_capture_target``.)"""
-        lazily = lazily and self._lazily
+        a block that uses a module's tensors before calling it is read whole, ``_capture_target``.) A
+        block holding a TorchScript module is read whole: the ops of its scripted code are out of the
+        guard's sight (an unread tensor used there, unseen), and it takes no hooks to read on call."""
+        lazily = lazily and self._lazily and not any(isinstance(m, torch.jit.ScriptModule) for m in template.modules())
         if getattr(template, "_epmq_expert", None) == task:  # (one expert: its block holds what the
             # passes of the groups before read of it, the rest unread)
             if not lazily:

@@ -1148,6 +1148,59 @@ def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_pa
         assert torch.equal(models[True][k], v), k
 
 
+class _ScriptedGain(torch.nn.Module):
+    """``x`` times one plus the sum of a weight of its own, scripted below (TorchScript)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        return x * (1 + self.weight.sum())
+
+
+def test_a_block_holding_a_torchscript_module_is_read_whole_on_the_expert_path(gen):
+    """A block with a TorchScript module in it (timm's norm-act layers with jit=True): the lazy reads
+    hooked it, which a ScriptModule refuses, and the walk failed (its rollback then failed on the
+    ScriptModule too). Nor would the guard of unread tensors see its scripted ops: an unread weight
+    summed there is 0 without a word. The block is read whole: the model of whole reads."""
+    import copy
+
+    from torch import nn
+
+    import epmq.walker as walker
+    from test_walker_errors import Net
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.gain = nn.Linear(16, 16), nn.Linear(16, 16), torch.jit.script(_ScriptedGain())
+
+        def forward(self, x):
+            y = self.gain(x)
+            y = y + self.a(y)
+            return y + self.c(y)
+
+    torch.manual_seed(0)
+    net = Net(Block)
+    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
+               for t in ("a", "b")}
+    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
+    models = {}
+    for lazily in (False, True):
+        walker_lazily, walker.LAZY_EXPERT_BLOCKS = walker.LAZY_EXPERT_BLOCKS, lazily
+        try:
+            model = copy.deepcopy(net)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=calibration, experts=experts, backend="torch", progress=False,
+                                adapter=epmq.Adapter("scripted", block_types=(Block,)))
+        finally:
+            walker.LAZY_EXPERT_BLOCKS = walker_lazily
+        models[lazily] = model.state_dict()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
+
+
 class _Gained(torch.nn.Module):
     """Two blocks of ``_TinyBlock`` on an input scaled by a sum of a gain outside them (``summed``;
     else cast to the gain's dtype)."""
