@@ -1538,8 +1538,11 @@ class _Edits:
                 if buffer is not None and not buffer.is_meta and not torch.equal(buffer, values[name]):
                     with torch.inference_mode(buffer.is_inference()):
                         buffer.copy_(values[name])
-            module._buffers.clear()
-            module._buffers.update(buffers)
+            if not isinstance(module, torch.jit.ScriptModule):  # (a ScriptModule's buffers are its compiled
+                # module's, no dict to clear, and the walk adds or drops none: clearing them raised, hiding
+                # the walk's own error)
+                module._buffers.clear()
+                module._buffers.update(buffers)
             for name in [k for k, _ in _attributes(module) if k not in attributes]:
                 delattr(module, name)
             module.__dict__.update(attributes)

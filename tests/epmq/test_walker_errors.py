@@ -380,6 +380,37 @@ def test_interrupt_mid_walk_rolls_back(gen, monkeypatch):
     assert_untouched(model, before)
 
 
+def test_a_walk_that_fails_on_a_model_holding_a_torchscript_module_rolls_back_and_says_why(gen, monkeypatch):
+    """A model with a TorchScript module (timm's norm-act layers with jit=True) whose walk failed
+    after its first block was quantized: the rollback cleared each module's buffers, which a
+    ScriptModule's are not a dict to clear, so the walk's own error ended in AttributeError:
+    'OrderedDictWrapper' object has no attribute 'clear', the rollback half done. It is undone,
+    the walk's error raised."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = nn.Linear(16, 16), torch.jit.script(nn.LayerNorm(16))
+
+        def forward(self, x):
+            return x + self.fc(self.norm(x))
+
+    model = Net(Block)
+    before = snapshot(model)
+    real = quant.gptq
+
+    def failing(*args, **kwargs):
+        if any(isinstance(m, epmq.QuantLinear) for m in model.modules()):
+            raise RuntimeError("the second block's solve failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "gptq", failing)
+    with pytest.raises(RuntimeError, match="the second block's solve failed"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [torch.randn(4, 16, generator=gen)]},
+                            backend="torch", progress=False, adapter=epmq.Adapter("scripted", block_types=(Block,)))
+    assert_untouched(model, before)
+
+
 def test_calibration_that_misses_a_tower(gen):
     """open_clip CLIP run on images only never reaches its text tower."""
     fam = Family("open_clip_clip", gen, n_samples=1)
