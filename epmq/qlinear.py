@@ -34,6 +34,7 @@ and the dequantization's does not, so larger batches and fp32 (exact) take this 
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Optional
@@ -166,6 +167,27 @@ class PackedWeight(torch.Tensor):
                 f"QuantLinear({self.layer.extra_repr()})")
 
 
+def weight_overflow(scales, zeros, codes, g_idx, maxq: int, dtype: torch.dtype) -> Optional[float]:
+    """The largest ``|(q - z) s|`` of a layer's weight where it rounds to inf in ``dtype``, the
+    dtype the layer computes in (its dequantized weight, and so its outputs, would be inf there:
+    fp16 scales up to 6e4 times codes up to 255 overflow float16), else None. ``scales`` ``[G, N]``;
+    ``zeros()`` ``[G, N]`` and ``codes()`` ``[K, N]`` are unpacked only where ``maxq * max|s|``
+    does not already rule the overflow out, as it does for float16 scales in bfloat16 or float32."""
+    if not dtype.is_floating_point or not scales.numel():
+        return None
+
+    def overflows(value: float) -> bool:  # (rounded to nearest: just past max still rounds to max)
+        return not math.isfinite(float(torch.tensor(value, dtype=torch.float64).to(dtype)))
+
+    s = scales.double().abs()
+    if not overflows(float(s.max()) * maxq):
+        return None
+    g = g_idx.long()
+    # (a scale itself inf in dtype makes even its q == z weights NaN: 0 * inf)
+    largest = max(float(s.max()), float(((codes().double() - zeros().double()[g]) * s[g]).abs().max()))
+    return largest if overflows(largest) else None
+
+
 class QuantLinear(nn.Module):
     """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring.
 
@@ -267,6 +289,11 @@ class QuantLinear(nn.Module):
                           f"{spec.bits} bits" + (f"; {lost} round to 0, zeroing their groups' weights" if lost else "")
                           + f" (groups of weights spanning under {float(exact[off].abs().max()) * spec.maxq:.2g}): "
                           f"rescale the layer, or use fewer bits or larger groups")
+        largest = weight_overflow(scales, lambda: zeros.t(), lambda: result.codes.t(), result.g_idx, spec.maxq, dtype)
+        if largest is not None:
+            raise ValueError(f"weights up to {largest:.4g} (scales times codes less zero points) overflow "
+                             f"{str(dtype)[6:]}, the layer's dtype (largest {torch.finfo(dtype).max:.6g}): its "
+                             f"outputs would be inf; compute it in bfloat16 or float32, or rescale the layer")
         layer.scales.copy_(scales)
         layer.g_idx.copy_(result.g_idx.to(torch.int32))
         if bias is not None:
@@ -408,6 +435,23 @@ class QuantLinear(nn.Module):
                     problems.append(f"{name} has bits set past its {length} codes of {self.bits} bits (the "
                                     f"padding of its last words): a checkpoint of more "
                                     f"{'inputs' if name == 'qweight' else 'outputs'} or other bits")
+        if problems:
+            return problems
+        # finite scales may still give weights past the layer's dtype (a peer's fp32 or large fp16
+        # scales in a float16 model): its outputs inf. Of the tensors it will hold, given or its own.
+        held = {name: given.get(name, self._buffers[name]) for name in ("qweight", "qzeros", "scales", "g_idx")}
+        if held.keys() & given.keys() and not any(t.is_meta or _is_fake(t) for t in held.values()):
+            dtype = self._dtype_probe.dtype
+            largest = weight_overflow(
+                held["scales"] if assign else held["scales"].to(self.scales.dtype),
+                lambda: unpack_cols(held["qzeros"], self.bits, self.out_features),
+                lambda: unpack_rows(held["qweight"], self.bits, self.in_features), held["g_idx"],
+                (1 << self.bits) - 1, dtype)
+            if largest is not None:
+                problems.append(f"scales: weights up to {largest:.4g} (scales times codes less zero points) "
+                                f"overflow {str(dtype)[6:]}, the layer's dtype (largest "
+                                f"{torch.finfo(dtype).max:.6g}): its outputs would be inf; load it into a "
+                                f"bfloat16 or float32 model, or rescale the layer")
         return problems
 
     def __getstate__(self):

@@ -1615,8 +1615,14 @@ def _low_rank_print(expert, prints: Optional[dict] = None) -> tuple:
     return base[0], base[1], f"{base[2]} + U {U[0]} {U[1]} {U[2]} V {V[0]} {V[1]} {V[2]}"
 
 
-def _quant_linear(result, linear: nn.Linear) -> QuantLinear:
-    return QuantLinear.from_result(result, linear.bias, dtype=linear.weight.dtype).to(linear.weight.device)
+def _quant_linear(result, linear: nn.Linear, name: Optional[str] = None) -> QuantLinear:
+    try:
+        packed = QuantLinear.from_result(result, linear.bias, dtype=linear.weight.dtype)
+    except ValueError as error:  # (a layer the packed format or the model's dtype cannot hold: which one)
+        if name is None:
+            raise
+        raise ValueError(f"{name}: {error}") from None
+    return packed.to(linear.weight.device)
 
 
 def _layer_report(name, block, method, targets, result, n_tokens=None) -> dict:
@@ -1642,7 +1648,7 @@ def _rtn(stacks, spec, edits, report, progress, device=None):
                     W = linear.weight.detach()
                     result = quant.rtn(W if device is None else W.to(device), spec)
                     name = f"{stack.prefix}.{i}.{rel}"
-                    edits.swap(name, _quant_linear(result, linear))
+                    edits.swap(name, _quant_linear(result, linear, name))
                     report.layers.append(_layer_report(name, f"{stack.prefix}.{i}", "rtn", None, result))
                 bar.update()
 
@@ -3537,7 +3543,7 @@ class _Walk:
                 if result.dead_columns == linears[rel].weight.shape[1]:
                     self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
-            packed = _quant_linear(result, linears[rel])
+            packed = _quant_linear(result, linears[rel], name)
             # (run in every later pass over the block: dequantized once, not at each call; not
             # where blocks are offloaded to the device, whose memory is what the walk saves there:
             # the replaced linears go back to the model's device, the held copies would not)

@@ -881,3 +881,45 @@ def test_peft_lora_a_refused_merge_leaves_the_packed_layer(gen):
     torch.testing.assert_close(up.get_base_layer().weight, packed.dequantize(), rtol=0, atol=0)
     up.unmerge()
     assert up.get_base_layer() is packed
+
+
+def test_weights_that_overflow_a_float16_layer_are_refused(gen):
+    """Finite float16 scales times codes less zero points may pass float16's largest (65504): a
+    float16 layer's weight, and so its outputs, were inf. Refused where the layer computes in
+    float16; bfloat16 and float32 take them."""
+    result = quant.rtn(torch.randn(8, 32, generator=gen) * 1e5, epmq.QuantSpec(bits=4, group_size=16))
+    assert bool(torch.isfinite(result.scales.half()).all()) and float(result.weight.abs().max()) > 65504
+    with pytest.raises(ValueError, match=r"weights up to .* overflow float16, the layer's dtype \(largest 65504\)"):
+        epmq.QuantLinear.from_result(result, dtype=torch.float16)
+    x = torch.randn(2, 32, generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        layer = epmq.QuantLinear.from_result(result, dtype=dtype)
+        assert bool(torch.isfinite(layer(x.to(dtype))).all())
+    # loaded (by copy or assigned), the layer's own dtype decides too
+    state = epmq.QuantLinear.from_result(result).state_dict()
+    for assign in (False, True):
+        half = epmq.QuantLinear(32, 8, bits=4, group_size=16, bias=False, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match=r"scales: weights up to .* overflow float16, the layer's dtype"):
+            half.load_state_dict(state, assign=assign)
+        assert not half.scales.any()  # (left as it was)
+        bf16 = epmq.QuantLinear(32, 8, bits=4, group_size=16, bias=False, dtype=torch.bfloat16)
+        bf16.load_state_dict(state, assign=assign)
+
+
+def test_large_scales_whose_codes_stay_near_the_zero_point_are_taken_in_float16():
+    """maxq times the largest scale only bounds the weights: where it passes float16's largest,
+    the codes decide (a scale of 6e4 on codes one step from the zero point is a finite weight)."""
+    from epmq.packing import pack_cols, pack_rows
+
+    def state(code):
+        codes = torch.full((32, 16), 9, dtype=torch.int32)
+        codes[5, 3] = code
+        return dict(qweight=pack_rows(codes, 4), qzeros=pack_cols(torch.full((2, 16), 8, dtype=torch.int32), 4),
+                    scales=torch.full((2, 16), 6e4, dtype=torch.float16), g_idx=torch.arange(32) // 16)
+
+    layer = epmq.QuantLinear(32, 16, bits=4, group_size=16, bias=False, dtype=torch.float16)
+    layer.load_state_dict(state(7))
+    assert float(layer.dequantize(torch.float16).abs().max()) == 6e4  # (a multiple of float16's step there, 32)
+    with pytest.raises(RuntimeError, match=r"weights up to 1\.2e\+05"):
+        layer.load_state_dict(state(10))
+

@@ -1410,3 +1410,17 @@ def test_a_linear_the_experts_pass_does_not_call_is_named_on_the_expert_path(gen
                             experts={"task": expert}, backend="torch", progress=False,
                             adapter=epmq.Adapter("branch", block_types=(_Branch,)))
     assert_untouched(net, before)
+
+
+def test_a_layer_whose_packed_weights_overflow_float16_is_named(gen):
+    """A float16 model's group spanning float16's whole range packs to weights past 65504 (the grid's
+    rounded zero point shifts its ends by up to half a step): its outputs were inf. Refused, naming
+    the layer, and the model is left as it was."""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged().half()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, :2] = torch.tensor([-65504.0, 65504.0])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.up_proj: weights up to .* overflow float16"):
+        epmq.quantize_model(model, SPEC, method="rtn", progress=False)
+    assert_untouched(model, before)
