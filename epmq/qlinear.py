@@ -384,6 +384,11 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._derived = {}
+        # assigned, a g_idx keeps the file's integers (int64 in some writers' files): the layout's
+        # int32, as a copy into the buffer and load_quantized give it, and as save_quantized writes it
+        # for engines (the CUDA kernel takes int32 or int64 only)
+        if self.g_idx.dtype != torch.int32:
+            self.g_idx = self.g_idx.to(torch.int32)
         # Inference tensors (buffers made under torch.inference_mode) have no version counter,
         # so the caches keyed on them (here and the kernel's launch plans) cannot see the copy
         # just made into them: new tensor objects over the same memory retire those entries.

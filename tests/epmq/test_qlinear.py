@@ -923,3 +923,24 @@ def test_large_scales_whose_codes_stay_near_the_zero_point_are_taken_in_float16(
     with pytest.raises(RuntimeError, match=r"weights up to 1\.2e\+05"):
         layer.load_state_dict(state(10))
 
+
+@pytest.mark.parametrize("g_idx_dtype", [torch.int64, torch.int16, torch.uint8], ids=str)
+def test_an_assigned_g_idx_is_held_as_int32(gen, g_idx_dtype):
+    """load_state_dict(assign=True) kept a file's int64 (or narrower) g_idx, where a copy and
+    load_quantized give int32: save_quantized then wrote it so for engines, and the CUDA kernel,
+    which takes int32 or int64 only, refused an int16 one. Held as int32 whichever way it loads."""
+    from epmq_kernels.w4a16 import w4a16_matmul_reference
+
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16, act_order=True), gen),
+                                         torch.randn(24, generator=gen))
+    state = dict(layer.state_dict(), g_idx=layer.g_idx.to(g_idx_dtype))
+    x = torch.randn(3, 64, generator=gen)
+    for assign in (False, True):
+        loaded = epmq.QuantLinear(64, 24, bits=4, group_size=16, device="meta" if assign else None)
+        loaded.load_state_dict(state, assign=assign)
+        assert loaded.g_idx.dtype == torch.int32 and torch.equal(loaded.g_idx, layer.g_idx)
+        assert loaded.state_dict()["g_idx"].dtype == torch.int32
+        # (what the CUDA forward hands the kernel's launcher, checked by the same argument checks)
+        y = w4a16_matmul_reference(x, loaded.qweight, loaded.scales, loaded._zeros_u8(), 16, loaded.g_idx,
+                                   dtype=torch.float32)
+        torch.testing.assert_close(y + loaded.bias, loaded(x), rtol=1e-5, atol=1e-5)
