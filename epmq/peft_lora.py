@@ -14,8 +14,8 @@ packed without rounding the update away (most of ``B A`` is smaller than a grid 
 merged layer is an ``nn.Linear`` of the dequantized weight plus the update, ``unmerge`` gives
 the packed layer back exactly, and ``merge_and_unload`` leaves the model in full precision, to
 be quantized again (``epmq.quantize_model``). Variants and initialisations that read or change
-the base weight (DoRA, PiSSA, OLoRA, LoftQ, CorDA, ...) are refused: the packed layer has no
-full-precision weight to give them.
+the base weight (DoRA, PiSSA, OLoRA, MiCA, LoftQ, CorDA, LoRA-GA) are refused: the packed layer
+has no full-precision weight to give them (``SHAPE_ONLY_INITS``: those that need none).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from torch import nn
 from .qlinear import QuantLinear
 
 
+# PEFT's string values of ``init_lora_weights`` that read nothing of the base layer but its shapes and dtype
+SHAPE_ONLY_INITS = ("gaussian", "eva", "orthogonal")
+
+
 class QuantLoraLinear(LoraLinear):
     """PEFT's LoRA ``Linear`` over a frozen ``QuantLinear``; see the module docstring."""
 
@@ -41,9 +45,12 @@ class QuantLoraLinear(LoraLinear):
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
         init = config.init_lora_weights
-        if isinstance(init, str) and init.lower() not in ("gaussian", "eva"):
-            raise ValueError(f"init_lora_weights={init!r} reads the base weight, which a QuantLinear holds packed: "
-                             f"use the default initialisation (True) or 'gaussian'")
+        # the initialisations that need only the layer's shapes and dtype (orthogonal leaves the base
+        # weight untouched; EVA's comes from the inputs); the others take the base weight's SVD (PiSSA,
+        # OLoRA, MiCA, CorDA), quantize it (LoftQ) or subtract B A from it (LoRA-GA, after its gradient)
+        if isinstance(init, str) and init.lower() not in SHAPE_ONLY_INITS:
+            raise ValueError(f"init_lora_weights={init!r} reads or changes the base weight, which a QuantLinear "
+                             f"holds packed: use the default initialisation (True) or one of {SHAPE_ONLY_INITS}")
         variant = super().resolve_lora_variant(config=config, **kwargs)
         if variant is not None:
             raise ValueError(f"{type(variant).__name__} is not supported on a QuantLinear (it reads or changes the "

@@ -852,12 +852,41 @@ def test_peft_lora_variants_that_read_the_base_weight_are_refused(gen):
     peft = pytest.importorskip("peft")
     from epmq.peft_lora import with_quant_linear
 
-    for settings, message in ((dict(use_dora=True), "DoraLinearVariant is not supported on a QuantLinear"),
-                              (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' reads the base weight"),
-                              (dict(init_lora_weights="olora"), "init_lora_weights='olora' reads the base weight")):
+    refused = [(dict(use_dora=True), "DoraLinearVariant is not supported on a QuantLinear")] + [
+        (dict(init_lora_weights=init, **({"loftq_config": peft.LoftQConfig()} if init == "loftq" else {})),
+         f"init_lora_weights='{init}' reads or changes the base weight")
+        for init in ("pissa", "olora", "mica", "corda", "loftq", "lora_ga")]
+    for settings, message in refused:
         config = with_quant_linear(peft.LoraConfig(r=2, target_modules=["up"], **settings))
         with pytest.raises(ValueError, match=message):
             peft.get_peft_model(_tiny_packed_model(gen), config)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "gaussian", "eva"])
+def test_peft_lora_initialisations_of_shapes_alone_train(gen, init):
+    """Orthogonal initialisation reads only the base layer's shapes and dtype (it leaves the base
+    weight as it is), as do gaussian and EVA's (its B zero until EVA's own pass over the inputs):
+    they were refused with the ones that read the base weight."""
+    peft = pytest.importorskip("peft")
+    from epmq.peft_lora import with_quant_linear
+
+    model = _tiny_packed_model(gen, torch.bfloat16)
+    packed = {name: t.clone() for name, t in model.state_dict().items() if not name.startswith("norm")}
+    x, target = torch.randn(64, 32, generator=gen).bfloat16(), torch.randn(64, 8, generator=gen)
+    lora = peft.get_peft_model(model, with_quant_linear(peft.LoraConfig(r=4, target_modules=["up", "down"],
+                                                                         init_lora_weights=init)))
+    adapters = [p for p in lora.parameters() if p.requires_grad]
+    assert len(adapters) == 4 and not any(p.is_meta for p in adapters)
+    optimizer = torch.optim.Adam(adapters, lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = (lora(x).float() - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(torch.equal(t, packed[name]) for name, t in model.state_dict().items() if name in packed)
 
 
 def test_peft_lora_a_refused_merge_leaves_the_packed_layer(gen):
