@@ -28,6 +28,7 @@ open files) raises and keeps the block. One walk at a time holds a directory (``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -113,34 +114,64 @@ def _implementations(config, prefix: str = "") -> dict:
 
 
 def data_digest(item) -> str:
-    """Digest of calibration data: nested mappings, sequences, tensors and plain values."""
-    h = hashlib.blake2b(digest_size=16)
+    """Digest of calibration data by its content: nested mappings, sequences, sets, tensors, arrays,
+    plain values, and other objects by their fields (a dataclass's, or their attributes). One that
+    has none and whose repr is only its type and address is refused."""
+    inside = set()  # (ids of the objects being visited: an attribute pointing back up is not followed)
 
-    def visit(x):
+    def visit(x, h):
         if isinstance(x, torch.Tensor):
             h.update(tensor_digest([("", x)]).encode())
         elif isinstance(x, np.ndarray):  # (by its values: its repr leaves out all but the ends of one past 1000)
             if x.dtype == object:
                 h.update(f"ndarray{x.shape}".encode())
-                visit(x.reshape(-1).tolist())
+                visit(x.reshape(-1).tolist(), h)
             else:
                 h.update(f"ndarray|{x.dtype.str}|{x.shape}|".encode() + np.ascontiguousarray(x).tobytes())
         elif isinstance(x, Mapping):
             h.update(b"{")
             for k, v in x.items():
                 h.update(repr(k).encode())
-                visit(v)
+                visit(v, h)
             h.update(b"}")
         elif isinstance(x, (list, tuple)):
             h.update(b"[")
             for v in x:
-                visit(v)
+                visit(v, h)
             h.update(b"]")
-        else:
+        elif isinstance(x, (set, frozenset)):  # (its repr's order is its strings' hashes': another in each process)
+            h.update(f"set{sorted(digest(v) for v in x)}".encode())
+        elif isinstance(x, (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, np.generic)):
             h.update(repr(x).encode())
+        elif id(x) in inside:
+            h.update(b"<cycle>")
+        else:
+            # (by repr, a dataclass's tensors were cut to their ends by '...', two datasets one digest, and an
+            # object without a repr of its own gave its address: another digest in each process)
+            slots = [k for c in type(x).__mro__ for k in getattr(c, "__slots__", ()) if hasattr(x, k)]
+            if dataclasses.is_dataclass(x) and not isinstance(x, type):
+                fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+            elif hasattr(x, "__dict__") or slots:
+                fields = {**getattr(x, "__dict__", {}), **{k: getattr(x, k) for k in slots}}
+            elif type(x).__repr__ is object.__repr__:
+                raise TypeError(f"calibration data holds a {type(x).__module__}.{type(x).__qualname__}, whose "
+                                f"content cannot be digested for resume_dir (it has no fields, and its repr is its "
+                                f"address): give tensors, arrays or plain values")
+            else:
+                fields = repr(x)
+            h.update(f"{type(x).__module__}.{type(x).__qualname__}".encode())
+            inside.add(id(x))
+            try:
+                visit(fields, h)
+            finally:
+                inside.discard(id(x))
 
-    visit(item)
-    return h.hexdigest()
+    def digest(x) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        visit(x, h)
+        return h.hexdigest()
+
+    return digest(item)
 
 
 class BlockLog:

@@ -980,6 +980,38 @@ def test_calibration_arrays_are_digested_whole():
     assert data_digest([np.array(["x", 1], dtype=object)]) != data_digest([np.array(["y", 1], dtype=object)])
 
 
+def test_calibration_data_is_digested_by_content_not_repr(gen):
+    """data_digest digested values it did not know by repr: a dataclass's tensors, cut by '...' to their
+    ends, gave two datasets one digest (a resume_dir of the other data resumed), while an object without
+    a repr of its own (its address) or a set (its order) gave one dataset another digest in each process
+    (a resumed walk refused as of other data). Objects are digested by their fields, sets by their values;
+    one with neither fields nor a repr of its own is refused by name."""
+    import dataclasses
+
+    from epmq.resume import data_digest
+
+    @dataclasses.dataclass
+    class Batch:
+        pixels: torch.Tensor
+
+    class Options:  # (a model's keyword argument of its own kind)
+        def __init__(self, scale):
+            self.scale = scale
+
+    a = torch.randn(4, 1000, generator=gen)
+    b = a.clone()
+    b[2, 500] += 1.0
+    assert data_digest([Batch(a)]) != data_digest([Batch(b)])
+    assert data_digest([Batch(a)]) == data_digest([Batch(a.clone())])
+    assert data_digest([{"x": a, "options": Options(2.0)}]) == data_digest([{"x": a, "options": Options(2.0)}])
+    assert data_digest([{"x": a, "options": Options(2.0)}]) != data_digest([{"x": a, "options": Options(3.0)}])
+    assert repr({9, 1}) != repr({1, 9})  # (one set, two orders: as another hash seed orders strings)
+    assert data_digest([{9, 1}]) == data_digest([{1, 9}]) != data_digest([{1, 8}])
+    with pytest.raises(TypeError, match=r"calibration data holds a torch\._C\.Generator, whose content cannot be "
+                                        r"digested for resume_dir"):
+        data_digest([{"x": a, "generator": torch.Generator()}])
+
+
 def test_a_damaged_block_s_files_are_removed(tmp_path):
     """A damaged block is deleted when found, so that it no longer counts as done: a walk
     stopped before solving it again leaves a directory of no block (``records``), which
