@@ -396,6 +396,14 @@ def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Pa
     return _train_split(directory, sorted(found))
 
 
+def _read_and_not(directory: Path, readable: tuple, known: tuple) -> tuple:
+    """The files of ``directory`` (``_tree``'s: of a tree of splits, the train split's) of a format
+    in ``readable``, and those of a format in ``known`` but not ``readable``: one tree, so that a
+    split left out is not looked in (a .heic in val/ was refused where train/ alone is read)."""
+    files = _tree(directory, tuple(dict.fromkeys(readable + known)))
+    return [f for f in files if f.suffix.lower() in readable], [f for f in files if f.suffix.lower() not in readable]
+
+
 # the words that name a split in a file's or folder's name, as datasets' load_dataset finds an HF
 # hub dataset's splits (train-00000-of-00001.parquet, data/validation/, c4-validation.*.json.gz)
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
@@ -1329,8 +1337,7 @@ def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
     opened = Image.registered_extensions()  # (the plugins registered: pillow-heif's register_heif_opener too)
     readable = IMAGE_SUFFIXES + tuple(s for s in _PLUGIN_IMAGE_SUFFIXES if Image.OPEN.get(opened.get(s)))
     if path.is_dir():
-        files = _tree(path, readable)
-        others = _tree(path, tuple(s for s in _PLUGIN_IMAGE_SUFFIXES if s not in readable))
+        files, others = _read_and_not(path, readable, _PLUGIN_IMAGE_SUFFIXES)
         if others:
             raise ValueError(f"{path}: {len(others)} image file(s) under the directory ({others[0]}, ...) are of a "
                              f"format epmq does not read" + (f" beside its {len(files)} it reads" if files else "")
@@ -1450,9 +1457,8 @@ def audio_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Pa
     path = _path(source, "audio")
     readable = AUDIO_SUFFIXES + (SOUNDFILE_SUFFIXES if _soundfile() is not None else ())
     if path.is_dir():
-        files = _tree(path, readable)
         # (beside WAV files they were left out in silence, the calibration the WAV files' alone)
-        others = _tree(path, tuple(s for s in _OTHER_AUDIO_SUFFIXES if s not in readable))
+        files, others = _read_and_not(path, readable, _OTHER_AUDIO_SUFFIXES)
         if others:
             raise ValueError(f"{path}: {len(others)} audio file(s) under the directory ({others[0]}, ...) are of a "
                              f"format epmq does not read"

@@ -1014,6 +1014,28 @@ def test_image_files_of_formats_not_read_are_named_not_left_out_in_silence(tmp_p
         assert [f.name for f in image_files(tmp_path)] == ["plain.png", "a.avif"]
 
 
+@pytest.mark.parametrize("kind, read, unread", [("image", "a.png", "IMG_0001.HEIC"), ("audio", "a.wav", "clip.m4a")])
+def test_files_of_formats_not_read_are_refused_only_in_the_split_read(tmp_path, kind, read, unread):
+    """A dataset's tree read for its train split (val/ beside it left out, with a warning) was refused for a
+    .heic (an .m4a) in val/, which it never reads: the formats not read were looked for in the whole tree.
+    They are refused where they would be read, in train/."""
+    from epmq import calibration
+
+    files = getattr(calibration, f"{kind}_files")
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / read).write_bytes(b"")  # (listed, not read)
+    (tmp_path / "val" / "cat" / unread).write_bytes(b"")
+    with pytest.warns(UserWarning, match=rf"calibrating on train \(1 file\), leaving out the 1 other "
+                                         rf"\(val/cat/{re.escape(unread)}\)"):
+        assert files(tmp_path) == [tmp_path / "train" / "cat" / read]
+    (tmp_path / "train" / "cat" / f"b{Path(unread).suffix}").write_bytes(b"")
+    refused = (rf"1 {kind} file\(s\) under the directory \(.*train/cat/b{re.escape(Path(unread).suffix)}, \.\.\.\) "
+               rf"are of a format epmq does not read beside its 1 it reads")
+    with pytest.warns(UserWarning, match="leaving out"), pytest.raises(ValueError, match=refused):
+        files(tmp_path)
+
+
 def test_image_files_of_a_hub_datasets_parquet_snapshot_are_named(tmp_path):
     """An HF hub image dataset's snapshot (cifar10's plain_text/train-*.parquet, FusionBench's tasks) keeps its
     images inside .parquet files: given as a task's directory it was refused as holding 'no image files', which
