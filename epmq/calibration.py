@@ -368,10 +368,16 @@ def _text_lines(path: Path, whole: bool = False, chars: int = 0):
 
 
 def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Path]:
-    """The files under ``directory`` with one of ``suffixes`` (any case; where ``compressed``,
-    also behind a compression suffix: see ``_kind``), sorted, skipping hidden files and folders
-    (``.ipynb_checkpoints``, ``.git``); of a tree whose files name splits, the train split's
+    """``files_under(directory, ...)``; of a tree whose files name splits, the train split's
     (``_train_split``)."""
+    return _train_split(directory, files_under(directory, suffixes, compressed))
+
+
+def files_under(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Path]:
+    """The files under ``directory``, at any depth, with one of ``suffixes`` (any case; where
+    ``compressed``, also behind a compression suffix: see ``_kind``), sorted, following linked
+    folders, skipping hidden files and folders (``.ipynb_checkpoints``, ``.git``); links to nothing
+    are refused."""
     kind = _kind if compressed else (lambda p: p.suffix.lower())
     found, walked, dangling = [], set(), []
     # (rglob does not follow symlinked folders: class folders linked in, as ImageFolder layouts are
@@ -393,7 +399,7 @@ def _tree(directory: Path, suffixes: tuple, compressed: bool = False) -> List[Pa
         raise ValueError(f"{directory}: {len(dangling)} file(s) under the directory ({shown}) are links to nothing: "
                          f"a git-annex (DataLad) or DVC checkout whose content was not fetched? (git annex get, "
                          f"datalad get, dvc pull), or remove the links")
-    return _train_split(directory, sorted(found))
+    return sorted(found)
 
 
 def _read_and_not(directory: Path, readable: tuple, known: tuple) -> tuple:

@@ -2,8 +2,8 @@
 
 Sources (``DataSpec.source``):
 
-* ``folder`` (images): ``<root>/<split>/<class name>/*.png|jpg|jpeg|...``; classes are the
-  sorted directory names of the train split (the display name replaces ``_`` by spaces).
+* ``folder`` (images): ``<root>/<split>/<class name>/**/*.png|jpg|jpeg|...`` (at any depth); classes
+  are the sorted directory names of the train split (the display name replaces ``_`` by spaces).
 * ``jsonl`` (text): ``<root>/<split>.jsonl``, one example a line with GLUE's field names
   (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/
   ``question2``, ``premise``/``hypothesis``) and ``label``.
@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..calibration import IMAGE_SUFFIXES, upright
+from ..calibration import IMAGE_SUFFIXES, files_under, upright
 from .config import BenchConfigError, DataSpec, repeated_class_names
 
 
@@ -47,7 +47,8 @@ def class_folders(root: Path) -> list:
 
 
 class FolderImages:
-    """``<root>/<class>/<image>``: items ``(PIL image, label)``."""
+    """``<root>/<class>/**/<image>``: items ``(PIL image, label)``, each class's images in the
+    order of their paths."""
 
     def __init__(self, root: Path, classes: Sequence[str], what: str):
         self.root = root
@@ -56,7 +57,11 @@ class FolderImages:
         for d in class_folders(root):
             if d.name not in index:
                 raise BenchConfigError(f"{what}: class directory {d} is not a class of the train split")
-            files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            # (at any depth: a class's images in folders of their own were left out in silence)
+            try:
+                files = files_under(d, IMAGE_SUFFIXES)
+            except ValueError as e:  # (links to nothing)
+                raise BenchConfigError(f"{what}: {e}") from e
             self.items += [(f, index[d.name]) for f in files]
         if not self.items:
             raise BenchConfigError(f"{what}: no images under {root} (expected {root}/<class>/*.png|jpg)")

@@ -898,6 +898,23 @@ def test_hidden_folders_are_no_classes(tmp_path):
     assert [label for _, label in FolderImages(tmp_path, ["a", "b"], "test").items] == [0, 1]
 
 
+def test_a_class_s_images_in_nested_folders_are_read(tmp_path):
+    """A class's images kept in folders of their own (``train/cat/2019/x.jpg``, a photo library's export)
+    were left out in silence: only the files directly in the class folder were read (a class of nested
+    ones alone had no examples). They are read at any depth, in the order of their paths."""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages
+
+    for name in ("a/x.png", "a/2019/y.png", "a/2019/deep/z.png", "b/2020/w.png", "b/.hidden/v.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name)
+    items = FolderImages(tmp_path, ["a", "b"], "test").items
+    assert [(str(f.relative_to(tmp_path)), label) for f, label in items] == [
+        ("a/2019/deep/z.png", 0), ("a/2019/y.png", 0), ("a/x.png", 0), ("b/2020/w.png", 1)]
+
+
 def test_a_folder_image_is_copied_once(tmp_path, monkeypatch):
     """upright() returns a new image (turned, or a copy): FolderImages copied it once more, an
     extra full-size copy per image read (a fifth more time on large photos)."""
