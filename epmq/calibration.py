@@ -45,7 +45,8 @@ Images: ``samples`` files drawn at random (seeded) from a directory tree (an Ima
 with class subfolders works as it is) or a list of files, turned upright by their EXIF
 orientation (as transformers' ``load_image`` does), converted to RGB (``rgb_image``:
 transparency onto white, as transformers does; 16-bit images scaled to 8 bits by 65535, which
-transformers clips, in either mode Pillow opens them in; float images read on [0, 1]) and preprocessed
+transformers clips, in either mode Pillow opens them in, signed 16-bit TIFFs offset by 32768;
+float images read on [0, 1]) and preprocessed
 by the model's own image processor into ``{"pixel_values"}`` batches.
 
 Audio: ``samples`` WAV files drawn at random (seeded) from a directory tree or a list of files,
@@ -1696,20 +1697,39 @@ def upright(image):
     them so. For every image read from a file, the benches' as calibration's. An image whose
     EXIF cannot be read (a PNG's damaged eXIf chunk: Pillow raises SyntaxError or struct.error,
     which stopped a whole bench or calibration) is taken as stored, with a warning, as Pillow
-    itself reads a JPEG's. Always a new image, read in full: the file can be closed."""
+    itself reads a JPEG's. Always a new image, read in full: the file can be closed. A TIFF of
+    signed 16-bit samples comes back as 16-bit unsigned ones, offset by 32768 (as ImageJ reads
+    one): -32768 black, 32767 white."""
     import struct
 
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     image.load()  # (a damaged image is an error of its own: OSError, as before)
+    # (Pillow opens it as 32-bit 'I' holding the negatives, which rgb_image's 16-bit scale cut to black;
+    # what says it is signed, the TIFF's tags, the turned copy does not keep)
+    signed = image.mode == "I" and _tiff_format(image) == (2, 16)
     try:
-        return ImageOps.exif_transpose(image)
+        turned = ImageOps.exif_transpose(image)
     except (SyntaxError, struct.error) as e:
         # (its file named, as Pillow keeps it: of a folder's thousands, the warning named none)
         name = getattr(image, "filename", None)
         whose = f"{name}'s" if isinstance(name, (str, os.PathLike)) and str(name) else "an image's"
         warnings.warn(f"{whose} EXIF cannot be read ({e}): taken as stored, not turned by its orientation")
-        return image.copy()
+        turned = image.copy()
+    if signed:
+        import numpy as np
+
+        return Image.fromarray((np.asarray(turned, dtype=np.int32) + 32768).astype(np.uint16))
+    return turned
+
+
+def _tiff_format(image) -> Optional[tuple]:
+    """``(SampleFormat, BitsPerSample)`` of a TIFF's first sample (1: unsigned, 2: signed, 3:
+    float), None for an image of another format."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return None
+    return tuple(v[0] if isinstance(v, tuple) else v for v in (tags.get(339, 1), tags.get(258, 1)))
 
 
 def rgb_image(image):
@@ -1718,7 +1738,8 @@ def rgb_image(image):
     ``convert``, which transformers' processors use, clips it at 255: a 16-bit image all but
     white): 16-bit data by 65535, whether it opens as ``I;16`` (a 16-bit PNG) or as 32-bit ``I``
     (converted, as loaders do, or a TIFF of 32-bit integers holding 16-bit data), ``I`` data past
-    16 bits by int32's largest (negatives as 0); float (``F``) images on [0, 1] (0 black, 1 white), the
+    16 bits by int32's largest, negative ``I`` data refused (a signed 16-bit TIFF is offset to
+    unsigned by ``upright``); float (``F``) images on [0, 1] (0 black, 1 white), the
     scale of float image data, one with values off it (past half an 8-bit step) or not finite refused.
     ``La`` (premultiplied alpha) as its ``LA``."""
     from PIL import Image
@@ -1740,6 +1761,10 @@ def rgb_image(image):
                                  f"read on [0, 1] (0 black, 1 white): scale it to [0, 1], or write it as 8- or "
                                  f"16-bit integers")
         else:  # (a dark image stays dark: scaled by its own maximum, it came out bright)
+            if float(values.min(initial=0)) < 0:  # (cut to black, its negatives were lost in silence)
+                raise ValueError(f"an integer (I) image holds negative values (down to {values.min():g}), where "
+                                 f"integer images are read as unsigned (0 black): write it as unsigned 8- or "
+                                 f"16-bit integers, or as a TIFF of signed 16-bit ones")
             top = 65535.0 if image.mode.startswith("I;16") or float(values.max()) <= 65535 else 2.0**31 - 1
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     # (transformers' rule: an alpha band, or a transparent colour or palette index of any mode, a

@@ -993,6 +993,42 @@ def test_netpbm_and_jfif_images_are_read_as_torchvisions_image_folder_reads_them
         torch.testing.assert_close(batch["pixel_values"], want)
 
 
+def test_signed_16_bit_tiffs_keep_their_negatives(tmp_path, gen):
+    """Pillow opens a TIFF of signed 16-bit samples (a CT slice's, a sensor's) as 32-bit 'I' holding its
+    negatives, which the 16-bit scale cut to 0: every negative value one black, -32768 as 0 alike. Read
+    on the format's range, offset as ImageJ reads it (-32768 black, 32767 white), by the benches' folders
+    as by calibration; negative 'I' data of no such file, whose range is not known, is refused by name."""
+    import numpy as np
+    from PIL import Image, TiffImagePlugin
+
+    from epmq.benches.data import FolderImages
+    from epmq.calibration import image_batches, rgb_image
+
+    class Pixels:  # (a processor handing back the RGB images it is given)
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.stack([torch.from_numpy(np.asarray(i).copy()) for i in images])}
+
+    signed = np.array([[-32768, -1000, 0, 32767]], dtype=np.int16)
+    signed = np.concatenate([signed, torch.randint(-32768, 32768, (3, 4), generator=gen).numpy().astype(np.int16)])
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[339] = 2  # (SampleFormat: signed integers)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(signed.view(np.uint16)).save(tmp_path / "a" / "slice.tiff", tiffinfo=tags)
+    with Image.open(tmp_path / "a" / "slice.tiff") as image:
+        assert image.mode == "I" and np.array_equal(np.asarray(image), signed)  # (what Pillow gives)
+    want = np.floor((signed.astype(np.float64) + 32768) / 65535 * 255 + 0.5).astype(np.uint8)
+    (batch,) = image_batches([tmp_path / "a" / "slice.tiff"], Pixels(), samples=1)
+    assert np.array_equal(batch["pixel_values"][0, ..., 0].numpy(), want)
+    assert want[0].tolist() == [0, 124, 128, 255]
+    image, _ = FolderImages(tmp_path, ["a"], "test")[0]
+    assert np.array_equal(np.asarray(rgb_image(image))[..., 0], want)
+
+    Image.fromarray(signed.astype(np.int32)).save(tmp_path / "wide.tiff")  # (signed 32-bit: its range not 16 bits')
+    with pytest.raises(ValueError, match=r"wide\.tiff: an integer \(I\) image holds negative values \(down to "
+                                         r"-32768\), where integer images are read as unsigned"):
+        image_batches([tmp_path / "wide.tiff"], Pixels(), samples=1)
+
+
 def test_image_files_of_formats_not_read_are_named_not_left_out_in_silence(tmp_path):
     """A phone's photos exported as .heic (or .heif, .jxl) beside .jpg ones were left out in silence, the
     calibration the .jpg ones' alone (audio's other formats are named); named, with what to do. .avif, which
