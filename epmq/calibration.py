@@ -403,11 +403,12 @@ def files_under(directory: Path, suffixes: tuple, compressed: bool = False) -> L
     return sorted(found)
 
 
-def _read_and_not(directory: Path, readable: tuple, known: tuple) -> tuple:
-    """The files of ``directory`` (``_tree``'s: of a tree of splits, the train split's) of a format
-    in ``readable``, and those of a format in ``known`` but not ``readable``: one tree, so that a
-    split left out is not looked in (a .heic in val/ was refused where train/ alone is read)."""
-    files = _tree(directory, tuple(dict.fromkeys(readable + known)))
+def _read_and_not(directory: Path, readable: tuple, known: tuple, split: bool = True) -> tuple:
+    """The files under ``directory`` (where ``split``, ``_tree``'s: of a tree of splits, the train
+    split's) of a format in ``readable``, and those of a format in ``known`` but not ``readable``:
+    one tree, so that a split left out is not looked in (a .heic in val/ was refused where train/
+    alone is read)."""
+    files = (_tree if split else files_under)(directory, tuple(dict.fromkeys(readable + known)))
     return [f for f in files if f.suffix.lower() in readable], [f for f in files if f.suffix.lower() not in readable]
 
 
@@ -1333,24 +1334,36 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".webp", ".g
 _PLUGIN_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl")
 
 
+def _readable_image_suffixes() -> tuple:
+    from PIL import Image
+
+    opened = Image.registered_extensions()  # (the plugins registered: pillow-heif's register_heif_opener too)
+    return IMAGE_SUFFIXES + tuple(s for s in _PLUGIN_IMAGE_SUFFIXES if Image.OPEN.get(opened.get(s)))
+
+
+def image_tree(directory: Path, split: bool = True) -> List[Path]:
+    """The image files under ``directory`` that Pillow reads here (sorted; where ``split``, of a tree
+    of splits the train split's, as ``_tree`` takes it); one of a format it reads only with a plugin
+    it lacks (HEIC without pillow-heif) is refused by name."""
+    files, others = _read_and_not(directory, _readable_image_suffixes(), _PLUGIN_IMAGE_SUFFIXES, split)
+    if others:
+        raise ValueError(f"{directory}: {len(others)} image file(s) under the directory ({others[0]}, ...) are of a "
+                         f"format epmq does not read" + (f" beside its {len(files)} it reads" if files else "")
+                         + f": Pillow reads {others[0].suffix.lower()} only with a plugin (pillow-heif: HEIC, "
+                         f"HEIF) or a build with its library (AVIF, JPEG XL); install it, or convert them to .png "
+                         f"or .jpg")
+    return files
+
+
 def image_files(source: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Path]:
     """The image files of a directory tree (sorted), a file, or a list of either; one of a format
     Pillow does not read here (HEIC without pillow-heif) is refused by name."""
-    from PIL import Image
-
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in image_files(s)]
     path = _path(source, "images")
-    opened = Image.registered_extensions()  # (the plugins registered: pillow-heif's register_heif_opener too)
-    readable = IMAGE_SUFFIXES + tuple(s for s in _PLUGIN_IMAGE_SUFFIXES if Image.OPEN.get(opened.get(s)))
+    readable = _readable_image_suffixes()
     if path.is_dir():
-        files, others = _read_and_not(path, readable, _PLUGIN_IMAGE_SUFFIXES)
-        if others:
-            raise ValueError(f"{path}: {len(others)} image file(s) under the directory ({others[0]}, ...) are of a "
-                             f"format epmq does not read" + (f" beside its {len(files)} it reads" if files else "")
-                             + f": Pillow reads {others[0].suffix.lower()} only with a plugin (pillow-heif: HEIC, "
-                             f"HEIF) or a build with its library (AVIF, JPEG XL); install it, or convert them to .png "
-                             f"or .jpg")
+        files = image_tree(path)
         if not files:
             # (an HF hub image dataset's snapshot: its images are encoded bytes in a column of its parquet files)
             tables = _tree(path, (".parquet", ".arrow"))

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..calibration import IMAGE_SUFFIXES, files_under, upright
+from ..calibration import image_tree, upright
 from .config import BenchConfigError, DataSpec, repeated_class_names
 
 
@@ -57,10 +57,11 @@ class FolderImages:
         for d in class_folders(root):
             if d.name not in index:
                 raise BenchConfigError(f"{what}: class directory {d} is not a class of the train split")
-            # (at any depth: a class's images in folders of their own were left out in silence)
+            # (at any depth: a class's images in folders of their own were left out in silence; .heic ones, read
+            # where pillow-heif is, named where not, as calibration's)
             try:
-                files = files_under(d, IMAGE_SUFFIXES)
-            except ValueError as e:  # (links to nothing)
+                files = image_tree(d, split=False)
+            except ValueError as e:
                 raise BenchConfigError(f"{what}: {e}") from e
             self.items += [(f, index[d.name]) for f in files]
         if not self.items:
