@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._util import device_of, dtype_of, own_temporary, remove_stale_temporaries, temporary_beside
 from ..calibration import rgb_image
-from .common import BenchBase, default_cache_dir, files_fingerprint
+from .common import EVALUATION_RULES, BenchBase, default_cache_dir, files_fingerprint
 from .config import BenchConfigError
 from .data import FolderImages, Split, make_task_data, open_image_sources
 from .prompts import image_templates
@@ -229,9 +229,10 @@ class ZeroShotImageBench(BenchBase):
             return None
         spec = self.specs[task].data
         # the whole spec (revision, columns) and the local files' names, sizes and times: images
-        # changed on disk, or another revision, are read again, not served from the old crops
+        # changed on disk, or another revision, are read again, not served from the old crops; and the
+        # rules: crops read by other code (EXIF orientation, signed TIFFs) are read again too
         root = None if spec.root is None else Path(spec.root).absolute()
-        ident = {"task": task, "data": asdict(spec),
+        ident = {"task": task, "rules": EVALUATION_RULES, "data": asdict(spec),
                  "files": files_fingerprint(root if root is not None and root.exists() else None),
                  "split": spec.splits.get(split), "seed": self.seed,
                  "indices": hashlib.sha256(str(self.data[task].splits[split].indices).encode()).hexdigest(),

@@ -210,6 +210,20 @@ def test_the_disk_caches_labels_are_read_as_tensors_only(tmp_path, monkeypatch):
     assert _Planted.ran == []
 
 
+def test_the_disk_cache_reads_images_again_under_other_rules(bench, monkeypatch):
+    """The disk cache's crops were keyed by the data and the preparation, not by the code that reads
+    the files: crops made before images were turned upright by their EXIF orientation, or before signed
+    16-bit TIFFs kept their negatives, were served to the benches after, whose identities named the new
+    rules. They are keyed by the evaluation rules too."""
+    from epmq.benches import common, vision
+
+    monkeypatch.setattr(bench.config.eval, "cache", "disk")
+    task = bench.task_names[0]
+    before = bench._store_path(task, "test")
+    monkeypatch.setattr(vision, "EVALUATION_RULES", common.EVALUATION_RULES + "; another rule", raising=False)
+    assert bench._store_path(task, "test") != before
+
+
 def test_the_disk_cache_reads_images_that_changed_again(tiny, tmp_path):
     """Same files, new pixels: the crops are decoded again, not served from the old ones."""
     from PIL import Image
