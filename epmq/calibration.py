@@ -45,7 +45,7 @@ Images: ``samples`` files drawn at random (seeded) from a directory tree (an Ima
 with class subfolders works as it is) or a list of files, turned upright by their EXIF
 orientation (as transformers' ``load_image`` does), converted to RGB (``rgb_image``:
 transparency onto white, as transformers does; 16-bit images scaled to 8 bits by 65535, which
-transformers clips, in either mode Pillow opens them in, signed 16-bit TIFFs offset by 32768;
+transformers clips, in either mode Pillow opens them in, signed 8- and 16-bit TIFFs offset to unsigned;
 float images read on [0, 1]) and preprocessed
 by the model's own image processor into ``{"pixel_values"}`` batches.
 
@@ -1711,16 +1711,17 @@ def upright(image):
     EXIF cannot be read (a PNG's damaged eXIf chunk: Pillow raises SyntaxError or struct.error,
     which stopped a whole bench or calibration) is taken as stored, with a warning, as Pillow
     itself reads a JPEG's. Always a new image, read in full: the file can be closed. A TIFF of
-    signed 16-bit samples comes back as 16-bit unsigned ones, offset by 32768 (as ImageJ reads
-    one): -32768 black, 32767 white."""
+    signed 8- or 16-bit samples comes back as unsigned ones, offset by 128 or 32768 (as ImageJ
+    reads one): the most negative black, the most positive white."""
     import struct
 
     from PIL import Image, ImageOps
 
     image.load()  # (a damaged image is an error of its own: OSError, as before)
-    # (Pillow opens it as 32-bit 'I' holding the negatives, which rgb_image's 16-bit scale cut to black;
-    # what says it is signed, the TIFF's tags, the turned copy does not keep)
-    signed = image.mode == "I" and _tiff_format(image) == (2, 16)
+    # (Pillow opens a signed 16-bit one as 32-bit 'I' holding the negatives, which rgb_image's 16-bit scale
+    # cut to black, and a signed 8-bit one as 'L' of its bytes, -1 as 255: white; what says it is signed, the
+    # TIFF's tags, the turned copy does not keep)
+    signed = image.mode in ("L", "I") and _tiff_format(image) == {"L": (2, 8), "I": (2, 16)}[image.mode]
     try:
         turned = ImageOps.exif_transpose(image)
     except (SyntaxError, struct.error) as e:
@@ -1732,6 +1733,8 @@ def upright(image):
     if signed:
         import numpy as np
 
+        if turned.mode == "L":
+            return Image.fromarray((np.asarray(turned).view(np.int8).astype(np.int16) + 128).astype(np.uint8))
         return Image.fromarray((np.asarray(turned, dtype=np.int32) + 32768).astype(np.uint16))
     return turned
 
@@ -1777,7 +1780,7 @@ def rgb_image(image):
             if float(values.min(initial=0)) < 0:  # (cut to black, its negatives were lost in silence)
                 raise ValueError(f"an integer (I) image holds negative values (down to {values.min():g}), where "
                                  f"integer images are read as unsigned (0 black): write it as unsigned 8- or "
-                                 f"16-bit integers, or as a TIFF of signed 16-bit ones")
+                                 f"16-bit integers, or as a TIFF of signed 8- or 16-bit ones")
             top = 65535.0 if image.mode.startswith("I;16") or float(values.max()) <= 65535 else 2.0**31 - 1
         image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     # (transformers' rule: an alpha band, or a transparent colour or palette index of any mode, a

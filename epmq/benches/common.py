@@ -263,7 +263,8 @@ class BenchBase:
 # changes their numbers, so that results stored before are not reused.
 EVALUATION_RULES = ("2026-12-05: class names keep their '/', open_clip's zero-shot heads in fp32, experts' own "
                     "heads over a tied base, a tied tensor merged once, image files upright by their EXIF orientation; "
-                    "2026-12-07: a class's images at any depth, .avif read, signed 16-bit TIFFs offset by 32768")
+                    "2026-12-07: a class's images at any depth, .avif read, signed 8- and 16-bit TIFFs offset to "
+                    "unsigned")
 
 
 def files_fingerprint(path: Optional[Path]) -> Optional[str]:

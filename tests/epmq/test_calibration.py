@@ -1029,6 +1029,30 @@ def test_signed_16_bit_tiffs_keep_their_negatives(tmp_path, gen):
         image_batches([tmp_path / "wide.tiff"], Pixels(), samples=1)
 
 
+def test_signed_8_bit_tiffs_keep_their_order(tmp_path, gen):
+    """Pillow opens a TIFF of signed 8-bit samples as 'L' of their bytes: -1 read as 255 (white), -128 as 128,
+    above 127 (white before it): the image's dark half drawn brighter than its bright half. Offset to
+    unsigned as the 16-bit ones are: -128 black, 127 white."""
+    import numpy as np
+    from PIL import Image, TiffImagePlugin
+
+    from epmq.calibration import rgb_image, upright
+
+    signed = np.concatenate([np.array([[-128, -1, 0, 127]], dtype=np.int8),
+                             torch.randint(-128, 128, (3, 4), generator=gen).numpy().astype(np.int8)])
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[339] = 2  # (SampleFormat: signed integers)
+    Image.fromarray(signed.view(np.uint8)).save(tmp_path / "signed.tiff", tiffinfo=tags)
+    Image.fromarray(signed.view(np.uint8)).save(tmp_path / "bytes.tiff")  # (the same bytes, unsigned)
+    with Image.open(tmp_path / "signed.tiff") as image:
+        assert image.mode == "L"  # (what Pillow gives: the bytes)
+        got = np.asarray(rgb_image(upright(image)))[..., 0]
+    assert np.array_equal(got, (signed.astype(np.int16) + 128).astype(np.uint8))
+    assert got[0].tolist() == [0, 127, 128, 255]
+    with Image.open(tmp_path / "bytes.tiff") as image:
+        assert np.array_equal(np.asarray(rgb_image(upright(image)))[..., 0], signed.view(np.uint8))
+
+
 def test_image_files_of_formats_not_read_are_named_not_left_out_in_silence(tmp_path):
     """A phone's photos exported as .heic (or .heif, .jxl) beside .jpg ones were left out in silence, the
     calibration the .jpg ones' alone (audio's other formats are named); named, with what to do. .avif, which
