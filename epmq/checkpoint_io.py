@@ -420,20 +420,15 @@ class CheckpointReader:
             moved = []  # (key, the shard listed, the one holding it)
             for key, held in holders.items():
                 listed = self._where.get(key)
-                if listed in held:
-                    if len(held) > 1:
-                        self._check_copies_alike(key, held, listed)
-                    continue
-                # listed in a shard without it (an index edited by hand, shards re-split), which
-                # transformers reads from the shard holding it; held by two, either may be the tensor
                 if len(held) > 1:
-                    where = f"lists tensor {key!r} in {listed.name}, which does not hold it, and" if listed else \
-                        f"does not list tensor {key!r}, and"
-                    raise error(f"{what}: {path} {where} both {held[0].name} and {held[1].name} do: remove "
-                                f"the copy that is not the model's")
+                    self._check_copies_alike(key, held, listed)
+                if listed in held:
+                    continue
+                # listed in a shard without it (an index edited by hand, shards re-split), or nowhere:
+                # transformers reads it from the shards holding it, the last one's copy where several do
                 if listed is not None:
-                    moved.append((key, listed, held[0]))
-                self._where[key] = held[0]
+                    moved.append((key, listed, held[-1]))
+                self._where[key] = held[-1]
             if moved:
                 warnings.warn(f"{what}: {path} lists {len(moved)} tensor(s) in a shard that does not hold them, "
                               f"read from the shard that does (as transformers reads them): "
@@ -446,21 +441,27 @@ class CheckpointReader:
         else:
             raise error(f"{what}: unknown checkpoint file type {path.suffix!r}: {path}")
 
-    def _check_copies_alike(self, key: str, held: list, listed: Path) -> None:
-        """Several shards hold ``key``, the index lists it in ``listed``: transformers reads every
-        shard, in the order of their names, each copy replacing the one before, so it loads the last
-        shard's copy whichever the index lists; copies that differ are refused (the merge would read
-        one tensor and from_pretrained of the same checkpoint another), alike ones read as listed."""
-        want = _read_tensor(self._open(listed), key)
+    def _check_copies_alike(self, key: str, held: list, listed: Optional[Path]) -> None:
+        """Several shards hold ``key``, the index lists it in ``listed`` (None: nowhere): transformers
+        reads every shard, in the order of their names, each copy replacing the one before, so it loads
+        the last shard's copy whichever the index lists; copies that differ are refused (the merge would
+        read one tensor and from_pretrained of the same checkpoint another), alike ones are one tensor."""
+        reference = listed if listed in held else held[-1]
+        want = _read_tensor(self._open(reference), key)
         for shard in held:
-            if shard == listed:
+            if shard == reference:
                 continue
             copy = _read_tensor(self._open(shard), key)
-            if copy.dtype != want.dtype or copy.shape != want.shape or not torch.equal(copy, want):
-                raise self.error(f"{self.what}: {self.path} lists tensor {key!r} in {listed.name}, and "
-                                 f"{shard.name} holds another copy of it that differs (from_pretrained reads "
-                                 f"{held[-1].name}'s, the last shard it reads): remove the copy that is not "
-                                 f"the model's")
+            if copy.dtype == want.dtype and copy.shape == want.shape and torch.equal(copy, want):
+                continue
+            if reference == listed:
+                where = f"lists tensor {key!r} in {listed.name}, and {shard.name} holds another copy of it that differs"
+            else:
+                where = (f"lists tensor {key!r} in {listed.name}, which does not hold it," if listed else
+                         f"does not list tensor {key!r},") + f" and both {shard.name} and {reference.name} do, " \
+                    "with copies that differ"
+            raise self.error(f"{self.what}: {self.path} {where} (from_pretrained reads {held[-1].name}'s, the last "
+                             f"shard it reads): remove the copy that is not the model's")
 
     def _open(self, file: Path):
         handle = self._stores.get(file)

@@ -1536,6 +1536,54 @@ def test_an_index_listing_a_tensor_in_another_shard_reads_it_from_the_shard_hold
                           progress=False)
 
 
+def test_identical_copies_of_a_tensor_the_index_does_not_list_where_they_are_are_read(checkpoints, tmp_path):
+    """Two shards holding identical copies of a tensor the index lists nowhere, or in a third shard
+    without it, were refused as if either might be the tensor, though a listed tensor's identical copy
+    is read as listed: from_pretrained loads the same tensor either way, so it is read (from the last
+    shard, as from_pretrained reads it; warned of where the index names a shard without it); copies
+    that differ are still refused, saying so."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, base, experts = checkpoints
+    shutil.copytree(root / "base", tmp_path / "twice")
+    index_file = tmp_path / "twice" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+    held = index["weight_map"][name]
+    listed, other = [s for s in sorted(set(index["weight_map"].values())) if s != held][:2]
+
+    def copy_into_other(tensor):
+        tensors = load_file(root / "base" / other)
+        save_file({**tensors, name: tensor}, tmp_path / "twice" / other, metadata={"format": "pt"})
+
+    copy_into_other(base[name].clone())
+    want = merge.task_arithmetic(base, experts[:2])
+    del index["weight_map"][name]
+    index_file.write_text(json.dumps(index))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m", base=tmp_path / "twice",
+                                progress=False)
+    assert all(torch.equal(t, want[n]) for n, t in _load(out).items())
+    index["weight_map"][name] = listed
+    index_file.write_text(json.dumps(index))
+    last = max(held, other)
+    with pytest.warns(UserWarning, match=rf"lists tensor {re.escape(repr(name))} in {listed}, which does not "
+                                         rf"hold it: it is read from {last}, which does"):
+        out = merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m2",
+                                base=tmp_path / "twice", progress=False)
+    assert all(torch.equal(t, want[n]) for n, t in _load(out).items())
+    copy_into_other(base[name] + 1)
+    first = min(held, other)
+    with pytest.raises(ValueError, match=rf"lists tensor {re.escape(repr(name))} in {listed}, which does not hold "
+                                         rf"it, and both {first} and {last} do, with copies that differ "
+                                         rf"\(from_pretrained reads {last}'s"):
+        merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], tmp_path / "m3", base=tmp_path / "twice",
+                          progress=False)
+
+
 def test_a_listed_tensor_another_shard_holds_a_differing_copy_of_is_refused(checkpoints, tmp_path):
     """An index listing a tensor in a shard that holds it while another shard holds a copy too (shards
     re-split by hand, a tensor appended to the wrong one): from_pretrained reads every shard in name
