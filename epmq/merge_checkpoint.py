@@ -1068,9 +1068,10 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # config.json's fields by which weights of the same shapes compute other things: their rows split
 # into other heads, another activation, logits capped or scaled otherwise (Gemma 2's softcapping and
 # query scale, Granite's and Cohere's multipliers), another residual form (GPT-NeoX's and Falcon's
-# parallel attention, Falcon's ALiBi), a mixture of experts routing tokens to another number of
-# experts or weighing them otherwise, timm's model pooling its tokens otherwise (its global_pool: the
-# class token or their mean) (refused, as another layer count); or positions turned by another
+# parallel attention, Falcon's and MPT's ALiBi and its slopes, MPT's and DBRX's clipped q, k and v, or
+# attention scale), a mixture of experts routing tokens to another number of experts or weighing them
+# otherwise, timm's model pooling its tokens otherwise (its global_pool: the class token or their
+# mean) (refused, as another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
@@ -1082,11 +1083,12 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "residual_multiplier", "attention_multiplier", "logits_scaling", "logit_scale", "scale_embedding",
            "use_parallel_residual", "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob",
            "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
-           "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool")
+           "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
+           "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights")
 
-# fields whose None turns what they do off (no softcapping, no sliding window), where others' None
-# stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
-OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
+# fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
+# None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
+OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "clip_qkv")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
@@ -1126,12 +1128,23 @@ def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list
                   if differ(mine[mine_by[k]], theirs[theirs_by[k]]))
 
 
+# config.json's nested settings that are no tower's config (no model_type): MPT's and DBRX's attention
+# (ALiBi, clip_qkv, kv_n_heads, DBRX's RoPE), DBRX's feed-forward (its experts per token and activation)
+SETTINGS = ("attn_config", "ffn_config")
+
+
+def _scopes(config: dict, nested: bool) -> dict:
+    """The parts of ``config`` whose fields are compared, by name: its top, its nested settings
+    (``SETTINGS``) and, where ``nested``, its towers' configs."""
+    return {"": config, **{k: v for k, v in config.items() if isinstance(v, dict)
+                           and (k in SETTINGS or nested and "model_type" in v)}}
+
+
 def _config_fields(config: dict, fields: Sequence[str], nested: bool) -> dict:
     """``{field: value}`` of ``fields`` that ``config`` spells out (not None, but for ``OFF_WHEN_NONE``), at
-    its top and, where ``nested``, in its towers' configs (``text_config.num_attention_heads``)."""
-    scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
-                             if nested else {})}
-    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in scopes.items() for field in fields
+    its top, in its nested settings (``attn_config.alibi``) and, where ``nested``, in its towers' configs
+    (``text_config.num_attention_heads``)."""
+    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in _scopes(config, nested).items() for field in fields
             if c.get(field) is not None or (field in OFF_WHEN_NONE and field in c)}
 
 
@@ -1185,10 +1198,8 @@ def _ropes_differ(mine: dict, theirs: dict) -> bool:
 
 
 def _ropes(config: dict, nested: bool) -> dict:
-    """``{"rope_parameters": _rope}`` of ``config`` and, where ``nested``, of its towers' configs."""
-    scopes = {"": config, **({k: v for k, v in config.items() if isinstance(v, dict) and "model_type" in v}
-                             if nested else {})}
-    return {f"{scope}.rope_parameters".lstrip("."): rope for scope, c in scopes.items()
+    """``{"rope_parameters": _rope}`` of ``config``'s ``_scopes``."""
+    return {f"{scope}.rope_parameters".lstrip("."): rope for scope, c in _scopes(config, nested).items()
             if (rope := _rope(c)) is not None}
 
 

@@ -2702,6 +2702,30 @@ def test_fields_that_change_what_the_weights_compute_are_compared(field, mine, t
                          configs=[{"model_type": "m", field: mine}])  # (unwritten: its default, unknown here)
 
 
+@pytest.mark.parametrize("model_type, scope, field, mine, theirs", [
+    ("mpt", "attn_config", "alibi", False, True), ("mpt", "attn_config", "clip_qkv", None, 6.0),
+    ("mpt", "attn_config", "alibi_bias_max", 16, 8), ("dbrx", "attn_config", "kv_n_heads", 2, 8),
+    ("dbrx", "attn_config", "clip_qkv", 6, 8), ("dbrx", "ffn_config", "moe_top_k", 2, 4),
+])
+def test_attention_and_feed_forward_settings_nested_without_a_model_type_are_compared(model_type, scope, field,
+                                                                                       mine, theirs):
+    """MPT and DBRX keep their attention's settings (ALiBi, clipped q, k and v, the key-value heads)
+    and DBRX its experts per token in nested attn_config and ffn_config, which their hub configs
+    write without a model_type: only towers' configs (with one) were looked into, so an expert
+    attending otherwise was walked and merged as the model's. Compared, by scope, as a top field is."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def check(value, reference):
+        _check_architectures(None, [None], ["x"], experts=True,
+                             reference={"model_type": model_type, "n_heads": 4, scope: {field: reference}},
+                             configs=[{"model_type": model_type, "n_heads": 4, scope: {field: value}}])
+
+    with pytest.raises(ValueError, match=rf"reads its weights as \{{'{scope}.{field}': {re.escape(repr(mine))}\}}, "
+                                         rf"the model as \{{'{scope}.{field}': {re.escape(repr(theirs))}\}}"):
+        check(mine, theirs)
+    check(mine, mine)
+
+
 def test_a_gemma2_expert_of_other_softcapping_is_refused(tmp_path):
     """A Gemma 2 fine-tuned without logit softcapping (final_logit_softcapping: null, as for
     flash-attention training) beside a base that caps its logits at 30: merged in silence."""
