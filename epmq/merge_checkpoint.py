@@ -1013,7 +1013,7 @@ def _model_type(config: dict) -> tuple:
 
 def _check_architectures(base_path, model_paths, models, *, experts: bool = False,
                          reference: Optional[dict] = None, warn: bool = True,
-                         configs: Optional[Sequence[Optional[dict]]] = None) -> list:
+                         configs: Optional[Sequence[Optional[dict]]] = None, ref_name: Optional[str] = None) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
@@ -1022,8 +1022,9 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     ``experts``: the models are E-PMQ's experts of the model ``base_path`` to quantize (the
     messages say so). ``reference``: the reference's config (a model in memory's), in place of
     ``base_path``'s config.json. ``warn``: another RoPE is warned of (else only refusals). ``configs``:
-    per model, its config (a module's) in place of its path's config.json, or None."""
-    ref_name = "model" if experts else ("base" if base_path else "first model")
+    per model, its config (a module's) in place of its path's config.json, or None. ``ref_name``: what
+    the messages call the reference, where another than the model, base or first model."""
+    ref_name = ref_name or ("model" if experts else ("base" if base_path else "first model"))
     what_of = (lambda source: f"the expert {source}") if experts else (lambda source: f"model {source}")
     goal = "E-PMQ's experts must be of the model's {}" if experts else "merge models of one {}"
     named = [*([(base_path, f"the {ref_name}")] if base_path is not None else []),

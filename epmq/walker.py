@@ -550,17 +550,74 @@ def _holds_tokens(cache) -> bool:
 
 
 def _config_of(module) -> Optional[dict]:
-    """A transformers module's config, as its config.json says it (None: no such module)."""
-    config = getattr(module, "config", None) if isinstance(module, nn.Module) else None
-    return config.to_dict() if callable(getattr(config, "to_dict", None)) else None
+    """A module's config, as its checkpoint's config file says it (None: none is known): a transformers
+    module's config.json; an open_clip model's open_clip_config.json and a timm model's config.json as
+    far as the model says them (``_open_clip_model_cfg``, ``_timm_config``)."""
+    if not isinstance(module, nn.Module):
+        return None
+    config = getattr(module, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    library = type(module).__module__.partition(".")[0]
+    if library == "open_clip":
+        from .merge_checkpoint import _open_clip_config
+
+        model_cfg = _open_clip_model_cfg(module)
+        config = _open_clip_config({"model_cfg": model_cfg}) if model_cfg else None
+        if config is not None and "quick_gelu" not in model_cfg:  # (not open_clip's default: unknown)
+            del config["quick_gelu"]
+        return config
+    return _timm_config(module) if library == "timm" else None
+
+
+def _open_clip_model_cfg(model) -> dict:
+    """The fields of an open_clip model's ``model_cfg`` that are compared, as its modules were built by
+    them: QuickGELU or GELU (``quick_gelu``), the layers and heads of each tower that is open_clip's
+    transformer (the image tower's heads as their ``head_width``). {} where it is no CLIP (a tower
+    alone), or none of its towers is such a transformer (timm's, HF's, a ResNet)."""
+    if not isinstance(getattr(model, "visual", None), nn.Module):
+        return {}
+    model_cfg, activations = {}, set()
+    # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
+    for scope, tower in (("vision_cfg", model.visual), ("text_cfg", getattr(model, "text", model))):
+        transformer = getattr(tower, "transformer", None)
+        blocks = getattr(transformer, "resblocks", None)
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
+        if not isinstance(heads, int) or not isinstance(getattr(transformer, "width", None), int):
+            continue
+        model_cfg[scope] = {"layers": len(blocks), **({"head_width": transformer.width // heads}
+                                                      if scope == "vision_cfg" else {"heads": heads})}
+        activations |= {type(m).__name__ for m in blocks.modules() if type(m).__name__ in ("QuickGELU", "GELU")}
+    if len(activations) == 1:
+        model_cfg["quick_gelu"] = activations == {"QuickGELU"}
+    return model_cfg
+
+
+def _timm_config(model) -> Optional[dict]:
+    """A timm model's config.json as timm's ``save_for_hf`` writes it, as far as the model says it: its
+    architecture (``pretrained_cfg``'s, which ``create_model`` sets) and the ``model_args`` it was
+    created with (``timm.models.get_model_args``, the values JSON writes: a class given as act_layer is
+    no name config.json would hold). None where ``create_model`` did not build it: no architecture."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    architecture = pretrained_cfg.get("architecture") if isinstance(pretrained_cfg, Mapping) else None
+    if not isinstance(architecture, str):
+        return None
+    try:
+        from timm.models import get_model_args
+    except ImportError:  # (a timm before it: the architecture alone)
+        return {"architecture": architecture}
+    model_args = {k: v for k, v in get_model_args(model).items() if isinstance(v, (str, int, float, bool))}
+    return {"architecture": architecture, "model_args": model_args}
 
 
 def _check_expert_configs(model, sources, experts) -> None:
-    """Experts (checkpoints, or transformers modules) whose config reads the same-shaped weights
-    otherwise than the model's config (other heads, activation, layer count; another architecture)
-    are refused, as ``epmq quantize`` and the merges refuse them: they were walked in silence as the
-    model's."""
-    config = getattr(model, "config", None)
+    """Experts (checkpoints, or modules) whose config reads the same-shaped weights otherwise than
+    the model's config (other heads, activation, layer count; another architecture) are refused, as
+    ``epmq quantize`` and the merges refuse them: they were walked in silence as the model's. A model
+    whose config is not known (a plain module, timm's built by its class) has its experts compared
+    with the first of them that has one."""
+    from .merge_checkpoint import _check_architectures, _config
+
     found = {}  # task -> (its path, its config in place of the path's, its description)
     for task, s in sources.items():
         given = experts[task].source if isinstance(experts[task], OnVocabulary) else experts[task]
@@ -570,13 +627,18 @@ def _check_expert_configs(model, sources, experts) -> None:
         else:
             found[task] = (s.reader.path, _config_of(given), str(s.reader.path) if s.reader.path else s.description)
     found = {task: f for task, f in found.items() if f[0] is not None or f[1] is not None}
-    if not found or not callable(getattr(config, "to_dict", None)):  # (state dicts, plain modules: no config)
+    if not found:
         return
-    from .merge_checkpoint import _check_architectures
-
     tasks = list(found)
+    reference, ref_name = _config_of(model), None
+    if reference is None:
+        configs = {t: found[t][1] if found[t][1] is not None else _config(found[t][0]) for t in tasks}
+        first = next((t for t in tasks if configs[t]), None)
+        if first is None:  # (state dicts, files without a config: nothing says how they read their weights)
+            return
+        reference, ref_name = configs[first], f"expert of task {first!r} ({found[first][2]})"
     _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
-                         experts=True, reference=config.to_dict(), configs=[found[t][1] for t in tasks])
+                         experts=True, reference=reference, configs=[found[t][1] for t in tasks], ref_name=ref_name)
 
 
 def _check_tasks(calibration, experts):

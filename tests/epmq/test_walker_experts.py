@@ -1437,3 +1437,84 @@ def test_an_expert_tensor_of_another_shape_the_model_hands_to_its_blocks_is_refu
             _quantize_shifted(model, experts, calibration)
     _check_said(refused.value)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
+def test_open_clip_expert_paths_whose_config_reads_the_weights_otherwise_are_refused(gen, tmp_path):
+    """An in-memory open_clip model has no config to compare with, so its experts' open_clip_config.json
+    was never compared: a ViT-*-quickgelu fine-tune (QuickGELU) walked as an expert of a GELU model, in
+    silence. The model's own model_cfg is read off its modules (its activation, each tower's heads and
+    layers) and compared as the merges compare two open_clip checkpoints."""
+    import json
+
+    from test_walker_models import VOCAB
+
+    fam = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
+    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
+                                                   mlp_ratio=2.0),
+                     text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0))
+
+    def expert(name, **changes):
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({k: v.contiguous() for k, v in fam.experts["a"].state_dict().items()},
+                  str(directory / "open_clip_model.safetensors"))
+        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**model_cfg, **changes}}))
+        return {"a": str(directory)}
+
+    def walk(experts):
+        model = fam.merged()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
+                            experts=experts, backend="torch", progress=False)
+        return model
+
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*quick.* reads its weights as "
+                                         r"\{'quick_gelu': True\}, the model as \{'quick_gelu': False\}"):
+        walk(expert("quick", quick_gelu=True))
+    with pytest.raises(ValueError, match=r"reads its weights as \{'text_cfg.heads': 2\}, the model as "
+                                         r"\{'text_cfg.heads': 4\}"):
+        walk(expert("heads", text_cfg={**model_cfg["text_cfg"], "heads": 2}))
+    assert any(isinstance(m, epmq.QuantLinear) for m in walk(expert("own")).modules())
+    from open_clip.model import CLIP
+
+    quick = CLIP(**model_cfg, quick_gelu=True)  # (an expert given as a module: read off its modules too)
+    quick.load_state_dict(fam.experts["a"].state_dict())
+    with pytest.raises(ValueError, match=r"\(module CLIP\) reads its weights as \{'quick_gelu': True\}"):
+        walk({"a": quick})
+
+
+def test_timm_expert_paths_whose_config_builds_another_model_are_refused(gen, tmp_path):
+    """A timm model made by create_model has no config to compare with either: its experts' config.json
+    (save_for_hf's: architecture and model_args) was never compared. The model's architecture and
+    model_args are as timm records them; a model built by its class records neither, and its experts
+    are compared with the first of them, naming both."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from test_walker_models import tiny_timm_vit
+
+    def create(**args):  # (q, k, v and proj 32-wide whatever the heads)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{
+            **dict(img_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0, num_classes=0),
+            **args}).eval()
+
+    def expert(name, **args):
+        save_for_hf(create(**args), tmp_path / name)
+        return str(tmp_path / name)
+
+    calibration = {t: [torch.randn(2, 3, 16, 16, generator=gen)] for t in ("a", "b")}
+
+    def walk(model, experts):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                            experts=experts, backend="torch", progress=False)
+        return model
+
+    own, other = expert("own"), expert("other", num_heads=2)
+    with pytest.raises(ValueError, match=r"the expert of task 'b' .*other.* reads its weights as "
+                                         r"\{'num_heads': 2\}, the model as \{'num_heads': 4\}"):
+        walk(create(), {"a": own, "b": other})
+    with pytest.raises(ValueError, match=r"the expert of task 'b' .*other.* reads its weights as \{'num_heads': 2\}, "
+                                         r"the expert of task 'a' .*own.* as \{'num_heads': 4\}"):
+        walk(tiny_timm_vit(), {"a": own, "b": other})
+    for model in (create(), tiny_timm_vit()):
+        assert any(isinstance(m, epmq.QuantLinear) for m in walk(model, {"a": own, "b": expert(f"{id(model)}")})
+                   .modules())
