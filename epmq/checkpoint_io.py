@@ -553,7 +553,8 @@ class CheckpointReader:
 
     def get(self, key: str, index=None) -> torch.Tensor:
         """Tensor ``key`` (``index``: ``key[index]`` only, e.g. one expert's rows of a fused MoE
-        tensor), a fresh read from files."""
+        tensor). Not a copy: every read of a tensor of a mapped file (safetensors, a torch pickle
+        of the zip format) is the same memory, a write into one seen by the next read."""
         handle = self._open(self._where[key])
         with self._listed(handle, key):
             return _read_tensor(handle, key, index)

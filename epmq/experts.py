@@ -165,8 +165,8 @@ class ExpertWeights:
                 )
 
     def fetch(self, name: str, index=None) -> torch.Tensor:
-        """Tensor ``name`` as stored (``index``: ``name[index]`` only), a fresh read for files;
-        its values unchecked (``check_values``); an integer tensor is refused (a quantized
+        """Tensor ``name`` as stored (``index``: ``name[index]`` only), not to be written into
+        (``unshared``); its values unchecked (``check_values``); an integer tensor is refused (a quantized
         checkpoint's codes, a bitsandbytes int8 ``weight``: a cast would take them for weights)."""
         key = self._require(name)
         joined = key in self._joined and key not in self.reader
@@ -207,18 +207,19 @@ class ExpertWeights:
             )
 
     def read(self, name: str, *, like: Optional[torch.Tensor] = None, index=None,
-             device=None) -> torch.Tensor:
-        """Tensor ``name`` (a fresh read for files); ``like`` converts to its dtype and device,
-        ``device`` moves it there as it is; ``index``: ``name[index]`` only. The values are
+             device=None, own: bool = False) -> torch.Tensor:
+        """Tensor ``name``; ``like`` converts to its dtype and device, ``device`` moves it there as
+        it is; ``index``: ``name[index]`` only; ``own``: a tensor of its own, for a caller that
+        writes into it or puts it in a module whose forward may (``unshared``). The values are
         checked where they end up (on a GPU, a pass over a block's expert weights takes
         microseconds where the CPU took about a tenth of a second per expert of a Llama-8B block)."""
-        tensor = self.fetch(name, index)
+        tensor = stored = self.fetch(name, index)
         if like is not None:
             tensor = tensor.to(device=like.device, dtype=like.dtype)
         elif device is not None:
             tensor = tensor.to(device)
         self.check_values(name, tensor)
-        return tensor
+        return unshared(tensor, stored) if own else tensor
 
     def low_rank(self, name: str, device=None, bases: Optional[dict] = None):
         """Tensor ``name`` as ``W_0 + U V`` where this expert is a LoRA adapter that updates it
@@ -231,6 +232,17 @@ class ExpertWeights:
             expert.check_values(f"of task {self.task!r} ({self.description}) for {name!r}",
                                 ("U", "V") if id(expert.W_0) in shared else ("W_0", "U", "V"))
         return expert
+
+
+def unshared(tensor: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """``tensor``, converted from ``stored`` (a reader's tensor as handed out), copied where the
+    conversion left it in ``stored``'s memory. Every read of a file's tensor is the same memory
+    (safetensors and torch map the file: a write into one read shows in the next, the file left
+    as it is), and an in-memory expert's is the caller's own tensor: a read that is written into,
+    or run by a forward that writes it in place, must be a copy."""
+    if tensor.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr():
+        return tensor.clone()
+    return tensor
 
 
 def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict:

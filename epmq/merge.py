@@ -208,8 +208,8 @@ def _common_aliases(states: Sequence[StateDict]) -> dict:
     """``{name: the first name holding the same tensor in every state}``: a tied head and its
     embeddings, listed twice by a module's state dict, are one tensor, merged once; names one
     tensor in some inputs only (an untied fine-tune's changed head) are merged apart. States held
-    in memory (dicts) by storage; lazy ones (``checkpoint_io.LazyStateDict``, whose reads are fresh
-    tensors) by the checkpoint key each name is read from. Others have no ties found
+    in memory (dicts) by storage; lazy ones (``checkpoint_io.LazyStateDict``, read when indexed:
+    no tensors held to compare) by the checkpoint key each name is read from. Others have no ties found
     (``merge_checkpoints`` finds them by the base's config)."""
 
     def keys(state):  # (by items(): no read a state counts or makes)

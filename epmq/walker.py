@@ -111,7 +111,7 @@ from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument
-from .experts import ExpertWeights, OnVocabulary, on_model_vocabulary
+from .experts import ExpertWeights, OnVocabulary, on_model_vocabulary, unshared
 from .qlinear import QuantLinear, common_quant_config
 from .read_ahead import ReadAhead
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
@@ -2294,7 +2294,8 @@ class _Walk:
     def _read_expert(self, task, name: str, like: Optional[torch.Tensor] = None,
                      device=None, low_rank: bool = False):
         """Expert ``task``'s tensor for the model tensor ``name``, in the model's layout (``like``:
-        in its dtype and on its device; ``device``: on that device, in its own dtype).
+        to be put in place of the module's tensor ``like``, in its dtype and on its device, a copy
+        of its own, as a forward may write it; ``device``: on that device, in its own dtype).
         ``low_rank``: as a ``LowRankExpert`` on ``device`` where E-PMQ reads it so (``_low_rank_of``:
         its residual then costs one product for all such experts)."""
         source = self.experts[task]
@@ -2310,7 +2311,7 @@ class _Walk:
         # read on the CPU (by the read-ahead, where it planned this read), fingerprinted there for
         # the resume log, then moved and checked on the device
         t0 = time.perf_counter()
-        tensor = self._ahead.take((task, name), lambda: self._fetch_expert(task, name))
+        tensor = stored = self._ahead.take((task, name), lambda: self._fetch_expert(task, name))
         if logged:  # a block being solved for the resume log: its digest's part
             self._reads[(task, name)] = fingerprint(tensor)
         if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging;
@@ -2320,8 +2321,10 @@ class _Walk:
             # each group of its linears: the same bytes, each check a pass and a wait on a GPU)
             source.check_values(key.fused if self._fused_in(source, key) else key, tensor)
             self._values_checked.add((task, name))
+        if like is not None:  # (a module's: a fresh read must not hold what a pass wrote into it)
+            tensor = unshared(tensor.to(dtype=like.dtype).contiguous(), stored)
         self.expert_read_seconds += time.perf_counter() - t0
-        return tensor if like is None else tensor.to(dtype=like.dtype).contiguous()
+        return tensor
 
     def _fetch_expert(self, task, name: str, ahead: bool = False) -> torch.Tensor:
         """Expert ``task``'s tensor for the model tensor ``name`` as its checkpoint holds it, in
@@ -2749,7 +2752,7 @@ class _Walk:
                     continue
                 new = kept.get(names[0])
                 if new is None:
-                    new = source.read(names[0], like=tensor)
+                    new = source.read(names[0], like=tensor, own=names[0] not in mapped)
                     if names[0] in mapped:  # (the merged model's rows for the tokens the expert lacks)
                         rows = source.rows.to(tensor.device)
                         have = rows >= 0

@@ -1518,3 +1518,68 @@ def test_timm_expert_paths_whose_config_builds_another_model_are_refused(gen, tm
     for model in (create(), tiny_timm_vit()):
         assert any(isinstance(m, epmq.QuantLinear) for m in walk(model, {"a": own, "b": expert(f"{id(model)}")})
                    .modules())
+
+
+class _Counted(torch.nn.Module):
+    """``x + fc(x) + calls``, ``calls`` a buffer of the block that each forward advances in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1.0)
+        return x + self.fc(x) + self.calls
+
+
+class _CountedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Counted() for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("net, blocks", [(_Stepped, "Residual"), (_CountedNet, "_Counted")])
+def test_a_pass_writing_an_expert_s_tensor_in_place_leaves_the_next_read_as_saved(tmp_path, gen, net, blocks):
+    """Every read of a safetensors (or mapped torch) file's tensor is the same memory: a pass that
+    wrote an expert's tensor in place (a step counter outside the blocks, or a block's own) left its
+    write in the next pass's read, which the walk takes for the checkpoint's values. The quantized
+    model depends on the experts' values alone: saved in float32 (read as they are) or float64 (each
+    read a conversion, a copy), or given as state dicts (which the walk leaves as they were)."""
+    from test_walker_errors import Residual
+
+    block_types = (Residual,) if blocks == "Residual" else (_Counted,)
+    calibration = {t: [torch.randn(4, 16, generator=gen) for _ in range(2)] for t in ("task", "other")}
+    torch.manual_seed(int(torch.randint(1 << 30, (), generator=gen)))
+    base = net()
+    given = {t: {k: v + 0.01 * (1 + j) for k, v in base.state_dict().items()} for j, t in enumerate(calibration)}
+    kept = {t: {k: v.clone() for k, v in state.items()} for t, state in given.items()}
+    states = {}
+    for form in ("float64", "float32", "state dict"):
+        experts = dict(given)
+        if form != "state dict":
+            for t, state in given.items():
+                experts[t] = str(tmp_path / f"{t}-{form}.safetensors")
+                save_file({k: v.to(getattr(torch, form)) for k, v in state.items()}, experts[t])
+        model = net()
+        model.load_state_dict(base.state_dict())
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                            calibration=calibration, experts=experts, progress=False,
+                            adapter=epmq.Adapter("blocks", block_types=block_types))
+        states[form] = model.state_dict()
+    for form in ("float32", "state dict"):
+        assert all(torch.equal(states["float64"][k], v) for k, v in states[form].items()), form
+    assert all(torch.equal(kept[t][k], v) for t, state in given.items() for k, v in state.items())
+
+
+def test_a_read_of_its_own_is_not_the_next_read(tmp_path):
+    """Two reads of a safetensors file's tensor are one memory; ``own=True`` gives a copy to write into."""
+    save_file({"w": torch.zeros(8, 8)}, str(tmp_path / "x.safetensors"))
+    expert = ExpertWeights(str(tmp_path / "x.safetensors"), task="t")
+    expert.read("w", own=True).add_(1.0)
+    assert not expert.read("w").any()
