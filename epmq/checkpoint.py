@@ -166,7 +166,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
                       _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk),
                       getattr(getattr(model, "config", None), "model_type", None) in _ROUTER_ON_INPUT,
-                      _hidden_activation(model))
+                      _hidden_activation(model), _marlin_act_order_unfit(layers, names, head))
     _stacked_experts_warning(model, layers, to_disk)
     _main_input_warning(model)
     files = {CONFIG_FILE: qconfig}
@@ -450,6 +450,29 @@ def _expert_widths(model, layers, to_disk) -> dict:
         if kind is not None:
             kinds.add(kind)
     return units
+
+
+def _marlin_act_order_unfit(layers, names, head=None) -> list:
+    """``(name on disk, in_features, out_features)`` of each quantized linear (``names``: its name on disk),
+    routed experts aside, as vLLM loads it (q/k/v as qkv_proj, gate/up as gate_up_proj: their widths summed, under
+    the first's name), whose widths on one tensor-parallel rank vLLM's GPTQ Marlin does not take under act-order
+    (verify_marlin_supports_shape, through MarlinLinearKernel.can_implement at vllm-project/vllm
+    055e47c28003156421365af985d676fc921cb075): out_features a multiple of GPTQ_MARLIN_MIN_THREAD_N = 64 and
+    in_features of GPTQ_MARLIN_MIN_THREAD_K = 128 (whole groups then, for the group sizes Marlin takes). Without
+    act-order it pads both to its tiles; with it, none.
+    ``head``: the quantized head's name, whose rows vLLM pads to a multiple of 64 (ParallelLMHead)."""
+    loaded = {}
+    for name, m in layers.items():
+        disk = names[name]
+        if _experts_of(disk) is not None:
+            continue
+        parent, _, rel = disk.rpartition(".")
+        fused = _fused_set(rel)
+        key = disk if fused is None else (parent, id(fused))
+        first, k, n = loaded.get(key, (disk, m.in_features, 0))
+        loaded[key] = (first, k, n + m.out_features)
+    padded = None if head is None else names[head]
+    return [(disk, k, n) for disk, k, n in loaded.values() if k % 128 or (n % 64 and disk != padded)]
 
 
 def _hidden_activation(model) -> Optional[str]:
@@ -800,7 +823,7 @@ def _built_as_linear_subclasses(model, layers) -> dict:
 
 
 def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None, expert_widths=None,
-                      router_on_input=False, activation=None) -> None:
+                      router_on_input=False, activation=None, marlin_unfit=()) -> None:
     """One warning per reason an engine cannot serve the checkpoint, naming the engines and the
     fix (the engines' sources: vLLM's main as stored at 055e47c28003156421365af985d676fc921cb075, SGLang 0.5,
     GPTQModel); ``split`` as
@@ -808,7 +831,8 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     ``fused`` the quantized layers of experts transformers holds as stacked tensors (module names),
     ``subclassed`` as ``_built_as_linear_subclasses`` returns it, ``expert_widths`` as ``_expert_widths``,
     ``router_on_input`` whether vLLM builds the experts weighting the tokens by the router first (Llama 4),
-    ``activation`` the one the model's config names for its MLPs (``_hidden_activation``)."""
+    ``activation`` the one the model's config names for its MLPs (``_hidden_activation``), ``marlin_unfit`` as
+    ``_marlin_act_order_unfit`` returns it."""
     moe = [name.removesuffix(" (MoE)") for name in split if name.endswith(" (MoE)")]
     float_experts = [name.removesuffix(" (MoE float)") for name in split if name.endswith(" (MoE float)")]
     split = [name for name in split if not name.endswith((" (MoE)", " (MoE float)"))]
@@ -960,6 +984,21 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
             f"{base[0]} bits {'per channel' if base[1] == -1 else f'in groups of {base[1]}'}: MoE WNA16 takes 8-bit "
             f"experts per channel only (an assertion) and fails on per-channel ones (a negative scale shape), so it "
             f"cannot build them (a config of 4 bits in groups of 32, 64 or 128 builds there)")
+    # act-order linears (routed experts aside) whose widths GPTQ Marlin takes only padded, which it does not do
+    # under act-order (_marlin_act_order_unfit); vLLM then tries its other WNA16 kernels in turn
+    # (choose_mp_linear_kernel): Conch and Triton W4A16 refuse g_idx, Exllama takes float16 activations only and
+    # Machete Hopper (SM 9.0) only. (AutoGPTQConfig reads desc_act as false per channel: one group, no order)
+    if qconfig["desc_act"] and qconfig["group_size"] != -1 and marlin_unfit and not off_marlin and not marlin_refused:
+        name, k, n = marlin_unfit[0]
+        reasons.append(
+            f"{len(marlin_unfit)} act-order linears of widths vLLM's GPTQ Marlin does not take with act-order "
+            f"(first: {name}, {k} inputs, {n} outputs as vLLM loads it, q/k/v as qkv_proj, gate/up as "
+            f"gate_up_proj): it takes in_features that are a multiple of 128 and out_features of 64 on each "
+            f"tensor-parallel rank, and pads other checkpoints' widths to them but not act-order's; vLLM then builds "
+            f"them with another of its kernels that reads g_idx where one takes them (Exllama: float16 activations "
+            f"only; Machete: Hopper GPUs, in_features a multiple of 64 and out_features of 128) and else refuses the "
+            f"checkpoint ('Failed to find a kernel that can implement the WNA16 linear layer'), a bfloat16 model on "
+            f"other GPUs (QuantSpec(act_order=True, static_groups=True): no g_idx to read, the widths padded)")
     # vLLM's AutoGPTQConfig (auto_gptq.py at vllm-project/vllm 055e47c28003156421365af985d676fc921cb075) takes
     # desc_act: GPTQ Marlin and MoE Marlin read g_idx (padding no width to their tiles). MoE WNA16 reads none
     # (moe_wna16_weight_loader skips g_idx), so the experts vLLM builds there get the scales of group k // group_size,

@@ -3804,3 +3804,27 @@ def test_a_vlms_linears_left_in_full_precision_are_named_as_engines_name_them(tm
             assert _vllm_builds_unquantized(rules, f"{lead}.1.mlp.down_proj")
             assert not _vllm_builds_unquantized(rules, f"{lead}.0.mlp.down_proj")
             assert not _vllm_builds_unquantized(rules, f"{lead}.1.mlp.gate_up_proj")
+
+
+@pytest.mark.parametrize("hidden, inter, first", [(128, 96, "model.layers.0.mlp.down_proj"), (128, 128, None),
+                                                  (64, 128, "model.layers.0.self_attn.q_proj")])
+def test_act_order_linears_off_marlin_s_tiles_are_warned_of(gen, tmp_path, hidden, inter, first):
+    """vLLM's GPTQ Marlin pads a linear's widths to its tiles except under act-order, where it takes in_features
+    that are a multiple of 128 and out_features of 64 only (MarlinLinearKernel.can_implement at vllm-project/vllm
+    055e47c28003156421365af985d676fc921cb075), as vLLM loads them: gate/up of 96 outputs each are one gate_up_proj
+    of 192, which fits, and down_proj's 96 inputs do not. Elsewhere vLLM needs another kernel that reads g_idx,
+    and a bfloat16 model off Hopper has none; the warnings said nothing of it."""
+    import warnings
+
+    model = _tiny_llama(hidden, inter)
+    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True, act_order=True), method="gptq",
+                        calibration=calibration, backend="torch", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    assert _qconfigs(tmp_path / "q")[0]["desc_act"] is True
+    said = [str(w.message) for w in record if "GPTQ Marlin does not take with act-order" in str(w.message)]
+    assert len(said) == (first is not None)
+    if said:
+        assert f"(first: {first}, " in said[0] and "static_groups=True" in said[0], said[0]
