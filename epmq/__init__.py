@@ -29,7 +29,7 @@ try:
     from .merge_checkpoint import merge_checkpoints
     from .quantize_files import quantize_checkpoint
     from .qlinear import QuantLinear
-    from .walker import ExpertShapeError, QuantReport, quantize_model
+    from .walker import ExpertShapeError, QuantReport, StandInError, quantize_model
 except KeyboardInterrupt:
     def _module_run(argv) -> str:
         """The module ``python -m`` runs, read from the interpreter's arguments as it reads them:
@@ -57,5 +57,5 @@ except KeyboardInterrupt:
 __all__ += [
     "quantize_model", "QuantReport", "QuantLinear", "save_quantized", "load_quantized",
     "Adapter", "register_adapter", "merge_checkpoints",
-    "quantize_checkpoint", "LoraExpert", "ExpertShapeError",
+    "quantize_checkpoint", "LoraExpert", "ExpertShapeError", "StandInError",
 ]

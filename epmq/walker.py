@@ -1787,8 +1787,12 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _StandInRefused(ValueError):
-    """An adapter's stand-ins refused from inside the model's forward pass: not the model's own error."""
+class StandInError(ValueError):
+    """The blocks an adapter walks return more than its stand-ins for them (``Adapter.passthrough_of``),
+    and the model fails on, or takes a later block's argument out of, what a stand-in returned
+    (``_refuse_stand_in``): the adapter does not fit the blocks. Public by name
+    (``epmq.StandInError``): it is what the user's traceback shows, and the stack entry passes it on
+    as it is, not as the calibration's failure (the model's error, where it failed, is its cause)."""
 
 
 class _Interleaved(Exception):
@@ -1972,7 +1976,7 @@ def _refuse_stand_in(stack, called, error, taken: Optional[str] = None):
     # (more outputs than the stand-in's: what the model takes of them after the block is missing)
     if isinstance(real, (tuple, list)) and len(real) > (len(given) if isinstance(given, (tuple, list)) else 1):
         first_line = str(error).splitlines()[0][:300] if str(error) else ""
-        raise _StandInRefused(
+        raise StandInError(
             f"the blocks at {stack.prefix!r} ({stack.adapter.name}) return {kind(real)} (block {j}: "
             f"{type(block).__name__}) where the adapter's stand-ins return {kind(given)}, and the model "
             + (f"took {taken} out of that" if taken else f"failed on that ({type(error).__name__}: {first_line})")
@@ -3015,7 +3019,7 @@ class _Walk:
                             _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             pass
-                        except (torch.OutOfMemoryError, _StandInRefused, ExpertShapeError):
+                        except (torch.OutOfMemoryError, StandInError, ExpertShapeError):
                             raise
                         except Exception as e:
                             if not now["past"] and now["called"] is not None and not stack.adapter.runs_blocks:

@@ -1322,7 +1322,10 @@ def test_a_registered_adapter_whose_stand_ins_return_less_than_its_blocks_is_ref
     states alone, and the walk ended in the model's bare 'not enough values to unpack (expected 2, got 1)';
     with a batch of 2 the stand-in's tensor unpacked into its two rows, the second handed to the next block
     as its position bias, and the walk ended at block 1 in torch's bare "shape '[-1, 63, 63]' is invalid".
-    Refused naming the blocks, what they return, what the stand-ins return and the remedy."""
+    Refused naming the blocks, what they return, what the stand-ins return and the remedy, under a
+    public name (it read epmq.walker._StandInRefused, a private class), the model's error its cause."""
+    import traceback
+
     from test_walker_towers import tiny_speech_encoder_decoder
 
     model = tiny_speech_encoder_decoder(False, family="WavLM")
@@ -1330,9 +1333,17 @@ def test_a_registered_adapter_whose_stand_ins_return_less_than_its_blocks_is_ref
                 decoder_input_ids=torch.randint(1, 64, (batch, 6), generator=gen))
     with pytest.raises(ValueError, match=r"the blocks at 'encoder\.encoder\.layers' \(mine\) return a tuple of 2 "
                                          r"\(block 0: WavLMEncoderLayer\) where the adapter's stand-ins return a "
-                                         r"tensor, and the model .*passthrough_of.*adapters\.AUTO"):
+                                         r"tensor, and the model .*passthrough_of.*adapters\.AUTO") as refused:
         epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", calibration={"a": [item]},
                             progress=False, adapter=[epmq.adapters.GPT2, epmq.Adapter("mine", ("WavLMEncoderLayer",))])
+    assert isinstance(refused.value, epmq.StandInError) and "StandInError" in epmq.__all__
+    said = traceback.format_exception_only(type(refused.value), refused.value)[-1]
+    assert said.startswith("epmq.walker.StandInError: the blocks at 'encoder.encoder.layers' (mine) return "), said
+    if batch == 1:  # (the model failed unpacking the stand-in's tensor; with 2 rows it took them apart)
+        assert "failed on that (ValueError: not enough values to unpack" in said
+        assert isinstance(refused.value.__cause__, ValueError) and "unpack" in str(refused.value.__cause__)
+    else:
+        assert "took block 1's position_bias out of that" in said and refused.value.__cause__ is None
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
