@@ -1899,11 +1899,12 @@ def _check_hidden(stack, hidden):
 
 
 def _versions_of(named: dict, count=version) -> dict:
-    """The version counters of the tensors among keyword arguments (in lists and tuples too);
-    None for an inference tensor (a buffer of a model made under ``torch.inference_mode``),
-    which has none and cannot be written outside that mode."""
-    return {name: [count(t) for t in (value if isinstance(value, (list, tuple)) else (value,))
-                   if isinstance(t, torch.Tensor)] for name, value in named.items()}
+    """The version counters of the tensors among keyword arguments, however nested (lists, tuples,
+    dicts, named tuples: torch's pytree; a write into a tensor held in a dict went unseen); None for
+    an inference tensor (a buffer of a model made under ``torch.inference_mode``), which has none
+    and cannot be written outside that mode."""
+    return {name: [count(t) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+            for name, value in named.items()}
 
 
 def _check_kept(stack, now, task, n) -> None:

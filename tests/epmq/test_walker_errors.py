@@ -879,6 +879,60 @@ def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true
     assert not any("hessian_of" in layer for layer in models[InPlace].epmq_report.layers)
 
 
+class GainedBlock(nn.Module):
+    """``x + fc(x * gain)``, the gain handed to it nested: ``gains["gain"]`` or ``gains["all"][0]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, gains):
+        gain = gains["gain"] if "gain" in gains else gains["all"][0]
+        return x + self.fc(x * gain)
+
+
+class GainAdvancingNet(Net):
+    """Two GainedBlocks, the gain a step counter advanced after each block: in place, in the one
+    ``gains`` handed to both (``fresh``: a new tensor in a new dict per call)."""
+
+    def __init__(self, nest, fresh=False):
+        super().__init__(GainedBlock)
+        self.nest, self.fresh = nest, fresh
+
+    def forward(self, x):
+        gain = torch.ones(())
+        for layer in self.layers:
+            x = layer(x, gains={"gain": gain} if self.nest == "dict" else {"all": [gain]})
+            gain = gain + 1 if self.fresh else gain.add_(1)
+        return x
+
+
+@pytest.mark.parametrize("nest", ["dict", "list in a dict"])
+def test_an_argument_written_in_place_after_the_call_inside_a_dict_is_refused(nest, gen, monkeypatch):
+    """The walk calls each block again with its arguments as recorded: a tensor the model advances in
+    place after the call holds the later value by then. The check looked only in flat lists and tuples:
+    held in a dict, block 0's linear was solved on x * 3 where the model runs it on x * 1, without a
+    word. Refused, naming the argument, however nested; a new tensor per call is walked on what the
+    block gets."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                   adapter=epmq.Adapter("gained", block_types=(GainedBlock,)),
+                   layers=lambda name: name == "layers.0.fc")
+    model = GainAdvancingNet(nest)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model writes in place into 'gains', an "
+                                         r"argument of block 0 at 'layers', after that block's call"):
+        epmq.quantize_model(model, SPEC, **options)
+    assert_untouched(model, before)
+    model = GainAdvancingNet(nest, fresh=True)
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, **options)
+    assert_same_statistics(seen, hand)
+
+
 @pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
 def test_interleaved_stacks_refuse_target_streams(targets, gen):
     """CoCa's decoder calls a block of one list, then one of the other: a target stream, which
