@@ -1899,25 +1899,38 @@ def _check_hidden(stack, hidden):
 
 
 def _versions_of(named: dict, count=version) -> dict:
-    """The version counters of the tensors among keyword arguments, however nested (lists, tuples,
-    dicts, named tuples: torch's pytree; a write into a tensor held in a dict went unseen); None for
-    an inference tensor (a buffer of a model made under ``torch.inference_mode``), which has none
-    and cannot be written outside that mode."""
-    return {name: [count(t) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    """The tensors among keyword arguments, however nested (lists, tuples, dicts, named tuples:
+    torch's pytree; a write into a tensor held in a dict went unseen), each with its version counter
+    (None for an inference tensor, a buffer of a model made under ``torch.inference_mode``, which has
+    none and cannot be written outside that mode). The tensors are held, not their ids: one the model
+    puts in another's place (a dict's entry advanced out of place) may take the freed one's id."""
+    return {name: [(t, count(t)) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
             for name, value in named.items()}
+
+
+def _replaced(given, now) -> bool:
+    """Whether an argument's tensors (``_versions_of``) are no longer those it was given."""
+    return len(given) != len(now) or any(t is not u for (t, _), (u, _) in zip(given, now))
+
+
+def _changed(given, now) -> bool:
+    """Whether an argument's tensors (``_versions_of``) were replaced or written in place since."""
+    return _replaced(given, now) or any(v != w for (_, v), (_, w) in zip(given, now))
 
 
 def _check_kept(stack, now, task, n) -> None:
     """A ValueError if the model wrote in place into a keyword argument of a block after calling
-    it (a step counter advanced between calls): the walk calls each block again with the
-    arguments as recorded, which would then hold the later values."""
+    it (a step counter advanced between calls), or put other tensors into it (a dict's entry):
+    the walk calls each block again with the arguments as recorded, which would then hold the
+    later values."""
     for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
         if named is None:
             continue
         for name, now_versions in _versions_of(named, version).items():
-            if now_versions != versions[name] and None not in now_versions:
+            if _changed(versions[name], now_versions):
+                how = "puts other tensors into" if _replaced(versions[name], now_versions) else "writes in place into"
                 raise ValueError(
-                    f"calibration[{task!r}] item {n}: the model writes in place into {name!r}, an argument of "
+                    f"calibration[{task!r}] item {n}: the model {how} {name!r}, an argument of "
                     f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
                     f"with its arguments as they were given, which they no longer are: give the model a "
                     f"new tensor per call, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
@@ -1931,7 +1944,7 @@ def _run_block(stack, j, block, hidden, named):
         given = _versions_of(named)
         output = block(hidden, **named)
         wrong = stack.adapter.returned(block, hidden, output)
-        written = [name for name, v in given.items() if v != _versions_of(named)[name]]
+        written = [name for name, v in given.items() if _changed(v, _versions_of(named)[name])]
         if written and not wrong:  # (so no two calls of the block would agree)
             wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or cache under a name "
                      f"the walker does not know)")

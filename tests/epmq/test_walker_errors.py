@@ -933,6 +933,35 @@ def test_an_argument_written_in_place_after_the_call_inside_a_dict_is_refused(ne
     assert_same_statistics(seen, hand)
 
 
+class GainReplacingNet(GainAdvancingNet):
+    """GainAdvancingNet whose gain is advanced out of place, the new tensor put in the old one's
+    place in the ``gains`` handed to both blocks."""
+
+    def forward(self, x):
+        gains = {"gain": torch.ones(())} if self.nest == "dict" else {"all": [torch.ones(())]}
+        held, key = (gains, "gain") if self.nest == "dict" else (gains["all"], 0)
+        for layer in self.layers:
+            x = layer(x, gains=gains)
+            held[key] = held[key] + 1
+        return x
+
+
+@pytest.mark.parametrize("nest", ["dict", "list in a dict"])
+def test_an_argument_whose_tensor_the_model_replaces_after_the_call_is_refused(nest, gen):
+    """A tensor the model puts in another's place inside an argument after the block's call (a dict's
+    entry advanced out of place) has a version counter of its own, which the check compared alone:
+    block 0's linear was solved on x * 3 where the model runs it on x * 1, without a word. Refused,
+    naming the argument."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = GainReplacingNet(nest)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model puts other tensors into 'gains', "
+                                         r"an argument of block 0 at 'layers', after that block's call"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.Adapter("gained", block_types=(GainedBlock,)))
+    assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("targets", ["fp_path", "expert_path"])
 def test_interleaved_stacks_refuse_target_streams(targets, gen):
     """CoCa's decoder calls a block of one list, then one of the other: a target stream, which
