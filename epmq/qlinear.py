@@ -363,13 +363,29 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # a layer moved off the GPU must not keep GPU copies of its zeros and grids alive
         self._derived = {}
-        scales = self.scales
+        scales, dtype = self.scales, self._dtype_probe.dtype
         out = super()._apply(fn, *args, **kwargs)
         # the scales are part of the packed format (fp16, or fp32 from a checkpoint loaded with
         # assign=True): .to(bfloat16) must not round them for good, as it would a float buffer
         if self.scales.dtype != scales.dtype:
             self.scales = scales.to(device=self.scales.device)
+        if self._dtype_probe.dtype != dtype:
+            self._warn_overflow()
         return out
+
+    def _warn_overflow(self) -> None:
+        """Warn where the layer's weight overflows the dtype it was just cast to, as ``from_result``
+        and ``load_state_dict`` refuse: its outputs would be inf. Warned, not refused: inside
+        ``model.half()`` the modules before this one are cast already, and a raise would leave the
+        model half cast."""
+        if any(t.is_meta or _is_fake(t) for t in (self.qweight, self.qzeros, self.scales, self.g_idx)):
+            return
+        dtype = self._dtype_probe.dtype
+        largest = weight_overflow(self.scales, self.zeros, self.codes, self.g_idx, (1 << self.bits) - 1, dtype)
+        if largest is not None:
+            warnings.warn(f"QuantLinear({self.extra_repr()}) cast to {str(dtype)[6:]}: weights up to {largest:.4g} "
+                          f"(scales times codes less zero points) overflow it (largest {torch.finfo(dtype).max:.6g}): "
+                          f"its outputs will be inf; keep the model in bfloat16 or float32, or rescale the layer")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

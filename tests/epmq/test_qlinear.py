@@ -935,6 +935,28 @@ def test_weights_that_overflow_a_float16_layer_are_refused(gen):
         bf16.load_state_dict(state, assign=assign)
 
 
+def test_casting_a_layer_to_float16_warns_where_its_weights_overflow(gen):
+    """from_result and load_state_dict refuse a float16 layer whose weights pass float16's largest,
+    but a bfloat16 or float32 one cast after (layer.half(), model.to(torch.float16)) went float16
+    without a word, its outputs inf. Warned, naming the layer and its largest weight (a raise
+    inside model.half() would leave the model half cast); a layer that fits casts in silence."""
+    import warnings
+
+    result = quant.rtn(torch.randn(8, 32, generator=gen) * 1e5, epmq.QuantSpec(bits=4, group_size=16))
+    message = r"QuantLinear\(in_features=32, out_features=8.* cast to float16: weights up to .* overflow it"
+    x = torch.randn(2, 32, generator=gen).half()
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: torch.nn.Sequential(m).half()[0]):
+        for dtype in (torch.bfloat16, torch.float32):
+            with pytest.warns(UserWarning, match=message):
+                layer = cast(epmq.QuantLinear.from_result(result, dtype=dtype))
+            assert layer.weight.dtype == torch.float16 and not bool(torch.isfinite(layer(x)).all())
+    fits = quant.rtn(torch.randn(8, 32, generator=gen), epmq.QuantSpec(bits=4, group_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.QuantLinear.from_result(fits, dtype=torch.bfloat16).half()
+        epmq.QuantLinear.from_result(result, dtype=torch.float32).to(torch.bfloat16).float()
+
+
 def test_large_scales_whose_codes_stay_near_the_zero_point_are_taken_in_float16():
     """maxq times the largest scale only bounds the weights: where it passes float16's largest,
     the codes decide (a scale of 6e4 on codes one step from the zero point is a finite weight)."""
