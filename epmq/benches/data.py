@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..calibration import image_tree, upright
+from ..calibration import _PLUGIN_IMAGE_SUFFIXES, IMAGE_SUFFIXES, image_tree, upright
 from .config import BenchConfigError, DataSpec, repeated_class_names
 
 
@@ -54,6 +54,14 @@ class FolderImages:
         self.root = root
         index = {c: i for i, c in enumerate(classes)}
         self.items = []
+        # (an image beside the class folders has no label: it was left out in silence, the split smaller than
+        # its folder; refused, as class folders the train split lacks and images of formats not read are)
+        stray = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in IMAGE_SUFFIXES + _PLUGIN_IMAGE_SUFFIXES)
+        if stray:
+            raise BenchConfigError(f"{what}: {len(stray)} image file(s) directly in {root} ({stray[0].name}, ...) "
+                                   f"are in no class folder, so of no class: move each into its class's folder "
+                                   f"({root}/<class>/), or out of the split")
         for d in class_folders(root):
             if d.name not in index:
                 raise BenchConfigError(f"{what}: class directory {d} is not a class of the train split")

@@ -912,6 +912,26 @@ def test_hidden_folders_are_no_classes(tmp_path):
     assert [label for _, label in FolderImages(tmp_path, ["a", "b"], "test").items] == [0, 1]
 
 
+def test_images_beside_the_class_folders_are_refused(tmp_path):
+    """``train/stray.jpg`` next to ``train/cat/x.jpg`` has no class: it was left out of the split in
+    silence. Refused, naming how many and one; hidden files and files not images stay ignored."""
+    import numpy as np
+    from PIL import Image
+
+    from epmq.benches.data import FolderImages
+
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.png", ".thumb.png"):
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("labels by folder")
+    assert len(FolderImages(tmp_path, ["a"], "test")) == 1
+    for name in ("stray.JPG", "later.png"):
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name, format="PNG")
+    with pytest.raises(BenchConfigError, match=r"test: 2 image file\(s\) directly in .* \(later\.png, \.\.\.\) are in "
+                                               r"no class folder"):
+        FolderImages(tmp_path, ["a"], "test")
+
+
 def test_a_class_s_images_in_nested_folders_are_read(tmp_path):
     """A class's images kept in folders of their own (``train/cat/2019/x.jpg``, a photo library's export)
     were left out in silence: only the files directly in the class folder were read (a class of nested
