@@ -159,6 +159,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     qconfig.update(_optimum_fields(model, layers, qconfig))
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
+    rescaled = [name for name, m in model.named_modules() if getattr(m, "layers_are_rescaled", False) is True]
+    if rescaled:  # (RWKV's weights divided for inference: a loaded model divides them no more)
+        ours["rescaled"] = rescaled
     qconfig["epmq"] = ours
     # the experts transformers holds fused (stacked tensors), rebuilt as linears for the walk
     fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
@@ -1598,7 +1601,9 @@ def _check_epmq_section(directory: Path, ours) -> None:
         lacking = [f for f in _MODULE_FIELDS if f not in info] if isinstance(info, dict) else list(_MODULE_FIELDS)
         if lacking:
             raise ValueError(f"{where}: module {name!r} lacks {', '.join(lacking)}")
-    tied, transposed = ours.get("tied", {}), ours.get("transposed", [])
+    tied, transposed, rescaled = ours.get("tied", {}), ours.get("transposed", []), ours.get("rescaled", [])
+    if not (isinstance(rescaled, list) and all(isinstance(v, str) for v in rescaled)):
+        raise ValueError(f"{where}: rescaled must be a list of module names, got {rescaled!r}")
     if not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
         raise ValueError(f"{where}: tied must map names to names, got {tied!r}")
     if not (isinstance(transposed, list) and all(isinstance(v, str) for v in transposed)):
@@ -2127,6 +2132,14 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             raise ValueError(f"{directory} holds no values for {left[:5]} of {type(model).__name__}")
         model.to(device)  # the buffers built on the CPU
     ours = ours or {}
+    for name in ours.get("rescaled", []):
+        # (the checkpoint holds RWKV's weights as its eval-mode forward divides them, packed so:
+        # a fresh model would divide them again on its first forward)
+        owner = dict(model.named_modules()).get(name)
+        if not hasattr(owner, "layers_are_rescaled"):
+            raise ValueError(f"{directory}: its weights were saved as module {name!r} rescales them for inference "
+                             f"(RWKV's layers_are_rescaled), and {type(model).__name__} has no such module there")
+        owner.layers_are_rescaled = True
     kinds = {(m["bits"], m["group_size"]) for m in modules.values()}
     if len(kinds) == 1 and next(iter(kinds)) != (qconfig["bits"], qconfig.get("group_size", -1)):
         bits, group_size = next(iter(kinds))

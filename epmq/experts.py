@@ -69,6 +69,9 @@ class ExpertWeights:
         # model name -> (its shape, [(checkpoint key, where, at)]): a tensor the model's loading
         # makes of parts of checkpoint tensors (``join``), read under its own name
         self._joined = {}
+        # model name -> what the merged model's weight was divided by (RWKV's layers rescaled for
+        # inference, ``walker._rescale_for_inference``): the expert's is read divided alike
+        self.divisors = {}
 
     def close(self) -> None:
         self.reader.close()
@@ -191,7 +194,8 @@ class ExpertWeights:
                 f"{tensor.dtype}, not as floating point: is it a quantized checkpoint? Experts must be "
                 f"full-precision checkpoints of the merged model's architecture"
             )
-        return tensor
+        divisor = self.divisors.get(name)
+        return tensor if divisor is None else tensor / divisor
 
     def _join(self, name: str, index=None) -> torch.Tensor:
         """Tensor ``name`` made of its parts (``join``; one read of each), ``[index]`` of it."""
@@ -226,6 +230,8 @@ class ExpertWeights:
         so (``LoraExpert.low_rank``; ``bases``: its base's tensors shared with other adapters'),
         the parts' values checked; else None."""
         lora = self.reader.lora
+        if name in self.divisors:  # (read dense, divided: W_0 is shared by the experts of one base)
+            return None
         shared = {id(t) for t in bases.values()} if bases else set()  # (W_0s checked already)
         expert = None if lora is None else lora.low_rank(self._require(name), device, bases)
         if expert is not None:

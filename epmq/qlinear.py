@@ -139,8 +139,9 @@ class PackedWeight(torch.Tensor):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, PackedWeight):
                 # (dropped, as the meta stand-in's were, not refused: RWKV divides its layers' weights
-                # in place when first run in eval mode, and a checkpoint the walk quantized, in eval
-                # mode, holds them divided already)
+                # in place when first run in eval mode, and a checkpoint epmq wrote before it said so
+                # (save_quantized's "rescaled") may hold them divided already; the walk divides them
+                # before packing, walker._rescale_for_inference)
                 warnings.warn(
                     f"{func.__name__} into the weight of QuantLinear({value.layer.extra_repr()}) is dropped: "
                     f"the layer is packed, its weight the dequantized codes; write its buffers (qweight, "

@@ -374,6 +374,7 @@ def quantize_model(
             # modes of those they replace: restored with the rest at the end)
             modes = {m: m.training for m in model.modules()}
             model.eval()
+            divisors = _rescale_for_inference(model)
             stacks, tied, routers = _plan(model, towers, layers)
             read = _take_weights_read(stacks)
             if method == "rtn":
@@ -402,6 +403,9 @@ def quantize_model(
                     if targets == "expert_path":  # (experts numbering the tokens otherwise: their row maps)
                         experts = on_model_vocabulary(model, experts)
                     sources = {task: ExpertWeights(experts[task], task=task) for task in calibration}
+                    for task, source in sources.items():
+                        if not _rescaled_for_inference(experts[task]):
+                            source.divisors = divisors
                     _check_expert_configs(model, sources, experts)
                 walk = _Walk(
                     model, stacks, renames, spec, method, targets, calibration, sources,
@@ -773,6 +777,37 @@ def _prepare_walked(model, towers, layers, edits) -> dict:
         else:
             edits.undo(mark, [block for _, blocks in stacks for block in blocks])
     return names
+
+
+def _rescale_for_inference(model) -> dict:
+    """RWKV (transformers' ``RwkvModel``, ``rescale_every`` > 0) divides block i's
+    ``attention.output`` and ``feed_forward.value`` weights by ``2 ** (i // rescale_every)`` in place
+    on its first forward in eval mode (its hidden states are halved to match), so that fp16 does
+    not overflow. A packed layer's weight takes no writes: RTN packed the undivided weights and the
+    division was dropped (logits 40% off), and a GPTQ walk packed the divided ones only because its
+    calibration ran the model first. The division is done here, before anything is packed, so the
+    codes are always of the weights the model runs in eval mode, and ``layers_are_rescaled`` says so
+    (``save_quantized`` records it, ``load_quantized`` restores it). Returns ``{tensor name:
+    divisor}`` of every weight so divided: an expert's tensors are read undivided."""
+    divisors = {}
+    for prefix, module in model.named_modules():
+        every = getattr(getattr(module, "config", None), "rescale_every", 0)
+        if not (hasattr(module, "layers_are_rescaled") and hasattr(module, "_rescale_layers")
+                and isinstance(every, int) and every > 0):
+            continue
+        module._rescale_layers()  # (in eval mode: divides once, a model already run divided already)
+        for i in range(every, len(module.blocks)):  # (the first rescale_every blocks: divided by 1)
+            for rel in ("attention.output.weight", "feed_forward.value.weight"):
+                divisors[f"{prefix}.blocks.{i}.{rel}".lstrip(".")] = 2 ** (i // every)
+    return divisors
+
+
+def _rescaled_for_inference(expert) -> bool:
+    """An expert given as a module that has run in eval mode holds its weights divided already
+    (``_rescale_for_inference``)."""
+    expert = expert.source if isinstance(expert, OnVocabulary) else expert
+    return isinstance(expert, nn.Module) and any(getattr(m, "layers_are_rescaled", False) is True
+                                                 for m in expert.modules())
 
 
 def _plan(model, towers, layers) -> tuple:
