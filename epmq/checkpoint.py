@@ -658,9 +658,10 @@ def _engine_name(name: str, composite: bool) -> str:
     return regex
 
 
-def _dynamic_rules(layers, names, base, composite) -> dict:
+def _dynamic_rules(layers, names, base, composite, desc_act=False) -> dict:
     """``dynamic`` ``+:`` rules giving the bits and group size of the layers quantized otherwise than
-    ``base`` (the config's), under their names on disk (``names``: GPTQModel matches those) and under
+    ``base`` (the config's; ``desc_act`` its act-order), and act-order where engines would read it otherwise,
+    under their names on disk (``names``: GPTQModel matches those) and under
     the names vLLM and SGLang build them by: one module of q/k/v_proj (``qkv_proj``) and of
     gate/up_proj (``gate_up_proj``), and a block's routed experts one ``FusedMoE`` named
     ``<...>.experts``. Such a module whose linears differ is warned of (the engines build it at one
@@ -708,6 +709,11 @@ def _dynamic_rules(layers, names, base, composite) -> dict:
         else:
             regex = shape.replace("{}", indices[0] if len(indices) == 1 else f"(?:{'|'.join(indices)})", 1)
         dynamic[f"+:{regex}"] = {"bits": bits, "group_size": group_size}
+        # vLLM's and SGLang's GPTQ configs read desc_act as false per channel (one group, no order) and a rule
+        # without desc_act keeps that: a per-channel config would build the rule's grouped act-order layers
+        # without their g_idx, served wrong without an error (override_config reads desc_act from the rule)
+        if desc_act and (group_size == -1) != (base[1] == -1):
+            dynamic[f"+:{regex}"]["desc_act"] = group_size != -1
     return dynamic
 
 
@@ -1132,12 +1138,12 @@ def _quantize_config(model, layers, names, checkpoint_format, tied) -> dict:
     # get ``dynamic`` rules, which GPTQModel, vLLM and SGLang read per module
     kinds = [(m.bits, m.group_size) for m in layers.values()]
     base = max(dict.fromkeys(kinds), key=kinds.count)
-    dynamic = _dynamic_rules(layers, names, base, _composite(model))
+    static = all(torch.equal(m.g_idx.long().cpu(), in_order_g_idx(m.in_features, m.group_size).long())
+                 for m in layers.values())
+    dynamic = _dynamic_rules(layers, names, base, _composite(model), desc_act=not static)
     # sym tells engines to ignore qzeros (Marlin), so every layer's zero points must be the
     # midpoint, unless a call said its grids are asymmetric (then it is not claimed)
     sym = info["sym"] is not False and all(_symmetric(m) for m in layers.values())
-    static = all(torch.equal(m.g_idx.long().cpu(), in_order_g_idx(m.in_features, m.group_size).long())
-                 for m in layers.values())
     for field, default in (("act_order", False), ("static_groups", False), ("true_sequential", True)):
         if field not in mixed and info[field] is None:  # (no layer says: GPTQ's defaults)
             info[field] = default

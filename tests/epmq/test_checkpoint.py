@@ -3831,3 +3831,34 @@ def test_act_order_linears_off_marlin_s_tiles_are_warned_of(gen, tmp_path, hidde
     assert len(said) == (first is not None)
     if said:
         assert f"(first: {first}, " in said[0] and "static_groups=True" in said[0], said[0]
+
+
+def _vllm_desc_act(q, prefix):
+    """Whether vLLM's AutoGPTQConfig builds the module ``prefix`` reading its g_idx: the config's desc_act, read as
+    false per channel (AutoGPTQConfig.__init__), then the first ``+:`` rule matching it (override_config)."""
+    import re
+
+    desc_act = q["desc_act"] and q["group_size"] != -1
+    for rule, override in q.get("dynamic", {}).items():
+        if re.match(rule[2:] if rule[:2] in ("-:", "+:") else rule, prefix):
+            return override.get("desc_act", desc_act)
+    return desc_act
+
+
+@pytest.mark.parametrize("base, other", [(-1, 32), (32, -1)])
+def test_rules_of_act_order_layers_say_their_desc_act(gen, tmp_path, base, other):
+    """A per-channel config (group_size -1) with block 1's MLP quantized in groups of 32 with act-order wrote
+    desc_act true, which vLLM's AutoGPTQConfig turns off per channel, and rules of bits and group size only:
+    vLLM built those grouped layers without their g_idx, served wrong without an error. The rules say desc_act
+    where the config's, as vLLM reads it, is not the layers' (grouped under per channel, and the other way round)."""
+    model = _tiny_llama()
+    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
+    for group, layers in ((other, r"model\.layers\.1\.mlp\."), (base, None)):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=group, sym=True, act_order=True),
+                            method="gptq", calibration=calibration, backend="torch", layers=layers, progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    modules = _qconfigs(tmp_path / "q")[1]["epmq"]["modules"]
+    for q in _qconfigs(tmp_path / "q"):
+        assert (q["group_size"], q["desc_act"]) == (base, True)  # (some g_idx permuted)
+        for name, shards in _vllm_names("llama").items():
+            assert {_vllm_desc_act(q, name)} == {modules[s]["group_size"] != -1 for s in shards}, name
