@@ -169,7 +169,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     _serving_warnings(layers, qconfig, split, [disk for disk in names.values() if _experts_of(disk)], fused,
                       _built_as_linear_subclasses(model, layers), _expert_widths(model, layers, to_disk),
                       getattr(getattr(model, "config", None), "model_type", None) in _ROUTER_ON_INPUT,
-                      _hidden_activation(model), _marlin_act_order_unfit(layers, names, head))
+                      _hidden_activation(model),
+                      # (engines read act-order as off per channel: only grouped layers keep g_idx)
+                      _marlin_act_order_unfit({n: m for n, m in layers.items() if m.group_size != -1}, names, head))
     _stacked_experts_warning(model, layers, to_disk)
     _main_input_warning(model)
     files = {CONFIG_FILE: qconfig}
@@ -929,7 +931,9 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # Without act-order it pads the intermediate width to Marlin's tiles, which then need only hold whole groups
     # (allow_tile_padding, since vllm-project/vllm#45703); with it, the width must be a multiple of max(64, group)
     base = (qconfig["bits"], qconfig["group_size"])
-    step = max(64, qconfig["group_size"]) if qconfig["desc_act"] else max(1, qconfig["group_size"])
+    # (the config's own act-order, which AutoGPTQConfig reads as off per channel: the experts' check reads no rule)
+    act_order = qconfig["desc_act"] and qconfig["group_size"] != -1
+    step = max(64, qconfig["group_size"]) if act_order else max(1, qconfig["group_size"])
     unfit = {unit: (hidden, inter) for unit, (hidden, inter, kinds) in (expert_widths or {}).items()
              if router_on_input or any(h % 128 for h in hidden) or any(i % step for i in inter)}
     ruled = [(unit, kind) for unit in unfit for kind in sorted(expert_widths[unit][2] - {base})]
@@ -945,7 +949,7 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
                f"of widths vLLM's MoE Marlin does not take ({unit}: {hidden} wide, intermediate {inter}; it takes a "
                f"hidden width that is a multiple of 128 and "
                + (f"an intermediate width, on each tensor-parallel rank, that is a multiple of {step}"
-                  f"{' (act-order)' if qconfig['desc_act'] else ' (whole groups)'})" if step > 1 else
+                  f"{' (act-order)' if act_order else ' (whole groups)'})" if step > 1 else
                   "any intermediate width)"))
         reasons.append(
             f"routed experts {' and '.join(which)} by dynamic rules, {why}: vLLM builds those blocks' experts with "
@@ -996,8 +1000,9 @@ def _serving_warnings(layers, qconfig, split, experts, fused=(), subclassed=None
     # act-order linears (routed experts aside) whose widths GPTQ Marlin takes only padded, which it does not do
     # under act-order (_marlin_act_order_unfit); vLLM then tries its other WNA16 kernels in turn
     # (choose_mp_linear_kernel): Conch and Triton W4A16 refuse g_idx, Exllama takes float16 activations only and
-    # Machete Hopper (SM 9.0) only. (AutoGPTQConfig reads desc_act as false per channel: one group, no order)
-    if qconfig["desc_act"] and qconfig["group_size"] != -1 and marlin_unfit and not off_marlin and not marlin_refused:
+    # Machete Hopper (SM 9.0) only. (per-channel layers are none of them: AutoGPTQConfig and the rules read their
+    # desc_act as false, one group, no order)
+    if qconfig["desc_act"] and marlin_unfit and not off_marlin and not marlin_refused:
         name, k, n = marlin_unfit[0]
         reasons.append(
             f"{len(marlin_unfit)} act-order linears of widths vLLM's GPTQ Marlin does not take with act-order "

@@ -3862,3 +3862,37 @@ def test_rules_of_act_order_layers_say_their_desc_act(gen, tmp_path, base, other
         assert (q["group_size"], q["desc_act"]) == (base, True)  # (some g_idx permuted)
         for name, shards in _vllm_names("llama").items():
             assert {_vllm_desc_act(q, name)} == {modules[s]["group_size"] != -1 for s in shards}, name
+
+
+def test_act_order_warnings_read_desc_act_as_vllm_does_per_layer(gen, tmp_path):
+    """vLLM reads a per-channel config's desc_act as false (AutoGPTQConfig) and a rule's own per layer. The serving
+    warnings read the config's as such everywhere: routed experts left in full precision beside a per-channel
+    config were warned of as off MoE Marlin's act-order tiles (an intermediate width of 96, which vLLM pads
+    without act-order), and grouped act-order layers under a per-channel config, which their rules give act-order,
+    were not warned of when GPTQ Marlin does not take their widths with it."""
+    import warnings
+
+    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
+
+    def said(model, name):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            epmq.save_quantized(model, tmp_path / name)
+        assert _qconfigs(tmp_path / name)[0]["desc_act"] is True
+        return " ".join(str(w.message) for w in record)
+
+    def quantize(model, group, layers):  # (per channel: one group, whose order RTN's is as good as GPTQ's)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=group, sym=True, act_order=True),
+                            method="gptq" if group != -1 else "rtn", calibration=calibration, backend="torch",
+                            layers=layers, progress=False)
+
+    model = _qwen3_moe(128, 96)
+    quantize(model, 32, r"model\.layers\.1\.self_attn\.o_proj")
+    quantize(model, -1, "self_attn")
+    assert "MoE Marlin does not take" not in said(model, "moe")
+    model = _tiny_llama()  # (gate/up's 64 inputs: no multiple of 128)
+    quantize(model, 32, r"model\.layers\.1\.mlp\.")
+    quantize(model, -1, None)
+    message = said(model, "llama")
+    assert "1 act-order linears of widths vLLM's GPTQ Marlin does not take" in message, message
+    assert "(first: model.layers.1.mlp.gate_proj, 64 inputs, 256 outputs" in message, message
