@@ -954,7 +954,8 @@ def _warn_averaged_matrices(model, grams) -> None:
 
 def _config(path: Path) -> dict:
     """A checkpoint's ``config.json`` ({} if none; open_clip's open_clip_config.json as
-    ``_open_clip_config`` reads it); of a LoRA adapter, its base's (the one its config names: a
+    ``_open_clip_config`` reads it, where there is no config.json or the weights read are open_clip's
+    file); of a LoRA adapter, its base's (the one its config names: a
     local checkpoint, or an HF hub id's, at the revision the adapter records)."""
     if is_lora_adapter(path):
         named = named_base(path)
@@ -966,9 +967,15 @@ def _config(path: Path) -> dict:
             return {}  # (what reads the adapter's base says why it cannot)
         return _config(home) if home.is_dir() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    open_clip = config.with_name(OPEN_CLIP_CONFIG_FILE)
+    # (LAION's hub checkpoints hold transformers' copy and open_clip's, each with its config: the one of the
+    # weights read, or an open_clip file read by transformers' config was another architecture than its fine-tunes)
+    weights = weights_in(path) if path.is_dir() else path
+    if open_clip.is_file() and (not config.is_file() or (weights is not None
+                                                         and weights.name.startswith("open_clip_"))):
+        return _open_clip_config(read_json_file(open_clip))
     if not config.is_file():
-        open_clip = config.with_name(OPEN_CLIP_CONFIG_FILE)
-        return _open_clip_config(read_json_file(open_clip)) if open_clip.is_file() else {}
+        return {}
     content = read_json_file(config)
     return content if isinstance(content, dict) else {}
 

@@ -2783,6 +2783,40 @@ def test_open_clip_checkpoints_whose_configs_read_the_weights_otherwise_are_refu
         merge_checkpoints("task_arithmetic", [plain, same], tmp_path / "out", **merge)
 
 
+def test_an_open_clip_weight_file_beside_a_transformers_config_is_compared_by_its_open_clip_config(tmp_path):
+    """LAION's hub checkpoints hold the model twice: transformers' (model.safetensors, config.json of
+    model_type clip) and open_clip's (open_clip_model.safetensors, open_clip_config.json). Given its
+    open_clip file as the base of open_clip fine-tunes (which carry open_clip_config.json alone), the
+    base was read by the config.json beside it, a 'clip' checkpoint, and every fine-tune refused as of
+    another architecture; the config compared is the one of the weights read."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 4, "layers": 2}}
+
+    def save(name, quick_gelu=False):
+        cfg = dict(model_cfg, quick_gelu=quick_gelu)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+        save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
+                  str(tmp_path / name / "open_clip_model.safetensors"))
+        return tmp_path / name
+
+    base = save("base")
+    (base / "config.json").write_text(json.dumps({  # (transformers' copy's, as LAION's repos carry it)
+        "model_type": "clip", "text_config": {"model_type": "clip_text_model", "num_attention_heads": 4,
+                                              "num_hidden_layers": 2},
+        "vision_config": {"model_type": "clip_vision_model", "num_attention_heads": 4, "num_hidden_layers": 2}}))
+    merge = dict(base=base / "open_clip_model.safetensors", params={"scale": 1.0}, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_checkpoints("task_arithmetic", [save("a"), save("b")], tmp_path / "out", **merge)
+    with pytest.raises(ValueError, match=r"\{'quick_gelu': True\}, the base as \{'quick_gelu': False\}"):
+        merge_checkpoints("task_arithmetic", [save("quickgelu", quick_gelu=True)], tmp_path / "out2", **merge)
+
+
 def test_timm_checkpoints_whose_configs_build_another_model_are_refused(tmp_path):
     """timm's hub checkpoints (save_for_hf: config.json giving its architecture and model_args, no
     model_type) were compared on nothing: a fine-tune pooling its tokens' mean (global_pool avg)
