@@ -484,8 +484,9 @@ def _hidden_activation(model) -> Optional[str]:
     """The activation a transformers config names for the model's MLPs, experts included (``hidden_act``, Gemma's
     ``hidden_activation``; a VLM's text config's), which engines build the experts with; None where it names none."""
     config = getattr(model, "config", None)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    if hasattr(config, "get_text_config"):  # (the decoder's: MusicGen's config holds a text encoder's too,
+        # and transformers refuses to choose between them unasked)
+        config = config.get_text_config(decoder=True)
     name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     return name if isinstance(name, str) else None
 

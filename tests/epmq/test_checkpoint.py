@@ -2661,6 +2661,26 @@ def test_sglang_marlin_moe_runs_no_gelu_experts(arch, sym, warned, tmp_path):
         assert "GELU activation (gelu_pytorch_tanh; first: model.layers.0.experts)" in said[0]
 
 
+def test_a_model_of_a_text_encoder_and_a_decoder_is_saved(tmp_path):
+    """save_quantized asks the config for the activation of the text model's MLPs (get_text_config):
+    MusicGen's config holds a text encoder's and a decoder's, which transformers refuses to choose
+    between ('Multiple valid text configs'), so a walk that went through ended in that error at the
+    save; the decoder's is read, the one whose experts engines build."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration, T5Config)
+
+    text = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    audio = EncodecConfig(hidden_size=8, num_filters=4, codebook_size=16, codebook_dim=8, upsampling_ratios=[2, 2],
+                          num_residual_layers=1, sampling_rate=16, target_bandwidths=[1.5])
+    decoder = MusicgenDecoderConfig(vocab_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_dim=32, num_codebooks=2, max_position_embeddings=64)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(
+        text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=-1), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    assert (tmp_path / "q" / "quantize_config.json").is_file()
+
+
 def test_llama4_experts_follow_no_rule_on_marlin_whatever_their_widths(tmp_path):
     """vLLM's Llama 4 builds its experts' FusedMoE with apply_router_weight_on_input=True, which MoE Marlin does
     not take (check_moe_marlin_supports_layer), so on GPTQ Marlin they go to MoE WNA16, which reads no dynamic
