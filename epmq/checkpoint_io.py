@@ -1094,7 +1094,9 @@ def _ties_off(model: nn.Module) -> bool:
     False``, which turns off every ``_tied_weights_keys`` tie: a checkpoint without one of them
     lacks it, it is not tied)."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # (the decoder's, whose head the tie is of: asked for "the" text config, transformers refuses a config
+    # of a text encoder and a decoder, MusicGen's)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     return not getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True))
 
 

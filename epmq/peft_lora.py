@@ -5,7 +5,9 @@ PEFT dispatches LoRA only to layer types it knows (``nn.Linear``, bitsandbytes',
 registers ``QuantLoraLinear`` for ``QuantLinear`` through PEFT's custom-module mechanism
 (``LoraConfig._register_custom_module``):
 
-    config = epmq.with_quant_linear(LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    from epmq.peft_lora import with_quant_linear
+
+    config = with_quant_linear(LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     model = peft.get_peft_model(epmq.load_quantized(directory), config)
 
 The base layer stays packed and frozen: ``y = QuantLinear(x) + B A x * scaling``, the adapters
@@ -64,8 +66,8 @@ class QuantLoraLinear(LoraLinear):
         return super()._get_in_out_features(module)
 
     def _get_base_layer_device_and_dtype(self, base_layer):
-        # (PEFT reads .weight first: a packed layer's is a stand-in on the meta device, where the
-        # adapters went, without values)
+        # (PEFT reads .weight first: a packed layer's is a PackedWeight, whose device and dtype are
+        # the codes' and the layer's; asked of them, no read can dequantize it)
         if isinstance(base_layer, QuantLinear):
             return base_layer.qweight.device, base_layer.weight.dtype
         return super()._get_base_layer_device_and_dtype(base_layer)

@@ -3916,3 +3916,27 @@ def test_act_order_warnings_read_desc_act_as_vllm_does_per_layer(gen, tmp_path):
     message = said(model, "llama")
     assert "1 act-order linears of widths vLLM's GPTQ Marlin does not take" in message, message
     assert "(first: model.layers.1.mlp.gate_proj, 64 inputs, 256 outputs" in message, message
+
+
+def test_the_ties_of_a_model_of_a_text_encoder_and_a_decoder_are_read_from_the_decoder():
+    """tie_order asks whether the config unties transformers' default ties (``tie_word_embeddings``)
+    of the text config: MusicGen's holds a text encoder's and a decoder's, which transformers refuses
+    to choose between, so asking ended in its 'Multiple valid text configs' error; the decoder's is read."""
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+
+    from epmq.checkpoint_io import _ties_off
+
+    text = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    audio = EncodecConfig(hidden_size=8, num_filters=4, codebook_size=16, codebook_dim=8, upsampling_ratios=[2, 2],
+                          num_residual_layers=1, sampling_rate=16, target_bandwidths=[1.5])
+    for tied in (True, False):
+        decoder = MusicgenDecoderConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                        ffn_dim=32, num_codebooks=2, tie_word_embeddings=tied)
+        config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+        assert _ties_off(_WithConfig(config)) is not tied
+
+
+class _WithConfig(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
