@@ -1107,11 +1107,8 @@ def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_pa
     solved toward them. Its use is refused in the pass, which reads the block whole: the model of
     whole reads, bit for bit. The weight handed to a torch function inside a dict or a nested list
     was not looked for, and its sum in there was 0 again."""
-    import copy
-
     from torch import nn
 
-    import epmq.walker as walker
     from test_walker_errors import Net
 
     class Block(nn.Module):
@@ -1128,24 +1125,7 @@ def test_a_block_that_sums_a_later_modules_weight_is_read_whole_on_the_expert_pa
             y = y + self.a(y)
             return y + self.c(self.norm(y))
 
-    torch.manual_seed(0)
-    net = Net(Block)
-    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
-               for t in ("a", "b")}
-    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
-    models = {}
-    for lazily in (False, True):
-        walker_lazily, walker.LAZY_EXPERT_BLOCKS = walker.LAZY_EXPERT_BLOCKS, lazily
-        try:
-            model = copy.deepcopy(net)
-            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
-                                calibration=calibration, experts=experts, backend="torch", progress=False,
-                                adapter=epmq.Adapter("scaled", block_types=(Block,)))
-        finally:
-            walker.LAZY_EXPERT_BLOCKS = walker_lazily
-        models[lazily] = model.state_dict()
-    for k, v in models[False].items():
-        assert torch.equal(models[True][k], v), k
+    _assert_lazy_reads_as_whole(Net(Block), Block, gen)
 
 
 class _ScriptedGain(torch.nn.Module):
@@ -1164,11 +1144,8 @@ def test_a_block_holding_a_torchscript_module_is_read_whole_on_the_expert_path(g
     hooked it, which a ScriptModule refuses, and the walk failed (its rollback then failed on the
     ScriptModule too). Nor would the guard of unread tensors see its scripted ops: an unread weight
     summed there is 0 without a word. The block is read whole: the model of whole reads."""
-    import copy
-
     from torch import nn
 
-    import epmq.walker as walker
     from test_walker_errors import Net
 
     class Block(nn.Module):
@@ -1181,24 +1158,7 @@ def test_a_block_holding_a_torchscript_module_is_read_whole_on_the_expert_path(g
             y = y + self.a(y)
             return y + self.c(y)
 
-    torch.manual_seed(0)
-    net = Net(Block)
-    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
-               for t in ("a", "b")}
-    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
-    models = {}
-    for lazily in (False, True):
-        walker_lazily, walker.LAZY_EXPERT_BLOCKS = walker.LAZY_EXPERT_BLOCKS, lazily
-        try:
-            model = copy.deepcopy(net)
-            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
-                                calibration=calibration, experts=experts, backend="torch", progress=False,
-                                adapter=epmq.Adapter("scripted", block_types=(Block,)))
-        finally:
-            walker.LAZY_EXPERT_BLOCKS = walker_lazily
-        models[lazily] = model.state_dict()
-    for k, v in models[False].items():
-        assert torch.equal(models[True][k], v), k
+    _assert_lazy_reads_as_whole(Net(Block), Block, gen)
 
 
 class _Gained(torch.nn.Module):
@@ -1583,3 +1543,29 @@ def test_a_read_of_its_own_is_not_the_next_read(tmp_path):
     expert = ExpertWeights(str(tmp_path / "x.safetensors"), task="t")
     expert.read("w", own=True).add_(1.0)
     assert not expert.read("w").any()
+
+
+def _assert_lazy_reads_as_whole(net, block_type, gen):
+    """E-PMQ's expert path of ``net`` (its blocks ``block_type``) quantizes bit for bit alike with
+    the experts' blocks read lazily and read whole."""
+    import copy
+
+    import epmq.walker as walker
+
+    torch.manual_seed(0)
+    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in net.state_dict().items()}
+               for t in ("a", "b")}
+    calibration = {t: [torch.randn(8, 16, generator=gen)] for t in experts}
+    models = {}
+    for lazily in (False, True):
+        walker_lazily, walker.LAZY_EXPERT_BLOCKS = walker.LAZY_EXPERT_BLOCKS, lazily
+        try:
+            model = copy.deepcopy(net)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                                calibration=calibration, experts=experts, backend="torch", progress=False,
+                                adapter=epmq.Adapter("tiny", block_types=(block_type,)))
+        finally:
+            walker.LAZY_EXPERT_BLOCKS = walker_lazily
+        models[lazily] = model.state_dict()
+    for k, v in models[False].items():
+        assert torch.equal(models[True][k], v), k
