@@ -2389,17 +2389,7 @@ def test_act_order_experts_vllm_builds_with_moe_wna16_are_said_to_lose_g_idx(gen
     (moe_wna16.py, moe_wna16_weight_loader): a 4-bit grouped block loads there without error and is served with
     the scales of group k // group_size. The act-order warning was the same for every checkpoint; it now names
     the first such block."""
-    import warnings
-
-    model = _qwen3_moe(128, inter)
-    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True, act_order=True), method="gptq",
-                        calibration=calibration, backend="torch", progress=False)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        epmq.save_quantized(model, tmp_path / "q")
-    assert _qconfigs(tmp_path / "q")[0]["desc_act"] is True
-    said = [str(w.message) for w in record if "desc_act: true" in str(w.message)]
+    said = _act_order_saved(_qwen3_moe(128, inter), gen, tmp_path, "desc_act: true")
     assert len(said) == 1 and "vllm-project/vllm#54809" in said[0]
     assert ("MoE WNA16 (first: model.layers.0.mlp.experts" in said[0]) == dropped, said[0]
 
@@ -3837,17 +3827,7 @@ def test_act_order_linears_off_marlin_s_tiles_are_warned_of(gen, tmp_path, hidde
     055e47c28003156421365af985d676fc921cb075), as vLLM loads them: gate/up of 96 outputs each are one gate_up_proj
     of 192, which fits, and down_proj's 96 inputs do not. Elsewhere vLLM needs another kernel that reads g_idx,
     and a bfloat16 model off Hopper has none; the warnings said nothing of it."""
-    import warnings
-
-    model = _tiny_llama(hidden, inter)
-    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
-    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True, act_order=True), method="gptq",
-                        calibration=calibration, backend="torch", progress=False)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        epmq.save_quantized(model, tmp_path / "q")
-    assert _qconfigs(tmp_path / "q")[0]["desc_act"] is True
-    said = [str(w.message) for w in record if "GPTQ Marlin does not take with act-order" in str(w.message)]
+    said = _act_order_saved(_tiny_llama(hidden, inter), gen, tmp_path, "GPTQ Marlin does not take with act-order")
     assert len(said) == (first is not None)
     if said:
         assert f"(first: {first}, " in said[0] and "static_groups=True" in said[0], said[0]
@@ -3940,3 +3920,18 @@ class _WithConfig(torch.nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+
+
+def _act_order_saved(model, gen, tmp_path, match: str) -> list:
+    """The messages saying ``match`` that save_quantized gives of ``model`` quantized by GPTQ with act-order
+    (4-bit, groups of 32), its config's desc_act true."""
+    import warnings
+
+    calibration = {"t": [torch.randint(0, 64, (1, 16), generator=gen) for _ in range(2)]}
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=32, sym=True, act_order=True), method="gptq",
+                        calibration=calibration, backend="torch", progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        epmq.save_quantized(model, tmp_path / "q")
+    assert _qconfigs(tmp_path / "q")[0]["desc_act"] is True
+    return [str(w.message) for w in record if match in str(w.message)]

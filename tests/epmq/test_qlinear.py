@@ -805,15 +805,7 @@ def test_peft_lora_trains_on_packed_layers_and_merges(gen, dtype, tmp_path):
     lora = peft.get_peft_model(model, config)
     assert sorted(n for n, p in lora.named_parameters() if p.requires_grad) == sorted(
         f"base_model.model.{layer}.lora_{ab}.default.weight" for layer in ("up", "down") for ab in "AB")
-    optimizer = torch.optim.Adam([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = (lora(x).float() - target).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    _assert_lora_trains(lora, [p for p in lora.parameters() if p.requires_grad], x, target)
     up = lora.base_model.model.up
     assert all(torch.equal(t, packed[name]) for name, t in model.state_dict().items() if name in packed)
     with torch.no_grad():
@@ -877,15 +869,7 @@ def test_peft_lora_initialisations_of_shapes_alone_train(gen, init):
                                                                          init_lora_weights=init)))
     adapters = [p for p in lora.parameters() if p.requires_grad]
     assert len(adapters) == 4 and not any(p.is_meta for p in adapters)
-    optimizer = torch.optim.Adam(adapters, lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = (lora(x).float() - target).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    _assert_lora_trains(lora, adapters, x, target)
     assert all(torch.equal(t, packed[name]) for name, t in model.state_dict().items() if name in packed)
 
 
@@ -995,3 +979,16 @@ def test_an_assigned_g_idx_is_held_as_int32(gen, g_idx_dtype):
         y = w4a16_matmul_reference(x, loaded.qweight, loaded.scales, loaded._zeros_u8(), 16, loaded.g_idx,
                                    dtype=torch.float32)
         torch.testing.assert_close(y + loaded.bias, loaded(x), rtol=1e-5, atol=1e-5)
+
+
+def _assert_lora_trains(lora, adapters, x, target):
+    """40 Adam steps on ``adapters`` bring ``lora``'s squared error to ``target`` below 0.7 of its first."""
+    optimizer = torch.optim.Adam(adapters, lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = (lora(x).float() - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
