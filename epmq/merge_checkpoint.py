@@ -1251,7 +1251,10 @@ def _windowed(config: dict) -> dict:
 
 
 def _tower_config(config: dict, model_type: str) -> dict:
-    return next(v for v in config.values() if isinstance(v, dict) and v.get("model_type") == model_type)
+    """``config``'s tower of ``model_type``; an open_clip one with its model_cfg's quick_gelu, with which
+    open_clip builds each tower's activation."""
+    tower = next(v for v in config.values() if isinstance(v, dict) and v.get("model_type") == model_type)
+    return {"quick_gelu": config["quick_gelu"], **tower} if "quick_gelu" in config else tower
 
 
 def _check_layer_counts(mine: dict, theirs: dict, what: str, ref_name: str, goal: str) -> None:

@@ -564,12 +564,16 @@ def _config_of(module) -> Optional[dict]:
         return config.to_dict()
     library = type(module).__module__.partition(".")[0]
     if library == "open_clip":
-        from .merge_checkpoint import _open_clip_config
+        from .merge_checkpoint import _open_clip_config, _tower_config
 
         model_cfg = _open_clip_model_cfg(module)
         config = _open_clip_config({"model_cfg": model_cfg}) if model_cfg else None
         if config is not None and "quick_gelu" not in model_cfg:  # (not open_clip's default: unknown)
             del config["quick_gelu"]
+        if config is not None and not isinstance(getattr(module, "visual", None), nn.Module):
+            # (an image tower walked alone: a CLIP's vision_cfg, which an expert's open_clip_config.json
+            # holds and _check_architectures compares as a tower of it)
+            config = _tower_config(config, "open_clip_vision_cfg")
         return config
     return _timm_config(module) if library == "timm" else None
 
@@ -577,13 +581,18 @@ def _config_of(module) -> Optional[dict]:
 def _open_clip_model_cfg(model) -> dict:
     """The fields of an open_clip model's ``model_cfg`` that are compared, as its modules were built by
     them: QuickGELU or GELU (``quick_gelu``), the layers and heads of each tower that is open_clip's
-    transformer (the image tower's heads as their ``head_width``). {} where it is no CLIP (a tower
-    alone), or none of its towers is such a transformer (timm's, HF's, a ResNet)."""
-    if not isinstance(getattr(model, "visual", None), nn.Module):
+    transformer (the image tower's heads as their ``head_width``); of an image tower alone (open_clip's
+    VisionTransformer), its CLIP's vision_cfg. {} where it is neither, or none of its towers is such a
+    transformer (timm's, HF's, a ResNet)."""
+    if isinstance(getattr(model, "visual", None), nn.Module):
+        # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
+        towers = (("vision_cfg", model.visual), ("text_cfg", getattr(model, "text", model)))
+    elif type(model).__name__ == "VisionTransformer":
+        towers = (("vision_cfg", model),)
+    else:
         return {}
     model_cfg, activations = {}, set()
-    # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
-    for scope, tower in (("vision_cfg", model.visual), ("text_cfg", getattr(model, "text", model))):
+    for scope, tower in towers:
         transformer = getattr(tower, "transformer", None)
         blocks = getattr(transformer, "resblocks", None)
         heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None

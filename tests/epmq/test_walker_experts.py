@@ -1569,3 +1569,46 @@ def _assert_lazy_reads_as_whole(net, block_type, gen):
         models[lazily] = model.state_dict()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
+
+
+def test_open_clip_image_tower_alone_refuses_experts_whose_config_reads_its_weights_otherwise(gen, tmp_path):
+    """An open_clip VisionTransformer walked alone had no config to compare with (it is no CLIP), so an
+    expert's open_clip_config.json giving QuickGELU, or other heads or layers, was compared with the
+    other experts' alone: a ViT-*-quickgelu fine-tune walked in silence beside a GELU tower. The tower
+    is read as its CLIP's vision_cfg, and the expert's vision_cfg (with its activation) compared with it."""
+    import json
+
+    from open_clip.model import CLIP
+
+    from test_walker_models import VOCAB
+
+    fam = Family("open_clip_vit", gen, tasks=["a"], n_samples=1)
+    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
+                                                   mlp_ratio=2.0),
+                     text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0))
+
+    def expert(name, **changes):
+        clip = CLIP(**model_cfg)
+        clip.visual.load_state_dict(fam.experts["a"].state_dict())
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+                  str(directory / "open_clip_model.safetensors"))
+        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**model_cfg, **changes}}))
+        return {"a": str(directory)}
+
+    def walk(experts):
+        model = fam.merged()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
+                            experts=experts, backend="torch", progress=False)
+        return model
+
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*quick.*'s open_clip_vision_cfg tower reads its "
+                                         r"weights as \{'quick_gelu': True\}, the model as \{'quick_gelu': False\}"):
+        walk(expert("quick", quick_gelu=True))
+    with pytest.raises(ValueError, match=r"reads its weights as \{'head_width': 16\}, the model as "
+                                         r"\{'head_width': 8\}"):
+        walk(expert("wide", vision_cfg={**model_cfg["vision_cfg"], "head_width": 16}))
+    with pytest.raises(ValueError, match=r"counts its layers as \{'layers': 3\}, the model as \{'layers': 2\}"):
+        walk(expert("deep", vision_cfg={**model_cfg["vision_cfg"], "layers": 3}))
+    assert any(isinstance(m, epmq.QuantLinear) for m in walk(expert("own")).modules())
