@@ -993,8 +993,10 @@ def _timm_read(config: dict) -> dict:
 
 
 # open_clip's defaults of the fields compared (its CLIPVisionCfg's and CLIPTextCfg's), which its
-# configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's gives true
-OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64}, "text_cfg": {"heads": 8}}
+# configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's gives true; an image
+# tower naming a timm model (timm_model_name) is built by its timm fields, no head_width
+OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64}, "text_cfg": {"heads": 8},
+                      "timm": {"timm_pool": "avg"}}
 
 
 def _open_clip_config(content) -> dict:
@@ -1007,8 +1009,16 @@ def _open_clip_config(content) -> dict:
         return {}
     config = {"model_type": "open_clip", "quick_gelu": OPEN_CLIP_DEFAULTS["quick_gelu"], **model_cfg}
     for tower in ("vision_cfg", "text_cfg"):
-        if isinstance(model_cfg.get(tower), dict):
-            config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS[tower], **model_cfg[tower]}
+        if not isinstance(model_cfg.get(tower), dict):
+            continue
+        timm_name = model_cfg[tower].get("timm_model_name")
+        timm = isinstance(timm_name, str) and bool(timm_name)
+        config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS["timm" if timm else tower],
+                         **model_cfg[tower]}
+        if timm:  # (a pretrained tag names weights, not another model, as timm splits it off)
+            config[tower]["timm_model_name"] = timm_name.partition(".")[0]
+            if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
+                del config[tower]["timm_pool"]
     return config
 
 
@@ -1079,7 +1089,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # parallel attention, Falcon's and MPT's ALiBi and its slopes, MPT's and DBRX's clipped q, k and v, or
 # attention scale), a mixture of experts routing tokens to another number of experts or weighing them
 # otherwise, timm's model pooling its tokens otherwise (its global_pool: the class token or their
-# mean) (refused, as another layer count); or positions turned by another
+# mean), an open_clip image tower built as another timm model or pooling its features otherwise
+# (timm_model_name, timm_pool) (refused, as another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
@@ -1092,7 +1103,8 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "use_parallel_residual", "parallel_attn", "alibi", "num_experts_per_tok", "norm_topk_prob",
            "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
-           "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights")
+           "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
+           "timm_model_name", "timm_pool")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

@@ -593,6 +593,9 @@ def _open_clip_model_cfg(model) -> dict:
         return {}
     model_cfg, activations = {}, set()
     for scope, tower in towers:
+        if scope == "vision_cfg" and type(tower).__name__ == "TimmModel":
+            model_cfg.update({scope: timm_cfg} if (timm_cfg := _open_clip_timm_cfg(tower)) else {})
+            continue
         transformer = getattr(tower, "transformer", None)
         blocks = getattr(transformer, "resblocks", None)
         heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
@@ -604,6 +607,20 @@ def _open_clip_model_cfg(model) -> dict:
     if len(activations) == 1:
         model_cfg["quick_gelu"] = activations == {"QuickGELU"}
     return model_cfg
+
+
+def _open_clip_timm_cfg(tower) -> dict:
+    """The vision_cfg fields compared of an open_clip image tower that is timm's (``TimmModel``), as it
+    was built by them: the timm model (``timm_model_name``, its trunk's architecture) and how its
+    features are pooled (``timm_pool``: an attention pool in its head, else its trunk's global_pool).
+    {} where timm's create_model did not build its trunk (no architecture)."""
+    timm_config = _timm_config(getattr(tower, "trunk", None))
+    if timm_config is None:
+        return {}
+    attention_pools = {"AttentionPool2d": "abs_attn", "RotAttentionPool2d": "rot_attn"}
+    pool = next((attention_pools[type(m).__name__] for m in tower.head.children()
+                 if type(m).__name__ in attention_pools), timm_config.get("model_args", {}).get("global_pool"))
+    return {"timm_model_name": timm_config["architecture"], **({"timm_pool": pool} if isinstance(pool, str) else {})}
 
 
 def _timm_config(model) -> Optional[dict]:

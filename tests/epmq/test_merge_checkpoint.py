@@ -3119,3 +3119,30 @@ def test_merge_params_nan_or_inf_as_a_string_get_a_hint_that_fits(value):
     assert "1e-1" not in message and "NaN and inf" in message
     with pytest.raises(ValueError, match=r"params.t is the string '1e-1', not a number \(YAML reads 1e-1"):
         check_merge_params("slerp", {"t": "1e-1"})
+
+
+def test_open_clip_checkpoints_on_timm_image_towers_built_otherwise_are_refused(tmp_path):
+    """open_clip checkpoints on a timm image tower (ViT-*-SigLIP*, EVA02-*) were compared on nothing of
+    that tower: one naming another timm model, or pooling the trunk's tokens otherwise (timm_pool), was
+    merged in silence. Both are compared, open_clip's default pool (avg) filled in; a pretrained tag
+    names weights, not another model, and a pool '' (the trunk's own) says nothing to compare."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, **vision):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "vit_base_patch16_siglip_224", **vision},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    base = save("base")
+    with pytest.raises(ValueError, match=r"model \S*map reads its weights as \{'vision_cfg.timm_pool': 'map'\}, the "
+                                         r"base as \{'vision_cfg.timm_pool': 'avg'\}"):
+        _check_architectures(base, [save("map", timm_pool="map")], ["map"])
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_224'\}, the base as "
+                                         r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_siglip_224'\}"):
+        _check_architectures(base, [save("plain", timm_model_name="vit_base_patch16_224")], ["plain"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(base, [save("same", timm_pool="avg", timm_model_name="vit_base_patch16_siglip_224.webli"),
+                                    save("own", timm_pool="")], ["same", "own"])

@@ -1612,3 +1612,41 @@ def test_open_clip_image_tower_alone_refuses_experts_whose_config_reads_its_weig
     with pytest.raises(ValueError, match=r"counts its layers as \{'layers': 3\}, the model as \{'layers': 2\}"):
         walk(expert("deep", vision_cfg={**model_cfg["vision_cfg"], "layers": 3}))
     assert any(isinstance(m, epmq.QuantLinear) for m in walk(expert("own")).modules())
+
+
+def test_open_clip_timm_image_tower_refuses_experts_built_as_another_timm_model_or_pool(gen, tmp_path):
+    """An open_clip CLIP on a timm image tower (ViT-*-SigLIP*, EVA02-*) had its timm tower's settings
+    compared with nothing: an expert whose open_clip_config.json names another timm model, or pools the
+    trunk's tokens otherwise (timm_pool: the class token, their mean), walked in silence. The model's
+    are read off its tower (its trunk's architecture, its pooling) and compared; a pretrained tag names
+    weights, not another model, and a pool '' (the trunk's own) says nothing to compare."""
+    import json
+
+    from test_walker_models import TIMM_CLIP_CFG
+
+    fam = Family("open_clip_timm", gen, tasks=["a"], n_samples=1)
+
+    def expert(name, **changes):
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({k: v.contiguous() for k, v in fam.experts["a"].state_dict().items()},
+                  str(directory / "open_clip_model.safetensors"))
+        model_cfg = {**TIMM_CLIP_CFG, "vision_cfg": {**TIMM_CLIP_CFG["vision_cfg"], **changes}}
+        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return {"a": str(directory)}
+
+    def walk(experts):
+        model = fam.merged()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
+                            experts=experts, backend="torch", progress=False)
+        return model
+
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*token.* reads its weights as "
+                                         r"\{'vision_cfg.timm_pool': 'token'\}, the model as "
+                                         r"\{'vision_cfg.timm_pool': 'avg'\}"):
+        walk(expert("token", timm_pool="token"))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'vit_tiny_patch16_224'\}, the model as "
+                                         r"\{'vision_cfg.timm_model_name': 'epmq_tiny_vit'\}"):
+        walk(expert("other", timm_model_name="vit_tiny_patch16_224"))
+    for name, changes in (("own", {}), ("tagged", dict(timm_model_name="epmq_tiny_vit.tuned", timm_pool=""))):
+        assert any(isinstance(m, epmq.QuantLinear) for m in walk(expert(name, **changes)).modules())

@@ -92,7 +92,8 @@ def _register_timm_model():
         def epmq_tiny_vit(pretrained=False, **options):
             model = tiny_timm_vit(**{k: v for k, v in options.items()  # (not the registry's own)
                                      if not k.startswith("pretrained_") and k != "cache_dir"})
-            model.pretrained_cfg = model.default_cfg = {}  # (timm's builder sets them; open_clip reads them)
+            # (timm's builder sets them, naming the architecture; open_clip reads them)
+            model.pretrained_cfg = model.default_cfg = {"architecture": "epmq_tiny_vit"}
             return model
 
         register_model(epmq_tiny_vit)
