@@ -1,5 +1,7 @@
 """Expert checkpoints in the forms they come in, matched to the merged model's tensor names."""
 
+import functools
+import json
 import sys
 import warnings
 from collections import namedtuple
@@ -1404,28 +1406,16 @@ def test_open_clip_expert_paths_whose_config_reads_the_weights_otherwise_are_ref
     was never compared: a ViT-*-quickgelu fine-tune (QuickGELU) walked as an expert of a GELU model, in
     silence. The model's own model_cfg is read off its modules (its activation, each tower's heads and
     layers) and compared as the merges compare two open_clip checkpoints."""
-    import json
 
     from test_walker_models import VOCAB
 
     fam = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
-    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
-                                                   mlp_ratio=2.0),
-                     text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0))
+    model_cfg = _open_clip_cfg(VOCAB)
 
     def expert(name, **changes):
-        directory = tmp_path / name
-        directory.mkdir()
-        save_file({k: v.contiguous() for k, v in fam.experts["a"].state_dict().items()},
-                  str(directory / "open_clip_model.safetensors"))
-        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**model_cfg, **changes}}))
-        return {"a": str(directory)}
+        return _open_clip_expert(tmp_path / name, fam.experts["a"].state_dict(), {**model_cfg, **changes})
 
-    def walk(experts):
-        model = fam.merged()
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
-                            experts=experts, backend="torch", progress=False)
-        return model
+    walk = functools.partial(_walk_epmq, fam)
 
     with pytest.raises(ValueError, match=r"the expert of task 'a' .*quick.* reads its weights as "
                                          r"\{'quick_gelu': True\}, the model as \{'quick_gelu': False\}"):
@@ -1576,32 +1566,20 @@ def test_open_clip_image_tower_alone_refuses_experts_whose_config_reads_its_weig
     expert's open_clip_config.json giving QuickGELU, or other heads or layers, was compared with the
     other experts' alone: a ViT-*-quickgelu fine-tune walked in silence beside a GELU tower. The tower
     is read as its CLIP's vision_cfg, and the expert's vision_cfg (with its activation) compared with it."""
-    import json
 
     from open_clip.model import CLIP
 
     from test_walker_models import VOCAB
 
     fam = Family("open_clip_vit", gen, tasks=["a"], n_samples=1)
-    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
-                                                   mlp_ratio=2.0),
-                     text_cfg=dict(context_length=8, vocab_size=VOCAB, width=32, heads=4, layers=2, mlp_ratio=2.0))
+    model_cfg = _open_clip_cfg(VOCAB)
 
     def expert(name, **changes):
         clip = CLIP(**model_cfg)
         clip.visual.load_state_dict(fam.experts["a"].state_dict())
-        directory = tmp_path / name
-        directory.mkdir()
-        save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
-                  str(directory / "open_clip_model.safetensors"))
-        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**model_cfg, **changes}}))
-        return {"a": str(directory)}
+        return _open_clip_expert(tmp_path / name, clip.state_dict(), {**model_cfg, **changes})
 
-    def walk(experts):
-        model = fam.merged()
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
-                            experts=experts, backend="torch", progress=False)
-        return model
+    walk = functools.partial(_walk_epmq, fam)
 
     with pytest.raises(ValueError, match=r"the expert of task 'a' .*quick.*'s open_clip_vision_cfg tower reads its "
                                          r"weights as \{'quick_gelu': True\}, the model as \{'quick_gelu': False\}"):
@@ -1620,26 +1598,16 @@ def test_open_clip_timm_image_tower_refuses_experts_built_as_another_timm_model_
     trunk's tokens otherwise (timm_pool: the class token, their mean), walked in silence. The model's
     are read off its tower (its trunk's architecture, its pooling) and compared; a pretrained tag names
     weights, not another model, and a pool '' (the trunk's own) says nothing to compare."""
-    import json
 
     from test_walker_models import TIMM_CLIP_CFG
 
     fam = Family("open_clip_timm", gen, tasks=["a"], n_samples=1)
 
     def expert(name, **changes):
-        directory = tmp_path / name
-        directory.mkdir()
-        save_file({k: v.contiguous() for k, v in fam.experts["a"].state_dict().items()},
-                  str(directory / "open_clip_model.safetensors"))
-        model_cfg = {**TIMM_CLIP_CFG, "vision_cfg": {**TIMM_CLIP_CFG["vision_cfg"], **changes}}
-        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return {"a": str(directory)}
+        return _open_clip_expert(tmp_path / name, fam.experts["a"].state_dict(),
+                                 {**TIMM_CLIP_CFG, "vision_cfg": {**TIMM_CLIP_CFG["vision_cfg"], **changes}})
 
-    def walk(experts):
-        model = fam.merged()
-        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
-                            experts=experts, backend="torch", progress=False)
-        return model
+    walk = functools.partial(_walk_epmq, fam)
 
     with pytest.raises(ValueError, match=r"the expert of task 'a' .*token.* reads its weights as "
                                          r"\{'vision_cfg.timm_pool': 'token'\}, the model as "
@@ -1650,3 +1618,26 @@ def test_open_clip_timm_image_tower_refuses_experts_built_as_another_timm_model_
         walk(expert("other", timm_model_name="vit_tiny_patch16_224"))
     for name, changes in (("own", {}), ("tagged", dict(timm_model_name="epmq_tiny_vit.tuned", timm_pool=""))):
         assert any(isinstance(m, epmq.QuantLinear) for m in walk(expert(name, **changes)).modules())
+
+
+def _open_clip_cfg(vocab: int) -> dict:
+    """The model_cfg of the tiny open_clip CLIP the walker tests' families build."""
+    return dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, head_width=8, image_size=16, patch_size=8,
+                                              mlp_ratio=2.0),
+                text_cfg=dict(context_length=8, vocab_size=vocab, width=32, heads=4, layers=2, mlp_ratio=2.0))
+
+
+def _open_clip_expert(directory, state_dict, model_cfg) -> dict:
+    """Task 'a''s expert: ``state_dict`` saved as open_clip saves a model, under ``model_cfg``."""
+    directory.mkdir()
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(directory / "open_clip_model.safetensors"))
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    return {"a": str(directory)}
+
+
+def _walk_epmq(fam, experts):
+    """``fam``'s merged model quantized by E-PMQ (4-bit, groups of 16) toward ``experts``."""
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
+                        experts=experts, backend="torch", progress=False)
+    return model
