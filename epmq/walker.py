@@ -571,24 +571,28 @@ def _config_of(module) -> Optional[dict]:
         if config is not None and "quick_gelu" not in model_cfg:  # (not open_clip's default: unknown)
             del config["quick_gelu"]
         if config is not None and not isinstance(getattr(module, "visual", None), nn.Module):
-            # (an image tower walked alone: a CLIP's vision_cfg, which an expert's open_clip_config.json
-            # holds and _check_architectures compares as a tower of it)
-            config = _tower_config(config, "open_clip_vision_cfg")
+            # (a tower walked alone: its CLIP's vision_cfg or text_cfg, which an expert's
+            # open_clip_config.json holds and _check_architectures compares as a tower of it)
+            config = _tower_config(config, f"open_clip_{OPEN_CLIP_TOWERS[type(module).__name__]}")
         return config
     return _timm_config(module) if library == "timm" else None
+
+
+# open_clip's towers, by class, and the model_cfg section that builds each (an image tower timm's: TimmModel)
+OPEN_CLIP_TOWERS = {"VisionTransformer": "vision_cfg", "TimmModel": "vision_cfg", "TextTransformer": "text_cfg"}
 
 
 def _open_clip_model_cfg(model) -> dict:
     """The fields of an open_clip model's ``model_cfg`` that are compared, as its modules were built by
     them: QuickGELU or GELU (``quick_gelu``), the layers and heads of each tower that is open_clip's
-    transformer (the image tower's heads as their ``head_width``); of an image tower alone (open_clip's
-    VisionTransformer), its CLIP's vision_cfg. {} where it is neither, or none of its towers is such a
-    transformer (timm's, HF's, a ResNet)."""
+    transformer (the image tower's heads as their ``head_width``), an image tower's that is timm's
+    (``_open_clip_timm_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``), its CLIP's vision_cfg or
+    text_cfg. {} where it is neither, or none of its towers is such (HF's, a ResNet)."""
     if isinstance(getattr(model, "visual", None), nn.Module):
         # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
         towers = (("vision_cfg", model.visual), ("text_cfg", getattr(model, "text", model)))
-    elif type(model).__name__ == "VisionTransformer":
-        towers = (("vision_cfg", model),)
+    elif type(model).__name__ in OPEN_CLIP_TOWERS:
+        towers = ((OPEN_CLIP_TOWERS[type(model).__name__], model),)
     else:
         return {}
     model_cfg, activations = {}, set()

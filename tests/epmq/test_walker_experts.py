@@ -1641,3 +1641,52 @@ def _walk_epmq(fam, experts):
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=fam.calibration,
                         experts=experts, backend="torch", progress=False)
     return model
+
+
+def test_open_clip_text_and_timm_towers_alone_refuse_experts_whose_config_reads_their_weights_otherwise(
+        gen, tmp_path):
+    """An open_clip TextTransformer, or an image tower that is timm's (TimmModel), walked alone had no
+    config to compare with (it is no CLIP), so an expert's open_clip_config.json giving QuickGELU or
+    other heads to the text tower, or another timm model or pooling to the image tower, was compared
+    with the other experts' alone and walked in silence. Each tower is read as its CLIP's text_cfg or
+    vision_cfg and the expert's tower compared with it."""
+    import types
+
+    from open_clip.transformer import TextTransformer
+
+    from test_walker_models import TIMM_CLIP_CFG, VOCAB
+
+    model_cfg = _open_clip_cfg(VOCAB)
+    clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
+    timm_clip = Family("open_clip_timm", gen, tasks=["a"], n_samples=1)
+
+    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
+        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
+        names = tower.state_dict()
+        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
+        return tower
+
+    text = types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+    timm = types.SimpleNamespace(merged=lambda: timm_clip.merged().visual,
+                                 calibration={"a": [i["image"] for i in timm_clip.calibration["a"]]})
+
+    def text_expert(name, **changes):
+        return _open_clip_expert(tmp_path / name, clip.experts["a"].state_dict(), {**model_cfg, **changes})
+
+    def timm_expert(name, **changes):
+        return _open_clip_expert(tmp_path / name, timm_clip.experts["a"].state_dict(),
+                                 {**TIMM_CLIP_CFG, "vision_cfg": {**TIMM_CLIP_CFG["vision_cfg"], **changes}})
+
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*quick.*'s open_clip_text_cfg tower reads its "
+                                         r"weights as \{'quick_gelu': True\}, the model as \{'quick_gelu': False\}"):
+        _walk_epmq(text, text_expert("quick", quick_gelu=True))
+    with pytest.raises(ValueError, match=r"reads its weights as \{'heads': 2\}, the model as \{'heads': 4\}"):
+        _walk_epmq(text, text_expert("heads", text_cfg={**model_cfg["text_cfg"], "heads": 2}))
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*token.*'s open_clip_vision_cfg tower reads its "
+                                         r"weights as \{'timm_pool': 'token'\}, the model as \{'timm_pool': 'avg'\}"):
+        _walk_epmq(timm, timm_expert("token", timm_pool="token"))
+    with pytest.raises(ValueError, match=r"\{'timm_model_name': 'vit_tiny_patch16_224'\}, the model as "
+                                         r"\{'timm_model_name': 'epmq_tiny_vit'\}"):
+        _walk_epmq(timm, timm_expert("other", timm_model_name="vit_tiny_patch16_224"))
+    for tower, expert in ((text, text_expert("own")), (timm, timm_expert("own_timm"))):
+        assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(tower, expert).modules())
