@@ -219,7 +219,10 @@ class BlockLog:
                 remedy = ("the blocks done were computed on other hardware, whose float arithmetic differs bit for "
                           "bit: on a CPU, with another number of torch's threads (torch.set_num_threads, epmq's "
                           "--threads, OMP_NUM_THREADS), which changes the order of its reductions, or another "
-                          "instruction set; on a GPU, on another model: resume with those, or use an empty directory")
+                          "instruction set; on a GPU, on another model (machine.model.*: those of the hardware the "
+                          "model lies on, where its blocks visited another device by quantize_model's device=, as "
+                          "the model's code outside the blocks, which computes their inputs, ran there): resume "
+                          "with those, or use an empty directory")
                 if "machine" not in saved:
                     remedy = ("it was written by an epmq that did not record the hardware its blocks were computed "
                               "on (torch's CPU threads, the GPU model), on which they depend bit for bit: resume "

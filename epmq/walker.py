@@ -1541,6 +1541,16 @@ def _machine(device: torch.device) -> dict:
     return {}
 
 
+def _blocks_and_model(read, device: torch.device, model_device: torch.device) -> dict:
+    """``read`` (``_machine``, ``_float_precision``) of the blocks' ``device``, and, where the model
+    lies on other hardware (``quantize_model(device=)``: the model on the CPU, each block visiting
+    a GPU), that of ``model_device`` too, its entries named ``model.*``: the model's own code
+    outside the blocks (its embeddings, what its stack does between blocks) runs there, and
+    computes every block's inputs, which that hardware and its settings change bit for bit."""
+    blocks, model = read(device), read(model_device)
+    return blocks if model == blocks else dict(blocks, **{f"model.{k}": v for k, v in model.items()})
+
+
 # what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
 # are installed
 CAPTURE_MARK = "_output_capturing_hooks_installed"
@@ -2452,7 +2462,7 @@ class _Walk:
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
             **({"precision": precision} if (precision := _float_precision(self.device)) else {}),
-            machine=_machine(self.device),
+            machine=_blocks_and_model(_machine, self.device, self.model_device),
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the

@@ -1119,3 +1119,48 @@ def test_a_file_system_without_locks_is_not_taken_for_a_directory_in_use(tmp_pat
     with pytest.raises(ValueError, match="in use by another walk"):
         with resume.hold(tmp_path / "walk"):
             pass
+
+
+def test_a_walk_with_blocks_on_a_gpu_resumed_with_another_thread_count_is_refused(gen, tmp_path, monkeypatch):
+    """With the model on the CPU and its blocks visiting a GPU (``device=``), the model's code outside
+    the blocks (its embeddings, the stack's work between blocks) runs on the CPU and computes every
+    block's inputs, which the CPU's thread count changes bit for bit; the walk's identity recorded
+    the GPU's hardware only, and a walk resumed under another thread count took the first's blocks
+    in silence. The CPU's is recorded beside the GPU's, a resume on another refused naming it."""
+    from types import SimpleNamespace
+
+    identity = walker._Walk._identity
+
+    def on_a_gpu(self):  # (the blocks' device faked: the walk itself runs offloaded to the CPU)
+        device, self.device = self.device, torch.device("cuda")
+        try:
+            return identity(self)
+        finally:
+            self.device = device
+
+    monkeypatch.setattr(walker._Walk, "_identity", on_a_gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name="NVIDIA H100 PCIe", multi_processor_count=114))
+    fam = Family("llama", gen)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "get_num_threads", lambda: 2)
+        _interrupted(fam, tmp_path, monkeypatch, device="cpu")
+    assert json.loads((tmp_path / "walk.json").read_text())["machine"]["sms"] == 114
+    with pytest.raises(ValueError, match=r"another walk \(machine\.model\.threads: 2 then, 1 now\).*machine\.model"):
+        run(fam, fam.merged(), "epmq", "merged_path", device="cpu", resume_dir=tmp_path)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert run(fam, fam.merged(), "epmq", "merged_path", device="cpu", resume_dir=tmp_path).epmq_report.resumed
+
+
+def test_the_model_s_machine_is_recorded_where_it_is_not_the_blocks_(monkeypatch):
+    """Beside the blocks' GPU, the CPU the model lies on, as ``model.*``; nothing more where they
+    are one (the model on the device its blocks visit, or on a GPU of the same model)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name="NVIDIA H100 PCIe", multi_processor_count=114))
+    cpu, gpu = walker._machine(torch.device("cpu")), walker._machine(torch.device("cuda"))
+    assert walker._blocks_and_model(walker._machine, torch.device("cuda"), torch.device("cpu")) == dict(
+        gpu, **{"model.threads": cpu["threads"], "model.capability": cpu["capability"]})
+    assert walker._blocks_and_model(walker._machine, torch.device("cpu"), torch.device("cpu")) == cpu
+    assert walker._blocks_and_model(walker._machine, torch.device("cuda:1"), torch.device("cuda:0")) == gpu
