@@ -1497,10 +1497,21 @@ def _sdp(*names) -> tuple:
                   default) for n in names for read, default in [_SDP[n]])
 
 
+def _float32_matmul_precision() -> str:
+    """``torch.get_float32_matmul_precision()``, which raises (RuntimeError) once a backend's
+    precision was set by torch's per-backend API (``torch.backends.cuda.matmul.fp32_precision =
+    "tf32"``, as torch's docs now advise; oneDNN's bf16 on the CPU), and otherwise what CUDA's
+    backend says, by the older API's names: TF32 is "high"."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
+
+
 # torch's settings of its float arithmetic on a device that a user may change (a training script's
 # TF32), and their defaults: (name, how read, default)
 _PRECISION = {
-    "cuda": (("float32_matmul_precision", torch.get_float32_matmul_precision, "highest"),
+    "cuda": (("float32_matmul_precision", _float32_matmul_precision, "highest"),
              ("cudnn.allow_tf32", lambda: torch.backends.cudnn.allow_tf32, True),
              ("matmul.allow_fp16_reduced_precision_reduction",
               lambda: torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction, True),

@@ -1164,3 +1164,17 @@ def test_the_model_s_machine_is_recorded_where_it_is_not_the_blocks_(monkeypatch
         gpu, **{"model.threads": cpu["threads"], "model.capability": cpu["capability"]})
     assert walker._blocks_and_model(walker._machine, torch.device("cpu"), torch.device("cpu")) == cpu
     assert walker._blocks_and_model(walker._machine, torch.device("cuda:1"), torch.device("cuda:0")) == gpu
+
+
+@pytest.mark.parametrize("backend, set_to, recorded", [
+    ("cuda", "tf32", {"float32_matmul_precision": "high"}),
+    ("mkldnn", "bf16", {}),  # (oneDNN's: the CPU's, not the GPU's)
+])
+def test_the_gpu_s_float32_precision_is_read_when_set_by_the_per_backend_api(backend, set_to, recorded, monkeypatch):
+    """Once a backend's float32 precision was set by torch's per-backend API (TF32 as torch's docs
+    now advise it, ``torch.backends.cuda.matmul.fp32_precision = "tf32"``; or oneDNN's bf16 for the
+    model's part on the CPU), ``torch.get_float32_matmul_precision`` raises, and the identity of a
+    walk whose blocks visit a GPU raised with it (RuntimeError: "mix of the legacy and new APIs").
+    The GPU's TF32 is read from CUDA's backend, recorded as before."""
+    monkeypatch.setattr(getattr(torch.backends, backend).matmul, "fp32_precision", set_to)
+    assert walker._float_precision(torch.device("cuda")) == recorded
