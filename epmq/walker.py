@@ -2472,7 +2472,8 @@ class _Walk:
             blocksize=int(self.solver["blocksize"]),
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
-            **({"precision": precision} if (precision := _float_precision(self.device)) else {}),
+            **({"precision": precision}
+               if (precision := _blocks_and_model(_float_precision, self.device, self.model_device)) else {}),
             machine=_blocks_and_model(_machine, self.device, self.model_device),
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),

@@ -1121,6 +1121,21 @@ def test_a_file_system_without_locks_is_not_taken_for_a_directory_in_use(tmp_pat
             pass
 
 
+def _identity_with_blocks_on_a_gpu(monkeypatch):
+    """The walk's identity as if its blocks visited a GPU, the model on the CPU (the walk itself
+    runs offloaded to the CPU: ``device="cpu"``)."""
+    identity = walker._Walk._identity
+
+    def on_a_gpu(self):
+        device, self.device = self.device, torch.device("cuda")
+        try:
+            return identity(self)
+        finally:
+            self.device = device
+
+    monkeypatch.setattr(walker._Walk, "_identity", on_a_gpu)
+
+
 def test_a_walk_with_blocks_on_a_gpu_resumed_with_another_thread_count_is_refused(gen, tmp_path, monkeypatch):
     """With the model on the CPU and its blocks visiting a GPU (``device=``), the model's code outside
     the blocks (its embeddings, the stack's work between blocks) runs on the CPU and computes every
@@ -1129,16 +1144,7 @@ def test_a_walk_with_blocks_on_a_gpu_resumed_with_another_thread_count_is_refuse
     in silence. The CPU's is recorded beside the GPU's, a resume on another refused naming it."""
     from types import SimpleNamespace
 
-    identity = walker._Walk._identity
-
-    def on_a_gpu(self):  # (the blocks' device faked: the walk itself runs offloaded to the CPU)
-        device, self.device = self.device, torch.device("cuda")
-        try:
-            return identity(self)
-        finally:
-            self.device = device
-
-    monkeypatch.setattr(walker._Walk, "_identity", on_a_gpu)
+    _identity_with_blocks_on_a_gpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(name="NVIDIA H100 PCIe", multi_processor_count=114))
     fam = Family("llama", gen)
@@ -1178,3 +1184,24 @@ def test_the_gpu_s_float32_precision_is_read_when_set_by_the_per_backend_api(bac
     The GPU's TF32 is read from CUDA's backend, recorded as before."""
     monkeypatch.setattr(getattr(torch.backends, backend).matmul, "fp32_precision", set_to)
     assert walker._float_precision(torch.device("cuda")) == recorded
+
+
+def test_a_walk_with_blocks_on_a_gpu_resumed_under_another_cpu_float32_precision_is_refused(gen, tmp_path,
+                                                                                            monkeypatch):
+    """With the model on the CPU and its blocks visiting a GPU, the model's code outside the blocks
+    runs under the CPU's float32 settings (oneDNN's bf16), which the walk's identity did not record
+    (the GPU's only): a walk resumed under others took the first's blocks in silence. They are
+    recorded as ``model.*``, a resume under others refused naming the setting."""
+    _identity_with_blocks_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(walker, "_machine", lambda device: {})  # (no GPU's to read here)
+    fam = Family("llama", gen)
+    matmul = torch.backends.mkldnn.matmul
+    with monkeypatch.context() as m:
+        m.setattr(matmul, "fp32_precision", "bf16")
+        _interrupted(fam, tmp_path, monkeypatch, device="cpu")
+    monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+    with pytest.raises(ValueError, match=r"another walk \(precision\.model\.mkldnn\.matmul\.fp32_precision: 'bf16' "
+                                         r"then, torch's default now\)"):
+        run(fam, fam.merged(), "epmq", "merged_path", device="cpu", resume_dir=tmp_path)
+    monkeypatch.setattr(matmul, "fp32_precision", "bf16")
+    assert run(fam, fam.merged(), "epmq", "merged_path", device="cpu", resume_dir=tmp_path).epmq_report.resumed
