@@ -1985,41 +1985,62 @@ def _check_hidden(stack, hidden):
 
 
 def _versions_of(named: dict, count=version) -> dict:
-    """The tensors among keyword arguments, however nested (lists, tuples, dicts, named tuples:
-    torch's pytree; a write into a tensor held in a dict went unseen), each with its version counter
-    (None for an inference tensor, a buffer of a model made under ``torch.inference_mode``, which has
-    none and cannot be written outside that mode). The tensors are held, not their ids: one the model
-    puts in another's place (a dict's entry advanced out of place) may take the freed one's id."""
-    return {name: [(t, count(t)) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
-            for name, value in named.items()}
+    """Each keyword argument as it is now, however nested (lists, tuples, dicts, named tuples:
+    torch's pytree; a write into a tensor held in a dict went unseen): its structure and its leaves,
+    each tensor with its version counter (None for an inference tensor, a buffer of a model made
+    under ``torch.inference_mode``, which has none and cannot be written outside that mode; None for
+    any other value). The leaves are held, not their ids: one the model puts in another's place (a
+    dict's entry advanced out of place) may take the freed one's id."""
+    versions = {}
+    for name, value in named.items():
+        leaves, spec = tree_flatten(value)
+        versions[name] = spec, [(t, count(t) if isinstance(t, torch.Tensor) else None) for t in leaves]
+    return versions
 
 
-def _replaced(given, now) -> bool:
-    """Whether an argument's tensors (``_versions_of``) are no longer those it was given."""
-    return len(given) != len(now) or any(t is not u for (t, _), (u, _) in zip(given, now))
+def _replaced(given, now) -> Optional[str]:
+    """What of an argument (``_versions_of``) is no longer what it was given: "tensors" where
+    others stand in its tensors' places, "values" where its other values are no longer equal ones
+    (``_same_arguments``: a float put in another's place) or its structure changed (a list appended
+    to); None where neither."""
+    (spec, leaves), (spec_now, leaves_now) = given, now
+    tensors, tensors_now = ([t for t, _ in ls if isinstance(t, torch.Tensor)] for ls in (leaves, leaves_now))
+    if len(tensors) != len(tensors_now) or any(t is not u for t, u in zip(tensors, tensors_now)):
+        return "tensors"
+    values, values_now = ({i: t for i, (t, _) in enumerate(ls) if not isinstance(t, torch.Tensor)}
+                          for ls in (leaves, leaves_now))
+    return None if spec == spec_now and _same_arguments(values_now, values) else "values"
 
 
 def _changed(given, now) -> bool:
-    """Whether an argument's tensors (``_versions_of``) were replaced or written in place since."""
-    return _replaced(given, now) or any(v != w for (_, v), (_, w) in zip(given, now))
+    """Whether an argument (``_versions_of``) was replaced in part or written in place since."""
+    return _replaced(given, now) is not None or any(v != w for (_, v), (_, w) in zip(given[1], now[1]))
 
 
 def _check_kept(stack, now, task, n) -> None:
     """A ValueError if the model wrote in place into a keyword argument of a block after calling
-    it (a step counter advanced between calls), or put other tensors into it (a dict's entry):
-    the walk calls each block again with the arguments as recorded, which would then hold the
-    later values."""
+    it (a step counter advanced between calls), or put other tensors or values into it (a dict's
+    entry, a list appended to): the walk calls each block again with the arguments as recorded,
+    which would then hold the later values."""
     for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
         if named is None:
             continue
         for name, now_versions in _versions_of(named, version).items():
             if _changed(versions[name], now_versions):
-                how = "puts other tensors into" if _replaced(versions[name], now_versions) else "writes in place into"
+                replaced = _replaced(versions[name], now_versions)
+                how = f"puts other {replaced} into" if replaced else "writes in place into"
+                # (a new container per call keeps the one recorded as it was, unless the containers
+                # inside it are shared still; a write in place reaches the tensor wherever it is held)
+                value = named[name]
+                inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+                nested = any(isinstance(v, (list, tuple, dict)) for v in inner)
+                fix = (f"a new {type(value).__name__} per call{' (and new lists and dicts in it)' if nested else ''}"
+                       if replaced else "a new tensor per call")
                 raise ValueError(
                     f"calibration[{task!r}] item {n}: the model {how} {name!r}, an argument of "
                     f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
-                    f"with its arguments as they were given, which they no longer are: give the model a "
-                    f"new tensor per call, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+                    f"with its arguments as they were given, which they no longer are: give the model "
+                    f"{fix}, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 
 def _run_block(stack, j, block, hidden, named):

@@ -956,7 +956,8 @@ def test_an_argument_whose_tensor_the_model_replaces_after_the_call_is_refused(n
     model = GainReplacingNet(nest)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model puts other tensors into 'gains', "
-                                         r"an argument of block 0 at 'layers', after that block's call"):
+                                         r"an argument of block 0 at 'layers', after that block's call; .*: give "
+                                         r"the model a new dict per call"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
                             adapter=epmq.Adapter("gained", block_types=(GainedBlock,)))
     assert_untouched(model, before)
@@ -1518,3 +1519,49 @@ def test_a_layer_whose_packed_weights_overflow_float16_is_named(gen):
     with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.up_proj: weights up to .* overflow float16"):
         epmq.quantize_model(model, SPEC, method="rtn", progress=False)
     assert_untouched(model, before)
+
+
+class ValueChangingNet(GainAdvancingNet):
+    """GainReplacingNet's gain a float, not a tensor, advanced after each block in the ``gains`` handed
+    to both: put in the old one's place, or (``nest="appended"``) appended to the list that holds it
+    (``fresh``: a new dict per call)."""
+
+    def forward(self, x):
+        gains = {"gain": 1.0} if self.nest == "dict" else {"all": [1.0]}
+        for layer in self.layers:
+            x = layer(x, gains=copy.deepcopy(gains) if self.fresh else gains)
+            if self.nest == "dict":
+                gains["gain"] += 1
+            elif self.nest == "appended":
+                gains["all"].append(gains["all"][-1] + 1)
+            else:
+                gains["all"][0] += 1
+        return x
+
+
+@pytest.mark.parametrize("nest", ["dict", "list in a dict", "appended"])
+def test_an_argument_whose_plain_value_the_model_replaces_after_the_call_is_refused(nest, gen, monkeypatch):
+    """The check of kept arguments looked at their tensors alone: a float the model puts in another's
+    place inside an argument after the block's call (or a value it appends to a list there) went
+    unseen, and block 0's linear was solved on x * 3 where the model runs it on x * 1, without a word.
+    Refused, naming the argument and that a new dict per call (of new lists, where it holds one) is the
+    fix; one is walked on what the block gets."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                   adapter=epmq.Adapter("gained", block_types=(GainedBlock,)),
+                   layers=lambda name: name == "layers.0.fc")
+    model = ValueChangingNet(nest)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model puts other values into 'gains', "
+                                         r"an argument of block 0 at 'layers', after that block's call; .*: give "
+                                         r"the model a new dict per call"
+                                         + (r" \(and new lists and dicts in it\)" if nest != "dict" else "")):
+        epmq.quantize_model(model, SPEC, **options)
+    assert_untouched(model, before)
+    model = ValueChangingNet(nest, fresh=True)
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, **options)
+    assert_same_statistics(seen, hand)
