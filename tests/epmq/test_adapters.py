@@ -1728,15 +1728,7 @@ def test_open_clip_timm_resnet_attention_pool_is_warned_of_as_one(pool, gen):
     blocks no adapter knows, told to be walked by adapter=[OPEN_CLIP, AUTO], which refused them ('not
     blocks the walker can quantize one by one'), or by an adapter to register, which cannot help; it is
     named as an attention pool after the blocks, with its linears, and no walk is offered (AUTO takes none)."""
-    from open_clip.model import CLIP
-    from timm.models import is_model, register_model
-
-    if not is_model("epmq_tiny_resnet"):
-        register_model(epmq_tiny_resnet)
-    torch.manual_seed(0)
-    clip = CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_resnet", timm_model_pretrained=False,
-                                              timm_pool=pool, timm_proj="", image_size=32),
-                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+    clip = _clip_on_timm(epmq_tiny_resnet, timm_pool=pool, timm_proj="", image_size=32)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
@@ -1757,15 +1749,7 @@ def test_open_clip_timm_resnet_image_tower_alone_is_refused_naming_its_attention
     and linears only in its attention pool, visual.head.pool) was taken by AUTO as a list of one block:
     RTN ended in the bare "Sequential has no attribute `0`", GPTQ in 'not blocks the walker can quantize
     one by one' and how to register an adapter. The refusal names the pool and its linears, as RN50's."""
-    from open_clip.model import CLIP
-    from timm.models import is_model, register_model
-
-    if not is_model("epmq_tiny_resnet"):
-        register_model(epmq_tiny_resnet)
-    torch.manual_seed(0)
-    clip = CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_resnet", timm_model_pretrained=False,
-                                              timm_pool="abs_attn", timm_proj="", image_size=32),
-                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+    clip = _clip_on_timm(epmq_tiny_resnet, timm_pool="abs_attn", timm_proj="", image_size=32)
     calibration = {"a": [torch.randn(2, 3, 32, 32, generator=gen)]} if method == "gptq" else None
     with pytest.raises(ValueError, match=r"TimmModel: its linear layers are those of head\.pool \(qkv, proj\), an "
                                          r"attention pool") as refused:
@@ -1859,15 +1843,7 @@ def test_open_clip_relative_position_image_tower_is_walked_by_default(gen):
     """open_clip's vit_relpos_medium_patch16_cls_224 CLIP (timm's RelPosBlocks as the image tower) had its
     image blocks left in full precision with a warning while the text tower was quantized; both towers
     are walked in one call, the bias MLPs alone in full precision in the image blocks, unwarned."""
-    from open_clip.model import CLIP
-    from timm.models import is_model, register_model
-
-    if not is_model("epmq_tiny_relpos"):
-        register_model(epmq_tiny_relpos)
-    torch.manual_seed(0)
-    clip = CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="epmq_tiny_relpos", timm_model_pretrained=False,
-                                              timm_pool="", timm_proj="linear", image_size=16),
-                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()
+    clip = _clip_on_timm(epmq_tiny_relpos, timm_pool="", timm_proj="linear", image_size=16)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         epmq.quantize_model(clip, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
@@ -1875,3 +1851,17 @@ def test_open_clip_relative_position_image_tower_is_walked_by_default(gen):
     assert clip.epmq_report.adapter == "open_clip+timm"
     left = sorted(n for n, m in clip.visual.trunk.blocks.named_modules() if type(m) is nn.Linear)
     assert left == [f"{i}.attn.rel_pos.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2")]
+
+
+def _clip_on_timm(trunk, **vision_cfg):
+    """A tiny open_clip CLIP (seeded) whose image tower is the timm model ``trunk`` registers (under its
+    own name), built with ``vision_cfg``."""
+    from open_clip.model import CLIP
+    from timm.models import is_model, register_model
+
+    if not is_model(trunk.__name__):
+        register_model(trunk)
+    torch.manual_seed(0)
+    return CLIP(embed_dim=16,
+                vision_cfg=dict(timm_model_name=trunk.__name__, timm_model_pretrained=False, **vision_cfg),
+                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2, mlp_ratio=2.0)).eval()

@@ -914,23 +914,9 @@ def test_an_argument_written_in_place_after_the_call_inside_a_dict_is_refused(ne
     held in a dict, block 0's linear was solved on x * 3 where the model runs it on x * 1, without a
     word. Refused, naming the argument, however nested; a new tensor per call is walked on what the
     block gets."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
-    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
-    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False,
-                   adapter=epmq.Adapter("gained", block_types=(GainedBlock,)),
-                   layers=lambda name: name == "layers.0.fc")
-    model = GainAdvancingNet(nest)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model writes in place into 'gains', an "
-                                         r"argument of block 0 at 'layers', after that block's call"):
-        epmq.quantize_model(model, SPEC, **options)
-    assert_untouched(model, before)
-    model = GainAdvancingNet(nest, fresh=True)
-    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
-    seen = walked_inputs(monkeypatch)
-    epmq.quantize_model(model, SPEC, **options)
-    assert_same_statistics(seen, hand)
+    _refused_then_walked_fresh(GainAdvancingNet, nest, gen, monkeypatch,
+                               r"calibration\['a'\] item 0: the model writes in place into 'gains', an "
+                               r"argument of block 0 at 'layers', after that block's call")
 
 
 class GainReplacingNet(GainAdvancingNet):
@@ -1476,25 +1462,15 @@ def test_e_pmq_refused_blocks_named_otherwise_than_by_index_says_to_number_the_e
     assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12
 
 
-class _Branch(nn.Module):
-    """``b`` runs only on inputs of positive mean."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
-
-    def forward(self, x):
-        y = x + self.a(x)
-        return y + self.b(y) if bool(x.mean() > 0) else y
-
-
 def test_a_linear_the_experts_pass_does_not_call_is_named_on_the_expert_path(gen):
     """A block whose calls depend on its input (a branch a plain Adapter does not know as routing):
     the expert's block 0 turns its stream negative, so block 1 of the expert's pass skips ``b``, which
     the quantized model's pass calls; E-PMQ has no target for it there. Refused naming the linear, the
     task and the remedy, where it ended in a bare KeyError: 'b'; the model left as it was."""
+    from test_walker_calibration import Branch
+
     torch.manual_seed(0)
-    net = Net(_Branch)
+    net = Net(Branch)
     expert = {k: v.clone() for k, v in net.state_dict().items()}
     expert["layers.0.a.bias"] -= 10.0  # (its block 0's output, block 1's input, negative)
     calibration = {"task": [torch.randn(4, 16, generator=gen).abs() + 1]}
@@ -1503,7 +1479,7 @@ def test_a_linear_the_experts_pass_does_not_call_is_named_on_the_expert_path(gen
     with pytest.raises(ValueError, match=said):
         epmq.quantize_model(net, SPEC, method="epmq", targets="expert_path", calibration=calibration,
                             experts={"task": expert}, backend="torch", progress=False,
-                            adapter=epmq.Adapter("branch", block_types=(_Branch,)))
+                            adapter=epmq.Adapter("branch", block_types=(Branch,)))
     assert_untouched(net, before)
 
 
@@ -1546,21 +1522,29 @@ def test_an_argument_whose_plain_value_the_model_replaces_after_the_call_is_refu
     unseen, and block 0's linear was solved on x * 3 where the model runs it on x * 1, without a word.
     Refused, naming the argument and that a new dict per call (of new lists, where it holds one) is the
     fix; one is walked on what the block gets."""
+    _refused_then_walked_fresh(ValueChangingNet, nest, gen, monkeypatch,
+                               r"calibration\['a'\] item 0: the model puts other values into 'gains', "
+                               r"an argument of block 0 at 'layers', after that block's call; .*: give "
+                               r"the model a new dict per call"
+                               + (r" \(and new lists and dicts in it\)" if nest != "dict" else ""))
+
+
+def _refused_then_walked_fresh(net_type, nest, gen, monkeypatch, said: str) -> None:
+    """GPTQ of ``net_type(nest)``'s layers.0.fc (its blocks GainedBlock) is refused saying ``said``,
+    the model as it was; ``net_type(nest, fresh=True)``, a new argument per call, is walked on what
+    the block gets."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
     options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False,
                    adapter=epmq.Adapter("gained", block_types=(GainedBlock,)),
                    layers=lambda name: name == "layers.0.fc")
-    model = ValueChangingNet(nest)
+    model = net_type(nest)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model puts other values into 'gains', "
-                                         r"an argument of block 0 at 'layers', after that block's call; .*: give "
-                                         r"the model a new dict per call"
-                                         + (r" \(and new lists and dicts in it\)" if nest != "dict" else "")):
+    with pytest.raises(ValueError, match=said):
         epmq.quantize_model(model, SPEC, **options)
     assert_untouched(model, before)
-    model = ValueChangingNet(nest, fresh=True)
+    model = net_type(nest, fresh=True)
     hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
     seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC, **options)
