@@ -3,9 +3,20 @@
 ``tiny`` / ``bench``: a module that sets ``WRITE_TINY`` (one of ``epmq.benches.tiny``'s
 ``write_tiny_*``) and ``TASKS`` gets ``tiny`` = ``(root, config)`` of that tiny bench, written
 once per module, and ``bench`` = the bench built from it.
+
+``held_elsewhere``: ``with held_elsewhere("hold_output", out) as pid:`` runs the body while another
+process (``pid``) holds ``out`` by ``epmq.resume``'s lock of that name.
 """
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
+
+import epmq
 
 from epmq.benches import build_bench
 
@@ -21,3 +32,22 @@ def tiny(request, tmp_path_factory):
 def bench(tiny):
     root, config = tiny
     return build_bench(config, base_dir=root, progress=False)
+
+
+@pytest.fixture
+def held_elsewhere():
+    @contextmanager
+    def held(lock: str, out):
+        first = subprocess.Popen(
+            [sys.executable, "-c", f"import sys\nfrom epmq.resume import {lock}\nwith {lock}(sys.argv[1]):\n"
+             "    print('held', flush=True)\n    sys.stdin.readline()\n", str(out)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(epmq.__file__).parents[1]),
+                                                                           os.environ.get("PYTHONPATH")]))))
+        try:
+            assert first.stdout.readline().strip() == "held"
+            yield first.pid
+        finally:
+            first.communicate("\n")
+
+    return held

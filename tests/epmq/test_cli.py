@@ -586,13 +586,12 @@ def test_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, ca
 
 @pytest.mark.skipif(os.name == "nt", reason="a process waiting on its stdin: POSIX pipes")
 @pytest.mark.parametrize("command", ["run", "demo"])
-def test_a_second_run_into_a_directory_in_use_is_refused_at_its_start(tmp_path, capsys, monkeypatch, command):
+def test_a_second_run_into_a_directory_in_use_is_refused_at_its_start(tmp_path, capsys, monkeypatch, command,
+                                                                      held_elsewhere):
     """Two runs into one directory had no lock: results.json ended as whichever wrote last, and one's
     clean-up of unchosen anchors took checkpoints from the other. The second is refused before its
     bench is built (the demo's training), in one line naming the directory and the first's process;
     the directory is free again once that process has ended."""
-    import subprocess
-    import sys
 
     import epmq.benches
 
@@ -605,21 +604,12 @@ def test_a_second_run_into_a_directory_in_use_is_refused_at_its_start(tmp_path, 
     path.write_text(yaml.safe_dump({"model": {"family": "hf_clip", "base": "b"},
                                     "tasks": [{"name": "a", "expert": "e"}]}))
     out = tmp_path / "out"
-    first = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom epmq.resume import hold_run\nwith hold_run(sys.argv[1]):\n"
-         "    print('held', flush=True)\n    sys.stdin.readline()\n", str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(epmq.__file__).parents[1]),
-                                                                       os.environ.get("PYTHONPATH")]))))
     args = [command] + ([str(path)] if command == "run" else []) + ["--out", str(out), "--quiet"]
-    try:
-        assert first.stdout.readline().strip() == "held"
+    with held_elsewhere("hold_run", out) as pid:
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert f"output directory {out} is in use by another epmq run (process {first.pid} " in err, err
+        assert f"output directory {out} is in use by another epmq run (process {pid} " in err, err
         assert len(err.strip().splitlines()) == 1, err
-    finally:
-        first.communicate("\n")
     with pytest.raises(AssertionError, match="another run holds"):  # (free: on to building the bench)
         main(args)
 
@@ -631,13 +621,11 @@ def test_a_second_run_into_a_directory_in_use_is_refused_at_its_start(tmp_path, 
     ("quantize", {"model": "m", "method": "gptq", "bits": 4, "calibration": {"a": "a.txt"}}),
 ])
 def test_a_second_merge_or_quantize_into_an_out_in_use_is_refused_at_its_start(tmp_path, capsys, monkeypatch,
-                                                                                command, config):
+                                                                                command, config, held_elsewhere):
     """epmq merge took no lock on OUT, nor epmq quantize with RTN (GPTQ and E-PMQ hold OUT.resume): two
     into one OUT each replaced the other's checkpoint, and one's copy of the files kept beside it read
     the directory the other was replacing. The second is refused before any model is read, in one line
     naming OUT, the first's process and the lock file; OUT is free again once the first has let go."""
-    import subprocess
-    import sys
 
     import epmq.merge_checkpoint
     import epmq.quantize_files
@@ -655,23 +643,14 @@ def test_a_second_merge_or_quantize_into_an_out_in_use_is_refused_at_its_start(t
     if command == "quantize":  # (the first a GPTQ walk: its blocks are its own, not the refused one's to resume)
         (tmp_path / "out.resume").mkdir()
         (tmp_path / "out.resume" / "model.layers.0.json").write_text("{}")
-    first = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom epmq.resume import hold_output\nwith hold_output(sys.argv[1]):\n"
-         "    print('held', flush=True)\n    sys.stdin.readline()\n", str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(epmq.__file__).parents[1]),
-                                                                       os.environ.get("PYTHONPATH")]))))
     args = [command, str(path), str(out), "--quiet"]
     lock = tmp_path / ".out.epmq-lock"
-    try:
-        assert first.stdout.readline().strip() == "held"
+    with held_elsewhere("hold_output", out) as pid:
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert (f"output directory {out} is in use by another epmq merge or quantize (process {first.pid} "
+        assert (f"output directory {out} is in use by another epmq merge or quantize (process {pid} "
                 f"holds {lock})") in err, err
         assert len(err.strip().splitlines()) == 1, err
-    finally:
-        first.communicate("\n")
     assert not lock.exists()  # (let go: the lock file is gone with it)
     with pytest.raises(AssertionError, match="another process writes"):  # (free: on to reading the model)
         main(args)

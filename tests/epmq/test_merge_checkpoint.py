@@ -435,15 +435,12 @@ def test_cli_home_expansion_leaves_token_texts(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a process waiting on its stdin: POSIX pipes")
-def test_a_second_merge_checkpoints_into_an_out_in_use_is_refused_at_its_start(checkpoints, tmp_path, monkeypatch):
+def test_a_second_merge_checkpoints_into_an_out_in_use_is_refused_at_its_start(checkpoints, tmp_path, monkeypatch,
+                                                                                 held_elsewhere):
     """merge_checkpoints called directly held OUT only while it wrote: a second call into an OUT another
     process holds read and merged every model before it was refused. It is refused before any model is
     read, naming OUT and the other process, as epmq merge is; OUT is free again once that one lets go."""
-    import os
-    import subprocess
-    from pathlib import Path
 
-    import epmq
     from epmq import merge_checkpoint
 
     root, base, experts = checkpoints
@@ -451,21 +448,12 @@ def test_a_second_merge_checkpoints_into_an_out_in_use_is_refused_at_its_start(c
     local = merge_checkpoint.local_checkpoint
     monkeypatch.setattr(merge_checkpoint, "local_checkpoint", lambda source: opened.append(source) or local(source))
     out = tmp_path / "out"
-    first = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom epmq.resume import hold_output\nwith hold_output(sys.argv[1]):\n"
-         "    print('held', flush=True)\n    sys.stdin.readline()\n", str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(epmq.__file__).parents[1]),
-                                                                       os.environ.get("PYTHONPATH")]))))
-    try:
-        assert first.stdout.readline().strip() == "held"
+    with held_elsewhere("hold_output", out) as pid:
         with pytest.raises(ValueError, match=rf"output directory {re.escape(str(out))} is in use by another epmq "
-                                             rf"merge or quantize \(process {first.pid} holds"):
+                                             rf"merge or quantize \(process {pid} holds"):
             merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], out, base=root / "base",
                               progress=False)
         assert opened == []  # (refused before any model was read)
-    finally:
-        first.communicate("\n")
     merge_checkpoints("task_arithmetic", [root / "e0", root / "e1"], out, base=root / "base", progress=False)
     assert (out / "model.safetensors").is_file() and not (tmp_path / ".out.epmq-lock").exists()
 
