@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.autograd import forward_ad
+from torch.autograd.graph import increment_version
 from torch.utils import _pytree as pytree
 
 from epmq_kernels._runtime import version
@@ -119,7 +120,8 @@ class PackedWeight(torch.Tensor):
     the weight dequantized for that op: a block that calls a layer and multiplies by its weight
     too (a tied projection) gets the packed weight both times, where the data-less stand-in this
     replaces was multiplied into garbage without a word or ended in a bare meta-device error.
-    Writes into it change nothing, with a warning naming the layer."""
+    An in-place multiplication or division by a number scales the scales (``W = (q - z) * s``: the
+    codes stay); other writes change nothing, with a warning naming the layer."""
 
     @staticmethod
     def __new__(cls, layer: "QuantLinear"):
@@ -135,13 +137,13 @@ class PackedWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        factor = _scalar_factor(func, args, kwargs)
+        if factor is not None:
+            return args[0].layer._scale_weight(factor)
         for i, arg in enumerate(func._schema.arguments):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, PackedWeight):
-                # (dropped, as the meta stand-in's were, not refused: RWKV divides its layers' weights
-                # in place when first run in eval mode, and a checkpoint epmq wrote before it said so
-                # (save_quantized's "rescaled") may hold them divided already; the walk divides them
-                # before packing, walker._rescale_for_inference)
+                # (dropped, as the meta stand-in's were, not refused)
                 warnings.warn(
                     f"{func.__name__} into the weight of QuantLinear({value.layer.extra_repr()}) is dropped: "
                     f"the layer is packed, its weight the dequantized codes; write its buffers (qweight, "
@@ -166,6 +168,30 @@ class PackedWeight(torch.Tensor):
     def __repr__(self):
         return (f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}) of "
                 f"QuantLinear({self.layer.extra_repr()})")
+
+
+# (RWKV divides its layers' weights by 2 ** k in place on its first forward in eval mode, and
+# multiplies them back on its first in train mode: a write dropped there left the weights
+# divided while the model no longer halved its hidden states, logits ~40% off)
+_SCALINGS = {torch.ops.aten.mul_.Tensor: False, torch.ops.aten.mul_.Scalar: False,
+             torch.ops.aten.div_.Tensor: True, torch.ops.aten.div_.Scalar: True}
+
+
+def _scalar_factor(func, args, kwargs) -> Optional[float]:
+    """What ``func`` (``weight.mul_(c)``, ``weight.div_(c)`` on a ``PackedWeight``) multiplies the
+    weight by, where ``c`` is one number; else None."""
+    if func not in _SCALINGS or kwargs or len(args) != 2 or not isinstance(args[0], PackedWeight):
+        return None
+    c = args[1]
+    if isinstance(c, torch.Tensor):
+        if isinstance(c, PackedWeight) or c.numel() != 1 or c.ndim or c.is_complex():
+            return None
+        c = c.item()
+    if isinstance(c, complex):
+        return None
+    if not _SCALINGS[func]:
+        return c
+    return 1 / c if c else math.inf  # (divided by 0: refused as past the scales' range)
 
 
 def weight_overflow(scales, zeros, codes, g_idx, maxq: int, dtype: torch.dtype) -> Optional[float]:
@@ -552,6 +578,19 @@ class QuantLinear(nn.Module):
                 or _is_fake(self.qweight)):
             return self._traced_weight_kn(dtype).t()
         return self.dequantize(dtype)
+
+    def _scale_weight(self, factor: float) -> "PackedWeight":
+        """``weight *= factor`` as ``scales *= factor``: exact for a power of two in float16's range."""
+        scaled = self.scales * factor  # (checked before it is written: the layer unchanged if refused)
+        if not all_finite(scaled):
+            raise ValueError(f"multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g} "
+                             f"gives scales past {str(self.scales.dtype)[6:]}'s range (or NaN)")
+        self.scales.copy_(scaled)
+        if self.scales.is_inference():  # (no version counter: the caches keyed on it would not see it)
+            self.refresh()
+        else:  # (a write under __torch_dispatch__ runs below autograd, which bumps the counter)
+            increment_version(self.scales)
+        return self.weight
 
     def __setattr__(self, name, value):
         # (transformers' tie_weights sets the output embeddings' weight to the input embeddings' where

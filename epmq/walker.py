@@ -813,7 +813,7 @@ def _rescale_for_inference(model) -> dict:
     """RWKV (transformers' ``RwkvModel``, ``rescale_every`` > 0) divides block i's
     ``attention.output`` and ``feed_forward.value`` weights by ``2 ** (i // rescale_every)`` in place
     on its first forward in eval mode (its hidden states are halved to match), so that fp16 does
-    not overflow. A packed layer's weight takes no writes: RTN packed the undivided weights and the
+    not overflow. A packed layer's weight took no writes: RTN packed the undivided weights and the
     division was dropped (logits 40% off), and a GPTQ walk packed the divided ones only because its
     calibration ran the model first. The division is done here, before anything is packed, so the
     codes are always of the weights the model runs in eval mode, and ``layers_are_rescaled`` says so

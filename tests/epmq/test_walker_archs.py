@@ -804,6 +804,11 @@ def test_a_lora_adapter_on_a_base_directory_holding_a_tensor_in_parts_is_read_as
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
+def _rwkv(rescale_every):
+    return _hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
+               attention_hidden_size=32, intermediate_size=64, context_length=64, rescale_every=rescale_every)()
+
+
 @pytest.mark.parametrize("method,targets", [("rtn", "merged_path"), ("gptq", "merged_path"),
                                             ("epmq", "merged_path"), ("epmq", "expert_path")])
 def test_rwkv_layers_rescaled_for_inference_are_packed_as_they_run(method, targets, gen, tmp_path):
@@ -814,14 +819,9 @@ def test_rwkv_layers_rescaled_for_inference_are_packed_as_they_run(method, targe
     aimed the divided weights at its experts' undivided ones. Quantized, it computes what the model
     without rescaling quantized alike computes (the division is by a power of two: the same codes),
     before and after a save and load, and no division is dropped on the way."""
-    def build(rescale_every):
-        return _hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
-                   attention_hidden_size=32, intermediate_size=64, context_length=64,
-                   rescale_every=rescale_every)()
-
     torch.manual_seed(0)
-    base = build(2)  # (never run: its weights undivided, as a checkpoint holds them)
-    plain = build(0)
+    base = _rwkv(2)  # (never run: its weights undivided, as a checkpoint holds them)
+    plain = _rwkv(0)
     plain.load_state_dict(base.state_dict())
     experts = {t: perturb(base, gen) for t in ("a", "b")}
     undivided = {t: {k: v.clone() for k, v in expert.state_dict().items()} for t, expert in experts.items()}
@@ -845,3 +845,25 @@ def test_rwkv_layers_rescaled_for_inference_are_packed_as_they_run(method, targe
     assert rel_err(got[0], got[1]) < (0.02 if method == "epmq" and targets == "expert_path" else 1e-3)
     torch.testing.assert_close(got[2], got[0], rtol=0, atol=0)
     assert not [w for w in said if "is dropped" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_quantized_rwkv_run_in_train_mode_computes_what_it_does_in_eval_mode(method, gen):
+    """RWKV multiplies its rescaled layers' weights back in place on its first forward in train
+    mode, and stops halving its hidden states: the packed layers dropped the writes, and a
+    quantized RWKV in train mode (a fine-tuning step on it) was ~40% off. The packed weights are
+    multiplied back (their scales), and divided again in eval mode exactly as they were."""
+    torch.manual_seed(0)
+    model, item = _rwkv(2).eval(), wider_input("ids", gen)
+    kwargs = {} if method == "rtn" else dict(calibration={"a": [wider_input("ids", gen)]}, backend="torch")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method=method, progress=False, **kwargs)
+    evaluated = output(model, item)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trained = output(model.train(), item)
+        assert not model.rwkv.layers_are_rescaled
+        again = output(model.eval(), item)
+    # (the scale changes what LayerNorm's eps adds: 1e-4 of the logits)
+    assert rel_err(trained, evaluated) < 1e-3
+    assert not [w for w in said if "is dropped" in str(w.message)]
+    torch.testing.assert_close(again, evaluated, rtol=0, atol=0)
