@@ -99,6 +99,21 @@ def wrapped_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def rescaled_divisors(model: nn.Module) -> dict:
+    """``{weight name: divisor}`` of the weights RWKV (transformers' ``RwkvModel``, ``rescale_every``
+    > 0) holds divided for inference (``layers_are_rescaled``): block i's ``attention.output`` and
+    ``feed_forward.value`` by ``2 ** (i // rescale_every)``, as its ``_rescale_layers`` divides them."""
+    divisors = {}
+    for prefix, module in model.named_modules():
+        every = getattr(getattr(module, "config", None), "rescale_every", 0)
+        if getattr(module, "layers_are_rescaled", False) is not True or not (isinstance(every, int) and every > 0):
+            continue
+        for i in range(every, len(module.blocks)):  # (the first rescale_every blocks: divided by 1)
+            for rel in ("attention.output.weight", "feed_forward.value.weight"):
+                divisors[f"{prefix}.blocks.{i}.{rel}".lstrip(".")] = 2 ** (i // every)
+    return divisors
+
+
 def dtype_of(model: nn.Module) -> torch.dtype:
     """The dtype of ``model``'s first floating-point parameter; float32 if it has none."""
     for t in model.parameters():

@@ -59,7 +59,7 @@ from torch import nn
 from epmq_kernels.grid import is_integer
 
 from ._util import (own_temporary, read_json, read_json_file, release_freed_memory, remove_stale_temporaries,
-                    save_safetensors, storage_key, umask, wrapped_model)
+                    rescaled_divisors, save_safetensors, storage_key, umask, wrapped_model)
 from .adapters import Transposed, auto_beside, checkpoint_names, find_towers, prepare_towers, remember
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
 from .adapters.moe import LinearExperts
@@ -159,9 +159,6 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     qconfig.update(_optimum_fields(model, layers, qconfig))
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
-    rescaled = [name for name, m in model.named_modules() if getattr(m, "layers_are_rescaled", False) is True]
-    if rescaled:  # (RWKV's weights divided for inference: a loaded model divides them no more)
-        ours["rescaled"] = rescaled
     qconfig["epmq"] = ours
     # the experts transformers holds fused (stacked tensors), rebuilt as linears for the walk
     fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
@@ -369,6 +366,15 @@ def _tensors(model, layers, checkpoint_format, transposed):
                     f"store (it holds z - 1): save with checkpoint_format='gptq_v2'"
                 )
             state[f"{name}.qzeros"] = pack_cols(z - 1, layer.bits)
+    # RWKV's layers as its checkpoints hold them, multiplied back: transformers' loader (a serving
+    # engine's) divides them on the first forward in eval mode, and divided again they were 2 ** k off
+    for name, divisor in rescaled_divisors(model).items():
+        layer = name.removesuffix(".weight")
+        key = f"{layer}.scales" if layer in layers else name
+        state[key] = state[key] * divisor
+        if not all_finite(state[key]):
+            raise ValueError(f"{key} times {divisor} (RWKV's division for inference undone, as its checkpoints "
+                             f"hold the weights) overflows {str(state[key].dtype)[6:]}")
     for name, key in transposed.items():
         state[key] = state.pop(name).t()
     tensors, tied, first = {}, {}, {}
@@ -2145,8 +2151,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         model.to(device)  # the buffers built on the CPU
     ours = ours or {}
     for name in ours.get("rescaled", []):
-        # (the checkpoint holds RWKV's weights as its eval-mode forward divides them, packed so:
-        # a fresh model would divide them again on its first forward)
+        # (a checkpoint epmq wrote before it saved RWKV's weights multiplied back holds them as its
+        # eval-mode forward divides them: a fresh model would divide them again on its first forward)
         owner = dict(model.named_modules()).get(name)
         if not hasattr(owner, "layers_are_rescaled"):
             raise ValueError(f"{directory}: its weights were saved as module {name!r} rescales them for inference "

@@ -104,7 +104,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import quant
-from ._util import wrapped_model, write_atomic
+from ._util import rescaled_divisors, wrapped_model, write_atomic
 from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, prepare_towers, remember,
                        warn_other_towers)
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
@@ -817,19 +817,14 @@ def _rescale_for_inference(model) -> dict:
     division was dropped (logits 40% off), and a GPTQ walk packed the divided ones only because its
     calibration ran the model first. The division is done here, before anything is packed, so the
     codes are always of the weights the model runs in eval mode, and ``layers_are_rescaled`` says so
-    (``save_quantized`` records it, ``load_quantized`` restores it). Returns ``{tensor name:
-    divisor}`` of every weight so divided: an expert's tensors are read undivided."""
-    divisors = {}
-    for prefix, module in model.named_modules():
+    (``save_quantized`` writes them multiplied back, as RWKV's checkpoints hold them). Returns
+    ``{tensor name: divisor}`` of every weight so divided: an expert's tensors are read undivided."""
+    for module in model.modules():
         every = getattr(getattr(module, "config", None), "rescale_every", 0)
-        if not (hasattr(module, "layers_are_rescaled") and hasattr(module, "_rescale_layers")
+        if (hasattr(module, "layers_are_rescaled") and hasattr(module, "_rescale_layers")
                 and isinstance(every, int) and every > 0):
-            continue
-        module._rescale_layers()  # (in eval mode: divides once, a model already run divided already)
-        for i in range(every, len(module.blocks)):  # (the first rescale_every blocks: divided by 1)
-            for rel in ("attention.output.weight", "feed_forward.value.weight"):
-                divisors[f"{prefix}.blocks.{i}.{rel}".lstrip(".")] = 2 ** (i // every)
-    return divisors
+            module._rescale_layers()  # (in eval mode: divides once, a model already run divided already)
+    return rescaled_divisors(model)
 
 
 def _rescaled_for_inference(expert) -> bool:

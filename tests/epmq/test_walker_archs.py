@@ -847,6 +847,30 @@ def test_rwkv_layers_rescaled_for_inference_are_packed_as_they_run(method, targe
     assert not [w for w in said if "is dropped" in str(w.message)]
 
 
+def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads_them(gen, tmp_path):
+    """RWKV's checkpoints hold its weights undivided: transformers' loader (a serving engine's)
+    leaves layers_are_rescaled False and divides them on the first forward in eval mode. epmq
+    wrote them divided (recording "rescaled", which only its own loader reads): a model loaded
+    so divided them twice, 2 ** k off. The weights saved are now the model's multiplied back."""
+    torch.manual_seed(0)
+    model, item = _rwkv(2).eval(), wider_input("ids", gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    want = output(model, item)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    assert "rescaled" not in json.loads((tmp_path / "ckpt" / "quantize_config.json").read_text())["epmq"]
+    loaded = epmq.load_quantized(tmp_path / "ckpt")
+    # (the dense model transformers would build of the checkpoint, the packed layers dequantized)
+    state = loaded.state_dict()
+    for name, layer in loaded.named_modules():
+        if isinstance(layer, epmq.QuantLinear):
+            state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+            state[f"{name}.weight"] = layer.dequantize()
+    dense = _rwkv(2).eval()
+    dense.load_state_dict(state)
+    assert rel_err(output(dense, item), want) < 1e-5
+    torch.testing.assert_close(output(loaded.eval(), item), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_a_quantized_rwkv_run_in_train_mode_computes_what_it_does_in_eval_mode(method, gen):
     """RWKV multiplies its rescaled layers' weights back in place on its first forward in train
