@@ -2638,6 +2638,7 @@ class _Walk:
                 self._warn_of_extra_block_tensors(source, present)
             else:
                 self._warn_of_other_shapes_outside(source)
+            self._take_divided_as_held(source)
             # an expert of more blocks than the model (another configuration) has every tensor
             # the walk reads: what it has past the model's last block says so (unless the model's
             # own loading ignores it: DeepSeek-V3's multi-token prediction layer, saved as the
@@ -2715,6 +2716,20 @@ class _Walk:
                 raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more routed experts "
                                  f"at {experts[:-1]!r} than the merged model's {count} (it holds {past!r}): it must "
                                  f"be a checkpoint of the merged model's architecture")
+
+    def _take_divided_as_held(self, source) -> None:
+        """An RWKV expert given as tensors (a state dict, a checkpoint) that were read after it ran in
+        eval mode holds its weights divided for inference already, and nothing but their size says so:
+        divided again, the merged model's layers were aimed at 1 / 2 ** k of them. Its most divided
+        weight tells: an expert near the merged model is near its weight (as the walk divided it)
+        read divided, or near 2 ** k times it read so, i.e. divided already."""
+        if not source.divisors:
+            return
+        name, divisor = max(source.divisors.items(), key=lambda item: item[1])
+        read = source.fetch(self.ckpt(name)).double()
+        merged = self.model.get_submodule(name.removesuffix(".weight")).weight.double()
+        if float((read * divisor - merged).norm()) < float((read - merged).norm()):
+            source.divisors = {}
 
     def _check_held_apart(self, source) -> None:
         """Refuse an expert that holds its own tensors under the names of one of the merged

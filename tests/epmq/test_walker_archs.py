@@ -871,6 +871,28 @@ def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads
     torch.testing.assert_close(output(loaded.eval(), item), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
+def test_an_rwkv_expert_read_after_it_ran_in_eval_mode_is_not_divided_again(targets, gen):
+    """An RWKV expert's state dict (or a checkpoint save_pretrained wrote) taken after the expert ran
+    in eval mode holds the weights divided for inference, and nothing says so but their size: E-PMQ
+    divided them again and aimed the merged model's layers at half (a quarter, ...) of the expert's
+    weights. Such an expert is the expert module itself, as the walk takes it (not divided again)."""
+    torch.manual_seed(0)
+    base = _rwkv(2)
+    experts = {t: perturb(base, gen).eval() for t in ("a", "b")}
+    item = wider_input("ids", gen)
+    for expert in experts.values():
+        output(expert, item)  # (its weights now divided)
+    calibration = {t: [wider_input("ids", gen)] for t in experts}
+    got = []
+    for given in (experts, {t: {k: v.clone() for k, v in e.state_dict().items()} for t, e in experts.items()}):
+        model = copy.deepcopy(base).eval()
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                            experts=given, targets=targets, backend="torch", progress=False)
+        got.append(output(model, item))
+    torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_a_quantized_rwkv_run_in_train_mode_computes_what_it_does_in_eval_mode(method, gen):
     """RWKV multiplies its rescaled layers' weights back in place on its first forward in train
