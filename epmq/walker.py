@@ -81,6 +81,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import enum
 import functools
 import hashlib
 import inspect
@@ -92,6 +93,7 @@ import re
 import sys
 import textwrap
 import time
+import types
 import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -1981,16 +1983,52 @@ def _check_hidden(stack, hidden):
 
 def _versions_of(named: dict, count=version) -> dict:
     """Each keyword argument as it is now, however nested (lists, tuples, dicts, named tuples:
-    torch's pytree; a write into a tensor held in a dict went unseen): its structure and its leaves,
-    each tensor with its version counter (None for an inference tensor, a buffer of a model made
-    under ``torch.inference_mode``, which has none and cannot be written outside that mode; None for
-    any other value). The leaves are held, not their ids: one the model puts in another's place (a
-    dict's entry advanced out of place) may take the freed one's id."""
-    versions = {}
-    for name, value in named.items():
-        leaves, spec = tree_flatten(value)
-        versions[name] = spec, [(t, count(t) if isinstance(t, torch.Tensor) else None) for t in leaves]
-    return versions
+    torch's pytree; a write into a tensor held in a dict went unseen; objects' attributes:
+    ``_fields_of``): its structure and its leaves, each tensor with its version counter (None for
+    an inference tensor, a buffer of a model made under ``torch.inference_mode``, which has none and
+    cannot be written outside that mode; None for any other value). The leaves are held, not their
+    ids: one the model puts in another's place (a dict's entry advanced out of place) may take the
+    freed one's id."""
+    return {name: _structure_and_leaves(value, count) for name, value in named.items()}
+
+
+def _structure_and_leaves(value, count, inside=frozenset()) -> tuple:
+    """``_versions_of`` of one value; an object holding attributes stands as its class, then its
+    attributes' leaves (``inside``: the ids of the objects it lies in, a cycle back to one is held
+    whole)."""
+    leaves, spec = tree_flatten(value)
+    inner, held = [], []
+    for t in leaves:
+        fields = None if id(t) in inside or len(inside) >= _OPENED_DEPTH else _fields_of(t)
+        if fields is None:
+            held.append((t, count(t) if isinstance(t, torch.Tensor) else None))
+        else:  # (the class compared as a value: one put in its place with equal attributes is the same)
+            opened, leaves_in = _structure_and_leaves(fields, count, inside | {id(t)})
+            inner.append(opened)
+            held += [(type(t), None), *leaves_in]
+    return (spec, tuple(inner)), held
+
+
+_OPENED_DEPTH = 8  # (objects within objects past it are held whole)
+_HELD_WHOLE = (torch.Tensor, nn.Module, type, enum.Enum, types.FunctionType, types.BuiltinFunctionType,
+               types.MethodType, types.ModuleType, functools.partial)
+
+
+def _fields_of(value) -> Optional[dict]:
+    """The attributes (``__dict__`` and slots) of an object a block is handed that a block or the
+    model may change in place (a SimpleNamespace, a dataclass, a transformers Cache under a name not
+    a cache's), or None: a value without any, or one held whole (tensors, modules: the model's own,
+    functions, classes). The object is the same one before and after such a change, so that the
+    check of kept arguments looking at it alone took block 0's ``ctx.gain += 1`` for no change."""
+    if isinstance(value, _HELD_WHOLE):
+        return None
+    fields = dict(getattr(value, "__dict__", None) or {})
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
+                fields[slot] = getattr(value, slot)
+    return fields or None
 
 
 def _replaced(given, now) -> Optional[str]:
@@ -2036,6 +2074,30 @@ def _check_kept(stack, now, task, n) -> None:
                     f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
                     f"with its arguments as they were given, which they no longer are: give the model "
                     f"{fix}, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+
+
+def _given(*streams) -> list:
+    """Every item's keyword arguments of the current block in ``streams``, each with its
+    ``_versions_of``, before the walk calls the block (``_check_unchanged_by``)."""
+    return [(task, n, named, _versions_of(named)) for stream in streams if stream is not None
+            for task, items in stream.kwargs.items() for n, named in enumerate(items)]
+
+
+def _check_unchanged_by(stack, i, given) -> None:
+    """A ValueError where block ``i`` changed an argument it was handed (``given``: ``_given``):
+    the model hands the next block what one call of it left there, the walk calls it several times
+    (its probes, statistics and the pass after) on its arguments as they were given, so that each
+    call got them changed by the ones before and block ``i + 1`` by every one (a SimpleNamespace
+    whose gain a block advances: 2.5x the statistics of the model's)."""
+    for task, n, named, versions in given:
+        for name, now in _versions_of(named).items():
+            if _changed(versions[name], now):
+                raise ValueError(
+                    f"calibration[{task!r}] item {n}: block {i} at {stack.prefix!r} changes its argument {name!r} "
+                    f"(a {type(named[name]).__name__}) when called; the model hands the later blocks what one call "
+                    f"of it left there, the walk calls each block several times on its arguments as they were "
+                    f"given, which they then no longer are: have the block return what later blocks read, or "
+                    f"leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 
 def _run_block(stack, j, block, hidden, named):
@@ -3358,6 +3420,7 @@ class _Walk:
         t_out = None
         self.calls = {}  # (set by _groups; a block restored from the log, or of no linear, has none)
         self._captured = {}  # (task, item) -> linear -> the calls whose inputs its statistics took
+        given = _given(self.q, self.t)
         own = None if self.log is None else self._own_prints(block)
         record = None
         if self.log is not None and self.log.has(prefix):
@@ -3415,6 +3478,7 @@ class _Walk:
         finally:
             for h in counted:
                 h.remove()
+        _check_unchanged_by(stack, i, given)
         if more is not None:
             task, n, rel, k, taken = more
             warnings.warn(f"{prefix}.{rel} was called {k} times on item {n} of task {task!r}, more than on the "

@@ -2,7 +2,9 @@
 
 import ast
 import copy
+import dataclasses
 import re
+import types
 
 import pytest
 import torch
@@ -880,13 +882,16 @@ def test_an_input_written_in_place_after_the_call_is_read_as_it_was(method, true
 
 
 class GainedBlock(nn.Module):
-    """``x + fc(x * gain)``, the gain handed to it nested: ``gains["gain"]`` or ``gains["all"][0]``."""
+    """``x + fc(x * gain)``, the gain handed to it nested: ``gains["gain"]`` or ``gains["all"][0]``, or an
+    object's attribute ``gains.gain``."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(16, 16)
 
     def forward(self, x, gains):
+        if not isinstance(gains, dict):
+            return x + self.fc(x * gains.gain)
         gain = gains["gain"] if "gain" in gains else gains["all"][0]
         return x + self.fc(x * gain)
 
@@ -1527,6 +1532,124 @@ def test_an_argument_whose_plain_value_the_model_replaces_after_the_call_is_refu
                                r"an argument of block 0 at 'layers', after that block's call; .*: give "
                                r"the model a new dict per call"
                                + (r" \(and new lists and dicts in it\)" if nest != "dict" else ""))
+
+
+@dataclasses.dataclass
+class Gain:
+    gain: object
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedGain:
+    gain: object
+
+
+class ObjectAdvancingNet(GainAdvancingNet):
+    """GainAdvancingNet whose gain is the attribute of one object handed to both blocks (a
+    SimpleNamespace, a dataclass of slots), advanced after each block: set anew, or written in place
+    where it is a tensor (``fresh``: a new object per call)."""
+
+    def forward(self, x):
+        kind = {"namespace": types.SimpleNamespace, "slotted dataclass": SlottedGain}.get(self.nest, Gain)
+        gains = kind(gain=torch.ones(()) if self.nest == "tensor in a dataclass" else 1.0)
+        for layer in self.layers:
+            x = layer(x, gains=gains)
+            if self.fresh:
+                gains = kind(gain=gains.gain + 1)
+            elif isinstance(gains.gain, torch.Tensor):
+                gains.gain.add_(1)
+            else:
+                gains.gain += 1
+        return x
+
+
+@pytest.mark.parametrize("nest, said", [("namespace", "puts other values into 'gains'.*a new SimpleNamespace"),
+                                        ("slotted dataclass", "puts other values into 'gains'.*a new SlottedGain"),
+                                        ("tensor in a dataclass", "writes in place into 'gains'.*a new tensor")])
+def test_an_object_whose_attribute_the_model_changes_after_the_call_is_refused(nest, said, gen, monkeypatch):
+    """An object handed to the blocks (a SimpleNamespace, a dataclass) was held by the check of kept
+    arguments as a value, the same object before and after: the gain the model advanced in it after
+    block 0's call went unseen, and block 0's linear was solved on x * 3 where the model runs it on
+    x * 1, without a word. Its attributes are looked into: refused, naming the argument; a new object
+    per call is walked on what the block gets."""
+    _refused_then_walked_fresh(ObjectAdvancingNet, nest, gen, monkeypatch,
+                               rf"calibration\['a'\] item 0: the model {said} per call")
+
+
+class Counted(nn.Module):
+    """``x + fc(x * calls)``, ``calls`` this block's and the earlier ones' on ``counter``, an object
+    handed to every block: an attribute each adds 1 to, or the tokens a transformers DynamicCache
+    (under a name not a cache's) holds after each adds its token."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, counter):
+        if isinstance(counter, transformers.DynamicCache):
+            calls = counter.update(x[None, None, :1], x[None, None, :1], 0)[0].shape[-2]
+        else:
+            counter.calls += 1
+            calls = counter.calls
+        return x + self.fc(x * calls)
+
+
+class CountingNet(Net):
+    def __init__(self, counter):
+        super().__init__(Counted)
+        self.counter = {"namespace": lambda: types.SimpleNamespace(calls=0),
+                        "dataclass": lambda: dataclasses.make_dataclass("Calls", ["calls"])(0),
+                        "DynamicCache": transformers.DynamicCache}[counter]
+
+    def forward(self, x):
+        counter = self.counter()
+        for layer in self.layers:
+            x = layer(x, counter=counter)
+        return x
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+@pytest.mark.parametrize("counter", ["namespace", "dataclass", "DynamicCache"])
+def test_an_object_a_block_changes_for_the_next_is_refused(counter, adapter, gen):
+    """Block 0 changes an object it is handed for block 1 (a count of the calls before, as a cache
+    under another name): the walk calls each block several times on its arguments as recorded, so
+    block 0's statistics took counts of 1, 2, 3 and block 1's of 5 or more where the model's are 1
+    and 2 (2.5x and 1.5x the model's statistics), without a word. Refused, naming the block and the
+    argument: where the adapter's stand-ins run the blocks (AUTO) on the probe, else at the walk of
+    the block; the model as it was."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = CountingNet(counter)
+    before = snapshot(model)
+    said = (r"block 0 writes in place into its argument 'counter'" if adapter == "auto" else
+            r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument 'counter' .*when called")
+    with pytest.raises(ValueError, match=said):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else
+                            epmq.Adapter("counted", block_types=(Counted,)))
+    assert_untouched(model, before)
+
+
+def test_an_object_every_block_reads_unchanged_is_walked_on_what_they_get(gen, monkeypatch):
+    """One SimpleNamespace handed to both blocks, which read its gain and change nothing: walked (its
+    attributes are compared, not refused as an object; the model it also holds is held whole, though the
+    walk swaps its linears), block 1's statistics a plain forward's."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    class SharedGainNet(Net):
+        def forward(self, x):
+            gains = types.SimpleNamespace(gain=2.0, seen=[self])
+            for layer in self.layers:
+                x = layer(x, gains=gains)
+            return x
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = SharedGainNet(GainedBlock)
+    hand = hooked_inputs(model, "layers.1.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                        adapter=epmq.Adapter("gained", block_types=(GainedBlock,)),
+                        layers=lambda name: name == "layers.1.fc")
+    assert_same_statistics(seen, hand)
 
 
 def _refused_then_walked_fresh(net_type, nest, gen, monkeypatch, said: str) -> None:
