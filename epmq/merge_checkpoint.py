@@ -992,23 +992,23 @@ def _timm_read(config: dict) -> dict:
             **{k: v for k, v in config.items() if k not in ("global_pool", "model_args")}, **model_args}
 
 
-# open_clip's defaults of the fields compared (its CLIPVisionCfg's and CLIPTextCfg's), which its
-# configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's gives true; an image
-# tower naming a timm model (timm_model_name) is built by its timm fields, no head_width
+# open_clip's defaults of the fields compared (its CLIPVisionCfg's, CLIPTextCfg's and CoCa's decoder's
+# MultimodalCfg's), which its configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's
+# gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width
 OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64}, "text_cfg": {"heads": 8},
-                      "timm": {"timm_pool": "avg"}}
+                      "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"}}
 
 
 def _open_clip_config(content) -> dict:
     """An open_clip_config.json's ``model_cfg`` in config.json's terms, open_clip's defaults filled
-    in: ``model_type`` open_clip, its towers' configs with theirs (``vision_cfg``, ``text_cfg``), so
-    that its activation (QuickGELU), heads and layers are compared as a HF model's. {} where it
-    gives no model_cfg."""
+    in: ``model_type`` open_clip, its towers' configs with theirs (``vision_cfg``, ``text_cfg``, CoCa's
+    decoder's ``multimodal_cfg``), so that its activation (QuickGELU), heads and layers are compared as
+    a HF model's. {} where it gives no model_cfg."""
     model_cfg = content.get("model_cfg") if isinstance(content, dict) else None
     if not isinstance(model_cfg, dict):
         return {}
     config = {"model_type": "open_clip", "quick_gelu": OPEN_CLIP_DEFAULTS["quick_gelu"], **model_cfg}
-    for tower in ("vision_cfg", "text_cfg"):
+    for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
         if not isinstance(model_cfg.get(tower), dict):
             continue
         timm_name = model_cfg[tower].get("timm_model_name")

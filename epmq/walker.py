@@ -580,19 +580,24 @@ def _config_of(module) -> Optional[dict]:
     return _timm_config(module) if library == "timm" else None
 
 
-# open_clip's towers, by class, and the model_cfg section that builds each (an image tower timm's: TimmModel)
-OPEN_CLIP_TOWERS = {"VisionTransformer": "vision_cfg", "TimmModel": "vision_cfg", "TextTransformer": "text_cfg"}
+# open_clip's towers, by class, and the model_cfg section that builds each (an image tower timm's: TimmModel;
+# CoCa's decoder: MultimodalTransformer)
+OPEN_CLIP_TOWERS = {"VisionTransformer": "vision_cfg", "TimmModel": "vision_cfg", "TextTransformer": "text_cfg",
+                    "MultimodalTransformer": "multimodal_cfg"}
 
 
 def _open_clip_model_cfg(model) -> dict:
     """The fields of an open_clip model's ``model_cfg`` that are compared, as its modules were built by
     them: QuickGELU or GELU (``quick_gelu``), the layers and heads of each tower that is open_clip's
     transformer (the image tower's heads as their ``head_width``), an image tower's that is timm's
-    (``_open_clip_timm_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``), its CLIP's vision_cfg or
-    text_cfg. {} where it is neither, or none of its towers is such (HF's, a ResNet)."""
+    (``_open_clip_timm_cfg``), CoCa's decoder's (``multimodal_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``),
+    its CLIP's vision_cfg, text_cfg or multimodal_cfg. {} where it is neither, or none of its towers is such
+    (HF's, a ResNet)."""
     if isinstance(getattr(model, "visual", None), nn.Module):
         # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
-        towers = (("vision_cfg", model.visual), ("text_cfg", getattr(model, "text", model)))
+        decoder = getattr(model, "text_decoder", None)  # (CoCa's)
+        towers = (("vision_cfg", model.visual), ("text_cfg", getattr(model, "text", model)),
+                  *([("multimodal_cfg", decoder)] if isinstance(decoder, nn.Module) else []))
     elif type(model).__name__ in OPEN_CLIP_TOWERS:
         towers = ((OPEN_CLIP_TOWERS[type(model).__name__], model),)
     else:
@@ -602,7 +607,8 @@ def _open_clip_model_cfg(model) -> dict:
         if scope == "vision_cfg" and type(tower).__name__ == "TimmModel":
             model_cfg.update({scope: timm_cfg} if (timm_cfg := _open_clip_timm_cfg(tower)) else {})
             continue
-        transformer = getattr(tower, "transformer", None)
+        # (CoCa's decoder is itself open_clip's Transformer, its blocks on it)
+        transformer = getattr(tower, "transformer", tower)
         blocks = getattr(transformer, "resblocks", None)
         heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
         if not isinstance(heads, int) or not isinstance(getattr(transformer, "width", None), int):

@@ -3134,3 +3134,28 @@ def test_open_clip_checkpoints_on_timm_image_towers_built_otherwise_are_refused(
         warnings.simplefilter("error")
         _check_architectures(base, [save("same", timm_pool="avg", timm_model_name="vit_base_patch16_siglip_224.webli"),
                                     save("own", timm_pool="")], ["same", "own"])
+
+
+def test_open_clip_coca_checkpoints_whose_decoders_read_the_weights_otherwise_are_refused(tmp_path):
+    """CoCa's captioning decoder is built by model_cfg's multimodal_cfg, which was no tower compared: a
+    CoCa whose decoder splits its width into other heads (the same shapes) was merged in silence. Its
+    heads are compared, open_clip's default (8) filled in."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, **multimodal):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2},
+                     "multimodal_cfg": {"width": 32, "layers": 2, **multimodal}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    base = save("base", heads=4)
+    with pytest.raises(ValueError, match=r"model \S*other reads its weights as \{'multimodal_cfg.heads': 2\}, the "
+                                         r"base as \{'multimodal_cfg.heads': 4\}"):
+        _check_architectures(base, [save("other", heads=2)], ["other"])
+    with pytest.raises(ValueError, match=r"\{'multimodal_cfg.heads': 8\}, the base as \{'multimodal_cfg.heads': 4\}"):
+        _check_architectures(base, [save("default")], ["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(base, [save("same", heads=4)], ["same"])

@@ -1690,3 +1690,39 @@ def test_open_clip_text_and_timm_towers_alone_refuse_experts_whose_config_reads_
         _walk_epmq(timm, timm_expert("other", timm_model_name="vit_tiny_patch16_224"))
     for tower, expert in ((text, text_expert("own")), (timm, timm_expert("own_timm"))):
         assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(tower, expert).modules())
+
+
+def test_open_clip_coca_decoder_whole_or_alone_refuses_experts_whose_config_reads_it_otherwise(gen, tmp_path):
+    """CoCa's captioning decoder (MultimodalTransformer, built by model_cfg's multimodal_cfg) was compared
+    with nothing: an expert whose open_clip_config.json gave it other heads at its width (the same shapes)
+    or other layers was walked in silence beside the CoCa, and the decoder walked alone took a QuickGELU
+    expert too. The decoder is read as its CoCa's multimodal_cfg and the expert's compared with it."""
+    import types
+
+    from test_walker_models import COCA_CFG
+
+    coca = Family("open_clip_coca", gen, tasks=["a"], n_samples=1)
+    width = COCA_CFG["multimodal_cfg"]["width"]
+    decoder = types.SimpleNamespace(merged=lambda: coca.merged().text_decoder, calibration={"a": [{
+        "image_embs": torch.randn(2, 5, width, generator=gen), "text_embs": torch.randn(2, 8, width, generator=gen)}]})
+
+    def expert(name, quick_gelu=False, **multimodal):
+        model_cfg = {**COCA_CFG, "quick_gelu": quick_gelu,
+                     "multimodal_cfg": {**COCA_CFG["multimodal_cfg"], **multimodal}}
+        return _open_clip_expert(tmp_path / name, coca.experts["a"].state_dict(), model_cfg)
+
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*heads.* reads its weights as "
+                                         r"\{'multimodal_cfg.heads': 2\}, the model as \{'multimodal_cfg.heads': 4\}"):
+        _walk_epmq(coca, heads := expert("heads", heads=2))
+    with pytest.raises(ValueError, match=r"counts its layers as \{'multimodal_cfg.layers': 3\}, the model as "
+                                         r"\{'multimodal_cfg.layers': 2\}"):
+        _walk_epmq(coca, expert("deep", layers=3))
+    with pytest.raises(ValueError, match=r"the expert of task 'a' .*heads.*'s open_clip_multimodal_cfg tower reads its "
+                                         r"weights as \{'heads': 2\}, the model as \{'heads': 4\}"):
+        _walk_epmq(decoder, heads)
+    with pytest.raises(ValueError, match=r"'s open_clip_multimodal_cfg tower reads its weights as "
+                                         r"\{'quick_gelu': True\}, the model as \{'quick_gelu': False\}"):
+        _walk_epmq(decoder, expert("quick", quick_gelu=True))
+    own = expert("own")
+    for model in (coca, decoder):
+        assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(model, own).modules())
