@@ -999,6 +999,21 @@ OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64}, "te
                       "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"}}
 
 
+def _timm_architecture(name: str) -> str:
+    """The timm architecture that ``timm_model_name`` builds, as far as the name says it: a registry
+    name's, its pretrained tag split off (it names weights, not another model, as timm splits it); a hub
+    name of timm's own repositories (``hf-hub:timm/<architecture>.<tag>``, as timm names them), whose
+    config.json timm builds by, the same; another hub repository's or a local directory's name as it is
+    written (its architecture is in its config.json alone, and a dot in it is no tag)."""
+    source, colon, model_id = name.partition(":")
+    if not colon:
+        return name.partition(".")[0]
+    owner, slash, repo = model_id.partition("@")[0].partition("/")  # (@: a revision, as timm reads one)
+    if source.lower() in ("hf-hub", "hf_hub") and owner == "timm" and slash:
+        return repo.partition(".")[0]
+    return name
+
+
 def _open_clip_config(content) -> dict:
     """An open_clip_config.json's ``model_cfg`` in config.json's terms, open_clip's defaults filled
     in: ``model_type`` open_clip, its towers' configs with theirs (``vision_cfg``, ``text_cfg``, CoCa's
@@ -1015,8 +1030,8 @@ def _open_clip_config(content) -> dict:
         timm = isinstance(timm_name, str) and bool(timm_name)
         config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS["timm" if timm else tower],
                          **model_cfg[tower]}
-        if timm:  # (a pretrained tag names weights, not another model, as timm splits it off)
-            config[tower]["timm_model_name"] = timm_name.partition(".")[0]
+        if timm:
+            config[tower]["timm_model_name"] = _timm_architecture(timm_name)
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
                 del config[tower]["timm_pool"]
     return config

@@ -3159,3 +3159,31 @@ def test_open_clip_coca_checkpoints_whose_decoders_read_the_weights_otherwise_ar
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_architectures(base, [save("same", heads=4)], ["same"])
+
+
+def test_open_clip_timm_model_names_from_timm_s_hub_are_compared_by_their_architecture(tmp_path):
+    """open_clip's timm_model_name may name timm's hub repository of its weights (hf-hub:timm/<architecture>.
+    <tag>, which timm builds as that architecture): compared with the bare name as written, one checkpoint
+    was refused as another timm model than its twin's. Such a name is compared by its architecture; another
+    owner's repository or a local directory says its architecture in its config.json alone, and is compared
+    as written (a dot in it no tag)."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, timm_model_name):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": timm_model_name},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    base = save("base", "vit_base_patch16_siglip_224")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(base, [save("hub", "hf-hub:timm/vit_base_patch16_siglip_224.webli"),
+                                    save("old", "hf_hub:timm/vit_base_patch16_siglip_224.v2_webli@main")],
+                             ["hub", "old"])
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_224'\}, the base as "
+                                         r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_siglip_224'\}"):
+        _check_architectures(base, [save("other", "hf-hub:timm/vit_base_patch16_224.augreg_in21k")], ["other"])
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'local-dir:/models/siglip.v2'\}"):
+        _check_architectures(base, [save("local", "local-dir:/models/siglip.v2")], ["local"])

@@ -1726,3 +1726,22 @@ def test_open_clip_coca_decoder_whole_or_alone_refuses_experts_whose_config_read
     own = expert("own")
     for model in (coca, decoder):
         assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(model, own).modules())
+
+
+def test_open_clip_timm_image_tower_takes_experts_naming_its_model_by_timm_s_hub(gen, tmp_path):
+    """An expert's open_clip_config.json naming its timm model by timm's hub repository of its weights
+    (hf-hub:timm/<architecture>.<tag>) was refused as another timm model than the tower's own (its
+    trunk's architecture, a bare name). It is compared by the architecture it names."""
+    from test_walker_models import TIMM_CLIP_CFG
+
+    fam = Family("open_clip_timm", gen, tasks=["a"], n_samples=1)
+
+    def expert(name, timm_model_name):
+        return _open_clip_expert(tmp_path / name, fam.experts["a"].state_dict(), {
+            **TIMM_CLIP_CFG, "vision_cfg": {**TIMM_CLIP_CFG["vision_cfg"], "timm_model_name": timm_model_name}})
+
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'vit_tiny_patch16_224'\}, the model as "
+                                         r"\{'vision_cfg.timm_model_name': 'epmq_tiny_vit'\}"):
+        _walk_epmq(fam, expert("other", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"))
+    model = _walk_epmq(fam, expert("hub", "hf-hub:timm/epmq_tiny_vit.tuned"))
+    assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
