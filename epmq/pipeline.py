@@ -306,8 +306,9 @@ class Store:
                 self.data = old
             elif old.get("steps"):
                 why = ("[fresh] " if not resume else
-                       f"[resume] {self.path} was written for another bench, or by another version of "
-                       f"epmq or of its models or data (differs in "
+                       f"[resume] {self.path} was written for another bench, on other hardware or under "
+                       f"other float settings of torch, or by another version of epmq or of its models or "
+                       f"data (differs in "
                        f"{changed_keys(old.get('identity') or {}, identity)}): ")
                 kept = self._set_aside(Path(out_dir))
                 # at once, not at the first step: a run stopped before it would set the earlier
@@ -493,13 +494,11 @@ class Runner:
             if resume:
                 log(f"[resume] {type(bench).__name__} has no identity: results in {self.out} are taken "
                     f"as its own by its class and task names (pass identity= to tell benches apart)")
-        from .walker import _float_precision
+        from .walker import arithmetic_identity
 
-        # every cell's forward runs under torch's float arithmetic (TF32): a run under other settings is
-        # another's (torch's defaults recorded as nothing: results stored before this was recorded match)
-        precision = _float_precision(torch.device(getattr(bench, "device", "cpu")))
-        if precision:
-            identity = dict(identity, precision=precision)
+        # every cell's forward and solve runs under torch's float arithmetic (TF32) on the bench's
+        # hardware (a CPU's thread count): a run under others is another's, as a walk's is
+        identity = dict(identity, **arithmetic_identity(torch.device(getattr(bench, "device", "cpu"))))
         self.store = Store(self.out, identity, resume, log)
         self._plots_gone = False
         self._serving_said = set()  # (the engine warnings of the run's checkpoints said so far)

@@ -1565,6 +1565,17 @@ def _blocks_and_model(read, device: torch.device, model_device: torch.device) ->
     return blocks if model == blocks else dict(blocks, **{f"model.{k}": v for k, v in model.items()})
 
 
+def arithmetic_identity(device: torch.device, model_device: Optional[torch.device] = None) -> dict:
+    """What float arithmetic on ``device`` (and the model's, ``model_device``: ``_blocks_and_model``)
+    depends on bit for bit besides the code and the data: torch's settings of it where not its
+    defaults (``precision``) and the hardware (``machine``). One for a walk's resume identity and a
+    run's (``pipeline.Runner``): a setting recorded by one alone let the other resume across it."""
+    model_device = device if model_device is None else model_device
+    precision = _blocks_and_model(_float_precision, device, model_device)
+    return dict({"precision": precision} if precision else {},
+                machine=_blocks_and_model(_machine, device, model_device))
+
+
 # what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
 # are installed
 CAPTURE_MARK = "_output_capturing_hooks_installed"
@@ -2556,9 +2567,7 @@ class _Walk:
             blocksize=int(self.solver["blocksize"]),
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
-            **({"precision": precision}
-               if (precision := _blocks_and_model(_float_precision, self.device, self.model_device)) else {}),
-            machine=_blocks_and_model(_machine, self.device, self.model_device),
+            **arithmetic_identity(self.device, self.model_device),
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the

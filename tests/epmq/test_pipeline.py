@@ -94,10 +94,14 @@ def test_a_changed_quantization_setting_is_not_served_from_the_store(calls_list,
     assert len(calls_list) == 2
 
 
-def test_a_model_moved_to_the_gpu_is_not_served_the_cpus_numbers(calls_list, tmp_path, quiet):
+def test_a_model_moved_to_the_gpu_is_not_served_the_cpus_numbers(calls_list, tmp_path, quiet, monkeypatch):
     """The solver's default backend follows the model's device (torch on the CPU, Triton on a
     GPU): results stored by a CPU run were served to the same config on CUDA (the bench's
     identity leaves the device out), and the CPU's stored results still match after."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",  # (the run's identity names the GPU)
+                        lambda device: SimpleNamespace(name="NVIDIA H100 PCIe", multi_processor_count=114))
     pipeline.run(Bench(), plan(methods=["epmq"]), tmp_path, log=quiet)
     on_gpu = Bench()
     on_gpu.device = torch.device("cuda")  # (the fake solve runs nothing there)
@@ -400,6 +404,26 @@ def test_a_run_under_other_float32_settings_is_started_over(calls_list, tmp_path
     calls_list.clear()
     pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
     assert not calls_list and "precision" not in json.loads((tmp_path / "results.json").read_text())["identity"]
+
+
+def test_a_run_resumed_with_another_thread_count_is_started_over(calls_list, tmp_path, monkeypatch):
+    """On a CPU torch's thread count changes every cell's float arithmetic bit for bit (the walk's
+    statistics, its solves), which the walk's own resume identity records but a run's did not: a run
+    stopped under 2 threads and resumed under 1 tabled the first's cells beside the second's in
+    silence. Both take their hardware from one function, and the run starts over, naming it."""
+    logs = []
+    with monkeypatch.context() as m:
+        m.setattr(torch, "get_num_threads", lambda: 2)
+        pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert calls_list
+    calls_list.clear()
+    assert torch.get_num_threads() == 1  # (the tests' own: conftest)
+    pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert calls_list, "a cell of the 2-thread run was reused"
+    assert any("starting over" in line and "'machine'" in line for line in logs), logs
+    calls_list.clear()
+    pipeline.run(Named("one", 0.25), plan(methods=["rtn"]), tmp_path, log=logs.append, progress=False)
+    assert not calls_list
 
 
 @pytest.mark.parametrize("merges, bits", [(1, [4, 2]), (1, [4]), (2, [8, 4, 3, 2])])
