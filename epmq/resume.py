@@ -221,7 +221,8 @@ class BlockLog:
                           "--threads, OMP_NUM_THREADS), which changes the order of its reductions, or another "
                           "instruction set; on a GPU, on another model (machine.model.*: those of the hardware the "
                           "model lies on, where its blocks visited another device by quantize_model's device=, as "
-                          "the model's code outside the blocks, which computes their inputs, ran there): resume "
+                          "the model's code outside the blocks, which computes their inputs, ran there; "
+                          "machine.cuda:1.* and the like: another device a device_map spread the model over): resume "
                           "with those, or use an empty directory")
                 if "machine" not in saved:
                     remedy = ("it was written by an epmq that did not record the hardware its blocks were computed "

@@ -1555,25 +1555,33 @@ def _machine(device: torch.device) -> dict:
     return {}
 
 
-def _blocks_and_model(read, device: torch.device, model_device: torch.device) -> dict:
+def _blocks_and_model(read, device: torch.device, model_device: torch.device, others=()) -> dict:
     """``read`` (``_machine``, ``_float_precision``) of the blocks' ``device``, and, where the model
     lies on other hardware (``quantize_model(device=)``: the model on the CPU, each block visiting
     a GPU), that of ``model_device`` too, its entries named ``model.*``: the model's own code
     outside the blocks (its embeddings, what its stack does between blocks) runs there, and
-    computes every block's inputs, which that hardware and its settings change bit for bit."""
-    blocks, model = read(device), read(model_device)
-    return blocks if model == blocks else dict(blocks, **{f"model.{k}": v for k, v in model.items()})
+    computes every block's inputs, which that hardware and its settings change bit for bit. So
+    does that of the ``others`` the model lies on (a device_map over several GPUs), its entries
+    named by the device (``cuda:1.*``); each where its entries differ from the blocks'."""
+    blocks = read(device)
+    named = dict(blocks)
+    for prefix, on in (("model", model_device), *((str(d), d) for d in others)):
+        if (entries := read(on)) != blocks:
+            named.update({f"{prefix}.{k}": v for k, v in entries.items()})
+    return named
 
 
-def arithmetic_identity(device: torch.device, model_device: Optional[torch.device] = None) -> dict:
-    """What float arithmetic on ``device`` (and the model's, ``model_device``: ``_blocks_and_model``)
-    depends on bit for bit besides the code and the data: torch's settings of it where not its
-    defaults (``precision``) and the hardware (``machine``). One for a walk's resume identity and a
-    run's (``pipeline.Runner``): a setting recorded by one alone let the other resume across it."""
+def arithmetic_identity(device: torch.device, model_device: Optional[torch.device] = None, others=()) -> dict:
+    """What float arithmetic on ``device`` (and the model's, ``model_device``, and ``others`` it lies
+    on: ``_blocks_and_model``) depends on bit for bit besides the code and the data: torch's settings
+    of it where not its defaults (``precision``) and the hardware (``machine``). One for a walk's
+    resume identity and a run's (``pipeline.Runner``): a setting recorded by one alone let the other
+    resume across it."""
     model_device = device if model_device is None else model_device
-    precision = _blocks_and_model(_float_precision, device, model_device)
+    others = [d for d in dict.fromkeys(others) if d not in (device, model_device)]
+    precision = _blocks_and_model(_float_precision, device, model_device, others)
     return dict({"precision": precision} if precision else {},
-                machine=_blocks_and_model(_machine, device, model_device))
+                machine=_blocks_and_model(_machine, device, model_device, others))
 
 
 # what transformers 5 (utils/output_capturing.py) sets on a model once its output-capturing hooks
@@ -2567,7 +2575,7 @@ class _Walk:
             blocksize=int(self.solver["blocksize"]),
             backend=quant.resolve_backend(self.solver["backend"], self.device),
             residual_precision=self.residual_precision, device=self.device.type,
-            **arithmetic_identity(self.device, self.model_device),
+            **arithmetic_identity(self.device, self.model_device, self.seeded_devices),
             adapter=self.report.adapter, share_input_statistics=SHARE_INPUT_STATISTICS,
             model=type(self.model).__qualname__, config=config_of(self.model),
             # what the config does not say: the modules' own settings (eps of norms outside the

@@ -1172,6 +1172,39 @@ def test_the_model_s_machine_is_recorded_where_it_is_not_the_blocks_(monkeypatch
     assert walker._blocks_and_model(walker._machine, torch.device("cuda:1"), torch.device("cuda:0")) == gpu
 
 
+def test_a_walk_over_several_gpus_resumed_with_one_of_them_another_model_is_refused(gen, tmp_path, monkeypatch):
+    """A model spread by a device_map (its embeddings on the CPU, its blocks over two GPUs) is walked
+    where its first parameter lies, and the walk's identity recorded that device's hardware alone: a
+    walk resumed with its second GPU another model took the first's blocks in silence. Every device
+    the model lies on is recorded, by its name where it differs from the blocks' (emulated: the
+    identity of a CPU walk as if the model lay on two GPUs too)."""
+    from types import SimpleNamespace
+
+    gpus = {0: "NVIDIA H100 PCIe", 1: "NVIDIA H100 PCIe"}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name=gpus[device.index], multi_processor_count=114))
+    identity = walker._Walk._identity
+
+    def spread(self):
+        devices = self.seeded_devices
+        self.seeded_devices = [*devices, *(torch.device("cuda", i) for i in gpus)]
+        try:
+            return identity(self)
+        finally:
+            self.seeded_devices = devices
+
+    monkeypatch.setattr(walker._Walk, "_identity", spread)
+    fam = Family("llama", gen)
+    _interrupted(fam, tmp_path, monkeypatch)
+    assert json.loads((tmp_path / "walk.json").read_text())["machine"]["cuda:1.gpu"] == "NVIDIA H100 PCIe"
+    gpus[1] = "NVIDIA A100-SXM4-80GB"
+    with pytest.raises(ValueError, match=r"another walk \(machine\.cuda:1\.gpu: 'NVIDIA H100 PCIe' then, "
+                                         r"'NVIDIA A100-SXM4-80GB' now\).*device_map"):
+        run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path)
+    gpus[1] = "NVIDIA H100 PCIe"
+    assert run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path).epmq_report.resumed
+
+
 @pytest.mark.parametrize("backend, set_to, recorded", [
     ("cuda", "tf32", {"float32_matmul_precision": "high"}),
     ("mkldnn", "bf16", {}),  # (oneDNN's: the CPU's, not the GPU's)
