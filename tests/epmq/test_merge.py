@@ -169,6 +169,29 @@ def test_dare():
     assert torch.equal(alone["w"], a["w"])
 
 
+@pytest.mark.parametrize("method, params", [("dare", {}), ("della", dict(epsilon=0.2))])
+def test_masks_of_tensors_whose_crc32_seeds_collide_differ(method, params, gen):
+    """A mask's generator is seeded by 64 bits of (seed, name, expert): crc32's 32 bits seeded these
+    two of DeepSeek-V3's expert tensors alike at seed 2 (of its ~1e5 tensors, the birthday bound
+    pairs about one so), and the two drew one mask."""
+    a, b = "model.layers.18.mlp.experts.62.up_proj.weight", "model.layers.33.mlp.experts.165.down_proj.weight"
+    assert zlib.crc32(f"2/{a}/0".encode()) == zlib.crc32(f"2/{b}/0".encode())
+    tau = torch.randn(8, 64, generator=gen)
+    base, expert = {a: torch.zeros(8, 64), b: torch.zeros(8, 64)}, {a: tau, b: tau.clone()}
+
+    def merged(names):
+        return getattr(merge, method)({n: base[n] for n in names}, [{n: expert[n] for n in names}], scale=1.0,
+                                      density=0.5, seed=2, **params)
+
+    both = merged([a, b])
+    assert not torch.equal(both[a] != 0, both[b] != 0)
+    # reproducible, and a tensor's mask its own whatever else is merged
+    assert all(torch.equal(merged([a, b])[n], both[n]) for n in (a, b))
+    assert torch.equal(merged([b])[b], both[b])
+    # the same seeds in every process (no salted hash)
+    assert merge._generator(7, "w", 1).initial_seed() == 12239738543980185717
+
+
 @pytest.mark.parametrize("method, params", [("dare", dict(density=0.5)), ("della", dict(density=0.5, epsilon=0.2))])
 def test_random_masks_of_modules_are_those_of_their_checkpoints(method, params, tmp_path):
     """A transformers module whose tensors save_pretrained renames (ViT in transformers 5:
@@ -480,8 +503,7 @@ def _dare_survivors(base, experts, name, density, seed):
     """DARE's rescaled survivors of each expert's task vector, masks drawn as documented."""
     out = []
     for k, e in enumerate(experts):
-        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{k}".encode()))
-        keep = torch.rand(base[name].shape, generator=g) < density
+        keep = torch.rand(base[name].shape, generator=merge._generator(seed, name, k)) < density
         out.append(torch.where(keep, e[name] - base[name], 0.0) / density)
     return torch.stack(out)
 
