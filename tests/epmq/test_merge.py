@@ -1847,6 +1847,29 @@ def test_weighted_average_weighs_every_expert(gen):
     torch.testing.assert_close(out, sum(a * e["w"] for a, e in zip(w, experts)) / sum(w))
 
 
+@pytest.mark.parametrize("w", [[0.3, 0.3], [0.3, 0.3, 0.3], [1.0, 0.5, 2.0, 0.7], [1 / 3, 2.5, 0.1]])
+def test_weighted_average_rounds_as_mergekit(w, gen):
+    """mergekit's linear, ``(w * stack(W)).sum(0) / w.sum(0)`` in float32, bit for bit: each product
+    rounded apart (add_'s alpha fused it) and the weights summed in float32 (a float64 sum divided
+    by another number): up to 4 models, where torch sums the stacked models in their order."""
+    experts = [{"w": torch.randn(33, 7, generator=gen)} for _ in w]
+    stacked = torch.stack([e["w"] for e in experts])
+    weights = torch.tensor(w).reshape(-1, 1, 1)
+    assert torch.equal(merge.average(experts, weights=w)["w"], (weights * stacked).sum(0) / weights.sum(0))
+
+
+def test_weights_whose_float32_sum_is_0_or_inf_are_refused():
+    """A float64 sum passed 1 and -0.99999999, which sum to 0 in float32: the merge returned 0 for
+    copies of a model of 1s (its weighted mean); 1e39 is inf in float32 (refused as a dtype's range)."""
+    ones = {"w": torch.ones(3)}
+    for weights, total in (([1.0, -0.99999999], "0.0"), ([1e39, 1.0], "inf")):
+        with pytest.raises(ValueError, match=f"sum to {total} in torch.float32"):
+            merge.average([ones, ones], weights=weights)
+    # (float64 models average in float64, where those weights sum to 1e-08)
+    ones = {"w": torch.ones(3, dtype=torch.float64)}
+    torch.testing.assert_close(merge.average([ones, ones], weights=[1.0, -0.99999999])["w"], ones["w"])
+
+
 def tied_llama(noise, seed):
     """A tiny Llama whose head is its embeddings, every weight moved by ``noise`` (``seed``)."""
     import transformers
