@@ -72,6 +72,7 @@ def _is_fake(x: torch.Tensor) -> bool:
 
     return isinstance(x, FakeTensor)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes the kernel takes
+PACKED_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # (the layout's, checked together on a load)
 _cpu_int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
@@ -365,14 +366,25 @@ class QuantLinear(nn.Module):
         on each call, the whole cost of a batch-1 product.) Likewise any in-place write into
         buffers made under ``torch.inference_mode()`` (a model loaded there): inference tensors
         have no version counter. ``load_state_dict``, assigning new buffers, and in-place writes
-        under ``torch.no_grad()`` without ``.data`` need no call."""
+        under ``torch.no_grad()`` without ``.data`` need no call.
+
+        The buffers are then checked as ``load_state_dict`` checks a checkpoint's (ValueError naming
+        the problem): writes into them in place (``copy_``, ``.data``, accelerate's
+        ``set_module_tensor_to_device``, which casts a float32 scale past float16's range to inf) are
+        not seen by the layer, and a lookup on every forward to see them would add a quarter to a
+        batch-1 CPU product (10 of 37 us), so this is the call that checks them."""
         self._derived = {}
         # new tensor objects over the same memory: the kernels' caches, keyed on the tensors
         # themselves (``epmq_kernels.w4a16``), retire their entries for the old ones too
         for name, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[name] = buf.detach()
+        self._refuse(self._state_problems({name: self._buffers[name] for name in PACKED_BUFFERS}, assign=True))
         return self
+
+    def _refuse(self, problems: list) -> None:
+        if problems:
+            raise ValueError(f"QuantLinear({self.extra_repr()}): " + "; ".join(problems))
 
     def _cached(self, name, build, *buffers):
         """``build()``, kept until one of ``buffers`` changes (in place, or by ``.to``). Writes
@@ -394,8 +406,8 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         # the scales are part of the packed format (fp16, or fp32 from a checkpoint loaded with
         # assign=True): .to(bfloat16) must not round them for good, as it would a float buffer
-        if self.scales.dtype != scales.dtype:
-            self.scales = scales.to(device=self.scales.device)
+        if self.scales.dtype != scales.dtype:  # (not by assignment: a cast that overflows is warned of, below)
+            self._buffers["scales"] = scales.to(device=self.scales.device)
         if self._dtype_probe.dtype != dtype:
             self._warn_overflow()
         return out
@@ -424,8 +436,14 @@ class QuantLinear(nn.Module):
         if problems:
             error_msgs.extend(prefix + problem for problem in problems)
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        # (assign=True sets the buffers one at a time: checked above as a whole, not each against the
+        # others not yet replaced)
+        vars(self)["_loading"] = True
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            del vars(self)["_loading"]
         self._derived = {}
         # assigned, a g_idx keeps the file's integers (int64 in some writers' files): the layout's
         # int32, as a copy into the buffer and load_quantized give it, and as save_quantized writes it
@@ -487,7 +505,7 @@ class QuantLinear(nn.Module):
             return problems
         # finite scales may still give weights past the layer's dtype (a peer's fp32 or large fp16
         # scales in a float16 model): its outputs inf. Of the tensors it will hold, given or its own.
-        held = {name: given.get(name, self._buffers[name]) for name in ("qweight", "qzeros", "scales", "g_idx")}
+        held = {name: given.get(name, self._buffers[name]) for name in PACKED_BUFFERS}
         if held.keys() & given.keys() and not any(t.is_meta or _is_fake(t) for t in held.values()):
             dtype = self._dtype_probe.dtype
             largest = weight_overflow(
@@ -603,6 +621,10 @@ class QuantLinear(nn.Module):
                 f"input embeddings where the config says tie_word_embeddings); a packed head is its own, not "
                 f"the embeddings: set model.config.tie_word_embeddings = False, or replace the layer with an "
                 f"nn.Linear of its dequantize()")
+        if name in PACKED_BUFFERS and isinstance(value, torch.Tensor) and not vars(self).get("_loading"):
+            # a buffer replaced (``layer.scales = t``) is checked as load_state_dict(assign=True) checks it,
+            # against the others held: NaN scales, or a g_idx of -1, which read the last group in silence
+            self._refuse(self._state_problems({name: value}, assign=True))
         super().__setattr__(name, value)
 
     # ----------------------------------------------------------------- forward

@@ -335,6 +335,40 @@ def test_weights_written_through_data_are_seen_after_refresh(device, dtype, gen)
     assert torch.equal(layer(x), fresh(x))
 
 
+def test_buffers_replaced_are_checked_and_written_in_place_are_checked_by_refresh(gen):
+    """load_state_dict refuses NaN scales, a float32 scale past float16's range, a g_idx naming no
+    group; a buffer replaced (``layer.scales = t``) or written in place (``copy_``, ``.data``,
+    accelerate's set_module_tensor_to_device, which casts into the float16 buffer) took them in
+    silence: outputs NaN or inf, or with g_idx -1 every input read with the last group's grid.
+    A replacement is refused, the layer left as it was; in-place writes, which the layer cannot
+    see without a cost on every forward, are refused by refresh()."""
+    layer = epmq.QuantLinear.from_result(solve(epmq.QuantSpec(bits=4, group_size=16), gen))
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    scales = layer.scales.float()
+    nan, big = scales.clone(), scales.clone()
+    nan[0, 0], big[0, 0] = float("nan"), 1e5
+    replaced = [("scales", nan, "scales must be finite"), ("scales", big.half(), "scales must be finite"),
+                ("g_idx", torch.full((64,), -1, dtype=torch.int32), r"g_idx holds groups in \[-1, -1\]"),
+                ("qweight", layer.qweight.float(), "qweight must be int32")]
+    for name, value, match in replaced:
+        with pytest.raises(ValueError, match=r"QuantLinear\(in_features=64, out_features=24.*: " + match):
+            setattr(layer, name, value)
+        assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
+    layer.scales = scales  # (a layer's float32 scales, as a peer's load with assign=True: taken)
+    assert layer.scales.dtype == torch.float32 and layer.refresh() is layer
+    layer.scales = before["scales"].clone()
+
+    accelerate = pytest.importorskip("accelerate.utils")
+    for write in (lambda: layer.scales.copy_(big), lambda: setattr(layer.scales, "data", nan.half()),
+                  lambda: accelerate.set_module_tensor_to_device(layer, "scales", "cpu", value=big)):
+        with torch.no_grad():
+            write()
+        with pytest.raises(ValueError, match="scales must be finite, got NaN or inf"):
+            layer.refresh()
+        layer.load_state_dict(before)
+    assert layer.refresh() is layer
+
+
 @pytest.mark.cuda
 def test_cuda_inputs_that_need_a_gradient_get_one(gen):
     """The W4A16 kernel has no backward: such inputs take the dequantized product."""
