@@ -25,7 +25,9 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+import torch
 from peft import LoraConfig
+from peft.tuners.lora import model as lora_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
@@ -116,12 +118,28 @@ def _dense_copy(packed: QuantLinear) -> nn.Linear:
     return dense
 
 
+_peft_device_map = getattr(lora_model, "get_device_map", None)
+
+
+def _device_map(model: nn.Module) -> dict:
+    """PEFT's ``get_device_map``, for a model of packed layers alone too: PEFT places a new adapter by
+    the model's first parameter (``next(model.parameters())``), and on a model whose weights are all
+    packed (buffers) ``get_peft_model`` ended in a bare StopIteration; its codes' device then (a
+    model of no tensors at all, torch's default device: PEFT then names the layer it cannot adapt)."""
+    if hasattr(model, "hf_device_map") or next(model.parameters(), None) is not None:
+        return _peft_device_map(model)
+    held = next(model.buffers(), None)
+    return {"": held.device if held is not None else torch.get_default_device()}
+
+
 def with_quant_linear(config: LoraConfig) -> LoraConfig:
     """``config`` with LoRA on ``QuantLinear`` layers registered (PEFT's custom-module mechanism);
     returns it, for ``peft.get_peft_model(model, with_quant_linear(LoraConfig(...)))``."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
     config._register_custom_module({QuantLinear: QuantLoraLinear})
+    if _peft_device_map is not None:  # (PEFT's LoRA tuner reads it from its own module)
+        lora_model.get_device_map = _device_map
     return config
 
 

@@ -834,8 +834,8 @@ def test_a_first_cpu_forward_of_many_small_layers_trims_the_heap_once_their_temp
 
 
 def _tiny_packed_model(gen, dtype=torch.float32):
-    """norm -> up (32->48) -> ReLU -> down (48->8), the linears packed (PEFT needs a parameter to
-    place the model: the norm)."""
+    """norm -> up (32->48) -> ReLU -> down (48->8), the linears packed (the norm: a parameter outside
+    them, as a model's embeddings and norms are)."""
     from torch import nn
 
     model = nn.Sequential()
@@ -894,6 +894,26 @@ def test_peft_lora_trains_on_packed_layers_and_merges(gen, dtype, tmp_path):
         fresh.load_state_dict({**packed, **{n: t for n, t in model.state_dict().items() if n.startswith("norm")}})
         loaded = peft.PeftModel.from_pretrained(fresh, tmp_path, config=config)
         assert torch.equal(loaded(x), trained)
+
+
+def test_peft_lora_on_a_model_of_packed_layers_alone(gen):
+    """PEFT places new adapters by the model's first parameter: on a model whose weights are all
+    packed (buffers, no parameters) get_peft_model ended in a bare StopIteration. They go where
+    the packed codes are, and train."""
+    peft = pytest.importorskip("peft")
+    from epmq.peft_lora import with_quant_linear
+
+    model = _tiny_packed_model(gen)
+    del model.norm  # (its one parameter)
+    assert not list(model.parameters())
+    lora = peft.get_peft_model(model, with_quant_linear(peft.LoraConfig(r=4, target_modules=["up", "down"])))
+    adapters = [p for p in lora.parameters() if p.requires_grad]
+    assert len(adapters) == 4 and all(p.device == model.up.get_base_layer().qweight.device for p in adapters)
+    _assert_lora_trains(lora, adapters, torch.randn(64, 32, generator=gen), torch.randn(64, 8, generator=gen))
+    # (a model of no tensors at all: PEFT's own refusal of what it cannot adapt)
+    with pytest.raises(ValueError, match=r"Target module ReLU\(\) is not supported"):
+        peft.get_peft_model(torch.nn.Sequential(torch.nn.ReLU()),
+                            with_quant_linear(peft.LoraConfig(r=2, target_modules=["0"])))
 
 
 def test_peft_lora_variants_that_read_the_base_weight_are_refused(gen):
