@@ -2125,8 +2125,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
                 raise ValueError(f"{directory}: {name} has no g_idx, which act-order (desc_act) checkpoints "
                                  f"of several groups need: the order of its input features is unknown")
             tensors[f"{name}.g_idx"] = in_order_g_idx(K, group)
-        elif f"{name}.g_idx" in tensors:  # (int64 in some writers' files: the layout's int32, as engines take it)
-            tensors[f"{name}.g_idx"] = tensors[f"{name}.g_idx"].to(torch.int32)
+        # (an int64 g_idx, as some writers' files hold, QuantLinear's load makes the layout's int32 itself)
     if not empty:
         _untie_held_apart(model, tensors, tied)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=empty)

@@ -2944,9 +2944,9 @@ def test_a_peers_int64_g_idx_is_loaded_and_saved_as_int32(gen, tmp_path):
     tensors = load_file(str(path))
     tensors[f"{LAYER}.g_idx"] = tensors[f"{LAYER}.g_idx"].long()
     save_file(tensors, str(path), metadata={"format": "pt"})
-    loaded = epmq.load_quantized(tmp_path / "q")
-    assert loaded.get_buffer(f"{LAYER}.g_idx").dtype == torch.int32
-    torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+    for loaded in (epmq.load_quantized(tmp_path / "q", fam.fresh()), epmq.load_quantized(tmp_path / "q")):
+        assert loaded.get_buffer(f"{LAYER}.g_idx").dtype == torch.int32  # (copied into a model given, or assigned)
+        torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
     epmq.save_quantized(loaded, tmp_path / "again")
     assert load_file(str(tmp_path / "again" / "model.safetensors"))[f"{LAYER}.g_idx"].dtype == torch.int32
 
