@@ -290,7 +290,16 @@ def _vocabulary(model: str):
     if not path.exists():
         raise ValueError(f"{model} is neither a directory nor an HF hub id")
     config = transformers.AutoConfig.from_pretrained(path)
-    rows = getattr(config.get_text_config(), "vocab_size", None)
+    try:
+        text = config.get_text_config()
+    except ValueError:
+        # a text encoder's config and a decoder's (MusicGen: T5's tokens in, audio codes out), between which
+        # transformers will not choose unasked: the tokenizer's ids index the encoder's embeddings, the
+        # model's input embeddings (the decoder's vocab_size counts audio codes)
+        text = getattr(config, "text_encoder", None)
+        if text is None:
+            raise
+    rows = getattr(text, "vocab_size", None)
     tokenizer = load_tokenizer(path)  # (mergekit, too, takes a model without a tokenizer to have the base's)
     if tokenizer is None:
         return None, rows, 0

@@ -461,6 +461,26 @@ def test_tokenizer_source_translated(tmp_path):
         base, models, every_tokenizer=True)
 
 
+def test_tokenizer_rows_of_a_text_encoder_and_decoder_model(tmp_path):
+    """MusicGen's config holds a text encoder's config (T5's tokens in) and a decoder's (audio codes
+    out): transformers' get_text_config() refuses to choose, and the tokenizer check ended in its
+    ValueError. The tokenizer's ids index the text encoder's embeddings (the model's input ones)."""
+    from epmq.mergekit_config import _vocabulary, base_tokenizer_changes_nothing
+
+    tokens = [f"t{i}" for i in range(64)]
+    for name in ("base", "e0"):
+        transformers.MusicgenConfig(
+            text_encoder=dict(model_type="t5", vocab_size=64, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4),
+            audio_encoder=dict(model_type="encodec", hidden_size=8, num_filters=2, codebook_size=16,
+                               upsampling_ratios=[2, 2], codebook_dim=8, num_residual_layers=1, num_lstm_layers=1),
+            decoder=dict(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                         num_codebooks=2, pad_token_id=15, bos_token_id=15)).save_pretrained(tmp_path / name)
+        word_level_tokenizer(tmp_path / name, tokens)
+    vocab, rows, past = _vocabulary(str(tmp_path / "base"))
+    assert (len(vocab), rows, past) == (64, 64, 0)
+    assert base_tokenizer_changes_nothing(str(tmp_path / "base"), [str(tmp_path / "e0")]) is None
+
+
 def test_chat_template_auto_and_text(tmp_path):
     """``chat_template`` of a merge: the template most models carry ("auto", as mergekit picks
     it; refused where several tie), or the given text, on the base's tokenizer."""
