@@ -26,9 +26,11 @@ fastest tuning time of each competing path (M = 1: the CUDA-core GEMV against th
 tensor-core dot; M >= 256: the Triton GEMM against dequantize + cuBLAS), and ``tuned_us``
 every candidate's time, fastest first, so one run shows how the alternatives compare and which
 configs of the space are never near the best. Bandwidth counts the bytes the product must move,
+as the benchmark's weights store them,
 
-    bytes = K N / 2 + (K / g) N 4 + M K 2 + M N 2       (codes, fp16 scales + 16-bit zeros, x, y)
+    bytes = K N / 2 + (K / g) N 3 + M K 2 + M N 2       (codes, fp16 scales + uint8 zeros, x, y)
 
+(and 4 K for the act-order rows' int32 g_idx)
 and is compared with the device-to-device copy bandwidth measured on the same card (bytes read
 plus written, median of many copies). The JSON holds the card, versions, the copy bandwidth,
 pack/unpack timings and one row per case; the plot shows the speedup over cuBLAS against M.
@@ -81,9 +83,12 @@ def ideal_speedup(K, group_size):
 GRAPH_CALLS = 16  # calls per captured graph at M <= 64 (at least one rotation otherwise)
 
 
-def int4_bytes(M, K, N, group_size):
+def int4_bytes(M, K, N, group_size, act_order=False):
+    """What the product reads and writes of ``make_weights``' format: a group's fp16 scale and uint8
+    zero are 3 bytes a column (counted as 4, the bandwidth was overstated by K N / g bytes: 1.5%
+    at group 128), act-order's int32 g_idx 4 bytes a row, 16-bit x and y."""
     groups = 1 if group_size == -1 else K // group_size
-    return K * N // 2 + groups * N * 4 + M * K * 2 + M * N * 2
+    return K * N // 2 + groups * N * 3 + (4 * K if act_order else 0) + M * K * 2 + M * N * 2
 
 
 def fp16_bytes(M, K, N):
@@ -248,8 +253,8 @@ def _bench_matmul(device, gen, shapes, batches, groups, copy_gbps, l2_bytes, on_
                 ms_fp16_graph = graph_ms(fp16_calls, M)
 
                 plan = w4a16_plan(x, qweight, scales, zeros, group_size, g_idx)
-                nbytes = int4_bytes(M, K, N, group_size)
-                actual = int4_set + x.nbytes + y.nbytes
+                nbytes = int4_bytes(M, K, N, group_size, act_order=g_idx is not None)
+                actual = int4_set + (0 if g_idx is None else g_idx.nbytes) + x.nbytes + y.nbytes
                 row = dict(
                     K=K, N=N, M=M, group_size=group_size, activation_dtype=str(dtype)[6:],
                     act_order=act_order, path=plan["path"], config=plan["config"],
@@ -391,7 +396,7 @@ def main(argv=None):
             cublas_dtype="the row's activation_dtype (float16 but for the bf16 rows)",
             zeros_dtype="uint8", scales_dtype="float16", graph_calls=GRAPH_CALLS,
             graph_workspace="shared",
-            bytes_formula="K*N/2 + (K/g)*N*4 + M*K*2 + M*N*2",
+            bytes_formula="K*N/2 + (K/g)*N*3 + M*K*2 + M*N*2 (+ 4*K act-order)",
             copy_bandwidth_gbps=copy_gbps, packing=packing, rows=rows, failures=failures,
             autotune_cache_dir=os.environ.get("EPMQ_CACHE_DIR", "~/.cache/epmq"),
             wall_s=time.perf_counter() - started, partial=partial,

@@ -164,6 +164,8 @@ def test_w4a16_benchmark_rows_on_the_cpu(tmp_path, monkeypatch):
         rows, failures = bench_w4a16.bench_matmul(cpu, gen, [(128, 96)], [1], [32], 100.0, 1 << 20,
                                                   rows=rows, failures=failures, act_order=act_order)
     assert failures == 0 and len(rows) == 9 and all(r["ok"] for r in rows)
+    # (the bandwidth's bytes are the tensors the product reads and writes, act-order's g_idx too)
+    assert [r["bytes"] for r in rows] == [r["bytes_actual"] for r in rows]
     assert [(r["act_order"], r["gather"]) for r in rows[-2:]] == [("sorted", False), ("gather", True)]
     assert {r["path"] for r in rows} >= {"gemv", "splitk"}
     assert all(isinstance(r["tuned_us"], list) for r in rows)
@@ -331,6 +333,23 @@ def test_w4a16_plot_draws_the_limit_of_its_own_format(tmp_path, monkeypatch, gro
     dashed = [line for line in figures[0].axes[0].get_lines() if line.get_linestyle() == "--"
               and line.get_label().startswith("bytes' limit")]
     assert [line.get_ydata()[0] for line in dashed] == [pytest.approx(2 * K * N / stored)]
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("M", [1, 3])
+def test_w4a16_bandwidth_counts_the_bytes_its_weights_hold(group_size, M):
+    """The bandwidth (and its fraction of the copy bandwidth, the M = 1 target) counted each
+    group's zero point as 2 bytes where the benchmark's weights hold it in a uint8: the GB/s
+    overstated by K N / g bytes (1.5% at group 128, K = N = 4096)."""
+    bench_w4a16, = _imported("benchmarks", "bench_w4a16")
+    K, N = 256, 64
+    stored = sum(t.nbytes for t in bench_w4a16.make_weights(K, N, group_size, "cpu",
+                                                             torch.Generator().manual_seed(0)))
+    x_and_y = torch.empty(M, K, dtype=torch.float16).nbytes + torch.empty(M, N, dtype=torch.float16).nbytes
+    assert bench_w4a16.int4_bytes(M, K, N, group_size) == stored + x_and_y
+    if group_size != -1:
+        g_idx = torch.empty(K, dtype=torch.int32)
+        assert bench_w4a16.int4_bytes(M, K, N, group_size, act_order=True) == stored + g_idx.nbytes + x_and_y
 
 
 def test_w4a16_replots_a_committed_run_without_a_gpu(tmp_path):
