@@ -103,6 +103,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import quant
@@ -1843,13 +1844,15 @@ class ExpertShapeError(ValueError):
 
 
 class _Placeholders(torch.overrides.TorchFunctionMode):
-    """The empty tensors the expert stream's passes hold in place of an expert's (``held``: id ->
-    (name, tensor, refusal, why)), whose use, while the mode is entered, raises ``refusal(why)``: an op
-    that takes an empty tensor without a word (a sum is 0, torch.cat leaves a 1-D one out, a size-1
-    dimension broadcasts to 0) would give the pass a silently wrong answer. They are looked for inside
+    """The placeholders the expert stream's passes hold in place of an expert's tensors (``held``: id
+    -> (name, tensor, refusal, why)), whose use, while the mode is entered, raises ``refusal(why)``: an
+    op on values that are not the expert's would give the pass a silently wrong answer (an empty
+    tensor's sum is 0, torch.cat leaves a 1-D one out). They are looked for inside
     lists, tuples and dicts too: a torch function written in Python runs its body with the mode off,
     so a tensor it takes nested is used there unseen. What a placeholder keeps of its tensor (dtype,
-    device) may be read."""
+    device) may be read. Compiled code (``torch.jit.script``) runs its ops where no torch function mode
+    sees them, but through torch's dispatch: a dispatch mode (``_Dispatched``) refuses them there, and
+    the placeholder keeps its tensor's shape for that code's reads of it (``size``, ``numel``)."""
 
     _KEPT = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__,
                        torch.Tensor.is_floating_point})
@@ -1857,11 +1860,15 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.held = {}
+        self._dispatched = _Dispatched(self)
+        self._refused = None  # (the last refusal raised: the TorchScript interpreter raises its own around it)
 
-    def hold(self, name, tensor, refusal, why) -> None:
-        """``tensor`` emptied (its dtype and device kept), its use refused."""
+    def hold(self, name, tensor, refusal, why, shape=None) -> None:
+        """``tensor``'s values let go (its dtype and device kept, and ``shape``, by default its own,
+        as a view of one NaN: no memory, and NaN should a use escape both modes), its use refused."""
         self.held[id(tensor)] = name, tensor, refusal, why
-        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        one = torch.full((1,), math.nan if tensor.is_floating_point() else 0, dtype=tensor.dtype, device=tensor.device)
+        tensor.data = one.expand(tensor.shape if shape is None else shape)
 
     def release(self, i) -> tuple:
         """``(name, tensor)`` of the placeholder of id ``i``, no longer refused (its data the caller's to set)."""
@@ -1886,12 +1893,39 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
         found = self._held_in(values)
         if found is not None:
             _, _, refusal, why = found
-            raise refusal(why)
+            self._refused = refusal(why)
+            raise self._refused
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in self._KEPT:
             self.refuse_in(itertools.chain(args, kwargs.values()))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        super().__enter__()
+        self._dispatched.__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self._dispatched.__exit__(kind, error, traceback)
+        super().__exit__(kind, error, traceback)
+        refused, self._refused = self._refused, None
+        if error is not None and refused is not None and error is not refused:
+            raise refused from None  # (scripted code's failure on a placeholder: the refusal, not its wrapping)
+
+
+class _Dispatched(TorchDispatchMode):
+    """The refusal of ``placeholders``' use by ops that reach torch's dispatch unseen by its torch
+    function mode: those of compiled code (``torch.jit.script``)."""
+
+    def __init__(self, placeholders):
+        super().__init__()
+        self.placeholders = placeholders
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.placeholders.refuse_in(itertools.chain(args, kwargs.values()))
         return func(*args, **kwargs)
 
 
@@ -2969,7 +3003,8 @@ class _Walk:
                         f"targets='expert_path' runs it in place of the model's, which its stream's passes use "
                         f"(before, between or as an argument of the blocks): experts must share the merged "
                         f"model's configuration (a tensor of another shape is left out only where its stream "
-                        f"never runs it: a classification head of the expert's own classes, after the blocks)")
+                        f"never runs it: a classification head of the expert's own classes, after the blocks)",
+                        shape=source.shape(names[0]))
                     continue
                 new = kept.get(names[0])
                 if new is None:
@@ -3028,8 +3063,7 @@ class _Walk:
         ``_read_unread``), the others left unread, empty, so that a pass stopped at a group's
         linears reads none after them. (The pass refuses any use of an unread one, ``_Placeholders``:
         a block that uses a module's tensors before calling it is read whole, ``_capture_target``.) A
-        block holding a TorchScript module is read whole: the ops of its scripted code are out of the
-        guard's sight (an unread tensor used there, unseen), and it takes no hooks to read on call."""
+        block holding a TorchScript module is read whole: it takes no hooks to read on call."""
         lazily = lazily and self._lazily and not any(isinstance(m, torch.jit.ScriptModule) for m in template.modules())
         if getattr(template, "_epmq_expert", None) == task:  # (one expert: its block holds what the
             # passes of the groups before read of it, the rest unread)

@@ -1163,6 +1163,42 @@ def test_a_block_holding_a_torchscript_module_is_read_whole_on_the_expert_path(g
     _assert_lazy_reads_as_whole(Net(Block), Block, gen)
 
 
+def _scaled_by(x, gains):
+    """``x`` times one plus the sum of ``gains``."""
+    return x * (1 + gains.sum())
+
+
+def _scaled_by_size(x, gains):
+    """``x`` times one plus the number of ``gains``: their shape read, not their values."""
+    return x * (1 + gains.numel())
+
+
+@pytest.mark.parametrize("scaled", [_scaled_by, _scaled_by_size])
+def test_a_block_calling_a_scripted_function_on_a_later_module_s_weight_is_read_as_whole(scaled, gen):
+    """A block that hands its norm's weight, before it calls the norm, to a function compiled by
+    ``torch.jit.script``: the guard of unread tensors (a torch function mode) does not see the ops of
+    scripted code, and the lazy passes' empty weight there summed to 0 (or counted 0 elements) without
+    a word, ``a``'s targets those of an unscaled input. Its use is refused at torch's dispatch, which
+    scripted code goes through, and the block read whole (its shape read kept): the model of whole reads."""
+    from torch import nn
+
+    from test_walker_errors import Net
+
+    scripted = torch.jit.script(scaled)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.norm = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16)
+
+        def forward(self, x):
+            y = scripted(x, self.norm.weight)
+            y = y + self.a(y)
+            return y + self.c(self.norm(y))
+
+    _assert_lazy_reads_as_whole(Net(Block), Block, gen)
+
+
 class _Gained(torch.nn.Module):
     """Two blocks of ``_TinyBlock`` on an input scaled by a sum of a gain outside them (``summed``;
     else cast to the gain's dtype)."""
@@ -1219,6 +1255,34 @@ def test_an_expert_tensor_of_another_shape_its_stream_runs_is_refused_naming_it(
     model = _Gained(summed=False)
     quantize(model)
     assert all(isinstance(block.fc1, epmq.QuantLinear) for block in model.layers)
+
+
+def test_an_expert_tensor_of_another_shape_a_scripted_function_uses_is_refused_naming_it(gen):
+    """The gain of another shape in expert 'b' (held empty in its stream's passes), summed by a function
+    compiled by ``torch.jit.script``, whose ops no torch function mode sees: its sum was 0, the stream's
+    input unscaled, without a word. Its use is refused at torch's dispatch, which scripted code goes
+    through, as the refusal itself (not the TorchScript interpreter's RuntimeError around it)."""
+    scripted = torch.jit.script(_scaled_by)
+
+    class ScriptGained(_Gained):
+        def forward(self, x):
+            x = scripted(x, self.gain)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in _Gained(gains).state_dict().items()}
+               for t, gains in (("a", 32), ("b", 16))}
+    calibration = {t: [torch.randn(8, 32, generator=gen)] for t in experts}
+    model = ScriptGained()
+    said = r"the expert of task 'b' .*gain of shape \(16,\).* the merged model's \(32,\)"
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=said) as refused:
+        warnings.simplefilter("ignore")  # (warned of as the experts are bound)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                            calibration=calibration, experts=experts, backend="torch", progress=False,
+                            adapter=epmq.Adapter("tiny", block_types=(_TinyBlock,)))
+    _check_said(refused.value)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
 _Shift = namedtuple("_Shift", "by")
