@@ -994,8 +994,10 @@ def _timm_read(config: dict) -> dict:
 
 # open_clip's defaults of the fields compared (its CLIPVisionCfg's, CLIPTextCfg's and CoCa's decoder's
 # MultimodalCfg's), which its configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's
-# gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width
-OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64}, "text_cfg": {"heads": 8},
+# gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width;
+# an image tower's attention pool's heads (attn_pooler_heads) are those of one built with it (attentional_pool)
+OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64},
+                      "attentional_pool": {"attn_pooler_heads": 8}, "text_cfg": {"heads": 8, "no_causal_mask": False},
                       "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"}}
 
 
@@ -1030,6 +1032,12 @@ def _open_clip_config(content) -> dict:
         timm = isinstance(timm_name, str) and bool(timm_name)
         config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS["timm" if timm else tower],
                          **model_cfg[tower]}
+        if tower == "vision_cfg" and not timm and config[tower].get("attentional_pool"):
+            config[tower] = {**OPEN_CLIP_DEFAULTS["attentional_pool"], **config[tower]}
+        elif tower != "text_cfg":  # (no attention pool built of them: its heads say nothing)
+            config[tower].pop("attn_pooler_heads", None)
+        if tower == "multimodal_cfg":  # (a CLIPTextCfg's field, without which open_clip builds CoCa's decoder: causal)
+            config[tower].pop("no_causal_mask", None)
         if timm:
             config[tower]["timm_model_name"] = _timm_architecture(timm_name)
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
@@ -1105,7 +1113,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # attention scale), a mixture of experts routing tokens to another number of experts or weighing them
 # otherwise, timm's model pooling its tokens otherwise (its global_pool: the class token or their
 # mean), an open_clip image tower built as another timm model or pooling its features otherwise
-# (timm_model_name, timm_pool) (refused, as another layer count); or positions turned by another
+# (timm_model_name, timm_pool) or by other heads (attn_pooler_heads), an open_clip text tower attending
+# both ways (no_causal_mask) (refused, as another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
@@ -1119,7 +1128,7 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
-           "timm_model_name", "timm_pool")
+           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

@@ -3187,3 +3187,38 @@ def test_open_clip_timm_model_names_from_timm_s_hub_are_compared_by_their_archit
         _check_architectures(base, [save("other", "hf-hub:timm/vit_base_patch16_224.augreg_in21k")], ["other"])
     with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'local-dir:/models/siglip.v2'\}"):
         _check_architectures(base, [save("local", "local-dir:/models/siglip.v2")], ["local"])
+
+
+def test_open_clip_checkpoints_attending_otherwise_are_refused(tmp_path):
+    """open_clip's no_causal_mask (a text tower attending both ways) and attn_pooler_heads (an image tower's
+    attention pool, CoCa's) run weights of the same shapes otherwise and were compared with nothing: such
+    checkpoints were merged in silence. Both are compared, open_clip's defaults filled in; a pool's heads
+    where the tower is built with no pool (attentional_pool) say nothing."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, vision=(), text=(), **towers):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **dict(text)}, **towers}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    base = save("base", vision={"attentional_pool": True, "attn_pooler_heads": 4})
+    with pytest.raises(ValueError, match=r"\{'text_cfg.no_causal_mask': True\}, the base as "
+                                         r"\{'text_cfg.no_causal_mask': False\}"):
+        _check_architectures(base, [save("both_ways", vision={"attentional_pool": True, "attn_pooler_heads": 4},
+                                         text={"no_causal_mask": True})], ["both_ways"])
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.attn_pooler_heads': 8\}, the base as "
+                                         r"\{'vision_cfg.attn_pooler_heads': 4\}"):
+        _check_architectures(base, [save("pooled", vision={"attentional_pool": True})], ["pooled"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(save("plain"), [save("unpooled", vision={"attn_pooler_heads": 2}),
+                                             save("causal", text={"no_causal_mask": False})], ["unpooled", "causal"])
+    # (CoCa's decoder: open_clip builds it with neither, which its multimodal_cfg, a text_cfg, may give)
+    decoder = {"width": 32, "heads": 4, "layers": 2}
+    coca = {name: save(f"coca_{name}", multimodal_cfg={**decoder, "attn_pooler_heads": heads, "no_causal_mask": mask})
+            for name, heads, mask in (("a", 8, False), ("b", 12, True))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(coca["a"], [coca["b"]], ["b"])

@@ -1809,3 +1809,45 @@ def test_open_clip_timm_image_tower_takes_experts_naming_its_model_by_timm_s_hub
         _walk_epmq(fam, expert("other", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"))
     model = _walk_epmq(fam, expert("hub", "hf-hub:timm/epmq_tiny_vit.tuned"))
     assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
+def test_open_clip_experts_attending_otherwise_are_refused(gen, tmp_path):
+    """Two open_clip settings run weights of the same shapes otherwise and were compared with nothing: a
+    text tower built without its causal mask (text_cfg's no_causal_mask, as SigLIP-style towers are), and
+    an image tower's attention pool of other heads (vision_cfg's attn_pooler_heads: CoCa's, whose tokens
+    its decoder reads). An expert giving either was walked in silence, beside a CLIP or its text tower
+    alone; the model's are read off its modules (its mask, its pool's heads) and compared."""
+    import types
+
+    from open_clip.transformer import TextTransformer
+
+    from test_walker_models import COCA_CFG, VOCAB
+
+    model_cfg = _open_clip_cfg(VOCAB)
+    clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
+    coca = Family("open_clip_coca", gen, tasks=["a"], n_samples=1)
+
+    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
+        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
+        names = tower.state_dict()
+        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
+        return tower
+
+    text = types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+    bidirectional = _open_clip_expert(tmp_path / "bidirectional", clip.experts["a"].state_dict(), {
+        **model_cfg, "text_cfg": {**model_cfg["text_cfg"], "no_causal_mask": True}})
+    with pytest.raises(ValueError, match=r"reads its weights as \{'text_cfg.no_causal_mask': True\}, the model as "
+                                         r"\{'text_cfg.no_causal_mask': False\}"):
+        _walk_epmq(clip, bidirectional)
+    with pytest.raises(ValueError, match=r"'s open_clip_text_cfg tower reads its weights as "
+                                         r"\{'no_causal_mask': True\}, the model as \{'no_causal_mask': False\}"):
+        _walk_epmq(text, bidirectional)
+    pooled = {k: v for k, v in COCA_CFG["vision_cfg"].items() if k != "attn_pooler_heads"}  # (open_clip's 8)
+    with pytest.raises(ValueError, match=r"reads its weights as \{'vision_cfg.attn_pooler_heads': 8\}, the model as "
+                                         r"\{'vision_cfg.attn_pooler_heads': 4\}"):
+        _walk_epmq(coca, _open_clip_expert(tmp_path / "pooled", coca.experts["a"].state_dict(),
+                                           {**COCA_CFG, "vision_cfg": pooled}))
+    causal = _open_clip_expert(tmp_path / "causal", clip.experts["a"].state_dict(), {  # (open_clip's default)
+        **model_cfg, "text_cfg": {**model_cfg["text_cfg"], "no_causal_mask": False}})
+    for model in (clip, text):
+        assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(model, causal).modules())
