@@ -1001,6 +1001,11 @@ OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64},
                       "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"}}
 
 
+# torch's defaults of what open_clip passes a tower's GELU and LayerNorms as act_kwargs and norm_kwargs
+# (CoCa's decoder is built without them): a config writing one out says what one leaving it out does
+OPEN_CLIP_KWARGS = {"act_kwargs": {"approximate": "none"}, "norm_kwargs": {"eps": 1e-5}}
+
+
 def _timm_architecture(name: str) -> str:
     """The timm architecture that ``timm_model_name`` builds, as far as the name says it: a registry
     name's, its pretrained tag split off (it names weights, not another model, as timm splits it); a hub
@@ -1038,6 +1043,10 @@ def _open_clip_config(content) -> dict:
             config[tower].pop("attn_pooler_heads", None)
         if tower == "multimodal_cfg":  # (a CLIPTextCfg's field, without which open_clip builds CoCa's decoder: causal)
             config[tower].pop("no_causal_mask", None)
+        for field, defaults in OPEN_CLIP_KWARGS.items():
+            given = config[tower].pop(field, None)
+            if not timm and tower != "multimodal_cfg":
+                config[tower][field] = {k: v for k, v in (given or {}).items() if k not in defaults or defaults[k] != v}
         if timm:
             config[tower]["timm_model_name"] = _timm_architecture(timm_name)
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
@@ -1114,7 +1123,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # otherwise, timm's model pooling its tokens otherwise (its global_pool: the class token or their
 # mean), an open_clip image tower built as another timm model or pooling its features otherwise
 # (timm_model_name, timm_pool) or by other heads (attn_pooler_heads), an open_clip text tower attending
-# both ways (no_causal_mask) (refused, as another layer count); or positions turned by another
+# both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) (refused, as
+# another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
@@ -1128,7 +1138,7 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
-           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads")
+           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
@@ -1271,10 +1281,11 @@ def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal
 
 # config.json's fields by which the same weights compute a little otherwise, or otherwise on long
 # inputs alone: another norm epsilon (Llama 2's hub config went from 1e-6 to 1e-5, its fine-tunes
-# carry either), another sliding window or layers attending through it (a long-context fine-tune's):
-# warned of, as another RoPE is
+# carry either; open_clip's in norm_kwargs), another sliding window or layers attending through it (a
+# long-context fine-tune's): warned of, as another RoPE is
 RUN_WITH = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon", "sliding_window",
-            "sliding_window_size", "attention_window_size", "local_attention_window", "layer_types")
+            "sliding_window_size", "attention_window_size", "local_attention_window", "layer_types",
+            "norm_kwargs")
 
 
 def _windowed(config: dict) -> dict:

@@ -591,7 +591,7 @@ def _open_clip_model_cfg(model) -> dict:
     """The fields of an open_clip model's ``model_cfg`` that are compared, as its modules were built by
     them: QuickGELU or GELU (``quick_gelu``), the layers and heads of each tower that is open_clip's
     transformer (the image tower's heads as their ``head_width``; its attention pool's, the text tower's causal
-    mask or none), an image tower's that is timm's
+    mask or none; their GELU's approximation and norms' epsilon), an image tower's that is timm's
     (``_open_clip_timm_cfg``), CoCa's decoder's (``multimodal_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``),
     its CLIP's vision_cfg, text_cfg or multimodal_cfg. {} where it is neither, or none of its towers is such
     (HF's, a ResNet)."""
@@ -617,6 +617,13 @@ def _open_clip_model_cfg(model) -> dict:
             continue
         model_cfg[scope] = {"layers": len(blocks), **({"head_width": transformer.width // heads}
                                                       if scope == "vision_cfg" else {"heads": heads})}
+        if scope != "multimodal_cfg":  # (open_clip builds its decoder without act_kwargs and norm_kwargs)
+            gelu = next((m for m in blocks.modules() if isinstance(m, nn.GELU)), None)
+            norm = next((m for m in blocks.modules() if isinstance(m, nn.LayerNorm)), None)
+            if gelu is not None:
+                model_cfg[scope]["act_kwargs"] = {"approximate": gelu.approximate}
+            if norm is not None:
+                model_cfg[scope]["norm_kwargs"] = {"eps": norm.eps}
         if scope == "text_cfg" and hasattr(tower, "attn_mask"):  # (no_causal_mask: built without one)
             model_cfg[scope]["no_causal_mask"] = tower.attn_mask is None
         pool = getattr(tower, "attn_pool", None)  # (attentional_pool: CoCa's, whose tokens its decoder reads)

@@ -3222,3 +3222,31 @@ def test_open_clip_checkpoints_attending_otherwise_are_refused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_architectures(coca["a"], [coca["b"]], ["b"])
+
+
+def test_open_clip_checkpoints_of_another_gelu_or_norm_epsilon_are_refused_or_warned_of(tmp_path):
+    """open_clip's act_kwargs and norm_kwargs (SigLIP's text towers: GELU's tanh approximation, epsilon
+    1e-6) were compared with nothing: such checkpoints were merged in silence. Another approximation is
+    refused, another epsilon warned of; torch's defaults written out are open_clip's leaving them out, and
+    CoCa's decoder, which open_clip builds without them, has none compared."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, **text):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **text},
+                     "multimodal_cfg": {"width": 32, "heads": 4, "layers": 2, **text}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    base = save("base")
+    with pytest.raises(ValueError, match=r"model \S*tanh reads its weights as \{'text_cfg.act_kwargs': "
+                                         r"\{'approximate': 'tanh'\}\}, the base as \{'text_cfg.act_kwargs': \{\}\}"):
+        _check_architectures(base, [save("tanh", act_kwargs={"approximate": "tanh"})], ["tanh"])
+    with pytest.warns(UserWarning, match=r"model \S*eps runs its weights with \{'text_cfg.norm_kwargs': "
+                                         r"\{'eps': 1e-06\}\}, the base with \{'text_cfg.norm_kwargs': \{\}\}"):
+        _check_architectures(base, [save("eps", norm_kwargs={"eps": 1e-6})], ["eps"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(base, [save("defaults", act_kwargs={"approximate": "none"}, norm_kwargs={"eps": 1e-5})],
+                             ["defaults"])

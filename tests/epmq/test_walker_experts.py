@@ -1851,3 +1851,42 @@ def test_open_clip_experts_attending_otherwise_are_refused(gen, tmp_path):
         **model_cfg, "text_cfg": {**model_cfg["text_cfg"], "no_causal_mask": False}})
     for model in (clip, text):
         assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(model, causal).modules())
+
+
+def test_open_clip_experts_of_another_gelu_or_norm_epsilon_are_refused_or_warned_of(gen, tmp_path):
+    """open_clip builds a tower's GELU and LayerNorms with its act_kwargs and norm_kwargs (SigLIP's text
+    towers: GELU's tanh approximation, epsilon 1e-6), which were compared with nothing: an expert giving
+    others was walked in silence, beside a CLIP or its image tower alone. Another approximation is refused
+    (the weights compute otherwise), another epsilon warned of, as a HF config's hidden_act and
+    layer_norm_eps are; torch's defaults written out are open_clip's leaving them out."""
+    from open_clip.model import CLIP
+
+    from test_walker_models import VOCAB
+
+    model_cfg = _open_clip_cfg(VOCAB)
+    clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
+    vit = Family("open_clip_vit", gen, tasks=["a"], n_samples=1)
+
+    def expert(name, fam, tower, **kwargs):
+        state = fam.experts["a"].state_dict()
+        if fam is vit:  # (the tower's weights in its CLIP's checkpoint)
+            whole = CLIP(**model_cfg)
+            whole.visual.load_state_dict(state)
+            state = whole.state_dict()
+        return _open_clip_expert(tmp_path / name, state, {**model_cfg, tower: {**model_cfg[tower], **kwargs}})
+
+    with pytest.raises(ValueError, match=r"reads its weights as \{'text_cfg.act_kwargs': \{'approximate': "
+                                         r"'tanh'\}\}, the model as \{'text_cfg.act_kwargs': \{\}\}"):
+        _walk_epmq(clip, expert("tanh", clip, "text_cfg", act_kwargs={"approximate": "tanh"}))
+    with pytest.raises(ValueError, match=r"'s open_clip_vision_cfg tower reads its weights as "
+                                         r"\{'act_kwargs': \{'approximate': 'tanh'\}\}"):
+        _walk_epmq(vit, expert("vit_tanh", vit, "vision_cfg", act_kwargs={"approximate": "tanh"}))
+    with pytest.warns(UserWarning, match=r"'s open_clip_vision_cfg tower runs its weights with \{'norm_kwargs': "
+                                         r"\{'eps': 1e-06\}\}, the model with \{'norm_kwargs': \{\}\}"):
+        _walk_epmq(vit, expert("vit_eps", vit, "vision_cfg", norm_kwargs={"eps": 1e-6}))
+    defaults = expert("defaults", clip, "text_cfg", act_kwargs={"approximate": "none"}, norm_kwargs={"eps": 1e-5})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = _walk_epmq(clip, defaults)
+    assert not [str(w.message) for w in said if "expert" in str(w.message)]
+    assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
