@@ -1470,6 +1470,26 @@ def test_gemv_half2_matches_reference(gen, M, K, N, group_size):
     assert not _half2(config, base[:, :K].contiguous(), False) and not _half2(config, aligned[0], True)
 
 
+@pytest.mark.parametrize("half2", [False, True])
+@pytest.mark.parametrize("K,group_size", [(192, 64), (384, 128)])
+def test_gemv_slices_that_start_inside_a_group(gen, K, group_size, half2):
+    """The GEMV counts the group of each tile along its K slice instead of dividing: a slice
+    of 96 or 192 inputs (BLOCK_K = 32, two slices) starts a tile or more into a group of 64 or
+    128, and neither is one group a slice nor a slice a group. The other GEMV tests start their
+    slices at a group's edge (on a GPU: group 256 at K = 11008, eight slices of 1408)."""
+    N, M = 37, 1
+    qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
+    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1, HALF2=half2)
+    k_per_split = -(-K // 32 // 2) * 32
+    assert k_per_split % group_size and group_size % k_per_split and group_size > 32
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        out = torch.full((M, N), float("nan"), dtype=dtype)
+        w4a16_matmul(x, qweight, scales, zeros, group_size, out=out, path="gemv", config=config,
+                     backend="triton")
+        assert_close_to_reference(out, x, qweight, scales, zeros, group_size, None)
+
+
 @pytest.mark.parametrize("big,scale", [(300.0, 1.0), (6e4, 1.0), (3e9, 1.0), (1e30, 1.0),
                                        (3e-6, 1e-7), (1e-9, 1e-10)])
 def test_gemv_half2_takes_bf16_activations_of_any_size(gen, big, scale):
