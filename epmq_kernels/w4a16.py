@@ -192,7 +192,7 @@ import triton.language as tl
 
 from ._runtime import INTERPRETED, check_device, on_tensor_device, side_stream, version
 from ._gluon import HAS_GLUON
-from .grid import is_integer
+from .grid import is_flag, is_integer
 from .packing import pack_int4, unpack_int4
 from . import autotune_cache
 from .w4a16_mma import _w4a16_mma_kernel
@@ -2584,10 +2584,19 @@ def _overlaps(out, x) -> bool:
             and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
 
 
+# Options of a forced config whose values are tile sizes (tl.arange and the Gluon layouts take
+# powers of two only), and those whose kernels tell only some values apart (another one ran as
+# one of them: a benchmark timed another config than the one it reported)
+_POWER_OF_TWO_OPTIONS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "num_warps", "KR", "J")
+_CHOICES = {("gemv", "PREFETCH"): (1, 2), ("dqmm", "STREAMS"): (1, 2)}
+
+
 def _check_config(path, config):
     """A clear error where a forced ``config`` names an option ``path`` has not (a misspelt one
     was run without, silently: a benchmark timed another config) or lacks one it needs (a bare
-    KeyError deep in the plan)."""
+    KeyError deep in the plan), or gives one a value it cannot run (GROUP_M = 0 or -1: NaN, or
+    writes before the output; SPLIT_K = 0: a bare ZeroDivisionError). Returns the config
+    without its PATH, numpy's values (a sweep's, read from an array) as Python's."""
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict of launch options, got {type(config).__name__}")
     if path not in PATHS:  # (a PATH the config names)
@@ -2606,6 +2615,26 @@ def _check_config(path, config):
         raise ValueError(f"the {path} path needs {', '.join(missing)} in a forced config, got {config}")
     if path == "dqmm" and "CHUNK_K" not in config and "CHUNK_N" not in config:
         raise ValueError(f"the dqmm path needs CHUNK_K or CHUNK_N in a forced config, got {config}")
+    checked = {}
+    for name, value in config.items():
+        if name == "PATH":
+            continue
+        space = [c[name] for c in configs if name in c]
+        if space and all(is_flag(v) for v in space):
+            if not is_flag(value):
+                raise ValueError(f"the {path} path's {name} must be True or False, got {value!r}")
+            checked[name] = bool(value)
+            continue
+        choices = _CHOICES.get((path, name))
+        least = 8 if name == "BLOCK_K" else 1  # (a tile of K is whole packed words: BLOCK_K / 8 rows)
+        if (not is_integer(value) or value < least or (choices is not None and value not in choices)
+                or (name in _POWER_OF_TWO_OPTIONS and value & (value - 1))):
+            must = (f"one of {choices}" if choices is not None else "a power of two"
+                    if name in _POWER_OF_TWO_OPTIONS else "a positive integer")
+            must += f", at least {least}" if least > 1 else ""
+            raise ValueError(f"the {path} path's {name} must be {must}, got {value!r}")
+        checked[name] = int(value)
+    return checked
 
 
 def _given(out) -> str:
@@ -2673,8 +2702,7 @@ def _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, bac
         if config is not None:
             # (an autotune candidate names its path: there, not the one M would choose)
             path = path or (config.get("PATH") if isinstance(config, dict) else None) or _path_for(M)
-            _check_config(path, config)
-            config = {k: v for k, v in config.items() if k != "PATH"}
+            config = _check_config(path, config)
             if path == "splitk" and "BLOCK_M" not in config:
                 config["BLOCK_M"] = _block_m_for_splitk(M)
         else:

@@ -1195,6 +1195,37 @@ def test_a_forced_config_is_checked_against_its_path(gen):
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
 
 
+def test_a_forced_configs_values_are_checked(gen):
+    """A forced config's values were taken unread: GROUP_M = 0 made the output NaN (and -1 wrote
+    before it: out of bounds), SPLIT_K = 0 ended in a bare ZeroDivisionError, a BLOCK_K of 48 or 4
+    in the interpreter's bare 'must be a power of 2', and a PREFETCH of 3 or STREAMS of 3 ran as
+    2 and 1, silently (a benchmark timed another config than the one it reported). Each is
+    refused naming the option; numpy's integers and bools (a sweep's) are taken as Python's."""
+    import numpy as np
+
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    cases = [("gemm", dict(GROUP_M=0), "GROUP_M must be a positive integer, got 0"),
+             ("gemm", dict(GROUP_M=1.5), "GROUP_M must be a positive integer, got 1.5"),
+             ("gemv", dict(SPLIT_K=0), "SPLIT_K must be a positive integer, got 0"),
+             ("gemv", dict(BLOCK_K=48), "BLOCK_K must be a power of two, at least 8, got 48"),
+             ("gemv", dict(BLOCK_K=4), "BLOCK_K must be a power of two, at least 8, got 4"),
+             ("splitk", dict(BLOCK_M=24), "BLOCK_M must be a power of two, got 24"),
+             ("gemv", dict(num_warps=3), "num_warps must be a power of two, got 3"),
+             ("gemv", dict(PREFETCH=3), r"PREFETCH must be one of \(1, 2\), got 3"),
+             ("gemv", dict(HALF2="yes"), "HALF2 must be True or False, got 'yes'"),
+             ("dqmm", dict(STREAMS=3), r"STREAMS must be one of \(1, 2\), got 3"),
+             ("mma", dict(SPLIT_K=0), "SPLIT_K must be a positive integer, got 0")]
+    for path, change, message in cases:
+        x = torch.randn(3, 64, generator=gen).half()
+        with pytest.raises(ValueError, match=f"the {path} path's {message}"):
+            w4a16_matmul(x, qweight, scales, zeros, 32, path=path, config=dict(W.INTERPRETER_CONFIG[path], **change),
+                         backend="triton")
+    x = torch.randn(3, 64, generator=gen).half()
+    config = dict(W.INTERPRETER_CONFIG["splitk"], SPLIT_K=np.int64(2), PAIRS=np.True_)
+    y = w4a16_matmul(x, qweight, scales, zeros, 32, path="splitk", config=config, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 32, None)
+
+
 def test_a_config_naming_its_path_runs_on_that_path(gen):
     """An autotune candidate names its path (``PATH``, as ``explain``'s timings list them): given
     as config without path=, it was refused where the path chosen by M differed ("config names
