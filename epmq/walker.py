@@ -2053,35 +2053,37 @@ def _check_hidden(stack, hidden):
                                  f"gives them {first[2]} and {first[3]} wide")
 
 
-def _versions_of(named: dict, count=version) -> dict:
+_OBJECTS_DEEP = 8  # (objects within objects past it are held whole)
+
+
+def _versions_of(named: dict, count=version, depth: int = _OBJECTS_DEEP) -> dict:
     """Each keyword argument as it is now, however nested (lists, tuples, dicts, named tuples:
-    torch's pytree; a write into a tensor held in a dict went unseen; objects' attributes:
-    ``_fields_of``): its structure and its leaves, each tensor with its version counter (None for
-    an inference tensor, a buffer of a model made under ``torch.inference_mode``, which has none and
-    cannot be written outside that mode; None for any other value). The leaves are held, not their
-    ids: one the model puts in another's place (a dict's entry advanced out of place) may take the
-    freed one's id."""
-    return {name: _structure_and_leaves(value, count) for name, value in named.items()}
+    torch's pytree; a write into a tensor held in a dict went unseen; objects' attributes down to
+    ``depth`` objects deep: ``_fields_of``): its structure and its leaves, each tensor with its
+    version counter (None for an inference tensor, a buffer of a model made under
+    ``torch.inference_mode``, which has none and cannot be written outside that mode; None for any
+    other value). The leaves are held, not their ids: one the model puts in another's place (a
+    dict's entry advanced out of place) may take the freed one's id."""
+    return {name: _structure_and_leaves(value, count, depth) for name, value in named.items()}
 
 
-def _structure_and_leaves(value, count, inside=frozenset()) -> tuple:
+def _structure_and_leaves(value, count, depth, inside=frozenset()) -> tuple:
     """``_versions_of`` of one value; an object holding attributes stands as its class, then its
     attributes' leaves (``inside``: the ids of the objects it lies in, a cycle back to one is held
     whole)."""
     leaves, spec = tree_flatten(value)
     inner, held = [], []
     for t in leaves:
-        fields = None if id(t) in inside or len(inside) >= _OPENED_DEPTH else _fields_of(t)
+        fields = None if id(t) in inside or len(inside) >= depth else _fields_of(t)
         if fields is None:
             held.append((t, count(t) if isinstance(t, torch.Tensor) else None))
         else:  # (the class compared as a value: one put in its place with equal attributes is the same)
-            opened, leaves_in = _structure_and_leaves(fields, count, inside | {id(t)})
+            opened, leaves_in = _structure_and_leaves(fields, count, depth, inside | {id(t)})
             inner.append(opened)
             held += [(type(t), None), *leaves_in]
     return (spec, tuple(inner)), held
 
 
-_OPENED_DEPTH = 8  # (objects within objects past it are held whole)
 _HELD_WHOLE = (torch.Tensor, nn.Module, type, enum.Enum, types.FunctionType, types.BuiltinFunctionType,
                types.MethodType, types.ModuleType, functools.partial)
 
@@ -2122,6 +2124,13 @@ def _changed(given, now) -> bool:
     return _replaced(given, now) is not None or any(v != w for (_, v), (_, w) in zip(given[1], now[1]))
 
 
+def _kept_depth(stack) -> int:
+    """How deep into objects ``_check_kept`` looks: not at all where the adapter's stand-ins run the
+    blocks (AUTO), since what they change in an object (Gemma 4's layers storing keys and values for
+    later ones) is the blocks', not the model's: ``_check_replayable``'s."""
+    return 0 if stack.adapter.runs_blocks else _OBJECTS_DEEP
+
+
 def _check_kept(stack, now, task, n) -> None:
     """A ValueError if the model wrote in place into a keyword argument of a block after calling
     it (a step counter advanced between calls), or put other tensors or values into it (a dict's
@@ -2130,7 +2139,7 @@ def _check_kept(stack, now, task, n) -> None:
     for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
         if named is None:
             continue
-        for name, now_versions in _versions_of(named, version).items():
+        for name, now_versions in _versions_of(named, version, _kept_depth(stack)).items():
             if _changed(versions[name], now_versions):
                 replaced = _replaced(versions[name], now_versions)
                 how = f"puts other {replaced} into" if replaced else "writes in place into"
@@ -2148,28 +2157,48 @@ def _check_kept(stack, now, task, n) -> None:
                     f"{fix}, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 
-def _given(*streams) -> list:
-    """Every item's keyword arguments of the current block in ``streams``, each with its
-    ``_versions_of``, before the walk calls the block (``_check_unchanged_by``)."""
-    return [(task, n, named, _versions_of(named)) for stream in streams if stream is not None
-            for task, items in stream.kwargs.items() for n, named in enumerate(items)]
+def _same_contents(given, now) -> bool:
+    """Whether two ``_versions_of(..., count=torch.clone)`` of an argument hold the same structure
+    and values (tensors equal, whether the same ones or not)."""
+    (spec, leaves), (spec_now, leaves_now) = given, now
+    return spec == spec_now and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        and (a.shape, a.dtype) == (b.shape, b.dtype) else _same_arguments({0: u}, {0: t})
+        for (t, a), (u, b) in zip(leaves, leaves_now))
 
 
-def _check_unchanged_by(stack, i, given) -> None:
-    """A ValueError where block ``i`` changed an argument it was handed (``given``: ``_given``):
-    the model hands the next block what one call of it left there, the walk calls it several times
-    (its probes, statistics and the pass after) on its arguments as they were given, so that each
-    call got them changed by the ones before and block ``i + 1`` by every one (a SimpleNamespace
-    whose gain a block advances: 2.5x the statistics of the model's)."""
-    for task, n, named, versions in given:
-        for name, now in _versions_of(named).items():
-            if _changed(versions[name], now):
-                raise ValueError(
-                    f"calibration[{task!r}] item {n}: block {i} at {stack.prefix!r} changes its argument {name!r} "
-                    f"(a {type(named[name]).__name__}) when called; the model hands the later blocks what one call "
-                    f"of it left there, the walk calls each block several times on its arguments as they were "
-                    f"given, which they then no longer are: have the block return what later blocks read, or "
-                    f"leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+def _check_replayable(stack, i, block, hidden, named, task) -> None:
+    """A ValueError where block ``i`` changes an argument it is handed otherwise on each call (a count
+    it advances, a cache it adds to under a name not a cache's): the model hands the later blocks
+    what its one call left there, the walk calls each block several times (probes, statistics, the
+    pass after) on its arguments as they were given, so that each call got them changed by the ones
+    before and block ``i + 1`` by every one (a SimpleNamespace whose count block 0 advances: 2.5x the
+    statistics of the model's). One that each call changes alike (Gemma 4's layers storing their keys
+    and values for later ones to read) holds what one call leaves: the block is called twice on
+    ``task``'s first item (``hidden`` and ``named``) where the first call changed an argument."""
+    def call():
+        block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+        return _versions_of(named, count=torch.clone)
+
+    before = _versions_of(named)
+    try:
+        once = call()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:  # (the walk's own calls of the block say what is wrong with it)
+        return
+    if not any(_changed(before[name], now) for name, now in _versions_of(named).items()):
+        return
+    twice = call()
+    changed = [name for name in named if not _same_contents(once[name], twice[name])]
+    if changed:
+        name = changed[0]
+        raise ValueError(
+            f"calibration[{task!r}] item 0: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
+            f"{type(named[name]).__name__}) otherwise on each call; the model hands the later blocks what its one "
+            f"call left there, the walk calls each block several times on its arguments as they were given: have "
+            f"the block return what later blocks read, or leave the blocks out: "
+            f"layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 
 def _run_block(stack, j, block, hidden, named):
@@ -2177,10 +2206,11 @@ def _run_block(stack, j, block, hidden, named):
     run the blocks, ``AUTO``), refused by name unless it returns hidden states of its input's
     shape and leaves what it is given as it was."""
     try:
-        given = _versions_of(named)
+        # (tensors alone: an object a block changes alike on each call is _check_replayable's)
+        given = _versions_of(named, depth=0)
         output = block(hidden, **named)
         wrong = stack.adapter.returned(block, hidden, output)
-        written = [name for name, v in given.items() if _changed(v, _versions_of(named)[name])]
+        written = [name for name, v in given.items() if _changed(v, _versions_of(named, depth=0)[name])]
         if written and not wrong:  # (so no two calls of the block would agree)
             wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or cache under a name "
                      f"the walker does not know)")
@@ -3169,7 +3199,8 @@ class _Walk:
                         _refuse_stand_in(stack, now["called"], None, taken=f"block {j}'s {', '.join(cut)}")
                 now["called"] = j, block, hidden, named
                 now["kwargs"][j] = named
-                now["versions"][j] = _versions_of(named, version)  # (None: an inference tensor keeps no count)
+                # (None: an inference tensor keeps no count)
+                now["versions"][j] = _versions_of(named, version, _kept_depth(stack))
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                 else:
@@ -3490,7 +3521,8 @@ class _Walk:
         t_out = None
         self.calls = {}  # (set by _groups; a block restored from the log, or of no linear, has none)
         self._captured = {}  # (task, item) -> linear -> the calls whose inputs its statistics took
-        given = _given(self.q, self.t)
+        task = next(iter(self.q.hidden))
+        _check_replayable(stack, i, block, self.q.hidden[task][0], self.q.kwargs[task][0], task)
         own = None if self.log is None else self._own_prints(block)
         record = None
         if self.log is not None and self.log.has(prefix):
@@ -3548,7 +3580,6 @@ class _Walk:
         finally:
             for h in counted:
                 h.remove()
-        _check_unchanged_by(stack, i, given)
         if more is not None:
             task, n, rel, k, taken = more
             warnings.warn(f"{prefix}.{rel} was called {k} times on item {n} of task {task!r}, more than on the "
