@@ -2000,12 +2000,24 @@ def _bind(block, args, kwargs):
         else:
             named[p.name] = value
     hidden = named.pop(next(iter(signature.parameters)))
-    for key in _CACHE_KWARGS:
-        if key in named:
-            named[key] = None
+    for key in _caches_in(named):
+        named[key] = None
     if "use_cache" in named:
         named["use_cache"] = False
     return hidden, named
+
+
+def _caches_in(named) -> list:
+    """The names of a block call's arguments that carry a generation cache (``_CACHE_KWARGS``), which
+    the walk calls the block without. ``state`` only where it is a list or tuple of tensors, the
+    recurrent state RWKV's and xLSTM's models hand their blocks; any other (an object or a tensor the
+    block reads) is the block's own input, which went to every call of the walk as None (a bare
+    AttributeError, or a block taking None for no state walked on other inputs than the model's)."""
+    return [key for key in _CACHE_KWARGS if key in named and (key != "state" or _recurrent_state(named[key]))]
+
+
+def _recurrent_state(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in value)
 
 
 def _refuse_filled_cache(stack, block, args, kwargs) -> None:
@@ -2021,8 +2033,8 @@ def _refuse_filled_cache(stack, block, args, kwargs) -> None:
     for p in signature.parameters.values():
         if p.kind == p.VAR_KEYWORD:
             bound.update(bound.pop(p.name, {}))
-    for key in _CACHE_KWARGS:
-        cache = bound.get(key)
+    for key in _caches_in(bound):
+        cache = bound[key]
         if _holds_tokens(cache):
             held = (f" of {cache.get_seq_length()} tokens" if callable(getattr(cache, "get_seq_length", None))
                     else "")

@@ -1694,6 +1694,69 @@ def test_an_object_every_block_reads_unchanged_is_walked_on_what_they_get(gen, m
     assert_same_statistics(seen, hand)
 
 
+class StateGained(nn.Module):
+    """``x + fc(x * state.gain)``: its argument ``state`` (the name of RWKV's recurrent cache) an object
+    it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, state):
+        return x + self.fc(x * state.gain)
+
+
+class OptionalStateGained(StateGained):
+    """StateGained taking None for a gain of 1."""
+
+    def forward(self, x, state=None):
+        return x + self.fc(x * (1.0 if state is None else state.gain))
+
+
+class StateNet(Net):
+    """Its blocks handed one ``state`` whose gain is 3 (``advancing``: a gain the model advances by 1
+    after each block)."""
+
+    def __init__(self, block_type, advancing=False):
+        super().__init__(block_type)
+        self.advancing = advancing
+
+    def forward(self, x):
+        state = types.SimpleNamespace(gain=3.0)
+        for layer in self.layers:
+            x = layer(x, state=state)
+            state.gain += self.advancing
+        return x
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+@pytest.mark.parametrize("block_type", [StateGained, OptionalStateGained])
+def test_a_block_argument_named_state_that_is_no_cache_is_walked_as_given(block_type, adapter, gen, monkeypatch):
+    """``state`` is RWKV's recurrent cache, which the walk drops: a model handing its blocks an object of
+    that name to read had every call of the walk get None: a bare AttributeError (or under AUTO a
+    refusal saying the block fails as the model called it), or, where the block takes None for no
+    state, block 0 solved on x where the model runs it on x * 3, without a word. Walked as given, on
+    what the block gets; one the model changes after the call is refused naming it (the check of kept
+    arguments, which looks into objects where the stand-ins do not run the blocks)."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                   adapter=epmq.adapters.AUTO if adapter == "auto" else epmq.Adapter("s", block_types=(block_type,)))
+    model = StateNet(block_type)
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, **options, layers=lambda name: name == "layers.0.fc")
+    assert_same_statistics(seen, hand)
+    if adapter == "auto":
+        return
+    model = StateNet(block_type, advancing=True)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the model puts other values into 'state', an argument of block 0"):
+        epmq.quantize_model(model, SPEC, **options)
+    assert_untouched(model, before)
+
+
 def _refused_then_walked_fresh(net_type, nest, gen, monkeypatch, said: str) -> None:
     """GPTQ of ``net_type(nest)``'s layers.0.fc (its blocks GainedBlock) is refused saying ``said``,
     the model as it was; ``net_type(nest, fresh=True)``, a new argument per call, is walked on what
