@@ -2897,9 +2897,10 @@ class _Walk:
         divided again, the merged model's layers were aimed at 1 / 2 ** k of them. Its most divided
         weight tells: an expert near the merged model is near its weight (as the walk divided it)
         read divided, or near 2 ** k times it read so, i.e. divided already."""
-        if not source.divisors:
+        held = {name: d for name, d in source.divisors.items() if source.key_for(self.ckpt(name)) is not None}
+        if not held:  # (none the walk reads: layers= left them out, and the expert need not hold them)
             return
-        name, divisor = max(source.divisors.items(), key=lambda item: item[1])
+        name, divisor = max(held.items(), key=lambda item: item[1])
         read = source.fetch(self.ckpt(name)).double()
         merged = self.model.get_submodule(name.removesuffix(".weight")).weight.double()
         if float((read * divisor - merged).norm()) < float((read - merged).norm()):

@@ -869,6 +869,17 @@ def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads
     dense.load_state_dict(state)
     assert rel_err(output(dense, item), want) < 1e-5
     torch.testing.assert_close(output(loaded.eval(), item), want, rtol=0, atol=0)
+    # (one epmq wrote before, the weights divided and "rescaled" saying so, loads as it ran too)
+    safetensors = pytest.importorskip("safetensors.torch")
+    path, config = tmp_path / "ckpt" / "model.safetensors", tmp_path / "ckpt" / "quantize_config.json"
+    tensors = safetensors.load_file(path)
+    for name, divisor in epmq._util.rescaled_divisors(model).items():
+        tensors[name.replace(".weight", ".scales")] /= divisor
+    safetensors.save_file(tensors, path, metadata={"format": "pt"})
+    said = json.loads(config.read_text())
+    said["epmq"]["rescaled"] = ["rwkv"]
+    config.write_text(json.dumps(said))
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
@@ -891,6 +902,22 @@ def test_an_rwkv_expert_read_after_it_ran_in_eval_mode_is_not_divided_again(targ
                             experts=given, targets=targets, backend="torch", progress=False)
         got.append(output(model, item))
     torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)
+
+
+def test_an_rwkv_expert_need_not_hold_a_rescaled_layer_the_walk_leaves_out(gen):
+    """Whether an RWKV expert's weights are divided already is read of one it holds of those the
+    walk reads; one layers= leaves out, which an expert need not hold, is not asked for."""
+    torch.manual_seed(0)
+    base = _rwkv(2)
+    left_out = "rwkv.blocks.2.attention.output"  # (the first of the most divided)
+    experts = {t: {k: v for k, v in perturb(base, gen).state_dict().items() if not k.startswith(left_out)}
+               for t in ("a", "b")}
+    calibration = {t: [wider_input("ids", gen)] for t in experts}
+    model = copy.deepcopy(base).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                        experts=experts, layers=lambda name: not name.startswith(left_out), backend="torch",
+                        progress=False)
+    assert isinstance(model.get_submodule(left_out), torch.nn.Linear)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
