@@ -614,17 +614,16 @@ def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
     weights = _check_weights(_listed(weights), len(experts), divide=True)  # (before any tensor is written)
 
     def merge_tensor(name, W_0, W_k):  # (the experts read one at a time)
-        # mergekit's rounding: each w_k W_k rounded in the tensors' dtype, then summed, over the sum of
-        # the weights in that dtype (add_'s alpha fused the product, and a float64 sum of the weights
-        # divided by another number: ~1 ulp off mergekit for weights such as 0.3)
-        w = torch.tensor([1.0] * len(W_k) if weights is None else weights, dtype=W_k[0].dtype)
-        w_sum = w.sum()
+        w = [1.0] * len(W_k) if weights is None else weights
+        # over the weights' sum in the merge's dtype, as mergekit's linear divides (a float64 sum, 0.9
+        # for 0.3 x 3, rounds to another float32 than mergekit's 0.90000004: every entry ~1 ulp off)
+        w_sum = torch.tensor(w, dtype=W_k[0].dtype).sum()
         if w_sum == 0 or not torch.isfinite(w_sum):  # (in float32 past what float64 checked: 1 and -0.99999999)
-            raise ValueError(f"weights {weights} sum to {float(w_sum)} in {w.dtype} (the merge's dtype): "
+            raise ValueError(f"weights {weights} sum to {float(w_sum)} in {w_sum.dtype} (the merge's dtype): "
                              f"their weighted mean is undefined")
-        total = W_k[0] * w[0]
+        total = W_k[0].mul(w[0])
         for k in range(1, len(W_k)):
-            total += W_k[k] if w[k] == 1 else W_k[k] * w[k]  # (a product of 1 is exact: no copy)
+            total.add_(W_k[k], alpha=w[k])  # (mergekit's addcmul_: fused, or not, alike on each CPU)
         return total.div_(w_sum)
 
     return _merge_each(None, experts, merge_tensor, out, lazy=True)
