@@ -27,15 +27,20 @@ def version(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
-def check_device(*tensors, names=None):
-    """All tensors on one device, and that device one the kernels can run on."""
+def check_same_device(*tensors, names=None):
+    """The one device all tensors are on (the torch references' check: any device)."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         listing = ", ".join(
             f"{n}={t.device}" for n, t in zip(names or range(len(tensors)), tensors)
         )
         raise ValueError(f"tensors are on different devices: {listing}")
-    device = devices.pop()
+    return devices.pop()
+
+
+def check_device(*tensors, names=None):
+    """All tensors on one device, and that device one the kernels can run on."""
+    device = check_same_device(*tensors, names=names)
     if device.type not in ("cpu", "cuda"):  # (meta tensors have no data: every pointer is 0)
         raise ValueError(f"Triton kernels need CUDA tensors (or CPU ones under TRITON_INTERPRET=1), "
                          f"got {device.type} tensors")

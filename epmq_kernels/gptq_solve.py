@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._runtime import check_device, ieee_fp32_matmul, on_tensor_device
+from ._runtime import check_device, check_same_device, ieee_fp32_matmul, on_tensor_device
 from .grid import dequantize, find_params, is_bits, is_flag, quantize_codes
 
 
@@ -105,6 +105,12 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
     for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros)):
         if t is not None and t.is_complex():
             raise ValueError(f"{name} must be real, got {t.dtype}")
+    # (the reference ended in torch's 'Tensor on device meta is not on the expected device cpu!',
+    # naming no argument, and a static grid's checks below in 'Tensor.item() cannot be called on
+    # meta tensors' on both backends)
+    given = [(name, t) for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales),
+                                       ("zeros", zeros), ("col_group", col_group)) if t is not None]
+    check_same_device(*(t for _, t in given), names=[name for name, _ in given])
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
     d_out, d_in = W.shape

@@ -830,6 +830,23 @@ def test_an_out_of_another_kind_or_with_half_a_grid_is_refused(gen):
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_operands_on_another_device_are_refused_by_name(gen, solve):
+    """An operand on another device than W ended the reference in torch's 'Tensor on device meta
+    is not on the expected device cpu!' (naming no argument; the kernel's launcher named them),
+    and a static grid's scales, zeros or col_group there both backends in 'Tensor.item() cannot
+    be called on meta tensors'; both refuse naming each operand's device."""
+    W, R, Hinv, H = make_problem(gen, 8, 32, with_R=True)
+    grid = static_grid(W, 4, False, 16)
+    args = dict(W=W, Hinv=Hinv, R=R, **grid)
+    for name in args:
+        given = dict(args, **{name: args[name].to("meta")})
+        with pytest.raises(ValueError, match=f"tensors are on different devices: .*{name}=meta"):
+            solve(given.pop("W"), given.pop("Hinv"), bits=4, sym=False, group_size=-1, **given)
+    with pytest.raises(ValueError, match="tensors are on different devices: W=.*, Hinv=.*, R=meta$"):
+        solve(W, Hinv, R=R.to("meta"), bits=4, sym=False, group_size=16)
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_operands_that_are_no_tensor_are_refused_by_name(gen, solve):
     """A NumPy array or a list for W, Hinv, R, scales, zeros or col_group ended in Python's bare
     "'numpy.ndarray' object has no attribute 'is_complex'" (col_group's: 'shape'); refused,
