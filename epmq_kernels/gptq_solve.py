@@ -487,9 +487,13 @@ def gptq_solve_triton(
     R = None if R is None else R.float().contiguous()
     dynamic = group_size > 0
     B = effective_blocksize(blocksize, group_size)
-    if B * d_in >= 2**31:
-        raise ValueError(f"blocksize {B} x d_in {d_in} is too large: a block's Hinv rows are 32-bit offsets")
-    block_cols = triton.next_power_of_2(B)
+    # No block is wider than the layer: a blocksize past d_in (2**26, "one block", as the
+    # reference takes it) was refused as too large for 32-bit offsets, or sized the tile and
+    # the errors' workspace by itself (d_out x blocksize floats)
+    width = min(B, d_in)
+    if width * d_in >= 2**31:
+        raise ValueError(f"blocksize {width} x d_in {d_in} is too large: a block's Hinv rows are 32-bit offsets")
+    block_cols = triton.next_power_of_2(width)
 
     if out is not None:
         if not isinstance(out, SolveOut):  # (a plain tuple ended in "'tuple' object has no attribute 'Q'")
@@ -540,7 +544,7 @@ def gptq_solve_triton(
     num_warps = warps_default if num_warps is None else int(num_warps)
     grid = (triton.cdiv(d_out, block_rows),)
     # (one block's errors, contiguous [d_out, i2 - i1], as the reference's product reads them)
-    Err_flat = _workspace((d_out * B,), torch.float32, device)
+    Err_flat = _workspace((d_out * width,), torch.float32, device)
     starts = block_starts(d_in, blocksize, group_size)
     n_blocks = len(starts)
     err_sq = _workspace((d_out, n_blocks), torch.float32, device)

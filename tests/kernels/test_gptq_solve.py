@@ -389,6 +389,32 @@ def test_first_update_masks_with_64_bit_sizes():
     assert torch.equal(out[0, 32:], torch.full((n_cols,), 1.5, device=DEVICE))
 
 
+@pytest.mark.parametrize("group_size", [-1, 8])
+def test_a_blocksize_past_the_layer_is_one_block(gen, monkeypatch, group_size):
+    """A blocksize past d_in ("one block": 2**26) was refused by the kernel's launcher as too
+    large for 32-bit offsets, which the reference solved; and one merely past it sized the
+    kernel's tile and errors' workspace by itself (BLOCK_COLS 4096 for 40 columns). Both solve
+    as the reference does, with a tile of the layer's width."""
+    import epmq_kernels.gptq_solve as solver
+
+    W, R, Hinv, H = make_problem(gen, 8, 40, with_R=True)
+    grid = static_grid(W + R, 4, False, -1) if group_size == -1 else dict(group_size=group_size)
+    widths, kernel = [], solver._gptq_block_kernel
+
+    class Watched:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                widths.append(kwargs["BLOCK_COLS"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(solver, "_gptq_block_kernel", Watched())
+    for blocksize in (2**26, 4096):
+        ref, out = run_both(W, Hinv, H, bits=4, sym=False, R=R, blocksize=blocksize, **grid)
+        assert torch.equal(ref.codes, out.codes)
+    assert set(widths) == {64}
+
+
 def test_effective_blocksize_is_what_the_kernel_sees():
     # the cases the tests above rely on
     assert effective_blocksize(32, 48) == 24
