@@ -55,6 +55,7 @@ from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, hold_output, records, remove
 from .spec import QuantSpec
+from .vocabulary import holds_no_vocabulary
 from .walker import METHODS, TARGETS, _selector, quantize_model
 from epmq_kernels.expert_residual import check_residual_precision
 from epmq_kernels.grid import is_flag
@@ -265,18 +266,26 @@ def _preprocessor(auto, directory: Path, what: str, needed: bool):
     """The checkpoint's tokenizer or image processor; where it has none that loads, a ValueError
     naming the directory if calibration data must be read with it, else (RTN) None, with a
     warning: the checkpoint is written without it."""
+    error = None
     try:
-        return auto.from_pretrained(directory)
+        loaded = auto.from_pretrained(directory)
     except Exception as e:  # (transformers raises OSError, ValueError, TypeError, ... by the files)
+        error = e
         cause = ((isinstance(e, json.JSONDecodeError) and _broken_json(directory))
                  or f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        message = (f"{directory} has no {what} that loads ({cause}); "
-                   f"it reads the calibration data: copy the base model's {what} files "
-                   f"({', '.join(PREPROCESSOR_FILES)}, ...) into it")
-        if needed:
-            raise ValueError(message) from e
-        warnings.warn(message.replace("it reads the calibration data", "the checkpoint is written without one"))
-        return None
+    else:
+        # (transformers 5 builds a model type's tokenizer of special tokens alone where no files are:
+        # the texts read as no tokens, and RTN's checkpoint was written with it)
+        if not (what == "tokenizer" and holds_no_vocabulary(loaded)):
+            return loaded
+        cause = "no tokenizer files: transformers built one of the special tokens alone"
+    message = (f"{directory} has no {what} that loads ({cause}); "
+               f"it reads the calibration data: copy the base model's {what} files "
+               f"({', '.join(PREPROCESSOR_FILES)}, ...) into it")
+    if needed:
+        raise ValueError(message) from error
+    warnings.warn(message.replace("it reads the calibration data", "the checkpoint is written without one"))
+    return None
 
 
 def _audio_processor(directory: Path, needed: bool):

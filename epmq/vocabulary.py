@@ -87,6 +87,15 @@ def check_tokens(tokens) -> None:
                 raise ValueError(f"{where}.source.token_id must be a row number, got {source['token_id']!r}")
 
 
+def holds_no_vocabulary(tokenizer) -> bool:
+    """Whether ``tokenizer`` holds its special tokens and at most one other: the minimal one
+    transformers 5's AutoTokenizer builds, without an error, for a directory with no tokenizer
+    files (Qwen2's and GPT-2's lone ``<|endoftext|>``, BERT's and Gemma's five, T5's and mBART's
+    with their space piece), which reads every text as nothing or unknown tokens."""
+    special = set(tokenizer.all_special_tokens)
+    return sum(token not in special for token in tokenizer.get_vocab()) <= 1
+
+
 def load_tokenizer(path: Path):
     """The tokenizer saved with a checkpoint (a fast one), or None where it has none."""
     import transformers

@@ -1601,6 +1601,25 @@ def test_inputs_that_cannot_be_quantized_are_named(files, tmp_path, capsys):
     assert (tmp_path / "rtn" / "quantize_config.json").is_file()
 
 
+def test_a_model_without_tokenizer_files_is_not_given_transformers_placeholder(files, tmp_path, capsys):
+    """transformers 5 builds a Qwen2 (GPT-2, BERT, T5, ...) checkpoint without tokenizer files a
+    tokenizer of its special tokens alone, no error: GPTQ said the calibration documents were
+    'empty or blank', and RTN wrote that one-token tokenizer beside the checkpoint in silence."""
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "qwen")
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(tmp_path / "qwen"), method="gptq", bits=4, group_size=16,
+                                          calibration={"a": str(files / "a.txt")}, samples=2, seq_len=16)))
+    assert main(["quantize", str(config), str(tmp_path / "gptq"), "--quiet"]) == 2
+    assert "qwen has no tokenizer that loads (no tokenizer files" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump(dict(model=str(tmp_path / "qwen"), method="rtn", bits=4, group_size=16)))
+    with pytest.warns(UserWarning, match="no tokenizer files.*the checkpoint is written without one"):
+        assert main(["quantize", str(config), str(tmp_path / "rtn"), "--quiet"]) == 0
+    assert not {"tokenizer.json", "tokenizer_config.json"} & {f.name for f in (tmp_path / "rtn").iterdir()}
+
+
 def test_pairs_of_one_input_length_and_other_target_lengths_are_batched_apart(tmp_path):
     """A batch holds pairs of the same input *and* target lengths: targets of other lengths under
     inputs of one length go to other batches, every pair once, nothing padded."""
