@@ -102,7 +102,10 @@ def load_tokenizer(path: Path):
 
     directory = path if path.is_dir() else path.parent
     try:
-        return transformers.AutoTokenizer.from_pretrained(directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        # (transformers 5's stand-in where no files are: taken as a tokenizer, the model's rows were
+        # laid out as a vocabulary of those few tokens, its updates to every other row lost)
+        return None if holds_no_vocabulary(tokenizer) else tokenizer
     except json.JSONDecodeError as e:
         # (a tokenizer file empty or cut, an interrupted copy or download, is no model without a
         # tokenizer: taken as one, its rows were laid out by another model's tokens)

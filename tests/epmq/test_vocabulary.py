@@ -787,3 +787,36 @@ def test_pad_to_multiple_of_of_numpy_is_taken(models, tmp_path):
     assert recipe and all(r.get("pad_to_multiple_of", 4) == 4 for r in recipe)
     with pytest.raises(ValueError, match="positive integer"):
         check_tokenizer_source("union", np.float64(4.0))
+
+
+def test_a_model_without_tokenizer_files_has_the_bases_tokens(tmp_path):
+    """transformers 5 builds a Qwen2 (GPT-2, BERT, T5, ...) checkpoint without tokenizer files a
+    tokenizer of its special tokens alone, no error: taken as that model's, a union merge added
+    its '<|endoftext|>' to the output and laid the model out as lacking every other token, its
+    updates to those rows dropped. It has the base's tokens, as mergekit takes it."""
+    import shutil
+
+    from epmq.vocabulary import load_tokenizer
+
+    words = WORDS + ["<|endoftext|>"]  # (Qwen2's tokenizer class adds it where a tokenizer lacks it)
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = transformers.Qwen2ForCausalLM(config)
+    for name in ("base", "a", "b"):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p) * p.abs().mean())
+        model.save_pretrained(tmp_path / name)
+        word_level_tokenizer(tmp_path / name, words, [("<|im_end|>", True)] if name == "b" else [])
+    shutil.copytree(tmp_path / "a", tmp_path / "bare")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bare" / f).unlink()
+    assert load_tokenizer(tmp_path / "bare") is None
+    merged = {a: merge_checkpoints("task_arithmetic", [tmp_path / a, tmp_path / "b"], tmp_path / f"m-{a}",
+                                   base=tmp_path / "base", tokenizer_source="union", progress=False)
+              for a in ("a", "bare")}
+    vocab = {a: transformers.AutoTokenizer.from_pretrained(m).get_vocab() for a, m in merged.items()}
+    assert vocab["bare"] == vocab["a"]
+    weights = {a: transformers.Qwen2ForCausalLM.from_pretrained(m).state_dict() for a, m in merged.items()}
+    assert all(torch.equal(weights["bare"][k], weights["a"][k]) for k in weights["a"])
