@@ -54,8 +54,8 @@ from .checks import all_finite, check_calibration_paths, check_outside_calibrati
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .resume import hold_output
-from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, load_tokenizer,
-                         vocabulary_columns, vocabulary_names)
+from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, holds_no_vocabulary,
+                         load_tokenizer, vocabulary_columns, vocabulary_names)
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -1361,6 +1361,8 @@ def _set_chat_template(source: Path, target: Path, template: str) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except Exception as e:
         raise ValueError(f"chat_template: {source} has no tokenizer to carry it ({type(e).__name__}: {e})") from e
+    if holds_no_vocabulary(tokenizer):  # (transformers 5's stand-in where no files are: not written as the model's)
+        raise ValueError(f"chat_template: {source} has no tokenizer to carry it (no tokenizer files)")
     tokenizer.chat_template = template
     _save_tokenizer(tokenizer, target)
 

@@ -860,6 +860,8 @@ def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("tsv", {}), ("dare", {"density": 0.5}),
                                            ("multislerp", {"weights": [1.0, 0.5, 2.0]})])
+
+
 def test_merge_on_the_gpu_equals_the_cpu(checkpoints, tmp_path, method, params):
     root, _, _ = checkpoints
     models = [root / "e0", root / "e1", root / "e2"]
@@ -977,6 +979,7 @@ def test_regmean_of_fused_experts_over_the_memory_budget_is_warned_of_once(tmp_p
     assert len([m for m in caught if "would take up to" in m]) == 1, caught
     assert not [m for m in caught if "no linear layer" in m], caught
 
+
 def recording_grams(monkeypatch) -> list:
     """Where the Gram matrices merge_checkpoints' RegMean collects go, a dict a gram_matrices call."""
     import epmq.stats
@@ -1057,6 +1060,8 @@ def test_regmeans_calibration_passes_show_their_progress(checkpoints, tmp_path, 
 
 @pytest.mark.parametrize("second, error", [("missing.txt", "no calibration file or directory at 1 path"),
                                            ("bad.jsonl", "expected a string, or an object")])
+
+
 def test_a_later_models_calibration_files_are_read_before_the_first_models_pass(checkpoints, tmp_path,
                                                                                 monkeypatch, second, error):
     """RegMean read each model's calibration files only when its turn came: a missing or
@@ -1224,6 +1229,7 @@ def test_regmeans_statistics_wait_on_disk_not_in_memory(checkpoints, tmp_path, m
     want = merge.regmean(experts[:2], seen["in_memory"], alpha=0.9)
     got = _load(out)
     assert all(torch.equal(got[name], want[name].to(got[name].dtype)) for name in want)
+
 
 @pytest.mark.parametrize("share", [3, None])
 def test_regmeans_statistics_past_the_budget_are_collected_a_few_layers_a_pass(checkpoints, tmp_path, monkeypatch,
@@ -2069,6 +2075,8 @@ def test_the_models_argument_of_karcher_is_no_parameter():
 @pytest.mark.parametrize("method, switch", [("model_stock", "per_row"), ("slerp", "per_row"),
                                             ("nuslerp", "row_wise"), ("nuslerp", "flatten"),
                                             ("multislerp", "normalize_weights")])
+
+
 def test_a_switch_written_as_a_string_is_an_error(method, switch):
     """(params: {per_row: "false"} is a true string: Model Stock merged per row, silently, the
     opposite of what the config says; the run's MergePlan took it too.)"""
@@ -3250,3 +3258,20 @@ def test_open_clip_checkpoints_of_another_gelu_or_norm_epsilon_are_refused_or_wa
         warnings.simplefilter("error")
         _check_architectures(base, [save("defaults", act_kwargs={"approximate": "none"}, norm_kwargs={"eps": 1e-5})],
                              ["defaults"])
+
+
+def test_a_chat_template_over_no_tokenizer_files_is_refused(tmp_path):
+    """transformers 5 builds a Qwen2 (GPT-2, BERT, T5, ...) checkpoint without tokenizer files a
+    tokenizer of its special tokens alone, no error: a chat_template given for such models was
+    written on that one-token tokenizer beside the merge, in silence."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "base")
+    perturb(model, torch.Generator().manual_seed(1), scale=0.1).save_pretrained(tmp_path / "expert")
+    with pytest.raises(ValueError, match=re.escape(f"chat_template: {tmp_path / 'base'} has no tokenizer to carry it "
+                                                   f"(no tokenizer files)")):
+        merge_checkpoints("task_arithmetic", [tmp_path / "expert"], tmp_path / "out", base=tmp_path / "base",
+                          chat_template="{{ messages[0]['content'] }}", progress=False)
+    assert not (tmp_path / "out").exists()
