@@ -31,7 +31,11 @@ def _logit_width(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     width = getattr(head, "out_features", None)
     if width is None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        # (the decoder's: the logits are its, and MusicGen's config holds a text encoder's too, which
+        # transformers will not choose between unasked)
+        config = model.config
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
         width = getattr(config, "vocab_size", None)
     return width or 1 << 18  # (it only sizes the chunks of rows: unknown, take them small)
 

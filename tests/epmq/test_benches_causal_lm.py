@@ -315,3 +315,19 @@ def test_a_moe_model_whose_experts_transformers_saves_one_matrix_each_is_read(tm
     assert any(".experts." in layer["name"] for layer in quantized.epmq_report.layers)
     acc = bench.evaluate(quantized, "test")
     assert set(acc) == {"sst2", "avg"}
+
+
+def test_the_logit_width_of_a_config_with_a_text_encoders_and_a_decoders_is_the_decoders():
+    """MusicGen's config holds a text encoder's (T5's) and a decoder's, its heads a list (no
+    out_features): asked for its text config unqualified, transformers refused it as ambiguous."""
+    import transformers
+
+    from epmq.benches.causal_lm import _logit_width
+
+    config = transformers.MusicgenConfig(
+        text_encoder=dict(model_type="t5", vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4),
+        audio_encoder=dict(model_type="encodec", target_bandwidths=[1.5], num_filters=4, hidden_size=8,
+                           codebook_size=16, upsampling_ratios=[2, 2], num_residual_layers=1),
+        decoder=dict(model_type="musicgen_decoder", vocab_size=16, hidden_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, ffn_dim=32, num_codebooks=2, max_position_embeddings=64))
+    assert _logit_width(transformers.MusicgenForConditionalGeneration(config)) == 16
