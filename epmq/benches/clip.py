@@ -29,7 +29,7 @@ from torch import nn
 from .._util import loading_bars, read_json_file
 from ..checkpoint_io import CheckpointReader, bind, key_renaming, tie_order
 from .checkpoints import load_into
-from .config import BenchConfig, BenchConfigError
+from .config import BenchConfig, BenchConfigError, check_has_vocabulary
 from .vision import ImagePrep, ZeroShotImageBench, prep_from_processor_config
 
 
@@ -141,9 +141,10 @@ class HFClipBench(ZeroShotImageBench):
             tok_source = self.config.model.tokenizer
             tok_dir = self.base_dir if tok_source is None else self._resolve(tok_source, "model.tokenizer", "tokenizer")
             try:
-                self._loaded_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             except Exception as e:
                 raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
+            self._loaded_tokenizer = check_has_vocabulary(tokenizer, tok_dir)
         return self._loaded_tokenizer
 
     def read_class_names(self, names: List[str]) -> list:

@@ -79,6 +79,19 @@ class BenchConfigError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
+def check_has_vocabulary(tokenizer, directory):
+    """``tokenizer``, loaded from ``directory``; a BenchConfigError where it is transformers 5's
+    stand-in of special tokens alone for a directory without tokenizer files, which reads every
+    text as nothing or unknown tokens (and the tasks were evaluated so)."""
+    from ..vocabulary import holds_no_vocabulary
+
+    if holds_no_vocabulary(tokenizer):
+        raise BenchConfigError(f"cannot load the tokenizer from {directory}: it holds no tokenizer files (transformers "
+                               f"built one of special tokens alone); copy the model's tokenizer files into it, or "
+                               f"name them with model.tokenizer")
+    return tokenizer
+
+
 def _mapping(value, where: str) -> dict:
     if value is None:
         return {}

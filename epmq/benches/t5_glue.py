@@ -44,7 +44,7 @@ from torch import nn
 from .._util import device_of
 from ..checkpoint_io import open_state, weights_in
 from .common import BenchBase
-from .config import BenchConfig, BenchConfigError
+from .config import BenchConfig, BenchConfigError, check_has_vocabulary
 from .data import make_task_data, open_text_sources
 from .prompts import STSB_GRID, glue_prompt, score_text, template_fields
 
@@ -173,6 +173,7 @@ class T5GlueBench(BenchBase):
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         except Exception as e:
             raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
+        check_has_vocabulary(self.tokenizer, tok_dir)
         # from_pretrained decides the tying of the embeddings and the head as transformers does
         self._template = self._load_template().eval()
         self.base_state = open_state(self.base_dir, self._template, what="model.base", dtype=self.dtype,

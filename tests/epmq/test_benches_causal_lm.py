@@ -331,3 +331,26 @@ def test_the_logit_width_of_a_config_with_a_text_encoders_and_a_decoders_is_the_
         decoder=dict(model_type="musicgen_decoder", vocab_size=16, hidden_size=16, num_hidden_layers=1,
                      num_attention_heads=2, ffn_dim=32, num_codebooks=2, max_position_embeddings=64))
     assert _logit_width(transformers.MusicgenForConditionalGeneration(config)) == 16
+
+
+def test_a_base_without_tokenizer_files_is_refused(tmp_path):
+    """transformers 5 builds a Qwen2 (GPT-2, BERT, T5, ...) checkpoint without tokenizer files a
+    tokenizer of its special tokens alone, no error: the bench read every prompt and answer as
+    that and evaluated on it. Refused, naming the directory."""
+    import transformers
+
+    from epmq.benches.tiny import _start, _text_bench, word_tokenizer
+
+    root, per_split, gen = _start(tmp_path, None, {"train": 12, "validation": 6}, 0)
+    tok = word_tokenizer(root / "base")
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    config = _text_bench(root, "hf_causal_lm", model, ("sst2",), per_split, gen)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "base" / f).unlink()
+    with pytest.raises(BenchConfigError, match=f"cannot load the tokenizer from {root / 'base'}: it holds no "
+                                               f"tokenizer files"):
+        build_bench(config, base_dir=root, progress=False)
