@@ -1922,8 +1922,15 @@ def pair_batches(pairs: Sequence[tuple], tokenizer, *, samples: int = 128, seq_l
         if not _is_pair(p):
             raise TypeError(f"pairs must hold (input, target) pairs of texts, got the item {type(p).__name__} "
                             f"{str(p)[:80]!r}")
-    inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
-    targets = tokenizer(text_target=[p[1] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
+    inputs = tokenizer([p[0] for p in chosen])["input_ids"]
+    targets = tokenizer(text_target=[p[1] for p in chosen])["input_ids"]
+    cut = sum(len(x) > seq_len or len(y) > seq_len for x, y in zip(inputs, targets))
+    if cut:  # (a pair is the model's whole input, unlike a window of a stream: what is cut is not calibrated on)
+        warnings.warn(f"{what}: {cut} of the {len(chosen)} pairs drawn have an input or target longer than "
+                      f"seq_len={seq_len} tokens, cut to it (the longest: {max(map(len, inputs + targets))}); "
+                      f"raise seq_len to calibrate on them whole")
+        inputs = tokenizer([p[0] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
+        targets = tokenizer(text_target=[p[1] for p in chosen], max_length=seq_len, truncation=True)["input_ids"]
     by_lengths = {}  # (input length, target length) -> pairs, in the order drawn
     for (source, target), x, y in zip(chosen, inputs, targets):
         if not (x and y):  # (a tokenizer that adds no end-of-sequence token: an empty text is none)

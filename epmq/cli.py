@@ -280,7 +280,7 @@ QUANTIZE_CONFIG = """A quantize config (YAML; relative paths are relative to the
   anchor: 0.1                       # E-PMQ's lam (default 1.0); weight_anchor: its mu (default 0);
                                     # targets: merged_path (default), expert_path or fp_path
   samples: 128                      # calibration windows (of seq_len tokens), images or clips per task
-  seq_len: 512
+  seq_len: 512                      # a window's tokens; a pair's input and target each cut to it
   batch_size: 8
   seed: 0                           # the draw of the windows (their offsets), images or pairs;
                                     # of several tasks, each its own (from seed and its name)

@@ -1727,6 +1727,24 @@ def test_a_large_pairs_file_is_read_where_its_pairs_are_drawn(tmp_path, monkeypa
         pair_batches(streamed, tok, samples=2, seq_len=8)
 
 
+def test_pairs_longer_than_seq_len_are_cut_with_a_warning(tmp_path):
+    """seq_len cut a pair's input and target to its tokens in silence (the help and README said
+    it only of a language model's windows): the model calibrated on the start of each document."""
+    from epmq.benches.tiny import t5_tokenizer
+    from epmq.calibration import pair_batches
+
+    tok = t5_tokenizer(tmp_path / "tok")
+    pairs = [("cat " * 12, "dog"), ("cat", "dog")]
+    longest = len(tok(pairs[0][0])["input_ids"])
+    with pytest.warns(UserWarning, match=rf"1 of the 2 pairs drawn have an input or target longer than seq_len=8 "
+                                         rf"tokens, cut to it \(the longest: {longest}\)"):
+        batches = pair_batches(pairs, tok, samples=2, seq_len=8)
+    assert max(b["input_ids"].shape[1] for b in batches) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pair_batches(pairs, tok, samples=2, seq_len=longest)
+
+
 def test_a_pair_of_no_target_tokens_is_named(tmp_path):
     """A tokenizer that adds no end-of-sequence token makes an empty target no tokens at all:
     labels of no position crashed the walk with argmax's IndexError, naming neither the pair nor
