@@ -2608,7 +2608,8 @@ class _Walk:
         # the resume log, then moved and checked on the device
         t0 = time.perf_counter()
         tensor = stored = self._ahead.take((task, name), lambda: self._fetch_expert(task, name))
-        if logged:  # a block being solved for the resume log: its digest's part
+        if logged and (task, name) not in self._reads:  # a block being solved for the resume log: its
+            # digest's part (once: the expert path reads a block again for each group, the same bytes)
             self._reads[(task, name)] = fingerprint(tensor)
         if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging;
             # any other copy waits for its data, as a device-to-host copy must be read)

@@ -526,6 +526,37 @@ def test_an_expert_block_is_read_once_by_a_walk_that_logs_it(gen, tmp_path, monk
     assert counts == without
 
 
+def test_an_expert_tensor_read_again_on_the_expert_path_is_fingerprinted_once(gen, tmp_path, monkeypatch):
+    """The expert path reads an expert's block again for each group of its linears: the resume
+    log's digest takes the fingerprint of the first read (a CRC over the tensor's bytes), not of each."""
+    reads, prints, reading = [], [], []
+    read_expert, fingerprint = walker._Walk._read_expert, walker.fingerprint
+
+    def read(self, task, name, *args, **kwargs):
+        reads.append((task, name))
+        reading.append(name)
+        try:
+            return read_expert(self, task, name, *args, **kwargs)
+        finally:
+            reading.pop()
+
+    def printed(t):
+        if reading:  # (not the merged block's own tensors)
+            prints.append(reads[-1])
+        return fingerprint(t)
+
+    monkeypatch.setattr(walker._Walk, "_read_expert", read)
+    monkeypatch.setattr(walker, "fingerprint", printed)
+    fam = Family("llama", gen)
+    reference = run(fam, fam.merged(), "epmq", "expert_path").state_dict()
+    reads.clear(), prints.clear()
+    out = run(fam, fam.merged(), "epmq", "expert_path", resume_dir=tmp_path)
+    assert len(reads) > len(set(reads))  # (read again: what the test is about)
+    assert sorted(prints) == sorted(set(reads))
+    assert out.state_dict().keys() == reference.keys()
+    assert all(torch.equal(t, reference[k]) for k, t in out.state_dict().items())
+
+
 def test_a_model_made_under_inference_mode_is_rolled_back(gen, tmp_path, monkeypatch):
     """Its buffers are inference tensors, which cannot be written outside that mode: a failed
     walk still puts them back and raises its own error."""
