@@ -996,9 +996,13 @@ def _timm_read(config: dict) -> dict:
 # MultimodalCfg's), which its configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's
 # gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width;
 # an image tower's attention pool's heads (attn_pooler_heads) are those of one built with it (attentional_pool)
-OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64},
-                      "attentional_pool": {"attn_pooler_heads": 8}, "text_cfg": {"heads": 8, "no_causal_mask": False},
+OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64, "pool_type": "tok"},
+                      "attentional_pool": {"attn_pooler_heads": 8},
+                      "text_cfg": {"heads": 8, "no_causal_mask": False, "pool_type": "argmax"},
                       "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"}}
+
+# open_clip's default eos_id, the token a text tower pooling at its EOS (pool_type "eos") reads
+OPEN_CLIP_EOS_ID = 2
 
 
 # torch's defaults of what open_clip passes a tower's GELU and LayerNorms as act_kwargs and norm_kwargs
@@ -1035,8 +1039,13 @@ def _open_clip_config(content) -> dict:
             continue
         timm_name = model_cfg[tower].get("timm_model_name")
         timm = isinstance(timm_name, str) and bool(timm_name)
+        # (a text tower naming a HF model, hf_model_name, pools by its HF pooler: hf_pooler_type)
+        hf = isinstance(model_cfg[tower].get("hf_model_name"), str) and bool(model_cfg[tower]["hf_model_name"])
         config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS["timm" if timm else tower],
                          **model_cfg[tower]}
+        # (multimodal_cfg: a CoCa, which open_clip builds with custom_text alone, a CLIP taking no decoder)
+        _open_clip_pool(config[tower], tower, own=not (timm or hf),
+                        custom_text=bool(model_cfg.get("custom_text")) or "multimodal_cfg" in model_cfg)
         if tower == "vision_cfg" and not timm and config[tower].get("attentional_pool"):
             config[tower] = {**OPEN_CLIP_DEFAULTS["attentional_pool"], **config[tower]}
         elif tower != "text_cfg":  # (no attention pool built of them: its heads say nothing)
@@ -1052,6 +1061,25 @@ def _open_clip_config(content) -> dict:
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
                 del config[tower]["timm_pool"]
     return config
+
+
+def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None:
+    """``cfg``'s ``pool_type`` made the one its open_clip tower pools its tokens by, and its ``eos_id``
+    kept where that pool reads it ("eos"): a string ``attentional_pool`` (its attention pools read every
+    token) makes an image tower's "none"; ``embed_cls`` makes a text tower's "last" (the class token it
+    appends) where open_clip builds the text tower whole (``custom_text``: a CLIP keeps no class token,
+    and pools by pool_type). Both left out where no pool_type pools: a tower not ``own`` (not open_clip's
+    transformer: timm's pools by its timm_pool, HF's by its hf_pooler_type), a ResNet, CoCa's decoder."""
+    pool, eos_id = cfg.pop("pool_type", None), cfg.pop("eos_id", None)
+    if not own or tower == "multimodal_cfg" or isinstance(cfg.get("layers"), (list, tuple)):
+        return
+    if tower == "vision_cfg" and isinstance(cfg.get("attentional_pool"), str):
+        pool = "none"
+    elif tower == "text_cfg" and cfg.get("embed_cls") and custom_text:
+        pool = "last"
+    cfg["pool_type"] = pool
+    if pool == "eos":
+        cfg["eos_id"] = OPEN_CLIP_EOS_ID if eos_id is None else eos_id
 
 
 def _model_type(config: dict) -> tuple:
@@ -1123,7 +1151,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # otherwise, timm's model pooling its tokens otherwise (its global_pool: the class token or their
 # mean), an open_clip image tower built as another timm model or pooling its features otherwise
 # (timm_model_name, timm_pool) or by other heads (attn_pooler_heads), an open_clip text tower attending
-# both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) (refused, as
+# both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) or pooling
+# other tokens (pool_type: its class token, the last, the EOS's, eos_id) (refused, as
 # another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
@@ -1138,7 +1167,7 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
-           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs")
+           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

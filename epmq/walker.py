@@ -626,6 +626,8 @@ def _open_clip_model_cfg(model) -> dict:
                 model_cfg[scope]["norm_kwargs"] = {"eps": norm.eps}
         if scope == "text_cfg" and hasattr(tower, "attn_mask"):  # (no_causal_mask: built without one)
             model_cfg[scope]["no_causal_mask"] = tower.attn_mask is None
+        if scope != "multimodal_cfg":
+            model_cfg[scope].update(_open_clip_pool_of(tower))
         pool = getattr(tower, "attn_pool", None)  # (attentional_pool: CoCa's, whose tokens its decoder reads)
         if scope == "vision_cfg" and isinstance(getattr(pool, "attn", None), nn.MultiheadAttention):
             model_cfg[scope].update(attentional_pool=True, attn_pooler_heads=pool.attn.num_heads)
@@ -633,6 +635,20 @@ def _open_clip_model_cfg(model) -> dict:
     if len(activations) == 1:
         model_cfg["quick_gelu"] = activations == {"QuickGELU"}
     return model_cfg
+
+
+def _open_clip_pool_of(tower) -> dict:
+    """The ``pool_type`` (and ``eos_id``, where it pools at the EOS) by which an open_clip tower pools
+    its tokens, as it runs: a CLIP's text tower (its modules on the CLIP) by its text_pool_type, a
+    TextTransformer by the class token it appends (embed_cls, "last") or its pool_type, an image tower
+    by its pool_type (which a string attentional_pool made "none"). {} where it says none."""
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+    if getattr(tower, "cls_emb", None) is not None:
+        pool = "last"
+    if not isinstance(pool, str):
+        return {}
+    return {"pool_type": pool, **({"eos_id": eos_id} if pool == "eos" and eos_id is not None else {})}
 
 
 def _open_clip_timm_cfg(tower) -> dict:

@@ -3275,3 +3275,55 @@ def test_a_chat_template_over_no_tokenizer_files_is_refused(tmp_path):
         merge_checkpoints("task_arithmetic", [tmp_path / "expert"], tmp_path / "out", base=tmp_path / "base",
                           chat_template="{{ messages[0]['content'] }}", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
+    """open_clip's pool_type (a text tower's "argmax", "last", "first", "eos" token or "none"; an image
+    tower's "tok", "avg" or "none") pools the same weights' tokens otherwise and was compared with nothing:
+    a text tower pooling its last token was merged in silence beside one pooling its EOT. It is compared as
+    the tower pools: a text tower appending a class token (embed_cls, built whole: custom_text) pools the
+    last, a string attentional_pool pools none; a CLIP keeps no class token, and timm's and HF's towers pool
+    by their own fields."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, vision=(), text=(), **top):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **dict(text)}, **top}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    def check(base, model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_architectures(base, [model], [model.name])
+
+    base = save("base")
+    with pytest.raises(ValueError, match=r"\{'text_cfg.pool_type': 'last'\}, the base as "
+                                         r"\{'text_cfg.pool_type': 'argmax'\}"):
+        check(base, save("last", text={"pool_type": "last"}))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.pool_type': 'avg'\}, the base as "
+                                         r"\{'vision_cfg.pool_type': 'tok'\}"):
+        check(base, save("avg", vision={"pool_type": "avg"}))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.eos_id': 1\}, the base as \{'text_cfg.eos_id': 2\}"):
+        check(save("eos", text={"pool_type": "eos"}), save("eos_1", text={"pool_type": "eos", "eos_id": 1}))
+    check(base, save("argmax", text={"pool_type": "argmax", "eos_id": 1}))  # (an EOS id no pool reads)
+    custom_cls = save("custom_cls", text={"embed_cls": True}, custom_text=True)
+    check(save("custom_last", text={"pool_type": "last"}, custom_text=True), custom_cls)
+    with pytest.raises(ValueError, match=r"\{'text_cfg.pool_type': 'last'\}, the base as "
+                                         r"\{'text_cfg.pool_type': 'argmax'\}"):
+        check(save("custom", custom_text=True), custom_cls)
+    check(base, save("clip_cls", text={"embed_cls": True}))
+    decoder = {"width": 32, "heads": 4, "layers": 2}  # (a CoCa's, built whole: custom_text or not)
+    check(save("coca_last", text={"pool_type": "last"}, multimodal_cfg=decoder),
+          save("coca_cls", text={"embed_cls": True}, multimodal_cfg=decoder))
+    check(save("parallel", vision={"attentional_pool": "parallel"}),
+          save("parallel_avg", vision={"attentional_pool": "parallel", "pool_type": "avg"}))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.pool_type': 'none'\}, the base as "
+                                         r"\{'vision_cfg.pool_type': 'tok'\}"):
+        check(base, save("cascade", vision={"attentional_pool": "cascade"}))
+    hf = {"hf_model_name": "roberta-base", "heads": 4, "layers": 2}
+    check(save("hf", text=hf, custom_text=True), save("hf_last", text={**hf, "pool_type": "last"}, custom_text=True))
+    timm = {"timm_model_name": "vit_tiny_patch16_224"}
+    check(save("timm", vision=timm), save("timm_avg", vision={**timm, "pool_type": "avg"}))
+

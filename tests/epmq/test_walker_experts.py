@@ -1890,3 +1890,79 @@ def test_open_clip_experts_of_another_gelu_or_norm_epsilon_are_refused_or_warned
         model = _walk_epmq(clip, defaults)
     assert not [str(w.message) for w in said if "expert" in str(w.message)]
     assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
+def test_open_clip_experts_pooling_other_tokens_are_refused(gen, tmp_path):
+    """open_clip's pool_type (which token a text tower's features are taken from: its EOT, "argmax", or
+    its last, first or EOS token) pools the same weights otherwise and was compared with nothing: an expert
+    whose text tower pooled its last token was walked in silence, beside a CLIP or its text tower alone.
+    The model's pool is read off its modules (a CLIP's text_pool_type, a tower's pool_type, its class
+    token) and compared."""
+    import types
+
+    from open_clip.transformer import TextTransformer
+
+    from test_walker_models import VOCAB
+
+    model_cfg = _open_clip_cfg(VOCAB)
+    clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
+
+    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
+        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
+        names = tower.state_dict()
+        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
+        return tower
+
+    text = types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+
+    def expert(name, **text_cfg):
+        return _open_clip_expert(tmp_path / name, clip.experts["a"].state_dict(),
+                                 {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], **text_cfg}})
+
+    last = expert("last", pool_type="last")
+    with pytest.raises(ValueError, match=r"reads its weights as \{'text_cfg.pool_type': 'last'\}, the model as "
+                                         r"\{'text_cfg.pool_type': 'argmax'\}"):
+        _walk_epmq(clip, last)
+    with pytest.raises(ValueError, match=r"'s open_clip_text_cfg tower reads its weights as "
+                                         r"\{'pool_type': 'last'\}, the model as \{'pool_type': 'argmax'\}"):
+        _walk_epmq(text, last)
+    own = expert("own", pool_type="argmax", eos_id=5)  # (an EOS id no pool reads)
+    for model in (clip, text):
+        assert any(isinstance(m, epmq.QuantLinear) for m in _walk_epmq(model, own).modules())
+
+
+def test_open_clip_s_shipped_configs_are_read_as_the_models_they_build():
+    """Each of open_clip's bundled model configs, its sizes made tiny, is read as the model it builds
+    reads itself (its class token, pool, mask and heads as its modules run them): none is refused as its
+    own model's expert. Those naming a timm or HF model (built from theirs) are compared with themselves."""
+    from open_clip.coca_model import CoCa
+    from open_clip.factory import _MODEL_CONFIGS
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    from epmq.merge_checkpoint import _check_architectures, _open_clip_config
+    from epmq.walker import _config_of
+
+    assert _MODEL_CONFIGS
+    for name, shipped in _MODEL_CONFIGS.items():
+        config = _open_clip_config({"model_cfg": shipped})
+        reference = config
+        if not (shipped["vision_cfg"].get("timm_model_name") or shipped["text_cfg"].get("hf_model_name")):
+            model_cfg = json.loads(json.dumps(shipped))
+            model_cfg["embed_dim"] = 16
+            vision = model_cfg["vision_cfg"]
+            if isinstance(vision["layers"], list):  # (a ResNet)
+                vision.update(layers=[1, 1, 1, 1], width=8, image_size=32)
+            else:
+                vision.update(layers=1, width=32, head_width=8, patch_size=8, image_size=16, attn_pooler_queries=4,
+                              **({"attn_pooler_heads": 4} if vision.get("attentional_pool") else {}))
+            for tower in ("text_cfg", "multimodal_cfg"):
+                if tower in model_cfg:
+                    model_cfg[tower].update(width=32, heads=4, layers=1, vocab_size=64, context_length=8)
+            custom = model_cfg.pop("custom_text", False)
+            built = (CoCa if "multimodal_cfg" in model_cfg else CustomTextCLIP) if custom else CLIP
+            reference = _config_of(built(**model_cfg))
+            config = _open_clip_config({"model_cfg": {**model_cfg, "custom_text": custom}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_architectures(None, [None], [name], reference=reference, configs=[config])
+
