@@ -2155,7 +2155,8 @@ def _changed(given, now) -> bool:
 def _kept_depth(stack) -> int:
     """How deep into objects ``_check_kept`` looks: not at all where the adapter's stand-ins run the
     blocks (AUTO), since what they change in an object (Gemma 4's layers storing keys and values for
-    later ones) is the blocks', not the model's: ``_check_replayable``'s."""
+    later ones) is the blocks', not the model's: ``_check_replayable``'s; the model's are seen between
+    one block's call and the next's there (``_check_kept_of``, from the recorder)."""
     return 0 if stack.adapter.runs_blocks else _OBJECTS_DEEP
 
 
@@ -2165,24 +2166,29 @@ def _check_kept(stack, now, task, n) -> None:
     entry, a list appended to): the walk calls each block again with the arguments as recorded,
     which would then hold the later values."""
     for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
-        if named is None:
-            continue
-        for name, now_versions in _versions_of(named, version, _kept_depth(stack)).items():
-            if _changed(versions[name], now_versions):
-                replaced = _replaced(versions[name], now_versions)
-                how = f"puts other {replaced} into" if replaced else "writes in place into"
-                # (a new container per call keeps the one recorded as it was, unless the containers
-                # inside it are shared still; a write in place reaches the tensor wherever it is held)
-                value = named[name]
-                inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-                nested = any(isinstance(v, (list, tuple, dict)) for v in inner)
-                fix = (f"a new {type(value).__name__} per call{' (and new lists and dicts in it)' if nested else ''}"
-                       if replaced else "a new tensor per call")
-                raise ValueError(
-                    f"calibration[{task!r}] item {n}: the model {how} {name!r}, an argument of "
-                    f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
-                    f"with its arguments as they were given, which they no longer are: give the model "
-                    f"{fix}, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+        if named is not None:
+            _check_kept_of(stack, j, named, versions, task, n, _kept_depth(stack))
+
+
+def _check_kept_of(stack, j, named, versions, task, n, depth) -> None:
+    """``_check_kept`` of block ``j``'s arguments ``named`` (``versions``: their ``_versions_of`` as
+    recorded), ``depth`` objects deep."""
+    for name, now_versions in _versions_of(named, version, depth).items():
+        if _changed(versions[name], now_versions):
+            replaced = _replaced(versions[name], now_versions)
+            how = f"puts other {replaced} into" if replaced else "writes in place into"
+            # (a new container per call keeps the one recorded as it was, unless the containers
+            # inside it are shared still; a write in place reaches the tensor wherever it is held)
+            value = named[name]
+            inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+            nested = any(isinstance(v, (list, tuple, dict)) for v in inner)
+            fix = (f"a new {type(value).__name__} per call{' (and new lists and dicts in it)' if nested else ''}"
+                   if replaced else "a new tensor per call")
+            raise ValueError(
+                f"calibration[{task!r}] item {n}: the model {how} {name!r}, an argument of "
+                f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
+                f"with its arguments as they were given, which they no longer are: give the model "
+                f"{fix}, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 
 def _same_contents(given, now) -> bool:
@@ -3220,6 +3226,8 @@ class _Walk:
                         f"their order: block {j} is called where block {now['next']} is next (a model that "
                         f"skips, repeats or reorders its blocks cannot be quantized block by block)")
                 now["next"] = j + 1
+                if now["left"] is not None:  # (what the model changed in an object since the last call)
+                    _check_kept_of(stack, *now["left"], now["task"], now["n"], _OBJECTS_DEEP)
                 if j and not stack.adapter.runs_blocks and now["called"] is not None:
                     # (WavLM's encoder unpacks (hidden, position bias): a stand-in's tensor of a batch of 2
                     # unpacked into its rows, the second handed on as the bias, the walk's error torch's at
@@ -3244,6 +3252,8 @@ class _Walk:
                 # (the last one runs too: what its stand-in returns later is learnt from it)
                 output = (_run_block(stack, j, block, hidden, named) if stack.adapter.runs_blocks
                           else stack.adapter.passthrough_of(block, hidden))
+                if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
+                    now["left"] = j, named, _versions_of(named)
                 if j == last and not now["watch"]:
                     raise _Stop
                 # (with its version: a write between the blocks is a change too)
@@ -3337,7 +3347,8 @@ class _Walk:
                         # was called again, goes on past the last block: the calls after it are counted)
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
-                                   hidden=None, next=0, started=False, watch=watch, past=False, called=None)
+                                   hidden=None, next=0, started=False, watch=watch, past=False, called=None,
+                                   left=None)
                         if watch:
                             now["again"] = {}
                         try:
