@@ -190,7 +190,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_device, on_tensor_device, side_stream, version
+from ._runtime import INTERPRETED, check_device, check_same_device, on_tensor_device, side_stream, version
 from ._gluon import HAS_GLUON
 from .grid import is_flag, is_integer
 from .packing import pack_int4, unpack_int4
@@ -1272,10 +1272,7 @@ def _check_arguments(x, qweight, scales, zeros, group_size, g_idx):
                              "g_idx.contiguous()")
         tensors.append(g_idx)
         names.append("g_idx")
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        listing = ", ".join(f"{n}={t.device}" for n, t in zip(names, tensors))
-        raise ValueError(f"tensors are on different devices: {listing}")
+    check_same_device(*tensors, names=names)
     return K, N, G
 
 
