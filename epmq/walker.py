@@ -2629,10 +2629,11 @@ class _Walk:
         # read on the CPU (by the read-ahead, where it planned this read), fingerprinted there for
         # the resume log, then moved and checked on the device
         t0 = time.perf_counter()
-        tensor = stored = self._ahead.take((task, name), lambda: self._fetch_expert(task, name))
+        tensor, printed = self._ahead.take((task, name), lambda: (self._fetch_expert(task, name), None))
+        stored = tensor
         if logged and (task, name) not in self._reads:  # a block being solved for the resume log: its
             # digest's part (once: the expert path reads a block again for each group, the same bytes)
-            self._reads[(task, name)] = fingerprint(tensor)
+            self._reads[(task, name)] = printed or fingerprint(tensor)
         if device is not None:  # (from pinned memory, where read ahead for a GPU: no staging;
             # any other copy waits for its data, as a device-to-host copy must be read)
             tensor = tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
@@ -2664,12 +2665,18 @@ class _Walk:
             tensor = key.take(tensor, read=True)
         return tensor.t() if isinstance(key, Transposed) else tensor
 
+    def _fetch_ahead(self, task, name: str) -> tuple:
+        """The read-ahead's read: ``_fetch_expert``'s tensor and, for the resume log, its
+        fingerprint (a CRC over its bytes, taken in the background rather than by the walk), or None."""
+        tensor = self._fetch_expert(task, name, ahead=True)
+        return tensor, None if self.log is None else fingerprint(tensor)
+
     def _plan_reads(self, prefix, groups) -> None:
         """The read-ahead's plan for a block about to be solved: every expert weight its groups'
         statistics will read as dense tensors, in the order they will (group, task, linear)."""
         if self.method != "epmq" or self.targets == "expert_path":
             return  # (the expert path's targets run each expert's block, read whole)
-        self._ahead.plan(((task, name), functools.partial(self._fetch_expert, task, name, True))
+        self._ahead.plan(((task, name), functools.partial(self._fetch_ahead, task, name))
                          for group in groups for task in self.calibration
                          if self.experts[task].reader.lora is None  # (a LoRA adapter: W_0 + U V)
                          for name in (f"{prefix}.{rel}.weight" for rel in group))

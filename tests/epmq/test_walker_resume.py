@@ -557,6 +557,32 @@ def test_an_expert_tensor_read_again_on_the_expert_path_is_fingerprinted_once(ge
     assert all(torch.equal(t, reference[k]) for k, t in out.state_dict().items())
 
 
+def test_expert_reads_read_ahead_are_fingerprinted_by_the_read_ahead(gen, tmp_path, monkeypatch):
+    """On the merged path the read-ahead reads the experts' weights in the background, and their
+    CRCs for the resume log are taken there, not by the walk; the log is the one a walk without
+    read-ahead writes (every read fingerprinted by the walk), so either resumes the other's."""
+    import threading
+
+    threads = []
+    fingerprint = walker.fingerprint
+
+    def printed(t):
+        threads.append(threading.current_thread().name)
+        return fingerprint(t)
+
+    monkeypatch.setattr(walker, "fingerprint", printed)
+    fam = Family("llama", gen)
+    run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path / "ahead")
+    assert any(name.startswith("epmq-read-ahead") for name in threads)
+    monkeypatch.setattr(walker, "EXPERT_READ_AHEAD_BYTES", 0)
+    threads.clear()
+    run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path / "not")
+    assert not any(name.startswith("epmq-read-ahead") for name in threads)
+    monkeypatch.setattr(walker, "EXPERT_READ_AHEAD_BYTES", 1 << 30)
+    out = run(fam, fam.merged(), "epmq", "merged_path", resume_dir=tmp_path / "not")
+    assert len(out.epmq_report.resumed) == len(fam.merged().model.layers)
+
+
 def test_a_model_made_under_inference_mode_is_rolled_back(gen, tmp_path, monkeypatch):
     """Its buffers are inference tensors, which cannot be written outside that mode: a failed
     walk still puts them back and raises its own error."""
