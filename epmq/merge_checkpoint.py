@@ -1531,7 +1531,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     :mod:`epmq.merge` with ``params`` and write the result to ``out``; returns ``out``.
 
     ``dtype``: "float32", "float16" or "bfloat16" for the merged floating-point tensors (default:
-    each tensor keeps the base's dtype; the arithmetic is float32 either way). ``device``: where
+    each tensor keeps the base's dtype; the arithmetic is float32 either way, float64 for float64
+    tensors, as ``epmq.merge``'s). ``device``: where
     the arithmetic runs (e.g. "cuda" for TSV-Merge's SVDs on large matrices). ``max_shard_size``:
     as ``save_quantized``'s (default "5GB", the size of transformers' shards).
 

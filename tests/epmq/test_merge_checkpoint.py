@@ -1422,6 +1422,24 @@ def test_a_requested_dtype_takes_the_float32_arithmetic_not_the_bases_rounding(t
     assert load_file(out / "model.safetensors")["w"].tolist() == (60000 + 2 * tau).tolist()
 
 
+def test_float64_checkpoints_merge_in_float64(tmp_path, gen):
+    """merge_checkpoints' docstring said the arithmetic is float32 whatever the dtype; float64
+    checkpoints (as epmq.merge's float64 tensors) merge in float64: task vectors below float32's
+    precision survive, the result equal to the in-memory merge's."""
+    from safetensors.torch import load_file, save_file
+    W_0 = 1 + torch.rand(8, 16, generator=gen, dtype=torch.float64)
+    experts = [W_0 + 1e-9 * torch.randn(8, 16, generator=gen, dtype=torch.float64) for _ in range(2)]
+    for name, W in [("base", W_0), ("e0", experts[0]), ("e1", experts[1])]:
+        save_file({"w": W}, tmp_path / f"{name}.safetensors")
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "e0.safetensors", tmp_path / "e1.safetensors"],
+                            tmp_path / "out", base=tmp_path / "base.safetensors", params={"scale": 0.5},
+                            progress=False)
+    got = load_file(out / "model.safetensors")["w"]
+    want = merge.task_arithmetic({"w": W_0}, [{"w": e} for e in experts], scale=0.5)["w"]
+    assert want.dtype == got.dtype == torch.float64 and torch.equal(got, want)
+    assert not torch.equal(want.float().double(), want)  # (float32 arithmetic would have lost them)
+
+
 def test_a_copied_tensor_the_requested_dtype_cannot_hold_is_refused(tmp_path):
     """dtype="float16" refused a merged tensor past fp16's range, but a tensor of the base the
     models lack (copied: a CLIPModel base's text tower) was cast by the writer and written as inf,
