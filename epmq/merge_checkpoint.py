@@ -994,12 +994,14 @@ def _timm_read(config: dict) -> dict:
 
 # open_clip's defaults of the fields compared (its CLIPVisionCfg's, CLIPTextCfg's and CoCa's decoder's
 # MultimodalCfg's), which its configs leave out: ViT-B-32's config gives no quick_gelu, ViT-B-32-quickgelu's
-# gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width;
-# an image tower's attention pool's heads (attn_pooler_heads) are those of one built with it (attentional_pool)
+# gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width,
+# a text tower naming a HF model (hf_model_name) by its hf_ fields; an image tower's attention pool's heads
+# (attn_pooler_heads) are those of one built with it (attentional_pool)
 OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64, "pool_type": "tok"},
                       "attentional_pool": {"attn_pooler_heads": 8},
                       "text_cfg": {"heads": 8, "no_causal_mask": False, "pool_type": "argmax"},
-                      "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"}}
+                      "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"},
+                      "hf": {"hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"}}
 
 # open_clip's default eos_id, the token a text tower pooling at its EOS (pool_type "eos") reads
 OPEN_CLIP_EOS_ID = 2
@@ -1039,10 +1041,10 @@ def _open_clip_config(content) -> dict:
             continue
         timm_name = model_cfg[tower].get("timm_model_name")
         timm = isinstance(timm_name, str) and bool(timm_name)
-        # (a text tower naming a HF model, hf_model_name, pools by its HF pooler: hf_pooler_type)
-        hf = isinstance(model_cfg[tower].get("hf_model_name"), str) and bool(model_cfg[tower]["hf_model_name"])
-        config[tower] = {"model_type": f"open_clip_{tower}", **OPEN_CLIP_DEFAULTS["timm" if timm else tower],
-                         **model_cfg[tower]}
+        hf_name = model_cfg[tower].get("hf_model_name") if tower == "text_cfg" else None
+        hf = isinstance(hf_name, str) and bool(hf_name)
+        config[tower] = {"model_type": f"open_clip_{tower}",
+                         **OPEN_CLIP_DEFAULTS["timm" if timm else "hf" if hf else tower], **model_cfg[tower]}
         # (multimodal_cfg: a CoCa, which open_clip builds with custom_text alone, a CLIP taking no decoder)
         _open_clip_pool(config[tower], tower, own=not (timm or hf),
                         custom_text=bool(model_cfg.get("custom_text")) or "multimodal_cfg" in model_cfg)
@@ -1054,13 +1056,27 @@ def _open_clip_config(content) -> dict:
             config[tower].pop("no_causal_mask", None)
         for field, defaults in OPEN_CLIP_KWARGS.items():
             given = config[tower].pop(field, None)
-            if not timm and tower != "multimodal_cfg":
+            if not (timm or hf) and tower != "multimodal_cfg":
                 config[tower][field] = {k: v for k, v in (given or {}).items() if k not in defaults or defaults[k] != v}
         if timm:
             config[tower]["timm_model_name"] = _timm_architecture(timm_name)
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
                 del config[tower]["timm_pool"]
+        if hf:  # (the HF model attends as it does, whatever no_causal_mask says)
+            config[tower].pop("no_causal_mask", None)
+            config[tower].pop("hf_model_name")
+            config[tower].update(_hf_model_repository(hf_name))
     return config
+
+
+def _hf_model_repository(name: str) -> dict:
+    """``{"hf_model_name": repository}``: the HF model an open_clip text tower's ``hf_model_name`` names,
+    as far as the name says it: its hub repository's name, without its owner (the hub reads the legacy
+    "xlm-roberta-base" as "FacebookAI/xlm-roberta-base"). {} for a local directory (a copy of any model,
+    its name no repository's)."""
+    if name.startswith((".", "/", "~", "\\")) or os.path.isdir(name):
+        return {}
+    return {"hf_model_name": name.rstrip("/").rpartition("/")[2]}
 
 
 def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None:
@@ -1152,7 +1168,9 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # mean), an open_clip image tower built as another timm model or pooling its features otherwise
 # (timm_model_name, timm_pool) or by other heads (attn_pooler_heads), an open_clip text tower attending
 # both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) or pooling
-# other tokens (pool_type: its class token, the last, the EOS's, eos_id) (refused, as
+# other tokens (pool_type: its class token, the last, the EOS's, eos_id), an open_clip text tower built of
+# another HF model or pooling or projecting its features otherwise (hf_model_name, hf_pooler_type,
+# hf_proj_type) (refused, as
 # another layer count); or positions turned by another
 # RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
@@ -1167,7 +1185,8 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "routed_scaling_factor", "n_group", "topk_group", "topk_method", "scoring_func", "moe_k", "moe_topk",
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
-           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id")
+           "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id",
+           "hf_model_name", "hf_pooler_type", "hf_proj_type")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

@@ -562,10 +562,11 @@ def _config_of(module) -> Optional[dict]:
     far as the model says them (``_open_clip_model_cfg``, ``_timm_config``)."""
     if not isinstance(module, nn.Module):
         return None
-    config = getattr(module, "config", None)
-    if callable(getattr(config, "to_dict", None)):
-        return config.to_dict()
     library = type(module).__module__.partition(".")[0]
+    config = getattr(module, "config", None)
+    # (open_clip's HF text tower holds its HF model's config: its own is its CLIP's text_cfg)
+    if callable(getattr(config, "to_dict", None)) and library != "open_clip":
+        return config.to_dict()
     if library == "open_clip":
         from .merge_checkpoint import _open_clip_config, _tower_config
 
@@ -582,9 +583,9 @@ def _config_of(module) -> Optional[dict]:
 
 
 # open_clip's towers, by class, and the model_cfg section that builds each (an image tower timm's: TimmModel;
-# CoCa's decoder: MultimodalTransformer)
+# a text tower HF's: HFTextEncoder; CoCa's decoder: MultimodalTransformer)
 OPEN_CLIP_TOWERS = {"VisionTransformer": "vision_cfg", "TimmModel": "vision_cfg", "TextTransformer": "text_cfg",
-                    "MultimodalTransformer": "multimodal_cfg"}
+                    "HFTextEncoder": "text_cfg", "MultimodalTransformer": "multimodal_cfg"}
 
 
 def _open_clip_model_cfg(model) -> dict:
@@ -592,9 +593,9 @@ def _open_clip_model_cfg(model) -> dict:
     them: QuickGELU or GELU (``quick_gelu``), the layers and heads of each tower that is open_clip's
     transformer (the image tower's heads as their ``head_width``; its attention pool's, the text tower's causal
     mask or none; their GELU's approximation and norms' epsilon), an image tower's that is timm's
-    (``_open_clip_timm_cfg``), CoCa's decoder's (``multimodal_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``),
-    its CLIP's vision_cfg, text_cfg or multimodal_cfg. {} where it is neither, or none of its towers is such
-    (HF's, a ResNet)."""
+    (``_open_clip_timm_cfg``), a text tower's that is HF's (``_open_clip_hf_cfg``), CoCa's decoder's
+    (``multimodal_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``), its CLIP's vision_cfg, text_cfg or
+    multimodal_cfg. {} where it is neither, or none of its towers is such (a ResNet)."""
     if isinstance(getattr(model, "visual", None), nn.Module):
         # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
         decoder = getattr(model, "text_decoder", None)  # (CoCa's)
@@ -608,6 +609,9 @@ def _open_clip_model_cfg(model) -> dict:
     for scope, tower in towers:
         if scope == "vision_cfg" and type(tower).__name__ == "TimmModel":
             model_cfg.update({scope: timm_cfg} if (timm_cfg := _open_clip_timm_cfg(tower)) else {})
+            continue
+        if scope == "text_cfg" and type(tower).__name__ == "HFTextEncoder":
+            model_cfg[scope] = _open_clip_hf_cfg(tower)
             continue
         # (CoCa's decoder is itself open_clip's Transformer, its blocks on it)
         transformer = getattr(tower, "transformer", tower)
@@ -649,6 +653,19 @@ def _open_clip_pool_of(tower) -> dict:
     if not isinstance(pool, str):
         return {}
     return {"pool_type": pool, **({"eos_id": eos_id} if pool == "eos" and eos_id is not None else {})}
+
+
+def _open_clip_hf_cfg(tower) -> dict:
+    """The text_cfg fields compared of an open_clip text tower that is HF's (``HFTextEncoder``), as it
+    was built by them: the HF model (``hf_model_name``, as its config was read: ``name_or_path``), its
+    pooler (``hf_pooler_type``, open_clip's name of its class) and projection (``hf_proj_type``: one
+    linear, or two, an MLP; none where the features are the model's own)."""
+    from open_clip.hf_model import _POOLERS
+
+    hf_cfg = {"hf_model_name": getattr(getattr(tower, "config", None), "name_or_path", None),
+              "hf_pooler_type": next((k for k, v in _POOLERS.items() if type(tower.pooler) is v), None),
+              "hf_proj_type": {nn.Linear: "linear", nn.Sequential: "mlp"}.get(type(getattr(tower, "proj", None)))}
+    return {k: v for k, v in hf_cfg.items() if isinstance(v, str) and v}
 
 
 def _open_clip_timm_cfg(tower) -> dict:

@@ -3345,3 +3345,39 @@ def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
     timm = {"timm_model_name": "vit_tiny_patch16_224"}
     check(save("timm", vision=timm), save("timm_avg", vision={**timm, "pool_type": "avg"}))
 
+
+
+def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp_path):
+    """open_clip's HF text towers (hf_model_name: the XLM-R, RoBERTa, mT5 CLIPs) were compared on nothing of
+    their own: another HF model, pooler (hf_pooler_type: mean or CLS) or projection (hf_proj_type) was
+    merged in silence, and CLIPTextCfg's heads and causal mask, which such a tower does not read, were filled
+    in. Its own fields are compared, open_clip's defaults filled in; a hub name without its owner (the hub's
+    legacy names), a local directory's as no repository's."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, **text):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
+                     "text_cfg": {"hf_model_name": "xlm-roberta-base", **text}, "custom_text": True}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    def check(base, model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_architectures(base, [model], [model.name])
+
+    base = save("base")
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_pooler_type': 'cls_pooler'\}, the base as "
+                                         r"\{'text_cfg.hf_pooler_type': 'mean_pooler'\}"):
+        check(base, save("cls", hf_pooler_type="cls_pooler"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_proj_type': 'linear'\}, the base as "
+                                         r"\{'text_cfg.hf_proj_type': 'mlp'\}"):
+        check(base, save("linear", hf_proj_type="linear"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'roberta-base'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'xlm-roberta-base'\}"):
+        check(base, save("roberta", hf_model_name="FacebookAI/roberta-base"))
+    (tmp_path / "copy").mkdir()
+    check(base, save("owned", hf_model_name="FacebookAI/xlm-roberta-base", hf_pooler_type="mean_pooler",
+                     hf_proj_type="mlp", heads=12, no_causal_mask=True))
+    check(base, save("local", hf_model_name=str(tmp_path / "copy")))

@@ -1966,3 +1966,52 @@ def test_open_clip_s_shipped_configs_are_read_as_the_models_they_build():
             warnings.simplefilter("error")
             _check_architectures(None, [None], [name], reference=reference, configs=[config])
 
+
+
+def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(gen, tmp_path):
+    """An open_clip text tower that is HF's (HFTextEncoder) walked alone was read as its HF model's config
+    (an 'xlm-roberta' one), so its own open_clip checkpoint was refused as another architecture; inside its
+    CLIP it was read as nothing, so an expert giving another pooler (hf_pooler_type), projection
+    (hf_proj_type) or HF model (hf_model_name) was walked in silence. The tower is read as its CLIP's
+    text_cfg, as it was built (its pooler's and projection's classes, its HF config's name_or_path)."""
+    import copy
+
+    import transformers
+    from open_clip.model import CustomTextCLIP
+
+    transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=20, pad_token_id=1)).save_pretrained(tmp_path / "xlm-roberta-base")
+    text_cfg = dict(hf_model_name=str(tmp_path / "xlm-roberta-base"), hf_proj_type="linear",
+                    hf_pooler_type="mean_pooler", hf_model_pretrained=False, context_length=8)
+    model_cfg = dict(embed_dim=16, text_cfg=text_cfg, custom_text=True, vision_cfg=dict(
+        layers=1, width=32, head_width=8, image_size=16, patch_size=8, mlp_ratio=2.0))
+    clip = CustomTextCLIP(**{k: v for k, v in model_cfg.items() if k != "custom_text"}).eval()
+    clip.text.config.name_or_path = "xlm-roberta-base"  # (as read from the hub)
+    text = torch.ones(2, 8, dtype=torch.long)  # (1: the pad id)
+    text[:, :5] = torch.randint(2, 64, (2, 5), generator=gen)
+    whole = {"a": [{"image": torch.randn(2, 3, 16, 16, generator=gen), "text": text}]}
+
+    def walk(model, calibration, experts):
+        model = copy.deepcopy(model)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration=calibration,
+                            experts=experts, backend="torch", progress=False)
+        return model
+
+    def expert(name, **changes):
+        changes = {"hf_model_name": "xlm-roberta-base", **changes}
+        return _open_clip_expert(tmp_path / name, clip.state_dict(), {**model_cfg, "text_cfg": {**text_cfg, **changes}})
+
+    for model, calibration in ((clip, whole), (clip.text, {"a": [text]})):
+        scope = "text_cfg." if model is clip else ""
+        with pytest.raises(ValueError, match=rf"reads its weights as \{{'{scope}hf_pooler_type': 'cls_pooler'\}}, "
+                                             rf"the model as \{{'{scope}hf_pooler_type': 'mean_pooler'\}}"):
+            walk(model, calibration, expert(f"cls_{bool(scope)}", hf_pooler_type="cls_pooler"))
+        with pytest.raises(ValueError, match=rf"\{{'{scope}hf_proj_type': 'mlp'\}}, the model as "
+                                             rf"\{{'{scope}hf_proj_type': 'linear'\}}"):
+            walk(model, calibration, expert(f"mlp_{bool(scope)}", hf_proj_type="mlp"))
+        with pytest.raises(ValueError, match=rf"\{{'{scope}hf_model_name': 'roberta-base'\}}, the model as "
+                                             rf"\{{'{scope}hf_model_name': 'xlm-roberta-base'\}}"):
+            walk(model, calibration, expert(f"roberta_{bool(scope)}", hf_model_name="FacebookAI/roberta-base"))
+        own = expert(f"own_{bool(scope)}", hf_model_name="FacebookAI/xlm-roberta-base")
+        assert any(isinstance(m, epmq.QuantLinear) for m in walk(model, calibration, own).modules())
