@@ -1016,14 +1016,20 @@ def _timm_architecture(name: str) -> str:
     """The timm architecture that ``timm_model_name`` builds, as far as the name says it: a registry
     name's, its pretrained tag split off (it names weights, not another model, as timm splits it); a hub
     name of timm's own repositories (``hf-hub:timm/<architecture>.<tag>``, as timm names them), whose
-    config.json timm builds by, the same; another hub repository's or a local directory's name as it is
-    written (its architecture is in its config.json alone, and a dot in it is no tag)."""
+    config.json timm builds by, the same; a local directory's (``local-dir:<directory>``) the architecture
+    its config.json names, where it is here; another hub repository's name, or a directory's not here, as
+    it is written (its architecture is in its config.json alone, and a dot in it is no tag)."""
     source, colon, model_id = name.partition(":")
     if not colon:
         return name.partition(".")[0]
     owner, slash, repo = model_id.partition("@")[0].partition("/")  # (@: a revision, as timm reads one)
     if source.lower() in ("hf-hub", "hf_hub") and owner == "timm" and slash:
         return repo.partition(".")[0]
+    config = Path(model_id) / "config.json"
+    if source == "local-dir" and config.is_file():
+        content = read_json_file(config)
+        if isinstance(content, dict) and isinstance(content.get("architecture"), str):
+            return content["architecture"]
     return name
 
 

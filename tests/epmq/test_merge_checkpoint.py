@@ -3381,3 +3381,38 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
     check(base, save("owned", hf_model_name="FacebookAI/xlm-roberta-base", hf_pooler_type="mean_pooler",
                      hf_proj_type="mlp", heads=12, no_causal_mask=True))
     check(base, save("local", hf_model_name=str(tmp_path / "copy")))
+
+
+def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):
+    """open_clip's timm_model_name may name a local directory (local-dir:<directory>), which timm builds as
+    the architecture its config.json names: compared as written, a checkpoint naming a copy of its twin's
+    timm model was refused as another. A directory here is read for it; one that is not here is compared
+    as written, and one whose config.json is no JSON refused naming it."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, timm_model_name):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": timm_model_name},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    def local(name, config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        return f"local-dir:{tmp_path / name}"
+
+    base = save("base", "vit_base_patch16_siglip_224")
+    siglip = local("siglip.v2", json.dumps({"architecture": "vit_base_patch16_siglip_224", "num_classes": 0,
+                                            "pretrained_cfg": {"tag": "v2"}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(base, [save("copy", siglip)], ["copy"])
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_224'\}, the base as "
+                                         r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_siglip_224'\}"):
+        _check_architectures(base, [save("other", local("vit", json.dumps({"architecture": "vit_base_patch16_224"})))],
+                             ["other"])
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'local-dir:\S*absent'\}"):
+        _check_architectures(base, [save("absent", f"local-dir:{tmp_path / 'absent'}")], ["absent"])
+    with pytest.raises(ValueError, match=r"broken_timm\S*config.json is not valid JSON"):
+        _check_architectures(base, [save("broken", local("broken_timm", "{"))], ["broken"])
