@@ -659,13 +659,16 @@ def _open_clip_hf_cfg(tower) -> dict:
     """The text_cfg fields compared of an open_clip text tower that is HF's (``HFTextEncoder``), as it
     was built by them: the HF model (``hf_model_name``, as its config was read: ``name_or_path``), its
     pooler (``hf_pooler_type``, open_clip's name of its class) and projection (``hf_proj_type``: one
-    linear, or two, an MLP; none where the features are the model's own)."""
+    linear, or two, an MLP; none where the features are the model's own); and the HF model's config
+    itself (``hf_model_config``, a tower of it: a fine-tune of the HF model alone is compared with it)."""
     from open_clip.hf_model import _POOLERS
 
-    hf_cfg = {"hf_model_name": getattr(getattr(tower, "config", None), "name_or_path", None),
+    config = getattr(tower, "config", None)
+    hf_cfg = {"hf_model_name": getattr(config, "name_or_path", None),
               "hf_pooler_type": next((k for k, v in _POOLERS.items() if type(tower.pooler) is v), None),
               "hf_proj_type": {nn.Linear: "linear", nn.Sequential: "mlp"}.get(type(getattr(tower, "proj", None)))}
-    return {k: v for k, v in hf_cfg.items() if isinstance(v, str) and v}
+    return {**{k: v for k, v in hf_cfg.items() if isinstance(v, str) and v},
+            **({"hf_model_config": config.to_dict()} if callable(getattr(config, "to_dict", None)) else {})}
 
 
 def _open_clip_timm_cfg(tower) -> dict:

@@ -1973,7 +1973,8 @@ def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(
     (an 'xlm-roberta' one), so its own open_clip checkpoint was refused as another architecture; inside its
     CLIP it was read as nothing, so an expert giving another pooler (hf_pooler_type), projection
     (hf_proj_type) or HF model (hf_model_name) was walked in silence. The tower is read as its CLIP's
-    text_cfg, as it was built (its pooler's and projection's classes, its HF config's name_or_path)."""
+    text_cfg, as it was built (its pooler's and projection's classes, its HF config's name_or_path), its HF
+    model's config a tower of it (a fine-tune of the HF model alone is compared with that)."""
     import copy
 
     import transformers
@@ -2015,3 +2016,13 @@ def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(
             walk(model, calibration, expert(f"roberta_{bool(scope)}", hf_model_name="FacebookAI/roberta-base"))
         own = expert(f"own_{bool(scope)}", hf_model_name="FacebookAI/xlm-roberta-base")
         assert any(isinstance(m, epmq.QuantLinear) for m in walk(model, calibration, own).modules())
+    # (the tower alone takes a fine-tune of its HF model alone, compared with the HF model's config it holds)
+    for heads in (4, 2):
+        transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+            max_position_embeddings=20, pad_token_id=1), add_pooling_layer=False).save_pretrained(tmp_path / str(heads))
+    tower = walk(clip.text, {"a": [text]}, {"a": str(tmp_path / "4")})
+    assert any(isinstance(m, epmq.QuantLinear) for m in tower.modules())
+    with pytest.raises(ValueError, match=r"reads its weights as \{'num_attention_heads': 2\}, the model's xlm-roberta "
+                                         r"tower as \{'num_attention_heads': 4\}"):
+        walk(clip.text, {"a": [text]}, {"a": str(tmp_path / "2")})
