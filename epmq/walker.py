@@ -108,8 +108,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import quant
 from ._util import rescaled_divisors, wrapped_model, write_atomic
-from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, prepare_towers, remember,
-                       warn_other_towers)
+from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, named_blocks, prepare_towers,
+                       remember, warn_other_towers)
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
@@ -328,22 +328,6 @@ def quantize_model(
         _check_tasks(calibration, experts)
 
     towers = find_towers(model, adapter)
-    select = _selector(layers)
-    for tower, name, blocks in ((a, name, blocks) for a, stacks in towers for name, blocks in stacks):
-        keys = list(blocks._modules)
-        # (the walk names, swaps and saves a block as {name}.{i}; a tower layers= leaves out is not walked)
-        if keys != [str(i) for i in range(len(keys))] and any(
-                select(f"{name}.{key}.{rel}") for key, block in zip(keys, blocks) for rel in tower.linears(block)):
-            # (E-PMQ reads each expert's tensors by the model's names: the experts numbered too, or
-            # the renumbered model's walk was refused in turn, an expert lacking {name}.0's tensors)
-            experts_too = (f", and the experts' alike (a module as the model; a state dict's or checkpoint's "
-                           f"keys {name}.{keys[0]}.* as {name}.0.*, ...)" if method == "epmq" else "")
-            raise ValueError(
-                f"the blocks of {name!r} are named {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''} (an "
-                f"nn.Sequential built from an OrderedDict, as torchvision's ViT's encoder.layers), and the walk names "
-                f"a block by its index: number them before the walk, model.{name} = nn.Sequential(*model.{name})"
-                f"{experts_too} (its checkpoint then names them {name}.0, {name}.1, ...: load it into a model "
-                f"numbered alike)")
     # (adapter= given too: Llama 4's vision encoder beside adapter=MOE_DECODERS, RN50's attention
     # pool beside adapter=OPEN_CLIP stayed in full precision without a word)
     warn_other_towers(model, towers, chosen=adapter is not None)
@@ -758,7 +742,7 @@ def _refuse_adapter_layers(stacks) -> None:
                     module = block.get_submodule(name)
                     if any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__):
                         raise ValueError(
-                            f"{stack.prefix}.{i}.{name} is a PEFT adapter layer ({type(module).__name__}): "
+                            f"{stack.names[i]}.{name} is a PEFT adapter layer ({type(module).__name__}): "
                             f"the model holds unmerged adapters, whose base and adapter matrices would be "
                             f"quantized apart; merge them first (model = model.merge_and_unload()), pass "
                             f"the adapter as an expert (epmq.LoraExpert), or leave the layer out (layers=)")
@@ -797,6 +781,18 @@ class _Stack:
     # several layers a group): solved on the first round's inputs; what it hands the stacks after
     # it has been through every round of its quantized blocks (_more_rounds)
     rounds: int = 1
+    names: list = field(init=False)  # each block's qualified name (named_blocks)
+
+    def __post_init__(self):
+        self.names = [name for name, _ in named_blocks(self.prefix, self.blocks)]
+
+
+def _following_name(block: str) -> Optional[str]:
+    """The name a block after ``block`` would have: its number after the last one's (``layers.11``
+    -> ``layers.12``, torchvision's ``encoder_layer_11`` -> ``encoder_layer_12``); None where the
+    last block's name holds no number."""
+    number = re.search(r"\d+$", block)
+    return None if number is None else f"{block[:number.start()]}{int(number.group()) + 1}"
 
 
 def _families(model, towers, layers=None, every: bool = False) -> list:
@@ -817,7 +813,7 @@ def _families(model, towers, layers=None, every: bool = False) -> list:
     select = _selector(layers)
     for adapter, stacks in towers:
         kinds = [sorted({type(b).__name__ for b in blocks}) for prefix, blocks in stacks
-                 if every or any(select(f"{prefix}.{i}.{rel}") for i, b in enumerate(blocks)
+                 if every or any(select(f"{name}.{rel}") for name, b in named_blocks(prefix, blocks)
                                  for rel in adapter.linears(b))]
         # (a tower none of whose linears is selected is not walked, whatever its adapter: LLaVA's
         # vision tower beside its language model selected alone is run by the model itself)
@@ -859,7 +855,7 @@ def _prepare_walked(model, towers, layers, edits) -> dict:
     for adapter, stacks in towers:
         mark = len(edits.log)
         prepared = prepare_towers(model, [(adapter, stacks)], edits.swap)
-        if any(select(f"{prefix}.{i}.{rel}") for prefix, blocks in stacks for i, block in enumerate(blocks)
+        if any(select(f"{name}.{rel}") for prefix, blocks in stacks for name, block in named_blocks(prefix, blocks)
                for rel in adapter.linears(block) if rel not in adapter.routers(block)):
             names.update(prepared)
         else:
@@ -904,11 +900,11 @@ def _plan(model, towers, layers) -> tuple:
     for adapter, tower in towers:
         for prefix, blocks in tower:
             chosen = []
-            for i, block in enumerate(blocks):
+            for name, block in named_blocks(prefix, blocks):
                 routing = adapter.routers(block)
-                routers += [f"{prefix}.{i}.{rel}" for rel in routing]
+                routers += [f"{name}.{rel}" for rel in routing]
                 chosen.append([rel for rel in adapter.linears(block)
-                               if rel not in routing and select(f"{prefix}.{i}.{rel}")])
+                               if rel not in routing and select(f"{name}.{rel}")])
             if any(chosen):
                 stacks.append(_Stack(prefix, blocks, chosen, adapter))
     stacks.sort(key=lambda stack: position[stack.prefix])
@@ -917,7 +913,7 @@ def _plan(model, towers, layers) -> tuple:
         for i, block in enumerate(stack.blocks):
             keep = []
             for rel in stack.chosen[i]:
-                linear, name = block.get_submodule(rel), f"{stack.prefix}.{i}.{rel}"
+                linear, name = block.get_submodule(rel), f"{stack.names[i]}.{rel}"
                 first = owner.setdefault(id(linear), name)
                 if first != name:
                     raise ValueError(
@@ -934,8 +930,8 @@ def _plan(model, towers, layers) -> tuple:
     if not stacks:
         done = any(isinstance(m, QuantLinear) for m in model.modules())
         # (a predicate's repr, '<function <lambda> at 0x...>', said neither what it was asked of nor where)
-        asked = [f"{prefix}.{i}.{rel}" for adapter, tower in towers for prefix, blocks in tower
-                 for i, block in enumerate(blocks) for rel in adapter.linears(block)
+        asked = [f"{name}.{rel}" for adapter, tower in towers for prefix, blocks in tower
+                 for name, block in named_blocks(prefix, blocks) for rel in adapter.linears(block)
                  if rel not in adapter.routers(block)]
         prefixes = ", ".join(dict.fromkeys(prefix for _, tower in towers for prefix, _ in tower)) or "none"
         if layers is None or not asked:
@@ -1399,7 +1395,7 @@ def _take_weights_read(stacks) -> list:
                     block.get_submodule(".".join(parts[:k])), (nn.ModuleList, nn.ModuleDict)))
                 if (found[holder][0] in found[holder][1][0]
                         and not any(path in called for path, (_, called) in found)):
-                    read.append(f"{stack.prefix}.{i}.{rel}")
+                    read.append(f"{stack.names[i]}.{rel}")
                 else:
                     keep.append(rel)
             stack.chosen[i] = keep
@@ -1442,18 +1438,18 @@ def _check_finite(model, stacks):
                 if linear.weight.is_meta:
                     if any(hasattr(m, "_hf_hook") for m in block.modules()):  # (accelerate's)
                         raise ValueError(
-                            f"layer {stack.prefix}.{i}.{rel} is offloaded by accelerate (its weight is on "
+                            f"layer {stack.names[i]}.{rel} is offloaded by accelerate (its weight is on "
                             f"the meta device and loaded at each call: device_map with offload, or "
                             f"cpu_offload): load the model without offloading (device_map=None or "
                             f"'cpu') and pass quantize_model(..., device='cuda'), which moves each block "
                             f"to the GPU for its turn")
-                    raise ValueError(f"layer {stack.prefix}.{i}.{rel} is on the meta device (the "
+                    raise ValueError(f"layer {stack.names[i]}.{rel} is on the meta device (the "
                                      f"model's weights were never loaded): load them first")
                 for what, t in (("weight", linear.weight), ("bias", linear.bias)):
                     checked.add(id(t))
                     if t is not None and not all_finite(t):
                         raise ValueError(
-                            f"layer {stack.prefix}.{i}.{rel} of the merged model has a non-finite "
+                            f"layer {stack.names[i]}.{rel} of the merged model has a non-finite "
                             f"{what} (NaN or inf)"
                         )
     # the rest (embeddings, norms): a NaN there reaches the statistics as the calibration
@@ -1497,7 +1493,7 @@ def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
                     outside += p.numel()
                     # (not Swin V2's per-head logit_scale [heads, 1, 1])
                     stacked = stacked or (p.dim() > 2 and min(p.shape[-2:]) > 1)
-                    left.append(f"{stack.prefix}.{i}.{rel + '.' if rel else ''}{name} {tuple(p.shape)}")
+                    left.append(f"{stack.names[i]}.{rel + '.' if rel else ''}{name} {tuple(p.shape)}")
     if total and (outside > share * total or stacked):
         experts = any("expert" in name.lower() for name in left)
         warnings.warn(
@@ -1867,9 +1863,9 @@ def _rtn(stacks, spec, edits, report, progress, device=None):
                     linear = block.get_submodule(rel)
                     W = linear.weight.detach()
                     result = quant.rtn(W if device is None else W.to(device), spec)
-                    name = f"{stack.prefix}.{i}.{rel}"
+                    name = f"{stack.names[i]}.{rel}"
                     edits.swap(name, _quant_linear(result, linear, name))
-                    report.layers.append(_layer_report(name, f"{stack.prefix}.{i}", "rtn", None, result))
+                    report.layers.append(_layer_report(name, stack.names[i], "rtn", None, result))
                 bar.update()
 
 
@@ -2819,7 +2815,7 @@ class _Walk:
         needed = {}
         for stack in self.stacks:
             for i, block in enumerate(stack.blocks):
-                prefix = f"{stack.prefix}.{i}"
+                prefix = stack.names[i]
                 if self.targets == "expert_path":
                     for rel, t in _expert_tensors(block):
                         name = f"{prefix}.{rel}"
@@ -2870,8 +2866,9 @@ class _Walk:
             for stack in self.stacks:
                 n = len(stack.blocks)
                 rel = next((rel for rel in stack.blocks[0].state_dict()
-                            if f"{stack.prefix}.0.{rel}" not in self.renames), None)
-                past = None if rel is None else f"{stack.prefix}.{n}.{rel}"
+                            if f"{stack.names[0]}.{rel}" not in self.renames), None)
+                following = _following_name(stack.names[-1])
+                past = None if rel is None or following is None else f"{following}.{rel}"
                 key = None if past is None else source.key_for(past)
                 if key is not None and not any(p.search(str(key)) or p.search(past) for p in ignored):
                     raise ValueError(f"the expert of task {source.task!r} ({source.description}) has more blocks at "
@@ -3017,7 +3014,7 @@ class _Walk:
         prefixes = set()
         for stack in self.stacks:
             for i, block in enumerate(stack.blocks):
-                prefix = f"{stack.prefix}.{i}"
+                prefix = stack.names[i]
                 rel = next((rel for rel, _ in _expert_tensors(block)), None)
                 key = None if rel is None else source.key_for(self.ckpt(f"{prefix}.{rel}"))
                 if isinstance(key, str) and key.endswith(rel):
@@ -3321,7 +3318,7 @@ class _Walk:
         stack = self.stacks[s]
         if not again:
             return
-        calls = {f"{stack.prefix}.{j}": n for j, n in sorted(again.items())}
+        calls = {stack.names[j]: n for j, n in sorted(again.items())}
         self.report.repeated.update(calls)
         if chain and len(stack.blocks) == 1:
             stack.loops = again[0]
@@ -3532,7 +3529,7 @@ class _Walk:
                 for stream in filter(None, (self.q, self.t)):
                     self._enter(s, stream)
                 for i, block in enumerate(stack.blocks):
-                    bar.set_postfix_str(f"{stack.prefix}.{i}")
+                    bar.set_postfix_str(stack.names[i])
                     self._block(s, i, block)
                     bar.update()
                 self._forget_outside()
@@ -3583,7 +3580,7 @@ class _Walk:
 
     def _quantize_block(self, s, i, block):
         stack = self.stacks[s]
-        prefix = f"{stack.prefix}.{i}"
+        prefix = stack.names[i]
         # the full-precision merged block: the fp path's block, the expert path's template
         template = copy.deepcopy(block) if self.t is not None else None
         t_out = None

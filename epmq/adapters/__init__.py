@@ -62,6 +62,14 @@ from torch import nn
 _LISTS = (nn.ModuleList, nn.Sequential)
 
 
+def named_blocks(prefix: str, blocks) -> list:
+    """``(qualified name, block)`` of each block of the stack ``prefix``: ``{prefix}.{i}`` in a
+    ModuleList; in an nn.Sequential built from an OrderedDict its own child names (torchvision's ViT's
+    ``encoder.layers.encoder_layer_0``), which the model's state dict, its experts' and the checkpoints
+    the walk writes hold."""
+    return [(f"{prefix}.{key}", block) for key, block in blocks._modules.items()]
+
+
 class Transposed(str):
     """A checkpoint tensor name whose tensor is the transpose of the model's (see ``prepare``)."""
 
@@ -172,9 +180,9 @@ class Adapter:
     def block_modules(self, model: nn.Module):
         """``(qualified name, module)`` for every module inside the blocks (for ``prepare``)."""
         for stack_name, blocks in self.stacks(model):
-            for i, block in enumerate(blocks):
+            for name, block in named_blocks(stack_name, blocks):
                 for rel, module in list(block.named_modules()):
-                    yield f"{stack_name}.{i}.{rel}", module
+                    yield f"{name}.{rel}", module
 
     def token_mask(self, model: nn.Module, prefix: str, item):
         """Which positions of the hidden states of the stack ``prefix`` are tokens of the

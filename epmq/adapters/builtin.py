@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Adapter, Part, Transposed
+from . import Adapter, Part, Transposed, named_blocks
 from .attention import LinearCrossAttention, LinearInProjAttention, LinearMultiheadAttention, applies_in_proj_weight
 
 
@@ -22,8 +22,8 @@ class OpenClipAdapter(Adapter):
     def prepare(self, model, swap):
         renames = {}
         for stack_name, blocks in self.stacks(model):
-            for i, block in enumerate(blocks):
-                name = f"{stack_name}.{i}.attn"
+            for block_name, block in named_blocks(stack_name, blocks):
+                name = f"{block_name}.attn"
                 if applies_in_proj_weight(block.attn):
                     renames.update(swap_in_proj_attention(name, block.attn, swap))
                     continue

@@ -940,3 +940,64 @@ def test_a_quantized_rwkv_run_in_train_mode_computes_what_it_does_in_eval_mode(m
     assert rel_err(trained, evaluated) < 1e-3
     assert not [w for w in said if "is dropped" in str(w.message)]
     torch.testing.assert_close(again, evaluated, rtol=0, atol=0)
+
+
+def _torchvision_vit():
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                             num_classes=4).eval()
+
+
+def _numbered(names: dict) -> dict:
+    """A torchvision ViT's state dict (or any mapping by its names) as its blocks numbered name it."""
+    return {k.replace("encoder.layers.encoder_layer_", "encoder.layers."): v for k, v in names.items()}
+
+
+@pytest.mark.parametrize("method,experts_as,targets", [
+    ("rtn", None, None), ("gptq", None, "merged_path"), ("epmq", "modules", "merged_path"),
+    ("epmq", "state dicts", "merged_path"), ("epmq", "state dicts", "expert_path")])
+def test_blocks_named_by_an_ordered_dict_are_walked_as_the_same_blocks_numbered(method, experts_as, targets, gen,
+                                                                                tmp_path):
+    """torchvision's ViT holds its blocks in an nn.Sequential built from an OrderedDict (encoder.layers.
+    encoder_layer_0, ...), which the walk refused, telling the user to renumber them: the state dict's
+    keys then changed, so that the experts' state dicts and the checkpoints no longer matched the model.
+    The blocks are walked by their own names: the packed model is the one the walk of its copy with the
+    blocks numbered gives (bit for bit; the experts read by either's names), its report names the layers
+    by the model's names, and its checkpoint loads into a fresh torchvision ViT."""
+    model = _torchvision_vit()
+    numbered = copy.deepcopy(model)
+    numbered.encoder.layers = torch.nn.Sequential(*numbered.encoder.layers)
+    states = {t: {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+              for t in ("a", "b", "c")}
+    calibration = {t: [torch.randn(2, 3, 32, 32, generator=gen)] for t in states}
+    options = dict(method=method, progress=False, calibration=None if method == "rtn" else calibration)
+    if targets is not None:
+        options["targets"] = targets
+    walked = []
+    for net, names in ((model, dict), (numbered, _numbered)):
+        experts = None
+        if experts_as == "state dicts":
+            experts = {t: names(state) for t, state in states.items()}
+        elif experts_as == "modules":
+            experts = {t: copy.deepcopy(net) for t in states}
+            for t, expert in experts.items():
+                expert.load_state_dict(names(states[t]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the fp32 models' serving warnings)
+            epmq.quantize_model(net, SPEC_4, experts=experts, **options)
+        walked.append(net)
+    quantized = {name for name, m in model.named_modules() if type(m) is epmq.QuantLinear}
+    assert len(quantized) == 12 and all(".encoder_layer_" in name for name in quantized)  # q, k, v, out, 2 MLP
+    assert {layer["name"] for layer in model.epmq_report.layers} == quantized
+    state, numbered_state = _numbered(model.state_dict()), numbered.state_dict()
+    assert state.keys() == numbered_state.keys()
+    assert all(torch.equal(t, numbered_state[k]) for k, t in state.items())
+
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    assert torch.equal(model(images), numbered(images))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        epmq.save_quantized(model, tmp_path / "ckpt")
+        fresh = epmq.load_quantized(tmp_path / "ckpt", _torchvision_vit())
+    assert torch.equal(fresh(images), model(images))

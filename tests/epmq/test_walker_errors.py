@@ -1421,52 +1421,6 @@ def test_a_registered_adapter_whose_stand_ins_return_less_than_its_blocks_is_ref
         assert "took block 1's position_bias out of that" in said and refused.value.__cause__ is None
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_blocks_of_a_sequential_named_otherwise_than_by_index_are_refused_naming_them(method, gen):
-    """torchvision's ViT holds its blocks in an nn.Sequential built from an OrderedDict (encoder.layers.
-    encoder_layer_0, ...), which AUTO walks: the walk, naming a block by its index, ended in torch's bare
-    "Sequential has no attribute `0`". It is refused before any block is touched, naming the list and its
-    blocks' names, and the renumbering it names walks the model."""
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
-                              num_classes=10).eval()
-    pixels = [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)]
-    options = dict(method=method, calibration={"a": pixels} if method == "gptq" else None, progress=False)
-    with pytest.raises(ValueError, match=r"'encoder\.layers' are named encoder_layer_0, encoder_layer_1 .*"
-                                         r"model\.encoder\.layers = nn\.Sequential\(\*model\.encoder\.layers\)"):
-        epmq.quantize_model(model, SPEC, **options)
-    assert all(type(m) is not epmq.QuantLinear for m in model.modules())
-    model.encoder.layers = nn.Sequential(*model.encoder.layers)
-    epmq.quantize_model(model, SPEC, **options)
-    assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12  # q, k, v, out, 2 MLP
-
-
-def test_e_pmq_refused_blocks_named_otherwise_than_by_index_says_to_number_the_experts_too(gen):
-    """E-PMQ reads each expert's tensors by the model's names: the model renumbered as the refusal
-    said, its walk was refused in turn, an expert lacking encoder.layers.0's tensors. The refusal
-    says to number the experts alike, and doing so walks the model. (The walk itself checks the
-    order: its stack entry refuses blocks not called once each in their order.)"""
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
-                              num_classes=10).eval()
-    experts = {t: {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-               for t in ("a", "b")}
-    calibration = {t: [torch.randn(2, 3, 16, 16, generator=gen)] for t in experts}
-    options = dict(method="epmq", calibration=calibration, progress=False)
-    with pytest.raises(ValueError, match=r"nn\.Sequential\(\*model\.encoder\.layers\), and the experts' alike .*"
-                                         r"keys encoder\.layers\.encoder_layer_0\.\* as encoder\.layers\.0\.\*"):
-        epmq.quantize_model(model, SPEC, experts=experts, **options)
-    model.encoder.layers = nn.Sequential(*model.encoder.layers)
-    numbered = {t: {k.replace("encoder.layers.encoder_layer_", "encoder.layers."): v for k, v in state.items()}
-                for t, state in experts.items()}
-    epmq.quantize_model(model, SPEC, experts=numbered, **options)
-    assert sum(type(m) is epmq.QuantLinear for m in model.encoder.layers.modules()) == 12
-
-
 def test_a_linear_the_experts_pass_does_not_call_is_named_on_the_expert_path(gen):
     """A block whose calls depend on its input (a branch a plain Adapter does not know as routing):
     the expert's block 0 turns its stream negative, so block 1 of the expert's pass skips ``b``, which
