@@ -356,9 +356,11 @@ def _differs(key: str, then, now, limit: int = 4) -> str:
 
 def _linears(blocks) -> Optional[set]:
     """The full names of the linears in a walk identity's ``blocks`` (``[[prefix, [[rel, ...] a
-    block]], ...]``); None where it is not that."""
+    block]], ...]``, a block's list by its child name where the stack names its blocks otherwise than
+    by index: ``{"encoder_layer_0": [rel, ...], ...}``); None where it is not that."""
     try:
-        return {f"{prefix}.{i}.{rel}" for prefix, chosen in blocks for i, rels in enumerate(chosen) for rel in rels}
+        return {f"{prefix}.{key}.{rel}" for prefix, chosen in blocks
+                for key, rels in (chosen.items() if isinstance(chosen, dict) else enumerate(chosen)) for rel in rels}
     except (TypeError, ValueError):
         return None
 

@@ -2719,7 +2719,9 @@ class _Walk:
             versions=_versions(), statistics=STATISTICS_RULES,
             # every buffer, the non-persistent ones too (rotary inv_freq: rope_theta)
             buffers=tensor_digest(self.model.named_buffers()),
-            blocks=[[s.prefix, s.chosen] for s in self.stacks], tasks=list(self.calibration),
+            # (by index; by child name where the blocks have names of their own, as resume's messages name them)
+            blocks=[[s.prefix, s.chosen if keys == [str(i) for i in range(len(keys))] else dict(zip(keys, s.chosen))]
+                    for s in self.stacks for keys in [list(s.blocks._modules)]], tasks=list(self.calibration),
             calibration=data_digest(self.calibration),
             # the embeddings and other tensors outside the blocks shape every block's inputs
             outside=tensor_digest((names[0], t) for t, names in self.outside),

@@ -2,6 +2,7 @@
 loaded, not solved, and the result is bit-identical to a walk that was never interrupted; a
 directory written by another walk (arguments, data or weights) is refused, by name."""
 
+import copy
 import json
 import os
 import re
@@ -1295,3 +1296,24 @@ def test_a_walk_with_blocks_on_a_gpu_resumed_under_another_cpu_float32_precision
         run(fam, fam.merged(), "epmq", "merged_path", device="cpu", resume_dir=tmp_path)
     monkeypatch.setattr(matmul, "fp32_precision", "bf16")
     assert run(fam, fam.merged(), "epmq", "merged_path", device="cpu", resume_dir=tmp_path).epmq_report.resumed
+
+
+def test_a_walk_of_blocks_named_by_an_ordered_dict_resumes_and_names_them_when_refused(gen, tmp_path):
+    """Blocks of an nn.Sequential built from an OrderedDict (torchvision's ViT's encoder.layers.
+    encoder_layer_0, ...) are written to resume_dir by their names and loaded back by the same call;
+    another walk's directory is refused naming the linears walked then by the model's names, where it
+    said encoder.layers.0.*, which the model has not."""
+    from test_walker_archs import _torchvision_vit
+
+    calibration = {"a": [torch.randn(2, 3, 32, 32, generator=gen)]}
+    options = dict(method="gptq", calibration=calibration, resume_dir=tmp_path, progress=False)
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    model = _torchvision_vit()
+    walked = epmq.quantize_model(copy.deepcopy(model), SPEC, **options)
+    assert {p.name for p in tmp_path.glob("*.safetensors")} == {
+        "encoder.layers.encoder_layer_0.safetensors", "encoder.layers.encoder_layer_1.safetensors"}
+    resumed = epmq.quantize_model(copy.deepcopy(model), SPEC, **options)  # (every block loaded)
+    assert torch.equal(resumed(images), walked(images))
+    with pytest.raises(ValueError, match=r"linears walked then, not now: encoder\.layers\.encoder_layer_0\."
+                                         r"self_attention\.k_proj"):
+        epmq.quantize_model(copy.deepcopy(model), SPEC, **dict(options, layers="mlp"))
