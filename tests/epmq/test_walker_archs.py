@@ -1001,3 +1001,19 @@ def test_blocks_named_by_an_ordered_dict_are_walked_as_the_same_blocks_numbered(
         epmq.save_quantized(model, tmp_path / "ckpt")
         fresh = epmq.load_quantized(tmp_path / "ckpt", _torchvision_vit())
     assert torch.equal(fresh(images), model(images))
+
+
+def test_an_expert_of_more_blocks_named_by_an_ordered_dict_than_the_model_is_refused(gen):
+    """An expert of more blocks than the model is refused; where the blocks are named by an
+    OrderedDict (torchvision's ViT's encoder_layer_0, ...), the block after the last is found by
+    its number too (encoder_layer_2)."""
+    model = _torchvision_vit()
+    deeper = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    deeper.update({k.replace("encoder_layer_1.", "encoder_layer_2."): v.clone() for k, v in deeper.items()
+                   if ".encoder_layer_1." in k})
+    experts = {"a": deeper, "b": dict(model.state_dict())}
+    calibration = {t: [torch.randn(2, 3, 32, 32, generator=gen)] for t in experts}
+    with pytest.raises(ValueError, match=r"task 'a' .* has more blocks at 'encoder\.layers' than the merged "
+                                         r"model's 2"):
+        epmq.quantize_model(model, SPEC_4, method="epmq", experts=experts, calibration=calibration, progress=False)
+    assert not any(type(m) is epmq.QuantLinear for m in model.modules())
