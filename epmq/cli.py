@@ -651,6 +651,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def epmq_warnings_said(command: str):
+    """epmq's own warnings (its classes, ServingWarning; those its modules give) written as one
+    line each, ``epmq quantize: warning: ServingWarning: ...``, as the mergekit notes are, not
+    in Python's form (the path and line of epmq's source, then its ``warnings.warn(`` line, which
+    tell a user of the command nothing); other libraries' keep theirs. Only the formatting is
+    changed, and only while the command runs: the filters, -W error and a caller's recording
+    stay as they were, and the library, imported, warns as any library does."""
+    package = Path(__file__).resolve().parent
+    python_form = warnings.formatwarning
+
+    def is_epmq(category, filename) -> bool:
+        if category.__module__.split(".")[0] == package.name:
+            return True
+        with contextlib.suppress(ValueError, OSError):
+            return package in Path(filename).resolve().parents
+        return False
+
+    def formatted(message, category, filename, lineno, line=None):
+        if not is_epmq(category, filename):
+            return python_form(message, category, filename, lineno, line)
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        return f"epmq {command}: warning: {kind}{message}\n"
+
+    warnings.formatwarning = formatted
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_form
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -664,8 +695,8 @@ def main(argv=None) -> int:
     if console is not None:
         console.reconfigure(errors="backslashreplace")
     try:
-        with loading_bars(not getattr(args, "quiet", False)):  # (transformers' bars too)
-            return args.func(args)
+        with loading_bars(not getattr(args, "quiet", False)), epmq_warnings_said(args.command):
+            return args.func(args)  # (loading_bars: transformers' bars too)
     except CLIError as e:
         print(f"epmq {args.command}: error: {e}", file=sys.stderr)
         return 2

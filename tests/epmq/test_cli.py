@@ -787,3 +787,36 @@ def test_a_failed_checkpoint_save_ends_in_its_own_error_not_a_warning_said_after
         warnings.filterwarnings("error", message="a warning of the save before its failure")
         code = main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"])
     assert code != 0 and "OSError: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
+def test_epmq_warnings_are_one_line_each_and_other_libraries_keep_their_form(tmp_path):
+    """A command's own warnings (ServingWarning, an epmq module's UserWarning) reached the terminal
+    in Python's form, epmq's source path and its `warnings.warn(` line beneath; they are one line
+    each, as the mergekit notes are, and another library's keeps Python's form. (A subprocess: pytest
+    records warnings, so the terminal's form is seen only in a process of its own.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "warns.py"
+    script.write_text(
+        "import sys, warnings\n"
+        "from epmq import calibration, cli\n"
+        "from epmq.checkpoint import ServingWarning\n"
+        "def command(args):\n"
+        "    warnings.warn('vLLM refuses this checkpoint', ServingWarning)\n"
+        "    warnings.warn_explicit('fewer texts than samples', UserWarning, calibration.__file__, 1)\n"
+        "    warnings.warn('a library of its own', FutureWarning)\n"
+        "    return 0\n"
+        "cli._quantize = command\n"
+        "code = cli.main(['quantize', 'q.yaml', 'out'])\n"
+        "warnings.warn('after the command', ServingWarning)\n"
+        "sys.exit(code)\n")
+    here = {**os.environ, "PYTHONPATH": str(Path(epmq.__file__).parents[1])}  # (this checkout's epmq)
+    done = subprocess.run([sys.executable, "-W", "always", str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=here)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "epmq quantize: warning: ServingWarning: vLLM refuses this checkpoint" in lines
+    assert "epmq quantize: warning: fewer texts than samples" in lines
+    assert f"{script}:7: FutureWarning: a library of its own" in lines
+    assert f"{script}:11: ServingWarning: after the command" in lines  # (the library's form outside the command)
