@@ -324,6 +324,26 @@ UNREAD_BY = {
 }
 
 
+def _check_tasks_named(config: dict) -> None:
+    """A ValueError showing the YAML to write where calibration or experts is given as files
+    without the tasks they are of (``calibration: data/math.jsonl``): each is named by its
+    file's stem, else task1, task2, ..."""
+    import yaml
+
+    for key in ("calibration", "experts"):
+        given = config.get(key)
+        paths = [given] if isinstance(given, str) else given
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            continue  # (a mapping, or what no example fits: check_quantize says it)
+        tasks = [Path(p).stem for p in paths]
+        if len(set(tasks)) < len(tasks) or not all(tasks):
+            tasks = [f"task{k}" for k in range(1, len(paths) + 1)]
+        example = yaml.safe_dump({key: dict(zip(tasks, paths))}, default_flow_style=False, sort_keys=False)
+        what = "file(s) or directory" if key == "calibration" else "expert checkpoint"
+        raise ValueError(f"{key} must map each task to its {what}, got {given!r}, which names no task; e.g.\n\n"
+                         + "".join(f"  {line}\n" for line in example.splitlines()).rstrip("\n"))
+
+
 def quantize_options(config: dict):
     """A quantize config's ``QuantSpec`` and the keyword arguments of ``quantize_checkpoint``
     (checked: ValueError for what it could not run)."""
@@ -349,6 +369,7 @@ def quantize_options(config: dict):
     for key in ("percdamp", "anchor", "weight_anchor"):
         # (>= 0, as the solver checks them: said before the model loads, not at its first block)
         check_number(options.get(key, 0.0), key, minimum=0.0)
+    _check_tasks_named(options)
     check_quantize(options["method"], options.get("calibration"), options.get("experts"),
                    dtype=options.get("dtype"), tower=options.get("tower"),
                    checkpoint_format=options.get("checkpoint_format", "auto"),

@@ -820,3 +820,21 @@ def test_epmq_warnings_are_one_line_each_and_other_libraries_keep_their_form(tmp
     assert "epmq quantize: warning: fewer texts than samples" in lines
     assert f"{script}:7: FutureWarning: a library of its own" in lines
     assert f"{script}:11: ServingWarning: after the command" in lines  # (the library's form outside the command)
+
+
+@pytest.mark.parametrize("key, given, example", [
+    ("calibration", "data/math.jsonl", "  calibration:\n    math: data/math.jsonl\n"),
+    ("calibration", ["data/math.jsonl", "data/code.txt"],
+     "  calibration:\n    math: data/math.jsonl\n    code: data/code.txt\n"),
+    ("calibration", ["a/train.jsonl", "b/train.jsonl"], "  calibration:\n    task1: a/train.jsonl\n    task2: "),
+    ("experts", "ckpt/math", "  experts:\n    math: ckpt/math\n"),
+])
+def test_task_files_given_without_their_task_show_the_yaml_to_write(tmp_path, capsys, key, given, example):
+    """`calibration: data/math.jsonl` (no task name) was refused as "must map each task to file(s)",
+    which did not say how: the error shows the mapping in YAML, each task named by its file."""
+    config = {"model": "merged/ties", "method": "epmq", "calibration": {"math": "data/math.jsonl"},
+              "experts": {"math": "ckpt/math"}, key: given}
+    assert main(["quantize", str(write(tmp_path, config)), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} must map each task to its" in err and "names no task" in err
+    assert example in err + "\n"
