@@ -2217,29 +2217,22 @@ def _same_contents(given, now) -> bool:
         for (t, a), (u, b) in zip(leaves, leaves_now))
 
 
-def _check_replayable(stack, i, block, hidden, named, task) -> None:
+def _check_replayable(stack, i, block, probed) -> None:
     """A ValueError where block ``i`` changes an argument it is handed otherwise on each call (a count
     it advances, a cache it adds to under a name not a cache's): the model hands the later blocks
     what its one call left there, the walk calls each block several times (probes, statistics, the
     pass after) on its arguments as they were given, so that each call got them changed by the ones
     before and block ``i + 1`` by every one (a SimpleNamespace whose count block 0 advances: 2.5x the
     statistics of the model's). One that each call changes alike (Gemma 4's layers storing their keys
-    and values for later ones to read) holds what one call leaves: the block is called twice on
-    ``task``'s first item (``hidden`` and ``named``) where the first call changed an argument."""
-    def call():
-        block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
-        return _versions_of(named, count=torch.clone)
-
-    before = _versions_of(named)
-    try:
-        once = call()
-    except torch.OutOfMemoryError:
-        raise
-    except Exception:  # (the walk's own calls of the block say what is wrong with it)
-        return
+    and values for later ones to read) holds what one call leaves. ``probed``: the task, input,
+    arguments and their ``_versions_of`` of the block's first call in the walk (``_groups``' probe);
+    where that call changed an argument, the block is called once more, to compare."""
+    task, hidden, named, before = probed
     if not any(_changed(before[name], now) for name, now in _versions_of(named).items()):
         return
-    twice = call()
+    once = _versions_of(named, count=torch.clone)
+    block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+    twice = _versions_of(named, count=torch.clone)
     changed = [name for name in named if not _same_contents(once[name], twice[name])]
     if changed:
         name = changed[0]
@@ -3588,8 +3581,6 @@ class _Walk:
         t_out = None
         self.calls = {}  # (set by _groups; a block restored from the log, or of no linear, has none)
         self._captured = {}  # (task, item) -> linear -> the calls whose inputs its statistics took
-        task = next(iter(self.q.hidden))
-        _check_replayable(stack, i, block, self.q.hidden[task][0], self.q.kwargs[task][0], task)
         own = None if self.log is None else self._own_prints(block)
         record = None
         if self.log is not None and self.log.has(prefix):
@@ -3603,6 +3594,8 @@ class _Walk:
             self._reads = None if self.log is None else {}
             groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter, first=i == 0)
                               if stack.chosen[i] else ([], {}))
+            if stack.chosen[i]:  # (a block not probed is called once per item: what the model does)
+                _check_replayable(stack, i, block, self.probed)
             groups = self._chunked(block, groups, leader, stack.loops)
             self._plan_reads(prefix, groups)
             for g, group in enumerate(groups):
@@ -3684,6 +3677,9 @@ class _Walk:
         # does, every later pass over this block gets a copy too (_capture).
         self.writes_input = False
         calls = {}  # linear -> the most calls it got in one probe (a pass stops after them)
+        first_task = next(iter(self.q.hidden))
+        named = self.q.kwargs[first_task][0]
+        self.probed = first_task, self.q.hidden[first_task][0], named, _versions_of(named)  # (_check_replayable)
         try:
             for task in self.q.hidden:
                 probe = self.q.hidden[task][0]
