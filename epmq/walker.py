@@ -260,6 +260,10 @@ def quantize_model(
     layers       which linears (qualified names, e.g. ``"encoder.layers.0.mlp.fc1"``) to
                  quantize, among the adapter's rule (every ``nn.Linear`` inside a block): a
                  regular expression (``re.search``) or a predicate. Default: all of them.
+    percdamp     GPTQ's damping: ``percdamp`` times the mean diagonal of H (over the columns any
+                 input reached) added to H's diagonal before it is inverted (default 0.01).
+    blocksize    columns solved per block of the GPTQ/E-PMQ solve (default 128); changes the
+                 order of float operations only, not the mathematics.
     true_sequential   solve a block's linears in dependency groups (default) or in one pass.
     backend      solver kernels: None (Triton on CUDA, torch on CPU), "torch" or "triton".
     residual_precision   the least accurate product allowed for E-PMQ's expert residual on the
@@ -280,6 +284,7 @@ def quantize_model(
                  blocks done and goes on from the next; the result is bit-identical to an
                  uninterrupted walk. Other arguments, data or weights than those the directory
                  was written with raise ValueError. The directory is left in place at the end.
+    progress     a tqdm bar over the blocks (default True).
 
     Returns ``model`` with ``model.epmq_report`` (this call's ``QuantReport``) and
     ``model.epmq_reports`` (every call's on this model, in order).
