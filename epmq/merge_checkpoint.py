@@ -1086,13 +1086,15 @@ def _hf_model_repository(name: str) -> dict:
 
 
 def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None:
-    """``cfg``'s ``pool_type`` made the one its open_clip tower pools its tokens by, and its ``eos_id``
-    kept where that pool reads it ("eos"): a string ``attentional_pool`` (its attention pools read every
-    token) makes an image tower's "none"; ``embed_cls`` makes a text tower's "last" (the class token it
-    appends) where open_clip builds the text tower whole (``custom_text``: a CLIP keeps no class token,
-    and pools by pool_type). Both left out where no pool_type pools: a tower not ``own`` (not open_clip's
-    transformer: timm's pools by its timm_pool, HF's by its hf_pooler_type), a ResNet, CoCa's decoder."""
+    """``cfg``'s ``pool_type`` made the one its open_clip tower pools its tokens by, its ``eos_id`` kept
+    where that pool reads it ("eos") and its ``final_ln_after_pool`` where it tells (an image tower's mean):
+    a string ``attentional_pool`` (its attention pools read every token) makes an image tower's "none";
+    ``embed_cls`` makes a text tower's "last" (the class token it appends) where open_clip builds the text
+    tower whole (``custom_text``: a CLIP keeps no class token, and pools by pool_type). All left out where
+    no pool_type pools: a tower not ``own`` (not open_clip's transformer: timm's pools by its timm_pool,
+    HF's by its hf_pooler_type), a ResNet, CoCa's decoder."""
     pool, eos_id = cfg.pop("pool_type", None), cfg.pop("eos_id", None)
+    ln_after_pool = cfg.pop("final_ln_after_pool", None)
     if not own or tower == "multimodal_cfg" or isinstance(cfg.get("layers"), (list, tuple)):
         return
     if tower == "vision_cfg" and isinstance(cfg.get("attentional_pool"), str):
@@ -1102,6 +1104,10 @@ def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None
     cfg["pool_type"] = pool
     if pool == "eos":
         cfg["eos_id"] = OPEN_CLIP_EOS_ID if eos_id is None else eos_id
+    # (a LayerNorm before or after taking one token is alike; before or after their mean is not. An
+    # attention pool, and open_clip's text towers, take no final_ln_after_pool)
+    if tower == "vision_cfg" and pool == "avg" and not cfg.get("attentional_pool"):
+        cfg["final_ln_after_pool"] = bool(ln_after_pool)
 
 
 def _model_type(config: dict) -> tuple:
@@ -1174,7 +1180,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # mean), an open_clip image tower built as another timm model or pooling its features otherwise
 # (timm_model_name, timm_pool) or by other heads (attn_pooler_heads), an open_clip text tower attending
 # both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) or pooling
-# other tokens (pool_type: its class token, the last, the EOS's, eos_id), an open_clip text tower built of
+# other tokens (pool_type: its class token, the last, the EOS's, eos_id; its mean normed after it or
+# before, final_ln_after_pool), an open_clip text tower built of
 # another HF model or pooling or projecting its features otherwise (hf_model_name, hf_pooler_type,
 # hf_proj_type) (refused, as
 # another layer count); or positions turned by another
@@ -1192,7 +1199,7 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
            "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id",
-           "hf_model_name", "hf_pooler_type", "hf_proj_type")
+           "final_ln_after_pool", "hf_model_name", "hf_pooler_type", "hf_proj_type")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

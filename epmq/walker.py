@@ -631,8 +631,8 @@ def _open_clip_model_cfg(model) -> dict:
 
 
 def _open_clip_pool_of(tower) -> dict:
-    """The ``pool_type`` (and ``eos_id``, where it pools at the EOS) by which an open_clip tower pools
-    its tokens, as it runs: a CLIP's text tower (its modules on the CLIP) by its text_pool_type, a
+    """The ``pool_type`` (and ``eos_id``, where it pools at the EOS; an image tower's LayerNorm before or
+    after it, ``final_ln_after_pool``) by which an open_clip tower pools its tokens, as it runs: a CLIP's text tower (its modules on the CLIP) by its text_pool_type, a
     TextTransformer by the class token it appends (embed_cls, "last") or its pool_type, an image tower
     by its pool_type (which a string attentional_pool made "none"). {} where it says none."""
     pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
@@ -641,7 +641,9 @@ def _open_clip_pool_of(tower) -> dict:
         pool = "last"
     if not isinstance(pool, str):
         return {}
-    return {"pool_type": pool, **({"eos_id": eos_id} if pool == "eos" and eos_id is not None else {})}
+    ln_after_pool = getattr(tower, "final_ln_after_pool", None)
+    return {"pool_type": pool, **({"eos_id": eos_id} if pool == "eos" and eos_id is not None else {}),
+            **({"final_ln_after_pool": ln_after_pool} if isinstance(ln_after_pool, bool) else {})}
 
 
 def _open_clip_hf_cfg(tower) -> dict:

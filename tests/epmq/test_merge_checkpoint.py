@@ -3340,6 +3340,11 @@ def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\{'vision_cfg.pool_type': 'none'\}, the base as "
                                          r"\{'vision_cfg.pool_type': 'tok'\}"):
         check(base, save("cascade", vision={"attentional_pool": "cascade"}))
+    mean = save("mean", vision={"pool_type": "avg", "final_ln_after_pool": True})  # (CLIPA's)
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.final_ln_after_pool': False\}, the base as "
+                                         r"\{'vision_cfg.final_ln_after_pool': True\}"):
+        check(mean, save("mean_normed", vision={"pool_type": "avg"}))
+    check(base, save("token_normed", vision={"final_ln_after_pool": True}))  # (a norm of one token, either way)
     hf = {"hf_model_name": "roberta-base", "heads": 4, "layers": 2}
     check(save("hf", text=hf, custom_text=True), save("hf_last", text={**hf, "pool_type": "last"}, custom_text=True))
     timm = {"timm_model_name": "vit_tiny_patch16_224"}
