@@ -632,9 +632,10 @@ def _open_clip_model_cfg(model) -> dict:
 
 def _open_clip_pool_of(tower) -> dict:
     """The ``pool_type`` (and ``eos_id``, where it pools at the EOS; an image tower's LayerNorm before or
-    after it, ``final_ln_after_pool``) by which an open_clip tower pools its tokens, as it runs: a CLIP's text tower (its modules on the CLIP) by its text_pool_type, a
-    TextTransformer by the class token it appends (embed_cls, "last") or its pool_type, an image tower
-    by its pool_type (which a string attentional_pool made "none"). {} where it says none."""
+    after it, ``final_ln_after_pool``) by which an open_clip tower pools its tokens, as it runs: a CLIP's
+    text tower (its modules on the CLIP) by its text_pool_type, a TextTransformer by the class token it
+    appends (embed_cls, "last") or its pool_type, an image tower by its pool_type (which a string
+    attentional_pool made "none"). {} where it says none."""
     pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
     eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
     if getattr(tower, "cls_emb", None) is not None:
